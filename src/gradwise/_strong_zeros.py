@@ -1,25 +1,700 @@
-"""PLACEHOLDER being written by the lead developer: strong-zero backward. Signatures are final."""
+"""Strong zeros: a structurally-zero sensitivity annihilates whatever it meets, NaN and Inf included.
+
+How it works
+------------
+Every backward first runs as plain PyTorch with its graph retained. If none of the new gradients holds a NaN,
+they are the answer (bitwise PyTorch's) and the graph's saved tensors are released as the engine would have
+released them. Only when a NaN appeared does the backward run again, under ``_StrongZeroMode``: a
+TorchDispatchMode that keeps, for every tensor the backward writes, its *support* (the elements that may be
+nonzero; the others are structural zeros). The rules in ``RULES`` say how supports arise (a slice's backward
+pads, ``where`` selects, relu's flat region) and travel (views share their storage's mask, ``add`` unites,
+``mul`` intersects), and they annihilate NaN/Inf wherever an element outside the support multiplies it.
+
+Why one NaN check is enough: the strong-zero result differs from PyTorch's only where PyTorch computed
+0 x NaN, 0 x Inf or 0 / 0, which is NaN; that NaN either reaches a gradient or is dropped by a later
+selection, and where it is dropped both agree.
+"""
+
 from __future__ import annotations
 
 import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+aten = torch.ops.aten
+
+__all__ = ["RULES", "backward", "grad", "strong_zeros", "unruled_ops"]
 
 
-def grad(outputs, inputs, grad_outputs=None, *, retain_graph=None, create_graph=False, allow_unused=None):
-    return torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=retain_graph,
-                               create_graph=create_graph, allow_unused=allow_unused)
+# ---------------------------------------------------------------------------------------------------------
+# Supports: one bool mask per storage, so that every view of a tensor sees (and in-place ops update) the same
+# mask. A storage without a mask is fully supported.
+# ---------------------------------------------------------------------------------------------------------
 
 
-def backward(tensors, grad_tensors=None, *, inputs=None, retain_graph=None, create_graph=False):
-    return torch.autograd.backward(tensors, grad_tensors, retain_graph=retain_graph,
-                                   create_graph=create_graph, inputs=inputs)
+class _Supports:
+    def __init__(self) -> None:
+        self._masks: dict[int, tuple[StorageWeakRef, int, torch.Tensor]] = {}
+
+    def _entry(self, t: torch.Tensor) -> torch.Tensor | None:
+        storage = t.untyped_storage()
+        entry = self._masks.get(storage._cdata)
+        if entry is None:
+            return None
+        ref, itemsize, mask = entry
+        if ref.expired() or itemsize != t.element_size():
+            del self._masks[storage._cdata]
+            return None
+        return mask
+
+    def of(self, t: object) -> torch.Tensor | None:
+        """The support of ``t`` (bool, shaped like t), or None when every element may be nonzero."""
+        if not isinstance(t, torch.Tensor) or t.is_sparse or t.is_nested:
+            return None
+        mask = self._entry(t)
+        if mask is None:
+            return None
+        return mask.as_strided(t.shape, t.stride(), t.storage_offset())
+
+    def tracked(self, t: object) -> bool:
+        return isinstance(t, torch.Tensor) and not t.is_sparse and self._entry(t) is not None
+
+    def record(self, t: torch.Tensor, support: torch.Tensor | None) -> None:
+        """Set the support of ``t``'s elements (None: all may be nonzero)."""
+        mask = self._entry(t)
+        if support is None:
+            if mask is not None:
+                mask.as_strided(t.shape, t.stride(), t.storage_offset()).fill_(True)
+            return
+        if mask is None:
+            if bool(support.all()):
+                return
+            storage = t.untyped_storage()
+            mask = torch.ones(storage.nbytes() // t.element_size(), dtype=torch.bool, device=t.device)
+            self._masks[storage._cdata] = (StorageWeakRef(storage), t.element_size(), mask)
+        mask.as_strided(t.shape, t.stride(), t.storage_offset()).copy_(support.expand(t.shape))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The rule table. A rule runs the op itself and records the supports of its outputs:
+#     rule(func, args, kwargs, supports) -> output
+# ---------------------------------------------------------------------------------------------------------
+
+Rule = Callable[[Any, tuple, dict, _Supports], Any]
+RULES: dict[Any, Rule] = {}
+
+
+def _register(*ops: Any) -> Callable[[Rule], Rule]:
+    def register(rule: Rule) -> Rule:
+        for op in ops:
+            RULES[op] = rule
+        return rule
+
+    return register
+
+
+def lookup(func: Any) -> Rule | None:
+    """The strong-zero rule for an aten op (overload first, then its packet); None when it has none."""
+    return RULES.get(func) or RULES.get(func.overloadpacket)
+
+
+def _is_float(t: object) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+
+def _in_formula() -> bool:
+    """True while a backward formula runs (not a checkpoint's forward recomputation inside backward)."""
+    return not torch.is_grad_enabled() or _STATE.create_graph
+
+
+def _annihilate(out: torch.Tensor, support: torch.Tensor | None) -> torch.Tensor:
+    if support is not None:
+        out.masked_fill_(~support.expand(out.shape), 0)
+    return out
+
+
+def _creates_zeros(func, args, kwargs, sup):
+    """zeros / zeros_like / new_zeros / scalar_tensor(0) / full(0) / fill_(0) / zero_: a zero made by a
+    backward formula stands for "no gradient flows here", so all of it is a structural zero. Zeros made by
+    a checkpoint's forward recomputation are values, and stay ordinary."""
+    out = func(*args, **kwargs)
+    fill = {aten.scalar_tensor: 0, aten.full: 1, aten.full_like: 1, aten.new_full: 2, aten.fill_: 1}
+    pos = fill.get(func.overloadpacket)
+    is_zero = pos is None or (not isinstance(args[pos], torch.Tensor) and args[pos] == 0)
+    if _in_formula() and is_zero and _is_float(out):
+        sup.record(out, torch.zeros((), dtype=torch.bool, device=out.device))
+    else:
+        sup.record(out, None)
+    return out
+
+
+_register(aten.zeros, aten.zeros_like, aten.new_zeros, aten.scalar_tensor, aten.full, aten.full_like,
+          aten.new_full, aten.fill_, aten.zero_)(_creates_zeros)
+
+
+def _product(mult_args: Sequence[int], flat: Callable[[tuple], torch.Tensor] | None = None) -> Rule:
+    """Rule factory for pointwise ops linear in the sensitivities at ``mult_args`` (mul, div's numerator, the
+    ``*_backward`` of activations): the output is a structural zero wherever one of those is, and there it is
+    0 even if the other factor is NaN/Inf. ``flat`` marks extra structural zeros: an activation's flat region
+    (relu below 0, hardtanh outside its bounds), where no gradient flows whatever the sensitivity."""
+
+    def product(func, args, kwargs, sup):
+        out = func(*args, **kwargs)
+        support = None
+        for i in mult_args:
+            s = sup.of(args[i]) if i < len(args) else None
+            if s is not None:
+                support = s if support is None else support & s
+        if flat is not None:
+            f = flat(args)
+            support = f if support is None else support & f
+        if support is not None:
+            support = support.expand(out.shape)
+            _annihilate(out, support)
+        sup.record(out, support)
+        return out
+
+    product.__doc__ = _product.__doc__
+    return product
+
+
+_register(aten.mul, aten.mul_)(_product((0, 1)))
+_register(aten.div, aten.div_, aten.neg, aten.clone, aten._to_copy, aten.sigmoid_backward, aten.tanh_backward,
+          aten.gelu_backward, aten.silu_backward, aten.elu_backward, aten.leaky_relu_backward,
+          aten.softplus_backward, aten.mish_backward, aten.log_sigmoid_backward, aten.mse_loss_backward,
+          aten.smooth_l1_loss_backward, aten.huber_loss_backward, aten.binary_cross_entropy_backward,
+          aten.logit_backward, aten.rrelu_with_noise_backward)(_product((0,)))
+_register(aten.threshold_backward)(_product((0,), flat=lambda a: a[1] > a[2]))
+_register(aten.hardtanh_backward)(_product((0,), flat=lambda a: (a[1] > a[2]) & (a[1] < a[3])))
+_register(aten.hardsigmoid_backward)(_product((0,), flat=lambda a: (a[1] > -3) & (a[1] < 3)))
+_register(aten.hardswish_backward)(_product((0,), flat=lambda a: a[1] > -3))
+
+
+def _sum(func, args, kwargs, sup):
+    """add / sub (and the engine's gradient accumulation): an element is a structural zero only where it is
+    one in every operand; adding never multiplies, so nothing needs annihilating."""
+    out = func(*args, **kwargs)
+    a, b = args[0], args[1]
+    sa, sb = sup.of(a), sup.of(b)
+    support = None
+    if sa is not None and sb is not None and isinstance(b, torch.Tensor):
+        support = (sa | sb).expand(out.shape)
+    sup.record(out, support)
+    return out
+
+
+_register(aten.add, aten.add_, aten.sub, aten.sub_)(_sum)
+
+
+def _full_support(t: object, sup: _Supports) -> torch.Tensor:
+    s = sup.of(t)
+    return torch.ones((), dtype=torch.bool, device=t.device) if s is None else s
+
+
+def _where(func, args, kwargs, sup):
+    """where(cond, a, b): selects, so the output's support is selected the same way. This is how the
+    unselected branch of a forward ``where`` becomes a structural zero in backward."""
+    out = func(*args, **kwargs)
+    cond, a, b = args
+    if sup.tracked(a) or sup.tracked(b):
+        sup.record(out, torch.where(cond, _full_support(a, sup), _full_support(b, sup)).expand(out.shape))
+    else:
+        sup.record(out, None)
+    return out
+
+
+_register(aten.where.self)(_where)
+
+
+def _masked_fill(func, args, kwargs, sup):
+    """masked_fill(g, mask, 0) in a backward formula zeroes what the forward discarded: structural zeros."""
+    self, mask, value = args[0], args[1], args[2]
+    before = _full_support(self, sup)
+    out = func(*args, **kwargs)
+    filled = not isinstance(value, torch.Tensor) and value == 0 and _in_formula()
+    if filled or sup.tracked(self):
+        nonzero = torch.tensor(not filled, device=out.device)
+        sup.record(out, torch.where(mask, nonzero, before).expand(out.shape))
+    return out
+
+
+_register(aten.masked_fill, aten.masked_fill_)(_masked_fill)
+
+
+def _placement(func, args, kwargs, sup):
+    """Ops that move, gather, pad, pool or sum sensitivities with non-negative coefficients (slice/select
+    backward, index_put, scatter, gather, cat, sum, avg/max-pool backward, embedding backward, ...). Running
+    the op on the supports as 0/1 numbers gives > 0 exactly where a supported element lands. Elements the op
+    creates (a slice's padding, the unselected elements of a max-pool window) are structural zeros. Nothing is
+    multiplied by a value, so nothing needs annihilating."""
+    out = func(*args, **kwargs)
+
+    def as_number(t):
+        if not _is_float(t):
+            return t
+        s = sup.of(t)
+        return torch.ones_like(t) if s is None else s.to(t.dtype)
+
+    counts = func(*tree_map(as_number, args), **tree_map(as_number, kwargs))
+    for o, c in zip(*(x if isinstance(x, (tuple, list)) else (x,) for x in (out, counts)), strict=True):
+        if _is_float(o):
+            sup.record(o, c > 0)
+    return out
+
+
+_register(aten.slice_backward, aten.select_backward, aten.diagonal_backward, aten.as_strided_scatter,
+          aten.slice_scatter, aten.select_scatter, aten.index_put, aten.index_put_, aten._index_put_impl_,
+          aten._unsafe_index_put, aten.index_add, aten.index_add_, aten.scatter, aten.scatter_,
+          aten.scatter_add, aten.scatter_add_, aten.gather, aten.index_select, aten.index,
+          aten._unsafe_index, aten.cat, aten.stack, aten.sum, aten.mean, aten.cumsum, aten.constant_pad_nd,
+          aten.repeat, aten.flip, aten.roll, aten.diag_embed, aten.tril, aten.triu, aten.unfold_backward,
+          aten.col2im, aten.im2col, aten.embedding_dense_backward, aten.max_pool2d_with_indices_backward,
+          aten.max_pool3d_with_indices_backward, aten.avg_pool2d_backward, aten.avg_pool3d_backward,
+          aten._adaptive_avg_pool2d_backward, aten._adaptive_avg_pool3d_backward,
+          aten.upsample_nearest2d_backward, aten.upsample_bilinear2d_backward,
+          aten.upsample_nearest1d_backward, aten.upsample_linear1d_backward, aten.expand_copy,
+          aten.permute_copy, aten.view_copy, aten._unsafe_view, aten.contiguous)(_placement)
+
+
+def _copy(func, args, kwargs, sup):
+    """copy_(dst, src): dst's elements take src's support (the engine's and CopySlices' way to write a
+    gradient into a buffer)."""
+    out = func(*args, **kwargs)
+    sup.record(out, sup.of(args[1]) if sup.tracked(args[1]) else None)
+    return out
+
+
+_register(aten.copy_)(_copy)
+
+
+def _nonfinite_part(func, args, slot: int, s: torch.Tensor, value_slots: list[int]):
+    """The NaN/Inf that terms with a *supported* sensitivity element contribute to a bilinear op, counted by
+    running the op on 0/1 indicators: terms that meet NaN (or 0 x Inf), +Inf, and -Inf."""
+    sens = args[slot]
+
+    def run(s_ind, value_ind):
+        new = list(args)
+        new[slot] = s_ind.to(sens.dtype)
+        for j in value_slots:
+            new[j] = value_ind(args[j]).to(args[j].dtype)
+        return func(*new)
+
+    nan_hits = run(s, torch.isnan)
+    if not any(bool(torch.isinf(args[j]).any()) for j in value_slots):
+        return nan_hits, None, None
+    nan_hits = _tree_add(nan_hits, run(s & (sens == 0), torch.isinf))
+    plus = _tree_add(run(sens > 0, torch.isposinf), run(sens < 0, torch.isneginf))
+    minus = _tree_add(run(sens > 0, torch.isneginf), run(sens < 0, torch.isposinf))
+    return nan_hits, plus, minus
+
+
+def _tree_add(a, b):
+    if isinstance(a, (tuple, list)):
+        return type(a)(_tree_add(x, y) for x, y in zip(a, b, strict=True))
+    return None if a is None else a + b
+
+
+def _bilinear(support_fn: Callable[[Any, tuple, int, torch.Tensor], Any]) -> Rule:
+    """Rule factory for ops bilinear in a sensitivity and a value (mm, bmm, convolution backward). Values'
+    NaN/Inf are replaced by 0 for the main computation; the NaN/Inf that supported terms really meet are
+    counted with 0/1 indicators and added back, so unsupported terms contribute exactly 0 and every genuine
+    NaN/Inf survives. ``support_fn(func, args, slot, s)`` gives the outputs' supports."""
+
+    def bilinear(func, args, kwargs, sup):
+        slots = [i for i, a in enumerate(args) if _is_float(a)]
+        tracked = [i for i in slots if sup.tracked(args[i])]
+        if len(tracked) != 1:
+            out = func(*args, **kwargs)
+            if tracked:
+                _UNRULED.add(f"{func} (two tracked operands)")
+                tree_map(lambda o: sup.record(o, None) if isinstance(o, torch.Tensor) else o, out)
+            return out
+        slot = tracked[0]
+        s = sup.of(args[slot])
+        values = [i for i in slots if i != slot]
+        dirty = [i for i in values if not bool(torch.isfinite(args[i]).all())]
+        if not dirty:
+            out = func(*args, **kwargs)
+        else:
+            clean = list(args)
+            for i in dirty:
+                clean[i] = torch.nan_to_num(args[i], nan=0.0, posinf=0.0, neginf=0.0)
+            out = func(*clean, **kwargs)
+            nan_hits, plus, minus = _nonfinite_part(func, args, slot, s, dirty)
+            out = _add_nonfinite(out, nan_hits, plus, minus)
+        supports = support_fn(func, args, slot, s)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        sups = supports if isinstance(supports, (tuple, list)) else (supports,)
+        for o, so in zip(outs, sups, strict=True):
+            if isinstance(o, torch.Tensor):
+                sup.record(o, None if so is None else so.expand(o.shape))
+        return out
+
+    bilinear.__doc__ = _bilinear.__doc__
+    return bilinear
+
+
+def _add_nonfinite(out, nan_hits, plus, minus):
+    if isinstance(out, (tuple, list)):
+        n = len(out)
+        parts = [x if isinstance(x, (tuple, list)) else (x,) * n for x in (nan_hits, plus, minus)]
+        return type(out)(_add_nonfinite(o, a, b, c) for o, a, b, c in zip(out, *parts, strict=True))
+    if out is None:
+        return None
+    bad = nan_hits > 0
+    if plus is None:
+        return out.masked_fill_(bad, float("nan"))
+    extra = torch.where(plus > 0, float("inf"), 0.0) + torch.where(minus > 0, float("-inf"), 0.0)
+    extra = extra.masked_fill(bad, float("nan")).to(out.dtype)
+    return out.add_(extra)
+
+
+def _mm_support(func, args, slot, s):
+    """mm/bmm: out[..., i, j] is a structural zero when row i of a (or column j of b) is."""
+    return s.any(-1, keepdim=True) if slot == 0 else s.any(-2, keepdim=True)
+
+
+def _mv_support(func, args, slot, s):
+    return s.any(-1) if slot == 0 else s.any().reshape(())
+
+
+def _conv_backward_support(func, args, slot, s):
+    """convolution_backward(grad_output, input, weight, ...): supports of grad_input and grad_weight from
+    the op itself run on 0/1 numbers; grad_bias is the sum of grad_output over all but the channel dim."""
+    ones = [torch.ones_like(a) if _is_float(a) else a for a in args]
+    ones[0] = s.to(args[0].dtype)
+    counts = func(*ones)
+    if slot != 0:
+        return (None, None, None)
+    return tuple(None if c is None else c > 0 for c in counts)
+
+
+_register(aten.mm, aten.bmm)(_bilinear(_mm_support))
+_register(aten.mv)(_bilinear(_mv_support))
+_register(aten.convolution_backward)(_bilinear(_conv_backward_support))
+
+
+def _softmax_backward(func, args, kwargs, sup):
+    """_softmax_backward_data(g, y, dim): out = y * (g - sum(g * y)). A softmax output that is exactly 0
+    (its input was -inf: a masked position) is a structural zero, and so is every output of a row whose g is
+    all structural zeros. NaN rows of y (a fully masked softmax row) meet only structural zeros there."""
+    g, y, dim = args[0], args[1], args[2]
+    out = func(*args, **kwargs)
+    s = sup.of(g)
+    support = y != 0
+    if s is not None:
+        support = support & s.any(dim, keepdim=True)
+        bad_rows = (~torch.isfinite(out) & support).any(dim, keepdim=True)
+        if bool(bad_rows.any()):
+            y_used = torch.where(s, y, 0)
+            redo = y * (g - (g * y_used).sum(dim, keepdim=True))
+            out = torch.where(bad_rows, redo.to(out.dtype), out)
+    support = support.expand(out.shape)
+    sup.record(_annihilate(out, support), support)
+    return out
+
+
+_register(aten._softmax_backward_data)(_softmax_backward)
+
+
+def _log_softmax_backward(func, args, kwargs, sup):
+    """_log_softmax_backward_data(g, y, dim): out = g - exp(y) * sum(g). A row of g that is all structural
+    zeros (an ignored target, a discarded row) gives a structurally zero row whatever y holds."""
+    g, dim = args[0], args[2]
+    out = func(*args, **kwargs)
+    s = sup.of(g)
+    support = None if s is None else s.any(dim, keepdim=True).expand(out.shape)
+    sup.record(_annihilate(out, support), support)
+    return out
+
+
+_register(aten._log_softmax_backward_data)(_log_softmax_backward)
+
+
+def _nll_loss_backward(func, args, kwargs, sup):
+    """nll_loss_backward(g, self, target, weight, reduction, ignore_index, total_weight): only the target
+    class of each non-ignored sample receives gradient; everything else is a structural zero."""
+    out = func(*args, **kwargs)
+    g, self, target, ignore_index = args[0], args[1], args[2], args[5]
+    class_dim = 1 if self.dim() > 1 else 0
+    keep = target != ignore_index
+    support = torch.zeros(out.shape, dtype=torch.bool, device=out.device)
+    support.scatter_(class_dim, torch.where(keep, target, 0).unsqueeze(class_dim),
+                     keep.unsqueeze(class_dim))
+    s = sup.of(g)
+    if s is not None and s.dim() > 0:
+        support &= s.unsqueeze(class_dim)
+    sup.record(_annihilate(out, support), support)
+    return out
+
+
+_register(aten.nll_loss_backward, aten.nll_loss2d_backward)(_nll_loss_backward)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The mode that applies the rules, and the two-phase backward.
+# ---------------------------------------------------------------------------------------------------------
+
+_UNRULED: set[str] = set()
+
+
+def unruled_ops() -> set[str]:
+    """Backward ops that met a structural zero but had no strong-zero rule, since the process started.
+
+    Such an op runs as plain PyTorch (its output is treated as fully supported), so a NaN or Inf it multiplies
+    by a zero may still reach a gradient; never a wrong finite number. ``unruled_ops().clear()`` resets it.
+
+    >>> import torch, gradwise as gw
+    >>> isinstance(gw.unruled_ops(), set)
+    True
+    """
+    return _UNRULED
+
+
+class _StrongZeroMode(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.supports = _Supports()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.is_view:
+            return func(*args, **kwargs)  # a view reads its storage's mask: nothing to record
+        rule = lookup(func)
+        if rule is not None:
+            return rule(func, args, kwargs, self.supports)
+        flat, _ = tree_flatten((args, kwargs))
+        tracked = any(self.supports.tracked(a) for a in flat)
+        out = func(*args, **kwargs)
+        if tracked:
+            _UNRULED.add(str(func))
+            for o in tree_flatten(out)[0]:
+                if isinstance(o, torch.Tensor):
+                    self.supports.record(o, None)
+        return out
+
+
+class _State(threading.local):
+    depth = 0
+    create_graph = False
+
+
+_STATE = _State()
+_INSTALL_LOCK = threading.Lock()
+_installed = 0
+_original_engine_run: Callable[..., Any] | None = None
+
+
+def _has_nan(tensors: Sequence[torch.Tensor | None]) -> bool:
+    """One host sync for all gradients: the 1-norm of a tensor is NaN iff it holds a NaN."""
+    ts = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+    if not ts:
+        return False
+    norms = torch._foreach_norm([t.detach() for t in ts], 1)
+    return bool(torch.stack([n.to(torch.float32).cpu() for n in norms]).isnan().any())
+
+
+def _walk(roots: Sequence[Any]) -> Iterator[Any]:
+    seen: set[Any] = set()
+    stack = [r for r in roots if r is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        yield node
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+
+
+def _root_nodes(t_outputs: Sequence[Any]) -> list[Any]:
+    nodes = []
+    for t in t_outputs:
+        if isinstance(t, torch.Tensor):
+            nodes.append(t.grad_fn if t.grad_fn is not None else _grad_accumulator(t))
+        else:  # GradientEdge
+            nodes.append(t.node)
+    return nodes
+
+
+def _grad_accumulator(t: torch.Tensor) -> Any:
+    return torch.autograd.graph.get_gradient_edge(t).node if t.requires_grad else None
+
+
+_SAVED_ATTRS: dict[type, tuple[str, ...]] = {}
+
+
+def _freed(_: object) -> torch.Tensor:
+    raise RuntimeError(
+        "Trying to backward through the graph a second time (or directly access saved tensors after they "
+        "have already been freed). Saved intermediate values of the graph are freed when you call "
+        ".backward() or autograd.grad(). Specify retain_graph=True if you need to backward through the graph "
+        "a second time or if you need to access saved tensors after calling backward."
+    )
+
+
+def _release_graph(roots: Sequence[Any]) -> None:
+    """Free the saved tensors of a graph that was retained only for a possible second pass, as the engine
+    frees them after a backward without retain_graph (``SavedTensor.register_hooks`` drops the data)."""
+    for node in _walk(roots):
+        names = _SAVED_ATTRS.get(type(node))
+        if names is None:
+            names = tuple(a for a in dir(node) if a.startswith("_raw_saved_"))
+            _SAVED_ATTRS[type(node)] = names
+        for name in names:
+            saved = getattr(node, name, None)
+            for s in saved if isinstance(saved, (tuple, list)) else (saved,):
+                if s is not None:
+                    with contextlib.suppress(RuntimeError):  # already hooked (checkpoint) or already freed
+                        s.register_hooks(lambda _: None, _freed)
+
+
+def _leaves(t_outputs, inputs) -> list[torch.Tensor]:
+    if inputs:
+        return [t for t in inputs if isinstance(t, torch.Tensor)]
+    leaves = []
+    for node in _walk(_root_nodes(t_outputs)):
+        var = getattr(node, "variable", None)
+        if isinstance(var, torch.Tensor):
+            leaves.append(var)
+    return leaves
+
+
+def _check_supported(tensors: Sequence[Any]) -> None:
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and (t.is_complex() or t.is_sparse):
+            kind = "complex" if t.is_complex() else "sparse"
+            raise NotImplementedError(
+                f"gradwise strong zeros support real floating-point dense tensors; got a {kind} tensor "
+                f"({t.dtype}, shape {tuple(t.shape)}). Use torch.autograd for {kind} gradients."
+            )
+
+
+def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), allow_unreachable=True,
+                accumulate_grad=True):
+    """Replacement for ``torch.autograd._engine_run_backward`` while strong zeros are on (thread-local)."""
+    assert _original_engine_run is not None
+    if _STATE.depth == 0 or _STATE.create_graph is None:
+        return _original_engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs,
+                                    allow_unreachable=allow_unreachable, accumulate_grad=accumulate_grad)
+    _check_supported([*t_outputs, *(inputs or ())])
+
+    def run(retain):
+        return _original_engine_run(t_outputs, grad_tensors, retain, create_graph, inputs,
+                                    allow_unreachable=allow_unreachable, accumulate_grad=accumulate_grad)
+
+    stash: list[tuple[torch.Tensor, torch.Tensor]] = []
+    leaves: list[torch.Tensor] = []
+    if accumulate_grad:
+        leaves = _leaves(t_outputs, inputs)
+        for leaf in leaves:
+            if leaf.grad is not None:
+                stash.append((leaf, leaf.grad))
+                leaf.grad = None
+    try:
+        result = run(True)
+        new = [leaf.grad for leaf in leaves] if accumulate_grad else list(result)
+        if _has_nan(new):
+            for leaf in leaves:
+                leaf.grad = None
+            outer = _STATE.create_graph
+            _STATE.create_graph = create_graph
+            try:
+                with _StrongZeroMode():
+                    result = run(retain_graph)
+            finally:
+                _STATE.create_graph = outer
+        elif not retain_graph:
+            _release_graph(_root_nodes(t_outputs))
+    finally:
+        for leaf, old in stash:
+            if leaf.grad is None:
+                leaf.grad = old
+            elif create_graph:
+                leaf.grad = old + leaf.grad
+            else:
+                leaf.grad = old.add_(leaf.grad)
+    return result
 
 
 @contextlib.contextmanager
-def strong_zeros():
-    yield
+def strong_zeros() -> Iterator[None]:
+    """Within this block every ``.backward()``, ``torch.autograd.backward`` and ``torch.autograd.grad`` of
+    this thread uses strong zeros: values the output never uses cannot turn a gradient into NaN.
+
+    Nesting is allowed. On finite data the gradients are bitwise PyTorch's.
+
+    >>> import torch, gradwise as gw
+    >>> lin = torch.nn.Linear(3, 1)
+    >>> x = torch.cat([torch.ones(2, 3), torch.full((2, 3), float("nan"))])
+    >>> with gw.strong_zeros():
+    ...     lin(x)[:2].sum().backward()
+    >>> bool(lin.weight.grad.isfinite().all())
+    True
+    """
+    global _installed, _original_engine_run
+    with _INSTALL_LOCK:
+        if _installed == 0:
+            _original_engine_run = torch.autograd._engine_run_backward
+            torch.autograd._engine_run_backward = _engine_run
+        _installed += 1
+    _STATE.depth += 1
+    try:
+        yield
+    finally:
+        _STATE.depth -= 1
+        with _INSTALL_LOCK:
+            _installed -= 1
+            if _installed == 0:
+                torch.autograd._engine_run_backward = _original_engine_run
 
 
-def unruled_ops():
-    return set()
+def grad(
+    outputs: torch.Tensor | Sequence[torch.Tensor],
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    grad_outputs: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+    *,
+    retain_graph: bool | None = None,
+    create_graph: bool = False,
+    allow_unused: bool | None = None,
+) -> tuple[torch.Tensor | None, ...]:
+    """Drop-in for ``torch.autograd.grad`` with strong zeros: the gradient equals that of the same program
+    with the values the output never uses deleted. A NaN/Inf the output really depends on stays.
+
+    >>> import torch, gradwise as gw
+    >>> x = torch.tensor([-1.0, 4.0], requires_grad=True)
+    >>> y = torch.where(x > 0, x.sqrt(), 0.0).sum()
+    >>> torch.autograd.grad(y, x, retain_graph=True)[0]
+    tensor([   nan, 0.2500])
+    >>> gw.grad(y, x)[0]
+    tensor([0.0000, 0.2500])
+    """
+    with strong_zeros():
+        return torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=retain_graph,
+                                   create_graph=create_graph, allow_unused=allow_unused)
+
+
+def backward(
+    tensors: torch.Tensor | Sequence[torch.Tensor],
+    grad_tensors: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+    *,
+    inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    retain_graph: bool | None = None,
+    create_graph: bool = False,
+) -> None:
+    """Drop-in for ``torch.autograd.backward`` with strong zeros: accumulates into ``.grad``.
+
+    >>> import torch, gradwise as gw
+    >>> x = torch.tensor([0.0, 100.0], requires_grad=True)
+    >>> gw.backward(torch.where(x < 50, x.exp(), 0.0).sum())
+    >>> x.grad
+    tensor([1., 0.])
+    """
+    with strong_zeros():
+        torch.autograd.backward(tensors, grad_tensors, retain_graph=retain_graph, create_graph=create_graph,
+                                inputs=inputs)
