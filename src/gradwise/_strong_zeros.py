@@ -27,6 +27,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from gradwise._checks import as_tensors, check_differentiable, check_scalar_or_seeded
+
 aten = torch.ops.aten
 
 __all__ = ["RULES", "backward", "grad", "strong_zeros", "unruled_ops"]
@@ -565,16 +567,6 @@ def _leaves(t_outputs, inputs) -> list[torch.Tensor]:
     return leaves
 
 
-def _check_supported(tensors: Sequence[Any]) -> None:
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and (t.is_complex() or t.is_sparse):
-            kind = "complex" if t.is_complex() else "sparse"
-            raise NotImplementedError(
-                f"gradwise strong zeros support real floating-point dense tensors; got a {kind} tensor "
-                f"({t.dtype}, shape {tuple(t.shape)}). Use torch.autograd for {kind} gradients."
-            )
-
-
 def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), allow_unreachable=True,
                 accumulate_grad=True):
     """Replacement for ``torch.autograd._engine_run_backward`` while strong zeros are on (thread-local)."""
@@ -582,7 +574,8 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
     if _STATE.depth == 0 or _STATE.create_graph is None:
         return _original_engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs,
                                     allow_unreachable=allow_unreachable, accumulate_grad=accumulate_grad)
-    _check_supported([*t_outputs, *(inputs or ())])
+    tensors = [t for t in (*t_outputs, *(inputs or ())) if isinstance(t, torch.Tensor)]
+    check_differentiable([t for t in tensors if t.is_complex() or t.is_sparse], "tensors", "gw.strong_zeros")
 
     def run(retain):
         return _original_engine_run(t_outputs, grad_tensors, retain, create_graph, inputs,
@@ -674,6 +667,11 @@ def grad(
     >>> gw.grad(y, x)[0]
     tensor([0.0000, 0.2500])
     """
+    outs = as_tensors(outputs, "outputs", "gw.grad")
+    ins = as_tensors(inputs, "inputs", "gw.grad")
+    check_differentiable(outs, "outputs", "gw.grad")
+    check_differentiable(ins, "inputs", "gw.grad")
+    check_scalar_or_seeded(outs, grad_outputs, "gw.grad")
     with strong_zeros():
         return torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=retain_graph,
                                    create_graph=create_graph, allow_unused=allow_unused)
@@ -695,6 +693,11 @@ def backward(
     >>> x.grad
     tensor([1., 0.])
     """
+    outs = as_tensors(tensors, "tensors", "gw.backward")
+    check_differentiable(outs, "tensors", "gw.backward")
+    check_scalar_or_seeded(outs, grad_tensors, "gw.backward")
+    if inputs is not None:
+        check_differentiable(as_tensors(inputs, "inputs", "gw.backward"), "inputs", "gw.backward")
     with strong_zeros():
         torch.autograd.backward(tensors, grad_tensors, retain_graph=retain_graph, create_graph=create_graph,
                                 inputs=inputs)
