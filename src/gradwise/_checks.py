@@ -16,7 +16,8 @@ def as_tensors(value: Any, what: str, where: str) -> tuple[torch.Tensor, ...]:
     """``value`` as a tuple of tensors; TypeError naming the offending element otherwise."""
     items = (value,) if isinstance(value, torch.Tensor) else value
     if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
-        raise TypeError(f"{where}: {what} must be a tensor or a sequence of tensors, got {type(value).__name__}.")
+        kind = type(value).__name__
+        raise TypeError(f"{where}: {what} must be a tensor or a sequence of tensors, got {kind}.")
     for i, t in enumerate(items):
         if not isinstance(t, torch.Tensor) and not isinstance(t, torch.autograd.graph.GradientEdge):
             raise TypeError(
