@@ -485,21 +485,13 @@ class _StrongZeroMode(TorchDispatchMode):
 class _State(threading.local):
     depth = 0
     create_graph = False
+    in_mode = False
 
 
 _STATE = _State()
 _INSTALL_LOCK = threading.Lock()
 _installed = 0
 _original_engine_run: Callable[..., Any] | None = None
-
-
-def _has_nan(tensors: Sequence[torch.Tensor | None]) -> bool:
-    """One host sync for all gradients: the 1-norm of a tensor is NaN iff it holds a NaN."""
-    ts = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
-    if not ts:
-        return False
-    norms = torch._foreach_norm([t.detach() for t in ts], 1)
-    return bool(torch.stack([n.to(torch.float32).cpu() for n in norms]).isnan().any())
 
 
 def _walk(roots: Sequence[Any]) -> Iterator[Any]:
@@ -567,43 +559,156 @@ def _leaves(t_outputs, inputs) -> list[torch.Tensor]:
     return leaves
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Choosing the path before backward. Contamination needs a structural zero to meet a NaN/Inf, and in a
+# backward formula a NaN/Inf comes either from a saved tensor or from a singular point of the formula
+# (x / 0 in div's backward, 1 / (2 sqrt(0)) in sqrt's). So when every saved tensor is finite and no node sits
+# at a singular point, plain PyTorch is already right and runs untouched. Nodes of a type not listed in
+# NODE_FACTS (custom Functions, rarer ops) could compute anything: for those, the backward runs as plain
+# PyTorch with its graph kept, its gradients are checked for NaN, and only then re-run with strong zeros.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _zero_in(name: str) -> Callable[[Any], bool]:
+    return lambda node: bool((getattr(node, name) == 0).any())
+
+
+def _pow_singular(node: Any) -> bool:
+    """pow(x, p) with p < 1 has an infinite derivative at x = 0."""
+    return node._saved_exponent < 1 and bool((node._saved_self == 0).any())
+
+
+def _unit_in(name: str) -> Callable[[Any], bool]:
+    return lambda node: bool((getattr(node, name).abs() == 1).any())
+
+
+_SAFE_NODES = (
+    "AccumulateGrad AddBackward0 AddBackward1 SubBackward0 SubBackward1 MulBackward0 MulBackward1 NegBackward0 "
+    "SumBackward0 SumBackward1 MeanBackward0 MeanBackward1 TBackward0 ViewBackward0 UnsafeViewBackward0 "
+    "ReshapeAliasBackward0 ExpandBackward0 PermuteBackward0 TransposeBackward0 TransposeBackward1 "
+    "SqueezeBackward0 SqueezeBackward1 SqueezeBackward2 UnsqueezeBackward0 SliceBackward0 SelectBackward0 "
+    "IndexBackward0 CatBackward0 StackBackward0 SplitBackward0 SplitWithSizesBackward0 UnbindBackward0 "
+    "CloneBackward0 ToCopyBackward0 AliasBackward0 DetachBackward0 AddmmBackward0 MmBackward0 BmmBackward0 "
+    "BaddbmmBackward0 MvBackward0 DotBackward0 GeluBackward0 ReluBackward0 ThresholdBackward0 "
+    "SigmoidBackward0 TanhBackward0 SiluBackward0 EluBackward0 LeakyReluBackward0 HardtanhBackward0 "
+    "SoftplusBackward0 ExpBackward0 SoftmaxBackward0 LogSoftmaxBackward0 SafeSoftmaxBackward0 "
+    "NllLossBackward0 NllLoss2DBackward0 MseLossBackward0 WhereBackward0 MaskedFillBackward0 "
+    "MaskedFillBackward1 NativeDropoutBackward0 NativeLayerNormBackward0 NativeBatchNormBackward0 "
+    "ConvolutionBackward0 MaxPool2DWithIndicesBackward0 AvgPool2DBackward0 AdaptiveAvgPool2DBackward0 "
+    "EmbeddingBackward0 ClampBackward1 ClampMinBackward0 ClampMaxBackward0 AbsBackward0 MaximumBackward0 "
+    "MinimumBackward0 MaxBackward0 MaxBackward1 MinBackward0 MinBackward1 AmaxBackward0 AminBackward0 "
+    "SortBackward0 TopkBackward0 GatherBackward0 ScatterBackward0 IndexSelectBackward0 CopySlices "
+    "ConstantPadNdBackward0 RepeatBackward0 FlipBackward0 RollBackward0 "
+    "ScaledDotProductFlashAttentionForCpuBackward0 ScaledDotProductEfficientAttentionBackward0 "
+    "ScaledDotProductFlashAttentionBackward0"
+).split()
+
+# Keyed by autograd node (the aten op whose derivative formula the node runs). None: the formula maps finite
+# saved tensors and sensitivities to finite values. A function: the node is at a singular point, where its
+# formula makes an infinity out of finite values, so a structural zero arriving there would give 0 x Inf.
+NODE_FACTS: dict[str, Callable[[Any], bool] | None] = {
+    **dict.fromkeys(_SAFE_NODES),
+    "DivBackward0": _zero_in("_saved_other"),
+    "DivBackward1": lambda node: node._saved_other == 0,
+    "SqrtBackward0": _zero_in("_saved_result"),
+    "LogBackward0": _zero_in("_saved_self"),
+    "Log2Backward0": _zero_in("_saved_self"),
+    "Log10Backward0": _zero_in("_saved_self"),
+    "Log1pBackward0": lambda node: bool((node._saved_self == -1).any()),
+    "PowBackward0": _pow_singular,
+    "AsinBackward0": _unit_in("_saved_self"),
+    "AcosBackward0": _unit_in("_saved_self"),
+    "AtanhBackward0": _unit_in("_saved_self"),
+    "ReciprocalBackward0": None,  # 1/x at 0 saves result = inf: caught by the finiteness check
+    "RsqrtBackward0": None,
+}
+
+
+def _saved_tensors(node: Any) -> tuple[list[torch.Tensor], bool]:
+    """The tensors a node saved, and whether all of them could be read without running a hook (a
+    checkpoint's unpack hook would recompute the forward)."""
+    names = _SAVED_ATTRS.get(type(node))
+    if names is None:
+        names = tuple(a for a in dir(node) if a.startswith("_raw_saved_"))
+        _SAVED_ATTRS[type(node)] = names
+    out, readable = [], True
+    for name in names:
+        saved = getattr(node, name, None)
+        for raw in saved if isinstance(saved, (tuple, list)) else (saved,):
+            if raw is None:
+                continue
+            if raw.unpack_hook is not None:
+                readable = False
+                continue
+            t = raw.data
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+                out.append(t)
+    return out, readable
+
+
+def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """One host sync: a sum is finite iff no NaN/Inf went in (or, rarely, it overflowed: then False)."""
+    if not tensors:
+        return True
+    return bool(torch.stack([t.detach().sum(dtype=torch.float32).cpu() for t in tensors]).isfinite().all())
+
+
+def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
+    """'plain' (PyTorch is already right), 'strong' (a NaN/Inf or a singular point is in the graph), or
+    'check' (the graph has nodes gradwise knows nothing about: run plain, re-run if a NaN appears)."""
+    unknown = False
+    saved: list[torch.Tensor] = [t for t in seeds if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    for node in _walk(_root_nodes(t_outputs)):
+        name = type(node).__name__
+        if name not in NODE_FACTS:
+            unknown = True
+        tensors, readable = _saved_tensors(node)
+        unknown |= not readable
+        saved.extend(tensors)
+        singular = NODE_FACTS.get(name)
+        if singular is not None and readable and singular(node):
+            return "strong"
+    if not _all_finite(saved):
+        return "strong"
+    return "check" if unknown else "plain"
+
+
 def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), allow_unreachable=True,
                 accumulate_grad=True):
     """Replacement for ``torch.autograd._engine_run_backward`` while strong zeros are on (thread-local)."""
     assert _original_engine_run is not None
-    if _STATE.depth == 0 or _STATE.create_graph is None:
-        return _original_engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs,
-                                    allow_unreachable=allow_unreachable, accumulate_grad=accumulate_grad)
-    tensors = [t for t in (*t_outputs, *(inputs or ())) if isinstance(t, torch.Tensor)]
-    check_differentiable([t for t in tensors if t.is_complex() or t.is_sparse], "tensors", "gw.strong_zeros")
 
     def run(retain):
         return _original_engine_run(t_outputs, grad_tensors, retain, create_graph, inputs,
                                     allow_unreachable=allow_unreachable, accumulate_grad=accumulate_grad)
 
+    if _STATE.depth == 0 or _STATE.in_mode:
+        return run(retain_graph)  # strong zeros off in this thread, or already inside the strong-zero pass
+    tensors = [t for t in (*t_outputs, *(inputs or ())) if isinstance(t, torch.Tensor)]
+    check_differentiable([t for t in tensors if t.is_complex() or t.is_sparse], "tensors", "gw.strong_zeros")
+
+    plan = _plan(t_outputs, grad_tensors)
+    if plan == "plain":
+        return run(retain_graph)
+    if plan == "strong":
+        return _run_strong(run, retain_graph, create_graph)
+
     stash: list[tuple[torch.Tensor, torch.Tensor]] = []
-    leaves: list[torch.Tensor] = []
-    if accumulate_grad:
-        leaves = _leaves(t_outputs, inputs)
-        for leaf in leaves:
-            if leaf.grad is not None:
-                stash.append((leaf, leaf.grad))
-                leaf.grad = None
+    leaves = _leaves(t_outputs, inputs) if accumulate_grad else []
+    for leaf in leaves:
+        if leaf.grad is not None:
+            stash.append((leaf, leaf.grad))
+            leaf.grad = None
     try:
         result = run(True)
-        new = [leaf.grad for leaf in leaves] if accumulate_grad else list(result)
-        if _has_nan(new):
+        if _all_finite([leaf.grad for leaf in leaves if leaf.grad is not None] if accumulate_grad
+                       else [r for r in result if r is not None]):
+            if not retain_graph:
+                _release_graph(_root_nodes(t_outputs))
+        else:
             for leaf in leaves:
                 leaf.grad = None
-            outer = _STATE.create_graph
-            _STATE.create_graph = create_graph
-            try:
-                with _StrongZeroMode():
-                    result = run(retain_graph)
-            finally:
-                _STATE.create_graph = outer
-        elif not retain_graph:
-            _release_graph(_root_nodes(t_outputs))
+            result = _run_strong(run, retain_graph, create_graph)
     finally:
         for leaf, old in stash:
             if leaf.grad is None:
@@ -613,6 +718,16 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
             else:
                 leaf.grad = old.add_(leaf.grad)
     return result
+
+
+def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, create_graph: bool) -> Any:
+    outer = _STATE.create_graph
+    _STATE.create_graph, _STATE.in_mode = create_graph, True
+    try:
+        with _StrongZeroMode():
+            return run(retain_graph)
+    finally:
+        _STATE.create_graph, _STATE.in_mode = outer, False
 
 
 @contextlib.contextmanager
