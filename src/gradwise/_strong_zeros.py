@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map
 
 from gradwise._checks import as_tensors, check_differentiable, check_scalar_or_seeded
@@ -282,6 +282,8 @@ def _nonfinite_part(func, args, slot: int, s: torch.Tensor, value_slots: list[in
 
     def run(s_ind, value_ind):
         new = list(args)
+        if func is aten.convolution_backward.default:
+            new[10] = [*new[10][:2], False]  # grad_bias = sum(g) meets no value
         new[slot] = s_ind.to(sens.dtype)
         for j in value_slots:
             new[j] = value_ind(args[j]).to(args[j].dtype)
@@ -328,7 +330,7 @@ def _bilinear(support_fn: Callable[[Any, tuple, int, torch.Tensor], Any]) -> Rul
             for i in dirty:
                 clean[i] = torch.nan_to_num(args[i], nan=0.0, posinf=0.0, neginf=0.0)
             out = func(*clean, **kwargs)
-            nan_hits, plus, minus = _nonfinite_part(func, args, slot, s, dirty)
+            nan_hits, plus, minus = _nonfinite_part(func, args, slot, s, values)
             out = _add_nonfinite(out, nan_hits, plus, minus)
         supports = support_fn(func, args, slot, s)
         outs = out if isinstance(out, (tuple, list)) else (out,)
@@ -569,22 +571,33 @@ def _leaves(t_outputs, inputs) -> list[torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _any(value: object) -> bool:
+    return bool(value.any()) if isinstance(value, torch.Tensor) else bool(value)
+
+
+def _saved(node: Any, name: str) -> object:
+    value = getattr(node, name)
+    # a saved Python number comes back as a 0-dim "wrapped number" tensor: compare it as a number
+    return value.item() if isinstance(value, torch.Tensor) and value.dim() == 0 else value
+
+
 def _zero_in(name: str) -> Callable[[Any], bool]:
-    return lambda node: bool((getattr(node, name) == 0).any())
+    return lambda node: _any(_saved(node, name) == 0)
 
 
 def _pow_singular(node: Any) -> bool:
     """pow(x, p) with p < 1 has an infinite derivative at x = 0."""
-    return node._saved_exponent < 1 and bool((node._saved_self == 0).any())
+    return _saved(node, "_saved_exponent") < 1 and _any(_saved(node, "_saved_self") == 0)
 
 
 def _unit_in(name: str) -> Callable[[Any], bool]:
-    return lambda node: bool((getattr(node, name).abs() == 1).any())
+    return lambda node: _any(abs(_saved(node, name)) == 1)
 
 
 _SAFE_NODES = (
-    "AccumulateGrad AddBackward0 AddBackward1 SubBackward0 SubBackward1 MulBackward0 MulBackward1 NegBackward0 "
-    "SumBackward0 SumBackward1 MeanBackward0 MeanBackward1 TBackward0 ViewBackward0 UnsafeViewBackward0 "
+    "AccumulateGrad AddBackward0 AddBackward1 SubBackward0 SubBackward1 MulBackward0 MulBackward1 "
+    "NegBackward0 SumBackward0 SumBackward1 MeanBackward0 MeanBackward1 TBackward0 ViewBackward0 "
+    "UnsafeViewBackward0 "
     "ReshapeAliasBackward0 ExpandBackward0 PermuteBackward0 TransposeBackward0 TransposeBackward1 "
     "SqueezeBackward0 SqueezeBackward1 SqueezeBackward2 UnsqueezeBackward0 SliceBackward0 SelectBackward0 "
     "IndexBackward0 CatBackward0 StackBackward0 SplitBackward0 SplitWithSizesBackward0 UnbindBackward0 "
@@ -609,12 +622,12 @@ _SAFE_NODES = (
 NODE_FACTS: dict[str, Callable[[Any], bool] | None] = {
     **dict.fromkeys(_SAFE_NODES),
     "DivBackward0": _zero_in("_saved_other"),
-    "DivBackward1": lambda node: node._saved_other == 0,
+    "DivBackward1": _zero_in("_saved_other"),
     "SqrtBackward0": _zero_in("_saved_result"),
     "LogBackward0": _zero_in("_saved_self"),
     "Log2Backward0": _zero_in("_saved_self"),
     "Log10Backward0": _zero_in("_saved_self"),
-    "Log1pBackward0": lambda node: bool((node._saved_self == -1).any()),
+    "Log1pBackward0": lambda node: _any(_saved(node, "_saved_self") == -1),
     "PowBackward0": _pow_singular,
     "AsinBackward0": _unit_in("_saved_self"),
     "AcosBackward0": _unit_in("_saved_self"),
@@ -687,7 +700,8 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
     tensors = [t for t in (*t_outputs, *(inputs or ())) if isinstance(t, torch.Tensor)]
     check_differentiable([t for t in tensors if t.is_complex() or t.is_sparse], "tensors", "gw.strong_zeros")
 
-    plan = _plan(t_outputs, grad_tensors)
+    with _disable_current_modes():  # our checks are not the user's ops: modes around backward don't see them
+        plan = _plan(t_outputs, grad_tensors)
     if plan == "plain":
         return run(retain_graph)
     if plan == "strong":

@@ -1,0 +1,289 @@
+"""Strong zeros: the shared reproductions, a table of programs per backward rule, and the semantics' edges.
+
+Every expectation is an independent reference: the same program with the unused values deleted, or plain
+PyTorch on finite data. None is a formula derived by hand.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint
+
+import gradwise as gw
+
+nan, inf = float("nan"), float("inf")
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "cases"
+
+
+def _load(name: str):
+    if not (SHARED / f"{name}.py").exists():
+        pytest.skip(f"../shared/cases/{name}.py is not beside the checkout")
+    spec = importlib.util.spec_from_file_location(f"shared_{name}", SHARED / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _shared_cases():
+    if not (SHARED / "contamination.py").exists():
+        reason = "../shared/cases is not beside the checkout"
+        return [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
+    return [pytest.param(c, id=c.name) for c in _load("contamination").CASES]
+
+
+@pytest.mark.parametrize("case", _shared_cases())
+def test_shared_contamination_cases(case):
+    output, inputs, expected = case.build()
+    got = gw.grad(output, inputs)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e.to(g.dtype), equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One program per backward rule: NaN/Inf sits only where the program discards it. `program(x, keep)` is
+# evaluated on the padded input; the reference is the same program on the kept part alone.
+# ---------------------------------------------------------------------------------------------------------
+
+torch.manual_seed(0)
+W = torch.randn(6, 5, dtype=torch.float64)
+CONV = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+
+
+def _rows(x: torch.Tensor, n: int = 4) -> torch.Tensor:
+    return x[:n]
+
+
+RULE_PROGRAMS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str]] = {
+    # name: (program on rows; discards rows >= 4, the backward op it exercises)
+    "mm": (lambda x: _rows(x @ W).sum(), "aten.mm"),
+    "bmm": (lambda x: _rows(torch.bmm(x.unsqueeze(1), W.expand(x.shape[0], 6, 5))).sum(), "aten.bmm"),
+    "gelu": (lambda x: _rows(F.gelu(x @ W)).pow(2).sum(), "aten.gelu_backward"),
+    "relu": (lambda x: _rows(torch.relu(x @ W)).sum(), "aten.threshold_backward"),
+    "sigmoid": (lambda x: _rows(torch.sigmoid(x @ W)).sum(), "aten.sigmoid_backward"),
+    "tanh": (lambda x: _rows(torch.tanh(x @ W)).sum(), "aten.tanh_backward"),
+    "hardtanh": (lambda x: _rows(F.hardtanh(x @ W)).sum(), "aten.hardtanh_backward"),
+    "softmax": (lambda x: (_rows(torch.softmax(x @ W, 1)) * torch.arange(5.0, dtype=x.dtype)).sum(),
+                "aten._softmax_backward_data"),
+    "cross_entropy": (lambda x: F.cross_entropy(_rows(x @ W), torch.tensor([0, 1, 2, 3])),
+                      "aten._log_softmax_backward_data"),
+    "mse": (lambda x: F.mse_loss(_rows(x @ W), torch.ones(4, 5, dtype=x.dtype)), "aten.mse_loss_backward"),
+    "mul_div": (lambda x: (_rows(x * 3.0 / 2.0) * _rows(x)).sum(), "aten.mul"),
+    "exp": (lambda x: _rows(torch.exp(x)).sum(), "aten.mul"),
+    "gather": (lambda x: torch.gather(x @ W, 1, torch.zeros(x.shape[0], 1, dtype=torch.long))[:4].sum(),
+               "aten.gather"),
+    "where": (lambda x: torch.where(torch.arange(x.shape[0])[:, None] < 4, x @ W, 0.0).sum(), "aten.where"),
+    "masked_fill": (lambda x: (x @ W).masked_fill(torch.arange(x.shape[0])[:, None] >= 4, 0).sum(),
+                    "aten.masked_fill"),
+    "index": (lambda x: (x @ W)[torch.arange(4)].sum(), "aten.index_put"),
+    "cat_split": (lambda x: torch.cat([x[:4], x[4:]]).split(4)[0].exp().sum(), "aten.cat"),
+    "mean_dim": (lambda x: _rows((x @ W).mean(1)).sum(), "aten.mean"),
+    "conv2d": (lambda x: F.conv2d(x.reshape(-1, 2, 3, 1).expand(-1, 2, 3, 3), CONV)[:4].sum(),
+               "aten.convolution_backward"),
+    "max_pool": (lambda x: F.max_pool1d((x @ W).unsqueeze(1), 2)[:4].sum(),
+                 "aten.max_pool2d_with_indices_backward"),
+    "avg_pool": (lambda x: F.avg_pool1d((x @ W).unsqueeze(1), 2)[:4].sum(), "aten.avg_pool2d_backward"),
+    "embedding": (lambda x: F.embedding(torch.tensor([0, 1, 2, 3, 1]), x.exp()).pow(2).sum(),
+                  "aten.embedding_dense_backward"),
+    "sqrt_where": (lambda x: torch.where(x > 0, x.clamp_min(0).sqrt(), x)[:4].sum(), "aten.where"),
+}
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _padded(poison: float) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    keep = torch.rand(4, 6, dtype=torch.float64) + 0.5
+    return keep, torch.cat([keep, torch.full((2, 6), poison, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("poison", [nan, inf, -inf])
+@pytest.mark.parametrize("name", list(RULE_PROGRAMS))
+def test_rule_programs_equal_program_without_unused_values(name, poison):
+    program, op = RULE_PROGRAMS[name]
+    keep, padded = _padded(poison)
+    x = padded.clone().requires_grad_(True)
+    gw.unruled_ops().clear()
+    with _OpLog() as log:
+        (got,) = gw.grad(program(x), x)
+    assert op in log.ops, f"the program no longer exercises {op}"
+    assert not gw.unruled_ops()
+    k = keep.clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(program(torch.cat([k, torch.zeros(2, 6, dtype=k.dtype)])), k)
+    torch.testing.assert_close(got[:4], ref, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[4:], torch.zeros_like(got[4:]))
+
+
+@pytest.mark.parametrize("name", list(RULE_PROGRAMS))
+def test_rule_programs_bitwise_on_finite_data(name):
+    program, _ = RULE_PROGRAMS[name]
+    _, padded = _padded(0.25)
+    x = padded.clone().requires_grad_(True)
+    (got,) = gw.grad(program(x), x)
+    (ref,) = torch.autograd.grad(program(x), x)
+    assert torch.equal(got, ref)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Semantics at the edges
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_arithmetic_zero_does_not_annihilate():
+    """g*2 - g*2 is an ordinary zero: the output depends on the NaN, so the gradient keeps it."""
+    x = torch.tensor([1.0, nan], requires_grad=True)
+    w = torch.tensor([2.0, 3.0], requires_grad=True)
+    y = x * w
+    out = (y * 2 - y * 2).sum()
+    (g,) = gw.grad(out, w)
+    (ref,) = torch.autograd.grad((x * w * 2 - x * w * 2).sum(), w)
+    assert torch.equal(g.isnan(), ref.isnan()) and g.isnan().any()
+
+
+def test_strong_zero_path_matches_plain_where_plain_is_finite():
+    """On the strong-zero path, elements PyTorch got right stay bitwise PyTorch's."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 3)
+    x = torch.randn(6, 8)
+    x[5] = nan
+    out = lin(x)
+    loss = out[:5].sum() + out[:, 0].sum()  # row 5 column 0 is used: genuine NaN in the weight's row 0
+    gw_w, gw_b = gw.grad(loss, (lin.weight, lin.bias), retain_graph=True)
+    _, pt_b = torch.autograd.grad(loss, (lin.weight, lin.bias))
+    assert gw_w[0].isnan().all() and torch.equal(pt_b, gw_b)
+    ref = torch.autograd.grad(lin(x[:5]).sum(), lin.weight)[0]
+    torch.testing.assert_close(gw_w[1:], ref[1:])
+
+
+def test_backward_accumulates_and_frees_graph():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 2)
+    x = torch.cat([torch.randn(3, 4), torch.full((2, 4), nan)])
+    lin.weight.grad = torch.ones_like(lin.weight)
+    loss = lin(x)[:3].sum()
+    gw.backward(loss)
+    ref = torch.autograd.grad(lin(x[:3]).sum(), lin.weight)[0] + 1
+    torch.testing.assert_close(lin.weight.grad, ref)
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+
+
+def test_finite_backward_frees_graph_like_pytorch():
+    x = torch.randn(3, requires_grad=True)
+    loss = (x.sin() * 2).sum()
+    gw.backward(loss)
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+    loss = (x.sin() * 2).sum()
+    gw.backward(loss, retain_graph=True)
+    loss.backward()
+
+
+def test_context_manager_covers_tensor_backward_and_autograd_grad():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 2)
+    x = torch.cat([torch.randn(3, 4), torch.full((2, 4), nan)])
+    with gw.strong_zeros(), gw.strong_zeros():  # nesting is fine
+        lin(x)[:3].sum().backward()
+        (g,) = torch.autograd.grad(lin(x)[:3].sum(), lin.bias)
+    assert lin.weight.grad.isfinite().all() and g.isfinite().all()
+    assert torch.autograd.grad(lin(x)[:3].sum(), lin.weight)[0].isnan().all()  # off again outside
+
+
+def test_context_manager_is_thread_local():
+    lin = torch.nn.Linear(4, 2)
+    x = torch.cat([torch.randn(3, 4), torch.full((2, 4), nan)])
+    seen = {}
+
+    def other_thread():
+        seen["grad"] = torch.autograd.grad(lin(x)[:3].sum(), lin.weight)[0]
+
+    with gw.strong_zeros():
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+    assert seen["grad"].isnan().all()
+
+
+def test_custom_function_and_checkpoint():
+    class Square(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a):
+            ctx.save_for_backward(a)
+            return a * a
+
+        @staticmethod
+        def backward(ctx, g):
+            (a,) = ctx.saved_tensors
+            return 2 * g * a
+
+    a = torch.tensor([1.5, nan], requires_grad=True)
+    assert torch.equal(gw.grad(Square.apply(a)[0], a)[0], torch.tensor([3.0, 0.0]))
+
+    w = torch.randn(4, 4, requires_grad=True)
+    x = torch.cat([torch.randn(3, 4), torch.full((2, 4), nan)])
+    out = checkpoint(lambda inp: torch.relu(inp @ w), x, use_reentrant=False)[:3].sum()
+    (g,) = gw.grad(out, w)
+    (ref,) = torch.autograd.grad(torch.relu(x[:3] @ w).sum(), w)
+    torch.testing.assert_close(g, ref)
+
+
+def test_double_backward_runs():
+    """create_graph works: first-order values use strong zeros; the recorded graph is PyTorch's formulas."""
+    x = torch.tensor([4.0, -1.0], requires_grad=True)
+    (g,) = gw.grad(torch.where(x > 0, x.sqrt(), 0.0).sum(), x, create_graph=True)
+    assert torch.equal(g.detach(), torch.tensor([0.25, 0.0]))
+    (gg,) = torch.autograd.grad(g[0], x)
+    torch.testing.assert_close(gg[0], torch.tensor(-1 / 32))
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "words"),
+    [
+        (lambda x: gw.grad(3.0, x), TypeError, "outputs must be a tensor"),
+        (lambda x: gw.grad([x.sum(), 1.0], x), TypeError, "outputs[1] is a float"),
+        (lambda x: gw.grad(x * 2, x), RuntimeError, "only for scalar outputs"),
+        (lambda x: gw.grad(x.sum(), torch.ones(3)), RuntimeError, "does not require grad"),
+        (lambda x: gw.grad(x.sum(), torch.ones(3, dtype=torch.long)), RuntimeError, "floating-point"),
+        (lambda x: gw.backward(torch.ones(2).sum()), RuntimeError, "does not depend on any tensor"),
+        (lambda x: gw.grad(x.sum(), torch.ones(2, dtype=torch.complex64, requires_grad=True)),
+         NotImplementedError, "complex"),
+    ],
+)
+def test_bad_input_errors_name_the_problem(call, exc, words):
+    x = torch.ones(3, requires_grad=True)
+    with pytest.raises(exc, match=words.replace("[", r"\[").replace("]", r"\]")):
+        call(x)
+
+
+def test_graph_already_freed_is_pytorchs_error():
+    x = torch.ones(3, requires_grad=True)
+    loss = (x.exp() * 2).sum()
+    torch.autograd.grad(loss, x)
+    with pytest.raises(RuntimeError, match="second time"):
+        gw.grad(loss, x)
+
+
+def test_unruled_ops_lists_backward_ops_without_rules():
+    gw.unruled_ops().clear()
+    x = torch.tensor([1.0, 2.0, nan], requires_grad=True)
+    out = F.softshrink(x)[:2].sum()  # softshrink_backward is not in the table
+    gw.grad(out, x)
+    assert gw.unruled_ops(), "an op without a rule that met a structural zero must be listed"
