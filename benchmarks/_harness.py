@@ -41,3 +41,55 @@ def print_table(title: str, columns: list[str], rows: list[list[object]]) -> Non
     for row in rows:
         table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row])
     Console(width=140).print(table)
+
+
+def median_times_after(
+    cases: dict[str, tuple[Callable[[], object], Callable[[object], object]]],
+    repeats: int = 15,
+    warmup: int = 3,
+) -> dict[str, float]:
+    """Like `median_times`, but each candidate is ``(setup, fn)`` and only ``fn(setup())`` is timed.
+
+    Use it to time a backward alone: ``setup`` runs the forward (untimed) and returns the loss.
+    """
+    for _ in range(warmup):
+        for setup, fn in cases.values():
+            fn(setup())
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, (setup, fn) in cases.items():
+            arg = setup()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn(arg)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
+def peak_memory_bytes(fn: Callable[[], object], region: str | None = None) -> tuple[int, int]:
+    """CPU memory held at once while ``fn`` runs, from the profiler's allocation events.
+
+    Returns ``(peak, before)``: the running total of bytes allocated minus bytes freed since ``fn`` started,
+    its maximum from the start of the first ``torch.profiler.record_function(region)`` block on (the whole
+    run when ``region`` is None), and its value when that block started. The profiler does not know the
+    size of a block allocated before it started, so its release is not counted: let ``fn`` allocate
+    everything the region may free (copy the model and inputs inside ``fn``).
+    """
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=cpu, profile_memory=True) as prof:
+        fn()
+    events = prof.profiler.kineto_results.events()
+    start = min((e.start_ns() for e in events if e.name() == region), default=None) if region else 0
+    if start is None:
+        raise ValueError(f"no record_function({region!r}) block ran inside fn")
+    total, before, peak = 0, None, 0
+    for t, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+        if before is None and t >= start:
+            before = peak = total
+        total += nbytes
+        if before is not None:
+            peak = max(peak, total)
+    return (total, total) if before is None else (peak, before)

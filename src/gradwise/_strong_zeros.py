@@ -349,8 +349,8 @@ def _add_nonfinite(out, nan_hits, plus, minus):
         n = len(out)
         parts = [x if isinstance(x, (tuple, list)) else (x,) * n for x in (nan_hits, plus, minus)]
         return type(out)(_add_nonfinite(o, a, b, c) for o, a, b, c in zip(out, *parts, strict=True))
-    if out is None:
-        return None
+    if out is None or nan_hits is None:  # an output that meets no value (conv's grad_bias)
+        return out
     bad = nan_hits > 0
     if plus is None:
         return out.masked_fill_(bad, float("nan"))

@@ -1,0 +1,162 @@
+"""Cost of strong zeros: `gw.backward(loss)` against plain `loss.backward()`, same process, same data.
+
+    python benchmarks/bench_strong_zeros.py [--repeats 15] [--json FILE]
+
+Times the backward pass alone: every repeat runs a fresh forward (untimed), then the timed backward, the
+candidates interleaved (`_harness.median_times_after`). Memory is the peak of the CPU allocations held during
+the backward, over what was live just before it (the parameters and the forward's activations; the input
+batch is not counted; `_harness.peak_memory_bytes`).
+
+Finite data: targets <= 1.10x time and <= 1.25x peak memory. NaN only in discarded regions (padding rows
+sliced away, a border cropped away): target <= 3x the plain backward of the same program, and gradwise's
+gradients must be finite and equal to the clean reference's (the same program without the NaN); the
+"grads" column says whether they are. Exits 1 when a gradient check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gradwise as gw
+from _harness import median_times_after, peak_memory_bytes, print_table
+
+nan = float("nan")
+
+
+@dataclass
+class Case:
+    name: str
+    net: nn.Module
+    loss: Callable[[nn.Module], torch.Tensor]  # the program gradwise and torch both differentiate
+    time_target: float
+    clean: Callable[[nn.Module], torch.Tensor] | None = None  # same program without the NaN, when it has NaN
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(256, 256), nn.GELU())])
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+                         nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+
+
+def cases() -> list[Case]:
+    torch.manual_seed(0)
+    x = torch.randn(256, 256)
+    padded = torch.cat((x, torch.full((64, 256), nan)))  # 64 NaN padding rows, sliced away after the net
+    layer = nn.TransformerEncoderLayer(128, 4, dim_feedforward=512, dropout=0.0, batch_first=True)
+    seq = torch.randn(8, 64, 128)
+    img = torch.randn(32, 3, 32, 32)
+    # a NaN border of width 2 around 32x32; three 3x3 convolutions read 3 pixels around, so outputs 5..30
+    # of the 36x36 map never see it
+    framed = F.pad(img, (2, 2, 2, 2), value=nan)
+    clean_frame = F.pad(img, (2, 2, 2, 2), value=0.25)
+    kept = lambda out: out[..., 5:31, 5:31]
+    return [
+        Case("MLP 6x256+GELU b256", mlp(), lambda net: net(x).square().mean(), 1.10),
+        Case("Transformer d128 h4 8x64", layer, lambda net: net(seq).square().mean(), 1.10),
+        Case("CNN 3 conv 32x32 b32", cnn(), lambda net: net(img).square().mean(), 1.10),
+        Case("MLP, NaN rows sliced", mlp(), lambda net: net(padded)[:256].square().mean(), 3.0,
+             clean=lambda net: net(x).square().mean()),
+        Case("CNN, NaN border cropped", cnn(), lambda net: kept(net(framed)).square().mean(), 3.0,
+             clean=lambda net: kept(net(clean_frame)).square().mean()),
+    ]
+
+
+def gradients(net: nn.Module, loss: torch.Tensor, backward: Callable[[torch.Tensor], None]) -> list:
+    net.zero_grad(set_to_none=True)
+    backward(loss)
+    return [p.grad.clone() for p in net.parameters()]
+
+
+def check_gradients(case: Case) -> str:
+    got = gradients(case.net, case.loss(case.net), gw.backward)
+    if not all(g.isfinite().all() for g in got):
+        return "NOT FINITE"
+    if case.clean is None:  # finite data: gradwise's gradients are torch's, bit for bit
+        expected = gradients(case.net, case.loss(case.net), torch.Tensor.backward)
+        return "ok" if all(torch.equal(g, e) for g, e in zip(got, expected, strict=True)) else "NOT EQUAL"
+    expected = gradients(case.net, case.clean(case.net), torch.Tensor.backward)
+    try:
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+    except AssertionError:
+        return "WRONG"
+    return "ok"
+
+
+def backward_peak(case: Case, backward: Callable[[torch.Tensor], None]) -> tuple[int, int]:
+    def run():
+        net = copy.deepcopy(case.net)  # allocated under the profiler, so whatever backward frees is counted
+        net.zero_grad(set_to_none=True)
+        loss = case.loss(net)
+        with torch.profiler.record_function("backward"):
+            backward(loss)
+
+    return peak_memory_bytes(run, region="backward")
+
+
+def measure(case: Case, repeats: int) -> dict[str, object]:
+    def fresh_loss() -> torch.Tensor:
+        case.net.zero_grad(set_to_none=True)
+        return case.loss(case.net)
+
+    candidates = {"torch": (fresh_loss, torch.Tensor.backward), "gradwise": (fresh_loss, gw.backward)}
+    times = median_times_after(candidates, repeats=repeats)
+    plain_peak, before = backward_peak(case, torch.Tensor.backward)
+    gw_peak, gw_before = backward_peak(case, gw.backward)
+    assert gw_before == before, "the two forwards should hold the same memory"
+    time_ratio, memory_ratio = times["gradwise"] / times["torch"], gw_peak / plain_peak
+    memory_target = 1.25 if case.clean is None else None
+    met = time_ratio <= case.time_target and (memory_target is None or memory_ratio <= memory_target)
+    return {
+        "case": case.name,
+        "data": "finite" if case.clean is None else "NaN discarded",
+        "torch_backward_ms": times["torch"] * 1e3,
+        "gradwise_backward_ms": times["gradwise"] * 1e3,
+        "time_ratio": time_ratio,
+        "time_target": case.time_target,
+        "live_before_backward_mb": before / 2**20,
+        "torch_peak_over_live": plain_peak / before,
+        "gradwise_peak_over_live": gw_peak / before,
+        "memory_ratio": memory_ratio,
+        "memory_target": memory_target,
+        "gradients": check_gradients(case),
+        "targets_met": met,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--json", type=Path, help="also write the results here as JSON")
+    args = parser.parse_args()
+    rows = [measure(case, args.repeats) for case in cases()]
+    print_table(
+        f"gw.backward vs loss.backward: backward only, median of {args.repeats} interleaved repeats, "
+        f"{torch.get_num_threads()} threads; peaks during backward / memory live before it",
+        ["case", "torch ms", "gw ms", "time x", "target", "live MB", "torch peak", "gw peak", "memory x",
+         "grads", "met"],
+        [[r["case"], r["torch_backward_ms"], r["gradwise_backward_ms"], r["time_ratio"], r["time_target"],
+          r["live_before_backward_mb"], r["torch_peak_over_live"], r["gradwise_peak_over_live"],
+          r["memory_ratio"], r["gradients"], "yes" if r["targets_met"] else "NO"] for r in rows],
+    )
+    if args.json:
+        args.json.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                                         "repeats": args.repeats, "rows": rows}, indent=2))
+    return 0 if all(r["gradients"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
