@@ -275,19 +275,22 @@ def _copy(func, args, kwargs, sup):
 _register(aten.copy_)(_copy)
 
 
-def _nonfinite_part(func, args, slot: int, s: torch.Tensor, value_slots: list[int]):
+CountArgs = Callable[[tuple, int], Callable[[list], list]]
+
+
+def _nonfinite_part(func, args, slot: int, s: torch.Tensor, value_slots: list[int], count_args: CountArgs):
     """The NaN/Inf that terms with a *supported* sensitivity element contribute to a bilinear op, counted by
-    running the op on 0/1 indicators: terms that meet NaN (or 0 x Inf), +Inf, and -Inf."""
+    running the op on 0/1 indicators: terms that meet NaN (or 0 x Inf), +Inf, and -Inf. ``count_args`` may
+    shrink those runs (e.g. to the contraction indices where a value is non-finite)."""
     sens = args[slot]
+    shrink = count_args(args, slot)
 
     def run(s_ind, value_ind):
         new = list(args)
-        if func is aten.convolution_backward.default:
-            new[10] = [*new[10][:2], False]  # grad_bias = sum(g) meets no value
         new[slot] = s_ind.to(sens.dtype)
         for j in value_slots:
             new[j] = value_ind(args[j]).to(args[j].dtype)
-        return func(*new)
+        return func(*shrink(new))
 
     nan_hits = run(s, torch.isnan)
     if not any(bool(torch.isinf(args[j]).any()) for j in value_slots):
@@ -298,13 +301,42 @@ def _nonfinite_part(func, args, slot: int, s: torch.Tensor, value_slots: list[in
     return nan_hits, plus, minus
 
 
+def _all_args(args: tuple, slot: int) -> Callable[[list], list]:
+    return lambda new: new
+
+
+def _mm_nonfinite_k(args: tuple, slot: int) -> Callable[[list], list]:
+    """mm/bmm: only contraction indices k where the value has a NaN/Inf can meet one, so the counting runs
+    on those alone (the padding rows of a batch, not the whole batch)."""
+    value = args[1 - slot]
+    bad = ~torch.isfinite(value)
+    bad = bad.any(-1) if slot == 0 else bad.any(-2)  # value b: (.., K, N); value a: (.., M, K)
+    k = bad.reshape(-1, bad.shape[-1]).any(0).nonzero().squeeze(1)
+    return lambda new: [new[0].index_select(-1, k), new[1].index_select(-2, k)]
+
+
+def _conv_no_bias(args: tuple, slot: int) -> Callable[[list], list]:
+    """convolution_backward: grad_bias = sum(g) meets no value, so it is not counted."""
+
+    def shrink(new):
+        new[10] = [*new[10][:2], False]
+        return new
+
+    return shrink
+
+
 def _tree_add(a, b):
     if isinstance(a, (tuple, list)):
         return type(a)(_tree_add(x, y) for x, y in zip(a, b, strict=True))
     return None if a is None else a + b
 
 
-def _bilinear(support_fn: Callable[[Any, tuple, int, torch.Tensor], Any]) -> Rule:
+def _finite(t: torch.Tensor) -> bool:
+    # one cheap pass: a finite sum means no NaN/Inf went in; only an overflowing sum needs the exact check
+    return bool(t.sum().isfinite()) or bool(torch.isfinite(t).all())
+
+
+def _bilinear(support_fn: Callable[[Any, tuple, int, torch.Tensor], Any], count_args: CountArgs = _all_args) -> Rule:
     """Rule factory for ops bilinear in a sensitivity and a value (mm, bmm, convolution backward). Values'
     NaN/Inf are replaced by 0 for the main computation; the NaN/Inf that supported terms really meet are
     counted with 0/1 indicators and added back, so unsupported terms contribute exactly 0 and every genuine
@@ -322,7 +354,7 @@ def _bilinear(support_fn: Callable[[Any, tuple, int, torch.Tensor], Any]) -> Rul
         slot = tracked[0]
         s = sup.of(args[slot])
         values = [i for i in slots if i != slot]
-        dirty = [i for i in values if not bool(torch.isfinite(args[i]).all())]
+        dirty = [i for i in values if not _finite(args[i])]
         if not dirty:
             out = func(*args, **kwargs)
         else:
@@ -330,7 +362,7 @@ def _bilinear(support_fn: Callable[[Any, tuple, int, torch.Tensor], Any]) -> Rul
             for i in dirty:
                 clean[i] = torch.nan_to_num(args[i], nan=0.0, posinf=0.0, neginf=0.0)
             out = func(*clean, **kwargs)
-            nan_hits, plus, minus = _nonfinite_part(func, args, slot, s, values)
+            nan_hits, plus, minus = _nonfinite_part(func, args, slot, s, values, count_args)
             out = _add_nonfinite(out, nan_hits, plus, minus)
         supports = support_fn(func, args, slot, s)
         outs = out if isinstance(out, (tuple, list)) else (out,)
@@ -379,9 +411,9 @@ def _conv_backward_support(func, args, slot, s):
     return tuple(None if c is None else c > 0 for c in counts)
 
 
-_register(aten.mm, aten.bmm)(_bilinear(_mm_support))
+_register(aten.mm, aten.bmm)(_bilinear(_mm_support, _mm_nonfinite_k))
 _register(aten.mv)(_bilinear(_mv_support))
-_register(aten.convolution_backward)(_bilinear(_conv_backward_support))
+_register(aten.convolution_backward)(_bilinear(_conv_backward_support, _conv_no_bias))
 
 
 def _softmax_backward(func, args, kwargs, sup):
