@@ -1,0 +1,82 @@
+"""Cost of `gw.trace()` over forward+backward against `torch.autograd.detect_anomaly(check_nan=True)`.
+
+Both are measured in the same process against plain forward+backward, interleaved, median of repeats, on the
+workloads of the strong-zeros benchmark. The target: trace / detect_anomaly <= 1.0 (while finding more: Inf,
+contamination vs genuine, kinks).
+
+    python benchmarks/bench_trace.py [--repeats 15]
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import torch
+from torch import nn
+
+import gradwise as gw
+from _harness import median_times, print_table
+
+
+def mlp():
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(6):
+        layers += [nn.Linear(256, 256), nn.GELU()]
+    model, x = nn.Sequential(*layers), torch.randn(256, 256)
+    return model, lambda: model(x).square().mean()
+
+
+def transformer():
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(d_model=128, nhead=4, batch_first=True, dropout=0.0)
+    x = torch.randn(8, 64, 128)
+    return model, lambda: model(x).square().mean()
+
+
+def cnn():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    x = torch.randn(32, 3, 32, 32)
+    return model, lambda: model(x).logsumexp(1).mean()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    rows = []
+    for name, make in [("MLP 6x Linear(256)+GELU, batch 256", mlp),
+                       ("TransformerEncoderLayer d128 h4, seq 64, batch 8", transformer),
+                       ("CNN 3 conv layers, 32x32, batch 32", cnn)]:
+        model, loss = make()
+
+        def plain(model=model, loss=loss):
+            model.zero_grad(set_to_none=True)
+            loss().backward()
+
+        def anomaly(model=model, loss=loss):
+            model.zero_grad(set_to_none=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # detect_anomaly warns that it is slow
+                with torch.autograd.detect_anomaly(check_nan=True):
+                    loss().backward()
+
+        def traced(model=model, loss=loss):
+            model.zero_grad(set_to_none=True)
+            with gw.trace():
+                loss().backward()
+
+        t = median_times({"plain": plain, "anomaly": anomaly, "trace": traced}, repeats=args.repeats)
+        rows.append([name, t["plain"] * 1e3, t["anomaly"] / t["plain"], t["trace"] / t["plain"],
+                     t["trace"] / t["anomaly"]])
+    print_table("gw.trace() vs detect_anomaly(check_nan=True), forward+backward (same process, interleaved, median)",
+                ["workload", "plain ms", "anomaly / plain", "trace / plain", "trace / anomaly"], rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Finding / Report: what `gw.trace()` found, rendered for people (rich) and tools (JSON)."""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field
+
+from rich.console import Console
+from rich.markup import escape
+
+KINDS = ("contamination", "nan", "inf", "kink", "singular")
+_TITLES = {
+    "contamination": "contamination: an unused NaN/Inf reached a gradient through zero sensitivities",
+    "nan": "genuine NaN: the output depends on it",
+    "inf": "genuine Inf: the output depends on it",
+    "kink": "kink: an op evaluated where it is not differentiable",
+    "singular": "singular point: an op evaluated where its derivative is infinite",
+}
+_STYLE = {"contamination": "yellow", "nan": "red", "inf": "red", "kink": "cyan", "singular": "magenta"}
+
+
+@dataclass
+class Finding:
+    """One explained event, grouped over repeats of the same op on the same source line.
+
+    ``kind``: "contamination", "nan", "inf", "kink" or "singular". ``op``: the aten op where it arose (the
+    backward op where a zero sensitivity met NaN/Inf for contamination, the forward op otherwise).
+    ``location``: "file.py:LINE" of the user code that called the op. ``count``: how many elements (summed
+    over repeats). ``reaches``: the leaf tensors / parameters whose gradients it reached. ``fix``: what to do.
+    """
+
+    kind: str
+    op: str
+    location: str
+    count: int
+    reaches: list[str] = field(default_factory=list)
+    fix: str = ""
+    message: str = ""  # one line: what happened
+    source: str = ""  # the text of the user's source line
+    indices: list[list[int]] = field(default_factory=list)  # the first few elements concerned
+    born_op: str | None = None  # where the NaN/Inf was born (op, or "input" for data that arrived non-finite)
+    born_location: str | None = None
+    born: str | None = None  # the birth, in words
+    discarded_op: str | None = None  # contamination: the forward op whose backward produced the zero sensitivity
+    discarded_location: str | None = None
+    convention: str | None = None  # kink / singular: the value PyTorch's backward uses there
+    reached_gradient: bool | None = None  # kink / singular: did a nonzero sensitivity go through it?
+    occurrences: int = 1  # how many times this (kind, op, line) happened in the traced block
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Report:
+    """The findings of one `gw.trace()` block. ``str(report)`` renders it, ``report.to_json()`` serialises it."""
+
+    findings: list[Finding] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)  # NaN/Inf the forward made that nothing used: not errors
+    forward_ops: int = 0
+    backward_ops: int = 0
+
+    def of_kind(self, *kinds: str) -> list[Finding]:
+        return [f for f in self.findings if f.kind in kinds]
+
+    def summary(self) -> str:
+        """One line, e.g. "2 contamination findings, 0 genuine NaN, 0 genuine Inf, 3 kinks, 0 singular points"."""
+        if not self.findings:
+            return (f"No NaN/Inf gradients and no kinks found ({self.forward_ops} forward and "
+                    f"{self.backward_ops} backward ops traced).")
+        n = {k: sum(1 for f in self.findings if f.kind == k) for k in KINDS}
+        s = lambda k, word: f"{n[k]} {word}{'' if n[k] == 1 else 's'}"
+        return (f"{s('contamination', 'contamination finding')}, {n['nan']} genuine NaN, {n['inf']} genuine Inf, "
+                f"{s('kink', 'kink')}, {s('singular', 'singular point')}")
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """The report as JSON: ``{"summary", "findings": [...], "unused", "forward_ops", "backward_ops"}``."""
+        return json.dumps({"summary": self.summary(), "findings": [f.as_dict() for f in self.findings],
+                           "unused": self.unused, "forward_ops": self.forward_ops,
+                           "backward_ops": self.backward_ops}, indent=indent)
+
+    def print(self, console: Console | None = None) -> None:
+        """Print with colours to the terminal (or to the given rich Console)."""
+        _render(self, console or Console(stderr=True, soft_wrap=True))
+
+    def __str__(self) -> str:
+        buf = io.StringIO()
+        _render(self, Console(file=buf, width=110, color_system=None, force_terminal=False, soft_wrap=True))
+        return buf.getvalue().rstrip("\n")
+
+    def __len__(self) -> int:
+        return len(self.findings)
+
+
+def _render(report: Report, console: Console) -> None:
+    console.print(f"[bold]gradwise:[/bold] {escape(report.summary())}")
+    for i, f in enumerate(report.findings, 1):
+        style = _STYLE[f.kind]
+        times = f" (x{f.occurrences})" if f.occurrences > 1 else ""
+        console.print()
+        console.print(f"[bold {style}]{i}. {escape(_TITLES[f.kind])}[/]")
+        console.print(f"   [bold]{escape(f.op)}[/] at {escape(f.location)}{times}: {escape(f.message)}")
+        if f.source:
+            console.print(f"   [dim]>[/] {escape(f.source)}")
+        if f.born:
+            console.print(f"   born: {escape(f.born)}")
+        if f.discarded_op:
+            console.print(f"   unused since: {escape(f.discarded_op)} at {escape(f.discarded_location or '?')} "
+                          "(its backward sends zero sensitivity there)")
+        if f.convention:
+            console.print(f"   PyTorch's convention: {escape(f.convention)}")
+        if f.kind in ("kink", "singular"):
+            console.print(f"   reached a gradient: {'yes' if f.reached_gradient else 'no'}")
+        elements = f"{f.count} element{'s' if f.count != 1 else ''}"
+        if f.indices:
+            shown = ", ".join(str(tuple(ix)) if len(ix) != 1 else str(ix[0]) for ix in f.indices)
+            elements += f", first at {shown}"
+        console.print(f"   elements: {escape(elements)}")
+        if f.kind not in ("kink", "singular") or f.reaches:
+            console.print(f"   reaches: {escape(', '.join(f.reaches)) if f.reaches else 'no gradient'}")
+        if f.fix:
+            console.print(f"   fix: {escape(f.fix)}")
+    if report.unused:
+        console.print()
+        console.print(f"[dim]Not errors: NaN/Inf made in the forward pass that nothing used: "
+                      f"{escape('; '.join(report.unused))}[/]")

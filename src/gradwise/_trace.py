@@ -1,0 +1,1185 @@
+"""`gw.trace()` / `gw.explain()`: watch every aten op of a forward and backward pass and explain NaN/Inf and kinks.
+
+How it works. A `TorchDispatchMode` sees every aten op below autograd, forward and backward (the backward ones
+run while `torch._C._current_autograd_node()` is set). Per op it does one cheap reduction of each float output
+(``sum`` is finite iff every element is) and only digs in when that is not finite, so the finite path costs a
+fused reduction and a few dictionary look-ups per op. Digging in records where a NaN/Inf was *born* (the first
+op whose inputs were finite, or held no NaN, and whose output was not) and carries that provenance along.
+
+In the backward, tensors derived from the incoming gradient (sensitivities) are tracked by identity
+(`WeakTensorKeyDictionary`). A non-finite gradient element appears where a sensitivity first meets a non-finite
+value (a saved forward value, or one a backward formula made, like 0/0): if the sensitivity is zero there the
+output never used the value (**contamination**, which strong zeros remove), otherwise it is **genuine**. The
+backward is the user's own: nothing is re-run. Backward nodes are tied to the forward op (and source line) that
+created them through autograd sequence numbers.
+
+Kinks are found by a table of detectors keyed by aten op, run on the forward ops that create autograd nodes.
+"""
+from __future__ import annotations
+
+import contextlib
+import linecache
+import math
+import os
+import sys
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch._C._autograd import _get_sequence_nr
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from gradwise._report import Finding, Report
+
+aten = torch.ops.aten
+_ACCUMULATE_SEQ = 2**64 - 1  # the sequence number every AccumulateGrad node reports
+_MAX_NODES = 200_000  # node records kept for long runs (CLI): the oldest are dropped first
+_SHOWN = 4  # indices shown per finding
+_DEFER_ON_CPU = False  # batch the checks on CPU too, as on accelerators (tests use it to cover that path)
+
+# -- where user code called an op -------------------------------------------------------------------------
+
+_INTERNAL_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+_INTERNAL_FILES = {"contextlib.py", "functools.py", "runpy.py"}
+_internal_code: dict = {}
+
+
+def _is_internal(code) -> bool:
+    r = _internal_code.get(code)
+    if r is None:
+        name = code.co_filename
+        r = name.startswith(_INTERNAL_DIRS) or name.startswith("<frozen") or os.path.basename(name) in _INTERNAL_FILES
+        _internal_code[code] = r
+    return r
+
+
+def _user_frame():
+    """The innermost frame outside torch and gradwise (the user's line that called the op)."""
+    f = sys._getframe(2)
+    while f is not None and _is_internal(f.f_code):
+        f = f.f_back
+    return f
+
+
+def _fmt(loc: tuple) -> str:
+    path, line = loc
+    with contextlib.suppress(ValueError):
+        rel = os.path.relpath(path)
+        if not rel.startswith(".."):
+            path = rel
+    return f"{path}:{line}"
+
+
+def _source(loc: tuple) -> str:
+    return linecache.getline(loc[0], loc[1]).strip()
+
+
+def _op_name(func) -> str:
+    return f"aten.{func.overloadpacket.__name__}"
+
+
+# -- small tensor helpers ------------------------------------------------------------------------------------
+
+
+def _tensors(args) -> list[torch.Tensor]:
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(t for t in a if isinstance(t, torch.Tensor))
+    return out
+
+
+def _floats(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() and out.numel() else []
+    if isinstance(out, (list, tuple)):
+        return [t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+    return []
+
+
+def _nonfinite(t: torch.Tensor) -> bool:
+    return t.is_floating_point() and t.numel() > 0 and not bool(torch.isfinite(t).all())
+
+
+def _first(mask: torch.Tensor) -> list[list[int]]:
+    """The first few True positions, without listing them all (masks can be large)."""
+    flat = mask.reshape(-1)
+    if flat.numel() == 0 or not bool(flat.any()):
+        return []
+    i = int(flat.to(torch.uint8).argmax())
+    hits = flat[i : i + 4096].nonzero()[:_SHOWN].flatten() + i
+    return torch.stack(torch.unravel_index(hits, mask.shape), 1).tolist() if mask.dim() else [[]]
+
+
+def _positions(mask: torch.Tensor) -> tuple[int, list[list[int]]]:
+    return int(mask.sum()), _first(mask)
+
+
+def _aligned(ts: list[torch.Tensor], shape) -> bool:
+    """Do these tensors broadcast elementwise onto `shape` (so positions line up)?"""
+    try:
+        return all(torch.broadcast_shapes(t.shape, shape) == shape for t in ts)
+    except RuntimeError:
+        return False
+
+
+# -- why a NaN/Inf was born: one explainer per op family (keyed by aten overload packet) ----------------------
+
+_EXPLAIN: dict = {}
+
+
+def _explains(*ops):
+    def register(fn):
+        for op in ops:
+            _EXPLAIN[op] = fn
+        return fn
+
+    return register
+
+
+def _inputs_at(ins, mask):
+    """The first input's values at the masked positions, when positions line up."""
+    if ins and ins[0].is_floating_point() and _aligned(ins[:1], mask.shape):
+        return ins[0].broadcast_to(mask.shape)[mask]
+    return None
+
+
+@_explains(aten.log, aten.log2, aten.log10, aten.log1p, aten.xlogy)
+def _log_domain(ins, out, mask) -> str:
+    """log is NaN below its domain and -inf at its edge (0, or -1 for log1p)."""
+    x = _inputs_at(ins, mask)
+    if x is not None and x.numel():
+        edge = -1.0 if ins and out is not None and bool((x == -1).any()) else 0.0
+        neg, zero = int((x < edge).sum()), int((x == edge).sum())
+        return f"log of {neg} negative and {zero} zero value(s): a domain error (NaN below the domain, -inf at 0)"
+    return "log outside its domain (NaN for negatives, -inf at 0)"
+
+
+@_explains(aten.sqrt, aten.rsqrt, aten.pow)
+def _root_domain(ins, out, mask) -> str:
+    """sqrt / fractional powers are NaN for negative bases; negative powers and rsqrt are inf at 0."""
+    x = _inputs_at(ins, mask)
+    if x is not None and x.numel():
+        return f"{int((x < 0).sum())} negative and {int((x == 0).sum())} zero base(s): NaN for a negative base, " \
+               "inf for a negative power of 0"
+    return "a power outside its domain"
+
+
+@_explains(aten.div, aten.reciprocal)
+def _division(ins, out, mask) -> str:
+    """x/0 is ±inf and 0/0 is NaN."""
+    return "division by zero (x/0 = ±inf, 0/0 = NaN)"
+
+
+@_explains(aten.exp, aten.exp2, aten.expm1, aten.sinh, aten.cosh, aten.mul, aten.mm, aten.addmm, aten.bmm,
+           aten.sum, aten.add, aten.sub, aten.matmul, aten.square)
+def _overflow(ins, out, mask) -> str:
+    """Inf from finite inputs is an overflow; NaN from inf inputs is inf - inf or 0 x inf."""
+    if out is not None and bool(torch.isnan(out[mask]).any()) and any(_nonfinite(t) for t in ins):
+        return "inf - inf or 0 x inf"
+    return f"overflow: the result exceeds the largest {str(out.dtype).replace('torch.', '')} (Inf)" \
+        if out is not None else "overflow"
+
+
+@_explains(aten._softmax, aten._log_softmax)
+def _softmax_all_masked(ins, out, mask) -> str:
+    """softmax of a slice that is all -inf is 0/0 = NaN."""
+    return "softmax over a slice that is entirely -inf (0/0 = NaN): a fully masked row"
+
+
+@_explains(aten.acos, aten.asin, aten.atanh, aten.acosh)
+def _inverse_trig_domain(ins, out, mask) -> str:
+    """acos/asin are NaN outside [-1, 1]; atanh is ±inf at ±1."""
+    return "an inverse trigonometric/hyperbolic function outside its domain"
+
+
+@_explains(aten.full, aten.fill, aten.fill_, aten.masked_fill, aten.masked_fill_, aten.lift_fresh, aten.scalar_tensor,
+           aten.full_like, aten.copy_, aten.index_put_, aten.index_put)
+def _written(ins, out, mask) -> str:
+    """A NaN/Inf constant written into a tensor (data, padding, a mask value)."""
+    return "a NaN/Inf constant written into the tensor"
+
+
+def _explain(func, ins, out, mask) -> str:
+    fn = _EXPLAIN.get(func.overloadpacket)
+    if fn is not None:
+        return fn(ins, out, mask)
+    return f"{_op_name(func)} made NaN/Inf from finite inputs"
+
+
+# -- ops whose backward sends zero sensitivity to values the output does not use, and the local rewrite ------
+
+_SELECT_FIX = "select first, then compute: apply the op to the kept elements only (e.g. lin(x[:4]), not lin(x)[:4])"
+_DISCARDS: dict = {
+    **dict.fromkeys([aten.slice, aten.select, aten.index, aten.index_select, aten.gather, aten.narrow,
+                     aten.split, aten.split_with_sizes, aten.unbind, aten.masked_select, aten.take,
+                     aten.as_strided, aten.diagonal], _SELECT_FIX),
+    **dict.fromkeys([aten.where], "double where: make the unused branch's input safe too, e.g. "
+                    "torch.where(c, f(torch.where(c, x, safe)), other) so f never sees the bad values"),
+    **dict.fromkeys([aten.masked_fill, aten.masked_fill_, aten.masked_scatter],
+                    "mask before the op that makes NaN/Inf (e.g. before the division or the matmul), not after"),
+    **dict.fromkeys([aten.nll_loss_forward, aten.nll_loss2d_forward],
+                    "drop the ignored targets' rows before the layers that read NaN/Inf (h[keep])"),
+    **dict.fromkeys([aten.copy_, aten.fill_, aten.index_put_, aten.zero_],
+                    "build the tensor with torch.where instead of overwriting elements computed from bad values"),
+    **dict.fromkeys([aten._softmax, aten._log_softmax],
+                    "mask fully masked rows before the softmax (or drop them)"),
+    **dict.fromkeys([aten.minimum, aten.maximum, aten.fmin, aten.fmax, aten.clamp, aten.clamp_min, aten.clamp_max,
+                     aten.relu, aten.threshold, aten.hardtanh, aten.max, aten.min, aten.amax, aten.amin,
+                     aten.sort, aten.topk, aten.max_pool2d_with_indices, aten.max_pool3d_with_indices],
+                    "make the unselected argument finite (e.g. torch.minimum(one, 1 / x.clamp_min(eps)))"),
+    **dict.fromkeys([aten.floor, aten.round, aten.sign, aten.nansum],
+                    "make the value finite before the op that zeroes its sensitivity"),
+}
+
+_GENUINE_FIX: dict = {
+    **dict.fromkeys([aten.log, aten.log2, aten.log10, aten.log1p, aten.xlogy],
+                    "keep the input inside the domain: log(x.clamp_min(eps)), or torch.special.xlogy / log_softmax"),
+    **dict.fromkeys([aten.sqrt, aten.rsqrt, aten.pow],
+                    "keep the base inside the domain (x.clamp_min(eps)); at 0 the derivative of sqrt is infinite: use "
+                    "sqrt(x + eps) or torch.linalg.vector_norm (gradient 0 at 0)"),
+    **dict.fromkeys([aten.div, aten.reciprocal],
+                    "guard the denominator: x / d.clamp_min(eps) or torch.where(d != 0, ...)"),
+    **dict.fromkeys([aten.exp, aten.exp2, aten.expm1, aten.sinh, aten.cosh],
+                    "avoid the overflow: logsumexp / softplus / log-space arithmetic, or clamp the input"),
+    **dict.fromkeys([aten._softmax, aten._log_softmax], "do not mask a whole row: keep one entry or drop the row"),
+    **dict.fromkeys([aten.full, aten.fill, aten.fill_, aten.copy_, aten.masked_fill, aten.masked_fill_, aten.lift_fresh,
+                     aten.full_like, aten.index_put_, aten.index_put],
+                    "the output reads the NaN/Inf constant written here: mask it out before the first op that uses it"),
+}
+_INPUT_FIX = "the data arrived with NaN/Inf: clean it (x.nan_to_num(), drop the rows) or mask it before the first op"
+
+
+# -- kink detectors: one per op family, keyed by aten overload packet ---------------------------------------
+
+
+@dataclass(frozen=True)
+class _Detector:
+    fn: Callable
+    needs_out: bool
+
+
+@dataclass
+class _Hit:
+    kind: str  # "kink" or "singular"
+    mask: torch.Tensor  # where the op sits on its kink
+    convention: str
+    aligned: bool = True  # mask has the output's shape (so the incoming sensitivity can be read there)
+
+
+_KINKS: dict = {}
+
+
+def _kink(*ops, needs_out: bool = False):
+    """Register a detector. Detectors that need no output run before the op, so in-place variants work."""
+
+    def register(fn):
+        for op in ops:
+            _KINKS[op] = _Detector(fn, needs_out)
+        return fn
+
+    return register
+
+
+@dataclass
+class _Call:
+    """One forward op call as a detector sees it."""
+
+    args: tuple
+    kwargs: dict
+    out: object
+    ties: WeakTensorKeyDictionary
+    packet: str
+
+    def arg(self, i: int, name: str, default=None):
+        return self.args[i] if len(self.args) > i else self.kwargs.get(name, default)
+
+
+@_kink(aten.relu, aten.relu_)
+def _relu_at_zero(c):
+    """relu at 0: PyTorch's backward uses 0 there (x > 0 counts as the active side)."""
+    return _Hit("kink", c.args[0] == 0, "relu'(0) = 0")
+
+
+@_kink(aten.abs, aten.abs_)
+def _abs_at_zero(c):
+    """abs at 0: the backward uses sign(0) = 0."""
+    return _Hit("kink", c.args[0] == 0, "abs'(0) = 0")
+
+
+@_kink(aten.leaky_relu, aten.leaky_relu_, aten._prelu_kernel)
+def _leaky_relu_at_zero(c):
+    """leaky_relu / prelu at 0: the backward uses the negative slope (x > 0 counts as positive)."""
+    return _Hit("kink", c.args[0] == 0, "the negative slope at 0")
+
+
+@_kink(aten.clamp, aten.clamp_, aten.clamp_min, aten.clamp_min_, aten.clamp_max, aten.clamp_max_)
+def _clamp_at_bound(c):
+    """clamp at a bound: in torch 2.13 the backward passes the gradient (1) at a scalar bound; this changes
+    between releases (0 in 2.14), which is why it is worth knowing."""
+    x = c.args[0]
+    if c.packet.startswith("clamp_min"):
+        bounds = [c.args[1]]
+    elif c.packet.startswith("clamp_max"):
+        bounds = [c.args[1]]
+    else:
+        bounds = [c.arg(1, "min"), c.arg(2, "max")]
+    mask = torch.zeros((), dtype=torch.bool)
+    for b in bounds:
+        if b is not None:
+            mask = mask | (x == b)
+    mask = torch.broadcast_to(mask, x.shape)
+    return _Hit("kink", mask, "gradient 1 at the bound (torch 2.13; 0 in 2.14)")
+
+
+@_kink(aten.hardtanh, aten.hardtanh_)
+def _hardtanh_at_bound(c):
+    """hardtanh at min_val / max_val: the backward uses 0 there (strictly inside counts as active)."""
+    x = c.args[0]
+    return _Hit("kink", (x == c.arg(1, "min_val", -1.0)) | (x == c.arg(2, "max_val", 1.0)), "0 at the bounds")
+
+
+@_kink(aten.threshold, aten.threshold_)
+def _threshold_at_threshold(c):
+    """threshold at its threshold: the backward uses 0 there (x <= threshold counts as below)."""
+    return _Hit("kink", c.args[0] == c.args[1], "0 at the threshold")
+
+
+@_kink(aten.hardshrink, aten.softshrink)
+def _shrink_at_lambda(c):
+    """hard/softshrink at ±lambda: the backward uses 0 there."""
+    return _Hit("kink", c.args[0].abs() == c.arg(1, "lambd", 0.5), "0 at ±lambda")
+
+
+@_kink(aten.hardsigmoid, aten.hardsigmoid_, aten.hardswish, aten.hardswish_)
+def _hard_activation_at_3(c):
+    """hardsigmoid / hardswish at ±3: the backward uses one side's slope (0 for hardsigmoid, x/3 + 1/2 for
+    hardswish)."""
+    return _Hit("kink", c.args[0].abs() == 3, "one side's slope at ±3")
+
+
+@_kink(aten.maximum, aten.minimum)
+def _max_min_tie(c):
+    """maximum/minimum with equal arguments: the backward splits the gradient 1/2, 1/2."""
+    a, b = c.args[0], c.args[1]
+    return _Hit("kink", torch.broadcast_to(a == b, torch.broadcast_shapes(a.shape, b.shape)), "1/2 to each argument")
+
+
+@_kink(aten.fmax, aten.fmin)
+def _fmax_fmin_tie(c):
+    """fmax/fmin with equal arguments: the backward gives all of the gradient to the first argument."""
+    a, b = c.args[0], c.args[1]
+    return _Hit("kink", torch.broadcast_to(a == b, torch.broadcast_shapes(a.shape, b.shape)),
+                "all to the first argument")
+
+
+def _reduction_ties(x, value, dim, keepdim):
+    """Elements equal to their slice's selected value, in slices where more than one is (dim None: all)."""
+    if dim is None or (not isinstance(dim, int) and not list(dim)):
+        eq = x == value
+        return eq & (eq.sum() > 1)
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    if not keepdim:
+        for d in sorted(d % x.dim() for d in dims):
+            value = value.unsqueeze(d)
+    eq = x == value
+    return eq & (eq.sum(dims, keepdim=True) > 1)
+
+
+@_kink(aten.max, aten.min, aten.amax, aten.amin, needs_out=True)
+def _reduction_tie(c):
+    """max/min/amax/amin with tied maxima: max(dim)/min(dim) give all of the gradient to the returned index;
+    max()/amax and their min versions split it evenly among the tied elements."""
+    x, out = c.args[0], c.out
+    if isinstance(out, torch.Tensor):
+        if len(c.args) > 1 and isinstance(c.args[1], torch.Tensor):
+            return None  # binary max(x, y): see maximum
+        return _Hit("kink", _reduction_ties(x, out, c.arg(1, "dim", None), c.arg(2, "keepdim", False)),
+                    "split evenly among ties", aligned=False)
+    return _Hit("kink", _reduction_ties(x, out[0], c.args[1], c.arg(2, "keepdim", False)),
+                "all to the returned (first) index", aligned=False)
+
+
+@_kink(aten.median, aten.nanmedian, aten.kthvalue, aten.mode, needs_out=True)
+def _order_statistic_tie(c):
+    """median/kthvalue/mode with ties at the selected value: all to the returned index (median() with no dim
+    splits evenly)."""
+    x, out = c.args[0], c.out
+    if isinstance(out, torch.Tensor):
+        return _Hit("kink", _reduction_ties(x, out, None, False), "split evenly among ties", aligned=False)
+    i = 2 if c.packet == "kthvalue" else 1
+    return _Hit("kink", _reduction_ties(x, out[0], c.arg(i, "dim", -1), c.arg(i + 1, "keepdim", False)),
+                "all to the returned index", aligned=False)
+
+
+@_kink(aten.sort, needs_out=True)
+def _sort_tie(c):
+    """sort with equal values: the gradient follows the positions sort returned (ties keep their order)."""
+    values = c.out[0]
+    dim = c.arg(1, "dim", -1)
+    if isinstance(dim, bool):  # sort.stable(x, *, stable, dim)
+        dim = c.kwargs.get("dim", -1)
+    if values.dim() == 0 or values.shape[dim] < 2:
+        return None
+    n = values.shape[dim] - 1
+    return _Hit("kink", values.narrow(dim, 0, n) == values.narrow(dim, 1, n), "follows the returned positions",
+                aligned=False)
+
+
+@_kink(aten.topk, needs_out=True)
+def _topk_tie(c):
+    """topk with ties among, or at the edge of, the selected values: all to the returned indices."""
+    x, values = c.args[0], c.out[0]
+    dim = c.arg(2, "dim", -1)
+    if values.numel() == 0:
+        return None
+    k = values.shape[dim]
+    last = values.narrow(dim, k - 1, 1)
+    edge = (x == last).sum(dim, keepdim=True) > (values == last).sum(dim, keepdim=True)
+    inner = values.narrow(dim, 0, k - 1) == values.narrow(dim, 1, k - 1)
+    return _Hit("kink", torch.cat([edge.flatten(), inner.flatten()]), "all to the returned indices", aligned=False)
+
+
+@_kink(aten.max_pool2d_with_indices, aten.max_pool3d_with_indices, needs_out=True)
+def _max_pool_window_tie(c):
+    """max-pool windows whose maximum is not unique: all of the gradient goes to the returned (first) index.
+    Found by hiding each window's returned maximum and pooling again: a window that still reaches its value
+    has a tie (overlapping windows can hide a tie with a neighbour's maximum: a rare undercount)."""
+    x, (values, indices) = c.args[0], c.out
+    spatial = 3 if c.packet == "max_pool3d_with_indices" else 2
+    hidden = x.detach().flatten(-spatial).clone()
+    hidden.scatter_(-1, indices.flatten(-spatial), float("-inf"))
+    again, _ = getattr(aten, c.packet)(hidden.view_as(x), *c.args[1:], **c.kwargs)
+    return _Hit("kink", again == values, "all to the returned (first) index")
+
+
+@_kink(aten.where, needs_out=True)
+def _where_on_tie(c):
+    """where(a > b, ...) with a == b somewhere: the comparison picks one branch at the tie (False for > and <,
+    so all of the gradient goes to the second branch; True for >= and <=)."""
+    tie = c.ties.get(c.args[0]) if isinstance(c.args[0], torch.Tensor) else None
+    if tie is None:
+        return None
+    mask, picks = tie
+    return _Hit("kink", torch.broadcast_to(mask, c.out.shape), f"all to the {picks} branch at a tie")
+
+
+@_kink(aten.sqrt, aten.rsqrt)
+def _sqrt_at_zero(c):
+    """sqrt at 0: an infinite derivative; the backward divides by 2 sqrt(0) (Inf, NaN under a zero sensitivity)."""
+    return _Hit("singular", c.args[0] == 0, "Inf (1 / (2 sqrt(0)))")
+
+
+@_kink(aten.pow)
+def _fractional_power_at_zero(c):
+    """x ** p with 0 < p < 1 at x = 0: an infinite derivative (Inf from the backward)."""
+    if not isinstance(c.args[0], torch.Tensor) or len(c.args) < 2 or isinstance(c.args[1], torch.Tensor):
+        return None
+    p = c.args[1]
+    if not 0 < p < 1:
+        return None
+    return _Hit("singular", c.args[0] == 0, f"Inf (p x^(p-1) at 0, p = {p})")
+
+
+@_kink(aten.linalg_vector_norm, needs_out=True)
+def _norm_at_zero(c):
+    """a vector norm of an all-zero slice: not differentiable there; PyTorch's backward uses 0."""
+    x, zero = c.args[0], c.out == 0
+    dim, keepdim = c.arg(2, "dim", None), c.arg(3, "keepdim", False)
+    if dim is not None and not keepdim:
+        for d in sorted(d % x.dim() for d in ([dim] if isinstance(dim, int) else dim)):
+            zero = zero.unsqueeze(d)
+    return _Hit("singular", torch.broadcast_to(zero, x.shape), "0 at 0", aligned=False)
+
+
+@_kink(aten.asin, aten.acos)
+def _arcsin_at_one(c):
+    """asin/acos at ±1: an infinite derivative (Inf from the backward)."""
+    return _Hit("singular", c.args[0].abs() == 1, "Inf (1 / sqrt(1 - x^2) at ±1)")
+
+
+_COMPARISONS = {aten.gt: "second", aten.lt: "second", aten.ge: "first", aten.le: "first"}
+
+
+def kink_detector(func) -> _Detector | None:
+    """The kink detector for an aten op (an OpOverload or its packet), or None for an op without kinks."""
+    return _KINKS.get(getattr(func, "overloadpacket", func))
+
+
+# -- per-op facts, cached ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _OpInfo:
+    view: bool
+    mutable: bool
+    detector: _Detector | None
+    compare: str | None
+    packet_name: str
+    preserving: bool
+
+
+# Ops whose output is finite whenever their inputs are: their check is skipped unless an input is already
+# known to be non-finite (a NaN/Inf in data they are the first to touch is then found by the next op).
+_FINITE_PRESERVING = {
+    aten.relu, aten.relu_, aten.threshold, aten.threshold_backward, aten.hardtanh, aten.clamp, aten.clamp_min,
+    aten.clamp_max, aten.abs, aten.neg, aten.max_pool2d_with_indices, aten.max_pool3d_with_indices,
+    aten.max_pool2d_with_indices_backward, aten.max_pool3d_with_indices_backward, aten.max, aten.min, aten.amax,
+    aten.amin, aten.cat, aten.stack, aten.clone, aten._to_copy, aten.contiguous, aten.index, aten.gather,
+    aten.index_select, aten.select_backward, aten.slice_backward, aten.sort, aten.topk, aten.gelu, aten.tanh,
+    aten.sigmoid, aten.silu, aten.hardsigmoid, aten.hardswish, aten.leaky_relu, aten.maximum, aten.minimum,
+    aten.zeros_like, aten.ones_like, aten.zeros, aten.ones, aten.empty_like, aten.native_dropout, aten.sign,
+    aten.floor, aten.round, aten.ceil, aten.trunc, aten.where, aten.sin, aten.cos, aten.erf,
+}
+_INFO: dict = {}
+
+
+def _op_info(func) -> _OpInfo:
+    info = _INFO.get(func)
+    if info is None:
+        packet = func.overloadpacket
+        info = _INFO[func] = _OpInfo(bool(getattr(func, "is_view", False)), func._schema.is_mutable,
+                                     _KINKS.get(packet), _COMPARISONS.get(packet), packet.__name__,
+                                     packet in _FINITE_PRESERVING)
+    return info
+
+
+# -- what the trace records ----------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Birth:
+    """Where a NaN/Inf value first appeared (a forward op, a backward formula on saved values, or the data)."""
+
+    op: str
+    loc: tuple
+    what: str
+    count: int
+    indices: list
+    nan: bool
+    name: str | None = None  # for data that arrived non-finite
+    parents: frozenset = frozenset()
+    used: bool = False
+
+    def describe(self) -> str:
+        kind = "NaN" if self.nan else "Inf"
+        if self.op == "input":
+            name = self.name or "a tensor"
+            return f"{name} arrived with {self.count} {kind} value(s) (first used at {_fmt(self.loc)})"
+        return f"{self.op} at {_fmt(self.loc)} made {self.count} {kind} value(s): {self.what}"
+
+
+@dataclass(eq=False)
+class _Incident:
+    """A non-finite gradient element born in the backward: a sensitivity met a non-finite value."""
+
+    kind: str  # "contamination", "nan" or "inf"
+    op: str  # the backward aten op
+    node_op: str  # the forward op whose backward it is
+    loc: tuple
+    count: int
+    indices: list
+    births: frozenset
+    what: str
+    discarded: tuple | None = None  # (op, loc) of the forward op whose backward made the zero sensitivity
+    reaches: set = field(default_factory=set)
+
+
+@dataclass
+class _Node:
+    op: str
+    loc: tuple
+    kinks: list = field(default_factory=list)  # (key, mask or None) to check the sensitivity against
+
+
+@dataclass
+class _KinkGroup:
+    kind: str
+    op: str
+    loc: tuple
+    convention: str
+    count: int = 0
+    occurrences: int = 0
+    indices: list = field(default_factory=list)
+    reached: bool = False
+
+
+class _Tracer(TorchDispatchMode):
+    def __init__(self, sync_every: int):
+        super().__init__()
+        self.sync_every = sync_every
+        self.prov = WeakTensorKeyDictionary()  # non-finite tensor -> frozenset of _Birth / _Incident
+        self.sens = WeakTensorKeyDictionary()  # sensitivity-derived tensor -> seq of the node that made it
+        self.ties = WeakTensorKeyDictionary()  # comparison result -> (mask of equal operands, branch picked)
+        self.names = WeakTensorKeyDictionary()
+        self.module_names: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.nodes: dict[int, _Node] = {}
+        self.parents: dict = {}  # node seq -> seqs of the nodes whose sensitivities it consumed
+        self.births: list[_Birth] = []
+        self.incidents: list[_Incident] = []
+        self.kinks: dict[tuple, _KinkGroup] = {}
+        self.output_births: set = set()  # births that reached an output something was differentiated from
+        self.orphans: list = []  # non-finite final gradients with no recorded provenance
+        self.pending: list = []
+        self.depth = 0
+        self.n_fwd = self.n_bwd = 0
+        self.last_seq = _get_sequence_nr()
+
+    # -- dispatch --------------------------------------------------------------------------------------------
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        info = _INFO.get(func) or _op_info(func)
+        node = torch._C._current_autograd_node()
+        if node is None and not self.depth:
+            return self._forward(func, info, args, kwargs)
+        out = func(*args, **kwargs)
+        self._backward(func, info, node, args, out)
+        return out
+
+    def _forward(self, func, info, args, kwargs):
+        self.n_fwd += 1
+        seq = _get_sequence_nr()
+        creates_node = seq != self.last_seq  # this op made autograd node seq - 1: it is differentiated
+        self.last_seq = seq
+        frame = _user_frame()
+        loc = (frame.f_code.co_filename, frame.f_lineno) if frame is not None else ("<unknown>", 0)
+        ins = _tensors(args)
+        det = info.detector
+        hit = None
+        if creates_node:
+            for t in ins:
+                if t.is_leaf and t.requires_grad and t not in self.names:
+                    self.names[t] = self._search_name(t, frame)
+            if det is not None and not det.needs_out:
+                hit = det.fn(_Call(args, kwargs, None, self.ties, info.packet_name))
+        out = func(*args, **kwargs)
+        if creates_node:
+            nd = self.nodes[seq - 1] = _Node(_op_name(func), loc)
+            if len(self.nodes) > _MAX_NODES:
+                for k in list(self.nodes)[: _MAX_NODES // 2]:
+                    del self.nodes[k]
+            if det is not None and det.needs_out:
+                hit = det.fn(_Call(args, kwargs, out, self.ties, info.packet_name))
+            if hit is not None:
+                self._schedule_kink(hit, func, loc, nd)
+        elif info.compare and len(ins) and any(t.requires_grad for t in ins):
+            a, b = args[0], args[1]
+            self.ties[out] = (a == b, info.compare)
+        outs = _floats(out)
+        if info.mutable and not outs:
+            outs = _floats(args[0])
+        if not outs or ((info.view or info.preserving) and not self.pending and not any(t in self.prov for t in ins)):
+            return out  # finite in, finite out: nothing to check (provenance is up to date when nothing is pending)
+        self._check(outs, lambda bad: self._dig(func, loc, ins, bad, None, info))
+        return out
+
+    def _backward(self, func, info, node, args, out):
+        self.n_bwd += 1
+        seq = node._sequence_nr() if node is not None else None
+        ins = _tensors(args)
+        sens_ins = [t for t in ins if t in self.sens]
+        outs = _floats(out)
+        if info.mutable and not outs:
+            outs = _floats(args[0])
+        if node is None or sens_ins:  # outside any node (root grads, accumulation) every tensor is a sensitivity
+            for o in outs:
+                self.sens[o] = seq
+            if seq is not None:
+                ps = self.parents.setdefault(seq, set())
+                for s in sens_ins:
+                    p = self.sens.get(s)
+                    if p is not None and p != seq:
+                        ps.add(p)
+            if seq == _ACCUMULATE_SEQ:
+                self._accumulate(node, sens_ins)
+            elif seq is not None:
+                nd = self.nodes.get(seq)
+                if nd is not None and nd.kinks:
+                    self._kink_reached(nd, seq, sens_ins)
+            sens = True
+        else:
+            sens = False
+        if not outs or ((info.view or info.preserving) and not self.pending and not any(t in self.prov for t in ins)):
+            return
+        self._check(outs, lambda bad: self._dig(func, None, ins, bad, seq if sens else (seq, "value"), info,
+                                                args=args, out=out))
+
+    # -- finiteness checks: one fused reduction per output, batched off the CPU -------------------------------
+
+    def _check(self, outs, dig) -> None:
+        flag = outs[0].sum() if len(outs) == 1 else torch.stack([o.sum().float() for o in outs]).sum()
+        if (flag.device.type == "cpu" and not _DEFER_ON_CPU) or self.sync_every <= 1:
+            if self.pending:
+                self.flush()
+            if not math.isfinite(flag.item()):
+                dig([o for o in outs if _nonfinite(o)])
+        else:
+            self.pending.append((flag, outs, dig))
+            if len(self.pending) >= self.sync_every:
+                self.flush()
+
+    def flush(self) -> None:
+        """Settle the pending finiteness checks (one host sync for the whole batch)."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        flags = torch.stack([p[0].float() for p in pending]).tolist()
+        for v, (_, outs, dig) in zip(flags, pending, strict=True):
+            if not math.isfinite(v):
+                bad = [o for o in outs if _nonfinite(o)]
+                if bad or not outs:  # no outputs: a kink check
+                    dig(bad)
+
+    # -- digging in: only when an output was not finite ------------------------------------------------------
+
+    def _origin(self, t: torch.Tensor, loc) -> frozenset:
+        """The provenance of a non-finite tensor; data that arrived non-finite becomes an "input" birth."""
+        got = self.prov.get(t)
+        if got is None and t._base is not None and _nonfinite(t._base):
+            got = self.prov[t] = self._origin(t._base, loc)
+        if got is None:
+            mask = ~torch.isfinite(t)
+            count, idx = _positions(mask)
+            b = _Birth("input", loc, "arrived non-finite", count, idx, bool(torch.isnan(t).any()),
+                       name=self.names.get(t) or self._search_name(t, _user_frame()))
+            self.births.append(b)
+            got = self.prov[t] = frozenset([b])
+        return got
+
+    def _dig(self, func, loc, ins, bad, seq, info, args=None, out=None) -> None:
+        node_seq = seq[0] if isinstance(seq, tuple) else seq
+        nd = self.nodes.get(node_seq) if node_seq is not None else None
+        if loc is None:
+            loc = nd.loc if nd is not None else ("<backward>", 0)
+        for o in bad:
+            mask = ~torch.isfinite(o)
+            prior = self.prov.get(o) if info.mutable else None
+            nf = [t for t in ins if t is not o and _nonfinite(t)]
+            if seq is None or isinstance(seq, tuple):
+                self._value(func, loc, o, mask, nf, prior, nd)
+            else:
+                self._meet(func, loc, o, mask, ins, nf, nd, node_seq, args, out)
+            if info.mutable and o._base is not None and o in self.prov:
+                self.prov[o._base] = self.prov[o]
+
+    def _value(self, func, loc, o, mask, nf, prior, nd) -> None:
+        """A forward value (or one a backward formula made from saved values): propagate or record a birth."""
+        # An unknown 0-dim tensor is a wrapped constant (x[2] = nan): the value is born at this op.
+        nf = [t for t in nf if t in self.prov or t.dim() or t.requires_grad]
+        births = frozenset().union(*(self._origin(t, loc) for t in nf)) if nf else frozenset()
+        if prior:
+            births |= prior
+        has_nan = bool(torch.isnan(o[mask]).any())
+        new_nan = has_nan and not any(bool(torch.isnan(t).any()) for t in nf)
+        if not nf or new_nan:
+            count, idx = _positions(torch.isnan(o) if new_nan and nf else mask)
+            op = _op_name(func)
+            what = _explain(func, nf or [], o, mask)
+            if nd is not None and nd.op != op and (not nf or new_nan) and loc == nd.loc:
+                what = f"{what} (in the backward formula of {nd.op})"
+            b = _Birth(op, loc, what, count, idx, has_nan, parents=births)
+            self.births.append(b)
+            births = frozenset([b])
+        self.prov[o] = births
+
+    def _meet(self, func, loc, o, mask, ins, nf, nd, seq, args, out) -> None:
+        """A sensitivity op made non-finite elements: propagate them, or classify where they are born."""
+        sens_ins = [t for t in ins if t in self.sens]
+        upstream = [t for t in nf if t in self.sens]
+        if upstream:  # already non-finite upstream: carry it along
+            self.prov[o] = frozenset().union(*(self.prov.get(t, frozenset()) for t in upstream))
+            return
+        births = frozenset().union(*(self._origin(t, loc) for t in nf)) if nf else frozenset()
+        genuine = self._nonzero_sensitivity_met(func, o, mask, ins, sens_ins, nf, args, out)
+        incidents = []
+        op, node_op = _op_name(func), nd.op if nd is not None else "?"
+        for kind_mask, contaminated in ((mask & ~genuine, True), (mask & genuine, False)):
+            count, idx = _positions(kind_mask)
+            if not count:
+                continue
+            has_nan = bool(torch.isnan(o[kind_mask]).any())
+            if contaminated:
+                kind = "contamination"
+                what = ("a zero sensitivity met " + ("NaN/Inf" if births else "0/0 or 0 x Inf")
+                        + f" in {op} (the backward of {node_op})")
+            else:
+                kind = "nan" if has_nan else "inf"
+                what = (f"a nonzero sensitivity met NaN/Inf in {op} (the backward of {node_op})" if births else
+                        f"the backward of {node_op} made {'NaN' if has_nan else 'Inf'} from finite values in {op} "
+                        "(an infinite derivative used)")
+                for b in births:
+                    b.used = True
+            inc = _Incident(kind, op, node_op, loc, count, idx, births, what,
+                            self._discarded_by(sens_ins) if contaminated else None)
+            self.incidents.append(inc)
+            incidents.append(inc)
+        self.prov[o] = frozenset(incidents)
+
+    def _nonzero_sensitivity_met(self, func, o, mask, ins, sens_ins, nf, args, out) -> torch.Tensor:
+        """Bool mask over `o`: where a nonzero sensitivity met a non-finite value (genuine), else contamination."""
+        if _aligned(ins, o.shape):  # elementwise: positions line up
+            nonzero = torch.zeros(o.shape, dtype=torch.bool)
+            for s in sens_ins:
+                nonzero = nonzero | (s != 0).broadcast_to(o.shape)
+            return nonzero
+        if func.overloadpacket in _BILINEAR and args is not None:
+            # The op is linear in the sensitivity and in the saved value: evaluate it on indicators
+            # (nonzero sensitivity, non-finite value) to see which outputs mix the two.
+            def ind(a):
+                if not isinstance(a, torch.Tensor) or not a.is_floating_point():
+                    return a
+                if a in self.sens:
+                    return (a != 0).to(a.dtype)
+                return (~torch.isfinite(a)).to(a.dtype) if any(a is t for t in nf) else torch.zeros_like(a)
+
+            new_args = [[ind(x) for x in a] if isinstance(a, (list, tuple)) else ind(a) for a in args]
+            res = func(*new_args)
+            outs = res if isinstance(res, (list, tuple)) else [res]
+            olist = out if isinstance(out, (list, tuple)) else [out]
+            for r, oo in zip(outs, olist, strict=False):
+                if oo is o and isinstance(r, torch.Tensor):
+                    return r != 0
+        # Unknown mixing: contamination only when every sensitivity is zero throughout.
+        nonzero_anywhere = any(bool((s != 0).any()) for s in sens_ins)
+        return torch.full(o.shape, nonzero_anywhere, dtype=torch.bool)
+
+    def _discarded_by(self, sens_ins) -> tuple | None:
+        """The nearest node upstream in the sensitivity flow whose forward op discards values (slice, where...)."""
+        frontier = [self.sens.get(s) for s in sens_ins]
+        seen: set = set()
+        while frontier:
+            nxt = []
+            for seq in frontier:
+                if seq is None or seq in seen:
+                    continue
+                seen.add(seq)
+                nd = self.nodes.get(seq)
+                if nd is not None and getattr(aten, nd.op[5:], None) in _DISCARDS:
+                    return nd.op, nd.loc
+                nxt.extend(self.parents.get(seq, ()))
+            frontier = nxt
+        return None
+
+    # -- leaves and their names ------------------------------------------------------------------------------
+
+    def _accumulate(self, node, sens_ins) -> None:
+        var = node.variable
+        for s in sens_ins:
+            for inc in self.prov.get(s, ()):
+                if isinstance(inc, _Incident):
+                    inc.reaches.add(self.leaf_name(var))
+
+    def reached(self, grad: torch.Tensor, leaf: torch.Tensor) -> None:
+        """A final gradient (from torch.autograd.grad) for `leaf`: record which findings reach it."""
+        incs = [i for i in self.prov.get(grad, ()) if isinstance(i, _Incident)]
+        for inc in incs:
+            inc.reaches.add(self.leaf_name(leaf))
+        if not incs and _nonfinite(grad):
+            self.orphans.append((self.leaf_name(leaf), int((~torch.isfinite(grad)).sum())))
+
+    def leaf_name(self, t: torch.Tensor) -> str:
+        name = self.names.get(t)
+        if name is None:
+            name = self.names[t] = self._search_name(t, _user_frame())
+        return name
+
+    def _search_name(self, t: torch.Tensor, frame) -> str:
+        """The name the user knows `t` by: a variable, or `module.param` for a module's parameter; the outermost
+        user frame that has one wins (the script's `model.fc.weight` over a method's `self.fc.weight`)."""
+        best = None
+        f = frame
+        while f is not None:
+            if not _is_internal(f.f_code):
+                for k, v in list(f.f_locals.items()):
+                    if v is t:
+                        best = k
+                    elif isinstance(v, torch.nn.Module):
+                        p = self._param_names(v).get(id(t))
+                        if p is not None and not (best and k == "self"):
+                            best = f"{k}.{p}"
+            f = f.f_back
+        return best or f"tensor{list(t.shape)}"
+
+    def _param_names(self, module) -> dict:
+        names = self.module_names.get(module)
+        if names is None:
+            names = self.module_names[module] = {id(p): n for n, p in module.named_parameters()}
+        return names
+
+    # -- kinks ----------------------------------------------------------------------------------------------
+
+    def _schedule_kink(self, hit: _Hit, func, loc, nd: _Node) -> None:
+        key = (hit.kind, _op_name(func), loc)
+
+        def settle(count):
+            if count <= 0:
+                return
+            g = self.kinks.get(key)
+            if g is None:
+                g = self.kinks[key] = _KinkGroup(hit.kind, key[1], loc, hit.convention)
+                g.indices = _first(hit.mask)
+            g.count += int(count)
+            g.occurrences += 1
+            nd.kinks.append((key, hit.mask if hit.aligned else None))
+
+        found = hit.mask.any()  # cheaper than counting; count only the (rare) hits
+        if (found.device.type == "cpu" and not _DEFER_ON_CPU) or self.sync_every <= 1:
+            if found.item():
+                settle(hit.mask.sum().item())
+        else:
+            flag = torch.where(found, float("inf"), 0.0)  # non-finite flags are the ones flush settles
+            self.pending.append((flag, [], lambda _bad: settle(hit.mask.sum().item())))
+
+    def _kink_reached(self, nd: _Node, seq, sens_ins) -> None:
+        for s in sens_ins:
+            if self.sens.get(s) == seq:
+                continue  # made inside this node: not its incoming gradient
+            for key, mask in nd.kinks:
+                g = self.kinks[key]
+                if g.reached:
+                    continue
+                if mask is not None and mask.shape == s.shape:
+                    g.reached = bool((s != 0).logical_and_(mask).any())
+                else:
+                    g.reached = bool((s != 0).any())
+            nd.kinks = []
+            return
+
+    # -- the report -------------------------------------------------------------------------------------------
+
+    def fill(self, report: Report) -> None:
+        self.flush()
+        report.forward_ops, report.backward_ops = self.n_fwd, self.n_bwd
+        findings: dict[tuple, Finding] = {}
+
+        def add(key, make, count, reaches, indices):
+            f = findings.get(key)
+            if f is None:
+                f = findings[key] = make()
+                f.count, f.indices, f.occurrences = 0, indices, 0
+            f.count += count
+            f.occurrences += 1
+            f.reaches = sorted(set(f.reaches) | set(reaches))
+
+        for inc in self.incidents:
+            birth = min(inc.births, key=lambda b: self.births.index(b)) if inc.births else None
+            if inc.kind == "contamination":
+                key = ("contamination", inc.op, inc.loc, birth.op if birth else None, birth.loc if birth else None)
+                add(key, lambda inc=inc, birth=birth: self._contamination(inc, birth), inc.count, inc.reaches,
+                    inc.indices)
+            else:
+                key = (inc.kind, birth.op if birth else inc.node_op, birth.loc if birth else inc.loc)
+                add(key, lambda inc=inc, birth=birth: self._genuine(inc.kind, inc, birth), inc.count, inc.reaches,
+                    inc.indices)
+        for birth in self.output_births:
+            kind = "nan" if birth.nan else "inf"
+            key = (kind, birth.op, birth.loc)
+            if key not in findings:
+                add(key, lambda birth=birth, kind=kind: self._genuine(kind, None, birth), birth.count, [],
+                    birth.indices)
+        for name, count in self.orphans:
+            add(("nan", "unknown", name), lambda name=name: Finding(
+                "nan", "unknown", "<unknown>", 0, message=f"the gradient of {name} is not finite; its birth was "
+                "not observed (made outside the traced block?)"), count, [name], [])
+        for g in self.kinks.values():
+            findings[(g.kind, g.op, g.loc)] = Finding(
+                g.kind, g.op, _fmt(g.loc), g.count, fix=_KINK_FIX if g.kind == "kink" else _SINGULAR_FIX,
+                message=f"{g.count} element(s) at a {'kink' if g.kind == 'kink' else 'singular point'}",
+                source=_source(g.loc), indices=g.indices, convention=g.convention, reached_gradient=g.reached,
+                occurrences=g.occurrences)
+        order = {k: i for i, k in enumerate(("contamination", "nan", "inf", "singular", "kink"))}
+        report.findings = sorted(findings.values(), key=lambda f: (order[f.kind], f.location))
+        report.unused = self._unused()
+
+    def _contamination(self, inc: _Incident, birth: _Birth | None) -> Finding:
+        disc_op, disc_loc = inc.discarded if inc.discarded else (None, None)
+        rewrite = _DISCARDS.get(getattr(aten, disc_op[5:], None)) if disc_op else None
+        if rewrite is None:
+            rewrite = "mask the value before the op that makes NaN/Inf (e.g. before the division)"
+        born = birth.describe() if birth else \
+            f"0/0 or 0 x Inf in {inc.op}, the backward of {inc.node_op} at {_fmt(inc.loc)}"
+        return Finding(
+            "contamination", inc.op, _fmt(inc.loc), inc.count, message=f"{inc.what}; the output never used it",
+            source=_source(inc.loc), born_op=birth.op if birth else inc.op,
+            born_location=_fmt(birth.loc) if birth else _fmt(inc.loc), born=born,
+            discarded_op=disc_op, discarded_location=_fmt(disc_loc) if disc_loc else None,
+            fix=f"gw.strong_zeros() (or gw.grad / gw.backward) removes it. Local rewrite: {rewrite}.")
+
+    def _genuine(self, kind: str, inc: _Incident | None, birth: _Birth | None) -> Finding:
+        if birth is not None:
+            op, loc = birth.op, birth.loc
+            fix = _INPUT_FIX if birth.op == "input" else _GENUINE_FIX.get(getattr(aten, birth.op[5:], None), "")
+            message = f"{birth.what}; the output depends on it"
+        else:
+            op, loc = inc.node_op, inc.loc
+            fix = _GENUINE_FIX.get(getattr(aten, op[5:], None), "")
+            message = inc.what
+        return Finding(kind, op, _fmt(loc), 0, fix=fix or "find why the value is not finite where it is used",
+                       message=message, source=_source(loc), born_op=birth.op if birth else (inc.op if inc else None),
+                       born_location=_fmt(birth.loc) if birth else (_fmt(inc.loc) if inc else None),
+                       born=birth.describe() if birth else (inc.what if inc else None))
+
+    def _unused(self) -> list[str]:
+        explained: set = set()
+        stack = [b for inc in self.incidents for b in inc.births] + list(self.output_births)
+        while stack:
+            b = stack.pop()
+            if b not in explained:
+                explained.add(b)
+                stack.extend(b.parents)
+        groups: dict = {}
+        for b in self.births:
+            if b not in explained:
+                key = (b.op if b.op != "input" else f"input {b.name}", _fmt(b.loc))
+                groups[key] = groups.get(key, 0) + b.count
+        return [f"{op} at {loc} ({n} value{'s' if n != 1 else ''})" for (op, loc), n in groups.items()]
+
+    # -- autograd entry points -------------------------------------------------------------------------------
+
+    def roots(self, outputs, grads):
+        """Check the outputs being differentiated and make their gradients, marked as sensitivities."""
+        self.flush()
+        outputs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
+        if grads is None or isinstance(grads, torch.Tensor):
+            grads = [grads] * len(outputs) if grads is None else [grads]
+        grads = list(grads)
+        for i, (o, g) in enumerate(zip(outputs, grads, strict=False)):
+            for b in self.prov.get(o, ()):
+                if isinstance(b, _Birth):
+                    b.used = True
+                    self.output_births.add(b)
+            if g is None and isinstance(o, torch.Tensor) and o.numel() == 1 and o.requires_grad:
+                grads[i] = g = torch.ones_like(o, memory_format=torch.preserve_format)
+            if isinstance(g, torch.Tensor):
+                self.sens[g] = None
+        return outputs, grads
+
+
+_KINK_FIX = ("not an error: the gradient here is PyTorch's convention, one element of the subdifferential. To test "
+             "optimality use gw.stationarity(f, x); for an exact one-sided derivative gw.directional_derivative.")
+_SINGULAR_FIX = ("an infinite derivative: if the gradient must be finite here, smooth the op (sqrt(x + eps)) or use "
+                 "torch.linalg.vector_norm, whose gradient at 0 is 0")
+_BILINEAR = {aten.mm, aten.bmm, aten.addmm, aten.baddbmm, aten.addbmm, aten.mv, aten.dot, aten.convolution_backward,
+             aten.convolution, aten._convolution, aten.matmul, aten.linear, aten.einsum, aten.addmv, aten.outer,
+             aten.tensordot}
+
+# -- public API ------------------------------------------------------------------------------------------------
+
+_ACTIVE: list[_Tracer] = []
+
+
+@contextlib.contextmanager
+def trace(*, sync_every: int = 256) -> Iterator[Report]:
+    """Record the forward and backward passes run in the block and explain every NaN/Inf and every kink.
+
+    Works with any number of ``.backward()`` / ``torch.autograd.grad`` calls, modules and custom Functions.
+    The report is filled in when the block exits (also when it raises). ``sync_every``: on accelerators,
+    finiteness checks are batched and settled every this many ops (one host sync per batch); on CPU every op
+    is checked at once.
+
+    Example::
+
+        >>> import torch, gradwise as gw
+        >>> x = torch.tensor([-1.0, 4.0], requires_grad=True)
+        >>> with gw.trace() as report:
+        ...     torch.where(x > 0, x.sqrt(), x).sum().backward()
+        >>> [f.kind for f in report.findings]
+        ['contamination']
+        >>> report.findings[0].reaches
+        ['x']
+    """
+    if _ACTIVE:
+        raise RuntimeError("gw.trace() is already active: trace blocks cannot be nested; use one outer block")
+    if not isinstance(sync_every, int) or sync_every < 1:
+        raise ValueError(f"sync_every must be a positive int, got {sync_every!r}")
+    report = Report()
+    tracer = _Tracer(sync_every)
+    orig_backward, orig_grad = torch.autograd.backward, torch.autograd.grad
+
+    def backward(tensors, grad_tensors=None, *args, **kwargs):
+        tensors, grad_tensors = tracer.roots(tensors, grad_tensors)
+        tracer.depth += 1
+        try:
+            return orig_backward(tensors, grad_tensors, *args, **kwargs)
+        finally:
+            tracer.depth -= 1
+            tracer.flush()
+
+    def grad(outputs, inputs, grad_outputs=None, *args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            return orig_grad(outputs, inputs, grad_outputs, *args, **kwargs)
+        outputs, grad_outputs = tracer.roots(outputs, grad_outputs)
+        tracer.depth += 1
+        try:
+            result = orig_grad(outputs, inputs, grad_outputs, *args, **kwargs)
+        finally:
+            tracer.depth -= 1
+            tracer.flush()
+        leaves = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        for g, leaf in zip(result, leaves, strict=False):
+            if isinstance(g, torch.Tensor):
+                tracer.reached(g, leaf)
+        return result
+
+    _ACTIVE.append(tracer)
+    torch.autograd.backward, torch.autograd.grad = backward, grad
+    try:
+        with tracer:
+            yield report
+    finally:
+        torch.autograd.backward, torch.autograd.grad = orig_backward, orig_grad
+        _ACTIVE.clear()
+        tracer.fill(report)
+
+
+def explain(fn: Callable[..., torch.Tensor], *args, **kwargs) -> Report:
+    """Call ``fn(*args, **kwargs)``, back-propagate its scalar result and explain every NaN/Inf and kink.
+
+    The gradients are taken with ``torch.autograd.grad`` with respect to every leaf the result depends on, so
+    no ``.grad`` is changed.
+
+    Example::
+
+        >>> import torch, gradwise as gw
+        >>> x = torch.tensor([0.0, 2.0], requires_grad=True)
+        >>> report = gw.explain(lambda x: torch.relu(x).sum(), x)
+        >>> [(f.kind, f.op, f.count) for f in report.findings]
+        [('kink', 'aten.relu', 1)]
+    """
+    if not callable(fn):
+        raise TypeError(f"gw.explain(fn, *args): fn must be callable, got {type(fn).__name__}")
+    with trace() as report:
+        out = fn(*args, **kwargs)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"gw.explain: fn must return a scalar tensor to back-propagate, got {type(out).__name__}; "
+                            "return the loss (e.g. out.sum())")
+        if not out.is_floating_point():
+            raise TypeError(f"gw.explain: fn returned a {out.dtype} tensor; gradients need a floating-point result")
+        if out.numel() != 1:
+            raise ValueError(f"gw.explain: fn returned shape {tuple(out.shape)}, not a scalar; return a scalar "
+                             "(e.g. out.sum()), or use `with gw.trace():` and call backward(grad_outputs) yourself")
+        if not out.requires_grad:
+            raise ValueError("gw.explain: fn's result does not require grad: no input it uses has "
+                             "requires_grad=True; call x.requires_grad_() on the tensors to differentiate")
+        leaves = _leaves(out)
+        torch.autograd.grad(out, leaves, allow_unused=True)
+    return report
+
+
+def _leaves(out: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors requiring grad that `out` depends on (from its autograd graph)."""
+    leaves, seen, stack = [], set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.append(node.variable)
+        stack.extend(n for n, _ in node.next_functions)
+    return leaves

@@ -1,0 +1,61 @@
+"""Report / Finding: the fields of the API contract, the terminal rendering and the JSON."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+
+import gradwise as gw
+from gradwise import Finding, Report
+
+
+def _seed_report() -> Report:
+    torch.manual_seed(137)
+    lin = torch.nn.Linear(8, 1)
+    x = torch.cat((torch.rand(4, 8), torch.full((4, 8), float("nan"))))
+    ps, pe = torch.tensor([5.0, 2.0], requires_grad=True), torch.tensor([5.0, 4.0], requires_grad=True)
+    with gw.trace() as report:
+        lin(x)[:4].sum().backward()
+        common = torch.minimum(pe, torch.tensor([5.0, 4.0])) - torch.maximum(ps, torch.tensor([5.0, 2.0])) + 1
+        common.sum().backward()
+    return report
+
+
+def test_finding_has_the_contract_fields():
+    names = {f.name for f in dataclasses.fields(Finding)}
+    assert {"kind", "op", "location", "count", "reaches", "fix"} <= names
+
+
+def test_summary_line_first_then_one_block_per_finding():
+    report = _seed_report()
+    text = str(report)
+    first = text.splitlines()[0]
+    assert first == "gradwise: 1 contamination finding, 0 genuine NaN, 0 genuine Inf, 2 kinks, 0 singular points"
+    assert text.count("\n1. ") == 1 and text.count("\n3. ") == 1 and "\n4. " not in text
+    assert "> lin(x)[:4].sum().backward()" in text  # the user's source line is shown
+    assert "\x1b[" not in text  # plain text, no colour codes
+    assert "reaches: lin.weight" in text and "gw.strong_zeros()" in text
+
+
+def test_json_round_trip():
+    report = _seed_report()
+    data = json.loads(report.to_json())
+    assert data["summary"] == report.summary()
+    assert [f["kind"] for f in data["findings"]] == [f.kind for f in report.findings]
+    assert Finding(**data["findings"][0]) == report.findings[0]
+
+
+def test_empty_report_says_so_in_one_line():
+    assert str(Report()).splitlines() == [f"gradwise: {Report().summary()}"]
+    assert "No NaN/Inf" in Report().summary()
+    assert json.loads(Report().to_json())["findings"] == []
+
+
+def test_unused_forward_values_are_one_line_not_findings():
+    x = torch.tensor([0.0, 1.0], requires_grad=True)
+    with gw.trace() as report:
+        y = torch.where(x > 0.5, x, torch.full_like(x, float("-inf")))  # an intentional -inf mask
+        torch.softmax(y, 0).sum().backward()
+    assert not report.of_kind("contamination", "nan", "inf")
+    assert report.unused and str(report).count("Not errors") == 1

@@ -1,0 +1,381 @@
+"""gw.trace / gw.explain: provenance, classification and kinks, checked against independent references.
+
+References: the contamination cases' own ``genuine`` flag and `gw.grad` (strong zeros) for the classification,
+float64 one-sided finite differences for kinks, and the same program with the unused values deleted for the
+property test.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gradwise as gw
+import gradwise._strong_zeros
+import gradwise._trace as trace_module
+
+CASES_FILE = Path(__file__).resolve().parents[2] / "shared" / "cases" / "contamination.py"
+
+
+def _load_cases():
+    spec = importlib.util.spec_from_file_location("gw_contamination_cases", CASES_FILE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return {c.name: c for c in module.CASES}
+
+
+CASES = _load_cases()
+
+# case -> (op where the NaN/Inf was born, text on its source line, op whose backward zeroed the sensitivity).
+# Born "in the backward" (0/0) is reported at the line of the forward op whose backward made it.
+EXPECTED = {
+    "linear-rows-sliced-away": ("aten.full", "torch.full((4, 8), nan)", "aten.slice"),
+    "log-then-index": ("aten.div", "a.log()[-1]", "aten.select"),
+    "nan-row-masked-fill-after-linear": ("aten.fill_", "x[2] = nan", "aten.masked_fill"),
+    "mse-none-masked-after": ("input", "F.mse_loss(x, y", "aten.index"),
+    "divide-by-zero-then-index": ("aten.div", "(x / div)", "aten.index"),
+    "where-false-branch-divides-by-zero": ("aten.div", "a / 0", "aten.where"),
+    "where-sqrt-or-half": ("aten.div", "x.sqrt() + 1", "aten.where"),
+    "where-exp-overflows-in-unused-branch": ("aten.exp", "out = torch.where(x < 0, torch.exp(x)", "aten.where"),
+    "where-log2-at-zero-unused": ("aten.div", "torch.log2(x)", "aten.where"),
+    "where-sqrt-of-negatives-unused": ("aten.sqrt", "torch.sqrt(x)", "aten.where"),
+    "overwritten-element-keeps-nan": ("aten.exp", "torch.log(torch.exp(x) + 1)", None),
+    "softmax-fully-masked-row-unused": ("aten._softmax", "torch.softmax(m, 1)[0]", "aten.select"),
+    "min-of-one-and-reciprocal": ("aten.reciprocal", "1.0 / x", "aten.minimum"),
+    "where-x-times-sqrt-at-zero": ("aten.div", "x * x.sqrt()", "aten.where"),
+    "conv-output-cropped": ("input", "F.conv2d(inp, w)", "aten.select"),
+    "cross-entropy-ignore-index-nan-logits": ("aten.fill_", "h[3] = nan", "aten.nll_loss_forward"),
+    "sqrt-of-negative-is-used": ("aten.sqrt", "x.sqrt().sum()", None),
+    "sqrt-at-zero-is-used": ("aten.div", "x.sqrt().sum()", None),
+    "nan-row-is-used": ("aten.full", "torch.full((4, 8), nan)", None),
+}
+
+
+def _line(location: str) -> str:
+    path, _, line = location.rpartition(":")
+    return Path(path).read_text().splitlines()[int(line) - 1]
+
+
+def _trace_case(case):
+    with gw.trace() as report:
+        output, inputs, _ = case.build()
+        torch.autograd.grad(output, inputs, allow_unused=True)
+    return report
+
+
+def test_every_case_has_an_expectation():
+    assert set(EXPECTED) == set(CASES)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_case_classification_birth_and_line(name):
+    case = CASES[name]
+    report = _trace_case(case)
+    errors = report.of_kind("contamination", "nan", "inf")
+    kinds = {f.kind for f in errors}
+    if case.genuine:
+        assert kinds and kinds <= {"nan", "inf"}, str(report)
+    else:
+        assert kinds == {"contamination"}, str(report)
+    born_op, born_text, discarded_op = EXPECTED[name]
+    f = errors[0]
+    assert f.born_op == born_op, str(report)
+    assert born_text in _line(f.born_location), str(report)
+    assert f.location.endswith(tuple(f":{n}" for n in range(1, 10_000))) and _line(f.location)
+    if not case.genuine:
+        assert "gw.strong_zeros()" in f.fix and "Local rewrite" in f.fix
+        assert f.discarded_location is not None, str(report)
+        if discarded_op is not None:
+            assert f.discarded_op == discarded_op, str(report)
+        assert f.reaches, str(report)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_classification_agrees_with_strong_zeros(name):
+    """contamination <=> gw.grad (strong zeros) gives a finite gradient; genuine <=> it stays non-finite."""
+    if (gradwise._strong_zeros.__doc__ or "").startswith("PLACEHOLDER"):
+        pytest.skip("gw.grad is still the placeholder (plain torch.autograd.grad)")
+    case = CASES[name]
+    report = _trace_case(case)
+    output, inputs, _ = case.build()
+    finite = all(bool(torch.isfinite(g).all()) for g in gw.grad(output, inputs, allow_unused=True) if g is not None)
+    genuine_reaches = any(f.reaches for f in report.of_kind("nan", "inf"))
+    assert finite == (not genuine_reaches), str(report)
+    assert finite == (not case.genuine or name == "nan-row-is-used")  # that control differentiates the bias only
+
+
+def test_seed_names_and_rows():
+    torch.manual_seed(137)
+    lin = torch.nn.Linear(8, 1)
+    x = torch.cat((torch.rand(4, 8), torch.full((4, 8), float("nan"))))  # arrives non-finite: made outside
+    with gw.trace() as report:
+        lin(x)[:4].sum().backward()
+    (f,) = report.findings
+    assert (f.kind, f.op, f.reaches, f.born_op) == ("contamination", "aten.mm", ["lin.weight"], "input")
+    assert "x arrived with 32 NaN" in f.born
+    assert f.discarded_op == "aten.slice" and "lin(x)[:4]" in f.source
+    assert lin.weight.grad.isnan().any()  # the user's own plain backward ran, untouched
+
+
+def test_deferred_checks_match_immediate(monkeypatch):
+    """Batched finiteness checks (the accelerator path) give the same report on the seed."""
+    case = CASES["linear-rows-sliced-away"]
+    immediate = _trace_case(case)
+    monkeypatch.setattr(trace_module, "_DEFER_ON_CPU", True)
+    with gw.trace(sync_every=64) as report:
+        output, inputs, _ = case.build()
+        torch.autograd.grad(output, inputs)
+    assert [f.as_dict() for f in report.findings] == [f.as_dict() for f in immediate.findings]
+    x = torch.tensor([0.0, 1.0], requires_grad=True)
+    with gw.trace(sync_every=64) as report:
+        torch.relu(x).sum().backward()
+    assert [(f.kind, f.op, f.count) for f in report.findings] == [("kink", "aten.relu", 1)]
+
+
+def test_repeats_are_grouped_not_flooded():
+    lin = torch.nn.Linear(8, 1)
+    x = torch.cat((torch.rand(4, 8), torch.full((4, 8), float("nan"))))
+    with gw.trace() as report:
+        for _ in range(5):
+            lin(x)[:4].sum().backward()
+    (f,) = report.findings
+    assert f.occurrences == 5 and f.count == 5 * 8
+
+
+def test_transformer_padding_masks_are_not_alarms():
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0,
+                                             batch_first=True)
+    x = torch.randn(3, 10, 32)
+    pad = torch.zeros(3, 10, dtype=torch.bool)
+    pad[0, 6:] = True
+    pad[2, 3:] = True
+    with gw.trace() as report:
+        out = layer(x, src_key_padding_mask=pad)
+        out[~pad].square().mean().backward()
+    assert not report.of_kind("contamination", "nan", "inf"), str(report)
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in layer.parameters())
+
+
+def test_custom_function_and_several_backward_calls():
+    class Log(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.log()
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g / x
+
+    x = torch.tensor([0.0, 1.0, 2.0], requires_grad=True)
+    with gw.trace() as report:
+        Log.apply(x)[1:].sum().backward()
+        (g,) = torch.autograd.grad(Log.apply(x)[2], x)
+    (f,) = report.of_kind("contamination")
+    assert f.occurrences == 2 and f.reaches == ["x"] and f.op == "aten.div"
+    assert g.isnan().any()
+
+
+def test_genuine_overflow_in_exp():
+    x = torch.tensor([1.0, 100.0], requires_grad=True)
+    report = gw.explain(lambda x: x.exp().sum(), x)
+    (f,) = report.of_kind("inf")
+    assert f.op == "aten.exp" and "overflow" in f.message and f.reaches == ["x"]
+
+
+def test_empty_report_and_counts():
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    report = gw.explain(lambda x: (x * x).sum(), x)
+    assert report.findings == [] and report.forward_ops > 0 and report.backward_ops > 0
+    assert str(report).count("\n") == 0 and "No NaN/Inf" in str(report)
+
+
+# -- kinks: each detector at its kink and away from it; one-sided float64 finite differences are the reference --
+
+KINK_SAMPLES = [  # (name, function of x, a point on a kink, a smooth point)
+    ("relu", torch.relu, [0.0, 1.0], [0.5, 1.0]),
+    ("abs", torch.abs, [0.0, -1.0], [0.5, -1.0]),
+    ("leaky_relu", F.leaky_relu, [0.0, 1.0], [0.5, 1.0]),
+    ("clamp", lambda x: x.clamp(-1.0, 1.0), [1.0, 0.0], [0.5, 0.0]),
+    ("clamp_min", lambda x: x.clamp_min(0.5), [0.5, 2.0], [0.7, 2.0]),
+    ("hardtanh", F.hardtanh, [-1.0, 0.0], [-0.5, 0.0]),
+    ("threshold", lambda x: F.threshold(x, 0.5, 0.0), [0.5, 2.0], [0.7, 2.0]),
+    ("hardshrink", F.hardshrink, [0.5, 2.0], [0.7, 2.0]),
+    ("softshrink", F.softshrink, [-0.5, 2.0], [-0.7, 2.0]),
+    ("hardsigmoid", F.hardsigmoid, [3.0, 0.0], [2.0, 0.0]),
+    ("hardswish", F.hardswish, [-3.0, 0.0], [-2.0, 0.0]),
+    ("maximum", lambda x: torch.maximum(x[0], x[1]), [1.0, 1.0], [1.0, 2.0]),
+    ("minimum", lambda x: torch.minimum(x[0], x[1]), [1.0, 1.0], [1.0, 2.0]),
+    ("fmax", lambda x: torch.fmax(x[0], x[1]), [1.0, 1.0], [1.0, 2.0]),
+    ("max", lambda x: x.max(), [2.0, 2.0, 1.0], [2.0, 3.0, 1.0]),
+    ("amax", lambda x: x.amax(0), [2.0, 2.0, 1.0], [2.0, 3.0, 1.0]),
+    ("max.dim", lambda x: x.max(0).values, [2.0, 2.0, 1.0], [2.0, 3.0, 1.0]),
+    ("min.dim", lambda x: x.view(1, 3).min(1).values, [1.0, 1.0, 2.0], [1.0, 3.0, 2.0]),
+    ("median", lambda x: x.median(), [1.0, 1.0, 2.0, 3.0], [1.0, 1.5, 2.0, 3.0]),
+    ("sort", lambda x: torch.sort(x).values * torch.tensor([1.0, 2.0, 3.0]), [1.0, 1.0, 2.0], [1.0, 1.5, 2.0]),
+    ("topk", lambda x: torch.topk(x, 2).values * torch.tensor([1.0, 2.0]), [3.0, 1.0, 1.0], [3.0, 1.0, 1.5]),
+    ("max_pool2d", lambda x: F.max_pool2d(x.view(1, 1, 2, 2), 2), [1.0, 1.0, 0.0, 0.0], [1.0, 2.0, 0.0, 0.0]),
+    ("where-gt", lambda x: torch.where(x[0] > x[1], x[0], x[1]), [1.0, 1.0], [1.0, 2.0]),
+    ("where-le", lambda x: torch.where(x[0] <= x[1], 2 * x[0], x[1]), [0.0, 0.0], [0.0, 2.0]),
+]
+SINGULAR_SAMPLES = [
+    ("sqrt", torch.sqrt, [0.0, 1.0], [0.5, 1.0]),
+    ("pow-half", lambda x: x**0.5, [0.0, 1.0], [0.5, 1.0]),
+    ("norm", lambda x: torch.linalg.vector_norm(x), [0.0, 0.0], [0.0, 1.0]),
+    ("asin", torch.asin, [1.0, 0.0], [0.5, 0.0]),
+]
+
+
+def _one_sided(f, x, d, h=1e-6):
+    x64 = torch.tensor(x, dtype=torch.float64)
+    return float((f(x64 + h * d).sum() - f(x64).sum()) / h)
+
+
+def _is_kink_fd(f, x):
+    """Some coordinate direction where the right and left derivatives differ (float64 one-sided FD)."""
+    for i in range(len(x)):
+        d = torch.zeros(len(x), dtype=torch.float64)
+        d[i] = 1.0
+        if abs(_one_sided(f, x, d) + _one_sided(f, x, -d)) > 1e-3:
+            return True
+    return False
+
+
+def _is_singular_fd(f, x):
+    """The one-sided difference quotient blows up as h shrinks."""
+    for i in range(len(x)):
+        d = torch.zeros(len(x), dtype=torch.float64)
+        d[i] = 1.0
+        for s in (d, -d):
+            try:
+                a, b = abs(_one_sided(f, x, s, 1e-4)), abs(_one_sided(f, x, s, 1e-8))
+            except ValueError:
+                continue
+            if b == b and b > 10 * a + 1:
+                return True
+    return False
+
+
+@pytest.mark.parametrize(("name", "f", "at", "smooth"), KINK_SAMPLES + SINGULAR_SAMPLES,
+                         ids=[s[0] for s in KINK_SAMPLES + SINGULAR_SAMPLES])
+def test_kink_detectors(name, f, at, smooth):
+    kind = "singular" if any(name == s[0] for s in SINGULAR_SAMPLES) else "kink"
+    reference = _is_singular_fd if kind == "singular" and name != "norm" else _is_kink_fd  # a norm at 0 is a cone
+    assert reference(f, at) and not reference(f, smooth), "bad sample: not a kink / not smooth"
+    for point, expect in ((at, True), (smooth, False)):
+        x = torch.tensor(point, requires_grad=True)
+        report = gw.explain(lambda x: f(x).sum(), x)
+        found = report.of_kind(kind)
+        assert bool(found) == expect, f"{name} at {point}:\n{report}"
+        if expect:
+            assert found[0].convention and found[0].count >= 1 and "test_trace.py" in found[0].location
+
+
+def iou_minmax(ps, pe, ts, te):
+    common = (torch.minimum(pe, te) - torch.maximum(ps, ts) + 1).clamp_min(0)  # KINK-LINE
+    return (1 - common / ((pe - ps + 1).clamp_min(0) + (te - ts + 1) - common)).mean()
+
+
+def iou_stack(ps, pe, ts, te):
+    common = (torch.stack([pe, te]).min(0).values - torch.stack([ps, ts]).max(0).values + 1).clamp_min(0)  # KINK-LINE
+    return (1 - common / ((pe - ps + 1).clamp_min(0) + (te - ts + 1) - common)).mean()
+
+
+def iou_where(ps, pe, ts, te):
+    common = (torch.where(pe < te, pe, te) - torch.where(ps > ts, ps, ts) + 1).clamp_min(0)  # KINK-LINE
+    return (1 - common / ((pe - ps + 1).clamp_min(0) + (te - ts + 1) - common)).mean()
+
+
+@pytest.mark.parametrize(("f", "ops"), [(iou_minmax, {"aten.minimum", "aten.maximum"}),
+                                        (iou_stack, {"aten.min", "aten.max"}), (iou_where, {"aten.where"})],
+                         ids=["minimum-maximum", "stack-max", "where"])
+def test_seed_iou_at_optimum_has_kinks_on_the_right_line(f, ops):
+    target = (torch.tensor([5.0, 2.0]), torch.tensor([5.0, 4.0]))
+    lines, start = inspect.getsourcelines(f)
+    line = start + next(i for i, text in enumerate(lines) if "KINK-LINE" in text)
+
+    def loss(ps, pe):
+        return f(ps, pe, *target)
+
+    at_optimum = [t.clone().requires_grad_(True) for t in target]
+    # independent check that the optimum is a kink: one-sided derivatives along ps[0] disagree
+    x0 = torch.cat([t.double() for t in target])
+    flat = lambda v: loss(v[:2], v[2:])
+    assert _is_kink_fd(flat, x0.tolist())
+    report = gw.explain(loss, *at_optimum)
+    kinks = report.of_kind("kink")
+    assert {k.op for k in kinks} == ops, str(report)
+    assert all(k.location.endswith(f"test_trace.py:{line}") and k.reached_gradient for k in kinks)
+    assert not report.of_kind("contamination", "nan", "inf")
+    away = [t.clone().add_(0.25).requires_grad_(True) for t in target]
+    assert not gw.explain(loss, *away).of_kind("kink")
+
+
+# -- property: the classification agrees with the program rewritten without the unused values -----------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(nan_rows=st.sets(st.integers(0, 5)), keep_rows=st.sets(st.integers(0, 5), min_size=1))
+def test_row_selection_property(nan_rows, keep_rows):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    x = torch.rand(6, 3)
+    for r in nan_rows:
+        x[r] = float("nan")
+    keep = sorted(keep_rows)
+    with gw.trace() as report:
+        lin(x)[keep].sum().backward()
+    # reference: the same program with the unused rows deleted
+    lin.zero_grad()
+    lin(x[keep]).sum().backward()
+    rewritten_finite = bool(lin.weight.grad.isfinite().all())
+    used, unused = nan_rows & keep_rows, nan_rows - keep_rows
+    assert rewritten_finite == (not used)
+    assert bool(report.of_kind("nan")) == bool(used), str(report)
+    # every weight-gradient element mixes all rows: a used NaN row makes them genuinely NaN, so contamination
+    # shows only when every NaN row is unused
+    assert bool(report.of_kind("contamination")) == bool(unused and not used), str(report)
+
+
+# -- bad input --------------------------------------------------------------------------------------------
+
+
+def test_explain_bad_input():
+    x = torch.ones(2, requires_grad=True)
+    with pytest.raises(TypeError, match="callable"):
+        gw.explain(3, x)
+    with pytest.raises(TypeError, match="scalar tensor"):
+        gw.explain(lambda x: 1.0, x)
+    with pytest.raises(ValueError, match="not a scalar"):
+        gw.explain(lambda x: x * 2, x)
+    with pytest.raises(TypeError, match="floating-point"):
+        gw.explain(lambda x: (x > 0).sum(), x)
+    with pytest.raises(ValueError, match="requires_grad"):
+        gw.explain(lambda x: x.sum(), torch.ones(2))
+
+
+def test_trace_cannot_nest_and_restores_autograd():
+    backward, grad = torch.autograd.backward, torch.autograd.grad
+    with gw.trace(), pytest.raises(RuntimeError, match="already active"), gw.trace():
+        pass
+    with pytest.raises(ValueError, match="sync_every"), gw.trace(sync_every=0):
+        pass
+    assert (torch.autograd.backward, torch.autograd.grad) == (backward, grad)
+
+
+def test_report_is_filled_when_the_block_raises():
+    x = torch.tensor([-1.0], requires_grad=True)
+    with pytest.raises(RuntimeError, match="boom"), gw.trace() as report:
+        x.sqrt().sum().backward()
+        raise RuntimeError("boom")
+    assert report.of_kind("nan")
