@@ -285,15 +285,19 @@ def _nonfinite_part(func, args, slot: int, s: torch.Tensor, value_slots: list[in
     sens = args[slot]
     shrink = count_args(args, slot)
 
+    shrunk = shrink([*args])
+
     def run(s_ind, value_ind):
         new = list(args)
-        new[slot] = s_ind.to(sens.dtype)
+        new[slot] = s_ind
+        new = shrink(new)
+        new[slot] = new[slot].to(sens.dtype)
         for j in value_slots:
-            new[j] = value_ind(args[j]).to(args[j].dtype)
-        return func(*shrink(new))
+            new[j] = value_ind(new[j]).to(args[j].dtype)
+        return func(*new)
 
     nan_hits = run(s, torch.isnan)
-    if not any(bool(torch.isinf(args[j]).any()) for j in value_slots):
+    if not any(bool(torch.isinf(shrunk[j]).any()) for j in value_slots):
         return nan_hits, None, None
     nan_hits = _tree_add(nan_hits, run(s & (sens == 0), torch.isinf))
     plus = _tree_add(run(sens > 0, torch.isposinf), run(sens < 0, torch.isneginf))
