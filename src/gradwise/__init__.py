@@ -8,17 +8,36 @@ Public API (see ``docs/`` for one page per capability)::
                                                  exact calculus at non-differentiable points
 """
 
-from gradwise._strong_zeros import backward, grad, strong_zeros, unruled_ops
+# -- nonsmooth calculus --
+from gradwise._gradcheck import GradcheckResult, gradcheck
+from gradwise._nonsmooth import NonsmoothError, directional_derivative, generalized_backward, generalized_grad
 
 # -- explanation (trace) --
-
-# -- nonsmooth calculus --
+from gradwise._report import Finding, Report
+from gradwise._stationarity import Stationarity, Subdifferential, stationarity, subdifferential
+from gradwise._strong_zeros import backward, grad, strong_zeros, unruled_ops
+from gradwise._trace import explain, trace
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Finding",
+    # -- nonsmooth calculus --
+    "GradcheckResult",
+    "NonsmoothError",
+    "Report",
+    "Stationarity",
+    "Subdifferential",
     "backward",
+    "directional_derivative",
+    "explain",
+    "generalized_backward",
+    "generalized_grad",
     "grad",
+    "gradcheck",
+    "stationarity",
     "strong_zeros",
+    "subdifferential",
+    "trace",
     "unruled_ops",
 ]

@@ -1,0 +1,139 @@
+"""Kink-aware gradcheck: ``torch.autograd.gradcheck`` that tells a kink from a wrong gradient.
+
+Away from kinks it is PyTorch's gradcheck. At a kink, central differences mean nothing, so for each output
+element it compares the backward result with the one-sided differences along each coordinate and with the Clarke
+subdifferential (`gradwise.subdifferential`): "kink: PyTorch's value is a generalized gradient" passes, "is not"
+fails. A wrong backward is still caught: the backward is also checked at random differentiable points next to x.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch.autograd.gradcheck import GradcheckError as _TorchGradcheckError
+
+from gradwise._nonsmooth import NonsmoothError, _as_inputs, _call, _outputs, directional_derivative, kinks_hit
+from gradwise._stationarity import Subdifferential, _flat, subdifferential
+
+__all__ = ["GradcheckError", "GradcheckResult", "gradcheck"]
+
+
+class GradcheckError(AssertionError):
+    """Raised by `gradcheck` (when ``raise_exception``) on a gradient that is wrong."""
+
+
+@dataclass
+class GradcheckResult:
+    """``passed``; ``kink`` (x is a kink); ``generalized`` (at a kink: is the backward's value in the Clarke
+    subdifferential, None if it could not be decided); ``messages``, one per finding."""
+
+    passed: bool
+    kink: bool
+    generalized: bool | None = None
+    messages: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def __str__(self) -> str:
+        return "\n".join(self.messages) or ("passed" if self.passed else "failed")
+
+
+def _torch_gradcheck(f, xs, single, eps, atol, rtol) -> str | None:
+    """PyTorch's gradcheck; the first line of its complaint, or None when it passes."""
+    leaves = tuple(x.detach().requires_grad_(True) for x in xs)
+    fn = (lambda *a: f(a[0])) if single else f
+    try:
+        torch.autograd.gradcheck(fn, leaves, eps=eps, atol=atol, rtol=rtol, raise_exception=True)
+    except _TorchGradcheckError as exc:
+        return str(exc).strip().splitlines()[0]
+    return None
+
+
+def gradcheck(f: Callable, inputs, *, eps: float = 1e-6, atol: float = 1e-5, rtol: float = 1e-3,
+              nearby: int = 2, nearby_radius: float = 1e-3, seed: int = 0,
+              raise_exception: bool = True) -> GradcheckResult:
+    """Check f's backward against finite differences, and at kinks against the subdifferential.
+
+    Inputs should be float64 (as for ``torch.autograd.gradcheck``). ``nearby`` random points within
+    ``nearby_radius`` of x are checked the ordinary way too, so a wrong backward cannot hide behind a kink.
+    Returns a `GradcheckResult` (truthy when passed); raises `GradcheckError` on failure when
+    ``raise_exception``.
+
+    >>> import torch, gradwise as gw
+    >>> x = torch.tensor([0.0], dtype=torch.float64)
+    >>> result = gw.gradcheck(lambda x: torch.relu(x) - torch.relu(-x), x, raise_exception=False)
+    >>> result.passed, result.kink, result.generalized
+    (False, True, False)
+    >>> print(str(result).split(";")[0])
+    kink at x (aten.relu): PyTorch's value [0.0] is not a generalized gradient of output 0
+    """
+    xs, single = _as_inputs(inputs)
+    result = GradcheckResult(True, False)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(nearby):
+        moved = tuple(x + nearby_radius * torch.randn(x.shape, generator=gen, dtype=x.dtype) for x in xs)
+        if kinks_hit(f, moved if not single else moved[0], tangents=False)[0]:
+            continue
+        if (err := _torch_gradcheck(f, moved, single, eps, atol, rtol)) is not None:
+            result.passed = False
+            result.messages.append(f"wrong gradient at a differentiable point next to x: {err}")
+    kinks = kinks_hit(f, xs if not single else xs[0], tangents=False)[0]
+    if not kinks:
+        if (err := _torch_gradcheck(f, xs, single, eps, atol, rtol)) is not None:
+            result.passed = False
+            result.messages.append(f"wrong gradient: {err}")
+    else:
+        result.kink = True
+        try:
+            _check_kink(f, xs, single, kinks, eps, atol, result)
+        except (NotImplementedError, NonsmoothError) as exc:  # e.g. a custom Function without jvp
+            result.messages.append(f"kink at x: the subdifferential could not be computed ({exc})")
+    if raise_exception and not result.passed:
+        raise GradcheckError(str(result))
+    return result
+
+
+def _check_kink(f, xs, single, kinks, eps, atol, result: GradcheckResult) -> None:
+    leaves = tuple(x.detach().requires_grad_(True) for x in xs)
+    outs = torch.cat([o.reshape(-1) for o in _outputs(_call(f, leaves, single))])
+    ops = ", ".join(sorted({k.op for k in kinks}))
+    verdicts = []
+    for k in range(outs.numel()):
+        row = torch.autograd.grad(outs[k], leaves, retain_graph=True, allow_unused=True)
+        row = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(xs, row, strict=True))
+        fk = lambda *a, k=k: torch.cat([o.reshape(-1) for o in _outputs(f(*a))])[k]
+        sd = subdifferential(fk, xs)
+        gap = Subdifferential([tuple(e - r for e, r in zip(el, row, strict=True)) for el in sd.elements], sd.exact)
+        dist = float(_flat(gap.min_norm_element()).norm())
+        inside = dist <= atol * (1 + float(_flat(row).norm()))
+        verdict = True if inside else (False if sd.exact else None)
+        verdicts.append(verdict)
+        if verdict is True:
+            continue
+        words = "is not" if verdict is False else "could not be shown to be"
+        vertices = [[round(float(v), 6) for v in _flat(e)] for e in sd.elements[:8]]
+        result.messages.append(
+            f"kink at x ({ops}): PyTorch's value {[round(float(v), 6) for v in _flat(row)]} {words} a generalized "
+            f"gradient of output {k}; the Clarke subdifferential is the hull of {vertices} (distance {dist:.3g}); "
+            f"one-sided partials (left, right): {_one_sided(fk, xs)}")
+    result.generalized = None if None in verdicts else all(verdicts)
+    if result.generalized is False:
+        result.passed = False
+    elif result.generalized:
+        result.messages.append(f"kink at x ({ops}): PyTorch's value is a generalized gradient")
+
+
+def _one_sided(fk, xs) -> str:
+    """Exact left and right partial derivatives along each coordinate where they differ."""
+    parts = []
+    for i, x in enumerate(xs):
+        for j in range(x.numel()):
+            e = [torch.zeros_like(v) for v in xs]
+            e[i].view(-1)[j] = 1.0
+            right = float(directional_derivative(fk, xs, tuple(e)))
+            left = -float(directional_derivative(fk, xs, tuple(-v for v in e)))
+            if left != right or len(parts) == 0:
+                parts.append(f"x{'' if len(xs) == 1 else i}[{j}]: ({left:.6g}, {right:.6g})")
+    return "; ".join(parts[:8])

@@ -1,0 +1,1052 @@
+"""Exact derivatives at kinks: one-sided directional derivatives, branch locking, generalized gradients.
+
+How it works. ``f`` runs once under `_KinkMode` (a ``TorchFunctionMode``) inside a forward-AD dual level, every
+input carrying a tangent: the direction. Smooth ops run exactly as PyTorch runs them. A kink op goes to its rule
+in `KINK_RULES` (keyed by aten op). Where no element sits at a kink the rule calls the op itself, so away from
+kinks everything is PyTorch's own computation. Where some elements tie, the rule ranks the competing branches
+lexicographically: by value, then by tangent along the direction, then by the tangents of further directions
+from earlier passes (Nesterov 2005; Khan & Barton 2013). It then rebuilds the op's output from the winning
+branches with ``where``/``gather``. That *locked* output is an ordinary differentiable tensor: its tangent is the
+exact one-sided directional derivative, and back-propagating through it gives the gradient of one smooth piece of
+f that is active at x, an element of the Bouligand (hence Clarke) subdifferential (Kakade & Lee 2018).
+
+Each tie that a rule resolves is recorded as a `Kink` (op, user line, candidate branches, the keys that ranked
+them); `_stationarity` replays runs with chosen branches forced to enumerate the active pieces.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+aten = torch.ops.aten
+Tensor = torch.Tensor
+
+# Forward AD imports this on first use; it warns about torch.jit.script, which pytest would turn into an error.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import torch._decomp.decompositions_for_jvp
+
+__all__ = ["KINK_RULES", "NonsmoothError", "directional_derivative", "generalized_backward", "generalized_grad"]
+
+
+class NonsmoothError(ValueError):
+    """f has no (finite) one-sided derivative here, or gradwise cannot compute it; the message says which op."""
+
+
+# ------------------------------------------------------------------------------------------------ records
+
+
+@dataclass
+class Kink:
+    """One kink op call in which some elements tie.
+
+    The tied elements form ``G`` groups of ``m`` candidate branches (``cand``: which ones tie in value).
+    ``kind`` is "select" (one candidate wins: max, relu, clamp, comparisons ...) or "order" (the candidates
+    are ranked: sort, topk, median ...). ``keys`` are the further ranking columns (tangents of each
+    direction, or a forced choice); ``values`` the candidates' values as differentiable tensors when the
+    run collects them (subdifferential enumeration).
+    """
+
+    op: str
+    location: str
+    kind: str
+    cand: Tensor
+    descending: bool = True
+    keys: list[Tensor] = field(default_factory=list)
+    values: Tensor | None = None
+    unresolved: int = 0
+    comparison: bool = False
+    continuum: bool = False  # norm at 0: infinitely many pieces
+    call: tuple[int, int] = (0, 0)  # (mode call count, kink index within the call): the same on every pass
+    choice: Tensor | None = None
+    write: Callable | None = None  # writes another choice into this pass's lock tensors (graph reuse)
+
+    @property
+    def count(self) -> int:
+        return int(self.cand.shape[0])
+
+    def describe(self) -> str:
+        return f"{self.op} at {self.location}: {self.count} tied element(s)"
+
+
+@dataclass
+class NearKink:
+    """Elements within a tolerance of a kink but not exactly on it (treated as smooth)."""
+
+    op: str
+    location: str
+    count: int
+    gap: float
+
+
+class _Run:
+    """State of one pass of f: history from earlier passes, forced choices, what this pass records."""
+
+    def __init__(self, history=None, forced=None, collect=False, tie_tol=0.0, near_tol=None):
+        self.history: list[Kink] | None = history
+        self.forced: dict[int, Tensor] = forced or {}
+        self.collect = collect
+        self.tie_tol = tie_tol
+        self.near_tol = near_tol
+        self.kinks: list[Kink] = []
+        self.near: list[NearKink] = []
+        self.call = 0  # set by the mode before each rule
+
+    def resolve(self, op: str, kind: str, cand: Tensor, key: Tensor | None, values: Callable | None,
+                descending: bool = True, primal: Tensor | None = None, comparison: bool = False) -> Tensor:
+        """Rank the tied candidates (G, m) lexicographically; return the winner (select) or order (order).
+
+        Keys in order: the value (``primal``, order only: select candidates already tie in value), a forced
+        column, the keys of earlier passes, this pass's tangent ``key``.
+        """
+        index = len(self.kinks)
+        keys: list[Tensor] = []
+        if index in self.forced:
+            keys.append(self.forced[index])
+        if self.history is not None:
+            if index >= len(self.history) or self.history[index].op != op \
+                    or self.history[index].cand.shape != cand.shape:
+                raise NonsmoothError(f"f did not hit the same kinks on a second run ({op} at {_user_line()}); "
+                                     "gradwise needs f to be deterministic")
+            keys.extend(self.history[index].keys)
+        if key is not None:
+            keys.append(key.to(cand.device))
+        record = Kink(op, _user_line(), kind, cand, descending, keys, comparison=comparison,
+                      call=(self.call, sum(k.call[0] == self.call for k in self.kinks)))
+        if self.collect and values is not None:
+            record.values = values()
+        if kind == "select":
+            sign = 1.0 if descending else -1.0
+            result, still = _lex_argmax(cand, [sign * k for k in keys])
+        else:
+            result, still = _lex_order(primal, keys, descending, cand)
+        record.unresolved, record.choice = int(still.sum()), result
+        self.kinks.append(record)
+        return result, still
+
+    def note_near(self, op: str, gap: Tensor) -> None:
+        """Record elements whose gap to a kink is positive but within near_tol."""
+        if self.near_tol is None or gap.numel() == 0:
+            return
+        near = (gap > 0) & (gap <= self.near_tol)
+        if near.any():
+            self.near.append(NearKink(op, _user_line(), int(near.sum()), float(gap[near].min())))
+
+
+def _lex_argmax(cand: Tensor, keys: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """First candidate that is largest in keys[0], then among those in keys[1], ...; and the rows still tied."""
+    for k in keys:
+        km = k.masked_fill(~cand, -math.inf)
+        cand = cand & (km == km.amax(-1, keepdim=True))
+    return cand.to(torch.uint8).argmax(-1), cand.sum(-1) > 1
+
+
+def _lex_order(primal: Tensor, keys: list[Tensor], descending: bool, cand: Tensor) -> tuple[Tensor, Tensor]:
+    """Permutation sorting each row by (primal, keys...) lexicographically (stable); the rows with ties left."""
+    perm = torch.arange(primal.shape[-1], device=primal.device).expand_as(primal)
+    for k in reversed([primal, *keys]):
+        perm = perm.gather(-1, torch.sort(k.gather(-1, perm), dim=-1, descending=descending, stable=True).indices)
+    full = torch.stack([primal, *keys], -1).gather(-2, perm.unsqueeze(-1).expand(*perm.shape, len(keys) + 1))
+    still = (full[..., 1:, :] == full[..., :-1, :]).all(-1) & cand.gather(-1, perm)[..., 1:]
+    return perm, still.any(-1)
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_OWN_DIR = os.path.dirname(__file__)
+
+
+def _user_line() -> str:
+    """file:line of the innermost frame outside torch and gradwise (the user's call)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not (name.startswith(_TORCH_DIR) or name.startswith(_OWN_DIR) or "contextlib" in name):
+            return f"{os.path.relpath(name) if not name.startswith('<') else name}:{frame.f_lineno}"
+        frame = frame.f_back
+    return "<unknown>"
+
+
+# ------------------------------------------------------------------------------------------------ rule table
+
+KINK_RULES: dict[object, Callable] = {}
+_ROUTES: dict[Callable, Callable] = {}
+# Ops with kinks but no rule: f hitting one with a direction gets a clear error instead of a silent convention.
+UNRULED: dict[Callable, str] = {}
+
+
+def kink_rule(op, *calls: Callable):
+    """Register a rule for aten ``op``; ``calls`` are the torch-level callables that reach it."""
+
+    def register(rule: Callable) -> Callable:
+        KINK_RULES[op] = rule
+        for c in calls:
+            _ROUTES[c] = rule
+        return rule
+
+    return register
+
+
+def rule_for(op) -> Callable:
+    """The kink rule for an aten op (the one lookup point)."""
+    try:
+        return KINK_RULES[op]
+    except KeyError:
+        raise NonsmoothError(f"gradwise has no kink rule for {op}; the ops with rules are: "
+                             f"{', '.join(sorted(str(k) for k in KINK_RULES))}") from None
+
+
+def _split(x) -> tuple[Tensor, Tensor | None]:
+    if not isinstance(x, Tensor):
+        return x, None
+    p, t = fwAD.unpack_dual(x)
+    return p, t
+
+
+def _tied_rows(mask: Tensor) -> Tensor:
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+# --- elementwise switches ----------------------------------------------------------------------------------
+
+
+def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = False):
+    """Elementwise ``pos`` where s > 0, ``neg`` where s < 0; at s == 0 the piece that wins along the direction.
+
+    For continuous ops (relu, max, clamp ...) both pieces agree where s == 0, so the tangent there is that of
+    the winning piece: the exact one-sided derivative. Ops that ``jumps`` (threshold, hardshrink) have
+    different pieces at s == 0: moving to the other piece there is an error, not a derivative.
+    """
+    sp = _split(s)[0]
+    run.note_near(op, sp.abs())
+    tie = sp == 0 if run.tie_tol == 0 else sp.abs() <= run.tie_tol
+    if not tie.any():
+        return native() if native is not None else torch.where(sp > 0, pos, neg)
+    rows = _tied_rows(tie)
+    st = _split(s)[1]
+    ds = st.reshape(-1)[rows] if st is not None else sp.new_zeros(len(rows))
+    key = torch.stack([ds, torch.zeros_like(ds)], 1)
+    cand = torch.ones(len(rows), 2, dtype=torch.bool, device=sp.device)
+    values = lambda: torch.stack([s.reshape(-1)[rows], torch.zeros_like(s.reshape(-1)[rows])], 1)
+    choice, _ = run.resolve(op, "select", cand, key, values)
+    lock = (sp > 0) | sp.isnan()  # NaN propagates through pos, as in PyTorch's kernels
+    lock.view(-1)[rows] = choice == 0
+    run.kinks[-1].write = lambda c: lock.data.view(-1).index_put_((rows,), c == 0)
+    if jumps:
+        pp, nn_ = (torch.broadcast_to(torch.as_tensor(_split(v)[0], dtype=sp.dtype), sp.shape).reshape(-1)[rows]
+                   for v in (pos, neg))
+        if ((pp != nn_) & (choice == 0)).any():
+            raise NonsmoothError(f"{op} at {_user_line()} jumps here: f is discontinuous at x along this "
+                                 "direction, so the one-sided derivative does not exist")
+    return torch.where(lock, pos, neg)
+
+
+def _finish(func, x: Tensor, out: Tensor, inplace: bool) -> Tensor:
+    """In-place variants write the locked result back into x."""
+    return x.copy_(out) if inplace and out is not x else out
+
+
+@kink_rule(aten.relu, torch.relu, torch.relu_, F.relu, F.relu_, Tensor.relu, Tensor.relu_)
+def relu(run, func, x, inplace=False):
+    """max(x, 0). At 0: x where the direction has x' > 0, else 0, so f'(x; d) = max(x', 0)."""
+    inplace = inplace or func in (torch.relu_, F.relu_, Tensor.relu_)
+    out = _switch(run, "aten.relu", x, x, 0.0, lambda: F.relu(x, inplace=inplace))
+    return _finish(func, x, out, inplace)
+
+
+@kink_rule(aten.abs, torch.abs, torch.absolute, Tensor.abs, Tensor.absolute, Tensor.abs_)
+def abs(run, func, x):
+    """|x|. At 0: x or -x, whichever grows along the direction: f'(x; d) = |x'|."""
+    out = _switch(run, "aten.abs", x, x, -x, lambda: func(x))
+    return _finish(func, x, out, func is Tensor.abs_)
+
+
+def _as_tensor(v, like: Tensor):
+    return v if isinstance(v, Tensor) or v is None else torch.as_tensor(v, dtype=like.dtype, device=like.device)
+
+
+def _pair(run, op: str, a, b, larger: bool, native: Callable):
+    """max (larger) or min of a and b elementwise; a wins ties unless the direction says otherwise."""
+    like = a if isinstance(a, Tensor) else b
+    a, b = _as_tensor(a, like), _as_tensor(b, like)
+    if run.near_tol is None and not ((_split(a)[0] - _split(b)[0]).abs() <= run.tie_tol).any():
+        return native()
+    return _switch(run, op, a - b if larger else b - a, a, b, native)
+
+
+@kink_rule(aten.maximum, torch.maximum, Tensor.maximum, torch.fmax, Tensor.fmax)
+def maximum(run, func, a, b):
+    """Elementwise max. At a tie: the argument that is larger along the direction: f' = max(a', b')."""
+    return _pair(run, "aten.maximum", a, b, True, lambda: func(a, b))
+
+
+@kink_rule(aten.minimum, torch.minimum, Tensor.minimum, torch.fmin, Tensor.fmin)
+def minimum(run, func, a, b):
+    """Elementwise min. At a tie: the argument that is smaller along the direction: f' = min(a', b')."""
+    return _pair(run, "aten.minimum", a, b, False, lambda: func(a, b))
+
+
+def _clamp(run, x, lo, hi, native: Callable):
+    """min(max(x, lo), hi) with the pair rule at each bound that x touches."""
+    lo, hi = _as_tensor(lo, x), _as_tensor(hi, x)
+    xp = _split(x)[0]
+    touches = [b for b in (lo, hi) if b is not None and ((xp - _split(b)[0]).abs() <= run.tie_tol).any()]
+    if not touches and run.near_tol is None:
+        return native()
+    out = x
+    if lo is not None:
+        out = _pair(run, "aten.clamp", out, lo, True, lambda: torch.clamp(out, min=lo))
+    if hi is not None:
+        out = _pair(run, "aten.clamp", out, hi, False, lambda: torch.clamp(out, max=hi))
+    return out
+
+
+@kink_rule(aten.clamp, torch.clamp, torch.clip, Tensor.clamp, Tensor.clip, Tensor.clamp_, Tensor.clip_,
+           torch.clamp_, torch.clip_)
+def clamp(run, func, x, min=None, max=None):
+    """clamp(x, lo, hi). At a bound: x if it moves inside along the direction, else the bound."""
+    out = _clamp(run, x, min, max, lambda: func(x, min, max))
+    return _finish(func, x, out, func in (Tensor.clamp_, Tensor.clip_, torch.clamp_, torch.clip_))
+
+
+@kink_rule(aten.clamp_min, torch.clamp_min, Tensor.clamp_min, Tensor.clamp_min_)
+def clamp_min(run, func, x, min):
+    """max(x, min): the clamp rule at the lower bound."""
+    return _finish(func, x, _clamp(run, x, min, None, lambda: func(x, min)), func is Tensor.clamp_min_)
+
+
+@kink_rule(aten.clamp_max, torch.clamp_max, Tensor.clamp_max, Tensor.clamp_max_)
+def clamp_max(run, func, x, max):
+    """min(x, max): the clamp rule at the upper bound."""
+    return _finish(func, x, _clamp(run, x, None, max, lambda: func(x, max)), func is Tensor.clamp_max_)
+
+
+@kink_rule(aten.hardtanh, F.hardtanh, F.hardtanh_)
+def hardtanh(run, func, x, min_val=-1.0, max_val=1.0, inplace=False):
+    """clamp(x, min_val, max_val), with the clamp rule at both bounds."""
+    inplace = inplace or func is F.hardtanh_
+    out = _clamp(run, x, min_val, max_val, lambda: F.hardtanh(x, min_val, max_val, inplace))
+    return _finish(func, x, out, inplace)
+
+
+@kink_rule(aten.relu6, F.relu6)
+def relu6(run, func, x, inplace=False):
+    """clamp(x, 0, 6), with the clamp rule at both bounds."""
+    return _finish(func, x, _clamp(run, x, 0.0, 6.0, lambda: F.relu6(x, inplace)), inplace)
+
+
+@kink_rule(aten.leaky_relu, F.leaky_relu, F.leaky_relu_)
+def leaky_relu(run, func, x, negative_slope=0.01, inplace=False):
+    """x for x > 0, slope*x for x < 0. At 0: the piece chosen by the sign of x' along the direction."""
+    inplace = inplace or func is F.leaky_relu_
+    out = _switch(run, "aten.leaky_relu", x, x, negative_slope * x,
+                  lambda: F.leaky_relu(x, negative_slope, inplace))
+    return _finish(func, x, out, inplace)
+
+
+@kink_rule(aten.prelu, F.prelu, torch.prelu)
+def prelu(run, func, x, weight):
+    """x for x > 0, weight*x for x < 0 (weight per channel, dim 1). At 0: chosen by the sign of x'."""
+    w = weight.reshape(()) if weight.numel() == 1 else weight.reshape(1, -1, *[1] * (x.dim() - 2))
+    return _switch(run, "aten.prelu", x, x, w * x, lambda: F.prelu(x, weight))
+
+
+@kink_rule(aten.hardsigmoid, F.hardsigmoid)
+def hardsigmoid(run, func, x, inplace=False):
+    """clamp(x + 3, 0, 6) / 6: the clamp rule at x = -3 and x = 3."""
+    if not _touches(run, x, (-3.0, 3.0)):
+        return F.hardsigmoid(x, inplace)
+    return _finish(func, x, _clamp(run, x + 3, 0.0, 6.0, None) / 6, inplace)
+
+
+@kink_rule(aten.hardswish, F.hardswish)
+def hardswish(run, func, x, inplace=False):
+    """x * clamp(x + 3, 0, 6) / 6: the clamp rule at x = -3 and x = 3, then the product rule."""
+    if not _touches(run, x, (-3.0, 3.0)):
+        return F.hardswish(x, inplace)
+    return _finish(func, x, x * _clamp(run, x + 3, 0.0, 6.0, None) / 6, inplace)
+
+
+def _touches(run, x, points) -> bool:
+    xp = _split(x)[0]
+    return run.near_tol is not None or any(((xp - p).abs() <= run.tie_tol).any() for p in points)
+
+
+@kink_rule(aten.threshold, F.threshold, torch.threshold, F.threshold_)
+def threshold(run, func, x, threshold, value, inplace=False):
+    """x where x > threshold, else value. A jump unless value == threshold: an error if the direction crosses."""
+    inplace = inplace or func is F.threshold_
+    out = _switch(run, "aten.threshold", x - threshold, x, value,
+                  lambda: F.threshold(x, threshold, value, inplace), jumps=True)
+    return _finish(func, x, out, inplace)
+
+
+@kink_rule(aten.softshrink, F.softshrink)
+def softshrink(run, func, x, lambd=0.5):
+    """x - clamp(x, -lambd, lambd): the clamp rule at both breakpoints."""
+    if not _touches(run, x, (-lambd, lambd)):
+        return F.softshrink(x, lambd)
+    return x - _clamp(run, x, -lambd, lambd, None)
+
+
+@kink_rule(aten.hardshrink, F.hardshrink, torch.hardshrink, Tensor.hardshrink)
+def hardshrink(run, func, x, lambd=0.5):
+    """x where |x| > lambd, else 0: jumps at +-lambd, an error if the direction crosses one."""
+    if not _touches(run, x, (-lambd, lambd)):
+        return func(x, lambd)
+    inner = _switch(run, "aten.hardshrink", -lambd - x, x, 0.0, None, jumps=True)
+    return _switch(run, "aten.hardshrink", x - lambd, x, inner, None, jumps=True)
+
+
+@kink_rule(aten.l1_loss, F.l1_loss)
+def l1_loss(run, func, input, target, size_average=None, reduce=None, reduction="mean"):
+    """mean/sum of |input - target|: the abs rule elementwise."""
+    a = abs(run, torch.abs, input - target)
+    return {"mean": a.mean, "sum": a.sum, "none": lambda: a}[reduction]()
+
+
+# --- comparisons -------------------------------------------------------------------------------------------
+
+_CMP = {"gt": (True, False), "ge": (True, True), "lt": (False, False), "le": (False, True)}
+
+
+def _comparison(name: str):
+    above, at_tie = _CMP[name]
+
+    def rule(run, func, a, b):
+        ap, bp = _split(a)[0], _split(b)[0] if isinstance(b, Tensor) else b
+        result = func(ap, bp)
+        if not torch.is_floating_point(ap):
+            return result
+        s = a - b
+        sp = _split(s)[0]
+        tie = sp.abs() <= run.tie_tol
+        run.note_near(f"aten.{name}", sp.abs())
+        if not tie.any():
+            return result
+        rows = _tied_rows(tie)
+        st = _split(s)[1]
+        ds = st.reshape(-1)[rows] if st is not None else sp.new_zeros(len(rows))
+        key = torch.stack([ds, torch.zeros_like(ds)], 1)
+        cand = torch.ones(len(rows), 2, dtype=torch.bool, device=sp.device)
+        values = lambda: torch.stack([s.reshape(-1)[rows], torch.zeros_like(s.reshape(-1)[rows])], 1)
+        choice, still = run.resolve(f"aten.{name}", "select", cand, key, values, comparison=True)
+        result = result.expand(sp.shape).clone()
+        result.view(-1)[rows] = torch.where(still, at_tie, (choice == 0) == above)
+        return result
+
+    rule.__name__ = name
+    rule.__doc__ = (f"a {name} b. At a tie, the outcome along the direction (compare a' with b', then further "
+                    "directions); unchanged where the tangents tie too.")
+    return rule
+
+
+for _name in _CMP:
+    _op = getattr(aten, _name)
+    _calls = [getattr(torch, _name), getattr(Tensor, _name), getattr(Tensor, f"__{_name}__")]
+    kink_rule(_op, *_calls)(_comparison(_name))
+
+
+# --- selections: max / min reductions, max-pool --------------------------------------------------------------
+
+
+def _select_last(run, op: str, x: Tensor, xw: Tensor, tw_fn: Callable, vw_fn: Callable, idx: Tensor,
+                 descending: bool) -> Tensor:
+    """Lock indices for a reduction over the last dim of window view ``xw`` of x's primal.
+
+    ``idx`` holds PyTorch's choice (first extreme element); rows with ties get the lexicographic winner.
+    ``tw_fn(rows)``/``vw_fn(rows)`` give the tangents/values of the tied rows' candidates.
+    """
+    best = xw.amax(-1, keepdim=True) if descending else xw.amin(-1, keepdim=True)
+    gap = (best - xw).abs()
+    eq = gap <= run.tie_tol
+    if run.near_tol is not None:
+        run.note_near(op, gap)
+    tie = eq.sum(-1) > 1
+    if not tie.any():
+        return idx
+    rows = _tied_rows(tie)
+    cand = eq.reshape(-1, eq.shape[-1])[rows]
+    choice, _ = run.resolve(op, "select", cand, tw_fn(rows), lambda: vw_fn(rows), descending)
+    idx = idx.clone()
+    idx.view(-1)[rows] = choice.to(idx.dtype)
+    run.kinks[-1].write = lambda c: idx.data.view(-1).index_put_((rows,), c.to(idx.dtype))
+    return idx
+
+
+def _rows_of(t: Tensor | None, like: Tensor, rows: Tensor) -> Tensor:
+    if t is None:
+        return torch.zeros(len(rows), like.shape[-1], dtype=like.dtype, device=like.device)
+    return t.reshape(-1, t.shape[-1])[rows]
+
+
+def _reduce_select(run, op: str, x: Tensor, dims: tuple[int, ...] | None, keepdim: bool, descending: bool):
+    """max/min over ``dims`` (all if None): locked values and their flat indices within the reduced dims."""
+    xp = _split(x)[0]
+    nd = xp.dim()
+    dims = tuple(range(nd)) if dims is None or dims == () else tuple(d % max(nd, 1) for d in dims)
+    keep = [d for d in range(nd) if d not in dims]
+    perm = keep + list(dims)
+    xm = x.permute(perm).reshape(*[xp.shape[d] for d in keep], -1) if nd else x.reshape(1)
+    xw = _split(xm)[0]
+    idx = (xw.argmax(-1) if descending else xw.argmin(-1))
+    tm = _split(xm)[1]
+    idx = _select_last(run, op, x, xw, lambda r: _rows_of(tm, xw, r), lambda r: xm.reshape(-1, xw.shape[-1])[r],
+                       idx, descending)
+    values = xm.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+    if keepdim:
+        shape = [1 if d in dims else xp.shape[d] for d in range(nd)]
+        values, idx = values.reshape(shape), idx.reshape(shape)
+    return values, idx
+
+
+def _max_min(op: str, descending: bool, pair_rule: Callable):
+    def rule(run, func, x, dim=None, keepdim=False, *, out=None):
+        if isinstance(dim, Tensor):  # torch.max(a, b) is elementwise
+            return pair_rule(run, torch.maximum if descending else torch.minimum, x, dim)
+        if dim is None:
+            return _reduce_select(run, op, x, None, False, descending)[0]
+        values, idx = _reduce_select(run, op, x, (dim,), keepdim, descending)
+        rt = torch.return_types.max if descending else torch.return_types.min
+        return rt((values, idx))
+
+    rule.__name__ = op.split(".")[1]
+    word = "largest" if descending else "smallest"
+    rule.__doc__ = (f"{op} (full or over a dim). Over tied {word} elements: the one that is {word} along "
+                    f"the direction (then further directions), so f'(x; d) is the {word} tangent of the tied set.")
+    return rule
+
+
+kink_rule(aten.max, torch.max, Tensor.max)(_max_min("aten.max", True, maximum))
+kink_rule(aten.min, torch.min, Tensor.min)(_max_min("aten.min", False, minimum))
+
+
+def _amax_amin(op: str, descending: bool):
+    def rule(run, func, x, dim=(), keepdim=False):
+        dims = (dim,) if isinstance(dim, int) else tuple(dim)
+        return _reduce_select(run, op, x, dims, keepdim, descending)[0]
+
+    rule.__name__ = op.split(".")[1]
+    rule.__doc__ = f"{op}: like {op.replace('a', '', 1)}; PyTorch splits ties evenly, gradwise picks the winner."
+    return rule
+
+
+kink_rule(aten.amax, torch.amax, Tensor.amax)(_amax_amin("aten.amax", True))
+kink_rule(aten.amin, torch.amin, Tensor.amin)(_amax_amin("aten.amin", False))
+
+
+def _window_index(spatial, nd: int, k, s, p, dil, out_sp, device) -> Tensor:
+    """(outputs, K) flat input index of every window element (-1 for padding)."""
+    pads = []
+    for i in reversed(range(nd)):
+        need = (out_sp[i] - 1) * s[i] + (k[i] - 1) * dil[i] + 1
+        pads += [p[i], max(0, need - spatial[i] - p[i])]
+    grid = F.pad(torch.arange(math.prod(spatial), device=device).reshape(1, *spatial), pads, value=-1)
+    for i in range(nd):
+        grid = grid.unfold(1 + i, (k[i] - 1) * dil[i] + 1, s[i])
+    grid = grid[(0, *(slice(0, o) for o in out_sp), *(slice(None, None, d) for d in dil))]
+    return grid.reshape(math.prod(out_sp), -1)
+
+
+def _max_pool(nd: int):
+    native = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[nd]
+    op = f"aten.max_pool{nd}d"
+
+    def rule(run, func, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+             return_indices=False):
+        tup = lambda v: (tuple(v) * nd)[:nd] if isinstance(v, (list, tuple)) else (v,) * nd
+        k, p, dil = tup(kernel_size), tup(padding), tup(dilation)
+        s = k if stride is None or stride == [] or stride == () else tup(stride)
+        xp, xt = _split(x)
+        with torch.no_grad():
+            out, idx = native(xp, k, s, p, dil, ceil_mode, return_indices=True)
+        spatial, out_sp = xp.shape[xp.dim() - nd:], out.shape[out.dim() - nd:]
+        batch = math.prod(xp.shape[: xp.dim() - nd])
+        flat, fidx = xp.reshape(batch, -1), idx.reshape(batch, -1)
+        disjoint = all(si >= (ki - 1) * di + 1 for si, ki, di in zip(s, k, dil, strict=True))
+        if disjoint and run.tie_tol == 0 and run.near_tol is None:
+            # a window ties iff its maximum survives masking its (first) argmax
+            masked = flat.clone().scatter_(1, fidx, -math.inf).reshape(xp.shape)
+            with torch.no_grad():
+                tie = native(masked, k, s, p, dil, ceil_mode) == out
+        else:
+            tie = None
+        windows = None
+        if tie is None or tie.any():
+            windows = _window_index(spatial, nd, k, s, p, dil, out_sp, xp.device)
+            if tie is None:
+                vals = flat[:, windows.clamp(min=0)].masked_fill(windows < 0, -math.inf)
+                gap = out.reshape(batch, -1, 1) - vals
+                run.note_near(op, gap[gap > 0])
+                tie = ((gap <= run.tie_tol).sum(-1) > 1).reshape(out.shape)
+        if tie.any():
+            rows = _tied_rows(tie)
+            n_out = windows.shape[0]
+            b, cidx = (rows // n_out).unsqueeze(1), windows[rows % n_out]
+            pick = lambda t, fill: t.reshape(batch, -1)[b, cidx.clamp(min=0)].masked_fill(cidx < 0, fill)
+            cand = out.reshape(-1)[rows].unsqueeze(1) - pick(xp, -math.inf) <= run.tie_tol
+            key = pick(xt, 0.0) if xt is not None else torch.zeros(cand.shape, dtype=xp.dtype, device=xp.device)
+            choice, _ = run.resolve(op, "select", cand, key, lambda: pick(x, -math.inf))
+            idx = idx.clone()
+            locked = lambda c: cidx.gather(1, c.unsqueeze(1)).squeeze(1)
+            idx.view(-1)[rows] = locked(choice)
+            run.kinks[-1].write = lambda c: idx.data.view(-1).index_put_((rows,), locked(c))
+        values = x.reshape(batch, -1).gather(1, idx.reshape(batch, -1)).reshape(out.shape)
+        return (values, idx) if return_indices else values
+
+    rule.__name__ = f"max_pool{nd}d"
+    rule.__doc__ = (f"{op}: in a window with tied maxima, the element largest along the direction (PyTorch "
+                    "takes the first); the output is gathered at the locked indices.")
+    return rule
+
+
+kink_rule(aten.max_pool1d, F.max_pool1d, torch.max_pool1d, F.max_pool1d_with_indices)(_max_pool(1))
+kink_rule(aten.max_pool2d_with_indices, F.max_pool2d, torch.max_pool2d, F.max_pool2d_with_indices)(_max_pool(2))
+kink_rule(aten.max_pool3d_with_indices, F.max_pool3d, torch.max_pool3d, F.max_pool3d_with_indices)(_max_pool(3))
+
+
+# --- orderings: sort, topk, kthvalue, median ----------------------------------------------------------------
+
+
+def _ordered(run, op: str, x: Tensor, dim: int, descending: bool, positions: slice):
+    """Locked permutation sorting x along dim; ties that reach ``positions`` ranked lexicographically."""
+    xp = _split(x)[0]
+    dim = dim % max(xp.dim(), 1)
+    xm = x.movedim(dim, -1) if xp.dim() else x.reshape(1)
+    pm, tm = _split(xm)
+    vals, perm = torch.sort(pm, dim=-1, descending=descending, stable=True)
+    m = pm.shape[-1]
+    lo, hi = max(positions.start - 1, 0), min(positions.stop, m - 1)
+    gap = (vals[..., 1:] - vals[..., :-1]).abs()[..., lo:hi]
+    tie_pairs = gap <= run.tie_tol
+    run.note_near(op, gap)
+    tie = tie_pairs.any(-1)
+    if tie.any():
+        rows = _tied_rows(tie)
+        prim = pm.reshape(-1, m)[rows]
+        tied_v = vals.reshape(-1, m)[rows]
+        # candidates: elements whose value equals a value in a tie pair that reaches the positions
+        pair_vals = torch.where(tie_pairs.reshape(-1, hi - lo)[rows], tied_v[:, lo:hi], math.nan)
+        cand = (prim.unsqueeze(-1) == pair_vals.unsqueeze(1)).any(-1)
+        key = tm.reshape(-1, m)[rows] if tm is not None else torch.zeros_like(prim)
+        order, _ = run.resolve(op, "order", cand, key, lambda: xm.reshape(-1, m)[rows], descending, primal=prim)
+        perm = perm.clone()
+        perm.view(-1, m)[rows] = order
+        run.kinks[-1].write = lambda c: perm.data.view(-1, m).index_put_((rows,), c)
+    return xm.gather(-1, perm), perm, dim
+
+
+@kink_rule(aten.sort, torch.sort, Tensor.sort)
+def sort(run, func, x, dim=-1, descending=False, stable=False):
+    """Sorted values. Within tied values, tangents sorted the same way (then further directions)."""
+    if isinstance(dim, bool):  # sort(x, descending) positional form is not used by torch; keep dim an int
+        dim, descending = -1, dim
+    v, perm, d = _ordered(run, "aten.sort", x, dim, descending, slice(0, x.shape[dim] if x.dim() else 1))
+    return torch.return_types.sort((v.movedim(-1, d), perm.movedim(-1, d)))
+
+
+@kink_rule(aten.topk, torch.topk, Tensor.topk)
+def topk(run, func, x, k, dim=-1, largest=True, sorted=True):
+    """Top k. Ties at or across the k-th place: the elements largest along the direction win."""
+    v, perm, d = _ordered(run, "aten.topk", x, dim, largest, slice(0, k))
+    return torch.return_types.topk((v[..., :k].movedim(-1, d), perm[..., :k].movedim(-1, d)))
+
+
+@kink_rule(aten.kthvalue, torch.kthvalue, Tensor.kthvalue)
+def kthvalue(run, func, x, k, dim=-1, keepdim=False):
+    """k-th smallest. At a tie: the tied element k-th smallest along the direction."""
+    v, perm, d = _ordered(run, "aten.kthvalue", x, dim, False, slice(k - 1, k))
+    v, i = v[..., k - 1 : k], perm[..., k - 1 : k]
+    v, i = (v.movedim(-1, d), i.movedim(-1, d)) if keepdim else (v.squeeze(-1), i.squeeze(-1))
+    return torch.return_types.kthvalue((v, i))
+
+
+@kink_rule(aten.median, torch.median, Tensor.median)
+def median(run, func, x, dim=None, keepdim=False):
+    """Lower median. At a tie: the tied element in the middle along the direction."""
+    if _split(x)[0].isnan().any():  # PyTorch's median propagates NaN; no tie to rank
+        return func(x) if dim is None else func(x, dim, keepdim)
+    if dim is None:
+        return kthvalue(run, func, x.reshape(-1), (x.numel() + 1) // 2).values
+    return torch.return_types.median(tuple(kthvalue(run, func, x, (x.shape[dim] + 1) // 2, dim, keepdim)))
+
+
+# --- singular points and norms ------------------------------------------------------------------------------
+
+
+def _singular(op: str, x: Tensor, why: str):
+    xp = _split(x)[0]
+    at0 = xp == 0
+    if at0.any():
+        raise NonsmoothError(f"{op} at {_user_line()} is evaluated at 0 for {int(at0.sum())} element(s), where "
+                             f"{why}; f'(x; d) does not exist or needs second-order terms. Write norms with "
+                             "torch.linalg.vector_norm (exact at 0) or keep the argument away from 0.")
+
+
+@kink_rule(aten.sqrt, torch.sqrt, Tensor.sqrt)
+def sqrt(run, func, x):
+    """sqrt(x): singular at 0 (infinite slope): an error naming the line instead of inf/NaN."""
+    _singular("aten.sqrt", x, "its derivative is infinite")
+    return func(x)
+
+
+@kink_rule(aten.pow, torch.pow, Tensor.pow, Tensor.__pow__)
+def pow(run, func, x, exponent):
+    """x ** p with 0 < p < 1 (or non-integer p < 1): singular at 0, an error there."""
+    if isinstance(x, Tensor) and isinstance(exponent, (int, float)) and 0 < exponent < 1:
+        _singular("aten.pow", x, f"x ** {exponent} has an infinite derivative")
+    return func(x, exponent)
+
+
+@kink_rule(aten.linalg_vector_norm, torch.linalg.vector_norm)
+def vector_norm(run, func, x, ord=2, dim=None, keepdim=False, *, dtype=None):
+    """p-norm (p >= 1). At a zero slice: f'(x; d) = ||x'||, locked to the linear piece <u, x> where u is the
+    norm's gradient at x' (a unit dual vector, the gradient at x + t d). Ord 1 and inf use the abs / amax rules."""
+    ord = float(ord)
+    dims = tuple(range(x.dim())) if dim is None else ((dim,) if isinstance(dim, int) else tuple(dim))
+    if ord == 1 or math.isinf(ord):
+        a = abs(run, torch.abs, x)
+        if ord == 1:
+            return a.sum(dim=dims, keepdim=keepdim)
+        return _reduce_select(run, "aten.linalg_vector_norm", a, dims, keepdim, ord > 0)[0]
+    if 0 < ord < 1:
+        _singular("aten.linalg_vector_norm", x, f"the {ord}-norm has an infinite derivative")
+    out = torch.linalg.vector_norm(x, ord, dim, keepdim)
+    zero = _split(out)[0] == 0
+    if ord < 1 or not zero.any():
+        return out
+    xt = _split(x)[1]
+    with torch.enable_grad():
+        t = (torch.zeros_like(x) if xt is None else xt).detach().requires_grad_(True)
+        (u,) = torch.autograd.grad(torch.linalg.vector_norm(t, ord, dims, True).sum(), t)
+    run.kinks.append(Kink("aten.linalg_vector_norm", _user_line(), "select",
+                          torch.ones(int(zero.sum()), 1, dtype=torch.bool), continuum=True))
+    return torch.where(zero, (u.nan_to_num() * x).sum(dim=dims, keepdim=keepdim), out)
+
+
+@kink_rule(aten.norm, torch.norm, Tensor.norm, torch.linalg.norm)
+def norm(run, func, x, p=None, dim=None, keepdim=False, *args, **kwargs):
+    """torch.norm / Tensor.norm / linalg.norm of vectors: the vector_norm rule (matrix norms: PyTorch's)."""
+    p = kwargs.pop("ord", p)
+    vector = isinstance(dim, int) or x.dim() <= 1 or (dim is None and func is not torch.linalg.norm)
+    if p in (None, "fro") and (vector or func is not torch.linalg.norm):
+        p = 2
+    if not vector or not isinstance(p, (int, float)):
+        return func(x, p, dim, keepdim, *args, **kwargs)
+    return vector_norm(run, func, x, p, dim, keepdim)
+
+
+# Kinky ops without a rule: a clear error when f reaches one with a direction, never a silent convention.
+for _fn, _op in [(torch.cummax, "aten.cummax"), (torch.cummin, "aten.cummin"), (Tensor.cummax, "aten.cummax"),
+                 (Tensor.cummin, "aten.cummin"), (torch.nanmedian, "aten.nanmedian"), (torch.mode, "aten.mode"),
+                 (F.adaptive_max_pool1d, "aten.adaptive_max_pool1d"),
+                 (F.adaptive_max_pool2d, "aten.adaptive_max_pool2d"),
+                 (F.adaptive_max_pool3d, "aten.adaptive_max_pool3d"),
+                 (F.fractional_max_pool2d, "aten.fractional_max_pool2d"), (torch.cdist, "aten.cdist"),
+                 (F.hinge_embedding_loss, "aten.hinge_embedding_loss"),
+                 (F.margin_ranking_loss, "aten.margin_ranking_loss"), (F.multi_margin_loss, "aten.multi_margin_loss"),
+                 (F.triplet_margin_loss, "aten.triplet_margin_loss"), (F.pdist, "aten._pdist_forward")]:
+    UNRULED[_fn] = _op
+
+
+# ------------------------------------------------------------------------------------------------ the mode
+
+
+def _is_dual(a) -> bool:
+    return isinstance(a, Tensor) and fwAD.unpack_dual(a).tangent is not None
+
+
+def _needs_grad(a) -> bool:
+    return isinstance(a, Tensor) and a.requires_grad and torch.is_grad_enabled()
+
+
+class _Stop(Exception):
+    """Raised by the mode once the pass has gone past the last kink it needs."""
+
+
+class _KinkMode(TorchFunctionMode):
+    """Routes kink ops that depend on the inputs to their rules; swaps closure-captured inputs for ours.
+
+    ``involved`` says whether an argument depends on the inputs (it has a tangent, or in the tangent-free
+    detection pass, requires grad). After ``strip_after`` calls, tangents are dropped: no kink lies beyond.
+    ``used`` collects the positions of the inputs that calls have used so far, ``last_tie`` the call count at
+    the last kink that had ties (detection pass).
+    """
+
+    def __init__(self, run: _Run, subs: dict[int, Tensor], positions: dict[int, int], involved: Callable,
+                 strip_after: int | None = None, stop_after: int | None = None):
+        super().__init__()
+        self.run, self.subs, self.positions, self.involved = run, subs, positions, involved
+        self.strip_after, self.stop_after = strip_after, stop_after
+        self.count, self.used, self.last_tie, self.used_at_tie = 0, set(), -1, set()
+
+    def _sub(self, a):
+        if isinstance(a, Tensor):
+            if id(a) in self.positions:
+                self.used.add(self.positions[id(a)])
+            a = self.subs.get(id(a), a)
+            if self.strip_after is not None and self.count > self.strip_after and _is_dual(a):
+                a = fwAD.unpack_dual(a).primal
+            return a
+        if type(a) in (list, tuple):
+            return type(a)(self._sub(v) for v in a)
+        return a
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.count += 1
+        if self.stop_after is not None and self.count > self.stop_after:
+            raise _Stop
+        args = tuple(self._sub(a) for a in args)
+        if kwargs:
+            kwargs = {k: self._sub(v) for k, v in kwargs.items()}
+        rule = _ROUTES.get(func)
+        if (rule is None and func not in UNRULED) or not any(map(self.involved, (*args, *kwargs.values()))):
+            return func(*args, **kwargs)
+        if rule is None:
+            raise NonsmoothError(f"gradwise has no kink rule for {UNRULED[func]} (called at {_user_line()}); "
+                                 "its derivative at ties/zeros would be PyTorch's convention. Rewrite it with "
+                                 "ops that have rules (abs, clamp, maximum, max, sort, max_pool ...).")
+        before, self.run.call = len(self.run.kinks), self.count
+        out = rule(self.run, func, *args, **kwargs)
+        if len(self.run.kinks) > before:
+            self.last_tie, self.used_at_tie = self.count, set(self.used)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def _as_inputs(inputs, what: str = "inputs") -> tuple[tuple[Tensor, ...], bool]:
+    single = isinstance(inputs, Tensor)
+    xs = (inputs,) if single else inputs
+    if not isinstance(xs, (tuple, list)) or not xs:
+        raise TypeError(f"{what} must be a tensor or a tuple of tensors, got {type(inputs).__name__}")
+    for i, x in enumerate(xs):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{what}[{i}] is a {type(x).__name__}, not a torch.Tensor; pass tensors "
+                            "(e.g. torch.tensor(...))")
+        if not (x.is_floating_point()):
+            raise TypeError(f"{what}[{i}] has dtype {x.dtype}; derivatives need a real floating dtype: "
+                            f"convert it with .double() or .float()")
+    return tuple(xs), single
+
+
+def _call(f, duals: tuple[Tensor, ...], single: bool):
+    return f(duals[0]) if single else f(*duals)
+
+
+def _outputs(out) -> list[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)) and all(isinstance(o, Tensor) for o in out):
+        return list(out)
+    raise TypeError(f"f must return a tensor or a tuple of tensors, got {type(out).__name__}")
+
+
+def _run(f, xs, single, directions, run: _Run, requires_grad: bool, strip_after: int | None = None,
+         stop_after: int | None = None):
+    """One pass of f at xs with tangents ``directions`` (None: a tangent-free detection pass, or no tangent
+    for that input). Returns (output, [(primal, tangent)] per output, leaves, mode)."""
+    leaves = tuple(x.detach().requires_grad_(requires_grad) for x in xs)
+    dual = directions is not None
+    with fwAD.dual_level(), torch.enable_grad() if requires_grad else torch.no_grad():
+        args = tuple(x if not dual or d is None else fwAD.make_dual(x, d.to(x.dtype))
+                     for x, d in zip(leaves, directions or [None] * len(xs), strict=True))
+        positions = {id(t): i for ts in (xs, leaves, args) for i, t in enumerate(ts)}
+        subs = {id(x): a for x, a in zip(xs, args, strict=True)}
+        mode = _KinkMode(run, subs, positions, _is_dual if dual else _needs_grad, strip_after, stop_after)
+        try:
+            with mode:
+                out = _call(f, args, single)
+        except _Stop:
+            return None, [], leaves, mode
+        primals = [fwAD.unpack_dual(o) for o in _outputs(out)]
+    return out, primals, leaves, mode
+
+
+def _extra_directions(xs, gen: torch.Generator, n: int):
+    return [tuple(torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.device, x.dtype) for x in xs)
+            for _ in range(n)]
+
+
+MAX_EXTRA_PASSES = 3
+
+
+def _lex_passes(f, xs, single, first, gen, requires_grad, run_kw=None, strip_after=None):
+    """Run f along ``first``; while comparison ties stay unresolved, add random directions and rerun.
+
+    Returns the final run (its branches ranked by all directions) and its `_run` result.
+    """
+    run_kw = run_kw or {}
+    run = _Run(**run_kw)
+    result = _run(f, xs, single, first, run, requires_grad, strip_after)
+    history = run.kinks
+    for extra in _extra_directions(xs, gen, MAX_EXTRA_PASSES) if _unresolved(run) else []:
+        nxt = _Run(history=history, **run_kw)
+        _run(f, xs, single, extra, nxt, False)
+        history = nxt.kinks
+        if not _unresolved(nxt):
+            break
+    if history is not run.kinks:  # rerun along the first direction with every ranking column known
+        run = _Run(history=history, **run_kw)
+        result = _run(f, xs, single, first, run, requires_grad, strip_after)
+    return run, result
+
+
+def _unresolved(run: _Run) -> bool:
+    return any(k.unresolved and k.comparison for k in run.kinks)
+
+
+def _check_directions(xs, directions, single):
+    ds = (directions,) if isinstance(directions, Tensor) and single else directions
+    if isinstance(ds, Tensor):
+        ds = (ds,)
+    if not isinstance(ds, (tuple, list)) or len(ds) != len(xs):
+        raise TypeError(f"directions must match inputs: {len(xs)} tensor(s) shaped like the inputs")
+    for i, (x, d) in enumerate(zip(xs, ds, strict=True)):
+        if not isinstance(d, Tensor) or d.shape != x.shape:
+            raise TypeError(f"directions[{i}] must be a tensor of shape {tuple(x.shape)}, got "
+                            f"{getattr(d, 'shape', type(d).__name__)}")
+        if not d.is_floating_point():
+            raise TypeError(f"directions[{i}] has dtype {d.dtype}; use a floating dtype")
+    return tuple(ds)
+
+
+def directional_derivative(f: Callable, inputs: Tensor | tuple[Tensor, ...],
+                           directions: Tensor | tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
+    """The exact one-sided directional derivative f'(x; d) = lim_{t->0+} (f(x + t d) - f(x)) / t.
+
+    ``f`` is called as ``f(*inputs)`` (or ``f(inputs)`` for one tensor); ``directions`` is shaped like
+    ``inputs``; the result is shaped like f's output. Kink ops use their one-sided rules (see
+    ``docs/nonsmooth.md``); where tangents tie too, further directions decide (lexicographic derivatives).
+
+    >>> import torch, gradwise as gw
+    >>> x = torch.tensor(0.0)
+    >>> gw.directional_derivative(lambda x: torch.relu(x) - torch.relu(-x), x, torch.tensor(-2.0))
+    tensor(-2.)
+    >>> gw.directional_derivative(torch.abs, x, torch.tensor(-1.0))
+    tensor(1.)
+    """
+    xs, single = _as_inputs(inputs)
+    ds = _check_directions(xs, directions, single)
+    gen = torch.Generator().manual_seed(0)
+    run, (out, primals, _, _) = _lex_passes(f, xs, single, ds, gen, False)
+    if any(k.comparison for k in run.kinks):
+        with torch.no_grad():
+            plain = _outputs(_call(f, tuple(x.detach() for x in xs), single))
+        for (p, _), q in zip(primals, plain, strict=True):
+            if not torch.equal(p.nan_to_num(), q.nan_to_num()):
+                kink = next(k for k in run.kinks if k.comparison)
+                raise NonsmoothError(f"f jumps at x along this direction (comparison {kink.op} at "
+                                     f"{kink.location} switches branch to a different value): the one-sided "
+                                     "derivative does not exist")
+    tangents = [torch.zeros_like(p) if t is None else t for p, t in primals]
+    return tangents[0] if isinstance(out, Tensor) else tuple(tangents)
+
+
+def _random_direction(xs, seed: int | None, only: set[int] | None = None):
+    """A Gaussian direction (None for inputs outside ``only``) and the generator, for further directions."""
+    gen = torch.Generator()
+    gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ())))
+    dtype = lambda x: x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    d = tuple(torch.randn(x.shape, generator=gen, dtype=dtype(x)).to(x.device) if only is None or i in only
+              else None for i, x in enumerate(xs))
+    return d, gen
+
+
+def _scalar(primal: Tensor) -> Tensor:
+    if primal.numel() != 1:
+        raise ValueError(f"f must return a scalar for a generalized gradient, got shape {tuple(primal.shape)}; "
+                         "reduce it (e.g. .sum() or .mean()) or use gw.directional_derivative")
+    return primal.reshape(())
+
+
+def _grads(y: Tensor, leaves, xs) -> tuple[Tensor, ...]:
+    grads = torch.autograd.grad(y, leaves, allow_unused=True)
+    return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads, strict=True))
+
+
+def _locked_grad(f, xs, single, seed, run_kw=None):
+    """A generalized gradient. A tangent-free pass finds the kinks, building the graph with provisional
+    branches; without ties that graph is the answer. With ties, f runs again along a random direction over the
+    inputs used before the last tie (later inputs cannot move a tie), stopping after it; the branches it ranks
+    are written into the first pass's lock tensors, then one reverse pass. Comparisons and norms at 0 (whose
+    branch changes more than a saved index) take a full pass along the direction instead.
+    """
+    run_kw = run_kw or {}
+    probe = _Run(**run_kw)
+    _, primals, leaves, mode = _run(f, xs, single, None, probe, True)
+    y = _scalar(primals[0][0])
+    if probe.kinks:
+        d, gen = _random_direction(xs, seed, mode.used_at_tie)
+        if any(k.write is None for k in probe.kinks):
+            probe, (_, primals, leaves, _) = _lex_passes(f, xs, single, d, gen, True, run_kw,
+                                                         strip_after=mode.last_tie)
+            y = _scalar(primals[0][0])
+        else:
+            ranked = _Run(**run_kw)
+            _run(f, xs, single, d, ranked, False, stop_after=mode.last_tie)
+            choices = {k.call: k.choice for k in ranked.kinks}
+            for k in probe.kinks:
+                if k.call in choices:
+                    k.write(choices[k.call])
+                    k.choice = choices[k.call]
+    return _grads(y, leaves, xs), probe, y.detach()
+
+
+def generalized_grad(f: Callable, inputs: Tensor | tuple[Tensor, ...], *,
+                     seed: int | None = None) -> tuple[Tensor, ...]:
+    """An element of the Clarke subdifferential of scalar ``f`` at ``inputs`` (a tuple, like autograd.grad).
+
+    Every kink is locked to the branch active along a random direction (``seed`` makes it reproducible),
+    then one reverse pass runs through the locked branches: the result is the gradient of a smooth piece of f
+    active at x. Where no kink is hit it equals ``torch.autograd.grad``. ``inputs`` may be tensors that f
+    closes over (e.g. a module's parameters): they are swapped in wherever f uses them.
+
+    >>> import torch, gradwise as gw
+    >>> x = torch.tensor(0.0, requires_grad=True)
+    >>> gw.generalized_grad(lambda x: torch.relu(x) - torch.relu(-x), x)
+    (tensor(1.),)
+    """
+    xs, single = _as_inputs(inputs)
+    return _locked_grad(f, xs, single, seed)[0]
+
+
+def generalized_backward(f: Callable, inputs, *, seed: int | None = None) -> Tensor:
+    """Like ``f(...).backward()`` with generalized gradients: accumulates into each input's ``.grad``.
+
+    ``inputs`` are the tensors to differentiate (e.g. ``list(model.parameters())``); f is called as in
+    `generalized_grad` (``f(*inputs)``) and may ignore its arguments and use a module directly. Returns f's
+    value.
+
+    >>> import torch, gradwise as gw
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.ReLU())
+    >>> loss = gw.generalized_backward(lambda *p: model(torch.ones(1, 2)).sum(), list(model.parameters()))
+    >>> model[0].weight.grad.shape
+    torch.Size([1, 2])
+    """
+    xs, single = _as_inputs(tuple(inputs) if not isinstance(inputs, Tensor) else inputs)
+    grads, _, value = _locked_grad(f, xs, single, seed)
+    for x, g in zip(xs, grads, strict=True):
+        x.grad = g.detach().clone() if x.grad is None else x.grad + g
+    return value
+
+
+def kinks_hit(f: Callable, inputs, *, seed: int | None = 0, tie_tol: float = 0.0,
+              near_tol: float | None = None, tangents: bool = True) -> tuple[list[Kink], list[NearKink]]:
+    """The kinks f hits at ``inputs`` and the near-ties within near_tol. With ``tangents`` (one run along a
+    random direction) only kinks that depend on the inputs count; without, any tie on a tensor that requires
+    grad does (for f with custom autograd Functions lacking a ``jvp``)."""
+    xs, single = _as_inputs(inputs)
+    run = _Run(tie_tol=tie_tol, near_tol=near_tol)
+    _run(f, xs, single, _random_direction(xs, seed)[0] if tangents else None, run, not tangents)
+    return run.kinks, run.near

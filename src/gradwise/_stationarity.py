@@ -1,0 +1,283 @@
+"""Subdifferentials and stationarity certificates at kinks.
+
+The Clarke subdifferential of a piecewise-smooth f at x is the convex hull of the gradients of the smooth pieces
+active at x (those that agree with f on an open cone at x). `subdifferential` finds them exactly while few
+kinks are hit: a depth-first search over the kink calls in program order, forcing branch choices (the replay
+mechanism of `_nonsmooth`), where a choice is kept only if some direction d makes it the winner, i.e. the
+strict linear inequalities on d it implies are feasible (a linear program, ``scipy.optimize.linprog``). Each
+leaf is an active piece; its gradient is one reverse pass. Beyond the budget it samples generalized gradients
+along random directions (then it cannot prove that nothing is missing).
+
+The least-norm point of the hull comes from non-negative least squares (``scipy.optimize.nnls``):
+min_{mu >= 0} ||G^T mu||^2 + (1 - 1^T mu)^2 has solution mu = lambda / (1 + r^2), lambda the least-norm
+weights and r the least norm, so lambda = mu / sum(mu) exactly.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.optimize import linprog, nnls
+
+from gradwise._nonsmooth import (
+    Kink,
+    NearKink,
+    _as_inputs,
+    _locked_grad,
+    _random_direction,
+    _Run,
+    _run,
+    _scalar,
+)
+
+__all__ = ["Stationarity", "Subdifferential", "stationarity", "subdifferential"]
+
+MAX_KINKS = 12  # enumerate exactly up to this many tied elements
+MAX_LPS = 4096  # ... and up to this many feasibility checks
+MAX_GROUP = 5  # largest tied group of a sort/topk whose orders are enumerated
+
+
+@dataclass
+class Subdifferential:
+    """Generalized gradients at a point: ``elements`` (each shaped like ``generalized_grad``'s result).
+
+    ``exact`` is True when they are the gradients of all active pieces (their hull is the Clarke
+    subdifferential), False when sampled (their hull is inside it).
+    """
+
+    elements: list[tuple[torch.Tensor, ...]]
+    exact: bool
+    kinks: list[Kink] = field(default_factory=list)
+    near_kinks: list[NearKink] = field(default_factory=list)
+
+    def matrix(self) -> torch.Tensor:
+        """(number of elements, number of input entries) float64 matrix of the flattened elements."""
+        return torch.stack([_flat(e) for e in self.elements])
+
+    def min_norm_weights(self) -> np.ndarray:
+        """Convex weights of the least-norm point of the elements' hull (SciPy NNLS, see module doc)."""
+        g = self.matrix().cpu().numpy()
+        a = np.vstack([g.T, np.ones((1, len(g)))])
+        b = np.zeros(a.shape[0])
+        b[-1] = 1.0
+        mu, _ = nnls(a, b, maxiter=50 * a.shape[1] + 100)
+        return mu / mu.sum()
+
+    def min_norm_element(self) -> tuple[torch.Tensor, ...]:
+        """The least-norm point of the convex hull of the elements, shaped like an element."""
+        lam = torch.from_numpy(self.min_norm_weights())
+        point = lam @ self.matrix()
+        return _unflat(point, self.elements[0])
+
+
+@dataclass
+class Stationarity:
+    """Certificate: ``stationary`` True (0 is in the Clarke subdifferential up to ``atol``), False (proved
+    not: all active pieces known, or f differentiable with a nonzero gradient), None (undecided)."""
+
+    stationary: bool | None
+    min_norm: float
+    kinks: list[Kink]
+    near_kinks: list[NearKink]
+    exact: bool
+    element: tuple[torch.Tensor, ...]
+    subdifferential: Subdifferential
+
+    def __str__(self) -> str:
+        verdict = {True: "stationary", False: "not stationary", None: "undecided"}[self.stationary]
+        how = "all active pieces" if self.exact else "sampled pieces"
+        lines = [f"{verdict}: least-norm generalized gradient {self.min_norm:.3g} over "
+                 f"{len(self.subdifferential.elements)} {how}"]
+        lines += [f"  kink: {k.describe()}" for k in self.kinks]
+        lines += [f"  near kink: {n.op} at {n.location}: {n.count} element(s) within {n.gap:.2g}"
+                  for n in self.near_kinks]
+        return "\n".join(lines)
+
+
+def _flat(t) -> torch.Tensor:
+    return torch.cat([x.detach().reshape(-1).to(torch.float64).cpu() for x in t])
+
+
+def _unflat(v: torch.Tensor, like: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    out, i = [], 0
+    for x in like:
+        out.append(v[i : i + x.numel()].reshape(x.shape).to(x.dtype))
+        i += x.numel()
+    return tuple(out)
+
+
+class _Budget(Exception):
+    """Too many pieces to enumerate: fall back to sampling."""
+
+
+def _feasible(rows: list[np.ndarray], n: int, counter: list[int]) -> bool:
+    """Is there a direction d with r . d > 0 for every row r (scaled: r . d >= 1)?"""
+    if not rows:
+        return True
+    counter[0] += 1
+    if counter[0] > MAX_LPS:
+        raise _Budget
+    a = np.stack([r / np.linalg.norm(r) for r in rows])
+    res = linprog(np.zeros(n), A_ub=-a, b_ub=-np.ones(len(a)), bounds=[(None, None)] * n, method="highs")
+    return res.status == 0
+
+
+def _jacobian(values: torch.Tensor, cand: torch.Tensor, leaves) -> np.ndarray:
+    """Gradients (G, m, n) of the candidate values w.r.t. the inputs (zero rows for non-candidates)."""
+    n = sum(x.numel() for x in leaves)
+    jac = np.zeros((*cand.shape, n))
+    for g, i in cand.nonzero().tolist():
+        v = values[g, i]
+        if v.requires_grad:
+            grads = torch.autograd.grad(v, leaves, retain_graph=True, allow_unused=True)
+            jac[g, i] = _flat([torch.zeros_like(x) if d is None else d for x, d in zip(leaves, grads, strict=True)])
+    return jac
+
+
+def _options(rec: Kink, jac: np.ndarray, tol: float):
+    """For each tied group of a kink: the (constraint rows, forced key row) of each distinct branch."""
+    g_count, m = rec.cand.shape
+    sign = 1.0 if rec.descending else -1.0
+    per_group = []
+    for g in range(g_count):
+        tied = rec.cand[g].nonzero().flatten().tolist()
+        same = lambda i, k: np.linalg.norm(jac[g, i] - jac[g, k]) <= tol  # noqa: B023
+        opts = []
+        if rec.kind == "select":
+            for i in tied:
+                if any(same(i, k) for k in tied if k < i):
+                    continue  # same gradient as an earlier candidate: the same piece to first order
+                rows = [sign * (jac[g, i] - jac[g, k]) for k in tied if k != i and not same(i, k)]
+                key = torch.zeros(m, dtype=torch.float64)
+                key[i] = sign
+                opts.append((rows, key))
+        else:
+            values = rec.values[g].detach()
+            blocks = [[i for i in tied if values[i] == v] for v in sorted({float(values[i]) for i in tied})]
+            if max(len(b) for b in blocks) > MAX_GROUP:
+                raise _Budget
+            for perms in itertools.product(*[itertools.permutations(b) for b in blocks]):
+                if any(same(a, b) and p.index(a) > p.index(b) for p in perms for a in p for b in p if a < b):
+                    continue
+                rows, key = [], torch.zeros(m, dtype=torch.float64)
+                for p in perms:
+                    for r, i in enumerate(p):
+                        key[i] = -r if rec.descending else r
+                    rows += [sign * (jac[g, p[r]] - jac[g, p[r + 1]]) for r in range(len(p) - 1)
+                             if not same(p[r], p[r + 1])]
+                opts.append((rows, key))
+        per_group.append(opts)
+    return per_group
+
+
+def _enumerate(f, xs, single, tie_tol: float, tol: float = 1e-9) -> list[tuple[torch.Tensor, ...]]:
+    """Gradients of all active pieces, by depth-first search over forced branch choices."""
+    zeros = tuple(torch.zeros_like(x) for x in xs)
+    n = sum(x.numel() for x in xs)
+    counter, found = [0], []
+
+    def explore(c: int, forced: dict, rows: list):
+        run = _Run(forced=dict(forced), collect=True, tie_tol=tie_tol)
+        _, primals, leaves, _ = _run(f, xs, single, zeros, run, True)
+        if c == len(run.kinks):
+            y = _scalar(primals[0][0])
+            grads = torch.autograd.grad(y, leaves, allow_unused=True)
+            found.append(tuple(torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads, strict=True)))
+            if len(found) > MAX_LPS:
+                raise _Budget
+            return
+        rec = run.kinks[c]
+        if rec.continuum or rec.values is None:
+            raise _Budget
+        options = _options(rec, _jacobian(rec.values, rec.cand, leaves), tol)
+
+        def choose(g: int, acc_rows: list, keys: list):
+            if g == len(options):
+                explore(c + 1, {**forced, c: torch.stack(keys).to(rec.cand.device)}, acc_rows)
+                return
+            for opt_rows, key in options[g]:
+                new = acc_rows + opt_rows
+                if not opt_rows or _feasible(new, n, counter):
+                    choose(g + 1, new, [*keys, key.to(_dtype_of(rec))])
+
+        choose(0, rows, [])
+
+    explore(0, {}, [])
+    return found
+
+
+def _dtype_of(rec: Kink) -> torch.dtype:
+    return rec.values.dtype if rec.values is not None else torch.float64
+
+
+def _distinct(elements: list[tuple[torch.Tensor, ...]], tol: float = 1e-12) -> list[tuple[torch.Tensor, ...]]:
+    out, seen = [], []
+    for e in elements:
+        v = _flat(e)
+        if all((v - s).abs().max() > tol * (1 + v.abs().max()) for s in seen):
+            out.append(e)
+            seen.append(v)
+    return out
+
+
+def subdifferential(f: Callable, inputs, *, samples: int | None = None, seed: int | None = None,
+                    tie_tol: float = 0.0, near_tol: float | None = 1e-6) -> Subdifferential:
+    """Generalized gradients of scalar f at ``inputs``: all active pieces when few kinks are hit, else samples.
+
+    ``samples`` forces sampling with that many random directions. ``tie_tol`` > 0 treats values within it as
+    tied (an epsilon-subdifferential); ``near_tol`` reports elements that close to a kink without touching it.
+
+    >>> import torch, gradwise as gw
+    >>> sd = gw.subdifferential(lambda x: x.abs().sum(), torch.zeros(2))
+    >>> len(sd.elements), sd.exact
+    (4, True)
+    >>> bool(sd.min_norm_element()[0].abs().max() < 1e-12)
+    True
+    """
+    xs, single = _as_inputs(inputs)
+    d, _ = _random_direction(xs, 0 if seed is None else seed)
+    probe = _Run(tie_tol=tie_tol, near_tol=near_tol)
+    _run(f, xs, single, d, probe, False)
+    kinks = probe.kinks
+    tied = sum(k.count for k in kinks)
+    if not kinks:
+        grads = _locked_grad(f, xs, single, seed, {"tie_tol": tie_tol})[0]
+        return Subdifferential([grads], True, [], probe.near)
+    if samples is None and tied <= MAX_KINKS:
+        try:
+            return Subdifferential(_distinct(_enumerate(f, xs, single, tie_tol)), True, kinks, probe.near)
+        except _Budget:
+            pass
+    base = 0 if seed is None else seed
+    found = [_locked_grad(f, xs, single, base + i, {"tie_tol": tie_tol})[0] for i in range(samples or 32)]
+    return Subdifferential(_distinct(found), False, kinks, probe.near)
+
+
+def stationarity(f: Callable, inputs, *, atol: float = 1e-6, samples: int | None = None, seed: int | None = None,
+                 tie_tol: float = 0.0, near_tol: float | None = 1e-6) -> Stationarity:
+    """Is 0 a Clarke generalized gradient of scalar f at ``inputs``? A certificate, see `Stationarity`.
+
+    ``stationary`` is True when the least-norm point of the generalized gradients found is within ``atol`` of
+    0; False only when every active piece was enumerated (or f is differentiable there); None otherwise.
+    Exact ties only count as kinks; ``near_kinks`` lists elements within ``near_tol`` of one, where a tiny
+    move changes the answer (pass ``tie_tol`` to treat them as ties).
+
+    >>> import torch, gradwise as gw
+    >>> cert = gw.stationarity(lambda x: torch.maximum(x, -2 * x), torch.tensor(0.0))
+    >>> cert.stationary, cert.min_norm
+    (True, 0.0)
+    """
+    sd = subdifferential(f, inputs, samples=samples, seed=seed, tie_tol=tie_tol, near_tol=near_tol)
+    element = sd.min_norm_element()
+    norm = float(_flat(element).norm())
+    if not math.isfinite(norm):
+        verdict = None
+    elif norm <= atol:
+        verdict = True
+    else:
+        verdict = False if sd.exact else None
+    return Stationarity(verdict, norm, sd.kinks, sd.near_kinks, sd.exact, element, sd)

@@ -1,0 +1,61 @@
+"""Kink-aware gradcheck: passes smooth code, tells PyTorch's kink conventions apart, still fails wrong backwards."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradwise as gw
+from gradwise._gradcheck import GradcheckError
+
+
+class BadSquare(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**2
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x * g  # wrong: should be 2 x g
+
+
+class BadRelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (x > 0) * 2  # wrong slope on the active side
+
+
+d = lambda *v: torch.tensor(v, dtype=torch.float64)
+
+
+def test_smooth_function_passes():
+    assert gw.gradcheck(lambda x: (x.sin() * x).sum(), d(0.3, -1.2))
+
+
+def test_wrong_backward_fails_at_a_smooth_point():
+    with pytest.raises(GradcheckError, match="wrong gradient"):
+        gw.gradcheck(lambda x: BadSquare.apply(x).sum(), d(0.5, 1.0))
+
+
+def test_wrong_backward_fails_at_a_kink_too():
+    result = gw.gradcheck(lambda x: BadRelu.apply(x).sum(), d(0.0, 1.0), raise_exception=False)
+    assert not result.passed and "next to x" in str(result)
+
+
+def test_kink_where_pytorch_is_a_generalized_gradient():
+    result = gw.gradcheck(lambda x: torch.relu(x).sum() + x.abs().sum(), d(0.0, 2.0))
+    assert result.passed and result.kink and result.generalized
+    assert "is a generalized gradient" in str(result)
+
+
+def test_kink_where_pytorch_is_not_a_generalized_gradient():
+    result = gw.gradcheck(lambda x: torch.relu(x) - torch.relu(-x), d(0.0), raise_exception=False)
+    assert not result.passed and result.kink and result.generalized is False
+    assert "is not a generalized gradient" in str(result) and "(1, 1)" in str(result)

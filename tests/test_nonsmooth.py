@@ -1,0 +1,327 @@
+"""Directional derivatives and generalized gradients, checked against independent float64 references."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.optimize import minimize
+
+import gradwise as gw
+from gradwise._nonsmooth import KINK_RULES, NonsmoothError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from nonsmooth_cases import CASES
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "cases"
+H = 1e-7
+
+
+def call(f, xs):
+    return f(*xs)
+
+
+def one_sided(f, xs, ds, h=H):
+    """Forward difference (f(x + h d) - f(x)) / h in float64: the reference for f'(x; d)."""
+    with torch.no_grad():
+        return float((call(f, [x + h * d for x, d in zip(xs, ds, strict=True)]) - call(f, xs)) / h)
+
+
+def nearby_gradients(f, xs, n=200, radius=1e-6, seed=0):
+    """Gradients at random differentiable points next to x: their limits generate the subdifferential."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ys = [(x + radius * torch.randn(x.shape, generator=gen, dtype=x.dtype)).requires_grad_(True) for x in xs]
+        out.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(call(f, ys), ys)]))
+    return np.unique(torch.stack(out).numpy().round(7), axis=0)  # the distinct pieces (keeps SLSQP small)
+
+
+def hull_distance(p: np.ndarray, vertices: np.ndarray) -> float:
+    """Distance from p to conv(vertices) by SLSQP on the simplex (independent of gradwise's NNLS)."""
+    k = len(vertices)
+    obj = lambda lam: float(np.sum((lam @ vertices - p) ** 2))
+    res = minimize(obj, np.full(k, 1 / k), jac=lambda lam: 2 * vertices @ (lam @ vertices - p), method="SLSQP",
+                   bounds=[(0, 1)] * k, constraints=[{"type": "eq", "fun": lambda lam: lam.sum() - 1}],
+                   options={"ftol": 1e-14, "maxiter": 500})
+    return math.sqrt(max(res.fun, 0.0))
+
+
+def flat(ts) -> np.ndarray:
+    return torch.cat([x.detach().reshape(-1) for x in ts]).numpy()
+
+
+# --- literature cases ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_directional_derivative_matches_one_sided_differences(case):
+    xs = case.point()
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        ds = [torch.randn(x.shape, generator=gen, dtype=x.dtype) for x in xs]
+        got = float(gw.directional_derivative(case.f, xs, tuple(ds)))
+        assert got == pytest.approx(one_sided(case.f, xs, ds), abs=2e-5, rel=1e-4)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_generalized_grad_is_a_limit_of_nearby_gradients(case):
+    xs = case.point()
+    near = nearby_gradients(case.f, xs, n=400 if case.continuum else 200)
+    for seed in range(3):
+        g = flat(gw.generalized_grad(case.f, xs, seed=seed))
+        if case.continuum:  # a round subdifferential: g must be (close to) one of the nearby gradients
+            assert np.linalg.norm(near - g, axis=1).min() < 0.1
+        else:
+            assert hull_distance(g, near) < 1e-4, f"seed {seed}: {g} outside the hull of nearby gradients"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_exact_subdifferential_matches_nearby_gradients(case):
+    xs = case.point()
+    near = nearby_gradients(case.f, xs, n=400 if case.continuum else 200)
+    sd = gw.subdifferential(case.f, xs)
+    elements = np.stack([flat(e) for e in sd.elements])
+    tol = 1e-1 if case.continuum else 1e-4
+    for e in elements:  # every piece found is active next to x
+        assert np.linalg.norm(near - e, axis=1).min() < tol
+    if sd.exact:  # and nothing active next to x is missing
+        for g in near:
+            assert hull_distance(g, elements) < 1e-4
+    cert = gw.stationarity(case.f, xs)
+    truth = hull_distance(np.zeros(elements.shape[1]), near[:: 8 if case.continuum else 1])
+    assert cert.min_norm >= truth - 1e-4
+    if cert.stationary is not None:
+        assert cert.stationary == (truth <= 1e-4)
+
+
+# --- the shared acceptance cases ------------------------------------------------------------------------------
+
+
+def _shared_cases():
+    if not (SHARED / "check_nonsmooth.py").exists():
+        return []
+    spec = importlib.util.spec_from_file_location("check_nonsmooth", SHARED / "check_nonsmooth.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return [(module, c) for c in module.load_cases(SHARED / "nonsmooth.py")]
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/cases is absent (not a full workspace checkout)")
+@pytest.mark.parametrize("entry", _shared_cases(), ids=lambda e: e[1].name)
+def test_shared_nonsmooth_cases(entry):
+    module, case = entry
+    assert module.check_case(gw, case) == []
+
+
+# --- every rule over its samples, kinks and NaN/Inf included ---------------------------------------------
+
+_X = torch.tensor([-3.0, -1.0, 0.0, 0.5, 1.0, 3.0, 6.0], dtype=torch.float64)
+RULE_SAMPLES = {
+    "relu": (torch.relu, [_X]),
+    "abs": (torch.abs, [_X]),
+    "maximum": (torch.maximum, [_X, torch.tensor([0.0, -1.0, 0.0, 1.0, 1.0, 2.0, 6.0], dtype=torch.float64)]),
+    "minimum": (torch.minimum, [_X, torch.tensor([0.0, -1.0, 0.0, 1.0, 1.0, 2.0, 6.0], dtype=torch.float64)]),
+    "max": (lambda x: torch.max(x.reshape(1, -1).expand(2, -1) * torch.tensor([[1.0], [0.0]], dtype=x.dtype)),
+            [_X.abs()]),
+    "min": (lambda x: torch.min(x.reshape(-1, 1).abs(), dim=1).values, [_X]),
+    "amax": (lambda x: x.reshape(1, -1).abs().amax(dim=1), [_X]),
+    "amin": (lambda x: torch.stack([x.abs(), torch.ones_like(x)]).amin(dim=0), [_X]),
+    "clamp": (lambda x: x.clamp(-1.0, 1.0), [_X]),
+    "clamp_min": (lambda x: x.clamp_min(0.5), [_X]),
+    "clamp_max": (lambda x: x.clamp_max(1.0), [_X]),
+    "hardtanh": (F.hardtanh, [_X]),
+    "relu6": (F.relu6, [_X]),
+    "leaky_relu": (lambda x: F.leaky_relu(x, 0.2), [_X]),
+    "prelu": (lambda x: F.prelu(x, torch.tensor([0.3], dtype=x.dtype)), [_X]),
+    "hardsigmoid": (F.hardsigmoid, [_X]),
+    "hardswish": (F.hardswish, [_X]),
+    "threshold": (lambda x: F.threshold(x, 0.5, 0.5), [_X]),
+    "softshrink": (lambda x: F.softshrink(x, 1.0), [_X]),
+    "hardshrink": (lambda x: F.hardshrink(x, 0.7), [_X]),
+    "l1_loss": (lambda x: F.l1_loss(x, torch.zeros_like(x), reduction="sum"), [_X]),
+    "gt": (lambda x: torch.where(x > 1.0, x, 2 * x - 1.0), [_X]),
+    "ge": (lambda x: torch.where(x >= 1.0, x, 2 * x - 1.0), [_X]),
+    "lt": (lambda x: torch.where(x < 1.0, 2 * x - 1.0, x), [_X]),
+    "le": (lambda x: torch.where(x <= 1.0, 2 * x - 1.0, x), [_X]),
+    "max_pool1d": (lambda x: F.max_pool1d(x.reshape(1, 1, -1).abs(), 2, 1), [_X]),
+    "max_pool2d": (lambda x: F.max_pool2d(x.reshape(1, 1, 7, 1).abs().expand(1, 1, 7, 3), (2, 2), 1, 1), [_X]),
+    "max_pool3d": (lambda x: F.max_pool3d(x.reshape(1, 1, 7, 1, 1).abs(), (2, 1, 1)), [_X]),
+    "sort": (lambda x: torch.sort(x.abs()).values * torch.arange(7.0, dtype=x.dtype), [_X]),
+    "topk": (lambda x: torch.topk(x.abs(), 3).values, [_X]),
+    "kthvalue": (lambda x: torch.kthvalue(x.abs(), 3).values, [_X]),
+    "median": (lambda x: x.abs().median(), [_X]),
+    "vector_norm": (lambda x: torch.linalg.vector_norm(x.reshape(7, 1) * (x.reshape(7, 1).abs() > 2), dim=1),
+                    [_X]),
+    "norm": (lambda x: torch.norm(x.reshape(7, 1) - x.reshape(7, 1).clamp(-1, 1), dim=1), [_X]),
+    "sqrt": (lambda x: torch.sqrt(x.abs() + 1.0), [_X]),
+    "pow": (lambda x: (x.abs() + 1.0) ** 0.5, [_X]),
+}
+
+
+def test_every_rule_has_samples():
+    names = {getattr(r, "__name__", "") for r in KINK_RULES.values()}
+    assert names <= set(RULE_SAMPLES), f"rules without samples: {names - set(RULE_SAMPLES)}"
+
+
+@pytest.mark.parametrize("name", sorted(RULE_SAMPLES))
+def test_rule_one_sided_derivatives(name):
+    """Along +-e_i and random directions, at kinks too: f'(x; d) equals the one-sided difference."""
+    f, xs = RULE_SAMPLES[name]
+    n = xs[0].numel()
+    gen = torch.Generator().manual_seed(0)
+    directions = [torch.eye(n, dtype=torch.float64)[i] * s for i in range(n) for s in (1.0, -1.0)]
+    directions += [torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(4)]
+    for d in directions:
+        ds = [d.reshape(xs[0].shape)] + [torch.zeros_like(x) for x in xs[1:]]
+        got = gw.directional_derivative(f, tuple(xs), tuple(ds))
+        with torch.no_grad():
+            ref = (f(*[x + H * e for x, e in zip(xs, ds, strict=True)]) - f(*xs)) / H
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(RULE_SAMPLES))
+def test_rule_keeps_nan_and_inf(name):
+    """NaN/Inf inputs keep PyTorch's values; the rules only change what happens at exact ties."""
+    f, xs = RULE_SAMPLES[name]
+    x = xs[0].clone()
+    x[1], x[-1] = math.nan, math.inf
+    with torch.no_grad():
+        ref = f(x, *xs[1:])
+    got = gw.directional_derivative(lambda *a: f(*a), (x, *xs[1:]), tuple(torch.zeros_like(v) for v in xs))
+    assert got.shape == ref.shape
+    with gw._nonsmooth._KinkMode(gw._nonsmooth._Run(), {}, {}, lambda a: True):
+        pass
+    # values: rerun f through gradwise's machinery with a zero direction and compare
+    out = gw._nonsmooth._run(f, (x, *xs[1:]), False, tuple(torch.zeros_like(v) for v in xs),
+                             gw._nonsmooth._Run(), False)[1][0][0]
+    torch.testing.assert_close(out, ref, equal_nan=True)
+
+
+# --- properties -----------------------------------------------------------------------------------------------
+
+PIECEWISE = [
+    lambda x: torch.relu(x[0] - x[1]) + torch.maximum(x[1], x[2]).abs() - torch.clamp(x[0] * x[2], -1, 1),
+    lambda x: torch.sort(x.round()).values @ torch.tensor([3.0, -1.0, 2.0], dtype=x.dtype) + x.abs().amax(),
+    lambda x: F.hardtanh(x.round() - x[0]).sum() + torch.minimum(x.round(), x.round().flip(0)).pow(2).sum(),
+]
+finite = st.floats(-3, 3, allow_nan=False, width=64)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(finite, min_size=3, max_size=3), st.lists(finite, min_size=3, max_size=3),
+       st.floats(0.1, 10), st.integers(0, len(PIECEWISE) - 1))
+def test_positively_homogeneous_and_one_sided(xv, dv, scale, which):
+    f = PIECEWISE[which]
+    x = torch.tensor(xv, dtype=torch.float64).round()  # integers: kinks and ties are common
+    d = torch.tensor(dv, dtype=torch.float64)
+    dd = float(gw.directional_derivative(f, x, d))
+    assert float(gw.directional_derivative(f, x, scale * d)) == pytest.approx(scale * dd, abs=1e-9, rel=1e-9)
+    # integer points sit at the round() jumps of f only through ops with zero derivative: one-sided still holds
+    with torch.no_grad():
+        ref = float((f(x + H * d) - f(x)) / H)
+    if abs(ref) < 1e6:  # round() jumps make f discontinuous in some directions; skip those
+        assert dd == pytest.approx(ref, abs=1e-4, rel=1e-4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(-3, 3, allow_nan=False, width=64), min_size=3, max_size=3),
+       st.integers(0, len(PIECEWISE) - 1))
+def test_generalized_grad_equals_autograd_where_differentiable(xv, which):
+    f = PIECEWISE[which]
+    x = torch.tensor(xv, dtype=torch.float64) + 0.123456789  # generic: no ties, no kinks
+    if gw._nonsmooth.kinks_hit(f, x)[0]:
+        return
+    xr = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(f(xr), xr)
+    (got,) = gw.generalized_grad(f, x)
+    assert torch.equal(got, expected)
+
+
+# --- PyTorch's wrong conventions, modules, dtypes, errors -----------------------------------------------------
+
+
+def test_differs_from_pytorch_where_pytorch_is_wrong():
+    x = torch.tensor(0.0, requires_grad=True)
+    f = lambda x: torch.relu(x) - torch.relu(-x)
+    assert float(torch.autograd.grad(f(x), x)[0]) == 0.0
+    assert float(gw.generalized_grad(f, x)[0]) == 1.0
+
+
+def test_module_parameters_as_inputs_and_backward_variant():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.MaxPool1d(2), torch.nn.Flatten(0),
+                                torch.nn.Linear(2, 1))
+    with torch.no_grad():
+        model[0].bias.copy_(-(model[0].weight @ torch.ones(3)))  # every hidden unit exactly at relu's kink
+    x = torch.ones(1, 3)
+    params = tuple(model.parameters())
+    loss = lambda *p: model(x).sum()
+    grads = gw.generalized_grad(loss, params, seed=3)
+    assert [g.shape for g in grads] == [p.shape for p in params]
+    model.zero_grad()
+    gw.generalized_backward(loss, params, seed=3)
+    for p, g in zip(params, grads, strict=True):
+        torch.testing.assert_close(p.grad, g)
+    near = nearby_gradients(lambda *p: torch.func.functional_call(model, dict(zip(
+        [n for n, _ in model.named_parameters()], p, strict=True)), (x,)).sum(), [p.detach() for p in params], n=100)
+    assert hull_distance(flat(grads), near) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batched_inputs_and_dtypes(dtype):
+    x = torch.tensor([[0.0, 1.0, 1.0], [2.0, -1.0, 0.0]], dtype=dtype)
+    f = lambda x: (torch.relu(x) * x.amax(dim=1, keepdim=True)).sum()
+    (g,) = gw.generalized_grad(f, x, seed=0)
+    assert g.dtype == dtype and g.shape == x.shape
+    dd = gw.directional_derivative(f, x, torch.ones_like(x))
+    assert dd.dtype == dtype
+
+
+def test_bad_inputs_have_clear_errors():
+    f = lambda x: x.abs().sum()
+    with pytest.raises(TypeError, match=r"not a torch\.Tensor"):
+        gw.generalized_grad(f, [1.0, 2.0])
+    with pytest.raises(TypeError, match="floating dtype"):
+        gw.generalized_grad(f, torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="floating dtype"):
+        gw.directional_derivative(f, torch.tensor([1j]), torch.tensor([1j]))
+    with pytest.raises(ValueError, match="scalar"):
+        gw.generalized_grad(lambda x: x.abs(), torch.zeros(3))
+    with pytest.raises(TypeError, match="shape"):
+        gw.directional_derivative(f, torch.zeros(3), torch.zeros(2))
+
+
+def test_singular_point_names_op_and_line():
+    with pytest.raises(NonsmoothError, match=r"aten\.sqrt at .*test_nonsmooth\.py:\d+"):
+        gw.directional_derivative(lambda x: torch.sqrt((x**2).sum()), torch.zeros(2), torch.ones(2))
+    # the norm written as a norm is exact at 0
+    assert float(gw.directional_derivative(torch.linalg.vector_norm, torch.zeros(2), torch.tensor([3.0, 4.0]))) \
+        == pytest.approx(5.0)
+
+
+def test_unruled_kink_op_is_an_error():
+    with pytest.raises(NonsmoothError, match=r"aten\.cummax"):
+        gw.generalized_grad(lambda x: torch.cummax(x, 0).values.sum(), torch.zeros(3))
+
+
+def test_jump_is_an_error_not_a_derivative():
+    with pytest.raises(NonsmoothError, match="jumps"):
+        gw.directional_derivative(lambda x: F.threshold(x, 0.0, 5.0), torch.zeros(1), torch.ones(1))
+    with pytest.raises(NonsmoothError, match="jumps"):
+        gw.directional_derivative(lambda x: torch.where(x > 0, x + 1, x), torch.zeros(1), torch.ones(1))
+
+
+def test_lexicographic_tie_breaking_with_further_directions():
+    # along d = (1, 1) the comparison ties in value and tangent; further directions decide, and the
+    # result is the derivative of a piece active next to x (both pieces agree along d)
+    f = lambda x: torch.where(x[0] > x[1], 2 * x[0] - x[1], x[0])
+    x = torch.zeros(2)
+    assert float(gw.directional_derivative(f, x, torch.ones(2))) == pytest.approx(1.0)
