@@ -8,11 +8,8 @@ Public API (see ``docs/`` for one page per capability)::
                                                  exact calculus at non-differentiable points
 """
 
-# -- nonsmooth calculus --
 from gradwise._gradcheck import GradcheckResult, gradcheck
 from gradwise._nonsmooth import NonsmoothError, directional_derivative, generalized_backward, generalized_grad
-
-# -- explanation (trace) --
 from gradwise._report import Finding, Report
 from gradwise._stationarity import Stationarity, Subdifferential, stationarity, subdifferential
 from gradwise._strong_zeros import backward, grad, strong_zeros, unruled_ops
@@ -22,7 +19,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Finding",
-    # -- nonsmooth calculus --
     "GradcheckResult",
     "NonsmoothError",
     "Report",
