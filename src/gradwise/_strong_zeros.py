@@ -45,6 +45,8 @@ class _Supports:
         self._masks: dict[int, tuple[StorageWeakRef, int, torch.Tensor]] = {}
 
     def _entry(self, t: torch.Tensor) -> torch.Tensor | None:
+        if t.layout != torch.strided:  # sparse/nested tensors keep no mask: fully supported
+            return None
         storage = t.untyped_storage()
         entry = self._masks.get(storage._cdata)
         if entry is None:
@@ -57,7 +59,7 @@ class _Supports:
 
     def of(self, t: object) -> torch.Tensor | None:
         """The support of ``t`` (bool, shaped like t), or None when every element may be nonzero."""
-        if not isinstance(t, torch.Tensor) or t.is_sparse or t.is_nested:
+        if not isinstance(t, torch.Tensor):
             return None
         mask = self._entry(t)
         if mask is None:
@@ -65,10 +67,12 @@ class _Supports:
         return mask.as_strided(t.shape, t.stride(), t.storage_offset())
 
     def tracked(self, t: object) -> bool:
-        return isinstance(t, torch.Tensor) and not t.is_sparse and self._entry(t) is not None
+        return isinstance(t, torch.Tensor) and self._entry(t) is not None
 
     def record(self, t: torch.Tensor, support: torch.Tensor | None) -> None:
         """Set the support of ``t``'s elements (None: all may be nonzero)."""
+        if t.layout != torch.strided:
+            return
         mask = self._entry(t)
         if support is None:
             if mask is not None:

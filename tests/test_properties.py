@@ -1,0 +1,133 @@
+"""Property: on finite programs strong zeros change nothing; gw.grad equals torch.autograd.grad exactly.
+
+Programs are random chains of steps over a (rows, cols) tensor: unary elementwise ops, broadcasting binary ops
+with a second input, matmul, slicing/indexing, where/masked_fill, reductions broadcast back, and the kink ops
+(relu, abs, max, clamp, sort, ...). Inputs mix random values with 0, +-1 and repeated values, so that kinks
+and ties are hit. Deterministic in CI (``derandomize=True``).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import gradwise as gw
+from _opdb import same
+from gradwise import _strong_zeros
+
+# Each step maps (h, x, w) -> a new h of h's shape; x has h's shape, w is (cols, cols).
+STEPS = {
+    # unary elementwise (kinks at 0 for relu/abs/clamp/hardtanh/leaky_relu; zero gradient for floor/round)
+    "relu": lambda h, x, w: torch.relu(h),
+    "abs": lambda h, x, w: h.abs(),
+    "tanh": lambda h, x, w: torch.tanh(h),
+    "sin": lambda h, x, w: torch.sin(h),
+    "sigmoid": lambda h, x, w: torch.sigmoid(h),
+    "square": lambda h, x, w: h * h,
+    "exp": lambda h, x, w: torch.exp(h.clamp(max=5)),
+    "log1p_abs": lambda h, x, w: torch.log1p(h.abs()),
+    "sqrt_1p": lambda h, x, w: torch.sqrt(h * h + 1),
+    "floor": lambda h, x, w: torch.floor(h) + h,
+    "round": lambda h, x, w: torch.round(h) * x,
+    "clamp": lambda h, x, w: h.clamp(-1, 1),
+    "hardtanh": lambda h, x, w: F.hardtanh(h),
+    "leaky_relu": lambda h, x, w: F.leaky_relu(h, 0.1),
+    # binary with broadcasting
+    "add": lambda h, x, w: h + x,
+    "mul": lambda h, x, w: h * x,
+    "sub_row": lambda h, x, w: h - x[:1],
+    "mul_col": lambda h, x, w: h * x[:, :1],
+    "div": lambda h, x, w: h / (x * x + 1),
+    "maximum": lambda h, x, w: torch.maximum(h, x),
+    "minimum_row": lambda h, x, w: torch.minimum(h, x[-1:]),
+    # matmul
+    "matmul": lambda h, x, w: h @ w,
+    "linear": lambda h, x, w: F.linear(h, w, x[0]),
+    # slicing / indexing
+    "roll": lambda h, x, w: torch.cat([h[1:], h[:1]]),
+    "flip": lambda h, x, w: h.flip(1),
+    "gather_rows": lambda h, x, w: h[torch.arange(h.shape[0]).flip(0) // 2 * 2 % h.shape[0]],
+    "index_cols": lambda h, x, w: h[:, torch.zeros(h.shape[1], dtype=torch.long)] + h,
+    "slice_pad": lambda h, x, w: F.pad(h[:, 1:], (0, 1)),
+    "scatter_max": lambda h, x, w: torch.zeros_like(h).scatter(1, x.argsort(1), h),
+    # where / masks
+    "where_gt": lambda h, x, w: torch.where(h > x, h, x),
+    "where_const": lambda h, x, w: torch.where(x > 0, h, 0.0),
+    "masked_fill": lambda h, x, w: h.masked_fill(h > 0.5, 0.0),
+    # reductions (broadcast back)
+    "sum_row": lambda h, x, w: h.sum(1, keepdim=True) * h,
+    "mean_col": lambda h, x, w: h - h.mean(0, keepdim=True),
+    "max_dim": lambda h, x, w: h.max(1, keepdim=True).values + h,
+    "amax_all": lambda h, x, w: h.amax() * x,
+    "min_all": lambda h, x, w: h.min() + h,
+    "softmax": lambda h, x, w: torch.softmax(h, 1),
+    "log_softmax": lambda h, x, w: torch.log_softmax(h, 0),
+    "logsumexp": lambda h, x, w: torch.logsumexp(h, 1, keepdim=True) - h,
+    "sort": lambda h, x, w: h.sort(1).values,
+    "cumsum": lambda h, x, w: h.cumsum(0),
+    "norm_rows": lambda h, x, w: h / (h.norm(dim=1, keepdim=True) + 1),
+}
+
+SPECIAL = [0.0, 1.0, -1.0, 0.5, 2.0]
+
+
+@st.composite
+def programs(draw):
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    rows, cols = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    value = st.one_of(st.sampled_from(SPECIAL), st.floats(-3, 3, allow_nan=False, width=32))
+
+    def tensor(*shape):
+        n = math.prod(shape)
+        return torch.tensor(draw(st.lists(value, min_size=n, max_size=n)), dtype=dtype).reshape(shape)
+
+    h, x, w = tensor(rows, cols), tensor(rows, cols), tensor(cols, cols)
+    steps = draw(st.lists(st.sampled_from(sorted(STEPS)), min_size=1, max_size=6))
+    return steps, (h, x, w), tensor(rows, cols)
+
+
+def _run(steps, inputs):
+    h, x, w = (t.clone().requires_grad_() for t in inputs)
+    out = h
+    for name in steps:
+        out = STEPS[name](out, x, w)
+    return out, (h, x, w)
+
+
+def _forced():
+    """Force the strong-zero pass even on finite data (gw.grad would otherwise run plain PyTorch)."""
+    return mock.patch.object(_strong_zeros, "_plan", lambda *args, **kwargs: "strong")
+
+
+@settings(derandomize=True, max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(programs(), st.booleans())
+def test_strong_zeros_change_nothing_on_finite_programs(program, forced):
+    steps, inputs, cotangent = program
+    out, leaves = _run(steps, inputs)
+    assume(bool(out.isfinite().all()))
+    ref = torch.autograd.grad(out, leaves, cotangent, retain_graph=True, allow_unused=True)
+    assume(all(g is None or bool(g.isfinite().all()) for g in ref))
+    with _forced() if forced else contextlib.nullcontext():
+        got = gw.grad(out, leaves, cotangent, allow_unused=True)
+    for g, r in zip(got, ref, strict=True):
+        assert same(g, r), (steps, g, r)
+
+
+@settings(derandomize=True, max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(programs())
+def test_strong_zeros_context_equals_backward(program):
+    """``with gw.strong_zeros(): loss.backward()`` accumulates what torch's backward does on finite data."""
+    steps, inputs, cotangent = program
+    out, leaves = _run(steps, inputs)
+    assume(bool(out.isfinite().all()))
+    ref = torch.autograd.grad(out, leaves, cotangent, retain_graph=True, allow_unused=True)
+    assume(all(g is None or bool(g.isfinite().all()) for g in ref))
+    with gw.strong_zeros():
+        out.backward(cotangent)
+    for leaf, r in zip(leaves, ref, strict=True):
+        assert same(leaf.grad, r), (steps, leaf.grad, r)
