@@ -699,6 +699,23 @@ def _saved_tensors(node: Any) -> tuple[list[torch.Tensor], bool]:
     return out, readable
 
 
+class _TensorSet:
+    """Tensors identified by what they read (storage, offset, shape, strides, dtype)."""
+
+    def __init__(self) -> None:
+        self._keys: set[tuple] = set()
+
+    @staticmethod
+    def _key(t: torch.Tensor) -> tuple:
+        return (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+
+    def __contains__(self, t: torch.Tensor) -> bool:
+        return self._key(t) in self._keys
+
+    def update(self, tensors: Sequence[torch.Tensor]) -> None:
+        self._keys.update(self._key(t) for t in tensors)
+
+
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """One host sync: a sum is finite iff no NaN/Inf went in (or, rarely, it overflowed: then False)."""
     if not tensors:
@@ -711,13 +728,15 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
     'check' (the graph has nodes gradwise knows nothing about: run plain, re-run if a NaN appears)."""
     unknown = False
     saved: list[torch.Tensor] = [t for t in seeds if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    seen = _TensorSet()  # one tensor saved by several nodes (a layer's output, q/k/v) is read once
     for node in _walk(_root_nodes(t_outputs)):
         name = type(node).__name__
         if name not in NODE_FACTS:
             unknown = True
         tensors, readable = _saved_tensors(node)
         unknown |= not readable
-        saved.extend(tensors)
+        saved.extend(t for t in tensors if t not in seen)
+        seen.update(tensors)
         singular = NODE_FACTS.get(name)
         if singular is not None and readable and singular(node):
             return "strong"
