@@ -707,6 +707,8 @@ class _TensorSet:
 
     @staticmethod
     def _key(t: torch.Tensor) -> tuple:
+        if t.layout != torch.strided:  # sparse: no data pointer to compare
+            return (id(t),)
         return (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
 
     def __contains__(self, t: torch.Tensor) -> bool:
