@@ -218,6 +218,19 @@ def _tied_rows(mask: Tensor) -> Tensor:
 # --- elementwise switches ----------------------------------------------------------------------------------
 
 
+def _resolve_sign(run: _Run, op: str, s, tie, **kw):
+    """At the tied elements of a switch on the sign of ``s``: which side (0: s > 0, 1: s < 0) wins along the
+    direction, comparing the tangent of ``s`` with 0 (then further directions). Returns (rows, choice, still)."""
+    sp, st = _split(s)
+    rows = _tied_rows(tie)
+    ds = st.reshape(-1)[rows] if st is not None else sp.new_zeros(len(rows))
+    key = torch.stack([ds, torch.zeros_like(ds)], 1)
+    cand = torch.ones(len(rows), 2, dtype=torch.bool, device=sp.device)
+    values = lambda: torch.stack([s.reshape(-1)[rows], torch.zeros_like(s.reshape(-1)[rows])], 1)
+    choice, still = run.resolve(op, "select", cand, key, values, **kw)
+    return rows, choice, still
+
+
 def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = False):
     """Elementwise ``pos`` where s > 0, ``neg`` where s < 0; at s == 0 the piece that wins along the direction.
 
@@ -230,13 +243,7 @@ def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = 
     tie = sp == 0 if run.tie_tol == 0 else sp.abs() <= run.tie_tol
     if not tie.any():
         return native() if native is not None else torch.where(sp > 0, pos, neg)
-    rows = _tied_rows(tie)
-    st = _split(s)[1]
-    ds = st.reshape(-1)[rows] if st is not None else sp.new_zeros(len(rows))
-    key = torch.stack([ds, torch.zeros_like(ds)], 1)
-    cand = torch.ones(len(rows), 2, dtype=torch.bool, device=sp.device)
-    values = lambda: torch.stack([s.reshape(-1)[rows], torch.zeros_like(s.reshape(-1)[rows])], 1)
-    choice, _ = run.resolve(op, "select", cand, key, values)
+    rows, choice, _ = _resolve_sign(run, op, s, tie)
     lock = (sp > 0) | sp.isnan()  # NaN propagates through pos, as in PyTorch's kernels
     lock.view(-1)[rows] = choice == 0
     run.kinks[-1].write = lambda c: lock.data.view(-1).index_put_((rows,), c == 0)
@@ -432,13 +439,7 @@ def _comparison(name: str):
         run.note_near(f"aten.{name}", sp.abs())
         if not tie.any():
             return result
-        rows = _tied_rows(tie)
-        st = _split(s)[1]
-        ds = st.reshape(-1)[rows] if st is not None else sp.new_zeros(len(rows))
-        key = torch.stack([ds, torch.zeros_like(ds)], 1)
-        cand = torch.ones(len(rows), 2, dtype=torch.bool, device=sp.device)
-        values = lambda: torch.stack([s.reshape(-1)[rows], torch.zeros_like(s.reshape(-1)[rows])], 1)
-        choice, still = run.resolve(f"aten.{name}", "select", cand, key, values, comparison=True)
+        rows, choice, still = _resolve_sign(run, f"aten.{name}", s, tie, comparison=True)
         result = result.expand(sp.shape).clone()
         result.view(-1)[rows] = torch.where(still, at_tie, (choice == 0) == above)
         return result

@@ -574,20 +574,26 @@ def _freed(_: object) -> torch.Tensor:
     )
 
 
+def _raw_saved(node: Any) -> Iterator[Any]:
+    """The ``SavedTensor`` objects a node holds (its ``_raw_saved_*`` attributes, names cached per type)."""
+    names = _SAVED_ATTRS.get(type(node))
+    if names is None:
+        names = tuple(a for a in dir(node) if a.startswith("_raw_saved_"))
+        _SAVED_ATTRS[type(node)] = names
+    for name in names:
+        saved = getattr(node, name, None)
+        for raw in saved if isinstance(saved, (tuple, list)) else (saved,):
+            if raw is not None:
+                yield raw
+
+
 def _release_graph(roots: Sequence[Any]) -> None:
     """Free the saved tensors of a graph that was retained only for a possible second pass, as the engine
     frees them after a backward without retain_graph (``SavedTensor.register_hooks`` drops the data)."""
     for node in _walk(roots):
-        names = _SAVED_ATTRS.get(type(node))
-        if names is None:
-            names = tuple(a for a in dir(node) if a.startswith("_raw_saved_"))
-            _SAVED_ATTRS[type(node)] = names
-        for name in names:
-            saved = getattr(node, name, None)
-            for s in saved if isinstance(saved, (tuple, list)) else (saved,):
-                if s is not None:
-                    with contextlib.suppress(RuntimeError):  # already hooked (checkpoint) or already freed
-                        s.register_hooks(lambda _: None, _freed)
+        for raw in _raw_saved(node):
+            with contextlib.suppress(RuntimeError):  # already hooked (checkpoint) or already freed
+                raw.register_hooks(lambda _: None, _freed)
 
 
 def _leaves(t_outputs, inputs) -> list[torch.Tensor]:
@@ -680,22 +686,14 @@ NODE_FACTS: dict[str, Callable[[Any], bool] | None] = {
 def _saved_tensors(node: Any) -> tuple[list[torch.Tensor], bool]:
     """The tensors a node saved, and whether all of them could be read without running a hook (a
     checkpoint's unpack hook would recompute the forward)."""
-    names = _SAVED_ATTRS.get(type(node))
-    if names is None:
-        names = tuple(a for a in dir(node) if a.startswith("_raw_saved_"))
-        _SAVED_ATTRS[type(node)] = names
     out, readable = [], True
-    for name in names:
-        saved = getattr(node, name, None)
-        for raw in saved if isinstance(saved, (tuple, list)) else (saved,):
-            if raw is None:
-                continue
-            if raw.unpack_hook is not None:
-                readable = False
-                continue
-            t = raw.data
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
-                out.append(t)
+    for raw in _raw_saved(node):
+        if raw.unpack_hook is not None:
+            readable = False
+            continue
+        t = raw.data
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+            out.append(t)
     return out, readable
 
 
