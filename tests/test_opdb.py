@@ -45,6 +45,11 @@ KNOWN_CONTAMINATED = {
     "nn.functional.prelu", "polar", "triangular_solve",
 }
 
+# LU with a NaN row to discard: whether the NaN row is picked as a pivot depends on the LAPACK build (its
+# idamax and the CPU's vector width), so these are clean on some machines and contaminated on others
+# (linalg_solve_triangular in their backward has no rule). Their test xfails without being strict.
+PLATFORM_DEPENDENT = {"linalg.lu_factor", "linalg.lu_factor_ex", "lu"}
+
 # The full sweep (every sample, float32 too, every padding) finds these besides.
 KNOWN_CONTAMINATED_FULL = KNOWN_CONTAMINATED | {
     "cdist", "linalg.lu_factor", "linalg.lu_factor_ex", "lu",
@@ -58,7 +63,7 @@ KNOWN_FORCED_DIFFS = {"masked_fill", "prod"}
 # Floors of the coverage test (CI subset, slice discard), measured on torch 2.13 CPU.
 MIN_TRIED = 462  # ops with at least one discardable padding (465 measured)
 MIN_CONTAMINATED_IN_TORCH = 72  # ops whose gradient plain torch contaminates: the harness has teeth (75)
-MIN_REMOVED = 58  # of those, ops gradwise cleans (58)
+MIN_REMOVED = 55  # of those, ops gradwise cleans (55, PLATFORM_DEPENDENT not counted)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -120,6 +125,8 @@ def test_contamination(name, how):
     r = _contamination(name, how)
     if not r.run:
         pytest.skip(f"no padding to discard: {_reasons(r)}")
+    if name in PLATFORM_DEPENDENT and r.failures:
+        pytest.xfail(f"depends on the LAPACK build: {r.failures[0]}")
     if name in KNOWN_CONTAMINATED:
         if r.failures:
             pytest.xfail(f"known contaminated: {r.failures[0]}")
@@ -133,8 +140,8 @@ def test_contamination_coverage():
     outcomes = {name: r.outcome() for name, r in runs.items()}
     tried = [n for n, o in outcomes.items() if o != "untried"]
     in_torch = [n for n in tried if any(not c.torch_clean for res in runs[n].results for c in res)]
-    removed = [n for n, o in outcomes.items() if o == "removed"]
-    still = sorted(n for n, o in outcomes.items() if o == "contaminated")
+    removed = [n for n, o in outcomes.items() if o == "removed" and n not in PLATFORM_DEPENDENT]
+    still = sorted(n for n, o in outcomes.items() if o == "contaminated" and n not in PLATFORM_DEPENDENT)
     summary = (f"tried {len(tried)} ops, contaminated in torch {len(in_torch)}, removed {len(removed)}, "
                f"still contaminated {len(still)}: {still}")
     assert len(tried) >= MIN_TRIED, summary

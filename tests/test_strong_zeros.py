@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 import gradwise as gw
+from gradwise import _strong_zeros as _sz
 
 nan, inf = float("nan"), float("inf")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "cases"
@@ -287,3 +288,84 @@ def test_unruled_ops_lists_backward_ops_without_rules():
     out = F.softshrink(x)[:2].sum()  # softshrink_backward is not in the table
     gw.grad(out, x)
     assert gw.unruled_ops(), "an op without a rule that met a structural zero must be listed"
+
+
+# One program per node type the path check treats as making no structural zeros (MAKES_NO_ZEROS), built from
+# such nodes only (no slicing or indexing): run under the strong-zero mode with full sensitivities, it must
+# leave every support full.
+_M = torch.rand(4, 4, dtype=torch.float64) + 0.5
+NO_ZEROS_PROGRAMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "AccumulateGrad": lambda x: x,
+    "AddBackward0": lambda x: x + x.exp(),
+    "AddBackward1": lambda x: torch.ops.aten.add.Scalar(x, 2),
+    "SubBackward0": lambda x: x - x.exp(),
+    "SubBackward1": lambda x: torch.ops.aten.sub.Scalar(x, 2),
+    "MulBackward0": lambda x: x * x.exp(),
+    "MulBackward1": lambda x: torch.ops.aten.mul.Scalar(x, 2),
+    "NegBackward0": lambda x: -x,
+    "DivBackward0": lambda x: x / x.exp(),
+    "DivBackward1": lambda x: torch.ops.aten.div.Scalar(x, 2),
+    "SumBackward0": lambda x: x.sum(),
+    "SumBackward1": lambda x: x.sum(0),
+    "MeanBackward0": lambda x: x.mean(),
+    "MeanBackward1": lambda x: x.mean(0),
+    "TBackward0": lambda x: x.t(),
+    "ViewBackward0": lambda x: x.view(-1),
+    "UnsafeViewBackward0": lambda x: torch.matmul(x.view(2, 2, 4), _M),
+    "ExpandBackward0": lambda x: x.sum(0, keepdim=True).expand(3, 4),
+    "PermuteBackward0": lambda x: x.view(2, 2, 4).permute(2, 0, 1),
+    "TransposeBackward0": lambda x: x.view(2, 2, 4).transpose(0, 1),
+    "SqueezeBackward0": lambda x: x.unsqueeze(0).exp().squeeze(),
+    "SqueezeBackward1": lambda x: x.unsqueeze(0).exp().squeeze(0),
+    "SqueezeBackward2": lambda x: x.unsqueeze(0).exp().squeeze((0,)),
+    "UnsqueezeBackward0": lambda x: x.unsqueeze(0),
+    "CloneBackward0": lambda x: x.clone(),
+    "ToCopyBackward0": lambda x: x.to(torch.float32),
+    "AliasBackward0": lambda x: torch.ops.aten.alias(x),
+    "AddmmBackward0": lambda x: F.linear(x, _M, _M[0]),
+    "MmBackward0": lambda x: x @ x.exp(),
+    "BmmBackward0": lambda x: torch.bmm(x.view(2, 2, 4), x.view(2, 4, 2)),
+    "BaddbmmBackward0": lambda x: torch.baddbmm(x.view(2, 2, 4).exp() @ x.view(2, 4, 2), x.view(2, 2, 4),
+                                                x.view(2, 4, 2)),
+    "MvBackward0": lambda x: x @ x.sum(0),
+    "GeluBackward0": F.gelu,
+    "SigmoidBackward0": torch.sigmoid,
+    "TanhBackward0": torch.tanh,
+    "SiluBackward0": F.silu,
+    "SoftplusBackward0": F.softplus,
+    "ExpBackward0": torch.exp,
+    "MseLossBackward0": lambda x: F.mse_loss(x, _M),
+    "SqrtBackward0": torch.sqrt,
+    "LogBackward0": torch.log,
+    "PowBackward0": lambda x: x**2,
+}
+
+
+@pytest.mark.parametrize("name", sorted(_sz.MAKES_NO_ZEROS | set(_sz._MAKES_NO_ZEROS_IF)))
+def test_nodes_that_make_no_structural_zeros(name):
+    """The path check reads no saved tensor above these nodes: their backward must make no structural zero."""
+    assert name in NO_ZEROS_PROGRAMS, f"add a program producing {name} to NO_ZEROS_PROGRAMS"
+    x = (torch.rand(4, 4, dtype=torch.float64) + 0.5).requires_grad_()
+    out = NO_ZEROS_PROGRAMS[name](x)
+    assert name in {type(n).__name__ for n in _sz._walk(_sz._root_nodes([out]))}
+    mode = _sz._StrongZeroMode()
+    with mode:
+        (g,) = torch.autograd.grad(out, x, torch.rand_like(out) + 0.5)
+    assert not mode.supports._masks, f"{name}'s backward made a structural zero"
+    assert g.isfinite().all()
+
+
+def test_power_zero_makes_structural_zeros():
+    """x ** 0: pow's backward returns zeros_like(x), so PowBackward0 counts as making zeros there."""
+    x = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    node = (x**0).grad_fn
+    assert _sz._makes_zeros(node) and not _sz._makes_zeros((x**2).grad_fn)
+
+
+def test_slicing_makes_structural_zeros():
+    """The control for the table above: a slice's backward pads with structural zeros, and the mode sees it."""
+    x = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    mode = _sz._StrongZeroMode()
+    with mode:
+        torch.autograd.grad(x[:2].sum(), x)
+    assert mode.supports._masks and _sz._makes_zeros(x[:2].grad_fn)

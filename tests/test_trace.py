@@ -296,6 +296,27 @@ def iou_where(ps, pe, ts, te):
     return (1 - common / ((pe - ps + 1).clamp_min(0) + (te - ts + 1) - common)).mean()
 
 
+def _tied_windows(x, k, s):
+    """Reference: windows of x (no padding) whose maximum occurs more than once, counted one by one."""
+    windows = x.unfold(-2, k, s).unfold(-2, k, s).flatten(-2)
+    return int(((windows == windows.amax(-1, keepdim=True)).sum(-1) > 1).sum())
+
+
+@pytest.mark.parametrize(("shape", "k", "s"), [((2, 3, 8, 8), 2, 2), ((2, 3, 9, 7), 2, 2), ((1, 4, 9, 9), 3, 3),
+                                               ((2, 3, 8, 8), 3, 2), ((3, 7, 7), 3, 1)])
+def test_max_pool_tie_counts(shape, k, s):
+    """Integer images tie often. Windows that tile the input are counted exactly; overlapping windows may
+    undercount (a neighbour's hidden maximum), never overcount."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 3, shape).float().requires_grad_()
+    with gw.trace() as report:
+        F.max_pool2d(x, k, s).sum().backward()
+    found = sum(f.count for f in report.findings if f.kind == "kink")
+    expected = _tied_windows(x.detach(), k, s)
+    assert expected > 0
+    assert found == expected if k == s else 0 < found <= expected
+
+
 @pytest.mark.parametrize(("f", "ops"), [(iou_minmax, {"aten.minimum", "aten.maximum"}),
                                         (iou_stack, {"aten.min", "aten.max"}), (iou_where, {"aten.where"})],
                          ids=["minimum-maximum", "stack-max", "where"])

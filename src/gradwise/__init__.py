@@ -4,10 +4,18 @@ Public API (see ``docs/`` for one page per capability)::
 
     gw.grad / gw.backward / gw.strong_zeros      values the output does not use cannot poison gradients
     gw.trace / gw.explain                        where every NaN/Inf and every kink came from
+    gw.gather_reports / gw.ddp_nonfinite_hook    the same under torch.distributed (DDP): which rank, and a guard
     gw.directional_derivative / gw.generalized_grad / gw.subdifferential / gw.stationarity / gw.gradcheck
                                                  exact calculus at non-differentiable points
 """
 
+from gradwise._distributed import (
+    NonfiniteGradientError,
+    NonfiniteGuard,
+    SkipNonfiniteStep,
+    ddp_nonfinite_hook,
+    gather_reports,
+)
 from gradwise._gradcheck import GradcheckResult, gradcheck
 from gradwise._nonsmooth import NonsmoothError, directional_derivative, generalized_backward, generalized_grad
 from gradwise._report import Finding, Report
@@ -20,13 +28,18 @@ __version__ = "0.1.0"
 __all__ = [
     "Finding",
     "GradcheckResult",
+    "NonfiniteGradientError",
+    "NonfiniteGuard",
     "NonsmoothError",
     "Report",
+    "SkipNonfiniteStep",
     "Stationarity",
     "Subdifferential",
     "backward",
+    "ddp_nonfinite_hook",
     "directional_derivative",
     "explain",
+    "gather_reports",
     "generalized_backward",
     "generalized_grad",
     "grad",

@@ -17,6 +17,14 @@ _TITLES = {
     "singular": "singular point: an op evaluated where its derivative is infinite",
 }
 _STYLE = {"contamination": "yellow", "nan": "red", "inf": "red", "kink": "cyan", "singular": "magenta"}
+_RECEIVED_TITLE = "received: a NaN/Inf that another rank's gradients brought in through a collective"
+_COLLECTIVE_PREFIXES = ("c10d.", "_c10d_functional.")
+
+
+def is_received(finding: Finding) -> bool:
+    """True for a NaN/Inf this rank only received from another rank through a collective (its ``born_op``
+    is the collective, e.g. "c10d.allreduce_"), False for one born here."""
+    return finding.kind in ("nan", "inf") and (finding.born_op or "").startswith(_COLLECTIVE_PREFIXES)
 
 
 @dataclass
@@ -46,6 +54,7 @@ class Finding:
     convention: str | None = None  # kink / singular: the value PyTorch's backward uses there
     reached_gradient: bool | None = None  # kink / singular: did a nonzero sensitivity go through it?
     occurrences: int = 1  # how many times this (kind, op, line) happened in the traced block
+    rank: int | None = None  # torch.distributed rank that found it (None outside distributed runs)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -59,6 +68,7 @@ class Report:
     unused: list[str] = field(default_factory=list)  # NaN/Inf the forward made that nothing used: not errors
     forward_ops: int = 0
     backward_ops: int = 0
+    ranks: list[str] = field(default_factory=list)  # merged reports: which rank introduced what, who received it
 
     def of_kind(self, *kinds: str) -> list[Finding]:
         return [f for f in self.findings if f.kind in kinds]
@@ -74,10 +84,13 @@ class Report:
                 f"{s('kink', 'kink')}, {s('singular', 'singular point')}")
 
     def to_json(self, indent: int | None = 2) -> str:
-        """The report as JSON: ``{"summary", "findings": [...], "unused", "forward_ops", "backward_ops"}``."""
-        return json.dumps({"summary": self.summary(), "findings": [f.as_dict() for f in self.findings],
-                           "unused": self.unused, "forward_ops": self.forward_ops,
-                           "backward_ops": self.backward_ops}, indent=indent)
+        """The report as JSON: ``{"summary", "findings": [...], "unused", "forward_ops", "backward_ops"}``, and
+        ``"ranks"`` for a report merged across ranks (`gw.gather_reports`)."""
+        data = {"summary": self.summary(), "findings": [f.as_dict() for f in self.findings],
+                "unused": self.unused, "forward_ops": self.forward_ops, "backward_ops": self.backward_ops}
+        if self.ranks:
+            data["ranks"] = self.ranks
+        return json.dumps(data, indent=indent)
 
     def print(self, console: Console | None = None) -> None:
         """Print with colours to the terminal (or to the given rich Console)."""
@@ -94,11 +107,15 @@ class Report:
 
 def _render(report: Report, console: Console) -> None:
     console.print(f"[bold]gradwise:[/bold] {escape(report.summary())}")
+    for line in report.ranks:
+        console.print(f"  {escape(line)}")
     for i, f in enumerate(report.findings, 1):
         style = _STYLE[f.kind]
         times = f" (x{f.occurrences})" if f.occurrences > 1 else ""
+        where = f"rank {f.rank}: " if f.rank is not None else ""
         console.print()
-        console.print(f"[bold {style}]{i}. {escape(_TITLES[f.kind])}[/]")
+        title = _RECEIVED_TITLE if is_received(f) else _TITLES[f.kind]
+        console.print(f"[bold {style}]{i}. {escape(where + title)}[/]")
         console.print(f"   [bold]{escape(f.op)}[/] at {escape(f.location)}{times}: {escape(f.message)}")
         if f.source:
             console.print(f"   [dim]>[/] {escape(f.source)}")

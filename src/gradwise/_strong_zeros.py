@@ -1,18 +1,17 @@
 """Strong zeros: a structurally-zero sensitivity annihilates whatever it meets, NaN and Inf included.
 
-How it works
-------------
-Every backward first runs as plain PyTorch with its graph retained. If none of the new gradients holds a NaN,
-they are the answer (bitwise PyTorch's) and the graph's saved tensors are released as the engine would have
-released them. Only when a NaN appeared does the backward run again, under ``_StrongZeroMode``: a
-TorchDispatchMode that keeps, for every tensor the backward writes, its *support* (the elements that may be
-nonzero; the others are structural zeros). The rules in ``RULES`` say how supports arise (a slice's backward
-pads, ``where`` selects, relu's flat region) and travel (views share their storage's mask, ``add`` unites,
-``mul`` intersects), and they annihilate NaN/Inf wherever an element outside the support multiplies it.
-
-Why one NaN check is enough: the strong-zero result differs from PyTorch's only where PyTorch computed
-0 x NaN, 0 x Inf or 0 / 0, which is NaN; that NaN either reaches a gradient or is dropped by a later
-selection, and where it is dropped both agree.
+How it works (docs/strong-zeros-design.md)
+------------------------------------------
+Before every backward under strong zeros, ``_plan`` walks the graph. Contamination needs a structural zero
+(born where a backward pads, selects or has a flat region: slice, where, relu, ...) to meet a NaN/Inf from a
+saved tensor or a singular point (x / 0). When none can meet, plain PyTorch runs untouched (bitwise). When one
+can, the backward runs once under ``_StrongZeroMode``: a TorchDispatchMode that keeps, for every tensor the
+backward writes, its *support* (the elements that may be nonzero; the others are structural zeros). The rules
+in ``RULES`` say how supports arise and travel (views share their storage's mask, ``add`` unites, ``mul``
+intersects), and they annihilate NaN/Inf wherever an element outside the support multiplies it. Graphs with
+nodes gradwise knows nothing about run plain with the graph kept and re-run under the mode only if a NaN
+appears: the strong-zero result differs from PyTorch's only where PyTorch computed 0 x NaN, 0 x Inf or 0 / 0,
+which is NaN, and that NaN either reaches a gradient or is dropped by a later selection, where both agree.
 """
 
 from __future__ import annotations
@@ -38,6 +37,23 @@ __all__ = ["RULES", "backward", "grad", "strong_zeros", "unruled_ops"]
 # Supports: one bool mask per storage, so that every view of a tensor sees (and in-place ops update) the same
 # mask. A storage without a mask is fully supported.
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _mask_any(mask: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+    """``mask.any(dim)`` for a bool tensor, read as bytes: PyTorch's bool reductions are not vectorised on CPU
+    (20x slower than a uint8 max), and supports are reduced on every backward op."""
+    if mask.numel() == 0:
+        return mask.any() if dim is None else mask.any(dim, keepdim=keepdim)
+    b = mask.view(torch.uint8)
+    return (b.amax() if dim is None else b.amax(dim, keepdim=keepdim)).bool()
+
+
+def _mask_all(mask: torch.Tensor) -> bool:
+    if mask.numel() == 0:
+        return True
+    if 0 in mask.stride():  # broadcast (expanded) dims repeat one slice: reduce that slice alone
+        mask = mask[tuple(slice(0, 1) if st == 0 else slice(None) for st in mask.stride())]
+    return bool(mask.view(torch.uint8).amin())
 
 
 class _Supports:
@@ -79,7 +95,7 @@ class _Supports:
                 mask.as_strided(t.shape, t.stride(), t.storage_offset()).fill_(True)
             return
         if mask is None:
-            if bool(support.all()):
+            if _mask_all(support):
                 return
             storage = t.untyped_storage()
             mask = torch.ones(storage.nbytes() // t.element_size(), dtype=torch.bool, device=t.device)
@@ -280,6 +296,8 @@ _register(aten.copy_)(_copy)
 
 
 CountArgs = Callable[[tuple, int], Callable[[list], list]]
+Restrict = Callable[[tuple, int, torch.Tensor], "list | None"]
+Meets = Callable[[Any, tuple, int, torch.Tensor, list[int]], bool]
 
 
 def _nonfinite_part(func, args, slot: int, s: torch.Tensor, value_slots: list[int], count_args: CountArgs):
@@ -318,19 +336,54 @@ def _mm_nonfinite_k(args: tuple, slot: int) -> Callable[[list], list]:
     on those alone (the padding rows of a batch, not the whole batch)."""
     value = args[1 - slot]
     bad = ~torch.isfinite(value)
-    bad = bad.any(-1) if slot == 0 else bad.any(-2)  # value b: (.., K, N); value a: (.., M, K)
-    k = bad.reshape(-1, bad.shape[-1]).any(0).nonzero().squeeze(1)
+    bad = _mask_any(bad, -1) if slot == 0 else _mask_any(bad, -2)  # value b: (.., K, N); value a: (.., M, K)
+    k = _mask_any(bad.reshape(-1, bad.shape[-1]), 0).nonzero().squeeze(1)
     return lambda new: [new[0].index_select(-1, k), new[1].index_select(-2, k)]
 
 
+def _mm_supported_k(args: tuple, slot: int, s: torch.Tensor) -> list | None:
+    """mm/bmm: a contraction index k at which the sensitivity holds only structural zeros contributes
+    nothing, so dropping it from both operands is exact. This is how a batch's padding rows leave a weight
+    gradient without a copy when they form a range. None when every k is supported."""
+    kept = _mask_any(s, -2) if slot == 0 else _mask_any(s, -1)  # sensitivity a: (.., M, K); sensitivity b: (.., K, N)
+    kept = _mask_any(kept.reshape(-1, kept.shape[-1]), 0)
+    k = kept.nonzero().squeeze(1)
+    n = k.numel()
+    if n == kept.shape[0]:
+        return None
+    if n == 0 or int(k[-1]) - int(k[0]) + 1 == n:
+        start = int(k[0]) if n else 0
+        return [args[0].narrow(-1, start, n), args[1].narrow(-2, start, n)]
+    return [args[0].index_select(-1, k), args[1].index_select(-2, k)]
+
+
 def _conv_no_bias(args: tuple, slot: int) -> Callable[[list], list]:
-    """convolution_backward: grad_bias = sum(g) meets no value, so it is not counted."""
+    """convolution_backward: grad_bias = sum(g) meets no value, so it is not counted; nor is the gradient of
+    the operand that is dirty itself (grad_input does not read the input, grad_weight not the weight)."""
+
+    dirty_input, dirty_weight = not _finite(args[1]), not _finite(args[2])
 
     def shrink(new):
-        new[10] = [*new[10][:2], False]
+        new[10] = [new[10][0] and dirty_weight, new[10][1] and dirty_input, False]
         return new
 
     return shrink
+
+
+def _conv_meets(func, args, slot: int, s: torch.Tensor, dirty: list[int]) -> bool:
+    """convolution_backward with a non-finite input: can a supported grad_output element meet one of its
+    NaN/Inf through the kernel? Asked of one channel (supported anywhere across output channels, non-finite
+    anywhere across input channels), so a cropped NaN border costs a single-channel convolution."""
+    if slot != 0 or dirty != [1]:
+        return True
+    g, x, w = args[0], args[1], args[2]
+    stride, padding, dilation, transposed, output_padding = args[4:9]
+    s1 = _mask_any(s, 1, keepdim=True).to(g.dtype)
+    bad = _mask_any(~torch.isfinite(x), 1, keepdim=True).to(x.dtype)
+    ones = w.new_ones((1, 1, *w.shape[2:]))
+    _, hits, _ = func(s1, bad, ones, None, stride, padding, dilation, transposed, output_padding, 1,
+                      [False, True, False])
+    return bool(hits.any())
 
 
 def _tree_add(a, b):
@@ -340,15 +393,19 @@ def _tree_add(a, b):
 
 
 def _finite(t: torch.Tensor) -> bool:
-    # one cheap pass: a finite sum means no NaN/Inf went in; only an overflowing sum needs the exact check
-    return bool(t.sum().isfinite()) or bool(torch.isfinite(t).all())
+    """One pass. A finite sum means no NaN/Inf went in. A sum that overflowed reads as not finite: the caller
+    then takes its exact (slower) path, never a wrong one."""
+    return bool(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).isfinite())
 
 
-def _bilinear(support_fn: Callable[[Any, tuple, int, torch.Tensor], Any], count_args: CountArgs = _all_args) -> Rule:
-    """Rule factory for ops bilinear in a sensitivity and a value (mm, bmm, convolution backward). Values'
-    NaN/Inf are replaced by 0 for the main computation; the NaN/Inf that supported terms really meet are
-    counted with 0/1 indicators and added back, so unsupported terms contribute exactly 0 and every genuine
-    NaN/Inf survives. ``support_fn(func, args, slot, s)`` gives the outputs' supports."""
+def _bilinear(support_fn: Callable[[Any, tuple, int, torch.Tensor], Any], count_args: CountArgs = _all_args,
+              restrict: Restrict | None = None, meets: Meets | None = None) -> Rule:
+    """Rule factory for ops bilinear in a sensitivity and a value (mm, bmm, convolution backward). When a
+    value holds NaN/Inf: first drop what only structural zeros read (``restrict``); if what remains is finite,
+    that is the answer. Otherwise the values' NaN/Inf are replaced by 0 for the main computation, and unless
+    ``meets`` shows no supported term reaches one, the NaN/Inf that supported terms really meet are counted
+    with 0/1 indicators and added back: unsupported terms contribute exactly 0 and every genuine NaN/Inf
+    survives. ``support_fn(func, args, slot, s)`` gives the outputs' supports."""
 
     def bilinear(func, args, kwargs, sup):
         slots = [i for i, a in enumerate(args) if _is_float(a)]
@@ -363,15 +420,21 @@ def _bilinear(support_fn: Callable[[Any, tuple, int, torch.Tensor], Any], count_
         s = sup.of(args[slot])
         values = [i for i in slots if i != slot]
         dirty = [i for i in values if not _finite(args[i])]
-        if not dirty:
+        out = None
+        if dirty and restrict is not None:
+            kept = restrict(args, slot, s)
+            if kept is not None and all(_finite(kept[i]) for i in dirty):
+                out = func(*kept, **kwargs)
+        if out is None and not dirty:
             out = func(*args, **kwargs)
-        else:
+        elif out is None:
             clean = list(args)
             for i in dirty:
                 clean[i] = torch.nan_to_num(args[i], nan=0.0, posinf=0.0, neginf=0.0)
             out = func(*clean, **kwargs)
-            nan_hits, plus, minus = _nonfinite_part(func, args, slot, s, values, count_args)
-            out = _add_nonfinite(out, nan_hits, plus, minus)
+            if meets is None or meets(func, args, slot, s, dirty):
+                nan_hits, plus, minus = _nonfinite_part(func, args, slot, s, values, count_args)
+                out = _add_nonfinite(out, nan_hits, plus, minus)
         supports = support_fn(func, args, slot, s)
         outs = out if isinstance(out, (tuple, list)) else (out,)
         sups = supports if isinstance(supports, (tuple, list)) else (supports,)
@@ -401,27 +464,32 @@ def _add_nonfinite(out, nan_hits, plus, minus):
 
 def _mm_support(func, args, slot, s):
     """mm/bmm: out[..., i, j] is a structural zero when row i of a (or column j of b) is."""
-    return s.any(-1, keepdim=True) if slot == 0 else s.any(-2, keepdim=True)
+    return _mask_any(s, -1, keepdim=True) if slot == 0 else _mask_any(s, -2, keepdim=True)
 
 
 def _mv_support(func, args, slot, s):
-    return s.any(-1) if slot == 0 else s.any().reshape(())
+    return _mask_any(s, -1) if slot == 0 else _mask_any(s).reshape(())
 
 
 def _conv_backward_support(func, args, slot, s):
-    """convolution_backward(grad_output, input, weight, ...): supports of grad_input and grad_weight from
-    the op itself run on 0/1 numbers; grad_bias is the sum of grad_output over all but the channel dim."""
-    ones = [torch.ones_like(a) if _is_float(a) else a for a in args]
-    ones[0] = s.to(args[0].dtype)
-    counts = func(*ones)
-    if slot != 0:
+    """convolution_backward(grad_output, input, weight, ...): grad_input's support from a one-channel
+    convolution of where grad_output is supported (any output channel) with a kernel of ones, over every
+    input channel: a superset of the exact support, which is sound (a support may only be too large).
+    grad_weight and grad_bias sum over the batch and space: taken as fully supported."""
+    if slot != 0 or not args[10][0]:
         return (None, None, None)
-    return tuple(None if c is None else c > 0 for c in counts)
+    g, x, w = args[0], args[1], args[2]
+    stride, padding, dilation, transposed, output_padding = args[4:9]
+    s1 = _mask_any(s, 1, keepdim=True).to(g.dtype)
+    ones = w.new_ones((1, 1, *w.shape[2:]))
+    reach, _, _ = func(s1, x[:, :1], ones, None, stride, padding, dilation, transposed, output_padding, 1,
+                       [True, False, False])
+    return (reach > 0, None, None)
 
 
-_register(aten.mm, aten.bmm)(_bilinear(_mm_support, _mm_nonfinite_k))
+_register(aten.mm, aten.bmm)(_bilinear(_mm_support, _mm_nonfinite_k, restrict=_mm_supported_k))
 _register(aten.mv)(_bilinear(_mv_support))
-_register(aten.convolution_backward)(_bilinear(_conv_backward_support, _conv_no_bias))
+_register(aten.convolution_backward)(_bilinear(_conv_backward_support, _conv_no_bias, meets=_conv_meets))
 
 
 def _softmax_backward(func, args, kwargs, sup):
@@ -433,9 +501,9 @@ def _softmax_backward(func, args, kwargs, sup):
     s = sup.of(g)
     support = y != 0
     if s is not None:
-        support = support & s.any(dim, keepdim=True)
-        bad_rows = (~torch.isfinite(out) & support).any(dim, keepdim=True)
-        if bool(bad_rows.any()):
+        support = support & _mask_any(s, dim, keepdim=True)
+        bad_rows = _mask_any(~torch.isfinite(out) & support, dim, keepdim=True)
+        if bool(_mask_any(bad_rows)):
             y_used = torch.where(s, y, 0)
             redo = y * (g - (g * y_used).sum(dim, keepdim=True))
             out = torch.where(bad_rows, redo.to(out.dtype), out)
@@ -453,7 +521,7 @@ def _log_softmax_backward(func, args, kwargs, sup):
     g, dim = args[0], args[2]
     out = func(*args, **kwargs)
     s = sup.of(g)
-    support = None if s is None else s.any(dim, keepdim=True).expand(out.shape)
+    support = None if s is None else _mask_any(s, dim, keepdim=True).expand(out.shape)
     sup.record(_annihilate(out, support), support)
     return out
 
@@ -562,9 +630,6 @@ def _grad_accumulator(t: torch.Tensor) -> Any:
     return torch.autograd.graph.get_gradient_edge(t).node if t.requires_grad else None
 
 
-_SAVED_ATTRS: dict[type, tuple[str, ...]] = {}
-
-
 def _freed(_: object) -> torch.Tensor:
     raise RuntimeError(
         "Trying to backward through the graph a second time (or directly access saved tensors after they "
@@ -575,12 +640,8 @@ def _freed(_: object) -> torch.Tensor:
 
 
 def _raw_saved(node: Any) -> Iterator[Any]:
-    """The ``SavedTensor`` objects a node holds (its ``_raw_saved_*`` attributes, names cached per type)."""
-    names = _SAVED_ATTRS.get(type(node))
-    if names is None:
-        names = tuple(a for a in dir(node) if a.startswith("_raw_saved_"))
-        _SAVED_ATTRS[type(node)] = names
-    for name in names:
+    """The ``SavedTensor`` objects a node holds (its ``_raw_saved_*`` attributes)."""
+    for name in _node_type(node)[0]:
         saved = getattr(node, name, None)
         for raw in saved if isinstance(saved, (tuple, list)) else (saved,):
             if raw is not None:
@@ -680,69 +741,116 @@ NODE_FACTS: dict[str, Callable[[Any], bool] | None] = {
     "AtanhBackward0": _unit_in("_saved_self"),
     "ReciprocalBackward0": None,  # 1/x at 0 saves result = inf: caught by the finiteness check
     "RsqrtBackward0": None,
+    # DDP's _DDPSink (find_unused_parameters, static_graph): an identity backward that saves nothing
+    "_DDPSinkBackward": None,
 }
 
 
-def _saved_tensors(node: Any) -> tuple[list[torch.Tensor], bool]:
-    """The tensors a node saved, and whether all of them could be read without running a hook (a
-    checkpoint's unpack hook would recompute the forward)."""
-    out, readable = [], True
-    for raw in _raw_saved(node):
-        if raw.unpack_hook is not None:
-            readable = False
-            continue
-        t = raw.data
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
-            out.append(t)
-    return out, readable
+# Nodes whose backward makes no structural zero out of sensitivities that hold none: no padding, selecting,
+# flat region or zeros of their own (tests/test_strong_zeros.py checks each one under the strong-zero mode).
+# A NaN/Inf in a saved tensor can only be annihilated by a structural zero that reaches it, so the check
+# before backward reads only what is saved at or below (towards the leaves) a node not listed here; a graph
+# made of these nodes alone (Linear + GELU/tanh/sigmoid + mse) reads nothing.
+MAKES_NO_ZEROS = frozenset((
+    "AccumulateGrad AddBackward0 AddBackward1 SubBackward0 SubBackward1 MulBackward0 MulBackward1 NegBackward0 "
+    "DivBackward0 DivBackward1 SumBackward0 SumBackward1 MeanBackward0 MeanBackward1 TBackward0 ViewBackward0 "
+    "UnsafeViewBackward0 ExpandBackward0 PermuteBackward0 TransposeBackward0 "
+    "SqueezeBackward0 SqueezeBackward1 SqueezeBackward2 UnsqueezeBackward0 CloneBackward0 "
+    "ToCopyBackward0 AliasBackward0 AddmmBackward0 MmBackward0 BmmBackward0 BaddbmmBackward0 MvBackward0 "
+    "GeluBackward0 SigmoidBackward0 TanhBackward0 SiluBackward0 SoftplusBackward0 ExpBackward0 "
+    "MseLossBackward0 SqrtBackward0 LogBackward0"
+).split())
+_MAKES_NO_ZEROS_IF: dict[str, Callable[[Any], bool]] = {
+    "PowBackward0": lambda node: _saved(node, "_saved_exponent") != 0,  # x ** 0 backward is zeros_like(x)
+}
 
 
-class _TensorSet:
-    """Tensors identified by what they read (storage, offset, shape, strides, dtype)."""
+def _makes_zeros(node: Any) -> bool:
+    name = type(node).__name__
+    if name in MAKES_NO_ZEROS:
+        return False
+    test = _MAKES_NO_ZEROS_IF.get(name)
+    return test is None or not test(node)
 
-    def __init__(self) -> None:
-        self._keys: set[tuple] = set()
 
-    @staticmethod
-    def _key(t: torch.Tensor) -> tuple:
-        if t.layout != torch.strided:  # sparse: no data pointer to compare
-            return (id(t),)
-        return (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+_NODE_TYPES: dict[type, tuple[tuple[str, ...], bool, Callable[[Any], bool] | None]] = {}
 
-    def __contains__(self, t: torch.Tensor) -> bool:
-        return self._key(t) in self._keys
 
-    def update(self, tensors: Sequence[torch.Tensor]) -> None:
-        self._keys.update(self._key(t) for t in tensors)
+def _node_type(node: Any) -> tuple[tuple[str, ...], bool, Callable[[Any], bool] | None]:
+    """Per autograd node type, looked up once: its ``_raw_saved_*`` attributes, whether NODE_FACTS knows it,
+    and its singular-point test."""
+    info = _NODE_TYPES.get(type(node))
+    if info is None:
+        name = type(node).__name__
+        names = tuple(a for a in dir(node) if a.startswith("_raw_saved_"))
+        info = _NODE_TYPES[type(node)] = (names, name in NODE_FACTS, NODE_FACTS.get(name))
+    return info
 
 
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """One host sync: a sum is finite iff no NaN/Inf went in (or, rarely, it overflowed: then False)."""
     if not tensors:
         return True
-    return bool(torch.stack([t.detach().sum(dtype=torch.float32).cpu() for t in tensors]).isfinite().all())
+    with torch.no_grad():
+        sums = [t.sum(dtype=torch.float32) if t.dtype != torch.float32 else t.sum() for t in tensors]
+        return bool(torch.stack([x if x.device.type == "cpu" else x.cpu() for x in sums]).isfinite().all())
 
 
 def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
-    """'plain' (PyTorch is already right), 'strong' (a NaN/Inf or a singular point is in the graph), or
-    'check' (the graph has nodes gradwise knows nothing about: run plain, re-run if a NaN appears)."""
-    unknown = False
-    saved: list[torch.Tensor] = [t for t in seeds if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    seen = _TensorSet()  # one tensor saved by several nodes (a layer's output, q/k/v) is read once
-    for node in _walk(_root_nodes(t_outputs)):
-        name = type(node).__name__
-        if name not in NODE_FACTS:
-            unknown = True
-        tensors, readable = _saved_tensors(node)
-        unknown |= not readable
-        saved.extend(t for t in tensors if t not in seen)
-        seen.update(tensors)
-        singular = NODE_FACTS.get(name)
+    """'plain' (PyTorch is already right), 'strong' (a NaN/Inf or a singular point is in the graph where a
+    structural zero can reach it), or 'check' (the graph has nodes gradwise knows nothing about: run plain,
+    re-run if a NaN appears).
+
+    This runs before every backward under strong zeros, so it is written for speed: one walk over the graph,
+    reading only what a structural zero could reach (see MAKES_NO_ZEROS), each saved tensor once (a layer's
+    output saved by two nodes, q/k/v views of one projection: identified by what they read), and one fused
+    finiteness check."""
+    known_all = True
+    saved: list[torch.Tensor] = []
+    seen_tensors: set[tuple] = set()
+    seen: dict[Any, bool] = {}  # node -> whether a structural zero can reach it
+    stack = [(r, False) for r in _root_nodes(t_outputs) if r is not None]
+    while stack:
+        node, reached = stack.pop()
+        if node in seen and (seen[node] or not reached):
+            continue
+        names, known, singular = _node_type(node)
+        reached = reached or _makes_zeros(node)
+        seen[node] = reached
+        known_all &= known
+        stack.extend((n, reached) for n, _ in node.next_functions if n is not None)
+        if not reached:
+            continue
+        readable = True
+        for name in names:
+            value = getattr(node, name, None)
+            for raw in value if isinstance(value, (tuple, list)) else (value,):
+                if raw is None:
+                    continue
+                if raw.unpack_hook is not None:  # a checkpoint's hook would recompute the forward
+                    readable = False
+                    continue
+                t = raw.data
+                if not isinstance(t, torch.Tensor) or not t.is_floating_point() or not t.numel():
+                    continue
+                if t.layout != torch.strided:
+                    key: tuple = (id(t),)
+                elif t.untyped_storage().nbytes() == 0:  # freed until a hook refills it (FSDP resharded params)
+                    readable = False
+                    continue
+                else:
+                    key = (t.data_ptr(), t.dtype, t.shape, t.stride())
+                if key not in seen_tensors:
+                    seen_tensors.add(key)
+                    saved.append(t)
+        known_all &= readable
         if singular is not None and readable and singular(node):
             return "strong"
+    if saved:  # a seed's NaN/Inf matters only where a structural zero can meet it
+        saved.extend(t for t in seeds if isinstance(t, torch.Tensor) and t.is_floating_point())
     if not _all_finite(saved):
         return "strong"
-    return "check" if unknown else "plain"
+    return "plain" if known_all else "check"
 
 
 def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), allow_unreachable=True,
@@ -759,8 +867,13 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
     tensors = [t for t in (*t_outputs, *(inputs or ())) if isinstance(t, torch.Tensor)]
     check_differentiable([t for t in tensors if t.is_complex() or t.is_sparse], "tensors", "gw.strong_zeros")
 
-    with _disable_current_modes():  # our checks are not the user's ops: modes around backward don't see them
+    if torch._C._len_torch_dispatch_stack():  # our checks are not the user's ops: modes around backward
+        with _disable_current_modes():       # (a trace, a user's mode) don't see them
+            plan = _plan(t_outputs, grad_tensors)
+    else:
         plan = _plan(t_outputs, grad_tensors)
+    if plan == "check" and _one_pass_only():
+        plan = "strong"
     if plan == "plain":
         return run(retain_graph)
     if plan == "strong":
@@ -791,6 +904,14 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
             else:
                 leaf.grad = old.add_(leaf.grad)
     return result
+
+
+def _one_pass_only() -> bool:
+    """True when the backward must run exactly once: with a process group up, its hooks may issue collectives
+    (DDP's reducer all-reduces from AccumulateGrad hooks, FSDP reduce-scatters), and a second pass on one rank
+    would all-reduce again there only: wrong gradients or a hang."""
+    dist = getattr(torch, "distributed", None)
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, create_graph: bool) -> Any:

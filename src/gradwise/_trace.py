@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch._C._autograd import _get_sequence_nr
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
@@ -103,6 +104,16 @@ def _floats(out) -> list[torch.Tensor]:
 
 def _nonfinite(t: torch.Tensor) -> bool:
     return t.is_floating_point() and t.numel() > 0 and not bool(torch.isfinite(t).all())
+
+
+def _any_true(mask: torch.Tensor) -> torch.Tensor:
+    """``mask.any()`` as a 0-dim bool tensor, read as bytes: PyTorch's bool reductions are not vectorised on CPU
+    (20x slower than a uint8 max), and every kink detector and kinked node runs one."""
+    if mask.numel() == 0:
+        return mask.any()
+    if 0 in mask.stride():  # broadcast dims repeat one slice
+        mask = mask[tuple(slice(0, 1) if st == 0 else slice(None) for st in mask.stride())]
+    return mask.view(torch.uint8).amax().bool()
 
 
 def _first(mask: torch.Tensor) -> list[list[int]]:
@@ -444,14 +455,41 @@ def _topk_tie(c):
     return _Hit("kink", torch.cat([edge.flatten(), inner.flatten()]), "all to the returned indices", aligned=False)
 
 
+def _tiling_windows(x: torch.Tensor, spatial: int, kernel, stride, padding, dilation, ceil_mode):
+    """x viewed as (..., o1, k1, o2, k2[, o3, k3]) when the pooling windows tile it (stride == kernel, no
+    padding, no dilation, no partial window), else None. Splitting a dimension is always a view: no copy."""
+    k = list(kernel) * spatial if len(kernel) == 1 else list(kernel)
+    s = (list(stride) * spatial if len(stride) == 1 else list(stride)) if stride else k
+    if s != k or any(padding) or any(d != 1 for d in dilation):
+        return None
+    sizes = x.shape[-spatial:]
+    if ceil_mode and any(n % kk for n, kk in zip(sizes, k, strict=True)):
+        return None
+    windows = x
+    for i, (n, kk) in enumerate(zip(sizes, k, strict=True)):
+        dim = x.dim() - spatial + i
+        windows = windows.narrow(dim + i, 0, n // kk * kk).unflatten(dim + i, (n // kk, kk))
+    return windows
+
+
 @_kink(aten.max_pool2d_with_indices, aten.max_pool3d_with_indices, needs_out=True)
 def _max_pool_window_tie(c):
     """max-pool windows whose maximum is not unique: all of the gradient goes to the returned (first) index.
-    Found by hiding each window's returned maximum and pooling again: a window that still reaches its value
-    has a tie (overlapping windows can hide a tie with a neighbour's maximum: a rare undercount)."""
+    Windows that tile the input are checked by counting, in each window, the elements equal to its maximum.
+    Overlapping windows: hide each window's returned maximum and pool again; a window that still reaches its
+    value has a tie (a tie with a neighbour's maximum can hide another: a rare undercount)."""
     x, (values, indices) = c.args[0], c.out
     spatial = 3 if c.packet == "max_pool3d_with_indices" else 2
-    hidden = x.detach().flatten(-spatial).clone()
+    x = x.detach()
+    kernel, stride = c.arg(1, "kernel_size"), c.arg(2, "stride", [])
+    padding, dilation = c.arg(3, "padding", [0]), c.arg(4, "dilation", [1])
+    windows = _tiling_windows(x, spatial, kernel, stride, padding, dilation, c.arg(5, "ceil_mode", False))
+    if windows is not None and windows.shape[-2 * spatial::2] == values.shape[-spatial:]:
+        lead = values.shape[:-spatial]
+        maxima = values.reshape(*lead, *(n for o in values.shape[-spatial:] for n in (o, 1)))
+        equal = (windows == maxima).sum(tuple(range(-2 * spatial + 1, 0, 2)), dtype=torch.int32)
+        return _Hit("kink", equal > 1, "all to the returned (first) index")
+    hidden = x.flatten(-spatial).clone()
     hidden.scatter_(-1, indices.flatten(-spatial), float("-inf"))
     again, _ = getattr(aten, c.packet)(hidden.view_as(x), *c.args[1:], **c.kwargs)
     return _Hit("kink", again == values, "all to the returned (first) index")
@@ -521,6 +559,7 @@ class _OpInfo:
     compare: str | None
     packet_name: str
     preserving: bool
+    collective: bool = False  # a torch.distributed collective (c10d): its result holds other ranks' values
 
 
 # Ops whose output is finite whenever their inputs are: their check is skipped unless an input is already
@@ -544,8 +583,17 @@ def _op_info(func) -> _OpInfo:
         packet = func.overloadpacket
         info = _INFO[func] = _OpInfo(bool(getattr(func, "is_view", False)), func._schema.is_mutable,
                                      _KINKS.get(packet), _COMPARISONS.get(packet), packet.__name__,
-                                     packet in _FINITE_PRESERVING)
+                                     packet in _FINITE_PRESERVING, func.namespace in _COLLECTIVE_NAMESPACES)
     return info
+
+
+_COLLECTIVE_NAMESPACES = {"c10d", "_c10d_functional"}
+
+
+def _dist_rank() -> int | None:
+    """This process's rank in the default process group, None when torch.distributed is not in use."""
+    dist = getattr(torch, "distributed", None)
+    return dist.get_rank() if dist is not None and dist.is_available() and dist.is_initialized() else None
 
 
 # -- what the trace records ----------------------------------------------------------------------------------
@@ -564,6 +612,7 @@ class _Birth:
     name: str | None = None  # for data that arrived non-finite
     parents: frozenset = frozenset()
     used: bool = False
+    received: bool = False  # read from a collective's buffer: another rank's NaN/Inf
 
     def describe(self) -> str:
         kind = "NaN" if self.nan else "Inf"
@@ -628,12 +677,18 @@ class _Tracer(TorchDispatchMode):
         self.depth = 0
         self.n_fwd = self.n_bwd = 0
         self.last_seq = _get_sequence_nr()
+        self.collective_bufs: dict[int, tuple] = {}  # storage -> (weak ref, op, loc) of collectives' tensors
+        self.collective_sites: dict[tuple, None] = {}  # (op, loc) of the collectives seen, in order
 
     # -- dispatch --------------------------------------------------------------------------------------------
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         info = _INFO.get(func) or _op_info(func)
+        if info.collective:
+            return self._collective(func, args, kwargs)
+        if types and any(t.__name__ == "DTensor" for t in types):
+            return func(*args, **kwargs)  # a check on a sharded DTensor would itself run collectives: not traced
         node = torch._C._current_autograd_node()
         if node is None and not self.depth:
             return self._forward(func, info, args, kwargs)
@@ -709,6 +764,31 @@ class _Tracer(TorchDispatchMode):
         self._check(outs, lambda bad: self._dig(func, None, ins, bad, seq if sens else (seq, "value"), info,
                                                 args=args, out=out))
 
+    def _collective(self, func, args, kwargs):
+        """A collective (DDP's gradient all-reduce, FSDP's reduce-scatter): its buffers are written by the
+        other ranks, possibly later (async), so they are not checked here; they are remembered, so that a
+        NaN/Inf read from them later, or a final gradient that is not finite while every local op was, is
+        reported as received from another rank."""
+        frame = _user_frame()
+        loc = (frame.f_code.co_filename, frame.f_lineno) if frame is not None else ("<unknown>", 0)
+        name = f"{func.namespace}.{func.overloadpacket.__name__}"
+        self.collective_sites.setdefault((name, loc))
+        out = func(*args, **kwargs)
+        if len(self.collective_bufs) > 4096:  # FSDP allocates new buffers every step: forget the freed ones
+            self.collective_bufs = {k: v for k, v in self.collective_bufs.items() if not v[0].expired()}
+        for t in _tensors([*args, *kwargs.values(), out]):
+            if t.is_floating_point() and t.layout == torch.strided:
+                storage = t.untyped_storage()
+                self.collective_bufs[storage._cdata] = (StorageWeakRef(storage), name, loc)
+        return out
+
+    def _received_through(self, t: torch.Tensor) -> tuple | None:
+        """(op, loc) of the collective whose buffer ``t`` reads, or None."""
+        if not self.collective_bufs or t.layout != torch.strided:
+            return None
+        entry = self.collective_bufs.get(t.untyped_storage()._cdata)
+        return None if entry is None or entry[0].expired() else entry[1:]
+
     # -- finiteness checks: one fused reduction per output, batched off the CPU -------------------------------
 
     def _check(self, outs, dig) -> None:
@@ -742,6 +822,12 @@ class _Tracer(TorchDispatchMode):
         got = self.prov.get(t)
         if got is None and t._base is not None and _nonfinite(t._base):
             got = self.prov[t] = self._origin(t._base, loc)
+        if got is None and (via := self._received_through(t)) is not None:
+            count, idx = _positions(~torch.isfinite(t))
+            b = _Birth(via[0], via[1], "received from another rank", count, idx, bool(torch.isnan(t).any()),
+                       received=True)
+            self.births.append(b)
+            got = self.prov[t] = frozenset([b])
         if got is None:
             mask = ~torch.isfinite(t)
             count, idx = _positions(mask)
@@ -775,9 +861,11 @@ class _Tracer(TorchDispatchMode):
         if prior:
             births |= prior
         has_nan = bool(torch.isnan(o[mask]).any())
-        new_nan = has_nan and not any(bool(torch.isnan(t).any()) for t in nf)
-        if not nf or new_nan:
-            count, idx = _positions(torch.isnan(o) if new_nan and nf else mask)
+        # an in-place op on a tensor already known non-finite (DDP's bucket.div_) carries its NaN, not makes it
+        prior_nan = any(getattr(b, "nan", True) for b in prior) if prior else False
+        new_nan = has_nan and not prior_nan and not any(bool(torch.isnan(t).any()) for t in nf)
+        if (not nf and not prior) or new_nan:
+            count, idx = _positions(torch.isnan(o) if new_nan and (nf or prior) else mask)
             op = _op_name(func)
             what = _explain(func, nf or [], o, mask)
             if nd is not None and nd.op != op and (not nf or new_nan) and loc == nd.loc:
@@ -927,7 +1015,7 @@ class _Tracer(TorchDispatchMode):
             g.occurrences += 1
             nd.kinks.append((key, hit.mask if hit.aligned else None))
 
-        found = hit.mask.any()  # cheaper than counting; count only the (rare) hits
+        found = _any_true(hit.mask)  # cheaper than counting; count only the (rare) hits
         if (found.device.type == "cpu" and not _DEFER_ON_CPU) or self.sync_every <= 1:
             if found.item():
                 settle(hit.mask.sum().item())
@@ -944,9 +1032,9 @@ class _Tracer(TorchDispatchMode):
                 if g.reached:
                     continue
                 if mask is not None and mask.shape == s.shape:
-                    g.reached = bool((s != 0).logical_and_(mask).any())
+                    g.reached = bool(_any_true((s != 0).logical_and_(mask)))
                 else:
-                    g.reached = bool((s != 0).any())
+                    g.reached = bool(_any_true(s != 0))
             nd.kinks = []
             return
 
@@ -986,6 +1074,8 @@ class _Tracer(TorchDispatchMode):
             add(("nan", "unknown", name), lambda name=name: Finding(
                 "nan", "unknown", "<unknown>", 0, message=f"the gradient of {name} is not finite; its birth was "
                 "not observed (made outside the traced block?)"), count, [name], [])
+        if self.collective_sites:
+            self._add_received(findings)
         for g in self.kinks.values():
             findings[(g.kind, g.op, g.loc)] = Finding(
                 g.kind, g.op, _fmt(g.loc), g.count, fix=_KINK_FIX if g.kind == "kink" else _SINGULAR_FIX,
@@ -995,6 +1085,31 @@ class _Tracer(TorchDispatchMode):
         order = {k: i for i, k in enumerate(("contamination", "nan", "inf", "singular", "kink"))}
         report.findings = sorted(findings.values(), key=lambda f: (order[f.kind], f.location))
         report.unused = self._unused()
+        rank = _dist_rank()
+        for f in report.findings:
+            f.rank = rank
+
+    def _add_received(self, findings: dict) -> None:
+        """Under data parallelism a rank whose own ops were all finite can still end with NaN/Inf gradients:
+        another rank's, averaged in by the all-reduce. Those gradients no local finding reaches."""
+        local = {name for f in findings.values() for name in f.reaches}
+        counts, has_nan = {}, False
+        for leaf, name in list(self.names.items()):
+            g = leaf.grad
+            if name not in local and isinstance(g, torch.Tensor) and _nonfinite(g):
+                counts[name] = int((~torch.isfinite(g)).sum())
+                has_nan |= bool(torch.isnan(g).any())
+        if not counts:
+            return
+        op, loc = next(iter(self.collective_sites))
+        kind = "nan" if has_nan else "inf"
+        findings[("received", op, loc)] = Finding(
+            kind, op, _fmt(loc), sum(counts.values()), reaches=sorted(counts), source=_source(loc),
+            message=f"received through {op}: this rank's own ops were finite, its gradients after the collective "
+                    "are not",
+            born_op=op, born_location=_fmt(loc), born=f"another rank's {'NaN' if has_nan else 'Inf'}, received "
+            f"through {op}", fix="gw.gather_reports(report) on every rank names the rank that introduced it; "
+            "gw.ddp_nonfinite_hook stops or skips such a step on every rank")
 
     def _contamination(self, inc: _Incident, birth: _Birth | None) -> Finding:
         disc_op, disc_loc = inc.discarded if inc.discarded else (None, None)
@@ -1034,7 +1149,7 @@ class _Tracer(TorchDispatchMode):
                 stack.extend(b.parents)
         groups: dict = {}
         for b in self.births:
-            if b not in explained:
+            if b not in explained and not b.received:
                 key = (b.op if b.op != "input" else f"input {b.name}", _fmt(b.loc))
                 groups[key] = groups.get(key, 0) + b.count
         return [f"{op} at {loc} ({n} value{'s' if n != 1 else ''})" for (op, loc), n in groups.items()]

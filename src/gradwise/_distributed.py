@@ -1,0 +1,327 @@
+"""gradwise under torch.distributed data parallelism: DDP (and FSDP2 ``fully_shard``) on any backend.
+
+Three pieces, each usable alone:
+
+- Strong zeros need nothing here beyond what ``_strong_zeros`` does: DDP all-reduces gradients from hooks on
+  the AccumulateGrad nodes, during the one backward that ``gw.strong_zeros()`` runs (plain, or under the
+  strong-zero dispatch mode), so the strong-zero gradients are what DDP averages, bucketed and overlapped as
+  usual. With a process group up, the backward is never run twice (a second pass would all-reduce again on
+  one rank only). This module adds the strong-zero rule for collectives (their buffers hold other ranks'
+  values: fully supported).
+- ``gather_reports``: the ``gw.trace()`` reports of every rank, merged on one rank, telling which rank
+  introduced a NaN/Inf and which only received it through the all-reduce.
+- ``ddp_nonfinite_hook``: a DDP communication hook that flags non-finite buckets before they are reduced (no
+  host sync per bucket) and, once per backward, makes every rank take the same decision ("raise", "skip",
+  "warn"): from the averaged buckets, identical on every rank, and, only when they hold NaN/Inf, one small
+  all-reduce of the flags to name the ranks and parameters.
+
+No ``from __future__ import annotations`` here: DDP's ``register_comm_hook`` compares the hook's annotations
+with the real ``dist.GradBucket`` and ``Future[Tensor]`` objects, not strings.
+"""
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils._pytree import tree_flatten
+
+from gradwise._report import Finding, Report, is_received
+from gradwise._strong_zeros import _register
+
+__all__ = ["NonfiniteGradientError", "NonfiniteGuard", "SkipNonfiniteStep", "ddp_nonfinite_hook", "gather_reports"]
+
+POLICIES = ("raise", "skip", "warn")
+# DDP checks a hook's annotation against the real class; builds without torch.distributed have none
+_GradBucket = dist.GradBucket if dist.is_available() else Any
+
+
+# -- strong zeros: a collective's result holds other ranks' values ---------------------------------------------
+
+
+def _collective(func, args, kwargs, sup):
+    """A c10d collective (DDP's bucket all-reduce, FSDP's reduce-scatter) writes values of other ranks, whose
+    supports this rank cannot know: every tensor it writes becomes fully supported. It is not "unruled": the
+    local gradients that went in were already computed with strong zeros."""
+    out = func(*args, **kwargs)
+    schema = func._schema.arguments
+    written = [a for a, s in zip(args, schema, strict=False) if s.alias_info is not None and s.alias_info.is_write]
+    for t in tree_flatten((written, out))[0]:
+        if isinstance(t, torch.Tensor):
+            sup.record(t, None)
+    return out
+
+
+def _collective_ops() -> list[Any]:
+    if not dist.is_available():
+        return []
+    found = []
+    for namespace, names in (
+        ("c10d", "allreduce_ allreduce_coalesced_ reduce_ reduce_scatter_ _reduce_scatter_base_ "
+                 "reduce_scatter_tensor_coalesced_ allgather_ _allgather_base_ allgather_coalesced_ "
+                 "allgather_into_tensor_coalesced_ broadcast_ scatter_ gather_ alltoall_ alltoall_base_ recv_ "
+                 "recv_any_source_"),
+        ("_c10d_functional", "all_reduce all_reduce_ all_reduce_coalesced all_gather_into_tensor "
+                             "reduce_scatter_tensor all_to_all_single wait_tensor broadcast broadcast_"),
+    ):
+        for name in names.split():
+            try:
+                found.append(getattr(getattr(torch.ops, namespace), name))
+            except (AttributeError, RuntimeError):  # an op this torch build does not have
+                continue
+    return found
+
+
+_register(*_collective_ops())(_collective)
+
+
+# -- merged trace reports ------------------------------------------------------------------------------------
+
+_WHAT = {"nan": "the NaN", "inf": "the Inf", "contamination": "a NaN/Inf that the loss never used (contamination)"}
+
+
+def _ranks(ranks: set[int]) -> str:
+    """"rank 1", "ranks 0,2", "ranks 0-3" (runs of three or more are shortened)."""
+    rs = sorted(ranks)
+    parts, i = [], 0
+    while i < len(rs):
+        j = i
+        while j + 1 < len(rs) and rs[j + 1] == rs[j] + 1:
+            j += 1
+        parts.append(f"{rs[i]}-{rs[j]}" if j - i >= 2 else ",".join(map(str, rs[i:j + 1])))
+        i = j + 1
+    return f"{'rank' if len(rs) == 1 else 'ranks'} {','.join(parts)}"
+
+
+def rank_story(findings: list[Finding]) -> list[str]:
+    """One line saying which ranks introduced NaN/Inf gradients and where, and which only received them
+    through a collective, e.g. "rank 1 introduced the NaN at data.py:41; ranks 0,2 received it through the
+    all-reduce". A rank's genuine NaN/Inf is named rather than its contamination (both would have spread).
+    Empty when no finding carries a rank or none is a NaN/Inf."""
+    introduced: dict[int, dict[tuple[str, str], None]] = {}
+    received: set[int] = set()
+    for f in findings:
+        if f.rank is None or f.kind not in _WHAT:
+            continue
+        if is_received(f):
+            received.add(f.rank)
+        else:
+            introduced.setdefault(f.rank, {}).setdefault((f.kind, f.born_location or f.location))
+    if not introduced and not received:
+        return []
+    if not introduced:
+        return [f"{_ranks(received)} received NaN/Inf through the all-reduce, but no traced rank saw it born: "
+                "trace every rank (gw.trace() around the same steps)"]
+    told = []
+    for r in sorted(introduced):
+        genuine = [(kind, where) for kind, where in introduced[r] if kind != "contamination"]
+        told.append(f"rank {r} introduced " + ", ".join(f"{_WHAT[kind]} at {where}"
+                                                        for kind, where in genuine or introduced[r]))
+    line = "; ".join(told)
+    if received:
+        line += f"; {_ranks(received)} received it through the all-reduce"
+    return [line]
+
+
+def gather_reports(report: Report, dst: int = 0, group: Any = None) -> Report | None:
+    """Gather the ``gw.trace()`` report of every rank onto rank ``dst`` and merge them.
+
+    Call it on every rank (it is a collective: ``torch.distributed.gather_object``). On ``dst`` it returns one
+    Report whose findings are those of all ranks, each with its ``rank``, and whose ``ranks`` line says which
+    rank introduced a NaN/Inf and which only received it through the all-reduce (a rank whose own ops were all
+    finite but whose gradients after the all-reduce are not). Other ranks get None.
+
+    Example (on every rank, inside a DDP training script)::
+
+        with gw.trace() as report:
+            loss = ddp(x).mean(); loss.backward()
+        merged = gw.gather_reports(report)
+        if merged is not None:
+            print(merged)   # "rank 1 introduced the NaN at train.py:41; rank 0 received it through the all-reduce"
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("gw.gather_reports needs torch.distributed: call it on every rank after "
+                           "torch.distributed.init_process_group(...)")
+    rank = dist.get_rank()
+    payload = {"rank": rank, "findings": [{**f.as_dict(), "rank": rank if f.rank is None else f.rank}
+                                          for f in report.findings],
+               "unused": list(report.unused), "forward_ops": report.forward_ops,
+               "backward_ops": report.backward_ops}
+    gathered: list[Any] | None = [None] * dist.get_world_size(group) if rank == dst else None
+    dist.gather_object(payload, gathered, dst=dst, group=group)
+    if gathered is None:
+        return None
+    parts = sorted((p for p in gathered if p is not None), key=lambda p: p["rank"])
+    findings = [Finding(**d) for p in parts for d in p["findings"]]
+    return Report(findings=findings, unused=[f"rank {p['rank']}: {u}" for p in parts for u in p["unused"]],
+                  forward_ops=sum(p["forward_ops"] for p in parts),
+                  backward_ops=sum(p["backward_ops"] for p in parts), ranks=rank_story(findings))
+
+
+# -- the communication hook ------------------------------------------------------------------------------------
+
+
+class NonfiniteGradientError(RuntimeError):
+    """Raised on every rank by ``ddp_nonfinite_hook(policy="raise")`` when a bucket held NaN/Inf before the
+    all-reduce. ``.bad`` lists ``(rank, [parameter names])`` for every offending rank and bucket."""
+
+    def __init__(self, message: str, bad: list[tuple[int, list[str]]]):
+        super().__init__(message)
+        self.bad = bad
+
+
+class NonfiniteGuard:
+    """The state of ``ddp_nonfinite_hook``: per-bucket non-finite flags of the current backward (device
+    tensors, never read on the host one by one), the averaged buckets, and the decision all ranks took after
+    the last synchronised backward. Create it with ``gw.ddp_nonfinite_hook``."""
+
+    def __init__(self, model: torch.nn.parallel.DistributedDataParallel, policy: str, process_group: Any = None):
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            fsdp = type(model).__name__.startswith(("FullyShardedDataParallel", "FSDP"))
+            raise TypeError(
+                "gw.ddp_nonfinite_hook(model, ...): model must be the DistributedDataParallel module (the hook is "
+                f"a DDP bucket communication hook), got {type(model).__name__}"
+                + (". FSDP is not supported: FSDP2 (fully_shard) has no communication hook and FSDP1's hook gets "
+                   "gradient shards, not DDP buckets; gw.strong_zeros() and gw.trace() do work under FSDP"
+                   if fsdp else ""))
+        self.policy = policy
+        self.process_group = process_group
+        group = process_group if process_group is not None else dist.group.WORLD
+        self._group_rank = dist.get_rank(group)
+        self._world = dist.get_world_size(group)
+        self._global = [dist.get_global_rank(group, r) for r in range(self._world)] \
+            if process_group is not None else list(range(self._world))
+        self._names = {id(p): n for n, p in model.module.named_parameters()}
+        self._extrema: list[torch.Tensor] = []  # per bucket of this backward: its (min, max), NaN/Inf kept
+        self._params: list[list[torch.Tensor]] = []
+        self._reduced: list[torch.futures.Future] = []  # per bucket: the averaged bucket, once all-reduced
+        self._queued = False
+        self._skip = False
+        self.bad: list[tuple[int, list[str]]] = []  # (rank, parameter names) of the last backward's bad buckets
+        self.steps = 0  # synchronised backwards checked
+        self.nonfinite_steps = 0  # ... of which some rank had NaN/Inf before the all-reduce
+
+    def should_skip(self) -> bool:
+        """True when the last synchronised backward had NaN/Inf on some rank before the all-reduce (the same
+        answer on every rank): skip ``optimizer.step()`` (``gw.SkipNonfiniteStep`` does it)."""
+        return self._skip
+
+    def _begin(self) -> None:
+        self._extrema, self._params, self._reduced, self._skip, self.bad = [], [], [], False, []
+
+    def _after_reducer(self) -> None:
+        # queued from the first bucket's hook; queueing again from a callback runs after the callback DDP's
+        # reducer queues when its last bucket is ready (finalize_backward), so the decision (and a raise)
+        # comes after DDP has settled its state for this iteration
+        torch.autograd.Variable._execution_engine.queue_callback(self._decide)
+
+    def _decide(self) -> None:
+        """Once per backward, the same decision on every rank. The averaged buckets are the same on every
+        rank, and a NaN/Inf that went into a sum comes out of it whatever the order: so whether they are all
+        finite (one min/max pass, one host read) is already the same answer everywhere, with no collective.
+        Only when they are not does one all-reduce of the (world x buckets) table of the flags taken before
+        the reduction tell every rank which rank and which parameters brought the NaN/Inf in."""
+        self._queued = False
+        self.steps += 1
+        reduced = torch.stack([torch.stack(torch.aminmax(f.wait())).float() for f in self._reduced])
+        if bool(reduced.isfinite().all()):
+            return
+        local = (~torch.stack([e.float() for e in self._extrema]).isfinite()).any(-1).float()
+        table = torch.zeros(self._world, len(self._extrema), device=local.device)
+        table[self._group_rank] = local
+        dist.all_reduce(table, group=self.process_group)
+        self.bad = [(self._global[r], [self._names.get(id(p), f"<parameter {tuple(p.shape)}>")
+                                       for p in self._params[b]])
+                    for r, row in enumerate(table.tolist()) for b, flag in enumerate(row) if flag]
+        self.nonfinite_steps += 1
+        self._skip = self.policy == "skip"
+        per_rank: dict[int, list[str]] = {}
+        for r, names in self.bad:
+            per_rank.setdefault(r, []).extend(names)
+        where = "; ".join(f"rank {r}: {', '.join(names)}" for r, names in per_rank.items()) or \
+            "every rank's own gradients were finite: their sum overflowed"
+        message = f"gradwise: NaN/Inf gradients before the all-reduce ({where})"
+        if self.policy == "raise":
+            raise NonfiniteGradientError(message + ". Every rank raises this error.", self.bad)
+        if self.policy == "warn":
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+
+def _nonfinite_hook(state: NonfiniteGuard, bucket: _GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: record whether the bucket holds NaN/Inf (its min and max, which keep NaN and
+    +-Inf, without a host read), then average it exactly like DDP's default ``allreduce_hook``."""
+    if bucket.index() == 0:
+        state._begin()
+    buf = bucket.buffer()
+    state._extrema.append(torch.stack(torch.aminmax(buf)))
+    state._params.append(bucket.parameters())
+    if not state._queued:
+        state._queued = True
+        torch.autograd.Variable._execution_engine.queue_callback(state._after_reducer)
+    group = state.process_group if state.process_group is not None else dist.group.WORLD
+    buf.div_(state._world)  # the default hook's order: divide, then sum (avoids overflow in low precision)
+    fut = dist.all_reduce(buf, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
+    state._reduced.append(fut)
+    return fut
+
+
+def ddp_nonfinite_hook(model: torch.nn.parallel.DistributedDataParallel, policy: str = "raise", *,
+                       process_group: Any = None, register: bool = True) -> NonfiniteGuard:
+    """Guard DDP's gradient all-reduce against NaN/Inf, with the same decision on every rank.
+
+    Registers (through ``model.register_comm_hook``) a communication hook that averages each bucket like
+    DDP's default and flags, on the device, whether it held NaN/Inf *before* the all-reduce. When the
+    backward ends, every rank checks the averaged buckets (identical on every rank, and non-finite exactly
+    when some rank's were); only then does one all-reduce of the flags tell every rank which rank and which
+    parameters had NaN/Inf:
+
+    - ``"raise"``: every rank raises ``gw.NonfiniteGradientError`` naming the ranks and parameters;
+    - ``"skip"``: ``guard.should_skip()`` is True on every rank; wrap the optimizer in
+      ``gw.SkipNonfiniteStep(optimizer, guard)`` so that all ranks skip the step together;
+    - ``"warn"``: every rank warns (``RuntimeWarning``) and training goes on.
+
+    Cost on finite data: two min/max passes per bucket (before and after the reduction, no host read) and
+    one host read per backward; no extra collective. ``register=False`` returns the guard without
+    registering: then call ``model.register_comm_hook(guard, guard.hook)`` yourself.
+
+    Example::
+
+        ddp = DistributedDataParallel(model)
+        guard = gw.ddp_nonfinite_hook(ddp, policy="skip")
+        opt = gw.SkipNonfiniteStep(torch.optim.SGD(ddp.parameters(), lr=0.1), guard)
+        loss = ddp(x).mean(); loss.backward(); opt.step()   # every rank skips, or none
+    """
+    guard = NonfiniteGuard(model, policy, process_group)
+    if register:
+        model.register_comm_hook(guard, _nonfinite_hook)
+    return guard
+
+
+NonfiniteGuard.hook = staticmethod(_nonfinite_hook)  # for register=False: model.register_comm_hook(g, g.hook)
+
+
+class SkipNonfiniteStep:
+    """Wrap an optimizer so that ``step()`` does nothing when the guard says this step's gradients held NaN/Inf
+    on some rank (every rank skips together: the decision came from one all-reduce). Everything else is the
+    wrapped optimizer's (``zero_grad``, ``param_groups``, ``state_dict``...); ``skipped`` counts the skips.
+    Give an LR scheduler the wrapped optimizer itself (``wrapper.optimizer``)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, guard: NonfiniteGuard):
+        self.optimizer = optimizer
+        self.guard = guard
+        self.skipped = 0
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        if self.guard.should_skip():
+            self.skipped += 1
+            return None
+        return self.optimizer.step() if closure is None else self.optimizer.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.optimizer, name)

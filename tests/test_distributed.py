@@ -1,0 +1,540 @@
+"""gradwise under torch.distributed, in real processes: gloo process groups of 2 and 3 ranks on CPU.
+
+Each group is spawned once per module and runs a list of checks in order on every rank; a rank records what
+each check returned (or its traceback) in a file, and the tests below assert on those records. The group has
+a deadline: ranks still running then are killed and the tests fail with what was recorded so far.
+
+The data: every rank has 6 rows; the loss reads rows 0..3. On rank 1 the padding rows 4..5 are NaN (the
+loss never reads them), or, for "genuine" cases, a row the loss reads holds a NaN. The reference for strong
+zeros is one process on the clean rows of every rank: the mean over ranks of the per-rank losses, whose
+gradient is what DDP's averaging all-reduce gives.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import gradwise as gw
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+nan = float("nan")
+GROUP_TIMEOUT_S = 150  # a whole group (spawn, imports, every check); a hang fails the tests instead of blocking
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The models, the data and the single-process reference
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _Net(nn.Module):
+    def __init__(self, unused: bool = False):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.unused = nn.Linear(2, 2) if unused else None  # a parameter no forward uses (find_unused_parameters)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class _Identity(torch.autograd.Function):
+    """A custom Function: a node type gradwise knows nothing about (the path that used to run twice)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _WithCustom(_Net):
+    def forward(self, x):
+        return self.body[2:](_Identity.apply(self.body[:2](x)))
+
+
+def _model(cls: type[_Net] = _Net, **kwargs: bool) -> _Net:
+    torch.manual_seed(0)
+    return cls(**kwargs).double()
+
+
+def _data(rank: int, step: int = 0, padding: bool = True, genuine: bool = False) -> torch.Tensor:
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(100 * step + rank), dtype=torch.float64)
+    if rank == 1 and padding:
+        x[4:] = nan  # rows the loss discards
+    if rank == 1 and genuine:
+        x[0, 0] = nan  # a row the loss reads
+    return x
+
+
+def _loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x)[:4].sum()
+
+
+def _reference(world: int, steps: tuple[int, ...] = (0,)) -> list[torch.Tensor]:
+    """Gradients of one process on the clean rows of every rank: mean over ranks, summed over the steps."""
+    ref = _model()
+    for step in steps:
+        (sum(_loss(ref, _data(r, step, padding=False)) for r in range(world)) / world).backward()
+    return [p.grad for p in ref.body.parameters()]
+
+
+def _compare(grads: list[torch.Tensor], world: int, steps: tuple[int, ...] = (0,)) -> dict:
+    ref = _reference(world, steps)
+    return {"finite": all(bool(g.isfinite().all()) for g in grads),
+            "max_err": max(float((g - r).abs().max()) for g, r in zip(grads, ref, strict=True))}
+
+
+def _grads(model: _Net) -> list[torch.Tensor]:
+    return [p.grad for p in model.body.parameters()]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The checks (run on every rank, in order)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def check_plain_ddp_is_contaminated(rank, world):
+    ddp = DDP(_model())
+    _loss(ddp, _data(rank)).backward()
+    return {"nonfinite": any(not bool(p.grad.isfinite().all()) for p in ddp.parameters())}
+
+
+def _strong_zeros_run(rank, world, steps=2, backward=None, **ddp_kwargs):
+    """Several steps (a static graph and the bucket rebuild differ after the first), gradients zeroed
+    between them, the last compared with the reference."""
+    model = _model(unused=ddp_kwargs.get("find_unused_parameters", False))
+    ddp = DDP(model, **ddp_kwargs)
+    for step in range(steps):
+        ddp.zero_grad(set_to_none=True)
+        loss = _loss(ddp, _data(rank, step))
+        if backward is None:
+            with gw.strong_zeros():
+                loss.backward()
+        else:
+            backward(loss)
+    out = _compare(_grads(model), world, (steps - 1,))
+    out["unused_grad"] = None if model.unused is None else model.unused.weight.grad
+    out["unruled"] = sorted(op for op in gw.unruled_ops() if "c10d" in op)  # collectives have a rule
+    return out
+
+
+def check_strong_zeros(rank, world):
+    return _strong_zeros_run(rank, world)
+
+
+def check_gw_backward(rank, world):
+    return _strong_zeros_run(rank, world, backward=gw.backward)
+
+
+def check_find_unused_parameters(rank, world):
+    return _strong_zeros_run(rank, world, find_unused_parameters=True)
+
+
+def check_static_graph(rank, world):
+    return _strong_zeros_run(rank, world, steps=3, static_graph=True)
+
+
+def check_gradient_as_bucket_view(rank, world):
+    return _strong_zeros_run(rank, world, gradient_as_bucket_view=True)
+
+
+def check_no_sync_accumulation(rank, world):
+    model = _model()
+    ddp = DDP(model)
+    with ddp.no_sync(), gw.strong_zeros():
+        _loss(ddp, _data(rank, 0)).backward()  # accumulated locally, not reduced
+    with gw.strong_zeros():
+        _loss(ddp, _data(rank, 1)).backward()  # reduced, with the accumulated gradient
+    return _compare(_grads(model), world, (0, 1))
+
+
+def _counting_hook(calls: list):
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    def hook(state, bucket):
+        calls.append(bucket.index())
+        return allreduce_hook(state, bucket)
+
+    return hook
+
+
+def check_one_allreduce_with_unknown_nodes(rank, world):
+    """A custom Function in the graph: each rank runs its backward once, so every bucket is all-reduced
+    once, with strong zeros (contaminated rows) and with a genuine NaN (same NaN gradients on every rank)."""
+    out = {}
+    for case, genuine in (("contaminated", False), ("genuine", True)):
+        model = _model(_WithCustom)
+        ddp = DDP(model)
+        calls: list = []
+        ddp.register_comm_hook(None, _counting_hook(calls))
+        with gw.strong_zeros():
+            _loss(ddp, _data(rank, genuine=genuine)).backward()
+        grads = torch.cat([p.grad.flatten() for p in model.body.parameters()])
+        gathered = [None] * world
+        dist.all_gather_object(gathered, grads)
+        same = all(torch.equal(g.nan_to_num(7.0), grads.nan_to_num(7.0)) for g in gathered)
+        out[case] = {"calls": calls, "same_on_all_ranks": same, "finite": bool(grads.isfinite().all()),
+                     **({} if genuine else {"max_err": _compare(_grads(model), world)["max_err"]})}
+    return out
+
+
+def check_fsdp2(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.body:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)  # resharded after forward: the saved weights are freed until backward
+    fully_shard(model, mesh=mesh)
+    with gw.strong_zeros():
+        _loss(model, _data(rank)).backward()
+    return _compare([p.grad.full_tensor() for p in model.body.parameters()], world)
+
+
+def check_fsdp2_trace_and_hook(rank, world):
+    """gw.trace() under FSDP2, an optimizer step on sharded DTensor parameters included; the hook says that
+    FSDP is not supported."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    mesh = init_device_mesh("cpu", (world,))
+    fully_shard(model.body[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gw.trace() as report:
+        _loss(model, _data(rank, padding=False, genuine=True)).backward()
+        opt.step()
+    merged = gw.gather_reports(report)
+    try:
+        gw.ddp_nonfinite_hook(model)
+        hook_error = None
+    except TypeError as e:
+        hook_error = str(e)
+    return {"ranks": None if merged is None else merged.ranks, "hook_error": hook_error}
+
+
+def check_fsdp1(rank, world):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FSDP1 is deprecated in favour of fully_shard
+        model = FSDP(_model(), device_id=torch.device("cpu"), use_orig_params=True,
+                     auto_wrap_policy=ModuleWrapPolicy({nn.Linear}))
+        with gw.strong_zeros():
+            _loss(model, _data(rank)).backward()
+        with FSDP.summon_full_params(model, with_grads=True):
+            grads = [p.grad.clone() for p in model.body.parameters()]
+    return _compare(grads, world)
+
+
+def _guarded(rank, policy, register=True):
+    model = _model()
+    ddp = DDP(model, bucket_cap_mb=1e-4)  # several buckets once DDP rebuilds them (after the first step)
+    guard = gw.ddp_nonfinite_hook(ddp, policy=policy, register=register)
+    if not register:
+        ddp.register_comm_hook(guard, guard.hook)
+    return model, ddp, guard
+
+
+def check_skip_policy(rank, world):
+    model, ddp, guard = _guarded(rank, "skip")
+    opt = gw.SkipNonfiniteStep(torch.optim.SGD(ddp.parameters(), lr=0.1), guard)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    _loss(ddp, _data(rank, 0, padding=False, genuine=True)).backward()
+    opt.step()
+    after_bad = [p.detach().clone() for p in model.parameters()]
+    skipped, bad = guard.should_skip(), guard.bad
+    opt.zero_grad()
+    _loss(ddp, _data(rank, 1, padding=False)).backward()
+    opt.step()
+    return {"skipped": skipped, "bad": bad, "skipped_count": opt.skipped, "then_skip": guard.should_skip(),
+            "unchanged": all(torch.equal(a, b) for a, b in zip(after_bad, before, strict=True)),
+            "params_after_bad": after_bad, "params_after_good": [p.detach().clone() for p in model.parameters()]}
+
+
+def check_raise_policy(rank, world):
+    model, ddp, guard = _guarded(rank, "raise")
+    _loss(ddp, _data(rank, 0, padding=False)).backward()  # finite; DDP rebuilds its buckets after this step
+    out: dict = {"raised": None}
+    ddp.zero_grad(set_to_none=True)
+    try:
+        _loss(ddp, _data(rank, 1, padding=False, genuine=True)).backward()
+    except gw.NonfiniteGradientError as e:
+        out = {"raised": str(e), "bad": e.bad}
+    ddp.zero_grad(set_to_none=True)
+    _loss(ddp, _data(rank, 2, padding=False)).backward()  # the next step still works: nothing hangs
+    out["next_finite"] = all(bool(p.grad.isfinite().all()) for p in model.parameters())
+    out["counts"] = (guard.steps, guard.nonfinite_steps)
+    return out
+
+
+def check_warn_policy(rank, world):
+    _m, ddp, _guard = _guarded(rank, "warn", register=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _loss(ddp, _data(rank, 0, padding=False, genuine=True)).backward()
+    return {"warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]}
+
+
+def check_hook_with_strong_zeros(rank, world):
+    """The hook sees the strong-zero gradients: contaminated padding is no step to skip."""
+    model, ddp, guard = _guarded(rank, "skip")
+    with gw.strong_zeros():
+        _loss(ddp, _data(rank)).backward()
+    return {"skip": guard.should_skip(), **_compare(_grads(model), world)}
+
+
+def check_trace_merged_report(rank, world):
+    model = _model()
+    ddp = DDP(model)
+    with gw.trace() as report:
+        loss = _loss(ddp, _data(rank, padding=False, genuine=True))
+        loss.backward()
+    merged = gw.gather_reports(report)
+    return {"local_ranks": [f.rank for f in report.findings], "local_kinds": [f.kind for f in report.findings],
+            "merged": None if merged is None else {"text": str(merged), "ranks": merged.ranks,
+                                                   "json": merged.to_json(),
+                                                   "finding_ranks": [f.rank for f in merged.findings]}}
+
+
+CHECKS: dict[str, list[Callable]] = {
+    "two": [check_plain_ddp_is_contaminated, check_strong_zeros, check_gw_backward, check_find_unused_parameters,
+            check_static_graph, check_gradient_as_bucket_view, check_no_sync_accumulation,
+            check_one_allreduce_with_unknown_nodes, check_fsdp2, check_fsdp2_trace_and_hook, check_fsdp1,
+            check_skip_policy, check_raise_policy, check_warn_policy, check_hook_with_strong_zeros],
+    "three": [check_plain_ddp_is_contaminated, check_strong_zeros, check_trace_merged_report, check_skip_policy],
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Spawning a group with a deadline
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _worker(rank: int, world: int, store: str, scenario: str, out: str) -> None:
+    torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only: no hostname lookup, no network
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    results: dict = {}
+    try:
+        for check in CHECKS[scenario]:
+            try:
+                results[check.__name__] = check(rank, world)
+            except Exception:
+                results[check.__name__] = {"error": traceback.format_exc()}
+            Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(results))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_group(scenario: str, world: int, tmp: Path, timeout: float = GROUP_TIMEOUT_S) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(r, world, str(tmp / "store"), scenario, str(tmp)), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in hung:
+        procs[r].kill()
+        procs[r].join(10)
+    results = [pickle.loads(f.read_bytes()) if (f := tmp / f"rank{r}.pkl").exists() else {} for r in range(world)]
+    if hung:
+        pytest.fail(f"{world}-rank group timed out after {timeout:.0f} s; ranks {hung} killed; checks done per rank: "
+                    f"{[list(r) for r in results]}")
+    failed = [r for r, p in enumerate(procs) if p.exitcode != 0]
+    if failed:
+        pytest.fail(f"ranks {failed} exited with {[procs[r].exitcode for r in failed]}; results: {results}")
+    return results
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    return _run_group("two", 2, tmp_path_factory.mktemp("ddp2"))
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    return _run_group("three", 3, tmp_path_factory.mktemp("ddp3"))
+
+
+def _per_rank(results: list[dict], check: str) -> list:
+    got = []
+    for rank, r in enumerate(results):
+        value = r.get(check)
+        assert value is not None, f"rank {rank} did not run {check}"
+        assert not (isinstance(value, dict) and "error" in value), f"rank {rank}, {check}:\n{value['error']}"
+        got.append(value)
+    return got
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tests
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group", ["two", "three"])
+def test_plain_ddp_spreads_one_ranks_unused_nan_to_every_rank(group, request):
+    for got in _per_rank(request.getfixturevalue(group), "check_plain_ddp_is_contaminated"):
+        assert got["nonfinite"]
+
+
+@pytest.mark.parametrize("group,check", [
+    ("two", "check_strong_zeros"), ("two", "check_gw_backward"), ("two", "check_find_unused_parameters"),
+    ("two", "check_static_graph"), ("two", "check_gradient_as_bucket_view"), ("two", "check_no_sync_accumulation"),
+    ("three", "check_strong_zeros"),
+])
+def test_strong_zeros_under_ddp_equal_the_clean_single_process_gradients(group, check, request):
+    for got in _per_rank(request.getfixturevalue(group), check):
+        assert got["finite"]
+        assert got["max_err"] < 1e-12
+        assert got.get("unruled", []) == []
+        if check == "check_find_unused_parameters":
+            assert got["unused_grad"] is None  # DDP leaves an unused parameter's gradient alone
+
+
+def test_unknown_nodes_run_one_backward_so_each_bucket_is_all_reduced_once(two):
+    for got in _per_rank(two, "check_one_allreduce_with_unknown_nodes"):
+        clean, genuine = got["contaminated"], got["genuine"]
+        assert clean["calls"] == [0] and clean["finite"] and clean["max_err"] < 1e-12 and clean["same_on_all_ranks"]
+        assert genuine["calls"] == [0] and not genuine["finite"] and genuine["same_on_all_ranks"]
+
+
+@pytest.mark.parametrize("check", ["check_fsdp2", "check_fsdp1"])
+def test_strong_zeros_under_fsdp_on_cpu(two, check):
+    for got in _per_rank(two, check):
+        assert got["finite"] and got["max_err"] < 1e-12
+
+
+def test_trace_under_fsdp2_names_the_origin_and_the_hook_refuses_fsdp(two):
+    ranks = _per_rank(two, "check_fsdp2_trace_and_hook")
+    assert ranks[0]["ranks"][0].startswith("rank 1 introduced the NaN at ") and ranks[1]["ranks"] is None
+    for got in ranks:
+        assert "FSDP is not supported" in got["hook_error"]
+
+
+@pytest.mark.parametrize("group", ["two", "three"])
+def test_skip_policy_skips_the_step_on_every_rank_together(group, request):
+    ranks = _per_rank(request.getfixturevalue(group), "check_skip_policy")
+    for got in ranks:
+        assert got["skipped"] and got["skipped_count"] == 1 and not got["then_skip"]
+        assert got["unchanged"]  # the NaN step left every parameter as it was
+        assert [rank for rank, _ in got["bad"]] == [1]
+    for got in ranks[1:]:  # identical on every rank, after the skipped step and after the next real one
+        assert all(torch.equal(a, b) for a, b in zip(got["params_after_bad"], ranks[0]["params_after_bad"],
+                                                     strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(got["params_after_good"], ranks[0]["params_after_good"],
+                                                     strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(ranks[0]["params_after_good"], ranks[0]["params_after_bad"],
+                                                     strict=True))
+
+
+def test_raise_policy_raises_on_every_rank_with_rank_and_parameter_names(two):
+    for got in _per_rank(two, "check_raise_policy"):
+        assert got["raised"] is not None, "every rank raises, not only the one with the NaN"
+        assert "rank 1: " in got["raised"] and "body.0.weight" in got["raised"]
+        assert {rank for rank, _ in got["bad"]} == {1} and len(got["bad"]) > 1  # one entry per bad bucket
+        names = [name for _, names in got["bad"] for name in names]
+        assert "body.0.weight" in names and len(names) == len(set(names))
+        assert got["next_finite"] and got["counts"] == (3, 1)
+
+
+def test_warn_policy_warns_on_every_rank(two):
+    for got in _per_rank(two, "check_warn_policy"):
+        assert len(got["warnings"]) == 1 and "rank 1: " in got["warnings"][0]
+
+
+def test_hook_sees_strong_zero_gradients(two):
+    for got in _per_rank(two, "check_hook_with_strong_zeros"):
+        assert not got["skip"] and got["finite"] and got["max_err"] < 1e-12
+
+
+def test_trace_reports_rank_1_as_origin_and_the_others_as_receivers(three):
+    ranks = _per_rank(three, "check_trace_merged_report")
+    for rank, got in enumerate(ranks):
+        assert got["local_ranks"] and set(got["local_ranks"]) == {rank}
+        assert (got["merged"] is not None) == (rank == 0)  # merged on rank 0 only
+    merged = ranks[0]["merged"]
+    [line] = merged["ranks"]
+    assert line.startswith("rank 1 introduced the NaN at ") and "test_distributed.py:" in line
+    assert line.endswith("; ranks 0,2 received it through the all-reduce")
+    assert line in merged["text"] and "rank 0: received" in merged["text"] and "rank 1: genuine NaN" in merged["text"]
+    assert sorted(set(merged["finding_ranks"])) == [0, 1, 2]
+    assert '"rank": 1' in merged["json"] and '"ranks"' in merged["json"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In this process: the merged story, rendering, and the errors (no process group needed)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _finding(kind: str, rank: int | None, where: str, received: bool = False) -> gw.Finding:
+    op = "c10d.allreduce_" if received else "aten.mm"
+    return gw.Finding(kind, op, where, 1, born_op=op, born_location=where, rank=rank)
+
+
+def test_rank_story_names_origins_and_receivers():
+    from gradwise._distributed import rank_story
+
+    recv = [_finding("nan", r, "train.py:9", received=True) for r in (0, 2, 3)]
+    assert rank_story([_finding("nan", 1, "data.py:41"), *recv]) == [
+        "rank 1 introduced the NaN at data.py:41; ranks 0,2,3 received it through the all-reduce"]
+    assert rank_story([_finding("inf", 1, "a.py:1"), *recv[:1]]) == [
+        "rank 1 introduced the Inf at a.py:1; rank 0 received it through the all-reduce"]
+    assert rank_story([_finding("contamination", 2, "a.py:1"), _finding("nan", 2, "a.py:2"),
+                       _finding("contamination", 0, "b.py:3")]) == [
+        "rank 0 introduced a NaN/Inf that the loss never used (contamination) at b.py:3; "
+        "rank 2 introduced the NaN at a.py:2"]
+    assert rank_story([_finding("nan", r, "t.py:9", received=True) for r in range(4)])[0].startswith(
+        "ranks 0-3 received NaN/Inf through the all-reduce, but no traced rank saw it born")
+    assert rank_story([_finding("kink", 1, "a.py:1"), _finding("nan", None, "a.py:2")]) == []
+
+
+def test_rank_in_rendering_and_json_only_when_set():
+    report = gw.Report(findings=[_finding("nan", 1, "data.py:41"), _finding("nan", 0, "t.py:9", received=True)],
+                       ranks=["rank 1 introduced the NaN at data.py:41; rank 0 received it through the all-reduce"])
+    text = str(report)
+    assert text.splitlines()[1] == "  " + report.ranks[0]
+    assert "1. rank 1: genuine NaN" in text and "2. rank 0: received: a NaN/Inf that another rank" in text
+    assert '"rank": 1' in report.to_json() and '"ranks"' in report.to_json()
+    plain = gw.Report(findings=[_finding("nan", None, "data.py:41")])
+    assert "rank" not in str(plain) and '"ranks"' not in plain.to_json() and '"rank": null' in plain.to_json()
+
+
+def test_single_process_use_is_unchanged_and_misuse_is_explained():
+    x = torch.tensor([1.0, nan], requires_grad=True)
+    with gw.trace() as report:
+        x[:1].sum().mul(x[1:].sum()).backward()
+    assert report.findings and all(f.rank is None for f in report.findings)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        gw.gather_reports(report)
+    with pytest.raises(TypeError, match="DistributedDataParallel"):
+        gw.ddp_nonfinite_hook(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="policy"):
+        gw.ddp_nonfinite_hook(nn.Linear(2, 2), policy="ignore")
