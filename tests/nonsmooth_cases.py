@@ -60,18 +60,63 @@ def _relu_net_tied(w1, w2):
     return (h @ w2).pow(2).mean()
 
 
+def _heat_integration(t):
+    """Khan & Barton 2013, Example 6.5: minimum heating and cooling of a heat exchanger network (pinch analysis,
+    Duran & Grossmann 1986) as functions of the inlet/outlet temperatures t = (Tin_1, Tout_1, ..., Tin_4, Tout_4);
+    stream data of their Table V as used in the authors' replication script (kamilkhanlab/nonsmooth-forward-ad,
+    test/test.jl). Returns (Q^H, Q^C)."""
+    fcp, delta = [8.79, 10.55, 7.62, 6.08], 10.0
+    t_in, t_out = [t[2 * i] for i in range(4)], [t[2 * i + 1] for i in range(4)]
+    for j in range(4):  # hot streams: subtract the minimum temperature approach
+        if t_out[j] < t_in[j]:
+            t_in[j], t_out[j] = t_in[j] - delta, t_out[j] - delta
+    zero = torch.zeros((), dtype=t.dtype)
+    q_h = zero
+    for i in range(4):
+        z = sum(fcp[j] * (torch.maximum(zero, t_out[j] - t_in[i]) - torch.maximum(zero, t_in[j] - t_in[i]))
+                for j in range(4))
+        q_h = torch.maximum(q_h, z)
+    return q_h, q_h + sum(fcp[j] * (t_in[j] - t_out[j]) for j in range(4))
+
+
+_HEAT_POINT = [160.0, 93.0, 170.0, 126.0, 60.0, 160.0, 116.0, 260.0]  # Table V: (Tin, Tout) of streams 1-4
+
+
+def _maxpool_distinct(x):
+    """Max-pool whose tied window entries are different linear functions of x (integer coefficients): the choice
+    changes the gradient, unlike ties between equal pixels."""
+    c = t([[[1.0, 2.0], [2.0, 1.0], [3.0, 0.0], [0.0, 3.0]], [[1.0, 1.0], [2.0, 0.0], [0.0, 2.0], [0.5, 1.5]],
+           [[4.0, 0.0], [1.0, 2.0], [0.0, 1.0], [3.0, 1.0]], [[0.0, 0.0], [1.0, -1.0], [-1.0, 1.0], [2.0, -2.0]]])
+    img = (c @ x).reshape(1, 1, 4, 4)  # at x = (1, 1) two windows tie between entries of different slopes
+    return (F.max_pool2d(img, 2) * t([[[[1.0, -2.0], [0.5, 3.0]]]])).sum()
+
+
 def _maxpool_ties(w):
     """Max-pool over an integer image scaled by w: every window has tied maxima."""
     img = t([[[[1.0, 1.0, 0.0, 2.0], [0.0, 1.0, 2.0, 2.0], [3.0, 3.0, 1.0, 0.0], [3.0, 0.0, 1.0, 1.0]]]])
     return (F.max_pool2d(img * w[0] + w[1], 2) * t([[[[1.0, -2.0], [0.5, 3.0]]]])).sum()
 
 
+# Khan & Barton, "Evaluating an element of the Clarke generalized Jacobian of a composite piecewise differentiable
+# function", ACM TOMS 39(4), 2013. The paper's text was not found in the sources searched; examples 6.1, 6.2, 6.3
+# and 6.5 are taken from the authors' own replication script (kamilkhanlab/nonsmooth-forward-ad, test/test.jl).
+# Example 6.4 was not found anywhere: the two "style" cases below stand in for it and are not from the paper.
 CASES: list[Case] = [
-    Case("khan-barton-max-min", "max/min composition at 0, Khan & Barton 2013 style (not verbatim)",
+    Case("khan-barton-6.1-abs-minus-abs", "Khan & Barton 2013, Example 6.1: |x| - |x| at 0 (identically 0)",
+         lambda x: x[0].abs() - x[0].abs(), lambda: (t([0.0]),)),
+    Case("khan-barton-6.1-max-minus-min", "Khan & Barton 2013, Example 6.1: max(x, 0) - min(x, 0) at 0 (= |x|)",
+         lambda x: torch.maximum(x[0], t(0.0)) - torch.minimum(x[0], t(0.0)), lambda: (t([0.0]),)),
+    Case("khan-barton-6.2-max-min", "Khan & Barton 2013, Example 6.2: max(min(x1, -x2), x2 - x1) at (0, 0)",
          lambda x: torch.maximum(torch.minimum(x[0], -x[1]), x[1] - x[0]), lambda: (t([0.0, 0.0]),)),
-    Case("khan-barton-abs-of-max", "nested abs and max at 0, Khan & Barton 2013 style (not verbatim)",
+    Case("khan-barton-6.3-abs-product", "Khan & Barton 2013, Example 6.3: (1 + |x1 - x2|)(x1 - x2) at (0, 0)",
+         lambda x: (1.0 + (x[0] - x[1]).abs()) * (x[0] - x[1]), lambda: (t([0.0, 0.0]),)),
+    Case("khan-barton-6.5-heating", "Khan & Barton 2013, Example 6.5: minimum heating Q^H at Table V's streams",
+         lambda x: _heat_integration(x)[0], lambda: (t(_HEAT_POINT),)),
+    Case("khan-barton-6.5-cooling", "Khan & Barton 2013, Example 6.5: minimum cooling Q^C at Table V's streams",
+         lambda x: _heat_integration(x)[1], lambda: (t(_HEAT_POINT),)),
+    Case("khan-barton-style-abs-of-max", "nested abs and max at 0, Khan & Barton style (not from the paper)",
          lambda x: (torch.maximum(x[0], x[1]) - x[0].abs()).abs() + x[1], lambda: (t([0.0, 0.0]),)),
-    Case("khan-barton-relu-chain", "relu of a kinked argument, Khan & Barton 2013 style (not verbatim)",
+    Case("khan-barton-style-relu-chain", "relu of a kinked argument, Khan & Barton style (not from the paper)",
          lambda x: torch.relu(x[0].abs() - x[1].abs()) - 0.5 * torch.relu(x[1] - x[0]), lambda: (t([0.0, 0.0]),)),
     Case("bolte-pauwels-relu-identity", "Bolte & Pauwels 2021: relu(x) - relu(-x) = x",
          lambda x: torch.relu(x) - torch.relu(-x), lambda: (t(0.0),)),
@@ -92,6 +137,15 @@ CASES: list[Case] = [
          lambda: (t([1.0, -0.5]), t(0.0))),
     Case("maxpool-integer-ties", "max-pool over an integer image (Park, Chun & Lee 2024)", _maxpool_ties,
          lambda: (t([1.0, 1.0]),)),
+    Case("maxpool-distinct-gradient-ties", "max-pool windows tied between different functions of the input",
+         _maxpool_distinct, lambda: (t([1.0, 1.0]),)),
+    Case("margin-losses-on-the-margin", "hinge-embedding, margin-ranking and multi-margin losses on their margins",
+         lambda x: F.hinge_embedding_loss(x, t([-1.0, 1.0, -1.0])) + F.margin_ranking_loss(x[:2], x[1:], t(
+             [1.0, -1.0]), margin=1.0) + F.multi_margin_loss(x.reshape(1, 3), torch.tensor([0])),
+         lambda: (t([1.0, 0.0, 1.0]),)),
+    Case("cummax-mode-ties", "running maximum over repeated values, mode over a repeated minimum",
+         lambda x: torch.cummax(x, 0).values @ t([1.0, -2.0, 0.5, 3.0]) + torch.mode(x[:3]).values,
+         lambda: (t([0.0, 2.0, 0.0, 2.0]),)),
     Case("relu-net-tied-units", "ReLU network with two identical hidden units at pre-activation 0",
          _relu_net_tied, lambda: (t([[1.0, 1.0], [1.0, 1.0], [0.5, -1.0], [-1.0, 0.2]]), t([1.0, -1.0, 0.5, 2.0]))),
     Case("sort-topk-ties", "sum of the top 2 of a vector with a three-way tie",

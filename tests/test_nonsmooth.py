@@ -163,6 +163,32 @@ RULE_SAMPLES = {
     "norm": (lambda x: torch.norm(x.reshape(7, 1) - x.reshape(7, 1).clamp(-1, 1), dim=1), [_X]),
     "sqrt": (lambda x: torch.sqrt(x.abs() + 1.0), [_X]),
     "pow": (lambda x: (x.abs() + 1.0) ** 0.5, [_X]),
+    "nanmedian": (lambda x: torch.nanmedian(torch.cat([x.abs(), torch.full((2,), math.nan, dtype=x.dtype)])), [_X]),
+    "mode": (lambda x: torch.mode(torch.cat([x, x.min().reshape(1)])).values, [_X]),  # the minimum repeated
+    "cummax": (lambda x: torch.cummax(x.abs(), 0).values, [_X]),
+    "cummin": (lambda x: torch.cummin(-x.abs(), 0).values, [_X]),
+    "adaptive_max_pool1d": (lambda x: F.adaptive_max_pool1d(torch.cat([x.abs(), x.abs().flip(0)]).reshape(1, 1, 14),
+                                                            3), [_X]),
+    "adaptive_max_pool2d": (lambda x: F.adaptive_max_pool2d(torch.stack([x.abs(), x.abs().flip(0)]).reshape(1, 2, 7),
+                                                            (1, 3)), [_X]),
+    "adaptive_max_pool3d": (lambda x: F.adaptive_max_pool3d(torch.stack([x.abs(), x.abs().flip(0)]).reshape(
+        1, 1, 2, 7), (1, 1, 3)), [_X]),
+    "cdist": (lambda x: torch.cdist(x.abs().reshape(7, 1), x.reshape(7, 1)), [_X]),
+    "pdist": (lambda x: F.pdist(torch.stack([x.abs(), torch.ones_like(x)], 1)), [_X]),
+    "hinge_embedding_loss": (lambda x: F.hinge_embedding_loss(x, -torch.ones_like(x), reduction="none"), [_X]),
+    "margin_ranking_loss": (lambda x: F.margin_ranking_loss(x, torch.zeros_like(x), torch.ones_like(x), margin=1.0,
+                                                            reduction="none"), [_X]),
+    "multi_margin_loss": (lambda x: F.multi_margin_loss(x.reshape(1, 7), torch.tensor([2]), reduction="none"), [_X]),
+    "triplet_margin_loss": (lambda x: F.triplet_margin_loss(x.reshape(7, 1), torch.zeros(7, 1, dtype=x.dtype),
+                                                            torch.ones(7, 1, dtype=x.dtype), eps=0.0,
+                                                            reduction="none"), [_X]),
+    # piecewise constant: compositions that stay continuous (f jumps otherwise: an error, tested below)
+    "sign": (lambda x: x * torch.sign(x), [_X]),
+    "floor": (lambda x: torch.floor(x) + torch.ceil(-x) + x, [_X]),
+    "ceil": (lambda x: torch.ceil(x) + torch.floor(-x) - x, [_X]),
+    "round": (lambda x: torch.round(x / 2) + torch.round(-x / 2) + x, [_X]),
+    "trunc": (lambda x: torch.trunc(x) + torch.trunc(-x) + 2 * x, [_X]),
+    "frac": (lambda x: torch.frac(x) + torch.frac(-x) + x, [_X]),
 }
 
 
@@ -308,8 +334,8 @@ def test_singular_point_names_op_and_line():
 
 
 def test_unruled_kink_op_is_an_error():
-    with pytest.raises(NonsmoothError, match=r"aten\.cummax"):
-        gw.generalized_grad(lambda x: torch.cummax(x, 0).values.sum(), torch.zeros(3))
+    with pytest.raises(NonsmoothError, match=r"aten\.multilabel_margin_loss"):
+        gw.generalized_grad(lambda x: F.multilabel_margin_loss(x, torch.tensor([[1, -1, 0]])), torch.zeros(1, 3))
 
 
 def test_jump_is_an_error_not_a_derivative():
@@ -325,3 +351,189 @@ def test_lexicographic_tie_breaking_with_further_directions():
     f = lambda x: torch.where(x[0] > x[1], 2 * x[0] - x[1], x[0])
     x = torch.zeros(2)
     assert float(gw.directional_derivative(f, x, torch.ones(2))) == pytest.approx(1.0)
+
+
+# --- the locked piece is the one active along the direction (networks with many exact ties) ----------------------
+
+
+def _int_conv_net(pool=True):
+    """conv/relu/max-pool net with integer weights and images: ties between windows with different gradients."""
+    g = torch.Generator().manual_seed(0)
+    layers = [torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+              torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+              torch.nn.Linear(16, 3)]
+    model = torch.nn.Sequential(*layers).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randint(-2, 3, p.shape, generator=g).double())
+    x = torch.randint(0, 3, (3, 2, 8, 8), generator=g).double()
+    names = [n for n, _ in model.named_parameters()]
+    f = lambda *p: F.cross_entropy(torch.func.functional_call(model, dict(zip(names, p, strict=True)), (x,)),
+                                   torch.tensor([0, 1, 2]))
+    return f, tuple(p.detach() for p in model.parameters())
+
+
+def _tied_relu_mlp():
+    """2-layer ReLU MLP whose hidden units come in exact copies, several at pre-activation 0, then amax."""
+    g = torch.Generator().manual_seed(1)
+    w1 = torch.randint(-2, 3, (3, 4), generator=g).double()
+    w1 = torch.cat([w1, w1])  # exactly tied units
+    b1 = -(w1 @ torch.ones(4, dtype=torch.float64)) * (torch.arange(6) % 2 == 0)  # half of them at the kink
+    w2 = torch.randint(-2, 3, (5, 6), generator=g).double()
+    x = torch.ones(7, 4, dtype=torch.float64)
+    return (lambda w1, b1, w2: torch.relu(torch.relu(x @ w1.T + b1) @ w2.T).amax(dim=1).sum()), (w1, b1, w2)
+
+
+LOCK_CASES = {"int-conv-maxpool": _int_conv_net, "tied-relu-mlp-amax": _tied_relu_mlp}
+
+
+@pytest.mark.parametrize("name", sorted(LOCK_CASES))
+def test_locked_piece_is_active_along_its_direction(name):
+    """Branch locking along d gives the gradient of the piece active on the ray x + t d: <g, d> is the one-sided
+    derivative along d, and g is the gradient at a differentiable point of that ray. Checked for the two-pass
+    path (first call) and the tangent-carrying first pass (second call on the same code)."""
+    f, xs = LOCK_CASES[name]()
+    kinks, _ = gw._nonsmooth.kinks_hit(f, xs)
+    assert sum(k.count for k in kinks) >= 5  # many real ties
+    gw._nonsmooth._LAST_TIE.pop(f.__code__, None)
+    for seed in range(3):
+        first = gw.generalized_grad(f, xs, seed=seed)
+        again = gw.generalized_grad(f, xs, seed=seed)
+        assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+        d = gw._nonsmooth._random_direction(xs, seed)[0]
+        along = sum(float((g * e).sum()) for g, e in zip(first, d, strict=True))
+        assert along == pytest.approx(one_sided(f, xs, d, h=1e-8), rel=1e-5, abs=1e-5)
+        ys = [(x + 1e-7 * e).requires_grad_(True) for x, e in zip(xs, d, strict=True)]
+        assert not gw._nonsmooth.kinks_hit(f, tuple(y.detach() for y in ys))[0]  # a differentiable point
+        for g, h in zip(first, torch.autograd.grad(f(*ys), ys), strict=True):
+            torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-4)
+
+
+def test_relu_dead_pool_windows_are_not_kinks():
+    # pre-activations far below 0 in whole windows: the windows tie at 0, but f is locally constant there
+    x = torch.tensor([[-1.0, -2.0, 3.0, 1.0], [-1.0, -1.0, 3.0, 2.0]], dtype=torch.float64)
+    f = lambda w: F.max_pool2d(torch.relu(x * w).reshape(1, 1, 2, 4), 2).sum()
+    w = torch.tensor(1.0, dtype=torch.float64)
+    kinks, _ = gw._nonsmooth.kinks_hit(f, w)
+    assert [k.op for k in kinks] == ["aten.max_pool2d"] and kinks[0].count == 1  # only the live (3, 3) window
+    assert float(gw.generalized_grad(f, w)[0]) == pytest.approx(3.0)
+
+
+def test_relu_tie_inside_a_dead_window_is_a_kink():
+    # window (relu(a) at its kink, dead zeros): the pool ties between a live and dead elements: a real kink
+    f = lambda a: F.max_pool1d(torch.relu(torch.stack([a, a - 1, a - 2, a - 3])).reshape(1, 1, 4), 4).sum()
+    a = torch.tensor(0.0, dtype=torch.float64)
+    for d in (1.0, -1.0):
+        got = float(gw.directional_derivative(f, a, torch.tensor(d, dtype=torch.float64)))
+        assert got == pytest.approx(one_sided(f, [a], [torch.tensor(d, dtype=torch.float64)]), abs=1e-6)
+
+
+def test_in_place_edit_of_a_relu_output_voids_the_dead_window_shortcut():
+    def f(w, v):
+        h = torch.relu(v - 1)  # all relu-dead (v = 0)...
+        h.add_(w)  # ... until w is added in place: now every element moves with w
+        return F.max_pool1d(h.reshape(1, 1, 3), 3).sum()
+
+    w, v = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    d = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64)
+    got = gw.directional_derivative(f, (w, v), (d, torch.zeros(3, dtype=torch.float64)))
+    assert float(got) == pytest.approx(2.0)  # max over the tied window, not PyTorch's first element
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=2), dict(kernel_size=3, stride=1, padding=1),
+                                dict(kernel_size=2, stride=1, dilation=2),
+                                dict(kernel_size=3, stride=2, ceil_mode=True),
+                                dict(kernel_size=(2, 3), stride=(1, 2), padding=(1, 1))])
+def test_max_pool_variants_on_ties(kw):
+    g = torch.Generator().manual_seed(3)
+    img = torch.randint(0, 3, (2, 2, 6, 7), generator=g).double()
+    weights = torch.randn(2, 2, 6, 7, generator=g).double()
+    f = lambda s, b: (F.max_pool2d(img * s + b, **kw) * F.max_pool2d(weights, **kw)).sum()
+    xs = (torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64))
+    for _ in range(4):
+        ds = [torch.randn((), generator=g, dtype=torch.float64) for _ in xs]
+        assert float(gw.directional_derivative(f, xs, tuple(ds))) == pytest.approx(one_sided(f, xs, ds), abs=1e-5)
+    near = nearby_gradients(f, list(xs), n=100)
+    for seed in range(2):
+        assert hull_distance(flat(gw.generalized_grad(f, xs, seed=seed)), near) < 1e-4
+
+
+@pytest.mark.parametrize("conv", ["conv1d", "conv2d", "conv3d", "linear"])
+def test_jvp_rules_match_pytorch_forward_ad(conv):
+    g = torch.Generator().manual_seed(0)
+    shapes = {"conv1d": ((2, 4, 9), (6, 2, 3)), "conv2d": ((2, 4, 7, 6), (6, 2, 3, 2)),
+              "conv3d": ((4, 5, 4, 3), (6, 2, 2, 2, 2)), "linear": ((3, 5, 4), (6, 4))}[conv]
+    kw = {} if conv == "linear" else {"groups": 2, "stride": 1, "padding": 1}
+    fn = getattr(F, conv)
+    x, w, b = (torch.randn(s, generator=g, dtype=torch.float64) for s in (*shapes, (6,)))
+    f = lambda x, w, b: (fn(x, w, b, **kw) ** 2).sum()
+    for mask in [(1, 1, 1), (0, 1, 0), (1, 0, 0), (0, 0, 1)]:
+        ds = tuple(m * torch.randn(v.shape, generator=g, dtype=torch.float64) for m, v in zip(mask, (x, w, b),
+                                                                                               strict=True))
+        _, ref = torch.func.jvp(f, (x, w, b), ds)
+        torch.testing.assert_close(gw.directional_derivative(f, (x, w, b), ds), ref)
+
+
+@pytest.mark.parametrize("name", sorted(RULE_SAMPLES))
+def test_rule_generalized_grad_is_a_limit_of_nearby_gradients(name):
+    f, xs = RULE_SAMPLES[name]
+    total = lambda *a: f(*a).sum()
+    near = nearby_gradients(total, xs, n=150)
+    for seed in range(2):
+        assert hull_distance(flat(gw.generalized_grad(total, tuple(xs), seed=seed)), near) < 1e-4
+
+
+# --- the new rules' special cases -------------------------------------------------------------------------------
+
+
+def test_mode_follows_the_largest_group_that_stays_tied():
+    f = lambda x: torch.mode(x).values
+    x = torch.tensor([1.0, 1.0, 1.0, 3.0], dtype=torch.float64)
+    for d in ([0.5, 0.5, -1.0, 0.0], [0.5, -1.0, 2.0, 0.0], [1.0, 1.0, 1.0, -1.0]):
+        d = torch.tensor(d, dtype=torch.float64)
+        assert float(gw.directional_derivative(f, x, d)) == pytest.approx(one_sided(f, [x], [d]), abs=1e-6)
+    with pytest.raises(NonsmoothError, match=r"aten\.mode .* not the minimum"):
+        gw.generalized_grad(f, torch.tensor([1.0, 3.0, 3.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("op", ["sign", "floor", "ceil", "round", "trunc"])
+def test_piecewise_constant_jump_is_an_error(op):
+    fn = getattr(torch, op)
+    x = {"sign": 0.0, "floor": 1.0, "ceil": 1.0, "round": 2.5, "trunc": 2.0}[op]
+    x = torch.tensor([x], dtype=torch.float64)
+    f = lambda x: fn(x).sum() + x.sum()
+    with pytest.raises(NonsmoothError, match=rf"aten\.{op} .* f's value changes"):
+        gw.generalized_grad(f, x, seed=0)
+    for d in (1.0, -1.0):  # along the continuous side the one-sided derivative exists (1, from x.sum())
+        d = torch.tensor([d], dtype=torch.float64)
+        try:
+            got = float(gw.directional_derivative(f, x, d))
+        except NonsmoothError:
+            assert abs(one_sided(f, [x], [d])) > 1e3  # f jumps that way
+        else:
+            assert got == pytest.approx(one_sided(f, [x], [d]), abs=1e-6)
+
+
+def test_jump_of_a_comparison_is_an_error_for_generalized_grad():
+    with pytest.raises(NonsmoothError, match="jumps"):
+        gw.generalized_grad(lambda x: torch.where(x > 0, x + 1, x), torch.tensor(0.0), seed=0)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, math.inf])
+def test_cdist_at_coincident_points(p):
+    a = torch.tensor([[0.0, 0.0], [1.0, 2.0]], dtype=torch.float64)
+    b = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    f = lambda a, b: (torch.cdist(a, b, p) * torch.arange(1.0, 7.0, dtype=a.dtype).reshape(2, 3)).sum()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        ds = [torch.randn(v.shape, generator=gen, dtype=torch.float64) for v in (a, b)]
+        assert float(gw.directional_derivative(f, (a, b), tuple(ds))) == pytest.approx(one_sided(f, [a, b], ds),
+                                                                                          abs=1e-5)
+    near = nearby_gradients(f, [a, b], n=400)
+    g = flat(gw.generalized_grad(f, (a, b), seed=0))
+    if p == 2.0 or p == 3.0:  # round subdifferential: g is (close to) a nearby gradient
+        assert np.linalg.norm(near - g, axis=1).min() < 0.1
+    else:
+        assert hull_distance(g, near) < 1e-4
+    with pytest.raises(NonsmoothError, match=r"aten\.cdist"):
+        gw.generalized_grad(lambda a: torch.cdist(a, a, 0.0).sum(), a)

@@ -15,10 +15,12 @@ them); `_stationarity` replays runs with chosen branches forced to enumerate the
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,6 +28,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakTensorKeyDictionary
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -35,7 +38,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import torch._decomp.decompositions_for_jvp
 
-__all__ = ["KINK_RULES", "NonsmoothError", "directional_derivative", "generalized_backward", "generalized_grad"]
+__all__ = ["JVP_RULES", "KINK_RULES", "NonsmoothError", "directional_derivative", "generalized_backward",
+           "generalized_grad"]
 
 
 class NonsmoothError(ValueError):
@@ -69,6 +73,8 @@ class Kink:
     call: tuple[int, int] = (0, 0)  # (mode call count, kink index within the call): the same on every pass
     choice: Tensor | None = None
     write: Callable | None = None  # writes another choice into this pass's lock tensors (graph reuse)
+    site: tuple | None = None  # what a rule needs to rank this kink again in the ranked pass (max-pool)
+    tangent: bool = False  # ranked by this pass's tangent (the op's arguments carried one)
 
     @property
     def count(self) -> int:
@@ -100,13 +106,35 @@ class _Run:
         self.kinks: list[Kink] = []
         self.near: list[NearKink] = []
         self.call = 0  # set by the mode before each rule
+        # Ranked pass of `_locked_grad`: the tangent-free probe's kinks by mode call. Calls without one have no
+        # tie (the primal values are the probe's), so they run natively; rules may reuse a kink's saved site.
+        self.known: dict[int, list[Kink]] | None = None
+        # Outputs of relu-like switches -> (c, live): the output is locally constant (relu-dead) wherever it equals
+        # c, except at ``live`` (the switch's own ties, or None): ties among dead elements are no kinks.
+        self.flat = WeakTensorKeyDictionary()
+
+    def known_here(self) -> list[Kink] | None:
+        """The probe's kinks at the current call (ranked pass only), else None."""
+        return None if self.known is None else self.known.get(self.call)
+
+    def mark_flat(self, out: Tensor, c: float, live: Tensor | None) -> None:
+        """Record that ``out`` is locally constant where it equals ``c``, except at the ``live`` mask."""
+        self.flat[out] = (c, live, out._version)
+
+    def flat_source(self, x: Tensor) -> tuple[float, Tensor | None] | None:
+        """(c, live) recorded by `mark_flat` for x, unless x was modified in place since."""
+        entry = self.flat.get(x)
+        return None if entry is None or entry[2] != x._version else entry[:2]
 
     def resolve(self, op: str, kind: str, cand: Tensor, key: Tensor | None, values: Callable | None,
-                descending: bool = True, primal: Tensor | None = None, comparison: bool = False) -> Tensor:
-        """Rank the tied candidates (G, m) lexicographically; return the winner (select) or order (order).
+                descending: bool = True, primal: Tensor | None = None, comparison: bool = False,
+                lazy: bool = False) -> tuple[Tensor | None, Tensor | None]:
+        """Rank the tied candidates (G, m) lexicographically; return the winner (select) or order (order), and
+        (comparisons only) the rows still tied after every key.
 
         Keys in order: the value (``primal``, order only: select candidates already tie in value), a forced
-        column, the keys of earlier passes, this pass's tangent ``key``.
+        column, the keys of earlier passes, this pass's tangent ``key``. ``lazy``: with no key at all, only
+        record the kink (the caller keeps PyTorch's first-candidate choice) and return (None, None).
         """
         index = len(self.kinks)
         keys: list[Tensor] = []
@@ -124,13 +152,15 @@ class _Run:
                       call=(self.call, sum(k.call[0] == self.call for k in self.kinks)))
         if self.collect and values is not None:
             record.values = values()
+        self.kinks.append(record)
+        if lazy and not keys:
+            return None, None
         if kind == "select":
             sign = 1.0 if descending else -1.0
-            result, still = _lex_argmax(cand, [sign * k for k in keys])
+            result, still = _lex_argmax(cand, [sign * k for k in keys], comparison)
         else:
             result, still = _lex_order(primal, keys, descending, cand)
-        record.unresolved, record.choice = int(still.sum()), result
-        self.kinks.append(record)
+        record.unresolved, record.choice = (int(still.sum()) if still is not None else 0), result
         return result, still
 
     def note_near(self, op: str, gap: Tensor) -> None:
@@ -142,12 +172,20 @@ class _Run:
             self.near.append(NearKink(op, _user_line(), int(near.sum()), float(gap[near].min())))
 
 
-def _lex_argmax(cand: Tensor, keys: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """First candidate that is largest in keys[0], then among those in keys[1], ...; and the rows still tied."""
+def _lex_argmax(cand: Tensor, keys: list[Tensor], still: bool = True) -> tuple[Tensor, Tensor | None]:
+    """First candidate that is largest in keys[0], then among those in keys[1], ...; and (``still``) the rows
+    still tied after the last key."""
+    if keys and not still:  # the last key by argmax (its first maximum), unless a key is -inf or NaN there
+        for k in keys[:-1]:
+            km = k.masked_fill(~cand, -math.inf)
+            cand = cand & (km == km.amax(-1, keepdim=True))
+        choice = keys[-1].masked_fill(~cand, -math.inf).argmax(-1)
+        if bool(cand.gather(-1, choice.unsqueeze(-1)).all()):
+            return choice, None
     for k in keys:
         km = k.masked_fill(~cand, -math.inf)
         cand = cand & (km == km.amax(-1, keepdim=True))
-    return cand.to(torch.uint8).argmax(-1), cand.sum(-1) > 1
+    return cand.to(torch.uint8).argmax(-1), cand.sum(-1) > 1 if still else None
 
 
 def _lex_order(primal: Tensor, keys: list[Tensor], descending: bool, cand: Tensor) -> tuple[Tensor, Tensor]:
@@ -183,16 +221,23 @@ _ROUTES: dict[Callable, Callable] = {}
 UNRULED: dict[Callable, str] = {}
 
 
-def kink_rule(op, *calls: Callable):
-    """Register a rule for aten ``op``; ``calls`` are the torch-level callables that reach it."""
+def _registrar(table: dict, routes: dict) -> Callable:
+    """A decorator factory filling ``table`` (keyed by aten op) and ``routes`` (torch-level callables)."""
 
-    def register(rule: Callable) -> Callable:
-        KINK_RULES[op] = rule
-        for c in calls:
-            _ROUTES[c] = rule
-        return rule
+    def register_for(op, *calls: Callable):
+        def register(rule: Callable) -> Callable:
+            table[op] = rule
+            for c in calls:
+                routes[c] = rule
+            return rule
 
-    return register
+        return register
+
+    return register_for
+
+
+kink_rule = _registrar(KINK_RULES, _ROUTES)
+kink_rule.__doc__ = "Register a rule for aten ``op``; ``calls`` are the torch-level callables that reach it."
 
 
 def rule_for(op) -> Callable:
@@ -215,6 +260,22 @@ def _tied_rows(mask: Tensor) -> Tensor:
     return mask.reshape(-1).nonzero().squeeze(1)
 
 
+def _any(mask: Tensor) -> bool:
+    """mask.any(), fast: CPU's bool any() is a slow generic reduction, a uint8 max is vectorised."""
+    return mask.numel() > 0 and bool(mask.view(torch.uint8).max())
+
+
+def _near_zero(t: Tensor, tol: float) -> bool:
+    """Whether some |t| <= tol: one min-reduction instead of a full-size boolean pass (the everyday path)."""
+    if t.numel() == 0:
+        return False
+    t = t.detach()
+    m = float(t.abs().amin())
+    if m != m:  # amin propagates NaN: look past it
+        return _any(t.abs() <= tol)
+    return m <= tol
+
+
 # --- elementwise switches ----------------------------------------------------------------------------------
 
 
@@ -231,18 +292,23 @@ def _resolve_sign(run: _Run, op: str, s, tie, **kw):
     return rows, choice, still
 
 
-def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = False):
+def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = False, flat: bool = False):
     """Elementwise ``pos`` where s > 0, ``neg`` where s < 0; at s == 0 the piece that wins along the direction.
 
     For continuous ops (relu, max, clamp ...) both pieces agree where s == 0, so the tangent there is that of
     the winning piece: the exact one-sided derivative. Ops that ``jumps`` (threshold, hardshrink) have
-    different pieces at s == 0: moving to the other piece there is an error, not a derivative.
+    different pieces at s == 0: moving to the other piece there is an error, not a derivative. ``flat``: ``neg``
+    is a constant that ``pos`` never equals where s > 0 (relu), so the output equals it exactly where it is dead.
     """
     sp = _split(s)[0]
-    run.note_near(op, sp.abs())
+    if run.near_tol is not None:
+        run.note_near(op, sp.abs())
+    if not _near_zero(sp, run.tie_tol):
+        out = native() if native is not None else torch.where(sp > 0, pos, neg)
+        if flat:
+            run.mark_flat(out, neg, None)
+        return out
     tie = sp == 0 if run.tie_tol == 0 else sp.abs() <= run.tie_tol
-    if not tie.any():
-        return native() if native is not None else torch.where(sp > 0, pos, neg)
     rows, choice, _ = _resolve_sign(run, op, s, tie)
     lock = (sp > 0) | sp.isnan()  # NaN propagates through pos, as in PyTorch's kernels
     lock.view(-1)[rows] = choice == 0
@@ -253,7 +319,10 @@ def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = 
         if ((pp != nn_) & (choice == 0)).any():
             raise NonsmoothError(f"{op} at {_user_line()} jumps here: f is discontinuous at x along this "
                                  "direction, so the one-sided derivative does not exist")
-    return torch.where(lock, pos, neg)
+    out = torch.where(lock, pos, neg)
+    if flat and run.tie_tol == 0:  # the tied elements sit on the kink: live, whichever side is locked
+        run.mark_flat(out, neg, tie)
+    return out
 
 
 def _finish(func, x: Tensor, out: Tensor, inplace: bool) -> Tensor:
@@ -265,7 +334,7 @@ def _finish(func, x: Tensor, out: Tensor, inplace: bool) -> Tensor:
 def relu(run, func, x, inplace=False):
     """max(x, 0). At 0: x where the direction has x' > 0, else 0, so f'(x; d) = max(x', 0)."""
     inplace = inplace or func in (torch.relu_, F.relu_, Tensor.relu_)
-    out = _switch(run, "aten.relu", x, x, 0.0, lambda: F.relu(x, inplace=inplace))
+    out = _switch(run, "aten.relu", x, x, 0.0, lambda: F.relu(x, inplace=inplace), flat=True)
     return _finish(func, x, out, inplace)
 
 
@@ -284,7 +353,7 @@ def _pair(run, op: str, a, b, larger: bool, native: Callable):
     """max (larger) or min of a and b elementwise; a wins ties unless the direction says otherwise."""
     like = a if isinstance(a, Tensor) else b
     a, b = _as_tensor(a, like), _as_tensor(b, like)
-    if run.near_tol is None and not ((_split(a)[0] - _split(b)[0]).abs() <= run.tie_tol).any():
+    if run.near_tol is None and not _near_zero(_split(a)[0] - _split(b)[0], run.tie_tol):
         return native()
     return _switch(run, op, a - b if larger else b - a, a, b, native)
 
@@ -392,7 +461,8 @@ def threshold(run, func, x, threshold, value, inplace=False):
     """x where x > threshold, else value. A jump unless value == threshold: an error if the direction crosses."""
     inplace = inplace or func is F.threshold_
     out = _switch(run, "aten.threshold", x - threshold, x, value,
-                  lambda: F.threshold(x, threshold, value, inplace), jumps=True)
+                  lambda: F.threshold(x, threshold, value, inplace), jumps=True,
+                  flat=isinstance(value, (int, float)) and isinstance(threshold, (int, float)) and value <= threshold)
     return _finish(func, x, out, inplace)
 
 
@@ -413,11 +483,72 @@ def hardshrink(run, func, x, lambd=0.5):
     return _switch(run, "aten.hardshrink", x - lambd, x, inner, None, jumps=True)
 
 
+def _reduce(loss: Tensor, reduction: str, size_average=None, reduce=None) -> Tensor:
+    if isinstance(size_average, int) and not isinstance(size_average, bool):  # torch.*_loss(..., reduction_enum)
+        reduction, size_average = ("none", "mean", "sum")[size_average], None
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    return {"mean": loss.mean, "sum": loss.sum, "none": lambda: loss}[reduction]()
+
+
 @kink_rule(aten.l1_loss, F.l1_loss)
 def l1_loss(run, func, input, target, size_average=None, reduce=None, reduction="mean"):
     """mean/sum of |input - target|: the abs rule elementwise."""
-    a = abs(run, torch.abs, input - target)
-    return {"mean": a.mean, "sum": a.sum, "none": lambda: a}[reduction]()
+    return _reduce(abs(run, torch.abs, input - target), reduction, size_average, reduce)
+
+
+def _hinge(run, op: str, z):
+    """max(z, 0) with the pair rule at z = 0 (the margin)."""
+    return _pair(run, op, z, 0.0, True, lambda: torch.clamp_min(z, 0.0))
+
+
+@kink_rule(aten.hinge_embedding_loss, F.hinge_embedding_loss, torch.hinge_embedding_loss)
+def hinge_embedding_loss(run, func, input, target, margin=1.0, size_average=None, reduce=None, reduction="mean"):
+    """x where y == 1, max(0, margin - x) where y == -1 (PyTorch's formula: both terms for other y). At
+    margin - x == 0: the hinge side chosen along the direction, f'(x; d) = max(-x', 0)."""
+    hinge = _hinge(run, "aten.hinge_embedding_loss", margin - input)
+    loss = hinge.masked_fill(target == 1, 0.0) + input.masked_fill(target == -1, 0.0)
+    return _reduce(loss, reduction, size_average, reduce)
+
+
+@kink_rule(aten.margin_ranking_loss, F.margin_ranking_loss, torch.margin_ranking_loss)
+def margin_ranking_loss(run, func, input1, input2, target, margin=0.0, size_average=None, reduce=None,
+                        reduction="mean"):
+    """max(0, -y (x1 - x2) + margin). At the margin: the hinge side chosen along the direction."""
+    loss = _hinge(run, "aten.margin_ranking_loss", -target * (input1 - input2) + margin)
+    return _reduce(loss, reduction, size_average, reduce)
+
+
+@kink_rule(aten.multi_margin_loss, F.multi_margin_loss)
+def multi_margin_loss(run, func, input, target, p=1, margin=1.0, weight=None, size_average=None, reduce=None,
+                      reduction="mean"):
+    """sum over i != y of w[y] max(0, margin - x[y] + x[i])^p / C (PyTorch's formula). At a margin: the hinge
+    side chosen along the direction (for p = 2 both sides have slope 0 there)."""
+    x = input if input.dim() == 2 else input.reshape(1, -1)
+    y = target.reshape(-1, 1)
+    own = torch.arange(x.shape[1], device=y.device) == y
+    z = margin - x.gather(1, y) + x
+    z = z.masked_fill(own | _split(z)[0].isnan(), -1.0)  # the target class is no term; PyTorch drops NaN terms
+    h = _hinge(run, "aten.multi_margin_loss", z)
+    h = h * h if p == 2 else h
+    if weight is not None:
+        h = h * weight.gather(0, y.reshape(-1)).unsqueeze(1)
+    loss = h.sum(1) / x.shape[1]
+    return _reduce(loss if input.dim() == 2 else loss.reshape(()), reduction, size_average, reduce)
+
+
+@kink_rule(aten.triplet_margin_loss, F.triplet_margin_loss, torch.triplet_margin_loss)
+def triplet_margin_loss(run, func, anchor, positive, negative, margin=1.0, p=2, eps=1e-6, swap=False,
+                        size_average=None, reduce=None, reduction="mean"):
+    """max(d(a, p) - d(a, n) + margin, 0), d(u, v) = ||u - v + eps||_p (with ``swap``: min of d(a, n), d(p, n)):
+    the hinge rule at the margin, the minimum rule for swap, the norm rule where u - v + eps is 0."""
+    dist = lambda u, v: vector_norm(run, torch.linalg.vector_norm, u - v + eps, p, -1)
+    d_an = dist(anchor, negative)
+    if swap:
+        d_an = _pair(run, "aten.triplet_margin_loss", d_an, dist(positive, negative), False,
+                     lambda: torch.minimum(d_an, dist(positive, negative)))
+    loss = _hinge(run, "aten.triplet_margin_loss", dist(anchor, positive) - d_an + margin)
+    return _reduce(loss, reduction, size_average, reduce)
 
 
 # --- comparisons -------------------------------------------------------------------------------------------
@@ -456,6 +587,59 @@ for _name in _CMP:
     kink_rule(_op, *_calls)(_comparison(_name))
 
 
+# --- piecewise-constant ops -----------------------------------------------------------------------------------
+# Derivative 0 away from their jumps. At a jump the op takes its one-sided limit along the direction (then further
+# directions), like a comparison; if f's value then differs from f(x), f jumps at x and there is no one-sided
+# derivative and no Clarke gradient: directional_derivative, generalized_grad and subdifferential raise. Where f
+# stays continuous (x * sign(x), floor(x) + floor(-x) + ...), the locked piece gives the exact answer.
+
+# name -> (jump points of x, left limit, right limit)
+_STEPS: dict[str, tuple[Callable, Callable, Callable]] = {
+    "sign": (lambda x: x == 0, lambda x: -torch.ones_like(x), lambda x: torch.ones_like(x)),
+    "floor": (lambda x: (x == x.floor()) & x.isfinite(), lambda x: x - 1, lambda x: x),
+    "ceil": (lambda x: (x == x.ceil()) & x.isfinite(), lambda x: x, lambda x: x + 1),
+    "trunc": (lambda x: (x == x.trunc()) & x.isfinite() & (x != 0), lambda x: torch.where(x > 0, x - 1, x),
+              lambda x: torch.where(x > 0, x, x + 1)),
+    "round": (lambda x: (x.abs() - x.abs().trunc()) == 0.5, lambda x: x - 0.5, lambda x: x + 0.5),
+}
+
+
+def _step(name: str, inplace: bool = False):
+    at_jump, left, right = _STEPS[name]
+
+    def rule(run, func, x, *args, **kwargs):
+        xp = _split(x)[0]
+        if args or kwargs or not xp.is_floating_point():  # round(decimals=k): jumps are not floats; kept as is
+            return func(x, *args, **kwargs)
+        jump = at_jump(xp.detach())
+        if not _any(jump):
+            return func(x)
+        rows, choice, still = _resolve_sign(run, f"aten.{name}", x, jump, comparison=True)
+        own = xp.detach().reshape(-1)[rows].clone()
+        value = func(x).clone()  # PyTorch's own (zero derivative, in the graph), the limits written in
+        limit = torch.where(choice == 0, right(own), left(own))
+        value.view(-1)[rows] = torch.where(still, _split(value)[0].detach().reshape(-1)[rows], limit)
+        return x.copy_(value) if inplace else value
+
+    rule.__name__ = name + ("_" if inplace else "")
+    rule.__doc__ = (f"{name}: piecewise constant (derivative 0). At a jump, its one-sided limit along the direction "
+                    "(unchanged where the direction does not move x); a jump of f itself is an error.")
+    return rule
+
+
+for _name, _extra in [("sign", [torch.sgn, Tensor.sgn]), ("floor", []), ("ceil", []), ("round", []),
+                      ("trunc", [torch.fix, Tensor.fix])]:
+    kink_rule(getattr(aten, _name), getattr(torch, _name), getattr(Tensor, _name), *_extra)(_step(_name))
+    _ROUTES[getattr(Tensor, f"{_name}_")] = _step(_name, inplace=True)
+
+
+@kink_rule(aten.frac, torch.frac, Tensor.frac)
+def frac(run, func, x):
+    """x - trunc(x): slope 1, jumps at nonzero integers (the trunc rule: its one-sided limit, a jump of f is an
+    error)."""
+    return x - _step("trunc")(run, torch.trunc, x)
+
+
 # --- selections: max / min reductions, max-pool --------------------------------------------------------------
 
 
@@ -472,8 +656,13 @@ def _select_last(run, op: str, x: Tensor, xw: Tensor, tw_fn: Callable, vw_fn: Ca
     if run.near_tol is not None:
         run.note_near(op, gap)
     tie = eq.sum(-1) > 1
-    if not tie.any():
+    if not _any(tie):
         return idx
+    flat = run.flat_source(x) if run.tie_tol == 0 else None
+    if flat is not None and flat[1] is None:  # ties among relu-dead elements only: locally constant, no kink
+        tie &= best.squeeze(-1) != flat[0]
+        if not _any(tie):
+            return idx
     rows = _tied_rows(tie)
     cand = eq.reshape(-1, eq.shape[-1])[rows]
     choice, _ = run.resolve(op, "select", cand, tw_fn(rows), lambda: vw_fn(rows), descending)
@@ -557,6 +746,115 @@ def _window_index(spatial, nd: int, k, s, p, dil, out_sp, device) -> Tensor:
     return grid.reshape(math.prod(out_sp), -1)
 
 
+def _window_views(t: Tensor, nd: int, k, s, p, dil, out_sp, fill) -> list[Tensor]:
+    """The prod(k) strided views of t shaped like the pool's output, view j holding the j-th element of every
+    window (t padded with ``fill`` where windows overhang it; no copy otherwise)."""
+    pads = []
+    for i in reversed(range(nd)):
+        need = (out_sp[i] - 1) * s[i] + (k[i] - 1) * dil[i] + 1
+        pads += [p[i], max(0, need - t.shape[t.dim() - nd + i] - p[i])]
+    if any(pads):
+        t = F.pad(t, pads, value=fill)
+    spans = list(zip(dil, out_sp, s, strict=True))
+    return [t[(..., *(slice(o * d, o * d + (n - 1) * st + 1, st) for o, (d, n, st) in zip(offs, spans, strict=True)))]
+            for offs in itertools.product(*map(range, k))]
+
+
+def _pool_ties(run: _Run, op: str, x: Tensor, out: Tensor, nd: int, k, s, p, dil) -> Tensor | None:
+    """Windows whose maximum ``out`` is attained more than once, relu-dead windows excepted (None: no such window).
+
+    One comparison per window element over strided views of x, no re-pooling. A window whose tied elements are
+    all relu-dead (the output of a switch that is locally constant there, see `_Run.mark_flat`) is no kink: the
+    maximum is locally constant, and every choice gives the same (zero) gradient.
+    """
+    xp = _split(x)[0].detach()
+    views = _window_views(xp, nd, k, s, p, dil, out.shape[out.dim() - nd:], -math.inf)
+    if run.near_tol is not None or run.tie_tol:
+        gap = torch.stack([out - v for v in views], -1)
+        run.note_near(op, gap[gap > 0])
+        tie = (gap <= run.tie_tol).sum(-1) > 1
+    else:
+        e = torch.empty(out.shape, dtype=torch.bool, device=out.device)
+        count = torch.zeros(out.shape, dtype=torch.uint8 if len(views) < 256 else torch.int32, device=out.device)
+        for v in views:
+            count.add_(torch.eq(v, out, out=e))
+        tie = count > 1
+    if not _any(tie):
+        return None
+    flat = run.flat_source(x) if run.tie_tol == 0 else None
+    if flat is not None:
+        c, live = flat
+        live_window = out != c
+        if live is not None:  # a tied element on the switch's own kink makes the window live
+            for v, lv in zip(views, _window_views(live.to(torch.uint8), nd, k, s, p, dil, out.shape[-nd:], 0),
+                             strict=True):
+                live_window |= (v == out) & lv.bool()
+        tie &= live_window
+        if not _any(tie):
+            return None
+    return tie
+
+
+def _pool_known(run: _Run, op: str, x: Tensor, rec: Kink, return_indices: bool):
+    """Ranked pass: the probe found ``rec``'s tied windows; rank them by tangent, gather at its lock indices."""
+    lock, fpos, pad, batch, shape = rec.site
+    xt = _split(x)[1]
+    key = None if xt is None else xt.reshape(-1).take(fpos)
+    key = key if pad is None or key is None else key.masked_fill(pad, 0.0)
+    choice, _ = run.resolve(op, "select", rec.cand, key, None)
+    rec.write(choice)
+    values = x.reshape(batch, -1).gather(1, lock.reshape(batch, -1)).reshape(shape)
+    return (values, lock) if return_indices else values
+
+
+def _pool_lock(run: _Run, op: str, x: Tensor, out: Tensor, idx: Tensor, tie: Tensor | None, windows: Tensor,
+               batch: int, return_indices: bool):
+    """Finish a max-pool-like op whose native ``out``/``idx`` came from x's primal: rank the ``tie`` windows
+    (``windows``: (outputs, K) flat input index of each window element, -1 for padding) and lock their indices.
+
+    The choices are written into the indices that PyTorch's backward reads (without a version bump), so the graph
+    stays PyTorch's own node; in a tangent-free pass the first maximum stands until the ranked pass writes. With
+    tangents, the output's tangent is the input's tangent at the locked indices.
+    """
+    xp, xt = _split(x)
+    xp, op_ = xp.detach(), out.detach()
+
+    def finish(lock):
+        o = out if xt is None else fwAD.make_dual(out, xt.reshape(batch, -1).gather(
+            1, lock.reshape(batch, -1)).reshape(out.shape))
+        return (o, lock) if return_indices else o
+
+    if tie is None:
+        return finish(idx)
+    n_out = windows.shape[0]
+    rows = _tied_rows(tie)
+    cidx = windows.index_select(0, rows % n_out)
+    padded = _any(windows < 0)
+    fpos = (rows // n_out).unsqueeze(1) * (xp.numel() // max(batch, 1)) + (cidx.clamp(min=0) if padded else cidx)
+    pad = cidx < 0 if padded else None
+    pick = lambda t, fill: t.reshape(-1).take(fpos) if pad is None else t.reshape(-1).take(fpos).masked_fill(
+        pad, fill)
+    best = op_.reshape(-1)[rows].unsqueeze(1)
+    cand = pick(xp, -math.inf) == best if run.tie_tol == 0 else best - pick(xp, -math.inf) <= run.tie_tol
+    if padded and not bool((keep := cand.sum(1) > 1).all()):  # windows tied only with padding (-inf input)
+        rows, cidx, fpos, pad, cand = rows[keep], cidx[keep], fpos[keep], pad[keep], cand[keep]
+        if len(rows) == 0:
+            return finish(idx)
+    key = pick(xt, 0.0) if xt is not None else None
+    choice, _ = run.resolve(op, "select", cand, key, lambda: pick(x, -math.inf), lazy=True)
+    locked = lambda c: cidx.gather(1, c.unsqueeze(1)).squeeze(1)
+    rec = run.kinks[-1]
+    lock = idx if idx.is_contiguous() else idx.clone(memory_format=torch.contiguous_format)
+    rec.write = lambda c: lock.data.view(-1).index_put_((rows,), locked(c))
+    rec.site = (lock, fpos, pad, batch, op_.shape)
+    if choice is not None:
+        rec.write(choice)
+    if lock is idx:
+        return finish(idx)
+    values = x.reshape(batch, -1).gather(1, lock.reshape(batch, -1)).reshape(op_.shape)
+    return (values, lock) if return_indices else values
+
+
 def _max_pool(nd: int):
     native = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[nd]
     op = f"aten.max_pool{nd}d"
@@ -566,46 +864,19 @@ def _max_pool(nd: int):
         tup = lambda v: (tuple(v) * nd)[:nd] if isinstance(v, (list, tuple)) else (v,) * nd
         k, p, dil = tup(kernel_size), tup(padding), tup(dilation)
         s = k if stride is None or stride == [] or stride == () else tup(stride)
-        xp, xt = _split(x)
-        with torch.no_grad():
-            out, idx = native(xp, k, s, p, dil, ceil_mode, return_indices=True)
+        if known := run.known_here():
+            return _pool_known(run, op, x, known[0], return_indices)
+        xp = _split(x)[0]
+        out, idx = native(xp, k, s, p, dil, ceil_mode, return_indices=True)  # PyTorch's own, in the graph
+        tie = _pool_ties(run, op, x, out.detach(), nd, k, s, p, dil)
         spatial, out_sp = xp.shape[xp.dim() - nd:], out.shape[out.dim() - nd:]
-        batch = math.prod(xp.shape[: xp.dim() - nd])
-        flat, fidx = xp.reshape(batch, -1), idx.reshape(batch, -1)
-        disjoint = all(si >= (ki - 1) * di + 1 for si, ki, di in zip(s, k, dil, strict=True))
-        if disjoint and run.tie_tol == 0 and run.near_tol is None:
-            # a window ties iff its maximum survives masking its (first) argmax
-            masked = flat.clone().scatter_(1, fidx, -math.inf).reshape(xp.shape)
-            with torch.no_grad():
-                tie = native(masked, k, s, p, dil, ceil_mode) == out
-        else:
-            tie = None
-        windows = None
-        if tie is None or tie.any():
-            windows = _window_index(spatial, nd, k, s, p, dil, out_sp, xp.device)
-            if tie is None:
-                vals = flat[:, windows.clamp(min=0)].masked_fill(windows < 0, -math.inf)
-                gap = out.reshape(batch, -1, 1) - vals
-                run.note_near(op, gap[gap > 0])
-                tie = ((gap <= run.tie_tol).sum(-1) > 1).reshape(out.shape)
-        if tie.any():
-            rows = _tied_rows(tie)
-            n_out = windows.shape[0]
-            b, cidx = (rows // n_out).unsqueeze(1), windows[rows % n_out]
-            pick = lambda t, fill: t.reshape(batch, -1)[b, cidx.clamp(min=0)].masked_fill(cidx < 0, fill)
-            cand = out.reshape(-1)[rows].unsqueeze(1) - pick(xp, -math.inf) <= run.tie_tol
-            key = pick(xt, 0.0) if xt is not None else torch.zeros(cand.shape, dtype=xp.dtype, device=xp.device)
-            choice, _ = run.resolve(op, "select", cand, key, lambda: pick(x, -math.inf))
-            idx = idx.clone()
-            locked = lambda c: cidx.gather(1, c.unsqueeze(1)).squeeze(1)
-            idx.view(-1)[rows] = locked(choice)
-            run.kinks[-1].write = lambda c: idx.data.view(-1).index_put_((rows,), locked(c))
-        values = x.reshape(batch, -1).gather(1, idx.reshape(batch, -1)).reshape(out.shape)
-        return (values, idx) if return_indices else values
+        windows = None if tie is None else _window_index(spatial, nd, k, s, p, dil, out_sp, xp.device)
+        return _pool_lock(run, op, x, out, idx, tie, windows, math.prod(xp.shape[: xp.dim() - nd]), return_indices)
 
     rule.__name__ = f"max_pool{nd}d"
     rule.__doc__ = (f"{op}: in a window with tied maxima, the element largest along the direction (PyTorch "
-                    "takes the first); the output is gathered at the locked indices.")
+                    "takes the first), so f'(x; d) is the largest tangent over the tied window; the indices are "
+                    "locked. Windows whose tied elements are all relu-dead are no kink.")
     return rule
 
 
@@ -680,6 +951,174 @@ def median(run, func, x, dim=None, keepdim=False):
     return torch.return_types.median(tuple(kthvalue(run, func, x, (x.shape[dim] + 1) // 2, dim, keepdim)))
 
 
+@kink_rule(aten.nanmedian, torch.nanmedian, Tensor.nanmedian)
+def nanmedian(run, func, x, dim=None, keepdim=False):
+    """Lower median of the non-NaN values (NaN sorts last, so it is the ((c - 1) // 2)-th of the sorted slice with
+    c values). At a tie: the tied element in the middle along the direction, as for median."""
+    xp = _split(x)[0]
+    if xp.dim() == 0 or xp.numel() == 0:
+        return func(x) if dim is None else func(x, dim, keepdim)
+    xm, d = (x.reshape(-1), 0) if dim is None else (x, dim % xp.dim())
+    pm = _split(xm)[0].detach().movedim(d, -1)
+    k = torch.div((~pm.isnan()).sum(-1, keepdim=True) - 1, 2, rounding_mode="floor").clamp(min=0)  # all-NaN: 0
+    lo, hi = int(k.min()), int(k.max())
+    v, perm, d = _ordered(run, "aten.nanmedian", xm, d, False, slice(lo, hi + 1))
+    v, i = v.gather(-1, k), perm.gather(-1, k)
+    if dim is None:
+        return v.reshape(())
+    v, i = (v.movedim(-1, d), i.movedim(-1, d)) if keepdim else (v.squeeze(-1), i.squeeze(-1))
+    return torch.return_types.nanmedian((v, i))
+
+
+@kink_rule(aten.mode, torch.mode, Tensor.mode)
+def mode(run, func, x, dim=-1, keepdim=False):
+    """Most frequent value (the smallest of equally frequent ones). Nearby, values are distinct and mode is their
+    minimum; so mode is continuous at x only where at most one value repeats and it is the slice's minimum (else:
+    an error, mode jumps). There, along d the repeated minimum splits into groups of equal tangent: mode follows
+    the largest group, then the smallest tangent, so with distinct tangents it is the min rule."""
+    xp = _split(x)[0]
+    if xp.dim() == 0 or xp.numel() == 0:
+        return func(x, dim, keepdim)
+    d = dim % xp.dim()
+    srt = torch.sort(xp.detach().movedim(d, -1), -1).values
+    same = srt[..., 1:] == srt[..., :-1]
+    if not _any(same):
+        return func(x, dim, keepdim)  # all values distinct: mode is the minimum, attained once
+    first = torch.cat([torch.ones_like(same[..., :1]), ~same[..., :-1]], -1)
+    groups = (same & first).sum(-1)  # repeated values per slice
+    if not bool(((groups == 0) | ((groups == 1) & same[..., 0])).all()):
+        raise NonsmoothError(f"aten.mode at {_user_line()}: a value that is not the minimum repeats (or two values "
+                             "do), where mode is discontinuous: an arbitrarily small perturbation makes the values "
+                             "distinct and mode jumps to the minimum. No one-sided derivative or Clarke gradient.")
+    xm = x.movedim(d, -1)
+    pm, tm = _split(xm)
+    pm, m = pm.detach(), pm.shape[-1]
+    out = func(xm, -1)
+    rows = _tied_rows(same[..., 0])
+    prim = pm.reshape(-1, m)[rows]
+    cand = prim == srt.reshape(-1, m)[rows, :1]
+    key = tm.reshape(-1, m)[rows] if tm is not None else None
+    if key is not None:  # elements of equal tangent stay equal along d: keep the largest such groups
+        mult = ((key.unsqueeze(2) == key.unsqueeze(1)) & cand.unsqueeze(1)).sum(-1).masked_fill(~cand, 0)
+        cand = cand & (mult == mult.amax(-1, keepdim=True))
+    choice, _ = run.resolve("aten.mode", "select", cand, key, lambda: xm.reshape(-1, m)[rows], False, lazy=True)
+    lock = out.indices.unsqueeze(-1).contiguous().clone()
+    run.kinks[-1].write = lambda c: lock.data.view(-1).index_put_((rows,), c)
+    if choice is not None:
+        run.kinks[-1].write(choice)
+    values, idx = xm.gather(-1, lock), lock
+    if keepdim:
+        return torch.return_types.mode((values.movedim(-1, d), idx.movedim(-1, d)))
+    return torch.return_types.mode((values.squeeze(-1), idx.squeeze(-1)))
+
+
+def _cumulative(op: str, descending: bool):
+    rt = torch.return_types.cummax if descending else torch.return_types.cummin
+
+    def rule(run, func, x, dim):
+        xp = _split(x)[0]
+        if xp.dim() == 0 or xp.numel() == 0:
+            return func(x, dim)
+        d = dim % xp.dim()
+        xm = x.movedim(d, -1)
+        pm, tm = _split(xm)
+        pm = pm.detach()
+        out = func(xm, -1)
+        v, idx = out.values.detach(), out.indices
+        n = pm.shape[-1]
+        # j <= i ties with the running extreme v[i] iff x[j] == v[i]; such j lie in v's plateau through i, so
+        # count the elements attaining v within each plateau (a cumulative sum restarted at plateau starts)
+        hit = (pm == v).to(torch.int64)
+        step = torch.ones_like(hit, dtype=torch.bool)
+        step[..., 1:] = v[..., 1:] != v[..., :-1]
+        ar = torch.arange(n, device=pm.device).expand_as(hit)
+        start = torch.where(step, ar, 0).cummax(-1).values
+        cs = hit.cumsum(-1)
+        tie = (cs - cs.gather(-1, start) + hit.gather(-1, start)) > 1
+        flat = run.flat_source(x) if run.tie_tol == 0 else None
+        if flat is not None and flat[1] is None:  # a plateau of relu-dead elements is no kink
+            tie &= v != flat[0]
+        if not _any(tie):
+            return rt((out.values.movedim(-1, d), idx.movedim(-1, d)))
+        rows = _tied_rows(tie)
+        i, st = rows % n, start.reshape(-1)[rows]
+        width = int((i - st).max()) + 1
+        pos = st.unsqueeze(1) + torch.arange(width, device=pm.device)  # the plateau window of each tied output
+        ok = pos <= i.unsqueeze(1)
+        fpos = (rows // n).unsqueeze(1) * n + pos.clamp(max=n - 1)
+        pick = lambda t, fill: t.reshape(-1).take(fpos).masked_fill(~ok, fill)
+        cand = ok & (pick(pm, math.nan) == v.reshape(-1)[rows].unsqueeze(1))
+        key = pick(tm, 0.0) if tm is not None else None
+        choice, _ = run.resolve(op, "select", cand, key, lambda: pick(xm, 0.0), descending, lazy=True)
+        lock = idx.contiguous().clone()
+        locked = lambda c: pos.gather(1, c.unsqueeze(1)).squeeze(1)
+        run.kinks[-1].write = lambda c: lock.data.view(-1).index_put_((rows,), locked(c))
+        if choice is not None:
+            run.kinks[-1].write(choice)
+        return rt((xm.gather(-1, lock).movedim(-1, d), lock.movedim(-1, d)))
+
+    word = "largest" if descending else "smallest"
+    rule.__name__ = op.split(".")[1]
+    rule.__doc__ = (f"{op}: the running {word} value. Where it is attained by several elements so far, the one "
+                    f"{word} along the direction (PyTorch takes the last), so f'(x; d)_i is the {word} tangent over "
+                    "them; the indices are locked. Plateaus of relu-dead elements are no kink.")
+    return rule
+
+
+kink_rule(aten.cummax, torch.cummax, Tensor.cummax)(_cumulative("aten.cummax", True))
+kink_rule(aten.cummin, torch.cummin, Tensor.cummin)(_cumulative("aten.cummin", False))
+
+
+def _adaptive_windows(spatial, out_sp, device) -> Tensor:
+    """(outputs, K) flat input index of every adaptive-pooling window element (-1 past a shorter window)."""
+    nd, index, bad = len(spatial), 0, None
+    for dim, (n, o) in enumerate(zip(spatial, out_sp, strict=True)):
+        ar = torch.arange(o, device=device)
+        lo, hi = (ar * n) // o, ((ar + 1) * n + o - 1) // o
+        j = lo.unsqueeze(1) + torch.arange(int((hi - lo).max()), device=device)
+        shape = [1] * (2 * nd)
+        shape[dim], shape[nd + dim] = o, j.shape[1]
+        index = index + j.reshape(shape) * math.prod(spatial[dim + 1:])
+        miss = (j >= hi.unsqueeze(1)).reshape(shape)
+        bad = miss if bad is None else bad | miss
+    index = index.masked_fill(bad, -1)
+    return index.reshape(math.prod(out_sp), -1)
+
+
+def _adaptive_max_pool(nd: int):
+    native = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}[nd]
+    op = f"aten.adaptive_max_pool{nd}d"
+
+    def rule(run, func, x, output_size, return_indices=False):
+        if known := run.known_here():
+            return _pool_known(run, op, x, known[0], return_indices)
+        xp = _split(x)[0]
+        out, idx = native(xp, output_size, return_indices=True)
+        spatial, out_sp = xp.shape[xp.dim() - nd:], out.shape[out.dim() - nd:]
+        batch = math.prod(xp.shape[: xp.dim() - nd])
+        windows = _adaptive_windows(spatial, out_sp, xp.device)
+        op_ = out.detach()
+        vals = xp.detach().reshape(batch, -1)[:, windows.clamp(min=0)].masked_fill(windows < 0, -math.inf)
+        gap = op_.reshape(batch, -1, 1) - vals
+        run.note_near(op, gap[gap > 0])
+        tie = ((gap <= run.tie_tol).sum(-1) > 1).reshape(op_.shape)
+        flat = run.flat_source(x) if run.tie_tol == 0 else None
+        if flat is not None and flat[1] is None:  # relu-dead windows are no kink
+            tie &= op_ != flat[0]
+        return _pool_lock(run, op, x, out, idx, tie if _any(tie) else None, windows, batch, return_indices)
+
+    rule.__name__ = f"adaptive_max_pool{nd}d"
+    rule.__doc__ = (f"{op}: like max_pool (windows [floor(i L / O), ceil((i + 1) L / O))): in a window with tied "
+                    "maxima the element largest along the direction; the indices are locked.")
+    return rule
+
+
+kink_rule(aten.adaptive_max_pool1d, F.adaptive_max_pool1d, torch.adaptive_max_pool1d,
+          F.adaptive_max_pool1d_with_indices)(_adaptive_max_pool(1))
+kink_rule(aten.adaptive_max_pool2d, F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices)(_adaptive_max_pool(2))
+kink_rule(aten.adaptive_max_pool3d, F.adaptive_max_pool3d, F.adaptive_max_pool3d_with_indices)(_adaptive_max_pool(3))
+
+
 # --- singular points and norms ------------------------------------------------------------------------------
 
 
@@ -745,16 +1184,105 @@ def norm(run, func, x, p=None, dim=None, keepdim=False, *args, **kwargs):
     return vector_norm(run, func, x, p, dim, keepdim)
 
 
+# --- smooth ops whose PyTorch forward-AD formula is slow ------------------------------------------------------
+# Not kinks: the tangent of a bilinear op is op(x', W) + op(x, W') + b', computed here with the op's own kernel.
+# PyTorch 2.13's convolution JVP costs about 4x the convolution (2x is the minimum), and the ranked pass of
+# `generalized_grad` runs convolutions with tangents up to the last tie.
+
+JVP_RULES: dict[object, Callable] = {}
+_JVP_ROUTES: dict[Callable, Callable] = {}
+
+jvp_rule = _registrar(JVP_RULES, _JVP_ROUTES)  # a forward-mode rule for a smooth aten op, used with tangents
+
+
+def _bilinear_jvp(func, x, weight, bias, rest, kwargs, channel_dim: int):
+    (xp, xt), (wp, wt) = _split(x), _split(weight)
+    bp, bt = _split(bias) if isinstance(bias, Tensor) else (bias, None)
+    out = func(xp, wp, bp, *rest, **kwargs)
+    with torch.no_grad():  # tangents need no graph of their own
+        xp, wp = xp.detach(), wp.detach()
+        tangent = func(xp, wt, bt, *rest, **kwargs) if wt is not None else None  # W' and b' in one call
+        if xt is not None:
+            tangent = func(xt, wp, None, *rest, **kwargs) if tangent is None else tangent.add_(
+                func(xt, wp, None, *rest, **kwargs))
+        if bt is not None and wt is None:
+            b = bt.reshape(-1, *[1] * (out.dim() - channel_dim - 1))
+            tangent = b.expand_as(out).clone() if tangent is None else tangent.add_(b)
+    return out if tangent is None else fwAD.make_dual(out, tangent)
+
+
+@jvp_rule(aten.convolution, F.conv1d, F.conv2d, F.conv3d)
+def convolution(func, input, weight, bias=None, *rest, **kwargs):
+    """conv(x, W, b)' = conv(x', W) + conv(x, W') + b' (two convolutions, the least forward mode can do)."""
+    return _bilinear_jvp(func, input, weight, bias, rest, kwargs, input.dim() - weight.dim() + 1)
+
+
+@jvp_rule(aten.linear, F.linear)
+def linear(func, input, weight, bias=None):
+    """linear(x, W, b)' = linear(x', W) + linear(x, W') + b'."""
+    return _bilinear_jvp(func, input, weight, bias, (), {}, input.dim() - 1)
+
+
+def _coincident_norms(run, op: str, out: Tensor, diffs: Callable, p: float, same: Tensor) -> Tensor:
+    """``out`` with the entries at coincident points (``same``) recomputed by the norm rule on their differences."""
+    if not _any(same):
+        return out
+    where = same.nonzero(as_tuple=True)
+    values = vector_norm(run, torch.linalg.vector_norm, diffs(where), p, -1)
+    return out.index_put(where, values)
+
+
+@kink_rule(aten.cdist, torch.cdist)
+def cdist(run, func, x1, x2, p=2.0, compute_mode="use_mm_for_euclid_dist_if_necessary"):
+    """p-norm distance of every row pair: the vector_norm rule on x1_i - x2_j. At coincident points (found exactly:
+    ``cdist(p=0)``) f'(x; d) = ||d1_i - d2_j||_p, locked to a linear piece (a unit dual vector); p = 1 and inf
+    also have kinks where coordinates tie (the abs / amax rules); 0 < p < 1 is singular at coincident points and
+    p = 0 (a count) jumps where coordinates are equal: errors."""
+    if p == 0:  # counts differing coordinates: constant, but it jumps where some coordinate of a pair is equal
+        a, b = _split(x1)[0].detach(), _split(x2)[0].detach()
+        if _any(a.unsqueeze(-2) - b.unsqueeze(-3) == 0):
+            raise NonsmoothError(f"aten.cdist at {_user_line()} with p=0 counts differing coordinates: where two "
+                                 "are equal it jumps, no one-sided derivative")
+        return func(a, b, p, compute_mode)
+    if _is_dual(x1) or _is_dual(x2) or not 1 < p < math.inf:
+        # PyTorch has no forward-mode cdist; p = 1 / inf have kinks at equal coordinates, not only at coincident
+        # points: every pair through the norm rule
+        return vector_norm(run, torch.linalg.vector_norm, x1.unsqueeze(-2) - x2.unsqueeze(-3), p, -1)
+    out = func(x1, x2, p, compute_mode)
+    with torch.no_grad():
+        same = torch.cdist(_split(x1)[0].detach(), _split(x2)[0].detach(), 0.0) == 0
+    if not _any(same):
+        return out
+    shape = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
+    a = x1.expand(*shape, *x1.shape[-2:]).reshape(-1, *x1.shape[-2:])
+    b = x2.expand(*shape, *x2.shape[-2:]).reshape(-1, *x2.shape[-2:])
+    flat = _coincident_norms(run, "aten.cdist", out.reshape(-1, *out.shape[-2:]),
+                             lambda w: a[w[0], w[1]] - b[w[0], w[2]], p, same.reshape(-1, *same.shape[-2:]))
+    return flat.reshape(out.shape)
+
+
+@kink_rule(aten._pdist_forward, F.pdist, torch.pdist)
+def pdist(run, func, x, p=2.0):
+    """p-norm distance of every row pair i < j, the cdist rule at coincident rows."""
+    i, j = torch.triu_indices(x.shape[0], x.shape[0], 1, device=x.device)
+    if p == 0:  # counts differing coordinates: it jumps where some coordinate of a pair is equal
+        xp = _split(x)[0].detach()
+        if _any(xp[i] - xp[j] == 0):
+            raise NonsmoothError(f"aten.pdist at {_user_line()} with p=0 counts differing coordinates: where two are "
+                                 "equal it jumps, no one-sided derivative")
+        return func(xp, p)
+    if _is_dual(x) or not 1 < p < math.inf:  # as cdist
+        return vector_norm(run, torch.linalg.vector_norm, x[i] - x[j], p, -1)
+    out = func(x, p)
+    with torch.no_grad():
+        same = F.pdist(_split(x)[0].detach(), 0.0) == 0
+    return _coincident_norms(run, "aten.pdist", out, lambda w: x[i[w[0]]] - x[j[w[0]]], p, same)
+
+
 # Kinky ops without a rule: a clear error when f reaches one with a direction, never a silent convention.
-for _fn, _op in [(torch.cummax, "aten.cummax"), (torch.cummin, "aten.cummin"), (Tensor.cummax, "aten.cummax"),
-                 (Tensor.cummin, "aten.cummin"), (torch.nanmedian, "aten.nanmedian"), (torch.mode, "aten.mode"),
-                 (F.adaptive_max_pool1d, "aten.adaptive_max_pool1d"),
-                 (F.adaptive_max_pool2d, "aten.adaptive_max_pool2d"),
-                 (F.adaptive_max_pool3d, "aten.adaptive_max_pool3d"),
-                 (F.fractional_max_pool2d, "aten.fractional_max_pool2d"), (torch.cdist, "aten.cdist"),
-                 (F.hinge_embedding_loss, "aten.hinge_embedding_loss"),
-                 (F.margin_ranking_loss, "aten.margin_ranking_loss"), (F.multi_margin_loss, "aten.multi_margin_loss"),
-                 (F.triplet_margin_loss, "aten.triplet_margin_loss"), (F.pdist, "aten._pdist_forward")]:
+for _fn, _op in [(F.fractional_max_pool2d, "aten.fractional_max_pool2d"),
+                 (F.fractional_max_pool3d, "aten.fractional_max_pool3d"),
+                 (F.multilabel_margin_loss, "aten.multilabel_margin_loss")]:
     UNRULED[_fn] = _op
 
 
@@ -767,6 +1295,23 @@ def _is_dual(a) -> bool:
 
 def _needs_grad(a) -> bool:
     return isinstance(a, Tensor) and a.requires_grad and torch.is_grad_enabled()
+
+
+# Ops that only move elements: a relu-dead mark (`_Run.mark_flat`) follows them to their output.
+_RESHAPES = {Tensor.reshape, Tensor.view, torch.reshape, Tensor.flatten, torch.flatten, Tensor.unsqueeze,
+             torch.unsqueeze, Tensor.squeeze, torch.squeeze, Tensor.permute, torch.permute, Tensor.transpose,
+             torch.transpose, Tensor.contiguous, Tensor.view_as, Tensor.reshape_as, Tensor.unflatten, Tensor.movedim,
+             torch.movedim}
+
+
+def _keep_flat(run: _Run, func, args, kwargs, out) -> None:
+    src = run.flat_source(args[0])
+    if src is None or not isinstance(out, Tensor) or out.dtype != args[0].dtype:
+        return
+    c, live = src
+    if live is not None:
+        live = func(live, *args[1:], **kwargs)
+    run.mark_flat(out, c, live)
 
 
 class _Stop(Exception):
@@ -783,8 +1328,9 @@ class _KinkMode(TorchFunctionMode):
     """
 
     def __init__(self, run: _Run, subs: dict[int, Tensor], positions: dict[int, int], involved: Callable,
-                 strip_after: int | None = None, stop_after: int | None = None):
+                 strip_after: int | None = None, stop_after: int | None = None, dual: bool = True):
         super().__init__()
+        self.dual = dual  # some input carries a tangent
         self.run, self.subs, self.positions, self.involved = run, subs, positions, involved
         self.strip_after, self.stop_after = strip_after, stop_after
         self.count, self.used, self.last_tie, self.used_at_tie = 0, set(), -1, set()
@@ -810,8 +1356,18 @@ class _KinkMode(TorchFunctionMode):
         if kwargs:
             kwargs = {k: self._sub(v) for k, v in kwargs.items()}
         rule = _ROUTES.get(func)
-        if (rule is None and func not in UNRULED) or not any(map(self.involved, (*args, *kwargs.values()))):
+        if rule is None and func not in UNRULED:
+            jvp = _JVP_ROUTES.get(func) if self.dual else None
+            if jvp is not None and any(map(_is_dual, (*args, *kwargs.values()))):
+                return jvp(func, *args, **kwargs)
+            out = func(*args, **kwargs)
+            if self.run.flat and func in _RESHAPES and args and isinstance(args[0], Tensor):
+                _keep_flat(self.run, func, args, kwargs, out)
+            return out
+        if not any(map(self.involved, (*args, *kwargs.values()))):
             return func(*args, **kwargs)
+        if self.run.known is not None and self.count not in self.run.known:
+            return func(*args, **kwargs)  # ranked pass: the probe saw no tie here, PyTorch's own JVP is exact
         if rule is None:
             raise NonsmoothError(f"gradwise has no kink rule for {UNRULED[func]} (called at {_user_line()}); "
                                  "its derivative at ties/zeros would be PyTorch's convention. Rewrite it with "
@@ -820,6 +1376,9 @@ class _KinkMode(TorchFunctionMode):
         out = rule(self.run, func, *args, **kwargs)
         if len(self.run.kinks) > before:
             self.last_tie, self.used_at_tie = self.count, set(self.used)
+            if any(map(_is_dual, (*args, *kwargs.values()))):
+                for k in self.run.kinks[before:]:
+                    k.tangent = True
         return out
 
 
@@ -854,9 +1413,10 @@ def _outputs(out) -> list[Tensor]:
 
 
 def _run(f, xs, single, directions, run: _Run, requires_grad: bool, strip_after: int | None = None,
-         stop_after: int | None = None):
+         stop_after: int | None = None, detect: bool = False):
     """One pass of f at xs with tangents ``directions`` (None: a tangent-free detection pass, or no tangent
-    for that input). Returns (output, [(primal, tangent)] per output, leaves, mode)."""
+    for that input). ``detect``: rules also see arguments that only require grad (tangents stripped after
+    ``strip_after``). Returns (output, [(primal, tangent)] per output, leaves, mode)."""
     leaves = tuple(x.detach().requires_grad_(requires_grad) for x in xs)
     dual = directions is not None
     with fwAD.dual_level(), torch.enable_grad() if requires_grad else torch.no_grad():
@@ -864,7 +1424,8 @@ def _run(f, xs, single, directions, run: _Run, requires_grad: bool, strip_after:
                      for x, d in zip(leaves, directions or [None] * len(xs), strict=True))
         positions = {id(t): i for ts in (xs, leaves, args) for i, t in enumerate(ts)}
         subs = {id(x): a for x, a in zip(xs, args, strict=True)}
-        mode = _KinkMode(run, subs, positions, _is_dual if dual else _needs_grad, strip_after, stop_after)
+        involved = (lambda a: _needs_grad(a) or _is_dual(a)) if detect else _is_dual if dual else _needs_grad
+        mode = _KinkMode(run, subs, positions, involved, strip_after, stop_after, dual)
         try:
             with mode:
                 out = _call(f, args, single)
@@ -941,27 +1502,36 @@ def directional_derivative(f: Callable, inputs: Tensor | tuple[Tensor, ...],
     ds = _check_directions(xs, directions, single)
     gen = torch.Generator().manual_seed(0)
     run, (out, primals, _, _) = _lex_passes(f, xs, single, ds, gen, False)
-    if any(k.comparison for k in run.kinks):
-        with torch.no_grad():
-            plain = _outputs(_call(f, tuple(x.detach() for x in xs), single))
-        for (p, _), q in zip(primals, plain, strict=True):
-            if not torch.equal(p.nan_to_num(), q.nan_to_num()):
-                kink = next(k for k in run.kinks if k.comparison)
-                raise NonsmoothError(f"f jumps at x along this direction (comparison {kink.op} at "
-                                     f"{kink.location} switches branch to a different value): the one-sided "
-                                     "derivative does not exist")
+    _check_no_jump(f, xs, single, run, [p for p, _ in primals], exact=True)
     tangents = [torch.zeros_like(p) if t is None else t for p, t in primals]
     return tangents[0] if isinstance(out, Tensor) else tuple(tangents)
 
 
+def _check_no_jump(f, xs, single, run: _Run, values: list[Tensor], exact: bool = False) -> None:
+    """Comparisons and piecewise-constant ops at a jump take the branch (limit) of the direction: if f's value
+    then differs from f(x), f jumps at x along it and has no one-sided derivative (nor a Clarke gradient)."""
+    jumps = [k for k in run.kinks if k.comparison]
+    if not jumps:
+        return
+    with torch.no_grad():
+        plain = _outputs(_call(f, tuple(x.detach() for x in xs), single))
+    for p, q in zip(values, plain, strict=True):
+        p, q = p.detach().nan_to_num(), q.nan_to_num()
+        tol = 0.0 if exact else 100 * torch.finfo(q.dtype).eps if q.is_floating_point() else 0.0
+        if not torch.allclose(p, q, rtol=tol, atol=tol):
+            raise NonsmoothError(f"f jumps at x along this direction ({jumps[0].op} at {jumps[0].location} takes "
+                                 "another branch and f's value changes): there is no one-sided derivative, and no "
+                                 "Clarke generalized gradient")
+
+
 def _random_direction(xs, seed: int | None, only: set[int] | None = None):
-    """A Gaussian direction (None for inputs outside ``only``) and the generator, for further directions."""
+    """A Gaussian direction (None for inputs outside ``only``) and the generator, for further directions.
+    Every input's part is drawn, so ``only`` does not change the others'."""
     gen = torch.Generator()
     gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ())))
     dtype = lambda x: x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    d = tuple(torch.randn(x.shape, generator=gen, dtype=dtype(x)).to(x.device) if only is None or i in only
-              else None for i, x in enumerate(xs))
-    return d, gen
+    d = tuple(torch.randn(x.shape, generator=gen, dtype=dtype(x)).to(x.device) for x in xs)
+    return tuple(v if only is None or i in only else None for i, v in enumerate(d)), gen
 
 
 def _scalar(primal: Tensor) -> Tensor:
@@ -976,31 +1546,58 @@ def _grads(y: Tensor, leaves, xs) -> tuple[Tensor, ...]:
     return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads, strict=True))
 
 
+# f's code object -> the mode call of its last tie at the previous call (-1: none, or none a saved index can lock).
+# A training loop calls generalized_grad on the same code again and again: when it tied last time, the first pass
+# carries tangents up to that call and ranks the ties itself, saving the second pass.
+_LAST_TIE: OrderedDict[object, int] = OrderedDict()
+_LAST_TIE_SIZE = 256
+
+
 def _locked_grad(f, xs, single, seed, run_kw=None):
     """A generalized gradient. A tangent-free pass finds the kinks, building the graph with provisional
-    branches; without ties that graph is the answer. With ties, f runs again along a random direction over the
-    inputs used before the last tie (later inputs cannot move a tie), stopping after it; the branches it ranks
-    are written into the first pass's lock tensors, then one reverse pass. Comparisons and norms at 0 (whose
-    branch changes more than a saved index) take a full pass along the direction instead.
+    branches; without ties that graph is the answer. With ties, f runs again along a random direction, stopping
+    after the last tie; the branches it ranks are written into the first pass's lock tensors (saved indices and
+    masks), then one reverse pass. If f's previous call tied, the first pass carries the direction's tangents up
+    to where its last tie was, ranking those ties itself. Comparisons and norms at 0 (whose branch changes more
+    than a saved index) take a full pass along the direction instead. The direction is drawn from ``seed`` over
+    every input, so the result does not depend on which pass ranks.
     """
     run_kw = run_kw or {}
+    memo = getattr(f, "__code__", None)
+    carry = _LAST_TIE.get(memo, -1) if memo is not None else -1
+    d, gen = _random_direction(xs, seed) if carry >= 0 else (None, None)  # drawn only when needed
     probe = _Run(**run_kw)
-    _, primals, leaves, mode = _run(f, xs, single, None, probe, True)
+    _, primals, leaves, mode = _run(f, xs, single, d, probe, True, strip_after=carry if d else None, detect=True)
     y = _scalar(primals[0][0])
-    if probe.kinks:
-        d, gen = _random_direction(xs, seed, mode.used_at_tie)
-        if any(k.write is None for k in probe.kinks):
-            probe, (_, primals, leaves, _) = _lex_passes(f, xs, single, d, gen, True, run_kw,
-                                                         strip_after=mode.last_tie)
-            y = _scalar(primals[0][0])
-        else:
-            ranked = _Run(**run_kw)
-            _run(f, xs, single, d, ranked, False, stop_after=mode.last_tie)
-            choices = {k.call: k.choice for k in ranked.kinks}
-            for k in probe.kinks:
-                if k.call in choices:
-                    k.write(choices[k.call])
-                    k.choice = choices[k.call]
+    lockable = all(k.write is not None for k in probe.kinks)
+    if memo is not None:
+        _LAST_TIE[memo] = mode.last_tie if probe.kinks and lockable else -1
+        _LAST_TIE.move_to_end(memo)
+        if len(_LAST_TIE) > _LAST_TIE_SIZE:
+            _LAST_TIE.popitem(last=False)
+    if probe.kinks and d is None:
+        d, gen = _random_direction(xs, seed)
+    if probe.kinks and not lockable:
+        d = tuple(v if i in mode.used_at_tie else None for i, v in enumerate(d))
+        probe, (_, primals, leaves, _) = _lex_passes(f, xs, single, d, gen, True, run_kw, strip_after=mode.last_tie)
+        y = _scalar(primals[0][0])
+        _check_no_jump(f, xs, single, probe, [y])
+        if any(k.comparison for k in probe.kinks):  # and along -d: one jumping side is enough to leave no gradient
+            back = _Run(**run_kw)
+            _, opposite, _, _ = _run(f, xs, single, tuple(None if v is None else -v for v in d), back, False)
+            _check_no_jump(f, xs, single, back, [p for p, _ in opposite])
+    elif not all(k.tangent for k in probe.kinks):
+        ranked = _Run(**run_kw)
+        ranked.known = {}
+        for k in probe.kinks:
+            ranked.known.setdefault(k.call[0], []).append(k)
+        d = tuple(v if i in mode.used_at_tie else None for i, v in enumerate(d))
+        _run(f, xs, single, d, ranked, False, stop_after=mode.last_tie)
+        choices = {k.call: k.choice for k in ranked.kinks}
+        for k in probe.kinks:
+            if k.call in choices:
+                k.write(choices[k.call])
+                k.choice = choices[k.call]
     return _grads(y, leaves, xs), probe, y.detach()
 
 

@@ -27,6 +27,7 @@ from gradwise._nonsmooth import (
     Kink,
     NearKink,
     _as_inputs,
+    _check_no_jump,
     _locked_grad,
     _random_direction,
     _Run,
@@ -185,6 +186,7 @@ def _enumerate(f, xs, single, tie_tol: float, tol: float = 1e-9) -> list[tuple[t
         _, primals, leaves, _ = _run(f, xs, single, zeros, run, True)
         if c == len(run.kinks):
             y = _scalar(primals[0][0])
+            _check_no_jump(f, xs, single, run, [y])  # a branch of a jump is no piece active at x
             grads = torch.autograd.grad(y, leaves, allow_unused=True)
             found.append(tuple(torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads, strict=True)))
             if len(found) > MAX_LPS:

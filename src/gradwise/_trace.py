@@ -18,6 +18,7 @@ Kinks are found by a table of detectors keyed by aten op, run on the forward ops
 from __future__ import annotations
 
 import contextlib
+import itertools
 import linecache
 import math
 import os
@@ -277,9 +278,20 @@ class _Detector:
 @dataclass
 class _Hit:
     kind: str  # "kink" or "singular"
-    mask: torch.Tensor  # where the op sits on its kink
+    mask: torch.Tensor | Callable[[], torch.Tensor]  # where the op sits on its kink (made on demand when a callable)
     convention: str
     aligned: bool = True  # mask has the output's shape (so the incoming sensitivity can be read there)
+    found: torch.Tensor | None = None  # a 0-dim flag: may the mask hold a True? (None: read the mask)
+
+
+def _zeros_of(c, kind: str, convention: str) -> _Hit:
+    """Where the op's input is exactly 0. Probed with one min |x| (a compare over every element costs 5x more
+    on CPU); the mask is made only when a 0 may be there. In-place ops compare now, before x is overwritten."""
+    x = c.args[0].detach()
+    if c.packet.endswith("_") or x.numel() == 0:
+        return _Hit(kind, x == 0, convention)
+    least = x.abs().amin()
+    return _Hit(kind, lambda: x == 0, convention, found=(least == 0) | least.isnan())
 
 
 _KINKS: dict = {}
@@ -313,19 +325,19 @@ class _Call:
 @_kink(aten.relu, aten.relu_)
 def _relu_at_zero(c):
     """relu at 0: PyTorch's backward uses 0 there (x > 0 counts as the active side)."""
-    return _Hit("kink", c.args[0] == 0, "relu'(0) = 0")
+    return _zeros_of(c, "kink", "relu'(0) = 0")
 
 
 @_kink(aten.abs, aten.abs_)
 def _abs_at_zero(c):
     """abs at 0: the backward uses sign(0) = 0."""
-    return _Hit("kink", c.args[0] == 0, "abs'(0) = 0")
+    return _zeros_of(c, "kink", "abs'(0) = 0")
 
 
 @_kink(aten.leaky_relu, aten.leaky_relu_, aten._prelu_kernel)
 def _leaky_relu_at_zero(c):
     """leaky_relu / prelu at 0: the backward uses the negative slope (x > 0 counts as positive)."""
-    return _Hit("kink", c.args[0] == 0, "the negative slope at 0")
+    return _zeros_of(c, "kink", "the negative slope at 0")
 
 
 @_kink(aten.clamp, aten.clamp_, aten.clamp_min, aten.clamp_min_, aten.clamp_max, aten.clamp_max_)
@@ -455,40 +467,37 @@ def _topk_tie(c):
     return _Hit("kink", torch.cat([edge.flatten(), inner.flatten()]), "all to the returned indices", aligned=False)
 
 
-def _tiling_windows(x: torch.Tensor, spatial: int, kernel, stride, padding, dilation, ceil_mode):
-    """x viewed as (..., o1, k1, o2, k2[, o3, k3]) when the pooling windows tile it (stride == kernel, no
-    padding, no dilation, no partial window), else None. Splitting a dimension is always a view: no copy."""
+def _tiling_kernel(x: torch.Tensor, spatial: int, kernel, stride, padding, dilation, ceil_mode) -> list | None:
+    """The kernel size when max-pool windows tile ``x`` (stride == kernel, no padding, no dilation, no partial
+    window), else None."""
     k = list(kernel) * spatial if len(kernel) == 1 else list(kernel)
     s = (list(stride) * spatial if len(stride) == 1 else list(stride)) if stride else k
     if s != k or any(padding) or any(d != 1 for d in dilation):
         return None
-    sizes = x.shape[-spatial:]
-    if ceil_mode and any(n % kk for n, kk in zip(sizes, k, strict=True)):
+    if ceil_mode and any(n % kk for n, kk in zip(x.shape[-spatial:], k, strict=True)):
         return None
-    windows = x
-    for i, (n, kk) in enumerate(zip(sizes, k, strict=True)):
-        dim = x.dim() - spatial + i
-        windows = windows.narrow(dim + i, 0, n // kk * kk).unflatten(dim + i, (n // kk, kk))
-    return windows
+    return k
 
 
 @_kink(aten.max_pool2d_with_indices, aten.max_pool3d_with_indices, needs_out=True)
 def _max_pool_window_tie(c):
     """max-pool windows whose maximum is not unique: all of the gradient goes to the returned (first) index.
-    Windows that tile the input are checked by counting, in each window, the elements equal to its maximum.
-    Overlapping windows: hide each window's returned maximum and pool again; a window that still reaches its
-    value has a tie (a tie with a neighbour's maximum can hide another: a rare undercount)."""
-    x, (values, indices) = c.args[0], c.out
+    Windows that tile the input are counted exactly: for each position in the kernel, the strided view of the
+    input at that position is compared with the maxima (one pass over the input in all). Overlapping windows:
+    hide each window's returned maximum and pool again; a window that still reaches its value has a tie (a tie
+    with a neighbour's maximum can hide another: a rare undercount)."""
+    x, (values, indices) = c.args[0].detach(), c.out
     spatial = 3 if c.packet == "max_pool3d_with_indices" else 2
-    x = x.detach()
-    kernel, stride = c.arg(1, "kernel_size"), c.arg(2, "stride", [])
-    padding, dilation = c.arg(3, "padding", [0]), c.arg(4, "dilation", [1])
-    windows = _tiling_windows(x, spatial, kernel, stride, padding, dilation, c.arg(5, "ceil_mode", False))
-    if windows is not None and windows.shape[-2 * spatial::2] == values.shape[-spatial:]:
-        lead = values.shape[:-spatial]
-        maxima = values.reshape(*lead, *(n for o in values.shape[-spatial:] for n in (o, 1)))
-        equal = (windows == maxima).sum(tuple(range(-2 * spatial + 1, 0, 2)), dtype=torch.int32)
-        return _Hit("kink", equal > 1, "all to the returned (first) index")
+    k = _tiling_kernel(x, spatial, c.arg(1, "kernel_size"), c.arg(2, "stride", []), c.arg(3, "padding", [0]),
+                       c.arg(4, "dilation", [1]), c.arg(5, "ceil_mode", False))
+    if k is not None:
+        out_sizes = values.shape[-spatial:]
+        count = None
+        for offset in itertools.product(*(range(kk) for kk in k)):
+            at = x[(..., *(slice(o, o + n * kk, kk) for o, n, kk in zip(offset, out_sizes, k, strict=True)))]
+            equal = at == values
+            count = equal.to(torch.uint8) if count is None else count.add_(equal)
+        return _Hit("kink", count > 1, "all to the returned (first) index")
     hidden = x.flatten(-spatial).clone()
     hidden.scatter_(-1, indices.flatten(-spatial), float("-inf"))
     again, _ = getattr(aten, c.packet)(hidden.view_as(x), *c.args[1:], **c.kwargs)
@@ -509,7 +518,7 @@ def _where_on_tie(c):
 @_kink(aten.sqrt, aten.rsqrt)
 def _sqrt_at_zero(c):
     """sqrt at 0: an infinite derivative; the backward divides by 2 sqrt(0) (Inf, NaN under a zero sensitivity)."""
-    return _Hit("singular", c.args[0] == 0, "Inf (1 / (2 sqrt(0)))")
+    return _zeros_of(c, "singular", "Inf (1 / (2 sqrt(0)))")
 
 
 @_kink(aten.pow)
@@ -1004,24 +1013,27 @@ class _Tracer(TorchDispatchMode):
     def _schedule_kink(self, hit: _Hit, func, loc, nd: _Node) -> None:
         key = (hit.kind, _op_name(func), loc)
 
-        def settle(count):
+        def settle(mask):
+            count = int(mask.sum())
             if count <= 0:
                 return
             g = self.kinks.get(key)
             if g is None:
                 g = self.kinks[key] = _KinkGroup(hit.kind, key[1], loc, hit.convention)
-                g.indices = _first(hit.mask)
-            g.count += int(count)
+                g.indices = _first(mask)
+            g.count += count
             g.occurrences += 1
-            nd.kinks.append((key, hit.mask if hit.aligned else None))
+            nd.kinks.append((key, mask if hit.aligned else None))
 
-        found = _any_true(hit.mask)  # cheaper than counting; count only the (rare) hits
+        mask = hit.mask
+        found = hit.found if hit.found is not None else _any_true(mask)  # cheaper than counting
         if (found.device.type == "cpu" and not _DEFER_ON_CPU) or self.sync_every <= 1:
             if found.item():
-                settle(hit.mask.sum().item())
+                settle(mask() if callable(mask) else mask)
         else:
+            mask = mask() if callable(mask) else mask  # deferred: compare now, before x can change
             flag = torch.where(found, float("inf"), 0.0)  # non-finite flags are the ones flush settles
-            self.pending.append((flag, [], lambda _bad: settle(hit.mask.sum().item())))
+            self.pending.append((flag, [], lambda _bad: settle(mask)))
 
     def _kink_reached(self, nd: _Node, seq, sens_ins) -> None:
         for s in sens_ins:
