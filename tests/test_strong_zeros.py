@@ -338,10 +338,14 @@ NO_ZEROS_PROGRAMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "SqrtBackward0": torch.sqrt,
     "LogBackward0": torch.log,
     "PowBackward0": lambda x: x**2,
+    "NativeLayerNormBackward0": lambda x: F.layer_norm(x, (4,), _M[0], _M[1]),
+    "NativeBatchNormBackward0": lambda x: F.batch_norm(x, None, None, _M[0], _M[1], training=True),
+    "ScaledDotProductFlashAttentionForCpuBackward0":
+        lambda x: F.scaled_dot_product_attention(x.view(1, 1, 4, 4), x.view(1, 1, 4, 4).exp(), x.view(1, 1, 4, 4)),
 }
 
 
-@pytest.mark.parametrize("name", sorted(_sz.MAKES_NO_ZEROS | set(_sz._MAKES_NO_ZEROS_IF)))
+@pytest.mark.parametrize("name", sorted(_sz.MAKES_NO_ZEROS | set(_sz._MAKES_NO_ZEROS_IF) | set(_sz.FUSED_BACKWARDS)))
 def test_nodes_that_make_no_structural_zeros(name):
     """The path check reads no saved tensor above these nodes: their backward must make no structural zero."""
     assert name in NO_ZEROS_PROGRAMS, f"add a program producing {name} to NO_ZEROS_PROGRAMS"
@@ -369,3 +373,18 @@ def test_slicing_makes_structural_zeros():
     with mode:
         torch.autograd.grad(x[:2].sum(), x)
     assert mode.supports._masks and _sz._makes_zeros(x[:2].grad_fn)
+
+
+@pytest.mark.parametrize(("name", "f"), [("ReluBackward0", torch.relu),
+                                         ("ThresholdBackward0", lambda x: F.threshold(x, 0.5, 0.0)),
+                                         ("HardtanhBackward0", F.hardtanh)])
+def test_nodes_that_only_compare_their_saved_tensor(name, f):
+    """The path check skips these nodes' saved tensors (COMPARES_SAVED_ONLY): NaN/Inf saved there must not
+    turn a finite sensitivity, zeros included, into NaN/Inf."""
+    assert name in _sz.COMPARES_SAVED_ONLY
+    x = torch.tensor([1.0, float("nan"), float("inf"), float("-inf"), -1.0, 0.0], requires_grad=True)
+    y = f(x)
+    assert type(y.grad_fn).__name__ == name
+    for seed in (torch.zeros(6), torch.tensor([1.0, 0.0, -2.0, 0.0, 3.0, 0.5])):
+        (g,) = torch.autograd.grad(y, x, seed, retain_graph=True)
+        assert g.isfinite().all(), g

@@ -760,6 +760,22 @@ MAKES_NO_ZEROS = frozenset((
     "GeluBackward0 SigmoidBackward0 TanhBackward0 SiluBackward0 SoftplusBackward0 ExpBackward0 "
     "MseLossBackward0 SqrtBackward0 LogBackward0"
 ).split())
+# Nodes whose backward only compares its saved tensor (relu: result <= 0 ? 0 : grad): a NaN/Inf there cannot
+# turn into a NaN/Inf of the backward, so the check before backward need not read it.
+COMPARES_SAVED_ONLY = frozenset(("ReluBackward0", "ThresholdBackward0", "HardtanhBackward0"))
+# Nodes whose backward is one fused aten op. While that op has no rule, the strong-zero pass runs it as it is
+# and marks its outputs fully supported: it makes no structural zero, and a NaN/Inf saved there comes out the
+# same with or without the pass, so the check reads nothing there either.
+FUSED_BACKWARDS: dict[str, Any] = {
+    "NativeLayerNormBackward0": aten.native_layer_norm_backward,
+    "NativeBatchNormBackward0": aten.native_batch_norm_backward,
+    "ScaledDotProductFlashAttentionForCpuBackward0": aten._scaled_dot_product_flash_attention_for_cpu_backward,
+}
+
+
+def _opaque(name: str) -> bool:
+    op = FUSED_BACKWARDS.get(name)
+    return op is not None and lookup(op.default) is None
 _MAKES_NO_ZEROS_IF: dict[str, Callable[[Any], bool]] = {
     "PowBackward0": lambda node: _saved(node, "_saved_exponent") != 0,  # x ** 0 backward is zeros_like(x)
 }
@@ -767,23 +783,24 @@ _MAKES_NO_ZEROS_IF: dict[str, Callable[[Any], bool]] = {
 
 def _makes_zeros(node: Any) -> bool:
     name = type(node).__name__
-    if name in MAKES_NO_ZEROS:
+    if name in MAKES_NO_ZEROS or _opaque(name):
         return False
     test = _MAKES_NO_ZEROS_IF.get(name)
     return test is None or not test(node)
 
 
-_NODE_TYPES: dict[type, tuple[tuple[str, ...], bool, Callable[[Any], bool] | None]] = {}
+_NODE_TYPES: dict[type, tuple[tuple[str, ...], tuple[str, ...], bool, Callable[[Any], bool] | None]] = {}
 
 
-def _node_type(node: Any) -> tuple[tuple[str, ...], bool, Callable[[Any], bool] | None]:
-    """Per autograd node type, looked up once: its ``_raw_saved_*`` attributes, whether NODE_FACTS knows it,
-    and its singular-point test."""
+def _node_type(node: Any) -> tuple[tuple[str, ...], tuple[str, ...], bool, Callable[[Any], bool] | None]:
+    """Per autograd node type, looked up once: its ``_raw_saved_*`` attributes, those the check before backward
+    reads, whether NODE_FACTS knows it, and its singular-point test."""
     info = _NODE_TYPES.get(type(node))
     if info is None:
         name = type(node).__name__
         names = tuple(a for a in dir(node) if a.startswith("_raw_saved_"))
-        info = _NODE_TYPES[type(node)] = (names, name in NODE_FACTS, NODE_FACTS.get(name))
+        read = () if name in COMPARES_SAVED_ONLY or _opaque(name) else names
+        info = _NODE_TYPES[type(node)] = (names, read, name in NODE_FACTS, NODE_FACTS.get(name))
     return info
 
 
@@ -814,7 +831,7 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
         node, reached = stack.pop()
         if node in seen and (seen[node] or not reached):
             continue
-        names, known, singular = _node_type(node)
+        _, names, known, singular = _node_type(node)
         reached = reached or _makes_zeros(node)
         seen[node] = reached
         known_all &= known
