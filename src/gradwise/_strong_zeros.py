@@ -357,7 +357,7 @@ def _mm_supported_k(args: tuple, slot: int, s: torch.Tensor) -> list | None:
     return [args[0].index_select(-1, k), args[1].index_select(-2, k)]
 
 
-def _conv_no_bias(args: tuple, slot: int) -> Callable[[list], list]:
+def _conv_counted_outputs(args: tuple, slot: int) -> Callable[[list], list]:
     """convolution_backward: grad_bias = sum(g) meets no value, so it is not counted; nor is the gradient of
     the operand that is dirty itself (grad_input does not read the input, grad_weight not the weight)."""
 
@@ -489,7 +489,7 @@ def _conv_backward_support(func, args, slot, s):
 
 _register(aten.mm, aten.bmm)(_bilinear(_mm_support, _mm_nonfinite_k, restrict=_mm_supported_k))
 _register(aten.mv)(_bilinear(_mv_support))
-_register(aten.convolution_backward)(_bilinear(_conv_backward_support, _conv_no_bias, meets=_conv_meets))
+_register(aten.convolution_backward)(_bilinear(_conv_backward_support, _conv_counted_outputs, meets=_conv_meets))
 
 
 def _softmax_backward(func, args, kwargs, sup):
