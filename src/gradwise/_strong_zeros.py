@@ -781,12 +781,18 @@ _MAKES_NO_ZEROS_IF: dict[str, Callable[[Any], bool]] = {
 }
 
 
+_ZERO_MAKERS: dict[type, bool | Callable[[Any], bool]] = {}
+
+
 def _makes_zeros(node: Any) -> bool:
-    name = type(node).__name__
-    if name in MAKES_NO_ZEROS or _opaque(name):
-        return False
-    test = _MAKES_NO_ZEROS_IF.get(name)
-    return test is None or not test(node)
+    """Whether the node's backward can make a structural zero (decided once per node type where it can be)."""
+    known = _ZERO_MAKERS.get(type(node))
+    if known is None:
+        name = type(node).__name__
+        test = _MAKES_NO_ZEROS_IF.get(name)
+        known = _ZERO_MAKERS[type(node)] = (
+            False if name in MAKES_NO_ZEROS or _opaque(name) else (lambda n: not test(n)) if test else True)
+    return known if isinstance(known, bool) else known(node)
 
 
 _NODE_TYPES: dict[type, tuple[tuple[str, ...], tuple[str, ...], bool, Callable[[Any], bool] | None]] = {}
@@ -835,7 +841,9 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
         reached = reached or _makes_zeros(node)
         seen[node] = reached
         known_all &= known
-        stack.extend((n, reached) for n, _ in node.next_functions if n is not None)
+        for n, _ in node.next_functions:
+            if n is not None:
+                stack.append((n, reached))
         if not reached:
             continue
         readable = True
