@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from gradwise._masks import mask_any
+
 aten = torch.ops.aten
 Tensor = torch.Tensor
 
@@ -260,11 +262,6 @@ def _tied_rows(mask: Tensor) -> Tensor:
     return mask.reshape(-1).nonzero().squeeze(1)
 
 
-def _any(mask: Tensor) -> bool:
-    """mask.any(), fast: CPU's bool any() is a slow generic reduction, a uint8 max is vectorised."""
-    return mask.numel() > 0 and bool(mask.view(torch.uint8).max())
-
-
 def _near_zero(t: Tensor, tol: float) -> bool:
     """Whether some |t| <= tol: one min-reduction instead of a full-size boolean pass (the everyday path)."""
     if t.numel() == 0:
@@ -272,7 +269,7 @@ def _near_zero(t: Tensor, tol: float) -> bool:
     t = t.detach()
     m = float(t.abs().amin())
     if m != m:  # amin propagates NaN: look past it
-        return _any(t.abs() <= tol)
+        return bool(mask_any(t.abs() <= tol))
     return m <= tol
 
 
@@ -612,7 +609,7 @@ def _step(name: str, inplace: bool = False):
         if args or kwargs or not xp.is_floating_point():  # round(decimals=k): jumps are not floats; kept as is
             return func(x, *args, **kwargs)
         jump = at_jump(xp.detach())
-        if not _any(jump):
+        if not mask_any(jump):
             return func(x)
         rows, choice, still = _resolve_sign(run, f"aten.{name}", x, jump, comparison=True)
         own = xp.detach().reshape(-1)[rows].clone()
@@ -656,12 +653,12 @@ def _select_last(run, op: str, x: Tensor, xw: Tensor, tw_fn: Callable, vw_fn: Ca
     if run.near_tol is not None:
         run.note_near(op, gap)
     tie = eq.sum(-1) > 1
-    if not _any(tie):
+    if not mask_any(tie):
         return idx
     flat = run.flat_source(x) if run.tie_tol == 0 else None
     if flat is not None and flat[1] is None:  # ties among relu-dead elements only: locally constant, no kink
         tie &= best.squeeze(-1) != flat[0]
-        if not _any(tie):
+        if not mask_any(tie):
             return idx
     rows = _tied_rows(tie)
     cand = eq.reshape(-1, eq.shape[-1])[rows]
@@ -779,7 +776,7 @@ def _pool_ties(run: _Run, op: str, x: Tensor, out: Tensor, nd: int, k, s, p, dil
         for v in views:
             count.add_(torch.eq(v, out, out=e))
         tie = count > 1
-    if not _any(tie):
+    if not mask_any(tie):
         return None
     flat = run.flat_source(x) if run.tie_tol == 0 else None
     if flat is not None:
@@ -790,7 +787,7 @@ def _pool_ties(run: _Run, op: str, x: Tensor, out: Tensor, nd: int, k, s, p, dil
                              strict=True):
                 live_window |= (v == out) & lv.bool()
         tie &= live_window
-        if not _any(tie):
+        if not mask_any(tie):
             return None
     return tie
 
@@ -829,7 +826,7 @@ def _pool_lock(run: _Run, op: str, x: Tensor, out: Tensor, idx: Tensor, tie: Ten
     n_out = windows.shape[0]
     rows = _tied_rows(tie)
     cidx = windows.index_select(0, rows % n_out)
-    padded = _any(windows < 0)
+    padded = bool(mask_any(windows < 0))
     fpos = (rows // n_out).unsqueeze(1) * (xp.numel() // max(batch, 1)) + (cidx.clamp(min=0) if padded else cidx)
     pad = cidx < 0 if padded else None
     pick = lambda t, fill: t.reshape(-1).take(fpos) if pad is None else t.reshape(-1).take(fpos).masked_fill(
@@ -982,7 +979,7 @@ def mode(run, func, x, dim=-1, keepdim=False):
     d = dim % xp.dim()
     srt = torch.sort(xp.detach().movedim(d, -1), -1).values
     same = srt[..., 1:] == srt[..., :-1]
-    if not _any(same):
+    if not mask_any(same):
         return func(x, dim, keepdim)  # all values distinct: mode is the minimum, attained once
     first = torch.cat([torch.ones_like(same[..., :1]), ~same[..., :-1]], -1)
     groups = (same & first).sum(-1)  # repeated values per slice
@@ -1038,7 +1035,7 @@ def _cumulative(op: str, descending: bool):
         flat = run.flat_source(x) if run.tie_tol == 0 else None
         if flat is not None and flat[1] is None:  # a plateau of relu-dead elements is no kink
             tie &= v != flat[0]
-        if not _any(tie):
+        if not mask_any(tie):
             return rt((out.values.movedim(-1, d), idx.movedim(-1, d)))
         rows = _tied_rows(tie)
         i, st = rows % n, start.reshape(-1)[rows]
@@ -1105,7 +1102,7 @@ def _adaptive_max_pool(nd: int):
         flat = run.flat_source(x) if run.tie_tol == 0 else None
         if flat is not None and flat[1] is None:  # relu-dead windows are no kink
             tie &= op_ != flat[0]
-        return _pool_lock(run, op, x, out, idx, tie if _any(tie) else None, windows, batch, return_indices)
+        return _pool_lock(run, op, x, out, idx, tie if mask_any(tie) else None, windows, batch, return_indices)
 
     rule.__name__ = f"adaptive_max_pool{nd}d"
     rule.__doc__ = (f"{op}: like max_pool (windows [floor(i L / O), ceil((i + 1) L / O))): in a window with tied "
@@ -1225,7 +1222,7 @@ def linear(func, input, weight, bias=None):
 
 def _coincident_norms(run, op: str, out: Tensor, diffs: Callable, p: float, same: Tensor) -> Tensor:
     """``out`` with the entries at coincident points (``same``) recomputed by the norm rule on their differences."""
-    if not _any(same):
+    if not mask_any(same):
         return out
     where = same.nonzero(as_tuple=True)
     values = vector_norm(run, torch.linalg.vector_norm, diffs(where), p, -1)
@@ -1240,7 +1237,7 @@ def cdist(run, func, x1, x2, p=2.0, compute_mode="use_mm_for_euclid_dist_if_nece
     p = 0 (a count) jumps where coordinates are equal: errors."""
     if p == 0:  # counts differing coordinates: constant, but it jumps where some coordinate of a pair is equal
         a, b = _split(x1)[0].detach(), _split(x2)[0].detach()
-        if _any(a.unsqueeze(-2) - b.unsqueeze(-3) == 0):
+        if mask_any(a.unsqueeze(-2) - b.unsqueeze(-3) == 0):
             raise NonsmoothError(f"aten.cdist at {_user_line()} with p=0 counts differing coordinates: where two "
                                  "are equal it jumps, no one-sided derivative")
         return func(a, b, p, compute_mode)
@@ -1251,7 +1248,7 @@ def cdist(run, func, x1, x2, p=2.0, compute_mode="use_mm_for_euclid_dist_if_nece
     out = func(x1, x2, p, compute_mode)
     with torch.no_grad():
         same = torch.cdist(_split(x1)[0].detach(), _split(x2)[0].detach(), 0.0) == 0
-    if not _any(same):
+    if not mask_any(same):
         return out
     shape = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
     a = x1.expand(*shape, *x1.shape[-2:]).reshape(-1, *x1.shape[-2:])
@@ -1267,7 +1264,7 @@ def pdist(run, func, x, p=2.0):
     i, j = torch.triu_indices(x.shape[0], x.shape[0], 1, device=x.device)
     if p == 0:  # counts differing coordinates: it jumps where some coordinate of a pair is equal
         xp = _split(x)[0].detach()
-        if _any(xp[i] - xp[j] == 0):
+        if mask_any(xp[i] - xp[j] == 0):
             raise NonsmoothError(f"aten.pdist at {_user_line()} with p=0 counts differing coordinates: where two are "
                                  "equal it jumps, no one-sided derivative")
         return func(xp, p)

@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten, tree_map
 
 from gradwise._checks import as_tensors, check_differentiable, check_scalar_or_seeded
+from gradwise._masks import mask_all, mask_any
 
 aten = torch.ops.aten
 
@@ -38,22 +39,6 @@ __all__ = ["RULES", "backward", "grad", "strong_zeros", "unruled_ops"]
 # mask. A storage without a mask is fully supported.
 # ---------------------------------------------------------------------------------------------------------
 
-
-def _mask_any(mask: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
-    """``mask.any(dim)`` for a bool tensor, read as bytes: PyTorch's bool reductions are not vectorised on CPU
-    (20x slower than a uint8 max), and supports are reduced on every backward op."""
-    if mask.numel() == 0:
-        return mask.any() if dim is None else mask.any(dim, keepdim=keepdim)
-    b = mask.view(torch.uint8)
-    return (b.amax() if dim is None else b.amax(dim, keepdim=keepdim)).bool()
-
-
-def _mask_all(mask: torch.Tensor) -> bool:
-    if mask.numel() == 0:
-        return True
-    if 0 in mask.stride():  # broadcast (expanded) dims repeat one slice: reduce that slice alone
-        mask = mask[tuple(slice(0, 1) if st == 0 else slice(None) for st in mask.stride())]
-    return bool(mask.view(torch.uint8).amin())
 
 
 class _Supports:
@@ -95,7 +80,7 @@ class _Supports:
                 mask.as_strided(t.shape, t.stride(), t.storage_offset()).fill_(True)
             return
         if mask is None:
-            if _mask_all(support):
+            if mask_all(support):
                 return
             storage = t.untyped_storage()
             mask = torch.ones(storage.nbytes() // t.element_size(), dtype=torch.bool, device=t.device)
@@ -336,8 +321,8 @@ def _mm_nonfinite_k(args: tuple, slot: int) -> Callable[[list], list]:
     on those alone (the padding rows of a batch, not the whole batch)."""
     value = args[1 - slot]
     bad = ~torch.isfinite(value)
-    bad = _mask_any(bad, -1) if slot == 0 else _mask_any(bad, -2)  # value b: (.., K, N); value a: (.., M, K)
-    k = _mask_any(bad.reshape(-1, bad.shape[-1]), 0).nonzero().squeeze(1)
+    bad = mask_any(bad, -1) if slot == 0 else mask_any(bad, -2)  # value b: (.., K, N); value a: (.., M, K)
+    k = mask_any(bad.reshape(-1, bad.shape[-1]), 0).nonzero().squeeze(1)
     return lambda new: [new[0].index_select(-1, k), new[1].index_select(-2, k)]
 
 
@@ -345,8 +330,8 @@ def _mm_supported_k(args: tuple, slot: int, s: torch.Tensor) -> list | None:
     """mm/bmm: a contraction index k at which the sensitivity holds only structural zeros contributes
     nothing, so dropping it from both operands is exact. This is how a batch's padding rows leave a weight
     gradient without a copy when they form a range. None when every k is supported."""
-    kept = _mask_any(s, -2) if slot == 0 else _mask_any(s, -1)  # sensitivity a: (.., M, K); sensitivity b: (.., K, N)
-    kept = _mask_any(kept.reshape(-1, kept.shape[-1]), 0)
+    kept = mask_any(s, -2) if slot == 0 else mask_any(s, -1)  # sensitivity a: (.., M, K); sensitivity b: (.., K, N)
+    kept = mask_any(kept.reshape(-1, kept.shape[-1]), 0)
     k = kept.nonzero().squeeze(1)
     n = k.numel()
     if n == kept.shape[0]:
@@ -378,8 +363,8 @@ def _conv_meets(func, args, slot: int, s: torch.Tensor, dirty: list[int]) -> boo
         return True
     g, x, w = args[0], args[1], args[2]
     stride, padding, dilation, transposed, output_padding = args[4:9]
-    s1 = _mask_any(s, 1, keepdim=True).to(g.dtype)
-    bad = _mask_any(~torch.isfinite(x), 1, keepdim=True).to(x.dtype)
+    s1 = mask_any(s, 1, keepdim=True).to(g.dtype)
+    bad = mask_any(~torch.isfinite(x), 1, keepdim=True).to(x.dtype)
     ones = w.new_ones((1, 1, *w.shape[2:]))
     _, hits, _ = func(s1, bad, ones, None, stride, padding, dilation, transposed, output_padding, 1,
                       [False, True, False])
@@ -464,11 +449,11 @@ def _add_nonfinite(out, nan_hits, plus, minus):
 
 def _mm_support(func, args, slot, s):
     """mm/bmm: out[..., i, j] is a structural zero when row i of a (or column j of b) is."""
-    return _mask_any(s, -1, keepdim=True) if slot == 0 else _mask_any(s, -2, keepdim=True)
+    return mask_any(s, -1, keepdim=True) if slot == 0 else mask_any(s, -2, keepdim=True)
 
 
 def _mv_support(func, args, slot, s):
-    return _mask_any(s, -1) if slot == 0 else _mask_any(s).reshape(())
+    return mask_any(s, -1) if slot == 0 else mask_any(s).reshape(())
 
 
 def _conv_backward_support(func, args, slot, s):
@@ -480,7 +465,7 @@ def _conv_backward_support(func, args, slot, s):
         return (None, None, None)
     g, x, w = args[0], args[1], args[2]
     stride, padding, dilation, transposed, output_padding = args[4:9]
-    s1 = _mask_any(s, 1, keepdim=True).to(g.dtype)
+    s1 = mask_any(s, 1, keepdim=True).to(g.dtype)
     ones = w.new_ones((1, 1, *w.shape[2:]))
     reach, _, _ = func(s1, x[:, :1], ones, None, stride, padding, dilation, transposed, output_padding, 1,
                        [True, False, False])
@@ -501,9 +486,9 @@ def _softmax_backward(func, args, kwargs, sup):
     s = sup.of(g)
     support = y != 0
     if s is not None:
-        support = support & _mask_any(s, dim, keepdim=True)
-        bad_rows = _mask_any(~torch.isfinite(out) & support, dim, keepdim=True)
-        if bool(_mask_any(bad_rows)):
+        support = support & mask_any(s, dim, keepdim=True)
+        bad_rows = mask_any(~torch.isfinite(out) & support, dim, keepdim=True)
+        if bool(mask_any(bad_rows)):
             y_used = torch.where(s, y, 0)
             redo = y * (g - (g * y_used).sum(dim, keepdim=True))
             out = torch.where(bad_rows, redo.to(out.dtype), out)
@@ -521,7 +506,7 @@ def _log_softmax_backward(func, args, kwargs, sup):
     g, dim = args[0], args[2]
     out = func(*args, **kwargs)
     s = sup.of(g)
-    support = None if s is None else _mask_any(s, dim, keepdim=True).expand(out.shape)
+    support = None if s is None else mask_any(s, dim, keepdim=True).expand(out.shape)
     sup.record(_annihilate(out, support), support)
     return out
 

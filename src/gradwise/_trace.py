@@ -33,6 +33,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from gradwise._masks import mask_any
 from gradwise._report import Finding, Report
 
 aten = torch.ops.aten
@@ -105,16 +106,6 @@ def _floats(out) -> list[torch.Tensor]:
 
 def _nonfinite(t: torch.Tensor) -> bool:
     return t.is_floating_point() and t.numel() > 0 and not bool(torch.isfinite(t).all())
-
-
-def _any_true(mask: torch.Tensor) -> torch.Tensor:
-    """``mask.any()`` as a 0-dim bool tensor, read as bytes: PyTorch's bool reductions are not vectorised on CPU
-    (20x slower than a uint8 max), and every kink detector and kinked node runs one."""
-    if mask.numel() == 0:
-        return mask.any()
-    if 0 in mask.stride():  # broadcast dims repeat one slice
-        mask = mask[tuple(slice(0, 1) if st == 0 else slice(None) for st in mask.stride())]
-    return mask.view(torch.uint8).amax().bool()
 
 
 def _first(mask: torch.Tensor) -> list[list[int]]:
@@ -1026,7 +1017,7 @@ class _Tracer(TorchDispatchMode):
             nd.kinks.append((key, mask if hit.aligned else None))
 
         mask = hit.mask
-        found = hit.found if hit.found is not None else _any_true(mask)  # cheaper than counting
+        found = hit.found if hit.found is not None else mask_any(mask)  # cheaper than counting
         if (found.device.type == "cpu" and not _DEFER_ON_CPU) or self.sync_every <= 1:
             if found.item():
                 settle(mask() if callable(mask) else mask)
@@ -1044,9 +1035,9 @@ class _Tracer(TorchDispatchMode):
                 if g.reached:
                     continue
                 if mask is not None and mask.shape == s.shape:
-                    g.reached = bool(_any_true((s != 0).logical_and_(mask)))
+                    g.reached = bool(mask_any((s != 0).logical_and_(mask)))
                 else:
-                    g.reached = bool(_any_true(s != 0))
+                    g.reached = bool(mask_any(s != 0))
             nd.kinks = []
             return
 
