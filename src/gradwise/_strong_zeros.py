@@ -355,20 +355,26 @@ def _conv_counted_outputs(args: tuple, slot: int) -> Callable[[list], list]:
     return shrink
 
 
+def _one_channel_conv(func, args, s: torch.Tensor, x1: torch.Tensor, want: int) -> torch.Tensor:
+    """convolution_backward's output ``want`` (0: grad_input, 1: grad_weight) for the convolution collapsed to
+    one channel: grad_output = where the sensitivity is supported in any output channel, input = ``x1``
+    (N, 1, ...), kernel of ones. Nonzero exactly where some supported element reaches through the kernel."""
+    stride, padding, dilation, transposed, output_padding = args[4:9]
+    s1 = mask_any(s, 1, keepdim=True).to(args[0].dtype)
+    ones = args[2].new_ones((1, 1, *args[2].shape[2:]))
+    mask = [want == 0, want == 1, False]
+    return func(s1, x1, ones, None, stride, padding, dilation, transposed, output_padding, 1, mask)[want]
+
+
 def _conv_meets(func, args, slot: int, s: torch.Tensor, dirty: list[int]) -> bool:
     """convolution_backward with a non-finite input: can a supported grad_output element meet one of its
     NaN/Inf through the kernel? Asked of one channel (supported anywhere across output channels, non-finite
     anywhere across input channels), so a cropped NaN border costs a single-channel convolution."""
     if slot != 0 or dirty != [1]:
         return True
-    g, x, w = args[0], args[1], args[2]
-    stride, padding, dilation, transposed, output_padding = args[4:9]
-    s1 = mask_any(s, 1, keepdim=True).to(g.dtype)
+    x = args[1]
     bad = mask_any(~torch.isfinite(x), 1, keepdim=True).to(x.dtype)
-    ones = w.new_ones((1, 1, *w.shape[2:]))
-    _, hits, _ = func(s1, bad, ones, None, stride, padding, dilation, transposed, output_padding, 1,
-                      [False, True, False])
-    return bool(hits.any())
+    return bool(_one_channel_conv(func, args, s, bad, 1).any())
 
 
 def _tree_add(a, b):
@@ -463,13 +469,7 @@ def _conv_backward_support(func, args, slot, s):
     grad_weight and grad_bias sum over the batch and space: taken as fully supported."""
     if slot != 0 or not args[10][0]:
         return (None, None, None)
-    g, x, w = args[0], args[1], args[2]
-    stride, padding, dilation, transposed, output_padding = args[4:9]
-    s1 = mask_any(s, 1, keepdim=True).to(g.dtype)
-    ones = w.new_ones((1, 1, *w.shape[2:]))
-    reach, _, _ = func(s1, x[:, :1], ones, None, stride, padding, dilation, transposed, output_padding, 1,
-                       [True, False, False])
-    return (reach > 0, None, None)
+    return (_one_channel_conv(func, args, s, args[1][:, :1], 0) > 0, None, None)
 
 
 _register(aten.mm, aten.bmm)(_bilinear(_mm_support, _mm_nonfinite_k, restrict=_mm_supported_k))
