@@ -280,17 +280,18 @@ def _copy(func, args, kwargs, sup):
 _register(aten.copy_)(_copy)
 
 
-CountArgs = Callable[[tuple, int], Callable[[list], list]]
+CountArgs = Callable[[tuple, int, list[int]], Callable[[list], list]]
 Restrict = Callable[[tuple, int, torch.Tensor], "list | None"]
 Meets = Callable[[Any, tuple, int, torch.Tensor, list[int]], bool]
 
 
-def _nonfinite_part(func, args, slot: int, s: torch.Tensor, value_slots: list[int], count_args: CountArgs):
+def _nonfinite_part(func, args, slot: int, s: torch.Tensor, value_slots: list[int], dirty: list[int],
+                    count_args: CountArgs):
     """The NaN/Inf that terms with a *supported* sensitivity element contribute to a bilinear op, counted by
     running the op on 0/1 indicators: terms that meet NaN (or 0 x Inf), +Inf, and -Inf. ``count_args`` may
     shrink those runs (e.g. to the contraction indices where a value is non-finite)."""
     sens = args[slot]
-    shrink = count_args(args, slot)
+    shrink = count_args(args, slot, dirty)
 
     shrunk = shrink([*args])
 
@@ -312,11 +313,11 @@ def _nonfinite_part(func, args, slot: int, s: torch.Tensor, value_slots: list[in
     return nan_hits, plus, minus
 
 
-def _all_args(args: tuple, slot: int) -> Callable[[list], list]:
+def _all_args(args: tuple, slot: int, dirty: list[int]) -> Callable[[list], list]:
     return lambda new: new
 
 
-def _mm_nonfinite_k(args: tuple, slot: int) -> Callable[[list], list]:
+def _mm_nonfinite_k(args: tuple, slot: int, dirty: list[int]) -> Callable[[list], list]:
     """mm/bmm: only contraction indices k where the value has a NaN/Inf can meet one, so the counting runs
     on those alone (the padding rows of a batch, not the whole batch)."""
     value = args[1 - slot]
@@ -342,11 +343,11 @@ def _mm_supported_k(args: tuple, slot: int, s: torch.Tensor) -> list | None:
     return [args[0].index_select(-1, k), args[1].index_select(-2, k)]
 
 
-def _conv_counted_outputs(args: tuple, slot: int) -> Callable[[list], list]:
+def _conv_counted_outputs(args: tuple, slot: int, dirty: list[int]) -> Callable[[list], list]:
     """convolution_backward: grad_bias = sum(g) meets no value, so it is not counted; nor is the gradient of
     the operand that is dirty itself (grad_input does not read the input, grad_weight not the weight)."""
 
-    dirty_input, dirty_weight = not _finite(args[1]), not _finite(args[2])
+    dirty_input, dirty_weight = 1 in dirty, 2 in dirty
 
     def shrink(new):
         new[10] = [new[10][0] and dirty_weight, new[10][1] and dirty_input, False]
@@ -424,7 +425,7 @@ def _bilinear(support_fn: Callable[[Any, tuple, int, torch.Tensor], Any], count_
                 clean[i] = torch.nan_to_num(args[i], nan=0.0, posinf=0.0, neginf=0.0)
             out = func(*clean, **kwargs)
             if meets is None or meets(func, args, slot, s, dirty):
-                nan_hits, plus, minus = _nonfinite_part(func, args, slot, s, values, count_args)
+                nan_hits, plus, minus = _nonfinite_part(func, args, slot, s, values, dirty, count_args)
                 out = _add_nonfinite(out, nan_hits, plus, minus)
         supports = support_fn(func, args, slot, s)
         outs = out if isinstance(out, (tuple, list)) else (out,)
