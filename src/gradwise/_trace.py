@@ -7,7 +7,7 @@ fused reduction and a few dictionary look-ups per op. Digging in records where a
 op whose inputs were finite, or held no NaN, and whose output was not) and carries that provenance along.
 
 In the backward, tensors derived from the incoming gradient (sensitivities) are tracked by identity
-(`WeakTensorKeyDictionary`). A non-finite gradient element appears where a sensitivity first meets a non-finite
+(held weakly, `_ByIdentity`). A non-finite gradient element appears where a sensitivity first meets a non-finite
 value (a saved forward value, or one a backward formula made, like 0/0): if the sensitivity is zero there the
 output never used the value (**contamination**, which strong zeros remove), otherwise it is **genuine**. The
 backward is the user's own: nothing is re-run. Backward nodes are tied to the forward op (and source line) that
@@ -18,6 +18,7 @@ Kinks are found by a table of detectors keyed by aten op, run on the forward ops
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import linecache
 import math
@@ -31,7 +32,6 @@ import torch
 from torch._C._autograd import _get_sequence_nr
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from gradwise._masks import mask_any
 from gradwise._report import Finding, Report
@@ -40,39 +40,51 @@ aten = torch.ops.aten
 _ACCUMULATE_SEQ = 2**64 - 1  # the sequence number every AccumulateGrad node reports
 _MAX_NODES = 200_000  # node records kept for long runs (CLI): the oldest are dropped first
 _SHOWN = 4  # indices shown per finding
+_BLOCK = 4096  # _first scans masks in blocks of this many elements
 _DEFER_ON_CPU = False  # batch the checks on CPU too, as on accelerators (tests use it to cover that path)
 
 # -- where user code called an op -------------------------------------------------------------------------
 
 _INTERNAL_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
 _INTERNAL_FILES = {"contextlib.py", "functools.py", "runpy.py"}
-_internal_code: dict = {}
+_internal_file: dict[str, bool] = {}  # keyed by file name: a str caches its hash, a code object rehashes its fields
 
 
 def _is_internal(code) -> bool:
-    r = _internal_code.get(code)
+    name = code.co_filename
+    r = _internal_file.get(name)
     if r is None:
-        name = code.co_filename
         r = name.startswith(_INTERNAL_DIRS) or name.startswith("<frozen") or os.path.basename(name) in _INTERNAL_FILES
-        _internal_code[code] = r
+        _internal_file[name] = r
     return r
 
 
 def _user_frame():
     """The innermost frame outside torch and gradwise (the user's line that called the op)."""
     f = sys._getframe(2)
-    while f is not None and _is_internal(f.f_code):
+    internal = _internal_file
+    while f is not None:
+        r = internal.get(f.f_code.co_filename)  # runs for every op: the cache lookup inlined
+        if r is None:
+            r = _is_internal(f.f_code)
+        if not r:
+            return f
         f = f.f_back
     return f
 
 
 def _fmt(loc: tuple) -> str:
-    path, line = loc
+    return f"{_shown_path(loc[0], os.getcwd())}:{loc[1]}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _shown_path(path: str, cwd: str) -> str:
+    """``path`` relative to the working directory when it lies below it (os.path.relpath is slow: cached)."""
     with contextlib.suppress(ValueError):
-        rel = os.path.relpath(path)
+        rel = os.path.relpath(path, cwd)
         if not rel.startswith(".."):
-            path = rel
-    return f"{path}:{line}"
+            return rel
+    return path
 
 
 def _source(loc: tuple) -> str:
@@ -91,7 +103,7 @@ def _tensors(args) -> list[torch.Tensor]:
     for a in args:
         if isinstance(a, torch.Tensor):
             out.append(a)
-        elif isinstance(a, (list, tuple)):
+        elif isinstance(a, (list, tuple)) and a and not isinstance(a[0], int):  # sizes/strides hold no tensor
             out.extend(t for t in a if isinstance(t, torch.Tensor))
     return out
 
@@ -109,17 +121,49 @@ def _nonfinite(t: torch.Tensor) -> bool:
 
 
 def _first(mask: torch.Tensor) -> list[list[int]]:
-    """The first few True positions, without listing them all (masks can be large)."""
+    """The first few True (nonzero) positions of a bool or 0/1 mask, without listing them all (masks can be
+    large). The first block holding one is found by a max per block: PyTorch's argmax over a large bool/uint8
+    mask is ~100x slower."""
     flat = mask.reshape(-1)
-    if flat.numel() == 0 or not bool(flat.any()):
+    if flat.dtype == torch.bool:
+        flat = flat.view(torch.uint8)
+    n = flat.numel()
+    if n == 0:
         return []
-    i = int(flat.to(torch.uint8).argmax())
-    hits = flat[i : i + 4096].nonzero()[:_SHOWN].flatten() + i
-    return torch.stack(torch.unravel_index(hits, mask.shape), 1).tolist() if mask.dim() else [[]]
+    start = 0
+    if n > _BLOCK:
+        full = n - n % _BLOCK
+        blocks = flat[:full].view(-1, _BLOCK).amax(1).nonzero()
+        if len(blocks):
+            start = int(blocks[0]) * _BLOCK
+        else:
+            start = full
+    first = flat[start : start + _BLOCK].nonzero()
+    if not len(first):
+        return []
+    start += int(first[0])
+    hits = flat[start : start + _BLOCK].nonzero()[:_SHOWN].flatten() + start
+    if not mask.dim():
+        return [[]]
+    out = []
+    for i in hits.tolist():  # unravel a handful of flat indices in Python (torch.unravel_index costs ~25 us)
+        idx = []
+        for n in reversed(mask.shape):
+            i, r = divmod(i, n)
+            idx.append(r)
+        out.append(idx[::-1])
+    return out
+
+
+def _count(mask: torch.Tensor) -> int:
+    """How many elements of a bool or 0/1 mask are set (count_nonzero on floats is ~40x slower than a sum)."""
+    if mask.dtype == torch.bool:
+        return int(torch.count_nonzero(mask))
+    return int(mask.sum(dtype=torch.float64))
 
 
 def _positions(mask: torch.Tensor) -> tuple[int, list[list[int]]]:
-    return int(mask.sum()), _first(mask)
+    return _count(mask), _first(mask)
 
 
 def _aligned(ts: list[torch.Tensor], shape) -> bool:
@@ -269,10 +313,11 @@ class _Detector:
 @dataclass
 class _Hit:
     kind: str  # "kink" or "singular"
-    mask: torch.Tensor | Callable[[], torch.Tensor]  # where the op sits on its kink (made on demand when a callable)
+    mask: torch.Tensor | Callable[[], torch.Tensor]  # where the op is on its kink: bool or 0/1 (callable: on demand)
     convention: str
     aligned: bool = True  # mask has the output's shape (so the incoming sensitivity can be read there)
     found: torch.Tensor | None = None  # a 0-dim flag: may the mask hold a True? (None: read the mask)
+    least: torch.Tensor | None = None  # instead of found: min |x|; the mask may hold a True iff it is 0 or NaN
 
 
 def _zeros_of(c, kind: str, convention: str) -> _Hit:
@@ -282,7 +327,42 @@ def _zeros_of(c, kind: str, convention: str) -> _Hit:
     if c.packet.endswith("_") or x.numel() == 0:
         return _Hit(kind, x == 0, convention)
     least = x.abs().amin()
-    return _Hit(kind, lambda: x == 0, convention, found=(least == 0) | least.isnan())
+    return _Hit(kind, lambda: x == 0, convention, least=least)
+
+
+class _ByIdentity:
+    """Tensor (or module) -> value by identity, held weakly: WeakTensorKeyDictionary's semantics for a
+    fraction of its cost (it builds a Python-level WeakIdRef per lookup; here a lookup is one dict get and one
+    weakref call, on every op the tracer sees). Dead entries are dropped whenever the table has doubled."""
+
+    __slots__ = ("_d", "_limit")
+
+    def __init__(self) -> None:
+        self._d: dict[int, tuple] = {}
+        self._limit = 1024
+
+    def get(self, t, default=None):
+        e = self._d.get(id(t))
+        return e[1] if e is not None and e[0]() is t else default
+
+    def __contains__(self, t) -> bool:
+        e = self._d.get(id(t))
+        return e is not None and e[0]() is t
+
+    def __getitem__(self, t):
+        e = self._d.get(id(t))
+        if e is None or e[0]() is not t:
+            raise KeyError(t)
+        return e[1]
+
+    def __setitem__(self, t, value) -> None:
+        self._d[id(t)] = (weakref.ref(t), value)
+        if len(self._d) > self._limit:
+            self._d = {k: e for k, e in self._d.items() if e[0]() is not None}
+            self._limit = max(1024, 2 * len(self._d))
+
+    def items(self) -> list[tuple]:
+        return [(t, e[1]) for e in list(self._d.values()) if (t := e[0]()) is not None]
 
 
 _KINKS: dict = {}
@@ -306,7 +386,7 @@ class _Call:
     args: tuple
     kwargs: dict
     out: object
-    ties: WeakTensorKeyDictionary
+    ties: _ByIdentity
     packet: str
 
     def arg(self, i: int, name: str, default=None):
@@ -470,25 +550,55 @@ def _tiling_kernel(x: torch.Tensor, spatial: int, kernel, stride, padding, dilat
     return k
 
 
+def _below_max_2x2(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
+    """For 2x2 windows: how many of each window's 4 elements lie below its maximum, or None where the layout
+    does not allow this route. Each row of a window is read as one (left, right) pair, so the four strided
+    reads (2-element stride: not vectorised) become two contiguous subtractions, ~1.5x faster. The maxima are
+    duplicated pairwise by viewing a complex tensor as real (complex arithmetic itself would mix in 0 x inf)."""
+    if x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous() or x.shape[-1] % 2:
+        return None
+    pairs = x.view(*x.shape[:-1], x.shape[-1] // 2, 2)
+    both = torch.view_as_real(torch.complex(values, values))
+    rows = 2 * values.shape[-2]
+    e = torch.sub(both, pairs[..., 0:rows:2, :, :]).sign_()
+    e.add_(torch.sub(both, pairs[..., 1:rows:2, :, :]).sign_())
+    return e[..., 0] + e[..., 1]
+
+
 @_kink(aten.max_pool2d_with_indices, aten.max_pool3d_with_indices, needs_out=True)
 def _max_pool_window_tie(c):
     """max-pool windows whose maximum is not unique: all of the gradient goes to the returned (first) index.
     Windows that tile the input are counted exactly: for each position in the kernel, the strided view of the
-    input at that position is compared with the maxima (one pass over the input in all). Overlapping windows:
-    hide each window's returned maximum and pool again; a window that still reaches its value has a tie (a tie
-    with a neighbour's maximum can hide another: a rare undercount)."""
+    input at that position is compared with the maxima (one pass over the input in all; on CPU by subtraction).
+    Overlapping windows: hide each window's returned maximum and pool again; a window that still reaches its
+    value has a tie (a tie with a neighbour's maximum can hide another: a rare undercount)."""
     x, (values, indices) = c.args[0].detach(), c.out
     spatial = 3 if c.packet == "max_pool3d_with_indices" else 2
     k = _tiling_kernel(x, spatial, c.arg(1, "kernel_size"), c.arg(2, "stride", []), c.arg(3, "padding", [0]),
                        c.arg(4, "dilation", [1]), c.arg(5, "ceil_mode", False))
     if k is not None:
         out_sizes = values.shape[-spatial:]
+        views = [x[(..., *(slice(o, o + n * kk, kk) for o, n, kk in zip(offset, out_sizes, k, strict=True)))]
+                 for offset in itertools.product(*(range(kk) for kk in k))]
+        if x.device.type == "cpu" and math.isfinite(values.sum().item()):
+            # On CPU float arithmetic vectorises and a compare into bool does not (~5x slower). x <= max, so
+            # sign(max - x) is 0 where x ties the maximum and 1 elsewhere: fewer than len - 1 ones is a tie.
+            # Maxima that are all finite keep NaN out (max - x is finite or +inf); else the compares below.
+            ones = _below_max_2x2(x, values) if k == [2, 2] else None
+            if ones is None:
+                for at in views:
+                    d = torch.sub(values, at).sign_()
+                    ones = d if ones is None else ones.add_(d)
+            found = ones.amin() < len(views) - 1.5
+            # the mask as 0./1. in place (a compare into bool costs ~5x): 1 where at most len - 2 are below max
+            return _Hit("kink", lambda: ones.neg_().add_(len(views) - 1).clamp_(0, 1), "all to the returned (first) "
+                        "index", found=found)
         count = None
-        for offset in itertools.product(*(range(kk) for kk in k)):
-            at = x[(..., *(slice(o, o + n * kk, kk) for o, n, kk in zip(offset, out_sizes, k, strict=True)))]
+        for at in views:
             equal = at == values
             count = equal.to(torch.uint8) if count is None else count.add_(equal)
-        return _Hit("kink", count > 1, "all to the returned (first) index")
+        # count > 1 as two in-place byte ops (a compare makes a new tensor, 3x slower); a NaN window counts 0
+        return _Hit("kink", count.clamp_(1, 2).sub_(1).view(torch.bool), "all to the returned (first) index")
     hidden = x.flatten(-spatial).clone()
     hidden.scatter_(-1, indices.flatten(-spatial), float("-inf"))
     again, _ = getattr(aten, c.packet)(hidden.view_as(x), *c.args[1:], **c.kwargs)
@@ -560,6 +670,7 @@ class _OpInfo:
     packet_name: str
     preserving: bool
     collective: bool = False  # a torch.distributed collective (c10d): its result holds other ranks' values
+    op_name: str = ""  # "aten.<packet>", as reports name ops
 
 
 # Ops whose output is finite whenever their inputs are: their check is skipped unless an input is already
@@ -583,7 +694,8 @@ def _op_info(func) -> _OpInfo:
         packet = func.overloadpacket
         info = _INFO[func] = _OpInfo(bool(getattr(func, "is_view", False)), func._schema.is_mutable,
                                      _KINKS.get(packet), _COMPARISONS.get(packet), packet.__name__,
-                                     packet in _FINITE_PRESERVING, func.namespace in _COLLECTIVE_NAMESPACES)
+                                     packet in _FINITE_PRESERVING, func.namespace in _COLLECTIVE_NAMESPACES,
+                                     _op_name(func))
     return info
 
 
@@ -661,11 +773,11 @@ class _Tracer(TorchDispatchMode):
     def __init__(self, sync_every: int):
         super().__init__()
         self.sync_every = sync_every
-        self.prov = WeakTensorKeyDictionary()  # non-finite tensor -> frozenset of _Birth / _Incident
-        self.sens = WeakTensorKeyDictionary()  # sensitivity-derived tensor -> seq of the node that made it
-        self.ties = WeakTensorKeyDictionary()  # comparison result -> (mask of equal operands, branch picked)
-        self.names = WeakTensorKeyDictionary()
-        self.module_names: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.prov = _ByIdentity()  # non-finite tensor -> frozenset of _Birth / _Incident
+        self.sens = _ByIdentity()  # sensitivity-derived tensor -> seq of the node that made it
+        self.ties = _ByIdentity()  # comparison result -> (mask of equal operands, branch picked)
+        self.names = _ByIdentity()
+        self.module_names = _ByIdentity()  # module -> {id(param): name}
         self.nodes: dict[int, _Node] = {}
         self.parents: dict = {}  # node seq -> seqs of the nodes whose sensitivities it consumed
         self.births: list[_Birth] = []
@@ -701,20 +813,24 @@ class _Tracer(TorchDispatchMode):
         seq = _get_sequence_nr()
         creates_node = seq != self.last_seq  # this op made autograd node seq - 1: it is differentiated
         self.last_seq = seq
+        if not creates_node and (info.view or info.preserving) and not info.mutable and not self.pending \
+                and not any(t in self.prov for t in _tensors(args)):
+            return func(*args, **kwargs)  # undifferentiated, finite in and out (detach, ones_like): no record
         frame = _user_frame()
         loc = (frame.f_code.co_filename, frame.f_lineno) if frame is not None else ("<unknown>", 0)
         ins = _tensors(args)
         det = info.detector
         hit = None
         if creates_node:
-            for t in ins:
-                if t.is_leaf and t.requires_grad and t not in self.names:
-                    self.names[t] = self._search_name(t, frame)
+            new = [t for t in ins if t.is_leaf and t.requires_grad and t not in self.names]
+            if new:  # a weight and its bias: one walk up the stack names both
+                for t, name in zip(new, self._search_names(new, frame), strict=True):
+                    self.names[t] = name
             if det is not None and not det.needs_out:
                 hit = det.fn(_Call(args, kwargs, None, self.ties, info.packet_name))
         out = func(*args, **kwargs)
         if creates_node:
-            nd = self.nodes[seq - 1] = _Node(_op_name(func), loc)
+            nd = self.nodes[seq - 1] = _Node(info.op_name, loc)
             if len(self.nodes) > _MAX_NODES:
                 for k in list(self.nodes)[: _MAX_NODES // 2]:
                     del self.nodes[k]
@@ -792,13 +908,13 @@ class _Tracer(TorchDispatchMode):
     # -- finiteness checks: one fused reduction per output, batched off the CPU -------------------------------
 
     def _check(self, outs, dig) -> None:
-        flag = outs[0].sum() if len(outs) == 1 else torch.stack([o.sum().float() for o in outs]).sum()
-        if (flag.device.type == "cpu" and not _DEFER_ON_CPU) or self.sync_every <= 1:
+        if (outs[0].device.type == "cpu" and not _DEFER_ON_CPU) or self.sync_every <= 1:
             if self.pending:
                 self.flush()
-            if not math.isfinite(flag.item()):
+            if not all(math.isfinite(o.sum().item()) for o in outs):  # a sum per output: no stacking on CPU
                 dig([o for o in outs if _nonfinite(o)])
         else:
+            flag = outs[0].sum() if len(outs) == 1 else torch.stack([o.sum().float() for o in outs]).sum()
             self.pending.append((flag, outs, dig))
             if len(self.pending) >= self.sync_every:
                 self.flush()
@@ -977,21 +1093,28 @@ class _Tracer(TorchDispatchMode):
         return name
 
     def _search_name(self, t: torch.Tensor, frame) -> str:
-        """The name the user knows `t` by: a variable, or `module.param` for a module's parameter; the outermost
-        user frame that has one wins (the script's `model.fc.weight` over a method's `self.fc.weight`)."""
-        best = None
+        return self._search_names([t], frame)[0]
+
+    def _search_names(self, ts: list[torch.Tensor], frame) -> list[str]:
+        """The names the user knows ``ts`` by: a variable, or `module.param` for a module's parameter; the
+        outermost user frame that has one wins (the script's `model.fc.weight` over a method's
+        `self.fc.weight`)."""
+        best: dict[int, str] = {}
+        wanted = {id(t) for t in ts}
         f = frame
         while f is not None:
             if not _is_internal(f.f_code):
                 for k, v in list(f.f_locals.items()):
-                    if v is t:
-                        best = k
+                    if id(v) in wanted:
+                        best[id(v)] = k
                     elif isinstance(v, torch.nn.Module):
-                        p = self._param_names(v).get(id(t))
-                        if p is not None and not (best and k == "self"):
-                            best = f"{k}.{p}"
+                        names = self._param_names(v)
+                        for i in wanted:
+                            p = names.get(i)
+                            if p is not None and not (i in best and k == "self"):
+                                best[i] = f"{k}.{p}"
             f = f.f_back
-        return best or f"tensor{list(t.shape)}"
+        return [best.get(id(t)) or f"tensor{list(t.shape)}" for t in ts]
 
     def _param_names(self, module) -> dict:
         names = self.module_names.get(module)
@@ -1005,7 +1128,7 @@ class _Tracer(TorchDispatchMode):
         key = (hit.kind, _op_name(func), loc)
 
         def settle(mask):
-            count = int(mask.sum())
+            count = _count(mask)
             if count <= 0:
                 return
             g = self.kinks.get(key)
@@ -1017,11 +1140,14 @@ class _Tracer(TorchDispatchMode):
             nd.kinks.append((key, mask if hit.aligned else None))
 
         mask = hit.mask
-        found = hit.found if hit.found is not None else mask_any(mask)  # cheaper than counting
-        if (found.device.type == "cpu" and not _DEFER_ON_CPU) or self.sync_every <= 1:
-            if found.item():
+        zero_probe = hit.least is not None  # found iff min |x| is 0, or NaN (which can hide a 0)
+        probe = hit.least if zero_probe else hit.found if hit.found is not None else mask_any(mask)
+        if (probe.device.type == "cpu" and not _DEFER_ON_CPU) or self.sync_every <= 1:
+            v = probe.item()
+            if (v == 0 or v != v) if zero_probe else v:
                 settle(mask() if callable(mask) else mask)
         else:
+            found = (probe == 0) | probe.isnan() if zero_probe else probe
             mask = mask() if callable(mask) else mask  # deferred: compare now, before x can change
             flag = torch.where(found, float("inf"), 0.0)  # non-finite flags are the ones flush settles
             self.pending.append((flag, [], lambda _bad: settle(mask)))
@@ -1035,7 +1161,8 @@ class _Tracer(TorchDispatchMode):
                 if g.reached:
                     continue
                 if mask is not None and mask.shape == s.shape:
-                    g.reached = bool(mask_any((s != 0).logical_and_(mask)))
+                    # a sensitivity nonzero everywhere reaches any kink; else compare where the mask holds
+                    g.reached = bool(s.abs().amin() > 0) or bool(mask_any((s != 0).logical_and_(mask)))
                 else:
                     g.reached = bool(mask_any(s != 0))
             nd.kinks = []
