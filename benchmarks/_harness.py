@@ -6,13 +6,41 @@ and reports the median time of each and the ratio to the baseline.
 """
 from __future__ import annotations
 
+import ctypes
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 from rich.console import Console
 from rich.table import Table
+
+
+def keep_freed_memory() -> str:
+    """Stop glibc from giving freed memory back to the OS between repeats; returns what the run uses.
+
+    With glibc's defaults a freed block of a few MB goes back to the OS (munmap, or a trim of the heap top), and
+    the next allocation faults its pages in again (~1 us per 4 kB page). Which candidate those faults land on
+    depends on the heap's layout, not on the candidate: on the 4 MB activations of the CNN workloads the plain
+    baseline itself moves between 11 and 20 ms from one process to the next. Raising the mmap and trim
+    thresholds (what a caching allocator such as jemalloc or tcmalloc does, as PyTorch's CPU performance guide
+    recommends) removes that noise from every candidate alike. ``GRADWISE_BENCH_GLIBC_DEFAULT=1`` keeps
+    glibc's defaults.
+    """
+    if os.environ.get("GRADWISE_BENCH_GLIBC_DEFAULT") == "1":
+        return "glibc malloc defaults"
+    if not sys.platform.startswith("linux"):
+        return "the platform's malloc"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return "the platform's malloc"
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30):
+        return "glibc malloc keeping freed memory (mmap threshold 32 MB, trim threshold 1 GB)"
+    return "glibc malloc defaults (mallopt refused)"
 
 
 def median_times(fns: dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 3) -> dict[str, float]:

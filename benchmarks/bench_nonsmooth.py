@@ -21,7 +21,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import gradwise as gw
-from _harness import median_times, print_table
+from _harness import keep_freed_memory, median_times, print_table
 
 
 def mlp_case():
@@ -87,4 +87,5 @@ def main(repeats: int = 15) -> list[list[object]]:
 
 
 if __name__ == "__main__":
+    print(f"allocator: {keep_freed_memory()}")
     main()

@@ -28,7 +28,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gradwise as gw
-from _harness import median_times_after, peak_memory_bytes, print_table
+from _harness import keep_freed_memory, median_times_after, peak_memory_bytes, print_table
 
 nan = float("nan")
 
@@ -159,4 +159,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    print(f"allocator: {keep_freed_memory()}")
     sys.exit(main())

@@ -1,7 +1,8 @@
 """Cost of `gw.trace()` over forward+backward against `torch.autograd.detect_anomaly(check_nan=True)`.
 
 Both are measured in the same process against plain forward+backward, interleaved, median of repeats, on the
-workloads of the strong-zeros benchmark. The target: trace / detect_anomaly <= 1.0 (while finding more: Inf,
+workloads of the strong-zeros benchmark (same models, inputs and losses), plus one extra CNN whose max-pools tie
+on every step. The target: trace / detect_anomaly <= 1.0 (while finding more: Inf,
 contamination vs genuine, kinks).
 
     python benchmarks/bench_trace.py [--repeats 15]
@@ -14,27 +15,33 @@ import warnings
 import torch
 from torch import nn
 
+import bench_strong_zeros as strong_zeros_workloads
 import gradwise as gw
-from _harness import median_times, print_table
+from _harness import keep_freed_memory, median_times, print_table
 
 
 def mlp():
     torch.manual_seed(0)
-    layers = []
-    for _ in range(6):
-        layers += [nn.Linear(256, 256), nn.GELU()]
-    model, x = nn.Sequential(*layers), torch.randn(256, 256)
+    model, x = strong_zeros_workloads.mlp(), torch.randn(256, 256)
     return model, lambda: model(x).square().mean()
 
 
 def transformer():
     torch.manual_seed(0)
-    model = nn.TransformerEncoderLayer(d_model=128, nhead=4, batch_first=True, dropout=0.0)
+    model = nn.TransformerEncoderLayer(128, 4, dim_feedforward=512, dropout=0.0, batch_first=True)
     x = torch.randn(8, 64, 128)
     return model, lambda: model(x).square().mean()
 
 
 def cnn():
+    torch.manual_seed(0)
+    model, x = strong_zeros_workloads.cnn(), torch.randn(32, 3, 32, 32)
+    return model, lambda: model(x).square().mean()
+
+
+def cnn_max_pool():
+    """Beyond the strong-zeros workloads: a classifier whose max-pools tie in ~15% of windows (relu-dead
+    windows are all 0), so trace counts and reports kinks on every step."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -52,7 +59,8 @@ def main() -> None:
     rows = []
     for name, make in [("MLP 6x Linear(256)+GELU, batch 256", mlp),
                        ("TransformerEncoderLayer d128 h4, seq 64, batch 8", transformer),
-                       ("CNN 3 conv layers, 32x32, batch 32", cnn)]:
+                       ("CNN 3 conv layers, 32x32, batch 32", cnn),
+                       ("extra: CNN 3 conv + 2 max-pool + linear, batch 32", cnn_max_pool)]:
         model, loss = make()
 
         def plain(model=model, loss=loss):
@@ -79,4 +87,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    print(f"allocator: {keep_freed_memory()}")
     main()

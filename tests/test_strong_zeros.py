@@ -338,6 +338,7 @@ NO_ZEROS_PROGRAMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "SqrtBackward0": torch.sqrt,
     "LogBackward0": torch.log,
     "PowBackward0": lambda x: x**2,
+    "ConvolutionBackward0": lambda x: F.conv2d(x.view(1, 1, 4, 4), _M[:3, :3].reshape(1, 1, 3, 3), padding=1),
     "NativeLayerNormBackward0": lambda x: F.layer_norm(x, (4,), _M[0], _M[1]),
     "NativeBatchNormBackward0": lambda x: F.batch_norm(x, None, None, _M[0], _M[1], training=True),
     "ScaledDotProductFlashAttentionForCpuBackward0":
@@ -364,6 +365,50 @@ def test_power_zero_makes_structural_zeros():
     x = torch.rand(3, dtype=torch.float64, requires_grad=True)
     node = (x**0).grad_fn
     assert _sz._makes_zeros(node) and not _sz._makes_zeros((x**2).grad_fn)
+
+
+@pytest.mark.parametrize(("stride", "dilation", "kernel"), [(1, 1, 3), (1, 1, 1), (2, 1, 1), (2, 1, 3), (1, 2, 3),
+                                                         (3, 2, 2)])
+def test_convolution_counts_as_making_zeros_where_it_can(stride, dilation, kernel):
+    """A stride-1, dilation-1 convolution reads every input position: its backward makes no structural zero
+    and the path check treats it as making none. Any other convolution counts as making zeros (a strided one
+    can leave positions unread, as with kernel 1 and stride 2); whenever the mode does record a structural
+    zero, the path check must have counted the node as a zero-maker."""
+    x = (torch.rand(1, 2, 7, 7, dtype=torch.float64) + 0.5).requires_grad_()
+    w = torch.rand(3, 2, kernel, kernel, dtype=torch.float64) + 0.5
+    out = F.conv2d(x, w, stride=stride, dilation=dilation, padding=kernel // 2)
+    assert type(out.grad_fn).__name__ == "ConvolutionBackward0"
+    mode = _sz._StrongZeroMode()
+    with mode:
+        (g,) = torch.autograd.grad(out, x, torch.rand_like(out) + 0.5)
+    made = bool(mode.supports._masks)
+    assert _sz._makes_zeros(out.grad_fn) == (stride != 1 or dilation != 1)
+    if made:
+        assert _sz._makes_zeros(out.grad_fn)
+    if stride == dilation == 1:
+        assert not made and (g != 0).all()
+    if (stride, kernel) == (2, 1):
+        assert made and (g == 0).any()  # the control: positions no window reads get a structural zero
+
+
+def test_positions_a_strided_convolution_never_reads_do_not_contaminate():
+    """NaN at the positions a kernel-1, stride-2 convolution skips: the layer before still sees them, and its
+    weight gradient is 0 x NaN in PyTorch; gradwise's equals the program with those positions set to 0."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 8, 8, dtype=torch.float64)
+    x[..., 1::2, :] = float("nan")
+    x[..., 1::2] = float("inf")
+    w0 = torch.randn(3, 2, 1, 1, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(4, 3, 1, 1, dtype=torch.float64, requires_grad=True)
+
+    def f(x):
+        return F.conv2d(F.conv2d(x, w0).tanh(), w1, stride=2).square().sum()
+
+    assert torch.autograd.grad(f(x), w0)[0].isnan().all()
+    got = gw.grad(f(x), (w0, w1))
+    expected = torch.autograd.grad(f(torch.nan_to_num(x, nan=0.0, posinf=0.0)), (w0, w1))
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
 
 
 def test_slicing_makes_structural_zeros():

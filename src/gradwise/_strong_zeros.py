@@ -17,6 +17,7 @@ which is NaN, and that NaN either reaches a gradient or is dropped by a later se
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -391,13 +392,15 @@ def _finite(t: torch.Tensor) -> bool:
 
 
 def _bilinear(support_fn: Callable[[Any, tuple, int, torch.Tensor], Any], count_args: CountArgs = _all_args,
-              restrict: Restrict | None = None, meets: Meets | None = None) -> Rule:
+              restrict: Restrict | None = None, meets: Meets | None = None,
+              own_zeros: Callable[[Any, tuple], Any] | None = None) -> Rule:
     """Rule factory for ops bilinear in a sensitivity and a value (mm, bmm, convolution backward). When a
     value holds NaN/Inf: first drop what only structural zeros read (``restrict``); if what remains is finite,
     that is the answer. Otherwise the values' NaN/Inf are replaced by 0 for the main computation, and unless
     ``meets`` shows no supported term reaches one, the NaN/Inf that supported terms really meet are counted
     with 0/1 indicators and added back: unsupported terms contribute exactly 0 and every genuine NaN/Inf
-    survives. ``support_fn(func, args, slot, s)`` gives the outputs' supports."""
+    survives. ``support_fn(func, args, slot, s)`` gives the outputs' supports; ``own_zeros(func, args)``
+    those of an op that makes structural zeros from a fully supported sensitivity (a strided convolution)."""
 
     def bilinear(func, args, kwargs, sup):
         slots = [i for i, a in enumerate(args) if _is_float(a)]
@@ -407,6 +410,10 @@ def _bilinear(support_fn: Callable[[Any, tuple, int, torch.Tensor], Any], count_
             if tracked:
                 _UNRULED.add(f"{func} (two tracked operands)")
                 tree_map(lambda o: sup.record(o, None) if isinstance(o, torch.Tensor) else o, out)
+            elif own_zeros is not None:
+                for o, so in zip(out, own_zeros(func, args), strict=True):
+                    if isinstance(o, torch.Tensor) and so is not None:
+                        sup.record(o, so.expand(o.shape))
             return out
         slot = tracked[0]
         s = sup.of(args[slot])
@@ -475,7 +482,19 @@ def _conv_backward_support(func, args, slot, s):
 
 _register(aten.mm, aten.bmm)(_bilinear(_mm_support, _mm_nonfinite_k, restrict=_mm_supported_k))
 _register(aten.mv)(_bilinear(_mv_support))
-_register(aten.convolution_backward)(_bilinear(_conv_backward_support, _conv_counted_outputs, meets=_conv_meets))
+def _conv_skipped_inputs(func, args):
+    """convolution_backward with a fully supported grad_output: a convolution that skips input positions (a
+    stride wider than its reach, dilation gaps) gives them a structural zero in grad_input; one with stride
+    and dilation 1 reads every position (nothing to record)."""
+    stride, dilation, transposed = args[4], args[6], args[7]
+    if transposed or not args[10][0] or (all(v == 1 for v in stride) and all(v == 1 for v in dilation)):
+        return (None, None, None)
+    s = torch.ones_like(args[0][:, :1], dtype=torch.bool)
+    return (_one_channel_conv(func, args, s, args[1][:, :1], 0) > 0, None, None)
+
+
+_register(aten.convolution_backward)(_bilinear(_conv_backward_support, _conv_counted_outputs, meets=_conv_meets,
+                                               own_zeros=_conv_skipped_inputs))
 
 
 def _softmax_backward(func, args, kwargs, sup):
@@ -762,8 +781,16 @@ FUSED_BACKWARDS: dict[str, Any] = {
 def _opaque(name: str) -> bool:
     op = FUSED_BACKWARDS.get(name)
     return op is not None and lookup(op.default) is None
+def _reads_every_input(node: Any) -> bool:
+    """A convolution with stride 1 and dilation 1 (not transposed) reads every input position in some window,
+    so its input gradient has no structural zero of its own; a strided one skips positions (zeros there)."""
+    return (not node._saved_transposed and all(s == 1 for s in node._saved_stride)
+            and all(d == 1 for d in node._saved_dilation))
+
+
 _MAKES_NO_ZEROS_IF: dict[str, Callable[[Any], bool]] = {
     "PowBackward0": lambda node: _saved(node, "_saved_exponent") != 0,  # x ** 0 backward is zeros_like(x)
+    "ConvolutionBackward0": _reads_every_input,
 }
 
 
@@ -796,13 +823,32 @@ def _node_type(node: Any) -> tuple[tuple[str, ...], tuple[str, ...], bool, Calla
     return info
 
 
+_PLAN_FACTS: dict[type, tuple] = {}
+
+
+def _plan_fact(node: Any) -> tuple:
+    """What `_plan` needs of a node type, in one lookup: the saved attributes it reads, whether NODE_FACTS
+    knows the type, its singular-point test, and whether it makes structural zeros (a bool, or a test)."""
+    _, read, known, singular = _node_type(node)
+    _makes_zeros(node)
+    fact = _PLAN_FACTS[type(node)] = (read, known, singular, _ZERO_MAKERS[type(node)])
+    return fact
+
+
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    """One host sync: a sum is finite iff no NaN/Inf went in (or, rarely, it overflowed: then False)."""
+    """A sum is finite iff no NaN/Inf went in (or, rarely, it overflowed: then False). On CPU each sum is read
+    at once (stacking them costs more than it saves); elsewhere one host sync for all."""
     if not tensors:
         return True
-    with torch.no_grad():
+    grad_mode = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)  # as torch.no_grad(), without its Python context manager (runs per backward)
+    try:
         sums = [t.sum(dtype=torch.float32) if t.dtype != torch.float32 else t.sum() for t in tensors]
-        return bool(torch.stack([x if x.device.type == "cpu" else x.cpu() for x in sums]).isfinite().all())
+        if all(x.is_cpu for x in sums):
+            return all(math.isfinite(x.item()) for x in sums)
+        return bool(torch.stack([x.cpu() for x in sums]).isfinite().all())
+    finally:
+        torch._C._set_grad_enabled(grad_mode)
 
 
 def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
@@ -818,13 +864,17 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
     saved: list[torch.Tensor] = []
     seen_tensors: set[tuple] = set()
     seen: dict[Any, bool] = {}  # node -> whether a structural zero can reach it
+    facts = _PLAN_FACTS
     stack = [(r, False) for r in _root_nodes(t_outputs) if r is not None]
     while stack:
         node, reached = stack.pop()
-        if node in seen and (seen[node] or not reached):
+        before = seen.get(node)
+        if before is not None and (before or not reached):
             continue
-        _, names, known, singular = _node_type(node)
-        reached = reached or _makes_zeros(node)
+        fact = facts.get(type(node)) or _plan_fact(node)
+        read, known, singular, makes = fact
+        if not reached:
+            reached = makes if makes.__class__ is bool else makes(node)
         seen[node] = reached
         known_all &= known
         for n, _ in node.next_functions:
@@ -833,7 +883,7 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
         if not reached:
             continue
         readable = True
-        for name in names:
+        for name in read:
             value = getattr(node, name, None)
             for raw in value if isinstance(value, (tuple, list)) else (value,):
                 if raw is None:
@@ -846,11 +896,12 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
                     continue
                 if t.layout != torch.strided:
                     key: tuple = (id(t),)
-                elif t.untyped_storage().nbytes() == 0:  # freed until a hook refills it (FSDP resharded params)
-                    readable = False
-                    continue
                 else:
-                    key = (t.data_ptr(), t.dtype, t.shape, t.stride())
+                    ptr = t.data_ptr()
+                    if ptr == 0:  # storage freed until a hook refills it (FSDP's resharded parameters)
+                        readable = False
+                        continue
+                    key = (ptr, t.dtype, t.shape, t.stride())
                 if key not in seen_tensors:
                     seen_tensors.add(key)
                     saved.append(t)
