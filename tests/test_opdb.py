@@ -40,9 +40,7 @@ OPS = {op_id(op): op for op in op_db()}
 # The contamination test xfails on them and fails once one is clean, so that the list only shrinks.
 KNOWN_CONTAMINATED = {
     "cholesky_solve", "cross", "linalg.cross", "linalg.solve", "linalg.solve_ex", "linalg.solve_triangular",
-    "logcumsumexp", "native_layer_norm", "nn.functional.batch_norm", "nn.functional.bilinear",
-    "nn.functional.group_norm", "nn.functional.instance_norm", "nn.functional.layer_norm", "nn.functional.pdist",
-    "nn.functional.prelu", "polar", "triangular_solve",
+    "logcumsumexp", "nn.functional.bilinear", "nn.functional.pdist", "polar", "triangular_solve",
 }
 
 # LU with a NaN row to discard: whether the NaN row is picked as a pivot depends on the LAPACK build (its
@@ -63,7 +61,7 @@ KNOWN_FORCED_DIFFS = {"masked_fill", "prod"}
 # Floors of the coverage test (CI subset, slice discard), measured on torch 2.13 CPU.
 MIN_TRIED = 462  # ops with at least one discardable padding (465 measured)
 MIN_CONTAMINATED_IN_TORCH = 72  # ops whose gradient plain torch contaminates: the harness has teeth (75)
-MIN_REMOVED = 55  # of those, ops gradwise cleans (55, PLATFORM_DEPENDENT not counted)
+MIN_REMOVED = 61  # of those, ops gradwise cleans (61, PLATFORM_DEPENDENT not counted)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
@@ -341,6 +342,7 @@ NO_ZEROS_PROGRAMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "ConvolutionBackward0": lambda x: F.conv2d(x.view(1, 1, 4, 4), _M[:3, :3].reshape(1, 1, 3, 3), padding=1),
     "NativeLayerNormBackward0": lambda x: F.layer_norm(x, (4,), _M[0], _M[1]),
     "NativeBatchNormBackward0": lambda x: F.batch_norm(x, None, None, _M[0], _M[1], training=True),
+    "NativeGroupNormBackward0": lambda x: F.group_norm(x.view(1, 4, 4), 2, _M[0], _M[1]),
     "ScaledDotProductFlashAttentionForCpuBackward0":
         lambda x: F.scaled_dot_product_attention(x.view(1, 1, 4, 4), x.view(1, 1, 4, 4).exp(), x.view(1, 1, 4, 4)),
 }
@@ -433,3 +435,35 @@ def test_nodes_that_only_compare_their_saved_tensor(name, f):
     for seed in (torch.zeros(6), torch.tensor([1.0, 0.0, -2.0, 0.0, 3.0, 0.5])):
         (g,) = torch.autograd.grad(y, x, seed, retain_graph=True)
         assert g.isfinite().all(), g
+
+
+@pytest.mark.parametrize(("name", "make", "shape"), [
+    ("layer_norm", lambda: nn.LayerNorm(8), (8, 8)),
+    ("group_norm", lambda: nn.GroupNorm(2, 4), (8, 4, 3)),
+    ("instance_norm", lambda: nn.InstanceNorm1d(4, affine=True), (8, 4, 5)),
+    ("batch_norm_eval", lambda: nn.BatchNorm1d(4).eval(), (8, 4)),
+])
+def test_normalisation_rows_sliced_away(name, make, shape):
+    """NaN rows 4..7 that a slice after the normalisation discards: PyTorch's weight gradient is NaN (its fused
+    backward sums 0 x NaN over the rows); gradwise's equals that of the program run on rows 0..3 only."""
+    torch.manual_seed(0)
+    norm = make().double()
+    x = torch.randn(shape, dtype=torch.float64)
+    x[4:] = float("nan")
+    params = list(norm.parameters())
+    assert torch.autograd.grad(norm(x)[:4].square().sum(), params)[0].isnan().any()
+    got = gw.grad(norm(x)[:4].square().sum(), params)
+    expected = torch.autograd.grad(norm(x[:4]).square().sum(), params)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
+
+
+def test_normalisation_keeps_a_nan_the_output_uses():
+    """Controls: a NaN row that is used keeps the weight gradient NaN; with only some columns of it used, the
+    columns no row's output uses get 0 and the used ones stay NaN (as in the program without those columns)."""
+    norm = nn.LayerNorm(8).double()
+    x = torch.randn(8, 8, dtype=torch.float64)
+    x[5] = float("nan")
+    assert gw.grad(norm(x).sum(), norm.weight)[0].isnan().all()
+    (g,) = gw.grad(norm(x)[:, :4].square().sum(), norm.weight)
+    assert g[:4].isnan().all() and torch.equal(g[4:], torch.zeros(4, dtype=torch.float64))

@@ -574,6 +574,23 @@ def unruled_ops() -> set[str]:
     return _UNRULED
 
 
+# Fused backwards without a rule of their own that, when a structural zero reaches them, run as PyTorch's own
+# decomposition (torch._decomp) under the mode, so that each primitive op of it goes through its rule: a
+# normalisation's rows (or channels) that only structural zeros read no longer turn its weight gradient into
+# NaN. Only then: with no structural zero in their inputs they run fused, as in plain PyTorch. Their finite
+# results may then differ from the fused kernel's in the last bits (a different summation order).
+DECOMPOSED = frozenset((aten.native_layer_norm_backward, aten.native_group_norm_backward,
+                        aten.native_batch_norm_backward, aten.linalg_cross, aten._prelu_kernel_backward))
+
+
+def _decomposition(func: Any) -> Callable[..., Any] | None:
+    if func.overloadpacket not in DECOMPOSED:
+        return None
+    from torch._decomp import decomposition_table  # imported on first use: torch._decomp loads slowly
+
+    return decomposition_table.get(func)
+
+
 class _StrongZeroMode(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
@@ -588,6 +605,9 @@ class _StrongZeroMode(TorchDispatchMode):
             return rule(func, args, kwargs, self.supports)
         flat, _ = tree_flatten((args, kwargs))
         tracked = any(self.supports.tracked(a) for a in flat)
+        if tracked and (decomposed := _decomposition(func)) is not None:
+            with self:  # the decomposition's ops come back through this mode, one rule each
+                return decomposed(*args, **kwargs)
         out = func(*args, **kwargs)
         if tracked:
             _UNRULED.add(str(func))
@@ -763,7 +783,8 @@ MAKES_NO_ZEROS = frozenset((
     "SqueezeBackward0 SqueezeBackward1 SqueezeBackward2 UnsqueezeBackward0 CloneBackward0 "
     "ToCopyBackward0 AliasBackward0 AddmmBackward0 MmBackward0 BmmBackward0 BaddbmmBackward0 MvBackward0 "
     "GeluBackward0 SigmoidBackward0 TanhBackward0 SiluBackward0 SoftplusBackward0 ExpBackward0 "
-    "MseLossBackward0 SqrtBackward0 LogBackward0"
+    "MseLossBackward0 SqrtBackward0 LogBackward0 NativeLayerNormBackward0 NativeGroupNormBackward0 "
+    "NativeBatchNormBackward0"
 ).split())
 # Nodes whose backward only compares its saved tensor (relu: result <= 0 ? 0 : grad): a NaN/Inf there cannot
 # turn into a NaN/Inf of the backward, so the check before backward need not read it.
@@ -780,7 +801,7 @@ FUSED_BACKWARDS: dict[str, Any] = {
 
 def _opaque(name: str) -> bool:
     op = FUSED_BACKWARDS.get(name)
-    return op is not None and lookup(op.default) is None
+    return op is not None and lookup(op.default) is None and op not in DECOMPOSED
 def _reads_every_input(node: Any) -> bool:
     """A convolution with stride 1 and dilation 1 (not transposed) reads every input position in some window,
     so its input gradient has no structural zero of its own; a strided one skips positions (zeros there)."""
@@ -835,6 +856,9 @@ def _plan_fact(node: Any) -> tuple:
     return fact
 
 
+_SMALL = 1 << 12  # elements: below this a tensor's copy costs less than a reduction of its own
+
+
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """A sum is finite iff no NaN/Inf went in (or, rarely, it overflowed: then False). On CPU each sum is read
     at once (stacking them costs more than it saves); elsewhere one host sync for all."""
@@ -843,7 +867,15 @@ def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     grad_mode = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)  # as torch.no_grad(), without its Python context manager (runs per backward)
     try:
-        sums = [t.sum(dtype=torch.float32) if t.dtype != torch.float32 else t.sum() for t in tensors]
+        small: dict[tuple, list[torch.Tensor]] = {}  # small tensors go through one reduction per dtype/device
+        large = []
+        for t in tensors:
+            if t.numel() <= _SMALL and t.layout == torch.strided:
+                small.setdefault((t.dtype, t.device), []).append(t.reshape(-1))
+            else:
+                large.append(t)
+        large.extend(ts[0] if len(ts) == 1 else torch.cat(ts) for ts in small.values())
+        sums = [t.sum(dtype=torch.float32) if t.dtype != torch.float32 else t.sum() for t in large]
         if all(x.is_cpu for x in sums):
             return all(math.isfinite(x.item()) for x in sums)
         return bool(torch.stack([x.cpu() for x in sums]).isfinite().all())
