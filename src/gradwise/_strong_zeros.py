@@ -146,6 +146,13 @@ _register(aten.zeros, aten.zeros_like, aten.new_zeros, aten.scalar_tensor, aten.
           aten.new_full, aten.fill_, aten.zero_)(_creates_zeros)
 
 
+@_register(aten.broadcast_tensors)
+def _broadcast_tensors(func, args, kwargs, sup):
+    """broadcast_tensors (met inside a decomposition): expanded views of its inputs, which read their storages'
+    masks like any view, so there is nothing to record (marking them fully supported would wipe the inputs')."""
+    return func(*args, **kwargs)
+
+
 def _product(mult_args: Sequence[int], flat: Callable[[tuple], torch.Tensor] | None = None) -> Rule:
     """Rule factory for pointwise ops linear in the sensitivities at ``mult_args`` (mul, div's numerator, the
     ``*_backward`` of activations): the output is a structural zero wherever one of those is, and there it is
@@ -792,9 +799,9 @@ COMPARES_SAVED_ONLY = frozenset(("ReluBackward0", "ThresholdBackward0", "Hardtan
 # Nodes whose backward is one fused aten op. While that op has no rule, the strong-zero pass runs it as it is
 # and marks its outputs fully supported: it makes no structural zero, and a NaN/Inf saved there comes out the
 # same with or without the pass, so the check reads nothing there either.
+# (Normalisations are not among them: they run as their decomposition when a structural zero reaches them, so
+# what they save is read like any other node's.)
 FUSED_BACKWARDS: dict[str, Any] = {
-    "NativeLayerNormBackward0": aten.native_layer_norm_backward,
-    "NativeBatchNormBackward0": aten.native_batch_norm_backward,
     "ScaledDotProductFlashAttentionForCpuBackward0": aten._scaled_dot_product_flash_attention_for_cpu_backward,
 }
 
@@ -890,8 +897,8 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
 
     This runs before every backward under strong zeros, so it is written for speed: one walk over the graph,
     reading only what a structural zero could reach (see MAKES_NO_ZEROS), each saved tensor once (a layer's
-    output saved by two nodes, q/k/v views of one projection: identified by what they read), and one fused
-    finiteness check."""
+    output saved by two nodes, q/k/v views of one projection: identified by what they read), and one
+    reduction per saved tensor (small ones together)."""
     known_all = True
     saved: list[torch.Tensor] = []
     seen_tensors: set[tuple] = set()
