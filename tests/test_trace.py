@@ -322,6 +322,51 @@ def test_max_pool_tie_counts(shape, k, s):
     assert found == expected if k == s else 0 < found <= expected
 
 
+@pytest.mark.parametrize("case", ["nan", "inf", "wide", "empty", "float64", "bfloat16", "channels_last"])
+def test_max_pool_tie_counts_on_every_route(case):
+    """The tie count takes a subtraction route (CPU, finite maxima, contiguous 2x2 pairs or strided views) or a
+    compare route (NaN/Inf maxima, 16x16 windows whose count would overflow a byte); every route must agree
+    with counting window by window."""
+    torch.manual_seed(0)
+    shape, k, dtype = (2, 3, 8, 8), 2, torch.float32
+    x = torch.randint(0, 3, shape).to(dtype)
+    if case == "nan":
+        x[0, 0, 0, 0] = float("nan")
+    elif case == "inf":
+        x[0, 0, :2, :2] = float("inf")
+    elif case == "wide":
+        shape, k = (1, 2, 32, 32), 16
+        x = torch.zeros(shape)
+        x[0, 0, 0, 0] = float("nan")
+    elif case == "empty":
+        x = torch.zeros(0, 3, 8, 8)
+    elif case == "float64":
+        x = x.double()
+    elif case == "bfloat16":
+        x = x.bfloat16()
+    elif case == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    with gw.trace() as report:
+        F.max_pool2d(x, k).sum().backward()
+    found = sum(f.count for f in report.findings if f.kind == "kink" and f.op == "aten.max_pool2d_with_indices")
+    windows = x.detach().unfold(-2, k, k).unfold(-2, k, k).flatten(-2)
+    assert found == int(((windows == windows.amax(-1, keepdim=True)).sum(-1) > 1).sum())
+    if case == "wide":
+        assert found == 7  # a NaN window has no tie; the other seven all-zero 16x16 windows tie
+
+
+def test_relu_family_probes_on_complex_and_empty_inputs():
+    """The zero probe of relu/abs/sqrt reads min |x| on CPU floats; complex inputs take the counting route."""
+    z = torch.tensor([0.0 + 0.0j, 1.0 + 1.0j], requires_grad=True)
+    with gw.trace() as report:
+        torch.abs(z).sum().backward()
+    assert [(f.kind, f.op, f.count) for f in report.findings] == [("kink", "aten.abs", 1)]
+    with gw.trace() as report:
+        torch.relu(torch.zeros(0, 3, requires_grad=True)).sum().backward()
+    assert report.findings == []
+
+
 @pytest.mark.parametrize(("f", "ops"), [(iou_minmax, {"aten.minimum", "aten.maximum"}),
                                         (iou_stack, {"aten.min", "aten.max"}), (iou_where, {"aten.where"})],
                          ids=["minimum-maximum", "stack-max", "where"])

@@ -584,8 +584,8 @@ def unruled_ops() -> set[str]:
 # Fused backwards without a rule of their own that, when a structural zero reaches them, run as PyTorch's own
 # decomposition (torch._decomp) under the mode, so that each primitive op of it goes through its rule: a
 # normalisation's rows (or channels) that only structural zeros read no longer turn its weight gradient into
-# NaN. Only then: with no structural zero in their inputs they run fused, as in plain PyTorch. Their finite
-# results may then differ from the fused kernel's in the last bits (a different summation order).
+# NaN. Only then: with no structural zero in their inputs they run fused, as in plain PyTorch, and with one the
+# fused result is kept wherever it is finite (see _StrongZeroMode._decomposed).
 DECOMPOSED = frozenset((aten.native_layer_norm_backward, aten.native_group_norm_backward,
                         aten.native_batch_norm_backward, aten.linalg_cross, aten._prelu_kernel_backward))
 
@@ -606,15 +606,21 @@ class _StrongZeroMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func.is_view:
-            return func(*args, **kwargs)  # a view reads its storage's mask: nothing to record
+            out = func(*args, **kwargs)  # a view reads its storage's mask: nothing to record...
+            src = args[0] if args else None
+            if isinstance(out, torch.Tensor) and isinstance(src, torch.Tensor) and self.supports.tracked(src) \
+                    and out.untyped_storage()._cdata != src.untyped_storage()._cdata:
+                # ...unless it copied (to(dtype), reshape, contiguous met inside a decomposition)
+                s = self.supports.of(src)
+                self.supports.record(out, s.reshape(out.shape) if s.numel() == out.numel() else None)
+            return out
         rule = lookup(func)
         if rule is not None:
             return rule(func, args, kwargs, self.supports)
         flat, _ = tree_flatten((args, kwargs))
         tracked = any(self.supports.tracked(a) for a in flat)
         if tracked and (decomposed := _decomposition(func)) is not None:
-            with self:  # the decomposition's ops come back through this mode, one rule each
-                return decomposed(*args, **kwargs)
+            return self._decomposed(func, decomposed, args, kwargs)
         out = func(*args, **kwargs)
         if tracked:
             _UNRULED.add(str(func))
@@ -622,6 +628,25 @@ class _StrongZeroMode(TorchDispatchMode):
                 if isinstance(o, torch.Tensor):
                     self.supports.record(o, None)
         return out
+
+
+    def _decomposed(self, func, decomposed, args, kwargs):
+        """Run ``func`` as its decomposition under this mode (each primitive op through its rule), and also
+        fused: where the fused result is finite no structural zero met a NaN/Inf there, and it is taken as it
+        is (PyTorch's bits); elsewhere the decomposition's."""
+        with self:  # the decomposition's ops come back through this mode
+            strong = decomposed(*args, **kwargs)
+        fused = func(*args, **kwargs)
+        single = isinstance(fused, torch.Tensor)
+        out = []
+        for f, d in zip((fused,) if single else fused, (strong,) if single else strong, strict=True):
+            if isinstance(f, torch.Tensor) and isinstance(d, torch.Tensor) and _is_float(f):
+                merged = torch.where(torch.isfinite(f), f, d)
+                self.supports.record(merged, self.supports.of(d))
+                out.append(merged)
+            else:
+                out.append(f)
+        return out[0] if single else type(fused)(out) if isinstance(fused, tuple) else out
 
 
 class _State(threading.local):
@@ -937,7 +962,8 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
                     key: tuple = (id(t),)
                 else:
                     ptr = t.data_ptr()
-                    if ptr == 0:  # storage freed until a hook refills it (FSDP's resharded parameters)
+                    if ptr == t.storage_offset() * t.element_size():  # storage freed until a hook refills it
+                        # (FSDP's resharded parameters): a freed storage's pointer is 0, plus the view's offset
                         readable = False
                         continue
                     key = (ptr, t.dtype, t.shape, t.stride())

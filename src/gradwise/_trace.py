@@ -33,6 +33,7 @@ import torch
 from torch._C._autograd import _get_sequence_nr
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from gradwise._masks import mask_any
 from gradwise._report import Finding, Report
@@ -326,7 +327,7 @@ def _zeros_of(c, kind: str, convention: str) -> _Hit:
     x = c.args[0].detach()
     if c.packet.endswith("_") or x.numel() == 0:
         return _Hit(kind, x == 0, convention)
-    if x.device.type == "cpu" and x.is_contiguous():
+    if x.device.type == "cpu" and x.is_contiguous() and x.is_floating_point():
         least = _least_magnitude(x).item()
         return _Hit(kind, lambda: x == 0, convention, found=least == 0 or least != least)  # NaN can hide a 0
     return _Hit(kind, lambda: x == 0, convention, found=torch.count_nonzero(x) < x.numel())
@@ -351,7 +352,8 @@ def _least_magnitude(x: torch.Tensor) -> torch.Tensor:
 class _ByIdentity:
     """Tensor (or module) -> value by identity, held weakly: WeakTensorKeyDictionary's semantics for a
     fraction of its cost (it builds a Python-level WeakIdRef per lookup; here a lookup is one dict get and one
-    weakref call, on every op the tracer sees). Dead entries are dropped whenever the table has doubled."""
+    weakref call, on every op the tracer sees). Dead entries are dropped whenever the table has doubled, so a
+    dead key's value lives until then: for small values (sequence numbers, provenance sets, names)."""
 
     __slots__ = ("_d", "_limit")
 
@@ -404,7 +406,7 @@ class _Call:
     args: tuple
     kwargs: dict
     out: object
-    ties: _ByIdentity
+    ties: WeakTensorKeyDictionary
     packet: str
 
     def arg(self, i: int, name: str, default=None):
@@ -598,6 +600,8 @@ def _max_pool_window_tie(c):
         out_sizes = values.shape[-spatial:]
         views = [x[(..., *(slice(o, o + n * kk, kk) for o, n, kk in zip(offset, out_sizes, k, strict=True)))]
                  for offset in itertools.product(*(range(kk) for kk in k))]
+        if not values.numel():
+            return None
         if x.device.type == "cpu" and math.isfinite(values.sum().item()):
             # On CPU float arithmetic vectorises and a compare into bool does not (~5x slower). x <= max, so
             # sign(max - x) is 0 where x ties the maximum and 1 elsewhere: fewer than len - 1 ones is a tie.
@@ -609,12 +613,15 @@ def _max_pool_window_tie(c):
                     ones = d if ones is None else ones.add_(d)
             found = ones.amin() < len(views) - 1.5
             # the mask as 0./1. in place (a compare into bool costs ~5x): 1 where at most len - 2 are below max
-            return _Hit("kink", lambda: ones.neg_().add_(len(views) - 1).clamp_(0, 1), "all to the returned (first) "
-                        "index", found=found)
+            mask = functools.cache(lambda: ones.neg_().add_(len(views) - 1).clamp_(0, 1))
+            return _Hit("kink", mask, "all to the returned (first) index", found=found)
         count = None
+        wide = len(views) > 255  # a byte count would wrap
         for at in views:
             equal = at == values
-            count = equal.to(torch.uint8) if count is None else count.add_(equal)
+            count = equal.to(torch.int32 if wide else torch.uint8) if count is None else count.add_(equal)
+        if wide:
+            return _Hit("kink", count > 1, "all to the returned (first) index")
         # count > 1 as two in-place byte ops (a compare makes a new tensor, 3x slower); a NaN window counts 0
         return _Hit("kink", count.clamp_(1, 2).sub_(1).view(torch.bool), "all to the returned (first) index")
     hidden = x.flatten(-spatial).clone()
@@ -793,7 +800,9 @@ class _Tracer(TorchDispatchMode):
         self.sync_every = sync_every
         self.prov = _ByIdentity()  # non-finite tensor -> frozenset of _Birth / _Incident
         self.sens = _ByIdentity()  # sensitivity-derived tensor -> seq of the node that made it
-        self.ties = _ByIdentity()  # comparison result -> (mask of equal operands, branch picked)
+        # comparison result -> (mask of equal operands, branch picked): masks are large, so this one frees an
+        # entry as soon as its tensor dies (_ByIdentity keeps dead values until its next purge)
+        self.ties = WeakTensorKeyDictionary()
         self.names = _ByIdentity()
         self.module_names = _ByIdentity()  # module -> {id(param): name}
         self.nodes: dict[int, _Node] = {}
@@ -1397,6 +1406,7 @@ def trace(*, sync_every: int = 256) -> Iterator[Report]:
     finally:
         torch.autograd.backward, torch.autograd.grad = orig_backward, orig_grad
         _ACTIVE.clear()
+        _SCRATCH.buf = None
         tracer.fill(report)
 
 
