@@ -502,6 +502,19 @@ def test_normalisation_rows_sliced_away(name, make, shape):
                                    atol=2e-2 if dtype == torch.bfloat16 else None)
 
 
+@pytest.mark.parametrize("fill", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("group", [False, True])
+def test_path_check_sees_a_normalised_nan_through_its_statistics(fill, group):
+    """The path check reads a layer/group norm's saved mean and rstd, not its input: one NaN/Inf element of a
+    row (group) must still make them non-finite, so the backward takes the strong-zero pass."""
+    norm = (nn.GroupNorm(2, 4) if group else nn.LayerNorm(8)).double()
+    x = torch.randn((8, 4, 3) if group else (8, 8), dtype=torch.float64)
+    x[6].view(-1)[3] = fill
+    loss = norm(x)[:4].square().sum()
+    assert _sz._plan([loss], [None]) == "strong"
+    assert gw.grad(loss, norm.weight)[0].isfinite().all()
+
+
 def test_normalisation_keeps_a_nan_the_output_uses():
     """Controls: a NaN row that is used keeps the weight gradient NaN; with only some columns of it used, the
     columns no row's output uses get 0 and the used ones stay NaN (as in the program without those columns)."""
