@@ -861,12 +861,13 @@ def _makes_zeros(node: Any) -> bool:
     return known if isinstance(known, bool) else known(node)
 
 
-# A normalisation's saved mean (result1) is NaN/Inf in every row (group) whose input holds a NaN/Inf, so the
-# check reads the small statistics instead of the input they summarise (batch norm in eval mode saves no
-# statistics of its input: its input is read).
-_COVERED_BY_STATISTICS = {
-    "NativeLayerNormBackward0": "_raw_saved_input",
-    "NativeGroupNormBackward0": "_raw_saved_input",
+# Saved tensors the check need not read. A normalisation's saved mean (result1) is NaN/Inf in every row (group)
+# whose input holds a NaN/Inf, so the small statistics are read instead of the input they summarise (batch
+# norm in eval mode saves no statistics of its input: its input is read); layer norm's backward never reads
+# its bias.
+_NOT_READ = {
+    "NativeLayerNormBackward0": ("_raw_saved_input", "_raw_saved_bias"),
+    "NativeGroupNormBackward0": ("_raw_saved_input",),
 }
 
 _NODE_TYPES: dict[type, tuple[tuple[str, ...], tuple[str, ...], bool, Callable[[Any], bool] | None]] = {}
@@ -880,7 +881,7 @@ def _node_type(node: Any) -> tuple[tuple[str, ...], tuple[str, ...], bool, Calla
         name = type(node).__name__
         names = tuple(a for a in dir(node) if a.startswith("_raw_saved_"))
         read = () if name in COMPARES_SAVED_ONLY or _opaque(name) else \
-            tuple(a for a in names if a != _COVERED_BY_STATISTICS.get(name))
+            tuple(a for a in names if a not in _NOT_READ.get(name, ()))
         info = _NODE_TYPES[type(node)] = (names, read, name in NODE_FACTS, NODE_FACTS.get(name))
     return info
 
