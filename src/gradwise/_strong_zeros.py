@@ -212,19 +212,28 @@ def _full_support(t: object, sup: _Supports) -> torch.Tensor:
     return torch.ones((), dtype=torch.bool, device=t.device) if s is None else s
 
 
+def _branch_support(t: object, sup: _Supports, device: torch.device) -> torch.Tensor:
+    """A where branch's support; a Python number (``where.ScalarSelf/ScalarOther``, met in decompositions) is
+    a value: fully supported."""
+    if isinstance(t, torch.Tensor):
+        return _full_support(t, sup)
+    return torch.ones((), dtype=torch.bool, device=device)
+
+
 def _where(func, args, kwargs, sup):
     """where(cond, a, b): selects, so the output's support is selected the same way. This is how the
     unselected branch of a forward ``where`` becomes a structural zero in backward."""
     out = func(*args, **kwargs)
     cond, a, b = args
     if sup.tracked(a) or sup.tracked(b):
-        sup.record(out, torch.where(cond, _full_support(a, sup), _full_support(b, sup)).expand(out.shape))
+        sup.record(out, torch.where(cond, _branch_support(a, sup, out.device),
+                                    _branch_support(b, sup, out.device)).expand(out.shape))
     else:
         sup.record(out, None)
     return out
 
 
-_register(aten.where.self)(_where)
+_register(aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther)(_where)
 
 
 def _masked_fill(func, args, kwargs, sup):
