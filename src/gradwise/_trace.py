@@ -596,12 +596,12 @@ def _max_pool_window_tie(c):
     spatial = 3 if c.packet == "max_pool3d_with_indices" else 2
     k = _tiling_kernel(x, spatial, c.arg(1, "kernel_size"), c.arg(2, "stride", []), c.arg(3, "padding", [0]),
                        c.arg(4, "dilation", [1]), c.arg(5, "ceil_mode", False))
+    if not values.numel():
+        return None
     if k is not None:
         out_sizes = values.shape[-spatial:]
         views = [x[(..., *(slice(o, o + n * kk, kk) for o, n, kk in zip(offset, out_sizes, k, strict=True)))]
                  for offset in itertools.product(*(range(kk) for kk in k))]
-        if not values.numel():
-            return None
         if x.device.type == "cpu" and math.isfinite(values.sum().item()):
             # On CPU float arithmetic vectorises and a compare into bool does not (~5x slower). x <= max, so
             # sign(max - x) is 0 where x ties the maximum and 1 elsewhere: fewer than len - 1 ones is a tie.
