@@ -655,7 +655,9 @@ class _StrongZeroMode(TorchDispatchMode):
                 out.append(merged)
             else:
                 out.append(f)
-        return out[0] if single else type(fused)(out) if isinstance(fused, tuple) else out
+        if single:
+            return out[0]
+        return tuple(out) if isinstance(fused, tuple) else out
 
 
 class _State(threading.local):
