@@ -41,7 +41,6 @@ __all__ = ["RULES", "backward", "grad", "strong_zeros", "unruled_ops"]
 # ---------------------------------------------------------------------------------------------------------
 
 
-
 class _Supports:
     def __init__(self) -> None:
         self._masks: dict[int, tuple[StorageWeakRef, int, torch.Tensor]] = {}
@@ -207,17 +206,11 @@ def _sum(func, args, kwargs, sup):
 _register(aten.add, aten.add_, aten.sub, aten.sub_)(_sum)
 
 
-def _full_support(t: object, sup: _Supports) -> torch.Tensor:
+def _full_support(t: object, sup: _Supports, device: torch.device | None = None) -> torch.Tensor:
+    """``t``'s support, all True where it has none recorded; a Python number (where.ScalarSelf/ScalarOther,
+    met in decompositions) is a value: fully supported."""
     s = sup.of(t)
-    return torch.ones((), dtype=torch.bool, device=t.device) if s is None else s
-
-
-def _branch_support(t: object, sup: _Supports, device: torch.device) -> torch.Tensor:
-    """A where branch's support; a Python number (``where.ScalarSelf/ScalarOther``, met in decompositions) is
-    a value: fully supported."""
-    if isinstance(t, torch.Tensor):
-        return _full_support(t, sup)
-    return torch.ones((), dtype=torch.bool, device=device)
+    return torch.ones((), dtype=torch.bool, device=device or t.device) if s is None else s
 
 
 def _where(func, args, kwargs, sup):
@@ -226,8 +219,8 @@ def _where(func, args, kwargs, sup):
     out = func(*args, **kwargs)
     cond, a, b = args
     if sup.tracked(a) or sup.tracked(b):
-        sup.record(out, torch.where(cond, _branch_support(a, sup, out.device),
-                                    _branch_support(b, sup, out.device)).expand(out.shape))
+        sup.record(out, torch.where(cond, _full_support(a, sup, out.device),
+                                    _full_support(b, sup, out.device)).expand(out.shape))
     else:
         sup.record(out, None)
     return out
@@ -486,6 +479,12 @@ def _mv_support(func, args, slot, s):
     return mask_any(s, -1) if slot == 0 else mask_any(s).reshape(())
 
 
+def _reads_every_position(stride, dilation, transposed) -> bool:
+    """A convolution with stride 1 and dilation 1 (not transposed) reads every input position in some window,
+    so its input gradient has no structural zero of its own; a strided one can skip positions."""
+    return not transposed and all(v == 1 for v in stride) and all(v == 1 for v in dilation)
+
+
 def _conv_backward_support(func, args, slot, s):
     """convolution_backward(grad_output, input, weight, ...): grad_input's support from a one-channel
     convolution of where grad_output is supported (any output channel) with a kernel of ones, over every
@@ -498,15 +497,14 @@ def _conv_backward_support(func, args, slot, s):
 
 _register(aten.mm, aten.bmm)(_bilinear(_mm_support, _mm_nonfinite_k, restrict=_mm_supported_k))
 _register(aten.mv)(_bilinear(_mv_support))
+
+
 def _conv_skipped_inputs(func, args):
     """convolution_backward with a fully supported grad_output: a convolution that skips input positions (a
-    stride wider than its reach, dilation gaps) gives them a structural zero in grad_input; one with stride
-    and dilation 1 reads every position (nothing to record)."""
-    stride, dilation, transposed = args[4], args[6], args[7]
-    if transposed or not args[10][0] or (all(v == 1 for v in stride) and all(v == 1 for v in dilation)):
+    stride wider than its reach, dilation gaps) gives them a structural zero in grad_input."""
+    if _reads_every_position(args[4], args[6], args[7]):
         return (None, None, None)
-    s = torch.ones_like(args[0][:, :1], dtype=torch.bool)
-    return (_one_channel_conv(func, args, s, args[1][:, :1], 0) > 0, None, None)
+    return _conv_backward_support(func, args, 0, torch.ones_like(args[0][:, :1], dtype=torch.bool))
 
 
 _register(aten.convolution_backward)(_bilinear(_conv_backward_support, _conv_counted_outputs, meets=_conv_meets,
@@ -844,32 +842,14 @@ FUSED_BACKWARDS: dict[str, Any] = {
 
 def _opaque(name: str) -> bool:
     op = FUSED_BACKWARDS.get(name)
-    return op is not None and lookup(op.default) is None and op not in DECOMPOSED
-def _reads_every_input(node: Any) -> bool:
-    """A convolution with stride 1 and dilation 1 (not transposed) reads every input position in some window,
-    so its input gradient has no structural zero of its own; a strided one skips positions (zeros there)."""
-    return (not node._saved_transposed and all(s == 1 for s in node._saved_stride)
-            and all(d == 1 for d in node._saved_dilation))
+    return op is not None and lookup(op.default) is None
 
 
 _MAKES_NO_ZEROS_IF: dict[str, Callable[[Any], bool]] = {
     "PowBackward0": lambda node: _saved(node, "_saved_exponent") != 0,  # x ** 0 backward is zeros_like(x)
-    "ConvolutionBackward0": _reads_every_input,
+    "ConvolutionBackward0": lambda node: _reads_every_position(node._saved_stride, node._saved_dilation,
+                                                               node._saved_transposed),
 }
-
-
-_ZERO_MAKERS: dict[type, bool | Callable[[Any], bool]] = {}
-
-
-def _makes_zeros(node: Any) -> bool:
-    """Whether the node's backward can make a structural zero (decided once per node type where it can be)."""
-    known = _ZERO_MAKERS.get(type(node))
-    if known is None:
-        name = type(node).__name__
-        test = _MAKES_NO_ZEROS_IF.get(name)
-        known = _ZERO_MAKERS[type(node)] = (
-            False if name in MAKES_NO_ZEROS or _opaque(name) else (lambda n: not test(n)) if test else True)
-    return known if isinstance(known, bool) else known(node)
 
 
 # Saved tensors the check need not read. A normalisation's saved mean (result1) is NaN/Inf in every row (group)
@@ -881,32 +861,29 @@ _NOT_READ = {
     "NativeGroupNormBackward0": ("_raw_saved_input",),
 }
 
-_NODE_TYPES: dict[type, tuple[tuple[str, ...], tuple[str, ...], bool, Callable[[Any], bool] | None]] = {}
+_NODE_TYPES: dict[type, tuple] = {}
 
 
-def _node_type(node: Any) -> tuple[tuple[str, ...], tuple[str, ...], bool, Callable[[Any], bool] | None]:
+def _node_type(node: Any) -> tuple:
     """Per autograd node type, looked up once: its ``_raw_saved_*`` attributes, those the check before backward
-    reads, whether NODE_FACTS knows it, and its singular-point test."""
+    reads, whether NODE_FACTS knows it, its singular-point test, and whether it makes structural zeros (a
+    bool, or a test of the node where that depends on what it saved)."""
     info = _NODE_TYPES.get(type(node))
     if info is None:
         name = type(node).__name__
         names = tuple(a for a in dir(node) if a.startswith("_raw_saved_"))
         read = () if name in COMPARES_SAVED_ONLY or _opaque(name) else \
             tuple(a for a in names if a not in _NOT_READ.get(name, ()))
-        info = _NODE_TYPES[type(node)] = (names, read, name in NODE_FACTS, NODE_FACTS.get(name))
+        test = _MAKES_NO_ZEROS_IF.get(name)
+        makes = False if name in MAKES_NO_ZEROS or _opaque(name) else (lambda n: not test(n)) if test else True
+        info = _NODE_TYPES[type(node)] = (names, read, name in NODE_FACTS, NODE_FACTS.get(name), makes)
     return info
 
 
-_PLAN_FACTS: dict[type, tuple] = {}
-
-
-def _plan_fact(node: Any) -> tuple:
-    """What `_plan` needs of a node type, in one lookup: the saved attributes it reads, whether NODE_FACTS
-    knows the type, its singular-point test, and whether it makes structural zeros (a bool, or a test)."""
-    _, read, known, singular = _node_type(node)
-    _makes_zeros(node)
-    fact = _PLAN_FACTS[type(node)] = (read, known, singular, _ZERO_MAKERS[type(node)])
-    return fact
+def _makes_zeros(node: Any) -> bool:
+    """Whether the node's backward can make a structural zero."""
+    makes = _node_type(node)[4]
+    return makes if makes.__class__ is bool else makes(node)
 
 
 _SMALL = 1 << 12  # elements: below this a tensor's copy costs less than a reduction of its own
@@ -949,15 +926,14 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
     saved: list[torch.Tensor] = []
     seen_tensors: set[tuple] = set()
     seen: dict[Any, bool] = {}  # node -> whether a structural zero can reach it
-    facts = _PLAN_FACTS
+    types = _NODE_TYPES
     stack = [(r, False) for r in _root_nodes(t_outputs) if r is not None]
     while stack:
         node, reached = stack.pop()
         before = seen.get(node)
         if before is not None and (before or not reached):
             continue
-        fact = facts.get(type(node)) or _plan_fact(node)
-        read, known, singular, makes = fact
+        _, read, known, singular, makes = types.get(type(node)) or _node_type(node)
         if not reached:
             reached = makes if makes.__class__ is bool else makes(node)
         seen[node] = reached
