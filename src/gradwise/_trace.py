@@ -75,6 +75,11 @@ def _user_frame():
     return f
 
 
+def _loc(frame) -> tuple:
+    """(file, line) of a frame, for reports."""
+    return (frame.f_code.co_filename, frame.f_lineno) if frame is not None else ("<unknown>", 0)
+
+
 def _fmt(loc: tuple) -> str:
     return f"{_shown_path(loc[0], os.getcwd())}:{loc[1]}"
 
@@ -844,7 +849,7 @@ class _Tracer(TorchDispatchMode):
                 and not any(t in self.prov for t in _tensors(args)):
             return func(*args, **kwargs)  # undifferentiated, finite in and out (detach, ones_like): no record
         frame = _user_frame()
-        loc = (frame.f_code.co_filename, frame.f_lineno) if frame is not None else ("<unknown>", 0)
+        loc = _loc(frame)
         ins = _tensors(args)
         det = info.detector
         hit = None
@@ -913,7 +918,7 @@ class _Tracer(TorchDispatchMode):
         NaN/Inf read from them later, or a final gradient that is not finite while every local op was, is
         reported as received from another rank."""
         frame = _user_frame()
-        loc = (frame.f_code.co_filename, frame.f_lineno) if frame is not None else ("<unknown>", 0)
+        loc = _loc(frame)
         name = f"{func.namespace}.{func.overloadpacket.__name__}"
         self.collective_sites.setdefault((name, loc))
         out = func(*args, **kwargs)
@@ -1168,14 +1173,15 @@ class _Tracer(TorchDispatchMode):
 
         mask = hit.mask
         found = hit.found if hit.found is not None else mask_any(mask)  # cheaper than counting
-        if isinstance(found, bool):  # decided on the host already
-            if found:
-                settle(mask() if callable(mask) else mask)
-        elif (found.device.type == "cpu" and not _DEFER_ON_CPU) or self.sync_every <= 1:
-            if found.item():
-                settle(mask() if callable(mask) else mask)
+        decided = isinstance(found, bool)  # on the host already
+        now = decided or (found.device.type == "cpu" and not _DEFER_ON_CPU) or self.sync_every <= 1
+        if now and not (found if decided else found.item()):
+            return
+        if callable(mask):
+            mask = mask()  # made only when it may hold a kink; deferred: now, before x can change
+        if now:
+            settle(mask)
         else:
-            mask = mask() if callable(mask) else mask  # deferred: compare now, before x can change
             flag = torch.where(found, float("inf"), 0.0)  # non-finite flags are the ones flush settles
             self.pending.append((flag, [], lambda _bad: settle(mask)))
 
