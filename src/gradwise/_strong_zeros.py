@@ -861,13 +861,93 @@ _NOT_READ = {
     "NativeGroupNormBackward0": ("_raw_saved_input",),
 }
 
+# Strict inputs: a NaN/Inf anywhere in the forward input at this edge (index into ``next_functions``) puts a
+# NaN/Inf somewhere in the op's output, whatever its other inputs hold, and a non-empty output has a non-empty
+# input there. So every forward value on a path of strict edges from a finite, non-empty output is finite, and
+# the check before backward need not read a saved tensor that is one (see _SAVED_INPUTS). Keyed by node type:
+# (the strict edges: True for all, or their indices; a condition on the node's saved arguments, or None). The
+# walk takes the edges as strict and only when it skips a read checks the conditions of the nodes it met
+# (none failing in a plain network); one failing, nothing is skipped. Not strict, for instance: relu
+# (relu(-inf) = 0), exp (exp(-inf) = 0), a divisor (x / inf = 0), selections, addmm when alpha or beta is 0.
+# tests/test_strong_zeros.py puts NaN/Inf into each strict input and checks the output.
+def _nonempty_input(node: Any) -> bool:
+    """A reduction: its input is not empty (the sum of an empty tensor is a finite 0)."""
+    return all(node._saved_self_sym_sizes)
+
+
+def _mm_inner_nonempty(node: Any) -> bool:
+    """A matrix product whose inner dimension is empty is a finite 0 whatever its factors hold."""
+    sizes = node._saved_self_sym_sizes
+    return len(sizes) == 2 and sizes[1] > 0
+
+
+def _addmm_full(node: Any) -> bool:
+    """beta * bias + alpha * mat1 @ mat2 with beta, alpha nonzero (torch skips a term whose factor is 0) and a
+    non-empty inner dimension."""
+    sizes = node._saved_mat1_sym_sizes
+    return len(sizes) == 2 and sizes[1] > 0 and _saved(node, "_saved_alpha") != 0 and _saved(node, "_saved_beta") != 0
+
+
+STRICT_EDGES: dict[str, tuple[Any, Callable[[Any], bool] | None]] = {
+    **dict.fromkeys((
+        "AddBackward0 AddBackward1 SubBackward0 SubBackward1 MulBackward0 MulBackward1 NegBackward0 "
+        "ViewBackward0 UnsafeViewBackward0 ReshapeAliasBackward0 TBackward0 TransposeBackward0 PermuteBackward0 "
+        "UnsqueezeBackward0 SqueezeBackward0 SqueezeBackward1 SqueezeBackward2 ExpandBackward0 CloneBackward0 "
+        "AliasBackward0 ToCopyBackward0 NativeLayerNormBackward0"
+    ).split(), (True, None)),
+    "DivBackward0": ((0,), None),  # x / inf = 0: the divisor is not strict
+    "DivBackward1": ((0,), None),
+    "PowBackward0": ((0,), lambda node: _saved(node, "_saved_exponent") > 0),  # NaN ** 0 = 1, inf ** -1 = 0
+    "SumBackward0": (True, _nonempty_input),
+    "SumBackward1": (True, _nonempty_input),
+    "MeanBackward0": (True, _nonempty_input),
+    "MeanBackward1": (True, _nonempty_input),
+    "MmBackward0": (True, _mm_inner_nonempty),
+    "AddmmBackward0": (True, _addmm_full),
+}
+
+# Which forward input (edge) a saved tensor is. A saved input whose producer (the node at that edge, through
+# its output 0) lies on a strict path from a finite output is finite: the check does not read it.
+_SAVED_INPUTS: dict[str, dict[str, int]] = {
+    "MulBackward0": {"_raw_saved_self": 0, "_raw_saved_other": 1},
+    "DivBackward0": {"_raw_saved_self": 0, "_raw_saved_other": 1},
+    "PowBackward0": {"_raw_saved_self": 0},
+    "MmBackward0": {"_raw_saved_self": 0, "_raw_saved_mat2": 1},
+    "AddmmBackward0": {"_raw_saved_mat1": 1, "_raw_saved_mat2": 2},
+    "BmmBackward0": {"_raw_saved_self": 0, "_raw_saved_mat2": 1},
+    "NativeLayerNormBackward0": {"_raw_saved_weight": 1},
+    "ConvolutionBackward0": {"_raw_saved_input": 0, "_raw_saved_weight": 1},
+}
+
+# Ops whose output holds only elements of their input (edge 0): a view, a selection or a copy of a finite
+# tensor is finite, so a saved input produced by one of these from a value on a strict path is not read either.
+_SUBSET_OF_INPUT = frozenset((
+    "ViewBackward0 UnsafeViewBackward0 ReshapeAliasBackward0 TBackward0 TransposeBackward0 PermuteBackward0 "
+    "UnsqueezeBackward0 SqueezeBackward0 SqueezeBackward1 SqueezeBackward2 ExpandBackward0 CloneBackward0 "
+    "AliasBackward0 SliceBackward0 SelectBackward0"
+).split())
+
+
+def _finite_value(node: Any, nr: int, flags: dict[Any, int]) -> bool:
+    """Whether output ``nr`` of ``node`` is finite, given finite outputs: on a strict path, or a subset of such
+    a value."""
+    while node is not None and nr == 0:
+        if flags[node] & _STRICT:
+            return True
+        if type(node).__name__ not in _SUBSET_OF_INPUT:
+            return False
+        node, nr = node.next_functions[0]
+    return False
+
+
 _NODE_TYPES: dict[type, tuple] = {}
 
 
 def _node_type(node: Any) -> tuple:
     """Per autograd node type, looked up once: its ``_raw_saved_*`` attributes, those the check before backward
-    reads, whether NODE_FACTS knows it, its singular-point test, and whether it makes structural zeros (a
-    bool, or a test of the node where that depends on what it saved)."""
+    reads, whether NODE_FACTS knows it, its singular-point test, whether it makes structural zeros (a bool, or
+    a test of the node where that depends on what it saved), its strict edges and their condition
+    (STRICT_EDGES) and which saved tensors are which inputs (_SAVED_INPUTS)."""
     info = _NODE_TYPES.get(type(node))
     if info is None:
         name = type(node).__name__
@@ -876,7 +956,8 @@ def _node_type(node: Any) -> tuple:
             tuple(a for a in names if a not in _NOT_READ.get(name, ()))
         test = _MAKES_NO_ZEROS_IF.get(name)
         makes = False if name in MAKES_NO_ZEROS or _opaque(name) else (lambda n: not test(n)) if test else True
-        info = _NODE_TYPES[type(node)] = (names, read, name in NODE_FACTS, NODE_FACTS.get(name), makes)
+        info = _NODE_TYPES[type(node)] = (names, read, name in NODE_FACTS, NODE_FACTS.get(name), makes,
+                                          *STRICT_EDGES.get(name, (None, None)), _SAVED_INPUTS.get(name, {}))
     return info
 
 
@@ -887,30 +968,40 @@ def _makes_zeros(node: Any) -> bool:
 
 
 _SMALL = 1 << 12  # elements: below this a tensor's copy costs less than a reduction of its own
+_FEW = 4  # up to this many small tensors are reduced one by one: their copy into one would cost more
 
 
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """A sum is finite iff no NaN/Inf went in (or, rarely, it overflowed: then False). On CPU each sum is read
-    at once (stacking them costs more than it saves); elsewhere one host sync for all."""
+    at once (stacking them costs more than it saves); elsewhere one host sync for all. Many small tensors
+    (biases, norm statistics) go through one reduction per dtype/device."""
     if not tensors:
         return True
     grad_mode = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)  # as torch.no_grad(), without its Python context manager (runs per backward)
     try:
-        small: dict[tuple, list[torch.Tensor]] = {}  # small tensors go through one reduction per dtype/device
-        large = []
+        small = [t for t in tensors if t.numel() <= _SMALL and t.layout == torch.strided]
+        if len(small) > _FEW:
+            groups: dict[tuple, list[torch.Tensor]] = {}
+            for t in small:
+                groups.setdefault((t.dtype, t.device), []).append(t.reshape(-1))
+            small_ids = {id(t) for t in small}
+            tensors = [t for t in tensors if id(t) not in small_ids]
+            tensors.extend(ts[0] if len(ts) == 1 else torch.cat(ts) for ts in groups.values())
+        sums = []
         for t in tensors:
-            if t.numel() <= _SMALL and t.layout == torch.strided:
-                small.setdefault((t.dtype, t.device), []).append(t.reshape(-1))
+            total = t.sum(dtype=torch.float32) if t.dtype != torch.float32 else t.sum()
+            if total.is_cpu:
+                if not math.isfinite(total.item()):
+                    return False
             else:
-                large.append(t)
-        large.extend(ts[0] if len(ts) == 1 else torch.cat(ts) for ts in small.values())
-        sums = [t.sum(dtype=torch.float32) if t.dtype != torch.float32 else t.sum() for t in large]
-        if all(x.is_cpu for x in sums):
-            return all(math.isfinite(x.item()) for x in sums)
-        return bool(torch.stack([x.cpu() for x in sums]).isfinite().all())
+                sums.append(total)
+        return not sums or bool(torch.stack(sums).isfinite().all())
     finally:
         torch._C._set_grad_enabled(grad_mode)
+
+
+_REACHED, _STRICT = 1, 2  # per node: a structural zero can reach it / its output 0 is on a strict path
 
 
 def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
@@ -918,33 +1009,79 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
     structural zero can reach it), or 'check' (the graph has nodes gradwise knows nothing about: run plain,
     re-run if a NaN appears).
 
-    This runs before every backward under strong zeros, so it is written for speed: one walk over the graph,
-    reading only what a structural zero could reach (see MAKES_NO_ZEROS), each saved tensor once (a layer's
-    output saved by two nodes, q/k/v views of one projection: identified by what they read), and one
-    reduction per saved tensor (small ones together)."""
+    This runs before every backward under strong zeros, so it is written for speed: one walk over the graph
+    marking the nodes a structural zero can reach (below a node not in MAKES_NO_ZEROS) and the nodes on a strict
+    path from an output (STRICT_EDGES), then one reduction per saved tensor it must read (small ones together),
+    each tensor once (a layer's output saved by two nodes, q/k/v views of one projection: identified by what
+    they read). A saved input on a strict path is not read; the outputs are read instead (a scalar loss)."""
     known_all = True
+    flags: dict[Any, int] = {}
+    to_read: list[Any] = []
+    conditional: list[Any] = []  # strict nodes whose condition is checked only if a read is skipped
+    types = _NODE_TYPES
+    stack = []
+    for t in t_outputs:
+        if isinstance(t, torch.Tensor):  # an output's value is read: a non-empty one is the start of strict paths
+            node = t.grad_fn
+            if node is None:
+                node = _grad_accumulator(t)
+            if node is not None:
+                stack.append((node, 0 if t.output_nr or not t.numel() else _STRICT))
+        else:  # GradientEdge
+            stack.append((t.node, 0))
+    while stack:
+        node, state = stack.pop()
+        before = flags.get(node)
+        if before is not None:
+            if state | before == before:
+                continue
+            state |= before
+        info = types.get(type(node)) or _node_type(node)
+        if before is None:
+            known_all &= info[2]
+            makes = info[4]
+            if not state & _REACHED and (makes if makes.__class__ is bool else makes(node)):
+                state |= _REACHED
+        flags[node] = state
+        reached = state & _REACHED
+        strict = info[5] if state & _STRICT else None
+        if strict is None:
+            for n, _ in node.next_functions:
+                if n is not None:
+                    stack.append((n, reached))
+        else:
+            if info[6] is not None and before is None:
+                conditional.append(node)
+            if strict is True:
+                for n, nr in node.next_functions:
+                    if n is not None:
+                        stack.append((n, reached if nr else reached | _STRICT))
+            else:
+                for k, (n, nr) in enumerate(node.next_functions):
+                    if n is not None:
+                        stack.append((n, reached | _STRICT if nr == 0 and k in strict else reached))
+        if reached and not (before or 0) & _REACHED and (info[1] or info[3] is not None):
+            to_read.append(node)
+
     saved: list[torch.Tensor] = []
     seen_tensors: set[tuple] = set()
-    seen: dict[Any, bool] = {}  # node -> whether a structural zero can reach it
-    types = _NODE_TYPES
-    stack = [(r, False) for r in _root_nodes(t_outputs) if r is not None]
-    while stack:
-        node, reached = stack.pop()
-        before = seen.get(node)
-        if before is not None and (before or not reached):
-            continue
-        _, read, known, singular, makes = types.get(type(node)) or _node_type(node)
-        if not reached:
-            reached = makes if makes.__class__ is bool else makes(node)
-        seen[node] = reached
-        known_all &= known
-        for n, _ in node.next_functions:
-            if n is not None:
-                stack.append((n, reached))
-        if not reached:
-            continue
+    skipped = False
+    strict_holds = None
+    for node in to_read:
+        _, read, _, singular, _, _, _, inputs = types[type(node)]
         readable = True
+        edges = None
         for name in read:
+            edge = inputs.get(name)
+            if edge is not None:
+                edges = edges or node.next_functions
+                producer, nr = edges[edge]
+                if _finite_value(producer, nr, flags):
+                    if strict_holds is None:
+                        strict_holds = all(types[type(n)][6](n) for n in conditional)
+                    if strict_holds:
+                        skipped = True  # finite if the outputs are: they are read below
+                        continue
             value = getattr(node, name, None)
             for raw in value if isinstance(value, (tuple, list)) else (value,):
                 if raw is None:
@@ -970,6 +1107,8 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
         known_all &= readable
         if singular is not None and readable and singular(node):
             return "strong"
+    if skipped:
+        saved.extend(t for t in t_outputs if isinstance(t, torch.Tensor))
     if saved:  # a seed's NaN/Inf matters only where a structural zero can meet it
         saved.extend(t for t in seeds if isinstance(t, torch.Tensor) and t.is_floating_point())
     if not _all_finite(saved):
@@ -1048,6 +1187,18 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
         _STATE.create_graph, _STATE.in_mode = outer, False
 
 
+def _plan_outside(outputs: Sequence[Any], seeds: Any) -> str | None:
+    """The path for ``gw.grad``/``gw.backward`` chosen before calling into torch.autograd, which then runs
+    without the engine hook; None where the hook must decide (inside ``strong_zeros()``, under a dispatch mode,
+    or for a graph of unknown nodes: its 'check' needs the gradients torch.autograd computes)."""
+    if _STATE.depth or torch._C._len_torch_dispatch_stack():
+        return None
+    plan = _plan(outputs, (seeds,) if isinstance(seeds, torch.Tensor) else seeds or ())
+    if plan == "check":
+        return "strong" if _one_pass_only() else None
+    return plan
+
+
 @contextlib.contextmanager
 def strong_zeros() -> Iterator[None]:
     """Within this block every ``.backward()``, ``torch.autograd.backward`` and ``torch.autograd.grad`` of
@@ -1105,9 +1256,16 @@ def grad(
     check_differentiable(outs, "outputs", "gw.grad")
     check_differentiable(ins, "inputs", "gw.grad")
     check_scalar_or_seeded(outs, grad_outputs, "gw.grad")
+
+    def run(retain):
+        return torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=retain, create_graph=create_graph,
+                                   allow_unused=allow_unused)
+
+    plan = _plan_outside(outs, grad_outputs)
+    if plan is not None:
+        return run(retain_graph) if plan == "plain" else _run_strong(run, retain_graph, create_graph)
     with strong_zeros():
-        return torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=retain_graph,
-                                   create_graph=create_graph, allow_unused=allow_unused)
+        return run(retain_graph)
 
 
 def backward(
@@ -1131,6 +1289,13 @@ def backward(
     check_scalar_or_seeded(outs, grad_tensors, "gw.backward")
     if inputs is not None:
         check_differentiable(as_tensors(inputs, "inputs", "gw.backward"), "inputs", "gw.backward")
+
+    def run(retain):
+        torch.autograd.backward(tensors, grad_tensors, retain_graph=retain, create_graph=create_graph, inputs=inputs)
+
+    plan = _plan_outside(outs, grad_tensors)
+    if plan is not None:
+        run(retain_graph) if plan == "plain" else _run_strong(run, retain_graph, create_graph)
+        return
     with strong_zeros():
-        torch.autograd.backward(tensors, grad_tensors, retain_graph=retain_graph, create_graph=create_graph,
-                                inputs=inputs)
+        run(retain_graph)
