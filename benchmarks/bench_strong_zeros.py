@@ -1,6 +1,6 @@
 """Cost of strong zeros: `gw.backward(loss)` against plain `loss.backward()`, same process, same data.
 
-    python benchmarks/bench_strong_zeros.py [--repeats 15] [--json FILE]
+    python benchmarks/bench_strong_zeros.py [--repeats 31] [--json FILE]
 
 Times the backward pass alone: every repeat runs a fresh forward (untimed), then the timed backward, the
 candidates interleaved (`_harness.median_times_after`). Memory is the peak of the CPU allocations held during
@@ -139,7 +139,7 @@ def measure(case: Case, repeats: int) -> dict[str, object]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=31)
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
     args = parser.parse_args()
     rows = [measure(case, args.repeats) for case in cases()]

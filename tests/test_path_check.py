@@ -265,3 +265,17 @@ def test_a_value_hidden_by_an_empty_reduction_is_read():
         finally:
             _sz._NODE_TYPES.clear()
             _sz._NODE_TYPES.update(types)
+
+
+def test_an_output_written_in_place_starts_no_strict_path():
+    """The check reads the outputs' values at backward time: a loss overwritten in place through a detached
+    alias no longer shows what its op computed, so nothing is skipped on its account."""
+    torch.manual_seed(0)
+    w1 = torch.randn(8, 4)
+    w1[2, 1] = nan
+    w1.requires_grad_()
+    w2 = torch.randn(8, 8, requires_grad=True)
+    loss = _residual(w1, w2, torch.randn(16, 4, requires_grad=True))  # W1 is saved for x's gradient
+    loss.detach().zero_()
+    plan, read = _reads(loss)
+    assert plan == "strong" and any(t.data_ptr() == w1.data_ptr() for t in read)

@@ -1022,11 +1022,11 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
     stack = []
     for t in t_outputs:
         if isinstance(t, torch.Tensor):  # an output's value is read: a non-empty one is the start of strict paths
-            node = t.grad_fn
+            node = t.grad_fn  # (unless written in place since its op made it: its value is then not that op's)
             if node is None:
                 node = _grad_accumulator(t)
             if node is not None:
-                stack.append((node, 0 if t.output_nr or not t.numel() else _STRICT))
+                stack.append((node, 0 if t.output_nr or t._version or not t.numel() else _STRICT))
         else:  # GradientEdge
             stack.append((t.node, 0))
     while stack:
