@@ -881,11 +881,16 @@ def _mm_inner_nonempty(node: Any) -> bool:
     return len(sizes) == 2 and sizes[1] > 0
 
 
+# A Python-number factor is cast to the tensor's dtype: one below float16's smallest normal number may become 0.
+_TINY = 2.0**-14
+
+
 def _addmm_full(node: Any) -> bool:
-    """beta * bias + alpha * mat1 @ mat2 with beta, alpha nonzero (torch skips a term whose factor is 0) and a
-    non-empty inner dimension."""
+    """beta * bias + alpha * mat1 @ mat2 with beta, alpha not 0 in any dtype (torch skips a term whose factor
+    is 0) and a non-empty inner dimension."""
     sizes = node._saved_mat1_sym_sizes
-    return len(sizes) == 2 and sizes[1] > 0 and _saved(node, "_saved_alpha") != 0 and _saved(node, "_saved_beta") != 0
+    return len(sizes) == 2 and sizes[1] > 0 and abs(_saved(node, "_saved_alpha")) >= _TINY \
+        and abs(_saved(node, "_saved_beta")) >= _TINY
 
 
 STRICT_EDGES: dict[str, tuple[Any, Callable[[Any], bool] | None]] = {
@@ -897,7 +902,7 @@ STRICT_EDGES: dict[str, tuple[Any, Callable[[Any], bool] | None]] = {
     ).split(), (True, None)),
     "DivBackward0": ((0,), None),  # x / inf = 0: the divisor is not strict
     "DivBackward1": ((0,), None),
-    "PowBackward0": ((0,), lambda node: _saved(node, "_saved_exponent") > 0),  # NaN ** 0 = 1, inf ** -1 = 0
+    "PowBackward0": ((0,), lambda node: _saved(node, "_saved_exponent") >= _TINY),  # NaN ** 0 = 1, inf ** -1 = 0
     "SumBackward0": (True, _nonempty_input),
     "SumBackward1": (True, _nonempty_input),
     "MeanBackward0": (True, _nonempty_input),
@@ -919,18 +924,20 @@ _SAVED_INPUTS: dict[str, dict[str, int]] = {
     "ConvolutionBackward0": {"_raw_saved_input": 0, "_raw_saved_weight": 1},
 }
 
-# Ops whose output holds only elements of their input (edge 0): a view, a selection or a copy of a finite
-# tensor is finite, so a saved input produced by one of these from a value on a strict path is not read either.
+# Views (sharing their base's storage and version counter) whose elements are all elements of their input
+# (edge 0): a view of a finite value is finite, so a saved input produced by one of these from a value on a
+# strict path is not read either. (No copies: a copy made after its source was written in place would not be
+# the value its strict consumer saw, and its own version counter would not show it.)
 _SUBSET_OF_INPUT = frozenset((
-    "ViewBackward0 UnsafeViewBackward0 ReshapeAliasBackward0 TBackward0 TransposeBackward0 PermuteBackward0 "
-    "UnsqueezeBackward0 SqueezeBackward0 SqueezeBackward1 SqueezeBackward2 ExpandBackward0 CloneBackward0 "
-    "AliasBackward0 SliceBackward0 SelectBackward0"
+    "ViewBackward0 ReshapeAliasBackward0 TBackward0 TransposeBackward0 PermuteBackward0 UnsqueezeBackward0 "
+    "SqueezeBackward0 SqueezeBackward1 SqueezeBackward2 ExpandBackward0 AliasBackward0 SliceBackward0 "
+    "SelectBackward0"
 ).split())
 
 
 def _finite_value(node: Any, nr: int, flags: dict[Any, int]) -> bool:
-    """Whether output ``nr`` of ``node`` is finite, given finite outputs: on a strict path, or a subset of such
-    a value."""
+    """Whether output ``nr`` of ``node`` was finite when made, given finite outputs: on a strict path, or a
+    view of such a value."""
     while node is not None and nr == 0:
         if flags[node] & _STRICT:
             return True
@@ -938,6 +945,11 @@ def _finite_value(node: Any, nr: int, flags: dict[Any, int]) -> bool:
             return False
         node, nr = node.next_functions[0]
     return False
+
+
+def _conditions_hold(nodes: Sequence[Any]) -> bool:
+    """Whether the STRICT_EDGES conditions of these strict nodes all hold (checked once a read is skipped)."""
+    return all(_NODE_TYPES[type(n)][6](n) for n in nodes)
 
 
 _NODE_TYPES: dict[type, tuple] = {}
@@ -1050,7 +1062,7 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
                 if n is not None:
                     stack.append((n, reached))
         else:
-            if info[6] is not None and before is None:
+            if info[6] is not None and not (before or 0) & _STRICT:  # first time strict
                 conditional.append(node)
             if strict is True:
                 for n, nr in node.next_functions:
@@ -1068,20 +1080,12 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
     skipped = False
     strict_holds = None
     for node in to_read:
-        _, read, _, singular, _, _, _, inputs = types[type(node)]
+        _, read, _, singular, _, strict, _, inputs = types[type(node)]
+        if not flags[node] & _STRICT:
+            strict = None
         readable = True
         edges = None
         for name in read:
-            edge = inputs.get(name)
-            if edge is not None:
-                edges = edges or node.next_functions
-                producer, nr = edges[edge]
-                if _finite_value(producer, nr, flags):
-                    if strict_holds is None:
-                        strict_holds = all(types[type(n)][6](n) for n in conditional)
-                    if strict_holds:
-                        skipped = True  # finite if the outputs are: they are read below
-                        continue
             value = getattr(node, name, None)
             for raw in value if isinstance(value, (tuple, list)) else (value,):
                 if raw is None:
@@ -1089,9 +1093,26 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
                 if raw.unpack_hook is not None:  # a checkpoint's hook would recompute the forward
                     readable = False
                     continue
+                # Finite if the outputs are (they are then read below): when this node uses it strictly on a
+                # strict path (what it saved is what it used), or when its producer is on one and it was never
+                # written in place (a no_grad write between two uses leaves no other trace).
+                edge = inputs.get(name)
+                own = edge is not None and (strict is True or (strict is not None and edge in strict))
+                if own:
+                    strict_holds = _conditions_hold(conditional) if strict_holds is None else strict_holds
+                    if strict_holds:
+                        skipped = True
+                        continue
                 t = raw.data
                 if not isinstance(t, torch.Tensor) or not t.is_floating_point() or not t.numel():
                     continue
+                if edge is not None and not own and not t._version:
+                    edges = edges or node.next_functions
+                    if _finite_value(*edges[edge], flags):
+                        strict_holds = _conditions_hold(conditional) if strict_holds is None else strict_holds
+                        if strict_holds:
+                            skipped = True
+                            continue
                 if t.layout != torch.strided:
                     key: tuple = (id(t),)
                 else:
