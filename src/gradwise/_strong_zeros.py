@@ -861,105 +861,13 @@ _NOT_READ = {
     "NativeGroupNormBackward0": ("_raw_saved_input",),
 }
 
-# Strict inputs: a NaN/Inf anywhere in the forward input at this edge (index into ``next_functions``) puts a
-# NaN/Inf somewhere in the op's output, whatever its other inputs hold, and a non-empty output has a non-empty
-# input there. So every forward value on a path of strict edges from a finite, non-empty output is finite, and
-# the check before backward need not read a saved tensor that is one (see _SAVED_INPUTS). Keyed by node type:
-# (the strict edges: True for all, or their indices; a condition on the node's saved arguments, or None). The
-# walk takes the edges as strict and only when it skips a read checks the conditions of the nodes it met
-# (none failing in a plain network); one failing, nothing is skipped. Not strict, for instance: relu
-# (relu(-inf) = 0), exp (exp(-inf) = 0), a divisor (x / inf = 0), selections, addmm when alpha or beta is 0.
-# tests/test_strong_zeros.py puts NaN/Inf into each strict input and checks the output.
-def _nonempty_input(node: Any) -> bool:
-    """A reduction: its input is not empty (the sum of an empty tensor is a finite 0)."""
-    return all(node._saved_self_sym_sizes)
-
-
-def _mm_inner_nonempty(node: Any) -> bool:
-    """A matrix product whose inner dimension is empty is a finite 0 whatever its factors hold."""
-    sizes = node._saved_self_sym_sizes
-    return len(sizes) == 2 and sizes[1] > 0
-
-
-# A Python-number factor is cast to the tensor's dtype: one below float16's smallest normal number may become 0.
-_TINY = 2.0**-14
-
-
-def _addmm_full(node: Any) -> bool:
-    """beta * bias + alpha * mat1 @ mat2 with beta, alpha not 0 in any dtype (torch skips a term whose factor
-    is 0) and a non-empty inner dimension."""
-    sizes = node._saved_mat1_sym_sizes
-    return len(sizes) == 2 and sizes[1] > 0 and abs(_saved(node, "_saved_alpha")) >= _TINY \
-        and abs(_saved(node, "_saved_beta")) >= _TINY
-
-
-STRICT_EDGES: dict[str, tuple[Any, Callable[[Any], bool] | None]] = {
-    **dict.fromkeys((
-        "AddBackward0 AddBackward1 SubBackward0 SubBackward1 MulBackward0 MulBackward1 NegBackward0 "
-        "ViewBackward0 UnsafeViewBackward0 ReshapeAliasBackward0 TBackward0 TransposeBackward0 PermuteBackward0 "
-        "UnsqueezeBackward0 SqueezeBackward0 SqueezeBackward1 SqueezeBackward2 ExpandBackward0 CloneBackward0 "
-        "AliasBackward0 ToCopyBackward0 NativeLayerNormBackward0"
-    ).split(), (True, None)),
-    "DivBackward0": ((0,), None),  # x / inf = 0: the divisor is not strict
-    "DivBackward1": ((0,), None),
-    "PowBackward0": ((0,), lambda node: _saved(node, "_saved_exponent") >= _TINY),  # NaN ** 0 = 1, inf ** -1 = 0
-    "SumBackward0": (True, _nonempty_input),
-    "SumBackward1": (True, _nonempty_input),
-    "MeanBackward0": (True, _nonempty_input),
-    "MeanBackward1": (True, _nonempty_input),
-    "MmBackward0": (True, _mm_inner_nonempty),
-    "AddmmBackward0": (True, _addmm_full),
-}
-
-# Which forward input (edge) a saved tensor is. A saved input whose producer (the node at that edge, through
-# its output 0) lies on a strict path from a finite output is finite: the check does not read it.
-_SAVED_INPUTS: dict[str, dict[str, int]] = {
-    "MulBackward0": {"_raw_saved_self": 0, "_raw_saved_other": 1},
-    "DivBackward0": {"_raw_saved_self": 0, "_raw_saved_other": 1},
-    "PowBackward0": {"_raw_saved_self": 0},
-    "MmBackward0": {"_raw_saved_self": 0, "_raw_saved_mat2": 1},
-    "AddmmBackward0": {"_raw_saved_mat1": 1, "_raw_saved_mat2": 2},
-    "BmmBackward0": {"_raw_saved_self": 0, "_raw_saved_mat2": 1},
-    "NativeLayerNormBackward0": {"_raw_saved_weight": 1},
-    "ConvolutionBackward0": {"_raw_saved_input": 0, "_raw_saved_weight": 1},
-}
-
-# Views (sharing their base's storage and version counter) whose elements are all elements of their input
-# (edge 0): a view of a finite value is finite, so a saved input produced by one of these from a value on a
-# strict path is not read either. (No copies: a copy made after its source was written in place would not be
-# the value its strict consumer saw, and its own version counter would not show it.)
-_SUBSET_OF_INPUT = frozenset((
-    "ViewBackward0 ReshapeAliasBackward0 TBackward0 TransposeBackward0 PermuteBackward0 UnsqueezeBackward0 "
-    "SqueezeBackward0 SqueezeBackward1 SqueezeBackward2 ExpandBackward0 AliasBackward0 SliceBackward0 "
-    "SelectBackward0"
-).split())
-
-
-def _finite_value(node: Any, nr: int, flags: dict[Any, int]) -> bool:
-    """Whether output ``nr`` of ``node`` was finite when made, given finite outputs: on a strict path, or a
-    view of such a value."""
-    while node is not None and nr == 0:
-        if flags[node] & _STRICT:
-            return True
-        if type(node).__name__ not in _SUBSET_OF_INPUT:
-            return False
-        node, nr = node.next_functions[0]
-    return False
-
-
-def _conditions_hold(nodes: Sequence[Any]) -> bool:
-    """Whether the STRICT_EDGES conditions of these strict nodes all hold (checked once a read is skipped)."""
-    return all(_NODE_TYPES[type(n)][6](n) for n in nodes)
-
-
 _NODE_TYPES: dict[type, tuple] = {}
 
 
 def _node_type(node: Any) -> tuple:
     """Per autograd node type, looked up once: its ``_raw_saved_*`` attributes, those the check before backward
-    reads, whether NODE_FACTS knows it, its singular-point test, whether it makes structural zeros (a bool, or
-    a test of the node where that depends on what it saved), its strict edges and their condition
-    (STRICT_EDGES) and which saved tensors are which inputs (_SAVED_INPUTS)."""
+    reads, whether NODE_FACTS knows it, its singular-point test, and whether it makes structural zeros (a
+    bool, or a test of the node where that depends on what it saved)."""
     info = _NODE_TYPES.get(type(node))
     if info is None:
         name = type(node).__name__
@@ -968,8 +876,7 @@ def _node_type(node: Any) -> tuple:
             tuple(a for a in names if a not in _NOT_READ.get(name, ()))
         test = _MAKES_NO_ZEROS_IF.get(name)
         makes = False if name in MAKES_NO_ZEROS or _opaque(name) else (lambda n: not test(n)) if test else True
-        info = _NODE_TYPES[type(node)] = (names, read, name in NODE_FACTS, NODE_FACTS.get(name), makes,
-                                          *STRICT_EDGES.get(name, (None, None)), _SAVED_INPUTS.get(name, {}))
+        info = _NODE_TYPES[type(node)] = (names, read, name in NODE_FACTS, NODE_FACTS.get(name), makes)
     return info
 
 
@@ -1013,78 +920,37 @@ def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
         torch._C._set_grad_enabled(grad_mode)
 
 
-_REACHED, _STRICT = 1, 2  # per node: a structural zero can reach it / its output 0 is on a strict path
-
-
 def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
     """'plain' (PyTorch is already right), 'strong' (a NaN/Inf or a singular point is in the graph where a
     structural zero can reach it), or 'check' (the graph has nodes gradwise knows nothing about: run plain,
     re-run if a NaN appears).
 
-    This runs before every backward under strong zeros, so it is written for speed: one walk over the graph
-    marking the nodes a structural zero can reach (below a node not in MAKES_NO_ZEROS) and the nodes on a strict
-    path from an output (STRICT_EDGES), then one reduction per saved tensor it must read (small ones together),
-    each tensor once (a layer's output saved by two nodes, q/k/v views of one projection: identified by what
-    they read). A saved input on a strict path is not read; the outputs are read instead (a scalar loss)."""
+    This runs before every backward under strong zeros, so it is written for speed: one walk over the graph,
+    reading only what a structural zero could reach (see MAKES_NO_ZEROS), each saved tensor once (a layer's
+    output saved by two nodes, q/k/v views of one projection: identified by what they read), and one
+    reduction per saved tensor (small ones together)."""
     known_all = True
-    flags: dict[Any, int] = {}
-    to_read: list[Any] = []
-    conditional: list[Any] = []  # strict nodes whose condition is checked only if a read is skipped
-    types = _NODE_TYPES
-    stack = []
-    for t in t_outputs:
-        if isinstance(t, torch.Tensor):  # an output's value is read: a non-empty one is the start of strict paths
-            node = t.grad_fn  # (unless written in place since its op made it: its value is then not that op's)
-            if node is None:
-                node = _grad_accumulator(t)
-            if node is not None:
-                stack.append((node, 0 if t.output_nr or t._version or not t.numel() else _STRICT))
-        else:  # GradientEdge
-            stack.append((t.node, 0))
-    while stack:
-        node, state = stack.pop()
-        before = flags.get(node)
-        if before is not None:
-            if state | before == before:
-                continue
-            state |= before
-        info = types.get(type(node)) or _node_type(node)
-        if before is None:
-            known_all &= info[2]
-            makes = info[4]
-            if not state & _REACHED and (makes if makes.__class__ is bool else makes(node)):
-                state |= _REACHED
-        flags[node] = state
-        reached = state & _REACHED
-        strict = info[5] if state & _STRICT else None
-        if strict is None:
-            for n, _ in node.next_functions:
-                if n is not None:
-                    stack.append((n, reached))
-        else:
-            if info[6] is not None and not (before or 0) & _STRICT:  # first time strict
-                conditional.append(node)
-            if strict is True:
-                for n, nr in node.next_functions:
-                    if n is not None:
-                        stack.append((n, reached if nr else reached | _STRICT))
-            else:
-                for k, (n, nr) in enumerate(node.next_functions):
-                    if n is not None:
-                        stack.append((n, reached | _STRICT if nr == 0 and k in strict else reached))
-        if reached and not (before or 0) & _REACHED and (info[1] or info[3] is not None):
-            to_read.append(node)
-
     saved: list[torch.Tensor] = []
     seen_tensors: set[tuple] = set()
-    skipped = False
-    strict_holds = None
-    for node in to_read:
-        _, read, _, singular, _, strict, _, inputs = types[type(node)]
-        if not flags[node] & _STRICT:
-            strict = None
+    seen: dict[Any, bool] = {}  # node -> whether a structural zero can reach it
+    types = _NODE_TYPES
+    stack = [(r, False) for r in _root_nodes(t_outputs) if r is not None]
+    while stack:
+        node, reached = stack.pop()
+        before = seen.get(node)
+        if before is not None and (before or not reached):
+            continue
+        _, read, known, singular, makes = types.get(type(node)) or _node_type(node)
+        if not reached:
+            reached = makes if makes.__class__ is bool else makes(node)
+        seen[node] = reached
+        known_all &= known
+        for n, _ in node.next_functions:
+            if n is not None:
+                stack.append((n, reached))
+        if not reached:
+            continue
         readable = True
-        edges = None
         for name in read:
             value = getattr(node, name, None)
             for raw in value if isinstance(value, (tuple, list)) else (value,):
@@ -1093,26 +959,9 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
                 if raw.unpack_hook is not None:  # a checkpoint's hook would recompute the forward
                     readable = False
                     continue
-                # Finite if the outputs are (they are then read below): when this node uses it strictly on a
-                # strict path (what it saved is what it used), or when its producer is on one and it was never
-                # written in place (a no_grad write between two uses leaves no other trace).
-                edge = inputs.get(name)
-                own = edge is not None and (strict is True or (strict is not None and edge in strict))
-                if own:
-                    strict_holds = _conditions_hold(conditional) if strict_holds is None else strict_holds
-                    if strict_holds:
-                        skipped = True
-                        continue
                 t = raw.data
                 if not isinstance(t, torch.Tensor) or not t.is_floating_point() or not t.numel():
                     continue
-                if edge is not None and not own and not t._version:
-                    edges = edges or node.next_functions
-                    if _finite_value(*edges[edge], flags):
-                        strict_holds = _conditions_hold(conditional) if strict_holds is None else strict_holds
-                        if strict_holds:
-                            skipped = True
-                            continue
                 if t.layout != torch.strided:
                     key: tuple = (id(t),)
                 else:
@@ -1128,8 +977,6 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
         known_all &= readable
         if singular is not None and readable and singular(node):
             return "strong"
-    if skipped:
-        saved.extend(t for t in t_outputs if isinstance(t, torch.Tensor))
     if saved:  # a seed's NaN/Inf matters only where a structural zero can meet it
         saved.extend(t for t in seeds if isinstance(t, torch.Tensor) and t.is_floating_point())
     if not _all_finite(saved):
