@@ -59,6 +59,7 @@ def test_shared_contamination_cases(case):
 torch.manual_seed(0)
 W = torch.randn(6, 5, dtype=torch.float64)
 CONV = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+BILINEAR = torch.randn(2, 3, 3, dtype=torch.float64)
 
 
 def _rows(x: torch.Tensor, n: int = 4) -> torch.Tensor:
@@ -68,6 +69,7 @@ def _rows(x: torch.Tensor, n: int = 4) -> torch.Tensor:
 RULE_PROGRAMS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str]] = {
     # name: (program on rows; discards rows >= 4, the backward op it exercises)
     "mm": (lambda x: _rows(x @ W).sum(), "aten.mm"),
+    "bilinear": (lambda x: _rows(F.bilinear(x[:, :3], x[:, 3:].exp(), BILINEAR)).pow(2).sum(), "aten._trilinear"),
     "bmm": (lambda x: _rows(torch.bmm(x.unsqueeze(1), W.expand(x.shape[0], 6, 5))).sum(), "aten.bmm"),
     "gelu": (lambda x: _rows(F.gelu(x @ W)).pow(2).sum(), "aten.gelu_backward"),
     "relu": (lambda x: _rows(torch.relu(x @ W)).sum(), "aten.threshold_backward"),
@@ -524,3 +526,33 @@ def test_normalisation_keeps_a_nan_the_output_uses():
     assert gw.grad(norm(x).sum(), norm.weight)[0].isnan().all()
     (g,) = gw.grad(norm(x)[:, :4].square().sum(), norm.weight)
     assert g[:4].isnan().all() and torch.equal(g[4:], torch.zeros(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_bilinear_rows_sliced_away(dtype):
+    """nn.Bilinear on a batch whose rows 4..7 are NaN/Inf, sliced away after the layer: PyTorch's weight
+    gradient is NaN (aten._trilinear sums 0 x NaN over the batch); gradwise's, and the inputs' gradients, equal
+    those of the program run on rows 0..3 only (the discarded rows' input gradients are 0)."""
+    torch.manual_seed(0)
+    layer = nn.Bilinear(3, 4, 2).to(dtype)
+    x1, x2 = torch.randn(8, 3, dtype=dtype), torch.randn(8, 4, dtype=dtype)
+    x1[4:], x2[6:] = nan, inf
+    a, b = x1.clone().requires_grad_(), x2.clone().requires_grad_()
+    params = list(layer.parameters())
+    assert torch.autograd.grad(layer(a, b)[:4].square().sum(), params)[0].isnan().all()
+    got = gw.grad(layer(a, b)[:4].square().sum(), [*params, a, b])
+    a4, b4 = x1[:4].clone().requires_grad_(), x2[:4].clone().requires_grad_()
+    expected = torch.autograd.grad(layer(a4, b4).square().sum(), [*params, a4, b4])
+    for g, e in zip(got[:2], expected[:2], strict=True):
+        torch.testing.assert_close(g, e)
+    for g, e in zip(got[2:], expected[2:], strict=True):
+        torch.testing.assert_close(g[:4], e)
+        assert torch.equal(g[4:], torch.zeros_like(g[4:]))
+
+
+def test_bilinear_keeps_a_nan_the_output_uses():
+    """Control: a NaN row the output uses keeps the weight gradient NaN under gradwise too."""
+    layer = nn.Bilinear(3, 4, 2).double()
+    x1, x2 = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    x1[5] = nan
+    assert gw.grad(layer(x1, x2).square().sum(), layer.weight)[0].isnan().all()

@@ -568,6 +568,67 @@ def _nll_loss_backward(func, args, kwargs, sup):
 _register(aten.nll_loss_backward, aten.nll_loss2d_backward)(_nll_loss_backward)
 
 
+def _trilinear(func, args, kwargs, sup):
+    """_trilinear(i1, i2, i3, expand1, expand2, expand3, sumdim): the sum over ``sumdim`` of the product of the
+    three operands, each unsqueezed at its expand dims (nn.Bilinear, and its backward with the sensitivity as
+    one operand). An output element is a structural zero when every term is, i.e. when the sensitivity's
+    slice is all structural zeros. A contraction index at which the sensitivity holds only structural zeros (a
+    batch's padding rows) contributes nothing, so it is dropped from every operand that has it and the NaN/Inf
+    there never enter. A NaN/Inf still meeting a structural zero inside a kept index is left as PyTorch
+    computes it (listed by gw.unruled_ops()), never replaced: the counting that mm uses needs one value."""
+    operands, expands, sumdim = list(args[:3]), args[3:6], args[6]
+    tracked = [i for i in range(3) if sup.tracked(operands[i])]
+    if len(tracked) != 1:
+        out = func(*args, **kwargs)
+        if tracked:
+            _UNRULED.add(f"{func} (several tracked operands)")
+            sup.record(out, None)
+        return out
+    slot = tracked[0]
+    s = sup.of(operands[slot])
+    if s is None:
+        out = func(*args, **kwargs)
+        sup.record(out, None)
+        return out
+    ndim = operands[slot].dim() + len(expands[slot])
+    dims = [[d for d in range(ndim) if d not in expands[i]] for i in range(3)]  # each operand's dims, expanded
+    s_sum = tuple(dims[slot].index(d) for d in sumdim if d in dims[slot])
+    for d in sumdim:
+        if d not in dims[slot]:
+            continue
+        axis = dims[slot].index(d)
+        kept = mask_any(s, tuple(a for a in range(s.dim()) if a != axis)) if s.dim() > 1 else s
+        if mask_all(kept):
+            continue
+        index = kept.nonzero().squeeze(1)
+        s = s.index_select(axis, index)
+        for i in range(3):
+            if d in dims[i]:
+                operands[i] = operands[i].index_select(dims[i].index(d), index)
+    out = func(*operands, *args[3:], **kwargs)
+    support = mask_any(s, s_sum) if s_sum else s  # the sensitivity's remaining dims, in expanded order
+    out_dims = [d for d in range(ndim) if d not in sumdim]
+    kept_dims = [d for d in dims[slot] if d not in sumdim]
+    support = support.reshape([support.shape[kept_dims.index(d)] if d in kept_dims else 1 for d in out_dims])
+    support = support.expand(out.shape)
+    values = [i for i in range(3) if i != slot]
+    if not mask_all(s) and not all(_finite(operands[i]) for i in values):
+        # do terms with a structural zero meet a NaN/Inf in a supported output? counted with 0/1 indicators
+        meets = 0
+        for i in values:
+            ind = [operands[j].new_ones(()).expand(operands[j].shape) for j in range(3)]
+            ind[slot] = (~s).to(out.dtype)
+            ind[i] = (~torch.isfinite(operands[i])).to(out.dtype)
+            meets = meets + func(*ind, *args[3:], **kwargs)
+        if bool(mask_any((meets > 0) & support)):
+            _UNRULED.add(f"{func} (NaN/Inf meeting a structural zero inside a kept contraction index)")
+    sup.record(_annihilate(out, support), support)
+    return out
+
+
+_register(aten._trilinear)(_trilinear)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The mode that applies the rules, and the two-phase backward.
 # ---------------------------------------------------------------------------------------------------------
