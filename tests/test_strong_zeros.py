@@ -556,3 +556,30 @@ def test_bilinear_keeps_a_nan_the_output_uses():
     x1, x2 = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
     x1[5] = nan
     assert gw.grad(layer(x1, x2).square().sum(), layer.weight)[0].isnan().all()
+
+
+_SPD = torch.randn(4, 4, dtype=torch.float64)
+_SPD = _SPD @ _SPD.T + 4 * torch.eye(4, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(("name", "solve", "matrix"), [
+    ("solve_triangular", lambda a, b: torch.linalg.solve_triangular(a, b, upper=False), torch.linalg.cholesky(_SPD)),
+    ("solve_triangular_right", lambda a, b: torch.linalg.solve_triangular(a, b.mT, upper=False, left=False).mT,
+     torch.linalg.cholesky(_SPD)),
+    ("cholesky_solve", lambda a, b: torch.cholesky_solve(b, a), torch.linalg.cholesky(_SPD)),
+    ("lu_solve", torch.linalg.solve, _SPD),
+])
+def test_solution_columns_sliced_away(name, solve, matrix):
+    """A X = B with NaN/Inf in B's columns 3..4, those columns of X sliced away: PyTorch's gradient of A is
+    NaN (the product after the solve sums 0 x NaN over the columns); gradwise's equals that of the program
+    solving for columns 0..2 only."""
+    torch.manual_seed(0)
+    b = torch.randn(4, 5, dtype=torch.float64)
+    b[:, 3], b[:, 4] = nan, -inf
+    a = matrix.clone().requires_grad_()
+    assert torch.autograd.grad(solve(a, b)[:, :3].square().sum(), a)[0].isnan().any()
+    gw.unruled_ops().clear()
+    (got,) = gw.grad(solve(a, b)[:, :3].square().sum(), a)
+    assert not gw.unruled_ops()
+    (expected,) = torch.autograd.grad(solve(a, b[:, :3]).square().sum(), a)
+    torch.testing.assert_close(got, expected)

@@ -629,6 +629,43 @@ def _trilinear(func, args, kwargs, sup):
 _register(aten._trilinear)(_trilinear)
 
 
+# op -> (position of the right-hand side among the positional arguments, whether the solve is always from the left)
+_SOLVES = {
+    aten.linalg_solve_triangular.default: (1, False),
+    aten.triangular_solve.default: (0, True),
+    aten.cholesky_solve.default: (0, True),
+    aten.linalg_lu_solve.default: (2, False),
+}
+
+
+def _solve(func, args, kwargs, sup):
+    """Triangular, Cholesky and LU solves, A X = B (or X A = B with left=False): column k of X depends on
+    column k of B alone (row k when solving from the right), so a column of B that is all structural zeros
+    gives a structurally zero column of X, exactly 0 whatever A holds. Their backwards solve with the
+    sensitivity as B; the products after them then drop those columns (a discarded column of a solution no
+    longer turns A's gradient into NaN). A tracked matrix A runs as PyTorch computes it (unruled)."""
+    rhs, always_left = _SOLVES[func]
+    out = func(*args, **kwargs)
+    first = out[0] if isinstance(out, (tuple, list)) else out
+    tracked = [a for a in args if _is_float(a) and sup.tracked(a)]
+    if tracked != [args[rhs]] or first.dim() < 2:
+        if tracked:
+            _UNRULED.add(f"{func} (the matrix is tracked)")
+        tree_map(lambda o: sup.record(o, None) if isinstance(o, torch.Tensor) else o, out)
+        return out
+    s = sup.of(args[rhs])
+    left = always_left or kwargs.get("left", True)
+    support = mask_any(s, -2 if left else -1, keepdim=True).expand(first.shape)
+    sup.record(_annihilate(first, support), support)
+    for other in (out[1:] if isinstance(out, (tuple, list)) else ()):
+        if isinstance(other, torch.Tensor):
+            sup.record(other, None)
+    return out
+
+
+_register(*_SOLVES)(_solve)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The mode that applies the rules, and the two-phase backward.
 # ---------------------------------------------------------------------------------------------------------
