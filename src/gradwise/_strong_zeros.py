@@ -666,6 +666,69 @@ def _solve(func, args, kwargs, sup):
 _register(*_SOLVES)(_solve)
 
 
+def _only_sensitivity_tracked(func, args, sup) -> bool:
+    """Whether args[0] (the sensitivity) is the only tracked operand; otherwise run the op plain (unruled)."""
+    tracked = [i for i, a in enumerate(args) if _is_float(a) and sup.tracked(a)]
+    return tracked == [0]
+
+
+def _cdist_backward(func, args, kwargs, sup):
+    """_cdist_backward(g, x1, x2, p, cdist): x1's gradient, row i = sum over j of g[i, j] times the distance's
+    derivative. A column j where g holds only structural zeros (a discarded point of x2) contributes nothing
+    and is dropped from g, x2 and cdist, so its NaN/Inf never enter; a row i where g does is a structural
+    zero."""
+    if not _only_sensitivity_tracked(func, args, sup):
+        out = func(*args, **kwargs)
+        _UNRULED.add(f"{func} (a tracked point set)")
+        sup.record(out, None)
+        return out
+    g, x1, x2, p, dist = args
+    s = sup.of(g)
+    kept = mask_any(s.reshape(-1, s.shape[-1]), 0)
+    if not mask_all(kept):
+        j = kept.nonzero().squeeze(1)
+        g, x2, dist = g.index_select(-1, j), x2.index_select(-2, j), dist.index_select(-1, j)
+    out = func(g, x1, x2, p, dist, **kwargs)
+    support = mask_any(s, -1, keepdim=True).expand(out.shape)
+    sup.record(_annihilate(out, support), support)
+    return out
+
+
+_register(aten._cdist_backward)(_cdist_backward)
+
+
+def _pdist_backward(func, args, kwargs, sup):
+    """_pdist_backward(g, x, p, pdist): g and pdist run over the pairs i < j in row-major order. A row of x
+    whose pairs all have structural zeros in g (a discarded point) is dropped with those pairs, so its NaN/Inf
+    never meet the other rows; its own gradient is a structural zero."""
+    if not _only_sensitivity_tracked(func, args, sup):
+        out = func(*args, **kwargs)
+        _UNRULED.add(f"{func} (a tracked point set)")
+        sup.record(out, None)
+        return out
+    g, x, p, dist = args
+    s = sup.of(g)
+    n = x.shape[0]
+    pairs = torch.triu_indices(n, n, 1, device=x.device)
+    kept = torch.zeros(n, dtype=torch.bool, device=x.device)
+    kept[pairs[0][s]] = True
+    kept[pairs[1][s]] = True
+    if mask_all(kept):
+        out = func(*args, **kwargs)
+    else:
+        out = x.new_zeros(x.shape)
+        rows = kept.nonzero().squeeze(1)
+        if rows.numel() > 1:  # (one kept row has no pair: nothing to compute)
+            among = kept[pairs[0]] & kept[pairs[1]]
+            out[rows] = func(g[among], x[rows], p, dist[among], **kwargs)
+    support = kept.unsqueeze(1).expand(out.shape)
+    sup.record(_annihilate(out, support), support)
+    return out
+
+
+_register(aten._pdist_backward)(_pdist_backward)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The mode that applies the rules, and the two-phase backward.
 # ---------------------------------------------------------------------------------------------------------
