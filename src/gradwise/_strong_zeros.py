@@ -568,6 +568,20 @@ def _nll_loss_backward(func, args, kwargs, sup):
 _register(aten.nll_loss_backward, aten.nll_loss2d_backward)(_nll_loss_backward)
 
 
+def _tracked_slots(args: tuple, sup: _Supports) -> list[int]:
+    return [i for i, a in enumerate(args) if _is_float(a) and sup.tracked(a)]
+
+
+def _run_unruled(func, args, kwargs, sup, why: str | None) -> Any:
+    """Run the op as PyTorch does with its outputs fully supported; ``why`` (when the op met a structural
+    zero it has no rule for) lists it in gw.unruled_ops()."""
+    out = func(*args, **kwargs)
+    if why:
+        _UNRULED.add(f"{func} ({why})")
+    tree_map(lambda o: sup.record(o, None) if isinstance(o, torch.Tensor) else o, out)
+    return out
+
+
 def _trilinear(func, args, kwargs, sup):
     """_trilinear(i1, i2, i3, expand1, expand2, expand3, sumdim): the sum over ``sumdim`` of the product of the
     three operands, each unsqueezed at its expand dims (nn.Bilinear, and its backward with the sensitivity as
@@ -577,19 +591,11 @@ def _trilinear(func, args, kwargs, sup):
     there never enter. A NaN/Inf still meeting a structural zero inside a kept index is left as PyTorch
     computes it (listed by gw.unruled_ops()), never replaced: the counting that mm uses needs one value."""
     operands, expands, sumdim = list(args[:3]), args[3:6], args[6]
-    tracked = [i for i in range(3) if sup.tracked(operands[i])]
+    tracked = _tracked_slots(args, sup)
     if len(tracked) != 1:
-        out = func(*args, **kwargs)
-        if tracked:
-            _UNRULED.add(f"{func} (several tracked operands)")
-            sup.record(out, None)
-        return out
+        return _run_unruled(func, args, kwargs, sup, "several tracked operands" if tracked else None)
     slot = tracked[0]
     s = sup.of(operands[slot])
-    if s is None:
-        out = func(*args, **kwargs)
-        sup.record(out, None)
-        return out
     ndim = operands[slot].dim() + len(expands[slot])
     dims = [[d for d in range(ndim) if d not in expands[i]] for i in range(3)]  # each operand's dims, expanded
     s_sum = tuple(dims[slot].index(d) for d in sumdim if d in dims[slot])
@@ -645,14 +651,11 @@ def _solve(func, args, kwargs, sup):
     sensitivity as B; the products after them then drop those columns (a discarded column of a solution no
     longer turns A's gradient into NaN). A tracked matrix A runs as PyTorch computes it (unruled)."""
     rhs, always_left = _SOLVES[func]
+    tracked = _tracked_slots(args, sup)
+    if tracked != [rhs] or args[rhs].dim() < 2:
+        return _run_unruled(func, args, kwargs, sup, "the matrix is tracked" if tracked else None)
     out = func(*args, **kwargs)
     first = out[0] if isinstance(out, (tuple, list)) else out
-    tracked = [a for a in args if _is_float(a) and sup.tracked(a)]
-    if tracked != [args[rhs]] or first.dim() < 2:
-        if tracked:
-            _UNRULED.add(f"{func} (the matrix is tracked)")
-        tree_map(lambda o: sup.record(o, None) if isinstance(o, torch.Tensor) else o, out)
-        return out
     s = sup.of(args[rhs])
     left = always_left or kwargs.get("left", True)
     support = mask_any(s, -2 if left else -1, keepdim=True).expand(first.shape)
@@ -666,22 +669,14 @@ def _solve(func, args, kwargs, sup):
 _register(*_SOLVES)(_solve)
 
 
-def _only_sensitivity_tracked(func, args, sup) -> bool:
-    """Whether args[0] (the sensitivity) is the only tracked operand; otherwise run the op plain (unruled)."""
-    tracked = [i for i, a in enumerate(args) if _is_float(a) and sup.tracked(a)]
-    return tracked == [0]
-
-
 def _cdist_backward(func, args, kwargs, sup):
     """_cdist_backward(g, x1, x2, p, cdist): x1's gradient, row i = sum over j of g[i, j] times the distance's
     derivative. A column j where g holds only structural zeros (a discarded point of x2) contributes nothing
     and is dropped from g, x2 and cdist, so its NaN/Inf never enter; a row i where g does is a structural
     zero."""
-    if not _only_sensitivity_tracked(func, args, sup):
-        out = func(*args, **kwargs)
-        _UNRULED.add(f"{func} (a tracked point set)")
-        sup.record(out, None)
-        return out
+    tracked = _tracked_slots(args, sup)
+    if tracked != [0]:  # the sensitivity alone
+        return _run_unruled(func, args, kwargs, sup, "a tracked point set" if tracked else None)
     g, x1, x2, p, dist = args
     s = sup.of(g)
     kept = mask_any(s.reshape(-1, s.shape[-1]), 0)
@@ -701,11 +696,9 @@ def _pdist_backward(func, args, kwargs, sup):
     """_pdist_backward(g, x, p, pdist): g and pdist run over the pairs i < j in row-major order. A row of x
     whose pairs all have structural zeros in g (a discarded point) is dropped with those pairs, so its NaN/Inf
     never meet the other rows; its own gradient is a structural zero."""
-    if not _only_sensitivity_tracked(func, args, sup):
-        out = func(*args, **kwargs)
-        _UNRULED.add(f"{func} (a tracked point set)")
-        sup.record(out, None)
-        return out
+    tracked = _tracked_slots(args, sup)
+    if tracked != [0]:  # the sensitivity alone
+        return _run_unruled(func, args, kwargs, sup, "a tracked point set" if tracked else None)
     g, x, p, dist = args
     s = sup.of(g)
     n = x.shape[0]
