@@ -99,6 +99,8 @@ RULE_PROGRAMS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str]] = {
     "embedding": (lambda x: F.embedding(torch.tensor([0, 1, 2, 3, 1]), x.exp()).pow(2).sum(),
                   "aten.embedding_dense_backward"),
     "sqrt_where": (lambda x: torch.where(x > 0, x.clamp_min(0).sqrt(), x)[:4].sum(), "aten.where"),
+    "xlogy": (lambda x: _rows(torch.xlogy(x, x.exp())).sum(), "aten.xlogy"),
+    "xlog1py": (lambda x: _rows(torch.special.xlog1py(x, x.exp())).sum(), "aten.special_xlog1py"),
     "cdist": (lambda x: torch.cdist(x, x[:3].exp())[:4].sum(), "aten._cdist_backward"),
     "pdist": (lambda x: torch.pdist(x)[torch.triu_indices(6, 6, 1)[1] < 4].square().sum(),  # pairs among rows < 4
               "aten._pdist_backward"),

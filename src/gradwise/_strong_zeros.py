@@ -184,6 +184,8 @@ _register(aten.div, aten.div_, aten.neg, aten.clone, aten._to_copy, aten.sigmoid
           aten.softplus_backward, aten.mish_backward, aten.log_sigmoid_backward, aten.mse_loss_backward,
           aten.smooth_l1_loss_backward, aten.huber_loss_backward, aten.binary_cross_entropy_backward,
           aten.logit_backward, aten.rrelu_with_noise_backward)(_product((0,)))
+# xlogy(g, y) = g * log(y) and xlog1py(g, y) = g * log1p(y): the backward of xlogy/xlog1py in their first input
+_register(aten.xlogy, aten.special_xlog1py)(_product((0,)))
 _register(aten.threshold_backward)(_product((0,), flat=lambda a: a[1] > a[2]))
 _register(aten.hardtanh_backward)(_product((0,), flat=lambda a: (a[1] > a[2]) & (a[1] < a[3])))
 _register(aten.hardsigmoid_backward)(_product((0,), flat=lambda a: (a[1] > -3) & (a[1] < 3)))
