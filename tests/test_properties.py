@@ -1,7 +1,7 @@
 """Property: on finite programs strong zeros change nothing; gw.grad equals torch.autograd.grad exactly.
 
 Programs are random chains of steps over a (rows, cols) tensor: unary elementwise ops, broadcasting binary ops
-with a second input, matmul, slicing/indexing, where/masked_fill, reductions broadcast back, and the kink ops
+with a second input, matmul (and bilinear, a triangular solve, cdist), slicing/indexing, where/masked_fill, reductions broadcast back, and the kink ops
 (relu, abs, max, clamp, sort, ...). Inputs mix random values with 0, +-1 and repeated values, so that kinks
 and ties are hit. Deterministic in CI (``derandomize=True``).
 """
@@ -48,6 +48,11 @@ STEPS = {
     # matmul
     "matmul": lambda h, x, w: h @ w,
     "linear": lambda h, x, w: F.linear(h, w, x[0]),
+    "bilinear": lambda h, x, w: F.bilinear(h, x, w.expand(w.shape[0], -1, -1)),
+    "solve_triangular": lambda h, x, w: torch.linalg.solve_triangular(
+        w.tril() + 4 * torch.eye(w.shape[0], dtype=w.dtype), h.mT, upper=False).mT,
+    "cdist": lambda h, x, w: torch.cdist(h, x) @ h,
+    "xlogy": lambda h, x, w: torch.xlogy(h, x * x + 1),
     # slicing / indexing
     "roll": lambda h, x, w: torch.cat([h[1:], h[:1]]),
     "flip": lambda h, x, w: h.flip(1),
