@@ -1,9 +1,9 @@
 """Property: on finite programs strong zeros change nothing; gw.grad equals torch.autograd.grad exactly.
 
 Programs are random chains of steps over a (rows, cols) tensor: unary elementwise ops, broadcasting binary ops
-with a second input, matmul (and bilinear, a triangular solve, cdist), slicing/indexing, where/masked_fill, reductions broadcast back, and the kink ops
-(relu, abs, max, clamp, sort, ...). Inputs mix random values with 0, +-1 and repeated values, so that kinks
-and ties are hit. Deterministic in CI (``derandomize=True``).
+with a second input, matmul (and bilinear, a triangular solve, cdist), slicing/indexing, where/masked_fill,
+reductions broadcast back, and the kink ops (relu, abs, max, clamp, sort, ...). Inputs mix random values with
+0, +-1 and repeated values, so that kinks and ties are hit. Deterministic in CI (``derandomize=True``).
 """
 from __future__ import annotations
 
