@@ -48,7 +48,7 @@ PLATFORM_DEPENDENT = {"linalg.lu_factor", "linalg.lu_factor_ex", "lu"}
 # The full sweep (every sample, float32 too, every padding) finds these besides.
 KNOWN_CONTAMINATED_FULL = KNOWN_CONTAMINATED | {
     "linalg.lu_factor", "linalg.lu_factor_ex", "lu",
-    "nn.functional.embedding_bag", "stft",
+    "stft",
 }
 
 # Ops whose gradient differs (by float32 rounding) from PyTorch's when the strong-zero pass is forced on

@@ -102,6 +102,10 @@ RULE_PROGRAMS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str]] = {
     "xlogy": (lambda x: _rows(torch.xlogy(x, x.exp())).sum(), "aten.xlogy"),
     "xlog1py": (lambda x: _rows(torch.special.xlog1py(x, x.exp())).sum(), "aten.special_xlog1py"),
     "cdist": (lambda x: torch.cdist(x, x[:3].exp())[:4].sum(), "aten._cdist_backward"),
+    "embedding_bag_weights": (  # x's rows are embedding dimensions here; rows >= 4 are discarded as columns
+        lambda x: F.embedding_bag(torch.tensor([1, 2, 4, 5]), x.t(), torch.tensor([0, 2]),
+                                  mode="sum", per_sample_weights=x[:4, 0].exp())[:, :4].sum(),
+        "aten._embedding_bag_per_sample_weights_backward"),
     "pdist": (lambda x: torch.pdist(x)[torch.triu_indices(6, 6, 1)[1] < 4].square().sum(),  # pairs among rows < 4
               "aten._pdist_backward"),
 }

@@ -281,6 +281,20 @@ _register(aten.slice_backward, aten.select_backward, aten.diagonal_backward, ate
           aten.permute_copy, aten.view_copy, aten._unsafe_view, aten.contiguous)(_placement)
 
 
+def _placement_scaled(func, args, kwargs, sup):
+    """As _placement, for an op whose coefficients are values (embedding_bag's backward, scaled by the
+    per-sample weights): an output that no supported element reaches is exactly 0, so a NaN/Inf coefficient
+    met there is annihilated."""
+    out = _placement(func, args, kwargs, sup)
+    for o in out if isinstance(out, (tuple, list)) else (out,):
+        if _is_float(o) and o.layout == torch.strided:
+            _annihilate(o, sup.of(o))
+    return out
+
+
+_register(aten._embedding_bag_backward, aten._embedding_bag_dense_backward)(_placement_scaled)
+
+
 def _copy(func, args, kwargs, sup):
     """copy_(dst, src): dst's elements take src's support (the engine's and CopySlices' way to write a
     gradient into a buffer)."""
@@ -722,6 +736,28 @@ def _pdist_backward(func, args, kwargs, sup):
 
 
 _register(aten._pdist_backward)(_pdist_backward)
+
+
+def _embedding_bag_per_sample_weights_backward(func, args, kwargs, sup):
+    """(g, weight, indices, offsets, offset2bag, mode, padding_idx): the gradient of each per-sample weight is
+    the dot product, over the embedding columns, of its bag's g row with its weight row. A column where g holds
+    only structural zeros (an embedding dimension the output discards) is dropped from g and weight, so the
+    NaN/Inf there never enter. The outputs are recorded as supported (offset2bag, which would say which bag
+    each index feeds, is empty on the fast path)."""
+    tracked = _tracked_slots(args, sup)
+    if tracked != [0]:  # the sensitivity alone
+        return _run_unruled(func, args, kwargs, sup, "a tracked weight" if tracked else None)
+    g, weight = args[0], args[1]
+    kept = mask_any(sup.of(g), 0)
+    if not mask_all(kept):
+        j = kept.nonzero().squeeze(1)
+        args = (g.index_select(1, j), weight.index_select(1, j), *args[2:])
+    out = func(*args, **kwargs)
+    sup.record(out, None)
+    return out
+
+
+_register(aten._embedding_bag_per_sample_weights_backward)(_embedding_bag_per_sample_weights_backward)
 
 
 # ---------------------------------------------------------------------------------------------------------
