@@ -277,7 +277,9 @@ _register(aten.slice_backward, aten.select_backward, aten.diagonal_backward, ate
           aten.max_pool3d_with_indices_backward, aten.avg_pool2d_backward, aten.avg_pool3d_backward,
           aten._adaptive_avg_pool2d_backward, aten._adaptive_avg_pool3d_backward,
           aten.upsample_nearest2d_backward, aten.upsample_bilinear2d_backward,
-          aten.upsample_nearest1d_backward, aten.upsample_linear1d_backward, aten.expand_copy,
+          aten.upsample_nearest1d_backward, aten.upsample_linear1d_backward, aten.reflection_pad1d_backward,
+          aten.reflection_pad2d_backward, aten.reflection_pad3d_backward, aten.replication_pad1d_backward,
+          aten.replication_pad2d_backward, aten.replication_pad3d_backward, aten.expand_copy,
           aten.permute_copy, aten.view_copy, aten._unsafe_view, aten.contiguous)(_placement)
 
 
