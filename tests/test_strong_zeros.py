@@ -596,3 +596,25 @@ def test_solution_columns_sliced_away(name, solve, matrix):
     assert not gw.unruled_ops()
     (expected,) = torch.autograd.grad(solve(a, b[:, :3]).square().sum(), a)
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate"])
+def test_padded_convolutions_with_a_nan_border_cropped(mode):
+    """Two convolutions with padding_mode reflect/replicate over an image with a NaN frame of width 2, cropped
+    to the outputs that never see it: PyTorch's weight gradients are NaN (the pad's backward and the
+    convolutions sum 0 x NaN), gradwise's equal those of the same program with a finite frame."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode=mode), nn.Tanh(),
+                        nn.Conv2d(3, 2, 3, padding=1, padding_mode=mode)).double()
+    img = torch.randn(1, 2, 12, 12, dtype=torch.float64)
+    params = list(net.parameters())
+
+    def loss(frame):
+        return net(F.pad(img, (2, 2, 2, 2), value=frame))[..., 4:12, 4:12].square().sum()
+
+    assert torch.autograd.grad(loss(nan), params)[0].isnan().any()
+    gw.unruled_ops().clear()
+    got = gw.grad(loss(nan), params)
+    assert not gw.unruled_ops()
+    for g, e in zip(got, torch.autograd.grad(loss(0.25), params), strict=True):
+        torch.testing.assert_close(g, e)
