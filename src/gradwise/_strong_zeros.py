@@ -190,6 +190,31 @@ _register(aten.threshold_backward)(_product((0,), flat=lambda a: a[1] > a[2]))
 _register(aten.hardtanh_backward)(_product((0,), flat=lambda a: (a[1] > a[2]) & (a[1] < a[3])))
 _register(aten.hardsigmoid_backward)(_product((0,), flat=lambda a: (a[1] > -3) & (a[1] < 3)))
 _register(aten.hardswish_backward)(_product((0,), flat=lambda a: a[1] > -3))
+_register(aten.softshrink_backward, aten.hardshrink_backward)(_product((0,), flat=lambda a: a[1].abs() > a[2]))
+
+
+def _glu_backward(func, args, kwargs, sup):
+    """glu_backward(g, x, dim): both halves of x's gradient are g times a function of x, so each half is a
+    structural zero where g is."""
+    out = func(*args, **kwargs)
+    s = sup.of(args[0])
+    support = None if s is None else torch.cat([s, s], args[2])
+    sup.record(_annihilate(out, support), support)
+    return out
+
+
+_register(aten.glu_backward)(_glu_backward)
+
+
+def _uninitialised(func, args, kwargs, sup):
+    """new_empty(_strided): memory a backward formula allocates and then writes (a circular pad's backward):
+    its support is whatever the writes give it."""
+    out = func(*args, **kwargs)
+    sup.record(out, None)
+    return out
+
+
+_register(aten.new_empty_strided, aten.new_empty, aten.empty_like)(_uninitialised)
 
 
 def _sum(func, args, kwargs, sup):
@@ -277,7 +302,12 @@ _register(aten.slice_backward, aten.select_backward, aten.diagonal_backward, ate
           aten.max_pool3d_with_indices_backward, aten.avg_pool2d_backward, aten.avg_pool3d_backward,
           aten._adaptive_avg_pool2d_backward, aten._adaptive_avg_pool3d_backward,
           aten.upsample_nearest2d_backward, aten.upsample_bilinear2d_backward,
-          aten.upsample_nearest1d_backward, aten.upsample_linear1d_backward, aten.reflection_pad1d_backward,
+          aten.upsample_nearest1d_backward, aten.upsample_linear1d_backward, aten.upsample_trilinear3d_backward,
+          aten.upsample_nearest3d_backward, aten._upsample_nearest_exact1d_backward,
+          aten._upsample_nearest_exact2d_backward, aten._upsample_nearest_exact3d_backward,
+          aten._upsample_bilinear2d_aa_backward, aten.adaptive_max_pool2d_backward,
+          aten.adaptive_max_pool3d_backward, aten.fractional_max_pool2d_backward, aten.pixel_shuffle,
+          aten.pixel_unshuffle, aten.channel_shuffle, aten.native_channel_shuffle, aten.reflection_pad1d_backward,
           aten.reflection_pad2d_backward, aten.reflection_pad3d_backward, aten.replication_pad1d_backward,
           aten.replication_pad2d_backward, aten.replication_pad3d_backward, aten.expand_copy,
           aten.permute_copy, aten.view_copy, aten._unsafe_view, aten.contiguous)(_placement)
