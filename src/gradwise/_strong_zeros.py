@@ -313,39 +313,6 @@ _register(aten.slice_backward, aten.select_backward, aten.diagonal_backward, ate
           aten.permute_copy, aten.view_copy, aten._unsafe_view, aten.contiguous)(_placement)
 
 
-def _attention_backward(func, args, kwargs, sup):
-    """_scaled_dot_product_flash_attention_for_cpu_backward(g, q, k, v, out, logsumexp, dropout_p, is_causal,
-    attn_mask, scale): every batch element is computed on its own, so one whose g holds only structural zeros
-    (a discarded sequence of the batch) is dropped from every operand, and its gradients are structural zeros:
-    its NaN/Inf (a NaN padding sequence, a fully masked one) never enter. Within a kept batch element the
-    kernel runs as it is, with its outputs supported."""
-    tracked = _tracked_slots(args, sup)
-    if tracked != [0]:  # the sensitivity alone
-        return _run_unruled(func, args, kwargs, sup, "a tracked query, key or value" if tracked else None)
-    s = sup.of(args[0])
-    batch = args[0].shape[0]
-    kept = mask_any(s.reshape(batch, -1), 1)
-    if mask_all(kept):
-        return _run_unruled(func, args, kwargs, sup, None)
-    index = kept.nonzero().squeeze(1)
-    new = [a.index_select(0, index) if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch else a
-           for a in args]
-    mask = kwargs.get("attn_mask")
-    if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[0] == batch:
-        kwargs = {**kwargs, "attn_mask": mask.index_select(0, index)}
-    outs = []
-    for part, full in zip(func(*new, **kwargs), args[1:4], strict=True):
-        o = full.new_zeros(full.shape)
-        o[index] = part
-        support = kept.view(-1, *[1] * (o.dim() - 1)).expand(o.shape)
-        sup.record(o, support)
-        outs.append(o)
-    return tuple(outs)
-
-
-_register(aten._scaled_dot_product_flash_attention_for_cpu_backward)(_attention_backward)
-
-
 def _placement_scaled(func, args, kwargs, sup):
     """As _placement, for an op whose coefficients are values (embedding_bag's backward, scaled by the
     per-sample weights): an output that no supported element reaches is exactly 0, so a NaN/Inf coefficient
@@ -1082,11 +1049,26 @@ MAKES_NO_ZEROS = frozenset((
     "ToCopyBackward0 AliasBackward0 AddmmBackward0 MmBackward0 BmmBackward0 BaddbmmBackward0 MvBackward0 "
     "GeluBackward0 SigmoidBackward0 TanhBackward0 SiluBackward0 SoftplusBackward0 ExpBackward0 "
     "MseLossBackward0 SqrtBackward0 LogBackward0 NativeLayerNormBackward0 NativeGroupNormBackward0 "
-    "NativeBatchNormBackward0 ScaledDotProductFlashAttentionForCpuBackward0"
+    "NativeBatchNormBackward0"
 ).split())
 # Nodes whose backward only compares its saved tensor (relu: result <= 0 ? 0 : grad): a NaN/Inf there cannot
 # turn into a NaN/Inf of the backward, so the check before backward need not read it.
 COMPARES_SAVED_ONLY = frozenset(("ReluBackward0", "ThresholdBackward0", "HardtanhBackward0"))
+# Nodes whose backward is one fused aten op. While that op has no rule, the strong-zero pass runs it as it is
+# and marks its outputs fully supported: it makes no structural zero, and a NaN/Inf saved there comes out the
+# same with or without the pass, so the check reads nothing there either.
+# (Normalisations are not among them: they run as their decomposition when a structural zero reaches them, so
+# what they save is read like any other node's.)
+FUSED_BACKWARDS: dict[str, Any] = {
+    "ScaledDotProductFlashAttentionForCpuBackward0": aten._scaled_dot_product_flash_attention_for_cpu_backward,
+}
+
+
+def _opaque(name: str) -> bool:
+    op = FUSED_BACKWARDS.get(name)
+    return op is not None and lookup(op.default) is None
+
+
 _MAKES_NO_ZEROS_IF: dict[str, Callable[[Any], bool]] = {
     "PowBackward0": lambda node: _saved(node, "_saved_exponent") != 0,  # x ** 0 backward is zeros_like(x)
     "ConvolutionBackward0": lambda node: _reads_every_position(node._saved_stride, node._saved_dilation,
@@ -1101,10 +1083,6 @@ _MAKES_NO_ZEROS_IF: dict[str, Callable[[Any], bool]] = {
 _NOT_READ = {
     "NativeLayerNormBackward0": ("_raw_saved_input", "_raw_saved_bias"),
     "NativeGroupNormBackward0": ("_raw_saved_input",),
-    # attention's output is NaN/Inf wherever a NaN/Inf of q, k or v enters it (a weight of exactly 0 still
-    # multiplies: 0 x NaN), and its logsumexp is -inf for a fully masked row; the mask itself holds -inf by design
-    "ScaledDotProductFlashAttentionForCpuBackward0": ("_raw_saved_query", "_raw_saved_key", "_raw_saved_value",
-                                                      "_raw_saved_attn_mask"),
 }
 
 _NODE_TYPES: dict[type, tuple] = {}
@@ -1118,9 +1096,10 @@ def _node_type(node: Any) -> tuple:
     if info is None:
         name = type(node).__name__
         names = tuple(a for a in dir(node) if a.startswith("_raw_saved_"))
-        read = () if name in COMPARES_SAVED_ONLY else tuple(a for a in names if a not in _NOT_READ.get(name, ()))
+        read = () if name in COMPARES_SAVED_ONLY or _opaque(name) else \
+            tuple(a for a in names if a not in _NOT_READ.get(name, ()))
         test = _MAKES_NO_ZEROS_IF.get(name)
-        makes = False if name in MAKES_NO_ZEROS else (lambda n: not test(n)) if test else True
+        makes = False if name in MAKES_NO_ZEROS or _opaque(name) else (lambda n: not test(n)) if test else True
         info = _NODE_TYPES[type(node)] = (names, read, name in NODE_FACTS, NODE_FACTS.get(name), makes)
     return info
 
