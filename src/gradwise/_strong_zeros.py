@@ -886,6 +886,7 @@ class _State(threading.local):
     depth = 0
     create_graph = False
     in_mode = False
+    planned: str | None = None  # a path gw.grad/gw.backward already chose, for the engine hook to take once
 
 
 _STATE = _State()
@@ -1222,11 +1223,10 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
     tensors = [t for t in (*t_outputs, *(inputs or ())) if isinstance(t, torch.Tensor)]
     check_differentiable([t for t in tensors if t.is_complex() or t.is_sparse], "tensors", "gw.strong_zeros")
 
-    if torch._C._len_torch_dispatch_stack():  # our checks are not the user's ops: modes around backward
-        with _disable_current_modes():       # (a trace, a user's mode) don't see them
-            plan = _plan(t_outputs, grad_tensors)
-    else:
-        plan = _plan(t_outputs, grad_tensors)
+    plan, _STATE.planned = _STATE.planned, None  # chosen already by gw.grad/gw.backward, or not
+    if plan is None:
+        with _disable_current_modes() if torch._C._len_torch_dispatch_stack() else contextlib.nullcontext():
+            plan = _plan(t_outputs, grad_tensors)  # modes around backward (a trace) don't see our checks
     if plan == "check" and _one_pass_only():
         plan = "strong"
     if plan == "plain":
@@ -1279,16 +1279,28 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
         _STATE.create_graph, _STATE.in_mode = outer, False
 
 
-def _plan_outside(outputs: Sequence[Any], seeds: Any) -> str | None:
-    """The path for ``gw.grad``/``gw.backward`` chosen before calling into torch.autograd, which then runs
-    without the engine hook; None where the hook must decide (inside ``strong_zeros()``, under a dispatch mode,
-    or for a graph of unknown nodes: its 'check' needs the gradients torch.autograd computes)."""
+def _run_planned(run: Callable[[bool | None], Any], outputs: Sequence[Any], seeds: Any, retain_graph: bool | None,
+                 create_graph: bool) -> Any:
+    """gw.grad/gw.backward: choose the path before calling into torch.autograd (``run``), which then runs plain
+    or inside the mode without the engine hook. Inside ``strong_zeros()`` or under a dispatch mode the hook
+    decides; a graph of unknown nodes goes through it too, with the path already chosen (its 'check' needs the
+    gradients torch.autograd computes)."""
     if _STATE.depth or torch._C._len_torch_dispatch_stack():
-        return None
-    plan = _plan(outputs, (seeds,) if isinstance(seeds, torch.Tensor) else seeds or ())
-    if plan == "check":
-        return "strong" if _one_pass_only() else None
-    return plan
+        plan = None
+    else:
+        plan = _plan(outputs, (seeds,) if isinstance(seeds, torch.Tensor) else seeds or ())
+        if plan == "check" and _one_pass_only():
+            plan = "strong"
+    if plan == "plain":
+        return run(retain_graph)
+    if plan == "strong":
+        return _run_strong(run, retain_graph, create_graph)
+    _STATE.planned = plan
+    try:
+        with strong_zeros():
+            return run(retain_graph)
+    finally:
+        _STATE.planned = None  # not consumed when torch.autograd raised before reaching the engine
 
 
 @contextlib.contextmanager
@@ -1353,11 +1365,7 @@ def grad(
         return torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=retain, create_graph=create_graph,
                                    allow_unused=allow_unused)
 
-    plan = _plan_outside(outs, grad_outputs)
-    if plan is not None:
-        return run(retain_graph) if plan == "plain" else _run_strong(run, retain_graph, create_graph)
-    with strong_zeros():
-        return run(retain_graph)
+    return _run_planned(run, outs, grad_outputs, retain_graph, create_graph)
 
 
 def backward(
@@ -1385,9 +1393,4 @@ def backward(
     def run(retain):
         torch.autograd.backward(tensors, grad_tensors, retain_graph=retain, create_graph=create_graph, inputs=inputs)
 
-    plan = _plan_outside(outs, grad_tensors)
-    if plan is not None:
-        run(retain_graph) if plan == "plain" else _run_strong(run, retain_graph, create_graph)
-        return
-    with strong_zeros():
-        run(retain_graph)
+    _run_planned(run, outs, grad_tensors, retain_graph, create_graph)
