@@ -1279,22 +1279,16 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
         _STATE.create_graph, _STATE.in_mode = outer, False
 
 
-def _run_planned(run: Callable[[bool | None], Any], outputs: Sequence[Any], seeds: Any, retain_graph: bool | None,
-                 create_graph: bool) -> Any:
-    """gw.grad/gw.backward: choose the path before calling into torch.autograd (``run``), which then runs plain
-    or inside the mode without the engine hook. Inside ``strong_zeros()`` or under a dispatch mode the hook
-    decides; a graph of unknown nodes goes through it too, with the path already chosen (its 'check' needs the
-    gradients torch.autograd computes)."""
-    if _STATE.depth or torch._C._len_torch_dispatch_stack():
-        plan = None
-    else:
+def _run_planned(run: Callable[[bool | None], Any], outputs: Sequence[Any], seeds: Any,
+                 retain_graph: bool | None) -> Any:
+    """gw.grad/gw.backward: choose the path before calling into torch.autograd (``run``). The everyday one,
+    plain, then runs without the engine hook; any other goes through the hook with the path already chosen (so
+    the graph is walked once). Inside ``strong_zeros()`` or under a dispatch mode the hook chooses."""
+    plan = None
+    if not _STATE.depth and not torch._C._len_torch_dispatch_stack():
         plan = _plan(outputs, (seeds,) if isinstance(seeds, torch.Tensor) else seeds or ())
-        if plan == "check" and _one_pass_only():
-            plan = "strong"
-    if plan == "plain":
-        return run(retain_graph)
-    if plan == "strong":
-        return _run_strong(run, retain_graph, create_graph)
+        if plan == "plain":
+            return run(retain_graph)
     _STATE.planned = plan
     try:
         with strong_zeros():
@@ -1365,7 +1359,7 @@ def grad(
         return torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=retain, create_graph=create_graph,
                                    allow_unused=allow_unused)
 
-    return _run_planned(run, outs, grad_outputs, retain_graph, create_graph)
+    return _run_planned(run, outs, grad_outputs, retain_graph)
 
 
 def backward(
@@ -1393,4 +1387,4 @@ def backward(
     def run(retain):
         torch.autograd.backward(tensors, grad_tensors, retain_graph=retain, create_graph=create_graph, inputs=inputs)
 
-    _run_planned(run, outs, grad_tensors, retain_graph, create_graph)
+    _run_planned(run, outs, grad_tensors, retain_graph)
