@@ -310,7 +310,8 @@ _register(aten.slice_backward, aten.select_backward, aten.diagonal_backward, ate
           aten.pixel_unshuffle, aten.channel_shuffle, aten.native_channel_shuffle, aten.reflection_pad1d_backward,
           aten.reflection_pad2d_backward, aten.reflection_pad3d_backward, aten.replication_pad1d_backward,
           aten.replication_pad2d_backward, aten.replication_pad3d_backward, aten.expand_copy,
-          aten.permute_copy, aten.view_copy, aten._unsafe_view, aten.contiguous)(_placement)
+          aten.permute_copy, aten.view_copy, aten._unsafe_view, aten.contiguous, aten.masked_scatter,
+          aten.masked_scatter_, aten.masked_select)(_placement)
 
 
 def _placement_scaled(func, args, kwargs, sup):
@@ -560,16 +561,22 @@ _register(aten.convolution_backward)(_bilinear(_conv_backward_support, _conv_cou
 
 
 def _softmax_backward(func, args, kwargs, sup):
-    """_softmax_backward_data(g, y, dim): out = y * (g - sum(g * y)). A softmax output that is exactly 0
-    (its input was -inf: a masked position) is a structural zero, and so is every output of a row whose g is
-    all structural zeros. NaN rows of y (a fully masked softmax row) meet only structural zeros there."""
+    """_softmax_backward_data(g, y, dim): out = y * (g - sum(g * y)). A softmax output that is exactly 0 (its
+    input was -inf: a masked position) is a structural zero, and so is every output of a row whose g is all
+    structural zeros. NaN rows of y (a fully masked softmax row) meet only structural zeros there.
+    A y of exactly 0 can also be an underflow of a finite input (softmax([0, -200]) in float32): where a used
+    infinite g meets it (log of that 0 reaches the output) the row is genuinely NaN, as in PyTorch. Which of the
+    two made the 0 is not known here, so such a row keeps PyTorch's values rather than a finite guess."""
     g, y, dim = args[0], args[1], args[2]
     out = func(*args, **kwargs)
     s = sup.of(g)
-    support = y != 0
+    zero = y == 0
+    hit = zero & ~torch.isfinite(g)
+    genuine = mask_any(hit if s is None else hit & s, dim, keepdim=True)
+    support = ~zero | genuine
     if s is not None:
         support = support & mask_any(s, dim, keepdim=True)
-        bad_rows = mask_any(~torch.isfinite(out) & support, dim, keepdim=True)
+        bad_rows = mask_any(~torch.isfinite(out) & support, dim, keepdim=True) & ~genuine
         if bool(mask_any(bad_rows)):
             y_used = torch.where(s, y, 0)
             redo = y * (g - (g * y_used).sum(dim, keepdim=True))
@@ -607,8 +614,8 @@ def _nll_loss_backward(func, args, kwargs, sup):
     support.scatter_(class_dim, torch.where(keep, target, 0).unsqueeze(class_dim),
                      keep.unsqueeze(class_dim))
     s = sup.of(g)
-    if s is not None and s.dim() > 0:
-        support &= s.unsqueeze(class_dim)
+    if s is not None:  # per sample (reduction='none') or one scalar for the reduced loss
+        support &= s.unsqueeze(class_dim) if s.dim() > 0 else s
     sup.record(_annihilate(out, support), support)
     return out
 
@@ -983,13 +990,66 @@ def _zero_in(name: str) -> Callable[[Any], bool]:
     return lambda node: _any(_saved(node, name) == 0)
 
 
+def _overflows(t: torch.Tensor, scale: float, power: float, at_max: bool) -> bool:
+    """Whether ``scale * |x| ** power`` is infinite in ``t``'s dtype for the largest (``at_max``) or smallest
+    |x| in ``t``: a factor a backward formula computes from a finite saved tensor (``1/x**2`` of reciprocal's,
+    ``x**(p-1)`` of pow's) that overflows to Inf there, where a structural zero would meet it as 0 x Inf."""
+    if not t.numel():
+        return False
+    lo, hi = (v.item() for v in torch.aminmax(t.detach()))
+    if at_max:
+        m = max(abs(lo), abs(hi))
+    else:
+        m = 0.0 if lo <= 0 <= hi else min(abs(lo), abs(hi))
+    if m != m:  # NaN: the finiteness check reads this tensor anyway
+        return False
+    try:
+        value = abs(scale) * m**power
+    except (OverflowError, ZeroDivisionError):
+        return True
+    return not value < torch.finfo(t.dtype).max
+
+
 def _pow_singular(node: Any) -> bool:
-    """pow(x, p) with p < 1 has an infinite derivative at x = 0."""
-    return _saved(node, "_saved_exponent") < 1 and _any(_saved(node, "_saved_self") == 0)
+    """pow(x, p)'s backward computes p * x ** (p - 1): NaN for x < 0 when p is not an integer, infinite at x = 0
+    when p < 1, and it can overflow where x ** p did not (x**-2 at 1e-20, x**1.5 near the dtype's max)."""
+    p = _saved(node, "_saved_exponent")
+    if p in (0, 1) or not isinstance(p, (int, float)):
+        return False
+    x = node._saved_self
+    if p != int(p) and _any(x < 0):
+        return True
+    return _overflows(x, p, p - 1, at_max=p > 1)
+
+
+def _outside_unit(name: str) -> Callable[[Any], bool]:
+    """asin/acos: the backward's 1/sqrt(1 - x**2) is infinite at |x| = 1 and NaN beyond."""
+    return lambda node: _any(abs(_saved(node, name)) >= 1)
 
 
 def _unit_in(name: str) -> Callable[[Any], bool]:
     return lambda node: _any(abs(_saved(node, name)) == 1)
+
+
+def _result_power_overflows(power: float, scale: float) -> Callable[[Any], bool]:
+    """reciprocal (-g * y**2) and rsqrt (-g/2 * y**3): the power of a finite result can overflow."""
+    return lambda node: _overflows(node._saved_result, scale, power, at_max=True)
+
+
+def _div_singular(node: Any) -> bool:
+    """a / b: the gradient of a is g / b (0/0 at b = 0); that of b, when b requires grad, is
+    -g * ((a / b) / b), which overflows for a tiny b although a / b is finite."""
+    other = node._saved_other
+    if _any(other == 0):
+        return True
+    self = node._saved_self
+    return self is not None and not bool(((self.detach() / other.detach()) / other.detach()).isfinite().all())
+
+
+def _nll_singular(node: Any) -> bool:
+    """nll_loss with reduction='mean' divides by the total weight of the non-ignored targets: 0 when every
+    target is ignored or has class weight 0 (0/0, a NaN loss that can itself be discarded)."""
+    return node._saved_reduction == 1 and _saved(node, "_saved_total_weight") == 0
 
 
 _SAFE_NODES = (
@@ -1019,7 +1079,7 @@ _SAFE_NODES = (
 # formula makes an infinity out of finite values, so a structural zero arriving there would give 0 x Inf.
 NODE_FACTS: dict[str, Callable[[Any], bool] | None] = {
     **dict.fromkeys(_SAFE_NODES),
-    "DivBackward0": _zero_in("_saved_other"),
+    "DivBackward0": _div_singular,
     "DivBackward1": _zero_in("_saved_other"),
     "SqrtBackward0": _zero_in("_saved_result"),
     "LogBackward0": _zero_in("_saved_self"),
@@ -1027,11 +1087,14 @@ NODE_FACTS: dict[str, Callable[[Any], bool] | None] = {
     "Log10Backward0": _zero_in("_saved_self"),
     "Log1pBackward0": lambda node: _any(_saved(node, "_saved_self") == -1),
     "PowBackward0": _pow_singular,
-    "AsinBackward0": _unit_in("_saved_self"),
-    "AcosBackward0": _unit_in("_saved_self"),
+    "AsinBackward0": _outside_unit("_saved_self"),
+    "AcosBackward0": _outside_unit("_saved_self"),
     "AtanhBackward0": _unit_in("_saved_self"),
-    "ReciprocalBackward0": None,  # 1/x at 0 saves result = inf: caught by the finiteness check
-    "RsqrtBackward0": None,
+    # 1/x at 0 saves result = inf, caught by the finiteness check; a finite result can still overflow
+    "ReciprocalBackward0": _result_power_overflows(2, 1),
+    "RsqrtBackward0": _result_power_overflows(3, 0.5),
+    "NllLossBackward0": _nll_singular,
+    "NllLoss2DBackward0": _nll_singular,
     # DDP's _DDPSink (find_unused_parameters, static_graph): an identity backward that saves nothing
     "_DDPSinkBackward": None,
 }
