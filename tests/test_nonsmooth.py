@@ -182,6 +182,22 @@ RULE_SAMPLES = {
     "triplet_margin_loss": (lambda x: F.triplet_margin_loss(x.reshape(7, 1), torch.zeros(7, 1, dtype=x.dtype),
                                                             torch.ones(7, 1, dtype=x.dtype), eps=0.0,
                                                             reduction="none"), [_X]),
+    "elu": (lambda x: F.elu(x, 0.5), [_X]),
+    "selu": (F.selu, [_X]),
+    "rrelu": (lambda x: F.rrelu(x, 0.1, 0.3, training=False), [_X]),
+    "smooth_l1_loss": (lambda x: F.smooth_l1_loss(x, torch.zeros_like(x), beta=0.0, reduction="none"), [_X]),
+    "argmax": (lambda x: (lambda a: a[a.argmax()])(x.abs()[:6]), [_X]),  # |x| ties at 3
+    "argmin": (lambda x: (lambda a: a[a.argmin(0)])(-x.abs()[:6]), [_X]),
+    "argsort": (lambda x: (lambda a: a[a.argsort()] * torch.arange(7.0, dtype=x.dtype))(x.abs()), [_X]),
+    "aminmax": (lambda x: torch.stack(tuple(torch.aminmax(x.abs()[:6]))), [_X]),
+    # norms of one coordinate at a == b: their subdifferential is a segment, which nearby gradients sample well
+    "dist": (lambda x: torch.dist(x[2:3], torch.tensor([0.0], dtype=x.dtype)), [_X]),
+    "pairwise_distance": (lambda x: F.pairwise_distance(x[:6].reshape(6, 1), torch.tensor(
+        [-3.0, 0.0, 0.0, 0.5, 2.0, 2.0], dtype=x.dtype).reshape(6, 1), eps=0.0), [_X]),
+    "std": (lambda x: torch.stack([x.abs()[[1, 4]].std(), x.std()]), [_X]),  # |x| is 1 at both: std 0
+    "hypot": (lambda x: torch.hypot(x, 2 * x), [_X]),
+    "matrix_norm": (lambda x: torch.stack([torch.linalg.matrix_norm(x[2:3].reshape(1, 1)),
+                                           torch.linalg.matrix_norm(x[:6].reshape(2, 3))]), [_X]),
     # piecewise constant: compositions that stay continuous (f jumps otherwise: an error, tested below)
     "sign": (lambda x: x * torch.sign(x), [_X]),
     "floor": (lambda x: torch.floor(x) + torch.ceil(-x) + x, [_X]),
@@ -537,3 +553,66 @@ def test_cdist_at_coincident_points(p):
         assert hull_distance(g, near) < 1e-4
     with pytest.raises(NonsmoothError, match=r"aten\.cdist"):
         gw.generalized_grad(lambda a: torch.cdist(a, a, 0.0).sum(), a)
+
+
+# --- callables without a route: composites run under the mode, builtins under the kink watch --------------------
+
+_T = lambda *v: torch.tensor(v, dtype=torch.float64)
+
+# Python composites of torch.nn.functional: their inner ops reach the rules (one-sided differences as reference)
+COMPOSITES = {
+    "lp_pool1d_p1": (lambda x: F.lp_pool1d(x.reshape(1, 1, 2), 1, 2).sum(), _T(0.0, 0.0)),
+    "lp_pool1d_inf": (lambda x: F.lp_pool1d(x.reshape(1, 1, 2), math.inf, 2).sum(), _T(0.0, 0.0)),
+    "triplet_with_distance": (lambda x: F.triplet_margin_with_distance_loss(
+        x[:2].reshape(1, 2), _T(1.0, 1.0).reshape(1, 2), _T(2.0, 1.0).reshape(1, 2),
+        distance_function=lambda u, v: (u - v).abs().sum(-1)), _T(0.0, 0.0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMPOSITES))
+def test_composites_reach_the_rules(name):
+    f, x = COMPOSITES[name]
+    for d in (_T(1.0, 0.0), _T(-1.0, 0.0), _T(0.0, -1.0), _T(0.3, -0.7)):
+        assert float(gw.directional_derivative(f, x, d)) == pytest.approx(one_sided(f, [x], [d]), abs=1e-6)
+
+
+# Builtins without a rule at their kink: an error naming the call, never PyTorch's convention
+UNROUTED_AT_KINKS = {
+    "quantile": (lambda x: torch.quantile(x, 0.5), _T(1.0, 1.0, 1.0, 1.0), "quantile .* aten.sort"),
+    "msort": (lambda x: torch.msort(x)[-1], _T(1.0, 1.0), "msort .* aten.sort"),
+    "eigvalsh": (lambda x: torch.linalg.eigvalsh(torch.diag(x))[-1], _T(1.0, 1.0), "eigvalsh .* aten._linalg_eigh"),
+    "renorm": (lambda x: torch.renorm(x.reshape(1, 2), 2, 0, 1.0).sum(), _T(0.6, 0.8), "renorm .* aten.renorm"),
+    "aten_relu": (lambda x: torch.ops.aten.relu(x).sum(), _T(0.0, 1.0), "aten.relu .* aten.relu"),
+    "aten_maximum": (lambda x: torch.ops.aten.maximum(x[0], x[1]), _T(2.0, 2.0), "aten.maximum"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNROUTED_AT_KINKS))
+def test_unrouted_kinks_are_errors(name):
+    f, x, match = UNROUTED_AT_KINKS[name]
+    d = torch.linspace(-1.0, 1.0, x.numel(), dtype=x.dtype).reshape(x.shape)
+    with pytest.raises(NonsmoothError, match=match):
+        gw.directional_derivative(f, x, d)
+    with pytest.raises(NonsmoothError, match=match):
+        gw.generalized_grad(f, x)
+    away = x + 0.1 + torch.arange(x.numel(), dtype=x.dtype).reshape(x.shape) * 0.1  # no tie or bound: PyTorch
+    assert float(gw.directional_derivative(f, away, d)) == pytest.approx(one_sided(f, [away], [d]), abs=1e-5)
+
+
+# Smooth builtins whose implementations use kink ops as guards (amax in logsumexp, abs in nan_to_num): no error
+SMOOTH_WITH_GUARDS = {
+    "logsumexp_tied": (lambda x: torch.logsumexp(x, 0), _T(1.0, 1.0, 0.0)),
+    "softmax_tied": (lambda x: torch.softmax(x, 0)[0], _T(1.0, 1.0, 0.0)),
+    "nan_to_num_zeros": (lambda x: torch.nan_to_num(x).sum(), _T(0.0, 1.0, 0.0)),
+    "normalize_zero_entry": (lambda x: F.normalize(x, dim=0)[1], _T(0.0, 1.0, 2.0)),
+    "kl_div": (lambda x: F.kl_div(x.log_softmax(0), _T(0.5, 0.5, 0.0), reduction="sum"), _T(1.0, 1.0, 0.0)),
+    "cross_entropy_tied": (lambda x: F.cross_entropy(x.reshape(1, 3), torch.tensor([0])), _T(1.0, 1.0, 0.0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMOOTH_WITH_GUARDS))
+def test_smooth_builtins_are_not_kinks(name):
+    f, x = SMOOTH_WITH_GUARDS[name]
+    d = _T(0.3, -0.7, 0.2)
+    assert float(gw.directional_derivative(f, x, d)) == pytest.approx(one_sided(f, [x], [d]), abs=1e-5)
+    assert gw.stationarity(f, x).kinks == []

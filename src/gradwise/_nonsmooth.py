@@ -15,10 +15,12 @@ them); `_stationarity` replays runs with chosen branches forced to enumerate the
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
 import sys
+import types
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -28,6 +30,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from gradwise._masks import mask_any
@@ -1171,14 +1175,25 @@ def vector_norm(run, func, x, ord=2, dim=None, keepdim=False, *, dtype=None):
 
 @kink_rule(aten.norm, torch.norm, Tensor.norm, torch.linalg.norm)
 def norm(run, func, x, p=None, dim=None, keepdim=False, *args, **kwargs):
-    """torch.norm / Tensor.norm / linalg.norm of vectors: the vector_norm rule (matrix norms: PyTorch's)."""
+    """torch.norm / Tensor.norm / linalg.norm: vector p-norms and the Frobenius norm (the 2-norm of the entries
+    over ``dim``, all by default) go to the vector_norm rule. Matrix norms (linalg.norm with a numeric or 'nuc'
+    ord over two dims: singular values, maximal column sums) have no rule: an error."""
     p = kwargs.pop("ord", p)
-    vector = isinstance(dim, int) or x.dim() <= 1 or (dim is None and func is not torch.linalg.norm)
-    if p in (None, "fro") and (vector or func is not torch.linalg.norm):
-        p = 2
+    if p in (None, "fro"):
+        return vector_norm(run, func, x, 2, dim, keepdim)
+    vector = isinstance(dim, int) or x.dim() <= 1 or (dim is None and func is not torch.linalg.norm) or (
+        func is not torch.linalg.norm and isinstance(p, (int, float)))
     if not vector or not isinstance(p, (int, float)):
-        return func(x, p, dim, keepdim, *args, **kwargs)
+        raise NonsmoothError(f"{getattr(func, '__name__', func)}(ord={p!r}) at {_user_line()} is a matrix norm, "
+                             "for which gradwise has no kink rule (its derivative where singular values or column "
+                             "sums tie would be PyTorch's convention); the Frobenius norm and vector norms have one")
     return vector_norm(run, func, x, p, dim, keepdim)
+
+
+@kink_rule(aten.linalg_matrix_norm, torch.linalg.matrix_norm)
+def matrix_norm(run, func, x, ord="fro", dim=(-2, -1), keepdim=False, *, dtype=None):
+    """The Frobenius norm through the vector_norm rule; other matrix norms: the error of `norm`."""
+    return norm(run, torch.linalg.norm, x, ord, dim, keepdim)
 
 
 # --- smooth ops whose PyTorch forward-AD formula is slow ------------------------------------------------------
@@ -1276,11 +1291,300 @@ def pdist(run, func, x, p=2.0):
     return _coincident_norms(run, "aten.pdist", out, lambda w: x[i[w[0]]] - x[j[w[0]]], p, same)
 
 
+@kink_rule(aten.argmax, torch.argmax, Tensor.argmax)
+def argmax(run, func, x, dim=None, keepdim=False):
+    """The index the max rule locks: among tied largest elements, the one largest along the direction."""
+    return _reduce_select(run, "aten.argmax", x, None if dim is None else (dim,), keepdim and dim is not None,
+                          True)[1]
+
+
+@kink_rule(aten.argmin, torch.argmin, Tensor.argmin)
+def argmin(run, func, x, dim=None, keepdim=False):
+    """The index the min rule locks: among tied smallest elements, the one smallest along the direction."""
+    return _reduce_select(run, "aten.argmin", x, None if dim is None else (dim,), keepdim and dim is not None,
+                          False)[1]
+
+
+@kink_rule(aten.argsort, torch.argsort, Tensor.argsort)
+def argsort(run, func, x, dim=-1, descending=False, stable=False):
+    """The permutation of the sort rule: tied values ordered by their tangents (then further directions)."""
+    return sort(run, torch.sort, x, dim, descending).indices
+
+
+@kink_rule(aten.aminmax, torch.aminmax, Tensor.aminmax)
+def aminmax(run, func, x, *, dim=None, keepdim=False):
+    """(min, max) by the amin and amax rules."""
+    dims = () if dim is None else (dim,)
+    lo = _reduce_select(run, "aten.aminmax", x, dims, keepdim, False)[0]
+    hi = _reduce_select(run, "aten.aminmax", x, dims, keepdim, True)[0]
+    return torch.return_types.aminmax((lo, hi))
+
+
+def _norm_where_zero(run, out: Tensor, x: Tensor, p, dim, keepdim: bool, scale: float = 1.0) -> Tensor:
+    """PyTorch's ``out`` where no norm is 0; else the vector_norm rule on ``x`` (divided by ``scale``)."""
+    if not mask_any(_split(out)[0] == 0):
+        return out
+    return vector_norm(run, torch.linalg.vector_norm, x, p, dim, keepdim) / scale
+
+
+@kink_rule(aten.dist, torch.dist, Tensor.dist)
+def dist(run, func, a, b, p=2):
+    """||a - b||_p: the vector_norm rule where a == b (f'(x; d) = ||a' - b'||_p)."""
+    return _norm_where_zero(run, func(a, b, p), a - b, p, None, False)
+
+
+@kink_rule(aten.pairwise_distance, F.pairwise_distance, torch.pairwise_distance)
+def pairwise_distance(run, func, x1, x2, p=2.0, eps=1e-6, keepdim=False):
+    """||x1 - x2 + eps||_p over the last dim (PyTorch's definition): the vector_norm rule where it is 0."""
+    return _norm_where_zero(run, func(x1, x2, p, eps, keepdim), x1 - x2 + eps, p, -1, keepdim)
+
+
+@kink_rule(aten.hypot, torch.hypot, Tensor.hypot)
+def hypot(run, func, a, b):
+    """sqrt(a^2 + b^2) elementwise: the 2-norm of the pair, by the vector_norm rule where both are 0."""
+    return _norm_where_zero(run, func(a, b), torch.stack(torch.broadcast_tensors(a, b), -1), 2, -1, False)
+
+
+@kink_rule(aten.std, torch.std, Tensor.std)
+def std(run, func, x, dim=None, unbiased=None, keepdim=False, *, correction=None):
+    """sqrt(sum((x - mean)^2) / (N - correction)): a norm of the centred x, singular where x is constant along
+    ``dim``; there the vector_norm rule gives f'(x; d) = std(d)."""
+    if isinstance(dim, bool):  # std(x, unbiased)
+        dim, unbiased = None, dim
+    out = func(x, dim, correction=correction, keepdim=keepdim) if unbiased is None else \
+        func(x, dim, unbiased, keepdim)
+    dims = tuple(range(x.dim())) if dim is None else ((dim,) if isinstance(dim, int) else tuple(dim))
+    c = correction if correction is not None else (0 if unbiased is False else 1)
+    n = math.prod(x.shape[d] for d in dims)
+    if n - c <= 0:
+        return out
+    return _norm_where_zero(run, out, x - x.mean(dims, keepdim=True), 2, dims, keepdim, math.sqrt(n - c))
+
+
+_SELU_ALPHA, _SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+
+
+def _elu(run, func, x, alpha: float, scale: float, native: Callable, inplace: bool):
+    if alpha == 1.0:  # C1: both pieces have slope `scale` at 0
+        return native()
+    out = _switch(run, "aten.elu", x, scale * x, (scale * alpha) * torch.expm1(x), native)
+    return _finish(func, x, out, inplace)
+
+
+@kink_rule(aten.elu, F.elu, F.elu_)
+def elu(run, func, x, alpha=1.0, inplace=False):
+    """x for x > 0, alpha (e^x - 1) for x < 0: slopes 1 and alpha at 0, a kink unless alpha = 1."""
+    inplace = inplace or func is F.elu_
+    return _elu(run, func, x, alpha, 1.0, lambda: func(x, alpha, inplace) if func is F.elu else func(x, alpha),
+                inplace)
+
+
+@kink_rule(aten.selu, F.selu, F.selu_, torch.selu, torch.selu_)
+def selu(run, func, x, inplace=False):
+    """scale * elu(x, alpha) with SELU's constants: slopes scale and scale * alpha at 0."""
+    inplace = inplace or func in (F.selu_, torch.selu_)
+    return _elu(run, func, x, _SELU_ALPHA, _SELU_SCALE, lambda: func(x, inplace) if func is F.selu else func(x),
+                inplace)
+
+
+@kink_rule(aten.rrelu, F.rrelu, F.rrelu_, torch.rrelu)
+def rrelu(run, func, x, lower=1.0 / 8, upper=1.0 / 3, training=False, inplace=False):
+    """In eval mode leaky_relu with slope (lower + upper) / 2. In training the slopes are random: no rule."""
+    if training:
+        if mask_any(_split(x)[0] == 0):
+            raise NonsmoothError(f"aten.rrelu at {_user_line()} in training mode draws a random slope for x < 0: "
+                                 "at x = 0 it has no rule; use eval mode (its mean slope) or leaky_relu")
+        return func(x, lower, upper, training, inplace)
+    out = leaky_relu(run, F.leaky_relu, x, (lower + upper) / 2, False)
+    return _finish(func, x, out, inplace or func is F.rrelu_)
+
+
+@kink_rule(aten.smooth_l1_loss, F.smooth_l1_loss)
+def smooth_l1_loss(run, func, input, target, size_average=None, reduce=None, reduction="mean", beta=1.0):
+    """Quadratic within beta of the target, so C1 for beta > 0; with beta = 0 it is l1_loss, with its rule."""
+    if beta == 0:
+        return l1_loss(run, F.l1_loss, input, target, size_average, reduce, reduction)
+    return func(input, target, size_average, reduce, reduction, beta)
+
+
 # Kinky ops without a rule: a clear error when f reaches one with a direction, never a silent convention.
 for _fn, _op in [(F.fractional_max_pool2d, "aten.fractional_max_pool2d"),
                  (F.fractional_max_pool3d, "aten.fractional_max_pool3d"),
                  (F.multilabel_margin_loss, "aten.multilabel_margin_loss")]:
     UNRULED[_fn] = _op
+
+
+# ------------------------------------------------------------------------------------------------ the watch
+# A callable without a route (torch.quantile, torch.linalg.eigvalsh, F.lp_pool1d, torch.ops.aten.relu ...) runs as
+# PyTorch runs it, so a kink inside it would get PyTorch's convention. In the pass that finds the kinks, such a
+# call runs once under `_KinkWatch`, which sees the aten ops it reaches and tests each kink op whose input depends
+# on f's inputs (requires grad) for sitting at its kink: there gradwise raises instead of answering. A callable
+# that reaches no kink op at all is remembered as smooth and runs unwatched from then on.
+
+
+def _any_eq(a, b) -> bool:
+    return bool((a == b).any())
+
+
+def _float(t) -> bool:
+    return isinstance(t, Tensor) and t.is_floating_point()
+
+
+def _at_zero(args, kwargs, out) -> bool:
+    return _any_eq(args[0], 0)
+
+
+def _at_bounds(lo_i: int, hi_i: int | None, lo=None, hi=None) -> Callable:
+    def test(args, kwargs, out):
+        x = args[0]
+        bounds = [args[lo_i] if len(args) > lo_i else lo]
+        if hi_i is not None:
+            bounds.append(args[hi_i] if len(args) > hi_i else hi)
+        return any(b is not None and _any_eq(x, b) for b in bounds)
+    return test
+
+
+def _equal_operands(args, kwargs, out) -> bool:
+    return _float(args[0]) and _any_eq(args[0], args[1])
+
+
+def _extreme_ties(args, kwargs, out) -> bool:
+    """max/min/argmax/argmin/aminmax, full or over a dim: more than one element equals the extreme."""
+    x = args[0]
+    if not _float(x) or x.numel() < 2:
+        return False
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    if isinstance(dim, (list, tuple)):
+        dim = tuple(dim) or None
+    tests = [torch.amax, torch.amin]
+    for extreme in tests:
+        e = extreme(x) if dim is None else extreme(x, dim, keepdim=True)
+        if bool(((x == e).sum(dim if dim is not None else tuple(range(x.dim())) or None) > 1).any()):
+            return True
+    return False
+
+
+def _any_ties(args, kwargs, out) -> bool:
+    """sort/topk/median/max-pool ...: conservatively, two equal values anywhere in the input."""
+    x = args[0]
+    return _float(x) and x.numel() > 1 and torch.unique(x).numel() < x.numel()
+
+
+def _value_ties(args, kwargs, out) -> bool:
+    """eigh/svd: repeated (or zero singular) values in the output."""
+    vals = out[0] if out[0].dim() else out[1]
+    vals = out[1] if vals.shape[-1] != min(args[0].shape[-2:]) else vals
+    return bool((vals.diff(dim=-1) == 0).any()) or bool((vals == 0).any())
+
+
+def _integral(args, kwargs, out) -> bool:
+    return _any_eq(args[0], args[0].round())
+
+
+def _norm_at_zero(args, kwargs, out) -> bool:
+    return _any_eq(out, 0) or (len(args) > 1 and args[1] in (1, math.inf, -math.inf) and _any_eq(args[0], 0))
+
+
+def _renorm_boundary(args, kwargs, out) -> bool:
+    x, p, dim, maxnorm = args[:4]
+    norms = torch.linalg.vector_norm(x.movedim(dim, 0).reshape(x.shape[dim], -1), p, 1)
+    return _any_eq(norms, maxnorm)
+
+
+# aten op -> whether its call sits at its kink (or singular point); values are plain tensors. Comparisons and
+# amax/amin are left out: PyTorch's own implementations use them away from kinks (zero and overflow guards).
+_KINKY: dict[object, Callable] = {
+    **dict.fromkeys([aten.abs, aten.sgn, aten.sign, aten.relu, aten.leaky_relu, aten.prelu, aten._prelu_kernel,
+                     aten.rrelu_with_noise, aten.sqrt, aten.rsqrt], _at_zero),
+    aten.elu: lambda a, k, o: (a[1] if len(a) > 1 else 1) * (a[3] if len(a) > 3 else 1) != 1 and _at_zero(a, k, o),
+    aten.threshold: _at_bounds(1, None),
+    aten.hardtanh: _at_bounds(1, 2, -1.0, 1.0),
+    aten.clamp: _at_bounds(1, 2),
+    aten.clamp_min: _at_bounds(1, None),
+    aten.clamp_max: _at_bounds(1, None),
+    **dict.fromkeys([aten.softshrink, aten.hardshrink],
+                    lambda a, k, o: _any_eq(a[0].abs(), a[1] if len(a) > 1 else 0.5)),
+    **dict.fromkeys([aten.maximum, aten.minimum, aten.fmax, aten.fmin, aten.l1_loss], _equal_operands),
+    aten.smooth_l1_loss: lambda a, k, o: (a[3] if len(a) > 3 else k.get("beta", 1.0)) == 0 and _equal_operands(a, k, o),
+    aten.hypot: lambda a, k, o: bool(((a[0] == 0) & (a[1] == 0)).any()),
+    **dict.fromkeys([aten.max, aten.min, aten.argmax, aten.argmin, aten.aminmax], _extreme_ties),
+    **dict.fromkeys([aten.sort, aten.topk, aten.kthvalue, aten.median, aten.nanmedian, aten.mode, aten.cummax,
+                     aten.cummin, aten.max_pool2d_with_indices, aten.max_pool3d_with_indices,
+                     aten.adaptive_max_pool2d, aten.adaptive_max_pool3d, aten.fractional_max_pool2d,
+                     aten.fractional_max_pool3d], _any_ties),
+    **dict.fromkeys([aten._linalg_eigh, aten._linalg_svd], _value_ties),
+    **dict.fromkeys([aten.floor, aten.ceil, aten.round, aten.trunc, aten.frac], _integral),
+    **dict.fromkeys([aten.linalg_vector_norm, aten.norm], _norm_at_zero),
+    aten.renorm: _renorm_boundary,
+}
+# Callables seen to reach no kink op: they run unwatched.
+_SMOOTH_CALLS: set[object] = set()
+
+
+_NO_TORCH_FUNCTION = dict.fromkeys(("has_torch_function", "has_torch_function_unary",
+                                     "has_torch_function_variadic"), lambda *args, **kwargs: False)
+
+
+@functools.cache
+def _unguarded(func: types.FunctionType) -> types.FunctionType:
+    """A copy of a Python function of torch.nn.functional whose ``has_torch_function`` guard is off. The mode
+    sees such a composite (F.lp_pool1d, F.triplet_margin_with_distance_loss ...) as one call, and PyTorch runs its
+    body with the mode suspended; running this copy under the mode instead sends the ops inside to their rules."""
+    copy = types.FunctionType(func.__code__, {**func.__globals__, **_NO_TORCH_FUNCTION}, func.__name__,
+                              func.__defaults__, func.__closure__)
+    copy.__kwdefaults__ = func.__kwdefaults__
+    return copy
+
+
+def _composite(func) -> bool:
+    return isinstance(func, types.FunctionType) and func.__module__ == "torch.nn.functional"
+
+
+class _KinkWatch(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.kinky, self.hit = False, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        test = _KINKY.get(func.overloadpacket)
+        if test is not None:
+            self.kinky = True
+            if self.hit is None and any(isinstance(a, Tensor) and a.requires_grad for a in args) and test(
+                    args, kwargs, out):
+                self.hit = str(func.overloadpacket)
+        return out
+
+
+def _watched(func, args: tuple, kwargs: dict, involved: Callable):
+    """``func(*args, **kwargs)``, raising NonsmoothError where an aten op inside it sits at a kink. With tangents
+    the call is replayed on copies of the primals that require grad where the arguments depend on f's inputs (no
+    forward-mode formulas, whose guards would look like kinks)."""
+    watch = _KinkWatch()
+    if not any(map(_is_dual, (*args, *kwargs.values()))):
+        with watch:
+            out = func(*args, **kwargs)
+    else:
+        out = func(*args, **kwargs)
+        def copy(a):  # a non-leaf copy where it depends on the inputs: in-place calls work on it as on a
+            if not _float(a):
+                return a
+            p = _split(a)[0].detach()
+            return p.requires_grad_(True).clone() if involved(a) else p.clone()
+
+        with torch.enable_grad(), watch:
+            func(*tree_map(copy, args), **tree_map(copy, kwargs))
+    if watch.hit is not None:
+        name = str(func) if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) else \
+            f"{'Tensor.' if isinstance(func, type(Tensor.add)) else ''}{getattr(func, '__name__', func)}"
+        raise NonsmoothError(f"{name} (called at {_user_line()}) reaches {watch.hit} at its kink, and gradwise has "
+                             "no kink rule for it: its derivative there would be PyTorch's convention. Write it "
+                             "with ops that have rules (abs, clamp, maximum, max, sort, max_pool, "
+                             "linalg.vector_norm ...); docs/nonsmooth.md lists them")
+    if not watch.kinky:
+        _SMOOTH_CALLS.add(func)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ the mode
@@ -1357,7 +1661,14 @@ class _KinkMode(TorchFunctionMode):
             jvp = _JVP_ROUTES.get(func) if self.dual else None
             if jvp is not None and any(map(_is_dual, (*args, *kwargs.values()))):
                 return jvp(func, *args, **kwargs)
-            out = func(*args, **kwargs)
+            if _composite(func) and any(map(self.involved, (*args, *kwargs.values()))):
+                with self:
+                    return _unguarded(func)(*args, **kwargs)
+            if self.run.known is None and func not in _SMOOTH_CALLS and any(
+                    map(self.involved, (*args, *kwargs.values()))):
+                out = _watched(func, args, kwargs, self.involved)
+            else:
+                out = func(*args, **kwargs)
             if self.run.flat and func in _RESHAPES and args and isinstance(args[0], Tensor):
                 _keep_flat(self.run, func, args, kwargs, out)
             return out

@@ -62,6 +62,8 @@ class Subdifferential:
     def min_norm_weights(self) -> np.ndarray:
         """Convex weights of the least-norm point of the elements' hull (SciPy NNLS, see module doc)."""
         g = self.matrix().cpu().numpy()
+        if not np.isfinite(g).all():  # a NaN/Inf gradient (a singular point without a rule): no hull to solve
+            return np.full(len(g), np.nan)
         a = np.vstack([g.T, np.ones((1, len(g)))])
         b = np.zeros(a.shape[0])
         b[-1] = 1.0
