@@ -658,3 +658,30 @@ def test_layers_with_nan_rows_sliced_away(name):
         torch.testing.assert_close(g, e)
     torch.testing.assert_close(got[-1][:half], expected[-1])
     assert torch.equal(got[-1][half:], torch.zeros_like(got[-1][half:]))
+
+
+@pytest.mark.parametrize("concatenated", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ctc_infeasible_samples_dropped(concatenated, dtype):
+    """A sample whose target cannot be aligned has an infinite CTC loss; keeping only the finite losses must give
+    the gradient of the batch without that sample (PyTorch: NaN in its log_probs column and, through the
+    log_softmax, nothing else: here the NaN reaches the shared weight)."""
+    torch.manual_seed(5)
+    T, N, C = 5, 3, 4
+    w = torch.randn(C, C, dtype=dtype, requires_grad=True)
+    h = torch.randn(T, N, C, dtype=dtype)
+    padded = torch.tensor([[1, 2, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [3, 1, 2, 0, 0, 0]])
+    in_len, tg_len = torch.tensor([5, 5, 5]), torch.tensor([2, 6, 3])  # sample 1 needs > 5 frames: infeasible
+    targets = torch.cat([padded[i, :tg_len[i]] for i in range(N)]) if concatenated else padded
+
+    def losses(cols):
+        t = torch.cat([padded[i, :tg_len[i]] for i in cols]) if concatenated else padded[cols]
+        return F.ctc_loss((h[:, cols] @ w).log_softmax(2), t, in_len[cols], tg_len[cols], reduction="none")
+
+    full = F.ctc_loss((h @ w).log_softmax(2), targets, in_len, tg_len, reduction="none")
+    assert not full[1].isfinite()
+    loss = full[full.isfinite()].sum()
+    assert torch.autograd.grad(loss, w, retain_graph=True)[0].isnan().all()
+    (got,) = gw.grad(loss, w)
+    (expected,) = torch.autograd.grad(losses([0, 2]).sum(), w)
+    torch.testing.assert_close(got, expected)
