@@ -191,6 +191,25 @@ def test_custom_function_and_several_backward_calls():
     assert g.isnan().any()
 
 
+def test_training_steps_after_a_contaminated_gradient():
+    """An optimizer step writes a contaminated gradient into a parameter; the next steps use it. The report
+    traces the later NaN back to that gradient, and accumulating into a .grad that is already NaN is no finding
+    of its own."""
+    w1 = torch.ones(3, 3, requires_grad=True)
+    w2 = torch.ones(3, requires_grad=True)
+    x = torch.ones(4, 3)
+    x[3] = float("nan")
+    with gw.trace() as report:
+        ((x @ w1) @ w2)[:3].sum().backward()  # w1.grad and w2.grad contaminated
+        with torch.no_grad():
+            w2 -= w2.grad  # the NaN gradient becomes the parameter
+        ((torch.ones(2, 3) @ w1) @ w2).sum().backward()  # accumulates into w1.grad, already NaN
+    assert {f.op for f in report.of_kind("contamination")} >= {"aten.mm", "aten.mv"}
+    (genuine,) = report.of_kind("nan")
+    assert genuine.op == "gradient" and "w2 -= w2.grad" in genuine.source and "earlier backward" in genuine.fix
+    assert "contamination" in genuine.message
+
+
 def test_genuine_overflow_in_exp():
     x = torch.tensor([1.0, 100.0], requires_grad=True)
     report = gw.explain(lambda x: x.exp().sum(), x)

@@ -554,7 +554,9 @@ def triplet_margin_loss(run, func, anchor, positive, negative, margin=1.0, p=2, 
 
 # --- comparisons -------------------------------------------------------------------------------------------
 
-_CMP = {"gt": (True, False), "ge": (True, True), "lt": (False, False), "le": (False, True)}
+# name -> (outcome on the side where a > b, None for eq/ne whose outcome is the same on both sides; outcome at a tie)
+_CMP = {"gt": (True, False), "ge": (True, True), "lt": (False, False), "le": (False, True), "eq": (None, True),
+        "ne": (None, False)}
 
 
 def _comparison(name: str):
@@ -573,7 +575,8 @@ def _comparison(name: str):
             return result
         rows, choice, still = _resolve_sign(run, f"aten.{name}", s, tie, comparison=True)
         result = result.expand(sp.shape).clone()
-        result.view(-1)[rows] = torch.where(still, at_tie, (choice == 0) == above)
+        moved = (choice == 0) == above if above is not None else torch.full_like(still, not at_tie)
+        result.view(-1)[rows] = torch.where(still, at_tie, moved)
         return result
 
     rule.__name__ = name
@@ -1361,6 +1364,36 @@ def std(run, func, x, dim=None, unbiased=None, keepdim=False, *, correction=None
     return _norm_where_zero(run, out, x - x.mean(dims, keepdim=True), 2, dims, keepdim, math.sqrt(n - c))
 
 
+@kink_rule(aten.std_mean, torch.std_mean)
+def std_mean(run, func, x, dim=None, unbiased=None, keepdim=False, *, correction=None):
+    """(std, mean): the std rule and PyTorch's mean."""
+    if isinstance(dim, bool):
+        dim, unbiased = None, dim
+    sd = std(run, torch.std, x, dim, unbiased, keepdim, correction=correction)
+    dims = None if dim is None else dim
+    mean = x.mean() if dims is None and not keepdim else x.mean(dims if dims is not None else
+                                                                 tuple(range(x.dim())), keepdim=keepdim)
+    return sd, mean
+
+
+def _modulo(name: str, quotient: str):
+    def rule(run, func, x, m):
+        """x - m * q(x / m): continuous between multiples of m; at a multiple the quotient's rule takes its limit
+        along the direction, so a jump of f is an error and a continuous sum (floor(x) + x % 1) is exact."""
+        q = torch.floor if quotient == "floor" else torch.trunc
+        xp, mp = _split(x)[0], _split(m)[0] if isinstance(m, Tensor) else m
+        if not torch.is_floating_point(xp) or not mask_any(torch.as_tensor((xp / mp) == q(xp / mp))):
+            return func(x, m)
+        return x - m * KINK_RULES[getattr(aten, quotient)](run, q, x / m)
+
+    rule.__name__ = name
+    return rule
+
+
+kink_rule(aten.remainder, torch.remainder, Tensor.remainder, Tensor.__mod__)(_modulo("remainder", "floor"))
+kink_rule(aten.fmod, torch.fmod, Tensor.fmod)(_modulo("fmod", "trunc"))
+
+
 _SELU_ALPHA, _SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
 
 
@@ -1517,6 +1550,39 @@ _KINKY: dict[object, Callable] = {
     **dict.fromkeys([aten.linalg_vector_norm, aten.norm], _norm_at_zero),
     aten.renorm: _renorm_boundary,
 }
+def _reduce_ties(src_i: int, reduce_i: int, self_i: int | None) -> Callable:
+    """scatter_reduce / index_reduce with amax or amin: more than one element (the destination's own with
+    include_self) equals a group's result. Other reductions are smooth (sum, mean) or not kinks (prod)."""
+    def test(args, kwargs, out):
+        reduce = args[reduce_i] if len(args) > reduce_i else kwargs.get("reduce")
+        if reduce not in ("amax", "amin"):
+            return False
+        dest, dim, index, src = args[0], args[1], args[2], args[src_i]
+        include_self = args[self_i] if self_i is not None and len(args) > self_i else kwargs.get("include_self", True)
+        if src_i == 3 and index.dim() == 1:  # index_reduce: one index per slice along dim
+            shape = [1] * src.dim()
+            shape[dim] = -1
+            index = index.view(shape).expand(src.shape)
+        hits = (src == out.gather(dim, index)).to(out.dtype)
+        count = torch.zeros_like(out).scatter_add_(dim, index, hits)
+        if include_self:
+            count += dest == out
+        return bool((count > 1).any())
+    return test
+
+
+def _bag_max_ties(args, kwargs, out) -> bool:
+    """embedding_bag(mode='max'): conservatively, two selected rows with an equal value in a column."""
+    weight, indices, mode = args[0], args[1], args[4] if len(args) > 4 else kwargs.get("mode", 0)
+    if mode != 2 or indices.numel() < 2:
+        return False
+    return bool((weight[indices.reshape(-1)].sort(0).values.diff(dim=0) == 0).any())
+
+
+_KINKY[aten._embedding_bag] = _KINKY[aten._embedding_bag_forward_only] = _bag_max_ties
+_KINKY[aten.scatter_reduce] = _reduce_ties(3, 4, 5)
+_KINKY[aten.index_reduce] = _reduce_ties(3, 4, 5)
+_KINKY_BY_NAME = {op.__name__: test for op, test in _KINKY.items()}
 # Callables seen to reach no kink op: they run unwatched.
 _SMOOTH_CALLS: set[object] = set()
 
@@ -1547,14 +1613,40 @@ class _KinkWatch(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        test = _KINKY.get(func.overloadpacket)
-        if test is not None:
-            self.kinky = True
-            if self.hit is None and any(isinstance(a, Tensor) and a.requires_grad for a in args) and test(
-                    args, kwargs, out):
-                self.hit = str(func.overloadpacket)
+        name = func.overloadpacket.__name__
+        test = _KINKY_BY_NAME.get(name[:-1] if name.endswith("_") else name)
+        if test is None:
+            return func(*args, **kwargs)
+        self.kinky = True
+        if self.hit is not None or not any(isinstance(a, Tensor) and a.requires_grad for a in args):
+            return func(*args, **kwargs)
+        if name.endswith("_"):  # in place: test the arguments before the op overwrites them
+            before = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
+            out = func(*args, **kwargs)
+            args = before
+        else:
+            out = func(*args, **kwargs)
+        if test(args, kwargs, out):
+            self.hit = str(func.overloadpacket)
         return out
+
+
+def _no_forward_ad_is_an_error(func, args: tuple, kwargs: dict):
+    """``func(*args, **kwargs)``; PyTorch's "forward AD not implemented" becomes a NonsmoothError naming the call."""
+    try:
+        return func(*args, **kwargs)
+    except NotImplementedError as e:
+        if "forward AD" not in str(e):
+            raise
+        raise NonsmoothError(f"{_callable_name(func)} (called at {_user_line()}) has no forward-mode derivative in "
+                             "PyTorch, which gradwise needs to follow a direction through it. PyTorch said: "
+                             f"{str(e).splitlines()[0]}") from None
+
+
+def _callable_name(func) -> str:
+    if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return str(func)
+    return f"{'Tensor.' if isinstance(func, type(Tensor.add)) else ''}{getattr(func, '__name__', func)}"
 
 
 def _watched(func, args: tuple, kwargs: dict, involved: Callable):
@@ -1566,7 +1658,7 @@ def _watched(func, args: tuple, kwargs: dict, involved: Callable):
         with watch:
             out = func(*args, **kwargs)
     else:
-        out = func(*args, **kwargs)
+        out = _no_forward_ad_is_an_error(func, args, kwargs)
         def copy(a):  # a non-leaf copy where it depends on the inputs: in-place calls work on it as on a
             if not _float(a):
                 return a
@@ -1576,11 +1668,9 @@ def _watched(func, args: tuple, kwargs: dict, involved: Callable):
         with torch.enable_grad(), watch:
             func(*tree_map(copy, args), **tree_map(copy, kwargs))
     if watch.hit is not None:
-        name = str(func) if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) else \
-            f"{'Tensor.' if isinstance(func, type(Tensor.add)) else ''}{getattr(func, '__name__', func)}"
-        raise NonsmoothError(f"{name} (called at {_user_line()}) reaches {watch.hit} at its kink, and gradwise has "
-                             "no kink rule for it: its derivative there would be PyTorch's convention. Write it "
-                             "with ops that have rules (abs, clamp, maximum, max, sort, max_pool, "
+        raise NonsmoothError(f"{_callable_name(func)} (called at {_user_line()}) reaches {watch.hit} at its kink, "
+                             "and gradwise has no kink rule for it: its derivative there would be PyTorch's "
+                             "convention. Write it with ops that have rules (abs, clamp, maximum, max, sort, max_pool, "
                              "linalg.vector_norm ...); docs/nonsmooth.md lists them")
     if not watch.kinky:
         _SMOOTH_CALLS.add(func)
@@ -1668,7 +1758,7 @@ class _KinkMode(TorchFunctionMode):
                     map(self.involved, (*args, *kwargs.values()))):
                 out = _watched(func, args, kwargs, self.involved)
             else:
-                out = func(*args, **kwargs)
+                out = _no_forward_ad_is_an_error(func, args, kwargs)
             if self.run.flat and func in _RESHAPES and args and isinstance(args[0], Tensor):
                 _keep_flat(self.run, func, args, kwargs, out)
             return out

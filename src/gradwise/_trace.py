@@ -305,6 +305,9 @@ _GENUINE_FIX: dict = {
                      aten.full_like, aten.index_put_, aten.index_put],
                     "the output reads the NaN/Inf constant written here: mask it out before the first op that uses it"),
 }
+_GRADIENT_FIX = ("an earlier backward left NaN/Inf in this gradient and it was used as a value (an optimizer "
+                 "step writes it into the parameters); fix that backward first (see its finding), e.g. with "
+                 "gw.strong_zeros() where it is contamination")
 _INPUT_FIX = "the data arrived with NaN/Inf: clean it (x.nan_to_num(), drop the rows) or mask it before the first op"
 
 
@@ -804,6 +807,7 @@ class _Tracer(TorchDispatchMode):
         super().__init__()
         self.sync_every = sync_every
         self.prov = _ByIdentity()  # non-finite tensor -> frozenset of _Birth / _Incident
+        self.as_value = _ByIdentity()  # non-finite gradient used as a forward value -> its birth there
         self.sens = _ByIdentity()  # sensitivity-derived tensor -> seq of the node that made it
         # comparison result -> (mask of equal operands, branch picked): masks are large, so this one frees an
         # entry as soon as its tensor dies (_ByIdentity keeps dead values until its next purge)
@@ -968,6 +972,8 @@ class _Tracer(TorchDispatchMode):
     def _origin(self, t: torch.Tensor, loc) -> frozenset:
         """The provenance of a non-finite tensor; data that arrived non-finite becomes an "input" birth."""
         got = self.prov.get(t)
+        if got and any(isinstance(p, _Incident) for p in got):
+            return self._gradient_as_value(t, got, loc)
         if got is None and t._base is not None and _nonfinite(t._base):
             got = self.prov[t] = self._origin(t._base, loc)
         if got is None and (via := self._received_through(t)) is not None:
@@ -985,6 +991,25 @@ class _Tracer(TorchDispatchMode):
             got = self.prov[t] = frozenset([b])
         return got
 
+    def _gradient_as_value(self, t: torch.Tensor, got: frozenset, loc) -> frozenset:
+        """A non-finite gradient used as a forward value (an optimizer step writing it into a parameter): its
+        NaN/Inf is born again there, with the incidents' births as parents, so the next step's findings point
+        back to the earlier backward."""
+        cached = self.as_value.get(t)
+        if cached is not None:
+            return cached
+        incidents = [p for p in got if isinstance(p, _Incident)]
+        count, idx = _positions(~torch.isfinite(t))
+        first = incidents[0]
+        what = (f"a gradient with {first.kind if first.kind == 'contamination' else 'genuine ' + first.kind} from "
+                f"{first.op} (the backward of {first.node_op}) at {_fmt(first.loc)}, used as a value")
+        parents = frozenset(p for p in got if isinstance(p, _Birth)).union(*(i.births for i in incidents))
+        b = _Birth("gradient", loc, what, count, idx, bool(torch.isnan(t).any()), name=self.names.get(t),
+                   parents=parents)
+        self.births.append(b)
+        got = self.as_value[t] = frozenset([b])
+        return got
+
     def _dig(self, func, loc, ins, bad, seq, info, args=None, out=None) -> None:
         node_seq = seq[0] if isinstance(seq, tuple) else seq
         nd = self.nodes.get(node_seq) if node_seq is not None else None
@@ -996,6 +1021,8 @@ class _Tracer(TorchDispatchMode):
             nf = [t for t in ins if t is not o and _nonfinite(t)]
             if seq is None or isinstance(seq, tuple):
                 self._value(func, loc, o, mask, nf, prior, nd)
+            elif prior:  # accumulating into a gradient already non-finite (a second backward): carry it
+                self.prov[o] = prior.union(*(self.prov.get(t, frozenset()) for t in nf if t in self.sens))
             else:
                 self._meet(func, loc, o, mask, ins, nf, nd, node_seq, args, out)
             if info.mutable and o._base is not None and o in self.prov:
@@ -1291,7 +1318,8 @@ class _Tracer(TorchDispatchMode):
     def _genuine(self, kind: str, inc: _Incident | None, birth: _Birth | None) -> Finding:
         if birth is not None:
             op, loc = birth.op, birth.loc
-            fix = _INPUT_FIX if birth.op == "input" else _GENUINE_FIX.get(getattr(aten, birth.op[5:], None), "")
+            fix = _INPUT_FIX if birth.op == "input" else _GRADIENT_FIX if birth.op == "gradient" else \
+                _GENUINE_FIX.get(getattr(aten, birth.op[5:], None), "")
             message = f"{birth.what}; the output depends on it"
         else:
             op, loc = inc.node_op, inc.loc
