@@ -114,6 +114,11 @@ RULE_PROGRAMS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str]] = {
               "aten._pdist_backward"),
     "masked_select": (lambda x: x.exp().masked_select(torch.arange(x.shape[0])[:, None] < 4).sum(),
                       "aten.masked_scatter"),
+    "bicubic": (lambda x: F.interpolate(x.exp().reshape(1, 6, 1, 6), size=(1, 11), mode="bicubic")[0, :4].sum(),
+                "aten.upsample_bicubic2d_backward"),  # rows are channels: interpolated one by one
+    "nansum": (lambda x: torch.nansum(x.log()), "aten.mul"),  # its backward multiplies by ~isnan(x.log())
+    "index_fill": (lambda x: x.exp().index_fill(0, torch.tensor([4, 5]), 0.0).sum(), "aten.index_fill"),
+    "take": (lambda x: torch.take(x.exp(), torch.arange(24)).sum(), "aten.put"),
 }
 
 
@@ -303,10 +308,10 @@ def test_graph_already_freed_is_pytorchs_error():
 def test_unruled_ops_lists_backward_ops_without_rules():
     gw.unruled_ops().clear()
     x = torch.tensor([1.0, 2.0, nan], requires_grad=True)
-    # upsample_bicubic2d_backward is not in the table (its weights can be negative: no 0/1 placement)
-    out = F.interpolate((x * x).view(1, 1, 1, 3), size=(1, 6), mode="bicubic")[..., :2].sum()
+    # _segment_reduce_backward is not in the table
+    out = torch.segment_reduce(x * x, "sum", lengths=torch.tensor([2, 1]))[:1].sum()
     gw.grad(out, x)
-    assert "aten.upsample_bicubic2d_backward.default" in gw.unruled_ops()
+    assert "aten._segment_reduce_backward.default" in gw.unruled_ops()
 
 
 # One program per node type the path check treats as making no structural zeros (MAKES_NO_ZEROS), built from
@@ -685,3 +690,20 @@ def test_ctc_infeasible_samples_dropped(concatenated, dtype):
     (got,) = gw.grad(loss, w)
     (expected,) = torch.autograd.grad(losses([0, 2]).sum(), w)
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("reduce", ["max", "amax", "median", "nanmedian", "logsumexp"])
+def test_unselected_elements_of_a_reduction_are_structural(reduce):
+    """max/amax/median multiply the gradient by the mask `x == result`, logsumexp by exp(x - result): a
+    non-selected log(0) = -inf (0 there, and 0 x Inf in PyTorch) must not reach the gradient. Reference: the
+    reduction over the kept elements only (3 is the largest; logsumexp of -inf adds nothing)."""
+    a = torch.arange(4.0, dtype=torch.float64, requires_grad=True)
+    fn = {"max": torch.max, "amax": lambda t: t.amax(0), "median": lambda t: torch.cat([t, t[3:]]).median(),
+          "nanmedian": lambda t: torch.cat([t, t[3:]]).nanmedian(), "logsumexp": lambda t: t.logsumexp(0)}[reduce]
+    loss = fn(a.log())
+    assert torch.autograd.grad(loss, a, retain_graph=True)[0].isnan().any()
+    (got,) = gw.grad(loss, a)
+    kept = a.detach()[1:].clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(fn(kept.log()), kept)
+    assert torch.equal(got[0], torch.zeros((), dtype=a.dtype))
+    torch.testing.assert_close(got[1:], ref)

@@ -162,7 +162,10 @@ def _product(mult_args: Sequence[int], flat: Callable[[tuple], torch.Tensor] | N
         out = func(*args, **kwargs)
         support = None
         for i in mult_args:
-            s = sup.of(args[i]) if i < len(args) else None
+            a = args[i] if i < len(args) else None
+            # a bool factor in a backward formula selects (max's `self == result`, nansum's `~isnan(self)`,
+            # clamp's bounds): where it is False no gradient flows, by construction
+            s = a if isinstance(a, torch.Tensor) and a.dtype == torch.bool and _in_formula() else sup.of(a)
             if s is not None:
                 support = s if support is None else support & s
         if flat is not None:
@@ -178,9 +181,22 @@ def _product(mult_args: Sequence[int], flat: Callable[[tuple], torch.Tensor] | N
     return product
 
 
+def _cast(func, args, kwargs, sup):
+    """_to_copy: a float copy of a bool mask made in a backward formula stays a selection (see _product); any
+    other copy keeps its input's support."""
+    x = args[0]
+    if isinstance(x, torch.Tensor) and x.dtype == torch.bool and _in_formula():
+        out = func(*args, **kwargs)
+        if _is_float(out):
+            sup.record(out, x.expand(out.shape))
+        return out
+    return _product((0,))(func, args, kwargs, sup)
+
+
 _register(aten.mul, aten.mul_)(_product((0, 1)))
-_register(aten.div, aten.div_, aten.neg, aten.clone, aten._to_copy, aten.sigmoid_backward, aten.tanh_backward,
-          aten.gelu_backward, aten.silu_backward, aten.elu_backward, aten.leaky_relu_backward,
+_register(aten._to_copy)(_cast)
+_register(aten.div, aten.div_, aten.neg, aten.clone, aten.sigmoid_backward, aten.soft_margin_loss_backward,
+          aten.tanh_backward, aten.gelu_backward, aten.silu_backward, aten.elu_backward, aten.leaky_relu_backward,
           aten.softplus_backward, aten.mish_backward, aten.log_sigmoid_backward, aten.mse_loss_backward,
           aten.smooth_l1_loss_backward, aten.huber_loss_backward, aten.binary_cross_entropy_backward,
           aten.logit_backward, aten.rrelu_with_noise_backward)(_product((0,)))
@@ -215,6 +231,32 @@ def _uninitialised(func, args, kwargs, sup):
 
 
 _register(aten.new_empty_strided, aten.new_empty, aten.empty_like)(_uninitialised)
+
+
+@_register(aten.exp)
+def _exp(func, args, kwargs, sup):
+    """exp in a backward formula (logsumexp's `g * exp(x - result)`): an output that is exactly 0 because its
+    input is -inf (a masked or log(0) entry) is a structural zero; an underflow of a finite input is not."""
+    out = func(*args, **kwargs)
+    x = args[0]
+    support = sup.of(x)
+    if _in_formula() and _is_float(x) and bool(mask_any(x == -math.inf)):
+        support = (x != -math.inf) if support is None else support & (x != -math.inf)
+    sup.record(out, support)
+    return out
+
+
+@_register(aten.index_fill, aten.index_fill_)
+def _index_fill(func, args, kwargs, sup):
+    """index_fill(g, dim, index, 0) in a backward formula (index_copy's and index_fill's own backward): the
+    filled slices were overwritten in the forward, so they are structural zeros; other values are ordinary."""
+    self, dim, index, value = args[0], args[1], args[2], args[3]
+    before = _full_support(self, sup).expand(self.shape).clone()
+    out = func(*args, **kwargs)
+    filled = not isinstance(value, torch.Tensor) and value == 0 and _in_formula()
+    if filled or sup.tracked(self):
+        sup.record(out, before.index_fill(dim, index, not filled))
+    return out
 
 
 def _sum(func, args, kwargs, sup):
@@ -310,8 +352,31 @@ _register(aten.slice_backward, aten.select_backward, aten.diagonal_backward, ate
           aten.pixel_unshuffle, aten.channel_shuffle, aten.native_channel_shuffle, aten.reflection_pad1d_backward,
           aten.reflection_pad2d_backward, aten.reflection_pad3d_backward, aten.replication_pad1d_backward,
           aten.replication_pad2d_backward, aten.replication_pad3d_backward, aten.expand_copy,
-          aten.permute_copy, aten.view_copy, aten._unsafe_view, aten.contiguous, aten.masked_scatter,
+          aten.permute_copy, aten.view_copy, aten._unsafe_view, aten.contiguous, aten.put, aten.put_,
+          aten.masked_scatter,
           aten.masked_scatter_, aten.masked_select)(_placement)
+
+
+def _placement_signed(func, args, kwargs, sup):
+    """As _placement, for linear maps with weights of both signs (bicubic interpolation's backward): on 0/1
+    supports a positive and a negative weight could cancel, so the supports are scaled by random weights in
+    [1, 2) first; an output that a supported element reaches is then 0 only by a coincidence of measure zero."""
+    out = func(*args, **kwargs)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def as_number(t):
+        if not _is_float(t):
+            return t
+        s = sup.of(t)
+        r = (1 + torch.rand(t.shape, generator=gen, dtype=torch.float64)).to(t.device, t.dtype)
+        return r if s is None else r * s
+    counts = func(*tree_map(as_number, args), **tree_map(as_number, kwargs))
+    if _is_float(out):
+        sup.record(out, counts != 0)
+    return out
+
+
+_register(aten.upsample_bicubic2d_backward, aten._upsample_bicubic2d_aa_backward)(_placement_signed)
 
 
 def _placement_scaled(func, args, kwargs, sup):
@@ -799,6 +864,35 @@ def _embedding_bag_per_sample_weights_backward(func, args, kwargs, sup):
 _register(aten._embedding_bag_per_sample_weights_backward)(_embedding_bag_per_sample_weights_backward)
 
 
+def _grid_sampler_backward(func, args, kwargs, sup):
+    """grid_sampler_2d/3d_backward(g, input, grid, mode, padding_mode, align_corners, output_mask): each output
+    position reads the input through its own grid point. A position whose g is a structural zero in every channel
+    (a cropped output) is discarded: its grid point is replaced by 0 before the kernel runs (a NaN grid point
+    would make NaN weights) and its grid gradient is a structural zero, whatever input pixels it would have
+    read. Input pixels that no kept position reads get structural zeros."""
+    tracked = _tracked_slots(args, sup)
+    if tracked != [0]:  # the sensitivity alone
+        return _run_unruled(func, args, kwargs, sup, "a tracked input or grid" if tracked else None)
+    g, inp, grid = args[0], args[1], args[2]
+    s = sup.of(g).expand(g.shape)
+    kept = mask_any(s, 1)  # (N, *output spatial)
+    grid = torch.where(kept.unsqueeze(-1), grid, 0)
+    outs = func(g, inp, grid, *args[3:], **kwargs)
+    grad_input, grad_grid = outs
+    if grad_input is not None:  # random positive weights: bicubic's can be negative (see _placement_signed)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        r = (1 + torch.rand(g.shape, generator=gen, dtype=torch.float64)).to(g.device, g.dtype)
+        counts = func(r * s, inp, grid, *args[3:], **kwargs)[0]
+        sup.record(grad_input, counts != 0)
+    if grad_grid is not None:
+        support = kept.unsqueeze(-1).expand(grad_grid.shape)
+        sup.record(_annihilate(grad_grid, support), support)
+    return outs
+
+
+_register(aten.grid_sampler_2d_backward, aten.grid_sampler_3d_backward)(_grid_sampler_backward)
+
+
 def _ctc_loss_backward(func, args, kwargs, sup):
     """_ctc_loss_backward(g, log_probs, targets, input_lengths, target_lengths, nll, log_alpha, blank,
     zero_infinity): each sample's alignment is computed on its own, so a sample whose per-sample g is a
@@ -1087,6 +1181,13 @@ def _div_singular(node: Any) -> bool:
         return True
 
 
+def _batch_norm_singular(node: Any) -> bool:
+    """batch norm in eval mode divides by sqrt(running_var + eps): infinite for a channel whose sum is 0
+    (eps=0 and a constant channel in the running statistics)."""
+    var = node._saved_running_var
+    return not node._saved_training and var is not None and _any(var + node._saved_eps <= 0)
+
+
 def _nll_singular(node: Any) -> bool:
     """nll_loss with reduction='mean' divides by the total weight of the non-ignored targets: 0 when every
     target is ignored or has class weight 0 (0/0, a NaN loss that can itself be discarded)."""
@@ -1134,6 +1235,7 @@ NODE_FACTS: dict[str, Callable[[Any], bool] | None] = {
     # 1/x at 0 saves result = inf, caught by the finiteness check; a finite result can still overflow
     "ReciprocalBackward0": _result_power_overflows(2, 1),
     "RsqrtBackward0": _result_power_overflows(3, 0.5),
+    "NativeBatchNormBackward0": _batch_norm_singular,
     "NllLossBackward0": _nll_singular,
     "NllLoss2DBackward0": _nll_singular,
     # DDP's _DDPSink (find_unused_parameters, static_graph): an identity backward that saves nothing

@@ -1,0 +1,87 @@
+"""Cases modelled on public bug reports, written by hunts for wrong answers (tests/reported/), in the shared
+cases' formats: each contamination case carries the gradient of the same program with the unused values
+deleted; each nonsmooth case its validated one-sided derivatives, subdifferential vertices and stationarity.
+
+Cases gradwise does not pass yet are strict xfails with the reason, so a fix shows up as a failure to remove.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import gradwise as gw
+
+HERE = Path(__file__).resolve().parent / "reported"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "cases"
+
+pytestmark = pytest.mark.filterwarnings(r"ignore:index_reduce\(\) is in beta:UserWarning")
+
+KNOWN = {
+    # contamination: backward ops without a rule, or a limit written down in docs/strong-zeros-design.md
+    "lstm-float32-nan-padding-steps-selected": "mkldnn_rnn_layer_backward (fused float32 LSTM on CPU) has no rule",
+    "mha-nan-batch-element-sliced": "CPU flash attention's backward is opaque: the check does not read q/k/v",
+    "logcumsumexp-nan-after-kept-prefix": "logcumsumexp's backward takes log|grad|: no rule",
+    "matrix-exp-nan-batch-element-sliced": "linalg_matrix_exp (in its own backward) has no rule",
+    "rfft-nan-row-sliced": "strong zeros are not tracked through complex tensors (FFT backwards)",
+    "stft-nan-padding-frames-cropped": "strong zeros are not tracked through complex tensors (FFT backwards)",
+    "segment-reduce-sum-nan-segment-dropped": "_segment_reduce_backward has no rule",
+    "segment-reduce-max-log-of-zero-dropped": "_segment_reduce_backward has no rule",
+    "double-backward-through-where-log": "create_graph=True: the second-order pass sees ordinary zeros",
+    # nonsmooth: a clear NonsmoothError or an undecided certificate instead of an answer
+    "lasso-13d-at-zero-optimum": "13 tied kinks exceed MAX_KINKS: sampled directions leave it undecided",
+    "row-norms-with-a-zero-row": "a norm at 0 is a continuum of pieces: stationarity is sampled, undecided",
+    "sqrt-of-square-at-zero": "sqrt at 0 raises (singular); use linalg.vector_norm",
+    "quantile-median-with-ties": "quantile has no rule: NonsmoothError at its tie",
+    "max-eigenvalue-repeated": "eigvalsh has no rule: NonsmoothError at a repeated eigenvalue",
+    "scatter-reduce-amax-gnn-ties": "scatter_reduce amax has no rule: NonsmoothError at its tie",
+    "index-reduce-amax-ties": "index_reduce has no forward-mode derivative in PyTorch: NonsmoothError",
+    "embedding-bag-max-ties": "embedding_bag has no forward-mode derivative in PyTorch: NonsmoothError",
+    "where-eq-zero-guard-expm1-over-x": "a removable singularity behind x == 0: NonsmoothError (f's branch changes)",
+    "cosine-embedding-at-margin": "cosine_embedding_loss has no rule: NonsmoothError at its clamp_min_ kink",
+}
+
+
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(f"reported_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    with warnings.catch_warnings():  # some cases compute their data with index_reduce, a beta API that warns
+        warnings.filterwarnings("ignore", r"index_reduce\(\) is in beta", UserWarning)
+        spec.loader.exec_module(module)
+    return module
+
+
+def _params(pattern: str, value):
+    out = []
+    for path in sorted(HERE.glob(pattern)):
+        for case in _load(path).CASES:
+            reason = KNOWN.get(case.name)
+            marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
+            out.append(pytest.param(value(path, case), id=f"{path.stem}-{case.name}", marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("case", _params("contamination_*.py", lambda path, case: case))
+def test_reported_contamination(case):
+    output, inputs, expected = case.build()
+    got = gw.grad(output, inputs)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e.to(g.dtype), equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
+def _checker():
+    spec = importlib.util.spec_from_file_location("check_nonsmooth_reported", SHARED / "check_nonsmooth.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not (SHARED / "check_nonsmooth.py").exists(), reason="../shared/cases is not beside the checkout")
+@pytest.mark.parametrize("case", _params("nonsmooth_*.py", lambda path, case: case))
+def test_reported_nonsmooth(case):
+    assert _checker().check_case(gw, case) == []
