@@ -35,6 +35,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from gradwise import _strong_zeros
 from gradwise._masks import mask_any
 from gradwise._report import Finding, Report
 
@@ -841,7 +842,7 @@ class _Tracer(TorchDispatchMode):
         if node is None and not self.depth:
             return self._forward(func, info, args, kwargs)
         out = func(*args, **kwargs)
-        self._backward(func, info, node, args, out)
+        self._backward(func, info, node, args, out, kwargs)
         return out
 
     def _forward(self, func, info, args, kwargs):
@@ -885,7 +886,7 @@ class _Tracer(TorchDispatchMode):
         self._check(outs, lambda bad: self._dig(func, loc, ins, bad, None, info))
         return out
 
-    def _backward(self, func, info, node, args, out):
+    def _backward(self, func, info, node, args, out, kwargs=None):
         self.n_bwd += 1
         seq = node._sequence_nr() if node is not None else None
         ins = _tensors(args)
@@ -914,7 +915,7 @@ class _Tracer(TorchDispatchMode):
         if not outs or ((info.view or info.preserving) and not self.pending and not any(t in self.prov for t in ins)):
             return
         self._check(outs, lambda bad: self._dig(func, None, ins, bad, seq if sens else (seq, "value"), info,
-                                                args=args, out=out))
+                                                args=args, out=out, kwargs=kwargs))
 
     def _collective(self, func, args, kwargs):
         """A collective (DDP's gradient all-reduce, FSDP's reduce-scatter): its buffers are written by the
@@ -1010,7 +1011,7 @@ class _Tracer(TorchDispatchMode):
         got = self.as_value[t] = frozenset([b])
         return got
 
-    def _dig(self, func, loc, ins, bad, seq, info, args=None, out=None) -> None:
+    def _dig(self, func, loc, ins, bad, seq, info, args=None, out=None, kwargs=None) -> None:
         node_seq = seq[0] if isinstance(seq, tuple) else seq
         nd = self.nodes.get(node_seq) if node_seq is not None else None
         if loc is None:
@@ -1024,7 +1025,7 @@ class _Tracer(TorchDispatchMode):
             elif prior:  # accumulating into a gradient already non-finite (a second backward): carry it
                 self.prov[o] = prior.union(*(self.prov.get(t, frozenset()) for t in nf if t in self.sens))
             else:
-                self._meet(func, loc, o, mask, ins, nf, nd, node_seq, args, out)
+                self._meet(func, loc, o, mask, ins, nf, nd, node_seq, args, out, kwargs)
             if info.mutable and o._base is not None and o in self.prov:
                 self.prov[o._base] = self.prov[o]
 
@@ -1050,7 +1051,7 @@ class _Tracer(TorchDispatchMode):
             births = frozenset([b])
         self.prov[o] = births
 
-    def _meet(self, func, loc, o, mask, ins, nf, nd, seq, args, out) -> None:
+    def _meet(self, func, loc, o, mask, ins, nf, nd, seq, args, out, kwargs=None) -> None:
         """A sensitivity op made non-finite elements: propagate them, or classify where they are born."""
         sens_ins = [t for t in ins if t in self.sens]
         upstream = [t for t in nf if t in self.sens]
@@ -1058,7 +1059,7 @@ class _Tracer(TorchDispatchMode):
             self.prov[o] = frozenset().union(*(self.prov.get(t, frozenset()) for t in upstream))
             return
         births = frozenset().union(*(self._origin(t, loc) for t in nf)) if nf else frozenset()
-        genuine = self._nonzero_sensitivity_met(func, o, mask, ins, sens_ins, nf, args, out)
+        genuine = self._nonzero_sensitivity_met(func, o, mask, ins, sens_ins, nf, args, out, kwargs)
         incidents = []
         op, node_op = _op_name(func), nd.op if nd is not None else "?"
         for kind_mask, contaminated in ((mask & ~genuine, True), (mask & genuine, False)):
@@ -1083,9 +1084,9 @@ class _Tracer(TorchDispatchMode):
             incidents.append(inc)
         self.prov[o] = frozenset(incidents)
 
-    def _nonzero_sensitivity_met(self, func, o, mask, ins, sens_ins, nf, args, out) -> torch.Tensor:
+    def _nonzero_sensitivity_met(self, func, o, mask, ins, sens_ins, nf, args, out, kwargs=None) -> torch.Tensor:
         """Bool mask over `o`: where a nonzero sensitivity met a non-finite value (genuine), else contamination."""
-        if _aligned(ins, o.shape):  # elementwise: positions line up
+        if _aligned(ins, o.shape) and func.overloadpacket not in _ROW_MIXING:  # elementwise: positions line up
             nonzero = torch.zeros(o.shape, dtype=torch.bool)
             for s in sens_ins:
                 nonzero = nonzero | (s != 0).broadcast_to(o.shape)
@@ -1107,6 +1108,10 @@ class _Tracer(TorchDispatchMode):
             for r, oo in zip(outs, olist, strict=False):
                 if oo is o and isinstance(r, torch.Tensor):
                     return r != 0
+        if args is not None and out is not None:
+            strong = _strong_rerun(func, args, kwargs or {}, sens_ins, o, out)
+            if strong is not None:  # what strong zeros leave non-finite is genuine, what they remove contamination
+                return ~torch.isfinite(strong)
         # Unknown mixing: contamination only when every sensitivity is zero throughout.
         nonzero_anywhere = any(bool((s != 0).any()) for s in sens_ins)
         return torch.full(o.shape, nonzero_anywhere, dtype=torch.bool)
@@ -1370,6 +1375,32 @@ _KINK_FIX = ("not an error: the gradient here is PyTorch's convention, one eleme
              "optimality use gw.stationarity(f, x); for an exact one-sided derivative gw.directional_derivative.")
 _SINGULAR_FIX = ("an infinite derivative: if the gradient must be finite here, smooth the op (sqrt(x + eps)) or use "
                  "torch.linalg.vector_norm, whose gradient at 0 is 0")
+# Backward ops whose inputs and output share a shape but that mix a whole row (softmax's sum over the row).
+_ROW_MIXING = {aten._softmax_backward_data, aten._log_softmax_backward_data}
+
+
+def _strong_rerun(func, args, kwargs, sens_ins, o, out) -> torch.Tensor | None:
+    """``func`` run again under the strong-zero rules, every zero of its sensitivities taken as structural: the
+    counterpart of ``o`` (what strong zeros leave non-finite), or None where no rule nor decomposition covers the
+    op (or it writes in place)."""
+    if func._schema.is_mutable or (_strong_zeros.lookup(func) is None and _strong_zeros._decomposition(func) is None):
+        return None
+    outs = out if isinstance(out, (list, tuple)) else [out]
+    at = next((i for i, t in enumerate(outs) if t is o), None)
+    if at is None:
+        return None
+    mode = _strong_zeros._StrongZeroMode()
+    for s in sens_ins:
+        mode.supports.record(s, s != 0)
+    try:
+        with torch.no_grad(), mode:
+            res = func(*args, **kwargs)
+    except Exception:  # an explanation must never break the program it explains
+        return None
+    r = (res if isinstance(res, (list, tuple)) else [res])[at]
+    return r if isinstance(r, torch.Tensor) and r.shape == o.shape else None
+
+
 _BILINEAR = {aten.mm, aten.bmm, aten.addmm, aten.baddbmm, aten.addbmm, aten.mv, aten.dot, aten.convolution_backward,
              aten.convolution, aten._convolution, aten.matmul, aten.linear, aten.einsum, aten.addmv, aten.outer,
              aten.tensordot}
