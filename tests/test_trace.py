@@ -237,6 +237,27 @@ def test_training_steps_after_a_contaminated_gradient():
     assert "contamination" in genuine.message
 
 
+def test_a_custom_functions_own_backward_is_named():
+    """The user's backward is where the Inf is made: its line and the Function's node, not the first op inside
+    its forward (which ran under no_grad and is no kink of the program's)."""
+    class SafeRelu(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return torch.relu(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * (x >= 0) / x.abs().sqrt()  # Inf at x == 0
+
+    x = torch.tensor([0.0, 1.0, 4.0], requires_grad=True)
+    with gw.trace() as report:
+        SafeRelu.apply(x).sum().backward()
+    (f,) = report.of_kind("inf")
+    assert f.op == "SafeReluBackward" and "x.abs().sqrt()" in f.source and not report.of_kind("kink")
+
+
 def test_genuine_overflow_in_exp():
     x = torch.tensor([1.0, 100.0], requires_grad=True)
     report = gw.explain(lambda x: x.exp().sum(), x)
@@ -481,10 +502,16 @@ def test_explain_bad_input():
         gw.explain(lambda x: x.sum(), torch.ones(2))
 
 
-def test_trace_cannot_nest_and_restores_autograd():
+def test_nested_trace_shares_the_outer_recording_and_restores_autograd():
+    """A script run by `gradwise run` may call gw.explain itself: the inner block's report lists what happened
+    inside it, the outer one everything."""
     backward, grad = torch.autograd.backward, torch.autograd.grad
-    with gw.trace(), pytest.raises(RuntimeError, match="already active"), gw.trace():
-        pass
+    x = torch.tensor([-1.0, 4.0], requires_grad=True)
+    with gw.trace() as outer:
+        torch.where(x > 0, x.sqrt(), x).sum().backward()
+        inner = gw.explain(lambda x: x.relu().sum(), torch.tensor([0.0, 1.0], requires_grad=True))
+    assert [f.kind for f in inner.findings] == ["kink"]
+    assert {f.kind for f in outer.findings} == {"contamination", "kink"}
     with pytest.raises(ValueError, match="sync_every"), gw.trace(sync_every=0):
         pass
     assert (torch.autograd.backward, torch.autograd.grad) == (backward, grad)

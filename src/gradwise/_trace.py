@@ -848,7 +848,9 @@ class _Tracer(TorchDispatchMode):
     def _forward(self, func, info, args, kwargs):
         self.n_fwd += 1
         seq = _get_sequence_nr()
-        creates_node = seq != self.last_seq  # this op made autograd node seq - 1: it is differentiated
+        # this op made autograd node seq - 1: it is differentiated. A custom Function takes its number before its
+        # forward runs (under no_grad): the first op inside it did not make that node
+        creates_node = seq != self.last_seq and torch.is_grad_enabled()
         self.last_seq = seq
         if not creates_node and (info.view or info.preserving) and not info.mutable and not self.pending \
                 and not any(t in self.prov for t in _tensors(args)):
@@ -1014,8 +1016,9 @@ class _Tracer(TorchDispatchMode):
     def _dig(self, func, loc, ins, bad, seq, info, args=None, out=None, kwargs=None) -> None:
         node_seq = seq[0] if isinstance(seq, tuple) else seq
         nd = self.nodes.get(node_seq) if node_seq is not None else None
-        if loc is None:
-            loc = nd.loc if nd is not None else ("<backward>", 0)
+        if loc is None:  # a node the forward did not record: a custom Function's backward runs the user's code
+            frame = _user_frame() if nd is None else None
+            loc = nd.loc if nd is not None else _loc(frame) if frame is not None else ("<backward>", 0)
         for o in bad:
             mask = ~torch.isfinite(o)
             prior = self.prov.get(o) if info.mutable else None
@@ -1061,7 +1064,8 @@ class _Tracer(TorchDispatchMode):
         births = frozenset().union(*(self._origin(t, loc) for t in nf)) if nf else frozenset()
         genuine = self._nonzero_sensitivity_met(func, o, mask, ins, sens_ins, nf, args, out, kwargs)
         incidents = []
-        op, node_op = _op_name(func), nd.op if nd is not None else "?"
+        node = torch._C._current_autograd_node() if nd is None else None
+        op, node_op = _op_name(func), nd.op if nd is not None else node.name() if node is not None else "?"
         for kind_mask, contaminated in ((mask & ~genuine, True), (mask & genuine, False)):
             count, idx = _positions(kind_mask)
             if not count:
@@ -1235,7 +1239,8 @@ class _Tracer(TorchDispatchMode):
 
     # -- the report -------------------------------------------------------------------------------------------
 
-    def fill(self, report: Report) -> None:
+    def fill(self, report: Report, since: tuple[int, int] = (0, 0)) -> None:
+        """Fill ``report``; ``since`` (incidents, orphans recorded before a nested block) leaves those out."""
         self.flush()
         report.forward_ops, report.backward_ops = self.n_fwd, self.n_bwd
         findings: dict[tuple, Finding] = {}
@@ -1249,7 +1254,7 @@ class _Tracer(TorchDispatchMode):
             f.occurrences += 1
             f.reaches = sorted(set(f.reaches) | set(reaches))
 
-        for inc in self.incidents:
+        for inc in self.incidents[since[0]:]:
             birth = min(inc.births, key=lambda b: self.births.index(b)) if inc.births else None
             if inc.kind == "contamination":
                 key = ("contamination", inc.op, inc.loc, birth.op if birth else None, birth.loc if birth else None)
@@ -1265,7 +1270,7 @@ class _Tracer(TorchDispatchMode):
             if key not in findings:
                 add(key, lambda birth=birth, kind=kind: self._genuine(kind, None, birth), birth.count, [],
                     birth.indices)
-        for name, count in self.orphans:
+        for name, count in self.orphans[since[1]:]:
             add(("nan", "unknown", name), lambda name=name: Finding(
                 "nan", "unknown", "<unknown>", 0, message=f"the gradient of {name} is not finite; its birth was "
                 "not observed (made outside the traced block?)"), count, [name], [])
@@ -1430,11 +1435,17 @@ def trace(*, sync_every: int = 256) -> Iterator[Report]:
         >>> report.findings[0].reaches
         ['x']
     """
-    if _ACTIVE:
-        raise RuntimeError("gw.trace() is already active: trace blocks cannot be nested; use one outer block")
     if not isinstance(sync_every, int) or sync_every < 1:
         raise ValueError(f"sync_every must be a positive int, got {sync_every!r}")
     report = Report()
+    if _ACTIVE:  # nested (a script using gw.explain run by `gradwise run`): the outer block records for both
+        outer = _ACTIVE[-1]
+        since = (len(outer.incidents), len(outer.orphans))
+        try:
+            yield report
+        finally:
+            outer.fill(report, since)
+        return
     tracer = _Tracer(sync_every)
     orig_backward, orig_grad = torch.autograd.backward, torch.autograd.grad
 
