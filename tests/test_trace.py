@@ -523,3 +523,13 @@ def test_report_is_filled_when_the_block_raises():
         x.sqrt().sum().backward()
         raise RuntimeError("boom")
     assert report.of_kind("nan")
+
+
+def test_torch_func_transforms_run_under_trace():
+    """torch.func.grad calls torch.autograd.grad with batched tensors under vmap: the trace must not read them."""
+    f = lambda x: torch.where(x > 0, x.sqrt(), x).sum()
+    xs = torch.tensor([[-1.0, 4.0], [9.0, 1.0]])
+    expected = torch.func.vmap(torch.func.grad(f))(xs)
+    with gw.trace():
+        got = torch.func.vmap(torch.func.grad(f))(xs)
+    assert torch.equal(got.nan_to_num(), expected.nan_to_num()) and got.isnan().sum() == 1

@@ -1470,7 +1470,8 @@ def trace(*, sync_every: int = 256) -> Iterator[Report]:
             tracer.flush()
         leaves = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
         for g, leaf in zip(result, leaves, strict=False):
-            if isinstance(g, torch.Tensor):
+            # torch.func.grad calls this too; under vmap its gradients are batched and cannot be read here
+            if isinstance(g, torch.Tensor) and not torch._C._functorch.is_functorch_wrapped_tensor(g):
                 tracer.reached(g, leaf)
         return result
 
