@@ -533,3 +533,14 @@ def test_torch_func_transforms_run_under_trace():
     with gw.trace():
         got = torch.func.vmap(torch.func.grad(f))(xs)
     assert torch.equal(got.nan_to_num(), expected.nan_to_num()) and got.isnan().sum() == 1
+
+
+@pytest.mark.parametrize(("op", "values", "expected"), [
+    (torch.log, [1.0, -1.0, 3.0, -0.5], "log of 2 value(s) below 0 and 0 at 0"),
+    (torch.log1p, [1.0, -1.0, -3.0], "log1p of 1 value(s) below -1 and 1 at -1"),
+    (torch.sqrt, [4.0, -1.0], "1 negative and 0 zero base(s)"),
+])
+def test_a_birth_says_why_from_the_op_inputs(op, values, expected):
+    x = torch.tensor(values, requires_grad=True)
+    report = gw.explain(lambda x: op(x * 1.0).sum(), x)
+    assert any(expected in f.message for f in report.findings), str(report)

@@ -203,15 +203,25 @@ def _inputs_at(ins, mask):
     return None
 
 
-@_explains(aten.log, aten.log2, aten.log10, aten.log1p, aten.xlogy)
-def _log_domain(ins, out, mask) -> str:
-    """log is NaN below its domain and -inf at its edge (0, or -1 for log1p)."""
+def _log_counts(ins, mask, edge: float, name: str) -> str:
     x = _inputs_at(ins, mask)
     if x is not None and x.numel():
-        edge = -1.0 if ins and out is not None and bool((x == -1).any()) else 0.0
-        neg, zero = int((x < edge).sum()), int((x == edge).sum())
-        return f"log of {neg} negative and {zero} zero value(s): a domain error (NaN below the domain, -inf at 0)"
-    return "log outside its domain (NaN for negatives, -inf at 0)"
+        below, at = int((x < edge).sum()), int((x == edge).sum())
+        return (f"{name} of {below} value(s) below {edge:g} and {at} at {edge:g}: a domain error (NaN below the "
+                f"domain, -inf at {edge:g})")
+    return f"{name} outside its domain (NaN below {edge:g}, -inf at {edge:g})"
+
+
+@_explains(aten.log, aten.log2, aten.log10, aten.xlogy)
+def _log_domain(ins, out, mask) -> str:
+    """log is NaN below its domain and -inf at its edge, 0."""
+    return _log_counts(ins, mask, 0.0, "log")
+
+
+@_explains(aten.log1p)
+def _log1p_domain(ins, out, mask) -> str:
+    """log1p is NaN below -1 and -inf at -1."""
+    return _log_counts(ins, mask, -1.0, "log1p")
 
 
 @_explains(aten.sqrt, aten.rsqrt, aten.pow)
@@ -1024,7 +1034,7 @@ class _Tracer(TorchDispatchMode):
             prior = self.prov.get(o) if info.mutable else None
             nf = [t for t in ins if t is not o and _nonfinite(t)]
             if seq is None or isinstance(seq, tuple):
-                self._value(func, loc, o, mask, nf, prior, nd)
+                self._value(func, loc, o, mask, nf, prior, nd, ins)
             elif prior:  # accumulating into a gradient already non-finite (a second backward): carry it
                 self.prov[o] = prior.union(*(self.prov.get(t, frozenset()) for t in nf if t in self.sens))
             else:
@@ -1032,7 +1042,7 @@ class _Tracer(TorchDispatchMode):
             if info.mutable and o._base is not None and o in self.prov:
                 self.prov[o._base] = self.prov[o]
 
-    def _value(self, func, loc, o, mask, nf, prior, nd) -> None:
+    def _value(self, func, loc, o, mask, nf, prior, nd, ins=()) -> None:
         """A forward value (or one a backward formula made from saved values): propagate or record a birth."""
         # An unknown 0-dim tensor is a wrapped constant (x[2] = nan): the value is born at this op.
         nf = [t for t in nf if t in self.prov or t.dim() or t.requires_grad]
@@ -1046,7 +1056,7 @@ class _Tracer(TorchDispatchMode):
         if (not nf and not prior) or new_nan:
             count, idx = _positions(torch.isnan(o) if new_nan and (nf or prior) else mask)
             op = _op_name(func)
-            what = _explain(func, nf or [], o, mask)
+            what = _explain(func, nf or [t for t in ins if t is not o], o, mask)  # born here: why, from its inputs
             if nd is not None and nd.op != op and (not nf or new_nan) and loc == nd.loc:
                 what = f"{what} (in the backward formula of {nd.op})"
             b = _Birth(op, loc, what, count, idx, has_nan, parents=births)
