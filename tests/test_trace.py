@@ -544,3 +544,14 @@ def test_a_birth_says_why_from_the_op_inputs(op, values, expected):
     x = torch.tensor(values, requires_grad=True)
     report = gw.explain(lambda x: op(x * 1.0).sum(), x)
     assert any(expected in f.message for f in report.findings), str(report)
+
+
+def test_sort_and_topk_ties_are_reported_at_their_input_positions():
+    x = torch.tensor([1.0, 5.0, 2.0, 5.0, 0.0, 7.0], requires_grad=True)
+    with gw.trace() as report:
+        v, _ = x.topk(3)  # 7, 5, 5: x[1] and x[3] tie
+        s, _ = torch.sort(x)  # 0 1 2 5 5 7
+        (v.sum() + (s * torch.arange(6.0)).sum()).backward()
+    for op in ("aten.topk", "aten.sort"):
+        (f,) = [f for f in report.of_kind("kink") if f.op == op]
+        assert f.count == 2 and f.indices == [[1], [3]], str(report)

@@ -551,30 +551,44 @@ def _order_statistic_tie(c):
 
 @_kink(aten.sort, needs_out=True)
 def _sort_tie(c):
-    """sort with equal values: the gradient follows the positions sort returned (ties keep their order)."""
-    values = c.out[0]
+    """sort with equal values: the gradient follows the positions sort returned (ties keep their order). The
+    tied elements are reported where they sit in the input."""
+    values, perm = c.out[0], c.out[1]
     dim = c.arg(1, "dim", -1)
     if isinstance(dim, bool):  # sort.stable(x, *, stable, dim)
         dim = c.kwargs.get("dim", -1)
     if values.dim() == 0 or values.shape[dim] < 2:
         return None
     n = values.shape[dim] - 1
-    return _Hit("kink", values.narrow(dim, 0, n) == values.narrow(dim, 1, n), "follows the returned positions",
-                aligned=False)
+    tie = (values.narrow(dim, 0, n) == values.narrow(dim, 1, n)).to(torch.uint8)
+    return _Hit("kink", _in_input(values, dim, [(perm.narrow(dim, 0, n), tie), (perm.narrow(dim, 1, n), tie)]),
+                "follows the returned positions", aligned=False)
+
+
+def _in_input(like: torch.Tensor, dim: int, marks: list) -> torch.Tensor:
+    """A bool mask shaped like the input: True at the input positions ``index`` where ``mark`` is set."""
+    out = torch.zeros(like.shape, dtype=torch.uint8, device=like.device)
+    for index, mark in marks:
+        out.scatter_add_(dim, index, mark)
+    return out > 0
 
 
 @_kink(aten.topk, needs_out=True)
 def _topk_tie(c):
-    """topk with ties among, or at the edge of, the selected values: all to the returned indices."""
-    x, values = c.args[0], c.out[0]
+    """topk with ties among, or at the edge of, the selected values: all to the returned indices. The tied
+    elements are reported where they sit in the input."""
+    x, values, idx = c.args[0], c.out[0], c.out[1]
     dim = c.arg(2, "dim", -1)
     if values.numel() == 0:
         return None
     k = values.shape[dim]
     last = values.narrow(dim, k - 1, 1)
     edge = (x == last).sum(dim, keepdim=True) > (values == last).sum(dim, keepdim=True)
-    inner = values.narrow(dim, 0, k - 1) == values.narrow(dim, 1, k - 1)
-    return _Hit("kink", torch.cat([edge.flatten(), inner.flatten()]), "all to the returned indices", aligned=False)
+    mask = (x == last) & edge  # every element equal to the last value kept, when not all of them are kept
+    if k > 1:
+        inner = (values.narrow(dim, 0, k - 1) == values.narrow(dim, 1, k - 1)).to(torch.uint8)
+        mask = mask | _in_input(x, dim, [(idx.narrow(dim, 0, k - 1), inner), (idx.narrow(dim, 1, k - 1), inner)])
+    return _Hit("kink", mask, "all to the returned indices", aligned=False)
 
 
 def _tiling_kernel(x: torch.Tensor, spatial: int, kernel, stride, padding, dilation, ceil_mode) -> list | None:
