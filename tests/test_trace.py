@@ -555,3 +555,13 @@ def test_sort_and_topk_ties_are_reported_at_their_input_positions():
     for op in ("aten.topk", "aten.sort"):
         (f,) = [f for f in report.of_kind("kink") if f.op == op]
         assert f.count == 2 and f.indices == [[1], [3]], str(report)
+
+
+def test_unused_since_names_the_slice_not_a_relu_on_the_way():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 4)
+    x = torch.cat([torch.randn(4, 3), torch.full((2, 3), float("nan"))])
+    with gw.trace() as report:
+        torch.relu(lin(x))[:4].sum().backward()
+    f = report.of_kind("contamination")[0]
+    assert f.discarded_op == "aten.slice" and "select first" in f.fix, str(report)

@@ -301,6 +301,10 @@ _DISCARDS: dict = {
                     "make the value finite before the op that zeroes its sensitivity"),
 }
 
+_ELEMENTWISE_DISCARDS = {aten.minimum, aten.maximum, aten.fmin, aten.fmax, aten.clamp, aten.clamp_min,
+                          aten.clamp_max, aten.relu, aten.threshold, aten.hardtanh, aten.floor, aten.round,
+                          aten.sign}
+
 _GENUINE_FIX: dict = {
     **dict.fromkeys([aten.log, aten.log2, aten.log10, aten.log1p, aten.xlogy],
                     "keep the input inside the domain: log(x.clamp_min(eps)), or torch.special.xlogy / log_softmax"),
@@ -1145,9 +1149,13 @@ class _Tracer(TorchDispatchMode):
         return torch.full(o.shape, nonzero_anywhere, dtype=torch.bool)
 
     def _discarded_by(self, sens_ins) -> tuple | None:
-        """The nearest node upstream in the sensitivity flow whose forward op discards values (slice, where...)."""
+        """The discarding op upstream in the sensitivity flow (slice, where, ...) whose backward made the zero
+        sensitivity: the nearest one that selects (slice, index, where, masks, ignored targets, overwrites) if
+        any, else the nearest elementwise one (relu, clamp, max: their zeros are spread through the tensor and
+        rarely line up with discarded rows)."""
         frontier = [self.sens.get(s) for s in sens_ins]
         seen: set = set()
+        fallback = None
         while frontier:
             nxt = []
             for seq in frontier:
@@ -1155,11 +1163,14 @@ class _Tracer(TorchDispatchMode):
                     continue
                 seen.add(seq)
                 nd = self.nodes.get(seq)
-                if nd is not None and getattr(aten, nd.op[5:], None) in _DISCARDS:
-                    return nd.op, nd.loc
+                op = getattr(aten, nd.op[5:], None) if nd is not None else None
+                if op in _DISCARDS:
+                    if op not in _ELEMENTWISE_DISCARDS:
+                        return nd.op, nd.loc
+                    fallback = fallback or (nd.op, nd.loc)
                 nxt.extend(self.parents.get(seq, ()))
             frontier = nxt
-        return None
+        return fallback
 
     # -- leaves and their names ------------------------------------------------------------------------------
 
