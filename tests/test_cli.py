@@ -55,3 +55,30 @@ def test_help_explains_run(tmp_path):
 def test_missing_script(tmp_path):
     out = _run(tmp_path, "run", "nope.py")
     assert out.returncode == 2 and "no such script" in out.stderr
+
+
+def test_run_a_module_with_relative_imports(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "helper.py").write_text("def rows():\n    return 4\n")
+    (pkg / "train.py").write_text("from .helper import rows\n" + SCRIPT.replace("[:4]", "[:rows()]"))
+    out = _run(tmp_path, "run", "-m", "pkg.train", "--status", "0", "--json", "theirs")
+    assert out.returncode == 0, out.stderr
+    assert "args: ['--status', '0', '--json', 'theirs']" in out.stdout and "1 contamination finding" in out.stderr
+    assert not (tmp_path / "theirs").exists()
+
+
+def test_the_traceback_is_the_scripts_and_options_before_it_are_checked(tmp_path):
+    out = _run(tmp_path, "run", "SCRIPT", "--crash")
+    assert "runpy" not in out.stderr and "_cli.py" not in out.stderr and 'train.py", line' in out.stderr
+    typo = _run(tmp_path, "run", "--jsno", "r.json", "SCRIPT")
+    assert typo.returncode == 2 and "--jsno" in typo.stderr and "args:" not in typo.stdout
+
+
+def test_a_script_that_traces_itself(tmp_path):
+    script = tmp_path / "own.py"
+    script.write_text("import torch, gradwise as gw\nx = torch.tensor([0.0, 1.0], requires_grad=True)\n"
+                      "print(len(gw.explain(lambda x: x.relu().sum(), x).findings), 'own findings')\n")
+    out = _run(tmp_path, "run", script)
+    assert out.returncode == 0 and "1 own findings" in out.stdout and "1 kink" in out.stderr, out.stderr

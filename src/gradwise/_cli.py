@@ -16,31 +16,45 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    """Run a script under gw.trace() with its own sys.argv; print the report at exit, even when it raises."""
+    """Run a script (or ``-m module``) under gw.trace() with its own sys.argv; print the report at exit, even
+    when it raises."""
     import os
     import runpy
-    import traceback
 
     from gradwise._trace import trace
 
-    script = args.script
-    if not os.path.isfile(script):
-        print(f"gradwise run: no such script: {script}", file=sys.stderr)
+    if args.rest:
+        print(f"gradwise run: unrecognized option(s) before the script: {' '.join(args.rest)} "
+              "(options for the script go after it)", file=sys.stderr)
         return 2
+    if args.module is None and args.script is None:
+        print("gradwise run: give a script (gradwise run train.py) or a module (gradwise run -m pkg.train)",
+              file=sys.stderr)
+        return 2
+    if args.module is not None:
+        target, script_args = args.module, ([args.script] if args.script else []) + args.script_args
+    else:
+        target, script_args = args.script, args.script_args
+        if not os.path.isfile(target):
+            print(f"gradwise run: no such script: {target}", file=sys.stderr)
+            return 2
     saved_argv, saved_path = sys.argv[:], sys.path[:]
-    sys.argv = [script, *args.script_args, *args.rest]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    sys.argv = [target, *script_args]
+    sys.path.insert(0, os.getcwd() if args.module is not None else os.path.dirname(os.path.abspath(target)))
     status = 0
     try:
         with trace() as report:
             try:
-                runpy.run_path(script, run_name="__main__")
+                if args.module is not None:
+                    runpy.run_module(target, run_name="__main__", alter_sys=True)
+                else:
+                    runpy.run_path(target, run_name="__main__")
             except SystemExit as exc:  # the script's own exit status
                 status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
                 if exc.code is not None and not isinstance(exc.code, int):
                     print(exc.code, file=sys.stderr)
-            except BaseException:  # report what was traced before the crash, then exit like Python does
-                traceback.print_exc()
+            except BaseException as exc:  # report what was traced before the crash, then exit like Python does
+                _print_user_traceback(exc, runpy.__file__, "<frozen runpy>")
                 status = 1
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
@@ -50,6 +64,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             f.write(report.to_json())
     return status
+
+
+def _print_user_traceback(exc: BaseException, *internal: str) -> None:
+    """The script's traceback as Python prints it, without gradwise's and runpy's frames on top."""
+    import traceback
+
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename in (__file__, *internal):
+        tb = tb.tb_next
+    traceback.print_exception(type(exc), exc, tb)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -66,9 +90,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "report at exit (also when the script raises) that explains every NaN/Inf (where it was born, whether it "
         "is contamination from values the output never used or genuine, which parameters it reaches) and every "
         "kink. The script sees its own sys.argv; the exit status is the script's.",
-        epilog="example: gradwise run train.py --epochs 1   |   gradwise run --json report.json train.py")
+        epilog="example: gradwise run train.py --epochs 1   |   gradwise run --json report.json train.py   |   "
+        "gradwise run -m pkg.train --epochs 1")
     run.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
-    run.add_argument("script", metavar="SCRIPT.py", help="the script to run")
+    run.add_argument("-m", dest="module", metavar="MODULE",
+                     help="run a module as `python -m MODULE` does (relative imports work); its arguments follow")
+    run.add_argument("script", metavar="SCRIPT.py", nargs="?", help="the script to run")
     run.add_argument("script_args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments passed to the script")
     run.set_defaults(func=_cmd_run)
     return parser
@@ -76,7 +103,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
-    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    tail = None
+    if argv[:1] == ["run"] and "-m" in argv[1:]:  # everything after `-m MODULE` belongs to the module
+        i = argv.index("-m", 1)
+        argv, tail = argv[: i + 2], argv[i + 2:]
+    args, rest = parser.parse_known_args(argv)
+    if tail is not None:
+        args.script, args.script_args = None, tail
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0
