@@ -565,3 +565,13 @@ def test_unused_since_names_the_slice_not_a_relu_on_the_way():
         torch.relu(lin(x))[:4].sum().backward()
     f = report.of_kind("contamination")[0]
     assert f.discarded_op == "aten.slice" and "select first" in f.fix, str(report)
+
+
+def test_a_nan_loss_made_in_the_forward_is_explained_there():
+    """A mean cross-entropy over targets of total weight 0 is 0/0 in the forward: the finding says so (its
+    backward also divides by 0, which is not the first cause)."""
+    z = torch.randn(2, 3, requires_grad=True)
+    with gw.trace() as report:
+        F.cross_entropy(z, torch.tensor([2, 2]), weight=torch.tensor([1.0, 1.0, 0.0])).backward()
+    (f,) = report.of_kind("nan")
+    assert f.op == "aten.nll_loss_forward" and "total weight" in f.message and f.reaches == ["z"], str(report)

@@ -224,6 +224,13 @@ def _log1p_domain(ins, out, mask) -> str:
     return _log_counts(ins, mask, -1.0, "log1p")
 
 
+@_explains(aten.nll_loss_forward, aten.nll_loss2d_forward)
+def _nll_total_weight(ins, out, mask) -> str:
+    """nll_loss with reduction='mean' divides by the total weight of the targets."""
+    return ("the total weight of the targets is 0 (every target ignored or of class weight 0): reduction='mean' "
+            "divides 0 by 0")
+
+
 @_explains(aten.sqrt, aten.rsqrt, aten.pow)
 def _root_domain(ins, out, mask) -> str:
     """sqrt / fractional powers are NaN for negative bases; negative powers and rsqrt are inf at 0."""
@@ -306,6 +313,9 @@ _ELEMENTWISE_DISCARDS = {aten.minimum, aten.maximum, aten.fmin, aten.fmax, aten.
                           aten.sign}
 
 _GENUINE_FIX: dict = {
+    **dict.fromkeys([aten.nll_loss_forward, aten.nll_loss2d_forward],
+                    "skip the batch when no target counts (weights.sum() == 0), or use reduction='sum' divided by a "
+                    "count you clamp to at least 1"),
     **dict.fromkeys([aten.log, aten.log2, aten.log10, aten.log1p, aten.xlogy],
                     "keep the input inside the domain: log(x.clamp_min(eps)), or torch.special.xlogy / log_softmax"),
     **dict.fromkeys([aten.sqrt, aten.rsqrt, aten.pow],
@@ -1289,20 +1299,30 @@ class _Tracer(TorchDispatchMode):
             f.occurrences += 1
             f.reaches = sorted(set(f.reaches) | set(reaches))
 
+        birthless: set = set()
         for inc in self.incidents[since[0]:]:
             birth = min(inc.births, key=lambda b: self.births.index(b)) if inc.births else None
             if inc.kind == "contamination":
                 key = ("contamination", inc.op, inc.loc, birth.op if birth else None, birth.loc if birth else None)
                 add(key, lambda inc=inc, birth=birth: self._contamination(inc, birth), inc.count, inc.reaches,
                     inc.indices)
+            elif birth is not None:  # named by where it was born: count and elements are the born tensor's
+                key = (inc.kind, birth.op, birth.loc)
+                add(key, lambda inc=inc, birth=birth: self._genuine(inc.kind, inc, birth),
+                    0 if key in findings else birth.count, inc.reaches, birth.indices)
             else:
-                key = (inc.kind, birth.op if birth else inc.node_op, birth.loc if birth else inc.loc)
-                add(key, lambda inc=inc, birth=birth: self._genuine(inc.kind, inc, birth), inc.count, inc.reaches,
-                    inc.indices)
+                key = (inc.kind, inc.node_op, inc.loc)
+                add(key, lambda inc=inc: self._genuine(inc.kind, inc, None), inc.count, inc.reaches, inc.indices)
+                birthless.add(key)
         for birth in self.output_births:
             kind = "nan" if birth.nan else "inf"
             key = (kind, birth.op, birth.loc)
-            if key not in findings:
+            if key in birthless:  # the output itself is NaN/Inf from the forward: that is the explanation
+                old = findings[key]
+                findings[key] = self._genuine(kind, None, birth)
+                findings[key].count, findings[key].indices = birth.count, birth.indices
+                findings[key].occurrences, findings[key].reaches = old.occurrences, old.reaches
+            elif key not in findings:
                 add(key, lambda birth=birth, kind=kind: self._genuine(kind, None, birth), birth.count, [],
                     birth.indices)
         for name, count in self.orphans[since[1]:]:
