@@ -575,3 +575,17 @@ def test_a_nan_loss_made_in_the_forward_is_explained_there():
         F.cross_entropy(z, torch.tensor([2, 2]), weight=torch.tensor([1.0, 1.0, 0.0])).backward()
     (f,) = report.of_kind("nan")
     assert f.op == "aten.nll_loss_forward" and "total weight" in f.message and f.reaches == ["z"], str(report)
+
+
+def test_reentrant_checkpoint_is_no_genuine_nan():
+    """checkpoint(use_reentrant=True) runs a backward inside the backward on recomputed activations; NaN rows
+    sliced away after it are contamination, not a NaN the output uses."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(6, 4)
+    x[4:] = float("nan")
+    x.requires_grad_(True)
+    with gw.trace() as report:
+        h = torch.utils.checkpoint.checkpoint(lambda h: torch.tanh(lin(h)), x, use_reentrant=True)
+        h[:4].sum().backward()
+    assert report.of_kind("contamination") and not report.of_kind("nan", "inf"), str(report)

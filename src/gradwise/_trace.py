@@ -1419,8 +1419,11 @@ class _Tracer(TorchDispatchMode):
         if grads is None or isinstance(grads, torch.Tensor):
             grads = [grads] * len(outputs) if grads is None else [grads]
         grads = list(grads)
+        # a backward inside a backward (checkpoint(use_reentrant=True)) differentiates recomputed activations
+        # with the outer sensitivities: they are not outputs the user's result depends on as such
+        reentrant = self.depth > 0
         for i, (o, g) in enumerate(zip(outputs, grads, strict=False)):
-            for b in self.prov.get(o, ()):
+            for b in () if reentrant else self.prov.get(o, ()):
                 if isinstance(b, _Birth):
                     b.used = True
                     self.output_births.add(b)
