@@ -707,3 +707,49 @@ def test_unselected_elements_of_a_reduction_are_structural(reduce):
     (ref,) = torch.autograd.grad(fn(kept.log()), kept)
     assert torch.equal(got[0], torch.zeros((), dtype=a.dtype))
     torch.testing.assert_close(got[1:], ref)
+
+
+_MASK = torch.tensor([True, False])
+# Programs whose NaN/Inf the output really uses (the loss is NaN): gw.grad must be PyTorch's gradient, NaN where
+# PyTorch's is. Each once broke a rule (a review of the rules for hiding genuine values).
+GENUINE_PROGRAMS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], list[float]]] = {
+    # a bool tensor the forward multiplies by is a value, not a selection: -log(0) * False = NaN is used
+    "times_a_user_mask": (lambda x: (-x.log() * _MASK)[:2].sum(), [0.5, 0.0]),
+    # erf's backward computes exp(-x**2): at x = inf an arithmetic 0, met by a used NaN
+    "erf_at_inf": (lambda x: (torch.erf(x) * torch.tensor([nan, 1.0], dtype=x.dtype))[:2].sum(), [inf, 1.0]),
+    # relu(NaN) = NaN is used: a NaN input is in no flat region
+    "relu_of_nan": (lambda x: (x * torch.tensor([nan, 1.0], dtype=x.dtype)).relu()[:2].sum(), [1.0, 2.0]),
+}
+
+
+@pytest.mark.parametrize("name", list(GENUINE_PROGRAMS))
+def test_genuine_nan_is_never_hidden(name):
+    program, values = GENUINE_PROGRAMS[name]
+    x = torch.tensor(values, dtype=torch.float64, requires_grad=True)
+    loss = program(x)
+    assert not loss.isfinite()
+    (expected,) = torch.autograd.grad(loss, x, retain_graph=True)
+    assert expected.isnan().any()
+    with gw.strong_zeros():  # the strong pass whatever the check decides
+        (got,) = torch.autograd.grad(program(x), x)
+    assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.nan_to_num(), expected.nan_to_num())
+
+
+def test_a_nan_maximum_keeps_its_nan():
+    """amax over a row whose maximum is NaN: its mask `x == result` is False everywhere in that row. The NaN
+    element is the one selected: its gradient stays NaN (PyTorch: the whole row); the others are unselected."""
+    x = torch.tensor([[1.0, nan, 2.0], [3.0, 4.0, 5.0]], dtype=torch.float64, requires_grad=True)
+    with gw.strong_zeros():
+        (got,) = torch.autograd.grad(x.amax(1).sum(), x)
+    assert got[0, 1].isnan() and torch.equal(got[1], torch.tensor([0.0, 0.0, 1.0], dtype=x.dtype))
+
+
+@pytest.mark.parametrize("program", [
+    lambda x: (torch.arange(3) / x)[:2].sum(),  # integer numerator: div's singular test
+    lambda x: (torch.tensor([True, False, True]) / x)[:2].sum(),  # bool numerator
+    lambda x: (torch.complex(x, x) ** 1.5).abs()[:2].sum(),  # complex intermediates: pow's test
+    lambda x: torch.complex(x, x).reciprocal().abs()[:2].sum(),  # reciprocal's
+], ids=["int_numerator", "bool_numerator", "complex_pow", "complex_reciprocal"])
+def test_singular_tests_accept_any_dtype(program):
+    x = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    assert torch.equal(gw.grad(program(x), x)[0], torch.autograd.grad(program(x), x)[0])

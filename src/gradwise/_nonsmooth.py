@@ -1503,11 +1503,16 @@ def _any_ties(args, kwargs, out) -> bool:
     return _float(x) and x.numel() > 1 and torch.unique(x).numel() < x.numel()
 
 
-def _value_ties(args, kwargs, out) -> bool:
-    """eigh/svd: repeated (or zero singular) values in the output."""
-    vals = out[0] if out[0].dim() else out[1]
-    vals = out[1] if vals.shape[-1] != min(args[0].shape[-2:]) else vals
-    return bool((vals.diff(dim=-1) == 0).any()) or bool((vals == 0).any())
+def _eigen_ties(args, kwargs, out) -> bool:
+    """eigh: repeated eigenvalues (they come sorted; a zero eigenvalue is no kink)."""
+    vals = out[0]
+    return vals.shape[-1] > 1 and bool((vals.diff(dim=-1) == 0).any())
+
+
+def _singular_value_ties(args, kwargs, out) -> bool:
+    """svd: repeated singular values, or a zero one (|sigma| is not differentiable at 0)."""
+    vals = out[1]
+    return (vals.shape[-1] > 1 and bool((vals.diff(dim=-1) == 0).any())) or bool((vals == 0).any())
 
 
 def _integral(args, kwargs, out) -> bool:
@@ -1545,7 +1550,9 @@ _KINKY: dict[object, Callable] = {
                      aten.cummin, aten.max_pool2d_with_indices, aten.max_pool3d_with_indices,
                      aten.adaptive_max_pool2d, aten.adaptive_max_pool3d, aten.fractional_max_pool2d,
                      aten.fractional_max_pool3d], _any_ties),
-    **dict.fromkeys([aten._linalg_eigh, aten._linalg_svd], _value_ties),
+    aten._linalg_eigh: _eigen_ties,
+    aten._linalg_svd: _singular_value_ties,
+    **dict.fromkeys([aten.remainder, aten.fmod], lambda a, k, o: _float(a[0]) and _integral([a[0] / a[1]], k, o)),
     **dict.fromkeys([aten.floor, aten.ceil, aten.round, aten.trunc, aten.frac], _integral),
     **dict.fromkeys([aten.linalg_vector_norm, aten.norm], _norm_at_zero),
     aten.renorm: _renorm_boundary,
@@ -1658,15 +1665,17 @@ def _watched(func, args: tuple, kwargs: dict, involved: Callable):
         with watch:
             out = func(*args, **kwargs)
     else:
-        out = _no_forward_ad_is_an_error(func, args, kwargs)
         def copy(a):  # a non-leaf copy where it depends on the inputs: in-place calls work on it as on a
             if not _float(a):
                 return a
             p = _split(a)[0].detach()
             return p.requires_grad_(True).clone() if involved(a) else p.clone()
 
+        with torch.enable_grad():  # before the call, which may write into args
+            replay = tree_map(copy, args), tree_map(copy, kwargs)
+        out = _no_forward_ad_is_an_error(func, args, kwargs)
         with torch.enable_grad(), watch:
-            func(*tree_map(copy, args), **tree_map(copy, kwargs))
+            func(*replay[0], **replay[1])
     if watch.hit is not None:
         raise NonsmoothError(f"{_callable_name(func)} (called at {_user_line()}) reaches {watch.hit} at its kink, "
                              "and gradwise has no kink rule for it: its derivative there would be PyTorch's "

@@ -26,6 +26,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from gradwise._checks import as_tensors, check_differentiable, check_scalar_or_seeded
 from gradwise._masks import mask_all, mask_any
@@ -44,6 +45,9 @@ __all__ = ["RULES", "backward", "grad", "strong_zeros", "unruled_ops"]
 class _Supports:
     def __init__(self) -> None:
         self._masks: dict[int, tuple[StorageWeakRef, int, torch.Tensor]] = {}
+        # bool masks a backward formula computed (max's `self == result`, nansum's `~isnan(self)`) -> where the
+        # mask is meaningful (None: everywhere). A comparison with NaN is False without selecting anything.
+        self.selections = WeakTensorKeyDictionary()
 
     def _entry(self, t: torch.Tensor) -> torch.Tensor | None:
         if t.layout != torch.strided:  # sparse/nested tensors keep no mask: fully supported
@@ -152,6 +156,85 @@ def _broadcast_tensors(func, args, kwargs, sup):
     return func(*args, **kwargs)
 
 
+def _selected(mask: torch.Tensor, sup: _Supports) -> torch.Tensor | None:
+    """The support a formula's bool mask gives a product: False where it is False and meaningful."""
+    if mask not in sup.selections:
+        return None
+    valid = sup.selections[mask]
+    return mask if valid is None else mask | ~valid
+
+
+def _select(out: torch.Tensor, masks: list, sup: _Supports, kind: str = "and") -> None:
+    """Record ``out`` (a bool tensor made in a backward formula from ``masks`` by and / or / not) as a selection.
+    It is meaningful where its inputs are, and also where one meaningful input decides it alone (a False for
+    `and`, a True for `or`). Not a selection if an input is a bool tensor the formula did not make."""
+    if not _in_formula():
+        return
+    bools = [m for m in masks if m.dtype == torch.bool]
+    if any(m not in sup.selections for m in bools):
+        return
+    valids = [sup.selections[m] for m in bools]
+    if all(v is None for v in valids):
+        sup.selections[out] = None
+        return
+    full = [torch.ones((), dtype=torch.bool, device=out.device) if v is None else v for v in valids]
+    valid = full[0]
+    for v in full[1:]:
+        valid = valid & v
+    if kind != "not":
+        for m, v in zip(bools, full, strict=True):
+            valid = valid | ((~m if kind == "and" else m) & v)
+    sup.selections[out] = valid.expand(out.shape)
+
+
+def _same(a: object, b: object) -> bool:
+    return a is b or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.data_ptr() == b.data_ptr()
+                      and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype)
+
+
+def _comparison(func, args, kwargs, sup):
+    """eq/ne/lt/... in a backward formula make a selection mask. Where both operands are NaN the comparison is
+    False without selecting anything (amax's `self == result` where the NaN was the maximum), so the mask
+    means nothing there; one NaN operand is simply not equal (nanmedian's NaNs are not the median). A tensor
+    compared with itself (`x == x`, a NaN test) is meaningful everywhere."""
+    out = func(*args, **kwargs)
+    if _in_formula() and out.dtype == torch.bool:
+        a, b = args[0], args[1]
+        if _same(a, b) or not any(_is_float(t) for t in (a, b)):
+            sup.selections[out] = None
+        else:
+            nan = [t.isnan() if _is_float(t) else torch.tensor(isinstance(t, float) and math.isnan(t),
+                                                                device=out.device) for t in (a, b)]
+            both = nan[0] & nan[1]
+            sup.selections[out] = (~both).expand(out.shape) if bool(both.any()) else None
+    return out
+
+
+_register(aten.eq, aten.ne, aten.lt, aten.le, aten.gt, aten.ge)(_comparison)
+
+
+def _mask_logic(kind: str) -> Rule:
+    def rule(func, args, kwargs, sup):
+        out = func(*args, **kwargs)
+        if out.dtype == torch.bool:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if kind == "test" and not any(t.dtype == torch.bool for t in tensors):
+                if _in_formula():
+                    sup.selections[out] = None  # isnan / isinf / isfinite of values: meaningful everywhere
+            else:
+                _select(out, tensors, sup, "and" if kind == "test" else kind)
+        return out
+
+    rule.__doc__ = "Tests and logic on masks in a backward formula (`~isnan(x)`, `a & b`) make selection masks."
+    return rule
+
+
+_register(aten.isnan, aten.isinf, aten.isfinite)(_mask_logic("test"))
+_register(aten.logical_not, aten.bitwise_not)(_mask_logic("not"))
+_register(aten.logical_and, aten.logical_and_, aten.bitwise_and, aten.bitwise_and_)(_mask_logic("and"))
+_register(aten.logical_or, aten.logical_or_, aten.bitwise_or, aten.bitwise_or_)(_mask_logic("or"))
+
+
 def _product(mult_args: Sequence[int], flat: Callable[[tuple], torch.Tensor] | None = None) -> Rule:
     """Rule factory for pointwise ops linear in the sensitivities at ``mult_args`` (mul, div's numerator, the
     ``*_backward`` of activations): the output is a structural zero wherever one of those is, and there it is
@@ -161,11 +244,15 @@ def _product(mult_args: Sequence[int], flat: Callable[[tuple], torch.Tensor] | N
     def product(func, args, kwargs, sup):
         out = func(*args, **kwargs)
         support = None
+        if out.dtype == torch.bool:  # mask & mask (nan_to_num's): still a selection where both are meaningful
+            _select(out, [a for a in args[:2] if isinstance(a, torch.Tensor)], sup)
+            return out
         for i in mult_args:
             a = args[i] if i < len(args) else None
-            # a bool factor in a backward formula selects (max's `self == result`, nansum's `~isnan(self)`,
-            # clamp's bounds): where it is False no gradient flows, by construction
-            s = a if isinstance(a, torch.Tensor) and a.dtype == torch.bool and _in_formula() else sup.of(a)
+            # a bool mask the backward formula computed selects (max's `self == result`, nansum's
+            # `~isnan(self)`): where it is False (and meaningful) no gradient flows, by construction. A bool
+            # tensor the forward multiplied by is a value like any other.
+            s = _selected(a, sup) if isinstance(a, torch.Tensor) and a.dtype == torch.bool else sup.of(a)
             if s is not None:
                 support = s if support is None else support & s
         if flat is not None:
@@ -182,13 +269,16 @@ def _product(mult_args: Sequence[int], flat: Callable[[tuple], torch.Tensor] | N
 
 
 def _cast(func, args, kwargs, sup):
-    """_to_copy: a float copy of a bool mask made in a backward formula stays a selection (see _product); any
-    other copy keeps its input's support."""
+    """_to_copy: a float copy of a selection mask stays a selection (see _product); any other copy keeps its
+    input's support."""
     x = args[0]
-    if isinstance(x, torch.Tensor) and x.dtype == torch.bool and _in_formula():
+    if isinstance(x, torch.Tensor) and x.dtype == torch.bool:
         out = func(*args, **kwargs)
-        if _is_float(out):
-            sup.record(out, x.expand(out.shape))
+        s = _selected(x, sup)
+        if _is_float(out) and s is not None:
+            sup.record(out, s.expand(out.shape))
+        elif out.dtype == torch.bool:
+            _select(out, [x], sup)
         return out
     return _product((0,))(func, args, kwargs, sup)
 
@@ -202,11 +292,13 @@ _register(aten.div, aten.div_, aten.neg, aten.clone, aten.sigmoid_backward, aten
           aten.logit_backward, aten.rrelu_with_noise_backward)(_product((0,)))
 # xlogy(g, y) = g * log(y) and xlog1py(g, y) = g * log1p(y): the backward of xlogy/xlog1py in their first input
 _register(aten.xlogy, aten.special_xlog1py)(_product((0,)))
-_register(aten.threshold_backward)(_product((0,), flat=lambda a: a[1] > a[2]))
-_register(aten.hardtanh_backward)(_product((0,), flat=lambda a: (a[1] > a[2]) & (a[1] < a[3])))
-_register(aten.hardsigmoid_backward)(_product((0,), flat=lambda a: (a[1] > -3) & (a[1] < 3)))
-_register(aten.hardswish_backward)(_product((0,), flat=lambda a: a[1] > -3))
-_register(aten.softshrink_backward, aten.hardshrink_backward)(_product((0,), flat=lambda a: a[1].abs() > a[2]))
+# a NaN input is in no flat region: PyTorch passes the gradient there (relu(NaN) = NaN is used)
+_register(aten.threshold_backward)(_product((0,), flat=lambda a: (a[1] > a[2]) | a[1].isnan()))
+_register(aten.hardtanh_backward)(_product((0,), flat=lambda a: (a[1] > a[2]) & (a[1] < a[3]) | a[1].isnan()))
+_register(aten.hardsigmoid_backward)(_product((0,), flat=lambda a: (a[1] > -3) & (a[1] < 3) | a[1].isnan()))
+_register(aten.hardswish_backward)(_product((0,), flat=lambda a: (a[1] > -3) | a[1].isnan()))
+_register(aten.softshrink_backward, aten.hardshrink_backward)(_product((0,), flat=lambda a: (a[1].abs() > a[2])
+                                                                      | a[1].isnan()))
 
 
 def _glu_backward(func, args, kwargs, sup):
@@ -233,14 +325,22 @@ def _uninitialised(func, args, kwargs, sup):
 _register(aten.new_empty_strided, aten.new_empty, aten.empty_like)(_uninitialised)
 
 
+# Backward formulas whose exp recomputes softmax weights (exp(x - result)): there a weight of exactly 0 from a
+# -inf entry is the masked entry itself. Elsewhere exp is a factor of a derivative (erf's exp(-x**2) at x = inf
+# is an arithmetic 0).
+_EXP_AS_WEIGHTS = {"LogsumexpBackward0"}
+
+
 @_register(aten.exp)
 def _exp(func, args, kwargs, sup):
-    """exp in a backward formula (logsumexp's `g * exp(x - result)`): an output that is exactly 0 because its
-    input is -inf (a masked or log(0) entry) is a structural zero; an underflow of a finite input is not."""
+    """exp in logsumexp's backward (`g * exp(x - result)`): an output that is exactly 0 because its input is
+    -inf (a masked or log(0) entry) is a structural zero; an underflow of a finite input is not."""
     out = func(*args, **kwargs)
     x = args[0]
     support = sup.of(x)
-    if _in_formula() and _is_float(x) and bool(mask_any(x == -math.inf)):
+    node = torch._C._current_autograd_node()
+    if _in_formula() and _is_float(x) and node is not None and node.name() in _EXP_AS_WEIGHTS and \
+            bool(mask_any(x == -math.inf)):
         support = (x != -math.inf) if support is None else support & (x != -math.inf)
     sup.record(out, support)
     return out
@@ -869,7 +969,8 @@ def _grid_sampler_backward(func, args, kwargs, sup):
     position reads the input through its own grid point. A position whose g is a structural zero in every channel
     (a cropped output) is discarded: its grid point is replaced by 0 before the kernel runs (a NaN grid point
     would make NaN weights) and its grid gradient is a structural zero, whatever input pixels it would have
-    read. Input pixels that no kept position reads get structural zeros."""
+    read. The input's gradient stays fully supported: its weights depend on the grid (a value), so a pixel a
+    kept position reads with weight 0 has an arithmetic zero, not a structural one."""
     tracked = _tracked_slots(args, sup)
     if tracked != [0]:  # the sensitivity alone
         return _run_unruled(func, args, kwargs, sup, "a tracked input or grid" if tracked else None)
@@ -879,11 +980,8 @@ def _grid_sampler_backward(func, args, kwargs, sup):
     grid = torch.where(kept.unsqueeze(-1), grid, 0)
     outs = func(g, inp, grid, *args[3:], **kwargs)
     grad_input, grad_grid = outs
-    if grad_input is not None:  # random positive weights: bicubic's can be negative (see _placement_signed)
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        r = (1 + torch.rand(g.shape, generator=gen, dtype=torch.float64)).to(g.device, g.dtype)
-        counts = func(r * s, inp, grid, *args[3:], **kwargs)[0]
-        sup.record(grad_input, counts != 0)
+    if grad_input is not None:  # its weights come from the grid, a value: a weight of 0 is arithmetic
+        sup.record(grad_input, None)
     if grad_grid is not None:
         support = kept.unsqueeze(-1).expand(grad_grid.shape)
         sup.record(_annihilate(grad_grid, support), support)
@@ -1119,7 +1217,7 @@ def _overflows(t: torch.Tensor, scale: float, power: float, at_max: bool) -> boo
     """Whether ``scale * |x| ** power`` is infinite in ``t``'s dtype for the largest (``at_max``) or smallest
     |x| in ``t``: a factor a backward formula computes from a finite saved tensor (``1/x**2`` of reciprocal's,
     ``x**(p-1)`` of pow's) that overflows to Inf there, where a structural zero would meet it as 0 x Inf."""
-    if not t.numel():
+    if not t.numel() or not t.is_floating_point():
         return False
     lo, hi = (v.item() for v in torch.aminmax(t.detach()))
     if at_max:
@@ -1142,6 +1240,8 @@ def _pow_singular(node: Any) -> bool:
     if p in (0, 1) or not isinstance(p, (int, float)):
         return False
     x = node._saved_self
+    if x.is_complex():
+        return False
     if p != int(p) and _any(x < 0):
         return True
     return _overflows(x, p, p - 1, at_max=p > 1)
@@ -1168,15 +1268,19 @@ def _div_singular(node: Any) -> bool:
     if _any(other == 0):
         return True
     self = node._saved_self
-    if self is None or not self.numel():
+    if self is None or not self.numel() or other.is_complex() or self.is_complex():
+        return False  # complex tensors: strong zeros do not follow them (see check_differentiable)
+    dtype = other.dtype if other.is_floating_point() else self.dtype
+    if not dtype.is_floating_point:
         return False
+    self = self.to(dtype)
     # |a / b / b| <= max|a| / min|b|**2: a bound from two reductions (no output-sized temporary); a tiny b with a
     # small a can make it exceed the range without the formula overflowing: then the strong pass runs, which is
     # exact anyway
     top = self.detach().abs().max().item()
     low = other.detach().abs().min().item()
     try:
-        return not top / low / low < torch.finfo(self.dtype).max
+        return not top / low / low < torch.finfo(dtype).max
     except (OverflowError, ZeroDivisionError):
         return True
 

@@ -593,7 +593,7 @@ def _topk_tie(c):
     elements are reported where they sit in the input."""
     x, values, idx = c.args[0], c.out[0], c.out[1]
     dim = c.arg(2, "dim", -1)
-    if values.numel() == 0:
+    if values.numel() == 0 or values.dim() == 0:
         return None
     k = values.shape[dim]
     last = values.narrow(dim, k - 1, 1)
