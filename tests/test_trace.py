@@ -123,8 +123,18 @@ def _reported_cases():
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
-        out += [pytest.param(c, id=f"{path.stem}-{c.name}") for c in module.CASES if not c.genuine]
+        out += [pytest.param(c, id=f"{path.stem}-{c.name}", marks=[pytest.mark.xfail(
+            reason=TRACE_KNOWN[c.name], strict=True)] if c.name in TRACE_KNOWN else [])
+                for c in module.CASES if not c.genuine]
     return out
+
+
+# Reported cases that strong zeros clean but whose report still calls something genuine (not yet fixed)
+TRACE_KNOWN = {
+    "hand-attn-nan-pad-token-outputs-selected": "the trace's per-tensor provenance marks the padding birth used",
+    "hand-attn-nan-values-masked-fill-before-av": "the trace's per-tensor provenance marks the padding birth used",
+    "policy-entropy-special-entr-masked-actions": "entr's infinite derivative at a masked 0 is reported genuine",
+}
 
 
 @pytest.mark.parametrize("case", _reported_cases())

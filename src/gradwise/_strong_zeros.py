@@ -247,6 +247,11 @@ def _product(mult_args: Sequence[int], flat: Callable[[tuple], torch.Tensor] | N
         if out.dtype == torch.bool:  # mask & mask (nan_to_num's): still a selection where both are meaningful
             _select(out, [a for a in args[:2] if isinstance(a, torch.Tensor)], sup)
             return out
+        if func is aten.mul.Tensor and _STATE.outputs_finite and _in_formula() and \
+                (node := torch._C._current_autograd_node()) is not None and node.name() == "ExpBackward0":
+            for a in args[:2]:  # exp's backward g * result: a result of exactly 0 is exp(-inf), a masked entry
+                if _is_float(a) and not sup.tracked(a) and bool(mask_any(a == 0)):
+                    support = a != 0
         for i in mult_args:
             a = args[i] if i < len(args) else None
             # a bool mask the backward formula computed selects (max's `self == result`, nansum's
@@ -729,23 +734,27 @@ def _softmax_backward(func, args, kwargs, sup):
     """_softmax_backward_data(g, y, dim): out = y * (g - sum(g * y)). A softmax output that is exactly 0 (its
     input was -inf: a masked position) is a structural zero, and so is every output of a row whose g is all
     structural zeros. NaN rows of y (a fully masked softmax row) meet only structural zeros there.
-    A y of exactly 0 can also be an underflow of a finite input (softmax([0, -200]) in float32): where a used
-    infinite g meets it (log of that 0 reaches the output) the row is genuinely NaN, as in PyTorch. Which of the
-    two made the 0 is not known here, so such a row keeps PyTorch's values rather than a finite guess."""
+    A y of exactly 0 can also be an underflow of a finite input (softmax([0, -200]) in float32). Where an
+    infinite g meets it and the output being differentiated is finite (entropy: entr(0) = 0, sqrt(0) = 0), y * g
+    tends to 0 either way and the row is exact with the zero structural. Where the output is not finite (log of
+    that 0 reaches it) the row keeps PyTorch's values (NaN) rather than a finite guess."""
     g, y, dim = args[0], args[1], args[2]
     out = func(*args, **kwargs)
     s = sup.of(g)
     zero = y == 0
-    hit = zero & ~torch.isfinite(g)
-    genuine = mask_any(hit if s is None else hit & s, dim, keepdim=True)
+    if _STATE.outputs_finite:  # y*g -> 0 as y -> 0 for the finite outputs' functions (entr, sqrt, xlogy)
+        genuine = torch.zeros((), dtype=torch.bool, device=y.device)
+    else:
+        hit = zero & ~torch.isfinite(g)
+        genuine = mask_any(hit if s is None else hit & s, dim, keepdim=True)
     support = ~zero | genuine
     if s is not None:
         support = support & mask_any(s, dim, keepdim=True)
-        bad_rows = mask_any(~torch.isfinite(out) & support, dim, keepdim=True) & ~genuine
-        if bool(mask_any(bad_rows)):
-            y_used = torch.where(s, y, 0)
-            redo = y * (g - (g * y_used).sum(dim, keepdim=True))
-            out = torch.where(bad_rows, redo.to(out.dtype), out)
+    used = support if s is None else support & s  # the elements whose g * y enter the row's sum
+    bad_rows = mask_any(~torch.isfinite(out) & support, dim, keepdim=True) & ~genuine
+    if bool(mask_any(bad_rows)):
+        redo = y * (g - torch.where(used, g * y, 0).sum(dim, keepdim=True))
+        out = torch.where(bad_rows, redo.to(out.dtype), out)
     support = support.expand(out.shape)
     sup.record(_annihilate(out, support), support)
     return out
@@ -1117,6 +1126,8 @@ class _State(threading.local):
     create_graph = False
     in_mode = False
     planned: str | None = None  # a path gw.grad/gw.backward already chose, for the engine hook to take once
+    # whether every output being differentiated is finite (see _softmax_backward and _exp_zeros)
+    outputs_finite = True
 
 
 _STATE = _State()
@@ -1421,6 +1432,22 @@ def _makes_zeros(node: Any) -> bool:
     return makes if makes.__class__ is bool else makes(node)
 
 
+# Nodes whose backward multiplies the sensitivity by their own output, where an output of exactly 0 (from a
+# -inf input) is a structural zero (semantics.md): an infinite sensitivity from a singular point above meets it.
+_ZERO_OUTPUT_TESTS: dict[str, Callable[[Any], bool]] = {
+    "SoftmaxBackward0": _zero_in("_saved_result"),
+    "ExpBackward0": _zero_in("_saved_result"),
+    "LogSoftmaxBackward0": lambda node: _any(_saved(node, "_saved_result") == -math.inf),
+}
+_ZERO_OUTPUTS: dict[type, Any] = {}
+_UNSEEN = object()
+
+
+def _readable(node: Any) -> bool:
+    """Whether the node's saved tensors can be read without running a hook (a checkpoint's recomputation)."""
+    return all(raw.unpack_hook is None for raw in _raw_saved(node))
+
+
 _SMALL = 1 << 12  # elements: below this a tensor's copy costs less than a reduction of its own
 _FEW = 4  # up to this many small tensors are reduced one by one: their copy into one would cost more
 
@@ -1466,6 +1493,8 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
     reduction per saved tensor (small ones together)."""
     known_all = True
     saved: list[torch.Tensor] = []
+    deferred: list = []  # singular-point tests of nodes no structural zero reaches from above
+    zero_outputs: list = []  # nodes whose backward multiplies by their own output (softmax, exp)
     seen_tensors: set[tuple] = set()
     seen: dict[Any, bool] = {}  # node -> whether a structural zero can reach it
     types = _NODE_TYPES
@@ -1483,7 +1512,14 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
         for n, _ in node.next_functions:
             if n is not None:
                 stack.append((n, reached))
+        zt = _ZERO_OUTPUTS.get(type(node), _UNSEEN)
+        if zt is _UNSEEN:
+            zt = _ZERO_OUTPUTS[type(node)] = _ZERO_OUTPUT_TESTS.get(type(node).__name__)
+        if zt is not None:
+            zero_outputs.append((node, zt))
         if not reached:
+            if singular is not None:
+                deferred.append((node, singular))
             continue
         readable = True
         for name in read:
@@ -1511,6 +1547,11 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
                     saved.append(t)
         known_all &= readable
         if singular is not None and readable and singular(node):
+            return "strong"
+    if deferred and zero_outputs and any(_readable(n) and test(n) for n, test in zero_outputs):
+        # a softmax/exp output of exactly 0 is a structural zero of its own: an infinite derivative above it
+        # (sqrt(softmax(masked)), entr of it) meets it inside its backward
+        if any(_readable(n) and test(n) for n, test in deferred):
             return "strong"
     if saved:  # a seed's NaN/Inf matters only where a structural zero can meet it
         saved.extend(t for t in seeds if isinstance(t, torch.Tensor) and t.is_floating_point())
@@ -1542,7 +1583,7 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
     if plan == "plain":
         return run(retain_graph)
     if plan == "strong":
-        return _run_strong(run, retain_graph, create_graph)
+        return _run_strong(run, retain_graph, create_graph, t_outputs)
 
     stash: list[tuple[torch.Tensor, torch.Tensor]] = []
     leaves = _leaves(t_outputs, inputs) if accumulate_grad else []
@@ -1559,7 +1600,7 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
         else:
             for leaf in leaves:
                 leaf.grad = None
-            result = _run_strong(run, retain_graph, create_graph)
+            result = _run_strong(run, retain_graph, create_graph, t_outputs)
     finally:
         for leaf, old in stash:
             if leaf.grad is None:
@@ -1579,14 +1620,17 @@ def _one_pass_only() -> bool:
     return dist is not None and dist.is_available() and dist.is_initialized()
 
 
-def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, create_graph: bool) -> Any:
-    outer = _STATE.create_graph
+def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, create_graph: bool,
+                outputs: Sequence[Any] = ()) -> Any:
+    outer = _STATE.create_graph, _STATE.outputs_finite
     _STATE.create_graph, _STATE.in_mode = create_graph, True
+    _STATE.outputs_finite = all(bool(t.isfinite().all()) for t in outputs
+                                if isinstance(t, torch.Tensor) and t.is_floating_point())
     try:
         with _StrongZeroMode():
             return run(retain_graph)
     finally:
-        _STATE.create_graph, _STATE.in_mode = outer, False
+        (_STATE.create_graph, _STATE.outputs_finite), _STATE.in_mode = outer, False
 
 
 def _run_planned(run: Callable[[bool | None], Any], outputs: Sequence[Any], seeds: Any,
