@@ -599,3 +599,30 @@ def test_reentrant_checkpoint_is_no_genuine_nan():
         h = torch.utils.checkpoint.checkpoint(lambda h: torch.tanh(lin(h)), x, use_reentrant=True)
         h[:4].sum().backward()
     assert report.of_kind("contamination") and not report.of_kind("nan", "inf"), str(report)
+
+
+def test_an_op_without_a_rule_is_not_called_genuine_without_saying_so():
+    """A NaN padding row of a float32 LSTM reaches oneDNN's fused backward, which has no strong-zero rule: the
+    finding says the trace cannot tell (it is in fact contamination)."""
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(3, 2)
+    x = torch.randn(4, 2, 3)
+    x[2:, 1] = float("nan")  # the second sequence's padding steps
+    with gw.trace() as report:
+        out, _ = lstm(x)
+        out[:2, 1].sum().backward()
+    assert any("no strong-zero rule" in f.message for f in report.of_kind("nan")), str(report)
+
+
+def test_the_json_path_is_fixed_before_the_script_runs(tmp_path):
+    import subprocess
+    import sys
+    script = tmp_path / "moves.py"
+    (tmp_path / "sub").mkdir()
+    script.write_text("import os\nos.chdir('sub')\n")
+    out = subprocess.run([sys.executable, "-m", "gradwise", "run", "--json", "r.json", str(script)],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0 and (tmp_path / "r.json").exists() and not (tmp_path / "sub" / "r.json").exists()
+    bad = subprocess.run([sys.executable, "-m", "gradwise", "run", "--json", "no/such/dir/r.json", str(script)],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2 and "cannot write the JSON report" in bad.stderr

@@ -27,6 +27,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"gradwise run: unrecognized option(s) before the script: {' '.join(args.rest)} "
               "(options for the script go after it)", file=sys.stderr)
         return 2
+    json_path = os.path.abspath(args.json) if args.json else None  # before the script can chdir
+    if json_path is not None and not os.access(os.path.dirname(json_path), os.W_OK):
+        print(f"gradwise run: cannot write the JSON report to {args.json}: its folder does not exist or is not "
+              "writable", file=sys.stderr)
+        return 2
     if args.module is None and args.script is None:
         print("gradwise run: give a script (gradwise run train.py) or a module (gradwise run -m pkg.train)",
               file=sys.stderr)
@@ -60,9 +65,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         sys.argv, sys.path[:] = saved_argv, saved_path
     print(file=sys.stderr)
     report.print()
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(report.to_json())
+    if json_path is not None:
+        try:
+            with open(json_path, "w") as f:
+                f.write(report.to_json())
+        except OSError as exc:
+            print(f"gradwise run: could not write the JSON report: {exc}", file=sys.stderr)
     return status
 
 

@@ -330,6 +330,8 @@ _GENUINE_FIX: dict = {
                      aten.full_like, aten.index_put_, aten.index_put],
                     "the output reads the NaN/Inf constant written here: mask it out before the first op that uses it"),
 }
+_UNDECIDED = ("it reached {op}, which has no strong-zero rule: whether the output uses it is not known (it may "
+              "be contamination that gw.strong_zeros() cannot remove there; gw.unruled_ops() lists such ops)")
 _GRADIENT_FIX = ("an earlier backward left NaN/Inf in this gradient and it was used as a value (an optimizer "
                  "step writes it into the parameters); fix that backward first (see its finding), e.g. with "
                  "gw.strong_zeros() where it is contamination")
@@ -820,6 +822,7 @@ class _Incident:
     what: str
     discarded: tuple | None = None  # (op, loc) of the forward op whose backward made the zero sensitivity
     reaches: set = field(default_factory=set)
+    undecided: bool = False  # met in a backward op the trace cannot split (no strong-zero rule)
 
 
 @dataclass
@@ -1101,6 +1104,7 @@ class _Tracer(TorchDispatchMode):
             return
         births = frozenset().union(*(self._origin(t, loc) for t in nf)) if nf else frozenset()
         genuine = self._nonzero_sensitivity_met(func, o, mask, ins, sens_ins, nf, args, out, kwargs)
+        undecided = False
         incidents = []
         node = torch._C._current_autograd_node() if nd is None else None
         op, node_op = _op_name(func), nd.op if nd is not None else node.name() if node is not None else "?"
@@ -1118,10 +1122,14 @@ class _Tracer(TorchDispatchMode):
                 what = (f"a nonzero sensitivity met NaN/Inf in {op} (the backward of {node_op})" if births else
                         f"the backward of {node_op} made {'NaN' if has_nan else 'Inf'} from finite values in {op} "
                         "(an infinite derivative used)")
+                undecided = bool(births) and _undecidable(func, ins, o)
+                if undecided:
+                    what += f"; {_UNDECIDED.format(op=op)}"
                 for b in births:
                     b.used = True
             inc = _Incident(kind, op, node_op, loc, count, idx, births, what,
-                            self._discarded_by(sens_ins) if contaminated else None)
+                            self._discarded_by(sens_ins) if contaminated else None,
+                            undecided=not contaminated and undecided)
             self.incidents.append(inc)
             incidents.append(inc)
         self.prov[o] = frozenset(incidents)
@@ -1385,7 +1393,8 @@ class _Tracer(TorchDispatchMode):
             op, loc = birth.op, birth.loc
             fix = _INPUT_FIX if birth.op == "input" else _GRADIENT_FIX if birth.op == "gradient" else \
                 _GENUINE_FIX.get(getattr(aten, birth.op[5:], None), "")
-            message = f"{birth.what}; the output depends on it"
+            message = f"{birth.what}; " + (_UNDECIDED.format(op=inc.op) if inc is not None and inc.undecided
+                                           else "the output depends on it")
         else:
             op, loc = inc.node_op, inc.loc
             fix = _GENUINE_FIX.get(getattr(aten, op[5:], None), "")
@@ -1440,6 +1449,14 @@ _SINGULAR_FIX = ("an infinite derivative: if the gradient must be finite here, s
                  "torch.linalg.vector_norm, whose gradient at 0 is 0")
 # Backward ops whose inputs and output share a shape but that mix a whole row (softmax's sum over the row).
 _ROW_MIXING = {aten._softmax_backward_data, aten._log_softmax_backward_data}
+
+
+def _undecidable(func, ins, o) -> bool:
+    """A backward op the trace cannot split into contamination and genuine: not elementwise, not bilinear, and
+    without a strong-zero rule or decomposition to run again."""
+    return not (_aligned(ins, o.shape) and func.overloadpacket not in _ROW_MIXING) and \
+        func.overloadpacket not in _BILINEAR and _strong_zeros.lookup(func) is None and \
+        _strong_zeros._decomposition(func) is None
 
 
 def _strong_rerun(func, args, kwargs, sens_ins, o, out) -> torch.Tensor | None:
