@@ -548,7 +548,7 @@ def test_torch_func_transforms_run_under_trace():
 @pytest.mark.parametrize(("op", "values", "expected"), [
     (torch.log, [1.0, -1.0, 3.0, -0.5], "log of 2 value(s) below 0 and 0 at 0"),
     (torch.log1p, [1.0, -1.0, -3.0], "log1p of 1 value(s) below -1 and 1 at -1"),
-    (torch.sqrt, [4.0, -1.0], "1 negative and 0 zero base(s)"),
+    (torch.sqrt, [4.0, -1.0], "root of 1 negative value(s)"),
 ])
 def test_a_birth_says_why_from_the_op_inputs(op, values, expected):
     x = torch.tensor(values, requires_grad=True)
@@ -626,3 +626,13 @@ def test_the_json_path_is_fixed_before_the_script_runs(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "gradwise", "run", "--json", "no/such/dir/r.json", str(script)],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert bad.returncode == 2 and "cannot write the JSON report" in bad.stderr
+
+
+def test_a_nan_written_into_a_view_is_reported_where_the_user_sees_it():
+    x = torch.randn(8, 3)
+    w = torch.randn(3, requires_grad=True)
+    with gw.trace() as report:
+        x[5:] = float("nan")
+        (x @ w).sum().backward()
+    (f,) = report.of_kind("nan")
+    assert f.count == 9 and f.indices[:2] == [[5, 0], [5, 1]], str(report)

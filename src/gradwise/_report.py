@@ -139,5 +139,5 @@ def _render(report: Report, console: Console) -> None:
             console.print(f"   fix: {escape(f.fix)}")
     if report.unused:
         console.print()
-        console.print(f"[dim]Not errors: NaN/Inf made in the forward pass that nothing used: "
+        console.print(f"[dim]Not errors: NaN/Inf values made in the traced block that no gradient used: "
                       f"{escape('; '.join(report.unused))}[/]")

@@ -231,9 +231,18 @@ def _nll_total_weight(ins, out, mask) -> str:
             "divides 0 by 0")
 
 
-@_explains(aten.sqrt, aten.rsqrt, aten.pow)
+@_explains(aten.sqrt, aten.rsqrt)
+def _sqrt_domain(ins, out, mask) -> str:
+    """sqrt / rsqrt are NaN for negative inputs; rsqrt is inf at 0."""
+    x = _inputs_at(ins, mask)
+    if x is not None and x.numel():
+        return f"root of {int((x < 0).sum())} negative value(s) (NaN) and {int((x == 0).sum())} zero(s)"
+    return "a root outside its domain (NaN for negatives)"
+
+
+@_explains(aten.pow)
 def _root_domain(ins, out, mask) -> str:
-    """sqrt / fractional powers are NaN for negative bases; negative powers and rsqrt are inf at 0."""
+    """fractional powers are NaN for negative bases; negative powers are inf at 0."""
     x = _inputs_at(ins, mask)
     if x is not None and x.numel():
         return f"{int((x < 0).sum())} negative and {int((x == 0).sum())} zero base(s): NaN for a negative base, " \
@@ -1065,7 +1074,8 @@ class _Tracer(TorchDispatchMode):
             prior = self.prov.get(o) if info.mutable else None
             nf = [t for t in ins if t is not o and _nonfinite(t)]
             if seq is None or isinstance(seq, tuple):
-                self._value(func, loc, o, mask, nf, prior, nd, ins)
+                self._value(func, loc, o, mask, nf, prior, nd, ins,
+                            base=o._base if info.mutable and o._base is not None else None)
             elif prior:  # accumulating into a gradient already non-finite (a second backward): carry it
                 self.prov[o] = prior.union(*(self.prov.get(t, frozenset()) for t in nf if t in self.sens))
             else:
@@ -1073,7 +1083,7 @@ class _Tracer(TorchDispatchMode):
             if info.mutable and o._base is not None and o in self.prov:
                 self.prov[o._base] = self.prov[o]
 
-    def _value(self, func, loc, o, mask, nf, prior, nd, ins=()) -> None:
+    def _value(self, func, loc, o, mask, nf, prior, nd, ins=(), base=None) -> None:
         """A forward value (or one a backward formula made from saved values): propagate or record a birth."""
         # An unknown 0-dim tensor is a wrapped constant (x[2] = nan): the value is born at this op.
         nf = [t for t in nf if t in self.prov or t.dim() or t.requires_grad]
@@ -1085,7 +1095,7 @@ class _Tracer(TorchDispatchMode):
         prior_nan = any(getattr(b, "nan", True) for b in prior) if prior else False
         new_nan = has_nan and not prior_nan and not any(bool(torch.isnan(t).any()) for t in nf)
         if (not nf and not prior) or new_nan:
-            count, idx = _positions(torch.isnan(o) if new_nan and (nf or prior) else mask)
+            count, idx = _positions(_in_base(torch.isnan(o) if new_nan and (nf or prior) else mask, o, base))
             op = _op_name(func)
             what = _explain(func, nf or [t for t in ins if t is not o], o, mask)  # born here: why, from its inputs
             if nd is not None and nd.op != op and (not nf or new_nan) and loc == nd.loc:
@@ -1445,8 +1455,9 @@ class _Tracer(TorchDispatchMode):
 
 _KINK_FIX = ("not an error: the gradient here is PyTorch's convention, one element of the subdifferential. To test "
              "optimality use gw.stationarity(f, x); for an exact one-sided derivative gw.directional_derivative.")
-_SINGULAR_FIX = ("an infinite derivative: if the gradient must be finite here, smooth the op (sqrt(x + eps)) or use "
-                 "torch.linalg.vector_norm, whose gradient at 0 is 0")
+_SINGULAR_FIX = ("an infinite derivative (a norm or root at 0): if the gradient must be finite here, smooth the op "
+                 "(sqrt(x + eps), vector_norm(x + eps)), or use gw.directional_derivative / gw.generalized_grad, "
+                 "which are exact there")
 # Backward ops whose inputs and output share a shape but that mix a whole row (softmax's sum over the row).
 _ROW_MIXING = {aten._softmax_backward_data, aten._log_softmax_backward_data}
 
@@ -1457,6 +1468,19 @@ def _undecidable(func, ins, o) -> bool:
     return not (_aligned(ins, o.shape) and func.overloadpacket not in _ROW_MIXING) and \
         func.overloadpacket not in _BILINEAR and _strong_zeros.lookup(func) is None and \
         _strong_zeros._decomposition(func) is None
+
+
+def _in_base(mask: torch.Tensor, view: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+    """``mask`` over an in-place write's target (``x[5:] = nan``) moved to the tensor it views, so the elements
+    are reported where the user sees them."""
+    if base is None:
+        return mask
+    try:
+        full = torch.zeros_like(base, dtype=torch.bool)
+        full.as_strided(view.shape, view.stride(), view.storage_offset() - base.storage_offset()).copy_(mask)
+        return full
+    except RuntimeError:  # a view whose layout does not map onto its base's (rare): its own coordinates
+        return mask
 
 
 def _strong_rerun(func, args, kwargs, sens_ins, o, out) -> torch.Tensor | None:
