@@ -636,3 +636,17 @@ def test_a_nan_written_into_a_view_is_reported_where_the_user_sees_it():
         (x @ w).sum().backward()
     (f,) = report.of_kind("nan")
     assert f.count == 9 and f.indices[:2] == [[5, 0], [5, 1]], str(report)
+
+
+def test_clip_grad_norm_spreading_a_nan_is_explained():
+    """A contaminated weight gradient makes clip_grad_norm_'s total norm NaN, and its scaling writes NaN into
+    the bias gradient, which backward left finite: a finding names the write and reaches the bias."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 1)
+    x = torch.ones(4, 3)
+    x[3] = float("nan")
+    with gw.trace() as report:
+        m(x)[:3].sum().backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+    (f,) = [f for f in report.of_kind("nan") if f.reaches == ["m.bias"]]
+    assert "clip_grad_norm_" in f.source and "finite after backward" in f.message, str(report)

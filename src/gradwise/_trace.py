@@ -859,6 +859,7 @@ class _Tracer(TorchDispatchMode):
         self.sync_every = sync_every
         self.prov = _ByIdentity()  # non-finite tensor -> frozenset of _Birth / _Incident
         self.as_value = _ByIdentity()  # non-finite gradient used as a forward value -> its birth there
+        self.written = _ByIdentity()  # tensor an in-place op made non-finite -> (op, loc)
         self.sens = _ByIdentity()  # sensitivity-derived tensor -> seq of the node that made it
         # comparison result -> (mask of equal operands, branch picked): masks are large, so this one frees an
         # entry as soon as its tensor dies (_ByIdentity keeps dead values until its next purge)
@@ -1076,6 +1077,10 @@ class _Tracer(TorchDispatchMode):
             if seq is None or isinstance(seq, tuple):
                 self._value(func, loc, o, mask, nf, prior, nd, ins,
                             base=o._base if info.mutable and o._base is not None else None)
+                # an in-place write made it non-finite (a .grad scaled by NaN: clip_grad_norm_'s _foreach_mul_)
+                if o not in self.written and not any(isinstance(p, _Incident) for p in prior or ()) and any(
+                        o is t for t in ins):
+                    self.written[o] = (_op_name(func), loc)
             elif prior:  # accumulating into a gradient already non-finite (a second backward): carry it
                 self.prov[o] = prior.union(*(self.prov.get(t, frozenset()) for t in nf if t in self.sens))
             else:
@@ -1343,6 +1348,7 @@ class _Tracer(TorchDispatchMode):
             elif key not in findings:
                 add(key, lambda birth=birth, kind=kind: self._genuine(kind, None, birth), birth.count, [],
                     birth.indices)
+        self._grads_made_nonfinite_after_backward(findings, add)
         for name, count in self.orphans[since[1]:]:
             add(("nan", "unknown", name), lambda name=name: Finding(
                 "nan", "unknown", "<unknown>", 0, message=f"the gradient of {name} is not finite; its birth was "
@@ -1413,6 +1419,30 @@ class _Tracer(TorchDispatchMode):
                        message=message, source=_source(loc), born_op=birth.op if birth else (inc.op if inc else None),
                        born_location=_fmt(birth.loc) if birth else (_fmt(inc.loc) if inc else None),
                        born=birth.describe() if birth else (inc.what if inc else None))
+
+    def _grads_made_nonfinite_after_backward(self, findings: dict, add: Callable) -> None:
+        """A parameter's .grad that is not finite at the end of the block although no backward finding reaches
+        it: something after the backward wrote NaN/Inf into it (clip_grad_norm_ with a NaN total norm scales
+        every gradient by NaN). Reported with the op that did it, from the gradient's provenance."""
+        reached = {r for f in findings.values() for r in f.reaches}
+        for leaf, name in self.names.items():
+            g = getattr(leaf, "grad", None) if isinstance(leaf, torch.Tensor) else None
+            if g is None or name in reached or not _nonfinite(g):
+                continue
+            births = [b for b in self.prov.get(g, ()) if isinstance(b, _Birth)]
+            if not births or g not in self.written:
+                continue
+            b = births[0]
+            op, loc = self.written[g]
+            kind = "nan" if bool(torch.isnan(g).any()) else "inf"
+            add((kind, op, loc, "grad", name), lambda b=b, kind=kind, name=name, op=op, loc=loc: Finding(
+                kind, op, _fmt(loc), 0, source=_source(loc), born_op=b.op, born_location=_fmt(b.loc),
+                born=b.describe(), message=f"the gradient of {name} was finite after backward; {op} wrote "
+                f"{'NaN' if kind == 'nan' else 'Inf'} into it afterwards, from {b.describe()}",
+                fix="a step after backward mixes gradients (clip_grad_norm_'s total norm, a NaN guard): fix the "
+                    "non-finite gradient it read (see the other findings), or skip the step when the total norm "
+                    "is not finite (clip_grad_norm_(..., error_if_nonfinite=True))"), int((~torch.isfinite(g)).sum()),
+                [name], [])
 
     def _unused(self) -> list[str]:
         explained: set = set()
