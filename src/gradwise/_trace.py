@@ -1395,6 +1395,16 @@ class _Tracer(TorchDispatchMode):
         rewrite = _DISCARDS.get(getattr(aten, disc_op[5:], None)) if disc_op else None
         if rewrite is None:
             rewrite = "mask the value before the op that makes NaN/Inf (e.g. before the division)"
+        if disc_op is None:  # no op upstream discards values: the zero may be one the program computes
+            return Finding(
+                "contamination", inc.op, _fmt(inc.loc), inc.count,
+                message=f"{inc.what}; the sensitivity there is 0, but no op that discards values (slice, where, "
+                "mask...) made it: if the program computes that 0 (0 * x), it is an ordinary zero and the NaN is "
+                "genuine for gw.grad too", source=_source(inc.loc), born_op=birth.op if birth else inc.op,
+                born_location=_fmt(birth.loc) if birth else _fmt(inc.loc),
+                born=birth.describe() if birth else f"0/0 or 0 x Inf in {inc.op}, the backward of {inc.node_op}",
+                fix=f"if the zero stands for 'not used', gw.strong_zeros() removes it only where a discarding op "
+                    f"made it; otherwise {rewrite}")
         born = birth.describe() if birth else \
             f"0/0 or 0 x Inf in {inc.op}, the backward of {inc.node_op} at {_fmt(inc.loc)}"
         return Finding(
