@@ -37,7 +37,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     if args.module is not None:
-        target, script_args = args.module, ([args.script] if args.script else []) + args.script_args
+        target, script_args = args.module, args.script_args
     else:
         target, script_args = args.script, args.script_args
         if not os.path.isfile(target):
@@ -113,9 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     tail = None
-    if argv[:1] == ["run"] and "-m" in argv[1:]:  # everything after `-m MODULE` belongs to the module
-        i = argv.index("-m", 1)
-        argv, tail = argv[: i + 2], argv[i + 2:]
+    if argv[:1] == ["run"]:  # `-m MODULE` before the script position: everything after MODULE is the module's
+        i = 1
+        while i < len(argv) and argv[i].startswith("-") and argv[i] != "-m":
+            i += 2 if argv[i] == "--json" else 1
+        if i < len(argv) and argv[i] == "-m":
+            argv, tail = argv[: i + 2], argv[i + 2:]
     args, rest = parser.parse_known_args(argv)
     if tail is not None:
         args.script, args.script_args = None, tail

@@ -1369,11 +1369,7 @@ def std_mean(run, func, x, dim=None, unbiased=None, keepdim=False, *, correction
     """(std, mean): the std rule and PyTorch's mean."""
     if isinstance(dim, bool):
         dim, unbiased = None, dim
-    sd = std(run, torch.std, x, dim, unbiased, keepdim, correction=correction)
-    dims = None if dim is None else dim
-    mean = x.mean() if dims is None and not keepdim else x.mean(dims if dims is not None else
-                                                                 tuple(range(x.dim())), keepdim=keepdim)
-    return sd, mean
+    return std(run, torch.std, x, dim, unbiased, keepdim, correction=correction), x.mean(dim, keepdim=keepdim)
 
 
 def _modulo(name: str, quotient: str):

@@ -247,11 +247,6 @@ def _product(mult_args: Sequence[int], flat: Callable[[tuple], torch.Tensor] | N
         if out.dtype == torch.bool:  # mask & mask (nan_to_num's): still a selection where both are meaningful
             _select(out, [a for a in args[:2] if isinstance(a, torch.Tensor)], sup)
             return out
-        if func is aten.mul.Tensor and _STATE.outputs_finite and _in_formula() and \
-                (node := torch._C._current_autograd_node()) is not None and node.name() == "ExpBackward0":
-            for a in args[:2]:  # exp's backward g * result: a result of exactly 0 is exp(-inf), a masked entry
-                if _is_float(a) and not sup.tracked(a) and bool(mask_any(a == 0)):
-                    support = a != 0
         for i in mult_args:
             a = args[i] if i < len(args) else None
             # a bool mask the backward formula computed selects (max's `self == result`, nansum's
@@ -288,7 +283,27 @@ def _cast(func, args, kwargs, sup):
     return _product((0,))(func, args, kwargs, sup)
 
 
-_register(aten.mul, aten.mul_)(_product((0, 1)))
+_mul = _product((0, 1))
+
+
+def _in_node(*names: str) -> bool:
+    """Whether the backward formula running now is that of one of these autograd nodes."""
+    node = torch._C._current_autograd_node()
+    return node is not None and node.name() in names
+
+
+@_register(aten.mul, aten.mul_)
+def _exp_result_mul(func, args, kwargs, sup):
+    """mul, as _product. In exp's backward (g * result), a result of exactly 0 is exp(-inf), a masked entry: a
+    structural zero when every output being differentiated is finite (see _softmax_backward)."""
+    out = _mul(func, args, kwargs, sup)
+    result = args[1] if len(args) > 1 else None  # derivatives.yaml: exp's backward is grad * result
+    if _STATE.outputs_finite and _is_float(result) and _in_formula() and _in_node("ExpBackward0"):
+        zero = result == 0
+        if bool(mask_any(zero)):
+            support = (~zero if sup.of(out) is None else sup.of(out) & ~zero).expand(out.shape)
+            sup.record(_annihilate(out, support), support)
+    return out
 _register(aten._to_copy)(_cast)
 _register(aten.div, aten.div_, aten.neg, aten.clone, aten.sigmoid_backward, aten.soft_margin_loss_backward,
           aten.tanh_backward, aten.gelu_backward, aten.silu_backward, aten.elu_backward, aten.leaky_relu_backward,
@@ -343,9 +358,7 @@ def _exp(func, args, kwargs, sup):
     out = func(*args, **kwargs)
     x = args[0]
     support = sup.of(x)
-    node = torch._C._current_autograd_node()
-    if _in_formula() and _is_float(x) and node is not None and node.name() in _EXP_AS_WEIGHTS and \
-            bool(mask_any(x == -math.inf)):
+    if _in_formula() and _is_float(x) and _in_node(*_EXP_AS_WEIGHTS) and bool(mask_any(x == -math.inf)):
         support = (x != -math.inf) if support is None else support & (x != -math.inf)
     sup.record(out, support)
     return out
@@ -1126,7 +1139,7 @@ class _State(threading.local):
     create_graph = False
     in_mode = False
     planned: str | None = None  # a path gw.grad/gw.backward already chose, for the engine hook to take once
-    # whether every output being differentiated is finite (see _softmax_backward and _exp_zeros)
+    # whether every output being differentiated is finite (see _softmax_backward and _exp_result_mul)
     outputs_finite = True
 
 
@@ -1275,21 +1288,20 @@ def _result_power_overflows(power: float, scale: float) -> Callable[[Any], bool]
 def _div_singular(node: Any) -> bool:
     """a / b: the gradient of a is g / b (0/0 at b = 0); that of b, when b requires grad, is
     -g * ((a / b) / b), which overflows for a tiny b although a / b is finite."""
-    other = node._saved_other
-    if _any(other == 0):
+    other, self = node._saved_other, node._saved_self
+    if other.is_complex() or (self is not None and self.is_complex()):
+        return _any(other == 0)  # complex tensors: strong zeros do not follow them (see check_differentiable)
+    low = other.detach().abs().min().item() if other.numel() else math.inf
+    if low == 0:
         return True
-    self = node._saved_self
-    if self is None or not self.numel() or other.is_complex() or self.is_complex():
-        return False  # complex tensors: strong zeros do not follow them (see check_differentiable)
-    dtype = other.dtype if other.is_floating_point() else self.dtype
-    if not dtype.is_floating_point:
+    if self is None or not self.numel() or not (other.is_floating_point() or self.is_floating_point()):
         return False
-    self = self.to(dtype)
+    dtype = other.dtype if other.is_floating_point() else self.dtype
     # |a / b / b| <= max|a| / min|b|**2: a bound from two reductions (no output-sized temporary); a tiny b with a
     # small a can make it exceed the range without the formula overflowing: then the strong pass runs, which is
     # exact anyway
-    top = self.detach().abs().max().item()
-    low = other.detach().abs().min().item()
+    a = self.detach()
+    top = (a if a.is_floating_point() else a.to(dtype)).abs().max().item()
     try:
         return not top / low / low < torch.finfo(dtype).max
     except (OverflowError, ZeroDivisionError):
@@ -1412,8 +1424,8 @@ _NODE_TYPES: dict[type, tuple] = {}
 
 def _node_type(node: Any) -> tuple:
     """Per autograd node type, looked up once: its ``_raw_saved_*`` attributes, those the check before backward
-    reads, whether NODE_FACTS knows it, its singular-point test, and whether it makes structural zeros (a
-    bool, or a test of the node where that depends on what it saved)."""
+    reads, whether NODE_FACTS knows it, its singular-point test, whether it makes structural zeros (a bool, or a
+    test of the node where that depends on what it saved), and its zero-output test (_ZERO_OUTPUT_TESTS)."""
     info = _NODE_TYPES.get(type(node))
     if info is None:
         name = type(node).__name__
@@ -1422,7 +1434,8 @@ def _node_type(node: Any) -> tuple:
             tuple(a for a in names if a not in _NOT_READ.get(name, ()))
         test = _MAKES_NO_ZEROS_IF.get(name)
         makes = False if name in MAKES_NO_ZEROS or _opaque(name) else (lambda n: not test(n)) if test else True
-        info = _NODE_TYPES[type(node)] = (names, read, name in NODE_FACTS, NODE_FACTS.get(name), makes)
+        info = _NODE_TYPES[type(node)] = (names, read, name in NODE_FACTS, NODE_FACTS.get(name), makes,
+                                          _ZERO_OUTPUT_TESTS.get(name))
     return info
 
 
@@ -1439,13 +1452,19 @@ _ZERO_OUTPUT_TESTS: dict[str, Callable[[Any], bool]] = {
     "ExpBackward0": _zero_in("_saved_result"),
     "LogSoftmaxBackward0": lambda node: _any(_saved(node, "_saved_result") == -math.inf),
 }
-_ZERO_OUTPUTS: dict[type, Any] = {}
-_UNSEEN = object()
 
 
 def _readable(node: Any) -> bool:
-    """Whether the node's saved tensors can be read without running a hook (a checkpoint's recomputation)."""
-    return all(raw.unpack_hook is None for raw in _raw_saved(node))
+    """Whether the node's saved tensors can be read: no hook to run (a checkpoint's recomputation) and no
+    storage freed until a hook refills it (FSDP's resharded parameters)."""
+    for raw in _raw_saved(node):
+        if raw.unpack_hook is not None:
+            return False
+        t = raw.data
+        if isinstance(t, torch.Tensor) and t.layout == torch.strided and t.numel() and \
+                t.data_ptr() == t.storage_offset() * t.element_size():
+            return False
+    return True
 
 
 _SMALL = 1 << 12  # elements: below this a tensor's copy costs less than a reduction of its own
@@ -1490,7 +1509,8 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
     This runs before every backward under strong zeros, so it is written for speed: one walk over the graph,
     reading only what a structural zero could reach (see MAKES_NO_ZEROS), each saved tensor once (a layer's
     output saved by two nodes, q/k/v views of one projection: identified by what they read), and one
-    reduction per saved tensor (small ones together)."""
+    reduction per saved tensor (small ones together). Singular tests of nodes no zero reaches from above run
+    only when a softmax/exp node below holds exact zeros in its output (_ZERO_OUTPUT_TESTS)."""
     known_all = True
     saved: list[torch.Tensor] = []
     deferred: list = []  # singular-point tests of nodes no structural zero reaches from above
@@ -1504,7 +1524,7 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
         before = seen.get(node)
         if before is not None and (before or not reached):
             continue
-        _, read, known, singular, makes = types.get(type(node)) or _node_type(node)
+        _, read, known, singular, makes, zero_output = types.get(type(node)) or _node_type(node)
         if not reached:
             reached = makes if makes.__class__ is bool else makes(node)
         seen[node] = reached
@@ -1512,11 +1532,8 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
         for n, _ in node.next_functions:
             if n is not None:
                 stack.append((n, reached))
-        zt = _ZERO_OUTPUTS.get(type(node), _UNSEEN)
-        if zt is _UNSEEN:
-            zt = _ZERO_OUTPUTS[type(node)] = _ZERO_OUTPUT_TESTS.get(type(node).__name__)
-        if zt is not None:
-            zero_outputs.append((node, zt))
+        if zero_output is not None:
+            zero_outputs.append((node, zero_output))
         if not reached:
             if singular is not None:
                 deferred.append((node, singular))
@@ -1548,11 +1565,12 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
         known_all &= readable
         if singular is not None and readable and singular(node):
             return "strong"
-    if deferred and zero_outputs and any(_readable(n) and test(n) for n, test in zero_outputs):
-        # a softmax/exp output of exactly 0 is a structural zero of its own: an infinite derivative above it
-        # (sqrt(softmax(masked)), entr of it) meets it inside its backward
-        if any(_readable(n) and test(n) for n, test in deferred):
-            return "strong"
+    # a softmax/exp output of exactly 0 is a structural zero of its own: an infinite derivative (sqrt of a masked
+    # softmax, its entropy) meets it inside that node's backward. The singular tests (on small tensors, usually)
+    # go first; the outputs are read only when one of them holds.
+    if deferred and zero_outputs and any(_readable(n) and test(n) for n, test in deferred) and \
+            any(_readable(n) and test(n) for n, test in zero_outputs):
+        return "strong"
     if saved:  # a seed's NaN/Inf matters only where a structural zero can meet it
         saved.extend(t for t in seeds if isinstance(t, torch.Tensor) and t.is_floating_point())
     if not _all_finite(saved):

@@ -295,6 +295,10 @@ def _explain(func, ins, out, mask) -> str:
 # -- ops whose backward sends zero sensitivity to values the output does not use, and the local rewrite ------
 
 _SELECT_FIX = "select first, then compute: apply the op to the kept elements only (e.g. lin(x[:4]), not lin(x)[:4])"
+# Discarding ops whose zeros are spread elementwise through the tensor (see _discarded_by)
+_ELEMENTWISE_SELECTS = [aten.minimum, aten.maximum, aten.fmin, aten.fmax, aten.clamp, aten.clamp_min, aten.clamp_max,
+                        aten.relu, aten.threshold, aten.hardtanh]
+_STEPS = [aten.floor, aten.round, aten.sign]
 _DISCARDS: dict = {
     **dict.fromkeys([aten.slice, aten.select, aten.index, aten.index_select, aten.gather, aten.narrow,
                      aten.split, aten.split_with_sizes, aten.unbind, aten.masked_select, aten.take,
@@ -309,17 +313,13 @@ _DISCARDS: dict = {
                     "build the tensor with torch.where instead of overwriting elements computed from bad values"),
     **dict.fromkeys([aten._softmax, aten._log_softmax],
                     "mask fully masked rows before the softmax (or drop them)"),
-    **dict.fromkeys([aten.minimum, aten.maximum, aten.fmin, aten.fmax, aten.clamp, aten.clamp_min, aten.clamp_max,
-                     aten.relu, aten.threshold, aten.hardtanh, aten.max, aten.min, aten.amax, aten.amin,
-                     aten.sort, aten.topk, aten.max_pool2d_with_indices, aten.max_pool3d_with_indices],
+    **dict.fromkeys([*_ELEMENTWISE_SELECTS, aten.max, aten.min, aten.amax, aten.amin, aten.sort, aten.topk,
+                     aten.max_pool2d_with_indices, aten.max_pool3d_with_indices],
                     "make the unselected argument finite (e.g. torch.minimum(one, 1 / x.clamp_min(eps)))"),
-    **dict.fromkeys([aten.floor, aten.round, aten.sign, aten.nansum],
-                    "make the value finite before the op that zeroes its sensitivity"),
+    **dict.fromkeys([*_STEPS, aten.nansum], "make the value finite before the op that zeroes its sensitivity"),
 }
 
-_ELEMENTWISE_DISCARDS = {aten.minimum, aten.maximum, aten.fmin, aten.fmax, aten.clamp, aten.clamp_min,
-                          aten.clamp_max, aten.relu, aten.threshold, aten.hardtanh, aten.floor, aten.round,
-                          aten.sign}
+_ELEMENTWISE_DISCARDS = {*_ELEMENTWISE_SELECTS, *_STEPS}
 
 _GENUINE_FIX: dict = {
     **dict.fromkeys([aten.nll_loss_forward, aten.nll_loss2d_forward],
@@ -1138,13 +1138,11 @@ class _Tracer(TorchDispatchMode):
                         f"the backward of {node_op} made {'NaN' if has_nan else 'Inf'} from finite values in {op} "
                         "(an infinite derivative used)")
                 undecided = bool(births) and _undecidable(func, ins, o)
-                if undecided:
-                    what += f"; {_UNDECIDED.format(op=op)}"
                 for b in births:
                     b.used = True
             inc = _Incident(kind, op, node_op, loc, count, idx, births, what,
                             self._discarded_by(sens_ins) if contaminated else None,
-                            undecided=not contaminated and undecided)
+                            undecided=undecided)
             self.incidents.append(inc)
             incidents.append(inc)
         self.prov[o] = frozenset(incidents)
@@ -1445,14 +1443,14 @@ class _Tracer(TorchDispatchMode):
             b = births[0]
             op, loc = self.written[g]
             kind = "nan" if bool(torch.isnan(g).any()) else "inf"
+            count, idx = _positions(~torch.isfinite(g))
             add((kind, op, loc, "grad", name), lambda b=b, kind=kind, name=name, op=op, loc=loc: Finding(
                 kind, op, _fmt(loc), 0, source=_source(loc), born_op=b.op, born_location=_fmt(b.loc),
                 born=b.describe(), message=f"the gradient of {name} was finite after backward; {op} wrote "
                 f"{'NaN' if kind == 'nan' else 'Inf'} into it afterwards, from {b.describe()}",
                 fix="a step after backward mixes gradients (clip_grad_norm_'s total norm, a NaN guard): fix the "
                     "non-finite gradient it read (see the other findings), or skip the step when the total norm "
-                    "is not finite (clip_grad_norm_(..., error_if_nonfinite=True))"), int((~torch.isfinite(g)).sum()),
-                [name], [])
+                    "is not finite (clip_grad_norm_(..., error_if_nonfinite=True))"), count, [name], idx)
 
     def _unused(self) -> list[str]:
         explained: set = set()
@@ -1506,8 +1504,14 @@ def _undecidable(func, ins, o) -> bool:
     """A backward op the trace cannot split into contamination and genuine: not elementwise, not bilinear, and
     without a strong-zero rule or decomposition to run again."""
     return not (_aligned(ins, o.shape) and func.overloadpacket not in _ROW_MIXING) and \
-        func.overloadpacket not in _BILINEAR and _strong_zeros.lookup(func) is None and \
-        _strong_zeros._decomposition(func) is None
+        func.overloadpacket not in _BILINEAR and not _reruns(func)
+
+
+def _reruns(func) -> bool:
+    """Whether `_strong_rerun` can run ``func`` under the strong-zero rules (a rule or a decomposition, and no
+    in-place write)."""
+    return not func._schema.is_mutable and (
+        _strong_zeros.lookup(func) is not None or _strong_zeros._decomposition(func) is not None)
 
 
 def _in_base(mask: torch.Tensor, view: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
@@ -1527,7 +1531,7 @@ def _strong_rerun(func, args, kwargs, sens_ins, o, out) -> torch.Tensor | None:
     """``func`` run again under the strong-zero rules, every zero of its sensitivities taken as structural: the
     counterpart of ``o`` (what strong zeros leave non-finite), or None where no rule nor decomposition covers the
     op (or it writes in place)."""
-    if func._schema.is_mutable or (_strong_zeros.lookup(func) is None and _strong_zeros._decomposition(func) is None):
+    if not _reruns(func):
         return None
     outs = out if isinstance(out, (list, tuple)) else [out]
     at = next((i for i, t in enumerate(outs) if t is o), None)
