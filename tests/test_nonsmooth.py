@@ -199,6 +199,7 @@ RULE_SAMPLES = {
     "matrix_norm": (lambda x: torch.stack([torch.linalg.matrix_norm(x[2:3].reshape(1, 1)),
                                            torch.linalg.matrix_norm(x[:6].reshape(2, 3))]), [_X]),
     "std_mean": (lambda x: torch.stack(torch.std_mean(x.abs()[[1, 4]])), [_X]),
+    "msort": (lambda x: torch.msort(x.abs()) * torch.arange(7.0, dtype=x.dtype), [_X]),  # |x| ties at 1 and 3
     "eq": (lambda x: torch.where(x == 1.0, 2 * x - 1.0, x), [_X]),  # both branches are 1 at the tie
     "ne": (lambda x: torch.where(x != 1.0, x, 2 * x - 1.0), [_X]),
     # piecewise constant: compositions that stay continuous (f jumps otherwise: an error, tested below)
@@ -584,7 +585,6 @@ def test_composites_reach_the_rules(name):
 # Builtins without a rule at their kink: an error naming the call, never PyTorch's convention
 UNROUTED_AT_KINKS = {
     "quantile": (lambda x: torch.quantile(x, 0.5), _T(1.0, 1.0, 1.0, 1.0), "quantile .* aten.sort"),
-    "msort": (lambda x: torch.msort(x)[-1], _T(1.0, 1.0), "msort .* aten.sort"),
     "eigvalsh": (lambda x: torch.linalg.eigvalsh(torch.diag(x))[-1], _T(1.0, 1.0), "eigvalsh .* aten._linalg_eigh"),
     "renorm": (lambda x: torch.renorm(x.reshape(1, 2), 2, 0, 1.0).sum(), _T(0.6, 0.8), "renorm .* aten.renorm"),
     "aten_relu": (lambda x: torch.ops.aten.relu(x).sum(), _T(0.0, 1.0), "aten.relu .* aten.relu"),

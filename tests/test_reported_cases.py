@@ -43,6 +43,18 @@ KNOWN = {
     "embedding-bag-max-ties": "embedding_bag has no forward-mode derivative in PyTorch: NonsmoothError",
     "where-eq-zero-guard-expm1-over-x": "a removable singularity behind x == 0: NonsmoothError (f's branch changes)",
     "cosine-embedding-at-margin": "cosine_embedding_loss has no rule: NonsmoothError at its clamp_min_ kink",
+    "sdpa-block-nan-pad-queries-f32": "CPU flash attention's backward is opaque: NaN query rows sliced away stay",
+    "sdpa-block-nan-pad-queries-f64": "CPU flash attention's backward is opaque: NaN query rows sliced away stay",
+    "checkpoint-reentrant-block-nan-rows-sliced": "PyTorch: reentrant checkpoint is incompatible with .grad()",
+    "copysign-one-as-sign-times-x": "copysign has no rule: NonsmoothError at its kink",
+    "copysign-magnitude-at-zero": "copysign has no rule: NonsmoothError at its kink",
+    "complex-abs-at-zero-stft-silence": "abs of a complex 0 is a cone: NonsmoothError",
+    "double-where-safe-norm-at-zero": "a comparison whose tangent is 0 in every direction needs second-order terms",
+    "where-curved-boundary-second-order": "a comparison tie broken by second-order terms (lexicographic directions "
+                                          "use first-order ones)",
+    "nan-guard-eq-self-abs": "stationarity forces the x != x branch, which no direction reaches: a false jump",
+    "nan-guard-ne-self-smooth": "stationarity forces the x != x branch, which no direction reaches: a false jump",
+    "round-decimals0-minus-round": "round(decimals=k) runs natively: its jumps are not floats",
 }
 
 

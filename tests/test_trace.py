@@ -134,6 +134,7 @@ TRACE_KNOWN = {
     "hand-attn-nan-pad-token-outputs-selected": "the trace's per-tensor provenance marks the padding birth used",
     "hand-attn-nan-values-masked-fill-before-av": "the trace's per-tensor provenance marks the padding birth used",
     "policy-entropy-special-entr-masked-actions": "entr's infinite derivative at a masked 0 is reported genuine",
+    "checkpoint-reentrant-block-nan-rows-sliced": "PyTorch: reentrant checkpoint is incompatible with .grad()",
 }
 
 

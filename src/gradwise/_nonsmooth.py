@@ -341,7 +341,14 @@ def relu(run, func, x, inplace=False):
 
 @kink_rule(aten.abs, torch.abs, torch.absolute, Tensor.abs, Tensor.absolute, Tensor.abs_)
 def abs(run, func, x):
-    """|x|. At 0: x or -x, whichever grows along the direction: f'(x; d) = |x'|."""
+    """|x|. At 0: x or -x, whichever grows along the direction: f'(x; d) = |x'|. A complex 0 is a cone
+    (|z'| is not a max of two pieces): an error."""
+    if x.is_complex():
+        if mask_any(_split(x)[0] == 0):
+            raise NonsmoothError(f"aten.abs at {_user_line()} of a complex 0: its one-sided derivative |z'| is a "
+                                 "cone, not a choice of pieces; gradwise has no rule for it. Keep the argument "
+                                 "away from 0 or write |z| as linalg.vector_norm of (real, imag)")
+        return func(x)
     out = _switch(run, "aten.abs", x, x, -x, lambda: func(x))
     return _finish(func, x, out, func is Tensor.abs_)
 
@@ -1332,14 +1339,26 @@ def _norm_where_zero(run, out: Tensor, x: Tensor, p, dim, keepdim: bool, scale: 
 
 @kink_rule(aten.dist, torch.dist, Tensor.dist)
 def dist(run, func, a, b, p=2):
-    """||a - b||_p: the vector_norm rule where a == b (f'(x; d) = ||a' - b'||_p)."""
+    """||a - b||_p: the vector_norm rule where a == b (f'(x; d) = ||a' - b'||_p); p = 1 and inf have kinks at
+    single equal coordinates too (abs, amax): always the vector_norm rule."""
+    if not 1 < float(p) < math.inf:
+        return vector_norm(run, torch.linalg.vector_norm, a - b, p)
     return _norm_where_zero(run, func(a, b, p), a - b, p, None, False)
 
 
 @kink_rule(aten.pairwise_distance, F.pairwise_distance, torch.pairwise_distance)
 def pairwise_distance(run, func, x1, x2, p=2.0, eps=1e-6, keepdim=False):
-    """||x1 - x2 + eps||_p over the last dim (PyTorch's definition): the vector_norm rule where it is 0."""
+    """||x1 - x2 + eps||_p over the last dim (PyTorch's definition): the vector_norm rule where it is 0, and
+    always for p = 1 and inf (kinks at single coordinates)."""
+    if not 1 < float(p) < math.inf:
+        return vector_norm(run, torch.linalg.vector_norm, x1 - x2 + eps, p, -1, keepdim)
     return _norm_where_zero(run, func(x1, x2, p, eps, keepdim), x1 - x2 + eps, p, -1, keepdim)
+
+
+@kink_rule(aten.msort, torch.msort, Tensor.msort)
+def msort(run, func, x):
+    """sort along dim 0: the sort rule."""
+    return sort(run, torch.sort, x, 0).values
 
 
 @kink_rule(aten.hypot, torch.hypot, Tensor.hypot)
@@ -1552,6 +1571,7 @@ _KINKY: dict[object, Callable] = {
     **dict.fromkeys([aten.floor, aten.ceil, aten.round, aten.trunc, aten.frac], _integral),
     **dict.fromkeys([aten.linalg_vector_norm, aten.norm], _norm_at_zero),
     aten.renorm: _renorm_boundary,
+    aten.copysign: lambda a, k, o: _any_eq(a[0], 0) or (isinstance(a[1], Tensor) and _any_eq(a[1], 0)),
 }
 def _reduce_ties(src_i: int, reduce_i: int, self_i: int | None) -> Callable:
     """scatter_reduce / index_reduce with amax or amin: more than one element (the destination's own with

@@ -1017,27 +1017,32 @@ def _ctc_loss_backward(func, args, kwargs, sup):
     """_ctc_loss_backward(g, log_probs, targets, input_lengths, target_lengths, nll, log_alpha, blank,
     zero_infinity): each sample's alignment is computed on its own, so a sample whose per-sample g is a
     structural zero (an infeasible sample whose infinite loss was dropped) is removed from every operand before
-    the kernel runs; its log_probs column gets structural zeros and its -inf alignments never enter."""
+    the kernel runs; its log_probs column gets structural zeros and its -inf alignments never enter. Frames past
+    a sample's input length are never read: structural zeros too (NaN padding frames)."""
     tracked = _tracked_slots(args, sup)
     g, log_probs, targets, in_len, tg_len, nll, log_alpha = args[:7]
-    if tracked != [0] or log_probs.dim() != 3:
-        return _run_unruled(func, args, kwargs, sup, "a tracked operand" if tracked != [0] else None)
-    kept = sup.of(g).expand(g.shape)
+    if tracked not in ([], [0]) or log_probs.dim() != 3:
+        return _run_unruled(func, args, kwargs, sup, "a tracked operand" if tracked not in ([], [0]) else None)
+    kept = sup.of(g).expand(g.shape) if tracked else torch.ones(g.shape, dtype=torch.bool, device=g.device)
     if mask_all(kept):
-        return _run_unruled(func, args, kwargs, sup, None)
-    index = kept.nonzero().squeeze(1)
-    pick = lambda v: v.index_select(0, index) if isinstance(v, torch.Tensor) else [v[i] for i in index.tolist()]
-    if targets.dim() == 1:  # concatenated targets: keep the kept samples' segments
-        lengths = torch.as_tensor(tg_len, device=targets.device)
-        starts = torch.cumsum(lengths, 0) - lengths
-        targets = torch.cat([targets[int(starts[i]):int(starts[i]) + int(lengths[i])] for i in index.tolist()])
+        out = func(*args, **kwargs)
     else:
-        targets = targets.index_select(0, index)
-    part = func(g.index_select(0, index), log_probs.index_select(1, index), targets, pick(in_len), pick(tg_len),
-                nll.index_select(0, index), log_alpha.index_select(0, index), *args[7:], **kwargs)
-    out = log_probs.new_zeros(log_probs.shape)
-    out.index_copy_(1, index, part)
-    sup.record(out, kept.view(1, -1, 1).expand(out.shape))
+        index = kept.nonzero().squeeze(1)
+        pick = lambda v: v.index_select(0, index) if isinstance(v, torch.Tensor) else [v[i] for i in index.tolist()]
+        if targets.dim() == 1:  # concatenated targets: keep the kept samples' segments
+            lengths = torch.as_tensor(tg_len, device=targets.device)
+            starts = torch.cumsum(lengths, 0) - lengths
+            targets = torch.cat([targets[int(starts[i]):int(starts[i]) + int(lengths[i])] for i in index.tolist()])
+        else:
+            targets = targets.index_select(0, index)
+        part = func(g.index_select(0, index), log_probs.index_select(1, index), targets, pick(in_len),
+                    pick(tg_len), nll.index_select(0, index), log_alpha.index_select(0, index), *args[7:], **kwargs)
+        out = log_probs.new_zeros(log_probs.shape)
+        out.index_copy_(1, index, part)
+    frames = torch.arange(log_probs.shape[0], device=out.device).unsqueeze(1)
+    read = frames < torch.as_tensor(in_len, device=out.device).unsqueeze(0)  # (T, N)
+    support = (kept.view(1, -1) & read).unsqueeze(-1).expand(out.shape)
+    sup.record(_annihilate(out, support), None if mask_all(support) else support)
     return out
 
 
