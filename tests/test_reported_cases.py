@@ -52,8 +52,6 @@ KNOWN = {
     "double-where-safe-norm-at-zero": "a comparison whose tangent is 0 in every direction needs second-order terms",
     "where-curved-boundary-second-order": "a comparison tie broken by second-order terms (lexicographic directions "
                                           "use first-order ones)",
-    "nan-guard-eq-self-abs": "stationarity forces the x != x branch, which no direction reaches: a false jump",
-    "nan-guard-ne-self-smooth": "stationarity forces the x != x branch, which no direction reaches: a false jump",
     "round-decimals0-minus-round": "round(decimals=k) runs natively: its jumps are not floats",
 }
 
