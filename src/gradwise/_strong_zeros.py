@@ -280,10 +280,11 @@ def _cast(func, args, kwargs, sup):
         elif out.dtype == torch.bool:
             _select(out, [x], sup)
         return out
-    return _product((0,))(func, args, kwargs, sup)
+    return _linear(func, args, kwargs, sup)
 
 
 _mul = _product((0, 1))
+_linear = _product((0,))  # ops linear in their first argument alone
 
 
 def _in_node(*names: str) -> bool:
@@ -304,14 +305,15 @@ def _exp_result_mul(func, args, kwargs, sup):
             support = (~zero if sup.of(out) is None else sup.of(out) & ~zero).expand(out.shape)
             sup.record(_annihilate(out, support), support)
     return out
+
+
 _register(aten._to_copy)(_cast)
+# xlogy(g, y) = g * log(y) and xlog1py(g, y) = g * log1p(y): the backward of xlogy/xlog1py in their first input
 _register(aten.div, aten.div_, aten.neg, aten.clone, aten.sigmoid_backward, aten.soft_margin_loss_backward,
           aten.tanh_backward, aten.gelu_backward, aten.silu_backward, aten.elu_backward, aten.leaky_relu_backward,
           aten.softplus_backward, aten.mish_backward, aten.log_sigmoid_backward, aten.mse_loss_backward,
           aten.smooth_l1_loss_backward, aten.huber_loss_backward, aten.binary_cross_entropy_backward,
-          aten.logit_backward, aten.rrelu_with_noise_backward)(_product((0,)))
-# xlogy(g, y) = g * log(y) and xlog1py(g, y) = g * log1p(y): the backward of xlogy/xlog1py in their first input
-_register(aten.xlogy, aten.special_xlog1py)(_product((0,)))
+          aten.logit_backward, aten.rrelu_with_noise_backward, aten.xlogy, aten.special_xlog1py)(_linear)
 # a NaN input is in no flat region: PyTorch passes the gradient there (relu(NaN) = NaN is used)
 _register(aten.threshold_backward)(_product((0,), flat=lambda a: (a[1] > a[2]) | a[1].isnan()))
 _register(aten.hardtanh_backward)(_product((0,), flat=lambda a: (a[1] > a[2]) & (a[1] < a[3]) | a[1].isnan()))
@@ -471,8 +473,7 @@ _register(aten.slice_backward, aten.select_backward, aten.diagonal_backward, ate
           aten.reflection_pad2d_backward, aten.reflection_pad3d_backward, aten.replication_pad1d_backward,
           aten.replication_pad2d_backward, aten.replication_pad3d_backward, aten.expand_copy,
           aten.permute_copy, aten.view_copy, aten._unsafe_view, aten.contiguous, aten.put, aten.put_,
-          aten.masked_scatter,
-          aten.masked_scatter_, aten.masked_select)(_placement)
+          aten.masked_scatter, aten.masked_scatter_, aten.masked_select)(_placement)
 
 
 def _placement_signed(func, args, kwargs, sup):
