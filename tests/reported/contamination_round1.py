@@ -8,8 +8,8 @@ controls: nothing is unused, and ``expected`` is plain PyTorch's gradient of the
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -17,23 +17,10 @@ import torch.nn.functional as F
 nan, inf = float("nan"), float("inf")
 
 
-@dataclass(frozen=True)
-class Case:
-    name: str
-    source: str
-    build: Callable[[], tuple]
-    genuine: bool = False
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # loaded by path: _format sits beside this file
+from _format import contamination_table  # noqa: E402
 
-
-CASES: list[Case] = []
-
-
-def case(name: str, source: str, genuine: bool = False):
-    def register(build):
-        CASES.append(Case(name, source, build, genuine))
-        return build
-
-    return register
+CASES, case = contamination_table()
 
 
 def _ref(fn, *tensors, dtype=torch.float64):

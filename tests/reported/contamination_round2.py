@@ -10,8 +10,8 @@ Run them against any gradient function with ``check.py``.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -19,23 +19,10 @@ import torch.nn.functional as F
 nan, inf = float("nan"), float("inf")
 
 
-@dataclass(frozen=True)
-class Case:
-    name: str
-    source: str
-    build: Callable[[], tuple]
-    genuine: bool = False
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # loaded by path: _format sits beside this file
+from _format import contamination_table  # noqa: E402
 
-
-CASES: list[Case] = []
-
-
-def case(name: str, source: str, genuine: bool = False):
-    def register(build):
-        CASES.append(Case(name, source, build, genuine))
-        return build
-
-    return register
+CASES, case = contamination_table()
 
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -30,23 +30,10 @@ from torch.utils.checkpoint import checkpoint
 nan, inf = float("nan"), float("inf")
 
 
-@dataclass(frozen=True)
-class Case:
-    name: str
-    source: str
-    build: Callable[[], tuple]
-    genuine: bool = False
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # loaded by path: _format sits beside this file
+from _format import contamination_table  # noqa: E402
 
-
-CASES: list[Case] = []
-
-
-def case(name: str, source: str, genuine: bool = False):
-    def register(build):
-        CASES.append(Case(name, source, build, genuine))
-        return build
-
-    return register
+CASES, case = contamination_table()
 
 
 f64 = torch.float64

@@ -8,24 +8,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class Case:
-    name: str
-    source: str
-    f: Callable
-    inputs: Callable[[], tuple]  # builds fresh input tensors (requires_grad=True)
-    directions: list = field(default_factory=list)
-    vertices: list | None = None
-    stationary: bool | None = None
-    min_norm: float | None = None
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # loaded by path: _format sits beside this file
+from _format import NonsmoothCase as Case
 
 CASES: list[Case] = []
 D = torch.float64
