@@ -38,6 +38,17 @@ def contamination_table() -> tuple[list[Case], Callable]:
     return cases, case
 
 
+def leaf(t: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+    return t.detach().to(dtype).clone().requires_grad_(True)
+
+
+def ref(fn, *inputs, dtype=torch.float64) -> tuple:
+    """Gradient of ``fn`` (the program with the unused values deleted) at float64 copies of ``inputs``."""
+    leaves = [leaf(t, dtype) for t in inputs]
+    grads = torch.autograd.grad(fn(*leaves), leaves, allow_unused=True)
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves, strict=False))
+
+
 @dataclass(frozen=True)
 class NonsmoothCase:
     """A function at a kink with its exact one-sided derivatives, subdifferential vertices and stationarity."""

@@ -21,6 +21,8 @@ nan, inf = float("nan"), float("inf")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # loaded by path: _format sits beside this file
 from _format import contamination_table  # noqa: E402
+from _format import leaf as _leaf  # noqa: E402
+from _format import ref as _ref  # noqa: E402
 
 CASES, case = contamination_table()
 
@@ -36,14 +38,6 @@ D = torch.distributions
 f64 = torch.float64
 
 
-def _leaf(t, dtype=f64):
-    return t.detach().to(dtype).clone().requires_grad_(True)
-
-
-def _ref(fn, *inputs, dtype=f64):
-    """Gradient of fn at float64 copies of `inputs` (plain torch.autograd.grad)."""
-    leaves = [_leaf(t, dtype) for t in inputs]
-    return torch.autograd.grad(fn(*leaves), leaves)
 
 
 def _same(a, b):

@@ -25,6 +25,7 @@ nan, inf = float("nan"), float("inf")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # loaded by path: _format sits beside this file
 from _format import contamination_table  # noqa: E402
+from _format import ref as _ref  # noqa: E402
 
 CASES, case = contamination_table()
 
@@ -33,15 +34,6 @@ f64 = torch.float64
 D = torch.distributions
 
 
-def _leaf(t, dtype=f64):
-    return t.detach().to(dtype).clone().requires_grad_(True)
-
-
-def _ref(fn, *inputs, dtype=f64):
-    """Gradient of fn (the program with the unused values deleted) at float64 copies of `inputs`."""
-    leaves = [_leaf(t, dtype) for t in inputs]
-    grads = torch.autograd.grad(fn(*leaves), leaves, allow_unused=True)
-    return tuple(torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves, strict=False))
 
 
 def _params(seed, *shapes, dtype=torch.float32):
