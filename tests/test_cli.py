@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -21,11 +22,16 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+# the scripts run in tmp_path: a relative PYTHONPATH=src would fall back to another installed gradwise
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
 def _run(tmp_path, *args):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     return subprocess.run([sys.executable, "-m", "gradwise", *[str(a).replace("SCRIPT", str(script)) for a in args]],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=ENV)
 
 
 def test_run_prints_the_report_and_passes_argv_and_status(tmp_path):
@@ -82,3 +88,137 @@ def test_a_script_that_traces_itself(tmp_path):
                       "print(len(gw.explain(lambda x: x.relu().sum(), x).findings), 'own findings')\n")
     out = _run(tmp_path, "run", script)
     assert out.returncode == 0 and "1 own findings" in out.stdout and "1 kink" in out.stderr, out.stderr
+
+
+# --- gradwise run --strong-zeros -------------------------------------------------------------------------------
+
+PADDED = textwrap.dedent("""
+    import sys, threading
+    import torch
+
+    def step(used):  # rows 4..7 are NaN padding; the loss reads rows 0..3 (used=False) or 0..4 (used=True)
+        torch.manual_seed(137)
+        lin = torch.nn.Linear(8, 1)
+        x = torch.cat((torch.rand(4, 8), torch.full((4, 8), float("nan"))))
+        lin(x)[: 5 if used else 4].sum().backward()
+        ref = torch.nn.Linear(8, 1)
+        ref.load_state_dict(lin.state_dict())
+        ref(x[: 5 if used else 4]).sum().backward()  # the same program without the unused rows
+        same = torch.equal(lin.weight.grad, ref.weight.grad) and torch.equal(lin.bias.grad, ref.bias.grad)
+        return bool(lin.weight.grad.isfinite().all()), same
+
+    results = {"main": step(False)}
+    worker = threading.Thread(target=lambda: results.__setitem__("thread", step(False)))
+    worker.start()
+    worker.join()
+    results["used"] = step(True)
+    print("finite/same:", results["main"], results["thread"], results["used"])
+""")
+
+
+def _run_padded(tmp_path, *options):
+    (tmp_path / "padded.py").write_text(PADDED)
+    return _run(tmp_path, "run", *options, tmp_path / "padded.py")
+
+
+def test_strong_zeros_in_every_thread_with_the_report(tmp_path):
+    """Padding sliced away: finite gradients, equal to the program without the padding, in the main thread and
+    in a thread the script starts; a NaN the loss reads stays NaN (and is reported as genuine)."""
+    out = _run_padded(tmp_path, "--strong-zeros")
+    assert out.returncode == 0, out.stderr
+    assert "finite/same: (True, True) (True, True) (False, False)" in out.stdout
+    assert "0 contamination findings, 1 genuine NaN" in out.stderr, out.stderr
+    assert "born: aten.full at padded.py:8" in out.stderr and "reaches: lin.weight" in out.stderr
+    assert "from finite values" not in out.stderr  # the strong-zero rules' own ops are not what the trace reads
+
+
+def test_strong_zeros_without_the_report(tmp_path):
+    out = _run_padded(tmp_path, "--strong-zeros", "--no-report")
+    assert out.returncode == 0, out.stderr
+    assert "finite/same: (True, True) (True, True) (False, False)" in out.stdout
+    assert "gradwise:" not in out.stderr
+
+
+def test_without_strong_zeros_the_script_is_plain_pytorch(tmp_path):
+    out = _run_padded(tmp_path)
+    assert "finite/same: (False, False) (False, False) (False, False)" in out.stdout, out.stderr
+    assert "1 contamination finding" in out.stderr
+
+
+def test_strong_zeros_for_a_module(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "train.py").write_text(PADDED)
+    out = _run(tmp_path, "run", "--strong-zeros", "--no-report", "-m", "pkg.train", "--no-report")
+    assert out.returncode == 0, out.stderr
+    assert "finite/same: (True, True) (True, True) (False, False)" in out.stdout
+
+
+def test_run_option_combinations_are_checked(tmp_path):
+    (tmp_path / "padded.py").write_text(PADDED)
+    no_op = _run(tmp_path, "run", "--no-report", "padded.py")
+    assert no_op.returncode == 2 and "add --strong-zeros" in no_op.stderr and "finite" not in no_op.stdout
+    both = _run(tmp_path, "run", "--strong-zeros", "--no-report", "--json", "r.json", "padded.py")
+    assert both.returncode == 2 and "give one of them" in both.stderr
+
+
+# --- conventions -------------------------------------------------------------------------------------------------
+
+def test_version_and_no_command(tmp_path):
+    import torch
+
+    import gradwise
+
+    version = _run(tmp_path, "--version")
+    assert version.returncode == 0
+    assert version.stdout.strip() == f"gradwise {gradwise.__version__} (torch {torch.__version__})"
+    bare = _run(tmp_path)
+    assert bare.returncode == 2 and bare.stderr.startswith("usage: gradwise") and bare.stdout == ""
+    assert "required: COMMAND" in bare.stderr
+    unknown = _run(tmp_path, "demo", "--frobnicate")
+    assert unknown.returncode == 2 and "--frobnicate" in unknown.stderr
+
+
+SLEEPER = textwrap.dedent("""
+    import time
+    import torch
+    torch.manual_seed(137)
+    lin = torch.nn.Linear(8, 1)
+    x = torch.cat((torch.rand(4, 8), torch.full((4, 8), float("nan"))))
+    lin(x)[:4].sum().backward()
+    try:
+        print("stepped", flush=True)
+        time.sleep(60)
+    finally:
+        print("script cleanup ran", flush=True)
+""")
+
+
+def _interrupt(tmp_path, sig):
+    import signal
+
+    (tmp_path / "sleeper.py").write_text(SLEEPER)
+    proc = subprocess.Popen([sys.executable, "-m", "gradwise", "run", "sleeper.py"], cwd=tmp_path, text=True, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == "stepped"  # the NaN step is done, the script sleeps
+        proc.send_signal(getattr(signal, sig))
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return proc.returncode, stdout, stderr
+
+
+def test_ctrl_c_prints_the_report_and_exits_130(tmp_path):
+    status, stdout, stderr = _interrupt(tmp_path, "SIGINT")
+    assert status == 130, stderr
+    assert "script cleanup ran" in stdout and "KeyboardInterrupt" in stderr
+    assert "1 contamination finding" in stderr and "aten.mm at sleeper.py:7" in stderr
+
+
+def test_sigterm_prints_the_report_and_exits_143(tmp_path):
+    status, stdout, stderr = _interrupt(tmp_path, "SIGTERM")
+    assert status == 143, stderr
+    assert "script cleanup ran" in stdout and "terminated (SIGTERM)" in stderr
+    assert "1 contamination finding" in stderr and "aten.mm at sleeper.py:7" in stderr

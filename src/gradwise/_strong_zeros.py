@@ -1153,6 +1153,7 @@ _STATE = _State()
 _INSTALL_LOCK = threading.Lock()
 _installed = 0
 _original_engine_run: Callable[..., Any] | None = None
+_process_wide = False  # `gradwise run --strong-zeros`: every thread's backward, see strong_zeros_process_wide
 
 
 def _walk(roots: Sequence[Any]) -> Iterator[Any]:
@@ -1593,7 +1594,7 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
         return _original_engine_run(t_outputs, grad_tensors, retain, create_graph, inputs,
                                     allow_unreachable=allow_unreachable, accumulate_grad=accumulate_grad)
 
-    if _STATE.depth == 0 or _STATE.in_mode:
+    if (_STATE.depth == 0 and not _process_wide) or _STATE.in_mode:
         return run(retain_graph)  # strong zeros off in this thread, or already inside the strong-zero pass
     tensors = [t for t in (*t_outputs, *(inputs or ())) if isinstance(t, torch.Tensor)]
     check_differentiable([t for t in tensors if t.is_complex() or t.is_sparse], "tensors", "gw.strong_zeros")
@@ -1651,10 +1652,36 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
     _STATE.outputs_finite = all(bool(t.isfinite().all()) for t in outputs
                                 if isinstance(t, torch.Tensor) and t.is_floating_point())
     try:
-        with _StrongZeroMode():
+        with _under_traces(_StrongZeroMode()):
             return run(retain_graph)
     finally:
         (_STATE.create_graph, _STATE.outputs_finite), _STATE.in_mode = outer, False
+
+
+@contextlib.contextmanager
+def _under_traces(mode: TorchDispatchMode) -> Iterator[None]:
+    """Enter ``mode`` below the gw.trace() recorders on top of the mode stack, so that a trace sees the backward
+    ops PyTorch issues and their strong-zero results, not the strong-zero rules' own ops (which it would read
+    as NaN made from finite values). Other modes (fake tensors, proxies) stay below ``mode`` as before."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode, _push_mode
+
+    from gradwise._trace import _Tracer  # lazily: _trace imports this module
+
+    above = []
+    while isinstance(_get_current_dispatch_mode(), _Tracer):
+        above.append(_pop_mode())
+    try:
+        with mode:
+            for tracer in reversed(above):
+                _push_mode(tracer)
+            try:
+                yield
+            finally:
+                for _ in above:
+                    _pop_mode()
+    finally:
+        for tracer in reversed(above):
+            _push_mode(tracer)
 
 
 def _run_planned(run: Callable[[bool | None], Any], outputs: Sequence[Any], seeds: Any,
@@ -1663,7 +1690,7 @@ def _run_planned(run: Callable[[bool | None], Any], outputs: Sequence[Any], seed
     plain, then runs without the engine hook; any other goes through the hook with the path already chosen (so
     the graph is walked once). Inside ``strong_zeros()`` or under a dispatch mode the hook chooses."""
     plan = None
-    if not _STATE.depth and not torch._C._len_torch_dispatch_stack():
+    if not (_STATE.depth or _process_wide) and not torch._C._len_torch_dispatch_stack():
         plan = _plan(outputs, (seeds,) if isinstance(seeds, torch.Tensor) else seeds or ())
         if plan == "plain":
             return run(retain_graph)
@@ -1705,6 +1732,20 @@ def strong_zeros() -> Iterator[None]:
             _installed -= 1
             if _installed == 0:
                 torch.autograd._engine_run_backward = _original_engine_run
+
+
+@contextlib.contextmanager
+def strong_zeros_process_wide() -> Iterator[None]:
+    """Strong zeros for every backward of every thread while the block runs (threads started inside it
+    included); ``strong_zeros()`` covers only the calling thread. Used by ``gradwise run --strong-zeros``."""
+    global _process_wide
+    outer = _process_wide
+    with strong_zeros():
+        _process_wide = True
+        try:
+            yield
+        finally:
+            _process_wide = outer
 
 
 def grad(
