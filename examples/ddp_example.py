@@ -25,6 +25,14 @@ def batch(rank: int, genuine: bool = False) -> torch.Tensor:
     return x
 
 
+def say(rank: int, message: str) -> None:
+    """Print every rank's line on rank 0, in rank order (a collective: every rank calls it)."""
+    lines = [None] * dist.get_world_size()
+    dist.all_gather_object(lines, f"rank {rank}: {message}")
+    if rank == 0:
+        print("\n".join(lines), flush=True)
+
+
 def finite(model: nn.Module) -> bool:
     return all(bool(p.grad.isfinite().all()) for p in model.parameters())
 
@@ -37,13 +45,13 @@ def main() -> None:
 
     # 1. plain DDP: one rank's padding NaN poisons every rank
     model(batch(rank))[:4].mean().backward()
-    print(f"rank {rank}: plain DDP gradients finite: {finite(model)}", flush=True)
+    say(rank, f"plain DDP gradients finite: {finite(model)}")
 
     # 2. strong zeros: what DDP all-reduces is the gradient of the rows the loss reads
     model.zero_grad(set_to_none=True)
     with gw.strong_zeros():
         model(batch(rank))[:4].mean().backward()
-    print(f"rank {rank}: gw.strong_zeros gradients finite: {finite(model)}", flush=True)
+    say(rank, f"gw.strong_zeros gradients finite: {finite(model)}")
 
     # 3. the hook: a genuine NaN on rank 1; every rank skips the optimizer step together
     guard = gw.ddp_nonfinite_hook(model, policy="skip")
@@ -52,7 +60,7 @@ def main() -> None:
     with gw.strong_zeros():
         model(batch(rank, genuine=True))[:4].mean().backward()
     opt.step()
-    print(f"rank {rank}: step skipped: {guard.should_skip()} ({guard.bad})", flush=True)
+    say(rank, f"step skipped: {guard.should_skip()} ({guard.bad})")
 
     # 4. trace every rank, merge on rank 0: who introduced the NaN, who received it
     opt.zero_grad()

@@ -1438,8 +1438,8 @@ class _Tracer(TorchDispatchMode):
             if g is None or name in reached or not _nonfinite(g):
                 continue
             births = [b for b in self.prov.get(g, ()) if isinstance(b, _Birth)]
-            if not births or g not in self.written:
-                continue
+            if not births or g not in self.written or all(b.received for b in births):
+                continue  # a collective's write (DDP copying the averaged bucket back): _add_received says so
             b = births[0]
             op, loc = self.written[g]
             kind = "nan" if bool(torch.isnan(g).any()) else "inf"
