@@ -174,8 +174,8 @@ def _run_script(block: Block, tmp: Path) -> str:
 
 def _run_command(block: Block) -> str:
     """A command's stdout (``2>&1`` in the command to compare stderr too); a leading ``python`` is this one."""
-    proc = subprocess.run(re.sub(r"^python\b", lambda m: sys.executable, block.mark[1]), shell=True, cwd=ROOT, env=ENV, text=True, capture_output=True,
-                          timeout=600)
+    command = re.sub(r"^python\b", lambda m: sys.executable, block.mark[1])
+    proc = subprocess.run(command, shell=True, cwd=ROOT, env=ENV, text=True, capture_output=True, timeout=600)
     assert proc.returncode == 0, f"{block.mark[1]} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
 
