@@ -222,3 +222,17 @@ def test_sigterm_prints_the_report_and_exits_143(tmp_path):
     assert status == 143, stderr
     assert "script cleanup ran" in stdout and "terminated (SIGTERM)" in stderr
     assert "1 contamination finding" in stderr and "aten.mm at sleeper.py:7" in stderr
+
+
+def test_demo_shows_both_seeds(tmp_path):
+    """Exit 0 means every claim the demo prints held (strong zeros == the program without the padding; each
+    IoU version: all pieces found, stationary, PyTorch's gradient inside the subdifferential)."""
+    out = subprocess.run([sys.executable, "-m", "gradwise", "demo"], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path, env={**ENV, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "[nan, nan, nan, nan]" in out.stdout and "identical" in out.stdout
+    assert out.stdout.count("16 (all) pieces, box +-[0.5, 0.1667] per span; holds PyTorch's: yes") == 3
+    assert out.stdout.count("stationary, least norm") == 3
+    for torch_grad in ("[[0.0, 0.0], [0.0, 0.0]]", "[[0.5, 0.1667], [-0.5, -0.1667]]",
+                       "[[-0.5, -0.1667], [0.5, 0.1667]]"):
+        assert torch_grad in out.stdout
