@@ -1,7 +1,6 @@
 """Directional derivatives and generalized gradients, checked against independent float64 references."""
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -18,9 +17,9 @@ import gradwise as gw
 from gradwise._nonsmooth import KINK_RULES, NonsmoothError
 
 sys.path.insert(0, str(Path(__file__).parent))
+import case_files
 from nonsmooth_cases import CASES
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "cases"
 H = 1e-7
 
 
@@ -106,16 +105,16 @@ def test_exact_subdifferential_matches_nearby_gradients(case):
 
 
 def _shared_cases():
-    if not (SHARED / "check_nonsmooth.py").exists():
-        return []
-    spec = importlib.util.spec_from_file_location("check_nonsmooth", SHARED / "check_nonsmooth.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return [(module, c) for c in module.load_cases(SHARED / "nonsmooth.py")]
+    """tests/cases/nonsmooth.py checked by tests/cases/check_nonsmooth.py (../shared/cases's too where it differs)."""
+    out = []
+    for origin, path in case_files.sources("nonsmooth.py"):
+        checker = case_files.load(path.parent / "check_nonsmooth.py", f"nonsmooth_{origin}")
+        out += [pytest.param((checker, c), id=c.name if origin == "project" else f"shared-{c.name}")
+                for c in checker.load_cases(path)]
+    return out
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="../shared/cases is absent (not a full workspace checkout)")
-@pytest.mark.parametrize("entry", _shared_cases(), ids=lambda e: e[1].name)
+@pytest.mark.parametrize("entry", _shared_cases())
 def test_shared_nonsmooth_cases(entry):
     module, case = entry
     assert module.check_case(gw, case) == []

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import case_files
 import gradwise as gw
 
 HERE = Path(__file__).resolve().parent / "reported"
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "cases"
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:index_reduce\(\) is in beta:UserWarning")
 
@@ -85,13 +85,9 @@ def test_reported_contamination(case):
 
 
 def _checker():
-    spec = importlib.util.spec_from_file_location("check_nonsmooth_reported", SHARED / "check_nonsmooth.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return case_files.load(case_files.PROJECT / "check_nonsmooth.py", "reported")
 
 
-@pytest.mark.skipif(not (SHARED / "check_nonsmooth.py").exists(), reason="../shared/cases is not beside the checkout")
 @pytest.mark.parametrize("case", _params("nonsmooth_*.py", lambda path, case: case))
 def test_reported_nonsmooth(case):
     assert _checker().check_case(gw, case) == []

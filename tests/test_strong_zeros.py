@@ -6,11 +6,8 @@ PyTorch on finite data. None is a formula derived by hand.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,28 +16,18 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
+import case_files
 import gradwise as gw
 from gradwise import _strong_zeros as _sz
 
 nan, inf = float("nan"), float("inf")
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "cases"
-
-
-def _load(name: str):
-    if not (SHARED / f"{name}.py").exists():
-        pytest.skip(f"../shared/cases/{name}.py is not beside the checkout")
-    spec = importlib.util.spec_from_file_location(f"shared_{name}", SHARED / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _shared_cases():
-    if not (SHARED / "contamination.py").exists():
-        reason = "../shared/cases is not beside the checkout"
-        return [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
-    return [pytest.param(c, id=c.name) for c in _load("contamination").CASES]
+    """The acceptance cases (tests/cases/contamination.py; ../shared/cases's too where it differs)."""
+    return [pytest.param(c, id=c.name if origin == "project" else f"shared-{c.name}")
+            for origin, path in case_files.sources("contamination.py")
+            for c in case_files.load(path, "sz").CASES]
 
 
 @pytest.mark.parametrize("case", _shared_cases())

@@ -17,25 +17,18 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import case_files
 import gradwise as gw
 import gradwise._strong_zeros
 import gradwise._trace as trace_module
 
-CASES_FILE = Path(__file__).resolve().parents[2] / "shared" / "cases" / "contamination.py"
-
 
 def _load_cases():
-    if not CASES_FILE.exists():  # a checkout without ../shared beside it: the case tests skip
-        return {}
-    spec = importlib.util.spec_from_file_location("gw_contamination_cases", CASES_FILE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return {c.name: c for c in module.CASES}
+    """The project's acceptance cases (tests/cases/contamination.py): EXPECTED below is written for them."""
+    return {c.name: c for c in case_files.load(case_files.PROJECT / "contamination.py", "trace").CASES}
 
 
 CASES = _load_cases()
-needs_cases = pytest.mark.skipif(not CASES, reason="../shared/cases is not beside the checkout")
 
 # case -> (op where the NaN/Inf was born, text on its source line, op whose backward zeroed the sensitivity).
 # Born "in the backward" (0/0) is reported at the line of the forward op whose backward made it.
@@ -74,7 +67,6 @@ def _trace_case(case):
     return report
 
 
-@needs_cases
 def test_every_case_has_an_expectation():
     assert set(EXPECTED) == set(CASES)
 
@@ -167,7 +159,6 @@ def test_seed_names_and_rows():
     assert lin.weight.grad.isnan().any()  # the user's own plain backward ran, untouched
 
 
-@needs_cases
 def test_deferred_checks_match_immediate(monkeypatch):
     """Batched finiteness checks (the accelerator path) give the same report on the seed."""
     case = CASES["linear-rows-sliced-away"]
