@@ -199,8 +199,10 @@ def _interrupt(tmp_path, sig):
     import signal
 
     (tmp_path / "sleeper.py").write_text(SLEEPER)
+    # a shell's background job starts with SIGINT ignored, and Python then keeps ignoring it: restore the default
     proc = subprocess.Popen([sys.executable, "-m", "gradwise", "run", "sleeper.py"], cwd=tmp_path, text=True, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout.readline().strip() == "stepped"  # the NaN step is done, the script sleeps
         proc.send_signal(getattr(signal, sig))
