@@ -485,6 +485,8 @@ def test_trace_reports_rank_1_as_origin_and_the_others_as_receivers(three):
     assert line.startswith("rank 1 introduced the NaN at ") and "test_distributed.py:" in line
     assert line.endswith("; ranks 0,2 received it through the all-reduce")
     assert line in merged["text"] and "rank 0: received" in merged["text"] and "rank 1: genuine NaN" in merged["text"]
+    # DDP copying the averaged bucket back into .grad is the collective's write, not a step after backward
+    assert "wrote NaN into it afterwards" not in merged["text"] and "clip_grad_norm_" not in merged["text"]
     assert sorted(set(merged["finding_ranks"])) == [0, 1, 2]
     assert '"rank": 1' in merged["json"] and '"ranks"' in merged["json"]
 
