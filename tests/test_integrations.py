@@ -268,9 +268,10 @@ def test_two_processes_explain_names_rank_1_on_rank_0(two_processes):
 def test_two_processes_explain_names_rank_0_as_a_receiver(two_processes, request):
     module_name, ranks = two_processes
     if module_name == "lightning_train":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "gw.trace under Lightning's DDP attributes the NaN that rank 0 received through the all-reduce to "
-            "aten.empty/aten.copy_ (DDP's bucket buffers) instead of c10d.allreduce_: rank 0 is reported as "
-            "introducing it (a trace defect, outside the callback)")))
+        # not strict: the trace fix on the cli branch ("a DDP all-reduce's write into .grad is 'received'")
+        # makes this pass; drop the marker once both are merged
+        request.applymarker(pytest.mark.xfail(strict=False, reason=(
+            "gw.trace before the cli branch's fix attributes the NaN that rank 0 received through Lightning's "
+            "DDP all-reduce to aten.empty/aten.copy_ (DDP's bucket copy) instead of c10d.allreduce_")))
     report = json.loads(Path(ranks[0]["reports"][0]).read_text())
     assert report["ranks"][0].endswith("rank 0 received it through the all-reduce")
