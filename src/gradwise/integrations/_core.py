@@ -100,17 +100,18 @@ class Session:
         self.end_backward()
         report, self._report = self._report, None
         self._trace.close()  # fills the report
-        named = [(n, p) for n, p in named_parameters if p.grad is not None]
-        if not named:
-            return False
-        flags = torch.stack([~torch.isfinite(_local(p.grad)).all() for _, p in named])
+        everything = list(named_parameters)
+        named = [(n, p) for n, p in everything if p.grad is not None]
+        # a rank without gradients still joins the all-reduce below (a rank missing from it would hang the rest)
+        flags = torch.stack([~torch.isfinite(_local(p.grad)).all() for _, p in named]) if named \
+            else torch.zeros(1, dtype=torch.bool, device=everything[0][1].device if everything else None)
         bad_any = flags.any().float()
         if _distributed():
             torch.distributed.all_reduce(bad_any, op=torch.distributed.ReduceOp.MAX)
         if not bool(bad_any):  # the one host read of a finite step
             return False
         self.nonfinite_steps.append(step)
-        local = [n for (n, _), f in zip(named, flags.tolist(), strict=True) if f]
+        local = [n for (n, _), f in zip(named, flags.tolist(), strict=False) if f]
         bad = self._everywhere(local)
         where = "; ".join(f"rank {r}: {', '.join(names)}" for r, names in bad) or "no local gradient"
         message = f"gradwise: NaN/Inf gradients at optimizer step {step} ({where})"
