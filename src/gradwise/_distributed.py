@@ -197,6 +197,9 @@ class NonfiniteGuard:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         _check_model(model)
+        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            raise TypeError("NonfiniteGuard is DDP's guard; create the guard of an FSDP2 model with "
+                            "gw.nonfinite_guard(model, policy=...)")
         self.policy = policy
         self.process_group = process_group
         group = process_group if process_group is not None else dist.group.WORLD
