@@ -210,9 +210,8 @@ def check_fsdp2(rank, world):
     return _compare([p.grad.full_tensor() for p in model.body.parameters()], world)
 
 
-def check_fsdp2_trace_and_hook(rank, world):
-    """gw.trace() under FSDP2, an optimizer step on sharded DTensor parameters included; the hook says that
-    FSDP is not supported."""
+def check_fsdp2_trace(rank, world):
+    """gw.trace() under FSDP2, an optimizer step on sharded DTensor parameters included."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -225,12 +224,87 @@ def check_fsdp2_trace_and_hook(rank, world):
         _loss(model, _data(rank, padding=False, genuine=True)).backward()
         opt.step()
     merged = gw.gather_reports(report)
+    return {"ranks": None if merged is None else merged.ranks}
+
+
+def _fsdp2_guarded(world, policy):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.body:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, gw.nonfinite_guard(model, policy=policy)
+
+
+def _full_params(model):
+    return [p.detach().full_tensor().clone() for p in model.parameters()]
+
+
+def check_fsdp2_guard_skip(rank, world):
+    """A genuine NaN on rank 1 only, between two finite steps: every rank skips that step, and only that one."""
+    model, guard = _fsdp2_guarded(world, "skip")
+    opt = gw.SkipNonfiniteStep(torch.optim.SGD(model.parameters(), lr=0.1), guard)
+    params, skips, bad = [_full_params(model)], [], []
+    for step, genuine in enumerate((False, True, False)):
+        opt.zero_grad()
+        _loss(model, _data(rank, step, padding=False, genuine=genuine)).backward()
+        opt.step()
+        skips.append(guard.should_skip())
+        bad.append(guard.bad)
+        params.append(_full_params(model))
+    return {"skips": skips, "bad": bad, "skipped": opt.skipped, "counts": (guard.steps, guard.nonfinite_steps),
+            "params": params}
+
+
+def check_fsdp2_guard_raise(rank, world):
+    model, guard = _fsdp2_guarded(world, "raise")
+    out: dict = {"raised": None}
     try:
-        gw.ddp_nonfinite_hook(model)
-        hook_error = None
-    except TypeError as e:
-        hook_error = str(e)
-    return {"ranks": None if merged is None else merged.ranks, "hook_error": hook_error}
+        _loss(model, _data(rank, 0, padding=False, genuine=True)).backward()
+    except gw.NonfiniteGradientError as e:
+        out = {"raised": str(e), "bad": e.bad}
+    model.zero_grad(set_to_none=True)
+    _loss(model, _data(rank, 1, padding=False)).backward()  # the next step still works: nothing hangs
+    out["next_finite"] = all(bool(p.grad.full_tensor().isfinite().all()) for p in model.parameters())
+    out["counts"] = (guard.steps, guard.nonfinite_steps)
+    return out
+
+
+def check_fsdp2_guard_warn_and_strong_zeros(rank, world):
+    """"warn" warns on every rank; under strong zeros, NaN padding that the loss never reads is no reason to
+    warn (the guard sees the strong-zero gradients)."""
+    model, _guard = _fsdp2_guarded(world, "warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gw.strong_zeros():
+            _loss(model, _data(rank, 0)).backward()  # padding NaN on rank 1
+        padded = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        model.zero_grad(set_to_none=True)
+        _loss(model, _data(rank, 1, padding=False, genuine=True)).backward()
+    genuine = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)][len(padded):]
+    return {"padded": padded, "genuine": genuine}
+
+
+def check_guard_refusals(rank, world):
+    """FSDP1 and plain modules are refused with the fix; the old name is the same function."""
+    out = {}
+    for name, make in (("plain", lambda: _model()), ("ddp_register_false", None)):
+        try:
+            if make is None:
+                from torch.distributed.device_mesh import init_device_mesh
+                from torch.distributed.fsdp import fully_shard
+
+                gw.nonfinite_guard(fully_shard(_model(), mesh=init_device_mesh("cpu", (world,))), register=False)
+            else:
+                gw.nonfinite_guard(make())
+            out[name] = None
+        except (TypeError, ValueError) as e:
+            out[name] = f"{type(e).__name__}: {e}"
+    return out
 
 
 def check_fsdp1(rank, world):
@@ -251,7 +325,8 @@ def check_fsdp1(rank, world):
 def _guarded(rank, policy, register=True):
     model = _model()
     ddp = DDP(model, bucket_cap_mb=1e-4)  # several buckets once DDP rebuilds them (after the first step)
-    guard = gw.ddp_nonfinite_hook(ddp, policy=policy, register=register)
+    # the old name on one path, the new on the other: the same function
+    guard = (gw.nonfinite_guard if register else gw.ddp_nonfinite_hook)(ddp, policy=policy, register=register)
     if not register:
         ddp.register_comm_hook(guard, guard.hook)
     return model, ddp, guard
@@ -322,9 +397,12 @@ def check_trace_merged_report(rank, world):
 CHECKS: dict[str, list[Callable]] = {
     "two": [check_plain_ddp_is_contaminated, check_strong_zeros, check_gw_backward, check_find_unused_parameters,
             check_static_graph, check_gradient_as_bucket_view, check_no_sync_accumulation,
-            check_one_allreduce_with_unknown_nodes, check_fsdp2, check_fsdp2_trace_and_hook, check_fsdp1,
+            check_one_allreduce_with_unknown_nodes, check_fsdp2, check_fsdp2_trace, check_fsdp1,
+            check_fsdp2_guard_skip, check_fsdp2_guard_raise, check_fsdp2_guard_warn_and_strong_zeros,
+            check_guard_refusals,
             check_skip_policy, check_raise_policy, check_warn_policy, check_hook_with_strong_zeros],
-    "three": [check_plain_ddp_is_contaminated, check_strong_zeros, check_trace_merged_report, check_skip_policy],
+    "three": [check_plain_ddp_is_contaminated, check_strong_zeros, check_trace_merged_report, check_skip_policy,
+              check_fsdp2_guard_skip],
 }
 
 
@@ -432,11 +510,48 @@ def test_strong_zeros_under_fsdp_on_cpu(two, check):
         assert got["finite"] and got["max_err"] < 1e-12
 
 
-def test_trace_under_fsdp2_names_the_origin_and_the_hook_refuses_fsdp(two):
-    ranks = _per_rank(two, "check_fsdp2_trace_and_hook")
+def test_trace_under_fsdp2_names_the_origin(two):
+    ranks = _per_rank(two, "check_fsdp2_trace")
     assert ranks[0]["ranks"][0].startswith("rank 1 introduced the NaN at ") and ranks[1]["ranks"] is None
+
+
+@pytest.mark.parametrize("group", ["two", "three"])
+def test_fsdp2_guard_skips_the_nan_step_on_every_rank_together(group, request):
+    """NaN on rank 1 only: every rank skips step 1 (and only it), and every rank's full parameters are equal
+    and finite after each step; the finite steps did update them."""
+    ranks = _per_rank(request.getfixturevalue(group), "check_fsdp2_guard_skip")
     for got in ranks:
-        assert "FSDP is not supported" in got["hook_error"]
+        assert got["skips"] == [False, True, False] and got["skipped"] == 1 and got["counts"] == (3, 1)
+        assert got["bad"] == [[], [(1, ["body.4.weight", "body.4.bias"]), (1, ["body.2.weight", "body.2.bias"]),
+                                   (1, ["body.0.weight", "body.0.bias"])], []]
+        before, after_good, after_bad, after_next = got["params"]
+        assert all(bool(p.isfinite().all()) for ps in got["params"] for p in ps)
+        assert all(torch.equal(a, b) for a, b in zip(after_bad, after_good, strict=True))  # the NaN step skipped
+        assert not any(torch.equal(a, b) for a, b in zip(after_good, before, strict=True))  # finite steps updated
+        assert not any(torch.equal(a, b) for a, b in zip(after_next, after_bad, strict=True))
+    for got in ranks[1:]:
+        for mine, first in zip(got["params"], ranks[0]["params"], strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(mine, first, strict=True))
+
+
+def test_fsdp2_guard_raise_on_every_rank_then_goes_on(two):
+    for got in _per_rank(two, "check_fsdp2_guard_raise"):
+        assert got["raised"] is not None, "every rank raises, not only the one with the NaN"
+        assert "before the reduce-scatter (rank 1: body.4.weight, body.4.bias, body.2.weight" in got["raised"]
+        assert {rank for rank, _ in got["bad"]} == {1}
+        assert got["next_finite"] and got["counts"] == (2, 1)
+
+
+def test_fsdp2_guard_warns_on_every_rank_and_sees_strong_zero_gradients(two):
+    for got in _per_rank(two, "check_fsdp2_guard_warn_and_strong_zeros"):
+        assert got["padded"] == []
+        assert len(got["genuine"]) == 1 and "rank 1: body.4.weight" in got["genuine"][0]
+
+
+def test_guard_refuses_what_it_cannot_watch(two):
+    for got in _per_rank(two, "check_guard_refusals"):
+        assert got["plain"].startswith("TypeError: gw.nonfinite_guard(model, ...): model must be a Distributed")
+        assert got["ddp_register_false"].startswith("ValueError: gw.nonfinite_guard: register=False is for DDP")
 
 
 @pytest.mark.parametrize("group", ["two", "three"])
@@ -538,5 +653,7 @@ def test_single_process_use_is_unchanged_and_misuse_is_explained():
         gw.gather_reports(report)
     with pytest.raises(TypeError, match="DistributedDataParallel"):
         gw.ddp_nonfinite_hook(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="fully_shard"):
+        gw.nonfinite_guard(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="policy"):
-        gw.ddp_nonfinite_hook(nn.Linear(2, 2), policy="ignore")
+        gw.nonfinite_guard(nn.Linear(2, 2), policy="ignore")

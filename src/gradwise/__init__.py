@@ -4,7 +4,7 @@ Public API (see ``docs/`` for one page per capability)::
 
     gw.grad / gw.backward / gw.strong_zeros      values the output does not use cannot poison gradients
     gw.trace / gw.explain                        where every NaN/Inf and every kink came from
-    gw.gather_reports / gw.ddp_nonfinite_hook    the same under torch.distributed (DDP): which rank, and a guard
+    gw.gather_reports / gw.nonfinite_guard      the same under torch.distributed (DDP, FSDP2): which rank, a guard
     gw.directional_derivative / gw.generalized_grad / gw.subdifferential / gw.stationarity / gw.gradcheck
                                                  exact calculus at non-differentiable points
 """
@@ -15,6 +15,7 @@ from gradwise._distributed import (
     SkipNonfiniteStep,
     ddp_nonfinite_hook,
     gather_reports,
+    nonfinite_guard,
 )
 from gradwise._gradcheck import GradcheckResult, gradcheck
 from gradwise._nonsmooth import NonsmoothError, directional_derivative, generalized_backward, generalized_grad
@@ -44,6 +45,7 @@ __all__ = [
     "generalized_grad",
     "grad",
     "gradcheck",
+    "nonfinite_guard",
     "stationarity",
     "strong_zeros",
     "subdifferential",

@@ -10,10 +10,11 @@ Three pieces, each usable alone:
   values: fully supported).
 - ``gather_reports``: the ``gw.trace()`` reports of every rank, merged on one rank, telling which rank
   introduced a NaN/Inf and which only received it through the all-reduce.
-- ``ddp_nonfinite_hook``: a DDP communication hook that flags non-finite buckets before they are reduced (no
-  host sync per bucket) and, once per backward, makes every rank take the same decision ("raise", "skip",
-  "warn"): from the averaged buckets, identical on every rank, and, only when they hold NaN/Inf, one small
-  all-reduce of the flags to name the ranks and parameters.
+- ``nonfinite_guard`` (earlier name ``ddp_nonfinite_hook``): a DDP communication hook that flags non-finite
+  buckets before they are reduced (no host sync per bucket) and, once per backward, makes every rank take the
+  same decision ("raise", "skip", "warn"): from the averaged buckets, identical on every rank, and, only when
+  they hold NaN/Inf, one small all-reduce of the flags to name the ranks and parameters. For FSDP2 the same
+  guard wraps the reduce-scatter (``_fsdp_guard``).
 
 No ``from __future__ import annotations`` here: DDP's ``register_comm_hook`` compares the hook's annotations
 with the real ``dist.GradBucket`` and ``Future[Tensor]`` objects, not strings.
@@ -30,7 +31,8 @@ from torch.utils._pytree import tree_flatten
 from gradwise._report import Finding, Report, is_received
 from gradwise._strong_zeros import _register
 
-__all__ = ["NonfiniteGradientError", "NonfiniteGuard", "SkipNonfiniteStep", "ddp_nonfinite_hook", "gather_reports"]
+__all__ = ["NonfiniteGradientError", "NonfiniteGuard", "SkipNonfiniteStep", "ddp_nonfinite_hook", "gather_reports",
+           "nonfinite_guard"]
 
 POLICIES = ("raise", "skip", "warn")
 # DDP checks a hook's annotation against the real class; builds without torch.distributed have none
@@ -163,30 +165,41 @@ def gather_reports(report: Report, dst: int = 0, group: Any = None) -> Report | 
 
 
 class NonfiniteGradientError(RuntimeError):
-    """Raised on every rank by ``ddp_nonfinite_hook(policy="raise")`` when a bucket held NaN/Inf before the
-    all-reduce. ``.bad`` lists ``(rank, [parameter names])`` for every offending rank and bucket."""
+    """Raised on every rank by ``gw.nonfinite_guard(model, policy="raise")`` when gradients held NaN/Inf before
+    the all-reduce (DDP) or reduce-scatter (FSDP2). ``.bad`` lists ``(rank, [parameter names])`` for every
+    offending rank and bucket."""
 
     def __init__(self, message: str, bad: list[tuple[int, list[str]]]):
         super().__init__(message)
         self.bad = bad
 
 
+def _check_model(model: object) -> None:
+    """Refuse, with the fix, a model that is neither DDP nor FSDP2."""
+    from gradwise._fsdp_guard import is_fsdp2
+
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) or is_fsdp2(model):
+        return
+    fsdp = type(model).__name__.startswith(("FullyShardedDataParallel", "FSDP"))
+    raise TypeError(
+        "gw.nonfinite_guard(model, ...): model must be a DistributedDataParallel module or a module that "
+        f"torch.distributed.fsdp.fully_shard (FSDP2) was applied to, got {type(model).__name__}"
+        + (". FSDP1 (FullyShardedDataParallel) is not supported: use fully_shard (FSDP2); "
+           "gw.strong_zeros() and gw.trace() do work under FSDP1" if fsdp else ""))
+
+
 class NonfiniteGuard:
-    """The state of ``ddp_nonfinite_hook``: per-bucket non-finite flags of the current backward (device
+    """The state of ``gw.nonfinite_guard`` on a DDP model: per-bucket non-finite flags of the current backward (device
     tensors, never read on the host one by one), the averaged buckets, and the decision all ranks took after
-    the last synchronised backward. Create it with ``gw.ddp_nonfinite_hook``."""
+    the last synchronised backward. Create it with ``gw.nonfinite_guard``."""
 
     def __init__(self, model: torch.nn.parallel.DistributedDataParallel, policy: str, process_group: Any = None):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        _check_model(model)
         if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            fsdp = type(model).__name__.startswith(("FullyShardedDataParallel", "FSDP"))
-            raise TypeError(
-                "gw.ddp_nonfinite_hook(model, ...): model must be the DistributedDataParallel module (the hook is "
-                f"a DDP bucket communication hook), got {type(model).__name__}"
-                + (". FSDP is not supported: FSDP2 (fully_shard) has no communication hook and FSDP1's hook gets "
-                   "gradient shards, not DDP buckets; gw.strong_zeros() and gw.trace() do work under FSDP"
-                   if fsdp else ""))
+            raise TypeError("NonfiniteGuard is DDP's guard; create the guard of an FSDP2 model with "
+                            "gw.nonfinite_guard(model, policy=...)")
         self.policy = policy
         self.process_group = process_group
         group = process_group if process_group is not None else dist.group.WORLD
@@ -236,18 +249,23 @@ class NonfiniteGuard:
         self.bad = [(self._global[r], [self._names.get(id(p), f"<parameter {tuple(p.shape)}>")
                                        for p in self._params[b]])
                     for r, row in enumerate(table.tolist()) for b, flag in enumerate(row) if flag]
-        self.nonfinite_steps += 1
-        self._skip = self.policy == "skip"
-        per_rank: dict[int, list[str]] = {}
-        for r, names in self.bad:
-            per_rank.setdefault(r, []).extend(names)
-        where = "; ".join(f"rank {r}: {', '.join(names)}" for r, names in per_rank.items()) or \
-            "every rank's own gradients were finite: their sum overflowed"
-        message = f"gradwise: NaN/Inf gradients before the all-reduce ({where})"
-        if self.policy == "raise":
-            raise NonfiniteGradientError(message + ". Every rank raises this error.", self.bad)
-        if self.policy == "warn":
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        _conclude(self, "before the all-reduce", "their sum overflowed")
+
+
+def _conclude(guard: Any, where_from: str, overflow: str) -> None:
+    """The policy, applied alike by every rank once ``guard.bad`` (the same on every rank) is known."""
+    guard.nonfinite_steps += 1
+    guard._skip = guard.policy == "skip"
+    per_rank: dict[int, list[str]] = {}
+    for r, names in guard.bad:
+        per_rank.setdefault(r, []).extend(names)
+    where = "; ".join(f"rank {r}: {', '.join(names)}" for r, names in per_rank.items()) or \
+        f"every rank's own gradients were finite: {overflow}"
+    message = f"gradwise: NaN/Inf gradients {where_from} ({where})"
+    if guard.policy == "raise":
+        raise NonfiniteGradientError(message + ". Every rank raises this error.", guard.bad)
+    if guard.policy == "warn":
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _nonfinite_hook(state: NonfiniteGuard, bucket: _GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -268,36 +286,55 @@ def _nonfinite_hook(state: NonfiniteGuard, bucket: _GradBucket) -> torch.futures
     return fut
 
 
-def ddp_nonfinite_hook(model: torch.nn.parallel.DistributedDataParallel, policy: str = "raise", *,
-                       process_group: Any = None, register: bool = True) -> NonfiniteGuard:
-    """Guard DDP's gradient all-reduce against NaN/Inf, with the same decision on every rank.
+def nonfinite_guard(model: torch.nn.Module, policy: str = "raise", *, process_group: Any = None,
+                    register: bool = True) -> Any:
+    """Guard data-parallel gradient reduction against NaN/Inf, with the same decision on every rank.
 
-    Registers (through ``model.register_comm_hook``) a communication hook that averages each bucket like
-    DDP's default and flags, on the device, whether it held NaN/Inf *before* the all-reduce. When the
-    backward ends, every rank checks the averaged buckets (identical on every rank, and non-finite exactly
-    when some rank's were); only then does one all-reduce of the flags tell every rank which rank and which
-    parameters had NaN/Inf:
+    ``model`` is a ``DistributedDataParallel`` module or a module ``fully_shard`` (FSDP2) was applied to. The
+    guard watches the reduction through the wrapper's own hook (DDP: a communication hook; FSDP2: its
+    reduce-scatter, wrapped) and flags, on the device, whether the gradients held NaN/Inf *before* the
+    reduction (no host read per bucket). When the backward ends, every rank takes the same decision:
 
     - ``"raise"``: every rank raises ``gw.NonfiniteGradientError`` naming the ranks and parameters;
     - ``"skip"``: ``guard.should_skip()`` is True on every rank; wrap the optimizer in
       ``gw.SkipNonfiniteStep(optimizer, guard)`` so that all ranks skip the step together;
     - ``"warn"``: every rank warns (``RuntimeWarning``) and training goes on.
 
-    Cost on finite data: two min/max passes per bucket (before and after the reduction, no host read) and
-    one host read per backward; no extra collective. ``register=False`` returns the guard without
-    registering: then call ``model.register_comm_hook(guard, guard.hook)`` yourself.
+    Cost on finite data: two min/max passes per bucket and one host read per backward; DDP needs no extra
+    collective (its averaged buckets are the same on every rank), FSDP2 one tiny all-reduce of the flags per
+    backward (its reduced shards differ from rank to rank). ``register=False`` (DDP only) returns the guard
+    without registering: then call ``model.register_comm_hook(guard, guard.hook)`` yourself.
 
     Example::
 
-        ddp = DistributedDataParallel(model)
-        guard = gw.ddp_nonfinite_hook(ddp, policy="skip")
-        opt = gw.SkipNonfiniteStep(torch.optim.SGD(ddp.parameters(), lr=0.1), guard)
-        loss = ddp(x).mean(); loss.backward(); opt.step()   # every rank skips, or none
+        model = DistributedDataParallel(net)          # or fully_shard(net)
+        guard = gw.nonfinite_guard(model, policy="skip")
+        opt = gw.SkipNonfiniteStep(torch.optim.SGD(model.parameters(), lr=0.1), guard)
+        loss = model(x).mean(); loss.backward(); opt.step()   # every rank skips, or none
     """
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    _check_model(model)
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("gw.nonfinite_guard needs torch.distributed: call it on every rank after "
+                           "torch.distributed.init_process_group(...) and wrapping the model")
+    from gradwise._fsdp_guard import FSDPNonfiniteGuard, is_fsdp2
+
+    if is_fsdp2(model):
+        if not register:
+            raise ValueError("gw.nonfinite_guard: register=False is for DDP's communication hook; an FSDP2 "
+                             "guard is installed in the model's reduce-scatter when it is created")
+        return FSDPNonfiniteGuard(model, policy, process_group)
     guard = NonfiniteGuard(model, policy, process_group)
     if register:
         model.register_comm_hook(guard, _nonfinite_hook)
     return guard
+
+
+def ddp_nonfinite_hook(model: torch.nn.Module, policy: str = "raise", *, process_group: Any = None,
+                       register: bool = True) -> Any:
+    """The earlier name of ``gw.nonfinite_guard`` (same arguments, same result, DDP and FSDP2 alike)."""
+    return nonfinite_guard(model, policy, process_group=process_group, register=register)
 
 
 NonfiniteGuard.hook = staticmethod(_nonfinite_hook)  # for register=False: model.register_comm_hook(g, g.hook)

@@ -1,0 +1,134 @@
+"""``gw.nonfinite_guard`` for FSDP2 (``torch.distributed.fsdp.fully_shard``): the same decision on every rank.
+
+FSDP2 has no DDP-style communication hook; it lets a module replace its reduce-scatter
+(``FSDPModule.set_custom_reduce_scatter``). The guard's reduce-scatter wraps the one FSDP would have used and,
+around it, takes the min and max of its input (this rank's unsharded gradients, before the reduction) and of
+its output (this rank's reduced shard): on the device, no host read per bucket. Unlike DDP's averaged buckets,
+the reduced shards differ from rank to rank (a NaN in rank 1's gradient lands in the shard of whichever rank
+owns that element), so the decision needs one collective per backward: when the backward ends, one
+all-reduce of a small (world x reduce-scatters) table of flags, read once on the host, identical on every
+rank. That all-reduce runs on every rank whatever the data, so an asymmetric NaN cannot leave a rank waiting.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gradwise._distributed import POLICIES, _conclude
+
+__all__ = ["FSDPNonfiniteGuard", "is_fsdp2"]
+
+
+def is_fsdp2(model: object) -> bool:
+    """True for a module that ``fully_shard`` was applied to (its class is then an ``FSDPModule``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
+
+
+class _GuardedReduceScatter:
+    """Stands in for one FSDP parameter group's reduce-scatter: flags before and after, then the original."""
+
+    def __init__(self, guard: FSDPNonfiniteGuard, inner: Any, group: Any):
+        self.guard, self.inner, self.group = guard, inner, group
+
+    def allocate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.inner.allocate(*args, **kwargs)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any, op: Any,
+                 async_op: bool = False) -> Any:
+        guard = self.guard
+        if not guard._queued:  # the first reduce-scatter of this backward
+            guard._begin()
+            guard._queued = True
+            # FSDP queued its own end-of-backward callback from its pre-backward hook, before any
+            # reduce-scatter: this one runs after it, once FSDP has issued and waited for every reduce-scatter
+            torch.autograd.Variable._execution_engine.queue_callback(guard._decide)
+        guard._before.append(torch.stack(torch.aminmax(input_tensor.detach())))
+        work = self.inner(output_tensor=output_tensor, input_tensor=input_tensor, group=group, op=op,
+                          async_op=async_op)
+        if async_op and work is not None:  # FSDP calls it synchronously (stream-ordered); an async caller: wait
+            work.wait()
+        guard._after.append(torch.stack(torch.aminmax(output_tensor.detach())))
+        guard._groups.append(self.group)
+        return work
+
+
+class FSDPNonfiniteGuard:
+    """The state of ``gw.nonfinite_guard`` on an FSDP2 model: the flags of the current backward (device tensors)
+    and the decision every rank took after the last backward that reduce-scattered. ``should_skip()``,
+    ``bad``, ``steps`` and ``nonfinite_steps`` mean what they mean for DDP's guard."""
+
+    def __init__(self, model: torch.nn.Module, policy: str, process_group: Any = None):
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        self.policy = policy
+        self.process_group = process_group
+        group = process_group if process_group is not None else dist.group.WORLD
+        self._group_rank = dist.get_rank(group)
+        self._world = dist.get_world_size(group)
+        self._global = [dist.get_global_rank(group, r) for r in range(self._world)] \
+            if process_group is not None else list(range(self._world))
+        self._before: list[torch.Tensor] = []
+        self._after: list[torch.Tensor] = []
+        self._groups: list[Any] = []  # the FSDP parameter group of each reduce-scatter (for the names)
+        self._queued = False
+        self._skip = False
+        self.bad: list[tuple[int, list[str]]] = []
+        self.steps = 0
+        self.nonfinite_steps = 0
+        from torch.distributed.fsdp import FSDPModule
+
+        installed = 0
+        for module in model.modules():
+            if not isinstance(module, FSDPModule):
+                continue
+            for param_group in module._get_fsdp_state()._fsdp_param_groups:
+                size = getattr(param_group.mesh_info, "shard_mesh_size", 1)
+                if size < 2:
+                    raise ValueError(
+                        "gw.nonfinite_guard: this FSDP2 mesh shards over one rank, so FSDP runs no "
+                        "reduce-scatter for the guard to watch; check the gradients directly "
+                        "(all(p.grad.isfinite().all() for p in model.parameters())) or shard over 2+ ranks")
+                # FSDP's own (default, process-group-allocated or symmetric-memory) reduce-scatter is kept
+                # inside ours: private attribute, since FSDPModule has a setter but no getter
+                param_group._reduce_scatter_comm = _GuardedReduceScatter(self, param_group._reduce_scatter_comm,
+                                                                         param_group)
+                installed += 1
+        if not installed:
+            raise ValueError("gw.nonfinite_guard: the FSDP2 model has no parameter to shard (no fully_shard "
+                             "module owns a parameter)")
+
+    def should_skip(self) -> bool:
+        """True when the last backward had NaN/Inf on some rank (the same answer on every rank)."""
+        return self._skip
+
+    def _begin(self) -> None:
+        self._before, self._after, self._groups, self._skip, self.bad = [], [], [], False, []
+
+    def _decide(self) -> None:
+        """Once per backward, after FSDP's own end-of-backward callback: one all-reduce of the flags (every
+        rank, every backward that reduce-scattered), one host read."""
+        self._queued = False
+        self.steps += 1
+        before = (~torch.stack(self._before).float().isfinite()).any(-1).float()
+        after = (~torch.stack(self._after).float().isfinite()).any(-1).float()
+        table = torch.zeros(self._world, 2, len(self._before), device=before.device)
+        table[self._group_rank, 0] = before
+        table[self._group_rank, 1] = after
+        dist.all_reduce(table, group=self.process_group)
+        rows = table.tolist()
+        if not any(any(row[0]) or any(row[1]) for row in rows):
+            return
+        self.bad = [(self._global[r], _names(self._groups[b]))
+                    for r, row in enumerate(rows) for b, flag in enumerate(row[0]) if flag]
+        _conclude(self, "before the reduce-scatter", "their sum overflowed in the reduce-scatter")
+
+
+def _names(param_group: Any) -> list[str]:
+    return [fp._param_fqn or fp._module_info.param_name for fp in param_group.fsdp_params]
