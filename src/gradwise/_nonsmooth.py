@@ -34,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from gradwise import _nonsmooth_contexts as _ctx
 from gradwise._masks import mask_any
 
 aten = torch.ops.aten
@@ -1654,12 +1655,23 @@ class _KinkWatch(TorchDispatchMode):
         return out
 
 
+def _kink_free_call(func, args: tuple, kwargs: dict) -> tuple | None:
+    """(``func(*args, **kwargs)``,) if the call reaches no aten op that has kinks, else None."""
+    if func in _SMOOTH_CALLS:
+        return (func(*args, **kwargs),)
+    watch = _KinkWatch()
+    watch.hit = ""  # only record whether a kink op is reached
+    with watch:
+        out = func(*args, **kwargs)
+    return None if watch.kinky else (out,)
+
+
 def _no_forward_ad_is_an_error(func, args: tuple, kwargs: dict):
     """``func(*args, **kwargs)``; PyTorch's "forward AD not implemented" becomes a NonsmoothError naming the call."""
     try:
         return func(*args, **kwargs)
     except NotImplementedError as e:
-        if "forward AD" not in str(e):
+        if "forward AD" not in str(e) and "forward mode AD" not in str(e):
             raise
         raise NonsmoothError(f"{_callable_name(func)} (called at {_user_line()}) has no forward-mode derivative in "
                              "PyTorch, which gradwise needs to follow a direction through it. PyTorch said: "
@@ -1734,6 +1746,20 @@ class _Stop(Exception):
     """Raised by the mode once the pass has gone past the last kink it needs."""
 
 
+class _Diverged(Exception):
+    """Raised by the mode when a pass leaves the path of the pass it must follow (f branches on grad mode)."""
+
+
+def _flat_tensors(values) -> list[Tensor]:
+    out = []
+    for v in values:
+        if isinstance(v, Tensor):
+            out.append(v)
+        elif type(v) in (list, tuple):
+            out.extend(_flat_tensors(v))
+    return out
+
+
 class _KinkMode(TorchFunctionMode):
     """Routes kink ops that depend on the inputs to their rules; swaps closure-captured inputs for ours.
 
@@ -1750,6 +1776,9 @@ class _KinkMode(TorchFunctionMode):
         self.run, self.subs, self.positions, self.involved = run, subs, positions, involved
         self.strip_after, self.stop_after = strip_after, stop_after
         self.count, self.used, self.last_tie, self.used_at_tie = 0, set(), -1, set()
+        # trail: the callables of this pass in order; expect: an earlier pass's trail that this one must follow
+        # (the ranked pass locks the probe's kinks by call count: a pass taking another path diverges)
+        self.depth, self.trail, self.expect = 0, [], None
 
     def _sub(self, a):
         if isinstance(a, Tensor):
@@ -1768,9 +1797,38 @@ class _KinkMode(TorchFunctionMode):
         self.count += 1
         if self.stop_after is not None and self.count > self.stop_after:
             raise _Stop
+        if self.expect is not None and (self.count > len(self.expect) or self.expect[self.count - 1] is not func):
+            raise _Diverged
+        self.trail.append(func)
         args = tuple(self._sub(a) for a in args)
         if kwargs:
             kwargs = {k: self._sub(v) for k, v in kwargs.items()}
+        self.depth += 1
+        try:
+            return self._dispatch(func, args, kwargs)
+        finally:
+            self.depth -= 1
+
+    def _dispatch(self, func, args, kwargs):
+        everything = (*args, *kwargs.values())
+        if _ctx.transforms_active() and any(map(self.involved, map(_ctx.unwrapped, _flat_tensors(everything)))):
+            out = None if func in _ROUTES or func in UNRULED else _kink_free_call(func, args, kwargs)
+            if out is None:
+                raise NonsmoothError(f"{_callable_name(func)} (called at {_user_line()}) runs inside a torch.func "
+                                     "transform (grad, vmap, jacrev ...) within f: gradwise cannot follow tangents "
+                                     "or lock kinks through its wrapped tensors. Call the function without the "
+                                     "transform")
+            return out[0]
+        if func in _ctx.REVERSE_CALLS and self.run.kinks:
+            raise NonsmoothError(f"f runs a reverse pass ({_callable_name(func)} at {_user_line()}; "
+                                 "torch.autograd.functional.jacobian/hessian do too) after hitting a kink "
+                                 f"({self.run.kinks[0].describe()}): that derivative is PyTorch's convention at "
+                                 "the kink, so f's value is. Differentiate with gradwise instead (gw.generalized_grad "
+                                 "inside f, or gw.directional_derivative)")
+        if _ctx.is_custom_op(func) and any(map(self.involved, everything)):
+            out = func(*args, **kwargs)
+            _ctx.check_custom_op(func, _callable_name(func), _user_line(), args, kwargs, out, self.dual)
+            return out
         rule = _ROUTES.get(func)
         if rule is None and func not in UNRULED:
             jvp = _JVP_ROUTES.get(func) if self.dual else None
@@ -1817,9 +1875,10 @@ def _as_inputs(inputs, what: str = "inputs") -> tuple[tuple[Tensor, ...], bool]:
         if not isinstance(x, Tensor):
             raise TypeError(f"{what}[{i}] is a {type(x).__name__}, not a torch.Tensor; pass tensors "
                             "(e.g. torch.tensor(...))")
-        if not (x.is_floating_point()):
+        if not (x.is_floating_point() or x.is_complex()):
             raise TypeError(f"{what}[{i}] has dtype {x.dtype}; derivatives need a real floating dtype: "
                             f"convert it with .double() or .float()")
+    _ctx.check_input_values(xs, what)
     return tuple(xs), single
 
 
@@ -1836,24 +1895,32 @@ def _outputs(out) -> list[Tensor]:
 
 
 def _run(f, xs, single, directions, run: _Run, requires_grad: bool, strip_after: int | None = None,
-         stop_after: int | None = None, detect: bool = False):
+         stop_after: int | None = None, detect: bool = False, expect: list | None = None):
     """One pass of f at xs with tangents ``directions`` (None: a tangent-free detection pass, or no tangent
     for that input). ``detect``: rules also see arguments that only require grad (tangents stripped after
-    ``strip_after``). Returns (output, [(primal, tangent)] per output, leaves, mode)."""
+    ``strip_after``). ``expect``: the trail of calls this pass must follow (else `_Diverged`). Returns (output,
+    [(primal, tangent)] per output, leaves, mode)."""
     leaves = tuple(x.detach().requires_grad_(requires_grad) for x in xs)
     dual = directions is not None
-    with fwAD.dual_level(), torch.enable_grad() if requires_grad else torch.no_grad():
+    with _ctx.pass_context(), fwAD.dual_level(), torch.enable_grad() if requires_grad else torch.no_grad():
         args = tuple(x if not dual or d is None else fwAD.make_dual(x, d.to(x.dtype))
                      for x, d in zip(leaves, directions or [None] * len(xs), strict=True))
         positions = {id(t): i for ts in (xs, leaves, args) for i, t in enumerate(ts)}
         subs = {id(x): a for x, a in zip(xs, args, strict=True)}
         involved = (lambda a: _needs_grad(a) or _is_dual(a)) if detect else _is_dual if dual else _needs_grad
         mode = _KinkMode(run, subs, positions, involved, strip_after, stop_after, dual)
+        mode.expect = expect
+        watch = _ctx.opaque_watch(mode, _KINKY_BY_NAME, _user_line)
         try:
-            with mode:
+            with mode, watch:
                 out = _call(f, args, single)
         except _Stop:
+            watch.check()
             return None, [], leaves, mode
+        except Exception:
+            watch.check()
+            raise
+        watch.check()
         primals = [fwAD.unpack_dual(o) for o in _outputs(out)]
     return out, primals, leaves, mode
 
@@ -2001,26 +2068,41 @@ def _locked_grad(f, xs, single, seed, run_kw=None):
     if probe.kinks and d is None:
         d, gen = _random_direction(xs, seed)
     if probe.kinks and not lockable:
-        d = tuple(v if i in mode.used_at_tie else None for i, v in enumerate(d))
-        probe, (_, primals, leaves, _) = _lex_passes(f, xs, single, d, gen, True, run_kw, strip_after=mode.last_tie)
-        y = _scalar(primals[0][0])
-        _check_no_jump(f, xs, single, probe, [y])
-        if any(k.comparison for k in probe.kinks):  # and along -d: one jumping side is enough to leave no gradient
-            back = _Run(**run_kw)
-            _, opposite, _, _ = _run(f, xs, single, tuple(None if v is None else -v for v in d), back, False)
-            _check_no_jump(f, xs, single, back, [p for p, _ in opposite])
-    elif not all(k.tangent for k in probe.kinks):
+        return _full_pass_grad(f, xs, single, d, gen, run_kw, mode.used_at_tie, mode.last_tie)
+    if not all(k.tangent for k in probe.kinks):
         ranked = _Run(**run_kw)
         ranked.known = {}
         for k in probe.kinks:
             ranked.known.setdefault(k.call[0], []).append(k)
-        d = tuple(v if i in mode.used_at_tie else None for i, v in enumerate(d))
-        _run(f, xs, single, d, ranked, False, stop_after=mode.last_tie)
-        choices = {k.call: k.choice for k in ranked.kinks}
+        dr = tuple(v if i in mode.used_at_tie else None for i, v in enumerate(d))
+        try:
+            _run(f, xs, single, dr, ranked, False, stop_after=mode.last_tie, expect=mode.trail)
+        except _Diverged:  # f took another path without gradients (hooks, checkpoints ...): one full pass
+            return _full_pass_grad(f, xs, single, d, gen, run_kw, mode.used_at_tie, None)
+        choices = {k.call: k for k in ranked.kinks}
+        if any(k.call not in choices or choices[k.call].op != k.op or not torch.equal(choices[k.call].cand, k.cand)
+               for k in probe.kinks):
+            return _full_pass_grad(f, xs, single, d, gen, run_kw, mode.used_at_tie, None)
         for k in probe.kinks:
-            if k.call in choices:
-                k.write(choices[k.call])
-                k.choice = choices[k.call]
+            k.write(choices[k.call].choice)
+            k.choice = choices[k.call].choice
+    _ctx.check_functions(y, _user_line())
+    return _grads(y, leaves, xs), probe, y.detach()
+
+
+def _full_pass_grad(f, xs, single, d, gen, run_kw, used: set[int], strip_after: int | None):
+    """A generalized gradient from one pass along ``d`` (restricted to the ``used`` inputs) that ranks every tie as
+    it goes and keeps its own graph: for kinks whose lock is more than a saved index (comparisons, norms at 0), and
+    for f whose passes take different paths with and without gradients."""
+    d = tuple(v if i in used else None for i, v in enumerate(d))
+    probe, (_, primals, leaves, _) = _lex_passes(f, xs, single, d, gen, True, run_kw, strip_after=strip_after)
+    y = _scalar(primals[0][0])
+    _check_no_jump(f, xs, single, probe, [y])
+    if any(k.comparison for k in probe.kinks):  # and along -d: one jumping side is enough to leave no gradient
+        back = _Run(**run_kw)
+        _, opposite, _, _ = _run(f, xs, single, tuple(None if v is None else -v for v in d), back, False)
+        _check_no_jump(f, xs, single, back, [p for p, _ in opposite])
+    _ctx.check_functions(y, _user_line())
     return _grads(y, leaves, xs), probe, y.detach()
 
 
