@@ -134,7 +134,7 @@ def is_custom_op(func) -> bool:
     """A ``torch.ops`` overload outside aten/prims: an opaque kernel for gradwise."""
     if not isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
         return False
-    return func.namespace not in ("aten", "prims", "prim", "_c10d_functional", "c10d_functional")
+    return str(func).split(".")[0] not in ("aten", "prims", "prim", "_c10d_functional", "c10d_functional")
 
 
 def _float_tensors(tree) -> list[torch.Tensor]:
@@ -302,7 +302,7 @@ def check_input_values(xs, what: str = "inputs") -> None:
             raise TypeError(f"{what}[{i}] is a meta tensor (no values): kinks depend on values; pass a tensor with "
                             "data")
         if x.is_complex():
-            raise TypeError(f"{what}[{i}] is complex ({x.dtype}); gradwise differentiates real inputs: pass "
+            raise TypeError(f"{what}[{i}] is complex ({x.dtype}); derivatives need a real floating dtype: pass "
                             "torch.view_as_real(x) and rebuild the complex value inside f")
         if x.numel() and not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
