@@ -586,8 +586,6 @@ UNROUTED_AT_KINKS = {
     "quantile": (lambda x: torch.quantile(x, 0.5), _T(1.0, 1.0, 1.0, 1.0), "quantile .* aten.sort"),
     "eigvalsh": (lambda x: torch.linalg.eigvalsh(torch.diag(x))[-1], _T(1.0, 1.0), "eigvalsh .* aten._linalg_eigh"),
     "renorm": (lambda x: torch.renorm(x.reshape(1, 2), 2, 0, 1.0).sum(), _T(0.6, 0.8), "renorm .* aten.renorm"),
-    "aten_relu": (lambda x: torch.ops.aten.relu(x).sum(), _T(0.0, 1.0), "aten.relu .* aten.relu"),
-    "aten_maximum": (lambda x: torch.ops.aten.maximum(x[0], x[1]), _T(2.0, 2.0), "aten.maximum"),
     "aten_relu_in_place": (lambda x: torch.ops.aten.relu_(x * 1).sum(), _T(0.0, 1.0), "aten.relu_"),
     "cosine_embedding_margin": (lambda x: F.cosine_embedding_loss(x[:2].reshape(1, 2), x[2:].reshape(1, 2),
                                                                    torch.tensor([-1.0]), margin=0.0),

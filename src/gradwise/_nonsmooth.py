@@ -1456,6 +1456,26 @@ def smooth_l1_loss(run, func, input, target, size_average=None, reduce=None, red
     return func(input, target, size_average, reduce, reduction, beta)
 
 
+# aten overloads called directly (graphs from torch.export, torch.fx, torch.ops.aten.*): the rules whose signature
+# is the aten schema's. Other aten kink ops go through the watch (an error at their kink).
+_ATEN_ROUTES: dict[object, Callable] = {
+    **{op: KINK_RULES[op] for op in (aten.relu, aten.abs, aten.maximum, aten.minimum, aten.clamp, aten.clamp_min,
+                                     aten.clamp_max, aten.hardtanh, aten.leaky_relu, aten.threshold, aten.sort,
+                                     aten.topk, aten.amax, aten.amin, aten.max, aten.min, aten.kthvalue, aten.median,
+                                     aten.cummax, aten.cummin, aten.argmax, aten.argmin, aten.l1_loss)},
+    aten.max_pool2d: KINK_RULES[aten.max_pool2d_with_indices],
+    aten.max_pool3d: KINK_RULES[aten.max_pool3d_with_indices],
+}
+
+
+def _aten_rule(func) -> Callable | None:
+    """The rule for a directly called aten overload (or packet), if its schema matches the rule's signature."""
+    packet = func.overloadpacket if isinstance(func, torch._ops.OpOverload) else func
+    if func is aten.max_pool2d_with_indices.default or func is aten.max_pool3d_with_indices.default:
+        return lambda run, f, x, *a, **k: KINK_RULES[packet](run, f, x, *a, return_indices=True, **k)
+    return _ATEN_ROUTES.get(packet)
+
+
 # Kinky ops without a rule: a clear error when f reaches one with a direction, never a silent convention.
 for _fn, _op in [(F.fractional_max_pool2d, "aten.fractional_max_pool2d"),
                  (F.fractional_max_pool3d, "aten.fractional_max_pool3d"),
@@ -1830,6 +1850,8 @@ class _KinkMode(TorchFunctionMode):
             _ctx.check_custom_op(func, _callable_name(func), _user_line(), args, kwargs, out, self.dual)
             return out
         rule = _ROUTES.get(func)
+        if rule is None and isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            rule = _aten_rule(func)
         if rule is None and func not in UNRULED:
             jvp = _JVP_ROUTES.get(func) if self.dual else None
             if jvp is not None and any(map(_is_dual, (*args, *kwargs.values()))):
@@ -1917,6 +1939,14 @@ def _run(f, xs, single, directions, run: _Run, requires_grad: bool, strip_after:
         except _Stop:
             watch.check()
             return None, [], leaves, mode
+        except NotImplementedError as e:
+            watch.check()
+            if "custom autograd.Function" not in str(e):
+                raise
+            raise NonsmoothError(f"f (called at {_user_line()}) applies a custom autograd.Function that defines no "
+                                 "jvp: gradwise cannot follow a direction through it nor see a kink inside its "
+                                 "forward. Define its forward-mode derivative (a jvp staticmethod), or write it with "
+                                 "torch ops") from None
         except Exception:
             watch.check()
             raise

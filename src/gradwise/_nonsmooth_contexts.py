@@ -219,12 +219,12 @@ def check_functions(y: torch.Tensor, where: str) -> None:
 
 class _OpaqueWatch(TorchDispatchMode):
     """Sees every aten op of a pass. One that runs outside every call the function mode saw (``seen()`` is
-    False: TorchScript, a C++ extension), takes a tensor that depends on f's inputs and sits at its kink:
-    NonsmoothError. Away from kinks PyTorch's own derivatives of such ops are exact."""
+    False: TorchScript, a C++ extension) and sits at its kink: NonsmoothError (raised by `check` after f returns).
+    Away from kinks PyTorch's own derivatives of such ops are exact."""
 
-    def __init__(self, seen: Callable[[], bool], kinky: dict, where: Callable[[], str], dual: bool):
+    def __init__(self, seen: Callable[[], bool], kinky: dict, where: Callable[[], str]):
         super().__init__()
-        self.seen, self.kinky, self.where, self.dual = seen, kinky, where, dual
+        self.seen, self.kinky, self.where = seen, kinky, where
         self.hit: str | None = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -238,10 +238,9 @@ class _OpaqueWatch(TorchDispatchMode):
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
         test = self.kinky.get(name[:-1] if name.endswith("_") else name)
-        # tangents cannot be read at this level (forward AD's accessors are not dispatchable): in a pass with
-        # tangents every floating argument counts as depending on f's inputs
-        if test is None or not any(isinstance(a, torch.Tensor) and (a.requires_grad or self.dual and (
-                a.is_floating_point())) for a in args):
+        # Whether an argument depends on f's inputs cannot be told here: tangents are not readable at this level,
+        # and TorchScript's differentiable graphs run on detached inputs. Every kink op in unseen code counts.
+        if test is None:
             return out
         if self.hit is None and test(args, kwargs, out):  # raised by `check` (TorchScript would wrap an error)
             self.hit = (f"{func.overloadpacket} runs at its kink in code that gradwise cannot see (TorchScript "
@@ -256,7 +255,7 @@ class _OpaqueWatch(TorchDispatchMode):
 
 
 def opaque_watch(mode, kinky: dict, where: Callable[[], str]) -> _OpaqueWatch:
-    return _OpaqueWatch(lambda: mode.depth > 0, kinky, where, mode.dual)
+    return _OpaqueWatch(lambda: mode.depth > 0, kinky, where)
 
 
 # ------------------------------------------------------------------------------------------------ option checks
