@@ -190,7 +190,7 @@ def composition(ops: list[int], final: int):
     return f
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(st.lists(st.integers(0, len(UNARY) - 1), min_size=1, max_size=4), st.integers(0, len(FINAL) - 1),
        st.lists(st.integers(-1, 1), min_size=3, max_size=3), st.integers(0, 2**16))
 def test_contexts_agree_with_the_plain_function(ops, final, xv, seed):

@@ -1463,6 +1463,7 @@ _ATEN_ROUTES: dict[object, Callable] = {
                                      aten.clamp_max, aten.hardtanh, aten.leaky_relu, aten.threshold, aten.sort,
                                      aten.topk, aten.amax, aten.amin, aten.max, aten.min, aten.kthvalue, aten.median,
                                      aten.cummax, aten.cummin, aten.argmax, aten.argmin, aten.l1_loss)},
+    aten.max_pool1d: KINK_RULES[aten.max_pool1d],
     aten.max_pool2d: KINK_RULES[aten.max_pool2d_with_indices],
     aten.max_pool3d: KINK_RULES[aten.max_pool3d_with_indices],
 }

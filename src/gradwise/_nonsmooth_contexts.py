@@ -235,7 +235,7 @@ class _OpaqueWatch(TorchDispatchMode):
             return self._unseen(func, args, kwargs)
 
     def _unseen(self, func, args, kwargs):
-        out = func(*args, **kwargs)
+        out = func(*_tensor_args(func, args), **kwargs)
         name = func.overloadpacket.__name__
         test = self.kinky.get(name[:-1] if name.endswith("_") else name)
         # Whether an argument depends on f's inputs cannot be told here: tangents are not readable at this level,
@@ -252,6 +252,16 @@ class _OpaqueWatch(TorchDispatchMode):
     def check(self) -> None:
         if self.hit is not None:
             raise_nonsmooth(self.hit)
+
+
+def _tensor_args(func, args: tuple) -> tuple:
+    """TorchScript's wrapped numbers (0-dim tensors made from Python scalars) reach a dispatch mode as Python
+    numbers; an op whose schema wants a Tensor there gets the tensor back."""
+    if all(isinstance(a, torch.Tensor) or not isinstance(a, numbers.Number) for a in args):
+        return args
+    schema = func._schema.arguments
+    return tuple(torch.tensor(a) if isinstance(a, numbers.Number) and i < len(schema) and
+                 isinstance(schema[i].type, torch._C.TensorType) else a for i, a in enumerate(args))
 
 
 def opaque_watch(mode, kinky: dict, where: Callable[[], str]) -> _OpaqueWatch:
