@@ -236,3 +236,63 @@ def test_many_calls_with_hooks_stay_exact():
         assert float(gw.generalized_grad(f, ZERO, seed=0)[0]) == 1.0
     assert math.isfinite(float(gw.generalized_grad(f, ZERO + 1.0, seed=0)[0]))
     assert np.isfinite(float(gw.directional_derivative(f, ZERO, ZERO + 1.0)))
+
+
+# --- inputs and options (point 2) ------------------------------------------------------------------------------
+
+ABS = lambda x: x.abs().sum()
+X2 = torch.zeros(2, dtype=torch.float64)
+BAD_OPTIONS = {
+    "atol_negative": (lambda: gw.stationarity(ABS, X2, atol=-1), r"atol=-1 is out of range: valid range is \[0"),
+    "atol_nan": (lambda: gw.stationarity(ABS, X2, atol=math.nan), r"atol=nan: must be a finite real number"),
+    "samples_negative": (lambda: gw.subdifferential(ABS, X2, samples=-1), r"samples=-1 is out of range"),
+    "samples_zero": (lambda: gw.stationarity(ABS, X2, samples=0), r"samples=0 is out of range: valid range is \[1"),
+    "samples_float": (lambda: gw.subdifferential(ABS, X2, samples=2.5), r"samples=2.5: must be an integer"),
+    "tie_tol_negative": (lambda: gw.subdifferential(ABS, X2, tie_tol=-1), r"tie_tol=-1 is out of range"),
+    "tie_tol_inf": (lambda: gw.stationarity(ABS, X2, tie_tol=math.inf), r"tie_tol=inf: must be a finite"),
+    "near_tol_negative": (lambda: gw.stationarity(ABS, X2, near_tol=-1e-3), r"near_tol=-0.001 is out of range"),
+    "seed_negative": (lambda: gw.generalized_grad(ABS, X2, seed=-3), r"seed=-3 is out of range"),
+    "seed_float": (lambda: gw.generalized_backward(ABS, [X2], seed=0.5), r"seed=0.5: must be an integer"),
+    "eps_zero": (lambda: gw.gradcheck(ABS, X2, eps=0), r"eps=0 is out of range: valid range is \(0"),
+    "gradcheck_atol": (lambda: gw.gradcheck(ABS, X2, atol=-1), r"atol=-1 is out of range"),
+    "nearby_negative": (lambda: gw.gradcheck(ABS, X2, nearby=-1), r"nearby=-1 is out of range"),
+    "nearby_radius_inf": (lambda: gw.gradcheck(ABS, X2, nearby_radius=math.inf), r"nearby_radius=inf: must be"),
+    "kinks_hit_tie_tol": (lambda: gw._nonsmooth.kinks_hit(ABS, X2, tie_tol=math.nan), r"tie_tol=nan"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_OPTIONS))
+def test_options_out_of_range_are_refused(name):
+    call, match = BAD_OPTIONS[name]
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.parametrize("api", ["generalized_grad", "directional_derivative", "subdifferential", "stationarity",
+                                 "gradcheck"])
+@pytest.mark.parametrize("bad", ["nan", "inf", "sparse", "meta", "complex"])
+def test_bad_inputs_are_refused(api, bad):
+    x = {"nan": torch.tensor([math.nan, 0.0], dtype=torch.float64),
+         "inf": torch.tensor([0.0, -math.inf], dtype=torch.float64),
+         "sparse": X2.to_sparse(), "meta": torch.zeros(2, device="meta"),
+         "complex": torch.zeros(2, dtype=torch.complex128)}[bad]
+    call = {"generalized_grad": lambda: gw.generalized_grad(ABS, x),
+            "directional_derivative": lambda: gw.directional_derivative(ABS, x, torch.ones(2, dtype=x.dtype)),
+            "subdifferential": lambda: gw.subdifferential(ABS, x), "stationarity": lambda: gw.stationarity(ABS, x),
+            "gradcheck": lambda: gw.gradcheck(ABS, x)}[api]
+    match = {"nan": "1 NaN/Inf value", "inf": "1 NaN/Inf value", "sparse": "dense", "meta": "meta tensor",
+             "complex": "real floating dtype"}[bad]
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
+
+
+def test_directions_as_nested_sequences():
+    """Directions may be given as (nested) sequences of numbers shaped like the inputs."""
+    f = lambda a, b: (a - b).abs().sum()
+    x = (X2, X2.clone())
+    assert float(gw.directional_derivative(f, x, ((1, 0), (0, -2)))) == 3.0
+    assert float(gw.directional_derivative(ABS, X2, [-1.0, 0.5])) == 1.5
+    with pytest.raises(ValueError, match="a direction must be finite"):
+        gw.directional_derivative(ABS, X2, (math.nan, 0.0))
+    with pytest.raises(TypeError, match="shape"):
+        gw.directional_derivative(ABS, X2, (1.0, 0.0, 0.0))

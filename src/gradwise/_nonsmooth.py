@@ -1989,18 +1989,34 @@ def _unresolved(run: _Run) -> bool:
     return any(k.unresolved and k.comparison for k in run.kinks)
 
 
+def _as_direction(d, x: Tensor):
+    """A nested sequence of numbers shaped like x becomes a tensor of x's dtype; anything else is left as is."""
+    if isinstance(d, Tensor) or not isinstance(d, (tuple, list, int, float)):
+        return d
+    try:
+        t = torch.as_tensor(d, dtype=x.dtype, device=x.device)
+    except (TypeError, ValueError, RuntimeError):
+        return d
+    return t if t.shape == x.shape else d
+
+
 def _check_directions(xs, directions, single):
+    if single and not isinstance(directions, Tensor):
+        whole = _as_direction(directions, xs[0])
+        directions = whole if isinstance(whole, Tensor) else directions
     ds = (directions,) if isinstance(directions, Tensor) and single else directions
     if isinstance(ds, Tensor):
         ds = (ds,)
     if not isinstance(ds, (tuple, list)) or len(ds) != len(xs):
         raise TypeError(f"directions must match inputs: {len(xs)} tensor(s) shaped like the inputs")
+    ds = tuple(_as_direction(d, x) for d, x in zip(ds, xs, strict=True))
     for i, (x, d) in enumerate(zip(xs, ds, strict=True)):
         if not isinstance(d, Tensor) or d.shape != x.shape:
             raise TypeError(f"directions[{i}] must be a tensor of shape {tuple(x.shape)}, got "
                             f"{getattr(d, 'shape', type(d).__name__)}")
         if not d.is_floating_point():
             raise TypeError(f"directions[{i}] has dtype {d.dtype}; use a floating dtype")
+    _ctx.check_input_values(ds, "directions")
     return tuple(ds)
 
 
@@ -2151,6 +2167,7 @@ def generalized_grad(f: Callable, inputs: Tensor | tuple[Tensor, ...], *,
     >>> gw.generalized_grad(lambda x: torch.relu(x) - torch.relu(-x), x)
     (tensor(1.),)
     """
+    _ctx.check_int("seed", seed, low=0, high=2**63 - 1, allow_none=True)
     xs, single = _as_inputs(inputs)
     return _locked_grad(f, xs, single, seed)[0]
 
@@ -2168,6 +2185,7 @@ def generalized_backward(f: Callable, inputs, *, seed: int | None = None) -> Ten
     >>> model[0].weight.grad.shape
     torch.Size([1, 2])
     """
+    _ctx.check_int("seed", seed, low=0, high=2**63 - 1, allow_none=True)
     xs, single = _as_inputs(tuple(inputs) if not isinstance(inputs, Tensor) else inputs)
     grads, _, value = _locked_grad(f, xs, single, seed)
     for x, g in zip(xs, grads, strict=True):
@@ -2180,6 +2198,9 @@ def kinks_hit(f: Callable, inputs, *, seed: int | None = 0, tie_tol: float = 0.0
     """The kinks f hits at ``inputs`` and the near-ties within near_tol. With ``tangents`` (one run along a
     random direction) only kinks that depend on the inputs count; without, any tie on a tensor that requires
     grad does (for f with custom autograd Functions lacking a ``jvp``)."""
+    _ctx.check_int("seed", seed, low=0, high=2**63 - 1, allow_none=True)
+    _ctx.check_real("tie_tol", tie_tol, low=0.0)
+    _ctx.check_real("near_tol", near_tol, low=0.0, allow_none=True)
     xs, single = _as_inputs(inputs)
     run = _Run(tie_tol=tie_tol, near_tol=near_tol)
     _run(f, xs, single, _random_direction(xs, seed)[0] if tangents else None, run, not tangents)

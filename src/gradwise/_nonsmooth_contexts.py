@@ -277,7 +277,7 @@ def check_real(name: str, value, *, low: float | None = None, high: float | None
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        raise ValueError(f"{name}={value!r}: must be a finite real number" + _range(low, high, low_open))
+        raise ValueError(f"{name}={value!r}: must be a finite real number;" + _range(low, high, low_open))
     v = float(value)
     if (low is not None and (v < low or (low_open and v == low))) or (high is not None and v > high):
         raise ValueError(f"{name}={value!r} is out of range:" + _range(low, high, low_open))
@@ -293,11 +293,11 @@ def check_int(name: str, value, *, low: int, high: int | None = None, allow_none
     """Refuse an option that is not an int in [low, high]."""
     if value is None and allow_none:
         return
+    valid = f"valid range is [{low}, {high}]" if high is not None else f"valid range is [{low}, inf)"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name}={value!r}: must be an integer in [{low}, {high if high is not None else 'inf'})")
+        raise ValueError(f"{name}={value!r}: must be an integer; {valid}")
     if value < low or (high is not None and value > high):
-        raise ValueError(f"{name}={value!r} is out of range: valid range is [{low}, "
-                         f"{high if high is not None else 'inf'}{']' if high is not None else ')'}")
+        raise ValueError(f"{name}={value!r} is out of range: {valid}")
 
 
 def check_input_values(xs, what: str = "inputs") -> None:
@@ -315,6 +315,8 @@ def check_input_values(xs, what: str = "inputs") -> None:
                             "torch.view_as_real(x) and rebuild the complex value inside f")
         if x.numel() and not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
+            if what == "directions":
+                raise ValueError(f"directions[{i}] holds {bad} NaN/Inf value(s): a direction must be finite")
             raise ValueError(f"{what}[{i}] holds {bad} NaN/Inf value(s): there is no derivative at a non-finite "
                              "point, and gradwise does not invent one. Find where they come from (gw.trace) or mask "
                              "them before calling")

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from scipy.optimize import linprog, nnls
 
+from gradwise import _nonsmooth_contexts as _ctx
 from gradwise._nonsmooth import (
     Kink,
     NearKink,
@@ -242,6 +243,10 @@ def subdifferential(f: Callable, inputs, *, samples: int | None = None, seed: in
     >>> bool(sd.min_norm_element()[0].abs().max() < 1e-12)
     True
     """
+    _ctx.check_int("samples", samples, low=1, high=1_000_000, allow_none=True)
+    _ctx.check_int("seed", seed, low=0, high=2**63 - 1 - (samples or 32), allow_none=True)
+    _ctx.check_real("tie_tol", tie_tol, low=0.0)
+    _ctx.check_real("near_tol", near_tol, low=0.0, allow_none=True)
     xs, single = _as_inputs(inputs)
     d, _ = _random_direction(xs, 0 if seed is None else seed)
     probe = _Run(tie_tol=tie_tol, near_tol=near_tol)
@@ -275,6 +280,7 @@ def stationarity(f: Callable, inputs, *, atol: float = 1e-6, samples: int | None
     >>> cert.stationary, cert.min_norm
     (True, 0.0)
     """
+    _ctx.check_real("atol", atol, low=0.0)
     sd = subdifferential(f, inputs, samples=samples, seed=seed, tie_tol=tie_tol, near_tol=near_tol)
     element = sd.min_norm_element()
     norm = float(_flat(element).norm())

@@ -1,0 +1,238 @@
+"""Exact or refuse, wherever f is called from: hooks, compile, checkpoints, TorchScript, export, torch.func,
+custom Functions and custom ops (issue #14, point 1).
+
+References are independent of gradwise: float64 one-sided differences for directional derivatives, gradients at
+random differentiable points next to x (their hull is the subdifferential) for generalized gradients. A context
+either gives what the plain function gives (same seed, same branches) or raises NonsmoothError.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import gradwise as gw
+from gradwise._nonsmooth import NonsmoothError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_nonsmooth import flat, hull_distance, nearby_gradients, one_sided
+
+# TorchScript is deprecated in 2.13 (it warns on use); these tests use it on purpose
+pytestmark = pytest.mark.filterwarnings(r"ignore:.*torch\.jit.*:DeprecationWarning")
+
+ident = lambda x: torch.relu(x) - torch.relu(-x)  # the identity, with two kinks at 0 that cancel
+ZERO = torch.tensor(0.0, dtype=torch.float64)
+
+
+class Fn(nn.Module):
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def forward(self, x):
+        return self.f(x)
+
+
+class Ident(nn.Module):
+    def forward(self, x):
+        return torch.relu(x) - torch.relu(-x)
+
+
+class IdentityWithJvp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+    @staticmethod
+    def jvp(ctx, t):
+        return t.clone()
+
+
+class IdentityNoJvp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+@torch.library.custom_op("gradwise_test::scale2", mutates_args=())
+def scale2(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+def _hooked(f):
+    def g(x):
+        h = x * 1.0
+        if h.requires_grad:  # the usual guard: the program takes another path without gradients
+            h.register_hook(lambda grad: grad)
+        return f(h)
+    return g
+
+
+def _full_backward_hook(f):
+    m = Fn(f)
+    m.register_full_backward_hook(lambda mod, gi, go: None)
+    m.register_forward_hook(lambda mod, i, o: None)
+    m.register_forward_pre_hook(lambda mod, i: None)
+    return m
+
+
+def _traced(f, like):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.trace(Fn(f), like + 0.37, check_trace=False)
+
+
+def _exported(f, like):
+    return torch.export.export(Fn(f), (like + 0.37,)).module()
+
+
+# context -> (wrapper of f given an example input, whether it may refuse instead of answering)
+CONTEXTS = {
+    "tensor_hook": (lambda f, x: _hooked(f), False),
+    "module_hooks": (lambda f, x: _full_backward_hook(f), False),
+    "compile_eager": (lambda f, x: torch.compile(f, backend="eager"), False),
+    "compile_inductor": (lambda f, x: torch.compile(f), False),
+    "checkpoint_reentrant": (lambda f, x: lambda y: checkpoint(f, y, use_reentrant=True), False),
+    "checkpoint": (lambda f, x: lambda y: checkpoint(f, y, use_reentrant=False), False),
+    "export": (lambda f, x: _exported(f, x), False),
+    "function_with_jvp": (lambda f, x: lambda y: f(IdentityWithJvp.apply(y)), False),
+    "jit_trace": (_traced, True),
+    "jit_script": (lambda f, x: torch.jit.script(Ident()) if f is ident else _traced(f, x), True),
+    "function_without_jvp": (lambda f, x: lambda y: f(IdentityNoJvp.apply(y)), True),
+    "custom_op_without_forward_ad": (lambda f, x: lambda y: f(scale2(y) / 2), True),
+    "vmap": (lambda f, x: lambda y: torch.func.vmap(f)(y.unsqueeze(0)).squeeze(0), True),
+    "func_grad": (lambda f, x: lambda y: torch.func.grad_and_value(f)(y)[1], True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONTEXTS))
+def test_identity_written_with_relus(name):
+    """relu(x) - relu(-x) is the identity: its only generalized gradient at 0 is 1, f'(0; -1) = -1, and 0 is not
+    stationary. Every context gives exactly that or refuses."""
+    wrap, may_refuse = CONTEXTS[name]
+    f = wrap(ident, ZERO)
+    try:
+        g = gw.generalized_grad(f, ZERO, seed=0)
+        dd = gw.directional_derivative(f, ZERO, -torch.ones_like(ZERO))
+        cert = gw.stationarity(f, ZERO)
+    except NonsmoothError as e:
+        assert may_refuse, f"{name} refused: {e}"
+        assert "called" in str(e) or "at" in str(e)
+        return
+    assert float(g[0]) == 1.0
+    assert float(dd) == -1.0
+    assert cert.stationary is False and cert.min_norm == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", ["jit_trace", "jit_script", "function_without_jvp", "custom_op_without_forward_ad",
+                                  "vmap", "func_grad"])
+def test_refusals_name_the_way_out(name):
+    wrap, _ = CONTEXTS[name]
+    with pytest.raises(NonsmoothError, match=r"Call the|Define its|Register one|Call the function"):
+        gw.generalized_grad(wrap(ident, ZERO), ZERO, seed=0)
+
+
+def test_opaque_code_away_from_kinks_is_pytorchs():
+    """TorchScript is refused only at a kink: elsewhere its ops are PyTorch's own and exact."""
+    f = CONTEXTS["jit_trace"][0](ident, ZERO)
+    x = torch.tensor(0.5, dtype=torch.float64)
+    assert float(gw.generalized_grad(f, x)[0]) == 1.0
+    assert float(gw.directional_derivative(f, x, torch.tensor(-2.0, dtype=torch.float64))) == -2.0
+
+
+def test_gradwise_inside_a_transform_is_refused():
+    with pytest.raises(NonsmoothError, match="inside a torch.func transform"):
+        torch.func.vmap(lambda y: gw.generalized_grad(ident, y)[0])(torch.zeros(2))
+
+
+def test_reverse_pass_inside_f_after_a_kink_is_refused():
+    f = lambda x: torch.autograd.functional.jacobian(lambda y: ident(y) ** 2 / 2, x, create_graph=True)
+    with pytest.raises(NonsmoothError, match="reverse pass"):
+        gw.generalized_grad(f, ZERO)
+    with pytest.raises(NonsmoothError, match="reverse pass"):
+        gw.generalized_grad(lambda x: torch.autograd.grad(torch.relu(x), x, create_graph=True)[0] * x, ZERO)
+
+
+# --- property: random compositions of kink ops, in every context ---------------------------------------------
+
+W = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+UNARY = [torch.relu, torch.abs, lambda v: torch.clamp(v, -1.0, 1.0), lambda v: F.leaky_relu(v, 0.1),
+         lambda v: v - v.flip(0) * 0.5, lambda v: 2 * v - 1, lambda v: torch.sort(v).values,
+         lambda v: torch.maximum(v, v.flip(0)), lambda v: torch.minimum(v, v.roll(1)), lambda v: v * W]
+FINAL = [lambda v: v.sum(), lambda v: v.amax(), lambda v: v @ W, lambda v: torch.topk(v, 2).values @ W[:2],
+         lambda v: F.max_pool1d(v.reshape(1, 1, 3), 2, 1).sum()]
+
+
+def composition(ops: list[int], final: int):
+    def f(x):
+        v = x
+        for i in ops:
+            v = UNARY[i](v)
+        return FINAL[final](v)
+    return f
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(0, len(UNARY) - 1), min_size=1, max_size=4), st.integers(0, len(FINAL) - 1),
+       st.lists(st.integers(-1, 1), min_size=3, max_size=3), st.integers(0, 2**16))
+def test_contexts_agree_with_the_plain_function(ops, final, xv, seed):
+    """For random compositions at integer points (kinks and ties everywhere), every context's generalized
+    gradient is the plain function's (an element of the subdifferential: checked against nearby gradients) and its
+    directional derivative the one-sided difference; or the context raises NonsmoothError."""
+    f = composition(ops, final)
+    x = torch.tensor(xv, dtype=torch.float64)
+    d = torch.linspace(-1.0, 0.7, 3, dtype=torch.float64)
+    (plain,) = gw.generalized_grad(f, x, seed=seed)
+    assert hull_distance(flat([plain]), nearby_gradients(f, [x], n=150)) < 1e-5
+    ref_dd = one_sided(f, [x], [d])
+    for name, (wrap, may_refuse) in CONTEXTS.items():
+        try:
+            g = gw.generalized_grad(wrap(f, x), x, seed=seed)
+            dd = gw.directional_derivative(wrap(f, x), x, d)
+        except NonsmoothError:
+            assert may_refuse, name
+            continue
+        torch.testing.assert_close(g[0], plain, msg=name)
+        assert float(dd) == pytest.approx(ref_dd, abs=1e-5), name
+
+
+def test_export_graph_of_a_pooling_net_is_exact():
+    """An exported module calls aten overloads directly (max_pool2d, relu): they reach the rules."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 1))
+    x = torch.randint(0, 3, (1, 1, 4, 4)).double()
+    net = net.double()
+    plain = lambda y: net(y).sum()
+    exported = torch.export.export(Fn(plain), (x,)).module()
+    g0 = gw.generalized_grad(plain, x, seed=1)
+    g1 = gw.generalized_grad(exported, x, seed=1)
+    torch.testing.assert_close(g1, g0)
+    assert hull_distance(flat(g0), nearby_gradients(plain, [x], n=100)) < 1e-5
+
+
+def test_many_calls_with_hooks_stay_exact():
+    """The second and later calls on the same code carry tangents in their first pass (a memo per code object):
+    a hook that changes the path must not break them either."""
+    f = _hooked(ident)
+    for _ in range(3):
+        assert float(gw.generalized_grad(f, ZERO, seed=0)[0]) == 1.0
+    assert math.isfinite(float(gw.generalized_grad(f, ZERO + 1.0, seed=0)[0]))
+    assert np.isfinite(float(gw.directional_derivative(f, ZERO, ZERO + 1.0)))
