@@ -50,9 +50,51 @@ def blocky_case():
     return model, nn.functional.interpolate(small, scale_factor=8, mode="nearest"), y  # live ties in pool windows
 
 
+class MirrorMax(nn.Module):
+    """A ReLU MLP whose loss takes ``maximum(h, h.flip(0))``: mirrored rows tie wherever both are relu-dead (and
+    exactly, since h is 0 there), the case of issue #14 (many elementwise ties, none of them a kink)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU())
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.head(torch.maximum(h, h.flip(0)))
+
+
+def mirror_case():
+    torch.manual_seed(0)
+    return MirrorMax(), torch.randn(128, 256), torch.randint(0, 10, (128,))
+
+
+class TopkLoss(nn.Module):
+    """Scores of integer-valued features through a linear layer with integer weights, then a top-k / sort loss:
+    many exact ties among the scores (ties whose order changes the gradient: live)."""
+
+    def __init__(self):
+        super().__init__()
+        self.score = nn.Linear(64, 512)
+        with torch.no_grad():
+            self.score.weight.copy_(torch.randint(-1, 2, self.score.weight.shape).float())
+            self.score.bias.zero_()
+
+    def forward(self, x):
+        s = torch.relu(self.score(x))
+        top = torch.topk(s, 32, dim=1).values
+        ranked = torch.sort(s, dim=1, descending=True).values[:, :64]
+        return top @ torch.linspace(1.0, 0.1, 32) + ranked @ torch.linspace(0.5, 0.0, 64)
+
+
+def topk_case():
+    torch.manual_seed(0)
+    return TopkLoss(), torch.randint(0, 3, (128, 64)).float(), None
+
+
 def ratio_row(name, model, x, y, repeats):
     params = tuple(model.parameters())
-    loss = lambda *p: nn.functional.cross_entropy(model(x), y)
+    loss = (lambda *p: nn.functional.cross_entropy(model(x), y)) if y is not None else (lambda *p: model(x).mean())
     plain = lambda: torch.autograd.grad(loss(), params)
     ours = lambda: gw.generalized_grad(loss, params, seed=0)
     t = median_times({"torch": plain, "gradwise": ours}, repeats=repeats)
@@ -75,11 +117,13 @@ def iou_row():
     return ["stationarity, seed IoU loss (cold / warm)", cold * 1e3, warm * 1e3, "stationary=True"]
 
 
-def main(repeats: int = 15) -> list[list[object]]:
+def main(repeats: int = 15, only: str | None = None) -> list[list[object]]:
 
     rows = [ratio_row("6-layer ReLU MLP (256 wide, batch 128)", *mlp_case(), repeats),
             ratio_row("conv + max-pool, integer images (batch 64)", *conv_case(), repeats),
             ratio_row("conv + max-pool, blocky images: live ties", *blocky_case(), repeats),
+            ratio_row("ReLU MLP, loss through maximum(h, h.flip(0)): dead ties", *mirror_case(), repeats),
+            ratio_row("top-k / sort loss with tied integer scores: live ties", *topk_case(), repeats),
             iou_row()]
     print_table("generalized_grad vs torch.autograd.grad (forward + backward)",
                 ["case", "torch ms (cold ms)", "gradwise ms", "ratio / result"], rows)

@@ -31,6 +31,9 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
+from torch.utils._python_dispatch import _pop_mode as _pop_dispatch_mode
+from torch.utils._python_dispatch import _push_mode as _push_dispatch_mode
 from torch.utils._pytree import tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
 
@@ -294,23 +297,31 @@ def _resolve_sign(run: _Run, op: str, s, tie, **kw):
     return rows, choice, still
 
 
-def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = False, flat: bool = False):
+def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = False, flat: bool = False,
+            skip: Callable | None = None):
     """Elementwise ``pos`` where s > 0, ``neg`` where s < 0; at s == 0 the piece that wins along the direction.
 
     For continuous ops (relu, max, clamp ...) both pieces agree where s == 0, so the tangent there is that of
     the winning piece: the exact one-sided derivative. Ops that ``jumps`` (threshold, hardshrink) have
     different pieces at s == 0: moving to the other piece there is an error, not a derivative. ``flat``: ``neg``
     is a constant that ``pos`` never equals where s > 0 (relu), so the output equals it exactly where it is dead.
+    ``skip(tie)``: the tied elements that are no kink (both sides locally constant and equal), or None.
     """
     sp = _split(s)[0]
     if run.near_tol is not None:
         run.note_near(op, sp.abs())
-    if not _near_zero(sp, run.tie_tol):
+    tie = None
+    if _near_zero(sp, run.tie_tol):
+        tie = sp == 0 if run.tie_tol == 0 else sp.abs() <= run.tie_tol
+        dead = skip(tie) if skip is not None else None
+        if dead is not None:
+            tie = tie & ~dead
+            tie = tie if mask_any(tie) else None
+    if tie is None:
         out = native() if native is not None else torch.where(sp > 0, pos, neg)
         if flat:
             run.mark_flat(out, neg, None)
         return out
-    tie = sp == 0 if run.tie_tol == 0 else sp.abs() <= run.tie_tol
     rows, choice, _ = _resolve_sign(run, op, s, tie)
     lock = (sp > 0) | sp.isnan()  # NaN propagates through pos, as in PyTorch's kernels
     lock.view(-1)[rows] = choice == 0
@@ -364,7 +375,21 @@ def _pair(run, op: str, a, b, larger: bool, native: Callable):
     a, b = _as_tensor(a, like), _as_tensor(b, like)
     if run.near_tol is None and not _near_zero(_split(a)[0] - _split(b)[0], run.tie_tol):
         return native()
-    return _switch(run, op, a - b if larger else b - a, a, b, native)
+    return _switch(run, op, a - b if larger else b - a, a, b, native, skip=lambda tie: _both_dead(run, a, b, tie))
+
+
+def _both_dead(run: _Run, a, b, tie: Tensor) -> Tensor | None:
+    """The tied elements where a and b are both relu-dead (locally the same constant): no kink there."""
+    fa = run.flat_source(a) if isinstance(a, Tensor) and run.tie_tol == 0 else None
+    fb = run.flat_source(b) if fa is not None and isinstance(b, Tensor) else None
+    if fb is None or fa[0] != fb[0]:
+        return None
+    ap = _split(a)[0].detach()
+    dead = tie & (ap == fa[0])  # at a tie b equals a
+    for live in (fa[1], fb[1]):
+        if live is not None:
+            dead &= ~live
+    return dead
 
 
 @kink_rule(aten.maximum, torch.maximum, Tensor.maximum, torch.fmax, Tensor.fmax)
@@ -1628,6 +1653,9 @@ _KINKY[aten._embedding_bag] = _KINKY[aten._embedding_bag_forward_only] = _bag_ma
 _KINKY[aten.scatter_reduce] = _reduce_ties(3, 4, 5)
 _KINKY[aten.index_reduce] = _reduce_ties(3, 4, 5)
 _KINKY_BY_NAME = {op.__name__: test for op, test in _KINKY.items()}
+# In code the mode cannot see (TorchScript), comparisons and amax/amin at ties are kinks too: nothing routes them.
+_UNSEEN_KINKY = {**_KINKY_BY_NAME, **dict.fromkeys(("gt", "ge", "lt", "le", "eq", "ne"), _equal_operands),
+                 **dict.fromkeys(("amax", "amin"), _extreme_ties)}
 # Callables seen to reach no kink op: they run unwatched.
 _SMOOTH_CALLS: set[object] = set()
 
@@ -1750,7 +1778,7 @@ def _needs_grad(a) -> bool:
 _RESHAPES = {Tensor.reshape, Tensor.view, torch.reshape, Tensor.flatten, torch.flatten, Tensor.unsqueeze,
              torch.unsqueeze, Tensor.squeeze, torch.squeeze, Tensor.permute, torch.permute, Tensor.transpose,
              torch.transpose, Tensor.contiguous, Tensor.view_as, Tensor.reshape_as, Tensor.unflatten, Tensor.movedim,
-             torch.movedim}
+             torch.movedim, Tensor.flip, torch.flip, Tensor.roll, torch.roll, Tensor.fliplr, Tensor.flipud}
 
 
 def _keep_flat(run: _Run, func, args, kwargs, out) -> None:
@@ -1799,7 +1827,7 @@ class _KinkMode(TorchFunctionMode):
         self.count, self.used, self.last_tie, self.used_at_tie = 0, set(), -1, set()
         # trail: the callables of this pass in order; expect: an earlier pass's trail that this one must follow
         # (the ranked pass locks the probe's kinks by call count: a pass taking another path diverges)
-        self.depth, self.trail, self.expect = 0, [], None
+        self.depth, self.trail, self.expect, self.watch = 0, [], None, None
 
     def _sub(self, a):
         if isinstance(a, Tensor):
@@ -1825,10 +1853,16 @@ class _KinkMode(TorchFunctionMode):
         if kwargs:
             kwargs = {k: self._sub(v) for k, v in kwargs.items()}
         self.depth += 1
+        # inside a call the mode sees, the dispatch-level watch for unseen ops is off (it costs per aten op)
+        watch = self.watch if self.depth == 1 and _current_dispatch_mode() is self.watch else None
+        if watch is not None:
+            _pop_dispatch_mode()
         try:
             return self._dispatch(func, args, kwargs)
         finally:
             self.depth -= 1
+            if watch is not None:
+                _push_dispatch_mode(watch)
 
     def _dispatch(self, func, args, kwargs):
         everything = (*args, *kwargs.values())
@@ -1933,7 +1967,7 @@ def _run(f, xs, single, directions, run: _Run, requires_grad: bool, strip_after:
         involved = (lambda a: _needs_grad(a) or _is_dual(a)) if detect else _is_dual if dual else _needs_grad
         mode = _KinkMode(run, subs, positions, involved, strip_after, stop_after, dual)
         mode.expect = expect
-        watch = _ctx.opaque_watch(mode, _KINKY_BY_NAME, _user_line)
+        watch = mode.watch = _ctx.opaque_watch(mode, _UNSEEN_KINKY, _user_line)
         try:
             with mode, watch:
                 out = _call(f, args, single)
@@ -1948,8 +1982,13 @@ def _run(f, xs, single, directions, run: _Run, requires_grad: bool, strip_after:
                                  "jvp: gradwise cannot follow a direction through it nor see a kink inside its "
                                  "forward. Define its forward-mode derivative (a jvp staticmethod), or write it with "
                                  "torch ops") from None
-        except Exception:
+        except Exception as e:
             watch.check()
+            if "_fw_primal" in str(e):  # forward AD's Python decompositions called from TorchScript reach the mode
+                raise NonsmoothError(f"f (called at {_user_line()}) runs code that gradwise cannot follow with "
+                                     "tangents (TorchScript from torch.jit.script/trace, whose forward-mode "
+                                     "formulas call back into Python). Call the Python function (the module before "
+                                     "scripting/tracing) instead") from None
             raise
         watch.check()
         primals = [fwAD.unpack_dual(o) for o in _outputs(out)]
