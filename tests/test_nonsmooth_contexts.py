@@ -159,7 +159,7 @@ def test_opaque_code_away_from_kinks_is_pytorchs():
 
 
 def test_gradwise_inside_a_transform_is_refused():
-    with pytest.raises(NonsmoothError, match="inside a torch.func transform"):
+    with pytest.raises(NonsmoothError, match=r"inside a torch\.func transform"):
         torch.func.vmap(lambda y: gw.generalized_grad(ident, y)[0])(torch.zeros(2))
 
 
@@ -296,3 +296,34 @@ def test_directions_as_nested_sequences():
         gw.directional_derivative(ABS, X2, (math.nan, 0.0))
     with pytest.raises(TypeError, match="shape"):
         gw.directional_derivative(ABS, X2, (1.0, 0.0, 0.0))
+
+
+# --- speed-related rules must stay exact ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("xv", [[-1.0, 0.0, -2.0], [-1.0, 2.0, -1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0],
+                                [0.0, -1.0, -3.0], [2.0, 0.0, 2.0], [-1.0, 2.0, -3.0]])
+def test_maximum_of_relu_dead_elements_is_no_kink(xv):
+    """maximum(h, h.flip(0)) with h = relu(.): ties between two relu-dead elements are locally constant (no kink,
+    not ranked); ties touching relu's own kink or live values are ranked. Both agree with nearby gradients."""
+    f = lambda v: (torch.maximum(torch.relu(v), torch.relu(v).flip(0)) * W).sum()
+    x = torch.tensor(xv, dtype=torch.float64)
+    g = gw.generalized_grad(f, x, seed=0)
+    assert hull_distance(flat(g), nearby_gradients(f, [x], n=200)) < 1e-6
+    for d in (torch.tensor([1.0, -0.5, 0.25]), torch.tensor([-1.0, 0.3, 2.0])):
+        d = d.double()
+        assert float(gw.directional_derivative(f, x, d)) == pytest.approx(one_sided(f, [x], [d]), abs=1e-5)
+    dead = [i for i in range(3) if xv[i] < 0 and xv[2 - i] < 0]
+    kinks = gw._nonsmooth.kinks_hit(f, x)[0]
+    if dead and all(v != 0 for v in xv) and xv[0] != xv[2]:
+        assert not kinks
+
+
+def test_sort_candidates_are_the_tied_groups():
+    """Ties of sort/topk in large rows: the ranked order follows the tangents within each tied group only."""
+    x = torch.tensor([[3.0, 1.0, 3.0, 2.0, 1.0, 3.0]], dtype=torch.float64)
+    d = torch.tensor([[0.5, -1.0, 2.0, 7.0, 1.0, -3.0]], dtype=torch.float64)
+    f = lambda v: torch.sort(v, dim=1, descending=True).values @ torch.arange(6.0, 0.0, -1.0, dtype=v.dtype)
+    assert float(gw.directional_derivative(f, x, d)) == pytest.approx(one_sided(f, [x], [d]), abs=1e-5)
+    g = lambda v: torch.topk(v, 2, dim=1).values.sum()
+    assert float(gw.directional_derivative(g, x, d)) == pytest.approx(one_sided(g, [x], [d]), abs=1e-5)

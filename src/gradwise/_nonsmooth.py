@@ -941,14 +941,24 @@ def _ordered(run, op: str, x: Tensor, dim: int, descending: bool, positions: sli
     if tie.any():
         rows = _tied_rows(tie)
         prim = pm.reshape(-1, m)[rows]
-        tied_v = vals.reshape(-1, m)[rows]
-        # candidates: elements whose value equals a value in a tie pair that reaches the positions
-        pair_vals = torch.where(tie_pairs.reshape(-1, hi - lo)[rows], tied_v[:, lo:hi], math.nan)
-        cand = (prim.unsqueeze(-1) == pair_vals.unsqueeze(1)).any(-1)
-        key = tm.reshape(-1, m)[rows] if tm is not None else torch.zeros_like(prim)
-        order, _ = run.resolve(op, "order", cand, key, lambda: xm.reshape(-1, m)[rows], descending, primal=prim)
+        sv = vals.reshape(-1, m)[rows]
+        # candidates: the tie groups (runs of equal sorted values) holding a tie pair that reaches the positions,
+        # found in sorted order by a group id per position (linear in m), then scattered back through perm
+        link = (sv[:, 1:] - sv[:, :-1]).abs() <= run.tie_tol
+        gid = torch.cat([torch.zeros_like(sv[:, :1], dtype=torch.int64), (~link).cumsum(-1)], -1)
+        reach = torch.zeros_like(link)
+        reach[:, lo:hi] = link[:, lo:hi]
+        touched = torch.zeros(sv.shape, dtype=torch.int64, device=sv.device).scatter_add_(
+            1, gid[:, :-1], reach.to(torch.int64))
+        cand = torch.zeros_like(link[:, :1]).expand(-1, m).clone().scatter_(
+            1, perm.reshape(-1, m)[rows], touched.gather(1, gid) > 0)
+        key = tm.reshape(-1, m)[rows] if tm is not None else None
+        # lazy: without any ranking key the stable sort above is the provisional order (the ranked pass writes)
+        order, _ = run.resolve(op, "order", cand, key, lambda: xm.reshape(-1, m)[rows], descending, primal=prim,
+                               lazy=True)
         perm = perm.clone()
-        perm.view(-1, m)[rows] = order
+        if order is not None:
+            perm.view(-1, m)[rows] = order
         run.kinks[-1].write = lambda c: perm.data.view(-1, m).index_put_((rows,), c)
     return xm.gather(-1, perm), perm, dim
 

@@ -108,9 +108,9 @@ def check_entry(name: str, xs) -> None:
     """gradwise's own passes cannot run inside a ``torch.func`` transform (their dual level and mode sit outside
     it); checked when a public function is called."""
     if transforms_active() or any(_functorch.is_functorch_wrapped_tensor(x) for x in xs):
-        raise_nonsmooth(f"gradwise ({name}) was called inside a torch.func transform (grad, vmap, jacrev ...), where its "
-                        "passes of f cannot follow tangents or lock branches. Call it outside the transform (loop "
-                        "over the batch instead of vmap).")
+        raise_nonsmooth(f"gradwise ({name}) was called inside a torch.func transform (grad, vmap, jacrev ...), "
+                        "where its passes of f cannot follow tangents or lock branches. Call it outside the "
+                        "transform (loop over the batch instead of vmap).")
 
 
 def raise_nonsmooth(message: str):
@@ -313,7 +313,9 @@ def check_input_values(xs, what: str = "inputs") -> None:
         if x.is_complex():
             raise TypeError(f"{what}[{i}] is complex ({x.dtype}); derivatives need a real floating dtype: pass "
                             "torch.view_as_real(x) and rebuild the complex value inside f")
-        if x.numel() and not bool(torch.isfinite(x).all()):
+        # one sum decides in the usual case (finite sum: every entry finite); only a non-finite sum (NaN/Inf, or
+        # an overflowing sum of finite values) takes the exact test
+        if x.numel() and not math.isfinite(float(x.detach().sum())) and not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
             if what == "directions":
                 raise ValueError(f"directions[{i}] holds {bad} NaN/Inf value(s): a direction must be finite")
