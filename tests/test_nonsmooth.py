@@ -590,8 +590,6 @@ UNROUTED_AT_KINKS = {
     "cosine_embedding_margin": (lambda x: F.cosine_embedding_loss(x[:2].reshape(1, 2), x[2:].reshape(1, 2),
                                                                    torch.tensor([-1.0]), margin=0.0),
                                 _T(1.0, 0.0, 0.0, 1.0), "cosine_embedding_loss .* aten.clamp_min_"),
-    "scatter_reduce_amax": (lambda x: torch.zeros(1, dtype=x.dtype).scatter_reduce(
-        0, torch.tensor([0, 0]), x, "amax", include_self=False).sum(), _T(1.0, 1.0), "scatter_reduce"),
     "embedding_bag_max": (lambda x: F.embedding_bag(torch.tensor([0, 1]), x.reshape(2, 1), torch.tensor([0]),
                                                    mode="max").sum(), _T(1.0, 1.0), "embedding_bag"),
 }

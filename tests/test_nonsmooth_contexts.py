@@ -327,3 +327,34 @@ def test_sort_candidates_are_the_tied_groups():
     assert float(gw.directional_derivative(f, x, d)) == pytest.approx(one_sided(f, [x], [d]), abs=1e-5)
     g = lambda v: torch.topk(v, 2, dim=1).values.sum()
     assert float(gw.directional_derivative(g, x, d)) == pytest.approx(one_sided(g, [x], [d]), abs=1e-5)
+
+
+# --- kink rules: scatter_reduce / index_reduce with amax / amin (point 3) ----------------------------------------
+
+SCATTER_INDEX = torch.tensor([0, 0, 1, 2, 2, 2])
+
+
+@pytest.mark.filterwarnings("ignore:index_reduce\\(\\) is in beta:UserWarning")
+@pytest.mark.parametrize("op", ["scatter_reduce", "index_reduce"])
+@pytest.mark.parametrize("reduce", ["amax", "amin"])
+@pytest.mark.parametrize("include_self", [True, False])
+def test_scatter_max_min_reductions(op, reduce, include_self):
+    """Ties between scattered elements and the destination's own value: the one-sided derivative along random
+    directions equals float64 one-sided differences; the generalized gradient lies in the hull of nearby gradients
+    (PyTorch splits the gradient among ties: not a generalized gradient in general)."""
+    w = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
+    if op == "scatter_reduce":
+        f = lambda s, d: (torch.scatter_reduce(d, 0, SCATTER_INDEX, s, reduce, include_self=include_self) * w).sum()
+    else:
+        f = lambda s, d: (d.index_reduce(0, SCATTER_INDEX, s, reduce, include_self=include_self) * w).sum()
+    sign = 1.0 if reduce == "amax" else -1.0
+    s = sign * torch.tensor([1.0, 1.0, 2.0, 0.0, 3.0, 3.0], dtype=torch.float64)
+    d = sign * torch.tensor([1.0, 0.0, 3.0], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        dirs = (torch.randn(6, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64))
+        assert float(gw.directional_derivative(f, (s, d), dirs)) == pytest.approx(
+            one_sided(f, [s, d], list(dirs)), abs=1e-5)
+    g = gw.generalized_grad(f, (s, d), seed=1)
+    assert hull_distance(flat(g), nearby_gradients(f, [s, d], n=300)) < 1e-6
+    assert gw.stationarity(f, (s, d)).exact

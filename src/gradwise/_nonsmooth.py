@@ -2254,3 +2254,7 @@ def kinks_hit(f: Callable, inputs, *, seed: int | None = 0, tie_tol: float = 0.0
     run = _Run(tie_tol=tie_tol, near_tol=near_tol)
     _run(f, xs, single, _random_direction(xs, seed)[0] if tangents else None, run, not tangents)
     return run.kinks, run.near
+
+
+# rules in their own modules (they register themselves into KINK_RULES on import)
+from gradwise import _nonsmooth_scatter  # noqa: E402, F401
