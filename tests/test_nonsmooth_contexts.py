@@ -358,3 +358,21 @@ def test_scatter_max_min_reductions(op, reduce, include_self):
     g = gw.generalized_grad(f, (s, d), seed=1)
     assert hull_distance(flat(g), nearby_gradients(f, [s, d], n=300)) < 1e-6
     assert gw.stationarity(f, (s, d)).exact
+
+
+@pytest.mark.parametrize("layout", ["offsets", "2d", "last_offset"])
+def test_embedding_bag_max(layout):
+    """embedding_bag(mode='max') with tied rows in a column: exact one-sided derivatives (PyTorch has no forward
+    mode for it) and a generalized gradient in the hull of nearby gradients."""
+    w = torch.tensor([[1.0, 2.0], [1.0, 0.0], [3.0, 2.0], [0.0, 0.0]], dtype=torch.float64)
+    c = torch.tensor([[1.0, -2.0], [0.5, 3.0]], dtype=torch.float64)
+    kw = {"offsets": dict(input=torch.tensor([0, 1, 2, 3]), offsets=torch.tensor([0, 2])),
+          "2d": dict(input=torch.tensor([[0, 1], [2, 3]])),
+          "last_offset": dict(input=torch.tensor([0, 1, 2, 1]), offsets=torch.tensor([0, 3, 4]),
+                              include_last_offset=True)}[layout]
+    f = lambda v: (F.embedding_bag(weight=v, mode="max", **kw) * c).sum()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        d = torch.randn(w.shape, generator=gen, dtype=torch.float64)
+        assert float(gw.directional_derivative(f, w, d)) == pytest.approx(one_sided(f, [w], [d]), abs=1e-5)
+    assert hull_distance(flat(gw.generalized_grad(f, w, seed=0)), nearby_gradients(f, [w], n=300)) < 1e-6

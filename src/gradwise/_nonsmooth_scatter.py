@@ -119,3 +119,29 @@ kink_rule(aten.scatter_reduce, torch.scatter_reduce, Tensor.scatter_reduce, Tens
     _reduce_rule("scatter_reduce", False))
 kink_rule(aten.index_reduce, torch.index_reduce, Tensor.index_reduce, Tensor.index_reduce_)(
     _reduce_rule("index_reduce", True))
+
+
+@kink_rule(aten._embedding_bag, torch.nn.functional.embedding_bag)
+def embedding_bag(run, func, input, weight, offsets=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
+                  mode="mean", sparse=False, per_sample_weights=None, include_last_offset=False, padding_idx=None):
+    """embedding_bag(mode='max'): per bag, the elementwise max of its rows of ``weight``: the scatter_reduce amax
+    rule (tied rows in a column: the one largest along the direction; PyTorch gives all to one). Other modes and
+    options are PyTorch's."""
+    if mode != "max" or max_norm is not None or per_sample_weights is not None or padding_idx is not None:
+        return func(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse, per_sample_weights,
+                    include_last_offset, padding_idx)
+    wp = _split(weight)[0]
+    if input.dim() == 2:
+        bags, flat = input.shape[0], input.reshape(-1)
+        bag = torch.arange(bags, device=input.device).repeat_interleave(input.shape[1])
+    else:
+        flat = input
+        bags = len(offsets) - 1 if include_last_offset else len(offsets)
+        bag = torch.searchsorted(offsets, torch.arange(len(flat), device=input.device), right=True) - 1
+        bag = bag.clamp(max=bags - 1)
+    rows = weight[flat]
+    index = bag.unsqueeze(1).expand(-1, wp.shape[1])
+    dest = torch.zeros(bags, wp.shape[1], dtype=wp.dtype, device=wp.device)
+    native = lambda a, b: a.scatter_reduce(0, index, b, "amax", include_self=False)
+    out = _select_reduce(run, "aten.embedding_bag", dest, 0, index, rows, True, False, native)
+    return out if out is not None else native(dest, rows)
