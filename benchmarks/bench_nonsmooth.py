@@ -6,8 +6,11 @@ Rows: ``generalized_grad`` / plain ``torch.autograd.grad`` (forward + backward) 
 batch 128, random data: no kink hit) and on a conv + max-pool network fed integer-valued images (many exact
 ties in the pooling windows: all of them among relu-dead zeros, which are no kinks); the same network fed blocky
 images (8x nearest-upsampled integer images: flat patches, so ~90,000 windows tie between live units and must
-be ranked); ``stationarity`` on the seed IoU loss at its optimum (absolute time).
-Target: ratio <= 2 for the first two networks; stationarity well under a second. The blocky row shows what live
+be ranked); a ReLU MLP whose loss takes ``maximum(h, h.flip(0))`` (elementwise ties between relu-dead mirrored
+rows: no kinks); a top-k / sort loss over integer-valued scores (live ties in every row); ``stationarity`` on the
+seed IoU loss at its optimum (absolute time).
+Target (issue #14): ratio <= 2 (goal 1.3) on the MLPs, the integer-image network and the top-k loss;
+stationarity well under a second. The blocky row shows what live
 ties cost (every call after the first carries tangents in its first pass, see docs/nonsmooth.md, "Cost").
 """
 from __future__ import annotations
