@@ -22,6 +22,7 @@ from nonsmooth_cases import CASES
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "cases"
 H = 1e-7
+pytestmark = pytest.mark.filterwarnings(r"ignore:index_reduce\(\) is in beta:UserWarning")
 
 
 def call(f, xs):
@@ -209,6 +210,12 @@ RULE_SAMPLES = {
     "round": (lambda x: torch.round(x / 2) + torch.round(-x / 2) + x, [_X]),
     "trunc": (lambda x: torch.trunc(x) + torch.trunc(-x) + 2 * x, [_X]),
     "frac": (lambda x: torch.frac(x) + torch.frac(-x) + x, [_X]),
+    "scatter_reduce": (lambda x: torch.zeros(3, dtype=x.dtype).scatter_reduce(  # |x| ties in destination 1
+        0, torch.tensor([0, 1, 0, 2, 1, 2, 2]), x.abs(), "amax", include_self=False), [_X]),
+    "index_reduce": (lambda x: torch.full((3,), 0.5, dtype=x.dtype).index_reduce(  # ties with its own 0.5
+        0, torch.tensor([0, 1, 0, 2, 1, 2, 2]), x.abs(), "amin"), [_X]),
+    "embedding_bag": (lambda x: F.embedding_bag(torch.tensor([1, 4, 0, 2, 3, 5, 6]), x.abs().reshape(7, 1),
+                                                torch.tensor([0, 2, 4]), mode="max").reshape(-1), [_X]),
     "remainder": (lambda x: torch.floor(x) + torch.remainder(x, 1.0), [_X]),  # = x: the jumps cancel
     "fmod": (lambda x: torch.trunc(x) + torch.fmod(x, 1.0), [_X]),
 }

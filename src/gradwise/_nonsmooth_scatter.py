@@ -4,8 +4,8 @@ Each destination element is the max (min) over its candidates: its own value (``
 elements scattered into it. Where one candidate attains it, the rule is PyTorch's op. Where several tie, the output
 is rebuilt as ``where(from_self, dest, src.take(position))`` with the winner of each tied destination ranked like
 `max`: by tangent along the direction, then further directions (PyTorch splits the gradient evenly among the tied
-elements instead). ``index_reduce``, which has no forward-mode formula in PyTorch, takes this route whenever a
-tangent is present, so its directional derivatives exist everywhere.
+elements instead). ``index_reduce`` and ``embedding_bag``, which have no forward-mode formula in PyTorch, take
+this route whenever a tangent is present, so their directional derivatives exist everywhere.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _select_reduce(run: _Run, op: str, dest: Tensor, dim: int, index: Tensor, sr
         if include_self:
             count += self_c.long()
     tie = count > 1
-    if not mask_any(tie) and not (op == "aten.index_reduce" and (_is_dual(dest) or _is_dual(src))):
+    if not mask_any(tie) and not (op != "aten.scatter_reduce" and (_is_dual(dest) or _is_dual(src))):
         return None  # no tie: PyTorch's own op is exact
     n_src = sv.numel()
     big = torch.full((dp.numel(),), n_src, dtype=torch.int64, device=dp.device)
@@ -144,4 +144,7 @@ def embedding_bag(run, func, input, weight, offsets=None, max_norm=None, norm_ty
     dest = torch.zeros(bags, wp.shape[1], dtype=wp.dtype, device=wp.device)
     native = lambda a, b: a.scatter_reduce(0, index, b, "amax", include_self=False)
     out = _select_reduce(run, "aten.embedding_bag", dest, 0, index, rows, True, False, native)
-    return out if out is not None else native(dest, rows)
+    if out is None:  # no tie: PyTorch's own op (its NaN handling included)
+        return func(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse, per_sample_weights,
+                    include_last_offset, padding_idx)
+    return out
