@@ -73,3 +73,46 @@ def test_seed_iou_certificate_and_str():
     cert = gw.stationarity(iou, (torch.tensor([5.0, 2.0]), torch.tensor([5.0, 4.0])))
     assert cert.stationary is True and cert.exact and len(cert.subdifferential.elements) == 16
     assert "stationary" in str(cert) and "aten.minimum" in str(cert)
+
+
+# --- decisions at scale (issue #14, point 4) ----------------------------------------------------------------------
+
+
+def _blocky_net():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 3)).double()
+    x = torch.nn.functional.interpolate(torch.randint(0, 3, (4, 2, 2, 2)).double(), scale_factor=4)  # flat patches
+    y = torch.tensor([0, 1, 2, 0])
+    return net, x, y
+
+
+def test_many_ties_not_stationary_is_proved_by_the_shared_part():
+    """Hundreds of tied max-pool windows (beyond enumeration): the gradient of the layer after the pool is the same
+    in every active piece, so its norm bounds the least norm from below and proves 'not stationary'."""
+    net, x, y = _blocky_net()
+    params = tuple(net.parameters())
+    loss = lambda *p: torch.nn.functional.cross_entropy(net(x), y)
+    assert sum(k.count for k in gw._nonsmooth.kinks_hit(loss, params)[0]) > 12
+    cert = gw.stationarity(loss, params, samples=4)
+    assert not cert.exact and cert.stationary is False
+    assert cert.lower_bound > 1e-6
+    assert cert.lower_bound <= cert.min_norm + 1e-12
+    # independent check of the claim: gradients at random differentiable points next to x share that part
+    names = [n for n, _ in net.named_parameters()]
+    gen = torch.Generator().manual_seed(0)
+    shared = torch.cat([cert.element[i].reshape(-1) for i in (2, 3)])
+    for _ in range(5):
+        ps = [(p.detach() + 1e-7 * torch.randn(p.shape, generator=gen, dtype=p.dtype)).requires_grad_(True)
+              for p in params]
+        out = torch.func.functional_call(net, dict(zip(names, ps, strict=True)), (x,))
+        grads = torch.autograd.grad(torch.nn.functional.cross_entropy(out, y), ps)
+        near = torch.cat([grads[i].reshape(-1) for i in (2, 3)])
+        assert float(near.norm()) == pytest.approx(cert.lower_bound, rel=1e-4)
+        torch.testing.assert_close(near, shared, atol=1e-5, rtol=1e-4)
+
+
+def test_undecided_when_no_bound_decides():
+    """max(a, 2a) at 0: the pieces 1 and 2 (least norm 1). Sampled, with no input outside the ties: None."""
+    cert = gw.stationarity(lambda a: torch.maximum(a, 2 * a).sum(), torch.zeros(1, dtype=torch.float64), samples=4)
+    assert cert.stationary is None and cert.lower_bound == 0.0 and cert.min_norm >= 1.0 - 1e-12

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.autograd.gradcheck import GradcheckError as _TorchGradcheckError
 
+from gradwise import _nonsmooth_contexts as _ctx
 from gradwise._nonsmooth import NonsmoothError, _as_inputs, _call, _outputs, directional_derivative, kinks_hit
 from gradwise._stationarity import Subdifferential, _flat, subdifferential
 
@@ -69,6 +70,12 @@ def gradcheck(f: Callable, inputs, *, eps: float = 1e-6, atol: float = 1e-5, rto
     >>> print(str(result).split(";")[0])
     kink at x (aten.relu): PyTorch's value [0.0] is not a generalized gradient of output 0
     """
+    _ctx.check_real("eps", eps, low=0.0, low_open=True)
+    _ctx.check_real("atol", atol, low=0.0)
+    _ctx.check_real("rtol", rtol, low=0.0)
+    _ctx.check_int("nearby", nearby, low=0, high=10_000)
+    _ctx.check_real("nearby_radius", nearby_radius, low=0.0, low_open=True)
+    _ctx.check_int("seed", seed, low=0, high=2**63 - 1)
     xs, single = _as_inputs(inputs)
     result = GradcheckResult(True, False)
     gen = torch.Generator().manual_seed(seed)

@@ -31,9 +31,13 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
+from torch.utils._python_dispatch import _pop_mode as _pop_dispatch_mode
+from torch.utils._python_dispatch import _push_mode as _push_dispatch_mode
 from torch.utils._pytree import tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from gradwise import _nonsmooth_contexts as _ctx
 from gradwise._masks import mask_any
 
 aten = torch.ops.aten
@@ -293,23 +297,31 @@ def _resolve_sign(run: _Run, op: str, s, tie, **kw):
     return rows, choice, still
 
 
-def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = False, flat: bool = False):
+def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = False, flat: bool = False,
+            skip: Callable | None = None):
     """Elementwise ``pos`` where s > 0, ``neg`` where s < 0; at s == 0 the piece that wins along the direction.
 
     For continuous ops (relu, max, clamp ...) both pieces agree where s == 0, so the tangent there is that of
     the winning piece: the exact one-sided derivative. Ops that ``jumps`` (threshold, hardshrink) have
     different pieces at s == 0: moving to the other piece there is an error, not a derivative. ``flat``: ``neg``
     is a constant that ``pos`` never equals where s > 0 (relu), so the output equals it exactly where it is dead.
+    ``skip(tie)``: the tied elements that are no kink (both sides locally constant and equal), or None.
     """
     sp = _split(s)[0]
     if run.near_tol is not None:
         run.note_near(op, sp.abs())
-    if not _near_zero(sp, run.tie_tol):
+    tie = None
+    if _near_zero(sp, run.tie_tol):
+        tie = sp == 0 if run.tie_tol == 0 else sp.abs() <= run.tie_tol
+        dead = skip(tie) if skip is not None else None
+        if dead is not None:
+            tie = tie & ~dead
+            tie = tie if mask_any(tie) else None
+    if tie is None:
         out = native() if native is not None else torch.where(sp > 0, pos, neg)
         if flat:
             run.mark_flat(out, neg, None)
         return out
-    tie = sp == 0 if run.tie_tol == 0 else sp.abs() <= run.tie_tol
     rows, choice, _ = _resolve_sign(run, op, s, tie)
     lock = (sp > 0) | sp.isnan()  # NaN propagates through pos, as in PyTorch's kernels
     lock.view(-1)[rows] = choice == 0
@@ -363,7 +375,21 @@ def _pair(run, op: str, a, b, larger: bool, native: Callable):
     a, b = _as_tensor(a, like), _as_tensor(b, like)
     if run.near_tol is None and not _near_zero(_split(a)[0] - _split(b)[0], run.tie_tol):
         return native()
-    return _switch(run, op, a - b if larger else b - a, a, b, native)
+    return _switch(run, op, a - b if larger else b - a, a, b, native, skip=lambda tie: _both_dead(run, a, b, tie))
+
+
+def _both_dead(run: _Run, a, b, tie: Tensor) -> Tensor | None:
+    """The tied elements where a and b are both relu-dead (locally the same constant): no kink there."""
+    fa = run.flat_source(a) if isinstance(a, Tensor) and run.tie_tol == 0 else None
+    fb = run.flat_source(b) if fa is not None and isinstance(b, Tensor) else None
+    if fb is None or fa[0] != fb[0]:
+        return None
+    ap = _split(a)[0].detach()
+    dead = tie & (ap == fa[0])  # at a tie b equals a
+    for live in (fa[1], fb[1]):
+        if live is not None:
+            dead &= ~live
+    return dead
 
 
 @kink_rule(aten.maximum, torch.maximum, Tensor.maximum, torch.fmax, Tensor.fmax)
@@ -915,14 +941,24 @@ def _ordered(run, op: str, x: Tensor, dim: int, descending: bool, positions: sli
     if tie.any():
         rows = _tied_rows(tie)
         prim = pm.reshape(-1, m)[rows]
-        tied_v = vals.reshape(-1, m)[rows]
-        # candidates: elements whose value equals a value in a tie pair that reaches the positions
-        pair_vals = torch.where(tie_pairs.reshape(-1, hi - lo)[rows], tied_v[:, lo:hi], math.nan)
-        cand = (prim.unsqueeze(-1) == pair_vals.unsqueeze(1)).any(-1)
-        key = tm.reshape(-1, m)[rows] if tm is not None else torch.zeros_like(prim)
-        order, _ = run.resolve(op, "order", cand, key, lambda: xm.reshape(-1, m)[rows], descending, primal=prim)
+        sv = vals.reshape(-1, m)[rows]
+        # candidates: the tie groups (runs of equal sorted values) holding a tie pair that reaches the positions,
+        # found in sorted order by a group id per position (linear in m), then scattered back through perm
+        link = (sv[:, 1:] - sv[:, :-1]).abs() <= run.tie_tol
+        gid = torch.cat([torch.zeros_like(sv[:, :1], dtype=torch.int64), (~link).cumsum(-1)], -1)
+        reach = torch.zeros_like(link)
+        reach[:, lo:hi] = link[:, lo:hi]
+        touched = torch.zeros(sv.shape, dtype=torch.int64, device=sv.device).scatter_add_(
+            1, gid[:, :-1], reach.to(torch.int64))
+        cand = torch.zeros_like(link[:, :1]).expand(-1, m).clone().scatter_(
+            1, perm.reshape(-1, m)[rows], touched.gather(1, gid) > 0)
+        key = tm.reshape(-1, m)[rows] if tm is not None else None
+        # lazy: without any ranking key the stable sort above is the provisional order (the ranked pass writes)
+        order, _ = run.resolve(op, "order", cand, key, lambda: xm.reshape(-1, m)[rows], descending, primal=prim,
+                               lazy=True)
         perm = perm.clone()
-        perm.view(-1, m)[rows] = order
+        if order is not None:
+            perm.view(-1, m)[rows] = order
         run.kinks[-1].write = lambda c: perm.data.view(-1, m).index_put_((rows,), c)
     return xm.gather(-1, perm), perm, dim
 
@@ -1455,6 +1491,27 @@ def smooth_l1_loss(run, func, input, target, size_average=None, reduce=None, red
     return func(input, target, size_average, reduce, reduction, beta)
 
 
+# aten overloads called directly (graphs from torch.export, torch.fx, torch.ops.aten.*): the rules whose signature
+# is the aten schema's. Other aten kink ops go through the watch (an error at their kink).
+_ATEN_ROUTES: dict[object, Callable] = {
+    **{op: KINK_RULES[op] for op in (aten.relu, aten.abs, aten.maximum, aten.minimum, aten.clamp, aten.clamp_min,
+                                     aten.clamp_max, aten.hardtanh, aten.leaky_relu, aten.threshold, aten.sort,
+                                     aten.topk, aten.amax, aten.amin, aten.max, aten.min, aten.kthvalue, aten.median,
+                                     aten.cummax, aten.cummin, aten.argmax, aten.argmin, aten.l1_loss)},
+    aten.max_pool1d: KINK_RULES[aten.max_pool1d],
+    aten.max_pool2d: KINK_RULES[aten.max_pool2d_with_indices],
+    aten.max_pool3d: KINK_RULES[aten.max_pool3d_with_indices],
+}
+
+
+def _aten_rule(func) -> Callable | None:
+    """The rule for a directly called aten overload (or packet), if its schema matches the rule's signature."""
+    packet = func.overloadpacket if isinstance(func, torch._ops.OpOverload) else func
+    if func is aten.max_pool2d_with_indices.default or func is aten.max_pool3d_with_indices.default:
+        return lambda run, f, x, *a, **k: KINK_RULES[packet](run, f, x, *a, return_indices=True, **k)
+    return _ATEN_ROUTES.get(packet)
+
+
 # Kinky ops without a rule: a clear error when f reaches one with a direction, never a silent convention.
 for _fn, _op in [(F.fractional_max_pool2d, "aten.fractional_max_pool2d"),
                  (F.fractional_max_pool3d, "aten.fractional_max_pool3d"),
@@ -1606,6 +1663,9 @@ _KINKY[aten._embedding_bag] = _KINKY[aten._embedding_bag_forward_only] = _bag_ma
 _KINKY[aten.scatter_reduce] = _reduce_ties(3, 4, 5)
 _KINKY[aten.index_reduce] = _reduce_ties(3, 4, 5)
 _KINKY_BY_NAME = {op.__name__: test for op, test in _KINKY.items()}
+# In code the mode cannot see (TorchScript), comparisons and amax/amin at ties are kinks too: nothing routes them.
+_UNSEEN_KINKY = {**_KINKY_BY_NAME, **dict.fromkeys(("gt", "ge", "lt", "le", "eq", "ne"), _equal_operands),
+                 **dict.fromkeys(("amax", "amin"), _extreme_ties)}
 # Callables seen to reach no kink op: they run unwatched.
 _SMOOTH_CALLS: set[object] = set()
 
@@ -1654,12 +1714,23 @@ class _KinkWatch(TorchDispatchMode):
         return out
 
 
+def _kink_free_call(func, args: tuple, kwargs: dict) -> tuple | None:
+    """(``func(*args, **kwargs)``,) if the call reaches no aten op that has kinks, else None."""
+    if func in _SMOOTH_CALLS:
+        return (func(*args, **kwargs),)
+    watch = _KinkWatch()
+    watch.hit = ""  # only record whether a kink op is reached
+    with watch:
+        out = func(*args, **kwargs)
+    return None if watch.kinky else (out,)
+
+
 def _no_forward_ad_is_an_error(func, args: tuple, kwargs: dict):
     """``func(*args, **kwargs)``; PyTorch's "forward AD not implemented" becomes a NonsmoothError naming the call."""
     try:
         return func(*args, **kwargs)
     except NotImplementedError as e:
-        if "forward AD" not in str(e):
+        if "forward AD" not in str(e) and "forward mode AD" not in str(e):
             raise
         raise NonsmoothError(f"{_callable_name(func)} (called at {_user_line()}) has no forward-mode derivative in "
                              "PyTorch, which gradwise needs to follow a direction through it. PyTorch said: "
@@ -1717,7 +1788,7 @@ def _needs_grad(a) -> bool:
 _RESHAPES = {Tensor.reshape, Tensor.view, torch.reshape, Tensor.flatten, torch.flatten, Tensor.unsqueeze,
              torch.unsqueeze, Tensor.squeeze, torch.squeeze, Tensor.permute, torch.permute, Tensor.transpose,
              torch.transpose, Tensor.contiguous, Tensor.view_as, Tensor.reshape_as, Tensor.unflatten, Tensor.movedim,
-             torch.movedim}
+             torch.movedim, Tensor.flip, torch.flip, Tensor.roll, torch.roll, Tensor.fliplr, Tensor.flipud}
 
 
 def _keep_flat(run: _Run, func, args, kwargs, out) -> None:
@@ -1732,6 +1803,20 @@ def _keep_flat(run: _Run, func, args, kwargs, out) -> None:
 
 class _Stop(Exception):
     """Raised by the mode once the pass has gone past the last kink it needs."""
+
+
+class _Diverged(Exception):
+    """Raised by the mode when a pass leaves the path of the pass it must follow (f branches on grad mode)."""
+
+
+def _flat_tensors(values) -> list[Tensor]:
+    out = []
+    for v in values:
+        if isinstance(v, Tensor):
+            out.append(v)
+        elif type(v) in (list, tuple):
+            out.extend(_flat_tensors(v))
+    return out
 
 
 class _KinkMode(TorchFunctionMode):
@@ -1750,6 +1835,9 @@ class _KinkMode(TorchFunctionMode):
         self.run, self.subs, self.positions, self.involved = run, subs, positions, involved
         self.strip_after, self.stop_after = strip_after, stop_after
         self.count, self.used, self.last_tie, self.used_at_tie = 0, set(), -1, set()
+        # trail: the callables of this pass in order; expect: an earlier pass's trail that this one must follow
+        # (the ranked pass locks the probe's kinks by call count: a pass taking another path diverges)
+        self.depth, self.trail, self.expect, self.watch = 0, [], None, None
 
     def _sub(self, a):
         if isinstance(a, Tensor):
@@ -1768,10 +1856,47 @@ class _KinkMode(TorchFunctionMode):
         self.count += 1
         if self.stop_after is not None and self.count > self.stop_after:
             raise _Stop
+        if self.expect is not None and (self.count > len(self.expect) or self.expect[self.count - 1] is not func):
+            raise _Diverged
+        self.trail.append(func)
         args = tuple(self._sub(a) for a in args)
         if kwargs:
             kwargs = {k: self._sub(v) for k, v in kwargs.items()}
+        self.depth += 1
+        # inside a call the mode sees, the dispatch-level watch for unseen ops is off (it costs per aten op)
+        watch = self.watch if self.depth == 1 and _current_dispatch_mode() is self.watch else None
+        if watch is not None:
+            _pop_dispatch_mode()
+        try:
+            return self._dispatch(func, args, kwargs)
+        finally:
+            self.depth -= 1
+            if watch is not None:
+                _push_dispatch_mode(watch)
+
+    def _dispatch(self, func, args, kwargs):
+        everything = (*args, *kwargs.values())
+        if _ctx.transforms_active() and any(map(self.involved, map(_ctx.unwrapped, _flat_tensors(everything)))):
+            out = None if func in _ROUTES or func in UNRULED else _kink_free_call(func, args, kwargs)
+            if out is None:
+                raise NonsmoothError(f"{_callable_name(func)} (called at {_user_line()}) runs inside a torch.func "
+                                     "transform (grad, vmap, jacrev ...) within f: gradwise cannot follow tangents "
+                                     "or lock kinks through its wrapped tensors. Call the function without the "
+                                     "transform")
+            return out[0]
+        if func in _ctx.REVERSE_CALLS and self.run.kinks:
+            raise NonsmoothError(f"f runs a reverse pass ({_callable_name(func)} at {_user_line()}; "
+                                 "torch.autograd.functional.jacobian/hessian do too) after hitting a kink "
+                                 f"({self.run.kinks[0].describe()}): that derivative is PyTorch's convention at "
+                                 "the kink, so f's value is. Differentiate with gradwise instead (gw.generalized_grad "
+                                 "inside f, or gw.directional_derivative)")
+        if _ctx.is_custom_op(func) and any(map(self.involved, everything)):
+            out = func(*args, **kwargs)
+            _ctx.check_custom_op(func, _callable_name(func), _user_line(), args, kwargs, out, self.dual)
+            return out
         rule = _ROUTES.get(func)
+        if rule is None and isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            rule = _aten_rule(func)
         if rule is None and func not in UNRULED:
             jvp = _JVP_ROUTES.get(func) if self.dual else None
             if jvp is not None and any(map(_is_dual, (*args, *kwargs.values()))):
@@ -1817,9 +1942,10 @@ def _as_inputs(inputs, what: str = "inputs") -> tuple[tuple[Tensor, ...], bool]:
         if not isinstance(x, Tensor):
             raise TypeError(f"{what}[{i}] is a {type(x).__name__}, not a torch.Tensor; pass tensors "
                             "(e.g. torch.tensor(...))")
-        if not (x.is_floating_point()):
+        if not (x.is_floating_point() or x.is_complex()):
             raise TypeError(f"{what}[{i}] has dtype {x.dtype}; derivatives need a real floating dtype: "
                             f"convert it with .double() or .float()")
+    _ctx.check_input_values(xs, what)
     return tuple(xs), single
 
 
@@ -1836,24 +1962,45 @@ def _outputs(out) -> list[Tensor]:
 
 
 def _run(f, xs, single, directions, run: _Run, requires_grad: bool, strip_after: int | None = None,
-         stop_after: int | None = None, detect: bool = False):
+         stop_after: int | None = None, detect: bool = False, expect: list | None = None):
     """One pass of f at xs with tangents ``directions`` (None: a tangent-free detection pass, or no tangent
     for that input). ``detect``: rules also see arguments that only require grad (tangents stripped after
-    ``strip_after``). Returns (output, [(primal, tangent)] per output, leaves, mode)."""
+    ``strip_after``). ``expect``: the trail of calls this pass must follow (else `_Diverged`). Returns (output,
+    [(primal, tangent)] per output, leaves, mode)."""
     leaves = tuple(x.detach().requires_grad_(requires_grad) for x in xs)
     dual = directions is not None
-    with fwAD.dual_level(), torch.enable_grad() if requires_grad else torch.no_grad():
+    with _ctx.pass_context(), fwAD.dual_level(), torch.enable_grad() if requires_grad else torch.no_grad():
         args = tuple(x if not dual or d is None else fwAD.make_dual(x, d.to(x.dtype))
                      for x, d in zip(leaves, directions or [None] * len(xs), strict=True))
         positions = {id(t): i for ts in (xs, leaves, args) for i, t in enumerate(ts)}
         subs = {id(x): a for x, a in zip(xs, args, strict=True)}
         involved = (lambda a: _needs_grad(a) or _is_dual(a)) if detect else _is_dual if dual else _needs_grad
         mode = _KinkMode(run, subs, positions, involved, strip_after, stop_after, dual)
+        mode.expect = expect
+        watch = mode.watch = _ctx.opaque_watch(mode, _UNSEEN_KINKY, _user_line)
         try:
-            with mode:
+            with mode, watch:
                 out = _call(f, args, single)
         except _Stop:
+            watch.check()
             return None, [], leaves, mode
+        except NotImplementedError as e:
+            watch.check()
+            if "custom autograd.Function" not in str(e):
+                raise
+            raise NonsmoothError(f"f (called at {_user_line()}) applies a custom autograd.Function that defines no "
+                                 "jvp: gradwise cannot follow a direction through it nor see a kink inside its "
+                                 "forward. Define its forward-mode derivative (a jvp staticmethod), or write it with "
+                                 "torch ops") from None
+        except Exception as e:
+            watch.check()
+            if "_fw_primal" in str(e):  # forward AD's Python decompositions called from TorchScript reach the mode
+                raise NonsmoothError(f"f (called at {_user_line()}) runs code that gradwise cannot follow with "
+                                     "tangents (TorchScript from torch.jit.script/trace, whose forward-mode "
+                                     "formulas call back into Python). Call the Python function (the module before "
+                                     "scripting/tracing) instead") from None
+            raise
+        watch.check()
         primals = [fwAD.unpack_dual(o) for o in _outputs(out)]
     return out, primals, leaves, mode
 
@@ -1891,18 +2038,34 @@ def _unresolved(run: _Run) -> bool:
     return any(k.unresolved and k.comparison for k in run.kinks)
 
 
+def _as_direction(d, x: Tensor):
+    """A nested sequence of numbers shaped like x becomes a tensor of x's dtype; anything else is left as is."""
+    if isinstance(d, Tensor) or not isinstance(d, (tuple, list, int, float)):
+        return d
+    try:
+        t = torch.as_tensor(d, dtype=x.dtype, device=x.device)
+    except (TypeError, ValueError, RuntimeError):
+        return d
+    return t if t.shape == x.shape else d
+
+
 def _check_directions(xs, directions, single):
+    if single and not isinstance(directions, Tensor):
+        whole = _as_direction(directions, xs[0])
+        directions = whole if isinstance(whole, Tensor) else directions
     ds = (directions,) if isinstance(directions, Tensor) and single else directions
     if isinstance(ds, Tensor):
         ds = (ds,)
     if not isinstance(ds, (tuple, list)) or len(ds) != len(xs):
         raise TypeError(f"directions must match inputs: {len(xs)} tensor(s) shaped like the inputs")
+    ds = tuple(_as_direction(d, x) for d, x in zip(ds, xs, strict=True))
     for i, (x, d) in enumerate(zip(xs, ds, strict=True)):
         if not isinstance(d, Tensor) or d.shape != x.shape:
             raise TypeError(f"directions[{i}] must be a tensor of shape {tuple(x.shape)}, got "
                             f"{getattr(d, 'shape', type(d).__name__)}")
         if not d.is_floating_point():
             raise TypeError(f"directions[{i}] has dtype {d.dtype}; use a floating dtype")
+    _ctx.check_input_values(ds, "directions")
     return tuple(ds)
 
 
@@ -2001,26 +2164,41 @@ def _locked_grad(f, xs, single, seed, run_kw=None):
     if probe.kinks and d is None:
         d, gen = _random_direction(xs, seed)
     if probe.kinks and not lockable:
-        d = tuple(v if i in mode.used_at_tie else None for i, v in enumerate(d))
-        probe, (_, primals, leaves, _) = _lex_passes(f, xs, single, d, gen, True, run_kw, strip_after=mode.last_tie)
-        y = _scalar(primals[0][0])
-        _check_no_jump(f, xs, single, probe, [y])
-        if any(k.comparison for k in probe.kinks):  # and along -d: one jumping side is enough to leave no gradient
-            back = _Run(**run_kw)
-            _, opposite, _, _ = _run(f, xs, single, tuple(None if v is None else -v for v in d), back, False)
-            _check_no_jump(f, xs, single, back, [p for p, _ in opposite])
-    elif not all(k.tangent for k in probe.kinks):
+        return _full_pass_grad(f, xs, single, d, gen, run_kw, mode.used_at_tie, mode.last_tie)
+    if not all(k.tangent for k in probe.kinks):
         ranked = _Run(**run_kw)
         ranked.known = {}
         for k in probe.kinks:
             ranked.known.setdefault(k.call[0], []).append(k)
-        d = tuple(v if i in mode.used_at_tie else None for i, v in enumerate(d))
-        _run(f, xs, single, d, ranked, False, stop_after=mode.last_tie)
-        choices = {k.call: k.choice for k in ranked.kinks}
+        dr = tuple(v if i in mode.used_at_tie else None for i, v in enumerate(d))
+        try:
+            _run(f, xs, single, dr, ranked, False, stop_after=mode.last_tie, expect=mode.trail)
+        except _Diverged:  # f took another path without gradients (hooks, checkpoints ...): one full pass
+            return _full_pass_grad(f, xs, single, d, gen, run_kw, mode.used_at_tie, None)
+        choices = {k.call: k for k in ranked.kinks}
+        if any(k.call not in choices or choices[k.call].op != k.op or not torch.equal(choices[k.call].cand, k.cand)
+               for k in probe.kinks):
+            return _full_pass_grad(f, xs, single, d, gen, run_kw, mode.used_at_tie, None)
         for k in probe.kinks:
-            if k.call in choices:
-                k.write(choices[k.call])
-                k.choice = choices[k.call]
+            k.write(choices[k.call].choice)
+            k.choice = choices[k.call].choice
+    _ctx.check_functions(y, _user_line())
+    return _grads(y, leaves, xs), probe, y.detach()
+
+
+def _full_pass_grad(f, xs, single, d, gen, run_kw, used: set[int], strip_after: int | None):
+    """A generalized gradient from one pass along ``d`` (restricted to the ``used`` inputs) that ranks every tie as
+    it goes and keeps its own graph: for kinks whose lock is more than a saved index (comparisons, norms at 0), and
+    for f whose passes take different paths with and without gradients."""
+    d = tuple(v if i in used else None for i, v in enumerate(d))
+    probe, (_, primals, leaves, _) = _lex_passes(f, xs, single, d, gen, True, run_kw, strip_after=strip_after)
+    y = _scalar(primals[0][0])
+    _check_no_jump(f, xs, single, probe, [y])
+    if any(k.comparison for k in probe.kinks):  # and along -d: one jumping side is enough to leave no gradient
+        back = _Run(**run_kw)
+        _, opposite, _, _ = _run(f, xs, single, tuple(None if v is None else -v for v in d), back, False)
+        _check_no_jump(f, xs, single, back, [p for p, _ in opposite])
+    _ctx.check_functions(y, _user_line())
     return _grads(y, leaves, xs), probe, y.detach()
 
 
@@ -2038,6 +2216,7 @@ def generalized_grad(f: Callable, inputs: Tensor | tuple[Tensor, ...], *,
     >>> gw.generalized_grad(lambda x: torch.relu(x) - torch.relu(-x), x)
     (tensor(1.),)
     """
+    _ctx.check_int("seed", seed, low=0, high=2**63 - 1, allow_none=True)
     xs, single = _as_inputs(inputs)
     return _locked_grad(f, xs, single, seed)[0]
 
@@ -2055,6 +2234,7 @@ def generalized_backward(f: Callable, inputs, *, seed: int | None = None) -> Ten
     >>> model[0].weight.grad.shape
     torch.Size([1, 2])
     """
+    _ctx.check_int("seed", seed, low=0, high=2**63 - 1, allow_none=True)
     xs, single = _as_inputs(tuple(inputs) if not isinstance(inputs, Tensor) else inputs)
     grads, _, value = _locked_grad(f, xs, single, seed)
     for x, g in zip(xs, grads, strict=True):
@@ -2067,7 +2247,14 @@ def kinks_hit(f: Callable, inputs, *, seed: int | None = 0, tie_tol: float = 0.0
     """The kinks f hits at ``inputs`` and the near-ties within near_tol. With ``tangents`` (one run along a
     random direction) only kinks that depend on the inputs count; without, any tie on a tensor that requires
     grad does (for f with custom autograd Functions lacking a ``jvp``)."""
+    _ctx.check_int("seed", seed, low=0, high=2**63 - 1, allow_none=True)
+    _ctx.check_real("tie_tol", tie_tol, low=0.0)
+    _ctx.check_real("near_tol", near_tol, low=0.0, allow_none=True)
     xs, single = _as_inputs(inputs)
     run = _Run(tie_tol=tie_tol, near_tol=near_tol)
     _run(f, xs, single, _random_direction(xs, seed)[0] if tangents else None, run, not tangents)
     return run.kinks, run.near
+
+
+# rules in their own modules (they register themselves into KINK_RULES on import)
+from gradwise import _nonsmooth_scatter  # noqa: E402, F401

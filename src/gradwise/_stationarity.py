@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from scipy.optimize import linprog, nnls
 
+from gradwise import _nonsmooth_contexts as _ctx
 from gradwise._nonsmooth import (
     Kink,
     NearKink,
@@ -54,6 +55,8 @@ class Subdifferential:
     exact: bool
     kinks: list[Kink] = field(default_factory=list)
     near_kinks: list[NearKink] = field(default_factory=list)
+    # inputs that f uses only after its last tie: every element of the subdifferential has the same part there
+    fixed: tuple[int, ...] = ()
 
     def matrix(self) -> torch.Tensor:
         """(number of elements, number of input entries) float64 matrix of the flattened elements."""
@@ -80,7 +83,9 @@ class Subdifferential:
 @dataclass
 class Stationarity:
     """Certificate: ``stationary`` True (0 is in the Clarke subdifferential up to ``atol``), False (proved
-    not: all active pieces known, or f differentiable with a nonzero gradient), None (undecided)."""
+    not: all active pieces known, f differentiable with a nonzero gradient, or ``lower_bound`` > atol), None
+    (undecided). ``lower_bound``: a proved lower bound on the least norm (the least norm itself when exact; with
+    sampled pieces, the norm of the gradient part that every piece shares: inputs used only after the last tie)."""
 
     stationary: bool | None
     min_norm: float
@@ -89,6 +94,8 @@ class Stationarity:
     exact: bool
     element: tuple[torch.Tensor, ...]
     subdifferential: Subdifferential
+    # a proved lower bound on the least norm over the whole subdifferential (0.0 where nothing is known)
+    lower_bound: float = 0.0
 
     def __str__(self) -> str:
         verdict = {True: "stationary", False: "not stationary", None: "undecided"}[self.stationary]
@@ -242,11 +249,16 @@ def subdifferential(f: Callable, inputs, *, samples: int | None = None, seed: in
     >>> bool(sd.min_norm_element()[0].abs().max() < 1e-12)
     True
     """
+    _ctx.check_int("samples", samples, low=1, high=1_000_000, allow_none=True)
+    _ctx.check_int("seed", seed, low=0, high=2**63 - 1 - (samples or 32), allow_none=True)
+    _ctx.check_real("tie_tol", tie_tol, low=0.0)
+    _ctx.check_real("near_tol", near_tol, low=0.0, allow_none=True)
     xs, single = _as_inputs(inputs)
     d, _ = _random_direction(xs, 0 if seed is None else seed)
     probe = _Run(tie_tol=tie_tol, near_tol=near_tol)
-    _run(f, xs, single, d, probe, False)
+    mode = _run(f, xs, single, d, probe, False)[3]
     kinks = probe.kinks
+    fixed = tuple(i for i in range(len(xs)) if i not in mode.used_at_tie)
     tied = sum(k.count for k in kinks)
     if not kinks:
         grads = _locked_grad(f, xs, single, seed, {"tie_tol": tie_tol})[0]
@@ -258,7 +270,7 @@ def subdifferential(f: Callable, inputs, *, samples: int | None = None, seed: in
             pass
     base = 0 if seed is None else seed
     found = [_locked_grad(f, xs, single, base + i, {"tie_tol": tie_tol})[0] for i in range(samples or 32)]
-    return Subdifferential(_distinct(found), False, kinks, probe.near)
+    return Subdifferential(_distinct(found), False, kinks, probe.near, fixed)
 
 
 def stationarity(f: Callable, inputs, *, atol: float = 1e-6, samples: int | None = None, seed: int | None = None,
@@ -275,13 +287,30 @@ def stationarity(f: Callable, inputs, *, atol: float = 1e-6, samples: int | None
     >>> cert.stationary, cert.min_norm
     (True, 0.0)
     """
+    _ctx.check_real("atol", atol, low=0.0)
     sd = subdifferential(f, inputs, samples=samples, seed=seed, tie_tol=tie_tol, near_tol=near_tol)
     element = sd.min_norm_element()
     norm = float(_flat(element).norm())
+    bound = norm if sd.exact else _fixed_part_norm(sd)
     if not math.isfinite(norm):
         verdict = None
     elif norm <= atol:
         verdict = True
     else:
-        verdict = False if sd.exact else None
-    return Stationarity(verdict, norm, sd.kinks, sd.near_kinks, sd.exact, element, sd)
+        verdict = False if sd.exact or bound > atol else None
+    return Stationarity(verdict, norm, sd.kinks, sd.near_kinks, sd.exact, element, sd, bound)
+
+
+def _fixed_part_norm(sd: Subdifferential) -> float:
+    """A lower bound on the least norm of the Clarke subdifferential when its pieces were only sampled.
+
+    An input that f uses only after its last tie is no ancestor of any tied op: backpropagating to it crosses only
+    ops evaluated at the same values whatever branch each tie takes, so its part of the gradient is the same in
+    every piece active at x, hence in every element of the subdifferential (the hull of their limits). The norm of
+    that common part bounds the least norm from below, however many ties there are.
+    """
+    if not sd.fixed or not sd.elements:
+        return 0.0
+    part = torch.cat([sd.elements[0][i].detach().reshape(-1).to(torch.float64).cpu() for i in sd.fixed])
+    value = float(part.norm())
+    return value if math.isfinite(value) else 0.0

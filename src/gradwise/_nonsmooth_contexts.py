@@ -1,0 +1,324 @@
+"""Where f runs: the contexts around a pass of f, and the places where gradwise cannot see f's ops.
+
+gradwise sees f's ops through a ``TorchFunctionMode`` (`_nonsmooth._KinkMode`). That is exact only where every op
+that f's value depends on goes through the mode with its tangent, and every pass of f takes the same path. This
+module makes the usual wrappers exact and detects the rest:
+
+* ``torch.compile`` (any backend): every pass runs under ``torch.compiler.set_stance("force_eager")``, so the
+  compiled function's Python runs under the mode (Dynamo would otherwise trace the mode itself).
+* Checkpointing (``torch.utils.checkpoint``, reentrant or not): during a pass the checkpointed function runs
+  plainly (no recomputation in backward, which would run outside the mode with PyTorch's conventions). Same
+  values, more memory.
+* Module full backward hooks wrap tensors in an identity ``autograd.Function``; during a pass it has its (identity)
+  forward-mode derivative, so tangents go through.
+* Ops the mode never sees (TorchScript, code in C++ extensions that calls aten ops): `_OpaqueWatch`, a dispatch
+  mode under the function mode, sees every aten op; one that runs outside any call the function mode saw, depends
+  on f's inputs and sits at its kink raises `NonsmoothError`.
+* Custom ops (``torch.ops.<namespace>.*`` outside aten, ``torch.library`` ops) that drop the tangent (no
+  forward-mode formula): `NonsmoothError` naming the op, in every pass (a trial call with a tangent decides, once
+  per op).
+* Custom ``autograd.Function`` s without ``jvp``: `NonsmoothError` naming the Function (`check_functions`).
+* ``torch.func`` transforms inside f, and reverse passes inside f (``torch.autograd.grad``, ``.backward()``,
+  ``torch.autograd.functional.jacobian`` ...) after a kink was hit: `NonsmoothError`; gradwise inside a
+  ``torch.func`` transform: `NonsmoothError`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.utils.checkpoint as _checkpoint
+from torch.nn.modules._functions import BackwardHookFunction
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_functorch = torch._C._functorch
+
+
+class _Plain:
+    """Stands in for ``CheckpointFunction`` during a pass: the function runs once, plainly."""
+
+    @staticmethod
+    def apply(function, preserve_rng_state, *args):
+        return function(*args)
+
+
+def _plain_generator(*args, **kwargs) -> Iterator[None]:
+    """Stands in for the non-reentrant checkpoint's set-up/tear-down generator: nothing to set up."""
+    yield
+
+
+def _identity_jvp(ctx, *tangents):
+    # the forward returns its inputs as they are: forward AD wants views of their tangents back
+    out = tuple(None if t is None else t.view_as(t) for t in tangents)
+    return out[0] if len(out) == 1 else out
+
+
+_DEPTH = [0]
+
+
+@contextlib.contextmanager
+def pass_context() -> Iterator[None]:
+    """Around every pass of f: compiled code runs eagerly, checkpoints plainly, backward-hook wrappers carry
+    tangents. Reentrant (gradwise calls nest: stationarity runs many passes); process-global while it is open."""
+    if _DEPTH[0]:
+        _DEPTH[0] += 1
+        try:
+            yield
+        finally:
+            _DEPTH[0] -= 1
+        return
+    saved = (_checkpoint.CheckpointFunction, _checkpoint._checkpoint_without_reentrant_generator,
+             BackwardHookFunction.__dict__.get("jvp"))
+    _DEPTH[0] = 1
+    _checkpoint.CheckpointFunction = _Plain
+    _checkpoint._checkpoint_without_reentrant_generator = _plain_generator
+    BackwardHookFunction.jvp = staticmethod(_identity_jvp)
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            yield
+    finally:
+        _DEPTH[0] = 0
+        _checkpoint.CheckpointFunction, _checkpoint._checkpoint_without_reentrant_generator = saved[:2]
+        if saved[2] is None:
+            del BackwardHookFunction.jvp
+        else:
+            BackwardHookFunction.jvp = saved[2]
+
+
+# ------------------------------------------------------------------------------------------------ functorch
+
+
+def unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor inside ``torch.func`` wrappers (GradTrackingTensor, BatchedTensor)."""
+    while _functorch.is_functorch_wrapped_tensor(t):
+        t = _functorch.get_unwrapped(t)
+    return t
+
+
+def transforms_active() -> bool:
+    return bool(_functorch._are_functorch_transforms_active()) if hasattr(
+        _functorch, "_are_functorch_transforms_active") else _functorch.maybe_current_level() is not None
+
+
+def check_entry(name: str, xs) -> None:
+    """gradwise's own passes cannot run inside a ``torch.func`` transform (their dual level and mode sit outside
+    it); checked when a public function is called."""
+    if transforms_active() or any(_functorch.is_functorch_wrapped_tensor(x) for x in xs):
+        raise_nonsmooth(f"gradwise ({name}) was called inside a torch.func transform (grad, vmap, jacrev ...), "
+                        "where its passes of f cannot follow tangents or lock branches. Call it outside the "
+                        "transform (loop over the batch instead of vmap).")
+
+
+def raise_nonsmooth(message: str):
+    from gradwise._nonsmooth import NonsmoothError
+
+    raise NonsmoothError(message)
+
+
+# ------------------------------------------------------------------------------------------------ reverse passes in f
+
+REVERSE_CALLS = {torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward}
+
+
+# ------------------------------------------------------------------------------------------------ custom ops
+
+# op -> whether it carries a tangent (decided by one trial call with a tangent)
+_FORWARD_AD: dict[object, bool] = {}
+
+
+def is_custom_op(func) -> bool:
+    """A ``torch.ops`` overload outside aten/prims: an opaque kernel for gradwise."""
+    if not isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return False
+    return str(func).split(".")[0] not in ("aten", "prims", "prim", "_c10d_functional", "c10d_functional")
+
+
+def _float_tensors(tree) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree] if tree.is_floating_point() or tree.is_complex() else []
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _float_tensors(v)]
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in _float_tensors(v)]
+    return []
+
+
+def _has_tangent(t) -> bool:
+    return isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None
+
+
+def carries_tangent(func, args: tuple, kwargs: dict) -> bool:
+    """Whether custom op ``func`` gives its float outputs a tangent when an input has one (one trial call on
+    copies, cached per op)."""
+    key = func
+    if key in _FORWARD_AD:
+        return _FORWARD_AD[key]
+
+    def dual(a):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            p = fwAD.unpack_dual(a).primal.detach()
+            return fwAD.make_dual(p.clone(), torch.ones_like(p))
+        return a
+
+    try:
+        with fwAD.dual_level(), torch.no_grad():
+            trial = func(*[dual(a) for a in args], **{k: dual(v) for k, v in kwargs.items()})
+        outs = _float_tensors(trial)
+        ok = all(_has_tangent(o) for o in outs)
+    except NotImplementedError:
+        ok = False
+    except RuntimeError as e:
+        ok = "forward" not in str(e).lower()
+    _FORWARD_AD[key] = ok
+    return ok
+
+
+def check_custom_op(func, name: str, where: str, args: tuple, kwargs: dict, out, dual: bool) -> None:
+    """Refuse a custom op on f's inputs that has no forward-mode derivative: gradwise cannot follow a direction
+    through it or see a kink inside it."""
+    dropped = dual and any(_has_tangent(a) for a in (*args, *kwargs.values())) and not all(
+        _has_tangent(o) for o in _float_tensors(out))
+    if dropped or not carries_tangent(func, args, kwargs):
+        raise_nonsmooth(f"{name} (called at {where}) is a custom op without a forward-mode derivative: gradwise "
+                        "cannot follow a direction through it nor see a kink inside it (its tangent would be "
+                        "dropped: every directional derivative 0). Register one (torch.library.register_autograd "
+                        "with an autograd.Function that defines jvp, or implement the op in Python with torch ops)")
+
+
+# ------------------------------------------------------------------------------------------------ custom Functions
+
+
+def check_functions(y: torch.Tensor, where: str) -> None:
+    """Walk y's graph; a custom ``autograd.Function`` node without ``jvp`` is a part of f whose kinks gradwise
+    cannot see (its forward runs without gradients) nor follow with a tangent: NonsmoothError naming it."""
+    fn = y.grad_fn
+    if fn is None:
+        return
+    seen, stack = set(), [fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        cls = getattr(node, "_forward_cls", None)
+        if cls is not None and cls is not BackwardHookFunction and cls is not _Plain and \
+                getattr(cls, "jvp", torch.autograd.Function.jvp) is torch.autograd.Function.jvp:
+            raise_nonsmooth(f"f (called at {where}) applies the custom autograd.Function {cls.__qualname__}, which "
+                            "defines no jvp: gradwise cannot see a kink inside its forward nor follow a direction "
+                            "through it. Define its forward-mode derivative (a jvp staticmethod), or write it with "
+                            "torch ops")
+        stack.extend(n for n, _ in node.next_functions)
+
+
+# ------------------------------------------------------------------------------------------------ opaque ops
+
+
+class _OpaqueWatch(TorchDispatchMode):
+    """Sees every aten op of a pass. One that runs outside every call the function mode saw (``seen()`` is
+    False: TorchScript, a C++ extension) and sits at its kink: NonsmoothError (raised by `check` after f returns).
+    Away from kinks PyTorch's own derivatives of such ops are exact."""
+
+    def __init__(self, seen: Callable[[], bool], kinky: dict, where: Callable[[], str]):
+        super().__init__()
+        self.seen, self.kinky, self.where = seen, kinky, where
+        self.hit: str | None = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.seen():
+            return func(*args, **kwargs)
+        with torch._C.DisableTorchFunction():  # nothing here may re-enter the function mode
+            return self._unseen(func, args, kwargs)
+
+    def _unseen(self, func, args, kwargs):
+        out = func(*_tensor_args(func, args), **kwargs)
+        name = func.overloadpacket.__name__
+        test = self.kinky.get(name[:-1] if name.endswith("_") else name)
+        # Whether an argument depends on f's inputs cannot be told here: tangents are not readable at this level,
+        # and TorchScript's differentiable graphs run on detached inputs. Every kink op in unseen code counts.
+        if test is None:
+            return out
+        if self.hit is None and test(args, kwargs, out):  # raised by `check` (TorchScript would wrap an error)
+            self.hit = (f"{func.overloadpacket} runs at its kink in code that gradwise cannot see (TorchScript "
+                        f"from torch.jit.script/trace, or a C++ extension), called from {self.where()}: its "
+                        "derivative there would be PyTorch's convention. Call the Python function (the module "
+                        "before scripting/tracing) instead")
+        return out
+
+    def check(self) -> None:
+        if self.hit is not None:
+            raise_nonsmooth(self.hit)
+
+
+def _tensor_args(func, args: tuple) -> tuple:
+    """TorchScript's wrapped numbers (0-dim tensors made from Python scalars) reach a dispatch mode as Python
+    numbers; an op whose schema wants a Tensor there gets the tensor back."""
+    if all(isinstance(a, torch.Tensor) or not isinstance(a, numbers.Number) for a in args):
+        return args
+    schema = func._schema.arguments
+    return tuple(torch.tensor(a) if isinstance(a, numbers.Number) and i < len(schema) and
+                 isinstance(schema[i].type, torch._C.TensorType) else a for i, a in enumerate(args))
+
+
+def opaque_watch(mode, kinky: dict, where: Callable[[], str]) -> _OpaqueWatch:
+    return _OpaqueWatch(lambda: mode.depth > 0, kinky, where)
+
+
+# ------------------------------------------------------------------------------------------------ option checks
+
+
+def check_real(name: str, value, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+               allow_none: bool = False) -> None:
+    """Refuse an option that is not a finite real in [low, high] (``low_open``: (low, high])."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{name}={value!r}: must be a finite real number;" + _range(low, high, low_open))
+    v = float(value)
+    if (low is not None and (v < low or (low_open and v == low))) or (high is not None and v > high):
+        raise ValueError(f"{name}={value!r} is out of range:" + _range(low, high, low_open))
+
+
+def _range(low, high, low_open) -> str:
+    lo = "-inf" if low is None else low
+    hi = "inf" if high is None else high
+    return f" valid range is {'(' if low_open else '['}{lo}, {hi}{']' if high is not None else ')'}"
+
+
+def check_int(name: str, value, *, low: int, high: int | None = None, allow_none: bool = False) -> None:
+    """Refuse an option that is not an int in [low, high]."""
+    if value is None and allow_none:
+        return
+    valid = f"valid range is [{low}, {high}]" if high is not None else f"valid range is [{low}, inf)"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}={value!r}: must be an integer; {valid}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name}={value!r} is out of range: {valid}")
+
+
+def check_input_values(xs, what: str = "inputs") -> None:
+    """Refuse sparse, meta, complex and non-finite inputs with a message naming the fix."""
+    check_entry(what, xs)
+    for i, x in enumerate(xs):
+        if x.layout != torch.strided:
+            raise TypeError(f"{what}[{i}] has layout {x.layout}; gradwise needs dense (strided) tensors: pass "
+                            f"x.to_dense()")
+        if x.is_meta:
+            raise TypeError(f"{what}[{i}] is a meta tensor (no values): kinks depend on values; pass a tensor with "
+                            "data")
+        if x.is_complex():
+            raise TypeError(f"{what}[{i}] is complex ({x.dtype}); derivatives need a real floating dtype: pass "
+                            "torch.view_as_real(x) and rebuild the complex value inside f")
+        # one sum decides in the usual case (finite sum: every entry finite); only a non-finite sum (NaN/Inf, or
+        # an overflowing sum of finite values) takes the exact test
+        if x.numel() and not math.isfinite(float(x.detach().sum())) and not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            if what == "directions":
+                raise ValueError(f"directions[{i}] holds {bad} NaN/Inf value(s): a direction must be finite")
+            raise ValueError(f"{what}[{i}] holds {bad} NaN/Inf value(s): there is no derivative at a non-finite "
+                             "point, and gradwise does not invent one. Find where they come from (gw.trace) or mask "
+                             "them before calling")

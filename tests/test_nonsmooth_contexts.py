@@ -1,0 +1,378 @@
+"""Exact or refuse, wherever f is called from: hooks, compile, checkpoints, TorchScript, export, torch.func,
+custom Functions and custom ops (issue #14, point 1).
+
+References are independent of gradwise: float64 one-sided differences for directional derivatives, gradients at
+random differentiable points next to x (their hull is the subdifferential) for generalized gradients. A context
+either gives what the plain function gives (same seed, same branches) or raises NonsmoothError.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import gradwise as gw
+from gradwise._nonsmooth import NonsmoothError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_nonsmooth import flat, hull_distance, nearby_gradients, one_sided
+
+# TorchScript is deprecated in 2.13 (it warns on use); these tests use it on purpose
+pytestmark = pytest.mark.filterwarnings(r"ignore:.*torch\.jit.*:DeprecationWarning")
+
+ident = lambda x: torch.relu(x) - torch.relu(-x)  # the identity, with two kinks at 0 that cancel
+ZERO = torch.tensor(0.0, dtype=torch.float64)
+
+
+class Fn(nn.Module):
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def forward(self, x):
+        return self.f(x)
+
+
+class Ident(nn.Module):
+    def forward(self, x):
+        return torch.relu(x) - torch.relu(-x)
+
+
+class IdentityWithJvp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+    @staticmethod
+    def jvp(ctx, t):
+        return t.clone()
+
+
+class IdentityNoJvp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+@torch.library.custom_op("gradwise_test::scale2", mutates_args=())
+def scale2(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+def _hooked(f):
+    def g(x):
+        h = x * 1.0
+        if h.requires_grad:  # the usual guard: the program takes another path without gradients
+            h.register_hook(lambda grad: grad)
+        return f(h)
+    return g
+
+
+def _full_backward_hook(f):
+    m = Fn(f)
+    m.register_full_backward_hook(lambda mod, gi, go: None)
+    m.register_forward_hook(lambda mod, i, o: None)
+    m.register_forward_pre_hook(lambda mod, i: None)
+    return m
+
+
+def _traced(f, like):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.trace(Fn(f), like + 0.37, check_trace=False)
+
+
+def _exported(f, like):
+    return torch.export.export(Fn(f), (like + 0.37,)).module()
+
+
+# context -> (wrapper of f given an example input, whether it may refuse instead of answering)
+CONTEXTS = {
+    "tensor_hook": (lambda f, x: _hooked(f), False),
+    "module_hooks": (lambda f, x: _full_backward_hook(f), False),
+    "compile_eager": (lambda f, x: torch.compile(f, backend="eager"), False),
+    "compile_inductor": (lambda f, x: torch.compile(f), False),
+    "checkpoint_reentrant": (lambda f, x: lambda y: checkpoint(f, y, use_reentrant=True), False),
+    "checkpoint": (lambda f, x: lambda y: checkpoint(f, y, use_reentrant=False), False),
+    "export": (lambda f, x: _exported(f, x), False),
+    "function_with_jvp": (lambda f, x: lambda y: f(IdentityWithJvp.apply(y)), False),
+    "jit_trace": (_traced, True),
+    "jit_script": (lambda f, x: torch.jit.script(Ident()) if f is ident else _traced(f, x), True),
+    "function_without_jvp": (lambda f, x: lambda y: f(IdentityNoJvp.apply(y)), True),
+    "custom_op_without_forward_ad": (lambda f, x: lambda y: f(scale2(y) / 2), True),
+    "vmap": (lambda f, x: lambda y: torch.func.vmap(f)(y.unsqueeze(0)).squeeze(0), True),
+    "func_grad": (lambda f, x: lambda y: torch.func.grad_and_value(f)(y)[1], True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONTEXTS))
+def test_identity_written_with_relus(name):
+    """relu(x) - relu(-x) is the identity: its only generalized gradient at 0 is 1, f'(0; -1) = -1, and 0 is not
+    stationary. Every context gives exactly that or refuses."""
+    wrap, may_refuse = CONTEXTS[name]
+    f = wrap(ident, ZERO)
+    try:
+        g = gw.generalized_grad(f, ZERO, seed=0)
+        dd = gw.directional_derivative(f, ZERO, -torch.ones_like(ZERO))
+        cert = gw.stationarity(f, ZERO)
+    except NonsmoothError as e:
+        assert may_refuse, f"{name} refused: {e}"
+        assert "called" in str(e) or "at" in str(e)
+        return
+    assert float(g[0]) == 1.0
+    assert float(dd) == -1.0
+    assert cert.stationary is False and cert.min_norm == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", ["jit_trace", "jit_script", "function_without_jvp", "custom_op_without_forward_ad",
+                                  "vmap", "func_grad"])
+def test_refusals_name_the_way_out(name):
+    wrap, _ = CONTEXTS[name]
+    with pytest.raises(NonsmoothError, match=r"Call the|Define its|Register one|Call the function"):
+        gw.generalized_grad(wrap(ident, ZERO), ZERO, seed=0)
+
+
+def test_opaque_code_away_from_kinks_is_pytorchs():
+    """TorchScript is refused only at a kink: elsewhere its ops are PyTorch's own and exact."""
+    f = CONTEXTS["jit_trace"][0](ident, ZERO)
+    x = torch.tensor(0.5, dtype=torch.float64)
+    assert float(gw.generalized_grad(f, x)[0]) == 1.0
+    assert float(gw.directional_derivative(f, x, torch.tensor(-2.0, dtype=torch.float64))) == -2.0
+
+
+def test_gradwise_inside_a_transform_is_refused():
+    with pytest.raises(NonsmoothError, match=r"inside a torch\.func transform"):
+        torch.func.vmap(lambda y: gw.generalized_grad(ident, y)[0])(torch.zeros(2))
+
+
+def test_reverse_pass_inside_f_after_a_kink_is_refused():
+    f = lambda x: torch.autograd.functional.jacobian(lambda y: ident(y) ** 2 / 2, x, create_graph=True)
+    with pytest.raises(NonsmoothError, match="reverse pass"):
+        gw.generalized_grad(f, ZERO)
+    with pytest.raises(NonsmoothError, match="reverse pass"):
+        gw.generalized_grad(lambda x: torch.autograd.grad(torch.relu(x), x, create_graph=True)[0] * x, ZERO)
+
+
+# --- property: random compositions of kink ops, in every context ---------------------------------------------
+
+W = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+UNARY = [torch.relu, torch.abs, lambda v: torch.clamp(v, -1.0, 1.0), lambda v: F.leaky_relu(v, 0.1),
+         lambda v: v - v.flip(0) * 0.5, lambda v: 2 * v - 1, lambda v: torch.sort(v).values,
+         lambda v: torch.maximum(v, v.flip(0)), lambda v: torch.minimum(v, v.roll(1)), lambda v: v * W]
+FINAL = [lambda v: v.sum(), lambda v: v.amax(), lambda v: v @ W, lambda v: torch.topk(v, 2).values @ W[:2],
+         lambda v: F.max_pool1d(v.reshape(1, 1, 3), 2, 1).sum()]
+
+
+def composition(ops: list[int], final: int):
+    def f(x):
+        v = x
+        for i in ops:
+            v = UNARY[i](v)
+        return FINAL[final](v)
+    return f
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, len(UNARY) - 1), min_size=1, max_size=4), st.integers(0, len(FINAL) - 1),
+       st.lists(st.integers(-1, 1), min_size=3, max_size=3), st.integers(0, 2**16))
+def test_contexts_agree_with_the_plain_function(ops, final, xv, seed):
+    """For random compositions at integer points (kinks and ties everywhere), every context's generalized
+    gradient is the plain function's (an element of the subdifferential: checked against nearby gradients) and its
+    directional derivative the one-sided difference; or the context raises NonsmoothError."""
+    f = composition(ops, final)
+    x = torch.tensor(xv, dtype=torch.float64)
+    d = torch.linspace(-1.0, 0.7, 3, dtype=torch.float64)
+    (plain,) = gw.generalized_grad(f, x, seed=seed)
+    assert hull_distance(flat([plain]), nearby_gradients(f, [x], n=150)) < 1e-5
+    ref_dd = one_sided(f, [x], [d])
+    for name, (wrap, may_refuse) in CONTEXTS.items():
+        try:
+            g = gw.generalized_grad(wrap(f, x), x, seed=seed)
+            dd = gw.directional_derivative(wrap(f, x), x, d)
+        except NonsmoothError:
+            assert may_refuse, name
+            continue
+        torch.testing.assert_close(g[0], plain, msg=name)
+        assert float(dd) == pytest.approx(ref_dd, abs=1e-5), name
+
+
+def test_export_graph_of_a_pooling_net_is_exact():
+    """An exported module calls aten overloads directly (max_pool2d, relu): they reach the rules."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 1))
+    x = torch.randint(0, 3, (1, 1, 4, 4)).double()
+    net = net.double()
+    plain = lambda y: net(y).sum()
+    exported = torch.export.export(Fn(plain), (x,)).module()
+    g0 = gw.generalized_grad(plain, x, seed=1)
+    g1 = gw.generalized_grad(exported, x, seed=1)
+    torch.testing.assert_close(g1, g0)
+    assert hull_distance(flat(g0), nearby_gradients(plain, [x], n=100)) < 1e-5
+
+
+def test_many_calls_with_hooks_stay_exact():
+    """The second and later calls on the same code carry tangents in their first pass (a memo per code object):
+    a hook that changes the path must not break them either."""
+    f = _hooked(ident)
+    for _ in range(3):
+        assert float(gw.generalized_grad(f, ZERO, seed=0)[0]) == 1.0
+    assert math.isfinite(float(gw.generalized_grad(f, ZERO + 1.0, seed=0)[0]))
+    assert np.isfinite(float(gw.directional_derivative(f, ZERO, ZERO + 1.0)))
+
+
+# --- inputs and options (point 2) ------------------------------------------------------------------------------
+
+ABS = lambda x: x.abs().sum()
+X2 = torch.zeros(2, dtype=torch.float64)
+BAD_OPTIONS = {
+    "atol_negative": (lambda: gw.stationarity(ABS, X2, atol=-1), r"atol=-1 is out of range: valid range is \[0"),
+    "atol_nan": (lambda: gw.stationarity(ABS, X2, atol=math.nan), r"atol=nan: must be a finite real number"),
+    "samples_negative": (lambda: gw.subdifferential(ABS, X2, samples=-1), r"samples=-1 is out of range"),
+    "samples_zero": (lambda: gw.stationarity(ABS, X2, samples=0), r"samples=0 is out of range: valid range is \[1"),
+    "samples_float": (lambda: gw.subdifferential(ABS, X2, samples=2.5), r"samples=2.5: must be an integer"),
+    "tie_tol_negative": (lambda: gw.subdifferential(ABS, X2, tie_tol=-1), r"tie_tol=-1 is out of range"),
+    "tie_tol_inf": (lambda: gw.stationarity(ABS, X2, tie_tol=math.inf), r"tie_tol=inf: must be a finite"),
+    "near_tol_negative": (lambda: gw.stationarity(ABS, X2, near_tol=-1e-3), r"near_tol=-0.001 is out of range"),
+    "seed_negative": (lambda: gw.generalized_grad(ABS, X2, seed=-3), r"seed=-3 is out of range"),
+    "seed_float": (lambda: gw.generalized_backward(ABS, [X2], seed=0.5), r"seed=0.5: must be an integer"),
+    "eps_zero": (lambda: gw.gradcheck(ABS, X2, eps=0), r"eps=0 is out of range: valid range is \(0"),
+    "gradcheck_atol": (lambda: gw.gradcheck(ABS, X2, atol=-1), r"atol=-1 is out of range"),
+    "nearby_negative": (lambda: gw.gradcheck(ABS, X2, nearby=-1), r"nearby=-1 is out of range"),
+    "nearby_radius_inf": (lambda: gw.gradcheck(ABS, X2, nearby_radius=math.inf), r"nearby_radius=inf: must be"),
+    "kinks_hit_tie_tol": (lambda: gw._nonsmooth.kinks_hit(ABS, X2, tie_tol=math.nan), r"tie_tol=nan"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_OPTIONS))
+def test_options_out_of_range_are_refused(name):
+    call, match = BAD_OPTIONS[name]
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.parametrize("api", ["generalized_grad", "directional_derivative", "subdifferential", "stationarity",
+                                 "gradcheck"])
+@pytest.mark.parametrize("bad", ["nan", "inf", "sparse", "meta", "complex"])
+def test_bad_inputs_are_refused(api, bad):
+    x = {"nan": torch.tensor([math.nan, 0.0], dtype=torch.float64),
+         "inf": torch.tensor([0.0, -math.inf], dtype=torch.float64),
+         "sparse": X2.to_sparse(), "meta": torch.zeros(2, device="meta"),
+         "complex": torch.zeros(2, dtype=torch.complex128)}[bad]
+    call = {"generalized_grad": lambda: gw.generalized_grad(ABS, x),
+            "directional_derivative": lambda: gw.directional_derivative(ABS, x, torch.ones(2, dtype=x.dtype)),
+            "subdifferential": lambda: gw.subdifferential(ABS, x), "stationarity": lambda: gw.stationarity(ABS, x),
+            "gradcheck": lambda: gw.gradcheck(ABS, x)}[api]
+    match = {"nan": "1 NaN/Inf value", "inf": "1 NaN/Inf value", "sparse": "dense", "meta": "meta tensor",
+             "complex": "real floating dtype"}[bad]
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
+
+
+def test_directions_as_nested_sequences():
+    """Directions may be given as (nested) sequences of numbers shaped like the inputs."""
+    f = lambda a, b: (a - b).abs().sum()
+    x = (X2, X2.clone())
+    assert float(gw.directional_derivative(f, x, ((1, 0), (0, -2)))) == 3.0
+    assert float(gw.directional_derivative(ABS, X2, [-1.0, 0.5])) == 1.5
+    with pytest.raises(ValueError, match="a direction must be finite"):
+        gw.directional_derivative(ABS, X2, (math.nan, 0.0))
+    with pytest.raises(TypeError, match="shape"):
+        gw.directional_derivative(ABS, X2, (1.0, 0.0, 0.0))
+
+
+# --- speed-related rules must stay exact ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("xv", [[-1.0, 0.0, -2.0], [-1.0, 2.0, -1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0],
+                                [0.0, -1.0, -3.0], [2.0, 0.0, 2.0], [-1.0, -2.0, -3.0]])
+def test_maximum_of_relu_dead_elements_is_no_kink(xv):
+    """maximum(h, h.flip(0)) with h = relu(.): ties between two relu-dead elements are locally constant (no kink,
+    not ranked); ties touching relu's own kink or live values are ranked. Both agree with nearby gradients."""
+    f = lambda v: (torch.maximum(torch.relu(v), torch.relu(v).flip(0)) * W).sum()
+    x = torch.tensor(xv, dtype=torch.float64)
+    g = gw.generalized_grad(f, x, seed=0)
+    assert hull_distance(flat(g), nearby_gradients(f, [x], n=200)) < 1e-6
+    for d in (torch.tensor([1.0, -0.5, 0.25]), torch.tensor([-1.0, 0.3, 2.0])):
+        d = d.double()
+        assert float(gw.directional_derivative(f, x, d)) == pytest.approx(one_sided(f, [x], [d]), abs=1e-5)
+    dead = [i for i in range(3) if xv[i] < 0 and xv[2 - i] < 0]
+    kinks = gw._nonsmooth.kinks_hit(f, x)[0]
+    if dead and all(v != 0 for v in xv) and xv[0] != xv[2]:
+        assert not kinks
+
+
+def test_sort_candidates_are_the_tied_groups():
+    """Ties of sort/topk in large rows: the ranked order follows the tangents within each tied group only."""
+    x = torch.tensor([[3.0, 1.0, 3.0, 2.0, 1.0, 3.0]], dtype=torch.float64)
+    d = torch.tensor([[0.5, -1.0, 2.0, 7.0, 1.0, -3.0]], dtype=torch.float64)
+    f = lambda v: torch.sort(v, dim=1, descending=True).values @ torch.arange(6.0, 0.0, -1.0, dtype=v.dtype)
+    assert float(gw.directional_derivative(f, x, d)) == pytest.approx(one_sided(f, [x], [d]), abs=1e-5)
+    g = lambda v: torch.topk(v, 2, dim=1).values.sum()
+    assert float(gw.directional_derivative(g, x, d)) == pytest.approx(one_sided(g, [x], [d]), abs=1e-5)
+
+
+# --- kink rules: scatter_reduce / index_reduce with amax / amin (point 3) ----------------------------------------
+
+SCATTER_INDEX = torch.tensor([0, 0, 1, 2, 2, 2])
+
+
+@pytest.mark.filterwarnings("ignore:index_reduce\\(\\) is in beta:UserWarning")
+@pytest.mark.parametrize("op", ["scatter_reduce", "index_reduce"])
+@pytest.mark.parametrize("reduce", ["amax", "amin"])
+@pytest.mark.parametrize("include_self", [True, False])
+def test_scatter_max_min_reductions(op, reduce, include_self):
+    """Ties between scattered elements and the destination's own value: the one-sided derivative along random
+    directions equals float64 one-sided differences; the generalized gradient lies in the hull of nearby gradients
+    (PyTorch splits the gradient among ties: not a generalized gradient in general)."""
+    w = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
+    if op == "scatter_reduce":
+        f = lambda s, d: (torch.scatter_reduce(d, 0, SCATTER_INDEX, s, reduce, include_self=include_self) * w).sum()
+    else:
+        f = lambda s, d: (d.index_reduce(0, SCATTER_INDEX, s, reduce, include_self=include_self) * w).sum()
+    sign = 1.0 if reduce == "amax" else -1.0
+    s = sign * torch.tensor([1.0, 1.0, 2.0, 0.0, 3.0, 3.0], dtype=torch.float64)
+    d = sign * torch.tensor([1.0, 0.0, 3.0], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        dirs = (torch.randn(6, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64))
+        assert float(gw.directional_derivative(f, (s, d), dirs)) == pytest.approx(
+            one_sided(f, [s, d], list(dirs)), abs=1e-5)
+    g = gw.generalized_grad(f, (s, d), seed=1)
+    assert hull_distance(flat(g), nearby_gradients(f, [s, d], n=300)) < 1e-6
+    assert gw.stationarity(f, (s, d)).exact
+
+
+@pytest.mark.parametrize("layout", ["offsets", "2d", "last_offset"])
+def test_embedding_bag_max(layout):
+    """embedding_bag(mode='max') with tied rows in a column: exact one-sided derivatives (PyTorch has no forward
+    mode for it) and a generalized gradient in the hull of nearby gradients."""
+    w = torch.tensor([[1.0, 2.0], [1.0, 0.0], [3.0, 2.0], [0.0, 0.0]], dtype=torch.float64)
+    c = torch.tensor([[1.0, -2.0], [0.5, 3.0]], dtype=torch.float64)
+    kw = {"offsets": dict(input=torch.tensor([0, 1, 2, 3]), offsets=torch.tensor([0, 2])),
+          "2d": dict(input=torch.tensor([[0, 1], [2, 3]])),
+          "last_offset": dict(input=torch.tensor([0, 1, 2, 1]), offsets=torch.tensor([0, 3, 4]),
+                              include_last_offset=True)}[layout]
+    f = lambda v: (F.embedding_bag(weight=v, mode="max", **kw) * c).sum()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        d = torch.randn(w.shape, generator=gen, dtype=torch.float64)
+        assert float(gw.directional_derivative(f, w, d)) == pytest.approx(one_sided(f, [w], [d]), abs=1e-5)
+    assert hull_distance(flat(gw.generalized_grad(f, w, seed=0)), nearby_gradients(f, [w], n=300)) < 1e-6
