@@ -35,15 +35,18 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from gradwise import _strong_zeros
+from gradwise import _strong_zeros, _trace_causes
 from gradwise._masks import mask_any
 from gradwise._report import Finding, Report
+from gradwise._trace_store import Birth as _Birth
+from gradwise._trace_store import Incident as _Incident
+from gradwise._trace_store import Store, earliest
+from gradwise._trace_store import count as _count
+from gradwise._trace_store import first as _first
 
 aten = torch.ops.aten
 _ACCUMULATE_SEQ = 2**64 - 1  # the sequence number every AccumulateGrad node reports
 _MAX_NODES = 200_000  # node records kept for long runs (CLI): the oldest are dropped first
-_SHOWN = 4  # indices shown per finding
-_BLOCK = 4096  # _first scans masks in blocks of this many elements
 _DEFER_ON_CPU = False  # batch the checks on CPU too, as on accelerators (tests use it to cover that path)
 
 # -- where user code called an op -------------------------------------------------------------------------
@@ -126,48 +129,6 @@ def _floats(out) -> list[torch.Tensor]:
 
 def _nonfinite(t: torch.Tensor) -> bool:
     return t.is_floating_point() and t.numel() > 0 and not bool(torch.isfinite(t).all())
-
-
-def _first(mask: torch.Tensor) -> list[list[int]]:
-    """The first few True (nonzero) positions of a bool or 0/1 mask, without listing them all (masks can be
-    large). The first block holding one is found by a max per block: PyTorch's argmax over a large bool/uint8
-    mask is ~100x slower."""
-    flat = mask.reshape(-1)
-    if flat.dtype == torch.bool:
-        flat = flat.view(torch.uint8)
-    n = flat.numel()
-    if n == 0:
-        return []
-    start = 0
-    if n > _BLOCK:
-        full = n - n % _BLOCK
-        blocks = flat[:full].view(-1, _BLOCK).amax(1).nonzero()
-        if len(blocks):
-            start = int(blocks[0]) * _BLOCK
-        else:
-            start = full
-    first = flat[start : start + _BLOCK].nonzero()
-    if not len(first):
-        return []
-    start += int(first[0])
-    hits = flat[start : start + _BLOCK].nonzero()[:_SHOWN].flatten() + start
-    if not mask.dim():
-        return [[]]
-    out = []
-    for i in hits.tolist():  # unravel a handful of flat indices in Python (torch.unravel_index costs ~25 us)
-        idx = []
-        for n in reversed(mask.shape):
-            i, r = divmod(i, n)
-            idx.append(r)
-        out.append(idx[::-1])
-    return out
-
-
-def _count(mask: torch.Tensor) -> int:
-    """How many elements of a bool or 0/1 mask are set (count_nonzero on floats is ~40x slower than a sum)."""
-    if mask.dtype == torch.bool:
-        return int(torch.count_nonzero(mask))
-    return int(mask.sum(dtype=torch.float64))
 
 
 def _positions(mask: torch.Tensor) -> tuple[int, list[list[int]]]:
@@ -794,46 +755,6 @@ def _dist_rank() -> int | None:
 # -- what the trace records ----------------------------------------------------------------------------------
 
 
-@dataclass(eq=False)
-class _Birth:
-    """Where a NaN/Inf value first appeared (a forward op, a backward formula on saved values, or the data)."""
-
-    op: str
-    loc: tuple
-    what: str
-    count: int
-    indices: list
-    nan: bool
-    name: str | None = None  # for data that arrived non-finite
-    parents: frozenset = frozenset()
-    used: bool = False
-    received: bool = False  # read from a collective's buffer: another rank's NaN/Inf
-
-    def describe(self) -> str:
-        kind = "NaN" if self.nan else "Inf"
-        if self.op == "input":
-            name = self.name or "a tensor"
-            return f"{name} arrived with {self.count} {kind} value(s) (first used at {_fmt(self.loc)})"
-        return f"{self.op} at {_fmt(self.loc)} made {self.count} {kind} value(s): {self.what}"
-
-
-@dataclass(eq=False)
-class _Incident:
-    """A non-finite gradient element born in the backward: a sensitivity met a non-finite value."""
-
-    kind: str  # "contamination", "nan" or "inf"
-    op: str  # the backward aten op
-    node_op: str  # the forward op whose backward it is
-    loc: tuple
-    count: int
-    indices: list
-    births: frozenset
-    what: str
-    discarded: tuple | None = None  # (op, loc) of the forward op whose backward made the zero sensitivity
-    reaches: set = field(default_factory=set)
-    undecided: bool = False  # met in a backward op the trace cannot split (no strong-zero rule)
-
-
 @dataclass
 class _Node:
     op: str
@@ -868,13 +789,12 @@ class _Tracer(TorchDispatchMode):
         self.module_names = _ByIdentity()  # module -> {id(param): name}
         self.nodes: dict[int, _Node] = {}
         self.parents: dict = {}  # node seq -> seqs of the nodes whose sensitivities it consumed
-        self.births: list[_Birth] = []
-        self.incidents: list[_Incident] = []
+        self.store = Store()  # births and incidents, interned per site (bounded over long runs)
         self.kinks: dict[tuple, _KinkGroup] = {}
         self.output_births: set = set()  # births that reached an output something was differentiated from
-        self.orphans: list = []  # non-finite final gradients with no recorded provenance
         self.pending: list = []
         self.depth = 0
+        self.backward_ended = False  # the next grad-enabled forward op starts a new step
         self.n_fwd = self.n_bwd = 0
         self.last_seq = _get_sequence_nr()
         self.collective_bufs: dict[int, tuple] = {}  # storage -> (weak ref, op, loc) of collectives' tensors
@@ -898,6 +818,10 @@ class _Tracer(TorchDispatchMode):
 
     def _forward(self, func, info, args, kwargs):
         self.n_fwd += 1
+        # a new step: the first aten op with grad enabled after a backward (optimizers run theirs under no_grad)
+        if self.backward_ended and func.namespace == "aten" and torch.is_grad_enabled():
+            self.backward_ended = False
+            self.store.step += 1
         seq = _get_sequence_nr()
         # this op made autograd node seq - 1: it is differentiated. A custom Function takes its number before its
         # forward runs (under no_grad): the first op inside it did not make that node
@@ -922,8 +846,7 @@ class _Tracer(TorchDispatchMode):
         if creates_node:
             nd = self.nodes[seq - 1] = _Node(info.op_name, loc)
             if len(self.nodes) > _MAX_NODES:
-                for k in list(self.nodes)[: _MAX_NODES // 2]:
-                    del self.nodes[k]
+                self._forget_oldest_nodes()
             if det is not None and det.needs_out:
                 hit = det.fn(_Call(args, kwargs, out, self.ties, info.packet_name))
             if hit is not None:
@@ -938,6 +861,14 @@ class _Tracer(TorchDispatchMode):
             return out  # finite in, finite out: nothing to check (provenance is up to date when nothing is pending)
         self._check(outs, lambda bad: self._dig(func, loc, ins, bad, None, info))
         return out
+
+    def _forget_oldest_nodes(self) -> None:
+        """Keep the newest half of the node records (and their sensitivity links): memory stays bounded over
+        long runs; a backward reaches nodes of its own step, which are the newest."""
+        keep = list(self.nodes)[_MAX_NODES // 2 :]
+        self.nodes = {k: self.nodes[k] for k in keep}
+        oldest = keep[0] if keep else 0
+        self.parents = {k: v for k, v in self.parents.items() if k is None or k >= oldest}
 
     def _backward(self, func, info, node, args, out, kwargs=None):
         self.n_bwd += 1
@@ -1031,19 +962,23 @@ class _Tracer(TorchDispatchMode):
         if got is None and t._base is not None and _nonfinite(t._base):
             got = self.prov[t] = self._origin(t._base, loc)
         if got is None and (via := self._received_through(t)) is not None:
-            count, idx = _positions(~torch.isfinite(t))
-            b = _Birth(via[0], via[1], "received from another rank", count, idx, bool(torch.isnan(t).any()),
-                       received=True)
-            self.births.append(b)
+            mask, nan = ~torch.isfinite(t), bool(torch.isnan(t).any())
+            b = self._birth(via[0], via[1], nan, None, mask, lambda idx: _Birth(
+                via[0], via[1], "received from another rank", 0, idx, nan, received=True), received=True)
             got = self.prov[t] = frozenset([b])
         if got is None:
-            mask = ~torch.isfinite(t)
-            count, idx = _positions(mask)
-            b = _Birth("input", loc, "arrived non-finite", count, idx, bool(torch.isnan(t).any()),
-                       name=self.names.get(t) or self._search_name(t, _user_frame()))
-            self.births.append(b)
+            mask, nan = ~torch.isfinite(t), bool(torch.isnan(t).any())
+            name = self.names.get(t) or self._search_name(t, _user_frame())
+            b = self._birth("input", loc, nan, name, mask,
+                            lambda idx: _Birth("input", loc, "arrived non-finite", 0, idx, nan, name=name))
             got = self.prov[t] = frozenset([b])
         return got
+
+    def _birth(self, op, loc, nan, name, mask, make, parents=(), received=False) -> _Birth:
+        """The interned birth of this site: its indices and description are computed the first time only."""
+        key = self.store.birth_key(op, loc, nan, name, received)
+        known = self.store.known(key)
+        return self.store.birth(key, _count(mask), lambda: make(_first(mask)) if known is None else None, parents)
 
     def _gradient_as_value(self, t: torch.Tensor, got: frozenset, loc) -> frozenset:
         """A non-finite gradient used as a forward value (an optimizer step writing it into a parameter): its
@@ -1053,14 +988,13 @@ class _Tracer(TorchDispatchMode):
         if cached is not None:
             return cached
         incidents = [p for p in got if isinstance(p, _Incident)]
-        count, idx = _positions(~torch.isfinite(t))
-        first = incidents[0]
+        first = min(incidents, key=lambda i: i.order)
         what = (f"a gradient with {first.kind if first.kind == 'contamination' else 'genuine ' + first.kind} from "
                 f"{first.op} (the backward of {first.node_op}) at {_fmt(first.loc)}, used as a value")
         parents = frozenset(p for p in got if isinstance(p, _Birth)).union(*(i.births for i in incidents))
-        b = _Birth("gradient", loc, what, count, idx, bool(torch.isnan(t).any()), name=self.names.get(t),
-                   parents=parents)
-        self.births.append(b)
+        nan, name = bool(torch.isnan(t).any()), self.names.get(t)
+        b = self._birth("gradient", loc, nan, name, ~torch.isfinite(t),
+                        lambda idx: _Birth("gradient", loc, what, 0, idx, nan, name=name), parents)
         got = self.as_value[t] = frozenset([b])
         return got
 
@@ -1100,13 +1034,16 @@ class _Tracer(TorchDispatchMode):
         prior_nan = any(getattr(b, "nan", True) for b in prior) if prior else False
         new_nan = has_nan and not prior_nan and not any(bool(torch.isnan(t).any()) for t in nf)
         if (not nf and not prior) or new_nan:
-            count, idx = _positions(_in_base(torch.isnan(o) if new_nan and (nf or prior) else mask, o, base))
             op = _op_name(func)
-            what = _explain(func, nf or [t for t in ins if t is not o], o, mask)  # born here: why, from its inputs
-            if nd is not None and nd.op != op and (not nf or new_nan) and loc == nd.loc:
-                what = f"{what} (in the backward formula of {nd.op})"
-            b = _Birth(op, loc, what, count, idx, has_nan, parents=births)
-            self.births.append(b)
+
+            def make(idx):
+                what = _explain(func, nf or [t for t in ins if t is not o], o, mask)  # why, from its inputs
+                if nd is not None and nd.op != op and (not nf or new_nan) and loc == nd.loc:
+                    what = f"{what} (in the backward formula of {nd.op})"
+                return _Birth(op, loc, what, 0, idx, has_nan)
+
+            b = self._birth(op, loc, has_nan, None,
+                            _in_base(torch.isnan(o) if new_nan and (nf or prior) else mask, o, base), make, births)
             births = frozenset([b])
         self.prov[o] = births
 
@@ -1140,10 +1077,8 @@ class _Tracer(TorchDispatchMode):
                 undecided = bool(births) and _undecidable(func, ins, o)
                 for b in births:
                     b.used = True
-            inc = _Incident(kind, op, node_op, loc, count, idx, births, what,
-                            self._discarded_by(sens_ins) if contaminated else None,
-                            undecided=undecided)
-            self.incidents.append(inc)
+            inc = self.store.incident(kind, op, node_op, loc, count, idx, births, what,
+                                      self._discarded_by(sens_ins) if contaminated else None, undecided)
             incidents.append(inc)
         self.prov[o] = frozenset(incidents)
 
@@ -1218,7 +1153,7 @@ class _Tracer(TorchDispatchMode):
         for inc in incs:
             inc.reaches.add(self.leaf_name(leaf))
         if not incs and _nonfinite(grad):
-            self.orphans.append((self.leaf_name(leaf), int((~torch.isfinite(grad)).sum())))
+            self.store.orphan(self.leaf_name(leaf), int((~torch.isfinite(grad)).sum()))
 
     def leaf_name(self, t: torch.Tensor) -> str:
         name = self.names.get(t)
@@ -1305,37 +1240,49 @@ class _Tracer(TorchDispatchMode):
 
     # -- the report -------------------------------------------------------------------------------------------
 
-    def fill(self, report: Report, since: tuple[int, int] = (0, 0)) -> None:
-        """Fill ``report``; ``since`` (incidents, orphans recorded before a nested block) leaves those out."""
+    def fill(self, report: Report, since: int = 0) -> None:
+        """Fill ``report`` (linear in the records kept); ``since`` (the store's event counter when a nested block
+        began) leaves out what was last seen before it."""
         self.flush()
         report.forward_ops, report.backward_ops = self.n_fwd, self.n_bwd
         findings: dict[tuple, Finding] = {}
 
-        def add(key, make, count, reaches, indices):
+        origin: dict[tuple, _Birth] = {}  # finding key -> the birth that explains it (root causes)
+
+        def add(key, make, count, reaches, indices, occurrences=1, step=None, birth=None):
             f = findings.get(key)
             if f is None:
                 f = findings[key] = make()
                 f.count, f.indices, f.occurrences = 0, indices, 0
+                if birth is not None:
+                    origin[key] = birth
             f.count += count
-            f.occurrences += 1
+            f.occurrences += occurrences
             f.reaches = sorted(set(f.reaches) | set(reaches))
+            if step is not None and (f.step is None or step < f.step):
+                f.step = step
 
         birthless: set = set()
-        for inc in self.incidents[since[0]:]:
-            birth = min(inc.births, key=lambda b: self.births.index(b)) if inc.births else None
+        for inc in sorted(self.store.incidents.values(), key=lambda i: i.order):
+            if inc.serial <= since:
+                continue
+            birth = earliest(inc.births)
             if inc.kind == "contamination":
                 key = ("contamination", inc.op, inc.loc, birth.op if birth else None, birth.loc if birth else None)
                 add(key, lambda inc=inc, birth=birth: self._contamination(inc, birth), inc.count, inc.reaches,
-                    inc.indices)
+                    inc.indices, inc.occurrences, inc.step, birth)
             elif birth is not None:  # named by where it was born: count and elements are the born tensor's
                 key = (inc.kind, birth.op, birth.loc)
+                new = key not in findings
                 add(key, lambda inc=inc, birth=birth: self._genuine(inc.kind, inc, birth),
-                    0 if key in findings else birth.count, inc.reaches, birth.indices)
+                    birth.count if new else 0, inc.reaches, birth.indices, birth.occurrences if new else 0,
+                    inc.step, birth)
             else:
                 key = (inc.kind, inc.node_op, inc.loc)
-                add(key, lambda inc=inc: self._genuine(inc.kind, inc, None), inc.count, inc.reaches, inc.indices)
+                add(key, lambda inc=inc: self._genuine(inc.kind, inc, None), inc.count, inc.reaches, inc.indices,
+                    inc.occurrences, inc.step)
                 birthless.add(key)
-        for birth in self.output_births:
+        for birth in sorted(self.output_births, key=lambda b: b.order):
             kind = "nan" if birth.nan else "inf"
             key = (kind, birth.op, birth.loc)
             if key in birthless:  # the output itself is NaN/Inf from the forward: that is the explanation
@@ -1343,14 +1290,16 @@ class _Tracer(TorchDispatchMode):
                 findings[key] = self._genuine(kind, None, birth)
                 findings[key].count, findings[key].indices = birth.count, birth.indices
                 findings[key].occurrences, findings[key].reaches = old.occurrences, old.reaches
+                findings[key].step, origin[key] = old.step, birth
             elif key not in findings:
                 add(key, lambda birth=birth, kind=kind: self._genuine(kind, None, birth), birth.count, [],
-                    birth.indices)
+                    birth.indices, birth.occurrences, birth.step, birth)
         self._grads_made_nonfinite_after_backward(findings, add)
-        for name, count in self.orphans[since[1]:]:
-            add(("nan", "unknown", name), lambda name=name: Finding(
-                "nan", "unknown", "<unknown>", 0, message=f"the gradient of {name} is not finite; its birth was "
-                "not observed (made outside the traced block?)"), count, [name], [])
+        for name, (count, occurrences, serial) in self.store.orphans.items():
+            if serial > since:
+                add(("nan", "unknown", name), lambda name=name: Finding(
+                    "nan", "unknown", "<unknown>", 0, message=f"the gradient of {name} is not finite; its birth was "
+                    "not observed (made outside the traced block?)"), count, [name], [], occurrences)
         if self.collective_sites:
             self._add_received(findings)
         for g in self.kinks.values():
@@ -1361,6 +1310,8 @@ class _Tracer(TorchDispatchMode):
                 occurrences=g.occurrences)
         order = {k: i for i, k in enumerate(("contamination", "nan", "inf", "singular", "kink"))}
         report.findings = sorted(findings.values(), key=lambda f: (order[f.kind], f.location))
+        report.causes = _trace_causes.group(report.findings, {id(f): origin[k] for k, f in findings.items()
+                                                              if k in origin}, _fmt, self.store.step)
         report.unused = self._unused()
         rank = _dist_rank()
         for f in report.findings:
@@ -1454,15 +1405,15 @@ class _Tracer(TorchDispatchMode):
 
     def _unused(self) -> list[str]:
         explained: set = set()
-        stack = [b for inc in self.incidents for b in inc.births] + list(self.output_births)
+        stack = [b for inc in self.store.incidents.values() for b in inc.births] + list(self.output_births)
         while stack:
             b = stack.pop()
             if b not in explained:
                 explained.add(b)
                 stack.extend(b.parents)
         groups: dict = {}
-        for b in self.births:
-            if b not in explained and not b.received:
+        for b in self.store.births.values():
+            if b not in explained and not b.received and b.op not in _NOT_DATA:
                 key = (b.op if b.op != "input" else f"input {b.name}", _fmt(b.loc))
                 groups[key] = groups.get(key, 0) + b.count
         return [f"{op} at {loc} ({n} value{'s' if n != 1 else ''})" for (op, loc), n in groups.items()]
@@ -1480,10 +1431,12 @@ class _Tracer(TorchDispatchMode):
         # with the outer sensitivities: they are not outputs the user's result depends on as such
         reentrant = self.depth > 0
         for i, (o, g) in enumerate(zip(outputs, grads, strict=False)):
-            for b in () if reentrant else self.prov.get(o, ()):
-                if isinstance(b, _Birth):
-                    b.used = True
-                    self.output_births.add(b)
+            births = [] if reentrant else [b for b in self.prov.get(o, ()) if isinstance(b, _Birth)]
+            # a parameter made NaN by an earlier backward makes the whole output NaN: it explains the others
+            inherited = [b for b in births if b.op == "gradient"]
+            for b in inherited or births:
+                b.used = True
+                self.output_births.add(b)
             if g is None and isinstance(o, torch.Tensor) and o.numel() == 1 and o.requires_grad:
                 grads[i] = g = torch.ones_like(o, memory_format=torch.preserve_format)
             if isinstance(g, torch.Tensor):
@@ -1491,6 +1444,10 @@ class _Tracer(TorchDispatchMode):
         return outputs, grads
 
 
+# births that are no data of the program: uninitialised memory (overwritten before use) and NaN gradients used
+# as values (consequences of findings, reported there)
+_NOT_DATA = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided",
+             "gradient"}
 _KINK_FIX = ("not an error: the gradient here is PyTorch's convention, one element of the subdifferential. To test "
              "optimality use gw.stationarity(f, x); for an exact one-sided derivative gw.directional_derivative.")
 _SINGULAR_FIX = ("an infinite derivative (a norm or root at 0): if the gradient must be finite here, smooth the op "
@@ -1583,7 +1540,7 @@ def trace(*, sync_every: int = 256) -> Iterator[Report]:
     report = Report()
     if _ACTIVE:  # nested (a script using gw.explain run by `gradwise run`): the outer block records for both
         outer = _ACTIVE[-1]
-        since = (len(outer.incidents), len(outer.orphans))
+        since = outer.store.serial
         try:
             yield report
         finally:
@@ -1600,6 +1557,7 @@ def trace(*, sync_every: int = 256) -> Iterator[Report]:
         finally:
             tracer.depth -= 1
             tracer.flush()
+            tracer.backward_ended = not tracer.depth
 
     def grad(outputs, inputs, grad_outputs=None, *args, **kwargs):
         if kwargs.get("is_grads_batched"):
@@ -1611,6 +1569,7 @@ def trace(*, sync_every: int = 256) -> Iterator[Report]:
         finally:
             tracer.depth -= 1
             tracer.flush()
+            tracer.backward_ended = not tracer.depth
         leaves = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
         for g, leaf in zip(result, leaves, strict=False):
             # torch.func.grad calls this too; under vmap its gradients are batched and cannot be read here
