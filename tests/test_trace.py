@@ -672,7 +672,7 @@ def test_a_long_nan_run_keeps_a_bounded_record_and_one_root_cause():
             kept = tracer.store.kept(), len(tracer.nodes), len(tracer.parents), tracer.store.step
         return report, kept
 
-    short, (kept20, nodes20, parents20, last20) = run(20)
+    _, (kept20, _, _, last20) = run(20)
     report, (kept200, nodes200, parents200, last200) = run(200)
     assert (last20, last200) == (19, 199)
     assert kept200 == kept20 and nodes200 <= trace_module._MAX_NODES and parents200 <= trace_module._MAX_NODES

@@ -73,6 +73,7 @@ class Report:
     ranks: list[str] = field(default_factory=list)  # merged reports: which rank introduced what, who received it
     causes: list[str] = field(default_factory=list)  # root causes first: one line each, earliest first
     removed: list[str] = field(default_factory=list)  # contamination gw.strong_zeros() annihilated: not a problem
+    notes: list[str] = field(default_factory=list)  # what the trace passed over (tensor kinds it cannot read)
 
     def of_kind(self, *kinds: str) -> list[Finding]:
         return [f for f in self.findings if f.kind in kinds]
@@ -102,6 +103,8 @@ class Report:
             data["causes"] = self.causes
         if self.removed:
             data["removed"] = self.removed
+        if self.notes:
+            data["notes"] = self.notes
         return json.dumps(data, indent=indent)
 
     def print(self, console: Console | None = None) -> None:
@@ -166,3 +169,6 @@ def _render(report: Report, console: Console) -> None:
         console.print()
         console.print(f"[dim]Not errors: NaN/Inf values made in the traced block that no gradient used: "
                       f"{escape('; '.join(report.unused))}[/]")
+    if report.notes:
+        console.print()
+        console.print(f"[dim]Not traced: {escape('; '.join(report.notes))}[/]")

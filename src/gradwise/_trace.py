@@ -35,7 +35,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from gradwise import _strong_zeros, _trace_causes
+from gradwise import _strong_zeros, _trace_causes, _trace_kinds
 from gradwise._masks import mask_any
 from gradwise._report import Finding, Report
 from gradwise._trace_store import Birth as _Birth
@@ -128,7 +128,8 @@ def _floats(out) -> list[torch.Tensor]:
 
 
 def _nonfinite(t: torch.Tensor) -> bool:
-    return t.is_floating_point() and t.numel() > 0 and not bool(torch.isfinite(t).all())
+    return t.is_floating_point() and t.numel() > 0 and _trace_kinds.readable(t) and not bool(
+        torch.isfinite(t).all())
 
 
 def _positions(mask: torch.Tensor) -> tuple[int, list[list[int]]]:
@@ -795,6 +796,11 @@ class _Tracer(TorchDispatchMode):
         self.pending: list = []
         self.depth = 0
         self.backward_ended = False  # the next grad-enabled forward op starts a new step
+        self.passed: dict[str, list] = {}  # kind -> [ops run without reading them, the first op] (_trace_kinds)
+        self.provisional: list | None = None  # incidents of a plain pass gw.strong_zeros() may redo
+        self.strong_ran = False
+        self.reached_now: set = set()  # incidents that reached a gradient in this backward call (strong zeros)
+        self.strong_reads: dict[tuple, int] = {}  # (birth, (node op, loc)) read in gw.strong_zeros()' passes
         self.n_fwd = self.n_bwd = 0
         self.last_seq = _get_sequence_nr()
         self.collective_bufs: dict[int, tuple] = {}  # storage -> (weak ref, op, loc) of collectives' tensors
@@ -809,6 +815,16 @@ class _Tracer(TorchDispatchMode):
             return self._collective(func, args, kwargs)
         if types and any(t.__name__ == "DTensor" for t in types):
             return func(*args, **kwargs)  # a check on a sharded DTensor would itself run collectives: not traced
+        if types and (odd := [t for t in types if t not in _trace_kinds.PLAIN_TYPES]):
+            # a tensor subclass (nested jagged, fake, ...): its own dispatch would see our reductions
+            self._pass_over(f"tensor subclass {odd[0].__name__}", func)
+            return func(*args, **kwargs)
+        if _trace_kinds.forward_ad_active():  # reductions of duals would build tangents
+            self._pass_over("forward-AD dual", func)
+            return func(*args, **kwargs)
+        if torch._C._are_functorch_transforms_active():  # vmap/grad (batched gradients): values are batched
+            self._pass_over("functorch-transformed (vmap, batched gradient)", func)
+            return func(*args, **kwargs)
         node = torch._C._current_autograd_node()
         if node is None and not self.depth:
             return self._forward(func, info, args, kwargs)
@@ -834,6 +850,8 @@ class _Tracer(TorchDispatchMode):
         loc = _loc(frame)
         ins = _tensors(args)
         det = info.detector
+        if det is not None and not all(_trace_kinds.readable(t) for t in ins):
+            det = None  # a ZeroTensor/meta/sparse input: no values to test for a kink
         hit = None
         if creates_node:
             new = [t for t in ins if t.is_leaf and t.requires_grad and t not in self.names]
@@ -841,16 +859,16 @@ class _Tracer(TorchDispatchMode):
                 for t, name in zip(new, self._search_names(new, frame), strict=True):
                     self.names[t] = name
             if det is not None and not det.needs_out:
-                hit = det.fn(_Call(args, kwargs, None, self.ties, info.packet_name))
+                hit = self._safely(func, det.fn, _Call(args, kwargs, None, self.ties, info.packet_name))
         out = func(*args, **kwargs)
         if creates_node:
             nd = self.nodes[seq - 1] = _Node(info.op_name, loc)
             if len(self.nodes) > _MAX_NODES:
                 self._forget_oldest_nodes()
             if det is not None and det.needs_out:
-                hit = det.fn(_Call(args, kwargs, out, self.ties, info.packet_name))
+                hit = self._safely(func, det.fn, _Call(args, kwargs, out, self.ties, info.packet_name))
             if hit is not None:
-                self._schedule_kink(hit, func, loc, nd)
+                self._safely(func, self._schedule_kink, hit, func, loc, nd)
         elif info.compare and len(ins) and any(t.requires_grad for t in ins):
             a, b = args[0], args[1]
             self.ties[out] = (a == b, info.compare)
@@ -896,10 +914,47 @@ class _Tracer(TorchDispatchMode):
             sens = True
         else:
             sens = False
+        # gw.strong_zeros()' pass: a rule that reads a non-finite value handles it
+        if _strong_zeros._STATE.in_mode:
+            self.strong_ran = True
+            if seq is not None and _strong_zeros.lookup(func) is not None:
+                self._strong_read(seq, ins)
         if not outs or ((info.view or info.preserving) and not self.pending and not any(t in self.prov for t in ins)):
             return
         self._check(outs, lambda bad: self._dig(func, None, ins, bad, seq if sens else (seq, "value"), info,
                                                 args=args, out=out, kwargs=kwargs))
+
+    def drop_provisional(self) -> None:
+        """Under gw.strong_zeros(), take back what strong zeros undid: the incidents of a plain pass that the
+        engine hook then redid with strong zeros (the strong pass records what remains), and contamination
+        the strong pass itself met but annihilated in place (a rule's masked_fill_), which reached no gradient.
+        Their births are listed as removed, unless another incident names them."""
+        for inc, n, nd, strong in self.provisional:
+            if strong and (inc.kind != "contamination" or id(inc) in self.reached_now):
+                continue
+            if not strong and not self.strong_ran:
+                continue
+            inc.count -= n
+            inc.occurrences -= 1
+            if inc.occurrences <= 0:
+                self.store.incidents = {k: v for k, v in self.store.incidents.items() if v is not inc}
+            site = (nd.op, nd.loc) if nd is not None else (inc.node_op, inc.loc)
+            for b in inc.births:
+                self.strong_reads[(b, site)] = self.strong_reads.get((b, site), 0) + 1
+        self.provisional = None
+
+    def _strong_read(self, seq, ins) -> None:
+        """A backward op of gw.strong_zeros()' pass reads a forward value known to be non-finite: remember the
+        births and the node; the ones no incident names at the end were annihilated by strong zeros."""
+        for t in ins:
+            got = self.prov.get(t)
+            if got and t not in self.sens:
+                nd = self.nodes.get(seq)
+                site = (nd.op, nd.loc) if nd is not None else ("?", ("<backward>", 0))
+                for b in got:
+                    if isinstance(b, _Birth):
+                        key = (b, site)
+                        self.strong_reads[key] = self.strong_reads.get(key, 0) + 1
 
     def _collective(self, func, args, kwargs):
         """A collective (DDP's gradient all-reduce, FSDP's reduce-scatter): its buffers are written by the
@@ -928,12 +983,38 @@ class _Tracer(TorchDispatchMode):
 
     # -- finiteness checks: one fused reduction per output, batched off the CPU -------------------------------
 
+    def _pass_over(self, kind: str, func) -> None:
+        """Note an op the trace ran without reading (a tensor kind it cannot read, or an internal error)."""
+        name = _op_name(func) if hasattr(func, "overloadpacket") else func if isinstance(func, str) else None
+        entry = self.passed.setdefault(kind, [0, name if name != "a value" else None])
+        entry[0] += 1
+
+    def _safely(self, func, fn, *args):
+        """``fn(*args)``, or None with a note: an explanation must never break the program it explains."""
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - any failure inside the trace is reported, never raised
+            self._pass_over(f"not explained ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", func)
+            return None
+
     def _check(self, outs, dig) -> None:
+        odd = [o for o in outs if o.layout is not torch.strided or o._is_zerotensor() or o.is_nested or o.is_meta]
+        if odd:  # sparse, mkldnn, nested, meta, ZeroTensor: nothing to reduce (or no dense reduction)
+            for o in odd:
+                self._pass_over(_trace_kinds.kind(o) or "unreadable", "a value")
+            outs = [o for o in outs if all(o is not d for d in odd)]
+            if not outs:
+                return
         if (outs[0].device.type == "cpu" and not _DEFER_ON_CPU) or self.sync_every <= 1:
             if self.pending:
                 self.flush()
-            if not all(math.isfinite(o.sum().item()) for o in outs):  # a sum per output: no stacking on CPU
-                dig([o for o in outs if _nonfinite(o)])
+            try:
+                finite = all(math.isfinite(o.sum().item()) for o in outs)  # a sum per output: no stacking on CPU
+            except RuntimeError:  # a functorch-wrapped value (vmap): it cannot be read here
+                self._pass_over(_trace_kinds.kind(outs[0]) or "unreadable", "a value")
+                return
+            if not finite:
+                self._safely("a value", dig, [o for o in outs if _nonfinite(o)])
         else:
             flag = outs[0].sum() if len(outs) == 1 else torch.stack([o.sum().float() for o in outs]).sum()
             self.pending.append((flag, outs, dig))
@@ -950,7 +1031,7 @@ class _Tracer(TorchDispatchMode):
             if not math.isfinite(v):
                 bad = [o for o in outs if _nonfinite(o)]
                 if bad or not outs:  # no outputs: a kink check
-                    dig(bad)
+                    self._safely("a value", dig, bad)
 
     # -- digging in: only when an output was not finite ------------------------------------------------------
 
@@ -1080,6 +1161,8 @@ class _Tracer(TorchDispatchMode):
             inc = self.store.incident(kind, op, node_op, loc, count, idx, births, what,
                                       self._discarded_by(sens_ins) if contaminated else None, undecided)
             incidents.append(inc)
+            if self.provisional is not None:
+                self.provisional.append((inc, count, nd, _strong_zeros._STATE.in_mode))
         self.prov[o] = frozenset(incidents)
 
     def _nonzero_sensitivity_met(self, func, o, mask, ins, sens_ins, nf, args, out, kwargs=None) -> torch.Tensor:
@@ -1146,12 +1229,14 @@ class _Tracer(TorchDispatchMode):
             for inc in self.prov.get(s, ()):
                 if isinstance(inc, _Incident):
                     inc.reaches.add(self.leaf_name(var))
+                    self.reached_now.add(id(inc))
 
     def reached(self, grad: torch.Tensor, leaf: torch.Tensor) -> None:
         """A final gradient (from torch.autograd.grad) for `leaf`: record which findings reach it."""
         incs = [i for i in self.prov.get(grad, ()) if isinstance(i, _Incident)]
         for inc in incs:
             inc.reaches.add(self.leaf_name(leaf))
+            self.reached_now.add(id(inc))
         if not incs and _nonfinite(grad):
             self.store.orphan(self.leaf_name(leaf), int((~torch.isfinite(grad)).sum()))
 
@@ -1312,7 +1397,11 @@ class _Tracer(TorchDispatchMode):
         report.findings = sorted(findings.values(), key=lambda f: (order[f.kind], f.location))
         report.causes = _trace_causes.group(report.findings, {id(f): origin[k] for k, f in findings.items()
                                                               if k in origin}, _fmt, self.store.step)
-        report.unused = self._unused()
+        report.notes = [f"{kind} tensors: {n} op(s) or value(s) passed over" + (f" (first: {op})" if op else "")
+                        if not kind.startswith("not explained") else f"{op or 'a value'}: {kind} ({n}x)"
+                        for kind, (n, op) in self.passed.items()]
+        report.removed = _trace_causes.removed(self.strong_reads, self.store.incidents.values(), _fmt)
+        report.unused = self._unused(removed={b for b, _ in self.strong_reads})
         rank = _dist_rank()
         for f in report.findings:
             f.rank = rank
@@ -1403,8 +1492,8 @@ class _Tracer(TorchDispatchMode):
                     "non-finite gradient it read (see the other findings), or skip the step when the total norm "
                     "is not finite (clip_grad_norm_(..., error_if_nonfinite=True))"), count, [name], idx)
 
-    def _unused(self) -> list[str]:
-        explained: set = set()
+    def _unused(self, removed=frozenset()) -> list[str]:
+        explained: set = set(removed)
         stack = [b for inc in self.store.incidents.values() for b in inc.births] + list(self.output_births)
         while stack:
             b = stack.pop()
@@ -1512,7 +1601,94 @@ _BILINEAR = {aten.mm, aten.bmm, aten.addmm, aten.baddbmm, aten.addbmm, aten.mv, 
 
 # -- public API ------------------------------------------------------------------------------------------------
 
-_ACTIVE: list[_Tracer] = []
+# Per-thread tracers: torch.autograd.backward/grad are wrapped once (reference-counted, under a lock) and the
+# wrappers look up the calling thread's tracer; a thread without one runs PyTorch's functions untouched. The
+# dispatch mode itself is thread-local (PyTorch's mode stack is).
+_LOCK = threading.Lock()
+_TRACERS: dict[int, _Tracer] = {}  # thread id -> its outermost active tracer
+_ORIGINAL: list = []  # [torch.autograd.backward, torch.autograd.grad] while wrapped
+_installed = 0
+
+
+def _current() -> _Tracer | None:
+    return _TRACERS.get(threading.get_ident())
+
+
+@contextlib.contextmanager
+def _backward_call(tracer: _Tracer) -> Iterator[None]:
+    """Around one backward/grad call. Under gw.strong_zeros() the engine hook may run a plain pass, then redo
+    it with strong zeros when a gradient came out non-finite: what the plain pass recorded is provisional and
+    is dropped when the strong pass ran (the strong pass records what remains, and what it removed)."""
+    outer = tracer.depth == 0
+    if outer:
+        tracer.provisional = [] if _strong_zeros._STATE.depth else None
+        tracer.strong_ran = False
+    tracer.depth += 1
+    try:
+        yield
+    finally:
+        tracer.depth -= 1
+        tracer.flush()
+        tracer.backward_ended = not tracer.depth
+        if outer:
+            if tracer.provisional:
+                tracer.drop_provisional()
+            tracer.provisional = None
+            tracer.reached_now = set()
+
+
+def _traced_backward(tensors, grad_tensors=None, *args, **kwargs):
+    tracer = _current()
+    if tracer is not None and torch._C._are_functorch_transforms_active():
+        tracer._pass_over("functorch-transformed (vmap, batched gradient)", "torch.autograd.backward")
+        tracer = None
+    if tracer is None:
+        return _ORIGINAL[0](tensors, grad_tensors, *args, **kwargs)
+    tensors, grad_tensors = tracer.roots(tensors, grad_tensors)
+    with _backward_call(tracer):
+        return _ORIGINAL[0](tensors, grad_tensors, *args, **kwargs)
+
+
+def _traced_grad(outputs, inputs, grad_outputs=None, *args, **kwargs):
+    tracer = _current()
+    if tracer is not None and (kwargs.get("is_grads_batched") or torch._C._are_functorch_transforms_active()
+                               or not all(_trace_kinds.readable(g) for g in _tensors(
+                                   [grad_outputs] if isinstance(grad_outputs, torch.Tensor) else grad_outputs or ()))):
+        tracer._pass_over("functorch-transformed (vmap, batched gradient)", "torch.autograd.grad")
+        tracer = None  # batched gradients: their values cannot be read here
+    if tracer is None:
+        return _ORIGINAL[1](outputs, inputs, grad_outputs, *args, **kwargs)
+    outputs, grad_outputs = tracer.roots(outputs, grad_outputs)
+    with _backward_call(tracer):
+        result = _ORIGINAL[1](outputs, inputs, grad_outputs, *args, **kwargs)
+        tracer.flush()
+        if isinstance(inputs, torch.Tensor) or not isinstance(inputs, (list, tuple)):
+            leaves = (inputs,)
+        else:
+            leaves = tuple(inputs)
+        for g, leaf in zip(result, leaves, strict=False):
+            # torch.func.grad calls this too; under vmap its gradients are batched and cannot be read here
+            if isinstance(g, torch.Tensor) and isinstance(leaf, torch.Tensor) and _trace_kinds.readable(g):
+                tracer._safely("torch.autograd.grad", tracer.reached, g, leaf)  # a legacy-vmap batched g
+    return result
+
+
+def _install() -> None:
+    global _installed
+    with _LOCK:
+        if _installed == 0:
+            _ORIGINAL[:] = [torch.autograd.backward, torch.autograd.grad]
+            torch.autograd.backward, torch.autograd.grad = _traced_backward, _traced_grad
+        _installed += 1
+
+
+def _uninstall() -> None:
+    global _installed
+    with _LOCK:
+        _installed -= 1
+        if _installed == 0:
+            torch.autograd.backward, torch.autograd.grad = _ORIGINAL
+            _ORIGINAL.clear()
 
 
 @contextlib.contextmanager
@@ -1520,9 +1696,11 @@ def trace(*, sync_every: int = 256) -> Iterator[Report]:
     """Record the forward and backward passes run in the block and explain every NaN/Inf and every kink.
 
     Works with any number of ``.backward()`` / ``torch.autograd.grad`` calls, modules and custom Functions.
-    The report is filled in when the block exits (also when it raises). ``sync_every``: on accelerators,
-    finiteness checks are batched and settled every this many ops (one host sync per batch); on CPU every op
-    is checked at once.
+    The report is filled in when the block exits (also when it raises, e.g. on KeyboardInterrupt).
+    ``sync_every``: on accelerators, finiteness checks are batched and settled every this many ops (one host
+    sync per batch); on CPU every op is checked at once. The trace belongs to the thread that opened it: other
+    threads' backward passes are not traced and pay nothing. Memory stays bounded over long runs (repeats of a
+    finding are counted, not stored).
 
     Example::
 
@@ -1538,8 +1716,8 @@ def trace(*, sync_every: int = 256) -> Iterator[Report]:
     if not isinstance(sync_every, int) or sync_every < 1:
         raise ValueError(f"sync_every must be a positive int, got {sync_every!r}")
     report = Report()
-    if _ACTIVE:  # nested (a script using gw.explain run by `gradwise run`): the outer block records for both
-        outer = _ACTIVE[-1]
+    outer = _current()
+    if outer is not None:  # nested (a script using gw.explain run by `gradwise run`): the outer block records
         since = outer.store.serial
         try:
             yield report
@@ -1547,46 +1725,31 @@ def trace(*, sync_every: int = 256) -> Iterator[Report]:
             outer.fill(report, since)
         return
     tracer = _Tracer(sync_every)
-    orig_backward, orig_grad = torch.autograd.backward, torch.autograd.grad
-
-    def backward(tensors, grad_tensors=None, *args, **kwargs):
-        tensors, grad_tensors = tracer.roots(tensors, grad_tensors)
-        tracer.depth += 1
-        try:
-            return orig_backward(tensors, grad_tensors, *args, **kwargs)
-        finally:
-            tracer.depth -= 1
-            tracer.flush()
-            tracer.backward_ended = not tracer.depth
-
-    def grad(outputs, inputs, grad_outputs=None, *args, **kwargs):
-        if kwargs.get("is_grads_batched"):
-            return orig_grad(outputs, inputs, grad_outputs, *args, **kwargs)
-        outputs, grad_outputs = tracer.roots(outputs, grad_outputs)
-        tracer.depth += 1
-        try:
-            result = orig_grad(outputs, inputs, grad_outputs, *args, **kwargs)
-        finally:
-            tracer.depth -= 1
-            tracer.flush()
-            tracer.backward_ended = not tracer.depth
-        leaves = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-        for g, leaf in zip(result, leaves, strict=False):
-            # torch.func.grad calls this too; under vmap its gradients are batched and cannot be read here
-            if isinstance(g, torch.Tensor) and not torch._C._functorch.is_functorch_wrapped_tensor(g):
-                tracer.reached(g, leaf)
-        return result
-
-    _ACTIVE.append(tracer)
-    torch.autograd.backward, torch.autograd.grad = backward, grad
+    me = threading.get_ident()
+    _install()
+    _TRACERS[me] = tracer
     try:
         with tracer:
             yield report
     finally:
-        torch.autograd.backward, torch.autograd.grad = orig_backward, orig_grad
-        _ACTIVE.clear()
+        _TRACERS.pop(me, None)
+        _uninstall()
         _SCRATCH.buf = None
         tracer.fill(report)
+
+
+def snapshot(thread: int | None = None) -> Report | None:
+    """The report so far of the `gw.trace()` block running in ``thread`` (a ``threading.get_ident()``; default:
+    the main thread), without ending it; None when that thread traces nothing. Safe to call from a signal
+    handler (the CLI prints it on SIGTERM): the trace's dispatch mode is switched off while the report is built,
+    and recording goes on afterwards."""
+    tracer = _TRACERS.get(threading.main_thread().ident if thread is None else thread)
+    if tracer is None:
+        return None
+    report = Report()
+    with torch.utils._python_dispatch._disable_current_modes():
+        tracer.fill(report)
+    return report
 
 
 def explain(fn: Callable[..., torch.Tensor], *args, **kwargs) -> Report:

@@ -52,3 +52,21 @@ def group(findings: list[Finding], origin: dict[int, Birth], fmt, last_step: int
                          "root cause)")
         lines.append("; ".join(parts))
     return lines
+
+
+def removed(strong_reads: dict, incidents, fmt) -> list[str]:
+    """One line per NaN/Inf birth that gw.strong_zeros()' backward read and that no finding names (so strong
+    zeros annihilated it there): where it was born, which backward handled it, and how often."""
+    named = {id(b) for inc in incidents for b in inc.births}
+    sites: dict[int, tuple[Birth, list]] = {}
+    for (b, (op, loc)), n in strong_reads.items():
+        if id(b) not in named:
+            sites.setdefault(id(b), (b, []))[1].append((op, loc, n))
+    lines = []
+    for b, where in sorted(sites.values(), key=lambda e: e[0].order):
+        op, loc, _ = where[0]
+        at = f"the backward of {op} at {fmt(loc)}" + (f" (and {len(where) - 1} more backward op(s) read it)"
+                                                       if len(where) > 1 else "")
+        steps = f" (first at step {b.step}, last at step {b.last})" if b.last != b.step else f" (step {b.step})"
+        lines.append(f"{b.describe()}{steps}: gw.strong_zeros() annihilated it in {at}; nothing to fix")
+    return lines

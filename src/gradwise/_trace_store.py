@@ -107,7 +107,7 @@ def root(birth: Birth) -> Birth:
 class Store:
     """The interned births and incidents of one trace, with the step counter."""
 
-    __slots__ = ("births", "incidents", "step", "serial", "orphans")
+    __slots__ = ("births", "incidents", "orphans", "serial", "step")
 
     def __init__(self) -> None:
         self.births: dict[tuple, Birth] = {}
