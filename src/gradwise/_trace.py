@@ -993,7 +993,7 @@ class _Tracer(TorchDispatchMode):
         """``fn(*args)``, or None with a note: an explanation must never break the program it explains."""
         try:
             return fn(*args)
-        except Exception as exc:  # noqa: BLE001 - any failure inside the trace is reported, never raised
+        except Exception as exc:  # any failure inside the trace is reported as a note, never raised
             self._pass_over(f"not explained ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", func)
             return None
 
@@ -1512,7 +1512,8 @@ class _Tracer(TorchDispatchMode):
     def roots(self, outputs, grads):
         """Check the outputs being differentiated and make their gradients, marked as sensitivities."""
         self.flush()
-        outputs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
+        single = isinstance(outputs, (torch.Tensor, torch.autograd.graph.GradientEdge))
+        outputs = (outputs,) if single else tuple(outputs)
         if grads is None or isinstance(grads, torch.Tensor):
             grads = [grads] * len(outputs) if grads is None else [grads]
         grads = list(grads)
@@ -1662,7 +1663,8 @@ def _traced_grad(outputs, inputs, grad_outputs=None, *args, **kwargs):
     with _backward_call(tracer):
         result = _ORIGINAL[1](outputs, inputs, grad_outputs, *args, **kwargs)
         tracer.flush()
-        if isinstance(inputs, torch.Tensor) or not isinstance(inputs, (list, tuple)):
+        if isinstance(inputs, (torch.Tensor, torch.autograd.graph.GradientEdge)) or not isinstance(
+                inputs, (list, tuple)):
             leaves = (inputs,)
         else:
             leaves = tuple(inputs)
