@@ -1607,6 +1607,7 @@ _BILINEAR = {aten.mm, aten.bmm, aten.addmm, aten.baddbmm, aten.addbmm, aten.mv, 
 # dispatch mode itself is thread-local (PyTorch's mode stack is).
 _LOCK = threading.Lock()
 _TRACERS: dict[int, _Tracer] = {}  # thread id -> its outermost active tracer
+_WATCHERS: dict = {}  # thread id -> its gw.watch() state (_watch._Watcher), while no tracer runs there
 _ORIGINAL: list = []  # [torch.autograd.backward, torch.autograd.grad] while wrapped
 _installed = 0
 
@@ -1644,6 +1645,9 @@ def _traced_backward(tensors, grad_tensors=None, *args, **kwargs):
         tracer._pass_over("functorch-transformed (vmap, batched gradient)", "torch.autograd.backward")
         tracer = None
     if tracer is None:
+        watcher = _WATCHERS.get(threading.get_ident())
+        if watcher is not None:
+            return watcher.backward(_ORIGINAL[0], tensors, grad_tensors, *args, **kwargs)
         return _ORIGINAL[0](tensors, grad_tensors, *args, **kwargs)
     tensors, grad_tensors = tracer.roots(tensors, grad_tensors)
     with _backward_call(tracer):
@@ -1658,6 +1662,9 @@ def _traced_grad(outputs, inputs, grad_outputs=None, *args, **kwargs):
         tracer._pass_over("functorch-transformed (vmap, batched gradient)", "torch.autograd.grad")
         tracer = None  # batched gradients: their values cannot be read here
     if tracer is None:
+        watcher = _WATCHERS.get(threading.get_ident())
+        if watcher is not None:
+            return watcher.grad(_ORIGINAL[1], outputs, inputs, grad_outputs, *args, **kwargs)
         return _ORIGINAL[1](outputs, inputs, grad_outputs, *args, **kwargs)
     outputs, grad_outputs = tracer.roots(outputs, grad_outputs)
     with _backward_call(tracer):
