@@ -271,11 +271,13 @@ _DISCARDS: dict = {
                     "mask before the op that makes NaN/Inf (e.g. before the division or the matmul), not after"),
     **dict.fromkeys([aten.nll_loss_forward, aten.nll_loss2d_forward],
                     "drop the ignored targets' rows before the layers that read NaN/Inf (h[keep])"),
-    **dict.fromkeys([aten.copy_, aten.fill_, aten.index_put_, aten.zero_],
+    **dict.fromkeys([aten.copy_, aten.fill_, aten.index_put_, aten.zero_, aten.index_copy, aten.index_copy_,
+                     aten.index_fill, aten.index_fill_, aten.scatter, aten.scatter_, aten.put, aten.put_],
                     "build the tensor with torch.where instead of overwriting elements computed from bad values"),
     **dict.fromkeys([aten._softmax, aten._log_softmax],
                     "mask fully masked rows before the softmax (or drop them)"),
     **dict.fromkeys([*_ELEMENTWISE_SELECTS, aten.max, aten.min, aten.amax, aten.amin, aten.sort, aten.topk,
+                     aten.median, aten.nanmedian, aten.kthvalue, aten.mode,
                      aten.max_pool2d_with_indices, aten.max_pool3d_with_indices],
                     "make the unselected argument finite (e.g. torch.minimum(one, 1 / x.clamp_min(eps)))"),
     **dict.fromkeys([*_STEPS, aten.nansum], "make the value finite before the op that zeroes its sensitivity"),
@@ -1137,6 +1139,13 @@ class _Tracer(TorchDispatchMode):
             return
         births = frozenset().union(*(self._origin(t, loc) for t in nf)) if nf else frozenset()
         genuine = self._nonzero_sensitivity_met(func, o, mask, ins, sens_ins, nf, args, out, kwargs)
+        # strong zeros' semantics: a zero sensitivity is structural only where an op that discards values
+        # (slice, where, mask, ignored targets...) made it; a zero the program computes (0 * sqrt(w)) is an
+        # ordinary zero, and 0 x NaN = NaN there is genuine, for the trace as for gw.grad
+        discarded = self._discarded_by(sens_ins)
+        computed_zero = discarded is None and self._from_a_product(sens_ins) and bool(mask_any(mask & ~genuine))
+        if computed_zero:
+            genuine = torch.ones_like(mask)
         undecided = False
         incidents = []
         node = torch._C._current_autograd_node() if nd is None else None
@@ -1155,11 +1164,14 @@ class _Tracer(TorchDispatchMode):
                 what = (f"a nonzero sensitivity met NaN/Inf in {op} (the backward of {node_op})" if births else
                         f"the backward of {node_op} made {'NaN' if has_nan else 'Inf'} from finite values in {op} "
                         "(an infinite derivative used)")
+                if computed_zero:
+                    what += ("; the sensitivity there is a zero the program computed (no op that discards values "
+                             "made it): an ordinary zero, 0 x NaN = NaN, kept by gw.strong_zeros() too")
                 undecided = bool(births) and _undecidable(func, ins, o)
                 for b in births:
                     b.used = True
             inc = self.store.incident(kind, op, node_op, loc, count, idx, births, what,
-                                      self._discarded_by(sens_ins) if contaminated else None, undecided)
+                                      discarded if contaminated else None, undecided)
             incidents.append(inc)
             if self.provisional is not None:
                 self.provisional.append((inc, count, nd, _strong_zeros._STATE.in_mode))
@@ -1196,6 +1208,15 @@ class _Tracer(TorchDispatchMode):
         # Unknown mixing: contamination only when every sensitivity is zero throughout.
         nonzero_anywhere = any(bool((s != 0).any()) for s in sens_ins)
         return torch.full(o.shape, nonzero_anywhere, dtype=torch.bool)
+
+    def _from_a_product(self, sens_ins) -> bool:
+        """Did the zero sensitivity come straight from the backward of a product with a value (0 * x, a
+        matmul with a zero weight)? Those zeros are values of the program, not structure."""
+        for s in sens_ins:
+            nd = self.nodes.get(self.sens.get(s))
+            if nd is not None and nd.op in _PRODUCTS:
+                return True
+        return False
 
     def _discarded_by(self, sens_ins) -> tuple | None:
         """The discarding op upstream in the sensitivity flow (slice, where, ...) whose backward made the zero
@@ -1543,6 +1564,10 @@ _KINK_FIX = ("not an error: the gradient here is PyTorch's convention, one eleme
 _SINGULAR_FIX = ("an infinite derivative (a norm or root at 0): if the gradient must be finite here, smooth the op "
                  "(sqrt(x + eps), vector_norm(x + eps)), or use gw.directional_derivative / gw.generalized_grad, "
                  "which are exact there")
+# forward ops whose backward multiplies the incoming sensitivity by a forward value: a zero they send is the
+# value's zero (computed by the program), not a structural one
+_PRODUCTS = {"aten.mul", "aten.div", "aten.mm", "aten.bmm", "aten.addmm", "aten.matmul", "aten.mv", "aten.dot",
+             "aten.outer", "aten.linear", "aten.einsum", "aten.baddbmm"}
 # Backward ops whose inputs and output share a shape but that mix a whole row (softmax's sum over the row).
 _ROW_MIXING = {aten._softmax_backward_data, aten._log_softmax_backward_data}
 
