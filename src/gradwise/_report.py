@@ -124,10 +124,11 @@ def _render(report: Report, console: Console) -> None:
     console.print(f"[bold]gradwise:[/bold] {escape(report.summary())}")
     for line in report.ranks:
         console.print(f"  {escape(line)}")
-    for letter, line in zip("ABCDEFGHIJKLMNOPQRSTUVWXYZ", report.causes, strict=False):
+    causes = report.causes if len(report.findings) > 1 else []  # one finding tells its own story
+    for letter, line in zip("ABCDEFGHIJKLMNOPQRSTUVWXYZ", causes, strict=False):
         console.print(f"  [bold]{letter}.[/] {escape(line)}")
-    if len(report.causes) > 26:
-        console.print(f"  ... and {len(report.causes) - 26} more root causes")
+    if len(causes) > 26:
+        console.print(f"  ... and {len(causes) - 26} more root causes")
     for i, f in enumerate(report.findings, 1):
         style = _STYLE[f.kind]
         times = f" (x{f.occurrences})" if f.occurrences > 1 else ""

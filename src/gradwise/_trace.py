@@ -1382,7 +1382,7 @@ class _Tracer(TorchDispatchMode):
                 new = key not in findings
                 add(key, lambda inc=inc, birth=birth: self._genuine(inc.kind, inc, birth),
                     birth.count if new else 0, inc.reaches, birth.indices, birth.occurrences if new else 0,
-                    inc.step, birth)
+                    birth.step, birth)
             else:
                 key = (inc.kind, inc.node_op, inc.loc)
                 add(key, lambda inc=inc: self._genuine(inc.kind, inc, None), inc.count, inc.reaches, inc.indices,
