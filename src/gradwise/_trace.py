@@ -222,7 +222,7 @@ def _division(ins, out, mask) -> str:
            aten.sum, aten.add, aten.sub, aten.matmul, aten.square)
 def _overflow(ins, out, mask) -> str:
     """Inf from finite inputs is an overflow; NaN from inf inputs is inf - inf or 0 x inf."""
-    if out is not None and bool(torch.isnan(out[mask]).any()) and any(_nonfinite(t) for t in ins):
+    if out is not None and bool(mask_any(torch.isnan(out).logical_and_(mask))) and any(_nonfinite(t) for t in ins):
         return "inf - inf or 0 x inf"
     return f"overflow: the result exceeds the largest {str(out.dtype).replace('torch.', '')} (Inf)" \
         if out is not None else "overflow"
@@ -758,7 +758,7 @@ def _dist_rank() -> int | None:
 # -- what the trace records ----------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)  # one per autograd node: up to _MAX_NODES of them
 class _Node:
     op: str
     loc: tuple
@@ -1112,7 +1112,7 @@ class _Tracer(TorchDispatchMode):
         births = frozenset().union(*(self._origin(t, loc) for t in nf)) if nf else frozenset()
         if prior:
             births |= prior
-        has_nan = bool(torch.isnan(o[mask]).any())
+        has_nan = bool(mask_any(torch.isnan(o).logical_and_(mask)))  # no masked copy of o
         # an in-place op on a tensor already known non-finite (DDP's bucket.div_) carries its NaN, not makes it
         prior_nan = any(getattr(b, "nan", True) for b in prior) if prior else False
         new_nan = has_nan and not prior_nan and not any(bool(torch.isnan(t).any()) for t in nf)
@@ -1154,7 +1154,7 @@ class _Tracer(TorchDispatchMode):
             count, idx = _positions(kind_mask)
             if not count:
                 continue
-            has_nan = bool(torch.isnan(o[kind_mask]).any())
+            has_nan = bool(mask_any(torch.isnan(o).logical_and_(kind_mask)))
             if contaminated:
                 kind = "contamination"
                 what = ("a zero sensitivity met " + ("NaN/Inf" if births else "0/0 or 0 x Inf")
