@@ -46,7 +46,7 @@ from gradwise._trace_store import first as _first
 
 aten = torch.ops.aten
 _ACCUMULATE_SEQ = 2**64 - 1  # the sequence number every AccumulateGrad node reports
-_MAX_NODES = 200_000  # node records kept for long runs (CLI): the oldest are dropped first
+_MAX_NODES = 100_000  # node records kept for long runs (~250 B each): the oldest half is dropped past this
 _DEFER_ON_CPU = False  # batch the checks on CPU too, as on accelerators (tests use it to cover that path)
 
 # -- where user code called an op -------------------------------------------------------------------------
