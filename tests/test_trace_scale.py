@@ -223,3 +223,31 @@ def test_snapshot_gives_the_report_so_far_without_ending_the_trace():
         x.relu().sum().backward()
     assert [f.kind for f in early.findings] == ["contamination"]
     assert [f.kind for f in report.findings] == ["contamination"] and report.findings[0].occurrences == 1
+
+
+def test_a_nan_literal_is_born_at_its_line():
+    w = torch.ones(3, requires_grad=True)
+    with gw.trace() as report:
+        v = torch.tensor([1.0, 2.0, float("nan")])  # the literal's line
+        (v * w)[:2].sum().backward()
+    (f,) = report.findings
+    assert f.kind == "contamination" and f.born_op == "aten.lift_fresh" and "torch.tensor([1.0" in _line(
+        f.born_location)
+
+
+def test_a_zero_the_program_computes_is_no_contamination_as_for_strong_zeros():
+    """(0 * sqrt(w)).sum() at w = -1: the zero is a value, strong zeros keep the NaN, and the trace calls it
+    genuine (no contamination finding next to it)."""
+    w = torch.tensor([-1.0], requires_grad=True)
+    strong = gw.grad((torch.zeros(1) * w.sqrt()).sum(), w)[0]
+    with gw.trace() as report:
+        (torch.zeros(1) * w.sqrt()).sum().backward()
+    assert strong.isnan().all()
+    assert [f.kind for f in report.findings] == ["nan"], str(report)
+
+
+def _line(location: str) -> str:
+    from pathlib import Path
+
+    path, _, line = location.rpartition(":")
+    return Path(path).read_text().splitlines()[int(line) - 1]

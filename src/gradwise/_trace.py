@@ -247,6 +247,15 @@ def _written(ins, out, mask) -> str:
     return "a NaN/Inf constant written into the tensor"
 
 
+_LITERALS = {aten.lift_fresh, aten.lift}
+
+
+@_explains(*_LITERALS)
+def _literal(ins, out, mask) -> str:
+    """torch.tensor([..., nan]): a NaN/Inf written in a tensor literal."""
+    return "a NaN/Inf written in a tensor literal (torch.tensor / torch.as_tensor of Python data)"
+
+
 def _explain(func, ins, out, mask) -> str:
     fn = _EXPLAIN.get(func.overloadpacket)
     if fn is not None:
@@ -739,7 +748,9 @@ def _op_info(func) -> _OpInfo:
     info = _INFO.get(func)
     if info is None:
         packet = func.overloadpacket
-        info = _INFO[func] = _OpInfo(bool(getattr(func, "is_view", False)), func._schema.is_mutable,
+        # a literal's lift_fresh aliases fresh data: checked like a new tensor (a NaN literal is born there)
+        view = bool(getattr(func, "is_view", False)) and packet not in _LITERALS
+        info = _INFO[func] = _OpInfo(view, func._schema.is_mutable,
                                      _KINKS.get(packet), _COMPARISONS.get(packet), packet.__name__,
                                      packet in _FINITE_PRESERVING, func.namespace in _COLLECTIVE_NAMESPACES,
                                      _op_name(func))
@@ -1107,8 +1118,12 @@ class _Tracer(TorchDispatchMode):
 
     def _value(self, func, loc, o, mask, nf, prior, nd, ins=(), base=None) -> None:
         """A forward value (or one a backward formula made from saved values): propagate or record a birth."""
-        # An unknown 0-dim tensor is a wrapped constant (x[2] = nan): the value is born at this op.
-        nf = [t for t in nf if t in self.prov or t.dim() or t.requires_grad]
+        # An unknown 0-dim tensor is a wrapped constant (x[2] = nan): the value is born at this op; so is the
+        # data of a literal (torch.tensor([..., nan]) reaches the dispatcher as lift_fresh of a fresh tensor).
+        literal = func.overloadpacket in _LITERALS
+        if literal and o.numel() <= 1:
+            return  # a lifted scalar (x[2] = nan): the op that writes it is where it is born
+        nf = [t for t in nf if t in self.prov or ((t.dim() or t.requires_grad) and not literal)]
         births = frozenset().union(*(self._origin(t, loc) for t in nf)) if nf else frozenset()
         if prior:
             births |= prior
