@@ -2,8 +2,8 @@
 
 Both are measured in the same process against plain forward+backward, interleaved, median of repeats, on the
 workloads of the strong-zeros benchmark (same models, inputs and losses), plus one extra CNN whose max-pools tie
-on every step. The target: trace / detect_anomaly <= 1.0 (while finding more: Inf,
-contamination vs genuine, kinks).
+on every step, and the issue's 6 x Linear(128)+ReLU MLP. The targets: trace / detect_anomaly <= 1.0 (while
+finding more: Inf, contamination vs genuine, kinks), and gw.watch() / plain <= 1.05 on finite steps.
 
     python benchmarks/bench_trace.py [--repeats 15]
 """
@@ -51,6 +51,16 @@ def cnn_max_pool():
     return model, lambda: model(x).logsumexp(1).mean()
 
 
+def relu_mlp():
+    """The issue's row: 6 x Linear(128)+ReLU, batch 128 (small ops: the per-op overhead dominates)."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(6):
+        layers += [nn.Linear(128, 128), nn.ReLU()]
+    model, x = nn.Sequential(*layers), torch.randn(128, 128)
+    return model, lambda: model(x).square().mean()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
@@ -60,7 +70,8 @@ def main() -> None:
     for name, make in [("MLP 6x Linear(256)+GELU, batch 256", mlp),
                        ("TransformerEncoderLayer d128 h4, seq 64, batch 8", transformer),
                        ("CNN 3 conv layers, 32x32, batch 32", cnn),
-                       ("extra: CNN 3 conv + 2 max-pool + linear, batch 32", cnn_max_pool)]:
+                       ("extra: CNN 3 conv + 2 max-pool + linear, batch 32", cnn_max_pool),
+                       ("extra: MLP 6x Linear(128)+ReLU, batch 128", relu_mlp)]:
         model, loss = make()
 
         def plain(model=model, loss=loss):
@@ -79,11 +90,18 @@ def main() -> None:
             with gw.trace():
                 loss().backward()
 
-        t = median_times({"plain": plain, "anomaly": anomaly, "trace": traced}, repeats=args.repeats)
+        def watched(model=model, loss=loss):
+            model.zero_grad(set_to_none=True)
+            with gw.watch():
+                loss().backward()
+
+        t = median_times({"plain": plain, "anomaly": anomaly, "trace": traced, "watch": watched},
+                         repeats=args.repeats)
         rows.append([name, t["plain"] * 1e3, t["anomaly"] / t["plain"], t["trace"] / t["plain"],
-                     t["trace"] / t["anomaly"]])
-    print_table("gw.trace() vs detect_anomaly(check_nan=True), forward+backward (same process, interleaved, median)",
-                ["workload", "plain ms", "anomaly / plain", "trace / plain", "trace / anomaly"], rows)
+                     t["trace"] / t["anomaly"], t["watch"] / t["plain"]])
+    print_table("gw.trace() vs detect_anomaly(check_nan=True), gw.watch() vs plain, forward+backward (same process, "
+                "interleaved, median)",
+                ["workload", "plain ms", "anomaly / plain", "trace / plain", "trace / anomaly", "watch / plain"], rows)
 
 
 if __name__ == "__main__":

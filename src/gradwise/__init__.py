@@ -4,6 +4,7 @@ Public API (see ``docs/`` for one page per capability)::
 
     gw.grad / gw.backward / gw.strong_zeros      values the output does not use cannot poison gradients
     gw.trace / gw.explain                        where every NaN/Inf and every kink came from
+    gw.watch                                     near-free until the first NaN/Inf gradient, then gw.trace
     gw.gather_reports / gw.nonfinite_guard      the same under torch.distributed (DDP, FSDP2): which rank, a guard
     gw.directional_derivative / gw.generalized_grad / gw.subdifferential / gw.stationarity / gw.gradcheck
                                                  exact calculus at non-differentiable points
@@ -23,6 +24,7 @@ from gradwise._report import Finding, Report
 from gradwise._stationarity import Stationarity, Subdifferential, stationarity, subdifferential
 from gradwise._strong_zeros import backward, grad, strong_zeros, unruled_ops
 from gradwise._trace import explain, trace
+from gradwise._watch import watch
 
 __version__ = "0.1.0"
 
@@ -51,4 +53,5 @@ __all__ = [
     "subdifferential",
     "trace",
     "unruled_ops",
+    "watch",
 ]

@@ -55,6 +55,8 @@ class Finding:
     reached_gradient: bool | None = None  # kink / singular: did a nonzero sensitivity go through it?
     occurrences: int = 1  # how many times this (kind, op, line) happened in the traced block
     rank: int | None = None  # torch.distributed rank that found it (None outside distributed runs)
+    step: int | None = None  # the step (backward pass, counted from 0) where it first happened, when traced
+    downstream: bool = False  # follows from an earlier finding's NaN/Inf (inherited through the parameters)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -69,6 +71,9 @@ class Report:
     forward_ops: int = 0
     backward_ops: int = 0
     ranks: list[str] = field(default_factory=list)  # merged reports: which rank introduced what, who received it
+    causes: list[str] = field(default_factory=list)  # root causes first: one line each, earliest first
+    removed: list[str] = field(default_factory=list)  # contamination gw.strong_zeros() annihilated: not a problem
+    notes: list[str] = field(default_factory=list)  # what the trace passed over (tensor kinds it cannot read)
 
     def of_kind(self, *kinds: str) -> list[Finding]:
         return [f for f in self.findings if f.kind in kinds]
@@ -78,10 +83,14 @@ class Report:
         if not self.findings:
             return (f"No NaN/Inf gradients and no kinks found ({self.forward_ops} forward and "
                     f"{self.backward_ops} backward ops traced).")
-        n = {k: sum(1 for f in self.findings if f.kind == k) for k in KINDS}
+        n = {k: sum(1 for f in self.findings if f.kind == k and not f.downstream) for k in KINDS}
         s = lambda k, word: f"{n[k]} {word}{'' if n[k] == 1 else 's'}"
+        down = sum(1 for f in self.findings if f.downstream)
+        causes = len(self.causes)
         return (f"{s('contamination', 'contamination finding')}, {n['nan']} genuine NaN, {n['inf']} genuine Inf, "
-                f"{s('kink', 'kink')}, {s('singular', 'singular point')}")
+                f"{s('kink', 'kink')}, {s('singular', 'singular point')}"
+                + (f"; {down} downstream finding{'' if down == 1 else 's'} of {causes} root "
+                   f"cause{'' if causes == 1 else 's'}" if down else ""))
 
     def to_json(self, indent: int | None = 2) -> str:
         """The report as JSON: ``{"summary", "findings": [...], "unused", "forward_ops", "backward_ops"}``, and
@@ -90,6 +99,12 @@ class Report:
                 "unused": self.unused, "forward_ops": self.forward_ops, "backward_ops": self.backward_ops}
         if self.ranks:
             data["ranks"] = self.ranks
+        if self.causes:
+            data["causes"] = self.causes
+        if self.removed:
+            data["removed"] = self.removed
+        if self.notes:
+            data["notes"] = self.notes
         return json.dumps(data, indent=indent)
 
     def print(self, console: Console | None = None) -> None:
@@ -109,12 +124,21 @@ def _render(report: Report, console: Console) -> None:
     console.print(f"[bold]gradwise:[/bold] {escape(report.summary())}")
     for line in report.ranks:
         console.print(f"  {escape(line)}")
+    causes = report.causes if len(report.findings) > 1 else []  # one finding tells its own story
+    for letter, line in zip("ABCDEFGHIJKLMNOPQRSTUVWXYZ", causes, strict=False):
+        console.print(f"  [bold]{letter}.[/] {escape(line)}")
+    if len(causes) > 26:
+        console.print(f"  ... and {len(causes) - 26} more root causes")
     for i, f in enumerate(report.findings, 1):
         style = _STYLE[f.kind]
         times = f" (x{f.occurrences})" if f.occurrences > 1 else ""
+        if f.step is not None and (f.step or f.occurrences > 1):
+            times += f", first at step {f.step}"
         where = f"rank {f.rank}: " if f.rank is not None else ""
         console.print()
         title = _RECEIVED_TITLE if is_received(f) else _TITLES[f.kind]
+        if f.downstream:
+            title = f"downstream {'NaN' if f.kind == 'nan' else 'Inf'}: follows from an earlier finding's NaN/Inf"
         console.print(f"[bold {style}]{i}. {escape(where + title)}[/]")
         console.print(f"   [bold]{escape(f.op)}[/] at {escape(f.location)}{times}: {escape(f.message)}")
         if f.source:
@@ -137,7 +161,15 @@ def _render(report: Report, console: Console) -> None:
             console.print(f"   reaches: {escape(', '.join(f.reaches)) if f.reaches else 'no gradient'}")
         if f.fix:
             console.print(f"   fix: {escape(f.fix)}")
+    if report.removed:
+        console.print()
+        console.print("[green]Removed by gw.strong_zeros() (contamination it annihilated: not a problem):[/]")
+        for line in report.removed:
+            console.print(f"  {escape(line)}")
     if report.unused:
         console.print()
         console.print(f"[dim]Not errors: NaN/Inf values made in the traced block that no gradient used: "
                       f"{escape('; '.join(report.unused))}[/]")
+    if report.notes:
+        console.print()
+        console.print(f"[dim]Not traced: {escape('; '.join(report.notes))}[/]")

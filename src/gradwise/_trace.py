@@ -35,15 +35,18 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from gradwise import _strong_zeros
+from gradwise import _strong_zeros, _trace_causes, _trace_kinds
 from gradwise._masks import mask_any
 from gradwise._report import Finding, Report
+from gradwise._trace_store import Birth as _Birth
+from gradwise._trace_store import Incident as _Incident
+from gradwise._trace_store import Store, earliest
+from gradwise._trace_store import count as _count
+from gradwise._trace_store import first as _first
 
 aten = torch.ops.aten
 _ACCUMULATE_SEQ = 2**64 - 1  # the sequence number every AccumulateGrad node reports
-_MAX_NODES = 200_000  # node records kept for long runs (CLI): the oldest are dropped first
-_SHOWN = 4  # indices shown per finding
-_BLOCK = 4096  # _first scans masks in blocks of this many elements
+_MAX_NODES = 100_000  # node records kept for long runs (~250 B each): the oldest half is dropped past this
 _DEFER_ON_CPU = False  # batch the checks on CPU too, as on accelerators (tests use it to cover that path)
 
 # -- where user code called an op -------------------------------------------------------------------------
@@ -125,49 +128,8 @@ def _floats(out) -> list[torch.Tensor]:
 
 
 def _nonfinite(t: torch.Tensor) -> bool:
-    return t.is_floating_point() and t.numel() > 0 and not bool(torch.isfinite(t).all())
-
-
-def _first(mask: torch.Tensor) -> list[list[int]]:
-    """The first few True (nonzero) positions of a bool or 0/1 mask, without listing them all (masks can be
-    large). The first block holding one is found by a max per block: PyTorch's argmax over a large bool/uint8
-    mask is ~100x slower."""
-    flat = mask.reshape(-1)
-    if flat.dtype == torch.bool:
-        flat = flat.view(torch.uint8)
-    n = flat.numel()
-    if n == 0:
-        return []
-    start = 0
-    if n > _BLOCK:
-        full = n - n % _BLOCK
-        blocks = flat[:full].view(-1, _BLOCK).amax(1).nonzero()
-        if len(blocks):
-            start = int(blocks[0]) * _BLOCK
-        else:
-            start = full
-    first = flat[start : start + _BLOCK].nonzero()
-    if not len(first):
-        return []
-    start += int(first[0])
-    hits = flat[start : start + _BLOCK].nonzero()[:_SHOWN].flatten() + start
-    if not mask.dim():
-        return [[]]
-    out = []
-    for i in hits.tolist():  # unravel a handful of flat indices in Python (torch.unravel_index costs ~25 us)
-        idx = []
-        for n in reversed(mask.shape):
-            i, r = divmod(i, n)
-            idx.append(r)
-        out.append(idx[::-1])
-    return out
-
-
-def _count(mask: torch.Tensor) -> int:
-    """How many elements of a bool or 0/1 mask are set (count_nonzero on floats is ~40x slower than a sum)."""
-    if mask.dtype == torch.bool:
-        return int(torch.count_nonzero(mask))
-    return int(mask.sum(dtype=torch.float64))
+    return t.is_floating_point() and t.numel() > 0 and _trace_kinds.readable(t) and not bool(
+        torch.isfinite(t).all())
 
 
 def _positions(mask: torch.Tensor) -> tuple[int, list[list[int]]]:
@@ -260,7 +222,7 @@ def _division(ins, out, mask) -> str:
            aten.sum, aten.add, aten.sub, aten.matmul, aten.square)
 def _overflow(ins, out, mask) -> str:
     """Inf from finite inputs is an overflow; NaN from inf inputs is inf - inf or 0 x inf."""
-    if out is not None and bool(torch.isnan(out[mask]).any()) and any(_nonfinite(t) for t in ins):
+    if out is not None and bool(mask_any(torch.isnan(out).logical_and_(mask))) and any(_nonfinite(t) for t in ins):
         return "inf - inf or 0 x inf"
     return f"overflow: the result exceeds the largest {str(out.dtype).replace('torch.', '')} (Inf)" \
         if out is not None else "overflow"
@@ -283,6 +245,15 @@ def _inverse_trig_domain(ins, out, mask) -> str:
 def _written(ins, out, mask) -> str:
     """A NaN/Inf constant written into a tensor (data, padding, a mask value)."""
     return "a NaN/Inf constant written into the tensor"
+
+
+_LITERALS = {aten.lift_fresh, aten.lift}
+
+
+@_explains(*_LITERALS)
+def _literal(ins, out, mask) -> str:
+    """torch.tensor([..., nan]): a NaN/Inf written in a tensor literal."""
+    return "a NaN/Inf written in a tensor literal (torch.tensor / torch.as_tensor of Python data)"
 
 
 def _explain(func, ins, out, mask) -> str:
@@ -309,11 +280,13 @@ _DISCARDS: dict = {
                     "mask before the op that makes NaN/Inf (e.g. before the division or the matmul), not after"),
     **dict.fromkeys([aten.nll_loss_forward, aten.nll_loss2d_forward],
                     "drop the ignored targets' rows before the layers that read NaN/Inf (h[keep])"),
-    **dict.fromkeys([aten.copy_, aten.fill_, aten.index_put_, aten.zero_],
+    **dict.fromkeys([aten.copy_, aten.fill_, aten.index_put_, aten.zero_, aten.index_copy, aten.index_copy_,
+                     aten.index_fill, aten.index_fill_, aten.scatter, aten.scatter_, aten.put, aten.put_],
                     "build the tensor with torch.where instead of overwriting elements computed from bad values"),
     **dict.fromkeys([aten._softmax, aten._log_softmax],
                     "mask fully masked rows before the softmax (or drop them)"),
     **dict.fromkeys([*_ELEMENTWISE_SELECTS, aten.max, aten.min, aten.amax, aten.amin, aten.sort, aten.topk,
+                     aten.median, aten.nanmedian, aten.kthvalue, aten.mode,
                      aten.max_pool2d_with_indices, aten.max_pool3d_with_indices],
                     "make the unselected argument finite (e.g. torch.minimum(one, 1 / x.clamp_min(eps)))"),
     **dict.fromkeys([*_STEPS, aten.nansum], "make the value finite before the op that zeroes its sensitivity"),
@@ -775,7 +748,9 @@ def _op_info(func) -> _OpInfo:
     info = _INFO.get(func)
     if info is None:
         packet = func.overloadpacket
-        info = _INFO[func] = _OpInfo(bool(getattr(func, "is_view", False)), func._schema.is_mutable,
+        # a literal's lift_fresh aliases fresh data: checked like a new tensor (a NaN literal is born there)
+        view = bool(getattr(func, "is_view", False)) and packet not in _LITERALS
+        info = _INFO[func] = _OpInfo(view, func._schema.is_mutable,
                                      _KINKS.get(packet), _COMPARISONS.get(packet), packet.__name__,
                                      packet in _FINITE_PRESERVING, func.namespace in _COLLECTIVE_NAMESPACES,
                                      _op_name(func))
@@ -794,47 +769,7 @@ def _dist_rank() -> int | None:
 # -- what the trace records ----------------------------------------------------------------------------------
 
 
-@dataclass(eq=False)
-class _Birth:
-    """Where a NaN/Inf value first appeared (a forward op, a backward formula on saved values, or the data)."""
-
-    op: str
-    loc: tuple
-    what: str
-    count: int
-    indices: list
-    nan: bool
-    name: str | None = None  # for data that arrived non-finite
-    parents: frozenset = frozenset()
-    used: bool = False
-    received: bool = False  # read from a collective's buffer: another rank's NaN/Inf
-
-    def describe(self) -> str:
-        kind = "NaN" if self.nan else "Inf"
-        if self.op == "input":
-            name = self.name or "a tensor"
-            return f"{name} arrived with {self.count} {kind} value(s) (first used at {_fmt(self.loc)})"
-        return f"{self.op} at {_fmt(self.loc)} made {self.count} {kind} value(s): {self.what}"
-
-
-@dataclass(eq=False)
-class _Incident:
-    """A non-finite gradient element born in the backward: a sensitivity met a non-finite value."""
-
-    kind: str  # "contamination", "nan" or "inf"
-    op: str  # the backward aten op
-    node_op: str  # the forward op whose backward it is
-    loc: tuple
-    count: int
-    indices: list
-    births: frozenset
-    what: str
-    discarded: tuple | None = None  # (op, loc) of the forward op whose backward made the zero sensitivity
-    reaches: set = field(default_factory=set)
-    undecided: bool = False  # met in a backward op the trace cannot split (no strong-zero rule)
-
-
-@dataclass
+@dataclass(slots=True)  # one per autograd node: up to _MAX_NODES of them
 class _Node:
     op: str
     loc: tuple
@@ -868,13 +803,17 @@ class _Tracer(TorchDispatchMode):
         self.module_names = _ByIdentity()  # module -> {id(param): name}
         self.nodes: dict[int, _Node] = {}
         self.parents: dict = {}  # node seq -> seqs of the nodes whose sensitivities it consumed
-        self.births: list[_Birth] = []
-        self.incidents: list[_Incident] = []
+        self.store = Store()  # births and incidents, interned per site (bounded over long runs)
         self.kinks: dict[tuple, _KinkGroup] = {}
         self.output_births: set = set()  # births that reached an output something was differentiated from
-        self.orphans: list = []  # non-finite final gradients with no recorded provenance
         self.pending: list = []
         self.depth = 0
+        self.backward_ended = False  # the next grad-enabled forward op starts a new step
+        self.passed: dict[str, list] = {}  # kind -> [ops run without reading them, the first op] (_trace_kinds)
+        self.provisional: list | None = None  # incidents of a plain pass gw.strong_zeros() may redo
+        self.strong_ran = False
+        self.reached_now: set = set()  # incidents that reached a gradient in this backward call (strong zeros)
+        self.strong_reads: dict[tuple, int] = {}  # (birth, (node op, loc)) read in gw.strong_zeros()' passes
         self.n_fwd = self.n_bwd = 0
         self.last_seq = _get_sequence_nr()
         self.collective_bufs: dict[int, tuple] = {}  # storage -> (weak ref, op, loc) of collectives' tensors
@@ -889,6 +828,16 @@ class _Tracer(TorchDispatchMode):
             return self._collective(func, args, kwargs)
         if types and any(t.__name__ == "DTensor" for t in types):
             return func(*args, **kwargs)  # a check on a sharded DTensor would itself run collectives: not traced
+        if types and (odd := [t for t in types if t not in _trace_kinds.PLAIN_TYPES]):
+            # a tensor subclass (nested jagged, fake, ...): its own dispatch would see our reductions
+            self._pass_over(f"tensor subclass {odd[0].__name__}", func)
+            return func(*args, **kwargs)
+        if _trace_kinds.forward_ad_active():  # reductions of duals would build tangents
+            self._pass_over("forward-AD dual", func)
+            return func(*args, **kwargs)
+        if torch._C._are_functorch_transforms_active():  # vmap/grad (batched gradients): values are batched
+            self._pass_over("functorch-transformed (vmap, batched gradient)", func)
+            return func(*args, **kwargs)
         node = torch._C._current_autograd_node()
         if node is None and not self.depth:
             return self._forward(func, info, args, kwargs)
@@ -898,6 +847,10 @@ class _Tracer(TorchDispatchMode):
 
     def _forward(self, func, info, args, kwargs):
         self.n_fwd += 1
+        # a new step: the first aten op with grad enabled after a backward (optimizers run theirs under no_grad)
+        if self.backward_ended and func.namespace == "aten" and torch.is_grad_enabled():
+            self.backward_ended = False
+            self.store.step += 1
         seq = _get_sequence_nr()
         # this op made autograd node seq - 1: it is differentiated. A custom Function takes its number before its
         # forward runs (under no_grad): the first op inside it did not make that node
@@ -910,6 +863,8 @@ class _Tracer(TorchDispatchMode):
         loc = _loc(frame)
         ins = _tensors(args)
         det = info.detector
+        if det is not None and not all(_trace_kinds.readable(t) for t in ins):
+            det = None  # a ZeroTensor/meta/sparse input: no values to test for a kink
         hit = None
         if creates_node:
             new = [t for t in ins if t.is_leaf and t.requires_grad and t not in self.names]
@@ -917,17 +872,16 @@ class _Tracer(TorchDispatchMode):
                 for t, name in zip(new, self._search_names(new, frame), strict=True):
                     self.names[t] = name
             if det is not None and not det.needs_out:
-                hit = det.fn(_Call(args, kwargs, None, self.ties, info.packet_name))
+                hit = self._safely(func, det.fn, _Call(args, kwargs, None, self.ties, info.packet_name))
         out = func(*args, **kwargs)
         if creates_node:
             nd = self.nodes[seq - 1] = _Node(info.op_name, loc)
             if len(self.nodes) > _MAX_NODES:
-                for k in list(self.nodes)[: _MAX_NODES // 2]:
-                    del self.nodes[k]
+                self._forget_oldest_nodes()
             if det is not None and det.needs_out:
-                hit = det.fn(_Call(args, kwargs, out, self.ties, info.packet_name))
+                hit = self._safely(func, det.fn, _Call(args, kwargs, out, self.ties, info.packet_name))
             if hit is not None:
-                self._schedule_kink(hit, func, loc, nd)
+                self._safely(func, self._schedule_kink, hit, func, loc, nd)
         elif info.compare and len(ins) and any(t.requires_grad for t in ins):
             a, b = args[0], args[1]
             self.ties[out] = (a == b, info.compare)
@@ -938,6 +892,14 @@ class _Tracer(TorchDispatchMode):
             return out  # finite in, finite out: nothing to check (provenance is up to date when nothing is pending)
         self._check(outs, lambda bad: self._dig(func, loc, ins, bad, None, info))
         return out
+
+    def _forget_oldest_nodes(self) -> None:
+        """Keep the newest half of the node records (and their sensitivity links): memory stays bounded over
+        long runs; a backward reaches nodes of its own step, which are the newest."""
+        keep = list(self.nodes)[_MAX_NODES // 2 :]
+        self.nodes = {k: self.nodes[k] for k in keep}
+        oldest = keep[0] if keep else 0
+        self.parents = {k: v for k, v in self.parents.items() if k is None or k >= oldest}
 
     def _backward(self, func, info, node, args, out, kwargs=None):
         self.n_bwd += 1
@@ -965,10 +927,47 @@ class _Tracer(TorchDispatchMode):
             sens = True
         else:
             sens = False
+        # gw.strong_zeros()' pass: a rule that reads a non-finite value handles it
+        if _strong_zeros._STATE.in_mode:
+            self.strong_ran = True
+            if seq is not None and _strong_zeros.lookup(func) is not None:
+                self._strong_read(seq, ins)
         if not outs or ((info.view or info.preserving) and not self.pending and not any(t in self.prov for t in ins)):
             return
         self._check(outs, lambda bad: self._dig(func, None, ins, bad, seq if sens else (seq, "value"), info,
                                                 args=args, out=out, kwargs=kwargs))
+
+    def drop_provisional(self) -> None:
+        """Under gw.strong_zeros(), take back what strong zeros undid: the incidents of a plain pass that the
+        engine hook then redid with strong zeros (the strong pass records what remains), and contamination
+        the strong pass itself met but annihilated in place (a rule's masked_fill_), which reached no gradient.
+        Their births are listed as removed, unless another incident names them."""
+        for inc, n, nd, strong in self.provisional:
+            if strong and (inc.kind != "contamination" or id(inc) in self.reached_now):
+                continue
+            if not strong and not self.strong_ran:
+                continue
+            inc.count -= n
+            inc.occurrences -= 1
+            if inc.occurrences <= 0:
+                self.store.incidents = {k: v for k, v in self.store.incidents.items() if v is not inc}
+            site = (nd.op, nd.loc) if nd is not None else (inc.node_op, inc.loc)
+            for b in inc.births:
+                self.strong_reads[(b, site)] = self.strong_reads.get((b, site), 0) + 1
+        self.provisional = None
+
+    def _strong_read(self, seq, ins) -> None:
+        """A backward op of gw.strong_zeros()' pass reads a forward value known to be non-finite: remember the
+        births and the node; the ones no incident names at the end were annihilated by strong zeros."""
+        for t in ins:
+            got = self.prov.get(t)
+            if got and t not in self.sens:
+                nd = self.nodes.get(seq)
+                site = (nd.op, nd.loc) if nd is not None else ("?", ("<backward>", 0))
+                for b in got:
+                    if isinstance(b, _Birth):
+                        key = (b, site)
+                        self.strong_reads[key] = self.strong_reads.get(key, 0) + 1
 
     def _collective(self, func, args, kwargs):
         """A collective (DDP's gradient all-reduce, FSDP's reduce-scatter): its buffers are written by the
@@ -997,12 +996,38 @@ class _Tracer(TorchDispatchMode):
 
     # -- finiteness checks: one fused reduction per output, batched off the CPU -------------------------------
 
+    def _pass_over(self, kind: str, func) -> None:
+        """Note an op the trace ran without reading (a tensor kind it cannot read, or an internal error)."""
+        name = _op_name(func) if hasattr(func, "overloadpacket") else func if isinstance(func, str) else None
+        entry = self.passed.setdefault(kind, [0, name if name != "a value" else None])
+        entry[0] += 1
+
+    def _safely(self, func, fn, *args):
+        """``fn(*args)``, or None with a note: an explanation must never break the program it explains."""
+        try:
+            return fn(*args)
+        except Exception as exc:  # any failure inside the trace is reported as a note, never raised
+            self._pass_over(f"not explained ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", func)
+            return None
+
     def _check(self, outs, dig) -> None:
+        odd = [o for o in outs if o.layout is not torch.strided or o._is_zerotensor() or o.is_nested or o.is_meta]
+        if odd:  # sparse, mkldnn, nested, meta, ZeroTensor: nothing to reduce (or no dense reduction)
+            for o in odd:
+                self._pass_over(_trace_kinds.kind(o) or "unreadable", "a value")
+            outs = [o for o in outs if all(o is not d for d in odd)]
+            if not outs:
+                return
         if (outs[0].device.type == "cpu" and not _DEFER_ON_CPU) or self.sync_every <= 1:
             if self.pending:
                 self.flush()
-            if not all(math.isfinite(o.sum().item()) for o in outs):  # a sum per output: no stacking on CPU
-                dig([o for o in outs if _nonfinite(o)])
+            try:
+                finite = all(math.isfinite(o.sum().item()) for o in outs)  # a sum per output: no stacking on CPU
+            except RuntimeError:  # a functorch-wrapped value (vmap): it cannot be read here
+                self._pass_over(_trace_kinds.kind(outs[0]) or "unreadable", "a value")
+                return
+            if not finite:
+                self._safely("a value", dig, [o for o in outs if _nonfinite(o)])
         else:
             flag = outs[0].sum() if len(outs) == 1 else torch.stack([o.sum().float() for o in outs]).sum()
             self.pending.append((flag, outs, dig))
@@ -1019,7 +1044,7 @@ class _Tracer(TorchDispatchMode):
             if not math.isfinite(v):
                 bad = [o for o in outs if _nonfinite(o)]
                 if bad or not outs:  # no outputs: a kink check
-                    dig(bad)
+                    self._safely("a value", dig, bad)
 
     # -- digging in: only when an output was not finite ------------------------------------------------------
 
@@ -1031,19 +1056,23 @@ class _Tracer(TorchDispatchMode):
         if got is None and t._base is not None and _nonfinite(t._base):
             got = self.prov[t] = self._origin(t._base, loc)
         if got is None and (via := self._received_through(t)) is not None:
-            count, idx = _positions(~torch.isfinite(t))
-            b = _Birth(via[0], via[1], "received from another rank", count, idx, bool(torch.isnan(t).any()),
-                       received=True)
-            self.births.append(b)
+            mask, nan = ~torch.isfinite(t), bool(torch.isnan(t).any())
+            b = self._birth(via[0], via[1], nan, None, mask, lambda idx: _Birth(
+                via[0], via[1], "received from another rank", 0, idx, nan, received=True), received=True)
             got = self.prov[t] = frozenset([b])
         if got is None:
-            mask = ~torch.isfinite(t)
-            count, idx = _positions(mask)
-            b = _Birth("input", loc, "arrived non-finite", count, idx, bool(torch.isnan(t).any()),
-                       name=self.names.get(t) or self._search_name(t, _user_frame()))
-            self.births.append(b)
+            mask, nan = ~torch.isfinite(t), bool(torch.isnan(t).any())
+            name = self.names.get(t) or self._search_name(t, _user_frame())
+            b = self._birth("input", loc, nan, name, mask,
+                            lambda idx: _Birth("input", loc, "arrived non-finite", 0, idx, nan, name=name))
             got = self.prov[t] = frozenset([b])
         return got
+
+    def _birth(self, op, loc, nan, name, mask, make, parents=(), received=False) -> _Birth:
+        """The interned birth of this site: its indices and description are computed the first time only."""
+        key = self.store.birth_key(op, loc, nan, name, received)
+        known = self.store.known(key)
+        return self.store.birth(key, _count(mask), lambda: make(_first(mask)) if known is None else None, parents)
 
     def _gradient_as_value(self, t: torch.Tensor, got: frozenset, loc) -> frozenset:
         """A non-finite gradient used as a forward value (an optimizer step writing it into a parameter): its
@@ -1053,14 +1082,13 @@ class _Tracer(TorchDispatchMode):
         if cached is not None:
             return cached
         incidents = [p for p in got if isinstance(p, _Incident)]
-        count, idx = _positions(~torch.isfinite(t))
-        first = incidents[0]
+        first = min(incidents, key=lambda i: i.order)
         what = (f"a gradient with {first.kind if first.kind == 'contamination' else 'genuine ' + first.kind} from "
                 f"{first.op} (the backward of {first.node_op}) at {_fmt(first.loc)}, used as a value")
         parents = frozenset(p for p in got if isinstance(p, _Birth)).union(*(i.births for i in incidents))
-        b = _Birth("gradient", loc, what, count, idx, bool(torch.isnan(t).any()), name=self.names.get(t),
-                   parents=parents)
-        self.births.append(b)
+        nan, name = bool(torch.isnan(t).any()), self.names.get(t)
+        b = self._birth("gradient", loc, nan, name, ~torch.isfinite(t),
+                        lambda idx: _Birth("gradient", loc, what, 0, idx, nan, name=name), parents)
         got = self.as_value[t] = frozenset([b])
         return got
 
@@ -1090,23 +1118,30 @@ class _Tracer(TorchDispatchMode):
 
     def _value(self, func, loc, o, mask, nf, prior, nd, ins=(), base=None) -> None:
         """A forward value (or one a backward formula made from saved values): propagate or record a birth."""
-        # An unknown 0-dim tensor is a wrapped constant (x[2] = nan): the value is born at this op.
-        nf = [t for t in nf if t in self.prov or t.dim() or t.requires_grad]
+        # An unknown 0-dim tensor is a wrapped constant (x[2] = nan): the value is born at this op; so is the
+        # data of a literal (torch.tensor([..., nan]) reaches the dispatcher as lift_fresh of a fresh tensor).
+        literal = func.overloadpacket in _LITERALS
+        if literal and o.numel() <= 1:
+            return  # a lifted scalar (x[2] = nan): the op that writes it is where it is born
+        nf = [t for t in nf if t in self.prov or ((t.dim() or t.requires_grad) and not literal)]
         births = frozenset().union(*(self._origin(t, loc) for t in nf)) if nf else frozenset()
         if prior:
             births |= prior
-        has_nan = bool(torch.isnan(o[mask]).any())
+        has_nan = bool(mask_any(torch.isnan(o).logical_and_(mask)))  # no masked copy of o
         # an in-place op on a tensor already known non-finite (DDP's bucket.div_) carries its NaN, not makes it
         prior_nan = any(getattr(b, "nan", True) for b in prior) if prior else False
         new_nan = has_nan and not prior_nan and not any(bool(torch.isnan(t).any()) for t in nf)
         if (not nf and not prior) or new_nan:
-            count, idx = _positions(_in_base(torch.isnan(o) if new_nan and (nf or prior) else mask, o, base))
             op = _op_name(func)
-            what = _explain(func, nf or [t for t in ins if t is not o], o, mask)  # born here: why, from its inputs
-            if nd is not None and nd.op != op and (not nf or new_nan) and loc == nd.loc:
-                what = f"{what} (in the backward formula of {nd.op})"
-            b = _Birth(op, loc, what, count, idx, has_nan, parents=births)
-            self.births.append(b)
+
+            def make(idx):
+                what = _explain(func, nf or [t for t in ins if t is not o], o, mask)  # why, from its inputs
+                if nd is not None and nd.op != op and (not nf or new_nan) and loc == nd.loc:
+                    what = f"{what} (in the backward formula of {nd.op})"
+                return _Birth(op, loc, what, 0, idx, has_nan)
+
+            b = self._birth(op, loc, has_nan, None,
+                            _in_base(torch.isnan(o) if new_nan and (nf or prior) else mask, o, base), make, births)
             births = frozenset([b])
         self.prov[o] = births
 
@@ -1119,6 +1154,13 @@ class _Tracer(TorchDispatchMode):
             return
         births = frozenset().union(*(self._origin(t, loc) for t in nf)) if nf else frozenset()
         genuine = self._nonzero_sensitivity_met(func, o, mask, ins, sens_ins, nf, args, out, kwargs)
+        # strong zeros' semantics: a zero sensitivity is structural only where an op that discards values
+        # (slice, where, mask, ignored targets...) made it; a zero the program computes (0 * sqrt(w)) is an
+        # ordinary zero, and 0 x NaN = NaN there is genuine, for the trace as for gw.grad
+        discarded = self._discarded_by(sens_ins)
+        computed_zero = discarded is None and self._from_a_product(sens_ins) and bool(mask_any(mask & ~genuine))
+        if computed_zero:
+            genuine = torch.ones_like(mask)
         undecided = False
         incidents = []
         node = torch._C._current_autograd_node() if nd is None else None
@@ -1127,7 +1169,7 @@ class _Tracer(TorchDispatchMode):
             count, idx = _positions(kind_mask)
             if not count:
                 continue
-            has_nan = bool(torch.isnan(o[kind_mask]).any())
+            has_nan = bool(mask_any(torch.isnan(o).logical_and_(kind_mask)))
             if contaminated:
                 kind = "contamination"
                 what = ("a zero sensitivity met " + ("NaN/Inf" if births else "0/0 or 0 x Inf")
@@ -1137,14 +1179,17 @@ class _Tracer(TorchDispatchMode):
                 what = (f"a nonzero sensitivity met NaN/Inf in {op} (the backward of {node_op})" if births else
                         f"the backward of {node_op} made {'NaN' if has_nan else 'Inf'} from finite values in {op} "
                         "(an infinite derivative used)")
+                if computed_zero:
+                    what += ("; the sensitivity there is a zero the program computed (no op that discards values "
+                             "made it): an ordinary zero, 0 x NaN = NaN, kept by gw.strong_zeros() too")
                 undecided = bool(births) and _undecidable(func, ins, o)
                 for b in births:
                     b.used = True
-            inc = _Incident(kind, op, node_op, loc, count, idx, births, what,
-                            self._discarded_by(sens_ins) if contaminated else None,
-                            undecided=undecided)
-            self.incidents.append(inc)
+            inc = self.store.incident(kind, op, node_op, loc, count, idx, births, what,
+                                      discarded if contaminated else None, undecided)
             incidents.append(inc)
+            if self.provisional is not None:
+                self.provisional.append((inc, count, nd, _strong_zeros._STATE.in_mode))
         self.prov[o] = frozenset(incidents)
 
     def _nonzero_sensitivity_met(self, func, o, mask, ins, sens_ins, nf, args, out, kwargs=None) -> torch.Tensor:
@@ -1179,6 +1224,15 @@ class _Tracer(TorchDispatchMode):
         nonzero_anywhere = any(bool((s != 0).any()) for s in sens_ins)
         return torch.full(o.shape, nonzero_anywhere, dtype=torch.bool)
 
+    def _from_a_product(self, sens_ins) -> bool:
+        """Did the zero sensitivity come straight from the backward of a product with a value (0 * x, a
+        matmul with a zero weight)? Those zeros are values of the program, not structure."""
+        for s in sens_ins:
+            nd = self.nodes.get(self.sens.get(s))
+            if nd is not None and nd.op in _PRODUCTS:
+                return True
+        return False
+
     def _discarded_by(self, sens_ins) -> tuple | None:
         """The discarding op upstream in the sensitivity flow (slice, where, ...) whose backward made the zero
         sensitivity: the nearest one that selects (slice, index, where, masks, ignored targets, overwrites) if
@@ -1211,14 +1265,16 @@ class _Tracer(TorchDispatchMode):
             for inc in self.prov.get(s, ()):
                 if isinstance(inc, _Incident):
                     inc.reaches.add(self.leaf_name(var))
+                    self.reached_now.add(id(inc))
 
     def reached(self, grad: torch.Tensor, leaf: torch.Tensor) -> None:
         """A final gradient (from torch.autograd.grad) for `leaf`: record which findings reach it."""
         incs = [i for i in self.prov.get(grad, ()) if isinstance(i, _Incident)]
         for inc in incs:
             inc.reaches.add(self.leaf_name(leaf))
+            self.reached_now.add(id(inc))
         if not incs and _nonfinite(grad):
-            self.orphans.append((self.leaf_name(leaf), int((~torch.isfinite(grad)).sum())))
+            self.store.orphan(self.leaf_name(leaf), int((~torch.isfinite(grad)).sum()))
 
     def leaf_name(self, t: torch.Tensor) -> str:
         name = self.names.get(t)
@@ -1305,37 +1361,49 @@ class _Tracer(TorchDispatchMode):
 
     # -- the report -------------------------------------------------------------------------------------------
 
-    def fill(self, report: Report, since: tuple[int, int] = (0, 0)) -> None:
-        """Fill ``report``; ``since`` (incidents, orphans recorded before a nested block) leaves those out."""
+    def fill(self, report: Report, since: int = 0) -> None:
+        """Fill ``report`` (linear in the records kept); ``since`` (the store's event counter when a nested block
+        began) leaves out what was last seen before it."""
         self.flush()
         report.forward_ops, report.backward_ops = self.n_fwd, self.n_bwd
         findings: dict[tuple, Finding] = {}
 
-        def add(key, make, count, reaches, indices):
+        origin: dict[tuple, _Birth] = {}  # finding key -> the birth that explains it (root causes)
+
+        def add(key, make, count, reaches, indices, occurrences=1, step=None, birth=None):
             f = findings.get(key)
             if f is None:
                 f = findings[key] = make()
                 f.count, f.indices, f.occurrences = 0, indices, 0
+                if birth is not None:
+                    origin[key] = birth
             f.count += count
-            f.occurrences += 1
+            f.occurrences += occurrences
             f.reaches = sorted(set(f.reaches) | set(reaches))
+            if step is not None and (f.step is None or step < f.step):
+                f.step = step
 
         birthless: set = set()
-        for inc in self.incidents[since[0]:]:
-            birth = min(inc.births, key=lambda b: self.births.index(b)) if inc.births else None
+        for inc in sorted(self.store.incidents.values(), key=lambda i: i.order):
+            if inc.serial <= since:
+                continue
+            birth = earliest(inc.births)
             if inc.kind == "contamination":
                 key = ("contamination", inc.op, inc.loc, birth.op if birth else None, birth.loc if birth else None)
                 add(key, lambda inc=inc, birth=birth: self._contamination(inc, birth), inc.count, inc.reaches,
-                    inc.indices)
+                    inc.indices, inc.occurrences, inc.step, birth)
             elif birth is not None:  # named by where it was born: count and elements are the born tensor's
                 key = (inc.kind, birth.op, birth.loc)
+                new = key not in findings
                 add(key, lambda inc=inc, birth=birth: self._genuine(inc.kind, inc, birth),
-                    0 if key in findings else birth.count, inc.reaches, birth.indices)
+                    birth.count if new else 0, inc.reaches, birth.indices, birth.occurrences if new else 0,
+                    birth.step, birth)
             else:
                 key = (inc.kind, inc.node_op, inc.loc)
-                add(key, lambda inc=inc: self._genuine(inc.kind, inc, None), inc.count, inc.reaches, inc.indices)
+                add(key, lambda inc=inc: self._genuine(inc.kind, inc, None), inc.count, inc.reaches, inc.indices,
+                    inc.occurrences, inc.step)
                 birthless.add(key)
-        for birth in self.output_births:
+        for birth in sorted(self.output_births, key=lambda b: b.order):
             kind = "nan" if birth.nan else "inf"
             key = (kind, birth.op, birth.loc)
             if key in birthless:  # the output itself is NaN/Inf from the forward: that is the explanation
@@ -1343,14 +1411,16 @@ class _Tracer(TorchDispatchMode):
                 findings[key] = self._genuine(kind, None, birth)
                 findings[key].count, findings[key].indices = birth.count, birth.indices
                 findings[key].occurrences, findings[key].reaches = old.occurrences, old.reaches
+                findings[key].step, origin[key] = old.step, birth
             elif key not in findings:
                 add(key, lambda birth=birth, kind=kind: self._genuine(kind, None, birth), birth.count, [],
-                    birth.indices)
+                    birth.indices, birth.occurrences, birth.step, birth)
         self._grads_made_nonfinite_after_backward(findings, add)
-        for name, count in self.orphans[since[1]:]:
-            add(("nan", "unknown", name), lambda name=name: Finding(
-                "nan", "unknown", "<unknown>", 0, message=f"the gradient of {name} is not finite; its birth was "
-                "not observed (made outside the traced block?)"), count, [name], [])
+        for name, (count, occurrences, serial) in self.store.orphans.items():
+            if serial > since:
+                add(("nan", "unknown", name), lambda name=name: Finding(
+                    "nan", "unknown", "<unknown>", 0, message=f"the gradient of {name} is not finite; its birth was "
+                    "not observed (made outside the traced block?)"), count, [name], [], occurrences)
         if self.collective_sites:
             self._add_received(findings)
         for g in self.kinks.values():
@@ -1361,7 +1431,13 @@ class _Tracer(TorchDispatchMode):
                 occurrences=g.occurrences)
         order = {k: i for i, k in enumerate(("contamination", "nan", "inf", "singular", "kink"))}
         report.findings = sorted(findings.values(), key=lambda f: (order[f.kind], f.location))
-        report.unused = self._unused()
+        report.causes = _trace_causes.group(report.findings, {id(f): origin[k] for k, f in findings.items()
+                                                              if k in origin}, _fmt, self.store.step)
+        report.notes = [f"{kind} tensors: {n} op(s) or value(s) passed over" + (f" (first: {op})" if op else "")
+                        if not kind.startswith("not explained") else f"{op or 'a value'}: {kind} ({n}x)"
+                        for kind, (n, op) in self.passed.items()]
+        report.removed = _trace_causes.removed(self.strong_reads, self.store.incidents.values(), _fmt)
+        report.unused = self._unused(removed={b for b, _ in self.strong_reads})
         rank = _dist_rank()
         for f in report.findings:
             f.rank = rank
@@ -1452,17 +1528,17 @@ class _Tracer(TorchDispatchMode):
                     "non-finite gradient it read (see the other findings), or skip the step when the total norm "
                     "is not finite (clip_grad_norm_(..., error_if_nonfinite=True))"), count, [name], idx)
 
-    def _unused(self) -> list[str]:
-        explained: set = set()
-        stack = [b for inc in self.incidents for b in inc.births] + list(self.output_births)
+    def _unused(self, removed=frozenset()) -> list[str]:
+        explained: set = set(removed)
+        stack = [b for inc in self.store.incidents.values() for b in inc.births] + list(self.output_births)
         while stack:
             b = stack.pop()
             if b not in explained:
                 explained.add(b)
                 stack.extend(b.parents)
         groups: dict = {}
-        for b in self.births:
-            if b not in explained and not b.received:
+        for b in self.store.births.values():
+            if b not in explained and not b.received and b.op not in _NOT_DATA:
                 key = (b.op if b.op != "input" else f"input {b.name}", _fmt(b.loc))
                 groups[key] = groups.get(key, 0) + b.count
         return [f"{op} at {loc} ({n} value{'s' if n != 1 else ''})" for (op, loc), n in groups.items()]
@@ -1472,7 +1548,8 @@ class _Tracer(TorchDispatchMode):
     def roots(self, outputs, grads):
         """Check the outputs being differentiated and make their gradients, marked as sensitivities."""
         self.flush()
-        outputs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
+        single = isinstance(outputs, (torch.Tensor, torch.autograd.graph.GradientEdge))
+        outputs = (outputs,) if single else tuple(outputs)
         if grads is None or isinstance(grads, torch.Tensor):
             grads = [grads] * len(outputs) if grads is None else [grads]
         grads = list(grads)
@@ -1480,10 +1557,12 @@ class _Tracer(TorchDispatchMode):
         # with the outer sensitivities: they are not outputs the user's result depends on as such
         reentrant = self.depth > 0
         for i, (o, g) in enumerate(zip(outputs, grads, strict=False)):
-            for b in () if reentrant else self.prov.get(o, ()):
-                if isinstance(b, _Birth):
-                    b.used = True
-                    self.output_births.add(b)
+            births = [] if reentrant else [b for b in self.prov.get(o, ()) if isinstance(b, _Birth)]
+            # a parameter made NaN by an earlier backward makes the whole output NaN: it explains the others
+            inherited = [b for b in births if b.op == "gradient"]
+            for b in inherited or births:
+                b.used = True
+                self.output_births.add(b)
             if g is None and isinstance(o, torch.Tensor) and o.numel() == 1 and o.requires_grad:
                 grads[i] = g = torch.ones_like(o, memory_format=torch.preserve_format)
             if isinstance(g, torch.Tensor):
@@ -1491,11 +1570,19 @@ class _Tracer(TorchDispatchMode):
         return outputs, grads
 
 
+# births that are no data of the program: uninitialised memory (overwritten before use) and NaN gradients used
+# as values (consequences of findings, reported there)
+_NOT_DATA = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided",
+             "gradient"}
 _KINK_FIX = ("not an error: the gradient here is PyTorch's convention, one element of the subdifferential. To test "
              "optimality use gw.stationarity(f, x); for an exact one-sided derivative gw.directional_derivative.")
 _SINGULAR_FIX = ("an infinite derivative (a norm or root at 0): if the gradient must be finite here, smooth the op "
                  "(sqrt(x + eps), vector_norm(x + eps)), or use gw.directional_derivative / gw.generalized_grad, "
                  "which are exact there")
+# forward ops whose backward multiplies the incoming sensitivity by a forward value: a zero they send is the
+# value's zero (computed by the program), not a structural one
+_PRODUCTS = {"aten.mul", "aten.div", "aten.mm", "aten.bmm", "aten.addmm", "aten.matmul", "aten.mv", "aten.dot",
+             "aten.outer", "aten.linear", "aten.einsum", "aten.baddbmm"}
 # Backward ops whose inputs and output share a shape but that mix a whole row (softmax's sum over the row).
 _ROW_MIXING = {aten._softmax_backward_data, aten._log_softmax_backward_data}
 
@@ -1555,7 +1642,102 @@ _BILINEAR = {aten.mm, aten.bmm, aten.addmm, aten.baddbmm, aten.addbmm, aten.mv, 
 
 # -- public API ------------------------------------------------------------------------------------------------
 
-_ACTIVE: list[_Tracer] = []
+# Per-thread tracers: torch.autograd.backward/grad are wrapped once (reference-counted, under a lock) and the
+# wrappers look up the calling thread's tracer; a thread without one runs PyTorch's functions untouched. The
+# dispatch mode itself is thread-local (PyTorch's mode stack is).
+_LOCK = threading.Lock()
+_TRACERS: dict[int, _Tracer] = {}  # thread id -> its outermost active tracer
+_WATCHERS: dict = {}  # thread id -> its gw.watch() state (_watch._Watcher), while no tracer runs there
+_ORIGINAL: list = []  # [torch.autograd.backward, torch.autograd.grad] while wrapped
+_installed = 0
+
+
+def _current() -> _Tracer | None:
+    return _TRACERS.get(threading.get_ident())
+
+
+@contextlib.contextmanager
+def _backward_call(tracer: _Tracer) -> Iterator[None]:
+    """Around one backward/grad call. Under gw.strong_zeros() the engine hook may run a plain pass, then redo
+    it with strong zeros when a gradient came out non-finite: what the plain pass recorded is provisional and
+    is dropped when the strong pass ran (the strong pass records what remains, and what it removed)."""
+    outer = tracer.depth == 0
+    if outer:
+        tracer.provisional = [] if _strong_zeros._STATE.depth else None
+        tracer.strong_ran = False
+    tracer.depth += 1
+    try:
+        yield
+    finally:
+        tracer.depth -= 1
+        tracer.flush()
+        tracer.backward_ended = not tracer.depth
+        if outer:
+            if tracer.provisional:
+                tracer.drop_provisional()
+            tracer.provisional = None
+            tracer.reached_now = set()
+
+
+def _traced_backward(tensors, grad_tensors=None, *args, **kwargs):
+    tracer = _current()
+    if tracer is not None and torch._C._are_functorch_transforms_active():
+        tracer._pass_over("functorch-transformed (vmap, batched gradient)", "torch.autograd.backward")
+        tracer = None
+    if tracer is None:
+        watcher = _WATCHERS.get(threading.get_ident())
+        if watcher is not None:
+            return watcher.backward(_ORIGINAL[0], tensors, grad_tensors, *args, **kwargs)
+        return _ORIGINAL[0](tensors, grad_tensors, *args, **kwargs)
+    tensors, grad_tensors = tracer.roots(tensors, grad_tensors)
+    with _backward_call(tracer):
+        return _ORIGINAL[0](tensors, grad_tensors, *args, **kwargs)
+
+
+def _traced_grad(outputs, inputs, grad_outputs=None, *args, **kwargs):
+    tracer = _current()
+    if tracer is not None and (kwargs.get("is_grads_batched") or torch._C._are_functorch_transforms_active()
+                               or not all(_trace_kinds.readable(g) for g in _tensors(
+                                   [grad_outputs] if isinstance(grad_outputs, torch.Tensor) else grad_outputs or ()))):
+        tracer._pass_over("functorch-transformed (vmap, batched gradient)", "torch.autograd.grad")
+        tracer = None  # batched gradients: their values cannot be read here
+    if tracer is None:
+        watcher = _WATCHERS.get(threading.get_ident())
+        if watcher is not None:
+            return watcher.grad(_ORIGINAL[1], outputs, inputs, grad_outputs, *args, **kwargs)
+        return _ORIGINAL[1](outputs, inputs, grad_outputs, *args, **kwargs)
+    outputs, grad_outputs = tracer.roots(outputs, grad_outputs)
+    with _backward_call(tracer):
+        result = _ORIGINAL[1](outputs, inputs, grad_outputs, *args, **kwargs)
+        tracer.flush()
+        if isinstance(inputs, (torch.Tensor, torch.autograd.graph.GradientEdge)) or not isinstance(
+                inputs, (list, tuple)):
+            leaves = (inputs,)
+        else:
+            leaves = tuple(inputs)
+        for g, leaf in zip(result, leaves, strict=False):
+            # torch.func.grad calls this too; under vmap its gradients are batched and cannot be read here
+            if isinstance(g, torch.Tensor) and isinstance(leaf, torch.Tensor) and _trace_kinds.readable(g):
+                tracer._safely("torch.autograd.grad", tracer.reached, g, leaf)  # a legacy-vmap batched g
+    return result
+
+
+def _install() -> None:
+    global _installed
+    with _LOCK:
+        if _installed == 0:
+            _ORIGINAL[:] = [torch.autograd.backward, torch.autograd.grad]
+            torch.autograd.backward, torch.autograd.grad = _traced_backward, _traced_grad
+        _installed += 1
+
+
+def _uninstall() -> None:
+    global _installed
+    with _LOCK:
+        _installed -= 1
+        if _installed == 0:
+            torch.autograd.backward, torch.autograd.grad = _ORIGINAL
+            _ORIGINAL.clear()
 
 
 @contextlib.contextmanager
@@ -1563,9 +1745,11 @@ def trace(*, sync_every: int = 256) -> Iterator[Report]:
     """Record the forward and backward passes run in the block and explain every NaN/Inf and every kink.
 
     Works with any number of ``.backward()`` / ``torch.autograd.grad`` calls, modules and custom Functions.
-    The report is filled in when the block exits (also when it raises). ``sync_every``: on accelerators,
-    finiteness checks are batched and settled every this many ops (one host sync per batch); on CPU every op
-    is checked at once.
+    The report is filled in when the block exits (also when it raises, e.g. on KeyboardInterrupt).
+    ``sync_every``: on accelerators, finiteness checks are batched and settled every this many ops (one host
+    sync per batch); on CPU every op is checked at once. The trace belongs to the thread that opened it: other
+    threads' backward passes are not traced and pay nothing. Memory stays bounded over long runs (repeats of a
+    finding are counted, not stored).
 
     Example::
 
@@ -1581,53 +1765,40 @@ def trace(*, sync_every: int = 256) -> Iterator[Report]:
     if not isinstance(sync_every, int) or sync_every < 1:
         raise ValueError(f"sync_every must be a positive int, got {sync_every!r}")
     report = Report()
-    if _ACTIVE:  # nested (a script using gw.explain run by `gradwise run`): the outer block records for both
-        outer = _ACTIVE[-1]
-        since = (len(outer.incidents), len(outer.orphans))
+    outer = _current()
+    if outer is not None:  # nested (a script using gw.explain run by `gradwise run`): the outer block records
+        since = outer.store.serial
         try:
             yield report
         finally:
             outer.fill(report, since)
         return
     tracer = _Tracer(sync_every)
-    orig_backward, orig_grad = torch.autograd.backward, torch.autograd.grad
-
-    def backward(tensors, grad_tensors=None, *args, **kwargs):
-        tensors, grad_tensors = tracer.roots(tensors, grad_tensors)
-        tracer.depth += 1
-        try:
-            return orig_backward(tensors, grad_tensors, *args, **kwargs)
-        finally:
-            tracer.depth -= 1
-            tracer.flush()
-
-    def grad(outputs, inputs, grad_outputs=None, *args, **kwargs):
-        if kwargs.get("is_grads_batched"):
-            return orig_grad(outputs, inputs, grad_outputs, *args, **kwargs)
-        outputs, grad_outputs = tracer.roots(outputs, grad_outputs)
-        tracer.depth += 1
-        try:
-            result = orig_grad(outputs, inputs, grad_outputs, *args, **kwargs)
-        finally:
-            tracer.depth -= 1
-            tracer.flush()
-        leaves = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-        for g, leaf in zip(result, leaves, strict=False):
-            # torch.func.grad calls this too; under vmap its gradients are batched and cannot be read here
-            if isinstance(g, torch.Tensor) and not torch._C._functorch.is_functorch_wrapped_tensor(g):
-                tracer.reached(g, leaf)
-        return result
-
-    _ACTIVE.append(tracer)
-    torch.autograd.backward, torch.autograd.grad = backward, grad
+    me = threading.get_ident()
+    _install()
+    _TRACERS[me] = tracer
     try:
         with tracer:
             yield report
     finally:
-        torch.autograd.backward, torch.autograd.grad = orig_backward, orig_grad
-        _ACTIVE.clear()
+        _TRACERS.pop(me, None)
+        _uninstall()
         _SCRATCH.buf = None
         tracer.fill(report)
+
+
+def snapshot(thread: int | None = None) -> Report | None:
+    """The report so far of the `gw.trace()` block running in ``thread`` (a ``threading.get_ident()``; default:
+    the main thread), without ending it; None when that thread traces nothing. Safe to call from a signal
+    handler (the CLI prints it on SIGTERM): the trace's dispatch mode is switched off while the report is built,
+    and recording goes on afterwards."""
+    tracer = _TRACERS.get(threading.main_thread().ident if thread is None else thread)
+    if tracer is None:
+        return None
+    report = Report()
+    with torch.utils._python_dispatch._disable_current_modes():
+        tracer.fill(report)
+    return report
 
 
 def explain(fn: Callable[..., torch.Tensor], *args, **kwargs) -> Report:

@@ -1,0 +1,72 @@
+"""Root cause first: the trace's findings grouped by the earliest NaN/Inf birth they descend from.
+
+One bug in a training loop makes several findings: the contamination of the step where it happened, then (once
+an optimizer step has written the NaN gradient into the parameters) a genuine NaN on every later step. Each
+finding is tied to the birth that explains it; following births' parents (a gradient used as a value points to
+the births of the backward that made it) leads to a root. Findings that share a root form one cause, told in
+one line with the step of its first occurrence; findings reached only through an inherited gradient are marked
+``downstream`` (they go away when the root cause is fixed) and are not counted as problems of their own.
+"""
+from __future__ import annotations
+
+from gradwise._report import Finding
+from gradwise._trace_store import Birth, root
+
+
+def _inherited(birth: Birth) -> bool:
+    return birth.op == "gradient"
+
+
+def group(findings: list[Finding], origin: dict[int, Birth], fmt, last_step: int) -> list[str]:
+    """Mark downstream findings and return one line per root cause (earliest first). ``origin``: id(finding) ->
+    the birth that explains it; ``fmt`` formats a location; ``last_step``: the last step traced."""
+    by_root: dict[int, tuple[Birth, list[int]]] = {}
+    for i, f in enumerate(findings, 1):
+        b = origin.get(id(f))
+        if b is None:
+            continue
+        r = root(b)
+        by_root.setdefault(id(r), (r, []))[1].append(i)
+        if _inherited(b) and r is not b:
+            f.downstream = True
+    lines = []
+    for r, numbers in sorted(by_root.values(), key=lambda e: e[0].order):
+        own = [n for n in numbers if not findings[n - 1].downstream]
+        down = [n for n in numbers if findings[n - 1].downstream]
+        parts = [f"root cause at step {r.step}: {r.describe()}"]
+        for n in own:
+            f = findings[n - 1]
+            if f.kind == "contamination":
+                where = f" by {f.discarded_op} at {f.discarded_location}" if f.discarded_op else ""
+                parts.append(f"discarded{where}, it reached the gradients as contamination (finding {n})")
+            else:
+                parts.append(f"the output uses it: genuine {'NaN' if f.kind == 'nan' else 'Inf'} (finding {n})")
+        if down:
+            inherited = [origin[id(findings[n - 1])] for n in down]
+            first = min(inherited, key=lambda b: b.step)
+            later = max(b.last for b in inherited) - first.step
+            parts.append(f"downstream: {fmt(first.loc)} wrote the non-finite gradient into the parameters at step "
+                         f"{first.step}" + (f", and {later} later step{'s' if later != 1 else ''} inherit it"
+                                            if later > 0 else "")
+                         + f" (finding{'s' if len(down) > 1 else ''} {', '.join(map(str, down))}: fixed with the "
+                         "root cause)")
+        lines.append("; ".join(parts))
+    return lines
+
+
+def removed(strong_reads: dict, incidents, fmt) -> list[str]:
+    """One line per NaN/Inf birth that gw.strong_zeros()' backward read and that no finding names (so strong
+    zeros annihilated it there): where it was born, which backward handled it, and how often."""
+    named = {id(b) for inc in incidents for b in inc.births}
+    sites: dict[int, tuple[Birth, list]] = {}
+    for (b, (op, loc)), n in strong_reads.items():
+        if id(b) not in named:
+            sites.setdefault(id(b), (b, []))[1].append((op, loc, n))
+    lines = []
+    for b, where in sorted(sites.values(), key=lambda e: e[0].order):
+        op, loc, _ = where[0]
+        at = f"the backward of {op} at {fmt(loc)}" + (f" (and {len(where) - 1} more backward op(s) read it)"
+                                                       if len(where) > 1 else "")
+        steps = f" (first at step {b.step}, last at step {b.last})" if b.last != b.step else f" (step {b.step})"
+        lines.append(f"{b.describe()}{steps}: gw.strong_zeros() annihilated it in {at}; nothing to fix")
+    return lines

@@ -1,0 +1,42 @@
+"""Which tensors `gw.trace()` can read, and the note it leaves for the ones it passes over.
+
+The trace reads values (a finiteness reduction per op, masks when it digs in). Some tensors have no values to
+read, or reading them would run code that is not the user's: meta and fake tensors (no data), sparse, nested
+and mkldnn layouts (no dense reduction on every backend), efficient ZeroTensors (no storage), tensors under a
+functorch transform (batched: reading one breaks the transform), tensor subclasses (their
+``__torch_dispatch__`` would see the trace's own reductions) and forward-AD duals (a reduction would build a
+tangent). Ops on them run untouched; the report says how many were passed over, per kind.
+"""
+from __future__ import annotations
+
+import torch
+
+PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_is_batched = torch._C._functorch.is_batchedtensor
+
+
+def kind(t: torch.Tensor) -> str | None:
+    """None for a tensor the trace reads; else the kind it passes over (as the report names it)."""
+    if type(t) not in PLAIN_TYPES:
+        return f"tensor subclass {type(t).__name__}"
+    if t.layout != torch.strided:
+        return {torch._mkldnn: "mkldnn"}.get(t.layout, "nested (jagged)" if t.layout == torch.jagged else "sparse")
+    if t.is_nested:
+        return "nested"
+    if t.device.type == "meta":
+        return "meta"
+    if t._is_zerotensor():
+        return "ZeroTensor"
+    if _is_wrapped(t) or _is_batched(t):
+        return "functorch-wrapped (vmap/grad transform)"
+    return None
+
+
+def readable(t: torch.Tensor) -> bool:
+    return kind(t) is None
+
+
+def forward_ad_active() -> bool:
+    """Is a forward-AD dual level open (reductions on duals would build tangents)?"""
+    return torch.autograd.forward_ad._current_level >= 0

@@ -1,0 +1,216 @@
+"""What `gw.trace()` keeps: births and incidents interned per site, so memory is bounded by the program's
+source, not by the number of steps.
+
+A training run that goes NaN makes the same NaN at the same (op, line) on every step. Each such event is
+interned by its site: the first occurrence keeps its details (step, element indices, description), every later
+one only adds to counters (occurrences, elements, the steps of the first ``KEEP`` occurrences, and the union of
+what it came from). Provenance sets therefore hold a bounded set of objects, the report walks a bounded graph,
+and the per-step cost does not grow with the step count. ``order`` (creation order) replaces list searches, so
+building the report is linear in what is kept.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+KEEP = 4  # steps remembered per site (the first occurrences)
+_SHOWN = 4  # indices shown per finding
+_BLOCK = 4096  # first() scans masks in blocks of this many elements
+
+
+@dataclass(eq=False)
+class Birth:
+    """Where a NaN/Inf value first appeared (a forward op, a backward formula on saved values, or the data),
+    interned per (op, line, name, NaN or Inf): ``count`` and ``occurrences`` add up over the steps."""
+
+    op: str
+    loc: tuple
+    what: str
+    count: int
+    indices: list
+    nan: bool
+    name: str | None = None  # for data that arrived non-finite
+    parents: set = field(default_factory=set)  # the births it came from (the union over occurrences)
+    used: bool = False
+    received: bool = False  # read from a collective's buffer: another rank's NaN/Inf
+    order: int = 0  # creation order among births (the report sorts by it)
+    step: int = 0  # step of the first occurrence
+    occurrences: int = 1
+    steps: list = field(default_factory=list)  # steps of the first KEEP occurrences
+    last: int = 0  # step of the latest occurrence
+    first_count: int = 0  # elements of the first occurrence
+
+    def describe(self) -> str:
+        from gradwise._trace import _fmt  # the trace's path formatting (relative to the working directory)
+
+        kind = "NaN" if self.nan else "Inf"
+        n = f"{self.first_count} {kind} value(s)" + (f" (x{self.occurrences}, {self.count} in all)"
+                                                     if self.occurrences > 1 else "")
+        if self.op == "input":
+            name = self.name or "a tensor"
+            return f"{name} arrived with {n} (first used at {_fmt(self.loc)})"
+        return f"{self.op} at {_fmt(self.loc)} made {n}: {self.what}"
+
+
+@dataclass(eq=False)
+class Incident:
+    """A non-finite gradient element born in the backward (a sensitivity met a non-finite value), interned per
+    (kind, backward op, node op, line, discarding op, earliest birth)."""
+
+    kind: str  # "contamination", "nan" or "inf"
+    op: str  # the backward aten op
+    node_op: str  # the forward op whose backward it is
+    loc: tuple
+    count: int
+    indices: list
+    births: set
+    what: str
+    discarded: tuple | None = None  # (op, loc) of the forward op whose backward made the zero sensitivity
+    reaches: set = field(default_factory=set)
+    undecided: bool = False  # met in a backward op the trace cannot split (no strong-zero rule)
+    order: int = 0
+    step: int = 0
+    occurrences: int = 1
+    steps: list = field(default_factory=list)
+    last: int = 0
+    serial: int = 0  # the store's event counter when last seen (nested blocks report what they saw)
+
+
+def earliest(births) -> Birth | None:
+    """The birth that explains a NaN/Inf coming from several: a gradient inherited from an earlier backward (a
+    NaN parameter makes every later value NaN, so it explains the others), else the earliest-made (creation
+    order: linear, no list search)."""
+    inherited = [b for b in births if b.op == "gradient"]
+    return min(inherited or births, key=_order, default=None)
+
+
+def _order(b: Birth) -> int:
+    return b.order
+
+
+def root(birth: Birth) -> Birth:
+    """The earliest birth ``birth`` descends from (through ``parents``; interning can close cycles, so the walk
+    marks what it has seen)."""
+    best, seen, stack = birth, set(), [birth]
+    while stack:
+        b = stack.pop()
+        if id(b) in seen:
+            continue
+        seen.add(id(b))
+        if b.order < best.order:
+            best = b
+        stack.extend(b.parents)
+    return best
+
+
+class Store:
+    """The interned births and incidents of one trace, with the step counter."""
+
+    __slots__ = ("births", "incidents", "orphans", "serial", "step")
+
+    def __init__(self) -> None:
+        self.births: dict[tuple, Birth] = {}
+        self.incidents: dict[tuple, Incident] = {}
+        self.step = 0
+        self.serial = 0
+        self.orphans: dict[str, list] = {}  # leaf name -> [elements, occurrences, serial]
+
+    def birth_key(self, op: str, loc: tuple, nan: bool, name: str | None, received: bool = False) -> tuple:
+        return (op, loc, nan, name, received)
+
+    def known(self, key: tuple) -> Birth | None:
+        return self.births.get(key)
+
+    def birth(self, key: tuple, count: int, make, parents=()) -> Birth:
+        """The interned birth for ``key``: ``make()`` builds it the first time (its indices and description),
+        later occurrences add their element count and parents."""
+        self.serial += 1
+        b = self.births.get(key)
+        if b is None:
+            b = self.births[key] = make()
+            b.order, b.step, b.steps, b.count, b.first_count = len(self.births), self.step, [self.step], count, count
+            b.parents = {p for p in parents if p is not b}
+            b.last = self.step
+            return b
+        b.last = self.step
+        b.count += count
+        b.occurrences += 1
+        if len(b.steps) < KEEP and b.steps[-1] != self.step:
+            b.steps.append(self.step)
+        for p in parents:
+            if p is not b:
+                b.parents.add(p)
+        return b
+
+    def incident(self, kind, op, node_op, loc, count, indices, births, what, discarded, undecided) -> Incident:
+        self.serial += 1
+        first = earliest(births)
+        key = (kind, op, node_op, loc, discarded, first.order if first is not None else None)
+        inc = self.incidents.get(key)
+        if inc is None:
+            inc = self.incidents[key] = Incident(kind, op, node_op, loc, count, indices, set(births), what,
+                                                 discarded, undecided=undecided)
+            inc.order, inc.step, inc.steps = len(self.incidents), self.step, [self.step]
+        else:
+            inc.count += count
+            inc.occurrences += 1
+            inc.births.update(births)
+            inc.undecided = inc.undecided or undecided
+            if len(inc.steps) < KEEP and inc.steps[-1] != self.step:
+                inc.steps.append(self.step)
+        inc.serial, inc.last = self.serial, self.step
+        return inc
+
+    def orphan(self, name: str, count: int) -> None:
+        self.serial += 1
+        o = self.orphans.setdefault(name, [0, 0, 0])
+        o[0] += count
+        o[1] += 1
+        o[2] = self.serial
+
+    def kept(self) -> int:
+        """How many records the store holds (bounded by the program's sites, not by its steps)."""
+        return len(self.births) + len(self.incidents) + len(self.orphans)
+
+
+# -- small mask helpers (shared with the trace) ---------------------------------------------------------------
+
+
+def first(mask: torch.Tensor) -> list[list[int]]:
+    """The first few True (nonzero) positions of a bool or 0/1 mask, without listing them all (masks can be
+    large). The first block holding one is found by a max per block: PyTorch's argmax over a large bool/uint8
+    mask is ~100x slower."""
+    flat = mask.reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.view(torch.uint8)
+    n = flat.numel()
+    if n == 0:
+        return []
+    start = 0
+    if n > _BLOCK:
+        full = n - n % _BLOCK
+        blocks = flat[:full].view(-1, _BLOCK).amax(1).nonzero()
+        start = int(blocks[0]) * _BLOCK if len(blocks) else full
+    found = flat[start : start + _BLOCK].nonzero()
+    if not len(found):
+        return []
+    start += int(found[0])
+    hits = flat[start : start + _BLOCK].nonzero()[:_SHOWN].flatten() + start
+    if not mask.dim():
+        return [[]]
+    out = []
+    for i in hits.tolist():  # unravel a handful of flat indices in Python (torch.unravel_index costs ~25 us)
+        idx = []
+        for n in reversed(mask.shape):
+            i, r = divmod(i, n)
+            idx.append(r)
+        out.append(idx[::-1])
+    return out
+
+
+def count(mask: torch.Tensor) -> int:
+    """How many elements of a bool or 0/1 mask are set (count_nonzero on floats is ~40x slower than a sum)."""
+    if mask.dtype == torch.bool:
+        return int(torch.count_nonzero(mask))
+    return int(mask.sum(dtype=torch.float64))

@@ -1,0 +1,207 @@
+"""`gw.watch()`: near-zero cost until the first non-finite gradient, then the full trace.
+
+Design. A long training run pays for `gw.trace()` on every op of every step although NaN appears once.
+`gw.watch()` records nothing while the gradients are finite:
+
+1. No dispatch mode, no per-op work: the forward and backward run as plain PyTorch. Only
+   ``torch.autograd.backward`` / ``torch.autograd.grad`` are wrapped (once, reference-counted, per thread: the
+   same wrappers as `gw.trace()`; a thread that does not watch pays one dict look-up per backward call).
+2. Each backward call runs with its graph kept (``retain_graph=True``); after it, the gradients it produced (the
+   ``.grad`` of the leaves it reached, or the results of ``autograd.grad``) are checked with one fused reduction
+   (``torch._foreach_norm(grads, inf)``, one host sync). Finite: the graph's saved tensors are freed at once, as
+   the engine would have freed them (unless the caller asked to keep the graph), and that is all.
+3. At the first non-finite gradient the step is explained: the kept graph is differentiated again under the
+   trace (``torch.autograd.grad`` of the same outputs with respect to the same leaves: no ``.grad`` changes),
+   which classifies every NaN/Inf element (contamination or genuine, which parameters it reaches). The forward
+   of that step was not recorded, so values that were already NaN/Inf in the graph are named by the variable
+   that holds them, with the line of the backward call; the autograd node tells the forward op. From then on the
+   block is traced in full (`gw.trace()`), so the following steps get birth lines and root causes.
+
+The report (yielded by the ``with``) holds the explained step and everything traced after it; a run that
+never goes non-finite gets an empty report. ``step`` counts backward calls from 0.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import threading
+from collections.abc import Iterator
+
+import torch
+
+from gradwise import _strong_zeros
+from gradwise import _trace as _tr
+from gradwise._report import Report
+
+
+class _Watcher:
+    """The state of one `gw.watch()` block (one thread)."""
+
+    def __init__(self, sync_every: int) -> None:
+        self.sync_every = sync_every
+        self.step = 0  # backward calls so far
+        self.depth = 0
+        self.tracer: _tr._Tracer | None = None  # set at the first non-finite gradient
+        self.found_at: int | None = None
+
+    # -- the wrapped autograd entry points (called by _trace's wrappers for a watching thread) ------------
+
+    def backward(self, orig, tensors, grad_tensors=None, retain_graph=None, create_graph=False,
+                 grad_variables=None, inputs=None):
+        if self.depth:  # a backward inside a backward (reentrant checkpoint): the outer call checks
+            return orig(tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)
+        keep = create_graph if retain_graph is None else retain_graph
+        outs = _as_tuple(tensors)
+        self.depth += 1
+        try:
+            orig(tensors, grad_tensors, True, create_graph, grad_variables, inputs)
+        finally:
+            self.depth -= 1
+        roots = _strong_zeros._root_nodes(outs)
+        leaves = _strong_zeros._leaves(outs, _as_tuple(inputs) if inputs is not None else None)
+        grads = [t.grad for t in leaves if isinstance(t.grad, torch.Tensor)]
+        if not _finite(grads):
+            self._explain(outs, grad_tensors, leaves, roots)
+        if not keep:
+            _strong_zeros._release_graph(roots)
+        self.step += 1
+
+    def grad(self, orig, outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False,
+             only_inputs=True, allow_unused=None, is_grads_batched=False, materialize_grads=False):
+        if self.depth or is_grads_batched or torch._C._are_functorch_transforms_active():
+            return orig(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs, allow_unused,
+                        is_grads_batched, materialize_grads)
+        keep = create_graph if retain_graph is None else retain_graph
+        self.depth += 1
+        try:
+            result = orig(outputs, inputs, grad_outputs, True, create_graph, only_inputs, allow_unused,
+                          is_grads_batched, materialize_grads)
+        finally:
+            self.depth -= 1
+        outs = _as_tuple(outputs)
+        roots = _strong_zeros._root_nodes(outs)
+        if not _finite([g for g in result if isinstance(g, torch.Tensor)]):
+            leaves = [t for t in _as_tuple(inputs) if isinstance(t, torch.Tensor)]
+            self._explain(outs, grad_outputs, leaves, roots)
+        if not keep:
+            _strong_zeros._release_graph(roots)
+        self.step += 1
+        return result
+
+    # -- the first non-finite gradient: explain the step, then trace in full ------------------------------
+
+    def _explain(self, outs, seeds, leaves, roots) -> None:
+        if self.tracer is not None:
+            return
+        self.found_at = self.step
+        tracer = self.tracer = _tr._Tracer(self.sync_every)
+        tracer.store.step = self.step
+        at = _tr._loc(_tr._user_frame())  # the user's backward call: the forward's own lines were not seen
+        for node in _strong_zeros._walk(roots):  # what each node's forward op was
+            seq = node._sequence_nr()
+            if seq != _tr._ACCUMULATE_SEQ:
+                tracer.nodes[seq] = _tr._Node(_node_op(node.name()), at)
+        _tr._TRACERS[threading.get_ident()] = tracer
+        tracer.__enter__()
+        wanted = [t for t in leaves if t.requires_grad]
+        if not wanted:
+            return
+        try:
+            again = torch.autograd.grad(outs, wanted, seeds, retain_graph=True, allow_unused=True)
+        except RuntimeError:  # a graph that cannot be replayed: the following steps explain
+            return
+        for leaf, g in zip(wanted, again, strict=True):
+            # the replay's provenance stands for the real .grad: an optimizer step reading it is then "a
+            # gradient used as a value", descending from this step's findings
+            got = tracer.prov.get(g) if g is not None else None
+            if got and isinstance(leaf.grad, torch.Tensor):
+                tracer.prov[leaf.grad] = got
+
+    def finish(self, report: Report) -> None:
+        """Fill ``report`` (empty when every gradient stayed finite) and stop tracing."""
+        if self.tracer is None:
+            return
+        _tr._TRACERS.pop(threading.get_ident(), None)
+        self.tracer.__exit__(None, None, None)
+        self.tracer.fill(report)
+        report.notes.insert(0, f"gw.watch(): the first non-finite gradient came at step {self.found_at}; that step "
+                               "was explained from its backward (its forward was not traced), the following steps "
+                               "were traced in full")
+
+
+_NODE_SUFFIX = re.compile(r"Backward\d*$")
+
+
+def _node_op(name: str) -> str:
+    """'AddmmBackward0' -> 'aten.addmm' (what `_discarded_by` and the report expect); others as they are."""
+    base = _NODE_SUFFIX.sub("", name)
+    if base == name:
+        return name
+    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", base).lower()
+    return f"aten.{snake}" if hasattr(torch.ops.aten, snake) else name
+
+
+def _as_tuple(ts) -> tuple:
+    if isinstance(ts, (torch.Tensor, torch.autograd.graph.GradientEdge)):
+        return (ts,)
+    return tuple(ts)
+
+
+def _finite(grads: list[torch.Tensor]) -> bool:
+    """One fused check of all gradients: a sum per gradient, stacked and summed (one host sync; on CPU ~10x
+    cheaper than ``_foreach_norm``). A sum can overflow on finite values: an alarm is confirmed element-wise."""
+    dense = [g for g in grads if g.is_floating_point() and g.numel() and _tr._trace_kinds.readable(g)]
+    if not dense:
+        return True
+    by_device: dict = {}
+    for g in dense:
+        by_device.setdefault(g.device, []).append(g.sum(dtype=torch.float32) if g.dtype != torch.float64
+                                                 else g.sum())
+    flags = [torch.stack(sums).sum().float() for sums in by_device.values()]
+    if math.isfinite((flags[0] if len(flags) == 1 else torch.stack([f.cpu() for f in flags]).sum()).item()):
+        return True
+    return all(bool(torch.isfinite(g).all()) for g in dense)  # rare: confirm (finite values can overflow a sum)
+
+
+@contextlib.contextmanager
+def watch(*, sync_every: int = 256) -> Iterator[Report]:
+    """Watch the backward passes run in the block at almost no cost; at the first non-finite gradient, explain
+    that step and trace the rest of the block in full (`gw.trace()`).
+
+    Until a gradient is non-finite, the only work is one fused check of the gradients per backward call (their
+    graph is kept for that call and freed right after, as PyTorch would). The report is filled when the block
+    exits: empty if every gradient stayed finite. ``sync_every`` is passed to the trace. Not nestable inside
+    `gw.trace()` (there, everything is traced already).
+
+    Example::
+
+        >>> import torch, gradwise as gw
+        >>> lin = torch.nn.Linear(3, 1)
+        >>> x = torch.cat((torch.ones(2, 3), torch.full((1, 3), float("nan"))))
+        >>> with gw.watch() as report:
+        ...     for step in range(3):
+        ...         lin.zero_grad()
+        ...         lin(x[:2]).sum().backward()  # finite: nothing recorded
+        ...     lin(x)[:2].sum().backward()  # NaN rows read, then sliced away: contamination
+        >>> [f.kind for f in report.findings], report.findings[0].step
+        (['contamination'], 3)
+    """
+    if not isinstance(sync_every, int) or sync_every < 1:
+        raise ValueError(f"sync_every must be a positive int, got {sync_every!r}")
+    me = threading.get_ident()
+    if me in _tr._TRACERS or me in _tr._WATCHERS:
+        raise RuntimeError("gw.watch() inside gw.trace() or gw.watch(): the outer block already watches this "
+                           "thread; remove the inner one")
+    report = Report()
+    watcher = _Watcher(sync_every)
+    _tr._install()
+    _tr._WATCHERS[me] = watcher
+    try:
+        yield report
+    finally:
+        _tr._WATCHERS.pop(me, None)
+        try:
+            watcher.finish(report)
+        finally:
+            _tr._uninstall()

@@ -1,0 +1,253 @@
+"""gw.trace() at training scale and on every tensor kind: bounded records over long runs, root causes first,
+strong zeros' removals reported as removed, per-thread traces, and no crash on tensors it cannot read.
+
+References: the record counts of a 20-step run (a 200-step run must keep the same), plain PyTorch's results of
+the same calls (the trace must not change them), and gw.strong_zeros()' own gradients.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+import gradwise as gw
+import gradwise._trace as trace_module
+
+
+def test_a_long_nan_run_keeps_a_bounded_record_and_one_root_cause():
+    """200 NaN-poisoned training steps (NaN padding rows sliced away after the model; the parameters are NaN
+    from step 1): the trace keeps the same number of records at 200 steps as at 20 (interned per site, not per
+    step), and the report names one root cause at step 0 with the later NaN as downstream of it."""
+    def run(steps):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with gw.trace() as report:
+            tracer = trace_module._current()
+            for _ in range(steps):
+                pad = torch.full((2, 6), float("nan"))
+                loss = model(torch.cat((torch.randn(4, 6), pad)))[:4].square().mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            kept = tracer.store.kept(), len(tracer.nodes), len(tracer.parents), tracer.store.step
+        return report, kept
+
+    _, (kept20, _, _, last20) = run(20)
+    report, (kept200, nodes200, parents200, last200) = run(200)
+    assert (last20, last200) == (19, 199)
+    assert kept200 == kept20 and nodes200 <= trace_module._MAX_NODES and parents200 <= trace_module._MAX_NODES
+    assert [f.kind for f in report.findings if not f.downstream] == ["contamination"]
+    (down,) = [f for f in report.findings if f.downstream]
+    assert down.op == "gradient" and down.step in (0, 1), str(report)
+    (cause,) = report.causes
+    assert cause.startswith("root cause at step 0: aten.full"), cause
+    assert "aten.slice" in cause and "199 later steps" in cause, cause
+    assert "downstream" in report.summary() and "aten.empty" not in str(report)
+
+
+def _padded_steps(steps: int, strong: bool):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gw.trace() as report:
+        for _ in range(steps):
+            x = torch.cat((torch.randn(4, 6), torch.full((2, 6), float("nan"))))
+            loss = model(x)[:4].square().mean()
+            opt.zero_grad()
+            if strong:
+                with gw.strong_zeros():
+                    loss.backward()
+            else:
+                loss.backward()
+            opt.step()
+    return report, model
+
+
+def test_contamination_strong_zeros_removed_is_reported_as_removed():
+    report, model = _padded_steps(5, strong=True)
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
+    assert not report.findings, str(report)
+    (line,) = report.removed
+    assert "aten.full" in line and "annihilated" in line and "x5" in line
+    plain, _ = _padded_steps(5, strong=False)
+    assert [f.kind for f in plain.findings if not f.downstream] == ["contamination"]
+
+
+def test_a_genuine_nan_under_strong_zeros_stays_a_finding():
+    x = torch.tensor([-1.0, 4.0], requires_grad=True)
+    with gw.trace() as report, gw.strong_zeros():
+        x.sqrt().sum().backward()
+    assert [f.kind for f in report.findings] == ["nan"] and not report.removed
+    assert x.grad.isnan().any()
+
+
+def test_a_where_branch_strong_zeros_removed():
+    x = torch.tensor([-1.0, 4.0], requires_grad=True)
+    with gw.trace() as report, gw.strong_zeros():
+        torch.where(x > 0, x.sqrt(), x).sum().backward()
+    assert not report.findings and len(report.removed) == 1 and "aten.sqrt" in report.removed[0]
+    assert torch.equal(x.grad, gw.grad(torch.where(x > 0, x.sqrt(), x).sum(), x)[0])
+
+
+def _sparse():
+    v = torch.tensor([1.0, 2.0], requires_grad=True)
+    s = torch.sparse_coo_tensor(torch.tensor([[0, 1], [1, 0]]), v, (2, 2), check_invariants=True)
+    torch.sparse.mm(s, torch.ones(2, 2)).sum().backward()
+    return v.grad
+
+
+def _nested_strided():
+    warnings.filterwarnings("ignore", "The PyTorch API of nested tensors is in prototype", UserWarning)
+    a = torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(4, 3)], requires_grad=True)
+    return torch.nested.to_padded_tensor(a * 2, 0.0).sum()
+
+
+def _nested_jagged():
+    a = torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(4, 3)], layout=torch.jagged,
+                                   requires_grad=True)
+    return a.clone().values().sum()
+
+
+def _dual_custom_function():
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def jvp(ctx, t):
+            return t * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2
+
+    with fwAD.dual_level():
+        return fwAD.unpack_dual(Double.apply(fwAD.make_dual(torch.ones(3), torch.ones(3)))).tangent
+
+
+def _gradgradcheck_abs():
+    x = torch.tensor([0.5, -1.0, 2.0], dtype=torch.double, requires_grad=True)
+    return torch.autograd.gradgradcheck(lambda x: torch.nn.functional.l1_loss(x, torch.zeros_like(x)), (x,),
+                                        check_batched_grad=True)
+
+
+def _gradcheck_forward_and_batched():
+    x = torch.tensor([0.5, -1.0, 2.0], dtype=torch.double, requires_grad=True)
+    return torch.autograd.gradcheck(lambda x: x.abs() * 2, (x,), check_forward_ad=True, check_batched_grad=True)
+
+
+def _gradient_edge_output():
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    y = x * 3
+    return torch.autograd.grad(torch.autograd.graph.get_gradient_edge(y), x, grad_outputs=torch.ones(2))[0]
+
+
+def _grads_batched():
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    return torch.autograd.grad(x * 2, x, torch.eye(2), is_grads_batched=True)[0]
+
+
+KINDS = [
+    ("meta module init", lambda: torch.nn.Linear(4, 4, device="meta").weight.shape, "meta"),
+    ("sparse", _sparse, "sparse"),
+    ("mkldnn", lambda: torch.randn(2, 3).to_mkldnn().to_dense().shape, "mkldnn"),
+    ("nested strided", _nested_strided, "nested"),
+    ("nested jagged", _nested_jagged, "NestedTensor"),
+    ("forward-AD custom Function", _dual_custom_function, "forward-AD"),
+    ("gradgradcheck of abs (ZeroTensors)", _gradgradcheck_abs, "ZeroTensor"),
+    ("gradcheck forward AD + batched", _gradcheck_forward_and_batched, "forward-AD"),
+    ("GradientEdge output", _gradient_edge_output, None),
+    ("is_grads_batched", _grads_batched, "functorch"),
+]
+
+
+@pytest.mark.parametrize(("name", "fn", "note"), KINDS, ids=[k[0] for k in KINDS])
+def test_every_tensor_kind_runs_as_plain_pytorch_with_a_note(name, fn, note):
+    """Each call gives PyTorch's own result under the trace, and what the trace could not read is noted."""
+    torch.manual_seed(0)
+    expected = fn()
+    torch.manual_seed(0)
+    with gw.trace() as report:
+        got = fn()
+    if isinstance(expected, torch.Tensor) and expected.layout == torch.strided and not expected.is_nested:
+        assert torch.equal(got, expected)
+    else:
+        assert type(got) is type(expected)
+    if note is not None:
+        assert any(note in n for n in report.notes), report.notes
+    str(report)  # renders
+
+
+def test_two_threads_trace_at_once_and_a_third_is_untouched():
+    reports, grads = {}, {}
+    barrier = threading.Barrier(3)
+
+    def traced(k):
+        x = torch.tensor([-1.0, 4.0, 9.0][: k + 2], requires_grad=True)
+        barrier.wait()
+        with gw.trace() as r:
+            for _ in range(30):
+                torch.where(x > 0, x.sqrt(), x).sum().backward()
+        reports[k] = r
+
+    def plain():
+        x = torch.tensor([-1.0, 4.0], requires_grad=True)
+        barrier.wait()
+        for _ in range(30):
+            torch.where(x > 0, x.sqrt(), x).sum().backward()
+        grads["plain"] = x.grad
+
+    threads = [threading.Thread(target=traced, args=(k,)) for k in range(2)] + [threading.Thread(target=plain)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(2):
+        (f,) = reports[k].findings
+        assert f.kind == "contamination" and f.occurrences == 30 and f.reaches == ["x"]
+    assert grads["plain"].isnan().any()
+    assert not trace_module._TRACERS and torch.autograd.backward.__module__ == "torch.autograd"
+
+
+def test_snapshot_gives_the_report_so_far_without_ending_the_trace():
+    x = torch.tensor([-1.0, 4.0], requires_grad=True)
+    assert trace_module.snapshot() is None
+    with gw.trace() as report:
+        torch.where(x > 0, x.sqrt(), x).sum().backward()
+        early = trace_module.snapshot()
+        x.relu().sum().backward()
+    assert [f.kind for f in early.findings] == ["contamination"]
+    assert [f.kind for f in report.findings] == ["contamination"] and report.findings[0].occurrences == 1
+
+
+def test_a_nan_literal_is_born_at_its_line():
+    w = torch.ones(3, requires_grad=True)
+    with gw.trace() as report:
+        v = torch.tensor([1.0, 2.0, float("nan")])  # the literal's line
+        (v * w)[:2].sum().backward()
+    (f,) = report.findings
+    assert f.kind == "contamination" and f.born_op == "aten.lift_fresh" and "torch.tensor([1.0" in _line(
+        f.born_location)
+
+
+def test_a_zero_the_program_computes_is_no_contamination_as_for_strong_zeros():
+    """(0 * sqrt(w)).sum() at w = -1: the zero is a value, strong zeros keep the NaN, and the trace calls it
+    genuine (no contamination finding next to it)."""
+    w = torch.tensor([-1.0], requires_grad=True)
+    strong = gw.grad((torch.zeros(1) * w.sqrt()).sum(), w)[0]
+    with gw.trace() as report:
+        (torch.zeros(1) * w.sqrt()).sum().backward()
+    assert strong.isnan().all()
+    assert [f.kind for f in report.findings] == ["nan"], str(report)
+
+
+def _line(location: str) -> str:
+    from pathlib import Path
+
+    path, _, line = location.rpartition(":")
+    return Path(path).read_text().splitlines()[int(line) - 1]

@@ -1,0 +1,81 @@
+"""gw.watch(): plain PyTorch (bitwise, same graph lifetime) while gradients are finite; the first non-finite
+gradient's step explained, and the rest traced. References: the same program without gradwise (gradients,
+errors) and gw.trace() of the same step."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradwise as gw
+import gradwise._trace as trace_module
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+
+
+def _train(model, steps, nan_from=None, watch=True):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(1)
+    grads = []
+    ctx = gw.watch() if watch else torch.autograd.set_grad_enabled(True)
+    with ctx as report:
+        for step in range(steps):
+            x = torch.randn(6, 6)
+            if nan_from is not None and step >= nan_from:
+                x[4:] = float("nan")
+            loss = model(x)[:4].square().mean()
+            opt.zero_grad()
+            loss.backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+            opt.step()
+    return report, grads
+
+
+def test_finite_run_is_plain_pytorch_and_reports_nothing():
+    report, grads = _train(_model(), 5)
+    _, plain = _train(_model(), 5, watch=False)
+    assert not report.findings and not report.notes
+    assert all(torch.equal(a, b) for ga, gb in zip(grads, plain, strict=True) for a, b in zip(ga, gb, strict=True))
+    assert torch.autograd.backward.__module__ == "torch.autograd" and not trace_module._WATCHERS
+
+
+def test_the_graph_is_freed_as_pytorch_frees_it_and_kept_when_asked():
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    with gw.watch():
+        y = (x * x).sum()
+        y.backward()
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            y.backward()
+        z = (x * x).sum()
+        z.backward(retain_graph=True)
+        z.backward()  # kept on request
+    assert torch.equal(x.grad, torch.tensor([6.0, 12.0]))
+
+
+def test_first_nonfinite_step_is_explained_and_later_steps_traced():
+    report, _ = _train(_model(), 8, nan_from=3)
+    roots = [f for f in report.findings if not f.downstream]
+    assert [f.kind for f in roots] == ["contamination"], str(report)
+    assert roots[0].step == 3 and roots[0].discarded_op == "aten.slice" and roots[0].reaches
+    assert [f.op for f in report.findings if f.downstream] == ["gradient"]
+    (cause,) = report.causes
+    assert cause.startswith("root cause at step 3") and "4 later steps" in cause
+    assert "step 3" in report.notes[0]
+
+
+def test_autograd_grad_under_watch():
+    x = torch.tensor([-1.0, 4.0], requires_grad=True)
+    with gw.watch() as report:
+        (g,) = torch.autograd.grad(torch.where(x > 0, x.sqrt(), x).sum(), x)
+    assert g.isnan().any() and x.grad is None
+    (f,) = report.findings
+    assert f.kind == "contamination" and f.reaches == ["x"] and f.step == 0
+
+
+def test_watch_refuses_nesting_and_bad_options():
+    with pytest.raises(ValueError, match="sync_every"), gw.watch(sync_every=0):
+        pass
+    with gw.trace(), pytest.raises(RuntimeError, match="already watches"), gw.watch():
+        pass
