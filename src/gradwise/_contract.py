@@ -104,6 +104,11 @@ def plain_reason(*groups: Iterable[Any]) -> str | None:
     return None
 
 
+def unfollowed(args: tuple) -> bool:
+    """Whether an op's positional arguments hold a tensor the strong-zero mode cannot follow (not strided)."""
+    return any(a.__class__ is not bool and isinstance(a, torch.Tensor) and a.layout != torch.strided for a in args)
+
+
 def check_saved(t: torch.Tensor) -> None:
     """Raise Unreadable for a saved tensor the check before backward cannot read (called only for tensors that
     are not plain strided ones, so the everyday path pays nothing)."""

@@ -120,7 +120,8 @@ def lookup(func: Any) -> Rule | None:
 
 
 def _is_float(t: object) -> bool:
-    return isinstance(t, torch.Tensor) and t.is_floating_point()
+    """A real floating-point dense tensor: what supports follow (a sparse result of a backward is not)."""
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.layout == torch.strided
 
 
 def _in_formula() -> bool:
@@ -1098,6 +1099,8 @@ class _StrongZeroMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if _contract.unfollowed(args):  # sparse/nested/mkldnn sensitivities: PyTorch's op, nothing recorded
+            return func(*args, **kwargs)
         if func.is_view:
             out = func(*args, **kwargs)  # a view reads its storage's mask: nothing to record...
             src = args[0] if args else None
@@ -1188,7 +1191,10 @@ def _grad_accumulator(t: torch.Tensor) -> Any:
 def _raw_saved(node: Any) -> Iterator[Any]:
     """The ``SavedTensor`` objects a node holds (its ``_raw_saved_*`` attributes)."""
     for name in _node_type(node)[0]:
-        saved = getattr(node, name, None)
+        try:
+            saved = getattr(node, name, None)
+        except RuntimeError:  # freed by an earlier backward
+            continue
         for raw in saved if isinstance(saved, (tuple, list)) else (saved,):
             if raw is not None:
                 yield raw
@@ -1521,7 +1527,10 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
             continue
         readable = True
         for name in read:
-            value = getattr(node, name, None)
+            try:
+                value = getattr(node, name, None)
+            except RuntimeError:  # freed by an earlier backward: nothing to read (the engine raises if it needs it)
+                continue
             for raw in value if isinstance(value, (tuple, list)) else (value,):
                 if raw is None:
                     continue
@@ -1572,8 +1581,12 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
         return _original_engine_run(t_outputs, grad_tensors, retain, create_graph, inputs,
                                     allow_unreachable=allow_unreachable, accumulate_grad=accumulate_grad)
 
-    if _STATE.depth == 0 or _STATE.in_mode:
-        return run(retain_graph)  # strong zeros off in this thread, or already inside the strong-zero pass
+    if _STATE.depth == 0:
+        return run(retain_graph)  # strong zeros off in this thread
+    if _STATE.in_mode:  # a backward started inside the strong-zero pass (a checkpoint's recomputation calling
+        # autograd.grad, a custom backward): its own backward, planned as if it ran outside, as in the forward
+        return _nested(_engine_run, t_outputs, grad_tensors, retain_graph, create_graph, inputs, allow_unreachable,
+                       accumulate_grad)
     plan, _STATE.planned = _STATE.planned, None  # chosen already by gw.grad/gw.backward, or not
     if plan is None:
         why = _contract.plain_reason(t_outputs, inputs or (), grad_tensors or ())
@@ -1592,6 +1605,21 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
     # with a re-run on NaN would force retain_graph, run hooks and custom backwards twice, and hold what the
     # engine frees (custom Functions' saved tensors) until the graph dies.
     return _run_strong(run, retain_graph, create_graph, t_outputs)
+
+
+def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
+    """Run a backward started inside the strong-zero pass outside of that pass's mode."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode_temporarily
+
+    outer = _STATE.in_mode, _STATE.create_graph, _STATE.outputs_finite
+    _STATE.in_mode = False
+    try:
+        if isinstance(_get_current_dispatch_mode(), _StrongZeroMode):
+            with _pop_mode_temporarily():
+                return engine_run(*args)
+        return engine_run(*args)
+    finally:
+        _STATE.in_mode, _STATE.create_graph, _STATE.outputs_finite = outer
 
 
 def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, create_graph: bool,
