@@ -10,6 +10,10 @@ Intended differences from plain PyTorch under ``gw.strong_zeros()`` (the peer su
   no warning at all is raised sees it (only the first such backward of a process).
 - Where a NaN/Inf meets a structural zero, the gradient is the strong-zero one (that is the point of gradwise):
   a test asserting PyTorch's contaminated NaN differs.
+- Backwards that run under the strong-zero dispatch mode (NaN data, or graphs with custom Functions/rare ops)
+  go through Python dispatch, which holds extra references to intermediate gradients: the engine's zero-copy
+  reuse of a *sparse* gradient buffer for ``.grad`` (a use-count check) may copy instead. Values are equal;
+  test_autograd's ``test_no_grad_copy_sparse`` checks the buffer's ``data_ptr`` and fails.
 """
 
 from __future__ import annotations

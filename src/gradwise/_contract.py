@@ -68,9 +68,10 @@ _warned: set[str] = set()
 _warned_lock = threading.Lock()
 
 
-def kind(t: torch.Tensor) -> str | None:
-    """Why strong zeros cannot read or follow ``t`` (a key of _WHY or SILENT), or None for a plain dense tensor."""
-    if is_legacy_batchedtensor(t) or is_functorch_wrapped_tensor(t):
+def kind(t: torch.Tensor, batched: bool = True) -> str | None:
+    """Why strong zeros cannot read or follow ``t`` (a key of _WHY or SILENT), or None for a plain dense tensor.
+    ``batched=False`` skips the vmap tests (outside a torch.func transform only seeds can be batched)."""
+    if batched and (is_legacy_batchedtensor(t) or is_functorch_wrapped_tensor(t)):
         return "batched"
     if t.layout != torch.strided:
         return "mkldnn" if t.layout == torch._mkldnn else "nested" if t.is_nested else "sparse"  # type: ignore[attr-defined]
@@ -93,14 +94,17 @@ def _compiler_tensor(cls: type) -> str | None:
     return None if name in ("FakeTensor", "FunctionalTensor") else "subclass"
 
 
-def plain_reason(*groups: Iterable[Any]) -> str | None:
-    """Why a backward of these outputs/inputs/seeds must run as plain PyTorch, or None."""
+def plain_reason(tensors: Iterable[Any], seeds: Iterable[Any] = ()) -> str | None:
+    """Why a backward of these outputs/inputs (``tensors``) and ``seeds`` must run as plain PyTorch, or None.
+    Runs before every backward under strong zeros: a few attribute reads per tensor."""
     if peek_interpreter_stack() is not None:
         return "transform"
-    for group in groups:
-        for t in group or ():
-            if isinstance(t, torch.Tensor) and (why := kind(t)) is not None:
-                return why
+    for t in seeds:
+        if isinstance(t, torch.Tensor) and (why := kind(t)) is not None:
+            return why
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and (why := kind(t, batched=False)) is not None:
+            return why
     return None
 
 

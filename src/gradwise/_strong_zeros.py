@@ -1490,8 +1490,8 @@ def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
 
 def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
     """'plain' (PyTorch is already right), 'strong' (a NaN/Inf or a singular point is in the graph where a
-    structural zero can reach it), or 'check' (the graph has nodes gradwise knows nothing about: run plain,
-    re-run if a NaN appears).
+    structural zero can reach it), or 'check' (the graph has nodes gradwise knows nothing about: one pass under
+    the mode, as 'strong'). Raises _contract.Unreadable on a saved tensor it cannot read (the backward runs plain).
 
     This runs before every backward under strong zeros, so it is written for speed: one walk over the graph,
     reading only what a structural zero could reach (see MAKES_NO_ZEROS), each saved tensor once (a layer's
@@ -1589,7 +1589,7 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
                        accumulate_grad)
     plan, _STATE.planned = _STATE.planned, None  # chosen already by gw.grad/gw.backward, or not
     if plan is None:
-        why = _contract.plain_reason(t_outputs, inputs or (), grad_tensors or ())
+        why = _contract.plain_reason((*t_outputs, *(inputs or ())), grad_tensors or ())
         if why is None:
             try:
                 with _disable_current_modes() if torch._C._len_torch_dispatch_stack() else contextlib.nullcontext():
@@ -1643,7 +1643,7 @@ def _run_planned(run: Callable[[bool | None], Any], outputs: Sequence[Any], seed
     plan = None
     if not _STATE.depth and not torch._C._len_torch_dispatch_stack():
         seeds = (seeds,) if isinstance(seeds, torch.Tensor) else seeds or ()
-        why = _contract.plain_reason(outputs, inputs, seeds)
+        why = _contract.plain_reason((*outputs, *inputs), seeds)
         if why is None:
             try:
                 plan = _plan(outputs, seeds)
