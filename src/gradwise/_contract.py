@@ -94,17 +94,17 @@ def _compiler_tensor(cls: type) -> str | None:
     return None if name in ("FakeTensor", "FunctionalTensor") else "subclass"
 
 
-def plain_reason(tensors: Iterable[Any], seeds: Iterable[Any] = ()) -> str | None:
-    """Why a backward of these outputs/inputs (``tensors``) and ``seeds`` must run as plain PyTorch, or None.
-    Runs before every backward under strong zeros: a few attribute reads per tensor."""
+def plain_reason(outputs: Iterable[Any], inputs: Iterable[Any] = (), seeds: Iterable[Any] = ()) -> str | None:
+    """Why a backward of these outputs, inputs and seeds must run as plain PyTorch, or None. Runs before every
+    backward under strong zeros: a few attribute reads per tensor. Outputs and seeds are also tested for vmap
+    wrappers (a torch.func vjp function called after its transform returned, batched seeds); inputs (often
+    many parameters) only for their kind."""
     if peek_interpreter_stack() is not None:
         return "transform"
-    for t in seeds:
-        if isinstance(t, torch.Tensor) and (why := kind(t)) is not None:
-            return why
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and (why := kind(t, batched=False)) is not None:
-            return why
+    for group, batched in ((outputs, True), (seeds, True), (inputs, False)):
+        for t in group:
+            if isinstance(t, torch.Tensor) and (why := kind(t, batched)) is not None:
+                return why
     return None
 
 

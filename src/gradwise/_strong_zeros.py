@@ -1589,7 +1589,7 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
                        accumulate_grad)
     plan, _STATE.planned = _STATE.planned, None  # chosen already by gw.grad/gw.backward, or not
     if plan is None:
-        why = _contract.plain_reason((*t_outputs, *(inputs or ())), grad_tensors or ())
+        why = _contract.plain_reason(t_outputs, inputs or (), grad_tensors or ())
         if why is None:
             try:
                 with _disable_current_modes() if torch._C._len_torch_dispatch_stack() else contextlib.nullcontext():
@@ -1643,7 +1643,7 @@ def _run_planned(run: Callable[[bool | None], Any], outputs: Sequence[Any], seed
     plan = None
     if not _STATE.depth and not torch._C._len_torch_dispatch_stack():
         seeds = (seeds,) if isinstance(seeds, torch.Tensor) else seeds or ()
-        why = _contract.plain_reason((*outputs, *inputs), seeds)
+        why = _contract.plain_reason(outputs, inputs, seeds)
         if why is None:
             try:
                 plan = _plan(outputs, seeds)
