@@ -1335,6 +1335,11 @@ _SAFE_NODES = (
 # formula makes an infinity out of finite values, so a structural zero arriving there would give 0 x Inf.
 NODE_FACTS: dict[str, Callable[[Any], bool] | None] = {
     **dict.fromkeys(_SAFE_NODES),
+    # prod's backward divides by an input only where none is 0 (zeros take the product of the others): from
+    # finite saved values it makes no NaN, only overflow (not treated, as for other nodes). Known, so a finite
+    # prod runs plain (bitwise); its strong pass is not bitwise (tests/test_opdb.py KNOWN_FORCED_DIFFS)
+    "ProdBackward0": None,
+    "ProdBackward1": None,
     "DivBackward0": _div_singular,
     "DivBackward1": _zero_in("_saved_other"),
     "SqrtBackward0": _zero_in("_saved_result"),
