@@ -10,6 +10,7 @@ Public API (see ``docs/`` for one page per capability)::
                                                  exact calculus at non-differentiable points
 """
 
+from gradwise._contract import GradwiseWarning, PlainBackwardWarning
 from gradwise._distributed import (
     NonfiniteGradientError,
     NonfiniteGuard,
@@ -31,9 +32,11 @@ __version__ = "0.1.0"
 __all__ = [
     "Finding",
     "GradcheckResult",
+    "GradwiseWarning",
     "NonfiniteGradientError",
     "NonfiniteGuard",
     "NonsmoothError",
+    "PlainBackwardWarning",
     "Report",
     "SkipNonfiniteStep",
     "Stationarity",

@@ -28,7 +28,8 @@ def as_tensors(value: Any, what: str, where: str) -> tuple[torch.Tensor, ...]:
 
 
 def check_differentiable(tensors: Sequence[torch.Tensor], what: str, where: str) -> None:
-    """Floating-point, real, requiring grad: what autograd can differentiate."""
+    """Floating-point or complex, requiring grad: what autograd can differentiate (complex and sparse tensors
+    run as plain PyTorch with a warning: see _contract.py)."""
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             continue
@@ -36,12 +37,6 @@ def check_differentiable(tensors: Sequence[torch.Tensor], what: str, where: str)
             raise RuntimeError(
                 f"{where}: {what}[{i}] has dtype {t.dtype}; only floating-point tensors have gradients. "
                 "Convert it first, e.g. t.float()."
-            )
-        if t.is_complex() or t.is_sparse:
-            kind = "complex" if t.is_complex() else "sparse"
-            raise NotImplementedError(
-                f"{where}: {what}[{i}] is a {kind} tensor ({t.dtype}, shape {tuple(t.shape)}); gradwise "
-                f"supports real floating-point dense tensors. Use torch.autograd for {kind} gradients."
             )
         if not t.requires_grad:
             fix = (

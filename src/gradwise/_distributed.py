@@ -5,7 +5,7 @@ Three pieces, each usable alone:
 - Strong zeros need nothing here beyond what ``_strong_zeros`` does: DDP all-reduces gradients from hooks on
   the AccumulateGrad nodes, during the one backward that ``gw.strong_zeros()`` runs (plain, or under the
   strong-zero dispatch mode), so the strong-zero gradients are what DDP averages, bucketed and overlapped as
-  usual. With a process group up, the backward is never run twice (a second pass would all-reduce again on
+  usual. The backward is never run twice (a second pass would all-reduce again on
   one rank only). This module adds the strong-zero rule for collectives (their buffers hold other ranks'
   values: fully supported).
 - ``gather_reports``: the ``gw.trace()`` reports of every rank, merged on one rank, telling which rank

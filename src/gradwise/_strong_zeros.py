@@ -9,9 +9,11 @@ can, the backward runs once under ``_StrongZeroMode``: a TorchDispatchMode that 
 backward writes, its *support* (the elements that may be nonzero; the others are structural zeros). The rules
 in ``RULES`` say how supports arise and travel (views share their storage's mask, ``add`` unites, ``mul``
 intersects), and they annihilate NaN/Inf wherever an element outside the support multiplies it. Graphs with
-nodes gradwise knows nothing about run plain with the graph kept and re-run under the mode only if a NaN
-appears: the strong-zero result differs from PyTorch's only where PyTorch computed 0 x NaN, 0 x Inf or 0 / 0,
-which is NaN, and that NaN either reaches a gradient or is dropped by a later selection, where both agree.
+nodes gradwise knows nothing about (custom Functions, rarer ops) run once under the mode as well: the
+strong-zero result differs from PyTorch's only where PyTorch computed 0 x NaN, 0 x Inf or 0 / 0, which is NaN,
+and that NaN either reaches a gradient or is dropped by a later selection, where both agree. Backwards the mode
+cannot read or follow (torch.func transforms, batched gradients, complex/sparse/mkldnn/nested tensors) run as
+plain PyTorch with a warning (_contract.py).
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
+from torch.autograd.graph import GradientEdge
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from gradwise import _contract
 from gradwise._checks import as_tensors, check_differentiable, check_scalar_or_seeded
 from gradwise._masks import mask_all, mask_any
 
@@ -116,7 +120,8 @@ def lookup(func: Any) -> Rule | None:
 
 
 def _is_float(t: object) -> bool:
-    return isinstance(t, torch.Tensor) and t.is_floating_point()
+    """A real floating-point dense tensor: what supports follow (a sparse result of a backward is not)."""
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.layout == torch.strided
 
 
 def _in_formula() -> bool:
@@ -1094,6 +1099,8 @@ class _StrongZeroMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if _contract.unfollowed(args):  # sparse/nested/mkldnn sensitivities: PyTorch's op, nothing recorded
+            return func(*args, **kwargs)
         if func.is_view:
             out = func(*args, **kwargs)  # a view reads its storage's mask: nothing to record...
             src = args[0] if args else None
@@ -1182,42 +1189,16 @@ def _grad_accumulator(t: torch.Tensor) -> Any:
     return torch.autograd.graph.get_gradient_edge(t).node if t.requires_grad else None
 
 
-def _freed(_: object) -> torch.Tensor:
-    raise RuntimeError(
-        "Trying to backward through the graph a second time (or directly access saved tensors after they "
-        "have already been freed). Saved intermediate values of the graph are freed when you call "
-        ".backward() or autograd.grad(). Specify retain_graph=True if you need to backward through the graph "
-        "a second time or if you need to access saved tensors after calling backward."
-    )
-
-
 def _raw_saved(node: Any) -> Iterator[Any]:
     """The ``SavedTensor`` objects a node holds (its ``_raw_saved_*`` attributes)."""
     for name in _node_type(node)[0]:
-        saved = getattr(node, name, None)
+        try:
+            saved = getattr(node, name, None)
+        except RuntimeError:  # freed by an earlier backward
+            continue
         for raw in saved if isinstance(saved, (tuple, list)) else (saved,):
             if raw is not None:
                 yield raw
-
-
-def _release_graph(roots: Sequence[Any]) -> None:
-    """Free the saved tensors of a graph that was retained only for a possible second pass, as the engine
-    frees them after a backward without retain_graph (``SavedTensor.register_hooks`` drops the data)."""
-    for node in _walk(roots):
-        for raw in _raw_saved(node):
-            with contextlib.suppress(RuntimeError):  # already hooked (checkpoint) or already freed
-                raw.register_hooks(lambda _: None, _freed)
-
-
-def _leaves(t_outputs, inputs) -> list[torch.Tensor]:
-    if inputs:
-        return [t for t in inputs if isinstance(t, torch.Tensor)]
-    leaves = []
-    for node in _walk(_root_nodes(t_outputs)):
-        var = getattr(node, "variable", None)
-        if isinstance(var, torch.Tensor):
-            leaves.append(var)
-    return leaves
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1225,8 +1206,8 @@ def _leaves(t_outputs, inputs) -> list[torch.Tensor]:
 # backward formula a NaN/Inf comes either from a saved tensor or from a singular point of the formula
 # (x / 0 in div's backward, 1 / (2 sqrt(0)) in sqrt's). So when every saved tensor is finite and no node sits
 # at a singular point, plain PyTorch is already right and runs untouched. Nodes of a type not listed in
-# NODE_FACTS (custom Functions, rarer ops) could compute anything: for those, the backward runs as plain
-# PyTorch with its graph kept, its gradients are checked for NaN, and only then re-run with strong zeros.
+# NODE_FACTS (custom Functions, rarer ops) could compute anything: for those, the backward runs once under the
+# strong-zero mode (a plain pass first would have to force retain_graph to allow a re-run).
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -1355,6 +1336,11 @@ _SAFE_NODES = (
 # formula makes an infinity out of finite values, so a structural zero arriving there would give 0 x Inf.
 NODE_FACTS: dict[str, Callable[[Any], bool] | None] = {
     **dict.fromkeys(_SAFE_NODES),
+    # prod's backward divides by an input only where none is 0 (zeros take the product of the others): from
+    # finite saved values it makes no NaN, only overflow (not treated, as for other nodes). Known, so a finite
+    # prod runs plain (bitwise); its strong pass is not bitwise (tests/test_opdb.py KNOWN_FORCED_DIFFS)
+    "ProdBackward0": None,
+    "ProdBackward1": None,
     "DivBackward0": _div_singular,
     "DivBackward1": _zero_in("_saved_other"),
     "SqrtBackward0": _zero_in("_saved_result"),
@@ -1510,8 +1496,8 @@ def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
 
 def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
     """'plain' (PyTorch is already right), 'strong' (a NaN/Inf or a singular point is in the graph where a
-    structural zero can reach it), or 'check' (the graph has nodes gradwise knows nothing about: run plain,
-    re-run if a NaN appears).
+    structural zero can reach it), or 'check' (the graph has nodes gradwise knows nothing about: one pass under
+    the mode, as 'strong'). Raises _contract.Unreadable on a saved tensor it cannot read (the backward runs plain).
 
     This runs before every backward under strong zeros, so it is written for speed: one walk over the graph,
     reading only what a structural zero could reach (see MAKES_NO_ZEROS), each saved tensor once (a layer's
@@ -1547,7 +1533,10 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
             continue
         readable = True
         for name in read:
-            value = getattr(node, name, None)
+            try:
+                value = getattr(node, name, None)
+            except RuntimeError:  # freed by an earlier backward: nothing to read (the engine raises if it needs it)
+                continue
             for raw in value if isinstance(value, (tuple, list)) else (value,):
                 if raw is None:
                     continue
@@ -1557,6 +1546,8 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
                 t = raw.data
                 if not isinstance(t, torch.Tensor) or not t.is_floating_point() or not t.numel():
                     continue
+                if t.layout != torch.strided or t.is_meta or t.is_nested or t.__class__ is not torch.Tensor:
+                    _contract.check_saved(t)  # raises Unreadable for a kind it cannot read (the backward runs plain)
                 if t.layout != torch.strided:
                     key: tuple = (id(t),)
                 else:
@@ -1587,62 +1578,54 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
 
 def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), allow_unreachable=True,
                 accumulate_grad=True):
-    """Replacement for ``torch.autograd._engine_run_backward`` while strong zeros are on (thread-local)."""
+    """Replacement for ``torch.autograd._engine_run_backward`` while strong zeros are on (thread-local). Every
+    path calls the engine exactly once with the caller's retain_graph/create_graph, so what the engine frees,
+    what a backward sees (``_get_current_graph_task_keep_graph``) and what hooks run are PyTorch's."""
     assert _original_engine_run is not None
 
     def run(retain):
         return _original_engine_run(t_outputs, grad_tensors, retain, create_graph, inputs,
                                     allow_unreachable=allow_unreachable, accumulate_grad=accumulate_grad)
 
-    if (_STATE.depth == 0 and not _process_wide) or _STATE.in_mode:
-        return run(retain_graph)  # strong zeros off in this thread, or already inside the strong-zero pass
-    tensors = [t for t in (*t_outputs, *(inputs or ())) if isinstance(t, torch.Tensor)]
-    check_differentiable([t for t in tensors if t.is_complex() or t.is_sparse], "tensors", "gw.strong_zeros")
-
+    if _STATE.depth == 0 and not _process_wide:
+        return run(retain_graph)  # strong zeros off in this thread
+    if _STATE.in_mode:  # a backward started inside the strong-zero pass (a checkpoint's recomputation calling
+        # autograd.grad, a custom backward): its own backward, planned as if it ran outside, as in the forward
+        return _nested(_engine_run, t_outputs, grad_tensors, retain_graph, create_graph, inputs, allow_unreachable,
+                       accumulate_grad)
     plan, _STATE.planned = _STATE.planned, None  # chosen already by gw.grad/gw.backward, or not
     if plan is None:
-        with _disable_current_modes() if torch._C._len_torch_dispatch_stack() else contextlib.nullcontext():
-            plan = _plan(t_outputs, grad_tensors)  # modes around backward (a trace) don't see our checks
-    if plan == "check" and _one_pass_only():
-        plan = "strong"
+        why = _contract.plain_reason(t_outputs, inputs or (), grad_tensors or ())
+        if why is None:
+            try:
+                with _disable_current_modes() if torch._C._len_torch_dispatch_stack() else contextlib.nullcontext():
+                    plan = _plan(t_outputs, grad_tensors)  # modes around backward (a trace) don't see our checks
+            except _contract.Unreadable as e:
+                why = e.reason
+        if why is not None:
+            _contract.warn_plain(why)
+            plan = "plain"
     if plan == "plain":
         return run(retain_graph)
-    if plan == "strong":
-        return _run_strong(run, retain_graph, create_graph, t_outputs)
+    # 'strong', or 'check' (nodes gradwise knows nothing about): one pass under the mode. A plain pass first
+    # with a re-run on NaN would force retain_graph, run hooks and custom backwards twice, and hold what the
+    # engine frees (custom Functions' saved tensors) until the graph dies.
+    return _run_strong(run, retain_graph, create_graph, t_outputs)
 
-    stash: list[tuple[torch.Tensor, torch.Tensor]] = []
-    leaves = _leaves(t_outputs, inputs) if accumulate_grad else []
-    for leaf in leaves:
-        if leaf.grad is not None:
-            stash.append((leaf, leaf.grad))
-            leaf.grad = None
+
+def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
+    """Run a backward started inside the strong-zero pass outside of that pass's mode."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode_temporarily
+
+    outer = _STATE.in_mode, _STATE.create_graph, _STATE.outputs_finite
+    _STATE.in_mode = False
     try:
-        result = run(True)
-        if _all_finite([leaf.grad for leaf in leaves if leaf.grad is not None] if accumulate_grad
-                       else [r for r in result if r is not None]):
-            if not retain_graph:
-                _release_graph(_root_nodes(t_outputs))
-        else:
-            for leaf in leaves:
-                leaf.grad = None
-            result = _run_strong(run, retain_graph, create_graph, t_outputs)
+        if isinstance(_get_current_dispatch_mode(), _StrongZeroMode):
+            with _pop_mode_temporarily():
+                return engine_run(*args)
+        return engine_run(*args)
     finally:
-        for leaf, old in stash:
-            if leaf.grad is None:
-                leaf.grad = old
-            elif create_graph:
-                leaf.grad = old + leaf.grad
-            else:
-                leaf.grad = old.add_(leaf.grad)
-    return result
-
-
-def _one_pass_only() -> bool:
-    """True when the backward must run exactly once: with a process group up, its hooks may issue collectives
-    (DDP's reducer all-reduces from AccumulateGrad hooks, FSDP reduce-scatters), and a second pass on one rank
-    would all-reduce again there only: wrong gradients or a hang."""
-    dist = getattr(torch, "distributed", None)
-    return dist is not None and dist.is_available() and dist.is_initialized()
+        _STATE.in_mode, _STATE.create_graph, _STATE.outputs_finite = outer
 
 
 def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, create_graph: bool,
@@ -1685,13 +1668,22 @@ def _under_traces(mode: TorchDispatchMode) -> Iterator[None]:
 
 
 def _run_planned(run: Callable[[bool | None], Any], outputs: Sequence[Any], seeds: Any,
-                 retain_graph: bool | None) -> Any:
+                 retain_graph: bool | None, inputs: Sequence[Any] = ()) -> Any:
     """gw.grad/gw.backward: choose the path before calling into torch.autograd (``run``). The everyday one,
     plain, then runs without the engine hook; any other goes through the hook with the path already chosen (so
     the graph is walked once). Inside ``strong_zeros()`` or under a dispatch mode the hook chooses."""
     plan = None
     if not (_STATE.depth or _process_wide) and not torch._C._len_torch_dispatch_stack():
-        plan = _plan(outputs, (seeds,) if isinstance(seeds, torch.Tensor) else seeds or ())
+        seeds = (seeds,) if isinstance(seeds, torch.Tensor) else seeds or ()
+        why = _contract.plain_reason(outputs, inputs, seeds)
+        if why is None:
+            try:
+                plan = _plan(outputs, seeds)
+            except _contract.Unreadable as e:
+                why = e.reason
+        if why is not None:
+            _contract.warn_plain(why)
+            plan = "plain"
         if plan == "plain":
             return run(retain_graph)
     _STATE.planned = plan
@@ -1749,16 +1741,23 @@ def strong_zeros_process_wide() -> Iterator[None]:
 
 
 def grad(
-    outputs: torch.Tensor | Sequence[torch.Tensor],
-    inputs: torch.Tensor | Sequence[torch.Tensor],
+    outputs: torch.Tensor | Iterable[torch.Tensor] | GradientEdge | Iterable[GradientEdge],
+    inputs: torch.Tensor | Iterable[torch.Tensor] | GradientEdge | Iterable[GradientEdge] | dict[str, torch.Tensor],
     grad_outputs: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
-    *,
     retain_graph: bool | None = None,
     create_graph: bool = False,
+    only_inputs: bool = True,
     allow_unused: bool | None = None,
-) -> tuple[torch.Tensor | None, ...]:
+    is_grads_batched: bool = False,
+    materialize_grads: bool = False,
+) -> tuple[torch.Tensor | None, ...] | dict[str, torch.Tensor | None]:
     """Drop-in for ``torch.autograd.grad`` with strong zeros: the gradient equals that of the same program
     with the values the output never uses deleted. A NaN/Inf the output really depends on stays.
+
+    Takes every argument of ``torch.autograd.grad``, in its order and with its meaning (GradientEdge outputs and
+    inputs, any iterable or a dict of inputs). With ``is_grads_batched=True`` the backward runs under vmap, where
+    strong zeros cannot read values: it runs as plain PyTorch with a ``PlainBackwardWarning`` (as under
+    torch.func transforms and for complex/sparse/mkldnn/nested tensors).
 
     >>> import torch, gradwise as gw
     >>> x = torch.tensor([-1.0, 4.0], requires_grad=True)
@@ -1768,28 +1767,34 @@ def grad(
     >>> gw.grad(y, x)[0]
     tensor([0.0000, 0.2500])
     """
-    outs = as_tensors(outputs, "outputs", "gw.grad")
-    ins = as_tensors(inputs, "inputs", "gw.grad")
+    outs = as_tensors(_contract.as_outputs(outputs), "outputs", "gw.grad")
+    ins = as_tensors(_contract.as_inputs(inputs, "gw.grad"), "inputs", "gw.grad")
     check_differentiable(outs, "outputs", "gw.grad")
     check_differentiable(ins, "inputs", "gw.grad")
-    check_scalar_or_seeded(outs, grad_outputs, "gw.grad")
+    if not is_grads_batched:  # batched seeds carry a leading batch dimension: torch.autograd checks them
+        check_scalar_or_seeded(outs, grad_outputs, "gw.grad")
 
     def run(retain):
-        return torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=retain, create_graph=create_graph,
-                                   allow_unused=allow_unused)
+        return torch.autograd.grad(outs, inputs if type(inputs) is dict else ins, grad_outputs, retain, create_graph,
+                                   only_inputs, allow_unused, is_grads_batched, materialize_grads)
 
-    return _run_planned(run, outs, grad_outputs, retain_graph)
+    if is_grads_batched:
+        _contract.warn_plain("batched")
+        return run(retain_graph)
+    return _run_planned(run, outs, grad_outputs, retain_graph, ins)
 
 
 def backward(
-    tensors: torch.Tensor | Sequence[torch.Tensor],
+    tensors: torch.Tensor | Iterable[torch.Tensor] | GradientEdge | Iterable[GradientEdge],
     grad_tensors: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
-    *,
-    inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
     retain_graph: bool | None = None,
     create_graph: bool = False,
+    grad_variables: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+    inputs: torch.Tensor | Iterable[torch.Tensor] | GradientEdge | Iterable[GradientEdge] | dict[str, torch.Tensor]
+    | None = None,
 ) -> None:
-    """Drop-in for ``torch.autograd.backward`` with strong zeros: accumulates into ``.grad``.
+    """Drop-in for ``torch.autograd.backward`` with strong zeros: accumulates into ``.grad``. Takes every
+    argument of ``torch.autograd.backward``, in its order and with its meaning.
 
     >>> import torch, gradwise as gw
     >>> x = torch.tensor([0.0, 100.0], requires_grad=True)
@@ -1797,13 +1802,17 @@ def backward(
     >>> x.grad
     tensor([1., 0.])
     """
-    outs = as_tensors(tensors, "tensors", "gw.backward")
+    outs = as_tensors(_contract.as_outputs(tensors), "tensors", "gw.backward")
     check_differentiable(outs, "tensors", "gw.backward")
-    check_scalar_or_seeded(outs, grad_tensors, "gw.backward")
+    seeds = grad_tensors if grad_tensors is not None else grad_variables
+    check_scalar_or_seeded(outs, seeds, "gw.backward")
+    ins: tuple = ()
     if inputs is not None:
-        check_differentiable(as_tensors(inputs, "inputs", "gw.backward"), "inputs", "gw.backward")
+        ins = as_tensors(_contract.as_inputs(inputs, "gw.backward"), "inputs", "gw.backward")
+        check_differentiable(ins, "inputs", "gw.backward")
 
     def run(retain):
-        torch.autograd.backward(tensors, grad_tensors, retain_graph=retain, create_graph=create_graph, inputs=inputs)
+        torch.autograd.backward(outs, grad_tensors, retain, create_graph, grad_variables,
+                                None if inputs is None else inputs if type(inputs) is dict else ins)
 
-    _run_planned(run, outs, grad_tensors, retain_graph)
+    _run_planned(run, outs, seeds, retain_graph, ins)

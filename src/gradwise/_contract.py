@@ -1,0 +1,172 @@
+"""PyTorch's autograd contract under strong zeros: what a backward under gradwise accepts and where it steps aside.
+
+Strong zeros read values (the check before backward sums saved tensors) and follow real dense tensors (the
+supports of ``_StrongZeroMode``). Some backwards give them neither:
+
+- under a ``torch.func`` transform (grad, vjp, vmap, jacrev, jacfwd, hessian) every tensor is a functorch
+  wrapper whose values cannot be read without breaking the transform (``aten::item`` has no batching rule);
+- batched gradients (``is_grads_batched=True``, ``jacobian(..., vectorize=True)``, gradcheck's batched check)
+  seed the backward with vmap's batched tensors;
+- complex, sparse, mkldnn and nested tensors, and tensor subclasses with their own ``__torch_dispatch__``.
+
+Such a backward runs as plain PyTorch, exactly as without gradwise, and says so once per process and reason
+with a :class:`PlainBackwardWarning` (a :class:`GradwiseWarning`, so ``-W error`` setups can filter it
+deliberately). Meta tensors hold no values, so no NaN can meet a zero there: their backward runs plain silently.
+This module also normalises ``gw.grad``/``gw.backward`` arguments the way ``torch.autograd`` does (generators,
+dicts, GradientEdge).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch._C._functorch import is_functorch_wrapped_tensor, is_legacy_batchedtensor, peek_interpreter_stack
+from torch.autograd.graph import GradientEdge
+
+__all__ = ["GradwiseWarning", "PlainBackwardWarning"]
+
+
+class GradwiseWarning(UserWarning):
+    """Base class of the warnings gradwise gives (filter it with ``-W ignore::gradwise.GradwiseWarning``)."""
+
+
+class PlainBackwardWarning(GradwiseWarning):
+    """A backward under strong zeros ran as plain PyTorch because gradwise cannot read or follow its tensors
+    (a ``torch.func`` transform, batched gradients, complex/sparse/mkldnn/nested tensors, a tensor subclass with
+    its own ``__torch_dispatch__``). The gradients are PyTorch's; a NaN from contamination is not removed there."""
+
+
+class Unreadable(Exception):
+    """Raised by the check before backward on a saved tensor it cannot read; the backward then runs plain."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+_WHY = {
+    "transform": "a torch.func transform (grad, vjp, vmap, jacrev, jacfwd, hessian) is active, and the values of "
+    "its wrapped tensors cannot be read without breaking the transform",
+    "batched": "the gradients are batched (is_grads_batched=True, jacobian/hessian(vectorize=True), gradcheck's "
+    "batched check): vmap's batched tensors cannot be read",
+    "complex": "a complex tensor takes part: strong zeros follow real floating-point gradients only",
+    "sparse": "a sparse tensor takes part: strong zeros follow dense (strided) tensors only",
+    "mkldnn": "an mkldnn tensor takes part: strong zeros follow dense (strided) tensors only",
+    "nested": "a nested tensor takes part: strong zeros follow dense (strided) tensors only",
+    "subclass": "a tensor subclass with its own __torch_dispatch__ takes part: its values cannot be read safely",
+}
+SILENT = frozenset(("meta",))  # no values at all: plain PyTorch is exactly right, nothing to say
+
+_DISABLED_DISPATCH = torch._C._disabled_torch_dispatch_impl
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def kind(t: torch.Tensor, batched: bool = True) -> str | None:
+    """Why strong zeros cannot read or follow ``t`` (a key of _WHY or SILENT), or None for a plain dense tensor.
+    ``batched=False`` skips the vmap tests (outside a torch.func transform only seeds can be batched)."""
+    if batched and (is_legacy_batchedtensor(t) or is_functorch_wrapped_tensor(t)):
+        return "batched"
+    if t.layout != torch.strided:
+        return "mkldnn" if t.layout == torch._mkldnn else "nested" if t.is_nested else "sparse"  # type: ignore[attr-defined]
+    if t.is_nested:
+        return "nested"
+    if t.is_meta:
+        return "meta"
+    if t.is_complex():
+        return "complex"
+    cls = t.__class__
+    if cls is not torch.Tensor and cls is not torch.nn.Parameter and \
+            getattr(cls, "__torch_dispatch__", _DISABLED_DISPATCH) is not _DISABLED_DISPATCH:
+        return _compiler_tensor(cls)
+    return None
+
+
+def _compiler_tensor(cls: type) -> str | None:
+    # FakeTensor / FunctionalTensor come from torch.compile's tracing, which the strong-zero plan handles itself
+    name = cls.__name__
+    return None if name in ("FakeTensor", "FunctionalTensor") else "subclass"
+
+
+def plain_reason(outputs: Iterable[Any], inputs: Iterable[Any] = (), seeds: Iterable[Any] = ()) -> str | None:
+    """Why a backward of these outputs, inputs and seeds must run as plain PyTorch, or None. Runs before every
+    backward under strong zeros: a few attribute reads per tensor. Outputs and seeds are also tested for vmap
+    wrappers (a torch.func vjp function called after its transform returned, batched seeds); inputs (often
+    many parameters) only for their kind."""
+    if peek_interpreter_stack() is not None:
+        return "transform"
+    for group, batched in ((outputs, True), (seeds, True), (inputs, False)):
+        for t in group:
+            if isinstance(t, torch.Tensor) and (why := kind(t, batched)) is not None:
+                return why
+    return None
+
+
+def unfollowed(args: tuple) -> bool:
+    """Whether an op's positional arguments hold a tensor the strong-zero mode cannot follow (not strided)."""
+    return any(a.__class__ is not bool and isinstance(a, torch.Tensor) and a.layout != torch.strided for a in args)
+
+
+def check_saved(t: torch.Tensor) -> None:
+    """Raise Unreadable for a saved tensor the check before backward cannot read (called only for tensors that
+    are not plain strided ones, so the everyday path pays nothing)."""
+    why = kind(t)
+    if why is not None:
+        raise Unreadable(why)
+
+
+def warn_plain(reason: str) -> None:
+    """One PlainBackwardWarning per process and reason (meta tensors: none)."""
+    if reason in SILENT or reason in _warned:
+        return
+    with _warned_lock:
+        if reason in _warned:
+            return
+        _warned.add(reason)
+    warnings.warn(
+        f"gradwise: this backward ran as plain PyTorch without strong zeros because {_WHY[reason]}. Its gradients "
+        "are PyTorch's (a NaN from contamination is not removed there). This warning is given once per process "
+        "for this reason; filter gradwise.PlainBackwardWarning to silence it.",
+        PlainBackwardWarning,
+        stacklevel=_user_stacklevel(),
+    )
+
+
+_INTERNAL = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
+
+
+def _user_stacklevel() -> int:
+    """The stacklevel of the first frame outside torch and gradwise (the user's backward call)."""
+    frame, level = sys._getframe(2), 2  # warnings.warn's caller's caller
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def as_outputs(value: Any) -> tuple[Any, ...]:
+    """``outputs``/``tensors`` as torch.autograd reads them: one tensor or GradientEdge, or any iterable."""
+    if isinstance(value, (torch.Tensor, GradientEdge)):
+        return (value,)
+    return tuple(value) if _iterable(value) else value  # anything else: as_tensors names the problem
+
+
+def _iterable(value: Any) -> bool:
+    return isinstance(value, Iterable) and not isinstance(value, (str, bytes))
+
+
+def as_inputs(value: Any, where: str) -> tuple[Any, ...]:
+    """``inputs`` as torch.autograd reads them: one tensor or GradientEdge, a dict (its values), any iterable."""
+    if isinstance(value, (torch.Tensor, GradientEdge)):
+        return (value,)
+    if type(value) is dict:
+        return tuple(value.values())
+    if isinstance(value, Mapping):
+        raise TypeError(f"{where}: inputs must be a dict, not {type(value).__name__}. Other Mapping types are not "
+                        "supported (as in torch.autograd.grad); pass dict(...) or a list of tensors.")
+    return tuple(value) if _iterable(value) else value
