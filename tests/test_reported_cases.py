@@ -24,7 +24,6 @@ pytestmark = pytest.mark.filterwarnings(r"ignore:index_reduce\(\) is in beta:Use
 KNOWN = {
     # contamination: backward ops without a rule, or a limit written down in docs/strong-zeros-design.md
     "lstm-float32-nan-padding-steps-selected": "mkldnn_rnn_layer_backward (fused float32 LSTM on CPU) has no rule",
-    "mha-nan-batch-element-sliced": "CPU flash attention's backward is opaque: the check does not read q/k/v",
     "logcumsumexp-nan-after-kept-prefix": "logcumsumexp's backward takes log|grad|: no rule",
     "matrix-exp-nan-batch-element-sliced": "linalg_matrix_exp (in its own backward) has no rule",
     "rfft-nan-row-sliced": "strong zeros are not tracked through complex tensors (FFT backwards)",
@@ -43,8 +42,6 @@ KNOWN = {
     "embedding-bag-max-ties": "embedding_bag has no forward-mode derivative in PyTorch: NonsmoothError",
     "where-eq-zero-guard-expm1-over-x": "a removable singularity behind x == 0: NonsmoothError (f's branch changes)",
     "cosine-embedding-at-margin": "cosine_embedding_loss has no rule: NonsmoothError at its clamp_min_ kink",
-    "sdpa-block-nan-pad-queries-f32": "CPU flash attention's backward is opaque: NaN query rows sliced away stay",
-    "sdpa-block-nan-pad-queries-f64": "CPU flash attention's backward is opaque: NaN query rows sliced away stay",
     "checkpoint-reentrant-block-nan-rows-sliced": "PyTorch: reentrant checkpoint is incompatible with .grad()",
     "copysign-one-as-sign-times-x": "copysign has no rule: NonsmoothError at its kink",
     "copysign-magnitude-at-zero": "copysign has no rule: NonsmoothError at its kink",
