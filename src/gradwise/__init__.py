@@ -9,6 +9,7 @@ Public API (see ``docs/`` for one page per capability)::
                                                  exact calculus at non-differentiable points
 """
 
+from gradwise import _rules_attention  # noqa: F401  (registers the attention rules)
 from gradwise._distributed import (
     NonfiniteGradientError,
     NonfiniteGuard,
@@ -21,7 +22,6 @@ from gradwise._nonsmooth import NonsmoothError, directional_derivative, generali
 from gradwise._report import Finding, Report
 from gradwise._stationarity import Stationarity, Subdifferential, stationarity, subdifferential
 from gradwise._strong_zeros import backward, grad, strong_zeros, unruled_ops
-from gradwise import _rules_attention  # noqa: F401  (registers the attention rules)
 from gradwise._trace import explain, trace
 
 __version__ = "0.1.0"

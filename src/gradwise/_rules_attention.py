@@ -113,7 +113,7 @@ def _attention_backward(func, args, kwargs, sup):
     out, lse = args[spec.out], args[spec.lse]
     mask = _arg(args, kwargs, spec.mask)
     causal = _arg(args, kwargs, spec.causal, spec.causal_default)
-    qc, kc, vc = (_canonical(t, spec.blhe) for t in (q, k, v))
+    qc, kc = (_canonical(t, spec.blhe) for t in (q, k))
     if qc.dim() != 4 or kc.dim() != 4 or qc.shape[1] % kc.shape[1]:
         return _sz._run_unruled(func, args, kwargs, sup, "an unexpected shape" if tracked else None)
     lq, lk, kv_heads = qc.shape[2], kc.shape[2], kc.shape[1]
