@@ -3,6 +3,7 @@
 Public API (see ``docs/`` for one page per capability)::
 
     gw.grad / gw.backward / gw.strong_zeros      values the output does not use cannot poison gradients
+    gw.register_rule                             strong zeros through your own (custom / C++) ops
     gw.trace / gw.explain                        where every NaN/Inf and every kink came from
     gw.gather_reports / gw.ddp_nonfinite_hook    the same under torch.distributed (DDP): which rank, and a guard
     gw.directional_derivative / gw.generalized_grad / gw.subdifferential / gw.stationarity / gw.gradcheck
@@ -20,6 +21,7 @@ from gradwise._distributed import (
 from gradwise._gradcheck import GradcheckResult, gradcheck
 from gradwise._nonsmooth import NonsmoothError, directional_derivative, generalized_backward, generalized_grad
 from gradwise._report import Finding, Report
+from gradwise._rules_registry import RuleHandle, Supports, register_rule
 from gradwise._stationarity import Stationarity, Subdifferential, stationarity, subdifferential
 from gradwise._strong_zeros import backward, grad, strong_zeros, unruled_ops
 from gradwise._trace import explain, trace
@@ -33,9 +35,11 @@ __all__ = [
     "NonfiniteGuard",
     "NonsmoothError",
     "Report",
+    "RuleHandle",
     "SkipNonfiniteStep",
     "Stationarity",
     "Subdifferential",
+    "Supports",
     "backward",
     "ddp_nonfinite_hook",
     "directional_derivative",
@@ -45,6 +49,7 @@ __all__ = [
     "generalized_grad",
     "grad",
     "gradcheck",
+    "register_rule",
     "stationarity",
     "strong_zeros",
     "subdifferential",

@@ -111,8 +111,10 @@ def _register(*ops: Any) -> Callable[[Rule], Rule]:
 
 
 def lookup(func: Any) -> Rule | None:
-    """The strong-zero rule for an aten op (overload first, then its packet); None when it has none."""
-    return RULES.get(func) or RULES.get(func.overloadpacket)
+    """The strong-zero rule for an op (overload first, then its packet, then its name 'ns::op' for the rules of
+    libraries that may load later: gw.register_rule); None when it has none."""
+    packet = func.overloadpacket
+    return RULES.get(func) or RULES.get(packet) or RULES.get(packet._qualified_op_name)
 
 
 def _is_float(t: object) -> bool:
