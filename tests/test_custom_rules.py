@@ -154,7 +154,7 @@ def _roi_align_backward(grad, rois, scale, ph, pw, batch, channels, height, widt
 def torchvision_roi_align():
     if importlib.util.find_spec("torchvision") is not None:
         pytest.skip("torchvision is installed: its own ops are defined, the stand-in would clash")
-    lib = torch.library.Library("torchvision", "FRAGMENT")  # noqa: TOR901 (test-only stand-in)
+    lib = torch.library.Library("torchvision", "FRAGMENT")
     lib.define("roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
                "SymInt pooled_width, int sampling_ratio, bool aligned) -> Tensor")
     lib.define("_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, SymInt pooled_height, "
