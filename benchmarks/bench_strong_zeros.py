@@ -51,6 +51,26 @@ def cnn() -> nn.Module:
                          nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
 
 
+class SdpaBlock(nn.Module):
+    """A Llama-style decoder block: RMS norm, causal grouped-query SDPA (CPU flash attention), SiLU MLP."""
+
+    def __init__(self, d: int = 128, heads: int = 4, kv_heads: int = 2):
+        super().__init__()
+        self.heads, self.kv_heads, self.dh = heads, kv_heads, d // heads
+        self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.qkv = nn.Linear(d, (heads + 2 * kv_heads) * self.dh, bias=False)
+        self.o = nn.Linear(d, d, bias=False)
+        self.up, self.down = nn.Linear(d, 4 * d, bias=False), nn.Linear(4 * d, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split([self.heads * self.dh, *[self.kv_heads * self.dh] * 2], -1)
+        q, k, v = (z.view(b, t, -1, self.dh).transpose(1, 2) for z in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.down(F.silu(self.up(self.norm2(x))))
+
+
 def cases() -> list[Case]:
     torch.manual_seed(0)
     x = torch.randn(256, 256)
@@ -63,6 +83,10 @@ def cases() -> list[Case]:
     framed = F.pad(img, (2, 2, 2, 2), value=nan)
     clean_frame = F.pad(img, (2, 2, 2, 2), value=0.25)
     kept = lambda out: out[..., 5:31, 5:31]
+    block = SdpaBlock()
+    tokens = torch.randn(8, 64, 128)
+    # two all-NaN padding sequences fill the batch to 10; the loss reads the 8 real ones
+    padded_tokens = torch.cat((tokens, torch.full((2, 64, 128), nan)))
     return [
         Case("MLP 6x256+GELU b256", mlp(), lambda net: net(x).square().mean(), 1.10),
         Case("Transformer d128 h4 8x64", layer, lambda net: net(seq).square().mean(), 1.10),
@@ -71,6 +95,9 @@ def cases() -> list[Case]:
              clean=lambda net: net(x).square().mean()),
         Case("CNN, NaN border cropped", cnn(), lambda net: kept(net(framed)).square().mean(), 3.0,
              clean=lambda net: kept(net(clean_frame)).square().mean()),
+        Case("SDPA block causal GQA 8x64", block, lambda net: net(tokens).square().mean(), 1.10),
+        Case("SDPA block, NaN sequences sliced", block, lambda net: net(padded_tokens)[:8].square().mean(), 3.0,
+             clean=lambda net: net(tokens).square().mean()),
     ]
 
 
@@ -141,8 +168,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=31)
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
+    parser.add_argument("--only", default="", help="run the cases whose name contains this text")
     args = parser.parse_args()
-    rows = [measure(case, args.repeats) for case in cases()]
+    rows = [measure(case, args.repeats) for case in cases() if args.only in case.name]
     print_table(
         f"gw.backward vs loss.backward: backward only, median of {args.repeats} interleaved repeats, "
         f"{torch.get_num_threads()} threads; peaks during backward / memory live before it",

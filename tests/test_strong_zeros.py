@@ -360,6 +360,7 @@ NO_ZEROS_PROGRAMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "ExpBackward0": torch.exp,
     "MseLossBackward0": lambda x: F.mse_loss(x, _M),
     "SqrtBackward0": torch.sqrt,
+    "RsqrtBackward0": torch.rsqrt,  # RMS norm's
     "LogBackward0": torch.log,
     "PowBackward0": lambda x: x**2,
     "ConvolutionBackward0": lambda x: F.conv2d(x.view(1, 1, 4, 4), _M[:3, :3].reshape(1, 1, 3, 3), padding=1),

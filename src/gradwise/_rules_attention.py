@@ -220,8 +220,21 @@ def _makes_no_zeros(name: str):
     return test
 
 
+def _causal_keys_all_read(node: Any) -> bool:
+    """Causal attention without a mask over Lq == Lk: its masked weights (j > i) are structural zeros that meet q,
+    k and v inside its backward (so the node's saved tensors are read), but the last query reads every key, so
+    no gradient it outputs gets a structural zero of its own and the nodes below are not reached by it."""
+    raw_q, raw_k = getattr(node, "_raw_saved_query", None), getattr(node, "_raw_saved_key", None)
+    if raw_q is None or raw_k is None or _saved_mask(node, type(node).__name__) is not None:
+        return False
+    q, k = raw_q.data, raw_k.data
+    dim = 1 if type(node).__name__ in ("EfficientAttentionBackward0", "FlashAttentionBackward0") else 2
+    return q.dim() == 4 and k.dim() == 4 and q.shape[dim] == k.shape[dim]
+
+
 for _name in _MASK_ATTRS:
     _sz.NODE_FACTS[_name] = _mask_singular(_name)
     _sz._MAKES_NO_ZEROS_IF[_name] = _makes_no_zeros(_name)
+    _sz._OWN_ZEROS_INSIDE[_name] = _causal_keys_all_read
     if _MASK_ATTRS[_name]:
         _sz._NOT_READ[_name] = (_MASK_ATTRS[_name],)
