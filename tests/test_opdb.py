@@ -38,7 +38,7 @@ OPS = {op_id(op): op for op in op_db()}
 # Ops whose unused NaN still reaches a gradient under gradwise (measured on the CI subset, both discards;
 # `python benchmarks/opdb_sweep.py --ci` prints the current set).
 # The contamination test xfails on them and fails once one is clean, so that the list only shrinks.
-KNOWN_CONTAMINATED = {"logcumsumexp", "polar"}
+KNOWN_CONTAMINATED = {"polar"}
 
 # LU with a NaN row to discard: whether the NaN row is picked as a pivot depends on the LAPACK build (its
 # idamax and the CPU's vector width), so these are clean on some machines and contaminated on others (a

@@ -24,12 +24,9 @@ pytestmark = pytest.mark.filterwarnings(r"ignore:index_reduce\(\) is in beta:Use
 KNOWN = {
     # contamination: backward ops without a rule, or a limit written down in docs/strong-zeros-design.md
     "lstm-float32-nan-padding-steps-selected": "mkldnn_rnn_layer_backward (fused float32 LSTM on CPU) has no rule",
-    "logcumsumexp-nan-after-kept-prefix": "logcumsumexp's backward takes log|grad|: no rule",
     "matrix-exp-nan-batch-element-sliced": "linalg_matrix_exp (in its own backward) has no rule",
     "rfft-nan-row-sliced": "strong zeros are not tracked through complex tensors (FFT backwards)",
     "stft-nan-padding-frames-cropped": "strong zeros are not tracked through complex tensors (FFT backwards)",
-    "segment-reduce-sum-nan-segment-dropped": "_segment_reduce_backward has no rule",
-    "segment-reduce-max-log-of-zero-dropped": "_segment_reduce_backward has no rule",
     "double-backward-through-where-log": "create_graph=True: the second-order pass sees ordinary zeros",
     # nonsmooth: a clear NonsmoothError or an undecided certificate instead of an answer
     "lasso-13d-at-zero-optimum": "13 tied kinks exceed MAX_KINKS: sampled directions leave it undecided",

@@ -10,7 +10,7 @@ Public API (see ``docs/`` for one page per capability)::
                                                  exact calculus at non-differentiable points
 """
 
-from gradwise import _rules_attention  # noqa: F401  (registers the attention rules)
+from gradwise import _rules_attention, _rules_opdb  # noqa: F401  (register their rules)
 from gradwise._distributed import (
     NonfiniteGradientError,
     NonfiniteGuard,
