@@ -131,3 +131,47 @@ def test_sdpa_model_control_nan_used(name):
     loss = loss_fn(embeds, _attention_mask(), _labels(ids, keep_nan_sequence=True))
     got = gw.grad(loss, params, allow_unused=True)
     assert any(g is not None and not g.isfinite().all() for g in got)
+
+
+def _whisper():
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = WhisperConfig(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=8,
+                        max_source_positions=16, max_target_positions=16, pad_token_id=0, bos_token_id=1,
+                        eos_token_id=2, decoder_start_token_id=1, dropout=0.0, suppress_tokens=None,
+                        begin_suppress_tokens=None)
+    return WhisperForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", torch_dtype=f64)
+
+
+@pytest.mark.parametrize("keep_nan", [False, True])
+def test_whisper_with_a_nan_padding_clip(keep_nan):
+    """Whisper (conv front end, sdpa encoder and decoder, cross-attention): clip 1 of the batch is NaN padding
+    (its labels -100); the gradients equal those of the real clips alone. Control: its labels kept."""
+    model = _whisper()
+    assert model.config._attn_implementation == "sdpa"
+    params = [p for p in model.parameters() if p.requires_grad]  # (the sinusoidal positions are frozen)
+    gen = torch.Generator().manual_seed(5)
+    feats = torch.randn(3, 8, 32, generator=gen, dtype=f64)
+    feats[1] = nan
+    labels = torch.randint(3, VOCAB, (3, 4), generator=gen)
+    targets = labels.clone()
+    if not keep_nan:
+        targets[1] = -100
+    loss = _ce(model(input_features=feats, decoder_input_ids=labels).logits, targets)
+    if not keep_nan:
+        plain = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+        assert any(g is not None and not g.isfinite().all() for g in plain), "plain PyTorch is contaminated"
+    got = gw.grad(loss, params, allow_unused=True)
+    if keep_nan:
+        assert any(g is not None and not g.isfinite().all() for g in got)
+        return
+    ref = sum(_ce(model(input_features=feats[b : b + 1], decoder_input_ids=labels[b : b + 1]).logits,
+                  labels[b : b + 1]) for b in (0, 2))
+    exp = torch.autograd.grad(ref, params, allow_unused=True)
+    for g, e in zip(got, exp, strict=True):
+        if e is None:
+            assert g is None or not g.any()
+            continue
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11)
