@@ -23,7 +23,6 @@ pytestmark = pytest.mark.filterwarnings(r"ignore:index_reduce\(\) is in beta:Use
 
 KNOWN = {
     # contamination: backward ops without a rule, or a limit written down in docs/strong-zeros-design.md
-    "lstm-float32-nan-padding-steps-selected": "mkldnn_rnn_layer_backward (fused float32 LSTM on CPU) has no rule",
     "matrix-exp-nan-batch-element-sliced": "linalg_matrix_exp (in its own backward) has no rule",
     "rfft-nan-row-sliced": "strong zeros are not tracked through complex tensors (FFT backwards)",
     "stft-nan-padding-frames-cropped": "strong zeros are not tracked through complex tensors (FFT backwards)",

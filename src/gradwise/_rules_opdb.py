@@ -96,3 +96,79 @@ def _segment_reduce_backward(func, args, kwargs, sup):
 
 
 _sz._register(aten._segment_reduce_backward)(_segment_reduce_backward)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# float32 LSTM on CPU: oneDNN's fused layer backward. When a structural zero in its sensitivities meets a NaN/Inf
+# inside it (a padded step's NaN input, sliced away), the layer's gradients are recomputed by re-running the layer
+# in PyTorch ops and differentiating that under the strong-zero mode (each cell's ops through their rules);
+# wherever the fused result is finite it is kept as it is (PyTorch's bits), as for DECOMPOSED normalisations.
+# ---------------------------------------------------------------------------------------------------------
+
+_LSTM = 2  # mkldnn_rnn_layer's mode for LSTM
+
+
+def _lstm_layer(x, w_ih, w_hh, b_ih, b_hh, h, c, reverse):
+    """One LSTM layer in one direction, time-major (T, B, I), PyTorch's gate order i, f, g, o."""
+    outs: list[Any] = [None] * x.shape[0]
+    for t in range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0]):
+        gates = x[t] @ w_ih.t() + h @ w_hh.t()
+        if b_ih is not None:
+            gates = gates + b_ih + b_hh
+        i, f, g, o = gates.chunk(4, 1)
+        c = f.sigmoid() * c + i.sigmoid() * g.tanh()
+        h = o.sigmoid() * c.tanh()
+        outs[t] = h
+    return torch.stack(outs), h, c
+
+
+def _autograd_on() -> Any:
+    """Inside a dispatch mode's handler the autograd keys are excluded (the op is being run below autograd):
+    include them again to record the re-run layer's graph."""
+    keys = torch._C._dispatch_tls_local_exclude_set()
+    for key in ("AutogradFunctionality", "ADInplaceOrView", "AutogradCPU", "AutogradCUDA", "AutogradOther"):
+        keys = keys.remove(getattr(torch._C.DispatchKey, key))
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), keys)
+
+
+def _mkldnn_rnn_layer_backward(func, args, kwargs, sup):
+    """mkldnn_rnn_layer_backward(input, w_ih, w_hh, b_ih, b_hh, hx, cx, output, hy, cy, grad_output, grad_hy,
+    grad_cy, reverse, mode, hidden_size, num_layers, has_biases, train, bidirectional, batch_sizes, batch_first,
+    workspace): see above. Outputs are fully supported (every weight reads every step)."""
+    fused = func(*args, **kwargs)
+    seeds = [(i, args[i]) for i in (10, 11, 12) if isinstance(args[i], torch.Tensor)]
+    tracked = any(sup.tracked(g) for _, g in seeds)
+    if not tracked or args[14] != _LSTM or args[20] or args[0].dim() != 3 or \
+            all(not isinstance(o, torch.Tensor) or _sz._finite(o) for o in fused):
+        if tracked and args[14] != _LSTM:
+            _sz._UNRULED.add(f"{func} (not an LSTM)")
+        for o in fused:
+            if isinstance(o, torch.Tensor):
+                sup.record(o, None)
+        return fused
+    has_biases = args[17]
+    values = [args[0], args[1], args[2], args[3] if has_biases else None, args[4] if has_biases else None,
+              args[5], args[6]]
+    leaves = [None if v is None else v.detach().requires_grad_() for v in values]
+    with _autograd_on(), torch.enable_grad():
+        y, hy, cy = _lstm_layer(*leaves, args[13])
+    outputs = [(y, hy, cy)[i - 10] for i, _ in seeds]
+    mode = _sz._StrongZeroMode()
+    mode.supports = sup
+    with mode:
+        grads = torch.autograd.grad(outputs, [v for v in leaves if v is not None], [g for _, g in seeds],
+                                    allow_unused=True)
+    it = iter(grads)
+    decomposed = [None if v is None else next(it) for v in leaves]
+    out = []
+    for f, d in zip(fused, decomposed, strict=True):
+        if isinstance(f, torch.Tensor) and isinstance(d, torch.Tensor):
+            merged = torch.where(torch.isfinite(f), f, d.to(f.dtype))
+            sup.record(merged, sup.of(d))
+            out.append(merged)
+        else:
+            out.append(f)
+    return tuple(out)
+
+
+_sz._register(aten.mkldnn_rnn_layer_backward)(_mkldnn_rnn_layer_backward)
