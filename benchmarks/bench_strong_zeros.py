@@ -7,8 +7,9 @@ candidates interleaved (`_harness.median_times_after`). Memory is the peak of th
 the backward, over what was live just before it (the parameters and the forward's activations; the input
 batch is not counted; `_harness.peak_memory_bytes`).
 
-Finite data: targets <= 1.10x time and <= 1.25x peak memory. NaN only in discarded regions (padding rows
-sliced away, a border cropped away): target <= 3x the plain backward of the same program, and gradwise's
+Finite data: targets <= 1.05x time (issue #15; goal 1.02x) and <= 1.25x peak memory. NaN only in discarded
+regions (padding rows sliced away, a border cropped away, padding sequences of a batch): target <= 2x the plain
+backward of the same program (goal 1.5x), and gradwise's
 gradients must be finite and equal to the clean reference's (the same program without the NaN); the
 "grads" column says whether they are. Exits 1 when a gradient check fails.
 """
@@ -31,6 +32,7 @@ import gradwise as gw
 from _harness import keep_freed_memory, median_times_after, peak_memory_bytes, print_table
 
 nan = float("nan")
+FINITE, DISCARDED = 1.05, 2.0  # time targets (issue #15)
 
 
 @dataclass
@@ -88,15 +90,15 @@ def cases() -> list[Case]:
     # two all-NaN padding sequences fill the batch to 10; the loss reads the 8 real ones
     padded_tokens = torch.cat((tokens, torch.full((2, 64, 128), nan)))
     return [
-        Case("MLP 6x256+GELU b256", mlp(), lambda net: net(x).square().mean(), 1.10),
-        Case("Transformer d128 h4 8x64", layer, lambda net: net(seq).square().mean(), 1.10),
-        Case("CNN 3 conv 32x32 b32", cnn(), lambda net: net(img).square().mean(), 1.10),
-        Case("MLP, NaN rows sliced", mlp(), lambda net: net(padded)[:256].square().mean(), 3.0,
+        Case("MLP 6x256+GELU b256", mlp(), lambda net: net(x).square().mean(), FINITE),
+        Case("Transformer d128 h4 8x64", layer, lambda net: net(seq).square().mean(), FINITE),
+        Case("CNN 3 conv 32x32 b32", cnn(), lambda net: net(img).square().mean(), FINITE),
+        Case("MLP, NaN rows sliced", mlp(), lambda net: net(padded)[:256].square().mean(), DISCARDED,
              clean=lambda net: net(x).square().mean()),
-        Case("CNN, NaN border cropped", cnn(), lambda net: kept(net(framed)).square().mean(), 3.0,
+        Case("CNN, NaN border cropped", cnn(), lambda net: kept(net(framed)).square().mean(), DISCARDED,
              clean=lambda net: kept(net(clean_frame)).square().mean()),
-        Case("SDPA block causal GQA 8x64", block, lambda net: net(tokens).square().mean(), 1.10),
-        Case("SDPA block, NaN sequences sliced", block, lambda net: net(padded_tokens)[:8].square().mean(), 3.0,
+        Case("SDPA block causal GQA 8x64", block, lambda net: net(tokens).square().mean(), FINITE),
+        Case("SDPA block, NaN sequences sliced", block, lambda net: net(padded_tokens)[:8].square().mean(), DISCARDED,
              clean=lambda net: net(tokens).square().mean()),
     ]
 
