@@ -7,8 +7,9 @@ candidates interleaved (`_harness.median_times_after`). Memory is the peak of th
 the backward, over what was live just before it (the parameters and the forward's activations; the input
 batch is not counted; `_harness.peak_memory_bytes`).
 
-Finite data: targets <= 1.10x time and <= 1.25x peak memory. NaN only in discarded regions (padding rows
-sliced away, a border cropped away): target <= 3x the plain backward of the same program, and gradwise's
+Finite data: targets <= 1.05x time (issue #15; goal 1.02x) and <= 1.25x peak memory. NaN only in discarded
+regions (padding rows sliced away, a border cropped away, padding sequences of a batch): target <= 2x the plain
+backward of the same program (goal 1.5x), and gradwise's
 gradients must be finite and equal to the clean reference's (the same program without the NaN); the
 "grads" column says whether they are. Exits 1 when a gradient check fails.
 """
@@ -31,6 +32,7 @@ import gradwise as gw
 from _harness import keep_freed_memory, median_times_after, peak_memory_bytes, print_table
 
 nan = float("nan")
+FINITE, DISCARDED = 1.05, 2.0  # time targets (issue #15)
 
 
 @dataclass
@@ -51,6 +53,26 @@ def cnn() -> nn.Module:
                          nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
 
 
+class SdpaBlock(nn.Module):
+    """A Llama-style decoder block: RMS norm, causal grouped-query SDPA (CPU flash attention), SiLU MLP."""
+
+    def __init__(self, d: int = 128, heads: int = 4, kv_heads: int = 2):
+        super().__init__()
+        self.heads, self.kv_heads, self.dh = heads, kv_heads, d // heads
+        self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.qkv = nn.Linear(d, (heads + 2 * kv_heads) * self.dh, bias=False)
+        self.o = nn.Linear(d, d, bias=False)
+        self.up, self.down = nn.Linear(d, 4 * d, bias=False), nn.Linear(4 * d, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split([self.heads * self.dh, *[self.kv_heads * self.dh] * 2], -1)
+        q, k, v = (z.view(b, t, -1, self.dh).transpose(1, 2) for z in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.down(F.silu(self.up(self.norm2(x))))
+
+
 def cases() -> list[Case]:
     torch.manual_seed(0)
     x = torch.randn(256, 256)
@@ -63,14 +85,21 @@ def cases() -> list[Case]:
     framed = F.pad(img, (2, 2, 2, 2), value=nan)
     clean_frame = F.pad(img, (2, 2, 2, 2), value=0.25)
     kept = lambda out: out[..., 5:31, 5:31]
+    block = SdpaBlock()
+    tokens = torch.randn(8, 64, 128)
+    # two all-NaN padding sequences fill the batch to 10; the loss reads the 8 real ones
+    padded_tokens = torch.cat((tokens, torch.full((2, 64, 128), nan)))
     return [
-        Case("MLP 6x256+GELU b256", mlp(), lambda net: net(x).square().mean(), 1.10),
-        Case("Transformer d128 h4 8x64", layer, lambda net: net(seq).square().mean(), 1.10),
-        Case("CNN 3 conv 32x32 b32", cnn(), lambda net: net(img).square().mean(), 1.10),
-        Case("MLP, NaN rows sliced", mlp(), lambda net: net(padded)[:256].square().mean(), 3.0,
+        Case("MLP 6x256+GELU b256", mlp(), lambda net: net(x).square().mean(), FINITE),
+        Case("Transformer d128 h4 8x64", layer, lambda net: net(seq).square().mean(), FINITE),
+        Case("CNN 3 conv 32x32 b32", cnn(), lambda net: net(img).square().mean(), FINITE),
+        Case("MLP, NaN rows sliced", mlp(), lambda net: net(padded)[:256].square().mean(), DISCARDED,
              clean=lambda net: net(x).square().mean()),
-        Case("CNN, NaN border cropped", cnn(), lambda net: kept(net(framed)).square().mean(), 3.0,
+        Case("CNN, NaN border cropped", cnn(), lambda net: kept(net(framed)).square().mean(), DISCARDED,
              clean=lambda net: kept(net(clean_frame)).square().mean()),
+        Case("SDPA block causal GQA 8x64", block, lambda net: net(tokens).square().mean(), FINITE),
+        Case("SDPA block, NaN sequences sliced", block, lambda net: net(padded_tokens)[:8].square().mean(), DISCARDED,
+             clean=lambda net: net(tokens).square().mean()),
     ]
 
 
@@ -141,8 +170,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=31)
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
+    parser.add_argument("--only", default="", help="run the cases whose name contains this text")
     args = parser.parse_args()
-    rows = [measure(case, args.repeats) for case in cases()]
+    rows = [measure(case, args.repeats) for case in cases() if args.only in case.name]
     print_table(
         f"gw.backward vs loss.backward: backward only, median of {args.repeats} interleaved repeats, "
         f"{torch.get_num_threads()} threads; peaks during backward / memory live before it",

@@ -258,8 +258,9 @@ def _non_finite_names(m: Model, grads) -> list[str]:
             if g is not None and not g.isfinite().all()]
 
 
-# Still contaminated, on purpose visible: oneDNN's fused LSTM backward has no strong-zero rule yet.
-_OPEN = {"lstm-unpacked-float32": "aten.mkldnn_rnn_layer_backward (fused float32 LSTM on CPU) has no rule yet"}
+# Models gradwise still leaves contaminated, on purpose visible (none at present: oneDNN's fused float32 LSTM
+# backward has a rule since _rules_opdb.py).
+_OPEN: dict[str, str] = {}
 
 
 def _contaminated_check(request, name: str) -> None:

@@ -23,14 +23,9 @@ pytestmark = pytest.mark.filterwarnings(r"ignore:index_reduce\(\) is in beta:Use
 
 KNOWN = {
     # contamination: backward ops without a rule, or a limit written down in docs/strong-zeros-design.md
-    "lstm-float32-nan-padding-steps-selected": "mkldnn_rnn_layer_backward (fused float32 LSTM on CPU) has no rule",
-    "mha-nan-batch-element-sliced": "CPU flash attention's backward is opaque: the check does not read q/k/v",
-    "logcumsumexp-nan-after-kept-prefix": "logcumsumexp's backward takes log|grad|: no rule",
     "matrix-exp-nan-batch-element-sliced": "linalg_matrix_exp (in its own backward) has no rule",
     "rfft-nan-row-sliced": "strong zeros are not tracked through complex tensors (FFT backwards)",
     "stft-nan-padding-frames-cropped": "strong zeros are not tracked through complex tensors (FFT backwards)",
-    "segment-reduce-sum-nan-segment-dropped": "_segment_reduce_backward has no rule",
-    "segment-reduce-max-log-of-zero-dropped": "_segment_reduce_backward has no rule",
     "double-backward-through-where-log": "create_graph=True: the second-order pass sees ordinary zeros",
     # nonsmooth: a clear NonsmoothError or an undecided certificate instead of an answer
     "lasso-13d-at-zero-optimum": "13 tied kinks exceed MAX_KINKS: sampled directions leave it undecided",
@@ -40,8 +35,6 @@ KNOWN = {
     "max-eigenvalue-repeated": "eigvalsh has no rule: NonsmoothError at a repeated eigenvalue",
     "where-eq-zero-guard-expm1-over-x": "a removable singularity behind x == 0: NonsmoothError (f's branch changes)",
     "cosine-embedding-at-margin": "cosine_embedding_loss has no rule: NonsmoothError at its clamp_min_ kink",
-    "sdpa-block-nan-pad-queries-f32": "CPU flash attention's backward is opaque: NaN query rows sliced away stay",
-    "sdpa-block-nan-pad-queries-f64": "CPU flash attention's backward is opaque: NaN query rows sliced away stay",
     "checkpoint-reentrant-block-nan-rows-sliced": "PyTorch: reentrant checkpoint is incompatible with .grad()",
     "copysign-one-as-sign-times-x": "copysign has no rule: NonsmoothError at its kink",
     "copysign-magnitude-at-zero": "copysign has no rule: NonsmoothError at its kink",

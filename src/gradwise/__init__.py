@@ -3,6 +3,7 @@
 Public API (see ``docs/`` for one page per capability)::
 
     gw.grad / gw.backward / gw.strong_zeros      values the output does not use cannot poison gradients
+    gw.register_rule                             strong zeros through your own (custom / C++) ops
     gw.trace / gw.explain                        where every NaN/Inf and every kink came from
     gw.watch                                     near-free until the first NaN/Inf gradient, then gw.trace
     gw.gather_reports / gw.nonfinite_guard      the same under torch.distributed (DDP, FSDP2): which rank, a guard
@@ -10,6 +11,7 @@ Public API (see ``docs/`` for one page per capability)::
                                                  exact calculus at non-differentiable points
 """
 
+from gradwise import _rules_attention, _rules_opdb  # noqa: F401  (register their rules)
 from gradwise._contract import GradwiseWarning, PlainBackwardWarning
 from gradwise._distributed import (
     NonfiniteGradientError,
@@ -22,6 +24,7 @@ from gradwise._distributed import (
 from gradwise._gradcheck import GradcheckResult, gradcheck
 from gradwise._nonsmooth import NonsmoothError, directional_derivative, generalized_backward, generalized_grad
 from gradwise._report import Finding, Report
+from gradwise._rules_registry import RuleHandle, Supports, register_rule
 from gradwise._stationarity import Stationarity, Subdifferential, stationarity, subdifferential
 from gradwise._strong_zeros import backward, grad, strong_zeros, unruled_ops
 from gradwise._trace import explain, trace
@@ -38,9 +41,11 @@ __all__ = [
     "NonsmoothError",
     "PlainBackwardWarning",
     "Report",
+    "RuleHandle",
     "SkipNonfiniteStep",
     "Stationarity",
     "Subdifferential",
+    "Supports",
     "backward",
     "ddp_nonfinite_hook",
     "directional_derivative",
@@ -51,6 +56,7 @@ __all__ = [
     "grad",
     "gradcheck",
     "nonfinite_guard",
+    "register_rule",
     "stationarity",
     "strong_zeros",
     "subdifferential",

@@ -115,8 +115,10 @@ def _register(*ops: Any) -> Callable[[Rule], Rule]:
 
 
 def lookup(func: Any) -> Rule | None:
-    """The strong-zero rule for an aten op (overload first, then its packet); None when it has none."""
-    return RULES.get(func) or RULES.get(func.overloadpacket)
+    """The strong-zero rule for an op (overload first, then its packet, then its name 'ns::op' for the rules of
+    libraries that may load later: gw.register_rule); None when it has none."""
+    packet = func.overloadpacket
+    return RULES.get(func) or RULES.get(packet) or RULES.get(packet._qualified_op_name)
 
 
 def _is_float(t: object) -> bool:
@@ -1376,7 +1378,7 @@ MAKES_NO_ZEROS = frozenset((
     "ToCopyBackward0 AliasBackward0 AddmmBackward0 MmBackward0 BmmBackward0 BaddbmmBackward0 MvBackward0 "
     "GeluBackward0 SigmoidBackward0 TanhBackward0 SiluBackward0 SoftplusBackward0 ExpBackward0 "
     "MseLossBackward0 SqrtBackward0 LogBackward0 NativeLayerNormBackward0 NativeGroupNormBackward0 "
-    "NativeBatchNormBackward0"
+    "NativeBatchNormBackward0 RsqrtBackward0"
 ).split())
 # Nodes whose backward only compares its saved tensor (relu: result <= 0 ? 0 : grad): a NaN/Inf there cannot
 # turn into a NaN/Inf of the backward, so the check before backward need not read it.
@@ -1412,6 +1414,11 @@ _NOT_READ = {
     "NativeGroupNormBackward0": ("_raw_saved_input",),
 }
 
+# Nodes that make structural zeros which, in some graphs, stay inside their own backward (causal attention's
+# masked weights meet q, k and v there, but every key still reaches its gradient): a test of the node, True when
+# its outputs get no structural zero of its own. Its saved tensors are read; the nodes below are not reached.
+_OWN_ZEROS_INSIDE: dict[str, Callable[[Any], bool]] = {}
+
 _NODE_TYPES: dict[type, tuple] = {}
 
 
@@ -1428,7 +1435,7 @@ def _node_type(node: Any) -> tuple:
         test = _MAKES_NO_ZEROS_IF.get(name)
         makes = False if name in MAKES_NO_ZEROS or _opaque(name) else (lambda n: not test(n)) if test else True
         info = _NODE_TYPES[type(node)] = (names, read, name in NODE_FACTS, NODE_FACTS.get(name), makes,
-                                          _ZERO_OUTPUT_TESTS.get(name))
+                                          _ZERO_OUTPUT_TESTS.get(name), _OWN_ZEROS_INSIDE.get(name))
     return info
 
 
@@ -1494,13 +1501,78 @@ def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
         torch._C._set_grad_enabled(grad_mode)
 
 
+def _graph(roots: Sequence[Any]) -> tuple[dict[Any, tuple], dict[Any, int]]:
+    """Every node of the graph once: node -> (its type's facts, whether it makes structural zeros, its edges);
+    and how many edges lead to each node."""
+    graph: dict[Any, tuple] = {}
+    consumers: dict[Any, int] = {}
+    types = _NODE_TYPES
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node in graph:
+            continue
+        info = types.get(type(node)) or _node_type(node)
+        makes = info[4]
+        if makes.__class__ is not bool:
+            makes = makes(node)
+        edges = node.next_functions
+        # (whether it makes zeros, whether they reach its outputs)
+        graph[node] = (info, makes, edges, makes and (info[6] is None or not info[6](node)))
+        for n, _ in edges:
+            if n is not None:
+                consumers[n] = consumers.get(n, 0) + 1
+                stack.append(n)
+    return graph, consumers
+
+
+def _zero_reach(roots: Sequence[Any], graph: dict[Any, tuple], consumers: dict[Any, int]) -> dict[Any, bool]:
+    """Which nodes a structural zero can reach: a node's own zeros (it makes them), or zeros arriving from above.
+    The engine adds the contributions of all consumers of a node's output, and a sum is a structural zero only
+    where every term is one, so zeros arrive at an output only when *every* consumer of it sends them (a
+    transformer's residual connection sends none: below it nothing is reached). Consumers come first
+    (topological order); a root's sensitivity is its seed, a value. ``consumers`` is used up."""
+    if not any(makes for _, makes, _, _ in graph.values()):
+        return dict.fromkeys(graph, False)
+    sent: dict[Any, bool] = {}  # node (its output 0) or (node, slot) -> every consumer of it so far sends zeros
+    other_slots: dict[Any, set[int]] = {}  # nodes with consumers on outputs other than 0 (split, unbind, ...)
+    reach: dict[Any, bool] = {}
+    is_root = set(roots)
+    stack = [r for r in is_root if r not in consumers]
+    while stack:
+        node = stack.pop()
+        _, makes, edges, sends = graph[node]
+        reached = node not in is_root and (sent.get(node, False) or
+                                           any(sent[(node, k)] for k in other_slots.get(node, ())))
+        reach[node] = reached or makes
+        reached = reached or sends
+        for n, slot in edges:
+            if n is None:
+                continue
+            if slot:
+                key: Any = (n, slot)
+                other_slots.setdefault(n, set()).add(slot)
+            else:
+                key = n
+            if not reached:
+                sent[key] = False
+            elif key not in sent:
+                sent[key] = True
+            left = consumers[n] - 1
+            consumers[n] = left
+            if not left:
+                stack.append(n)
+    return reach  # (a node left out, on a cycle, counts as reached: _plan's default)
+
+
 def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
     """'plain' (PyTorch is already right), 'strong' (a NaN/Inf or a singular point is in the graph where a
     structural zero can reach it), or 'check' (the graph has nodes gradwise knows nothing about: one pass under
     the mode, as 'strong'). Raises _contract.Unreadable on a saved tensor it cannot read (the backward runs plain).
 
-    This runs before every backward under strong zeros, so it is written for speed: one walk over the graph,
-    reading only what a structural zero could reach (see MAKES_NO_ZEROS), each saved tensor once (a layer's
+    This runs before every backward under strong zeros, so it is written for speed: one walk over the graph and a
+    topological pass over what it found (_zero_reach), reading only what a structural zero could reach (see
+    MAKES_NO_ZEROS; a node reached through some consumers but not all receives none), each saved tensor once (a layer's
     output saved by two nodes, q/k/v views of one projection: identified by what they read), and one
     reduction per saved tensor (small ones together). Singular tests of nodes no zero reaches from above run
     only when a softmax/exp node below holds exact zeros in its output (_ZERO_OUTPUT_TESTS)."""
@@ -1509,22 +1581,12 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
     deferred: list = []  # singular-point tests of nodes no structural zero reaches from above
     zero_outputs: list = []  # nodes whose backward multiplies by their own output (softmax, exp)
     seen_tensors: set[tuple] = set()
-    seen: dict[Any, bool] = {}  # node -> whether a structural zero can reach it
-    types = _NODE_TYPES
-    stack = [(r, False) for r in _root_nodes(t_outputs) if r is not None]
-    while stack:
-        node, reached = stack.pop()
-        before = seen.get(node)
-        if before is not None and (before or not reached):
-            continue
-        _, read, known, singular, makes, zero_output = types.get(type(node)) or _node_type(node)
-        if not reached:
-            reached = makes if makes.__class__ is bool else makes(node)
-        seen[node] = reached
+    roots = [r for r in _root_nodes(t_outputs) if r is not None]
+    graph, consumers = _graph(roots)
+    reach = _zero_reach(roots, graph, consumers)
+    for node, ((_, read, known, singular, _, zero_output, _), _, _, _) in graph.items():
+        reached = reach.get(node, True)
         known_all &= known
-        for n, _ in node.next_functions:
-            if n is not None:
-                stack.append((n, reached))
         if zero_output is not None:
             zero_outputs.append((node, zero_output))
         if not reached:

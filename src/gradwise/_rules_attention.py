@@ -1,0 +1,240 @@
+"""Strong-zero rules for the fused attention backwards of ``scaled_dot_product_attention``.
+
+Every fused SDPA backward computes, per (batch, query head), with P = exp(scale * q k^T + mask - lse):
+
+    D_i = g_i . out_i,   dP_ij = g_i . v_j,   dS = P * (dP - D),
+    dV_j = sum_i P_ij g_i,   dQ_i = scale sum_j dS_ij k_j,   dK_j = scale sum_i dS_ij q_i.
+
+A query row i whose sensitivity g_i is all structural zeros (a padding token, a discarded sequence) adds
+nothing to dK and dV and its own dQ_i is a structural zero, but inside the kernel its NaN q_i, out_i or lse_i
+meets the zero (0 x NaN). A key j that no kept query attends to (mask -inf or False, above the causal
+diagonal) has P_ij = 0 for every kept row, so its dK_j and dV_j are structural zeros, and its NaN k_j / v_j
+would meet those zeros in dQ. The rule *replaces* (never removes: the kernel runs on the same shapes and
+blocks, so kept results are PyTorch's bits) the discarded rows by g = q = out = 0 and lse = +inf (then
+P = 0 and dS = 0 exactly) and the unused keys by k = v = 0, then records the supports. One rule body serves
+every backward SDPA can pick (CPU flash, CUDA flash, memory-efficient, cuDNN), described by ``_Spec``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gradwise import _strong_zeros as _sz
+from gradwise._masks import mask_all, mask_any
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class _Spec:
+    out: int  # positions among the positional arguments (g, q, k, v are 0..3 everywhere)
+    lse: int
+    mask: int | str | None  # the additive mask / bias: a position, a keyword, or none
+    causal: int | str | None  # where is_causal (or _efficient_attention's custom_mask_type) is
+    causal_default: Any = False
+    blhe: bool = False  # (batch, length, heads, dim) layout of the low-level kernels, else (batch, heads, length, dim)
+    varlen: tuple[int, ...] = ()  # cumulative sequence lengths: packed sequences, not ruled
+    top_left: bool = True  # causal alignment known to be top-left (torch's is_causal); else only used when Lq == Lk
+    windowed: tuple[str, ...] = ()  # sliding-window keywords: keys outside the window are kept (conservative)
+
+
+SPECS: dict[Any, _Spec] = {
+    aten._scaled_dot_product_flash_attention_for_cpu_backward.default: _Spec(4, 5, "attn_mask", 7),
+    aten._scaled_dot_product_efficient_attention_backward.default: _Spec(5, 6, 4, 11),
+    aten._scaled_dot_product_flash_attention_backward.default: _Spec(4, 5, None, 11, varlen=(6, 7),
+                                                                     top_left=False),
+    aten._scaled_dot_product_cudnn_attention_backward.default: _Spec(4, 5, 8, 14, varlen=(9, 10), top_left=False),
+    aten._flash_attention_backward.default: _Spec(4, 5, None, 11, blhe=True, varlen=(6, 7), top_left=False,
+                                                  windowed=("window_size_left", "window_size_right")),
+    aten._efficient_attention_backward.default: _Spec(5, 10, 4, 14, causal_default=0, blhe=True, varlen=(6, 7),
+                                                      windowed=("window_size",)),
+}
+
+
+def _arg(args: tuple, kwargs: dict, where: int | str | None, default: Any = None) -> Any:
+    if where is None:
+        return default
+    if isinstance(where, str):
+        return kwargs.get(where, default)
+    return args[where] if where < len(args) else default
+
+
+def _canonical(t: torch.Tensor, blhe: bool) -> torch.Tensor:
+    return t.transpose(1, 2) if blhe else t
+
+
+def _allowed(spec: _Spec, mask: Any, causal: Any, lq: int, lk: int, device: torch.device) -> torch.Tensor | None:
+    """Where P_ij can be nonzero (bool, broadcastable to (B, H, Lq, Lk)), or None when everywhere. A mask entry
+    of -inf (False) and an entry above the causal diagonal are structural zeros of P; a NaN entry is not."""
+    allowed = None
+    if isinstance(mask, torch.Tensor) and mask.numel():
+        allowed = mask if mask.dtype == torch.bool else mask != -math.inf
+    kind = 1 if causal is True else causal if isinstance(causal, int) and not isinstance(causal, bool) else 0
+    if kind and (spec.top_left or lq == lk):
+        offset = lk - lq if kind == 2 else 0  # _efficient_attention's custom_mask_type 2: bottom-right
+        i = torch.arange(lq, device=device).unsqueeze(1)
+        tri = torch.arange(lk, device=device).unsqueeze(0) <= i + offset
+        allowed = tri if allowed is None else allowed & tri
+    return allowed
+
+
+def _fold_heads(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(B, Hq, ...) bools -> (B, Hkv, ...): a key/value head is used when one of its query heads uses it (grouped
+    query attention: query head h reads kv head h // (Hq / Hkv), as repeat_interleave)."""
+    b, hq = t.shape[0], t.shape[1]
+    if hq == kv_heads:
+        return t
+    return mask_any(t.reshape(b, kv_heads, hq // kv_heads, *t.shape[2:]), 2)
+
+
+def _record(sup: Any, out: Any, support: torch.Tensor | None) -> None:
+    if not isinstance(out, torch.Tensor):
+        return
+    if support is not None:
+        support = support.expand(out.shape)
+        _sz._annihilate(out, support)
+    sup.record(out, support)
+
+
+def _attention_backward(func, args, kwargs, sup):
+    """Fused SDPA backwards (see the module docstring): discarded query rows and unused keys are replaced by
+    harmless values before the kernel runs; their gradients are structural zeros."""
+    spec = SPECS[func]
+    tracked = _sz._tracked_slots(args, sup)
+    if tracked not in ([], [0]):
+        return _sz._run_unruled(func, args, kwargs, sup, "a tracked query, key, value or output")
+    if any(isinstance(a, torch.Tensor) and a.numel() for a in (_arg(args, kwargs, i) for i in spec.varlen)):
+        return _sz._run_unruled(func, args, kwargs, sup, "packed variable-length sequences" if tracked else None)
+    g, q, k, v = args[:4]
+    out, lse = args[spec.out], args[spec.lse]
+    mask = _arg(args, kwargs, spec.mask)
+    causal = _arg(args, kwargs, spec.causal, spec.causal_default)
+    qc, kc = (_canonical(t, spec.blhe) for t in (q, k))
+    if qc.dim() != 4 or kc.dim() != 4 or qc.shape[1] % kc.shape[1]:
+        return _sz._run_unruled(func, args, kwargs, sup, "an unexpected shape" if tracked else None)
+    lq, lk, kv_heads = qc.shape[2], kc.shape[2], kc.shape[1]
+    s = sup.of(g)
+    sc = None if s is None else _canonical(s.expand(g.shape), spec.blhe)  # (B, Hq, Lq, Ev)
+    rows = None if sc is None else mask_any(sc, -1)  # (B, Hq, Lq): query rows whose g is not all structural
+    if rows is not None and mask_all(rows) and mask_all(sc):
+        rows = sc = None
+    allowed = _allowed(spec, mask, causal, lq, lk, q.device)
+    if rows is None and allowed is None:
+        return _sz._run_unruled(func, args, kwargs, sup, None)
+    # keys some kept query row may attend to: (B, Hkv, Lk)
+    if allowed is None:
+        used = mask_any(rows, -1, keepdim=True).expand(*rows.shape[:2], lk)
+    else:
+        hits = allowed if rows is None else allowed & rows.unsqueeze(-1)
+        used = mask_any(hits.expand(qc.shape[0], qc.shape[1], lq, lk), -2)
+    used = _fold_heads(used, kv_heads)
+    cols = None if sc is None else _fold_heads(mask_any(sc, -2), kv_heads)  # (B, Hkv, Ev): value columns read
+    keep_v = used.unsqueeze(-1) if cols is None else used.unsqueeze(-1) & cols.unsqueeze(-2)
+    if rows is None and mask_all(used):
+        return _sz._run_unruled(func, args, kwargs, sup, None)
+    new = list(args)
+    new_kwargs = dict(kwargs)
+    back = lambda t: _canonical(t, spec.blhe)  # a transpose is its own inverse
+    if sc is not None:
+        new[0] = g.masked_fill(~back(sc), 0)
+        new[spec.out] = out.masked_fill(~back(sc), 0)  # D_i = g_i . out_i: structural g meets no out
+    if rows is not None and not mask_all(rows):
+        new[1] = q.masked_fill(~back(rows.unsqueeze(-1)), 0)
+        pad = lse.shape[-1] - lq  # the memory-efficient kernel pads lse's rows to a multiple of 32
+        drop = ~rows if pad <= 0 else torch.nn.functional.pad(~rows, (0, pad))
+        new[spec.lse] = lse.masked_fill(drop.view(lse.shape) if drop.shape == lse.shape else drop, math.inf)
+        if isinstance(mask, torch.Tensor) and mask.is_floating_point() and not bool(mask.max() < math.inf):
+            # a NaN/+inf mask entry of a discarded row would make P NaN there even with lse = +inf
+            bad = (mask.isnan() | (mask == math.inf)) & ~rows.unsqueeze(-1)
+            clean = mask.masked_fill(bad, 0) if bad.shape == mask.shape else mask.expand(bad.shape).masked_fill(bad, 0)
+            if isinstance(spec.mask, str):
+                new_kwargs[spec.mask] = clean
+            else:
+                new[spec.mask] = clean
+    if not mask_all(used):
+        new[2] = k.masked_fill(~back(used.unsqueeze(-1)), 0)
+    if not mask_all(keep_v):
+        new[3] = v.masked_fill(~back(keep_v), 0)
+    outs = func(*new, **new_kwargs)
+    dq, dk, dv = outs[:3]
+    _record(sup, dq, None if rows is None else back(rows.unsqueeze(-1)))
+    _record(sup, dk, back(used.unsqueeze(-1)))
+    _record(sup, dv, back(keep_v))
+    if len(outs) > 3 and isinstance(outs[3], torch.Tensor):  # the bias gradient, dS: (B, H, Lq, Lk)
+        bias_support = None if rows is None else rows.unsqueeze(-1)
+        if allowed is not None:
+            bias_support = allowed if bias_support is None else bias_support & allowed
+        fits = bias_support is not None and all(a in (1, b) for a, b in
+                                                zip(bias_support.shape, outs[3].shape[-bias_support.dim():],
+                                                    strict=True))
+        _record(sup, outs[3], bias_support if fits else None)
+    return outs
+
+
+_sz._register(*SPECS)(_attention_backward)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The check before backward. The plan reads the node's q, k, v, out and logsumexp (a NaN/Inf there is what a
+# discarded row's zero would meet). The mask is not read as a saved tensor: it holds -inf by design (a masked
+# entry, a structural zero of P); only a NaN/+inf there, which makes P NaN, sends the backward to the strong pass.
+# ---------------------------------------------------------------------------------------------------------
+
+_MASK_ATTRS = {
+    "ScaledDotProductFlashAttentionForCpuBackward0": "_raw_saved_attn_mask",
+    "ScaledDotProductEfficientAttentionBackward0": "_raw_saved_attn_bias",
+    "ScaledDotProductCudnnAttentionBackward0": "_raw_saved_attn_bias",
+    "EfficientAttentionBackward0": "_raw_saved_bias",
+    "ScaledDotProductFlashAttentionBackward0": None,
+    "FlashAttentionBackward0": None,
+}
+
+
+def _saved_mask(node: Any, name: str) -> torch.Tensor | None:
+    attr = _MASK_ATTRS[name]
+    raw = getattr(node, attr, None) if attr else None
+    t = raw.data if raw is not None else None
+    return t if isinstance(t, torch.Tensor) and t.numel() else None
+
+
+def _mask_singular(name: str):
+    def singular(node: Any) -> bool:
+        """A NaN or +inf in the attention mask makes P NaN/Inf where a discarded row's zero meets it."""
+        m = _saved_mask(node, name)
+        return m is not None and m.is_floating_point() and not bool(m.max() < math.inf)
+
+    return singular
+
+
+def _makes_no_zeros(name: str):
+    def test(node: Any) -> bool:
+        """Without a mask and without causal masking every P_ij may be nonzero: no key is unused."""
+        causal = getattr(node, "_saved_custom_mask_type", None) if name == "EfficientAttentionBackward0" else \
+            getattr(node, "_saved_is_causal", False)
+        return _saved_mask(node, name) is None and not causal
+
+    return test
+
+
+def _causal_keys_all_read(node: Any) -> bool:
+    """Causal attention without a mask over Lq == Lk: its masked weights (j > i) are structural zeros that meet q,
+    k and v inside its backward (so the node's saved tensors are read), but the last query reads every key, so
+    no gradient it outputs gets a structural zero of its own and the nodes below are not reached by it."""
+    raw_q, raw_k = getattr(node, "_raw_saved_query", None), getattr(node, "_raw_saved_key", None)
+    if raw_q is None or raw_k is None or _saved_mask(node, type(node).__name__) is not None:
+        return False
+    q, k = raw_q.data, raw_k.data
+    dim = 1 if type(node).__name__ in ("EfficientAttentionBackward0", "FlashAttentionBackward0") else 2
+    return q.dim() == 4 and k.dim() == 4 and q.shape[dim] == k.shape[dim]
+
+
+for _name in _MASK_ATTRS:
+    _sz.NODE_FACTS[_name] = _mask_singular(_name)
+    _sz._MAKES_NO_ZEROS_IF[_name] = _makes_no_zeros(_name)
+    _sz._OWN_ZEROS_INSIDE[_name] = _causal_keys_all_read
+    if _MASK_ATTRS[_name]:
+        _sz._NOT_READ[_name] = (_MASK_ATTRS[_name],)

@@ -1,0 +1,174 @@
+"""Strong-zero rules for backwards the op_db sweep found contaminated: logcumsumexp, segment_reduce.
+
+logcumsumexp's backward (FunctionsManual.cpp, after TensorFlow) takes log|g| and runs a reverse logcumsumexp of
+``log|g_i| - result_i``: a structural g_i = 0 becomes the lowest float there, which then meets the NaN of
+``result_i`` (a discarded NaN input) and spreads along the whole dimension. The exact gradient is
+``grad_j = sum over i >= j of g_i exp(x_j - result_i)``, in which a structural g_i has no term at all. The rule
+recomputes the formula when its last op runs (the node's saved self, result and dim; g and its support stashed
+at its first op, ``abs(g)``), with the structural terms left out (-inf in log space) and the positions that no
+kept term reaches set to structural zeros.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import torch
+
+from gradwise import _strong_zeros as _sz
+from gradwise._rules_registry import _placement
+
+aten = torch.ops.aten
+
+
+class _Stash(threading.local):
+    lcse: list | None = None  # [g, its support, how many subs the formula has run]
+
+
+_STASH = _Stash()
+_LCSE = "LogcumsumexpBackward0"
+
+
+def _abs(func, args, kwargs, sup):
+    """abs: |x| is 0 exactly where x is, so a structural zero stays one (as _linear). In logcumsumexp's backward
+    (its first op on g) the sensitivity and its support are kept for the formula's last op."""
+    g = args[0]
+    if _sz._in_formula() and _sz._in_node(_LCSE) and _sz._is_float(g) and not g.is_complex():
+        s = sup.of(g)
+        _STASH.lcse = None if s is None else [g, s.expand(g.shape), 0]
+        out = func(*args, **kwargs)
+        sup.record(out, None)  # the formula's result is recomputed at its end: its steps need no supports
+        return out
+    return _sz._linear(func, args, kwargs, sup)
+
+
+def _reverse_logcumsumexp(t: torch.Tensor, dim: int) -> torch.Tensor:
+    return t.flip(dim).logcumsumexp(dim).flip(dim)
+
+
+def _logcumsumexp_grad(g: torch.Tensor, s: torch.Tensor, node: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact gradient with the structural terms left out, and its support (some kept term reaches j)."""
+    x, result, dim = node._saved_self, node._saved_result, node._saved_dim
+    dim = dim % max(g.dim(), 1)
+    lowest = torch.finfo(g.dtype).min
+    log_abs = g.abs().log()
+    parts = []
+    for sign in (g > 0, g < 0):
+        log_g = torch.where(sign, log_abs, lowest)  # as PyTorch for kept terms
+        terms = torch.where(s, log_g - result, -math.inf)  # a structural term is absent
+        parts.append((_reverse_logcumsumexp(terms, dim) + x).exp())
+    kept = s.to(torch.uint8).flip(dim).cummax(dim).values.flip(dim).bool()
+    return torch.where(kept, parts[0] - parts[1], 0), kept
+
+
+def _sub(func, args, kwargs, sup):
+    """sub, as _sum. The last op of logcumsumexp's backward (output_pos - output_neg) returns the exact gradient
+    computed from the stash (see the module docstring) instead."""
+    stash = _STASH.lcse
+    if stash is None or not _sz._in_node(_LCSE):
+        return _sz._sum(func, args, kwargs, sup)
+    stash[2] += 1
+    if stash[2] < 3:  # log|g+| - result, log|g-| - result, then output_pos - output_neg
+        return _sz._sum(func, args, kwargs, sup)
+    _STASH.lcse = None
+    g, s = stash[0], stash[1]
+    out, kept = _logcumsumexp_grad(g, s, torch._C._current_autograd_node())
+    out = out.to(args[0].dtype)
+    sup.record(out, kept)
+    return out
+
+
+_sz._register(aten.abs.default)(_abs)
+_sz._register(aten.sub.Tensor)(_sub)
+
+
+def _segment_reduce_backward(func, args, kwargs, sup):
+    """_segment_reduce_backward(grad, output, data, reduce, lengths, offsets, axis, initial): for sum, mean, max
+    and min each element's gradient is its segment's sensitivity times a non-negative weight (1, 1/length, a tie
+    share of the selected extreme), so an element whose segment's sensitivity is a structural zero gets one (a
+    dropped segment's NaN data then meets no zero downstream). prod's weights are values: run as it is."""
+    reduce = args[3] if len(args) > 3 else kwargs.get("reduce")
+    if reduce not in ("sum", "mean", "max", "min") or _sz._tracked_slots(args, sup) not in ([], [0]):
+        return _sz._run_unruled(func, args, kwargs, sup, "a value-weighted reduction" if sup.tracked(args[0]) else None)
+    return _placement(func, args, kwargs, sup)
+
+
+_sz._register(aten._segment_reduce_backward)(_segment_reduce_backward)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# float32 LSTM on CPU: oneDNN's fused layer backward. When a structural zero in its sensitivities meets a NaN/Inf
+# inside it (a padded step's NaN input, sliced away), the layer's gradients are recomputed by re-running the layer
+# in PyTorch ops and differentiating that under the strong-zero mode (each cell's ops through their rules);
+# wherever the fused result is finite it is kept as it is (PyTorch's bits), as for DECOMPOSED normalisations.
+# ---------------------------------------------------------------------------------------------------------
+
+_LSTM = 2  # mkldnn_rnn_layer's mode for LSTM
+
+
+def _lstm_layer(x, w_ih, w_hh, b_ih, b_hh, h, c, reverse):
+    """One LSTM layer in one direction, time-major (T, B, I), PyTorch's gate order i, f, g, o."""
+    outs: list[Any] = [None] * x.shape[0]
+    for t in range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0]):
+        gates = x[t] @ w_ih.t() + h @ w_hh.t()
+        if b_ih is not None:
+            gates = gates + b_ih + b_hh
+        i, f, g, o = gates.chunk(4, 1)
+        c = f.sigmoid() * c + i.sigmoid() * g.tanh()
+        h = o.sigmoid() * c.tanh()
+        outs[t] = h
+    return torch.stack(outs), h, c
+
+
+def _autograd_on() -> Any:
+    """Inside a dispatch mode's handler the autograd keys are excluded (the op is being run below autograd):
+    include them again to record the re-run layer's graph."""
+    keys = torch._C._dispatch_tls_local_exclude_set()
+    for key in ("AutogradFunctionality", "ADInplaceOrView", "AutogradCPU", "AutogradCUDA", "AutogradOther"):
+        keys = keys.remove(getattr(torch._C.DispatchKey, key))
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), keys)
+
+
+def _mkldnn_rnn_layer_backward(func, args, kwargs, sup):
+    """mkldnn_rnn_layer_backward(input, w_ih, w_hh, b_ih, b_hh, hx, cx, output, hy, cy, grad_output, grad_hy,
+    grad_cy, reverse, mode, hidden_size, num_layers, has_biases, train, bidirectional, batch_sizes, batch_first,
+    workspace): see above. Outputs are fully supported (every weight reads every step)."""
+    fused = func(*args, **kwargs)
+    seeds = [(i, args[i]) for i in (10, 11, 12) if isinstance(args[i], torch.Tensor)]
+    tracked = any(sup.tracked(g) for _, g in seeds)
+    if not tracked or args[14] != _LSTM or args[20] or args[0].dim() != 3 or \
+            all(not isinstance(o, torch.Tensor) or _sz._finite(o) for o in fused):
+        if tracked and args[14] != _LSTM:
+            _sz._UNRULED.add(f"{func} (not an LSTM)")
+        for o in fused:
+            if isinstance(o, torch.Tensor):
+                sup.record(o, None)
+        return fused
+    has_biases = args[17]
+    values = [args[0], args[1], args[2], args[3] if has_biases else None, args[4] if has_biases else None,
+              args[5], args[6]]
+    leaves = [None if v is None else v.detach().requires_grad_() for v in values]
+    with _autograd_on(), torch.enable_grad():
+        y, hy, cy = _lstm_layer(*leaves, args[13])
+    outputs = [(y, hy, cy)[i - 10] for i, _ in seeds]
+    mode = _sz._StrongZeroMode()
+    mode.supports = sup
+    with mode:
+        grads = torch.autograd.grad(outputs, [v for v in leaves if v is not None], [g for _, g in seeds],
+                                    allow_unused=True)
+    it = iter(grads)
+    decomposed = [None if v is None else next(it) for v in leaves]
+    out = []
+    for f, d in zip(fused, decomposed, strict=True):
+        if isinstance(f, torch.Tensor) and isinstance(d, torch.Tensor):
+            merged = torch.where(torch.isfinite(f), f, d.to(f.dtype))
+            sup.record(merged, sup.of(d))
+            out.append(merged)
+        else:
+            out.append(f)
+    return tuple(out)
+
+
+_sz._register(aten.mkldnn_rnn_layer_backward)(_mkldnn_rnn_layer_backward)

@@ -1,0 +1,163 @@
+"""Public registration of strong-zero rules for ops gradwise does not know: ``torch.library`` custom ops, C++
+extension ops (torchvision, torchaudio, your own).
+
+An op without a rule that meets a structural zero in a backward runs as plain PyTorch with its outputs treated
+as fully supported (listed by ``gw.unruled_ops()``): a NaN it multiplies by a zero may remain, never a wrong
+finite number. ``register_rule`` tells gradwise how supports pass through such an op, usually the op that
+computes a custom op's backward. See docs/nan-sources.md ("Rules for your own ops").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from gradwise import _strong_zeros as _sz
+
+__all__ = ["RuleHandle", "Supports", "register_rule"]
+
+
+class Supports:
+    """What a rule function sees of the strong-zero state while a backward runs.
+
+    A *support* is a bool tensor broadcastable to a tensor: True where the element may be nonzero, False where it
+    is a structural zero (the output cannot depend on it through this path, so it is 0 whatever it multiplies).
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def of(self, t: object) -> torch.Tensor | None:
+        """The support of ``t``, or None when every element may be nonzero (also for non-tensors)."""
+        return self._inner.of(t)
+
+    def set(self, t: torch.Tensor, support: torch.Tensor | None) -> torch.Tensor:
+        """Declare ``t``'s support (None: all may be nonzero). Elements where it is False are set to 0 in place
+        (a NaN/Inf there would be a structural zero times NaN); returns ``t``."""
+        if support is not None:
+            support = support.to(device=t.device, dtype=torch.bool).expand(t.shape)
+            t.masked_fill_(~support, 0)
+        self._inner.record(t, support)
+        return t
+
+
+RuleFunction = Callable[[Any, tuple, dict, Supports], Any]
+
+
+def _placement(func, args, kwargs, sup):
+    """The op is a linear map of its first argument (the sensitivity) with non-negative weights that depend on
+    the other arguments only: a scatter, a gather, a pooling or ROI pooling/align backward. It runs again on the
+    sensitivity's support as 0/1 numbers; an output no supported element reaches (count 0) is a structural
+    zero. Other float arguments (boxes, grids, weights) are values and are passed as they are."""
+    out = func(*args, **kwargs)
+    s = sup.of(args[0])
+    ones = torch.ones_like(args[0]) if s is None else s.expand(args[0].shape).to(args[0].dtype)
+    counts = func(ones, *args[1:], **kwargs)  # the op's own zeros (rows a scatter never reaches) are structural
+    for o, c in zip(*(x if isinstance(x, (tuple, list)) else (x,) for x in (out, counts)), strict=True):
+        if _sz._is_float(o):
+            support = c > 0
+            sup.record(_sz._annihilate(o, support), support)
+    return out
+
+
+FAMILIES: dict[str, _sz.Rule] = {
+    # pointwise and linear in the first argument: out is a structural zero wherever it is (activation backwards)
+    "linear": _sz._linear,
+    # pointwise product of the first two arguments: a structural zero of either annihilates the other
+    "product": _sz._mul,
+    "placement": _placement,
+}
+
+
+class RuleHandle:
+    """Returned by ``register_rule``; ``remove()`` restores what was registered for the op before."""
+
+    def __init__(self, key: Any, previous: _sz.Rule | None) -> None:
+        self._key, self._previous = key, previous
+
+    def remove(self) -> None:
+        if self._previous is None:
+            _sz.RULES.pop(self._key, None)
+        else:
+            _sz.RULES[self._key] = self._previous
+
+
+def _key(op: Any) -> Any:
+    if isinstance(op, str):
+        if "::" not in op:
+            raise ValueError(f"gw.register_rule: op name {op!r} needs its namespace, e.g. 'torchvision::roi_align'")
+        return op.split(".")[0] if op.endswith(".default") else op
+    custom = getattr(op, "_opoverload", None)  # a torch.library.custom_op object
+    if custom is not None:
+        return custom.overloadpacket
+    if isinstance(op, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return op
+    raise TypeError(f"gw.register_rule: op must be a torch op (torch.ops.ns.name, a torch.library custom op) or its "
+                    f"name 'ns::name', got {type(op).__name__}")
+
+
+def _wrap(rule: RuleFunction) -> _sz.Rule:
+    def wrapped(func, args, kwargs, sup):
+        return rule(func, args, kwargs, Supports(sup))
+
+    wrapped.__doc__ = rule.__doc__
+    wrapped.__name__ = getattr(rule, "__name__", "rule")
+    return wrapped
+
+
+def register_rule(op: Any, rule: str | RuleFunction, *, replace: bool = False) -> RuleHandle:
+    """Register how strong zeros pass through ``op`` when it runs inside a backward.
+
+    ``op`` is a torch op (``torch.ops.mylib.my_op``, one overload of it, the object ``torch.library.custom_op``
+    returns) or its qualified name (``"torchvision::_roi_align_backward"``: resolved when the op runs, so the
+    library need not be loaded yet). ``rule`` is either a family name:
+
+    - ``"linear"``: pointwise, linear in the first argument (an activation's backward ``g * f'(x)``);
+    - ``"product"``: pointwise product of the first two arguments;
+    - ``"placement"``: a linear map of the first argument with non-negative weights fixed by the other arguments
+      (scatter, gather, pooling, ROI pooling/align backward);
+
+    or a function ``rule(op, args, kwargs, supports) -> output`` that runs ``op(*args, **kwargs)`` itself (on
+    whatever it likes: dropping what only structural zeros read, replacing NaN that only they meet) and declares
+    the support of each floating output with ``supports.set(out, support)``; ``supports.of(t)`` gives an
+    argument's support. A structural zero must stay 0 whatever the values it multiplies hold, and an element the
+    output may depend on must stay supported, or gradients become wrong.
+
+    Returns a handle whose ``remove()`` undoes the registration. A built-in rule is replaced only with
+    ``replace=True``.
+
+    >>> import torch, gradwise as gw
+    >>> @torch.library.custom_op("doc::double_backward", mutates_args=())
+    ... def double_backward(g: torch.Tensor) -> torch.Tensor:
+    ...     return 2 * g
+    >>> handle = gw.register_rule(double_backward, "linear")
+    >>> handle.remove()
+    """
+    if isinstance(rule, str):
+        if rule not in FAMILIES:
+            raise ValueError(f"gw.register_rule: unknown rule family {rule!r}; use one of {sorted(FAMILIES)} or a "
+                             f"function rule(op, args, kwargs, supports)")
+        body = FAMILIES[rule]
+    elif callable(rule):
+        body = _wrap(rule)
+    else:
+        raise TypeError(f"gw.register_rule: rule must be a family name or a function, got {type(rule).__name__}")
+    key = _key(op)
+    previous = _sz.RULES.get(key)
+    if previous is not None and not replace:
+        raise ValueError(f"gw.register_rule: {key} already has a strong-zero rule ({previous.__name__}); pass "
+                         f"replace=True to override it")
+    _sz.RULES[key] = body
+    return RuleHandle(key, previous)
+
+
+# Library ops whose backward is a placement of the sensitivity (their packages are optional): ROI pooling and
+# align move each output bin's gradient onto the input pixels it sampled, with non-negative bilinear (or max)
+# weights, so an input pixel no kept box samples gets a structural zero and the backbone's NaN there never meets
+# it. Not tested against the real kernels here: torchvision does not load beside this torch (see
+# tests/test_custom_rules.py, which runs the same rule on a pure-PyTorch op with torchvision's schema).
+for _name in ("torchvision::_roi_align_backward", "torchvision::_roi_pool_backward",
+              "torchvision::_ps_roi_align_backward", "torchvision::_ps_roi_pool_backward"):
+    _sz.RULES.setdefault(_name, _placement)
