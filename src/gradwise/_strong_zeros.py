@@ -29,7 +29,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from gradwise._checks import as_tensors, check_differentiable, check_scalar_or_seeded
+from gradwise._compile import compiled_run
 from gradwise._masks import mask_all, mask_any
+from gradwise._traced import traced
 
 aten = torch.ops.aten
 
@@ -1517,6 +1519,8 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
     output saved by two nodes, q/k/v views of one projection: identified by what they read), and one
     reduction per saved tensor (small ones together). Singular tests of nodes no zero reaches from above run
     only when a softmax/exp node below holds exact zeros in its output (_ZERO_OUTPUT_TESTS)."""
+    if traced((*t_outputs, *seeds)):  # a traced backward (torch.compile, make_fx): a graph, no data to read;
+        return "plain"  # compiled graphs get strong zeros from gradwise._compile instead
     known_all = True
     saved: list[torch.Tensor] = []
     deferred: list = []  # singular-point tests of nodes no structural zero reaches from above
@@ -1606,6 +1610,7 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
         plan = "strong"
     if plan == "plain":
         return run(retain_graph)
+    run = compiled_run(run, t_outputs, inputs, accumulate_grad)  # torch.compile'd nodes: gradwise._compile
     if plan == "strong":
         return _run_strong(run, retain_graph, create_graph, t_outputs)
 

@@ -1,0 +1,279 @@
+"""Strong zeros for backwards compiled by torch.compile (AOTAutograd's ``CompiledFunctionBackward`` nodes).
+
+Where the pass hooks in, and why
+--------------------------------
+A compiled function's backward is one autograd node whose work happens in a generated kernel, out of
+reach of the eager dispatch mode. gradwise serves it at *backward* time, from the engine hook that already runs
+before every backward under strong zeros (``_strong_zeros._engine_run``):
+
+1. Each ``CompiledFunctionBackward`` in the graph gets a second compiled backward, built once from AOTAutograd's
+   backward FX graph with ``_compile_pass.rewrite_backward`` added to ``torch._inductor.config.
+   post_grad_custom_pre_pass`` (a ``CustomGraphPass`` whose uuid enters inductor's cache key) for that compile
+   only. For the length of one backward under strong zeros the node runs that variant; before and after, and
+   on other threads' plain backwards, it runs PyTorch's own. So users call ``torch.compile`` as they always do,
+   and a function compiled outside ``gw.strong_zeros()`` gets strong zeros inside it with no recompilation of
+   the forward, no dynamo guard and no global switch left on (a guard on a gradwise flag would need dynamo to
+   read that flag while tracing user code, and would recompile the forward, which the pass does not change).
+   The variant is compiled without donated buffers, so it may run with the graph retained.
+2. The backward then runs as any graph with nodes gradwise cannot see into ("check"): once, and its gradients
+   are checked for NaN/Inf. A structural zero that crosses a compiled graph's boundary (made by eager code
+   after a compiled model, or in another graph after a graph break) is not visible to the pass: if a NaN
+   appears, the backward re-runs under the eager strong-zero mode with each compiled node executing its
+   backward FX graph op by op (AOTAutograd keeps it for lazy compilation), so the supports travel across.
+3. A compiled node whose graph is gone (a backward compiled ahead of time, or loaded from AOTAutograd's cache
+   without its graph) can only run as compiled: if the gradients then hold NaN/Inf, gradwise warns, naming the
+   node and the fix.
+
+Traced backwards (AOTAutograd tracing the joint graph on fake tensors) are never inspected: ``_plan`` steps
+aside for them (``_traced``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CompiledBackwardWarning", "StrongZeroPass", "compiled_run", "strong_zero_pass"]
+
+
+class CompiledBackwardWarning(UserWarning):
+    """A compiled backward gradwise could not see into produced NaN/Inf under strong zeros."""
+
+
+def _pass_base() -> type:
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    return CustomGraphPass
+
+
+_PASS: Any = None
+
+
+def strong_zero_pass() -> Any:
+    """The inductor ``CustomGraphPass`` that applies strong zeros to backward graphs (forward graphs untouched).
+
+    It is installed by gradwise for the compiles it makes; it can also be installed by hand, e.g.
+    ``torch._inductor.config.post_grad_custom_pre_pass = gw._compile.strong_zero_pass()``, to make every
+    inductor backward use strong zeros (inside or outside ``gw.strong_zeros()``)."""
+    global _PASS
+    if _PASS is None:
+        from gradwise import _compile_pass
+
+        digest = hashlib.sha256(Path(_compile_pass.__file__).read_bytes()).hexdigest()
+
+        class StrongZeroPass(_pass_base()):  # type: ignore[misc]
+            """Strong zeros over AOTAutograd's backward graph (see gradwise._compile_pass)."""
+
+            def __call__(self, graph: torch.fx.Graph) -> None:
+                _compile_pass.rewrite_backward(graph)
+
+            def uuid(self) -> str:
+                return "gradwise-strong-zeros-" + digest
+
+        _PASS = StrongZeroPass()
+    return _PASS
+
+
+StrongZeroPass = strong_zero_pass  # the pass's class is built on first use (inductor imports slowly)
+
+
+@contextlib.contextmanager
+def _with_pass() -> Iterator[None]:
+    from torch._inductor import config
+    from torch._inductor.custom_graph_pass import get_custom_graph_passes
+
+    current = list(get_custom_graph_passes(config.post_grad_custom_pre_pass))
+    ours = strong_zero_pass()
+    if ours in current:
+        yield
+        return
+    with config.patch(post_grad_custom_pre_pass=[*current, ours]):
+        yield
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reaching a CompiledFunctionBackward's backward compiler (AOTAutograd keeps it in a closure cell)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _is_compiled(node: Any) -> bool:
+    return type(node).__name__ == "CompiledFunctionBackward"
+
+
+def compiled_nodes(roots: Sequence[Any]) -> list[Any]:
+    """The CompiledFunctionBackward nodes reachable from ``roots``."""
+    from gradwise._strong_zeros import _walk
+
+    return [n for n in _walk(roots) if _is_compiled(n)]
+
+
+def _backward_compiler(node: Any) -> Any:
+    """AOTAutograd's ``_AutogradBackwardCompiler`` of a compiled node, or None where it cannot be reached."""
+    cls = getattr(node, "_forward_cls", None)
+    impl = getattr(cls, "__dict__", {}).get("_backward_impl") if cls is not None else None
+    fn = getattr(impl, "__func__", impl)
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+    if code is None or not cells:
+        return None
+    for name, cell in zip(code.co_freevars, cells, strict=True):
+        if name == "backward_compiler":
+            bc = cell.cell_contents
+            return bc if hasattr(bc, "compiled_bw") and hasattr(bc, "get_or_compile") else None
+    return None
+
+
+def _graph_module(bc: Any) -> Any:
+    """The backward FX graph AOTAutograd keeps for lazy compilation, or None."""
+    info = getattr(bc, "lazy_backward_info", None)
+    module = getattr(info, "bw_module", None)
+    if module is None and callable(getattr(info, "bw_module_fn", None)):
+        with contextlib.suppress(Exception):
+            module = info.bw_module_fn()
+    return module
+
+
+def _donated(bc: Any) -> list[tuple[Any, Any]]:
+    metas = [bc.fw_metadata]
+    ctx = getattr(getattr(bc, "lazy_backward_info", None), "saved_context", None)
+    if getattr(ctx, "fw_metadata", None) is not None:
+        metas.append(ctx.fw_metadata)
+    return [(m, m.bw_donated_idxs) for m in metas if hasattr(m, "bw_donated_idxs")]
+
+
+def _strong_variant(bc: Any) -> Callable[..., Any] | None:
+    """The backward compiled with the strong-zero pass (once per compiled function), or None."""
+    strong = getattr(bc, "_gw_strong", None)
+    if strong is not None:
+        return strong
+    from torch._functorch._aot_autograd.runtime_wrappers import AutogradLazyBackwardCompileInfo
+
+    if not isinstance(bc.lazy_backward_info, AutogradLazyBackwardCompileInfo) or bc.bw_compiler is None:
+        return None
+    old = bc.compiled_bw, bc.try_save_cache_entry, _donated(bc)
+    bc.compiled_bw, bc.try_save_cache_entry = None, None  # compile afresh; never into AOTAutograd's cache entry
+    try:
+        with _with_pass():
+            # saved_tensors_use_once=False: no donated buffers, so the variant may run with the graph retained
+            strong = bc.get_or_compile(saved_tensors_use_once=False)
+    finally:
+        bc.compiled_bw, bc.try_save_cache_entry = old[0], old[1]
+        for meta, idxs in old[2]:
+            meta.bw_donated_idxs = idxs
+    bc._gw_strong = strong
+    return strong
+
+
+def _eager_variant(bc: Any) -> Callable[..., Any] | None:
+    """The backward FX graph run op by op (through the eager strong-zero mode), or None."""
+    eager = getattr(bc, "_gw_eager", None)
+    if eager is None:
+        module = _graph_module(bc)
+        if module is None:
+            return None
+
+        def eager(args: list) -> Any:
+            flat = list(args)
+            args.clear()
+            return module(*flat)
+
+        eager._boxed_call = True  # type: ignore[attr-defined]
+        bc._gw_eager = eager
+    return eager
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One backward under strong zeros
+# ---------------------------------------------------------------------------------------------------------
+
+
+# How often a backward under strong zeros ran its compiled nodes as the pass's variant ("compiled") and as
+# their FX graphs op by op under the eager mode ("eager"): the tests read it, users may (cheap counters).
+STATS = {"compiled": 0, "eager": 0, "opaque": 0}
+
+
+@contextlib.contextmanager
+def _swapped(nodes: Sequence[Any], eager: bool) -> Iterator[list[Any]]:
+    """Run each compiled node's backward as its strong-zero variant (compiled with the pass, or its FX graph op
+    by op when ``eager``) for the length of the block. Yields the nodes that could not be swapped (opaque)."""
+    swaps, opaque, seen = [], [], set()
+    for node in nodes:
+        bc = _backward_compiler(node)
+        if bc is None:
+            opaque.append(node)
+            continue
+        if id(bc) in seen:
+            continue
+        seen.add(id(bc))
+        variant = _eager_variant(bc) if eager else None
+        if variant is None:
+            variant = _strong_variant(bc)
+        if variant is None:
+            opaque.append(node)
+            continue
+        swaps.append((bc, bc.compiled_bw, _donated(bc)))
+    try:
+        for bc, _, donated in swaps:
+            bc.compiled_bw = bc._gw_eager if eager and getattr(bc, "_gw_eager", None) else bc._gw_strong
+            for meta, _ in donated:  # neither variant reuses saved buffers: the graph may be retained
+                meta.bw_donated_idxs = []
+        yield opaque
+    finally:
+        for bc, compiled, donated in swaps:
+            bc.compiled_bw = compiled
+            for meta, idxs in donated:
+                meta.bw_donated_idxs = idxs
+
+
+def _holds_nonfinite(result: Any, leaves: Sequence[torch.Tensor]) -> bool:
+    from gradwise._strong_zeros import _all_finite
+
+    if result is not None:
+        tensors = [r for r in result if isinstance(r, torch.Tensor) and r.is_floating_point()]
+    else:
+        tensors = [leaf.grad for leaf in leaves if leaf.grad is not None and leaf.grad.is_floating_point()]
+    return not _all_finite(tensors)
+
+
+def _warn_opaque(nodes: Sequence[Any]) -> None:
+    names = ", ".join(sorted({f"{type(n).__name__} (aot id {getattr(n._forward_cls, '_aot_id', '?')})"
+                              if hasattr(n, "_forward_cls") else type(n).__name__ for n in nodes}))
+    warnings.warn(
+        f"gw.strong_zeros: the gradients hold NaN/Inf and gradwise could not see inside the compiled backward "
+        f"{names}: its FX graph is not available (compiled ahead of the first backward, or loaded from "
+        f"AOTAutograd's cache), so structural zeros inside it were not applied and the NaN/Inf may come from "
+        f"values the output never uses. Fix: run the compiled function's first backward inside "
+        f"gw.strong_zeros() in a fresh process, or set torch._functorch.config.enable_autograd_cache = False, "
+        f"or compile with backend='aot_eager'.",
+        CompiledBackwardWarning,
+        stacklevel=4,
+    )
+
+
+def compiled_run(run: Callable[[bool | None], Any], t_outputs: Sequence[Any], inputs: Sequence[Any],
+                 accumulate_grad: bool) -> Callable[[bool | None], Any]:
+    """Wrap the engine call of one backward under strong zeros (not the plain path) so that compiled nodes in
+    its graph run their strong-zero variants: compiled with the pass outside the eager mode, op by op under
+    it. ``run`` itself when the graph has no compiled node."""
+    from gradwise._strong_zeros import _STATE, _leaves, _root_nodes
+
+    nodes = compiled_nodes(_root_nodes(t_outputs))
+    if not nodes:
+        return run
+
+    def wrapped(retain: bool | None) -> Any:
+        in_mode = _STATE.in_mode
+        with _swapped(nodes, eager=in_mode) as opaque:
+            STATS["eager" if in_mode else "compiled"] += 1
+            STATS["opaque"] += bool(opaque)
+            result = run(retain)
+        if in_mode and opaque and _holds_nonfinite(result, _leaves(t_outputs, inputs) if accumulate_grad else ()):
+            _warn_opaque(opaque)
+        return result
+
+    return wrapped
