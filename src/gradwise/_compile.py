@@ -161,6 +161,14 @@ def _strong_variant(bc: Any) -> Callable[..., Any] | None:
         with _with_pass():
             # saved_tensors_use_once=False: no donated buffers, so the variant may run with the graph retained
             strong = bc.get_or_compile(saved_tensors_use_once=False)
+    except Exception as exc:
+        warnings.warn(f"gw.strong_zeros: the strong-zero pass could not compile this backward ({type(exc).__name__}:"
+                      f" {str(exc).splitlines()[0][:200] if str(exc) else ''}); it runs as compiled by PyTorch, and "
+                      f"where its gradients hold NaN/Inf gradwise re-runs it op by op. Please report this graph.",
+                      CompiledBackwardWarning, stacklevel=5)
+        strong = bc.compiled_bw = old[0]
+        if strong is None:  # never compiled: PyTorch's own lazy compile, without the pass
+            strong = bc.get_or_compile(saved_tensors_use_once=False)
     finally:
         bc.compiled_bw, bc.try_save_cache_entry = old[0], old[1]
         for meta, idxs in old[2]:
@@ -210,21 +218,21 @@ def _swapped(nodes: Sequence[Any], eager: bool) -> Iterator[list[Any]]:
         if id(bc) in seen:
             continue
         seen.add(id(bc))
-        variant = _eager_variant(bc) if eager else None
-        if variant is None:
-            variant = _strong_variant(bc)
+        # outside the mode: compiled with the pass; where it cannot be (a backward loaded from AOTAutograd's
+        # cache keeps only its FX graph), that graph op by op, which needs no donated buffers either
+        variant = _eager_variant(bc) if eager else _strong_variant(bc) or _eager_variant(bc)
         if variant is None:
             opaque.append(node)
             continue
-        swaps.append((bc, bc.compiled_bw, _donated(bc)))
+        swaps.append((bc, variant, bc.compiled_bw, _donated(bc)))
     try:
-        for bc, _, donated in swaps:
-            bc.compiled_bw = bc._gw_eager if eager and getattr(bc, "_gw_eager", None) else bc._gw_strong
+        for bc, variant, _, donated in swaps:
+            bc.compiled_bw = variant
             for meta, _ in donated:  # neither variant reuses saved buffers: the graph may be retained
                 meta.bw_donated_idxs = []
         yield opaque
     finally:
-        for bc, compiled, donated in swaps:
+        for bc, _, compiled, donated in swaps:
             bc.compiled_bw = compiled
             for meta, idxs in donated:
                 meta.bw_donated_idxs = idxs
@@ -265,6 +273,11 @@ def compiled_run(run: Callable[[bool | None], Any], t_outputs: Sequence[Any], in
     nodes = compiled_nodes(_root_nodes(t_outputs))
     if not nodes:
         return run
+    # a node gradwise cannot swap runs as PyTorch compiled it, possibly reusing its saved buffers: it must run
+    # exactly once (the engine then takes the one-pass path, under the mode)
+    one_pass = any(_backward_compiler(n) is None or (_graph_module(_backward_compiler(n)) is None
+                                                     and _strong_variant(_backward_compiler(n)) is None)
+                   for n in nodes)
 
     def wrapped(retain: bool | None) -> Any:
         in_mode = _STATE.in_mode
@@ -276,4 +289,5 @@ def compiled_run(run: Callable[[bool | None], Any], t_outputs: Sequence[Any], in
             _warn_opaque(opaque)
         return result
 
+    wrapped.one_pass = one_pass  # type: ignore[attr-defined]
     return wrapped

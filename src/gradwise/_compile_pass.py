@@ -320,14 +320,14 @@ def _mm(rw: _Rewriter, node: fx.Node) -> Any:
         if ma is not None:
             full = rw.exact(ma, a)
             cols = rw.call(aten.any.dims, full, [k_a], True)  # [(b,) 1, k]: column k of A meets something
-            cols = rw.call(aten.transpose.int, cols, -1, -2)  # [(b,) k, 1]
+            cols = rw.call(aten.permute.default, cols, _swap_last(_val(cols).dim()))  # [(b,) k, 1]
             new_b = rw.call(aten.where.self, cols, b, rw.call(aten.full.default, [], 0, dtype=_val(b).dtype,
                                                                 device=_val(b).device, pin_memory=False))
             out_masks.append(rw.call(aten.any.dims, full, [row_a], True))  # [(b,) n, 1]
         if mb is not None:
             full = rw.exact(mb, b)
             rows = rw.call(aten.any.dims, full, [k_b], True)  # [(b,) k, 1]
-            rows = rw.call(aten.transpose.int, rows, -1, -2)  # [(b,) 1, k]
+            rows = rw.call(aten.permute.default, rows, _swap_last(_val(rows).dim()))  # [(b,) 1, k]
             new_a = rw.call(aten.where.self, rows, a, rw.call(aten.full.default, [], 0, dtype=_val(a).dtype,
                                                                 device=_val(a).device, pin_memory=False))
             out_masks.append(rw.call(aten.any.dims, full, [col_b], True))  # [(b,) 1, m]
@@ -353,3 +353,8 @@ def rewrite_backward(graph: fx.Graph) -> int:
         graph.eliminate_dead_code()
         graph.lint()
     return count
+
+
+def _swap_last(ndim: int) -> list[int]:
+    """permute's dims that swap the last two (transpose.int has no inductor lowering, permute has)."""
+    return [*range(ndim - 2), ndim - 1, ndim - 2]

@@ -1438,7 +1438,8 @@ def _node_type(node: Any) -> tuple:
     if info is None:
         name = type(node).__name__
         names = tuple(a for a in dir(node) if a.startswith("_raw_saved_"))
-        read = () if name in COMPARES_SAVED_ONLY or _opaque(name) else \
+        # a compiled backward's own NaN/Inf meets its zeros inside it, under the pass (gradwise._compile)
+        read = () if name in COMPARES_SAVED_ONLY or _opaque(name) or name == "CompiledFunctionBackward" else \
             tuple(a for a in names if a not in _NOT_READ.get(name, ()))
         test = _MAKES_NO_ZEROS_IF.get(name)
         makes = False if name in MAKES_NO_ZEROS or _opaque(name) else (lambda n: not test(n)) if test else True
@@ -1611,6 +1612,8 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
     if plan == "plain":
         return run(retain_graph)
     run = compiled_run(run, t_outputs, inputs, accumulate_grad)  # torch.compile'd nodes: gradwise._compile
+    if plan == "check" and getattr(run, "one_pass", False):
+        plan = "strong"
     if plan == "strong":
         return _run_strong(run, retain_graph, create_graph, t_outputs)
 
