@@ -3,12 +3,14 @@
 Public API (see ``docs/`` for one page per capability)::
 
     gw.grad / gw.backward / gw.strong_zeros      values the output does not use cannot poison gradients
+    gw.compile_stats / gw.CompiledBackwardWarning how compiled backwards ran under strong zeros (docs/compile.md)
     gw.trace / gw.explain                        where every NaN/Inf and every kink came from
     gw.gather_reports / gw.ddp_nonfinite_hook    the same under torch.distributed (DDP): which rank, and a guard
     gw.directional_derivative / gw.generalized_grad / gw.subdifferential / gw.stationarity / gw.gradcheck
                                                  exact calculus at non-differentiable points
 """
 
+from gradwise._compile import CompiledBackwardWarning, compile_stats
 from gradwise._distributed import (
     NonfiniteGradientError,
     NonfiniteGuard,
@@ -26,6 +28,7 @@ from gradwise._trace import explain, trace
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompiledBackwardWarning",
     "Finding",
     "GradcheckResult",
     "NonfiniteGradientError",
@@ -36,6 +39,7 @@ __all__ = [
     "Stationarity",
     "Subdifferential",
     "backward",
+    "compile_stats",
     "ddp_nonfinite_hook",
     "directional_derivative",
     "explain",

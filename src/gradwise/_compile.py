@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CompiledBackwardWarning", "StrongZeroPass", "compiled_run", "strong_zero_pass"]
+__all__ = ["CompiledBackwardWarning", "compile_stats", "compiled_run", "strong_zero_pass"]
 
 
 class CompiledBackwardWarning(UserWarning):
@@ -78,9 +78,6 @@ def strong_zero_pass() -> Any:
 
         _PASS = StrongZeroPass()
     return _PASS
-
-
-StrongZeroPass = strong_zero_pass  # the pass's class is built on first use (inductor imports slowly)
 
 
 @contextlib.contextmanager
@@ -177,6 +174,27 @@ def _strong_variant(bc: Any) -> Callable[..., Any] | None:
     return strong
 
 
+def _zeros_made_here(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A graph loaded from AOTAutograd's cache holds the backward formulas' ``full(0)`` as constant tensors
+    (``get_attr``): made again by ``aten.zeros`` they are structural zeros to the eager mode, as they were."""
+    changed = False
+    for node in list(module.graph.nodes):
+        if node.op != "get_attr":
+            continue
+        const = getattr(module, node.target, None)
+        if isinstance(const, torch.Tensor) and const.is_floating_point() and const.numel() <= 1 << 16 \
+                and not const.any() and not const.isnan().any():
+            with module.graph.inserting_before(node):
+                zeros = module.graph.call_function(torch.ops.aten.zeros.default, (list(const.shape),),
+                                                   {"dtype": const.dtype, "device": const.device})
+            node.replace_all_uses_with(zeros)
+            module.graph.erase_node(node)
+            changed = True
+    if changed:
+        module.recompile()
+    return module
+
+
 def _eager_variant(bc: Any) -> Callable[..., Any] | None:
     """The backward FX graph run op by op (through the eager strong-zero mode), or None."""
     eager = getattr(bc, "_gw_eager", None)
@@ -184,6 +202,7 @@ def _eager_variant(bc: Any) -> Callable[..., Any] | None:
         module = _graph_module(bc)
         if module is None:
             return None
+        module = _zeros_made_here(module)
 
         def eager(args: list) -> Any:
             flat = list(args)
@@ -200,9 +219,25 @@ def _eager_variant(bc: Any) -> Callable[..., Any] | None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-# How often a backward under strong zeros ran its compiled nodes as the pass's variant ("compiled") and as
-# their FX graphs op by op under the eager mode ("eager"): the tests read it, users may (cheap counters).
+# How often a backward under strong zeros ran its compiled nodes as the pass's variant ("compiled"), as their
+# FX graphs op by op under the eager mode ("eager"), and with a node gradwise could not see into ("opaque").
 STATS = {"compiled": 0, "eager": 0, "opaque": 0}
+
+
+def compile_stats() -> dict[str, int]:
+    """How backwards with torch.compile'd parts ran under strong zeros since the process started.
+
+    ``compiled``: runs of the compiled backwards built with gradwise's strong-zero pass (the fast path);
+    ``eager``: re-runs op by op under the eager strong-zero rules, after a NaN/Inf appeared that the pass could
+    not annihilate (a structural zero from outside the compiled graph, an op the pass has no rule for);
+    ``opaque``: backwards with a compiled node gradwise could not see into (a CompiledBackwardWarning is
+    raised when one of them yields NaN/Inf).
+
+    >>> import gradwise as gw
+    >>> sorted(gw.compile_stats())
+    ['compiled', 'eager', 'opaque']
+    """
+    return dict(STATS)
 
 
 @contextlib.contextmanager

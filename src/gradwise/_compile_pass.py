@@ -132,6 +132,8 @@ class _Rewriter:
         zero = self.call(aten.full.default, [], 0, dtype=val.dtype, device=val.device, pin_memory=False)
         new = self.call(aten.where.self, self.small(mask, node), node, zero)
         node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        self.sup[new] = mask  # the node's users now read ``new``
+        self.sens.add(new)
         self.rewritten += 1
 
     # -- the walk ---------------------------------------------------------------------------------------
