@@ -8,7 +8,10 @@ full sweep of the contamination cases is marked slow.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +22,7 @@ from gradwise._strong_zeros import _plan
 
 with warnings.catch_warnings():  # inductor's first import warns from torch.jit (torch's own deprecation)
     warnings.simplefilter("ignore", DeprecationWarning)
-    import torch._inductor.compile_fx  # noqa: F401
+    import torch._inductor.compile_fx
 
 nan = float("nan")
 
@@ -76,14 +79,16 @@ def _close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
 
 def _equal(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
     for g, w in zip(got, want, strict=True):
-        assert torch.equal(g, w) or (g.isnan() == w.isnan()).all() and torch.equal(g.nan_to_num(), w.nan_to_num())
+        assert torch.equal(g, w) or ((g.isnan() == w.isnan()).all() and torch.equal(g.nan_to_num(), w.nan_to_num()))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _fresh_compiles():
     """AOTAutograd's on-disk cache would hand back backwards compiled by an earlier run (without their graph
     metadata): those take another path, tested on its own (test_aot_autograd_cache_hit)."""
-    with torch._functorch.config.patch(enable_autograd_cache=False):
+    # fallback_random: inductor draws the eager RNG's numbers, so a case's compiled data is its eager data
+    with torch._functorch.config.patch(enable_autograd_cache=False), \
+            torch._inductor.config.patch(fallback_random=True):
         yield
 
 
@@ -192,3 +197,62 @@ def test_opaque_compiled_backward_warns(net):
     with warnings.catch_warnings():  # with its graph back, no warning and the right gradient
         warnings.simplefilter("error")
         _close(_grads(net, _data(), fn, strong=True), _deleted(net, _data(), 5))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The sweep: every contamination case, its build compiled (inductor and aot_eager), against eager strong zeros
+# ---------------------------------------------------------------------------------------------------------
+
+_ROOT = Path(__file__).resolve().parent
+_CASE_FILES = [_ROOT.parent.parent / "shared" / "cases" / "contamination.py",
+               *sorted((_ROOT / "reported").glob("contamination_round*.py"))]
+
+
+def _load(path: Path) -> list:
+    if not path.exists():
+        return []
+    spec = importlib.util.spec_from_file_location(f"_compile_sweep_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.CASES
+
+
+_CASES = [c for path in _CASE_FILES for c in _load(path)]
+
+# Cases where the compiled program keeps a NaN/Inf that eager strong zeros remove, and why. Never a different
+# finite number: the sweep fails on one, and on a case listed here that no longer keeps its NaN.
+KEPT_NAN = {
+    "nan-to-num-as-guard": "AOTAutograd's partitioner computes nan_to_num's selection mask in the forward and "
+                           "saves it as a float 0/1 tensor: its zeros are values to any backward rule",
+}
+
+_TOL = {"rtol": 1e-4, "atol": 1e-5}  # the compiled program may sum in another order
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("case", _CASES, ids=[c.name for c in _CASES])
+def test_contamination_case_compiled(case, backend):
+    out, ins, _ = case.build()
+    want = gw.grad(out, ins, allow_unused=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(case.build, backend=backend)
+    try:
+        out, ins, _ = compiled()
+        torch.autograd.grad(out, ins, allow_unused=True)
+    except Exception as exc:  # the program itself does not run compiled
+        pytest.skip(f"torch.compile itself fails on this program: {type(exc).__name__}: {str(exc)[:120]}")
+    out, ins, _ = compiled()
+    got = gw.grad(out, ins, allow_unused=True)
+    kept = False
+    for g, w in zip(got, want, strict=True):
+        if g is None or w is None:
+            assert g is None and w is None
+            continue
+        both = g.isfinite() & w.isfinite()
+        torch.testing.assert_close(g[both], w[both], **_TOL)  # never a different finite number
+        assert not (g.isfinite() & ~w.isfinite()).any(), "a genuine NaN/Inf of the eager result disappeared"
+        assert (g.isnan() == w.isnan())[~w.isfinite()].all()
+        kept |= bool((~g.isfinite() & w.isfinite()).any())
+    assert kept == (case.name in KEPT_NAN), KEPT_NAN.get(case.name, "kept a NaN/Inf eager strong zeros remove")
