@@ -195,10 +195,28 @@ def _zeros_made_here(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return module
 
 
+def _fma(func: Any, args: tuple, kwargs: dict, sup: Any) -> Any:
+    """prims.fma(a, b, c) = a * b + c, met in decomposed backward graphs (softmax's): the product and the sum
+    through their own rules."""
+    from gradwise._strong_zeros import lookup
+
+    a, b, c = args
+    mul, add = torch.ops.aten.mul.Tensor, torch.ops.aten.add.Tensor
+    return lookup(add)(add, (lookup(mul)(mul, (a, b), {}, sup), c), {}, sup)
+
+
+def _register_graph_ops() -> None:
+    """Eager rules for ops that only AOTAutograd's graphs contain (one rule table: _strong_zeros.RULES)."""
+    from gradwise._strong_zeros import RULES
+
+    RULES.setdefault(torch.ops.prims.fma.default, _fma)
+
+
 def _eager_variant(bc: Any) -> Callable[..., Any] | None:
     """The backward FX graph run op by op (through the eager strong-zero mode), or None."""
     eager = getattr(bc, "_gw_eager", None)
     if eager is None:
+        _register_graph_ops()
         module = _graph_module(bc)
         if module is None:
             return None

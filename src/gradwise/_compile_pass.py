@@ -126,13 +126,15 @@ class _Rewriter:
             return FALSE
         return None
 
-    def annihilate(self, node: fx.Node, mask: Any) -> None:
-        """Replace ``node``'s uses by ``where(mask, node, 0)``."""
-        val = _val(node)
-        zero = self.call(aten.full.default, [], 0, dtype=val.dtype, device=val.device, pin_memory=False)
-        new = self.call(aten.where.self, self.small(mask, node), node, zero)
+    def annihilate(self, node: fx.Node, mask: Any, otherwise: fx.Node | None = None, result: Any = None) -> None:
+        """Replace ``node``'s uses by ``where(mask, node, otherwise)`` (0 by default), of support ``result``
+        (``mask`` by default)."""
+        if otherwise is None:
+            val = _val(node)
+            otherwise = self.call(aten.full.default, [], 0, dtype=val.dtype, device=val.device, pin_memory=False)
+        new = self.call(aten.where.self, self.small(mask, node), node, otherwise)
         node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
-        self.sup[new] = mask  # the node's users now read ``new``
+        self.sup[new] = mask if result is None else result  # the node's users now read ``new``
         self.sens.add(new)
         self.rewritten += 1
 
@@ -234,6 +236,18 @@ def _mul(rw: _Rewriter, node: fx.Node) -> Any:
         return None
     rw.annihilate(node, mask)
     return mask
+
+
+@_rule(prims.fma.default)
+def _fma(rw: _Rewriter, node: fx.Node) -> Any:
+    """fma(a, b, c) = a * b + c (softmax's decomposed backward): where a * b is a structural zero, c."""
+    a, b, c = node.args[:3]
+    product = rw.both(rw.of(a), rw.of(b))
+    if product is None or not isinstance(c, fx.Node):
+        return None
+    result = rw.either(product, rw.of(c))
+    rw.annihilate(node, product, otherwise=c, result=FALSE if result is FALSE else result)
+    return result
 
 
 @_rule(aten.where.self)
