@@ -211,6 +211,15 @@ def _view(rw: _Rewriter, node: fx.Node) -> Any:
     return rw.call(node.target, rw.exact(mask, src), *node.args[1:], **node.kwargs)
 
 
+@_rule(aten.index.Tensor, aten.gather.default, aten.index_select.default)
+def _gather(rw: _Rewriter, node: fx.Node) -> Any:
+    """Reading elements moves their supports: the same op on the mask."""
+    mask = rw.of(node.args[0])
+    if mask is None or mask is FALSE:
+        return mask
+    return rw.call(node.target, rw.exact(mask, node.args[0]), *node.args[1:], **node.kwargs)
+
+
 @_rule(*_CASTS)
 def _cast(rw: _Rewriter, node: fx.Node) -> Any:
     return rw.of(node.args[0])
