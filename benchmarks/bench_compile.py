@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -114,11 +116,27 @@ def check(case: Case, fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[str, 
     return "ok", path
 
 
-def measure(case: Case, backend: str, repeats: int) -> dict[str, object]:
+def median_cpu_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, float]:
+    """As _harness.median_times, in this process's CPU time: on a machine shared with other jobs wall time
+    mostly measures them (use with --threads 1)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.process_time()
+            fn()
+            samples[name].append(time.process_time() - t0)
+    return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
+def measure(case: Case, backend: str, repeats: int, cpu_time: bool = False) -> dict[str, object]:
     fn = torch.compile(lambda t: case.loss(case.net, t), backend=backend)
     verdict, path = check(case, fn)  # compiles the forward, PyTorch's backward and the strong-zero variant
-    times = median_times({"plain": lambda: step(case.net, fn, case.data, False),
-                          "strong": lambda: step(case.net, fn, case.data, True)}, repeats=repeats)
+    timer = median_cpu_times if cpu_time else median_times
+    times = timer({"plain": lambda: step(case.net, fn, case.data, False),
+                   "strong": lambda: step(case.net, fn, case.data, True)}, repeats=repeats)
     ratio = times["strong"] / times["plain"]
     return {"case": case.name, "plain_ms": times["plain"] * 1e3, "strong_ms": times["strong"] * 1e3,
             "ratio": ratio, "target": case.target, "grads": verdict, "path": path,
@@ -131,11 +149,16 @@ def main() -> int:
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--only", default="", help="run the cases whose name contains this")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument("--cpu-time", action="store_true", help="time in process CPU time, not wall time")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.jit's, on inductor's first import
     memory = keep_freed_memory()
-    rows = [measure(c, args.backend, args.repeats) for c in cases() if args.only in c.name]
-    print_table(f"compiled step ({args.backend}), strong zeros / plain, median of {args.repeats} interleaved; "
+    rows = [measure(c, args.backend, args.repeats, args.cpu_time) for c in cases() if args.only in c.name]
+    clock = "CPU time" if args.cpu_time else "wall time"
+    print_table(f"compiled step ({args.backend}), strong zeros / plain, {clock}, median of {args.repeats} interleaved; "
                 f"{torch.get_num_threads()} threads; {memory}",
                 ["case", "plain ms", "strong ms", "ratio", "target", "grads", "path", "met"],
                 [[r["case"], r["plain_ms"], r["strong_ms"], r["ratio"], r["target"], r["grads"], r["path"],
