@@ -6,10 +6,14 @@
 import warnings
 
 import torch
+import torch._functorch.config
 
 import gradwise as gw
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.jit's, on inductor's first import
+# A backward that AOTAutograd loads from its on-disk cache (any run after the first) keeps no graph gradwise can
+# compile its strong-zero version from: it would take the op-by-op path. Off, every run takes the fast path.
+torch._functorch.config.enable_autograd_cache = False
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
 x = torch.cat([torch.randn(4, 4), torch.full((2, 4), float("nan"))])  # 2 NaN padding rows

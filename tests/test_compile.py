@@ -256,3 +256,22 @@ def test_contamination_case_compiled(case, backend):
         assert (g.isnan() == w.isnan())[~w.isfinite()].all()
         kept |= bool((~g.isfinite() & w.isfinite()).any())
     assert kept == (case.name in KEPT_NAN), KEPT_NAN.get(case.name, "kept a NaN/Inf eager strong zeros remove")
+
+
+@pytest.mark.slow
+def test_aot_autograd_cache_hit(net):
+    """A backward loaded from AOTAutograd's cache (no graph metadata to compile a strong version from): its graph
+    runs op by op on a NaN, with the cache's constant zeros made structural again; the gradient is right."""
+    fn_source = lambda x: _loss(net, x, 5)  # noqa: E731 - one code object compiled twice
+    with torch._functorch.config.patch(enable_autograd_cache=True):
+        for _ in range(2):  # the second compile hits the cache the first one filled
+            torch._dynamo.reset()
+            fn = torch.compile(fn_source)
+            x = _data()
+            before = dict(_compile.STATS)
+            _close(_grads(net, x, fn, strong=True), _deleted(net, x, 5))
+    node = _compile.compiled_nodes([fn(_data().requires_grad_(True)).grad_fn])[0]
+    info = _compile._backward_compiler(node).lazy_backward_info
+    if type(info).__name__ != "CachedAutogradLazyBackwardCompileInfo":
+        pytest.skip("AOTAutograd's cache did not serve the second compile on this machine")
+    assert _compile.STATS["eager"] > before["eager"]
