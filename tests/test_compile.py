@@ -262,7 +262,7 @@ def test_contamination_case_compiled(case, backend):
 def test_aot_autograd_cache_hit(net):
     """A backward loaded from AOTAutograd's cache (no graph metadata to compile a strong version from): its graph
     runs op by op on a NaN, with the cache's constant zeros made structural again; the gradient is right."""
-    fn_source = lambda x: _loss(net, x, 5)  # noqa: E731 - one code object compiled twice
+    fn_source = lambda x: _loss(net, x, 5)  # one code object, compiled twice
     with torch._functorch.config.patch(enable_autograd_cache=True):
         for _ in range(2):  # the second compile hits the cache the first one filled
             torch._dynamo.reset()
