@@ -113,7 +113,19 @@ def compiled_nodes(roots: Sequence[Any]) -> list[Any]:
 def _backward_compiler(node: Any) -> Any:
     """AOTAutograd's ``_AutogradBackwardCompiler`` of a compiled node, or None where it cannot be reached."""
     cls = getattr(node, "_forward_cls", None)
-    impl = getattr(cls, "__dict__", {}).get("_backward_impl") if cls is not None else None
+    if cls is None:
+        return None
+    cached = cls.__dict__.get("_gw_backward_compiler", False)
+    if cached is not False:
+        return cached
+    bc = _find_backward_compiler(cls)
+    with contextlib.suppress(AttributeError, TypeError):
+        cls._gw_backward_compiler = bc  # looked up once per compiled function
+    return bc
+
+
+def _find_backward_compiler(cls: Any) -> Any:
+    impl = cls.__dict__.get("_backward_impl")
     fn = getattr(impl, "__func__", impl)
     code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
     if code is None or not cells:
@@ -316,6 +328,16 @@ def _warn_opaque(nodes: Sequence[Any]) -> None:
     )
 
 
+def _runs_once(bc: Any) -> bool:
+    """Whether a compiled node can only run as PyTorch compiled it (no graph to run or to compile again)."""
+    if bc is None:
+        return True
+    once = getattr(bc, "_gw_runs_once", None)
+    if once is None:
+        once = bc._gw_runs_once = _strong_variant(bc) is None and _graph_module(bc) is None
+    return once
+
+
 def compiled_run(run: Callable[[bool | None], Any], t_outputs: Sequence[Any], inputs: Sequence[Any],
                  accumulate_grad: bool) -> Callable[[bool | None], Any]:
     """Wrap the engine call of one backward under strong zeros (not the plain path) so that compiled nodes in
@@ -328,9 +350,7 @@ def compiled_run(run: Callable[[bool | None], Any], t_outputs: Sequence[Any], in
         return run
     # a node gradwise cannot swap runs as PyTorch compiled it, possibly reusing its saved buffers: it must run
     # exactly once (the engine then takes the one-pass path, under the mode)
-    one_pass = any(_backward_compiler(n) is None or (_graph_module(_backward_compiler(n)) is None
-                                                     and _strong_variant(_backward_compiler(n)) is None)
-                   for n in nodes)
+    one_pass = any(_runs_once(_backward_compiler(n)) for n in nodes)
 
     def wrapped(retain: bool | None) -> Any:
         in_mode = _STATE.in_mode
