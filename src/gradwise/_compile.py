@@ -158,7 +158,7 @@ def _donated(bc: Any) -> list[tuple[Any, Any]]:
 def _strong_variant(bc: Any) -> Callable[..., Any] | None:
     """The backward compiled with the strong-zero pass (once per compiled function), or None."""
     strong = getattr(bc, "_gw_strong", None)
-    if strong is not None:
+    if strong is not None or getattr(bc, "_gw_strong_failed", False):
         return strong
     from torch._functorch._aot_autograd.runtime_wrappers import AutogradLazyBackwardCompileInfo
 
@@ -172,12 +172,11 @@ def _strong_variant(bc: Any) -> Callable[..., Any] | None:
             strong = bc.get_or_compile(saved_tensors_use_once=False)
     except Exception as exc:
         warnings.warn(f"gw.strong_zeros: the strong-zero pass could not compile this backward ({type(exc).__name__}:"
-                      f" {str(exc).splitlines()[0][:200] if str(exc) else ''}); it runs as compiled by PyTorch, and "
-                      f"where its gradients hold NaN/Inf gradwise re-runs it op by op. Please report this graph.",
+                      f" {str(exc).splitlines()[0][:200] if str(exc) else ''}); under strong zeros its backward "
+                      f"graph runs op by op instead (correct, at eager speed). Please report this graph.",
                       CompiledBackwardWarning, stacklevel=5)
-        strong = bc.compiled_bw = old[0]
-        if strong is None:  # never compiled: PyTorch's own lazy compile, without the pass
-            strong = bc.get_or_compile(saved_tensors_use_once=False)
+        bc._gw_strong_failed = True  # the op-by-op variant serves it from now on (it reuses no saved buffer)
+        return None
     finally:
         bc.compiled_bw, bc.try_save_cache_entry = old[0], old[1]
         for meta, idxs in old[2]:
