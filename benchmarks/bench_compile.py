@@ -151,9 +151,16 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     parser.add_argument("--cpu-time", action="store_true", help="time in process CPU time, not wall time")
+    parser.add_argument("--autograd-cache", action="store_true", help="keep AOTAutograd's on-disk cache on")
     args = parser.parse_args()
+    parser_cache = args.autograd_cache
     if args.threads:
         torch.set_num_threads(args.threads)
+    import torch._functorch.config
+
+    # a backward AOTAutograd loads from its on-disk cache (a second run of this script) has no graph metadata to
+    # compile a strong-zero version from, and takes the op-by-op path (docs/compile.md): measure the fast path
+    torch._functorch.config.enable_autograd_cache = parser_cache
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.jit's, on inductor's first import
     memory = keep_freed_memory()
     rows = [measure(c, args.backend, args.repeats, args.cpu_time) for c in cases() if args.only in c.name]

@@ -283,10 +283,12 @@ def _swapped(nodes: Sequence[Any], eager: bool) -> Iterator[list[Any]]:
             continue
         seen.add(id(bc))
         # outside the mode: compiled with the pass; where it cannot be (a backward loaded from AOTAutograd's
-        # cache keeps only its FX graph), that graph op by op, which needs no donated buffers either
-        variant = _eager_variant(bc) if eager else _strong_variant(bc) or _eager_variant(bc)
+        # cache keeps only its FX graph, without the metadata to compile it again) PyTorch's compiled backward,
+        # bit for bit, if it reuses no saved buffer (else _runs_once sent this backward to the mode directly)
+        variant = _eager_variant(bc) if eager else _strong_variant(bc)
         if variant is None:
-            opaque.append(node)
+            if eager or _runs_once(bc):
+                opaque.append(node)
             continue
         swaps.append((bc, variant, bc.compiled_bw, _donated(bc)))
     try:
@@ -333,7 +335,8 @@ def _runs_once(bc: Any) -> bool:
         return True
     once = getattr(bc, "_gw_runs_once", None)
     if once is None:
-        once = bc._gw_runs_once = _strong_variant(bc) is None and _graph_module(bc) is None
+        once = bc._gw_runs_once = _strong_variant(bc) is None and (
+            _graph_module(bc) is None or bool(getattr(bc.fw_metadata, "bw_donated_idxs", None)))
     return once
 
 
