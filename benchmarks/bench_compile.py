@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch._functorch.config
 import torch.nn.functional as F
 from torch import nn
 
@@ -153,14 +154,11 @@ def main() -> int:
     parser.add_argument("--cpu-time", action="store_true", help="time in process CPU time, not wall time")
     parser.add_argument("--autograd-cache", action="store_true", help="keep AOTAutograd's on-disk cache on")
     args = parser.parse_args()
-    parser_cache = args.autograd_cache
     if args.threads:
         torch.set_num_threads(args.threads)
-    import torch._functorch.config
-
     # a backward AOTAutograd loads from its on-disk cache (a second run of this script) has no graph metadata to
     # compile a strong-zero version from, and takes the op-by-op path (docs/compile.md): measure the fast path
-    torch._functorch.config.enable_autograd_cache = parser_cache
+    torch._functorch.config.enable_autograd_cache = args.autograd_cache
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.jit's, on inductor's first import
     memory = keep_freed_memory()
     rows = [measure(c, args.backend, args.repeats, args.cpu_time) for c in cases() if args.only in c.name]
