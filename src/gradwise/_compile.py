@@ -20,9 +20,16 @@ before every backward under strong zeros (``_strong_zeros._engine_run``):
    after a compiled model, or in another graph after a graph break) is not visible to the pass: if a NaN
    appears, the backward re-runs under the eager strong-zero mode with each compiled node executing its
    backward FX graph op by op (AOTAutograd keeps it for lazy compilation), so the supports travel across.
-3. A compiled node whose graph is gone (a backward compiled ahead of time, or loaded from AOTAutograd's cache
-   without its graph) can only run as compiled: if the gradients then hold NaN/Inf, gradwise warns, naming the
-   node and the fix.
+3. A backward loaded from AOTAutograd's on-disk cache keeps its FX graph but not the metadata to compile it
+   again: without donated buffers it runs PyTorch's kernel on the check pass (bitwise) and its graph op by op on
+   a NaN; with donated buffers it may run only once, so it runs op by op under the mode directly (right
+   zeros, eager speed, finite values equal to the kernel's within rounding). A compiled node whose graph is
+   gone entirely can only run as compiled: if the gradients then hold NaN/Inf, gradwise warns
+   (``CompiledBackwardWarning``), naming the node and the fix.
+
+Still duplicated between the two consumers: the pass's rules (``_compile_pass.PASS_RULES``, on graph nodes)
+restate a subset of ``_strong_zeros.RULES`` (on tensors) for the ops AOTAutograd's decomposed graphs contain.
+Ops only those graphs contain (``prims.fma``) get one eager rule, registered into ``RULES``.
 
 Traced backwards (AOTAutograd tracing the joint graph on fake tensors) are never inspected: ``_plan`` steps
 aside for them (``_traced``).

@@ -17,9 +17,10 @@ with a False factor are rewritten to 0). Rules (one per aten op, ``PASS_RULES``)
   ``sup g & (x > t | isnan x)``.
 - travel: views apply the same view to the mask; ``add``/``sub`` unite; ``sum`` -> ``any``; casts, ``neg``,
   ``clone`` and products with a finite Python number keep it.
+- travel, reads: ``index``/``gather``/``index_select`` apply the same read to the mask.
 - annihilate: ``mul(a, b)`` -> ``where(sup a & sup b, a * b, 0)``; ``div(a, b)`` with a supported numerator
-  likewise; ``mm(A, B)`` with a sensitivity A zeroes B's rows k where column k of A is all structural zero (and
-  symmetrically), ``bmm`` per batch.
+  likewise; ``prims.fma(a, b, c)`` -> ``where(sup a & sup b, fma, c)``; ``mm(A, B)`` with a sensitivity A
+  zeroes B's rows k where column k of A is all structural zero (and symmetrically), ``bmm`` per batch.
 
 Only *sensitivities* (nodes that depend on a ``tangents_*`` input) and constant zeros carry supports: a forward
 value recomputed in the backward (``where(x > 0, x, 0)``) is a value, and a NaN it multiplies stays. Where the
