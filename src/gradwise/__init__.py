@@ -4,6 +4,7 @@ Public API (see ``docs/`` for one page per capability)::
 
     gw.grad / gw.backward / gw.strong_zeros      values the output does not use cannot poison gradients
     gw.register_rule                             strong zeros through your own (custom / C++) ops
+    gw.compile_stats / gw.CompiledBackwardWarning how compiled backwards ran under strong zeros (docs/compile.md)
     gw.trace / gw.explain                        where every NaN/Inf and every kink came from
     gw.watch                                     near-free until the first NaN/Inf gradient, then gw.trace
     gw.gather_reports / gw.nonfinite_guard      the same under torch.distributed (DDP, FSDP2): which rank, a guard
@@ -12,6 +13,7 @@ Public API (see ``docs/`` for one page per capability)::
 """
 
 from gradwise import _rules_attention, _rules_opdb  # noqa: F401  (register their rules)
+from gradwise._compile import CompiledBackwardWarning, compile_stats
 from gradwise._contract import GradwiseWarning, PlainBackwardWarning
 from gradwise._distributed import (
     NonfiniteGradientError,
@@ -33,6 +35,7 @@ from gradwise._watch import watch
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompiledBackwardWarning",
     "Finding",
     "GradcheckResult",
     "GradwiseWarning",
@@ -47,6 +50,7 @@ __all__ = [
     "Subdifferential",
     "Supports",
     "backward",
+    "compile_stats",
     "ddp_nonfinite_hook",
     "directional_derivative",
     "explain",

@@ -33,7 +33,9 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from gradwise import _contract
 from gradwise._checks import as_tensors, check_differentiable, check_scalar_or_seeded
+from gradwise._compile import compiled_run
 from gradwise._masks import mask_all, mask_any
+from gradwise._traced import traced
 
 aten = torch.ops.aten
 
@@ -1430,7 +1432,8 @@ def _node_type(node: Any) -> tuple:
     if info is None:
         name = type(node).__name__
         names = tuple(a for a in dir(node) if a.startswith("_raw_saved_"))
-        read = () if name in COMPARES_SAVED_ONLY or _opaque(name) else \
+        # a compiled backward's own NaN/Inf meets its zeros inside it, under the pass (gradwise._compile)
+        read = () if name in COMPARES_SAVED_ONLY or _opaque(name) or name == "CompiledFunctionBackward" else \
             tuple(a for a in names if a not in _NOT_READ.get(name, ()))
         test = _MAKES_NO_ZEROS_IF.get(name)
         makes = False if name in MAKES_NO_ZEROS or _opaque(name) else (lambda n: not test(n)) if test else True
@@ -1576,6 +1579,8 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
     output saved by two nodes, q/k/v views of one projection: identified by what they read), and one
     reduction per saved tensor (small ones together). Singular tests of nodes no zero reaches from above run
     only when a softmax/exp node below holds exact zeros in its output (_ZERO_OUTPUT_TESTS)."""
+    if traced((*t_outputs, *seeds)):  # a traced backward (torch.compile, make_fx): a graph, no data to read;
+        return "plain"  # compiled graphs get strong zeros from gradwise._compile instead
     known_all = True
     saved: list[torch.Tensor] = []
     deferred: list = []  # singular-point tests of nodes no structural zero reaches from above
@@ -1672,6 +1677,7 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
     # 'strong', or 'check' (nodes gradwise knows nothing about): one pass under the mode. A plain pass first
     # with a re-run on NaN would force retain_graph, run hooks and custom backwards twice, and hold what the
     # engine frees (custom Functions' saved tensors) until the graph dies.
+    run = compiled_run(run, t_outputs, inputs, accumulate_grad)  # torch.compile'd nodes: gradwise._compile
     return _run_strong(run, retain_graph, create_graph, t_outputs)
 
 

@@ -1,0 +1,375 @@
+"""Strong zeros for backwards compiled by torch.compile (AOTAutograd's ``CompiledFunctionBackward`` nodes).
+
+Where the pass hooks in, and why
+--------------------------------
+A compiled function's backward is one autograd node whose work happens in a generated kernel, out of
+reach of the eager dispatch mode. gradwise serves it at *backward* time, from the engine hook that already runs
+before every backward under strong zeros (``_strong_zeros._engine_run``):
+
+1. Each ``CompiledFunctionBackward`` in the graph gets a second compiled backward, built once from AOTAutograd's
+   backward FX graph with ``_compile_pass.rewrite_backward`` added to ``torch._inductor.config.
+   post_grad_custom_pre_pass`` (a ``CustomGraphPass`` whose uuid enters inductor's cache key) for that compile
+   only. For the length of one backward under strong zeros the node runs that variant; before and after, and
+   on other threads' plain backwards, it runs PyTorch's own. So users call ``torch.compile`` as they always do,
+   and a function compiled outside ``gw.strong_zeros()`` gets strong zeros inside it with no recompilation of
+   the forward, no dynamo guard and no global switch left on (a guard on a gradwise flag would need dynamo to
+   read that flag while tracing user code, and would recompile the forward, which the pass does not change).
+   The variant is compiled without donated buffers, so it may run with the graph retained.
+2. The backward then runs as any graph with nodes gradwise cannot see into ("check"): once, and its gradients
+   are checked for NaN/Inf. A structural zero that crosses a compiled graph's boundary (made by eager code
+   after a compiled model, or in another graph after a graph break) is not visible to the pass: if a NaN
+   appears, the backward re-runs under the eager strong-zero mode with each compiled node executing its
+   backward FX graph op by op (AOTAutograd keeps it for lazy compilation), so the supports travel across.
+3. A backward loaded from AOTAutograd's on-disk cache keeps its FX graph but not the metadata to compile it
+   again: without donated buffers it runs PyTorch's kernel on the check pass (bitwise) and its graph op by op on
+   a NaN; with donated buffers it may run only once, so it runs op by op under the mode directly (right
+   zeros, eager speed, finite values equal to the kernel's within rounding). A compiled node whose graph is
+   gone entirely can only run as compiled: if the gradients then hold NaN/Inf, gradwise warns
+   (``CompiledBackwardWarning``), naming the node and the fix.
+
+Still duplicated between the two consumers: the pass's rules (``_compile_pass.PASS_RULES``, on graph nodes)
+restate a subset of ``_strong_zeros.RULES`` (on tensors) for the ops AOTAutograd's decomposed graphs contain.
+Ops only those graphs contain (``prims.fma``) get one eager rule, registered into ``RULES``.
+
+Traced backwards (AOTAutograd tracing the joint graph on fake tensors) are never inspected: ``_plan`` steps
+aside for them (``_traced``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CompiledBackwardWarning", "compile_stats", "compiled_run", "strong_zero_pass"]
+
+
+class CompiledBackwardWarning(UserWarning):
+    """A compiled backward gradwise could not see into produced NaN/Inf under strong zeros."""
+
+
+def _pass_base() -> type:
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    return CustomGraphPass
+
+
+_PASS: Any = None
+
+
+def strong_zero_pass() -> Any:
+    """The inductor ``CustomGraphPass`` that applies strong zeros to backward graphs (forward graphs untouched).
+
+    It is installed by gradwise for the compiles it makes; it can also be installed by hand, e.g.
+    ``torch._inductor.config.post_grad_custom_pre_pass = gw._compile.strong_zero_pass()``, to make every
+    inductor backward use strong zeros (inside or outside ``gw.strong_zeros()``)."""
+    global _PASS
+    if _PASS is None:
+        from gradwise import _compile_pass
+
+        digest = hashlib.sha256(Path(_compile_pass.__file__).read_bytes()).hexdigest()
+
+        class StrongZeroPass(_pass_base()):  # type: ignore[misc]
+            """Strong zeros over AOTAutograd's backward graph (see gradwise._compile_pass)."""
+
+            def __call__(self, graph: torch.fx.Graph) -> None:
+                _compile_pass.rewrite_backward(graph)
+
+            def uuid(self) -> str:
+                return "gradwise-strong-zeros-" + digest
+
+        _PASS = StrongZeroPass()
+    return _PASS
+
+
+@contextlib.contextmanager
+def _with_pass() -> Iterator[None]:
+    from torch._inductor import config
+    from torch._inductor.custom_graph_pass import get_custom_graph_passes
+
+    current = list(get_custom_graph_passes(config.post_grad_custom_pre_pass))
+    ours = strong_zero_pass()
+    if ours in current:
+        yield
+        return
+    with config.patch(post_grad_custom_pre_pass=[*current, ours]):
+        yield
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reaching a CompiledFunctionBackward's backward compiler (AOTAutograd keeps it in a closure cell)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _is_compiled(node: Any) -> bool:
+    return type(node).__name__ == "CompiledFunctionBackward"
+
+
+def compiled_nodes(roots: Sequence[Any]) -> list[Any]:
+    """The CompiledFunctionBackward nodes reachable from ``roots``."""
+    from gradwise._strong_zeros import _walk
+
+    return [n for n in _walk(roots) if _is_compiled(n)]
+
+
+def _backward_compiler(node: Any) -> Any:
+    """AOTAutograd's ``_AutogradBackwardCompiler`` of a compiled node, or None where it cannot be reached."""
+    cls = getattr(node, "_forward_cls", None)
+    if cls is None:
+        return None
+    cached = cls.__dict__.get("_gw_backward_compiler", False)
+    if cached is not False:
+        return cached
+    bc = _find_backward_compiler(cls)
+    with contextlib.suppress(AttributeError, TypeError):
+        cls._gw_backward_compiler = bc  # looked up once per compiled function
+    return bc
+
+
+def _find_backward_compiler(cls: Any) -> Any:
+    impl = cls.__dict__.get("_backward_impl")
+    fn = getattr(impl, "__func__", impl)
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+    if code is None or not cells:
+        return None
+    for name, cell in zip(code.co_freevars, cells, strict=True):
+        if name == "backward_compiler":
+            bc = cell.cell_contents
+            return bc if hasattr(bc, "compiled_bw") and hasattr(bc, "get_or_compile") else None
+    return None
+
+
+def _graph_module(bc: Any) -> Any:
+    """The backward FX graph AOTAutograd keeps for lazy compilation, or None."""
+    info = getattr(bc, "lazy_backward_info", None)
+    module = getattr(info, "bw_module", None)
+    if module is None and callable(getattr(info, "bw_module_fn", None)):
+        with contextlib.suppress(Exception):
+            module = info.bw_module_fn()
+    return module
+
+
+def _donated(bc: Any) -> list[tuple[Any, Any]]:
+    metas = [bc.fw_metadata]
+    ctx = getattr(getattr(bc, "lazy_backward_info", None), "saved_context", None)
+    if getattr(ctx, "fw_metadata", None) is not None:
+        metas.append(ctx.fw_metadata)
+    return [(m, m.bw_donated_idxs) for m in metas if hasattr(m, "bw_donated_idxs")]
+
+
+def _strong_variant(bc: Any) -> Callable[..., Any] | None:
+    """The backward compiled with the strong-zero pass (once per compiled function), or None."""
+    strong = getattr(bc, "_gw_strong", None)
+    if strong is not None or getattr(bc, "_gw_strong_failed", False):
+        return strong
+    from torch._functorch._aot_autograd.runtime_wrappers import AutogradLazyBackwardCompileInfo
+
+    if not isinstance(bc.lazy_backward_info, AutogradLazyBackwardCompileInfo) or bc.bw_compiler is None:
+        return None
+    old = bc.compiled_bw, bc.try_save_cache_entry, _donated(bc)
+    bc.compiled_bw, bc.try_save_cache_entry = None, None  # compile afresh; never into AOTAutograd's cache entry
+    try:
+        with _with_pass():
+            # saved_tensors_use_once=False: no donated buffers, so the variant may run with the graph retained
+            strong = bc.get_or_compile(saved_tensors_use_once=False)
+    except Exception as exc:
+        warnings.warn(f"gw.strong_zeros: the strong-zero pass could not compile this backward ({type(exc).__name__}:"
+                      f" {str(exc).splitlines()[0][:200] if str(exc) else ''}); under strong zeros its backward "
+                      f"graph runs op by op instead (correct, at eager speed). Please report this graph.",
+                      CompiledBackwardWarning, stacklevel=5)
+        bc._gw_strong_failed = True  # the op-by-op variant serves it from now on (it reuses no saved buffer)
+        return None
+    finally:
+        bc.compiled_bw, bc.try_save_cache_entry = old[0], old[1]
+        for meta, idxs in old[2]:
+            meta.bw_donated_idxs = idxs
+    bc._gw_strong = strong
+    return strong
+
+
+def _zeros_made_here(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A graph loaded from AOTAutograd's cache holds the backward formulas' ``full(0)`` as constant tensors
+    (``get_attr``): made again by ``aten.zeros`` they are structural zeros to the eager mode, as they were."""
+    changed = False
+    for node in list(module.graph.nodes):
+        if node.op != "get_attr":
+            continue
+        const = getattr(module, node.target, None)
+        if isinstance(const, torch.Tensor) and const.is_floating_point() and const.numel() <= 1 << 16 \
+                and not const.any() and not const.isnan().any():
+            with module.graph.inserting_before(node):
+                zeros = module.graph.call_function(torch.ops.aten.zeros.default, (list(const.shape),),
+                                                   {"dtype": const.dtype, "device": const.device})
+            node.replace_all_uses_with(zeros)
+            module.graph.erase_node(node)
+            changed = True
+    if changed:
+        module.recompile()
+    return module
+
+
+def _fma(func: Any, args: tuple, kwargs: dict, sup: Any) -> Any:
+    """prims.fma(a, b, c) = a * b + c, met in decomposed backward graphs (softmax's): the product and the sum
+    through their own rules."""
+    from gradwise._strong_zeros import lookup
+
+    a, b, c = args
+    mul, add = torch.ops.aten.mul.Tensor, torch.ops.aten.add.Tensor
+    return lookup(add)(add, (lookup(mul)(mul, (a, b), {}, sup), c), {}, sup)
+
+
+def _register_graph_ops() -> None:
+    """Eager rules for ops that only AOTAutograd's graphs contain (one rule table: _strong_zeros.RULES)."""
+    from gradwise._strong_zeros import RULES
+
+    RULES.setdefault(torch.ops.prims.fma.default, _fma)
+
+
+def _eager_variant(bc: Any) -> Callable[..., Any] | None:
+    """The backward FX graph run op by op (through the eager strong-zero mode), or None."""
+    eager = getattr(bc, "_gw_eager", None)
+    if eager is None:
+        _register_graph_ops()
+        module = _graph_module(bc)
+        if module is None:
+            return None
+        module = _zeros_made_here(module)
+
+        def eager(args: list) -> Any:
+            flat = list(args)
+            args.clear()
+            return module(*flat)
+
+        eager._boxed_call = True  # type: ignore[attr-defined]
+        bc._gw_eager = eager
+    return eager
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One backward under strong zeros
+# ---------------------------------------------------------------------------------------------------------
+
+
+# How often a backward under strong zeros ran its compiled nodes as the pass's variant ("compiled"), as their
+# FX graphs op by op under the eager mode ("eager"), and with a node gradwise could not see into ("opaque").
+STATS = {"compiled": 0, "eager": 0, "opaque": 0}
+
+
+def compile_stats() -> dict[str, int]:
+    """How backwards with torch.compile'd parts ran under strong zeros since the process started.
+
+    ``compiled``: runs of the compiled backwards built with gradwise's strong-zero pass (the fast path);
+    ``eager``: re-runs op by op under the eager strong-zero rules, after a NaN/Inf appeared that the pass could
+    not annihilate (a structural zero from outside the compiled graph, an op the pass has no rule for);
+    ``opaque``: backwards with a compiled node gradwise could not see into (a CompiledBackwardWarning is
+    raised when one of them yields NaN/Inf).
+
+    >>> import gradwise as gw
+    >>> sorted(gw.compile_stats())
+    ['compiled', 'eager', 'opaque']
+    """
+    return dict(STATS)
+
+
+@contextlib.contextmanager
+def _swapped(nodes: Sequence[Any], eager: bool) -> Iterator[list[Any]]:
+    """Run each compiled node's backward as its strong-zero variant (compiled with the pass, or its FX graph op
+    by op when ``eager``) for the length of the block. Yields the nodes that could not be swapped (opaque)."""
+    swaps, opaque, seen = [], [], set()
+    for node in nodes:
+        bc = _backward_compiler(node)
+        if bc is None:
+            opaque.append(node)
+            continue
+        if id(bc) in seen:
+            continue
+        seen.add(id(bc))
+        # outside the mode: compiled with the pass; where it cannot be (a backward loaded from AOTAutograd's
+        # cache keeps only its FX graph, without the metadata to compile it again) PyTorch's compiled backward,
+        # bit for bit, if it reuses no saved buffer (else _runs_once sent this backward to the mode directly)
+        variant = _eager_variant(bc) if eager else _strong_variant(bc)
+        if variant is None:
+            if eager or _runs_once(bc):
+                opaque.append(node)
+            continue
+        swaps.append((bc, variant, bc.compiled_bw, _donated(bc)))
+    try:
+        for bc, variant, _, donated in swaps:
+            bc.compiled_bw = variant
+            for meta, _ in donated:  # neither variant reuses saved buffers: the graph may be retained
+                meta.bw_donated_idxs = []
+        yield opaque
+    finally:
+        for bc, _, compiled, donated in swaps:
+            bc.compiled_bw = compiled
+            for meta, idxs in donated:
+                meta.bw_donated_idxs = idxs
+
+
+def _holds_nonfinite(result: Any, leaves: Sequence[torch.Tensor]) -> bool:
+    from gradwise._strong_zeros import _all_finite
+
+    if result is not None:
+        tensors = [r for r in result if isinstance(r, torch.Tensor) and r.is_floating_point()]
+    else:
+        tensors = [leaf.grad for leaf in leaves if leaf.grad is not None and leaf.grad.is_floating_point()]
+    return not _all_finite(tensors)
+
+
+def _warn_opaque(nodes: Sequence[Any]) -> None:
+    names = ", ".join(sorted({f"{type(n).__name__} (aot id {getattr(n._forward_cls, '_aot_id', '?')})"
+                              if hasattr(n, "_forward_cls") else type(n).__name__ for n in nodes}))
+    warnings.warn(
+        f"gw.strong_zeros: the gradients hold NaN/Inf and gradwise could not see inside the compiled backward "
+        f"{names}: its FX graph is not available (compiled ahead of the first backward, or loaded from "
+        f"AOTAutograd's cache), so structural zeros inside it were not applied and the NaN/Inf may come from "
+        f"values the output never uses. Fix: run the compiled function's first backward inside "
+        f"gw.strong_zeros() in a fresh process, or set torch._functorch.config.enable_autograd_cache = False, "
+        f"or compile with backend='aot_eager'.",
+        CompiledBackwardWarning,
+        stacklevel=4,
+    )
+
+
+def _runs_once(bc: Any) -> bool:
+    """Whether a compiled node can only run as PyTorch compiled it (no graph to run or to compile again)."""
+    if bc is None:
+        return True
+    once = getattr(bc, "_gw_runs_once", None)
+    if once is None:
+        once = bc._gw_runs_once = _strong_variant(bc) is None and (
+            _graph_module(bc) is None or bool(getattr(bc.fw_metadata, "bw_donated_idxs", None)))
+    return once
+
+
+def compiled_run(run: Callable[[bool | None], Any], t_outputs: Sequence[Any], inputs: Sequence[Any],
+                 accumulate_grad: bool) -> Callable[[bool | None], Any]:
+    """Wrap the engine call of one backward under strong zeros (not the plain path) so that compiled nodes in
+    its graph run their strong-zero variants: compiled with the pass outside the eager mode, op by op under
+    it. ``run`` itself when the graph has no compiled node."""
+    from gradwise._strong_zeros import _STATE, _leaves, _root_nodes
+
+    nodes = compiled_nodes(_root_nodes(t_outputs))
+    if not nodes:
+        return run
+    # a node gradwise cannot swap runs as PyTorch compiled it, possibly reusing its saved buffers: it must run
+    # exactly once (the engine then takes the one-pass path, under the mode)
+    one_pass = any(_runs_once(_backward_compiler(n)) for n in nodes)
+
+    def wrapped(retain: bool | None) -> Any:
+        in_mode = _STATE.in_mode
+        with _swapped(nodes, eager=in_mode) as opaque:
+            STATS["eager" if in_mode else "compiled"] += 1
+            STATS["opaque"] += bool(opaque)
+            result = run(retain)
+        if in_mode and opaque and _holds_nonfinite(result, _leaves(t_outputs, inputs) if accumulate_grad else ()):
+            _warn_opaque(opaque)
+        return result
+
+    wrapped.one_pass = one_pass  # type: ignore[attr-defined]
+    return wrapped

@@ -1,0 +1,386 @@
+"""Strong zeros as a graph transformation of a compiled backward (AOTAutograd's backward FX graph, post-grad).
+
+The eager mode (``_strong_zeros._StrongZeroMode``) keeps a bool *support* per tensor at run time. Here the
+supports are nodes of the graph itself: bool tensors computed next to the values they describe, from the same
+facts (how supports arise, travel and annihilate), with no ``.item()``, no host sync and no data-dependent
+guard, so inductor fuses them into its kernels. A support is one of
+
+- ``None``: every element may be nonzero (the default: unknown ops, forward values, tangents);
+- ``FALSE``: every element is a structural zero (a backward formula's ``full(0)``);
+- an FX node: a bool tensor broadcastable to the value, False at structural zeros.
+
+Invariant: where a support is False the value is exactly +-0 (sources are zeros, views move them, products
+with a False factor are rewritten to 0). Rules (one per aten op, ``PASS_RULES``):
+
+- sources: ``full``/``zeros`` of 0 -> FALSE; ``slice_scatter``/``select_scatter``/``constant_pad_nd``/``cat``
+  -> the same op on the masks; ``where(c, a, b)`` -> ``where(c, sup a, sup b)``; ``threshold_backward`` ->
+  ``sup g & (x > t | isnan x)``.
+- travel: views apply the same view to the mask; ``add``/``sub`` unite; ``sum`` -> ``any``; casts, ``neg``,
+  ``clone`` and products with a finite Python number keep it.
+- travel, reads: ``index``/``gather``/``index_select`` apply the same read to the mask.
+- annihilate: ``mul(a, b)`` -> ``where(sup a & sup b, a * b, 0)``; ``div(a, b)`` with a supported numerator
+  likewise; ``prims.fma(a, b, c)`` -> ``where(sup a & sup b, fma, c)``; ``mm(A, B)`` with a sensitivity A
+  zeroes B's rows k where column k of A is all structural zero (and symmetrically), ``bmm`` per batch.
+
+Only *sensitivities* (nodes that depend on a ``tangents_*`` input) and constant zeros carry supports: a forward
+value recomputed in the backward (``where(x > 0, x, 0)``) is a value, and a NaN it multiplies stays. Where the
+pass knows no rule the support is ``None``: a NaN/Inf may remain (the runtime check in ``_compile`` then
+re-runs that backward through the eager rules), never a wrong finite number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+__all__ = ["FALSE", "PASS_RULES", "rewrite_backward"]
+
+FALSE = "structural-zero"  # the support of a tensor that is a structural zero everywhere
+
+_ZERO_MAKERS = {aten.full.default: 1, aten.full_like.default: 1, aten.new_full.default: 2,
+                aten.scalar_tensor.default: 0, aten.zeros.default: None, aten.zeros_like.default: None,
+                aten.new_zeros.default: None}
+_VIEWS = {aten.expand.default, aten.permute.default, aten.reshape.default, aten.view.default,
+          aten._unsafe_view.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+          aten.squeeze.default, aten.t.default, aten.transpose.int, aten.slice.Tensor, aten.select.int,
+          aten.alias.default, aten.clone.default, aten.neg.default, aten.contiguous.default}
+_CASTS = {aten._to_copy.default, prims.convert_element_type.default}
+
+
+def _val(x: object) -> Any:
+    return x.meta.get("val") if isinstance(x, fx.Node) else x
+
+
+class _Rewriter:
+    """One pass over one backward graph (instances live for one call: no reference to the fake mode is kept)."""
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self.graph = graph
+        self.sup: dict[fx.Node, Any] = {}
+        self.sens: set[fx.Node] = set()
+        self.cursor: fx.Node | None = None
+        self.rewritten = 0
+
+    # -- building nodes ---------------------------------------------------------------------------------
+    def call(self, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
+        """A new node after the cursor, with its fake value (inductor's lowering reads node.meta['val'])."""
+        with self.graph.inserting_after(self.cursor):
+            node = self.graph.call_function(target, args, kwargs)
+        self.cursor = node
+        vals = torch.fx.node.map_arg((args, kwargs), _val)
+        with self.mode:
+            node.meta["val"] = target(*vals[0], **vals[1])
+        return node
+
+    def shape_of(self, like: fx.Node) -> list:
+        """``like``'s sizes as graph arguments (sym_size nodes for symbolic ones)."""
+        out = []
+        for d, s in enumerate(_val(like).shape):
+            out.append(s if isinstance(s, int) else self.call(aten.sym_size.int, like, d))
+        return out
+
+    def const(self, value: bool, like: fx.Node) -> fx.Node:
+        return self.call(aten.full.default, self.shape_of(like), value, dtype=torch.bool,
+                         device=_val(like).device, pin_memory=False)
+
+    def exact(self, mask: Any, like: fx.Node) -> fx.Node:
+        """The mask as a bool node of exactly ``like``'s shape."""
+        if mask is None or mask is FALSE:
+            return self.const(mask is None, like)
+        if _same_shape(_val(mask).shape, _val(like).shape):
+            return mask
+        return self.call(aten.expand.default, mask, self.shape_of(like))
+
+    def small(self, mask: Any, like: fx.Node) -> fx.Node:
+        """The mask as a bool node broadcastable to ``like`` (a 0-dim constant where it is constant)."""
+        if mask is None or mask is FALSE:
+            return self.call(aten.full.default, [], mask is None, dtype=torch.bool, device=_val(like).device,
+                             pin_memory=False)
+        return mask
+
+    def both(self, a: Any, b: Any) -> Any:
+        if a is FALSE or b is FALSE:
+            return FALSE
+        if a is None or b is None:
+            return b if a is None else a
+        return self.call(aten.logical_and.default, a, b)
+
+    def either(self, a: Any, b: Any) -> Any:
+        if a is None or b is None:
+            return None
+        if a is FALSE or b is FALSE:
+            return b if a is FALSE else a
+        return self.call(aten.logical_or.default, a, b)
+
+    def of(self, x: object) -> Any:
+        """The support of an argument: a node's, or for a Python number FALSE when it is 0."""
+        if isinstance(x, fx.Node):
+            return self.sup.get(x)
+        if isinstance(x, (int, float)) and not isinstance(x, bool) and x == 0:
+            return FALSE
+        return None
+
+    def annihilate(self, node: fx.Node, mask: Any, otherwise: fx.Node | None = None, result: Any = None) -> None:
+        """Replace ``node``'s uses by ``where(mask, node, otherwise)`` (0 by default), of support ``result``
+        (``mask`` by default)."""
+        if otherwise is None:
+            val = _val(node)
+            otherwise = self.call(aten.full.default, [], 0, dtype=val.dtype, device=val.device, pin_memory=False)
+        new = self.call(aten.where.self, self.small(mask, node), node, otherwise)
+        node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        self.sup[new] = mask if result is None else result  # the node's users now read ``new``
+        self.sens.add(new)
+        self.rewritten += 1
+
+    # -- the walk ---------------------------------------------------------------------------------------
+    def run(self) -> int:
+        from torch._guards import detect_fake_mode
+
+        vals = [n.meta.get("val") for n in self.graph.nodes if n.op == "placeholder"]
+        self.mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+        if self.mode is None:
+            return 0
+        try:
+            for node in list(self.graph.nodes):
+                if node.op == "placeholder":
+                    if node.name.startswith("tangents"):
+                        self.sens.add(node)
+                    continue
+                if node.op != "call_function":
+                    continue
+                if any(a in self.sens for a in node.all_input_nodes):
+                    self.sens.add(node)
+                rule = PASS_RULES.get(node.target)
+                val = _val(node)
+                if rule is None or not isinstance(val, torch.Tensor) or not val.is_floating_point():
+                    continue
+                if node not in self.sens and node.target not in _ZERO_MAKERS:
+                    continue  # a forward value (recomputed in the backward): its zeros are values
+                self.cursor = node
+                mask = rule(self, node)
+                if mask is not None:
+                    self.sup[node] = mask
+        finally:
+            self.mode = None
+        return self.rewritten
+
+
+def _same_shape(a: Any, b: Any) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rules: rule(rewriter, node) -> the node's support (None, FALSE or a bool node), rewriting it if needed.
+# ---------------------------------------------------------------------------------------------------------
+
+PassRule = Callable[[_Rewriter, fx.Node], Any]
+PASS_RULES: dict[Any, PassRule] = {}
+
+
+def _rule(*ops: Any) -> Callable[[PassRule], PassRule]:
+    def register(rule: PassRule) -> PassRule:
+        for op in ops:
+            PASS_RULES[op] = rule
+        return rule
+
+    return register
+
+
+@_rule(*_ZERO_MAKERS)
+def _zeros(rw: _Rewriter, node: fx.Node) -> Any:
+    pos = _ZERO_MAKERS[node.target]
+    value = 0 if pos is None else node.args[pos] if len(node.args) > pos else node.kwargs.get("fill_value", 0)
+    return FALSE if isinstance(value, (int, float)) and value == 0 else None
+
+
+@_rule(*_VIEWS)
+def _view(rw: _Rewriter, node: fx.Node) -> Any:
+    src = node.args[0]
+    mask = rw.of(src)
+    if mask is None or mask is FALSE or node.target in (aten.clone.default, aten.neg.default,
+                                                         aten.alias.default, aten.contiguous.default):
+        return mask
+    return rw.call(node.target, rw.exact(mask, src), *node.args[1:], **node.kwargs)
+
+
+@_rule(aten.index.Tensor, aten.gather.default, aten.index_select.default)
+def _gather(rw: _Rewriter, node: fx.Node) -> Any:
+    """Reading elements moves their supports: the same op on the mask."""
+    mask = rw.of(node.args[0])
+    if mask is None or mask is FALSE:
+        return mask
+    return rw.call(node.target, rw.exact(mask, node.args[0]), *node.args[1:], **node.kwargs)
+
+
+@_rule(*_CASTS)
+def _cast(rw: _Rewriter, node: fx.Node) -> Any:
+    return rw.of(node.args[0])
+
+
+@_rule(aten.add.Tensor, aten.sub.Tensor)
+def _add(rw: _Rewriter, node: fx.Node) -> Any:
+    a, b = node.args[0], node.args[1]
+    if not isinstance(b, fx.Node):  # x + c: c != 0 makes every element nonzero
+        return rw.of(a) if b == 0 else None
+    return rw.either(rw.of(a), rw.of(b))
+
+
+@_rule(aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
+def _mul(rw: _Rewriter, node: fx.Node) -> Any:
+    a, b = node.args[0], node.args[1]
+    if not isinstance(b, fx.Node):
+        # a finite number keeps a's zeros zeros; 0 * NaN does not happen here (b is not NaN)
+        return rw.of(a) if isinstance(b, (int, float)) and math.isfinite(b) else None
+    divide = node.target in (aten.div.Tensor, aten.div.Scalar)
+    mask = rw.of(a) if divide else rw.both(rw.of(a), rw.of(b))
+    if mask is None:
+        return None
+    rw.annihilate(node, mask)
+    return mask
+
+
+@_rule(prims.fma.default)
+def _fma(rw: _Rewriter, node: fx.Node) -> Any:
+    """fma(a, b, c) = a * b + c (softmax's decomposed backward): where a * b is a structural zero, c."""
+    a, b, c = node.args[:3]
+    product = rw.both(rw.of(a), rw.of(b))
+    if product is None or not isinstance(c, fx.Node):
+        return None
+    result = rw.either(product, rw.of(c))
+    rw.annihilate(node, product, otherwise=c, result=FALSE if result is FALSE else result)
+    return result
+
+
+@_rule(aten.where.self)
+def _where(rw: _Rewriter, node: fx.Node) -> Any:
+    cond, a, b = node.args[:3]
+    ma, mb = rw.of(a), rw.of(b)
+    if ma is None and mb is None:
+        return None
+    if ma is FALSE and mb is FALSE:
+        return FALSE
+    return rw.call(aten.where.self, cond, rw.small(ma, node), rw.small(mb, node))
+
+
+@_rule(aten.threshold_backward.default)
+def _threshold_backward(rw: _Rewriter, node: fx.Node) -> Any:
+    g, x, t = node.args[:3]
+    passes = rw.call(aten.logical_or.default, rw.call(aten.gt.Scalar, x, t), rw.call(aten.isnan.default, x))
+    return rw.both(rw.of(g), passes)
+
+
+@_rule(aten.slice_scatter.default, aten.select_scatter.default)
+def _scatter(rw: _Rewriter, node: fx.Node) -> Any:
+    base, src = node.args[:2]
+    mb, ms = rw.of(base), rw.of(src)
+    if mb is None and ms is None:
+        return None
+    if mb is FALSE and ms is FALSE:
+        return FALSE
+    return rw.call(node.target, rw.exact(mb, base), rw.exact(ms, src), *node.args[2:], **node.kwargs)
+
+
+@_rule(aten.constant_pad_nd.default)
+def _pad(rw: _Rewriter, node: fx.Node) -> Any:
+    x, pad = node.args[:2]
+    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
+    mask = rw.of(x)
+    if value != 0 or mask is FALSE:
+        return None if value != 0 else FALSE
+    return rw.call(aten.constant_pad_nd.default, rw.exact(mask, x), pad, False)
+
+
+@_rule(aten.cat.default)
+def _cat(rw: _Rewriter, node: fx.Node) -> Any:
+    parts = node.args[0]
+    masks = [rw.of(p) for p in parts]
+    if all(m is None for m in masks):
+        return None
+    if all(m is FALSE for m in masks):
+        return FALSE
+    return rw.call(aten.cat.default, [rw.exact(m, p) for m, p in zip(masks, parts, strict=True)], *node.args[1:])
+
+
+@_rule(aten.sum.dim_IntList, aten.sum.default)
+def _sum(rw: _Rewriter, node: fx.Node) -> Any:
+    x = node.args[0]
+    mask = rw.of(x)
+    if mask is None or mask is FALSE:
+        return mask
+    full = rw.exact(mask, x)
+    if node.target is aten.sum.default:
+        return rw.call(aten.any.default, full)
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if dims is None or len(dims) == 0:
+        return rw.call(aten.any.default, full)
+    return rw.call(aten.any.dims, full, list(dims), keepdim)
+
+
+@_rule(aten.mm.default, aten.bmm.default)
+def _mm(rw: _Rewriter, node: fx.Node) -> Any:
+    """out[i, j] = sum_k A[i, k] B[k, j]. A row k of the value B that only structural zeros of the sensitivity A
+    read is zeroed (its NaN/Inf met only zeros); the output's row i is a structural zero where A's row i is.
+    Structural zeros of A not aligned with whole columns leave B alone: a NaN may stay (checked at run time)."""
+    a, b = node.args[:2]
+    ma, mb = rw.of(a), rw.of(b)
+    if ma is None and mb is None:
+        return None
+    batch = node.target is aten.bmm.default
+    k_a, row_a = (1, 2) if batch else (0, 1)  # A: [(b,) n, k] -> reduce over rows n / columns k
+    k_b, col_b = (2, 1) if batch else (1, 0)  # B: [(b,) k, m]
+    out_masks = []
+    new_a, new_b = a, b
+    if ma is FALSE or mb is FALSE:
+        out = FALSE
+    else:
+        if ma is not None:
+            full = rw.exact(ma, a)
+            cols = rw.call(aten.any.dims, full, [k_a], True)  # [(b,) 1, k]: column k of A meets something
+            cols = rw.call(aten.permute.default, cols, _swap_last(_val(cols).dim()))  # [(b,) k, 1]
+            new_b = rw.call(aten.where.self, cols, b, rw.call(aten.full.default, [], 0, dtype=_val(b).dtype,
+                                                                device=_val(b).device, pin_memory=False))
+            out_masks.append(rw.call(aten.any.dims, full, [row_a], True))  # [(b,) n, 1]
+        if mb is not None:
+            full = rw.exact(mb, b)
+            rows = rw.call(aten.any.dims, full, [k_b], True)  # [(b,) k, 1]
+            rows = rw.call(aten.permute.default, rows, _swap_last(_val(rows).dim()))  # [(b,) 1, k]
+            new_a = rw.call(aten.where.self, rows, a, rw.call(aten.full.default, [], 0, dtype=_val(a).dtype,
+                                                                device=_val(a).device, pin_memory=False))
+            out_masks.append(rw.call(aten.any.dims, full, [col_b], True))  # [(b,) 1, m]
+        out = out_masks[0] if len(out_masks) == 1 else rw.both(*out_masks)
+    if out is FALSE:  # all of A (or B) is structural zero: so is the product, whatever the other holds
+        rw.annihilate(node, FALSE)
+        return FALSE
+    node.args = (new_a, new_b, *node.args[2:])
+    # the new operands were inserted after the node: move the node after them
+    rw.cursor.append(node)
+    rw.cursor = node
+    rw.rewritten += 1
+    return out
+
+
+def rewrite_backward(graph: fx.Graph) -> int:
+    """Apply strong zeros to a backward graph in place; returns how many nodes were rewritten. A graph without
+    ``tangents_*`` inputs (a forward graph, an inference graph) is left alone."""
+    if not any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes):
+        return 0
+    count = _Rewriter(graph).run()
+    if count:
+        graph.eliminate_dead_code()
+        graph.lint()
+    return count
+
+
+def _swap_last(ndim: int) -> list[int]:
+    """permute's dims that swap the last two (transpose.int has no inductor lowering, permute has)."""
+    return [*range(ndim - 2), ndim - 1, ndim - 2]

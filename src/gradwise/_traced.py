@@ -1,0 +1,43 @@
+"""Recognising tensors that PyTorch is tracing rather than computing with.
+
+AOTAutograd traces a compiled function's backward by calling ``torch.autograd.grad`` on FunctionalTensors
+under a FakeTensorMode; torch.func wraps tensors (vmap's BatchedTensor, grad's GradTrackingTensor); meta
+tensors have no data. None of them can be read (``data_ptr``, ``.item()``, a Python branch on a value), so
+every data-dependent step of gradwise asks ``traced`` first and steps aside: a traced backward is a graph that
+gradwise serves elsewhere (the compiled-graph pass of ``_compile``), not numbers to check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+__all__ = ["traced", "traced_tensor"]
+
+
+def _tracing_mode_active() -> bool:
+    """A FakeTensorMode or a proxy (make_fx) mode is on this thread's dispatch stack."""
+    keys = torch._C._TorchDispatchModeKey
+    return torch._C._get_dispatch_mode(keys.FAKE) is not None or torch._C._get_dispatch_mode(keys.PROXY) is not None
+
+
+def traced_tensor(t: object) -> bool:
+    """Whether ``t`` is a tensor whose data cannot be read: fake, functional, functorch-wrapped or meta."""
+    if not isinstance(t, torch.Tensor):
+        return False
+    if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+        from torch._subclasses.fake_tensor import FakeTensor  # loaded with torch; imported here to stay cheap
+        from torch._subclasses.functional_tensor import FunctionalTensor
+
+        if isinstance(t, (FakeTensor, FunctionalTensor)):
+            return True
+    return t.is_meta or torch._is_functional_tensor(t) or torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def traced(tensors: Iterable[object] = ()) -> bool:
+    """True while PyTorch traces (torch.compile, make_fx, a fake mode) or when any of ``tensors`` (tensors or
+    GradientEdges, whose node is then not inspected) cannot be read."""
+    if torch.compiler.is_compiling() or _tracing_mode_active():
+        return True
+    return any(traced_tensor(t) for t in tensors)
