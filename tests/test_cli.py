@@ -238,3 +238,13 @@ def test_demo_shows_both_seeds(tmp_path):
     for torch_grad in ("[[0.0, 0.0], [0.0, 0.0]]", "[[0.5, 0.1667], [-0.5, -0.1667]]",
                        "[[-0.5, -0.1667], [0.5, 0.1667]]"):
         assert torch_grad in out.stdout
+
+
+def test_watch_explains_the_first_nonfinite_backward(tmp_path):
+    """`gradwise run --watch`: nothing traced until a gradient holds NaN/Inf, then the same finding as the trace."""
+    out = _run(tmp_path, "run", "--watch", "SCRIPT")
+    assert out.returncode == 0, out.stderr
+    assert "gradwise: 1 contamination finding" in out.stderr
+    assert "explained from its backward" in out.stderr  # the watched step's forward was not traced
+    refused = _run(tmp_path, "run", "--watch", "--no-report", "SCRIPT")
+    assert refused.returncode == 2 and "--watch" in refused.stderr

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import gradwise as gw
-from gradwise import _compile
+from gradwise import _compile, _contract
 from gradwise._strong_zeros import _plan
 
 with warnings.catch_warnings():  # inductor's first import warns from torch.jit (torch's own deprecation)
@@ -111,7 +111,7 @@ def outside(net):
     return fn
 
 
-def test_traced_tensors_step_aside():
+def test_traced_tensors_step_aside(monkeypatch):
     """_plan never reads fake/functional/functorch/meta tensors (no data_ptr/.item() crash while PyTorch traces)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -121,7 +121,9 @@ def test_traced_tensors_step_aside():
         assert _plan([y], [None]) == "plain"
     meta = torch.empty(3, device="meta", requires_grad=True)
     assert _plan([(meta * 2).sum()], [None]) == "plain"
-    with gw.strong_zeros():  # torch.func traces with wrapped tensors: no crash inside the block
+    monkeypatch.setattr(_contract, "_warned", set())  # the warning is once per process
+    # torch.func traces with wrapped tensors: no crash inside the block, plain PyTorch with a warning (#13)
+    with gw.strong_zeros(), pytest.warns(gw.PlainBackwardWarning, match="torch.func"):
         g = torch.func.grad(lambda t: torch.where(t > 0, t.sqrt(), 0.0).sum())(torch.tensor([-1.0, 4.0]))
     assert torch.equal(g.isnan(), torch.tensor([True, False])) or torch.isfinite(g).all()
 

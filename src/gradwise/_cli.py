@@ -39,6 +39,8 @@ def _check_run_args(args: argparse.Namespace) -> str | None:
     if args.rest:
         return (f"unrecognized option(s) before the script: {' '.join(args.rest)} "
                 "(options for the script go after it)")
+    if args.watch and args.no_report:
+        return "--watch produces a report, --no-report turns it off: give one of them"
     if args.no_report and args.json:
         return "--json writes the report, --no-report turns it off: give one of them"
     if args.no_report and not args.strong_zeros:
@@ -64,6 +66,10 @@ def _enter_run_contexts(args: argparse.Namespace, process: contextlib.ExitStack,
         process.enter_context(strong_zeros_process_wide())
     if args.no_report:
         return None
+    if args.watch:
+        from gradwise._watch import watch
+
+        return script.enter_context(watch())
     from gradwise._trace import trace
 
     return script.enter_context(trace())
@@ -156,6 +162,9 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
                      "ran inside gw.strong_zeros(): NaN/Inf values the loss never reads cannot poison gradients")
     run.add_argument("--no-report", action="store_true",
                      help="with --strong-zeros: do not trace, print no report (no tracing cost)")
+    run.add_argument("--watch", action="store_true",
+                     help="instead of tracing every op, watch at almost no cost (gw.watch()): the first backward "
+                     "whose gradients hold NaN/Inf is explained, and the rest of the run is traced in full")
     run.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
     run.add_argument("-m", dest="module", metavar="MODULE",
                      help="run a module as `python -m MODULE` does (relative imports work); its arguments follow")

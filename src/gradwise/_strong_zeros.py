@@ -1193,6 +1193,35 @@ def _grad_accumulator(t: torch.Tensor) -> Any:
     return torch.autograd.graph.get_gradient_edge(t).node if t.requires_grad else None
 
 
+def _freed(_: object) -> torch.Tensor:
+    raise RuntimeError(
+        "Trying to backward through the graph a second time (or directly access saved tensors after they "
+        "have already been freed). Saved intermediate values of the graph are freed when you call "
+        ".backward() or autograd.grad(). Specify retain_graph=True if you need to backward through the graph "
+        "a second time or if you need to access saved tensors after calling backward."
+    )
+
+
+def _release_graph(roots: Sequence[Any]) -> None:
+    """Free the saved tensors of a graph that was retained only for a check (gw.watch, compiled backwards), as
+    the engine frees them after a backward without retain_graph (``SavedTensor.register_hooks`` drops the data)."""
+    for node in _walk(roots):
+        for raw in _raw_saved(node):
+            with contextlib.suppress(RuntimeError):  # already hooked (checkpoint) or already freed
+                raw.register_hooks(lambda _: None, _freed)
+
+
+def _leaves(t_outputs, inputs) -> list[torch.Tensor]:
+    if inputs:
+        return [t for t in inputs if isinstance(t, torch.Tensor)]
+    leaves = []
+    for node in _walk(_root_nodes(t_outputs)):
+        var = getattr(node, "variable", None)
+        if isinstance(var, torch.Tensor):
+            leaves.append(var)
+    return leaves
+
+
 def _raw_saved(node: Any) -> Iterator[Any]:
     """The ``SavedTensor`` objects a node holds (its ``_raw_saved_*`` attributes)."""
     for name in _node_type(node)[0]:
