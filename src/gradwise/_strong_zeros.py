@@ -1707,7 +1707,42 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
     # with a re-run on NaN would force retain_graph, run hooks and custom backwards twice, and hold what the
     # engine frees (custom Functions' saved tensors) until the graph dies.
     run = compiled_run(run, t_outputs, inputs, accumulate_grad)  # torch.compile'd nodes: gradwise._compile
+    if plan == "check" and getattr(run, "one_pass", True) is False:
+        # compiled nodes whose strong variant (the inductor pass) runs outside the mode: compiled speed and
+        # PyTorch's bits on finite data; the mode only if a NaN still crosses a graph boundary
+        return _compiled_check_run(run, t_outputs, inputs, retain_graph, create_graph, accumulate_grad)
     return _run_strong(run, retain_graph, create_graph, t_outputs)
+
+
+def _compiled_check_run(run, t_outputs, inputs, retain_graph, create_graph, accumulate_grad):
+    """Run a graph with compiled nodes through their strong variants with the graph kept; only if a gradient
+    holds NaN/Inf, run it again under the mode (compiled nodes op by op). The graph is then released as the
+    engine would have released it."""
+    stash: list[tuple[torch.Tensor, torch.Tensor]] = []
+    leaves = _leaves(t_outputs, inputs) if accumulate_grad else []
+    for leaf in leaves:
+        if leaf.grad is not None:
+            stash.append((leaf, leaf.grad))
+            leaf.grad = None
+    try:
+        result = run(True)
+        if _all_finite([leaf.grad for leaf in leaves if leaf.grad is not None] if accumulate_grad
+                       else [r for r in result if r is not None]):
+            if not retain_graph:
+                _release_graph(_root_nodes(t_outputs))
+        else:
+            for leaf in leaves:
+                leaf.grad = None
+            result = _run_strong(run, retain_graph, create_graph, t_outputs)
+    finally:
+        for leaf, old in stash:
+            if leaf.grad is None:
+                leaf.grad = old
+            elif create_graph:
+                leaf.grad = old + leaf.grad
+            else:
+                leaf.grad = old.add_(leaf.grad)
+    return result
 
 
 def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
