@@ -5,7 +5,8 @@ blocks of one page share a namespace, in page order; what the blocks print since
 compared with the next ```text (or ```console) block before the next ```python block, or, in a block without
 one, with the block's ``# -> expected`` comments; a block that shows no output must print nothing. HTML comments
 right before a fence change that: ``<!-- docs-test: skip REASON -->``, ``<!-- docs-test: script NAME.py -->``
-(run the block as a file with ``python -m gradwise run NAME.py``), ``<!-- docs-test: command CMD -->`` (run CMD
+(run the block as a file with ``python -m gradwise run NAME.py``), ``<!-- docs-test: file NAME.py -->`` (run it
+as ``python NAME.py``, a fresh process: for process-wide counters), ``<!-- docs-test: command CMD -->`` (run CMD
 from the repository root). Numbers are compared with a tolerance (``_same_text``); a line ``...`` in the shown
 output stands for any number of lines.
 
@@ -31,7 +32,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 _FENCE = re.compile(r"^(`{3,})\s*([\w+-]*)\s*$")
-_MARK = re.compile(r"^<!--\s*docs-test:\s*(skip|script|command)\b\s*(.*?)\s*-->\s*$")
+_MARK = re.compile(r"^<!--\s*docs-test:\s*(skip|script|file|command)\b\s*(.*?)\s*-->\s*$")
 _OUTPUT_LANGS = {"text", "console"}
 _RUN_LANGS = {"python"}
 
@@ -91,7 +92,7 @@ def steps(page: Path) -> tuple[list[Step], list[Block]]:
             assert block.mark[1], f"{page.name}:{block.line}: a skipped block needs a reason"
             skipped.append(block)
             continue
-        if kind in ("script", "command") or block.lang in _RUN_LANGS:
+        if kind in ("script", "file", "command") or block.lang in _RUN_LANGS:
             if current is not None and (current.blocks[-1].mark or kind):  # scripts and commands stand alone
                 current = None
             if current is None:
@@ -165,9 +166,11 @@ def _run_python(blocks: list[Block], namespace: dict) -> str:
 
 
 def _run_script(block: Block, tmp: Path) -> str:
-    name = block.mark[1]
+    """``script``: the block as a file run by ``python -m gradwise run``; ``file``: run by ``python``."""
+    kind, name = block.mark
     (tmp / name).write_text(block.code)
-    proc = subprocess.run([sys.executable, "-m", "gradwise", "run", name], cwd=tmp, env=ENV, text=True,
+    runner = ["-m", "gradwise", "run"] if kind == "script" else []
+    proc = subprocess.run([sys.executable, *runner, name], cwd=tmp, env=ENV, text=True,
                           capture_output=True, timeout=300)
     return proc.stdout + proc.stderr
 
@@ -193,7 +196,7 @@ def _check_page(page: Path, tmp: Path) -> int:
     try:
         for step in page_steps:
             kind = step.blocks[0].mark[0] if step.blocks[0].mark else None
-            if kind == "script":
+            if kind in ("script", "file"):
                 got = _run_script(step.blocks[0], tmp)
             elif kind == "command":
                 got = _run_command(step.blocks[0])
