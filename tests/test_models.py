@@ -260,7 +260,7 @@ def _non_finite_names(m: Model, grads) -> list[str]:
 
 # Models gradwise still leaves contaminated, on purpose visible (none at present: oneDNN's fused float32 LSTM
 # backward has a rule since _rules_opdb.py).
-_OPEN: dict[str, str] = {"lstm-unpacked-float32": 'float32 LSTM (oneDNN mkldnn_rnn_layer_backward): since the merge of the one-pass check path (#13) with the decomposed re-run rule (#15) the NaN of padded steps stays; open (session 6 note)'}  # noqa: E501
+_OPEN: dict[str, str] = {}
 
 
 def _contaminated_check(request, name: str) -> None:

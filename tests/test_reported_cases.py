@@ -22,7 +22,6 @@ HERE = Path(__file__).resolve().parent / "reported"
 pytestmark = pytest.mark.filterwarnings(r"ignore:index_reduce\(\) is in beta:UserWarning")
 
 KNOWN = {
-    "lstm-float32-nan-padding-steps-selected": 'float32 LSTM (oneDNN mkldnn_rnn_layer_backward): since the merge of the one-pass check path (#13) with the decomposed re-run rule (#15) the NaN of padded steps stays; open (session 6 note)',  # noqa: E501
     # contamination: backward ops without a rule, or a limit written down in docs/strong-zeros-design.md
     "matrix-exp-nan-batch-element-sliced": "linalg_matrix_exp (in its own backward) has no rule",
     "rfft-nan-row-sliced": "strong zeros are not tracked through complex tensors (FFT backwards)",

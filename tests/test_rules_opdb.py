@@ -58,7 +58,6 @@ def test_segment_reduce_dropped_segment(reduce):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.xfail(reason='float32 LSTM (oneDNN mkldnn_rnn_layer_backward): since the merge of the one-pass check path (#13) with the decomposed re-run rule (#15) the NaN of padded steps stays; open (session 6 note)', strict=True)  # noqa: E501
 @pytest.mark.parametrize("layers", [1, 2])
 def test_float32_lstm_padded_steps_selected(layers):
     """oneDNN's fused LSTM backward (float32 on CPU): NaN padding steps selected away. The reference runs each

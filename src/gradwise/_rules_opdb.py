@@ -153,11 +153,7 @@ def _mkldnn_rnn_layer_backward(func, args, kwargs, sup):
     with _autograd_on(), torch.enable_grad():
         y, hy, cy = _lstm_layer(*leaves, args[13])
     outputs = [(y, hy, cy)[i - 10] for i, _ in seeds]
-    mode = _sz._StrongZeroMode()
-    mode.supports = sup
-    with mode:
-        grads = torch.autograd.grad(outputs, [v for v in leaves if v is not None], [g for _, g in seeds],
-                                    allow_unused=True)
+    grads = _sz.grad_in_pass(outputs, [v for v in leaves if v is not None], [g for _, g in seeds], sup)
     it = iter(grads)
     decomposed = [None if v is None else next(it) for v in leaves]
     out = []

@@ -1745,6 +1745,25 @@ def _compiled_check_run(run, t_outputs, inputs, retain_graph, create_graph, accu
     return result
 
 
+def grad_in_pass(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], seeds: Sequence[torch.Tensor],
+                 supports: _Supports) -> tuple[torch.Tensor | None, ...]:
+    """``torch.autograd.grad(outputs, inputs, seeds, allow_unused=True)`` as part of the strong-zero pass that is
+    running (a rule that differentiates a decomposition of its op): under a mode that shares ``supports``, so the
+    seeds' structural zeros stay structural. A plain ``torch.autograd.grad`` there would be a nested backward,
+    planned afresh outside the pass (``_nested``), with seeds it knows nothing about."""
+    mode = _StrongZeroMode()
+    mode.supports = supports
+    engine_run = _original_engine_run or torch.autograd.graph._engine_run_backward  # a trace's re-run: not installed
+    outer = _STATE.in_mode
+    _STATE.in_mode = True
+    try:
+        with mode:
+            return engine_run(tuple(outputs), tuple(seeds), False, False, tuple(inputs),
+                              allow_unreachable=True, accumulate_grad=False)
+    finally:
+        _STATE.in_mode = outer
+
+
 def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
     """Run a backward started inside the strong-zero pass outside of that pass's mode."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode_temporarily
