@@ -265,13 +265,7 @@ def test_two_processes_explain_names_rank_1_on_rank_0(two_processes):
     assert any(f["rank"] == 1 and f["kind"] == "nan" for f in report["findings"])
 
 
-def test_two_processes_explain_names_rank_0_as_a_receiver(two_processes, request):
-    module_name, ranks = two_processes
-    if module_name == "lightning_train":
-        # not strict: the trace fix on the cli branch ("a DDP all-reduce's write into .grad is 'received'")
-        # makes this pass; drop the marker once both are merged
-        request.applymarker(pytest.mark.xfail(strict=False, reason=(
-            "gw.trace before the cli branch's fix attributes the NaN that rank 0 received through Lightning's "
-            "DDP all-reduce to aten.empty/aten.copy_ (DDP's bucket copy) instead of c10d.allreduce_")))
+def test_two_processes_explain_names_rank_0_as_a_receiver(two_processes):
+    _, ranks = two_processes
     report = json.loads(Path(ranks[0]["reports"][0]).read_text())
     assert report["ranks"][0].endswith("rank 0 received it through the all-reduce")
