@@ -268,4 +268,5 @@ def test_two_processes_explain_names_rank_1_on_rank_0(two_processes):
 def test_two_processes_explain_names_rank_0_as_a_receiver(two_processes):
     _, ranks = two_processes
     report = json.loads(Path(ranks[0]["reports"][0]).read_text())
-    assert report["ranks"][0].endswith("rank 0 received it through the all-reduce")
+    assert report["ranks"][0].endswith("rank 0 received it through the all-reduce"), (report["ranks"], [
+        (f["rank"], f["kind"], f["op"]) for f in report["findings"]])

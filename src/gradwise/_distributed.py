@@ -188,6 +188,15 @@ def _check_model(model: object) -> None:
            "gw.strong_zeros() and gw.trace() do work under FSDP1" if fsdp else ""))
 
 
+def group_ranks(process_group: Any) -> tuple[int, int, list[int]]:
+    """This process's rank in ``process_group`` (None: the world), the group's size, and each group rank's
+    global rank (what reports name)."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    ranks = [dist.get_global_rank(group, r) for r in range(world)] if process_group is not None else list(range(world))
+    return rank, world, ranks
+
+
 class NonfiniteGuard:
     """The state of ``gw.nonfinite_guard`` on a DDP model: per-bucket non-finite flags of the current backward (device
     tensors, never read on the host one by one), the averaged buckets, and the decision all ranks took after
@@ -202,11 +211,7 @@ class NonfiniteGuard:
                             "gw.nonfinite_guard(model, policy=...)")
         self.policy = policy
         self.process_group = process_group
-        group = process_group if process_group is not None else dist.group.WORLD
-        self._group_rank = dist.get_rank(group)
-        self._world = dist.get_world_size(group)
-        self._global = [dist.get_global_rank(group, r) for r in range(self._world)] \
-            if process_group is not None else list(range(self._world))
+        self._group_rank, self._world, self._global = group_ranks(process_group)
         self._names = {id(p): n for n, p in model.module.named_parameters()}
         self._extrema: list[torch.Tensor] = []  # per bucket of this backward: its (min, max), NaN/Inf kept
         self._params: list[list[torch.Tensor]] = []

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gradwise._distributed import POLICIES, _conclude
+from gradwise._distributed import POLICIES, _conclude, group_ranks
 
 __all__ = ["FSDPNonfiniteGuard", "is_fsdp2"]
 
@@ -69,11 +69,7 @@ class FSDPNonfiniteGuard:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.policy = policy
         self.process_group = process_group
-        group = process_group if process_group is not None else dist.group.WORLD
-        self._group_rank = dist.get_rank(group)
-        self._world = dist.get_world_size(group)
-        self._global = [dist.get_global_rank(group, r) for r in range(self._world)] \
-            if process_group is not None else list(range(self._world))
+        self._group_rank, self._world, self._global = group_ranks(process_group)
         self._before: list[torch.Tensor] = []
         self._after: list[torch.Tensor] = []
         self._groups: list[Any] = []  # the FSDP parameter group of each reduce-scatter (for the names)

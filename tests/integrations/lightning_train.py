@@ -87,3 +87,5 @@ if __name__ == "__main__":
     result["warnings"] = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)
                           and "gradwise" in str(w.message)]
     Path(f"{out}.rank{result['rank']}").write_text(json.dumps(result))
+    if torch.distributed.is_initialized():  # Lightning leaves the group up: gloo's threads abort a bare exit
+        torch.distributed.destroy_process_group()

@@ -47,6 +47,24 @@ def _local(g: torch.Tensor) -> torch.Tensor:
     return g.to_local() if hasattr(g, "to_local") else g
 
 
+class SessionResults:
+    """What a callback reports after training, read from its ``_session`` (both frameworks' callbacks)."""
+
+    _session: Session
+
+    @property
+    def nonfinite_steps(self) -> list[int]:
+        return self._session.nonfinite_steps
+
+    @property
+    def skipped_steps(self) -> list[int]:
+        return self._session.skipped_steps
+
+    @property
+    def reports(self) -> list[Any]:
+        return self._session.reports
+
+
 class Session:
     """The per-training state of one callback (framework-independent)."""
 

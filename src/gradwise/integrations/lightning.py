@@ -21,7 +21,7 @@ except ImportError as e:  # pragma: no cover - exercised only where lightning is
     raise ImportError("gradwise.integrations.lightning needs Lightning: pip install 'gradwise[lightning]' "
                       "(or pip install lightning)") from e
 
-from gradwise.integrations._core import Session
+from gradwise.integrations._core import Session, SessionResults
 
 __all__ = ["GradwiseCallback"]
 
@@ -29,7 +29,7 @@ __all__ = ["GradwiseCallback"]
 _LOGGER = logging.getLogger("lightning.pytorch.callbacks.gradwise")
 
 
-class GradwiseCallback(pl.Callback):
+class GradwiseCallback(SessionResults, pl.Callback):
     """gradwise in a Lightning ``Trainer``.
 
     Args:
@@ -51,18 +51,6 @@ class GradwiseCallback(pl.Callback):
     def __init__(self, strong_zeros: bool = True, explain: str | None = None, on_nonfinite: str = "skip"):
         super().__init__()
         self._session = Session(strong_zeros, explain, on_nonfinite, _LOGGER)
-
-    @property
-    def nonfinite_steps(self) -> list[int]:
-        return self._session.nonfinite_steps
-
-    @property
-    def skipped_steps(self) -> list[int]:
-        return self._session.skipped_steps
-
-    @property
-    def reports(self) -> list[Any]:
-        return self._session.reports
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:

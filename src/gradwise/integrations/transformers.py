@@ -21,7 +21,7 @@ except ImportError as e:  # pragma: no cover - exercised only where transformers
     raise ImportError("gradwise.integrations.transformers needs Hugging Face transformers: "
                       "pip install 'gradwise[transformers]' (or pip install transformers)") from e
 
-from gradwise.integrations._core import Session
+from gradwise.integrations._core import Session, SessionResults
 
 __all__ = ["GradwiseCallback"]
 
@@ -29,7 +29,7 @@ __all__ = ["GradwiseCallback"]
 _LOGGER = hf_logging.get_logger("transformers.gradwise")
 
 
-class GradwiseCallback(TrainerCallback):
+class GradwiseCallback(SessionResults, TrainerCallback):
     """gradwise in a Hugging Face ``Trainer``.
 
     Args:
@@ -53,18 +53,6 @@ class GradwiseCallback(TrainerCallback):
 
     def __init__(self, strong_zeros: bool = True, explain: str | None = None, on_nonfinite: str = "skip"):
         self._session = Session(strong_zeros, explain, on_nonfinite, _LOGGER)
-
-    @property
-    def nonfinite_steps(self) -> list[int]:
-        return self._session.nonfinite_steps
-
-    @property
-    def skipped_steps(self) -> list[int]:
-        return self._session.skipped_steps
-
-    @property
-    def reports(self) -> list[Any]:
-        return self._session.reports
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # called once per optimizer step, before the first micro-batch's forward
