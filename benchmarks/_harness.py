@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 import statistics
 import sys
 import time
@@ -43,8 +44,11 @@ def keep_freed_memory() -> str:
     return "glibc malloc defaults (mallopt refused)"
 
 
-def median_times(fns: dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 3) -> dict[str, float]:
-    """Median wall time in seconds of each callable, measured interleaved round-robin."""
+def median_times(fns: dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 3,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median time in seconds of each callable, measured interleaved round-robin: wall time by default;
+    ``clock=time.process_time`` measures this process's CPU time (on a machine shared with other jobs, wall time
+    mostly measures them; use it with one thread)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -53,12 +57,19 @@ def median_times(fns: dict[str, Callable[[], object]], repeats: int = 15, warmup
         for name, fn in fns.items():
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            samples[name].append(time.perf_counter() - t0)
+            samples[name].append(clock() - t0)
     return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def print_table(title: str, columns: list[str], rows: list[list[object]]) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 import warnings
@@ -117,27 +116,12 @@ def check(case: Case, fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[str, 
     return "ok", path
 
 
-def median_cpu_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, float]:
-    """As _harness.median_times, in this process's CPU time: on a machine shared with other jobs wall time
-    mostly measures them (use with --threads 1)."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.process_time()
-            fn()
-            samples[name].append(time.process_time() - t0)
-    return {name: statistics.median(ts) for name, ts in samples.items()}
-
-
 def measure(case: Case, backend: str, repeats: int, cpu_time: bool = False) -> dict[str, object]:
     fn = torch.compile(lambda t: case.loss(case.net, t), backend=backend)
     verdict, path = check(case, fn)  # compiles the forward, PyTorch's backward and the strong-zero variant
-    timer = median_cpu_times if cpu_time else median_times
-    times = timer({"plain": lambda: step(case.net, fn, case.data, False),
-                   "strong": lambda: step(case.net, fn, case.data, True)}, repeats=repeats)
+    times = median_times({"plain": lambda: step(case.net, fn, case.data, False),
+                          "strong": lambda: step(case.net, fn, case.data, True)}, repeats=repeats,
+                         clock=time.process_time if cpu_time else time.perf_counter)
     ratio = times["strong"] / times["plain"]
     return {"case": case.name, "plain_ms": times["plain"] * 1e3, "strong_ms": times["strong"] * 1e3,
             "ratio": ratio, "target": case.target, "grads": verdict, "path": path,

@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import os
-import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gradwise as gw
-from _harness import median_times, print_table
+from _harness import free_port, median_times, print_table
 from bench_strong_zeros import mlp
 
 TARGET = 1.15
@@ -96,19 +95,13 @@ def _worker(rank: int, world: int, port: int, repeats: int, out: str | None) -> 
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
     args = parser.parse_args()
-    mp.spawn(_worker, args=(args.world, _free_port(), args.repeats, str(args.json) if args.json else None),
+    mp.spawn(_worker, args=(args.world, free_port(), args.repeats, str(args.json) if args.json else None),
              nprocs=args.world)
     return 0
 

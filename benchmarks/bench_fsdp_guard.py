@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gradwise as gw
-from _harness import median_times, print_table
+from _harness import free_port, median_times, print_table
 from bench_strong_zeros import mlp
 
 TARGET = 1.15
@@ -74,18 +73,12 @@ def _worker(rank: int, world: int, port: int, repeats: int) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--world", type=int, default=2)
     args = parser.parse_args()
-    mp.spawn(_worker, args=(args.world, _free_port(), args.repeats), nprocs=args.world)
+    mp.spawn(_worker, args=(args.world, free_port(), args.repeats), nprocs=args.world)
     return 0
 
 
