@@ -1,6 +1,6 @@
 """Strong zeros as a graph transformation of a compiled backward (AOTAutograd's backward FX graph, post-grad).
 
-The eager mode (``_strong_zeros._StrongZeroMode``) keeps a bool *support* per tensor at run time. Here the
+The eager mode (``_mode._StrongZeroMode``) keeps a bool *support* per tensor at run time. Here the
 supports are nodes of the graph itself: bool tensors computed next to the values they describe, from the same
 facts (how supports arise, travel and annihilate), with no ``.item()``, no host sync and no data-dependent
 guard, so inductor fuses them into its kernels. A support is one of
