@@ -33,6 +33,8 @@ Ops only those graphs contain (``prims.fma``) get one eager rule, registered int
 
 Traced backwards (AOTAutograd tracing the joint graph on fake tensors) are never inspected: ``_plan`` steps
 aside for them (``_traced``).
+
+May import: torch, and (inside functions, at call time) _compile_pass, _supports, _rules, _graph, _plan.
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ Only *sensitivities* (nodes that depend on a ``tangents_*`` input) and constant 
 value recomputed in the backward (``where(x > 0, x, 0)``) is a value, and a NaN it multiplies stays. Where the
 pass knows no rule the support is ``None``: a NaN/Inf may remain (the runtime check in ``_compile`` then
 re-runs that backward through the eager rules), never a wrong finite number.
+
+May import: torch (torch.fx) only.
 """
 
 from __future__ import annotations

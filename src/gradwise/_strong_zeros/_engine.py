@@ -3,7 +3,8 @@ pass (``_run_strong``, ``_nested``, ``grad_in_pass``), and the public ``strong_z
 ``backward``. The rebound globals ``_installed``, ``_original_engine_run`` and ``_process_wide`` live here only:
 read them as ``_engine.<name>``.
 
-May import: torch, gradwise._checks, _contract, _compile, _supports, _rules, _mode, _graph, _plan.
+May import: torch, gradwise._checks, _contract, _compile, _supports, _mode, _graph, _plan; and lazily (inside
+``_under_traces``) gradwise._trace's ``_Tracer``, to keep a trace's recorders above the strong-zero mode.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ would meet those zeros in dQ. The rule *replaces* (never removes: the kernel run
 blocks, so kept results are PyTorch's bits) the discarded rows by g = q = out = 0 and lse = +inf (then
 P = 0 and dS = 0 exactly) and the unused keys by k = v = 0, then records the supports. One rule body serves
 every backward SDPA can pick (CPU flash, CUDA flash, memory-efficient, cuDNN), described by ``_Spec``.
+
+May import: torch, gradwise._masks, _rules, _node_facts.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ logcumsumexp's backward (FunctionsManual.cpp, after TensorFlow) takes log|g| and
 recomputes the formula when its last op runs (the node's saved self, result and dim; g and its support stashed
 at its first op, ``abs(g)``), with the structural terms left out (-inf in log space) and the positions that no
 kept term reaches set to structural zeros.
+
+May import: torch, _rules, _rules_pointwise, _rules_bilinear, _rules_registry, _engine.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ An op without a rule that meets a structural zero in a backward runs as plain Py
 as fully supported (listed by ``gw.unruled_ops()``): a NaN it multiplies by a zero may remain, never a wrong
 finite number. ``register_rule`` tells gradwise how supports pass through such an op, usually the op that
 computes a custom op's backward. See docs/nan-sources.md ("Rules for your own ops").
+
+May import: torch, _rules, _rules_pointwise.
 """
 
 from __future__ import annotations
