@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _opdb
 import gradwise as gw
 from _harness import print_table
-from gradwise import _strong_zeros
+from gradwise._strong_zeros import _engine
 
 
 def main() -> int:
@@ -57,7 +57,7 @@ def main() -> int:
     outcomes = {how: {} for how in hows}
     samples_run = {"no regression": 0, **{how: 0 for how in hows}}
     t0 = time.perf_counter()
-    forced = mock.patch.object(_strong_zeros, "_plan", lambda *a, **k: "strong") if args.forced else None
+    forced = mock.patch.object(_engine, "_plan", lambda *a, **k: "strong") if args.forced else None
     for op in ops:
         name = _opdb.op_id(op)
         if args.v:

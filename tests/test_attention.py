@@ -1,4 +1,4 @@
-"""Strong zeros through the fused attention backwards (src/gradwise/_rules_attention.py).
+"""Strong zeros through the fused attention backwards (src/gradwise/_strong_zeros/_rules_attention.py).
 
 Every test compares gw.grad with the gradient of the same program with the unused values deleted (each
 sequence alone, its padding removed), float64, and checks that plain PyTorch is contaminated there. The CUDA
@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradwise as gw
-from gradwise import _strong_zeros as _sz
+from gradwise._strong_zeros import _engine
+from gradwise._strong_zeros._node_facts import _makes_zeros
+from gradwise._strong_zeros._plan import _plan
 
 nan, inf = float("nan"), float("inf")
 f64 = torch.float64
@@ -156,14 +158,14 @@ def test_strong_pass_on_finite_data_is_pytorch_bitwise(dtype, monkeypatch):
         return fn(_padded_loss(_sdpa(*leaves, mask, True, True), lengths), leaves)
 
     plain = grads(torch.autograd.grad)
-    monkeypatch.setattr(_sz, "_plan", lambda *a: "strong")
+    monkeypatch.setattr(_engine, "_plan", lambda *a: "strong")
     strong = grads(gw.grad)
     for g, e in zip(strong, plain, strict=True):
         assert torch.equal(g, e)
 
 
 def _plan_of(loss):
-    return _sz._plan([loss], ())
+    return _plan([loss], ())
 
 
 def test_plan_reads_attention_but_not_its_mask():
@@ -184,9 +186,9 @@ def test_plan_reads_attention_but_not_its_mask():
 
 def test_attention_counts_as_making_zeros_only_with_a_mask():
     q = torch.randn(1, 1, 3, 4, requires_grad=True)
-    assert not _sz._makes_zeros(F.scaled_dot_product_attention(q, q, q).grad_fn)
-    assert _sz._makes_zeros(F.scaled_dot_product_attention(q, q, q, is_causal=True).grad_fn)
-    assert _sz._makes_zeros(F.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(3, 3).bool()).grad_fn)
+    assert not _makes_zeros(F.scaled_dot_product_attention(q, q, q).grad_fn)
+    assert _makes_zeros(F.scaled_dot_product_attention(q, q, q, is_causal=True).grad_fn)
+    assert _makes_zeros(F.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(3, 3).bool()).grad_fn)
 
 
 @pytest.mark.parametrize("need_weights", [True, False])

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import gradwise as gw
-from gradwise import _strong_zeros as _sz
+from gradwise._strong_zeros._graph import _root_nodes, _walk
+from gradwise._strong_zeros._plan import _plan
 
 
 def _fed(cond: torch.Tensor, x: torch.Tensor, clean: bool) -> torch.Tensor:
@@ -65,10 +66,10 @@ def test_singular_backward_in_a_discarded_branch(name):
     x = torch.tensor(values, dtype=dtype, requires_grad=True)
     loss = program(x, False)
     assert loss.isfinite()
-    names = {type(n).__name__ for n in _sz._walk(_sz._root_nodes([loss]))}
+    names = {type(n).__name__ for n in _walk(_root_nodes([loss]))}
     assert node in names, f"the program no longer exercises {node}"
     assert torch.autograd.grad(loss, x, retain_graph=True)[0].isnan().any(), "PyTorch is no longer contaminated"
-    assert _sz._plan([loss], [None]) == "strong"
+    assert _plan([loss], [None]) == "strong"
     (got,) = gw.grad(loss, x)
     (expected,) = torch.autograd.grad(program(x, True), x)
     assert torch.equal(got, expected)
@@ -82,7 +83,7 @@ def test_singular_tests_stay_quiet_on_regular_points(name):
         pytest.skip("one branch of the signed cube root is NaN at every x but 0, which is singular itself")
     x = torch.tensor([0.75, 0.5, 0.25][: len(values)], dtype=dtype, requires_grad=True)
     loss = program(x, False)
-    assert _sz._plan([loss], [None]) == "plain"
+    assert _plan([loss], [None]) == "plain"
     assert torch.equal(gw.grad(loss, x)[0], torch.autograd.grad(program(x, False), x)[0])
 
 

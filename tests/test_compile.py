@@ -1,4 +1,4 @@
-"""Strong zeros under torch.compile (gradwise._compile, _compile_pass, _traced).
+"""Strong zeros under torch.compile (gradwise._strong_zeros._compile, _compile_pass, _traced).
 
 References are independent of the rules: the same program with the unused rows deleted (run eagerly, plain
 PyTorch), and on finite data the same compiled function's plain PyTorch gradient (bitwise). Compilation is slow
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import gradwise as gw
-from gradwise import _compile, _contract
-from gradwise._strong_zeros import _plan
+from gradwise._strong_zeros import _compile, _contract
+from gradwise._strong_zeros._plan import _plan
 
 with warnings.catch_warnings():  # inductor's first import warns from torch.jit (torch's own deprecation)
     warnings.simplefilter("ignore", DeprecationWarning)

@@ -28,7 +28,7 @@ import torch
 from torch.autograd import Function
 
 import gradwise as gw
-from gradwise import _contract
+from gradwise._strong_zeros import _contract
 
 nan = float("nan")
 

@@ -28,7 +28,7 @@ from _opdb import (
     same,
     samples,
 )
-from gradwise import _strong_zeros
+from gradwise._strong_zeros import _engine
 
 NR_SAMPLES = 8
 LIMIT, TRIED = 24, 3
@@ -85,7 +85,7 @@ def strong_path(request, monkeypatch):
     """'auto': gw.grad as shipped (on finite data it runs plain PyTorch, so equality is nearly by design).
     'forced': every backward goes through the strong-zero dispatch mode, so its rules must be exact too."""
     if request.param == "forced":
-        monkeypatch.setattr(_strong_zeros, "_plan", lambda *args, **kwargs: "strong")
+        monkeypatch.setattr(_engine, "_plan", lambda *args, **kwargs: "strong")
     return request.param
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import gradwise as gw
-from gradwise import _strong_zeros as _sz
+from gradwise._strong_zeros._plan import _plan
 
 inf = float("inf")
 
@@ -28,7 +28,7 @@ def _check(loss: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
     """x enters the loss through _relu_meets(w, x) alone: the reference is that term with w's -inf replaced by
     the dtype's lowest finite number (the unit stays off)."""
     assert loss.isfinite()
-    assert _sz._plan([loss], [None]) == "strong"
+    assert _plan([loss], [None]) == "strong"
     assert torch.autograd.grad(loss, x, retain_graph=True)[0].isnan().any()
     finite = w.detach().nan_to_num(neginf=torch.finfo(w.dtype).min)
     (expected,) = torch.autograd.grad(_relu_meets(finite, x), x)

@@ -1,5 +1,6 @@
-"""Rules for backwards the op_db sweep and the reported cases found contaminated (src/gradwise/_rules_opdb.py):
-logcumsumexp, segment_reduce, float32 LSTM (oneDNN). References: the programs with the unused values deleted."""
+"""Rules for backwards the op_db sweep and the reported cases found contaminated
+(src/gradwise/_strong_zeros/_rules_opdb.py): logcumsumexp, segment_reduce, float32 LSTM (oneDNN). References: the
+programs with the unused values deleted."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 import gradwise as gw
-from gradwise import _strong_zeros as _sz
+from gradwise._strong_zeros import _engine
 
 nan = float("nan")
 f64 = torch.float64
@@ -38,7 +39,7 @@ def test_logcumsumexp_forced_strong_pass_is_pytorch_bitwise(monkeypatch):
     g[:, 5:] = 0
     loss = (torch.logcumsumexp(x, 1)[:, :5] * g[:, :5]).sum()
     exp = torch.autograd.grad(loss, x, retain_graph=True)[0]
-    monkeypatch.setattr(_sz, "_plan", lambda *a: "strong")
+    monkeypatch.setattr(_engine, "_plan", lambda *a: "strong")
     assert torch.equal(gw.grad(loss, x)[0], exp)
 
 
@@ -85,7 +86,7 @@ def test_float32_lstm_finite_strong_pass_is_pytorch_bitwise(monkeypatch):
     loss = lstm(torch.randn(2, 5, 3))[0][:, :3].square().sum()
     params = list(lstm.parameters())
     exp = torch.autograd.grad(loss, params, retain_graph=True)
-    monkeypatch.setattr(_sz, "_plan", lambda *a: "strong")
+    monkeypatch.setattr(_engine, "_plan", lambda *a: "strong")
     for g, e in zip(gw.grad(loss, params), exp, strict=True):
         assert torch.equal(g, e)
 

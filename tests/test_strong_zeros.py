@@ -18,7 +18,16 @@ from torch.utils.checkpoint import checkpoint
 
 import case_files
 import gradwise as gw
-from gradwise import _strong_zeros as _sz
+from gradwise._strong_zeros._graph import _root_nodes, _walk
+from gradwise._strong_zeros._mode import _StrongZeroMode
+from gradwise._strong_zeros._node_facts import (
+    _MAKES_NO_ZEROS_IF,
+    COMPARES_SAVED_ONLY,
+    FUSED_BACKWARDS,
+    MAKES_NO_ZEROS,
+    _makes_zeros,
+)
+from gradwise._strong_zeros._plan import _plan
 
 nan, inf = float("nan"), float("inf")
 
@@ -362,7 +371,7 @@ _CUDA_ONLY_NODES = {"ScaledDotProductEfficientAttentionBackward0", "ScaledDotPro
                     "ScaledDotProductCudnnAttentionBackward0", "EfficientAttentionBackward0", "FlashAttentionBackward0"}
 
 
-@pytest.mark.parametrize("name", sorted(_sz.MAKES_NO_ZEROS | set(_sz._MAKES_NO_ZEROS_IF) | set(_sz.FUSED_BACKWARDS)))
+@pytest.mark.parametrize("name", sorted(MAKES_NO_ZEROS | set(_MAKES_NO_ZEROS_IF) | set(FUSED_BACKWARDS)))
 def test_nodes_that_make_no_structural_zeros(name):
     """The path check reads no saved tensor above these nodes: their backward must make no structural zero."""
     if name in _CUDA_ONLY_NODES and not torch.cuda.is_available():
@@ -370,8 +379,8 @@ def test_nodes_that_make_no_structural_zeros(name):
     assert name in NO_ZEROS_PROGRAMS, f"add a program producing {name} to NO_ZEROS_PROGRAMS"
     x = (torch.rand(4, 4, dtype=torch.float64) + 0.5).requires_grad_()
     out = NO_ZEROS_PROGRAMS[name](x)
-    assert name in {type(n).__name__ for n in _sz._walk(_sz._root_nodes([out]))}
-    mode = _sz._StrongZeroMode()
+    assert name in {type(n).__name__ for n in _walk(_root_nodes([out]))}
+    mode = _StrongZeroMode()
     with mode:
         (g,) = torch.autograd.grad(out, x, torch.rand_like(out) + 0.5)
     assert not mode.supports._masks, f"{name}'s backward made a structural zero"
@@ -382,7 +391,7 @@ def test_power_zero_makes_structural_zeros():
     """x ** 0: pow's backward returns zeros_like(x), so PowBackward0 counts as making zeros there."""
     x = torch.rand(3, dtype=torch.float64, requires_grad=True)
     node = (x**0).grad_fn
-    assert _sz._makes_zeros(node) and not _sz._makes_zeros((x**2).grad_fn)
+    assert _makes_zeros(node) and not _makes_zeros((x**2).grad_fn)
 
 
 @pytest.mark.parametrize(("stride", "dilation", "kernel"), [(1, 1, 3), (1, 1, 1), (2, 1, 1), (2, 1, 3), (1, 2, 3),
@@ -396,13 +405,13 @@ def test_convolution_counts_as_making_zeros_where_it_can(stride, dilation, kerne
     w = torch.rand(3, 2, kernel, kernel, dtype=torch.float64) + 0.5
     out = F.conv2d(x, w, stride=stride, dilation=dilation, padding=kernel // 2)
     assert type(out.grad_fn).__name__ == "ConvolutionBackward0"
-    mode = _sz._StrongZeroMode()
+    mode = _StrongZeroMode()
     with mode:
         (g,) = torch.autograd.grad(out, x, torch.rand_like(out) + 0.5)
     made = bool(mode.supports._masks)
-    assert _sz._makes_zeros(out.grad_fn) == (stride != 1 or dilation != 1)
+    assert _makes_zeros(out.grad_fn) == (stride != 1 or dilation != 1)
     if made:
-        assert _sz._makes_zeros(out.grad_fn)
+        assert _makes_zeros(out.grad_fn)
     if stride == dilation == 1:
         assert not made and (g != 0).all()
     if (stride, kernel) == (2, 1):
@@ -432,10 +441,10 @@ def test_positions_a_strided_convolution_never_reads_do_not_contaminate():
 def test_slicing_makes_structural_zeros():
     """The control for the table above: a slice's backward pads with structural zeros, and the mode sees it."""
     x = torch.rand(4, dtype=torch.float64, requires_grad=True)
-    mode = _sz._StrongZeroMode()
+    mode = _StrongZeroMode()
     with mode:
         torch.autograd.grad(x[:2].sum(), x)
-    assert mode.supports._masks and _sz._makes_zeros(x[:2].grad_fn)
+    assert mode.supports._masks and _makes_zeros(x[:2].grad_fn)
 
 
 @pytest.mark.parametrize(("name", "f"), [("ReluBackward0", torch.relu),
@@ -444,7 +453,7 @@ def test_slicing_makes_structural_zeros():
 def test_nodes_that_only_compare_their_saved_tensor(name, f):
     """The path check skips these nodes' saved tensors (COMPARES_SAVED_ONLY): NaN/Inf saved there must not
     turn a finite sensitivity, zeros included, into NaN/Inf."""
-    assert name in _sz.COMPARES_SAVED_ONLY
+    assert name in COMPARES_SAVED_ONLY
     x = torch.tensor([1.0, float("nan"), float("inf"), float("-inf"), -1.0, 0.0], requires_grad=True)
     y = f(x)
     assert type(y.grad_fn).__name__ == name
@@ -486,7 +495,7 @@ def test_decomposed_backward_keeps_pytorchs_bits_where_finite():
     def loss():
         return norm(x)[:16].square().sum() + torch.where(z > 0, z.sqrt(), z).sum()
 
-    assert _sz._plan([loss()], [None]) == "strong"
+    assert _plan([loss()], [None]) == "strong"
     got = gw.grad(loss(), [norm.weight, norm.bias, z])
     expected = torch.autograd.grad(loss(), [norm.weight, norm.bias, z])
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
@@ -527,7 +536,7 @@ def test_path_check_sees_a_normalised_nan_through_its_statistics(fill, group):
     x = torch.randn((8, 4, 3) if group else (8, 8), dtype=torch.float64)
     x[6].view(-1)[3] = fill
     loss = norm(x)[:4].square().sum()
-    assert _sz._plan([loss], [None]) == "strong"
+    assert _plan([loss], [None]) == "strong"
     assert gw.grad(loss, norm.weight)[0].isfinite().all()
 
 

@@ -6,15 +6,16 @@ import torch
 from torch import nn
 
 import gradwise as gw
-from gradwise import _strong_zeros as _sz
+from gradwise._strong_zeros._graph import _root_nodes
+from gradwise._strong_zeros._plan import _graph, _plan, _zero_reach
 
 nan = float("nan")
 f64 = torch.float64
 
 
 def _reach(loss):
-    roots = _sz._root_nodes([loss])
-    return _sz._zero_reach(roots, *_sz._graph(roots))
+    roots = _root_nodes([loss])
+    return _zero_reach(roots, *_graph(roots))
 
 
 def test_residual_connection_stops_structural_zeros():
@@ -46,7 +47,7 @@ def test_zeros_arriving_through_every_consumer_are_followed():
     x[4] = nan
     h = lin1(x)
     loss = h[:4].sum() + h[:3].square().sum()
-    assert _sz._plan([loss], ()) == "strong"
+    assert _plan([loss], ()) == "strong"
     got = gw.grad(loss, list(lin1.parameters()))
     h2 = lin1(x[:4])
     exp = torch.autograd.grad(h2.sum() + h2[:3].square().sum(), list(lin1.parameters()))
@@ -74,4 +75,4 @@ def test_transformer_layer_reads_only_below_its_feed_forward_relu():
     names = {type(n).__name__ for n, r in nodes.items() if r}
     assert "ReluBackward0" in names
     assert "ScaledDotProductFlashAttentionForCpuBackward0" not in names
-    assert _sz._plan([loss], ()) == "plain"
+    assert _plan([loss], ()) == "plain"

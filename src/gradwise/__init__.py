@@ -12,9 +12,6 @@ Public API (see ``docs/`` for one page per capability)::
                                                  exact calculus at non-differentiable points
 """
 
-from gradwise import _rules_attention, _rules_opdb  # noqa: F401  (register their rules)
-from gradwise._compile import CompiledBackwardWarning, compile_stats
-from gradwise._contract import GradwiseWarning, PlainBackwardWarning
 from gradwise._distributed import (
     NonfiniteGradientError,
     NonfiniteGuard,
@@ -26,9 +23,20 @@ from gradwise._distributed import (
 from gradwise._gradcheck import GradcheckResult, gradcheck
 from gradwise._nonsmooth import NonsmoothError, directional_derivative, generalized_backward, generalized_grad
 from gradwise._report import Finding, Report
-from gradwise._rules_registry import RuleHandle, Supports, register_rule
 from gradwise._stationarity import Stationarity, Subdifferential, stationarity, subdifferential
-from gradwise._strong_zeros import backward, grad, strong_zeros, unruled_ops
+from gradwise._strong_zeros import (
+    CompiledBackwardWarning,
+    GradwiseWarning,
+    PlainBackwardWarning,
+    RuleHandle,
+    Supports,
+    backward,
+    compile_stats,
+    grad,
+    register_rule,
+    strong_zeros,
+    unruled_ops,
+)
 from gradwise._trace import explain, trace
 from gradwise._watch import watch
 

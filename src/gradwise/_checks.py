@@ -29,7 +29,7 @@ def as_tensors(value: Any, what: str, where: str) -> tuple[torch.Tensor, ...]:
 
 def check_differentiable(tensors: Sequence[torch.Tensor], what: str, where: str) -> None:
     """Floating-point or complex, requiring grad: what autograd can differentiate (complex and sparse tensors
-    run as plain PyTorch with a warning: see _contract.py)."""
+    run as plain PyTorch with a warning: see _strong_zeros/_contract.py)."""
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             continue

@@ -7,6 +7,8 @@ logcumsumexp's backward (FunctionsManual.cpp, after TensorFlow) takes log|g| and
 recomputes the formula when its last op runs (the node's saved self, result and dim; g and its support stashed
 at its first op, ``abs(g)``), with the structural terms left out (-inf in log space) and the positions that no
 kept term reaches set to structural zeros.
+
+May import: torch, _rules, _rules_pointwise, _rules_bilinear, _rules_registry, _engine.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ from typing import Any
 
 import torch
 
-from gradwise import _strong_zeros as _sz
-from gradwise._rules_registry import _placement
+from gradwise._strong_zeros._engine import grad_in_pass
+from gradwise._strong_zeros._rules import _UNRULED, _in_formula, _is_float, _register, _run_unruled, _tracked_slots
+from gradwise._strong_zeros._rules_bilinear import _finite
+from gradwise._strong_zeros._rules_pointwise import _in_node, _linear, _sum
+from gradwise._strong_zeros._rules_registry import _placement
 
 aten = torch.ops.aten
 
@@ -35,13 +40,13 @@ def _abs(func, args, kwargs, sup):
     """abs: |x| is 0 exactly where x is, so a structural zero stays one (as _linear). In logcumsumexp's backward
     (its first op on g) the sensitivity and its support are kept for the formula's last op."""
     g = args[0]
-    if _sz._in_formula() and _sz._in_node(_LCSE) and _sz._is_float(g) and not g.is_complex():
+    if _in_formula() and _in_node(_LCSE) and _is_float(g) and not g.is_complex():
         s = sup.of(g)
         _STASH.lcse = None if s is None else [g, s.expand(g.shape), 0]
         out = func(*args, **kwargs)
         sup.record(out, None)  # the formula's result is recomputed at its end: its steps need no supports
         return out
-    return _sz._linear(func, args, kwargs, sup)
+    return _linear(func, args, kwargs, sup)
 
 
 def _reverse_logcumsumexp(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -67,11 +72,11 @@ def _sub(func, args, kwargs, sup):
     """sub, as _sum. The last op of logcumsumexp's backward (output_pos - output_neg) returns the exact gradient
     computed from the stash (see the module docstring) instead."""
     stash = _STASH.lcse
-    if stash is None or not _sz._in_node(_LCSE):
-        return _sz._sum(func, args, kwargs, sup)
+    if stash is None or not _in_node(_LCSE):
+        return _sum(func, args, kwargs, sup)
     stash[2] += 1
     if stash[2] < 3:  # log|g+| - result, log|g-| - result, then output_pos - output_neg
-        return _sz._sum(func, args, kwargs, sup)
+        return _sum(func, args, kwargs, sup)
     _STASH.lcse = None
     g, s = stash[0], stash[1]
     out, kept = _logcumsumexp_grad(g, s, torch._C._current_autograd_node())
@@ -80,8 +85,8 @@ def _sub(func, args, kwargs, sup):
     return out
 
 
-_sz._register(aten.abs.default)(_abs)
-_sz._register(aten.sub.Tensor)(_sub)
+_register(aten.abs.default)(_abs)
+_register(aten.sub.Tensor)(_sub)
 
 
 def _segment_reduce_backward(func, args, kwargs, sup):
@@ -90,12 +95,12 @@ def _segment_reduce_backward(func, args, kwargs, sup):
     share of the selected extreme), so an element whose segment's sensitivity is a structural zero gets one (a
     dropped segment's NaN data then meets no zero downstream). prod's weights are values: run as it is."""
     reduce = args[3] if len(args) > 3 else kwargs.get("reduce")
-    if reduce not in ("sum", "mean", "max", "min") or _sz._tracked_slots(args, sup) not in ([], [0]):
-        return _sz._run_unruled(func, args, kwargs, sup, "a value-weighted reduction" if sup.tracked(args[0]) else None)
+    if reduce not in ("sum", "mean", "max", "min") or _tracked_slots(args, sup) not in ([], [0]):
+        return _run_unruled(func, args, kwargs, sup, "a value-weighted reduction" if sup.tracked(args[0]) else None)
     return _placement(func, args, kwargs, sup)
 
 
-_sz._register(aten._segment_reduce_backward)(_segment_reduce_backward)
+_register(aten._segment_reduce_backward)(_segment_reduce_backward)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -139,9 +144,9 @@ def _mkldnn_rnn_layer_backward(func, args, kwargs, sup):
     seeds = [(i, args[i]) for i in (10, 11, 12) if isinstance(args[i], torch.Tensor)]
     tracked = any(sup.tracked(g) for _, g in seeds)
     if not tracked or args[14] != _LSTM or args[20] or args[0].dim() != 3 or \
-            all(not isinstance(o, torch.Tensor) or _sz._finite(o) for o in fused):
+            all(not isinstance(o, torch.Tensor) or _finite(o) for o in fused):
         if tracked and args[14] != _LSTM:
-            _sz._UNRULED.add(f"{func} (not an LSTM)")
+            _UNRULED.add(f"{func} (not an LSTM)")
         for o in fused:
             if isinstance(o, torch.Tensor):
                 sup.record(o, None)
@@ -153,7 +158,7 @@ def _mkldnn_rnn_layer_backward(func, args, kwargs, sup):
     with _autograd_on(), torch.enable_grad():
         y, hy, cy = _lstm_layer(*leaves, args[13])
     outputs = [(y, hy, cy)[i - 10] for i, _ in seeds]
-    grads = _sz.grad_in_pass(outputs, [v for v in leaves if v is not None], [g for _, g in seeds], sup)
+    grads = grad_in_pass(outputs, [v for v in leaves if v is not None], [g for _, g in seeds], sup)
     it = iter(grads)
     decomposed = [None if v is None else next(it) for v in leaves]
     out = []
@@ -167,4 +172,4 @@ def _mkldnn_rnn_layer_backward(func, args, kwargs, sup):
     return tuple(out)
 
 
-_sz._register(aten.mkldnn_rnn_layer_backward)(_mkldnn_rnn_layer_backward)
+_register(aten.mkldnn_rnn_layer_backward)(_mkldnn_rnn_layer_backward)

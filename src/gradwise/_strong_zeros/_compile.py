@@ -4,7 +4,7 @@ Where the pass hooks in, and why
 --------------------------------
 A compiled function's backward is one autograd node whose work happens in a generated kernel, out of
 reach of the eager dispatch mode. gradwise serves it at *backward* time, from the engine hook that already runs
-before every backward under strong zeros (``_strong_zeros._engine_run``):
+before every backward under strong zeros (``_engine._engine_run``):
 
 1. Each ``CompiledFunctionBackward`` in the graph gets a second compiled backward, built once from AOTAutograd's
    backward FX graph with ``_compile_pass.rewrite_backward`` added to ``torch._inductor.config.
@@ -28,11 +28,13 @@ before every backward under strong zeros (``_strong_zeros._engine_run``):
    (``CompiledBackwardWarning``), naming the node and the fix.
 
 Still duplicated between the two consumers: the pass's rules (``_compile_pass.PASS_RULES``, on graph nodes)
-restate a subset of ``_strong_zeros.RULES`` (on tensors) for the ops AOTAutograd's decomposed graphs contain.
+restate a subset of ``_rules.RULES`` (on tensors) for the ops AOTAutograd's decomposed graphs contain.
 Ops only those graphs contain (``prims.fma``) get one eager rule, registered into ``RULES``.
 
 Traced backwards (AOTAutograd tracing the joint graph on fake tensors) are never inspected: ``_plan`` steps
 aside for them (``_traced``).
+
+May import: torch, and (inside functions, at call time) _compile_pass, _supports, _rules, _graph, _plan.
 """
 
 from __future__ import annotations
@@ -66,16 +68,16 @@ def strong_zero_pass() -> Any:
     """The inductor ``CustomGraphPass`` that applies strong zeros to backward graphs (forward graphs untouched).
 
     It is installed by gradwise for the compiles it makes; it can also be installed by hand, e.g.
-    ``torch._inductor.config.post_grad_custom_pre_pass = gw._compile.strong_zero_pass()``, to make every
-    inductor backward use strong zeros (inside or outside ``gw.strong_zeros()``)."""
+    ``torch._inductor.config.post_grad_custom_pre_pass = gw._strong_zeros._compile.strong_zero_pass()``, to make
+    every inductor backward use strong zeros (inside or outside ``gw.strong_zeros()``)."""
     global _PASS
     if _PASS is None:
-        from gradwise import _compile_pass
+        from gradwise._strong_zeros import _compile_pass
 
         digest = hashlib.sha256(Path(_compile_pass.__file__).read_bytes()).hexdigest()
 
         class StrongZeroPass(_pass_base()):  # type: ignore[misc]
-            """Strong zeros over AOTAutograd's backward graph (see gradwise._compile_pass)."""
+            """Strong zeros over AOTAutograd's backward graph (see gradwise._strong_zeros._compile_pass)."""
 
             def __call__(self, graph: torch.fx.Graph) -> None:
                 _compile_pass.rewrite_backward(graph)
@@ -112,7 +114,7 @@ def _is_compiled(node: Any) -> bool:
 
 def compiled_nodes(roots: Sequence[Any]) -> list[Any]:
     """The CompiledFunctionBackward nodes reachable from ``roots``."""
-    from gradwise._strong_zeros import _walk
+    from gradwise._strong_zeros._graph import _walk
 
     return [n for n in _walk(roots) if _is_compiled(n)]
 
@@ -216,7 +218,7 @@ def _zeros_made_here(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
 def _fma(func: Any, args: tuple, kwargs: dict, sup: Any) -> Any:
     """prims.fma(a, b, c) = a * b + c, met in decomposed backward graphs (softmax's): the product and the sum
     through their own rules."""
-    from gradwise._strong_zeros import lookup
+    from gradwise._strong_zeros._rules import lookup
 
     a, b, c = args
     mul, add = torch.ops.aten.mul.Tensor, torch.ops.aten.add.Tensor
@@ -224,8 +226,8 @@ def _fma(func: Any, args: tuple, kwargs: dict, sup: Any) -> Any:
 
 
 def _register_graph_ops() -> None:
-    """Eager rules for ops that only AOTAutograd's graphs contain (one rule table: _strong_zeros.RULES)."""
-    from gradwise._strong_zeros import RULES
+    """Eager rules for ops that only AOTAutograd's graphs contain (one rule table: _rules.RULES)."""
+    from gradwise._strong_zeros._rules import RULES
 
     RULES.setdefault(torch.ops.prims.fma.default, _fma)
 
@@ -312,7 +314,7 @@ def _swapped(nodes: Sequence[Any], eager: bool) -> Iterator[list[Any]]:
 
 
 def _holds_nonfinite(result: Any, leaves: Sequence[torch.Tensor]) -> bool:
-    from gradwise._strong_zeros import _all_finite
+    from gradwise._strong_zeros._plan import _all_finite
 
     if result is not None:
         tensors = [r for r in result if isinstance(r, torch.Tensor) and r.is_floating_point()]
@@ -352,7 +354,8 @@ def compiled_run(run: Callable[[bool | None], Any], t_outputs: Sequence[Any], in
     """Wrap the engine call of one backward under strong zeros (not the plain path) so that compiled nodes in
     its graph run their strong-zero variants: compiled with the pass outside the eager mode, op by op under
     it. ``run`` itself when the graph has no compiled node."""
-    from gradwise._strong_zeros import _STATE, _leaves, _root_nodes
+    from gradwise._strong_zeros._graph import _leaves, _root_nodes
+    from gradwise._strong_zeros._supports import _STATE
 
     nodes = compiled_nodes(_root_nodes(t_outputs))
     if not nodes:

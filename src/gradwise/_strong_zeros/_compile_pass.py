@@ -1,6 +1,6 @@
 """Strong zeros as a graph transformation of a compiled backward (AOTAutograd's backward FX graph, post-grad).
 
-The eager mode (``_strong_zeros._StrongZeroMode``) keeps a bool *support* per tensor at run time. Here the
+The eager mode (``_mode._StrongZeroMode``) keeps a bool *support* per tensor at run time. Here the
 supports are nodes of the graph itself: bool tensors computed next to the values they describe, from the same
 facts (how supports arise, travel and annihilate), with no ``.item()``, no host sync and no data-dependent
 guard, so inductor fuses them into its kernels. A support is one of
@@ -26,6 +26,8 @@ Only *sensitivities* (nodes that depend on a ``tangents_*`` input) and constant 
 value recomputed in the backward (``where(x > 0, x, 0)``) is a value, and a NaN it multiplies stays. Where the
 pass knows no rule the support is ``None``: a NaN/Inf may remain (the runtime check in ``_compile`` then
 re-runs that backward through the eager rules), never a wrong finite number.
+
+May import: torch (torch.fx) only.
 """
 
 from __future__ import annotations

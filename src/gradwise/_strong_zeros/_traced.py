@@ -5,6 +5,8 @@ under a FakeTensorMode; torch.func wraps tensors (vmap's BatchedTensor, grad's G
 tensors have no data. None of them can be read (``data_ptr``, ``.item()``, a Python branch on a value), so
 every data-dependent step of gradwise asks ``traced`` first and steps aside: a traced backward is a graph that
 gradwise serves elsewhere (the compiled-graph pass of ``_compile``), not numbers to check.
+
+May import: torch only.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ An op without a rule that meets a structural zero in a backward runs as plain Py
 as fully supported (listed by ``gw.unruled_ops()``): a NaN it multiplies by a zero may remain, never a wrong
 finite number. ``register_rule`` tells gradwise how supports pass through such an op, usually the op that
 computes a custom op's backward. See docs/nan-sources.md ("Rules for your own ops").
+
+May import: torch, _rules, _rules_pointwise.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any
 
 import torch
 
-from gradwise import _strong_zeros as _sz
+from gradwise._strong_zeros._rules import RULES, Rule, _annihilate, _is_float
+from gradwise._strong_zeros._rules_pointwise import _linear, _mul
 
 __all__ = ["RuleHandle", "Supports", "register_rule"]
 
@@ -56,17 +59,17 @@ def _placement(func, args, kwargs, sup):
     ones = torch.ones_like(args[0]) if s is None else s.expand(args[0].shape).to(args[0].dtype)
     counts = func(ones, *args[1:], **kwargs)  # the op's own zeros (rows a scatter never reaches) are structural
     for o, c in zip(*(x if isinstance(x, (tuple, list)) else (x,) for x in (out, counts)), strict=True):
-        if _sz._is_float(o):
+        if _is_float(o):
             support = c > 0
-            sup.record(_sz._annihilate(o, support), support)
+            sup.record(_annihilate(o, support), support)
     return out
 
 
-FAMILIES: dict[str, _sz.Rule] = {
+FAMILIES: dict[str, Rule] = {
     # pointwise and linear in the first argument: out is a structural zero wherever it is (activation backwards)
-    "linear": _sz._linear,
+    "linear": _linear,
     # pointwise product of the first two arguments: a structural zero of either annihilates the other
-    "product": _sz._mul,
+    "product": _mul,
     "placement": _placement,
 }
 
@@ -74,14 +77,14 @@ FAMILIES: dict[str, _sz.Rule] = {
 class RuleHandle:
     """Returned by ``register_rule``; ``remove()`` restores what was registered for the op before."""
 
-    def __init__(self, key: Any, previous: _sz.Rule | None) -> None:
+    def __init__(self, key: Any, previous: Rule | None) -> None:
         self._key, self._previous = key, previous
 
     def remove(self) -> None:
         if self._previous is None:
-            _sz.RULES.pop(self._key, None)
+            RULES.pop(self._key, None)
         else:
-            _sz.RULES[self._key] = self._previous
+            RULES[self._key] = self._previous
 
 
 def _key(op: Any) -> Any:
@@ -98,7 +101,7 @@ def _key(op: Any) -> Any:
                     f"name 'ns::name', got {type(op).__name__}")
 
 
-def _wrap(rule: RuleFunction) -> _sz.Rule:
+def _wrap(rule: RuleFunction) -> Rule:
     def wrapped(func, args, kwargs, sup):
         return rule(func, args, kwargs, Supports(sup))
 
@@ -145,11 +148,11 @@ def register_rule(op: Any, rule: str | RuleFunction, *, replace: bool = False) -
     else:
         raise TypeError(f"gw.register_rule: rule must be a family name or a function, got {type(rule).__name__}")
     key = _key(op)
-    previous = _sz.RULES.get(key)
+    previous = RULES.get(key)
     if previous is not None and not replace:
         raise ValueError(f"gw.register_rule: {key} already has a strong-zero rule ({previous.__name__}); pass "
                          f"replace=True to override it")
-    _sz.RULES[key] = body
+    RULES[key] = body
     return RuleHandle(key, previous)
 
 
@@ -160,4 +163,4 @@ def register_rule(op: Any, rule: str | RuleFunction, *, replace: bool = False) -
 # tests/test_custom_rules.py, which runs the same rule on a pure-PyTorch op with torchvision's schema).
 for _name in ("torchvision::_roi_align_backward", "torchvision::_roi_pool_backward",
               "torchvision::_ps_roi_align_backward", "torchvision::_ps_roi_pool_backward"):
-    _sz.RULES.setdefault(_name, _placement)
+    RULES.setdefault(_name, _placement)

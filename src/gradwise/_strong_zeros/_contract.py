@@ -14,6 +14,8 @@ with a :class:`PlainBackwardWarning` (a :class:`GradwiseWarning`, so ``-W error`
 deliberately). Meta tensors hold no values, so no NaN can meet a zero there: their backward runs plain silently.
 This module also normalises ``gw.grad``/``gw.backward`` arguments the way ``torch.autograd`` does (generators,
 dicts, GradientEdge).
+
+May import: torch only.
 """
 
 from __future__ import annotations

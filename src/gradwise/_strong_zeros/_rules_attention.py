@@ -13,6 +13,8 @@ would meet those zeros in dQ. The rule *replaces* (never removes: the kernel run
 blocks, so kept results are PyTorch's bits) the discarded rows by g = q = out = 0 and lse = +inf (then
 P = 0 and dS = 0 exactly) and the unused keys by k = v = 0, then records the supports. One rule body serves
 every backward SDPA can pick (CPU flash, CUDA flash, memory-efficient, cuDNN), described by ``_Spec``.
+
+May import: torch, gradwise._masks, _rules, _node_facts.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from typing import Any
 
 import torch
 
-from gradwise import _strong_zeros as _sz
 from gradwise._masks import mask_all, mask_any
+from gradwise._strong_zeros._node_facts import _MAKES_NO_ZEROS_IF, _NOT_READ, _OWN_ZEROS_INSIDE, NODE_FACTS
+from gradwise._strong_zeros._rules import _annihilate, _register, _run_unruled, _tracked_slots
 
 aten = torch.ops.aten
 
@@ -96,7 +99,7 @@ def _record(sup: Any, out: Any, support: torch.Tensor | None) -> None:
         return
     if support is not None:
         support = support.expand(out.shape)
-        _sz._annihilate(out, support)
+        _annihilate(out, support)
     sup.record(out, support)
 
 
@@ -104,18 +107,18 @@ def _attention_backward(func, args, kwargs, sup):
     """Fused SDPA backwards (see the module docstring): discarded query rows and unused keys are replaced by
     harmless values before the kernel runs; their gradients are structural zeros."""
     spec = SPECS[func]
-    tracked = _sz._tracked_slots(args, sup)
+    tracked = _tracked_slots(args, sup)
     if tracked not in ([], [0]):
-        return _sz._run_unruled(func, args, kwargs, sup, "a tracked query, key, value or output")
+        return _run_unruled(func, args, kwargs, sup, "a tracked query, key, value or output")
     if any(isinstance(a, torch.Tensor) and a.numel() for a in (_arg(args, kwargs, i) for i in spec.varlen)):
-        return _sz._run_unruled(func, args, kwargs, sup, "packed variable-length sequences" if tracked else None)
+        return _run_unruled(func, args, kwargs, sup, "packed variable-length sequences" if tracked else None)
     g, q, k, v = args[:4]
     out, lse = args[spec.out], args[spec.lse]
     mask = _arg(args, kwargs, spec.mask)
     causal = _arg(args, kwargs, spec.causal, spec.causal_default)
     qc, kc = (_canonical(t, spec.blhe) for t in (q, k))
     if qc.dim() != 4 or kc.dim() != 4 or qc.shape[1] % kc.shape[1]:
-        return _sz._run_unruled(func, args, kwargs, sup, "an unexpected shape" if tracked else None)
+        return _run_unruled(func, args, kwargs, sup, "an unexpected shape" if tracked else None)
     lq, lk, kv_heads = qc.shape[2], kc.shape[2], kc.shape[1]
     s = sup.of(g)
     sc = None if s is None else _canonical(s.expand(g.shape), spec.blhe)  # (B, Hq, Lq, Ev)
@@ -124,7 +127,7 @@ def _attention_backward(func, args, kwargs, sup):
         rows = sc = None
     allowed = _allowed(spec, mask, causal, lq, lk, q.device)
     if rows is None and allowed is None:
-        return _sz._run_unruled(func, args, kwargs, sup, None)
+        return _run_unruled(func, args, kwargs, sup, None)
     # keys some kept query row may attend to: (B, Hkv, Lk)
     if allowed is None:
         used = mask_any(rows, -1, keepdim=True).expand(*rows.shape[:2], lk)
@@ -135,7 +138,7 @@ def _attention_backward(func, args, kwargs, sup):
     cols = None if sc is None else _fold_heads(mask_any(sc, -2), kv_heads)  # (B, Hkv, Ev): value columns read
     keep_v = used.unsqueeze(-1) if cols is None else used.unsqueeze(-1) & cols.unsqueeze(-2)
     if rows is None and mask_all(used):
-        return _sz._run_unruled(func, args, kwargs, sup, None)
+        return _run_unruled(func, args, kwargs, sup, None)
     new = list(args)
     new_kwargs = dict(kwargs)
     back = lambda t: _canonical(t, spec.blhe)  # a transpose is its own inverse
@@ -175,7 +178,7 @@ def _attention_backward(func, args, kwargs, sup):
     return outs
 
 
-_sz._register(*SPECS)(_attention_backward)
+_register(*SPECS)(_attention_backward)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -233,8 +236,8 @@ def _causal_keys_all_read(node: Any) -> bool:
 
 
 for _name in _MASK_ATTRS:
-    _sz.NODE_FACTS[_name] = _mask_singular(_name)
-    _sz._MAKES_NO_ZEROS_IF[_name] = _makes_no_zeros(_name)
-    _sz._OWN_ZEROS_INSIDE[_name] = _causal_keys_all_read
+    NODE_FACTS[_name] = _mask_singular(_name)
+    _MAKES_NO_ZEROS_IF[_name] = _makes_no_zeros(_name)
+    _OWN_ZEROS_INSIDE[_name] = _causal_keys_all_read
     if _MASK_ATTRS[_name]:
-        _sz._NOT_READ[_name] = (_MASK_ATTRS[_name],)
+        _NOT_READ[_name] = (_MASK_ATTRS[_name],)

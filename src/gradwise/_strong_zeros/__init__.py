@@ -1,0 +1,81 @@
+"""Strong zeros: a structurally-zero sensitivity annihilates whatever it meets, NaN and Inf included.
+
+How it works (docs/strong-zeros-design.md)
+------------------------------------------
+Before every backward under strong zeros, ``_plan`` walks the graph. Contamination needs a structural zero
+(born where a backward pads, selects or has a flat region: slice, where, relu, ...) to meet a NaN/Inf from a
+saved tensor or a singular point (x / 0). When none can meet, plain PyTorch runs untouched (bitwise). When one
+can, the backward runs once under ``_StrongZeroMode``: a TorchDispatchMode that keeps, for every tensor the
+backward writes, its *support* (the elements that may be nonzero; the others are structural zeros). The rules
+in ``RULES`` say how supports arise and travel (views share their storage's mask, ``add`` unites, ``mul``
+intersects), and they annihilate NaN/Inf wherever an element outside the support multiplies it. Graphs with
+nodes gradwise knows nothing about (custom Functions, rarer ops) run once under the mode as well: the
+strong-zero result differs from PyTorch's only where PyTorch computed 0 x NaN, 0 x Inf or 0 / 0, which is NaN,
+and that NaN either reaches a gradient or is dropped by a later selection, where both agree. Backwards the mode
+cannot read or follow (torch.func transforms, batched gradients, complex/sparse/mkldnn/nested tensors) run as
+plain PyTorch with a warning (_contract.py).
+
+Modules (each imports only those above it in this list, plus torch and gradwise._masks / gradwise._checks)
+-----------------------------------------------------------------------------------------------------
+``_traced``          whether tensors are traced (FakeTensor, FunctionalTensor): graphs, not numbers to check.
+``_contract``        what the mode can read and follow; the plain-PyTorch fallbacks and their warnings.
+``_supports``        ``_Supports`` (one bool mask per storage) and the per-thread pass state ``_STATE``.
+``_rules``           the rule table ``RULES``: ``_register``, ``lookup``, the helpers rules share, ``unruled_ops``.
+``_rules_pointwise`` rules for creation, comparison/mask, elementwise product/sum, where, placement, copy.
+``_rules_bilinear``  rules for mm/bmm, mv and convolution_backward.
+``_rules_backward``  rules for single fused backwards (softmax, nll, solves, cdist, grid_sampler, CTC, ...).
+``_mode``            ``_StrongZeroMode``, the TorchDispatchMode that applies the rules; ``DECOMPOSED``.
+``_node_facts``      facts per autograd node name (``NODE_FACTS``, ``MAKES_NO_ZEROS``, ``FUSED_BACKWARDS``, ...).
+``_graph``           walking an autograd graph: ``_walk``, ``_root_nodes``, ``_leaves``, ``_release_graph``.
+``_plan``            the pre-backward plan: ``_plan``, ``_zero_reach``, ``_all_finite``.
+``_compile_pass``    the same rules over AOTAutograd's backward graphs (torch.compile).
+``_compile``         compiled backwards under strong zeros: the pass, the runtime check, ``compile_stats``.
+``_engine``          the engine hook, the strong pass, ``strong_zeros()``, ``grad``, ``backward`` (and the rebound
+                     globals ``_installed``, ``_original_engine_run``, ``_process_wide``: read as ``_engine.<name>``).
+``_rules_attention`` rules for the fused attention backwards (sdpa) and their node facts.
+``_rules_registry``  ``register_rule`` / ``Supports`` / ``RuleHandle``: rules for ops gradwise does not know.
+``_rules_opdb``      rules for the backwards the op_db sweep and the reported cases found contaminated.
+
+Other concerns (trace, watch, distributed, cli) import from this package's modules; nothing here imports them.
+"""
+
+# Importing the rule modules registers their rules in RULES, in this order (RULES' order as before the split).
+# isort: off
+from gradwise._strong_zeros import _rules_pointwise, _rules_bilinear, _rules_backward  # noqa: F401
+from gradwise._strong_zeros import _rules_attention, _rules_opdb  # noqa: F401
+# isort: on
+from gradwise._strong_zeros._compile import CompiledBackwardWarning, compile_stats
+from gradwise._strong_zeros._contract import GradwiseWarning, PlainBackwardWarning
+from gradwise._strong_zeros._engine import backward, grad, strong_zeros, strong_zeros_process_wide
+
+# What the other concerns read of strong zeros as ``_strong_zeros.<name>`` (gradwise._trace: _STATE, lookup,
+# _decomposition, _StrongZeroMode; gradwise._watch: _root_nodes, _leaves, _release_graph, _walk;
+# gradwise._distributed: _register). None of these names is ever rebound, so these are the very objects the
+# modules below use. A name that is rebound or monkeypatched (_engine._plan, _engine._process_wide) is not here.
+from gradwise._strong_zeros._graph import _leaves as _leaves
+from gradwise._strong_zeros._graph import _release_graph as _release_graph
+from gradwise._strong_zeros._graph import _root_nodes as _root_nodes
+from gradwise._strong_zeros._graph import _walk as _walk
+from gradwise._strong_zeros._mode import _decomposition as _decomposition
+from gradwise._strong_zeros._mode import _StrongZeroMode as _StrongZeroMode
+from gradwise._strong_zeros._rules import RULES, unruled_ops
+from gradwise._strong_zeros._rules import _register as _register
+from gradwise._strong_zeros._rules import lookup as lookup
+from gradwise._strong_zeros._rules_registry import RuleHandle, Supports, register_rule
+from gradwise._strong_zeros._supports import _STATE as _STATE
+
+__all__ = [
+    "RULES",
+    "CompiledBackwardWarning",
+    "GradwiseWarning",
+    "PlainBackwardWarning",
+    "RuleHandle",
+    "Supports",
+    "backward",
+    "compile_stats",
+    "grad",
+    "register_rule",
+    "strong_zeros",
+    "strong_zeros_process_wide",
+    "unruled_ops",
+]

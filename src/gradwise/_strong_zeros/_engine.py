@@ -1,0 +1,334 @@
+"""The strong-zero engine: the hook on ``torch.autograd._engine_run_backward`` (``_engine_run``), the strong
+pass (``_run_strong``, ``_nested``, ``grad_in_pass``), and the public ``strong_zeros()``, ``grad`` and
+``backward``. The rebound globals ``_installed``, ``_original_engine_run`` and ``_process_wide`` live here only:
+read them as ``_engine.<name>``.
+
+May import: torch, gradwise._checks, _contract, _compile, _supports, _mode, _graph, _plan; and lazily (inside
+``_under_traces``) gradwise._trace's ``_Tracer``, to keep a trace's recorders above the strong-zero mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.autograd.graph import GradientEdge
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+from gradwise._checks import as_tensors, check_differentiable, check_scalar_or_seeded
+from gradwise._strong_zeros import _contract
+from gradwise._strong_zeros._compile import compiled_run
+from gradwise._strong_zeros._graph import _leaves, _release_graph, _root_nodes
+from gradwise._strong_zeros._mode import _StrongZeroMode
+from gradwise._strong_zeros._plan import _all_finite, _plan
+from gradwise._strong_zeros._supports import _STATE, _Supports
+
+# ---------------------------------------------------------------------------------------------------------
+# The mode that applies the rules, and the two-phase backward.
+# ---------------------------------------------------------------------------------------------------------
+
+
+_INSTALL_LOCK = threading.Lock()
+_installed = 0
+_original_engine_run: Callable[..., Any] | None = None
+_process_wide = False  # `gradwise run --strong-zeros`: every thread's backward, see strong_zeros_process_wide
+
+
+def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), allow_unreachable=True,
+                accumulate_grad=True):
+    """Replacement for ``torch.autograd._engine_run_backward`` while strong zeros are on (thread-local). Every
+    path calls the engine exactly once with the caller's retain_graph/create_graph, so what the engine frees,
+    what a backward sees (``_get_current_graph_task_keep_graph``) and what hooks run are PyTorch's."""
+    assert _original_engine_run is not None
+
+    def run(retain):
+        return _original_engine_run(t_outputs, grad_tensors, retain, create_graph, inputs,
+                                    allow_unreachable=allow_unreachable, accumulate_grad=accumulate_grad)
+
+    if _STATE.depth == 0 and not _process_wide:
+        return run(retain_graph)  # strong zeros off in this thread
+    if _STATE.in_mode:  # a backward started inside the strong-zero pass (a checkpoint's recomputation calling
+        # autograd.grad, a custom backward): its own backward, planned as if it ran outside, as in the forward
+        return _nested(_engine_run, t_outputs, grad_tensors, retain_graph, create_graph, inputs, allow_unreachable,
+                       accumulate_grad)
+    plan, _STATE.planned = _STATE.planned, None  # chosen already by gw.grad/gw.backward, or not
+    if plan is None:
+        why = _contract.plain_reason(t_outputs, inputs or (), grad_tensors or ())
+        if why is None:
+            try:
+                with _disable_current_modes() if torch._C._len_torch_dispatch_stack() else contextlib.nullcontext():
+                    plan = _plan(t_outputs, grad_tensors)  # modes around backward (a trace) don't see our checks
+            except _contract.Unreadable as e:
+                why = e.reason
+        if why is not None:
+            _contract.warn_plain(why)
+            plan = "plain"
+    if plan == "plain":
+        return run(retain_graph)
+    # 'strong', or 'check' (nodes gradwise knows nothing about): one pass under the mode. A plain pass first
+    # with a re-run on NaN would force retain_graph, run hooks and custom backwards twice, and hold what the
+    # engine frees (custom Functions' saved tensors) until the graph dies.
+    run = compiled_run(run, t_outputs, inputs, accumulate_grad)  # torch.compile'd nodes: _compile
+    if plan == "check" and getattr(run, "one_pass", True) is False:
+        # compiled nodes whose strong variant (the inductor pass) runs outside the mode: compiled speed and
+        # PyTorch's bits on finite data; the mode only if a NaN still crosses a graph boundary
+        return _compiled_check_run(run, t_outputs, inputs, retain_graph, create_graph, accumulate_grad)
+    return _run_strong(run, retain_graph, create_graph, t_outputs)
+
+
+def _compiled_check_run(run, t_outputs, inputs, retain_graph, create_graph, accumulate_grad):
+    """Run a graph with compiled nodes through their strong variants with the graph kept; only if a gradient
+    holds NaN/Inf, run it again under the mode (compiled nodes op by op). The graph is then released as the
+    engine would have released it."""
+    stash: list[tuple[torch.Tensor, torch.Tensor]] = []
+    leaves = _leaves(t_outputs, inputs) if accumulate_grad else []
+    for leaf in leaves:
+        if leaf.grad is not None:
+            stash.append((leaf, leaf.grad))
+            leaf.grad = None
+    try:
+        result = run(True)
+        if _all_finite([leaf.grad for leaf in leaves if leaf.grad is not None] if accumulate_grad
+                       else [r for r in result if r is not None]):
+            if not retain_graph:
+                _release_graph(_root_nodes(t_outputs))
+        else:
+            for leaf in leaves:
+                leaf.grad = None
+            result = _run_strong(run, retain_graph, create_graph, t_outputs)
+    finally:
+        for leaf, old in stash:
+            if leaf.grad is None:
+                leaf.grad = old
+            elif create_graph:
+                leaf.grad = old + leaf.grad
+            else:
+                leaf.grad = old.add_(leaf.grad)
+    return result
+
+
+def grad_in_pass(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], seeds: Sequence[torch.Tensor],
+                 supports: _Supports) -> tuple[torch.Tensor | None, ...]:
+    """``torch.autograd.grad(outputs, inputs, seeds, allow_unused=True)`` as part of the strong-zero pass that is
+    running (a rule that differentiates a decomposition of its op): under a mode that shares ``supports``, so the
+    seeds' structural zeros stay structural. A plain ``torch.autograd.grad`` there would be a nested backward,
+    planned afresh outside the pass (``_nested``), with seeds it knows nothing about."""
+    mode = _StrongZeroMode()
+    mode.supports = supports
+    engine_run = _original_engine_run or torch.autograd.graph._engine_run_backward  # a trace's re-run: not installed
+    outer = _STATE.in_mode
+    _STATE.in_mode = True
+    try:
+        with mode:
+            return engine_run(tuple(outputs), tuple(seeds), False, False, tuple(inputs),
+                              allow_unreachable=True, accumulate_grad=False)
+    finally:
+        _STATE.in_mode = outer
+
+
+def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
+    """Run a backward started inside the strong-zero pass outside of that pass's mode."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode_temporarily
+
+    outer = _STATE.in_mode, _STATE.create_graph, _STATE.outputs_finite
+    _STATE.in_mode = False
+    try:
+        if isinstance(_get_current_dispatch_mode(), _StrongZeroMode):
+            with _pop_mode_temporarily():
+                return engine_run(*args)
+        return engine_run(*args)
+    finally:
+        _STATE.in_mode, _STATE.create_graph, _STATE.outputs_finite = outer
+
+
+def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, create_graph: bool,
+                outputs: Sequence[Any] = ()) -> Any:
+    outer = _STATE.create_graph, _STATE.outputs_finite
+    _STATE.create_graph, _STATE.in_mode = create_graph, True
+    _STATE.outputs_finite = all(bool(t.isfinite().all()) for t in outputs
+                                if isinstance(t, torch.Tensor) and t.is_floating_point())
+    try:
+        with _under_traces(_StrongZeroMode()):
+            return run(retain_graph)
+    finally:
+        (_STATE.create_graph, _STATE.outputs_finite), _STATE.in_mode = outer, False
+
+
+@contextlib.contextmanager
+def _under_traces(mode: TorchDispatchMode) -> Iterator[None]:
+    """Enter ``mode`` below the gw.trace() recorders on top of the mode stack, so that a trace sees the backward
+    ops PyTorch issues and their strong-zero results, not the strong-zero rules' own ops (which it would read
+    as NaN made from finite values). Other modes (fake tensors, proxies) stay below ``mode`` as before."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode, _push_mode
+
+    from gradwise._trace import _Tracer  # lazily: _trace imports this module
+
+    above = []
+    while isinstance(_get_current_dispatch_mode(), _Tracer):
+        above.append(_pop_mode())
+    try:
+        with mode:
+            for tracer in reversed(above):
+                _push_mode(tracer)
+            try:
+                yield
+            finally:
+                for _ in above:
+                    _pop_mode()
+    finally:
+        for tracer in reversed(above):
+            _push_mode(tracer)
+
+
+def _run_planned(run: Callable[[bool | None], Any], outputs: Sequence[Any], seeds: Any,
+                 retain_graph: bool | None, inputs: Sequence[Any] = ()) -> Any:
+    """gw.grad/gw.backward: choose the path before calling into torch.autograd (``run``). The everyday one,
+    plain, then runs without the engine hook; any other goes through the hook with the path already chosen (so
+    the graph is walked once). Inside ``strong_zeros()`` or under a dispatch mode the hook chooses."""
+    plan = None
+    if not (_STATE.depth or _process_wide) and not torch._C._len_torch_dispatch_stack():
+        seeds = (seeds,) if isinstance(seeds, torch.Tensor) else seeds or ()
+        why = _contract.plain_reason(outputs, inputs, seeds)
+        if why is None:
+            try:
+                plan = _plan(outputs, seeds)
+            except _contract.Unreadable as e:
+                why = e.reason
+        if why is not None:
+            _contract.warn_plain(why)
+            plan = "plain"
+        if plan == "plain":
+            return run(retain_graph)
+    _STATE.planned = plan
+    try:
+        with strong_zeros():
+            return run(retain_graph)
+    finally:
+        _STATE.planned = None  # not consumed when torch.autograd raised before reaching the engine
+
+
+@contextlib.contextmanager
+def strong_zeros() -> Iterator[None]:
+    """Within this block every ``.backward()``, ``torch.autograd.backward`` and ``torch.autograd.grad`` of
+    this thread uses strong zeros: values the output never uses cannot turn a gradient into NaN.
+
+    Nesting is allowed. On finite data the gradients are bitwise PyTorch's.
+
+    >>> import torch, gradwise as gw
+    >>> lin = torch.nn.Linear(3, 1)
+    >>> x = torch.cat([torch.ones(2, 3), torch.full((2, 3), float("nan"))])
+    >>> with gw.strong_zeros():
+    ...     lin(x)[:2].sum().backward()
+    >>> bool(lin.weight.grad.isfinite().all())
+    True
+    """
+    global _installed, _original_engine_run
+    with _INSTALL_LOCK:
+        if _installed == 0:
+            _original_engine_run = torch.autograd._engine_run_backward
+            torch.autograd._engine_run_backward = _engine_run
+        _installed += 1
+    _STATE.depth += 1
+    try:
+        yield
+    finally:
+        _STATE.depth -= 1
+        with _INSTALL_LOCK:
+            _installed -= 1
+            if _installed == 0:
+                torch.autograd._engine_run_backward = _original_engine_run
+
+
+@contextlib.contextmanager
+def strong_zeros_process_wide() -> Iterator[None]:
+    """Strong zeros for every backward of every thread while the block runs (threads started inside it
+    included); ``strong_zeros()`` covers only the calling thread. Used by ``gradwise run --strong-zeros``."""
+    global _process_wide
+    outer = _process_wide
+    with strong_zeros():
+        _process_wide = True
+        try:
+            yield
+        finally:
+            _process_wide = outer
+
+
+def grad(
+    outputs: torch.Tensor | Iterable[torch.Tensor] | GradientEdge | Iterable[GradientEdge],
+    inputs: torch.Tensor | Iterable[torch.Tensor] | GradientEdge | Iterable[GradientEdge] | dict[str, torch.Tensor],
+    grad_outputs: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+    retain_graph: bool | None = None,
+    create_graph: bool = False,
+    only_inputs: bool = True,
+    allow_unused: bool | None = None,
+    is_grads_batched: bool = False,
+    materialize_grads: bool = False,
+) -> tuple[torch.Tensor | None, ...] | dict[str, torch.Tensor | None]:
+    """Drop-in for ``torch.autograd.grad`` with strong zeros: the gradient equals that of the same program
+    with the values the output never uses deleted. A NaN/Inf the output really depends on stays.
+
+    Takes every argument of ``torch.autograd.grad``, in its order and with its meaning (GradientEdge outputs and
+    inputs, any iterable or a dict of inputs). With ``is_grads_batched=True`` the backward runs under vmap, where
+    strong zeros cannot read values: it runs as plain PyTorch with a ``PlainBackwardWarning`` (as under
+    torch.func transforms and for complex/sparse/mkldnn/nested tensors).
+
+    >>> import torch, gradwise as gw
+    >>> x = torch.tensor([-1.0, 4.0], requires_grad=True)
+    >>> y = torch.where(x > 0, x.sqrt(), 0.0).sum()
+    >>> torch.autograd.grad(y, x, retain_graph=True)[0]
+    tensor([   nan, 0.2500])
+    >>> gw.grad(y, x)[0]
+    tensor([0.0000, 0.2500])
+    """
+    outs = as_tensors(_contract.as_outputs(outputs), "outputs", "gw.grad")
+    ins = as_tensors(_contract.as_inputs(inputs, "gw.grad"), "inputs", "gw.grad")
+    check_differentiable(outs, "outputs", "gw.grad")
+    check_differentiable(ins, "inputs", "gw.grad")
+    if not is_grads_batched:  # batched seeds carry a leading batch dimension: torch.autograd checks them
+        check_scalar_or_seeded(outs, grad_outputs, "gw.grad")
+
+    def run(retain):
+        return torch.autograd.grad(outs, inputs if type(inputs) is dict else ins, grad_outputs, retain, create_graph,
+                                   only_inputs, allow_unused, is_grads_batched, materialize_grads)
+
+    if is_grads_batched:
+        _contract.warn_plain("batched")
+        return run(retain_graph)
+    return _run_planned(run, outs, grad_outputs, retain_graph, ins)
+
+
+def backward(
+    tensors: torch.Tensor | Iterable[torch.Tensor] | GradientEdge | Iterable[GradientEdge],
+    grad_tensors: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+    retain_graph: bool | None = None,
+    create_graph: bool = False,
+    grad_variables: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+    inputs: torch.Tensor | Iterable[torch.Tensor] | GradientEdge | Iterable[GradientEdge] | dict[str, torch.Tensor]
+    | None = None,
+) -> None:
+    """Drop-in for ``torch.autograd.backward`` with strong zeros: accumulates into ``.grad``. Takes every
+    argument of ``torch.autograd.backward``, in its order and with its meaning.
+
+    >>> import torch, gradwise as gw
+    >>> x = torch.tensor([0.0, 100.0], requires_grad=True)
+    >>> gw.backward(torch.where(x < 50, x.exp(), 0.0).sum())
+    >>> x.grad
+    tensor([1., 0.])
+    """
+    outs = as_tensors(_contract.as_outputs(tensors), "tensors", "gw.backward")
+    check_differentiable(outs, "tensors", "gw.backward")
+    seeds = grad_tensors if grad_tensors is not None else grad_variables
+    check_scalar_or_seeded(outs, seeds, "gw.backward")
+    ins: tuple = ()
+    if inputs is not None:
+        ins = as_tensors(_contract.as_inputs(inputs, "gw.backward"), "inputs", "gw.backward")
+        check_differentiable(ins, "inputs", "gw.backward")
+
+    def run(retain):
+        torch.autograd.backward(outs, grad_tensors, retain, create_graph, grad_variables,
+                                None if inputs is None else inputs if type(inputs) is dict else ins)
+
+    _run_planned(run, outs, seeds, retain_graph, ins)

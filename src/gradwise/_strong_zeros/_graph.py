@@ -1,0 +1,70 @@
+"""Walking an autograd graph: its nodes (``_walk``), root nodes, leaves, and freeing a retained graph's saved
+tensors (``_release_graph``).
+
+May import: torch, _node_facts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from gradwise._strong_zeros._node_facts import _raw_saved
+
+
+def _walk(roots: Sequence[Any]) -> Iterator[Any]:
+    seen: set[Any] = set()
+    stack = [r for r in roots if r is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        yield node
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+
+
+def _root_nodes(t_outputs: Sequence[Any]) -> list[Any]:
+    nodes = []
+    for t in t_outputs:
+        if isinstance(t, torch.Tensor):
+            nodes.append(t.grad_fn if t.grad_fn is not None else _grad_accumulator(t))
+        else:  # GradientEdge
+            nodes.append(t.node)
+    return nodes
+
+
+def _grad_accumulator(t: torch.Tensor) -> Any:
+    return torch.autograd.graph.get_gradient_edge(t).node if t.requires_grad else None
+
+
+def _freed(_: object) -> torch.Tensor:
+    raise RuntimeError(
+        "Trying to backward through the graph a second time (or directly access saved tensors after they "
+        "have already been freed). Saved intermediate values of the graph are freed when you call "
+        ".backward() or autograd.grad(). Specify retain_graph=True if you need to backward through the graph "
+        "a second time or if you need to access saved tensors after calling backward."
+    )
+
+
+def _release_graph(roots: Sequence[Any]) -> None:
+    """Free the saved tensors of a graph that was retained only for a check (gw.watch, compiled backwards), as
+    the engine frees them after a backward without retain_graph (``SavedTensor.register_hooks`` drops the data)."""
+    for node in _walk(roots):
+        for raw in _raw_saved(node):
+            with contextlib.suppress(RuntimeError):  # already hooked (checkpoint) or already freed
+                raw.register_hooks(lambda _: None, _freed)
+
+
+def _leaves(t_outputs, inputs) -> list[torch.Tensor]:
+    if inputs:
+        return [t for t in inputs if isinstance(t, torch.Tensor)]
+    leaves = []
+    for node in _walk(_root_nodes(t_outputs)):
+        var = getattr(node, "variable", None)
+        if isinstance(var, torch.Tensor):
+            leaves.append(var)
+    return leaves

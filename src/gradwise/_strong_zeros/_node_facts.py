@@ -1,0 +1,296 @@
+"""What the check before backward knows of autograd nodes, keyed by node name: ``NODE_FACTS`` (singular
+points), ``MAKES_NO_ZEROS``, ``COMPARES_SAVED_ONLY``, ``FUSED_BACKWARDS``, ``_MAKES_NO_ZEROS_IF``, ``_NOT_READ``,
+``_OWN_ZEROS_INSIDE``, ``_ZERO_OUTPUT_TESTS``, and the per-node-type summary ``_node_type`` / ``_makes_zeros``.
+
+May import: torch, _rules, _rules_bilinear.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from gradwise._strong_zeros._rules import lookup
+from gradwise._strong_zeros._rules_bilinear import _reads_every_position
+
+aten = torch.ops.aten
+
+
+def _raw_saved(node: Any) -> Iterator[Any]:
+    """The ``SavedTensor`` objects a node holds (its ``_raw_saved_*`` attributes)."""
+    for name in _node_type(node)[0]:
+        try:
+            saved = getattr(node, name, None)
+        except RuntimeError:  # freed by an earlier backward
+            continue
+        for raw in saved if isinstance(saved, (tuple, list)) else (saved,):
+            if raw is not None:
+                yield raw
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Choosing the path before backward. Contamination needs a structural zero to meet a NaN/Inf, and in a
+# backward formula a NaN/Inf comes either from a saved tensor or from a singular point of the formula
+# (x / 0 in div's backward, 1 / (2 sqrt(0)) in sqrt's). So when every saved tensor is finite and no node sits
+# at a singular point, plain PyTorch is already right and runs untouched. Nodes of a type not listed in
+# NODE_FACTS (custom Functions, rarer ops) could compute anything: for those, the backward runs once under the
+# strong-zero mode (a plain pass first would have to force retain_graph to allow a re-run).
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _any(value: object) -> bool:
+    return bool(value.any()) if isinstance(value, torch.Tensor) else bool(value)
+
+
+def _saved(node: Any, name: str) -> object:
+    value = getattr(node, name)
+    # a saved Python number comes back as a 0-dim "wrapped number" tensor: compare it as a number
+    return value.item() if isinstance(value, torch.Tensor) and value.dim() == 0 else value
+
+
+def _zero_in(name: str) -> Callable[[Any], bool]:
+    return lambda node: _any(_saved(node, name) == 0)
+
+
+def _overflows(t: torch.Tensor, scale: float, power: float, at_max: bool) -> bool:
+    """Whether ``scale * |x| ** power`` is infinite in ``t``'s dtype for the largest (``at_max``) or smallest
+    |x| in ``t``: a factor a backward formula computes from a finite saved tensor (``1/x**2`` of reciprocal's,
+    ``x**(p-1)`` of pow's) that overflows to Inf there, where a structural zero would meet it as 0 x Inf."""
+    if not t.numel() or not t.is_floating_point():
+        return False
+    lo, hi = (v.item() for v in torch.aminmax(t.detach()))
+    if at_max:
+        m = max(abs(lo), abs(hi))
+    else:
+        m = 0.0 if lo <= 0 <= hi else min(abs(lo), abs(hi))
+    if m != m:  # NaN: the finiteness check reads this tensor anyway
+        return False
+    try:
+        value = abs(scale) * m**power
+    except (OverflowError, ZeroDivisionError):
+        return True
+    return not value < torch.finfo(t.dtype).max
+
+
+def _pow_singular(node: Any) -> bool:
+    """pow(x, p)'s backward computes p * x ** (p - 1): NaN for x < 0 when p is not an integer, infinite at x = 0
+    when p < 1, and it can overflow where x ** p did not (x**-2 at 1e-20, x**1.5 near the dtype's max)."""
+    p = _saved(node, "_saved_exponent")
+    if p in (0, 1) or not isinstance(p, (int, float)):
+        return False
+    x = node._saved_self
+    if x.is_complex():
+        return False
+    if p != int(p) and _any(x < 0):
+        return True
+    return _overflows(x, p, p - 1, at_max=p > 1)
+
+
+def _outside_unit(name: str) -> Callable[[Any], bool]:
+    """asin/acos: the backward's 1/sqrt(1 - x**2) is infinite at |x| = 1 and NaN beyond."""
+    return lambda node: _any(abs(_saved(node, name)) >= 1)
+
+
+def _unit_in(name: str) -> Callable[[Any], bool]:
+    return lambda node: _any(abs(_saved(node, name)) == 1)
+
+
+def _result_power_overflows(power: float, scale: float) -> Callable[[Any], bool]:
+    """reciprocal (-g * y**2) and rsqrt (-g/2 * y**3): the power of a finite result can overflow."""
+    return lambda node: _overflows(node._saved_result, scale, power, at_max=True)
+
+
+def _div_singular(node: Any) -> bool:
+    """a / b: the gradient of a is g / b (0/0 at b = 0); that of b, when b requires grad, is
+    -g * ((a / b) / b), which overflows for a tiny b although a / b is finite."""
+    other, self = node._saved_other, node._saved_self
+    if other.is_complex() or (self is not None and self.is_complex()):
+        return _any(other == 0)  # complex tensors: strong zeros do not follow them (see check_differentiable)
+    low = other.detach().abs().min().item() if other.numel() else math.inf
+    if low == 0:
+        return True
+    if self is None or not self.numel() or not (other.is_floating_point() or self.is_floating_point()):
+        return False
+    dtype = other.dtype if other.is_floating_point() else self.dtype
+    # |a / b / b| <= max|a| / min|b|**2: a bound from two reductions (no output-sized temporary); a tiny b with a
+    # small a can make it exceed the range without the formula overflowing: then the strong pass runs, which is
+    # exact anyway
+    a = self.detach()
+    top = (a if a.is_floating_point() else a.to(dtype)).abs().max().item()
+    try:
+        return not top / low / low < torch.finfo(dtype).max
+    except (OverflowError, ZeroDivisionError):
+        return True
+
+
+def _batch_norm_singular(node: Any) -> bool:
+    """batch norm in eval mode divides by sqrt(running_var + eps): infinite for a channel whose sum is 0
+    (eps=0 and a constant channel in the running statistics)."""
+    var = node._saved_running_var
+    return not node._saved_training and var is not None and _any(var + node._saved_eps <= 0)
+
+
+def _nll_singular(node: Any) -> bool:
+    """nll_loss with reduction='mean' divides by the total weight of the non-ignored targets: 0 when every
+    target is ignored or has class weight 0 (0/0, a NaN loss that can itself be discarded)."""
+    return node._saved_reduction == 1 and _saved(node, "_saved_total_weight") == 0
+
+
+_SAFE_NODES = (
+    "AccumulateGrad AddBackward0 AddBackward1 SubBackward0 SubBackward1 MulBackward0 MulBackward1 "
+    "NegBackward0 SumBackward0 SumBackward1 MeanBackward0 MeanBackward1 TBackward0 ViewBackward0 "
+    "UnsafeViewBackward0 "
+    "ReshapeAliasBackward0 ExpandBackward0 PermuteBackward0 TransposeBackward0 TransposeBackward1 "
+    "SqueezeBackward0 SqueezeBackward1 SqueezeBackward2 UnsqueezeBackward0 SliceBackward0 SelectBackward0 "
+    "IndexBackward0 CatBackward0 StackBackward0 SplitBackward0 SplitWithSizesBackward0 UnbindBackward0 "
+    "CloneBackward0 ToCopyBackward0 AliasBackward0 DetachBackward0 AddmmBackward0 MmBackward0 BmmBackward0 "
+    "BaddbmmBackward0 MvBackward0 DotBackward0 GeluBackward0 ReluBackward0 ThresholdBackward0 "
+    "SigmoidBackward0 TanhBackward0 SiluBackward0 EluBackward0 LeakyReluBackward0 HardtanhBackward0 "
+    "SoftplusBackward0 ExpBackward0 SoftmaxBackward0 LogSoftmaxBackward0 SafeSoftmaxBackward0 "
+    "NllLossBackward0 NllLoss2DBackward0 MseLossBackward0 WhereBackward0 MaskedFillBackward0 "
+    "MaskedFillBackward1 NativeDropoutBackward0 NativeLayerNormBackward0 NativeBatchNormBackward0 "
+    "ConvolutionBackward0 MaxPool2DWithIndicesBackward0 AvgPool2DBackward0 AdaptiveAvgPool2DBackward0 "
+    "EmbeddingBackward0 ClampBackward1 ClampMinBackward0 ClampMaxBackward0 AbsBackward0 MaximumBackward0 "
+    "MinimumBackward0 MaxBackward0 MaxBackward1 MinBackward0 MinBackward1 AmaxBackward0 AminBackward0 "
+    "SortBackward0 TopkBackward0 GatherBackward0 ScatterBackward0 IndexSelectBackward0 CopySlices "
+    "ConstantPadNdBackward0 RepeatBackward0 FlipBackward0 RollBackward0 "
+    "ScaledDotProductFlashAttentionForCpuBackward0 ScaledDotProductEfficientAttentionBackward0 "
+    "ScaledDotProductFlashAttentionBackward0"
+).split()
+
+# Keyed by autograd node (the aten op whose derivative formula the node runs). None: the formula maps finite
+# saved tensors and sensitivities to finite values. A function: the node is at a singular point, where its
+# formula makes an infinity out of finite values, so a structural zero arriving there would give 0 x Inf.
+NODE_FACTS: dict[str, Callable[[Any], bool] | None] = {
+    **dict.fromkeys(_SAFE_NODES),
+    # prod's backward divides by an input only where none is 0 (zeros take the product of the others): from
+    # finite saved values it makes no NaN, only overflow (not treated, as for other nodes). Known, so a finite
+    # prod runs plain (bitwise); its strong pass is not bitwise (tests/test_opdb.py KNOWN_FORCED_DIFFS)
+    "ProdBackward0": None,
+    "ProdBackward1": None,
+    "DivBackward0": _div_singular,
+    "DivBackward1": _zero_in("_saved_other"),
+    "SqrtBackward0": _zero_in("_saved_result"),
+    "LogBackward0": _zero_in("_saved_self"),
+    "Log2Backward0": _zero_in("_saved_self"),
+    "Log10Backward0": _zero_in("_saved_self"),
+    "Log1pBackward0": lambda node: _any(_saved(node, "_saved_self") == -1),
+    "PowBackward0": _pow_singular,
+    "AsinBackward0": _outside_unit("_saved_self"),
+    "AcosBackward0": _outside_unit("_saved_self"),
+    "AtanhBackward0": _unit_in("_saved_self"),
+    # 1/x at 0 saves result = inf, caught by the finiteness check; a finite result can still overflow
+    "ReciprocalBackward0": _result_power_overflows(2, 1),
+    "RsqrtBackward0": _result_power_overflows(3, 0.5),
+    "NativeBatchNormBackward0": _batch_norm_singular,
+    "NllLossBackward0": _nll_singular,
+    "NllLoss2DBackward0": _nll_singular,
+    # DDP's _DDPSink (find_unused_parameters, static_graph): an identity backward that saves nothing
+    "_DDPSinkBackward": None,
+}
+
+
+# Nodes whose backward makes no structural zero out of sensitivities that hold none: no padding, selecting,
+# flat region or zeros of their own (tests/test_strong_zeros.py checks each one under the strong-zero mode).
+# A NaN/Inf in a saved tensor can only be annihilated by a structural zero that reaches it, so the check
+# before backward reads only what is saved at or below (towards the leaves) a node not listed here; a graph
+# made of these nodes alone (Linear + GELU/tanh/sigmoid + mse) reads nothing.
+MAKES_NO_ZEROS = frozenset((
+    "AccumulateGrad AddBackward0 AddBackward1 SubBackward0 SubBackward1 MulBackward0 MulBackward1 NegBackward0 "
+    "DivBackward0 DivBackward1 SumBackward0 SumBackward1 MeanBackward0 MeanBackward1 TBackward0 ViewBackward0 "
+    "UnsafeViewBackward0 ExpandBackward0 PermuteBackward0 TransposeBackward0 "
+    "SqueezeBackward0 SqueezeBackward1 SqueezeBackward2 UnsqueezeBackward0 CloneBackward0 "
+    "ToCopyBackward0 AliasBackward0 AddmmBackward0 MmBackward0 BmmBackward0 BaddbmmBackward0 MvBackward0 "
+    "GeluBackward0 SigmoidBackward0 TanhBackward0 SiluBackward0 SoftplusBackward0 ExpBackward0 "
+    "MseLossBackward0 SqrtBackward0 LogBackward0 NativeLayerNormBackward0 NativeGroupNormBackward0 "
+    "NativeBatchNormBackward0 RsqrtBackward0"
+).split())
+# Nodes whose backward only compares its saved tensor (relu: result <= 0 ? 0 : grad): a NaN/Inf there cannot
+# turn into a NaN/Inf of the backward, so the check before backward need not read it.
+COMPARES_SAVED_ONLY = frozenset(("ReluBackward0", "ThresholdBackward0", "HardtanhBackward0"))
+# Nodes whose backward is one fused aten op. While that op has no rule, the strong-zero pass runs it as it is
+# and marks its outputs fully supported: it makes no structural zero, and a NaN/Inf saved there comes out the
+# same with or without the pass, so the check reads nothing there either.
+# (Normalisations are not among them: they run as their decomposition when a structural zero reaches them, so
+# what they save is read like any other node's.)
+FUSED_BACKWARDS: dict[str, Any] = {
+    "ScaledDotProductFlashAttentionForCpuBackward0": aten._scaled_dot_product_flash_attention_for_cpu_backward,
+}
+
+
+def _opaque(name: str) -> bool:
+    op = FUSED_BACKWARDS.get(name)
+    return op is not None and lookup(op.default) is None
+
+
+_MAKES_NO_ZEROS_IF: dict[str, Callable[[Any], bool]] = {
+    "PowBackward0": lambda node: _saved(node, "_saved_exponent") != 0,  # x ** 0 backward is zeros_like(x)
+    "ConvolutionBackward0": lambda node: _reads_every_position(node._saved_stride, node._saved_dilation,
+                                                               node._saved_transposed),
+}
+
+
+# Saved tensors the check need not read. A normalisation's saved mean (result1) is NaN/Inf in every row (group)
+# whose input holds a NaN/Inf, so the small statistics are read instead of the input they summarise (batch
+# norm in eval mode saves no statistics of its input: its input is read); layer norm's backward never reads
+# its bias.
+_NOT_READ = {
+    "NativeLayerNormBackward0": ("_raw_saved_input", "_raw_saved_bias"),
+    "NativeGroupNormBackward0": ("_raw_saved_input",),
+}
+
+# Nodes that make structural zeros which, in some graphs, stay inside their own backward (causal attention's
+# masked weights meet q, k and v there, but every key still reaches its gradient): a test of the node, True when
+# its outputs get no structural zero of its own. Its saved tensors are read; the nodes below are not reached.
+_OWN_ZEROS_INSIDE: dict[str, Callable[[Any], bool]] = {}
+
+_NODE_TYPES: dict[type, tuple] = {}
+
+
+def _node_type(node: Any) -> tuple:
+    """Per autograd node type, looked up once: its ``_raw_saved_*`` attributes, those the check before backward
+    reads, whether NODE_FACTS knows it, its singular-point test, whether it makes structural zeros (a bool, or a
+    test of the node where that depends on what it saved), and its zero-output test (_ZERO_OUTPUT_TESTS)."""
+    info = _NODE_TYPES.get(type(node))
+    if info is None:
+        name = type(node).__name__
+        names = tuple(a for a in dir(node) if a.startswith("_raw_saved_"))
+        # a compiled backward's own NaN/Inf meets its zeros inside it, under the pass (gradwise._strong_zeros._compile)
+        read = () if name in COMPARES_SAVED_ONLY or _opaque(name) or name == "CompiledFunctionBackward" else \
+            tuple(a for a in names if a not in _NOT_READ.get(name, ()))
+        test = _MAKES_NO_ZEROS_IF.get(name)
+        makes = False if name in MAKES_NO_ZEROS or _opaque(name) else (lambda n: not test(n)) if test else True
+        info = _NODE_TYPES[type(node)] = (names, read, name in NODE_FACTS, NODE_FACTS.get(name), makes,
+                                          _ZERO_OUTPUT_TESTS.get(name), _OWN_ZEROS_INSIDE.get(name))
+    return info
+
+
+def _makes_zeros(node: Any) -> bool:
+    """Whether the node's backward can make a structural zero."""
+    makes = _node_type(node)[4]
+    return makes if makes.__class__ is bool else makes(node)
+
+
+# Nodes whose backward multiplies the sensitivity by their own output, where an output of exactly 0 (from a
+# -inf input) is a structural zero (semantics.md): an infinite sensitivity from a singular point above meets it.
+_ZERO_OUTPUT_TESTS: dict[str, Callable[[Any], bool]] = {
+    "SoftmaxBackward0": _zero_in("_saved_result"),
+    "ExpBackward0": _zero_in("_saved_result"),
+    "LogSoftmaxBackward0": lambda node: _any(_saved(node, "_saved_result") == -math.inf),
+}
+
+
+def _readable(node: Any) -> bool:
+    """Whether the node's saved tensors can be read: no hook to run (a checkpoint's recomputation) and no
+    storage freed until a hook refills it (FSDP's resharded parameters)."""
+    for raw in _raw_saved(node):
+        if raw.unpack_hook is not None:
+            return False
+        t = raw.data
+        if isinstance(t, torch.Tensor) and t.layout == torch.strided and t.numel() and \
+                t.data_ptr() == t.storage_offset() * t.element_size():
+            return False
+    return True

@@ -1,0 +1,85 @@
+"""The strong-zero rule table: ``RULES`` (aten op -> rule), ``_register``, ``lookup``, the helpers every rule
+shares, and ``unruled_ops``. The rules themselves live in the ``_rules_*`` modules, by op family.
+
+May import: torch, _supports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_map
+
+from gradwise._strong_zeros._supports import _STATE, _Supports
+
+# ---------------------------------------------------------------------------------------------------------
+# The rule table. A rule runs the op itself and records the supports of its outputs:
+#     rule(func, args, kwargs, supports) -> output
+# ---------------------------------------------------------------------------------------------------------
+
+Rule = Callable[[Any, tuple, dict, _Supports], Any]
+RULES: dict[Any, Rule] = {}
+
+
+def _register(*ops: Any) -> Callable[[Rule], Rule]:
+    def register(rule: Rule) -> Rule:
+        for op in ops:
+            RULES[op] = rule
+        return rule
+
+    return register
+
+
+def lookup(func: Any) -> Rule | None:
+    """The strong-zero rule for an op (overload first, then its packet, then its name 'ns::op' for the rules of
+    libraries that may load later: gw.register_rule); None when it has none."""
+    packet = func.overloadpacket
+    return RULES.get(func) or RULES.get(packet) or RULES.get(packet._qualified_op_name)
+
+
+def _is_float(t: object) -> bool:
+    """A real floating-point dense tensor: what supports follow (a sparse result of a backward is not)."""
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.layout == torch.strided
+
+
+def _in_formula() -> bool:
+    """True while a backward formula runs (not a checkpoint's forward recomputation inside backward)."""
+    return not torch.is_grad_enabled() or _STATE.create_graph
+
+
+def _annihilate(out: torch.Tensor, support: torch.Tensor | None) -> torch.Tensor:
+    if support is not None:
+        out.masked_fill_(~support.expand(out.shape), 0)
+    return out
+
+
+def _tracked_slots(args: tuple, sup: _Supports) -> list[int]:
+    return [i for i, a in enumerate(args) if _is_float(a) and sup.tracked(a)]
+
+
+def _run_unruled(func, args, kwargs, sup, why: str | None) -> Any:
+    """Run the op as PyTorch does with its outputs fully supported; ``why`` (when the op met a structural
+    zero it has no rule for) lists it in gw.unruled_ops()."""
+    out = func(*args, **kwargs)
+    if why:
+        _UNRULED.add(f"{func} ({why})")
+    tree_map(lambda o: sup.record(o, None) if isinstance(o, torch.Tensor) else o, out)
+    return out
+
+
+_UNRULED: set[str] = set()
+
+
+def unruled_ops() -> set[str]:
+    """Backward ops that met a structural zero but had no strong-zero rule, since the process started.
+
+    Such an op runs as plain PyTorch (its output is treated as fully supported), so a NaN or Inf it multiplies
+    by a zero may still reach a gradient; never a wrong finite number. ``unruled_ops().clear()`` resets it.
+
+    >>> import torch, gradwise as gw
+    >>> isinstance(gw.unruled_ops(), set)
+    True
+    """
+    return _UNRULED

@@ -1,0 +1,239 @@
+"""Strong-zero rules for bilinear ops: mm/bmm, mv and convolution_backward (which NaN/Inf of an operand a
+structural zero of the other meets, counted per contraction).
+
+May import: torch, gradwise._masks, _supports, _rules, _rules_pointwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_map
+
+from gradwise._masks import mask_any
+from gradwise._strong_zeros._rules import _UNRULED, Rule, _is_float, _register
+
+aten = torch.ops.aten
+
+
+CountArgs = Callable[[tuple, int, list[int]], Callable[[list], list]]
+Restrict = Callable[[tuple, int, torch.Tensor], "list | None"]
+Meets = Callable[[Any, tuple, int, torch.Tensor, list[int]], bool]
+
+
+def _nonfinite_part(func, args, slot: int, s: torch.Tensor, value_slots: list[int], dirty: list[int],
+                    count_args: CountArgs):
+    """The NaN/Inf that terms with a *supported* sensitivity element contribute to a bilinear op, counted by
+    running the op on 0/1 indicators: terms that meet NaN (or 0 x Inf), +Inf, and -Inf. ``count_args`` may
+    shrink those runs (e.g. to the contraction indices where a value is non-finite)."""
+    sens = args[slot]
+    shrink = count_args(args, slot, dirty)
+
+    shrunk = shrink([*args])
+
+    def run(s_ind, value_ind):
+        new = list(args)
+        new[slot] = s_ind
+        new = shrink(new)
+        new[slot] = new[slot].to(sens.dtype)
+        for j in value_slots:
+            new[j] = value_ind(new[j]).to(args[j].dtype)
+        return func(*new)
+
+    nan_hits = run(s, torch.isnan)
+    if not any(bool(torch.isinf(shrunk[j]).any()) for j in value_slots):
+        return nan_hits, None, None
+    nan_hits = _tree_add(nan_hits, run(s & (sens == 0), torch.isinf))
+    plus = _tree_add(run(sens > 0, torch.isposinf), run(sens < 0, torch.isneginf))
+    minus = _tree_add(run(sens > 0, torch.isneginf), run(sens < 0, torch.isposinf))
+    return nan_hits, plus, minus
+
+
+def _all_args(args: tuple, slot: int, dirty: list[int]) -> Callable[[list], list]:
+    return lambda new: new
+
+
+def _mm_nonfinite_k(args: tuple, slot: int, dirty: list[int]) -> Callable[[list], list]:
+    """mm/bmm: only contraction indices k where the value has a NaN/Inf can meet one, so the counting runs
+    on those alone (the padding rows of a batch, not the whole batch)."""
+    value = args[1 - slot]
+    bad = ~torch.isfinite(value)
+    bad = mask_any(bad, -1) if slot == 0 else mask_any(bad, -2)  # value b: (.., K, N); value a: (.., M, K)
+    k = mask_any(bad.reshape(-1, bad.shape[-1]), 0).nonzero().squeeze(1)
+    return lambda new: [new[0].index_select(-1, k), new[1].index_select(-2, k)]
+
+
+def _mm_supported_k(args: tuple, slot: int, s: torch.Tensor) -> list | None:
+    """mm/bmm: a contraction index k at which the sensitivity holds only structural zeros contributes
+    nothing, so dropping it from both operands is exact. This is how a batch's padding rows leave a weight
+    gradient without a copy when they form a range. None when every k is supported."""
+    kept = mask_any(s, -2) if slot == 0 else mask_any(s, -1)  # sensitivity a: (.., M, K); sensitivity b: (.., K, N)
+    kept = mask_any(kept.reshape(-1, kept.shape[-1]), 0)
+    k = kept.nonzero().squeeze(1)
+    n = k.numel()
+    if n == kept.shape[0]:
+        return None
+    if n == 0 or int(k[-1]) - int(k[0]) + 1 == n:
+        start = int(k[0]) if n else 0
+        return [args[0].narrow(-1, start, n), args[1].narrow(-2, start, n)]
+    return [args[0].index_select(-1, k), args[1].index_select(-2, k)]
+
+
+def _conv_counted_outputs(args: tuple, slot: int, dirty: list[int]) -> Callable[[list], list]:
+    """convolution_backward: grad_bias = sum(g) meets no value, so it is not counted; nor is the gradient of
+    the operand that is dirty itself (grad_input does not read the input, grad_weight not the weight)."""
+
+    dirty_input, dirty_weight = 1 in dirty, 2 in dirty
+
+    def shrink(new):
+        new[10] = [new[10][0] and dirty_weight, new[10][1] and dirty_input, False]
+        return new
+
+    return shrink
+
+
+def _one_channel_conv(func, args, s: torch.Tensor, x1: torch.Tensor, want: int) -> torch.Tensor:
+    """convolution_backward's output ``want`` (0: grad_input, 1: grad_weight) for the convolution collapsed to
+    one channel: grad_output = where the sensitivity is supported in any output channel, input = ``x1``
+    (N, 1, ...), kernel of ones. Nonzero exactly where some supported element reaches through the kernel."""
+    stride, padding, dilation, transposed, output_padding = args[4:9]
+    s1 = mask_any(s, 1, keepdim=True).to(args[0].dtype)
+    ones = args[2].new_ones((1, 1, *args[2].shape[2:]))
+    mask = [want == 0, want == 1, False]
+    return func(s1, x1, ones, None, stride, padding, dilation, transposed, output_padding, 1, mask)[want]
+
+
+def _conv_meets(func, args, slot: int, s: torch.Tensor, dirty: list[int]) -> bool:
+    """convolution_backward with a non-finite input: can a supported grad_output element meet one of its
+    NaN/Inf through the kernel? Asked of one channel (supported anywhere across output channels, non-finite
+    anywhere across input channels), so a cropped NaN border costs a single-channel convolution."""
+    if slot != 0 or dirty != [1]:
+        return True
+    x = args[1]
+    bad = mask_any(~torch.isfinite(x), 1, keepdim=True).to(x.dtype)
+    return bool(_one_channel_conv(func, args, s, bad, 1).any())
+
+
+def _tree_add(a, b):
+    if isinstance(a, (tuple, list)):
+        return type(a)(_tree_add(x, y) for x, y in zip(a, b, strict=True))
+    return None if a is None else a + b
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """One pass. A finite sum means no NaN/Inf went in. A sum that overflowed reads as not finite: the caller
+    then takes its exact (slower) path, never a wrong one."""
+    return bool(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).isfinite())
+
+
+def _bilinear(support_fn: Callable[[Any, tuple, int, torch.Tensor], Any], count_args: CountArgs = _all_args,
+              restrict: Restrict | None = None, meets: Meets | None = None,
+              own_zeros: Callable[[Any, tuple], Any] | None = None) -> Rule:
+    """Rule factory for ops bilinear in a sensitivity and a value (mm, bmm, convolution backward). When a
+    value holds NaN/Inf: first drop what only structural zeros read (``restrict``); if what remains is finite,
+    that is the answer. Otherwise the values' NaN/Inf are replaced by 0 for the main computation, and unless
+    ``meets`` shows no supported term reaches one, the NaN/Inf that supported terms really meet are counted
+    with 0/1 indicators and added back: unsupported terms contribute exactly 0 and every genuine NaN/Inf
+    survives. ``support_fn(func, args, slot, s)`` gives the outputs' supports; ``own_zeros(func, args)``
+    those of an op that makes structural zeros from a fully supported sensitivity (a strided convolution)."""
+
+    def bilinear(func, args, kwargs, sup):
+        slots = [i for i, a in enumerate(args) if _is_float(a)]
+        tracked = [i for i in slots if sup.tracked(args[i])]
+        if len(tracked) != 1:
+            out = func(*args, **kwargs)
+            if tracked:
+                _UNRULED.add(f"{func} (two tracked operands)")
+                tree_map(lambda o: sup.record(o, None) if isinstance(o, torch.Tensor) else o, out)
+            elif own_zeros is not None:
+                for o, so in zip(out, own_zeros(func, args), strict=True):
+                    if isinstance(o, torch.Tensor) and so is not None:
+                        sup.record(o, so.expand(o.shape))
+            return out
+        slot = tracked[0]
+        s = sup.of(args[slot])
+        values = [i for i in slots if i != slot]
+        dirty = [i for i in values if not _finite(args[i])]
+        out = None
+        if dirty and restrict is not None:
+            kept = restrict(args, slot, s)
+            if kept is not None and all(_finite(kept[i]) for i in dirty):
+                out = func(*kept, **kwargs)
+        if out is None and not dirty:
+            out = func(*args, **kwargs)
+        elif out is None:
+            clean = list(args)
+            for i in dirty:
+                clean[i] = torch.nan_to_num(args[i], nan=0.0, posinf=0.0, neginf=0.0)
+            out = func(*clean, **kwargs)
+            if meets is None or meets(func, args, slot, s, dirty):
+                nan_hits, plus, minus = _nonfinite_part(func, args, slot, s, values, dirty, count_args)
+                out = _add_nonfinite(out, nan_hits, plus, minus)
+        supports = support_fn(func, args, slot, s)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        sups = supports if isinstance(supports, (tuple, list)) else (supports,)
+        for o, so in zip(outs, sups, strict=True):
+            if isinstance(o, torch.Tensor):
+                sup.record(o, None if so is None else so.expand(o.shape))
+        return out
+
+    bilinear.__doc__ = _bilinear.__doc__
+    return bilinear
+
+
+def _add_nonfinite(out, nan_hits, plus, minus):
+    if isinstance(out, (tuple, list)):
+        n = len(out)
+        parts = [x if isinstance(x, (tuple, list)) else (x,) * n for x in (nan_hits, plus, minus)]
+        return type(out)(_add_nonfinite(o, a, b, c) for o, a, b, c in zip(out, *parts, strict=True))
+    if out is None or nan_hits is None:  # an output that meets no value (conv's grad_bias)
+        return out
+    bad = nan_hits > 0
+    if plus is None:
+        return out.masked_fill_(bad, float("nan"))
+    extra = torch.where(plus > 0, float("inf"), 0.0) + torch.where(minus > 0, float("-inf"), 0.0)
+    extra = extra.masked_fill(bad, float("nan")).to(out.dtype)
+    return out.add_(extra)
+
+
+def _mm_support(func, args, slot, s):
+    """mm/bmm: out[..., i, j] is a structural zero when row i of a (or column j of b) is."""
+    return mask_any(s, -1, keepdim=True) if slot == 0 else mask_any(s, -2, keepdim=True)
+
+
+def _mv_support(func, args, slot, s):
+    return mask_any(s, -1) if slot == 0 else mask_any(s).reshape(())
+
+
+def _reads_every_position(stride, dilation, transposed) -> bool:
+    """A convolution with stride 1 and dilation 1 (not transposed) reads every input position in some window,
+    so its input gradient has no structural zero of its own; a strided one can skip positions."""
+    return not transposed and all(v == 1 for v in stride) and all(v == 1 for v in dilation)
+
+
+def _conv_backward_support(func, args, slot, s):
+    """convolution_backward(grad_output, input, weight, ...): grad_input's support from a one-channel
+    convolution of where grad_output is supported (any output channel) with a kernel of ones, over every
+    input channel: a superset of the exact support, which is sound (a support may only be too large).
+    grad_weight and grad_bias sum over the batch and space: taken as fully supported."""
+    if slot != 0 or not args[10][0]:
+        return (None, None, None)
+    return (_one_channel_conv(func, args, s, args[1][:, :1], 0) > 0, None, None)
+
+
+_register(aten.mm, aten.bmm)(_bilinear(_mm_support, _mm_nonfinite_k, restrict=_mm_supported_k))
+_register(aten.mv)(_bilinear(_mv_support))
+
+
+def _conv_skipped_inputs(func, args):
+    """convolution_backward with a fully supported grad_output: a convolution that skips input positions (a
+    stride wider than its reach, dilation gaps) gives them a structural zero in grad_input."""
+    if _reads_every_position(args[4], args[6], args[7]):
+        return (None, None, None)
+    return _conv_backward_support(func, args, 0, torch.ones_like(args[0][:, :1], dtype=torch.bool))
+
+
+_register(aten.convolution_backward)(_bilinear(_conv_backward_support, _conv_counted_outputs, meets=_conv_meets,
+                                               own_zeros=_conv_skipped_inputs))

@@ -1,0 +1,412 @@
+"""Strong-zero rules for creation, comparison and mask ops, elementwise products and sums, casts, where /
+masked_fill, placement backwards (slice/select/index... backward) and copy_.
+
+May import: torch, gradwise._masks, _supports, _rules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.utils._pytree import tree_map
+
+from gradwise._masks import mask_any
+from gradwise._strong_zeros._rules import Rule, _annihilate, _in_formula, _is_float, _register
+from gradwise._strong_zeros._supports import _STATE, _Supports
+
+aten = torch.ops.aten
+
+
+def _creates_zeros(func, args, kwargs, sup):
+    """zeros / zeros_like / new_zeros / scalar_tensor(0) / full(0) / fill_(0) / zero_: a zero made by a
+    backward formula stands for "no gradient flows here", so all of it is a structural zero. Zeros made by
+    a checkpoint's forward recomputation are values, and stay ordinary."""
+    out = func(*args, **kwargs)
+    fill = {aten.scalar_tensor: 0, aten.full: 1, aten.full_like: 1, aten.new_full: 2, aten.fill_: 1}
+    pos = fill.get(func.overloadpacket)
+    is_zero = pos is None or (not isinstance(args[pos], torch.Tensor) and args[pos] == 0)
+    if _in_formula() and is_zero and _is_float(out):
+        sup.record(out, torch.zeros((), dtype=torch.bool, device=out.device))
+    else:
+        sup.record(out, None)
+    return out
+
+
+_register(aten.zeros, aten.zeros_like, aten.new_zeros, aten.scalar_tensor, aten.full, aten.full_like,
+          aten.new_full, aten.fill_, aten.zero_)(_creates_zeros)
+
+
+@_register(aten.broadcast_tensors)
+def _broadcast_tensors(func, args, kwargs, sup):
+    """broadcast_tensors (met inside a decomposition): expanded views of its inputs, which read their storages'
+    masks like any view, so there is nothing to record (marking them fully supported would wipe the inputs')."""
+    return func(*args, **kwargs)
+
+
+def _selected(mask: torch.Tensor, sup: _Supports) -> torch.Tensor | None:
+    """The support a formula's bool mask gives a product: False where it is False and meaningful."""
+    if mask not in sup.selections:
+        return None
+    valid = sup.selections[mask]
+    return mask if valid is None else mask | ~valid
+
+
+def _select(out: torch.Tensor, masks: list, sup: _Supports, kind: str = "and") -> None:
+    """Record ``out`` (a bool tensor made in a backward formula from ``masks`` by and / or / not) as a selection.
+    It is meaningful where its inputs are, and also where one meaningful input decides it alone (a False for
+    `and`, a True for `or`). Not a selection if an input is a bool tensor the formula did not make."""
+    if not _in_formula():
+        return
+    bools = [m for m in masks if m.dtype == torch.bool]
+    if any(m not in sup.selections for m in bools):
+        return
+    valids = [sup.selections[m] for m in bools]
+    if all(v is None for v in valids):
+        sup.selections[out] = None
+        return
+    full = [torch.ones((), dtype=torch.bool, device=out.device) if v is None else v for v in valids]
+    valid = full[0]
+    for v in full[1:]:
+        valid = valid & v
+    if kind != "not":
+        for m, v in zip(bools, full, strict=True):
+            valid = valid | ((~m if kind == "and" else m) & v)
+    sup.selections[out] = valid.expand(out.shape)
+
+
+def _same(a: object, b: object) -> bool:
+    return a is b or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.data_ptr() == b.data_ptr()
+                      and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype)
+
+
+def _comparison(func, args, kwargs, sup):
+    """eq/ne/lt/... in a backward formula make a selection mask. Where both operands are NaN the comparison is
+    False without selecting anything (amax's `self == result` where the NaN was the maximum), so the mask
+    means nothing there; one NaN operand is simply not equal (nanmedian's NaNs are not the median). A tensor
+    compared with itself (`x == x`, a NaN test) is meaningful everywhere."""
+    out = func(*args, **kwargs)
+    if _in_formula() and out.dtype == torch.bool:
+        a, b = args[0], args[1]
+        if _same(a, b) or not any(_is_float(t) for t in (a, b)):
+            sup.selections[out] = None
+        else:
+            nan = [t.isnan() if _is_float(t) else torch.tensor(isinstance(t, float) and math.isnan(t),
+                                                                device=out.device) for t in (a, b)]
+            both = nan[0] & nan[1]
+            sup.selections[out] = (~both).expand(out.shape) if bool(both.any()) else None
+    return out
+
+
+_register(aten.eq, aten.ne, aten.lt, aten.le, aten.gt, aten.ge)(_comparison)
+
+
+def _mask_logic(kind: str) -> Rule:
+    def rule(func, args, kwargs, sup):
+        out = func(*args, **kwargs)
+        if out.dtype == torch.bool:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if kind == "test" and not any(t.dtype == torch.bool for t in tensors):
+                if _in_formula():
+                    sup.selections[out] = None  # isnan / isinf / isfinite of values: meaningful everywhere
+            else:
+                _select(out, tensors, sup, "and" if kind == "test" else kind)
+        return out
+
+    rule.__doc__ = "Tests and logic on masks in a backward formula (`~isnan(x)`, `a & b`) make selection masks."
+    return rule
+
+
+_register(aten.isnan, aten.isinf, aten.isfinite)(_mask_logic("test"))
+_register(aten.logical_not, aten.bitwise_not)(_mask_logic("not"))
+_register(aten.logical_and, aten.logical_and_, aten.bitwise_and, aten.bitwise_and_)(_mask_logic("and"))
+_register(aten.logical_or, aten.logical_or_, aten.bitwise_or, aten.bitwise_or_)(_mask_logic("or"))
+
+
+def _product(mult_args: Sequence[int], flat: Callable[[tuple], torch.Tensor] | None = None) -> Rule:
+    """Rule factory for pointwise ops linear in the sensitivities at ``mult_args`` (mul, div's numerator, the
+    ``*_backward`` of activations): the output is a structural zero wherever one of those is, and there it is
+    0 even if the other factor is NaN/Inf. ``flat`` marks extra structural zeros: an activation's flat region
+    (relu below 0, hardtanh outside its bounds), where no gradient flows whatever the sensitivity."""
+
+    def product(func, args, kwargs, sup):
+        out = func(*args, **kwargs)
+        support = None
+        if out.dtype == torch.bool:  # mask & mask (nan_to_num's): still a selection where both are meaningful
+            _select(out, [a for a in args[:2] if isinstance(a, torch.Tensor)], sup)
+            return out
+        for i in mult_args:
+            a = args[i] if i < len(args) else None
+            # a bool mask the backward formula computed selects (max's `self == result`, nansum's
+            # `~isnan(self)`): where it is False (and meaningful) no gradient flows, by construction. A bool
+            # tensor the forward multiplied by is a value like any other.
+            s = _selected(a, sup) if isinstance(a, torch.Tensor) and a.dtype == torch.bool else sup.of(a)
+            if s is not None:
+                support = s if support is None else support & s
+        if flat is not None:
+            f = flat(args)
+            support = f if support is None else support & f
+        if support is not None:
+            support = support.expand(out.shape)
+            _annihilate(out, support)
+        sup.record(out, support)
+        return out
+
+    product.__doc__ = _product.__doc__
+    return product
+
+
+def _cast(func, args, kwargs, sup):
+    """_to_copy: a float copy of a selection mask stays a selection (see _product); any other copy keeps its
+    input's support."""
+    x = args[0]
+    if isinstance(x, torch.Tensor) and x.dtype == torch.bool:
+        out = func(*args, **kwargs)
+        s = _selected(x, sup)
+        if _is_float(out) and s is not None:
+            sup.record(out, s.expand(out.shape))
+        elif out.dtype == torch.bool:
+            _select(out, [x], sup)
+        return out
+    return _linear(func, args, kwargs, sup)
+
+
+_mul = _product((0, 1))
+_linear = _product((0,))  # ops linear in their first argument alone
+
+
+def _in_node(*names: str) -> bool:
+    """Whether the backward formula running now is that of one of these autograd nodes."""
+    node = torch._C._current_autograd_node()
+    return node is not None and node.name() in names
+
+
+@_register(aten.mul, aten.mul_)
+def _exp_result_mul(func, args, kwargs, sup):
+    """mul, as _product. In exp's backward (g * result), a result of exactly 0 is exp(-inf), a masked entry: a
+    structural zero when every output being differentiated is finite (see _softmax_backward)."""
+    out = _mul(func, args, kwargs, sup)
+    result = args[1] if len(args) > 1 else None  # derivatives.yaml: exp's backward is grad * result
+    if _STATE.outputs_finite and _is_float(result) and _in_formula() and _in_node("ExpBackward0"):
+        zero = result == 0
+        if bool(mask_any(zero)):
+            support = (~zero if sup.of(out) is None else sup.of(out) & ~zero).expand(out.shape)
+            sup.record(_annihilate(out, support), support)
+    return out
+
+
+_register(aten._to_copy)(_cast)
+# xlogy(g, y) = g * log(y) and xlog1py(g, y) = g * log1p(y): the backward of xlogy/xlog1py in their first input
+_register(aten.div, aten.div_, aten.neg, aten.clone, aten.sigmoid_backward, aten.soft_margin_loss_backward,
+          aten.tanh_backward, aten.gelu_backward, aten.silu_backward, aten.elu_backward, aten.leaky_relu_backward,
+          aten.softplus_backward, aten.mish_backward, aten.log_sigmoid_backward, aten.mse_loss_backward,
+          aten.smooth_l1_loss_backward, aten.huber_loss_backward, aten.binary_cross_entropy_backward,
+          aten.logit_backward, aten.rrelu_with_noise_backward, aten.xlogy, aten.special_xlog1py)(_linear)
+# a NaN input is in no flat region: PyTorch passes the gradient there (relu(NaN) = NaN is used)
+_register(aten.threshold_backward)(_product((0,), flat=lambda a: (a[1] > a[2]) | a[1].isnan()))
+_register(aten.hardtanh_backward)(_product((0,), flat=lambda a: (a[1] > a[2]) & (a[1] < a[3]) | a[1].isnan()))
+_register(aten.hardsigmoid_backward)(_product((0,), flat=lambda a: (a[1] > -3) & (a[1] < 3) | a[1].isnan()))
+_register(aten.hardswish_backward)(_product((0,), flat=lambda a: (a[1] > -3) | a[1].isnan()))
+_register(aten.softshrink_backward, aten.hardshrink_backward)(_product((0,), flat=lambda a: (a[1].abs() > a[2])
+                                                                      | a[1].isnan()))
+
+
+def _glu_backward(func, args, kwargs, sup):
+    """glu_backward(g, x, dim): both halves of x's gradient are g times a function of x, so each half is a
+    structural zero where g is."""
+    out = func(*args, **kwargs)
+    s = sup.of(args[0])
+    support = None if s is None else torch.cat([s, s], args[2])
+    sup.record(_annihilate(out, support), support)
+    return out
+
+
+_register(aten.glu_backward)(_glu_backward)
+
+
+def _uninitialised(func, args, kwargs, sup):
+    """new_empty(_strided): memory a backward formula allocates and then writes (a circular pad's backward):
+    its support is whatever the writes give it."""
+    out = func(*args, **kwargs)
+    sup.record(out, None)
+    return out
+
+
+_register(aten.new_empty_strided, aten.new_empty, aten.empty_like)(_uninitialised)
+
+
+# Backward formulas whose exp recomputes softmax weights (exp(x - result)): there a weight of exactly 0 from a
+# -inf entry is the masked entry itself. Elsewhere exp is a factor of a derivative (erf's exp(-x**2) at x = inf
+# is an arithmetic 0).
+_EXP_AS_WEIGHTS = {"LogsumexpBackward0"}
+
+
+@_register(aten.exp)
+def _exp(func, args, kwargs, sup):
+    """exp in logsumexp's backward (`g * exp(x - result)`): an output that is exactly 0 because its input is
+    -inf (a masked or log(0) entry) is a structural zero; an underflow of a finite input is not."""
+    out = func(*args, **kwargs)
+    x = args[0]
+    support = sup.of(x)
+    if _in_formula() and _is_float(x) and _in_node(*_EXP_AS_WEIGHTS) and bool(mask_any(x == -math.inf)):
+        support = (x != -math.inf) if support is None else support & (x != -math.inf)
+    sup.record(out, support)
+    return out
+
+
+@_register(aten.index_fill, aten.index_fill_)
+def _index_fill(func, args, kwargs, sup):
+    """index_fill(g, dim, index, 0) in a backward formula (index_copy's and index_fill's own backward): the
+    filled slices were overwritten in the forward, so they are structural zeros; other values are ordinary."""
+    self, dim, index, value = args[0], args[1], args[2], args[3]
+    before = _full_support(self, sup).expand(self.shape).clone()
+    out = func(*args, **kwargs)
+    filled = not isinstance(value, torch.Tensor) and value == 0 and _in_formula()
+    if filled or sup.tracked(self):
+        sup.record(out, before.index_fill(dim, index, not filled))
+    return out
+
+
+def _sum(func, args, kwargs, sup):
+    """add / sub (and the engine's gradient accumulation): an element is a structural zero only where it is
+    one in every operand; adding never multiplies, so nothing needs annihilating."""
+    out = func(*args, **kwargs)
+    a, b = args[0], args[1]
+    sa, sb = sup.of(a), sup.of(b)
+    support = None
+    if sa is not None and sb is not None and isinstance(b, torch.Tensor):
+        support = (sa | sb).expand(out.shape)
+    sup.record(out, support)
+    return out
+
+
+_register(aten.add, aten.add_, aten.sub, aten.sub_)(_sum)
+
+
+def _full_support(t: object, sup: _Supports, device: torch.device | None = None) -> torch.Tensor:
+    """``t``'s support, all True where it has none recorded; a Python number (where.ScalarSelf/ScalarOther,
+    met in decompositions) is a value: fully supported."""
+    s = sup.of(t)
+    return torch.ones((), dtype=torch.bool, device=device or t.device) if s is None else s
+
+
+def _where(func, args, kwargs, sup):
+    """where(cond, a, b): selects, so the output's support is selected the same way. This is how the
+    unselected branch of a forward ``where`` becomes a structural zero in backward."""
+    out = func(*args, **kwargs)
+    cond, a, b = args
+    if sup.tracked(a) or sup.tracked(b):
+        sup.record(out, torch.where(cond, _full_support(a, sup, out.device),
+                                    _full_support(b, sup, out.device)).expand(out.shape))
+    else:
+        sup.record(out, None)
+    return out
+
+
+_register(aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther)(_where)
+
+
+def _masked_fill(func, args, kwargs, sup):
+    """masked_fill(g, mask, 0) in a backward formula zeroes what the forward discarded: structural zeros."""
+    self, mask, value = args[0], args[1], args[2]
+    before = _full_support(self, sup)
+    out = func(*args, **kwargs)
+    filled = not isinstance(value, torch.Tensor) and value == 0 and _in_formula()
+    if filled or sup.tracked(self):
+        nonzero = torch.tensor(not filled, device=out.device)
+        sup.record(out, torch.where(mask, nonzero, before).expand(out.shape))
+    return out
+
+
+_register(aten.masked_fill, aten.masked_fill_)(_masked_fill)
+
+
+def _placement(func, args, kwargs, sup):
+    """Ops that move, gather, pad, pool or sum sensitivities with non-negative coefficients (slice/select
+    backward, index_put, scatter, gather, cat, sum, avg/max-pool backward, embedding backward, ...). Running
+    the op on the supports as 0/1 numbers gives > 0 exactly where a supported element lands. Elements the op
+    creates (a slice's padding, the unselected elements of a max-pool window) are structural zeros. Nothing is
+    multiplied by a value, so nothing needs annihilating."""
+    out = func(*args, **kwargs)
+
+    def as_number(t):
+        if not _is_float(t):
+            return t
+        s = sup.of(t)
+        return torch.ones_like(t) if s is None else s.to(t.dtype)
+
+    counts = func(*tree_map(as_number, args), **tree_map(as_number, kwargs))
+    for o, c in zip(*(x if isinstance(x, (tuple, list)) else (x,) for x in (out, counts)), strict=True):
+        if _is_float(o):
+            sup.record(o, c > 0)
+    return out
+
+
+_register(aten.slice_backward, aten.select_backward, aten.diagonal_backward, aten.as_strided_scatter,
+          aten.slice_scatter, aten.select_scatter, aten.index_put, aten.index_put_, aten._index_put_impl_,
+          aten._unsafe_index_put, aten.index_add, aten.index_add_, aten.scatter, aten.scatter_,
+          aten.scatter_add, aten.scatter_add_, aten.gather, aten.index_select, aten.index,
+          aten._unsafe_index, aten.cat, aten.stack, aten.sum, aten.mean, aten.cumsum, aten.constant_pad_nd,
+          aten.repeat, aten.flip, aten.roll, aten.diag_embed, aten.tril, aten.triu, aten.unfold_backward,
+          aten.col2im, aten.im2col, aten.embedding_dense_backward, aten.max_pool2d_with_indices_backward,
+          aten.max_pool3d_with_indices_backward, aten.avg_pool2d_backward, aten.avg_pool3d_backward,
+          aten._adaptive_avg_pool2d_backward, aten._adaptive_avg_pool3d_backward,
+          aten.upsample_nearest2d_backward, aten.upsample_bilinear2d_backward,
+          aten.upsample_nearest1d_backward, aten.upsample_linear1d_backward, aten.upsample_trilinear3d_backward,
+          aten.upsample_nearest3d_backward, aten._upsample_nearest_exact1d_backward,
+          aten._upsample_nearest_exact2d_backward, aten._upsample_nearest_exact3d_backward,
+          aten._upsample_bilinear2d_aa_backward, aten.adaptive_max_pool2d_backward,
+          aten.adaptive_max_pool3d_backward, aten.fractional_max_pool2d_backward, aten.pixel_shuffle,
+          aten.pixel_unshuffle, aten.channel_shuffle, aten.native_channel_shuffle, aten.reflection_pad1d_backward,
+          aten.reflection_pad2d_backward, aten.reflection_pad3d_backward, aten.replication_pad1d_backward,
+          aten.replication_pad2d_backward, aten.replication_pad3d_backward, aten.expand_copy,
+          aten.permute_copy, aten.view_copy, aten._unsafe_view, aten.contiguous, aten.put, aten.put_,
+          aten.masked_scatter, aten.masked_scatter_, aten.masked_select)(_placement)
+
+
+def _placement_signed(func, args, kwargs, sup):
+    """As _placement, for linear maps with weights of both signs (bicubic interpolation's backward): on 0/1
+    supports a positive and a negative weight could cancel, so the supports are scaled by random weights in
+    [1, 2) first; an output that a supported element reaches is then 0 only by a coincidence of measure zero."""
+    out = func(*args, **kwargs)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def as_number(t):
+        if not _is_float(t):
+            return t
+        s = sup.of(t)
+        r = (1 + torch.rand(t.shape, generator=gen, dtype=torch.float64)).to(t.device, t.dtype)
+        return r if s is None else r * s
+    counts = func(*tree_map(as_number, args), **tree_map(as_number, kwargs))
+    if _is_float(out):
+        sup.record(out, counts != 0)
+    return out
+
+
+_register(aten.upsample_bicubic2d_backward, aten._upsample_bicubic2d_aa_backward)(_placement_signed)
+
+
+def _placement_scaled(func, args, kwargs, sup):
+    """As _placement, for an op whose coefficients are values (embedding_bag's backward, scaled by the
+    per-sample weights): an output that no supported element reaches is exactly 0, so a NaN/Inf coefficient
+    met there is annihilated."""
+    out = _placement(func, args, kwargs, sup)
+    for o in out if isinstance(out, (tuple, list)) else (out,):
+        if _is_float(o) and o.layout == torch.strided:
+            _annihilate(o, sup.of(o))
+    return out
+
+
+_register(aten._embedding_bag_backward, aten._embedding_bag_dense_backward)(_placement_scaled)
+
+
+def _copy(func, args, kwargs, sup):
+    """copy_(dst, src): dst's elements take src's support (the engine's and CopySlices' way to write a
+    gradient into a buffer)."""
+    out = func(*args, **kwargs)
+    sup.record(out, sup.of(args[1]) if sup.tracked(args[1]) else None)
+    return out
+
+
+_register(aten.copy_)(_copy)
