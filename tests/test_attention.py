@@ -18,7 +18,7 @@ from torch import nn
 import gradwise as gw
 from gradwise._strong_zeros import _engine
 from gradwise._strong_zeros._node_facts import _makes_zeros
-from gradwise._strong_zeros._plan import _plan
+from gradwise._strong_zeros._planning import _plan
 
 nan, inf = float("nan"), float("inf")
 f64 = torch.float64

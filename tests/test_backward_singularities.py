@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import gradwise as gw
-from gradwise._strong_zeros._graph import _root_nodes, _walk
-from gradwise._strong_zeros._plan import _plan
+from gradwise._strong_zeros._autograd_graph import _root_nodes, _walk
+from gradwise._strong_zeros._planning import _plan
 
 
 def _fed(cond: torch.Tensor, x: torch.Tensor, clean: bool) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 
 import gradwise as gw
 from gradwise._strong_zeros import _compile, _contract
-from gradwise._strong_zeros._plan import _plan
+from gradwise._strong_zeros._planning import _plan
 
 with warnings.catch_warnings():  # inductor's first import warns from torch.jit (torch's own deprecation)
     warnings.simplefilter("ignore", DeprecationWarning)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import gradwise as gw
-from gradwise._strong_zeros._plan import _plan
+from gradwise._strong_zeros._planning import _plan
 
 inf = float("inf")
 

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 import case_files
 import gradwise as gw
-from gradwise._strong_zeros._graph import _root_nodes, _walk
+from gradwise._strong_zeros._autograd_graph import _root_nodes, _walk
 from gradwise._strong_zeros._mode import _StrongZeroMode
 from gradwise._strong_zeros._node_facts import (
     _MAKES_NO_ZEROS_IF,
@@ -27,7 +27,7 @@ from gradwise._strong_zeros._node_facts import (
     MAKES_NO_ZEROS,
     _makes_zeros,
 )
-from gradwise._strong_zeros._plan import _plan
+from gradwise._strong_zeros._planning import _plan
 
 nan, inf = float("nan"), float("inf")
 

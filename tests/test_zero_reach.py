@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import gradwise as gw
-from gradwise._strong_zeros._graph import _root_nodes
-from gradwise._strong_zeros._plan import _graph, _plan, _zero_reach
+from gradwise._strong_zeros._autograd_graph import _root_nodes
+from gradwise._strong_zeros._planning import _graph, _plan, _zero_reach
 
 nan = float("nan")
 f64 = torch.float64

@@ -26,8 +26,8 @@ Modules (each imports only those above it in this list, plus torch and gradwise.
 ``_rules_backward``  rules for single fused backwards (softmax, nll, solves, cdist, grid_sampler, CTC, ...).
 ``_mode``            ``_StrongZeroMode``, the TorchDispatchMode that applies the rules; ``DECOMPOSED``.
 ``_node_facts``      facts per autograd node name (``NODE_FACTS``, ``MAKES_NO_ZEROS``, ``FUSED_BACKWARDS``, ...).
-``_graph``           walking an autograd graph: ``_walk``, ``_root_nodes``, ``_leaves``, ``_release_graph``.
-``_plan``            the pre-backward plan: ``_plan``, ``_zero_reach``, ``_all_finite``.
+``_autograd_graph``  walking an autograd graph: ``_walk``, ``_root_nodes``, ``_leaves``, ``_release_graph``.
+``_planning``        the pre-backward plan: ``_plan``, ``_zero_reach``, ``_all_finite``.
 ``_compile_pass``    the same rules over AOTAutograd's backward graphs (torch.compile).
 ``_compile``         compiled backwards under strong zeros: the pass, the runtime check, ``compile_stats``.
 ``_engine``          the engine hook, the strong pass, ``strong_zeros()``, ``grad``, ``backward`` (and the rebound
@@ -44,18 +44,17 @@ Other concerns (trace, watch, distributed, cli) import from this package's modul
 from gradwise._strong_zeros import _rules_pointwise, _rules_bilinear, _rules_backward  # noqa: F401
 from gradwise._strong_zeros import _rules_attention, _rules_opdb  # noqa: F401
 # isort: on
-from gradwise._strong_zeros._compile import CompiledBackwardWarning, compile_stats
-from gradwise._strong_zeros._contract import GradwiseWarning, PlainBackwardWarning
-from gradwise._strong_zeros._engine import backward, grad, strong_zeros, strong_zeros_process_wide
-
 # What the other concerns read of strong zeros as ``_strong_zeros.<name>`` (gradwise._trace: _STATE, lookup,
 # _decomposition, _StrongZeroMode; gradwise._watch: _root_nodes, _leaves, _release_graph, _walk;
 # gradwise._distributed: _register). None of these names is ever rebound, so these are the very objects the
 # modules below use. A name that is rebound or monkeypatched (_engine._plan, _engine._process_wide) is not here.
-from gradwise._strong_zeros._graph import _leaves as _leaves
-from gradwise._strong_zeros._graph import _release_graph as _release_graph
-from gradwise._strong_zeros._graph import _root_nodes as _root_nodes
-from gradwise._strong_zeros._graph import _walk as _walk
+from gradwise._strong_zeros._autograd_graph import _leaves as _leaves
+from gradwise._strong_zeros._autograd_graph import _release_graph as _release_graph
+from gradwise._strong_zeros._autograd_graph import _root_nodes as _root_nodes
+from gradwise._strong_zeros._autograd_graph import _walk as _walk
+from gradwise._strong_zeros._compile import CompiledBackwardWarning, compile_stats
+from gradwise._strong_zeros._contract import GradwiseWarning, PlainBackwardWarning
+from gradwise._strong_zeros._engine import backward, grad, strong_zeros, strong_zeros_process_wide
 from gradwise._strong_zeros._mode import _decomposition as _decomposition
 from gradwise._strong_zeros._mode import _StrongZeroMode as _StrongZeroMode
 from gradwise._strong_zeros._rules import RULES, unruled_ops

@@ -34,7 +34,7 @@ Ops only those graphs contain (``prims.fma``) get one eager rule, registered int
 Traced backwards (AOTAutograd tracing the joint graph on fake tensors) are never inspected: ``_plan`` steps
 aside for them (``_traced``).
 
-May import: torch, and (inside functions, at call time) _compile_pass, _supports, _rules, _graph, _plan.
+May import: torch, and (inside functions, at call time) _compile_pass, _supports, _rules, _autograd_graph, _planning.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def _is_compiled(node: Any) -> bool:
 
 def compiled_nodes(roots: Sequence[Any]) -> list[Any]:
     """The CompiledFunctionBackward nodes reachable from ``roots``."""
-    from gradwise._strong_zeros._graph import _walk
+    from gradwise._strong_zeros._autograd_graph import _walk
 
     return [n for n in _walk(roots) if _is_compiled(n)]
 
@@ -314,7 +314,7 @@ def _swapped(nodes: Sequence[Any], eager: bool) -> Iterator[list[Any]]:
 
 
 def _holds_nonfinite(result: Any, leaves: Sequence[torch.Tensor]) -> bool:
-    from gradwise._strong_zeros._plan import _all_finite
+    from gradwise._strong_zeros._planning import _all_finite
 
     if result is not None:
         tensors = [r for r in result if isinstance(r, torch.Tensor) and r.is_floating_point()]
@@ -354,7 +354,7 @@ def compiled_run(run: Callable[[bool | None], Any], t_outputs: Sequence[Any], in
     """Wrap the engine call of one backward under strong zeros (not the plain path) so that compiled nodes in
     its graph run their strong-zero variants: compiled with the pass outside the eager mode, op by op under
     it. ``run`` itself when the graph has no compiled node."""
-    from gradwise._strong_zeros._graph import _leaves, _root_nodes
+    from gradwise._strong_zeros._autograd_graph import _leaves, _root_nodes
     from gradwise._strong_zeros._supports import _STATE
 
     nodes = compiled_nodes(_root_nodes(t_outputs))

@@ -3,8 +3,9 @@ pass (``_run_strong``, ``_nested``, ``grad_in_pass``), and the public ``strong_z
 ``backward``. The rebound globals ``_installed``, ``_original_engine_run`` and ``_process_wide`` live here only:
 read them as ``_engine.<name>``.
 
-May import: torch, gradwise._checks, _contract, _compile, _supports, _mode, _graph, _plan; and lazily (inside
-``_under_traces``) gradwise._trace's ``_Tracer``, to keep a trace's recorders above the strong-zero mode.
+May import: torch, gradwise._checks, _contract, _compile, _supports, _mode, _autograd_graph, _planning; and
+lazily (inside ``_under_traces``) gradwise._trace's ``_Tracer``, to keep a trace's recorders above the
+strong-zero mode.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from gradwise._checks import as_tensors, check_differentiable, check_scalar_or_seeded
 from gradwise._strong_zeros import _contract
+from gradwise._strong_zeros._autograd_graph import _leaves, _release_graph, _root_nodes
 from gradwise._strong_zeros._compile import compiled_run
-from gradwise._strong_zeros._graph import _leaves, _release_graph, _root_nodes
 from gradwise._strong_zeros._mode import _StrongZeroMode
-from gradwise._strong_zeros._plan import _all_finite, _plan
+from gradwise._strong_zeros._planning import _all_finite, _plan
 from gradwise._strong_zeros._supports import _STATE, _Supports
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The plan before backward: ``_plan`` chooses plain, check or strong from the graph (which nodes can make a
 structural zero, ``_zero_reach``) and the finiteness of what those nodes saved (``_all_finite``).
 
-May import: torch, _contract, _traced, _graph, _node_facts.
+May import: torch, _contract, _traced, _autograd_graph, _node_facts.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from gradwise._strong_zeros import _contract
-from gradwise._strong_zeros._graph import _root_nodes
+from gradwise._strong_zeros._autograd_graph import _root_nodes
 from gradwise._strong_zeros._node_facts import _NODE_TYPES, _node_type, _readable
 from gradwise._strong_zeros._traced import traced
 
