@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradwise as gw
 
@@ -394,6 +395,28 @@ def check_trace_merged_report(rank, world):
                                                    "finding_ranks": [f.rank for f in merged.findings]}}
 
 
+class _NaNEmpty(TorchDispatchMode):
+    """Uninitialised memory that happens to hold NaN (as a freed NaN tensor's block can): every float
+    ``empty`` returns NaN. Pushed below gw.trace(), so the trace sees empty's output and not the fill."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.empty, torch.ops.aten.empty_strided) and out.is_floating_point():
+            out.fill_(float("nan"))
+        return out
+
+
+def check_trace_buckets_from_nan_garbage(rank, world):
+    """DDP's buckets made by empty under the trace, holding NaN garbage until the all-reduce writes them: the NaN
+    that rank 1 sends is received through the all-reduce, not born in empty's garbage."""
+    model = _model()
+    with _NaNEmpty(), gw.trace() as report:
+        ddp = DDP(model)
+        _loss(ddp, _data(rank, padding=False, genuine=True)).backward()
+    merged = gw.gather_reports(report)
+    return {"ranks": None if merged is None else merged.ranks, "born": sorted({f.born_op for f in report.findings})}
+
+
 CHECKS: dict[str, list[Callable]] = {
     "two": [check_plain_ddp_is_contaminated, check_strong_zeros, check_gw_backward, check_find_unused_parameters,
             check_static_graph, check_gradient_as_bucket_view, check_no_sync_accumulation,
@@ -402,7 +425,7 @@ CHECKS: dict[str, list[Callable]] = {
             check_guard_refusals,
             check_skip_policy, check_raise_policy, check_warn_policy, check_hook_with_strong_zeros],
     "three": [check_plain_ddp_is_contaminated, check_strong_zeros, check_trace_merged_report, check_skip_policy,
-              check_fsdp2_guard_skip],
+              check_fsdp2_guard_skip, check_trace_buckets_from_nan_garbage],
 }
 
 
@@ -604,6 +627,15 @@ def test_trace_reports_rank_1_as_origin_and_the_others_as_receivers(three):
     assert "wrote NaN into it afterwards" not in merged["text"] and "clip_grad_norm_" not in merged["text"]
     assert sorted(set(merged["finding_ranks"])) == [0, 1, 2]
     assert '"rank": 1' in merged["json"] and '"ranks"' in merged["json"]
+
+
+def test_a_bucket_of_nan_garbage_does_not_hide_the_all_reduce(three):
+    ranks = _per_rank(three, "check_trace_buckets_from_nan_garbage")
+    [line] = ranks[0]["ranks"]
+    assert line.startswith("rank 1 introduced the NaN at ")
+    assert line.endswith("; ranks 0,2 received it through the all-reduce"), line
+    for rank in (0, 2):
+        assert "aten.empty" not in ranks[rank]["born"], ranks[rank]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -265,12 +265,8 @@ def test_two_processes_explain_names_rank_1_on_rank_0(two_processes):
     assert any(f["rank"] == 1 and f["kind"] == "nan" for f in report["findings"])
 
 
-def test_two_processes_explain_names_rank_0_as_a_receiver(two_processes, request):
-    module_name, ranks = two_processes
-    if module_name == "lightning_train":  # not strict: it passes in most runs
-        request.applymarker(pytest.mark.xfail(strict=False, reason=(
-            "racy (2 of ~12 runs on 2026-12-04): rank 0's NaN is sometimes born at an aten.copy_ inside DDP's "
-            "forward (Lightning strategy.py:641) instead of received through the all-reduce")))
+def test_two_processes_explain_names_rank_0_as_a_receiver(two_processes):
+    _, ranks = two_processes
     report = json.loads(Path(ranks[0]["reports"][0]).read_text())
     assert report["ranks"][0].endswith("rank 0 received it through the all-reduce"), (report["ranks"], [
         (f["rank"], f["kind"], f["op"]) for f in report["findings"]])

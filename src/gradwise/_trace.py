@@ -1055,6 +1055,8 @@ class _Tracer(TorchDispatchMode):
             return self._gradient_as_value(t, got, loc)
         if got is None and t._base is not None and _nonfinite(t._base):
             got = self.prov[t] = self._origin(t._base, loc)
+        if got and all(getattr(b, "op", None) in _UNINITIALISED for b in got) and self._received_through(t):
+            got = None  # uninitialised memory (a bucket DDP allocates with empty) that a collective wrote since
         if got is None and (via := self._received_through(t)) is not None:
             mask, nan = ~torch.isfinite(t), bool(torch.isnan(t).any())
             b = self._birth(via[0], via[1], nan, None, mask, lambda idx: _Birth(
@@ -1572,8 +1574,8 @@ class _Tracer(TorchDispatchMode):
 
 # births that are no data of the program: uninitialised memory (overwritten before use) and NaN gradients used
 # as values (consequences of findings, reported there)
-_NOT_DATA = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided",
-             "gradient"}
+_UNINITIALISED = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided"}
+_NOT_DATA = {*_UNINITIALISED, "gradient"}
 _KINK_FIX = ("not an error: the gradient here is PyTorch's convention, one element of the subdifferential. To test "
              "optimality use gw.stationarity(f, x); for an exact one-sided derivative gw.directional_derivative.")
 _SINGULAR_FIX = ("an infinite derivative (a norm or root at 0): if the gradient must be finite here, smooth the op "
