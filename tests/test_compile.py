@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import gradwise as gw
 from gradwise._strong_zeros import _compile, _contract
@@ -167,6 +169,25 @@ def test_compiled_outside_dynamic(net, outside):
     torch.testing.assert_close(g, _deleted(net, x, 5)[1], rtol=1e-5, atol=1e-6)
     plain = _grads(net, _data(n=8), outside, strong=False)
     assert plain[1].isnan().any()  # and outside, plain PyTorch again
+
+
+def test_convolutions_cropped_border_take_the_pass():
+    """A NaN border that the loss crops away, through three convolutions (padding 1) and relus: the pass's
+    convolution_backward rule zeroes the input positions no kept output reads, so the compiled strong variant
+    alone is right (no op-by-op re-run), and on finite data it is PyTorch's gradient bit for bit."""
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(4, 3, 3, padding=1))
+    img = torch.randn(2, 2, 12, 12)
+    framed, clean = F.pad(img, (2, 2, 2, 2), value=nan), F.pad(img, (2, 2, 2, 2), value=0.25)
+    fn = torch.compile(lambda t: cnn(t)[..., 5:11, 5:11].square().mean())
+    want = _grads(cnn, clean, fn, strong=False)
+    before = dict(_compile.STATS)
+    got = _grads(cnn, framed, fn, strong=True)
+    assert _compile.STATS["eager"] == before["eager"] and _compile.STATS["compiled"] > before["compiled"]
+    _close(got, want)
+    assert _grads(cnn, framed, fn, strong=False)[1].isnan().any()  # plain PyTorch: the weights contaminated
+    _equal(_grads(cnn, img, fn, strong=True), _grads(cnn, img, fn, strong=False))
 
 
 def test_model_compiled_loss_eager(net):

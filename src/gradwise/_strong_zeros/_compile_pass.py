@@ -33,6 +33,7 @@ May import: torch (torch.fx) only.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -54,6 +55,7 @@ _VIEWS = {aten.expand.default, aten.permute.default, aten.reshape.default, aten.
           aten.squeeze.default, aten.t.default, aten.transpose.int, aten.slice.Tensor, aten.select.int,
           aten.alias.default, aten.clone.default, aten.neg.default, aten.contiguous.default}
 _CASTS = {aten._to_copy.default, prims.convert_element_type.default}
+_CAST = prims.convert_element_type.default
 
 
 def _val(x: object) -> Any:
@@ -161,7 +163,7 @@ class _Rewriter:
                     self.sens.add(node)
                 rule = PASS_RULES.get(node.target)
                 val = _val(node)
-                if rule is None or not isinstance(val, torch.Tensor) or not val.is_floating_point():
+                if rule is None or not _has_floating(val):
                     continue
                 if node not in self.sens and node.target not in _ZERO_MAKERS:
                     continue  # a forward value (recomputed in the backward): its zeros are values
@@ -172,6 +174,15 @@ class _Rewriter:
         finally:
             self.mode = None
         return self.rewritten
+
+
+def _floating(val: Any) -> bool:
+    return isinstance(val, torch.Tensor) and val.is_floating_point()
+
+
+def _has_floating(val: Any) -> bool:
+    """A floating tensor, or a tuple of outputs holding one (convolution_backward's)."""
+    return _floating(val) or (isinstance(val, (tuple, list)) and any(map(_floating, val)))
 
 
 def _same_shape(a: Any, b: Any) -> bool:
@@ -369,6 +380,48 @@ def _mm(rw: _Rewriter, node: fx.Node) -> Any:
     rw.cursor = node
     rw.rewritten += 1
     return out
+
+
+@_rule(aten.convolution_backward.default)
+def _convolution_backward(rw: _Rewriter, node: fx.Node) -> Any:
+    """convolution_backward(g, x, w, ...) -> (grad_input, grad_weight, grad_bias). An input position that no
+    supported output position reads (in any channel) meets only structural zeros of g: it is zeroed in x before
+    the weight gradient (its NaN/Inf met only zeros), and grad_input there is a structural zero (set to 0: a
+    NaN/Inf in w met only zeros there too). Positions a supported output reads keep their values: a NaN there
+    that only structural channels meet may stay (the runtime check re-runs that backward op by op). Returns a
+    tuple of supports, one per output, read by ``operator.getitem``."""
+    g, x, w = node.args[:3]
+    stride, padding, dilation, transposed, output_padding = node.args[4:9]
+    mg = rw.of(g)
+    if mg is None or mg is FALSE or transposed or rw.of(x) is not None:
+        return None
+    vg, vx, vw = _val(g), _val(x), _val(w)
+    positions = rw.call(aten.any.dims, rw.exact(mg, g), [1], True)  # [N, 1, *out]: some channel supported
+    ones = rw.call(aten.full.default, [1, 1, *vw.shape[2:]], 1.0, dtype=vg.dtype, device=vg.device,
+                   pin_memory=False)
+    reads = rw.call(aten.convolution_backward.default, rw.call(_CAST, positions, vg.dtype),
+                    rw.call(aten.slice.Tensor, x, 1, 0, 1), ones, None, stride, padding, dilation, False,
+                    output_padding, 1, [True, False, False])
+    read = rw.call(aten.gt.Scalar, rw.call(operator.getitem, reads, 0), 0)  # [N, 1, *in]
+    zero = rw.call(aten.full.default, [], 0, dtype=vx.dtype, device=vx.device, pin_memory=False)
+    new_x = rw.call(aten.where.self, read, x, zero)
+    node.args = (g, new_x, *node.args[2:])
+    rw.cursor.append(node)  # after the nodes it now reads
+    rw.cursor = node
+    rw.rewritten += 1
+    return (read, None, None)
+
+
+@_rule(operator.getitem)
+def _getitem(rw: _Rewriter, node: fx.Node) -> Any:
+    """An output of a multi-output op whose rule returned one support per output."""
+    masks = rw.sup.get(node.args[0])
+    if not isinstance(masks, tuple):
+        return None
+    mask = masks[node.args[1]]
+    if mask is not None and mask is not FALSE:
+        rw.annihilate(node, mask)
+    return mask
 
 
 def rewrite_backward(graph: fx.Graph) -> int:
