@@ -254,7 +254,7 @@ def test_rule_keeps_nan_and_inf(name):
         gw.directional_derivative(lambda *a: f(*a), (x, *xs[1:]), tuple(torch.zeros_like(v) for v in xs))
     # values: rerun f through gradwise's machinery with a zero direction and compare
     out = gw._nonsmooth._engine._run(f, (x, *xs[1:]), False, tuple(torch.zeros_like(v) for v in xs),
-                             gw._nonsmooth._records._Run(), False)[1][0][0]
+                                     gw._nonsmooth._records._Run(), False)[1][0][0]
     torch.testing.assert_close(out, ref, equal_nan=True)
 
 
