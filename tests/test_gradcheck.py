@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import gradwise as gw
-from gradwise._gradcheck import GradcheckError
+from gradwise._nonsmooth import GradcheckError
 
 
 class BadSquare(torch.autograd.Function):

@@ -253,8 +253,8 @@ def test_rule_keeps_nan_and_inf(name):
     with pytest.raises(ValueError, match=r"inputs\[0\] holds 2 NaN/Inf"):  # no derivative is invented there
         gw.directional_derivative(lambda *a: f(*a), (x, *xs[1:]), tuple(torch.zeros_like(v) for v in xs))
     # values: rerun f through gradwise's machinery with a zero direction and compare
-    out = gw._nonsmooth._run(f, (x, *xs[1:]), False, tuple(torch.zeros_like(v) for v in xs),
-                             gw._nonsmooth._Run(), False)[1][0][0]
+    out = gw._nonsmooth._engine._run(f, (x, *xs[1:]), False, tuple(torch.zeros_like(v) for v in xs),
+                                     gw._nonsmooth._records._Run(), False)[1][0][0]
     torch.testing.assert_close(out, ref, equal_nan=True)
 
 
@@ -290,7 +290,7 @@ def test_positively_homogeneous_and_one_sided(xv, dv, scale, which):
 def test_generalized_grad_equals_autograd_where_differentiable(xv, which):
     f = PIECEWISE[which]
     x = torch.tensor(xv, dtype=torch.float64) + 0.123456789  # generic: no ties, no kinks
-    if gw._nonsmooth.kinks_hit(f, x)[0]:
+    if gw._nonsmooth._engine.kinks_hit(f, x)[0]:
         return
     xr = x.clone().requires_grad_(True)
     (expected,) = torch.autograd.grad(f(xr), xr)
@@ -420,18 +420,18 @@ def test_locked_piece_is_active_along_its_direction(name):
     derivative along d, and g is the gradient at a differentiable point of that ray. Checked for the two-pass
     path (first call) and the tangent-carrying first pass (second call on the same code)."""
     f, xs = LOCK_CASES[name]()
-    kinks, _ = gw._nonsmooth.kinks_hit(f, xs)
+    kinks, _ = gw._nonsmooth._engine.kinks_hit(f, xs)
     assert sum(k.count for k in kinks) >= 5  # many real ties
-    gw._nonsmooth._LAST_TIE.pop(f.__code__, None)
+    gw._nonsmooth._engine._LAST_TIE.pop(f.__code__, None)
     for seed in range(3):
         first = gw.generalized_grad(f, xs, seed=seed)
         again = gw.generalized_grad(f, xs, seed=seed)
         assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
-        d = gw._nonsmooth._random_direction(xs, seed)[0]
+        d = gw._nonsmooth._engine._random_direction(xs, seed)[0]
         along = sum(float((g * e).sum()) for g, e in zip(first, d, strict=True))
         assert along == pytest.approx(one_sided(f, xs, d, h=1e-8), rel=1e-5, abs=1e-5)
         ys = [(x + 1e-7 * e).requires_grad_(True) for x, e in zip(xs, d, strict=True)]
-        assert not gw._nonsmooth.kinks_hit(f, tuple(y.detach() for y in ys))[0]  # a differentiable point
+        assert not gw._nonsmooth._engine.kinks_hit(f, tuple(y.detach() for y in ys))[0]  # a differentiable point
         for g, h in zip(first, torch.autograd.grad(f(*ys), ys), strict=True):
             torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-4)
 
@@ -441,7 +441,7 @@ def test_relu_dead_pool_windows_are_not_kinks():
     x = torch.tensor([[-1.0, -2.0, 3.0, 1.0], [-1.0, -1.0, 3.0, 2.0]], dtype=torch.float64)
     f = lambda w: F.max_pool2d(torch.relu(x * w).reshape(1, 1, 2, 4), 2).sum()
     w = torch.tensor(1.0, dtype=torch.float64)
-    kinks, _ = gw._nonsmooth.kinks_hit(f, w)
+    kinks, _ = gw._nonsmooth._engine.kinks_hit(f, w)
     assert [k.op for k in kinks] == ["aten.max_pool2d"] and kinks[0].count == 1  # only the live (3, 3) window
     assert float(gw.generalized_grad(f, w)[0]) == pytest.approx(3.0)
 

@@ -257,7 +257,7 @@ BAD_OPTIONS = {
     "gradcheck_atol": (lambda: gw.gradcheck(ABS, X2, atol=-1), r"atol=-1 is out of range"),
     "nearby_negative": (lambda: gw.gradcheck(ABS, X2, nearby=-1), r"nearby=-1 is out of range"),
     "nearby_radius_inf": (lambda: gw.gradcheck(ABS, X2, nearby_radius=math.inf), r"nearby_radius=inf: must be"),
-    "kinks_hit_tie_tol": (lambda: gw._nonsmooth.kinks_hit(ABS, X2, tie_tol=math.nan), r"tie_tol=nan"),
+    "kinks_hit_tie_tol": (lambda: gw._nonsmooth._engine.kinks_hit(ABS, X2, tie_tol=math.nan), r"tie_tol=nan"),
 }
 
 
@@ -314,7 +314,7 @@ def test_maximum_of_relu_dead_elements_is_no_kink(xv):
         d = d.double()
         assert float(gw.directional_derivative(f, x, d)) == pytest.approx(one_sided(f, [x], [d]), abs=1e-5)
     dead = [i for i in range(3) if xv[i] < 0 and xv[2 - i] < 0]
-    kinks = gw._nonsmooth.kinks_hit(f, x)[0]
+    kinks = gw._nonsmooth._engine.kinks_hit(f, x)[0]
     if dead and all(v != 0 for v in xv) and xv[0] != xv[2]:
         assert not kinks
 

@@ -93,7 +93,7 @@ def test_many_ties_not_stationary_is_proved_by_the_shared_part():
     net, x, y = _blocky_net()
     params = tuple(net.parameters())
     loss = lambda *p: torch.nn.functional.cross_entropy(net(x), y)
-    assert sum(k.count for k in gw._nonsmooth.kinks_hit(loss, params)[0]) > 12
+    assert sum(k.count for k in gw._nonsmooth._engine.kinks_hit(loss, params)[0]) > 12
     cert = gw.stationarity(loss, params, samples=4)
     assert not cert.exact and cert.stationary is False
     assert cert.lower_bound > 1e-6

@@ -20,10 +20,19 @@ from gradwise._distributed import (
     gather_reports,
     nonfinite_guard,
 )
-from gradwise._gradcheck import GradcheckResult, gradcheck
-from gradwise._nonsmooth import NonsmoothError, directional_derivative, generalized_backward, generalized_grad
+from gradwise._nonsmooth import (
+    GradcheckResult,
+    NonsmoothError,
+    Stationarity,
+    Subdifferential,
+    directional_derivative,
+    generalized_backward,
+    generalized_grad,
+    gradcheck,
+    stationarity,
+    subdifferential,
+)
 from gradwise._report import Finding, Report
-from gradwise._stationarity import Stationarity, Subdifferential, stationarity, subdifferential
 from gradwise._strong_zeros import (
     CompiledBackwardWarning,
     GradwiseWarning,

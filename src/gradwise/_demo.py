@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gradwise._stationarity import Subdifferential, stationarity
+from gradwise._nonsmooth import Subdifferential, stationarity
 from gradwise._strong_zeros import grad
 
 

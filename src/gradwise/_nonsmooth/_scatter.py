@@ -6,13 +6,19 @@ is rebuilt as ``where(from_self, dest, src.take(position))`` with the winner of 
 `max`: by tangent along the direction, then further directions (PyTorch splits the gradient evenly among the tied
 elements instead). ``index_reduce`` and ``embedding_bag``, which have no forward-mode formula in PyTorch, take
 this route whenever a tangent is present, so their directional derivatives exist everywhere.
+
+May import: torch, gradwise._masks, ``_records``, ``_rules``.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from gradwise._nonsmooth import _is_dual, _Run, _split, aten, kink_rule, mask_any
+from gradwise._masks import mask_any
+from gradwise._nonsmooth._records import _Run
+from gradwise._nonsmooth._rules import _is_dual, _split, kink_rule
+
+aten = torch.ops.aten
 
 
 def _select_reduce(run: _Run, op: str, dest: Tensor, dim: int, index: Tensor, src: Tensor, descending: bool,

@@ -4,6 +4,8 @@ Away from kinks it is PyTorch's gradcheck. At a kink, central differences mean n
 element it compares the backward result with the one-sided differences along each coordinate and with the Clarke
 subdifferential (`gradwise.subdifferential`): "kink: PyTorch's value is a generalized gradient" passes, "is not"
 fails. A wrong backward is still caught: the backward is also checked at random differentiable points next to x.
+
+May import: torch, ``_contexts``, ``_errors``, ``_engine``, ``_stationarity``.
 """
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from torch.autograd.gradcheck import GradcheckError as _TorchGradcheckError
 
-from gradwise import _nonsmooth_contexts as _ctx
-from gradwise._nonsmooth import NonsmoothError, _as_inputs, _call, _outputs, directional_derivative, kinks_hit
-from gradwise._stationarity import Subdifferential, _flat, subdifferential
+from gradwise._nonsmooth import _contexts as _ctx
+from gradwise._nonsmooth._engine import _as_inputs, _call, _outputs, directional_derivative, kinks_hit
+from gradwise._nonsmooth._errors import NonsmoothError
+from gradwise._nonsmooth._stationarity import Subdifferential, _flat, subdifferential
 
 __all__ = ["GradcheckError", "GradcheckResult", "gradcheck"]
 

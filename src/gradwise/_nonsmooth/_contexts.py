@@ -1,6 +1,6 @@
 """Where f runs: the contexts around a pass of f, and the places where gradwise cannot see f's ops.
 
-gradwise sees f's ops through a ``TorchFunctionMode`` (`_nonsmooth._KinkMode`). That is exact only where every op
+gradwise sees f's ops through a ``TorchFunctionMode`` (`_kink_mode._KinkMode`). That is exact only where every op
 that f's value depends on goes through the mode with its tangent, and every pass of f takes the same path. This
 module makes the usual wrappers exact and detects the rest:
 
@@ -21,6 +21,8 @@ module makes the usual wrappers exact and detects the rest:
 * ``torch.func`` transforms inside f, and reverse passes inside f (``torch.autograd.grad``, ``.backward()``,
   ``torch.autograd.functional.jacobian`` ...) after a kink was hit: `NonsmoothError`; gradwise inside a
   ``torch.func`` transform: `NonsmoothError`.
+
+May import: torch, ``_errors`` (lazily, for the error it raises).
 """
 from __future__ import annotations
 
@@ -114,7 +116,7 @@ def check_entry(name: str, xs) -> None:
 
 
 def raise_nonsmooth(message: str):
-    from gradwise._nonsmooth import NonsmoothError
+    from gradwise._nonsmooth._errors import NonsmoothError
 
     raise NonsmoothError(message)
 

@@ -3,7 +3,7 @@
 The Clarke subdifferential of a piecewise-smooth f at x is the convex hull of the gradients of the smooth pieces
 active at x (those that agree with f on an open cone at x). `subdifferential` finds them exactly while few
 kinks are hit: a depth-first search over the kink calls in program order, forcing branch choices (the replay
-mechanism of `_nonsmooth`), where a choice is kept only if some direction d makes it the winner, i.e. the
+mechanism of `_engine`), where a choice is kept only if some direction d makes it the winner, i.e. the
 strict linear inequalities on d it implies are feasible (a linear program, ``scipy.optimize.linprog``). Each
 leaf is an active piece; its gradient is one reverse pass. Beyond the budget it samples generalized gradients
 along random directions (then it cannot prove that nothing is missing).
@@ -11,6 +11,8 @@ along random directions (then it cannot prove that nothing is missing).
 The least-norm point of the hull comes from non-negative least squares (``scipy.optimize.nnls``):
 min_{mu >= 0} ||G^T mu||^2 + (1 - 1^T mu)^2 has solution mu = lambda / (1 + r^2), lambda the least-norm
 weights and r the least norm, so lambda = mu / sum(mu) exactly.
+
+May import: torch, numpy, scipy, ``_contexts``, ``_records``, ``_engine``.
 """
 from __future__ import annotations
 
@@ -23,18 +25,9 @@ import numpy as np
 import torch
 from scipy.optimize import linprog, nnls
 
-from gradwise import _nonsmooth_contexts as _ctx
-from gradwise._nonsmooth import (
-    Kink,
-    NearKink,
-    _as_inputs,
-    _check_no_jump,
-    _locked_grad,
-    _random_direction,
-    _Run,
-    _run,
-    _scalar,
-)
+from gradwise._nonsmooth import _contexts as _ctx
+from gradwise._nonsmooth._engine import _as_inputs, _check_no_jump, _locked_grad, _random_direction, _run, _scalar
+from gradwise._nonsmooth._records import Kink, NearKink, _Run
 
 __all__ = ["Stationarity", "Subdifferential", "stationarity", "subdifferential"]
 

@@ -1,0 +1,355 @@
+"""The driver: one pass of f under ``_KinkMode`` in a dual level (``_run``, ``_lex_passes``),
+``directional_derivative``, branch locking (``_locked_grad``, the memo ``_LAST_TIE``), ``generalized_grad``,
+``generalized_backward``, ``kinks_hit``.
+
+May import: torch, ``_contexts``, ``_errors``, ``_records``, ``_rules``, ``_kinks``, ``_kink_mode``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from gradwise._nonsmooth import _contexts as _ctx
+from gradwise._nonsmooth._errors import NonsmoothError
+from gradwise._nonsmooth._kink_mode import _Diverged, _KinkMode, _Stop
+from gradwise._nonsmooth._kinks import _UNSEEN_KINKY
+from gradwise._nonsmooth._records import Kink, NearKink, _Run, _user_line
+from gradwise._nonsmooth._rules import _is_dual, _needs_grad
+
+aten = torch.ops.aten
+Tensor = torch.Tensor
+
+# Forward AD imports this on first use; it warns about torch.jit.script, which pytest would turn into an error.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import torch._decomp.decompositions_for_jvp
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def _as_inputs(inputs, what: str = "inputs") -> tuple[tuple[Tensor, ...], bool]:
+    single = isinstance(inputs, Tensor)
+    xs = (inputs,) if single else inputs
+    if not isinstance(xs, (tuple, list)) or not xs:
+        raise TypeError(f"{what} must be a tensor or a tuple of tensors, got {type(inputs).__name__}")
+    for i, x in enumerate(xs):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{what}[{i}] is a {type(x).__name__}, not a torch.Tensor; pass tensors "
+                            "(e.g. torch.tensor(...))")
+        if not (x.is_floating_point() or x.is_complex()):
+            raise TypeError(f"{what}[{i}] has dtype {x.dtype}; derivatives need a real floating dtype: "
+                            f"convert it with .double() or .float()")
+    _ctx.check_input_values(xs, what)
+    return tuple(xs), single
+
+
+def _call(f, duals: tuple[Tensor, ...], single: bool):
+    return f(duals[0]) if single else f(*duals)
+
+
+def _outputs(out) -> list[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)) and all(isinstance(o, Tensor) for o in out):
+        return list(out)
+    raise TypeError(f"f must return a tensor or a tuple of tensors, got {type(out).__name__}")
+
+
+def _run(f, xs, single, directions, run: _Run, requires_grad: bool, strip_after: int | None = None,
+         stop_after: int | None = None, detect: bool = False, expect: list | None = None):
+    """One pass of f at xs with tangents ``directions`` (None: a tangent-free detection pass, or no tangent
+    for that input). ``detect``: rules also see arguments that only require grad (tangents stripped after
+    ``strip_after``). ``expect``: the trail of calls this pass must follow (else `_Diverged`). Returns (output,
+    [(primal, tangent)] per output, leaves, mode)."""
+    leaves = tuple(x.detach().requires_grad_(requires_grad) for x in xs)
+    dual = directions is not None
+    with _ctx.pass_context(), fwAD.dual_level(), torch.enable_grad() if requires_grad else torch.no_grad():
+        args = tuple(x if not dual or d is None else fwAD.make_dual(x, d.to(x.dtype))
+                     for x, d in zip(leaves, directions or [None] * len(xs), strict=True))
+        positions = {id(t): i for ts in (xs, leaves, args) for i, t in enumerate(ts)}
+        subs = {id(x): a for x, a in zip(xs, args, strict=True)}
+        involved = (lambda a: _needs_grad(a) or _is_dual(a)) if detect else _is_dual if dual else _needs_grad
+        mode = _KinkMode(run, subs, positions, involved, strip_after, stop_after, dual)
+        mode.expect = expect
+        watch = mode.watch = _ctx.opaque_watch(mode, _UNSEEN_KINKY, _user_line)
+        try:
+            with mode, watch:
+                out = _call(f, args, single)
+        except _Stop:
+            watch.check()
+            return None, [], leaves, mode
+        except NotImplementedError as e:
+            watch.check()
+            if "custom autograd.Function" not in str(e):
+                raise
+            raise NonsmoothError(f"f (called at {_user_line()}) applies a custom autograd.Function that defines no "
+                                 "jvp: gradwise cannot follow a direction through it nor see a kink inside its "
+                                 "forward. Define its forward-mode derivative (a jvp staticmethod), or write it with "
+                                 "torch ops") from None
+        except Exception as e:
+            watch.check()
+            if "_fw_primal" in str(e):  # forward AD's Python decompositions called from TorchScript reach the mode
+                raise NonsmoothError(f"f (called at {_user_line()}) runs code that gradwise cannot follow with "
+                                     "tangents (TorchScript from torch.jit.script/trace, whose forward-mode "
+                                     "formulas call back into Python). Call the Python function (the module before "
+                                     "scripting/tracing) instead") from None
+            raise
+        watch.check()
+        primals = [fwAD.unpack_dual(o) for o in _outputs(out)]
+    return out, primals, leaves, mode
+
+
+def _extra_directions(xs, gen: torch.Generator, n: int):
+    return [tuple(torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.device, x.dtype) for x in xs)
+            for _ in range(n)]
+
+
+MAX_EXTRA_PASSES = 3
+
+
+def _lex_passes(f, xs, single, first, gen, requires_grad, run_kw=None, strip_after=None):
+    """Run f along ``first``; while comparison ties stay unresolved, add random directions and rerun.
+
+    Returns the final run (its branches ranked by all directions) and its `_run` result.
+    """
+    run_kw = run_kw or {}
+    run = _Run(**run_kw)
+    result = _run(f, xs, single, first, run, requires_grad, strip_after)
+    history = run.kinks
+    for extra in _extra_directions(xs, gen, MAX_EXTRA_PASSES) if _unresolved(run) else []:
+        nxt = _Run(history=history, **run_kw)
+        _run(f, xs, single, extra, nxt, False)
+        history = nxt.kinks
+        if not _unresolved(nxt):
+            break
+    if history is not run.kinks:  # rerun along the first direction with every ranking column known
+        run = _Run(history=history, **run_kw)
+        result = _run(f, xs, single, first, run, requires_grad, strip_after)
+    return run, result
+
+
+def _unresolved(run: _Run) -> bool:
+    return any(k.unresolved and k.comparison for k in run.kinks)
+
+
+def _as_direction(d, x: Tensor):
+    """A nested sequence of numbers shaped like x becomes a tensor of x's dtype; anything else is left as is."""
+    if isinstance(d, Tensor) or not isinstance(d, (tuple, list, int, float)):
+        return d
+    try:
+        t = torch.as_tensor(d, dtype=x.dtype, device=x.device)
+    except (TypeError, ValueError, RuntimeError):
+        return d
+    return t if t.shape == x.shape else d
+
+
+def _check_directions(xs, directions, single):
+    if single and not isinstance(directions, Tensor):
+        whole = _as_direction(directions, xs[0])
+        directions = whole if isinstance(whole, Tensor) else directions
+    ds = (directions,) if isinstance(directions, Tensor) and single else directions
+    if isinstance(ds, Tensor):
+        ds = (ds,)
+    if not isinstance(ds, (tuple, list)) or len(ds) != len(xs):
+        raise TypeError(f"directions must match inputs: {len(xs)} tensor(s) shaped like the inputs")
+    ds = tuple(_as_direction(d, x) for d, x in zip(ds, xs, strict=True))
+    for i, (x, d) in enumerate(zip(xs, ds, strict=True)):
+        if not isinstance(d, Tensor) or d.shape != x.shape:
+            raise TypeError(f"directions[{i}] must be a tensor of shape {tuple(x.shape)}, got "
+                            f"{getattr(d, 'shape', type(d).__name__)}")
+        if not d.is_floating_point():
+            raise TypeError(f"directions[{i}] has dtype {d.dtype}; use a floating dtype")
+    _ctx.check_input_values(ds, "directions")
+    return tuple(ds)
+
+
+def directional_derivative(f: Callable, inputs: Tensor | tuple[Tensor, ...],
+                           directions: Tensor | tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
+    """The exact one-sided directional derivative f'(x; d) = lim_{t->0+} (f(x + t d) - f(x)) / t.
+
+    ``f`` is called as ``f(*inputs)`` (or ``f(inputs)`` for one tensor); ``directions`` is shaped like
+    ``inputs``; the result is shaped like f's output. Kink ops use their one-sided rules (see
+    ``docs/nonsmooth.md``); where tangents tie too, further directions decide (lexicographic derivatives).
+
+    >>> import torch, gradwise as gw
+    >>> x = torch.tensor(0.0)
+    >>> gw.directional_derivative(lambda x: torch.relu(x) - torch.relu(-x), x, torch.tensor(-2.0))
+    tensor(-2.)
+    >>> gw.directional_derivative(torch.abs, x, torch.tensor(-1.0))
+    tensor(1.)
+    """
+    xs, single = _as_inputs(inputs)
+    ds = _check_directions(xs, directions, single)
+    gen = torch.Generator().manual_seed(0)
+    run, (out, primals, _, _) = _lex_passes(f, xs, single, ds, gen, False)
+    _check_no_jump(f, xs, single, run, [p for p, _ in primals], exact=True)
+    tangents = [torch.zeros_like(p) if t is None else t for p, t in primals]
+    return tangents[0] if isinstance(out, Tensor) else tuple(tangents)
+
+
+def _check_no_jump(f, xs, single, run: _Run, values: list[Tensor], exact: bool = False) -> None:
+    """Comparisons and piecewise-constant ops at a jump take the branch (limit) of the direction: if f's value
+    then differs from f(x), f jumps at x along it and has no one-sided derivative (nor a Clarke gradient)."""
+    jumps = [k for k in run.kinks if k.comparison]
+    if not jumps:
+        return
+    with torch.no_grad():
+        plain = _outputs(_call(f, tuple(x.detach() for x in xs), single))
+    for p, q in zip(values, plain, strict=True):
+        p, q = p.detach().nan_to_num(), q.nan_to_num()
+        tol = 0.0 if exact else 100 * torch.finfo(q.dtype).eps if q.is_floating_point() else 0.0
+        if not torch.allclose(p, q, rtol=tol, atol=tol):
+            raise NonsmoothError(f"f jumps at x along this direction ({jumps[0].op} at {jumps[0].location} takes "
+                                 "another branch and f's value changes): there is no one-sided derivative, and no "
+                                 "Clarke generalized gradient")
+
+
+def _random_direction(xs, seed: int | None, only: set[int] | None = None):
+    """A Gaussian direction (None for inputs outside ``only``) and the generator, for further directions.
+    Every input's part is drawn, so ``only`` does not change the others'."""
+    gen = torch.Generator()
+    gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ())))
+    dtype = lambda x: x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    d = tuple(torch.randn(x.shape, generator=gen, dtype=dtype(x)).to(x.device) for x in xs)
+    return tuple(v if only is None or i in only else None for i, v in enumerate(d)), gen
+
+
+def _scalar(primal: Tensor) -> Tensor:
+    if primal.numel() != 1:
+        raise ValueError(f"f must return a scalar for a generalized gradient, got shape {tuple(primal.shape)}; "
+                         "reduce it (e.g. .sum() or .mean()) or use gw.directional_derivative")
+    return primal.reshape(())
+
+
+def _grads(y: Tensor, leaves, xs) -> tuple[Tensor, ...]:
+    grads = torch.autograd.grad(y, leaves, allow_unused=True)
+    return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads, strict=True))
+
+
+# f's code object -> the mode call of its last tie at the previous call (-1: none, or none a saved index can lock).
+# A training loop calls generalized_grad on the same code again and again: when it tied last time, the first pass
+# carries tangents up to that call and ranks the ties itself, saving the second pass.
+_LAST_TIE: OrderedDict[object, int] = OrderedDict()
+_LAST_TIE_SIZE = 256
+
+
+def _locked_grad(f, xs, single, seed, run_kw=None):
+    """A generalized gradient. A tangent-free pass finds the kinks, building the graph with provisional
+    branches; without ties that graph is the answer. With ties, f runs again along a random direction, stopping
+    after the last tie; the branches it ranks are written into the first pass's lock tensors (saved indices and
+    masks), then one reverse pass. If f's previous call tied, the first pass carries the direction's tangents up
+    to where its last tie was, ranking those ties itself. Comparisons and norms at 0 (whose branch changes more
+    than a saved index) take a full pass along the direction instead. The direction is drawn from ``seed`` over
+    every input, so the result does not depend on which pass ranks.
+    """
+    run_kw = run_kw or {}
+    memo = getattr(f, "__code__", None)
+    carry = _LAST_TIE.get(memo, -1) if memo is not None else -1
+    d, gen = _random_direction(xs, seed) if carry >= 0 else (None, None)  # drawn only when needed
+    probe = _Run(**run_kw)
+    _, primals, leaves, mode = _run(f, xs, single, d, probe, True, strip_after=carry if d else None, detect=True)
+    y = _scalar(primals[0][0])
+    lockable = all(k.write is not None for k in probe.kinks)
+    if memo is not None:
+        _LAST_TIE[memo] = mode.last_tie if probe.kinks and lockable else -1
+        _LAST_TIE.move_to_end(memo)
+        if len(_LAST_TIE) > _LAST_TIE_SIZE:
+            _LAST_TIE.popitem(last=False)
+    if probe.kinks and d is None:
+        d, gen = _random_direction(xs, seed)
+    if probe.kinks and not lockable:
+        return _full_pass_grad(f, xs, single, d, gen, run_kw, mode.used_at_tie, mode.last_tie)
+    if not all(k.tangent for k in probe.kinks):
+        ranked = _Run(**run_kw)
+        ranked.known = {}
+        for k in probe.kinks:
+            ranked.known.setdefault(k.call[0], []).append(k)
+        dr = tuple(v if i in mode.used_at_tie else None for i, v in enumerate(d))
+        try:
+            _run(f, xs, single, dr, ranked, False, stop_after=mode.last_tie, expect=mode.trail)
+        except _Diverged:  # f took another path without gradients (hooks, checkpoints ...): one full pass
+            return _full_pass_grad(f, xs, single, d, gen, run_kw, mode.used_at_tie, None)
+        choices = {k.call: k for k in ranked.kinks}
+        if any(k.call not in choices or choices[k.call].op != k.op or not torch.equal(choices[k.call].cand, k.cand)
+               for k in probe.kinks):
+            return _full_pass_grad(f, xs, single, d, gen, run_kw, mode.used_at_tie, None)
+        for k in probe.kinks:
+            k.write(choices[k.call].choice)
+            k.choice = choices[k.call].choice
+    _ctx.check_functions(y, _user_line())
+    return _grads(y, leaves, xs), probe, y.detach()
+
+
+def _full_pass_grad(f, xs, single, d, gen, run_kw, used: set[int], strip_after: int | None):
+    """A generalized gradient from one pass along ``d`` (restricted to the ``used`` inputs) that ranks every tie as
+    it goes and keeps its own graph: for kinks whose lock is more than a saved index (comparisons, norms at 0), and
+    for f whose passes take different paths with and without gradients."""
+    d = tuple(v if i in used else None for i, v in enumerate(d))
+    probe, (_, primals, leaves, _) = _lex_passes(f, xs, single, d, gen, True, run_kw, strip_after=strip_after)
+    y = _scalar(primals[0][0])
+    _check_no_jump(f, xs, single, probe, [y])
+    if any(k.comparison for k in probe.kinks):  # and along -d: one jumping side is enough to leave no gradient
+        back = _Run(**run_kw)
+        _, opposite, _, _ = _run(f, xs, single, tuple(None if v is None else -v for v in d), back, False)
+        _check_no_jump(f, xs, single, back, [p for p, _ in opposite])
+    _ctx.check_functions(y, _user_line())
+    return _grads(y, leaves, xs), probe, y.detach()
+
+
+def generalized_grad(f: Callable, inputs: Tensor | tuple[Tensor, ...], *,
+                     seed: int | None = None) -> tuple[Tensor, ...]:
+    """An element of the Clarke subdifferential of scalar ``f`` at ``inputs`` (a tuple, like autograd.grad).
+
+    Every kink is locked to the branch active along a random direction (``seed`` makes it reproducible),
+    then one reverse pass runs through the locked branches: the result is the gradient of a smooth piece of f
+    active at x. Where no kink is hit it equals ``torch.autograd.grad``. ``inputs`` may be tensors that f
+    closes over (e.g. a module's parameters): they are swapped in wherever f uses them.
+
+    >>> import torch, gradwise as gw
+    >>> x = torch.tensor(0.0, requires_grad=True)
+    >>> gw.generalized_grad(lambda x: torch.relu(x) - torch.relu(-x), x)
+    (tensor(1.),)
+    """
+    _ctx.check_int("seed", seed, low=0, high=2**63 - 1, allow_none=True)
+    xs, single = _as_inputs(inputs)
+    return _locked_grad(f, xs, single, seed)[0]
+
+
+def generalized_backward(f: Callable, inputs, *, seed: int | None = None) -> Tensor:
+    """Like ``f(...).backward()`` with generalized gradients: accumulates into each input's ``.grad``.
+
+    ``inputs`` are the tensors to differentiate (e.g. ``list(model.parameters())``); f is called as in
+    `generalized_grad` (``f(*inputs)``) and may ignore its arguments and use a module directly. Returns f's
+    value.
+
+    >>> import torch, gradwise as gw
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.ReLU())
+    >>> loss = gw.generalized_backward(lambda *p: model(torch.ones(1, 2)).sum(), list(model.parameters()))
+    >>> model[0].weight.grad.shape
+    torch.Size([1, 2])
+    """
+    _ctx.check_int("seed", seed, low=0, high=2**63 - 1, allow_none=True)
+    xs, single = _as_inputs(tuple(inputs) if not isinstance(inputs, Tensor) else inputs)
+    grads, _, value = _locked_grad(f, xs, single, seed)
+    for x, g in zip(xs, grads, strict=True):
+        x.grad = g.detach().clone() if x.grad is None else x.grad + g
+    return value
+
+
+def kinks_hit(f: Callable, inputs, *, seed: int | None = 0, tie_tol: float = 0.0,
+              near_tol: float | None = None, tangents: bool = True) -> tuple[list[Kink], list[NearKink]]:
+    """The kinks f hits at ``inputs`` and the near-ties within near_tol. With ``tangents`` (one run along a
+    random direction) only kinks that depend on the inputs count; without, any tie on a tensor that requires
+    grad does (for f with custom autograd Functions lacking a ``jvp``)."""
+    _ctx.check_int("seed", seed, low=0, high=2**63 - 1, allow_none=True)
+    _ctx.check_real("tie_tol", tie_tol, low=0.0)
+    _ctx.check_real("near_tol", near_tol, low=0.0, allow_none=True)
+    xs, single = _as_inputs(inputs)
+    run = _Run(tie_tol=tie_tol, near_tol=near_tol)
+    _run(f, xs, single, _random_direction(xs, seed)[0] if tangents else None, run, not tangents)
+    return run.kinks, run.near

@@ -1,0 +1,184 @@
+"""``_KinkMode``, the TorchFunctionMode that sends every kink op f calls to its rule (``_Stop``, ``_Diverged``,
+``_keep_flat``, ``_RESHAPES``).
+
+May import: torch, gradwise._masks, ``_contexts``, ``_errors``, ``_records``, ``_rules``, ``_rules_jvp``,
+``_rules_aten``, ``_kink_watch``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
+from torch.utils._python_dispatch import _pop_mode as _pop_dispatch_mode
+from torch.utils._python_dispatch import _push_mode as _push_dispatch_mode
+
+from gradwise._nonsmooth import _contexts as _ctx
+from gradwise._nonsmooth._errors import NonsmoothError
+from gradwise._nonsmooth._kink_watch import (
+    _SMOOTH_CALLS,
+    _callable_name,
+    _composite,
+    _kink_free_call,
+    _no_forward_ad_is_an_error,
+    _unguarded,
+    _watched,
+)
+from gradwise._nonsmooth._records import _Run, _user_line
+from gradwise._nonsmooth._rules import _ROUTES, UNRULED, _is_dual
+from gradwise._nonsmooth._rules_aten import _aten_rule
+from gradwise._nonsmooth._rules_jvp import _JVP_ROUTES
+
+Tensor = torch.Tensor
+
+
+# ------------------------------------------------------------------------------------------------ the mode
+
+
+# Ops that only move elements: a relu-dead mark (`_Run.mark_flat`) follows them to their output.
+_RESHAPES = {Tensor.reshape, Tensor.view, torch.reshape, Tensor.flatten, torch.flatten, Tensor.unsqueeze,
+             torch.unsqueeze, Tensor.squeeze, torch.squeeze, Tensor.permute, torch.permute, Tensor.transpose,
+             torch.transpose, Tensor.contiguous, Tensor.view_as, Tensor.reshape_as, Tensor.unflatten, Tensor.movedim,
+             torch.movedim, Tensor.flip, torch.flip, Tensor.roll, torch.roll, Tensor.fliplr, Tensor.flipud}
+
+
+def _keep_flat(run: _Run, func, args, kwargs, out) -> None:
+    src = run.flat_source(args[0])
+    if src is None or not isinstance(out, Tensor) or out.dtype != args[0].dtype:
+        return
+    c, live = src
+    if live is not None:
+        live = func(live, *args[1:], **kwargs)
+    run.mark_flat(out, c, live)
+
+
+class _Stop(Exception):
+    """Raised by the mode once the pass has gone past the last kink it needs."""
+
+
+class _Diverged(Exception):
+    """Raised by the mode when a pass leaves the path of the pass it must follow (f branches on grad mode)."""
+
+
+def _flat_tensors(values) -> list[Tensor]:
+    out = []
+    for v in values:
+        if isinstance(v, Tensor):
+            out.append(v)
+        elif type(v) in (list, tuple):
+            out.extend(_flat_tensors(v))
+    return out
+
+
+class _KinkMode(TorchFunctionMode):
+    """Routes kink ops that depend on the inputs to their rules; swaps closure-captured inputs for ours.
+
+    ``involved`` says whether an argument depends on the inputs (it has a tangent, or in the tangent-free
+    detection pass, requires grad). After ``strip_after`` calls, tangents are dropped: no kink lies beyond.
+    ``used`` collects the positions of the inputs that calls have used so far, ``last_tie`` the call count at
+    the last kink that had ties (detection pass).
+    """
+
+    def __init__(self, run: _Run, subs: dict[int, Tensor], positions: dict[int, int], involved: Callable,
+                 strip_after: int | None = None, stop_after: int | None = None, dual: bool = True):
+        super().__init__()
+        self.dual = dual  # some input carries a tangent
+        self.run, self.subs, self.positions, self.involved = run, subs, positions, involved
+        self.strip_after, self.stop_after = strip_after, stop_after
+        self.count, self.used, self.last_tie, self.used_at_tie = 0, set(), -1, set()
+        # trail: the callables of this pass in order; expect: an earlier pass's trail that this one must follow
+        # (the ranked pass locks the probe's kinks by call count: a pass taking another path diverges)
+        self.depth, self.trail, self.expect, self.watch = 0, [], None, None
+
+    def _sub(self, a):
+        if isinstance(a, Tensor):
+            if id(a) in self.positions:
+                self.used.add(self.positions[id(a)])
+            a = self.subs.get(id(a), a)
+            if self.strip_after is not None and self.count > self.strip_after and _is_dual(a):
+                a = fwAD.unpack_dual(a).primal
+            return a
+        if type(a) in (list, tuple):
+            return type(a)(self._sub(v) for v in a)
+        return a
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.count += 1
+        if self.stop_after is not None and self.count > self.stop_after:
+            raise _Stop
+        if self.expect is not None and (self.count > len(self.expect) or self.expect[self.count - 1] is not func):
+            raise _Diverged
+        self.trail.append(func)
+        args = tuple(self._sub(a) for a in args)
+        if kwargs:
+            kwargs = {k: self._sub(v) for k, v in kwargs.items()}
+        self.depth += 1
+        # inside a call the mode sees, the dispatch-level watch for unseen ops is off (it costs per aten op)
+        watch = self.watch if self.depth == 1 and _current_dispatch_mode() is self.watch else None
+        if watch is not None:
+            _pop_dispatch_mode()
+        try:
+            return self._dispatch(func, args, kwargs)
+        finally:
+            self.depth -= 1
+            if watch is not None:
+                _push_dispatch_mode(watch)
+
+    def _dispatch(self, func, args, kwargs):
+        everything = (*args, *kwargs.values())
+        if _ctx.transforms_active() and any(map(self.involved, map(_ctx.unwrapped, _flat_tensors(everything)))):
+            out = None if func in _ROUTES or func in UNRULED else _kink_free_call(func, args, kwargs)
+            if out is None:
+                raise NonsmoothError(f"{_callable_name(func)} (called at {_user_line()}) runs inside a torch.func "
+                                     "transform (grad, vmap, jacrev ...) within f: gradwise cannot follow tangents "
+                                     "or lock kinks through its wrapped tensors. Call the function without the "
+                                     "transform")
+            return out[0]
+        if func in _ctx.REVERSE_CALLS and self.run.kinks:
+            raise NonsmoothError(f"f runs a reverse pass ({_callable_name(func)} at {_user_line()}; "
+                                 "torch.autograd.functional.jacobian/hessian do too) after hitting a kink "
+                                 f"({self.run.kinks[0].describe()}): that derivative is PyTorch's convention at "
+                                 "the kink, so f's value is. Differentiate with gradwise instead (gw.generalized_grad "
+                                 "inside f, or gw.directional_derivative)")
+        if _ctx.is_custom_op(func) and any(map(self.involved, everything)):
+            out = func(*args, **kwargs)
+            _ctx.check_custom_op(func, _callable_name(func), _user_line(), args, kwargs, out, self.dual)
+            return out
+        rule = _ROUTES.get(func)
+        if rule is None and isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            rule = _aten_rule(func)
+        if rule is None and func not in UNRULED:
+            jvp = _JVP_ROUTES.get(func) if self.dual else None
+            if jvp is not None and any(map(_is_dual, (*args, *kwargs.values()))):
+                return jvp(func, *args, **kwargs)
+            if _composite(func) and any(map(self.involved, (*args, *kwargs.values()))):
+                with self:
+                    return _unguarded(func)(*args, **kwargs)
+            if self.run.known is None and func not in _SMOOTH_CALLS and any(
+                    map(self.involved, (*args, *kwargs.values()))):
+                out = _watched(func, args, kwargs, self.involved)
+            else:
+                out = _no_forward_ad_is_an_error(func, args, kwargs)
+            if self.run.flat and func in _RESHAPES and args and isinstance(args[0], Tensor):
+                _keep_flat(self.run, func, args, kwargs, out)
+            return out
+        if not any(map(self.involved, (*args, *kwargs.values()))):
+            return func(*args, **kwargs)
+        if self.run.known is not None and self.count not in self.run.known:
+            return func(*args, **kwargs)  # ranked pass: the probe saw no tie here, PyTorch's own JVP is exact
+        if rule is None:
+            raise NonsmoothError(f"gradwise has no kink rule for {UNRULED[func]} (called at {_user_line()}); "
+                                 "its derivative at ties/zeros would be PyTorch's convention. Rewrite it with "
+                                 "ops that have rules (abs, clamp, maximum, max, sort, max_pool ...).")
+        before, self.run.call = len(self.run.kinks), self.count
+        out = rule(self.run, func, *args, **kwargs)
+        if len(self.run.kinks) > before:
+            self.last_tie, self.used_at_tie = self.count, set(self.used)
+            if any(map(_is_dual, (*args, *kwargs.values()))):
+                for k in self.run.kinks[before:]:
+                    k.tangent = True
+        return out

@@ -1,0 +1,136 @@
+"""The watch: a callable without a route runs once under ``_KinkWatch`` (a TorchDispatchMode) that tests each
+kink op it reaches against ``_kinks``; ``_SMOOTH_CALLS`` (callables seen smooth), ``_unguarded`` composites.
+
+May import: torch, ``_errors``, ``_records``, ``_rules``, ``_kinks``.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
+from gradwise._nonsmooth._errors import NonsmoothError
+from gradwise._nonsmooth._kinks import _KINKY_BY_NAME, _float
+from gradwise._nonsmooth._records import _user_line
+from gradwise._nonsmooth._rules import _is_dual, _split
+
+Tensor = torch.Tensor
+
+
+# ------------------------------------------------------------------------------------------------ the watch
+# A callable without a route (torch.quantile, torch.linalg.eigvalsh, F.lp_pool1d, torch.ops.aten.relu ...) runs as
+# PyTorch runs it, so a kink inside it would get PyTorch's convention. In the pass that finds the kinks, such a
+# call runs once under `_KinkWatch`, which sees the aten ops it reaches and tests each kink op whose input depends
+# on f's inputs (requires grad) for sitting at its kink: there gradwise raises instead of answering. A callable
+# that reaches no kink op at all is remembered as smooth and runs unwatched from then on.
+
+# Callables seen to reach no kink op: they run unwatched.
+_SMOOTH_CALLS: set[object] = set()
+
+
+_NO_TORCH_FUNCTION = dict.fromkeys(("has_torch_function", "has_torch_function_unary",
+                                     "has_torch_function_variadic"), lambda *args, **kwargs: False)
+
+
+@functools.cache
+def _unguarded(func: types.FunctionType) -> types.FunctionType:
+    """A copy of a Python function of torch.nn.functional whose ``has_torch_function`` guard is off. The mode
+    sees such a composite (F.lp_pool1d, F.triplet_margin_with_distance_loss ...) as one call, and PyTorch runs its
+    body with the mode suspended; running this copy under the mode instead sends the ops inside to their rules."""
+    copy = types.FunctionType(func.__code__, {**func.__globals__, **_NO_TORCH_FUNCTION}, func.__name__,
+                              func.__defaults__, func.__closure__)
+    copy.__kwdefaults__ = func.__kwdefaults__
+    return copy
+
+
+def _composite(func) -> bool:
+    return isinstance(func, types.FunctionType) and func.__module__ == "torch.nn.functional"
+
+
+class _KinkWatch(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.kinky, self.hit = False, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        test = _KINKY_BY_NAME.get(name[:-1] if name.endswith("_") else name)
+        if test is None:
+            return func(*args, **kwargs)
+        self.kinky = True
+        if self.hit is not None or not any(isinstance(a, Tensor) and a.requires_grad for a in args):
+            return func(*args, **kwargs)
+        if name.endswith("_"):  # in place: test the arguments before the op overwrites them
+            before = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
+            out = func(*args, **kwargs)
+            args = before
+        else:
+            out = func(*args, **kwargs)
+        if test(args, kwargs, out):
+            self.hit = str(func.overloadpacket)
+        return out
+
+
+def _kink_free_call(func, args: tuple, kwargs: dict) -> tuple | None:
+    """(``func(*args, **kwargs)``,) if the call reaches no aten op that has kinks, else None."""
+    if func in _SMOOTH_CALLS:
+        return (func(*args, **kwargs),)
+    watch = _KinkWatch()
+    watch.hit = ""  # only record whether a kink op is reached
+    with watch:
+        out = func(*args, **kwargs)
+    return None if watch.kinky else (out,)
+
+
+def _no_forward_ad_is_an_error(func, args: tuple, kwargs: dict):
+    """``func(*args, **kwargs)``; PyTorch's "forward AD not implemented" becomes a NonsmoothError naming the call."""
+    try:
+        return func(*args, **kwargs)
+    except NotImplementedError as e:
+        if "forward AD" not in str(e) and "forward mode AD" not in str(e):
+            raise
+        raise NonsmoothError(f"{_callable_name(func)} (called at {_user_line()}) has no forward-mode derivative in "
+                             "PyTorch, which gradwise needs to follow a direction through it. PyTorch said: "
+                             f"{str(e).splitlines()[0]}") from None
+
+
+def _callable_name(func) -> str:
+    if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return str(func)
+    return f"{'Tensor.' if isinstance(func, type(Tensor.add)) else ''}{getattr(func, '__name__', func)}"
+
+
+def _watched(func, args: tuple, kwargs: dict, involved: Callable):
+    """``func(*args, **kwargs)``, raising NonsmoothError where an aten op inside it sits at a kink. With tangents
+    the call is replayed on copies of the primals that require grad where the arguments depend on f's inputs (no
+    forward-mode formulas, whose guards would look like kinks)."""
+    watch = _KinkWatch()
+    if not any(map(_is_dual, (*args, *kwargs.values()))):
+        with watch:
+            out = func(*args, **kwargs)
+    else:
+        def copy(a):  # a non-leaf copy where it depends on the inputs: in-place calls work on it as on a
+            if not _float(a):
+                return a
+            p = _split(a)[0].detach()
+            return p.requires_grad_(True).clone() if involved(a) else p.clone()
+
+        with torch.enable_grad():  # before the call, which may write into args
+            replay = tree_map(copy, args), tree_map(copy, kwargs)
+        out = _no_forward_ad_is_an_error(func, args, kwargs)
+        with torch.enable_grad(), watch:
+            func(*replay[0], **replay[1])
+    if watch.hit is not None:
+        raise NonsmoothError(f"{_callable_name(func)} (called at {_user_line()}) reaches {watch.hit} at its kink, "
+                             "and gradwise has no kink rule for it: its derivative there would be PyTorch's "
+                             "convention. Write it with ops that have rules (abs, clamp, maximum, max, sort, max_pool, "
+                             "linalg.vector_norm ...); docs/nonsmooth.md lists them")
+    if not watch.kinky:
+        _SMOOTH_CALLS.add(func)
+    return out

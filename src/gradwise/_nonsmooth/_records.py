@@ -1,0 +1,187 @@
+"""What one pass records: ``Kink`` (a tie a rule resolved), ``NearKink``, the per-pass state ``_Run``; the
+lexicographic ranking of tied branches (``_lex_argmax``, ``_lex_order``) and ``_user_line`` (the user's file:line).
+
+May import: torch, ``_errors``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from gradwise._nonsmooth._errors import NonsmoothError
+
+Tensor = torch.Tensor
+
+
+# ------------------------------------------------------------------------------------------------ records
+
+
+@dataclass
+class Kink:
+    """One kink op call in which some elements tie.
+
+    The tied elements form ``G`` groups of ``m`` candidate branches (``cand``: which ones tie in value).
+    ``kind`` is "select" (one candidate wins: max, relu, clamp, comparisons ...) or "order" (the candidates
+    are ranked: sort, topk, median ...). ``keys`` are the further ranking columns (tangents of each
+    direction, or a forced choice); ``values`` the candidates' values as differentiable tensors when the
+    run collects them (subdifferential enumeration).
+    """
+
+    op: str
+    location: str
+    kind: str
+    cand: Tensor
+    descending: bool = True
+    keys: list[Tensor] = field(default_factory=list)
+    values: Tensor | None = None
+    unresolved: int = 0
+    comparison: bool = False
+    continuum: bool = False  # norm at 0: infinitely many pieces
+    call: tuple[int, int] = (0, 0)  # (mode call count, kink index within the call): the same on every pass
+    choice: Tensor | None = None
+    write: Callable | None = None  # writes another choice into this pass's lock tensors (graph reuse)
+    site: tuple | None = None  # what a rule needs to rank this kink again in the ranked pass (max-pool)
+    tangent: bool = False  # ranked by this pass's tangent (the op's arguments carried one)
+
+    @property
+    def count(self) -> int:
+        return int(self.cand.shape[0])
+
+    def describe(self) -> str:
+        return f"{self.op} at {self.location}: {self.count} tied element(s)"
+
+
+@dataclass
+class NearKink:
+    """Elements within a tolerance of a kink but not exactly on it (treated as smooth)."""
+
+    op: str
+    location: str
+    count: int
+    gap: float
+
+
+class _Run:
+    """State of one pass of f: history from earlier passes, forced choices, what this pass records."""
+
+    def __init__(self, history=None, forced=None, collect=False, tie_tol=0.0, near_tol=None):
+        self.history: list[Kink] | None = history
+        self.forced: dict[int, Tensor] = forced or {}
+        self.collect = collect
+        self.tie_tol = tie_tol
+        self.near_tol = near_tol
+        self.kinks: list[Kink] = []
+        self.near: list[NearKink] = []
+        self.call = 0  # set by the mode before each rule
+        # Ranked pass of `_locked_grad`: the tangent-free probe's kinks by mode call. Calls without one have no
+        # tie (the primal values are the probe's), so they run natively; rules may reuse a kink's saved site.
+        self.known: dict[int, list[Kink]] | None = None
+        # Outputs of relu-like switches -> (c, live): the output is locally constant (relu-dead) wherever it equals
+        # c, except at ``live`` (the switch's own ties, or None): ties among dead elements are no kinks.
+        self.flat = WeakTensorKeyDictionary()
+
+    def known_here(self) -> list[Kink] | None:
+        """The probe's kinks at the current call (ranked pass only), else None."""
+        return None if self.known is None else self.known.get(self.call)
+
+    def mark_flat(self, out: Tensor, c: float, live: Tensor | None) -> None:
+        """Record that ``out`` is locally constant where it equals ``c``, except at the ``live`` mask."""
+        self.flat[out] = (c, live, out._version)
+
+    def flat_source(self, x: Tensor) -> tuple[float, Tensor | None] | None:
+        """(c, live) recorded by `mark_flat` for x, unless x was modified in place since."""
+        entry = self.flat.get(x)
+        return None if entry is None or entry[2] != x._version else entry[:2]
+
+    def resolve(self, op: str, kind: str, cand: Tensor, key: Tensor | None, values: Callable | None,
+                descending: bool = True, primal: Tensor | None = None, comparison: bool = False,
+                lazy: bool = False) -> tuple[Tensor | None, Tensor | None]:
+        """Rank the tied candidates (G, m) lexicographically; return the winner (select) or order (order), and
+        (comparisons only) the rows still tied after every key.
+
+        Keys in order: the value (``primal``, order only: select candidates already tie in value), a forced
+        column, the keys of earlier passes, this pass's tangent ``key``. ``lazy``: with no key at all, only
+        record the kink (the caller keeps PyTorch's first-candidate choice) and return (None, None).
+        """
+        index = len(self.kinks)
+        keys: list[Tensor] = []
+        if index in self.forced:
+            keys.append(self.forced[index])
+        if self.history is not None:
+            if index >= len(self.history) or self.history[index].op != op \
+                    or self.history[index].cand.shape != cand.shape:
+                raise NonsmoothError(f"f did not hit the same kinks on a second run ({op} at {_user_line()}); "
+                                     "gradwise needs f to be deterministic")
+            keys.extend(self.history[index].keys)
+        if key is not None:
+            keys.append(key.to(cand.device))
+        record = Kink(op, _user_line(), kind, cand, descending, keys, comparison=comparison,
+                      call=(self.call, sum(k.call[0] == self.call for k in self.kinks)))
+        if self.collect and values is not None:
+            record.values = values()
+        self.kinks.append(record)
+        if lazy and not keys:
+            return None, None
+        if kind == "select":
+            sign = 1.0 if descending else -1.0
+            result, still = _lex_argmax(cand, [sign * k for k in keys], comparison)
+        else:
+            result, still = _lex_order(primal, keys, descending, cand)
+        record.unresolved, record.choice = (int(still.sum()) if still is not None else 0), result
+        return result, still
+
+    def note_near(self, op: str, gap: Tensor) -> None:
+        """Record elements whose gap to a kink is positive but within near_tol."""
+        if self.near_tol is None or gap.numel() == 0:
+            return
+        near = (gap > 0) & (gap <= self.near_tol)
+        if near.any():
+            self.near.append(NearKink(op, _user_line(), int(near.sum()), float(gap[near].min())))
+
+
+def _lex_argmax(cand: Tensor, keys: list[Tensor], still: bool = True) -> tuple[Tensor, Tensor | None]:
+    """First candidate that is largest in keys[0], then among those in keys[1], ...; and (``still``) the rows
+    still tied after the last key."""
+    if keys and not still:  # the last key by argmax (its first maximum), unless a key is -inf or NaN there
+        for k in keys[:-1]:
+            km = k.masked_fill(~cand, -math.inf)
+            cand = cand & (km == km.amax(-1, keepdim=True))
+        choice = keys[-1].masked_fill(~cand, -math.inf).argmax(-1)
+        if bool(cand.gather(-1, choice.unsqueeze(-1)).all()):
+            return choice, None
+    for k in keys:
+        km = k.masked_fill(~cand, -math.inf)
+        cand = cand & (km == km.amax(-1, keepdim=True))
+    return cand.to(torch.uint8).argmax(-1), cand.sum(-1) > 1 if still else None
+
+
+def _lex_order(primal: Tensor, keys: list[Tensor], descending: bool, cand: Tensor) -> tuple[Tensor, Tensor]:
+    """Permutation sorting each row by (primal, keys...) lexicographically (stable); the rows with ties left."""
+    perm = torch.arange(primal.shape[-1], device=primal.device).expand_as(primal)
+    for k in reversed([primal, *keys]):
+        perm = perm.gather(-1, torch.sort(k.gather(-1, perm), dim=-1, descending=descending, stable=True).indices)
+    full = torch.stack([primal, *keys], -1).gather(-2, perm.unsqueeze(-1).expand(*perm.shape, len(keys) + 1))
+    still = (full[..., 1:, :] == full[..., :-1, :]).all(-1) & cand.gather(-1, perm)[..., 1:]
+    return perm, still.any(-1)
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_OWN_DIR = os.path.dirname(os.path.dirname(__file__))  # gradwise/, as before the package
+
+
+def _user_line() -> str:
+    """file:line of the innermost frame outside torch and gradwise (the user's call)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not (name.startswith(_TORCH_DIR) or name.startswith(_OWN_DIR) or "contextlib" in name):
+            return f"{os.path.relpath(name) if not name.startswith('<') else name}:{frame.f_lineno}"
+        frame = frame.f_back
+    return "<unknown>"

@@ -1,0 +1,324 @@
+"""Kink rules at singular points and for norms and distances: sqrt, pow, vector/matrix norms, cdist, pdist,
+dist, pairwise_distance, hypot, std, argmax/argmin/argsort/aminmax, msort, remainder/fmod, elu/selu/rrelu,
+smooth_l1_loss, triplet_margin_loss.
+
+May import: torch, gradwise._masks, ``_errors``, ``_records``, ``_rules``, ``_rules_pointwise``, ``_rules_select``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from gradwise._masks import mask_any
+from gradwise._nonsmooth._errors import NonsmoothError
+from gradwise._nonsmooth._records import Kink, _user_line
+from gradwise._nonsmooth._rules import KINK_RULES, _finish, _is_dual, _split, _switch, kink_rule
+from gradwise._nonsmooth._rules_pointwise import _hinge, _pair, _reduce, abs, l1_loss, leaky_relu
+from gradwise._nonsmooth._rules_select import _reduce_select, sort
+
+aten = torch.ops.aten
+Tensor = torch.Tensor
+
+
+# --- singular points and norms ------------------------------------------------------------------------------
+
+
+def _singular(op: str, x: Tensor, why: str):
+    xp = _split(x)[0]
+    at0 = xp == 0
+    if at0.any():
+        raise NonsmoothError(f"{op} at {_user_line()} is evaluated at 0 for {int(at0.sum())} element(s), where "
+                             f"{why}; f'(x; d) does not exist or needs second-order terms. Write norms with "
+                             "torch.linalg.vector_norm (exact at 0) or keep the argument away from 0.")
+
+
+@kink_rule(aten.sqrt, torch.sqrt, Tensor.sqrt)
+def sqrt(run, func, x):
+    """sqrt(x): singular at 0 (infinite slope): an error naming the line instead of inf/NaN."""
+    _singular("aten.sqrt", x, "its derivative is infinite")
+    return func(x)
+
+
+@kink_rule(aten.pow, torch.pow, Tensor.pow, Tensor.__pow__)
+def pow(run, func, x, exponent):
+    """x ** p with 0 < p < 1 (or non-integer p < 1): singular at 0, an error there."""
+    if isinstance(x, Tensor) and isinstance(exponent, (int, float)) and 0 < exponent < 1:
+        _singular("aten.pow", x, f"x ** {exponent} has an infinite derivative")
+    return func(x, exponent)
+
+
+@kink_rule(aten.linalg_vector_norm, torch.linalg.vector_norm)
+def vector_norm(run, func, x, ord=2, dim=None, keepdim=False, *, dtype=None):
+    """p-norm (p >= 1). At a zero slice: f'(x; d) = ||x'||, locked to the linear piece <u, x> where u is the
+    norm's gradient at x' (a unit dual vector, the gradient at x + t d). Ord 1 and inf use the abs / amax rules."""
+    ord = float(ord)
+    dims = tuple(range(x.dim())) if dim is None else ((dim,) if isinstance(dim, int) else tuple(dim))
+    if ord == 1 or math.isinf(ord):
+        a = abs(run, torch.abs, x)
+        if ord == 1:
+            return a.sum(dim=dims, keepdim=keepdim)
+        return _reduce_select(run, "aten.linalg_vector_norm", a, dims, keepdim, ord > 0)[0]
+    if 0 < ord < 1:
+        _singular("aten.linalg_vector_norm", x, f"the {ord}-norm has an infinite derivative")
+    out = torch.linalg.vector_norm(x, ord, dim, keepdim)
+    zero = _split(out)[0] == 0
+    if ord < 1 or not zero.any():
+        return out
+    xt = _split(x)[1]
+    with torch.enable_grad():
+        t = (torch.zeros_like(x) if xt is None else xt).detach().requires_grad_(True)
+        (u,) = torch.autograd.grad(torch.linalg.vector_norm(t, ord, dims, True).sum(), t)
+    run.kinks.append(Kink("aten.linalg_vector_norm", _user_line(), "select",
+                          torch.ones(int(zero.sum()), 1, dtype=torch.bool), continuum=True))
+    return torch.where(zero, (u.nan_to_num() * x).sum(dim=dims, keepdim=keepdim), out)
+
+
+@kink_rule(aten.norm, torch.norm, Tensor.norm, torch.linalg.norm)
+def norm(run, func, x, p=None, dim=None, keepdim=False, *args, **kwargs):
+    """torch.norm / Tensor.norm / linalg.norm: vector p-norms and the Frobenius norm (the 2-norm of the entries
+    over ``dim``, all by default) go to the vector_norm rule. Matrix norms (linalg.norm with a numeric or 'nuc'
+    ord over two dims: singular values, maximal column sums) have no rule: an error."""
+    p = kwargs.pop("ord", p)
+    if p in (None, "fro"):
+        return vector_norm(run, func, x, 2, dim, keepdim)
+    vector = isinstance(dim, int) or x.dim() <= 1 or (dim is None and func is not torch.linalg.norm) or (
+        func is not torch.linalg.norm and isinstance(p, (int, float)))
+    if not vector or not isinstance(p, (int, float)):
+        raise NonsmoothError(f"{getattr(func, '__name__', func)}(ord={p!r}) at {_user_line()} is a matrix norm, "
+                             "for which gradwise has no kink rule (its derivative where singular values or column "
+                             "sums tie would be PyTorch's convention); the Frobenius norm and vector norms have one")
+    return vector_norm(run, func, x, p, dim, keepdim)
+
+
+@kink_rule(aten.linalg_matrix_norm, torch.linalg.matrix_norm)
+def matrix_norm(run, func, x, ord="fro", dim=(-2, -1), keepdim=False, *, dtype=None):
+    """The Frobenius norm through the vector_norm rule; other matrix norms: the error of `norm`."""
+    return norm(run, torch.linalg.norm, x, ord, dim, keepdim)
+
+
+def _coincident_norms(run, op: str, out: Tensor, diffs: Callable, p: float, same: Tensor) -> Tensor:
+    """``out`` with the entries at coincident points (``same``) recomputed by the norm rule on their differences."""
+    if not mask_any(same):
+        return out
+    where = same.nonzero(as_tuple=True)
+    values = vector_norm(run, torch.linalg.vector_norm, diffs(where), p, -1)
+    return out.index_put(where, values)
+
+
+@kink_rule(aten.cdist, torch.cdist)
+def cdist(run, func, x1, x2, p=2.0, compute_mode="use_mm_for_euclid_dist_if_necessary"):
+    """p-norm distance of every row pair: the vector_norm rule on x1_i - x2_j. At coincident points (found exactly:
+    ``cdist(p=0)``) f'(x; d) = ||d1_i - d2_j||_p, locked to a linear piece (a unit dual vector); p = 1 and inf
+    also have kinks where coordinates tie (the abs / amax rules); 0 < p < 1 is singular at coincident points and
+    p = 0 (a count) jumps where coordinates are equal: errors."""
+    if p == 0:  # counts differing coordinates: constant, but it jumps where some coordinate of a pair is equal
+        a, b = _split(x1)[0].detach(), _split(x2)[0].detach()
+        if mask_any(a.unsqueeze(-2) - b.unsqueeze(-3) == 0):
+            raise NonsmoothError(f"aten.cdist at {_user_line()} with p=0 counts differing coordinates: where two "
+                                 "are equal it jumps, no one-sided derivative")
+        return func(a, b, p, compute_mode)
+    if _is_dual(x1) or _is_dual(x2) or not 1 < p < math.inf:
+        # PyTorch has no forward-mode cdist; p = 1 / inf have kinks at equal coordinates, not only at coincident
+        # points: every pair through the norm rule
+        return vector_norm(run, torch.linalg.vector_norm, x1.unsqueeze(-2) - x2.unsqueeze(-3), p, -1)
+    out = func(x1, x2, p, compute_mode)
+    with torch.no_grad():
+        same = torch.cdist(_split(x1)[0].detach(), _split(x2)[0].detach(), 0.0) == 0
+    if not mask_any(same):
+        return out
+    shape = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
+    a = x1.expand(*shape, *x1.shape[-2:]).reshape(-1, *x1.shape[-2:])
+    b = x2.expand(*shape, *x2.shape[-2:]).reshape(-1, *x2.shape[-2:])
+    flat = _coincident_norms(run, "aten.cdist", out.reshape(-1, *out.shape[-2:]),
+                             lambda w: a[w[0], w[1]] - b[w[0], w[2]], p, same.reshape(-1, *same.shape[-2:]))
+    return flat.reshape(out.shape)
+
+
+@kink_rule(aten._pdist_forward, F.pdist, torch.pdist)
+def pdist(run, func, x, p=2.0):
+    """p-norm distance of every row pair i < j, the cdist rule at coincident rows."""
+    i, j = torch.triu_indices(x.shape[0], x.shape[0], 1, device=x.device)
+    if p == 0:  # counts differing coordinates: it jumps where some coordinate of a pair is equal
+        xp = _split(x)[0].detach()
+        if mask_any(xp[i] - xp[j] == 0):
+            raise NonsmoothError(f"aten.pdist at {_user_line()} with p=0 counts differing coordinates: where two are "
+                                 "equal it jumps, no one-sided derivative")
+        return func(xp, p)
+    if _is_dual(x) or not 1 < p < math.inf:  # as cdist
+        return vector_norm(run, torch.linalg.vector_norm, x[i] - x[j], p, -1)
+    out = func(x, p)
+    with torch.no_grad():
+        same = F.pdist(_split(x)[0].detach(), 0.0) == 0
+    return _coincident_norms(run, "aten.pdist", out, lambda w: x[i[w[0]]] - x[j[w[0]]], p, same)
+
+
+@kink_rule(aten.argmax, torch.argmax, Tensor.argmax)
+def argmax(run, func, x, dim=None, keepdim=False):
+    """The index the max rule locks: among tied largest elements, the one largest along the direction."""
+    return _reduce_select(run, "aten.argmax", x, None if dim is None else (dim,), keepdim and dim is not None,
+                          True)[1]
+
+
+@kink_rule(aten.argmin, torch.argmin, Tensor.argmin)
+def argmin(run, func, x, dim=None, keepdim=False):
+    """The index the min rule locks: among tied smallest elements, the one smallest along the direction."""
+    return _reduce_select(run, "aten.argmin", x, None if dim is None else (dim,), keepdim and dim is not None,
+                          False)[1]
+
+
+@kink_rule(aten.argsort, torch.argsort, Tensor.argsort)
+def argsort(run, func, x, dim=-1, descending=False, stable=False):
+    """The permutation of the sort rule: tied values ordered by their tangents (then further directions)."""
+    return sort(run, torch.sort, x, dim, descending).indices
+
+
+@kink_rule(aten.aminmax, torch.aminmax, Tensor.aminmax)
+def aminmax(run, func, x, *, dim=None, keepdim=False):
+    """(min, max) by the amin and amax rules."""
+    dims = () if dim is None else (dim,)
+    lo = _reduce_select(run, "aten.aminmax", x, dims, keepdim, False)[0]
+    hi = _reduce_select(run, "aten.aminmax", x, dims, keepdim, True)[0]
+    return torch.return_types.aminmax((lo, hi))
+
+
+def _norm_where_zero(run, out: Tensor, x: Tensor, p, dim, keepdim: bool, scale: float = 1.0) -> Tensor:
+    """PyTorch's ``out`` where no norm is 0; else the vector_norm rule on ``x`` (divided by ``scale``)."""
+    if not mask_any(_split(out)[0] == 0):
+        return out
+    return vector_norm(run, torch.linalg.vector_norm, x, p, dim, keepdim) / scale
+
+
+@kink_rule(aten.dist, torch.dist, Tensor.dist)
+def dist(run, func, a, b, p=2):
+    """||a - b||_p: the vector_norm rule where a == b (f'(x; d) = ||a' - b'||_p); p = 1 and inf have kinks at
+    single equal coordinates too (abs, amax): always the vector_norm rule."""
+    if not 1 < float(p) < math.inf:
+        return vector_norm(run, torch.linalg.vector_norm, a - b, p)
+    return _norm_where_zero(run, func(a, b, p), a - b, p, None, False)
+
+
+@kink_rule(aten.pairwise_distance, F.pairwise_distance, torch.pairwise_distance)
+def pairwise_distance(run, func, x1, x2, p=2.0, eps=1e-6, keepdim=False):
+    """||x1 - x2 + eps||_p over the last dim (PyTorch's definition): the vector_norm rule where it is 0, and
+    always for p = 1 and inf (kinks at single coordinates)."""
+    if not 1 < float(p) < math.inf:
+        return vector_norm(run, torch.linalg.vector_norm, x1 - x2 + eps, p, -1, keepdim)
+    return _norm_where_zero(run, func(x1, x2, p, eps, keepdim), x1 - x2 + eps, p, -1, keepdim)
+
+
+@kink_rule(aten.msort, torch.msort, Tensor.msort)
+def msort(run, func, x):
+    """sort along dim 0: the sort rule."""
+    return sort(run, torch.sort, x, 0).values
+
+
+@kink_rule(aten.hypot, torch.hypot, Tensor.hypot)
+def hypot(run, func, a, b):
+    """sqrt(a^2 + b^2) elementwise: the 2-norm of the pair, by the vector_norm rule where both are 0."""
+    return _norm_where_zero(run, func(a, b), torch.stack(torch.broadcast_tensors(a, b), -1), 2, -1, False)
+
+
+@kink_rule(aten.std, torch.std, Tensor.std)
+def std(run, func, x, dim=None, unbiased=None, keepdim=False, *, correction=None):
+    """sqrt(sum((x - mean)^2) / (N - correction)): a norm of the centred x, singular where x is constant along
+    ``dim``; there the vector_norm rule gives f'(x; d) = std(d)."""
+    if isinstance(dim, bool):  # std(x, unbiased)
+        dim, unbiased = None, dim
+    out = func(x, dim, correction=correction, keepdim=keepdim) if unbiased is None else \
+        func(x, dim, unbiased, keepdim)
+    dims = tuple(range(x.dim())) if dim is None else ((dim,) if isinstance(dim, int) else tuple(dim))
+    c = correction if correction is not None else (0 if unbiased is False else 1)
+    n = math.prod(x.shape[d] for d in dims)
+    if n - c <= 0:
+        return out
+    return _norm_where_zero(run, out, x - x.mean(dims, keepdim=True), 2, dims, keepdim, math.sqrt(n - c))
+
+
+@kink_rule(aten.std_mean, torch.std_mean)
+def std_mean(run, func, x, dim=None, unbiased=None, keepdim=False, *, correction=None):
+    """(std, mean): the std rule and PyTorch's mean."""
+    if isinstance(dim, bool):
+        dim, unbiased = None, dim
+    return std(run, torch.std, x, dim, unbiased, keepdim, correction=correction), x.mean(dim, keepdim=keepdim)
+
+
+def _modulo(name: str, quotient: str):
+    def rule(run, func, x, m):
+        """x - m * q(x / m): continuous between multiples of m; at a multiple the quotient's rule takes its limit
+        along the direction, so a jump of f is an error and a continuous sum (floor(x) + x % 1) is exact."""
+        q = torch.floor if quotient == "floor" else torch.trunc
+        xp, mp = _split(x)[0], _split(m)[0] if isinstance(m, Tensor) else m
+        if not torch.is_floating_point(xp) or not mask_any(torch.as_tensor((xp / mp) == q(xp / mp))):
+            return func(x, m)
+        return x - m * KINK_RULES[getattr(aten, quotient)](run, q, x / m)
+
+    rule.__name__ = name
+    return rule
+
+
+kink_rule(aten.remainder, torch.remainder, Tensor.remainder, Tensor.__mod__)(_modulo("remainder", "floor"))
+kink_rule(aten.fmod, torch.fmod, Tensor.fmod)(_modulo("fmod", "trunc"))
+
+
+_SELU_ALPHA, _SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+
+
+def _elu(run, func, x, alpha: float, scale: float, native: Callable, inplace: bool):
+    if alpha == 1.0:  # C1: both pieces have slope `scale` at 0
+        return native()
+    out = _switch(run, "aten.elu", x, scale * x, (scale * alpha) * torch.expm1(x), native)
+    return _finish(func, x, out, inplace)
+
+
+@kink_rule(aten.elu, F.elu, F.elu_)
+def elu(run, func, x, alpha=1.0, inplace=False):
+    """x for x > 0, alpha (e^x - 1) for x < 0: slopes 1 and alpha at 0, a kink unless alpha = 1."""
+    inplace = inplace or func is F.elu_
+    return _elu(run, func, x, alpha, 1.0, lambda: func(x, alpha, inplace) if func is F.elu else func(x, alpha),
+                inplace)
+
+
+@kink_rule(aten.selu, F.selu, F.selu_, torch.selu, torch.selu_)
+def selu(run, func, x, inplace=False):
+    """scale * elu(x, alpha) with SELU's constants: slopes scale and scale * alpha at 0."""
+    inplace = inplace or func in (F.selu_, torch.selu_)
+    return _elu(run, func, x, _SELU_ALPHA, _SELU_SCALE, lambda: func(x, inplace) if func is F.selu else func(x),
+                inplace)
+
+
+@kink_rule(aten.rrelu, F.rrelu, F.rrelu_, torch.rrelu)
+def rrelu(run, func, x, lower=1.0 / 8, upper=1.0 / 3, training=False, inplace=False):
+    """In eval mode leaky_relu with slope (lower + upper) / 2. In training the slopes are random: no rule."""
+    if training:
+        if mask_any(_split(x)[0] == 0):
+            raise NonsmoothError(f"aten.rrelu at {_user_line()} in training mode draws a random slope for x < 0: "
+                                 "at x = 0 it has no rule; use eval mode (its mean slope) or leaky_relu")
+        return func(x, lower, upper, training, inplace)
+    out = leaky_relu(run, F.leaky_relu, x, (lower + upper) / 2, False)
+    return _finish(func, x, out, inplace or func is F.rrelu_)
+
+
+@kink_rule(aten.smooth_l1_loss, F.smooth_l1_loss)
+def smooth_l1_loss(run, func, input, target, size_average=None, reduce=None, reduction="mean", beta=1.0):
+    """Quadratic within beta of the target, so C1 for beta > 0; with beta = 0 it is l1_loss, with its rule."""
+    if beta == 0:
+        return l1_loss(run, F.l1_loss, input, target, size_average, reduce, reduction)
+    return func(input, target, size_average, reduce, reduction, beta)
+
+
+@kink_rule(aten.triplet_margin_loss, F.triplet_margin_loss, torch.triplet_margin_loss)
+def triplet_margin_loss(run, func, anchor, positive, negative, margin=1.0, p=2, eps=1e-6, swap=False,
+                        size_average=None, reduce=None, reduction="mean"):
+    """max(d(a, p) - d(a, n) + margin, 0), d(u, v) = ||u - v + eps||_p (with ``swap``: min of d(a, n), d(p, n)):
+    the hinge rule at the margin, the minimum rule for swap, the norm rule where u - v + eps is 0."""
+    dist = lambda u, v: vector_norm(run, torch.linalg.vector_norm, u - v + eps, p, -1)
+    d_an = dist(anchor, negative)
+    if swap:
+        d_an = _pair(run, "aten.triplet_margin_loss", d_an, dist(positive, negative), False,
+                     lambda: torch.minimum(d_an, dist(positive, negative)))
+    loss = _hinge(run, "aten.triplet_margin_loss", dist(anchor, positive) - d_an + margin)
+    return _reduce(loss, reduction, size_average, reduce)

@@ -1,0 +1,341 @@
+"""Kink rules for elementwise switches (relu, abs, maximum/minimum, clamp, hardtanh, leaky_relu, shrinks ...),
+the hinge-type losses, comparisons (``_CMP``) and piecewise-constant ops (``_STEPS``: sign, floor, ceil, round,
+trunc; frac).
+
+May import: torch, gradwise._masks, ``_errors``, ``_records``, ``_rules``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from gradwise._masks import mask_any
+from gradwise._nonsmooth._errors import NonsmoothError
+from gradwise._nonsmooth._records import _Run, _user_line
+from gradwise._nonsmooth._rules import _ROUTES, _finish, _near_zero, _resolve_sign, _split, _switch, kink_rule
+
+aten = torch.ops.aten
+Tensor = torch.Tensor
+
+
+@kink_rule(aten.relu, torch.relu, torch.relu_, F.relu, F.relu_, Tensor.relu, Tensor.relu_)
+def relu(run, func, x, inplace=False):
+    """max(x, 0). At 0: x where the direction has x' > 0, else 0, so f'(x; d) = max(x', 0)."""
+    inplace = inplace or func in (torch.relu_, F.relu_, Tensor.relu_)
+    out = _switch(run, "aten.relu", x, x, 0.0, lambda: F.relu(x, inplace=inplace), flat=True)
+    return _finish(func, x, out, inplace)
+
+
+@kink_rule(aten.abs, torch.abs, torch.absolute, Tensor.abs, Tensor.absolute, Tensor.abs_)
+def abs(run, func, x):
+    """|x|. At 0: x or -x, whichever grows along the direction: f'(x; d) = |x'|. A complex 0 is a cone
+    (|z'| is not a max of two pieces): an error."""
+    if x.is_complex():
+        if mask_any(_split(x)[0] == 0):
+            raise NonsmoothError(f"aten.abs at {_user_line()} of a complex 0: its one-sided derivative |z'| is a "
+                                 "cone, not a choice of pieces; gradwise has no rule for it. Keep the argument "
+                                 "away from 0 or write |z| as linalg.vector_norm of (real, imag)")
+        return func(x)
+    out = _switch(run, "aten.abs", x, x, -x, lambda: func(x))
+    return _finish(func, x, out, func is Tensor.abs_)
+
+
+def _as_tensor(v, like: Tensor):
+    return v if isinstance(v, Tensor) or v is None else torch.as_tensor(v, dtype=like.dtype, device=like.device)
+
+
+def _pair(run, op: str, a, b, larger: bool, native: Callable):
+    """max (larger) or min of a and b elementwise; a wins ties unless the direction says otherwise."""
+    like = a if isinstance(a, Tensor) else b
+    a, b = _as_tensor(a, like), _as_tensor(b, like)
+    if run.near_tol is None and not _near_zero(_split(a)[0] - _split(b)[0], run.tie_tol):
+        return native()
+    return _switch(run, op, a - b if larger else b - a, a, b, native, skip=lambda tie: _both_dead(run, a, b, tie))
+
+
+def _both_dead(run: _Run, a, b, tie: Tensor) -> Tensor | None:
+    """The tied elements where a and b are both relu-dead (locally the same constant): no kink there."""
+    fa = run.flat_source(a) if isinstance(a, Tensor) and run.tie_tol == 0 else None
+    fb = run.flat_source(b) if fa is not None and isinstance(b, Tensor) else None
+    if fb is None or fa[0] != fb[0]:
+        return None
+    ap = _split(a)[0].detach()
+    dead = tie & (ap == fa[0])  # at a tie b equals a
+    for live in (fa[1], fb[1]):
+        if live is not None:
+            dead &= ~live
+    return dead
+
+
+@kink_rule(aten.maximum, torch.maximum, Tensor.maximum, torch.fmax, Tensor.fmax)
+def maximum(run, func, a, b):
+    """Elementwise max. At a tie: the argument that is larger along the direction: f' = max(a', b')."""
+    return _pair(run, "aten.maximum", a, b, True, lambda: func(a, b))
+
+
+@kink_rule(aten.minimum, torch.minimum, Tensor.minimum, torch.fmin, Tensor.fmin)
+def minimum(run, func, a, b):
+    """Elementwise min. At a tie: the argument that is smaller along the direction: f' = min(a', b')."""
+    return _pair(run, "aten.minimum", a, b, False, lambda: func(a, b))
+
+
+def _clamp(run, x, lo, hi, native: Callable):
+    """min(max(x, lo), hi) with the pair rule at each bound that x touches."""
+    lo, hi = _as_tensor(lo, x), _as_tensor(hi, x)
+    xp = _split(x)[0]
+    touches = [b for b in (lo, hi) if b is not None and ((xp - _split(b)[0]).abs() <= run.tie_tol).any()]
+    if not touches and run.near_tol is None:
+        return native()
+    out = x
+    if lo is not None:
+        out = _pair(run, "aten.clamp", out, lo, True, lambda: torch.clamp(out, min=lo))
+    if hi is not None:
+        out = _pair(run, "aten.clamp", out, hi, False, lambda: torch.clamp(out, max=hi))
+    return out
+
+
+@kink_rule(aten.clamp, torch.clamp, torch.clip, Tensor.clamp, Tensor.clip, Tensor.clamp_, Tensor.clip_,
+           torch.clamp_, torch.clip_)
+def clamp(run, func, x, min=None, max=None):
+    """clamp(x, lo, hi). At a bound: x if it moves inside along the direction, else the bound."""
+    out = _clamp(run, x, min, max, lambda: func(x, min, max))
+    return _finish(func, x, out, func in (Tensor.clamp_, Tensor.clip_, torch.clamp_, torch.clip_))
+
+
+@kink_rule(aten.clamp_min, torch.clamp_min, Tensor.clamp_min, Tensor.clamp_min_)
+def clamp_min(run, func, x, min):
+    """max(x, min): the clamp rule at the lower bound."""
+    return _finish(func, x, _clamp(run, x, min, None, lambda: func(x, min)), func is Tensor.clamp_min_)
+
+
+@kink_rule(aten.clamp_max, torch.clamp_max, Tensor.clamp_max, Tensor.clamp_max_)
+def clamp_max(run, func, x, max):
+    """min(x, max): the clamp rule at the upper bound."""
+    return _finish(func, x, _clamp(run, x, None, max, lambda: func(x, max)), func is Tensor.clamp_max_)
+
+
+@kink_rule(aten.hardtanh, F.hardtanh, F.hardtanh_)
+def hardtanh(run, func, x, min_val=-1.0, max_val=1.0, inplace=False):
+    """clamp(x, min_val, max_val), with the clamp rule at both bounds."""
+    inplace = inplace or func is F.hardtanh_
+    out = _clamp(run, x, min_val, max_val, lambda: F.hardtanh(x, min_val, max_val, inplace))
+    return _finish(func, x, out, inplace)
+
+
+@kink_rule(aten.relu6, F.relu6)
+def relu6(run, func, x, inplace=False):
+    """clamp(x, 0, 6), with the clamp rule at both bounds."""
+    return _finish(func, x, _clamp(run, x, 0.0, 6.0, lambda: F.relu6(x, inplace)), inplace)
+
+
+@kink_rule(aten.leaky_relu, F.leaky_relu, F.leaky_relu_)
+def leaky_relu(run, func, x, negative_slope=0.01, inplace=False):
+    """x for x > 0, slope*x for x < 0. At 0: the piece chosen by the sign of x' along the direction."""
+    inplace = inplace or func is F.leaky_relu_
+    out = _switch(run, "aten.leaky_relu", x, x, negative_slope * x,
+                  lambda: F.leaky_relu(x, negative_slope, inplace))
+    return _finish(func, x, out, inplace)
+
+
+@kink_rule(aten.prelu, F.prelu, torch.prelu)
+def prelu(run, func, x, weight):
+    """x for x > 0, weight*x for x < 0 (weight per channel, dim 1). At 0: chosen by the sign of x'."""
+    w = weight.reshape(()) if weight.numel() == 1 else weight.reshape(1, -1, *[1] * (x.dim() - 2))
+    return _switch(run, "aten.prelu", x, x, w * x, lambda: F.prelu(x, weight))
+
+
+@kink_rule(aten.hardsigmoid, F.hardsigmoid)
+def hardsigmoid(run, func, x, inplace=False):
+    """clamp(x + 3, 0, 6) / 6: the clamp rule at x = -3 and x = 3."""
+    if not _touches(run, x, (-3.0, 3.0)):
+        return F.hardsigmoid(x, inplace)
+    return _finish(func, x, _clamp(run, x + 3, 0.0, 6.0, None) / 6, inplace)
+
+
+@kink_rule(aten.hardswish, F.hardswish)
+def hardswish(run, func, x, inplace=False):
+    """x * clamp(x + 3, 0, 6) / 6: the clamp rule at x = -3 and x = 3, then the product rule."""
+    if not _touches(run, x, (-3.0, 3.0)):
+        return F.hardswish(x, inplace)
+    return _finish(func, x, x * _clamp(run, x + 3, 0.0, 6.0, None) / 6, inplace)
+
+
+def _touches(run, x, points) -> bool:
+    xp = _split(x)[0]
+    return run.near_tol is not None or any(((xp - p).abs() <= run.tie_tol).any() for p in points)
+
+
+@kink_rule(aten.threshold, F.threshold, torch.threshold, F.threshold_)
+def threshold(run, func, x, threshold, value, inplace=False):
+    """x where x > threshold, else value. A jump unless value == threshold: an error if the direction crosses."""
+    inplace = inplace or func is F.threshold_
+    out = _switch(run, "aten.threshold", x - threshold, x, value,
+                  lambda: F.threshold(x, threshold, value, inplace), jumps=True,
+                  flat=isinstance(value, (int, float)) and isinstance(threshold, (int, float)) and value <= threshold)
+    return _finish(func, x, out, inplace)
+
+
+@kink_rule(aten.softshrink, F.softshrink)
+def softshrink(run, func, x, lambd=0.5):
+    """x - clamp(x, -lambd, lambd): the clamp rule at both breakpoints."""
+    if not _touches(run, x, (-lambd, lambd)):
+        return F.softshrink(x, lambd)
+    return x - _clamp(run, x, -lambd, lambd, None)
+
+
+@kink_rule(aten.hardshrink, F.hardshrink, torch.hardshrink, Tensor.hardshrink)
+def hardshrink(run, func, x, lambd=0.5):
+    """x where |x| > lambd, else 0: jumps at +-lambd, an error if the direction crosses one."""
+    if not _touches(run, x, (-lambd, lambd)):
+        return func(x, lambd)
+    inner = _switch(run, "aten.hardshrink", -lambd - x, x, 0.0, None, jumps=True)
+    return _switch(run, "aten.hardshrink", x - lambd, x, inner, None, jumps=True)
+
+
+def _reduce(loss: Tensor, reduction: str, size_average=None, reduce=None) -> Tensor:
+    if isinstance(size_average, int) and not isinstance(size_average, bool):  # torch.*_loss(..., reduction_enum)
+        reduction, size_average = ("none", "mean", "sum")[size_average], None
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    return {"mean": loss.mean, "sum": loss.sum, "none": lambda: loss}[reduction]()
+
+
+@kink_rule(aten.l1_loss, F.l1_loss)
+def l1_loss(run, func, input, target, size_average=None, reduce=None, reduction="mean"):
+    """mean/sum of |input - target|: the abs rule elementwise."""
+    return _reduce(abs(run, torch.abs, input - target), reduction, size_average, reduce)
+
+
+def _hinge(run, op: str, z):
+    """max(z, 0) with the pair rule at z = 0 (the margin)."""
+    return _pair(run, op, z, 0.0, True, lambda: torch.clamp_min(z, 0.0))
+
+
+@kink_rule(aten.hinge_embedding_loss, F.hinge_embedding_loss, torch.hinge_embedding_loss)
+def hinge_embedding_loss(run, func, input, target, margin=1.0, size_average=None, reduce=None, reduction="mean"):
+    """x where y == 1, max(0, margin - x) where y == -1 (PyTorch's formula: both terms for other y). At
+    margin - x == 0: the hinge side chosen along the direction, f'(x; d) = max(-x', 0)."""
+    hinge = _hinge(run, "aten.hinge_embedding_loss", margin - input)
+    loss = hinge.masked_fill(target == 1, 0.0) + input.masked_fill(target == -1, 0.0)
+    return _reduce(loss, reduction, size_average, reduce)
+
+
+@kink_rule(aten.margin_ranking_loss, F.margin_ranking_loss, torch.margin_ranking_loss)
+def margin_ranking_loss(run, func, input1, input2, target, margin=0.0, size_average=None, reduce=None,
+                        reduction="mean"):
+    """max(0, -y (x1 - x2) + margin). At the margin: the hinge side chosen along the direction."""
+    loss = _hinge(run, "aten.margin_ranking_loss", -target * (input1 - input2) + margin)
+    return _reduce(loss, reduction, size_average, reduce)
+
+
+@kink_rule(aten.multi_margin_loss, F.multi_margin_loss)
+def multi_margin_loss(run, func, input, target, p=1, margin=1.0, weight=None, size_average=None, reduce=None,
+                      reduction="mean"):
+    """sum over i != y of w[y] max(0, margin - x[y] + x[i])^p / C (PyTorch's formula). At a margin: the hinge
+    side chosen along the direction (for p = 2 both sides have slope 0 there)."""
+    x = input if input.dim() == 2 else input.reshape(1, -1)
+    y = target.reshape(-1, 1)
+    own = torch.arange(x.shape[1], device=y.device) == y
+    z = margin - x.gather(1, y) + x
+    z = z.masked_fill(own | _split(z)[0].isnan(), -1.0)  # the target class is no term; PyTorch drops NaN terms
+    h = _hinge(run, "aten.multi_margin_loss", z)
+    h = h * h if p == 2 else h
+    if weight is not None:
+        h = h * weight.gather(0, y.reshape(-1)).unsqueeze(1)
+    loss = h.sum(1) / x.shape[1]
+    return _reduce(loss if input.dim() == 2 else loss.reshape(()), reduction, size_average, reduce)
+
+
+# --- comparisons -------------------------------------------------------------------------------------------
+
+# name -> (outcome on the side where a > b, None for eq/ne whose outcome is the same on both sides; outcome at a tie)
+_CMP = {"gt": (True, False), "ge": (True, True), "lt": (False, False), "le": (False, True), "eq": (None, True),
+        "ne": (None, False)}
+
+
+def _comparison(name: str):
+    above, at_tie = _CMP[name]
+
+    def rule(run, func, a, b):
+        ap, bp = _split(a)[0], _split(b)[0] if isinstance(b, Tensor) else b
+        result = func(ap, bp)
+        if not torch.is_floating_point(ap) or a is b:  # x == x (a NaN test) ties everywhere: never a kink
+            return result
+        s = a - b
+        sp = _split(s)[0]
+        tie = sp.abs() <= run.tie_tol
+        run.note_near(f"aten.{name}", sp.abs())
+        if not tie.any():
+            return result
+        rows, choice, still = _resolve_sign(run, f"aten.{name}", s, tie, comparison=True)
+        result = result.expand(sp.shape).clone()
+        moved = (choice == 0) == above if above is not None else torch.full_like(still, not at_tie)
+        result.view(-1)[rows] = torch.where(still, at_tie, moved)
+        return result
+
+    rule.__name__ = name
+    rule.__doc__ = (f"a {name} b. At a tie, the outcome along the direction (compare a' with b', then further "
+                    "directions); unchanged where the tangents tie too.")
+    return rule
+
+
+for _name in _CMP:
+    _op = getattr(aten, _name)
+    _calls = [getattr(torch, _name), getattr(Tensor, _name), getattr(Tensor, f"__{_name}__")]
+    kink_rule(_op, *_calls)(_comparison(_name))
+
+
+# --- piecewise-constant ops -----------------------------------------------------------------------------------
+# Derivative 0 away from their jumps. At a jump the op takes its one-sided limit along the direction (then further
+# directions), like a comparison; if f's value then differs from f(x), f jumps at x and there is no one-sided
+# derivative and no Clarke gradient: directional_derivative, generalized_grad and subdifferential raise. Where f
+# stays continuous (x * sign(x), floor(x) + floor(-x) + ...), the locked piece gives the exact answer.
+
+# name -> (jump points of x, left limit, right limit)
+_STEPS: dict[str, tuple[Callable, Callable, Callable]] = {
+    "sign": (lambda x: x == 0, lambda x: -torch.ones_like(x), lambda x: torch.ones_like(x)),
+    "floor": (lambda x: (x == x.floor()) & x.isfinite(), lambda x: x - 1, lambda x: x),
+    "ceil": (lambda x: (x == x.ceil()) & x.isfinite(), lambda x: x, lambda x: x + 1),
+    "trunc": (lambda x: (x == x.trunc()) & x.isfinite() & (x != 0), lambda x: torch.where(x > 0, x - 1, x),
+              lambda x: torch.where(x > 0, x, x + 1)),
+    "round": (lambda x: (x.abs() - x.abs().trunc()) == 0.5, lambda x: x - 0.5, lambda x: x + 0.5),
+}
+
+
+def _step(name: str, inplace: bool = False):
+    at_jump, left, right = _STEPS[name]
+
+    def rule(run, func, x, *args, **kwargs):
+        xp = _split(x)[0]
+        if args or kwargs or not xp.is_floating_point():  # round(decimals=k): jumps are not floats; kept as is
+            return func(x, *args, **kwargs)
+        jump = at_jump(xp.detach())
+        if not mask_any(jump):
+            return func(x)
+        rows, choice, still = _resolve_sign(run, f"aten.{name}", x, jump, comparison=True)
+        own = xp.detach().reshape(-1)[rows].clone()
+        value = func(x).clone()  # PyTorch's own (zero derivative, in the graph), the limits written in
+        limit = torch.where(choice == 0, right(own), left(own))
+        value.view(-1)[rows] = torch.where(still, _split(value)[0].detach().reshape(-1)[rows], limit)
+        return x.copy_(value) if inplace else value
+
+    rule.__name__ = name + ("_" if inplace else "")
+    rule.__doc__ = (f"{name}: piecewise constant (derivative 0). At a jump, its one-sided limit along the direction "
+                    "(unchanged where the direction does not move x); a jump of f itself is an error.")
+    return rule
+
+
+for _name, _extra in [("sign", [torch.sgn, Tensor.sgn]), ("floor", []), ("ceil", []), ("round", []),
+                      ("trunc", [torch.fix, Tensor.fix])]:
+    kink_rule(getattr(aten, _name), getattr(torch, _name), getattr(Tensor, _name), *_extra)(_step(_name))
+    _ROUTES[getattr(Tensor, f"{_name}_")] = _step(_name, inplace=True)
+
+
+@kink_rule(aten.frac, torch.frac, Tensor.frac)
+def frac(run, func, x):
+    """x - trunc(x): slope 1, jumps at nonzero integers (the trunc rule: its one-sided limit, a jump of f is an
+    error)."""
+    return x - _step("trunc")(run, torch.trunc, x)

@@ -1,0 +1,513 @@
+"""Kink rules for selections and orderings: max/min/amax/amin reductions, max-pool (plain and adaptive), sort,
+topk, kthvalue, median, nanmedian, mode, cummax/cummin.
+
+May import: torch, gradwise._masks, ``_errors``, ``_records``, ``_rules``, ``_rules_pointwise``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+
+from gradwise._masks import mask_any
+from gradwise._nonsmooth._errors import NonsmoothError
+from gradwise._nonsmooth._records import Kink, _Run, _user_line
+from gradwise._nonsmooth._rules import _split, _tied_rows, kink_rule
+from gradwise._nonsmooth._rules_pointwise import maximum, minimum
+
+aten = torch.ops.aten
+Tensor = torch.Tensor
+
+
+# --- selections: max / min reductions, max-pool --------------------------------------------------------------
+
+
+def _select_last(run, op: str, x: Tensor, xw: Tensor, tw_fn: Callable, vw_fn: Callable, idx: Tensor,
+                 descending: bool) -> Tensor:
+    """Lock indices for a reduction over the last dim of window view ``xw`` of x's primal.
+
+    ``idx`` holds PyTorch's choice (first extreme element); rows with ties get the lexicographic winner.
+    ``tw_fn(rows)``/``vw_fn(rows)`` give the tangents/values of the tied rows' candidates.
+    """
+    best = xw.amax(-1, keepdim=True) if descending else xw.amin(-1, keepdim=True)
+    gap = (best - xw).abs()
+    eq = gap <= run.tie_tol
+    if run.near_tol is not None:
+        run.note_near(op, gap)
+    tie = eq.sum(-1) > 1
+    if not mask_any(tie):
+        return idx
+    flat = run.flat_source(x) if run.tie_tol == 0 else None
+    if flat is not None and flat[1] is None:  # ties among relu-dead elements only: locally constant, no kink
+        tie &= best.squeeze(-1) != flat[0]
+        if not mask_any(tie):
+            return idx
+    rows = _tied_rows(tie)
+    cand = eq.reshape(-1, eq.shape[-1])[rows]
+    choice, _ = run.resolve(op, "select", cand, tw_fn(rows), lambda: vw_fn(rows), descending)
+    idx = idx.clone()
+    idx.view(-1)[rows] = choice.to(idx.dtype)
+    run.kinks[-1].write = lambda c: idx.data.view(-1).index_put_((rows,), c.to(idx.dtype))
+    return idx
+
+
+def _rows_of(t: Tensor | None, like: Tensor, rows: Tensor) -> Tensor:
+    if t is None:
+        return torch.zeros(len(rows), like.shape[-1], dtype=like.dtype, device=like.device)
+    return t.reshape(-1, t.shape[-1])[rows]
+
+
+def _reduce_select(run, op: str, x: Tensor, dims: tuple[int, ...] | None, keepdim: bool, descending: bool):
+    """max/min over ``dims`` (all if None): locked values and their flat indices within the reduced dims."""
+    xp = _split(x)[0]
+    nd = xp.dim()
+    dims = tuple(range(nd)) if dims is None or dims == () else tuple(d % max(nd, 1) for d in dims)
+    keep = [d for d in range(nd) if d not in dims]
+    perm = keep + list(dims)
+    xm = x.permute(perm).reshape(*[xp.shape[d] for d in keep], -1) if nd else x.reshape(1)
+    xw = _split(xm)[0]
+    idx = (xw.argmax(-1) if descending else xw.argmin(-1))
+    tm = _split(xm)[1]
+    idx = _select_last(run, op, x, xw, lambda r: _rows_of(tm, xw, r), lambda r: xm.reshape(-1, xw.shape[-1])[r],
+                       idx, descending)
+    values = xm.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+    if keepdim:
+        shape = [1 if d in dims else xp.shape[d] for d in range(nd)]
+        values, idx = values.reshape(shape), idx.reshape(shape)
+    return values, idx
+
+
+def _max_min(op: str, descending: bool, pair_rule: Callable):
+    def rule(run, func, x, dim=None, keepdim=False, *, out=None):
+        if isinstance(dim, Tensor):  # torch.max(a, b) is elementwise
+            return pair_rule(run, torch.maximum if descending else torch.minimum, x, dim)
+        if dim is None:
+            return _reduce_select(run, op, x, None, False, descending)[0]
+        values, idx = _reduce_select(run, op, x, (dim,), keepdim, descending)
+        rt = torch.return_types.max if descending else torch.return_types.min
+        return rt((values, idx))
+
+    rule.__name__ = op.split(".")[1]
+    word = "largest" if descending else "smallest"
+    rule.__doc__ = (f"{op} (full or over a dim). Over tied {word} elements: the one that is {word} along "
+                    f"the direction (then further directions), so f'(x; d) is the {word} tangent of the tied set.")
+    return rule
+
+
+kink_rule(aten.max, torch.max, Tensor.max)(_max_min("aten.max", True, maximum))
+kink_rule(aten.min, torch.min, Tensor.min)(_max_min("aten.min", False, minimum))
+
+
+def _amax_amin(op: str, descending: bool):
+    def rule(run, func, x, dim=(), keepdim=False):
+        dims = (dim,) if isinstance(dim, int) else tuple(dim)
+        return _reduce_select(run, op, x, dims, keepdim, descending)[0]
+
+    rule.__name__ = op.split(".")[1]
+    rule.__doc__ = f"{op}: like {op.replace('a', '', 1)}; PyTorch splits ties evenly, gradwise picks the winner."
+    return rule
+
+
+kink_rule(aten.amax, torch.amax, Tensor.amax)(_amax_amin("aten.amax", True))
+kink_rule(aten.amin, torch.amin, Tensor.amin)(_amax_amin("aten.amin", False))
+
+
+def _window_index(spatial, nd: int, k, s, p, dil, out_sp, device) -> Tensor:
+    """(outputs, K) flat input index of every window element (-1 for padding)."""
+    pads = []
+    for i in reversed(range(nd)):
+        need = (out_sp[i] - 1) * s[i] + (k[i] - 1) * dil[i] + 1
+        pads += [p[i], max(0, need - spatial[i] - p[i])]
+    grid = F.pad(torch.arange(math.prod(spatial), device=device).reshape(1, *spatial), pads, value=-1)
+    for i in range(nd):
+        grid = grid.unfold(1 + i, (k[i] - 1) * dil[i] + 1, s[i])
+    grid = grid[(0, *(slice(0, o) for o in out_sp), *(slice(None, None, d) for d in dil))]
+    return grid.reshape(math.prod(out_sp), -1)
+
+
+def _window_views(t: Tensor, nd: int, k, s, p, dil, out_sp, fill) -> list[Tensor]:
+    """The prod(k) strided views of t shaped like the pool's output, view j holding the j-th element of every
+    window (t padded with ``fill`` where windows overhang it; no copy otherwise)."""
+    pads = []
+    for i in reversed(range(nd)):
+        need = (out_sp[i] - 1) * s[i] + (k[i] - 1) * dil[i] + 1
+        pads += [p[i], max(0, need - t.shape[t.dim() - nd + i] - p[i])]
+    if any(pads):
+        t = F.pad(t, pads, value=fill)
+    spans = list(zip(dil, out_sp, s, strict=True))
+    return [t[(..., *(slice(o * d, o * d + (n - 1) * st + 1, st) for o, (d, n, st) in zip(offs, spans, strict=True)))]
+            for offs in itertools.product(*map(range, k))]
+
+
+def _pool_ties(run: _Run, op: str, x: Tensor, out: Tensor, nd: int, k, s, p, dil) -> Tensor | None:
+    """Windows whose maximum ``out`` is attained more than once, relu-dead windows excepted (None: no such window).
+
+    One comparison per window element over strided views of x, no re-pooling. A window whose tied elements are
+    all relu-dead (the output of a switch that is locally constant there, see `_Run.mark_flat`) is no kink: the
+    maximum is locally constant, and every choice gives the same (zero) gradient.
+    """
+    xp = _split(x)[0].detach()
+    views = _window_views(xp, nd, k, s, p, dil, out.shape[out.dim() - nd:], -math.inf)
+    if run.near_tol is not None or run.tie_tol:
+        gap = torch.stack([out - v for v in views], -1)
+        run.note_near(op, gap[gap > 0])
+        tie = (gap <= run.tie_tol).sum(-1) > 1
+    else:
+        e = torch.empty(out.shape, dtype=torch.bool, device=out.device)
+        count = torch.zeros(out.shape, dtype=torch.uint8 if len(views) < 256 else torch.int32, device=out.device)
+        for v in views:
+            count.add_(torch.eq(v, out, out=e))
+        tie = count > 1
+    if not mask_any(tie):
+        return None
+    flat = run.flat_source(x) if run.tie_tol == 0 else None
+    if flat is not None:
+        c, live = flat
+        live_window = out != c
+        if live is not None:  # a tied element on the switch's own kink makes the window live
+            for v, lv in zip(views, _window_views(live.to(torch.uint8), nd, k, s, p, dil, out.shape[-nd:], 0),
+                             strict=True):
+                live_window |= (v == out) & lv.bool()
+        tie &= live_window
+        if not mask_any(tie):
+            return None
+    return tie
+
+
+def _pool_known(run: _Run, op: str, x: Tensor, rec: Kink, return_indices: bool):
+    """Ranked pass: the probe found ``rec``'s tied windows; rank them by tangent, gather at its lock indices."""
+    lock, fpos, pad, batch, shape = rec.site
+    xt = _split(x)[1]
+    key = None if xt is None else xt.reshape(-1).take(fpos)
+    key = key if pad is None or key is None else key.masked_fill(pad, 0.0)
+    choice, _ = run.resolve(op, "select", rec.cand, key, None)
+    rec.write(choice)
+    values = x.reshape(batch, -1).gather(1, lock.reshape(batch, -1)).reshape(shape)
+    return (values, lock) if return_indices else values
+
+
+def _pool_lock(run: _Run, op: str, x: Tensor, out: Tensor, idx: Tensor, tie: Tensor | None, windows: Tensor,
+               batch: int, return_indices: bool):
+    """Finish a max-pool-like op whose native ``out``/``idx`` came from x's primal: rank the ``tie`` windows
+    (``windows``: (outputs, K) flat input index of each window element, -1 for padding) and lock their indices.
+
+    The choices are written into the indices that PyTorch's backward reads (without a version bump), so the graph
+    stays PyTorch's own node; in a tangent-free pass the first maximum stands until the ranked pass writes. With
+    tangents, the output's tangent is the input's tangent at the locked indices.
+    """
+    xp, xt = _split(x)
+    xp, op_ = xp.detach(), out.detach()
+
+    def finish(lock):
+        o = out if xt is None else fwAD.make_dual(out, xt.reshape(batch, -1).gather(
+            1, lock.reshape(batch, -1)).reshape(out.shape))
+        return (o, lock) if return_indices else o
+
+    if tie is None:
+        return finish(idx)
+    n_out = windows.shape[0]
+    rows = _tied_rows(tie)
+    cidx = windows.index_select(0, rows % n_out)
+    padded = bool(mask_any(windows < 0))
+    fpos = (rows // n_out).unsqueeze(1) * (xp.numel() // max(batch, 1)) + (cidx.clamp(min=0) if padded else cidx)
+    pad = cidx < 0 if padded else None
+    pick = lambda t, fill: t.reshape(-1).take(fpos) if pad is None else t.reshape(-1).take(fpos).masked_fill(
+        pad, fill)
+    best = op_.reshape(-1)[rows].unsqueeze(1)
+    cand = pick(xp, -math.inf) == best if run.tie_tol == 0 else best - pick(xp, -math.inf) <= run.tie_tol
+    if padded and not bool((keep := cand.sum(1) > 1).all()):  # windows tied only with padding (-inf input)
+        rows, cidx, fpos, pad, cand = rows[keep], cidx[keep], fpos[keep], pad[keep], cand[keep]
+        if len(rows) == 0:
+            return finish(idx)
+    key = pick(xt, 0.0) if xt is not None else None
+    choice, _ = run.resolve(op, "select", cand, key, lambda: pick(x, -math.inf), lazy=True)
+    locked = lambda c: cidx.gather(1, c.unsqueeze(1)).squeeze(1)
+    rec = run.kinks[-1]
+    lock = idx if idx.is_contiguous() else idx.clone(memory_format=torch.contiguous_format)
+    rec.write = lambda c: lock.data.view(-1).index_put_((rows,), locked(c))
+    rec.site = (lock, fpos, pad, batch, op_.shape)
+    if choice is not None:
+        rec.write(choice)
+    if lock is idx:
+        return finish(idx)
+    values = x.reshape(batch, -1).gather(1, lock.reshape(batch, -1)).reshape(op_.shape)
+    return (values, lock) if return_indices else values
+
+
+def _max_pool(nd: int):
+    native = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[nd]
+    op = f"aten.max_pool{nd}d"
+
+    def rule(run, func, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+             return_indices=False):
+        tup = lambda v: (tuple(v) * nd)[:nd] if isinstance(v, (list, tuple)) else (v,) * nd
+        k, p, dil = tup(kernel_size), tup(padding), tup(dilation)
+        s = k if stride is None or stride == [] or stride == () else tup(stride)
+        if known := run.known_here():
+            return _pool_known(run, op, x, known[0], return_indices)
+        xp = _split(x)[0]
+        out, idx = native(xp, k, s, p, dil, ceil_mode, return_indices=True)  # PyTorch's own, in the graph
+        tie = _pool_ties(run, op, x, out.detach(), nd, k, s, p, dil)
+        spatial, out_sp = xp.shape[xp.dim() - nd:], out.shape[out.dim() - nd:]
+        windows = None if tie is None else _window_index(spatial, nd, k, s, p, dil, out_sp, xp.device)
+        return _pool_lock(run, op, x, out, idx, tie, windows, math.prod(xp.shape[: xp.dim() - nd]), return_indices)
+
+    rule.__name__ = f"max_pool{nd}d"
+    rule.__doc__ = (f"{op}: in a window with tied maxima, the element largest along the direction (PyTorch "
+                    "takes the first), so f'(x; d) is the largest tangent over the tied window; the indices are "
+                    "locked. Windows whose tied elements are all relu-dead are no kink.")
+    return rule
+
+
+kink_rule(aten.max_pool1d, F.max_pool1d, torch.max_pool1d, F.max_pool1d_with_indices)(_max_pool(1))
+kink_rule(aten.max_pool2d_with_indices, F.max_pool2d, torch.max_pool2d, F.max_pool2d_with_indices)(_max_pool(2))
+kink_rule(aten.max_pool3d_with_indices, F.max_pool3d, torch.max_pool3d, F.max_pool3d_with_indices)(_max_pool(3))
+
+
+# --- orderings: sort, topk, kthvalue, median ----------------------------------------------------------------
+
+
+def _ordered(run, op: str, x: Tensor, dim: int, descending: bool, positions: slice):
+    """Locked permutation sorting x along dim; ties that reach ``positions`` ranked lexicographically."""
+    xp = _split(x)[0]
+    dim = dim % max(xp.dim(), 1)
+    xm = x.movedim(dim, -1) if xp.dim() else x.reshape(1)
+    pm, tm = _split(xm)
+    vals, perm = torch.sort(pm, dim=-1, descending=descending, stable=True)
+    m = pm.shape[-1]
+    lo, hi = max(positions.start - 1, 0), min(positions.stop, m - 1)
+    gap = (vals[..., 1:] - vals[..., :-1]).abs()[..., lo:hi]
+    tie_pairs = gap <= run.tie_tol
+    run.note_near(op, gap)
+    tie = tie_pairs.any(-1)
+    if tie.any():
+        rows = _tied_rows(tie)
+        prim = pm.reshape(-1, m)[rows]
+        sv = vals.reshape(-1, m)[rows]
+        # candidates: the tie groups (runs of equal sorted values) holding a tie pair that reaches the positions,
+        # found in sorted order by a group id per position (linear in m), then scattered back through perm
+        link = (sv[:, 1:] - sv[:, :-1]).abs() <= run.tie_tol
+        gid = torch.cat([torch.zeros_like(sv[:, :1], dtype=torch.int64), (~link).cumsum(-1)], -1)
+        reach = torch.zeros_like(link)
+        reach[:, lo:hi] = link[:, lo:hi]
+        touched = torch.zeros(sv.shape, dtype=torch.int64, device=sv.device).scatter_add_(
+            1, gid[:, :-1], reach.to(torch.int64))
+        cand = torch.zeros_like(link[:, :1]).expand(-1, m).clone().scatter_(
+            1, perm.reshape(-1, m)[rows], touched.gather(1, gid) > 0)
+        key = tm.reshape(-1, m)[rows] if tm is not None else None
+        # lazy: without any ranking key the stable sort above is the provisional order (the ranked pass writes)
+        order, _ = run.resolve(op, "order", cand, key, lambda: xm.reshape(-1, m)[rows], descending, primal=prim,
+                               lazy=True)
+        perm = perm.clone()
+        if order is not None:
+            perm.view(-1, m)[rows] = order
+        run.kinks[-1].write = lambda c: perm.data.view(-1, m).index_put_((rows,), c)
+    return xm.gather(-1, perm), perm, dim
+
+
+@kink_rule(aten.sort, torch.sort, Tensor.sort)
+def sort(run, func, x, dim=-1, descending=False, stable=False):
+    """Sorted values. Within tied values, tangents sorted the same way (then further directions)."""
+    if isinstance(dim, bool):  # sort(x, descending) positional form is not used by torch; keep dim an int
+        dim, descending = -1, dim
+    v, perm, d = _ordered(run, "aten.sort", x, dim, descending, slice(0, x.shape[dim] if x.dim() else 1))
+    return torch.return_types.sort((v.movedim(-1, d), perm.movedim(-1, d)))
+
+
+@kink_rule(aten.topk, torch.topk, Tensor.topk)
+def topk(run, func, x, k, dim=-1, largest=True, sorted=True):
+    """Top k. Ties at or across the k-th place: the elements largest along the direction win."""
+    v, perm, d = _ordered(run, "aten.topk", x, dim, largest, slice(0, k))
+    return torch.return_types.topk((v[..., :k].movedim(-1, d), perm[..., :k].movedim(-1, d)))
+
+
+@kink_rule(aten.kthvalue, torch.kthvalue, Tensor.kthvalue)
+def kthvalue(run, func, x, k, dim=-1, keepdim=False):
+    """k-th smallest. At a tie: the tied element k-th smallest along the direction."""
+    v, perm, d = _ordered(run, "aten.kthvalue", x, dim, False, slice(k - 1, k))
+    v, i = v[..., k - 1 : k], perm[..., k - 1 : k]
+    v, i = (v.movedim(-1, d), i.movedim(-1, d)) if keepdim else (v.squeeze(-1), i.squeeze(-1))
+    return torch.return_types.kthvalue((v, i))
+
+
+@kink_rule(aten.median, torch.median, Tensor.median)
+def median(run, func, x, dim=None, keepdim=False):
+    """Lower median. At a tie: the tied element in the middle along the direction."""
+    if _split(x)[0].isnan().any():  # PyTorch's median propagates NaN; no tie to rank
+        return func(x) if dim is None else func(x, dim, keepdim)
+    if dim is None:
+        return kthvalue(run, func, x.reshape(-1), (x.numel() + 1) // 2).values
+    return torch.return_types.median(tuple(kthvalue(run, func, x, (x.shape[dim] + 1) // 2, dim, keepdim)))
+
+
+@kink_rule(aten.nanmedian, torch.nanmedian, Tensor.nanmedian)
+def nanmedian(run, func, x, dim=None, keepdim=False):
+    """Lower median of the non-NaN values (NaN sorts last, so it is the ((c - 1) // 2)-th of the sorted slice with
+    c values). At a tie: the tied element in the middle along the direction, as for median."""
+    xp = _split(x)[0]
+    if xp.dim() == 0 or xp.numel() == 0:
+        return func(x) if dim is None else func(x, dim, keepdim)
+    xm, d = (x.reshape(-1), 0) if dim is None else (x, dim % xp.dim())
+    pm = _split(xm)[0].detach().movedim(d, -1)
+    k = torch.div((~pm.isnan()).sum(-1, keepdim=True) - 1, 2, rounding_mode="floor").clamp(min=0)  # all-NaN: 0
+    lo, hi = int(k.min()), int(k.max())
+    v, perm, d = _ordered(run, "aten.nanmedian", xm, d, False, slice(lo, hi + 1))
+    v, i = v.gather(-1, k), perm.gather(-1, k)
+    if dim is None:
+        return v.reshape(())
+    v, i = (v.movedim(-1, d), i.movedim(-1, d)) if keepdim else (v.squeeze(-1), i.squeeze(-1))
+    return torch.return_types.nanmedian((v, i))
+
+
+@kink_rule(aten.mode, torch.mode, Tensor.mode)
+def mode(run, func, x, dim=-1, keepdim=False):
+    """Most frequent value (the smallest of equally frequent ones). Nearby, values are distinct and mode is their
+    minimum; so mode is continuous at x only where at most one value repeats and it is the slice's minimum (else:
+    an error, mode jumps). There, along d the repeated minimum splits into groups of equal tangent: mode follows
+    the largest group, then the smallest tangent, so with distinct tangents it is the min rule."""
+    xp = _split(x)[0]
+    if xp.dim() == 0 or xp.numel() == 0:
+        return func(x, dim, keepdim)
+    d = dim % xp.dim()
+    srt = torch.sort(xp.detach().movedim(d, -1), -1).values
+    same = srt[..., 1:] == srt[..., :-1]
+    if not mask_any(same):
+        return func(x, dim, keepdim)  # all values distinct: mode is the minimum, attained once
+    first = torch.cat([torch.ones_like(same[..., :1]), ~same[..., :-1]], -1)
+    groups = (same & first).sum(-1)  # repeated values per slice
+    if not bool(((groups == 0) | ((groups == 1) & same[..., 0])).all()):
+        raise NonsmoothError(f"aten.mode at {_user_line()}: a value that is not the minimum repeats (or two values "
+                             "do), where mode is discontinuous: an arbitrarily small perturbation makes the values "
+                             "distinct and mode jumps to the minimum. No one-sided derivative or Clarke gradient.")
+    xm = x.movedim(d, -1)
+    pm, tm = _split(xm)
+    pm, m = pm.detach(), pm.shape[-1]
+    out = func(xm, -1)
+    rows = _tied_rows(same[..., 0])
+    prim = pm.reshape(-1, m)[rows]
+    cand = prim == srt.reshape(-1, m)[rows, :1]
+    key = tm.reshape(-1, m)[rows] if tm is not None else None
+    if key is not None:  # elements of equal tangent stay equal along d: keep the largest such groups
+        mult = ((key.unsqueeze(2) == key.unsqueeze(1)) & cand.unsqueeze(1)).sum(-1).masked_fill(~cand, 0)
+        cand = cand & (mult == mult.amax(-1, keepdim=True))
+    choice, _ = run.resolve("aten.mode", "select", cand, key, lambda: xm.reshape(-1, m)[rows], False, lazy=True)
+    lock = out.indices.unsqueeze(-1).contiguous().clone()
+    run.kinks[-1].write = lambda c: lock.data.view(-1).index_put_((rows,), c)
+    if choice is not None:
+        run.kinks[-1].write(choice)
+    values, idx = xm.gather(-1, lock), lock
+    if keepdim:
+        return torch.return_types.mode((values.movedim(-1, d), idx.movedim(-1, d)))
+    return torch.return_types.mode((values.squeeze(-1), idx.squeeze(-1)))
+
+
+def _cumulative(op: str, descending: bool):
+    rt = torch.return_types.cummax if descending else torch.return_types.cummin
+
+    def rule(run, func, x, dim):
+        xp = _split(x)[0]
+        if xp.dim() == 0 or xp.numel() == 0:
+            return func(x, dim)
+        d = dim % xp.dim()
+        xm = x.movedim(d, -1)
+        pm, tm = _split(xm)
+        pm = pm.detach()
+        out = func(xm, -1)
+        v, idx = out.values.detach(), out.indices
+        n = pm.shape[-1]
+        # j <= i ties with the running extreme v[i] iff x[j] == v[i]; such j lie in v's plateau through i, so
+        # count the elements attaining v within each plateau (a cumulative sum restarted at plateau starts)
+        hit = (pm == v).to(torch.int64)
+        step = torch.ones_like(hit, dtype=torch.bool)
+        step[..., 1:] = v[..., 1:] != v[..., :-1]
+        ar = torch.arange(n, device=pm.device).expand_as(hit)
+        start = torch.where(step, ar, 0).cummax(-1).values
+        cs = hit.cumsum(-1)
+        tie = (cs - cs.gather(-1, start) + hit.gather(-1, start)) > 1
+        flat = run.flat_source(x) if run.tie_tol == 0 else None
+        if flat is not None and flat[1] is None:  # a plateau of relu-dead elements is no kink
+            tie &= v != flat[0]
+        if not mask_any(tie):
+            return rt((out.values.movedim(-1, d), idx.movedim(-1, d)))
+        rows = _tied_rows(tie)
+        i, st = rows % n, start.reshape(-1)[rows]
+        width = int((i - st).max()) + 1
+        pos = st.unsqueeze(1) + torch.arange(width, device=pm.device)  # the plateau window of each tied output
+        ok = pos <= i.unsqueeze(1)
+        fpos = (rows // n).unsqueeze(1) * n + pos.clamp(max=n - 1)
+        pick = lambda t, fill: t.reshape(-1).take(fpos).masked_fill(~ok, fill)
+        cand = ok & (pick(pm, math.nan) == v.reshape(-1)[rows].unsqueeze(1))
+        key = pick(tm, 0.0) if tm is not None else None
+        choice, _ = run.resolve(op, "select", cand, key, lambda: pick(xm, 0.0), descending, lazy=True)
+        lock = idx.contiguous().clone()
+        locked = lambda c: pos.gather(1, c.unsqueeze(1)).squeeze(1)
+        run.kinks[-1].write = lambda c: lock.data.view(-1).index_put_((rows,), locked(c))
+        if choice is not None:
+            run.kinks[-1].write(choice)
+        return rt((xm.gather(-1, lock).movedim(-1, d), lock.movedim(-1, d)))
+
+    word = "largest" if descending else "smallest"
+    rule.__name__ = op.split(".")[1]
+    rule.__doc__ = (f"{op}: the running {word} value. Where it is attained by several elements so far, the one "
+                    f"{word} along the direction (PyTorch takes the last), so f'(x; d)_i is the {word} tangent over "
+                    "them; the indices are locked. Plateaus of relu-dead elements are no kink.")
+    return rule
+
+
+kink_rule(aten.cummax, torch.cummax, Tensor.cummax)(_cumulative("aten.cummax", True))
+kink_rule(aten.cummin, torch.cummin, Tensor.cummin)(_cumulative("aten.cummin", False))
+
+
+def _adaptive_windows(spatial, out_sp, device) -> Tensor:
+    """(outputs, K) flat input index of every adaptive-pooling window element (-1 past a shorter window)."""
+    nd, index, bad = len(spatial), 0, None
+    for dim, (n, o) in enumerate(zip(spatial, out_sp, strict=True)):
+        ar = torch.arange(o, device=device)
+        lo, hi = (ar * n) // o, ((ar + 1) * n + o - 1) // o
+        j = lo.unsqueeze(1) + torch.arange(int((hi - lo).max()), device=device)
+        shape = [1] * (2 * nd)
+        shape[dim], shape[nd + dim] = o, j.shape[1]
+        index = index + j.reshape(shape) * math.prod(spatial[dim + 1:])
+        miss = (j >= hi.unsqueeze(1)).reshape(shape)
+        bad = miss if bad is None else bad | miss
+    index = index.masked_fill(bad, -1)
+    return index.reshape(math.prod(out_sp), -1)
+
+
+def _adaptive_max_pool(nd: int):
+    native = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}[nd]
+    op = f"aten.adaptive_max_pool{nd}d"
+
+    def rule(run, func, x, output_size, return_indices=False):
+        if known := run.known_here():
+            return _pool_known(run, op, x, known[0], return_indices)
+        xp = _split(x)[0]
+        out, idx = native(xp, output_size, return_indices=True)
+        spatial, out_sp = xp.shape[xp.dim() - nd:], out.shape[out.dim() - nd:]
+        batch = math.prod(xp.shape[: xp.dim() - nd])
+        windows = _adaptive_windows(spatial, out_sp, xp.device)
+        op_ = out.detach()
+        vals = xp.detach().reshape(batch, -1)[:, windows.clamp(min=0)].masked_fill(windows < 0, -math.inf)
+        gap = op_.reshape(batch, -1, 1) - vals
+        run.note_near(op, gap[gap > 0])
+        tie = ((gap <= run.tie_tol).sum(-1) > 1).reshape(op_.shape)
+        flat = run.flat_source(x) if run.tie_tol == 0 else None
+        if flat is not None and flat[1] is None:  # relu-dead windows are no kink
+            tie &= op_ != flat[0]
+        return _pool_lock(run, op, x, out, idx, tie if mask_any(tie) else None, windows, batch, return_indices)
+
+    rule.__name__ = f"adaptive_max_pool{nd}d"
+    rule.__doc__ = (f"{op}: like max_pool (windows [floor(i L / O), ceil((i + 1) L / O))): in a window with tied "
+                    "maxima the element largest along the direction; the indices are locked.")
+    return rule
+
+
+kink_rule(aten.adaptive_max_pool1d, F.adaptive_max_pool1d, torch.adaptive_max_pool1d,
+          F.adaptive_max_pool1d_with_indices)(_adaptive_max_pool(1))
+kink_rule(aten.adaptive_max_pool2d, F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices)(_adaptive_max_pool(2))
+kink_rule(aten.adaptive_max_pool3d, F.adaptive_max_pool3d, F.adaptive_max_pool3d_with_indices)(_adaptive_max_pool(3))
