@@ -22,7 +22,6 @@ from gradwise._distributed import (
 )
 from gradwise._gradcheck import GradcheckResult, gradcheck
 from gradwise._nonsmooth import NonsmoothError, directional_derivative, generalized_backward, generalized_grad
-from gradwise._report import Finding, Report
 from gradwise._stationarity import Stationarity, Subdifferential, stationarity, subdifferential
 from gradwise._strong_zeros import (
     CompiledBackwardWarning,
@@ -37,8 +36,7 @@ from gradwise._strong_zeros import (
     strong_zeros,
     unruled_ops,
 )
-from gradwise._trace import explain, trace
-from gradwise._watch import watch
+from gradwise._trace import Finding, Report, explain, trace, watch
 
 __version__ = "0.1.0"
 
