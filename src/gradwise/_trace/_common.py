@@ -29,7 +29,8 @@ _DEFER_ON_CPU = False  # batch the checks on CPU too, as on accelerators (tests 
 
 # -- where user code called an op -------------------------------------------------------------------------
 
-_INTERNAL_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+# torch's files and all of gradwise's (this file is in gradwise/_trace/: the package directory is two levels up)
+_INTERNAL_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.dirname(__file__)) + os.sep)
 _INTERNAL_FILES = {"contextlib.py", "functools.py", "runpy.py"}
 _internal_file: dict[str, bool] = {}  # keyed by file name: a str caches its hash, a code object rehashes its fields
 
