@@ -1,6 +1,7 @@
 """What the trace says: why a NaN/Inf was born (``_EXPLAIN``: one explainer per op family, ``_explain``) and
-the fix texts its findings carry (``_SELECT_FIX``, ``_GENUINE_FIX``, ``_UNDECIDED``, ``_GRADIENT_FIX``,
-``_INPUT_FIX``, ``_KINK_FIX``, ``_SINGULAR_FIX``).
+the fix texts its findings carry (``_GENUINE_FIX``, ``_UNDECIDED``, ``_GRADIENT_FIX``,
+``_INPUT_FIX``, ``_KINK_FIX``, ``_SINGULAR_FIX``; the fix per discarding op, ``_SELECT_FIX`` among them, is
+``_facts._DISCARDS``).
 
 May import: torch, gradwise._trace._common, gradwise._trace._facts.
 """

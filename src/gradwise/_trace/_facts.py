@@ -1,15 +1,20 @@
 """What the trace knows about aten ops, as tables apart from the engine (a later step moves them into a
-shared op-facts layer): which ops discard or select (``_DISCARDS``, ``_ELEMENTWISE_SELECTS``, ``_STEPS``,
-``_ELEMENTWISE_DISCARDS``), comparisons (``_COMPARISONS``), literals (``_LITERALS``), births that are no data
-(``_NOT_DATA``), finite-preserving ops (``_FINITE_PRESERVING``), products and bilinear ops (``_PRODUCTS``,
-``_BILINEAR``), row-mixing backwards (``_ROW_MIXING``) and collective namespaces. The kinks are in ``_kinks``.
+shared op-facts layer): which ops discard or select, with the local rewrite that fixes each (``_DISCARDS``,
+``_SELECT_FIX``, ``_ELEMENTWISE_SELECTS``, ``_STEPS``, ``_ELEMENTWISE_DISCARDS``), comparisons (``_COMPARISONS``),
+literals (``_LITERALS``), births that are no data (``_NOT_DATA``), finite-preserving ops (``_FINITE_PRESERVING``),
+products and bilinear ops (``_PRODUCTS``, ``_BILINEAR``), row-mixing backwards (``_ROW_MIXING``) and the
+collective namespaces (``_COLLECTIVE_NAMESPACES``). The kink detectors are in ``_kinks``.
+
+``_SELECT_FIX`` lives here, not in ``_advice``, because ``_DISCARDS`` holds it and ``_advice`` imports this module.
 
 May import: torch only.
 """
 
 from __future__ import annotations
 
-from gradwise._trace._common import aten
+import torch
+
+aten = torch.ops.aten
 
 _LITERALS = {aten.lift_fresh, aten.lift}
 
