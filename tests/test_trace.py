@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import case_files
 import gradwise as gw
 import gradwise._strong_zeros
-import gradwise._trace as trace_module
+from gradwise._trace import _common
 
 
 def _load_cases():
@@ -165,7 +165,7 @@ def test_deferred_checks_match_immediate(monkeypatch):
     """Batched finiteness checks (the accelerator path) give the same report on the seed."""
     case = CASES["linear-rows-sliced-away"]
     immediate = _trace_case(case)
-    monkeypatch.setattr(trace_module, "_DEFER_ON_CPU", True)
+    monkeypatch.setattr(_common, "_DEFER_ON_CPU", True)
     with gw.trace(sync_every=64) as report:
         output, inputs, _ = case.build()
         torch.autograd.grad(output, inputs)

@@ -14,7 +14,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 import gradwise as gw
-import gradwise._trace as trace_module
+from gradwise._trace import _common, _session
 
 
 def test_a_long_nan_run_keeps_a_bounded_record_and_one_root_cause():
@@ -26,7 +26,7 @@ def test_a_long_nan_run_keeps_a_bounded_record_and_one_root_cause():
         model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         with gw.trace() as report:
-            tracer = trace_module._current()
+            tracer = _session._current()
             for _ in range(steps):
                 pad = torch.full((2, 6), float("nan"))
                 loss = model(torch.cat((torch.randn(4, 6), pad)))[:4].square().mean()
@@ -39,7 +39,7 @@ def test_a_long_nan_run_keeps_a_bounded_record_and_one_root_cause():
     _, (kept20, _, _, last20) = run(20)
     report, (kept200, nodes200, parents200, last200) = run(200)
     assert (last20, last200) == (19, 199)
-    assert kept200 == kept20 and nodes200 <= trace_module._MAX_NODES and parents200 <= trace_module._MAX_NODES
+    assert kept200 == kept20 and nodes200 <= _common._MAX_NODES and parents200 <= _common._MAX_NODES
     assert [f.kind for f in report.findings if not f.downstream] == ["contamination"]
     (down,) = [f for f in report.findings if f.downstream]
     assert down.op == "gradient" and down.step in (0, 1), str(report)
@@ -211,15 +211,15 @@ def test_two_threads_trace_at_once_and_a_third_is_untouched():
         (f,) = reports[k].findings
         assert f.kind == "contamination" and f.occurrences == 30 and f.reaches == ["x"]
     assert grads["plain"].isnan().any()
-    assert not trace_module._TRACERS and torch.autograd.backward.__module__ == "torch.autograd"
+    assert not _session._TRACERS and torch.autograd.backward.__module__ == "torch.autograd"
 
 
 def test_snapshot_gives_the_report_so_far_without_ending_the_trace():
     x = torch.tensor([-1.0, 4.0], requires_grad=True)
-    assert trace_module.snapshot() is None
+    assert _session.snapshot() is None
     with gw.trace() as report:
         torch.where(x > 0, x.sqrt(), x).sum().backward()
-        early = trace_module.snapshot()
+        early = _session.snapshot()
         x.relu().sum().backward()
     assert [f.kind for f in early.findings] == ["contamination"]
     assert [f.kind for f in report.findings] == ["contamination"] and report.findings[0].occurrences == 1

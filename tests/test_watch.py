@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import gradwise as gw
-import gradwise._trace as trace_module
+from gradwise._trace import _session
 
 
 def _model():
@@ -38,7 +38,7 @@ def test_finite_run_is_plain_pytorch_and_reports_nothing():
     _, plain = _train(_model(), 5, watch=False)
     assert not report.findings and not report.notes
     assert all(torch.equal(a, b) for ga, gb in zip(grads, plain, strict=True) for a, b in zip(ga, gb, strict=True))
-    assert torch.autograd.backward.__module__ == "torch.autograd" and not trace_module._WATCHERS
+    assert torch.autograd.backward.__module__ == "torch.autograd" and not _session._WATCHERS
 
 
 def test_the_graph_is_freed_as_pytorch_frees_it_and_kept_when_asked():

@@ -32,7 +32,6 @@ from gradwise._nonsmooth import (
     stationarity,
     subdifferential,
 )
-from gradwise._report import Finding, Report
 from gradwise._strong_zeros import (
     CompiledBackwardWarning,
     GradwiseWarning,
@@ -46,8 +45,7 @@ from gradwise._strong_zeros import (
     strong_zeros,
     unruled_ops,
 )
-from gradwise._trace import explain, trace
-from gradwise._watch import watch
+from gradwise._trace import Finding, Report, explain, trace, watch
 
 __version__ = "0.1.0"
 

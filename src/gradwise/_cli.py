@@ -67,7 +67,7 @@ def _enter_run_contexts(args: argparse.Namespace, process: contextlib.ExitStack,
     if args.no_report:
         return None
     if args.watch:
-        from gradwise._watch import watch
+        from gradwise._trace import watch
 
         return script.enter_context(watch())
     from gradwise._trace import trace

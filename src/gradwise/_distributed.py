@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_flatten
 
-from gradwise._report import Finding, Report, is_received
 from gradwise._strong_zeros import _register
+from gradwise._trace._report import Finding, Report, is_received
 
 __all__ = ["NonfiniteGradientError", "NonfiniteGuard", "SkipNonfiniteStep", "ddp_nonfinite_hook", "gather_reports",
            "nonfinite_guard"]

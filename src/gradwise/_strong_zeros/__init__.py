@@ -45,7 +45,7 @@ from gradwise._strong_zeros import _rules_pointwise, _rules_bilinear, _rules_bac
 from gradwise._strong_zeros import _rules_attention, _rules_opdb  # noqa: F401
 # isort: on
 # What the other concerns read of strong zeros as ``_strong_zeros.<name>`` (gradwise._trace: _STATE, lookup,
-# _decomposition, _StrongZeroMode; gradwise._watch: _root_nodes, _leaves, _release_graph, _walk;
+# _decomposition, _StrongZeroMode; gradwise._trace._watching: _root_nodes, _leaves, _release_graph, _walk;
 # gradwise._distributed: _register). None of these names is ever rebound, so these are the very objects the
 # modules below use. A name that is rebound or monkeypatched (_engine._plan, _engine._process_wide) is not here.
 from gradwise._strong_zeros._autograd_graph import _leaves as _leaves

@@ -4,7 +4,7 @@ pass (``_run_strong``, ``_nested``, ``grad_in_pass``), and the public ``strong_z
 read them as ``_engine.<name>``.
 
 May import: torch, gradwise._checks, _contract, _compile, _supports, _mode, _autograd_graph, _planning; and
-lazily (inside ``_under_traces``) gradwise._trace's ``_Tracer``, to keep a trace's recorders above the
+lazily (inside ``_under_traces``) gradwise._trace._tracer's ``_Tracer``, to keep a trace's recorders above the
 strong-zero mode.
 """
 
@@ -165,7 +165,7 @@ def _under_traces(mode: TorchDispatchMode) -> Iterator[None]:
     as NaN made from finite values). Other modes (fake tensors, proxies) stay below ``mode`` as before."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode, _push_mode
 
-    from gradwise._trace import _Tracer  # lazily: _trace imports this module
+    from gradwise._trace._tracer import _Tracer  # lazily: the trace package imports this module
 
     above = []
     while isinstance(_get_current_dispatch_mode(), _Tracer):

@@ -1,4 +1,7 @@
-"""Finding / Report: what `gw.trace()` found, rendered for people (rich) and tools (JSON)."""
+"""Finding / Report: what `gw.trace()` found, rendered for people (rich) and tools (JSON).
+
+May import: rich only (no torch, no other gradwise module).
+"""
 from __future__ import annotations
 
 import io

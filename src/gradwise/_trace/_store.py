@@ -7,6 +7,8 @@ one only adds to counters (occurrences, elements, the steps of the first ``KEEP`
 what it came from). Provenance sets therefore hold a bounded set of objects, the report walks a bounded graph,
 and the per-step cost does not grow with the step count. ``order`` (creation order) replaces list searches, so
 building the report is linear in what is kept.
+
+May import: torch; gradwise._trace._common (lazily, for path formatting).
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ class Birth:
     first_count: int = 0  # elements of the first occurrence
 
     def describe(self) -> str:
-        from gradwise._trace import _fmt  # the trace's path formatting (relative to the working directory)
+        from gradwise._trace._common import _fmt  # the trace's path formatting (relative to the working directory)
 
         kind = "NaN" if self.nan else "Inf"
         n = f"{self.first_count} {kind} value(s)" + (f" (x{self.occurrences}, {self.count} in all)"

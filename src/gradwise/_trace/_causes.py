@@ -6,11 +6,13 @@ finding is tied to the birth that explains it; following births' parents (a grad
 the births of the backward that made it) leads to a root. Findings that share a root form one cause, told in
 one line with the step of its first occurrence; findings reached only through an inherited gradient are marked
 ``downstream`` (they go away when the root cause is fixed) and are not counted as problems of their own.
+
+May import: gradwise._trace._report, gradwise._trace._store.
 """
 from __future__ import annotations
 
-from gradwise._report import Finding
-from gradwise._trace_store import Birth, root
+from gradwise._trace._report import Finding
+from gradwise._trace._store import Birth, root
 
 
 def _inherited(birth: Birth) -> bool:

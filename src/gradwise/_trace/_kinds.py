@@ -6,6 +6,8 @@ and mkldnn layouts (no dense reduction on every backend), efficient ZeroTensors 
 functorch transform (batched: reading one breaks the transform), tensor subclasses (their
 ``__torch_dispatch__`` would see the trace's own reductions) and forward-AD duals (a reduction would build a
 tangent). Ops on them run untouched; the report says how many were passed over, per kind.
+
+May import: torch only.
 """
 from __future__ import annotations
 

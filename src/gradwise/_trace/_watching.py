@@ -19,6 +19,9 @@ Design. A long training run pays for `gw.trace()` on every op of every step alth
 
 The report (yielded by the ``with``) holds the explained step and everything traced after it; a run that
 never goes non-finite gets an empty report. ``step`` counts backward calls from 0.
+
+May import: torch, gradwise._strong_zeros, gradwise._trace._common, _kinds, _report, _tracer, _session
+(whose per-thread tables it reads and writes as ``_session.<name>``).
 """
 from __future__ import annotations
 
@@ -31,8 +34,9 @@ from collections.abc import Iterator
 import torch
 
 from gradwise import _strong_zeros
-from gradwise import _trace as _tr
-from gradwise._report import Report
+from gradwise._trace import _common, _kinds, _session
+from gradwise._trace._report import Report
+from gradwise._trace._tracer import _Tracer
 
 
 class _Watcher:
@@ -42,7 +46,7 @@ class _Watcher:
         self.sync_every = sync_every
         self.step = 0  # backward calls so far
         self.depth = 0
-        self.tracer: _tr._Tracer | None = None  # set at the first non-finite gradient
+        self.tracer: _Tracer | None = None  # set at the first non-finite gradient
         self.found_at: int | None = None
 
     # -- the wrapped autograd entry points (called by _trace's wrappers for a watching thread) ------------
@@ -95,14 +99,14 @@ class _Watcher:
         if self.tracer is not None:
             return
         self.found_at = self.step
-        tracer = self.tracer = _tr._Tracer(self.sync_every)
+        tracer = self.tracer = _Tracer(self.sync_every)
         tracer.store.step = self.step
-        at = _tr._loc(_tr._user_frame())  # the user's backward call: the forward's own lines were not seen
+        at = _common._loc(_common._user_frame())  # the user's backward call: the forward's own lines were not seen
         for node in _strong_zeros._walk(roots):  # what each node's forward op was
             seq = node._sequence_nr()
-            if seq != _tr._ACCUMULATE_SEQ:
-                tracer.nodes[seq] = _tr._Node(_node_op(node.name()), at)
-        _tr._TRACERS[threading.get_ident()] = tracer
+            if seq != _common._ACCUMULATE_SEQ:
+                tracer.nodes[seq] = _common._Node(_node_op(node.name()), at)
+        _session._TRACERS[threading.get_ident()] = tracer
         tracer.__enter__()
         wanted = [t for t in leaves if t.requires_grad]
         if not wanted:
@@ -122,7 +126,7 @@ class _Watcher:
         """Fill ``report`` (empty when every gradient stayed finite) and stop tracing."""
         if self.tracer is None:
             return
-        _tr._TRACERS.pop(threading.get_ident(), None)
+        _session._TRACERS.pop(threading.get_ident(), None)
         self.tracer.__exit__(None, None, None)
         self.tracer.fill(report)
         report.notes.insert(0, f"gw.watch(): the first non-finite gradient came at step {self.found_at}; that step "
@@ -151,7 +155,7 @@ def _as_tuple(ts) -> tuple:
 def _finite(grads: list[torch.Tensor]) -> bool:
     """One fused check of all gradients: a sum per gradient, stacked and summed (one host sync; on CPU ~10x
     cheaper than ``_foreach_norm``). A sum can overflow on finite values: an alarm is confirmed element-wise."""
-    dense = [g for g in grads if g.is_floating_point() and g.numel() and _tr._trace_kinds.readable(g)]
+    dense = [g for g in grads if g.is_floating_point() and g.numel() and _kinds.readable(g)]
     if not dense:
         return True
     by_device: dict = {}
@@ -190,18 +194,18 @@ def watch(*, sync_every: int = 256) -> Iterator[Report]:
     if not isinstance(sync_every, int) or sync_every < 1:
         raise ValueError(f"sync_every must be a positive int, got {sync_every!r}")
     me = threading.get_ident()
-    if me in _tr._TRACERS or me in _tr._WATCHERS:
+    if me in _session._TRACERS or me in _session._WATCHERS:
         raise RuntimeError("gw.watch() inside gw.trace() or gw.watch(): the outer block already watches this "
                            "thread; remove the inner one")
     report = Report()
     watcher = _Watcher(sync_every)
-    _tr._install()
-    _tr._WATCHERS[me] = watcher
+    _session._install()
+    _session._WATCHERS[me] = watcher
     try:
         yield report
     finally:
-        _tr._WATCHERS.pop(me, None)
+        _session._WATCHERS.pop(me, None)
         try:
             watcher.finish(report)
         finally:
-            _tr._uninstall()
+            _session._uninstall()

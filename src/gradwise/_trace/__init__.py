@@ -1,0 +1,52 @@
+"""The trace: `gw.trace()` / `gw.explain()` / `gw.watch()` explain NaN/Inf and kinks in a forward and backward pass.
+
+How it works
+------------
+
+How it works. A `TorchDispatchMode` sees every aten op below autograd, forward and backward (the backward ones
+run while `torch._C._current_autograd_node()` is set). Per op it does one cheap reduction of each float output
+(``sum`` is finite iff every element is) and only digs in when that is not finite, so the finite path costs a
+fused reduction and a few dictionary look-ups per op. Digging in records where a NaN/Inf was *born* (the first
+op whose inputs were finite, or held no NaN, and whose output was not) and carries that provenance along.
+
+In the backward, tensors derived from the incoming gradient (sensitivities) are tracked by identity
+(held weakly, `_ByIdentity`). A non-finite gradient element appears where a sensitivity first meets a non-finite
+value (a saved forward value, or one a backward formula made, like 0/0): if the sensitivity is zero there the
+output never used the value (**contamination**, which strong zeros remove), otherwise it is **genuine**. The
+backward is the user's own: nothing is re-run. Backward nodes are tied to the forward op (and source line) that
+created them through autograd sequence numbers.
+
+Kinks are found by a table of detectors keyed by aten op, run on the forward ops that create autograd nodes.
+
+Modules (each imports only those above it in this list, plus torch, gradwise._masks and gradwise._strong_zeros)
+-----------------------------------------------------------------------------------------------------------
+``_report``       ``Finding`` / ``Report``: what the trace found, rendered as text (rich) and JSON (imports rich only).
+``_kinds``        which tensors the trace can read (plain, functorch-wrapped, forward-AD duals).
+``_common``       settings (``_MAX_NODES``, ``_DEFER_ON_CPU``: read and patched as ``_common.<name>``), user frames and
+                  locations, tensor helpers, ``_ByIdentity``, the per-node records ``_Node`` / ``_KinkGroup``.
+``_store``        births and incidents interned per site (``Store``, ``Birth``, ``Incident``).
+``_causes``       findings grouped by root cause; what strong zeros removed.
+``_facts``        op-fact tables: discards/selects, steps, comparisons, literals, products, bilinear, row-mixing, ...
+``_advice``       why a NaN/Inf was born (``_EXPLAIN`` and its explainers) and the fix texts of findings.
+``_kinks``        kink detectors per op family (``_KINKS``, ``kink_detector``, ``_Hit``).
+``_checking``     ``_Checks``: output checks (immediate or batched), collectives, the gradients a backward starts from.
+``_incidents``    ``_Incidents``: where a sensitivity meets a NaN/Inf; contamination or genuine.
+``_provenance``   ``_Provenance``: births of NaN/Inf, provenance along forward ops, names of reached leaves.
+``_kink_checks``  ``_KinkChecks``: kink checks of forward ops and the sensitivities that reach them.
+``_assembly``     ``_Assembly``: the ``Report`` from what was recorded.
+``_tracer``       ``_Tracer``, the TorchDispatchMode recorder built from the parts above; ``_op_info``.
+``_session``      ``trace``, ``snapshot``, ``explain``; per-thread tracers and the wrapped autograd entry points
+                  (the rebound ``_installed`` and the tables ``_TRACERS`` / ``_WATCHERS``: read as ``_session.<name>``).
+``_watching``     ``watch``: near-zero cost until the first non-finite gradient, then the full trace.
+
+Other concerns import from here (gradwise._distributed: ``_report``; gradwise._strong_zeros._engine:
+``_tracer._Tracer``, lazily); the trace imports strong zeros as ``from gradwise import _strong_zeros`` and
+reads ``_strong_zeros.<name>``.
+"""
+
+from gradwise._trace._kinks import kink_detector
+from gradwise._trace._report import Finding, Report
+from gradwise._trace._session import explain, snapshot, trace
+from gradwise._trace._watching import watch
+
+__all__ = ["Finding", "Report", "explain", "kink_detector", "snapshot", "trace", "watch"]

@@ -1,0 +1,164 @@
+"""What the trace says: why a NaN/Inf was born (``_EXPLAIN``: one explainer per op family, ``_explain``) and
+the fix texts its findings carry (``_GENUINE_FIX``, ``_UNDECIDED``, ``_GRADIENT_FIX``,
+``_INPUT_FIX``, ``_KINK_FIX``, ``_SINGULAR_FIX``; the fix per discarding op, ``_SELECT_FIX`` among them, is
+``_facts._DISCARDS``).
+
+May import: torch, gradwise._trace._common, gradwise._trace._facts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradwise._masks import mask_any
+from gradwise._trace._common import _aligned, _nonfinite, _op_name, aten
+from gradwise._trace._facts import _LITERALS
+
+_EXPLAIN: dict = {}
+
+
+def _explains(*ops):
+    def register(fn):
+        for op in ops:
+            _EXPLAIN[op] = fn
+        return fn
+
+    return register
+
+
+def _inputs_at(ins, mask):
+    """The first input's values at the masked positions, when positions line up."""
+    if ins and ins[0].is_floating_point() and _aligned(ins[:1], mask.shape):
+        return ins[0].broadcast_to(mask.shape)[mask]
+    return None
+
+
+def _log_counts(ins, mask, edge: float, name: str) -> str:
+    x = _inputs_at(ins, mask)
+    if x is not None and x.numel():
+        below, at = int((x < edge).sum()), int((x == edge).sum())
+        return (f"{name} of {below} value(s) below {edge:g} and {at} at {edge:g}: a domain error (NaN below the "
+                f"domain, -inf at {edge:g})")
+    return f"{name} outside its domain (NaN below {edge:g}, -inf at {edge:g})"
+
+
+@_explains(aten.log, aten.log2, aten.log10, aten.xlogy)
+def _log_domain(ins, out, mask) -> str:
+    """log is NaN below its domain and -inf at its edge, 0."""
+    return _log_counts(ins, mask, 0.0, "log")
+
+
+@_explains(aten.log1p)
+def _log1p_domain(ins, out, mask) -> str:
+    """log1p is NaN below -1 and -inf at -1."""
+    return _log_counts(ins, mask, -1.0, "log1p")
+
+
+@_explains(aten.nll_loss_forward, aten.nll_loss2d_forward)
+def _nll_total_weight(ins, out, mask) -> str:
+    """nll_loss with reduction='mean' divides by the total weight of the targets."""
+    return ("the total weight of the targets is 0 (every target ignored or of class weight 0): reduction='mean' "
+            "divides 0 by 0")
+
+
+@_explains(aten.sqrt, aten.rsqrt)
+def _sqrt_domain(ins, out, mask) -> str:
+    """sqrt / rsqrt are NaN for negative inputs; rsqrt is inf at 0."""
+    x = _inputs_at(ins, mask)
+    if x is not None and x.numel():
+        return f"root of {int((x < 0).sum())} negative value(s) (NaN) and {int((x == 0).sum())} zero(s)"
+    return "a root outside its domain (NaN for negatives)"
+
+
+@_explains(aten.pow)
+def _root_domain(ins, out, mask) -> str:
+    """fractional powers are NaN for negative bases; negative powers are inf at 0."""
+    x = _inputs_at(ins, mask)
+    if x is not None and x.numel():
+        return f"{int((x < 0).sum())} negative and {int((x == 0).sum())} zero base(s): NaN for a negative base, " \
+               "inf for a negative power of 0"
+    return "a power outside its domain"
+
+
+@_explains(aten.div, aten.reciprocal)
+def _division(ins, out, mask) -> str:
+    """x/0 is ±inf and 0/0 is NaN."""
+    return "division by zero (x/0 = ±inf, 0/0 = NaN)"
+
+
+@_explains(aten.exp, aten.exp2, aten.expm1, aten.sinh, aten.cosh, aten.mul, aten.mm, aten.addmm, aten.bmm,
+           aten.sum, aten.add, aten.sub, aten.matmul, aten.square)
+def _overflow(ins, out, mask) -> str:
+    """Inf from finite inputs is an overflow; NaN from inf inputs is inf - inf or 0 x inf."""
+    if out is not None and bool(mask_any(torch.isnan(out).logical_and_(mask))) and any(_nonfinite(t) for t in ins):
+        return "inf - inf or 0 x inf"
+    return f"overflow: the result exceeds the largest {str(out.dtype).replace('torch.', '')} (Inf)" \
+        if out is not None else "overflow"
+
+
+@_explains(aten._softmax, aten._log_softmax)
+def _softmax_all_masked(ins, out, mask) -> str:
+    """softmax of a slice that is all -inf is 0/0 = NaN."""
+    return "softmax over a slice that is entirely -inf (0/0 = NaN): a fully masked row"
+
+
+@_explains(aten.acos, aten.asin, aten.atanh, aten.acosh)
+def _inverse_trig_domain(ins, out, mask) -> str:
+    """acos/asin are NaN outside [-1, 1]; atanh is ±inf at ±1."""
+    return "an inverse trigonometric/hyperbolic function outside its domain"
+
+
+@_explains(aten.full, aten.fill, aten.fill_, aten.masked_fill, aten.masked_fill_, aten.lift_fresh, aten.scalar_tensor,
+           aten.full_like, aten.copy_, aten.index_put_, aten.index_put)
+def _written(ins, out, mask) -> str:
+    """A NaN/Inf constant written into a tensor (data, padding, a mask value)."""
+    return "a NaN/Inf constant written into the tensor"
+
+
+
+@_explains(*_LITERALS)
+def _literal(ins, out, mask) -> str:
+    """torch.tensor([..., nan]): a NaN/Inf written in a tensor literal."""
+    return "a NaN/Inf written in a tensor literal (torch.tensor / torch.as_tensor of Python data)"
+
+
+def _explain(func, ins, out, mask) -> str:
+    fn = _EXPLAIN.get(func.overloadpacket)
+    if fn is not None:
+        return fn(ins, out, mask)
+    return f"{_op_name(func)} made NaN/Inf from finite inputs"
+
+
+_GENUINE_FIX: dict = {
+    **dict.fromkeys([aten.nll_loss_forward, aten.nll_loss2d_forward],
+                    "skip the batch when no target counts (weights.sum() == 0), or use reduction='sum' divided by a "
+                    "count you clamp to at least 1"),
+    **dict.fromkeys([aten.log, aten.log2, aten.log10, aten.log1p, aten.xlogy],
+                    "keep the input inside the domain: log(x.clamp_min(eps)), or torch.special.xlogy / log_softmax"),
+    **dict.fromkeys([aten.sqrt, aten.rsqrt, aten.pow],
+                    "keep the base inside the domain (x.clamp_min(eps)); at 0 the derivative of sqrt is infinite: use "
+                    "sqrt(x + eps) or torch.linalg.vector_norm (gradient 0 at 0)"),
+    **dict.fromkeys([aten.div, aten.reciprocal],
+                    "guard the denominator: x / d.clamp_min(eps) or torch.where(d != 0, ...)"),
+    **dict.fromkeys([aten.exp, aten.exp2, aten.expm1, aten.sinh, aten.cosh],
+                    "avoid the overflow: logsumexp / softplus / log-space arithmetic, or clamp the input"),
+    **dict.fromkeys([aten._softmax, aten._log_softmax], "do not mask a whole row: keep one entry or drop the row"),
+    **dict.fromkeys([aten.full, aten.fill, aten.fill_, aten.copy_, aten.masked_fill, aten.masked_fill_, aten.lift_fresh,
+                     aten.full_like, aten.index_put_, aten.index_put],
+                    "the output reads the NaN/Inf constant written here: mask it out before the first op that uses it"),
+}
+_UNDECIDED = ("it reached {op}, which has no strong-zero rule: whether the output uses it is not known (it may "
+              "be contamination that gw.strong_zeros() cannot remove there; gw.unruled_ops() lists such ops)")
+_GRADIENT_FIX = ("an earlier backward left NaN/Inf in this gradient and it was used as a value (an optimizer "
+                 "step writes it into the parameters); fix that backward first (see its finding), e.g. with "
+                 "gw.strong_zeros() where it is contamination")
+_INPUT_FIX = "the data arrived with NaN/Inf: clean it (x.nan_to_num(), drop the rows) or mask it before the first op"
+
+
+_KINK_FIX = ("not an error: the gradient here is PyTorch's convention, one element of the subdifferential. To test "
+             "optimality use gw.stationarity(f, x); for an exact one-sided derivative gw.directional_derivative.")
+_SINGULAR_FIX = ("an infinite derivative (a norm or root at 0): if the gradient must be finite here, smooth the op "
+                 "(sqrt(x + eps), vector_norm(x + eps)), or use gw.directional_derivative / gw.generalized_grad, "
+                 "which are exact there")
+# forward ops whose backward multiplies the incoming sensitivity by a forward value: a zero they send is the
+# value's zero (computed by the program), not a structural one

@@ -1,0 +1,206 @@
+"""``_Assembly``: the part of the tracer that turns what it recorded into a ``Report`` (findings, causes,
+what strong zeros would remove, unused NaN/Inf).
+
+May import: torch, gradwise._trace._common, _advice, _facts, _causes, _report, _store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from gradwise._trace import _causes
+from gradwise._trace._advice import _GENUINE_FIX, _GRADIENT_FIX, _INPUT_FIX, _KINK_FIX, _SINGULAR_FIX, _UNDECIDED
+from gradwise._trace._common import _dist_rank, _fmt, _nonfinite, _positions, _source, aten
+from gradwise._trace._facts import _DISCARDS, _NOT_DATA
+from gradwise._trace._report import Finding, Report
+from gradwise._trace._store import Birth as _Birth
+from gradwise._trace._store import Incident as _Incident
+from gradwise._trace._store import earliest
+
+
+class _Assembly:
+    """The report from what the tracer recorded (a part of _Tracer)."""
+
+    def fill(self, report: Report, since: int = 0) -> None:
+        """Fill ``report`` (linear in the records kept); ``since`` (the store's event counter when a nested block
+        began) leaves out what was last seen before it."""
+        self.flush()
+        report.forward_ops, report.backward_ops = self.n_fwd, self.n_bwd
+        findings: dict[tuple, Finding] = {}
+
+        origin: dict[tuple, _Birth] = {}  # finding key -> the birth that explains it (root causes)
+
+        def add(key, make, count, reaches, indices, occurrences=1, step=None, birth=None):
+            f = findings.get(key)
+            if f is None:
+                f = findings[key] = make()
+                f.count, f.indices, f.occurrences = 0, indices, 0
+                if birth is not None:
+                    origin[key] = birth
+            f.count += count
+            f.occurrences += occurrences
+            f.reaches = sorted(set(f.reaches) | set(reaches))
+            if step is not None and (f.step is None or step < f.step):
+                f.step = step
+
+        birthless: set = set()
+        for inc in sorted(self.store.incidents.values(), key=lambda i: i.order):
+            if inc.serial <= since:
+                continue
+            birth = earliest(inc.births)
+            if inc.kind == "contamination":
+                key = ("contamination", inc.op, inc.loc, birth.op if birth else None, birth.loc if birth else None)
+                add(key, lambda inc=inc, birth=birth: self._contamination(inc, birth), inc.count, inc.reaches,
+                    inc.indices, inc.occurrences, inc.step, birth)
+            elif birth is not None:  # named by where it was born: count and elements are the born tensor's
+                key = (inc.kind, birth.op, birth.loc)
+                new = key not in findings
+                add(key, lambda inc=inc, birth=birth: self._genuine(inc.kind, inc, birth),
+                    birth.count if new else 0, inc.reaches, birth.indices, birth.occurrences if new else 0,
+                    birth.step, birth)
+            else:
+                key = (inc.kind, inc.node_op, inc.loc)
+                add(key, lambda inc=inc: self._genuine(inc.kind, inc, None), inc.count, inc.reaches, inc.indices,
+                    inc.occurrences, inc.step)
+                birthless.add(key)
+        for birth in sorted(self.output_births, key=lambda b: b.order):
+            kind = "nan" if birth.nan else "inf"
+            key = (kind, birth.op, birth.loc)
+            if key in birthless:  # the output itself is NaN/Inf from the forward: that is the explanation
+                old = findings[key]
+                findings[key] = self._genuine(kind, None, birth)
+                findings[key].count, findings[key].indices = birth.count, birth.indices
+                findings[key].occurrences, findings[key].reaches = old.occurrences, old.reaches
+                findings[key].step, origin[key] = old.step, birth
+            elif key not in findings:
+                add(key, lambda birth=birth, kind=kind: self._genuine(kind, None, birth), birth.count, [],
+                    birth.indices, birth.occurrences, birth.step, birth)
+        self._grads_made_nonfinite_after_backward(findings, add)
+        for name, (count, occurrences, serial) in self.store.orphans.items():
+            if serial > since:
+                add(("nan", "unknown", name), lambda name=name: Finding(
+                    "nan", "unknown", "<unknown>", 0, message=f"the gradient of {name} is not finite; its birth was "
+                    "not observed (made outside the traced block?)"), count, [name], [], occurrences)
+        if self.collective_sites:
+            self._add_received(findings)
+        for g in self.kinks.values():
+            findings[(g.kind, g.op, g.loc)] = Finding(
+                g.kind, g.op, _fmt(g.loc), g.count, fix=_KINK_FIX if g.kind == "kink" else _SINGULAR_FIX,
+                message=f"{g.count} element(s) at a {'kink' if g.kind == 'kink' else 'singular point'}",
+                source=_source(g.loc), indices=g.indices, convention=g.convention, reached_gradient=g.reached,
+                occurrences=g.occurrences)
+        order = {k: i for i, k in enumerate(("contamination", "nan", "inf", "singular", "kink"))}
+        report.findings = sorted(findings.values(), key=lambda f: (order[f.kind], f.location))
+        report.causes = _causes.group(report.findings, {id(f): origin[k] for k, f in findings.items()
+                                                              if k in origin}, _fmt, self.store.step)
+        report.notes = [f"{kind} tensors: {n} op(s) or value(s) passed over" + (f" (first: {op})" if op else "")
+                        if not kind.startswith("not explained") else f"{op or 'a value'}: {kind} ({n}x)"
+                        for kind, (n, op) in self.passed.items()]
+        report.removed = _causes.removed(self.strong_reads, self.store.incidents.values(), _fmt)
+        report.unused = self._unused(removed={b for b, _ in self.strong_reads})
+        rank = _dist_rank()
+        for f in report.findings:
+            f.rank = rank
+
+    def _add_received(self, findings: dict) -> None:
+        """Under data parallelism a rank whose own ops were all finite can still end with NaN/Inf gradients:
+        another rank's, averaged in by the all-reduce. Those gradients no local finding reaches."""
+        local = {name for f in findings.values() for name in f.reaches}
+        counts, has_nan = {}, False
+        for leaf, name in list(self.names.items()):
+            g = leaf.grad
+            if name not in local and isinstance(g, torch.Tensor) and _nonfinite(g):
+                counts[name] = int((~torch.isfinite(g)).sum())
+                has_nan |= bool(torch.isnan(g).any())
+        if not counts:
+            return
+        op, loc = next(iter(self.collective_sites))
+        kind = "nan" if has_nan else "inf"
+        findings[("received", op, loc)] = Finding(
+            kind, op, _fmt(loc), sum(counts.values()), reaches=sorted(counts), source=_source(loc),
+            message=f"received through {op}: this rank's own ops were finite, its gradients after the collective "
+                    "are not",
+            born_op=op, born_location=_fmt(loc), born=f"another rank's {'NaN' if has_nan else 'Inf'}, received "
+            f"through {op}", fix="gw.gather_reports(report) on every rank names the rank that introduced it; "
+            "gw.ddp_nonfinite_hook stops or skips such a step on every rank")
+
+    def _contamination(self, inc: _Incident, birth: _Birth | None) -> Finding:
+        disc_op, disc_loc = inc.discarded if inc.discarded else (None, None)
+        rewrite = _DISCARDS.get(getattr(aten, disc_op[5:], None)) if disc_op else None
+        if rewrite is None:
+            rewrite = "mask the value before the op that makes NaN/Inf (e.g. before the division)"
+        if disc_op is None:  # no op upstream discards values: the zero may be one the program computes
+            return Finding(
+                "contamination", inc.op, _fmt(inc.loc), inc.count,
+                message=f"{inc.what}; the sensitivity there is 0, but no op that discards values (slice, where, "
+                "mask...) made it: if the program computes that 0 (0 * x), it is an ordinary zero and the NaN is "
+                "genuine for gw.grad too", source=_source(inc.loc), born_op=birth.op if birth else inc.op,
+                born_location=_fmt(birth.loc) if birth else _fmt(inc.loc),
+                born=birth.describe() if birth else f"0/0 or 0 x Inf in {inc.op}, the backward of {inc.node_op}",
+                fix=f"if the zero stands for 'not used', gw.strong_zeros() removes it only where a discarding op "
+                    f"made it; otherwise {rewrite}")
+        born = birth.describe() if birth else \
+            f"0/0 or 0 x Inf in {inc.op}, the backward of {inc.node_op} at {_fmt(inc.loc)}"
+        return Finding(
+            "contamination", inc.op, _fmt(inc.loc), inc.count, message=f"{inc.what}; the output never used it",
+            source=_source(inc.loc), born_op=birth.op if birth else inc.op,
+            born_location=_fmt(birth.loc) if birth else _fmt(inc.loc), born=born,
+            discarded_op=disc_op, discarded_location=_fmt(disc_loc) if disc_loc else None,
+            fix=f"gw.strong_zeros() (or gw.grad / gw.backward) removes it. Local rewrite: {rewrite}.")
+
+    def _genuine(self, kind: str, inc: _Incident | None, birth: _Birth | None) -> Finding:
+        if birth is not None:
+            op, loc = birth.op, birth.loc
+            fix = _INPUT_FIX if birth.op == "input" else _GRADIENT_FIX if birth.op == "gradient" else \
+                _GENUINE_FIX.get(getattr(aten, birth.op[5:], None), "")
+            message = f"{birth.what}; " + (_UNDECIDED.format(op=inc.op) if inc is not None and inc.undecided
+                                           else "the output depends on it")
+        else:
+            op, loc = inc.node_op, inc.loc
+            fix = _GENUINE_FIX.get(getattr(aten, op[5:], None), "")
+            message = inc.what
+        return Finding(kind, op, _fmt(loc), 0, fix=fix or "find why the value is not finite where it is used",
+                       message=message, source=_source(loc), born_op=birth.op if birth else (inc.op if inc else None),
+                       born_location=_fmt(birth.loc) if birth else (_fmt(inc.loc) if inc else None),
+                       born=birth.describe() if birth else (inc.what if inc else None))
+
+    def _grads_made_nonfinite_after_backward(self, findings: dict, add: Callable) -> None:
+        """A parameter's .grad that is not finite at the end of the block although no backward finding reaches
+        it: something after the backward wrote NaN/Inf into it (clip_grad_norm_ with a NaN total norm scales
+        every gradient by NaN). Reported with the op that did it, from the gradient's provenance."""
+        reached = {r for f in findings.values() for r in f.reaches}
+        for leaf, name in self.names.items():
+            g = getattr(leaf, "grad", None) if isinstance(leaf, torch.Tensor) else None
+            if g is None or name in reached or not _nonfinite(g):
+                continue
+            births = [b for b in self.prov.get(g, ()) if isinstance(b, _Birth)]
+            if not births or g not in self.written or all(b.received for b in births):
+                continue  # a collective's write (DDP copying the averaged bucket back): _add_received says so
+            b = births[0]
+            op, loc = self.written[g]
+            kind = "nan" if bool(torch.isnan(g).any()) else "inf"
+            count, idx = _positions(~torch.isfinite(g))
+            add((kind, op, loc, "grad", name), lambda b=b, kind=kind, name=name, op=op, loc=loc: Finding(
+                kind, op, _fmt(loc), 0, source=_source(loc), born_op=b.op, born_location=_fmt(b.loc),
+                born=b.describe(), message=f"the gradient of {name} was finite after backward; {op} wrote "
+                f"{'NaN' if kind == 'nan' else 'Inf'} into it afterwards, from {b.describe()}",
+                fix="a step after backward mixes gradients (clip_grad_norm_'s total norm, a NaN guard): fix the "
+                    "non-finite gradient it read (see the other findings), or skip the step when the total norm "
+                    "is not finite (clip_grad_norm_(..., error_if_nonfinite=True))"), count, [name], idx)
+
+    def _unused(self, removed=frozenset()) -> list[str]:
+        explained: set = set(removed)
+        stack = [b for inc in self.store.incidents.values() for b in inc.births] + list(self.output_births)
+        while stack:
+            b = stack.pop()
+            if b not in explained:
+                explained.add(b)
+                stack.extend(b.parents)
+        groups: dict = {}
+        for b in self.store.births.values():
+            if b not in explained and not b.received and b.op not in _NOT_DATA:
+                key = (b.op if b.op != "input" else f"input {b.name}", _fmt(b.loc))
+                groups[key] = groups.get(key, 0) + b.count
+        return [f"{op} at {loc} ({n} value{'s' if n != 1 else ''})" for (op, loc), n in groups.items()]

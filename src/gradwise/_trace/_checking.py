@@ -1,0 +1,143 @@
+"""``_Checks``: the part of the tracer that checks op outputs for NaN/Inf (at once, or batched every
+``sync_every`` ops), reads what the strong-zero mode ran, follows collectives, and makes the gradients a
+backward starts from (``roots``).
+
+May import: torch, gradwise._strong_zeros, gradwise._trace._common, _facts, _kinds, _store.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from gradwise._trace import _common, _kinds
+from gradwise._trace._common import _loc, _nonfinite, _op_name, _tensors, _user_frame
+from gradwise._trace._store import Birth as _Birth
+
+
+class _Checks:
+    """Checking outputs for NaN/Inf, and the gradients a backward starts from (a part of _Tracer)."""
+
+    def _strong_read(self, seq, ins) -> None:
+        """A backward op of gw.strong_zeros()' pass reads a forward value known to be non-finite: remember the
+        births and the node; the ones no incident names at the end were annihilated by strong zeros."""
+        for t in ins:
+            got = self.prov.get(t)
+            if got and t not in self.sens:
+                nd = self.nodes.get(seq)
+                site = (nd.op, nd.loc) if nd is not None else ("?", ("<backward>", 0))
+                for b in got:
+                    if isinstance(b, _Birth):
+                        key = (b, site)
+                        self.strong_reads[key] = self.strong_reads.get(key, 0) + 1
+
+    def _collective(self, func, args, kwargs):
+        """A collective (DDP's gradient all-reduce, FSDP's reduce-scatter): its buffers are written by the
+        other ranks, possibly later (async), so they are not checked here; they are remembered, so that a
+        NaN/Inf read from them later, or a final gradient that is not finite while every local op was, is
+        reported as received from another rank."""
+        frame = _user_frame()
+        loc = _loc(frame)
+        name = f"{func.namespace}.{func.overloadpacket.__name__}"
+        self.collective_sites.setdefault((name, loc))
+        out = func(*args, **kwargs)
+        if len(self.collective_bufs) > 4096:  # FSDP allocates new buffers every step: forget the freed ones
+            self.collective_bufs = {k: v for k, v in self.collective_bufs.items() if not v[0].expired()}
+        for t in _tensors([*args, *kwargs.values(), out]):
+            if t.is_floating_point() and t.layout == torch.strided:
+                storage = t.untyped_storage()
+                self.collective_bufs[storage._cdata] = (StorageWeakRef(storage), name, loc)
+        return out
+
+    def _received_through(self, t: torch.Tensor) -> tuple | None:
+        """(op, loc) of the collective whose buffer ``t`` reads, or None."""
+        if not self.collective_bufs or t.layout != torch.strided:
+            return None
+        entry = self.collective_bufs.get(t.untyped_storage()._cdata)
+        return None if entry is None or entry[0].expired() else entry[1:]
+
+    # -- finiteness checks: one fused reduction per output, batched off the CPU -------------------------------
+
+    def _pass_over(self, kind: str, func) -> None:
+        """Note an op the trace ran without reading (a tensor kind it cannot read, or an internal error)."""
+        name = _op_name(func) if hasattr(func, "overloadpacket") else func if isinstance(func, str) else None
+        entry = self.passed.setdefault(kind, [0, name if name != "a value" else None])
+        entry[0] += 1
+
+    def _safely(self, func, fn, *args):
+        """``fn(*args)``, or None with a note: an explanation must never break the program it explains."""
+        try:
+            return fn(*args)
+        except Exception as exc:  # any failure inside the trace is reported as a note, never raised
+            self._pass_over(f"not explained ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", func)
+            return None
+
+    def _check(self, outs, dig) -> None:
+        odd = [o for o in outs if o.layout is not torch.strided or o._is_zerotensor() or o.is_nested or o.is_meta]
+        if odd:  # sparse, mkldnn, nested, meta, ZeroTensor: nothing to reduce (or no dense reduction)
+            for o in odd:
+                self._pass_over(_kinds.kind(o) or "unreadable", "a value")
+            outs = [o for o in outs if all(o is not d for d in odd)]
+            if not outs:
+                return
+        if (outs[0].device.type == "cpu" and not _common._DEFER_ON_CPU) or self.sync_every <= 1:
+            if self.pending:
+                self.flush()
+            try:
+                finite = all(math.isfinite(o.sum().item()) for o in outs)  # a sum per output: no stacking on CPU
+            except RuntimeError:  # a functorch-wrapped value (vmap): it cannot be read here
+                self._pass_over(_kinds.kind(outs[0]) or "unreadable", "a value")
+                return
+            if not finite:
+                self._safely("a value", dig, [o for o in outs if _nonfinite(o)])
+        else:
+            flag = outs[0].sum() if len(outs) == 1 else torch.stack([o.sum().float() for o in outs]).sum()
+            self.pending.append((flag, outs, dig))
+            if len(self.pending) >= self.sync_every:
+                self.flush()
+
+    def flush(self) -> None:
+        """Settle the pending finiteness checks (one host sync for the whole batch)."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        flags = torch.stack([p[0].float() for p in pending]).tolist()
+        for v, (_, outs, dig) in zip(flags, pending, strict=True):
+            if not math.isfinite(v):
+                bad = [o for o in outs if _nonfinite(o)]
+                if bad or not outs:  # no outputs: a kink check
+                    self._safely("a value", dig, bad)
+
+    # -- digging in: only when an output was not finite ------------------------------------------------------
+
+    # -- autograd entry points -------------------------------------------------------------------------------
+
+    def roots(self, outputs, grads):
+        """Check the outputs being differentiated and make their gradients, marked as sensitivities."""
+        self.flush()
+        single = isinstance(outputs, (torch.Tensor, torch.autograd.graph.GradientEdge))
+        outputs = (outputs,) if single else tuple(outputs)
+        if grads is None or isinstance(grads, torch.Tensor):
+            grads = [grads] * len(outputs) if grads is None else [grads]
+        grads = list(grads)
+        # a backward inside a backward (checkpoint(use_reentrant=True)) differentiates recomputed activations
+        # with the outer sensitivities: they are not outputs the user's result depends on as such
+        reentrant = self.depth > 0
+        for i, (o, g) in enumerate(zip(outputs, grads, strict=False)):
+            births = [] if reentrant else [b for b in self.prov.get(o, ()) if isinstance(b, _Birth)]
+            # a parameter made NaN by an earlier backward makes the whole output NaN: it explains the others
+            inherited = [b for b in births if b.op == "gradient"]
+            for b in inherited or births:
+                b.used = True
+                self.output_births.add(b)
+            if g is None and isinstance(o, torch.Tensor) and o.numel() == 1 and o.requires_grad:
+                grads[i] = g = torch.ones_like(o, memory_format=torch.preserve_format)
+            if isinstance(g, torch.Tensor):
+                self.sens[g] = None
+        return outputs, grads
+
+
+# births that are no data of the program: uninitialised memory (overwritten before use) and NaN gradients used
+# as values (consequences of findings, reported there)

@@ -1,0 +1,190 @@
+"""The trace's common ground: its settings (``_MAX_NODES``, ``_DEFER_ON_CPU``: tests patch them here, so
+every module reads them as ``_common.<name>``), where user code called an op (frames, locations, source lines),
+small tensor helpers, ``_ByIdentity`` (tensor -> value by identity, held weakly), the process rank, and the
+records the trace keeps per autograd node (``_Node``) and per kink site (``_KinkGroup``).
+
+May import: torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import linecache
+import os
+import sys
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from gradwise._trace import _kinds
+from gradwise._trace._store import count as _count
+from gradwise._trace._store import first as _first
+
+aten = torch.ops.aten
+_ACCUMULATE_SEQ = 2**64 - 1  # the sequence number every AccumulateGrad node reports
+_MAX_NODES = 100_000  # node records kept for long runs (~250 B each): the oldest half is dropped past this
+_DEFER_ON_CPU = False  # batch the checks on CPU too, as on accelerators (tests use it to cover that path)
+
+# -- where user code called an op -------------------------------------------------------------------------
+
+# torch's files and all of gradwise's (this file is in gradwise/_trace/: the package directory is two levels up)
+_INTERNAL_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.dirname(__file__)) + os.sep)
+_INTERNAL_FILES = {"contextlib.py", "functools.py", "runpy.py"}
+_internal_file: dict[str, bool] = {}  # keyed by file name: a str caches its hash, a code object rehashes its fields
+
+
+def _is_internal(code) -> bool:
+    name = code.co_filename
+    r = _internal_file.get(name)
+    if r is None:
+        r = name.startswith(_INTERNAL_DIRS) or name.startswith("<frozen") or os.path.basename(name) in _INTERNAL_FILES
+        _internal_file[name] = r
+    return r
+
+
+def _user_frame():
+    """The innermost frame outside torch and gradwise (the user's line that called the op)."""
+    f = sys._getframe(2)
+    internal = _internal_file
+    while f is not None:
+        r = internal.get(f.f_code.co_filename)  # runs for every op: the cache lookup inlined
+        if r is None:
+            r = _is_internal(f.f_code)
+        if not r:
+            return f
+        f = f.f_back
+    return f
+
+
+def _loc(frame) -> tuple:
+    """(file, line) of a frame, for reports."""
+    return (frame.f_code.co_filename, frame.f_lineno) if frame is not None else ("<unknown>", 0)
+
+
+def _fmt(loc: tuple) -> str:
+    return f"{_shown_path(loc[0], os.getcwd())}:{loc[1]}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _shown_path(path: str, cwd: str) -> str:
+    """``path`` relative to the working directory when it lies below it (os.path.relpath is slow: cached)."""
+    with contextlib.suppress(ValueError):
+        rel = os.path.relpath(path, cwd)
+        if not rel.startswith(".."):
+            return rel
+    return path
+
+
+def _source(loc: tuple) -> str:
+    return linecache.getline(loc[0], loc[1]).strip()
+
+
+def _op_name(func) -> str:
+    return f"aten.{func.overloadpacket.__name__}"
+
+
+# -- small tensor helpers ------------------------------------------------------------------------------------
+
+
+def _tensors(args) -> list[torch.Tensor]:
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)) and a and not isinstance(a[0], int):  # sizes/strides hold no tensor
+            out.extend(t for t in a if isinstance(t, torch.Tensor))
+    return out
+
+
+def _floats(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() and out.numel() else []
+    if isinstance(out, (list, tuple)):
+        return [t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+    return []
+
+
+def _nonfinite(t: torch.Tensor) -> bool:
+    return t.is_floating_point() and t.numel() > 0 and _kinds.readable(t) and not bool(
+        torch.isfinite(t).all())
+
+
+def _positions(mask: torch.Tensor) -> tuple[int, list[list[int]]]:
+    return _count(mask), _first(mask)
+
+
+def _aligned(ts: list[torch.Tensor], shape) -> bool:
+    """Do these tensors broadcast elementwise onto `shape` (so positions line up)?"""
+    try:
+        return all(torch.broadcast_shapes(t.shape, shape) == shape for t in ts)
+    except RuntimeError:
+        return False
+
+
+# -- why a NaN/Inf was born: one explainer per op family (keyed by aten overload packet) ----------------------
+class _ByIdentity:
+    """Tensor (or module) -> value by identity, held weakly: WeakTensorKeyDictionary's semantics for a
+    fraction of its cost (it builds a Python-level WeakIdRef per lookup; here a lookup is one dict get and one
+    weakref call, on every op the tracer sees). Dead entries are dropped whenever the table has doubled, so a
+    dead key's value lives until then: for small values (sequence numbers, provenance sets, names)."""
+
+    __slots__ = ("_d", "_limit")
+
+    def __init__(self) -> None:
+        self._d: dict[int, tuple] = {}
+        self._limit = 1024
+
+    def get(self, t, default=None):
+        e = self._d.get(id(t))
+        return e[1] if e is not None and e[0]() is t else default
+
+    def __contains__(self, t) -> bool:
+        e = self._d.get(id(t))
+        return e is not None and e[0]() is t
+
+    def __getitem__(self, t):
+        e = self._d.get(id(t))
+        if e is None or e[0]() is not t:
+            raise KeyError(t)
+        return e[1]
+
+    def __setitem__(self, t, value) -> None:
+        self._d[id(t)] = (weakref.ref(t), value)
+        if len(self._d) > self._limit:
+            self._d = {k: e for k, e in self._d.items() if e[0]() is not None}
+            self._limit = max(1024, 2 * len(self._d))
+
+    def items(self) -> list[tuple]:
+        return [(t, e[1]) for e in list(self._d.values()) if (t := e[0]()) is not None]
+
+
+
+
+def _dist_rank() -> int | None:
+    """This process's rank in the default process group, None when torch.distributed is not in use."""
+    dist = getattr(torch, "distributed", None)
+    return dist.get_rank() if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
+# -- what the trace records ----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)  # one per autograd node: up to _MAX_NODES of them
+class _Node:
+    op: str
+    loc: tuple
+    kinks: list = field(default_factory=list)  # (key, mask or None) to check the sensitivity against
+
+
+@dataclass
+class _KinkGroup:
+    kind: str
+    op: str
+    loc: tuple
+    convention: str
+    count: int = 0
+    occurrences: int = 0
+    indices: list = field(default_factory=list)
+    reached: bool = False

@@ -1,0 +1,78 @@
+"""What the trace knows about aten ops, as tables apart from the engine (a later step moves them into a
+shared op-facts layer): which ops discard or select, with the local rewrite that fixes each (``_DISCARDS``,
+``_SELECT_FIX``, ``_ELEMENTWISE_SELECTS``, ``_STEPS``, ``_ELEMENTWISE_DISCARDS``), comparisons (``_COMPARISONS``),
+literals (``_LITERALS``), births that are no data (``_NOT_DATA``), finite-preserving ops (``_FINITE_PRESERVING``),
+products and bilinear ops (``_PRODUCTS``, ``_BILINEAR``), row-mixing backwards (``_ROW_MIXING``) and the
+collective namespaces (``_COLLECTIVE_NAMESPACES``). The kink detectors are in ``_kinks``.
+
+``_SELECT_FIX`` lives here, not in ``_advice``, because ``_DISCARDS`` holds it and ``_advice`` imports this module.
+
+May import: torch only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+aten = torch.ops.aten
+
+_LITERALS = {aten.lift_fresh, aten.lift}
+
+# -- ops whose backward sends zero sensitivity to values the output does not use, and the local rewrite ------
+
+_SELECT_FIX = "select first, then compute: apply the op to the kept elements only (e.g. lin(x[:4]), not lin(x)[:4])"
+# Discarding ops whose zeros are spread elementwise through the tensor (see _discarded_by)
+_ELEMENTWISE_SELECTS = [aten.minimum, aten.maximum, aten.fmin, aten.fmax, aten.clamp, aten.clamp_min, aten.clamp_max,
+                        aten.relu, aten.threshold, aten.hardtanh]
+_STEPS = [aten.floor, aten.round, aten.sign]
+_DISCARDS: dict = {
+    **dict.fromkeys([aten.slice, aten.select, aten.index, aten.index_select, aten.gather, aten.narrow,
+                     aten.split, aten.split_with_sizes, aten.unbind, aten.masked_select, aten.take,
+                     aten.as_strided, aten.diagonal], _SELECT_FIX),
+    **dict.fromkeys([aten.where], "double where: make the unused branch's input safe too, e.g. "
+                    "torch.where(c, f(torch.where(c, x, safe)), other) so f never sees the bad values"),
+    **dict.fromkeys([aten.masked_fill, aten.masked_fill_, aten.masked_scatter],
+                    "mask before the op that makes NaN/Inf (e.g. before the division or the matmul), not after"),
+    **dict.fromkeys([aten.nll_loss_forward, aten.nll_loss2d_forward],
+                    "drop the ignored targets' rows before the layers that read NaN/Inf (h[keep])"),
+    **dict.fromkeys([aten.copy_, aten.fill_, aten.index_put_, aten.zero_, aten.index_copy, aten.index_copy_,
+                     aten.index_fill, aten.index_fill_, aten.scatter, aten.scatter_, aten.put, aten.put_],
+                    "build the tensor with torch.where instead of overwriting elements computed from bad values"),
+    **dict.fromkeys([aten._softmax, aten._log_softmax],
+                    "mask fully masked rows before the softmax (or drop them)"),
+    **dict.fromkeys([*_ELEMENTWISE_SELECTS, aten.max, aten.min, aten.amax, aten.amin, aten.sort, aten.topk,
+                     aten.median, aten.nanmedian, aten.kthvalue, aten.mode,
+                     aten.max_pool2d_with_indices, aten.max_pool3d_with_indices],
+                    "make the unselected argument finite (e.g. torch.minimum(one, 1 / x.clamp_min(eps)))"),
+    **dict.fromkeys([*_STEPS, aten.nansum], "make the value finite before the op that zeroes its sensitivity"),
+}
+
+_ELEMENTWISE_DISCARDS = {*_ELEMENTWISE_SELECTS, *_STEPS}
+
+_COMPARISONS = {aten.gt: "second", aten.lt: "second", aten.ge: "first", aten.le: "first"}
+
+
+# Ops whose output is finite whenever their inputs are: their check is skipped unless an input is already
+# known to be non-finite (a NaN/Inf in data they are the first to touch is then found by the next op).
+_FINITE_PRESERVING = {
+    aten.relu, aten.relu_, aten.threshold, aten.threshold_backward, aten.hardtanh, aten.clamp, aten.clamp_min,
+    aten.clamp_max, aten.abs, aten.neg, aten.max_pool2d_with_indices, aten.max_pool3d_with_indices,
+    aten.max_pool2d_with_indices_backward, aten.max_pool3d_with_indices_backward, aten.max, aten.min, aten.amax,
+    aten.amin, aten.cat, aten.stack, aten.clone, aten._to_copy, aten.contiguous, aten.index, aten.gather,
+    aten.index_select, aten.select_backward, aten.slice_backward, aten.sort, aten.topk, aten.gelu, aten.tanh,
+    aten.sigmoid, aten.silu, aten.hardsigmoid, aten.hardswish, aten.leaky_relu, aten.maximum, aten.minimum,
+    aten.zeros_like, aten.ones_like, aten.zeros, aten.ones, aten.empty_like, aten.native_dropout, aten.sign,
+    aten.floor, aten.round, aten.ceil, aten.trunc, aten.where, aten.sin, aten.cos, aten.erf,
+}
+_COLLECTIVE_NAMESPACES = {"c10d", "_c10d_functional"}
+_UNINITIALISED = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided"}
+_NOT_DATA = {*_UNINITIALISED, "gradient"}
+_PRODUCTS = {"aten.mul", "aten.div", "aten.mm", "aten.bmm", "aten.addmm", "aten.matmul", "aten.mv", "aten.dot",
+             "aten.outer", "aten.linear", "aten.einsum", "aten.baddbmm"}
+# Backward ops whose inputs and output share a shape but that mix a whole row (softmax's sum over the row).
+_ROW_MIXING = {aten._softmax_backward_data, aten._log_softmax_backward_data}
+
+
+_BILINEAR = {aten.mm, aten.bmm, aten.addmm, aten.baddbmm, aten.addbmm, aten.mv, aten.dot, aten.convolution_backward,
+             aten.convolution, aten._convolution, aten.matmul, aten.linear, aten.einsum, aten.addmv, aten.outer,
+             aten.tensordot}

@@ -1,0 +1,191 @@
+"""``_Incidents``: the part of the tracer that, in the backward, finds where a sensitivity meets a NaN/Inf
+and classifies it: contamination (the sensitivity is zero there) or genuine, rerunning an op under the strong-zero
+rules where it cannot tell otherwise (``_strong_rerun``).
+
+May import: torch, gradwise._strong_zeros, gradwise._masks, gradwise._trace._common, _facts, _store.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradwise import _strong_zeros
+from gradwise._masks import mask_any
+from gradwise._trace._common import _aligned, _op_name, _positions, aten
+from gradwise._trace._facts import _BILINEAR, _DISCARDS, _ELEMENTWISE_DISCARDS, _PRODUCTS, _ROW_MIXING
+from gradwise._trace._store import Incident as _Incident
+
+
+class _Incidents:
+    """Where a sensitivity meets a NaN/Inf in the backward, and whether it is contamination (a part of _Tracer)."""
+
+    def _meet(self, func, loc, o, mask, ins, nf, nd, seq, args, out, kwargs=None) -> None:
+        """A sensitivity op made non-finite elements: propagate them, or classify where they are born."""
+        sens_ins = [t for t in ins if t in self.sens]
+        upstream = [t for t in nf if t in self.sens]
+        if upstream:  # already non-finite upstream: carry it along
+            self.prov[o] = frozenset().union(*(self.prov.get(t, frozenset()) for t in upstream))
+            return
+        births = frozenset().union(*(self._origin(t, loc) for t in nf)) if nf else frozenset()
+        genuine = self._nonzero_sensitivity_met(func, o, mask, ins, sens_ins, nf, args, out, kwargs)
+        # strong zeros' semantics: a zero sensitivity is structural only where an op that discards values
+        # (slice, where, mask, ignored targets...) made it; a zero the program computes (0 * sqrt(w)) is an
+        # ordinary zero, and 0 x NaN = NaN there is genuine, for the trace as for gw.grad
+        discarded = self._discarded_by(sens_ins)
+        computed_zero = discarded is None and self._from_a_product(sens_ins) and bool(mask_any(mask & ~genuine))
+        if computed_zero:
+            genuine = torch.ones_like(mask)
+        undecided = False
+        incidents = []
+        node = torch._C._current_autograd_node() if nd is None else None
+        op, node_op = _op_name(func), nd.op if nd is not None else node.name() if node is not None else "?"
+        for kind_mask, contaminated in ((mask & ~genuine, True), (mask & genuine, False)):
+            count, idx = _positions(kind_mask)
+            if not count:
+                continue
+            has_nan = bool(mask_any(torch.isnan(o).logical_and_(kind_mask)))
+            if contaminated:
+                kind = "contamination"
+                what = ("a zero sensitivity met " + ("NaN/Inf" if births else "0/0 or 0 x Inf")
+                        + f" in {op} (the backward of {node_op})")
+            else:
+                kind = "nan" if has_nan else "inf"
+                what = (f"a nonzero sensitivity met NaN/Inf in {op} (the backward of {node_op})" if births else
+                        f"the backward of {node_op} made {'NaN' if has_nan else 'Inf'} from finite values in {op} "
+                        "(an infinite derivative used)")
+                if computed_zero:
+                    what += ("; the sensitivity there is a zero the program computed (no op that discards values "
+                             "made it): an ordinary zero, 0 x NaN = NaN, kept by gw.strong_zeros() too")
+                undecided = bool(births) and _undecidable(func, ins, o)
+                for b in births:
+                    b.used = True
+            inc = self.store.incident(kind, op, node_op, loc, count, idx, births, what,
+                                      discarded if contaminated else None, undecided)
+            incidents.append(inc)
+            if self.provisional is not None:
+                self.provisional.append((inc, count, nd, _strong_zeros._STATE.in_mode))
+        self.prov[o] = frozenset(incidents)
+
+    def _nonzero_sensitivity_met(self, func, o, mask, ins, sens_ins, nf, args, out, kwargs=None) -> torch.Tensor:
+        """Bool mask over `o`: where a nonzero sensitivity met a non-finite value (genuine), else contamination."""
+        if _aligned(ins, o.shape) and func.overloadpacket not in _ROW_MIXING:  # elementwise: positions line up
+            nonzero = torch.zeros(o.shape, dtype=torch.bool)
+            for s in sens_ins:
+                nonzero = nonzero | (s != 0).broadcast_to(o.shape)
+            return nonzero
+        if func.overloadpacket in _BILINEAR and args is not None:
+            # The op is linear in the sensitivity and in the saved value: evaluate it on indicators
+            # (nonzero sensitivity, non-finite value) to see which outputs mix the two.
+            def ind(a):
+                if not isinstance(a, torch.Tensor) or not a.is_floating_point():
+                    return a
+                if a in self.sens:
+                    return (a != 0).to(a.dtype)
+                return (~torch.isfinite(a)).to(a.dtype) if any(a is t for t in nf) else torch.zeros_like(a)
+
+            new_args = [[ind(x) for x in a] if isinstance(a, (list, tuple)) else ind(a) for a in args]
+            res = func(*new_args)
+            outs = res if isinstance(res, (list, tuple)) else [res]
+            olist = out if isinstance(out, (list, tuple)) else [out]
+            for r, oo in zip(outs, olist, strict=False):
+                if oo is o and isinstance(r, torch.Tensor):
+                    return r != 0
+        if args is not None and out is not None:
+            strong = _strong_rerun(func, args, kwargs or {}, sens_ins, o, out)
+            if strong is not None:  # what strong zeros leave non-finite is genuine, what they remove contamination
+                return ~torch.isfinite(strong)
+        # Unknown mixing: contamination only when every sensitivity is zero throughout.
+        nonzero_anywhere = any(bool((s != 0).any()) for s in sens_ins)
+        return torch.full(o.shape, nonzero_anywhere, dtype=torch.bool)
+
+    def _from_a_product(self, sens_ins) -> bool:
+        """Did the zero sensitivity come straight from the backward of a product with a value (0 * x, a
+        matmul with a zero weight)? Those zeros are values of the program, not structure."""
+        for s in sens_ins:
+            nd = self.nodes.get(self.sens.get(s))
+            if nd is not None and nd.op in _PRODUCTS:
+                return True
+        return False
+
+    def _discarded_by(self, sens_ins) -> tuple | None:
+        """The discarding op upstream in the sensitivity flow (slice, where, ...) whose backward made the zero
+        sensitivity: the nearest one that selects (slice, index, where, masks, ignored targets, overwrites) if
+        any, else the nearest elementwise one (relu, clamp, max: their zeros are spread through the tensor and
+        rarely line up with discarded rows)."""
+        frontier = [self.sens.get(s) for s in sens_ins]
+        seen: set = set()
+        fallback = None
+        while frontier:
+            nxt = []
+            for seq in frontier:
+                if seq is None or seq in seen:
+                    continue
+                seen.add(seq)
+                nd = self.nodes.get(seq)
+                op = getattr(aten, nd.op[5:], None) if nd is not None else None
+                if op in _DISCARDS:
+                    if op not in _ELEMENTWISE_DISCARDS:
+                        return nd.op, nd.loc
+                    fallback = fallback or (nd.op, nd.loc)
+                nxt.extend(self.parents.get(seq, ()))
+            frontier = nxt
+        return fallback
+
+    # -- leaves and their names ------------------------------------------------------------------------------
+
+    def _accumulate(self, node, sens_ins) -> None:
+        var = node.variable
+        for s in sens_ins:
+            for inc in self.prov.get(s, ()):
+                if isinstance(inc, _Incident):
+                    inc.reaches.add(self.leaf_name(var))
+                    self.reached_now.add(id(inc))
+
+
+def _undecidable(func, ins, o) -> bool:
+    """A backward op the trace cannot split into contamination and genuine: not elementwise, not bilinear, and
+    without a strong-zero rule or decomposition to run again."""
+    return not (_aligned(ins, o.shape) and func.overloadpacket not in _ROW_MIXING) and \
+        func.overloadpacket not in _BILINEAR and not _reruns(func)
+
+
+def _reruns(func) -> bool:
+    """Whether `_strong_rerun` can run ``func`` under the strong-zero rules (a rule or a decomposition, and no
+    in-place write)."""
+    return not func._schema.is_mutable and (
+        _strong_zeros.lookup(func) is not None or _strong_zeros._decomposition(func) is not None)
+
+
+def _in_base(mask: torch.Tensor, view: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+    """``mask`` over an in-place write's target (``x[5:] = nan``) moved to the tensor it views, so the elements
+    are reported where the user sees them."""
+    if base is None:
+        return mask
+    try:
+        full = torch.zeros_like(base, dtype=torch.bool)
+        full.as_strided(view.shape, view.stride(), view.storage_offset() - base.storage_offset()).copy_(mask)
+        return full
+    except RuntimeError:  # a view whose layout does not map onto its base's (rare): its own coordinates
+        return mask
+
+
+def _strong_rerun(func, args, kwargs, sens_ins, o, out) -> torch.Tensor | None:
+    """``func`` run again under the strong-zero rules, every zero of its sensitivities taken as structural: the
+    counterpart of ``o`` (what strong zeros leave non-finite), or None where no rule nor decomposition covers the
+    op (or it writes in place)."""
+    if not _reruns(func):
+        return None
+    outs = out if isinstance(out, (list, tuple)) else [out]
+    at = next((i for i, t in enumerate(outs) if t is o), None)
+    if at is None:
+        return None
+    mode = _strong_zeros._StrongZeroMode()
+    for s in sens_ins:
+        mode.supports.record(s, s != 0)
+    try:
+        with torch.no_grad(), mode:
+            res = func(*args, **kwargs)
+    except Exception:  # an explanation must never break the program it explains
+        return None
+    r = (res if isinstance(res, (list, tuple)) else [res])[at]
+    return r if isinstance(r, torch.Tensor) and r.shape == o.shape else None

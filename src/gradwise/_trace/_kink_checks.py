@@ -1,0 +1,67 @@
+"""``_KinkChecks``: the part of the tracer that schedules the kink checks of forward ops and records
+when a nonzero sensitivity reaches a kink.
+
+May import: torch, gradwise._trace._common, _kinks, _store.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradwise._masks import mask_any
+from gradwise._trace import _common
+from gradwise._trace._common import _KinkGroup, _Node, _op_name
+from gradwise._trace._kinks import _Hit
+from gradwise._trace._store import count as _count
+from gradwise._trace._store import first as _first
+
+
+class _KinkChecks:
+    """Kink checks of forward ops and the sensitivities that reach them (a part of _Tracer)."""
+
+    def _schedule_kink(self, hit: _Hit, func, loc, nd: _Node) -> None:
+        key = (hit.kind, _op_name(func), loc)
+
+        def settle(mask):
+            count = _count(mask)
+            if count <= 0:
+                return
+            g = self.kinks.get(key)
+            if g is None:
+                g = self.kinks[key] = _KinkGroup(hit.kind, key[1], loc, hit.convention)
+                g.indices = _first(mask)
+            g.count += count
+            g.occurrences += 1
+            nd.kinks.append((key, mask if hit.aligned else None))
+
+        mask = hit.mask
+        found = hit.found if hit.found is not None else mask_any(mask)  # cheaper than counting
+        decided = isinstance(found, bool)  # on the host already
+        now = decided or (found.device.type == "cpu" and not _common._DEFER_ON_CPU) or self.sync_every <= 1
+        if now and not (found if decided else found.item()):
+            return
+        if callable(mask):
+            mask = mask()  # made only when it may hold a kink; deferred: now, before x can change
+        if now:
+            settle(mask)
+        else:
+            flag = torch.where(found, float("inf"), 0.0)  # non-finite flags are the ones flush settles
+            self.pending.append((flag, [], lambda _bad: settle(mask)))
+
+    def _kink_reached(self, nd: _Node, seq, sens_ins) -> None:
+        for s in sens_ins:
+            if self.sens.get(s) == seq:
+                continue  # made inside this node: not its incoming gradient
+            for key, mask in nd.kinks:
+                g = self.kinks[key]
+                if g.reached:
+                    continue
+                if mask is not None and mask.shape == s.shape:
+                    # a sensitivity nonzero everywhere reaches any kink; else compare where the mask holds
+                    g.reached = bool(s.abs().amin() > 0) or bool(mask_any((s != 0).logical_and_(mask)))
+                else:
+                    g.reached = bool(mask_any(s != 0))
+            nd.kinks = []
+            return
+
+    # -- the report -------------------------------------------------------------------------------------------

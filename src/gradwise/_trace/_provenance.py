@@ -1,0 +1,169 @@
+"""``_Provenance``: the part of the tracer that records where a NaN/Inf was born (``_Birth``) and carries
+that provenance along forward ops, and names the leaves (parameters, inputs) a gradient reaches.
+
+May import: torch, gradwise._trace._common, _advice, _facts, _kinds, _store.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradwise._masks import mask_any
+from gradwise._trace._advice import _explain
+from gradwise._trace._common import _fmt, _is_internal, _loc, _nonfinite, _op_name, _user_frame
+from gradwise._trace._facts import _LITERALS, _UNINITIALISED
+from gradwise._trace._incidents import _in_base
+from gradwise._trace._store import Birth as _Birth
+from gradwise._trace._store import Incident as _Incident
+from gradwise._trace._store import count as _count
+from gradwise._trace._store import first as _first
+
+
+class _Provenance:
+    """Births of NaN/Inf and their provenance; names of the leaves gradients reach (a part of _Tracer)."""
+
+    def _origin(self, t: torch.Tensor, loc) -> frozenset:
+        """The provenance of a non-finite tensor; data that arrived non-finite becomes an "input" birth."""
+        got = self.prov.get(t)
+        if got and any(isinstance(p, _Incident) for p in got):
+            return self._gradient_as_value(t, got, loc)
+        if got is None and t._base is not None and _nonfinite(t._base):
+            got = self.prov[t] = self._origin(t._base, loc)
+        if got and all(getattr(b, "op", None) in _UNINITIALISED for b in got) and self._received_through(t):
+            got = None  # uninitialised memory (a bucket DDP allocates with empty) that a collective wrote since
+        if got is None and (via := self._received_through(t)) is not None:
+            mask, nan = ~torch.isfinite(t), bool(torch.isnan(t).any())
+            b = self._birth(via[0], via[1], nan, None, mask, lambda idx: _Birth(
+                via[0], via[1], "received from another rank", 0, idx, nan, received=True), received=True)
+            got = self.prov[t] = frozenset([b])
+        if got is None:
+            mask, nan = ~torch.isfinite(t), bool(torch.isnan(t).any())
+            name = self.names.get(t) or self._search_name(t, _user_frame())
+            b = self._birth("input", loc, nan, name, mask,
+                            lambda idx: _Birth("input", loc, "arrived non-finite", 0, idx, nan, name=name))
+            got = self.prov[t] = frozenset([b])
+        return got
+
+    def _birth(self, op, loc, nan, name, mask, make, parents=(), received=False) -> _Birth:
+        """The interned birth of this site: its indices and description are computed the first time only."""
+        key = self.store.birth_key(op, loc, nan, name, received)
+        known = self.store.known(key)
+        return self.store.birth(key, _count(mask), lambda: make(_first(mask)) if known is None else None, parents)
+
+    def _gradient_as_value(self, t: torch.Tensor, got: frozenset, loc) -> frozenset:
+        """A non-finite gradient used as a forward value (an optimizer step writing it into a parameter): its
+        NaN/Inf is born again there, with the incidents' births as parents, so the next step's findings point
+        back to the earlier backward."""
+        cached = self.as_value.get(t)
+        if cached is not None:
+            return cached
+        incidents = [p for p in got if isinstance(p, _Incident)]
+        first = min(incidents, key=lambda i: i.order)
+        what = (f"a gradient with {first.kind if first.kind == 'contamination' else 'genuine ' + first.kind} from "
+                f"{first.op} (the backward of {first.node_op}) at {_fmt(first.loc)}, used as a value")
+        parents = frozenset(p for p in got if isinstance(p, _Birth)).union(*(i.births for i in incidents))
+        nan, name = bool(torch.isnan(t).any()), self.names.get(t)
+        b = self._birth("gradient", loc, nan, name, ~torch.isfinite(t),
+                        lambda idx: _Birth("gradient", loc, what, 0, idx, nan, name=name), parents)
+        got = self.as_value[t] = frozenset([b])
+        return got
+
+    def _dig(self, func, loc, ins, bad, seq, info, args=None, out=None, kwargs=None) -> None:
+        node_seq = seq[0] if isinstance(seq, tuple) else seq
+        nd = self.nodes.get(node_seq) if node_seq is not None else None
+        if loc is None:  # a node the forward did not record: a custom Function's backward runs the user's code
+            frame = _user_frame() if nd is None else None
+            loc = nd.loc if nd is not None else _loc(frame) if frame is not None else ("<backward>", 0)
+        for o in bad:
+            mask = ~torch.isfinite(o)
+            prior = self.prov.get(o) if info.mutable else None
+            nf = [t for t in ins if t is not o and _nonfinite(t)]
+            if seq is None or isinstance(seq, tuple):
+                self._value(func, loc, o, mask, nf, prior, nd, ins,
+                            base=o._base if info.mutable and o._base is not None else None)
+                # an in-place write made it non-finite (a .grad scaled by NaN: clip_grad_norm_'s _foreach_mul_)
+                if o not in self.written and not any(isinstance(p, _Incident) for p in prior or ()) and any(
+                        o is t for t in ins):
+                    self.written[o] = (_op_name(func), loc)
+            elif prior:  # accumulating into a gradient already non-finite (a second backward): carry it
+                self.prov[o] = prior.union(*(self.prov.get(t, frozenset()) for t in nf if t in self.sens))
+            else:
+                self._meet(func, loc, o, mask, ins, nf, nd, node_seq, args, out, kwargs)
+            if info.mutable and o._base is not None and o in self.prov:
+                self.prov[o._base] = self.prov[o]
+
+    def _value(self, func, loc, o, mask, nf, prior, nd, ins=(), base=None) -> None:
+        """A forward value (or one a backward formula made from saved values): propagate or record a birth."""
+        # An unknown 0-dim tensor is a wrapped constant (x[2] = nan): the value is born at this op; so is the
+        # data of a literal (torch.tensor([..., nan]) reaches the dispatcher as lift_fresh of a fresh tensor).
+        literal = func.overloadpacket in _LITERALS
+        if literal and o.numel() <= 1:
+            return  # a lifted scalar (x[2] = nan): the op that writes it is where it is born
+        nf = [t for t in nf if t in self.prov or ((t.dim() or t.requires_grad) and not literal)]
+        births = frozenset().union(*(self._origin(t, loc) for t in nf)) if nf else frozenset()
+        if prior:
+            births |= prior
+        has_nan = bool(mask_any(torch.isnan(o).logical_and_(mask)))  # no masked copy of o
+        # an in-place op on a tensor already known non-finite (DDP's bucket.div_) carries its NaN, not makes it
+        prior_nan = any(getattr(b, "nan", True) for b in prior) if prior else False
+        new_nan = has_nan and not prior_nan and not any(bool(torch.isnan(t).any()) for t in nf)
+        if (not nf and not prior) or new_nan:
+            op = _op_name(func)
+
+            def make(idx):
+                what = _explain(func, nf or [t for t in ins if t is not o], o, mask)  # why, from its inputs
+                if nd is not None and nd.op != op and (not nf or new_nan) and loc == nd.loc:
+                    what = f"{what} (in the backward formula of {nd.op})"
+                return _Birth(op, loc, what, 0, idx, has_nan)
+
+            b = self._birth(op, loc, has_nan, None,
+                            _in_base(torch.isnan(o) if new_nan and (nf or prior) else mask, o, base), make, births)
+            births = frozenset([b])
+        self.prov[o] = births
+
+    def reached(self, grad: torch.Tensor, leaf: torch.Tensor) -> None:
+        """A final gradient (from torch.autograd.grad) for `leaf`: record which findings reach it."""
+        incs = [i for i in self.prov.get(grad, ()) if isinstance(i, _Incident)]
+        for inc in incs:
+            inc.reaches.add(self.leaf_name(leaf))
+            self.reached_now.add(id(inc))
+        if not incs and _nonfinite(grad):
+            self.store.orphan(self.leaf_name(leaf), int((~torch.isfinite(grad)).sum()))
+
+    def leaf_name(self, t: torch.Tensor) -> str:
+        name = self.names.get(t)
+        if name is None:
+            name = self.names[t] = self._search_name(t, _user_frame())
+        return name
+
+    def _search_name(self, t: torch.Tensor, frame) -> str:
+        return self._search_names([t], frame)[0]
+
+    def _search_names(self, ts: list[torch.Tensor], frame) -> list[str]:
+        """The names the user knows ``ts`` by: a variable, or `module.param` for a module's parameter; the
+        outermost user frame that has one wins (the script's `model.fc.weight` over a method's
+        `self.fc.weight`)."""
+        best: dict[int, str] = {}
+        wanted = {id(t) for t in ts}
+        f = frame
+        while f is not None:
+            if not _is_internal(f.f_code):
+                for k, v in list(f.f_locals.items()):
+                    if id(v) in wanted:
+                        best[id(v)] = k
+                    elif isinstance(v, torch.nn.Module):
+                        names = self._param_names(v)
+                        for i in wanted:
+                            p = names.get(i)
+                            if p is not None and not (i in best and k == "self"):
+                                best[i] = f"{k}.{p}"
+            f = f.f_back
+        return [best.get(id(t)) or f"tensor{list(t.shape)}" for t in ts]
+
+    def _param_names(self, module) -> dict:
+        names = self.module_names.get(module)
+        if names is None:
+            names = self.module_names[module] = {id(p): n for n, p in module.named_parameters()}
+        return names
+
+    # -- kinks ----------------------------------------------------------------------------------------------

@@ -1,0 +1,229 @@
+"""The public entry points ``trace``, ``snapshot`` and ``explain``: per-thread tracers and the wrapped
+``torch.autograd.backward``/``grad`` (``_TRACERS``, ``_WATCHERS``, and the rebound ``_installed``: read as
+``_session.<name>``).
+
+May import: torch, gradwise._strong_zeros, gradwise._trace._common, _kinds, _report, _tracer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+
+import torch
+
+from gradwise import _strong_zeros
+from gradwise._trace import _kinds
+from gradwise._trace._common import _tensors
+from gradwise._trace._kinks import _SCRATCH
+from gradwise._trace._report import Report
+from gradwise._trace._tracer import _Tracer
+
+# -- public API ------------------------------------------------------------------------------------------------
+
+# Per-thread tracers: torch.autograd.backward/grad are wrapped once (reference-counted, under a lock) and the
+# wrappers look up the calling thread's tracer; a thread without one runs PyTorch's functions untouched. The
+# dispatch mode itself is thread-local (PyTorch's mode stack is).
+_LOCK = threading.Lock()
+_TRACERS: dict[int, _Tracer] = {}  # thread id -> its outermost active tracer
+_WATCHERS: dict = {}  # thread id -> its gw.watch() state (_watch._Watcher), while no tracer runs there
+_ORIGINAL: list = []  # [torch.autograd.backward, torch.autograd.grad] while wrapped
+_installed = 0
+
+
+def _current() -> _Tracer | None:
+    return _TRACERS.get(threading.get_ident())
+
+
+@contextlib.contextmanager
+def _backward_call(tracer: _Tracer) -> Iterator[None]:
+    """Around one backward/grad call. Under gw.strong_zeros() the engine hook may run a plain pass, then redo
+    it with strong zeros when a gradient came out non-finite: what the plain pass recorded is provisional and
+    is dropped when the strong pass ran (the strong pass records what remains, and what it removed)."""
+    outer = tracer.depth == 0
+    if outer:
+        tracer.provisional = [] if _strong_zeros._STATE.depth else None
+        tracer.strong_ran = False
+    tracer.depth += 1
+    try:
+        yield
+    finally:
+        tracer.depth -= 1
+        tracer.flush()
+        tracer.backward_ended = not tracer.depth
+        if outer:
+            if tracer.provisional:
+                tracer.drop_provisional()
+            tracer.provisional = None
+            tracer.reached_now = set()
+
+
+def _traced_backward(tensors, grad_tensors=None, *args, **kwargs):
+    tracer = _current()
+    if tracer is not None and torch._C._are_functorch_transforms_active():
+        tracer._pass_over("functorch-transformed (vmap, batched gradient)", "torch.autograd.backward")
+        tracer = None
+    if tracer is None:
+        watcher = _WATCHERS.get(threading.get_ident())
+        if watcher is not None:
+            return watcher.backward(_ORIGINAL[0], tensors, grad_tensors, *args, **kwargs)
+        return _ORIGINAL[0](tensors, grad_tensors, *args, **kwargs)
+    tensors, grad_tensors = tracer.roots(tensors, grad_tensors)
+    with _backward_call(tracer):
+        return _ORIGINAL[0](tensors, grad_tensors, *args, **kwargs)
+
+
+def _traced_grad(outputs, inputs, grad_outputs=None, *args, **kwargs):
+    tracer = _current()
+    if tracer is not None and (kwargs.get("is_grads_batched") or torch._C._are_functorch_transforms_active()
+                               or not all(_kinds.readable(g) for g in _tensors(
+                                   [grad_outputs] if isinstance(grad_outputs, torch.Tensor) else grad_outputs or ()))):
+        tracer._pass_over("functorch-transformed (vmap, batched gradient)", "torch.autograd.grad")
+        tracer = None  # batched gradients: their values cannot be read here
+    if tracer is None:
+        watcher = _WATCHERS.get(threading.get_ident())
+        if watcher is not None:
+            return watcher.grad(_ORIGINAL[1], outputs, inputs, grad_outputs, *args, **kwargs)
+        return _ORIGINAL[1](outputs, inputs, grad_outputs, *args, **kwargs)
+    outputs, grad_outputs = tracer.roots(outputs, grad_outputs)
+    with _backward_call(tracer):
+        result = _ORIGINAL[1](outputs, inputs, grad_outputs, *args, **kwargs)
+        tracer.flush()
+        if isinstance(inputs, (torch.Tensor, torch.autograd.graph.GradientEdge)) or not isinstance(
+                inputs, (list, tuple)):
+            leaves = (inputs,)
+        else:
+            leaves = tuple(inputs)
+        for g, leaf in zip(result, leaves, strict=False):
+            # torch.func.grad calls this too; under vmap its gradients are batched and cannot be read here
+            if isinstance(g, torch.Tensor) and isinstance(leaf, torch.Tensor) and _kinds.readable(g):
+                tracer._safely("torch.autograd.grad", tracer.reached, g, leaf)  # a legacy-vmap batched g
+    return result
+
+
+def _install() -> None:
+    global _installed
+    with _LOCK:
+        if _installed == 0:
+            _ORIGINAL[:] = [torch.autograd.backward, torch.autograd.grad]
+            torch.autograd.backward, torch.autograd.grad = _traced_backward, _traced_grad
+        _installed += 1
+
+
+def _uninstall() -> None:
+    global _installed
+    with _LOCK:
+        _installed -= 1
+        if _installed == 0:
+            torch.autograd.backward, torch.autograd.grad = _ORIGINAL
+            _ORIGINAL.clear()
+
+
+@contextlib.contextmanager
+def trace(*, sync_every: int = 256) -> Iterator[Report]:
+    """Record the forward and backward passes run in the block and explain every NaN/Inf and every kink.
+
+    Works with any number of ``.backward()`` / ``torch.autograd.grad`` calls, modules and custom Functions.
+    The report is filled in when the block exits (also when it raises, e.g. on KeyboardInterrupt).
+    ``sync_every``: on accelerators, finiteness checks are batched and settled every this many ops (one host
+    sync per batch); on CPU every op is checked at once. The trace belongs to the thread that opened it: other
+    threads' backward passes are not traced and pay nothing. Memory stays bounded over long runs (repeats of a
+    finding are counted, not stored).
+
+    Example::
+
+        >>> import torch, gradwise as gw
+        >>> x = torch.tensor([-1.0, 4.0], requires_grad=True)
+        >>> with gw.trace() as report:
+        ...     torch.where(x > 0, x.sqrt(), x).sum().backward()
+        >>> [f.kind for f in report.findings]
+        ['contamination']
+        >>> report.findings[0].reaches
+        ['x']
+    """
+    if not isinstance(sync_every, int) or sync_every < 1:
+        raise ValueError(f"sync_every must be a positive int, got {sync_every!r}")
+    report = Report()
+    outer = _current()
+    if outer is not None:  # nested (a script using gw.explain run by `gradwise run`): the outer block records
+        since = outer.store.serial
+        try:
+            yield report
+        finally:
+            outer.fill(report, since)
+        return
+    tracer = _Tracer(sync_every)
+    me = threading.get_ident()
+    _install()
+    _TRACERS[me] = tracer
+    try:
+        with tracer:
+            yield report
+    finally:
+        _TRACERS.pop(me, None)
+        _uninstall()
+        _SCRATCH.buf = None
+        tracer.fill(report)
+
+
+def snapshot(thread: int | None = None) -> Report | None:
+    """The report so far of the `gw.trace()` block running in ``thread`` (a ``threading.get_ident()``; default:
+    the main thread), without ending it; None when that thread traces nothing. Safe to call from a signal
+    handler (the CLI prints it on SIGTERM): the trace's dispatch mode is switched off while the report is built,
+    and recording goes on afterwards."""
+    tracer = _TRACERS.get(threading.main_thread().ident if thread is None else thread)
+    if tracer is None:
+        return None
+    report = Report()
+    with torch.utils._python_dispatch._disable_current_modes():
+        tracer.fill(report)
+    return report
+
+
+def explain(fn: Callable[..., torch.Tensor], *args, **kwargs) -> Report:
+    """Call ``fn(*args, **kwargs)``, back-propagate its scalar result and explain every NaN/Inf and kink.
+
+    The gradients are taken with ``torch.autograd.grad`` with respect to every leaf the result depends on, so
+    no ``.grad`` is changed.
+
+    Example::
+
+        >>> import torch, gradwise as gw
+        >>> x = torch.tensor([0.0, 2.0], requires_grad=True)
+        >>> report = gw.explain(lambda x: torch.relu(x).sum(), x)
+        >>> [(f.kind, f.op, f.count) for f in report.findings]
+        [('kink', 'aten.relu', 1)]
+    """
+    if not callable(fn):
+        raise TypeError(f"gw.explain(fn, *args): fn must be callable, got {type(fn).__name__}")
+    with trace() as report:
+        out = fn(*args, **kwargs)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"gw.explain: fn must return a scalar tensor to back-propagate, got {type(out).__name__}; "
+                            "return the loss (e.g. out.sum())")
+        if not out.is_floating_point():
+            raise TypeError(f"gw.explain: fn returned a {out.dtype} tensor; gradients need a floating-point result")
+        if out.numel() != 1:
+            raise ValueError(f"gw.explain: fn returned shape {tuple(out.shape)}, not a scalar; return a scalar "
+                             "(e.g. out.sum()), or use `with gw.trace():` and call backward(grad_outputs) yourself")
+        if not out.requires_grad:
+            raise ValueError("gw.explain: fn's result does not require grad: no input it uses has "
+                             "requires_grad=True; call x.requires_grad_() on the tensors to differentiate")
+        leaves = _leaves(out)
+        torch.autograd.grad(out, leaves, allow_unused=True)
+    return report
+
+
+def _leaves(out: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors requiring grad that `out` depends on (from its autograd graph)."""
+    leaves, seen, stack = [], set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.append(node.variable)
+        stack.extend(n for n, _ in node.next_functions)
+    return leaves

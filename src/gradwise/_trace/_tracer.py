@@ -1,0 +1,238 @@
+"""``_Tracer``, the TorchDispatchMode that sees every aten op of a forward and backward pass and hands it to
+its parts (``_Checks``, ``_Provenance``, ``_Incidents``, ``_KinkChecks``, ``_Assembly``), and ``_op_info``,
+the per-op facts it caches.
+
+May import: torch, gradwise._strong_zeros, every module of gradwise._trace above _session.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch._C._autograd import _get_sequence_nr
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from gradwise import _strong_zeros
+from gradwise._trace import _common, _kinds
+from gradwise._trace._assembly import _Assembly
+from gradwise._trace._checking import _Checks
+from gradwise._trace._common import (
+    _ACCUMULATE_SEQ,
+    _ByIdentity,
+    _floats,
+    _KinkGroup,
+    _loc,
+    _Node,
+    _op_name,
+    _tensors,
+    _user_frame,
+)
+from gradwise._trace._facts import _COLLECTIVE_NAMESPACES, _COMPARISONS, _FINITE_PRESERVING, _LITERALS
+from gradwise._trace._incidents import _Incidents
+from gradwise._trace._kink_checks import _KinkChecks
+from gradwise._trace._kinks import _KINKS, _Call, _Detector
+from gradwise._trace._provenance import _Provenance
+from gradwise._trace._store import Store
+
+# -- per-op facts, cached ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _OpInfo:
+    view: bool
+    mutable: bool
+    detector: _Detector | None
+    compare: str | None
+    packet_name: str
+    preserving: bool
+    collective: bool = False  # a torch.distributed collective (c10d): its result holds other ranks' values
+    op_name: str = ""  # "aten.<packet>", as reports name ops
+
+
+_INFO: dict = {}
+
+
+def _op_info(func) -> _OpInfo:
+    info = _INFO.get(func)
+    if info is None:
+        packet = func.overloadpacket
+        # a literal's lift_fresh aliases fresh data: checked like a new tensor (a NaN literal is born there)
+        view = bool(getattr(func, "is_view", False)) and packet not in _LITERALS
+        info = _INFO[func] = _OpInfo(view, func._schema.is_mutable,
+                                     _KINKS.get(packet), _COMPARISONS.get(packet), packet.__name__,
+                                     packet in _FINITE_PRESERVING, func.namespace in _COLLECTIVE_NAMESPACES,
+                                     _op_name(func))
+    return info
+
+
+class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, TorchDispatchMode):
+    """The dispatch-mode recorder: sees every aten op and hands it to its parts (the bases before TorchDispatchMode)."""
+
+    def __init__(self, sync_every: int):
+        super().__init__()
+        self.sync_every = sync_every
+        self.prov = _ByIdentity()  # non-finite tensor -> frozenset of _Birth / _Incident
+        self.as_value = _ByIdentity()  # non-finite gradient used as a forward value -> its birth there
+        self.written = _ByIdentity()  # tensor an in-place op made non-finite -> (op, loc)
+        self.sens = _ByIdentity()  # sensitivity-derived tensor -> seq of the node that made it
+        # comparison result -> (mask of equal operands, branch picked): masks are large, so this one frees an
+        # entry as soon as its tensor dies (_ByIdentity keeps dead values until its next purge)
+        self.ties = WeakTensorKeyDictionary()
+        self.names = _ByIdentity()
+        self.module_names = _ByIdentity()  # module -> {id(param): name}
+        self.nodes: dict[int, _Node] = {}
+        self.parents: dict = {}  # node seq -> seqs of the nodes whose sensitivities it consumed
+        self.store = Store()  # births and incidents, interned per site (bounded over long runs)
+        self.kinks: dict[tuple, _KinkGroup] = {}
+        self.output_births: set = set()  # births that reached an output something was differentiated from
+        self.pending: list = []
+        self.depth = 0
+        self.backward_ended = False  # the next grad-enabled forward op starts a new step
+        self.passed: dict[str, list] = {}  # kind -> [ops run without reading them, the first op] (_trace_kinds)
+        self.provisional: list | None = None  # incidents of a plain pass gw.strong_zeros() may redo
+        self.strong_ran = False
+        self.reached_now: set = set()  # incidents that reached a gradient in this backward call (strong zeros)
+        self.strong_reads: dict[tuple, int] = {}  # (birth, (node op, loc)) read in gw.strong_zeros()' passes
+        self.n_fwd = self.n_bwd = 0
+        self.last_seq = _get_sequence_nr()
+        self.collective_bufs: dict[int, tuple] = {}  # storage -> (weak ref, op, loc) of collectives' tensors
+        self.collective_sites: dict[tuple, None] = {}  # (op, loc) of the collectives seen, in order
+
+    # -- dispatch --------------------------------------------------------------------------------------------
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        info = _INFO.get(func) or _op_info(func)
+        if info.collective:
+            return self._collective(func, args, kwargs)
+        if types and any(t.__name__ == "DTensor" for t in types):
+            return func(*args, **kwargs)  # a check on a sharded DTensor would itself run collectives: not traced
+        if types and (odd := [t for t in types if t not in _kinds.PLAIN_TYPES]):
+            # a tensor subclass (nested jagged, fake, ...): its own dispatch would see our reductions
+            self._pass_over(f"tensor subclass {odd[0].__name__}", func)
+            return func(*args, **kwargs)
+        if _kinds.forward_ad_active():  # reductions of duals would build tangents
+            self._pass_over("forward-AD dual", func)
+            return func(*args, **kwargs)
+        if torch._C._are_functorch_transforms_active():  # vmap/grad (batched gradients): values are batched
+            self._pass_over("functorch-transformed (vmap, batched gradient)", func)
+            return func(*args, **kwargs)
+        node = torch._C._current_autograd_node()
+        if node is None and not self.depth:
+            return self._forward(func, info, args, kwargs)
+        out = func(*args, **kwargs)
+        self._backward(func, info, node, args, out, kwargs)
+        return out
+
+    def _forward(self, func, info, args, kwargs):
+        self.n_fwd += 1
+        # a new step: the first aten op with grad enabled after a backward (optimizers run theirs under no_grad)
+        if self.backward_ended and func.namespace == "aten" and torch.is_grad_enabled():
+            self.backward_ended = False
+            self.store.step += 1
+        seq = _get_sequence_nr()
+        # this op made autograd node seq - 1: it is differentiated. A custom Function takes its number before its
+        # forward runs (under no_grad): the first op inside it did not make that node
+        creates_node = seq != self.last_seq and torch.is_grad_enabled()
+        self.last_seq = seq
+        if not creates_node and (info.view or info.preserving) and not info.mutable and not self.pending \
+                and not any(t in self.prov for t in _tensors(args)):
+            return func(*args, **kwargs)  # undifferentiated, finite in and out (detach, ones_like): no record
+        frame = _user_frame()
+        loc = _loc(frame)
+        ins = _tensors(args)
+        det = info.detector
+        if det is not None and not all(_kinds.readable(t) for t in ins):
+            det = None  # a ZeroTensor/meta/sparse input: no values to test for a kink
+        hit = None
+        if creates_node:
+            new = [t for t in ins if t.is_leaf and t.requires_grad and t not in self.names]
+            if new:  # a weight and its bias: one walk up the stack names both
+                for t, name in zip(new, self._search_names(new, frame), strict=True):
+                    self.names[t] = name
+            if det is not None and not det.needs_out:
+                hit = self._safely(func, det.fn, _Call(args, kwargs, None, self.ties, info.packet_name))
+        out = func(*args, **kwargs)
+        if creates_node:
+            nd = self.nodes[seq - 1] = _Node(info.op_name, loc)
+            if len(self.nodes) > _common._MAX_NODES:
+                self._forget_oldest_nodes()
+            if det is not None and det.needs_out:
+                hit = self._safely(func, det.fn, _Call(args, kwargs, out, self.ties, info.packet_name))
+            if hit is not None:
+                self._safely(func, self._schedule_kink, hit, func, loc, nd)
+        elif info.compare and len(ins) and any(t.requires_grad for t in ins):
+            a, b = args[0], args[1]
+            self.ties[out] = (a == b, info.compare)
+        outs = _floats(out)
+        if info.mutable and not outs:
+            outs = _floats(args[0])
+        if not outs or ((info.view or info.preserving) and not self.pending and not any(t in self.prov for t in ins)):
+            return out  # finite in, finite out: nothing to check (provenance is up to date when nothing is pending)
+        self._check(outs, lambda bad: self._dig(func, loc, ins, bad, None, info))
+        return out
+
+    def _forget_oldest_nodes(self) -> None:
+        """Keep the newest half of the node records (and their sensitivity links): memory stays bounded over
+        long runs; a backward reaches nodes of its own step, which are the newest."""
+        keep = list(self.nodes)[_common._MAX_NODES // 2 :]
+        self.nodes = {k: self.nodes[k] for k in keep}
+        oldest = keep[0] if keep else 0
+        self.parents = {k: v for k, v in self.parents.items() if k is None or k >= oldest}
+
+    def _backward(self, func, info, node, args, out, kwargs=None):
+        self.n_bwd += 1
+        seq = node._sequence_nr() if node is not None else None
+        ins = _tensors(args)
+        sens_ins = [t for t in ins if t in self.sens]
+        outs = _floats(out)
+        if info.mutable and not outs:
+            outs = _floats(args[0])
+        if node is None or sens_ins:  # outside any node (root grads, accumulation) every tensor is a sensitivity
+            for o in outs:
+                self.sens[o] = seq
+            if seq is not None:
+                ps = self.parents.setdefault(seq, set())
+                for s in sens_ins:
+                    p = self.sens.get(s)
+                    if p is not None and p != seq:
+                        ps.add(p)
+            if seq == _ACCUMULATE_SEQ:
+                self._accumulate(node, sens_ins)
+            elif seq is not None:
+                nd = self.nodes.get(seq)
+                if nd is not None and nd.kinks:
+                    self._kink_reached(nd, seq, sens_ins)
+            sens = True
+        else:
+            sens = False
+        # gw.strong_zeros()' pass: a rule that reads a non-finite value handles it
+        if _strong_zeros._STATE.in_mode:
+            self.strong_ran = True
+            if seq is not None and _strong_zeros.lookup(func) is not None:
+                self._strong_read(seq, ins)
+        if not outs or ((info.view or info.preserving) and not self.pending and not any(t in self.prov for t in ins)):
+            return
+        self._check(outs, lambda bad: self._dig(func, None, ins, bad, seq if sens else (seq, "value"), info,
+                                                args=args, out=out, kwargs=kwargs))
+
+    def drop_provisional(self) -> None:
+        """Under gw.strong_zeros(), take back what strong zeros undid: the incidents of a plain pass that the
+        engine hook then redid with strong zeros (the strong pass records what remains), and contamination
+        the strong pass itself met but annihilated in place (a rule's masked_fill_), which reached no gradient.
+        Their births are listed as removed, unless another incident names them."""
+        for inc, n, nd, strong in self.provisional:
+            if strong and (inc.kind != "contamination" or id(inc) in self.reached_now):
+                continue
+            if not strong and not self.strong_ran:
+                continue
+            inc.count -= n
+            inc.occurrences -= 1
+            if inc.occurrences <= 0:
+                self.store.incidents = {k: v for k, v in self.store.incidents.items() if v is not inc}
+            site = (nd.op, nd.loc) if nd is not None else (inc.node_op, inc.loc)
+            for b in inc.births:
+                self.strong_reads[(b, site)] = self.strong_reads.get((b, site), 0) + 1
+        self.provisional = None
