@@ -259,7 +259,7 @@ def _non_finite_names(m: Model, grads) -> list[str]:
 
 
 # Models gradwise still leaves contaminated, on purpose visible (none at present: oneDNN's fused float32 LSTM
-# backward has a rule since _rules_opdb.py).
+# backward has a rule in _strong_zeros/_rules_opdb.py).
 _OPEN: dict[str, str] = {}
 
 

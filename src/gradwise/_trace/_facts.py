@@ -65,6 +65,8 @@ _FINITE_PRESERVING = {
     aten.floor, aten.round, aten.ceil, aten.trunc, aten.where, aten.sin, aten.cos, aten.erf,
 }
 _COLLECTIVE_NAMESPACES = {"c10d", "_c10d_functional"}
+# uninitialised memory: never checked (whatever the memory held is no value of the program; DDP's buckets, a
+# backward's new_empty_strided, are written before they are read)
 _UNINITIALISED = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided"}
 _NOT_DATA = {*_UNINITIALISED, "gradient"}
 _PRODUCTS = {"aten.mul", "aten.div", "aten.mm", "aten.bmm", "aten.addmm", "aten.matmul", "aten.mv", "aten.dot",

@@ -11,7 +11,7 @@ import torch
 from gradwise._masks import mask_any
 from gradwise._trace._advice import _explain
 from gradwise._trace._common import _fmt, _is_internal, _loc, _nonfinite, _op_name, _user_frame
-from gradwise._trace._facts import _LITERALS, _UNINITIALISED
+from gradwise._trace._facts import _LITERALS
 from gradwise._trace._incidents import _in_base
 from gradwise._trace._store import Birth as _Birth
 from gradwise._trace._store import Incident as _Incident
@@ -29,8 +29,6 @@ class _Provenance:
             return self._gradient_as_value(t, got, loc)
         if got is None and t._base is not None and _nonfinite(t._base):
             got = self.prov[t] = self._origin(t._base, loc)
-        if got and all(getattr(b, "op", None) in _UNINITIALISED for b in got) and self._received_through(t):
-            got = None  # uninitialised memory (a bucket DDP allocates with empty) that a collective wrote since
         if got is None and (via := self._received_through(t)) is not None:
             mask, nan = ~torch.isfinite(t), bool(torch.isnan(t).any())
             b = self._birth(via[0], via[1], nan, None, mask, lambda idx: _Birth(

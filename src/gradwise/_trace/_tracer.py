@@ -29,7 +29,13 @@ from gradwise._trace._common import (
     _tensors,
     _user_frame,
 )
-from gradwise._trace._facts import _COLLECTIVE_NAMESPACES, _COMPARISONS, _FINITE_PRESERVING, _LITERALS
+from gradwise._trace._facts import (
+    _COLLECTIVE_NAMESPACES,
+    _COMPARISONS,
+    _FINITE_PRESERVING,
+    _LITERALS,
+    _UNINITIALISED,
+)
 from gradwise._trace._incidents import _Incidents
 from gradwise._trace._kink_checks import _KinkChecks
 from gradwise._trace._kinks import _KINKS, _Call, _Detector
@@ -49,6 +55,7 @@ class _OpInfo:
     preserving: bool
     collective: bool = False  # a torch.distributed collective (c10d): its result holds other ranks' values
     op_name: str = ""  # "aten.<packet>", as reports name ops
+    uninitialised: bool = False  # empty & co: their output is whatever the memory held (never a value to check)
 
 
 _INFO: dict = {}
@@ -63,7 +70,7 @@ def _op_info(func) -> _OpInfo:
         info = _INFO[func] = _OpInfo(view, func._schema.is_mutable,
                                      _KINKS.get(packet), _COMPARISONS.get(packet), packet.__name__,
                                      packet in _FINITE_PRESERVING, func.namespace in _COLLECTIVE_NAMESPACES,
-                                     _op_name(func))
+                                     _op_name(func), _op_name(func) in _UNINITIALISED)
     return info
 
 
@@ -169,7 +176,8 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, TorchDis
         outs = _floats(out)
         if info.mutable and not outs:
             outs = _floats(args[0])
-        if not outs or ((info.view or info.preserving) and not self.pending and not any(t in self.prov for t in ins)):
+        if not outs or info.uninitialised or \
+                ((info.view or info.preserving) and not self.pending and not any(t in self.prov for t in ins)):
             return out  # finite in, finite out: nothing to check (provenance is up to date when nothing is pending)
         self._check(outs, lambda bad: self._dig(func, loc, ins, bad, None, info))
         return out
@@ -213,7 +221,8 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, TorchDis
             self.strong_ran = True
             if seq is not None and _strong_zeros.lookup(func) is not None:
                 self._strong_read(seq, ins)
-        if not outs or ((info.view or info.preserving) and not self.pending and not any(t in self.prov for t in ins)):
+        if not outs or info.uninitialised or \
+                ((info.view or info.preserving) and not self.pending and not any(t in self.prov for t in ins)):
             return
         self._check(outs, lambda bad: self._dig(func, None, ins, bad, seq if sens else (seq, "value"), info,
                                                 args=args, out=out, kwargs=kwargs))
