@@ -53,6 +53,7 @@ def main() -> None:
     if rank == 0:
         for rank_lines in gathered:
             print("\n".join(rank_lines))
+    dist.barrier()  # every rank done with its collectives before the group goes (gloo aborts a rank otherwise)
     dist.destroy_process_group()
 
 
