@@ -57,16 +57,7 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
                        accumulate_grad)
     plan, _STATE.planned = _STATE.planned, None  # chosen already by gw.grad/gw.backward, or not
     if plan is None:
-        why = _contract.plain_reason(t_outputs, inputs or (), grad_tensors or ())
-        if why is None:
-            try:
-                with _disable_current_modes() if torch._C._len_torch_dispatch_stack() else contextlib.nullcontext():
-                    plan = _plan(t_outputs, grad_tensors)  # modes around backward (a trace) don't see our checks
-            except _contract.Unreadable as e:
-                why = e.reason
-        if why is not None:
-            _contract.warn_plain(why)
-            plan = "plain"
+        plan = _choose(t_outputs, inputs or (), grad_tensors or ())
     if plan == "plain":
         return run(retain_graph)
     # 'strong', or 'check' (nodes gradwise knows nothing about): one pass under the mode. A plain pass first
@@ -184,6 +175,20 @@ def _under_traces(mode: TorchDispatchMode) -> Iterator[None]:
             _push_mode(tracer)
 
 
+def _choose(outputs: Sequence[Any], inputs: Sequence[Any], seeds: Sequence[Any]) -> str:
+    """The path of one backward: what ``_plan`` says, or 'plain' (with a PlainBackwardWarning, once) where
+    gradwise cannot read or follow the graph (_contract)."""
+    why = _contract.plain_reason(outputs, inputs, seeds)
+    if why is None:
+        try:
+            with _disable_current_modes() if torch._C._len_torch_dispatch_stack() else contextlib.nullcontext():
+                return _plan(outputs, seeds)  # modes around backward (a trace) don't see our checks
+        except _contract.Unreadable as e:
+            why = e.reason
+    _contract.warn_plain(why)
+    return "plain"
+
+
 def _run_planned(run: Callable[[bool | None], Any], outputs: Sequence[Any], seeds: Any,
                  retain_graph: bool | None, inputs: Sequence[Any] = ()) -> Any:
     """gw.grad/gw.backward: choose the path before calling into torch.autograd (``run``). The everyday one,
@@ -192,15 +197,7 @@ def _run_planned(run: Callable[[bool | None], Any], outputs: Sequence[Any], seed
     plan = None
     if not (_STATE.depth or _process_wide) and not torch._C._len_torch_dispatch_stack():
         seeds = (seeds,) if isinstance(seeds, torch.Tensor) else seeds or ()
-        why = _contract.plain_reason(outputs, inputs, seeds)
-        if why is None:
-            try:
-                plan = _plan(outputs, seeds)
-            except _contract.Unreadable as e:
-                why = e.reason
-        if why is not None:
-            _contract.warn_plain(why)
-            plan = "plain"
+        plan = _choose(outputs, inputs, seeds)
         if plan == "plain":
             return run(retain_graph)
     _STATE.planned = plan
