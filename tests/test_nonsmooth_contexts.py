@@ -158,6 +158,19 @@ def test_opaque_code_away_from_kinks_is_pytorchs():
     assert float(gw.directional_derivative(f, x, torch.tensor(-2.0, dtype=torch.float64))) == -2.0
 
 
+@pytest.mark.parametrize("decimals", [0, 1])
+def test_opaque_round_jumps_at_halves_not_at_its_values(decimals):
+    """round (half to even) is flat at the numbers it rounds to and jumps halfway between them: in TorchScript
+    a call at a half is refused (it used to give round's 0 silently), a call at a whole number is exact."""
+    f = _traced(lambda x: torch.round(x, decimals=decimals) + x, torch.tensor(0.0, dtype=torch.float64))
+    scale = 10.0**-decimals
+    at_value, at_half = torch.tensor(2.0 * scale, dtype=torch.float64), torch.tensor(2.5 * scale, dtype=torch.float64)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    assert float(gw.directional_derivative(f, at_value, one)) == 1.0
+    with pytest.raises(NonsmoothError, match=r"aten\.round"):
+        gw.directional_derivative(f, at_half, one)
+
+
 def test_gradwise_inside_a_transform_is_refused():
     with pytest.raises(NonsmoothError, match=r"inside a torch\.func transform"):
         torch.func.vmap(lambda y: gw.generalized_grad(ident, y)[0])(torch.zeros(2))

@@ -77,6 +77,13 @@ def _singular_value_ties(args, kwargs, out) -> bool:
     return (vals.shape[-1] > 1 and bool((vals.diff(dim=-1) == 0).any())) or bool((vals == 0).any())
 
 
+def _half_integral(args, kwargs, out) -> bool:
+    """round jumps halfway between the numbers it rounds to (x.5, or x.5 * 10**-decimals); it is flat at them."""
+    decimals = args[1] if len(args) > 1 else kwargs.get("decimals", 0)
+    y = args[0] * 10.0**decimals if decimals else args[0]
+    return _any_eq(y - y.floor(), 0.5)
+
+
 def _integral(args, kwargs, out) -> bool:
     return _any_eq(args[0], args[0].round())
 
@@ -115,7 +122,8 @@ _KINKY: dict[object, Callable] = {
     aten._linalg_eigh: _eigen_ties,
     aten._linalg_svd: _singular_value_ties,
     **dict.fromkeys([aten.remainder, aten.fmod], lambda a, k, o: _float(a[0]) and _integral([a[0] / a[1]], k, o)),
-    **dict.fromkeys([aten.floor, aten.ceil, aten.round, aten.trunc, aten.frac], _integral),
+    **dict.fromkeys([aten.floor, aten.ceil, aten.trunc, aten.frac], _integral),
+    aten.round: _half_integral,
     **dict.fromkeys([aten.linalg_vector_norm, aten.norm], _norm_at_zero),
     aten.renorm: _renorm_boundary,
     aten.copysign: lambda a, k, o: _any_eq(a[0], 0) or (isinstance(a[1], Tensor) and _any_eq(a[1], 0)),
