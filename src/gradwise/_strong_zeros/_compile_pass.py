@@ -131,12 +131,23 @@ class _Rewriter:
             return FALSE
         return None
 
+    def zero(self, like: fx.Node) -> fx.Node:
+        """A 0-dim 0 of ``like``'s dtype and device."""
+        val = _val(like)
+        return self.call(aten.full.default, [], 0, dtype=val.dtype, device=val.device, pin_memory=False)
+
+    def rewire(self, node: fx.Node, *args: Any) -> None:
+        """Give ``node`` new arguments built after it, and move it after them (to the cursor)."""
+        node.args = args
+        self.cursor.append(node)
+        self.cursor = node
+        self.rewritten += 1
+
     def annihilate(self, node: fx.Node, mask: Any, otherwise: fx.Node | None = None, result: Any = None) -> None:
         """Replace ``node``'s uses by ``where(mask, node, otherwise)`` (0 by default), of support ``result``
         (``mask`` by default)."""
         if otherwise is None:
-            val = _val(node)
-            otherwise = self.call(aten.full.default, [], 0, dtype=val.dtype, device=val.device, pin_memory=False)
+            otherwise = self.zero(node)
         new = self.call(aten.where.self, self.small(mask, node), node, otherwise)
         node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
         self.sup[new] = mask if result is None else result  # the node's users now read ``new``
@@ -360,25 +371,19 @@ def _mm(rw: _Rewriter, node: fx.Node) -> Any:
             full = rw.exact(ma, a)
             cols = rw.call(aten.any.dims, full, [k_a], True)  # [(b,) 1, k]: column k of A meets something
             cols = rw.call(aten.permute.default, cols, _swap_last(_val(cols).dim()))  # [(b,) k, 1]
-            new_b = rw.call(aten.where.self, cols, b, rw.call(aten.full.default, [], 0, dtype=_val(b).dtype,
-                                                                device=_val(b).device, pin_memory=False))
+            new_b = rw.call(aten.where.self, cols, b, rw.zero(b))
             out_masks.append(rw.call(aten.any.dims, full, [row_a], True))  # [(b,) n, 1]
         if mb is not None:
             full = rw.exact(mb, b)
             rows = rw.call(aten.any.dims, full, [k_b], True)  # [(b,) k, 1]
             rows = rw.call(aten.permute.default, rows, _swap_last(_val(rows).dim()))  # [(b,) 1, k]
-            new_a = rw.call(aten.where.self, rows, a, rw.call(aten.full.default, [], 0, dtype=_val(a).dtype,
-                                                                device=_val(a).device, pin_memory=False))
+            new_a = rw.call(aten.where.self, rows, a, rw.zero(a))
             out_masks.append(rw.call(aten.any.dims, full, [col_b], True))  # [(b,) 1, m]
         out = out_masks[0] if len(out_masks) == 1 else rw.both(*out_masks)
     if out is FALSE:  # all of A (or B) is structural zero: so is the product, whatever the other holds
         rw.annihilate(node, FALSE)
         return FALSE
-    node.args = (new_a, new_b, *node.args[2:])
-    # the new operands were inserted after the node: move the node after them
-    rw.cursor.append(node)
-    rw.cursor = node
-    rw.rewritten += 1
+    rw.rewire(node, new_a, new_b, *node.args[2:])
     return out
 
 
@@ -395,7 +400,7 @@ def _convolution_backward(rw: _Rewriter, node: fx.Node) -> Any:
     mg = rw.of(g)
     if mg is None or mg is FALSE or transposed or rw.of(x) is not None:
         return None
-    vg, vx, vw = _val(g), _val(x), _val(w)
+    vg, vw = _val(g), _val(w)
     positions = rw.call(aten.any.dims, rw.exact(mg, g), [1], True)  # [N, 1, *out]: some channel supported
     ones = rw.call(aten.full.default, [1, 1, *vw.shape[2:]], 1.0, dtype=vg.dtype, device=vg.device,
                    pin_memory=False)
@@ -403,12 +408,7 @@ def _convolution_backward(rw: _Rewriter, node: fx.Node) -> Any:
                     rw.call(aten.slice.Tensor, x, 1, 0, 1), ones, None, stride, padding, dilation, False,
                     output_padding, 1, [True, False, False])
     read = rw.call(aten.gt.Scalar, rw.call(operator.getitem, reads, 0), 0)  # [N, 1, *in]
-    zero = rw.call(aten.full.default, [], 0, dtype=vx.dtype, device=vx.device, pin_memory=False)
-    new_x = rw.call(aten.where.self, read, x, zero)
-    node.args = (g, new_x, *node.args[2:])
-    rw.cursor.append(node)  # after the nodes it now reads
-    rw.cursor = node
-    rw.rewritten += 1
+    rw.rewire(node, g, rw.call(aten.where.self, read, x, rw.zero(x)), *node.args[2:])
     return (read, None, None)
 
 
