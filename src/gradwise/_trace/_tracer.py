@@ -144,6 +144,8 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, TorchDis
         # forward runs (under no_grad): the first op inside it did not make that node
         creates_node = seq != self.last_seq and torch.is_grad_enabled()
         self.last_seq = seq
+        if not creates_node and info.uninitialised:
+            return func(*args, **kwargs)  # empty & co: no values, nothing to record
         if not creates_node and (info.view or info.preserving) and not info.mutable and not self.pending \
                 and not any(t in self.prov for t in _tensors(args)):
             return func(*args, **kwargs)  # undifferentiated, finite in and out (detach, ones_like): no record
