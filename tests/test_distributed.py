@@ -27,9 +27,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradwise as gw
+from _memory import NaNEmpty
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -395,22 +395,11 @@ def check_trace_merged_report(rank, world):
                                                    "finding_ranks": [f.rank for f in merged.findings]}}
 
 
-class _NaNEmpty(TorchDispatchMode):
-    """Uninitialised memory that happens to hold NaN (as a freed NaN tensor's block can): every float
-    ``empty`` returns NaN. Pushed below gw.trace(), so the trace sees empty's output and not the fill."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket in (torch.ops.aten.empty, torch.ops.aten.empty_strided) and out.is_floating_point():
-            out.fill_(float("nan"))
-        return out
-
-
 def check_trace_buckets_from_nan_garbage(rank, world):
     """DDP's buckets made by empty under the trace, holding NaN garbage until the all-reduce writes them: the NaN
     that rank 1 sends is received through the all-reduce, not born in empty's garbage."""
     model = _model()
-    with _NaNEmpty(), gw.trace() as report:
+    with NaNEmpty(), gw.trace() as report:
         ddp = DDP(model)
         _loss(ddp, _data(rank, padding=False, genuine=True)).backward()
     merged = gw.gather_reports(report)

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 import case_files
 import gradwise as gw
 import gradwise._strong_zeros
+from _memory import NaNEmpty
 from gradwise._trace import _common
 
 
@@ -675,22 +676,11 @@ def test_clip_grad_norm_spreading_a_nan_is_explained():
 
 
 
-class _NaNEmpty(torch.utils._python_dispatch.TorchDispatchMode):
-    """Uninitialised memory that happens to hold NaN: every float empty* returns NaN (below the trace, which
-    sees the op's output and not the fill)."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket.__name__.startswith(("empty", "new_empty")) and out.is_floating_point():
-            out.fill_(float("nan"))
-        return out
-
-
 def test_uninitialised_memory_is_never_a_birth():
     """empty's output is whatever the memory held: CopySlices' backward writes a new_empty_strided buffer
     before reading it, and a NaN that was in that memory is no finding (it used to be a 'genuine NaN')."""
     x = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
-    with _NaNEmpty(), gw.trace() as report:
+    with NaNEmpty(), gw.trace() as report:
         y = x * 2
         y[1] = 0.0
         torch.empty(4)  # never read
