@@ -687,3 +687,23 @@ def test_uninitialised_memory_is_never_a_birth():
         (g,) = torch.autograd.grad(y.sum(), x)
     assert torch.equal(g, torch.tensor([2.0, 0.0, 2.0]))
     assert not report.findings, str(report)
+
+
+def test_checkpoint_early_stop_is_not_swallowed():
+    """Non-reentrant checkpoint stops its recomputation with an exception (no message): the trace lets it through
+    (it is the program's control flow) and the nested second derivative is PyTorch's."""
+    def grad(fn):
+        def wrapper(x):
+            with torch.enable_grad():
+                return torch.autograd.grad(fn(x), x, create_graph=True)[0]
+        return wrapper
+
+    def ckpt(fn):
+        return lambda x: torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False)
+
+    f = lambda x: x.sin().exp().sin()
+    x = torch.tensor(0.3, requires_grad=True)
+    want = grad(grad(f))(x)
+    with torch.utils.checkpoint.set_checkpoint_early_stop(True), gw.trace():
+        got = grad(ckpt(grad(ckpt(f))))(x)
+    torch.testing.assert_close(got, want)

@@ -11,6 +11,7 @@ import math
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils.checkpoint import _StopRecomputationError
 
 from gradwise._trace import _common, _kinds
 from gradwise._trace._common import _loc, _nonfinite, _op_name, _tensors, _user_frame
@@ -70,8 +71,11 @@ class _Checks:
         """``fn(*args)``, or None with a note: an explanation must never break the program it explains."""
         try:
             return fn(*args)
+        except _StopRecomputationError:  # checkpoint's early stop: control flow of the program, not a failure
+            raise
         except Exception as exc:  # any failure inside the trace is reported as a note, never raised
-            self._pass_over(f"not explained ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", func)
+            first = next(iter(str(exc).splitlines()), "")  # some exceptions carry no message
+            self._pass_over(f"not explained ({type(exc).__name__}: {first[:120]})", func)
             return None
 
     def _check(self, outs, dig) -> None:
