@@ -1,6 +1,6 @@
 """Cost of strong zeros under torch.compile: a compiled training step with and without ``gw.strong_zeros()``.
 
-    python benchmarks/bench_compile.py [--repeats 21] [--backend inductor] [--json FILE]
+    python benchmarks/bench_compile.py [--repeats 21] [--backend inductor] [--json FILE] [--device cuda]
 
 Each case compiles its loss function once (``torch.compile``, default options) and times one training step:
 the compiled forward, ``loss.backward()`` and ``zero_grad``, plain against the same step inside
@@ -137,6 +137,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     parser.add_argument("--cpu-time", action="store_true", help="time in process CPU time, not wall time")
     parser.add_argument("--autograd-cache", action="store_true", help="keep AOTAutograd's on-disk cache on")
+    parser.add_argument("--device", default="cpu", help="where the models and data live (e.g. cuda)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -145,9 +146,12 @@ def main() -> int:
     torch._functorch.config.enable_autograd_cache = args.autograd_cache
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.jit's, on inductor's first import
     memory = keep_freed_memory()
-    rows = [measure(c, args.backend, args.repeats, args.cpu_time) for c in cases() if args.only in c.name]
+    with torch.device(args.device):
+        workloads = [c for c in cases() if args.only in c.name]
+    rows = [measure(c, args.backend, args.repeats, args.cpu_time) for c in workloads]
     clock = "CPU time" if args.cpu_time else "wall time"
-    print_table(f"compiled step ({args.backend}), strong zeros / plain, {clock}, median of {args.repeats} interleaved; "
+    print_table(f"compiled step ({args.backend}, {args.device}), strong zeros / plain, {clock}, median of "
+                f"{args.repeats} interleaved; "
                 f"{torch.get_num_threads()} threads; {memory}",
                 ["case", "plain ms", "strong ms", "ratio", "target", "grads", "path", "met"],
                 [[r["case"], r["plain_ms"], r["strong_ms"], r["ratio"], r["target"], r["grads"], r["path"],

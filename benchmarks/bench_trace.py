@@ -5,7 +5,7 @@ workloads of the strong-zeros benchmark (same models, inputs and losses), plus o
 on every step, and the issue's 6 x Linear(128)+ReLU MLP. The targets: trace / detect_anomaly <= 1.0 (while
 finding more: Inf, contamination vs genuine, kinks), and gw.watch() / plain <= 1.05 on finite steps.
 
-    python benchmarks/bench_trace.py [--repeats 15]
+    python benchmarks/bench_trace.py [--repeats 15] [--device cuda]
 """
 from __future__ import annotations
 
@@ -64,6 +64,7 @@ def relu_mlp():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--device", default="cpu", help="where the models and data live (e.g. cuda)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
@@ -72,7 +73,8 @@ def main() -> None:
                        ("CNN 3 conv layers, 32x32, batch 32", cnn),
                        ("extra: CNN 3 conv + 2 max-pool + linear, batch 32", cnn_max_pool),
                        ("extra: MLP 6x Linear(128)+ReLU, batch 128", relu_mlp)]:
-        model, loss = make()
+        with torch.device(args.device):
+            model, loss = make()
 
         def plain(model=model, loss=loss):
             model.zero_grad(set_to_none=True)
@@ -99,8 +101,8 @@ def main() -> None:
                          repeats=args.repeats)
         rows.append([name, t["plain"] * 1e3, t["anomaly"] / t["plain"], t["trace"] / t["plain"],
                      t["trace"] / t["anomaly"], t["watch"] / t["plain"]])
-    print_table("gw.trace() vs detect_anomaly(check_nan=True), gw.watch() vs plain, forward+backward (same process, "
-                "interleaved, median)",
+    print_table(f"gw.trace() vs detect_anomaly(check_nan=True), gw.watch() vs plain, forward+backward, {args.device} "
+                "(same process, interleaved, median)",
                 ["workload", "plain ms", "anomaly / plain", "trace / plain", "trace / anomaly", "watch / plain"], rows)
 
 

@@ -219,9 +219,16 @@ def test_multihead_attention_fully_masked_rows(need_weights):
 # ---------------------------------------------------------------------------------------------------------
 
 
+_SAVED_LAYOUT: list = []  # the strides of q, k, v, out, lse as saved by the forward (the kernels read them)
+
+
 def _fused_backward(g, q, k, v, out, lse, bias, causal, scale, blhe):
     """The formulas every fused backward evaluates, from the saved out and logsumexp (as the kernels do):
     P = exp(s q k^T + bias - lse), D = rowsum(g * out), dS = P (g v^T - D). (B, H, L, E) inside."""
+    if _SAVED_LAYOUT:  # a CUDA kernel reads the strides of what it is given: a rule must keep them
+        assert [t.stride() for t in (q, k, v, out, lse)] == _SAVED_LAYOUT[-1], "the rule changed a tensor's layout"
+    if lse.dim() == q.dim():  # cuDNN's logsumexp: (B, H, Lq, 1)
+        lse = lse.squeeze(-1)
     if blhe:
         g, q, k, v, out = (t.transpose(1, 2) for t in (g, q, k, v, out))
     group = q.shape[1] // k.shape[1]
@@ -315,13 +322,22 @@ def _fused_attention(name, causal, bias):
         @staticmethod
         def forward(ctx, q, k, v):
             out, lse = _forward(q, k, v, bias, causal, blhe, lse_pad)
+            # the kernels' own layouts: the memory-efficient one writes out in (B, L, H, E) memory, cuDNN's
+            # logsumexp is (B, H, Lq, 1)
+            out = out.transpose(1, 2).contiguous().transpose(1, 2)
+            if name == "_scaled_dot_product_cudnn_attention_backward":
+                lse = lse.unsqueeze(-1)
             ctx.save_for_backward(q, k, v, out, lse)
             return out
 
         @staticmethod
         def backward(ctx, g):
             q, k, v, out, lse = ctx.saved_tensors
-            return tuple(op(*call(g, q, k, v, out, lse, bias, causal))[:3])
+            _SAVED_LAYOUT.append([t.stride() for t in (q, k, v, out, lse)])
+            try:
+                return tuple(op(*call(g, q, k, v, out, lse, bias, causal))[:3])
+            finally:
+                _SAVED_LAYOUT.pop()
 
     return Attention.apply
 

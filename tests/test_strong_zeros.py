@@ -30,6 +30,7 @@ from gradwise._strong_zeros._node_facts import (
 from gradwise._strong_zeros._planning import _plan
 
 nan, inf = float("nan"), float("inf")
+aten = torch.ops.aten
 
 
 def _shared_cases():
@@ -368,14 +369,17 @@ NO_ZEROS_PROGRAMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 _CUDA_ONLY_NODES = {"ScaledDotProductEfficientAttentionBackward0", "ScaledDotProductFlashAttentionBackward0",
-                    "ScaledDotProductCudnnAttentionBackward0", "EfficientAttentionBackward0", "FlashAttentionBackward0"}
+                    "ScaledDotProductCudnnAttentionBackward0", "EfficientAttentionBackward0", "FlashAttentionBackward0",
+                    "FusedRmsNormBackward0"}
 
 
 @pytest.mark.parametrize("name", sorted(MAKES_NO_ZEROS | set(_MAKES_NO_ZEROS_IF) | set(FUSED_BACKWARDS)))
 def test_nodes_that_make_no_structural_zeros(name):
     """The path check reads no saved tensor above these nodes: their backward must make no structural zero."""
-    if name in _CUDA_ONLY_NODES and not torch.cuda.is_available():
-        pytest.skip("a CUDA attention backward: tests/test_attention.py runs its rule through CPU stand-ins")
+    if name in _CUDA_ONLY_NODES:
+        pytest.skip("a CUDA-only backward (fused attention, fused RMS norm): tests/test_cuda.py checks it on a "
+                    "device; tests/test_attention.py and test_fused_rms_norm_backward_decomposes run their rules "
+                    "through CPU stand-ins")
     assert name in NO_ZEROS_PROGRAMS, f"add a program producing {name} to NO_ZEROS_PROGRAMS"
     x = (torch.rand(4, 4, dtype=torch.float64) + 0.5).requires_grad_()
     out = NO_ZEROS_PROGRAMS[name](x)
@@ -755,3 +759,38 @@ def test_a_nan_maximum_keeps_its_nan():
 def test_singular_tests_accept_any_dtype(program):
     x = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
     assert torch.equal(gw.grad(program(x), x)[0], torch.autograd.grad(program(x), x)[0])
+
+
+def test_fused_rms_norm_backward_decomposes():
+    """CUDA's nn.RMSNorm backward is one fused op, aten._fused_rms_norm_backward (no CPU kernel: a CPU stand-in
+    with its schema, PyTorch's own decomposition, stands for it here). NaN rows sliced away after the norm: the
+    strong pass runs it as its decomposition, so the weight gradient is that of the rows kept."""
+    op = aten._fused_rms_norm_backward
+    lib = torch.library.Library("aten", "IMPL")
+    from torch._decomp import decomposition_table
+
+    lib.impl("_fused_rms_norm_backward", decomposition_table[op.default], "CPU")
+
+    class FusedRms(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            rstd = torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6)
+            ctx.save_for_backward(x, rstd, w)
+            return x * rstd * w
+
+        @staticmethod
+        def backward(ctx, g):
+            x, rstd, w = ctx.saved_tensors
+            return op(g, x, [x.shape[-1]], rstd, w, [True, True])
+
+    try:
+        x = torch.randn(6, 8, dtype=torch.float64)
+        x[4:] = nan
+        w = (torch.rand(8, dtype=torch.float64) + 0.5).requires_grad_()
+        loss = FusedRms.apply(x, w)[:4].square().sum()
+        assert not torch.autograd.grad(loss, w, retain_graph=True)[0].isfinite().all()
+        (got,) = gw.grad(loss, [w])
+        (exp,) = torch.autograd.grad(FusedRms.apply(x[:4], w).square().sum(), [w])
+        torch.testing.assert_close(got, exp, rtol=1e-12, atol=1e-12)
+    finally:
+        lib._destroy()

@@ -26,7 +26,8 @@ aten = torch.ops.aten
 # NaN. Only then: with no structural zero in their inputs they run fused, as in plain PyTorch, and with one the
 # fused result is kept wherever it is finite (see _StrongZeroMode._decomposed).
 DECOMPOSED = frozenset((aten.native_layer_norm_backward, aten.native_group_norm_backward,
-                        aten.native_batch_norm_backward, aten.linalg_cross, aten._prelu_kernel_backward))
+                        aten.native_batch_norm_backward, aten._fused_rms_norm_backward, aten.linalg_cross,
+                        aten._prelu_kernel_backward))
 
 
 def _decomposition(func: Any) -> Callable[..., Any] | None:

@@ -158,7 +158,7 @@ _SAFE_NODES = (
     "SortBackward0 TopkBackward0 GatherBackward0 ScatterBackward0 IndexSelectBackward0 CopySlices "
     "ConstantPadNdBackward0 RepeatBackward0 FlipBackward0 RollBackward0 "
     "ScaledDotProductFlashAttentionForCpuBackward0 ScaledDotProductEfficientAttentionBackward0 "
-    "ScaledDotProductFlashAttentionBackward0"
+    "ScaledDotProductFlashAttentionBackward0 FusedRmsNormBackward0"
 ).split()
 
 # Keyed by autograd node (the aten op whose derivative formula the node runs). None: the formula maps finite
@@ -206,7 +206,7 @@ MAKES_NO_ZEROS = frozenset((
     "ToCopyBackward0 AliasBackward0 AddmmBackward0 MmBackward0 BmmBackward0 BaddbmmBackward0 MvBackward0 "
     "GeluBackward0 SigmoidBackward0 TanhBackward0 SiluBackward0 SoftplusBackward0 ExpBackward0 "
     "MseLossBackward0 SqrtBackward0 LogBackward0 NativeLayerNormBackward0 NativeGroupNormBackward0 "
-    "NativeBatchNormBackward0 RsqrtBackward0"
+    "NativeBatchNormBackward0 RsqrtBackward0 FusedRmsNormBackward0"
 ).split())
 # Nodes whose backward only compares its saved tensor (relu: result <= 0 ? 0 : grad): a NaN/Inf there cannot
 # turn into a NaN/Inf of the backward, so the check before backward need not read it.
