@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pytest
 import torch
 
 import gradwise as gw
@@ -59,3 +60,23 @@ def test_unused_forward_values_are_one_line_not_findings():
         torch.softmax(y, 0).sum().backward()
     assert not report.of_kind("contamination", "nan", "inf")
     assert report.unused and str(report).count("Not errors") == 1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_nan_batch_is_born_in_its_dataloader_batch(workers):
+    """A batch from a DataLoader brings NaN: the birth is the data that arrived, with the batch's index. With
+    worker processes the batch reaches the trace only as storage rebinding (aten.set_ inside
+    multiprocessing), which is no birth."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    x[40:48] = float("nan")
+    lin = torch.nn.Linear(8, 1)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, num_workers=workers)
+    with gw.trace() as report:
+        for xb, yb in loader:
+            lin.zero_grad()
+            ((lin(xb) - yb) ** 2).mean().backward()
+    (finding,) = [f for f in report.findings if not f.downstream]
+    assert finding.born_op == "input", finding
+    assert "in DataLoader batch 2" in finding.born and finding.born.startswith("xb arrived with 64 NaN"), finding.born

@@ -69,6 +69,9 @@ _COLLECTIVE_NAMESPACES = {"c10d", "_c10d_functional"}
 # backward's new_empty_strided, are written before they are read)
 _UNINITIALISED = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided"}
 _NOT_DATA = {*_UNINITIALISED, "gradient"}
+# storage rebinding: the tensor now shows memory filled elsewhere (a DataLoader worker's batch arriving through
+# shared memory, a loaded checkpoint): a NaN there arrived with the data, as an input's does, and is not born here
+_ARRIVALS = {aten.set_.source_Storage, aten.set_.source_Storage_storage_offset}
 _PRODUCTS = {"aten.mul", "aten.div", "aten.mm", "aten.bmm", "aten.addmm", "aten.matmul", "aten.mv", "aten.dot",
              "aten.outer", "aten.linear", "aten.einsum", "aten.baddbmm"}
 # Backward ops whose inputs and output share a shape but that mix a whole row (softmax's sum over the row).

@@ -37,8 +37,9 @@ class _Provenance:
         if got is None:
             mask, nan = ~torch.isfinite(t), bool(torch.isnan(t).any())
             name = self.names.get(t) or self._search_name(t, _user_frame())
+            batch = self.batches.get(t if t._base is None else t._base)
             b = self._birth("input", loc, nan, name, mask,
-                            lambda idx: _Birth("input", loc, "arrived non-finite", 0, idx, nan, name=name))
+                            lambda idx: _Birth("input", loc, "arrived non-finite", 0, idx, nan, name=name, batch=batch))
             got = self.prov[t] = frozenset([b])
         return got
 

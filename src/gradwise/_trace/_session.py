@@ -28,7 +28,8 @@ from gradwise._trace._tracer import _Tracer
 _LOCK = threading.Lock()
 _TRACERS: dict[int, _Tracer] = {}  # thread id -> its outermost active tracer
 _WATCHERS: dict = {}  # thread id -> its gw.watch() state (_watch._Watcher), while no tracer runs there
-_ORIGINAL: list = []  # [torch.autograd.backward, torch.autograd.grad] while wrapped
+_ORIGINAL: list = []  # [torch.autograd.backward, torch.autograd.grad, the DataLoader iterator's __next__] while wrapped
+_LOADER_ITER = torch.utils.data.dataloader._BaseDataLoaderIter
 _installed = 0
 
 
@@ -102,12 +103,29 @@ def _traced_grad(outputs, inputs, grad_outputs=None, *args, **kwargs):
     return result
 
 
+def _traced_next(it):
+    """A DataLoader iterator's ``__next__``: the tensors of a batch are tagged with its index, so that a NaN
+    they bring is reported as arriving in that batch (a worker's batch reaches the mode as storage rebinding
+    only, with no line of the user's)."""
+    batch = _ORIGINAL[2](it)
+    tracer = _current()
+    if tracer is not None:
+        tracer._safely("DataLoader", _tag_batch, tracer, batch, it._num_yielded - 1)
+    return batch
+
+
+def _tag_batch(tracer: _Tracer, batch: object, index: int) -> None:
+    for t in _tensors(torch.utils._pytree.tree_leaves(batch)):
+        tracer.batches[t] = index
+
+
 def _install() -> None:
     global _installed
     with _LOCK:
         if _installed == 0:
-            _ORIGINAL[:] = [torch.autograd.backward, torch.autograd.grad]
+            _ORIGINAL[:] = [torch.autograd.backward, torch.autograd.grad, _LOADER_ITER.__next__]
             torch.autograd.backward, torch.autograd.grad = _traced_backward, _traced_grad
+            _LOADER_ITER.__next__ = _traced_next
         _installed += 1
 
 
@@ -116,7 +134,7 @@ def _uninstall() -> None:
     with _LOCK:
         _installed -= 1
         if _installed == 0:
-            torch.autograd.backward, torch.autograd.grad = _ORIGINAL
+            torch.autograd.backward, torch.autograd.grad, _LOADER_ITER.__next__ = _ORIGINAL
             _ORIGINAL.clear()
 
 

@@ -33,6 +33,7 @@ class Birth:
     indices: list
     nan: bool
     name: str | None = None  # for data that arrived non-finite
+    batch: int | None = None  # ... in this batch of a DataLoader (its index, counted from 0), the first time
     parents: set = field(default_factory=set)  # the births it came from (the union over occurrences)
     used: bool = False
     received: bool = False  # read from a collective's buffer: another rank's NaN/Inf
@@ -51,7 +52,8 @@ class Birth:
                                                      if self.occurrences > 1 else "")
         if self.op == "input":
             name = self.name or "a tensor"
-            return f"{name} arrived with {n} (first used at {_fmt(self.loc)})"
+            batch = "" if self.batch is None else f" in DataLoader batch {self.batch}"
+            return f"{name} arrived with {n}{batch} (first used at {_fmt(self.loc)})"
         return f"{self.op} at {_fmt(self.loc)} made {n}: {self.what}"
 
 

@@ -30,6 +30,7 @@ from gradwise._trace._common import (
     _user_frame,
 )
 from gradwise._trace._facts import (
+    _ARRIVALS,
     _COLLECTIVE_NAMESPACES,
     _COMPARISONS,
     _FINITE_PRESERVING,
@@ -70,7 +71,7 @@ def _op_info(func) -> _OpInfo:
         info = _INFO[func] = _OpInfo(view, func._schema.is_mutable,
                                      _KINKS.get(packet), _COMPARISONS.get(packet), packet.__name__,
                                      packet in _FINITE_PRESERVING, func.namespace in _COLLECTIVE_NAMESPACES,
-                                     _op_name(func), _op_name(func) in _UNINITIALISED)
+                                     _op_name(func), _op_name(func) in _UNINITIALISED or func in _ARRIVALS)
     return info
 
 
@@ -88,6 +89,7 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, TorchDis
         # entry as soon as its tensor dies (_ByIdentity keeps dead values until its next purge)
         self.ties = WeakTensorKeyDictionary()
         self.names = _ByIdentity()
+        self.batches = WeakTensorKeyDictionary()  # tensor -> index of the DataLoader batch it arrived in
         self.module_names = _ByIdentity()  # module -> {id(param): name}
         self.nodes: dict[int, _Node] = {}
         self.parents: dict = {}  # node seq -> seqs of the nodes whose sensitivities it consumed
