@@ -80,3 +80,16 @@ def test_a_nan_batch_is_born_in_its_dataloader_batch(workers):
     (finding,) = [f for f in report.findings if not f.downstream]
     assert finding.born_op == "input", finding
     assert "in DataLoader batch 2" in finding.born and finding.born.startswith("xb arrived with 64 NaN"), finding.born
+
+
+def test_an_overflow_chain_is_rooted_at_the_overflow():
+    """A naive softmax: exp overflows to Inf, then inf / inf is NaN. The finding names the exp (its fix is the
+    one to apply), and says what the division made of it; no second finding for the division."""
+    x = torch.tensor([1.0, 1000.0, 2.0], requires_grad=True)
+    with gw.trace() as report:
+        e = x.exp()
+        (e / e.sum()).log().sum().backward()
+    (finding,) = report.findings
+    assert (finding.kind, finding.born_op) == ("nan", "aten.exp"), finding
+    assert "then aten.div" in finding.born and "inf / inf" in finding.born, finding.born
+    assert "logsumexp" in finding.fix

@@ -82,7 +82,9 @@ def _root_domain(ins, out, mask) -> str:
 
 @_explains(aten.div, aten.reciprocal)
 def _division(ins, out, mask) -> str:
-    """x/0 is ±inf and 0/0 is NaN."""
+    """x/0 is ±inf and 0/0 is NaN; inf/inf is NaN (an overflow upstream)."""
+    if any(isinstance(t, torch.Tensor) and _nonfinite(t) for t in ins):
+        return "inf / inf (both operands overflowed upstream)"
     return "division by zero (x/0 = ±inf, 0/0 = NaN)"
 
 

@@ -13,11 +13,11 @@ import torch
 from gradwise._trace import _causes
 from gradwise._trace._advice import _GENUINE_FIX, _GRADIENT_FIX, _INPUT_FIX, _KINK_FIX, _SINGULAR_FIX, _UNDECIDED
 from gradwise._trace._common import _dist_rank, _fmt, _nonfinite, _positions, _source, aten
-from gradwise._trace._facts import _DISCARDS, _NOT_DATA
+from gradwise._trace._facts import _DISCARDS, _NOT_DATA, _OVERFLOWS
 from gradwise._trace._report import Finding, Report
 from gradwise._trace._store import Birth as _Birth
 from gradwise._trace._store import Incident as _Incident
-from gradwise._trace._store import earliest
+from gradwise._trace._store import _order, earliest
 
 
 class _Assembly:
@@ -49,15 +49,16 @@ class _Assembly:
         for inc in sorted(self.store.incidents.values(), key=lambda i: i.order):
             if inc.serial <= since:
                 continue
-            birth = earliest(inc.births)
+            via = earliest(inc.births)
+            birth = overflow_root(via)
             if inc.kind == "contamination":
                 key = ("contamination", inc.op, inc.loc, birth.op if birth else None, birth.loc if birth else None)
-                add(key, lambda inc=inc, birth=birth: self._contamination(inc, birth), inc.count, inc.reaches,
-                    inc.indices, inc.occurrences, inc.step, birth)
+                add(key, lambda inc=inc, birth=birth, via=via: self._contamination(inc, birth, via), inc.count,
+                    inc.reaches, inc.indices, inc.occurrences, inc.step, birth)
             elif birth is not None:  # named by where it was born: count and elements are the born tensor's
                 key = (inc.kind, birth.op, birth.loc)
                 new = key not in findings
-                add(key, lambda inc=inc, birth=birth: self._genuine(inc.kind, inc, birth),
+                add(key, lambda inc=inc, birth=birth, via=via: self._genuine(inc.kind, inc, birth, via),
                     birth.count if new else 0, inc.reaches, birth.indices, birth.occurrences if new else 0,
                     birth.step, birth)
             else:
@@ -65,18 +66,18 @@ class _Assembly:
                 add(key, lambda inc=inc: self._genuine(inc.kind, inc, None), inc.count, inc.reaches, inc.indices,
                     inc.occurrences, inc.step)
                 birthless.add(key)
-        for birth in sorted(self.output_births, key=lambda b: b.order):
-            kind = "nan" if birth.nan else "inf"
+        for via in sorted(self.output_births, key=lambda b: b.order):
+            kind, birth = "nan" if via.nan else "inf", overflow_root(via)
             key = (kind, birth.op, birth.loc)
             if key in birthless:  # the output itself is NaN/Inf from the forward: that is the explanation
                 old = findings[key]
-                findings[key] = self._genuine(kind, None, birth)
+                findings[key] = self._genuine(kind, None, birth, via)
                 findings[key].count, findings[key].indices = birth.count, birth.indices
                 findings[key].occurrences, findings[key].reaches = old.occurrences, old.reaches
                 findings[key].step, origin[key] = old.step, birth
             elif key not in findings:
-                add(key, lambda birth=birth, kind=kind: self._genuine(kind, None, birth), birth.count, [],
-                    birth.indices, birth.occurrences, birth.step, birth)
+                add(key, lambda birth=birth, kind=kind, via=via: self._genuine(kind, None, birth, via), birth.count,
+                    [], birth.indices, birth.occurrences, birth.step, birth)
         self._grads_made_nonfinite_after_backward(findings, add)
         for name, (count, occurrences, serial) in self.store.orphans.items():
             if serial > since:
@@ -126,7 +127,7 @@ class _Assembly:
             f"through {op}", fix="gw.gather_reports(report) on every rank names the rank that introduced it; "
             "gw.ddp_nonfinite_hook stops or skips such a step on every rank")
 
-    def _contamination(self, inc: _Incident, birth: _Birth | None) -> Finding:
+    def _contamination(self, inc: _Incident, birth: _Birth | None, via: _Birth | None = None) -> Finding:
         disc_op, disc_loc = inc.discarded if inc.discarded else (None, None)
         rewrite = _DISCARDS.get(getattr(aten, disc_op[5:], None)) if disc_op else None
         if rewrite is None:
@@ -138,10 +139,10 @@ class _Assembly:
                 "mask...) made it: if the program computes that 0 (0 * x), it is an ordinary zero and the NaN is "
                 "genuine for gw.grad too", source=_source(inc.loc), born_op=birth.op if birth else inc.op,
                 born_location=_fmt(birth.loc) if birth else _fmt(inc.loc),
-                born=birth.describe() if birth else f"0/0 or 0 x Inf in {inc.op}, the backward of {inc.node_op}",
+                born=_born(birth, via) if birth else f"0/0 or 0 x Inf in {inc.op}, the backward of {inc.node_op}",
                 fix=f"if the zero stands for 'not used', gw.strong_zeros() removes it only where a discarding op "
                     f"made it; otherwise {rewrite}")
-        born = birth.describe() if birth else \
+        born = _born(birth, via) if birth else \
             f"0/0 or 0 x Inf in {inc.op}, the backward of {inc.node_op} at {_fmt(inc.loc)}"
         return Finding(
             "contamination", inc.op, _fmt(inc.loc), inc.count, message=f"{inc.what}; the output never used it",
@@ -150,7 +151,7 @@ class _Assembly:
             discarded_op=disc_op, discarded_location=_fmt(disc_loc) if disc_loc else None,
             fix=f"gw.strong_zeros() (or gw.grad / gw.backward) removes it. Local rewrite: {rewrite}.")
 
-    def _genuine(self, kind: str, inc: _Incident | None, birth: _Birth | None) -> Finding:
+    def _genuine(self, kind: str, inc: _Incident | None, birth: _Birth | None, via: _Birth | None = None) -> Finding:
         if birth is not None:
             op, loc = birth.op, birth.loc
             fix = _INPUT_FIX if birth.op == "input" else _GRADIENT_FIX if birth.op == "gradient" else \
@@ -164,7 +165,7 @@ class _Assembly:
         return Finding(kind, op, _fmt(loc), 0, fix=fix or "find why the value is not finite where it is used",
                        message=message, source=_source(loc), born_op=birth.op if birth else (inc.op if inc else None),
                        born_location=_fmt(birth.loc) if birth else (_fmt(inc.loc) if inc else None),
-                       born=birth.describe() if birth else (inc.what if inc else None))
+                       born=_born(birth, via) if birth else (inc.what if inc else None))
 
     def _grads_made_nonfinite_after_backward(self, findings: dict, add: Callable) -> None:
         """A parameter's .grad that is not finite at the end of the block although no backward finding reaches
@@ -204,3 +205,21 @@ class _Assembly:
                 key = (b.op if b.op != "input" else f"input {b.name}", _fmt(b.loc))
                 groups[key] = groups.get(key, 0) + b.count
         return [f"{op} at {loc} ({n} value{'s' if n != 1 else ''})" for (op, loc), n in groups.items()]
+
+
+def _born(birth: _Birth, via: _Birth | None) -> str:
+    """The birth in words; when it is an overflow's infinity that a later op turned into NaN, that op too."""
+    text = birth.describe()
+    if via is not None and via is not birth:
+        text += f"; then {via.op} at {_fmt(via.loc)} made NaN of it: {via.what}"
+    return text
+
+
+def overflow_root(b: _Birth | None) -> _Birth | None:
+    """A NaN an op made from infinities alone, all born of an overflow (inf / inf in a naive softmax after exp
+    overflowed, inf - inf) is explained by where the overflow happened, not by the op that met it. An infinity
+    written on purpose (a -inf mask) is no root: the op that made NaN of it is (a fully masked softmax row)."""
+    while b is not None and b.nan and b.parents and b.op not in _NOT_DATA and b.op != "input" \
+            and all(not p.nan and p.op in _OVERFLOWS for p in b.parents):
+        b = min(b.parents, key=_order)
+    return b
