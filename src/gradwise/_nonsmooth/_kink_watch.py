@@ -1,7 +1,8 @@
 """The watch: a callable without a route runs once under ``_KinkWatch`` (a TorchDispatchMode) that tests each
-kink op it reaches against ``_kinks``; ``_SMOOTH_CALLS`` (callables seen smooth), ``_unguarded`` composites.
+kink op it reaches against ``gradwise._ops._kinks``;
+``_SMOOTH_CALLS`` (callables seen smooth), ``_unguarded`` composites.
 
-May import: torch, ``_errors``, ``_records``, ``_rules``, ``_kinks``.
+May import: torch, ``_errors``, ``_records``, ``_rules``, ``gradwise._ops``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from gradwise._nonsmooth._errors import NonsmoothError
-from gradwise._nonsmooth._kinks import _KINKY_BY_NAME, _float
 from gradwise._nonsmooth._records import _user_line
 from gradwise._nonsmooth._rules import _is_dual, _split
+from gradwise._ops._kinks import _KINKY_BY_NAME, _float
 
 Tensor = torch.Tensor
 

@@ -1,7 +1,8 @@
 """Where aten ops kink: ``_KINKY`` (aten op -> test), ``_KINKY_BY_NAME``, ``_UNSEEN_KINKY`` and the tests they use.
 
 Each test takes ``(args, kwargs, out)`` of one aten call (plain tensors) and returns a bool: whether that call
-sits at its kink (or singular point). Facts only: no engine here (a later step makes this the shared op layer).
+sits at its kink (or singular point). Facts only: no engine here. Moved from ``_nonsmooth``; the trace's detectors
+follow into this table next.
 
 May import: torch and math only (no gradwise module).
 """
