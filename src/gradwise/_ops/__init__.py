@@ -1,4 +1,4 @@
-"""Facts about aten ops, written once and read by every concern (the trace, nonsmooth calculus, strong zeros).
+"""Facts about aten ops, written once and read by every concern that needs them (the trace, nonsmooth calculus).
 
 Modules:
 
