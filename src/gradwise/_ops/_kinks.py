@@ -635,7 +635,8 @@ def _renorm_boundary(c):
     return Site(torch.broadcast_to((norms == maxnorm).view(shape), x.shape))
 
 
-@_kink(aten._linalg_eigh, kind="singular", needs_out=True, convention="NaN/Inf (1 / (λi - λj) at equal eigenvalues)")
+@_kink(aten._linalg_eigh, kind="singular", needs_out=True,
+       convention="eigenvalues: one eigenbasis's gradient; eigenvectors: NaN/Inf (1 / (λi - λj))")
 def _eigen_ties(c):
     """eigh with repeated eigenvalues (they come sorted; a zero eigenvalue is no kink): eigenvalues are not
     differentiable there and the eigenvectors' backward divides by their difference."""
@@ -646,7 +647,8 @@ def _eigen_ties(c):
 
 
 @_kink(aten._linalg_svd, kind="singular", needs_out=True,
-       convention="NaN/Inf at repeated singular values (1 / (σi² - σj²)); one side's derivative at σ = 0")
+       convention="singular values: one basis's gradient (one side's at σ = 0); singular vectors: NaN/Inf at "
+                  "repeated values (1 / (σi² - σj²))")
 def _singular_value_ties(c):
     """svd with repeated singular values (the vectors' backward divides by σi² - σj²), or a zero one (|σ| is not
     differentiable at 0)."""
