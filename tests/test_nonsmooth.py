@@ -596,6 +596,10 @@ UNROUTED_AT_KINKS = {
     "cosine_embedding_margin": (lambda x: F.cosine_embedding_loss(x[:2].reshape(1, 2), x[2:].reshape(1, 2),
                                                                    torch.tensor([-1.0]), margin=0.0),
                                 _T(1.0, 0.0, 0.0, 1.0), "cosine_embedding_loss .* aten.clamp_min_"),
+    # facts the trace knew first (gradwise._ops._kinks): these gave one side's derivative, or Inf, silently
+    "asin_at_minus_one": (lambda x: torch.asin(x).sum(), _T(-1.0, 0.0), "asin .* aten.asin"),
+    "aten_hardswish_in_place": (lambda x: torch.ops.aten.hardswish_(x * 1).sum(), _T(3.0, 0.0), "aten.hardswish_"),
+    "aten_pow_in_place": (lambda x: torch.ops.aten.pow_(x * 1, 0.5).sum(), _T(0.0, 1.0), "aten.pow_"),
 }
 
 

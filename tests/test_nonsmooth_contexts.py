@@ -25,7 +25,7 @@ import gradwise as gw
 from gradwise._nonsmooth import NonsmoothError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_nonsmooth import flat, hull_distance, nearby_gradients, one_sided
+from test_nonsmooth import _T, flat, hull_distance, nearby_gradients, one_sided
 
 # TorchScript is deprecated in 2.13 (it warns on use); these tests use it on purpose
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*torch\.jit.*:DeprecationWarning")
@@ -169,6 +169,30 @@ def test_opaque_round_jumps_at_halves_not_at_its_values(decimals):
     assert float(gw.directional_derivative(f, at_value, one)) == 1.0
     with pytest.raises(NonsmoothError, match=r"aten\.round"):
         gw.directional_derivative(f, at_half, one)
+
+
+# (f, a point where no call is at its kink though values repeat, a point at a kink): the kink facts are per window,
+# slice or running extreme, not "two equal values anywhere"
+OPAQUE_TIES = {
+    "max_pool2d": (lambda x: F.max_pool2d(x.view(1, 1, 2, 4), 2).sum(), _T(1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+                   _T(1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)),
+    "sort_rows": (lambda x: torch.sort(x.view(2, 2), 1).values[:, 0].sum() * 1, _T(1.0, 2.0, 1.0, 3.0),
+                  _T(1.0, 1.0, 2.0, 3.0)),
+    "cummax": (lambda x: torch.cummax(x, 0).values.sum(), _T(0.0, 2.0, 0.0), _T(2.0, 0.0, 2.0)),
+    "hardswish": (lambda x: F.hardswish(x).sum(), _T(2.0, 2.0), _T(3.0, 2.0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPAQUE_TIES))
+def test_opaque_code_is_refused_exactly_at_its_kinks(name):
+    """In TorchScript a call is refused where it sits at its kink, and only there (repeated values elsewhere are
+    PyTorch's own exact derivative)."""
+    f, repeated, tied = OPAQUE_TIES[name]
+    g = _traced(f, repeated)
+    d = torch.linspace(-1.0, 1.0, repeated.numel(), dtype=torch.float64)
+    assert float(gw.directional_derivative(g, repeated, d)) == pytest.approx(one_sided(f, [repeated], [d]), abs=1e-5)
+    with pytest.raises(NonsmoothError, match="runs at its kink in code that gradwise cannot see"):
+        gw.directional_derivative(g, tied, d)
 
 
 def test_gradwise_inside_a_transform_is_refused():

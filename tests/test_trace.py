@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import itertools
+import math
 import sys
 from pathlib import Path
 
@@ -304,13 +306,30 @@ KINK_SAMPLES = [  # (name, function of x, a point on a kink, a smooth point)
     ("max_pool2d", lambda x: F.max_pool2d(x.view(1, 1, 2, 2), 2), [1.0, 1.0, 0.0, 0.0], [1.0, 2.0, 0.0, 0.0]),
     ("where-gt", lambda x: torch.where(x[0] > x[1], x[0], x[1]), [1.0, 1.0], [1.0, 2.0]),
     ("where-le", lambda x: torch.where(x[0] <= x[1], 2 * x[0], x[1]), [0.0, 0.0], [0.0, 2.0]),
+    # facts nonsmooth knew first (gradwise._ops._kinks)
+    ("elu", lambda x: F.elu(x, alpha=2.0), [0.0, 1.0], [0.5, 1.0]),
+    ("l1_loss", lambda x: F.l1_loss(x[0], x[1]), [1.0, 1.0], [1.0, 2.0]),
+    ("smooth_l1_loss-beta0", lambda x: F.smooth_l1_loss(x[0], x[1], beta=0.0), [1.0, 1.0], [1.0, 2.0]),
+    ("copysign", lambda x: torch.copysign(x[0], x[1]), [0.0, 1.0], [0.5, 1.0]),
+    ("aminmax", lambda x: torch.aminmax(x).max, [2.0, 2.0, 1.0], [2.0, 3.0, 1.0]),
+    ("cummax", lambda x: torch.cummax(x, 0).values, [1.0, 1.0, 0.0], [1.0, 2.0, 0.0]),
+    ("scatter_reduce-amax", lambda x: x.new_zeros(1).scatter_reduce(0, torch.tensor([0, 0]), x, "amax",
+                                                                    include_self=False), [1.0, 1.0], [1.0, 2.0]),
+    ("renorm", lambda x: torch.renorm(x.view(1, 2), 2, 0, 5.0), [3.0, 4.0], [1.0, 1.0]),
+    ("norm-1", lambda x: torch.linalg.vector_norm(x, 1), [0.0, 1.0], [0.5, 1.0]),
+    ("norm-inf", lambda x: torch.linalg.vector_norm(x, math.inf), [1.0, -1.0], [1.0, -2.0]),
+    # overlapping windows: hiding each window's maximum and pooling again missed the first window's tie
+    ("max_pool2d-overlapping", lambda x: F.max_pool2d(x.view(1, 1, 1, 3), (1, 2), 1), [1.0, 1.0, 0.0],
+     [1.0, 2.0, 0.0]),
 ]
 SINGULAR_SAMPLES = [
     ("sqrt", torch.sqrt, [0.0, 1.0], [0.5, 1.0]),
     ("pow-half", lambda x: x**0.5, [0.0, 1.0], [0.5, 1.0]),
     ("norm", lambda x: torch.linalg.vector_norm(x), [0.0, 0.0], [0.0, 1.0]),
     ("asin", torch.asin, [1.0, 0.0], [0.5, 0.0]),
+    ("hypot", lambda x: torch.hypot(x[0], x[1]), [0.0, 0.0], [0.0, 1.0]),
 ]
+CONES = {"norm", "hypot"}  # a norm at 0: no infinite derivative, the one-sided derivatives differ (a cone)
 
 
 def _one_sided(f, x, d, h=1e-6):
@@ -347,7 +366,7 @@ def _is_singular_fd(f, x):
                          ids=[s[0] for s in KINK_SAMPLES + SINGULAR_SAMPLES])
 def test_kink_detectors(name, f, at, smooth):
     kind = "singular" if any(name == s[0] for s in SINGULAR_SAMPLES) else "kink"
-    reference = _is_singular_fd if kind == "singular" and name != "norm" else _is_kink_fd  # a norm at 0 is a cone
+    reference = _is_singular_fd if kind == "singular" and name not in CONES else _is_kink_fd
     assert reference(f, at) and not reference(f, smooth), "bad sample: not a kink / not smooth"
     for point, expect in ((at, True), (smooth, False)):
         x = torch.tensor(point, requires_grad=True)
@@ -382,8 +401,7 @@ def _tied_windows(x, k, s):
 @pytest.mark.parametrize(("shape", "k", "s"), [((2, 3, 8, 8), 2, 2), ((2, 3, 9, 7), 2, 2), ((1, 4, 9, 9), 3, 3),
                                                ((2, 3, 8, 8), 3, 2), ((3, 7, 7), 3, 1)])
 def test_max_pool_tie_counts(shape, k, s):
-    """Integer images tie often. Windows that tile the input are counted exactly; overlapping windows may
-    undercount (a neighbour's hidden maximum), never overcount."""
+    """Integer images tie often. Tied windows are counted exactly, whether they tile the input or overlap."""
     torch.manual_seed(0)
     x = torch.randint(0, 3, shape).float().requires_grad_()
     with gw.trace() as report:
@@ -391,7 +409,36 @@ def test_max_pool_tie_counts(shape, k, s):
     found = sum(f.count for f in report.findings if f.kind == "kink")
     expected = _tied_windows(x.detach(), k, s)
     assert expected > 0
-    assert found == expected if k == s else 0 < found <= expected
+    assert found == expected
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation", "ceil_mode"),
+                         [(3, 1, 1, 1, False), (2, 2, 0, 2, False), (3, 2, 1, 1, True), (2, 2, 0, 1, True)])
+def test_max_pool_tie_counts_with_padding_dilation_ceil_mode(kernel, stride, padding, dilation, ceil_mode):
+    """Padded, dilated and partial (ceil_mode) windows are counted exactly too: window by window as reference."""
+    torch.manual_seed(1)
+    x = torch.randint(0, 3, (2, 2, 7, 7)).float()
+    padded = F.pad(x, [padding] * 4, value=float("-inf"))
+    out = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
+    expected = 0
+    for i, j in itertools.product(range(out.shape[-2]), range(out.shape[-1])):
+        span = (kernel - 1) * dilation + 1
+        rows = [r for r in range(i * stride, i * stride + span, dilation) if r < padded.shape[-2]]
+        cols = [c for c in range(j * stride, j * stride + span, dilation) if c < padded.shape[-1]]
+        window = padded[..., rows, :][..., cols]
+        expected += int(((window == out[..., i : i + 1, j : j + 1]).flatten(-2).sum(-1) > 1).sum())
+    with gw.trace() as report:
+        F.max_pool2d(x.requires_grad_(), kernel, stride, padding, dilation, ceil_mode).sum().backward()
+    assert expected > 0
+    assert sum(f.count for f in report.findings if f.kind == "kink") == expected
+
+
+def test_jumps_are_not_reported():
+    """floor, round, sign, remainder jump (kind "jump" in gradwise._ops): PyTorch's value there is the derivative
+    on both sides, so the trace has nothing to explain."""
+    x = torch.tensor([0.0, 1.0, 2.5, -1.0], requires_grad=True)
+    report = gw.explain(lambda x: (x.floor() + x.round() + x.sign() + x.remainder(1.0) + x.frac()).sum(), x)
+    assert report.findings == []
 
 
 @pytest.mark.parametrize("case", ["nan", "inf", "wide", "empty", "float64", "bfloat16", "channels_last"])

@@ -13,9 +13,8 @@ f that is active at x, an element of the Bouligand (hence Clarke) subdifferentia
 Each tie that a rule resolves is recorded as a `Kink` (op, user line, candidate branches, the keys that ranked
 them); `_stationarity` replays runs with chosen branches forced to enumerate the active pieces.
 
-Modules (each imports only those above it in this list, plus torch and gradwise._masks)
+Modules (each imports only those above it in this list, plus torch, gradwise._masks and gradwise._ops)
 --------------------------------------------------------------------------------------
-``_kinks``            where aten ops kink: ``_KINKY``, ``_KINKY_BY_NAME``, ``_UNSEEN_KINKY``, their tests (facts only).
 ``_errors``           ``NonsmoothError``.
 ``_contexts``         the contexts around a pass (compile, checkpoint, hooks, custom ops, TorchScript watch).
 ``_records``          ``Kink``, ``NearKink``, the per-pass state ``_Run``, lexicographic ranking, ``_user_line``.
@@ -26,14 +25,16 @@ Modules (each imports only those above it in this list, plus torch and gradwise.
 ``_rules_jvp``        ``JVP_RULES``: forward-mode rules for smooth ops with a slow PyTorch formula.
 ``_rules_aten``       rules for aten overloads called directly (``_ATEN_ROUTES``, ``_aten_rule``).
 ``_scatter``          rules for scatter_reduce / index_reduce with amax/amin and embedding_bag(max).
-``_kink_watch``       ``_KinkWatch``: callables without a route, tested against ``_kinks`` (``_SMOOTH_CALLS``).
+``_kink_watch``       ``_KinkWatch``: callables without a route, tested against ``gradwise._ops._kinks``
+                      (``_SMOOTH_CALLS``).
 ``_kink_mode``        ``_KinkMode``, the TorchFunctionMode that sends f's kink ops to their rules.
 ``_engine``           the passes, ``directional_derivative``, branch locking (``_LAST_TIE``), ``generalized_grad``,
                       ``generalized_backward``, ``kinks_hit``.
 ``_stationarity``     ``subdifferential``, ``stationarity``.
 ``_gradcheck``        the kink-aware ``gradcheck``.
 
-Other concerns do not import this package; it imports none of them (only gradwise._masks).
+Other concerns do not import this package; it imports none of them (only gradwise._masks and the op facts,
+gradwise._ops).
 """
 
 # Importing the rule modules registers their rules in KINK_RULES / JVP_RULES, in this order (as before the split).

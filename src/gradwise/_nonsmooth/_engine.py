@@ -2,7 +2,7 @@
 ``directional_derivative``, branch locking (``_locked_grad``, the memo ``_LAST_TIE``), ``generalized_grad``,
 ``generalized_backward``, ``kinks_hit``.
 
-May import: torch, ``_contexts``, ``_errors``, ``_records``, ``_rules``, ``_kinks``, ``_kink_mode``.
+May import: torch, ``_contexts``, ``_errors``, ``_records``, ``_rules``, ``_kink_watch``, ``_kink_mode``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.autograd.forward_ad as fwAD
 from gradwise._nonsmooth import _contexts as _ctx
 from gradwise._nonsmooth._errors import NonsmoothError
 from gradwise._nonsmooth._kink_mode import _Diverged, _KinkMode, _Stop
-from gradwise._nonsmooth._kinks import _UNSEEN_KINKY
+from gradwise._nonsmooth._kink_watch import _UNSEEN_KINKY
 from gradwise._nonsmooth._records import Kink, NearKink, _Run, _user_line
 from gradwise._nonsmooth._rules import _is_dual, _needs_grad
 

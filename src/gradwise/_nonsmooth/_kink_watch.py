@@ -1,7 +1,8 @@
 """The watch: a callable without a route runs once under ``_KinkWatch`` (a TorchDispatchMode) that tests each
-kink op it reaches against ``_kinks``; ``_SMOOTH_CALLS`` (callables seen smooth), ``_unguarded`` composites.
+kink op it reaches against ``gradwise._ops._kinks``;
+``_SMOOTH_CALLS`` (callables seen smooth), ``_unguarded`` composites.
 
-May import: torch, ``_errors``, ``_records``, ``_rules``, ``_kinks``.
+May import: torch, ``_errors``, ``_records``, ``_rules``, ``gradwise._ops``.
 """
 
 from __future__ import annotations
@@ -15,11 +16,25 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from gradwise._nonsmooth._errors import NonsmoothError
-from gradwise._nonsmooth._kinks import _KINKY_BY_NAME, _float
 from gradwise._nonsmooth._records import _user_line
 from gradwise._nonsmooth._rules import _is_dual, _split
+from gradwise._ops._kinks import KINKS, OpCall, _float, at_kink
 
 Tensor = torch.Tensor
+
+
+# -- the kink tests, read from the shared op facts (gradwise._ops._kinks) -------------------------------------
+
+
+def _sits_at_kink(fact, name: str) -> Callable:
+    """The test ``(args, kwargs, out) -> bool`` of one aten op: whether that call sits at its kink somewhere."""
+    return lambda args, kwargs, out: at_kink(fact, OpCall(args, kwargs, out, name))
+
+
+# In code the mode cannot see (TorchScript) every kink op counts, guards too (comparisons, amax/amin: nothing routes
+# them); in callables the mode sees but cannot route, guards do not (PyTorch's own code uses them away from kinks).
+_UNSEEN_KINKY = {op.__name__: _sits_at_kink(fact, op.__name__) for op, fact in KINKS.items()}
+_KINKY_BY_NAME = {op.__name__: _UNSEEN_KINKY[op.__name__] for op, fact in KINKS.items() if not fact.guard}
 
 
 # ------------------------------------------------------------------------------------------------ the watch

@@ -2,6 +2,12 @@
 points), ``MAKES_NO_ZEROS``, ``COMPARES_SAVED_ONLY``, ``FUSED_BACKWARDS``, ``_MAKES_NO_ZEROS_IF``, ``_NOT_READ``,
 ``_OWN_ZEROS_INSIDE``, ``_ZERO_OUTPUT_TESTS``, and the per-node-type summary ``_node_type`` / ``_makes_zeros``.
 
+These are facts about backward formulas, keyed by autograd node type and read from saved tensors: whether the
+formula can make a structural zero, or an Inf out of finite values (at a singular point, outside the domain, or by
+overflow). They are not the forward-op facts of ``gradwise._ops`` (where an op kinks, read from the call's
+arguments) nor the trace's ``_trace/_facts.py`` (which forward ops discard values, with fix texts): a singular
+point of asin is |x| = 1 there, and |x| >= 1 here, where the formula gives NaN too.
+
 May import: torch, _rules, _rules_bilinear.
 """
 

@@ -16,10 +16,11 @@ output never used the value (**contamination**, which strong zeros remove), othe
 backward is the user's own: nothing is re-run. Backward nodes are tied to the forward op (and source line) that
 created them through autograd sequence numbers.
 
-Kinks are found by a table of detectors keyed by aten op, run on the forward ops that create autograd nodes.
+Kinks are found by the shared op facts (``gradwise._ops._kinks``: where each aten op kinks, PyTorch's convention
+there), run on the forward ops that create autograd nodes.
 
-Modules (each imports only those above it in this list, plus torch, gradwise._masks and gradwise._strong_zeros)
------------------------------------------------------------------------------------------------------------
+Modules (each imports only those above it, plus torch, gradwise._masks, gradwise._ops and gradwise._strong_zeros)
+-------------------------------------------------------------------------------------------------------------
 ``_report``       ``Finding`` / ``Report``: what the trace found, rendered as text (rich) and JSON (imports rich only).
 ``_kinds``        which tensors the trace can read (plain, functorch-wrapped, forward-AD duals).
 ``_common``       settings (``_MAX_NODES``, ``_DEFER_ON_CPU``: read and patched as ``_common.<name>``), user frames and
@@ -28,7 +29,7 @@ Modules (each imports only those above it in this list, plus torch, gradwise._ma
 ``_causes``       findings grouped by root cause; what strong zeros removed.
 ``_facts``        op-fact tables: discards/selects, steps, comparisons, literals, products, bilinear, row-mixing, ...
 ``_advice``       why a NaN/Inf was born (``_EXPLAIN`` and its explainers) and the fix texts of findings.
-``_kinks``        kink detectors per op family (``_KINKS``, ``kink_detector``, ``_Hit``).
+``_kinks``        ``kink_detector``: the shared kink facts as detectors (``_Hit``), and where on a comparison's tie.
 ``_checking``     ``_Checks``: output checks (immediate or batched), collectives, the gradients a backward starts from.
 ``_incidents``    ``_Incidents``: where a sensitivity meets a NaN/Inf; contamination or genuine.
 ``_provenance``   ``_Provenance``: births of NaN/Inf, provenance along forward ops, names of reached leaves.

@@ -1,9 +1,15 @@
-"""What the trace knows about aten ops, as tables apart from the engine (a later step moves them into a
-shared op-facts layer): which ops discard or select, with the local rewrite that fixes each (``_DISCARDS``,
+"""What the trace knows about aten ops, as tables apart from the engine: which ops discard or select, with the
+local rewrite that fixes each (``_DISCARDS``,
 ``_SELECT_FIX``, ``_ELEMENTWISE_SELECTS``, ``_STEPS``, ``_ELEMENTWISE_DISCARDS``), comparisons (``_COMPARISONS``),
 literals (``_LITERALS``), births that are no data (``_NOT_DATA``), finite-preserving ops (``_FINITE_PRESERVING``),
 products and bilinear ops (``_PRODUCTS``, ``_BILINEAR``), row-mixing backwards (``_ROW_MIXING``) and the
-collective namespaces (``_COLLECTIVE_NAMESPACES``). The kink detectors are in ``_kinks``.
+collective namespaces (``_COLLECTIVE_NAMESPACES``). Where ops kink is in the shared layer (``gradwise._ops``).
+
+These stay here, not in ``gradwise._ops``: only the trace reads them, they are keyed by forward aten op and
+carry the trace's fix texts. Strong zeros state a different fact in ``_strong_zeros/_node_facts.py``, keyed by
+autograd node type and read from its saved tensors before backward (which nodes can make a structural zero, whose
+formula makes an Inf out of finite values, overflow included); one node type covers several forward ops and a
+forward op can make a view or CopySlices node, so neither table can be derived from the other.
 
 ``_SELECT_FIX`` lives here, not in ``_advice``, because ``_DISCARDS`` holds it and ``_advice`` imports this module.
 

@@ -2,7 +2,7 @@
 ``torch.autograd.backward``/``grad`` (``_TRACERS``, ``_WATCHERS``, and the rebound ``_installed``: read as
 ``_session.<name>``).
 
-May import: torch, gradwise._strong_zeros, gradwise._trace._common, _kinds, _report, _tracer.
+May import: torch, gradwise._ops, gradwise._strong_zeros, gradwise._trace._common, _kinds, _report, _tracer.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 import torch
 
 from gradwise import _strong_zeros
+from gradwise._ops._kinks import _SCRATCH
 from gradwise._trace import _kinds
 from gradwise._trace._common import _tensors
-from gradwise._trace._kinks import _SCRATCH
 from gradwise._trace._report import Report
 from gradwise._trace._tracer import _Tracer
 

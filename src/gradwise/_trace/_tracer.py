@@ -2,7 +2,7 @@
 its parts (``_Checks``, ``_Provenance``, ``_Incidents``, ``_KinkChecks``, ``_Assembly``), and ``_op_info``,
 the per-op facts it caches.
 
-May import: torch, gradwise._strong_zeros, every module of gradwise._trace above _session.
+May import: torch, gradwise._ops, gradwise._strong_zeros, every module of gradwise._trace above _session.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from gradwise._trace._facts import (
 )
 from gradwise._trace._incidents import _Incidents
 from gradwise._trace._kink_checks import _KinkChecks
-from gradwise._trace._kinks import _KINKS, _Call, _Detector
+from gradwise._trace._kinks import _Call, _Detector, kink_detector
 from gradwise._trace._provenance import _Provenance
 from gradwise._trace._store import Store
 
@@ -69,7 +69,7 @@ def _op_info(func) -> _OpInfo:
         # a literal's lift_fresh aliases fresh data: checked like a new tensor (a NaN literal is born there)
         view = bool(getattr(func, "is_view", False)) and packet not in _LITERALS
         info = _INFO[func] = _OpInfo(view, func._schema.is_mutable,
-                                     _KINKS.get(packet), _COMPARISONS.get(packet), packet.__name__,
+                                     kink_detector(packet), _COMPARISONS.get(packet), packet.__name__,
                                      packet in _FINITE_PRESERVING, func.namespace in _COLLECTIVE_NAMESPACES,
                                      _op_name(func), _op_name(func) in _UNINITIALISED or func in _ARRIVALS)
     return info
@@ -164,14 +164,14 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, TorchDis
                 for t, name in zip(new, self._search_names(new, frame), strict=True):
                     self.names[t] = name
             if det is not None and not det.needs_out:
-                hit = self._safely(func, det.fn, _Call(args, kwargs, None, self.ties, info.packet_name))
+                hit = self._safely(func, det.fn, _Call(args, kwargs, None, info.packet_name, self.ties))
         out = func(*args, **kwargs)
         if creates_node:
             nd = self.nodes[seq - 1] = _Node(info.op_name, loc)
             if len(self.nodes) > _common._MAX_NODES:
                 self._forget_oldest_nodes()
             if det is not None and det.needs_out:
-                hit = self._safely(func, det.fn, _Call(args, kwargs, out, self.ties, info.packet_name))
+                hit = self._safely(func, det.fn, _Call(args, kwargs, out, info.packet_name, self.ties))
             if hit is not None:
                 self._safely(func, self._schedule_kink, hit, func, loc, nd)
         elif info.compare and len(ins) and any(t.requires_grad for t in ins):

@@ -1,0 +1,12 @@
+"""Facts about aten ops, written once and read by every concern that needs them (the trace, nonsmooth calculus).
+
+Modules:
+
+``_kinks``   where each aten op kinks (or is singular, or jumps), and PyTorch's convention there: ``KINKS``.
+
+No engine lives here: only what is true of an op, whoever asks. Facts one concern alone reads stay with it:
+which forward ops discard values, with the trace's fix texts (``_trace/_facts.py``), and what backward formulas of
+autograd node types do with saved tensors (``_strong_zeros/_node_facts.py``); their docstrings say why.
+
+May import: torch, math only (no other gradwise module).
+"""

@@ -1,0 +1,660 @@
+"""Where each aten op kinks (or is singular, or jumps) and what PyTorch's backward returns there: ``KINKS`` (aten
+overload packet -> ``KinkFact``), ``kink_fact``, ``at_kink``, the records ``OpCall`` and ``Site``, and one named
+location function per op family.
+
+A location function takes one ``OpCall`` (plain tensors; with the output when its fact ``needs_out``) and returns
+a ``Site``, a mask of where the call sits at its kink (bool or 0./1.; a callable makes it on demand), or None where
+this call cannot be at one. Locations read the data (both readers run in eager mode).
+
+Readers: the trace reports each site with its convention (``_trace/_kinks.py``); nonsmooth calculus refuses a call
+it cannot route when ``at_kink`` (``_nonsmooth/_kink_watch.py``). For nonsmooth a missed kink is a silent wrong
+derivative and an extra one only a needless refusal: every location is exact or, where marked ``coarse``, a
+superset.
+
+Flags, not second tables:
+
+- kind ``"jump"`` (floor, sign, remainder ...): a discontinuity, where PyTorch's value is the derivative on both
+  sides; nonsmooth needs it (no directional derivative exists there), the trace has nothing to explain and skips it.
+- ``coarse``: a superset, right for refusing but too coarse to name elements in a report; the trace skips it.
+- ``guard``: PyTorch's own code calls the op away from kinks (zero and overflow guards: amax/amin, comparisons);
+  nonsmooth counts it only in code it cannot see (TorchScript). A comparison makes no autograd node: the trace
+  reports its tie at the ``where`` that reads it (``_trace/_facts._COMPARISONS``).
+
+May import: torch, math only.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+aten = torch.ops.aten
+Tensor = torch.Tensor
+
+
+@dataclass
+class OpCall:
+    """One aten call as a location function sees it."""
+
+    args: tuple
+    kwargs: dict
+    out: object = None
+    packet: str = ""  # the overload packet's name, "relu_" for the in-place call
+
+    def arg(self, i: int, name: str, default=None):
+        return self.args[i] if len(self.args) > i else self.kwargs.get(name, default)
+
+
+@dataclass
+class Site:
+    """Where one call sits at its kink."""
+
+    mask: Tensor | Callable[[], Tensor]  # bool or 0./1.; a callable makes it on demand
+    aligned: bool = True  # mask has the output's shape (so the incoming sensitivity can be read there)
+    found: Tensor | bool | None = None  # may the mask hold a True? (a 0-dim flag, or decided; None: read the mask)
+    kind: str = ""  # "kink", "singular" or "jump"; "" takes the fact's
+    convention: str = ""  # PyTorch's value there; "" takes the fact's
+
+
+@dataclass(frozen=True)
+class KinkFact:
+    locate: Callable[[OpCall], Site | None]
+    kind: str  # "kink", "singular" (an infinite derivative) or "jump"
+    convention: str  # what PyTorch's backward returns there
+    needs_out: bool = False  # the location reads the output (else it can run before the op: in-place calls)
+    coarse: bool = False
+    guard: bool = False
+
+    def site(self, call: OpCall) -> Site | None:
+        """The call's site, its kind and convention filled in from the fact where the location set none."""
+        s = self.locate(call)
+        if s is not None:
+            s.kind = s.kind or self.kind
+            s.convention = s.convention or self.convention
+        return s
+
+
+KINKS: dict = {}
+
+
+def _kink(*ops, convention: str, kind: str = "kink", needs_out: bool = False, coarse: bool = False,
+          guard: bool = False):
+    """Register a location function for ``ops`` (overload packets, out-of-place)."""
+
+    def register(fn):
+        for op in ops:
+            KINKS[op] = KinkFact(fn, kind, convention, needs_out, coarse, guard)
+        return fn
+
+    return register
+
+
+def kink_fact(func) -> KinkFact | None:
+    """The fact of an aten op (an OpOverload, its packet, or an in-place variant), or None for an op without kinks."""
+    packet = getattr(func, "overloadpacket", func)
+    fact = KINKS.get(packet)
+    name = getattr(packet, "__name__", "")
+    if fact is None and name.endswith("_"):
+        fact = KINKS.get(getattr(aten, name[:-1], None))
+    return fact
+
+
+def at_kink(fact: KinkFact, call: OpCall) -> bool:
+    """Whether the call sits at its kink somewhere: the site's mask holds a True."""
+    site = fact.locate(call)
+    if site is None or site.found is False:
+        return False
+    mask = site.mask() if callable(site.mask) else site.mask
+    return bool(mask.any())
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+
+
+def _float(t) -> bool:
+    return isinstance(t, Tensor) and t.is_floating_point()
+
+
+def _where_zero(c: OpCall) -> Site:
+    """Where the input is exactly 0; the mask is made only when a 0 is there (a compare into bool over every
+    element costs ~3x a reduction on CPU). In-place calls compare now, before x is overwritten."""
+    x = c.args[0].detach()
+    if c.packet.endswith("_") or x.numel() == 0:
+        return Site(x == 0)
+    if x.device.type == "cpu" and x.is_contiguous() and x.is_floating_point():
+        least = _least_magnitude(x).item()
+        return Site(lambda: x == 0, found=least == 0 or least != least)  # NaN can hide a 0
+    return Site(lambda: x == 0, found=torch.count_nonzero(x) < x.numel())
+
+
+_SCRATCH = threading.local()
+_SCRATCH_SIZE = 1 << 20  # elements
+
+
+def _least_magnitude(x: Tensor) -> Tensor:
+    """min |x| (NaN if x holds one) of a contiguous CPU tensor, through a reused per-thread buffer of at most
+    2**20 elements: a temporary as large as x would cost fresh pages on every call (the allocator hands large
+    blocks back to the OS), and counting nonzeros instead is ~2x slower."""
+    flat = x.view(-1)
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.dtype != x.dtype or buf.numel() < min(flat.numel(), _SCRATCH_SIZE):
+        buf = _SCRATCH.buf = torch.empty(min(flat.numel(), _SCRATCH_SIZE), dtype=x.dtype)
+    least = [torch.abs(chunk, out=buf[: chunk.numel()]).amin() for chunk in flat.split(_SCRATCH_SIZE)]
+    return least[0] if len(least) == 1 else torch.stack(least).amin()
+
+
+def _equal(a, b) -> Site | None:
+    """Where two operands are equal, broadcast to the output's shape (None unless one is a float tensor)."""
+    if not (_float(a) or _float(b)):
+        return None
+    eq = a == b
+    shape = torch.broadcast_shapes(*(t.shape for t in (a, b) if isinstance(t, Tensor)))
+    return Site(torch.broadcast_to(eq, shape))
+
+
+def _integral(x: Tensor) -> Tensor:
+    return x == x.round()
+
+
+def _slice_ties(x: Tensor, value: Tensor, dim, keepdim: bool) -> Tensor:
+    """Elements equal to their slice's selected value, in slices where more than one is (dim None or []: all)."""
+    if dim is None or (not isinstance(dim, int) and not list(dim)):
+        eq = x == value
+        return eq & (eq.sum() > 1)
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    if not keepdim:
+        for d in sorted(d % x.dim() for d in dims):
+            value = value.unsqueeze(d)
+    eq = x == value
+    return eq & (eq.sum(dims, keepdim=True) > 1)
+
+
+def _in_input(like: Tensor, dim: int, marks: list) -> Tensor:
+    """A bool mask shaped like the input: True at the input positions ``index`` where ``mark`` is set."""
+    out = torch.zeros(like.shape, dtype=torch.uint8, device=like.device)
+    for index, mark in marks:
+        out.scatter_add_(dim, index, mark)
+    return out > 0
+
+
+# -- elementwise switches -----------------------------------------------------------------------------------
+
+
+@_kink(aten.relu, convention="relu'(0) = 0")
+def _relu_at_zero(c):
+    """relu at 0: the backward uses 0 there (x > 0 counts as the active side)."""
+    return _where_zero(c)
+
+
+@_kink(aten.abs, convention="abs'(0) = 0")
+def _abs_at_zero(c):
+    """abs at 0: the backward uses sign(0) = 0."""
+    return _where_zero(c)
+
+
+@_kink(aten.sign, aten.sgn, kind="jump", convention="0, as on both sides")
+def _sign_at_zero(c):
+    """sign/sgn jump at 0; the backward is 0 everywhere."""
+    return _where_zero(c)
+
+
+@_kink(aten.leaky_relu, aten.prelu, aten._prelu_kernel, convention="the negative slope at 0")
+def _leaky_relu_at_zero(c):
+    """leaky_relu / prelu at 0: the backward uses the negative slope (x > 0 counts as positive)."""
+    return _where_zero(c)
+
+
+@_kink(aten.rrelu_with_noise, convention="the sampled negative slope at 0")
+def _rrelu_at_zero(c):
+    """rrelu at 0: the backward uses the noise, the negative slope (sampled in training)."""
+    return _where_zero(c)
+
+
+@_kink(aten.elu, convention="the negative side's slope at 0")
+def _elu_at_zero(c):
+    """elu at 0, unless alpha * input_scale == 1 (both sides' slopes agree): the backward uses the negative side's
+    slope (x <= 0)."""
+    if c.arg(1, "alpha", 1) * c.arg(3, "input_scale", 1) == 1:
+        return None
+    return _where_zero(c)
+
+
+@_kink(aten.clamp, aten.clamp_min, aten.clamp_max, convention="gradient 1 at the bound (torch 2.13; 0 in 2.14)")
+def _clamp_at_bound(c):
+    """clamp at a bound: in torch 2.13 the backward passes the gradient (1) at a scalar bound; this changes
+    between releases (0 in 2.14), which is why it is worth knowing."""
+    x = c.args[0]
+    if c.packet.startswith(("clamp_min", "clamp_max")):
+        bounds = [c.args[1]]
+    else:
+        bounds = [c.arg(1, "min"), c.arg(2, "max")]
+    mask = torch.zeros((), dtype=torch.bool)
+    for b in bounds:
+        if b is not None:
+            mask = mask | (x == b)
+    return Site(torch.broadcast_to(mask, torch.broadcast_shapes(mask.shape, x.shape)))
+
+
+@_kink(aten.hardtanh, convention="0 at the bounds")
+def _hardtanh_at_bound(c):
+    """hardtanh at min_val / max_val: the backward uses 0 there (strictly inside counts as active)."""
+    x = c.args[0]
+    return Site((x == c.arg(1, "min_val", -1.0)) | (x == c.arg(2, "max_val", 1.0)))
+
+
+@_kink(aten.threshold, convention="0 at the threshold")
+def _threshold_at_threshold(c):
+    """threshold at its threshold: the backward uses 0 there (x <= threshold counts as below)."""
+    return Site(c.args[0] == c.args[1])
+
+
+@_kink(aten.hardshrink, aten.softshrink, convention="0 at ±lambda")
+def _shrink_at_lambda(c):
+    """hard/softshrink at ±lambda: the backward uses 0 there."""
+    return Site(c.args[0].abs() == c.arg(1, "lambd", 0.5))
+
+
+@_kink(aten.hardsigmoid, aten.hardswish, convention="one side's slope at ±3")
+def _hard_activation_at_3(c):
+    """hardsigmoid / hardswish at ±3: the backward uses one side's slope (0 for hardsigmoid, x/3 + 1/2 for
+    hardswish)."""
+    return Site(c.args[0].abs() == 3)
+
+
+@_kink(aten.copysign, convention="0 to x at x = 0; the sign of y's zero at y = 0")
+def _copysign_at_zero(c):
+    """copysign(x, y) at x = 0 (|x| kinks) or y = 0 (the sign jumps): the backward gives x 0 at x = 0 and takes
+    the side from the sign bit of y's zero."""
+    x, y = c.args[0], c.args[1]
+    if not _float(x):
+        return None
+    mask = (x == 0) | (y == 0) if isinstance(y, Tensor) else (x == 0)
+    return Site(torch.broadcast_to(mask, torch.broadcast_shapes(mask.shape, x.shape)))
+
+
+# -- two operands ---------------------------------------------------------------------------------------------
+
+
+@_kink(aten.maximum, aten.minimum, convention="1/2 to each argument")
+def _max_min_tie(c):
+    """maximum/minimum with equal arguments: the backward splits the gradient 1/2, 1/2."""
+    return _equal(c.args[0], c.args[1])
+
+
+@_kink(aten.fmax, aten.fmin, convention="all to the first argument")
+def _fmax_fmin_tie(c):
+    """fmax/fmin with equal arguments: the backward gives all of the gradient to the first argument."""
+    return _equal(c.args[0], c.args[1])
+
+
+@_kink(aten.l1_loss, convention="sign(0) = 0: 0 to both")
+def _l1_at_target(c):
+    """l1_loss where input == target (|x - y| at 0): the backward uses sign(0) = 0."""
+    site = _equal(c.args[0], c.args[1])
+    if site is not None:
+        site.aligned = False  # the loss is reduced unless reduction="none"
+    return site
+
+
+@_kink(aten.smooth_l1_loss, convention="sign(0) = 0: 0 to both")
+def _smooth_l1_at_target(c):
+    """smooth_l1_loss with beta = 0 (then l1) where input == target: the backward uses sign(0) = 0."""
+    if c.arg(3, "beta", 1.0) != 0:
+        return None
+    return _l1_at_target(c)
+
+
+@_kink(aten.gt, aten.ge, aten.lt, aten.le, aten.eq, aten.ne, guard=True,
+       convention="no gradient; a where that reads it picks one branch at a tie")
+def _comparison_tie(c):
+    """Comparisons with equal operands: the result flips there, so a function of it jumps."""
+    return _equal(c.args[0], c.args[1])
+
+
+@_kink(aten.hypot, kind="singular", convention="NaN (x / hypot(x, y) = 0 / 0)")
+def _hypot_at_origin(c):
+    """hypot at (0, 0): the norm of a zero vector; the backward divides by the result (NaN)."""
+    x, y = c.args[0], c.args[1]
+    return Site(torch.broadcast_to((x == 0) & (y == 0), torch.broadcast_shapes(x.shape, y.shape)))
+
+
+@_kink(aten.pow, kind="singular", convention="Inf (p x^(p-1) at 0)")
+def _fractional_power_at_zero(c):
+    """x ** p with 0 < p < 1 at x = 0: an infinite derivative (Inf from the backward)."""
+    x, p = c.args[0], c.arg(1, "exponent")
+    if not _float(x):
+        return None
+    if isinstance(p, Tensor):
+        return Site(torch.broadcast_to((x == 0) & (p > 0) & (p < 1), torch.broadcast_shapes(x.shape, p.shape)))
+    if not isinstance(p, (int, float)) or not 0 < p < 1:
+        return None
+    return Site(x == 0, convention=f"Inf (p x^(p-1) at 0, p = {p})")
+
+
+@_kink(aten.sqrt, aten.rsqrt, kind="singular", convention="Inf (1 / (2 sqrt(0)); -Inf for rsqrt)")
+def _sqrt_at_zero(c):
+    """sqrt/rsqrt at 0: an infinite derivative; the backward divides by 2 sqrt(0) (Inf, NaN under a zero
+    sensitivity)."""
+    return _where_zero(c)
+
+
+@_kink(aten.asin, aten.acos, kind="singular", convention="Inf (1 / sqrt(1 - x^2) at ±1)")
+def _arcsin_at_one(c):
+    """asin/acos at ±1: an infinite derivative (Inf from the backward)."""
+    return Site(c.args[0].abs() == 1)
+
+
+# -- steps (jumps) --------------------------------------------------------------------------------------------
+
+
+@_kink(aten.floor, aten.ceil, aten.trunc, kind="jump", convention="0, as on both sides")
+def _step_at_integer(c):
+    """floor/ceil/trunc jump at the integers; the backward is 0 everywhere."""
+    x = c.args[0]
+    return Site(_integral(x)) if _float(x) else None
+
+
+@_kink(aten.frac, kind="jump", convention="1, as on both sides")
+def _frac_at_integer(c):
+    """frac jumps at the integers; the backward is 1 everywhere."""
+    x = c.args[0]
+    return Site(_integral(x)) if _float(x) else None
+
+
+@_kink(aten.round, kind="jump", convention="0, as on both sides")
+def _round_at_half(c):
+    """round jumps halfway between the numbers it rounds to (x.5, or x.5 * 10**-decimals); the backward is 0."""
+    x = c.args[0]
+    if not _float(x):
+        return None
+    decimals = c.arg(1, "decimals", 0)
+    y = x * 10.0**decimals if decimals else x
+    return Site(y - y.floor() == 0.5)
+
+
+@_kink(aten.remainder, aten.fmod, kind="jump", convention="1 to x, -floor(x / y) (fmod: -trunc) to y")
+def _remainder_at_multiple(c):
+    """remainder/fmod jump where x / y is an integer; the backward is that of one side."""
+    x, y = c.args[0], c.args[1]
+    if not (_float(x) or _float(y)):
+        return None
+    return Site(_integral(x / y))
+
+
+# -- selections: reductions, order statistics, pooling ---------------------------------------------------------
+
+
+@_kink(aten.amax, aten.amin, needs_out=True, guard=True, convention="split evenly among ties")
+@_kink(aten.max, aten.min, aten.argmax, aten.argmin, aten.aminmax, needs_out=True, convention="split evenly among ties")
+def _extreme_tie(c):
+    """max/min/amax/amin/aminmax/argmax/argmin with tied extremes (in a slice): max(dim)/min(dim) give all of the
+    gradient to the returned (first) index; max()/amax/aminmax and their min versions split it evenly among the
+    tied elements; argmax/argmin return an index (no gradient), which then picks the first. amax and amin are
+    guards in PyTorch's own code (``guard``)."""
+    x, out, name = c.args[0], c.out, c.packet.rstrip("_")
+    if len(c.args) > 1 and isinstance(c.args[1], Tensor):
+        return _max_min_tie(c)  # binary max(x, y)
+    if not _float(x) or x.numel() < 2:
+        return None
+    if name == "aminmax":
+        dim, keepdim = c.kwargs.get("dim"), c.kwargs.get("keepdim", False)
+        mask = _slice_ties(x, out[0], dim, keepdim) | _slice_ties(x, out[1], dim, keepdim)
+        return Site(mask, aligned=False)
+    dim, keepdim = c.arg(1, "dim", None), c.arg(2, "keepdim", False)
+    if name in ("argmax", "argmin"):
+        value = (x.amax if name == "argmax" else x.amin)(*(() if dim is None else (dim,)), keepdim=keepdim)
+        return Site(_slice_ties(x, value, dim, keepdim), aligned=False,
+                    convention="an index (no gradient): what reads it follows the first")
+    if isinstance(out, Tensor):
+        return Site(_slice_ties(x, out, dim, keepdim), aligned=False)
+    return Site(_slice_ties(x, out[0], dim, keepdim), aligned=False, convention="all to the returned (first) index")
+
+
+@_kink(aten.median, aten.nanmedian, aten.kthvalue, aten.mode, needs_out=True, convention="all to the returned index")
+def _order_statistic_tie(c):
+    """median/kthvalue/mode with ties at the selected value: all to the returned index (median() with no dim
+    splits evenly)."""
+    x, out = c.args[0], c.out
+    if not _float(x):
+        return None
+    if isinstance(out, Tensor):
+        return Site(_slice_ties(x, out, None, False), aligned=False, convention="split evenly among ties")
+    i = 2 if c.packet == "kthvalue" else 1
+    return Site(_slice_ties(x, out[0], c.arg(i, "dim", -1), c.arg(i + 1, "keepdim", False)), aligned=False)
+
+
+@_kink(aten.sort, needs_out=True, convention="follows the returned positions")
+def _sort_tie(c):
+    """sort with equal values in a slice: the gradient follows the positions sort returned (ties keep their
+    order). The tied elements are marked where they sit in the input."""
+    values, perm = c.out[0], c.out[1]
+    dim = c.arg(1, "dim", -1)
+    if isinstance(dim, bool):  # sort.stable(x, *, stable, dim)
+        dim = c.kwargs.get("dim", -1)
+    if not _float(values) or values.dim() == 0 or values.shape[dim] < 2:
+        return None
+    n = values.shape[dim] - 1
+    tie = (values.narrow(dim, 0, n) == values.narrow(dim, 1, n)).to(torch.uint8)
+    return Site(_in_input(values, dim, [(perm.narrow(dim, 0, n), tie), (perm.narrow(dim, 1, n), tie)]),
+                aligned=False)
+
+
+@_kink(aten.topk, needs_out=True, convention="all to the returned indices")
+def _topk_tie(c):
+    """topk with ties among, or at the edge of, the selected values: all to the returned indices. The tied
+    elements are marked where they sit in the input."""
+    x, values, idx = c.args[0], c.out[0], c.out[1]
+    dim = c.arg(2, "dim", -1)
+    if not _float(x) or values.numel() == 0 or values.dim() == 0:
+        return None
+    k = values.shape[dim]
+    last = values.narrow(dim, k - 1, 1)
+    edge = (x == last).sum(dim, keepdim=True) > (values == last).sum(dim, keepdim=True)
+    mask = (x == last) & edge  # every element equal to the last value kept, when not all of them are kept
+    if k > 1:
+        inner = (values.narrow(dim, 0, k - 1) == values.narrow(dim, 1, k - 1)).to(torch.uint8)
+        mask = mask | _in_input(x, dim, [(idx.narrow(dim, 0, k - 1), inner), (idx.narrow(dim, 1, k - 1), inner)])
+    return Site(mask, aligned=False)
+
+
+@_kink(aten.cummax, aten.cummin, needs_out=True, convention="all to the returned (last) index")
+def _running_extreme_tie(c):
+    """cummax/cummin where an element equals the running extreme before it (then every later output whose value
+    it is has a tie): all to the returned index, the last of the tied. Marked at the element."""
+    x, values = c.args[0], c.out[0]
+    dim = c.arg(1, "dim")
+    if not _float(x) or x.dim() == 0 or x.shape[dim] < 2:
+        return None
+    n = x.shape[dim] - 1
+    mask = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    mask.narrow(dim, 1, n).copy_(x.narrow(dim, 1, n) == values.narrow(dim, 0, n))
+    return Site(mask, aligned=False)
+
+
+@_kink(aten.max_pool2d_with_indices, aten.max_pool3d_with_indices, needs_out=True,
+       convention="all to the returned (first) index")
+def _max_pool_window_tie(c):
+    """max-pool windows whose maximum is not unique: all of the gradient goes to the returned (first) index.
+    Counted exactly: for each position in the kernel, the strided view of the input the windows read there is
+    compared with the maxima (one pass over the input in all when windows tile it; on CPU by subtraction)."""
+    x, values = c.args[0].detach(), c.out[0]
+    if not _float(x) or not values.numel():
+        return None
+    spatial = 3 if c.packet == "max_pool3d_with_indices" else 2
+    geometry = [_per_dim(c.arg(i, name, default), spatial) for i, name, default in
+                ((1, "kernel_size", None), (2, "stride", []), (3, "padding", [0]), (4, "dilation", [1]))]
+    if not geometry[1]:
+        geometry[1] = geometry[0]  # stride defaults to the kernel
+    k = geometry[0]
+    tiles = geometry[1] == k and not any(geometry[2]) and all(d == 1 for d in geometry[3])
+    n = math.prod(k)
+    if x.device.type == "cpu" and math.isfinite(values.sum().item()):
+        # On CPU float arithmetic vectorises and a compare into bool does not (~5x slower). x <= max, so
+        # sign(max - x) is 0 where x ties the maximum and 1 elsewhere: fewer than n - 1 ones is a tie. Maxima
+        # that are all finite keep NaN out (max - x is finite or +inf, padding is -inf); else the compares below.
+        ones = _below_max_2x2(x, values) if tiles and k == [2, 2] else None
+        if ones is None:
+            for at in _window_views(x, values.shape[-spatial:], *geometry, fill=-math.inf):
+                d = torch.sub(values, at).sign_()
+                ones = d if ones is None else ones.add_(d)
+        found = ones.amin() < n - 1.5
+        # the mask as 0./1. in place (a compare into bool costs ~5x): 1 where at most n - 2 are below max
+        return Site(functools.cache(lambda: ones.neg_().add_(n - 1).clamp_(0, 1)), found=found)
+    count = None
+    wide = n > 255  # a byte count would wrap
+    for at in _window_views(x, values.shape[-spatial:], *geometry, fill=math.nan):  # NaN padding equals nothing
+        equal = at == values
+        count = equal.to(torch.int32 if wide else torch.uint8) if count is None else count.add_(equal)
+    if wide:
+        return Site(count > 1)
+    # count > 1 as two in-place byte ops (a compare makes a new tensor, 3x slower); a NaN window counts 0
+    return Site(count.clamp_(1, 2).sub_(1).view(torch.bool))
+
+
+def _per_dim(v, spatial: int) -> list:
+    v = [v] if isinstance(v, int) else list(v)
+    return v * spatial if len(v) == 1 else v
+
+
+def _window_views(x: Tensor, out_sizes, kernel, stride, padding, dilation, fill: float) -> list[Tensor]:
+    """For each position in the kernel, the strided view (shaped like the pooled output) of the input the windows
+    read there; the input is padded with ``fill`` where windows reach past it (padding, ceil_mode)."""
+    spatial = len(out_sizes)
+    pads = []
+    for n, o, k, s, p, d in zip(x.shape[-spatial:], out_sizes, kernel, stride, padding, dilation, strict=True):
+        pads.append((p, max(0, (o - 1) * s + (k - 1) * d + 1 - n - p)))
+    if any(a or b for a, b in pads):
+        x = F.pad(x, [v for pair in reversed(pads) for v in pair], value=fill)
+    return [x[(..., *(slice(i * d, i * d + (o - 1) * s + 1, s)
+                      for i, o, s, d in zip(offset, out_sizes, stride, dilation, strict=True)))]
+            for offset in itertools.product(*(range(k) for k in kernel))]
+
+
+def _below_max_2x2(x: Tensor, values: Tensor) -> Tensor | None:
+    """For 2x2 windows that tile x: how many of each window's 4 elements lie below its maximum, or None where the
+    layout does not allow this route. Each row of a window is read as one (left, right) pair, so the four strided
+    reads (2-element stride: not vectorised) become two contiguous subtractions, ~1.5x faster. The maxima are
+    duplicated pairwise by viewing a complex tensor as real (complex arithmetic itself would mix in 0 x inf)."""
+    if x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous() or x.shape[-1] % 2 \
+            or x.shape[-2] < 2 * values.shape[-2] or x.shape[-1] < 2 * values.shape[-1]:  # ceil_mode's partial windows
+        return None
+    pairs = x.view(*x.shape[:-1], x.shape[-1] // 2, 2)
+    both = torch.view_as_real(torch.complex(values, values))
+    rows = 2 * values.shape[-2]
+    e = torch.sub(both, pairs[..., 0:rows:2, :, :]).sign_()
+    e.add_(torch.sub(both, pairs[..., 1:rows:2, :, :]).sign_())
+    return e[..., 0] + e[..., 1]
+
+
+@_kink(aten.adaptive_max_pool2d, aten.adaptive_max_pool3d, aten.fractional_max_pool2d,
+       aten.fractional_max_pool3d, coarse=True, convention="all to the returned (first) index")
+def _pool_plane_ties(c):
+    """adaptive/fractional max-pool: coarsely, two equal values anywhere in one plane (a superset of the windows
+    whose maximum is tied)."""
+    x = c.args[0]
+    spatial = 3 if c.packet.endswith("3d") else 2
+    if not _float(x) or x.dim() < spatial or x.shape[-spatial:].numel() < 2:
+        return None
+    return Site(x.flatten(-spatial).sort(-1).values.diff(dim=-1) == 0, aligned=False)
+
+
+@_kink(aten._embedding_bag, aten._embedding_bag_forward_only, coarse=True,
+       convention="all to the first of the tied rows")
+def _bag_max_ties(c):
+    """embedding_bag(mode='max'): coarsely, two selected rows with an equal value in a column."""
+    weight, indices, mode = c.args[0], c.args[1], c.arg(4, "mode", 0)
+    if mode != 2 or indices.numel() < 2 or not _float(weight):
+        return None
+    return Site(weight[indices.reshape(-1)].sort(0).values.diff(dim=0) == 0, aligned=False)
+
+
+@_kink(aten.scatter_reduce, aten.index_reduce, needs_out=True, convention="split evenly among ties")
+def _reduce_ties(c):
+    """scatter_reduce / index_reduce with amax or amin: more than one element (the destination's own with
+    include_self) equals a group's result. Other reductions are smooth (sum, mean) or no kinks (prod)."""
+    reduce = c.arg(4, "reduce")
+    dest, dim, index, src, out = c.args[0], c.args[1], c.args[2], c.args[3], c.out
+    if reduce not in ("amax", "amin") or not _float(src):
+        return None
+    if c.packet.startswith("index_reduce") and index.dim() == 1:  # one index per slice along dim
+        shape = [1] * src.dim()
+        shape[dim] = -1
+        index = index.view(shape).expand(src.shape)
+    hits = (src == out.gather(dim, index)).to(out.dtype)
+    count = torch.zeros_like(out).scatter_add_(dim, index, hits)
+    if c.arg(5, "include_self", True):
+        count += dest == out
+    return Site(count > 1)
+
+
+# -- norms and linear algebra -------------------------------------------------------------------------------
+
+
+@_kink(aten.linalg_vector_norm, aten.norm, kind="singular", needs_out=True, convention="0 at 0")
+def _norm_at_zero(c):
+    """A vector norm of an all-zero slice: not differentiable there; PyTorch's backward uses 0. For p <= 1 also
+    each zero element (|x| kinks; the backward uses sign(0) = 0), for p = ±inf ties among the largest
+    (smallest) |x| of a slice (the backward splits evenly)."""
+    x, out = c.args[0], c.out
+    if not isinstance(x, Tensor) or not (x.is_floating_point() or x.is_complex()):
+        return None
+    p = c.arg(1, "ord", c.kwargs.get("p", 2))
+    p = 2 if p is None else p
+    dim, keepdim = c.arg(2, "dim", None), c.arg(3, "keepdim", False)
+    if dim is not None and not isinstance(dim, int) and not list(dim):
+        dim = None
+    if dim is not None and not keepdim:
+        for d in sorted(d % x.dim() for d in ([dim] if isinstance(dim, int) else dim)):
+            out = out.unsqueeze(d)
+    mask = torch.broadcast_to(out == 0, x.shape)
+    if p in (math.inf, -math.inf):
+        return Site(mask | _slice_ties(x.abs(), out, dim, True), aligned=False, kind="kink",
+                    convention="split evenly among tied |x|; 0 at an all-zero slice")
+    if p <= 1:
+        return Site(mask | (x == 0), aligned=False, kind="kink", convention="0 at a zero element (sign(0) = 0)")
+    return Site(mask, aligned=False)
+
+
+@_kink(aten.renorm, convention="the unscaled side (gradient 1) at norm = maxnorm")
+def _renorm_boundary(c):
+    """renorm where a slice's norm equals maxnorm: rescaling starts there; the backward takes the unscaled side."""
+    x, p, dim, maxnorm = c.args[:4]
+    if not _float(x):
+        return None
+    dim %= x.dim()
+    norms = torch.linalg.vector_norm(x.movedim(dim, 0).reshape(x.shape[dim], -1), p, 1)
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    return Site(torch.broadcast_to((norms == maxnorm).view(shape), x.shape))
+
+
+@_kink(aten._linalg_eigh, kind="singular", needs_out=True,
+       convention="eigenvalues: one eigenbasis's gradient; eigenvectors: NaN/Inf (1 / (λi - λj))")
+def _eigen_ties(c):
+    """eigh with repeated eigenvalues (they come sorted; a zero eigenvalue is no kink): eigenvalues are not
+    differentiable there and the eigenvectors' backward divides by their difference."""
+    vals = c.out[0]
+    if vals.shape[-1] < 2:
+        return None
+    return Site(vals.diff(dim=-1) == 0, aligned=False)
+
+
+@_kink(aten._linalg_svd, kind="singular", needs_out=True,
+       convention="singular values: one basis's gradient (one side's at σ = 0); singular vectors: NaN/Inf at "
+                  "repeated values (1 / (σi² - σj²))")
+def _singular_value_ties(c):
+    """svd with repeated singular values (the vectors' backward divides by σi² - σj²), or a zero one (|σ| is not
+    differentiable at 0)."""
+    vals = c.out[1]
+    mask = vals == 0
+    if vals.shape[-1] > 1:
+        tie = vals.diff(dim=-1) == 0
+        mask = mask | F.pad(tie, (0, 1)) | F.pad(tie, (1, 0))
+    return Site(mask, aligned=False)

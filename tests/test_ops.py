@@ -1,0 +1,107 @@
+"""The shared kink facts (gradwise._ops._kinks): the table's shape, and each exact location against one-sided
+finite differences on integer data, where ties and bounds are frequent."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gradwise._ops._kinks import KINKS, OpCall, at_kink, kink_fact
+
+aten = torch.ops.aten
+
+
+def test_every_fact_says_where_and_what_pytorch_returns():
+    for op, fact in KINKS.items():
+        assert fact.kind in ("kink", "singular", "jump"), op
+        assert fact.convention, op
+        assert fact.locate.__doc__ and fact.locate.__name__.startswith("_"), op
+
+
+def test_in_place_variants_and_smooth_ops():
+    assert kink_fact(aten.relu_) is KINKS[aten.relu]
+    assert kink_fact(aten.clamp_min_.default) is KINKS[aten.clamp_min]
+    assert kink_fact(aten.add) is None and kink_fact(aten.copy_) is None
+
+
+# op name -> (function of float64 x (values only), the aten op it reaches, a call of that op from x, input shape)
+EXACT = {
+    "relu": (torch.relu, aten.relu, lambda x: ((x,), {}), (6,)),
+    "abs": (torch.abs, aten.abs, lambda x: ((x,), {}), (6,)),
+    "clamp": (lambda x: x.clamp(-1, 1), aten.clamp, lambda x: ((x, -1, 1), {}), (6,)),
+    "hardtanh": (torch.nn.functional.hardtanh, aten.hardtanh, lambda x: ((x,), {}), (6,)),
+    "maximum": (lambda x: torch.maximum(x[:3], x[3:]), aten.maximum, lambda x: ((x[:3], x[3:]), {}), (6,)),
+    "max.dim": (lambda x: x.view(2, 3).max(1).values, aten.max, lambda x: ((x.view(2, 3), 1), {}), (6,)),
+    "min": (lambda x: x.min(), aten.min, lambda x: ((x,), {}), (6,)),
+    "amax": (lambda x: x.view(2, 3).amax(0), aten.amax, lambda x: ((x.view(2, 3), [0]), {}), (6,)),
+    "sort": (lambda x: x.view(2, 3).sort(1).values, aten.sort, lambda x: ((x.view(2, 3), 1), {}), (6,)),
+    "topk": (lambda x: x.view(2, 3).topk(2, 1).values, aten.topk, lambda x: ((x.view(2, 3), 2, 1), {}), (6,)),
+    "kthvalue": (lambda x: x.view(2, 3).kthvalue(2, 1).values, aten.kthvalue,
+                 lambda x: ((x.view(2, 3), 2, 1), {}), (6,)),
+    "median.dim": (lambda x: x.view(2, 3).median(1).values, aten.median, lambda x: ((x.view(2, 3), 1), {}), (6,)),
+    "cummax": (lambda x: x.view(2, 3).cummax(1).values, aten.cummax, lambda x: ((x.view(2, 3), 1), {}), (6,)),
+    "cummin": (lambda x: x.view(2, 3).cummin(0).values, aten.cummin, lambda x: ((x.view(2, 3), 0), {}), (6,)),
+    "max_pool2d": (lambda x: torch.nn.functional.max_pool2d(x.view(1, 1, 4, 4), 3, 2, 1),
+                   aten.max_pool2d_with_indices, lambda x: ((x.view(1, 1, 4, 4), [3, 3], [2, 2], [1, 1]), {}), (16,)),
+    "norm-1": (lambda x: torch.linalg.vector_norm(x.view(2, 3), 1, 1), aten.linalg_vector_norm,
+               lambda x: ((x.view(2, 3), 1, [1]), {}), (6,)),
+    "norm-inf": (lambda x: torch.linalg.vector_norm(x.view(2, 3), math.inf, 1), aten.linalg_vector_norm,
+                 lambda x: ((x.view(2, 3), math.inf, [1]), {}), (6,)),
+    "floor": (lambda x: (x / 2).floor(), aten.floor, lambda x: ((x / 2,), {}), (6,)),
+    "round": (lambda x: (x / 2).round(), aten.round, lambda x: ((x / 2,), {}), (6,)),
+    "remainder": (lambda x: x.remainder(2.0), aten.remainder, lambda x: ((x, 2.0), {}), (6,)),
+    "scatter_reduce-amax": (
+        lambda x: x.new_zeros(3).scatter_reduce(0, torch.tensor([0, 1, 1, 2, 2, 2]), x, "amax", include_self=False),
+        aten.scatter_reduce, lambda x: ((x.new_zeros(3), 0, torch.tensor([0, 1, 1, 2, 2, 2]), x, "amax"),
+                                        {"include_self": False}), (6,)),
+}
+
+
+def _kink_by_differences(f, x: torch.Tensor, h: float = 1e-4) -> bool:
+    """Whether the one-sided directional derivative of a weighted sum of f's outputs (distinct integer weights, so
+    no tie cancels out) is not linear: D(-e_i) != -D(e_i), or D(e_i + e_j) != D(e_i) + D(e_j) (all tied at a
+    median: each coordinate alone moves nothing, two together do)."""
+    out = f(x)
+    w = torch.randperm(out.numel(), generator=torch.Generator().manual_seed(0)).double().add(1).view(out.shape)
+    at = float((out * w).sum())
+    eye = torch.eye(x.numel(), dtype=x.dtype)
+
+    def slope(d):
+        return (float((f(x + h * d.view(x.shape)) * w).sum()) - at) / h
+
+    one = [slope(e) for e in eye]
+    if any(abs(slope(-e) + s) > 1e-2 for e, s in zip(eye, one, strict=True)):
+        return True
+    return any(abs(slope(eye[i] + eye[j]) - one[i] - one[j]) > 1e-2
+               for i in range(x.numel()) for j in range(i + 1, x.numel()))
+
+
+@pytest.mark.parametrize("name", sorted(EXACT))
+def test_exact_locations_agree_with_finite_differences(name):
+    """Exact facts: at_kink holds exactly where the one-sided derivatives of the op differ (nonsmooth needs
+    every such call: a missed one is a silent wrong derivative; the trace names every element)."""
+    f, op, call, shape = EXACT[name]
+    g = torch.Generator().manual_seed(1)
+    seen = set()
+    for _ in range(60):
+        x = torch.randint(-2, 3, shape, generator=g).double()
+        args, kwargs = call(x)
+        expected = _kink_by_differences(f, x)
+        assert at_kink(KINKS[op], OpCall(args, kwargs, op(*args, **kwargs), op.__name__)) == expected, (name, x)
+        seen.add(expected)
+    assert seen == {True, False}, "the samples must hit both cases"
+
+
+def test_coarse_locations_are_supersets():
+    """adaptive max-pool's fact is coarse (two equal values in a plane): never missing a tied window."""
+    f = lambda x: torch.nn.functional.adaptive_max_pool2d(x.view(1, 1, 3, 3), 2)
+    g = torch.Generator().manual_seed(2)
+    assert KINKS[aten.adaptive_max_pool2d].coarse
+    for _ in range(30):
+        x = torch.randint(-4, 5, (9,), generator=g).double()
+        out = aten.adaptive_max_pool2d(x.view(1, 1, 3, 3), [2, 2])
+        if _kink_by_differences(f, x):
+            assert at_kink(KINKS[aten.adaptive_max_pool2d], OpCall((x.view(1, 1, 3, 3), [2, 2]), {}, out,
+                                                                  "adaptive_max_pool2d")), x
