@@ -105,3 +105,14 @@ def test_coarse_locations_are_supersets():
         if _kink_by_differences(f, x):
             assert at_kink(KINKS[aten.adaptive_max_pool2d], OpCall((x.view(1, 1, 3, 3), [2, 2]), {}, out,
                                                                   "adaptive_max_pool2d")), x
+
+
+def test_a_power_that_cannot_kink_is_no_kink_op():
+    """pow kinks (an infinite derivative at 0) only for an exponent in (0, 1) or a tensor one: a callable the
+    nonsmooth mode cannot route that squares runs as smooth (and is remembered so), one with x ** 0.5 does not."""
+    from gradwise._nonsmooth._kink_watch import _kink_free_call
+
+    x = torch.tensor([0.0, 1.0, -2.0], requires_grad=True)
+    assert _kink_free_call(lambda t: (t**2).sum(), (x,), {}) is not None
+    assert _kink_free_call(lambda t: (t.abs() ** 0.5).sum(), (x,), {}) is None
+    assert _kink_free_call(lambda t: t.pow(torch.tensor(2.0)).sum(), (x,), {}) is None

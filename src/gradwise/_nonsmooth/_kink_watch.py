@@ -35,6 +35,8 @@ def _sits_at_kink(fact, name: str) -> Callable:
 # them); in callables the mode sees but cannot route, guards do not (PyTorch's own code uses them away from kinks).
 _UNSEEN_KINKY = {op.__name__: _sits_at_kink(fact, op.__name__) for op, fact in KINKS.items()}
 _KINKY_BY_NAME = {op.__name__: _UNSEEN_KINKY[op.__name__] for op, fact in KINKS.items() if not fact.guard}
+# ops whose kink depends on a non-tensor argument (pow's exponent): a call that cannot kink is no kink op
+_POSSIBLE = {op.__name__: fact.possible for op, fact in KINKS.items() if fact.possible is not None}
 
 
 # ------------------------------------------------------------------------------------------------ the watch
@@ -75,8 +77,10 @@ class _KinkWatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
-        test = _KINKY_BY_NAME.get(name[:-1] if name.endswith("_") else name)
-        if test is None:
+        base = name[:-1] if name.endswith("_") else name
+        test = _KINKY_BY_NAME.get(base)
+        possible = _POSSIBLE.get(base)
+        if test is None or (possible is not None and not possible(OpCall(args, kwargs, None, name))):
             return func(*args, **kwargs)
         self.kinky = True
         if self.hit is not None or not any(isinstance(a, Tensor) and a.requires_grad for a in args):

@@ -71,6 +71,8 @@ class KinkFact:
     needs_out: bool = False  # the location reads the output (else it can run before the op: in-place calls)
     coarse: bool = False
     guard: bool = False
+    # from the call's non-tensor arguments alone (no data read): can this call kink at all? (x ** 2 cannot)
+    possible: Callable[[OpCall], bool] | None = None
 
     def site(self, call: OpCall) -> Site | None:
         """The call's site, its kind and convention filled in from the fact where the location set none."""
@@ -85,12 +87,12 @@ KINKS: dict = {}
 
 
 def _kink(*ops, convention: str, kind: str = "kink", needs_out: bool = False, coarse: bool = False,
-          guard: bool = False):
+          guard: bool = False, possible: Callable[[OpCall], bool] | None = None):
     """Register a location function for ``ops`` (overload packets, out-of-place)."""
 
     def register(fn):
         for op in ops:
-            KINKS[op] = KinkFact(fn, kind, convention, needs_out, coarse, guard)
+            KINKS[op] = KinkFact(fn, kind, convention, needs_out, coarse, guard, possible)
         return fn
 
     return register
@@ -325,7 +327,13 @@ def _hypot_at_origin(c):
     return Site(torch.broadcast_to((x == 0) & (y == 0), torch.broadcast_shapes(x.shape, y.shape)))
 
 
-@_kink(aten.pow, kind="singular", convention="Inf (p x^(p-1) at 0)")
+def _fractional_exponent(c: OpCall) -> bool:
+    """A tensor exponent, or a scalar one in (0, 1): x ** 2, x ** 0.5 ... are told apart without reading data."""
+    p = c.arg(1, "exponent")
+    return isinstance(p, Tensor) or (isinstance(p, (int, float)) and 0 < p < 1)
+
+
+@_kink(aten.pow, kind="singular", convention="Inf (p x^(p-1) at 0)", possible=_fractional_exponent)
 def _fractional_power_at_zero(c):
     """x ** p with 0 < p < 1 at x = 0: an infinite derivative (Inf from the backward)."""
     x, p = c.args[0], c.arg(1, "exponent")
