@@ -707,3 +707,16 @@ def test_checkpoint_early_stop_is_not_swallowed():
     with torch.utils.checkpoint.set_checkpoint_early_stop(True), gw.trace():
         got = grad(ckpt(grad(ckpt(f))))(x)
     torch.testing.assert_close(got, want)
+
+
+
+def test_pytorchs_implicit_gradient_error_is_not_swallowed():
+    """backward()/grad() of a complex scalar without a gradient is PyTorch's error: the trace makes the implicit
+    gradient only where PyTorch makes one (a real floating-point scalar), so the error still raises."""
+    a = torch.zeros(1, requires_grad=True)
+    with gw.trace():
+        b = a * 0.5j
+        with pytest.raises(RuntimeError, match="implicitly created only for real scalar outputs"):
+            b.backward()
+        with pytest.raises(RuntimeError, match="implicitly created only for real scalar outputs"):
+            torch.autograd.grad(b, a)

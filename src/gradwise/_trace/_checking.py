@@ -136,7 +136,10 @@ class _Checks:
             for b in inherited or births:
                 b.used = True
                 self.output_births.add(b)
-            if g is None and isinstance(o, torch.Tensor) and o.numel() == 1 and o.requires_grad:
+            # the implicit gradient PyTorch makes, only where it makes one: a complex or integer scalar is
+            # PyTorch's error to raise ("grad can be implicitly created only for real scalar outputs")
+            if g is None and isinstance(o, torch.Tensor) and o.numel() == 1 and o.requires_grad \
+                    and o.is_floating_point():
                 grads[i] = g = torch.ones_like(o, memory_format=torch.preserve_format)
             if isinstance(g, torch.Tensor):
                 self.sens[g] = None
