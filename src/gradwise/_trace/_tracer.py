@@ -56,6 +56,8 @@ class _OpInfo:
     collective: bool = False  # a torch.distributed collective (c10d): its result holds other ranks' values
     op_name: str = ""  # "aten.<packet>", as reports name ops
     uninitialised: bool = False  # empty & co: their output is whatever the memory held (never a value to check)
+    # a CompositeImplicitAutograd op without its own ADInplaceOrView kernel: see _Tracer.__torch_dispatch__
+    composite: bool = False
 
 
 _INFO: dict = {}
@@ -70,8 +72,24 @@ def _op_info(func) -> _OpInfo:
         info = _INFO[func] = _OpInfo(view, func._schema.is_mutable,
                                      _KINKS.get(packet), _COMPARISONS.get(packet), packet.__name__,
                                      packet in _FINITE_PRESERVING, func.namespace in _COLLECTIVE_NAMESPACES,
-                                     _op_name(func), _op_name(func) in _UNINITIALISED)
+                                     _op_name(func), _op_name(func) in _UNINITIALISED, _composite(func))
     return info
+
+
+def _composite(func) -> bool:
+    name = func.name()
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return has(name, "CompositeImplicitAutograd") and not has(name, "ADInplaceOrView")
+
+
+_ADINPLACEORVIEW = torch._C.DispatchKey.ADInplaceOrView
+
+
+def _inplace_or_view_on():
+    """A dispatch mode's handler runs with every key above Python excluded, ADInplaceOrView among them: lift
+    that one exclusion for the op's own call."""
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(),
+                                           torch._C._dispatch_tls_local_exclude_set().remove(_ADINPLACEORVIEW))
 
 
 class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, TorchDispatchMode):
@@ -112,6 +130,17 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, TorchDis
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         info = _INFO.get(func) or _op_info(func)
+        if info.composite and torch.is_inference_mode_enabled():
+            # Inference mode skips the autograd keys, so a composite op (view_as, reshape, flatten) reaches this
+            # mode undecomposed, and its decomposition would run here below ADInplaceOrView: its views would lose
+            # the view metadata (creation meta) and its in-place ops the version bump that plain PyTorch gives
+            # them, and PyTorch's later errors ("a view was created in inference mode and is being modified
+            # inplace") would not raise. Run it with ADInplaceOrView on again, as without the mode.
+            with _inplace_or_view_on():
+                return self._dispatch(func, info, types, args, kwargs)
+        return self._dispatch(func, info, types, args, kwargs)
+
+    def _dispatch(self, func, info, types, args, kwargs):
         if info.collective:
             return self._collective(func, args, kwargs)
         if types and any(t.__name__ == "DTensor" for t in types):
