@@ -749,3 +749,18 @@ def test_composite_views_in_inference_mode_keep_pytorchs_view_metadata():
         got = _inference_views()
     assert got == want
     assert all(e and "inference mode" in e for e in want[1])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_scripted_autograd_grad_compiles_under_the_trace():
+    """torch.jit.script resolves torch.autograd.grad/backward by identity to its builtins: the trace's wrappers
+    are registered as those builtins, so scripted code calling them compiles (it did not) and matches plain."""
+    def fn(x):
+        y = x * x
+        return torch.autograd.grad([y.sum()], [x])
+
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    with gw.trace():
+        scripted = torch.jit.script(fn)
+        (got,) = scripted(x)
+    torch.testing.assert_close(got, 2 * x.detach())
