@@ -764,3 +764,27 @@ def test_scripted_autograd_grad_compiles_under_the_trace():
         scripted = torch.jit.script(fn)
         (got,) = scripted(x)
     torch.testing.assert_close(got, 2 * x.detach())
+
+
+class _Reentrant(torch.Tensor):
+    """A subclass whose __torch_dispatch__ runs autograd again inside (PyTorch's enable_reentrant_dispatch)."""
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        with torch.overrides.enable_reentrant_dispatch():
+            inner = torch.ones(1, requires_grad=True)
+            assert inner.exp().grad_fn is not None
+        with torch.utils._mode_utils.no_dispatch():
+            return func(*args, **(kwargs or {}))
+
+
+def test_a_subclass_dispatching_reentrantly_runs_as_plain():
+    """Ops on a tensor subclass are the subclass's: the trace defers to its __torch_dispatch__ (NotImplemented)
+    with the mode stack as PyTorch has it; calling the op itself from the mode's handler broke the subclass's
+    reentrant dispatch (PyTorch's internal assert 'Hit Python dispatch key but no arguments had PyInterpreter')."""
+    s = torch.Tensor._make_subclass(_Reentrant, torch.tensor([1.0, 2.0]))
+    want = (s * 2).as_subclass(torch.Tensor)
+    with gw.trace() as report:
+        got = (s * 2).as_subclass(torch.Tensor)
+    assert torch.equal(got, want)
+    assert "subclass _Reentrant" in str(report), str(report)

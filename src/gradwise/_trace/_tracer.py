@@ -92,6 +92,17 @@ def _inplace_or_view_on():
                                            torch._C._dispatch_tls_local_exclude_set().remove(_ADINPLACEORVIEW))
 
 
+_INFRA_MODES = tuple(torch._C._TorchDispatchModeKey.__members__.values())
+
+
+def _alone() -> bool:
+    """Inside the handler: is this mode the only dispatch mode (no user mode below it, no fake/proxy/functional
+    mode)? Only then may it return NotImplemented to defer to a subclass: with another mode active, that mode
+    would have seen the op before the subclass (and a FakeTensor defers to its fake mode)."""
+    return not torch._C._len_torch_dispatch_stack() and \
+        all(torch._C._get_dispatch_mode(k) is None for k in _INFRA_MODES)
+
+
 class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, TorchDispatchMode):
     """The dispatch-mode recorder: sees every aten op and hands it to its parts (the bases before TorchDispatchMode)."""
 
@@ -148,6 +159,11 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, TorchDis
         if types and (odd := [t for t in types if t not in _kinds.PLAIN_TYPES]):
             # a tensor subclass (nested jagged, fake, ...): its own dispatch would see our reductions
             self._pass_over(f"tensor subclass {odd[0].__name__}", func)
+            if _alone():
+                # no other mode would handle it first: let the subclass's __torch_dispatch__ run as without the
+                # trace, with the mode stack as it is (its reentrant dispatch, enable_reentrant_dispatch, needs
+                # it); the plain ops it runs inside are traced
+                return NotImplemented
             return func(*args, **kwargs)
         if _kinds.forward_ad_active():  # reductions of duals would build tangents
             self._pass_over("forward-AD dual", func)
