@@ -6,6 +6,7 @@ property test.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import sys
@@ -788,3 +789,28 @@ def test_a_subclass_dispatching_reentrantly_runs_as_plain():
         got = (s * 2).as_subclass(torch.Tensor)
     assert torch.equal(got, want)
     assert "subclass _Reentrant" in str(report), str(report)
+
+
+class _Passthrough(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _profiled_events(mode):
+    x = torch.tensor([1.0, -1.0, 4.0], requires_grad=True)
+    with mode, torch.autograd.profiler.profile() as prof:
+        y = x.sqrt()  # a NaN: the trace digs in (reductions, masks, a re-run)
+        (x * 2 + y).sum().backward()
+    base = min(e.sequence_nr for e in prof.function_events if e.sequence_nr >= 0)  # autograd's counter is global
+    return [(e.name, e.sequence_nr - base if e.sequence_nr >= 0 else -1) for e in prof.function_events]
+
+
+def test_the_traces_own_ops_are_not_in_profiler_output():
+    """The trace's reductions and re-runs are no ops of the program: profiler output under the trace is the one
+    under any dispatch mode (which nests each op under PyTorch's "PythonDispatchMode" record), and the trace
+    still explains the NaN."""
+    want = _profiled_events(_Passthrough())
+    with gw.trace() as report:
+        got = _profiled_events(contextlib.nullcontext())
+    assert got == want
+    assert report.findings, str(report)

@@ -29,6 +29,9 @@ from gradwise._trace._common import (
     _tensors,
     _user_frame,
 )
+from gradwise._trace._common import (
+    run_op as _run,
+)
 from gradwise._trace._facts import (
     _COLLECTIVE_NAMESPACES,
     _COMPARISONS,
@@ -139,6 +142,12 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, TorchDis
     # -- dispatch --------------------------------------------------------------------------------------------
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if _common._profiler_on():  # the trace's own ops stay out of the profiler's output
+            with _common.unprofiled():
+                return self._handle(func, types, args, kwargs)
+        return self._handle(func, types, args, kwargs)
+
+    def _handle(self, func, types, args, kwargs):
         kwargs = kwargs or {}
         info = _INFO.get(func) or _op_info(func)
         if info.composite and torch.is_inference_mode_enabled():
@@ -155,7 +164,7 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, TorchDis
         if info.collective:
             return self._collective(func, args, kwargs)
         if types and any(t.__name__ == "DTensor" for t in types):
-            return func(*args, **kwargs)  # a check on a sharded DTensor would itself run collectives: not traced
+            return _run(func, args, kwargs)  # a check on a sharded DTensor would itself run collectives: not traced
         if types and (odd := [t for t in types if t not in _kinds.PLAIN_TYPES]):
             # a tensor subclass (nested jagged, fake, ...): its own dispatch would see our reductions
             self._pass_over(f"tensor subclass {odd[0].__name__}", func)
@@ -164,17 +173,17 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, TorchDis
                 # trace, with the mode stack as it is (its reentrant dispatch, enable_reentrant_dispatch, needs
                 # it); the plain ops it runs inside are traced
                 return NotImplemented
-            return func(*args, **kwargs)
+            return _run(func, args, kwargs)
         if _kinds.forward_ad_active():  # reductions of duals would build tangents
             self._pass_over("forward-AD dual", func)
-            return func(*args, **kwargs)
+            return _run(func, args, kwargs)
         if torch._C._are_functorch_transforms_active():  # vmap/grad (batched gradients): values are batched
             self._pass_over("functorch-transformed (vmap, batched gradient)", func)
-            return func(*args, **kwargs)
+            return _run(func, args, kwargs)
         node = torch._C._current_autograd_node()
         if node is None and not self.depth:
             return self._forward(func, info, args, kwargs)
-        out = func(*args, **kwargs)
+        out = _run(func, args, kwargs)
         self._backward(func, info, node, args, out, kwargs)
         return out
 
@@ -190,10 +199,10 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, TorchDis
         creates_node = seq != self.last_seq and torch.is_grad_enabled()
         self.last_seq = seq
         if not creates_node and info.uninitialised:
-            return func(*args, **kwargs)  # empty & co: no values, nothing to record
+            return _run(func, args, kwargs)  # empty & co: no values, nothing to record
         if not creates_node and (info.view or info.preserving) and not info.mutable and not self.pending \
                 and not any(t in self.prov for t in _tensors(args)):
-            return func(*args, **kwargs)  # undifferentiated, finite in and out (detach, ones_like): no record
+            return _run(func, args, kwargs)  # undifferentiated, finite in and out (detach, ones_like): no record
         frame = _user_frame()
         loc = _loc(frame)
         ins = _tensors(args)
@@ -208,7 +217,7 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, TorchDis
                     self.names[t] = name
             if det is not None and not det.needs_out:
                 hit = self._safely(func, det.fn, _Call(args, kwargs, None, self.ties, info.packet_name))
-        out = func(*args, **kwargs)
+        out = _run(func, args, kwargs)
         if creates_node:
             nd = self.nodes[seq - 1] = _Node(info.op_name, loc)
             if len(self.nodes) > _common._MAX_NODES:
