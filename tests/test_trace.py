@@ -814,3 +814,13 @@ def test_the_traces_own_ops_are_not_in_profiler_output():
         got = _profiled_events(contextlib.nullcontext())
     assert got == want
     assert report.findings, str(report)
+
+
+def test_nested_jagged_tensor_ops_run_under_the_trace():
+    """A nested jagged tensor's ops go through its __torch_dispatch__, which calls ops (sym_size.default) the
+    dispatcher has no entry for: the trace's per-op facts must not fail on them (it aborted the process)."""
+    with gw.trace():
+        nt = torch.nested.nested_tensor([torch.randn(3, 2), torch.randn(2, 2)], layout=torch.jagged,
+                                        requires_grad=True)
+        c = nt.clone()
+    assert c.grad_fn is not None and c.grad_fn._input_metadata[0].is_nested_tensor

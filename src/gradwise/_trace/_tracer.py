@@ -80,9 +80,11 @@ def _op_info(func) -> _OpInfo:
 
 
 def _composite(func) -> bool:
-    name = func.name()
     has = torch._C._dispatch_has_kernel_for_dispatch_key
-    return has(name, "CompositeImplicitAutograd") and not has(name, "ADInplaceOrView")
+    try:
+        return has(func.name(), "CompositeImplicitAutograd") and not has(func.name(), "ADInplaceOrView")
+    except RuntimeError:  # an op the dispatcher has no entry for (sym_size.default, which NJT calls)
+        return False
 
 
 _ADINPLACEORVIEW = torch._C.DispatchKey.ADInplaceOrView
