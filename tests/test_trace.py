@@ -6,6 +6,7 @@ property test.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import itertools
@@ -754,3 +755,119 @@ def test_checkpoint_early_stop_is_not_swallowed():
     with torch.utils.checkpoint.set_checkpoint_early_stop(True), gw.trace():
         got = grad(ckpt(grad(ckpt(f))))(x)
     torch.testing.assert_close(got, want)
+
+
+
+def test_pytorchs_implicit_gradient_error_is_not_swallowed():
+    """backward()/grad() of a complex scalar without a gradient is PyTorch's error: the trace makes the implicit
+    gradient only where PyTorch makes one (a real floating-point scalar), so the error still raises."""
+    a = torch.zeros(1, requires_grad=True)
+    with gw.trace():
+        b = a * 0.5j
+        with pytest.raises(RuntimeError, match="implicitly created only for real scalar outputs"):
+            b.backward()
+        with pytest.raises(RuntimeError, match="implicitly created only for real scalar outputs"):
+            torch.autograd.grad(b, a)
+
+
+def _inference_views():
+    a = torch.ones(2, 3, requires_grad=True).clone()
+    b = torch.ones(2, 3)
+    with torch.inference_mode():
+        outs = [a.view_as(a), a.reshape(3, 2), a.flatten(), a.unflatten(1, (3, 1))]
+        b.arctan_()  # a composite in-place op on a normal tensor: bumps its version
+    meta = [(o._is_view(), torch._C._autograd._get_creation_meta(o) if o._is_view() else None, o.is_inference())
+            for o in outs]
+    errors = []
+    for o in outs:
+        try:
+            o.add_(1)
+            errors.append(None)
+        except RuntimeError as e:
+            errors.append(str(e).split("\n")[0])
+    return meta, errors, b._version
+
+
+def test_composite_views_in_inference_mode_keep_pytorchs_view_metadata():
+    """In inference mode a composite op (view_as, reshape, flatten) reaches the dispatch mode undecomposed, and
+    its decomposition ran below ADInplaceOrView: its views lost their creation meta, and modifying one in place
+    outside inference mode no longer raised PyTorch's error. The trace runs such ops as plain PyTorch does."""
+    want = _inference_views()
+    with gw.trace():
+        got = _inference_views()
+    assert got == want
+    assert all(e and "inference mode" in e for e in want[1])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_scripted_autograd_grad_compiles_under_the_trace():
+    """torch.jit.script resolves torch.autograd.grad/backward by identity to its builtins: the trace's wrappers
+    are registered as those builtins, so scripted code calling them compiles (it did not) and matches plain."""
+    def fn(x):
+        y = x * x
+        return torch.autograd.grad([y.sum()], [x])
+
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    with gw.trace():
+        scripted = torch.jit.script(fn)
+        (got,) = scripted(x)
+    torch.testing.assert_close(got, 2 * x.detach())
+
+
+class _Reentrant(torch.Tensor):
+    """A subclass whose __torch_dispatch__ runs autograd again inside (PyTorch's enable_reentrant_dispatch)."""
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        with torch.overrides.enable_reentrant_dispatch():
+            inner = torch.ones(1, requires_grad=True)
+            assert inner.exp().grad_fn is not None
+        with torch.utils._mode_utils.no_dispatch():
+            return func(*args, **(kwargs or {}))
+
+
+def test_a_subclass_dispatching_reentrantly_runs_as_plain():
+    """Ops on a tensor subclass are the subclass's: the trace defers to its __torch_dispatch__ (NotImplemented)
+    with the mode stack as PyTorch has it; calling the op itself from the mode's handler broke the subclass's
+    reentrant dispatch (PyTorch's internal assert 'Hit Python dispatch key but no arguments had PyInterpreter')."""
+    s = torch.Tensor._make_subclass(_Reentrant, torch.tensor([1.0, 2.0]))
+    want = (s * 2).as_subclass(torch.Tensor)
+    with gw.trace() as report:
+        got = (s * 2).as_subclass(torch.Tensor)
+    assert torch.equal(got, want)
+    assert "subclass _Reentrant" in str(report), str(report)
+
+
+class _Passthrough(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _profiled_events(mode):
+    x = torch.tensor([1.0, -1.0, 4.0], requires_grad=True)
+    with mode, torch.autograd.profiler.profile() as prof:
+        y = x.sqrt()  # a NaN: the trace digs in (reductions, masks, a re-run)
+        (x * 2 + y).sum().backward()
+    base = min(e.sequence_nr for e in prof.function_events if e.sequence_nr >= 0)  # autograd's counter is global
+    return [(e.name, e.sequence_nr - base if e.sequence_nr >= 0 else -1) for e in prof.function_events]
+
+
+def test_the_traces_own_ops_are_not_in_profiler_output():
+    """The trace's reductions and re-runs are no ops of the program: profiler output under the trace is the one
+    under any dispatch mode (which nests each op under PyTorch's "PythonDispatchMode" record), and the trace
+    still explains the NaN."""
+    want = _profiled_events(_Passthrough())
+    with gw.trace() as report:
+        got = _profiled_events(contextlib.nullcontext())
+    assert got == want
+    assert report.findings, str(report)
+
+
+def test_nested_jagged_tensor_ops_run_under_the_trace():
+    """A nested jagged tensor's ops go through its __torch_dispatch__, which calls ops (sym_size.default) the
+    dispatcher has no entry for: the trace's per-op facts must not fail on them (it aborted the process)."""
+    with gw.trace():
+        nt = torch.nested.nested_tensor([torch.randn(3, 2), torch.randn(2, 2)], layout=torch.jagged,
+                                        requires_grad=True)
+        c = nt.clone()
+    assert c.grad_fn is not None and c.grad_fn._input_metadata[0].is_nested_tensor

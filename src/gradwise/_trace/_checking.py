@@ -43,7 +43,7 @@ class _Checks:
         loc = _loc(frame)
         name = f"{func.namespace}.{func.overloadpacket.__name__}"
         self.collective_sites.setdefault((name, loc))
-        out = func(*args, **kwargs)
+        out = _common.run_op(func, args, kwargs)
         if len(self.collective_bufs) > 4096:  # FSDP allocates new buffers every step: forget the freed ones
             self.collective_bufs = {k: v for k, v in self.collective_bufs.items() if not v[0].expired()}
         for t in _tensors([*args, *kwargs.values(), out]):
@@ -70,6 +70,9 @@ class _Checks:
     def _safely(self, func, fn, *args):
         """``fn(*args)``, or None with a note: an explanation must never break the program it explains."""
         try:
+            if torch.is_grad_enabled():  # the trace's own ops build no autograd graph (see _check)
+                with torch.no_grad():
+                    return fn(*args)
             return fn(*args)
         except _StopRecomputationError:  # checkpoint's early stop: control flow of the program, not a failure
             raise
@@ -79,6 +82,14 @@ class _Checks:
             return None
 
     def _check(self, outs, dig) -> None:
+        # PyTorch runs some ops' handlers with autograd live (a detach its autograd kernel calls): a reduction on
+        # a tensor that requires grad would then make a node, and take an autograd sequence number
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self._check_values(outs, dig)
+        return self._check_values(outs, dig)
+
+    def _check_values(self, outs, dig) -> None:
         odd = [o for o in outs if o.layout is not torch.strided or o._is_zerotensor() or o.is_nested or o.is_meta]
         if odd:  # sparse, mkldnn, nested, meta, ZeroTensor: nothing to reduce (or no dense reduction)
             for o in odd:
@@ -107,7 +118,8 @@ class _Checks:
         if not self.pending:
             return
         pending, self.pending = self.pending, []
-        flags = torch.stack([p[0].float() for p in pending]).tolist()
+        with _common.unprofiled():
+            flags = torch.stack([p[0].float() for p in pending]).tolist()
         for v, (_, outs, dig) in zip(flags, pending, strict=True):
             if not math.isfinite(v):
                 bad = [o for o in outs if _nonfinite(o)]
@@ -136,7 +148,10 @@ class _Checks:
             for b in inherited or births:
                 b.used = True
                 self.output_births.add(b)
-            if g is None and isinstance(o, torch.Tensor) and o.numel() == 1 and o.requires_grad:
+            # the implicit gradient PyTorch makes, only where it makes one: a complex or integer scalar is
+            # PyTorch's error to raise ("grad can be implicitly created only for real scalar outputs")
+            if g is None and isinstance(o, torch.Tensor) and o.numel() == 1 and o.requires_grad \
+                    and o.is_floating_point():
                 grads[i] = g = torch.ones_like(o, memory_format=torch.preserve_format)
             if isinstance(g, torch.Tensor):
                 self.sens[g] = None

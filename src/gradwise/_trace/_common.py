@@ -13,6 +13,7 @@ import functools
 import linecache
 import os
 import sys
+import threading
 import weakref
 from dataclasses import dataclass, field
 
@@ -26,6 +27,52 @@ aten = torch.ops.aten
 _ACCUMULATE_SEQ = 2**64 - 1  # the sequence number every AccumulateGrad node reports
 _MAX_NODES = 100_000  # node records kept for long runs (~250 B each): the oldest half is dropped past this
 _DEFER_ON_CPU = False  # batch the checks on CPU too, as on accelerators (tests use it to cover that path)
+
+# -- out of a running profiler's sight ---------------------------------------------------------------------
+
+# The trace's own ops (finiteness reductions, masks, re-runs) are no ops of the program: while a profiler runs,
+# the dispatch mode handles each op with record functions off, and turns them on again only around the user's op
+# itself (run_op), so profiler output lists what it lists without the trace (plus PyTorch's own nesting of an op
+# under "PythonDispatchMode", which every dispatch mode has).
+_record = torch._C._autograd._enable_record_function
+_profiler_on = torch.autograd._profiler_enabled
+
+
+class _Quiet(threading.local):
+    on = False
+
+
+_QUIET = _Quiet()
+
+
+@contextlib.contextmanager
+def unprofiled():
+    """Record functions off in the block while a profiler runs (and back on after, unless already off)."""
+    if not _profiler_on():
+        yield
+        return
+    before = _QUIET.on
+    _QUIET.on = True
+    _record(False)
+    try:
+        yield
+    finally:
+        _QUIET.on = before
+        _record(not before)
+
+
+def run_op(func, args, kwargs):
+    """The user's op itself, seen by a running profiler as without the trace."""
+    if not _QUIET.on:
+        return func(*args, **kwargs)
+    _QUIET.on = False
+    _record(True)
+    try:
+        return func(*args, **kwargs)
+    finally:
+        _QUIET.on = True
+        _record(False)
+
 
 # -- where user code called an op -------------------------------------------------------------------------
 

@@ -124,6 +124,10 @@ def _install() -> None:
     with _LOCK:
         if _installed == 0:
             _ORIGINAL[:] = [torch.autograd.backward, torch.autograd.grad, _LOADER_ITER.__next__]
+            # torch.jit.script resolves torch.autograd.grad/backward by identity to its builtins: the wrappers
+            # are those builtins too (scripted code runs PyTorch's own; its ops are still seen by the mode)
+            torch.jit._builtins._register_builtin(_traced_backward, "aten::backward")
+            torch.jit._builtins._register_builtin(_traced_grad, "aten::grad")
             torch.autograd.backward, torch.autograd.grad = _traced_backward, _traced_grad
             _LOADER_ITER.__next__ = _traced_next
         _installed += 1

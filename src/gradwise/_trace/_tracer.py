@@ -29,6 +29,9 @@ from gradwise._trace._common import (
     _tensors,
     _user_frame,
 )
+from gradwise._trace._common import (
+    run_op as _run,
+)
 from gradwise._trace._facts import (
     _ARRIVALS,
     _COLLECTIVE_NAMESPACES,
@@ -57,6 +60,8 @@ class _OpInfo:
     collective: bool = False  # a torch.distributed collective (c10d): its result holds other ranks' values
     op_name: str = ""  # "aten.<packet>", as reports name ops
     uninitialised: bool = False  # empty & co: their output is whatever the memory held (never a value to check)
+    # a CompositeImplicitAutograd op without its own ADInplaceOrView kernel: see _Tracer.__torch_dispatch__
+    composite: bool = False
 
 
 _INFO: dict = {}
@@ -71,8 +76,38 @@ def _op_info(func) -> _OpInfo:
         info = _INFO[func] = _OpInfo(view, func._schema.is_mutable,
                                      kink_detector(packet), _COMPARISONS.get(packet), packet.__name__,
                                      packet in _FINITE_PRESERVING, func.namespace in _COLLECTIVE_NAMESPACES,
-                                     _op_name(func), _op_name(func) in _UNINITIALISED or func in _ARRIVALS)
+                                     _op_name(func), _op_name(func) in _UNINITIALISED or func in _ARRIVALS,
+                                     _composite(func))
     return info
+
+
+def _composite(func) -> bool:
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    try:
+        return has(func.name(), "CompositeImplicitAutograd") and not has(func.name(), "ADInplaceOrView")
+    except RuntimeError:  # an op the dispatcher has no entry for (sym_size.default, which NJT calls)
+        return False
+
+
+_ADINPLACEORVIEW = torch._C.DispatchKey.ADInplaceOrView
+
+
+def _inplace_or_view_on():
+    """A dispatch mode's handler runs with every key above Python excluded, ADInplaceOrView among them: lift
+    that one exclusion for the op's own call."""
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(),
+                                           torch._C._dispatch_tls_local_exclude_set().remove(_ADINPLACEORVIEW))
+
+
+_INFRA_MODES = tuple(torch._C._TorchDispatchModeKey.__members__.values())
+
+
+def _alone() -> bool:
+    """Inside the handler: is this mode the only dispatch mode (no user mode below it, no fake/proxy/functional
+    mode)? Only then may it return NotImplemented to defer to a subclass: with another mode active, that mode
+    would have seen the op before the subclass (and a FakeTensor defers to its fake mode)."""
+    return not torch._C._len_torch_dispatch_stack() and \
+        all(torch._C._get_dispatch_mode(k) is None for k in _INFRA_MODES)
 
 
 class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, TorchDispatchMode):
@@ -112,26 +147,48 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, TorchDis
     # -- dispatch --------------------------------------------------------------------------------------------
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if _common._profiler_on():  # the trace's own ops stay out of the profiler's output
+            with _common.unprofiled():
+                return self._handle(func, types, args, kwargs)
+        return self._handle(func, types, args, kwargs)
+
+    def _handle(self, func, types, args, kwargs):
         kwargs = kwargs or {}
         info = _INFO.get(func) or _op_info(func)
+        if info.composite and torch.is_inference_mode_enabled():
+            # Inference mode skips the autograd keys, so a composite op (view_as, reshape, flatten) reaches this
+            # mode undecomposed, and its decomposition would run here below ADInplaceOrView: its views would lose
+            # the view metadata (creation meta) and its in-place ops the version bump that plain PyTorch gives
+            # them, and PyTorch's later errors ("a view was created in inference mode and is being modified
+            # inplace") would not raise. Run it with ADInplaceOrView on again, as without the mode.
+            with _inplace_or_view_on():
+                return self._dispatch(func, info, types, args, kwargs)
+        return self._dispatch(func, info, types, args, kwargs)
+
+    def _dispatch(self, func, info, types, args, kwargs):
         if info.collective:
             return self._collective(func, args, kwargs)
         if types and any(t.__name__ == "DTensor" for t in types):
-            return func(*args, **kwargs)  # a check on a sharded DTensor would itself run collectives: not traced
+            return _run(func, args, kwargs)  # a check on a sharded DTensor would itself run collectives: not traced
         if types and (odd := [t for t in types if t not in _kinds.PLAIN_TYPES]):
             # a tensor subclass (nested jagged, fake, ...): its own dispatch would see our reductions
             self._pass_over(f"tensor subclass {odd[0].__name__}", func)
-            return func(*args, **kwargs)
+            if _alone():
+                # no other mode would handle it first: let the subclass's __torch_dispatch__ run as without the
+                # trace, with the mode stack as it is (its reentrant dispatch, enable_reentrant_dispatch, needs
+                # it); the plain ops it runs inside are traced
+                return NotImplemented
+            return _run(func, args, kwargs)
         if _kinds.forward_ad_active():  # reductions of duals would build tangents
             self._pass_over("forward-AD dual", func)
-            return func(*args, **kwargs)
+            return _run(func, args, kwargs)
         if torch._C._are_functorch_transforms_active():  # vmap/grad (batched gradients): values are batched
             self._pass_over("functorch-transformed (vmap, batched gradient)", func)
-            return func(*args, **kwargs)
+            return _run(func, args, kwargs)
         node = torch._C._current_autograd_node()
         if node is None and not self.depth:
             return self._forward(func, info, args, kwargs)
-        out = func(*args, **kwargs)
+        out = _run(func, args, kwargs)
         self._backward(func, info, node, args, out, kwargs)
         return out
 
@@ -147,10 +204,10 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, TorchDis
         creates_node = seq != self.last_seq and torch.is_grad_enabled()
         self.last_seq = seq
         if not creates_node and info.uninitialised:
-            return func(*args, **kwargs)  # empty & co: no values, nothing to record
+            return _run(func, args, kwargs)  # empty & co: no values, nothing to record
         if not creates_node and (info.view or info.preserving) and not info.mutable and not self.pending \
                 and not any(t in self.prov for t in _tensors(args)):
-            return func(*args, **kwargs)  # undifferentiated, finite in and out (detach, ones_like): no record
+            return _run(func, args, kwargs)  # undifferentiated, finite in and out (detach, ones_like): no record
         frame = _user_frame()
         loc = _loc(frame)
         ins = _tensors(args)
@@ -165,7 +222,7 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, TorchDis
                     self.names[t] = name
             if det is not None and not det.needs_out:
                 hit = self._safely(func, det.fn, _Call(args, kwargs, None, info.packet_name, self.ties))
-        out = func(*args, **kwargs)
+        out = _run(func, args, kwargs)
         if creates_node:
             nd = self.nodes[seq - 1] = _Node(info.op_name, loc)
             if len(self.nodes) > _common._MAX_NODES:
