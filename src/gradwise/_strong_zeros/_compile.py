@@ -375,4 +375,18 @@ def compiled_run(run: Callable[[bool | None], Any], t_outputs: Sequence[Any], in
         return result
 
     wrapped.one_pass = one_pass  # type: ignore[attr-defined]
+    wrapped.saved_finite = lambda: _saved_finite(nodes)  # type: ignore[attr-defined]
     return wrapped
+
+
+def _saved_finite(nodes: Sequence[Any]) -> bool:
+    """Whether every floating-point tensor the compiled nodes saved is finite (a freed one counts as not)."""
+    from gradwise._strong_zeros._planning import _all_finite
+
+    tensors = []
+    for node in nodes:
+        try:
+            tensors.extend(t for t in node.saved_tensors if isinstance(t, torch.Tensor) and t.is_floating_point())
+        except RuntimeError:
+            return False
+    return _all_finite(tensors)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from gradwise._checks import as_tensors, check_differentiable, check_scalar_or_seeded
 from gradwise._strong_zeros import _contract
 from gradwise._strong_zeros._autograd_graph import _leaves, _release_graph, _root_nodes
-from gradwise._strong_zeros._compile import compiled_run
+from gradwise._strong_zeros._compile import CompiledBackwardWarning, compiled_run
 from gradwise._strong_zeros._mode import _StrongZeroMode
 from gradwise._strong_zeros._planning import _all_finite, _plan
 from gradwise._strong_zeros._supports import _STATE, _Supports
@@ -66,15 +67,36 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
     run = compiled_run(run, t_outputs, inputs, accumulate_grad)  # torch.compile'd nodes: _compile
     if plan == "check" and getattr(run, "one_pass", True) is False:
         # compiled nodes whose strong variant (the inductor pass) runs outside the mode: compiled speed and
-        # PyTorch's bits on finite data; the mode only if a NaN still crosses a graph boundary
-        return _compiled_check_run(run, t_outputs, inputs, retain_graph, create_graph, accumulate_grad)
+        # PyTorch's bits on finite data; the mode only if a NaN still crosses a graph boundary. In a process
+        # group a backward must run once: DDP's hooks all-reduce in the first run only (a second one would leave
+        # each rank its own gradients), so a NaN the compiled graphs hold sends it to the mode at once.
+        once = _in_process_group()
+        if not once or run.saved_finite():
+            return _compiled_check_run(run, t_outputs, inputs, retain_graph, create_graph, accumulate_grad,
+                                       rerun=not once)
     return _run_strong(run, retain_graph, create_graph, t_outputs)
 
 
-def _compiled_check_run(run, t_outputs, inputs, retain_graph, create_graph, accumulate_grad):
+def _warn_not_rerun() -> None:
+    warnings.warn(
+        "gw.strong_zeros: the gradients hold NaN/Inf after the compiled backwards ran with the strong-zero pass, "
+        "from values that were finite in the forward (a singular point, or a zero that crossed a compiled graph's "
+        "boundary). In a process group the backward cannot run a second time under the eager rules (DDP's "
+        "all-reduce ran already), so they are kept: they may be genuine or contamination. Fix: compile without "
+        "graph breaks around the op that discards values, or run this model without torch.compile to decide.",
+        CompiledBackwardWarning, stacklevel=5)
+
+
+def _in_process_group() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _compiled_check_run(run, t_outputs, inputs, retain_graph, create_graph, accumulate_grad, rerun=True):
     """Run a graph with compiled nodes through their strong variants with the graph kept; only if a gradient
     holds NaN/Inf, run it again under the mode (compiled nodes op by op). The graph is then released as the
-    engine would have released it."""
+    engine would have released it. Without ``rerun`` (a backward that must run once) a NaN/Inf is kept, with a
+    CompiledBackwardWarning."""
     stash: list[tuple[torch.Tensor, torch.Tensor]] = []
     leaves = _leaves(t_outputs, inputs) if accumulate_grad else []
     for leaf in leaves:
@@ -84,7 +106,9 @@ def _compiled_check_run(run, t_outputs, inputs, retain_graph, create_graph, accu
     try:
         result = run(True)
         if _all_finite([leaf.grad for leaf in leaves if leaf.grad is not None] if accumulate_grad
-                       else [r for r in result if r is not None]):
+                       else [r for r in result if r is not None]) or not rerun:
+            if not rerun:
+                _warn_not_rerun()
             if not retain_graph:
                 _release_graph(_root_nodes(t_outputs))
         else:
