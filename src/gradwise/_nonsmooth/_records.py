@@ -100,15 +100,22 @@ class _Run:
         entry = self.flat.get(x)
         return None if entry is None or entry[2] != x._version else entry[:2]
 
+    def own_key_only(self) -> bool:
+        """Whether the next kink's only ranking key (after the value) is this pass's tangent: no forced column
+        and no earlier pass's keys."""
+        return self.history is None and len(self.kinks) not in self.forced
+
     def resolve(self, op: str, kind: str, cand: Tensor, key: Tensor | None, values: Callable | None,
                 descending: bool = True, primal: Tensor | None = None, comparison: bool = False,
-                lazy: bool = False) -> tuple[Tensor | None, Tensor | None]:
+                lazy: bool = False, order: Callable | None = None) -> tuple[Tensor | None, Tensor | None]:
         """Rank the tied candidates (G, m) lexicographically; return the winner (select) or order (order), and
         (comparisons only) the rows still tied after every key.
 
         Keys in order: the value (``primal``, order only: select candidates already tie in value), a forced
         column, the keys of earlier passes, this pass's tangent ``key``. ``lazy``: with no key at all, only
         record the kink (the caller keeps PyTorch's first-candidate choice) and return (None, None).
+        ``order`` (order kinds): the caller's own ranking by (``primal``, ``key``), ``_lex_order``'s result for
+        those two keys, used when ``key`` is the only key.
         """
         index = len(self.kinks)
         keys: list[Tensor] = []
@@ -132,6 +139,8 @@ class _Run:
         if kind == "select":
             sign = 1.0 if descending else -1.0
             result, still = _lex_argmax(cand, [sign * k for k in keys], comparison)
+        elif order is not None and key is not None and len(keys) == 1:
+            result, still = order()
         else:
             result, still = _lex_order(primal, keys, descending, cand)
         record.unresolved, record.choice = (int(still.sum()) if still is not None else 0), result
@@ -170,6 +179,27 @@ def _lex_order(primal: Tensor, keys: list[Tensor], descending: bool, cand: Tenso
     full = torch.stack([primal, *keys], -1).gather(-2, perm.unsqueeze(-1).expand(*perm.shape, len(keys) + 1))
     still = (full[..., 1:, :] == full[..., :-1, :]).all(-1) & cand.gather(-1, perm)[..., 1:]
     return perm, still.any(-1)
+
+
+_LEX_KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _ordered_bits(v: Tensor) -> Tensor:
+    """int32 per float32 element, ordered as the floats are (-0.0 below 0.0; no NaN)."""
+    i = v.view(torch.int32)
+    return i ^ ((i >> 31) & 0x7FFFFFFF)
+
+
+def _lex_key(primal: Tensor, key: Tensor) -> Tensor | None:
+    """One int64 per element that orders like the pair (primal, key) lexicographically, as ``_lex_order``'s
+    stable sorts compare them (-0.0 == 0.0): one sort of it is their two. None where no such key exists here
+    (a dtype wider than 32 bits, a NaN, which sorts apart from every number)."""
+    if primal.dtype not in _LEX_KEY_DTYPES or key.dtype not in _LEX_KEY_DTYPES or primal.shape != key.shape:
+        return None
+    p, k = primal.detach().float() + 0.0, key.detach().float() + 0.0  # a fresh copy; -0.0 + 0.0 is 0.0
+    if bool(p.isnan().any()) or bool(k.isnan().any()):
+        return None
+    return (_ordered_bits(p).to(torch.int64) << 32) + (_ordered_bits(k).to(torch.int64) + 2**31)
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)

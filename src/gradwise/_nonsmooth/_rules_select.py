@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from gradwise._masks import mask_any
 from gradwise._nonsmooth._errors import NonsmoothError
-from gradwise._nonsmooth._records import Kink, _Run, _user_line
+from gradwise._nonsmooth._records import Kink, _lex_key, _Run, _user_line
 from gradwise._nonsmooth._rules import _split, _tied_rows, kink_rule
 from gradwise._nonsmooth._rules_pointwise import maximum, minimum
 
@@ -278,7 +278,14 @@ def _ordered(run, op: str, x: Tensor, dim: int, descending: bool, positions: sli
     dim = dim % max(xp.dim(), 1)
     xm = x.movedim(dim, -1) if xp.dim() else x.reshape(1)
     pm, tm = _split(xm)
-    vals, perm = torch.sort(pm, dim=-1, descending=descending, stable=True)
+    # with this pass's tangent as the only ranking key, one stable sort of a (value, tangent) key gives both the
+    # sorted values and the lexicographic order of every row (``_lex_order``'s, which takes two more sorts)
+    lex = _lex_key(pm, tm) if tm is not None and run.own_key_only() else None
+    if lex is None:
+        vals, perm = torch.sort(pm, dim=-1, descending=descending, stable=True)
+    else:
+        lex, perm = torch.sort(lex, dim=-1, descending=descending, stable=True)
+        vals = pm.gather(-1, perm)
     m = pm.shape[-1]
     lo, hi = max(positions.start - 1, 0), min(positions.stop, m - 1)
     gap = (vals[..., 1:] - vals[..., :-1]).abs()[..., lo:hi]
@@ -300,11 +307,15 @@ def _ordered(run, op: str, x: Tensor, dim: int, descending: bool, positions: sli
         cand = torch.zeros_like(link[:, :1]).expand(-1, m).clone().scatter_(
             1, perm.reshape(-1, m)[rows], touched.gather(1, gid) > 0)
         key = tm.reshape(-1, m)[rows] if tm is not None else None
+        ranked = None
+        if lex is not None:  # the rows' lexicographic order is the sort above; ties left: equal keys side by side
+            lexr, ranked = lex.reshape(-1, m)[rows], perm.reshape(-1, m)[rows]
+            still = lambda: (lexr[:, 1:] == lexr[:, :-1]) & cand.gather(-1, ranked)[:, 1:]
         # lazy: without any ranking key the stable sort above is the provisional order (the ranked pass writes)
         order, _ = run.resolve(op, "order", cand, key, lambda: xm.reshape(-1, m)[rows], descending, primal=prim,
-                               lazy=True)
+                               lazy=True, order=None if ranked is None else lambda: (ranked, still().any(-1)))
         perm = perm.clone()
-        if order is not None:
+        if order is not None and order is not ranked:
             perm.view(-1, m)[rows] = order
         run.kinks[-1].write = lambda c: perm.data.view(-1, m).index_put_((rows,), c)
     return xm.gather(-1, perm), perm, dim
