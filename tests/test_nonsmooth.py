@@ -628,3 +628,44 @@ def test_smooth_builtins_are_not_kinks(name):
     d = _T(0.3, -0.7, 0.2)
     assert float(gw.directional_derivative(f, x, d)) == pytest.approx(one_sided(f, [x], [d]), abs=1e-5)
     assert gw.stationarity(f, x).kinks == []
+
+
+# --- fast paths of the sort / topk rule: the same answers as the general code ---------------------------------
+
+
+def test_sort_rule_groups_reaching_positions_match_group_ids():
+    """`_reaching` (a closed form over runs of tied neighbours) against group ids counted by scatter_add."""
+    from gradwise._nonsmooth._rules_select import _reaching
+
+    g = torch.Generator().manual_seed(0)
+    for m in range(2, 10):
+        for p in (0.2, 0.5, 0.8):
+            links = torch.rand(200, m - 1, generator=g) < p
+            gid = torch.cat([torch.zeros(200, 1, dtype=torch.int64), (~links).cumsum(-1)], -1)
+            for lo in range(m - 1):
+                for hi in range(lo + 1, m):
+                    reach = torch.zeros_like(links)
+                    reach[:, lo:hi] = links[:, lo:hi]
+                    touched = torch.zeros(200, m, dtype=torch.int64).scatter_add_(1, gid[:, :-1], reach.long())
+                    assert torch.equal(_reaching(links, lo, hi), touched.gather(1, gid) > 0), (m, lo, hi)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("descending", [True, False])
+def test_one_sort_of_the_value_tangent_key_is_the_lexicographic_order(dtype, descending):
+    """One stable sort of `_lex_key` gives `_lex_order`'s permutation (signed zeros tie, infinities order)."""
+    from gradwise._nonsmooth._records import _lex_key, _lex_order
+
+    g = torch.Generator().manual_seed(1)
+    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, 1e-38, -1e-38])
+    for _ in range(20):
+        p = torch.randint(-2, 3, (16, 24), generator=g).float()
+        t = torch.randint(-2, 3, (16, 24), generator=g).float()
+        for v in (p, t):
+            where = torch.rand(v.shape, generator=g) < 0.2
+            v[where] = special[torch.randint(0, len(special), (int(where.sum()),), generator=g)]
+        p, t = p.to(dtype), t.to(dtype)
+        perm, _ = _lex_order(p, [t], descending, torch.ones_like(p, dtype=torch.bool))
+        assert torch.equal(torch.sort(_lex_key(p, t), dim=-1, descending=descending, stable=True).indices, perm)
+    assert _lex_key(p.double(), t.double()) is None
+    assert _lex_key(p.float().masked_fill(p == 0, math.nan), t.float()) is None

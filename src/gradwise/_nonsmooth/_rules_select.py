@@ -272,6 +272,23 @@ kink_rule(aten.max_pool3d_with_indices, F.max_pool3d, torch.max_pool3d, F.max_po
 # --- orderings: sort, topk, kthvalue, median ----------------------------------------------------------------
 
 
+def _reaching(links: Tensor, lo: int, hi: int) -> Tensor:
+    """(G, m) bool in sorted order: the elements of tie groups (maximal runs of tied neighbours; ``links``
+    (G, m - 1) says which neighbours j, j + 1 tie) that hold a tie pair j, j + 1 with lo <= j < hi.
+
+    A group spanning positions a < b holds one iff a < hi and b > lo: every element in [lo + 1, hi - 1] of a
+    group qualifies, one at j >= hi iff its group runs unbroken from hi - 1 to j, one at j <= lo iff from j to
+    lo + 1."""
+    grouped = torch.zeros(links.shape[0], links.shape[1] + 1, dtype=torch.bool, device=links.device)
+    grouped[:, 1:] = links
+    grouped[:, :-1] |= links
+    if hi < links.shape[1]:  # j >= hi: links hi - 1 ... j - 1 all tie
+        grouped[:, hi:] &= (~links[:, hi - 1:]).cumsum(-1) == 0
+    if lo > 0:  # j <= lo: links j ... lo all tie
+        grouped[:, : lo + 1] &= (~links[:, : lo + 1]).flip(-1).cumsum(-1).flip(-1) == 0
+    return grouped
+
+
 def _ordered(run, op: str, x: Tensor, dim: int, descending: bool, positions: slice):
     """Locked permutation sorting x along dim; ties that reach ``positions`` ranked lexicographically."""
     xp = _split(x)[0]
@@ -288,35 +305,33 @@ def _ordered(run, op: str, x: Tensor, dim: int, descending: bool, positions: sli
         vals = pm.gather(-1, perm)
     m = pm.shape[-1]
     lo, hi = max(positions.start - 1, 0), min(positions.stop, m - 1)
-    gap = (vals[..., 1:] - vals[..., :-1]).abs()[..., lo:hi]
-    tie_pairs = gap <= run.tie_tol
-    run.note_near(op, gap)
-    tie = tie_pairs.any(-1)
-    if tie.any():
+    gap = (vals[..., 1:] - vals[..., :-1]).abs()
+    links = gap <= run.tie_tol  # sorted neighbours j, j + 1 tie
+    run.note_near(op, gap[..., lo:hi])
+    tie = links[..., lo:hi].any(-1)
+    if mask_any(tie):
         rows = _tied_rows(tie)
-        prim = pm.reshape(-1, m)[rows]
-        sv = vals.reshape(-1, m)[rows]
-        # candidates: the tie groups (runs of equal sorted values) holding a tie pair that reaches the positions,
-        # found in sorted order by a group id per position (linear in m), then scattered back through perm
-        link = (sv[:, 1:] - sv[:, :-1]).abs() <= run.tie_tol
-        gid = torch.cat([torch.zeros_like(sv[:, :1], dtype=torch.int64), (~link).cumsum(-1)], -1)
-        reach = torch.zeros_like(link)
-        reach[:, lo:hi] = link[:, lo:hi]
-        touched = torch.zeros(sv.shape, dtype=torch.int64, device=sv.device).scatter_add_(
-            1, gid[:, :-1], reach.to(torch.int64))
-        cand = torch.zeros_like(link[:, :1]).expand(-1, m).clone().scatter_(
-            1, perm.reshape(-1, m)[rows], touched.gather(1, gid) > 0)
-        key = tm.reshape(-1, m)[rows] if tm is not None else None
+        if rows.numel() == tie.numel():  # every row ties: the (G, m) blocks are the tensors' rows, no gather
+            take = lambda t: t.reshape(-1, t.shape[-1])
+        else:
+            take = lambda t: t.reshape(-1, t.shape[-1]).index_select(0, rows)
+        pr = take(perm)
+        # candidates: the tie groups (runs of tied sorted neighbours) holding a tie pair that reaches the
+        # positions, found in sorted order, then scattered back through perm
+        reach = _reaching(take(links), lo, hi)
+        cand = torch.zeros(pr.shape, dtype=torch.bool, device=pr.device).scatter_(1, pr, reach)
+        key = take(tm) if tm is not None else None
         ranked = None
         if lex is not None:  # the rows' lexicographic order is the sort above; ties left: equal keys side by side
-            lexr, ranked = lex.reshape(-1, m)[rows], perm.reshape(-1, m)[rows]
-            still = lambda: (lexr[:, 1:] == lexr[:, :-1]) & cand.gather(-1, ranked)[:, 1:]
+            lexr, ranked = take(lex), pr
+            still = lambda: ((lexr[:, 1:] == lexr[:, :-1]) & reach[:, 1:]).any(-1)
         # lazy: without any ranking key the stable sort above is the provisional order (the ranked pass writes)
-        order, _ = run.resolve(op, "order", cand, key, lambda: xm.reshape(-1, m)[rows], descending, primal=prim,
-                               lazy=True, order=None if ranked is None else lambda: (ranked, still().any(-1)))
-        perm = perm.clone()
-        if order is not None and order is not ranked:
-            perm.view(-1, m)[rows] = order
+        order, _ = run.resolve(op, "order", cand, key, lambda: take(xm), descending, primal=take(pm),
+                               lazy=True, order=None if ranked is None else lambda: (ranked, still()))
+        if order is not ranked:  # the sort's perm is already this pass's order otherwise
+            perm = perm.clone()
+            if order is not None:
+                perm.view(-1, m)[rows] = order
         run.kinks[-1].write = lambda c: perm.data.view(-1, m).index_put_((rows,), c)
     return xm.gather(-1, perm), perm, dim
 
