@@ -669,3 +669,42 @@ def test_one_sort_of_the_value_tangent_key_is_the_lexicographic_order(dtype, des
         assert torch.equal(torch.sort(_lex_key(p, t), dim=-1, descending=descending, stable=True).indices, perm)
     assert _lex_key(p.double(), t.double()) is None
     assert _lex_key(p.float().masked_fill(p == 0, math.nan), t.float()) is None
+
+
+def test_topk_ranked_from_a_top_k_plus_one_matches_the_full_sort():
+    """`_top_ranked` (generalized gradients' topk path) ranks, indexes and records candidates as `_ordered`'s full
+    sort does on tie-heavy rows (dead zeros, signed zeros, infinities, tied tangents), or declines."""
+    import torch.autograd.forward_ad as fwAD
+
+    from gradwise._nonsmooth._records import _Run
+    from gradwise._nonsmooth._rules_select import _ordered, _top_ranked
+
+    g = torch.Generator().manual_seed(0)
+    taken = 0
+    for trial in range(60):
+        rows, m = int(torch.randint(1, 5, (), generator=g)), int(torch.randint(3, 20, (), generator=g))
+        p = torch.randint(-2, 4, (rows, m), generator=g).float()
+        t = torch.randint(-2, 3, (rows, m), generator=g).float() if trial % 3 else torch.randn(rows, m, generator=g)
+        if trial % 4 == 1:
+            for v, frac in ((-0.0, 0.2), (math.inf, 0.1), (-math.inf, 0.1)):
+                p[torch.rand(rows, m, generator=g) < frac] = v
+        if trial % 5 == 2:
+            p[0] = torch.arange(m).float()  # a row without ties
+        for k in range(1, m - 1):
+            for largest in (True, False):
+                with fwAD.dual_level():
+                    x = fwAD.make_dual(p, t)
+                    full, top = _Run(), _Run(top_only=True)
+                    v_full, perm_full, _ = _ordered(full, "aten.topk", x, 1, largest, slice(0, k))
+                    res = _top_ranked(top, "aten.topk", x, k, 1, largest)
+                    if res is None:
+                        continue
+                    taken += 1
+                    v_top, perm_top, _ = res
+                    assert torch.equal(perm_full[..., :k], perm_top)
+                    for a, b in zip(fwAD.unpack_dual(v_full), fwAD.unpack_dual(v_top), strict=True):
+                        assert torch.equal(a[..., :k], b)
+                    assert [k_.op for k_ in full.kinks] == [k_.op for k_ in top.kinks]
+                    for a, b in zip(full.kinks, top.kinks, strict=True):
+                        assert torch.equal(a.cand, b.cand) and torch.equal(a.choice[:, :k], b.choice)
+    assert taken > 500

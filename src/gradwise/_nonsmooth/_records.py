@@ -1,7 +1,7 @@
 """What one pass records: ``Kink`` (a tie a rule resolved), ``NearKink``, the per-pass state ``_Run``; the
 lexicographic ranking of tied branches (``_lex_argmax``, ``_lex_order``) and ``_user_line`` (the user's file:line).
 
-May import: torch, ``_errors``.
+May import: torch, gradwise._masks, ``_errors``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from gradwise._masks import mask_any
 from gradwise._nonsmooth._errors import NonsmoothError
 
 Tensor = torch.Tensor
@@ -71,8 +72,11 @@ class NearKink:
 class _Run:
     """State of one pass of f: history from earlier passes, forced choices, what this pass records."""
 
-    def __init__(self, history=None, forced=None, collect=False, tie_tol=0.0, near_tol=None):
+    def __init__(self, history=None, forced=None, collect=False, tie_tol=0.0, near_tol=None, top_only=False):
         self.history: list[Kink] | None = history
+        # The records stay internal (generalized gradients): a rule may rank only the positions its op returns
+        # (topk's first k), its Kink.choice covering those and Kink.unresolved counting the ties seen there.
+        self.top_only = top_only
         self.forced: dict[int, Tensor] = forced or {}
         self.collect = collect
         self.tie_tol = tie_tol
@@ -184,10 +188,12 @@ def _lex_order(primal: Tensor, keys: list[Tensor], descending: bool, cand: Tenso
 _LEX_KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _ordered_bits(v: Tensor) -> Tensor:
-    """int32 per float32 element, ordered as the floats are (-0.0 below 0.0; no NaN)."""
+def _signed_bits(v: Tensor, out: Tensor) -> Tensor:
+    """int32 per float32 element into ``out``, ordered as the floats are and equal where they are (-0.0 and 0.0
+    both 0; no NaN): the sign-magnitude bits as a two's complement number."""
     i = v.view(torch.int32)
-    return i ^ ((i >> 31) & 0x7FFFFFFF)
+    sign = i >> 31  # 0 or -1
+    return torch.sub((i & 0x7FFFFFFF) ^ sign, sign, out=out)
 
 
 def _lex_key(primal: Tensor, key: Tensor) -> Tensor | None:
@@ -196,10 +202,16 @@ def _lex_key(primal: Tensor, key: Tensor) -> Tensor | None:
     (a dtype wider than 32 bits, a NaN, which sorts apart from every number)."""
     if primal.dtype not in _LEX_KEY_DTYPES or key.dtype not in _LEX_KEY_DTYPES or primal.shape != key.shape:
         return None
-    p, k = primal.detach().float() + 0.0, key.detach().float() + 0.0  # a fresh copy; -0.0 + 0.0 is 0.0
-    if bool(p.isnan().any()) or bool(k.isnan().any()):
+    p, k = primal.detach().float(), key.detach().float()
+    if bool(mask_any(p.isnan())) or bool(mask_any(k.isnan())):
         return None
-    return (_ordered_bits(p).to(torch.int64) << 32) + (_ordered_bits(k).to(torch.int64) + 2**31)
+    if sys.byteorder != "little":
+        return (_signed_bits(p, None).to(torch.int64) << 32) + (_signed_bits(k, None).to(torch.int64) + 2**31)
+    words = torch.empty(*p.shape, 2, dtype=torch.int32, device=p.device)  # little-endian: (low, high) word
+    _signed_bits(p, words[..., 1])
+    low = words[..., 0]
+    torch.bitwise_xor(_signed_bits(k, low), -(2**31), out=low)  # the key's order as an unsigned word
+    return words.view(torch.int64).squeeze(-1)
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)

@@ -308,7 +308,7 @@ def _ordered(run, op: str, x: Tensor, dim: int, descending: bool, positions: sli
     gap = (vals[..., 1:] - vals[..., :-1]).abs()
     links = gap <= run.tie_tol  # sorted neighbours j, j + 1 tie
     run.note_near(op, gap[..., lo:hi])
-    tie = links[..., lo:hi].any(-1)
+    tie = mask_any(links[..., lo:hi], -1)
     if mask_any(tie):
         rows = _tied_rows(tie)
         if rows.numel() == tie.numel():  # every row ties: the (G, m) blocks are the tensors' rows, no gather
@@ -324,7 +324,7 @@ def _ordered(run, op: str, x: Tensor, dim: int, descending: bool, positions: sli
         ranked = None
         if lex is not None:  # the rows' lexicographic order is the sort above; ties left: equal keys side by side
             lexr, ranked = take(lex), pr
-            still = lambda: ((lexr[:, 1:] == lexr[:, :-1]) & reach[:, 1:]).any(-1)
+            still = lambda: mask_any((lexr[:, 1:] == lexr[:, :-1]) & reach[:, 1:], -1)
         # lazy: without any ranking key the stable sort above is the provisional order (the ranked pass writes)
         order, _ = run.resolve(op, "order", cand, key, lambda: take(xm), descending, primal=take(pm),
                                lazy=True, order=None if ranked is None else lambda: (ranked, still()))
@@ -332,7 +332,56 @@ def _ordered(run, op: str, x: Tensor, dim: int, descending: bool, positions: sli
             perm = perm.clone()
             if order is not None:
                 perm.view(-1, m)[rows] = order
-        run.kinks[-1].write = lambda c: perm.data.view(-1, m).index_put_((rows,), c)
+        # a choice may cover the leading positions only (topk's ranked pass, `_top_ranked`): they are all read
+        run.kinks[-1].write = lambda c: perm.data.view(-1, m)[:, : c.shape[-1]].index_put_((rows,), c)
+    return xm.gather(-1, perm), perm, dim
+
+
+def _top_ranked(run, op: str, x: Tensor, k: int, dim: int, largest: bool):
+    """topk's first k positions as `_ordered` ranks them, from a top-(k + 1) of the (value, tangent) key instead
+    of a full sort; None where that does not apply (then `_ordered`).
+
+    Applies in a pass with this pass's tangent as the only key, exact ties (``tie_tol`` 0, no near ties), records
+    kept internal (``run.top_only``: the choice covers the k positions, ``unresolved`` the ties among the k + 1),
+    and no key tie across the k-th place (which of equal keys the stable order takes there needs every index).
+    Candidates as `_ordered` finds them: tie groups within the k + 1 (`_reaching`), and past them the elements
+    equal to the k-th value when it ties with the next (exact ties: a group is a run of equal values)."""
+    xp, _ = _split(x)
+    if not run.top_only or run.tie_tol != 0 or run.near_tol is not None or xp.dim() == 0 or k < 1:
+        return None
+    dim = dim % xp.dim()
+    xm = x.movedim(dim, -1)
+    pm, tm = _split(xm)
+    m = pm.shape[-1]
+    if tm is None or k + 1 >= m or not run.own_key_only() or (lex := _lex_key(pm, tm)) is None:
+        return None
+    top_lex, top = torch.topk(lex, k + 1, dim=-1, largest=largest, sorted=True)
+    top, by_index = top.sort(-1)  # topk returns equal keys in no set order: the stable order takes them by index
+    top_lex = top_lex.gather(-1, by_index)
+    top_lex, order = torch.sort(top_lex, dim=-1, descending=largest, stable=True)
+    top = top.gather(-1, order)
+    kth = top_lex[..., k - 1 : k]
+    if bool(((lex == kth).sum(-1) != (top_lex[..., :k] == kth).sum(-1)).any()):
+        return None  # an element left out has the k-th key
+    vals = pm.gather(-1, top)
+    links = (vals[..., 1:] - vals[..., :-1]).abs() <= 0
+    tie = mask_any(links, -1)
+    perm = top[..., :k].contiguous()
+    if mask_any(tie):
+        rows = _tied_rows(tie)
+        if rows.numel() == tie.numel():
+            take = lambda t: t.reshape(-1, t.shape[-1])
+        else:
+            take = lambda t: t.reshape(-1, t.shape[-1]).index_select(0, rows)
+        tr, lr = take(top), take(links)
+        reach = _reaching(lr, 0, k)
+        cand = torch.zeros(tr.shape[0], m, dtype=torch.bool, device=tr.device).scatter_(1, tr, reach)
+        cand |= lr[:, k - 1 : k] & (take(pm) == take(vals)[:, k - 1 : k])  # the k-th value's group past the k + 1
+        lexr = take(top_lex)
+        still = lambda: mask_any((lexr[:, 1:] == lexr[:, :-1]) & reach[:, 1:], -1)
+        run.resolve(op, "order", cand, take(tm), lambda: take(xm), largest, primal=take(pm), lazy=True,
+                    order=lambda: (tr[:, :k], still()))
+        run.kinks[-1].write = lambda c: perm.data.view(-1, k).index_put_((rows,), c[:, :k])
     return xm.gather(-1, perm), perm, dim
 
 
@@ -348,7 +397,8 @@ def sort(run, func, x, dim=-1, descending=False, stable=False):
 @kink_rule(aten.topk, torch.topk, Tensor.topk)
 def topk(run, func, x, k, dim=-1, largest=True, sorted=True):
     """Top k. Ties at or across the k-th place: the elements largest along the direction win."""
-    v, perm, d = _ordered(run, "aten.topk", x, dim, largest, slice(0, k))
+    v, perm, d = _top_ranked(run, "aten.topk", x, k, dim, largest) or _ordered(run, "aten.topk", x, dim, largest,
+                                                                              slice(0, k))
     return torch.return_types.topk((v[..., :k].movedim(-1, d), perm[..., :k].movedim(-1, d)))
 
 
