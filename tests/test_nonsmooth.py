@@ -668,7 +668,10 @@ def test_one_sort_of_the_value_tangent_key_is_the_lexicographic_order(dtype, des
         perm, _ = _lex_order(p, [t], descending, torch.ones_like(p, dtype=torch.bool))
         assert torch.equal(torch.sort(_lex_key(p, t), dim=-1, descending=descending, stable=True).indices, perm)
     assert _lex_key(p.double(), t.double()) is None
-    assert _lex_key(p.float().masked_fill(p == 0, math.nan), t.float()) is None
+    p, t = p.float(), t.float()
+    p[0, 0], t[0, 0] = 1.0, 1.0
+    for nan in (math.nan, -math.nan):  # either sign, in the value or the key
+        assert _lex_key(p.masked_fill(p == 1, nan), t) is None and _lex_key(p, t.masked_fill(t == 1, nan)) is None
 
 
 def test_topk_ranked_from_a_top_k_plus_one_matches_the_full_sort():

@@ -1,7 +1,7 @@
 """What one pass records: ``Kink`` (a tie a rule resolved), ``NearKink``, the per-pass state ``_Run``; the
 lexicographic ranking of tied branches (``_lex_argmax``, ``_lex_order``) and ``_user_line`` (the user's file:line).
 
-May import: torch, gradwise._masks, ``_errors``.
+May import: torch, ``_errors``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from gradwise._masks import mask_any
 from gradwise._nonsmooth._errors import NonsmoothError
 
 Tensor = torch.Tensor
@@ -188,12 +187,18 @@ def _lex_order(primal: Tensor, keys: list[Tensor], descending: bool, cand: Tenso
 _LEX_KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _signed_bits(v: Tensor, out: Tensor) -> Tensor:
-    """int32 per float32 element into ``out``, ordered as the floats are and equal where they are (-0.0 and 0.0
-    both 0; no NaN): the sign-magnitude bits as a two's complement number."""
+_INF_BITS = 0x7F800000  # float32 infinity's magnitude bits; a NaN's are larger
+
+
+def _signed_bits(v: Tensor, out: Tensor) -> bool:
+    """Write into ``out`` an int32 per float32 element of v, ordered as the floats are and equal where they are
+    (-0.0 and 0.0 both 0): the sign-magnitude bits as a two's complement number. False if v holds a NaN."""
     i = v.view(torch.int32)
     sign = i >> 31  # 0 or -1
-    return torch.sub((i & 0x7FFFFFFF) ^ sign, sign, out=out)
+    torch.bitwise_and(i, 0x7FFFFFFF, out=out)
+    out.bitwise_xor_(sign).sub_(sign)
+    low, high = torch.aminmax(out)
+    return -_INF_BITS <= int(low) and int(high) <= _INF_BITS
 
 
 def _lex_key(primal: Tensor, key: Tensor) -> Tensor | None:
@@ -203,14 +208,14 @@ def _lex_key(primal: Tensor, key: Tensor) -> Tensor | None:
     if primal.dtype not in _LEX_KEY_DTYPES or key.dtype not in _LEX_KEY_DTYPES or primal.shape != key.shape:
         return None
     p, k = primal.detach().float(), key.detach().float()
-    if bool(mask_any(p.isnan())) or bool(mask_any(k.isnan())):
+    words = torch.empty(*p.shape, 2, dtype=torch.int32, device=p.device)
+    if sys.byteorder == "little":  # int64 = (low word, high word)
+        high, low = words[..., 1], words[..., 0]
+    else:
+        high, low = words[..., 0], words[..., 1]
+    if p.numel() == 0 or not (_signed_bits(p, high) and _signed_bits(k, low)):
         return None
-    if sys.byteorder != "little":
-        return (_signed_bits(p, None).to(torch.int64) << 32) + (_signed_bits(k, None).to(torch.int64) + 2**31)
-    words = torch.empty(*p.shape, 2, dtype=torch.int32, device=p.device)  # little-endian: (low, high) word
-    _signed_bits(p, words[..., 1])
-    low = words[..., 0]
-    torch.bitwise_xor(_signed_bits(k, low), -(2**31), out=low)  # the key's order as an unsigned word
+    low.bitwise_xor_(-(2**31))  # the key's order as an unsigned word
     return words.view(torch.int64).squeeze(-1)
 
 
