@@ -190,33 +190,30 @@ _LEX_KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INF_BITS = 0x7F800000  # float32 infinity's magnitude bits; a NaN's are larger
 
 
-def _signed_bits(v: Tensor, out: Tensor) -> bool:
-    """Write into ``out`` an int32 per float32 element of v, ordered as the floats are and equal where they are
-    (-0.0 and 0.0 both 0): the sign-magnitude bits as a two's complement number. False if v holds a NaN."""
+def _signed_bits(v: Tensor) -> Tensor | None:
+    """int32 per float32 element of v, ordered as the floats are and equal where they are (-0.0 and 0.0 both 0):
+    the sign-magnitude bits as a two's complement number. None if v holds a NaN."""
     i = v.view(torch.int32)
     sign = i >> 31  # 0 or -1
-    torch.bitwise_and(i, 0x7FFFFFFF, out=out)
-    out.bitwise_xor_(sign).sub_(sign)
+    out = ((i & 0x7FFFFFFF) ^ sign).sub_(sign)
     low, high = torch.aminmax(out)
-    return -_INF_BITS <= int(low) and int(high) <= _INF_BITS
+    return out if -_INF_BITS <= int(low) and int(high) <= _INF_BITS else None
 
 
 def _lex_key(primal: Tensor, key: Tensor) -> Tensor | None:
     """One int64 per element that orders like the pair (primal, key) lexicographically, as ``_lex_order``'s
     stable sorts compare them (-0.0 == 0.0): one sort of it is their two. None where no such key exists here
     (a dtype wider than 32 bits, a NaN, which sorts apart from every number)."""
-    if primal.dtype not in _LEX_KEY_DTYPES or key.dtype not in _LEX_KEY_DTYPES or primal.shape != key.shape:
+    if primal.dtype not in _LEX_KEY_DTYPES or key.dtype not in _LEX_KEY_DTYPES or primal.shape != key.shape \
+            or primal.numel() == 0:
         return None
-    p, k = primal.detach().float(), key.detach().float()
-    words = torch.empty(*p.shape, 2, dtype=torch.int32, device=p.device)
-    if sys.byteorder == "little":  # int64 = (low word, high word)
-        high, low = words[..., 1], words[..., 0]
-    else:
-        high, low = words[..., 0], words[..., 1]
-    if p.numel() == 0 or not (_signed_bits(p, high) and _signed_bits(k, low)):
+    high = _signed_bits(primal.detach().float())
+    low = None if high is None else _signed_bits(key.detach().float())
+    if low is None:
         return None
     low.bitwise_xor_(-(2**31))  # the key's order as an unsigned word
-    return words.view(torch.int64).squeeze(-1)
+    words = [low, high] if sys.byteorder == "little" else [high, low]  # the int64's words in memory order
+    return torch.stack(words, -1).view(torch.int64).squeeze(-1)
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
