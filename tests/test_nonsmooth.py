@@ -711,3 +711,16 @@ def test_topk_ranked_from_a_top_k_plus_one_matches_the_full_sort():
                     for a, b in zip(full.kinks, top.kinks, strict=True):
                         assert torch.equal(a.cand, b.cand) and torch.equal(a.choice[:, :k], b.choice)
     assert taken > 500
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_two_column_argmax_is_argmax(dtype):
+    """`_argmax_last` (elementwise for switches' two candidates) picks as argmax does: first maximum, NaN largest."""
+    from gradwise._nonsmooth._records import _argmax_last
+
+    vals = torch.tensor([0.0, -0.0, 1.0, -1.0, math.inf, -math.inf, math.nan, -math.nan, 1e-45])
+    a, b = torch.meshgrid(vals, vals, indexing="ij")
+    k = torch.stack([a.reshape(-1), b.reshape(-1)], -1).to(dtype)
+    assert torch.equal(_argmax_last(k), k.argmax(-1))
+    k3 = torch.randn(50, 3, generator=torch.Generator().manual_seed(0)).round().to(dtype)
+    assert torch.equal(_argmax_last(k3), k3.argmax(-1))

@@ -158,6 +158,15 @@ class _Run:
             self.near.append(NearKink(op, _user_line(), int(near.sum()), float(gap[near].min())))
 
 
+def _argmax_last(k: Tensor) -> Tensor:
+    """``k.argmax(-1)``; for two columns (every elementwise switch) elementwise, as argmax picks: the first
+    maximum, a NaN counting as the largest (a reduction over a last dim of 2 is slow on CPU)."""
+    if k.shape[-1] != 2:
+        return k.argmax(-1)
+    a, b = k[..., 0], k[..., 1]
+    return ((b > a) | (b.isnan() & ~a.isnan())).to(torch.int64)
+
+
 def _lex_argmax(cand: Tensor, keys: list[Tensor], still: bool = True) -> tuple[Tensor, Tensor | None]:
     """First candidate that is largest in keys[0], then among those in keys[1], ...; and (``still``) the rows
     still tied after the last key."""
@@ -165,7 +174,7 @@ def _lex_argmax(cand: Tensor, keys: list[Tensor], still: bool = True) -> tuple[T
         for k in keys[:-1]:
             km = k.masked_fill(~cand, -math.inf)
             cand = cand & (km == km.amax(-1, keepdim=True))
-        choice = keys[-1].masked_fill(~cand, -math.inf).argmax(-1)
+        choice = _argmax_last(keys[-1].masked_fill(~cand, -math.inf))
         if bool(cand.gather(-1, choice.unsqueeze(-1)).all()):
             return choice, None
     for k in keys:
