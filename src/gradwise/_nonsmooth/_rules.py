@@ -107,12 +107,8 @@ def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = 
     if run.near_tol is not None:
         run.note_near(op, sp.abs())
     tie = None
-    if run.tie_tol == 0:  # exact ties: the mask that finds them is the one that says whether there are any
-        tie = sp == 0
-        tie = tie if mask_any(tie) else None
-    elif _near_zero(sp, run.tie_tol):
-        tie = sp.abs() <= run.tie_tol
-    if tie is not None:
+    if _near_zero(sp, run.tie_tol):  # one min-reduction: cheaper than a full-size mask where nothing ties
+        tie = sp == 0 if run.tie_tol == 0 else sp.abs() <= run.tie_tol
         dead = skip(tie) if skip is not None else None
         if dead is not None:
             tie = tie & ~dead
