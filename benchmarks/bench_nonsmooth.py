@@ -2,6 +2,7 @@
 
     python benchmarks/bench_nonsmooth.py              # wall clock
     python benchmarks/bench_nonsmooth.py --cpu-time   # CPU time, one thread (for a machine loaded by others)
+    python benchmarks/bench_nonsmooth.py --only top-k # only the rows whose name contains "top-k"
 
 Rows: ``generalized_grad`` / plain ``torch.autograd.grad`` (forward + backward) on a 6-layer ReLU MLP (width 256,
 batch 128, random data: no kink hit) and on a conv + max-pool network fed integer-valued images (many exact
@@ -143,12 +144,14 @@ def iou_row():
 
 def main(repeats: int = 15, only: str | None = None) -> list[list[object]]:
 
-    rows = [ratio_row("6-layer ReLU MLP (256 wide, batch 128)", *mlp_case(), repeats),
-            ratio_row("conv + max-pool, integer images (batch 64)", *conv_case(), repeats),
-            ratio_row("conv + max-pool, blocky images: live ties", *blocky_case(), repeats),
-            ratio_row("ReLU MLP, loss through maximum(h, h.flip(0)): dead ties", *mirror_case(), repeats),
-            ratio_row("top-k / sort loss with tied integer scores: live ties", *topk_case(), repeats),
-            iou_row()]
+    cases = {"6-layer ReLU MLP (256 wide, batch 128)": mlp_case,
+             "conv + max-pool, integer images (batch 64)": conv_case,
+             "conv + max-pool, blocky images: live ties": blocky_case,
+             "ReLU MLP, loss through maximum(h, h.flip(0)): dead ties": mirror_case,
+             "top-k / sort loss with tied integer scores: live ties": topk_case}
+    rows = [ratio_row(name, *case(), repeats) for name, case in cases.items() if only is None or only in name]
+    if only is None or only in "stationarity":
+        rows.append(iou_row())
     print_table("generalized_grad vs torch.autograd.grad (forward + backward)",
                 ["case", "torch ms (cold ms)", "gradwise ms", "ratio / result"], rows)
     return rows
@@ -159,4 +162,4 @@ if __name__ == "__main__":
     if CPU_TIME:  # python benchmarks/bench_nonsmooth.py --cpu-time: CPU-time ratios, one torch thread
         torch.set_num_threads(1)
         print("CPU time (time.process_time), one torch thread")
-    main()
+    main(only=sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv[:-1] else None)

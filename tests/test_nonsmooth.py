@@ -632,3 +632,99 @@ def test_smooth_builtins_are_not_kinks(name):
     d = _T(0.3, -0.7, 0.2)
     assert float(gw.directional_derivative(f, x, d)) == pytest.approx(one_sided(f, [x], [d]), abs=1e-5)
     assert gw.stationarity(f, x).kinks == []
+
+
+# --- fast paths of the sort / topk rule: the same answers as the general code ---------------------------------
+
+
+def test_sort_rule_groups_reaching_positions_match_group_ids():
+    """`_reaching` (a closed form over runs of tied neighbours) against group ids counted by scatter_add."""
+    from gradwise._nonsmooth._rules_select import _reaching
+
+    g = torch.Generator().manual_seed(0)
+    for m in range(2, 10):
+        for p in (0.2, 0.5, 0.8):
+            links = torch.rand(200, m - 1, generator=g) < p
+            gid = torch.cat([torch.zeros(200, 1, dtype=torch.int64), (~links).cumsum(-1)], -1)
+            for lo in range(m - 1):
+                for hi in range(lo + 1, m):
+                    reach = torch.zeros_like(links)
+                    reach[:, lo:hi] = links[:, lo:hi]
+                    touched = torch.zeros(200, m, dtype=torch.int64).scatter_add_(1, gid[:, :-1], reach.long())
+                    assert torch.equal(_reaching(links, lo, hi), touched.gather(1, gid) > 0), (m, lo, hi)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("descending", [True, False])
+def test_one_sort_of_the_value_tangent_key_is_the_lexicographic_order(dtype, descending):
+    """One stable sort of `_lex_key` gives `_lex_order`'s permutation (signed zeros tie, infinities order)."""
+    from gradwise._nonsmooth._records import _lex_key, _lex_order
+
+    g = torch.Generator().manual_seed(1)
+    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, 1e-38, -1e-38])
+    for _ in range(20):
+        p = torch.randint(-2, 3, (16, 24), generator=g).float()
+        t = torch.randint(-2, 3, (16, 24), generator=g).float()
+        for v in (p, t):
+            where = torch.rand(v.shape, generator=g) < 0.2
+            v[where] = special[torch.randint(0, len(special), (int(where.sum()),), generator=g)]
+        p, t = p.to(dtype), t.to(dtype)
+        perm, _ = _lex_order(p, [t], descending, torch.ones_like(p, dtype=torch.bool))
+        assert torch.equal(torch.sort(_lex_key(p, t), dim=-1, descending=descending, stable=True).indices, perm)
+    assert _lex_key(p.double(), t.double()) is None
+    p, t = p.float(), t.float()
+    p[0, 0], t[0, 0] = 1.0, 1.0
+    for nan in (math.nan, -math.nan):  # either sign, in the value or the key
+        assert _lex_key(p.masked_fill(p == 1, nan), t) is None and _lex_key(p, t.masked_fill(t == 1, nan)) is None
+
+
+def test_topk_ranked_from_a_top_k_plus_one_matches_the_full_sort():
+    """`_top_ranked` (generalized gradients' topk path) ranks, indexes and records candidates as `_ordered`'s full
+    sort does on tie-heavy rows (dead zeros, signed zeros, infinities, tied tangents), or declines."""
+    import torch.autograd.forward_ad as fwAD
+
+    from gradwise._nonsmooth._records import _Run
+    from gradwise._nonsmooth._rules_select import _ordered, _top_ranked
+
+    g = torch.Generator().manual_seed(0)
+    taken = 0
+    for trial in range(60):
+        rows, m = int(torch.randint(1, 5, (), generator=g)), int(torch.randint(3, 20, (), generator=g))
+        p = torch.randint(-2, 4, (rows, m), generator=g).float()
+        t = torch.randint(-2, 3, (rows, m), generator=g).float() if trial % 3 else torch.randn(rows, m, generator=g)
+        if trial % 4 == 1:
+            for v, frac in ((-0.0, 0.2), (math.inf, 0.1), (-math.inf, 0.1)):
+                p[torch.rand(rows, m, generator=g) < frac] = v
+        if trial % 5 == 2:
+            p[0] = torch.arange(m).float()  # a row without ties
+        for k in range(1, m - 1):
+            for largest in (True, False):
+                with fwAD.dual_level():
+                    x = fwAD.make_dual(p, t)
+                    full, top = _Run(), _Run(top_only=True)
+                    v_full, perm_full, _ = _ordered(full, "aten.topk", x, 1, largest, slice(0, k))
+                    res = _top_ranked(top, "aten.topk", x, k, 1, largest)
+                    if res is None:
+                        continue
+                    taken += 1
+                    v_top, perm_top, _ = res
+                    assert torch.equal(perm_full[..., :k], perm_top)
+                    for a, b in zip(fwAD.unpack_dual(v_full), fwAD.unpack_dual(v_top), strict=True):
+                        assert torch.equal(a[..., :k], b)
+                    assert [k_.op for k_ in full.kinks] == [k_.op for k_ in top.kinks]
+                    for a, b in zip(full.kinks, top.kinks, strict=True):
+                        assert torch.equal(a.cand, b.cand) and torch.equal(a.choice[:, :k], b.choice)
+    assert taken > 500
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_two_column_argmax_is_argmax(dtype):
+    """`_argmax_last` (elementwise for switches' two candidates) picks as argmax does: first maximum, NaN largest."""
+    from gradwise._nonsmooth._records import _argmax_last
+
+    vals = torch.tensor([0.0, -0.0, 1.0, -1.0, math.inf, -math.inf, math.nan, -math.nan, 1e-45])
+    a, b = torch.meshgrid(vals, vals, indexing="ij")
+    k = torch.stack([a.reshape(-1), b.reshape(-1)], -1).to(dtype)
+    assert torch.equal(_argmax_last(k), k.argmax(-1))
+    k3 = torch.randn(50, 3, generator=torch.Generator().manual_seed(0)).round().to(dtype)
+    assert torch.equal(_argmax_last(k3), k3.argmax(-1))

@@ -247,7 +247,7 @@ def _locked_grad(f, xs, single, seed, run_kw=None):
     than a saved index) take a full pass along the direction instead. The direction is drawn from ``seed`` over
     every input, so the result does not depend on which pass ranks.
     """
-    run_kw = run_kw or {}
+    run_kw = {**(run_kw or {}), "top_only": True}  # only the gradient leaves: rules may rank what ops return
     memo = getattr(f, "__code__", None)
     carry = _LAST_TIE.get(memo, -1) if memo is not None else -1
     d, gen = _random_direction(xs, seed) if carry >= 0 else (None, None)  # drawn only when needed

@@ -71,8 +71,11 @@ class NearKink:
 class _Run:
     """State of one pass of f: history from earlier passes, forced choices, what this pass records."""
 
-    def __init__(self, history=None, forced=None, collect=False, tie_tol=0.0, near_tol=None):
+    def __init__(self, history=None, forced=None, collect=False, tie_tol=0.0, near_tol=None, top_only=False):
         self.history: list[Kink] | None = history
+        # The records stay internal (generalized gradients): a rule may rank only the positions its op returns
+        # (topk's first k), its Kink.choice covering those and Kink.unresolved counting the ties seen there.
+        self.top_only = top_only
         self.forced: dict[int, Tensor] = forced or {}
         self.collect = collect
         self.tie_tol = tie_tol
@@ -100,15 +103,22 @@ class _Run:
         entry = self.flat.get(x)
         return None if entry is None or entry[2] != x._version else entry[:2]
 
+    def own_key_only(self) -> bool:
+        """Whether the next kink's only ranking key (after the value) is this pass's tangent: no forced column
+        and no earlier pass's keys."""
+        return self.history is None and len(self.kinks) not in self.forced
+
     def resolve(self, op: str, kind: str, cand: Tensor, key: Tensor | None, values: Callable | None,
                 descending: bool = True, primal: Tensor | None = None, comparison: bool = False,
-                lazy: bool = False) -> tuple[Tensor | None, Tensor | None]:
+                lazy: bool = False, order: Callable | None = None) -> tuple[Tensor | None, Tensor | None]:
         """Rank the tied candidates (G, m) lexicographically; return the winner (select) or order (order), and
         (comparisons only) the rows still tied after every key.
 
         Keys in order: the value (``primal``, order only: select candidates already tie in value), a forced
         column, the keys of earlier passes, this pass's tangent ``key``. ``lazy``: with no key at all, only
         record the kink (the caller keeps PyTorch's first-candidate choice) and return (None, None).
+        ``order`` (order kinds): the caller's own ranking by (``primal``, ``key``), ``_lex_order``'s result for
+        those two keys, used when ``key`` is the only key.
         """
         index = len(self.kinks)
         keys: list[Tensor] = []
@@ -132,6 +142,8 @@ class _Run:
         if kind == "select":
             sign = 1.0 if descending else -1.0
             result, still = _lex_argmax(cand, [sign * k for k in keys], comparison)
+        elif order is not None and key is not None and len(keys) == 1:
+            result, still = order()
         else:
             result, still = _lex_order(primal, keys, descending, cand)
         record.unresolved, record.choice = (int(still.sum()) if still is not None else 0), result
@@ -146,6 +158,15 @@ class _Run:
             self.near.append(NearKink(op, _user_line(), int(near.sum()), float(gap[near].min())))
 
 
+def _argmax_last(k: Tensor) -> Tensor:
+    """``k.argmax(-1)``; for two columns (every elementwise switch) elementwise, as argmax picks: the first
+    maximum, a NaN counting as the largest (a reduction over a last dim of 2 is slow on CPU)."""
+    if k.shape[-1] != 2:
+        return k.argmax(-1)
+    a, b = k[..., 0], k[..., 1]
+    return ((b > a) | (b.isnan() & ~a.isnan())).to(torch.int64)
+
+
 def _lex_argmax(cand: Tensor, keys: list[Tensor], still: bool = True) -> tuple[Tensor, Tensor | None]:
     """First candidate that is largest in keys[0], then among those in keys[1], ...; and (``still``) the rows
     still tied after the last key."""
@@ -153,7 +174,7 @@ def _lex_argmax(cand: Tensor, keys: list[Tensor], still: bool = True) -> tuple[T
         for k in keys[:-1]:
             km = k.masked_fill(~cand, -math.inf)
             cand = cand & (km == km.amax(-1, keepdim=True))
-        choice = keys[-1].masked_fill(~cand, -math.inf).argmax(-1)
+        choice = _argmax_last(keys[-1].masked_fill(~cand, -math.inf))
         if bool(cand.gather(-1, choice.unsqueeze(-1)).all()):
             return choice, None
     for k in keys:
@@ -170,6 +191,38 @@ def _lex_order(primal: Tensor, keys: list[Tensor], descending: bool, cand: Tenso
     full = torch.stack([primal, *keys], -1).gather(-2, perm.unsqueeze(-1).expand(*perm.shape, len(keys) + 1))
     still = (full[..., 1:, :] == full[..., :-1, :]).all(-1) & cand.gather(-1, perm)[..., 1:]
     return perm, still.any(-1)
+
+
+_LEX_KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+_INF_BITS = 0x7F800000  # float32 infinity's magnitude bits; a NaN's are larger
+
+
+def _signed_bits(v: Tensor) -> Tensor | None:
+    """int32 per float32 element of v, ordered as the floats are and equal where they are (-0.0 and 0.0 both 0):
+    the sign-magnitude bits as a two's complement number. None if v holds a NaN."""
+    i = v.view(torch.int32)
+    sign = i >> 31  # 0 or -1
+    out = ((i & 0x7FFFFFFF) ^ sign).sub_(sign)
+    low, high = torch.aminmax(out)
+    return out if -_INF_BITS <= int(low) and int(high) <= _INF_BITS else None
+
+
+def _lex_key(primal: Tensor, key: Tensor) -> Tensor | None:
+    """One int64 per element that orders like the pair (primal, key) lexicographically, as ``_lex_order``'s
+    stable sorts compare them (-0.0 == 0.0): one sort of it is their two. None where no such key exists here
+    (a dtype wider than 32 bits, a NaN, which sorts apart from every number)."""
+    if primal.dtype not in _LEX_KEY_DTYPES or key.dtype not in _LEX_KEY_DTYPES or primal.shape != key.shape \
+            or primal.numel() == 0:
+        return None
+    high = _signed_bits(primal.detach().float())
+    low = None if high is None else _signed_bits(key.detach().float())
+    if low is None:
+        return None
+    low.bitwise_xor_(-(2**31))  # the key's order as an unsigned word
+    words = [low, high] if sys.byteorder == "little" else [high, low]  # the int64's words in memory order
+    return torch.stack(words, -1).view(torch.int64).squeeze(-1)
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)

@@ -107,7 +107,7 @@ def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = 
     if run.near_tol is not None:
         run.note_near(op, sp.abs())
     tie = None
-    if _near_zero(sp, run.tie_tol):
+    if _near_zero(sp, run.tie_tol):  # one min-reduction: cheaper than a full-size mask where nothing ties
         tie = sp == 0 if run.tie_tol == 0 else sp.abs() <= run.tie_tol
         dead = skip(tie) if skip is not None else None
         if dead is not None:
@@ -119,7 +119,7 @@ def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = 
             run.mark_flat(out, neg, None)
         return out
     rows, choice, _ = _resolve_sign(run, op, s, tie)
-    lock = (sp > 0) | sp.isnan()  # NaN propagates through pos, as in PyTorch's kernels
+    lock = torch.le(sp, 0).logical_not_()  # s > 0 or NaN: NaN propagates through pos, as in PyTorch's kernels
     lock.view(-1)[rows] = choice == 0
     run.kinks[-1].write = lambda c: lock.data.view(-1).index_put_((rows,), c == 0)
     if jumps:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from gradwise._masks import mask_any
 from gradwise._nonsmooth._errors import NonsmoothError
-from gradwise._nonsmooth._records import Kink, _Run, _user_line
+from gradwise._nonsmooth._records import Kink, _lex_key, _Run, _user_line
 from gradwise._nonsmooth._rules import _split, _tied_rows, kink_rule
 from gradwise._nonsmooth._rules_pointwise import maximum, minimum
 
@@ -272,41 +272,119 @@ kink_rule(aten.max_pool3d_with_indices, F.max_pool3d, torch.max_pool3d, F.max_po
 # --- orderings: sort, topk, kthvalue, median ----------------------------------------------------------------
 
 
+def _reaching(links: Tensor, lo: int, hi: int) -> Tensor:
+    """(G, m) bool in sorted order: the elements of tie groups (maximal runs of tied neighbours; ``links``
+    (G, m - 1) says which neighbours j, j + 1 tie) that hold a tie pair j, j + 1 with lo <= j < hi.
+
+    A group spanning positions a < b holds one iff a < hi and b > lo: every element in [lo + 1, hi - 1] of a
+    group qualifies, one at j >= hi iff its group runs unbroken from hi - 1 to j, one at j <= lo iff from j to
+    lo + 1."""
+    grouped = torch.zeros(links.shape[0], links.shape[1] + 1, dtype=torch.bool, device=links.device)
+    grouped[:, 1:] = links
+    grouped[:, :-1] |= links
+    if hi < links.shape[1]:  # j >= hi: links hi - 1 ... j - 1 all tie
+        grouped[:, hi:] &= (~links[:, hi - 1:]).cumsum(-1) == 0
+    if lo > 0:  # j <= lo: links j ... lo all tie
+        grouped[:, : lo + 1] &= (~links[:, : lo + 1]).flip(-1).cumsum(-1).flip(-1) == 0
+    return grouped
+
+
 def _ordered(run, op: str, x: Tensor, dim: int, descending: bool, positions: slice):
     """Locked permutation sorting x along dim; ties that reach ``positions`` ranked lexicographically."""
     xp = _split(x)[0]
     dim = dim % max(xp.dim(), 1)
     xm = x.movedim(dim, -1) if xp.dim() else x.reshape(1)
     pm, tm = _split(xm)
-    vals, perm = torch.sort(pm, dim=-1, descending=descending, stable=True)
+    # with this pass's tangent as the only ranking key, one stable sort of a (value, tangent) key gives both the
+    # sorted values and the lexicographic order of every row (``_lex_order``'s, which takes two more sorts)
+    lex = _lex_key(pm, tm) if tm is not None and run.own_key_only() else None
+    if lex is None:
+        vals, perm = torch.sort(pm, dim=-1, descending=descending, stable=True)
+    else:
+        lex, perm = torch.sort(lex, dim=-1, descending=descending, stable=True)
+        vals = pm.gather(-1, perm)
     m = pm.shape[-1]
     lo, hi = max(positions.start - 1, 0), min(positions.stop, m - 1)
-    gap = (vals[..., 1:] - vals[..., :-1]).abs()[..., lo:hi]
-    tie_pairs = gap <= run.tie_tol
-    run.note_near(op, gap)
-    tie = tie_pairs.any(-1)
-    if tie.any():
+    gap = (vals[..., 1:] - vals[..., :-1]).abs()
+    links = gap <= run.tie_tol  # sorted neighbours j, j + 1 tie
+    run.note_near(op, gap[..., lo:hi])
+    tie = mask_any(links[..., lo:hi], -1)
+    if mask_any(tie):
         rows = _tied_rows(tie)
-        prim = pm.reshape(-1, m)[rows]
-        sv = vals.reshape(-1, m)[rows]
-        # candidates: the tie groups (runs of equal sorted values) holding a tie pair that reaches the positions,
-        # found in sorted order by a group id per position (linear in m), then scattered back through perm
-        link = (sv[:, 1:] - sv[:, :-1]).abs() <= run.tie_tol
-        gid = torch.cat([torch.zeros_like(sv[:, :1], dtype=torch.int64), (~link).cumsum(-1)], -1)
-        reach = torch.zeros_like(link)
-        reach[:, lo:hi] = link[:, lo:hi]
-        touched = torch.zeros(sv.shape, dtype=torch.int64, device=sv.device).scatter_add_(
-            1, gid[:, :-1], reach.to(torch.int64))
-        cand = torch.zeros_like(link[:, :1]).expand(-1, m).clone().scatter_(
-            1, perm.reshape(-1, m)[rows], touched.gather(1, gid) > 0)
-        key = tm.reshape(-1, m)[rows] if tm is not None else None
+        if rows.numel() == tie.numel():  # every row ties: the (G, m) blocks are the tensors' rows, no gather
+            take = lambda t: t.reshape(-1, t.shape[-1])
+        else:
+            take = lambda t: t.reshape(-1, t.shape[-1]).index_select(0, rows)
+        pr = take(perm)
+        # candidates: the tie groups (runs of tied sorted neighbours) holding a tie pair that reaches the
+        # positions, found in sorted order, then scattered back through perm
+        reach = _reaching(take(links), lo, hi)
+        cand = torch.zeros(pr.shape, dtype=torch.bool, device=pr.device).scatter_(1, pr, reach)
+        key = take(tm) if tm is not None else None
+        ranked = None
+        if lex is not None:  # the rows' lexicographic order is the sort above; ties left: equal keys side by side
+            lexr, ranked = take(lex), pr
+            still = lambda: mask_any((lexr[:, 1:] == lexr[:, :-1]) & reach[:, 1:], -1)
         # lazy: without any ranking key the stable sort above is the provisional order (the ranked pass writes)
-        order, _ = run.resolve(op, "order", cand, key, lambda: xm.reshape(-1, m)[rows], descending, primal=prim,
-                               lazy=True)
-        perm = perm.clone()
-        if order is not None:
-            perm.view(-1, m)[rows] = order
-        run.kinks[-1].write = lambda c: perm.data.view(-1, m).index_put_((rows,), c)
+        order, _ = run.resolve(op, "order", cand, key, lambda: take(xm), descending, primal=take(pm),
+                               lazy=True, order=None if ranked is None else lambda: (ranked, still()))
+        if order is not ranked:  # the sort's perm is already this pass's order otherwise
+            perm = perm.clone()
+            if order is not None:
+                perm.view(-1, m)[rows] = order
+        # a choice may cover the leading positions only (topk's ranked pass, `_top_ranked`): they are all read
+        run.kinks[-1].write = lambda c: perm.data.view(-1, m)[:, : c.shape[-1]].index_put_((rows,), c)
+    return xm.gather(-1, perm), perm, dim
+
+
+def _top_ranked(run, op: str, x: Tensor, k: int, dim: int, largest: bool):
+    """topk's first k positions as `_ordered` ranks them, from a top-(k + 1) of the (value, tangent) key instead
+    of a full sort; None where that does not apply (then `_ordered`).
+
+    Applies in a pass with this pass's tangent as the only key, exact ties (``tie_tol`` 0, no near ties), records
+    kept internal (``run.top_only``: the choice covers the k positions, ``unresolved`` the ties among the k + 1),
+    and no key tie across the k-th place (which of equal keys the stable order takes there needs every index).
+    Candidates as `_ordered` finds them: tie groups within the k + 1 (`_reaching`), and past them the elements
+    equal to the k-th value when it ties with the next (exact ties: a group is a run of equal values)."""
+    xp, _ = _split(x)
+    if not run.top_only or run.tie_tol != 0 or run.near_tol is not None or xp.dim() == 0 or k < 1:
+        return None
+    dim = dim % xp.dim()
+    xm = x.movedim(dim, -1)
+    pm, tm = _split(xm)
+    m = pm.shape[-1]
+    if tm is None or k + 1 >= m or not run.own_key_only() or (lex := _lex_key(pm, tm)) is None:
+        return None
+    top_lex, top = torch.topk(lex, k + 1, dim=-1, largest=largest, sorted=True)
+    if mask_any(top_lex[..., 1:] == top_lex[..., :-1]):  # equal keys come in no set order: stable is by index
+        top, by_index = top.sort(-1)
+        top_lex = top_lex.gather(-1, by_index)
+        top_lex, order = torch.sort(top_lex, dim=-1, descending=largest, stable=True)
+        top = top.gather(-1, order)
+    kth = top_lex[..., k - 1 : k]
+    # past the k + 1, keys are at most the (k + 1)-th: only where that equals the k-th can one left out equal it
+    if mask_any(top_lex[..., k : k + 1] == kth) and bool(
+            ((lex == kth).sum(-1) != (top_lex[..., :k] == kth).sum(-1)).any()):
+        return None  # an element left out has the k-th key
+    vals = pm.gather(-1, top)
+    links = (vals[..., 1:] - vals[..., :-1]).abs() <= 0
+    tie = mask_any(links, -1)
+    perm = top[..., :k].contiguous()
+    if mask_any(tie):
+        rows = _tied_rows(tie)
+        if rows.numel() == tie.numel():
+            take = lambda t: t.reshape(-1, t.shape[-1])
+        else:
+            take = lambda t: t.reshape(-1, t.shape[-1]).index_select(0, rows)
+        tr, lr = take(top), take(links)
+        reach = _reaching(lr, 0, k)
+        cand = torch.zeros(tr.shape[0], m, dtype=torch.bool, device=tr.device).scatter_(1, tr, reach)
+        cand |= lr[:, k - 1 : k] & (take(pm) == take(vals)[:, k - 1 : k])  # the k-th value's group past the k + 1
+        lexr = take(top_lex)
+        still = lambda: mask_any((lexr[:, 1:] == lexr[:, :-1]) & reach[:, 1:], -1)
+        run.resolve(op, "order", cand, take(tm), lambda: take(xm), largest, primal=take(pm), lazy=True,
+                    order=lambda: (tr[:, :k], still()))
+        run.kinks[-1].write = lambda c: perm.data.view(-1, k).index_put_((rows,), c[:, :k])
     return xm.gather(-1, perm), perm, dim
 
 
@@ -322,7 +400,8 @@ def sort(run, func, x, dim=-1, descending=False, stable=False):
 @kink_rule(aten.topk, torch.topk, Tensor.topk)
 def topk(run, func, x, k, dim=-1, largest=True, sorted=True):
     """Top k. Ties at or across the k-th place: the elements largest along the direction win."""
-    v, perm, d = _ordered(run, "aten.topk", x, dim, largest, slice(0, k))
+    v, perm, d = _top_ranked(run, "aten.topk", x, k, dim, largest) or _ordered(run, "aten.topk", x, dim, largest,
+                                                                              slice(0, k))
     return torch.return_types.topk((v[..., :k].movedim(-1, d), perm[..., :k].movedim(-1, d)))
 
 
