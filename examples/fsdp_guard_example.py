@@ -5,6 +5,7 @@ rank 1 alone has a NaN in a row the loss reads: the guard sees it in rank 1's gr
 reduce-scatter, and every rank skips that step together. Rank 0 prints what every rank saw.
 """
 
+import gc
 import os
 
 import torch
@@ -53,6 +54,11 @@ def main() -> None:
     if rank == 0:
         for rank_lines in gathered:
             print("\n".join(rank_lines))
+    # FSDP's modules sit in reference cycles (hooks) that hold its collectives' handles: freed by the interpreter's
+    # final teardown, after the group is gone, they abort the process now and then ("terminate called without
+    # an active exception"). Free them while Python and the group are alive.
+    del model, opt, guard, full
+    gc.collect()
     dist.barrier()  # every rank done with its collectives before the group goes (gloo aborts a rank otherwise)
     dist.destroy_process_group()
 
