@@ -5,11 +5,12 @@ workloads of the strong-zeros benchmark (same models, inputs and losses), plus o
 on every step, and the issue's 6 x Linear(128)+ReLU MLP. The targets: trace / detect_anomaly <= 1.0 (while
 finding more: Inf, contamination vs genuine, kinks), and gw.watch() / plain <= 1.05 on finite steps.
 
-    python benchmarks/bench_trace.py [--repeats 15] [--device cuda]
+    python benchmarks/bench_trace.py [--repeats 15] [--device cuda] [--cpu-time --threads 1]
 """
 from __future__ import annotations
 
 import argparse
+import time
 import warnings
 
 import torch
@@ -65,8 +66,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--device", default="cpu", help="where the models and data live (e.g. cuda)")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument("--cpu-time", action="store_true", help="time in process CPU time (with --threads 1 on a "
+                        "machine shared with other jobs), not wall time")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads or max(1, torch.get_num_threads()))
     rows = []
     for name, make in [("MLP 6x Linear(256)+GELU, batch 256", mlp),
                        ("TransformerEncoderLayer d128 h4, seq 64, batch 8", transformer),
@@ -98,11 +102,12 @@ def main() -> None:
                 loss().backward()
 
         t = median_times({"plain": plain, "anomaly": anomaly, "trace": traced, "watch": watched},
-                         repeats=args.repeats)
+                         repeats=args.repeats, clock=time.process_time if args.cpu_time else time.perf_counter)
         rows.append([name, t["plain"] * 1e3, t["anomaly"] / t["plain"], t["trace"] / t["plain"],
                      t["trace"] / t["anomaly"], t["watch"] / t["plain"]])
-    print_table(f"gw.trace() vs detect_anomaly(check_nan=True), gw.watch() vs plain, forward+backward, {args.device} "
-                "(same process, interleaved, median)",
+    print_table(f"gw.trace() vs detect_anomaly(check_nan=True), gw.watch() vs plain, forward+backward, {args.device}, "
+                f"{'CPU' if args.cpu_time else 'wall'} time, {torch.get_num_threads()} threads (same process, "
+                "interleaved, median)",
                 ["workload", "plain ms", "anomaly / plain", "trace / plain", "trace / anomaly", "watch / plain"], rows)
 
 

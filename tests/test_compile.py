@@ -202,6 +202,34 @@ def test_model_compiled_loss_eager(net):
     _close(got, _deleted(net, x, 5))
 
 
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf Tensor:UserWarning")
+@pytest.mark.parametrize("hook", ["tensor", "post_accumulate", "module"])
+def test_a_compiled_backward_with_hooks_runs_once(hook):
+    """A compiled backward whose NaN its pass cannot annihilate (aot_eager runs no inductor pass) used to run
+    twice, the second time under the eager rules: a hook on the parameters ran once on NaN gradients (an
+    optimizer stepping in a post-accumulate hook would have stepped on NaN). It runs once, and the hook sees the
+    gradient of the rows kept."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    weight = model[0].weight
+    seen: list[torch.Tensor] = []
+    if hook == "tensor":
+        weight.register_hook(lambda g: seen.append(g.clone()))
+    elif hook == "post_accumulate":
+        weight.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.clone()))
+    else:
+        model[1].register_full_backward_hook(lambda m, gi, go: seen.append(gi[0].clone()))
+    x = torch.randn(4, 4)
+    x[2:] = nan
+    f = torch.compile(lambda t: model(t)[:2].square().sum(), backend="aot_eager")
+    with gw.strong_zeros():
+        f(x).backward()
+    assert len(seen) == 1 and seen[0].isfinite().all()
+    (exp,) = torch.autograd.grad(model(x[:2]).square().sum(), [weight])
+    torch.testing.assert_close(weight.grad, exp)
+
+
 def test_opaque_compiled_backward_warns(net):
     """A compiled backward whose graph gradwise cannot reach and that yields NaN: a warning names the node."""
     fn = torch.compile(lambda x: _loss(net, x, 5), backend="aot_eager")
