@@ -164,7 +164,11 @@ _SAFE_NODES = (
     "SortBackward0 TopkBackward0 GatherBackward0 ScatterBackward0 IndexSelectBackward0 CopySlices "
     "ConstantPadNdBackward0 RepeatBackward0 FlipBackward0 RollBackward0 "
     "ScaledDotProductFlashAttentionForCpuBackward0 ScaledDotProductEfficientAttentionBackward0 "
-    "ScaledDotProductFlashAttentionBackward0 FusedRmsNormBackward0"
+    "ScaledDotProductFlashAttentionBackward0 FusedRmsNormBackward0 "
+    # unsafe_split (RNNs' gates) is split; the double-backward nodes of RNNs and attention under gradgradcheck
+    # (sigmoid/tanh_backward, select_backward, _softmax_backward_data) are polynomials of their saved values
+    "UnsafeSplitBackward0 UnsafeSplitWithSizesBackward0 SigmoidBackwardBackward0 TanhBackwardBackward0 "
+    "SelectBackwardBackward0 SoftmaxBackwardDataBackward0"
 ).split()
 
 # Keyed by autograd node (the aten op whose derivative formula the node runs). None: the formula maps finite
