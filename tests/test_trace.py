@@ -871,3 +871,13 @@ def test_nested_jagged_tensor_ops_run_under_the_trace():
                                         requires_grad=True)
         c = nt.clone()
     assert c.grad_fn is not None and c.grad_fn._input_metadata[0].is_nested_tensor
+
+
+def test_a_lazy_module_initialises_under_the_trace():
+    """UninitializedParameter is a tensor subclass with PyTorch's disabled __torch_dispatch__: the trace must run
+    its ops itself, not defer to it (deferring left materialize's detach with no handler: a TypeError)."""
+    lazy = torch.nn.LazyLinear(3)
+    with gw.trace() as report:
+        lazy(torch.randn(2, 4)).sum().backward()
+    assert lazy.weight.shape == (3, 4) and lazy.weight.grad is not None
+    assert not report.findings

@@ -102,6 +102,13 @@ def _inplace_or_view_on():
 _INFRA_MODES = tuple(torch._C._TorchDispatchModeKey.__members__.values())
 
 
+def _own_dispatch(cls: type) -> bool:
+    """Whether a tensor subclass has a ``__torch_dispatch__`` of its own (UninitializedParameter, for one, has
+    PyTorch's disabled default: deferring to it would leave the op with no handler)."""
+    return getattr(cls, "__torch_dispatch__", torch._C._disabled_torch_dispatch_impl) is not \
+        torch._C._disabled_torch_dispatch_impl
+
+
 def _alone() -> bool:
     """Inside the handler: is this mode the only dispatch mode (no user mode below it, no fake/proxy/functional
     mode)? Only then may it return NotImplemented to defer to a subclass: with another mode active, that mode
@@ -173,7 +180,7 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, TorchDis
         if types and (odd := [t for t in types if t not in _kinds.PLAIN_TYPES]):
             # a tensor subclass (nested jagged, fake, ...): its own dispatch would see our reductions
             self._pass_over(f"tensor subclass {odd[0].__name__}", func)
-            if _alone():
+            if _alone() and any(_own_dispatch(t) for t in odd):
                 # no other mode would handle it first: let the subclass's __torch_dispatch__ run as without the
                 # trace, with the mode stack as it is (its reentrant dispatch, enable_reentrant_dispatch, needs
                 # it); the plain ops it runs inside are traced
