@@ -8,6 +8,8 @@ Every rank pads its batch to 6 rows; the loss reads the first 4. On rank 1 the p
 4. ``gw.trace()`` + ``gw.gather_reports``: which rank introduced the NaN and which only received it.
 """
 
+import gc
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -69,6 +71,12 @@ def main() -> None:
     merged = gw.gather_reports(report)
     if merged is not None:
         print(merged, flush=True)
+    # DDP's reducer, the hook and the report sit in reference cycles that hold gloo's work handles: freed by the
+    # interpreter's final teardown, after the group is gone, they abort the process now and then ("terminate
+    # called without an active exception"). Free them while Python and the group are alive.
+    del model, guard, opt, report, merged
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
