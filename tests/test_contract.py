@@ -28,6 +28,7 @@ import torch
 from torch.autograd import Function
 
 import gradwise as gw
+from _nested import checkpointed, grad_of, sin_exp_sin
 from gradwise._strong_zeros import _contract
 
 nan = float("nan")
@@ -378,20 +379,7 @@ def test_dispatch_subclass_runs_plain_with_a_warning():
 def test_nested_checkpoint_with_grad_inside(value):
     """A checkpoint whose function calls autograd.grad, itself checkpointed: the recomputation's backward is
     planned on its own, as in the forward (it crashed with 'a different number of tensors was saved')."""
-    from torch.utils.checkpoint import checkpoint
-
-    def c(fn):
-        return lambda v: checkpoint(fn, v, use_reentrant=False)
-
-    def grad(fn):
-        def wrapper(v):
-            with torch.enable_grad():
-                return torch.autograd.grad(fn(v), v, create_graph=True)[0]
-        return wrapper
-
-    def f(v):
-        return v.sin().exp().sin()
-
+    c, grad, f = checkpointed, grad_of, sin_exp_sin
     x = torch.tensor(value, requires_grad=True)
     for fn, ref in ((grad(c(grad(c(f)))), grad(grad(f))), (c(grad(grad(c(f)))), grad(grad(f)))):
         expected = ref(x)

@@ -24,6 +24,7 @@ import case_files
 import gradwise as gw
 import gradwise._strong_zeros
 from _memory import NaNEmpty
+from _nested import checkpointed, grad_of, sin_exp_sin
 from gradwise._trace import _common
 
 
@@ -740,16 +741,7 @@ def test_uninitialised_memory_is_never_a_birth():
 def test_checkpoint_early_stop_is_not_swallowed():
     """Non-reentrant checkpoint stops its recomputation with an exception (no message): the trace lets it through
     (it is the program's control flow) and the nested second derivative is PyTorch's."""
-    def grad(fn):
-        def wrapper(x):
-            with torch.enable_grad():
-                return torch.autograd.grad(fn(x), x, create_graph=True)[0]
-        return wrapper
-
-    def ckpt(fn):
-        return lambda x: torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False)
-
-    f = lambda x: x.sin().exp().sin()
+    grad, ckpt, f = grad_of, checkpointed, sin_exp_sin
     x = torch.tensor(0.3, requires_grad=True)
     want = grad(grad(f))(x)
     with torch.utils.checkpoint.set_checkpoint_early_stop(True), gw.trace():

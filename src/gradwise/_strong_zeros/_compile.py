@@ -354,10 +354,11 @@ def compiled_run(run: Callable[[bool | None], Any], t_outputs: Sequence[Any], in
     """Wrap the engine call of one backward under strong zeros (not the plain path) so that compiled nodes in
     its graph run their strong-zero variants: compiled with the pass outside the eager mode, op by op under
     it. ``run`` itself when the graph has no compiled node."""
-    from gradwise._strong_zeros._autograd_graph import _leaves, _root_nodes
+    from gradwise._strong_zeros._autograd_graph import _hooked, _leaves, _root_nodes, _walk
     from gradwise._strong_zeros._supports import _STATE
 
-    nodes = compiled_nodes(_root_nodes(t_outputs))
+    graph = list(_walk(_root_nodes(t_outputs)))
+    nodes = [n for n in graph if _is_compiled(n)]
     if not nodes:
         return run
     # a node gradwise cannot swap runs as PyTorch compiled it, possibly reusing its saved buffers: it must run
@@ -376,6 +377,7 @@ def compiled_run(run: Callable[[bool | None], Any], t_outputs: Sequence[Any], in
 
     wrapped.one_pass = one_pass  # type: ignore[attr-defined]
     wrapped.saved_finite = lambda: _saved_finite(nodes)  # type: ignore[attr-defined]
+    wrapped.has_hooks = lambda: any(map(_hooked, graph))  # type: ignore[attr-defined]
     return wrapped
 
 

@@ -123,6 +123,13 @@ def check_saved(t: torch.Tensor) -> None:
         raise Unreadable(why)
 
 
+def in_process_group() -> bool:
+    """Whether this process is one rank of several (torch.distributed initialized, world size > 1): collectives
+    may run inside its backwards (DDP's hooks), so a backward there must run exactly once."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def warn_plain(reason: str) -> None:
     """One PlainBackwardWarning per process and reason (meta tensors: none)."""
     if reason in SILENT or reason in _warned:

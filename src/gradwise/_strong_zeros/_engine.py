@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from gradwise._checks import as_tensors, check_differentiable, check_scalar_or_seeded
 from gradwise._strong_zeros import _contract
-from gradwise._strong_zeros._autograd_graph import _leaves, _release_graph, _root_nodes, _walk
+from gradwise._strong_zeros._autograd_graph import _leaves, _release_graph, _root_nodes
 from gradwise._strong_zeros._compile import CompiledBackwardWarning, compiled_run
 from gradwise._strong_zeros._mode import _StrongZeroMode
 from gradwise._strong_zeros._planning import _all_finite, _plan
@@ -72,7 +72,7 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
         # only (a second one would leave each rank its own gradients), a user's hook would run twice, once on
         # NaN (an optimizer step in a post-accumulate hook). Then a NaN the compiled graphs hold sends it to the
         # mode at once.
-        once = _in_process_group() or _has_hooks(t_outputs)
+        once = _contract.in_process_group() or run.has_hooks()
         if not once or run.saved_finite():
             return _compiled_check_run(run, t_outputs, inputs, retain_graph, create_graph, accumulate_grad,
                                        rerun=not once)
@@ -83,27 +83,11 @@ def _warn_not_rerun() -> None:
     warnings.warn(
         "gw.strong_zeros: the gradients hold NaN/Inf after the compiled backwards ran with the strong-zero pass, "
         "from values that were finite in the forward (a singular point, or a zero that crossed a compiled graph's "
-        "boundary). In a process group the backward cannot run a second time under the eager rules (DDP's "
-        "all-reduce ran already), so they are kept: they may be genuine or contamination. Fix: compile without "
-        "graph breaks around the op that discards values, or run this model without torch.compile to decide.",
+        "boundary). This backward cannot run a second time under the eager rules (in a process group DDP's "
+        "all-reduce ran already; a hook would run twice), so they are kept: they may be genuine or contamination. "
+        "Fix: compile without graph breaks around the op that discards values, or run this model without "
+        "torch.compile to decide.",
         CompiledBackwardWarning, stacklevel=5)
-
-
-def _has_hooks(t_outputs: Sequence[Any]) -> bool:
-    """Whether a hook gradwise can see runs in this backward: on a leaf's gradient or after its accumulation, or
-    a module's full backward hook. (Hooks on intermediate tensors and C++ hooks are not visible from Python.)"""
-    for node in _walk(_root_nodes(t_outputs)):
-        leaf = getattr(node, "variable", None)
-        if leaf is not None and (leaf._backward_hooks or getattr(leaf, "_post_accumulate_grad_hooks", None)):
-            return True
-        if type(node).__name__ == "BackwardHookFunctionBackward":
-            return True
-    return False
-
-
-def _in_process_group() -> bool:
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _compiled_check_run(run, t_outputs, inputs, retain_graph, create_graph, accumulate_grad, rerun=True):

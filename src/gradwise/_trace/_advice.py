@@ -12,7 +12,7 @@ import torch
 
 from gradwise._masks import mask_any
 from gradwise._trace._common import _aligned, _nonfinite, _op_name, aten
-from gradwise._trace._facts import _LITERALS
+from gradwise._trace._facts import _LITERALS, _OVERFLOWS
 
 _EXPLAIN: dict = {}
 
@@ -88,8 +88,7 @@ def _division(ins, out, mask) -> str:
     return "division by zero (x/0 = ±inf, 0/0 = NaN)"
 
 
-@_explains(aten.exp, aten.exp2, aten.expm1, aten.sinh, aten.cosh, aten.mul, aten.mm, aten.addmm, aten.bmm,
-           aten.sum, aten.add, aten.sub, aten.matmul, aten.square)
+@_explains(*(_OVERFLOWS - {aten.pow}))
 def _overflow(ins, out, mask) -> str:
     """Inf from finite inputs is an overflow; NaN from inf inputs is inf - inf or 0 x inf."""
     if out is not None and bool(mask_any(torch.isnan(out).logical_and_(mask))) and any(_nonfinite(t) for t in ins):

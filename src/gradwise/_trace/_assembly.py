@@ -13,7 +13,7 @@ import torch
 from gradwise._trace import _causes
 from gradwise._trace._advice import _GENUINE_FIX, _GRADIENT_FIX, _INPUT_FIX, _KINK_FIX, _SINGULAR_FIX, _UNDECIDED
 from gradwise._trace._common import _dist_rank, _fmt, _nonfinite, _positions, _source, aten
-from gradwise._trace._facts import _DISCARDS, _NOT_DATA, _OVERFLOWS
+from gradwise._trace._facts import _DISCARDS, _NOT_DATA, _OVERFLOW_NAMES
 from gradwise._trace._report import Finding, Report
 from gradwise._trace._store import Birth as _Birth
 from gradwise._trace._store import Incident as _Incident
@@ -220,6 +220,6 @@ def overflow_root(b: _Birth | None) -> _Birth | None:
     overflowed, inf - inf) is explained by where the overflow happened, not by the op that met it. An infinity
     written on purpose (a -inf mask) is no root: the op that made NaN of it is (a fully masked softmax row)."""
     while b is not None and b.nan and b.parents and b.op not in _NOT_DATA and b.op != "input" \
-            and all(not p.nan and p.op in _OVERFLOWS for p in b.parents):
+            and all(not p.nan and p.op in _OVERFLOW_NAMES for p in b.parents):
         b = min(b.parents, key=_order)
     return b

@@ -76,8 +76,10 @@ _COLLECTIVE_NAMESPACES = {"c10d", "_c10d_functional"}
 _UNINITIALISED = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided"}
 _NOT_DATA = {*_UNINITIALISED, "gradient"}
 # ops whose Inf from finite inputs is an overflow (not a constant written on purpose, as a -inf mask is)
-_OVERFLOWS = {"aten.exp", "aten.exp2", "aten.expm1", "aten.sinh", "aten.cosh", "aten.mul", "aten.mm", "aten.addmm",
-              "aten.bmm", "aten.sum", "aten.add", "aten.sub", "aten.matmul", "aten.square", "aten.pow"}
+# (pow too: a large power overflows; its own explainer, in _advice, also names its domain)
+_OVERFLOWS = {aten.exp, aten.exp2, aten.expm1, aten.sinh, aten.cosh, aten.mul, aten.mm, aten.addmm, aten.bmm, aten.sum,
+              aten.add, aten.sub, aten.matmul, aten.square, aten.pow}
+_OVERFLOW_NAMES = {f"aten.{op.__name__}" for op in _OVERFLOWS}  # as births name their op
 # storage rebinding: the tensor now shows memory filled elsewhere (a DataLoader worker's batch arriving through
 # shared memory, a loaded checkpoint): a NaN there arrived with the data, as an input's does, and is not born here
 _ARRIVALS = {aten.set_.source_Storage, aten.set_.source_Storage_storage_offset}

@@ -7,6 +7,7 @@ May import: torch, gradwise._ops, gradwise._strong_zeros, every module of gradwi
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -29,9 +30,7 @@ from gradwise._trace._common import (
     _tensors,
     _user_frame,
 )
-from gradwise._trace._common import (
-    run_op as _run,
-)
+from gradwise._trace._common import run_op as _run
 from gradwise._trace._facts import (
     _ARRIVALS,
     _COLLECTIVE_NAMESPACES,
@@ -154,23 +153,22 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, TorchDis
     # -- dispatch --------------------------------------------------------------------------------------------
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if _common._profiler_on():  # the trace's own ops stay out of the profiler's output
-            with _common.unprofiled():
-                return self._handle(func, types, args, kwargs)
-        return self._handle(func, types, args, kwargs)
-
-    def _handle(self, func, types, args, kwargs):
         kwargs = kwargs or {}
         info = _INFO.get(func) or _op_info(func)
-        if info.composite and torch.is_inference_mode_enabled():
-            # Inference mode skips the autograd keys, so a composite op (view_as, reshape, flatten) reaches this
-            # mode undecomposed, and its decomposition would run here below ADInplaceOrView: its views would lose
-            # the view metadata (creation meta) and its in-place ops the version bump that plain PyTorch gives
-            # them, and PyTorch's later errors ("a view was created in inference mode and is being modified
-            # inplace") would not raise. Run it with ADInplaceOrView on again, as without the mode.
-            with _inplace_or_view_on():
-                return self._dispatch(func, info, types, args, kwargs)
-        return self._dispatch(func, info, types, args, kwargs)
+        composite = info.composite and torch.is_inference_mode_enabled()
+        if not composite and not _common._profiler_on():
+            return self._dispatch(func, info, types, args, kwargs)
+        with contextlib.ExitStack() as stack:
+            if _common._profiler_on():  # the trace's own ops stay out of the profiler's output
+                stack.enter_context(_common.unprofiled())
+            if composite:
+                # Inference mode skips the autograd keys, so a composite op (view_as, reshape, flatten) reaches
+                # this mode undecomposed, and its decomposition would run here below ADInplaceOrView: its views
+                # would lose the view metadata (creation meta) and its in-place ops the version bump that plain
+                # PyTorch gives them, and PyTorch's later errors ("a view was created in inference mode and is
+                # being modified inplace") would not raise. Run it with ADInplaceOrView on again, as without it.
+                stack.enter_context(_inplace_or_view_on())
+            return self._dispatch(func, info, types, args, kwargs)
 
     def _dispatch(self, func, info, types, args, kwargs):
         if info.collective:

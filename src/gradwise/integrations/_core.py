@@ -21,6 +21,7 @@ import torch
 
 import gradwise as gw
 from gradwise._distributed import NonfiniteGradientError
+from gradwise._strong_zeros._contract import in_process_group
 
 EXPLAIN = ("first", "every", None)
 ON_NONFINITE = ("skip", "raise", "warn")
@@ -35,11 +36,6 @@ def check_options(strong_zeros: object, explain: object, on_nonfinite: object) -
     if on_nonfinite not in ON_NONFINITE:
         raise ValueError(f"GradwiseCallback(on_nonfinite=...): expected 'skip', 'raise' or 'warn', got "
                          f"{on_nonfinite!r}")
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
 
 
 def _local(g: torch.Tensor) -> torch.Tensor:
@@ -124,7 +120,7 @@ class Session:
         flags = torch.stack([~torch.isfinite(_local(p.grad)).all() for _, p in named]) if named \
             else torch.zeros(1, dtype=torch.bool, device=everything[0][1].device if everything else None)
         bad_any = flags.any().float()
-        if _distributed():
+        if in_process_group():
             torch.distributed.all_reduce(bad_any, op=torch.distributed.ReduceOp.MAX)
         if not bool(bad_any):  # the one host read of a finite step
             return False
@@ -149,7 +145,7 @@ class Session:
 
     def _everywhere(self, local: list[str]) -> list[tuple[int, list[str]]]:
         """(rank, names) of every rank with NaN/Inf gradients: the same list on every rank (only on NaN steps)."""
-        if not _distributed():
+        if not in_process_group():
             return [(0, local)] if local else []
         gathered: list[Any] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, local)
@@ -158,7 +154,7 @@ class Session:
     def _explain(self, report: gw.Report, step: int, out_dir: str | os.PathLike | None) -> None:
         """The trace of this step, merged over the ranks on rank 0: logged, and written as JSON in out_dir."""
         self._explained = True
-        if _distributed():
+        if in_process_group():
             merged = gw.gather_reports(report)  # every rank is here: the decision was the same everywhere
             if merged is None:
                 return
@@ -170,5 +166,5 @@ class Session:
         self._log(f"gradwise: why optimizer step {step} has NaN/Inf gradients (also in {path}):\n{report}")
 
     def _log(self, message: str) -> None:
-        if not _distributed() or torch.distributed.get_rank() == 0:
+        if not in_process_group() or torch.distributed.get_rank() == 0:
             self.logger.warning(message)
