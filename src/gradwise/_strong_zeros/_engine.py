@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from gradwise._checks import as_tensors, check_differentiable, check_scalar_or_seeded
 from gradwise._strong_zeros import _contract
 from gradwise._strong_zeros._autograd_graph import _leaves, _release_graph, _root_nodes
-from gradwise._strong_zeros._compile import CompiledBackwardWarning, compiled_run
+from gradwise._strong_zeros._compile import CompiledBackwardWarning, _holds_nonfinite, compiled_run
 from gradwise._strong_zeros._mode import _StrongZeroMode
 from gradwise._strong_zeros._planning import _all_finite, _plan
 from gradwise._strong_zeros._supports import _STATE, _Supports
@@ -72,10 +72,13 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
         # only (a second one would leave each rank its own gradients), a user's hook would run twice, once on
         # NaN (an optimizer step in a post-accumulate hook). Then a NaN the compiled graphs hold sends it to the
         # mode at once.
-        once = _contract.in_process_group() or run.has_hooks()
-        if not once or run.saved_finite():
-            return _compiled_check_run(run, t_outputs, inputs, retain_graph, create_graph, accumulate_grad,
-                                       rerun=not once)
+        if not (_contract.in_process_group() or run.has_hooks()):
+            return _compiled_check_run(run, t_outputs, inputs, retain_graph, create_graph, accumulate_grad)
+        if run.saved_finite():  # once, through the compiled strong variants; a NaN/Inf they make is kept
+            result = run(retain_graph)
+            if _holds_nonfinite(result, _leaves(t_outputs, inputs) if accumulate_grad else ()):
+                _warn_not_rerun()
+            return result
     return _run_strong(run, retain_graph, create_graph, t_outputs)
 
 
@@ -90,11 +93,10 @@ def _warn_not_rerun() -> None:
         CompiledBackwardWarning, stacklevel=5)
 
 
-def _compiled_check_run(run, t_outputs, inputs, retain_graph, create_graph, accumulate_grad, rerun=True):
+def _compiled_check_run(run, t_outputs, inputs, retain_graph, create_graph, accumulate_grad):
     """Run a graph with compiled nodes through their strong variants with the graph kept; only if a gradient
     holds NaN/Inf, run it again under the mode (compiled nodes op by op). The graph is then released as the
-    engine would have released it. Without ``rerun`` (a backward that must run once) a NaN/Inf is kept, with a
-    CompiledBackwardWarning."""
+    engine would have released it."""
     stash: list[tuple[torch.Tensor, torch.Tensor]] = []
     leaves = _leaves(t_outputs, inputs) if accumulate_grad else []
     for leaf in leaves:
@@ -104,9 +106,7 @@ def _compiled_check_run(run, t_outputs, inputs, retain_graph, create_graph, accu
     try:
         result = run(True)
         if _all_finite([leaf.grad for leaf in leaves if leaf.grad is not None] if accumulate_grad
-                       else [r for r in result if r is not None]) or not rerun:
-            if not rerun:
-                _warn_not_rerun()
+                       else [r for r in result if r is not None]):
             if not retain_graph:
                 _release_graph(_root_nodes(t_outputs))
         else:
