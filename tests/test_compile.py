@@ -246,6 +246,63 @@ def test_a_finite_compiled_backward_with_hooks_is_plain_and_quiet():
     assert torch.equal(lin.weight.grad, want) and len(calls) == 2
 
 
+def test_a_hooked_and_retained_intermediate_sees_one_backward():
+    """Hooks and retain_grad on a compiled model's output are invisible from the autograd graph. The backward
+    used to run twice when the compiled pass left a NaN (compiled, then op by op): the hook ran once on NaN and
+    the retained gradient was the sum of both runs (2x, finite and wrong). Now the engine runs once, and only
+    the compiled node whose variant made NaN runs again, op by op, inside that one run."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    model = torch.compile(lin, backend="aot_eager")  # no inductor pass: the NaN reaches the fallback
+    x = torch.randn(8, 4)
+    x[4:] = nan
+    seen: list[torch.Tensor] = []
+    h = model(x)
+    h.retain_grad()
+    h.register_hook(lambda g: seen.append(g.clone()))
+    with gw.strong_zeros():
+        h[:4].sum().backward()
+    want = torch.zeros(8, 4)
+    want[:4] = 1.0  # the slice's backward: the deleted rows' sensitivity is a structural zero
+    assert len(seen) == 1 and torch.equal(seen[0], want) and torch.equal(h.grad, want)
+    (exp,) = torch.autograd.grad(lin(x[:4]).sum(), [lin.weight])
+    torch.testing.assert_close(lin.weight.grad, exp)
+
+
+def _broken(low: nn.Module, up: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    h = torch.tanh(low(x))
+    torch._dynamo.graph_break()
+    return up(h[:4]).square().sum()  # rows 4.. of h (NaN) are dropped in the second graph
+
+
+@pytest.mark.parametrize("recover", [True, False])
+def test_a_zero_made_across_a_graph_break(recover, monkeypatch):
+    """The zero is made in the upper graph (a slice), the NaN sits in the lower one: the upper graph's compiled
+    result carries no support, so the lower graph, falling back op by op, gets the supports the upper graph's
+    own op-by-op run finds. Without that recovery the NaN stays, with a CompiledBackwardWarning: never silent."""
+    if not recover:
+        monkeypatch.setattr(_compile._Hybrid, "recover", lambda self: setattr(self, "suspect", True))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    low, up = nn.Linear(4, 4), nn.Linear(4, 3)
+    params = [*low.parameters(), *up.parameters()]
+    x = torch.randn(8, 4)
+    x[4:] = nan
+    fn = torch.compile(lambda t: _broken(low, up, t), backend="aot_eager")
+    want = torch.autograd.grad(_broken(low, up, x[:4]), params)
+    with warnings.catch_warnings(record=True) as caught, gw.strong_zeros():
+        warnings.simplefilter("always")
+        fn(x).backward()
+    kept = [w for w in caught if issubclass(w.category, _compile.CompiledBackwardWarning)]
+    if recover:
+        assert not kept
+        _close([p.grad for p in params], list(want))
+    else:
+        assert kept and "graph break" in str(kept[0].message)
+        assert not all(bool(p.grad.isfinite().all()) for p in params)
+
+
 def test_opaque_compiled_backward_warns(net):
     """A compiled backward whose graph gradwise cannot reach and that yields NaN: a warning names the node."""
     fn = torch.compile(lambda x: _loss(net, x, 5), backend="aot_eager")

@@ -27,16 +27,6 @@ def _walk(roots: Sequence[Any]) -> Iterator[Any]:
         stack.extend(n for n, _ in node.next_functions if n is not None)
 
 
-def _hooked(node: Any) -> bool:
-    """Whether a hook visible from Python runs at this node: on a leaf's gradient or after its accumulation
-    (AccumulateGrad's variable), or a module's full backward hook. Hooks on intermediate tensors and C++ hooks
-    (DDP's reducer) are not visible."""
-    leaf = getattr(node, "variable", None)
-    if leaf is not None and (leaf._backward_hooks or getattr(leaf, "_post_accumulate_grad_hooks", None)):
-        return True
-    return type(node).__name__ == "BackwardHookFunctionBackward"
-
-
 def _root_nodes(t_outputs: Sequence[Any]) -> list[Any]:
     nodes = []
     for t in t_outputs:

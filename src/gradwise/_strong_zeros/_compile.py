@@ -15,17 +15,22 @@ before every backward under strong zeros (``_engine._engine_run``):
    the forward, no dynamo guard and no global switch left on (a guard on a gradwise flag would need dynamo to
    read that flag while tracing user code, and would recompile the forward, which the pass does not change).
    The variant is compiled without donated buffers, so it may run with the graph retained.
-2. The backward then runs as any graph with nodes gradwise cannot see into ("check"): once, and its gradients
-   are checked for NaN/Inf. A structural zero that crosses a compiled graph's boundary (made by eager code
-   after a compiled model, or in another graph after a graph break) is not visible to the pass: if a NaN
-   appears, the backward re-runs under the eager strong-zero mode with each compiled node executing its
-   backward FX graph op by op (AOTAutograd keeps it for lazy compilation), so the supports travel across.
+2. The backward runs once, under the eager strong-zero mode (the plan's 'compiled' path), with each compiled
+   node as ``_hybrid``: its strong variant first, outside the mode; if what it returns holds NaN/Inf (a
+   structural zero made *outside* the graph, by eager code after a compiled model or in another graph after a
+   graph break; an op the pass has no rule for), that node alone runs again, its backward FX graph op by op
+   (AOTAutograd keeps it for lazy compilation) under the mode, from the same arguments, where the supports that
+   arrive from outside meet its NaN. The engine itself runs once, so hooks on intermediate tensors,
+   ``retain_grad`` and DDP's reducer see one backward (running the whole backward twice ran them twice: a hook on
+   NaN, a retained gradient doubled). A zero made in an *upper* compiled graph reaches a lower one as a plain
+   value; when the lower one falls back, the upper graphs' taken results get the supports their own op-by-op run
+   finds (``_Hybrid.recover``); a NaN/Inf that stays after that is kept with a ``CompiledBackwardWarning``.
 3. A backward loaded from AOTAutograd's on-disk cache keeps its FX graph but not the metadata to compile it
-   again: without donated buffers it runs PyTorch's kernel on the check pass (bitwise) and its graph op by op on
-   a NaN; with donated buffers it may run only once, so it runs op by op under the mode directly (right
-   zeros, eager speed, finite values equal to the kernel's within rounding). A compiled node whose graph is
-   gone entirely can only run as compiled: if the gradients then hold NaN/Inf, gradwise warns
-   (``CompiledBackwardWarning``), naming the node and the fix.
+   again: without donated buffers it runs PyTorch's kernel first (bitwise) and its graph op by op on a NaN; with
+   donated buffers it may run only once, so it runs op by op under the mode directly (right zeros, eager
+   speed, finite values equal to the kernel's within rounding). A compiled node whose graph is gone entirely
+   can only run as compiled: if the gradients then hold NaN/Inf, gradwise warns (``CompiledBackwardWarning``),
+   naming the node and the fix.
 
 Still duplicated between the two consumers: the pass's rules (``_compile_pass.PASS_RULES``, on graph nodes)
 restate a subset of ``_rules.RULES`` (on tensors) for the ops AOTAutograd's decomposed graphs contain.
@@ -42,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -265,11 +271,12 @@ STATS = {"compiled": 0, "eager": 0, "opaque": 0}
 def compile_stats() -> dict[str, int]:
     """How backwards with torch.compile'd parts ran under strong zeros since the process started.
 
-    ``compiled``: runs of the compiled backwards built with gradwise's strong-zero pass (the fast path);
-    ``eager``: re-runs op by op under the eager strong-zero rules, after a NaN/Inf appeared that the pass could
-    not annihilate (a structural zero from outside the compiled graph, an op the pass has no rule for);
-    ``opaque``: backwards with a compiled node gradwise could not see into (a CompiledBackwardWarning is
-    raised when one of them yields NaN/Inf).
+    ``compiled``: backwards whose compiled nodes ran the versions built with gradwise's strong-zero pass (the
+    fast path); ``eager``: backwards in which a compiled node ran its graph op by op under the eager strong-zero
+    rules (after its compiled version returned NaN/Inf the pass could not annihilate: a structural zero from
+    outside the compiled graph, an op the pass has no rule for; or directly, for a backward that reuses saved
+    buffers); ``opaque``: backwards with a compiled node gradwise could not see into (a CompiledBackwardWarning
+    is raised when one of them yields NaN/Inf).
 
     >>> import gradwise as gw
     >>> sorted(gw.compile_stats())
@@ -278,10 +285,107 @@ def compile_stats() -> dict[str, int]:
     return dict(STATS)
 
 
+class _Hybrid:
+    """One backward's record of its compiled nodes run as ``_hybrid``: the results of compiled variants taken
+    (with the arguments that made them, where the graph has more than one compiled node), whether a node fell
+    back to op by op, and whether NaN/Inf may have been kept at a graph boundary."""
+
+    def __init__(self, keep: bool) -> None:
+        self.keep = keep  # whether a later node may need the supports of a taken result (graph breaks)
+        # per compiled result taken: its graph op by op, its arguments, weak references to what it returned
+        self.taken: list[tuple[Callable[..., Any], list, list] | None] = []
+        self.fell_back = False
+        self.suspect = False
+
+    def recover(self) -> None:
+        """Give the results of the compiled variants taken so far the supports that running their graphs op by
+        op finds (the zeros made inside them), so that a node falling back now sees which elements of a
+        sensitivity another compiled graph made structurally zero (a graph break between a zero and a NaN).
+        Only results passed on as they are (a direct edge between two compiled graphs, as DDP's optimizer splits
+        them) carry it; a sum of them with eager terms already ran with full supports."""
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+        from gradwise._strong_zeros._mode import _StrongZeroMode
+
+        self.suspect |= bool(self.taken)  # recovered or not: a NaN that stays may be from across a boundary
+        stack = _get_current_dispatch_mode_stack()
+        mode = next((m for m in reversed(stack) if isinstance(m, _StrongZeroMode)), None)
+        if mode is None or not self.keep:
+            return
+        for eager, args, refs in self.taken:
+            again = _call(eager, list(args))
+            for ref, e in zip(refs, again, strict=False):
+                o = ref() if ref is not None else None
+                if isinstance(o, torch.Tensor) and isinstance(e, torch.Tensor) and o.shape == e.shape:
+                    mode.supports.record(o, mode.supports.of(e))
+        self.taken.clear()
+
+
+def _call(fn: Callable[..., Any], args: list) -> Any:
+    return fn(args) if getattr(fn, "_boxed_call", False) else fn(*args)
+
+
+def _hybrid(strong: Callable[..., Any], eager: Callable[..., Any], record: _Hybrid) -> Callable[..., Any]:
+    """A compiled node's backward inside the one strong-zero pass (under the mode): its compiled strong variant
+    first, outside the mode (compiled speed; the pass annihilates the zeros made inside the graph); where that
+    yields NaN/Inf, the node's backward graph op by op under the mode, from the same arguments, so that the
+    zeros arriving from outside the graph (whose supports the mode knows) meet its NaN too. Like a fused op run
+    as its decomposition (``_mode.DECOMPOSED``), at the granularity of a node: the engine runs once, so hooks,
+    DDP's reducer and retained gradients see one backward."""
+    from gradwise._strong_zeros._planning import _all_finite
+
+    def run(args: list) -> Any:
+        flat = list(args)
+        args.clear()  # a boxed call: the arguments are ours to free
+        with _without_strong_mode():
+            out = _call(strong, list(flat))
+            finite = _all_finite([t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point()])
+        if finite:
+            if record.keep:  # weakly: a gradient held here would make AccumulateGrad copy it instead of taking it
+                record.taken.append((eager, flat, [weakref.ref(t) if isinstance(t, torch.Tensor) else None
+                                                   for t in out]))
+            else:
+                record.taken.append(None)  # type: ignore[arg-type]
+            return out
+        del out
+        record.fell_back = True
+        record.recover()
+        return _call(eager, flat)
+
+    run._boxed_call = True  # type: ignore[attr-defined]
+    return run
+
+
 @contextlib.contextmanager
-def _swapped(nodes: Sequence[Any], eager: bool) -> Iterator[list[Any]]:
-    """Run each compiled node's backward as its strong-zero variant (compiled with the pass, or its FX graph op
-    by op when ``eager``) for the length of the block. Yields the nodes that could not be swapped (opaque)."""
+def _without_strong_mode() -> Iterator[None]:
+    """Leave the strong-zero mode for the length of the block, keeping every other mode (a trace, a FLOP
+    counter) where it was."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode, _push_mode
+
+    from gradwise._strong_zeros._mode import _StrongZeroMode
+
+    above = []
+    while (mode := _get_current_dispatch_mode()) is not None and not isinstance(mode, _StrongZeroMode):
+        above.append(_pop_mode())
+    ours = _pop_mode() if mode is not None else None
+    for m in reversed(above):
+        _push_mode(m)
+    try:
+        yield
+    finally:
+        if ours is not None:
+            for _ in above:
+                _pop_mode()
+            _push_mode(ours)
+            for m in reversed(above):
+                _push_mode(m)
+
+
+@contextlib.contextmanager
+def _swapped(nodes: Sequence[Any], how: str, record: _Hybrid | None = None) -> Iterator[list[Any]]:
+    """Run each compiled node's backward as its strong-zero variant for the length of the block: its FX graph op
+    by op (``how="eager"``), or compiled with the pass and op by op where that made NaN (``"hybrid"``); both
+    under the mode. Yields the nodes that could not be swapped (opaque)."""
     swaps, opaque, seen = [], [], set()
     for node in nodes:
         bc = _backward_compiler(node)
@@ -291,13 +395,20 @@ def _swapped(nodes: Sequence[Any], eager: bool) -> Iterator[list[Any]]:
         if id(bc) in seen:
             continue
         seen.add(id(bc))
-        # outside the mode: compiled with the pass; where it cannot be (a backward loaded from AOTAutograd's
-        # cache keeps only its FX graph, without the metadata to compile it again) PyTorch's compiled backward,
-        # bit for bit, if it reuses no saved buffer (else _runs_once sent this backward to the mode directly)
-        variant = _eager_variant(bc) if eager else _strong_variant(bc)
+        if how == "eager":
+            variant = _eager_variant(bc)
+        else:
+            # compiled with the pass; where it cannot be (a backward loaded from AOTAutograd's cache keeps only
+            # its FX graph, without the metadata to compile it again) PyTorch's compiled backward, bit for bit,
+            # if it reuses no saved buffer (else _runs_once sent this backward to the op-by-op path)
+            fast = _strong_variant(bc)
+            if fast is None and not _runs_once(bc):
+                fast = bc.compiled_bw
+            eager = _eager_variant(bc)
+            variant = _hybrid(fast, eager, record or _Hybrid(False)) if fast is not None and eager is not None \
+                else eager
         if variant is None:
-            if eager or _runs_once(bc):
-                opaque.append(node)
+            opaque.append(node)
             continue
         swaps.append((bc, variant, bc.compiled_bw, _donated(bc)))
     try:
@@ -352,43 +463,53 @@ def _runs_once(bc: Any) -> bool:
 def compiled_run(run: Callable[[bool | None], Any], t_outputs: Sequence[Any], inputs: Sequence[Any],
                  accumulate_grad: bool) -> Callable[[bool | None], Any]:
     """Wrap the engine call of one backward under strong zeros (not the plain path) so that compiled nodes in
-    its graph run their strong-zero variants: compiled with the pass outside the eager mode, op by op under
-    it. ``run`` itself when the graph has no compiled node."""
-    from gradwise._strong_zeros._autograd_graph import _hooked, _leaves, _root_nodes, _walk
-    from gradwise._strong_zeros._supports import _STATE
+    its graph run their strong-zero variants: op by op under the mode, or (``wrapped.hybrid``, for a backward
+    whose other nodes hold no NaN a zero can reach: the plan's 'check') compiled first and op by op only where
+    that made NaN. ``run`` itself when the graph has no compiled node."""
+    from gradwise._strong_zeros._autograd_graph import _leaves, _root_nodes, _walk
 
-    graph = list(_walk(_root_nodes(t_outputs)))
-    nodes = [n for n in graph if _is_compiled(n)]
+    nodes = [n for n in _walk(_root_nodes(t_outputs)) if _is_compiled(n)]
     if not nodes:
         return run
-    # a node gradwise cannot swap runs as PyTorch compiled it, possibly reusing its saved buffers: it must run
-    # exactly once (the engine then takes the one-pass path, under the mode)
-    one_pass = any(_runs_once(_backward_compiler(n)) for n in nodes)
 
-    def wrapped(retain: bool | None) -> Any:
-        in_mode = _STATE.in_mode
-        with _swapped(nodes, eager=in_mode) as opaque:
-            STATS["eager" if in_mode else "compiled"] += 1
+    def leaves() -> Sequence[torch.Tensor]:
+        return _leaves(t_outputs, inputs) if accumulate_grad else ()
+
+    def wrapped(retain: bool | None) -> Any:  # under the mode: every compiled node op by op
+        with _swapped(nodes, "eager") as opaque:
+            STATS["eager"] += 1
             STATS["opaque"] += bool(opaque)
             result = run(retain)
-        if in_mode and opaque and _holds_nonfinite(result, _leaves(t_outputs, inputs) if accumulate_grad else ()):
+        if opaque and _holds_nonfinite(result, leaves()):
             _warn_opaque(opaque)
         return result
 
-    wrapped.one_pass = one_pass  # type: ignore[attr-defined]
-    wrapped.saved_finite = lambda: _saved_finite(nodes)  # type: ignore[attr-defined]
-    wrapped.has_hooks = lambda: any(map(_hooked, graph))  # type: ignore[attr-defined]
+    def hybrid(retain: bool | None) -> Any:  # under the mode, each compiled node as _hybrid
+        record = _Hybrid(keep=len(nodes) > 1)
+        with _swapped(nodes, "hybrid", record) as opaque:
+            result = run(retain)
+        record.taken.clear()
+        STATS["compiled"] += 1
+        STATS["eager"] += record.fell_back
+        STATS["opaque"] += bool(opaque)
+        if (opaque or record.suspect) and _holds_nonfinite(result, leaves()):
+            if opaque:
+                _warn_opaque(opaque)
+            else:
+                _warn_boundary()
+        return result
+
+    # a node gradwise cannot swap runs as PyTorch compiled it, possibly reusing its saved buffers: it must run
+    # exactly once, op by op being the only variant (the engine then takes the plain one-pass path)
+    if not any(_runs_once(_backward_compiler(n)) for n in nodes):
+        wrapped.hybrid = hybrid  # type: ignore[attr-defined]
     return wrapped
 
 
-def _saved_finite(nodes: Sequence[Any]) -> bool:
-    """Whether every floating-point tensor the compiled nodes saved is finite (a freed one counts as not)."""
-    from gradwise._strong_zeros._planning import _all_finite
-
-    tensors = []
-    for node in nodes:
-        try:
-            tensors.extend(t for t in node.saved_tensors if isinstance(t, torch.Tensor) and t.is_floating_point())
-        except RuntimeError:
-            return False
-    return _all_finite(tensors)
+def _warn_boundary() -> None:
+    warnings.warn(
+        "gw.strong_zeros: the gradients hold NaN/Inf after a compiled backward met a sensitivity that another "
+        "compiled graph computed (a graph break between a zero and a NaN): the zeros made there are values to "
+        "the rules on this side, so the NaN/Inf may be contamination, or genuine. Fix: compile without the graph "
+        "break, or run the model without torch.compile to decide.",
+        CompiledBackwardWarning, stacklevel=5)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -22,10 +21,9 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from gradwise._checks import as_tensors, check_differentiable, check_scalar_or_seeded
 from gradwise._strong_zeros import _contract
-from gradwise._strong_zeros._autograd_graph import _leaves, _release_graph, _root_nodes
-from gradwise._strong_zeros._compile import CompiledBackwardWarning, _holds_nonfinite, compiled_run
+from gradwise._strong_zeros._compile import compiled_run
 from gradwise._strong_zeros._mode import _StrongZeroMode
-from gradwise._strong_zeros._planning import _all_finite, _plan
+from gradwise._strong_zeros._planning import _plan
 from gradwise._strong_zeros._supports import _STATE, _Supports
 
 # ---------------------------------------------------------------------------------------------------------
@@ -61,67 +59,15 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
         plan = _choose(t_outputs, inputs or (), grad_tensors or ())
     if plan == "plain":
         return run(retain_graph)
-    # 'strong', or 'check' (nodes gradwise knows nothing about): one pass under the mode. A plain pass first
+    # 'strong', 'check' or 'compiled' (nodes gradwise knows nothing about): one pass under the mode. A plain pass first
     # with a re-run on NaN would force retain_graph, run hooks and custom backwards twice, and hold what the
     # engine frees (custom Functions' saved tensors) until the graph dies.
     run = compiled_run(run, t_outputs, inputs, accumulate_grad)  # torch.compile'd nodes: _compile
-    if plan == "check" and getattr(run, "one_pass", True) is False:
-        # compiled nodes whose strong variant (the inductor pass) runs outside the mode: compiled speed and
-        # PyTorch's bits on finite data; the mode only if a NaN still crosses a graph boundary. A backward with
-        # effects beyond its gradients must run once: in a process group DDP's hooks all-reduce in the first run
-        # only (a second one would leave each rank its own gradients), a user's hook would run twice, once on
-        # NaN (an optimizer step in a post-accumulate hook). Then a NaN the compiled graphs hold sends it to the
-        # mode at once.
-        if not (_contract.in_process_group() or run.has_hooks()):
-            return _compiled_check_run(run, t_outputs, inputs, retain_graph, create_graph, accumulate_grad)
-        if run.saved_finite():  # once, through the compiled strong variants; a NaN/Inf they make is kept
-            result = run(retain_graph)
-            if _holds_nonfinite(result, _leaves(t_outputs, inputs) if accumulate_grad else ()):
-                _warn_not_rerun()
-            return result
+    if plan == "compiled" and hasattr(run, "hybrid"):
+        # the NaN/Inf a structural zero can reach is inside compiled graphs only: each runs compiled with the
+        # pass (compiled speed, PyTorch's bits on finite data) and op by op only where that made NaN
+        return _run_strong(run.hybrid, retain_graph, create_graph, t_outputs)
     return _run_strong(run, retain_graph, create_graph, t_outputs)
-
-
-def _warn_not_rerun() -> None:
-    warnings.warn(
-        "gw.strong_zeros: the gradients hold NaN/Inf after the compiled backwards ran with the strong-zero pass, "
-        "from values that were finite in the forward (a singular point, or a zero that crossed a compiled graph's "
-        "boundary). This backward cannot run a second time under the eager rules (in a process group DDP's "
-        "all-reduce ran already; a hook would run twice), so they are kept: they may be genuine or contamination. "
-        "Fix: compile without graph breaks around the op that discards values, or run this model without "
-        "torch.compile to decide.",
-        CompiledBackwardWarning, stacklevel=5)
-
-
-def _compiled_check_run(run, t_outputs, inputs, retain_graph, create_graph, accumulate_grad):
-    """Run a graph with compiled nodes through their strong variants with the graph kept; only if a gradient
-    holds NaN/Inf, run it again under the mode (compiled nodes op by op). The graph is then released as the
-    engine would have released it."""
-    stash: list[tuple[torch.Tensor, torch.Tensor]] = []
-    leaves = _leaves(t_outputs, inputs) if accumulate_grad else []
-    for leaf in leaves:
-        if leaf.grad is not None:
-            stash.append((leaf, leaf.grad))
-            leaf.grad = None
-    try:
-        result = run(True)
-        if _all_finite([leaf.grad for leaf in leaves if leaf.grad is not None] if accumulate_grad
-                       else [r for r in result if r is not None]):
-            if not retain_graph:
-                _release_graph(_root_nodes(t_outputs))
-        else:
-            for leaf in leaves:
-                leaf.grad = None
-            result = _run_strong(run, retain_graph, create_graph, t_outputs)
-    finally:
-        for leaf, old in stash:
-            if leaf.grad is None:
-                leaf.grad = old
-            elif create_graph:
-                leaf.grad = old + leaf.grad
-            else:
-                leaf.grad = old.add_(leaf.grad)
-    return result
 
 
 def grad_in_pass(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], seeds: Sequence[torch.Tensor],

@@ -117,8 +117,10 @@ def _zero_reach(roots: Sequence[Any], graph: dict[Any, tuple], consumers: dict[A
 
 def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
     """'plain' (PyTorch is already right), 'strong' (a NaN/Inf or a singular point is in the graph where a
-    structural zero can reach it), or 'check' (the graph has nodes gradwise knows nothing about: one pass under
-    the mode, as 'strong'). Raises _contract.Unreadable on a saved tensor it cannot read (the backward runs plain).
+    structural zero can reach it), 'check' (the graph has nodes gradwise knows nothing about: one pass under
+    the mode, as 'strong'), or 'compiled' (as 'check', where the only such nodes are torch.compile'd backwards:
+    each then runs compiled, and op by op only where that made NaN; ``_compile._hybrid``). Raises
+    _contract.Unreadable on a saved tensor it cannot read (the backward runs plain).
 
     This runs before every backward under strong zeros, so it is written for speed: one walk over the graph and a
     topological pass over what it found (_zero_reach), reading only what a structural zero could reach (see
@@ -129,6 +131,7 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
     if traced((*t_outputs, *seeds)):  # a traced backward (torch.compile, make_fx): a graph, no data to read;
         return "plain"  # compiled graphs get strong zeros from gradwise._strong_zeros._compile instead
     known_all = True
+    only_compiled = True  # every node gradwise knows nothing about is a torch.compile'd backward
     saved: list[torch.Tensor] = []
     deferred: list = []  # singular-point tests of nodes no structural zero reaches from above
     zero_outputs: list = []  # nodes whose backward multiplies by their own output (softmax, exp)
@@ -139,6 +142,8 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
     for node, ((_, read, known, singular, _, zero_output, _), _, _, _) in graph.items():
         reached = reach.get(node, True)
         known_all &= known
+        if not known and only_compiled:
+            only_compiled = type(node).__name__ == "CompiledFunctionBackward"
         if zero_output is not None:
             zero_outputs.append((node, zero_output))
         if not reached:
@@ -175,6 +180,7 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
                     seen_tensors.add(key)
                     saved.append(t)
         known_all &= readable
+        only_compiled &= readable
         if singular is not None and readable and singular(node):
             return "strong"
     # a softmax/exp output of exactly 0 is a structural zero of its own: an infinite derivative (sqrt of a masked
@@ -187,4 +193,4 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
         saved.extend(t for t in seeds if isinstance(t, torch.Tensor) and t.is_floating_point())
     if not _all_finite(saved):
         return "strong"
-    return "plain" if known_all else "check"
+    return "plain" if known_all else "compiled" if only_compiled else "check"
