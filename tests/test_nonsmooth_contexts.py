@@ -413,3 +413,66 @@ def test_embedding_bag_max(layout):
         d = torch.randn(w.shape, generator=gen, dtype=torch.float64)
         assert float(gw.directional_derivative(f, w, d)) == pytest.approx(one_sided(f, [w], [d]), abs=1e-5)
     assert hull_distance(flat(gw.generalized_grad(f, w, seed=0)), nearby_gradients(f, [w], n=300)) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------ threads
+
+
+def test_a_pass_is_per_thread():
+    """The checkpoint and hook switches act in the thread inside a pass only: a plain checkpoint in another
+    thread stays PyTorch's (the patches were process-wide). Passes in two threads take turns (forward-mode
+    AD has one dual level per process), and the patches are gone when the last one ends."""
+    import threading
+
+    import torch.utils.checkpoint as torch_checkpoint
+
+    from gradwise._nonsmooth import _contexts
+
+    original = torch_checkpoint.CheckpointFunction
+
+    def node(use_reentrant: bool) -> str:
+        x = torch.ones(2, requires_grad=True)
+        return type(checkpoint(torch.sin, x, use_reentrant=use_reentrant).grad_fn).__name__
+
+    inside, release, entered, seen = threading.Event(), threading.Event(), threading.Event(), {}
+
+    def first() -> None:
+        with _contexts.pass_context():
+            inside.set()
+            release.wait(30)
+            seen["first"] = node(True)
+
+    def second() -> None:
+        with _contexts.pass_context():
+            entered.set()
+            seen["second"] = node(True)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    threads[0].start()
+    assert inside.wait(30)
+    here = node(True)
+    threads[1].start()
+    waited = not entered.wait(0.5)  # the second pass waits for the first
+    release.set()
+    for t in threads:
+        t.join(30)
+    assert here == "CheckpointFunctionBackward"  # PyTorch's checkpoint outside a pass
+    assert waited and entered.is_set()
+    assert seen["first"] == seen["second"] == "SinBackward0"  # plain inside a pass
+    assert torch_checkpoint.CheckpointFunction is original
+
+
+def test_generalized_grads_in_two_threads_at_once():
+    """Two threads taking generalized gradients through checkpoints and module hooks: each exact."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ident(x):
+        return torch.relu(x) - torch.relu(-x)
+
+    def run(use_reentrant: bool) -> list[float]:
+        return [float(gw.generalized_grad(lambda y: checkpoint(ident, y, use_reentrant=use_reentrant).sum(),
+                                          torch.zeros(3))[0].sum()) for _ in range(10)]
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run, [True, False]))
+    assert all(v == 3.0 for r in results for v in r)

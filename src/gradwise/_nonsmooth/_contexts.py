@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import threading
 from collections.abc import Callable, Iterator
 
 import torch
@@ -48,47 +49,90 @@ class _Plain:
         return function(*args)
 
 
-def _plain_generator(*args, **kwargs) -> Iterator[None]:
-    """Stands in for the non-reentrant checkpoint's set-up/tear-down generator: nothing to set up."""
-    yield
-
-
 def _identity_jvp(ctx, *tangents):
     # the forward returns its inputs as they are: forward AD wants views of their tangents back
     out = tuple(None if t is None else t.view_as(t) for t in tangents)
     return out[0] if len(out) == 1 else out
 
 
-_DEPTH = [0]
+class _InPass(threading.local):
+    depth = 0  # passes of f open in this thread
+
+
+_IN_PASS = _InPass()
+_SERIAL = threading.RLock()  # PyTorch's forward-mode AD has one dual level per process: one pass at a time
+_LOCK = threading.Lock()
+_OPEN = [0]  # passes open in all threads: the switches below are installed while it is > 0
+_ORIGINAL: dict[str, object] = {}
+
+
+class _CheckpointSwitch:
+    """Installed as ``CheckpointFunction`` while a pass is open in some thread: plain in a thread inside a
+    pass, PyTorch's checkpoint in every other thread."""
+
+    @staticmethod
+    def apply(function, preserve_rng_state, *args):
+        target = _Plain if _IN_PASS.depth else _ORIGINAL["CheckpointFunction"]
+        return target.apply(function, preserve_rng_state, *args)  # type: ignore[attr-defined]
+
+
+def _generator_switch(*args, **kwargs) -> Iterator[None]:
+    if _IN_PASS.depth:
+        yield
+    else:
+        yield from _ORIGINAL["generator"](*args, **kwargs)  # type: ignore[operator]
+
+
+def _jvp_switch(ctx, *tangents):
+    if _IN_PASS.depth:
+        return _identity_jvp(ctx, *tangents)
+    jvp = _ORIGINAL["jvp"] or torch.autograd.Function.jvp  # the default raises PyTorch's "implement jvp" error
+    return jvp(ctx, *tangents)  # type: ignore[operator]
+
+
+def _install() -> None:
+    _ORIGINAL.update(CheckpointFunction=_checkpoint.CheckpointFunction,
+                     generator=_checkpoint._checkpoint_without_reentrant_generator,
+                     jvp=BackwardHookFunction.__dict__.get("jvp"), stance=torch.compiler.set_stance("force_eager"))
+    _checkpoint.CheckpointFunction = _CheckpointSwitch
+    _checkpoint._checkpoint_without_reentrant_generator = _generator_switch
+    BackwardHookFunction.jvp = staticmethod(_jvp_switch)
+    _ORIGINAL["stance"].__enter__()  # type: ignore[attr-defined]
+
+
+def _uninstall() -> None:
+    _checkpoint.CheckpointFunction = _ORIGINAL["CheckpointFunction"]
+    _checkpoint._checkpoint_without_reentrant_generator = _ORIGINAL["generator"]
+    if _ORIGINAL["jvp"] is None:
+        del BackwardHookFunction.jvp
+    else:
+        BackwardHookFunction.jvp = _ORIGINAL["jvp"]
+    _ORIGINAL.pop("stance").__exit__(None, None, None)  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager
 def pass_context() -> Iterator[None]:
     """Around every pass of f: compiled code runs eagerly, checkpoints plainly, backward-hook wrappers carry
-    tangents. Reentrant (gradwise calls nest: stationarity runs many passes); process-global while it is open."""
-    if _DEPTH[0]:
-        _DEPTH[0] += 1
-        try:
-            yield
-        finally:
-            _DEPTH[0] -= 1
-        return
-    saved = (_checkpoint.CheckpointFunction, _checkpoint._checkpoint_without_reentrant_generator,
-             BackwardHookFunction.__dict__.get("jvp"))
-    _DEPTH[0] = 1
-    _checkpoint.CheckpointFunction = _Plain
-    _checkpoint._checkpoint_without_reentrant_generator = _plain_generator
-    BackwardHookFunction.jvp = staticmethod(_identity_jvp)
+    tangents. Reentrant (gradwise calls nest: stationarity runs many passes) and per thread: the checkpoint and
+    hook switches act only in a thread inside a pass. Passes in different threads take turns (forward-mode AD's
+    dual level is one per process: a second would raise "Nested forward mode AD is not supported").
+    ``torch.compiler.set_stance`` is process-wide, so while a pass is open compiled functions in other threads
+    run eagerly too (same values, eager speed)."""
+    _SERIAL.acquire()
+    with _LOCK:
+        if _OPEN[0] == 0:
+            _install()
+        _OPEN[0] += 1
+    _IN_PASS.depth += 1
     try:
-        with torch.compiler.set_stance("force_eager"):
-            yield
+        yield
     finally:
-        _DEPTH[0] = 0
-        _checkpoint.CheckpointFunction, _checkpoint._checkpoint_without_reentrant_generator = saved[:2]
-        if saved[2] is None:
-            del BackwardHookFunction.jvp
-        else:
-            BackwardHookFunction.jvp = saved[2]
+        _IN_PASS.depth -= 1
+        with _LOCK:
+            _OPEN[0] -= 1
+            if _OPEN[0] == 0:
+                _uninstall()
+        _SERIAL.release()
 
 
 # ------------------------------------------------------------------------------------------------ functorch
@@ -167,7 +211,9 @@ def carries_tangent(func, args: tuple, kwargs: dict) -> bool:
         return a
 
     try:
-        with fwAD.dual_level(), torch.no_grad():
+        # inside a pass the pass's dual level serves (a nested one raises "Nested forward mode AD")
+        level = contextlib.nullcontext() if fwAD._current_level >= 0 else fwAD.dual_level()
+        with level, torch.no_grad():
             trial = func(*[dual(a) for a in args], **{k: dual(v) for k, v in kwargs.items()})
         outs = _float_tensors(trial)
         ok = all(_has_tangent(o) for o in outs)
