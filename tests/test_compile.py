@@ -359,7 +359,12 @@ KEPT_NAN = {
     ("policy-entropy-special-entr-masked-actions", "aot_eager"): _NOT_ANALYSED,
     ("index-put-into-buffer-then-slice", "inductor"): _NOT_ANALYSED,
     ("cumprod-with-nan-after-prefix", "inductor"): _NOT_ANALYSED,
+    ("logcumsumexp-nan-after-kept-prefix", "aot_eager"): _NOT_ANALYSED,
+    ("logcumsumexp-nan-in-used-prefix", "aot_eager"): _NOT_ANALYSED,
 }
+
+# cases whose program gw.grad (an autograd.grad) cannot differentiate, in plain PyTorch too
+NOT_GRAD = {"checkpoint-reentrant-block-nan-rows-sliced": "PyTorch: reentrant checkpoint is incompatible with .grad()"}
 
 _TOL = {"rtol": 1e-4, "atol": 1e-5}  # the compiled program may sum in another order
 
@@ -370,6 +375,8 @@ _TOL = {"rtol": 1e-4, "atol": 1e-5}  # the compiled program may sum in another o
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("case", _CASES, ids=[c.name for c in _CASES])
 def test_contamination_case_compiled(case, backend):
+    if case.name in NOT_GRAD:
+        pytest.skip(NOT_GRAD[case.name])
     out, ins, _ = case.build()
     want = gw.grad(out, ins, allow_unused=True)
     torch._dynamo.reset()

@@ -25,6 +25,8 @@ before every backward under strong zeros (``_engine._engine_run``):
    NaN, a retained gradient doubled). A zero made in an *upper* compiled graph reaches a lower one as a plain
    value; when the lower one falls back, the upper graphs' taken results get the supports their own op-by-op run
    finds (``_Hybrid.recover``); a NaN/Inf that stays after that is kept with a ``CompiledBackwardWarning``.
+   A graph of compiled nodes and leaves only (a whole training step compiled) has nothing outside the
+   compiled graphs that could make a zero: it runs outside the mode, and a node that falls back enters it.
 3. A backward loaded from AOTAutograd's on-disk cache keeps its FX graph but not the metadata to compile it
    again: without donated buffers it runs PyTorch's kernel first (bitwise) and its graph op by op on a NaN; with
    donated buffers it may run only once, so it runs op by op under the mode directly (right zeros, eager
@@ -296,6 +298,9 @@ class _Hybrid:
         self.taken: list[tuple[Callable[..., Any], list, list] | None] = []
         self.fell_back = False
         self.suspect = False
+        # where the backward runs outside the mode (a graph of compiled nodes and leaves only: nothing outside the
+        # compiled graphs can make a zero), how a falling-back node enters it: a thunk runner from the engine
+        self.local: Callable[[Callable[[], Any]], Any] | None = None
 
     def recover(self) -> None:
         """Give the results of the compiled variants taken so far the supports that running their graphs op by
@@ -349,8 +354,12 @@ def _hybrid(strong: Callable[..., Any], eager: Callable[..., Any], record: _Hybr
             return out
         del out
         record.fell_back = True
-        record.recover()
-        return _call(eager, flat)
+
+        def again() -> Any:
+            record.recover()
+            return _call(eager, flat)
+
+        return record.local(again) if record.local is not None else again()
 
     run._boxed_call = True  # type: ignore[attr-defined]
     return run
@@ -468,7 +477,8 @@ def compiled_run(run: Callable[[bool | None], Any], t_outputs: Sequence[Any], in
     that made NaN. ``run`` itself when the graph has no compiled node."""
     from gradwise._strong_zeros._autograd_graph import _leaves, _root_nodes, _walk
 
-    nodes = [n for n in _walk(_root_nodes(t_outputs)) if _is_compiled(n)]
+    graph = list(_walk(_root_nodes(t_outputs)))
+    nodes = [n for n in graph if _is_compiled(n)]
     if not nodes:
         return run
 
@@ -484,8 +494,11 @@ def compiled_run(run: Callable[[bool | None], Any], t_outputs: Sequence[Any], in
             _warn_opaque(opaque)
         return result
 
-    def hybrid(retain: bool | None) -> Any:  # under the mode, each compiled node as _hybrid
+    def hybrid(retain: bool | None, local: Callable[[Callable[[], Any]], Any] | None = None) -> Any:
+        """Each compiled node as _hybrid; under the mode, or (``local``, a graph of compiled nodes and leaves
+        only) outside it, a falling-back node entering it through ``local``."""
         record = _Hybrid(keep=len(nodes) > 1)
+        record.local = local
         with _swapped(nodes, "hybrid", record) as opaque:
             result = run(retain)
         record.taken.clear()
@@ -503,6 +516,11 @@ def compiled_run(run: Callable[[bool | None], Any], t_outputs: Sequence[Any], in
     # exactly once, op by op being the only variant (the engine then takes the plain one-pass path)
     if not any(_runs_once(_backward_compiler(n)) for n in nodes):
         wrapped.hybrid = hybrid  # type: ignore[attr-defined]
+        # nothing but compiled graphs and leaves: no zero can arrive from outside a compiled graph, so the
+        # engine runs outside the mode (AccumulateGrad's ops not dispatched through it) and only a node that
+        # falls back enters it
+        wrapped.compiled_only = all(_is_compiled(n) or type(n).__name__ == "AccumulateGrad"  # type: ignore
+                                    for n in graph)
     return wrapped
 
 

@@ -66,6 +66,9 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
     if plan == "compiled" and hasattr(run, "hybrid"):
         # the NaN/Inf a structural zero can reach is inside compiled graphs only: each runs compiled with the
         # pass (compiled speed, PyTorch's bits on finite data) and op by op only where that made NaN
+        if run.compiled_only:
+            return run.hybrid(retain_graph, lambda thunk: _run_strong(lambda _: thunk(), None, create_graph,
+                                                                         t_outputs))
         return _run_strong(run.hybrid, retain_graph, create_graph, t_outputs)
     return _run_strong(run, retain_graph, create_graph, t_outputs)
 
