@@ -9,6 +9,7 @@ full sweep of the contamination cases is marked slow.
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -301,6 +302,46 @@ def test_a_zero_made_across_a_graph_break(recover, monkeypatch):
     else:
         assert kept and "graph break" in str(kept[0].message)
         assert not all(bool(p.grad.isfinite().all()) for p in params)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "key-padding-mask"])
+def test_attention_discarding_nan_sequences_takes_the_pass(masked):
+    """SDPA's CPU flash backward inside an inductor graph, a NaN sequence the loss discards: the pass replaces
+    its query rows and keys as the eager rule does, so the compiled strong version is exact by itself (no
+    op-by-op fallback); on finite data it is PyTorch's compiled gradient bit for bit."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    mask = None
+    if masked:
+        mask = torch.zeros(5, 5)
+        mask[:, 4] = -math.inf  # a padded key, read by no query
+
+    def loss(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[:2].square().sum()
+
+    fn = torch.compile(loss)
+    clean = [torch.randn(3, 2, 5, 4, generator=gen) for _ in range(3)]
+    padded = [t.clone() for t in clean]
+    for t in padded:
+        t[2] = nan  # the third sequence: NaN, and discarded by the loss
+
+    def grads(ts, strong):
+        ts = [t.clone().requires_grad_(True) for t in ts]
+        if strong:
+            with gw.strong_zeros():
+                fn(*ts).backward()
+        else:
+            fn(*ts).backward()
+        return [t.grad for t in ts]
+
+    kept = [t[:2].clone().requires_grad_(True) for t in clean]
+    loss(*kept).backward()
+    want = [torch.cat([t.grad, torch.zeros(1, 2, 5, 4)]) for t in kept]  # the deleted sequence: zero gradient
+    before = dict(_compile.STATS)
+    got = grads(padded, True)
+    assert _compile.STATS["eager"] == before["eager"]  # the compiled version sufficed
+    _close(got, want)
+    _equal(grads(clean, True), grads(clean, False))
 
 
 def test_opaque_compiled_backward_warns(net):

@@ -26,7 +26,8 @@ Modules (each imports only those above it in this list, plus torch and gradwise.
 ``_rules_backward``  rules for single fused backwards (softmax, nll, solves, cdist, grid_sampler, CTC, ...).
 ``_mode``            ``_StrongZeroMode``, the TorchDispatchMode that applies the rules; ``DECOMPOSED``.
 ``_node_facts``      facts per autograd node name (``NODE_FACTS``, ``MAKES_NO_ZEROS``, ``FUSED_BACKWARDS``, ...).
-``_autograd_graph``  walking an autograd graph: ``_walk``, ``_root_nodes``, ``_leaves``, ``_release_graph``.
+``_autograd_graph``  walking an autograd graph: ``_walk``, ``_root_nodes``, ``_leaves``, ``_graph_parts``,
+                     ``_release_graph``, ``_release``.
 ``_planning``        the pre-backward plan: ``_plan``, ``_zero_reach``, ``_all_finite``.
 ``_compile_pass``    the same rules over AOTAutograd's backward graphs (torch.compile).
 ``_compile``         compiled backwards under strong zeros: the pass, the runtime check, ``compile_stats``.
@@ -45,10 +46,13 @@ from gradwise._strong_zeros import _rules_pointwise, _rules_bilinear, _rules_bac
 from gradwise._strong_zeros import _rules_attention, _rules_opdb  # noqa: F401
 # isort: on
 # What the other concerns read of strong zeros as ``_strong_zeros.<name>`` (gradwise._trace: _STATE, lookup,
-# _decomposition, _StrongZeroMode; gradwise._trace._watching: _root_nodes, _leaves, _release_graph, _walk;
-# gradwise._distributed: _register). None of these names is ever rebound, so these are the very objects the
-# modules below use. A name that is rebound or monkeypatched (_engine._plan, _engine._process_wide) is not here.
+# _decomposition, _StrongZeroMode; gradwise._trace._watching: _root_nodes, _graph_parts, _release,
+# _release_graph, _walk, _all_finite; gradwise._distributed: _register). None of these names is ever rebound, so
+# these are the very objects the modules below use. A name that is rebound or monkeypatched (_engine._plan,
+# _engine._process_wide) is not here.
+from gradwise._strong_zeros._autograd_graph import _graph_parts as _graph_parts
 from gradwise._strong_zeros._autograd_graph import _leaves as _leaves
+from gradwise._strong_zeros._autograd_graph import _release as _release
 from gradwise._strong_zeros._autograd_graph import _release_graph as _release_graph
 from gradwise._strong_zeros._autograd_graph import _root_nodes as _root_nodes
 from gradwise._strong_zeros._autograd_graph import _walk as _walk
@@ -57,6 +61,7 @@ from gradwise._strong_zeros._contract import GradwiseWarning, PlainBackwardWarni
 from gradwise._strong_zeros._engine import backward, grad, strong_zeros, strong_zeros_process_wide
 from gradwise._strong_zeros._mode import _decomposition as _decomposition
 from gradwise._strong_zeros._mode import _StrongZeroMode as _StrongZeroMode
+from gradwise._strong_zeros._planning import _all_finite as _all_finite
 from gradwise._strong_zeros._rules import RULES, unruled_ops
 from gradwise._strong_zeros._rules import _register as _register
 from gradwise._strong_zeros._rules import lookup as lookup

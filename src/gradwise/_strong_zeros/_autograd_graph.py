@@ -6,13 +6,12 @@ May import: torch, _node_facts.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
-from gradwise._strong_zeros._node_facts import _raw_saved
+from gradwise._strong_zeros._node_facts import _node_type
 
 
 def _walk(roots: Sequence[Any]) -> Iterator[Any]:
@@ -53,10 +52,48 @@ def _freed(_: object) -> torch.Tensor:
 def _release_graph(roots: Sequence[Any]) -> None:
     """Free the saved tensors of a graph that was retained only for a check (gw.watch, compiled backwards), as
     the engine frees them after a backward without retain_graph (``SavedTensor.register_hooks`` drops the data)."""
-    for node in _walk(roots):
-        for raw in _raw_saved(node):
-            with contextlib.suppress(RuntimeError):  # already hooked (checkpoint) or already freed
-                raw.register_hooks(lambda _: None, _freed)
+    _release(_graph_parts(roots)[1])
+
+
+def _graph_parts(roots: Sequence[Any]) -> tuple[list[torch.Tensor], list[Any]]:
+    """One walk of a graph: its leaves (AccumulateGrad's variables) and the ``SavedTensor`` objects its nodes
+    hold (for ``_release``)."""
+    seen: set[Any] = set()
+    stack = [r for r in roots if r is not None]
+    leaves: list[torch.Tensor] = []
+    saved: list[Any] = []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)
+        if var is not None:
+            leaves.append(var)
+            continue
+        for name in _node_type(node)[0]:
+            try:
+                raw = getattr(node, name)
+            except RuntimeError:  # freed by an earlier backward
+                continue
+            if isinstance(raw, (tuple, list)):
+                saved.extend(r for r in raw if r is not None)
+            elif raw is not None:
+                saved.append(raw)
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return leaves, saved
+
+
+def _release(saved: Sequence[Any]) -> None:
+    for raw in saved:  # runs after every watched backward: a plain loop, no context manager per tensor
+        try:
+            raw.register_hooks(_none, _freed)
+        except RuntimeError:  # already hooked (checkpoint) or already freed
+            pass
+
+
+def _none(_: object) -> None:
+    return None
 
 
 def _leaves(t_outputs, inputs) -> list[torch.Tensor]:

@@ -20,7 +20,8 @@ with a False factor are rewritten to 0). Rules (one per aten op, ``PASS_RULES``)
 - travel, reads: ``index``/``gather``/``index_select`` apply the same read to the mask.
 - annihilate: ``mul(a, b)`` -> ``where(sup a & sup b, a * b, 0)``; ``div(a, b)`` with a supported numerator
   likewise; ``prims.fma(a, b, c)`` -> ``where(sup a & sup b, fma, c)``; ``mm(A, B)`` with a sensitivity A
-  zeroes B's rows k where column k of A is all structural zero (and symmetrically), ``bmm`` per batch.
+  zeroes B's rows k where column k of A is all structural zero (and symmetrically), ``bmm`` per batch; the CPU
+  flash attention backward replaces discarded query rows and unread keys by harmless values, as its eager rule.
 
 Only *sensitivities* (nodes that depend on a ``tangents_*`` input) and constant zeros carry supports: a forward
 value recomputed in the backward (``where(x > 0, x, 0)``) is a value, and a NaN it multiplies stays. Where the
@@ -412,6 +413,42 @@ def _convolution_backward(rw: _Rewriter, node: fx.Node) -> Any:
     return (read, None, None)
 
 
+@_rule(aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
+def _attention_backward(rw: _Rewriter, node: fx.Node) -> Any:
+    """The CPU flash attention backward (g, q, k, v, out, lse, ...) -> (dq, dk, dv), as the eager rule
+    (``_rules_attention``): a query row whose g is all structural zeros gets q = out = g = 0 and lse = +inf
+    (its P row is exactly 0), a key no kept row of its (batch, head) reads gets k = v = 0, and their gradients
+    are structural zeros. With a mask or causal masking every key of a (batch, head) with a kept row counts as
+    read (a superset: a NaN it keeps stays, and the runtime check runs the node op by op). Returns one support
+    per output, read by ``operator.getitem``."""
+    g, q, k, v, out, lse = node.args[:6]
+    mg = rw.of(g)
+    if mg is None or rw.of(q) is not None or rw.of(k) is not None or rw.of(v) is not None:
+        return None
+    if mg is FALSE:
+        return (FALSE, FALSE, FALSE)
+    vq, vk, vl = _val(q), _val(k), _val(lse)
+    if vq.dim() != 4 or vk.dim() != 4 or not _same_shape(vq.shape[:2], vk.shape[:2]) \
+            or not _same_shape(vl.shape, vq.shape[:3]):
+        return None  # grouped-query heads, another layout: no rule (the runtime check)
+    kept = rw.exact(mg, g)
+    rows = rw.call(aten.any.dims, kept, [3], True)  # [B, H, Lq, 1]: a query row with a supported element
+    used = rw.call(aten.any.dims, rows, [2], True)  # [B, H, 1, 1]: a (batch, head) with a kept row
+    rows3 = rw.call(aten.squeeze.dim, rows, 3)
+    inf = rw.call(aten.full.default, [], math.inf, dtype=vl.dtype, device=vl.device, pin_memory=False)
+    zero = rw.zero(q)
+    replaced = ((kept, g, zero), (rows, q, zero), (used, k, zero), (used, v, zero), (kept, out, zero),
+                (rows3, lse, inf))
+    new = [rw.call(aten.where.self, mask, x, fill) for mask, x, fill in replaced]
+    rw.rewire(node, *new, *node.args[6:])
+    # dk, dv of unread keys and dq of discarded rows are exact zeros (q = g = out = 0, lse = +inf: dS = 0), except
+    # dq where a key masked for every kept row holds NaN/Inf (0 x NaN): only with a mask is dq annihilated. The
+    # others are not (a where fused into the bias gradient's reduction would change its summation order).
+    masked = node.kwargs.get("attn_mask") is not None or node.args[7] is not False
+    node.meta["gw_exact_zeros"] = (not masked, True, True)
+    return (rows, used, used)
+
+
 @_rule(operator.getitem)
 def _getitem(rw: _Rewriter, node: fx.Node) -> Any:
     """An output of a multi-output op whose rule returned one support per output."""
@@ -419,7 +456,8 @@ def _getitem(rw: _Rewriter, node: fx.Node) -> Any:
     if not isinstance(masks, tuple):
         return None
     mask = masks[node.args[1]]
-    if mask is not None and mask is not FALSE:
+    exact = node.args[0].meta.get("gw_exact_zeros", ())
+    if mask is not None and mask is not FALSE and not (node.args[1] < len(exact) and exact[node.args[1]]):
         rw.annihilate(node, mask)
     return mask
 

@@ -26,7 +26,6 @@ May import: torch, gradwise._strong_zeros, gradwise._trace._common, _kinds, _rep
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 import threading
 from collections.abc import Iterator
@@ -63,12 +62,14 @@ class _Watcher:
         finally:
             self.depth -= 1
         roots = _strong_zeros._root_nodes(outs)
-        leaves = _strong_zeros._leaves(outs, _as_tuple(inputs) if inputs is not None else None)
+        leaves, saved = _strong_zeros._graph_parts(roots)  # one walk: what to check, what to free
+        if inputs is not None:
+            leaves = [t for t in _as_tuple(inputs) if isinstance(t, torch.Tensor)]
         grads = [t.grad for t in leaves if isinstance(t.grad, torch.Tensor)]
         if not _finite(grads):
             self._explain(outs, grad_tensors, leaves, roots)
         if not keep:
-            _strong_zeros._release_graph(roots)
+            _strong_zeros._release(saved)
         self.step += 1
 
     def grad(self, orig, outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False,
@@ -153,17 +154,11 @@ def _as_tuple(ts) -> tuple:
 
 
 def _finite(grads: list[torch.Tensor]) -> bool:
-    """One fused check of all gradients: a sum per gradient, stacked and summed (one host sync; on CPU ~10x
-    cheaper than ``_foreach_norm``). A sum can overflow on finite values: an alarm is confirmed element-wise."""
+    """One check of all gradients: strong zeros' pre-backward reduction (a sum per gradient read at once on CPU,
+    small ones concatenated, one host sync elsewhere). A sum can overflow on finite values: an alarm is
+    confirmed element-wise."""
     dense = [g for g in grads if g.is_floating_point() and g.numel() and _kinds.readable(g)]
-    if not dense:
-        return True
-    by_device: dict = {}
-    for g in dense:
-        by_device.setdefault(g.device, []).append(g.sum(dtype=torch.float32) if g.dtype != torch.float64
-                                                 else g.sum())
-    flags = [torch.stack(sums).sum().float() for sums in by_device.values()]
-    if math.isfinite((flags[0] if len(flags) == 1 else torch.stack([f.cpu() for f in flags]).sum()).item()):
+    if _strong_zeros._all_finite(dense):
         return True
     return all(bool(torch.isfinite(g).all()) for g in dense)  # rare: confirm (finite values can overflow a sum)
 
