@@ -434,3 +434,37 @@ def test_sparse_gradient_from_a_custom_function_backward():
     with gw.strong_zeros():
         got = run()
     assert got.is_sparse and torch.equal(got.to_dense(), expected.to_dense())
+
+
+def test_gradwise_modes_keep_dynamo_out_of_their_handlers():
+    """gradwise's dispatch modes replace PyTorch's per-call torch._disable_dynamo wrapper by their own, cheaper
+    one (gradwise._modes): inside a handler dynamo's frame callback is off, as under PyTorch's wrapper, and back
+    on after it; a compiled function run under the modes gives PyTorch's result."""
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback
+
+    from gradwise._modes import LeanDispatchMode
+    from gradwise._nonsmooth._contexts import _OpaqueWatch
+    from gradwise._nonsmooth._kink_watch import _KinkWatch
+    from gradwise._strong_zeros._mode import _StrongZeroMode
+    from gradwise._trace._tracer import _Tracer
+
+    for mode in (_StrongZeroMode, _Tracer, _OpaqueWatch, _KinkWatch):
+        assert issubclass(mode, LeanDispatchMode)
+        assert getattr(mode.__torch_dispatch__, "_gw_lean", False)  # the lean wrapper, not PyTorch's
+
+    seen = []
+
+    class Probe(LeanDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(get_eval_frame_callback())
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(3)
+    for _ in range(2):  # and again after dynamo forgets what it compiled
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda t: (t * 2).sin().sum(), backend="eager")
+        want = compiled(x)
+        with Probe():
+            got = compiled(x)
+        assert seen and all(cb is None for cb in seen)
+        assert torch.equal(got, want)

@@ -22,7 +22,7 @@ module makes the usual wrappers exact and detects the rest:
   ``torch.autograd.functional.jacobian`` ...) after a kink was hit: `NonsmoothError`; gradwise inside a
   ``torch.func`` transform: `NonsmoothError`.
 
-May import: torch, ``_errors`` (lazily, for the error it raises).
+May import: torch, gradwise._modes, ``_errors`` (lazily, for the error it raises).
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.utils.checkpoint as _checkpoint
 from torch.nn.modules._functions import BackwardHookFunction
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from gradwise._modes import LeanDispatchMode
 
 _functorch = torch._C._functorch
 
@@ -265,7 +266,7 @@ def check_functions(y: torch.Tensor, where: str) -> None:
 # ------------------------------------------------------------------------------------------------ opaque ops
 
 
-class _OpaqueWatch(TorchDispatchMode):
+class _OpaqueWatch(LeanDispatchMode):
     """Sees every aten op of a pass. One that runs outside every call the function mode saw (``seen()`` is
     False: TorchScript, a C++ extension) and sits at its kink: NonsmoothError (raised by `check` after f returns).
     Away from kinks PyTorch's own derivatives of such ops are exact."""

@@ -2,7 +2,7 @@
 kink op it reaches against ``gradwise._ops._kinks``;
 ``_SMOOTH_CALLS`` (callables seen smooth), ``_unguarded`` composites.
 
-May import: torch, ``_errors``, ``_records``, ``_rules``, ``gradwise._ops``.
+May import: torch, gradwise._modes, ``_errors``, ``_records``, ``_rules``, ``gradwise._ops``.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import types
 from collections.abc import Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
+from gradwise._modes import LeanDispatchMode
 from gradwise._nonsmooth._errors import NonsmoothError
 from gradwise._nonsmooth._records import _user_line
 from gradwise._nonsmooth._rules import _is_dual, _split
@@ -69,7 +69,7 @@ def _composite(func) -> bool:
     return isinstance(func, types.FunctionType) and func.__module__ == "torch.nn.functional"
 
 
-class _KinkWatch(TorchDispatchMode):
+class _KinkWatch(LeanDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.kinky, self.hit = False, None

@@ -1,7 +1,7 @@
 """The TorchDispatchMode that applies the rule table during a backward (``_StrongZeroMode``), and the fused
 backwards that run as their decomposition when a structural zero reaches them (``DECOMPOSED``).
 
-May import: torch, _contract, _supports, _rules.
+May import: torch, gradwise._modes, _contract, _supports, _rules.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from gradwise._modes import LeanDispatchMode
 from gradwise._strong_zeros import _contract
 from gradwise._strong_zeros._rules import _UNRULED, _is_float, lookup
 from gradwise._strong_zeros._supports import _Supports
@@ -38,7 +38,7 @@ def _decomposition(func: Any) -> Callable[..., Any] | None:
     return decomposition_table.get(func)
 
 
-class _StrongZeroMode(TorchDispatchMode):
+class _StrongZeroMode(LeanDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.supports = _Supports()

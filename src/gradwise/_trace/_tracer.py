@@ -2,7 +2,8 @@
 its parts (``_Checks``, ``_Provenance``, ``_Incidents``, ``_KinkChecks``, ``_Assembly``), and ``_op_info``,
 the per-op facts it caches.
 
-May import: torch, gradwise._ops, gradwise._strong_zeros, every module of gradwise._trace above _session.
+May import: torch, gradwise._modes, gradwise._ops, gradwise._strong_zeros, every module of gradwise._trace above
+_session.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ from dataclasses import dataclass
 
 import torch
 from torch._C._autograd import _get_sequence_nr
-from torch._C._dynamo.eval_frame import set_eval_frame as _set_eval_frame
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from gradwise import _strong_zeros
+from gradwise._modes import LeanDispatchMode
 from gradwise._trace import _common, _kinds
 from gradwise._trace._assembly import _Assembly
 from gradwise._trace._checking import _Checks
@@ -117,7 +117,7 @@ def _alone() -> bool:
         all(torch._C._get_dispatch_mode(k) is None for k in _INFRA_MODES)
 
 
-class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, TorchDispatchMode):
+class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDispatchMode):
     """The dispatch-mode recorder: sees every aten op and hands it to its parts (the bases before TorchDispatchMode)."""
 
     def __init__(self, sync_every: int):
@@ -153,18 +153,8 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, TorchDis
 
     # -- dispatch --------------------------------------------------------------------------------------------
 
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        # PyTorch wraps a mode's handler in torch._disable_dynamo (~5 us per op, most of the trace's per-op cost
-        # on small models); the handler below switches dynamo's frame callback off itself, as that wrapper does
-        return False
-
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        prior = _set_eval_frame(None)  # dynamo never compiles the trace's own frames (nor what they call)
-        try:
-            return self._handle(func, types, args, kwargs or {})
-        finally:
-            _set_eval_frame(prior)
+        return self._handle(func, types, args, kwargs or {})
 
     def _handle(self, func, types, args, kwargs):
         info = _INFO.get(func) or _op_info(func)
