@@ -160,4 +160,7 @@ CASES: list[Case] = [
          lambda a, b: torch.where(a > b, a, b).sum(), lambda: (t([1.0, 2.0]), t([1.0, 2.0]))),
     Case("vector-norm-at-zero", "Euclidean norm at 0 plus a linear term",
          lambda x: torch.linalg.vector_norm(x) + 0.3 * x[0], lambda: (t([0.0, 0.0]),), True),
+    Case("copysign-kinks", "copysign(x, y) at x = 0 with a constant sign, and copysign(1, x) * x (= |x|) at 0",
+         lambda x: torch.copysign(x[:2], t([-1.0, 1.0])).sum() + (torch.copysign(torch.ones_like(x[2]), x[2]) * x[2]),
+         lambda: (t([0.0, 0.0, 0.0]),)),
 ]

@@ -36,8 +36,6 @@ KNOWN = {
     "where-eq-zero-guard-expm1-over-x": "a removable singularity behind x == 0: NonsmoothError (f's branch changes)",
     "cosine-embedding-at-margin": "cosine_embedding_loss has no rule: NonsmoothError at its clamp_min_ kink",
     "checkpoint-reentrant-block-nan-rows-sliced": "PyTorch: reentrant checkpoint is incompatible with .grad()",
-    "copysign-one-as-sign-times-x": "copysign has no rule: NonsmoothError at its kink",
-    "copysign-magnitude-at-zero": "copysign has no rule: NonsmoothError at its kink",
     "complex-abs-at-zero-stft-silence": "abs of a complex 0 is a cone: NonsmoothError",
     "double-where-safe-norm-at-zero": "a comparison whose tangent is 0 in every direction needs second-order terms",
     "where-curved-boundary-second-order": "a comparison tie broken by second-order terms (lexicographic directions "

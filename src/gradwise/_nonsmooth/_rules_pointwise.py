@@ -7,6 +7,7 @@ May import: torch, gradwise._masks, ``_errors``, ``_records``, ``_rules``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -332,6 +333,31 @@ for _name, _extra in [("sign", [torch.sgn, Tensor.sgn]), ("floor", []), ("ceil",
                       ("trunc", [torch.fix, Tensor.fix])]:
     kink_rule(getattr(aten, _name), getattr(torch, _name), getattr(Tensor, _name), *_extra)(_step(_name))
     _ROUTES[getattr(Tensor, f"{_name}_")] = _step(_name, inplace=True)
+
+
+def _sign_bit_step(run, y: Tensor) -> Tensor:
+    """copysign(1, y) as a step of y: +-1 by y's sign bit (derivative 0); at y = +-0 where the direction moves
+    y, its one-sided limit (+1 if y grows, -1 if it falls), as the step rules take theirs."""
+    yp = _split(y)[0].detach()
+    value = torch.copysign(torch.ones_like(yp), yp)
+    jump = yp == 0
+    if _split(y)[1] is None or not mask_any(jump):
+        return value
+    rows, choice, still = _resolve_sign(run, "aten.copysign", y, jump, comparison=True)
+    own = value.reshape(-1)[rows]
+    value.view(-1)[rows] = torch.where(still, own, torch.where(choice == 0, 1.0, -1.0).to(own.dtype))
+    return value
+
+
+@kink_rule(aten.copysign, torch.copysign, Tensor.copysign)
+def copysign(run, func, x, y):
+    """|x| with the sign of y: the abs rule on x (at x = 0, x or -x, whichever grows along the direction) times
+    y's sign, a step of y (at y = 0, its one-sided limit along the direction; f then jumps unless x = 0, an
+    error). ``copysign(1, x) * x`` at 0 is |x|: derivative |x'|."""
+    if not isinstance(x, Tensor) or not _split(x)[0].is_floating_point():
+        return func(x, y)
+    sign = _sign_bit_step(run, y) if isinstance(y, Tensor) else (-1.0 if math.copysign(1.0, y) < 0 else 1.0)
+    return abs(run, torch.abs, x) * sign
 
 
 @kink_rule(aten.frac, torch.frac, Tensor.frac)
