@@ -251,3 +251,38 @@ def _line(location: str) -> str:
 
     path, _, line = location.rpartition(":")
     return Path(path).read_text().splitlines()[int(line) - 1]
+
+
+def test_a_nan_in_an_expanded_view_costs_what_the_view_stores(monkeypatch):
+    """A NaN broadcast by expand to 10^8 elements: the trace's checks, masks, counts and positions work on the
+    one element the view stores (full-size masks took ~1 byte per viewed element: +968 MB for a large view)."""
+    import gradwise as gw
+
+    largest = [0]
+    for name in ("isfinite", "isnan"):
+        real = getattr(torch, name)
+
+        def spy(t, _real=real):
+            largest[0] = max(largest[0], t.numel())
+            return _real(t)
+
+        monkeypatch.setattr(torch, name, spy)
+    w = torch.ones(1, 1, requires_grad=True)
+    with gw.trace() as report:
+        view = (torch.full((1, 1), float("nan")) * w).expand(10**4, 10**4)
+        view.sum().backward()  # the sum's backward expands its seed too: nothing of the view's size is stored
+    assert largest[0] < 10**4  # never a mask of the view's size
+    assert [f.kind for f in report.findings] == ["nan"]  # genuine: the sum reads it
+
+
+def test_mask_counts_and_first_positions_of_expanded_masks_equal_the_materialised():
+    from gradwise._trace._store import count, first
+
+    g = torch.Generator().manual_seed(0)
+    for shape, expand in [((1, 5), (7, 5)), ((4, 1, 3), (4, 6, 3)), ((1,), (9,)), ((2, 1), (2, 4))]:
+        stored = torch.rand(shape, generator=g) > 0.6
+        view = stored.expand(expand)
+        dense = view.contiguous()
+        assert count(view) == count(dense)
+        got, want = first(view), first(dense)
+        assert got[:1] == want[:1] and all(bool(dense[tuple(i)]) for i in got)

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from gradwise._masks import mask_any
-from gradwise._trace._common import _aligned, _nonfinite, _op_name, aten
+from gradwise._trace._common import _aligned, _nan_in, _nonfinite, _op_name, aten
 from gradwise._trace._facts import _LITERALS, _OVERFLOWS
 
 _EXPLAIN: dict = {}
@@ -91,7 +90,7 @@ def _division(ins, out, mask) -> str:
 @_explains(*(_OVERFLOWS - {aten.pow}))
 def _overflow(ins, out, mask) -> str:
     """Inf from finite inputs is an overflow; NaN from inf inputs is inf - inf or 0 x inf."""
-    if out is not None and bool(mask_any(torch.isnan(out).logical_and_(mask))) and any(_nonfinite(t) for t in ins):
+    if out is not None and _nan_in(out, mask) and any(_nonfinite(t) for t in ins):
         return "inf - inf or 0 x inf"
     return f"overflow: the result exceeds the largest {str(out.dtype).replace('torch.', '')} (Inf)" \
         if out is not None else "overflow"

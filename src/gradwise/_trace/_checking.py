@@ -14,7 +14,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.checkpoint import _StopRecomputationError
 
 from gradwise._trace import _common, _kinds
-from gradwise._trace._common import _loc, _nonfinite, _op_name, _tensors, _user_frame
+from gradwise._trace._common import _held, _loc, _nonfinite, _op_name, _tensors, _user_frame
 from gradwise._trace._store import Birth as _Birth
 
 
@@ -101,14 +101,15 @@ class _Checks:
             if self.pending:
                 self.flush()
             try:
-                finite = all(math.isfinite(o.sum().item()) for o in outs)  # a sum per output: no stacking on CPU
+                # a sum per output (no stacking on CPU), over what it stores (an expanded view: once)
+                finite = all(math.isfinite(_held(o).sum().item()) for o in outs)
             except RuntimeError:  # a functorch-wrapped value (vmap): it cannot be read here
                 self._pass_over(_kinds.kind(outs[0]) or "unreadable", "a value")
                 return
             if not finite:
                 self._safely("a value", dig, [o for o in outs if _nonfinite(o)])
         else:
-            flag = outs[0].sum() if len(outs) == 1 else torch.stack([o.sum().float() for o in outs]).sum()
+            flag = _held(outs[0]).sum() if len(outs) == 1 else torch.stack([_held(o).sum().float() for o in outs]).sum()
             self.pending.append((flag, outs, dig))
             if len(self.pending) >= self.sync_every:
                 self.flush()

@@ -3,7 +3,7 @@ every module reads them as ``_common.<name>``), where user code called an op (fr
 small tensor helpers, ``_ByIdentity`` (tensor -> value by identity, held weakly), the process rank, and the
 records the trace keeps per autograd node (``_Node``) and per kink site (``_KinkGroup``).
 
-May import: torch.
+May import: torch, gradwise._masks, _kinds, _store.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gradwise._masks import mask_any
 from gradwise._trace import _kinds
 from gradwise._trace._store import count as _count
 from gradwise._trace._store import first as _first
+from gradwise._trace._store import held as _held
 
 aten = torch.ops.aten
 _ACCUMULATE_SEQ = 2**64 - 1  # the sequence number every AccumulateGrad node reports
@@ -155,7 +157,29 @@ def _floats(out) -> list[torch.Tensor]:
 
 def _nonfinite(t: torch.Tensor) -> bool:
     return t.is_floating_point() and t.numel() > 0 and _kinds.readable(t) and not bool(
-        torch.isfinite(t).all())
+        torch.isfinite(_held(t)).all())
+
+
+def _nonfinite_mask(t: torch.Tensor) -> torch.Tensor:
+    """Where ``t`` is NaN/Inf, as a bool tensor of its shape (of an expanded view: a view of the stored part's)."""
+    return (~torch.isfinite(_held(t))).expand(t.shape)
+
+
+def _nan_mask(t: torch.Tensor) -> torch.Tensor:
+    return torch.isnan(_held(t)).expand(t.shape)
+
+
+def _has_nan(t: torch.Tensor) -> bool:
+    return bool(torch.isnan(_held(t)).any())
+
+
+def _nan_in(t: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether ``t`` is NaN somewhere ``mask`` is True (no masked copy of t; over the stored part of both where
+    they are expanded alike)."""
+    ht, hm = _held(t), _held(mask)
+    if ht.shape == hm.shape:
+        return bool(mask_any(torch.isnan(ht).logical_and_(hm)))
+    return bool(mask_any(torch.isnan(t).logical_and_(mask)))
 
 
 def _positions(mask: torch.Tensor) -> tuple[int, list[list[int]]]:

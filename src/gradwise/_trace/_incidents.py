@@ -11,7 +11,7 @@ import torch
 
 from gradwise import _strong_zeros
 from gradwise._masks import mask_any
-from gradwise._trace._common import _aligned, _op_name, _positions, aten
+from gradwise._trace._common import _aligned, _nan_in, _op_name, _positions, aten
 from gradwise._trace._facts import _BILINEAR, _DISCARDS, _ELEMENTWISE_DISCARDS, _PRODUCTS, _ROW_MIXING
 from gradwise._trace._store import Incident as _Incident
 
@@ -43,7 +43,7 @@ class _Incidents:
             count, idx = _positions(kind_mask)
             if not count:
                 continue
-            has_nan = bool(mask_any(torch.isnan(o).logical_and_(kind_mask)))
+            has_nan = _nan_in(o, kind_mask)
             if contaminated:
                 kind = "contamination"
                 what = ("a zero sensitivity met " + ("NaN/Inf" if births else "0/0 or 0 x Inf")

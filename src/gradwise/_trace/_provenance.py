@@ -8,9 +8,19 @@ from __future__ import annotations
 
 import torch
 
-from gradwise._masks import mask_any
 from gradwise._trace._advice import _explain
-from gradwise._trace._common import _fmt, _is_internal, _loc, _nonfinite, _op_name, _user_frame
+from gradwise._trace._common import (
+    _fmt,
+    _has_nan,
+    _is_internal,
+    _loc,
+    _nan_in,
+    _nan_mask,
+    _nonfinite,
+    _nonfinite_mask,
+    _op_name,
+    _user_frame,
+)
 from gradwise._trace._facts import _LITERALS
 from gradwise._trace._incidents import _in_base
 from gradwise._trace._store import Birth as _Birth
@@ -30,12 +40,12 @@ class _Provenance:
         if got is None and t._base is not None and _nonfinite(t._base):
             got = self.prov[t] = self._origin(t._base, loc)
         if got is None and (via := self._received_through(t)) is not None:
-            mask, nan = ~torch.isfinite(t), bool(torch.isnan(t).any())
+            mask, nan = _nonfinite_mask(t), _has_nan(t)
             b = self._birth(via[0], via[1], nan, None, mask, lambda idx: _Birth(
                 via[0], via[1], "received from another rank", 0, idx, nan, received=True), received=True)
             got = self.prov[t] = frozenset([b])
         if got is None:
-            mask, nan = ~torch.isfinite(t), bool(torch.isnan(t).any())
+            mask, nan = _nonfinite_mask(t), _has_nan(t)
             name = self.names.get(t) or self._search_name(t, _user_frame())
             batch = self.batches.get(t if t._base is None else t._base)
             b = self._birth("input", loc, nan, name, mask,
@@ -61,8 +71,8 @@ class _Provenance:
         what = (f"a gradient with {first.kind if first.kind == 'contamination' else 'genuine ' + first.kind} from "
                 f"{first.op} (the backward of {first.node_op}) at {_fmt(first.loc)}, used as a value")
         parents = frozenset(p for p in got if isinstance(p, _Birth)).union(*(i.births for i in incidents))
-        nan, name = bool(torch.isnan(t).any()), self.names.get(t)
-        b = self._birth("gradient", loc, nan, name, ~torch.isfinite(t),
+        nan, name = _has_nan(t), self.names.get(t)
+        b = self._birth("gradient", loc, nan, name, _nonfinite_mask(t),
                         lambda idx: _Birth("gradient", loc, what, 0, idx, nan, name=name), parents)
         got = self.as_value[t] = frozenset([b])
         return got
@@ -74,7 +84,7 @@ class _Provenance:
             frame = _user_frame() if nd is None else None
             loc = nd.loc if nd is not None else _loc(frame) if frame is not None else ("<backward>", 0)
         for o in bad:
-            mask = ~torch.isfinite(o)
+            mask = _nonfinite_mask(o)
             prior = self.prov.get(o) if info.mutable else None
             nf = [t for t in ins if t is not o and _nonfinite(t)]
             if seq is None or isinstance(seq, tuple):
@@ -102,10 +112,10 @@ class _Provenance:
         births = frozenset().union(*(self._origin(t, loc) for t in nf)) if nf else frozenset()
         if prior:
             births |= prior
-        has_nan = bool(mask_any(torch.isnan(o).logical_and_(mask)))  # no masked copy of o
+        has_nan = _nan_in(o, mask)  # no masked copy of o
         # an in-place op on a tensor already known non-finite (DDP's bucket.div_) carries its NaN, not makes it
         prior_nan = any(getattr(b, "nan", True) for b in prior) if prior else False
-        new_nan = has_nan and not prior_nan and not any(bool(torch.isnan(t).any()) for t in nf)
+        new_nan = has_nan and not prior_nan and not any(_has_nan(t) for t in nf)
         if (not nf and not prior) or new_nan:
             op = _op_name(func)
 
@@ -116,7 +126,7 @@ class _Provenance:
                 return _Birth(op, loc, what, 0, idx, has_nan)
 
             b = self._birth(op, loc, has_nan, None,
-                            _in_base(torch.isnan(o) if new_nan and (nf or prior) else mask, o, base), make, births)
+                            _in_base(_nan_mask(o) if new_nan and (nf or prior) else mask, o, base), make, births)
             births = frozenset([b])
         self.prov[o] = births
 
@@ -127,7 +137,7 @@ class _Provenance:
             inc.reaches.add(self.leaf_name(leaf))
             self.reached_now.add(id(inc))
         if not incs and _nonfinite(grad):
-            self.store.orphan(self.leaf_name(leaf), int((~torch.isfinite(grad)).sum()))
+            self.store.orphan(self.leaf_name(leaf), _count(_nonfinite_mask(grad)))
 
     def leaf_name(self, t: torch.Tensor) -> str:
         name = self.names.get(t)

@@ -181,10 +181,25 @@ class Store:
 # -- small mask helpers (shared with the trace) ---------------------------------------------------------------
 
 
+def held(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with its broadcast (stride-0) dimensions cut to length 1: the elements it stores, once. A mask or a
+    check of an expanded view then costs what the view stores, not its full size (a NaN expanded to 10^8
+    elements made 10^8-byte masks)."""
+    if t.layout != torch.strided or not t.numel():
+        return t
+    stride = t.stride()
+    if 0 not in stride:
+        return t
+    return t.as_strided([1 if s == 0 else n for n, s in zip(t.shape, stride, strict=True)], stride,
+                        t.storage_offset())
+
+
 def first(mask: torch.Tensor) -> list[list[int]]:
     """The first few True (nonzero) positions of a bool or 0/1 mask, without listing them all (masks can be
     large). The first block holding one is found by a max per block: PyTorch's argmax over a large bool/uint8
-    mask is ~100x slower."""
+    mask is ~100x slower. Of an expanded mask, the positions of what it stores (index 0 along a broadcast
+    dimension): the first is the view's first."""
+    mask = held(mask)
     flat = mask.reshape(-1)
     if flat.dtype == torch.bool:
         flat = flat.view(torch.uint8)
@@ -214,7 +229,11 @@ def first(mask: torch.Tensor) -> list[list[int]]:
 
 
 def count(mask: torch.Tensor) -> int:
-    """How many elements of a bool or 0/1 mask are set (count_nonzero on floats is ~40x slower than a sum)."""
+    """How many elements of a bool or 0/1 mask are set (count_nonzero on floats is ~40x slower than a sum). Of
+    an expanded mask: its stored part's count times how often the view repeats it."""
+    part = held(mask)
+    if part is not mask:
+        return count(part) * (mask.numel() // part.numel())
     if mask.dtype == torch.bool:
         return int(torch.count_nonzero(mask))
     return int(mask.sum(dtype=torch.float64))
