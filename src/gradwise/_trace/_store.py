@@ -188,7 +188,7 @@ def held(t: torch.Tensor) -> torch.Tensor:
     if t.layout != torch.strided or not t.numel():
         return t
     stride = t.stride()
-    if 0 not in stride:
+    if not any(s == 0 and n > 1 for n, s in zip(t.shape, stride, strict=True)):
         return t
     return t.as_strided([1 if s == 0 else n for n, s in zip(t.shape, stride, strict=True)], stride,
                         t.storage_offset())
