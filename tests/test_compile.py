@@ -344,23 +344,6 @@ def test_attention_discarding_nan_sequences_takes_the_pass(masked):
     _equal(grads(clean, True), grads(clean, False))
 
 
-def test_finite_arguments_run_without_the_pass_and_a_singular_point_falls_to_it():
-    """A compiled node whose arguments are all finite runs as compiled without the pass (no masks: PyTorch's
-    arithmetic at its speed). If that returns NaN/Inf (here sqrt's infinite derivative at 0, on the branch the
-    where discards: 0 x inf), the pass's version runs next, from the same arguments, and annihilates it."""
-    torch._dynamo.reset()
-    fn = torch.compile(lambda t: torch.where(t > 0, t.sqrt(), 0.0).sum())
-    x = torch.tensor([0.0, 1.0, 4.0], requires_grad=True)
-    y = fn(x)
-    bc = _compile._backward_compiler(_compile.compiled_nodes([y.grad_fn])[0])
-    before = dict(_compile.STATS)
-    with gw.strong_zeros():
-        y.backward()
-    assert torch.equal(x.grad, torch.tensor([0.0, 0.5, 0.25]))
-    assert _compile.STATS["eager"] == before["eager"]  # the pass's version sufficed: no op-by-op fallback
-    assert getattr(bc, "_gw_plain", None) is not None and getattr(bc, "_gw_strong", None) is not None
-
-
 def test_opaque_compiled_backward_warns(net):
     """A compiled backward whose graph gradwise cannot reach and that yields NaN: a warning names the node."""
     fn = torch.compile(lambda x: _loss(net, x, 5), backend="aot_eager")

@@ -16,9 +16,7 @@ before every backward under strong zeros (``_engine._engine_run``):
    read that flag while tracing user code, and would recompile the forward, which the pass does not change).
    The variant is compiled without donated buffers, so it may run with the graph retained.
 2. The backward runs once, under the eager strong-zero mode (the plan's 'compiled' path), with each compiled
-   node as ``_hybrid``: where all its arguments are finite, a variant compiled without the pass first (no
-   masks; ``_plain_variant``); else, or if that made NaN/Inf, its strong variant, outside the mode; if what it
-   returns holds NaN/Inf (a
+   node as ``_hybrid``: its strong variant first, outside the mode; if what it returns holds NaN/Inf (a
    structural zero made *outside* the graph, by eager code after a compiled model or in another graph after a
    graph break; an op the pass has no rule for), that node alone runs again, its backward FX graph op by op
    (AOTAutograd keeps it for lazy compilation) under the mode, from the same arguments, where the supports that
@@ -49,7 +47,6 @@ May import: torch, and (inside functions, at call time) _compile_pass, _supports
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import warnings
 import weakref
@@ -177,20 +174,9 @@ def _donated(bc: Any) -> list[tuple[Any, Any]]:
 
 def _strong_variant(bc: Any) -> Callable[..., Any] | None:
     """The backward compiled with the strong-zero pass (once per compiled function), or None."""
-    return _variant(bc, "_gw_strong", with_pass=True)
-
-
-def _plain_variant(bc: Any) -> Callable[..., Any] | None:
-    """The backward compiled as PyTorch compiles it but without donated buffers (so that it may run again on the
-    same arguments), for finite arguments: no pass, no masks, PyTorch's arithmetic. Once per compiled function,
-    on the first backward that needs it; None where it cannot be compiled."""
-    return _variant(bc, "_gw_plain", with_pass=False)
-
-
-def _variant(bc: Any, attr: str, with_pass: bool) -> Callable[..., Any] | None:
-    compiled = getattr(bc, attr, None)
-    if compiled is not None or getattr(bc, attr + "_failed", False):
-        return compiled
+    strong = getattr(bc, "_gw_strong", None)
+    if strong is not None or getattr(bc, "_gw_strong_failed", False):
+        return strong
     from torch._functorch._aot_autograd.runtime_wrappers import AutogradLazyBackwardCompileInfo
 
     if not isinstance(bc.lazy_backward_info, AutogradLazyBackwardCompileInfo) or bc.bw_compiler is None:
@@ -198,23 +184,22 @@ def _variant(bc: Any, attr: str, with_pass: bool) -> Callable[..., Any] | None:
     old = bc.compiled_bw, bc.try_save_cache_entry, _donated(bc)
     bc.compiled_bw, bc.try_save_cache_entry = None, None  # compile afresh; never into AOTAutograd's cache entry
     try:
-        with _with_pass() if with_pass else contextlib.nullcontext():
+        with _with_pass():
             # saved_tensors_use_once=False: no donated buffers, so the variant may run with the graph retained
-            compiled = bc.get_or_compile(saved_tensors_use_once=False)
+            strong = bc.get_or_compile(saved_tensors_use_once=False)
     except Exception as exc:
-        if with_pass:
-            warnings.warn(f"gw.strong_zeros: the strong-zero pass could not compile this backward "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); under "
-                          f"strong zeros its backward graph runs op by op instead (correct, at eager speed). Please "
-                          f"report this graph.", CompiledBackwardWarning, stacklevel=6)
-        setattr(bc, attr + "_failed", True)  # the other variants serve it from now on
+        warnings.warn(f"gw.strong_zeros: the strong-zero pass could not compile this backward ({type(exc).__name__}:"
+                      f" {str(exc).splitlines()[0][:200] if str(exc) else ''}); under strong zeros its backward "
+                      f"graph runs op by op instead (correct, at eager speed). Please report this graph.",
+                      CompiledBackwardWarning, stacklevel=5)
+        bc._gw_strong_failed = True  # the op-by-op variant serves it from now on (it reuses no saved buffer)
         return None
     finally:
         bc.compiled_bw, bc.try_save_cache_entry = old[0], old[1]
         for meta, idxs in old[2]:
             meta.bw_donated_idxs = idxs
-    setattr(bc, attr, compiled)
-    return compiled
+    bc._gw_strong = strong
+    return strong
 
 
 def _zeros_made_here(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -345,33 +330,21 @@ def _call(fn: Callable[..., Any], args: list) -> Any:
     return fn(args) if getattr(fn, "_boxed_call", False) else fn(*args)
 
 
-def _hybrid(strong: Callable[..., Any], eager: Callable[..., Any], record: _Hybrid,
-            plain: Callable[[], Callable[..., Any] | None] = lambda: None) -> Callable[..., Any]:
+def _hybrid(strong: Callable[..., Any], eager: Callable[..., Any], record: _Hybrid) -> Callable[..., Any]:
     """A compiled node's backward inside the one strong-zero pass (under the mode): its compiled strong variant
     first, outside the mode (compiled speed; the pass annihilates the zeros made inside the graph); where that
     yields NaN/Inf, the node's backward graph op by op under the mode, from the same arguments, so that the
     zeros arriving from outside the graph (whose supports the mode knows) meet its NaN too. Like a fused op run
     as its decomposition (``_mode.DECOMPOSED``), at the granularity of a node: the engine runs once, so hooks,
-    DDP's reducer and retained gradients see one backward.
-
-    Before both, where every argument (saved tensors, sensitivities) is finite, the node runs as compiled without
-    the pass (``plain``): a NaN/Inf could then only come from a singular point, which the strong variant handles
-    next; on finite data the pass's masks cost ~10% of a transformer layer's backward, the check of the arguments
-    a few percent."""
+    DDP's reducer and retained gradients see one backward."""
     from gradwise._strong_zeros._planning import _all_finite
-
-    def floats(ts: Any) -> list[torch.Tensor]:
-        return [t for t in ts if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
     def run(args: list) -> Any:
         flat = list(args)
         args.clear()  # a boxed call: the arguments are ours to free
         with _without_strong_mode():
-            first = plain() if _all_finite(floats(flat)) else None
-            out = _call(first, list(flat)) if first is not None else None
-            if out is None or not _all_finite(floats(out)):
-                out = _call(strong, list(flat))
-            finite = _all_finite(floats(out))
+            out = _call(strong, list(flat))
+            finite = _all_finite([t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point()])
         if finite:
             if record.keep:  # weakly: a gradient held here would make AccumulateGrad copy it instead of taking it
                 record.taken.append((eager, flat, [weakref.ref(t) if isinstance(t, torch.Tensor) else None
@@ -441,8 +414,8 @@ def _swapped(nodes: Sequence[Any], how: str, record: _Hybrid | None = None) -> I
             if fast is None and not _runs_once(bc):
                 fast = bc.compiled_bw
             eager = _eager_variant(bc)
-            variant = _hybrid(fast, eager, record or _Hybrid(False), functools.partial(_plain_variant, bc)) \
-                if fast is not None and eager is not None else eager
+            variant = _hybrid(fast, eager, record or _Hybrid(False)) if fast is not None and eager is not None \
+                else eager
         if variant is None:
             opaque.append(node)
             continue
