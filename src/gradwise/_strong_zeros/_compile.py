@@ -28,11 +28,11 @@ before every backward under strong zeros (``_engine._engine_run``):
    A graph of compiled nodes and leaves only (a whole training step compiled) has nothing outside the
    compiled graphs that could make a zero: it runs outside the mode, and a node that falls back enters it.
 3. A backward loaded from AOTAutograd's on-disk cache keeps its FX graph but not the metadata to compile it
-   again: without donated buffers it runs PyTorch's kernel first (bitwise) and its graph op by op on a NaN; with
-   donated buffers it may run only once, so it runs op by op under the mode directly (right zeros, eager
-   speed, finite values equal to the kernel's within rounding). A compiled node whose graph is gone entirely
-   can only run as compiled: if the gradients then hold NaN/Inf, gradwise warns (``CompiledBackwardWarning``),
-   naming the node and the fix.
+   again: it runs op by op under the mode (right zeros, eager speed, finite values equal to the kernel's within
+   rounding). PyTorch's kernel is not tried first: without the pass, inductor's graph can turn a NaN made
+   inside it into a wrong finite number (the slow sweep found four such programs). A compiled node whose graph
+   is gone entirely can only run as compiled (its finite results unchecked, as in plain PyTorch): if the
+   gradients then hold NaN/Inf, gradwise warns (``CompiledBackwardWarning``), naming the node and the fix.
 
 Still duplicated between the two consumers: the pass's rules (``_compile_pass.PASS_RULES``, on graph nodes)
 restate a subset of ``_rules.RULES`` (on tensors) for the ops AOTAutograd's decomposed graphs contain.
@@ -408,11 +408,10 @@ def _swapped(nodes: Sequence[Any], how: str, record: _Hybrid | None = None) -> I
             variant = _eager_variant(bc)
         else:
             # compiled with the pass; where it cannot be (a backward loaded from AOTAutograd's cache keeps only
-            # its FX graph, without the metadata to compile it again) PyTorch's compiled backward, bit for bit,
-            # if it reuses no saved buffer (else _runs_once sent this backward to the op-by-op path)
+            # its FX graph, without the metadata to compile it again) op by op: PyTorch's compiled backward
+            # without the pass can turn a NaN made inside it into a wrong finite number (inductor's rewrites),
+            # so its finite results are not taken
             fast = _strong_variant(bc)
-            if fast is None and not _runs_once(bc):
-                fast = bc.compiled_bw
             eager = _eager_variant(bc)
             variant = _hybrid(fast, eager, record or _Hybrid(False)) if fast is not None and eager is not None \
                 else eager
