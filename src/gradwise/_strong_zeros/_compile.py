@@ -330,21 +330,24 @@ def _call(fn: Callable[..., Any], args: list) -> Any:
     return fn(args) if getattr(fn, "_boxed_call", False) else fn(*args)
 
 
-def _hybrid(strong: Callable[..., Any], eager: Callable[..., Any], record: _Hybrid) -> Callable[..., Any]:
+def _hybrid(strong: Callable[..., Any] | None, eager: Callable[..., Any], record: _Hybrid) -> Callable[..., Any]:
     """A compiled node's backward inside the one strong-zero pass (under the mode): its compiled strong variant
     first, outside the mode (compiled speed; the pass annihilates the zeros made inside the graph); where that
     yields NaN/Inf, the node's backward graph op by op under the mode, from the same arguments, so that the
     zeros arriving from outside the graph (whose supports the mode knows) meet its NaN too. Like a fused op run
     as its decomposition (``_mode.DECOMPOSED``), at the granularity of a node: the engine runs once, so hooks,
-    DDP's reducer and retained gradients see one backward."""
+    DDP's reducer and retained gradients see one backward. Without a strong variant (a backward loaded from
+    AOTAutograd's cache): op by op at once, entering the mode where the backward runs outside it."""
     from gradwise._strong_zeros._planning import _all_finite
 
     def run(args: list) -> Any:
         flat = list(args)
         args.clear()  # a boxed call: the arguments are ours to free
-        with _without_strong_mode():
-            out = _call(strong, list(flat))
-            finite = _all_finite([t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point()])
+        finite = False
+        if strong is not None:
+            with _without_strong_mode():
+                out = _call(strong, list(flat))
+                finite = _all_finite([t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point()])
         if finite:
             if record.keep:  # weakly: a gradient held here would make AccumulateGrad copy it instead of taking it
                 record.taken.append((eager, flat, [weakref.ref(t) if isinstance(t, torch.Tensor) else None
@@ -352,7 +355,7 @@ def _hybrid(strong: Callable[..., Any], eager: Callable[..., Any], record: _Hybr
             else:
                 record.taken.append(None)  # type: ignore[arg-type]
             return out
-        del out
+        out = None
         record.fell_back = True
 
         def again() -> Any:
@@ -411,10 +414,8 @@ def _swapped(nodes: Sequence[Any], how: str, record: _Hybrid | None = None) -> I
             # its FX graph, without the metadata to compile it again) op by op: PyTorch's compiled backward
             # without the pass can turn a NaN made inside it into a wrong finite number (inductor's rewrites),
             # so its finite results are not taken
-            fast = _strong_variant(bc)
             eager = _eager_variant(bc)
-            variant = _hybrid(fast, eager, record or _Hybrid(False)) if fast is not None and eager is not None \
-                else eager
+            variant = _hybrid(_strong_variant(bc), eager, record or _Hybrid(False)) if eager is not None else None
         if variant is None:
             opaque.append(node)
             continue
