@@ -209,6 +209,9 @@ RULE_SAMPLES = {
     "round": (lambda x: torch.round(x / 2) + torch.round(-x / 2) + x, [_X]),
     "trunc": (lambda x: torch.trunc(x) + torch.trunc(-x) + 2 * x, [_X]),
     "frac": (lambda x: torch.frac(x) + torch.frac(-x) + x, [_X]),
+    # |x| with a fixed sign, and x times its own sign bit (= |x|, continuous: the sign's jump at 0 meets x = 0)
+    "copysign": (lambda x: torch.copysign(x, torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0, 1.0, -1.0], dtype=x.dtype))
+                 + torch.copysign(torch.ones_like(x), x) * x, [_X]),
     "scatter_reduce": (lambda x: torch.zeros(3, dtype=x.dtype).scatter_reduce(  # |x| ties in destination 1
         0, torch.tensor([0, 1, 0, 2, 1, 2, 2]), x.abs(), "amax", include_self=False), [_X]),
     "index_reduce": (lambda x: torch.full((3,), 0.5, dtype=x.dtype).index_reduce(  # ties with its own 0.5
