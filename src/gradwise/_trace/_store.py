@@ -185,11 +185,11 @@ def held(t: torch.Tensor) -> torch.Tensor:
     """``t`` with its broadcast (stride-0) dimensions cut to length 1: the elements it stores, once. A mask or a
     check of an expanded view then costs what the view stores, not its full size (a NaN expanded to 10^8
     elements made 10^8-byte masks)."""
-    if t.layout != torch.strided or not t.numel():
+    if t.layout is not torch.strided:
         return t
     stride = t.stride()
-    if not any(s == 0 and n > 1 for n, s in zip(t.shape, stride, strict=True)):
-        return t
+    if 0 not in stride or not t.numel() or not any(s == 0 and n > 1 for n, s in zip(t.shape, stride, strict=True)):
+        return t  # (on every checked output of every op: the common case decided by one C-level test)
     return t.as_strided([1 if s == 0 else n for n, s in zip(t.shape, stride, strict=True)], stride,
                         t.storage_offset())
 
