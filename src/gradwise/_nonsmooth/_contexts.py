@@ -57,19 +57,17 @@ def _identity_jvp(ctx, *tangents):
 
 
 class _InPass(threading.local):
-    depth = 0  # passes of f open in this thread
+    depth = 0  # passes of f open in this thread (only the thread holding _SERIAL has any)
 
 
 _IN_PASS = _InPass()
 _SERIAL = threading.RLock()  # PyTorch's forward-mode AD has one dual level per process: one pass at a time
-_LOCK = threading.Lock()
-_OPEN = [0]  # passes open in all threads: the switches below are installed while it is > 0
 _ORIGINAL: dict[str, object] = {}
 
 
 class _CheckpointSwitch:
-    """Installed as ``CheckpointFunction`` while a pass is open in some thread: plain in a thread inside a
-    pass, PyTorch's checkpoint in every other thread."""
+    """Installed as ``CheckpointFunction`` while a pass is open: plain in the thread inside it, PyTorch's
+    checkpoint in every other thread."""
 
     @staticmethod
     def apply(function, preserve_rng_state, *args):
@@ -119,21 +117,16 @@ def pass_context() -> Iterator[None]:
     dual level is one per process: a second would raise "Nested forward mode AD is not supported").
     ``torch.compiler.set_stance`` is process-wide, so while a pass is open compiled functions in other threads
     run eagerly too (same values, eager speed)."""
-    _SERIAL.acquire()
-    with _LOCK:
-        if _OPEN[0] == 0:
+    with _SERIAL:  # the switches are installed while the one thread that holds it is inside a pass
+        if _IN_PASS.depth == 0:
             _install()
-        _OPEN[0] += 1
-    _IN_PASS.depth += 1
-    try:
-        yield
-    finally:
-        _IN_PASS.depth -= 1
-        with _LOCK:
-            _OPEN[0] -= 1
-            if _OPEN[0] == 0:
+        _IN_PASS.depth += 1
+        try:
+            yield
+        finally:
+            _IN_PASS.depth -= 1
+            if _IN_PASS.depth == 0:
                 _uninstall()
-        _SERIAL.release()
 
 
 # ------------------------------------------------------------------------------------------------ functorch

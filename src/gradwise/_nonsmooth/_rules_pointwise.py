@@ -303,6 +303,8 @@ _STEPS: dict[str, tuple[Callable, Callable, Callable]] = {
     "trunc": (lambda x: (x == x.trunc()) & x.isfinite() & (x != 0), lambda x: torch.where(x > 0, x - 1, x),
               lambda x: torch.where(x > 0, x, x + 1)),
     "round": (lambda x: (x.abs() - x.abs().trunc()) == 0.5, lambda x: x - 0.5, lambda x: x + 0.5),
+    # copysign(1, y), y's sign bit as a step of y (the copysign rule's factor; not registered on its own)
+    "copysign": (lambda y: y == 0, lambda y: -torch.ones_like(y), lambda y: torch.ones_like(y)),
 }
 
 
@@ -335,20 +337,6 @@ for _name, _extra in [("sign", [torch.sgn, Tensor.sgn]), ("floor", []), ("ceil",
     _ROUTES[getattr(Tensor, f"{_name}_")] = _step(_name, inplace=True)
 
 
-def _sign_bit_step(run, y: Tensor) -> Tensor:
-    """copysign(1, y) as a step of y: +-1 by y's sign bit (derivative 0); at y = +-0 where the direction moves
-    y, its one-sided limit (+1 if y grows, -1 if it falls), as the step rules take theirs."""
-    yp = _split(y)[0].detach()
-    value = torch.copysign(torch.ones_like(yp), yp)
-    jump = yp == 0
-    if _split(y)[1] is None or not mask_any(jump):
-        return value
-    rows, choice, still = _resolve_sign(run, "aten.copysign", y, jump, comparison=True)
-    own = value.reshape(-1)[rows]
-    value.view(-1)[rows] = torch.where(still, own, torch.where(choice == 0, 1.0, -1.0).to(own.dtype))
-    return value
-
-
 @kink_rule(aten.copysign, torch.copysign, Tensor.copysign)
 def copysign(run, func, x, y):
     """|x| with the sign of y: the abs rule on x (at x = 0, x or -x, whichever grows along the direction) times
@@ -356,8 +344,12 @@ def copysign(run, func, x, y):
     error). ``copysign(1, x) * x`` at 0 is |x|: derivative |x'|."""
     if not isinstance(x, Tensor) or not _split(x)[0].is_floating_point():
         return func(x, y)
-    sign = _sign_bit_step(run, y) if isinstance(y, Tensor) else (-1.0 if math.copysign(1.0, y) < 0 else 1.0)
+    sign = _step("copysign")(run, _sign_bit, y) if isinstance(y, Tensor) else math.copysign(1.0, y)
     return abs(run, torch.abs, x) * sign
+
+
+def _sign_bit(y: Tensor) -> Tensor:
+    return torch.copysign(torch.ones_like(y), y)
 
 
 @kink_rule(aten.frac, torch.frac, Tensor.frac)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from gradwise._strong_zeros._node_facts import _node_type
+from gradwise._strong_zeros._node_facts import _raw_saved
 
 
 def _walk(roots: Sequence[Any]) -> Iterator[Any]:
@@ -71,15 +71,7 @@ def _graph_parts(roots: Sequence[Any]) -> tuple[list[torch.Tensor], list[Any]]:
         if var is not None:
             leaves.append(var)
             continue
-        for name in _node_type(node)[0]:
-            try:
-                raw = getattr(node, name)
-            except RuntimeError:  # freed by an earlier backward
-                continue
-            if isinstance(raw, (tuple, list)):
-                saved.extend(r for r in raw if r is not None)
-            elif raw is not None:
-                saved.append(raw)
+        saved.extend(_raw_saved(node))
         stack.extend(n for n, _ in node.next_functions if n is not None)
     return leaves, saved
 

@@ -295,7 +295,8 @@ class _Hybrid:
     def __init__(self, keep: bool) -> None:
         self.keep = keep  # whether a later node may need the supports of a taken result (graph breaks)
         # per compiled result taken: its graph op by op, its arguments, weak references to what it returned
-        self.taken: list[tuple[Callable[..., Any], list, list] | None] = []
+        self.taken: list[tuple[Callable[..., Any], list, list]] = []
+        self.took = False  # whether some compiled variant's result was taken
         self.fell_back = False
         self.suspect = False
         # where the backward runs outside the mode (a graph of compiled nodes and leaves only: nothing outside the
@@ -312,7 +313,7 @@ class _Hybrid:
 
         from gradwise._strong_zeros._mode import _StrongZeroMode
 
-        self.suspect |= bool(self.taken)  # recovered or not: a NaN that stays may be from across a boundary
+        self.suspect |= self.took  # recovered or not: a NaN that stays may be from across a boundary
         stack = _get_current_dispatch_mode_stack()
         mode = next((m for m in reversed(stack) if isinstance(m, _StrongZeroMode)), None)
         if mode is None or not self.keep:
@@ -349,13 +350,11 @@ def _hybrid(strong: Callable[..., Any] | None, eager: Callable[..., Any], record
                 out = _call(strong, list(flat))
                 finite = _all_finite([t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point()])
         if finite:
+            record.took = True
             if record.keep:  # weakly: a gradient held here would make AccumulateGrad copy it instead of taking it
                 record.taken.append((eager, flat, [weakref.ref(t) if isinstance(t, torch.Tensor) else None
                                                    for t in out]))
-            else:
-                record.taken.append(None)  # type: ignore[arg-type]
             return out
-        out = None
         record.fell_back = True
 
         def again() -> Any:

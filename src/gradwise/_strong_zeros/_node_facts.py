@@ -14,7 +14,7 @@ May import: torch, _rules, _rules_bilinear.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,16 +25,20 @@ from gradwise._strong_zeros._rules_bilinear import _reads_every_position
 aten = torch.ops.aten
 
 
-def _raw_saved(node: Any) -> Iterator[Any]:
-    """The ``SavedTensor`` objects a node holds (its ``_raw_saved_*`` attributes)."""
+def _raw_saved(node: Any) -> list[Any]:
+    """The ``SavedTensor`` objects a node holds (its ``_raw_saved_*`` attributes). A list, not a generator: it
+    runs per node after every watched backward."""
+    out: list[Any] = []
     for name in _node_type(node)[0]:
         try:
             saved = getattr(node, name, None)
         except RuntimeError:  # freed by an earlier backward
             continue
-        for raw in saved if isinstance(saved, (tuple, list)) else (saved,):
-            if raw is not None:
-                yield raw
+        if isinstance(saved, (tuple, list)):
+            out.extend(raw for raw in saved if raw is not None)
+        elif saved is not None:
+            out.append(saved)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
