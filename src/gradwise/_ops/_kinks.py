@@ -148,6 +148,8 @@ def _least_magnitude(x: Tensor) -> Tensor:
     buf = getattr(_SCRATCH, "buf", None)
     if buf is None or buf.dtype != x.dtype or buf.numel() < min(flat.numel(), _SCRATCH_SIZE):
         buf = _SCRATCH.buf = torch.empty(min(flat.numel(), _SCRATCH_SIZE), dtype=x.dtype)
+    if flat.numel() <= _SCRATCH_SIZE:  # one chunk (no split: this runs on every relu the trace sees)
+        return torch.abs(flat, out=buf[: flat.numel()]).amin()
     least = [torch.abs(chunk, out=buf[: chunk.numel()]).amin() for chunk in flat.split(_SCRATCH_SIZE)]
     return least[0] if len(least) == 1 else torch.stack(least).amin()
 

@@ -215,6 +215,11 @@ class _ByIdentity:
         e = self._d.get(id(t))
         return e is not None and e[0]() is t
 
+    def found(self, ts) -> list[tuple]:
+        """(t, value) for each of ``ts`` in the table (one call for an op's inputs: it runs on every op)."""
+        d = self._d
+        return [(t, e[1]) for t in ts if (e := d.get(id(t))) is not None and e[0]() is t]
+
     def __getitem__(self, t):
         e = self._d.get(id(t))
         if e is None or e[0]() is not t:

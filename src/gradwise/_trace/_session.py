@@ -96,10 +96,13 @@ def _traced_grad(outputs, inputs, grad_outputs=None, *args, **kwargs):
             leaves = (inputs,)
         else:
             leaves = tuple(inputs)
-        for g, leaf in zip(result, leaves, strict=False):
-            # torch.func.grad calls this too; under vmap its gradients are batched and cannot be read here
-            if isinstance(g, torch.Tensor) and isinstance(leaf, torch.Tensor) and _kinds.readable(g):
-                tracer._safely("torch.autograd.grad", tracer.reached, g, leaf)  # a legacy-vmap batched g
+        # the trace's own reads of the results are no ops of the program: not dispatched to the mode (they are
+        # plain dense tensors, see readable: no subclass dispatch is skipped)
+        with torch._C._DisableTorchDispatch():
+            for g, leaf in zip(result, leaves, strict=False):
+                # torch.func.grad calls this too; under vmap its gradients are batched and cannot be read here
+                if isinstance(g, torch.Tensor) and isinstance(leaf, torch.Tensor) and _kinds.readable(g):
+                    tracer._safely("torch.autograd.grad", tracer.reached, g, leaf)  # a legacy-vmap batched g
     return result
 
 

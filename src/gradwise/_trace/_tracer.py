@@ -99,6 +99,8 @@ def _inplace_or_view_on():
                                            torch._C._dispatch_tls_local_exclude_set().remove(_ADINPLACEORVIEW))
 
 
+_PLAIN: dict[tuple, bool] = {}  # the `types` of an op's arguments -> all plain tensors (not a subclass)
+
 _INFRA_MODES = tuple(torch._C._TorchDispatchModeKey.__members__.values())
 
 
@@ -176,17 +178,11 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
     def _dispatch(self, func, info, types, args, kwargs):
         if info.collective:
             return self._collective(func, args, kwargs)
-        if types and any(t.__name__ == "DTensor" for t in types):
-            return _run(func, args, kwargs)  # a check on a sharded DTensor would itself run collectives: not traced
-        if types and (odd := [t for t in types if t not in _kinds.PLAIN_TYPES]):
-            # a tensor subclass (nested jagged, fake, ...): its own dispatch would see our reductions
-            self._pass_over(f"tensor subclass {odd[0].__name__}", func)
-            if _alone() and any(_own_dispatch(t) for t in odd):
-                # no other mode would handle it first: let the subclass's __torch_dispatch__ run as without the
-                # trace, with the mode stack as it is (its reentrant dispatch, enable_reentrant_dispatch, needs
-                # it); the plain ops it runs inside are traced
-                return NotImplemented
-            return _run(func, args, kwargs)
+        plain = _PLAIN.get(types)
+        if plain is None:
+            plain = _PLAIN[types] = all(t in _kinds.PLAIN_TYPES for t in types)
+        if not plain:
+            return self._subclass_op(func, types, args, kwargs)
         if _kinds.forward_ad_active():  # reductions of duals would build tangents
             self._pass_over("forward-AD dual", func)
             return _run(func, args, kwargs)
@@ -199,6 +195,20 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         out = _run(func, args, kwargs)
         self._backward(func, info, node, args, out, kwargs)
         return out
+
+    def _subclass_op(self, func, types, args, kwargs):
+        """An op on a tensor subclass: run, not read."""
+        if any(t.__name__ == "DTensor" for t in types):
+            return _run(func, args, kwargs)  # a check on a sharded DTensor would itself run collectives: not traced
+        odd = [t for t in types if t not in _kinds.PLAIN_TYPES]
+        # a tensor subclass (nested jagged, fake, ...): its own dispatch would see our reductions
+        self._pass_over(f"tensor subclass {odd[0].__name__}", func)
+        if _alone() and any(_own_dispatch(t) for t in odd):
+            # no other mode would handle it first: let the subclass's __torch_dispatch__ run as without the
+            # trace, with the mode stack as it is (its reentrant dispatch, enable_reentrant_dispatch, needs
+            # it); the plain ops it runs inside are traced
+            return NotImplemented
+        return _run(func, args, kwargs)
 
     def _forward(self, func, info, args, kwargs):
         self.n_fwd += 1
@@ -263,25 +273,26 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         self.n_bwd += 1
         seq = node._sequence_nr() if node is not None else None
         ins = _tensors(args)
-        sens_ins = [t for t in ins if t in self.sens]
+        found = self.sens.found(ins)  # (input, seq of the node that made it) for the sensitivities among ins
         outs = _floats(out)
         if info.mutable and not outs:
             outs = _floats(args[0])
-        if node is None or sens_ins:  # outside any node (root grads, accumulation) every tensor is a sensitivity
+        if node is None or found:  # outside any node (root grads, accumulation) every tensor is a sensitivity
             for o in outs:
                 self.sens[o] = seq
             if seq is not None:
-                ps = self.parents.setdefault(seq, set())
-                for s in sens_ins:
-                    p = self.sens.get(s)
+                ps = self.parents.get(seq)
+                if ps is None:
+                    ps = self.parents[seq] = set()
+                for _, p in found:
                     if p is not None and p != seq:
                         ps.add(p)
-            if seq == _ACCUMULATE_SEQ:
-                self._accumulate(node, sens_ins)
-            elif seq is not None:
-                nd = self.nodes.get(seq)
-                if nd is not None and nd.kinks:
-                    self._kink_reached(nd, seq, sens_ins)
+                if seq == _ACCUMULATE_SEQ:
+                    self._accumulate(node, [t for t, _ in found])
+                else:
+                    nd = self.nodes.get(seq)
+                    if nd is not None and nd.kinks:
+                        self._kink_reached(nd, seq, [t for t, _ in found])
             sens = True
         else:
             sens = False
