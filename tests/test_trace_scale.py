@@ -141,6 +141,17 @@ def _gradcheck_forward_and_batched():
     return torch.autograd.gradcheck(lambda x: x.abs() * 2, (x,), check_forward_ad=True, check_batched_grad=True)
 
 
+def _gradcheck_of_a_hessian():
+    # the batched-gradient check runs autograd.grad under legacy vmap: its results are batched tensors, here
+    # around a tensor subclass (PyTorch's own test_hessian_create_graph, which once crashed the trace)
+    from torch.testing._internal.logging_tensor import LoggingTensor
+
+    x = LoggingTensor(torch.tensor([[0.5, -1.0], [2.0, 0.25]], dtype=torch.double), requires_grad=True)
+    return torch.autograd.gradcheck(
+        lambda x: torch.autograd.functional.hessian(lambda y: y.pow(3).sum(), x, create_graph=True), (x,),
+        check_batched_grad=True)
+
+
 def _gradient_edge_output():
     x = torch.tensor([1.0, 2.0], requires_grad=True)
     y = x * 3
@@ -161,6 +172,7 @@ KINDS = [
     ("forward-AD custom Function", _dual_custom_function, "forward-AD"),
     ("gradgradcheck of abs (ZeroTensors)", _gradgradcheck_abs, "ZeroTensor"),
     ("gradcheck forward AD + batched", _gradcheck_forward_and_batched, "forward-AD"),
+    ("gradcheck of a hessian (legacy-vmap batched results)", _gradcheck_of_a_hessian, None),
     ("GradientEdge output", _gradient_edge_output, None),
     ("is_grads_batched", _grads_batched, "functorch"),
 ]

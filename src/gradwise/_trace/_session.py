@@ -96,9 +96,9 @@ def _traced_grad(outputs, inputs, grad_outputs=None, *args, **kwargs):
             leaves = (inputs,)
         else:
             leaves = tuple(inputs)
-        # the trace's own reads of the results are no ops of the program: not dispatched to the mode (they are
-        # plain dense tensors, see readable: no subclass dispatch is skipped)
-        with torch._C._DisableTorchDispatch():
+        # the trace's own reads of the results are no ops of the program: run with the modes off, as in the
+        # mode's handler (not torch._C._DisableTorchDispatch: a legacy-vmap batched result crashes under it)
+        with torch.utils._python_dispatch._disable_current_modes():
             for g, leaf in zip(result, leaves, strict=False):
                 # torch.func.grad calls this too; under vmap its gradients are batched and cannot be read here
                 if isinstance(g, torch.Tensor) and isinstance(leaf, torch.Tensor) and _kinds.readable(g):
