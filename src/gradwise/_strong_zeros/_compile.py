@@ -36,7 +36,9 @@ before every backward under strong zeros (``_engine._engine_run``):
 
 Still duplicated between the two consumers: the pass's rules (``_compile_pass.PASS_RULES``, on graph nodes)
 restate a subset of ``_rules.RULES`` (on tensors) for the ops AOTAutograd's decomposed graphs contain.
-Ops only those graphs contain (``prims.fma``) get one eager rule, registered into ``RULES``.
+Ops only those graphs contain (``prims.fma``) get one eager rule, registered into ``RULES``; an op inductor
+decomposes whose eager rule needs it whole (``_softmax_backward_data``) is put back together for the op-by-op
+run (``_recomposed``), so that the one eager rule serves it.
 
 Traced backwards (AOTAutograd tracing the joint graph on fake tensors) are never inspected: ``_plan`` steps
 aside for them (``_traced``).
@@ -223,6 +225,43 @@ def _zeros_made_here(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return module
 
 
+def _softmax_backward(g: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
+    return torch.ops.aten._softmax_backward_data.default(g, y, dim, g.dtype)
+
+
+def _recomposed(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``module`` with inductor's decomposition of ``_softmax_backward_data(g, y, dim)``,
+    ``fma(-y, sum(g * y, dim, keepdim=True), g * y)`` (torch/_inductor/decomposition.py), put back together: the
+    eager rule for the whole op knows that a softmax output of exactly 0 is a structural zero, which the pieces,
+    a product with a saved value, cannot know. The op-by-op run then gives what eager strong zeros give on the
+    same program (the op computes the same formula; only its rounding may differ from the fma's)."""
+    aten, fma = torch.ops.aten, torch.ops.prims.fma.default
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(module.graph, {}))
+    changed = False
+    for node in list(graph.nodes):
+        if node.target is not fma or not all(isinstance(a, torch.fx.Node) for a in node.args):
+            continue
+        neg, total, prod = node.args
+        if neg.target is not aten.neg.default or prod.target is not aten.mul.Tensor or \
+                total.target is not aten.sum.dim_IntList or total.args[0] is not prod:
+            continue
+        y = neg.args[0]
+        dims, keepdim = total.args[1], total.args[2] if len(total.args) > 2 else total.kwargs.get("keepdim")
+        g = prod.args[1] if prod.args[0] is y else prod.args[0] if prod.args[1] is y else None
+        if g is None or keepdim is not True or len(dims) != 1 or prod.kwargs or total.kwargs.get("dtype"):
+            continue
+        with graph.inserting_before(node):
+            whole = graph.call_function(_softmax_backward, (g, y, dims[0]))
+        node.replace_all_uses_with(whole)
+        graph.erase_node(node)
+        changed = True
+    if not changed:
+        return module
+    graph.eliminate_dead_code()
+    return torch.fx.GraphModule(module, graph)
+
+
 def _fma(func: Any, args: tuple, kwargs: dict, sup: Any) -> Any:
     """prims.fma(a, b, c) = a * b + c, met in decomposed backward graphs (softmax's): the product and the sum
     through their own rules."""
@@ -248,7 +287,7 @@ def _eager_variant(bc: Any) -> Callable[..., Any] | None:
         module = _graph_module(bc)
         if module is None:
             return None
-        module = _zeros_made_here(module)
+        module = _recomposed(_zeros_made_here(module))
 
         def eager(args: list) -> Any:
             flat = list(args)
