@@ -150,10 +150,12 @@ def test_compiled_finite_data_bitwise(net, inside):
 
 
 def test_genuine_nan_stays(net, inside):
-    """A NaN in a row the loss reads is genuine: it stays (as in plain PyTorch)."""
+    """A NaN in a row the loss reads is genuine: it stays (as in plain PyTorch), with a warning that gradwise
+    cannot tell it from contamination inside a compiled graph."""
     x = _data()
     x[0, 0] = nan
-    got = _grads(net, x, inside, strong=True)
+    with pytest.warns(_compile.CompiledBackwardWarning, match="may be contamination, or genuine"):
+        got = _grads(net, x, inside, strong=True)
     assert got[1].isnan().any()
     _close(got, _deleted(net, x, 5))  # NaN exactly where plain PyTorch has it on the program without padding
 
@@ -413,8 +415,8 @@ def _load(path: Path) -> list:
 _CASES = [c for path in _CASE_FILES for c in _load(path)]
 
 # (case, backend) where the compiled program keeps a NaN/Inf that eager strong zeros remove, and why; from the
-# full sweep of 2026-12-04 (both backends). Never a different finite number: the sweep fails
-# on one, and on a case listed here that no longer keeps its NaN.
+# full sweep of 2026-12-04 (both backends). Never a different finite number, and never kept without a
+# CompiledBackwardWarning: the sweep fails on either, and on a case listed here that no longer keeps its NaN.
 _SAVED_MASK = ("AOTAutograd's partitioner computes nan_to_num's selection mask in the forward and saves it as a "
                "float 0/1 tensor: its zeros are values to any backward rule")
 _NOT_ANALYSED = "the compiled graph's form of this backward keeps the NaN, also op by op (not analysed yet)"
@@ -461,7 +463,10 @@ def test_contamination_case_compiled(case, backend):
     except Exception as exc:  # the program itself does not run compiled
         pytest.skip(f"torch.compile itself fails on this program: {type(exc).__name__}: {str(exc)[:120]}")
     out, ins, _ = compiled()
-    got = gw.grad(out, ins, allow_unused=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = gw.grad(out, ins, allow_unused=True)
+    warned = any(issubclass(w.category, gw.CompiledBackwardWarning) for w in caught)
     kept = False
     for g, w in zip(got, want, strict=True):
         if g is None or w is None:
@@ -474,6 +479,7 @@ def test_contamination_case_compiled(case, backend):
         kept |= bool((~g.isfinite() & w.isfinite()).any())
     key = (case.name, backend)
     assert kept == (key in KEPT_NAN), KEPT_NAN.get(key, "kept a NaN/Inf eager strong zeros remove")
+    assert warned or not kept, "a NaN/Inf eager strong zeros remove was kept without a warning"
 
 
 @pytest.mark.slow

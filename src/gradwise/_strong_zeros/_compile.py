@@ -24,7 +24,8 @@ before every backward under strong zeros (``_engine._engine_run``):
    ``retain_grad`` and DDP's reducer see one backward (running the whole backward twice ran them twice: a hook on
    NaN, a retained gradient doubled). A zero made in an *upper* compiled graph reaches a lower one as a plain
    value; when the lower one falls back, the upper graphs' taken results get the supports their own op-by-op run
-   finds (``_Hybrid.recover``); a NaN/Inf that stays after that is kept with a ``CompiledBackwardWarning``.
+   finds (``_Hybrid.recover``); a NaN/Inf that stays after that is kept with a ``CompiledBackwardWarning``, as
+   is one left by any node's op-by-op run (some structural zeros are saved values there: it may be genuine).
    A graph of compiled nodes and leaves only (a whole training step compiled) has nothing outside the
    compiled graphs that could make a zero: it runs outside the mode, and a node that falls back enters it.
 3. A backward loaded from AOTAutograd's on-disk cache keeps its FX graph but not the metadata to compile it
@@ -528,8 +529,11 @@ def compiled_run(run: Callable[[bool | None], Any], t_outputs: Sequence[Any], in
             STATS["eager"] += 1
             STATS["opaque"] += bool(opaque)
             result = run(retain)
-        if opaque and _holds_nonfinite(result, leaves()):
-            _warn_opaque(opaque)
+        if _holds_nonfinite(result, leaves()):
+            if opaque:
+                _warn_opaque(opaque)
+            else:
+                _warn_kept()
         return result
 
     def hybrid(retain: bool | None, local: Callable[[Callable[[], Any]], Any] | None = None) -> Any:
@@ -543,11 +547,13 @@ def compiled_run(run: Callable[[bool | None], Any], t_outputs: Sequence[Any], in
         STATS["compiled"] += 1
         STATS["eager"] += record.fell_back
         STATS["opaque"] += bool(opaque)
-        if (opaque or record.suspect) and _holds_nonfinite(result, leaves()):
+        if (opaque or record.suspect or record.fell_back) and _holds_nonfinite(result, leaves()):
             if opaque:
                 _warn_opaque(opaque)
-            else:
+            elif record.suspect:
                 _warn_boundary()
+            else:
+                _warn_kept()
         return result
 
     # a node gradwise cannot swap runs as PyTorch compiled it, possibly reusing its saved buffers: it must run
@@ -568,4 +574,14 @@ def _warn_boundary() -> None:
         "compiled graph computed (a graph break between a zero and a NaN): the zeros made there are values to "
         "the rules on this side, so the NaN/Inf may be contamination, or genuine. Fix: compile without the graph "
         "break, or run the model without torch.compile to decide.",
+        CompiledBackwardWarning, stacklevel=5)
+
+
+def _warn_kept() -> None:
+    warnings.warn(
+        "gw.strong_zeros: the gradients hold NaN/Inf after a compiled backward ran op by op. Inside a compiled "
+        "graph some structural zeros arrive as saved forward values (an exp or logsumexp output of 0 at a -inf "
+        "entry, read by its own backward), which the rules cannot tell from computed zeros, so the NaN/Inf may be "
+        "contamination, or genuine. To decide, run the step without torch.compile under gw.strong_zeros() (or "
+        "gw.trace(), which explains it).",
         CompiledBackwardWarning, stacklevel=5)
