@@ -179,6 +179,9 @@ RULE_SAMPLES = {
     "margin_ranking_loss": (lambda x: F.margin_ranking_loss(x, torch.zeros_like(x), torch.ones_like(x), margin=1.0,
                                                             reduction="none"), [_X]),
     "multi_margin_loss": (lambda x: F.multi_margin_loss(x.reshape(1, 7), torch.tensor([2]), reduction="none"), [_X]),
+    # targets 2 and 5 (then -1: the rest ignored); margins at 0 between x[2] = 0 and x[1] = -1, x[4] = 1, ...
+    "multilabel_margin_loss": (lambda x: F.multilabel_margin_loss(torch.stack([x, x.flip(0)]), torch.tensor(
+        [[2, 5, -1, 0, 0, 0, 0], [4, 4, 1, -1, 3, 0, 0]]), reduction="none"), [_X]),
     "triplet_margin_loss": (lambda x: F.triplet_margin_loss(x.reshape(7, 1), torch.zeros(7, 1, dtype=x.dtype),
                                                             torch.ones(7, 1, dtype=x.dtype), eps=0.0,
                                                             reduction="none"), [_X]),
@@ -364,8 +367,8 @@ def test_singular_point_names_op_and_line():
 
 
 def test_unruled_kink_op_is_an_error():
-    with pytest.raises(NonsmoothError, match=r"aten\.multilabel_margin_loss"):
-        gw.generalized_grad(lambda x: F.multilabel_margin_loss(x, torch.tensor([[1, -1, 0]])), torch.zeros(1, 3))
+    with pytest.raises(NonsmoothError, match=r"aten\.fractional_max_pool2d"):
+        gw.generalized_grad(lambda x: F.fractional_max_pool2d(x, 2, output_size=(2, 2)), torch.zeros(1, 1, 4, 4))
 
 
 def test_jump_is_an_error_not_a_derivative():

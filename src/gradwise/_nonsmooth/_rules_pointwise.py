@@ -250,6 +250,23 @@ def multi_margin_loss(run, func, input, target, p=1, margin=1.0, weight=None, si
     return _reduce(loss if input.dim() == 2 else loss.reshape(()), reduction, size_average, reduce)
 
 
+@kink_rule(aten.multilabel_margin_loss, F.multilabel_margin_loss)
+def multilabel_margin_loss(run, func, input, target, size_average=None, reduce=None, reduction="mean"):
+    """sum over target classes j and non-target classes i of max(0, 1 - x[j] + x[i]) / C (PyTorch's formula: the
+    targets are a row's entries before its first -1, a repeated one counted again; NaN terms dropped). At a
+    margin: the hinge side chosen along the direction."""
+    x = input if input.dim() == 2 else input.reshape(1, -1)
+    y = target.reshape(x.shape)
+    listed = (y >= 0).cumprod(1).bool()  # the entries before the first -1
+    y = y.clamp_min(0)
+    is_target = torch.zeros(x.shape, dtype=torch.long, device=x.device).scatter_add_(1, y, listed.long()) > 0
+    z = 1.0 - x.gather(1, y).unsqueeze(2) + x.unsqueeze(1)  # (N, listed j, class i)
+    terms = listed.unsqueeze(2) & ~is_target.unsqueeze(1)
+    z = z.masked_fill(~terms | _split(z)[0].isnan(), -1.0)  # no term there: away from the margin
+    loss = _hinge(run, "aten.multilabel_margin_loss", z).sum((1, 2)) / x.shape[1]
+    return _reduce(loss if input.dim() == 2 else loss.reshape(()), reduction, size_average, reduce)
+
+
 # --- comparisons -------------------------------------------------------------------------------------------
 
 # name -> (outcome on the side where a > b, None for eq/ne whose outcome is the same on both sides; outcome at a tie)
