@@ -393,6 +393,25 @@ def test_a_masked_softmax_zero_is_structural_op_by_op(tail):
     _close([got], [want])
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_logsumexp_over_log_zero_entries_op_by_op(backend):
+    """logsumexp over log(p) with entries p = 0 (a log-space semiring's -inf): its backward weights
+    exp(log p - result) are structural zeros there, so the later division by p = 0 meets a strong zero, as in
+    eager strong zeros. The compiled graph's weights are an exp in the graph: its op-by-op run gives it the rule
+    of logsumexp's node."""
+    torch._dynamo.reset()
+    p = torch.tensor([[0.0, 0.3, 0.7], [0.5, 0.0, 0.5]], requires_grad=True)
+    fn = torch.compile(lambda p: torch.logsumexp(p.log(), 1).sum(), backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: the NaN is removed, not reported
+        (got,) = gw.grad(fn(p), p)
+    want = torch.zeros(2, 3)
+    for row, kept in ((0, [1, 2]), (1, [0, 2])):
+        part = p.detach()[row, kept].clone().requires_grad_(True)
+        want[row, kept] = torch.autograd.grad(torch.logsumexp(part.log(), 0), part)[0]
+    _close([got], [want])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The sweep: every contamination case, its build compiled (inductor and aot_eager), against eager strong zeros
 # ---------------------------------------------------------------------------------------------------------
@@ -419,21 +438,22 @@ _CASES = [c for path in _CASE_FILES for c in _load(path)]
 # CompiledBackwardWarning: the sweep fails on either, and on a case listed here that no longer keeps its NaN.
 _SAVED_MASK = ("AOTAutograd's partitioner computes nan_to_num's selection mask in the forward and saves it as a "
                "float 0/1 tensor: its zeros are values to any backward rule")
+_SAVED_EXP = ("exp's backward multiplies the sensitivity by exp's saved output: an output of exactly 0 (exp of a "
+              "-inf masked logit) is a structural zero to the eager rule of ExpBackward0, but in a compiled graph "
+              "the product is one with a saved value, which nothing marks as exp's")
 _NOT_ANALYSED = "the compiled graph's form of this backward keeps the NaN, also op by op (not analysed yet)"
 KEPT_NAN = {
     ("nan-to-num-as-guard", "aot_eager"): _SAVED_MASK,
     ("nan-to-num-as-guard", "inductor"): _SAVED_MASK,
     ("overwritten-element-keeps-nan", "aot_eager"): _NOT_ANALYSED,
-    ("logsumexp-with-log-zero-entries", "aot_eager"): _NOT_ANALYSED,
-    ("logsumexp-with-log-zero-entries", "inductor"): _NOT_ANALYSED,
-    ("policy-entropy-special-entr-masked-actions", "aot_eager"): _NOT_ANALYSED,
+    ("policy-entropy-special-entr-masked-actions", "aot_eager"): _SAVED_EXP,
     ("index-put-into-buffer-then-slice", "inductor"): _NOT_ANALYSED,
     ("cumprod-with-nan-after-prefix", "inductor"): _NOT_ANALYSED,
     ("logcumsumexp-nan-after-kept-prefix", "aot_eager"): _NOT_ANALYSED,
     ("logcumsumexp-nan-in-used-prefix", "aot_eager"): _NOT_ANALYSED,
     ("logcumsumexp-nan-after-kept-prefix", "inductor"): _NOT_ANALYSED,
     ("logcumsumexp-nan-in-used-prefix", "inductor"): _NOT_ANALYSED,
-    ("policy-entropy-special-entr-masked-actions", "inductor"): _NOT_ANALYSED,
+    ("policy-entropy-special-entr-masked-actions", "inductor"): _SAVED_EXP,
     ("gnn-scatter-reduce-mean-nan-node-into-dropped-target", "inductor"): _NOT_ANALYSED,
     ("gnn-index-add-nan-padded-nodes", "inductor"): _NOT_ANALYSED,
     ("gnn-scatter-add-mean-degree-clamp-where-readout", "inductor"): _NOT_ANALYSED,

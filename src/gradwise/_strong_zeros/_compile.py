@@ -39,7 +39,8 @@ Still duplicated between the two consumers: the pass's rules (``_compile_pass.PA
 restate a subset of ``_rules.RULES`` (on tensors) for the ops AOTAutograd's decomposed graphs contain.
 Ops only those graphs contain (``prims.fma``) get one eager rule, registered into ``RULES``; an op inductor
 decomposes whose eager rule needs it whole (``_softmax_backward_data``) is put back together for the op-by-op
-run (``_recomposed``), so that the one eager rule serves it.
+run (``_recomposed``), so that the one eager rule serves it; a formula whose eager rules depend on its node
+(logsumexp's weights ``exp(x - result)``) runs as in that node (``_STATE.formula_of``).
 
 Traced backwards (AOTAutograd tracing the joint graph on fake tensors) are never inspected: ``_plan`` steps
 aside for them (``_traced``).
@@ -230,6 +231,18 @@ def _softmax_backward(g: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tenso
     return torch.ops.aten._softmax_backward_data.default(g, y, dim, g.dtype)
 
 
+def _logsumexp_weights(x: torch.Tensor) -> torch.Tensor:
+    """``exp(x - result)`` of logsumexp's backward, run as in its node: the exp rule knows that an output of 0
+    at a -inf input (a log(0) or masked entry) is a structural zero there."""
+    from gradwise._strong_zeros._supports import _STATE
+
+    prior, _STATE.formula_of = _STATE.formula_of, "LogsumexpBackward0"
+    try:
+        return torch.ops.aten.exp.default(x)
+    finally:
+        _STATE.formula_of = prior
+
+
 def _recomposed(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy of ``module`` with inductor's decomposition of ``_softmax_backward_data(g, y, dim)``,
     ``fma(-y, sum(g * y, dim, keepdim=True), g * y)`` (torch/_inductor/decomposition.py), put back together: the
@@ -241,6 +254,13 @@ def _recomposed(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     graph.output(graph.graph_copy(module.graph, {}))
     changed = False
     for node in list(graph.nodes):
+        # logsumexp's backward, g * exp(x - result): an exp of a difference whose every use is a product
+        if node.target is aten.exp.default and isinstance(node.args[0], torch.fx.Node) and \
+                node.args[0].target is aten.sub.Tensor and node.users and \
+                all(u.target is aten.mul.Tensor for u in node.users):
+            node.target = _logsumexp_weights
+            changed = True
+            continue
         if node.target is not fma or not all(isinstance(a, torch.fx.Node) for a in node.args):
             continue
         neg, total, prod = node.args
@@ -580,8 +600,8 @@ def _warn_boundary() -> None:
 def _warn_kept() -> None:
     warnings.warn(
         "gw.strong_zeros: the gradients hold NaN/Inf after a compiled backward ran op by op. Inside a compiled "
-        "graph some structural zeros arrive as saved forward values (an exp or logsumexp output of 0 at a -inf "
-        "entry, read by its own backward), which the rules cannot tell from computed zeros, so the NaN/Inf may be "
+        "graph some structural zeros arrive as saved forward values (an exp output of 0 at a -inf entry, read by "
+        "exp's own backward), which the rules cannot tell from computed zeros, so the NaN/Inf may be "
         "contamination, or genuine. To decide, run the step without torch.compile under gw.strong_zeros() (or "
         "gw.trace(), which explains it).",
         CompiledBackwardWarning, stacklevel=5)

@@ -178,6 +178,8 @@ _linear = _product((0,))  # ops linear in their first argument alone
 
 def _in_node(*names: str) -> bool:
     """Whether the backward formula running now is that of one of these autograd nodes."""
+    if _STATE.formula_of is not None:
+        return _STATE.formula_of in names
     node = torch._C._current_autograd_node()
     return node is not None and node.name() in names
 

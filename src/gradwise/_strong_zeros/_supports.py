@@ -78,6 +78,9 @@ class _State(threading.local):
     planned: str | None = None  # a path gw.grad/gw.backward already chose, for the engine hook to take once
     # whether every output being differentiated is finite (see _softmax_backward and _exp_result_mul)
     outputs_finite = True
+    # the autograd node whose backward formula runs now, where the engine's current node cannot tell (a
+    # compiled backward's graph run op by op: gradwise._strong_zeros._compile._logsumexp_weights)
+    formula_of: str | None = None
 
 
 _STATE = _State()
