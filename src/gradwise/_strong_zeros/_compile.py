@@ -228,6 +228,9 @@ def _zeros_made_here(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def _softmax_backward(g: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
+    if g.dtype != y.dtype or g.shape != y.shape:  # not the op's form after all: the pieces, as the graph had them
+        gy = g * y
+        return gy - y * gy.sum(dim, keepdim=True)
     return torch.ops.aten._softmax_backward_data.default(g, y, dim, g.dtype)
 
 
