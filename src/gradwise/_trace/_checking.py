@@ -133,7 +133,7 @@ class _Checks:
             finite = math.isfinite(_held(o).sum().item())
         except RuntimeError:  # a functorch-wrapped value (vmap): it cannot be read here
             return False
-        if not finite:
+        if not finite and _nonfinite(o):  # (a sum can overflow on finite values)
             self._safely("a value", dig, [o])
         return True
 
