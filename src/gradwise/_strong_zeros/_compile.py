@@ -40,7 +40,8 @@ restate a subset of ``_rules.RULES`` (on tensors) for the ops AOTAutograd's deco
 Ops only those graphs contain (``prims.fma``) get one eager rule, registered into ``RULES``; an op inductor
 decomposes whose eager rule needs it whole (``_softmax_backward_data``) is put back together for the op-by-op
 run (``_recomposed``), so that the one eager rule serves it; a formula whose eager rules depend on its node
-(logsumexp's weights ``exp(x - result)``) runs as in that node (``_STATE.formula_of``).
+(logsumexp's weights ``exp(x - result)``) runs as in that node (``_STATE.formula_of``); a zeros tensor saved from
+the forward and reused as a placement's base is made again (``_zeros_again``), as the formula makes its own.
 
 Traced backwards (AOTAutograd tracing the joint graph on fake tensors) are never inspected: ``_plan`` steps
 aside for them (``_traced``).
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -246,6 +248,26 @@ def _logsumexp_weights(x: torch.Tensor) -> torch.Tensor:
         _STATE.formula_of = prior
 
 
+# A zeros tensor the forward made (``full``/``zeros``) that AOTAutograd's partitioner saved and the backward reuses
+# (common-subexpression elimination joins it with the zeros a formula makes) arrives as a graph input named after
+# that forward node; the placement ops whose base it is (index_put, slice_scatter, scatter_add ...) are the
+# formulas that, run eagerly, make their own zeros
+_ZEROS_NAME = re.compile(r"(full|full_default|zeros|new_zeros|zeros_like)(_\d+)?")
+_PLACED_INTO = {torch.ops.aten.index_put.default, torch.ops.aten._unsafe_index_put.default,
+                torch.ops.aten.slice_scatter.default, torch.ops.aten.select_scatter.default,
+                torch.ops.aten.diagonal_scatter.default, torch.ops.aten.as_strided_scatter.default,
+                torch.ops.aten.scatter.src, torch.ops.aten.scatter.value, torch.ops.aten.scatter_add.default,
+                torch.ops.aten.index_add.default}
+
+
+def _zeros_again(t: torch.Tensor) -> torch.Tensor:
+    """A saved forward ``t`` that holds only zeros, made again by ``aten.zeros`` (structural zeros to the eager
+    mode, as the formula's own zeros are); anything else as it is."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.layout != torch.strided or bool(t.any()):
+        return t
+    return torch.ops.aten.zeros.default(list(t.shape), dtype=t.dtype, device=t.device)
+
+
 def _recomposed(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy of ``module`` with inductor's decomposition of ``_softmax_backward_data(g, y, dim)``,
     ``fma(-y, sum(g * y, dim, keepdim=True), g * y)`` (torch/_inductor/decomposition.py), put back together: the
@@ -257,6 +279,13 @@ def _recomposed(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     graph.output(graph.graph_copy(module.graph, {}))
     changed = False
     for node in list(graph.nodes):
+        if node.op == "placeholder" and _ZEROS_NAME.fullmatch(node.name):
+            for user in list(node.users):
+                if user.target in _PLACED_INTO and user.args and user.args[0] is node:
+                    with graph.inserting_before(user):
+                        user.update_arg(0, graph.call_function(_zeros_again, (node,)))
+                    changed = True
+            continue
         # logsumexp's backward, g * exp(x - result): an exp of a difference whose every use is a product
         if node.target is aten.exp.default and isinstance(node.args[0], torch.fx.Node) and \
                 node.args[0].target is aten.sub.Tensor and node.users and \
