@@ -66,7 +66,9 @@ __all__ = ["CompiledBackwardWarning", "compile_stats", "compiled_run", "strong_z
 
 
 class CompiledBackwardWarning(UserWarning):
-    """A compiled backward gradwise could not see into produced NaN/Inf under strong zeros."""
+    """Under strong zeros, a compiled backward left NaN/Inf that may be contamination: gradwise could not see
+    into it, a graph break separated a zero from the NaN, or its graph ran op by op and the NaN stayed (inside a
+    compiled graph some structural zeros are saved values, so gradwise cannot tell it from a genuine one)."""
 
 
 def _pass_base() -> type:
