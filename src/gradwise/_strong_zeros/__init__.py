@@ -30,6 +30,7 @@ Modules (each imports only those above it in this list, plus torch and gradwise.
                      ``_release_graph``, ``_release``.
 ``_planning``        the pre-backward plan: ``_plan``, ``_zero_reach``, ``_all_finite``.
 ``_compile_pass``    the same rules over AOTAutograd's backward graphs (torch.compile).
+``_graph_forms``     those graphs put back into the forms the eager rules know, for their op-by-op run.
 ``_compile``         compiled backwards under strong zeros: the pass, the runtime check, ``compile_stats``.
 ``_engine``          the engine hook, the strong pass, ``strong_zeros()``, ``grad``, ``backward`` (and the rebound
                      globals ``_installed``, ``_original_engine_run``, ``_process_wide``: read as ``_engine.<name>``).

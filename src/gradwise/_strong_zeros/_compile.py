@@ -37,23 +37,21 @@ before every backward under strong zeros (``_engine._engine_run``):
 
 Still duplicated between the two consumers: the pass's rules (``_compile_pass.PASS_RULES``, on graph nodes)
 restate a subset of ``_rules.RULES`` (on tensors) for the ops AOTAutograd's decomposed graphs contain.
-Ops only those graphs contain (``prims.fma``) get one eager rule, registered into ``RULES``; an op inductor
-decomposes whose eager rule needs it whole (``_softmax_backward_data``) is put back together for the op-by-op
-run (``_recomposed``), so that the one eager rule serves it; a formula whose eager rules depend on its node
-(logsumexp's weights ``exp(x - result)``) runs as in that node (``_STATE.formula_of``); a zeros tensor saved from
-the forward and reused as a placement's base is made again (``_zeros_again``), as the formula makes its own.
+The op-by-op run reads the graph through ``_graph_forms.for_eager``, which puts back what a compiled graph hides
+from the eager rules (a formula's zeros, a decomposed fused op, which formula an op belongs to), so that one
+rule table serves it.
 
 Traced backwards (AOTAutograd tracing the joint graph on fake tensors) are never inspected: ``_plan`` steps
 aside for them (``_traced``).
 
-May import: torch, and (inside functions, at call time) _compile_pass, _supports, _rules, _autograd_graph, _planning.
+May import: torch, and (inside functions, at call time) _compile_pass, _graph_forms, _supports, _rules,
+_autograd_graph, _planning.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import re
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -210,139 +208,17 @@ def _strong_variant(bc: Any) -> Callable[..., Any] | None:
     return strong
 
 
-def _zeros_made_here(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A graph loaded from AOTAutograd's cache holds the backward formulas' ``full(0)`` as constant tensors
-    (``get_attr``): made again by ``aten.zeros`` they are structural zeros to the eager mode, as they were."""
-    changed = False
-    for node in list(module.graph.nodes):
-        if node.op != "get_attr":
-            continue
-        const = getattr(module, node.target, None)
-        if isinstance(const, torch.Tensor) and const.is_floating_point() and const.numel() <= 1 << 16 \
-                and not const.any() and not const.isnan().any():
-            with module.graph.inserting_before(node):
-                zeros = module.graph.call_function(torch.ops.aten.zeros.default, (list(const.shape),),
-                                                   {"dtype": const.dtype, "device": const.device})
-            node.replace_all_uses_with(zeros)
-            module.graph.erase_node(node)
-            changed = True
-    if changed:
-        module.recompile()
-    return module
-
-
-def _softmax_backward(g: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
-    if g.dtype != y.dtype or g.shape != y.shape:  # not the op's form after all: the pieces, as the graph had them
-        gy = g * y
-        return gy - y * gy.sum(dim, keepdim=True)
-    return torch.ops.aten._softmax_backward_data.default(g, y, dim, g.dtype)
-
-
-def _logsumexp_weights(x: torch.Tensor) -> torch.Tensor:
-    """``exp(x - result)`` of logsumexp's backward, run as in its node: the exp rule knows that an output of 0
-    at a -inf input (a log(0) or masked entry) is a structural zero there."""
-    from gradwise._strong_zeros._supports import _STATE
-
-    prior, _STATE.formula_of = _STATE.formula_of, "LogsumexpBackward0"
-    try:
-        return torch.ops.aten.exp.default(x)
-    finally:
-        _STATE.formula_of = prior
-
-
-# A zeros tensor the forward made (``full``/``zeros``) that AOTAutograd's partitioner saved and the backward reuses
-# (common-subexpression elimination joins it with the zeros a formula makes) arrives as a graph input named after
-# that forward node; the placement ops whose base it is (index_put, slice_scatter, scatter_add ...) are the
-# formulas that, run eagerly, make their own zeros
-_ZEROS_NAME = re.compile(r"(full|full_default|zeros|new_zeros|zeros_like)(_\d+)?")
-_PLACED_INTO = {torch.ops.aten.index_put.default, torch.ops.aten._unsafe_index_put.default,
-                torch.ops.aten.slice_scatter.default, torch.ops.aten.select_scatter.default,
-                torch.ops.aten.diagonal_scatter.default, torch.ops.aten.as_strided_scatter.default,
-                torch.ops.aten.scatter.src, torch.ops.aten.scatter.value, torch.ops.aten.scatter_add.default,
-                torch.ops.aten.index_add.default}
-
-
-def _zeros_again(t: torch.Tensor) -> torch.Tensor:
-    """A saved forward ``t`` that holds only zeros, made again by ``aten.zeros`` (structural zeros to the eager
-    mode, as the formula's own zeros are); anything else as it is."""
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.layout != torch.strided or bool(t.any()):
-        return t
-    return torch.ops.aten.zeros.default(list(t.shape), dtype=t.dtype, device=t.device)
-
-
-def _recomposed(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy of ``module`` with inductor's decomposition of ``_softmax_backward_data(g, y, dim)``,
-    ``fma(-y, sum(g * y, dim, keepdim=True), g * y)`` (torch/_inductor/decomposition.py), put back together: the
-    eager rule for the whole op knows that a softmax output of exactly 0 is a structural zero, which the pieces,
-    a product with a saved value, cannot know. The op-by-op run then gives what eager strong zeros give on the
-    same program (the op computes the same formula; only its rounding may differ from the fma's)."""
-    aten, fma = torch.ops.aten, torch.ops.prims.fma.default
-    graph = torch.fx.Graph()
-    graph.output(graph.graph_copy(module.graph, {}))
-    changed = False
-    for node in list(graph.nodes):
-        if node.op == "placeholder" and _ZEROS_NAME.fullmatch(node.name):
-            for user in list(node.users):
-                if user.target in _PLACED_INTO and user.args and user.args[0] is node:
-                    with graph.inserting_before(user):
-                        user.update_arg(0, graph.call_function(_zeros_again, (node,)))
-                    changed = True
-            continue
-        # logsumexp's backward, g * exp(x - result): an exp of a difference whose every use is a product
-        if node.target is aten.exp.default and isinstance(node.args[0], torch.fx.Node) and \
-                node.args[0].target is aten.sub.Tensor and node.users and \
-                all(u.target is aten.mul.Tensor for u in node.users):
-            node.target = _logsumexp_weights
-            changed = True
-            continue
-        if node.target is not fma or not all(isinstance(a, torch.fx.Node) for a in node.args):
-            continue
-        neg, total, prod = node.args
-        if neg.target is not aten.neg.default or prod.target is not aten.mul.Tensor or \
-                total.target is not aten.sum.dim_IntList or total.args[0] is not prod:
-            continue
-        y = neg.args[0]
-        dims, keepdim = total.args[1], total.args[2] if len(total.args) > 2 else total.kwargs.get("keepdim")
-        g = prod.args[1] if prod.args[0] is y else prod.args[0] if prod.args[1] is y else None
-        if g is None or keepdim is not True or len(dims) != 1 or prod.kwargs or total.kwargs.get("dtype"):
-            continue
-        with graph.inserting_before(node):
-            whole = graph.call_function(_softmax_backward, (g, y, dims[0]))
-        node.replace_all_uses_with(whole)
-        graph.erase_node(node)
-        changed = True
-    if not changed:
-        return module
-    graph.eliminate_dead_code()
-    return torch.fx.GraphModule(module, graph)
-
-
-def _fma(func: Any, args: tuple, kwargs: dict, sup: Any) -> Any:
-    """prims.fma(a, b, c) = a * b + c, met in decomposed backward graphs (softmax's): the product and the sum
-    through their own rules."""
-    from gradwise._strong_zeros._rules import lookup
-
-    a, b, c = args
-    mul, add = torch.ops.aten.mul.Tensor, torch.ops.aten.add.Tensor
-    return lookup(add)(add, (lookup(mul)(mul, (a, b), {}, sup), c), {}, sup)
-
-
-def _register_graph_ops() -> None:
-    """Eager rules for ops that only AOTAutograd's graphs contain (one rule table: _rules.RULES)."""
-    from gradwise._strong_zeros._rules import RULES
-
-    RULES.setdefault(torch.ops.prims.fma.default, _fma)
-
-
 def _eager_variant(bc: Any) -> Callable[..., Any] | None:
     """The backward FX graph run op by op (through the eager strong-zero mode), or None."""
     eager = getattr(bc, "_gw_eager", None)
     if eager is None:
-        _register_graph_ops()
+        from gradwise._strong_zeros._graph_forms import for_eager, register_graph_ops
+
+        register_graph_ops()
         module = _graph_module(bc)
         if module is None:
             return None
-        module = _recomposed(_zeros_made_here(module))
+        module = for_eager(module)
 
         def eager(args: list) -> Any:
             flat = list(args)

@@ -79,7 +79,7 @@ class _State(threading.local):
     # whether every output being differentiated is finite (see _softmax_backward and _exp_result_mul)
     outputs_finite = True
     # the autograd node whose backward formula runs now, where the engine's current node cannot tell (a
-    # compiled backward's graph run op by op: gradwise._strong_zeros._compile._logsumexp_weights)
+    # compiled backward's graph run op by op: gradwise._strong_zeros._graph_forms._logsumexp_weights)
     formula_of: str | None = None
 
 

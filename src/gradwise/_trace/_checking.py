@@ -18,8 +18,6 @@ from gradwise._trace import _common, _kinds
 from gradwise._trace._common import _held, _loc, _nonfinite, _op_name, _tensors, _user_frame
 from gradwise._trace._store import Birth as _Birth
 
-_STRIDED = torch.strided
-
 
 class _Checks:
     """Checking outputs for NaN/Inf, and the gradients a backward starts from (a part of _Tracer)."""
@@ -125,7 +123,7 @@ class _Checks:
 
     def _checked_now(self, o: torch.Tensor, dig) -> bool:
         """The common case at once: one dense CPU output checked without batching (True when done)."""
-        if not o.is_cpu or _common._DEFER_ON_CPU or o.layout is not _STRIDED or o.is_nested or o._is_zerotensor():
+        if not o.is_cpu or _common._DEFER_ON_CPU or o.layout is not torch.strided or o.is_nested or o._is_zerotensor():
             return False
         if self.pending:
             self.flush()

@@ -1,0 +1,160 @@
+"""AOTAutograd's backward graphs put back into the forms the eager rule table knows, for a compiled backward run
+op by op under the strong-zero mode (``for_eager``), and the eager rule for ``prims.fma``, an op only those
+graphs contain (``register_graph_ops``).
+
+A compiled graph hides facts the eager rules read: a formula's own zeros arrive as constants or as a zeros
+tensor saved from the forward, a fused op arrives decomposed, and no autograd node tells which formula an op
+belongs to. Each rewrite in ``_REWRITES`` restores one such fact, on a copy of the graph (AOTAutograd's own stays
+as it is), so that the one rule table serves compiled graphs too, with no rule restated here.
+
+May import: torch, and (inside functions, at call time) _rules, _supports.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+
+def for_eager(module: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``module`` with every rewrite of ``_REWRITES`` applied (``module`` itself when none applies)."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(module.graph, {}))
+    changed = False
+    for node in list(graph.nodes):
+        changed |= any(rewrite(graph, module, node) for rewrite in _REWRITES)
+    if not changed:
+        return module
+    graph.eliminate_dead_code()
+    return fx.GraphModule(module, graph)
+
+
+# -- the rewrites: each (graph, module, node) -> whether it changed the graph at node --------------------------
+
+
+def _constant_zeros(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
+    """A graph loaded from AOTAutograd's cache holds the backward formulas' ``full(0)`` as constant tensors
+    (``get_attr``): made again by ``aten.zeros`` they are structural zeros to the eager mode, as they were."""
+    const = getattr(module, node.target, None) if node.op == "get_attr" else None
+    if not isinstance(const, torch.Tensor) or not const.is_floating_point() or const.numel() > 1 << 16 \
+            or const.any():  # (NaN counts as nonzero)
+        return False
+    with graph.inserting_before(node):
+        zeros = graph.call_function(aten.zeros.default, (list(const.shape),),
+                                    {"dtype": const.dtype, "device": const.device})
+    node.replace_all_uses_with(zeros)
+    graph.erase_node(node)
+    return True
+
+
+# A zeros tensor the forward made (``full``/``zeros``) that the partitioner saved and the backward reuses
+# (common-subexpression elimination joins it with the zeros a formula makes) arrives as a graph input named after
+# that forward node; the placement ops whose base it is are the formulas that, run eagerly, make their own zeros
+_ZEROS_NAME = re.compile(r"(full|full_default|zeros|new_zeros|zeros_like)(_\d+)?")
+_PLACED_INTO = {aten.index_put.default, aten._unsafe_index_put.default, aten.slice_scatter.default,
+                aten.select_scatter.default, aten.diagonal_scatter.default, aten.as_strided_scatter.default,
+                aten.scatter.src, aten.scatter.value, aten.scatter_add.default, aten.index_add.default}
+
+
+def _saved_zeros(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
+    """A saved forward zeros tensor used as a placement's base: made again at run time (``_zeros_again``)."""
+    if node.op != "placeholder" or not _ZEROS_NAME.fullmatch(node.name):
+        return False
+    changed = False
+    for user in list(node.users):
+        if user.target in _PLACED_INTO and user.args and user.args[0] is node:
+            with graph.inserting_before(user):
+                user.update_arg(0, graph.call_function(_zeros_again, (node,)))
+            changed = True
+    return changed
+
+
+def _zeros_again(t: torch.Tensor) -> torch.Tensor:
+    """``t`` made again by ``aten.zeros`` if it holds only zeros (structural zeros to the eager mode, as a
+    formula's own are); anything else as it is."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.layout != torch.strided or bool(t.any()):
+        return t
+    return aten.zeros.default(list(t.shape), dtype=t.dtype, device=t.device)
+
+
+def _logsumexp_node(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
+    """logsumexp's backward, ``g * exp(x - result)``: an exp of a difference whose every use is a product runs
+    as in logsumexp's node (``_logsumexp_weights``)."""
+    if node.target is not aten.exp.default or not isinstance(node.args[0], fx.Node) or \
+            node.args[0].target is not aten.sub.Tensor or not node.users or \
+            not all(u.target is aten.mul.Tensor for u in node.users):
+        return False
+    node.target = _logsumexp_weights
+    return True
+
+
+def _logsumexp_weights(x: torch.Tensor) -> torch.Tensor:
+    """``exp(x - result)`` of logsumexp's backward, run as in its node: the exp rule knows that an output of 0
+    at a -inf input (a log(0) or masked entry) is a structural zero there."""
+    from gradwise._strong_zeros._supports import _STATE
+
+    prior, _STATE.formula_of = _STATE.formula_of, "LogsumexpBackward0"
+    try:
+        return aten.exp.default(x)
+    finally:
+        _STATE.formula_of = prior
+
+
+def _softmax_whole(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
+    """Inductor's decomposition of ``_softmax_backward_data(g, y, dim)``, ``fma(-y, sum(g * y, dim, keepdim=True),
+    g * y)`` (torch/_inductor/decomposition.py), put back together: the eager rule for the whole op knows that a
+    softmax output of exactly 0 is a structural zero, which the pieces, a product with a saved value, cannot
+    know (the op computes the same formula; only its rounding may differ from the fma's)."""
+    if node.target is not torch.ops.prims.fma.default or not all(isinstance(a, fx.Node) for a in node.args):
+        return False
+    neg, total, prod = node.args
+    if neg.target is not aten.neg.default or prod.target is not aten.mul.Tensor or \
+            total.target is not aten.sum.dim_IntList or total.args[0] is not prod:
+        return False
+    y = neg.args[0]
+    dims, keepdim = total.args[1], total.args[2] if len(total.args) > 2 else total.kwargs.get("keepdim")
+    g = prod.args[1] if prod.args[0] is y else prod.args[0] if prod.args[1] is y else None
+    if g is None or keepdim is not True or len(dims) != 1 or prod.kwargs or total.kwargs.get("dtype"):
+        return False
+    with graph.inserting_before(node):
+        whole = graph.call_function(_softmax_backward, (g, y, dims[0]))
+    node.replace_all_uses_with(whole)
+    graph.erase_node(node)
+    return True
+
+
+def _softmax_backward(g: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
+    if g.dtype != y.dtype or g.shape != y.shape:  # not the op's form after all: the pieces, as the graph had them
+        gy = g * y
+        return gy - y * gy.sum(dim, keepdim=True)
+    return aten._softmax_backward_data.default(g, y, dim, g.dtype)
+
+
+_REWRITES: tuple[Callable[[fx.Graph, fx.GraphModule, fx.Node], bool], ...] = (
+    _constant_zeros, _saved_zeros, _logsumexp_node, _softmax_whole)
+
+
+# -- an op only these graphs contain ----------------------------------------------------------------------------
+
+
+def _fma(func: Any, args: tuple, kwargs: dict, sup: Any) -> Any:
+    """prims.fma(a, b, c) = a * b + c, met in decomposed backward graphs (softmax's): the product and the sum
+    through their own rules."""
+    from gradwise._strong_zeros._rules import lookup
+
+    a, b, c = args
+    mul, add = aten.mul.Tensor, aten.add.Tensor
+    return lookup(add)(add, (lookup(mul)(mul, (a, b), {}, sup), c), {}, sup)
+
+
+def register_graph_ops() -> None:
+    """Eager rules for ops that only AOTAutograd's graphs contain (one rule table: _rules.RULES)."""
+    from gradwise._strong_zeros._rules import RULES
+
+    RULES.setdefault(torch.ops.prims.fma.default, _fma)
