@@ -442,6 +442,43 @@ def test_locked_piece_is_active_along_its_direction(name):
             torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-4)
 
 
+def _tied_scores_topk_sort():
+    """float32 integer scores through relu (ties at 0), maximum with a mirror (elementwise ties), then a topk and
+    a sort of the same scores (one shared lexicographic key) read at different positions."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randint(-1, 2, (24, 8), generator=g).float()
+    x = torch.randint(0, 3, (6, 8), generator=g).float()
+    weights = torch.linspace(1.0, 0.1, 5), torch.linspace(0.5, 0.0, 9)
+
+    def f(w, b):
+        s = torch.maximum(torch.relu(x @ w.T + b), torch.relu(x @ w.flip(0).T))
+        return (torch.topk(s, 5, dim=1).values @ weights[0]).sum() + \
+            (torch.sort(s, dim=1, descending=True).values[:, :9] @ weights[1]).sum()
+
+    return f, (w, torch.zeros(24))
+
+
+def test_records_built_lazily_give_the_same_gradient(monkeypatch):
+    """A pass that ranks ties by its own tangent alone locks them without building their records (relu, maximum,
+    topk, sort, `_LazyKink`) and shares one key between the topk and the sort of one tensor: the gradients are
+    bitwise those of the eager records, on the two-pass path (first call) and the tangent-carrying one."""
+    f, xs = _tied_scores_topk_sort()
+    kinks, _ = gw._nonsmooth._engine.kinks_hit(f, xs)
+    assert {k.op for k in kinks} >= {"aten.relu", "aten.topk", "aten.sort"}
+    got = []
+    for seed in range(3):
+        gw._nonsmooth._engine._LAST_TIE.pop(f.__code__, None)
+        got.append([gw.generalized_grad(f, xs, seed=seed) for _ in range(2)])
+    monkeypatch.setattr(gw._nonsmooth._records._Run, "ranks_alone", lambda self, tangent: False)
+    monkeypatch.setattr(gw._nonsmooth._rules_select, "_shared_lex_key",
+                        lambda run, x, dim, pm, tm: gw._nonsmooth._records._lex_key(pm, tm))
+    for seed in range(3):
+        gw._nonsmooth._engine._LAST_TIE.pop(f.__code__, None)
+        eager = [gw.generalized_grad(f, xs, seed=seed) for _ in range(2)]
+        for a, b in zip(got[seed], eager, strict=True):
+            assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
+
 def test_relu_dead_pool_windows_are_not_kinks():
     # pre-activations far below 0 in whole windows: the windows tie at 0, but f is locally constant there
     x = torch.tensor([[-1.0, -2.0, 3.0, 1.0], [-1.0, -1.0, 3.0, 2.0]], dtype=torch.float64)

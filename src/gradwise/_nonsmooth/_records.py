@@ -6,6 +6,7 @@ May import: torch, ``_errors``.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -58,6 +59,36 @@ class Kink:
         return f"{self.op} at {self.location}: {self.count} tied element(s)"
 
 
+class _LazyKink(Kink):
+    """A Kink whose tensors are built on first read: ``cand``, ``keys`` and ``choice`` may be given as callables.
+    A rule that ranks its ties by this pass's tangent alone (`_Run.ranks_alone`) locks them without these
+    tensors, and most generalized-gradient passes never read them (a ranked pass's check, a later pass's
+    history or an error message do). Reads give what `_Run.resolve` would have recorded."""
+
+    _LAZY = ("cand", "keys", "choice")
+
+    def __init__(self, op: str, location: str, kind: str, cand, keys, choice, call: tuple[int, int],
+                 descending: bool = True):
+        self._built: dict[str, object] = {}
+        self._thunks = {"cand": cand, "keys": keys, "choice": choice}
+        self.op, self.location, self.kind, self.descending = op, location, kind, descending
+        self.values, self.unresolved, self.comparison, self.continuum = None, 0, False, False
+        self.call, self.write, self.site, self.tangent = call, None, None, False
+
+    def _get(self, name: str):
+        if name not in self._built:
+            v = self._thunks[name]
+            self._built[name] = v() if callable(v) else v
+        return self._built[name]
+
+    def _set(self, name: str, value) -> None:
+        self._built[name] = value
+
+    cand = property(lambda self: self._get("cand"), lambda self, v: self._set("cand", v))
+    keys = property(lambda self: self._get("keys"), lambda self, v: self._set("keys", v))
+    choice = property(lambda self: self._get("choice"), lambda self, v: self._set("choice", v))
+
+
 @dataclass
 class NearKink:
     """Elements within a tolerance of a kink but not exactly on it (treated as smooth)."""
@@ -89,6 +120,8 @@ class _Run:
         # Outputs of relu-like switches -> (c, live): the output is locally constant (relu-dead) wherever it equals
         # c, except at ``live`` (the switch's own ties, or None): ties among dead elements are no kinks.
         self.flat = WeakTensorKeyDictionary()
+        # x -> ((dim, version), key): `_lex_key`s of this pass, shared by order ops on the same x
+        self.lex_keys = WeakTensorKeyDictionary()
 
     def known_here(self) -> list[Kink] | None:
         """The probe's kinks at the current call (ranked pass only), else None."""
@@ -107,6 +140,19 @@ class _Run:
         """Whether the next kink's only ranking key (after the value) is this pass's tangent: no forced column
         and no earlier pass's keys."""
         return self.history is None and len(self.kinks) not in self.forced
+
+    def ranks_alone(self, tangent: Tensor | None) -> bool:
+        """Whether the next kink may be ranked by its own tangent alone and kept as a `_LazyKink`: records kept
+        internal (``top_only``), exact ties, no other key, no values to collect."""
+        return tangent is not None and self.top_only and self.tie_tol == 0 and self.near_tol is None \
+            and not self.collect and self.own_key_only()
+
+    def lazy_record(self, op: str, kind: str, cand, keys, choice, descending: bool = True) -> _LazyKink:
+        """Append a `_LazyKink` (see `ranks_alone`) and return it."""
+        record = _LazyKink(op, _user_line(), kind, cand, keys, choice,
+                           (self.call, sum(k.call[0] == self.call for k in self.kinks)), descending)
+        self.kinks.append(record)
+        return record
 
     def resolve(self, op: str, kind: str, cand: Tensor, key: Tensor | None, values: Callable | None,
                 descending: bool = True, primal: Tensor | None = None, comparison: bool = False,
@@ -146,7 +192,9 @@ class _Run:
             result, still = order()
         else:
             result, still = _lex_order(primal, keys, descending, cand)
-        record.unresolved, record.choice = (int(still.sum()) if still is not None else 0), result
+        # internal records (generalized gradients) count the ties left only where a comparison needs them
+        counted = still is not None and (comparison or not self.top_only)
+        record.unresolved, record.choice = (int(still.sum()) if counted else 0), result
         return result, still
 
     def note_near(self, op: str, gap: Tensor) -> None:
@@ -225,16 +273,26 @@ def _lex_key(primal: Tensor, key: Tensor) -> Tensor | None:
     return torch.stack(words, -1).view(torch.int64).squeeze(-1)
 
 
+
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(os.path.dirname(__file__))  # gradwise/, as before the package
 
 
+@functools.lru_cache(maxsize=1024)
+def _shown_as(name: str, cwd: str) -> str | None:
+    """How a code object's file is shown in a location (relative to ``cwd``), or None for torch's, gradwise's
+    and contextlib's files (cached: every recorded kink walks these frames; relpath costs more than the walk)."""
+    if name.startswith(_TORCH_DIR) or name.startswith(_OWN_DIR) or "contextlib" in name:
+        return None
+    return name if name.startswith("<") else os.path.relpath(name, cwd)
+
+
 def _user_line() -> str:
     """file:line of the innermost frame outside torch and gradwise (the user's call)."""
-    frame = sys._getframe(1)
+    frame, cwd = sys._getframe(1), os.getcwd()
     while frame is not None:
-        name = frame.f_code.co_filename
-        if not (name.startswith(_TORCH_DIR) or name.startswith(_OWN_DIR) or "contextlib" in name):
-            return f"{os.path.relpath(name) if not name.startswith('<') else name}:{frame.f_lineno}"
+        shown = _shown_as(frame.f_code.co_filename, cwd)
+        if shown is not None:
+            return f"{shown}:{frame.f_lineno}"
         frame = frame.f_back
     return "<unknown>"

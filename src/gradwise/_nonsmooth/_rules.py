@@ -66,6 +66,18 @@ def _tied_rows(mask: Tensor) -> Tensor:
     return mask.reshape(-1).nonzero().squeeze(1)
 
 
+class _LazyRows:
+    """``_tied_rows(mask)``, computed on the first call."""
+
+    def __init__(self, mask: Tensor):
+        self.mask, self.rows = mask, None
+
+    def __call__(self) -> Tensor:
+        if self.rows is None:
+            self.rows = _tied_rows(self.mask)
+        return self.rows
+
+
 def _near_zero(t: Tensor, tol: float) -> bool:
     """Whether some |t| <= tol: one min-reduction instead of a full-size boolean pass (the everyday path)."""
     if t.numel() == 0:
@@ -118,10 +130,24 @@ def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = 
         if flat:
             run.mark_flat(out, neg, None)
         return out
-    rows, choice, _ = _resolve_sign(run, op, s, tie)
-    lock = torch.le(sp, 0).logical_not_()  # s > 0 or NaN: NaN propagates through pos, as in PyTorch's kernels
-    lock.view(-1)[rows] = choice == 0
-    run.kinks[-1].write = lambda c: lock.data.view(-1).index_put_((rows,), c == 0)
+    st = _split(s)[1]
+    if not jumps and run.ranks_alone(st):  # the choice is the sign of s' at each tie: elementwise
+        # pos where s > 0 or NaN (NaN propagates through pos, as in PyTorch's kernels), or s == 0 and s' >= 0
+        # (or NaN): where s' stands in for s at the ties, pos unless the result is < 0
+        lock = torch.lt(torch.where(tie, st, sp), 0).logical_not_()
+        rows = _LazyRows(tie)
+        ds = lambda: st.reshape(-1)[rows()]
+        # as `_resolve_sign` records: two candidates per tie, the key (s', 0), s < 0's side where s' < 0
+        record = run.lazy_record(op, "select", lambda: torch.ones(len(rows()), 2, dtype=torch.bool,
+                                                                   device=tie.device),
+                                 lambda: [torch.stack([ds(), torch.zeros_like(ds())], 1)],
+                                 lambda: (ds() < 0).to(torch.int64))
+        record.write = lambda c: lock.data.view(-1).index_put_((rows(),), c == 0)
+    else:
+        rows, choice, _ = _resolve_sign(run, op, s, tie)
+        lock = torch.le(sp, 0).logical_not_()
+        lock.view(-1)[rows] = choice == 0
+        run.kinks[-1].write = lambda c: lock.data.view(-1).index_put_((rows,), c == 0)
     if jumps:
         pp, nn_ = (torch.broadcast_to(torch.as_tensor(_split(v)[0], dtype=sp.dtype), sp.shape).reshape(-1)[rows]
                    for v in (pos, neg))

@@ -289,6 +289,17 @@ def _reaching(links: Tensor, lo: int, hi: int) -> Tensor:
     return grouped
 
 
+def _shared_lex_key(run, x: Tensor, dim: int, pm: Tensor, tm: Tensor) -> Tensor | None:
+    """`_lex_key` of x's (primal, tangent) with ``dim`` last (``pm``, ``tm``), computed once per pass for each x
+    and dim: the order ops of one pass on the same tensor (a topk and a sort of one score tensor) share it."""
+    entry = run.lex_keys.get(x)
+    if entry is not None and entry[0] == (dim, x._version):
+        return entry[1]
+    key = _lex_key(pm, tm)
+    run.lex_keys[x] = ((dim, x._version), key)
+    return key
+
+
 def _ordered(run, op: str, x: Tensor, dim: int, descending: bool, positions: slice):
     """Locked permutation sorting x along dim; ties that reach ``positions`` ranked lexicographically."""
     xp = _split(x)[0]
@@ -297,7 +308,7 @@ def _ordered(run, op: str, x: Tensor, dim: int, descending: bool, positions: sli
     pm, tm = _split(xm)
     # with this pass's tangent as the only ranking key, one stable sort of a (value, tangent) key gives both the
     # sorted values and the lexicographic order of every row (``_lex_order``'s, which takes two more sorts)
-    lex = _lex_key(pm, tm) if tm is not None and run.own_key_only() else None
+    lex = _shared_lex_key(run, x, dim, pm, tm) if tm is not None and run.own_key_only() else None
     if lex is None:
         vals, perm = torch.sort(pm, dim=-1, descending=descending, stable=True)
     else:
@@ -316,18 +327,24 @@ def _ordered(run, op: str, x: Tensor, dim: int, descending: bool, positions: sli
         else:
             take = lambda t: t.reshape(-1, t.shape[-1]).index_select(0, rows)
         pr = take(perm)
-        # candidates: the tie groups (runs of tied sorted neighbours) holding a tie pair that reaches the
-        # positions, found in sorted order, then scattered back through perm
-        reach = _reaching(take(links), lo, hi)
-        cand = torch.zeros(pr.shape, dtype=torch.bool, device=pr.device).scatter_(1, pr, reach)
         key = take(tm) if tm is not None else None
         ranked = None
         if lex is not None:  # the rows' lexicographic order is the sort above; ties left: equal keys side by side
             lexr, ranked = take(lex), pr
             still = lambda: mask_any((lexr[:, 1:] == lexr[:, :-1]) & reach[:, 1:], -1)
-        # lazy: without any ranking key the stable sort above is the provisional order (the ranked pass writes)
-        order, _ = run.resolve(op, "order", cand, key, lambda: take(xm), descending, primal=take(pm),
-                               lazy=True, order=None if ranked is None else lambda: (ranked, still()))
+        if ranked is not None and run.ranks_alone(key):  # that order is the choice: the record is built if read
+            run.lazy_record(op, "order", lambda: torch.zeros(pr.shape, dtype=torch.bool, device=pr.device)
+                            .scatter_(1, pr, _reaching(take(links), lo, hi)), [key], ranked, descending)
+            order = ranked
+        else:
+            # candidates: the tie groups (runs of tied sorted neighbours) holding a tie pair that reaches the
+            # positions, found in sorted order, then scattered back through perm
+            reach = _reaching(take(links), lo, hi)
+            cand = torch.zeros(pr.shape, dtype=torch.bool, device=pr.device).scatter_(1, pr, reach)
+            # lazy: without any ranking key the stable sort above is the provisional order (the ranked pass
+            # writes it)
+            order, _ = run.resolve(op, "order", cand, key, lambda: take(xm), descending, primal=take(pm),
+                                   lazy=True, order=None if ranked is None else lambda: (ranked, still()))
         if order is not ranked:  # the sort's perm is already this pass's order otherwise
             perm = perm.clone()
             if order is not None:
@@ -353,7 +370,8 @@ def _top_ranked(run, op: str, x: Tensor, k: int, dim: int, largest: bool):
     xm = x.movedim(dim, -1)
     pm, tm = _split(xm)
     m = pm.shape[-1]
-    if tm is None or k + 1 >= m or not run.own_key_only() or (lex := _lex_key(pm, tm)) is None:
+    if tm is None or k + 1 >= m or not run.own_key_only() \
+            or (lex := _shared_lex_key(run, x, dim, pm, tm)) is None:
         return None
     top_lex, top = torch.topk(lex, k + 1, dim=-1, largest=largest, sorted=True)
     if mask_any(top_lex[..., 1:] == top_lex[..., :-1]):  # equal keys come in no set order: stable is by index
@@ -377,13 +395,21 @@ def _top_ranked(run, op: str, x: Tensor, k: int, dim: int, largest: bool):
         else:
             take = lambda t: t.reshape(-1, t.shape[-1]).index_select(0, rows)
         tr, lr = take(top), take(links)
-        reach = _reaching(lr, 0, k)
-        cand = torch.zeros(tr.shape[0], m, dtype=torch.bool, device=tr.device).scatter_(1, tr, reach)
-        cand |= lr[:, k - 1 : k] & (take(pm) == take(vals)[:, k - 1 : k])  # the k-th value's group past the k + 1
-        lexr = take(top_lex)
-        still = lambda: mask_any((lexr[:, 1:] == lexr[:, :-1]) & reach[:, 1:], -1)
-        run.resolve(op, "order", cand, take(tm), lambda: take(xm), largest, primal=take(pm), lazy=True,
-                    order=lambda: (tr[:, :k], still()))
+
+        def candidates():
+            reach = _reaching(lr, 0, k)
+            cand = torch.zeros(tr.shape[0], m, dtype=torch.bool, device=tr.device).scatter_(1, tr, reach)
+            cand |= lr[:, k - 1 : k] & (take(pm) == take(vals)[:, k - 1 : k])  # the k-th value's group past k + 1
+            return cand, reach
+
+        if run.ranks_alone(tm):  # the key's order is the choice: the record is built if read
+            run.lazy_record(op, "order", lambda: candidates()[0], [take(tm)], tr[:, :k], largest)
+        else:
+            cand, reach = candidates()
+            lexr = take(top_lex)
+            still = lambda: mask_any((lexr[:, 1:] == lexr[:, :-1]) & reach[:, 1:], -1)
+            run.resolve(op, "order", cand, take(tm), lambda: take(xm), largest, primal=take(pm), lazy=True,
+                        order=lambda: (tr[:, :k], still()))
         run.kinks[-1].write = lambda c: perm.data.view(-1, k).index_put_((rows,), c[:, :k])
     return xm.gather(-1, perm), perm, dim
 
