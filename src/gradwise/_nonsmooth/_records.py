@@ -247,31 +247,27 @@ _LEX_KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INF_BITS = 0x7F800000  # float32 infinity's magnitude bits; a NaN's are larger
 
 
-def _signed_bits(v: Tensor) -> Tensor | None:
-    """int32 per float32 element of v, ordered as the floats are and equal where they are (-0.0 and 0.0 both 0):
-    the sign-magnitude bits as a two's complement number. None if v holds a NaN."""
-    i = v.view(torch.int32)
-    sign = i >> 31  # 0 or -1
-    out = ((i & 0x7FFFFFFF) ^ sign).sub_(sign)
-    low, high = torch.aminmax(out)
-    return out if -_INF_BITS <= int(low) and int(high) <= _INF_BITS else None
-
-
 def _lex_key(primal: Tensor, key: Tensor) -> Tensor | None:
     """One int64 per element that orders like the pair (primal, key) lexicographically, as ``_lex_order``'s
     stable sorts compare them (-0.0 == 0.0): one sort of it is their two. None where no such key exists here
-    (a dtype wider than 32 bits, a NaN, which sorts apart from every number)."""
+    (a dtype wider than 32 bits, a NaN, which sorts apart from every number).
+
+    The high word is the primal's float32 sign-magnitude bits as a two's complement number (ordered as the
+    floats are, -0.0 and 0.0 both 0), the low word the key's, as an unsigned word; both words are made in
+    one pass over the int32 view of the stacked pair."""
     if primal.dtype not in _LEX_KEY_DTYPES or key.dtype not in _LEX_KEY_DTYPES or primal.shape != key.shape \
             or primal.numel() == 0:
         return None
-    high = _signed_bits(primal.detach().float())
-    low = None if high is None else _signed_bits(key.detach().float())
-    if low is None:
+    low_first = sys.byteorder == "little"  # the int64's words in memory order
+    pair = [key.detach().float(), primal.detach().float()]
+    words = torch.stack(pair if low_first else pair[::-1], -1).view(torch.int32)
+    sign = words >> 31  # 0 or -1
+    words.bitwise_and_(0x7FFFFFFF).bitwise_xor_(sign).sub_(sign)
+    least, most = torch.aminmax(words)
+    if not (-_INF_BITS <= int(least) and int(most) <= _INF_BITS):  # a NaN's magnitude bits exceed infinity's
         return None
-    low.bitwise_xor_(-(2**31))  # the key's order as an unsigned word
-    words = [low, high] if sys.byteorder == "little" else [high, low]  # the int64's words in memory order
-    return torch.stack(words, -1).view(torch.int64).squeeze(-1)
-
+    words[..., 0 if low_first else 1].bitwise_xor_(-(2**31))  # the key's order as an unsigned word
+    return words.view(torch.int64).squeeze(-1)
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)

@@ -309,16 +309,22 @@ def _ordered(run, op: str, x: Tensor, dim: int, descending: bool, positions: sli
     # with this pass's tangent as the only ranking key, one stable sort of a (value, tangent) key gives both the
     # sorted values and the lexicographic order of every row (``_lex_order``'s, which takes two more sorts)
     lex = _shared_lex_key(run, x, dim, pm, tm) if tm is not None and run.own_key_only() else None
+    out = None
     if lex is None:
         vals, perm = torch.sort(pm, dim=-1, descending=descending, stable=True)
-    else:
+    else:  # this order is final (the key ranks every tie): the sorted values are the output's
         lex, perm = torch.sort(lex, dim=-1, descending=descending, stable=True)
-        vals = pm.gather(-1, perm)
+        out = xm.gather(-1, perm)
+        vals = _split(out)[0]
     m = pm.shape[-1]
     lo, hi = max(positions.start - 1, 0), min(positions.stop, m - 1)
-    gap = (vals[..., 1:] - vals[..., :-1]).abs()
-    links = gap <= run.tie_tol  # sorted neighbours j, j + 1 tie
-    run.note_near(op, gap[..., lo:hi])
+    diff = vals[..., 1:] - vals[..., :-1]
+    if run.tie_tol == 0 and run.near_tol is None:
+        links = diff == 0  # |diff| <= 0 in one pass (NaN and inf - inf: no tie)
+    else:
+        gap = diff.abs()
+        links = gap <= run.tie_tol  # sorted neighbours j, j + 1 tie
+        run.note_near(op, gap[..., lo:hi])
     tie = mask_any(links[..., lo:hi], -1)
     if mask_any(tie):
         rows = _tied_rows(tie)
@@ -326,17 +332,18 @@ def _ordered(run, op: str, x: Tensor, dim: int, descending: bool, positions: sli
             take = lambda t: t.reshape(-1, t.shape[-1])
         else:
             take = lambda t: t.reshape(-1, t.shape[-1]).index_select(0, rows)
-        pr = take(perm)
-        key = take(tm) if tm is not None else None
-        ranked = None
-        if lex is not None:  # the rows' lexicographic order is the sort above; ties left: equal keys side by side
-            lexr, ranked = take(lex), pr
-            still = lambda: mask_any((lexr[:, 1:] == lexr[:, :-1]) & reach[:, 1:], -1)
-        if ranked is not None and run.ranks_alone(key):  # that order is the choice: the record is built if read
-            run.lazy_record(op, "order", lambda: torch.zeros(pr.shape, dtype=torch.bool, device=pr.device)
-                            .scatter_(1, pr, _reaching(take(links), lo, hi)), [key], ranked, descending)
-            order = ranked
+        if lex is not None and run.ranks_alone(tm):  # the sort's order is the choice: the record is built if read
+            cand = lambda: torch.zeros(len(rows), m, dtype=torch.bool, device=perm.device).scatter_(
+                1, take(perm), _reaching(take(links), lo, hi))
+            run.lazy_record(op, "order", cand, lambda: [take(tm)], lambda: take(perm), descending)
+            order = ranked = None
         else:
+            pr = take(perm)
+            key = take(tm) if tm is not None else None
+            ranked = None
+            if lex is not None:  # the rows' lexicographic order is the sort above; ties left: equal keys adjacent
+                lexr, ranked = take(lex), pr
+                still = lambda: mask_any((lexr[:, 1:] == lexr[:, :-1]) & reach[:, 1:], -1)
             # candidates: the tie groups (runs of tied sorted neighbours) holding a tie pair that reaches the
             # positions, found in sorted order, then scattered back through perm
             reach = _reaching(take(links), lo, hi)
@@ -345,13 +352,13 @@ def _ordered(run, op: str, x: Tensor, dim: int, descending: bool, positions: sli
             # writes it)
             order, _ = run.resolve(op, "order", cand, key, lambda: take(xm), descending, primal=take(pm),
                                    lazy=True, order=None if ranked is None else lambda: (ranked, still()))
-        if order is not ranked:  # the sort's perm is already this pass's order otherwise
-            perm = perm.clone()
+        if order is not ranked:  # the sort's perm is already this pass's order otherwise (or order is None)
+            perm, out = perm.clone(), None
             if order is not None:
                 perm.view(-1, m)[rows] = order
         # a choice may cover the leading positions only (topk's ranked pass, `_top_ranked`): they are all read
         run.kinks[-1].write = lambda c: perm.data.view(-1, m)[:, : c.shape[-1]].index_put_((rows,), c)
-    return xm.gather(-1, perm), perm, dim
+    return xm.gather(-1, perm) if out is None else out, perm, dim
 
 
 def _top_ranked(run, op: str, x: Tensor, k: int, dim: int, largest: bool):
@@ -385,7 +392,7 @@ def _top_ranked(run, op: str, x: Tensor, k: int, dim: int, largest: bool):
             ((lex == kth).sum(-1) != (top_lex[..., :k] == kth).sum(-1)).any()):
         return None  # an element left out has the k-th key
     vals = pm.gather(-1, top)
-    links = (vals[..., 1:] - vals[..., :-1]).abs() <= 0
+    links = (vals[..., 1:] - vals[..., :-1]) == 0  # exact ties (NaN and inf - inf: none)
     tie = mask_any(links, -1)
     perm = top[..., :k].contiguous()
     if mask_any(tie):
