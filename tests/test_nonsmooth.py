@@ -1,6 +1,7 @@
 """Directional derivatives and generalized gradients, checked against independent float64 references."""
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from scipy.optimize import minimize
 
 import gradwise as gw
 from gradwise._nonsmooth import KINK_RULES, NonsmoothError
+from gradwise._nonsmooth._ports import PORTS
 
 sys.path.insert(0, str(Path(__file__).parent))
 import case_files
@@ -124,6 +126,7 @@ def test_shared_nonsmooth_cases(entry):
 # --- every rule over its samples, kinks and NaN/Inf included ---------------------------------------------
 
 _X = torch.tensor([-3.0, -1.0, 0.0, 0.5, 1.0, 3.0, 6.0], dtype=torch.float64)
+_INTERPOLATIONS = ("linear", "lower", "higher", "nearest", "midpoint")
 RULE_SAMPLES = {
     "relu": (torch.relu, [_X]),
     "abs": (torch.abs, [_X]),
@@ -222,13 +225,75 @@ RULE_SAMPLES = {
     "embedding_bag": (lambda x: F.embedding_bag(torch.tensor([1, 4, 0, 2, 3, 5, 6]), x.abs().reshape(7, 1),
                                                 torch.tensor([0, 2, 4]), mode="max").reshape(-1), [_X]),
     "remainder": (lambda x: torch.floor(x) + torch.remainder(x, 1.0), [_X]),  # = x: the jumps cancel
+    # C++ composites run as Python ports (PORTS): |x| ties at 1 and 3, the ranks 2.4 and 4.5 fall on those ties
+    "quantile": (lambda x: torch.cat([torch.quantile(x.abs(), torch.tensor([0.4, 0.75], dtype=x.dtype),
+                                                     interpolation=i) for i in _INTERPOLATIONS]
+                                     + [x.abs()[:6].reshape(2, 3).quantile(0.5, dim=0, keepdim=True).reshape(-1)]),
+                 [_X]),
+    "renorm": (lambda x: torch.renorm(x.reshape(7, 1), 1, 0, 2.0).reshape(-1)  # |x| = 0: the norm's kink
+               + torch.renorm(torch.stack([x, x.flip(0)]), 3.5, 1, 5.0).sum(0), [_X]),
+    # target -1 at cos == margin 0: rows 0 and 1 meet orthogonal vectors (the clamp's kink); row 2 is smooth
+    "cosine_embedding_loss": (lambda x: F.cosine_embedding_loss(
+        torch.stack([x[:3], x.abs()[1:4], x[4:]]),
+        torch.tensor([[1.0, -3.0, 5.0], [0.0, 1.0, 0.0], [-1.0, 2.0, 0.5]], dtype=x.dtype),
+        torch.tensor([-1.0, -1.0, 1.0], dtype=x.dtype), margin=0.0, reduction="none"), [_X]),
+    "nanquantile": (lambda x: torch.stack([torch.nanquantile(x.abs(), q, interpolation=i)
+                                           for q in (0.4, 0.75) for i in _INTERPOLATIONS]), [_X]),
     "fmod": (lambda x: torch.trunc(x) + torch.fmod(x, 1.0), [_X]),
 }
 
 
 def test_every_rule_has_samples():
     names = {getattr(r, "__name__", "") for r in KINK_RULES.values()}
+    names |= {p.__name__ for p in PORTS.values()}
     assert names <= set(RULE_SAMPLES), f"rules without samples: {names - set(RULE_SAMPLES)}"
+
+
+def _port_calls(name: str, x: torch.Tensor, g: torch.Generator):
+    """(args, kwargs) after the input for one port: every option it has."""
+    dims = [None, int(torch.randint(-x.dim(), x.dim(), (), generator=g))]
+    if name in ("quantile", "nanquantile"):
+        q = torch.rand(3, generator=g, dtype=x.dtype)
+        for qq, dim, keepdim, i in itertools.product((q, q[0], float(q[1])), dims, (False, True), _INTERPOLATIONS):
+            yield (qq, dim, keepdim), {"interpolation": i}
+    elif name == "renorm":
+        for p, dim in itertools.product((1, 2, 3.5, math.inf), dims[1:]):
+            norms = torch.linalg.vector_norm(x.float(), p, [d for d in range(x.dim()) if d != dim % x.dim()])
+            # a random bound, and one equal to a slice's norm (the factor's jump)
+            for bound in (float(torch.rand((), generator=g)) * 3, float(norms.nan_to_num(1.0).reshape(-1)[0])):
+                yield (p, dim, bound), {}
+    elif name == "cosine_embedding_loss":
+        y = torch.randint(-2, 3, x.shape, generator=g).to(x.dtype)
+        t = (torch.randint(0, 3, x.shape[:1], generator=g) - 1).to(x.dtype)
+        for margin, reduction in itertools.product((0.0, 0.5, -0.5), (0, 1, 2)):
+            if x.dim() == 2:
+                yield (y, t, margin, reduction), {}
+            yield (y.reshape(-1)[: x.shape[-1]], t[0], margin, reduction), {}  # 0-D target: PyTorch refuses 2-D x
+    else:
+        raise AssertionError(f"no sample calls for the port {name}")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([torch.float32, torch.float64, torch.float16]), st.booleans())
+def test_ports_give_pytorch_values_bit_for_bit(seed, dtype, nan):
+    """Each port (a C++ composite rewritten in Python so its kinks reach the rules) returns exactly PyTorch's
+    values, ties and NaN included, for every option; what PyTorch refuses, the port refuses."""
+    g = torch.Generator().manual_seed(seed)
+    shape = tuple(int(n) for n in torch.randint(1, 5, (int(torch.randint(1, 4, (), generator=g)),), generator=g))
+    x = torch.randint(-2, 3, shape, generator=g).to(dtype)
+    if nan:
+        x[torch.rand(shape, generator=g) < 0.2] = math.nan
+    for native, port in PORTS.items():
+        for args, kwargs in _port_calls(port.__name__, x, g):
+            try:
+                want = native(x, *args, **kwargs)
+            except (RuntimeError, TypeError) as e:  # refused (a float q for a Tensor overload, a 1-D renorm ...)
+                with pytest.raises(type(e)):  # by the port too, with PyTorch's message
+                    port(x, *args, **kwargs)
+                continue
+            got = port(x, *args, **kwargs)
+            assert got.shape == want.shape and got.dtype == want.dtype, (native, args, kwargs)
+            assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0)), (native, args, kwargs)
 
 
 @pytest.mark.parametrize("name", sorted(RULE_SAMPLES))
@@ -632,18 +697,29 @@ def test_composites_reach_the_rules(name):
 
 # Builtins without a rule at their kink: an error naming the call, never PyTorch's convention
 UNROUTED_AT_KINKS = {
-    "quantile": (lambda x: torch.quantile(x, 0.5), _T(1.0, 1.0, 1.0, 1.0), "quantile .* aten.sort"),
     "eigvalsh": (lambda x: torch.linalg.eigvalsh(torch.diag(x))[-1], _T(1.0, 1.0), "eigvalsh .* aten._linalg_eigh"),
-    "renorm": (lambda x: torch.renorm(x.reshape(1, 2), 2, 0, 1.0).sum(), _T(0.6, 0.8), "renorm .* aten.renorm"),
     "aten_relu_in_place": (lambda x: torch.ops.aten.relu_(x * 1).sum(), _T(0.0, 1.0), "aten.relu_"),
-    "cosine_embedding_margin": (lambda x: F.cosine_embedding_loss(x[:2].reshape(1, 2), x[2:].reshape(1, 2),
-                                                                   torch.tensor([-1.0]), margin=0.0),
-                                _T(1.0, 0.0, 0.0, 1.0), "cosine_embedding_loss .* aten.clamp_min_"),
     # facts the trace knew first (gradwise._ops._kinks): these gave one side's derivative, or Inf, silently
     "asin_at_minus_one": (lambda x: torch.asin(x).sum(), _T(-1.0, 0.0), "asin .* aten.asin"),
     "aten_hardswish_in_place": (lambda x: torch.ops.aten.hardswish_(x * 1).sum(), _T(3.0, 0.0), "aten.hardswish_"),
     "aten_pow_in_place": (lambda x: torch.ops.aten.pow_(x * 1, 0.5).sum(), _T(0.0, 1.0), "aten.pow_"),
 }
+
+
+def test_renorm_at_its_bound_jumps_outward_and_is_exact_inward():
+    """PyTorch's renorm scales by maxnorm / (norm + 1e-7) where norm > maxnorm: f jumps there. Along a direction
+    that shrinks the slice, f stays the identity (derivative d); outward, and tangentially (the norm grows at
+    second order), there is no one-sided derivative: an error, not PyTorch's convention."""
+    x = torch.tensor([[3.0, 4.0], [0.3, 0.4]], dtype=torch.float64)
+    f = lambda x: (torch.renorm(x, 2, 0, 5.0) * torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=x.dtype)).sum()
+    inward = -torch.ones_like(x)
+    got = float(gw.directional_derivative(f, x, inward))
+    assert got == pytest.approx(one_sided(f, [x], [inward], h=1e-9), abs=1e-6) and got == -10.0
+    for d in (torch.ones_like(x), torch.tensor([[4.0, -3.0], [1.0, 1.0]], dtype=torch.float64)):
+        with pytest.raises(NonsmoothError, match="f jumps at x along this direction"):
+            gw.directional_derivative(f, x, d)
+    with pytest.raises(NonsmoothError, match="f jumps"):
+        gw.generalized_grad(f, x, seed=0)
 
 
 @pytest.mark.parametrize("name", sorted(UNROUTED_AT_KINKS))

@@ -25,6 +25,7 @@ Modules (each imports only those above it in this list, plus torch, gradwise._ma
 ``_rules_jvp``        ``JVP_RULES``: forward-mode rules for smooth ops with a slow PyTorch formula.
 ``_rules_aten``       rules for aten overloads called directly (``_ATEN_ROUTES``, ``_aten_rule``).
 ``_scatter``          rules for scatter_reduce / index_reduce with amax/amin and embedding_bag(max).
+``_ports``            ``PORTS``: Python ports of C++ composites with kinks inside (quantile, renorm).
 ``_kink_watch``       ``_KinkWatch``: callables without a route, tested against ``gradwise._ops._kinks``
                       (``_SMOOTH_CALLS``).
 ``_kink_mode``        ``_KinkMode``, the TorchFunctionMode that sends f's kink ops to their rules.

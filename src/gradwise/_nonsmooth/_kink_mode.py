@@ -27,6 +27,7 @@ from gradwise._nonsmooth._kink_watch import (
     _unguarded,
     _watched,
 )
+from gradwise._nonsmooth._ports import PORTS
 from gradwise._nonsmooth._records import _Run, _user_line
 from gradwise._nonsmooth._rules import _ROUTES, UNRULED, _is_dual
 from gradwise._nonsmooth._rules_aten import _aten_rule
@@ -155,9 +156,10 @@ class _KinkMode(TorchFunctionMode):
             jvp = _JVP_ROUTES.get(func) if self.dual else None
             if jvp is not None and any(map(_is_dual, (*args, *kwargs.values()))):
                 return jvp(func, *args, **kwargs)
-            if _composite(func) and any(map(self.involved, (*args, *kwargs.values()))):
-                with self:
-                    return _unguarded(func)(*args, **kwargs)
+            port = PORTS.get(func) if "out" not in kwargs else None
+            if (port is not None or _composite(func)) and any(map(self.involved, (*args, *kwargs.values()))):
+                with self:  # the ops inside reach their rules
+                    return port(*args, **kwargs) if port is not None else _unguarded(func)(*args, **kwargs)
             if self.run.known is None and func not in _SMOOTH_CALLS and any(
                     map(self.involved, (*args, *kwargs.values()))):
                 out = _watched(func, args, kwargs, self.involved)
