@@ -237,6 +237,11 @@ RULE_SAMPLES = {
         torch.stack([x[:3], x.abs()[1:4], x[4:]]),
         torch.tensor([[1.0, -3.0, 5.0], [0.0, 1.0, 0.0], [-1.0, 2.0, 0.5]], dtype=x.dtype),
         torch.tensor([-1.0, -1.0, 1.0], dtype=x.dtype), margin=0.0, reduction="none"), [_X]),
+    # one eigenvalue of multiplicity 4 (= 1 at _X), split at first order along every direction: x[3] also couples
+    "eigvalsh": (lambda x: torch.linalg.eigvalsh(
+        torch.diag(torch.stack([x[2].abs() + 1, x[3] + 0.5, x[4], x[5] - 2]))
+        + (x[3] - 0.5) * torch.tensor([[0.0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]], dtype=x.dtype)),
+                 [_X]),
     "nanquantile": (lambda x: torch.stack([torch.nanquantile(x.abs(), q, interpolation=i)
                                            for q in (0.4, 0.75) for i in _INTERPOLATIONS]), [_X]),
     "fmod": (lambda x: torch.trunc(x) + torch.fmod(x, 1.0), [_X]),
@@ -482,7 +487,15 @@ def _tied_relu_mlp():
     return (lambda w1, b1, w2: torch.relu(torch.relu(x @ w1.T + b1) @ w2.T).amax(dim=1).sum()), (w1, b1, w2)
 
 
-LOCK_CASES = {"int-conv-maxpool": _int_conv_net, "tied-relu-mlp-amax": _tied_relu_mlp}
+def _repeated_eigenvalues():
+    """A batch of symmetric 3x3 matrices at multiples of I (every eigenvalue repeated), eigenvalues weighted."""
+    x = torch.arange(1.0, 6.0, dtype=torch.float64).reshape(5, 1, 1) * torch.eye(3, dtype=torch.float64)
+    w = torch.tensor([3.0, -1.0, 2.0], dtype=torch.float64)
+    return (lambda x: (torch.linalg.eigvalsh((x + x.mT) / 2) * w).sum()), (x,)
+
+
+LOCK_CASES = {"int-conv-maxpool": _int_conv_net, "tied-relu-mlp-amax": _tied_relu_mlp,
+              "repeated-eigenvalues": _repeated_eigenvalues}
 
 
 @pytest.mark.parametrize("name", sorted(LOCK_CASES))
@@ -697,7 +710,7 @@ def test_composites_reach_the_rules(name):
 
 # Builtins without a rule at their kink: an error naming the call, never PyTorch's convention
 UNROUTED_AT_KINKS = {
-    "eigvalsh": (lambda x: torch.linalg.eigvalsh(torch.diag(x))[-1], _T(1.0, 1.0), "eigvalsh .* aten._linalg_eigh"),
+    "svdvals": (lambda x: torch.linalg.svdvals(torch.diag(x))[0], _T(1.0, 1.0), "svdvals .* aten._linalg_svd"),
     "aten_relu_in_place": (lambda x: torch.ops.aten.relu_(x * 1).sum(), _T(0.0, 1.0), "aten.relu_"),
     # facts the trace knew first (gradwise._ops._kinks): these gave one side's derivative, or Inf, silently
     "asin_at_minus_one": (lambda x: torch.asin(x).sum(), _T(-1.0, 0.0), "asin .* aten.asin"),

@@ -31,7 +31,8 @@ KNOWN = {
     "lasso-13d-at-zero-optimum": "13 tied kinks exceed MAX_KINKS: sampled directions leave it undecided",
     "row-norms-with-a-zero-row": "a norm at 0 is a continuum of pieces: stationarity is sampled, undecided",
     "sqrt-of-square-at-zero": "sqrt at 0 raises (singular); use linalg.vector_norm",
-    "max-eigenvalue-repeated": "eigvalsh has no rule: NonsmoothError at a repeated eigenvalue",
+    "max-eigenvalue-repeated": "an eigenvalue cluster is a continuum of pieces: stationarity is sampled, "
+                               "undecided (directions and generalized gradients are exact)",
     "where-eq-zero-guard-expm1-over-x": "a removable singularity behind x == 0: NonsmoothError (f's branch changes)",
     "checkpoint-reentrant-block-nan-rows-sliced": "PyTorch: reentrant checkpoint is incompatible with .grad()",
     "complex-abs-at-zero-stft-silence": "abs of a complex 0 is a cone: NonsmoothError",

@@ -1,6 +1,6 @@
 """Kink rules at singular points and for norms and distances: sqrt, pow, vector/matrix norms, cdist, pdist,
 dist, pairwise_distance, hypot, std, argmax/argmin/argsort/aminmax, msort, remainder/fmod, elu/selu/rrelu,
-smooth_l1_loss, triplet_margin_loss.
+smooth_l1_loss, triplet_margin_loss; eigvalsh at repeated eigenvalues.
 
 May import: torch, gradwise._masks, ``_errors``, ``_records``, ``_rules``, ``_rules_pointwise``, ``_rules_select``.
 """
@@ -322,3 +322,78 @@ def triplet_margin_loss(run, func, anchor, positive, negative, margin=1.0, p=2, 
                      lambda: torch.minimum(d_an, dist(positive, negative)))
     loss = _hinge(run, "aten.triplet_margin_loss", dist(anchor, positive) - d_an + margin)
     return _reduce(loss, reduction, size_average, reduce)
+
+
+# --- eigenvalues ---------------------------------------------------------------------------------------------
+
+
+class _SpectralLock(torch.autograd.Function):
+    """Eigenvalues ``values`` (PyTorch's, kept bit for bit) whose derivative is locked to the unit columns v_i of
+    ``vecs``: S' -> v_iᵀ S' v_i forward, g -> Σ g_i v_i v_iᵀ in reverse (the gradient of the piece v_iᵀ S v_i)."""
+
+    @staticmethod
+    def forward(ctx, sym: Tensor, values: Tensor, vecs: Tensor) -> Tensor:
+        ctx.save_for_backward(vecs)
+        ctx.save_for_forward(vecs)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (vecs,) = ctx.saved_tensors
+        return (vecs * grad.unsqueeze(-2)) @ vecs.mT, None, None
+
+    @staticmethod
+    def jvp(ctx, sym_t: Tensor, values_t, vecs_t) -> Tensor:
+        (vecs,) = ctx.saved_tensors
+        return (vecs.mT @ sym_t @ vecs).diagonal(dim1=-2, dim2=-1)
+
+
+def _symmetric(a: Tensor, uplo: str) -> Tensor:
+    """The symmetric matrix eigvalsh reads from a's ``uplo`` triangle."""
+    t = a.tril() if uplo.upper() == "L" else a.triu()
+    return t + (a.tril(-1) if uplo.upper() == "L" else a.triu(1)).mT
+
+
+@kink_rule(aten.linalg_eigvalsh, torch.linalg.eigvalsh)
+def eigvalsh(run, func, a, UPLO="L"):
+    """Eigenvalues of a symmetric matrix, ascending. At an eigenvalue repeated exactly (a cluster with basis U of
+    its eigenspace), the cluster's one-sided derivatives are the eigenvalues of Uᵀ S' U, ascending; each is locked
+    to v_iᵀ S v_i with v_i = U w_i (w_i those eigenvectors), so the reverse pass gives v_i v_iᵀ, a gradient of
+    the cluster's pieces. A cluster holds a continuum of pieces (like a norm at 0): stationarity samples them.
+    Distinct eigenvalues keep PyTorch's derivative; complex (Hermitian) input: no rule, an error at a cluster."""
+    ap, at = _split(a)
+    values, vecs = torch.linalg.eigh(ap.detach(), UPLO=UPLO)
+    gap = (values[..., 1:] - values[..., :-1]).abs()
+    run.note_near("aten.linalg_eigvalsh", gap)
+    links = gap <= run.tie_tol
+    if not mask_any(links):
+        return func(a, UPLO)
+    if ap.is_complex():
+        raise NonsmoothError(f"aten.linalg_eigvalsh at {_user_line()}: a repeated eigenvalue of a complex "
+                             "Hermitian matrix; gradwise's rule covers real symmetric matrices")
+    n = values.shape[-1]
+    flat_links, flat_vecs = links.reshape(-1, n - 1), vecs.reshape(-1, n, n).clone()
+    st = None if at is None else _symmetric(at.detach(), UPLO).reshape(-1, n, n)
+    in_cluster = torch.zeros(flat_links.shape[0], n, dtype=torch.bool, device=ap.device)
+    clusters = 0
+    for b in flat_links.any(-1).nonzero().flatten().tolist():  # matrices with a cluster (few)
+        tied = flat_links[b].tolist()
+        i = 0
+        while i < n - 1:
+            if not tied[i]:
+                i += 1
+                continue
+            j = i + 1
+            while j < n - 1 and tied[j]:
+                j += 1
+            u = flat_vecs[b, :, i : j + 1]
+            if st is not None:  # the cluster's order along the direction: eigenvalues of Uᵀ S' U
+                flat_vecs[b, :, i : j + 1] = u @ torch.linalg.eigh(u.mT @ st[b] @ u).eigenvectors
+            in_cluster[b, i : j + 1] = True
+            clusters += 1
+            i = j + 1
+    run.kinks.append(Kink("aten.linalg_eigvalsh", _user_line(), "select",
+                          torch.ones(clusters, 1, dtype=torch.bool, device=ap.device), continuum=True))
+    native = func(a, UPLO)
+    locked = _SpectralLock.apply(_symmetric(a, UPLO), _split(native)[0].detach(), flat_vecs.reshape(vecs.shape))
+    return torch.where(in_cluster.reshape(values.shape), locked, native)
