@@ -127,6 +127,13 @@ def test_shared_nonsmooth_cases(entry):
 
 _X = torch.tensor([-3.0, -1.0, 0.0, 0.5, 1.0, 3.0, 6.0], dtype=torch.float64)
 _INTERPOLATIONS = ("linear", "lower", "higher", "nearest", "midpoint")
+
+
+def _tied_matrix(x):
+    """5x5 from _X: diagonal |x0|, x5, x3 + 0.5, x4, x2 (3, 3, 1, 1, 0 at _X), x3 - 0.5 (0 at _X) coupling
+    neighbouring rows (x1 and x6 stay out: the NaN/Inf test puts them there, and an SVD refuses them)."""
+    return torch.diag(torch.stack([x[0].abs(), x[5], x[3] + 0.5, x[4], x[2]])) \
+        + (x[3] - 0.5) * torch.eye(5, dtype=x.dtype).roll(1, 0)
 RULE_SAMPLES = {
     "relu": (torch.relu, [_X]),
     "abs": (torch.abs, [_X]),
@@ -203,7 +210,12 @@ RULE_SAMPLES = {
     "std": (lambda x: torch.stack([x.abs()[[1, 4]].std(), x.std()]), [_X]),  # |x| is 1 at both: std 0
     "hypot": (lambda x: torch.hypot(x, 2 * x), [_X]),
     "matrix_norm": (lambda x: torch.stack([torch.linalg.matrix_norm(x[2:3].reshape(1, 1)),
-                                           torch.linalg.matrix_norm(x[:6].reshape(2, 3))]), [_X]),
+                                           torch.linalg.matrix_norm(x[:6].reshape(2, 3))]
+                                          + [torch.linalg.matrix_norm(_tied_matrix(x), o)  # tied singular values
+                                             for o in (2, -2, "nuc", 1, -1, math.inf, -math.inf)]), [_X]),
+    # singular values 3, 3 (|x0| = x5), 1, 1 (|x1| = x4) and 0 (x2) of a 5x5 diagonal, plus x3 coupling rows 0, 4
+    "svdvals": (lambda x: torch.linalg.svdvals(_tied_matrix(x)) * torch.arange(5.0, 0.0, -1.0, dtype=x.dtype),
+                [_X]),
     "std_mean": (lambda x: torch.stack(torch.std_mean(x.abs()[[1, 4]])), [_X]),
     "msort": (lambda x: torch.msort(x.abs()) * torch.arange(7.0, dtype=x.dtype), [_X]),  # |x| ties at 1 and 3
     "eq": (lambda x: torch.where(x == 1.0, 2 * x - 1.0, x), [_X]),  # both branches are 1 at the tie
@@ -240,8 +252,8 @@ RULE_SAMPLES = {
     # one eigenvalue of multiplicity 4 (= 1 at _X), split at first order along every direction: x[3] also couples
     "eigvalsh": (lambda x: torch.linalg.eigvalsh(
         torch.diag(torch.stack([x[2].abs() + 1, x[3] + 0.5, x[4], x[5] - 2]))
-        + (x[3] - 0.5) * torch.tensor([[0.0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]], dtype=x.dtype)),
-                 [_X]),
+        + (x[3] - 0.5) * torch.tensor([[0.0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]], dtype=x.dtype))
+        * torch.tensor([1.0, -2.0, 3.0, 0.5], dtype=x.dtype), [_X]),
     "nanquantile": (lambda x: torch.stack([torch.nanquantile(x.abs(), q, interpolation=i)
                                            for q in (0.4, 0.75) for i in _INTERPOLATIONS]), [_X]),
     "fmod": (lambda x: torch.trunc(x) + torch.fmod(x, 1.0), [_X]),
@@ -622,10 +634,22 @@ def test_jvp_rules_match_pytorch_forward_ad(conv):
         torch.testing.assert_close(gw.directional_derivative(f, (x, w, b), ds), ref)
 
 
+# rules whose kinks hold a continuum of pieces (repeated eigen/singular values): the hull of sampled nearby
+# gradients misses extreme points, so their generalized gradient is checked as the limit along its own ray
+CONTINUUM_SAMPLES = {"eigvalsh", "svdvals", "matrix_norm"}
+
+
 @pytest.mark.parametrize("name", sorted(RULE_SAMPLES))
 def test_rule_generalized_grad_is_a_limit_of_nearby_gradients(name):
     f, xs = RULE_SAMPLES[name]
     total = lambda *a: f(*a).sum()
+    if name in CONTINUUM_SAMPLES:  # the gradient at a differentiable point of the ray x + t d, t -> 0+
+        for seed in range(2):
+            g = flat(gw.generalized_grad(total, tuple(xs), seed=seed))
+            d = gw._nonsmooth._engine._random_direction(tuple(xs), seed)[0]
+            ys = [(x + 1e-7 * e).requires_grad_(True) for x, e in zip(xs, d, strict=True)]
+            np.testing.assert_allclose(g, flat(torch.autograd.grad(total(*ys), ys)), atol=1e-4)
+        return
     near = nearby_gradients(total, xs, n=150)
     for seed in range(2):
         assert hull_distance(flat(gw.generalized_grad(total, tuple(xs), seed=seed)), near) < 1e-4
@@ -710,7 +734,8 @@ def test_composites_reach_the_rules(name):
 
 # Builtins without a rule at their kink: an error naming the call, never PyTorch's convention
 UNROUTED_AT_KINKS = {
-    "svdvals": (lambda x: torch.linalg.svdvals(torch.diag(x))[0], _T(1.0, 1.0), "svdvals .* aten._linalg_svd"),
+    "eigh_with_vectors": (lambda x: torch.linalg.eigh(torch.diag(x)).eigenvalues[-1], _T(1.0, 1.0),
+                          "eigh .* aten._linalg_eigh"),
     "aten_relu_in_place": (lambda x: torch.ops.aten.relu_(x * 1).sum(), _T(0.0, 1.0), "aten.relu_"),
     # facts the trace knew first (gradwise._ops._kinks): these gave one side's derivative, or Inf, silently
     "asin_at_minus_one": (lambda x: torch.asin(x).sum(), _T(-1.0, 0.0), "asin .* aten.asin"),

@@ -87,17 +87,33 @@ def norm(run, func, x, p=None, dim=None, keepdim=False, *args, **kwargs):
         return vector_norm(run, func, x, 2, dim, keepdim)
     vector = isinstance(dim, int) or x.dim() <= 1 or (dim is None and func is not torch.linalg.norm) or (
         func is not torch.linalg.norm and isinstance(p, (int, float)))
-    if not vector or not isinstance(p, (int, float)):
-        raise NonsmoothError(f"{getattr(func, '__name__', func)}(ord={p!r}) at {_user_line()} is a matrix norm, "
-                             "for which gradwise has no kink rule (its derivative where singular values or column "
-                             "sums tie would be PyTorch's convention); the Frobenius norm and vector norms have one")
+    if not vector:
+        return matrix_norm(run, torch.linalg.matrix_norm, x, p, (-2, -1) if dim is None else dim, keepdim)
     return vector_norm(run, func, x, p, dim, keepdim)
 
 
 @kink_rule(aten.linalg_matrix_norm, torch.linalg.matrix_norm)
 def matrix_norm(run, func, x, ord="fro", dim=(-2, -1), keepdim=False, *, dtype=None):
-    """The Frobenius norm through the vector_norm rule; other matrix norms: the error of `norm`."""
-    return norm(run, torch.linalg.norm, x, ord, dim, keepdim)
+    """Matrix norms as ATen computes them: Frobenius through the vector_norm rule; 2, -2 and 'nuc' (largest,
+    smallest, sum of the singular values) through the svdvals rule; 1, -1, inf, -inf (largest or smallest 1-norm
+    of the columns or rows) through the vector_norm (abs) and amax/amin rules."""
+    if dtype is not None:
+        x = x.to(dtype)
+    d0, d1 = (d % x.dim() for d in dim)
+    if ord in ("fro", None):
+        return vector_norm(run, torch.linalg.vector_norm, x, 2, (d0, d1), keepdim)
+    if ord in (2, -2, "nuc"):
+        s = svdvals(run, torch.linalg.svdvals, x.movedim((d0, d1), (-2, -1)))
+        out = s.sum(-1) if ord == "nuc" else s[..., 0] if ord == 2 else s[..., -1]  # s is descending
+        return out.unsqueeze(-1).unsqueeze(-1).movedim((-2, -1), (d0, d1)) if keepdim else out
+    if ord not in (1, -1, math.inf, -math.inf):
+        raise ValueError(f"linalg.matrix_norm: Order {ord} not supported.")
+    if math.isinf(ord):  # rows: the 1-norm over the columns' dim
+        d0, d1 = d1, d0
+    if d0 < d1 and not keepdim:
+        d1 -= 1
+    sums = vector_norm(run, torch.linalg.vector_norm, x, 1, d0, keepdim)
+    return _reduce_select(run, "aten.linalg_matrix_norm", sums, (d1,), keepdim, ord > 0)[0]
 
 
 def _coincident_norms(run, op: str, out: Tensor, diffs: Callable, p: float, same: Tensor) -> Tensor:
@@ -397,3 +413,89 @@ def eigvalsh(run, func, a, UPLO="L"):
     native = func(a, UPLO)
     locked = _SpectralLock.apply(_symmetric(a, UPLO), _split(native)[0].detach(), flat_vecs.reshape(vecs.shape))
     return torch.where(in_cluster.reshape(values.shape), locked, native)
+
+
+class _SingularLock(torch.autograd.Function):
+    """Singular values ``values`` (PyTorch's) locked to the unit pairs (u_i, v_i), the columns of ``left`` and
+    ``right``: A' -> u_iᵀ A' v_i forward, g -> Σ g_i u_i v_iᵀ in reverse (the gradient of the piece u_iᵀ A v_i)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, values: Tensor, left: Tensor, right: Tensor) -> Tensor:
+        ctx.save_for_backward(left, right)
+        ctx.save_for_forward(left, right)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        left, right = ctx.saved_tensors
+        return (left * grad.unsqueeze(-2)) @ right.mT, None, None, None
+
+    @staticmethod
+    def jvp(ctx, a_t: Tensor, values_t, left_t, right_t) -> Tensor:
+        left, right = ctx.saved_tensors
+        return (left.mT @ a_t @ right).diagonal(dim1=-2, dim2=-1)
+
+
+def _singular_groups(s: list[float], tol: float) -> list[tuple[int, int]]:
+    """Index ranges [i, j) of s (descending) that sit at a kink: runs of tied values, and the run at 0."""
+    groups, i, k = [], 0, len(s)
+    while i < k:
+        j = i + 1
+        while j < k and math.fabs(s[j - 1] - s[j]) <= tol:  # (abs here is the abs rule)
+            j += 1
+        if j - i > 1 or s[i] <= tol:
+            groups.append((i, j if s[i] > tol else k))
+            if s[i] <= tol:
+                break
+        i = j
+    return groups
+
+
+@kink_rule(aten.linalg_svdvals, torch.linalg.svdvals)
+def svdvals(run, func, a, *, driver=None):
+    """Singular values, descending. Where some are repeated exactly or 0 (a cluster with singular vector bases
+    U, V), the cluster's one-sided derivatives are, for a value > 0, the eigenvalues of sym(Uᵀ A' V), descending;
+    at 0 (U, V spanning the left and right complements), the singular values of Uᵀ A' V. Each is locked to
+    u_iᵀ A v_i for the matching unit pair, so the reverse pass gives u_i v_iᵀ; a continuum of pieces (as a norm at
+    0): stationarity samples. Spectral and nuclear norms go through this rule; complex input: an error there."""
+    ap, at = _split(a)
+    u, s, vh = torch.linalg.svd(ap.detach(), full_matrices=True)
+    k = s.shape[-1]
+    gap = (s[..., :-1] - s[..., 1:]).abs()
+    run.note_near("aten.linalg_svdvals", torch.cat([gap, s[..., -1:]], -1))
+    if k == 0 or not (mask_any(gap <= run.tie_tol) or mask_any(s[..., -1] <= run.tie_tol)):
+        return func(a, driver=driver)
+    if ap.is_complex():
+        raise NonsmoothError(f"aten.linalg_svdvals at {_user_line()}: a repeated or zero singular value of a "
+                             "complex matrix; gradwise's rule covers real matrices")
+    m, n = ap.shape[-2:]
+    fu, fs, fv = u.reshape(-1, m, m), s.reshape(-1, k), vh.mT.reshape(-1, n, n)
+    left, right = fu[..., :k].clone(), fv[..., :k].clone()
+    ft = None if at is None else at.detach().reshape(-1, m, n)
+    kinky = torch.zeros(fs.shape, dtype=torch.bool, device=ap.device)
+    clusters = 0
+    for b in range(fs.shape[0]):
+        for i, j in _singular_groups(fs[b].tolist(), run.tie_tol):
+            if fs[b, i] > run.tie_tol:  # a repeated positive value: eigenvalues of sym(Uᵀ A' V), descending
+                uc, vc = fu[b, :, i:j], fv[b, :, i:j]
+                if ft is not None:
+                    mt = uc.mT @ ft[b] @ vc
+                    w = torch.linalg.eigh((mt + mt.mT) / 2).eigenvectors.flip(-1)
+                    uc, vc = uc @ w, vc @ w
+            else:  # the values at 0: singular values of Uᵀ A' V over the complements
+                uc, vc = fu[b, :, i:], fv[b, :, i:]
+                if ft is not None:
+                    p, _, qh = torch.linalg.svd(uc.mT @ ft[b] @ vc, full_matrices=True)
+                    uc, vc = uc @ p, vc @ qh.mT
+                uc, vc = uc[:, : j - i], vc[:, : j - i]
+            left[b, :, i:j], right[b, :, i:j] = uc, vc
+            kinky[b, i:j] = True
+            clusters += 1
+    if not clusters:
+        return func(a, driver=driver)
+    run.kinks.append(Kink("aten.linalg_svdvals", _user_line(), "select",
+                          torch.ones(clusters, 1, dtype=torch.bool, device=ap.device), continuum=True))
+    native = func(a, driver=driver)
+    locked = _SingularLock.apply(a, _split(native)[0].detach(), left.reshape(*s.shape[:-1], m, k),
+                                 right.reshape(*s.shape[:-1], n, k))
+    return torch.where(kinky.reshape(s.shape), locked, native)
