@@ -20,7 +20,8 @@ with a False factor are rewritten to 0). Rules (one per aten op, ``PASS_RULES``)
 - travel, reads: ``index``/``gather``/``index_select`` apply the same read to the mask.
 - annihilate: ``mul(a, b)`` -> ``where(sup a & sup b, a * b, 0)``; ``div(a, b)`` with a supported numerator
   likewise; ``prims.fma(a, b, c)`` -> ``where(sup a & sup b, fma, c)``; ``mm(A, B)`` with a sensitivity A
-  zeroes B's rows k where column k of A is all structural zero (and symmetrically), ``bmm`` per batch; the CPU
+  zeroes B's rows k where column k of A is all structural zero (and symmetrically), ``bmm`` per batch, unless
+  A's zeros all mark flat regions of forward values (relu's dead units: ``_Rewriter.flat``); the CPU
   flash attention backward replaces discarded query rows and unread keys by harmless values, as its eager rule.
 
 Only *sensitivities* (nodes that depend on a ``tangents_*`` input) and constant zeros carry supports: a forward
@@ -72,6 +73,9 @@ class _Rewriter:
         self.sens: set[fx.Node] = set()
         self.cursor: fx.Node | None = None
         self.rewritten = 0
+        self.created: set[fx.Node] = set()
+        self.flat_zeros: set[fx.Node] = set()  # False constants that stand for a flat region (see `flat`)
+        self._flat: dict[fx.Node, bool] = {}
 
     # -- building nodes ---------------------------------------------------------------------------------
     def call(self, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
@@ -82,7 +86,26 @@ class _Rewriter:
         vals = torch.fx.node.map_arg((args, kwargs), _val)
         with self.mode:
             node.meta["val"] = target(*vals[0], **vals[1])
+        self.created.add(node)
         return node
+
+    def flat(self, mask: Any) -> bool:
+        """Whether every False of ``mask`` stands for a flat region of a forward value (relu's dead units: a
+        ``where`` on a comparison of a forward activation, ``threshold_backward``), none for zeros a formula
+        placed (slices, padding, masks): copying a value operand to zero what meets only such zeros buys little
+        (a NaN there is rare, and then the runtime check re-runs the backward op by op, exactly)."""
+        if mask is None:
+            return True
+        if mask is FALSE or not isinstance(mask, fx.Node):
+            return False
+        known = self._flat.get(mask)
+        if known is None:
+            if mask.target is aten.full.default and mask in self.created:
+                known = mask in self.flat_zeros or mask.args[1] is not False
+            else:
+                known = all(self.flat(a) for a in mask.all_input_nodes if a in self.created)
+            self._flat[mask] = known
+        return known
 
     def shape_of(self, like: fx.Node) -> list:
         """``like``'s sizes as graph arguments (sym_size nodes for symbolic ones)."""
@@ -285,6 +308,10 @@ def _fma(rw: _Rewriter, node: fx.Node) -> Any:
     return result
 
 
+_COMPARISONS = {aten.le.Scalar, aten.lt.Scalar, aten.ge.Scalar, aten.gt.Scalar, aten.le.Tensor, aten.lt.Tensor,
+                aten.ge.Tensor, aten.gt.Tensor}
+
+
 @_rule(aten.where.self)
 def _where(rw: _Rewriter, node: fx.Node) -> Any:
     cond, a, b = node.args[:3]
@@ -293,7 +320,23 @@ def _where(rw: _Rewriter, node: fx.Node) -> Any:
         return None
     if ma is FALSE and mb is FALSE:
         return FALSE
-    return rw.call(aten.where.self, cond, rw.small(ma, node), rw.small(mb, node))
+    sa, sb = rw.small(ma, node), rw.small(mb, node)
+    if _flat_region(rw, cond):  # relu's backward as inductor decomposes it: where(x <= 0, 0, g)
+        rw.flat_zeros.update(m for m, src in ((sa, ma), (sb, mb)) if src is FALSE)
+    return rw.call(aten.where.self, cond, sa, sb)
+
+
+def _flat_region(rw: _Rewriter, cond: Any) -> bool:
+    """Whether a where's condition compares a forward activation with a threshold (relu's x <= 0): computed in
+    the backward, or saved by the partitioner as a bool input named after its comparison (``le``, ``le_3`` ...;
+    a padding or attention mask is an ``eq``/``ne`` or an input). A guess used for speed only."""
+    if not isinstance(cond, fx.Node) or cond in rw.sens:
+        return False
+    if cond.op == "placeholder":
+        val = _val(cond)
+        return isinstance(val, torch.Tensor) and val.dtype == torch.bool \
+            and cond.name.split("_")[0] in ("le", "lt", "ge", "gt")
+    return cond.target in _COMPARISONS and _floating(_val(cond.args[0]))
 
 
 @_rule(aten.threshold_backward.default)
@@ -368,17 +411,20 @@ def _mm(rw: _Rewriter, node: fx.Node) -> Any:
     if ma is FALSE or mb is FALSE:
         out = FALSE
     else:
+        # a copy of the value operand (extern mm input: nothing fuses it) only for zeros a formula placed
         if ma is not None:
             full = rw.exact(ma, a)
-            cols = rw.call(aten.any.dims, full, [k_a], True)  # [(b,) 1, k]: column k of A meets something
-            cols = rw.call(aten.permute.default, cols, _swap_last(_val(cols).dim()))  # [(b,) k, 1]
-            new_b = rw.call(aten.where.self, cols, b, rw.zero(b))
+            if not rw.flat(ma):
+                cols = rw.call(aten.any.dims, full, [k_a], True)  # [(b,) 1, k]: column k of A meets something
+                cols = rw.call(aten.permute.default, cols, _swap_last(_val(cols).dim()))  # [(b,) k, 1]
+                new_b = rw.call(aten.where.self, cols, b, rw.zero(b))
             out_masks.append(rw.call(aten.any.dims, full, [row_a], True))  # [(b,) n, 1]
         if mb is not None:
             full = rw.exact(mb, b)
-            rows = rw.call(aten.any.dims, full, [k_b], True)  # [(b,) k, 1]
-            rows = rw.call(aten.permute.default, rows, _swap_last(_val(rows).dim()))  # [(b,) 1, k]
-            new_a = rw.call(aten.where.self, rows, a, rw.zero(a))
+            if not rw.flat(mb):
+                rows = rw.call(aten.any.dims, full, [k_b], True)  # [(b,) k, 1]
+                rows = rw.call(aten.permute.default, rows, _swap_last(_val(rows).dim()))  # [(b,) 1, k]
+                new_a = rw.call(aten.where.self, rows, a, rw.zero(a))
             out_masks.append(rw.call(aten.any.dims, full, [col_b], True))  # [(b,) 1, m]
         out = out_masks[0] if len(out_masks) == 1 else rw.both(*out_masks)
     if out is FALSE:  # all of A (or B) is structural zero: so is the product, whatever the other holds
