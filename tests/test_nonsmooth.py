@@ -885,3 +885,42 @@ def test_two_column_argmax_is_argmax(dtype):
     assert torch.equal(_argmax_last(k), k.argmax(-1))
     k3 = torch.randn(50, 3, generator=torch.Generator().manual_seed(0)).round().to(dtype)
     assert torch.equal(_argmax_last(k3), k3.argmax(-1))
+
+
+def test_binary_ops_with_one_dual_operand_match_pytorch():
+    """The forward-mode routes for add/sub/mul/div with one dual and one plain operand (PyTorch's zero tangent for
+    the plain side runs through Python references, ~0.1-0.2 ms per op): values and reverse-mode gradients bitwise
+    PyTorch's, tangents equal to its formula's, for either side dual, reflected dunders, broadcasting, numbers,
+    alpha, and a promoted plain operand (left to PyTorch)."""
+    import torch.autograd.forward_ad as fwAD
+
+    from gradwise._nonsmooth._rules_jvp import _JVP_ROUTES
+
+    g = torch.Generator().manual_seed(0)
+    functional = {torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.true_divide}
+    checked = 0
+    for call, rule in _JVP_ROUTES.items():
+        if rule.__name__ in ("convolution", "linear"):
+            continue
+        for (ys, cs), dual_first, other in itertools.product(
+                (((3, 4), (3, 4)), ((3, 1), (1, 4)), ((3, 4), ()), ((), (3, 4))), (True, False),
+                ("float64", "number", "float32")):
+            p = torch.randn(ys, generator=g, dtype=torch.float64) + 2
+            t = torch.randn(ys, generator=g, dtype=torch.float64)
+            c = 1.7 if other == "number" else torch.randn(cs, generator=g, dtype=getattr(torch, other)) + 2
+            if not dual_first and not isinstance(c, torch.Tensor) and call not in functional:
+                continue
+            for kw in ({}, {"alpha": 2.5}) if call in (torch.add, torch.sub, torch.subtract, torch.Tensor.add,
+                                                        torch.Tensor.sub) else ({},):
+                leaf = p.clone().requires_grad_()
+                with fwAD.dual_level():
+                    y = fwAD.make_dual(leaf, t)
+                    args = (y, c) if dual_first else (c, y)
+                    want, got = call(*args, **kw), rule(call, *args, **kw)
+                    (wp, wt), (gp, gt) = fwAD.unpack_dual(want), fwAD.unpack_dual(got)
+                    assert wp.dtype == gp.dtype and torch.equal(wp, gp), (call, ys, cs, dual_first, other, kw)
+                    torch.testing.assert_close(gt, wt, rtol=1e-12, atol=1e-12)
+                    assert torch.equal(torch.autograd.grad(wp.sum(), leaf, retain_graph=True)[0],
+                                       torch.autograd.grad(gp.sum(), leaf)[0])
+                    checked += 1
+    assert checked > 400
