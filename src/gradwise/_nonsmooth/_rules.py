@@ -154,24 +154,10 @@ def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = 
         if ((pp != nn_) & (choice == 0)).any():
             raise NonsmoothError(f"{op} at {_user_line()} jumps here: f is discontinuous at x along this "
                                  "direction, so the one-sided derivative does not exist")
-    out = _locked_where(lock, pos, neg)
+    out = torch.where(lock, pos, neg)
     if flat and run.tie_tol == 0:  # the tied elements sit on the kink: live, whichever side is locked
         run.mark_flat(out, neg, tie)
     return out
-
-
-def _locked_where(lock: Tensor, pos, neg):
-    """``where(lock, pos, neg)`` with its tangent built from plain tensors: PyTorch's forward mode gives a side
-    without a tangent an efficient zero tensor, whose arithmetic runs through Python references (~0.1-1 ms)."""
-    pp, pt = _split(pos)
-    np_, nt = _split(neg)
-    if pt is None and nt is None:
-        return torch.where(lock, pos, neg)
-    primal = torch.where(lock, pp, np_)
-    tangent = torch.where(lock, pt if pt is not None else 0.0, nt if nt is not None else 0.0)
-    if tangent.shape != primal.shape:
-        tangent = tangent.expand(primal.shape)
-    return fwAD.make_dual(primal, tangent.to(primal.dtype))
 
 
 def _finish(func, x: Tensor, out: Tensor, inplace: bool) -> Tensor:
