@@ -65,8 +65,6 @@ class _LazyKink(Kink):
     tensors, and most generalized-gradient passes never read them (a ranked pass's check, a later pass's
     history or an error message do). Reads give what `_Run.resolve` would have recorded."""
 
-    _LAZY = ("cand", "keys", "choice")
-
     def __init__(self, op: str, location: str, kind: str, cand, keys, choice, call: tuple[int, int],
                  descending: bool = True):
         self._built: dict[str, object] = {}

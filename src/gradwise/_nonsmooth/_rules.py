@@ -140,7 +140,7 @@ def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = 
         # as `_resolve_sign` records: two candidates per tie, the key (s', 0), s < 0's side where s' < 0
         record = run.lazy_record(op, "select", lambda: torch.ones(len(rows()), 2, dtype=torch.bool,
                                                                    device=tie.device),
-                                 lambda: [torch.stack([ds(), torch.zeros_like(ds())], 1)],
+                                 lambda: [torch.stack([d := ds(), torch.zeros_like(d)], 1)],
                                  lambda: (ds() < 0).to(torch.int64))
         record.write = lambda c: lock.data.view(-1).index_put_((rows(),), c == 0)
     else:

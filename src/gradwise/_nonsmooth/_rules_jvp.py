@@ -81,16 +81,15 @@ def _mixed(kind: str, reflected: bool = False):
         d, c = (a, b) if _is_dual(a) else (b, a)
         first = (d is a) != reflected  # the dual is the left operand of the arithmetic (reflected: c - self)
         p, t = _split(d)
-        if _is_dual(c) or not p.is_floating_point() or not _plain_operand(c, p) or isinstance(alpha, bool) \
+        if not p.is_floating_point() or not _plain_operand(c, p) or isinstance(alpha, bool) \
                 or not isinstance(alpha, (int, float)):
             return func(*args, **kwargs)
         out = func(p, b, **kwargs) if d is a else func(a, p, **kwargs)
         with torch.no_grad():
             cv = c.detach() if isinstance(c, Tensor) else c
-            if kind == "add":
-                tangent = t if first else t * alpha if alpha != 1 else t
-            elif kind == "sub":
-                tangent = t if first else -(t * alpha if alpha != 1 else t)
+            if kind in ("add", "sub"):  # alpha scales the right operand
+                tangent = t if first or alpha == 1 else t * alpha
+                tangent = -tangent if kind == "sub" and not first else tangent
             elif kind == "mul":
                 tangent = t * cv
             else:  # div: (y / c)' = y' / c; (c / y)' = -(y' * (c / y)) / y

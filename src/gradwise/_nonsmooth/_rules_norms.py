@@ -343,25 +343,26 @@ def triplet_margin_loss(run, func, anchor, positive, negative, margin=1.0, p=2, 
 # --- eigenvalues ---------------------------------------------------------------------------------------------
 
 
-class _SpectralLock(torch.autograd.Function):
-    """Eigenvalues ``values`` (PyTorch's, kept bit for bit) whose derivative is locked to the unit columns v_i of
-    ``vecs``: S' -> v_iᵀ S' v_i forward, g -> Σ g_i v_i v_iᵀ in reverse (the gradient of the piece v_iᵀ S v_i)."""
+class _PieceLock(torch.autograd.Function):
+    """Eigen- or singular values ``values`` (PyTorch's, kept bit for bit) locked to the unit pairs (u_i, v_i), the
+    columns of ``left`` and ``right`` (the same vectors for eigenvalues): A' -> u_iᵀ A' v_i forward,
+    g -> Σ g_i u_i v_iᵀ in reverse (the gradient of the piece u_iᵀ A v_i)."""
 
     @staticmethod
-    def forward(ctx, sym: Tensor, values: Tensor, vecs: Tensor) -> Tensor:
-        ctx.save_for_backward(vecs)
-        ctx.save_for_forward(vecs)
+    def forward(ctx, a: Tensor, values: Tensor, left: Tensor, right: Tensor) -> Tensor:
+        ctx.save_for_backward(left, right)
+        ctx.save_for_forward(left, right)
         return values.clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (vecs,) = ctx.saved_tensors
-        return (vecs * grad.unsqueeze(-2)) @ vecs.mT, None, None
+        left, right = ctx.saved_tensors
+        return (left * grad.unsqueeze(-2)) @ right.mT, None, None, None
 
     @staticmethod
-    def jvp(ctx, sym_t: Tensor, values_t, vecs_t) -> Tensor:
-        (vecs,) = ctx.saved_tensors
-        return (vecs.mT @ sym_t @ vecs).diagonal(dim1=-2, dim2=-1)
+    def jvp(ctx, a_t: Tensor, values_t, left_t, right_t) -> Tensor:
+        left, right = ctx.saved_tensors
+        return (left.mT @ a_t @ right).diagonal(dim1=-2, dim2=-1)
 
 
 def _symmetric(a: Tensor, uplo: str) -> Tensor:
@@ -411,29 +412,9 @@ def eigvalsh(run, func, a, UPLO="L"):
     run.kinks.append(Kink("aten.linalg_eigvalsh", _user_line(), "select",
                           torch.ones(clusters, 1, dtype=torch.bool, device=ap.device), continuum=True))
     native = func(a, UPLO)
-    locked = _SpectralLock.apply(_symmetric(a, UPLO), _split(native)[0].detach(), flat_vecs.reshape(vecs.shape))
+    vecs = flat_vecs.reshape(vecs.shape)
+    locked = _PieceLock.apply(_symmetric(a, UPLO), _split(native)[0].detach(), vecs, vecs)
     return torch.where(in_cluster.reshape(values.shape), locked, native)
-
-
-class _SingularLock(torch.autograd.Function):
-    """Singular values ``values`` (PyTorch's) locked to the unit pairs (u_i, v_i), the columns of ``left`` and
-    ``right``: A' -> u_iᵀ A' v_i forward, g -> Σ g_i u_i v_iᵀ in reverse (the gradient of the piece u_iᵀ A v_i)."""
-
-    @staticmethod
-    def forward(ctx, a: Tensor, values: Tensor, left: Tensor, right: Tensor) -> Tensor:
-        ctx.save_for_backward(left, right)
-        ctx.save_for_forward(left, right)
-        return values.clone()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        left, right = ctx.saved_tensors
-        return (left * grad.unsqueeze(-2)) @ right.mT, None, None, None
-
-    @staticmethod
-    def jvp(ctx, a_t: Tensor, values_t, left_t, right_t) -> Tensor:
-        left, right = ctx.saved_tensors
-        return (left.mT @ a_t @ right).diagonal(dim1=-2, dim2=-1)
 
 
 def _singular_groups(s: list[float], tol: float) -> list[tuple[int, int]]:
@@ -491,11 +472,9 @@ def svdvals(run, func, a, *, driver=None):
             left[b, :, i:j], right[b, :, i:j] = uc, vc
             kinky[b, i:j] = True
             clusters += 1
-    if not clusters:
-        return func(a, driver=driver)
     run.kinks.append(Kink("aten.linalg_svdvals", _user_line(), "select",
                           torch.ones(clusters, 1, dtype=torch.bool, device=ap.device), continuum=True))
     native = func(a, driver=driver)
-    locked = _SingularLock.apply(a, _split(native)[0].detach(), left.reshape(*s.shape[:-1], m, k),
-                                 right.reshape(*s.shape[:-1], n, k))
+    locked = _PieceLock.apply(a, _split(native)[0].detach(), left.reshape(*s.shape[:-1], m, k),
+                               right.reshape(*s.shape[:-1], n, k))
     return torch.where(kinky.reshape(s.shape), locked, native)
