@@ -98,14 +98,24 @@ class _Rewriter:
             return True
         if mask is FALSE or not isinstance(mask, fx.Node):
             return False
-        known = self._flat.get(mask)
-        if known is None:
-            if mask.target is aten.full.default and mask in self.created:
-                known = mask in self.flat_zeros or mask.args[1] is not False
-            else:
-                known = all(self.flat(a) for a in mask.all_input_nodes if a in self.created)
-            self._flat[mask] = known
-        return known
+        stack = [mask]  # iterative: a deep network's masks form long chains of created nodes
+        while stack:
+            node = stack[-1]
+            if node in self._flat:
+                stack.pop()
+                continue
+            if node.target is aten.full.default and node in self.created:  # made here: True, or a False
+                self._flat[node] = node in self.flat_zeros or node.args[1] is not False
+                stack.pop()
+                continue
+            inputs = [a for a in node.all_input_nodes if a in self.created]
+            pending = [a for a in inputs if a not in self._flat]
+            if pending:
+                stack.extend(pending)
+                continue
+            self._flat[node] = all(self._flat[a] for a in inputs)
+            stack.pop()
+        return self._flat[mask]
 
     def shape_of(self, like: fx.Node) -> list:
         """``like``'s sizes as graph arguments (sym_size nodes for symbolic ones)."""
