@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize
 
@@ -568,6 +568,72 @@ def test_records_built_lazily_give_the_same_gradient(monkeypatch):
         for a, b in zip(got[seed], eager, strict=True):
             assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
 
+
+
+_EDGE_FLOATS = [0.0, -0.0, 1.0, -1.0, math.inf, -math.inf, math.nan, 5e-324, -5e-324, 1.4e-45, -1.4e-45, 1e-38, 3e38]
+
+
+_EDGE_PAIRS = [(a, b) for a in _EDGE_FLOATS for b in _EDGE_FLOATS]
+
+
+@settings(max_examples=80, deadline=None)
+@example(torch.float32, _EDGE_PAIRS)
+@example(torch.float64, _EDGE_PAIRS)
+@given(st.sampled_from([torch.float32, torch.float64]),
+       st.lists(st.tuples(st.one_of(st.sampled_from(_EDGE_FLOATS), st.floats(width=32)),
+                          st.one_of(st.sampled_from(_EDGE_FLOATS), st.floats(width=32))), min_size=1, max_size=40))
+def test_sign_lock_picks_the_sides_of_the_boolean_lock(dtype, pairs):
+    """`_sign_lock` (float passes) against the boolean lock it replaces: the s > 0 side exactly where not
+    where(s == 0, s', s) < 0, and |key| <= 1 exactly at s == 0; NaN, inf, signed zeros and subnormals included."""
+    from gradwise._nonsmooth._rules import _sign_lock
+
+    sp = torch.tensor([a for a, _ in pairs], dtype=dtype)
+    tangent = torch.tensor([b for _, b in pairs], dtype=dtype)
+    key = _sign_lock(sp, tangent)
+    # threshold_backward(x, key, -0.5) keeps x where not key <= -0.5 (a NaN key, from a NaN s, keeps it)
+    assert torch.equal(key.le(-0.5).logical_not(), torch.where(sp == 0, tangent, sp).lt(0).logical_not())
+    assert torch.equal(key.abs() <= 1, sp == 0)
+
+
+def test_relu_lock_record_and_write():
+    """The relu rule in a pass ranked by its own tangent: the lazy record says what an eager one does (ties at
+    0, one-sided choice by the sign of x', x' == 0 on the x side), and a written choice relocks the gradient."""
+    import torch.autograd.forward_ad as fwAD
+
+    from gradwise._nonsmooth._records import _Run
+    from gradwise._nonsmooth._rules_pointwise import relu
+
+    x = torch.tensor([0.0, 0.0, 1.0, -1.0, 0.0], requires_grad=True)
+    with fwAD.dual_level():
+        run = _Run(top_only=True)
+        out = relu(run, torch.relu, fwAD.make_dual(x, torch.tensor([1.0, -1.0, 5.0, 5.0, 0.0])))
+        primal, tangent = fwAD.unpack_dual(out)
+        assert torch.equal(tangent, torch.tensor([1.0, 0.0, 5.0, 0.0, 0.0]))
+        (record,) = run.kinks
+        assert record.cand.tolist() == [[True, True]] * 3
+        assert torch.equal(record.keys[0], torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]]))
+        assert record.choice.tolist() == [0, 1, 0]
+        assert torch.autograd.grad(primal.sum(), x, retain_graph=True)[0].tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
+        record.write(torch.tensor([1, 0, 1]))
+        assert torch.autograd.grad(primal.sum(), x)[0].tolist() == [0.0, 1.0, 1.0, 0.0, 0.0]
+
+
+def test_relu_tangent_and_gradient_are_pytorchs_off_the_kink():
+    """Without ties the relu rule computes the tangent itself (PyTorch's formula, without autograd recording
+    it): value, tangent and gradient bitwise PyTorch's, in float32 and float64."""
+    import torch.autograd.forward_ad as fwAD
+
+    from gradwise._nonsmooth._rules_pointwise import _dual_relu
+
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(64, 33, dtype=dtype, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        d = torch.randn(64, 33, dtype=dtype, generator=torch.Generator().manual_seed(1))
+        g = torch.randn(64, 33, dtype=dtype, generator=torch.Generator().manual_seed(2))
+        with fwAD.dual_level():
+            ours, theirs = (fwAD.unpack_dual(r(fwAD.make_dual(x, d))) for r in (_dual_relu, F.relu))
+            assert torch.equal(ours.primal, theirs.primal) and torch.equal(ours.tangent, theirs.tangent)
+            assert not ours.tangent.requires_grad
+            assert torch.equal(*(torch.autograd.grad(p, x, g)[0] for p in (ours.primal, theirs.primal)))
 
 def test_relu_dead_pool_windows_are_not_kinks():
     # pre-activations far below 0 in whole windows: the windows tie at 0, but f is locally constant there

@@ -342,6 +342,17 @@ def check_int(name: str, value, *, low: int, high: int | None = None, allow_none
         raise ValueError(f"{name}={value!r} is out of range: {valid}")
 
 
+def _finite_sums(xs) -> bool:
+    """Whether every x's sum of absolute values is finite (then every entry is), with one host sync per dtype and
+    device (a training loop passes every parameter). False (NaN/Inf somewhere, or an overflowing sum of finite
+    values) leaves the exact test to the caller."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for x in xs:
+        if x.numel():
+            groups.setdefault((x.dtype, x.device), []).append(x.detach())
+    return all(math.isfinite(float(torch.stack(torch._foreach_norm(ts, 1)).sum())) for ts in groups.values())
+
+
 def check_input_values(xs, what: str = "inputs") -> None:
     """Refuse sparse, meta, complex and non-finite inputs with a message naming the fix."""
     check_entry(what, xs)
@@ -355,9 +366,10 @@ def check_input_values(xs, what: str = "inputs") -> None:
         if x.is_complex():
             raise TypeError(f"{what}[{i}] is complex ({x.dtype}); derivatives need a real floating dtype: pass "
                             "torch.view_as_real(x) and rebuild the complex value inside f")
-        # one sum decides in the usual case (finite sum: every entry finite); only a non-finite sum (NaN/Inf, or
-        # an overflowing sum of finite values) takes the exact test
-        if x.numel() and not math.isfinite(float(x.detach().sum())) and not bool(torch.isfinite(x).all()):
+    if _finite_sums(xs):
+        return
+    for i, x in enumerate(xs):
+        if not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
             if what == "directions":
                 raise ValueError(f"directions[{i}] holds {bad} NaN/Inf value(s): a direction must be finite")

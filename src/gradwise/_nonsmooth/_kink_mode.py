@@ -7,10 +7,10 @@ May import: torch, gradwise._masks, ``_contexts``, ``_errors``, ``_records``, ``
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 from torch.utils._python_dispatch import _pop_mode as _pop_dispatch_mode
@@ -29,7 +29,7 @@ from gradwise._nonsmooth._kink_watch import (
 )
 from gradwise._nonsmooth._ports import PORTS
 from gradwise._nonsmooth._records import _Run, _user_line
-from gradwise._nonsmooth._rules import _ROUTES, UNRULED, _is_dual
+from gradwise._nonsmooth._rules import _ROUTES, UNRULED, _is_dual, _unpack
 from gradwise._nonsmooth._rules_aten import _aten_rule
 from gradwise._nonsmooth._rules_jvp import _JVP_ROUTES
 
@@ -47,13 +47,19 @@ _RESHAPES = {Tensor.reshape, Tensor.view, torch.reshape, Tensor.flatten, torch.f
 
 
 def _keep_flat(run: _Run, func, args, kwargs, out) -> None:
-    src = run.flat_source(args[0])
+    src = run.flat_source(args[0], build=False)
     if src is None or not isinstance(out, Tensor) or out.dtype != args[0].dtype:
         return
     c, live = src
-    if live is not None:
+    if callable(live):  # still unbuilt: moved when built
+        live = functools.partial(_moved_live, func, live, args[1:], kwargs)
+    elif live is not None:
         live = func(live, *args[1:], **kwargs)
     run.mark_flat(out, c, live)
+
+
+def _moved_live(func, live: Callable, args, kwargs) -> Tensor:
+    return func(live(), *args, **kwargs)
 
 
 class _Stop(Exception):
@@ -99,8 +105,8 @@ class _KinkMode(TorchFunctionMode):
             if id(a) in self.positions:
                 self.used.add(self.positions[id(a)])
             a = self.subs.get(id(a), a)
-            if self.strip_after is not None and self.count > self.strip_after and _is_dual(a):
-                a = fwAD.unpack_dual(a).primal
+            if self.strip_after is not None and self.count > self.strip_after:
+                a = _unpack(a)[0]
             return a
         if type(a) in (list, tuple):
             return type(a)(self._sub(v) for v in a)
@@ -114,15 +120,16 @@ class _KinkMode(TorchFunctionMode):
         if self.expect is not None and (self.count > len(self.expect) or self.expect[self.count - 1] is not func):
             raise _Diverged
         self.trail.append(func)
-        args = tuple(self._sub(a) for a in args)
-        if kwargs:
-            kwargs = {k: self._sub(v) for k, v in kwargs.items()}
         self.depth += 1
-        # inside a call the mode sees, the dispatch-level watch for unseen ops is off (it costs per aten op)
+        # inside a call the mode sees (its arguments' substitution included), the dispatch-level watch for unseen
+        # ops is off (it costs per aten op)
         watch = self.watch if self.depth == 1 and _current_dispatch_mode() is self.watch else None
         if watch is not None:
             _pop_dispatch_mode()
         try:
+            args = tuple(self._sub(a) for a in args)
+            if kwargs:
+                kwargs = {k: self._sub(v) for k, v in kwargs.items()}
             return self._dispatch(func, args, kwargs)
         finally:
             self.depth -= 1

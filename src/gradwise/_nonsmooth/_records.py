@@ -125,14 +125,22 @@ class _Run:
         """The probe's kinks at the current call (ranked pass only), else None."""
         return None if self.known is None else self.known.get(self.call)
 
-    def mark_flat(self, out: Tensor, c: float, live: Tensor | None) -> None:
-        """Record that ``out`` is locally constant where it equals ``c``, except at the ``live`` mask."""
+    def mark_flat(self, out: Tensor, c: float, live: Tensor | Callable[[], Tensor] | None) -> None:
+        """Record that ``out`` is locally constant where it equals ``c``, except at the ``live`` mask (or a
+        callable building it on first read)."""
         self.flat[out] = (c, live, out._version)
 
-    def flat_source(self, x: Tensor) -> tuple[float, Tensor | None] | None:
-        """(c, live) recorded by `mark_flat` for x, unless x was modified in place since."""
+    def flat_source(self, x: Tensor, build: bool = True) -> tuple[float, Tensor | Callable | None] | None:
+        """(c, live) recorded by `mark_flat` for x, unless x was modified in place since; ``build``: a live mask
+        given as a callable is built (once)."""
         entry = self.flat.get(x)
-        return None if entry is None or entry[2] != x._version else entry[:2]
+        if entry is None or entry[2] != x._version:
+            return None
+        c, live, version = entry
+        if build and callable(live):
+            live = live()
+            self.flat[x] = (c, live, version)
+        return c, live
 
     def own_key_only(self) -> bool:
         """Whether the next kink's only ranking key (after the value) is this pass's tangent: no forced column
@@ -264,8 +272,8 @@ def _lex_key(primal: Tensor, key: Tensor) -> Tensor | None:
     least, most = torch.aminmax(words)
     if not (-_INF_BITS <= int(least) and int(most) <= _INF_BITS):  # a NaN's magnitude bits exceed infinity's
         return None
-    words[..., 0 if low_first else 1].bitwise_xor_(-(2**31))  # the key's order as an unsigned word
-    return words.view(torch.int64).squeeze(-1)
+    # the key's order as an unsigned word: flip its sign bit, bit 31 of the int64 (contiguous, unlike the words)
+    return words.view(torch.int64).bitwise_xor_(2**31).squeeze(-1)
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)

@@ -55,11 +55,17 @@ def rule_for(op) -> Callable:
                              f"{', '.join(sorted(str(k) for k in KINK_RULES))}") from None
 
 
+def _unpack(x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``fwAD.unpack_dual(x)`` at the current level, without its Python layers (an export-mode lookup and a
+    namedtuple): rules call it several times per op, and it was ~1/8 of a pass's time."""
+    level = fwAD._current_level
+    return (x, None) if level < 0 else torch._VF._unpack_dual(x, level=level)
+
+
 def _split(x) -> tuple[Tensor, Tensor | None]:
     if not isinstance(x, Tensor):
         return x, None
-    p, t = fwAD.unpack_dual(x)
-    return p, t
+    return _unpack(x)
 
 
 def _tied_rows(mask: Tensor) -> Tensor:
@@ -67,14 +73,14 @@ def _tied_rows(mask: Tensor) -> Tensor:
 
 
 class _LazyRows:
-    """``_tied_rows(mask)``, computed on the first call."""
+    """``_tied_rows(mask)``, computed on the first call (``mask`` may be a callable building it)."""
 
-    def __init__(self, mask: Tensor):
+    def __init__(self, mask: Tensor | Callable[[], Tensor]):
         self.mask, self.rows = mask, None
 
     def __call__(self) -> Tensor:
         if self.rows is None:
-            self.rows = _tied_rows(self.mask)
+            self.rows = _tied_rows(self.mask() if callable(self.mask) else self.mask)
         return self.rows
 
 
@@ -115,11 +121,13 @@ def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = 
     is a constant that ``pos`` never equals where s > 0 (relu), so the output equals it exactly where it is dead.
     ``skip(tie)``: the tied elements that are no kink (both sides locally constant and equal), or None.
     """
-    sp = _split(s)[0]
+    sp, st = _split(s)
     if run.near_tol is not None:
         run.note_near(op, sp.abs())
     tie = None
     if _near_zero(sp, run.tie_tol):  # one min-reduction: cheaper than a full-size mask where nothing ties
+        if not jumps and skip is None and _sign_lockable(run, sp, st, pos, neg):
+            return _sign_locked(run, op, sp, st, pos, flat)
         tie = sp == 0 if run.tie_tol == 0 else sp.abs() <= run.tie_tol
         dead = skip(tie) if skip is not None else None
         if dead is not None:
@@ -130,7 +138,6 @@ def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = 
         if flat:
             run.mark_flat(out, neg, None)
         return out
-    st = _split(s)[1]
     if not jumps and run.ranks_alone(st):  # the choice is the sign of s' at each tie: elementwise
         # pos where s > 0 or NaN (NaN propagates through pos, as in PyTorch's kernels), or s == 0 and s' >= 0
         # (or NaN): where s' stands in for s at the ties, pos unless the result is < 0
@@ -160,13 +167,71 @@ def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = 
     return out
 
 
+# value, scale: both representable, their product takes the dtype's smallest subnormal to 4 (see `_sign_lock`)
+_SIGN_LOCK_SCALES = {torch.float32: (2.0**51, 2.0**100), torch.float64: (2.0**53, 2.0**1023)}
+
+
+def _sign_lockable(run: _Run, sp: Tensor, st: Tensor | None, pos, neg) -> bool:
+    """Whether `_sign_locked` applies: ties ranked by this pass's tangent alone, ``neg`` the number 0 (relu),
+    ``pos`` a tensor shaped and typed like s, a dtype `_sign_lock` knows."""
+    return isinstance(neg, (int, float)) and neg == 0 and isinstance(pos, Tensor) and run.ranks_alone(st) \
+        and sp.dtype in _SIGN_LOCK_SCALES and st.dtype == sp.dtype and pos.dtype == sp.dtype \
+        and pos.shape == sp.shape == st.shape
+
+
+def _sign_lock(sp: Tensor, st: Tensor) -> Tensor:
+    """A float per element that is not <= -0.5 (a NaN is not) exactly where a switch on the sign of s takes its
+    s > 0 side (s > 0 or NaN, or s == 0 and not s' < 0: as `_switch`'s boolean lock), and lies in [-1, 1] exactly
+    where s == 0.
+
+    It is sign(s') (NaN: 0) + s * 2^k, with 2^k so large that any nonzero s, a subnormal included, outweighs the
+    sign (|s 2^k| >= 4; an overflow to inf keeps the sign; a NaN s stays NaN). Two float passes instead of a
+    boolean compare, where and not: boolean kernels are 3-4x slower on CPU."""
+    value, scale = _SIGN_LOCK_SCALES[sp.dtype]
+    sign = torch.sign(st.detach())
+    if sign.device.type != "cpu":  # the CPU kernel gives sign(NaN) = 0 (the tests check it); elsewhere make sure
+        sign.nan_to_num_(0.0)
+    return sign.addcmul_(sp.detach(), torch.tensor(scale, dtype=sp.dtype, device=sp.device), value=value)
+
+
+def _masked(x, key: Tensor, threshold: float) -> Tensor:
+    """x where key > threshold (or NaN), else 0: ``threshold_backward``, with x's tangent masked the same way here.
+    PyTorch's own forward-mode formula for it adds a zero tensor (a full extra pass), and a tangent it computes
+    from a primal that requires grad is itself recorded for autograd (a graph nobody reads)."""
+    xp, xt = _split(x)
+    out = torch.ops.aten.threshold_backward(xp, key, threshold)
+    if xt is None:
+        return out
+    with torch.no_grad():
+        tangent = torch.ops.aten.threshold_backward(xt, key, threshold)
+    return fwAD.make_dual(out, tangent)  # outside no_grad: the dual is a view of out, in out's graph
+
+
+def _sign_locked(run: _Run, op: str, sp: Tensor, st: Tensor, pos: Tensor, flat: bool) -> Tensor:
+    """`_switch` with ``neg`` = 0 and its ties ranked by s' alone: ``pos`` where not `_sign_lock` <= -0.5, else 0, as
+    ``threshold_backward`` (a vectorized masked copy whose tangent and gradient are the same masked copy). The
+    tie mask, the record's tensors and the relu-dead mark's live mask are built only if read."""
+    key = _sign_lock(sp, st)
+    out = _masked(pos, key, -0.5)
+    tie = lambda: key.abs() <= 1  # written ties stay within [-1, 1]
+    rows = _LazyRows(tie)
+    ds = lambda: st.reshape(-1)[rows()]
+    record = run.lazy_record(op, "select", lambda: torch.ones(len(rows()), 2, dtype=torch.bool, device=sp.device),
+                             lambda: [torch.stack([d := ds(), torch.zeros_like(d)], 1)],
+                             lambda: (ds() < 0).to(torch.int64))
+    record.write = lambda c: key.data.view(-1).index_put_((rows(),), (c == 0).to(key.dtype).mul_(2).sub_(1))
+    if flat:  # the tied elements sit on the kink: live, whichever side is locked
+        run.mark_flat(out, 0.0, tie)
+    return out
+
+
 def _finish(func, x: Tensor, out: Tensor, inplace: bool) -> Tensor:
     """In-place variants write the locked result back into x."""
     return x.copy_(out) if inplace and out is not x else out
 
 
 def _is_dual(a) -> bool:
-    return isinstance(a, Tensor) and fwAD.unpack_dual(a).tangent is not None
+    return isinstance(a, Tensor) and _unpack(a)[1] is not None
 
 
 def _needs_grad(a) -> bool:

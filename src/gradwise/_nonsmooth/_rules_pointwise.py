@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 from gradwise._masks import mask_any
@@ -26,8 +27,21 @@ Tensor = torch.Tensor
 def relu(run, func, x, inplace=False):
     """max(x, 0). At 0: x where the direction has x' > 0, else 0, so f'(x; d) = max(x', 0)."""
     inplace = inplace or func in (torch.relu_, F.relu_, Tensor.relu_)
-    out = _switch(run, "aten.relu", x, x, 0.0, lambda: F.relu(x, inplace=inplace), flat=True)
+    out = _switch(run, "aten.relu", x, x, 0.0, lambda: F.relu(x, inplace=True) if inplace else _dual_relu(x),
+                  flat=True)
     return _finish(func, x, out, inplace)
+
+
+def _dual_relu(x):
+    """relu(x); its tangent PyTorch's formula, x' where relu(x) > 0, computed here without autograd (see
+    `_masked`)."""
+    xp, xt = _split(x)
+    if xt is None:
+        return F.relu(x)
+    out = F.relu(xp)
+    with torch.no_grad():
+        tangent = aten.threshold_backward(xt, out, 0.0)
+    return fwAD.make_dual(out, tangent)
 
 
 @kink_rule(aten.abs, torch.abs, torch.absolute, Tensor.abs, Tensor.absolute, Tensor.abs_)

@@ -381,16 +381,17 @@ def _top_ranked(run, op: str, x: Tensor, k: int, dim: int, largest: bool):
             or (lex := _shared_lex_key(run, x, dim, pm, tm)) is None:
         return None
     top_lex, top = torch.topk(lex, k + 1, dim=-1, largest=largest, sorted=True)
-    if mask_any(top_lex[..., 1:] == top_lex[..., :-1]):  # equal keys come in no set order: stable is by index
+    equal = top_lex[..., 1:] == top_lex[..., :-1]
+    if mask_any(equal):  # equal keys come in no set order: stable is by index
         top, by_index = top.sort(-1)
         top_lex = top_lex.gather(-1, by_index)
         top_lex, order = torch.sort(top_lex, dim=-1, descending=largest, stable=True)
         top = top.gather(-1, order)
-    kth = top_lex[..., k - 1 : k]
-    # past the k + 1, keys are at most the (k + 1)-th: only where that equals the k-th can one left out equal it
-    if mask_any(top_lex[..., k : k + 1] == kth) and bool(
-            ((lex == kth).sum(-1) != (top_lex[..., :k] == kth).sum(-1)).any()):
-        return None  # an element left out has the k-th key
+        kth = top_lex[..., k - 1 : k]
+        # past the k + 1, keys are at most the (k + 1)-th: only where that equals the k-th can one left out equal
+        # it
+        if mask_any(equal[..., k - 1]) and bool(((lex == kth).sum(-1) != (top_lex[..., :k] == kth).sum(-1)).any()):
+            return None  # an element left out has the k-th key
     vals = pm.gather(-1, top)
     links = (vals[..., 1:] - vals[..., :-1]) == 0  # exact ties (NaN and inf - inf: none)
     tie = mask_any(links, -1)
