@@ -55,11 +55,14 @@ def rule_for(op) -> Callable:
                              f"{', '.join(sorted(str(k) for k in KINK_RULES))}") from None
 
 
+_UNPACK_DUAL = torch._C._VariableFunctions._unpack_dual  # torch._VF's, without its module __getattr__
+
+
 def _unpack(x: Tensor) -> tuple[Tensor, Tensor | None]:
     """``fwAD.unpack_dual(x)`` at the current level, without its Python layers (an export-mode lookup and a
     namedtuple): rules call it several times per op, and it was ~1/8 of a pass's time."""
     level = fwAD._current_level
-    return (x, None) if level < 0 else torch._VF._unpack_dual(x, level=level)
+    return (x, None) if level < 0 else _UNPACK_DUAL(x, level=level)
 
 
 def _split(x) -> tuple[Tensor, Tensor | None]:
