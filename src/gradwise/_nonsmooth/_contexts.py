@@ -343,14 +343,15 @@ def check_int(name: str, value, *, low: int, high: int | None = None, allow_none
 
 
 def _finite_sums(xs) -> bool:
-    """Whether every x's sum of absolute values is finite (then every entry is), with one host sync per dtype and
-    device (a training loop passes every parameter). False (NaN/Inf somewhere, or an overflowing sum of finite
-    values) leaves the exact test to the caller."""
+    """Whether the sum of every x's sums is finite (then every entry is), with one host sync per dtype and device
+    (a training loop passes every parameter; on a GPU each sync waits for the device). False (NaN/Inf somewhere,
+    or an overflowing sum of finite values) leaves the exact test to the caller. (``torch._foreach_norm`` is 3x
+    slower than these sums on CPU.)"""
     groups: dict[tuple, list[torch.Tensor]] = {}
     for x in xs:
         if x.numel():
-            groups.setdefault((x.dtype, x.device), []).append(x.detach())
-    return all(math.isfinite(float(torch.stack(torch._foreach_norm(ts, 1)).sum())) for ts in groups.values())
+            groups.setdefault((x.dtype, x.device), []).append(x.detach().sum())
+    return all(math.isfinite(float(torch.stack(sums).sum())) for sums in groups.values())
 
 
 def check_input_values(xs, what: str = "inputs") -> None:
