@@ -166,6 +166,37 @@ def test_seed_names_and_rows():
     assert lin.weight.grad.isnan().any()  # the user's own plain backward ran, untouched
 
 
+
+def test_a_trace_per_step_names_the_parameters_once(monkeypatch):
+    """A loop that opens a trace per step: the first trace walks the stack to name the parameters, later ones
+    at the same op reuse that name (the walk is most of a small step's trace cost); another place is walked
+    again and gets its own name."""
+    from gradwise._trace import _tracer
+
+    walks = []
+    search = _tracer._Tracer._search_names
+    monkeypatch.setattr(_tracer._Tracer, "_search_names", lambda self, ts, frame: walks.append(
+        sum(t is p for t in ts for p in lin.parameters())) or search(self, ts, frame))
+    lin = torch.nn.Linear(8, 1)
+    x = torch.cat((torch.rand(4, 8), torch.full((4, 8), float("nan"))))  # named in each step: a finding's input
+    reaches, parameter_walks = [], []
+    for _ in range(3):
+        walks.clear()
+        with gw.trace() as report:
+            lin(x)[:4].sum().backward()
+        reaches.append(report.findings[0].reaches)
+        parameter_walks.append(sum(walks))
+    assert reaches == [["lin.weight"]] * 3 and parameter_walks == [2, 0, 0]
+    other = lin
+
+    def elsewhere():
+        with gw.trace() as report:
+            other(x)[:4].sum().backward()
+        return report
+
+    walks.clear()
+    assert elsewhere().findings[0].reaches == ["other.weight"] and sum(walks) == 2
+
 def test_deferred_checks_match_immediate(monkeypatch):
     """Batched finiteness checks (the accelerator path) give the same report on the seed."""
     case = CASES["linear-rows-sliced-away"]

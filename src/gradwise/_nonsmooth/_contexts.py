@@ -22,7 +22,7 @@ module makes the usual wrappers exact and detects the rest:
   ``torch.autograd.functional.jacobian`` ...) after a kink was hit: `NonsmoothError`; gradwise inside a
   ``torch.func`` transform: `NonsmoothError`.
 
-May import: torch, gradwise._modes, ``_errors`` (lazily, for the error it raises).
+May import: torch, gradwise._masks, gradwise._modes, ``_errors`` (lazily, for the error it raises).
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.utils.checkpoint as _checkpoint
 from torch.nn.modules._functions import BackwardHookFunction
 
+from gradwise._masks import sums_finite
 from gradwise._modes import LeanDispatchMode
 
 _functorch = torch._C._functorch
@@ -342,18 +343,6 @@ def check_int(name: str, value, *, low: int, high: int | None = None, allow_none
         raise ValueError(f"{name}={value!r} is out of range: {valid}")
 
 
-def _finite_sums(xs) -> bool:
-    """Whether the sum of every x's sums is finite (then every entry is), with one host sync per dtype and device
-    (a training loop passes every parameter; on a GPU each sync waits for the device). False (NaN/Inf somewhere,
-    or an overflowing sum of finite values) leaves the exact test to the caller. (``torch._foreach_norm`` is 3x
-    slower than these sums on CPU.)"""
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for x in xs:
-        if x.numel():
-            groups.setdefault((x.dtype, x.device), []).append(x.detach().sum())
-    return all(math.isfinite(float(torch.stack(sums).sum())) for sums in groups.values())
-
-
 def check_input_values(xs, what: str = "inputs") -> None:
     """Refuse sparse, meta, complex and non-finite inputs with a message naming the fix."""
     check_entry(what, xs)
@@ -367,7 +356,7 @@ def check_input_values(xs, what: str = "inputs") -> None:
         if x.is_complex():
             raise TypeError(f"{what}[{i}] is complex ({x.dtype}); derivatives need a real floating dtype: pass "
                             "torch.view_as_real(x) and rebuild the complex value inside f")
-    if _finite_sums(xs):
+    if sums_finite(xs):
         return
     for i, x in enumerate(xs):
         if not bool(torch.isfinite(x).all()):

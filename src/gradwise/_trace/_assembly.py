@@ -1,7 +1,7 @@
 """``_Assembly``: the part of the tracer that turns what it recorded into a ``Report`` (findings, causes,
 what strong zeros would remove, unused NaN/Inf).
 
-May import: torch, gradwise._trace._common, _advice, _facts, _causes, _report, _store.
+May import: torch, gradwise._masks, gradwise._trace._common, _advice, _facts, _causes, _kinds, _report, _store.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from collections.abc import Callable
 
 import torch
 
-from gradwise._trace import _causes
+from gradwise._masks import sums_finite
+from gradwise._trace import _causes, _kinds
 from gradwise._trace._advice import _GENUINE_FIX, _GRADIENT_FIX, _INPUT_FIX, _KINK_FIX, _SINGULAR_FIX, _UNDECIDED
-from gradwise._trace._common import _dist_rank, _fmt, _nonfinite, _positions, _source, aten
+from gradwise._trace._common import _dist_rank, _fmt, _held, _nonfinite, _positions, _source, aten
 from gradwise._trace._facts import _DISCARDS, _NOT_DATA, _OVERFLOW_NAMES
 from gradwise._trace._report import Finding, Report
 from gradwise._trace._store import Birth as _Birth
@@ -172,9 +173,13 @@ class _Assembly:
         it: something after the backward wrote NaN/Inf into it (clip_grad_norm_ with a NaN total norm scales
         every gradient by NaN). Reported with the op that did it, from the gradient's provenance."""
         reached = {r for f in findings.values() for r in f.reaches}
-        for leaf, name in self.names.items():
-            g = getattr(leaf, "grad", None) if isinstance(leaf, torch.Tensor) else None
-            if g is None or name in reached or not _nonfinite(g):
+        grads = [(g, name) for leaf, name in self.names.items() if name not in reached
+                 and isinstance(g := getattr(leaf, "grad", None) if isinstance(leaf, torch.Tensor) else None,
+                                torch.Tensor) and g.is_floating_point() and _kinds.readable(g)]
+        if sums_finite(_held(g) for g, _ in grads):  # the usual end of a step: one sync, no per-gradient test
+            return
+        for g, name in grads:
+            if not _nonfinite(g):
                 continue
             births = [b for b in self.prov.get(g, ()) if isinstance(b, _Birth)]
             if not births or g not in self.written or all(b.received for b in births):

@@ -235,9 +235,8 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         hit = None
         if creates_node:
             new = [t for t in ins if t.is_leaf and t.requires_grad and t not in self.names]
-            if new:  # a weight and its bias: one walk up the stack names both
-                for t, name in zip(new, self._search_names(new, frame), strict=True):
-                    self.names[t] = name
+            if new:
+                self._name_leaves(new, frame, loc)
             if det is not None and not det.needs_out:
                 hit = self._safely(func, det.fn, _Call(args, kwargs, None, info.packet_name, self.ties))
         out = _run(func, args, kwargs)
