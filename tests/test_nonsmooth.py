@@ -635,6 +635,22 @@ def test_relu_tangent_and_gradient_are_pytorchs_off_the_kink():
             assert not ours.tangent.requires_grad
             assert torch.equal(*(torch.autograd.grad(p, x, g)[0] for p in (ours.primal, theirs.primal)))
 
+
+def test_tensors_after_the_last_tie_keep_their_identity():
+    """A call on the same code carries tangents up to its last tie and strips them after: a tensor that has no
+    tangent is passed on as itself (not an alias of it), so in-place methods return it."""
+    seen = []
+
+    def f(x):
+        z = torch.relu(x) * 2  # the relu ties at 0: the last tie
+        seen.append(z.mul_(1) is z)
+        return z.sum()
+
+    x = torch.tensor([0.0, 1.0])
+    for _ in range(2):  # the second call carries tangents up to the relu
+        assert gw.generalized_grad(f, x, seed=0)[0].tolist() in ([2.0, 2.0], [0.0, 2.0])
+    assert seen == [True, True]
+
 def test_relu_dead_pool_windows_are_not_kinks():
     # pre-activations far below 0 in whole windows: the windows tie at 0, but f is locally constant there
     x = torch.tensor([[-1.0, -2.0, 3.0, 1.0], [-1.0, -1.0, 3.0, 2.0]], dtype=torch.float64)

@@ -106,7 +106,9 @@ class _KinkMode(TorchFunctionMode):
                 self.used.add(self.positions[id(a)])
             a = self.subs.get(id(a), a)
             if self.strip_after is not None and self.count > self.strip_after:
-                a = _unpack(a)[0]
+                primal, tangent = _unpack(a)
+                if tangent is not None:  # (a plain tensor's "primal" is a new alias: keep the tensor itself)
+                    a = primal
             return a
         if type(a) in (list, tuple):
             return type(a)(self._sub(v) for v in a)
