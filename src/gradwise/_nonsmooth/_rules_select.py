@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from gradwise._masks import mask_any
 from gradwise._nonsmooth._errors import NonsmoothError
 from gradwise._nonsmooth._records import Kink, _lex_key, _Run, _user_line
-from gradwise._nonsmooth._rules import _split, _tied_rows, kink_rule
+from gradwise._nonsmooth._rules import _LazyRows, _split, _tied_rows, kink_rule
 from gradwise._nonsmooth._rules_pointwise import maximum, minimum
 
 aten = torch.ops.aten
@@ -309,6 +309,7 @@ def _ordered(run, op: str, x: Tensor, dim: int, descending: bool, positions: sli
     # with this pass's tangent as the only ranking key, one stable sort of a (value, tangent) key gives both the
     # sorted values and the lexicographic order of every row (``_lex_order``'s, which takes two more sorts)
     lex = _shared_lex_key(run, x, dim, pm, tm) if tm is not None and run.own_key_only() else None
+    lazy = lex is not None and run.ranks_alone(tm)  # the sort's order is the choice: the record is built if read
     out = None
     if lex is None:
         vals, perm = torch.sort(pm, dim=-1, descending=descending, stable=True)
@@ -325,6 +326,8 @@ def _ordered(run, op: str, x: Tensor, dim: int, descending: bool, positions: sli
         gap = diff.abs()
         links = gap <= run.tie_tol  # sorted neighbours j, j + 1 tie
         run.note_near(op, gap[..., lo:hi])
+    if lazy:
+        return _lazy_order(run, op, xm, tm, out, perm, links, lo, hi, descending), perm, dim
     tie = mask_any(links[..., lo:hi], -1)
     if mask_any(tie):
         rows = _tied_rows(tie)
@@ -332,26 +335,20 @@ def _ordered(run, op: str, x: Tensor, dim: int, descending: bool, positions: sli
             take = lambda t: t.reshape(-1, t.shape[-1])
         else:
             take = lambda t: t.reshape(-1, t.shape[-1]).index_select(0, rows)
-        if lex is not None and run.ranks_alone(tm):  # the sort's order is the choice: the record is built if read
-            cand = lambda: torch.zeros(len(rows), m, dtype=torch.bool, device=perm.device).scatter_(
-                1, take(perm), _reaching(take(links), lo, hi))
-            run.lazy_record(op, "order", cand, lambda: [take(tm)], lambda: take(perm), descending)
-            order = ranked = None
-        else:
-            pr = take(perm)
-            key = take(tm) if tm is not None else None
-            ranked = None
-            if lex is not None:  # the rows' lexicographic order is the sort above; ties left: equal keys adjacent
-                lexr, ranked = take(lex), pr
-                still = lambda: mask_any((lexr[:, 1:] == lexr[:, :-1]) & reach[:, 1:], -1)
-            # candidates: the tie groups (runs of tied sorted neighbours) holding a tie pair that reaches the
-            # positions, found in sorted order, then scattered back through perm
-            reach = _reaching(take(links), lo, hi)
-            cand = torch.zeros(pr.shape, dtype=torch.bool, device=pr.device).scatter_(1, pr, reach)
-            # lazy: without any ranking key the stable sort above is the provisional order (the ranked pass
-            # writes it)
-            order, _ = run.resolve(op, "order", cand, key, lambda: take(xm), descending, primal=take(pm),
-                                   lazy=True, order=None if ranked is None else lambda: (ranked, still()))
+        pr = take(perm)
+        key = take(tm) if tm is not None else None
+        ranked = None
+        if lex is not None:  # the rows' lexicographic order is the sort above; ties left: equal keys adjacent
+            lexr, ranked = take(lex), pr
+            still = lambda: mask_any((lexr[:, 1:] == lexr[:, :-1]) & reach[:, 1:], -1)
+        # candidates: the tie groups (runs of tied sorted neighbours) holding a tie pair that reaches the
+        # positions, found in sorted order, then scattered back through perm
+        reach = _reaching(take(links), lo, hi)
+        cand = torch.zeros(pr.shape, dtype=torch.bool, device=pr.device).scatter_(1, pr, reach)
+        # lazy: without any ranking key the stable sort above is the provisional order (the ranked pass
+        # writes it)
+        order, _ = run.resolve(op, "order", cand, key, lambda: take(xm), descending, primal=take(pm),
+                               lazy=True, order=None if ranked is None else lambda: (ranked, still()))
         if order is not ranked:  # the sort's perm is already this pass's order otherwise (or order is None)
             perm, out = perm.clone(), None
             if order is not None:
@@ -359,6 +356,34 @@ def _ordered(run, op: str, x: Tensor, dim: int, descending: bool, positions: sli
         # a choice may cover the leading positions only (topk's ranked pass, `_top_ranked`): they are all read
         run.kinks[-1].write = lambda c: perm.data.view(-1, m)[:, : c.shape[-1]].index_put_((rows,), c)
     return xm.gather(-1, perm) if out is None else out, perm, dim
+
+
+def _rows_of_ties(rows: _LazyRows) -> Callable[[Tensor], Tensor]:
+    """t -> the tied rows of t as (G, t's last dim), ``rows`` built on first use (every row ties: t's rows)."""
+
+    def take(t: Tensor) -> Tensor:
+        r, flat = rows(), t.reshape(-1, t.shape[-1])
+        return flat if r.numel() == flat.shape[0] else flat.index_select(0, r)
+
+    return take
+
+
+def _lazy_order(run, op: str, xm: Tensor, tm: Tensor, out: Tensor, perm: Tensor, links: Tensor, lo: int, hi: int,
+                descending: bool) -> Tensor:
+    """`_ordered`'s ties, ranked by the sort of the key: with any, a `_LazyKink` whose rows, candidates and keys
+    are gathered if read. Returns the sorted output."""
+    reaching = links[..., lo:hi]
+    if not mask_any(reaching):
+        return out
+    m = perm.shape[-1]
+    rows = _LazyRows(lambda: mask_any(reaching, -1))
+    take = _rows_of_ties(rows)
+    cand = lambda: torch.zeros(len(rows()), m, dtype=torch.bool, device=perm.device).scatter_(
+        1, take(perm), _reaching(take(links), lo, hi))
+    run.lazy_record(op, "order", cand, lambda: [take(tm)], lambda: take(perm), descending)
+    # a choice may cover the leading positions only (topk's ranked pass, `_top_ranked`): they are all read
+    run.kinks[-1].write = lambda c: perm.data.view(-1, m)[:, : c.shape[-1]].index_put_((rows(),), c)
+    return out
 
 
 def _top_ranked(run, op: str, x: Tensor, k: int, dim: int, largest: bool):
@@ -394,31 +419,28 @@ def _top_ranked(run, op: str, x: Tensor, k: int, dim: int, largest: bool):
             return None  # an element left out has the k-th key
     vals = pm.gather(-1, top)
     links = (vals[..., 1:] - vals[..., :-1]) == 0  # exact ties (NaN and inf - inf: none)
-    tie = mask_any(links, -1)
     perm = top[..., :k].contiguous()
-    if mask_any(tie):
-        rows = _tied_rows(tie)
-        if rows.numel() == tie.numel():
-            take = lambda t: t.reshape(-1, t.shape[-1])
-        else:
-            take = lambda t: t.reshape(-1, t.shape[-1]).index_select(0, rows)
-        tr, lr = take(top), take(links)
+    if mask_any(links):
+        rows = _LazyRows(lambda: mask_any(links, -1))
+        take = _rows_of_ties(rows)
 
         def candidates():
+            tr, lr = take(top), take(links)
             reach = _reaching(lr, 0, k)
             cand = torch.zeros(tr.shape[0], m, dtype=torch.bool, device=tr.device).scatter_(1, tr, reach)
             cand |= lr[:, k - 1 : k] & (take(pm) == take(vals)[:, k - 1 : k])  # the k-th value's group past k + 1
             return cand, reach
 
         if run.ranks_alone(tm):  # the key's order is the choice: the record is built if read
-            run.lazy_record(op, "order", lambda: candidates()[0], [take(tm)], tr[:, :k], largest)
+            run.lazy_record(op, "order", lambda: candidates()[0], lambda: [take(tm)], lambda: take(top)[:, :k],
+                            largest)
         else:
             cand, reach = candidates()
-            lexr = take(top_lex)
+            lexr, tr = take(top_lex), take(top)
             still = lambda: mask_any((lexr[:, 1:] == lexr[:, :-1]) & reach[:, 1:], -1)
             run.resolve(op, "order", cand, take(tm), lambda: take(xm), largest, primal=take(pm), lazy=True,
                         order=lambda: (tr[:, :k], still()))
-        run.kinks[-1].write = lambda c: perm.data.view(-1, k).index_put_((rows,), c[:, :k])
+        run.kinks[-1].write = lambda c: perm.data.view(-1, k).index_put_((rows(),), c[:, :k])
     return xm.gather(-1, perm), perm, dim
 
 
