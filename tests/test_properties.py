@@ -142,15 +142,15 @@ def test_strong_zeros_context_equals_backward(program):
 @given(st.lists(st.tuples(st.sampled_from([torch.float32, torch.float64]),
                           st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), max_size=6)),
                 max_size=5))
-def test_sums_finite_proves_every_entry_finite(tensors):
-    """gradwise._masks.sums_finite (the one-sync finiteness test of inputs and gradients): True only where every
-    entry of every tensor is finite, and True there unless a sum of finite values overflows (then the callers'
-    exact test decides)."""
-    from gradwise._masks import sums_finite
+def test_all_finite_proves_every_entry_finite(tensors):
+    """gradwise._masks.all_finite (the finiteness test by sums of saved tensors, inputs and gradients): True only
+    where every entry of every tensor is finite, and True there unless a sum of finite values overflows (then the
+    callers' exact test decides)."""
+    from gradwise._masks import all_finite
 
     ts = [torch.tensor(values, dtype=dtype) for dtype, values in tensors]
     finite = all(bool(torch.isfinite(t).all()) for t in ts)
     fits = finite and sum(float(t.double().abs().sum()) for t in ts) < 1e38  # no partial sum can overflow
-    got = sums_finite(ts)
+    got = all_finite(ts)
     assert not got or finite
     assert got or not fits

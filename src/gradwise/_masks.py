@@ -1,4 +1,4 @@
-"""Reductions of bool masks, read as bytes; a batched finiteness test by sums.
+"""Reductions of bool masks, read as bytes; the finiteness test by sums (``all_finite``).
 
 PyTorch's bool ``any``/``all`` are generic, unvectorised reductions on CPU, about 20x slower than a uint8
 max/min; strong zeros reduce supports on every backward op, trace reduces every kink flag, and the nonsmooth
@@ -6,6 +6,9 @@ pass every tie mask. Broadcast (expanded) dims repeat one slice, so only that sl
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import torch
 
@@ -30,13 +33,38 @@ def mask_all(mask: torch.Tensor) -> bool:
     return mask.numel() == 0 or bool(_one_slice(mask).view(torch.uint8).amin())
 
 
-def sums_finite(tensors) -> bool:
-    """Whether the sum of every tensor's sum is finite, which proves every entry finite, with one host sync per
-    dtype and device (a training step has one tensor per parameter; on a GPU each sync waits for the device; a
-    float ``all(isfinite)`` is a slow bool reduction on CPU, ``torch._foreach_norm`` 3x slower than sums). False
-    (NaN/Inf somewhere, or a sum of finite values that overflows) leaves the exact test to the caller."""
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for t in tensors:
-        if t.numel():
-            groups.setdefault((t.dtype, t.device), []).append(t.detach().sum())
-    return all(torch.stack(sums).sum().isfinite().item() for sums in groups.values())
+
+_SMALL = 1 << 12  # elements: below this a tensor's copy costs less than a reduction of its own
+_FEW = 4  # up to this many small tensors are reduced one by one: their copy into one would cost more
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every entry of every tensor is finite, by sums: a sum is finite iff no NaN/Inf went in (or, rarely,
+    it overflowed: then False, and the caller's exact test decides). On CPU each sum is read at once (stacking
+    them costs more than it saves); elsewhere one host sync for all. Many small tensors (biases, norm
+    statistics) go through one reduction per dtype/device. Strong zeros check saved tensors with it before every
+    backward; the nonsmooth entry points their inputs, the trace and watch the gradients."""
+    if not tensors:
+        return True
+    grad_mode = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)  # as torch.no_grad(), without its Python context manager (runs per backward)
+    try:
+        small = [t for t in tensors if t.numel() <= _SMALL and t.layout == torch.strided]
+        if len(small) > _FEW:
+            groups: dict[tuple, list[torch.Tensor]] = {}
+            for t in small:
+                groups.setdefault((t.dtype, t.device), []).append(t.reshape(-1))
+            small_ids = {id(t) for t in small}
+            tensors = [t for t in tensors if id(t) not in small_ids]
+            tensors.extend(ts[0] if len(ts) == 1 else torch.cat(ts) for ts in groups.values())
+        sums = []
+        for t in tensors:
+            total = t.sum(dtype=torch.float32) if t.dtype != torch.float32 else t.sum()
+            if total.is_cpu:
+                if not math.isfinite(total.item()):
+                    return False
+            else:
+                sums.append(total)
+        return not sums or bool(torch.stack(sums).isfinite().all())
+    finally:
+        torch._C._set_grad_enabled(grad_mode)

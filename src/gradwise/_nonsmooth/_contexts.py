@@ -37,7 +37,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.utils.checkpoint as _checkpoint
 from torch.nn.modules._functions import BackwardHookFunction
 
-from gradwise._masks import sums_finite
+from gradwise._masks import all_finite
 from gradwise._modes import LeanDispatchMode
 
 _functorch = torch._C._functorch
@@ -356,7 +356,7 @@ def check_input_values(xs, what: str = "inputs") -> None:
         if x.is_complex():
             raise TypeError(f"{what}[{i}] is complex ({x.dtype}); derivatives need a real floating dtype: pass "
                             "torch.view_as_real(x) and rebuild the complex value inside f")
-    if sums_finite(xs):
+    if all_finite(xs):
         return
     for i, x in enumerate(xs):
         if not bool(torch.isfinite(x).all()):

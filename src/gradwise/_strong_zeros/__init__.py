@@ -28,7 +28,8 @@ Modules (each imports only those above it in this list, plus torch and gradwise.
 ``_node_facts``      facts per autograd node name (``NODE_FACTS``, ``MAKES_NO_ZEROS``, ``FUSED_BACKWARDS``, ...).
 ``_autograd_graph``  walking an autograd graph: ``_walk``, ``_root_nodes``, ``_leaves``, ``_graph_parts``,
                      ``_release_graph``, ``_release``.
-``_planning``        the pre-backward plan: ``_plan``, ``_zero_reach``, ``_all_finite``.
+``_planning``        the pre-backward plan: ``_plan``, ``_zero_reach``; saved tensors are checked by
+                     ``gradwise._masks.all_finite``.
 ``_compile_pass``    the same rules over AOTAutograd's backward graphs (torch.compile).
 ``_graph_forms``     those graphs put back into the forms the eager rules know, for their op-by-op run.
 ``_compile``         compiled backwards under strong zeros: the pass, the runtime check, ``compile_stats``.

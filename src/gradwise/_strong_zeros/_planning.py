@@ -1,54 +1,21 @@
 """The plan before backward: ``_plan`` chooses plain, check or strong from the graph (which nodes can make a
 structural zero, ``_zero_reach``) and the finiteness of what those nodes saved (``_all_finite``).
 
-May import: torch, _contract, _traced, _autograd_graph, _node_facts.
+May import: torch, gradwise._masks, _contract, _traced, _autograd_graph, _node_facts.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from gradwise._masks import all_finite as _all_finite
 from gradwise._strong_zeros import _contract
 from gradwise._strong_zeros._autograd_graph import _root_nodes
 from gradwise._strong_zeros._node_facts import _NODE_TYPES, _node_type, _readable
 from gradwise._strong_zeros._traced import traced
-
-_SMALL = 1 << 12  # elements: below this a tensor's copy costs less than a reduction of its own
-_FEW = 4  # up to this many small tensors are reduced one by one: their copy into one would cost more
-
-
-def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    """A sum is finite iff no NaN/Inf went in (or, rarely, it overflowed: then False). On CPU each sum is read
-    at once (stacking them costs more than it saves); elsewhere one host sync for all. Many small tensors
-    (biases, norm statistics) go through one reduction per dtype/device."""
-    if not tensors:
-        return True
-    grad_mode = torch.is_grad_enabled()
-    torch._C._set_grad_enabled(False)  # as torch.no_grad(), without its Python context manager (runs per backward)
-    try:
-        small = [t for t in tensors if t.numel() <= _SMALL and t.layout == torch.strided]
-        if len(small) > _FEW:
-            groups: dict[tuple, list[torch.Tensor]] = {}
-            for t in small:
-                groups.setdefault((t.dtype, t.device), []).append(t.reshape(-1))
-            small_ids = {id(t) for t in small}
-            tensors = [t for t in tensors if id(t) not in small_ids]
-            tensors.extend(ts[0] if len(ts) == 1 else torch.cat(ts) for ts in groups.values())
-        sums = []
-        for t in tensors:
-            total = t.sum(dtype=torch.float32) if t.dtype != torch.float32 else t.sum()
-            if total.is_cpu:
-                if not math.isfinite(total.item()):
-                    return False
-            else:
-                sums.append(total)
-        return not sums or bool(torch.stack(sums).isfinite().all())
-    finally:
-        torch._C._set_grad_enabled(grad_mode)
 
 
 def _graph(roots: Sequence[Any]) -> tuple[dict[Any, tuple], dict[Any, int]]:

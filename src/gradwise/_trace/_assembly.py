@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from gradwise._masks import sums_finite
+from gradwise._masks import all_finite
 from gradwise._trace import _causes, _kinds
 from gradwise._trace._advice import _GENUINE_FIX, _GRADIENT_FIX, _INPUT_FIX, _KINK_FIX, _SINGULAR_FIX, _UNDECIDED
 from gradwise._trace._common import _dist_rank, _fmt, _held, _nonfinite, _positions, _source, aten
@@ -173,10 +173,12 @@ class _Assembly:
         it: something after the backward wrote NaN/Inf into it (clip_grad_norm_ with a NaN total norm scales
         every gradient by NaN). Reported with the op that did it, from the gradient's provenance."""
         reached = {r for f in findings.values() for r in f.reaches}
-        grads = [(g, name) for leaf, name in self.names.items() if name not in reached
-                 and isinstance(g := getattr(leaf, "grad", None) if isinstance(leaf, torch.Tensor) else None,
-                                torch.Tensor) and g.is_floating_point() and _kinds.readable(g)]
-        if sums_finite(_held(g) for g, _ in grads):  # the usual end of a step: one sync, no per-gradient test
+        grads = []
+        for leaf, name in self.names.items():
+            g = getattr(leaf, "grad", None) if isinstance(leaf, torch.Tensor) else None
+            if name not in reached and isinstance(g, torch.Tensor) and g.is_floating_point() and _kinds.readable(g):
+                grads.append((g, name))
+        if all_finite([_held(g) for g, _ in grads]):  # the usual end of a step: no per-gradient test
             return
         for g, name in grads:
             if not _nonfinite(g):

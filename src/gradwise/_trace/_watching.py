@@ -20,7 +20,7 @@ Design. A long training run pays for `gw.trace()` on every op of every step alth
 The report (yielded by the ``with``) holds the explained step and everything traced after it; a run that
 never goes non-finite gets an empty report. ``step`` counts backward calls from 0.
 
-May import: torch, gradwise._strong_zeros, gradwise._trace._common, _kinds, _report, _tracer, _session
+May import: torch, gradwise._masks, gradwise._strong_zeros, gradwise._trace._common, _kinds, _report, _tracer, _session
 (whose per-thread tables it reads and writes as ``_session.<name>``).
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ from collections.abc import Iterator
 import torch
 
 from gradwise import _strong_zeros
+from gradwise._masks import all_finite
 from gradwise._trace import _common, _kinds, _session
 from gradwise._trace._report import Report
 from gradwise._trace._tracer import _Tracer
@@ -158,7 +159,7 @@ def _finite(grads: list[torch.Tensor]) -> bool:
     small ones concatenated, one host sync elsewhere). A sum can overflow on finite values: an alarm is
     confirmed element-wise."""
     dense = [g for g in grads if g.is_floating_point() and g.numel() and _kinds.readable(g)]
-    if _strong_zeros._all_finite(dense):
+    if all_finite(dense):
         return True
     return all(bool(torch.isfinite(g).all()) for g in dense)  # rare: confirm (finite values can overflow a sum)
 
