@@ -146,13 +146,7 @@ def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = 
         # (or NaN): where s' stands in for s at the ties, pos unless the result is < 0
         lock = torch.lt(torch.where(tie, st, sp), 0).logical_not_()
         rows = _LazyRows(tie)
-        ds = lambda: st.reshape(-1)[rows()]
-        # as `_resolve_sign` records: two candidates per tie, the key (s', 0), s < 0's side where s' < 0
-        record = run.lazy_record(op, "select", lambda: torch.ones(len(rows()), 2, dtype=torch.bool,
-                                                                   device=tie.device),
-                                 lambda: [torch.stack([d := ds(), torch.zeros_like(d)], 1)],
-                                 lambda: (ds() < 0).to(torch.int64))
-        record.write = lambda c: lock.data.view(-1).index_put_((rows(),), c == 0)
+        _sign_record(run, op, st, rows).write = lambda c: lock.data.view(-1).index_put_((rows(),), c == 0)
     else:
         rows, choice, _ = _resolve_sign(run, op, s, tie)
         lock = torch.le(sp, 0).logical_not_()
@@ -168,6 +162,16 @@ def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = 
     if flat and run.tie_tol == 0:  # the tied elements sit on the kink: live, whichever side is locked
         run.mark_flat(out, neg, tie)
     return out
+
+
+def _sign_record(run: _Run, op: str, st: Tensor, rows: _LazyRows):
+    """The `_LazyKink` of a switch whose ties the sign of s' ranks, as `_resolve_sign` records it: two candidates
+    per tie, the key (s', 0), the s < 0 side (choice 1) where s' < 0; gathered if read. The caller sets its
+    ``write``."""
+    ds = lambda: st.reshape(-1)[rows()]
+    return run.lazy_record(op, "select", lambda: torch.ones(len(rows()), 2, dtype=torch.bool, device=st.device),
+                           lambda: [torch.stack([d := ds(), torch.zeros_like(d)], 1)],
+                           lambda: (ds() < 0).to(torch.int64))
 
 
 # value, scale: both representable, their product takes the dtype's smallest subnormal to 4 (see `_sign_lock`)
@@ -218,11 +222,8 @@ def _sign_locked(run: _Run, op: str, sp: Tensor, st: Tensor, pos: Tensor, flat: 
     out = _masked(pos, key, -0.5)
     tie = lambda: key.abs() <= 1  # written ties stay within [-1, 1]
     rows = _LazyRows(tie)
-    ds = lambda: st.reshape(-1)[rows()]
-    record = run.lazy_record(op, "select", lambda: torch.ones(len(rows()), 2, dtype=torch.bool, device=sp.device),
-                             lambda: [torch.stack([d := ds(), torch.zeros_like(d)], 1)],
-                             lambda: (ds() < 0).to(torch.int64))
-    record.write = lambda c: key.data.view(-1).index_put_((rows(),), (c == 0).to(key.dtype).mul_(2).sub_(1))
+    _sign_record(run, op, st, rows).write = lambda c: key.data.view(-1).index_put_(
+        (rows(),), (c == 0).to(key.dtype).mul_(2).sub_(1))
     if flat:  # the tied elements sit on the kink: live, whichever side is locked
         run.mark_flat(out, 0.0, tie)
     return out

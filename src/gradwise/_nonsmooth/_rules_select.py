@@ -327,7 +327,7 @@ def _ordered(run, op: str, x: Tensor, dim: int, descending: bool, positions: sli
         links = gap <= run.tie_tol  # sorted neighbours j, j + 1 tie
         run.note_near(op, gap[..., lo:hi])
     if lazy:
-        return _lazy_order(run, op, xm, tm, out, perm, links, lo, hi, descending), perm, dim
+        return _lazy_order(run, op, tm, out, perm, links, lo, hi, descending), perm, dim
     tie = mask_any(links[..., lo:hi], -1)
     if mask_any(tie):
         rows = _tied_rows(tie)
@@ -368,7 +368,7 @@ def _rows_of_ties(rows: _LazyRows) -> Callable[[Tensor], Tensor]:
     return take
 
 
-def _lazy_order(run, op: str, xm: Tensor, tm: Tensor, out: Tensor, perm: Tensor, links: Tensor, lo: int, hi: int,
+def _lazy_order(run, op: str, tm: Tensor, out: Tensor, perm: Tensor, links: Tensor, lo: int, hi: int,
                 descending: bool) -> Tensor:
     """`_ordered`'s ties, ranked by the sort of the key: with any, a `_LazyKink` whose rows, candidates and keys
     are gathered if read. Returns the sorted output."""
