@@ -13,7 +13,7 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import gradwise as gw
@@ -82,25 +82,30 @@ SPECIAL = [0.0, 1.0, -1.0, 0.5, 2.0]
 
 
 @st.composite
-def programs(draw):
+def programs(draw, steps=STEPS, nonfinite=False):
+    """(step names, (h, x, w), cotangent); with ``nonfinite``, up to two NaN/Inf entries per input."""
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
-    rows, cols = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    rows, cols = draw(st.integers(1, 4)), draw(st.integers(2 if nonfinite else 1, 4))
     value = st.one_of(st.sampled_from(SPECIAL), st.floats(-3, 3, allow_nan=False, width=32))
 
     def tensor(*shape):
         n = math.prod(shape)
-        return torch.tensor(draw(st.lists(value, min_size=n, max_size=n)), dtype=dtype).reshape(shape)
+        t = torch.tensor(draw(st.lists(value, min_size=n, max_size=n)), dtype=dtype).reshape(shape)
+        for i in draw(st.lists(st.integers(0, n - 1), max_size=2)) if nonfinite else ():
+            t.view(-1)[i] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+        return t
 
     h, x, w = tensor(rows, cols), tensor(rows, cols), tensor(cols, cols)
-    steps = draw(st.lists(st.sampled_from(sorted(STEPS)), min_size=1, max_size=6))
-    return steps, (h, x, w), tensor(rows, cols)
+    names = draw(st.lists(st.sampled_from(sorted(steps)), min_size=1, max_size=5 if nonfinite else 6))
+    cotangent = torch.randn(rows, cols, dtype=dtype) if nonfinite else tensor(rows, cols)
+    return names, (h, x, w), cotangent
 
 
-def _run(steps, inputs):
+def _run(steps, inputs, table=STEPS):
     h, x, w = (t.clone().requires_grad_() for t in inputs)
     out = h
     for name in steps:
-        out = STEPS[name](out, x, w)
+        out = table[name](out, x, w)
     return out, (h, x, w)
 
 
@@ -154,3 +159,46 @@ def test_all_finite_proves_every_entry_finite(tensors):
     got = all_finite(ts)
     assert not got or finite
     assert got or not fits
+
+
+# Steps whose output has several consumers of one tensor: pieces of a split, unbind, select or slice that together
+# read everything (or not), and residual connections. The plan reads saved tensors only where a structural zero can
+# reach them (_planning._zero_reach); where it reads nothing, plain PyTorch must already be what strong zeros give.
+FAN_STEPS = {
+    **{name: STEPS[name] for name in ("matmul", "linear", "mul", "square", "sin", "relu", "where_const", "add")},
+    "residual_relu": lambda h, x, w: h + torch.relu(h @ w),
+    "chunk_all": lambda h, x, w: torch.cat(h.tanh().chunk(2, 1)[::-1], 1) if h.shape[1] % 2 == 0 else h,
+    "split_one": lambda h, x, w: h.split([1, h.shape[1] - 1], 1)[1] @ w[1:],
+    "unbind_all": lambda h, x, w: torch.stack([r.sin() for r in h.unbind(0)][::-1]),
+    "select_all": lambda h, x, w: torch.stack([h[i] * (i + 1) for i in range(h.shape[0])]),
+    "select_first": lambda h, x, w: torch.stack([h[0]] * h.shape[0]),
+    "slices_overlap": lambda h, x, w: F.pad(h[:, 1:], (0, 1)) + F.pad(h[:, :-1], (1, 0)),
+    "slices_strided": lambda h, x, w: torch.stack([h[:, ::2].sum(1), h[:, 1::2].sum(1)], 1) @ w[:2],
+    "select_sliced": lambda h, x, w: torch.stack([h[0][:1].expand(h.shape[1])] + [h[i] for i in range(1, h.shape[0])]),
+}
+
+
+def _nan_at(row, col):
+    h = torch.arange(9.0, dtype=torch.float64).reshape(3, 3) / 4 - 1
+    h[row, col] = math.nan
+    return h, h.flip(0) + 0.5, h.flip(1).nan_to_num(2.0)
+
+
+@settings(derandomize=True, max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(programs(FAN_STEPS, nonfinite=True))
+# a NaN row below what discards it (one select read three times; a split's unused piece; a select whose pick is
+# sliced again above, so its pick does not stand for its zeros)
+@example((["matmul", "select_first"], _nan_at(1, 1), torch.ones(3, 3, dtype=torch.float64)))
+@example((["matmul", "split_one"], _nan_at(1, 0), torch.ones(3, 3, dtype=torch.float64)))
+@example((["matmul", "select_sliced"], _nan_at(0, 1), torch.ones(3, 3, dtype=torch.float64)))
+def test_the_plan_skips_strong_zeros_only_where_they_change_nothing(program):
+    """gw.grad as planned (plain PyTorch wherever no structural zero can meet a NaN/Inf) equals the strong-zero
+    pass forced on every backward, NaN for NaN, on programs with NaN/Inf inputs."""
+    steps, inputs, cotangent = program
+    out, leaves = _run(steps, inputs, FAN_STEPS)
+    got = gw.grad(out, leaves, cotangent, allow_unused=True, retain_graph=True)
+    with _forced():
+        ref = gw.grad(out, leaves, cotangent, allow_unused=True)
+    for g, r in zip(got, ref, strict=True):
+        assert same(g, r), (steps, g, r)
+

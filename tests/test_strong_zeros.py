@@ -363,6 +363,12 @@ NO_ZEROS_PROGRAMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "NativeLayerNormBackward0": lambda x: F.layer_norm(x, (4,), _M[0], _M[1]),
     "NativeBatchNormBackward0": lambda x: F.batch_norm(x, None, None, _M[0], _M[1], training=True),
     "NativeGroupNormBackward0": lambda x: F.group_norm(x.view(1, 4, 4), 2, _M[0], _M[1]),
+    "CatBackward0": lambda x: torch.cat([x, x.exp()], 1),
+    "StackBackward0": lambda x: torch.stack([x, x.exp()]),
+    "RepeatBackward0": lambda x: x.repeat(2, 3),
+    "FlipBackward0": lambda x: x.flip(0, 1),
+    "RollBackward0": lambda x: x.roll((1, -2), (0, 1)),
+    "ConstantPadNdBackward0": lambda x: F.pad(x, (1, 2, 0, 3)),
     "ScaledDotProductFlashAttentionForCpuBackward0":
         lambda x: F.scaled_dot_product_attention(x.view(1, 1, 4, 4), x.view(1, 1, 4, 4).exp(), x.view(1, 1, 4, 4)),
 }
@@ -396,6 +402,16 @@ def test_power_zero_makes_structural_zeros():
     x = torch.rand(3, dtype=torch.float64, requires_grad=True)
     node = (x**0).grad_fn
     assert _makes_zeros(node) and not _makes_zeros((x**2).grad_fn)
+
+
+def test_cropping_pad_makes_structural_zeros():
+    """F.pad with a negative pad crops: its backward pads the sensitivity with zeros (a maker); padding out does not."""
+    x = torch.rand(3, 4, dtype=torch.float64, requires_grad=True)
+    assert _makes_zeros(F.pad(x, (-1, 1)).grad_fn) and not _makes_zeros(F.pad(x, (0, 1)).grad_fn)
+    mode = _StrongZeroMode()
+    with mode:
+        (g,) = torch.autograd.grad(F.pad(x, (-1, 1)).sum(), x)
+    assert mode.supports._masks and (g[:, 0] == 0).all()
 
 
 @pytest.mark.parametrize(("stride", "dilation", "kernel"), [(1, 1, 3), (1, 1, 1), (2, 1, 1), (2, 1, 3), (1, 2, 3),

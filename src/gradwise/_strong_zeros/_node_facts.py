@@ -1,6 +1,7 @@
 """What the check before backward knows of autograd nodes, keyed by node name: ``NODE_FACTS`` (singular
 points), ``MAKES_NO_ZEROS``, ``COMPARES_SAVED_ONLY``, ``FUSED_BACKWARDS``, ``_MAKES_NO_ZEROS_IF``, ``_NOT_READ``,
-``_OWN_ZEROS_INSIDE``, ``_ZERO_OUTPUT_TESTS``, and the per-node-type summary ``_node_type`` / ``_makes_zeros``.
+``_OWN_ZEROS_INSIDE``, ``_ZERO_OUTPUT_TESTS``, and the per-node-type summary ``_node_type`` / ``_makes_zeros``;
+``UNUSED_OUTPUTS`` and ``_SELECTED`` / ``covers``, which the plan resolves against the graph.
 
 These are facts about backward formulas, keyed by autograd node type and read from saved tensors: whether the
 formula can make a structural zero, or an Inf out of finite values (at a singular point, outside the domain, or by
@@ -220,7 +221,9 @@ MAKES_NO_ZEROS = frozenset((
     "ToCopyBackward0 AliasBackward0 AddmmBackward0 MmBackward0 BmmBackward0 BaddbmmBackward0 MvBackward0 "
     "GeluBackward0 SigmoidBackward0 TanhBackward0 SiluBackward0 SoftplusBackward0 ExpBackward0 "
     "MseLossBackward0 SqrtBackward0 LogBackward0 NativeLayerNormBackward0 NativeGroupNormBackward0 "
-    "NativeBatchNormBackward0 RsqrtBackward0 FusedRmsNormBackward0"
+    "NativeBatchNormBackward0 RsqrtBackward0 FusedRmsNormBackward0 "
+    # rearrangements: each input's sensitivity is a piece, a sum or a permutation of the output's
+    "CatBackward0 StackBackward0 RepeatBackward0 FlipBackward0 RollBackward0"
 ).split())
 # Nodes whose backward only compares its saved tensor (relu: result <= 0 ? 0 : grad): a NaN/Inf there cannot
 # turn into a NaN/Inf of the backward, so the check before backward need not read it.
@@ -242,6 +245,8 @@ def _opaque(name: str) -> bool:
 
 _MAKES_NO_ZEROS_IF: dict[str, Callable[[Any], bool]] = {
     "PowBackward0": lambda node: _saved(node, "_saved_exponent") != 0,  # x ** 0 backward is zeros_like(x)
+    # padding's backward slices the padding off; a negative pad crops, and its backward pads with zeros
+    "ConstantPadNdBackward0": lambda node: all(p < 1 << 63 for p in node._saved_pad),
     "ConvolutionBackward0": lambda node: _reads_every_position(node._saved_stride, node._saved_dilation,
                                                                node._saved_transposed),
 }
@@ -261,6 +266,67 @@ _NOT_READ = {
 # its outputs get no structural zero of its own. Its saved tensors are read; the nodes below are not reached.
 _OWN_ZEROS_INSIDE: dict[str, Callable[[Any], bool]] = {}
 
+# Nodes whose only structural zeros fill the sensitivities of forward outputs nothing used (split, unbind: cat or
+# stack of the output grads, an undefined one as zeros). When every output has a consumer in the graph, each
+# arrives defined (an undefined one comes from a zero-making node above, which reaches this node anyway), so the
+# node makes none. _planning._graph decides it per node, from the edges it walked.
+UNUSED_OUTPUTS = "unused outputs"
+_ZEROS_FOR_UNUSED_OUTPUTS = frozenset((
+    "SplitBackward0 SplitWithSizesBackward0 UnbindBackward0 UnsafeSplitBackward0 UnsafeSplitWithSizesBackward0"
+).split())
+
+
+def _as_signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value  # a negative index is saved as its uint64
+
+
+def _selected_by_select(node: Any) -> tuple[int, int, range] | None:
+    """select(dim, index): the one position it reads along ``dim`` (its backward is zero elsewhere)."""
+    sizes = node._saved_self_sym_sizes
+    dim = _as_signed(node._saved_dim) % len(sizes)
+    index = _as_signed(node._saved_index) % sizes[dim]
+    return dim, sizes[dim], range(index, index + 1)
+
+
+def _selected_by_slice(node: Any) -> tuple[int, int, range] | None:
+    """slice(dim, start, end, step): the positions it reads along ``dim`` (its backward is zero elsewhere)."""
+    sizes = node._saved_self_sym_sizes
+    dim = _as_signed(node._saved_dim) % len(sizes)
+    start, end = node._saved_start, node._saved_end
+    start = None if start is None else _as_signed(start)
+    end = None if end is None else _as_signed(end)
+    return dim, sizes[dim], range(*slice(start, end, node._saved_step).indices(sizes[dim]))
+
+
+# Nodes whose structural zeros are every position of their input they did not select: (dim, size, positions
+# read). Sibling selects of one tensor that between them read every position (q, k, v = proj[0], proj[1],
+# proj[2] in nn.MultiheadAttention) send it no structural zero, as long as none receives one from above.
+_SELECTED: dict[str, Callable[[Any], tuple[int, int, range] | None]] = {
+    "SelectBackward0": _selected_by_select,
+    "SliceBackward0": _selected_by_slice,
+}
+
+
+def covers(selected: list[tuple[int, int, range]]) -> bool:
+    """Whether selections along one dim read every position of it (their backwards sum to a full support)."""
+    dim, size, _ = selected[0]
+    if any(d != dim or n != size for d, n, _ in selected):
+        return False
+    if all(r.step == 1 for _, _, r in selected):
+        reach = 0
+        for r in sorted((r for _, _, r in selected), key=lambda r: r.start):
+            if r.start > reach:
+                return False
+            reach = max(reach, r.stop)
+        return reach >= size
+    if size > 1 << 16:  # strided slices of a long dim: not worth the bytes, assume zeros arrive
+        return False
+    seen = bytearray(size)
+    for _, _, r in selected:
+        seen[r.start:r.stop:r.step] = b"\x01" * len(r)
+    return all(seen)
+
+
 _NODE_TYPES: dict[type, tuple] = {}
 
 
@@ -276,16 +342,20 @@ def _node_type(node: Any) -> tuple:
         read = () if name in COMPARES_SAVED_ONLY or _opaque(name) or name == "CompiledFunctionBackward" else \
             tuple(a for a in names if a not in _NOT_READ.get(name, ()))
         test = _MAKES_NO_ZEROS_IF.get(name)
-        makes = False if name in MAKES_NO_ZEROS or _opaque(name) else (lambda n: not test(n)) if test else True
-        info = _NODE_TYPES[type(node)] = (names, read, name in NODE_FACTS, NODE_FACTS.get(name), makes,
-                                          _ZERO_OUTPUT_TESTS.get(name), _OWN_ZEROS_INSIDE.get(name))
+        makes = False if name in MAKES_NO_ZEROS or _opaque(name) else (lambda n: not test(n)) if test else \
+            UNUSED_OUTPUTS if name in _ZEROS_FOR_UNUSED_OUTPUTS else True
+        known, singular, zero_output = name in NODE_FACTS, NODE_FACTS.get(name), _ZERO_OUTPUT_TESTS.get(name)
+        nothing = known and makes is False and singular is None and zero_output is None
+        info = _NODE_TYPES[type(node)] = (names, read, known, singular, makes, zero_output,
+                                          _OWN_ZEROS_INSIDE.get(name), _SELECTED.get(name), nothing)
     return info
 
 
+
 def _makes_zeros(node: Any) -> bool:
-    """Whether the node's backward can make a structural zero."""
+    """Whether the node's backward can make a structural zero (a split, unbind: if some output goes unused)."""
     makes = _node_type(node)[4]
-    return makes if makes.__class__ is bool else makes(node)
+    return makes if makes.__class__ is bool else makes is UNUSED_OUTPUTS or makes(node)
 
 
 # Nodes whose backward multiplies the sensitivity by their own output, where an output of exactly 0 (from a

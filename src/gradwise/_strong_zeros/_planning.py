@@ -7,79 +7,142 @@ May import: torch, gradwise._masks, _contract, _traced, _autograd_graph, _node_f
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from gradwise._masks import all_finite as _all_finite
 from gradwise._strong_zeros import _contract
 from gradwise._strong_zeros._autograd_graph import _root_nodes
-from gradwise._strong_zeros._node_facts import _NODE_TYPES, _node_type, _readable
+from gradwise._strong_zeros._node_facts import _NODE_TYPES, UNUSED_OUTPUTS, _node_type, _readable, covers
 from gradwise._strong_zeros._traced import traced
 
 
-def _graph(roots: Sequence[Any]) -> tuple[dict[Any, tuple], dict[Any, int]]:
-    """Every node of the graph once: node -> (its type's facts, whether it makes structural zeros, its edges);
-    and how many edges lead to each node."""
-    graph: dict[Any, tuple] = {}
-    consumers: dict[Any, int] = {}
+class _Graph(NamedTuple):
+    nodes: dict[Any, tuple]  # node -> its edges (next_functions), every node of the graph once
+    makers: dict[Any, bool]  # the nodes that make structural zeros -> whether those reach their outputs
+    special: list  # nodes with a fact to check: not known to gradwise, a singular-point or zero-output test
+    senders: list  # the makers whose zeros reach their outputs
+
+
+def _graph(roots: Sequence[Any]) -> _Graph:
+    """Every node of the graph once, in one walk that does as little per node as it can: most nodes (matmuls,
+    views, activations, AccumulateGrad) have nothing to check unless a structural zero reaches them. A split or
+    unbind whose every output has a consumer makes no zeros (UNUSED_OUTPUTS)."""
+    nodes: dict[Any, tuple] = {}
+    makers: dict[Any, bool] = {}
+    special: list = []
+    pending: list = []  # nodes that make zeros only for outputs nothing uses
     types = _NODE_TYPES
     stack = list(roots)
     while stack:
         node = stack.pop()
-        if node in graph:
+        if node in nodes:
             continue
         info = types.get(type(node)) or _node_type(node)
-        makes = info[4]
-        if makes.__class__ is not bool:
-            makes = makes(node)
-        edges = node.next_functions
-        # (whether it makes zeros, whether they reach its outputs)
-        graph[node] = (info, makes, edges, makes and (info[6] is None or not info[6](node)))
+        edges = nodes[node] = node.next_functions
+        if not info[8]:
+            makes = info[4]
+            if makes.__class__ is not bool:
+                if makes is UNUSED_OUTPUTS:
+                    pending.append(node)
+                    makes = True
+                else:
+                    makes = makes(node)
+            if makes:
+                makers[node] = info[6] is None or not info[6](node)
+            if not info[2] or info[3] is not None or info[5] is not None:
+                special.append(node)
         for n, _ in edges:
             if n is not None:
-                consumers[n] = consumers.get(n, 0) + 1
                 stack.append(n)
-    return graph, consumers
+    if pending:
+        consumers, slots = _consumers(nodes)
+        for node in pending:
+            others = slots.get(node, ())
+            used = set(others)
+            if consumers.get(node, 0) > len(others):
+                used.add(0)
+            if len(used) == len(node._input_metadata):  # (a root's seeded outputs are not edges: it stays a maker)
+                del makers[node]
+    return _Graph(nodes, makers, special, [n for n, sends in makers.items() if sends])
 
 
-def _zero_reach(roots: Sequence[Any], graph: dict[Any, tuple], consumers: dict[Any, int]) -> dict[Any, bool]:
-    """Which nodes a structural zero can reach: a node's own zeros (it makes them), or zeros arriving from above.
-    The engine adds the contributions of all consumers of a node's output, and a sum is a structural zero only
-    where every term is one, so zeros arrive at an output only when *every* consumer of it sends them (a
-    transformer's residual connection sends none: below it nothing is reached). Consumers come first
-    (topological order); a root's sensitivity is its seed, a value. ``consumers`` is used up."""
-    if not any(makes for _, makes, _, _ in graph.values()):
-        return dict.fromkeys(graph, False)
-    sent: dict[Any, bool] = {}  # node (its output 0) or (node, slot) -> every consumer of it so far sends zeros
-    other_slots: dict[Any, set[int]] = {}  # nodes with consumers on outputs other than 0 (split, unbind, ...)
-    reach: dict[Any, bool] = {}
-    is_root = set(roots)
-    stack = [r for r in is_root if r not in consumers]
-    while stack:
-        node = stack.pop()
-        _, makes, edges, sends = graph[node]
-        reached = node not in is_root and (sent.get(node, False) or
-                                           any(sent[(node, k)] for k in other_slots.get(node, ())))
-        reach[node] = reached or makes
-        reached = reached or sends
+def _consumers(nodes: dict[Any, tuple]) -> tuple[dict[Any, int], dict[Any, list[int]]]:
+    """How many edges lead to each node; and, per node, the outputs other than 0 they lead to (one per edge)."""
+    consumers: dict[Any, int] = {}
+    slots: dict[Any, list[int]] = {}
+    for edges in nodes.values():
         for n, slot in edges:
+            if n is not None:
+                consumers[n] = consumers.get(n, 0) + 1
+                if slot:
+                    slots.setdefault(n, []).append(slot)
+    return consumers, slots
+
+
+def _zero_reach(roots: Sequence[Any], g: _Graph) -> set:
+    """The nodes a structural zero reaches from above (those that make their own are ``g.makers``). The
+    engine adds the contributions of all consumers of a node's output, and a sum is a structural zero only where
+    every term is one, so zeros arrive at an output only when *every* consumer of it sends them (a transformer's
+    residual connection sends none: below it nothing is reached), and not when the consumers are selects/slices
+    that between them read every position and receive no zeros from above (``covers``). A root's sensitivity
+    is its seed, a value.
+
+    Zeros spread from the nodes that send their own, so the cost follows the region they reach, not the graph:
+    an output is decided when its last consumer sends, and decided again if a select among them is later
+    reached from above (its pick no longer stands for all of its zeros). Reach only grows: no order is needed."""
+    if not g.senders:
+        return set()
+    nodes, types = g.nodes, _NODE_TYPES
+    consumers, slots = _consumers(nodes)
+    is_root = set(roots)
+    above: set = set()  # reached from above
+    sending = set(g.senders)
+    count: dict[Any, int] = {}  # node (its output 0) or (node, slot) -> how many of its consumers send zeros
+    picks: dict[Any, list] = {}  # the same keys -> (consumer, what it selects or None)
+    fed: dict[Any, list] = {}  # consumer -> the keys it sends to (re-decided when it is reached from above)
+
+    queue = list(g.senders)  # nodes whose zeros are still to spread to their edges
+    ready: list = []  # outputs (keys) every consumer of which sends zeros: to decide
+    # (no nested functions: one referring to itself would be a reference cycle holding the graph past backward)
+    while queue or ready:
+        if ready:
+            key = ready.pop()
+            n = key[0] if key.__class__ is tuple else key
+            if n in above or n in is_root:
+                continue
+            got = [pick for consumer, pick in picks[key] if pick is not None and consumer not in above]
+            if len(got) == len(picks[key]) and covers(got):
+                continue
+            above.add(n)
+            if n not in sending:
+                sending.add(n)
+                queue.append(n)
+            elif types[type(n)][7] is not None:  # its zeros spread already, but its picks no longer stand for them
+                ready.extend(k for k in fed.get(n, ()) if count[k] == _consumers_of(k, consumers, slots))
+            continue
+        node = queue.pop()
+        select = types[type(node)][7]
+        pick = select(node) if select is not None and node not in above else None
+        keys = fed[node] = []
+        for n, slot in nodes[node]:
             if n is None:
                 continue
-            if slot:
-                key: Any = (n, slot)
-                other_slots.setdefault(n, set()).add(slot)
-            else:
-                key = n
-            if not reached:
-                sent[key] = False
-            elif key not in sent:
-                sent[key] = True
-            left = consumers[n] - 1
-            consumers[n] = left
-            if not left:
-                stack.append(n)
-    return reach  # (a node left out, on a cycle, counts as reached: _plan's default)
+            key = (n, slot) if slot else n
+            keys.append(key)
+            picks.setdefault(key, []).append((node, pick))
+            c = count[key] = count.get(key, 0) + 1
+            if c == _consumers_of(key, consumers, slots):
+                ready.append(key)
+    return above
+
+
+def _consumers_of(key: Any, consumers: dict[Any, int], slots: dict[Any, list[int]]) -> int:
+    """How many edges lead to this output of a node: ``node`` (output 0) or ``(node, slot)``."""
+    if key.__class__ is tuple:
+        return slots[key[0]].count(key[1])
+    return consumers[key] - len(slots.get(key, ()))
 
 
 def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
@@ -89,63 +152,34 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
     each then runs compiled, and op by op only where that made NaN; ``_compile._hybrid``). Raises
     _contract.Unreadable on a saved tensor it cannot read (the backward runs plain).
 
-    This runs before every backward under strong zeros, so it is written for speed: one walk over the graph and a
-    topological pass over what it found (_zero_reach), reading only what a structural zero could reach (see
-    MAKES_NO_ZEROS; a node reached through some consumers but not all receives none), each saved tensor once (a layer's
-    output saved by two nodes, q/k/v views of one projection: identified by what they read), and one
-    reduction per saved tensor (small ones together). Singular tests of nodes no zero reaches from above run
+    This runs before every backward under strong zeros, so it is written for speed: one walk over the graph, a
+    pass over the region structural zeros spread to (_zero_reach), reading only what a structural zero could reach
+    (see MAKES_NO_ZEROS; a node reached through some consumers but not all receives none), each saved tensor once,
+    and one reduction per saved tensor (small ones together). Singular tests of nodes no zero reaches from above run
     only when a softmax/exp node below holds exact zeros in its output (_ZERO_OUTPUT_TESTS)."""
     if traced((*t_outputs, *seeds)):  # a traced backward (torch.compile, make_fx): a graph, no data to read;
         return "plain"  # compiled graphs get strong zeros from gradwise._strong_zeros._compile instead
+    roots = [r for r in _root_nodes(t_outputs) if r is not None]
+    g = _graph(roots)
+    above = _zero_reach(roots, g)
     known_all = True
     only_compiled = True  # every node gradwise knows nothing about is a torch.compile'd backward
-    saved: list[torch.Tensor] = []
     deferred: list = []  # singular-point tests of nodes no structural zero reaches from above
     zero_outputs: list = []  # nodes whose backward multiplies by their own output (softmax, exp)
-    seen_tensors: set[tuple] = set()
-    roots = [r for r in _root_nodes(t_outputs) if r is not None]
-    graph, consumers = _graph(roots)
-    reach = _zero_reach(roots, graph, consumers)
-    for node, ((_, read, known, singular, _, zero_output, _), _, _, _) in graph.items():
-        reached = reach.get(node, True)
-        known_all &= known
-        if not known and only_compiled:
-            only_compiled = type(node).__name__ == "CompiledFunctionBackward"
+    for node in g.special:
+        _, _, known, singular, _, zero_output, _, _, _ = _NODE_TYPES[type(node)]
+        if not known:
+            known_all = False
+            only_compiled = only_compiled and type(node).__name__ == "CompiledFunctionBackward"
         if zero_output is not None:
             zero_outputs.append((node, zero_output))
-        if not reached:
-            if singular is not None:
-                deferred.append((node, singular))
-            continue
-        readable = True
-        for name in read:
-            try:
-                value = getattr(node, name, None)
-            except RuntimeError:  # freed by an earlier backward: nothing to read (the engine raises if it needs it)
-                continue
-            for raw in value if isinstance(value, (tuple, list)) else (value,):
-                if raw is None:
-                    continue
-                if raw.unpack_hook is not None:  # a checkpoint's hook would recompute the forward
-                    readable = False
-                    continue
-                t = raw.data
-                if not isinstance(t, torch.Tensor) or not t.is_floating_point() or not t.numel():
-                    continue
-                if t.layout != torch.strided or t.is_meta or t.is_nested or t.__class__ is not torch.Tensor:
-                    _contract.check_saved(t)  # raises Unreadable for a kind it cannot read (the backward runs plain)
-                if t.layout != torch.strided:
-                    key: tuple = (id(t),)
-                else:
-                    ptr = t.data_ptr()
-                    if ptr == t.storage_offset() * t.element_size():  # storage freed until a hook refills it
-                        # (FSDP's resharded parameters): a freed storage's pointer is 0, plus the view's offset
-                        readable = False
-                        continue
-                    key = (ptr, t.dtype, t.shape, t.stride())
-                if key not in seen_tensors:
-                    seen_tensors.add(key)
-                    saved.append(t)
+        if singular is not None and node not in g.makers and node not in above:
+            deferred.append((node, singular))
+    saved: list[torch.Tensor] = []
+    seen: set[tuple] = set()
+    for node in (*g.makers, *(n for n in above if n not in g.makers)):  # every node a structural zero reaches
+        _, read, _, singular, _, _, _, _, _ = _NODE_TYPES[type(node)]
+        readable = _read_saved(node, read, seen, saved)
         known_all &= readable
         only_compiled &= readable
         if singular is not None and readable and singular(node):
@@ -161,3 +195,39 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
     if not _all_finite(saved):
         return "strong"
     return "plain" if known_all else "compiled" if only_compiled else "check"
+
+
+def _read_saved(node: Any, read: tuple[str, ...], seen: set[tuple], saved: list[torch.Tensor]) -> bool:
+    """Adds the floating-point tensors ``node`` saved under ``read`` to ``saved``, each once (a layer's output saved
+    by two nodes, q/k/v views of one projection: identified by what they read). False where they cannot be read
+    without running a hook (a checkpoint's recomputation, FSDP's resharded parameters)."""
+    readable = True
+    for name in read:
+        try:
+            value = getattr(node, name, None)
+        except RuntimeError:  # freed by an earlier backward: nothing to read (the engine raises if it needs it)
+            continue
+        for raw in value if isinstance(value, (tuple, list)) else (value,):
+            if raw is None:
+                continue
+            if raw.unpack_hook is not None:  # a checkpoint's hook would recompute the forward
+                readable = False
+                continue
+            t = raw.data
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or not t.numel():
+                continue
+            if t.layout != torch.strided or t.is_meta or t.is_nested or t.__class__ is not torch.Tensor:
+                _contract.check_saved(t)  # raises Unreadable for a kind it cannot read (the backward runs plain)
+            if t.layout != torch.strided:
+                key: tuple = (id(t),)
+            else:
+                ptr = t.data_ptr()
+                if ptr == t.storage_offset() * t.element_size():  # storage freed until a hook refills it
+                    # (FSDP's resharded parameters): a freed storage's pointer is 0, plus the view's offset
+                    readable = False
+                    continue
+                key = (ptr, t.dtype, t.shape, t.stride())
+            if key not in seen:
+                seen.add(key)
+                saved.append(t)
+    return readable
