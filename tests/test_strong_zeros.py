@@ -6,12 +6,15 @@ PyTorch on finite data. None is a formula derived by hand.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
@@ -824,3 +827,100 @@ def test_rnns_and_attention_plan_plain_to_second_order(make):
     (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
     assert _plan([out.sum()], ()) == "plain"
     assert _plan([g.square().sum()], ()) == "plain"
+
+
+@settings(derandomize=True, max_examples=150, deadline=None)
+@given(st.lists(st.integers(1, 4), min_size=0, max_size=3), st.data())
+def test_sum_support_is_the_any_of_the_summed_supports(shape, data):
+    """sum/mean's support (one byte reduction) equals running the op on the supports as 0/1 numbers (_placement's
+    count, the reference), for every dims/keepdim form the op takes."""
+    from gradwise._strong_zeros._rules_pointwise import _placement_counts, _summed
+    from gradwise._strong_zeros._supports import _Supports
+
+    support = torch.tensor(data.draw(st.lists(st.booleans(), min_size=math.prod(shape), max_size=math.prod(shape))),
+                           dtype=torch.bool).reshape(shape)
+    dims = data.draw(st.one_of(st.none(), st.lists(st.integers(-len(shape), len(shape) - 1) if shape else
+                                                   st.sampled_from([0, -1]), unique=True, max_size=max(len(shape), 1))))
+    keepdim = data.draw(st.booleans())
+    op = data.draw(st.sampled_from([aten.sum, aten.mean]))
+    if dims is not None and len({d % max(len(shape), 1) for d in dims}) != len(dims):
+        return
+    args = (None,) if dims is None else (None, dims, keepdim)
+    got, ref = [], []
+    for rule, into in ((_summed, got), (_placement_counts, ref)):
+        sup = _Supports()
+        x = torch.randn(shape, dtype=torch.float64)
+        sup.record(x, support)
+        x_args = (x, *args[1:])
+        overload = op.default if dims is None else op.dim if op is aten.mean else op.dim_IntList
+        out = rule(overload, x_args, {}, sup) if rule is _summed else rule(overload, x_args, {}, sup,
+                                                                             overload(*x_args))
+        s = sup.of(out)
+        into.append(torch.ones(out.shape, dtype=torch.bool) if s is None else s)
+    assert torch.equal(got[0], ref[0]), (shape, dims, keepdim)
+
+
+def MOVED_SAMPLES(x, s, n, k, idx):
+    """One call per op of _moved's table, with the sensitivity's (bool) support first: the rule is run with a
+    random sensitivity of that support (tests below)."""
+    return [
+        (aten.slice_backward.default, (s[:, k:], [2, n + 1], 1, k + 1, n + 1, 1)),
+        (aten.select_backward.default, (s[0], [3, n], 0, 1)),
+        (aten.diagonal_backward.default, (s[:, :1].reshape(2), [2, 2, n], 0, 0, 1)),
+        (aten.constant_pad_nd.default, (s, [1, k - n])),
+        (aten.flip.default, (s, [0, 1])),
+        (aten.roll.default, (s, [k], [1])),
+        (aten.repeat.default, (s, [2, 3])),
+        (aten.gather.default, (s, 1, idx.expand(2, -1).contiguous())),
+        (aten.index_select.default, (s, 1, idx)),
+        (aten.tril.default, (s, k - 1)),
+        (aten.triu.default, (s, 1 - k)),
+    ]
+
+
+@settings(derandomize=True, max_examples=150, deadline=None)
+@given(st.integers(1, 6), st.data())
+def test_relu_and_moving_supports_match_their_references(n, data):
+    """threshold_backward's support is grad's and not relu's flat region (NaN is in none), and that of every op that
+    only moves elements (_moved) is the op on the 0/1 support (_placement's count, the reference); the outputs are
+    PyTorch's, bitwise."""
+    from gradwise._strong_zeros._rules_pointwise import _moved, _placement_counts, _threshold_backward
+    from gradwise._strong_zeros._supports import _Supports
+
+    values = st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, nan, inf, -inf])
+    x = torch.tensor(data.draw(st.lists(values, min_size=2 * n, max_size=2 * n)), dtype=torch.float64).view(2, n)
+    s = torch.tensor(data.draw(st.lists(st.booleans(), min_size=2 * n, max_size=2 * n))).view(2, n)
+    tracked = data.draw(st.booleans())
+
+    def run(rule, func, args, support):
+        sup = _Supports()
+        grad = torch.randn(args[0].shape, dtype=torch.float64)
+        if tracked:
+            grad.masked_fill_(~support, 0)
+            sup.record(grad, support)
+        out = rule(func, (grad, *args[1:]), {}, sup)
+        got = sup.of(out)
+        return out, grad, torch.ones(out.shape, dtype=torch.bool) if got is None else got
+
+    out, grad, got = run(_threshold_backward, aten.threshold_backward.default, (x, x, 0.0), s)
+    assert torch.equal(out, aten.threshold_backward(grad, x, 0.0))
+    assert torch.equal(got, (s if tracked else True) & ((x > 0) | x.isnan()))
+    k = data.draw(st.integers(0, n))
+    idx = torch.tensor(data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=4)))
+    for func, args in MOVED_SAMPLES(x, s, n, k, idx):
+        support = args[0] if isinstance(args[0], torch.Tensor) else None
+        if support is None:
+            continue
+        out, grad, got = run(_moved, func, args, support)
+        _, _, ref = run(lambda f, a, kw, sup: _placement_counts(f, a, kw, sup, f(*a)), func, args, support)
+        assert torch.equal(out, func(grad, *args[1:])) and torch.equal(got, ref), func
+    for func in (aten.cat.default, aten.stack.default):  # a list: one tracked sensitivity, one fully supported
+        sups = []
+        for rule in (_moved, lambda f, a, kw, sup: _placement_counts(f, a, kw, sup, f(*a))):
+            sup = _Supports()
+            grad = torch.randn(2, n, dtype=torch.float64).masked_fill_(~s, 0)
+            sup.record(grad, s)
+            out = rule(func, ([grad, torch.randn(2, n, dtype=torch.float64)], 1), {}, sup)
+            got = sup.of(out)
+            sups.append(torch.ones(out.shape, dtype=torch.bool) if got is None else got)
+        assert torch.equal(*sups), func

@@ -19,7 +19,7 @@ def _one_slice(mask: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def mask_any(mask: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+def mask_any(mask: torch.Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False) -> torch.Tensor:
     """``mask.any()`` / ``mask.any(dim, keepdim)`` as a bool tensor."""
     if mask.numel() == 0:
         return mask.any() if dim is None else mask.any(dim, keepdim=keepdim)

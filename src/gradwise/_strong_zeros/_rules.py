@@ -50,8 +50,12 @@ def _in_formula() -> bool:
 
 
 def _annihilate(out: torch.Tensor, support: torch.Tensor | None) -> torch.Tensor:
+    """Writes 0 into ``out`` wherever ``support`` is False (whatever NaN/Inf was computed there)."""
     if support is not None:
-        out.masked_fill_(~support.expand(out.shape), 0)
+        if out.requires_grad and torch.is_grad_enabled():  # create_graph: out= cannot be differentiated
+            out.masked_fill_(~support.expand(out.shape), 0)
+        else:  # one pass, where masked_fill_ needs the negated mask and is 1.5x slower on CPU
+            torch.where(support, out, out.new_zeros(()), out=out)
     return out
 
 

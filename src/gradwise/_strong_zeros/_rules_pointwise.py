@@ -205,8 +205,22 @@ _register(aten.div, aten.div_, aten.neg, aten.clone, aten.sigmoid_backward, aten
           aten.softplus_backward, aten.mish_backward, aten.log_sigmoid_backward, aten.mse_loss_backward,
           aten.smooth_l1_loss_backward, aten.huber_loss_backward, aten.binary_cross_entropy_backward,
           aten.logit_backward, aten.rrelu_with_noise_backward, aten.xlogy, aten.special_xlog1py)(_linear)
-# a NaN input is in no flat region: PyTorch passes the gradient there (relu(NaN) = NaN is used)
-_register(aten.threshold_backward)(_product((0,), flat=lambda a: (a[1] > a[2]) | a[1].isnan()))
+
+
+@_register(aten.threshold_backward)
+def _threshold_backward(func, args, kwargs, sup):
+    """relu's backward, ``self <= threshold ? 0 : grad``: its flat region is a structural zero. A NaN input is in
+    none (NaN <= t is False: PyTorch passes the gradient there, relu(NaN) = NaN is used). The formula selects
+    and never multiplies, so where grad is a structural zero (exactly 0) the output is 0 already: nothing to
+    annihilate, only the support to compute (one comparison; with grad's support, one more byte pass)."""
+    out = func(*args, **kwargs)
+    flat = torch.le(args[1], args[2])
+    s = sup.of(args[0])
+    support = flat.logical_not_() if s is None else torch.gt(s.expand(out.shape), flat)  # s and not flat
+    sup.record(out, support, fresh=True)
+    return out
+
+
 _register(aten.hardtanh_backward)(_product((0,), flat=lambda a: (a[1] > a[2]) & (a[1] < a[3]) | a[1].isnan()))
 _register(aten.hardsigmoid_backward)(_product((0,), flat=lambda a: (a[1] > -3) & (a[1] < 3) | a[1].isnan()))
 _register(aten.hardswish_backward)(_product((0,), flat=lambda a: (a[1] > -3) | a[1].isnan()))
@@ -330,8 +344,10 @@ def _placement(func, args, kwargs, sup):
     the op on the supports as 0/1 numbers gives > 0 exactly where a supported element lands. Elements the op
     creates (a slice's padding, the unselected elements of a max-pool window) are structural zeros. Nothing is
     multiplied by a value, so nothing needs annihilating."""
-    out = func(*args, **kwargs)
+    return _placement_counts(func, args, kwargs, sup, func(*args, **kwargs))
 
+
+def _placement_counts(func, args, kwargs, sup, out):
     def as_number(t):
         if not _is_float(t):
             return t
@@ -345,12 +361,31 @@ def _placement(func, args, kwargs, sup):
     return out
 
 
-_register(aten.slice_backward, aten.select_backward, aten.diagonal_backward, aten.as_strided_scatter,
+def _moved(func, args, kwargs, sup):
+    """Ops that copy each output element from at most one input element or create it as 0 (slice/select
+    backward, cat, stack, padding, flip, roll, repeat, gather, index_select, tril/triu): the support is the same
+    op on the bool supports, False where the op creates zeros, without _placement's float copies and count."""
+    out = func(*args, **kwargs)
+
+    def as_support(t):
+        if not _is_float(t):
+            return t
+        s = sup.of(t)
+        return torch.ones((), dtype=torch.bool, device=t.device).expand(t.shape) if s is None else s
+
+    sup.record(out, func(*tree_map(as_support, args), **tree_map(as_support, kwargs)), fresh=True)
+    return out
+
+
+_register(aten.slice_backward, aten.select_backward, aten.diagonal_backward, aten.cat, aten.stack,
+          aten.constant_pad_nd, aten.flip, aten.roll, aten.repeat, aten.gather, aten.index_select, aten.tril,
+          aten.triu)(_moved)
+_register(aten.as_strided_scatter,
           aten.slice_scatter, aten.select_scatter, aten.index_put, aten.index_put_, aten._index_put_impl_,
           aten._unsafe_index_put, aten.index_add, aten.index_add_, aten.scatter, aten.scatter_,
-          aten.scatter_add, aten.scatter_add_, aten.gather, aten.index_select, aten.index,
-          aten._unsafe_index, aten.cat, aten.stack, aten.sum, aten.mean, aten.cumsum, aten.constant_pad_nd,
-          aten.repeat, aten.flip, aten.roll, aten.diag_embed, aten.tril, aten.triu, aten.unfold_backward,
+          aten.scatter_add, aten.scatter_add_, aten.index,
+          aten._unsafe_index, aten.cumsum,
+          aten.diag_embed, aten.unfold_backward,
           aten.col2im, aten.im2col, aten.embedding_dense_backward, aten.max_pool2d_with_indices_backward,
           aten.max_pool3d_with_indices_backward, aten.avg_pool2d_backward, aten.avg_pool3d_backward,
           aten._adaptive_avg_pool2d_backward, aten._adaptive_avg_pool3d_backward,
@@ -365,6 +400,36 @@ _register(aten.slice_backward, aten.select_backward, aten.diagonal_backward, ate
           aten.replication_pad2d_backward, aten.replication_pad3d_backward, aten.expand_copy,
           aten.permute_copy, aten.view_copy, aten._unsafe_view, aten.contiguous, aten.put, aten.put_,
           aten.masked_scatter, aten.masked_scatter_, aten.masked_select)(_placement)
+
+
+def _summed(func, args, kwargs, sup):
+    """sum / mean (a Linear's bias gradient, the engine's broadcast reductions): an output element is a
+    structural zero where every element it adds is one, so its support is the input support's any over the
+    reduced dims, one byte reduction (as _placement on 0/1 numbers, without their float copy). Nothing is
+    multiplied by a value, so nothing needs annihilating."""
+    out = func(*args, **kwargs)
+    x = args[0]
+    s = sup.of(x) if _is_float(x) else None
+    if not _is_float(out):
+        return out
+    if s is None:
+        sup.record(out, None)
+        return out
+    dims = args[1] if len(args) > 1 and not isinstance(args[1], torch.dtype) else kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    if isinstance(dims, int):
+        dims = [dims]
+    if dims is None or not len(dims):
+        support = mask_any(s).reshape((1,) * out.dim() if keepdim else out.shape)
+    elif all(isinstance(d, int) for d in dims):
+        support = mask_any(s, list(dims), keepdim=keepdim)
+    else:  # named dims
+        return _placement_counts(func, args, kwargs, sup, out)
+    sup.record(out, support.expand(out.shape))
+    return out
+
+
+_register(aten.sum, aten.mean)(_summed)
 
 
 def _placement_signed(func, args, kwargs, sup):

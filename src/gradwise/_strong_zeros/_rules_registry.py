@@ -41,7 +41,7 @@ class Supports:
         (a NaN/Inf there would be a structural zero times NaN); returns ``t``."""
         if support is not None:
             support = support.to(device=t.device, dtype=torch.bool).expand(t.shape)
-            t.masked_fill_(~support, 0)
+            _annihilate(t, support)
         self._inner.record(t, support)
         return t
 

@@ -52,8 +52,9 @@ class _Supports:
     def tracked(self, t: object) -> bool:
         return isinstance(t, torch.Tensor) and self._entry(t) is not None
 
-    def record(self, t: torch.Tensor, support: torch.Tensor | None) -> None:
-        """Set the support of ``t``'s elements (None: all may be nonzero)."""
+    def record(self, t: torch.Tensor, support: torch.Tensor | None, fresh: bool = False) -> None:
+        """Set the support of ``t``'s elements (None: all may be nonzero). ``fresh``: ``support`` is a new tensor
+        of the rule's own that nothing else holds, kept as the mask where ``t`` fills its storage (no copy)."""
         if t.layout != torch.strided:
             return
         mask = self._entry(t)
@@ -65,7 +66,13 @@ class _Supports:
             if mask_all(support):
                 return
             storage = t.untyped_storage()
-            mask = torch.ones(storage.nbytes() // t.element_size(), dtype=torch.bool, device=t.device)
+            n = storage.nbytes() // t.element_size()
+            whole = t.numel() == n and t.storage_offset() == 0 and t.is_contiguous()  # copy_ writes it all
+            if whole and fresh and support.shape == t.shape and support.is_contiguous() and \
+                    support.dtype == torch.bool and support.device == t.device:
+                self._masks[storage._cdata] = (StorageWeakRef(storage), t.element_size(), support.view(-1))
+                return
+            mask = (torch.empty if whole else torch.ones)(n, dtype=torch.bool, device=t.device)
             self._masks[storage._cdata] = (StorageWeakRef(storage), t.element_size(), mask)
         mask.as_strided(t.shape, t.stride(), t.storage_offset()).copy_(support.expand(t.shape))
 
