@@ -924,3 +924,24 @@ def test_relu_and_moving_supports_match_their_references(n, data):
             got = sup.of(out)
             sups.append(torch.ones(out.shape, dtype=torch.bool) if got is None else got)
         assert torch.equal(*sups), func
+
+
+def test_a_shared_support_is_copied_before_either_tensor_changes_it():
+    """An elementwise output shares its factor's mask (no copy); a later write to either tensor's support (an
+    in-place op on a view) leaves the other's as it was."""
+    from gradwise._strong_zeros._supports import _Supports
+
+    rows = torch.tensor([True, False, True])[:, None].expand(3, 4)
+    for written in (0, 1):
+        sup = _Supports()
+        a, b = torch.zeros(3, 4), torch.zeros(3, 4)
+        sup.record(a, rows)
+        sup.record(b, sup.of(a), like=a)
+        assert sup.of(b).data_ptr() == sup.of(a).data_ptr()  # shared, not copied
+        target, other = (a, b) if written == 0 else (b, a)
+        sup.record(target[1], torch.ones(4, dtype=torch.bool))
+        assert torch.equal(sup.of(target), torch.ones(3, 4, dtype=torch.bool))
+        assert torch.equal(sup.of(other), rows)
+        sup.record(other, None)  # a full support written over the whole storage
+        assert sup.of(other) is None or sup.of(other).all()
+        assert torch.equal(sup.of(target), torch.ones(3, 4, dtype=torch.bool))

@@ -136,6 +136,7 @@ def _product(mult_args: Sequence[int], flat: Callable[[tuple], torch.Tensor] | N
         if out.dtype == torch.bool:  # mask & mask (nan_to_num's): still a selection where both are meaningful
             _select(out, [a for a in args[:2] if isinstance(a, torch.Tensor)], sup)
             return out
+        like = None  # the one factor whose support the output's is
         for i in mult_args:
             a = args[i] if i < len(args) else None
             # a bool mask the backward formula computed selects (max's `self == result`, nansum's
@@ -143,14 +144,16 @@ def _product(mult_args: Sequence[int], flat: Callable[[tuple], torch.Tensor] | N
             # tensor the forward multiplied by is a value like any other.
             s = _selected(a, sup) if isinstance(a, torch.Tensor) and a.dtype == torch.bool else sup.of(a)
             if s is not None:
+                like = a if support is None else None
                 support = s if support is None else support & s
         if flat is not None:
             f = flat(args)
             support = f if support is None else support & f
+            like = None
         if support is not None:
             support = support.expand(out.shape)
             _annihilate(out, support)
-        sup.record(out, support)
+        sup.record(out, support, like=like if like is not None and like.dtype == out.dtype else None)
         return out
 
     product.__doc__ = _product.__doc__

@@ -23,6 +23,7 @@ from gradwise._masks import mask_all
 class _Supports:
     def __init__(self) -> None:
         self._masks: dict[int, tuple[StorageWeakRef, int, torch.Tensor]] = {}
+        self._shared: set[int] = set()  # storages whose mask another storage holds too: copied before a write
         # bool masks a backward formula computed (max's `self == result`, nansum's `~isnan(self)`) -> where the
         # mask is meaningful (None: everywhere). A comparison with NaN is False without selecting anything.
         self.selections = WeakTensorKeyDictionary()
@@ -52,30 +53,57 @@ class _Supports:
     def tracked(self, t: object) -> bool:
         return isinstance(t, torch.Tensor) and self._entry(t) is not None
 
-    def record(self, t: torch.Tensor, support: torch.Tensor | None, fresh: bool = False) -> None:
+    def record(self, t: torch.Tensor, support: torch.Tensor | None, fresh: bool = False,
+               like: torch.Tensor | None = None) -> None:
         """Set the support of ``t``'s elements (None: all may be nonzero). ``fresh``: ``support`` is a new tensor
-        of the rule's own that nothing else holds, kept as the mask where ``t`` fills its storage (no copy)."""
+        of the rule's own that nothing else holds, kept as the mask where ``t`` fills its storage (no copy).
+        ``like``: ``support`` is that tensor's own support (an elementwise op's output), whose mask ``t`` then
+        shares where both fill their storages alike (copied on the first write to either)."""
         if t.layout != torch.strided:
             return
         mask = self._entry(t)
+        if mask is not None and support is None:
+            self._writable(t, mask).as_strided(t.shape, t.stride(), t.storage_offset()).fill_(True)
+            return
         if support is None:
-            if mask is not None:
-                mask.as_strided(t.shape, t.stride(), t.storage_offset()).fill_(True)
             return
         if mask is None:
-            if mask_all(support):
-                return
             storage = t.untyped_storage()
             n = storage.nbytes() // t.element_size()
             whole = t.numel() == n and t.storage_offset() == 0 and t.is_contiguous()  # copy_ writes it all
+            if whole and like is not None and self._share(t, storage, like):
+                return
+            if mask_all(support):
+                return
+            self._shared.discard(storage._cdata)
             if whole and fresh and support.shape == t.shape and support.is_contiguous() and \
                     support.dtype == torch.bool and support.device == t.device:
                 self._masks[storage._cdata] = (StorageWeakRef(storage), t.element_size(), support.view(-1))
                 return
             mask = (torch.empty if whole else torch.ones)(n, dtype=torch.bool, device=t.device)
             self._masks[storage._cdata] = (StorageWeakRef(storage), t.element_size(), mask)
+        else:
+            mask = self._writable(t, mask)
         mask.as_strided(t.shape, t.stride(), t.storage_offset()).copy_(support.expand(t.shape))
 
+    def _share(self, t: torch.Tensor, storage: torch.UntypedStorage, like: torch.Tensor) -> bool:
+        mask = self._entry(like)
+        if mask is None or like.shape != t.shape or like.stride() != t.stride() or like.storage_offset() or \
+                like.element_size() != t.element_size() or mask.numel() != t.numel():
+            return False
+        self._masks[storage._cdata] = (StorageWeakRef(storage), t.element_size(), mask)
+        self._shared.update((storage._cdata, like.untyped_storage()._cdata))
+        return True
+
+    def _writable(self, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``t``'s mask, copied first if another storage shares it."""
+        cdata = t.untyped_storage()._cdata
+        if cdata in self._shared:
+            self._shared.discard(cdata)
+            ref, itemsize, _ = self._masks[cdata]
+            mask = mask.clone()
+            self._masks[cdata] = (ref, itemsize, mask)
+        return mask
 
 
 class _State(threading.local):
