@@ -9,6 +9,7 @@ logsumexp as the kernels do (so a NaN query row meets a zero g exactly as in the
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -375,3 +376,27 @@ def test_cuda_backwards_share_the_rule(name, causal):
     for g, e in zip(got, exp, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
     assert not any(name in op for op in gw.unruled_ops())
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("value", [nan, math.inf, -math.inf])
+def test_causal_attention_no_zero_reaches_reads_nothing_and_changes_nothing(which, value, gqa):
+    """Causal attention without a mask keeps its structural zeros inside (the last query reads every key) and,
+    with no zero arriving from above, its rule runs the kernel as PyTorch does. So the plan reads nothing of it
+    and runs plain, and the gradients equal the strong pass forced, NaN for NaN, whatever q, k or v hold."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 8, 16, dtype=torch.float64)
+    k, v = (torch.randn(2, 2 if gqa else 4, 8, 16, dtype=torch.float64) for _ in range(2))
+    t = {"q": q, "k": k, "v": v}[which]
+    t[0, 1, 5, 2] = value
+    lin = nn.Linear(16, 16).double()
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    loss = lin(F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=gqa)).tanh().sum()
+    assert _plan([loss], ()) == "plain"
+    inputs = [*leaves, *lin.parameters()]
+    got = gw.grad(loss, inputs, retain_graph=True)
+    with mock.patch.object(_engine, "_plan", lambda *args, **kwargs: "strong"):
+        forced = gw.grad(loss, inputs)
+    for a, b in zip(got, forced, strict=True):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)

@@ -263,7 +263,9 @@ _NOT_READ = {
 
 # Nodes that make structural zeros which, in some graphs, stay inside their own backward (causal attention's
 # masked weights meet q, k and v there, but every key still reaches its gradient): a test of the node, True when
-# its outputs get no structural zero of its own. Its saved tensors are read; the nodes below are not reached.
+# its outputs get no structural zero of its own. The nodes below are not reached through it, and unless a zero
+# arrives from above its saved tensors are not read either: its rule then runs the op as PyTorch does (the
+# attention rule with every query row kept and every key used), so strong zeros would change nothing there.
 _OWN_ZEROS_INSIDE: dict[str, Callable[[Any], bool]] = {}
 
 # Nodes whose only structural zeros fill the sensitivities of forward outputs nothing used (split, unbind: cat or

@@ -173,11 +173,12 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
             only_compiled = only_compiled and type(node).__name__ == "CompiledFunctionBackward"
         if zero_output is not None:
             zero_outputs.append((node, zero_output))
-        if singular is not None and node not in g.makers and node not in above:
+        if singular is not None and not g.makers.get(node) and node not in above:
             deferred.append((node, singular))
     saved: list[torch.Tensor] = []
     seen: set[tuple] = set()
-    for node in (*g.makers, *(n for n in above if n not in g.makers)):  # every node a structural zero reaches
+    # every node a structural zero reaches (one that keeps its own inside is read only if one arrives from above)
+    for node in (*g.senders, *(n for n in above if not g.makers.get(n))):
         _, read, _, singular, _, _, _, _, _ = _NODE_TYPES[type(node)]
         readable = _read_saved(node, read, seen, saved)
         known_all &= readable

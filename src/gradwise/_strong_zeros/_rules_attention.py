@@ -94,20 +94,21 @@ def _fold_heads(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return mask_any(t.reshape(b, kv_heads, hq // kv_heads, *t.shape[2:]), 2)
 
 
-def _filled(t: torch.Tensor, where: torch.Tensor, value: float) -> torch.Tensor:
-    """``t`` with ``where`` set to ``value``, in ``t``'s own memory layout. The CUDA kernels read their saved
-    tensors' strides (the memory-efficient one keeps out in (B, L, H, E) memory): out-of-place ``masked_fill``
-    returns a contiguous copy, on which the fp16 memory-efficient backward computed finite, wrong gradients."""
-    return t.clone().masked_fill_(where, value)
+def _kept(t: torch.Tensor, keep: torch.Tensor, value: float) -> torch.Tensor:
+    """``t`` where ``keep``, else ``value``, in ``t``'s own memory layout (one pass). The CUDA kernels read their
+    saved tensors' strides (the memory-efficient one keeps out in (B, L, H, E) memory): out-of-place
+    ``masked_fill``/``where`` return a contiguous copy, on which the fp16 memory-efficient backward computed
+    finite, wrong gradients."""
+    return torch.where(keep, t, t.new_full((), value), out=torch.empty_like(t))
 
 
-def _lse_rows(drop: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+def _lse_rows(keep: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """(B, H, Lq) query rows laid out as the kernel's logsumexp: the memory-efficient kernel pads its rows to a
-    multiple of 32, cuDNN's has a trailing dimension of 1 (B, H, Lq, 1)."""
-    if lse.dim() == drop.dim() + 1:
-        return drop.unsqueeze(-1)
-    pad = lse.shape[-1] - drop.shape[-1]
-    return torch.nn.functional.pad(drop, (0, pad)) if pad > 0 else drop
+    multiple of 32 (kept as they are), cuDNN's has a trailing dimension of 1 (B, H, Lq, 1)."""
+    if lse.dim() == keep.dim() + 1:
+        return keep.unsqueeze(-1)
+    pad = lse.shape[-1] - keep.shape[-1]
+    return torch.nn.functional.pad(keep, (0, pad), value=True) if pad > 0 else keep
 
 
 def _record(sup: Any, out: Any, support: torch.Tensor | None) -> None:
@@ -159,23 +160,23 @@ def _attention_backward(func, args, kwargs, sup):
     new_kwargs = dict(kwargs)
     back = lambda t: _canonical(t, spec.blhe)  # a transpose is its own inverse
     if sc is not None:
-        new[0] = _filled(g, ~back(sc), 0)
-        new[spec.out] = _filled(out, ~back(sc), 0)  # D_i = g_i . out_i: structural g meets no out
+        new[0] = _kept(g, back(sc), 0)
+        new[spec.out] = _kept(out, back(sc), 0)  # D_i = g_i . out_i: structural g meets no out
     if rows is not None and not mask_all(rows):
-        new[1] = _filled(q, ~back(rows.unsqueeze(-1)), 0)
-        new[spec.lse] = _filled(lse, _lse_rows(~rows, lse), math.inf)
+        new[1] = _kept(q, back(rows.unsqueeze(-1)), 0)
+        new[spec.lse] = _kept(lse, _lse_rows(rows, lse), math.inf)
         if isinstance(mask, torch.Tensor) and mask.is_floating_point() and not bool(mask.max() < math.inf):
             # a NaN/+inf mask entry of a discarded row would make P NaN there even with lse = +inf
             bad = (mask.isnan() | (mask == math.inf)) & ~rows.unsqueeze(-1)
-            clean = _filled(mask if bad.shape == mask.shape else mask.expand(bad.shape), bad, 0)
+            clean = _kept(mask if bad.shape == mask.shape else mask.expand(bad.shape), ~bad, 0)
             if isinstance(spec.mask, str):
                 new_kwargs[spec.mask] = clean
             else:
                 new[spec.mask] = clean
     if not mask_all(used):
-        new[2] = _filled(k, ~back(used.unsqueeze(-1)), 0)
+        new[2] = _kept(k, back(used.unsqueeze(-1)), 0)
     if not mask_all(keep_v):
-        new[3] = _filled(v, ~back(keep_v), 0)
+        new[3] = _kept(v, back(keep_v), 0)
     outs = func(*new, **new_kwargs)
     dq, dk, dv = outs[:3]
     _record(sup, dq, None if rows is None else back(rows.unsqueeze(-1)))
