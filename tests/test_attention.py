@@ -13,6 +13,8 @@ from unittest import mock
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
 
@@ -400,3 +402,17 @@ def test_causal_attention_no_zero_reaches_reads_nothing_and_changes_nothing(whic
         forced = gw.grad(loss, inputs)
     for a, b in zip(got, forced, strict=True):
         torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)
+
+
+@settings(derandomize=True, max_examples=200, deadline=None)
+@given(st.integers(1, 7), st.integers(1, 7), st.booleans(), st.data())
+def test_causal_keys_used_equal_the_dense_product(lq, lk, bottom_right, data):
+    """The keys kept query rows read under causal masking, from a suffix any of the rows, equal the any over the
+    (B, H, Lq, Lk) product of the rows and the causal triangle (top-left and bottom-right alignment)."""
+    from gradwise._strong_zeros._rules_attention import _causal_used
+
+    rows = torch.tensor(data.draw(st.lists(st.booleans(), min_size=2 * lq, max_size=2 * lq))).view(1, 2, lq)
+    offset = lk - lq if bottom_right else 0
+    tri = torch.arange(lk).unsqueeze(0) <= torch.arange(lq).unsqueeze(1) + offset
+    dense = (tri & rows.unsqueeze(-1)).any(-2)
+    assert torch.equal(_causal_used(rows, offset, lk), dense)

@@ -23,6 +23,8 @@ class _Graph(NamedTuple):
     makers: dict[Any, bool]  # the nodes that make structural zeros -> whether those reach their outputs
     special: list  # nodes with a fact to check: not known to gradwise, a singular-point or zero-output test
     senders: list  # the makers whose zeros reach their outputs
+    consumers: dict[Any, int]  # node -> how many edges lead to it (counted only when a split or a sender needs it)
+    slots: dict[Any, list[int]]  # node -> the outputs other than 0 that edges lead to, one entry per edge
 
 
 def _graph(roots: Sequence[Any]) -> _Graph:
@@ -56,16 +58,18 @@ def _graph(roots: Sequence[Any]) -> _Graph:
         for n, _ in edges:
             if n is not None:
                 stack.append(n)
-    if pending:
+    consumers: dict[Any, int] = {}
+    slots: dict[Any, list[int]] = {}
+    if pending or any(makers.values()):
         consumers, slots = _consumers(nodes)
-        for node in pending:
-            others = slots.get(node, ())
-            used = set(others)
-            if consumers.get(node, 0) > len(others):
-                used.add(0)
-            if len(used) == len(node._input_metadata):  # (a root's seeded outputs are not edges: it stays a maker)
-                del makers[node]
-    return _Graph(nodes, makers, special, [n for n, sends in makers.items() if sends])
+    for node in pending:
+        others = slots.get(node, ())
+        used = set(others)
+        if consumers.get(node, 0) > len(others):
+            used.add(0)
+        if len(used) == len(node._input_metadata):  # (a root's seeded outputs are not edges: it stays a maker)
+            del makers[node]
+    return _Graph(nodes, makers, special, [n for n, sends in makers.items() if sends], consumers, slots)
 
 
 def _consumers(nodes: dict[Any, tuple]) -> tuple[dict[Any, int], dict[Any, list[int]]]:
@@ -94,8 +98,7 @@ def _zero_reach(roots: Sequence[Any], g: _Graph) -> set:
     reached from above (its pick no longer stands for all of its zeros). Reach only grows: no order is needed."""
     if not g.senders:
         return set()
-    nodes, types = g.nodes, _NODE_TYPES
-    consumers, slots = _consumers(nodes)
+    nodes, types, consumers, slots = g.nodes, _NODE_TYPES, g.consumers, g.slots
     is_root = set(roots)
     above: set = set()  # reached from above
     sending = set(g.senders)

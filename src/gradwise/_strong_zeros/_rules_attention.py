@@ -10,8 +10,9 @@ nothing to dK and dV and its own dQ_i is a structural zero, but inside the kerne
 meets the zero (0 x NaN). A key j that no kept query attends to (mask -inf or False, above the causal
 diagonal) has P_ij = 0 for every kept row, so its dK_j and dV_j are structural zeros, and its NaN k_j / v_j
 would meet those zeros in dQ. The rule *replaces* (never removes: the kernel runs on the same shapes and
-blocks, so kept results are PyTorch's bits) the discarded rows by g = q = out = 0 and lse = +inf (then
-P = 0 and dS = 0 exactly) and the unused keys by k = v = 0, then records the supports. One rule body serves
+blocks, so kept results are PyTorch's bits) the discarded rows by q = out = 0 and lse = +inf (then
+P = 0 and dS = 0 exactly; g is 0 there already, as every structural element is) and the unused keys by k = v = 0,
+then records the supports. One rule body serves
 every backward SDPA can pick (CPU flash, CUDA flash, memory-efficient, cuDNN), described by ``_Spec``.
 
 May import: torch, gradwise._masks, _rules, _node_facts.
@@ -70,19 +71,38 @@ def _canonical(t: torch.Tensor, blhe: bool) -> torch.Tensor:
     return t.transpose(1, 2) if blhe else t
 
 
+def _causal_offset(spec: _Spec, causal: Any, lq: int, lk: int) -> int | None:
+    """Causal masking allows P_ij where j <= i + offset: that offset, or None when not causal (or when the kernel's
+    alignment is not known and Lq != Lk)."""
+    kind = 1 if causal is True else causal if isinstance(causal, int) and not isinstance(causal, bool) else 0
+    if kind and (spec.top_left or lq == lk):
+        return lk - lq if kind == 2 else 0  # _efficient_attention's custom_mask_type 2: bottom-right
+    return None
+
+
 def _allowed(spec: _Spec, mask: Any, causal: Any, lq: int, lk: int, device: torch.device) -> torch.Tensor | None:
     """Where P_ij can be nonzero (bool, broadcastable to (B, H, Lq, Lk)), or None when everywhere. A mask entry
     of -inf (False) and an entry above the causal diagonal are structural zeros of P; a NaN entry is not."""
     allowed = None
     if isinstance(mask, torch.Tensor) and mask.numel():
         allowed = mask if mask.dtype == torch.bool else mask != -math.inf
-    kind = 1 if causal is True else causal if isinstance(causal, int) and not isinstance(causal, bool) else 0
-    if kind and (spec.top_left or lq == lk):
-        offset = lk - lq if kind == 2 else 0  # _efficient_attention's custom_mask_type 2: bottom-right
+    offset = _causal_offset(spec, causal, lq, lk)
+    if offset is not None:
         i = torch.arange(lq, device=device).unsqueeze(1)
         tri = torch.arange(lk, device=device).unsqueeze(0) <= i + offset
         allowed = tri if allowed is None else allowed & tri
     return allowed
+
+
+def _causal_used(rows: torch.Tensor, offset: int, lk: int) -> torch.Tensor:
+    """(B, H, Lk) keys some kept query row attends to under causal masking alone: key j is read by the rows
+    i >= j - offset, so it is used when one of those is kept (a suffix any of the rows; the (B, H, Lq, Lk)
+    product of rows and the triangle is not built)."""
+    lq = rows.shape[-1]
+    suffix = rows.flip(-1).to(torch.uint8).cummax(-1).values.flip(-1).bool()  # any(rows[..., i:])
+    first = torch.arange(lk, device=rows.device) - offset  # the first row that reads key j
+    used = suffix[..., first.clamp(0, lq - 1)]
+    return used & (first <= lq - 1)
 
 
 def _fold_heads(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -146,8 +166,11 @@ def _attention_backward(func, args, kwargs, sup):
     if rows is None and allowed is None:
         return _run_unruled(func, args, kwargs, sup, None)
     # keys some kept query row may attend to: (B, Hkv, Lk)
+    offset = _causal_offset(spec, causal, lq, lk)
     if allowed is None:
         used = mask_any(rows, -1, keepdim=True).expand(*rows.shape[:2], lk)
+    elif rows is not None and offset is not None and not (isinstance(mask, torch.Tensor) and mask.numel()):
+        used = _causal_used(rows, offset, lk)
     else:
         hits = allowed if rows is None else allowed & rows.unsqueeze(-1)
         used = mask_any(hits.expand(qc.shape[0], qc.shape[1], lq, lk), -2)
@@ -159,8 +182,7 @@ def _attention_backward(func, args, kwargs, sup):
     new = list(args)
     new_kwargs = dict(kwargs)
     back = lambda t: _canonical(t, spec.blhe)  # a transpose is its own inverse
-    if sc is not None:
-        new[0] = _kept(g, back(sc), 0)
+    if sc is not None:  # (g itself is 0 wherever it is structural: every rule leaves exact zeros there)
         new[spec.out] = _kept(out, back(sc), 0)  # D_i = g_i . out_i: structural g meets no out
     if rows is not None and not mask_all(rows):
         new[1] = _kept(q, back(rows.unsqueeze(-1)), 0)
