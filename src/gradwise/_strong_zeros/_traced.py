@@ -41,6 +41,6 @@ def traced(tensors: Iterable[object] = ()) -> bool:
     """True while PyTorch traces (torch.compile, make_fx, a fake mode) or when any of ``tensors`` (tensors or
     GradientEdges, whose node is then not inspected) cannot be read."""
     # (the stack's length counts FakeTensorMode and ProxyTorchDispatchMode too: one cheap call when it is empty)
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() and _tracing_mode_active():
+    if torch.compiler.is_compiling() or (torch._C._len_torch_dispatch_stack() and _tracing_mode_active()):
         return True
     return any(traced_tensor(t) for t in tensors)
