@@ -945,3 +945,19 @@ def test_a_shared_support_is_copied_before_either_tensor_changes_it():
         sup.record(other, None)  # a full support written over the whole storage
         assert sup.of(other) is None or sup.of(other).all()
         assert torch.equal(sup.of(target), torch.ones(3, 4, dtype=torch.bool))
+
+
+def test_moving_ops_with_out_arguments_leave_the_supports_alone():
+    """cat(..., out=buf) under the mode: the support is counted on copies (writing it through out= would write
+    into another tensor's mask), and buf gets the pieces' supports."""
+    from gradwise._strong_zeros._rules_pointwise import _moved
+    from gradwise._strong_zeros._supports import _Supports
+
+    sup = _Supports()
+    a, b = torch.zeros(2, 3), torch.ones(2, 3)
+    rows = torch.tensor([True, False])[:, None].expand(2, 3)
+    sup.record(a, rows)
+    buf = torch.empty(4, 3)
+    out = _moved(aten.cat.out, ([a, b],), {"out": buf}, sup)
+    assert out is buf and torch.equal(sup.of(a), rows)
+    assert torch.equal(sup.of(buf), torch.tensor([True, False, True, True])[:, None].expand(4, 3))

@@ -369,6 +369,8 @@ def _moved(func, args, kwargs, sup):
     backward, cat, stack, padding, flip, roll, repeat, gather, index_select, tril/triu): the support is the same
     op on the bool supports, False where the op creates zeros, without _placement's float copies and count."""
     out = func(*args, **kwargs)
+    if "out" in kwargs:  # an out= overload would write the support into a mask: count on float copies instead
+        return _placement_counts(func, args, kwargs, sup, out)
 
     def as_support(t):
         if not _is_float(t):
