@@ -904,6 +904,9 @@ def test_relu_and_moving_supports_match_their_references(n, data):
 
     out, grad, got = run(_threshold_backward, aten.threshold_backward.default, (x, x, 0.0), s)
     assert torch.equal(out, aten.threshold_backward(grad, x, 0.0))
+    # the rule relies on the kernel selecting: a NaN sensitivity in the flat region (a structural zero) gives 0
+    nan_grad = torch.full_like(x, nan)
+    assert (aten.threshold_backward(nan_grad, x, 0.0)[x <= 0] == 0).all()
     assert torch.equal(got, (s if tracked else True) & ((x > 0) | x.isnan()))
     k = data.draw(st.integers(0, n))
     idx = torch.tensor(data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=4)))

@@ -215,11 +215,15 @@ def _threshold_backward(func, args, kwargs, sup):
     """relu's backward, ``self <= threshold ? 0 : grad``: its flat region is a structural zero. A NaN input is in
     none (NaN <= t is False: PyTorch passes the gradient there, relu(NaN) = NaN is used). The formula selects
     and never multiplies, so where grad is a structural zero (exactly 0) the output is 0 already: nothing to
-    annihilate, only the support to compute (one comparison; with grad's support, one more byte pass)."""
+    annihilate, only the support to compute (one comparison; with grad's support, one more byte pass). That is
+    ATen's CPU and CUDA kernel (``x <= threshold ? 0 : grad``, a NaN grad in the flat region gives 0); another
+    backend's might multiply, so there the output is annihilated as any product's."""
     out = func(*args, **kwargs)
     flat = torch.le(args[1], args[2])
     s = sup.of(args[0])
     support = flat.logical_not_() if s is None else torch.gt(s.expand(out.shape), flat)  # s and not flat
+    if out.device.type not in ("cpu", "cuda"):
+        _annihilate(out, support)
     sup.record(out, support, fresh=True)
     return out
 
