@@ -881,13 +881,18 @@ def MOVED_SAMPLES(x, s, n, k, idx):
 @settings(derandomize=True, max_examples=150, deadline=None)
 @given(st.integers(1, 6), st.data())
 def test_relu_and_moving_supports_match_their_references(n, data):
-    """threshold_backward's support is grad's and not relu's flat region (NaN is in none), and that of every op that
-    only moves elements (_moved) is the op on the 0/1 support (_placement's count, the reference); the outputs are
-    PyTorch's, bitwise."""
-    from gradwise._strong_zeros._rules_pointwise import _moved, _placement_counts, _threshold_backward
+    """threshold_backward's and hardtanh_backward's support is grad's and not the flat region (NaN is in none),
+    and that of every op that only moves elements (_moved) is the op on the 0/1 support (_placement's count, the
+    reference); the outputs are PyTorch's, bitwise."""
+    from gradwise._strong_zeros._rules_pointwise import (
+        _hardtanh_backward,
+        _moved,
+        _placement_counts,
+        _threshold_backward,
+    )
     from gradwise._strong_zeros._supports import _Supports
 
-    values = st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, nan, inf, -inf])
+    values = st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, -0.5, nan, inf, -inf])
     x = torch.tensor(data.draw(st.lists(values, min_size=2 * n, max_size=2 * n)), dtype=torch.float64).view(2, n)
     s = torch.tensor(data.draw(st.lists(st.booleans(), min_size=2 * n, max_size=2 * n))).view(2, n)
     tracked = data.draw(st.booleans())
@@ -908,6 +913,11 @@ def test_relu_and_moving_supports_match_their_references(n, data):
     nan_grad = torch.full_like(x, nan)
     assert (aten.threshold_backward(nan_grad, x, 0.0)[x <= 0] == 0).all()
     assert torch.equal(got, (s if tracked else True) & ((x > 0) | x.isnan()))
+    # ReLU6's backward
+    out, grad, got = run(_hardtanh_backward, aten.hardtanh_backward.default, (x, x, -0.5, 1.0), s)
+    assert torch.equal(out, aten.hardtanh_backward(grad, x, -0.5, 1.0))
+    assert torch.equal(got, (s if tracked else True) & (((x > -0.5) & (x < 1.0)) | x.isnan()))
+    assert (aten.hardtanh_backward(nan_grad, x, -0.5, 1.0)[(x <= -0.5) | (x >= 1.0)] == 0).all()
     k = data.draw(st.integers(0, n))
     idx = torch.tensor(data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=4)))
     for func, args in MOVED_SAMPLES(x, s, n, k, idx):

@@ -210,25 +210,32 @@ _register(aten.div, aten.div_, aten.neg, aten.clone, aten.sigmoid_backward, aten
           aten.logit_backward, aten.rrelu_with_noise_backward, aten.xlogy, aten.special_xlog1py)(_linear)
 
 
-@_register(aten.threshold_backward)
-def _threshold_backward(func, args, kwargs, sup):
-    """relu's backward, ``self <= threshold ? 0 : grad``: its flat region is a structural zero. A NaN input is in
-    none (NaN <= t is False: PyTorch passes the gradient there, relu(NaN) = NaN is used). The formula selects
-    and never multiplies, so where grad is a structural zero (exactly 0) the output is 0 already: nothing to
-    annihilate, only the support to compute (one comparison; with grad's support, one more byte pass). That is
-    ATen's CPU and CUDA kernel (``x <= threshold ? 0 : grad``, a NaN grad in the flat region gives 0); another
-    backend's might multiply, so there the output is annihilated as any product's."""
-    out = func(*args, **kwargs)
-    flat = torch.le(args[1], args[2])
-    s = sup.of(args[0])
-    support = flat.logical_not_() if s is None else torch.gt(s.expand(out.shape), flat)  # s and not flat
-    if out.device.type not in ("cpu", "cuda"):
-        _annihilate(out, support)
-    sup.record(out, support, fresh=True)
-    return out
+def _selecting(passes: Callable[[tuple], torch.Tensor]) -> Rule:
+    """Rule factory for activation backwards that select, ``passes(x) ? grad : 0`` (relu's threshold_backward,
+    hardtanh's: ReLU6): the region where nothing passes is a structural zero; a NaN input is in none (every
+    comparison with NaN is False: PyTorch passes the gradient there, relu(NaN) = NaN is used). The formula never
+    multiplies, so where grad is a structural zero (exactly 0) the output is 0 already: nothing to annihilate,
+    only the support to compute. That is ATen's CPU and CUDA kernels (a NaN grad where nothing passes gives 0);
+    another backend's might multiply, so there the output is annihilated as any product's."""
+
+    def selecting(func, args, kwargs, sup):
+        out = func(*args, **kwargs)
+        kept = passes(args)
+        s = sup.of(args[0])
+        support = kept if s is None else kept.logical_and_(s.expand(out.shape))
+        if out.device.type not in ("cpu", "cuda"):
+            _annihilate(out, support)
+        sup.record(out, support, fresh=True)
+        return out
+
+    selecting.__doc__ = _selecting.__doc__
+    return selecting
 
 
-_register(aten.hardtanh_backward)(_product((0,), flat=lambda a: (a[1] > a[2]) & (a[1] < a[3]) | a[1].isnan()))
+_threshold_backward = _selecting(lambda a: torch.le(a[1], a[2]).logical_not_())
+_hardtanh_backward = _selecting(lambda a: torch.le(a[1], a[2]).logical_or_(torch.ge(a[1], a[3])).logical_not_())
+_register(aten.threshold_backward)(_threshold_backward)
+_register(aten.hardtanh_backward)(_hardtanh_backward)
 _register(aten.hardsigmoid_backward)(_product((0,), flat=lambda a: (a[1] > -3) & (a[1] < 3) | a[1].isnan()))
 _register(aten.hardswish_backward)(_product((0,), flat=lambda a: (a[1] > -3) | a[1].isnan()))
 _register(aten.softshrink_backward, aten.hardshrink_backward)(_product((0,), flat=lambda a: (a[1].abs() > a[2])
