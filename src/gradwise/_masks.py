@@ -33,7 +33,6 @@ def mask_all(mask: torch.Tensor) -> bool:
     return mask.numel() == 0 or bool(_one_slice(mask).view(torch.uint8).amin())
 
 
-
 _SMALL = 1 << 12  # elements: below this a tensor's copy costs less than a reduction of its own
 _FEW = 4  # up to this many small tensors are reduced one by one: their copy into one would cost more
 

@@ -331,10 +331,7 @@ def _ordered(run, op: str, x: Tensor, dim: int, descending: bool, positions: sli
     tie = mask_any(links[..., lo:hi], -1)
     if mask_any(tie):
         rows = _tied_rows(tie)
-        if rows.numel() == tie.numel():  # every row ties: the (G, m) blocks are the tensors' rows, no gather
-            take = lambda t: t.reshape(-1, t.shape[-1])
-        else:
-            take = lambda t: t.reshape(-1, t.shape[-1]).index_select(0, rows)
+        take = _rows_of_ties(lambda: rows)
         pr = take(perm)
         key = take(tm) if tm is not None else None
         ranked = None

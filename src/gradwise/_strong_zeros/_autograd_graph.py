@@ -1,7 +1,7 @@
 """Walking an autograd graph: its nodes (``_walk``), root nodes, leaves, and freeing a retained graph's saved
 tensors (``_release_graph``).
 
-May import: torch.
+May import: torch, _node_facts.
 """
 
 from __future__ import annotations
@@ -10,6 +10,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+
+from gradwise._strong_zeros._node_facts import _raw_saved
+
+_ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad
 
 
 def _walk(roots: Sequence[Any]) -> Iterator[Any]:
@@ -55,39 +59,23 @@ def _release_graph(roots: Sequence[Any]) -> None:
 
 def _graph_parts(roots: Sequence[Any]) -> tuple[list[torch.Tensor], list[Any]]:
     """One walk of a graph: its leaves (AccumulateGrad's variables) and the ``SavedTensor`` objects its nodes
-    hold (for ``_release``). It runs after every watched backward: per node type, whether it is an
-    AccumulateGrad and which attributes hold saved tensors are looked up once (a failed getattr raises)."""
+    hold (for ``_release``). It runs after every watched backward: a leaf is told by its node's type (a failed
+    ``getattr(node, "variable")`` raises and catches per node)."""
     seen: set[Any] = set()
     stack = [r for r in roots if r is not None]
     leaves: list[torch.Tensor] = []
     saved: list[Any] = []
-    kinds = _KINDS
     while stack:
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
-        names = kinds.get(type(node))
-        if names is None:
-            names = kinds[type(node)] = False if type(node).__name__ == "AccumulateGrad" else \
-                tuple(a for a in dir(node) if a.startswith("_raw_saved_"))
-        if names is False:
+        if type(node) is _ACCUMULATE_GRAD:
             leaves.append(node.variable)
             continue
-        for name in names:
-            try:
-                raw = getattr(node, name)
-            except RuntimeError:  # freed by an earlier backward
-                continue
-            if raw.__class__ is tuple or raw.__class__ is list:
-                saved.extend(r for r in raw if r is not None)
-            elif raw is not None:
-                saved.append(raw)
+        saved.extend(_raw_saved(node))
         stack.extend(n for n, _ in node.next_functions if n is not None)
     return leaves, saved
-
-
-_KINDS: dict[type, tuple[str, ...] | bool] = {}  # node type -> its saved-tensor attributes (False: AccumulateGrad)
 
 
 def _release(saved: Sequence[Any]) -> None:

@@ -30,12 +30,12 @@ def _raw_saved(node: Any) -> list[Any]:
     """The ``SavedTensor`` objects a node holds (its ``_raw_saved_*`` attributes). A list, not a generator: it
     runs per node after every watched backward."""
     out: list[Any] = []
-    for name in _node_type(node)[0]:
+    for name in (_NODE_TYPES.get(type(node)) or _node_type(node))[0]:
         try:
             saved = getattr(node, name, None)
         except RuntimeError:  # freed by an earlier backward
             continue
-        if isinstance(saved, (tuple, list)):
+        if saved.__class__ is tuple or saved.__class__ is list:
             out.extend(raw for raw in saved if raw is not None)
         elif saved is not None:
             out.append(saved)
@@ -282,7 +282,7 @@ def _as_signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value  # a negative index is saved as its uint64
 
 
-def _selected_by_select(node: Any) -> tuple[int, int, range] | None:
+def _selected_by_select(node: Any) -> tuple[int, int, range]:
     """select(dim, index): the one position it reads along ``dim`` (its backward is zero elsewhere)."""
     sizes = node._saved_self_sym_sizes
     dim = _as_signed(node._saved_dim) % len(sizes)
@@ -290,7 +290,7 @@ def _selected_by_select(node: Any) -> tuple[int, int, range] | None:
     return dim, sizes[dim], range(index, index + 1)
 
 
-def _selected_by_slice(node: Any) -> tuple[int, int, range] | None:
+def _selected_by_slice(node: Any) -> tuple[int, int, range]:
     """slice(dim, start, end, step): the positions it reads along ``dim`` (its backward is zero elsewhere)."""
     sizes = node._saved_self_sym_sizes
     dim = _as_signed(node._saved_dim) % len(sizes)
@@ -303,7 +303,7 @@ def _selected_by_slice(node: Any) -> tuple[int, int, range] | None:
 # Nodes whose structural zeros are every position of their input they did not select: (dim, size, positions
 # read). Sibling selects of one tensor that between them read every position (q, k, v = proj[0], proj[1],
 # proj[2] in nn.MultiheadAttention) send it no structural zero, as long as none receives one from above.
-_SELECTED: dict[str, Callable[[Any], tuple[int, int, range] | None]] = {
+_SELECTED: dict[str, Callable[[Any], tuple[int, int, range]]] = {
     "SelectBackward0": _selected_by_select,
     "SliceBackward0": _selected_by_slice,
 }
@@ -351,7 +351,6 @@ def _node_type(node: Any) -> tuple:
         info = _NODE_TYPES[type(node)] = (names, read, known, singular, makes, zero_output,
                                           _OWN_ZEROS_INSIDE.get(name), _SELECTED.get(name), nothing)
     return info
-
 
 
 def _makes_zeros(node: Any) -> bool:

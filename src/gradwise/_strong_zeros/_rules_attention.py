@@ -80,13 +80,13 @@ def _causal_offset(spec: _Spec, causal: Any, lq: int, lk: int) -> int | None:
     return None
 
 
-def _allowed(spec: _Spec, mask: Any, causal: Any, lq: int, lk: int, device: torch.device) -> torch.Tensor | None:
+def _allowed(mask: Any, offset: int | None, lq: int, lk: int, device: torch.device) -> torch.Tensor | None:
     """Where P_ij can be nonzero (bool, broadcastable to (B, H, Lq, Lk)), or None when everywhere. A mask entry
-    of -inf (False) and an entry above the causal diagonal are structural zeros of P; a NaN entry is not."""
+    of -inf (False) and an entry above the causal diagonal (``_causal_offset``) are structural zeros of P; a NaN
+    entry is not."""
     allowed = None
     if isinstance(mask, torch.Tensor) and mask.numel():
         allowed = mask if mask.dtype == torch.bool else mask != -math.inf
-    offset = _causal_offset(spec, causal, lq, lk)
     if offset is not None:
         i = torch.arange(lq, device=device).unsqueeze(1)
         tri = torch.arange(lk, device=device).unsqueeze(0) <= i + offset
@@ -162,11 +162,11 @@ def _attention_backward(func, args, kwargs, sup):
     rows = None if sc is None else mask_any(sc, -1)  # (B, Hq, Lq): query rows whose g is not all structural
     if rows is not None and mask_all(rows) and mask_all(sc):
         rows = sc = None
-    allowed = _allowed(spec, mask, causal, lq, lk, q.device)
+    offset = _causal_offset(spec, causal, lq, lk)
+    allowed = _allowed(mask, offset, lq, lk, q.device)
     if rows is None and allowed is None:
         return _run_unruled(func, args, kwargs, sup, None)
     # keys some kept query row may attend to: (B, Hkv, Lk)
-    offset = _causal_offset(spec, causal, lq, lk)
     if allowed is None:
         used = mask_any(rows, -1, keepdim=True).expand(*rows.shape[:2], lk)
     elif rows is not None and offset is not None and not (isinstance(mask, torch.Tensor) and mask.numel()):

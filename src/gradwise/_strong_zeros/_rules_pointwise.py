@@ -424,14 +424,13 @@ def _summed(func, args, kwargs, sup):
     reduced dims, one byte reduction (as _placement on 0/1 numbers, without their float copy). Nothing is
     multiplied by a value, so nothing needs annihilating."""
     out = func(*args, **kwargs)
-    x = args[0]
-    s = sup.of(x) if _is_float(x) else None
     if not _is_float(out):
         return out
+    s = sup.of(args[0])
     if s is None:
         sup.record(out, None)
         return out
-    dims = args[1] if len(args) > 1 and not isinstance(args[1], torch.dtype) else kwargs.get("dim")
+    dims = args[1] if len(args) > 1 else kwargs.get("dim")  # (dtype is keyword-only)
     keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
     if isinstance(dims, int):
         dims = [dims]
