@@ -4,7 +4,7 @@
     python benchmarks/opdb_sweep.py --ci             # the subset tests/test_opdb.py runs in CI
     python benchmarks/opdb_sweep.py --fill inf --ops norm --limit 4 --forced
 
-No-regression: on finite samples (float32 and float64) gw.grad equals torch.autograd.grad on the same graph.
+No-regression: on finite samples (float32, float64, complex128) gw.grad equals torch.autograd.grad on the same graph.
 Contamination: a NaN (or Inf) block padded onto an input and discarded from the output (sliced away, or
 zeroed by ``where``) must leave gw.grad equal to the gradient of the op on the unpadded sample. The machinery
 is ``tests/_opdb.py``; ``--ci`` also prints the KNOWN_CONTAMINATED set that tests/test_opdb.py expects.
@@ -92,8 +92,8 @@ def main() -> int:
     n_diff = len(ops) - sum(op_skips.values())
     print_table("op_db sweep: counts", ["what", "count"], [
         ["ops in op_db (filtered)", len(ops)],
-        ["differentiable ops with float32/64 backward", n_diff],
-        ["no-regression samples run (float32 + float64)", samples_run["no regression"]],
+        ["differentiable ops with a float32/64 or complex128 backward", n_diff],
+        ["no-regression samples run (float32, float64, complex128)", samples_run["no regression"]],
         ["no-regression ops failing", len(failures)],
         *[[f"contamination samples run ({how})", samples_run[how]] for how in hows],
         ["seconds", round(seconds, 1)],

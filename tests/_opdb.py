@@ -27,7 +27,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-DTYPES = (torch.float32, torch.float64)
+# complex128: strong zeros follow complex gradients too (a complex element is a structural zero as a whole)
+DTYPES = (torch.float32, torch.float64, torch.complex128)
 PAD = 2  # rows of padding appended along the padded dim
 
 GradFn = Callable[..., tuple]
@@ -55,9 +56,7 @@ def op_skip_reason(op) -> str | None:
         return "op not differentiable"
     dtypes = op.supported_backward_dtypes("cpu")
     if not any(d in dtypes for d in DTYPES):
-        if any(d.is_complex for d in dtypes):
-            return "no float32/float64 backward (complex only)"
-        return "no float32/float64 backward"
+        return "no float32/float64/complex128 backward"
     return None
 
 
@@ -127,7 +126,7 @@ def _prepare(op, sample):
     inputs = list({id(t): t for t in tensors if t.requires_grad}.values())
     if not inputs:
         raise Skip("no input requires grad")
-    if any(t.is_floating_point() and not torch.isfinite(t).all() for t in tensors):
+    if any(_inexact(t) and not torch.isfinite(t).all() for t in tensors):
         raise Skip("non-finite sample")
     return leaves, spec, inputs
 
@@ -219,10 +218,10 @@ def _paddings(leaves: list) -> Iterator[Padding]:
     """Every candidate: each floating leaf alone or together with the leaves of its shape, each dim."""
     seen = set()
     for i, t in enumerate(leaves):
-        if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0 and t.numel() > 0):
+        if not (isinstance(t, torch.Tensor) and _inexact(t) and t.dim() > 0 and t.numel() > 0):
             continue
         group = tuple(j for j, u in enumerate(leaves)
-                      if isinstance(u, torch.Tensor) and u.is_floating_point() and u.shape == t.shape)
+                      if isinstance(u, torch.Tensor) and _inexact(u) and u.shape == t.shape)
         for dim in range(t.dim()):
             for pos in (group, (i,)):
                 for side in ("end", "start"):

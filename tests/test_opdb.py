@@ -39,18 +39,16 @@ OPS = {op_id(op): op for op in op_db()}
 # Ops whose unused NaN still reaches a gradient under gradwise (measured on the CI subset, both discards;
 # `python benchmarks/opdb_sweep.py --ci` prints the current set).
 # The contamination test xfails on them and fails once one is clean, so that the list only shrinks.
-KNOWN_CONTAMINATED = {"polar"}
+KNOWN_CONTAMINATED: set[str] = set()
 
 # LU with a NaN row to discard: whether the NaN row is picked as a pivot depends on the LAPACK build (its
 # idamax and the CPU's vector width), so these are clean on some machines and contaminated on others (a
-# pivoted NaN row enters the factors that the backward reuses). Their test xfails without being strict.
+# pivoted NaN row enters the factors that the backward reuses; complex ones too). Their test xfails without
+# being strict.
 PLATFORM_DEPENDENT = {"linalg.lu_factor", "linalg.lu_factor_ex", "lu"}
 
-# The full sweep (every sample, float32 too, every padding) finds these besides.
-KNOWN_CONTAMINATED_FULL = KNOWN_CONTAMINATED | {
-    "linalg.lu_factor", "linalg.lu_factor_ex", "lu",
-    "stft",
-}
+# The full sweep (every sample, float32 and complex128 too, every padding) finds these besides.
+KNOWN_CONTAMINATED_FULL = KNOWN_CONTAMINATED | {"linalg.lu_factor", "linalg.lu_factor_ex", "lu"}
 
 # Ops whose backward PyTorch computes with other kernels whenever a Python dispatch mode is active (masked_fill's
 # value gradient, prod's): the strong-zero pass, a dispatch mode, gives their bits under a bare pass-through mode,
@@ -107,19 +105,23 @@ def test_no_regression(name, strong_path):
 
 
 @functools.cache
-def _contamination(name: str, how: str) -> OpRun:
+def _contamination(name: str, how: str, dtype: str = "float64") -> OpRun:
+    dtypes = (getattr(torch, dtype),)
     if how == "where":  # the samples and paddings the slice discard found: searching costs most of the time
-        return check_contamination(OPS[name], gw.grad, how=how, only=_contamination(name, "slice").tried)
-    return check_contamination(OPS[name], gw.grad, how=how, limit=LIMIT, tried=TRIED)
+        return check_contamination(OPS[name], gw.grad, how=how, dtypes=dtypes,
+                                   only=_contamination(name, "slice", dtype).tried)
+    return check_contamination(OPS[name], gw.grad, how=how, limit=LIMIT, tried=TRIED, dtypes=dtypes)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "complex128"])
 @pytest.mark.parametrize("how", ["slice", "where"])
 @pytest.mark.parametrize("name", sorted(OPS))
-def test_contamination(name, how):
-    """A NaN block the output discards (sliced away or where-zeroed) leaves the gradient as without it."""
+def test_contamination(name, how, dtype):
+    """A NaN block the output discards (sliced away or where-zeroed) leaves the gradient as without it (a
+    complex NaN block: NaN + 0j)."""
     op = OPS[name]
     _skip_op(op)
-    r = _contamination(name, how)
+    r = _contamination(name, how, dtype)
     if not r.run:
         pytest.skip(f"no padding to discard: {_reasons(r)}")
     if name in PLATFORM_DEPENDENT and r.failures:

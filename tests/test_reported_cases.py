@@ -24,8 +24,6 @@ pytestmark = pytest.mark.filterwarnings(r"ignore:index_reduce\(\) is in beta:Use
 KNOWN = {
     # contamination: backward ops without a rule, or a limit written down in docs/strong-zeros-design.md
     "matrix-exp-nan-batch-element-sliced": "linalg_matrix_exp (in its own backward) has no rule",
-    "rfft-nan-row-sliced": "strong zeros are not tracked through complex tensors (FFT backwards)",
-    "stft-nan-padding-frames-cropped": "strong zeros are not tracked through complex tensors (FFT backwards)",
     "double-backward-through-where-log": "create_graph=True: the second-order pass sees ordinary zeros",
     # nonsmooth: a clear NonsmoothError or an undecided certificate instead of an answer
     "lasso-13d-at-zero-optimum": "13 tied kinks exceed MAX_KINKS: sampled directions leave it undecided",

@@ -371,6 +371,10 @@ NO_ZEROS_PROGRAMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "RepeatBackward0": lambda x: x.repeat(2, 3),
     "FlipBackward0": lambda x: x.flip(0, 1),
     "RollBackward0": lambda x: x.roll((1, -2), (0, 1)),
+    "ViewAsRealBackward0": lambda x: torch.view_as_real(torch.complex(x, x.exp())),
+    "ComplexBackward0": lambda x: torch.view_as_real(torch.complex(x, x.exp())),
+    "ViewAsComplexBackward0": lambda x: torch.view_as_real(torch.view_as_complex(torch.stack((x, x.exp()), -1)) * 2),
+    "ConjBackward0": lambda x: torch.view_as_real(torch.complex(x, x.exp()).conj() * 2),
     "ConstantPadNdBackward0": lambda x: F.pad(x, (1, 2, 0, 3)),
     "ScaledDotProductFlashAttentionForCpuBackward0":
         lambda x: F.scaled_dot_product_attention(x.view(1, 1, 4, 4), x.view(1, 1, 4, 4).exp(), x.view(1, 1, 4, 4)),

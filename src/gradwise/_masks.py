@@ -52,12 +52,16 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
         if len(small) > _FEW:
             groups: dict[tuple, list[torch.Tensor]] = {}
             for t in small:
+                if t.is_complex():
+                    t = torch.view_as_real(t.resolve_conj())
                 groups.setdefault((t.dtype, t.device), []).append(t.reshape(-1))
             small_ids = {id(t) for t in small}
             tensors = [t for t in tensors if id(t) not in small_ids]
             tensors.extend(ts[0] if len(ts) == 1 else torch.cat(ts) for ts in groups.values())
         sums = []
         for t in tensors:
+            if t.is_complex():  # finite iff both parts are (a lazily conjugated one is resolved first)
+                t = torch.view_as_real(t.resolve_conj())
             total = t.sum(dtype=torch.float32) if t.dtype != torch.float32 else t.sum()
             if total.is_cpu:
                 if not math.isfinite(total.item()):

@@ -12,7 +12,7 @@ intersects), and they annihilate NaN/Inf wherever an element outside the support
 nodes gradwise knows nothing about (custom Functions, rarer ops) run once under the mode as well: the
 strong-zero result differs from PyTorch's only where PyTorch computed 0 x NaN, 0 x Inf or 0 / 0, which is NaN,
 and that NaN either reaches a gradient or is dropped by a later selection, where both agree. Backwards the mode
-cannot read or follow (torch.func transforms, batched gradients, complex/sparse/mkldnn/nested tensors) run as
+cannot read or follow (torch.func transforms, batched gradients, sparse/mkldnn/nested tensors) run as
 plain PyTorch with a warning (_contract.py).
 
 Modules (each imports only those above it in this list, plus torch and gradwise._masks / gradwise._checks)

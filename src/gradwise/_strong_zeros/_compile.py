@@ -318,7 +318,7 @@ def _hybrid(strong: Callable[..., Any] | None, eager: Callable[..., Any], record
         if strong is not None:
             with _without_strong_mode():
                 out = _call(strong, list(flat))
-                finite = _all_finite([t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point()])
+                finite = _all_finite([t for t in out if isinstance(t, torch.Tensor) and _inexact(t)])
         if finite:
             record.took = True
             if record.keep:  # weakly: a gradient held here would make AccumulateGrad copy it instead of taking it
@@ -402,13 +402,17 @@ def _swapped(nodes: Sequence[Any], how: str, record: _Hybrid | None = None) -> I
                 meta.bw_donated_idxs = idxs
 
 
+def _inexact(t: torch.Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
 def _holds_nonfinite(result: Any, leaves: Sequence[torch.Tensor]) -> bool:
     from gradwise._strong_zeros._planning import _all_finite
 
     if result is not None:
-        tensors = [r for r in result if isinstance(r, torch.Tensor) and r.is_floating_point()]
+        tensors = [r for r in result if isinstance(r, torch.Tensor) and _inexact(r)]
     else:
-        tensors = [leaf.grad for leaf in leaves if leaf.grad is not None and leaf.grad.is_floating_point()]
+        tensors = [leaf.grad for leaf in leaves if leaf.grad is not None and _inexact(leaf.grad)]
     return not _all_finite(tensors)
 
 

@@ -7,7 +7,7 @@ supports of ``_StrongZeroMode``). Some backwards give them neither:
   wrapper whose values cannot be read without breaking the transform (``aten::item`` has no batching rule);
 - batched gradients (``is_grads_batched=True``, ``jacobian(..., vectorize=True)``, gradcheck's batched check)
   seed the backward with vmap's batched tensors;
-- complex, sparse, mkldnn and nested tensors, and tensor subclasses with their own ``__torch_dispatch__``.
+- sparse, mkldnn and nested tensors, and tensor subclasses with their own ``__torch_dispatch__``.
 
 Such a backward runs as plain PyTorch, exactly as without gradwise, and says so once per process and reason
 with a :class:`PlainBackwardWarning` (a :class:`GradwiseWarning`, so ``-W error`` setups can filter it
@@ -40,7 +40,7 @@ class GradwiseWarning(UserWarning):
 
 class PlainBackwardWarning(GradwiseWarning):
     """A backward under strong zeros ran as plain PyTorch because gradwise cannot read or follow its tensors
-    (a ``torch.func`` transform, batched gradients, complex/sparse/mkldnn/nested tensors, a tensor subclass with
+    (a ``torch.func`` transform, batched gradients, sparse/mkldnn/nested tensors, a tensor subclass with
     its own ``__torch_dispatch__``). The gradients are PyTorch's; a NaN from contamination is not removed there."""
 
 
@@ -57,7 +57,6 @@ _WHY = {
     "its wrapped tensors cannot be read without breaking the transform",
     "batched": "the gradients are batched (is_grads_batched=True, jacobian/hessian(vectorize=True), gradcheck's "
     "batched check): vmap's batched tensors cannot be read",
-    "complex": "a complex tensor takes part: strong zeros follow real floating-point gradients only",
     "sparse": "a sparse tensor takes part: strong zeros follow dense (strided) tensors only",
     "mkldnn": "an mkldnn tensor takes part: strong zeros follow dense (strided) tensors only",
     "nested": "a nested tensor takes part: strong zeros follow dense (strided) tensors only",
@@ -81,8 +80,6 @@ def kind(t: torch.Tensor, batched: bool = True) -> str | None:
         return "nested"
     if t.is_meta:
         return "meta"
-    if t.is_complex():
-        return "complex"
     cls = t.__class__
     if cls is not torch.Tensor and cls is not torch.nn.Parameter and \
             getattr(cls, "__torch_dispatch__", _DISABLED_DISPATCH) is not _DISABLED_DISPATCH:

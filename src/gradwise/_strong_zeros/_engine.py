@@ -242,7 +242,7 @@ def grad(
     Takes every argument of ``torch.autograd.grad``, in its order and with its meaning (GradientEdge outputs and
     inputs, any iterable or a dict of inputs). With ``is_grads_batched=True`` the backward runs under vmap, where
     strong zeros cannot read values: it runs as plain PyTorch with a ``PlainBackwardWarning`` (as under
-    torch.func transforms and for complex/sparse/mkldnn/nested tensors).
+    torch.func transforms and for sparse/mkldnn/nested tensors).
 
     >>> import torch, gradwise as gw
     >>> x = torch.tensor([-1.0, 4.0], requires_grad=True)

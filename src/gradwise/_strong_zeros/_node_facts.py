@@ -173,7 +173,9 @@ _SAFE_NODES = (
     # unsafe_split (RNNs' gates) is split; the double-backward nodes of RNNs and attention under gradgradcheck
     # (sigmoid/tanh_backward, select_backward, _softmax_backward_data) are polynomials of their saved values
     "UnsafeSplitBackward0 UnsafeSplitWithSizesBackward0 SigmoidBackwardBackward0 TanhBackwardBackward0 "
-    "SelectBackwardBackward0 SoftmaxBackwardDataBackward0"
+    "SelectBackwardBackward0 SoftmaxBackwardDataBackward0 "
+    # complex numbers: views between a complex tensor and its (real, imag) pairs, conj, complex(re, im), polar
+    "ViewAsRealBackward0 ViewAsComplexBackward0 ConjBackward0 ComplexBackward0 PolarBackward0"
 ).split()
 
 # Keyed by autograd node (the aten op whose derivative formula the node runs). None: the formula maps finite
@@ -223,7 +225,9 @@ MAKES_NO_ZEROS = frozenset((
     "MseLossBackward0 SqrtBackward0 LogBackward0 NativeLayerNormBackward0 NativeGroupNormBackward0 "
     "NativeBatchNormBackward0 RsqrtBackward0 FusedRmsNormBackward0 "
     # rearrangements: each input's sensitivity is a piece, a sum or a permutation of the output's
-    "CatBackward0 StackBackward0 RepeatBackward0 FlipBackward0 RollBackward0"
+    "CatBackward0 StackBackward0 RepeatBackward0 FlipBackward0 RollBackward0 "
+    # complex numbers: a complex element is a structural zero where both its parts are one (no finer support)
+    "ViewAsRealBackward0 ViewAsComplexBackward0 ConjBackward0 ComplexBackward0"
 ).split())
 # Nodes whose backward only compares its saved tensor (relu: result <= 0 ? 0 : grad): a NaN/Inf there cannot
 # turn into a NaN/Inf of the backward, so the check before backward need not read it.

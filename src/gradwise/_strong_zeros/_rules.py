@@ -41,7 +41,7 @@ def lookup(func: Any) -> Rule | None:
 
 def _is_float(t: object) -> bool:
     """A real floating-point dense tensor: what supports follow (a sparse result of a backward is not)."""
-    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.layout == torch.strided
+    return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and t.layout == torch.strided
 
 
 def _in_formula() -> bool:

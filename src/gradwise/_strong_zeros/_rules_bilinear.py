@@ -6,6 +6,7 @@ May import: torch, gradwise._masks, _supports, _rules, _rules_pointwise.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -27,21 +28,25 @@ def _nonfinite_part(func, args, slot: int, s: torch.Tensor, value_slots: list[in
                     count_args: CountArgs):
     """The NaN/Inf that terms with a *supported* sensitivity element contribute to a bilinear op, counted by
     running the op on 0/1 indicators: terms that meet NaN (or 0 x Inf), +Inf, and -Inf. ``count_args`` may
-    shrink those runs (e.g. to the contraction indices where a value is non-finite)."""
+    shrink those runs (e.g. to the contraction indices where a value is non-finite). Complex operands have no
+    signed infinities: a supported term meeting any NaN/Inf counts as NaN (the result stays non-finite)."""
     sens = args[slot]
     shrink = count_args(args, slot, dirty)
-
     shrunk = shrink([*args])
+    # the indicators run in the real dtype (complex 0/1 counts could not be compared with 0)
+    real = sens.real.dtype if sens.is_complex() else sens.dtype
 
     def run(s_ind, value_ind):
         new = list(args)
         new[slot] = s_ind
         new = shrink(new)
-        new[slot] = new[slot].to(sens.dtype)
+        new[slot] = new[slot].to(real)
         for j in value_slots:
-            new[j] = value_ind(new[j]).to(args[j].dtype)
+            new[j] = value_ind(new[j]).to(real)
         return func(*new)
 
+    if sens.is_complex():
+        return run(s, lambda v: ~torch.isfinite(v)), None, None
     nan_hits = run(s, torch.isnan)
     if not any(bool(torch.isinf(shrunk[j]).any()) for j in value_slots):
         return nan_hits, None, None
@@ -124,7 +129,10 @@ def _tree_add(a, b):
 
 def _finite(t: torch.Tensor) -> bool:
     """One pass. A finite sum means no NaN/Inf went in. A sum that overflowed reads as not finite: the caller
-    then takes its exact (slower) path, never a wrong one."""
+    then takes its exact (slower) path, never a wrong one. A complex tensor sums in its own dtype (a cast to a
+    real one would drop the imaginary parts)."""
+    if t.is_complex():
+        return bool(t.sum().isfinite())
     return bool(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).isfinite())
 
 
@@ -156,6 +164,11 @@ def _bilinear(support_fn: Callable[[Any, tuple, int, torch.Tensor], Any], count_
         s = sup.of(args[slot])
         values = [i for i in slots if i != slot]
         dirty = [i for i in values if not _finite(args[i])]
+        if dirty:
+            # lazily conjugated (or negated) operands are resolved first: inside a dispatch mode's handler, the ops
+            # below that PyTorch's Conjugate/Negative fallbacks would materialise for (index_select, nan_to_num,
+            # comparisons) read the raw data (pytorch#198118). mm and bmm themselves take such operands natively.
+            args = tuple(a.resolve_conj().resolve_neg() if isinstance(a, torch.Tensor) else a for a in args)
         out = None
         if dirty and restrict is not None:
             kept = restrict(args, slot, s)
@@ -192,7 +205,7 @@ def _add_nonfinite(out, nan_hits, plus, minus):
         return out
     bad = nan_hits > 0
     if plus is None:
-        return out.masked_fill_(bad, float("nan"))
+        return out.masked_fill_(bad, complex(math.nan, math.nan) if out.is_complex() else math.nan)
     extra = torch.where(plus > 0, float("inf"), 0.0) + torch.where(minus > 0, float("-inf"), 0.0)
     extra = extra.masked_fill(bad, float("nan")).to(out.dtype)
     return out.add_(extra)

@@ -1,4 +1,4 @@
-"""Strong-zero rules for backwards the op_db sweep found contaminated: logcumsumexp, segment_reduce.
+"""Strong-zero rules for backwards the op_db sweep found contaminated: logcumsumexp, segment_reduce, the FFTs.
 
 logcumsumexp's backward (FunctionsManual.cpp, after TensorFlow) takes log|g| and runs a reverse logcumsumexp of
 ``log|g_i| - result_i``: a structural g_i = 0 becomes the lowest float there, which then meets the NaN of
@@ -6,7 +6,8 @@ logcumsumexp's backward (FunctionsManual.cpp, after TensorFlow) takes log|g| and
 ``grad_j = sum over i >= j of g_i exp(x_j - result_i)``, in which a structural g_i has no term at all. The rule
 recomputes the formula when its last op runs (the node's saved self, result and dim; g and its support stashed
 at its first op, ``abs(g)``), with the structural terms left out (-inf in log space) and the positions that no
-kept term reaches set to structural zeros.
+kept term reaches set to structural zeros. For complex inputs the formula is ``conj(exp(rlcse(log(conj g) -
+result) + x))``: g is stashed at its ``log`` and the exact value replaces the output of its ``exp``.
 
 May import: torch, _rules, _rules_pointwise, _rules_bilinear, _rules_registry, _engine.
 """
@@ -19,17 +20,18 @@ from typing import Any
 
 import torch
 
+from gradwise._masks import mask_any
 from gradwise._strong_zeros._engine import grad_in_pass
 from gradwise._strong_zeros._rules import _UNRULED, _in_formula, _is_float, _register, _run_unruled, _tracked_slots
 from gradwise._strong_zeros._rules_bilinear import _finite
-from gradwise._strong_zeros._rules_pointwise import _in_node, _linear, _sum
+from gradwise._strong_zeros._rules_pointwise import _exp, _in_node, _linear, _sum
 from gradwise._strong_zeros._rules_registry import _placement
 
 aten = torch.ops.aten
 
 
 class _Stash(threading.local):
-    lcse: list | None = None  # [g, its support, how many subs the formula has run]
+    lcse: list | None = None  # [g, its support, how many subs the formula has run, or "complex"]
 
 
 _STASH = _Stash()
@@ -72,7 +74,7 @@ def _sub(func, args, kwargs, sup):
     """sub, as _sum. The last op of logcumsumexp's backward (output_pos - output_neg) returns the exact gradient
     computed from the stash (see the module docstring) instead."""
     stash = _STASH.lcse
-    if stash is None or not _in_node(_LCSE):
+    if stash is None or stash[2] == "complex" or not _in_node(_LCSE):
         return _sum(func, args, kwargs, sup)
     stash[2] += 1
     if stash[2] < 3:  # log|g+| - result, log|g-| - result, then output_pos - output_neg
@@ -89,6 +91,42 @@ _register(aten.abs.default)(_abs)
 _register(aten.sub.Tensor)(_sub)
 
 
+def _log(func, args, kwargs, sup):
+    """log (no rule of its own: its output is fully supported). In complex logcumsumexp's backward its input
+    is conj(g), kept with its support for the formula's exp."""
+    g = args[0]
+    out = func(*args, **kwargs)
+    if sup.tracked(g):
+        if _in_formula() and g.is_complex() and _in_node(_LCSE):
+            _STASH.lcse = [g, sup.of(g).expand(g.shape), "complex"]
+        else:
+            _UNRULED.add(str(func))
+    sup.record(out, None)
+    return out
+
+
+def _logcumsumexp_exp(func, args, kwargs, sup):
+    """exp, as _exp. The last op of complex logcumsumexp's backward before its conj: the exact value from the
+    stash, ``exp(rlcse(log(conj g_i) - result_i over kept i) + x_j)``, 0 where no kept term reaches j."""
+    stash = _STASH.lcse
+    if stash is None or stash[2] != "complex" or not _in_node(_LCSE):
+        return _exp(func, args, kwargs, sup)
+    _STASH.lcse = None
+    conj_g, s = stash[0], stash[1]
+    node = torch._C._current_autograd_node()
+    x, result, dim = node._saved_self, node._saved_result, node._saved_dim
+    dim = dim % max(conj_g.dim(), 1)
+    terms = torch.where(s, conj_g.log() - result, complex(-math.inf, 0.0))  # a structural term is absent
+    kept = s.to(torch.uint8).flip(dim).cummax(dim).values.flip(dim).bool()
+    out = torch.where(kept, (_reverse_logcumsumexp(terms, dim) + x).exp(), 0).to(args[0].dtype)
+    sup.record(out, kept)
+    return out
+
+
+_register(aten.log.default)(_log)
+_register(aten.exp.default)(_logcumsumexp_exp)
+
+
 def _segment_reduce_backward(func, args, kwargs, sup):
     """_segment_reduce_backward(grad, output, data, reduce, lengths, offsets, axis, initial): for sum, mean, max
     and min each element's gradient is its segment's sensitivity times a non-negative weight (1, 1/length, a tie
@@ -101,6 +139,24 @@ def _segment_reduce_backward(func, args, kwargs, sup):
 
 
 _register(aten._segment_reduce_backward)(_segment_reduce_backward)
+
+
+def _transformed(func, args, kwargs, sup):
+    """_fft_c2c / _fft_r2c / _fft_c2r (every torch.fft function, stft and istft, forward and backward): each
+    output element is a sum over the transformed dims with coefficients of modulus 1 (times the norm), so it is a
+    structural zero exactly where every element it sums over is one: the support's any over those dims, the
+    other dims kept. Nothing is multiplied by a value: nothing to annihilate."""
+    out = func(*args, **kwargs)
+    s = sup.of(args[0])
+    if s is None:
+        sup.record(out, None)
+        return out
+    dims = [d % max(s.dim(), 1) for d in args[1]]
+    sup.record(out, mask_any(s, dims, keepdim=True).expand(out.shape) if dims else s)
+    return out
+
+
+_register(aten._fft_c2c, aten._fft_r2c, aten._fft_c2r)(_transformed)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -371,7 +371,7 @@ def _placement_counts(func, args, kwargs, sup, out):
     counts = func(*tree_map(as_number, args), **tree_map(as_number, kwargs))
     for o, c in zip(*(x if isinstance(x, (tuple, list)) else (x,) for x in (out, counts)), strict=True):
         if _is_float(o):
-            sup.record(o, c > 0)
+            sup.record(o, (c.real if c.is_complex() else c) > 0)  # complex counts: 0/1 real parts, imag 0
     return out
 
 

@@ -12,7 +12,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from gradwise._masks import mask_all
+from gradwise._masks import mask_all, mask_any
 
 # ---------------------------------------------------------------------------------------------------------
 # Supports: one bool mask per storage, so that every view of a tensor sees (and in-place ops update) the same
@@ -28,27 +28,50 @@ class _Supports:
         # mask is meaningful (None: everywhere). A comparison with NaN is False without selecting anything.
         self.selections = WeakTensorKeyDictionary()
 
-    def _entry(self, t: torch.Tensor) -> torch.Tensor | None:
+    def _entry(self, t: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+        """``t``'s storage mask and how many of its entries one element of ``t`` covers (1, or 2 for a complex
+        view of a real storage: view_as_complex), or None. A mask is kept in the finest unit a view has used: a
+        real view of a complex storage (view_as_real) first splits its mask, each entry in two."""
         if t.layout != torch.strided:  # sparse/nested tensors keep no mask: fully supported
             return None
         storage = t.untyped_storage()
-        entry = self._masks.get(storage._cdata)
+        cdata = storage._cdata
+        entry = self._masks.get(cdata)
         if entry is None:
             return None
         ref, itemsize, mask = entry
-        if ref.expired() or itemsize != t.element_size():
-            del self._masks[storage._cdata]
+        size = t.element_size()
+        if itemsize == size and not ref.expired():
+            return mask, 1
+        if ref.expired() or max(itemsize, size) % min(itemsize, size):
+            del self._masks[cdata]
             return None
-        return mask
+        if itemsize > size:
+            mask = mask.repeat_interleave(itemsize // size)
+            self._masks[cdata] = (ref, size, mask)
+            self._shared.discard(cdata)
+            return mask, 1
+        return mask, size // itemsize
+
+    @staticmethod
+    def _view(t: torch.Tensor, mask: torch.Tensor, per: int) -> torch.Tensor:
+        """``mask`` as ``t``'s elements see it: shaped like t, with a last dim of ``per`` entries when one
+        element covers several (a view, so writes reach the mask)."""
+        if per == 1:
+            return mask.as_strided(t.shape, t.stride(), t.storage_offset())
+        return mask.as_strided((*t.shape, per), (*(st * per for st in t.stride()), 1), t.storage_offset() * per)
 
     def of(self, t: object) -> torch.Tensor | None:
         """The support of ``t`` (bool, shaped like t), or None when every element may be nonzero."""
         if not isinstance(t, torch.Tensor):
             return None
-        mask = self._entry(t)
-        if mask is None:
+        entry = self._entry(t)
+        if entry is None:
             return None
-        return mask.as_strided(t.shape, t.stride(), t.storage_offset())
+        mask, per = entry
+        if per == 1:
+            return mask.as_strided(t.shape, t.stride(), t.storage_offset())
+        return mask_any(self._view(t, mask, per), -1)
 
     def tracked(self, t: object) -> bool:
         return isinstance(t, torch.Tensor) and self._entry(t) is not None
@@ -61,13 +84,14 @@ class _Supports:
         shares where both fill their storages alike (copied on the first write to either)."""
         if t.layout != torch.strided:
             return
-        mask = self._entry(t)
-        if mask is not None and support is None:
-            self._writable(t, mask).as_strided(t.shape, t.stride(), t.storage_offset()).fill_(True)
+        entry = self._entry(t)
+        if entry is not None and support is None:
+            mask, per = entry
+            self._view(t, self._writable(t, mask), per).fill_(True)
             return
         if support is None:
             return
-        if mask is None:
+        if entry is None:
             storage = t.untyped_storage()
             n = storage.nbytes() // t.element_size()
             whole = t.numel() == n and t.storage_offset() == 0 and t.is_contiguous()  # copy_ writes it all
@@ -82,13 +106,19 @@ class _Supports:
                 return
             mask = (torch.empty if whole else torch.ones)(n, dtype=torch.bool, device=t.device)
             self._masks[storage._cdata] = (StorageWeakRef(storage), t.element_size(), mask)
+            per = 1
         else:
+            mask, per = entry
             mask = self._writable(t, mask)
-        mask.as_strided(t.shape, t.stride(), t.storage_offset()).copy_(support.expand(t.shape))
+        support = support.expand(t.shape)
+        self._view(t, mask, per).copy_(support if per == 1 else support.unsqueeze(-1))
 
     def _share(self, t: torch.Tensor, storage: torch.UntypedStorage, like: torch.Tensor) -> bool:
-        mask = self._entry(like)
-        if mask is None or like.shape != t.shape or like.stride() != t.stride() or like.storage_offset() or \
+        entry = self._entry(like)
+        if entry is None or entry[1] != 1:
+            return False
+        mask = entry[0]
+        if like.shape != t.shape or like.stride() != t.stride() or like.storage_offset() or \
                 like.element_size() != t.element_size() or mask.numel() != t.numel():
             return False
         self._masks[storage._cdata] = (StorageWeakRef(storage), t.element_size(), mask)

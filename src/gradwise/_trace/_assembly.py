@@ -13,7 +13,7 @@ import torch
 from gradwise._masks import all_finite
 from gradwise._trace import _causes, _kinds
 from gradwise._trace._advice import _GENUINE_FIX, _GRADIENT_FIX, _INPUT_FIX, _KINK_FIX, _SINGULAR_FIX, _UNDECIDED
-from gradwise._trace._common import _dist_rank, _fmt, _held, _nonfinite, _positions, _source, aten
+from gradwise._trace._common import _dist_rank, _fmt, _held, _inexact, _nonfinite, _positions, _source, aten
 from gradwise._trace._facts import _DISCARDS, _NOT_DATA, _OVERFLOW_NAMES
 from gradwise._trace._report import Finding, Report
 from gradwise._trace._store import Birth as _Birth
@@ -176,7 +176,7 @@ class _Assembly:
         grads = []
         for leaf, name in self.names.items():
             g = getattr(leaf, "grad", None) if isinstance(leaf, torch.Tensor) else None
-            if name not in reached and isinstance(g, torch.Tensor) and g.is_floating_point() and _kinds.readable(g):
+            if name not in reached and isinstance(g, torch.Tensor) and _inexact(g) and _kinds.readable(g):
                 grads.append((g, name))
         if all_finite([_held(g) for g, _ in grads]):  # the usual end of a step: no per-gradient test
             return

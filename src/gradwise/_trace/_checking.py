@@ -19,6 +19,13 @@ from gradwise._trace._common import _held, _loc, _nonfinite, _op_name, _tensors,
 from gradwise._trace._store import Birth as _Birth
 
 
+def _flag(o: torch.Tensor) -> torch.Tensor:
+    """A real scalar that is finite when ``o`` is (its sum; a complex one's parts added): one reduction over what
+    ``o`` stores. It can overflow on finite values: an alarm is confirmed element-wise (``_nonfinite``)."""
+    total = _held(o).sum()
+    return total.real + total.imag if total.is_complex() else total
+
+
 class _Checks:
     """Checking outputs for NaN/Inf, and the gradients a backward starts from (a part of _Tracer)."""
 
@@ -109,14 +116,14 @@ class _Checks:
                 self.flush()
             try:
                 # a sum per output (no stacking on CPU), over what it stores (an expanded view: once)
-                finite = all(math.isfinite(_held(o).sum().item()) for o in outs)
+                finite = all(math.isfinite(_flag(o).item()) for o in outs)
             except RuntimeError:  # a functorch-wrapped value (vmap): it cannot be read here
                 self._pass_over(_kinds.kind(outs[0]) or "unreadable", "a value")
                 return
             if not finite:
                 self._safely("a value", dig, [o for o in outs if _nonfinite(o)])
         else:
-            flag = _held(outs[0]).sum() if len(outs) == 1 else torch.stack([_held(o).sum().float() for o in outs]).sum()
+            flag = _flag(outs[0]) if len(outs) == 1 else torch.stack([_flag(o).float() for o in outs]).sum()
             self.pending.append((flag, outs, dig))
             if len(self.pending) >= self.sync_every:
                 self.flush()
@@ -128,7 +135,7 @@ class _Checks:
         if self.pending:
             self.flush()
         try:
-            finite = math.isfinite(_held(o).sum().item())
+            finite = math.isfinite(_flag(o).item())
         except RuntimeError:  # a functorch-wrapped value (vmap): it cannot be read here
             return False
         if not finite and _nonfinite(o):  # (a sum can overflow on finite values)

@@ -149,14 +149,19 @@ def _tensors(args) -> list[torch.Tensor]:
 
 def _floats(out) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
-        return [out] if out.is_floating_point() and out.numel() else []
+        return [out] if _inexact(out) and out.numel() else []
     if isinstance(out, (list, tuple)):
-        return [t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+        return [t for t in out if isinstance(t, torch.Tensor) and _inexact(t) and t.numel()]
     return []
 
 
+def _inexact(t: torch.Tensor) -> bool:
+    """Floating-point or complex: what can hold NaN/Inf."""
+    return t.is_floating_point() or t.is_complex()
+
+
 def _nonfinite(t: torch.Tensor) -> bool:
-    return t.is_floating_point() and t.numel() > 0 and _kinds.readable(t) and not bool(
+    return _inexact(t) and t.numel() > 0 and _kinds.readable(t) and not bool(
         torch.isfinite(_held(t)).all())
 
 

@@ -11,7 +11,7 @@ import torch
 
 from gradwise import _strong_zeros
 from gradwise._masks import mask_any
-from gradwise._trace._common import _aligned, _nan_in, _op_name, _positions, aten
+from gradwise._trace._common import _aligned, _inexact, _nan_in, _op_name, _positions, aten
 from gradwise._trace._facts import _BILINEAR, _DISCARDS, _ELEMENTWISE_DISCARDS, _PRODUCTS, _ROW_MIXING
 from gradwise._trace._store import Incident as _Incident
 
@@ -77,7 +77,7 @@ class _Incidents:
             # The op is linear in the sensitivity and in the saved value: evaluate it on indicators
             # (nonzero sensitivity, non-finite value) to see which outputs mix the two.
             def ind(a):
-                if not isinstance(a, torch.Tensor) or not a.is_floating_point():
+                if not isinstance(a, torch.Tensor) or not _inexact(a):
                     return a
                 if a in self.sens:
                     return (a != 0).to(a.dtype)

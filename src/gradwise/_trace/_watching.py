@@ -158,7 +158,7 @@ def _finite(grads: list[torch.Tensor]) -> bool:
     """One check of all gradients: strong zeros' pre-backward reduction (a sum per gradient read at once on CPU,
     small ones concatenated, one host sync elsewhere). A sum can overflow on finite values: an alarm is
     confirmed element-wise."""
-    dense = [g for g in grads if g.is_floating_point() and g.numel() and _kinds.readable(g)]
+    dense = [g for g in grads if _common._inexact(g) and g.numel() and _kinds.readable(g)]
     if all_finite(dense):
         return True
     return all(bool(torch.isfinite(g).all()) for g in dense)  # rare: confirm (finite values can overflow a sum)

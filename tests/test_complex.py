@@ -1,0 +1,178 @@
+"""Strong zeros on complex gradients: supports across complex/real views, rules meeting complex values and lazily
+conjugated operands, and the ops whose kernels go wrong under any dispatch mode (pytorch#198118). The op_db
+sweep (tests/test_opdb.py) runs every op's complex128 samples; these are the mechanisms, one at a time."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import gradwise as gw
+from gradwise._strong_zeros import _engine
+from gradwise._strong_zeros._supports import _Supports
+
+nan = math.nan
+c128 = torch.complex128
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    """Every backward through the strong-zero mode, finite data included."""
+    monkeypatch.setattr(_engine, "_plan", lambda *args, **kwargs: "strong")
+
+
+def test_a_support_follows_views_between_complex_and_real():
+    """One mask per storage, in the finest unit a view has used: a real view of a complex storage
+    (view_as_real) sees each complex entry twice, a complex view of a real storage (view_as_complex) sees a pair
+    as supported where either half is, and writes through either view reach the other."""
+    sup = _Supports()
+    c = torch.zeros(4, dtype=c128)
+    sup.record(c, torch.tensor([True, False, True, False]))
+    r = torch.view_as_real(c)
+    assert torch.equal(sup.of(r), torch.tensor([True, False, True, False])[:, None].expand(4, 2))
+    sup.record(r[1], torch.tensor([False, True]))  # only the imaginary part of element 1
+    assert torch.equal(sup.of(c), torch.tensor([True, True, True, False]))
+    assert torch.equal(sup.of(r)[1], torch.tensor([False, True]))
+    sup.record(c[2:], torch.tensor([False, False]))  # a complex write clears both halves
+    assert torch.equal(sup.of(r)[2:], torch.zeros(2, 2, dtype=torch.bool))
+
+    sup = _Supports()
+    x = torch.zeros(3, 2, dtype=torch.float64)
+    sup.record(x, torch.tensor([[True, False], [False, False], [False, True]]))
+    z = torch.view_as_complex(x)
+    assert torch.equal(sup.of(z), torch.tensor([True, False, True]))
+    sup.record(z[1:2], torch.tensor([True]))
+    assert torch.equal(sup.of(x)[1], torch.tensor([True, True]))
+
+
+def _padded_batch(n_pad: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    a = torch.randn(2, 4, 4, dtype=c128)
+    pad = torch.full((n_pad, 4, 4), complex(nan, 0.0), dtype=c128)
+    return a, torch.cat([a, pad]).requires_grad_()
+
+
+@pytest.mark.parametrize("path", ["auto", "forced"])
+@pytest.mark.parametrize("fn", [
+    torch.linalg.inv,  # its backward multiplies by the conjugate transpose (bmm of a lazily conjugated value)
+    lambda a: a @ a.mH,
+    lambda a: torch.fft.fft2(a),  # _fft_c2c over two dims of a batch
+    lambda a: torch.linalg.solve(a, a.mT),
+], ids=["inv", "matmul_mH", "fft2", "solve"])
+def test_complex_nan_batch_element_discarded_is_the_program_without_it(fn, path, request):
+    """A batch of complex matrices padded with NaN ones, scaled by a complex weight, the padding discarded after
+    ``fn``: the weight's and the batch's gradients are those of the program without the padding (0 for the
+    padding), where plain PyTorch's weight gradient is NaN."""
+    if path == "forced":
+        request.getfixturevalue("forced")
+    a, padded = _padded_batch()
+    weights = torch.randn(2, 4, 4, 2, dtype=torch.float64)
+    w = torch.tensor(0.8 - 0.3j, dtype=c128, requires_grad=True)
+
+    def loss(x):
+        return (torch.view_as_real(fn(w * x))[:2] * weights).sum()
+
+    a_ = a.clone().requires_grad_()
+    want = torch.autograd.grad(loss(a_), (w, a_))
+    plain = torch.autograd.grad(loss(padded), (w, padded))
+    assert not plain[0].isfinite()  # 0 x NaN reaches the weight's gradient
+    got = gw.grad(loss(padded), (w, padded))
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1][:2], want[1], rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[1][2:], torch.zeros_like(got[1][2:]))
+
+
+def test_a_used_complex_nan_stays():
+    """A NaN the output reads (the padding kept in the sum, only its real parts) reaches the gradient."""
+    _, padded = _padded_batch()
+    w = torch.tensor(0.8 - 0.3j, dtype=c128, requires_grad=True)
+    (got,) = gw.grad(torch.view_as_real(torch.fft.fft(w * padded))[..., 0].sum(), w)
+    assert got.isnan()
+
+
+def test_finite_complex_gradients_are_pytorchs_bitwise():
+    """On finite data the plan runs plain PyTorch: complex saved tensors are read, and the complex views' nodes
+    (view_as_real, view_as_complex, conj, complex, polar) are known."""
+    torch.manual_seed(0)
+    r = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(5, 3, dtype=c128, requires_grad=True)
+
+    def loss():
+        p = torch.polar(r + 0.5, r)
+        return torch.view_as_real(torch.fft.fft(z * p[:, None], dim=0).conj() * 2).pow(2).sum()
+
+    want = torch.autograd.grad(loss(), (r, z))
+    got = gw.grad(loss(), (r, z))
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize("hermitian", [False, True])
+def test_complex_pinv_under_gradwise_modes_is_pytorchs(forced, hermitian):
+    """pytorch#198118: complex linalg.pinv (and lstsq, whose backward calls it) are wrong while any Python
+    dispatch mode is active. gradwise's modes run them without one: the trace's forward values and the strong
+    pass's gradients are plain PyTorch's."""
+    torch.manual_seed(0)
+    a = torch.randn(4, 4, dtype=c128)
+    if hermitian:
+        a = a + a.mH
+    a.requires_grad_()
+    b = torch.randn(4, 2, dtype=c128, requires_grad=True)
+    want_pinv = torch.linalg.pinv(a, hermitian=hermitian)
+    with gw.trace():
+        got_pinv = torch.linalg.pinv(a, hermitian=hermitian)
+    assert torch.equal(got_pinv, want_pinv) and got_pinv.grad_fn is not None
+
+    def loss():
+        return torch.view_as_real(torch.linalg.lstsq(a, b).solution).sum()
+
+    want = torch.autograd.grad(loss(), (a, b))
+    got = gw.grad(loss(), (a, b))  # forced through the strong-zero mode
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize("conj", [False, True])
+def test_a_nan_in_an_imaginary_part_is_not_finite(conj):
+    """The finiteness checks (the plan's sums, the bilinear rules' value test) read both parts of a complex
+    number, of a lazily conjugated one too."""
+    from gradwise._masks import all_finite
+    from gradwise._strong_zeros._rules_bilinear import _finite
+
+    t = torch.tensor([1 + 1j, complex(2.0, nan)], dtype=c128)
+    t = t.conj() if conj else t
+    assert not _finite(t) and not all_finite([t]) and not all_finite([t] * 8)  # one by one and grouped
+    assert _finite(t[:1]) and all_finite([t[:1]])
+
+
+def test_a_conjugated_value_with_nan_columns_scattered_over_a_batch(forced):
+    """matmul's backward contracts a (batch x columns) with the conjugate of b: the NaN columns of each batch
+    element are kept contraction indices that form no single range (index_select, not narrow, of a lazily
+    conjugated value: resolved first)."""
+    torch.manual_seed(0)
+    a = torch.randn(5, 10, dtype=c128, requires_grad=True)
+    b = torch.randn(5, 10, 5, dtype=c128)
+    padded = torch.cat([b, torch.full((5, 10, 2), complex(nan, 0.0), dtype=c128)], 2)
+    weights = torch.randn(5, 5, 5, 2, dtype=torch.float64)
+    (want,) = torch.autograd.grad((torch.view_as_real(a @ b) * weights).sum(), a)
+    (got,) = gw.grad((torch.view_as_real((a @ padded)[..., :5]) * weights).sum(), a)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_trace_and_watch_see_complex_nan():
+    """The trace checks complex values (both parts) and classifies through complex backwards; gw.watch checks
+    complex gradients. A NaN batch element scaled by a weight: discarded after an FFT it is contamination, kept
+    it is genuine."""
+    _, padded = _padded_batch()
+    w = torch.tensor(0.8 - 0.3j, dtype=c128, requires_grad=True)
+    with gw.trace() as report:
+        torch.view_as_real(torch.fft.fft(w * padded)[:2]).sum().backward()
+    assert report.of_kind("contamination") and not report.of_kind("nan", "inf"), str(report)
+    w.grad = None
+    with gw.trace() as report:
+        torch.view_as_real(torch.fft.fft(w * padded)).sum().backward()
+    assert report.of_kind("nan"), str(report)
+    w.grad = None
+    with gw.watch() as report:
+        torch.view_as_real(torch.fft.fft(w * padded)).sum().backward()
+    assert report.findings and not w.grad.isfinite(), str(report)
