@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from gradwise._checks import as_tensors, check_differentiable, check_scalar_or_seeded
 from gradwise._strong_zeros import _contract
+from gradwise._strong_zeros._carry import carry
 from gradwise._strong_zeros._compile import compiled_run
 from gradwise._strong_zeros._mode import _StrongZeroMode
 from gradwise._strong_zeros._planning import _plan
@@ -113,11 +114,15 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
     _STATE.create_graph, _STATE.in_mode = create_graph, True
     _STATE.outputs_finite = all(bool(t.isfinite().all()) for t in outputs
                                 if isinstance(t, torch.Tensor) and t.is_floating_point())
+    mode = _StrongZeroMode(carry=create_graph)
     try:
-        with _under_traces(_StrongZeroMode()):
-            return run(retain_graph)
+        with _under_traces(mode):
+            result = run(retain_graph)
     finally:
         (_STATE.create_graph, _STATE.outputs_finite), _STATE.in_mode = outer, False
+    if mode.made:  # the new graph (create_graph) differentiates through the zeros: they stay structural there
+        carry(mode.made, mode.supports)
+    return result
 
 
 @contextlib.contextmanager

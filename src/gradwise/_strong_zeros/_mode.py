@@ -6,6 +6,7 @@ May import: torch, gradwise._modes, _contract, _supports, _rules.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -39,9 +40,11 @@ def _decomposition(func: Any) -> Callable[..., Any] | None:
 
 
 class _StrongZeroMode(LeanDispatchMode):
-    def __init__(self) -> None:
+    def __init__(self, carry: bool = False) -> None:
         super().__init__()
         self.supports = _Supports()
+        # create_graph: weak references to the outputs of ruled ops, for _carry at the end of the pass
+        self.made: list[weakref.ref] | None = [] if carry else None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -58,7 +61,10 @@ class _StrongZeroMode(LeanDispatchMode):
             return out
         rule = lookup(func)
         if rule is not None:
-            return rule(func, args, kwargs, self.supports)
+            out = rule(func, args, kwargs, self.supports)
+            if self.made is not None:
+                self.made.extend(weakref.ref(o) for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor))
+            return out
         flat, _ = tree_flatten((args, kwargs))
         tracked = any(self.supports.tracked(a) for a in flat)
         if tracked and (decomposed := _decomposition(func)) is not None:

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import torch
 
 from gradwise._masks import all_finite as _all_finite
-from gradwise._strong_zeros import _contract
+from gradwise._strong_zeros import _carry, _contract
 from gradwise._strong_zeros._autograd_graph import _root_nodes
 from gradwise._strong_zeros._node_facts import _NODE_TYPES, UNUSED_OUTPUTS, _node_type, _readable, covers
 from gradwise._strong_zeros._traced import traced
@@ -164,6 +164,8 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
         return "plain"  # compiled graphs get strong zeros from gradwise._strong_zeros._compile instead
     roots = [r for r in _root_nodes(t_outputs) if r is not None]
     g = _graph(roots)
+    if _carry.CARRIED and _carry.reaches(g.nodes):  # the gradient of a create_graph pass that annihilated
+        return "strong"
     above = _zero_reach(roots, g)
     known_all = True
     only_compiled = True  # every node gradwise knows nothing about is a torch.compile'd backward

@@ -1,0 +1,75 @@
+"""Structural zeros that outlive a ``create_graph=True`` pass, for the backward of the gradient (double backward).
+
+A strong pass annihilates inside the dispatch mode, below autograd: the graph it builds for the gradient records
+the formula's op (``a / x``), not the annihilation. Differentiating that gradient again (a gradient penalty,
+Hessian-vector products) would go through ``a / x`` at the positions the first pass set to 0, where the formula's
+derivative is NaN (``-a / x**2`` at ``a = x = 0``). In the program without the unused values those positions do
+not exist: the tensor is constantly 0 there, so nothing flows back through them.
+
+So at the end of a ``create_graph`` pass, every tensor the pass made with structural zeros that is part of the new
+graph gets a gradient hook: the sensitivity arriving at it is 0 at those positions, and a structural zero to
+the strong pass running then. The plan of a later backward takes the strong path when its graph holds such a
+tensor's node. On finite data the hook changes nothing but the sign of a zero: a structurally zero output of
+the first pass is a product with a structural 0, whose derivative there is 0 too.
+
+May import: torch, _supports.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+from gradwise._strong_zeros._supports import _Supports
+
+# the hooks put on first-pass tensors: each lives as long as its tensor's autograd node (which holds it), and
+# is known by (node type, sequence number): node wrappers come and go, those stay (a match in another thread's
+# graph only makes that backward take the strong path, which is exact anyway)
+CARRIED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def carry(made: Iterable[weakref.ref], supports: _Supports) -> None:
+    """Hook each tensor the pass made (``made``: weak references, in order) that requires grad now and holds
+    structural zeros (its final support, after any in-place write)."""
+    seen: set[int] = set()
+    for ref in made:
+        t = ref()
+        if t is None or not t.requires_grad or t.grad_fn is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        s = supports.of(t)
+        if s is None or bool(s.all()):
+            continue
+        hook = _masking(s.expand(t.shape).clone())
+        hook.key = _key(t.grad_fn)
+        t.register_hook(hook)
+        CARRIED.add(hook)
+
+
+def _key(node: Any) -> tuple[str, int]:
+    return type(node).__name__, node._sequence_nr()
+
+
+def _masking(support: torch.Tensor) -> Any:
+    def hook(grad: torch.Tensor | None) -> torch.Tensor | None:
+        if grad is None:  # an undefined gradient (an output nothing differentiated)
+            return None
+        masked = torch.where(support, grad, grad.new_zeros(()))
+        for mode in _get_current_dispatch_mode_stack():  # the strong pass of this backward (under any trace)
+            sup = getattr(mode, "supports", None)
+            if isinstance(sup, _Supports):  # structural there, not just 0
+                sup.record(masked, support)
+                break
+        return masked
+
+    return hook
+
+
+def reaches(nodes: Iterable[Any]) -> bool:
+    """Whether a graph (its nodes) holds the node of a carried tensor: its backward must take the strong path."""
+    keys = {hook.key for hook in list(CARRIED)}
+    return bool(keys) and any(_key(n) in keys for n in nodes)

@@ -1,0 +1,110 @@
+"""Strong zeros through a second backward: the gradient of a ``create_graph=True`` pass is differentiated as the
+gradient of the program without the unused values (_strong_zeros/_carry.py), checked against that program."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradwise as gw
+from gradwise._strong_zeros import _carry, _engine
+from gradwise._strong_zeros._planning import _graph
+
+nan = math.nan
+
+
+def _scatter(values: torch.Tensor, n: int, at: list[int]) -> torch.Tensor:
+    out = torch.zeros((n, *values.shape[1:]), dtype=values.dtype)
+    out[at] = values
+    return out
+
+
+def test_second_derivative_behind_a_guarded_log():
+    """where(x > 0, log x, 0): the first pass annihilates log's 0/0 at x = 0; differentiating that gradient
+    again goes through no 0/0 either (the reference: the same program on the kept entries)."""
+    x = torch.tensor([1.0, 0.0, 3.0], requires_grad=True)
+    (g,) = gw.grad(torch.where(x > 0, x.log(), 0.0).sum(), x, create_graph=True)
+    assert torch.equal(g.detach(), torch.tensor([1.0, 0.0, 1 / 3]))
+    (plain,) = torch.autograd.grad(torch.where(x > 0, x.log(), 0.0).sum(), x, create_graph=True)
+    assert torch.autograd.grad(plain.sum(), x)[0].isnan().any()  # what PyTorch gives
+    kept = x.detach()[[0, 2]].requires_grad_()
+    (gk,) = torch.autograd.grad(kept.log().sum(), kept, create_graph=True)
+    (want,) = torch.autograd.grad(gk.sum(), kept)
+    (got,) = gw.grad(g.sum(), x)
+    torch.testing.assert_close(got, _scatter(want, 3, [0, 2]))
+
+
+@pytest.mark.parametrize("path", ["auto", "forced"])
+def test_gradient_penalty_with_nan_padding_rows_sliced(path, monkeypatch):
+    """A WGAN-GP style penalty on a critic whose batch holds NaN padding rows it slices away: the penalty's
+    gradient with respect to the weights equals the one of the batch without the padding."""
+    if path == "forced":
+        monkeypatch.setattr(_engine, "_plan", lambda *args, **kwargs: "strong")
+    torch.manual_seed(0)
+    critic = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    padded = torch.cat([x, torch.full((3, 4), nan, dtype=torch.float64)]).requires_grad_()
+    params = list(critic.parameters())
+
+    def penalty(inp, keep):
+        (g,) = gw.grad(critic(inp)[:keep].sum(), inp, create_graph=True)
+        return (g[:keep].norm(dim=1) - 1).pow(2).mean()
+
+    params = params[:3]  # the last bias does not move the input gradient
+    want = torch.autograd.grad(penalty(x.clone().requires_grad_(), 5), params)
+    plain = torch.autograd.grad(_plain_penalty(critic, padded, 5), params)
+    assert not all(p.isfinite().all() for p in plain)  # PyTorch: the padding's 0 x NaN in the second pass
+    got = gw.grad(penalty(padded, 5), params)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def _plain_penalty(critic, inp, keep):
+    (g,) = torch.autograd.grad(critic(inp)[:keep].sum(), inp, create_graph=True)
+    return (g[:keep].norm(dim=1) - 1).pow(2).mean()
+
+
+def test_finite_second_order_gradients_are_pytorchs():
+    """On finite data the masks change nothing (a structural zero's derivative is 0 either way): Hessian-vector
+    products through a forced strong first pass equal PyTorch's, up to the sign of a zero."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+
+    def first(grad):
+        return grad(torch.relu(x @ w)[:4].pow(3).sum(), (x, w), create_graph=True)
+
+    want = torch.autograd.grad(sum(g.sum() for g in first(torch.autograd.grad)), (x, w))
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_engine, "_plan", lambda *args, **kwargs: "strong")
+        gs = first(gw.grad)
+    assert _carry.CARRIED  # the first pass hooked tensors with structural zeros (x's padding rows 4, 5)
+    got = gw.grad(sum(g.sum() for g in gs), (x, w))
+    for g, r in zip(got, want, strict=True):
+        assert torch.equal(g, r)
+
+
+def test_carried_hooks_die_with_their_graph():
+    """The hooks live as long as the first-order graph (its nodes hold them): once it is gone, later backwards
+    plan as before."""
+    import gc
+
+    x = torch.tensor([1.0, 0.0, 3.0], requires_grad=True)
+    (g,) = gw.grad(torch.where(x > 0, x.log(), 0.0).sum(), x, create_graph=True)
+    total = g.sum()
+    del g  # the gradient's Python object alone: its node (and hook) lives on in total's graph
+    gc.collect()
+    assert _carry.CARRIED and _carry.reaches(_graph([total.grad_fn]).nodes)
+    del total
+    gc.collect()
+    assert not _carry.CARRIED
+
+
+def test_an_undefined_gradient_passes_the_hook():
+    """A tensor hook is called with None where the engine has no gradient for the tensor: it stays None."""
+    hook = _carry._masking(torch.tensor([True, False]))
+    assert hook(None) is None
+    assert torch.equal(hook(torch.tensor([2.0, nan])), torch.tensor([2.0, 0.0]))
