@@ -23,7 +23,6 @@ pytestmark = pytest.mark.filterwarnings(r"ignore:index_reduce\(\) is in beta:Use
 
 KNOWN = {
     # contamination: backward ops without a rule, or a limit written down in docs/strong-zeros-design.md
-    "matrix-exp-nan-batch-element-sliced": "linalg_matrix_exp (in its own backward) has no rule",
     # nonsmooth: a clear NonsmoothError or an undecided certificate instead of an answer
     "lasso-13d-at-zero-optimum": "13 tied kinks exceed MAX_KINKS: sampled directions leave it undecided",
     "row-norms-with-a-zero-row": "a norm at 0 is a continuum of pieces: stationarity is sampled, undecided",

@@ -1,6 +1,6 @@
 """Rules for backwards the op_db sweep and the reported cases found contaminated
-(src/gradwise/_strong_zeros/_rules_opdb.py): logcumsumexp, segment_reduce, float32 LSTM (oneDNN). References: the
-programs with the unused values deleted."""
+(src/gradwise/_strong_zeros/_rules_opdb.py): logcumsumexp, segment_reduce, matrix_exp, float32 LSTM (oneDNN).
+References: the programs with the unused values deleted."""
 from __future__ import annotations
 
 import copy
@@ -43,7 +43,32 @@ def test_logcumsumexp_forced_strong_pass_is_pytorch_bitwise(monkeypatch):
     assert torch.equal(gw.grad(loss, x)[0], exp)
 
 
-@pytest.mark.parametrize("reduce", ["sum", "mean", "max", "min"])
+@pytest.mark.parametrize("used", [False, True])
+def test_matrix_exp_nan_batch_element(used, monkeypatch):
+    """A batch of matrices whose last one is NaN: sliced away after matrix_exp, the others' gradient is that of
+    the batch without it (the NaN one's is 0); kept, its NaN stays. On finite data the forced strong pass is
+    PyTorch's, bitwise."""
+    torch.manual_seed(0)
+    a = torch.randn(3, 3, 3, dtype=f64)
+    a[2] = nan
+    leaf = a.clone().requires_grad_()
+    w = torch.randn(3, 3, 3, dtype=f64)
+    keep = 3 if used else 2
+    got = gw.grad((torch.linalg.matrix_exp(leaf)[:keep] * w[:keep]).sum(), leaf)[0]
+    if used:
+        assert got[2].isnan().all()
+        return
+    kept = a[:2].clone().requires_grad_()
+    want = torch.autograd.grad((torch.linalg.matrix_exp(kept) * w[:2]).sum(), kept)[0]
+    torch.testing.assert_close(got[:2], want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[2], torch.zeros_like(got[2]))
+    monkeypatch.setattr(_engine, "_plan", lambda *a: "strong")  # finite data through the rule: PyTorch's bits
+    finite = a[:2].clone().requires_grad_()
+    loss = (torch.linalg.matrix_exp(finite) * w[:2]).sum()
+    assert torch.equal(gw.grad(loss, finite, retain_graph=True)[0], torch.autograd.grad(loss, finite)[0])
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean", "max", "min", "prod"])
 def test_segment_reduce_dropped_segment(reduce):
     torch.manual_seed(0)
     lin = nn.Linear(3, 2).double()

@@ -305,12 +305,12 @@ def test_graph_already_freed_is_pytorchs_error():
 
 def test_unruled_ops_lists_backward_ops_without_rules():
     gw.unruled_ops().clear()
-    x = torch.randn(2, 3, 3) * 0.3
-    x[1] = nan
-    x.requires_grad_()
-    # matrix_exp's backward runs linalg_matrix_exp on a block matrix holding the sensitivity: not in the table
-    gw.grad(torch.linalg.matrix_exp(x)[0].sum(), x)
-    assert "aten.linalg_matrix_exp.default" in gw.unruled_ops()
+    a, tau = torch.geqrf(torch.randn(4, 3, dtype=torch.float64))
+    other = torch.cat([torch.randn(4, 2, dtype=torch.float64), torch.full((4, 1), nan, dtype=torch.float64)], 1)
+    other.requires_grad_()
+    # ormqr's backward runs ormqr (a product of Householder reflections) on the sensitivity: not in the table
+    gw.grad(torch.ormqr(a, tau, other)[:, :2].sum(), other)
+    assert "aten.ormqr.default" in gw.unruled_ops()
 
 
 # One program per node type the path check treats as making no structural zeros (MAKES_NO_ZEROS), built from
@@ -879,6 +879,8 @@ def MOVED_SAMPLES(x, s, n, k, idx):
         (aten.index_select.default, (s, 1, idx)),
         (aten.tril.default, (s, k - 1)),
         (aten.triu.default, (s, 1 - k)),
+        (aten.rot90.default, (s, 1, [0, 1])),
+        (aten.take.default, (s, idx)),
     ]
 
 

@@ -132,6 +132,8 @@ TRACE_KNOWN = {
     "hand-attn-nan-values-masked-fill-before-av": "the trace's per-tensor provenance marks the padding birth used",
     "policy-entropy-special-entr-masked-actions": "entr's infinite derivative at a masked 0 is reported genuine",
     "checkpoint-reentrant-block-nan-rows-sliced": "PyTorch: reentrant checkpoint is incompatible with .grad()",
+    "matrix-exp-nan-batch-element-sliced": "matrix_exp's rule annihilates a block of one exponential of a block "
+                                           "matrix; the trace classifies that op by its values",
     "logcumsumexp-nan-after-kept-prefix": "logcumsumexp's rule recomputes its whole formula at its last op; the "
                                           "trace reruns the formula's ops one by one and calls part of it genuine",
 }

@@ -1,4 +1,5 @@
-"""Strong-zero rules for backwards the op_db sweep found contaminated: logcumsumexp, segment_reduce, the FFTs.
+"""Strong-zero rules for backwards the op_db sweep (and reported cases) found contaminated: logcumsumexp,
+segment_reduce, the FFTs, matrix_exp.
 
 logcumsumexp's backward (FunctionsManual.cpp, after TensorFlow) takes log|g| and runs a reverse logcumsumexp of
 ``log|g_i| - result_i``: a structural g_i = 0 becomes the lowest float there, which then meets the NaN of
@@ -22,7 +23,15 @@ import torch
 
 from gradwise._masks import mask_any
 from gradwise._strong_zeros._engine import grad_in_pass
-from gradwise._strong_zeros._rules import _UNRULED, _in_formula, _is_float, _register, _run_unruled, _tracked_slots
+from gradwise._strong_zeros._rules import (
+    _UNRULED,
+    _annihilate,
+    _in_formula,
+    _is_float,
+    _register,
+    _run_unruled,
+    _tracked_slots,
+)
 from gradwise._strong_zeros._rules_bilinear import _finite
 from gradwise._strong_zeros._rules_pointwise import _exp, _in_node, _linear, _sum
 from gradwise._strong_zeros._rules_registry import _placement
@@ -131,11 +140,20 @@ def _segment_reduce_backward(func, args, kwargs, sup):
     """_segment_reduce_backward(grad, output, data, reduce, lengths, offsets, axis, initial): for sum, mean, max
     and min each element's gradient is its segment's sensitivity times a non-negative weight (1, 1/length, a tie
     share of the selected extreme), so an element whose segment's sensitivity is a structural zero gets one (a
-    dropped segment's NaN data then meets no zero downstream). prod's weights are values: run as it is."""
+    dropped segment's NaN data then meets no zero downstream). prod's weights are values (the product of the
+    others): the same support, from the sum's placement, and its NaN/Inf met there annihilated."""
     reduce = args[3] if len(args) > 3 else kwargs.get("reduce")
-    if reduce not in ("sum", "mean", "max", "min") or _tracked_slots(args, sup) not in ([], [0]):
-        return _run_unruled(func, args, kwargs, sup, "a value-weighted reduction" if sup.tracked(args[0]) else None)
-    return _placement(func, args, kwargs, sup)
+    if reduce not in ("sum", "mean", "max", "min", "prod") or _tracked_slots(args, sup) not in ([], [0]):
+        return _run_unruled(func, args, kwargs, sup, "a tracked value" if sup.tracked(args[0]) else None)
+    if reduce != "prod" or not sup.tracked(args[0]):
+        return _placement(func, args, kwargs, sup)
+    out = func(*args, **kwargs)
+    s = sup.of(args[0])
+    as_sum = [s.to(args[0].dtype), *args[1:]]
+    as_sum[3] = "sum"  # a sum's backward spreads each segment's sensitivity over its elements (data unread)
+    support = func(*as_sum, **kwargs) > 0
+    sup.record(_annihilate(out, support), support, fresh=True)
+    return out
 
 
 _register(aten._segment_reduce_backward)(_segment_reduce_backward)
@@ -157,6 +175,35 @@ def _transformed(func, args, kwargs, sup):
 
 
 _register(aten._fft_c2c, aten._fft_r2c, aten._fft_c2r)(_transformed)
+
+
+_MATRIX_EXP = "LinalgMatrixExpBackward0"
+
+
+def _matrix_exp(func, args, kwargs, sup):
+    """linalg_matrix_exp. In its own backward (PyTorch's differential_analytic_matrix_function) it exponentiates
+    the block matrix [[A^H, G], [0, A^H]] per matrix of the batch; the result's upper-right block, the only one
+    the formula keeps, is the Frechet derivative L(A^H, G), linear in G. Where a matrix's G block holds only
+    structural zeros that block is a structural zero, exactly 0 whatever NaN/Inf its A holds. Elsewhere (and
+    outside that backward) the output is fully supported."""
+    x = args[0]
+    out = func(*args, **kwargs)
+    s = sup.of(x)
+    if s is None:
+        sup.record(out, None)
+        return out
+    n = x.shape[-1] // 2
+    if not (_in_formula() and _in_node(_MATRIX_EXP)) or x.shape[-1] != 2 * n or x.shape[-2] != 2 * n:
+        _UNRULED.add(f"{func} (outside matrix_exp's backward)")
+        sup.record(out, None)
+        return out
+    support = torch.ones(out.shape, dtype=torch.bool, device=out.device)
+    support[..., :n, n:] = mask_any(s[..., :n, n:], [-2, -1], keepdim=True)
+    sup.record(_annihilate(out, support), support, fresh=True)
+    return out
+
+
+_register(aten.linalg_matrix_exp)(_matrix_exp)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -38,6 +38,16 @@ _register(aten.zeros, aten.zeros_like, aten.new_zeros, aten.scalar_tensor, aten.
           aten.new_full, aten.fill_, aten.zero_)(_creates_zeros)
 
 
+def _creates_values(func, args, kwargs, sup):
+    """ones / ones_like / new_ones: values, every element nonzero (a tracked argument lends only its shape)."""
+    out = func(*args, **kwargs)
+    sup.record(out, None)
+    return out
+
+
+_register(aten.ones, aten.ones_like, aten.new_ones)(_creates_values)
+
+
 @_register(aten.broadcast_tensors)
 def _broadcast_tensors(func, args, kwargs, sup):
     """broadcast_tensors (met inside a decomposition): expanded views of its inputs, which read their storages'
@@ -207,7 +217,8 @@ _register(aten.div, aten.div_, aten.neg, aten.clone, aten.sigmoid_backward, aten
           aten.tanh_backward, aten.gelu_backward, aten.silu_backward, aten.elu_backward, aten.leaky_relu_backward,
           aten.softplus_backward, aten.mish_backward, aten.log_sigmoid_backward, aten.mse_loss_backward,
           aten.smooth_l1_loss_backward, aten.huber_loss_backward, aten.binary_cross_entropy_backward,
-          aten.logit_backward, aten.rrelu_with_noise_backward, aten.xlogy, aten.special_xlog1py)(_linear)
+          aten.logit_backward, aten.rrelu_with_noise_backward, aten.xlogy, aten.special_xlog1py,
+          aten._conj_physical, aten.conj_physical)(_linear)
 
 
 def _selecting(passes: Callable[[tuple], torch.Tensor]) -> Rule:
@@ -395,7 +406,7 @@ def _moved(func, args, kwargs, sup):
 
 _register(aten.slice_backward, aten.select_backward, aten.diagonal_backward, aten.cat, aten.stack,
           aten.constant_pad_nd, aten.flip, aten.roll, aten.repeat, aten.gather, aten.index_select, aten.tril,
-          aten.triu)(_moved)
+          aten.triu, aten.rot90, aten.take)(_moved)
 _register(aten.as_strided_scatter,
           aten.slice_scatter, aten.select_scatter, aten.index_put, aten.index_put_, aten._index_put_impl_,
           aten._unsafe_index_put, aten.index_add, aten.index_add_, aten.scatter, aten.scatter_,
@@ -410,7 +421,9 @@ _register(aten.as_strided_scatter,
           aten.upsample_nearest3d_backward, aten._upsample_nearest_exact1d_backward,
           aten._upsample_nearest_exact2d_backward, aten._upsample_nearest_exact3d_backward,
           aten._upsample_bilinear2d_aa_backward, aten.adaptive_max_pool2d_backward,
-          aten.adaptive_max_pool3d_backward, aten.fractional_max_pool2d_backward, aten.pixel_shuffle,
+          aten.adaptive_max_pool3d_backward, aten.fractional_max_pool2d_backward,
+          aten.fractional_max_pool3d_backward, aten.diagonal_scatter, aten.masked_scatter_backward,
+          aten._unsafe_masked_index, aten._unsafe_masked_index_put_accumulate, aten.pixel_shuffle,
           aten.pixel_unshuffle, aten.channel_shuffle, aten.native_channel_shuffle, aten.reflection_pad1d_backward,
           aten.reflection_pad2d_backward, aten.reflection_pad3d_backward, aten.replication_pad1d_backward,
           aten.replication_pad2d_backward, aten.replication_pad3d_backward, aten.expand_copy,
