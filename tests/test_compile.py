@@ -470,7 +470,6 @@ _NOT_ANALYSED = "the compiled graph's form of this backward keeps the NaN, also 
 KEPT_NAN = {
     ("nan-to-num-as-guard", "aot_eager"): _SAVED_MASK,
     ("nan-to-num-as-guard", "inductor"): _SAVED_MASK,
-    ("overwritten-element-keeps-nan", "aot_eager"): _NOT_ANALYSED,
     ("policy-entropy-special-entr-masked-actions", "aot_eager"): _SAVED_EXP,
     ("cumprod-with-nan-after-prefix", "inductor"): _NOT_ANALYSED,
     ("logcumsumexp-nan-after-kept-prefix", "aot_eager"): _NOT_ANALYSED,

@@ -176,3 +176,86 @@ def test_the_trace_and_watch_see_complex_nan():
     with gw.watch() as report:
         torch.view_as_real(torch.fft.fft(w * padded)).sum().backward()
     assert report.findings and not w.grad.isfinite(), str(report)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork (POSIX)")
+def test_the_helper_thread_serves_a_forked_child():
+    """A process forked after the helper thread started (DataLoader workers) gets a thread of its own: pinv
+    under a gradwise mode there returns, with plain PyTorch's values."""
+    import os
+
+    a = torch.randn(3, 3, dtype=c128)
+    with gw.trace():
+        want = torch.linalg.pinv(a)
+    pid = os.fork()
+    if pid == 0:  # the child: exit status says whether it got the same value
+        try:
+            with gw.trace():
+                got = torch.linalg.pinv(a)
+            os._exit(0 if torch.equal(got, want) else 1)
+        except BaseException:
+            os._exit(2)
+    import time
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("pinv in the forked child hung (the parent's helper thread does not exist there)")
+
+
+class _Frontend(torch.nn.Module):
+    """An audio front end as speech models run it: a learnable FIR pre-filter, the STFT (complex), power,
+    a mel filter bank, log, and a convolution over frames (float64)."""
+
+    def __init__(self, n_fft: int = 16, hop: int = 8, mels: int = 6) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.n_fft, self.hop = n_fft, hop
+        self.fir = torch.nn.Conv1d(1, 1, 5, bias=False, dtype=torch.float64)
+        self.register_buffer("mel", torch.rand(mels, n_fft // 2 + 1, dtype=torch.float64))
+        self.conv = torch.nn.Conv1d(mels, 4, 3, dtype=torch.float64)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        x = self.fir(audio[:, None])[:, 0]  # causal enough: valid convolution, 4 samples shorter
+        spec = torch.stft(x, self.n_fft, self.hop, window=torch.hann_window(self.n_fft, dtype=torch.float64),
+                          center=False, return_complex=True)
+        power = torch.view_as_real(spec).pow(2).sum(-1)
+        return self.conv((self.mel @ power + 1e-6).log())  # (batch, channels, frames - 2)
+
+
+@pytest.mark.parametrize("used", [False, True])
+def test_audio_front_end_with_nan_past_each_clip(used):
+    """A batch of clips padded with NaN past their lengths; the loss reads only the output frames whose
+    receptive field lies inside the clip (frames past the length are cropped). The parameters' gradients equal
+    those of the clips alone, truncated; plain PyTorch's are NaN (0 x NaN in the STFT's and the FIR's
+    backwards). Control: the NaN frames kept."""
+    model = _Frontend()
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(1)
+    lengths = [84, 60]  # samples; 84 - 4 = 80 after the FIR: frames 0..8 of 16 with hop 8
+    audio = torch.randn(2, 100, generator=gen, dtype=torch.float64)
+    for b, n in enumerate(lengths):
+        audio[b, n:] = nan
+
+    def kept_frames(n: int) -> int:  # output frames computed from samples < n only
+        return (n - 4 - model.n_fft) // model.hop + 1 - 2
+
+    out = model(audio)
+    if used:
+        (got,) = gw.grad(out.sum(), params[:1])
+        assert got.isnan().any()
+        return
+    loss = sum(out[b, :, :kept_frames(n)].square().sum() for b, n in enumerate(lengths))
+    plain = torch.autograd.grad(loss, params, retain_graph=True)
+    assert not all(g.isfinite().all() for g in plain)
+    got = gw.grad(loss, params)
+    ref = sum(model(audio[b : b + 1, :n]).square().sum() for b, n in enumerate(lengths))
+    want = torch.autograd.grad(ref, params)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)

@@ -68,6 +68,33 @@ def test_matrix_exp_nan_batch_element(used, monkeypatch):
     assert torch.equal(gw.grad(loss, finite, retain_graph=True)[0], torch.autograd.grad(loss, finite)[0])
 
 
+@pytest.mark.parametrize("lower", ["structural", "zero values", "values"])
+def test_matrix_exp_rule_needs_a_block_triangular_matrix(lower):
+    """The rule's claim (the upper-right block of exp([[A, G], [C, B]]) is linear in G) holds when C is zero,
+    structurally or in value; with C nonzero the NaN a dead G block meets stays."""
+    from gradwise._strong_zeros._rules_opdb import _matrix_exp
+    from gradwise._strong_zeros._supports import _Supports
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 4, dtype=f64)
+    x[1, :2, :2] = nan  # matrix 1's A block: NaN
+    x[:, 2:, :2] = 0 if lower != "values" else 0.5
+    support = torch.ones(2, 4, 4, dtype=torch.bool)
+    support[1, :2, 2:] = False  # matrix 1's G block: structural zeros
+    if lower == "structural":
+        support[:, 2:, :2] = False
+    x[1, :2, 2:] = 0
+    sup = _Supports()
+    sup.record(x, support)
+    out = _matrix_exp(torch.ops.aten.linalg_matrix_exp.default, (x,), {}, sup)
+    block = out[1, :2, 2:]
+    if lower == "values":
+        assert block.isnan().all() and sup.of(out) is None
+    else:
+        assert torch.equal(block, torch.zeros_like(block)) and not sup.of(out)[1, :2, 2:].any()
+        torch.testing.assert_close(out[0], torch.linalg.matrix_exp(x[0]))
+
+
 @pytest.mark.parametrize("reduce", ["sum", "mean", "max", "min", "prod"])
 def test_segment_reduce_dropped_segment(reduce):
     torch.manual_seed(0)

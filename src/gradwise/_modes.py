@@ -18,6 +18,7 @@ May import: torch.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -62,7 +63,7 @@ def _plain_complex(types: Any, args: tuple) -> bool:
         any(isinstance(a, torch.Tensor) and a.is_complex() and not a.is_meta for a in args)
 
 
-_helper: ThreadPoolExecutor | None = None
+_helper: tuple[int, ThreadPoolExecutor] | None = None  # (the pid that made it, the executor)
 _helper_lock = threading.Lock()
 
 
@@ -71,8 +72,8 @@ def _without_modes(func: Any, args: tuple, kwargs: dict) -> Any:
     (autograd is this thread's to record), on the caller's CUDA stream."""
     global _helper
     with _helper_lock:
-        if _helper is None:
-            _helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradwise-plain-op")
+        if _helper is None or _helper[0] != os.getpid():  # a forked child inherits no running thread
+            _helper = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradwise-plain-op"))
     devices = {a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda}
     stream = torch.cuda.current_stream(next(iter(devices))) if devices else None
 
@@ -83,7 +84,7 @@ def _without_modes(func: Any, args: tuple, kwargs: dict) -> Any:
             with torch.cuda.stream(stream):
                 return func(*args, **kwargs)
 
-    return _helper.submit(run).result()
+    return _helper[1].submit(run).result()
 
 
 # Dynamo's frame callback may still be on when the dispatcher calls a handler (a compiled function that dynamo

@@ -177,28 +177,30 @@ def _transformed(func, args, kwargs, sup):
 _register(aten._fft_c2c, aten._fft_r2c, aten._fft_c2r)(_transformed)
 
 
-_MATRIX_EXP = "LinalgMatrixExpBackward0"
-
-
 def _matrix_exp(func, args, kwargs, sup):
-    """linalg_matrix_exp. In its own backward (PyTorch's differential_analytic_matrix_function) it exponentiates
-    the block matrix [[A^H, G], [0, A^H]] per matrix of the batch; the result's upper-right block, the only one
-    the formula keeps, is the Frechet derivative L(A^H, G), linear in G. Where a matrix's G block holds only
-    structural zeros that block is a structural zero, exactly 0 whatever NaN/Inf its A holds. Elsewhere (and
-    outside that backward) the output is fully supported."""
+    """linalg_matrix_exp of a 2n x 2n matrix whose lower-left n x n block is all zeros (structural or values: in a
+    compiled graph the block can be a zeros tensor the forward made), [[A, G], [0, B]]:
+    its exponential's upper-right block, the integral of e^(sA) G e^((1-s)B) over s in [0, 1], is linear in G. So
+    per matrix of the batch, a G block of structural zeros gives a structurally zero upper-right block, exactly 0
+    whatever NaN/Inf A and B hold. matrix_exp's own backward has this form (PyTorch's
+    differential_analytic_matrix_function: [[A^H, g], [0, A^H]], its upper-right block kept), eager or in a
+    compiled graph. Elsewhere the output is fully supported."""
     x = args[0]
     out = func(*args, **kwargs)
     s = sup.of(x)
-    if s is None:
+    n = x.shape[-1] // 2
+    if s is None or x.shape[-1] != 2 * n or x.shape[-2] != 2 * n:
+        if s is not None:
+            _UNRULED.add(f"{func} (not a block triangular sensitivity)")
         sup.record(out, None)
         return out
-    n = x.shape[-1] // 2
-    if not (_in_formula() and _in_node(_MATRIX_EXP)) or x.shape[-1] != 2 * n or x.shape[-2] != 2 * n:
-        _UNRULED.add(f"{func} (outside matrix_exp's backward)")
+    triangular = ~mask_any(s[..., n:, :n] & (x[..., n:, :n] != 0), [-2, -1], keepdim=True)
+    dead = triangular & ~mask_any(s[..., :n, n:], [-2, -1], keepdim=True)
+    if not bool(dead.any()):
         sup.record(out, None)
         return out
     support = torch.ones(out.shape, dtype=torch.bool, device=out.device)
-    support[..., :n, n:] = mask_any(s[..., :n, n:], [-2, -1], keepdim=True)
+    support[..., :n, n:] = ~dead
     sup.record(_annihilate(out, support), support, fresh=True)
     return out
 

@@ -498,10 +498,10 @@ _register(aten._embedding_bag_backward, aten._embedding_bag_dense_backward)(_pla
 
 def _copy(func, args, kwargs, sup):
     """copy_(dst, src): dst's elements take src's support (the engine's and CopySlices' way to write a
-    gradient into a buffer)."""
+    gradient into a buffer); copy(dst, src), its functional form in AOTAutograd's graphs: a new tensor, the same."""
     out = func(*args, **kwargs)
     sup.record(out, sup.of(args[1]) if sup.tracked(args[1]) else None)
     return out
 
 
-_register(aten.copy_)(_copy)
+_register(aten.copy_, aten.copy)(_copy)
