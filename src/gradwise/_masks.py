@@ -19,6 +19,11 @@ def _one_slice(mask: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def inexact(t: torch.Tensor) -> bool:
+    """Floating-point or complex: a tensor that can hold NaN/Inf."""
+    return t.is_floating_point() or t.is_complex()
+
+
 def mask_any(mask: torch.Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False) -> torch.Tensor:
     """``mask.any()`` / ``mask.any(dim, keepdim)`` as a bool tensor."""
     if mask.numel() == 0:
@@ -45,6 +50,8 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     backward; the nonsmooth entry points their inputs, the trace and watch the gradients."""
     if not tensors:
         return True
+    # finite iff both parts are (a lazily conjugated tensor is resolved first: view_as_real refuses it)
+    tensors = [torch.view_as_real(t.resolve_conj()) if t.is_complex() else t for t in tensors]
     grad_mode = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)  # as torch.no_grad(), without its Python context manager (runs per backward)
     try:
@@ -52,16 +59,12 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
         if len(small) > _FEW:
             groups: dict[tuple, list[torch.Tensor]] = {}
             for t in small:
-                if t.is_complex():
-                    t = torch.view_as_real(t.resolve_conj())
                 groups.setdefault((t.dtype, t.device), []).append(t.reshape(-1))
             small_ids = {id(t) for t in small}
             tensors = [t for t in tensors if id(t) not in small_ids]
             tensors.extend(ts[0] if len(ts) == 1 else torch.cat(ts) for ts in groups.values())
         sums = []
         for t in tensors:
-            if t.is_complex():  # finite iff both parts are (a lazily conjugated one is resolved first)
-                t = torch.view_as_real(t.resolve_conj())
             total = t.sum(dtype=torch.float32) if t.dtype != torch.float32 else t.sum()
             if total.is_cpu:
                 if not math.isfinite(total.item()):

@@ -22,7 +22,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from gradwise._strong_zeros._supports import _Supports
 
@@ -58,13 +57,9 @@ def _masking(support: torch.Tensor) -> Any:
     def hook(grad: torch.Tensor | None) -> torch.Tensor | None:
         if grad is None:  # an undefined gradient (an output nothing differentiated)
             return None
-        masked = torch.where(support, grad, grad.new_zeros(()))
-        for mode in _get_current_dispatch_mode_stack():  # the strong pass of this backward (under any trace)
-            sup = getattr(mode, "supports", None)
-            if isinstance(sup, _Supports):  # structural there, not just 0
-                sup.record(masked, support)
-                break
-        return masked
+        # under the strong pass the zeros are structural: new_zeros in a backward makes structural zeros, and
+        # where's rule carries them into its output
+        return torch.where(support, grad, grad.new_zeros(()))
 
     return hook
 

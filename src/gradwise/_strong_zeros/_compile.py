@@ -44,7 +44,7 @@ rule table serves it.
 Traced backwards (AOTAutograd tracing the joint graph on fake tensors) are never inspected: ``_plan`` steps
 aside for them (``_traced``).
 
-May import: torch, and (inside functions, at call time) _compile_pass, _graph_forms, _supports, _rules,
+May import: torch, gradwise._masks, and (inside functions, at call time) _compile_pass, _graph_forms, _supports, _rules,
 _autograd_graph, _planning.
 """
 
@@ -59,6 +59,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from gradwise._masks import inexact
 
 __all__ = ["CompiledBackwardWarning", "compile_stats", "compiled_run", "strong_zero_pass"]
 
@@ -318,7 +320,7 @@ def _hybrid(strong: Callable[..., Any] | None, eager: Callable[..., Any], record
         if strong is not None:
             with _without_strong_mode():
                 out = _call(strong, list(flat))
-                finite = _all_finite([t for t in out if isinstance(t, torch.Tensor) and _inexact(t)])
+                finite = _all_finite([t for t in out if isinstance(t, torch.Tensor) and inexact(t)])
         if finite:
             record.took = True
             if record.keep:  # weakly: a gradient held here would make AccumulateGrad copy it instead of taking it
@@ -402,17 +404,13 @@ def _swapped(nodes: Sequence[Any], how: str, record: _Hybrid | None = None) -> I
                 meta.bw_donated_idxs = idxs
 
 
-def _inexact(t: torch.Tensor) -> bool:
-    return t.is_floating_point() or t.is_complex()
-
-
 def _holds_nonfinite(result: Any, leaves: Sequence[torch.Tensor]) -> bool:
     from gradwise._strong_zeros._planning import _all_finite
 
     if result is not None:
-        tensors = [r for r in result if isinstance(r, torch.Tensor) and _inexact(r)]
+        tensors = [r for r in result if isinstance(r, torch.Tensor) and inexact(r)]
     else:
-        tensors = [leaf.grad for leaf in leaves if leaf.grad is not None and _inexact(leaf.grad)]
+        tensors = [leaf.grad for leaf in leaves if leaf.grad is not None and inexact(leaf.grad)]
     return not _all_finite(tensors)
 
 

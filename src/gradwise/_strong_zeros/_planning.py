@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import torch
 
 from gradwise._masks import all_finite as _all_finite
+from gradwise._masks import inexact
 from gradwise._strong_zeros import _carry, _contract
 from gradwise._strong_zeros._autograd_graph import _root_nodes
 from gradwise._strong_zeros._node_facts import _NODE_TYPES, UNUSED_OUTPUTS, _node_type, _readable, covers
@@ -197,7 +198,7 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
             any(_readable(n) and test(n) for n, test in zero_outputs):
         return "strong"
     if saved:  # a seed's NaN/Inf matters only where a structural zero can meet it
-        saved.extend(t for t in seeds if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()))
+        saved.extend(t for t in seeds if isinstance(t, torch.Tensor) and inexact(t))
     if not _all_finite(saved):
         return "strong"
     return "plain" if known_all else "compiled" if only_compiled else "check"
@@ -220,7 +221,7 @@ def _read_saved(node: Any, read: tuple[str, ...], seen: set[tuple], saved: list[
                 readable = False
                 continue
             t = raw.data
-            if not isinstance(t, torch.Tensor) or not (t.is_floating_point() or t.is_complex()) or not t.numel():
+            if not isinstance(t, torch.Tensor) or not inexact(t) or not t.numel():
                 continue
             if t.layout != torch.strided or t.is_meta or t.is_nested or t.__class__ is not torch.Tensor:
                 _contract.check_saved(t)  # raises Unreadable for a kind it cannot read (the backward runs plain)

@@ -40,7 +40,8 @@ def lookup(func: Any) -> Rule | None:
 
 
 def _is_float(t: object) -> bool:
-    """A real floating-point dense tensor: what supports follow (a sparse result of a backward is not)."""
+    """A floating-point or complex dense tensor: what supports follow (a sparse result of a backward is not).
+    Written out rather than through gradwise._masks.inexact: every rule calls it per argument."""
     return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and t.layout == torch.strided
 
 

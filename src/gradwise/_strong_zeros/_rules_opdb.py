@@ -104,14 +104,10 @@ def _log(func, args, kwargs, sup):
     """log (no rule of its own: its output is fully supported). In complex logcumsumexp's backward its input
     is conj(g), kept with its support for the formula's exp."""
     g = args[0]
-    out = func(*args, **kwargs)
-    if sup.tracked(g):
-        if _in_formula() and g.is_complex() and _in_node(_LCSE):
-            _STASH.lcse = [g, sup.of(g).expand(g.shape), "complex"]
-        else:
-            _UNRULED.add(str(func))
-    sup.record(out, None)
-    return out
+    if sup.tracked(g) and _in_formula() and g.is_complex() and _in_node(_LCSE):
+        _STASH.lcse = [g, sup.of(g).expand(g.shape), "complex"]
+        return _run_unruled(func, args, kwargs, sup, None)
+    return _run_unruled(func, args, kwargs, sup, "a tracked input" if sup.tracked(g) else None)
 
 
 def _logcumsumexp_exp(func, args, kwargs, sup):
@@ -186,14 +182,11 @@ def _matrix_exp(func, args, kwargs, sup):
     differential_analytic_matrix_function: [[A^H, g], [0, A^H]], its upper-right block kept), eager or in a
     compiled graph. Elsewhere the output is fully supported."""
     x = args[0]
-    out = func(*args, **kwargs)
     s = sup.of(x)
     n = x.shape[-1] // 2
     if s is None or x.shape[-1] != 2 * n or x.shape[-2] != 2 * n:
-        if s is not None:
-            _UNRULED.add(f"{func} (not a block triangular sensitivity)")
-        sup.record(out, None)
-        return out
+        return _run_unruled(func, args, kwargs, sup, None if s is None else "not a 2n x 2n block matrix")
+    out = func(*args, **kwargs)
     triangular = ~mask_any(s[..., n:, :n] & (x[..., n:, :n] != 0), [-2, -1], keepdim=True)
     dead = triangular & ~mask_any(s[..., :n, n:], [-2, -1], keepdim=True)
     if not bool(dead.any()):

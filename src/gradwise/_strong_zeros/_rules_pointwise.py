@@ -13,7 +13,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from gradwise._masks import mask_any
-from gradwise._strong_zeros._rules import Rule, _annihilate, _in_formula, _is_float, _register
+from gradwise._strong_zeros._rules import Rule, _annihilate, _in_formula, _is_float, _register, _run_unruled
 from gradwise._strong_zeros._supports import _STATE, _Supports
 
 aten = torch.ops.aten
@@ -40,9 +40,7 @@ _register(aten.zeros, aten.zeros_like, aten.new_zeros, aten.scalar_tensor, aten.
 
 def _creates_values(func, args, kwargs, sup):
     """ones / ones_like / new_ones: values, every element nonzero (a tracked argument lends only its shape)."""
-    out = func(*args, **kwargs)
-    sup.record(out, None)
-    return out
+    return _run_unruled(func, args, kwargs, sup, None)
 
 
 _register(aten.ones, aten.ones_like, aten.new_ones)(_creates_values)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gradwise._masks import inexact as _inexact
 from gradwise._masks import mask_any
 from gradwise._trace import _kinds
 from gradwise._trace._store import count as _count
@@ -153,11 +154,6 @@ def _floats(out) -> list[torch.Tensor]:
     if isinstance(out, (list, tuple)):
         return [t for t in out if isinstance(t, torch.Tensor) and _inexact(t) and t.numel()]
     return []
-
-
-def _inexact(t: torch.Tensor) -> bool:
-    """Floating-point or complex: what can hold NaN/Inf."""
-    return t.is_floating_point() or t.is_complex()
 
 
 def _nonfinite(t: torch.Tensor) -> bool:
