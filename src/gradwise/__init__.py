@@ -4,6 +4,7 @@ Public API (see ``docs/`` for one page per capability)::
 
     gw.grad / gw.backward / gw.strong_zeros      values the output does not use cannot poison gradients
     gw.register_rule                             strong zeros through your own (custom / C++) ops
+    gw.mark_unused                               declare what an opaque kernel skips (RNN-T padding)
     gw.compile_stats / gw.CompiledBackwardWarning how compiled backwards ran under strong zeros (docs/compile.md)
     gw.trace / gw.explain                        where every NaN/Inf and every kink came from
     gw.watch                                     near-free until the first NaN/Inf gradient, then gw.trace
@@ -38,9 +39,11 @@ from gradwise._strong_zeros import (
     PlainBackwardWarning,
     RuleHandle,
     Supports,
+    UnusedReadError,
     backward,
     compile_stats,
     grad,
+    mark_unused,
     register_rule,
     strong_zeros,
     unruled_ops,
@@ -64,6 +67,7 @@ __all__ = [
     "Stationarity",
     "Subdifferential",
     "Supports",
+    "UnusedReadError",
     "backward",
     "compile_stats",
     "ddp_nonfinite_hook",
@@ -74,6 +78,7 @@ __all__ = [
     "generalized_grad",
     "grad",
     "gradcheck",
+    "mark_unused",
     "nonfinite_guard",
     "register_rule",
     "stationarity",

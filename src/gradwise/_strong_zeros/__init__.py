@@ -38,6 +38,7 @@ Modules (each imports only those above it in this list, plus torch and gradwise.
 ``_rules_attention`` rules for the fused attention backwards (sdpa) and their node facts.
 ``_rules_registry``  ``register_rule`` / ``Supports`` / ``RuleHandle``: rules for ops gradwise does not know.
 ``_rules_opdb``      rules for the backwards the op_db sweep and the reported cases found contaminated.
+``_unused``         ``mark_unused``: a forward declaration of elements nothing after it reads (opaque kernels).
 
 Other concerns (trace, watch, distributed, cli) import from this package's modules; nothing here imports them.
 """
@@ -69,6 +70,7 @@ from gradwise._strong_zeros._rules import _register as _register
 from gradwise._strong_zeros._rules import lookup as lookup
 from gradwise._strong_zeros._rules_registry import RuleHandle, Supports, register_rule
 from gradwise._strong_zeros._supports import _STATE as _STATE
+from gradwise._strong_zeros._unused import UnusedReadError, mark_unused
 
 __all__ = [
     "RULES",
@@ -77,9 +79,11 @@ __all__ = [
     "PlainBackwardWarning",
     "RuleHandle",
     "Supports",
+    "UnusedReadError",
     "backward",
     "compile_stats",
     "grad",
+    "mark_unused",
     "register_rule",
     "strong_zeros",
     "strong_zeros_process_wide",
