@@ -313,3 +313,44 @@ def test_under_torch_func_a_wrong_declaration_keeps_the_gradient():
     wrong = torch.func.vmap(torch.func.grad(lambda x: gw.mark_unused(x * 2, unused).sum()))(torch.ones(2, 3))
     assert torch.equal(right, torch.tensor([2.0, 0.0, 2.0]))
     assert torch.equal(wrong, torch.full((2, 3), 2.0))
+
+
+def test_the_trace_reads_the_declaration_as_the_discarding_op(stand_in_torchaudio):
+    """A plain backward under gw.trace(): behind the declaration every finding is contamination, discarded by
+    gw.mark_unused at the line that declared it; without it, the fix names the declaration."""
+    model, frames, tokens, targets, lengths = batch()
+    with gw.trace() as report:
+        gw_torchaudio.rnnt_loss(model(frames, tokens), targets, *lengths).backward()
+    assert report.findings and not report.of_kind("nan", "inf"), str(report)
+    here = __file__.rsplit("/", 1)[-1]
+    for f in report.of_kind("contamination"):
+        assert f.discarded_op == "gw.mark_unused" and here in f.discarded_location, str(report)
+    model.zero_grad()
+    with gw.trace() as report:
+        stand_in_torchaudio.rnnt_loss(model(frames, tokens), targets, *lengths).backward()
+    assert any("gw.mark_unused" in f.fix for f in report.of_kind("contamination")), str(report)
+
+
+def test_the_check_elementwise_and_per_broadcast_group():
+    """A full-shape declaration is checked per element; a broadcast one per group (one max-norm per row of
+    classes): a group whose gradient holds NaN counts as the kernel's own contamination, which it removes."""
+    x = torch.randn(3, 4, requires_grad=True)
+    full = torch.zeros(3, 4, dtype=torch.bool)
+    full[2, 1] = True
+    with pytest.raises(gw.UnusedReadError):
+        torch.autograd.grad(gw.mark_unused(x * 1, full).sum(), x)
+    y = gw.mark_unused(x * 1, torch.tensor([[False], [False], [True]]))
+    seed = torch.ones(3, 4)
+    seed[2] = torch.tensor([0.0, nan, 0.0, 0.0])  # the kernel's NaN in a row it did not read
+    (g,) = torch.autograd.grad(y, x, seed)
+    assert torch.equal(g, torch.tensor([[1.0] * 4, [1.0] * 4, [0.0] * 4]))
+
+
+def test_watch_explains_the_step_with_the_declaration(stand_in_torchaudio):
+    """gw.watch() explains the first non-finite step from its kept graph: the declaration's node is named there
+    too, so that step's findings are contamination as under gw.trace()."""
+    model, frames, tokens, targets, lengths = batch()
+    with gw.watch() as report:
+        gw_torchaudio.rnnt_loss(model(frames, tokens), targets, *lengths).backward()
+    assert report.findings and not report.of_kind("nan", "inf"), str(report)
+    assert all(f.discarded_op == "gw.mark_unused" for f in report.of_kind("contamination")), str(report)

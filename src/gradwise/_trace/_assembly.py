@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from gradwise._masks import all_finite
+from gradwise._strong_zeros import _unused
 from gradwise._trace import _causes, _kinds
 from gradwise._trace._advice import _GENUINE_FIX, _GRADIENT_FIX, _INPUT_FIX, _KINK_FIX, _SINGULAR_FIX, _UNDECIDED
 from gradwise._trace._common import _dist_rank, _fmt, _held, _inexact, _nonfinite, _positions, _source, aten
@@ -131,7 +132,9 @@ class _Assembly:
     def _contamination(self, inc: _Incident, birth: _Birth | None, via: _Birth | None = None) -> Finding:
         disc_op, disc_loc = inc.discarded if inc.discarded else (None, None)
         rewrite = _DISCARDS.get(getattr(aten, disc_op[5:], None)) if disc_op else None
-        if rewrite is None:
+        if disc_op == _unused.OP_NAME:
+            rewrite = "none needed, the elements are declared unused (gw.mark_unused)"
+        elif rewrite is None:
             rewrite = "mask the value before the op that makes NaN/Inf (e.g. before the division)"
         if disc_op is None:  # no op upstream discards values: the zero may be one the program computes
             return Finding(
@@ -142,7 +145,8 @@ class _Assembly:
                 born_location=_fmt(birth.loc) if birth else _fmt(inc.loc),
                 born=_born(birth, via) if birth else f"0/0 or 0 x Inf in {inc.op}, the backward of {inc.node_op}",
                 fix=f"if the zero stands for 'not used', gw.strong_zeros() removes it only where a discarding op "
-                    f"made it; otherwise {rewrite}")
+                    f"made it: a kernel that skipped these elements (an RNN-T loss past the lengths) can declare "
+                    f"them with gw.mark_unused(x, unused) before it; otherwise {rewrite}")
         born = _born(birth, via) if birth else \
             f"0/0 or 0 x Inf in {inc.op}, the backward of {inc.node_op} at {_fmt(inc.loc)}"
         return Finding(

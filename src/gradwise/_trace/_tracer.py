@@ -17,6 +17,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from gradwise import _strong_zeros
 from gradwise._modes import LeanDispatchMode
+from gradwise._strong_zeros import _unused
 from gradwise._trace import _common, _kinds
 from gradwise._trace._assembly import _Assembly
 from gradwise._trace._checking import _Checks
@@ -288,6 +289,8 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
                         ps.add(p)
                 if seq == _ACCUMULATE_SEQ:
                     self._accumulate(node, [t for t, _ in found])
+                elif seq not in self.nodes and node.name() == _unused.NODE_NAME:  # gw.mark_unused discards
+                    self.nodes[seq] = _Node(_unused.OP_NAME, getattr(node, "declared_at", ("<unknown>", 0)))
                 else:
                     nd = self.nodes.get(seq)
                     if nd is not None and nd.kinks:
