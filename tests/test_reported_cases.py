@@ -24,7 +24,6 @@ pytestmark = pytest.mark.filterwarnings(r"ignore:index_reduce\(\) is in beta:Use
 KNOWN = {
     # contamination: backward ops without a rule, or a limit written down in docs/strong-zeros-design.md
     # nonsmooth: a clear NonsmoothError or an undecided certificate instead of an answer
-    "lasso-13d-at-zero-optimum": "13 tied kinks exceed MAX_KINKS: sampled directions leave it undecided",
     "row-norms-with-a-zero-row": "a norm at 0 is a continuum of pieces: stationarity is sampled, undecided",
     "sqrt-of-square-at-zero": "sqrt at 0 raises (singular); use linalg.vector_norm",
     "max-eigenvalue-repeated": "an eigenvalue cluster is a continuum of pieces: stationarity is sampled, "

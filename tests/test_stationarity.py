@@ -47,12 +47,17 @@ def test_inactive_branch_combinations_are_not_pieces():
     assert sd.exact and [float(e[0]) for e in sd.elements] == [1.0]
 
 
-def test_sampling_beyond_the_enumeration_budget_never_claims_false():
+def test_sampling_beyond_the_enumeration_budget_claims_false_only_with_a_proof():
     x = torch.zeros(20)  # 20 kinks: more than enumerated exactly
     cert = gw.stationarity(lambda x: (x.abs() + 0.5 * x).sum(), x)
     assert not cert.exact and cert.stationary in (True, None)
-    cert = gw.stationarity(lambda x: (x.abs() + 2 * x).sum(), x)  # truly not stationary, but unproven
-    assert cert.stationary is None and cert.min_norm > 0
+    f = lambda x: (x.abs() + 2 * x).sum()  # truly not stationary: proved by the interval bound (_bound.py)
+    cert = gw.stationarity(f, x)
+    assert not cert.exact and cert.stationary is False and 1e-6 < cert.lower_bound <= cert.min_norm
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):  # gradients at nearby differentiable points (whose limits are generalized gradients)
+        near = (1e-6 * torch.randn(20, generator=gen)).requires_grad_()
+        assert cert.lower_bound <= float(torch.autograd.grad(f(near), near)[0].norm()) + 1e-5
 
 
 def test_near_ties_are_reported():
@@ -113,6 +118,14 @@ def test_many_ties_not_stationary_is_proved_by_the_shared_part():
 
 
 def test_undecided_when_no_bound_decides():
-    """max(a, 2a) at 0: the pieces 1 and 2 (least norm 1). Sampled, with no input outside the ties: None."""
-    cert = gw.stationarity(lambda a: torch.maximum(a, 2 * a).sum(), torch.zeros(1, dtype=torch.float64), samples=4)
+    """relu(a) - relu(-a) is a: least norm 1. Sampled, with no input outside the ties, and the interval bound
+    blind to the two relus moving together (each [0, 1] wide): None."""
+    cert = gw.stationarity(lambda a: (torch.relu(a) - torch.relu(-a)).sum(), torch.zeros(1, dtype=torch.float64),
+                           samples=4)
     assert cert.stationary is None and cert.lower_bound == 0.0 and cert.min_norm >= 1.0 - 1e-12
+
+
+def test_sampled_ties_decided_by_the_interval_bound():
+    """max(a, 2a) at 0, sampled: the pieces 1 and 2 bound the derivative along any w > 0 by w: proved False."""
+    cert = gw.stationarity(lambda a: torch.maximum(a, 2 * a).sum(), torch.zeros(1, dtype=torch.float64), samples=4)
+    assert cert.stationary is False and cert.lower_bound == pytest.approx(1.0) and not cert.exact

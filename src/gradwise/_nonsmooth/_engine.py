@@ -238,19 +238,21 @@ _LAST_TIE: OrderedDict[object, int] = OrderedDict()
 _LAST_TIE_SIZE = 256
 
 
-def _locked_grad(f, xs, single, seed, run_kw=None):
+def _locked_grad(f, xs, single, seed, run_kw=None, direction=None):
     """A generalized gradient. A tangent-free pass finds the kinks, building the graph with provisional
     branches; without ties that graph is the answer. With ties, f runs again along a random direction, stopping
     after the last tie; the branches it ranks are written into the first pass's lock tensors (saved indices and
     masks), then one reverse pass. If f's previous call tied, the first pass carries the direction's tangents up
     to where its last tie was, ranking those ties itself. Comparisons and norms at 0 (whose branch changes more
     than a saved index) take a full pass along the direction instead. The direction is drawn from ``seed`` over
-    every input, so the result does not depend on which pass ranks.
+    every input, so the result does not depend on which pass ranks; ``direction`` replaces it (the further
+    directions that break remaining ties are still drawn from ``seed``).
     """
+    draw = _random_direction if direction is None else _given(direction)
     run_kw = {**(run_kw or {}), "top_only": True}  # only the gradient leaves: rules may rank what ops return
     memo = getattr(f, "__code__", None)
     carry = _LAST_TIE.get(memo, -1) if memo is not None else -1
-    d, gen = _random_direction(xs, seed) if carry >= 0 else (None, None)  # drawn only when needed
+    d, gen = draw(xs, seed) if carry >= 0 else (None, None)  # drawn only when needed
     probe = _Run(**run_kw)
     _, primals, leaves, mode = _run(f, xs, single, d, probe, True, strip_after=carry if d else None, detect=True)
     y = _scalar(primals[0][0])
@@ -261,7 +263,7 @@ def _locked_grad(f, xs, single, seed, run_kw=None):
         if len(_LAST_TIE) > _LAST_TIE_SIZE:
             _LAST_TIE.popitem(last=False)
     if probe.kinks and d is None:
-        d, gen = _random_direction(xs, seed)
+        d, gen = draw(xs, seed)
     if probe.kinks and not lockable:
         return _full_pass_grad(f, xs, single, d, gen, run_kw, mode.used_at_tie, mode.last_tie)
     if not all(k.tangent for k in probe.kinks):
@@ -283,6 +285,15 @@ def _locked_grad(f, xs, single, seed, run_kw=None):
             k.choice = choices[k.call].choice
     _ctx.check_functions(y, _user_line())
     return _grads(y, leaves, xs), probe, y.detach()
+
+
+def _given(direction):
+    """A direction drawer that returns ``direction`` (and ``seed``'s generator, for further directions)."""
+
+    def draw(xs, seed):
+        return tuple(v.to(x.dtype) for v, x in zip(direction, xs, strict=True)), _random_direction(xs, seed)[1]
+
+    return draw
 
 
 def _full_pass_grad(f, xs, single, d, gen, run_kw, used: set[int], strip_after: int | None):

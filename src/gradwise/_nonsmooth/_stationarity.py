@@ -12,8 +12,8 @@ The least-norm point of the hull comes from non-negative least squares (``scipy.
 min_{mu >= 0} ||G^T mu||^2 + (1 - 1^T mu)^2 has solution mu = lambda / (1 + r^2), lambda the least-norm
 weights and r the least norm, so lambda = mu / sum(mu) exactly.
 
-May import: torch, numpy, scipy, ``_contexts``, ``_records``, ``_engine``. scipy is imported where it is first
-used, not with gradwise: it costs ~0.4 s, and with scipy loaded a 2-rank gloo FSDP2 run aborts at exit
+May import: torch, numpy, scipy, ``_contexts``, ``_records``, ``_engine``, ``_bound``. scipy is imported where it is
+first used, not with gradwise: it costs ~0.4 s, and with scipy loaded a 2-rank gloo FSDP2 run aborts at exit
 ("terminate called without an active exception") about 1 time in 12 on torch 2.13 CPU (without gradwise too).
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from gradwise._nonsmooth import _contexts as _ctx
+from gradwise._nonsmooth._bound import lower_bound
 from gradwise._nonsmooth._engine import _as_inputs, _check_no_jump, _locked_grad, _random_direction, _run, _scalar
 from gradwise._nonsmooth._records import Kink, NearKink, _Run
 
@@ -276,7 +277,9 @@ def stationarity(f: Callable, inputs, *, atol: float = 1e-6, samples: int | None
     """Is 0 a Clarke generalized gradient of scalar f at ``inputs``? A certificate, see `Stationarity`.
 
     ``stationary`` is True when the least-norm point of the generalized gradients found is within ``atol`` of
-    0; False only when every active piece was enumerated (or f is differentiable there); None otherwise.
+    0; False when every active piece was enumerated (or f is differentiable there), or when a proved lower bound
+    on the least norm exceeds ``atol`` (with sampled pieces: the part every piece shares, or interval tangents
+    along the least-norm point found, refined by Frank-Wolfe steps; docs/nonsmooth.md); None otherwise.
     Exact ties only count as kinks; ``near_kinks`` lists elements within ``near_tol`` of one, where a tiny
     move changes the answer (pass ``tie_tol`` to treat them as ties).
 
@@ -290,6 +293,8 @@ def stationarity(f: Callable, inputs, *, atol: float = 1e-6, samples: int | None
     element = sd.min_norm_element()
     norm = float(_flat(element).norm())
     bound = norm if sd.exact else _fixed_part_norm(sd)
+    if not sd.exact and tie_tol == 0 and bound <= atol < norm < math.inf:
+        sd, element, norm, bound = _refine(f, inputs, sd, element, norm, bound, atol, seed)
     if not math.isfinite(norm):
         verdict = None
     elif norm <= atol:
@@ -297,6 +302,39 @@ def stationarity(f: Callable, inputs, *, atol: float = 1e-6, samples: int | None
     else:
         verdict = False if sd.exact or bound > atol else None
     return Stationarity(verdict, norm, sd.kinks, sd.near_kinks, sd.exact, element, sd, bound)
+
+
+MAX_REFINE = 8  # interval bounds tried along successive least-norm points of the sampled pieces
+
+
+def _refine(f, inputs, sd: Subdifferential, element, norm: float, bound: float, atol: float, seed):
+    """Sampled pieces left the answer open: bound every piece's derivative along the least-norm point w of the
+    pieces found (``_bound.lower_bound``, interval tangents). While that proves nothing, add the piece that the
+    branches with the least tangent along w make (a generalized gradient along -w: a Frank-Wolfe step of the
+    least-norm problem) and try again along the new least-norm point. Returns (subdifferential, element, least
+    norm found, lower bound)."""
+    xs, single = _as_inputs(inputs)
+    elements = list(sd.elements)
+    base = 0 if seed is None else seed
+    for step in range(MAX_REFINE):
+        interval = lower_bound(f, xs, single, element)
+        if interval is None:
+            break
+        bound = max(bound, min(interval, norm))  # (a sub-hull's least norm is at least the true one)
+        if bound > atol:
+            break
+        w = _flat(element)
+        piece = _locked_grad(f, xs, single, base + 1_000_003 + step, {},
+                             direction=tuple(-e.detach() for e in element))[0]
+        if float(_flat(piece) @ w) >= float(w @ w) * (1 - 1e-12):  # no piece below the current point along w
+            break
+        elements.append(piece)
+        sd = Subdifferential(elements, False, sd.kinks, sd.near_kinks, sd.fixed)
+        element = sd.min_norm_element()
+        norm = float(_flat(element).norm())
+        if norm <= atol:  # the pieces found now hold a point within atol of 0: stationary, proved
+            break
+    return sd, element, norm, bound
 
 
 def _fixed_part_norm(sd: Subdifferential) -> float:
