@@ -140,14 +140,40 @@ def test_last_layer_max_pool_ties_bounded_by_nearby_gradients():
 def test_loose_or_absent_never_false():
     """relu(x) - relu(-x) is x: its least norm is 1, but the intervals of the two relus (each [0, 1] wide) do not
     know they move together: the bound is 0 and sampling decides nothing. An op without an interval rule at its
-    kink (sort at a tie) and an in-place write give no bound at all."""
+    kink (sort at a tie) and a view read after an in-place write to its base give no bound at all."""
     x = torch.zeros(3, dtype=f64)
     ones = (torch.ones(3, dtype=f64),)
     assert lower_bound(lambda x: (torch.relu(x) - torch.relu(-x)).sum(), (x,), True, ones) == 0.0
     cert = gw.stationarity(lambda x: (torch.relu(x) - torch.relu(-x)).sum(), torch.zeros(20, dtype=f64))
     assert cert.stationary is None
     assert lower_bound(lambda x: (x.sort().values * torch.arange(3.0, dtype=f64)).sum(), (x,), True, ones) is None
-    assert lower_bound(lambda x: (x * 2).relu_().sum(), (x,), True, ones) is None
+
+    def stale(x):  # a view taken before an in-place write: its interval is stale
+        y = x * 2
+        v = y[:2]
+        y.relu_()
+        return v.sum()
+
+    assert lower_bound(stale, (x,), True, ones) is None
+
+
+def test_in_place_ops_bound_as_their_out_of_place_forms():
+    """nn.ReLU(inplace=True) and a residual ``out += identity`` (resnets): the same bound as written out of place."""
+    x = torch.zeros(3, dtype=f64)
+    w = (torch.tensor([1.0, 2.0, -0.5], dtype=f64),)
+
+    def in_place(x):
+        y = torch.maximum(x, 2 * x)
+        y.relu_()
+        y += x
+        return y.mul_(3).sum()
+
+    def out_of_place(x):
+        return ((torch.maximum(x, 2 * x).relu() + x) * 3).sum()
+
+    bound = lower_bound(in_place, (x,), True, w)
+    assert bound is not None and bound > 0
+    assert bound == lower_bound(out_of_place, (x,), True, w)
 
 
 @pytest.mark.parametrize("f", [

@@ -12,8 +12,9 @@ their coefficients (``|J| r``), a superset whatever branch the other ties take. 
 
 ``lower_bound(f, xs, w)`` returns that bound (0.0 where the interval holds 0), or None where some op of f has
 no interval rule (``INTERVAL_RULES``, keyed by aten op; pointwise ops take their own derivative, and at a kink
-need a rule of their own), writes in place into a tensor whose interval is then unknown, or fails: never a
-bound it cannot prove. ``stationarity`` tries it with w the least-norm element of the pieces it sampled.
+need a rule of their own; an in-place op takes its out-of-place form's), reads a tensor written in place since
+its interval was set (a stale view), or fails: never a bound it cannot prove. ``stationarity`` tries it with w
+the least-norm element of the pieces it sampled.
 
 May import: torch, gradwise._ops (the shared kink facts: where an op sits at its kink), ``_contexts``.
 """
@@ -58,13 +59,16 @@ class _Intervals:
         if entry is None:
             return None
         c, r, version = entry
-        if t._version != version:  # written in place since (or through a view): the interval is stale
+        if version is None:  # set by an in-place op, whose version bump comes after its handler returns
+            self._of[t] = (c, r, t._version)
+        elif t._version != version:  # written in place since (or through a view): the interval is stale
             raise _Unbounded(f"an in-place write to a tensor of the pass ({tuple(t.shape)})")
         return c, r
 
-    def set(self, t: Tensor, interval: Interval) -> None:
+    def set(self, t: Tensor, interval: Interval, written: bool = False) -> None:
+        """``written``: t is an in-place op's output, its version read at the next use."""
         c, r = interval
-        self._of[t] = (c.to(t.dtype).expand(t.shape), r.to(t.dtype).expand(t.shape), t._version)
+        self._of[t] = (c.to(t.dtype).expand(t.shape), r.to(t.dtype).expand(t.shape), None if written else t._version)
 
 
 def _floats(args: Sequence) -> tuple[list, list[int]]:
@@ -369,10 +373,10 @@ class _IntervalMode(TorchDispatchMode):
         carried = [t for t in flat if isinstance(t, Tensor) and self.iv.get(t) is not None]
         if not carried:
             return func(*args, **kwargs)
-        if func._schema.is_mutable:
-            raise _Unbounded(f"{func} writes in place")
         if kwargs.get("out") is not None:
             raise _Unbounded(f"{func} with out=")
+        if func._schema.is_mutable:
+            return self._in_place(func, args, kwargs)
         out = func(*args, **kwargs)
         outs = out if isinstance(out, (tuple, list)) else (out,)
         if any(isinstance(o, Tensor) and o.is_complex() for o in outs):
@@ -387,6 +391,22 @@ class _IntervalMode(TorchDispatchMode):
                     raise _Unbounded(f"{func}: no interval for one of its outputs")
                 self.iv.set(o, interval)
         return out
+
+    def _in_place(self, func, args, kwargs):
+        """``op_(x, ...)`` (nn.ReLU(inplace=True), a residual ``out += identity``): the interval of its out-of-place
+        form, computed before x is written, becomes x's. Tensors that alias x (views) go stale with its version."""
+        name = func.overloadpacket.__name__
+        packet = getattr(aten, name[:-1], None) if name.endswith("_") else None
+        functional = getattr(packet, func._overloadname, None) if packet is not None else None
+        if functional is None or not isinstance(args[0], Tensor) or not args[0].is_floating_point():
+            raise _Unbounded(f"{func} writes in place")
+        out = functional(*args, **kwargs)
+        interval = self._rule(functional, args, kwargs, out)
+        func(*args, **kwargs)
+        if isinstance(interval, list) or interval is None:
+            raise _Unbounded(f"{func}: no interval for the tensor it writes")
+        self.iv.set(args[0], interval, written=True)
+        return args[0]
 
     def _rule(self, func, args, kwargs, out):
         packet = func.overloadpacket
