@@ -24,15 +24,16 @@ def _flat(t) -> torch.Tensor:
 
 def _random_composition(seed: int):
     """A random small f at a point where every hidden unit ties: relu, abs, a maximum of two or three units, an
-    amax or overlapping max-pool windows at 0, then a linear layer, plus a smooth term of x (few enough tied
-    elements to enumerate exactly)."""
+    amax, overlapping max-pool windows, or a relu after a layer norm (of a symmetric vector: its middle element
+    is 0) at 0, then a linear layer, plus a smooth term of x (few enough tied elements to enumerate exactly)."""
     gen = torch.Generator().manual_seed(seed)
     k, h = 3, int(torch.randint(2, 5, (), generator=gen))
     a = torch.randn(h, k, generator=gen, dtype=f64)
     b = torch.randn(h, k, generator=gen, dtype=f64)
     v = torch.randn(h, generator=gen, dtype=f64)
     c = torch.randn(k, generator=gen, dtype=f64)
-    kind = int(torch.randint(0, 5, (), generator=gen))
+    kind = int(torch.randint(0, 6, (), generator=gen))
+    base = torch.linspace(-1.0, 1.0, h, dtype=f64)  # symmetric: its layer norm has an exact 0 when h is odd
 
     def f(x):
         y = a @ x
@@ -44,6 +45,8 @@ def _random_composition(seed: int):
             act = torch.maximum(y, b @ x)
         elif kind == 3:
             act = torch.stack([y, b @ x, -y]).amax(0)
+        elif kind == 5:
+            act = torch.relu(torch.nn.functional.layer_norm(base + y, (h,), 1 + b[:, 0], b[:, 1]))
         else:  # overlapping windows of 2 along the units
             act = torch.nn.functional.max_pool2d(torch.stack([y, b @ x]).view(1, 1, 2, h), (2, 2), 1).reshape(-1)
             return (v[: h - 1] * act).sum() + (c * x).sum() + 0.5 * (x * x).sum()

@@ -154,6 +154,30 @@ def _batch_norm_eval(func, args, kwargs, out, iv: _Intervals) -> list:
     return [_pointwise(func, args, kwargs, out, iv), *zeros]
 
 
+def _layer_norm(func, args, kwargs, out, iv: _Intervals) -> list:
+    """native_layer_norm(x, shape, weight, bias, eps) -> (y, mean, rstd), over the last len(shape) dims. With
+    xh = (x - mean) rstd: dxh = rstd (dx - mean(dx) - xh mean(xh dx)), so |J| r <= rstd (r + mean(r) +
+    |xh| mean(|xh| r)), times |weight|; the weight moves y by xh, the bias by 1; |d rstd| <= rstd^2 mean(|xh| r)."""
+    x, weight, bias = args[0], args[2], args[3]
+    dims = list(range(x.dim() - len(args[1]), x.dim()))
+    _, mean, rstd = out
+    zero = torch.zeros_like(x)
+    rx = (iv.get(x) or (zero, zero))[1]
+    xh = (x - mean) * rstd
+    mean_r = rx.mean(dims, keepdim=True)
+    spread = (xh.abs() * rx).mean(dims, keepdim=True)
+    r = rstd * (rx + mean_r + xh.abs() * spread)
+    if isinstance(weight, Tensor):
+        r = r * weight.abs()
+        if iv.get(weight) is not None:
+            r = r + xh.abs() * iv.get(weight)[1]
+    if isinstance(bias, Tensor) and iv.get(bias) is not None:
+        r = r + iv.get(bias)[1]
+    got = _carried(args, iv)
+    centers = [_jvp(func, args, kwargs, {i: v[0] for i, v in got.items()}, k) for k in range(3)]
+    return [(centers[0], r), (centers[1], mean_r), (centers[2], rstd * rstd * spread)]
+
+
 def _constant(func, args, kwargs, out, iv: _Intervals):
     """Outputs that are no function of the inputs' values (zeros_like, full_like, ...) and detach (autograd's
     constant): tangent 0."""
@@ -345,6 +369,7 @@ _register(_nonneg_linear, aten.clone, aten.contiguous, aten._to_copy, aten.cat, 
           aten.lift_fresh, aten.alias, aten.copy, aten.embedding)
 _register(_nll_loss, aten.nll_loss_forward)
 _register(_batch_norm_eval, aten.native_batch_norm, aten._native_batch_norm_legit_no_training)
+_register(_layer_norm, aten.native_layer_norm)
 _register(_constant, aten.detach, aten.zeros_like, aten.ones_like, aten.full_like, aten.empty_like,
           aten.new_zeros, aten.new_ones, aten.new_full, aten.new_empty, aten.empty_strided, aten.new_empty_strided)
 _register(_mm, aten.mm, aten.bmm, aten.mv, aten.dot)
