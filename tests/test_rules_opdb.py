@@ -111,6 +111,19 @@ def test_segment_reduce_dropped_segment(reduce):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("reduce", ["sum", "mean", "max", "min", "prod"])
+def test_segment_reduce_finite_data_is_pytorchs(reduce):
+    """Finite data with no structural zero reaching the op (an empty segment, negative values): PyTorch's
+    gradient bitwise. prod's backward weights (the product of the others) are values, not a placement's: read
+    as one, its negative weights became structural zeros (found by the slow op_db sweep)."""
+    torch.manual_seed(0)
+    data = torch.randn(5, 3, dtype=f64, requires_grad=True)
+    out = torch.segment_reduce(data, reduce, lengths=torch.tensor([0, 1, 2, 2]), axis=0, initial=1)
+    seed = torch.randn_like(out)
+    expected = torch.autograd.grad(out, data, seed, retain_graph=True)[0]
+    assert torch.equal(gw.grad(out, data, seed)[0], expected)
+
+
 @pytest.mark.parametrize("layers", [1, 2])
 def test_float32_lstm_padded_steps_selected(layers):
     """oneDNN's fused LSTM backward (float32 on CPU): NaN padding steps selected away. The reference runs each

@@ -20,7 +20,7 @@ aten = torch.ops.aten
 
 
 CountArgs = Callable[[tuple, int, list[int]], Callable[[list], list]]
-Restrict = Callable[[tuple, int, torch.Tensor], "list | None"]
+Restrict = Callable[[tuple, int, torch.Tensor, "torch.Tensor | None"], "tuple[list, bool | None] | None"]
 Meets = Callable[[Any, tuple, int, torch.Tensor, list[int]], bool]
 
 
@@ -70,10 +70,12 @@ def _mm_nonfinite_k(args: tuple, slot: int, dirty: list[int]) -> Callable[[list]
     return lambda new: [new[0].index_select(-1, k), new[1].index_select(-2, k)]
 
 
-def _mm_supported_k(args: tuple, slot: int, s: torch.Tensor) -> list | None:
+def _mm_supported_k(args: tuple, slot: int, s: torch.Tensor, finite_k: torch.Tensor | None = None
+                    ) -> tuple[list, bool | None] | None:
     """mm/bmm: a contraction index k at which the sensitivity holds only structural zeros contributes
     nothing, so dropping it from both operands is exact. This is how a batch's padding rows leave a weight
-    gradient without a copy when they form a range. None when every k is supported."""
+    gradient without a copy when they form a range. None when every k is supported; else the operands kept and,
+    from ``finite_k`` (per k, whether the value is finite there: `_mm_finite_k`), whether the kept value is."""
     kept = mask_any(s, -2) if slot == 0 else mask_any(s, -1)  # sensitivity a: (.., M, K); sensitivity b: (.., K, N)
     kept = mask_any(kept.reshape(-1, kept.shape[-1]), 0)
     k = kept.nonzero().squeeze(1)
@@ -82,8 +84,21 @@ def _mm_supported_k(args: tuple, slot: int, s: torch.Tensor) -> list | None:
         return None
     if n == 0 or int(k[-1]) - int(k[0]) + 1 == n:
         start = int(k[0]) if n else 0
-        return [args[0].narrow(-1, start, n), args[1].narrow(-2, start, n)]
-    return [args[0].index_select(-1, k), args[1].index_select(-2, k)]
+        clean = None if finite_k is None else bool(finite_k.narrow(-1, start, n).all())
+        return [args[0].narrow(-1, start, n), args[1].narrow(-2, start, n)], clean
+    clean = None if finite_k is None else bool(finite_k.index_select(-1, k).all())
+    return [args[0].index_select(-1, k), args[1].index_select(-2, k)], clean
+
+
+def _mm_finite_k(args: tuple, slot: int) -> torch.Tensor:
+    """mm/bmm: per contraction index k (and batch), whether the value operand is finite there, from one sum
+    over its other dim (a finite sum: no NaN/Inf went in; an overflow reads as not finite, the exact path's
+    case). The same one pass as a whole-tensor sum, and the restricted operand's test is then free."""
+    value = args[1 - slot]
+    dim = -1 if slot == 0 else -2  # value b: (.., K, N); value a: (.., M, K)
+    if value.is_complex():
+        return value.sum(dim).isfinite()
+    return value.sum(dim, dtype=torch.float64 if value.dtype == torch.float64 else torch.float32).isfinite()
 
 
 def _conv_counted_outputs(args: tuple, slot: int, dirty: list[int]) -> Callable[[list], list]:
@@ -138,14 +153,17 @@ def _finite(t: torch.Tensor) -> bool:
 
 def _bilinear(support_fn: Callable[[Any, tuple, int, torch.Tensor], Any], count_args: CountArgs = _all_args,
               restrict: Restrict | None = None, meets: Meets | None = None,
-              own_zeros: Callable[[Any, tuple], Any] | None = None) -> Rule:
+              own_zeros: Callable[[Any, tuple], Any] | None = None,
+              finite_k: Callable[[tuple, int], torch.Tensor] | None = None) -> Rule:
     """Rule factory for ops bilinear in a sensitivity and a value (mm, bmm, convolution backward). When a
     value holds NaN/Inf: first drop what only structural zeros read (``restrict``); if what remains is finite,
     that is the answer. Otherwise the values' NaN/Inf are replaced by 0 for the main computation, and unless
     ``meets`` shows no supported term reaches one, the NaN/Inf that supported terms really meet are counted
     with 0/1 indicators and added back: unsupported terms contribute exactly 0 and every genuine NaN/Inf
     survives. ``support_fn(func, args, slot, s)`` gives the outputs' supports; ``own_zeros(func, args)``
-    those of an op that makes structural zeros from a fully supported sensitivity (a strided convolution)."""
+    those of an op that makes structural zeros from a fully supported sensitivity (a strided convolution);
+    ``finite_k(args, slot)`` the value's finiteness per contraction index, which also decides the restricted
+    operand's."""
 
     def bilinear(func, args, kwargs, sup):
         slots = [i for i, a in enumerate(args) if _is_float(a)]
@@ -163,7 +181,11 @@ def _bilinear(support_fn: Callable[[Any, tuple, int, torch.Tensor], Any], count_
         slot = tracked[0]
         s = sup.of(args[slot])
         values = [i for i in slots if i != slot]
-        dirty = [i for i in values if not _finite(args[i])]
+        per_k = finite_k(args, slot) if finite_k is not None and values == [1 - slot] else None
+        if per_k is not None:
+            dirty = [] if bool(per_k.all()) else values
+        else:
+            dirty = [i for i in values if not _finite(args[i])]
         if dirty:
             # lazily conjugated (or negated) operands are resolved first: inside a dispatch mode's handler, the ops
             # below that PyTorch's Conjugate/Negative fallbacks would materialise for (index_select, nan_to_num,
@@ -171,9 +193,11 @@ def _bilinear(support_fn: Callable[[Any, tuple, int, torch.Tensor], Any], count_
             args = tuple(a.resolve_conj().resolve_neg() if isinstance(a, torch.Tensor) else a for a in args)
         out = None
         if dirty and restrict is not None:
-            kept = restrict(args, slot, s)
-            if kept is not None and all(_finite(kept[i]) for i in dirty):
-                out = func(*kept, **kwargs)
+            restricted = restrict(args, slot, s, per_k)
+            if restricted is not None:
+                kept, clean = restricted
+                if clean if clean is not None else all(_finite(kept[i]) for i in dirty):
+                    out = func(*kept, **kwargs)
         if out is None and not dirty:
             out = func(*args, **kwargs)
         elif out is None:
@@ -236,7 +260,8 @@ def _conv_backward_support(func, args, slot, s):
     return (_one_channel_conv(func, args, s, args[1][:, :1], 0) > 0, None, None)
 
 
-_register(aten.mm, aten.bmm)(_bilinear(_mm_support, _mm_nonfinite_k, restrict=_mm_supported_k))
+_register(aten.mm, aten.bmm)(_bilinear(_mm_support, _mm_nonfinite_k, restrict=_mm_supported_k,
+                                       finite_k=_mm_finite_k))
 _register(aten.mv)(_bilinear(_mv_support))
 
 

@@ -141,9 +141,11 @@ def _segment_reduce_backward(func, args, kwargs, sup):
     reduce = args[3] if len(args) > 3 else kwargs.get("reduce")
     if reduce not in ("sum", "mean", "max", "min", "prod") or _tracked_slots(args, sup) not in ([], [0]):
         return _run_unruled(func, args, kwargs, sup, "a tracked value" if sup.tracked(args[0]) else None)
-    if reduce != "prod" or not sup.tracked(args[0]):
+    if reduce != "prod":
         return _placement(func, args, kwargs, sup)
     out = func(*args, **kwargs)
+    if not sup.tracked(args[0]):  # no structural zero in: none out (prod's weights are values, no placement)
+        return out
     s = sup.of(args[0])
     as_sum = [s.to(args[0].dtype), *args[1:]]
     as_sum[3] = "sum"  # a sum's backward spreads each segment's sensitivity over its elements (data unread)
