@@ -322,6 +322,33 @@ def _extreme(func, args, kwargs, out, iv):
     return hull
 
 
+def _sorted(func, args, kwargs, out, iv):
+    """sort / topk values: each position's tangent is that of one element equal to its value (the hull over
+    every element of the row with that value: at the k-th place of topk, tied ones left out included)."""
+    packet = func.overloadpacket
+    x = args[0]
+    if packet is aten.topk:
+        k, dim = args[1], args[2] if len(args) > 2 else kwargs.get("dim", -1)
+        largest = args[3] if len(args) > 3 else kwargs.get("largest", True)
+        if not (args[4] if len(args) > 4 else kwargs.get("sorted", True)):
+            raise _Unbounded("topk(sorted=False): its order is unspecified")
+    else:
+        k, dim = None, args[1] if len(args) > 1 else kwargs.get("dim", -1)
+        largest = args[2] if len(args) > 2 else kwargs.get("descending", False)
+    c, r = iv.get(x)
+    xm, cm, rm = (t.movedim(dim, -1) for t in (x, c, r))
+    vals, perm = torch.sort(xm, dim=-1, descending=bool(largest), stable=True)
+    lo, hi = (cm - rm).gather(-1, perm), (cm + rm).gather(-1, perm)
+    group = torch.cat([torch.zeros_like(vals[..., :1], dtype=torch.long),
+                       (vals[..., 1:] != vals[..., :-1]).long().cumsum(-1)], -1)  # runs of equal values
+    lo = torch.full_like(lo, math.inf).scatter_reduce(-1, group, lo, "amin").gather(-1, group)
+    hi = torch.full_like(hi, -math.inf).scatter_reduce(-1, group, hi, "amax").gather(-1, group)
+    if k is not None:
+        lo, hi = lo[..., :k], hi[..., :k]
+    center, radius = ((lo + hi) / 2).movedim(-1, dim), ((hi - lo) / 2).movedim(-1, dim)
+    return [(center, radius), None]
+
+
 def _max_pool2d(func, args, kwargs, out, iv):
     """max_pool2d_with_indices: each output's tangent is one tied window element's (unfolded windows)."""
     x = args[0]
@@ -383,6 +410,7 @@ _KINK_RULES = {aten.relu: _zero_branch, aten.clamp: _zero_branch, aten.clamp_min
                aten.abs: _abs, aten.maximum: _max_min_pair, aten.minimum: _max_min_pair}
 _register(_extreme, aten.amax, aten.amin, aten.max, aten.min)
 _register(_max_pool2d, aten.max_pool2d_with_indices)
+_register(_sorted, aten.sort, aten.topk)
 
 
 class _IntervalMode(TorchDispatchMode):
@@ -463,8 +491,10 @@ def lower_bound(f: Callable, xs: tuple[Tensor, ...], single: bool, w: tuple[Tens
     """A proved lower bound on the least norm of f's Clarke subdifferential at ``xs`` from the tangent interval
     along ``w`` (see the module docstring); 0.0 where that interval holds 0, None where f cannot be bounded."""
     norm = math.sqrt(sum(float(d.double().square().sum()) for d in w))
-    if not norm or not math.isfinite(norm):
+    if not math.isfinite(norm):
         return None
+    if norm == 0:  # no direction: the trivial bound
+        return 0.0
     mode = _IntervalMode()
     inputs = tuple(x.detach().clone() for x in xs)
     try:

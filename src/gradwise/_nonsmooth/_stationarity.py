@@ -82,7 +82,8 @@ class Stationarity:
     """Certificate: ``stationary`` True (0 is in the Clarke subdifferential up to ``atol``), False (proved
     not: all active pieces known, f differentiable with a nonzero gradient, or ``lower_bound`` > atol), None
     (undecided). ``lower_bound``: a proved lower bound on the least norm (the least norm itself when exact; with
-    sampled pieces, the norm of the gradient part that every piece shares: inputs used only after the last tie)."""
+    sampled pieces, the larger of the norm of the gradient part that every piece shares (inputs used only after
+    the last tie) and the interval-tangent bound along the least-norm point found, ``_bound.py``)."""
 
     stationary: bool | None
     min_norm: float
