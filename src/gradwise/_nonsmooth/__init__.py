@@ -31,8 +31,9 @@ Modules (each imports only those above it in this list, plus torch, gradwise._ma
 ``_kink_mode``        ``_KinkMode``, the TorchFunctionMode that sends f's kink ops to their rules.
 ``_engine``           the passes, ``directional_derivative``, branch locking (``_LAST_TIE``), ``generalized_grad``,
                       ``generalized_backward``, ``kinks_hit``.
-``_bound``            ``lower_bound``: interval tangents bound every active piece's derivative along a direction
-                      (``INTERVAL_RULES``), a proved lower bound on the least norm however many ties.
+``_interval_rules``   ``INTERVAL_RULES`` / ``KINK_RULES``: how a tangent interval moves through each aten op.
+``_bound``            ``lower_bound``: interval tangents bound every active piece's derivative along a direction,
+                      a proved lower bound on the least norm however many ties.
 ``_stationarity``     ``subdifferential``, ``stationarity``.
 ``_gradcheck``        the kink-aware ``gradcheck``.
 
