@@ -16,11 +16,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from gradwise._ops._kinks import OpCall, kink_fact
+from gradwise._ops._kinks import OpCall, kink_fact, max_pool_windows, slice_dims, slice_equal
 
 __all__ = ["INTERVAL_RULES", "KINK_RULES", "Interval", "Intervals", "Unbounded", "nonneg_linear", "pointwise"]
 
@@ -243,47 +242,45 @@ def _where_hull(mask: Tensor, exact: Interval, branches: Interval) -> Interval:
     return c, torch.where(mask, branches[1], exact[1])
 
 
+def _call(func, args, kwargs, out) -> OpCall:
+    return OpCall(args, kwargs, out, func.overloadpacket.__name__)
+
+
+def _kink_mask(func, args, kwargs, out) -> Tensor:
+    """Where the call sits at its kink, from the shared kink facts (the call is known to be at one)."""
+    site = kink_fact(func).site(_call(func, args, kwargs, out))
+    return (site.mask() if callable(site.mask) else site.mask).bool()
+
+
 def _zero_branch(func, args, kwargs, out, iv):
     """relu at 0, clamp / hardtanh at a bound, threshold at its threshold: the branches' tangents are 0 and the
     incoming one, so the interval there is the hull of 0 and the incoming interval."""
     if any(iv.get(a) is not None for a in args[1:]):
         raise Unbounded(f"{func} with a bound that carries a tangent")
-    c, r = pointwise(func, args, kwargs, out, iv)
     x = iv.get(args[0])
-    site = kink_fact(func).site(OpCall(args, kwargs, out, func.overloadpacket.__name__))
-    mask = site.mask() if callable(site.mask) else site.mask
     zero = torch.zeros_like(x[0])
-    return _where_hull(mask.bool(), (c, r), _hull(x, (zero, zero)))
+    return _where_hull(_kink_mask(func, args, kwargs, out), pointwise(func, args, kwargs, out, iv),
+                       _hull(x, (zero, zero)))
 
 
 def _abs(func, args, kwargs, out, iv):
     """abs at 0: the branches' tangents are t and -t."""
-    c, r = pointwise(func, args, kwargs, out, iv)
     x = iv.get(args[0])
-    mask = args[0] == 0
-    return _where_hull(mask, (c, r), _hull(x, (-x[0], x[1])))
+    return _where_hull(_kink_mask(func, args, kwargs, out), pointwise(func, args, kwargs, out, iv),
+                       _hull(x, (-x[0], x[1])))
 
 
 def _max_min_pair(func, args, kwargs, out, iv):
     """maximum / minimum at a tie: the hull of the two candidates' intervals."""
     zero = torch.zeros_like(out)
-    a = iv.get(args[0]) or (zero, zero)
-    b = iv.get(args[1]) or (zero, zero)
-    a = (a[0].expand(out.shape), a[1].expand(out.shape))
-    b = (b[0].expand(out.shape), b[1].expand(out.shape))
-    c, r = pointwise(func, args, kwargs, out, iv)
-    return _where_hull((args[0] == args[1]).expand(out.shape), (c, r), _hull(a, b))
+    a, b = ((v[0].expand(out.shape), v[1].expand(out.shape)) for v in (iv.get(t) or (zero, zero) for t in args[:2]))
+    return _where_hull(_kink_mask(func, args, kwargs, out), pointwise(func, args, kwargs, out, iv), _hull(a, b))
 
 
 def _tied_hull(values: Tensor, best: Tensor, x: Interval, dim, keepdim: bool) -> Interval:
-    """Over ``dim`` (None: all): the hull of the intervals of the elements equal to ``best`` (the one element that
-    is, where none ties)."""
-    dims = list(range(values.dim())) if dim is None else [dim] if isinstance(dim, int) else list(dim)
-    wide = best
-    if not keepdim and dim is not None:
-        for d in sorted(d % values.dim() for d in dims):
-            wide = wide.unsqueeze(d)
-    tied = values == wide
+    """Over ``dim`` (None or []: all): the hull of the intervals of the elements equal to ``best`` (the one element
+    that is, where none ties)."""
+    tied, dims = slice_equal(values, best, dim, keepdim), slice_dims(values, dim)
     lo = torch.where(tied, x[0] - x[1], math.inf).amin(dims, keepdim=keepdim)
     hi = torch.where(tied, x[0] + x[1], -math.inf).amax(dims, keepdim=keepdim)
     return (lo + hi) / 2, (hi - lo) / 2
@@ -291,38 +288,24 @@ def _tied_hull(values: Tensor, best: Tensor, x: Interval, dim, keepdim: bool) ->
 
 def _extreme(func, args, kwargs, out, iv):
     """amax / amin / max.dim / min.dim / max / min: the output's tangent is one tied candidate's."""
-    values = out[0] if isinstance(out, (tuple, list)) else out
-    packet = func.overloadpacket
     if len(args) > 1 and isinstance(args[1], Tensor):  # max.other / min.other: elementwise
         return _max_min_pair(func, args, kwargs, out, iv)
-    if packet in (aten.max, aten.min) and len(args) == 1:  # the full reduction
-        dim, keepdim = None, False
-    elif packet in (aten.max, aten.min):
-        dim, keepdim = args[1], args[2] if len(args) > 2 else kwargs.get("keepdim", False)
-    else:
-        dim = args[1] if len(args) > 1 else kwargs.get("dim", [])
-        keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
-        if dim == [] or dim == ():
-            dim = None
-    hull = _tied_hull(args[0], values, iv.get(args[0]), dim, keepdim)
-    if isinstance(out, (tuple, list)):
-        return [hull, None]
-    return hull
+    call = _call(func, args, kwargs, out)
+    values = out[0] if isinstance(out, (tuple, list)) else out
+    hull = _tied_hull(args[0], values, iv.get(args[0]), call.arg(1, "dim", None), call.arg(2, "keepdim", False))
+    return [hull, None] if isinstance(out, (tuple, list)) else hull
 
 
 def _sorted(func, args, kwargs, out, iv):
     """sort / topk values: each position's tangent is that of one element equal to its value (the hull over
     every element of the row with that value: at the k-th place of topk, tied ones left out included)."""
-    packet = func.overloadpacket
-    x = args[0]
-    if packet is aten.topk:
-        k, dim = args[1], args[2] if len(args) > 2 else kwargs.get("dim", -1)
-        largest = args[3] if len(args) > 3 else kwargs.get("largest", True)
-        if not (args[4] if len(args) > 4 else kwargs.get("sorted", True)):
+    call, x = _call(func, args, kwargs, out), args[0]
+    if func.overloadpacket is aten.topk:
+        k, dim, largest = call.arg(1, "k"), call.arg(2, "dim", -1), call.arg(3, "largest", True)
+        if not call.arg(4, "sorted", True):
             raise Unbounded("topk(sorted=False): its order is unspecified")
     else:
-        k, dim = None, args[1] if len(args) > 1 else kwargs.get("dim", -1)
-        largest = args[2] if len(args) > 2 else kwargs.get("descending", False)
+        k, dim, largest = None, call.arg(1, "dim", -1), call.arg(2, "descending", False)
     c, r = iv.get(x)
     xm, cm, rm = (t.movedim(dim, -1) for t in (x, c, r))
     vals, perm = torch.sort(xm, dim=-1, descending=bool(largest), stable=True)
@@ -338,36 +321,19 @@ def _sorted(func, args, kwargs, out, iv):
 
 
 def _max_pool2d(func, args, kwargs, out, iv):
-    """max_pool2d_with_indices: each output's tangent is one tied window element's (unfolded windows)."""
-    x = args[0]
-    kernel = _pair(args[1])
-    stride = _pair(args[2]) if len(args) > 2 and args[2] else kernel
-    padding = _pair(args[3]) if len(args) > 3 else (0, 0)
-    dilation = _pair(args[4]) if len(args) > 4 else (1, 1)
-    if (len(args) > 5 and args[5]) or kwargs.get("ceil_mode", False):
+    """max_pool2d_with_indices: each output's tangent is one tied window element's (the shared kink facts' window
+    views of the input, one per kernel position)."""
+    call = _call(func, args, kwargs, out)
+    if call.arg(5, "ceil_mode", False):
         raise Unbounded("max_pool2d with ceil_mode")
-    c, r = iv.get(x)
-    batched = x.dim() == 4
-    pad = (padding[1], padding[1], padding[0], padding[0])
-
-    def windows(t: Tensor, fill: float) -> Tensor:
-        t = t if batched else t.unsqueeze(0)
-        t = F.pad(t, pad, value=fill)
-        n, ch = t.shape[:2]
-        cols = F.unfold(t.reshape(n * ch, 1, *t.shape[2:]), kernel, dilation=dilation, stride=stride)
-        return cols.reshape(n, ch, cols.shape[1], cols.shape[2])  # (N, C, k*k, L)
-
-    vals = windows(x, -math.inf)
-    best = vals.amax(2, keepdim=True)
-    tied = vals == best
-    lo = torch.where(tied, windows(c - r, 0.0), math.inf).amin(2)
-    hi = torch.where(tied, windows(c + r, 0.0), -math.inf).amax(2)
-    shape = out[0].shape
-    return [((lo + hi).reshape(shape) / 2, (hi - lo).reshape(shape) / 2), None]
-
-
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+    c, r = iv.get(args[0])
+    lo = hi = None
+    for at, at_lo, at_hi in zip(max_pool_windows(call, args[0], -math.inf), max_pool_windows(call, c - r, 0.0),
+                                max_pool_windows(call, c + r, 0.0), strict=True):
+        tied = at == out[0]
+        at_lo, at_hi = torch.where(tied, at_lo, math.inf), torch.where(tied, at_hi, -math.inf)
+        lo, hi = (at_lo, at_hi) if lo is None else (torch.minimum(lo, at_lo), torch.maximum(hi, at_hi))
+    return [((lo + hi) / 2, (hi - lo) / 2), None]
 
 
 INTERVAL_RULES: dict[Any, Rule] = {}

@@ -167,17 +167,25 @@ def _integral(x: Tensor) -> Tensor:
     return x == x.round()
 
 
+def slice_dims(x: Tensor, dim) -> list[int]:
+    """The dims a reduction over ``dim`` reads (None or []: all of x's)."""
+    if dim is None or (not isinstance(dim, int) and not list(dim)):
+        return list(range(x.dim()))
+    return [d % max(x.dim(), 1) for d in ([dim] if isinstance(dim, int) else dim)]
+
+
+def slice_equal(x: Tensor, value: Tensor, dim, keepdim: bool) -> Tensor:
+    """Elements equal to their slice's value, ``value`` being a reduction of x over ``dim`` (None or []: all)."""
+    if not keepdim:
+        for d in sorted(slice_dims(x, dim)):
+            value = value.unsqueeze(d)
+    return x == value
+
+
 def _slice_ties(x: Tensor, value: Tensor, dim, keepdim: bool) -> Tensor:
     """Elements equal to their slice's selected value, in slices where more than one is (dim None or []: all)."""
-    if dim is None or (not isinstance(dim, int) and not list(dim)):
-        eq = x == value
-        return eq & (eq.sum() > 1)
-    dims = [dim] if isinstance(dim, int) else list(dim)
-    if not keepdim:
-        for d in sorted(d % x.dim() for d in dims):
-            value = value.unsqueeze(d)
-    eq = x == value
-    return eq & (eq.sum(dims, keepdim=True) > 1)
+    eq = slice_equal(x, value, dim, keepdim)
+    return eq & (eq.sum(slice_dims(x, dim), keepdim=True) > 1)
 
 
 def _in_input(like: Tensor, dim: int, marks: list) -> Tensor:
@@ -497,11 +505,7 @@ def _max_pool_window_tie(c):
     x, values = c.args[0].detach(), c.out[0]
     if not _float(x) or not values.numel():
         return None
-    spatial = 3 if c.packet == "max_pool3d_with_indices" else 2
-    geometry = [_per_dim(c.arg(i, name, default), spatial) for i, name, default in
-                ((1, "kernel_size", None), (2, "stride", []), (3, "padding", [0]), (4, "dilation", [1]))]
-    if not geometry[1]:
-        geometry[1] = geometry[0]  # stride defaults to the kernel
+    spatial, geometry = _pool_geometry(c)
     k = geometry[0]
     tiles = geometry[1] == k and not any(geometry[2]) and all(d == 1 for d in geometry[3])
     n = math.prod(k)
@@ -526,6 +530,23 @@ def _max_pool_window_tie(c):
         return Site(count > 1)
     # count > 1 as two in-place byte ops (a compare makes a new tensor, 3x slower); a NaN window counts 0
     return Site(count.clamp_(1, 2).sub_(1).view(torch.bool))
+
+
+def _pool_geometry(c: OpCall) -> tuple[int, list]:
+    """max_pool{2,3}d_with_indices: the number of pooled dims and [kernel, stride, padding, dilation], per dim."""
+    spatial = 3 if c.packet.startswith("max_pool3d") else 2
+    geometry = [_per_dim(c.arg(i, name, default), spatial) for i, name, default in
+                ((1, "kernel_size", None), (2, "stride", []), (3, "padding", [0]), (4, "dilation", [1]))]
+    if not geometry[1]:
+        geometry[1] = geometry[0]  # stride defaults to the kernel
+    return spatial, geometry
+
+
+def max_pool_windows(c: OpCall, t: Tensor, fill: float) -> list[Tensor]:
+    """For each position in the kernel of the max-pool call ``c``, the view (shaped like its output) of ``t``
+    (shaped like its input) that the windows read there, ``fill`` past the input."""
+    spatial, geometry = _pool_geometry(c)
+    return _window_views(t, c.out[0].shape[-spatial:], *geometry, fill=fill)
 
 
 def _per_dim(v, spatial: int) -> list:

@@ -82,23 +82,20 @@ def _mm_supported_k(args: tuple, slot: int, s: torch.Tensor, finite_k: torch.Ten
     n = k.numel()
     if n == kept.shape[0]:
         return None
-    if n == 0 or int(k[-1]) - int(k[0]) + 1 == n:
+    if n == 0 or int(k[-1]) - int(k[0]) + 1 == n:  # a range: views, no copy
         start = int(k[0]) if n else 0
-        clean = None if finite_k is None else bool(finite_k.narrow(-1, start, n).all())
-        return [args[0].narrow(-1, start, n), args[1].narrow(-2, start, n)], clean
-    clean = None if finite_k is None else bool(finite_k.index_select(-1, k).all())
-    return [args[0].index_select(-1, k), args[1].index_select(-2, k)], clean
+        pick = lambda t, dim: t.narrow(dim, start, n)
+    else:
+        pick = lambda t, dim: t.index_select(dim, k)
+    clean = None if finite_k is None else bool(pick(finite_k, -1).all())
+    return [pick(args[0], -1), pick(args[1], -2)], clean
 
 
 def _mm_finite_k(args: tuple, slot: int) -> torch.Tensor:
     """mm/bmm: per contraction index k (and batch), whether the value operand is finite there, from one sum
     over its other dim (a finite sum: no NaN/Inf went in; an overflow reads as not finite, the exact path's
     case). The same one pass as a whole-tensor sum, and the restricted operand's test is then free."""
-    value = args[1 - slot]
-    dim = -1 if slot == 0 else -2  # value b: (.., K, N); value a: (.., M, K)
-    if value.is_complex():
-        return value.sum(dim).isfinite()
-    return value.sum(dim, dtype=torch.float64 if value.dtype == torch.float64 else torch.float32).isfinite()
+    return _sums(args[1 - slot], -1 if slot == 0 else -2).isfinite()  # value b: (.., K, N); value a: (.., M, K)
 
 
 def _conv_counted_outputs(args: tuple, slot: int, dirty: list[int]) -> Callable[[list], list]:
@@ -142,13 +139,19 @@ def _tree_add(a, b):
     return None if a is None else a + b
 
 
-def _finite(t: torch.Tensor) -> bool:
-    """One pass. A finite sum means no NaN/Inf went in. A sum that overflowed reads as not finite: the caller
-    then takes its exact (slower) path, never a wrong one. A complex tensor sums in its own dtype (a cast to a
-    real one would drop the imaginary parts)."""
+def _sums(t: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """t's sum (over ``dim``): finite iff no NaN/Inf went in, unless it overflowed, which reads as not finite (the
+    caller then takes its exact, slower path, never a wrong one). In float32 at least; a complex tensor in its
+    own dtype (a cast to a real one would drop the imaginary parts)."""
     if t.is_complex():
-        return bool(t.sum().isfinite())
-    return bool(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).isfinite())
+        return t.sum() if dim is None else t.sum(dim)
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return t.sum(dtype=dtype) if dim is None else t.sum(dim, dtype=dtype)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """One pass: `_sums` of all of t."""
+    return bool(_sums(t).isfinite())
 
 
 def _bilinear(support_fn: Callable[[Any, tuple, int, torch.Tensor], Any], count_args: CountArgs = _all_args,

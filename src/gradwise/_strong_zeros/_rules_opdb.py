@@ -143,10 +143,10 @@ def _segment_reduce_backward(func, args, kwargs, sup):
         return _run_unruled(func, args, kwargs, sup, "a tracked value" if sup.tracked(args[0]) else None)
     if reduce != "prod":
         return _placement(func, args, kwargs, sup)
-    out = func(*args, **kwargs)
-    if not sup.tracked(args[0]):  # no structural zero in: none out (prod's weights are values, no placement)
-        return out
     s = sup.of(args[0])
+    if s is None:  # no structural zero in: none out (prod's weights are values, no placement)
+        return _run_unruled(func, args, kwargs, sup, None)
+    out = func(*args, **kwargs)
     as_sum = [s.to(args[0].dtype), *args[1:]]
     as_sum[3] = "sum"  # a sum's backward spreads each segment's sensitivity over its elements (data unread)
     support = func(*as_sum, **kwargs) > 0

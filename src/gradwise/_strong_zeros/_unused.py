@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from gradwise._strong_zeros._node_facts import NODE_FACTS
 from gradwise._strong_zeros._traced import traced_tensor
 
-__all__ = ["NODE_NAME", "OP_NAME", "UnusedReadError", "mark_unused"]
+__all__ = ["NODE_NAME", "UnusedReadError", "mark_unused"]
 
 
 class UnusedReadError(RuntimeError):
@@ -53,7 +53,6 @@ class _MarkUnused(torch.autograd.Function):
 
 
 NODE_NAME = "_MarkUnusedBackward"
-OP_NAME = "gw.mark_unused"  # what a report calls the op that discarded the declared elements
 _PACKAGE = str(Path(__file__).resolve().parents[1])
 NODE_FACTS[NODE_NAME] = None  # known to the plan, no singular point; it makes structural zeros
 
@@ -112,11 +111,11 @@ def mark_unused(x: torch.Tensor, unused: torch.Tensor) -> torch.Tensor:
     if unused.dtype != torch.bool:
         raise TypeError(f"gw.mark_unused: `unused` must be a bool tensor (True = never read), got {unused.dtype}")
     try:
-        torch.broadcast_shapes(unused.shape, x.shape)
+        shape = torch.broadcast_shapes(unused.shape, x.shape)
     except RuntimeError:
         raise ValueError(f"gw.mark_unused: `unused` of shape {tuple(unused.shape)} does not broadcast to x's shape "
                          f"{tuple(x.shape)}") from None
-    if torch.broadcast_shapes(unused.shape, x.shape) != x.shape:
+    if shape != x.shape:
         raise ValueError(f"gw.mark_unused: `unused` of shape {tuple(unused.shape)} would broadcast x's shape "
                          f"{tuple(x.shape)} to a larger one")
     if unused.device != x.device:

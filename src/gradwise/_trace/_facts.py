@@ -31,6 +31,14 @@ _SELECT_FIX = "select first, then compute: apply the op to the kept elements onl
 _ELEMENTWISE_SELECTS = [aten.minimum, aten.maximum, aten.fmin, aten.fmax, aten.clamp, aten.clamp_min, aten.clamp_max,
                         aten.relu, aten.threshold, aten.hardtanh]
 _STEPS = [aten.floor, aten.round, aten.sign]
+DECLARED = "gw.mark_unused"  # the op a report names for elements declared unused
+
+
+def _discard_key(op: str):
+    """The ``_DISCARDS`` key of a recorded op name ("aten.slice", or ``DECLARED``), or None."""
+    return op if op in _DISCARDS else getattr(aten, op[5:], None) if op.startswith("aten.") else None
+
+
 _DISCARDS: dict = {
     **dict.fromkeys([aten.slice, aten.select, aten.index, aten.index_select, aten.gather, aten.narrow,
                      aten.split, aten.split_with_sizes, aten.unbind, aten.masked_select, aten.take,
@@ -51,6 +59,8 @@ _DISCARDS: dict = {
                      aten.max_pool2d_with_indices, aten.max_pool3d_with_indices],
                     "make the unselected argument finite (e.g. torch.minimum(one, 1 / x.clamp_min(eps)))"),
     **dict.fromkeys([*_STEPS, aten.nansum], "make the value finite before the op that zeroes its sensitivity"),
+    # gw.mark_unused's backward node (no aten op: keyed by the name a report gives it)
+    DECLARED: "none needed, the elements are declared unused (gw.mark_unused)",
 }
 
 _ELEMENTWISE_DISCARDS = {*_ELEMENTWISE_SELECTS, *_STEPS}

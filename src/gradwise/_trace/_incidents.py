@@ -11,9 +11,8 @@ import torch
 
 from gradwise import _strong_zeros
 from gradwise._masks import mask_any
-from gradwise._strong_zeros import _unused
-from gradwise._trace._common import _aligned, _inexact, _nan_in, _op_name, _positions, aten
-from gradwise._trace._facts import _BILINEAR, _DISCARDS, _ELEMENTWISE_DISCARDS, _PRODUCTS, _ROW_MIXING
+from gradwise._trace._common import _aligned, _inexact, _nan_in, _op_name, _positions
+from gradwise._trace._facts import _BILINEAR, _DISCARDS, _ELEMENTWISE_DISCARDS, _PRODUCTS, _ROW_MIXING, _discard_key
 from gradwise._trace._store import Incident as _Incident
 
 
@@ -123,9 +122,7 @@ class _Incidents:
                     continue
                 seen.add(seq)
                 nd = self.nodes.get(seq)
-                if nd is not None and nd.op == _unused.OP_NAME:  # elements declared unused
-                    return nd.op, nd.loc
-                op = getattr(aten, nd.op[5:], None) if nd is not None else None
+                op = _discard_key(nd.op) if nd is not None else None
                 if op in _DISCARDS:
                     if op not in _ELEMENTWISE_DISCARDS:
                         return nd.op, nd.loc

@@ -40,6 +40,7 @@ from gradwise._trace._facts import (
     _FINITE_PRESERVING,
     _LITERALS,
     _UNINITIALISED,
+    DECLARED,
 )
 from gradwise._trace._incidents import _Incidents
 from gradwise._trace._kink_checks import _KinkChecks
@@ -118,6 +119,14 @@ def _alone() -> bool:
     would have seen the op before the subclass (and a FakeTensor defers to its fake mode)."""
     return not torch._C._len_torch_dispatch_stack() and \
         all(torch._C._get_dispatch_mode(k) is None for k in _INFRA_MODES)
+
+
+def _declared_node(node, at: tuple) -> _Node | None:
+    """The record of gw.mark_unused's backward node: the op that discarded the declared elements (``DECLARED``,
+    a ``_DISCARDS`` entry), at the line that declared them (``at`` where it is not known); None for others."""
+    if node.name() != _unused.NODE_NAME:
+        return None
+    return _Node(DECLARED, getattr(node, "declared_at", at))
 
 
 class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDispatchMode):
@@ -289,8 +298,8 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
                         ps.add(p)
                 if seq == _ACCUMULATE_SEQ:
                     self._accumulate(node, [t for t, _ in found])
-                elif seq not in self.nodes and node.name() == _unused.NODE_NAME:  # gw.mark_unused discards
-                    self.nodes[seq] = _Node(_unused.OP_NAME, getattr(node, "declared_at", ("<unknown>", 0)))
+                elif seq not in self.nodes and (declared := _declared_node(node, ("<unknown>", 0))) is not None:
+                    self.nodes[seq] = declared
                 else:
                     nd = self.nodes.get(seq)
                     if nd is not None and nd.kinks:

@@ -34,10 +34,9 @@ import torch
 
 from gradwise import _strong_zeros
 from gradwise._masks import all_finite
-from gradwise._strong_zeros import _unused
 from gradwise._trace import _common, _kinds, _session
 from gradwise._trace._report import Report
-from gradwise._trace._tracer import _Tracer
+from gradwise._trace._tracer import _declared_node, _Tracer
 
 
 class _Watcher:
@@ -108,9 +107,7 @@ class _Watcher:
         for node in _strong_zeros._walk(roots):  # what each node's forward op was
             seq = node._sequence_nr()
             if seq != _common._ACCUMULATE_SEQ:
-                name = node.name()
-                tracer.nodes[seq] = _common._Node(_unused.OP_NAME, getattr(node, "declared_at", at)) \
-                    if name == _unused.NODE_NAME else _common._Node(_node_op(name), at)
+                tracer.nodes[seq] = _declared_node(node, at) or _common._Node(_node_op(node.name()), at)
         _session._TRACERS[threading.get_ident()] = tracer
         tracer.__enter__()
         wanted = [t for t in leaves if t.requires_grad]
