@@ -980,3 +980,21 @@ def test_moving_ops_with_out_arguments_leave_the_supports_alone():
     out = _moved(aten.cat.out, ([a, b],), {"out": buf}, sup)
     assert out is buf and torch.equal(sup.of(a), rows)
     assert torch.equal(sup.of(buf), torch.tensor([True, False, True, True])[:, None].expand(4, 3))
+
+
+def test_support_of_an_expanded_view():
+    """An expanded tensor (a sensitivity broadcast back by sum's backward) stores each element once: its support
+    is recorded there, True where any of the element's copies may be nonzero (copy_ into the overlapping view
+    raised, and the trace's rerun of such an op lost its provenance)."""
+    from gradwise._strong_zeros._supports import _Supports
+
+    base = torch.randn(1, 4)
+    t = base.expand(3, 4)
+    support = torch.zeros(3, 4, dtype=torch.bool)
+    support[2, 1] = True
+    sup = _Supports()
+    sup.record(t, support)
+    assert torch.equal(sup.of(t), torch.tensor([[False, True, False, False]]).expand(3, 4))
+    assert torch.equal(sup.of(base), torch.tensor([[False, True, False, False]]))
+    sup.record(t, None)  # every element may be nonzero again
+    assert sup.of(base).all()

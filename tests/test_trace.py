@@ -128,12 +128,7 @@ def _reported_cases():
 
 # Reported cases that strong zeros clean but whose report still calls something genuine (not yet fixed)
 TRACE_KNOWN = {
-    "hand-attn-nan-pad-token-outputs-selected": "the trace's per-tensor provenance marks the padding birth used",
-    "hand-attn-nan-values-masked-fill-before-av": "the trace's per-tensor provenance marks the padding birth used",
-    "policy-entropy-special-entr-masked-actions": "entr's infinite derivative at a masked 0 is reported genuine",
     "checkpoint-reentrant-block-nan-rows-sliced": "PyTorch: reentrant checkpoint is incompatible with .grad()",
-    "matrix-exp-nan-batch-element-sliced": "matrix_exp's rule annihilates a block of one exponential of a block "
-                                           "matrix; the trace classifies that op by its values",
     "logcumsumexp-nan-after-kept-prefix": "logcumsumexp's rule recomputes its whole formula at its last op; the "
                                           "trace reruns the formula's ops one by one and calls part of it genuine",
 }
@@ -153,6 +148,59 @@ def test_reported_classification_agrees_with_strong_zeros(case):
     report = _trace_case(case)
     assert report.of_kind("contamination"), str(report)
     assert not any(f.reaches for f in report.of_kind("nan", "inf")), str(report)
+
+
+def test_square_matmul_is_no_elementwise_op():
+    """A matmul whose operands and result share a shape (square matrices) mixes rows all the same: a zero
+    sensitivity row meeting a NaN row is contamination, not 'genuine where the sensitivity is nonzero' (the trace
+    paired elements by position whenever shapes agreed, and called hand-written attention's padding genuine)."""
+    w = torch.randn(4, 4, requires_grad=True)
+    x = torch.randn(4, 4)
+    x[3] = float("nan")
+    with gw.trace() as report:
+        (x @ w)[:3].sum().backward()
+    (f,) = report.findings
+    assert (f.kind, f.op, f.reaches, f.discarded_op) == ("contamination", "aten.mm", ["w"], "aten.slice"), str(report)
+    (g,) = gw.grad((x @ w)[:3].sum(), [w])
+    assert g.isfinite().all()  # the same verdict as strong zeros
+
+
+def test_an_infinite_derivative_annihilated_downstream_is_contamination():
+    """sqrt's derivative at a masked probability p = exp(-inf) = 0 is infinite: a nonzero sensitivity meets it
+    (genuine, seen alone), but softmax's backward multiplies it by p, a structural zero, and strong zeros
+    annihilate it there. The trace follows that fate: one contamination finding at the softmax, born at sqrt's
+    backward, and no genuine Inf."""
+    logits = torch.randn(2, 4, requires_grad=True)
+    masked = torch.tensor([[False, True, False, False], [False, False, False, True]])
+
+    def loss():
+        return torch.softmax(logits.masked_fill(masked, -math.inf), -1).sqrt().sum()
+
+    (g,) = gw.grad(loss(), [logits])
+    assert g.isfinite().all() and not torch.autograd.grad(loss(), [logits])[0].isfinite().all()
+    with gw.trace() as report:
+        loss().backward()
+    assert not report.of_kind("nan", "inf"), str(report)
+    (f,) = report.of_kind("contamination")
+    assert f.op == "aten._softmax_backward_data" and f.reaches == ["logits"], str(report)
+    assert "the backward of aten.sqrt" in f.message, str(report)
+
+
+def test_an_infinite_derivative_stays_genuine_when_the_output_is_not_finite():
+    """The same program with a NaN output: strong zeros keep softmax's zero output an ordinary value there (its
+    rule reads it as structural only when the outputs are finite), and the trace keeps the genuine finding."""
+    logits = torch.randn(2, 4, requires_grad=True)
+    masked = torch.tensor([[False, True, False, False], [False, False, False, True]])
+    bad = torch.tensor(float("nan"))
+
+    def loss():
+        return torch.softmax(logits.masked_fill(masked, -math.inf), -1).sqrt().sum() + bad
+
+    (g,) = gw.grad(loss(), [logits])
+    assert not g.isfinite().all()
+    with gw.trace() as report:
+        loss().backward()
+    assert report.of_kind("nan", "inf"), str(report)
 
 
 def test_seed_names_and_rows():

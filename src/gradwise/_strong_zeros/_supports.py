@@ -84,6 +84,13 @@ class _Supports:
         shares where both fill their storages alike (copied on the first write to either)."""
         if t.layout != torch.strided:
             return
+        stride = t.stride()
+        if 0 in stride:  # an expanded view stores each element once: write its support there (any of its copies)
+            dims = tuple(d for d, (n, st) in enumerate(zip(t.shape, stride, strict=True)) if st == 0 and n > 1)
+            if dims:
+                if support is not None:
+                    support = support.expand(t.shape).any(dim=dims, keepdim=True)
+                t = t.as_strided([1 if d in dims else n for d, n in enumerate(t.shape)], stride, t.storage_offset())
         entry = self._entry(t)
         if entry is not None and support is None:
             mask, per = entry

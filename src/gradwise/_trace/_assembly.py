@@ -14,7 +14,7 @@ from gradwise._masks import all_finite
 from gradwise._trace import _causes, _kinds
 from gradwise._trace._advice import _GENUINE_FIX, _GRADIENT_FIX, _INPUT_FIX, _KINK_FIX, _SINGULAR_FIX, _UNDECIDED
 from gradwise._trace._common import _dist_rank, _fmt, _held, _inexact, _nonfinite, _positions, _source, aten
-from gradwise._trace._facts import _DISCARDS, _NOT_DATA, _OVERFLOW_NAMES, _discard_key
+from gradwise._trace._facts import _DISCARDS, _NOT_DATA, _OVERFLOW_NAMES, _ZERO_OUTPUTS, _discard_key
 from gradwise._trace._report import Finding, Report
 from gradwise._trace._store import Birth as _Birth
 from gradwise._trace._store import Incident as _Incident
@@ -50,6 +50,8 @@ class _Assembly:
         for inc in sorted(self.store.incidents.values(), key=lambda i: i.order):
             if inc.serial <= since:
                 continue
+            if inc.annihilated and not inc.reaches:
+                continue  # a structural zero downstream annihilated it: the contamination found there says so
             via = earliest(inc.births)
             birth = overflow_root(via)
             if inc.kind == "contamination":
@@ -130,7 +132,8 @@ class _Assembly:
 
     def _contamination(self, inc: _Incident, birth: _Birth | None, via: _Birth | None = None) -> Finding:
         disc_op, disc_loc = inc.discarded if inc.discarded else (None, None)
-        rewrite = _DISCARDS.get(_discard_key(disc_op)) if disc_op else None
+        rewrite = (_DISCARDS.get(_discard_key(disc_op)) or _ZERO_OUTPUTS.get(_discard_key(disc_op))) \
+            if disc_op else None
         if rewrite is None:
             rewrite = "mask the value before the op that makes NaN/Inf (e.g. before the division)"
         if disc_op is None:  # no op upstream discards values: the zero may be one the program computes

@@ -8,6 +8,7 @@ May import: torch, gradwise._strong_zeros, gradwise._trace._common, _facts, _kin
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch._C import _set_grad_enabled
@@ -15,7 +16,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.checkpoint import _StopRecomputationError
 
 from gradwise._trace import _common, _kinds
-from gradwise._trace._common import _held, _loc, _nonfinite, _op_name, _tensors, _user_frame
+from gradwise._trace._common import _held, _inexact, _loc, _nonfinite, _op_name, _tensors, _user_frame
 from gradwise._trace._store import Birth as _Birth
 
 
@@ -157,6 +158,14 @@ class _Checks:
 
     # -- digging in: only when an output was not finite ------------------------------------------------------
 
+    def outputs_finite(self) -> bool:
+        """Whether every output of the running backward is finite (read once per backward, inside a handler):
+        strong zeros take an exactly-0 softmax or exp output as structural only then."""
+        if self.finite_outputs is None:
+            outs = [r() for r in self.root_outputs]
+            self.finite_outputs = all(o is None or (_kinds.readable(o) and not _nonfinite(o)) for o in outs)
+        return self.finite_outputs
+
     # -- autograd entry points -------------------------------------------------------------------------------
 
     def roots(self, outputs, grads):
@@ -170,6 +179,9 @@ class _Checks:
         # a backward inside a backward (checkpoint(use_reentrant=True)) differentiates recomputed activations
         # with the outer sensitivities: they are not outputs the user's result depends on as such
         reentrant = self.depth > 0
+        if not reentrant:  # read on demand, inside the mode's handler (an op here would be traced as the user's)
+            self.root_outputs = [weakref.ref(o) for o in outputs if isinstance(o, torch.Tensor) and _inexact(o)]
+            self.finite_outputs = None
         for i, (o, g) in enumerate(zip(outputs, grads, strict=False)):
             births = [] if reentrant else [b for b in self.prov.get(o, ()) if isinstance(b, _Birth)]
             # a parameter made NaN by an earlier backward makes the whole output NaN: it explains the others

@@ -2,8 +2,8 @@
 local rewrite that fixes each (``_DISCARDS``,
 ``_SELECT_FIX``, ``_ELEMENTWISE_SELECTS``, ``_STEPS``, ``_ELEMENTWISE_DISCARDS``), comparisons (``_COMPARISONS``),
 literals (``_LITERALS``), births that are no data (``_NOT_DATA``), finite-preserving ops (``_FINITE_PRESERVING``),
-products and bilinear ops (``_PRODUCTS``, ``_BILINEAR``), row-mixing backwards (``_ROW_MIXING``) and the
-collective namespaces (``_COLLECTIVE_NAMESPACES``). Where ops kink is in the shared layer (``gradwise._ops``).
+zero outputs (``_ZERO_OUTPUTS``), products and bilinear ops (``_PRODUCTS``, ``_BILINEAR``) and the collective
+namespaces (``_COLLECTIVE_NAMESPACES``). Where ops kink is in the shared layer (``gradwise._ops``).
 
 These stay here, not in ``gradwise._ops``: only the trace reads them, they are keyed by forward aten op and
 carry the trace's fix texts. Strong zeros state a different fact in ``_strong_zeros/_node_facts.py``, keyed by
@@ -65,6 +65,16 @@ _DISCARDS: dict = {
 
 _ELEMENTWISE_DISCARDS = {*_ELEMENTWISE_SELECTS, *_STEPS}
 
+# Ops whose saved output, where exactly 0 (exp of a -inf logit), is a structural zero of their backward: a NaN/Inf
+# sensitivity from upstream meets it there (entr's infinite derivative at p = exp(-inf) = 0), with the local
+# rewrite (softmax, also such an op, is in _DISCARDS). Not discards of a sensitivity: _discarded_by does not stop
+# at them.
+_ZERO_OUTPUTS: dict = {
+    **dict.fromkeys([aten.exp], "keep the masked entries out of the function whose derivative is "
+                    "infinite at 0 (e.g. entr/log of p only where p > 0: torch.where(p > 0, f(p), 0) with a safe "
+                    "input, or torch.special.xlogy(p, p))"),
+}
+
 _COMPARISONS = {aten.gt: "second", aten.lt: "second", aten.ge: "first", aten.le: "first"}
 
 
@@ -95,8 +105,6 @@ _OVERFLOW_NAMES = {f"aten.{op.__name__}" for op in _OVERFLOWS}  # as births name
 _ARRIVALS = {aten.set_.source_Storage, aten.set_.source_Storage_storage_offset}
 _PRODUCTS = {"aten.mul", "aten.div", "aten.mm", "aten.bmm", "aten.addmm", "aten.matmul", "aten.mv", "aten.dot",
              "aten.outer", "aten.linear", "aten.einsum", "aten.baddbmm"}
-# Backward ops whose inputs and output share a shape but that mix a whole row (softmax's sum over the row).
-_ROW_MIXING = {aten._softmax_backward_data, aten._log_softmax_backward_data}
 
 
 _BILINEAR = {aten.mm, aten.bmm, aten.addmm, aten.baddbmm, aten.addbmm, aten.mv, aten.dot, aten.convolution_backward,

@@ -11,9 +11,12 @@ import torch
 
 from gradwise import _strong_zeros
 from gradwise._masks import mask_any
-from gradwise._trace._common import _aligned, _inexact, _nan_in, _op_name, _positions
-from gradwise._trace._facts import _BILINEAR, _DISCARDS, _ELEMENTWISE_DISCARDS, _PRODUCTS, _ROW_MIXING, _discard_key
+from gradwise._trace._common import _aligned, _fmt, _inexact, _nan_in, _op_name, _positions
+from gradwise._trace._facts import _BILINEAR, _DISCARDS, _ELEMENTWISE_DISCARDS, _PRODUCTS, _discard_key
 from gradwise._trace._store import Incident as _Incident
+
+# copies of their first argument (no product): a mask follows them like a view
+_COPIES = {torch.ops.aten.clone, torch.ops.aten._unsafe_view, torch.ops.aten.contiguous}
 
 
 class _Incidents:
@@ -23,8 +26,10 @@ class _Incidents:
         """A sensitivity op made non-finite elements: propagate them, or classify where they are born."""
         sens_ins = [t for t in ins if t in self.sens]
         upstream = [t for t in nf if t in self.sens]
-        if upstream:  # already non-finite upstream: carry it along
-            self.prov[o] = frozenset().union(*(self.prov.get(t, frozenset()) for t in upstream))
+        if upstream:  # already non-finite upstream: carry it along, unless a structural zero annihilates it here
+            carried = frozenset().union(*(self.prov.get(t, frozenset()) for t in upstream))
+            if not self._annihilated(func, loc, o, mask, sens_ins, carried, nd, args, out, kwargs):
+                self.prov[o] = self._through_view(func, upstream, args, kwargs, o, mask, carried)
             return
         births = frozenset().union(*(self._origin(t, loc) for t in nf)) if nf else frozenset()
         genuine = self._nonzero_sensitivity_met(func, o, mask, ins, sens_ins, nf, args, out, kwargs)
@@ -66,9 +71,68 @@ class _Incidents:
                 self.provisional.append((inc, count, nd, _strong_zeros._STATE.in_mode))
         self.prov[o] = frozenset(incidents)
 
+    def _annihilated(self, func, loc, o, mask, sens_ins, carried, nd, args, out, kwargs) -> bool:
+        """A NaN/Inf sensitivity from upstream meets this backward op: where the strong-zero rules, rerun on it,
+        leave a finite value (a structural zero of a saved forward value: softmax's or exp's output at a -inf
+        logit), strong zeros annihilate it here. Those elements are contamination born where the carried NaN/Inf
+        was, and the upstream incidents stop there (the same fate as under gw.strong_zeros()). False where
+        nothing is annihilated (the provenance is then carried as it is)."""
+        if args is None or out is None or not self.outputs_finite():
+            return False  # a non-finite output keeps every NaN the rules would (softmax, exp: not structural)
+        strong = _strong_rerun(func, args, kwargs or {}, sens_ins, o, out)
+        if strong is None:
+            return False
+        gone = mask & torch.isfinite(strong)
+        count, idx = _positions(gone)
+        if not count:
+            return False
+        births = frozenset().union(*(i.births if isinstance(i, _Incident) else (i,) for i in carried))
+        for i in carried:
+            if isinstance(i, _Incident) and i.kind != "contamination":
+                i.annihilated = True
+        op, node_op = _op_name(func), nd.op if nd is not None else "?"
+        what = (f"a structural zero met NaN/Inf from upstream in {op} (the backward of {node_op}), where "
+                "gw.strong_zeros()' rule annihilates it")
+        made = min((i for i in carried if isinstance(i, _Incident)), key=lambda i: i.order, default=None)
+        if made is not None and not made.births:  # an infinite derivative: say which backward made it
+            what += f"; it came from the backward of {made.node_op} at {_fmt(made.loc)}"
+        inc = self.store.incident("contamination", op, node_op, loc, count, idx, births, what,
+                                  (nd.op, nd.loc) if nd is not None else None, False)
+        if self.provisional is not None:
+            self.provisional.append((inc, count, nd, _strong_zeros._STATE.in_mode))
+        kept = mask & ~gone
+        if bool(mask_any(kept)):
+            self.prov[o] = frozenset([inc]) | carried
+            self.split[o] = (kept, inc, carried)
+        else:
+            self.prov[o] = frozenset([inc])
+        return True
+
+    def _through_view(self, func, upstream, args, kwargs, o, mask, carried) -> frozenset:
+        """The provenance of a view (or copy) of a tensor part of whose NaN/Inf a structural zero annihilated
+        (``split``): the same view of its mask of kept elements says whether the upstream incidents still reach
+        these elements (the top-right block of matrix_exp's block exponential, sliced out, holds only annihilated
+        ones). Other ops carry the whole provenance."""
+        t = upstream[0]
+        got = self.split.get(t) if len(upstream) == 1 and args and args[0] is t else None
+        if got is None or not (getattr(func, "is_view", False) or func.overloadpacket in _COPIES):
+            return carried
+        kept, inc, rest = got
+        try:
+            view = func(kept, *args[1:], **(kwargs or {}))
+        except Exception:  # an explanation must never break the program it explains
+            return carried
+        if not isinstance(view, torch.Tensor) or view.shape != o.shape:
+            return carried
+        view = view & mask
+        if not bool(mask_any(view)):
+            return frozenset([inc])
+        self.split[o] = (view, inc, rest)
+        return carried
+
     def _nonzero_sensitivity_met(self, func, o, mask, ins, sens_ins, nf, args, out, kwargs=None) -> torch.Tensor:
         """Bool mask over `o`: where a nonzero sensitivity met a non-finite value (genuine), else contamination."""
-        if _aligned(ins, o.shape) and func.overloadpacket not in _ROW_MIXING:  # elementwise: positions line up
+        if _elementwise(func, ins, o):  # positions line up
             nonzero = torch.zeros(o.shape, dtype=torch.bool)
             for s in sens_ins:
                 nonzero = nonzero | (s != 0).broadcast_to(o.shape)
@@ -142,11 +206,17 @@ class _Incidents:
                     self.reached_now.add(id(inc))
 
 
+def _elementwise(func, ins, o) -> bool:
+    """Whether ``func`` pairs each output element with the inputs' elements at the same position: PyTorch tags it
+    pointwise and its inputs broadcast onto ``o``. Equal shapes alone say nothing (bmm of square matrices, layer
+    norm's backward): an untagged op goes to the indicators or the strong-zero rerun instead."""
+    return torch.Tag.pointwise in func.tags and _aligned(ins, o.shape)
+
+
 def _undecidable(func, ins, o) -> bool:
     """A backward op the trace cannot split into contamination and genuine: not elementwise, not bilinear, and
     without a strong-zero rule or decomposition to run again."""
-    return not (_aligned(ins, o.shape) and func.overloadpacket not in _ROW_MIXING) and \
-        func.overloadpacket not in _BILINEAR and not _reruns(func)
+    return not _elementwise(func, ins, o) and func.overloadpacket not in _BILINEAR and not _reruns(func)
 
 
 def _reruns(func) -> bool:

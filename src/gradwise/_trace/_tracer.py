@@ -142,6 +142,9 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         # comparison result -> (mask of equal operands, branch picked): masks are large, so this one frees an
         # entry as soon as its tensor dies (_ByIdentity keeps dead values until its next purge)
         self.ties = WeakTensorKeyDictionary()
+        # backward tensor -> (mask of its NaN/Inf still from upstream, the incident a structural zero made of the
+        # rest, the upstream provenance) where strong zeros annihilated part of it (_Incidents._annihilated)
+        self.split = WeakTensorKeyDictionary()
         self.names = _ByIdentity()
         self.batches = WeakTensorKeyDictionary()  # tensor -> index of the DataLoader batch it arrived in
         self.module_names = _ByIdentity()  # module -> {id(param): name}
@@ -151,6 +154,8 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         self.kinks: dict[tuple, _KinkGroup] = {}
         self.output_births: set = set()  # births that reached an output something was differentiated from
         self.pending: list = []
+        self.root_outputs: list = []  # weak references to the outputs of the running backward
+        self.finite_outputs: bool | None = True  # ... all finite (None: not read yet; see _Checks.outputs_finite)
         self.depth = 0
         self.backward_ended = False  # the next grad-enabled forward op starts a new step
         self.passed: dict[str, list] = {}  # kind -> [ops run without reading them, the first op] (_trace_kinds)
