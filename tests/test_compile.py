@@ -393,6 +393,75 @@ def test_a_masked_softmax_zero_is_structural_op_by_op(tail):
     _close([got], [want])
 
 
+def test_exp_output_zero_in_exps_own_backward_op_by_op():
+    """Entropy over the actions a policy may take (MaskablePPO): log_softmax of -inf-masked logits, exp, entr.
+    entr's derivative at p = exp(-inf) = 0 is infinite and exp's backward multiplies it by its saved output, 0:
+    in eager strong zeros the product is exp's node's, whose exactly-0 output is structural. The compiled graph
+    has a product with a saved value; AOTAutograd's node metadata (the forward op's sequence number on both)
+    puts it back in exp's node for the op-by-op run. The gradient is that of the valid actions alone."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    h, w = torch.randn(2, 3, generator=gen), torch.randn(3, 4, generator=gen)
+    invalid = torch.tensor([[False, True, False, False], [False, False, False, True]])
+
+    def loss(w, invalid):
+        p = torch.log_softmax((h @ w).masked_fill(invalid, -math.inf), -1).exp()
+        return torch.special.entr(p).sum()
+
+    w1 = w.clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: the NaN is removed, not reported
+        (got,) = gw.grad(torch.compile(loss, backend="aot_eager")(w1, invalid), w1)
+    want = torch.zeros_like(w)
+    for row in range(2):
+        kept = w[:, ~invalid[row]].clone().requires_grad_(True)
+        p = torch.log_softmax(h[row] @ kept, -1).exp()
+        want[:, ~invalid[row]] += torch.autograd.grad(torch.special.entr(p).sum(), kept)[0]
+    _close([got], [want])
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_logcumsumexp_past_a_kept_prefix_op_by_op(backend):
+    """logcumsumexp over a sequence whose NaN tail is sliced away (tinygrad#17853): its backward works in log
+    space, where a structural g_i = 0 is the lowest float and meets the NaN result there. The compiled graph holds
+    the formula decomposed; the op-by-op run puts it back together as one op, whose rule leaves those terms out,
+    as the eager rule does at the formula's last op. The gradient is that of the kept prefix alone; a NaN inside
+    the prefix stays."""
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: torch.logcumsumexp(x, 0)[:3].sum(), backend=backend)
+    x = torch.tensor([1.0, 2.0, 0.5, nan, nan], requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: the NaN is removed, not reported
+        (got,) = gw.grad(fn(x), x)
+    kept = x.detach()[:3].clone().requires_grad_(True)
+    (part,) = torch.autograd.grad(torch.logcumsumexp(kept, 0).sum(), kept)
+    _close([got], [torch.cat([part, torch.zeros(2)])])
+    y = torch.tensor([1.0, nan, 0.5, 2.0], requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gw.CompiledBackwardWarning)  # a genuine NaN: reported, and kept
+        (got,) = gw.grad(fn(y), y)
+    assert got[:2].isnan().all()
+
+
+def test_a_formula_mask_saved_from_the_forward_is_a_selection_op_by_op():
+    """nan_to_num as a NaN guard (pytorch#94700): its backward multiplies by isfinite(self), a mask the
+    partitioner computes in the forward and saves when the forward value is not otherwise needed. AOTAutograd marks
+    it as traced in the backward: the op-by-op run makes it a formula's selection again, so the replaced element's
+    NaN meets a structural zero. The gradient is that of the program without the replaced element."""
+    torch._dynamo.reset()
+
+    def build():
+        x = torch.tensor([0.7, -1.3], requires_grad=True)
+        w = torch.tensor([math.nan, 2.0])
+        return ((x * w).nan_to_num(0.0) + 3 * x).sum(), x
+
+    out, x = torch.compile(build, backend="aot_eager")()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: the NaN is removed, not reported
+        (got,) = gw.grad(out, x)
+    _close([got], [torch.tensor([3.0, 5.0])])
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_logsumexp_over_log_zero_entries_op_by_op(backend):
     """logsumexp over log(p) with entries p = 0 (a log-space semiring's -inf): its backward weights
@@ -459,24 +528,11 @@ def _load(path: Path) -> list:
 _CASES = [c for path in _CASE_FILES for c in _load(path)]
 
 # (case, backend) where the compiled program keeps a NaN/Inf that eager strong zeros remove, and why; from the
-# full sweep of 2026-12-04 (both backends). Never a different finite number, and never kept without a
+# full sweep of 2026-12-05 (both backends). Never a different finite number, and never kept without a
 # CompiledBackwardWarning: the sweep fails on either, and on a case listed here that no longer keeps its NaN.
-_SAVED_MASK = ("AOTAutograd's partitioner computes nan_to_num's selection mask in the forward and saves it as a "
-               "float 0/1 tensor: its zeros are values to any backward rule")
-_SAVED_EXP = ("exp's backward multiplies the sensitivity by exp's saved output: an output of exactly 0 (exp of a "
-              "-inf masked logit) is a structural zero to the eager rule of ExpBackward0, but in a compiled graph "
-              "the product is one with a saved value, which nothing marks as exp's")
 _NOT_ANALYSED = "the compiled graph's form of this backward keeps the NaN, also op by op (not analysed yet)"
 KEPT_NAN = {
-    ("nan-to-num-as-guard", "aot_eager"): _SAVED_MASK,
-    ("nan-to-num-as-guard", "inductor"): _SAVED_MASK,
-    ("policy-entropy-special-entr-masked-actions", "aot_eager"): _SAVED_EXP,
     ("cumprod-with-nan-after-prefix", "inductor"): _NOT_ANALYSED,
-    ("logcumsumexp-nan-after-kept-prefix", "aot_eager"): _NOT_ANALYSED,
-    ("logcumsumexp-nan-in-used-prefix", "aot_eager"): _NOT_ANALYSED,
-    ("logcumsumexp-nan-after-kept-prefix", "inductor"): _NOT_ANALYSED,
-    ("logcumsumexp-nan-in-used-prefix", "inductor"): _NOT_ANALYSED,
-    ("policy-entropy-special-entr-masked-actions", "inductor"): _SAVED_EXP,
 }
 
 # cases whose program gw.grad (an autograd.grad) cannot differentiate, in plain PyTorch too

@@ -3,11 +3,13 @@ op by op under the strong-zero mode (``for_eager``), and the eager rule for ``pr
 graphs contain (``register_graph_ops``).
 
 A compiled graph hides facts the eager rules read: a formula's own zeros arrive as constants or as a zeros
-tensor saved from the forward, a fused op arrives decomposed, and no autograd node tells which formula an op
-belongs to. Each rewrite in ``_REWRITES`` restores one such fact, on a copy of the graph (AOTAutograd's own stays
-as it is), so that the one rule table serves compiled graphs too, with no rule restated here.
+tensor saved from the forward, a formula's selection mask can arrive computed in the forward and saved, a fused op
+arrives decomposed, and no autograd node tells which formula an op belongs to (AOTAutograd's node metadata does:
+``seq_nr``, the forward op's sequence number; ``original_aten``; ``autograd_backward``). Each rewrite in
+``_REWRITES`` restores one such fact, on a copy of the graph (AOTAutograd's own stays as it is), so that the one
+rule table serves compiled graphs too, with no rule restated here.
 
-May import: torch, and (inside functions, at call time) _rules, _supports.
+May import: torch, and (inside functions, at call time) _rules, _rules_opdb, _supports.
 """
 
 from __future__ import annotations
@@ -106,6 +108,121 @@ def _logsumexp_weights(x: torch.Tensor) -> torch.Tensor:
         _STATE.formula_of = prior
 
 
+def _saved_mask(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
+    """A bool mask a backward formula computed (nan_to_num's ``isfinite(self)``), moved into the forward by the
+    partitioner and saved: a graph input to the eager rules, whose zeros would be values. AOTAutograd marks the
+    nodes it traced in the backward (``meta['autograd_backward']``), moved or not: such a mask is made again
+    in the graph (``_mask_again``)."""
+    val = node.meta.get("val")
+    if node.op != "placeholder" or not node.meta.get("autograd_backward") or \
+            getattr(val, "dtype", None) is not torch.bool or not node.users:
+        return False
+    users = list(node.users)
+    with graph.inserting_after(node):
+        again = graph.call_function(_mask_again, (node,))
+    for user in users:
+        user.replace_input_with(node, again)
+    return True
+
+
+def _mask_again(mask: torch.Tensor) -> torch.Tensor:
+    """``mask == True``, which the comparison rule records as a formula's selection, meaningful everywhere. The
+    formula's own comparison (max's ``self == result``) means nothing where both operands are NaN; the saved
+    mask cannot tell those places, so it is a selection only while the outputs being differentiated are finite:
+    a NaN result then reaches them through a structural zero alone, which annihilates it either way."""
+    from gradwise._strong_zeros._supports import _STATE
+
+    return aten.eq.Scalar(mask, True) if _STATE.outputs_finite else mask
+
+
+_ALIASES = {aten.detach.default, aten.alias.default}
+
+
+def _exp_node(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
+    """exp's backward, ``g * result``, with the result saved from the forward (or recomputed): a product with a
+    value to the eager rules. AOTAutograd tags each node with the sequence number of the forward op it belongs to
+    (``meta['seq_nr']``) and the op that made a saved value (``meta['original_aten']``): a product of exp's output
+    in exp's own backward formula runs as in exp's node (``_exp_weights``), where an output of exactly 0 (exp of a
+    -inf logit) is a structural zero. Any other product of exp's output stays a product with a value."""
+    if node.target is not aten.mul.Tensor or node.kwargs or len(node.args) != 2:
+        return False
+    seq = node.meta.get("seq_nr")
+    for i, arg in enumerate(node.args):
+        src = arg
+        while isinstance(src, fx.Node) and src.target in _ALIASES:
+            src = src.args[0]
+        # (by name: the meta's OpOverload can be a copy that compares unequal to aten.exp.default)
+        if seq is not None and isinstance(src, fx.Node) and str(src.meta.get("original_aten")) == "aten.exp.default" \
+                and src.meta.get("seq_nr") == seq:
+            node.target = _exp_weights
+            node.args = (node.args[1 - i], arg)  # the rule reads the result as the second factor, as in eager
+            return True
+    return False
+
+
+def _exp_weights(g: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """``g * result`` of exp's backward, run as in its node (``_exp_node``)."""
+    from gradwise._strong_zeros._supports import _STATE
+
+    prior, _STATE.formula_of = _STATE.formula_of, "ExpBackward0"
+    try:
+        return aten.mul.Tensor(g, result)
+    finally:
+        _STATE.formula_of = prior
+
+
+_FLIPS = {"aten.flip.default", "prims.rev.default"}
+
+
+def _logcumsumexp_node(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
+    """logcumsumexp's backward (FunctionsManual.cpp), decomposed in the graph: ``exp(rlcse(where(g > 0,
+    log|g|, lowest) - result) + self) - exp(rlcse(where(g < 0, ...) - result) + self)``, rlcse a flipped
+    logcumsumexp. Put back together as ``gradwise::logcumsumexp_backward``, whose rule leaves the structural terms
+    of g out (the pieces cannot: a structural g is ``lowest`` in log space, which meets a NaN result)."""
+    if node.target is not aten.sub.Tensor or len(node.args) != 2 or node.kwargs:
+        return False
+    found = [_lcse_branch(a, sign) for a, sign in zip(node.args, ("aten.gt.Scalar", "aten.lt.Scalar"), strict=True)]
+    if None in found or found[0] != found[1]:
+        return False
+    with graph.inserting_before(node):
+        whole = graph.call_function(torch.ops.gradwise.logcumsumexp_backward.default, found[0])
+    node.replace_all_uses_with(whole)
+    graph.erase_node(node)
+    return True
+
+
+def _lcse_branch(node: Any, sign: str) -> tuple | None:
+    """(g, self, result, dim) of one branch ``exp(flip(logcumsumexp(flip(where(g <sign> 0, log|g|, lowest) -
+    result))) + self)``, or None where ``node`` is not one."""
+
+    def op(n: Any, *names: str) -> bool:
+        return isinstance(n, fx.Node) and n.op == "call_function" and str(n.target) in names
+
+    if not op(node, "aten.exp.default") or not op(add := node.args[0], "aten.add.Tensor"):
+        return None
+    back, x = add.args
+    if not op(back, *_FLIPS) or not op(lc := back.args[0], "aten.logcumsumexp.default") or \
+            not op(front := lc.args[0], *_FLIPS) or not op(diff := front.args[0], "aten.sub.Tensor"):
+        return None
+    where, result = diff.args
+    if not op(where, "aten.where.self") or not op(cmp := where.args[0], sign) or cmp.args[1] != 0 or \
+            not op(log := where.args[1], "aten.log.default") or not op(absolute := log.args[0], "aten.abs.default"):
+        return None
+    g, dim = cmp.args[0], lc.args[1]
+    if absolute.args[0] is not g or list(back.args[1]) != [dim] or list(front.args[1]) != [dim]:
+        return None
+    return g, x, result, dim
+
+
+@torch.library.custom_op("gradwise::logcumsumexp_backward", mutates_args=())
+def _logcumsumexp_backward(grad: torch.Tensor, self: torch.Tensor, result: torch.Tensor, dim: int) -> torch.Tensor:
+    """logcumsumexp's backward for real inputs, as FunctionsManual.cpp computes it (the graph's own pieces): the
+    rule's formula with every term of g kept."""
+    from gradwise._strong_zeros._rules_opdb import _logcumsumexp_grad
+
+    return _logcumsumexp_grad(grad, torch.ones_like(grad, dtype=torch.bool), self, result, dim)[0]
+
+
 def _softmax_whole(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
     """Inductor's decomposition of ``_softmax_backward_data(g, y, dim)``, ``fma(-y, sum(g * y, dim, keepdim=True),
     g * y)`` (torch/_inductor/decomposition.py), put back together: the eager rule for the whole op knows that a
@@ -137,7 +254,7 @@ def _softmax_backward(g: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tenso
 
 
 _REWRITES: tuple[Callable[[fx.Graph, fx.GraphModule, fx.Node], bool], ...] = (
-    _constant_zeros, _saved_zeros, _logsumexp_node, _softmax_whole)
+    _constant_zeros, _saved_zeros, _saved_mask, _logsumexp_node, _logcumsumexp_node, _exp_node, _softmax_whole)
 
 
 # -- an op only these graphs contain ----------------------------------------------------------------------------
@@ -156,5 +273,7 @@ def _fma(func: Any, args: tuple, kwargs: dict, sup: Any) -> Any:
 def register_graph_ops() -> None:
     """Eager rules for ops that only AOTAutograd's graphs contain (one rule table: _rules.RULES)."""
     from gradwise._strong_zeros._rules import RULES
+    from gradwise._strong_zeros._rules_opdb import logcumsumexp_backward
 
     RULES.setdefault(torch.ops.prims.fma.default, _fma)
+    RULES.setdefault(torch.ops.gradwise.logcumsumexp_backward.default, logcumsumexp_backward)

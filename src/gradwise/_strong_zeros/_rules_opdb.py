@@ -64,9 +64,9 @@ def _reverse_logcumsumexp(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.flip(dim).logcumsumexp(dim).flip(dim)
 
 
-def _logcumsumexp_grad(g: torch.Tensor, s: torch.Tensor, node: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _logcumsumexp_grad(g: torch.Tensor, s: torch.Tensor, x: torch.Tensor, result: torch.Tensor,
+                       dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact gradient with the structural terms left out, and its support (some kept term reaches j)."""
-    x, result, dim = node._saved_self, node._saved_result, node._saved_dim
     dim = dim % max(g.dim(), 1)
     lowest = torch.finfo(g.dtype).min
     log_abs = g.abs().log()
@@ -90,7 +90,8 @@ def _sub(func, args, kwargs, sup):
         return _sum(func, args, kwargs, sup)
     _STASH.lcse = None
     g, s = stash[0], stash[1]
-    out, kept = _logcumsumexp_grad(g, s, torch._C._current_autograd_node())
+    node = torch._C._current_autograd_node()
+    out, kept = _logcumsumexp_grad(g, s, node._saved_self, node._saved_result, node._saved_dim)
     out = out.to(args[0].dtype)
     sup.record(out, kept)
     return out
@@ -124,6 +125,20 @@ def _logcumsumexp_exp(func, args, kwargs, sup):
     terms = torch.where(s, conj_g.log() - result, complex(-math.inf, 0.0))  # a structural term is absent
     kept = s.to(torch.uint8).flip(dim).cummax(dim).values.flip(dim).bool()
     out = torch.where(kept, (_reverse_logcumsumexp(terms, dim) + x).exp(), 0).to(args[0].dtype)
+    sup.record(out, kept)
+    return out
+
+
+def logcumsumexp_backward(func, args, kwargs, sup):
+    """The rule of ``gradwise::logcumsumexp_backward(g, self, result, dim)``, the whole formula as one op, which
+    compiled graphs hold decomposed (``_graph_forms._logcumsumexp_node`` puts it back together): the exact
+    gradient with the structural terms of g left out, as at the last op of the eager formula."""
+    g, x, result, dim = args
+    s = sup.of(g)
+    if s is None or g.is_complex():
+        return _run_unruled(func, args, kwargs, sup, None)
+    out, kept = _logcumsumexp_grad(g, s.expand(g.shape), x, result, dim)
+    out = out.to(g.dtype)
     sup.record(out, kept)
     return out
 
