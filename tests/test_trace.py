@@ -129,8 +129,6 @@ def _reported_cases():
 # Reported cases that strong zeros clean but whose report still calls something genuine (not yet fixed)
 TRACE_KNOWN = {
     "checkpoint-reentrant-block-nan-rows-sliced": "PyTorch: reentrant checkpoint is incompatible with .grad()",
-    "logcumsumexp-nan-after-kept-prefix": "logcumsumexp's rule recomputes its whole formula at its last op; the "
-                                          "trace reruns the formula's ops one by one and calls part of it genuine",
 }
 
 

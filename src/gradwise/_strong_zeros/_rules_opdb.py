@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
@@ -141,6 +142,21 @@ def logcumsumexp_backward(func, args, kwargs, sup):
     out = out.to(g.dtype)
     sup.record(out, kept)
     return out
+
+
+class WholeFormula(NamedTuple):
+    """A backward formula whose strong-zero rule is the whole formula, recomputed at its last op (``exact(g,
+    support of g, node)`` -> the node's gradient): the trace classifies its NaN/Inf there, as the rule decides."""
+
+    first: Any  # the formula's first op, on g
+    last: Any  # its last op, which returns the node's gradient
+    exact: Callable
+
+
+# keyed by the forward op whose node it is, as the trace names nodes
+WHOLE_FORMULAS = {"aten.logcumsumexp": WholeFormula(
+    aten.abs.default, aten.sub.Tensor,
+    lambda g, s, node: _logcumsumexp_grad(g, s, node._saved_self, node._saved_result, node._saved_dim)[0])}
 
 
 _register(aten.log.default)(_log)

@@ -75,11 +75,14 @@ class _Incidents:
         """A NaN/Inf sensitivity from upstream meets this backward op: where the strong-zero rules, rerun on it,
         leave a finite value (a structural zero of a saved forward value: softmax's or exp's output at a -inf
         logit), strong zeros annihilate it here. Those elements are contamination born where the carried NaN/Inf
-        was, and the upstream incidents stop there (the same fate as under gw.strong_zeros()). False where
+        was, and the upstream incidents stop there (the same fate as under gw.strong_zeros()). At the last op of
+        a formula whose rule is the whole formula (logcumsumexp's), that rule's result decides. False where
         nothing is annihilated (the provenance is then carried as it is)."""
-        if args is None or out is None or not self.outputs_finite():
-            return False  # a non-finite output keeps every NaN the rules would (softmax, exp: not structural)
-        strong = _strong_rerun(func, args, kwargs or {}, sens_ins, o, out)
+        strong = self._whole_formula(func, o, sens_ins, nd)
+        if strong is None:
+            if args is None or out is None or not self.outputs_finite():
+                return False  # a non-finite output keeps every NaN the rules would (softmax, exp: not structural)
+            strong = _strong_rerun(func, args, kwargs or {}, sens_ins, o, out)
         if strong is None:
             return False
         gone = mask & torch.isfinite(strong)
@@ -87,8 +90,8 @@ class _Incidents:
         if not count:
             return False
         births = frozenset().union(*(i.births if isinstance(i, _Incident) else (i,) for i in carried))
-        for i in carried:
-            if isinstance(i, _Incident) and i.kind != "contamination":
+        for i in carried:  # reported only where they reach a gradient some other way
+            if isinstance(i, _Incident):
                 i.annihilated = True
         op, node_op = _op_name(func), nd.op if nd is not None else "?"
         what = (f"a structural zero met NaN/Inf from upstream in {op} (the backward of {node_op}), where "
@@ -107,6 +110,21 @@ class _Incidents:
         else:
             self.prov[o] = frozenset([inc])
         return True
+
+    def _whole_formula(self, func, o, sens_ins, nd) -> torch.Tensor | None:
+        """The strong-zero result of a whole backward formula (``_strong_zeros.WHOLE_FORMULAS``) at its last op,
+        from the sensitivity kept at its first op (``formula_g``), its zeros taken as structural; else None."""
+        whole = _strong_zeros.WHOLE_FORMULAS.get(nd.op) if nd is not None else None
+        node = torch._C._current_autograd_node()
+        g = self.formula_g.get(node._sequence_nr()) if whole is not None and node is not None else None
+        if g is None or func is not whole.last or len(sens_ins) < 2 or g.shape != o.shape:
+            return None
+        del self.formula_g[node._sequence_nr()]
+        try:
+            out = whole.exact(g, g != 0, node)
+        except Exception:  # an explanation must never break the program it explains
+            return None
+        return out if out.shape == o.shape else None
 
     def _through_view(self, func, upstream, args, kwargs, o, mask, carried) -> frozenset:
         """The provenance of a view (or copy) of a tensor part of whose NaN/Inf a structural zero annihilated

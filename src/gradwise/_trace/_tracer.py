@@ -67,6 +67,7 @@ class _OpInfo:
 
 
 _INFO: dict = {}
+_FORMULA_FIRST = {w.first for w in _strong_zeros.WHOLE_FORMULAS.values()}
 
 
 def _op_info(func) -> _OpInfo:
@@ -145,6 +146,7 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         # backward tensor -> (mask of its NaN/Inf still from upstream, the incident a structural zero made of the
         # rest, the upstream provenance) where strong zeros annihilated part of it (_Incidents._annihilated)
         self.split = WeakTensorKeyDictionary()
+        self.formula_g: dict[int, torch.Tensor] = {}  # node seq -> g, at a whole formula's first op
         self.names = _ByIdentity()
         self.batches = WeakTensorKeyDictionary()  # tensor -> index of the DataLoader batch it arrived in
         self.module_names = _ByIdentity()  # module -> {id(param): name}
@@ -294,6 +296,10 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         if node is None or found:  # outside any node (root grads, accumulation) every tensor is a sensitivity
             for o in outs:
                 self.sens[o] = seq
+            if func in _FORMULA_FIRST and seq is not None:  # a whole formula's g, for its last op (_Incidents)
+                whole = _strong_zeros.WHOLE_FORMULAS.get(getattr(self.nodes.get(seq), "op", None))
+                if whole is not None and func is whole.first and args[0].is_floating_point():
+                    self.formula_g[seq] = args[0]
             if seq is not None:
                 ps = self.parents.get(seq)
                 if ps is None:
