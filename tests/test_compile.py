@@ -443,6 +443,21 @@ def test_logcumsumexp_past_a_kept_prefix_op_by_op(backend):
     assert got[:2].isnan().all()
 
 
+def test_cumprod_past_a_kept_prefix_under_inductor_op_by_op():
+    """cumprod over a sequence whose NaN tail is sliced away: inductor's graph of its backward reverses with
+    prims.rev, which the eager rules know as flip (an op only those graphs contain), so the sliced-away zeros
+    keep their support through the reversed cumsum and the NaN meets them. Gradient of the kept prefix alone."""
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: torch.cumprod(x, 0)[:3].sum())
+    x = torch.tensor([2.0, 0.5, 3.0, nan, 4.0], requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: the NaN is removed, not reported
+        (got,) = gw.grad(fn(x), x)
+    kept = x.detach()[:3].clone().requires_grad_(True)
+    (part,) = torch.autograd.grad(torch.cumprod(kept, 0).sum(), kept)
+    _close([got], [torch.cat([part, torch.zeros(2)])])
+
+
 def test_a_formula_mask_saved_from_the_forward_is_a_selection_op_by_op():
     """nan_to_num as a NaN guard (pytorch#94700): its backward multiplies by isfinite(self), a mask the
     partitioner computes in the forward and saves when the forward value is not otherwise needed. AOTAutograd marks
@@ -527,13 +542,10 @@ def _load(path: Path) -> list:
 
 _CASES = [c for path in _CASE_FILES for c in _load(path)]
 
-# (case, backend) where the compiled program keeps a NaN/Inf that eager strong zeros remove, and why; from the
+# (case, backend) where the compiled program keeps a NaN/Inf that eager strong zeros remove, and why: none in the
 # full sweep of 2026-12-05 (both backends). Never a different finite number, and never kept without a
 # CompiledBackwardWarning: the sweep fails on either, and on a case listed here that no longer keeps its NaN.
-_NOT_ANALYSED = "the compiled graph's form of this backward keeps the NaN, also op by op (not analysed yet)"
-KEPT_NAN = {
-    ("cumprod-with-nan-after-prefix", "inductor"): _NOT_ANALYSED,
-}
+KEPT_NAN: dict[tuple[str, str], str] = {}
 
 # cases whose program gw.grad (an autograd.grad) cannot differentiate, in plain PyTorch too
 NOT_GRAD = {"checkpoint-reentrant-block-nan-rows-sliced": "PyTorch: reentrant checkpoint is incompatible with .grad()"}

@@ -272,8 +272,9 @@ def _fma(func: Any, args: tuple, kwargs: dict, sup: Any) -> Any:
 
 def register_graph_ops() -> None:
     """Eager rules for ops that only AOTAutograd's graphs contain (one rule table: _rules.RULES)."""
-    from gradwise._strong_zeros._rules import RULES
+    from gradwise._strong_zeros._rules import RULES, lookup
     from gradwise._strong_zeros._rules_opdb import logcumsumexp_backward
 
     RULES.setdefault(torch.ops.prims.fma.default, _fma)
+    RULES.setdefault(torch.ops.prims.rev.default, lookup(aten.flip.default))  # inductor's flip
     RULES.setdefault(torch.ops.gradwise.logcumsumexp_backward.default, logcumsumexp_backward)
