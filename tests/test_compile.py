@@ -427,15 +427,7 @@ def test_logcumsumexp_past_a_kept_prefix_op_by_op(backend):
     the formula decomposed; the op-by-op run puts it back together as one op, whose rule leaves those terms out,
     as the eager rule does at the formula's last op. The gradient is that of the kept prefix alone; a NaN inside
     the prefix stays."""
-    torch._dynamo.reset()
-    fn = torch.compile(lambda x: torch.logcumsumexp(x, 0)[:3].sum(), backend=backend)
-    x = torch.tensor([1.0, 2.0, 0.5, nan, nan], requires_grad=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no warning: the NaN is removed, not reported
-        (got,) = gw.grad(fn(x), x)
-    kept = x.detach()[:3].clone().requires_grad_(True)
-    (part,) = torch.autograd.grad(torch.logcumsumexp(kept, 0).sum(), kept)
-    _close([got], [torch.cat([part, torch.zeros(2)])])
+    fn = _scan_past_a_prefix(torch.logcumsumexp, torch.tensor([1.0, 2.0, 0.5, nan, nan]), backend)
     y = torch.tensor([1.0, nan, 0.5, 2.0], requires_grad=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", gw.CompiledBackwardWarning)  # a genuine NaN: reported, and kept
@@ -447,15 +439,22 @@ def test_cumprod_past_a_kept_prefix_under_inductor_op_by_op():
     """cumprod over a sequence whose NaN tail is sliced away: inductor's graph of its backward reverses with
     prims.rev, which the eager rules know as flip (an op only those graphs contain), so the sliced-away zeros
     keep their support through the reversed cumsum and the NaN meets them. Gradient of the kept prefix alone."""
+    _scan_past_a_prefix(torch.cumprod, torch.tensor([2.0, 0.5, 3.0, nan, 4.0]), "inductor")
+
+
+def _scan_past_a_prefix(scan, x, backend):
+    """``scan(x, 0)[:3].sum()`` compiled, under gw.grad, equals the gradient of the 3-element prefix alone (0 past
+    it) with no warning; returns the compiled function."""
     torch._dynamo.reset()
-    fn = torch.compile(lambda x: torch.cumprod(x, 0)[:3].sum())
-    x = torch.tensor([2.0, 0.5, 3.0, nan, 4.0], requires_grad=True)
+    fn = torch.compile(lambda x: scan(x, 0)[:3].sum(), backend=backend)
+    x = x.clone().requires_grad_(True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning: the NaN is removed, not reported
         (got,) = gw.grad(fn(x), x)
     kept = x.detach()[:3].clone().requires_grad_(True)
-    (part,) = torch.autograd.grad(torch.cumprod(kept, 0).sum(), kept)
-    _close([got], [torch.cat([part, torch.zeros(2)])])
+    (part,) = torch.autograd.grad(scan(kept, 0).sum(), kept)
+    _close([got], [torch.cat([part, torch.zeros(x.shape[0] - 3)])])
+    return fn
 
 
 def test_a_formula_mask_saved_from_the_forward_is_a_selection_op_by_op():
