@@ -201,6 +201,33 @@ def test_an_infinite_derivative_stays_genuine_when_the_output_is_not_finite():
     assert report.of_kind("nan", "inf"), str(report)
 
 
+def test_contamination_no_gradient_receives_is_no_finding():
+    """logcumsumexp's backward takes log|g| (log 0 = -inf at the sliced-away positions) and then replaces it with
+    the lowest float: that -inf reaches no gradient, so it is listed with the values nothing used, not as a
+    finding; the NaN that does reach x is the finding."""
+    x = torch.tensor([1.0, 2.0, 0.5, math.nan, math.nan], requires_grad=True)
+    with gw.trace() as report:
+        torch.logcumsumexp(x, 0)[:3].sum().backward()
+    (f,) = report.findings
+    assert f.kind == "contamination" and f.reaches == ["x"], str(report)
+    assert any("aten.log at" in u and "in the backward" in u for u in report.unused), str(report)
+
+
+def test_backward_inputs_that_are_not_leaves_are_reached():
+    """``backward(inputs=[h])`` for a non-leaf h fills h.grad without an AccumulateGrad node: the contamination
+    that reaches it is a finding that names h, not a value nothing used."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 3)
+    x = torch.randn(6, 3)
+    x[4:] = math.nan
+    with gw.trace() as report:
+        h = lin(x)
+        h.exp()[:4].sum().backward(inputs=[h])
+    (f,) = report.findings
+    assert (f.kind, f.reaches) == ("contamination", ["h"]), str(report)
+    assert not h.grad[4:].isfinite().any()
+
+
 def test_seed_names_and_rows():
     torch.manual_seed(137)
     lin = torch.nn.Linear(8, 1)

@@ -47,11 +47,15 @@ class _Assembly:
                 f.step = step
 
         birthless: set = set()
+        unreached: dict[tuple, int] = {}  # contamination no gradient received: (op, line) -> elements
         for inc in sorted(self.store.incidents.values(), key=lambda i: i.order):
             if inc.serial <= since:
                 continue
             if inc.annihilated and not inc.reaches:
                 continue  # a structural zero downstream annihilated it: the contamination found there says so
+            if inc.kind == "contamination" and not inc.reaches:  # made in the backward, then dropped: harmless
+                unreached[(inc.op, _fmt(inc.loc))] = unreached.get((inc.op, _fmt(inc.loc)), 0) + inc.count
+                continue
             via = earliest(inc.births)
             birth = overflow_root(via)
             if inc.kind == "contamination":
@@ -103,7 +107,8 @@ class _Assembly:
                         if not kind.startswith("not explained") else f"{op or 'a value'}: {kind} ({n}x)"
                         for kind, (n, op) in self.passed.items()]
         report.removed = _causes.removed(self.strong_reads, self.store.incidents.values(), _fmt)
-        report.unused = self._unused(removed={b for b, _ in self.strong_reads})
+        report.unused = self._unused(removed={b for b, _ in self.strong_reads}) + [
+            f"{op} at {loc} in the backward ({n} value{'s' if n != 1 else ''})" for (op, loc), n in unreached.items()]
         rank = _dist_rank()
         for f in report.findings:
             f.rank = rank

@@ -72,7 +72,16 @@ def _traced_backward(tensors, grad_tensors=None, *args, **kwargs):
         return _ORIGINAL[0](tensors, grad_tensors, *args, **kwargs)
     tensors, grad_tensors = tracer.roots(tensors, grad_tensors)
     with _backward_call(tracer):
-        return _ORIGINAL[0](tensors, grad_tensors, *args, **kwargs)
+        result = _ORIGINAL[0](tensors, grad_tensors, *args, **kwargs)
+        inputs = kwargs.get("inputs", args[3] if len(args) > 3 else None)
+        if inputs is not None:  # non-leaf inputs get their .grad without an AccumulateGrad node: read it here
+            tracer.flush()
+            with torch.utils._python_dispatch._disable_current_modes():
+                for t in (inputs,) if isinstance(inputs, torch.Tensor) else inputs:
+                    if isinstance(t, torch.Tensor) and not t.is_leaf and isinstance(t.grad, torch.Tensor) \
+                            and _kinds.readable(t.grad):
+                        tracer._safely("torch.autograd.backward", tracer.reached, t.grad, t)
+        return result
 
 
 def _traced_grad(outputs, inputs, grad_outputs=None, *args, **kwargs):
