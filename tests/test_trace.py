@@ -12,6 +12,7 @@ import inspect
 import itertools
 import math
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -211,6 +212,19 @@ def test_contamination_no_gradient_receives_is_no_finding():
     (f,) = report.findings
     assert f.kind == "contamination" and f.reaches == ["x"], str(report)
     assert any("aten.log at" in u and "in the backward" in u for u in report.unused), str(report)
+
+
+def test_whole_formula_sensitivities_are_not_kept_across_steps():
+    """The trace keeps g at logcumsumexp's first backward op for its last; a finite backward never reaches that
+    step, and the next backward drops what it kept: held one backward at most, not one per step."""
+    from gradwise._trace import _session
+
+    x = torch.randn(5, requires_grad=True)
+    with gw.trace():
+        tracer = _session._TRACERS[threading.get_ident()]
+        for _ in range(5):
+            torch.logcumsumexp(x, 0)[:3].sum().backward()
+            assert len(tracer.formula_g) <= 1
 
 
 def test_backward_inputs_that_are_not_leaves_are_reached():

@@ -182,6 +182,7 @@ class _Checks:
         if not reentrant:  # read on demand, inside the mode's handler (an op here would be traced as the user's)
             self.root_outputs = [weakref.ref(o) for o in outputs if isinstance(o, torch.Tensor) and _inexact(o)]
             self.finite_outputs = None
+            self.formula_g.clear()  # a formula whose last op met no NaN left its g: held one backward at most
         for i, (o, g) in enumerate(zip(outputs, grads, strict=False)):
             births = [] if reentrant else [b for b in self.prov.get(o, ()) if isinstance(b, _Birth)]
             # a parameter made NaN by an earlier backward makes the whole output NaN: it explains the others
