@@ -49,7 +49,8 @@ from gradwise._strong_zeros import _rules_pointwise, _rules_bilinear, _rules_bac
 from gradwise._strong_zeros import _rules_attention, _rules_opdb  # noqa: F401
 # isort: on
 # What the other concerns read of strong zeros as ``_strong_zeros.<name>`` (gradwise._trace: _STATE, lookup,
-# _decomposition, _StrongZeroMode, WHOLE_FORMULAS; gradwise._trace._watching: _root_nodes, _graph_parts, _release,
+# _decomposition, _StrongZeroMode, WHOLE_FORMULAS, may_make_structural_zeros; gradwise._trace._watching: _root_nodes,
+# _graph_parts, _release,
 # _release_graph, _walk, _all_finite; gradwise._distributed: _register). None of these names is ever rebound, so
 # these are the very objects the modules below use. A name that is rebound or monkeypatched (_engine._plan,
 # _engine._process_wide) is not here.
@@ -64,6 +65,7 @@ from gradwise._strong_zeros._contract import GradwiseWarning, PlainBackwardWarni
 from gradwise._strong_zeros._engine import backward, grad, strong_zeros, strong_zeros_process_wide
 from gradwise._strong_zeros._mode import _decomposition as _decomposition
 from gradwise._strong_zeros._mode import _StrongZeroMode as _StrongZeroMode
+from gradwise._strong_zeros._node_facts import may_make_structural_zeros as may_make_structural_zeros
 from gradwise._strong_zeros._planning import _all_finite as _all_finite
 from gradwise._strong_zeros._rules import RULES, unruled_ops
 from gradwise._strong_zeros._rules import _register as _register

@@ -363,6 +363,13 @@ def _makes_zeros(node: Any) -> bool:
     return makes if makes.__class__ is bool else makes is UNUSED_OUTPUTS or makes(node)
 
 
+def may_make_structural_zeros(node: Any) -> bool:
+    """Whether a structural zero can start at this node: its backward makes one, or multiplies by its own
+    output, whose exact zeros are structural (softmax, exp). The trace reads it: a zero sensitivity below no
+    such node is one the program computed."""
+    return _makes_zeros(node) or _node_type(node)[5] is not None
+
+
 # Nodes whose backward multiplies the sensitivity by their own output, where an output of exactly 0 (from a
 # -inf input) is a structural zero (semantics.md): an infinite sensitivity from a singular point above meets it.
 _ZERO_OUTPUT_TESTS: dict[str, Callable[[Any], bool]] = {

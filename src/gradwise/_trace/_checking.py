@@ -195,7 +195,8 @@ class _Checks:
             if g is None and isinstance(o, torch.Tensor) and o.numel() == 1 and o.requires_grad \
                     and o.is_floating_point():
                 grads[i] = g = torch.ones_like(o, memory_format=torch.preserve_format)
-            if isinstance(g, torch.Tensor):
+            # a reentrant backward's seeds are the outer backward's sensitivities: they keep where they came from
+            if isinstance(g, torch.Tensor) and not (reentrant and g in self.sens):
                 self.sens[g] = None
         return outputs, grads
 

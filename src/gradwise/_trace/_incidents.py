@@ -37,7 +37,8 @@ class _Incidents:
         # (slice, where, mask, ignored targets...) made it; a zero the program computes (0 * sqrt(w)) is an
         # ordinary zero, and 0 x NaN = NaN there is genuine, for the trace as for gw.grad
         discarded = self._discarded_by(sens_ins)
-        computed_zero = discarded is None and self._from_a_product(sens_ins) and bool(mask_any(mask & ~genuine))
+        computed_zero = discarded is None and (self._from_a_product(sens_ins) or not self._maker_above(sens_ins)) \
+            and bool(mask_any(mask & ~genuine))
         if computed_zero:
             genuine = torch.ones_like(mask)
         undecided = False
@@ -187,6 +188,24 @@ class _Incidents:
             nd = self.nodes.get(self.sens.get(s))
             if nd is not None and nd.op in _PRODUCTS:
                 return True
+        return False
+
+    def _maker_above(self, sens_ins) -> bool:
+        """Is there a node upstream in the sensitivity flow where strong zeros can start a structural zero (their
+        own fact, ``may_make_structural_zeros``; the engine's zeros for an unused output count)? Where there is
+        none, a zero sensitivity is one the program computed (1 - 6/6 when centring), as gw.grad takes it."""
+        frontier = [self.sens.get(s) for s in sens_ins]
+        seen: set = set()
+        while frontier:
+            nxt = []
+            for seq in frontier:
+                if seq is None or seq in seen:
+                    continue
+                if seq < 0 or seq in self.makers:  # (negative: the engine's zeros)
+                    return True
+                seen.add(seq)
+                nxt.extend(self.parents.get(seq, ()))
+            frontier = nxt
         return False
 
     def _discarded_by(self, sens_ins) -> tuple | None:

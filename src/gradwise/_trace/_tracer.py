@@ -68,6 +68,9 @@ class _OpInfo:
 
 _INFO: dict = {}
 _FORMULA_FIRST = {w.first for w in _strong_zeros.WHOLE_FORMULAS.values()}
+# zeros the engine makes outside any node (for an unused output's gradient): structural, as strong zeros take them
+_ZEROS = {torch.ops.aten.zeros, torch.ops.aten.zeros_like, torch.ops.aten.new_zeros}
+_ENGINE_ZEROS = -1
 
 
 def _op_info(func) -> _OpInfo:
@@ -152,6 +155,7 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         self.module_names = _ByIdentity()  # module -> {id(param): name}
         self.nodes: dict[int, _Node] = {}
         self.parents: dict = {}  # node seq -> seqs of the nodes whose sensitivities it consumed
+        self.makers: set = set()  # seqs of nodes where strong zeros can start a structural zero (_Incidents)
         self.store = Store()  # births and incidents, interned per site (bounded over long runs)
         self.kinks: dict[tuple, _KinkGroup] = {}
         self.output_births: set = set()  # births that reached an output something was differentiated from
@@ -284,6 +288,7 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         self.nodes = {k: self.nodes[k] for k in keep}
         oldest = keep[0] if keep else 0
         self.parents = {k: v for k, v in self.parents.items() if k is None or k >= oldest}
+        self.makers = {k for k in self.makers if k >= oldest}
 
     def _backward(self, func, info, node, args, out, kwargs=None):
         self.n_bwd += 1
@@ -294,8 +299,9 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         if info.mutable and not outs:
             outs = _floats(args[0])
         if node is None or found:  # outside any node (root grads, accumulation) every tensor is a sensitivity
+            made = _ENGINE_ZEROS if node is None and func.overloadpacket in _ZEROS else seq
             for o in outs:
-                self.sens[o] = seq
+                self.sens[o] = made
             if func in _FORMULA_FIRST and seq is not None:  # a whole formula's g, for its last op (_Incidents)
                 whole = _strong_zeros.WHOLE_FORMULAS.get(getattr(self.nodes.get(seq), "op", None))
                 if whole is not None and func is whole.first and args[0].is_floating_point():
@@ -304,6 +310,8 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
                 ps = self.parents.get(seq)
                 if ps is None:
                     ps = self.parents[seq] = set()
+                    if _strong_zeros.may_make_structural_zeros(node):  # (node types: one lookup each)
+                        self.makers.add(seq)
                 for _, p in found:
                     if p is not None and p != seq:
                         ps.add(p)
