@@ -173,9 +173,9 @@ def _constant(func, args, kwargs, out, iv: Intervals):
     return zeros if isinstance(out, (tuple, list)) else zeros[0]
 
 
-def _bilinear(func, args, kwargs, iv: Intervals) -> Interval:
-    """func bilinear in args[0] and args[1] (mm, bmm, convolution without its bias): the center by forward AD;
-    the radius r_a through |b| plus |a| through r_b (first order of (a + da)(b + db))."""
+def _bilinear(func, args, kwargs, out, iv: Intervals) -> Interval:
+    """func bilinear in args[0] and args[1] (mm / bmm / mv / dot, convolution without its bias): the center by
+    forward AD; the radius r_a through |b| plus |a| through r_b (first order of (a + da)(b + db))."""
     got = {i: iv.get(args[i]) for i in (0, 1)}
     if got[0] is None and got[1] is None:  # (only a bias carries one)
         zero = torch.zeros_like(func(*args, **kwargs))
@@ -190,18 +190,13 @@ def _bilinear(func, args, kwargs, iv: Intervals) -> Interval:
     return c, r
 
 
-def _mm(func, args, kwargs, out, iv):
-    """mm / bmm / mv / dot: (A + dA)(B + dB): r = r_A |B| + |A| r_B."""
-    return _bilinear(func, args, kwargs, iv)
-
-
 def _addmm(func, args, kwargs, out, iv):
     """addmm(bias, A, B, beta, alpha) = beta bias + alpha A B."""
     beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
     if beta != 1 or alpha != 1:
         raise Unbounded("addmm with beta or alpha other than 1")
     got = iv.get(args[0])
-    c, r = _bilinear(aten.mm.default, (args[1], args[2]), {}, iv)
+    c, r = _bilinear(aten.mm.default, (args[1], args[2]), {}, None, iv)
     if got is not None:
         c, r = c + got[0], r + got[1]
     return c, r
@@ -209,7 +204,7 @@ def _addmm(func, args, kwargs, out, iv):
 
 def _convolution(func, args, kwargs, out, iv):
     """convolution(x, w, b, ...): r = |w| * r_x + |x| * r_w + r_b."""
-    c, r = _bilinear(func, (args[0], args[1], None, *args[3:]), kwargs, iv)
+    c, r = _bilinear(func, (args[0], args[1], None, *args[3:]), kwargs, None, iv)
     got = iv.get(args[2]) if len(args) > 2 else None
     if got is not None:
         shape = (1, -1) + (1,) * (out.dim() - 2)
@@ -231,10 +226,14 @@ def _softmax(func, args, kwargs, out, iv):
     return _jvp(func, args, kwargs, {0: c}), out * r + out * (out * r).sum(args[1], keepdim=True)
 
 
-def _hull(*intervals: Interval) -> Interval:
-    lo = torch.stack([c - r for c, r in intervals]).amin(0)
-    hi = torch.stack([c + r for c, r in intervals]).amax(0)
+def _between(lo: Tensor, hi: Tensor) -> Interval:
+    """The interval [lo, hi] as (center, radius)."""
     return (lo + hi) / 2, (hi - lo) / 2
+
+
+def _hull(*intervals: Interval) -> Interval:
+    return _between(torch.stack([c - r for c, r in intervals]).amin(0),
+                    torch.stack([c + r for c, r in intervals]).amax(0))
 
 
 def _where_hull(mask: Tensor, exact: Interval, branches: Interval) -> Interval:
@@ -281,9 +280,8 @@ def _tied_hull(values: Tensor, best: Tensor, x: Interval, dim, keepdim: bool) ->
     """Over ``dim`` (None or []: all): the hull of the intervals of the elements equal to ``best`` (the one element
     that is, where none ties)."""
     tied, dims = slice_equal(values, best, dim, keepdim), slice_dims(values, dim)
-    lo = torch.where(tied, x[0] - x[1], math.inf).amin(dims, keepdim=keepdim)
-    hi = torch.where(tied, x[0] + x[1], -math.inf).amax(dims, keepdim=keepdim)
-    return (lo + hi) / 2, (hi - lo) / 2
+    return _between(torch.where(tied, x[0] - x[1], math.inf).amin(dims, keepdim=keepdim),
+                    torch.where(tied, x[0] + x[1], -math.inf).amax(dims, keepdim=keepdim))
 
 
 def _extreme(func, args, kwargs, out, iv):
@@ -316,8 +314,7 @@ def _sorted(func, args, kwargs, out, iv):
     hi = torch.full_like(hi, -math.inf).scatter_reduce(-1, group, hi, "amax").gather(-1, group)
     if k is not None:
         lo, hi = lo[..., :k], hi[..., :k]
-    center, radius = ((lo + hi) / 2).movedim(-1, dim), ((hi - lo) / 2).movedim(-1, dim)
-    return [(center, radius), None]
+    return [_between(lo.movedim(-1, dim), hi.movedim(-1, dim)), None]
 
 
 def _max_pool2d(func, args, kwargs, out, iv):
@@ -333,7 +330,7 @@ def _max_pool2d(func, args, kwargs, out, iv):
         tied = at == out[0]
         at_lo, at_hi = torch.where(tied, at_lo, math.inf), torch.where(tied, at_hi, -math.inf)
         lo, hi = (at_lo, at_hi) if lo is None else (torch.minimum(lo, at_lo), torch.maximum(hi, at_hi))
-    return [((lo + hi) / 2, (hi - lo) / 2), None]
+    return [_between(lo, hi), None]
 
 
 INTERVAL_RULES: dict[Any, Rule] = {}
@@ -353,7 +350,7 @@ _register(_batch_norm_eval, aten.native_batch_norm, aten._native_batch_norm_legi
 _register(_layer_norm, aten.native_layer_norm)
 _register(_constant, aten.detach, aten.zeros_like, aten.ones_like, aten.full_like, aten.empty_like,
           aten.new_zeros, aten.new_ones, aten.new_full, aten.new_empty, aten.empty_strided, aten.new_empty_strided)
-_register(_mm, aten.mm, aten.bmm, aten.mv, aten.dot)
+_register(_bilinear, aten.mm, aten.bmm, aten.mv, aten.dot)
 _register(_addmm, aten.addmm)
 _register(_convolution, aten.convolution)
 _register(_log_softmax, aten._log_softmax)

@@ -14,8 +14,9 @@ May import: torch, and (inside functions, at call time) _rules, _rules_opdb, _su
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -99,11 +100,19 @@ def _logsumexp_node(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> b
 def _logsumexp_weights(x: torch.Tensor) -> torch.Tensor:
     """``exp(x - result)`` of logsumexp's backward, run as in its node: the exp rule knows that an output of 0
     at a -inf input (a log(0) or masked entry) is a structural zero there."""
+    with _formula_of("LogsumexpBackward0"):
+        return aten.exp.default(x)
+
+
+@contextlib.contextmanager
+def _formula_of(node_name: str) -> Iterator[None]:
+    """Ops run in the block as in the backward formula of that autograd node (which the graph does not tell the
+    eager rules: ``_rules_pointwise._in_node``)."""
     from gradwise._strong_zeros._supports import _STATE
 
-    prior, _STATE.formula_of = _STATE.formula_of, "LogsumexpBackward0"
+    prior, _STATE.formula_of = _STATE.formula_of, node_name
     try:
-        return aten.exp.default(x)
+        yield
     finally:
         _STATE.formula_of = prior
 
@@ -162,13 +171,8 @@ def _exp_node(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
 
 def _exp_weights(g: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """``g * result`` of exp's backward, run as in its node (``_exp_node``)."""
-    from gradwise._strong_zeros._supports import _STATE
-
-    prior, _STATE.formula_of = _STATE.formula_of, "ExpBackward0"
-    try:
+    with _formula_of("ExpBackward0"):
         return aten.mul.Tensor(g, result)
-    finally:
-        _STATE.formula_of = prior
 
 
 _FLIPS = {"aten.flip.default", "prims.rev.default"}

@@ -90,10 +90,19 @@ def _sub(func, args, kwargs, sup):
     if stash[2] < 3:  # log|g+| - result, log|g-| - result, then output_pos - output_neg
         return _sum(func, args, kwargs, sup)
     _STASH.lcse = None
-    g, s = stash[0], stash[1]
-    node = torch._C._current_autograd_node()
-    out, kept = _logcumsumexp_grad(g, s, node._saved_self, node._saved_result, node._saved_dim)
-    out = out.to(args[0].dtype)
+    return _recorded(_logcumsumexp_grad(stash[0], stash[1], *_saved(torch._C._current_autograd_node())),
+                     args[0].dtype, sup)
+
+
+def _saved(node: Any) -> tuple:
+    """(self, result, dim) that a LogcumsumexpBackward0 node saved."""
+    return node._saved_self, node._saved_result, node._saved_dim
+
+
+def _recorded(grad_and_support: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype, sup) -> torch.Tensor:
+    """The exact gradient in ``dtype``, with its support recorded."""
+    out, kept = grad_and_support
+    out = out.to(dtype)
     sup.record(out, kept)
     return out
 
@@ -138,10 +147,7 @@ def logcumsumexp_backward(func, args, kwargs, sup):
     s = sup.of(g)
     if s is None or g.is_complex():
         return _run_unruled(func, args, kwargs, sup, None)
-    out, kept = _logcumsumexp_grad(g, s.expand(g.shape), x, result, dim)
-    out = out.to(g.dtype)
-    sup.record(out, kept)
-    return out
+    return _recorded(_logcumsumexp_grad(g, s.expand(g.shape), x, result, dim), g.dtype, sup)
 
 
 class WholeFormula(NamedTuple):
@@ -156,7 +162,7 @@ class WholeFormula(NamedTuple):
 # keyed by the forward op whose node it is, as the trace names nodes
 WHOLE_FORMULAS = {"aten.logcumsumexp": WholeFormula(
     aten.abs.default, aten.sub.Tensor,
-    lambda g, s, node: _logcumsumexp_grad(g, s, node._saved_self, node._saved_result, node._saved_dim)[0])}
+    lambda g, s, node: _logcumsumexp_grad(g, s, *_saved(node))[0])}
 
 
 _register(aten.log.default)(_log)

@@ -137,8 +137,8 @@ class _Assembly:
 
     def _contamination(self, inc: _Incident, birth: _Birth | None, via: _Birth | None = None) -> Finding:
         disc_op, disc_loc = inc.discarded if inc.discarded else (None, None)
-        rewrite = (_DISCARDS.get(_discard_key(disc_op)) or _ZERO_OUTPUTS.get(_discard_key(disc_op))) \
-            if disc_op else None
+        key = _discard_key(disc_op) if disc_op else None
+        rewrite = _DISCARDS.get(key) or _ZERO_OUTPUTS.get(key)
         if rewrite is None:
             rewrite = "mask the value before the op that makes NaN/Inf (e.g. before the division)"
         if disc_op is None:  # no op upstream discards values: the zero may be one the program computes

@@ -190,10 +190,9 @@ class _Incidents:
                 return True
         return False
 
-    def _maker_above(self, sens_ins) -> bool:
-        """Is there a node upstream in the sensitivity flow where strong zeros can start a structural zero (their
-        own fact, ``may_make_structural_zeros``; the engine's zeros for an unused output count)? Where there is
-        none, a zero sensitivity is one the program computed (1 - 6/6 when centring), as gw.grad takes it."""
+    def _upstream(self, sens_ins):
+        """The seqs of the nodes upstream in the sensitivity flow of ``sens_ins``, nearest first, each once
+        (negative: the engine's zeros for an unused output)."""
         frontier = [self.sens.get(s) for s in sens_ins]
         seen: set = set()
         while frontier:
@@ -201,35 +200,30 @@ class _Incidents:
             for seq in frontier:
                 if seq is None or seq in seen:
                     continue
-                if seq < 0 or seq in self.makers:  # (negative: the engine's zeros)
-                    return True
                 seen.add(seq)
+                yield seq
                 nxt.extend(self.parents.get(seq, ()))
             frontier = nxt
-        return False
+
+    def _maker_above(self, sens_ins) -> bool:
+        """Is there a node upstream in the sensitivity flow where strong zeros can start a structural zero (their
+        own fact, ``may_make_structural_zeros``; the engine's zeros for an unused output count)? Where there is
+        none, a zero sensitivity is one the program computed (1 - 6/6 when centring), as gw.grad takes it."""
+        return any(seq < 0 or seq in self.makers for seq in self._upstream(sens_ins))
 
     def _discarded_by(self, sens_ins) -> tuple | None:
         """The discarding op upstream in the sensitivity flow (slice, where, ...) whose backward made the zero
         sensitivity: the nearest one that selects (slice, index, where, masks, ignored targets, overwrites) if
         any, else the nearest elementwise one (relu, clamp, max: their zeros are spread through the tensor and
         rarely line up with discarded rows)."""
-        frontier = [self.sens.get(s) for s in sens_ins]
-        seen: set = set()
         fallback = None
-        while frontier:
-            nxt = []
-            for seq in frontier:
-                if seq is None or seq in seen:
-                    continue
-                seen.add(seq)
-                nd = self.nodes.get(seq)
-                op = _discard_key(nd.op) if nd is not None else None
-                if op in _DISCARDS:
-                    if op not in _ELEMENTWISE_DISCARDS:
-                        return nd.op, nd.loc
-                    fallback = fallback or (nd.op, nd.loc)
-                nxt.extend(self.parents.get(seq, ()))
-            frontier = nxt
+        for seq in self._upstream(sens_ins):
+            nd = self.nodes.get(seq)
+            op = _discard_key(nd.op) if nd is not None else None
+            if op in _DISCARDS:
+                if op not in _ELEMENTWISE_DISCARDS:
+                    return nd.op, nd.loc
+                fallback = fallback or (nd.op, nd.loc)
         return fallback
 
     # -- leaves and their names ------------------------------------------------------------------------------

@@ -75,12 +75,9 @@ def _traced_backward(tensors, grad_tensors=None, *args, **kwargs):
         result = _ORIGINAL[0](tensors, grad_tensors, *args, **kwargs)
         inputs = kwargs.get("inputs", args[3] if len(args) > 3 else None)
         if inputs is not None:  # non-leaf inputs get their .grad without an AccumulateGrad node: read it here
-            tracer.flush()
-            with torch.utils._python_dispatch._disable_current_modes():
-                for t in (inputs,) if isinstance(inputs, torch.Tensor) else inputs:
-                    if isinstance(t, torch.Tensor) and not t.is_leaf and isinstance(t.grad, torch.Tensor) \
-                            and _kinds.readable(t.grad):
-                        tracer._safely("torch.autograd.backward", tracer.reached, t.grad, t)
+            targets = [t for t in ((inputs,) if isinstance(inputs, torch.Tensor) else inputs)
+                       if isinstance(t, torch.Tensor) and not t.is_leaf]
+            _read_results(tracer, "torch.autograd.backward", [t.grad for t in targets], targets)
         return result
 
 
@@ -99,20 +96,25 @@ def _traced_grad(outputs, inputs, grad_outputs=None, *args, **kwargs):
     outputs, grad_outputs = tracer.roots(outputs, grad_outputs)
     with _backward_call(tracer):
         result = _ORIGINAL[1](outputs, inputs, grad_outputs, *args, **kwargs)
-        tracer.flush()
         if isinstance(inputs, (torch.Tensor, torch.autograd.graph.GradientEdge)) or not isinstance(
                 inputs, (list, tuple)):
             leaves = (inputs,)
         else:
             leaves = tuple(inputs)
-        # the trace's own reads of the results are no ops of the program: run with the modes off, as in the
-        # mode's handler (not torch._C._DisableTorchDispatch: a legacy-vmap batched result crashes under it)
-        with torch.utils._python_dispatch._disable_current_modes():
-            for g, leaf in zip(result, leaves, strict=False):
-                # torch.func.grad calls this too; under vmap its gradients are batched and cannot be read here
-                if isinstance(g, torch.Tensor) and isinstance(leaf, torch.Tensor) and _kinds.readable(g):
-                    tracer._safely("torch.autograd.grad", tracer.reached, g, leaf)  # a legacy-vmap batched g
+        _read_results(tracer, "torch.autograd.grad", result, leaves)
     return result
+
+
+def _read_results(tracer, call: str, grads, leaves) -> None:
+    """Record which findings reach each gradient a backward call produced (``grads[i]`` for ``leaves[i]``)."""
+    tracer.flush()
+    # the trace's own reads of the results are no ops of the program: run with the modes off, as in the
+    # mode's handler (not torch._C._DisableTorchDispatch: a legacy-vmap batched result crashes under it)
+    with torch.utils._python_dispatch._disable_current_modes():
+        for g, leaf in zip(grads, leaves, strict=False):
+            # torch.func.grad calls this too; under vmap its gradients are batched and cannot be read here
+            if isinstance(g, torch.Tensor) and isinstance(leaf, torch.Tensor) and _kinds.readable(g):
+                tracer._safely(call, tracer.reached, g, leaf)  # (a legacy-vmap batched g fails: a note)
 
 
 def _traced_next(it):
