@@ -9,7 +9,7 @@ overflow). They are not the forward-op facts of ``gradwise._ops`` (where an op k
 arguments) nor the trace's ``_trace/_facts.py`` (which forward ops discard values, with fix texts): a singular
 point of asin is |x| = 1 there, and |x| >= 1 here, where the formula gives NaN too.
 
-May import: torch, _rules, _rules_bilinear.
+May import: torch, gradwise._masks, _rules, _rules_bilinear.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from gradwise._masks import mask_all
 from gradwise._strong_zeros._rules import lookup
 from gradwise._strong_zeros._rules_bilinear import _reads_every_position
 
@@ -247,8 +248,49 @@ def _opaque(name: str) -> bool:
     return op is not None and lookup(op.default) is None
 
 
+def _hits_every_position(positions: object, size: object) -> bool:
+    """Whether integer ``positions`` (negative ones count from the end) read every one of ``size`` positions.
+    Values are read, so a tensor without them (fake, functional, meta: a traced backward) says no."""
+    if type(positions) is not torch.Tensor or positions.is_meta or not isinstance(size, int) \
+            or positions.numel() < size or size == 0:
+        return False
+    hit = torch.zeros(size, dtype=torch.bool, device=positions.device)
+    hit[positions.reshape(-1) % size] = True
+    return mask_all(hit)
+
+
+def _index_reads_all(node: Any) -> bool:
+    """x[idx] with one index (integer positions or a bool mask) that reads every element of x: its backward
+    writes every position, so it makes no structural zero."""
+    sizes = node._saved_self_sym_sizes
+    present = [(d, i) for d, i in enumerate(node._saved_indices) if i is not None]
+    if len(present) != 1:
+        return False
+    d, idx = present[0]
+    if type(idx) is torch.Tensor and idx.dtype in (torch.bool, torch.uint8):
+        return tuple(idx.shape) == tuple(sizes[d : d + idx.dim()]) and not idx.is_meta and mask_all(idx)
+    return d < len(sizes) and _hits_every_position(idx, sizes[d])
+
+
+def _size_along(node: Any) -> object:
+    """The size of the input of an op with a saved ``dim`` along that dim."""
+    sizes = node._saved_self_sym_sizes
+    return sizes[_as_signed(node._saved_dim) % len(sizes)]
+
+
+def _selects_all(selected: Callable[[Any], tuple[int, int, range]]) -> Callable[[Any], bool]:
+    """A select/slice that reads every position along its dim (x[0:n], x.select(d, 0) of a size-1 dim)."""
+    return lambda node: covers([selected(node)])
+
+
 _MAKES_NO_ZEROS_IF: dict[str, Callable[[Any], bool]] = {
     "PowBackward0": lambda node: _saved(node, "_saved_exponent") != 0,  # x ** 0 backward is zeros_like(x)
+    # a selection that reads every position (an index holding each row, a full slice) drops nothing: its
+    # backward writes every position of its input, as strong zeros' own rules find (the support is all True)
+    "IndexBackward0": _index_reads_all,
+    "IndexSelectBackward0": lambda node: _hits_every_position(node._saved_index, _size_along(node)),
+    "SliceBackward0": _selects_all(lambda node: _selected_by_slice(node)),
+    "SelectBackward0": _selects_all(lambda node: _selected_by_select(node)),
     # padding's backward slices the padding off; a negative pad crops, and its backward pads with zeros
     "ConstantPadNdBackward0": lambda node: all(p < 1 << 63 for p in node._saved_pad),
     "ConvolutionBackward0": lambda node: _reads_every_position(node._saved_stride, node._saved_dilation,

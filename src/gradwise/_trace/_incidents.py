@@ -215,9 +215,12 @@ class _Incidents:
         """The discarding op upstream in the sensitivity flow (slice, where, ...) whose backward made the zero
         sensitivity: the nearest one that selects (slice, index, where, masks, ignored targets, overwrites) if
         any, else the nearest elementwise one (relu, clamp, max: their zeros are spread through the tensor and
-        rarely line up with discarded rows)."""
+        rarely line up with discarded rows). One whose backward makes no structural zero (an index that reads
+        every row, a full slice: strong zeros' fact) discards nothing."""
         fallback = None
         for seq in self._upstream(sens_ins):
+            if seq not in self.makers:
+                continue
             nd = self.nodes.get(seq)
             op = _discard_key(nd.op) if nd is not None else None
             if op in _DISCARDS:
