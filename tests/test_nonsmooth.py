@@ -155,6 +155,7 @@ RULE_SAMPLES = {
     "hardswish": (F.hardswish, [_X]),
     "threshold": (lambda x: F.threshold(x, 0.5, 0.5), [_X]),
     "softshrink": (lambda x: F.softshrink(x, 1.0), [_X]),
+    "softplus": (lambda x: F.softplus(x, beta=0.5, threshold=2.5), [_X]),  # both pieces (its jump: its own test)
     "hardshrink": (lambda x: F.hardshrink(x, 0.7), [_X]),
     "l1_loss": (lambda x: F.l1_loss(x, torch.zeros_like(x), reduction="sum"), [_X]),
     "gt": (lambda x: torch.where(x > 1.0, x, 2 * x - 1.0), [_X]),
@@ -1006,3 +1007,58 @@ def test_binary_ops_with_one_dual_operand_match_pytorch():
                                        torch.autograd.grad(gp.sum(), leaf)[0])
                     checked += 1
     assert checked > 400
+
+
+@pytest.mark.parametrize("name", ["abs", "relu", "sign*x", "maximum", "clamp", "leaky_relu", "hardtanh", "where"])
+def test_kinks_of_a_transposed_input(name):
+    """A strided (transposed) input at its kinks gives what the same values contiguous give: the rules' locks
+    are written through flat views, so they are made contiguous (a transposed mask raised a view error)."""
+    op = {"abs": torch.abs, "relu": torch.relu, "sign*x": lambda x: torch.sign(x) * x,
+          "maximum": lambda x: torch.maximum(x, -x), "clamp": lambda x: x.clamp(0, 1),
+          "leaky_relu": torch.nn.functional.leaky_relu, "hardtanh": lambda x: torch.nn.functional.hardtanh(x, 0, 1),
+          "where": lambda x: torch.where(x > 0, x, -x)}[name]
+    w = torch.tensor([[1.0, -2.0], [0.5, 3.0], [1.5, -1.0]], dtype=torch.float64)
+    x = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]], dtype=torch.float64).t()
+    f = lambda x: (op(x) * w).sum()
+    d = torch.tensor([[1.0, -1.0], [2.0, 0.5], [-1.0, 1.0]], dtype=torch.float64)
+    assert not x.is_contiguous()
+    assert torch.equal(gw.directional_derivative(f, x, d), gw.directional_derivative(f, x.contiguous(), d))
+    assert torch.equal(gw.generalized_grad(f, x, seed=3)[0], gw.generalized_grad(f, x.contiguous(), seed=3)[0])
+    # f transposing a contiguous input before the kink (another input shape: another random piece, so its own run)
+    (g,) = gw.generalized_grad(lambda y: (op(y.t()) * w).sum(), x.t().contiguous(), seed=3)
+    assert g.shape == (2, 3) and g.isfinite().all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_indices_read_by_f_are_not_locked_after_the_fact(seed):
+    """max_unpool places values by max_pool's indices: a pass that chose tied windows provisionally and locked
+    them afterwards gave a gradient of no piece ([2, 0, 0, 0]). Indices f reads make the kink a full pass."""
+    from gradwise._nonsmooth import _engine
+
+    x = torch.tensor([[[1.0, 1.0, 2.0, 2.0]]], dtype=torch.float64)
+
+    def f(x):
+        return F.max_unpool1d(*F.max_pool1d(x, 2, return_indices=True), 2, output_size=(4,)).pow(2).sum()
+
+    _engine._LAST_TIE.clear()  # the first call (a later one carries tangents into its first pass)
+    (g,) = gw.generalized_grad(f, x, seed=seed)
+    g = g.flatten()
+    # every piece: max(window)^2 differentiated at one tied position per window
+    assert sorted(g[:2].tolist()) == [0.0, 2.0] and sorted(g[2:].tolist()) == [0.0, 4.0], g
+
+
+def test_softplus_jumps_at_its_threshold():
+    """softplus(x, beta, threshold) is x itself where beta x > threshold: at beta x = threshold f jumps upwards
+    (one-sided differences grow like 1/t: the float64 reference below), so a direction crossing it is refused;
+    along the other side the smooth piece's derivative sigmoid(beta x)."""
+    f = lambda x: F.softplus(x, beta=1.0, threshold=0.5).sum()
+    x = torch.tensor([0.5], dtype=torch.float64)
+    up = [(f(x + t) - f(x)).item() / t for t in (1e-6, 1e-7)]
+    assert abs(up[1]) > 5 * abs(up[0])  # a jump: no one-sided derivative along +1
+    with pytest.raises(gw.NonsmoothError, match="softplus"):
+        gw.directional_derivative(f, x, torch.tensor([1.0], dtype=torch.float64))
+    down = gw.directional_derivative(f, x, torch.tensor([-1.0], dtype=torch.float64))
+    fd = (f(x - 1e-7) - f(x)).item() / 1e-7
+    assert abs(down.item() - fd) < 1e-6 and abs(down.item() + torch.sigmoid(x).item()) < 1e-12
+    away = torch.tensor([0.2, 3.0], dtype=torch.float64)  # off the switch: PyTorch's own derivative
+    assert torch.equal(gw.generalized_grad(f, away)[0], torch.func.grad(f)(away))

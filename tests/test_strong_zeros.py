@@ -1007,3 +1007,94 @@ def test_support_of_an_expanded_view():
     assert torch.equal(sup.of(base), torch.tensor([[False, True, False, False]]))
     sup.record(t, None)  # every element may be nonzero again
     assert sup.of(base).all()
+
+
+@pytest.mark.parametrize("hook", ["clamp", "nan_to_num", "tanh", "sign", "add_0", "clamp_"])
+def test_a_gradient_hook_keeps_structural_zeros(hook):
+    """A tensor hook that clips or cleans the gradient with an elementwise op gradwise has no rule for: a
+    structural zero stays one where the op maps +-0 to 0 (``_mode._zero_preserved``), so the padding's NaN does
+    not come back (it did: the op's output counted as fully supported)."""
+    fn = {"clamp": lambda g: g.clamp(-1, 1), "nan_to_num": lambda g: g.nan_to_num(), "tanh": torch.tanh,
+          "sign": torch.sign, "add_0": lambda g: g + 0, "clamp_": lambda g: g.clone().clamp_(-0.5, 0.5)}[hook]
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    clean = x.clone()
+    clean[4:] = 0.3
+    x[4:] = math.nan
+    w0 = torch.randn(5, 3, dtype=torch.float64)
+
+    def grad(data, backward):
+        w = w0.clone().requires_grad_()
+        h = data @ w
+        h.register_hook(fn)
+        return backward(torch.tanh(h)[:4].sum(), w)[0]
+
+    expected = grad(clean, torch.autograd.grad)
+    got = grad(x, gw.grad)
+    assert torch.equal(got, expected)
+    assert grad(x, torch.autograd.grad).isnan().any()  # plain PyTorch keeps the padding's NaN
+
+
+def test_an_elementwise_op_that_moves_zero_makes_values():
+    """clamp(g, 0.5, 1) maps a structural zero to 0.5: a value the program uses, supported from then on."""
+    from gradwise._strong_zeros._mode import _zero_preserved
+    from gradwise._strong_zeros._supports import _Supports
+
+    sup = _Supports()
+    g = torch.tensor([0.0, 2.0, 0.0])
+    sup.record(g, torch.tensor([False, True, True]))
+    assert _zero_preserved(torch.ops.aten.clamp.default, (g, 0.5, 1.0), {}, g.clamp(0.5, 1.0), sup).all()
+    kept = _zero_preserved(torch.ops.aten.clamp.default, (g, -1.0, 1.0), {}, g.clamp(-1.0, 1.0), sup)
+    assert kept.tolist() == [False, True, True]
+    # a tensor argument besides the sensitivity could add a value: not this rule's
+    assert _zero_preserved(torch.ops.aten.clamp.Tensor, (g, torch.zeros(3), None), {}, g, sup) is None
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpoint_with_the_selection_after_it(reentrant):
+    """A reentrant checkpoint runs its block's backward as a nested torch.autograd.backward seeded with the
+    outer pass's sensitivities: seeds holding structural zeros (the padding rows sliced away after the block)
+    keep them there, as part of the same pass (it was planned afresh, the seeds taken as values: NaN)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh()).double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    clean = x.clone()
+    clean[4:] = 0.3
+    x[4:] = math.nan
+
+    def weight_grad(data, backward):
+        block.zero_grad(set_to_none=True)
+        y = checkpoint(block, data.clone().requires_grad_(), use_reentrant=reentrant)
+        backward(y[:4].pow(2).sum())
+        return block[0].weight.grad
+
+    expected = weight_grad(clean, torch.autograd.backward)
+    assert torch.allclose(weight_grad(x, gw.backward), expected, rtol=0, atol=1e-15)
+    assert weight_grad(x, torch.autograd.backward).isnan().any()
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_grid_sample_leaves_unsampled_pixels_alone(mode, padding_mode):
+    """grid_sample reading only the top rows of a map whose bottom rows are NaN padding: those pixels are in no
+    footprint, so their gradient is a structural zero and the convolution below gets no NaN (the input gradient
+    was fully supported: NaN weight gradient). Equal to the program on finite padding."""
+    torch.manual_seed(0)
+    img = torch.randn(1, 2, 9, 9, dtype=torch.float64)
+    k0 = torch.randn(2, 2, 1, 1, dtype=torch.float64)
+    grid = torch.rand(1, 3, 3, 2, dtype=torch.float64) * torch.tensor([2.0, 0.9], dtype=torch.float64) - 1
+    clean = img.clone()
+    clean[..., 5:, :] = 0.3
+    img[..., 5:, :] = math.nan
+
+    def grad(x, fn):
+        k = k0.clone().requires_grad_()
+        out = F.grid_sample(F.conv2d(x, k), grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+        return fn(out.pow(2).sum(), k)[0]
+
+    assert torch.equal(grad(img, gw.grad), grad(clean, torch.autograd.grad))
+    assert grad(img, torch.autograd.grad).isnan().all()
+    img[..., :5, :] = math.nan  # the rows the samples read: genuine
+    assert grad(img, gw.grad).isnan().any()

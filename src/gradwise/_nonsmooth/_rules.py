@@ -144,12 +144,13 @@ def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = 
     if not jumps and run.ranks_alone(st):  # the choice is the sign of s' at each tie: elementwise
         # pos where s > 0 or NaN (NaN propagates through pos, as in PyTorch's kernels), or s == 0 and s' >= 0
         # (or NaN): where s' stands in for s at the ties, pos unless the result is < 0
-        lock = torch.lt(torch.where(tie, st, sp), 0).logical_not_()
+        # contiguous: the lock is written through a flat view (a transposed input gives strided masks)
+        lock = torch.lt(torch.where(tie, st, sp), 0).logical_not_().contiguous()
         rows = _LazyRows(tie)
         _sign_record(run, op, st, rows).write = lambda c: lock.data.view(-1).index_put_((rows(),), c == 0)
     else:
         rows, choice, _ = _resolve_sign(run, op, s, tie)
-        lock = torch.le(sp, 0).logical_not_()
+        lock = torch.le(sp, 0).logical_not_().contiguous()
         lock.view(-1)[rows] = choice == 0
         run.kinks[-1].write = lambda c: lock.data.view(-1).index_put_((rows,), c == 0)
     if jumps:
@@ -195,7 +196,7 @@ def _sign_lock(sp: Tensor, st: Tensor) -> Tensor:
     sign (|s 2^k| >= 4; an overflow to inf keeps the sign; a NaN s stays NaN). Two float passes instead of a
     boolean compare, where and not: boolean kernels are 3-4x slower on CPU."""
     value, scale = _SIGN_LOCK_SCALES[sp.dtype]
-    sign = torch.sign(st.detach())
+    sign = torch.sign(st.detach()).contiguous()  # written through a flat view: see `_sign_locked`
     if sign.device.type != "cpu":  # the CPU kernel gives sign(NaN) = 0 (the tests check it); elsewhere make sure
         sign.nan_to_num_(0.0)
     return sign.addcmul_(sp.detach(), torch.tensor(scale, dtype=sp.dtype, device=sp.device), value=value)

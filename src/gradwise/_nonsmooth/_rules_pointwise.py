@@ -193,6 +193,18 @@ def threshold(run, func, x, threshold, value, inplace=False):
     return _finish(func, x, out, inplace)
 
 
+@kink_rule(aten.softplus, F.softplus)
+def softplus(run, func, x, beta=1.0, threshold=20.0):
+    """log(1 + exp(beta x)) / beta, and x itself where beta x > threshold (PyTorch's switch for large inputs): a
+    jump at beta x = threshold (the pieces differ by log1p(exp(-threshold)) / beta there), an error if the
+    direction crosses it; elsewhere the smooth piece's derivative."""
+    if not isinstance(beta, (int, float)) or not isinstance(threshold, (int, float)) \
+            or not _touches(run, x * beta, (threshold,)):
+        return func(x, beta, threshold)
+    smooth = torch.log1p(torch.exp(x * beta)) / beta  # PyTorch's kernel's piece, here with its tangent
+    return _switch(run, "aten.softplus", x * beta - threshold, x, smooth, None, jumps=True)
+
+
 @kink_rule(aten.softshrink, F.softshrink)
 def softshrink(run, func, x, lambd=0.5):
     """x - clamp(x, -lambd, lambd): the clamp rule at both breakpoints."""
@@ -303,7 +315,7 @@ def _comparison(name: str):
         if not tie.any():
             return result
         rows, choice, still = _resolve_sign(run, f"aten.{name}", s, tie, comparison=True)
-        result = result.expand(sp.shape).clone()
+        result = result.expand(sp.shape).clone(memory_format=torch.contiguous_format)  # written through .view(-1)
         moved = (choice == 0) == above if above is not None else torch.full_like(still, not at_tie)
         result.view(-1)[rows] = torch.where(still, at_tie, moved)
         return result
@@ -351,7 +363,8 @@ def _step(name: str, inplace: bool = False):
             return func(x)
         rows, choice, still = _resolve_sign(run, f"aten.{name}", x, jump, comparison=True)
         own = xp.detach().reshape(-1)[rows].clone()
-        value = func(x).clone()  # PyTorch's own (zero derivative, in the graph), the limits written in
+        # PyTorch's own (zero derivative, in the graph), the limits written in (through a flat view: contiguous)
+        value = func(x).clone(memory_format=torch.contiguous_format)
         limit = torch.where(choice == 0, right(own), left(own))
         value.view(-1)[rows] = torch.where(still, _split(value)[0].detach().reshape(-1)[rows], limit)
         return x.copy_(value) if inplace else value

@@ -267,6 +267,13 @@ def _threshold_at_threshold(c):
     return Site(c.args[0] == c.args[1])
 
 
+@_kink(aten.softplus, convention="the log1p piece at beta x = threshold (a jump to x above it)")
+def _softplus_at_threshold(c):
+    """softplus switches from log1p(exp(beta x)) / beta to x itself where beta x > threshold: a jump there."""
+    x = c.args[0]
+    return Site(x * c.arg(1, "beta", 1.0) == c.arg(2, "threshold", 20.0))
+
+
 @_kink(aten.hardshrink, aten.softshrink, convention="0 at ±lambda")
 def _shrink_at_lambda(c):
     """hard/softshrink at ±lambda: the backward uses 0 there."""

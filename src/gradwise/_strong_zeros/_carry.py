@@ -18,7 +18,7 @@ May import: torch, _supports.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -31,8 +31,8 @@ from gradwise._strong_zeros._supports import _Supports
 CARRIED: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def carry(made: Iterable[weakref.ref], supports: _Supports) -> None:
-    """Hook each tensor the pass made (``made``: weak references, in order) that requires grad now and holds
+def carry(made: Iterable[Callable[[], torch.Tensor | None]], supports: _Supports) -> None:
+    """Hook each tensor the pass made (``made``: references, in order) that requires grad now and holds
     structural zeros (its final support, after any in-place write)."""
     seen: set[int] = set()
     for ref in made:

@@ -52,7 +52,11 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
     if _STATE.depth == 0 and not _process_wide:
         return run(retain_graph)  # strong zeros off in this thread
     if _STATE.in_mode:  # a backward started inside the strong-zero pass (a checkpoint's recomputation calling
-        # autograd.grad, a custom backward): its own backward, planned as if it ran outside, as in the forward
+        # autograd.grad, a custom backward): its own backward, planned as if it ran outside, as in the forward...
+        mode = _seeding_mode(grad_tensors)
+        if mode is not None:  # ...unless its seeds are sensitivities of the pass holding structural zeros (a
+            # reentrant checkpoint's backward): it is part of the pass, its ops under the same supports
+            return run(retain_graph)
         return _nested(_engine_run, t_outputs, grad_tensors, retain_graph, create_graph, inputs, allow_unreachable,
                        accumulate_grad)
     plan, _STATE.planned = _STATE.planned, None  # chosen already by gw.grad/gw.backward, or not
@@ -91,6 +95,21 @@ def grad_in_pass(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]
                               allow_unreachable=True, accumulate_grad=False)
     finally:
         _STATE.in_mode = outer
+
+
+def _seeding_mode(seeds: Sequence[Any] | None) -> _StrongZeroMode | None:
+    """The strong-zero mode running now, if some of ``seeds`` (a nested backward's) carry its structural zeros."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    modes = [m for m in _get_current_dispatch_mode_stack() if isinstance(m, _StrongZeroMode)]
+    if not modes or not seeds:
+        return None
+    sup = modes[-1].supports
+    for t in seeds:
+        s = sup.of(t) if isinstance(t, torch.Tensor) else None
+        if s is not None and not bool(s.all()):
+            return modes[-1]
+    return None
 
 
 def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:

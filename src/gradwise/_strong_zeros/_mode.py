@@ -43,8 +43,9 @@ class _StrongZeroMode(LeanDispatchMode):
     def __init__(self, carry: bool = False) -> None:
         super().__init__()
         self.supports = _Supports()
-        # create_graph: weak references to the outputs of ruled ops, for _carry at the end of the pass
-        self.made: list[weakref.ref] | None = [] if carry else None
+        # create_graph: the outputs of ruled ops, for _carry at the end of the pass: held where they have structural
+        # zeros (the new graph may not keep them: mm saves only the operand its other gradient needs), weakly else
+        self.made: list[Any] | None = [] if carry else None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -63,7 +64,7 @@ class _StrongZeroMode(LeanDispatchMode):
         if rule is not None:
             out = rule(func, args, kwargs, self.supports)
             if self.made is not None:
-                self.made.extend(weakref.ref(o) for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor))
+                self.made.extend(self._held(o) for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor))
             return out
         flat, _ = tree_flatten((args, kwargs))
         tracked = any(self.supports.tracked(a) for a in flat)
@@ -71,12 +72,21 @@ class _StrongZeroMode(LeanDispatchMode):
             return self._decomposed(func, decomposed, args, kwargs)
         out = func(*args, **kwargs)
         if tracked:
+            kept = _zero_preserved(func, args, kwargs, out, self.supports)
+            if kept is not None:
+                self.supports.record(out, kept)
+                return out
             _UNRULED.add(str(func))
             for o in tree_flatten(out)[0]:
                 if isinstance(o, torch.Tensor):
                     self.supports.record(o, None)
         return out
 
+
+    def _held(self, t: torch.Tensor) -> Callable[[], torch.Tensor | None]:
+        """A reference to a ruled op's output for _carry: strong where it holds a structural zero now."""
+        s = self.supports.of(t)
+        return (lambda: t) if s is not None and not bool(s.all()) else weakref.ref(t)
 
     def _decomposed(self, func, decomposed, args, kwargs):
         """Run ``func`` as its decomposition under this mode (each primitive op through its rule), and also
@@ -97,3 +107,31 @@ class _StrongZeroMode(LeanDispatchMode):
         if single:
             return out[0]
         return tuple(out) if isinstance(fused, tuple) else out
+
+
+def _zero_preserved(func, args: tuple, kwargs: dict, out: object, sup: _Supports) -> torch.Tensor | None:
+    """The support of an elementwise op without a rule (``torch.Tag.pointwise``) whose one tensor argument is a
+    sensitivity and whose other arguments are numbers: a structural zero x = +-0 stays one where f(+0) and f(-0)
+    are both 0 (clamp to bounds around 0, nan_to_num, tanh, sign ... in a gradient hook), and becomes a value
+    elsewhere (f(0) != 0, or NaN). None where this does not apply (the op then counts as unruled)."""
+    if torch.Tag.pointwise not in func.tags or not isinstance(out, torch.Tensor) or not _is_float(out) \
+            or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+        return None
+    # the other arguments numbers: a tensor one could add a value (addcmul(g, a, b) is a value where a * b is 0)
+    slots = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    if len(slots) != 1 or not _is_float(args[slots[0]]) or not sup.tracked(args[slots[0]]):
+        return None
+    i = slots[0]
+    x = args[i]
+    support = sup.of(x)
+    if support is None:
+        return None
+    inplace = func._schema.name.endswith("_")  # an in-place op writes its probe: give it a full-size one
+    zero = torch.zeros(x.shape if inplace else (), dtype=x.dtype, device=x.device)
+    kept = None
+    for z in (zero, zero.neg()):
+        probe = func(*args[:i], z, *args[i + 1 :], **kwargs)
+        stays = probe == 0  # NaN: False
+        kept = stays if kept is None else kept & stays
+    return (support | ~kept).expand(out.shape)
+

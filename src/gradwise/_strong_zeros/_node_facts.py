@@ -275,7 +275,7 @@ def _index_reads_all(node: Any) -> bool:
 def _size_along(node: Any) -> object:
     """The size of the input of an op with a saved ``dim`` along that dim."""
     sizes = node._saved_self_sym_sizes
-    return sizes[_as_signed(node._saved_dim) % len(sizes)]
+    return sizes[_as_signed(node._saved_dim) % len(sizes)] if len(sizes) else 1  # a 0-dim input: one position
 
 
 def _selects_all(selected: Callable[[Any], tuple[int, int, range]]) -> Callable[[Any], bool]:

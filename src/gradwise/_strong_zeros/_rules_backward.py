@@ -250,19 +250,27 @@ def _grid_sampler_backward(func, args, kwargs, sup):
     position reads the input through its own grid point. A position whose g is a structural zero in every channel
     (a cropped output) is discarded: its grid point is replaced by 0 before the kernel runs (a NaN grid point
     would make NaN weights) and its grid gradient is a structural zero, whatever input pixels it would have
-    read. The input's gradient stays fully supported: its weights depend on the grid (a value), so a pixel a
-    kept position reads with weight 0 has an arithmetic zero, not a structural one."""
+    read. The input's gradient is a structural zero at the pixels no kept position reads (outside every
+    bilinear or nearest footprint: found by running the kernel once more with g = 1 at the kept positions, its
+    weights being >= 0), e.g. NaN padding a crop never samples; bicubic weights can cancel, so there it stays
+    fully supported. A pixel read with weight 0 is read (0 x NaN there makes the forward NaN)."""
     tracked = _tracked_slots(args, sup)
-    if tracked != [0]:  # the sensitivity alone
-        return _run_unruled(func, args, kwargs, sup, "a tracked input or grid" if tracked else None)
+    if tracked not in ([], [0]):  # the sensitivity alone
+        return _run_unruled(func, args, kwargs, sup, "a tracked input or grid")
     g, inp, grid = args[0], args[1], args[2]
-    s = sup.of(g).expand(g.shape)
-    kept = mask_any(s, 1)  # (N, *output spatial)
+    s = sup.of(g)
+    kept = mask_any(s.expand(g.shape), 1) if s is not None else \
+        torch.ones((g.shape[0], *g.shape[2:]), dtype=torch.bool, device=g.device)  # (N, *output spatial)
     grid = torch.where(kept.unsqueeze(-1), grid, 0)
     outs = func(g, inp, grid, *args[3:], **kwargs)
     grad_input, grad_grid = outs
-    if grad_input is not None:  # its weights come from the grid, a value: a weight of 0 is arithmetic
+    if grad_input is not None:
         sup.record(grad_input, None)
+        if args[3] in (0, 1):  # bilinear, nearest: the pixels some kept position reads
+            ones = kept.unsqueeze(1).expand(g.shape).to(g.dtype)
+            read = func(ones, inp, grid, *args[3:6], [True, False])[0] > 0
+            if not mask_all(read):
+                sup.record(_annihilate(grad_input, read), read)
     if grad_grid is not None:
         support = kept.unsqueeze(-1).expand(grad_grid.shape)
         sup.record(_annihilate(grad_grid, support), support)

@@ -316,6 +316,8 @@ def _sum(func, args, kwargs, sup):
     support = None
     if sa is not None and sb is not None and isinstance(b, torch.Tensor):
         support = (sa | sb).expand(out.shape)
+    elif sa is not None and not isinstance(b, torch.Tensor) and b == 0:  # g + 0 (a hook's): zeros stay zeros
+        support = sa.expand(out.shape)
     sup.record(out, support)
     return out
 
