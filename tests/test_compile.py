@@ -306,6 +306,64 @@ def test_a_zero_made_across_a_graph_break(recover, monkeypatch):
         assert not all(bool(p.grad.isfinite().all()) for p in params)
 
 
+def _twice_broken(w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    a = torch.tanh(x @ w1)  # the NaN rows meet tanh's backward here, in the first graph
+    torch._dynamo.graph_break()
+    b = a @ w2  # the zeros pass through a middle graph
+    torch._dynamo.graph_break()
+    return b[:4].square().sum()  # and are made in the last one
+
+
+@pytest.mark.parametrize("how", ["grad", "backward"])
+def test_a_zero_made_two_graph_breaks_away(how):
+    """Three compiled graphs and leaves only: the nodes that fall back run op by op one at a time, and the
+    middle graph's op-by-op supports must reach the first graph's run (each ran with a support table of its
+    own: the first layer's gradient was NaN, with no warning)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(6, 4)
+    x[4:] = nan
+    w1, w2 = torch.randn(4, 3, requires_grad=True), torch.randn(3, 3, requires_grad=True)
+    fn = torch.compile(_twice_broken, backend="aot_eager")
+    want = torch.autograd.grad(_twice_broken(w1, w2, x[:4]), (w1, w2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if how == "grad":
+            got = gw.grad(fn(w1, w2, x), (w1, w2))
+        else:
+            with gw.strong_zeros():
+                fn(w1, w2, x).backward()
+            got = (w1.grad, w2.grad)
+    assert not [w for w in caught if issubclass(w.category, gw.GradwiseWarning)]
+    _close(list(got), list(want))
+
+
+def _read_by_two_graphs(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    a = x @ w
+    torch._dynamo.graph_break()
+    b = torch.exp(a)
+    torch._dynamo.graph_break()
+    return (b[:4] * a[:4]).sum()  # a reaches the last graph directly and through the middle one
+
+
+def test_a_sensitivity_two_graphs_send():
+    """The first graph's output is read by the second and the third: the engine adds their two results for it.
+    That sum runs under the mode (the union of the supports the two graphs' op-by-op runs found), so the
+    first graph's fallback sees the rows both made structurally zero (it saw a plain sum: NaN, with a warning)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(6, 4)
+    x[4:] = nan
+    w = torch.randn(4, 3, requires_grad=True)
+    fn = torch.compile(_read_by_two_graphs, backend="aot_eager")
+    want = torch.autograd.grad(_read_by_two_graphs(w, x[:4]), w)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = gw.grad(fn(w, x), w)
+    assert not [c for c in caught if issubclass(c.category, gw.GradwiseWarning)]
+    _close(list(got), list(want))
+
+
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "key-padding-mask"])
 def test_attention_discarding_nan_sequences_takes_the_pass(masked):
     """SDPA's CPU flash backward inside an inductor graph, a NaN sequence the loss discards: the pass replaces

@@ -1062,3 +1062,32 @@ def test_softplus_jumps_at_its_threshold():
     assert abs(down.item() - fd) < 1e-6 and abs(down.item() + torch.sigmoid(x).item()) < 1e-12
     away = torch.tensor([0.2, 3.0], dtype=torch.float64)  # off the switch: PyTorch's own derivative
     assert torch.equal(gw.generalized_grad(f, away)[0], torch.func.grad(f)(away))
+
+
+@pytest.mark.parametrize("use", ["argmax", "max_indices", "sort_indices", "topk_indices"])
+def test_an_index_used_as_a_number_jumps(use):
+    """The index of a tie used as a number jumps with the branch (f(x) = 2, f(x + t d) = 3 + t along d = e_1:
+    the float64 differences below grow like 1/t): refused, never a derivative. Along d = e_0 PyTorch's own
+    choice stays, and the derivative is the sum's."""
+    index = {"argmax": lambda x: x.argmax().double(), "max_indices": lambda x: x.max(0).indices.double(),
+             "sort_indices": lambda x: x.sort(descending=True).indices[0].double(),
+             "topk_indices": lambda x: x.topk(1).indices.double().sum()}[use]
+    f = lambda x: index(x) + x.sum()
+    x = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    d = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    diffs = [(f(x + t * d) - f(x)).item() / t for t in (1e-6, 1e-7)]
+    assert diffs[1] > 5 * diffs[0]
+    with pytest.raises(gw.NonsmoothError, match="jumps"):
+        gw.directional_derivative(f, x, d)
+    with pytest.raises(gw.NonsmoothError, match="jumps"):
+        gw.generalized_grad(f, x, seed=0)
+    assert gw.directional_derivative(f, x, torch.tensor([1.0, 0.0], dtype=torch.float64)).item() == 1.0
+
+
+def test_an_index_read_continuously_is_no_jump():
+    """x.gather(argmax) is max(x): reading the index that way is continuous, so nothing is refused."""
+    x = torch.tensor([[2.0, 2.0, 1.0]], dtype=torch.float64)
+    f = lambda x: x.gather(1, x.argmax(1, keepdim=True)).sum()
+    assert gw.directional_derivative(f, x, torch.tensor([[0.5, -1.0, 3.0]], dtype=torch.float64)).item() == 0.5
+    (g,) = gw.generalized_grad(f, x, seed=1)
+    assert sorted(g.flatten().tolist()) == [0.0, 0.0, 1.0] and g[0, 2] == 0

@@ -195,7 +195,7 @@ def directional_derivative(f: Callable, inputs: Tensor | tuple[Tensor, ...],
 def _check_no_jump(f, xs, single, run: _Run, values: list[Tensor], exact: bool = False) -> None:
     """Comparisons and piecewise-constant ops at a jump take the branch (limit) of the direction: if f's value
     then differs from f(x), f jumps at x along it and has no one-sided derivative (nor a Clarke gradient)."""
-    jumps = [k for k in run.kinks if k.comparison]
+    jumps = [k for k in run.kinks if k.comparison or k.indices_read]
     if not jumps:
         return
     with torch.no_grad():
@@ -304,7 +304,7 @@ def _full_pass_grad(f, xs, single, d, gen, run_kw, used: set[int], strip_after: 
     probe, (_, primals, leaves, _) = _lex_passes(f, xs, single, d, gen, True, run_kw, strip_after=strip_after)
     y = _scalar(primals[0][0])
     _check_no_jump(f, xs, single, probe, [y])
-    if any(k.comparison for k in probe.kinks):  # and along -d: one jumping side is enough to leave no gradient
+    if any(k.comparison or k.indices_read for k in probe.kinks):  # and along -d: one jumping side is enough
         back = _Run(**run_kw)
         _, opposite, _, _ = _run(f, xs, single, tuple(None if v is None else -v for v in d), back, False)
         _check_no_jump(f, xs, single, back, [p for p, _ in opposite])

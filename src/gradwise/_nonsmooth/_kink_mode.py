@@ -99,8 +99,9 @@ class _KinkMode(TorchFunctionMode):
         # trail: the callables of this pass in order; expect: an earlier pass's trail that this one must follow
         # (the ranked pass locks the probe's kinks by call count: a pass taking another path diverges)
         self.depth, self.trail, self.expect, self.watch = 0, [], None, None
-        # id -> (index tensor, kinks): indices a rule returned whose tied entries are still provisional (their lock
-        # is written after this pass); f reading them makes its forward depend on the provisional choice
+        # id -> (index tensor, kinks): indices a rule returned for tied elements. f reading them makes its value
+        # depend on the choice (a jump, unless it reads them continuously), and, where the choice is still
+        # provisional (its lock is written after this pass), its forward too
         self.exposed: dict[int, tuple[Tensor, list]] = {}
 
     def _sub(self, a):
@@ -136,7 +137,7 @@ class _KinkMode(TorchFunctionMode):
             if kwargs:
                 kwargs = {k: self._sub(v) for k, v in kwargs.items()}
             if self.exposed:
-                self._read_provisional(args, kwargs)
+                self._read_indices(args, kwargs)
             return self._dispatch(func, args, kwargs)
         finally:
             self.depth -= 1
@@ -197,20 +198,20 @@ class _KinkMode(TorchFunctionMode):
             if any(map(_is_dual, (*args, *kwargs.values()))):
                 for k in self.run.kinks[before:]:
                     k.tangent = True
-            provisional = [k for k in self.run.kinks[before:] if not k.tangent and k.write is not None]
-            if provisional:
-                for t in _flat_tensors(out if isinstance(out, tuple) else (out,)):
-                    if not (t.is_floating_point() or t.is_complex()):
-                        self.exposed[id(t)] = (t, provisional)
+            for t in _flat_tensors(out if isinstance(out, tuple) else (out,)):
+                if not (t.is_floating_point() or t.is_complex()):
+                    self.exposed[id(t)] = (t, self.run.kinks[before:])
         return out
 
-    def _read_provisional(self, args, kwargs) -> None:
-        """f reads indices whose tied entries this pass chose provisionally (max_unpool, a gather of another
-        tensor, an index used as a number): its forward then depends on that choice, so writing the ranked choice
-        into them afterwards would leave the graph inconsistent. Those kinks are not lockable (the gradient takes
-        one full pass along the direction instead)."""
+    def _read_indices(self, args, kwargs) -> None:
+        """f reads the indices a tied kink call returned. Its value may jump there (argmax used as a number, a
+        gather of another tensor): the kink is checked like a comparison (`_engine._check_no_jump`). Where this
+        pass chose the ties provisionally (max_unpool placing values by them), writing the ranked choice
+        afterwards would leave the forward inconsistent with the graph: not lockable (one full pass instead)."""
         for t in _flat_tensors((*args, *kwargs.values())):
             entry = self.exposed.get(id(t))
             if entry is not None and entry[0] is t:
                 for k in entry[1]:
-                    k.write = None
+                    k.indices_read = True
+                    if not k.tangent:
+                        k.write = None

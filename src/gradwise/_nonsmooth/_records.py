@@ -50,6 +50,9 @@ class Kink:
     write: Callable | None = None  # writes another choice into this pass's lock tensors (graph reuse)
     site: tuple | None = None  # what a rule needs to rank this kink again in the ranked pass (max-pool)
     tangent: bool = False  # ranked by this pass's tangent (the op's arguments carried one)
+    # f read the indices this call returned (argmax as a number, a gather of another tensor, max_unpool): its
+    # value may then jump at the tie, as a comparison's does (checked the same way)
+    indices_read: bool = False
 
     @property
     def count(self) -> int:
@@ -72,6 +75,7 @@ class _LazyKink(Kink):
         self.op, self.location, self.kind, self.descending = op, location, kind, descending
         self.values, self.unresolved, self.comparison, self.continuum = None, 0, False, False
         self.call, self.write, self.site, self.tangent = call, None, None, False
+        self.indices_read = False
 
     def _get(self, name: str):
         if name not in self._built:

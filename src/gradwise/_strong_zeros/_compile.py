@@ -27,7 +27,9 @@ before every backward under strong zeros (``_engine._engine_run``):
    finds (``_Hybrid.recover``); a NaN/Inf that stays after that is kept with a ``CompiledBackwardWarning``, as
    is one left by any node's op-by-op run (some structural zeros are saved values there: it may be genuine).
    A graph of compiled nodes and leaves only (a whole training step compiled) has nothing outside the
-   compiled graphs that could make a zero: it runs outside the mode, and a node that falls back enters it.
+   compiled graphs that could make a zero: it runs outside the mode, and a node that falls back enters it, all
+   of them with one support table (so supports cross any number of graph breaks); unless the engine sums two
+   graphs' results for a third, a sum that must run under the mode to unite their supports.
 3. A backward loaded from AOTAutograd's on-disk cache keeps its FX graph but not the metadata to compile it
    again: it runs op by op under the mode (right zeros, eager speed, finite values equal to the kernel's within
    rounding). PyTorch's kernel is not tried first: without the pass, inductor's graph can turn a NaN made
@@ -44,8 +46,8 @@ rule table serves it.
 Traced backwards (AOTAutograd tracing the joint graph on fake tensors) are never inspected: ``_plan`` steps
 aside for them (``_traced``).
 
-May import: torch, gradwise._masks, and (inside functions, at call time) _compile_pass, _graph_forms, _supports, _rules,
-_autograd_graph, _planning.
+May import: torch, gradwise._masks, _contract, and (inside functions, at call time) _compile_pass, _graph_forms,
+_supports, _rules, _autograd_graph, _planning.
 """
 
 from __future__ import annotations
@@ -61,11 +63,12 @@ from typing import Any
 import torch
 
 from gradwise._masks import inexact
+from gradwise._strong_zeros._contract import GradwiseWarning
 
 __all__ = ["CompiledBackwardWarning", "compile_stats", "compiled_run", "strong_zero_pass"]
 
 
-class CompiledBackwardWarning(UserWarning):
+class CompiledBackwardWarning(GradwiseWarning):
     """Under strong zeros, a compiled backward left NaN/Inf that may be contamination: gradwise could not see
     into it, a graph break separated a zero from the NaN, or its graph ran op by op and the NaN stayed (inside a
     compiled graph some structural zeros are saved values, so gradwise cannot tell it from a genuine one)."""
@@ -492,12 +495,26 @@ def compiled_run(run: Callable[[bool | None], Any], t_outputs: Sequence[Any], in
     # exactly once, op by op being the only variant (the engine then takes the plain one-pass path)
     if not any(_runs_once(_backward_compiler(n)) for n in nodes):
         wrapped.hybrid = hybrid  # type: ignore[attr-defined]
-        # nothing but compiled graphs and leaves: no zero can arrive from outside a compiled graph, so the
-        # engine runs outside the mode (AccumulateGrad's ops not dispatched through it) and only a node that
-        # falls back enters it
+        # nothing but compiled graphs and leaves, each compiled graph's sensitivities coming from one edge: no
+        # zero can arrive from outside a compiled graph, so the engine runs outside the mode (AccumulateGrad's
+        # ops not dispatched through it) and only a node that falls back enters it. Where the engine sums two
+        # graphs' results for a third (an output two later graphs read), that sum runs under the mode, which
+        # gives it the union of their supports
         wrapped.compiled_only = all(_is_compiled(n) or type(n).__name__ == "AccumulateGrad"  # type: ignore
-                                    for n in graph)
+                                    for n in graph) and not _sums_for_a_graph(graph)
     return wrapped
+
+
+def _sums_for_a_graph(graph: Sequence[Any]) -> bool:
+    """Whether some compiled node's sensitivity input is fed by more than one edge (the engine adds them)."""
+    fed: set[tuple[Any, int]] = set()
+    for node in graph:
+        for n, slot in node.next_functions:
+            if n is not None and _is_compiled(n):
+                if (n, slot) in fed:
+                    return True
+                fed.add((n, slot))
+    return False
 
 
 def _warn_boundary() -> None:

@@ -71,9 +71,11 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
     if plan == "compiled" and hasattr(run, "hybrid"):
         # the NaN/Inf a structural zero can reach is inside compiled graphs only: each runs compiled with the
         # pass (compiled speed, PyTorch's bits on finite data) and op by op only where that made NaN
-        if run.compiled_only:
+        if run.compiled_only:  # the nodes that fall back enter the mode one by one, sharing one support table:
+            # what one graph's op-by-op run made structurally zero is known to the next (a graph break between)
+            shared = _Supports()
             return run.hybrid(retain_graph, lambda thunk: _run_strong(lambda _: thunk(), None, create_graph,
-                                                                         t_outputs))
+                                                                         t_outputs, shared))
         return _run_strong(run.hybrid, retain_graph, create_graph, t_outputs)
     return _run_strong(run, retain_graph, create_graph, t_outputs)
 
@@ -128,12 +130,14 @@ def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
 
 
 def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, create_graph: bool,
-                outputs: Sequence[Any] = ()) -> Any:
+                outputs: Sequence[Any] = (), supports: _Supports | None = None) -> Any:
     outer = _STATE.create_graph, _STATE.outputs_finite
     _STATE.create_graph, _STATE.in_mode = create_graph, True
     _STATE.outputs_finite = all(bool(t.isfinite().all()) for t in outputs
                                 if isinstance(t, torch.Tensor) and t.is_floating_point())
     mode = _StrongZeroMode(carry=create_graph)
+    if supports is not None:
+        mode.supports = supports
     try:
         with _under_traces(mode):
             result = run(retain_graph)
