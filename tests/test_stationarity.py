@@ -129,3 +129,31 @@ def test_sampled_ties_decided_by_the_interval_bound():
     """max(a, 2a) at 0, sampled: the pieces 1 and 2 bound the derivative along any w > 0 by w: proved False."""
     cert = gw.stationarity(lambda a: torch.maximum(a, 2 * a).sum(), torch.zeros(1, dtype=torch.float64), samples=4)
     assert cert.stationary is False and cert.lower_bound == pytest.approx(1.0) and not cert.exact
+
+
+def test_the_least_norm_point_of_sort_pieces():
+    """(sort(x) . w) at x = (1, 1, 1, 0): six pieces, the permutations of (2, 3, 4) then 1. Their hull's least-norm
+    point is (3, 3, 3, 1) (SLSQP over the sampled pieces agrees); SciPy 1.17's NNLS stops at the vertex
+    (4, 2, 3, 1), so `min_norm_weights` checks the optimality condition and falls back to BVLS."""
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    f = lambda x: (x.sort().values * w).sum()
+    x = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+    cert = gw.stationarity(f, x)
+    assert cert.exact and len(cert.subdifferential.elements) == 6
+    torch.testing.assert_close(cert.element[0], torch.tensor([3.0, 3.0, 3.0, 1.0], dtype=torch.float64))
+    assert abs(cert.lower_bound - 28**0.5) < 1e-9 and cert.stationary is False
+
+
+def test_least_norm_weights_on_random_hulls():
+    """The least-norm point of random hulls, against SciPy's SLSQP on the simplex (an independent solver)."""
+    from gradwise._nonsmooth._stationarity import Subdifferential
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n, d = int(rng.integers(2, 9)), int(rng.integers(1, 6))
+        g = rng.integers(-3, 4, size=(n, d)).astype(float) + rng.normal(0, 1e-3, size=(n, d)) * rng.integers(0, 2)
+        sd = Subdifferential([(torch.from_numpy(row),) for row in g], exact=True)
+        got = np.linalg.norm(sd.min_norm_weights() @ g)
+        ref = minimize(lambda m, g=g: np.sum((m @ g) ** 2), np.full(n, 1 / n), method="SLSQP", bounds=[(0, 1)] * n,
+                       constraints=[{"type": "eq", "fun": lambda m: m.sum() - 1}], options={"ftol": 1e-15})
+        assert got <= np.linalg.norm(ref.x @ g) + 1e-6
