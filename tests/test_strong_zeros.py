@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -1098,3 +1099,68 @@ def test_grid_sample_leaves_unsampled_pixels_alone(mode, padding_mode):
     assert grad(img, torch.autograd.grad).isnan().all()
     img[..., :5, :] = math.nan  # the rows the samples read: genuine
     assert grad(img, gw.grad).isnan().any()
+
+
+class _NumpyMatmul(torch.autograd.Function):
+    """a @ b with a backward in NumPy (a wrapped external kernel): opaque to the rules."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a @ b
+
+    @staticmethod
+    def backward(ctx, g):
+        a, _ = ctx.saved_tensors
+        return None, torch.from_numpy(a.numpy().T @ g.numpy())
+
+
+class _TorchMatmul(_NumpyMatmul):
+    @staticmethod
+    def backward(ctx, g):
+        a, _ = ctx.saved_tensors
+        return None, a.t() @ g
+
+
+@pytest.mark.parametrize("fn", [_NumpyMatmul, _TorchMatmul], ids=["numpy", "torch"])
+def test_a_custom_backward_outside_torch_ops_is_named(fn):
+    """A custom Function's backward in NumPy hides the structural zeros that reach it: the NaN stays, named by an
+    OpaqueBackwardWarning (it was silent). Written with torch ops, the rules follow it: exact, no warning."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    clean = x.clone()
+    clean[4:] = 0.3
+    x[4:] = math.nan
+    w0 = torch.randn(5, 3, dtype=torch.float64)
+
+    def grad(data, backward):
+        w = w0.clone().requires_grad_()
+        return backward(torch.tanh(fn.apply(data, w))[:4].sum(), w)[0]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = grad(x, gw.grad)
+    named = [w for w in caught if issubclass(w.category, gw.OpaqueBackwardWarning)]
+    if fn is _NumpyMatmul:
+        assert got.isnan().any() and named and "_NumpyMatmul" in str(named[0].message)
+    else:
+        assert not named and torch.equal(got, grad(clean, torch.autograd.grad))
+
+
+def test_an_op_without_a_rule_that_loses_zeros_is_named():
+    """A hook whose op has no rule (a torch.library op of a test namespace) hides the zeros from the rules below:
+    the NaN comes back in the matmul's backward, and the warning names the op."""
+    lib = torch.library.Library("gwtest_opaque", "DEF")
+    lib.define("twice(Tensor x) -> Tensor")
+    lib.impl("twice", lambda t: t * 2, "CompositeExplicitAutograd")
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    x[4:] = math.nan
+    w = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    h = x @ w
+    h.register_hook(lambda g: torch.ops.gwtest_opaque.twice(g))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (got,) = gw.grad(torch.tanh(h)[:4].sum(), w)
+    named = [w for w in caught if issubclass(w.category, gw.OpaqueBackwardWarning)]
+    assert got.isnan().any() and named and "gwtest_opaque.twice" in str(named[0].message)

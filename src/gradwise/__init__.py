@@ -36,6 +36,7 @@ from gradwise._nonsmooth import (
 from gradwise._strong_zeros import (
     CompiledBackwardWarning,
     GradwiseWarning,
+    OpaqueBackwardWarning,
     PlainBackwardWarning,
     RuleHandle,
     Supports,
@@ -60,6 +61,7 @@ __all__ = [
     "NonfiniteGradientError",
     "NonfiniteGuard",
     "NonsmoothError",
+    "OpaqueBackwardWarning",
     "PlainBackwardWarning",
     "Report",
     "RuleHandle",

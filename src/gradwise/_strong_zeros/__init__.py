@@ -61,7 +61,7 @@ from gradwise._strong_zeros._autograd_graph import _release_graph as _release_gr
 from gradwise._strong_zeros._autograd_graph import _root_nodes as _root_nodes
 from gradwise._strong_zeros._autograd_graph import _walk as _walk
 from gradwise._strong_zeros._compile import CompiledBackwardWarning, compile_stats
-from gradwise._strong_zeros._contract import GradwiseWarning, PlainBackwardWarning
+from gradwise._strong_zeros._contract import GradwiseWarning, OpaqueBackwardWarning, PlainBackwardWarning
 from gradwise._strong_zeros._engine import backward, grad, strong_zeros, strong_zeros_process_wide
 from gradwise._strong_zeros._mode import _decomposition as _decomposition
 from gradwise._strong_zeros._mode import _StrongZeroMode as _StrongZeroMode
@@ -79,6 +79,7 @@ __all__ = [
     "RULES",
     "CompiledBackwardWarning",
     "GradwiseWarning",
+    "OpaqueBackwardWarning",
     "PlainBackwardWarning",
     "RuleHandle",
     "Supports",

@@ -31,7 +31,7 @@ import torch
 from torch._C._functorch import is_functorch_wrapped_tensor, is_legacy_batchedtensor, peek_interpreter_stack
 from torch.autograd.graph import GradientEdge
 
-__all__ = ["GradwiseWarning", "PlainBackwardWarning"]
+__all__ = ["GradwiseWarning", "OpaqueBackwardWarning", "PlainBackwardWarning"]
 
 
 class GradwiseWarning(UserWarning):
@@ -42,6 +42,28 @@ class PlainBackwardWarning(GradwiseWarning):
     """A backward under strong zeros ran as plain PyTorch because gradwise cannot read or follow its tensors
     (a ``torch.func`` transform, batched gradients, sparse/mkldnn/nested tensors, a tensor subclass with
     its own ``__torch_dispatch__``). The gradients are PyTorch's; a NaN from contamination is not removed there."""
+
+
+class OpaqueBackwardWarning(GradwiseWarning):
+    """Under strong zeros, the gradients hold NaN/Inf and structural zeros reached a backward gradwise cannot follow
+    them through: a custom ``autograd.Function`` whose backward computes outside torch ops (NumPy, a C++ kernel
+    called directly), or an op without a strong-zero rule. It may be contamination: write that backward with torch
+    ops, or give the op a rule (``gw.register_rule``)."""
+
+
+def warn_opaque(what: str, fix: str) -> None:
+    """One OpaqueBackwardWarning per process and backward (``what`` names it, ``fix`` says what to do)."""
+    with _warned_lock:
+        if ("opaque", what) in _warned:
+            return
+        _warned.add(("opaque", what))
+    warnings.warn(
+        f"gw.strong_zeros: the gradients hold NaN/Inf, and structural zeros reached {what}, where gradwise cannot "
+        f"follow them: the NaN/Inf may be contamination (a NaN the output never used). Fix: {fix}. Given once per "
+        "process for it.",
+        OpaqueBackwardWarning,
+        stacklevel=_user_stacklevel(),
+    )
 
 
 class Unreadable(Exception):

@@ -21,9 +21,10 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from gradwise._checks import as_tensors, check_differentiable, check_scalar_or_seeded
 from gradwise._strong_zeros import _contract
+from gradwise._strong_zeros._autograd_graph import _leaves, _root_nodes
 from gradwise._strong_zeros._carry import carry
-from gradwise._strong_zeros._compile import compiled_run
-from gradwise._strong_zeros._mode import _StrongZeroMode
+from gradwise._strong_zeros._compile import _holds_nonfinite, compiled_run
+from gradwise._strong_zeros._mode import _StrongZeroMode, watch_functions
 from gradwise._strong_zeros._planning import _plan
 from gradwise._strong_zeros._supports import _STATE, _Supports
 
@@ -77,7 +78,7 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
             return run.hybrid(retain_graph, lambda thunk: _run_strong(lambda _: thunk(), None, create_graph,
                                                                          t_outputs, shared))
         return _run_strong(run.hybrid, retain_graph, create_graph, t_outputs)
-    return _run_strong(run, retain_graph, create_graph, t_outputs)
+    return _run_strong(run, retain_graph, create_graph, t_outputs, functions=True, inputs=inputs)
 
 
 def grad_in_pass(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], seeds: Sequence[torch.Tensor],
@@ -130,7 +131,12 @@ def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
 
 
 def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, create_graph: bool,
-                outputs: Sequence[Any] = (), supports: _Supports | None = None) -> Any:
+                outputs: Sequence[Any] = (), supports: _Supports | None = None, functions: bool = False,
+                inputs: Sequence[Any] = ()) -> Any:
+    """One backward under the strong-zero mode. ``functions``: watch the graph's custom autograd.Functions for
+    results made outside torch ops (`watch_functions`); where structural zeros were lost there or in an op
+    without a rule and the gradients hold NaN/Inf, an OpaqueBackwardWarning names them (``inputs``: those of
+    backward(inputs=...), whose .grad it reads)."""
     outer = _STATE.create_graph, _STATE.outputs_finite
     _STATE.create_graph, _STATE.in_mode = create_graph, True
     _STATE.outputs_finite = all(bool(t.isfinite().all()) for t in outputs
@@ -138,11 +144,17 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
     mode = _StrongZeroMode(carry=create_graph)
     if supports is not None:
         mode.supports = supports
+    handles = watch_functions([r for r in _root_nodes(outputs) if r is not None], mode) if functions else []
     try:
         with _under_traces(mode):
             result = run(retain_graph)
     finally:
         (_STATE.create_graph, _STATE.outputs_finite), _STATE.in_mode = outer, False
+        for h in handles:
+            h.remove()
+    if mode.lost and _holds_nonfinite(result, _leaves(outputs, inputs)):
+        for what, fix in mode.lost.items():
+            _contract.warn_opaque(what, fix)
     if mode.made:  # the new graph (create_graph) differentiates through the zeros: they stay structural there
         carry(mode.made, mode.supports)
     return result

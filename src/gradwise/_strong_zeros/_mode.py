@@ -1,7 +1,7 @@
 """The TorchDispatchMode that applies the rule table during a backward (``_StrongZeroMode``), and the fused
 backwards that run as their decomposition when a structural zero reaches them (``DECOMPOSED``).
 
-May import: torch, gradwise._modes, _contract, _supports, _rules.
+May import: torch, gradwise._modes, _contract, _supports, _rules, _autograd_graph.
 """
 
 from __future__ import annotations
@@ -39,6 +39,10 @@ def _decomposition(func: Any) -> Callable[..., Any] | None:
     return decomposition_table.get(func)
 
 
+# ops that wrap data made outside torch ops (torch.from_numpy, torch.tensor) as a tensor
+_LIFTS = frozenset((aten.lift_fresh, aten.lift_fresh_copy, aten.lift))
+
+
 class _StrongZeroMode(LeanDispatchMode):
     def __init__(self, carry: bool = False) -> None:
         super().__init__()
@@ -46,9 +50,22 @@ class _StrongZeroMode(LeanDispatchMode):
         # create_graph: the outputs of ruled ops, for _carry at the end of the pass: held where they have structural
         # zeros (the new graph may not keep them: mm saves only the operand its other gradient needs), weakly else
         self.made: list[Any] | None = [] if carry else None
+        # while a custom Function's backward that structural zeros reached runs: what ops under this mode made
+        # (id -> tensor), to tell its results from ones made outside torch ops (NumPy: `watch_functions`)
+        self.produced: dict[int, torch.Tensor] | None = None
+        # (what, fix) of the backwards structural zeros reached and could not be followed through: named by an
+        # OpaqueBackwardWarning if the gradients hold NaN/Inf at the end of the pass
+        self.lost: dict[str, str] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        out = self._dispatch(func, args, kwargs or {})
+        if self.produced is not None and func.overloadpacket not in _LIFTS:  # (a lift brings data from outside)
+            for o in tree_flatten(out)[0]:
+                if isinstance(o, torch.Tensor):
+                    self.produced[id(o)] = o
+        return out
+
+    def _dispatch(self, func, args, kwargs):
         if _contract.unfollowed(args):  # sparse/nested/mkldnn sensitivities: PyTorch's op, nothing recorded
             return func(*args, **kwargs)
         if func.is_view:
@@ -77,6 +94,8 @@ class _StrongZeroMode(LeanDispatchMode):
                 self.supports.record(out, kept)
                 return out
             _UNRULED.add(str(func))
+            if any(s is not None and not bool(s.all()) for s in map(self.supports.of, flat)):
+                self.lost[f"{func}, which has no strong-zero rule"] = "register one (gw.register_rule)"
             for o in tree_flatten(out)[0]:
                 if isinstance(o, torch.Tensor):
                     self.supports.record(o, None)
@@ -134,4 +153,39 @@ def _zero_preserved(func, args: tuple, kwargs: dict, out: object, sup: _Supports
         stays = probe == 0  # NaN: False
         kept = stays if kept is None else kept & stays
     return (support | ~kept).expand(out.shape)
+
+
+def watch_functions(roots: list, mode: _StrongZeroMode) -> list:
+    """Hooks on the custom ``autograd.Function`` nodes of a graph for one strong pass (their handles, to remove):
+    where structural zeros reach one and its backward returns a tensor no op under ``mode`` made (NumPy, a C++
+    kernel called directly), the zeros are lost there (``mode.lost``: named if the gradients end up holding
+    NaN/Inf); a backward written with torch ops is followed by the rules."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from gradwise._strong_zeros._autograd_graph import _walk
+
+    handles = []
+    for node in _walk(roots):
+        cls = getattr(node, "_forward_cls", None)
+        if cls is None or cls.__name__ == "BackwardHookFunction":
+            continue
+
+        def before(grad_outputs, cls=cls):
+            with _disable_current_modes():
+                reached = any(s is not None and not bool(s.all()) for s in map(mode.supports.of, grad_outputs))
+            if reached:
+                mode.produced = {id(g): g for g in grad_outputs if isinstance(g, torch.Tensor)}
+
+        def after(grad_inputs, grad_outputs, cls=cls):
+            produced, mode.produced = mode.produced, None
+            if produced is None:
+                return
+            if any(isinstance(g, torch.Tensor) and _is_float(g) and id(g) not in produced for g in grad_inputs):
+                mode.lost[f"the backward of {cls.__qualname__}, a custom autograd.Function whose backward computes "
+                          "outside torch ops"] = ("write its backward with torch ops (gradwise follows those), or "
+                                                  "make it a torch.library custom op with a strong-zero rule "
+                                                  "(gw.register_rule)")
+
+        handles += [node.register_prehook(before), node.register_hook(after)]
+    return handles
 
