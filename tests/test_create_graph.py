@@ -108,3 +108,31 @@ def test_an_undefined_gradient_passes_the_hook():
     hook = _carry._masking(torch.tensor([True, False]))
     assert hook(None) is None
     assert torch.equal(hook(torch.tensor([2.0, nan])), torch.tensor([2.0, 0.0]))
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_a_penalty_on_weight_gradients_with_padding_rows(depth):
+    """sum(g^2) of the weight gradients of (tanh(x W^T) [V^T])[:4].pow(2).sum(), rows 4-5 of x NaN: the second
+    backward differentiates first-pass tensors whose zeros are structural (a slice's backward), both as
+    sensitivities (hooked) and as values the new graph saved (mm saves one operand for the other's gradient): it
+    equals the program on the 4 kept rows (it was NaN: the tensors died before being hooked, and saved values'
+    zeros were taken as computed)."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    x[4:] = math.nan
+    w0, v0 = torch.randn(3, 5, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+
+    def penalty(data, grad):
+        w, v = w0.clone().requires_grad_(), v0.clone().requires_grad_()
+        h = torch.tanh(data @ w.T)
+        out = (h @ v.T if depth == 2 else h)[:4].pow(2).sum()
+        gs = grad(out, (w, v), create_graph=True, allow_unused=True)
+        return grad(sum((g**2).sum() for g in gs if g is not None), (w, v), allow_unused=True)
+
+    want = penalty(x[:4], torch.autograd.grad)
+    got = penalty(x, gw.grad)
+    for g, r in zip(got, want, strict=True):
+        if r is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)

@@ -25,6 +25,13 @@ import torch
 
 from gradwise._strong_zeros._supports import _Supports
 
+# First-pass tensors with structural zeros, as values the new graph may have saved (mm saves one operand for the
+# other's gradient; a slice's backward of a constant seed needs no gradient of its own): storage -> (weak
+# reference, support). A later pass multiplying by them meets zeros that are structural in the program without
+# the unused values (those positions do not exist there), so it takes them as such (`seed`), and its plan takes
+# the strong path while its graph saves one (`values_reached`).
+CARRIED_VALUES: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
 # the hooks put on first-pass tensors: each lives as long as its tensor's autograd node (which holds it), and
 # is known by (node type, sequence number): node wrappers come and go, those stay (a match in another thread's
 # graph only makes that backward take the strong path, which is exact anyway)
@@ -37,11 +44,17 @@ def carry(made: Iterable[Callable[[], torch.Tensor | None]], supports: _Supports
     seen: set[int] = set()
     for ref in made:
         t = ref()
-        if t is None or not t.requires_grad or t.grad_fn is None or id(t) in seen:
+        if t is None or id(t) in seen:
             continue
         seen.add(id(t))
         s = supports.of(t)
         if s is None or bool(s.all()):
+            continue
+        if t.is_floating_point() and t.layout == torch.strided:  # as a value the new graph may have saved
+            key = t.untyped_storage()._cdata
+            CARRIED_VALUES[key] = (weakref.ref(t, lambda _, key=key: CARRIED_VALUES.pop(key, None)),
+                                   s.expand(t.shape).clone())
+        if not t.requires_grad or t.grad_fn is None:
             continue
         hook = _masking(s.expand(t.shape).clone())
         hook.key = _key(t.grad_fn)
@@ -68,3 +81,25 @@ def reaches(nodes: Iterable[Any]) -> bool:
     """Whether a graph (its nodes) holds the node of a carried tensor: its backward must take the strong path."""
     keys = {hook.key for hook in list(CARRIED)}
     return bool(keys) and any(_key(n) in keys for n in nodes)
+
+
+def values_reached(nodes: Iterable[Any]) -> bool:
+    """Whether a graph's nodes save a carried first-pass value (then its backward takes the strong path)."""
+    from gradwise._strong_zeros._node_facts import _raw_saved
+
+    for node in nodes:
+        for raw in _raw_saved(node):
+            t = raw.data
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided and \
+                    t.untyped_storage()._cdata in CARRIED_VALUES:
+                return True
+    return False
+
+
+def seed(supports: _Supports) -> None:
+    """Record the carried first-pass values' structural zeros in a new pass's supports."""
+    for ref, support in list(CARRIED_VALUES.values()):
+        t = ref()
+        if t is not None:
+            supports.record(t, support)
+

@@ -20,7 +20,7 @@ from torch.autograd.graph import GradientEdge
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from gradwise._checks import as_tensors, check_differentiable, check_scalar_or_seeded
-from gradwise._strong_zeros import _contract
+from gradwise._strong_zeros import _carry, _contract
 from gradwise._strong_zeros._autograd_graph import _leaves, _root_nodes
 from gradwise._strong_zeros._carry import carry
 from gradwise._strong_zeros._compile import _holds_nonfinite, compiled_run
@@ -144,6 +144,8 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
     mode = _StrongZeroMode(carry=create_graph)
     if supports is not None:
         mode.supports = supports
+    if _carry.CARRIED_VALUES:  # a create_graph pass's values with structural zeros, saved by this graph
+        _carry.seed(mode.supports)
     handles = watch_functions([r for r in _root_nodes(outputs) if r is not None], mode) if functions else []
     try:
         with _under_traces(mode):

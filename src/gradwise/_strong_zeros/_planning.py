@@ -167,6 +167,8 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
     g = _graph(roots)
     if _carry.CARRIED and _carry.reaches(g.nodes):  # the gradient of a create_graph pass that annihilated
         return "strong"
+    if _carry.CARRIED_VALUES and _carry.values_reached(g.nodes):  # ... or that saved its structural zeros
+        return "strong"
     above = _zero_reach(roots, g)
     known_all = True
     only_compiled = True  # every node gradwise knows nothing about is a torch.compile'd backward
