@@ -1088,3 +1088,40 @@ def test_a_lazy_module_initialises_under_the_trace():
         lazy(torch.randn(2, 4)).sum().backward()
     assert lazy.weight.shape == (3, 4) and lazy.weight.grad is not None
     assert not report.findings
+
+
+def test_an_overwritten_nan_behind_a_product_is_contamination():
+    """y = sqrt(x) * 1; y[0] = 0: the product passes on the overwrite's structural zero (a maker lies above it),
+    so the NaN sqrt made at x[0] = -1 is contamination, as gw.grad removes it (it was genuine: 'a zero from a
+    product'). The overwrite (an in-place copy through a view: a CopySlices node numbered after the op's own) is
+    named with its line."""
+    x = torch.tensor([-1.0, 4.0], requires_grad=True)
+
+    def program():
+        y = x.sqrt() * 1
+        y[0] = 0.0
+        return y.sum()
+
+    assert torch.equal(gw.grad(program(), x)[0], torch.tensor([0.0, 0.25]))
+    with gw.trace() as report:
+        program().backward()
+    (f,) = report.findings
+    assert f.kind == "contamination" and f.discarded_op == "aten.copy_" and "x" in f.reaches, str(report)
+
+
+def test_an_in_place_op_through_a_view_is_located_at_its_line():
+    """y[:2].sqrt_() makes the NaN; its backward runs in CopySlices: the finding names sqrt_'s forward line (it
+    named the backward call), and strong zeros remove it as the report says."""
+    w = torch.tensor([-1.0, 4.0, 1.0], requires_grad=True)
+
+    def program():
+        y = w * 1
+        y[:2].sqrt_()
+        return y[1:].sum()
+
+    line = program.__code__.co_firstlineno + 2
+    with gw.trace() as report:
+        program().backward()
+    (f,) = report.findings
+    assert f.kind == "contamination" and f.op == "aten.div" and f.location.endswith(f":{line}"), str(report)
+    assert torch.equal(gw.grad(program(), w)[0], torch.tensor([0.0, 0.25, 1.0]))

@@ -15,7 +15,14 @@ from gradwise._masks import all_finite as _all_finite
 from gradwise._masks import inexact
 from gradwise._strong_zeros import _carry, _contract
 from gradwise._strong_zeros._autograd_graph import _root_nodes
-from gradwise._strong_zeros._node_facts import _NODE_TYPES, UNUSED_OUTPUTS, _node_type, _readable, covers
+from gradwise._strong_zeros._node_facts import (
+    _NODE_TYPES,
+    HIDES_ITS_FORMULA,
+    UNUSED_OUTPUTS,
+    _node_type,
+    _readable,
+    covers,
+)
 from gradwise._strong_zeros._traced import traced
 
 
@@ -188,7 +195,7 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
     # every node a structural zero reaches (one that keeps its own inside is read only if one arrives from above)
     for node in (*g.senders, *(n for n in above if not g.makers.get(n))):
         _, read, _, singular, _, _, _, _, _ = _NODE_TYPES[type(node)]
-        readable = _read_saved(node, read, seen, saved)
+        readable = _read_saved(node, read, seen, saved) and type(node).__name__ not in HIDES_ITS_FORMULA
         known_all &= readable
         only_compiled &= readable
         if singular is not None and readable and singular(node):

@@ -183,17 +183,20 @@ class _Incidents:
 
     def _from_a_product(self, sens_ins) -> bool:
         """Did the zero sensitivity come straight from the backward of a product with a value (0 * x, a
-        matmul with a zero weight)? Those zeros are values of the program, not structure."""
+        matmul with a zero weight)? Those zeros are values of the program, not structure. Not where a node that
+        can make structural zeros lies above the product (y * c after an overwrite y[0] = 0 passes its zero on)."""
         for s in sens_ins:
-            nd = self.nodes.get(self.sens.get(s))
-            if nd is not None and nd.op in _PRODUCTS:
+            seq = self.sens.get(s)
+            nd = self.nodes.get(seq)
+            if nd is not None and nd.op in _PRODUCTS and \
+                    not any(q < 0 or q in self.makers for q in self._upstream(seqs=self.parents.get(seq, ()))):
                 return True
         return False
 
-    def _upstream(self, sens_ins):
-        """The seqs of the nodes upstream in the sensitivity flow of ``sens_ins``, nearest first, each once
-        (negative: the engine's zeros for an unused output)."""
-        frontier = [self.sens.get(s) for s in sens_ins]
+    def _upstream(self, sens_ins=(), seqs=()):
+        """The seqs of the nodes upstream in the sensitivity flow of ``sens_ins`` (or from ``seqs``), nearest
+        first, each once (negative: the engine's zeros for an unused output)."""
+        frontier = [self.sens.get(s) for s in sens_ins] + list(seqs)
         seen: set = set()
         while frontier:
             nxt = []

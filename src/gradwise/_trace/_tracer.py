@@ -319,6 +319,10 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
                     self._accumulate(node, [t for t, _ in found])
                 elif seq not in self.nodes and (declared := _declared_node(node, ("<unknown>", 0))) is not None:
                     self.nodes[seq] = declared
+                elif seq not in self.nodes and seq - 1 in self.nodes and type(node).__name__ == "CopySlices":
+                    # an in-place op on a view: autograd wraps the op's node (seq - 1, the one the forward saw)
+                    # in CopySlices after the op returned, with the next number
+                    self.nodes[seq] = self.nodes[seq - 1]
                 else:
                     nd = self.nodes.get(seq)
                     if nd is not None and nd.kinks:
