@@ -1091,3 +1091,57 @@ def test_an_index_read_continuously_is_no_jump():
     assert gw.directional_derivative(f, x, torch.tensor([[0.5, -1.0, 3.0]], dtype=torch.float64)).item() == 0.5
     (g,) = gw.generalized_grad(f, x, seed=1)
     assert sorted(g.flatten().tolist()) == [0.0, 0.0, 1.0] and g[0, 2] == 0
+
+
+_ATEN_CALLS = {
+    "gt": lambda x: torch.where(torch.ops.aten.gt.Scalar(x, 0.0), x, -2 * x).sum(),
+    "lt": lambda x: torch.where(torch.ops.aten.lt.Tensor(x, torch.zeros_like(x)), -2 * x, x).sum(),
+    "eq": lambda x: torch.where(torch.ops.aten.eq.Scalar(x, 0.0), 1.0, x.exp()).sum(),
+    "sign": lambda x: (torch.ops.aten.sign.default(x) * x).sum(),
+    "floor": lambda x: (torch.ops.aten.floor.default(x) + torch.ops.aten.floor.default(-x)).sum(),
+    "cummax": lambda x: torch.ops.aten.cummax.default(x, 0)[0].sum(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ATEN_CALLS))
+def test_aten_overloads_called_directly(name):
+    """torch.ops.aten.* (what torch.export's modules run) reaches the same rules as the Python calls: at a tie a
+    comparison takes the direction's side (it took PyTorch's: -2 where the one-sided difference says 1), a step
+    its limit, cummax a plain tuple (it raised)."""
+    f = _ATEN_CALLS[name]
+    x = torch.tensor([0.0, 1.0, -1.0, 0.0], dtype=torch.float64)
+    for d in (torch.tensor([1.0, 0.5, -1.0, -2.0], dtype=torch.float64), -torch.ones(4, dtype=torch.float64)):
+        try:
+            got = gw.directional_derivative(f, x, d)
+        except gw.NonsmoothError:  # a jump (floor(x) + floor(-x) at an integer): no one-sided derivative
+            assert name == "floor"
+            continue
+        ref = (f(x + 1e-7 * d) - f(x)) / 1e-7
+        assert abs(got.item() - ref.item()) < 1e-5, (name, d)
+
+
+def test_numpy_seeds_and_empty_inputs():
+    """A NumPy integer seed works as an int; an empty input's least norm is 0 (both raised inside gradwise)."""
+    import numpy as np
+
+    f = lambda x: torch.relu(x).sum()
+    x = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    assert torch.equal(gw.generalized_grad(f, x, seed=np.int64(3))[0], gw.generalized_grad(f, x, seed=3)[0])
+    assert gw.stationarity(f, x, seed=np.uint8(5)).stationary is False
+    cert = gw.stationarity(f, torch.zeros(0, dtype=torch.float64))
+    assert cert.stationary is True and cert.min_norm == 0.0
+
+
+def test_input_hooks_act_as_in_autograd():
+    """A gradient hook on the input (and a post-accumulate hook, for generalized_backward) acts as in
+    torch.autograd.grad / .backward(): away from kinks the results are PyTorch's (the hooks were dropped)."""
+    w = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    f = lambda a: (torch.relu(a) * w).sum()
+    x = torch.tensor([0.5, 1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    x.register_hook(lambda g: g * 10)
+    seen = []
+    x.register_post_accumulate_grad_hook(lambda t: seen.append(t.grad.clone()))
+    want = torch.autograd.grad(f(x), x)[0]
+    assert torch.equal(gw.generalized_grad(f, x, seed=0)[0], want)
+    gw.generalized_backward(f, x, seed=0)
+    assert torch.equal(x.grad, want) and len(seen) == 1 and torch.equal(seen[0], want)

@@ -476,3 +476,37 @@ def test_generalized_grads_in_two_threads_at_once():
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(run, [True, False]))
     assert all(v == 3.0 for r in results for v in r)
+
+
+def test_torch_func_inside_f_refuses_directional_derivatives_too():
+    """torch.func.grad / jacrev inside f hide the direction's tangent (its level sits inside the transform): a kink
+    op there is refused for directional_derivative as for generalized_grad (it returned PyTorch's convention:
+    -4 where the one-sided difference of 2 sum|x| is -2; 0 at the jump of sum sign(x))."""
+    from torch.func import grad, jacrev
+
+    x = torch.tensor([0.0, 1.0, -2.0], dtype=torch.float64)
+    d = torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)
+    for f in (lambda x: grad(lambda z: (z * z.abs()).sum())(x).sum(), lambda x: jacrev(torch.relu)(x).sum()):
+        with pytest.raises(gw.NonsmoothError, match=r"torch\.func"):
+            gw.directional_derivative(f, x, d)
+    # a transform over a constant, beside a kink of x: nothing refused, PyTorch's gradient away from the kink
+    f = lambda x: torch.relu(x).sum() + torch.func.vmap(torch.exp)(torch.zeros(3, 1)).sum()
+    assert torch.equal(gw.generalized_grad(f, x + 3, seed=0)[0], torch.ones(3, dtype=torch.float64))
+
+
+def test_out_arguments_and_nested_forward_ad_are_refused_clearly():
+    """out= on a kink op, and forward-mode AD of f's own (torch.func.jvp), get a NonsmoothError naming the way
+    out (a TypeError from gradwise's rule call, and PyTorch's bare nesting error, before)."""
+    x = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    d = torch.ones(2, dtype=torch.float64)
+
+    def with_out(x):
+        o = torch.empty_like(x)
+        torch.abs(x, out=o)
+        return o.sum()
+
+    with pytest.raises(gw.NonsmoothError, match="out="):
+        gw.directional_derivative(with_out, x, d)
+    jvp = lambda x: torch.func.jvp(torch.sin, (x,), (torch.ones_like(x),))[1].sum()
+    with pytest.raises(gw.NonsmoothError, match="forward-mode AD of its own"):
+        gw.directional_derivative(jvp, x, d)

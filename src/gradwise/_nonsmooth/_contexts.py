@@ -140,6 +140,11 @@ def unwrapped(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def is_wrapped(t: torch.Tensor) -> bool:
+    """A ``torch.func`` wrapper (GradTrackingTensor, BatchedTensor)."""
+    return bool(_functorch.is_functorch_wrapped_tensor(t))
+
+
 def transforms_active() -> bool:
     return bool(_functorch._are_functorch_transforms_active()) if hasattr(
         _functorch, "_are_functorch_transforms_active") else _functorch.maybe_current_level() is not None

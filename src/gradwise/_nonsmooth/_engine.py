@@ -67,6 +67,10 @@ def _run(f, xs, single, directions, run: _Run, requires_grad: bool, strip_after:
     ``strip_after``). ``expect``: the trail of calls this pass must follow (else `_Diverged`). Returns (output,
     [(primal, tangent)] per output, leaves, mode)."""
     leaves = tuple(x.detach().requires_grad_(requires_grad) for x in xs)
+    if requires_grad:  # the inputs' own gradient hooks act on the gradient as in torch.autograd.grad
+        for x, leaf in zip(xs, leaves, strict=True):
+            for hook in (x._backward_hooks or {}).values():
+                leaf.register_hook(hook)
     dual = directions is not None
     with _ctx.pass_context(), fwAD.dual_level(), torch.enable_grad() if requires_grad else torch.no_grad():
         args = tuple(x if not dual or d is None else fwAD.make_dual(x, d.to(x.dtype))
@@ -93,6 +97,12 @@ def _run(f, xs, single, directions, run: _Run, requires_grad: bool, strip_after:
                                  "torch ops") from None
         except Exception as e:
             watch.check()
+            if "Nested forward mode AD is not supported" in str(e):
+                raise NonsmoothError(f"f (called at {_user_line()}) runs forward-mode AD of its own (torch.func.jvp, "
+                                     "jacfwd, torch.autograd.forward_ad) while gradwise follows a direction through "
+                                     "f with forward-mode AD, and PyTorch does not nest the two. Compute that "
+                                     "derivative outside f, or with reverse mode (torch.func.vjp, jacrev) after "
+                                     "the last kink") from None
             if "_fw_primal" in str(e):  # forward AD's Python decompositions called from TorchScript reach the mode
                 raise NonsmoothError(f"f (called at {_user_line()}) runs code that gradwise cannot follow with "
                                      "tangents (TorchScript from torch.jit.script/trace, whose forward-mode "
@@ -213,7 +223,7 @@ def _random_direction(xs, seed: int | None, only: set[int] | None = None):
     """A Gaussian direction (None for inputs outside ``only``) and the generator, for further directions.
     Every input's part is drawn, so ``only`` does not change the others'."""
     gen = torch.Generator()
-    gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ())))
+    gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, ())))  # (a NumPy int too)
     dtype = lambda x: x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     d = tuple(torch.randn(x.shape, generator=gen, dtype=dtype(x)).to(x.device) for x in xs)
     return tuple(v if only is None or i in only else None for i, v in enumerate(d)), gen
@@ -327,6 +337,7 @@ def generalized_grad(f: Callable, inputs: Tensor | tuple[Tensor, ...], *,
     (tensor(1.),)
     """
     _ctx.check_int("seed", seed, low=0, high=2**63 - 1, allow_none=True)
+    seed = None if seed is None else int(seed)  # a NumPy integer too
     xs, single = _as_inputs(inputs)
     return _locked_grad(f, xs, single, seed)[0]
 
@@ -345,10 +356,13 @@ def generalized_backward(f: Callable, inputs, *, seed: int | None = None) -> Ten
     torch.Size([1, 2])
     """
     _ctx.check_int("seed", seed, low=0, high=2**63 - 1, allow_none=True)
+    seed = None if seed is None else int(seed)  # a NumPy integer too
     xs, single = _as_inputs(tuple(inputs) if not isinstance(inputs, Tensor) else inputs)
     grads, _, value = _locked_grad(f, xs, single, seed)
     for x, g in zip(xs, grads, strict=True):
         x.grad = g.detach().clone() if x.grad is None else x.grad + g
+        for hook in (getattr(x, "_post_accumulate_grad_hooks", None) or {}).values():  # as .backward() runs them
+            hook(x)
     return value
 
 
@@ -358,6 +372,7 @@ def kinks_hit(f: Callable, inputs, *, seed: int | None = 0, tie_tol: float = 0.0
     random direction) only kinks that depend on the inputs count; without, any tie on a tensor that requires
     grad does (for f with custom autograd Functions lacking a ``jvp``)."""
     _ctx.check_int("seed", seed, low=0, high=2**63 - 1, allow_none=True)
+    seed = None if seed is None else int(seed)  # a NumPy integer too
     _ctx.check_real("tie_tol", tie_tol, low=0.0)
     _ctx.check_real("near_tol", near_tol, low=0.0, allow_none=True)
     xs, single = _as_inputs(inputs)

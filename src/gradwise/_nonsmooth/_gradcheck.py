@@ -79,9 +79,10 @@ def gradcheck(f: Callable, inputs, *, eps: float = 1e-6, atol: float = 1e-5, rto
     _ctx.check_int("nearby", nearby, low=0, high=10_000)
     _ctx.check_real("nearby_radius", nearby_radius, low=0.0, low_open=True)
     _ctx.check_int("seed", seed, low=0, high=2**63 - 1)
+    seed = None if seed is None else int(seed)  # a NumPy integer too
     xs, single = _as_inputs(inputs)
     result = GradcheckResult(True, False)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(int(seed))
     for _ in range(nearby):
         moved = tuple(x + nearby_radius * torch.randn(x.shape, generator=gen, dtype=x.dtype) for x in xs)
         if kinks_hit(f, moved if not single else moved[0], tangents=False)[0]:

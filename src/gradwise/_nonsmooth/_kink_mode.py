@@ -146,7 +146,9 @@ class _KinkMode(TorchFunctionMode):
 
     def _dispatch(self, func, args, kwargs):
         everything = (*args, *kwargs.values())
-        if _ctx.transforms_active() and any(map(self.involved, map(_ctx.unwrapped, _flat_tensors(everything)))):
+        # inside a torch.func transform a wrapped tensor's tangent is not visible (its level sits inside the
+        # transform): any wrapped argument counts as depending on the inputs (a refusal, never a convention)
+        if _ctx.transforms_active() and any(_ctx.is_wrapped(t) or self.involved(t) for t in _flat_tensors(everything)):
             out = None if func in _ROUTES or func in UNRULED else _kink_free_call(func, args, kwargs)
             if out is None:
                 raise NonsmoothError(f"{_callable_name(func)} (called at {_user_line()}) runs inside a torch.func "
@@ -191,6 +193,10 @@ class _KinkMode(TorchFunctionMode):
             raise NonsmoothError(f"gradwise has no kink rule for {UNRULED[func]} (called at {_user_line()}); "
                                  "its derivative at ties/zeros would be PyTorch's convention. Rewrite it with "
                                  "ops that have rules (abs, clamp, maximum, max, sort, max_pool ...).")
+        if kwargs.get("out") is not None:
+            raise NonsmoothError(f"{_callable_name(func)} (called at {_user_line()}) writes into out=: gradwise's "
+                                 "rules return new tensors (and PyTorch's forward-mode AD does not support out=). "
+                                 "Call it without out= inside f")
         before, self.run.call = len(self.run.kinks), self.count
         out = rule(self.run, func, *args, **kwargs)
         if len(self.run.kinks) > before:

@@ -27,7 +27,11 @@ _ATEN_ROUTES: dict[object, Callable] = {
     **{op: KINK_RULES[op] for op in (aten.relu, aten.abs, aten.maximum, aten.minimum, aten.clamp, aten.clamp_min,
                                      aten.clamp_max, aten.hardtanh, aten.leaky_relu, aten.threshold, aten.sort,
                                      aten.topk, aten.amax, aten.amin, aten.max, aten.min, aten.kthvalue, aten.median,
-                                     aten.cummax, aten.cummin, aten.argmax, aten.argmin, aten.l1_loss)},
+                                     aten.cummax, aten.cummin, aten.argmax, aten.argmin, aten.l1_loss,
+                                     # comparisons and steps: the watch below knows no kink of theirs (a tie
+                                     # changes a bool, a jump a value), so without these they took PyTorch's side
+                                     aten.gt, aten.ge, aten.lt, aten.le, aten.eq, aten.ne, aten.sign, aten.floor,
+                                     aten.ceil, aten.round, aten.trunc, aten.frac)},
     aten.max_pool1d: KINK_RULES[aten.max_pool1d],
     aten.max_pool2d: KINK_RULES[aten.max_pool2d_with_indices],
     aten.max_pool3d: KINK_RULES[aten.max_pool3d_with_indices],

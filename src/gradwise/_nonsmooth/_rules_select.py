@@ -544,12 +544,12 @@ def _cumulative(op: str, descending: bool):
     def rule(run, func, x, dim):
         xp = _split(x)[0]
         if xp.dim() == 0 or xp.numel() == 0:
-            return func(x, dim)
+            return rt(func(x, dim))
         d = dim % xp.dim()
         xm = x.movedim(d, -1)
         pm, tm = _split(xm)
         pm = pm.detach()
-        out = func(xm, -1)
+        out = rt(func(xm, -1))  # (an aten overload returns a plain tuple)
         v, idx = out.values.detach(), out.indices
         n = pm.shape[-1]
         # j <= i ties with the running extreme v[i] iff x[j] == v[i]; such j lie in v's plateau through i, so

@@ -116,6 +116,8 @@ class Stationarity:
 def _least_norm_optimal(g: np.ndarray, lam: np.ndarray) -> bool:
     """Whether p = lam @ g is the least-norm point of the hull of g's rows: its optimality condition, every row
     g_i with g_i . p >= |p|^2 (the hull lies beyond the plane through p normal to it), up to rounding."""
+    if g.size == 0:  # no entries (an empty input): the least norm is 0
+        return True
     p = lam @ g
     scale = max(float(np.abs(g).max()), 1.0) ** 2 * g.shape[1]
     return bool(np.all(np.isfinite(lam))) and float((g @ p).min() - p @ p) >= -1e-9 * scale
@@ -266,6 +268,7 @@ def subdifferential(f: Callable, inputs, *, samples: int | None = None, seed: in
     """
     _ctx.check_int("samples", samples, low=1, high=1_000_000, allow_none=True)
     _ctx.check_int("seed", seed, low=0, high=2**63 - 1 - (samples or 32), allow_none=True)
+    seed = None if seed is None else int(seed)  # a NumPy integer too
     _ctx.check_real("tie_tol", tie_tol, low=0.0)
     _ctx.check_real("near_tol", near_tol, low=0.0, allow_none=True)
     xs, single = _as_inputs(inputs)
