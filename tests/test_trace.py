@@ -1125,3 +1125,34 @@ def test_an_in_place_op_through_a_view_is_located_at_its_line():
     (f,) = report.findings
     assert f.kind == "contamination" and f.op == "aten.div" and f.location.endswith(f":{line}"), str(report)
     assert torch.equal(gw.grad(program(), w)[0], torch.tensor([0.0, 0.25, 1.0]))
+
+
+@pytest.mark.parametrize("call", ["backward", "grad"])
+def test_a_nan_seed_is_a_finding(call):
+    """A seed the caller passes (y.backward(seed), autograd.grad(..., grad_outputs)) holding NaN: a genuine
+    finding born at the backward call, reaching the leaves (the gradient was NaN with nothing reported)."""
+    x = torch.tensor([1.0, 4.0], requires_grad=True)
+    seed = torch.tensor([math.nan, 1.0])
+    with gw.trace() as report:
+        y = x.sqrt()
+        if call == "backward":
+            y.backward(seed)
+        else:
+            torch.autograd.grad(y, x, seed)
+    (f,) = report.findings
+    assert f.kind == "nan" and f.born_op == "seed" and f.reaches == ["x"] and "grad_tensors" in f.fix, str(report)
+
+
+def test_a_finding_steps_where_it_reaches_a_gradient():
+    """A NaN written before the loop and first used at step 2: the finding's step is 2 (it was the birth's, 0);
+    the root cause keeps the birth's step and says when the output used it."""
+    lin = torch.nn.Linear(3, 1)
+    with gw.trace() as report:
+        data = torch.randn(4, 3)
+        data[2, 0] = math.nan
+        for step in range(4):
+            lin.zero_grad()
+            lin(data[step : step + 1]).sum().backward()
+    (f,) = report.findings
+    assert f.kind == "nan" and f.step == 2, str(report)
+    assert report.causes[0].startswith("root cause at step 0") and "uses it at step 2" in report.causes[0]

@@ -1,7 +1,7 @@
 """What the trace says: why a NaN/Inf was born (``_EXPLAIN``: one explainer per op family, ``_explain``) and
 the fix texts its findings carry (``_GENUINE_FIX``, ``_UNDECIDED``, ``_GRADIENT_FIX``,
-``_INPUT_FIX``, ``_KINK_FIX``, ``_SINGULAR_FIX``; the fix per discarding op, ``_SELECT_FIX`` among them, is
-``_facts._DISCARDS``).
+``_INPUT_FIX``, ``_SEED_FIX``, ``_KINK_FIX``, ``_SINGULAR_FIX``; the fix per discarding op, ``_SELECT_FIX`` among
+them, is ``_facts._DISCARDS``).
 
 May import: torch, gradwise._trace._common, gradwise._trace._facts.
 """
@@ -153,6 +153,8 @@ _GRADIENT_FIX = ("an earlier backward left NaN/Inf in this gradient and it was u
                  "step writes it into the parameters); fix that backward first (see its finding), e.g. with "
                  "gw.strong_zeros() where it is contamination")
 _INPUT_FIX = "the data arrived with NaN/Inf: clean it (x.nan_to_num(), drop the rows) or mask it before the first op"
+_SEED_FIX = ("the seed given to backward (grad_tensors / grad_outputs) holds NaN/Inf: find where it is computed "
+             "(trace that code too), or pass a finite one")
 
 
 _KINK_FIX = ("not an error: the gradient here is PyTorch's convention, one element of the subdifferential. To test "

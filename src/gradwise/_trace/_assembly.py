@@ -12,7 +12,15 @@ import torch
 
 from gradwise._masks import all_finite
 from gradwise._trace import _causes, _kinds
-from gradwise._trace._advice import _GENUINE_FIX, _GRADIENT_FIX, _INPUT_FIX, _KINK_FIX, _SINGULAR_FIX, _UNDECIDED
+from gradwise._trace._advice import (
+    _GENUINE_FIX,
+    _GRADIENT_FIX,
+    _INPUT_FIX,
+    _KINK_FIX,
+    _SEED_FIX,
+    _SINGULAR_FIX,
+    _UNDECIDED,
+)
 from gradwise._trace._common import _dist_rank, _fmt, _held, _inexact, _nonfinite, _positions, _source, aten
 from gradwise._trace._facts import _DISCARDS, _NOT_DATA, _OVERFLOW_NAMES, _ZERO_OUTPUTS, _discard_key
 from gradwise._trace._report import Finding, Report
@@ -67,7 +75,7 @@ class _Assembly:
                 new = key not in findings
                 add(key, lambda inc=inc, birth=birth, via=via: self._genuine(inc.kind, inc, birth, via),
                     birth.count if new else 0, inc.reaches, birth.indices, birth.occurrences if new else 0,
-                    birth.step, birth)
+                    inc.step, birth)  # where it reached a gradient (the cause names where it was born)
             else:
                 key = (inc.kind, inc.node_op, inc.loc)
                 add(key, lambda inc=inc: self._genuine(inc.kind, inc, None), inc.count, inc.reaches, inc.indices,
@@ -165,8 +173,9 @@ class _Assembly:
         if birth is not None:
             op, loc = birth.op, birth.loc
             fix = _INPUT_FIX if birth.op == "input" else _GRADIENT_FIX if birth.op == "gradient" else \
-                _GENUINE_FIX.get(getattr(aten, birth.op[5:], None), "")
+                _SEED_FIX if birth.op == "seed" else _GENUINE_FIX.get(getattr(aten, birth.op[5:], None), "")
             message = f"{birth.what}; " + (_UNDECIDED.format(op=inc.op) if inc is not None and inc.undecided
+                                           else "every gradient it reaches uses it" if birth.op == "seed"
                                            else "the output depends on it")
         else:
             op, loc = inc.node_op, inc.loc

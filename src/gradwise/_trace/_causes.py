@@ -38,11 +38,12 @@ def group(findings: list[Finding], origin: dict[int, Birth], fmt, last_step: int
         parts = [f"root cause at step {r.step}: {r.describe()}"]
         for n in own:
             f = findings[n - 1]
+            when = f" at step {f.step}" if f.step is not None and f.step != r.step else ""
             if f.kind == "contamination":
                 where = f" by {f.discarded_op} at {f.discarded_location}" if f.discarded_op else ""
-                parts.append(f"discarded{where}, it reached the gradients as contamination (finding {n})")
+                parts.append(f"discarded{where}, it reached the gradients{when} as contamination (finding {n})")
             else:
-                parts.append(f"the output uses it: genuine {'NaN' if f.kind == 'nan' else 'Inf'} (finding {n})")
+                parts.append(f"the output uses it{when}: genuine {'NaN' if f.kind == 'nan' else 'Inf'} (finding {n})")
         if down:
             inherited = [origin[id(findings[n - 1])] for n in down]
             first = min(inherited, key=lambda b: b.step)

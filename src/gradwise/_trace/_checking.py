@@ -192,13 +192,39 @@ class _Checks:
                 self.output_births.add(b)
             # the implicit gradient PyTorch makes, only where it makes one: a complex or integer scalar is
             # PyTorch's error to raise ("grad can be implicitly created only for real scalar outputs")
+            given = g is not None
             if g is None and isinstance(o, torch.Tensor) and o.numel() == 1 and o.requires_grad \
                     and o.is_floating_point():
                 grads[i] = g = torch.ones_like(o, memory_format=torch.preserve_format)
             # a reentrant backward's seeds are the outer backward's sensitivities: they keep where they came from
             if isinstance(g, torch.Tensor) and not (reentrant and g in self.sens):
                 self.sens[g] = None
+                if given and not reentrant and g not in self.prov:
+                    self._seed_finding(g)
         return outputs, grads
+
+    def _seed_finding(self, g: torch.Tensor) -> None:
+        """A seed the caller passed (grad_tensors / grad_outputs) that holds NaN/Inf: a genuine finding born at the
+        backward call, carried by every gradient it reaches (without it they were NaN with nothing reported)."""
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        ft = torch._C._functorch
+        if torch._C._are_functorch_transforms_active() or ft.is_functorch_wrapped_tensor(g) or \
+                ft.is_legacy_batchedtensor(g):
+            return  # batched seeds (is_grads_batched, gradcheck's batched check): values the trace does not read
+        with _disable_current_modes():  # outside a handler: these reads are the trace's own, not the user's ops
+            if not _nonfinite(g):
+                return
+            mask, nan = _common._nonfinite_mask(g), _common._has_nan(g)
+            count, idx = _common._positions(mask)
+        loc = _loc(_user_frame())
+        birth = self._birth("seed", loc, nan, None, mask, lambda first: _Birth(
+            "seed", loc, "the seed of the backward holds NaN/Inf", 0, first, nan))
+        birth.used = True
+        inc = self.store.incident("nan" if nan else "inf", "seed", "backward", loc, count, idx, [birth],
+                                  "the seed passed to the backward call holds NaN/Inf: every gradient it reaches "
+                                  "uses it", None, False)
+        self.prov[g] = frozenset([inc])
 
 
 # births that are no data of the program: uninitialised memory (overwritten before use) and NaN gradients used

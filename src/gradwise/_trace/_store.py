@@ -50,6 +50,8 @@ class Birth:
         kind = "NaN" if self.nan else "Inf"
         n = f"{self.first_count} {kind} value(s)" + (f" (x{self.occurrences}, {self.count} in all)"
                                                      if self.occurrences > 1 else "")
+        if self.op == "seed":
+            return f"the seed of the backward at {_fmt(self.loc)} holds {n} (its grad_tensors / grad_outputs)"
         if self.op == "input":
             name = self.name or "a tensor"
             batch = "" if self.batch is None else f" in DataLoader batch {self.batch}"
