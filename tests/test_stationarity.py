@@ -157,3 +157,21 @@ def test_least_norm_weights_on_random_hulls():
         ref = minimize(lambda m, g=g: np.sum((m @ g) ** 2), np.full(n, 1 / n), method="SLSQP", bounds=[(0, 1)] * n,
                        constraints=[{"type": "eq", "fun": lambda m: m.sum() - 1}], options={"ftol": 1e-15})
         assert got <= np.linalg.norm(ref.x @ g) + 1e-6
+
+
+def test_enumeration_follows_a_direction_the_forced_choices_allow():
+    """y[x > 0] = x[x > 0] evaluates one comparison twice: forcing the first mask's tie while the second took
+    PyTorch's side made masks of different sizes (an index error inside gradwise). The ties not forced yet are
+    ranked along the LP's point, so every run follows a real direction: the four pieces of sum w relu(x)."""
+    x = torch.tensor([0.0, 1.0, -2.0, 0.0], dtype=torch.float64)
+    w = torch.arange(1.0, 5.0, dtype=torch.float64)
+
+    def f(x):
+        y = torch.zeros_like(x)
+        y[x > 0] = x[x > 0]
+        return (y * w).sum()
+
+    sd = gw.subdifferential(f, x)
+    got = sorted(tuple(e[0].tolist()) for e in sd.elements)
+    assert sd.exact and got == [(0.0, 2.0, 0.0, 0.0), (0.0, 2.0, 0.0, 4.0), (1.0, 2.0, 0.0, 0.0), (1.0, 2.0, 0.0, 4.0)]
+    assert gw.stationarity(f, x).stationary is False

@@ -139,10 +139,10 @@ class _Budget(Exception):
     """Too many pieces to enumerate: fall back to sampling."""
 
 
-def _feasible(rows: list[np.ndarray], n: int, counter: list[int]) -> bool:
-    """Is there a direction d with r . d > 0 for every row r (scaled: r . d >= 1)?"""
+def _feasible(rows: list[np.ndarray], n: int, counter: list[int]) -> np.ndarray | None:
+    """A direction d with r . d > 0 for every row r (scaled: r . d >= 1), or None where there is none."""
     if not rows:
-        return True
+        return np.zeros(n)
     counter[0] += 1
     if counter[0] > MAX_LPS:
         raise _Budget
@@ -150,7 +150,7 @@ def _feasible(rows: list[np.ndarray], n: int, counter: list[int]) -> bool:
     from scipy.optimize import linprog  # on first use: see the module docstring
 
     res = linprog(np.zeros(n), A_ub=-a, b_ub=-np.ones(len(a)), bounds=[(None, None)] * n, method="highs")
-    return res.status == 0
+    return res.x if res.status == 0 else None
 
 
 def _jacobian(values: torch.Tensor, cand: torch.Tensor, leaves) -> np.ndarray:
@@ -207,9 +207,13 @@ def _enumerate(f, xs, single, tie_tol: float, tol: float = 1e-9) -> list[tuple[t
     n = sum(x.numel() for x in xs)
     counter, found = [0], []
 
-    def explore(c: int, forced: dict, rows: list):
+    def explore(c: int, forced: dict, rows: list, d: np.ndarray):
+        # the ties not forced yet are ranked along a direction the forced choices allow (the LP's point): a run
+        # whose later ties took PyTorch's sides could contradict them (y[x > 0] = x[x > 0]: two masks of one
+        # comparison, one forced, made shapes that do not match)
         run = _Run(forced=dict(forced), collect=True, tie_tol=tie_tol)
-        _, primals, leaves, _ = _run(f, xs, single, zeros, run, True)
+        along = zeros if not d.any() else _unflat(torch.from_numpy(d), zeros)
+        _, primals, leaves, _ = _run(f, xs, single, along, run, True)
         if c == len(run.kinks):
             y = _scalar(primals[0][0])
             _check_no_jump(f, xs, single, run, [y])  # a branch of a jump is no piece active at x
@@ -223,18 +227,19 @@ def _enumerate(f, xs, single, tie_tol: float, tol: float = 1e-9) -> list[tuple[t
             raise _Budget
         options = _options(rec, _jacobian(rec.values, rec.cand, leaves), tol)
 
-        def choose(g: int, acc_rows: list, keys: list):
+        def choose(g: int, acc_rows: list, keys: list, d: np.ndarray):
             if g == len(options):
-                explore(c + 1, {**forced, c: torch.stack(keys).to(rec.cand.device)}, acc_rows)
+                explore(c + 1, {**forced, c: torch.stack(keys).to(rec.cand.device)}, acc_rows, d)
                 return
             for opt_rows, key in options[g]:
                 new = acc_rows + opt_rows
-                if not opt_rows or _feasible(new, n, counter):
-                    choose(g + 1, new, [*keys, key.to(_dtype_of(rec))])
+                point = d if not opt_rows else _feasible(new, n, counter)
+                if point is not None:
+                    choose(g + 1, new, [*keys, key.to(_dtype_of(rec))], point)
 
-        choose(0, rows, [])
+        choose(0, rows, [], d)
 
-    explore(0, {}, [])
+    explore(0, {}, [], np.zeros(n))
     return found
 
 
