@@ -13,6 +13,7 @@ import itertools
 import math
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -1156,3 +1157,19 @@ def test_a_finding_steps_where_it_reaches_a_gradient():
     (f,) = report.findings
     assert f.kind == "nan" and f.step == 2, str(report)
     assert report.causes[0].startswith("root cause at step 0") and "uses it at step 2" in report.causes[0]
+
+
+def test_contamination_through_a_sparse_operand_says_strong_zeros_cannot_remove_it():
+    """A sparse operand's NaN sliced away: contamination, but strong zeros run a backward with sparse tensors as
+    plain PyTorch (gw.grad keeps the NaN, with a PlainBackwardWarning), so the fix must not promise they remove it
+    (it did), and the birth names the sparse operand, not '0/0 or 0 x Inf'."""
+    s = torch.sparse_coo_tensor(torch.tensor([[0, 1], [1, 0]]), torch.tensor([1.0, math.nan]), (2, 2),
+                                check_invariants=True)
+    w = torch.randn(2, 2, requires_grad=True)
+    with gw.trace() as report:
+        torch.sparse.mm(s, w)[0].sum().backward()
+    (f,) = report.of_kind("contamination")
+    assert "cannot remove it" in f.fix and "sparse" in f.born, str(report)
+    with warnings.catch_warnings():  # (a PlainBackwardWarning, once per process)
+        warnings.simplefilter("ignore", gw.PlainBackwardWarning)
+        assert gw.grad(torch.sparse.mm(s, w)[0].sum(), w)[0].isnan().any()

@@ -161,13 +161,17 @@ class _Assembly:
                     f"made it: a kernel that skipped these elements (an RNN-T loss past the lengths) can declare "
                     f"them with gw.mark_unused(x, unused) before it; otherwise {rewrite}")
         born = _born(birth, via) if birth else \
+            f"a NaN/Inf in a sparse (non-strided) operand of the backward of {inc.node_op}, whose values the trace " \
+            "does not read" if inc.unfollowed else \
             f"0/0 or 0 x Inf in {inc.op}, the backward of {inc.node_op} at {_fmt(inc.loc)}"
+        fix = (f"gw.strong_zeros() cannot remove it: a sparse (or mkldnn, nested) tensor takes part in this "
+               f"backward, which it runs as plain PyTorch. Rewrite: {rewrite}." if inc.unfollowed else
+               f"gw.strong_zeros() (or gw.grad / gw.backward) removes it. Local rewrite: {rewrite}.")
         return Finding(
             "contamination", inc.op, _fmt(inc.loc), inc.count, message=f"{inc.what}; the output never used it",
             source=_source(inc.loc), born_op=birth.op if birth else inc.op,
             born_location=_fmt(birth.loc) if birth else _fmt(inc.loc), born=born,
-            discarded_op=disc_op, discarded_location=_fmt(disc_loc) if disc_loc else None,
-            fix=f"gw.strong_zeros() (or gw.grad / gw.backward) removes it. Local rewrite: {rewrite}.")
+            discarded_op=disc_op, discarded_location=_fmt(disc_loc) if disc_loc else None, fix=fix)
 
     def _genuine(self, kind: str, inc: _Incident | None, birth: _Birth | None, via: _Birth | None = None) -> Finding:
         if birth is not None:

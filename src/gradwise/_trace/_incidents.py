@@ -67,6 +67,8 @@ class _Incidents:
                     b.used = True
             inc = self.store.incident(kind, op, node_op, loc, count, idx, births, what,
                                       discarded if contaminated else None, undecided)
+            if contaminated and any(t.layout != torch.strided for t in ins):
+                inc.unfollowed = True
             incidents.append(inc)
             if self.provisional is not None:
                 self.provisional.append((inc, count, nd, _strong_zeros._STATE.in_mode))

@@ -75,6 +75,7 @@ class Incident:
     discarded: tuple | None = None  # (op, loc) of the forward op whose backward made the zero sensitivity
     reaches: set = field(default_factory=set)
     undecided: bool = False  # met in a backward op the trace cannot split (no strong-zero rule)
+    unfollowed: bool = False  # a sparse/mkldnn/nested operand took part: strong zeros run that backward plain
     annihilated: bool = False  # a structural zero downstream annihilated (some of) it (see _Incidents._annihilated)
     order: int = 0
     step: int = 0
