@@ -1173,3 +1173,18 @@ def test_contamination_through_a_sparse_operand_says_strong_zeros_cannot_remove_
     with warnings.catch_warnings():  # (a PlainBackwardWarning, once per process)
         warnings.simplefilter("ignore", gw.PlainBackwardWarning)
         assert gw.grad(torch.sparse.mm(s, w)[0].sum(), w)[0].isnan().any()
+
+
+def test_a_leftover_loop_variable_does_not_name_a_parameter():
+    """`for p in model.parameters(): init(p)` leaves p bound to the last parameter: within a frame the module's
+    path names it (the report said 'p' for model.2.bias)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(5, 4)
+    x[0, 0] = math.nan
+    with gw.trace() as report:
+        model(x).square().mean().backward()
+    (f,) = report.findings
+    assert f.reaches == ["model.0.bias", "model.0.weight", "model.2.bias", "model.2.weight"], str(report)
+    assert p is model[2].bias

@@ -185,21 +185,26 @@ class _Provenance:
     def _search_names(self, ts: list[torch.Tensor], frame) -> list[str]:
         """The names the user knows ``ts`` by: a variable, or `module.param` for a module's parameter; the
         outermost user frame that has one wins (the script's `model.fc.weight` over a method's
-        `self.fc.weight`)."""
+        `self.fc.weight`), and within a frame a module's path wins over a variable (`for p in
+        model.parameters()` leaves `p` bound to the last parameter)."""
         best: dict[int, str] = {}
         wanted = {id(t) for t in ts}
         f = frame
         while f is not None:
             if not _is_internal(f.f_code):
+                direct: dict[int, str] = {}
+                paths: dict[int, str] = {}
                 for k, v in list(f.f_locals.items()):
                     if id(v) in wanted:
-                        best[id(v)] = k
+                        direct.setdefault(id(v), k)
                     elif isinstance(v, torch.nn.Module):
                         names = self._param_names(v)
                         for i in wanted:
                             p = names.get(i)
                             if p is not None and not (i in best and k == "self"):
-                                best[i] = f"{k}.{p}"
+                                paths[i] = f"{k}.{p}"
+                best.update(direct)
+                best.update(paths)
             f = f.f_back
         return [best.get(id(t)) or f"tensor{list(t.shape)}" for t in ts]
 
