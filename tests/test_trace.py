@@ -1188,3 +1188,23 @@ def test_a_leftover_loop_variable_does_not_name_a_parameter():
     (f,) = report.findings
     assert f.reaches == ["model.0.bias", "model.0.weight", "model.2.bias", "model.2.weight"], str(report)
     assert p is model[2].bias
+
+
+def test_the_line_that_writes_a_nan_gradient_into_the_parameters_is_named():
+    """A line that only reads the NaN gradients (their norm, for logging) before opt.step(): the downstream part
+    names opt.step()'s line as the one that wrote them into the parameters (the first reader's line was named)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    step_line = None
+    with gw.trace() as report:
+        for step in range(3):
+            x = torch.randn(4, 3)
+            if step == 0:
+                x[0, 0] = math.nan
+            opt.zero_grad()
+            lin(x).square().sum().backward()
+            torch.cat([p.grad.flatten() for p in lin.parameters()]).norm()  # logging: reads only
+            step_line = inspect.currentframe().f_lineno + 1
+            opt.step()
+    assert f"py:{step_line} wrote the non-finite gradient into the parameters" in report.causes[0], report.causes

@@ -71,8 +71,12 @@ class _Provenance:
     def _gradient_as_value(self, t: torch.Tensor, got: frozenset, loc) -> frozenset:
         """A non-finite gradient used as a forward value (an optimizer step writing it into a parameter): its
         NaN/Inf is born again there, with the incidents' births as parents, so the next step's findings point
-        back to the earlier backward."""
-        cached = self.as_value.get(t)
+        back to the earlier backward. Born once per line that uses it: a line that only reads the gradients
+        (logging their norm) is not the one that writes them into the parameters."""
+        per_line = self.as_value.get(t)
+        if per_line is None:
+            per_line = self.as_value[t] = {}
+        cached = per_line.get(loc)
         if cached is not None:
             return cached
         incidents = [p for p in got if isinstance(p, _Incident)]
@@ -83,7 +87,7 @@ class _Provenance:
         nan, name = _has_nan(t), self.names.get(t)
         b = self._birth("gradient", loc, nan, name, _nonfinite_mask(t),
                         lambda idx: _Birth("gradient", loc, what, 0, idx, nan, name=name), parents)
-        got = self.as_value[t] = frozenset([b])
+        got = per_line[loc] = frozenset([b])
         return got
 
     def _dig(self, func, loc, ins, bad, seq, info, args=None, out=None, kwargs=None) -> None:
