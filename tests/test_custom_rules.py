@@ -230,3 +230,18 @@ def test_roi_align_box_head_control_nan_sampled(torchvision_roi_align):
     got = gw.grad(value, list(modules.parameters()))
     assert not all(g.isfinite().all() for g in got)
     assert math.isnan(value.item())
+
+
+@pytest.mark.parametrize("op", [torch.ops.aten.mm.default, torch.ops.aten.mm, "aten::mm", "aten::mm.default"])
+def test_a_built_in_rule_is_replaced_only_with_replace(op):
+    """Every way to name an op with a built-in rule is refused without replace=True: an overload of a packet with a
+    rule was accepted and silently beat the built-in (an all-zero weight gradient with 'placement' for mm), and the
+    name string was accepted and ignored (lookup finds the packet's rule first)."""
+    with pytest.raises(ValueError, match="already has a strong-zero rule"):
+        gw.register_rule(op, "placement")
+    handle = gw.register_rule(op, "placement", replace=True)
+    try:
+        assert lookup(torch.ops.aten.mm.default).__name__ == "_placement"
+    finally:
+        handle.remove()
+    assert lookup(torch.ops.aten.mm.default).__name__ == "bilinear"

@@ -91,7 +91,13 @@ def _key(op: Any) -> Any:
     if isinstance(op, str):
         if "::" not in op:
             raise ValueError(f"gw.register_rule: op name {op!r} needs its namespace, e.g. 'torchvision::roi_align'")
-        return op.split(".")[0] if op.endswith(".default") else op
+        name = op.split(".")[0] if op.endswith(".default") else op
+        ns, _, base = name.partition("::")
+        try:  # an op that exists already is keyed by the op itself, as lookup finds the built-in rules first
+            packet = getattr(getattr(torch.ops, ns), base)
+        except (AttributeError, RuntimeError):
+            return name  # a library that loads later: found by its name
+        return packet if "." not in base else name
     custom = getattr(op, "_opoverload", None)  # a torch.library.custom_op object
     if custom is not None:
         return custom.overloadpacket
@@ -99,6 +105,16 @@ def _key(op: Any) -> Any:
         return op
     raise TypeError(f"gw.register_rule: op must be a torch op (torch.ops.ns.name, a torch.library custom op) or its "
                     f"name 'ns::name', got {type(op).__name__}")
+
+
+def _existing(key: Any) -> Rule | None:
+    """The rule ``lookup`` finds now for a registration key (overload, packet, or name)."""
+    if isinstance(key, torch._ops.OpOverload):
+        packet = key.overloadpacket
+        return RULES.get(key) or RULES.get(packet) or RULES.get(packet._qualified_op_name)
+    if isinstance(key, torch._ops.OpOverloadPacket):
+        return RULES.get(key) or RULES.get(key._qualified_op_name)
+    return RULES.get(key)
 
 
 def _wrap(rule: RuleFunction) -> Rule:
@@ -149,8 +165,9 @@ def register_rule(op: Any, rule: str | RuleFunction, *, replace: bool = False) -
         raise TypeError(f"gw.register_rule: rule must be a family name or a function, got {type(rule).__name__}")
     key = _key(op)
     previous = RULES.get(key)
-    if previous is not None and not replace:
-        raise ValueError(f"gw.register_rule: {key} already has a strong-zero rule ({previous.__name__}); pass "
+    existing = _existing(key)  # what lookup would use for it: an overload's packet's rule counts too
+    if existing is not None and not replace:
+        raise ValueError(f"gw.register_rule: {key} already has a strong-zero rule ({existing.__name__}); pass "
                          f"replace=True to override it")
     RULES[key] = body
     return RuleHandle(key, previous)
