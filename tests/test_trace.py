@@ -1208,3 +1208,17 @@ def test_the_line_that_writes_a_nan_gradient_into_the_parameters_is_named():
             step_line = inspect.currentframe().f_lineno + 1
             opt.step()
     assert f"py:{step_line} wrote the non-finite gradient into the parameters" in report.causes[0], report.causes
+
+
+def test_every_parameter_that_arrives_non_finite_is_named():
+    """All parameters NaN on entry: the finding named only the first one read; it names every input that arrived
+    non-finite at that line."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    with torch.no_grad():
+        for q in model.parameters():
+            q.fill_(math.nan)
+    with gw.trace() as report:
+        model(torch.randn(3, 4)).sum().backward()
+    born = " ".join(f.born for f in report.findings)
+    # (model.2.bias's gradient, sum(g), stays finite: it reaches no gradient, and the other three are named)
+    assert all(n in born for n in ("model.0.weight", "model.0.bias", "model.2.weight")), str(report)

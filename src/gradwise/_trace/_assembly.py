@@ -56,6 +56,7 @@ class _Assembly:
 
         birthless: set = set()
         unreached: dict[tuple, int] = {}  # contamination no gradient received: (op, line) -> elements
+        arrived: dict[tuple, set] = {}  # a genuine finding of data that arrived non-finite -> the inputs' names
         for inc in sorted(self.store.incidents.values(), key=lambda i: i.order):
             if inc.serial <= since:
                 continue
@@ -73,6 +74,9 @@ class _Assembly:
             elif birth is not None:  # named by where it was born: count and elements are the born tensor's
                 key = (inc.kind, birth.op, birth.loc)
                 new = key not in findings
+                if birth.op == "input":  # every input that arrived non-finite at that line, named below
+                    arrived.setdefault(key, set()).update(
+                        b.name for b in inc.births if b.op == "input" and b.loc == birth.loc and b.name)
                 add(key, lambda inc=inc, birth=birth, via=via: self._genuine(inc.kind, inc, birth, via),
                     birth.count if new else 0, inc.reaches, birth.indices, birth.occurrences if new else 0,
                     inc.step, birth)  # where it reached a gradient (the cause names where it was born)
@@ -93,6 +97,11 @@ class _Assembly:
             elif key not in findings:
                 add(key, lambda birth=birth, kind=kind, via=via: self._genuine(kind, None, birth, via), birth.count,
                     [], birth.indices, birth.occurrences, birth.step, birth)
+        for key, names in arrived.items():
+            f, first = findings.get(key), origin.get(key)
+            also = sorted(names - {first.name if first is not None else None})
+            if f is not None and f.born and also:
+                f.born += f"; so did {', '.join(also)}"
         self._grads_made_nonfinite_after_backward(findings, add)
         for name, (count, occurrences, serial) in self.store.orphans.items():
             if serial > since:
@@ -185,10 +194,10 @@ class _Assembly:
             op, loc = inc.node_op, inc.loc
             fix = _GENUINE_FIX.get(getattr(aten, op[5:], None), "")
             message = inc.what
+        born = _born(birth, via) if birth else (inc.what if inc else None)
         return Finding(kind, op, _fmt(loc), 0, fix=fix or "find why the value is not finite where it is used",
                        message=message, source=_source(loc), born_op=birth.op if birth else (inc.op if inc else None),
-                       born_location=_fmt(birth.loc) if birth else (_fmt(inc.loc) if inc else None),
-                       born=_born(birth, via) if birth else (inc.what if inc else None))
+                       born_location=_fmt(birth.loc) if birth else (_fmt(inc.loc) if inc else None), born=born)
 
     def _grads_made_nonfinite_after_backward(self, findings: dict, add: Callable) -> None:
         """A parameter's .grad that is not finite at the end of the block although no backward finding reaches
