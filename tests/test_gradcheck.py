@@ -59,3 +59,13 @@ def test_kink_where_pytorch_is_not_a_generalized_gradient():
     result = gw.gradcheck(lambda x: torch.relu(x) - torch.relu(-x), d(0.0), raise_exception=False)
     assert not result.passed and result.kink and result.generalized is False
     assert "is not a generalized gradient" in str(result) and "(1, 1)" in str(result)
+
+
+def test_an_undecided_kink_is_no_pass():
+    """relu(x) - relu(-x) at 0 in 7 coordinates: 14 ties, so the pieces are sampled and the verdict on PyTorch's
+    zero gradient (the true one is all ones) may stay undecided. That is no pass (it passed, raising nothing)."""
+    f = lambda x: (torch.relu(x) - torch.relu(-x)).sum()
+    result = gw.gradcheck(f, torch.zeros(7, dtype=torch.float64), raise_exception=False)
+    assert result.kink and result.generalized is not True and not result.passed
+    with pytest.raises(GradcheckError):
+        gw.gradcheck(f, torch.zeros(7, dtype=torch.float64))
