@@ -364,6 +364,36 @@ def test_a_sensitivity_two_graphs_send():
     _close(list(got), list(want))
 
 
+@pytest.mark.parametrize("how", ["backward", "gw.backward", "gw.grad"])
+def test_a_training_step_compiled_with_its_backward(how):
+    """The backward called inside the compiled function: dynamo graph-breaks there and compiles the frames the
+    eager call enters, where is_compiling() reads True, so the plan took the real backward for a traced one
+    (plain: the padding's NaN stayed, with a misleading PlainBackwardWarning once). gradwise's entry points are
+    never traced by dynamo."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 1)
+    x = torch.cat([torch.randn(4, 4), torch.full((2, 4), nan)])
+
+    @torch.compile(backend="aot_eager")
+    def step(x):
+        loss = lin(x)[:4].square().mean()
+        if how == "gw.grad":
+            lin.weight.grad = gw.grad(loss, lin.weight)[0]
+        elif how == "gw.backward":
+            gw.backward(loss)
+        else:
+            loss.backward()
+        return loss
+
+    (want,) = torch.autograd.grad(lin(x[:4]).square().mean(), lin.weight)
+    with warnings.catch_warnings(record=True) as caught, gw.strong_zeros():
+        warnings.simplefilter("always")
+        step(x)
+    assert not [c for c in caught if issubclass(c.category, gw.GradwiseWarning)]
+    _close([lin.weight.grad], [want])
+
+
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "key-padding-mask"])
 def test_attention_discarding_nan_sequences_takes_the_pass(masked):
     """SDPA's CPU flash backward inside an inductor graph, a NaN sequence the loss discards: the pass replaces

@@ -39,6 +39,10 @@ _original_engine_run: Callable[..., Any] | None = None
 _process_wide = False  # `gradwise run --strong-zeros`: every thread's backward, see strong_zeros_process_wide
 
 
+# Never traced by dynamo: a backward called inside a torch.compile'd function (a whole training step) graph-breaks,
+# and dynamo then compiles the frames the eager call enters, where torch.compiler.is_compiling() reads True and the
+# plan took the real backward of real tensors for a traced one (plain: the padding's NaN stayed)
+@torch.compiler.disable
 def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), allow_unreachable=True,
                 accumulate_grad=True):
     """Replacement for ``torch.autograd._engine_run_backward`` while strong zeros are on (thread-local). Every
@@ -188,6 +192,7 @@ def _under_traces(mode: TorchDispatchMode) -> Iterator[None]:
             _push_mode(tracer)
 
 
+@torch.compiler.disable  # (see _engine_run: gw.grad / gw.backward inside a compiled function plan here)
 def _choose(outputs: Sequence[Any], inputs: Sequence[Any], seeds: Sequence[Any]) -> str:
     """The path of one backward: what ``_plan`` says, or 'plain' (with a PlainBackwardWarning, once) where
     gradwise cannot read or follow the graph (_contract)."""
