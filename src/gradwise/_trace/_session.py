@@ -60,6 +60,9 @@ def _backward_call(tracer: _Tracer) -> Iterator[None]:
             tracer.reached_now = set()
 
 
+# Never traced by dynamo (a backward inside a torch.compile'd training step graph-breaks; the frames its eager
+# call enters would be compiled, with torch.compiler.is_compiling() reading True): see _strong_zeros._engine
+@torch.compiler.disable
 def _traced_backward(tensors, grad_tensors=None, *args, **kwargs):
     tracer = _current()
     if tracer is not None and torch._C._are_functorch_transforms_active():
@@ -81,6 +84,7 @@ def _traced_backward(tensors, grad_tensors=None, *args, **kwargs):
         return result
 
 
+@torch.compiler.disable
 def _traced_grad(outputs, inputs, grad_outputs=None, *args, **kwargs):
     tracer = _current()
     if tracer is not None and (kwargs.get("is_grads_batched") or torch._C._are_functorch_transforms_active()
