@@ -69,3 +69,30 @@ def test_an_undecided_kink_is_no_pass():
     assert result.kink and result.generalized is not True and not result.passed
     with pytest.raises(GradcheckError):
         gw.gradcheck(f, torch.zeros(7, dtype=torch.float64))
+
+
+def test_a_kink_tied_everywhere_around_x_is_no_pass():
+    """relu(0 * x) ties at every point near x, so no nearby point checks the backward the ordinary way, and the
+    subdifferential at x comes from that same backward: a wrong custom backward (3x for x^2) passed as 'a
+    generalized gradient'. No independent check: no pass."""
+
+    class Square(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            ctx.save_for_forward(x)
+            return x**2
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return 3 * x * g  # wrong (2x)
+
+        @staticmethod
+        def jvp(ctx, t):
+            (x,) = ctx.saved_tensors
+            return 2 * x * t
+
+    f = lambda x: (torch.relu(0 * x) + Square.apply(x)).sum()
+    result = gw.gradcheck(f, torch.tensor([0.5, 1.0], dtype=torch.float64), raise_exception=False)
+    assert not result.passed and "could not be checked" in str(result)
