@@ -1010,6 +1010,16 @@ def test_support_of_an_expanded_view():
     assert sup.of(base).all()
 
 
+def _padded_rows() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (6 x 5, rows 4-5 NaN padding), the same x with finite padding, and a 5 x 3 weight: float64, seeded."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    clean = x.clone()
+    clean[4:] = 0.3
+    x[4:] = math.nan
+    return x, clean, torch.randn(5, 3, dtype=torch.float64)
+
+
 @pytest.mark.parametrize("hook", ["clamp", "nan_to_num", "tanh", "sign", "add_0", "clamp_"])
 def test_a_gradient_hook_keeps_structural_zeros(hook):
     """A tensor hook that clips or cleans the gradient with an elementwise op gradwise has no rule for: a
@@ -1017,12 +1027,7 @@ def test_a_gradient_hook_keeps_structural_zeros(hook):
     not come back (it did: the op's output counted as fully supported)."""
     fn = {"clamp": lambda g: g.clamp(-1, 1), "nan_to_num": lambda g: g.nan_to_num(), "tanh": torch.tanh,
           "sign": torch.sign, "add_0": lambda g: g + 0, "clamp_": lambda g: g.clone().clamp_(-0.5, 0.5)}[hook]
-    torch.manual_seed(0)
-    x = torch.randn(6, 5, dtype=torch.float64)
-    clean = x.clone()
-    clean[4:] = 0.3
-    x[4:] = math.nan
-    w0 = torch.randn(5, 3, dtype=torch.float64)
+    x, clean, w0 = _padded_rows()
 
     def grad(data, backward):
         w = w0.clone().requires_grad_()
@@ -1126,12 +1131,7 @@ class _TorchMatmul(_NumpyMatmul):
 def test_a_custom_backward_outside_torch_ops_is_named(fn):
     """A custom Function's backward in NumPy hides the structural zeros that reach it: the NaN stays, named by an
     OpaqueBackwardWarning (it was silent). Written with torch ops, the rules follow it: exact, no warning."""
-    torch.manual_seed(0)
-    x = torch.randn(6, 5, dtype=torch.float64)
-    clean = x.clone()
-    clean[4:] = 0.3
-    x[4:] = math.nan
-    w0 = torch.randn(5, 3, dtype=torch.float64)
+    x, clean, w0 = _padded_rows()
 
     def grad(data, backward):
         w = w0.clone().requires_grad_()
