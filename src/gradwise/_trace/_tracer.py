@@ -164,6 +164,10 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         self.finite_outputs: bool | None = True  # ... all finite (None: not read yet; see _Checks.outputs_finite)
         self.depth = 0
         self.backward_ended = False  # the next grad-enabled forward op starts a new step
+        # between a backward and the next step: ids of the leaves' gradients and of what ops made of them alone
+        # (held, so that ids stay theirs), filled on demand (`_reads_gradients_only`)
+        self.grad_reads: set[int] = set()
+        self.grad_held: list = []
         self.passed: dict[str, list] = {}  # kind -> [ops run without reading them, the first op] (_trace_kinds)
         self.provisional: list | None = None  # incidents of a plain pass gw.strong_zeros() may redo
         self.strong_ran = False
@@ -233,9 +237,17 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
 
     def _forward(self, func, info, args, kwargs):
         self.n_fwd += 1
-        # a new step: the first aten op with grad enabled after a backward (optimizers run theirs under no_grad)
+        # a new step: the first aten op with grad enabled after a backward (optimizers run theirs under no_grad),
+        # unless it only reads the gradients (their norm, to log it: run as is, its outputs read the same way)
         if self.backward_ended and func.namespace == "aten" and torch.is_grad_enabled():
+            if not info.mutable and self._reads_gradients_only(args, kwargs):
+                out = _run(func, args, kwargs)
+                self.grad_reads.update(id(t) for t in _tensors((out,)))
+                self.grad_held.extend(_tensors((out,)))
+                return out
             self.backward_ended = False
+            self.grad_reads.clear()
+            self.grad_held.clear()
             self.store.step += 1
         seq = _get_sequence_nr()
         # this op made autograd node seq - 1: it is differentiated. A custom Function takes its number before its
@@ -280,6 +292,20 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
             return out  # finite in, finite out: nothing to check (provenance is up to date when nothing is pending)
         self._check(outs, lambda bad: self._dig(func, loc, ins, bad, None, info))
         return out
+
+    def _reads_gradients_only(self, args, kwargs) -> bool:
+        """Whether every tensor argument is a leaf's gradient (or a view of one), or made from those alone since
+        the backward ended."""
+        ts = _tensors(args) + _tensors(list(kwargs.values()))
+        if not ts:
+            return False
+        if not self.grad_reads:
+            grads = [leaf.grad for leaf, _ in self.names.items()
+                     if isinstance(getattr(leaf, "grad", None), torch.Tensor)]
+            self.grad_reads.update(id(g) for g in grads)
+            self.grad_held.extend(grads)
+        return all(id(t) in self.grad_reads or (t._base is not None and id(t._base) in self.grad_reads)
+                   for t in ts)
 
     def _forget_oldest_nodes(self) -> None:
         """Keep the newest half of the node records (and their sensitivity links): memory stays bounded over

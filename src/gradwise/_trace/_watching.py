@@ -113,6 +113,7 @@ class _Watcher:
         wanted = [t for t in leaves if t.requires_grad]
         if not wanted:
             return
+        tracer._name_leaves(wanted, _common._user_frame(), at)  # (their .grad reads start no step: `_forward`)
         try:
             again = torch.autograd.grad(outs, wanted, seeds, retain_graph=True, allow_unused=True)
         except RuntimeError:  # a graph that cannot be replayed: the following steps explain
