@@ -175,3 +175,14 @@ def test_enumeration_follows_a_direction_the_forced_choices_allow():
     got = sorted(tuple(e[0].tolist()) for e in sd.elements)
     assert sd.exact and got == [(0.0, 2.0, 0.0, 0.0), (0.0, 2.0, 0.0, 4.0), (1.0, 2.0, 0.0, 0.0), (1.0, 2.0, 0.0, 4.0)]
     assert gw.stationarity(f, x).stationary is False
+
+
+def test_seeds_span_the_same_range_everywhere():
+    """subdifferential and stationarity take every seed generalized_grad takes (up to 2^63 - 1; the seeds they
+    derive wrap), as the docs say (the top `samples` seeds were refused)."""
+    f = lambda x: torch.relu(x).sum()
+    x = torch.zeros(7, dtype=torch.float64)
+    assert len(gw.subdifferential(f, x, seed=2**63 - 1, samples=4).elements) >= 1
+    assert gw.stationarity(f, x, seed=2**63 - 1).stationary is True
+    with pytest.raises(ValueError, match="out of range"):
+        gw.subdifferential(f, x, seed=2**63)

@@ -113,6 +113,11 @@ class Stationarity:
         return "\n".join(lines)
 
 
+def _derived(seed: int, k: int) -> int:
+    """The k-th seed drawn from ``seed`` (wrapping within generalized_grad's range [0, 2^63 - 1])."""
+    return (seed + k) % 2**63
+
+
 def _least_norm_optimal(g: np.ndarray, lam: np.ndarray) -> bool:
     """Whether p = lam @ g is the least-norm point of the hull of g's rows: its optimality condition, every row
     g_i with g_i . p >= |p|^2 (the hull lies beyond the plane through p normal to it), up to rounding."""
@@ -272,7 +277,7 @@ def subdifferential(f: Callable, inputs, *, samples: int | None = None, seed: in
     True
     """
     _ctx.check_int("samples", samples, low=1, high=1_000_000, allow_none=True)
-    _ctx.check_int("seed", seed, low=0, high=2**63 - 1 - (samples or 32), allow_none=True)
+    _ctx.check_int("seed", seed, low=0, high=2**63 - 1, allow_none=True)
     seed = None if seed is None else int(seed)  # a NumPy integer too
     _ctx.check_real("tie_tol", tie_tol, low=0.0)
     _ctx.check_real("near_tol", near_tol, low=0.0, allow_none=True)
@@ -292,7 +297,7 @@ def subdifferential(f: Callable, inputs, *, samples: int | None = None, seed: in
         except _Budget:
             pass
     base = 0 if seed is None else seed
-    found = [_locked_grad(f, xs, single, base + i, {"tie_tol": tie_tol})[0] for i in range(samples or 32)]
+    found = [_locked_grad(f, xs, single, _derived(base, i), {"tie_tol": tie_tol})[0] for i in range(samples or 32)]
     return Subdifferential(_distinct(found), False, kinks, probe.near, fixed)
 
 
@@ -348,7 +353,7 @@ def _refine(f, inputs, sd: Subdifferential, element, norm: float, bound: float, 
         if bound > atol:
             break
         w = _flat(element)
-        piece = _locked_grad(f, xs, single, base + 1_000_003 + step, {},
+        piece = _locked_grad(f, xs, single, _derived(base, 1_000_003 + step), {},
                              direction=tuple(-e.detach() for e in element))[0]
         if float(_flat(piece) @ w) >= float(w @ w) * (1 - 1e-12):  # no piece below the current point along w
             break
