@@ -47,9 +47,9 @@ def carry(made: Iterable[Callable[[], torch.Tensor | None]], supports: _Supports
         if t is None or id(t) in seen:
             continue
         seen.add(id(t))
-        s = supports.of(t)
-        if s is None or bool(s.all()):
+        if not supports.zeroed(t):
             continue
+        s = supports.of(t)
         if t.is_floating_point() and t.layout == torch.strided:  # as a value the new graph may have saved
             key = t.untyped_storage()._cdata
             CARRIED_VALUES[key] = (weakref.ref(t, lambda _, key=key: CARRIED_VALUES.pop(key, None)),

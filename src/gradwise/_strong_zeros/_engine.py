@@ -58,9 +58,8 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
         return run(retain_graph)  # strong zeros off in this thread
     if _STATE.in_mode:  # a backward started inside the strong-zero pass (a checkpoint's recomputation calling
         # autograd.grad, a custom backward): its own backward, planned as if it ran outside, as in the forward...
-        mode = _seeding_mode(grad_tensors)
-        if mode is not None:  # ...unless its seeds are sensitivities of the pass holding structural zeros (a
-            # reentrant checkpoint's backward): it is part of the pass, its ops under the same supports
+        if _seeded_with_zeros(grad_tensors):  # ...unless its seeds are sensitivities of the pass holding
+            # structural zeros (a reentrant checkpoint's backward): it is part of the pass, under the same supports
             return run(retain_graph)
         return _nested(_engine_run, t_outputs, grad_tensors, retain_graph, create_graph, inputs, allow_unreachable,
                        accumulate_grad)
@@ -104,19 +103,12 @@ def grad_in_pass(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]
         _STATE.in_mode = outer
 
 
-def _seeding_mode(seeds: Sequence[Any] | None) -> _StrongZeroMode | None:
-    """The strong-zero mode running now, if some of ``seeds`` (a nested backward's) carry its structural zeros."""
+def _seeded_with_zeros(seeds: Sequence[Any] | None) -> bool:
+    """Whether some of ``seeds`` (a nested backward's) carry the running strong-zero pass's structural zeros."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
     modes = [m for m in _get_current_dispatch_mode_stack() if isinstance(m, _StrongZeroMode)]
-    if not modes or not seeds:
-        return None
-    sup = modes[-1].supports
-    for t in seeds:
-        s = sup.of(t) if isinstance(t, torch.Tensor) else None
-        if s is not None and not bool(s.all()):
-            return modes[-1]
-    return None
+    return bool(modes and seeds) and any(map(modes[-1].supports.zeroed, seeds))
 
 
 def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:

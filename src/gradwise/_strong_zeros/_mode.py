@@ -94,7 +94,7 @@ class _StrongZeroMode(LeanDispatchMode):
                 self.supports.record(out, kept)
                 return out
             _UNRULED.add(str(func))
-            if any(s is not None and not bool(s.all()) for s in map(self.supports.of, flat)):
+            if any(map(self.supports.zeroed, flat)):
                 self.lost[f"{func}, which has no strong-zero rule"] = "register one (gw.register_rule)"
             for o in tree_flatten(out)[0]:
                 if isinstance(o, torch.Tensor):
@@ -104,8 +104,7 @@ class _StrongZeroMode(LeanDispatchMode):
 
     def _held(self, t: torch.Tensor) -> Callable[[], torch.Tensor | None]:
         """A reference to a ruled op's output for _carry: strong where it holds a structural zero now."""
-        s = self.supports.of(t)
-        return (lambda: t) if s is not None and not bool(s.all()) else weakref.ref(t)
+        return (lambda: t) if self.supports.zeroed(t) else weakref.ref(t)
 
     def _decomposed(self, func, decomposed, args, kwargs):
         """Run ``func`` as its decomposition under this mode (each primitive op through its rule), and also
@@ -138,7 +137,7 @@ def _zero_preserved(func, args: tuple, kwargs: dict, out: object, sup: _Supports
         return None
     # the other arguments numbers: a tensor one could add a value (addcmul(g, a, b) is a value where a * b is 0)
     slots = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-    if len(slots) != 1 or not _is_float(args[slots[0]]) or not sup.tracked(args[slots[0]]):
+    if len(slots) != 1 or not _is_float(args[slots[0]]):
         return None
     i = slots[0]
     x = args[i]
@@ -172,7 +171,7 @@ def watch_functions(roots: list, mode: _StrongZeroMode) -> list:
 
         def before(grad_outputs, cls=cls):
             with _disable_current_modes():
-                reached = any(s is not None and not bool(s.all()) for s in map(mode.supports.of, grad_outputs))
+                reached = any(map(mode.supports.zeroed, grad_outputs))
             if reached:
                 mode.produced = {id(g): g for g in grad_outputs if isinstance(g, torch.Tensor)}
 

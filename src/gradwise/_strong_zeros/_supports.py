@@ -76,6 +76,11 @@ class _Supports:
     def tracked(self, t: object) -> bool:
         return isinstance(t, torch.Tensor) and self._entry(t) is not None
 
+    def zeroed(self, t: object) -> bool:
+        """Whether ``t`` holds a structural zero (its support is False somewhere)."""
+        s = self.of(t)
+        return s is not None and not mask_all(s)
+
     def record(self, t: torch.Tensor, support: torch.Tensor | None, fresh: bool = False,
                like: torch.Tensor | None = None) -> None:
         """Set the support of ``t``'s elements (None: all may be nonzero). ``fresh``: ``support`` is a new tensor

@@ -190,8 +190,7 @@ class _Incidents:
         for s in sens_ins:
             seq = self.sens.get(s)
             nd = self.nodes.get(seq)
-            if nd is not None and nd.op in _PRODUCTS and \
-                    not any(q < 0 or q in self.makers for q in self._upstream(seqs=self.parents.get(seq, ()))):
+            if nd is not None and nd.op in _PRODUCTS and not self._maker_above(seqs=self.parents.get(seq, ())):
                 return True
         return False
 
@@ -210,11 +209,11 @@ class _Incidents:
                 nxt.extend(self.parents.get(seq, ()))
             frontier = nxt
 
-    def _maker_above(self, sens_ins) -> bool:
+    def _maker_above(self, sens_ins=(), seqs=()) -> bool:
         """Is there a node upstream in the sensitivity flow where strong zeros can start a structural zero (their
         own fact, ``may_make_structural_zeros``; the engine's zeros for an unused output count)? Where there is
         none, a zero sensitivity is one the program computed (1 - 6/6 when centring), as gw.grad takes it."""
-        return any(seq < 0 or seq in self.makers for seq in self._upstream(sens_ins))
+        return any(seq < 0 or seq in self.makers for seq in self._upstream(sens_ins, seqs))
 
     def _discarded_by(self, sens_ins) -> tuple | None:
         """The discarding op upstream in the sensitivity flow (slice, where, ...) whose backward made the zero

@@ -164,10 +164,9 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         self.finite_outputs: bool | None = True  # ... all finite (None: not read yet; see _Checks.outputs_finite)
         self.depth = 0
         self.backward_ended = False  # the next grad-enabled forward op starts a new step
-        # between a backward and the next step: ids of the leaves' gradients and of what ops made of them alone
-        # (held, so that ids stay theirs), filled on demand (`_reads_gradients_only`)
-        self.grad_reads: set[int] = set()
-        self.grad_held: list = []
+        # between a backward and the next step: the leaves' gradients and what ops made of them alone, by id (held,
+        # so that ids stay theirs), filled on demand (`_reads_gradients_only`)
+        self.grad_reads: dict[int, torch.Tensor] = {}
         self.passed: dict[str, list] = {}  # kind -> [ops run without reading them, the first op] (_trace_kinds)
         self.provisional: list | None = None  # incidents of a plain pass gw.strong_zeros() may redo
         self.strong_ran = False
@@ -242,12 +241,10 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         if self.backward_ended and func.namespace == "aten" and torch.is_grad_enabled():
             if not info.mutable and self._reads_gradients_only(args, kwargs):
                 out = _run(func, args, kwargs)
-                self.grad_reads.update(id(t) for t in _tensors((out,)))
-                self.grad_held.extend(_tensors((out,)))
+                self.grad_reads.update((id(t), t) for t in _tensors((out,)))
                 return out
             self.backward_ended = False
             self.grad_reads.clear()
-            self.grad_held.clear()
             self.store.step += 1
         seq = _get_sequence_nr()
         # this op made autograd node seq - 1: it is differentiated. A custom Function takes its number before its
@@ -300,10 +297,8 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         if not ts:
             return False
         if not self.grad_reads:
-            grads = [leaf.grad for leaf, _ in self.names.items()
-                     if isinstance(getattr(leaf, "grad", None), torch.Tensor)]
-            self.grad_reads.update(id(g) for g in grads)
-            self.grad_held.extend(grads)
+            self.grad_reads.update((id(leaf.grad), leaf.grad) for leaf, _ in self.names.items()
+                                   if isinstance(getattr(leaf, "grad", None), torch.Tensor))
         return all(id(t) in self.grad_reads or (t._base is not None and id(t._base) in self.grad_reads)
                    for t in ts)
 
