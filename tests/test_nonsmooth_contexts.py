@@ -195,6 +195,54 @@ def test_opaque_code_is_refused_exactly_at_its_kinks(name):
         gw.directional_derivative(g, tied, d)
 
 
+# Forward-mode formulas of these ops compare x with their own result (``x == x.max()``: a tie by construction)
+SMOOTH_REDUCTIONS = {
+    "max": lambda x: x.max() * 1,
+    "min": lambda x: x.min() * 1,
+    "amax": lambda x: x.view(2, 3).amax(1).sum() * 1,
+    "median": lambda x: x.median() * 1,
+    "inf_norm": lambda x: torch.linalg.vector_norm(x, float("inf")) * 1,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMOOTH_REDUCTIONS))
+def test_opaque_reductions_at_smooth_points_are_exact(name):
+    """A comparison that only feeds a tangent (an op's forward-mode formula) is no kink of f: at a point where the
+    reduction picks one element, TorchScript's derivative is PyTorch's exact one (it was refused as 'aten.eq at its
+    kink'); where it picks a tie it is still refused."""
+    f = SMOOTH_REDUCTIONS[name]
+    x = _T(0.3, -2.0, 1.2, 2.5, -0.7, 0.1)
+    g = _traced(f, x)
+    d = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64)
+    assert float(gw.directional_derivative(g, x, d)) == pytest.approx(one_sided(f, [x], [d]), abs=1e-5)
+    assert torch.equal(gw.generalized_grad(g, x)[0], gw.generalized_grad(f, x)[0])
+    assert gw.stationarity(g, x).stationary is False
+    tied = _T(-2.0, 0.3, 0.3, 2.5, -2.0, 2.5)  # the extremes tie (in each row too) and so do the middle two
+    with pytest.raises(NonsmoothError, match="runs at its kink in code that gradwise cannot see"):
+        gw.directional_derivative(g, tied, d)
+
+
+def test_an_opaque_kink_counts_where_f_uses_it():
+    """An unseen kink op refuses the call when f's value depends on it, through Python code after the TorchScript
+    call and through an in-place write into a view; one whose result f drops does not."""
+    x = _T(0.0, -2.0, 1.0)
+    both = _traced(lambda v: (torch.relu(v), v * 3), x)
+    d = torch.ones(3, dtype=torch.float64)
+    assert float(gw.directional_derivative(lambda v: both(v)[1].sum(), x, d)) == 9.0
+    with pytest.raises(NonsmoothError, match=r"aten\.relu"):
+        gw.directional_derivative(lambda v: (both(v)[0] * 2).sum(), x, d)
+
+    def written(v):
+        buf = torch.zeros(2, 3, dtype=v.dtype)
+        row = buf[0]
+        buf[0].copy_(both(v)[0])  # the kink reaches row through the storage they share
+        return (row * v).sum()
+    with pytest.raises(NonsmoothError, match=r"aten\.relu"):
+        gw.directional_derivative(written, x, d)
+    with pytest.raises(NonsmoothError, match=r"aten\.relu"):  # read by Python: followed no further, so it counts
+        gw.directional_derivative(lambda v: v.sum() * 2 if both(v)[0][2] > 0.5 else v.sum(), x, d)
+
+
 def test_gradwise_inside_a_transform_is_refused():
     with pytest.raises(NonsmoothError, match=r"inside a torch\.func transform"):
         torch.func.vmap(lambda y: gw.generalized_grad(ident, y)[0])(torch.zeros(2))

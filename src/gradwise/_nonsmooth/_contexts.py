@@ -12,8 +12,8 @@ module makes the usual wrappers exact and detects the rest:
 * Module full backward hooks wrap tensors in an identity ``autograd.Function``; during a pass it has its (identity)
   forward-mode derivative, so tangents go through.
 * Ops the mode never sees (TorchScript, code in C++ extensions that calls aten ops): `_OpaqueWatch`, a dispatch
-  mode under the function mode, sees every aten op; one that runs outside any call the function mode saw, depends
-  on f's inputs and sits at its kink raises `NonsmoothError`.
+  mode under the function mode, sees every aten op; one that runs outside any call the function mode saw and sits
+  at its kink raises `NonsmoothError` if f's output depends on it (a forward-mode formula's compare does not).
 * Custom ops (``torch.ops.<namespace>.*`` outside aten, ``torch.library`` ops) that drop the tangent (no
   forward-mode formula): `NonsmoothError` naming the op, in every pass (a trial call with a tangent decides, once
   per op).
@@ -36,6 +36,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.utils.checkpoint as _checkpoint
 from torch.nn.modules._functions import BackwardHookFunction
+from torch.utils._pytree import tree_leaves
 
 from gradwise._masks import all_finite
 from gradwise._modes import LeanDispatchMode
@@ -267,20 +268,34 @@ def check_functions(y: torch.Tensor, where: str) -> None:
 
 class _OpaqueWatch(LeanDispatchMode):
     """Sees every aten op of a pass. One that runs outside every call the function mode saw (``seen()`` is
-    False: TorchScript, a C++ extension) and sits at its kink: NonsmoothError (raised by `check` after f returns).
-    Away from kinks PyTorch's own derivatives of such ops are exact."""
+    False: TorchScript, a C++ extension) and sits at its kink: NonsmoothError (raised by `check` after f returns)
+    if f's output depends on it. Away from kinks PyTorch's own derivatives of such ops are exact.
+
+    "Depends on it" is followed forward: the hit's outputs are tainted, and so is every output of an op (seen or
+    not: the function mode keeps this watch on once something is tainted) that reads a tainted tensor, or a view
+    of one (taints stick to storages). Forward-mode formulas of unseen ops run here too (``x.max()``'s compares x
+    with its max, at a tie by construction); what they compute only feeds tangents, never f's output, so a formula
+    op at "its kink" is no hit: the op it differentiates was tested itself."""
 
     def __init__(self, seen: Callable[[], bool], kinky: dict, where: Callable[[], str]):
         super().__init__()
         self.seen, self.kinky, self.where = seen, kinky, where
         self.hit: str | None = None
+        self._taint: dict[tuple, str] = {}  # `_key` -> the first hit it depends on
+        self._alive: list[torch.Tensor] = []  # keeps the tainted tensors (and so their ids) alive for the pass
+        self.escaped: str | None = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.seen():
-            return func(*args, **kwargs)
-        with torch._C.DisableTorchFunction():  # nothing here may re-enter the function mode
-            return self._unseen(func, args, kwargs)
+            out = func(*args, **kwargs)
+        else:
+            with torch._C.DisableTorchFunction():  # nothing here may re-enter the function mode
+                out = self._unseen(func, args, kwargs)
+        if self._taint:
+            with torch._C.DisableTorchFunction():
+                self._spread(func, (args, kwargs), out)
+        return out
 
     def _unseen(self, func, args, kwargs):
         out = func(*_tensor_args(func, args), **kwargs)
@@ -288,18 +303,60 @@ class _OpaqueWatch(LeanDispatchMode):
         test = self.kinky.get(name[:-1] if name.endswith("_") else name)
         # Whether an argument depends on f's inputs cannot be told here: tangents are not readable at this level,
         # and TorchScript's differentiable graphs run on detached inputs. Every kink op in unseen code counts.
-        if test is None:
-            return out
-        if self.hit is None and test(args, kwargs, out):  # raised by `check` (TorchScript would wrap an error)
-            self.hit = (f"{func.overloadpacket} runs at its kink in code that gradwise cannot see (TorchScript "
-                        f"from torch.jit.script/trace, or a C++ extension), called from {self.where()}: its "
-                        "derivative there would be PyTorch's convention. Call the Python function (the module "
-                        "before scripting/tracing) instead")
+        if test is not None and test(args, kwargs, out):
+            hit = (f"{func.overloadpacket} runs at its kink in code that gradwise cannot see (TorchScript "
+                   f"from torch.jit.script/trace, or a C++ extension), called from {self.where()}: its "
+                   "derivative there would be PyTorch's convention. Call the Python function (the module "
+                   "before scripting/tracing) instead")
+            self.hit = self.hit or hit
+            self._mark(out, hit)
         return out
 
-    def check(self) -> None:
-        if self.hit is not None:
-            raise_nonsmooth(self.hit)
+    @property
+    def tainting(self) -> bool:
+        return bool(self._taint)
+
+    def _mark(self, out, hit: str) -> None:
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and _key(t) not in self._taint:
+                self._taint[_key(t)] = hit
+                self._alive.append(t)
+
+    def _spread(self, func, inputs, out) -> None:
+        hit = next((self._taint[k] for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)
+                    and (k := _key(t)) in self._taint), None)
+        if hit is not None:
+            self._mark(out, hit)
+            if func in _TO_PYTHON:  # read into Python (an `if` on it): followed no further, so it counts
+                self.escaped = self.escaped or hit
+
+    def check(self, outputs: list[torch.Tensor] | None = None) -> None:
+        """Raise for a hit f's ``outputs`` depend on (None: f did not return them; any hit counts)."""
+        if outputs is None or self.escaped is not None:
+            if self.hit is not None:
+                raise_nonsmooth(self.escaped or self.hit)
+            return
+        with torch._C.DisableTorchFunction():
+            hit = next((self._taint[k] for o in outputs if (k := _key(o)) in self._taint), None)
+        if hit is not None:
+            raise_nonsmooth(hit)
+
+
+# ops that hand a tensor's value to Python (``if t:``, ``t.item()``, ``torch.equal``)
+_TO_PYTHON = frozenset((torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+                        torch.ops.aten.equal.default))
+
+
+def _key(t: torch.Tensor) -> tuple:
+    """What a taint sticks to: a strided tensor's storage (its views, and an in-place write into any of them,
+    share it), else the tensor itself. Passes of f run eagerly on real tensors, so the address is readable."""
+    if t.layout is torch.strided and not t.is_meta:
+        try:
+            if ptr := t.untyped_storage().data_ptr():
+                return ("storage", ptr)
+        except RuntimeError:  # a storage without data (forward AD's Python decompositions pass such tensors)
+            pass
+    return ("tensor", id(t))
 
 
 def _tensor_args(func, args: tuple) -> tuple:
