@@ -86,8 +86,10 @@ def median_times_after(
     cases: dict[str, tuple[Callable[[], object], Callable[[object], object]]],
     repeats: int = 15,
     warmup: int = 3,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
-    """Like `median_times`, but each candidate is ``(setup, fn)`` and only ``fn(setup())`` is timed.
+    """Like `median_times` (``clock`` too), but each candidate is ``(setup, fn)`` and only ``fn(setup())`` is
+    timed.
 
     Use it to time a backward alone: ``setup`` runs the forward (untimed) and returns the loss.
     """
@@ -100,11 +102,11 @@ def median_times_after(
             arg = setup()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn(arg)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            samples[name].append(time.perf_counter() - t0)
+            samples[name].append(clock() - t0)
     return {name: statistics.median(ts) for name, ts in samples.items()}
 
 

@@ -17,7 +17,6 @@ ties cost (every call after the first carries tangents in its first pass, see do
 """
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -98,21 +97,6 @@ def topk_case():
     return TopkLoss(), torch.randint(0, 3, (128, 64)).float(), None
 
 
-def cpu_median_times(fns, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median CPU time (``time.process_time``) of each callable, interleaved: on a machine loaded by other
-    processes wall-clock ratios are noise, this process's CPU time much less so (run with one torch thread)."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    samples = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.process_time()
-            fn()
-            samples[name].append(time.process_time() - t0)
-    return {name: statistics.median(v) for name, v in samples.items()}
-
-
 CPU_TIME = "--cpu-time" in sys.argv
 
 
@@ -121,8 +105,8 @@ def ratio_row(name, model, x, y, repeats):
     loss = (lambda *p: nn.functional.cross_entropy(model(x), y)) if y is not None else (lambda *p: model(x).mean())
     plain = lambda: torch.autograd.grad(loss(), params)
     ours = lambda: gw.generalized_grad(loss, params, seed=0)
-    timer = cpu_median_times if CPU_TIME else median_times
-    t = timer({"torch": plain, "gradwise": ours}, repeats=repeats)
+    t = median_times({"torch": plain, "gradwise": ours}, repeats=repeats,
+                     clock=time.process_time if CPU_TIME else time.perf_counter)
     return [name, t["torch"] * 1e3, t["gradwise"] * 1e3, t["gradwise"] / t["torch"]]
 
 

@@ -1,6 +1,7 @@
 """Cost of strong zeros: `gw.backward(loss)` against plain `loss.backward()`, same process, same data.
 
     python benchmarks/bench_strong_zeros.py [--repeats 31] [--json FILE] [--device cuda]
+    python benchmarks/bench_strong_zeros.py --cpu-time --threads 1   # on a machine shared with other jobs
 
 Times the backward pass alone: every repeat runs a fresh forward (untimed), then the timed backward, the
 candidates interleaved (`_harness.median_times_after`). Memory is the peak of the CPU allocations held during
@@ -20,6 +21,7 @@ import argparse
 import copy
 import json
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,13 +156,13 @@ def backward_peak(case: Case, backward: Callable[[torch.Tensor], None]) -> tuple
     return peak_memory_bytes(run, region="backward")
 
 
-def measure(case: Case, repeats: int) -> dict[str, object]:
+def measure(case: Case, repeats: int, cpu_time: bool = False) -> dict[str, object]:
     def fresh_loss() -> torch.Tensor:
         case.net.zero_grad(set_to_none=True)
         return case.loss(case.net)
 
     candidates = {"torch": (fresh_loss, torch.Tensor.backward), "gradwise": (fresh_loss, gw.backward)}
-    times = median_times_after(candidates, repeats=repeats)
+    times = median_times_after(candidates, repeats=repeats, clock=time.process_time if cpu_time else time.perf_counter)
     plain_peak, before = backward_peak(case, torch.Tensor.backward)
     gw_peak, gw_before = backward_peak(case, gw.backward)
     assert gw_before == before, "the two forwards should hold the same memory"
@@ -190,13 +192,19 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
     parser.add_argument("--only", default="", help="run the cases whose name contains this text")
     parser.add_argument("--device", default="cpu", help="where the models and data live (e.g. cuda)")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument("--cpu-time", action="store_true", help="time in process CPU time (with --threads 1 on a "
+                        "machine shared with other jobs, where wall time mostly measures them)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with torch.device(args.device):
         workloads = [case for case in cases() if args.only in case.name]
-    rows = [measure(case, args.repeats) for case in workloads]
+    rows = [measure(case, args.repeats, args.cpu_time) for case in workloads]
     print_table(
         f"gw.backward vs loss.backward: backward only, {args.device}, median of {args.repeats} interleaved "
-        f"repeats, {torch.get_num_threads()} threads; peaks during backward / memory live before it",
+        f"repeats, {'CPU' if args.cpu_time else 'wall'} time, {torch.get_num_threads()} threads; peaks during "
+        "backward / memory live before it",
         ["case", "torch ms", "gw ms", "time x", "target", "live MB", "torch peak", "gw peak", "memory x",
          "grads", "met"],
         [[r["case"], r["torch_backward_ms"], r["gradwise_backward_ms"], r["time_ratio"], r["time_target"],
@@ -204,7 +212,7 @@ def main() -> int:
           r["memory_ratio"], r["gradients"], "yes" if r["targets_met"] else "NO"] for r in rows],
     )
     if args.json:
-        args.json.write_text(json.dumps({"torch": torch.__version__, "device": args.device,
+        args.json.write_text(json.dumps({"torch": torch.__version__, "device": args.device, "cpu_time": args.cpu_time,
                                          "threads": torch.get_num_threads(), "repeats": args.repeats, "rows": rows},
                                         indent=2))
     return 0 if all(r["gradients"] == "ok" for r in rows) else 1
