@@ -85,6 +85,23 @@ def test_registered_rule_removes_the_contamination(how):
     assert lookup(torch.ops.gwtest.gather_rows_backward.default) is None
 
 
+def test_a_rule_that_declares_no_support_is_named():
+    """A function rule that forgets supports.set leaves its output fully supported: the structural zeros it met
+    are dropped there, and a NaN gradient that follows names the rule (as an op without a rule is named)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3).double()
+    x = torch.randn(6, 4, dtype=f64)
+    x[5] = nan  # gathered (4th) only into a row the slice drops: its sensitivity is a structural zero
+    index = torch.tensor([0, 2, 3, 5, 2])
+    handle = gw.register_rule(gather_rows_backward, lambda op, args, kwargs, supports: op(*args, **kwargs))
+    try:
+        with pytest.warns(gw.OpaqueBackwardWarning, match=r"gather_rows_backward.*declares no support"):
+            got = gw.grad(gather_rows(lin(x), index)[:3].square().sum(), [lin.weight])
+        assert not got[0].isfinite().all()
+    finally:
+        handle.remove()
+
+
 def test_register_rule_refuses_bad_input():
     with pytest.raises(ValueError, match="unknown rule family"):
         gw.register_rule(gather_rows_backward, "scatter")

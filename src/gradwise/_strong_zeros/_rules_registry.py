@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils._pytree
 
 from gradwise._strong_zeros._rules import RULES, Rule, _annihilate, _is_float
 from gradwise._strong_zeros._rules_pointwise import _linear, _mul
@@ -31,6 +32,7 @@ class Supports:
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
+        self.declared: set[int] = set()  # ids of the tensors `set` was called on
 
     def of(self, t: object) -> torch.Tensor | None:
         """The support of ``t``, or None when every element may be nonzero (also for non-tensors)."""
@@ -43,6 +45,7 @@ class Supports:
             support = support.to(device=t.device, dtype=torch.bool).expand(t.shape)
             _annihilate(t, support)
         self._inner.record(t, support)
+        self.declared.add(id(t))
         return t
 
 
@@ -119,7 +122,16 @@ def _existing(key: Any) -> Rule | None:
 
 def _wrap(rule: RuleFunction) -> Rule:
     def wrapped(func, args, kwargs, sup):
-        return rule(func, args, kwargs, Supports(sup))
+        view = Supports(sup)
+        out = rule(func, args, kwargs, view)
+        # an output the rule did not declare is taken as fully supported: where an argument held a structural
+        # zero, that may have dropped it (a NaN met there stays): named if the gradients end up non-finite
+        if any(isinstance(o, torch.Tensor) and _is_float(o) and id(o) not in view.declared
+               for o in torch.utils._pytree.tree_leaves(out)) \
+                and any(map(sup.zeroed, torch.utils._pytree.tree_leaves((args, kwargs)))):
+            sup.unfollowed.append(f"{func}, whose registered rule {wrapped.__name__} declares no support for an "
+                                  "output (supports.set)")
+        return out
 
     wrapped.__doc__ = rule.__doc__
     wrapped.__name__ = getattr(rule, "__name__", "rule")
@@ -142,7 +154,9 @@ def register_rule(op: Any, rule: str | RuleFunction, *, replace: bool = False) -
     whatever it likes: dropping what only structural zeros read, replacing NaN that only they meet) and declares
     the support of each floating output with ``supports.set(out, support)``; ``supports.of(t)`` gives an
     argument's support. A structural zero must stay 0 whatever the values it multiplies hold, and an element the
-    output may depend on must stay supported, or gradients become wrong.
+    output may depend on must stay supported, or gradients become wrong. An output the rule does not declare
+    counts as fully supported; where an argument held a structural zero, a ``gw.OpaqueBackwardWarning`` names
+    the rule if the gradients end up holding NaN/Inf.
 
     Returns a handle whose ``remove()`` undoes the registration. A built-in rule is replaced only with
     ``replace=True``.

@@ -27,6 +27,8 @@ class _Supports:
         # bool masks a backward formula computed (max's `self == result`, nansum's `~isnan(self)`) -> where the
         # mask is meaningful (None: everywhere). A comparison with NaN is False without selecting anything.
         self.selections = WeakTensorKeyDictionary()
+        # ops whose registered rule function dropped structural zeros (an undeclared output): the mode names them
+        self.unfollowed: list[str] = []
 
     def _entry(self, t: torch.Tensor) -> tuple[torch.Tensor, int] | None:
         """``t``'s storage mask and how many of its entries one element of ``t`` covers (1, or 2 for a complex
