@@ -1145,3 +1145,33 @@ def test_input_hooks_act_as_in_autograd():
     assert torch.equal(gw.generalized_grad(f, x, seed=0)[0], want)
     gw.generalized_backward(f, x, seed=0)
     assert torch.equal(x.grad, want) and len(seen) == 1 and torch.equal(seen[0], want)
+
+
+def _fresh(src: str):
+    """A function compiled from source on each call: its own code object, so no memo of an earlier call of the
+    same code (gradwise remembers the last tie pattern per code object) hides what a first call does."""
+    scope = {"F": F, "torch": torch}
+    exec(compile(src, f"<fresh {src}>", "exec"), scope)
+    return scope["f"]
+
+
+@pytest.mark.parametrize("inplace", ["F.relu(F.linear(X, W), inplace=True)", "F.linear(X, W).relu_()",
+                                     "F.linear(X, W).abs_()", "torch.abs_(F.linear(X, W))",
+                                     "F.leaky_relu(F.linear(X, W), -0.5, inplace=True)"])
+def test_an_in_place_kink_ranks_its_ties_on_the_first_call(inplace):
+    """An in-place relu/abs overwrites x, and with it x' that the record of its ties reads when the ranked pass
+    asks for it: the ties were all locked to one side on the first call (a gradient of 1 for the identically
+    zero f below, and stationarity 'proved' at a non-stationary point). f = (in place) - (out of place) == 0."""
+    X = torch.tensor([[1.0, -1.0], [2.0, 1.0], [1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    W = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)  # X @ W.T ties at 0 four times
+    outplace = inplace.replace(", inplace=True", "").replace(".relu_()", ".relu()").replace(".abs_()", ".abs()") \
+        .replace("torch.abs_(", "torch.abs(")
+    f = _fresh(f"def f(W):\n    return {inplace}.sum() - {outplace}.sum()")
+    f.__globals__["X"] = X
+    (g,) = gw.generalized_grad(f, W, seed=0)
+    assert torch.equal(g, torch.zeros_like(W))
+    v = torch.tensor([[0.5, -1.0], [2.0, 0.25]], dtype=torch.float64)
+    h = _fresh(f"def f(W):\n    return {inplace}.sum() - {outplace}.sum() + (v * W).sum()")
+    h.__globals__.update(X=X, v=v)
+    cert = gw.stationarity(h, W, seed=0)
+    assert cert.stationary is False

@@ -115,7 +115,7 @@ def _resolve_sign(run: _Run, op: str, s, tie, **kw):
 
 
 def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = False, flat: bool = False,
-            skip: Callable | None = None):
+            skip: Callable | None = None, inplace: bool = False):
     """Elementwise ``pos`` where s > 0, ``neg`` where s < 0; at s == 0 the piece that wins along the direction.
 
     For continuous ops (relu, max, clamp ...) both pieces agree where s == 0, so the tangent there is that of
@@ -123,12 +123,15 @@ def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = 
     different pieces at s == 0: moving to the other piece there is an error, not a derivative. ``flat``: ``neg``
     is a constant that ``pos`` never equals where s > 0 (relu), so the output equals it exactly where it is dead.
     ``skip(tie)``: the tied elements that are no kink (both sides locally constant and equal), or None.
+    ``inplace``: the caller writes the result into s (``relu_``), and so over s' (which a record reads later).
     """
     sp, st = _split(s)
     if run.near_tol is not None:
         run.note_near(op, sp.abs())
     tie = None
     if _near_zero(sp, run.tie_tol):  # one min-reduction: cheaper than a full-size mask where nothing ties
+        if inplace and st is not None:
+            st = st.clone()
         if not jumps and skip is None and _sign_lockable(run, sp, st, pos, neg):
             return _sign_locked(run, op, sp, st, pos, flat)
         tie = sp == 0 if run.tie_tol == 0 else sp.abs() <= run.tie_tol

@@ -286,7 +286,7 @@ _SELU_ALPHA, _SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804
 def _elu(run, func, x, alpha: float, scale: float, native: Callable, inplace: bool):
     if alpha == 1.0:  # C1: both pieces have slope `scale` at 0
         return native()
-    out = _switch(run, "aten.elu", x, scale * x, (scale * alpha) * torch.expm1(x), native)
+    out = _switch(run, "aten.elu", x, scale * x, (scale * alpha) * torch.expm1(x), native, inplace=inplace)
     return _finish(func, x, out, inplace)
 
 

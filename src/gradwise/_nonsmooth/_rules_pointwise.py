@@ -28,7 +28,7 @@ def relu(run, func, x, inplace=False):
     """max(x, 0). At 0: x where the direction has x' > 0, else 0, so f'(x; d) = max(x', 0)."""
     inplace = inplace or func in (torch.relu_, F.relu_, Tensor.relu_)
     out = _switch(run, "aten.relu", x, x, 0.0, lambda: F.relu(x, inplace=True) if inplace else _dual_relu(x),
-                  flat=True)
+                  flat=True, inplace=inplace)
     return _finish(func, x, out, inplace)
 
 
@@ -44,7 +44,7 @@ def _dual_relu(x):
     return fwAD.make_dual(out, tangent)
 
 
-@kink_rule(aten.abs, torch.abs, torch.absolute, Tensor.abs, Tensor.absolute, Tensor.abs_)
+@kink_rule(aten.abs, torch.abs, torch.absolute, Tensor.abs, Tensor.absolute, Tensor.abs_, torch.abs_)
 def abs(run, func, x):
     """|x|. At 0: x or -x, whichever grows along the direction: f'(x; d) = |x'|. A complex 0 is a cone
     (|z'| is not a max of two pieces): an error."""
@@ -54,8 +54,9 @@ def abs(run, func, x):
                                  "cone, not a choice of pieces; gradwise has no rule for it. Keep the argument "
                                  "away from 0 or write |z| as linalg.vector_norm of (real, imag)")
         return func(x)
-    out = _switch(run, "aten.abs", x, x, -x, lambda: func(x))
-    return _finish(func, x, out, func is Tensor.abs_)
+    inplace = func in (Tensor.abs_, torch.abs_)
+    out = _switch(run, "aten.abs", x, x, -x, lambda: func(x), inplace=inplace)
+    return _finish(func, x, out, inplace)
 
 
 def _as_tensor(v, like: Tensor):
@@ -151,7 +152,7 @@ def leaky_relu(run, func, x, negative_slope=0.01, inplace=False):
     """x for x > 0, slope*x for x < 0. At 0: the piece chosen by the sign of x' along the direction."""
     inplace = inplace or func is F.leaky_relu_
     out = _switch(run, "aten.leaky_relu", x, x, negative_slope * x,
-                  lambda: F.leaky_relu(x, negative_slope, inplace))
+                  lambda: F.leaky_relu(x, negative_slope, inplace), inplace=inplace)
     return _finish(func, x, out, inplace)
 
 
