@@ -1175,3 +1175,31 @@ def test_an_in_place_kink_ranks_its_ties_on_the_first_call(inplace):
     h.__globals__.update(X=X, v=v)
     cert = gw.stationarity(h, W, seed=0)
     assert cert.stationary is False
+
+
+def test_every_pass_of_one_call_draws_the_same_dropout_mask():
+    """gradwise runs f more than once (a probe, a ranked pass, a check for jumps): each pass starts from the random
+    state the call began with, so dropout draws one mask and f is one function. The reference is that function
+    (the mask drawn from the same state), and the state after the call is the one a single run of f leaves."""
+    v = torch.randn(50, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    f = _fresh("def f(x):\n    h = torch.where(x > 0, x, 0.1 * x)\n"
+               "    return (h * F.dropout(torch.ones_like(h), 0.5, training=True) * v).sum()")
+    f.__globals__["v"] = v
+    x = torch.zeros(50, dtype=torch.float64)
+    x[::2] = 1.0
+    d = torch.randn(50, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    torch.manual_seed(0)
+    mask = F.dropout(torch.ones(50, dtype=torch.float64), 0.5, training=True)
+    after = torch.rand(3)
+    real = lambda y: (torch.where(y > 0, y, 0.1 * y) * mask * v).sum()
+    torch.manual_seed(0)
+    dd = gw.directional_derivative(f, x, d)  # a continuous where at a tie: was "f jumps" (a new mask)
+    assert torch.equal(torch.rand(3), after)
+    assert float(dd) == pytest.approx(one_sided(real, [x], [d]), abs=1e-6)
+    torch.manual_seed(0)
+    (g,) = gw.generalized_grad(f, x, seed=0)
+    assert torch.equal(torch.rand(3), after)
+    mv = mask * v
+    assert torch.equal(g[::2], mv[::2])  # away from the ties: the realized function's gradient
+    tied = g[1::2]  # at the ties: one of its two pieces' slopes (one mask: 0 stays 0 on both)
+    assert bool(((tied == mv[1::2]) | (tied == 0.1 * mv[1::2])).all())

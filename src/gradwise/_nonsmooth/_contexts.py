@@ -27,6 +27,7 @@ May import: torch, gradwise._masks, gradwise._modes, ``_errors`` (lazily, for th
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import threading
@@ -129,6 +130,43 @@ def pass_context() -> Iterator[None]:
             _IN_PASS.depth -= 1
             if _IN_PASS.depth == 0:
                 _uninstall()
+
+
+# ------------------------------------------------------------------------------------------------ random draws
+# gradwise runs f several times in one call (a probe, a ranked pass, a check for jumps, sampled pieces). A
+# dropout mask drawn anew in each would rank the ties of one function and differentiate another: every pass of
+# one call starts from the random state the call began with (the default generators: CPU and CUDA), so f is
+# one function, and the state after the call is the one a single run of f leaves.
+
+_DRAWS = threading.local()
+
+
+def _rng_state() -> tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.random.get_rng_state(), cuda
+
+
+def same_draws(fn: Callable) -> Callable:
+    """Decorate a public entry point: its passes of f (`restore_draws`) all draw the same random numbers."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if getattr(_DRAWS, "state", None) is not None:  # nested (stationarity runs subdifferential)
+            return fn(*args, **kwargs)
+        _DRAWS.state = _rng_state()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _DRAWS.state = None
+    return wrapper
+
+
+def restore_draws() -> None:
+    """Before a pass of f: the random state its call began with."""
+    state = getattr(_DRAWS, "state", None)
+    if state is not None:
+        torch.random.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state_all(state[1])
 
 
 # ------------------------------------------------------------------------------------------------ functorch
