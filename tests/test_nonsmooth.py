@@ -1203,3 +1203,43 @@ def test_every_pass_of_one_call_draws_the_same_dropout_mask():
     assert torch.equal(g[::2], mv[::2])  # away from the ties: the realized function's gradient
     tied = g[1::2]  # at the ties: one of its two pieces' slopes (one mask: 0 stays 0 on both)
     assert bool(((tied == mv[1::2]) | (tied == 0.1 * mv[1::2])).all())
+
+
+def test_an_expanded_input_is_differentiated_like_its_copy():
+    """An input whose elements share memory (expand: stride 0) takes no tangent in place; gradwise's passes work
+    on a copy (it crashed in every entry point), and the answers are those of the copy."""
+    base = torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64)
+    f = lambda x: torch.relu(x).sum() + (x * x).sum()
+    x, d = base.expand(4, 3), torch.linspace(-1.0, 1.0, 12, dtype=torch.float64).view(4, 3)
+    assert torch.equal(gw.directional_derivative(f, x, d), gw.directional_derivative(f, x.clone(), d))
+    assert torch.equal(gw.generalized_grad(f, x, seed=0)[0], gw.generalized_grad(f, x.clone(), seed=0)[0])
+    assert gw.stationarity(f, x).stationary is False
+
+
+def test_generalized_backward_leaves_frozen_inputs_alone():
+    """As .backward(): an input with requires_grad=False gets no .grad (an optimizer would have moved it)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    model[0].requires_grad_(False)
+    x = torch.randn(5, 3)
+    gw.generalized_backward(lambda *p: model(x).abs().sum(), list(model.parameters()), seed=0)
+    assert model[0].weight.grad is None and model[0].bias.grad is None
+    ref = model[2].weight.detach().clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(torch.nn.functional.linear(torch.relu(model[0](x)), ref, model[2].bias).abs().sum(),
+                                  ref)
+    torch.testing.assert_close(model[2].weight.grad, want)
+
+
+def test_a_tensor_made_from_an_input_outside_f_is_refused():
+    """f's value reaching an input through a tensor computed outside f (features computed once): gradwise sees none
+    of those ops and would drop that part of the gradient (0 for the encoder, where .backward() gives its
+    gradient): refused, naming the way out."""
+    torch.manual_seed(0)
+    enc, head = torch.nn.Linear(3, 4), torch.nn.Linear(4, 1)
+    x = torch.randn(5, 3)
+    feats = enc(x)
+    with pytest.raises(NonsmoothError, match="computed from it outside f"):
+        gw.generalized_backward(lambda *p: head(feats).abs().sum(), [*enc.parameters(), *head.parameters()])
+    feats = enc(x)  # (the check ran the backward through it: its graph is spent, as after a .backward())
+    with pytest.raises(NonsmoothError, match="computed from it outside f"):
+        gw.generalized_grad(lambda b: (feats + b).abs().sum(), enc.bias)

@@ -66,7 +66,9 @@ def _run(f, xs, single, directions, run: _Run, requires_grad: bool, strip_after:
     for that input). ``detect``: rules also see arguments that only require grad (tangents stripped after
     ``strip_after``). ``expect``: the trail of calls this pass must follow (else `_Diverged`). Returns (output,
     [(primal, tangent)] per output, leaves, mode)."""
-    leaves = tuple(x.detach().requires_grad_(requires_grad) for x in xs)
+    # an input whose elements share memory (expanded: stride 0) takes no tangent (make_dual writes one per element)
+    leaves = tuple((x.detach().clone() if torch._debug_has_internal_overlap(x) else x.detach())
+                   .requires_grad_(requires_grad) for x in xs)
     if requires_grad:  # the inputs' own gradient hooks act on the gradient as in torch.autograd.grad
         for x, leaf in zip(xs, leaves, strict=True):
             for hook in (x._backward_hooks or {}).values():
@@ -241,8 +243,17 @@ def _scalar(primal: Tensor) -> Tensor:
 
 
 def _grads(y: Tensor, leaves, xs) -> tuple[Tensor, ...]:
-    grads = torch.autograd.grad(y, leaves, allow_unused=True)
-    return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads, strict=True))
+    """The gradients w.r.t. the pass's leaves. f's value may also reach the inputs themselves, through a tensor
+    made from them outside f (an encoder's output computed once): gradwise saw none of the ops on that path, so
+    it refuses rather than drop (or take PyTorch's convention for) that part of the gradient."""
+    outside = [i for i, x in enumerate(xs) if x.requires_grad]
+    grads = torch.autograd.grad(y, [*leaves, *(xs[i] for i in outside)], allow_unused=True)
+    reached = [i for i, g in zip(outside, grads[len(leaves):], strict=True) if g is not None]
+    if reached:
+        raise NonsmoothError(f"f's value depends on input {reached[0]} through a tensor computed from it outside f "
+                             "(e.g. features computed once before the call): gradwise cannot see the ops that made "
+                             "it, and would drop that part of the gradient. Compute that tensor inside f")
+    return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads[:len(leaves)], strict=True))
 
 
 # f's code object -> the mode call of its last tie at the previous call (-1: none, or none a saved index can lock).
@@ -349,7 +360,8 @@ def generalized_grad(f: Callable, inputs: Tensor | tuple[Tensor, ...], *,
 
 @_ctx.same_draws
 def generalized_backward(f: Callable, inputs, *, seed: int | None = None) -> Tensor:
-    """Like ``f(...).backward()`` with generalized gradients: accumulates into each input's ``.grad``.
+    """Like ``f(...).backward()`` with generalized gradients: accumulates into the ``.grad`` of each input that
+    requires grad (a frozen one is a constant of f, as in ``.backward()``).
 
     ``inputs`` are the tensors to differentiate (e.g. ``list(model.parameters())``); f is called as in
     `generalized_grad` (``f(*inputs)``) and may ignore its arguments and use a module directly. Returns f's
@@ -366,6 +378,8 @@ def generalized_backward(f: Callable, inputs, *, seed: int | None = None) -> Ten
     xs, single = _as_inputs(tuple(inputs) if not isinstance(inputs, Tensor) else inputs)
     grads, _, value = _locked_grad(f, xs, single, seed)
     for x, g in zip(xs, grads, strict=True):
+        if not x.requires_grad:  # as .backward(): a frozen tensor gets no .grad (an optimizer would move it)
+            continue
         x.grad = g.detach().clone() if x.grad is None else x.grad + g
         for hook in (getattr(x, "_post_accumulate_grad_hooks", None) or {}).values():  # as .backward() runs them
             hook(x)
