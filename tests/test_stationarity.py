@@ -186,3 +186,15 @@ def test_seeds_span_the_same_range_everywhere():
     assert gw.stationarity(f, x, seed=2**63 - 1).stationary is True
     with pytest.raises(ValueError, match="out of range"):
         gw.subdifferential(f, x, seed=2**63)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_rounding_proves_nothing(dtype):
+    """max(x0 + x1/3, -3 x0 - x1) is stationary at 0 (float64 says so). In half precision the pieces' gradients
+    are rounded (1/3 -> 0.33325) and their hull misses 0 by 6e-5 (float16) or 5e-4 (bfloat16): within rounding,
+    not a proof of False. A descent of several ulps is still found."""
+    f = lambda x: torch.maximum(x[0] + x[1] / 3, -3 * x[0] - x[1])
+    assert gw.stationarity(f, torch.zeros(2, dtype=torch.float64)).stationary is True
+    assert gw.stationarity(f, torch.zeros(2, dtype=dtype)).stationary is True
+    g = lambda x: torch.maximum(x[0] + x[1], -3 * x[0] + x[1])  # x1 descends: least norm 1
+    assert gw.stationarity(g, torch.zeros(2, dtype=dtype)).stationary is False
