@@ -1243,3 +1243,27 @@ def test_a_tensor_made_from_an_input_outside_f_is_refused():
     feats = enc(x)  # (the check ran the backward through it: its graph is spent, as after a .backward())
     with pytest.raises(NonsmoothError, match="computed from it outside f"):
         gw.generalized_grad(lambda b: (feats + b).abs().sum(), enc.bias)
+
+
+def test_buffers_are_updated_as_by_one_run_of_f():
+    """A train-mode BatchNorm updates its running statistics in each forward; gradwise runs f more than once per
+    call (stationarity: many times). Every pass starts from the buffers the call began with, and after the call
+    they are those of one run of f (the reference: one plain forward)."""
+    def make():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 1))
+        with torch.no_grad():
+            m[3].weight[0, :3] = 0.0  # the L1 term below sits at its kink
+        return m
+
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+    loss = lambda m: (m(x) ** 2).mean() + 0.1 * m[3].weight.abs().sum()
+    ref = make()
+    loss(ref)
+    for call in (lambda m: gw.generalized_backward(lambda *p: loss(m), list(m.parameters()), seed=0),
+                 lambda m: gw.stationarity(lambda *p: loss(m), tuple(m.parameters()))):
+        m = make()
+        call(m)
+        for name, b in ref[1].named_buffers():
+            assert torch.equal(b, getattr(m[1], name)), name

@@ -134,7 +134,7 @@ def lower_bound(f: Callable, xs: tuple[Tensor, ...], single: bool, w: tuple[Tens
         with _ctx.pass_context(), torch.no_grad(), mode:  # compiled code eagerly, checkpoints plainly
             for x, d in zip(inputs, w, strict=True):
                 mode.iv.set(x, (d.to(x.dtype), torch.zeros_like(x)))
-            _ctx.restore_draws()
+            _ctx.restore_state()
             out = f(inputs[0]) if single else f(*inputs)
             got = mode.iv.get(out) if isinstance(out, Tensor) and out.numel() == 1 else None
     except Unbounded:

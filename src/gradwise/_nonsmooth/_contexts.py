@@ -132,41 +132,80 @@ def pass_context() -> Iterator[None]:
                 _uninstall()
 
 
-# ------------------------------------------------------------------------------------------------ random draws
+# ------------------------------------------------------------------------------------------------ one run's state
 # gradwise runs f several times in one call (a probe, a ranked pass, a check for jumps, sampled pieces). A
-# dropout mask drawn anew in each would rank the ties of one function and differentiate another: every pass of
-# one call starts from the random state the call began with (the default generators: CPU and CUDA), so f is
-# one function, and the state after the call is the one a single run of f leaves.
+# dropout mask drawn anew in each would rank the ties of one function and differentiate another, and a train-mode
+# BatchNorm would update its running statistics once per pass. So every pass of one call starts from the state the
+# call began with: the default random generators (CPU and CUDA) and the buffers of every module whose forward runs
+# (seen by a module forward pre-hook, in the calling thread only); after the call the state is the one a single
+# run of f leaves.
 
-_DRAWS = threading.local()
-
-
-def _rng_state() -> tuple:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.random.get_rng_state(), cuda
+_STATE = threading.local()
 
 
-def same_draws(fn: Callable) -> Callable:
-    """Decorate a public entry point: its passes of f (`restore_draws`) all draw the same random numbers."""
+class _CallState:
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        self.rng = (torch.random.get_rng_state(), cuda)
+        self.before: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (buffer, its value at the start)
+        self.after: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (buffer, its value after one run)
+        self.passes = 0
+
+    def saw(self, module, args) -> None:
+        if module._buffers and threading.get_ident() == self.thread:
+            for b in module._buffers.values():
+                if isinstance(b, torch.Tensor) and id(b) not in self.before:
+                    self.before[id(b)] = (b, b.detach().clone())
+
+    def restore(self) -> None:
+        """Before a pass: the random state and buffers the call began with (after the first pass, keep what it
+        left, for the end of the call)."""
+        self.passes += 1
+        torch.random.set_rng_state(self.rng[0])
+        if self.rng[1] is not None:
+            torch.cuda.set_rng_state_all(self.rng[1])
+        if self.passes == 1 or not self.before:
+            return
+        with torch.no_grad():
+            if self.after is None:
+                self.after = [(b, b.detach().clone()) for b, v in self.before.values() if not torch.equal(b, v)]
+            for b, v in self.before.values():
+                if not torch.equal(b, v):  # (a write bumps the version a kept graph's saved buffer checks)
+                    b.copy_(v)
+
+    def finish(self) -> None:
+        if self.after:
+            with torch.no_grad():
+                for b, v in self.after:
+                    if not torch.equal(b, v):
+                        b.copy_(v)
+
+
+def same_state(fn: Callable) -> Callable:
+    """Decorate a public entry point: every pass of f it runs (`restore_state` first) starts from the state the
+    call began with, and the state after it is the one a single run of f leaves."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if getattr(_DRAWS, "state", None) is not None:  # nested (stationarity runs subdifferential)
+        if getattr(_STATE, "call", None) is not None:  # nested (stationarity runs subdifferential)
             return fn(*args, **kwargs)
-        _DRAWS.state = _rng_state()
+        call = _STATE.call = _CallState()
+        hook = torch.nn.modules.module.register_module_forward_pre_hook(call.saw)
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         finally:
-            _DRAWS.state = None
+            hook.remove()
+            _STATE.call = None
+        call.finish()
+        return result
     return wrapper
 
 
-def restore_draws() -> None:
-    """Before a pass of f: the random state its call began with."""
-    state = getattr(_DRAWS, "state", None)
-    if state is not None:
-        torch.random.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state_all(state[1])
+def restore_state() -> None:
+    """Before a pass of f: the state its call began with."""
+    call = getattr(_STATE, "call", None)
+    if call is not None:
+        call.restore()
 
 
 # ------------------------------------------------------------------------------------------------ functorch

@@ -83,7 +83,7 @@ def _run(f, xs, single, directions, run: _Run, requires_grad: bool, strip_after:
         mode = _KinkMode(run, subs, positions, involved, strip_after, stop_after, dual)
         mode.expect = expect
         watch = mode.watch = _ctx.opaque_watch(mode, _UNSEEN_KINKY, _user_line)
-        _ctx.restore_draws()
+        _ctx.restore_state()
         try:
             with mode, watch:
                 out = _call(f, args, single)
@@ -182,7 +182,7 @@ def _check_directions(xs, directions, single):
     return tuple(ds)
 
 
-@_ctx.same_draws
+@_ctx.same_state
 def directional_derivative(f: Callable, inputs: Tensor | tuple[Tensor, ...],
                            directions: Tensor | tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
     """The exact one-sided directional derivative f'(x; d) = lim_{t->0+} (f(x + t d) - f(x)) / t.
@@ -213,7 +213,7 @@ def _check_no_jump(f, xs, single, run: _Run, values: list[Tensor], exact: bool =
     jumps = [k for k in run.kinks if k.comparison or k.indices_read]
     if not jumps:
         return
-    _ctx.restore_draws()
+    _ctx.restore_state()
     with torch.no_grad():
         plain = _outputs(_call(f, tuple(x.detach() for x in xs), single))
     for p, q in zip(values, plain, strict=True):
@@ -337,7 +337,7 @@ def _full_pass_grad(f, xs, single, d, gen, run_kw, used: set[int], strip_after: 
     return _grads(y, leaves, xs), probe, y.detach()
 
 
-@_ctx.same_draws
+@_ctx.same_state
 def generalized_grad(f: Callable, inputs: Tensor | tuple[Tensor, ...], *,
                      seed: int | None = None) -> tuple[Tensor, ...]:
     """An element of the Clarke subdifferential of scalar ``f`` at ``inputs`` (a tuple, like autograd.grad).
@@ -358,7 +358,7 @@ def generalized_grad(f: Callable, inputs: Tensor | tuple[Tensor, ...], *,
     return _locked_grad(f, xs, single, seed)[0]
 
 
-@_ctx.same_draws
+@_ctx.same_state
 def generalized_backward(f: Callable, inputs, *, seed: int | None = None) -> Tensor:
     """Like ``f(...).backward()`` with generalized gradients: accumulates into the ``.grad`` of each input that
     requires grad (a frozen one is a constant of f, as in ``.backward()``).
@@ -386,7 +386,7 @@ def generalized_backward(f: Callable, inputs, *, seed: int | None = None) -> Ten
     return value
 
 
-@_ctx.same_draws
+@_ctx.same_state
 def kinks_hit(f: Callable, inputs, *, seed: int | None = 0, tie_tol: float = 0.0,
               near_tol: float | None = None, tangents: bool = True) -> tuple[list[Kink], list[NearKink]]:
     """The kinks f hits at ``inputs`` and the near-ties within near_tol. With ``tangents`` (one run along a

@@ -55,7 +55,7 @@ def _torch_gradcheck(f, xs, single, eps, atol, rtol) -> str | None:
     return None
 
 
-@_ctx.same_draws
+@_ctx.same_state
 def gradcheck(f: Callable, inputs, *, eps: float = 1e-6, atol: float = 1e-5, rtol: float = 1e-3,
               nearby: int = 2, nearby_radius: float = 1e-3, seed: int = 0,
               raise_exception: bool = True) -> GradcheckResult:
@@ -116,7 +116,7 @@ def gradcheck(f: Callable, inputs, *, eps: float = 1e-6, atol: float = 1e-5, rto
 
 def _check_kink(f, xs, single, kinks, eps, atol, result: GradcheckResult) -> None:
     leaves = tuple(x.detach().requires_grad_(True) for x in xs)
-    _ctx.restore_draws()
+    _ctx.restore_state()
     outs = torch.cat([o.reshape(-1) for o in _outputs(_call(f, leaves, single))])
     ops = ", ".join(sorted({k.op for k in kinks}))
     verdicts = []

@@ -262,7 +262,7 @@ def _distinct(elements: list[tuple[torch.Tensor, ...]], tol: float = 1e-12) -> l
     return out
 
 
-@_ctx.same_draws
+@_ctx.same_state
 def subdifferential(f: Callable, inputs, *, samples: int | None = None, seed: int | None = None,
                     tie_tol: float = 0.0, near_tol: float | None = 1e-6) -> Subdifferential:
     """Generalized gradients of scalar f at ``inputs``: all active pieces when few kinks are hit, else samples.
@@ -302,7 +302,7 @@ def subdifferential(f: Callable, inputs, *, samples: int | None = None, seed: in
     return Subdifferential(_distinct(found), False, kinks, probe.near, fixed)
 
 
-@_ctx.same_draws
+@_ctx.same_state
 def stationarity(f: Callable, inputs, *, atol: float = 1e-6, samples: int | None = None, seed: int | None = None,
                  tie_tol: float = 0.0, near_tol: float | None = 1e-6) -> Stationarity:
     """Is 0 a Clarke generalized gradient of scalar f at ``inputs``? A certificate, see `Stationarity`.
