@@ -608,6 +608,39 @@ def test_a_zeros_buffer_saved_from_the_forward_is_structural_op_by_op():
     _close(list(got), list(torch.autograd.grad(loss(x[:4], 4), params)))
 
 
+def _zeroed_in_place(lin: nn.Module, x: torch.Tensor, how: str) -> torch.Tensor:
+    h = lin(x)
+    if how == "zero_":
+        h[4:].zero_()
+    else:
+        h[4:].copy_(torch.zeros(4, 3))
+    return (h * 2).square().sum()
+
+
+@pytest.mark.parametrize(("how", "path"), [("zero_", "pass"), ("copy_", "pass"), ("zero_", "op_by_op")])
+def test_rows_zeroed_in_place_before_a_use(how, path, monkeypatch):
+    """NaN rows overwritten by zeros in place (h[4:].zero_()): inductor's partitioner saves the forward's zeros
+    and the backward writes that saved tensor into the sensitivity (slice_scatter(g, full_default)). A backward
+    is linear in its tangents, so a forward value it places into a sensitivity is a structural zero: the pass
+    reads it as such (`_placed_value`), and so does the op-by-op run (`_graph_forms._saved_zeros`). Was a NaN
+    gradient with a CompiledBackwardWarning."""
+    if path == "op_by_op":
+        monkeypatch.setattr(_compile, "_strong_variant", lambda bc: None)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    x = torch.randn(8, 4)
+    x[4:] = nan
+    fn = torch.compile(lambda t: _zeroed_in_place(lin, t, how))
+    want = torch.autograd.grad(_zeroed_in_place(lin, x.nan_to_num(0.0), how), list(lin.parameters()))
+    before = dict(_compile.STATS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = gw.grad(fn(x), list(lin.parameters()))
+    assert (_compile.STATS["eager"] > before["eager"]) == (path == "op_by_op")
+    _close(list(got), list(want))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The sweep: every contamination case, its build compiled (inductor and aot_eager), against eager strong zeros
 # ---------------------------------------------------------------------------------------------------------

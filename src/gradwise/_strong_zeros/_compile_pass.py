@@ -13,8 +13,8 @@ Invariant: where a support is False the value is exactly +-0 (sources are zeros,
 with a False factor are rewritten to 0). Rules (one per aten op, ``PASS_RULES``):
 
 - sources: ``full``/``zeros`` of 0 -> FALSE; ``slice_scatter``/``select_scatter``/``constant_pad_nd``/``cat``
-  -> the same op on the masks; ``where(c, a, b)`` -> ``where(c, sup a, sup b)``; ``threshold_backward`` ->
-  ``sup g & (x > t | isnan x)``.
+  -> the same op on the masks (a forward value placed beside a sensitivity: ``!= 0``, `_placed_value`);
+  ``where(c, a, b)`` -> ``where(c, sup a, sup b)``; ``threshold_backward`` -> ``sup g & (x > t | isnan x)``.
 - travel: views apply the same view to the mask; ``add``/``sub`` unite; ``sum`` -> ``any``; casts, ``neg``,
   ``clone`` and products with a finite Python number keep it.
 - travel, reads: ``index``/``gather``/``index_select`` apply the same read to the mask.
@@ -356,10 +356,23 @@ def _threshold_backward(rw: _Rewriter, node: fx.Node) -> Any:
     return rw.both(rw.of(g), passes)
 
 
+def _placed_value(rw: _Rewriter, x: Any, other: Any) -> Any:
+    """The support of a placement's operand ``x`` beside a sensitivity ``other``. A backward is linear in its
+    tangents, so a forward value it places into a sensitivity holds only zeros, and they are structural: zeros
+    a formula makes that the partitioner saved from the forward, where common-subexpression elimination joined
+    them with the forward's own (``h[4:].zero_()``'s ``full_default``). Read as ``x != 0``, no claim is made
+    where that fails."""
+    mask = rw.of(x)
+    if mask is None and isinstance(x, fx.Node) and x not in rw.sens and other in rw.sens and _floating(_val(x)):
+        mask = rw.call(aten.ne.Scalar, x, 0)
+        rw._flat[mask] = False  # zeros a formula placed, not a forward value's flat region (`_Rewriter.flat`)
+    return mask
+
+
 @_rule(aten.slice_scatter.default, aten.select_scatter.default)
 def _scatter(rw: _Rewriter, node: fx.Node) -> Any:
     base, src = node.args[:2]
-    mb, ms = rw.of(base), rw.of(src)
+    mb, ms = _placed_value(rw, base, src), _placed_value(rw, src, base)
     if mb is None and ms is None:
         return None
     if mb is FALSE and ms is FALSE:

@@ -65,16 +65,27 @@ _PLACED_INTO = {aten.index_put.default, aten._unsafe_index_put.default, aten.sli
                 aten.scatter.src, aten.scatter.value, aten.scatter_add.default, aten.index_add.default}
 
 
+# where a placement takes the values it places (``slice_scatter(base, src)``, ``index_put(base, idx, values)``)
+_SOURCE_ARG = {aten.slice_scatter.default: 1, aten.select_scatter.default: 1, aten.diagonal_scatter.default: 1,
+               aten.as_strided_scatter.default: 1, aten.index_put.default: 2, aten._unsafe_index_put.default: 2,
+               aten.scatter.src: 3, aten.scatter_add.default: 3, aten.index_add.default: 3}
+
+
 def _saved_zeros(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
-    """A saved forward zeros tensor used as a placement's base: made again at run time (``_zeros_again``)."""
+    """A saved forward zeros tensor used as a placement's base, or as the values it places (``h[4:].zero_()``'s
+    backward writes the forward's ``full_default`` into the sensitivity): made again at run time
+    (``_zeros_again``)."""
     if node.op != "placeholder" or not _ZEROS_NAME.fullmatch(node.name):
         return False
     changed = False
     for user in list(node.users):
-        if user.target in _PLACED_INTO and user.args and user.args[0] is node:
-            with graph.inserting_before(user):
-                user.update_arg(0, graph.call_function(_zeros_again, (node,)))
-            changed = True
+        if user.target not in _PLACED_INTO:
+            continue
+        for i in (0, _SOURCE_ARG.get(user.target)):
+            if i is not None and i < len(user.args) and user.args[i] is node:
+                with graph.inserting_before(user):
+                    user.update_arg(i, graph.call_function(_zeros_again, (node,)))
+                changed = True
     return changed
 
 
