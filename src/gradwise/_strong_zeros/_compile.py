@@ -195,7 +195,7 @@ def _strong_variant(bc: Any) -> Callable[..., Any] | None:
     old = bc.compiled_bw, bc.try_save_cache_entry, _donated(bc)
     bc.compiled_bw, bc.try_save_cache_entry = None, None  # compile afresh; never into AOTAutograd's cache entry
     try:
-        with _with_pass():
+        with _with_pass(), _own_bucket(bc):
             # saved_tensors_use_once=False: no donated buffers, so the variant may run with the graph retained
             strong = bc.get_or_compile(saved_tensors_use_once=False)
     except Exception as exc:
@@ -211,6 +211,28 @@ def _strong_variant(bc: Any) -> Callable[..., Any] | None:
             meta.bw_donated_idxs = idxs
     bc._gw_strong = strong
     return strong
+
+
+@contextlib.contextmanager
+def _own_bucket(bc: Any) -> Iterator[None]:
+    """Under DDP's graph splitting (DDPOptimizer) one dynamo graph holds N AOT graphs, and a lazy backward compile
+    takes its forward metadata from a shared counter that PyTorch's own backward compiles count down, last bucket
+    first. An extra compile (the strong variant) would take another bucket's metadata, or find the counter spent
+    (an AssertionError): point the counter at this graph's own metadata for the compile, and put it back after."""
+    ctx = getattr(bc.lazy_backward_info, "saved_context", None)
+    ddp = getattr(ctx, "ddp_optimizer_ctx", None)
+    if ddp is None:
+        yield
+        return
+    own = next((i for i, meta in enumerate(ddp.metadata_per_bucket) if meta is bc.fw_metadata), None)
+    if own is None:
+        raise RuntimeError("the DDP bucket of this compiled backward is not among DDPOptimizer's")
+    saved = ddp.curr_bucket, ctx.fw_metadata
+    ddp.curr_bucket = own
+    try:
+        yield
+    finally:
+        ddp.curr_bucket, ctx.fw_metadata = saved
 
 
 def _eager_variant(bc: Any) -> Callable[..., Any] | None:
