@@ -96,3 +96,76 @@ def test_a_kink_tied_everywhere_around_x_is_no_pass():
     f = lambda x: (torch.relu(0 * x) + Square.apply(x)).sum()
     result = gw.gradcheck(f, torch.tensor([0.5, 1.0], dtype=torch.float64), raise_exception=False)
     assert not result.passed and "could not be checked" in str(result)
+
+
+class SquareWrongAtZero(torch.autograd.Function):
+    """x^2 with a correct jvp and a backward that is wrong exactly where x == 0 (nowhere nearby)."""
+
+    @staticmethod
+    def forward(x):
+        return x**2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.x = inputs[0]
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (2 * x + 5 * (x == 0))
+
+    @staticmethod
+    def jvp(ctx, t):
+        return 2 * ctx.x * t
+
+
+class GoodRelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (x > 0)
+
+
+class ReluNoJvp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 5  # wrong, and without a jvp gradwise cannot check it at the kink
+
+
+def test_a_backward_wrong_only_at_the_kink_fails():
+    """The subdifferential at x comes through the backward under test (5 + relu's [0, 1] looked like a hull);
+    the reverse pass along a direction must match the forward-mode derivative along it: it does not."""
+    result = gw.gradcheck(lambda x: (SquareWrongAtZero.apply(x) + torch.relu(x)).sum(), d(0.0, 0.5),
+                          raise_exception=False)
+    assert result.kink and not result.passed and "forward mode" in str(result)
+    assert gw.gradcheck(lambda x: (x**2 + torch.relu(x)).sum(), d(0.0, 0.5))  # the same f, PyTorch's backward
+
+
+def test_a_kink_without_a_subdifferential_is_no_pass():
+    """Where the subdifferential cannot be computed (a Function without jvp, a jump) gradcheck cannot vouch for
+    the backward: no pass (it passed with generalized=None)."""
+    result = gw.gradcheck(lambda x: (ReluNoJvp.apply(x) + torch.relu(x)).sum(), d(0.0, 0.5),
+                          raise_exception=False)
+    assert result.kink and not result.passed and result.generalized is None
+    jump = gw.gradcheck(lambda x: torch.where(x > 0, x + 1, x).sum(), d(0.0, 0.5), raise_exception=False)
+    assert not jump.passed and jump.generalized is None
+
+
+def test_a_kink_gradwise_cannot_see_is_named_as_such():
+    """A kink inside a custom Function's forward (no kink op gradwise sees): PyTorch's central differences across
+    it disagree with any backward. gradcheck cannot check x, and says that, not 'wrong gradient'."""
+    result = gw.gradcheck(lambda x: GoodRelu.apply(x).sum(), d(0.0, 0.5), raise_exception=False)
+    assert not result.passed and not result.kink and "code it cannot see" in str(result)
+    wrong = gw.gradcheck(lambda x: BadSquare.apply(x).sum(), d(0.3, 0.5), raise_exception=False)
+    assert not wrong.passed and str(wrong).startswith("wrong gradient")

@@ -1267,3 +1267,32 @@ def test_buffers_are_updated_as_by_one_run_of_f():
         call(m)
         for name, b in ref[1].named_buffers():
             assert torch.equal(b, getattr(m[1], name)), name
+
+
+@pytest.mark.parametrize(("inplace", "at"), [("y.clamp_(0, 1)", 1.0), ("F.hardtanh_(y)", 1.0),
+                                          ("torch.nn.ReLU6(inplace=True)(y)", 6.0),
+                                          ("F.hardswish(y, inplace=True)", 3.0)])
+def test_an_in_place_clamp_at_one_bound_differentiates(inplace, at):
+    """An in-place clamp whose input touches one bound: the pieces' graph saved y, then the result was written
+    into y (PyTorch: 'modified by an inplace operation'). The answers are those of the out-of-place op."""
+    x = torch.tensor([at, 0.5, 2.0], dtype=torch.float64)
+    body = "    y = x * 1.0\n    {}\n    return (y * torch.tensor([1.0, 2.0, 3.0], dtype=x.dtype)).sum()"
+    f = _fresh("def f(x):\n" + body.format(inplace))
+    plain = inplace.replace(".clamp_(", ".clamp(").replace("F.hardtanh_(", "F.hardtanh(").replace("inplace=True", "")
+    g = _fresh("def f(x):\n" + body.format("y = " + plain))
+    assert torch.equal(gw.generalized_grad(f, x, seed=0)[0], gw.generalized_grad(g, x, seed=0)[0])
+    d = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
+    assert float(gw.directional_derivative(f, x, d)) == float(gw.directional_derivative(g, x, d))
+
+
+@pytest.mark.parametrize("name", ["amax", "max_dim", "argmax_gather", "max_pool", "adaptive_max_pool"])
+def test_an_empty_batch_has_no_kinks(name):
+    """An input with no elements (an empty batch) reduced over its other dims: nothing ties, PyTorch's own."""
+    f = {"amax": lambda x: x.amax(dim=1).sum(), "max_dim": lambda x: x.max(dim=1).values.sum(),
+         "argmax_gather": lambda x: x.gather(1, x.argmax(1, keepdim=True)).sum(),
+         "max_pool": lambda x: F.max_pool2d(x.view(0, 1, 1, 3), (1, 2)).sum(),
+         "adaptive_max_pool": lambda x: F.adaptive_max_pool1d(x[:, None], 2).sum()}[name]
+    x = torch.zeros(0, 3, dtype=torch.float64)
+    assert float(gw.directional_derivative(f, x, torch.zeros_like(x))) == 0.0
+    assert gw.generalized_grad(f, x)[0].shape == (0, 3)
+    assert gw.stationarity(f, x).stationary is True

@@ -16,7 +16,7 @@ import torch
 from torch.autograd.gradcheck import GradcheckError as _TorchGradcheckError
 
 from gradwise._nonsmooth import _contexts as _ctx
-from gradwise._nonsmooth._engine import _as_inputs, _call, _outputs, directional_derivative, kinks_hit
+from gradwise._nonsmooth._engine import _as_inputs, _call, _locked_grad, _outputs, directional_derivative, kinks_hit
 from gradwise._nonsmooth._errors import NonsmoothError
 from gradwise._nonsmooth._stationarity import Subdifferential, _flat, stationarity, subdifferential
 
@@ -102,12 +102,18 @@ def gradcheck(f: Callable, inputs, *, eps: float = 1e-6, atol: float = 1e-5, rto
     if not kinks:
         if (err := _torch_gradcheck(f, xs, single, eps, atol, rtol)) is not None:
             result.passed = False
-            result.messages.append(f"wrong gradient: {err}")
+            hidden = _unseen_kink(f, xs, single, eps, atol, rtol)
+            result.messages.append(f"wrong gradient: {err}" if hidden is None else
+                                   f"f is not differentiable at x ({hidden}) but no kink op gradwise sees sits at a "
+                                   "kink there: the kink is in code it cannot see (a custom autograd.Function's "
+                                   "forward, an extension), so the backward cannot be checked at x; check it at "
+                                   f"a point nearby (PyTorch's gradcheck: {err})")
     else:
         result.kink = True
         try:
             _check_kink(f, xs, single, kinks, eps, atol, result)
-        except (NotImplementedError, NonsmoothError) as exc:  # e.g. a custom Function without jvp
+        except (NotImplementedError, NonsmoothError) as exc:  # e.g. a custom Function without jvp, a jump
+            result.passed, result.generalized = False, None  # not shown to be a generalized gradient: no pass
             result.messages.append(f"kink at x: the subdifferential could not be computed ({exc})")
     if raise_exception and not result.passed:
         raise GradcheckError(str(result))
@@ -129,6 +135,11 @@ def _check_kink(f, xs, single, kinks, eps, atol, result: GradcheckResult) -> Non
         dist = float(_flat(gap.min_norm_element()).norm())
         inside = dist <= atol * (1 + float(_flat(row).norm()))
         verdict = True if inside else (False if sd.exact else _shifted_verdict(fk, xs, row, atol))
+        if verdict is True and (disagree := _reverse_against_forward(fk, xs, k, atol)) is not None:
+            verdict = False  # the subdifferential came through the backward under test: checked against the jvp
+            result.messages.append(f"kink at x ({ops}): {disagree}")
+            verdicts.append(verdict)
+            continue
         verdicts.append(verdict)
         if verdict is True:
             continue
@@ -143,6 +154,42 @@ def _check_kink(f, xs, single, kinks, eps, atol, result: GradcheckResult) -> Non
         result.passed = False
     elif result.generalized:
         result.messages.append(f"kink at x ({ops}): PyTorch's value is a generalized gradient")
+
+
+def _reverse_against_forward(fk, xs, k: int, atol: float, directions: int = 2) -> str | None:
+    """The subdifferential above is made of reverse passes through f's backward, the one under test. Along a
+    direction d, the generalized gradient g_d (the piece active along d, through that backward) and the one-sided
+    derivative f'(x; d) (forward mode, no backward involved) must agree: <g_d, d> = f'(x; d). A backward that is
+    wrong only at x (where the nearby points cannot see it) fails here; None when they agree."""
+    gen = torch.Generator().manual_seed(k)
+    for _ in range(directions):
+        d = tuple(torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype) for x in xs)
+        g = _locked_grad(fk, xs, False, None, direction=d)[0]
+        reverse = float(sum((gi * di).sum() for gi, di in zip(g, d, strict=True)))
+        forward = float(directional_derivative(fk, xs, d))
+        if abs(reverse - forward) > atol * (1 + abs(forward)):
+            return (f"the backward's generalized gradient along a random direction d gives <g, d> = {reverse:.6g}, "
+                    f"but f'(x; d) = {forward:.6g} (forward mode): the backward (or a custom jvp) is wrong at x "
+                    f"for output {k}")
+    return None
+
+
+def _unseen_kink(f, xs, single, eps: float, atol: float, rtol: float) -> str | None:
+    """A coordinate along which f's one-sided difference quotients disagree (f has a kink there), or None."""
+    def at(i: int, j: int, step: float) -> torch.Tensor:
+        moved = [v.detach().clone() for v in xs]
+        moved[i].view(-1)[j] += step
+        return torch.cat([o.reshape(-1) for o in _outputs(_call(f, tuple(moved), single))])
+
+    with torch.no_grad():
+        base = torch.cat([o.reshape(-1) for o in _outputs(_call(f, tuple(x.detach() for x in xs), single))])
+        for i, x in enumerate(xs):
+            for j in range(x.numel()):
+                right, left = (at(i, j, eps) - base) / eps, (base - at(i, j, -eps)) / eps
+                gap = (right - left).abs()
+                if bool((gap > 10 * (atol + rtol * torch.maximum(right.abs(), left.abs()))).any()):
+                    return f"x{'' if len(xs) == 1 else i}[{j}]: one-sided differences {float(gap.max()):.3g} apart"
+    return None
 
 
 def _shifted_verdict(fk, xs, row, atol: float) -> bool | None:

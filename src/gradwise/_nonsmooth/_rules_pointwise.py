@@ -98,14 +98,15 @@ def minimum(run, func, a, b):
     return _pair(run, "aten.minimum", a, b, False, lambda: func(a, b))
 
 
-def _clamp(run, x, lo, hi, native: Callable):
-    """min(max(x, lo), hi) with the pair rule at each bound that x touches."""
+def _clamp(run, x, lo, hi, native: Callable, inplace: bool = False):
+    """min(max(x, lo), hi) with the pair rule at each bound that x touches. ``inplace``: the caller writes the
+    result into x, which the pieces' graph must not have saved (a copy of x is clamped)."""
     lo, hi = _as_tensor(lo, x), _as_tensor(hi, x)
     xp = _split(x)[0]
     touches = [b for b in (lo, hi) if b is not None and ((xp - _split(b)[0]).abs() <= run.tie_tol).any()]
     if not touches and run.near_tol is None:
         return native()
-    out = x
+    out = x.clone() if inplace else x
     if lo is not None:
         out = _pair(run, "aten.clamp", out, lo, True, lambda: torch.clamp(out, min=lo))
     if hi is not None:
@@ -117,34 +118,36 @@ def _clamp(run, x, lo, hi, native: Callable):
            torch.clamp_, torch.clip_)
 def clamp(run, func, x, min=None, max=None):
     """clamp(x, lo, hi). At a bound: x if it moves inside along the direction, else the bound."""
-    out = _clamp(run, x, min, max, lambda: func(x, min, max))
-    return _finish(func, x, out, func in (Tensor.clamp_, Tensor.clip_, torch.clamp_, torch.clip_))
+    inplace = func in (Tensor.clamp_, Tensor.clip_, torch.clamp_, torch.clip_)
+    return _finish(func, x, _clamp(run, x, min, max, lambda: func(x, min, max), inplace), inplace)
 
 
 @kink_rule(aten.clamp_min, torch.clamp_min, Tensor.clamp_min, Tensor.clamp_min_)
 def clamp_min(run, func, x, min):
     """max(x, min): the clamp rule at the lower bound."""
-    return _finish(func, x, _clamp(run, x, min, None, lambda: func(x, min)), func is Tensor.clamp_min_)
+    inplace = func is Tensor.clamp_min_
+    return _finish(func, x, _clamp(run, x, min, None, lambda: func(x, min), inplace), inplace)
 
 
 @kink_rule(aten.clamp_max, torch.clamp_max, Tensor.clamp_max, Tensor.clamp_max_)
 def clamp_max(run, func, x, max):
     """min(x, max): the clamp rule at the upper bound."""
-    return _finish(func, x, _clamp(run, x, None, max, lambda: func(x, max)), func is Tensor.clamp_max_)
+    inplace = func is Tensor.clamp_max_
+    return _finish(func, x, _clamp(run, x, None, max, lambda: func(x, max), inplace), inplace)
 
 
 @kink_rule(aten.hardtanh, F.hardtanh, F.hardtanh_)
 def hardtanh(run, func, x, min_val=-1.0, max_val=1.0, inplace=False):
     """clamp(x, min_val, max_val), with the clamp rule at both bounds."""
     inplace = inplace or func is F.hardtanh_
-    out = _clamp(run, x, min_val, max_val, lambda: F.hardtanh(x, min_val, max_val, inplace))
+    out = _clamp(run, x, min_val, max_val, lambda: F.hardtanh(x, min_val, max_val, inplace), inplace)
     return _finish(func, x, out, inplace)
 
 
 @kink_rule(aten.relu6, F.relu6)
 def relu6(run, func, x, inplace=False):
     """clamp(x, 0, 6), with the clamp rule at both bounds."""
-    return _finish(func, x, _clamp(run, x, 0.0, 6.0, lambda: F.relu6(x, inplace)), inplace)
+    return _finish(func, x, _clamp(run, x, 0.0, 6.0, lambda: F.relu6(x, inplace), inplace), inplace)
 
 
 @kink_rule(aten.leaky_relu, F.leaky_relu, F.leaky_relu_)
@@ -176,7 +179,8 @@ def hardswish(run, func, x, inplace=False):
     """x * clamp(x + 3, 0, 6) / 6: the clamp rule at x = -3 and x = 3, then the product rule."""
     if not _touches(run, x, (-3.0, 3.0)):
         return F.hardswish(x, inplace)
-    return _finish(func, x, x * _clamp(run, x + 3, 0.0, 6.0, None) / 6, inplace)
+    xs = x.clone() if inplace else x  # the product saves its factor, and x is written below
+    return _finish(func, x, xs * _clamp(run, xs + 3, 0.0, 6.0, None) / 6, inplace)
 
 
 def _touches(run, x, points) -> bool:
