@@ -1224,3 +1224,41 @@ def test_every_parameter_that_arrives_non_finite_is_named():
     born = " ".join(f.born for f in report.findings)
     # (model.2.bias's gradient, sum(g), stays finite: it reaches no gradient, and the other three are named)
     assert all(n in born for n in ("model.0.weight", "model.0.bias", "model.2.weight")), str(report)
+
+
+def test_a_narrowing_cast_that_overflows_is_a_birth():
+    """float32 -> float16 is no finite-preserving op (65504 is float16's largest): an overflow there is born at the
+    cast, in the forward and in the backward (the gradient of w.float() cast back to float16), where the trace
+    skipped every cast and reported no NaN/Inf at all."""
+    w = torch.full((4,), 1e3, requires_grad=True)
+    with gw.trace() as report:
+        (w * 1e5).half().float().sum().backward()
+    assert [f.born_op for f in report.findings] == ["aten._to_copy"]
+    assert report.findings[0].location.rsplit(":", 1)[0].endswith("test_trace.py")
+    assert "overflow" in report.findings[0].message
+    h = torch.full((4,), 1.0, dtype=torch.float16, requires_grad=True)
+    with gw.trace() as report:
+        (h.float() * 1e6).sum().backward()
+    assert not h.grad.isfinite().any()
+    assert [f.born_op for f in report.findings] == ["aten._to_copy"]
+
+
+@pytest.mark.parametrize("make", ["literal", "full"])
+def test_a_nan_seed_made_in_the_block_is_a_finding(make):
+    """A seed made inside the block has a birth already (torch.tensor / torch.full): the backward that takes it is
+    still a finding (the report was empty beside a NaN gradient)."""
+    w = torch.nn.Parameter(torch.ones(3))
+    with gw.trace() as report:
+        y = w * 2
+        seed = torch.tensor([1.0, float("nan"), 0.0]) if make == "literal" else torch.full((3,), float("nan"))
+        y.backward(seed)
+    assert not w.grad.isfinite().all()
+    assert [f.kind for f in report.findings] == ["nan"]
+
+
+def test_findings_are_ordered_by_line_number():
+    """Line numbers sort as numbers ("f.py:9" before "f.py:10"; root cause A is the first finding)."""
+    from gradwise._trace._assembly import _line_order
+
+    got = sorted(["f.py:10", "<unknown>", "f.py:9", "e.py:100"], key=_line_order)
+    assert got == ["<unknown>", "e.py:100", "f.py:9", "f.py:10"]

@@ -117,7 +117,7 @@ class _Assembly:
                 source=_source(g.loc), indices=g.indices, convention=g.convention, reached_gradient=g.reached,
                 occurrences=g.occurrences)
         order = {k: i for i, k in enumerate(("contamination", "nan", "inf", "singular", "kink"))}
-        report.findings = sorted(findings.values(), key=lambda f: (order[f.kind], f.location))
+        report.findings = sorted(findings.values(), key=lambda f: (order[f.kind], *_line_order(f.location)))
         report.causes = _causes.group(report.findings, {id(f): origin[k] for k, f in findings.items()
                                                               if k in origin}, _fmt, self.store.step)
         report.notes = [f"{kind} tensors: {n} op(s) or value(s) passed over" + (f" (first: {op})" if op else "")
@@ -261,3 +261,9 @@ def overflow_root(b: _Birth | None) -> _Birth | None:
             and all(not p.nan and p.op in _OVERFLOW_NAMES for p in b.parents):
         b = min(b.parents, key=_order)
     return b
+
+
+def _line_order(location: str) -> tuple[str, int, str]:
+    """A location's sort key: file, then line as a number ("f.py:9" before "f.py:10")."""
+    file, _, line = location.rpartition(":")
+    return (file, int(line), location) if line.isdigit() else (location, 0, location)

@@ -199,13 +199,14 @@ class _Checks:
             # a reentrant backward's seeds are the outer backward's sensitivities: they keep where they came from
             if isinstance(g, torch.Tensor) and not (reentrant and g in self.sens):
                 self.sens[g] = None
-                if given and not reentrant and g not in self.prov:
-                    self._seed_finding(g)
+                if given and not reentrant:  # (a seed made in the block has the birth of what made it)
+                    self._seed_finding(g, [b for b in self.prov.get(g, ()) if isinstance(b, _Birth)])
         return outputs, grads
 
-    def _seed_finding(self, g: torch.Tensor) -> None:
+    def _seed_finding(self, g: torch.Tensor, made: list | None = None) -> None:
         """A seed the caller passed (grad_tensors / grad_outputs) that holds NaN/Inf: a genuine finding born at the
-        backward call, carried by every gradient it reaches (without it they were NaN with nothing reported)."""
+        backward call (or where the block made it: ``made``, its births), carried by every gradient it reaches
+        (without it they were NaN with nothing reported)."""
         from torch.utils._python_dispatch import _disable_current_modes
 
         ft = torch._C._functorch
@@ -218,10 +219,11 @@ class _Checks:
             mask, nan = _common._nonfinite_mask(g), _common._has_nan(g)
             count, idx = _common._positions(mask)
         loc = _loc(_user_frame())
-        birth = self._birth("seed", loc, nan, None, mask, lambda first: _Birth(
-            "seed", loc, "the seed of the backward holds NaN/Inf", 0, first, nan))
-        birth.used = True
-        inc = self.store.incident("nan" if nan else "inf", "seed", "backward", loc, count, idx, [birth],
+        births = made or [self._birth("seed", loc, nan, None, mask, lambda first: _Birth(
+            "seed", loc, "the seed of the backward holds NaN/Inf", 0, first, nan))]
+        for birth in births:
+            birth.used = True
+        inc = self.store.incident("nan" if nan else "inf", "seed", "backward", loc, count, idx, births,
                                   "the seed passed to the backward call holds NaN/Inf: every gradient it reaches "
                                   "uses it", None, False)
         self.prov[g] = frozenset([inc])

@@ -98,7 +98,7 @@ _NOT_DATA = {*_UNINITIALISED, "gradient"}
 # ops whose Inf from finite inputs is an overflow (not a constant written on purpose, as a -inf mask is)
 # (pow too: a large power overflows; its own explainer, in _advice, also names its domain)
 _OVERFLOWS = {aten.exp, aten.exp2, aten.expm1, aten.sinh, aten.cosh, aten.mul, aten.mm, aten.addmm, aten.bmm, aten.sum,
-              aten.add, aten.sub, aten.matmul, aten.square, aten.pow}
+              aten.add, aten.sub, aten.matmul, aten.square, aten.pow, aten._to_copy}  # (a cast to a narrower dtype)
 _OVERFLOW_NAMES = {f"aten.{op.__name__}" for op in _OVERFLOWS}  # as births name their op
 # storage rebinding: the tensor now shows memory filled elsewhere (a DataLoader worker's batch arriving through
 # shared memory, a loaded checkpoint): a NaN there arrived with the data, as an input's does, and is not born here

@@ -64,6 +64,20 @@ class _OpInfo:
     uninitialised: bool = False  # empty & co: their output is whatever the memory held (never a value to check)
     # a CompositeImplicitAutograd op without its own ADInplaceOrView kernel: see _Tracer.__torch_dispatch__
     composite: bool = False
+    cast: bool = False  # _to_copy: finite-preserving unless it narrows the dtype (`_keeps_finite`)
+
+    def keeps_finite(self, args: tuple, kwargs: dict) -> bool:
+        """A view, or an op whose output is finite whenever its inputs are: a cast only if it does not narrow
+        (float32 -> float16 overflows above 65504)."""
+        if self.view:
+            return True
+        if not self.preserving:
+            return False
+        if not self.cast:
+            return True
+        dtype, x = kwargs.get("dtype"), args[0] if args else None
+        return dtype is None or not isinstance(x, torch.Tensor) or not x.is_floating_point() \
+            or not dtype.is_floating_point or torch.finfo(dtype).max >= torch.finfo(x.dtype).max
 
 
 _INFO: dict = {}
@@ -83,7 +97,7 @@ def _op_info(func) -> _OpInfo:
                                      kink_detector(packet), _COMPARISONS.get(packet), packet.__name__,
                                      packet in _FINITE_PRESERVING, func.namespace in _COLLECTIVE_NAMESPACES,
                                      _op_name(func), _op_name(func) in _UNINITIALISED or func in _ARRIVALS,
-                                     _composite(func))
+                                     _composite(func), packet is torch.ops.aten._to_copy)
     return info
 
 
@@ -253,7 +267,7 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         self.last_seq = seq
         if not creates_node and info.uninitialised:
             return _run(func, args, kwargs)  # empty & co: no values, nothing to record
-        if not creates_node and (info.view or info.preserving) and not info.mutable and not self.pending \
+        if not creates_node and info.keeps_finite(args, kwargs) and not info.mutable and not self.pending \
                 and not any(t in self.prov for t in _tensors(args)):
             return _run(func, args, kwargs)  # undifferentiated, finite in and out (detach, ones_like): no record
         frame = _user_frame()
@@ -285,7 +299,7 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         if info.mutable and not outs:
             outs = _floats(args[0])
         if not outs or info.uninitialised or \
-                ((info.view or info.preserving) and not self.pending and not any(t in self.prov for t in ins)):
+                (info.keeps_finite(args, kwargs) and not self.pending and not any(t in self.prov for t in ins)):
             return out  # finite in, finite out: nothing to check (provenance is up to date when nothing is pending)
         self._check(outs, lambda bad: self._dig(func, loc, ins, bad, None, info))
         return out
@@ -357,7 +371,7 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
             if seq is not None and _strong_zeros.lookup(func) is not None:
                 self._strong_read(seq, ins)
         if not outs or info.uninitialised or \
-                ((info.view or info.preserving) and not self.pending and not any(t in self.prov for t in ins)):
+                (info.keeps_finite(args, kwargs) and not self.pending and not any(t in self.prov for t in ins)):
             return
         self._check(outs, lambda bad: self._dig(func, None, ins, bad, seq if sens else (seq, "value"), info,
                                                 args=args, out=out, kwargs=kwargs))
