@@ -79,3 +79,21 @@ def test_watch_refuses_nesting_and_bad_options():
         pass
     with gw.trace(), pytest.raises(RuntimeError, match="already watches"), gw.watch():
         pass
+
+
+@pytest.mark.parametrize("how", ["backward_inputs", "autograd_grad"])
+def test_a_backward_toward_some_inputs_frees_only_what_it_ran(how):
+    """The engine runs only the nodes on the way to the requested inputs; the trunk's saved tensors stay for a
+    later backward through it. gw.watch() freed the whole graph ('backward through the graph a second time')."""
+    w1, w2 = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    with gw.watch():
+        h = (torch.randn(3) * w1).sin()  # the trunk: its nodes keep saved tensors
+        loss = (h * w2).sum()
+        if how == "autograd_grad":
+            torch.autograd.grad(loss, w2)
+        else:
+            loss.backward(inputs=[w2])
+        h.sum().backward()
+    assert w1.grad is not None
+    with pytest.raises(RuntimeError, match="second time"):  # what ran is freed, as the engine frees it
+        loss.backward(inputs=[w2])

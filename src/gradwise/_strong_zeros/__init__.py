@@ -27,7 +27,7 @@ Modules (each imports only those above it in this list, plus torch and gradwise.
 ``_mode``            ``_StrongZeroMode``, the TorchDispatchMode that applies the rules; ``DECOMPOSED``.
 ``_node_facts``      facts per autograd node name (``NODE_FACTS``, ``MAKES_NO_ZEROS``, ``FUSED_BACKWARDS``, ...).
 ``_autograd_graph``  walking an autograd graph: ``_walk``, ``_root_nodes``, ``_leaves``, ``_graph_parts``,
-                     ``_release_graph``, ``_release``.
+                     ``_release``, ``_saved_toward``.
 ``_planning``        the pre-backward plan: ``_plan``, ``_zero_reach``; saved tensors are checked by
                      ``gradwise._masks.all_finite``.
 ``_compile_pass``    the same rules over AOTAutograd's backward graphs (torch.compile).
@@ -51,14 +51,14 @@ from gradwise._strong_zeros import _rules_attention, _rules_opdb  # noqa: F401
 # What the other concerns read of strong zeros as ``_strong_zeros.<name>`` (gradwise._trace: _STATE, lookup,
 # _decomposition, _StrongZeroMode, WHOLE_FORMULAS, may_make_structural_zeros; gradwise._trace._watching: _root_nodes,
 # _graph_parts, _release,
-# _release_graph, _walk, _all_finite; gradwise._distributed: _register). None of these names is ever rebound, so
+# _saved_toward, _walk, _all_finite; gradwise._distributed: _register). None of these names is ever rebound, so
 # these are the very objects the modules below use. A name that is rebound or monkeypatched (_engine._plan,
 # _engine._process_wide) is not here.
 from gradwise._strong_zeros._autograd_graph import _graph_parts as _graph_parts
 from gradwise._strong_zeros._autograd_graph import _leaves as _leaves
 from gradwise._strong_zeros._autograd_graph import _release as _release
-from gradwise._strong_zeros._autograd_graph import _release_graph as _release_graph
 from gradwise._strong_zeros._autograd_graph import _root_nodes as _root_nodes
+from gradwise._strong_zeros._autograd_graph import _saved_toward as _saved_toward
 from gradwise._strong_zeros._autograd_graph import _walk as _walk
 from gradwise._strong_zeros._compile import CompiledBackwardWarning, compile_stats
 from gradwise._strong_zeros._contract import GradwiseWarning, OpaqueBackwardWarning, PlainBackwardWarning

@@ -1,5 +1,5 @@
 """Walking an autograd graph: its nodes (``_walk``), root nodes, leaves, and freeing a retained graph's saved
-tensors (``_release_graph``).
+tensors (``_release``, of the nodes a backward toward some inputs ran: ``_saved_toward``).
 
 May import: torch, _node_facts.
 """
@@ -51,10 +51,25 @@ def _freed(_: object) -> torch.Tensor:
     )
 
 
-def _release_graph(roots: Sequence[Any]) -> None:
-    """Free the saved tensors of a graph that was retained only for a check (gw.watch, compiled backwards), as
-    the engine frees them after a backward without retain_graph (``SavedTensor.register_hooks`` drops the data)."""
-    _release(_graph_parts(roots)[1])
+def _saved_toward(roots: Sequence[Any], inputs: Sequence[torch.Tensor]) -> list[Any]:
+    """The ``SavedTensor`` objects of the nodes a backward restricted to ``inputs`` runs (``backward(inputs=)``,
+    ``autograd.grad``): those on a path from the roots to an input's node. The engine runs no other node, and
+    their saved tensors stay for a later backward through them (an input's own node runs only if another input
+    lies below it)."""
+    targets = {torch.autograd.graph.get_gradient_edge(t).node for t in inputs
+               if isinstance(t, torch.Tensor) and t.requires_grad}
+    reaches: dict[Any, bool] = {}
+    stack = [(r, False) for r in roots if r is not None]
+    while stack:  # iterative post-order: a node is finished after all its children (a DAG)
+        node, children_done = stack.pop()
+        if children_done:
+            reaches[node] = any(c in targets or reaches.get(c, False) for c, _ in node.next_functions if c is not None)
+        elif node not in reaches:
+            reaches[node] = False  # (seen; set for real when its children are done)
+            stack.append((node, True))
+            stack.extend((c, False) for c, _ in node.next_functions if c is not None and c not in reaches)
+    return [raw for node, ran in reaches.items() if ran and type(node) is not _ACCUMULATE_GRAD
+            for raw in _raw_saved(node)]
 
 
 def _graph_parts(roots: Sequence[Any]) -> tuple[list[torch.Tensor], list[Any]]:

@@ -69,8 +69,8 @@ class _Watcher:
         grads = [t.grad for t in leaves if isinstance(t.grad, torch.Tensor)]
         if not _finite(grads):
             self._explain(outs, grad_tensors, leaves, roots)
-        if not keep:
-            _strong_zeros._release(saved)
+        if not keep:  # as the engine: only what it ran (toward ``inputs``, if given) is freed
+            _strong_zeros._release(saved if inputs is None else _strong_zeros._saved_toward(roots, _as_tuple(inputs)))
         self.step += 1
 
     def grad(self, orig, outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False,
@@ -90,8 +90,8 @@ class _Watcher:
         if not _finite([g for g in result if isinstance(g, torch.Tensor)]):
             leaves = [t for t in _as_tuple(inputs) if isinstance(t, torch.Tensor)]
             self._explain(outs, grad_outputs, leaves, roots)
-        if not keep:
-            _strong_zeros._release_graph(roots)
+        if not keep:  # as the engine: only the nodes on the way to ``inputs`` ran, and only theirs are freed
+            _strong_zeros._release(_strong_zeros._saved_toward(roots, _as_tuple(inputs)))
         self.step += 1
         return result
 
