@@ -3,6 +3,8 @@ gradient's step explained, and the rest traced. References: the same program wit
 errors) and gw.trace() of the same step."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -97,3 +99,21 @@ def test_a_backward_toward_some_inputs_frees_only_what_it_ran(how):
     assert w1.grad is not None
     with pytest.raises(RuntimeError, match="second time"):  # what ran is freed, as the engine frees it
         loss.backward(inputs=[w2])
+
+
+def test_a_compiled_backward_with_donated_buffers_runs_as_asked():
+    """A compiled backward with donated buffers refuses to run with its graph retained (which gw.watch() asks of
+    every backward, for the replay): it runs as the caller asked, and the loop goes on (it raised on a finite
+    step after a recompile for a new batch size)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit's, on the compiler's first import
+        compiled = torch.compile(model)
+        with gw.watch() as report:
+            for n in (4, 6, 5):  # a new batch size: recompiled with dynamic shapes
+                model.zero_grad()
+                compiled(torch.randn(n, 4)).square().mean().backward()
+    assert all(p.grad.isfinite().all() for p in model.parameters()) and not report.findings
+    torch._dynamo.reset()

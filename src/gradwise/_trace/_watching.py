@@ -20,7 +20,8 @@ Design. A long training run pays for `gw.trace()` on every op of every step alth
 The report (yielded by the ``with``) holds the explained step and everything traced after it; a run that
 never goes non-finite gets an empty report. ``step`` counts backward calls from 0.
 
-May import: torch, gradwise._masks, gradwise._strong_zeros, gradwise._trace._common, _kinds, _report, _tracer, _session
+May import: torch, gradwise._masks, gradwise._strong_zeros (and, lazily, its _compile), gradwise._trace._common, _kinds,
+_report, _tracer, _session
 (whose per-thread tables it reads and writes as ``_session.<name>``).
 """
 from __future__ import annotations
@@ -48,6 +49,7 @@ class _Watcher:
         self.depth = 0
         self.tracer: _Tracer | None = None  # set at the first non-finite gradient
         self.found_at: int | None = None
+        self.unexplained: str | None = None  # why that step's backward could not be replayed
 
     # -- the wrapped autograd entry points (called by _trace's wrappers for a watching thread) ------------
 
@@ -57,12 +59,12 @@ class _Watcher:
             return orig(tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)
         keep = create_graph if retain_graph is None else retain_graph
         outs = _as_tuple(tensors)
+        roots = _strong_zeros._root_nodes(outs)
         self.depth += 1
         try:
-            orig(tensors, grad_tensors, True, create_graph, grad_variables, inputs)
+            orig(tensors, grad_tensors, keep or not _donating(roots), create_graph, grad_variables, inputs)
         finally:
             self.depth -= 1
-        roots = _strong_zeros._root_nodes(outs)
         leaves, saved = _strong_zeros._graph_parts(roots)  # one walk: what to check, what to free
         if inputs is not None:
             leaves = [t for t in _as_tuple(inputs) if isinstance(t, torch.Tensor)]
@@ -79,14 +81,14 @@ class _Watcher:
             return orig(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs, allow_unused,
                         is_grads_batched, materialize_grads)
         keep = create_graph if retain_graph is None else retain_graph
-        self.depth += 1
-        try:
-            result = orig(outputs, inputs, grad_outputs, True, create_graph, only_inputs, allow_unused,
-                          is_grads_batched, materialize_grads)
-        finally:
-            self.depth -= 1
         outs = _as_tuple(outputs)
         roots = _strong_zeros._root_nodes(outs)
+        self.depth += 1
+        try:
+            result = orig(outputs, inputs, grad_outputs, keep or not _donating(roots), create_graph, only_inputs,
+                          allow_unused, is_grads_batched, materialize_grads)
+        finally:
+            self.depth -= 1
         if not _finite([g for g in result if isinstance(g, torch.Tensor)]):
             leaves = [t for t in _as_tuple(inputs) if isinstance(t, torch.Tensor)]
             self._explain(outs, grad_outputs, leaves, roots)
@@ -116,7 +118,8 @@ class _Watcher:
         tracer._name_leaves(wanted, _common._user_frame(), at)  # (their .grad reads start no step: `_forward`)
         try:
             again = torch.autograd.grad(outs, wanted, seeds, retain_graph=True, allow_unused=True)
-        except RuntimeError:  # a graph that cannot be replayed: the following steps explain
+        except RuntimeError as exc:  # a graph that cannot be replayed: the following steps explain
+            self.unexplained = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
             return
         for leaf, g in zip(wanted, again, strict=True):
             # the replay's provenance stands for the real .grad: an optimizer step reading it is then "a
@@ -132,9 +135,11 @@ class _Watcher:
         _session._TRACERS.pop(threading.get_ident(), None)
         self.tracer.__exit__(None, None, None)
         self.tracer.fill(report)
+        how = ("was explained from its backward (its forward was not traced)" if self.unexplained is None else
+               f"could not be explained (its backward could not run again: {self.unexplained}; a compiled backward "
+               "with donated buffers does not keep its graph)")
         report.notes.insert(0, f"gw.watch(): the first non-finite gradient came at step {self.found_at}; that step "
-                               "was explained from its backward (its forward was not traced), the following steps "
-                               "were traced in full")
+                               f"{how}, the following steps were traced in full")
 
 
 _NODE_SUFFIX = re.compile(r"Backward\d*$")
@@ -206,3 +211,21 @@ def watch(*, sync_every: int = 256) -> Iterator[Report]:
             watcher.finish(report)
         finally:
             _session._uninstall()
+
+
+def _donating(roots) -> bool:
+    """Whether the graph holds a compiled backward with donated buffers, which refuses to run with the graph
+    retained: that backward runs as the caller asked (a non-finite gradient is then explained from the next
+    step, the replay having nothing to run). Only after an AOTAutograd compile in this process is the graph
+    walked."""
+    from torch._dynamo.utils import counters
+
+    if not counters["aot_autograd"].get("total"):
+        return False
+    from gradwise._strong_zeros._compile import _backward_compiler, _donated, compiled_nodes
+
+    for node in compiled_nodes(roots):
+        bc = _backward_compiler(node)
+        if bc is None or any(idxs for _, idxs in _donated(bc)):
+            return True
+    return False
