@@ -1262,3 +1262,27 @@ def test_findings_are_ordered_by_line_number():
 
     got = sorted(["f.py:10", "<unknown>", "f.py:9", "e.py:100"], key=_line_order)
     assert got == ["<unknown>", "e.py:100", "f.py:9", "f.py:10"]
+
+
+@pytest.mark.parametrize("case", ["genuine", "contamination"])
+def test_a_nan_born_in_a_backward_is_the_root_of_what_the_optimizer_writes(case):
+    """sqrt's backward at 0 makes Inf (genuine) or, under a where that drops it, 0/0 (contamination); the optimizer
+    writes that gradient into the parameter. The root cause is the backward op at the sqrt's line and the
+    optimizer's write is downstream of it (it was a root cause of its own: 'gradient ... used as a value')."""
+    w = torch.nn.Parameter(torch.tensor([0.5, 2.0]))
+    opt = torch.optim.SGD([w], lr=0.1)
+    with gw.trace() as report:
+        for step in range(3):
+            opt.zero_grad()
+            z = w - w.detach()  # 0, with a gradient
+            if step != 1:
+                loss = w.sum()
+            elif case == "genuine":
+                loss = torch.sqrt(z).sum()
+            else:
+                loss = torch.where(z > 0, torch.sqrt(z), z).sum()
+            loss.backward()
+            opt.step()
+    assert len(report.causes) == 1 and "aten.div" in report.causes[0] and "downstream" in report.causes[0]
+    written = [f for f in report.findings if f.op == "gradient"]
+    assert written and all(f.downstream for f in written)

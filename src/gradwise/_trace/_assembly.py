@@ -67,10 +67,11 @@ class _Assembly:
                 continue
             via = earliest(inc.births)
             birth = overflow_root(via)
+            stand_in = self.backward_births.get(id(inc), (None, None))[1]  # born in the backward, used later
             if inc.kind == "contamination":
                 key = ("contamination", inc.op, inc.loc, birth.op if birth else None, birth.loc if birth else None)
                 add(key, lambda inc=inc, birth=birth, via=via: self._contamination(inc, birth, via), inc.count,
-                    inc.reaches, inc.indices, inc.occurrences, inc.step, birth)
+                    inc.reaches, inc.indices, inc.occurrences, inc.step, birth or stand_in)
             elif birth is not None:  # named by where it was born: count and elements are the born tensor's
                 key = (inc.kind, birth.op, birth.loc)
                 new = key not in findings
@@ -83,7 +84,7 @@ class _Assembly:
             else:
                 key = (inc.kind, inc.node_op, inc.loc)
                 add(key, lambda inc=inc: self._genuine(inc.kind, inc, None), inc.count, inc.reaches, inc.indices,
-                    inc.occurrences, inc.step)
+                    inc.occurrences, inc.step, stand_in)
                 birthless.add(key)
         for via in sorted(self.output_births, key=lambda b: b.order):
             kind, birth = "nan" if via.nan else "inf", overflow_root(via)
@@ -231,7 +232,8 @@ class _Assembly:
 
     def _unused(self, removed=frozenset()) -> list[str]:
         explained: set = set(removed)
-        stack = [b for inc in self.store.incidents.values() for b in inc.births] + list(self.output_births)
+        stack = [b for inc in self.store.incidents.values() for b in inc.births] + list(self.output_births) + \
+            [b for _, b in self.backward_births.values()]
         while stack:
             b = stack.pop()
             if b not in explained:

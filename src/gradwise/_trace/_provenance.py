@@ -68,6 +68,17 @@ class _Provenance:
         known = self.store.known(key)
         return self.store.birth(key, _count(mask), lambda: make(_first(mask)) if known is None else None, parents)
 
+    def _backward_birth(self, inc: _Incident, t: torch.Tensor, nan: bool) -> _Birth:
+        """The birth standing for an incident born in the backward (a formula made NaN/Inf from finite values:
+        sqrt's at 0), once its gradient is used as a value: the root of what that value leads to."""
+        known = self.backward_births.get(id(inc))
+        if known is not None:
+            return known[1]
+        b = self._birth(inc.op, inc.loc, nan, None, _nonfinite_mask(t),
+                        lambda idx: _Birth(inc.op, inc.loc, inc.what, 0, idx, nan))
+        self.backward_births[id(inc)] = (inc, b)
+        return b
+
     def _gradient_as_value(self, t: torch.Tensor, got: frozenset, loc) -> frozenset:
         """A non-finite gradient used as a forward value (an optimizer step writing it into a parameter): its
         NaN/Inf is born again there, with the incidents' births as parents, so the next step's findings point
@@ -83,8 +94,9 @@ class _Provenance:
         first = min(incidents, key=lambda i: i.order)
         what = (f"a gradient with {first.kind if first.kind == 'contamination' else 'genuine ' + first.kind} from "
                 f"{first.op} (the backward of {first.node_op}) at {_fmt(first.loc)}, used as a value")
-        parents = frozenset(p for p in got if isinstance(p, _Birth)).union(*(i.births for i in incidents))
         nan, name = _has_nan(t), self.names.get(t)
+        parents = frozenset(p for p in got if isinstance(p, _Birth)).union(
+            *(i.births or {self._backward_birth(i, t, nan)} for i in incidents))
         b = self._birth("gradient", loc, nan, name, _nonfinite_mask(t),
                         lambda idx: _Birth("gradient", loc, what, 0, idx, nan, name=name), parents)
         got = per_line[loc] = frozenset([b])

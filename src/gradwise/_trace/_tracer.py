@@ -155,6 +155,9 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         self.sync_every = sync_every
         self.prov = _ByIdentity()  # non-finite tensor -> frozenset of _Birth / _Incident
         self.as_value = _ByIdentity()  # non-finite gradient used as a forward value -> its birth there
+        # id(incident) -> (incident, the birth standing for it): an incident born in the backward (no birth of its
+        # own) whose gradient was used as a value, so that the root cause is that backward op
+        self.backward_births: dict[int, tuple] = {}
         self.written = _ByIdentity()  # tensor an in-place op made non-finite -> (op, loc)
         self.sens = _ByIdentity()  # sensitivity-derived tensor -> seq of the node that made it
         # comparison result -> (mask of equal operands, branch picked): masks are large, so this one frees an
