@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import inspect
 import itertools
+import json
 import math
 import sys
 import threading
@@ -1286,3 +1287,14 @@ def test_a_nan_born_in_a_backward_is_the_root_of_what_the_optimizer_writes(case)
     assert len(report.causes) == 1 and "aten.div" in report.causes[0] and "downstream" in report.causes[0]
     written = [f for f in report.findings if f.op == "gradient"]
     assert written and all(f.downstream for f in written)
+
+
+def test_a_kink_finding_has_the_step_it_first_happened_at():
+    w = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
+    with gw.trace() as report:
+        for step in range(4):
+            x = w * (0.0 if step == 2 else 1.0)  # relu at its kink from step 2 on
+            torch.relu(x).sum().backward()
+    kinks = [f for f in report.findings if f.kind == "kink"]
+    assert [f.step for f in kinks] == [2]
+    assert json.loads(report.to_json())["findings"][0]["step"] == 2

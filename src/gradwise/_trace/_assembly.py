@@ -116,7 +116,7 @@ class _Assembly:
                 g.kind, g.op, _fmt(g.loc), g.count, fix=_KINK_FIX if g.kind == "kink" else _SINGULAR_FIX,
                 message=f"{g.count} element(s) at a {'kink' if g.kind == 'kink' else 'singular point'}",
                 source=_source(g.loc), indices=g.indices, convention=g.convention, reached_gradient=g.reached,
-                occurrences=g.occurrences)
+                occurrences=g.occurrences, step=g.step)
         order = {k: i for i, k in enumerate(("contamination", "nan", "inf", "singular", "kink"))}
         report.findings = sorted(findings.values(), key=lambda f: (order[f.kind], *_line_order(f.location)))
         report.causes = _causes.group(report.findings, {id(f): origin[k] for k, f in findings.items()

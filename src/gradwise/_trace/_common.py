@@ -265,3 +265,4 @@ class _KinkGroup:
     occurrences: int = 0
     indices: list = field(default_factory=list)
     reached: bool = False
+    step: int | None = None  # the step of its first occurrence

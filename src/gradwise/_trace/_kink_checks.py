@@ -28,7 +28,7 @@ class _KinkChecks:
                 return
             g = self.kinks.get(key)
             if g is None:
-                g = self.kinks[key] = _KinkGroup(hit.kind, key[1], loc, hit.convention)
+                g = self.kinks[key] = _KinkGroup(hit.kind, key[1], loc, hit.convention, step=self.store.step)
                 g.indices = _first(mask)
             g.count += count
             g.occurrences += 1
