@@ -117,3 +117,22 @@ def test_a_compiled_backward_with_donated_buffers_runs_as_asked():
                 compiled(torch.randn(n, 4)).square().mean().backward()
     assert all(p.grad.isfinite().all() for p in model.parameters()) and not report.findings
     torch._dynamo.reset()
+
+
+def test_autograd_grad_results_carry_the_explained_steps_provenance():
+    """gw.watch() with torch.autograd.grad and p.grad = g; opt.step(): the optimizer's write is downstream of the
+    explained step's finding (it was a root cause of its own, 'tensor arrived with NaN')."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    with gw.watch() as report:
+        for step in range(3):
+            x = torch.randn(4, 3)
+            if step == 1:
+                x[2:] = float("nan")
+            (g,) = torch.autograd.grad(lin(x)[:2].sum(), [lin.weight])
+            lin.weight.grad = g
+            opt.step()
+    assert len(report.causes) == 1
+    written = [f for f in report.findings if f.op == "gradient"]
+    assert written and all(f.downstream for f in written)

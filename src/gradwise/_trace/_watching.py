@@ -91,7 +91,7 @@ class _Watcher:
             self.depth -= 1
         if not _finite([g for g in result if isinstance(g, torch.Tensor)]):
             leaves = [t for t in _as_tuple(inputs) if isinstance(t, torch.Tensor)]
-            self._explain(outs, grad_outputs, leaves, roots)
+            self._explain(outs, grad_outputs, leaves, roots, result)
         if not keep:  # as the engine: only the nodes on the way to ``inputs`` ran, and only theirs are freed
             _strong_zeros._release(_strong_zeros._saved_toward(roots, _as_tuple(inputs)))
         self.step += 1
@@ -99,7 +99,8 @@ class _Watcher:
 
     # -- the first non-finite gradient: explain the step, then trace in full ------------------------------
 
-    def _explain(self, outs, seeds, leaves, roots) -> None:
+    def _explain(self, outs, seeds, leaves, roots, returned=None) -> None:
+        """``returned``: what ``autograd.grad`` gave the caller (one per leaf), which the replay stands for."""
         if self.tracer is not None:
             return
         self.found_at = self.step
@@ -121,12 +122,14 @@ class _Watcher:
         except RuntimeError as exc:  # a graph that cannot be replayed: the following steps explain
             self.unexplained = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
             return
+        given = {id(leaf): r for leaf, r in zip(leaves, returned, strict=False)} if returned is not None else {}
         for leaf, g in zip(wanted, again, strict=True):
-            # the replay's provenance stands for the real .grad: an optimizer step reading it is then "a
-            # gradient used as a value", descending from this step's findings
+            # the replay's provenance stands for the real gradient (.grad, or what autograd.grad returned): an
+            # optimizer step reading it is then "a gradient used as a value", descending from this step's findings
             got = tracer.prov.get(g) if g is not None else None
-            if got and isinstance(leaf.grad, torch.Tensor):
-                tracer.prov[leaf.grad] = got
+            real = given.get(id(leaf)) if returned is not None else leaf.grad
+            if got and isinstance(real, torch.Tensor):
+                tracer.prov[real] = got
 
     def finish(self, report: Report) -> None:
         """Fill ``report`` (empty when every gradient stayed finite) and stop tracing."""
