@@ -1298,3 +1298,34 @@ def test_a_kink_finding_has_the_step_it_first_happened_at():
     kinks = [f for f in report.findings if f.kind == "kink"]
     assert [f.step for f in kinks] == [2]
     assert json.loads(report.to_json())["findings"][0]["step"] == 2
+
+
+def test_a_nan_made_in_a_tensor_hook_is_born_at_the_hooks_line():
+    """A hook runs the user's code inside the backward: its ops are born at their own line, not at the forward
+    line of the op whose node runs the hook (backward formulas, called from the backward's line, still are)."""
+    lin = torch.nn.Linear(3, 2)
+
+    def hook(g):
+        return g * torch.tensor([0.0, float("inf")])  # the hook's line
+
+    with gw.trace() as report:
+        h = lin(torch.randn(2, 3))
+        h.register_hook(hook)
+        h.sum().backward()
+    line = inspect.getsourcelines(hook)[1] + 1
+    assert [f.born_location.rsplit(":", 1)[1] for f in report.findings] == [str(line)]
+
+
+@pytest.mark.parametrize("how", ["trace", "watch"])
+def test_a_non_finite_sparse_gradient_is_named(how):
+    """nn.Embedding(sparse=True) whose gradient holds NaN (0/0 of an untaken sqrt branch before it): the trace
+    reads no sparse values, but it names that gradient instead of reporting 'No NaN/Inf gradients' (and
+    gw.watch() noticed nothing at all)."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(5, 3, sparse=True)
+    with gw.trace() if how == "trace" else gw.watch() as report:
+        e = emb(torch.tensor([0, 2, 4]))
+        z = e - e.detach()
+        torch.where(z > 0, torch.sqrt(z), z).sum().backward()
+    assert not emb.weight.grad.coalesce()._values().isfinite().all()
+    assert any(f.op == "sparse gradient" and "weight" in f.location for f in report.findings)

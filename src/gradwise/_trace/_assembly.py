@@ -210,6 +210,9 @@ class _Assembly:
             g = getattr(leaf, "grad", None) if isinstance(leaf, torch.Tensor) else None
             if name not in reached and isinstance(g, torch.Tensor) and _inexact(g) and _kinds.readable(g):
                 grads.append((g, name))
+            elif name not in reached and isinstance(g, torch.Tensor) and g.layout is torch.sparse_coo \
+                    and _inexact(g) and not bool(torch.isfinite(g.coalesce()._values()).all()):
+                self._sparse_gradient(g, name, add)
         if all_finite([_held(g) for g, _ in grads]):  # the usual end of a step: no per-gradient test
             return
         for g, name in grads:
@@ -229,6 +232,20 @@ class _Assembly:
                 fix="a step after backward mixes gradients (clip_grad_norm_'s total norm, a NaN guard): fix the "
                     "non-finite gradient it read (see the other findings), or skip the step when the total norm "
                     "is not finite (clip_grad_norm_(..., error_if_nonfinite=True))"), count, [name], idx)
+
+    def _sparse_gradient(self, g: torch.Tensor, name: str, add: Callable) -> None:
+        """A sparse gradient that holds NaN/Inf: the trace reads no sparse values, so it cannot say where it came
+        from, but says that it is there (the report said 'No NaN/Inf gradients')."""
+        values = g.coalesce()._values()
+        kind = "nan" if bool(torch.isnan(values).any()) else "inf"
+        add((kind, "sparse", name), lambda: Finding(
+            kind, "sparse gradient", name, 0, source="", born_op=None, born_location=None,
+            born="not observed: it came through sparse ops, whose values the trace does not read",
+            message=f"the sparse gradient of {name} holds {'NaN' if kind == 'nan' else 'Inf'}; the trace cannot "
+            "follow sparse ops, so it cannot tell where it was born nor whether strong zeros remove it",
+            fix="trace the step with a dense gradient (nn.Embedding(sparse=False)) to see its birth; "
+                "gw.grad / gw.strong_zeros() remove contamination that dense ops make before the sparse one"),
+            int((~torch.isfinite(values)).sum()), [name], [])
 
     def _unused(self, removed=frozenset()) -> list[str]:
         explained: set = set(removed)

@@ -171,6 +171,9 @@ class _Checks:
     def roots(self, outputs, grads):
         """Check the outputs being differentiated and make their gradients, marked as sensitivities."""
         self.flush()
+        if self.depth == 0:  # the user's line that called backward: ops under a node from any other user line
+            frame = _user_frame()  # are the user's own code in the backward (a hook), see `_dig`
+            self.backward_site = None if frame is None else (frame.f_code, frame.f_lineno)
         single = isinstance(outputs, (torch.Tensor, torch.autograd.graph.GradientEdge))
         outputs = (outputs,) if single else tuple(outputs)
         if grads is None or isinstance(grads, torch.Tensor):

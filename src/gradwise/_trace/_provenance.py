@@ -106,8 +106,11 @@ class _Provenance:
         node_seq = seq[0] if isinstance(seq, tuple) else seq
         nd = self.nodes.get(node_seq) if node_seq is not None else None
         if loc is None:  # a node the forward did not record: a custom Function's backward runs the user's code
-            frame = _user_frame() if nd is None else None
-            loc = nd.loc if nd is not None else _loc(frame) if frame is not None else ("<backward>", 0)
+            frame = _user_frame()
+            if nd is not None and (frame is None or (frame.f_code, frame.f_lineno) == self.backward_site):
+                loc = nd.loc  # a backward formula: the forward op's line
+            else:  # the user's code inside the backward (a tensor hook, a custom backward): its own line
+                loc = _loc(frame) if frame is not None else nd.loc if nd is not None else ("<backward>", 0)
         for o in bad:
             mask = _nonfinite_mask(o)
             prior = self.prov.get(o) if info.mutable else None
