@@ -32,6 +32,7 @@ import math
 import numbers
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -135,10 +136,10 @@ def pass_context() -> Iterator[None]:
 # ------------------------------------------------------------------------------------------------ one run's state
 # gradwise runs f several times in one call (a probe, a ranked pass, a check for jumps, sampled pieces). A
 # dropout mask drawn anew in each would rank the ties of one function and differentiate another, and a train-mode
-# BatchNorm would update its running statistics once per pass. So every pass of one call starts from the state the
-# call began with: the default random generators (CPU and CUDA) and the buffers of every module whose forward runs
-# (seen by a module forward pre-hook, in the calling thread only); after the call the state is the one a single
-# run of f leaves.
+# BatchNorm would update its running statistics once per pass. So every pass of one call starts from the random
+# state the call began with (the default generators, CPU and CUDA), and the buffers of the modules whose forward
+# runs (seen by a module forward pre-hook from the second pass on, in the calling thread only) are put back as the
+# first pass left them: after the call the state is the one a single run of f leaves.
 
 _STATE = threading.local()
 
@@ -148,8 +149,8 @@ class _CallState:
         self.thread = threading.get_ident()
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
         self.rng = (torch.random.get_rng_state(), cuda)
-        self.before: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (buffer, its value at the start)
-        self.after: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (buffer, its value after one run)
+        self.before: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (buffer, its value after one run)
+        self.hook: Any = None
         self.passes = 0
 
     def saw(self, module, args) -> None:
@@ -159,45 +160,43 @@ class _CallState:
                     self.before[id(b)] = (b, b.detach().clone())
 
     def restore(self) -> None:
-        """Before a pass: the random state and buffers the call began with (after the first pass, keep what it
-        left, for the end of the call)."""
+        """Before a pass: the random state the call began with, and from the third pass on the buffers as the
+        first left them. The buffers are watched (a module forward pre-hook, whose slow path costs every module
+        call) only once a second pass runs: a call with one pass (no tie) pays nothing."""
         self.passes += 1
         torch.random.set_rng_state(self.rng[0])
         if self.rng[1] is not None:
             torch.cuda.set_rng_state_all(self.rng[1])
-        if self.passes == 1 or not self.before:
-            return
+        if self.passes == 2:
+            self.hook = torch.nn.modules.module.register_module_forward_pre_hook(self.saw)
+        elif self.passes > 2:
+            self._put_back()
+
+    def _put_back(self) -> None:
         with torch.no_grad():
-            if self.after is None:
-                self.after = [(b, b.detach().clone()) for b, v in self.before.values() if not torch.equal(b, v)]
             for b, v in self.before.values():
                 if not torch.equal(b, v):  # (a write bumps the version a kept graph's saved buffer checks)
                     b.copy_(v)
 
     def finish(self) -> None:
-        if self.after:
-            with torch.no_grad():
-                for b, v in self.after:
-                    if not torch.equal(b, v):
-                        b.copy_(v)
+        if self.hook is not None:
+            self.hook.remove()
+            self._put_back()
 
 
 def same_state(fn: Callable) -> Callable:
-    """Decorate a public entry point: every pass of f it runs (`restore_state` first) starts from the state the
-    call began with, and the state after it is the one a single run of f leaves."""
+    """Decorate a public entry point: every pass of f it runs (`restore_state` first) starts from the random state
+    the call began with, and the buffers of the modules f runs end as one run of f leaves them."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if getattr(_STATE, "call", None) is not None:  # nested (stationarity runs subdifferential)
             return fn(*args, **kwargs)
         call = _STATE.call = _CallState()
-        hook = torch.nn.modules.module.register_module_forward_pre_hook(call.saw)
         try:
-            result = fn(*args, **kwargs)
+            return fn(*args, **kwargs)
         finally:
-            hook.remove()
             _STATE.call = None
-        call.finish()
-        return result
+            call.finish()
     return wrapper
 
 
