@@ -27,6 +27,7 @@ _report, _tracer, _session
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import threading
 from collections.abc import Iterator
@@ -224,9 +225,7 @@ def _donating(roots) -> bool:
     retained: that backward runs as the caller asked (a non-finite gradient is then explained from the next
     step, the replay having nothing to run). Only after an AOTAutograd compile in this process is the graph
     walked."""
-    from torch._dynamo.utils import counters
-
-    if not counters["aot_autograd"].get("total"):
+    if not _aot_compiles().get("total"):
         return False
     from gradwise._strong_zeros._compile import _backward_compiler, _donated, compiled_nodes
 
@@ -235,3 +234,11 @@ def _donating(roots) -> bool:
         if bc is None or any(idxs for _, idxs in _donated(bc)):
             return True
     return False
+
+
+@functools.cache
+def _aot_compiles() -> dict:
+    """torch._dynamo's counter of AOTAutograd compiles (looked up once)."""
+    from torch._dynamo.utils import counters
+
+    return counters["aot_autograd"]
