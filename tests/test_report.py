@@ -93,3 +93,14 @@ def test_an_overflow_chain_is_rooted_at_the_overflow():
     assert (finding.kind, finding.born_op) == ("nan", "aten.exp"), finding
     assert "then aten.div" in finding.born and "inf / inf" in finding.born, finding.born
     assert "logsumexp" in finding.fix
+
+
+def test_the_terminal_report_is_bounded():
+    """1,000 different findings: str(report) shows the first 50 and says where the rest are (it printed 9,000
+    lines); report.findings and the JSON keep them all."""
+    from gradwise._trace._report import SHOWN_FINDINGS, Finding, Report
+
+    report = Report(findings=[Finding("nan", "aten.sqrt", f"f.py:{i}", 1, message="m") for i in range(1000)])
+    text = str(report)
+    assert f"and {1000 - SHOWN_FINDINGS} more findings" in text and text.count("aten.sqrt at f.py:") == SHOWN_FINDINGS
+    assert len(json.loads(report.to_json())["findings"]) == 1000

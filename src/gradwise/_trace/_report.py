@@ -123,6 +123,9 @@ class Report:
         return len(self.findings)
 
 
+SHOWN_FINDINGS = 50  # findings rendered in full by str(report) / report.print()
+
+
 def _render(report: Report, console: Console) -> None:
     console.print(f"[bold]gradwise:[/bold] {escape(report.summary())}")
     for line in report.ranks:
@@ -133,6 +136,11 @@ def _render(report: Report, console: Console) -> None:
     if len(causes) > 26:
         console.print(f"  ... and {len(causes) - 26} more root causes")
     for i, f in enumerate(report.findings, 1):
+        if i > SHOWN_FINDINGS:  # a terminal report stays readable; report.findings / to_json() hold them all
+            console.print()
+            console.print(f"... and {len(report.findings) - SHOWN_FINDINGS} more findings (all of them are in "
+                          "report.findings and report.to_json())")
+            break
         style = _STYLE[f.kind]
         times = f" (x{f.occurrences})" if f.occurrences > 1 else ""
         if f.step is not None and (f.step or f.occurrences > 1):
@@ -175,4 +183,4 @@ def _render(report: Report, console: Console) -> None:
                       f"{escape('; '.join(report.unused))}[/]")
     if report.notes:
         console.print()
-        console.print(f"[dim]Not traced: {escape('; '.join(report.notes))}[/]")
+        console.print(f"[dim]Notes: {escape('; '.join(report.notes))}[/]")
