@@ -1329,3 +1329,19 @@ def test_a_non_finite_sparse_gradient_is_named(how):
         torch.where(z > 0, torch.sqrt(z), z).sum().backward()
     assert not emb.weight.grad.coalesce()._values().isfinite().all()
     assert any(f.op == "sparse gradient" and "weight" in f.location for f in report.findings)
+
+
+def test_adams_inf_over_inf_is_downstream_of_the_inf_gradient():
+    """An Inf gradient into Adam: its update computes inf / inf = NaN into the parameter. That NaN follows from
+    the Inf gradient (downstream of its root cause); it was a separate genuine NaN 'made from finite inputs'."""
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = torch.optim.Adam([w], lr=0.1, foreach=False)
+    big = torch.tensor([1e30, 1e30])
+    with gw.trace() as report:
+        for _ in range(2):
+            opt.zero_grad()
+            (w * big * big).sum().backward()
+            opt.step()
+    update = [f for f in report.findings if f.op == "aten.addcdiv_"]
+    assert update and all(f.downstream and "infinite inputs" in f.born for f in update)
+    assert len(report.causes) == 1

@@ -126,6 +126,8 @@ def _explain(func, ins, out, mask) -> str:
     fn = _EXPLAIN.get(func.overloadpacket)
     if fn is not None:
         return fn(ins, out, mask)
+    if any(isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in ins):
+        return f"{_op_name(func)} made NaN from infinite inputs (inf - inf, inf / inf or 0 x inf)"
     return f"{_op_name(func)} made NaN/Inf from finite inputs"
 
 

@@ -125,7 +125,7 @@ class _Assembly:
                         if not kind.startswith("not explained") else f"{op or 'a value'}: {kind} ({n}x)"
                         for kind, (n, op) in self.passed.items()]
         report.removed = _causes.removed(self.strong_reads, self.store.incidents.values(), _fmt)
-        report.unused = self._unused(removed={b for b, _ in self.strong_reads}) + [
+        report.unused = self._unused(removed={b for b, _ in self.strong_reads}, found=origin.values()) + [
             f"{op} at {loc} in the backward ({n} value{'s' if n != 1 else ''})" for (op, loc), n in unreached.items()]
         rank = _dist_rank()
         for f in report.findings:
@@ -247,10 +247,12 @@ class _Assembly:
                 "gw.grad / gw.strong_zeros() remove contamination that dense ops make before the sparse one"),
             int((~torch.isfinite(values)).sum()), [name], [])
 
-    def _unused(self, removed=frozenset()) -> list[str]:
+    def _unused(self, removed=frozenset(), found=()) -> list[str]:
+        """Births no finding explains: their NaN/Inf reached no gradient (``found``: the births findings name; what
+        they descend from is used too, as an Adam state's Inf that the parameter update read)."""
         explained: set = set(removed)
         stack = [b for inc in self.store.incidents.values() for b in inc.births] + list(self.output_births) + \
-            [b for _, b in self.backward_births.values()]
+            [b for _, b in self.backward_births.values()] + list(found)
         while stack:
             b = stack.pop()
             if b not in explained:

@@ -16,7 +16,17 @@ from gradwise._trace._store import Birth, root
 
 
 def _inherited(birth: Birth) -> bool:
-    return birth.op == "gradient"
+    """Born of a non-finite gradient used as a value (the optimizer's write), or of what such a birth led to
+    (Adam's inf / inf from an Inf gradient): it follows from an earlier finding."""
+    seen, stack = set(), [birth]
+    while stack:
+        b = stack.pop()
+        if b.op == "gradient":
+            return True
+        if id(b) not in seen:
+            seen.add(id(b))
+            stack.extend(b.parents)
+    return False
 
 
 def group(findings: list[Finding], origin: dict[int, Birth], fmt, last_step: int) -> list[str]:
