@@ -1296,3 +1296,30 @@ def test_an_empty_batch_has_no_kinks(name):
     assert float(gw.directional_derivative(f, x, torch.zeros_like(x))) == 0.0
     assert gw.generalized_grad(f, x)[0].shape == (0, 3)
     assert gw.stationarity(f, x).stationary is True
+
+
+def test_kinks_reached_through_list_arguments_are_refused():
+    """An op whose inputs f depends on only through a list (nn.RNN's flat weights, torch._foreach_*) ran
+    unwatched: PyTorch's relu'(0) = 0 came through silently (0 instead of 1 along +b). At the kink: refused;
+    away from it: exact."""
+    torch.manual_seed(0)
+    rnn = torch.nn.RNN(1, 1, nonlinearity="relu").double()
+    with torch.no_grad():
+        rnn.weight_ih_l0.zero_()
+        rnn.weight_hh_l0.zero_()
+        rnn.bias_ih_l0.fill_(0.5)
+        rnn.bias_hh_l0.fill_(-0.5)  # relu(b_ih + b_hh) at 0
+    x = torch.ones(1, 1, 1, dtype=torch.float64)
+    params = tuple(rnn.parameters())
+    f = lambda *p: rnn(x)[0].sum()
+    with pytest.raises(NonsmoothError, match=r"aten\.relu at its kink"):
+        gw.generalized_grad(f, params, seed=0)
+    with torch.no_grad():
+        rnn.bias_hh_l0.fill_(-0.25)
+    assert float(gw.generalized_grad(f, params, seed=0)[2]) == 1.0
+    y = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with pytest.raises(NonsmoothError, match=r"aten\.abs"):
+        gw.directional_derivative(lambda v: torch._foreach_abs([v])[0].sum(), y, -torch.ones(2, dtype=torch.float64))
+    z = torch.tensor([0.5, 1.0], dtype=torch.float64)
+    assert float(gw.directional_derivative(lambda v: torch._foreach_abs([v])[0].sum(), z,
+                                           -torch.ones(2, dtype=torch.float64))) == -2.0

@@ -176,20 +176,21 @@ class _KinkMode(TorchFunctionMode):
             if jvp is not None and any(map(_is_dual, (*args, *kwargs.values()))):
                 return jvp(func, *args, **kwargs)
             port = PORTS.get(func) if "out" not in kwargs else None
-            if (port is not None or _composite(func)) and any(map(self.involved, (*args, *kwargs.values()))):
+            if (port is not None or _composite(func)) and any(map(self.involved, _flat_tensors(everything))):
                 with self:  # the ops inside reach their rules
                     return port(*args, **kwargs) if port is not None else _unguarded(func)(*args, **kwargs)
             if self.run.known is None and func not in _SMOOTH_CALLS and any(
-                    map(self.involved, (*args, *kwargs.values()))):
+                    map(self.involved, _flat_tensors(everything))):  # (a list's too: RNN weights, _foreach_)
                 out = _watched(func, args, kwargs, self.involved)
             else:
                 out = _no_forward_ad_is_an_error(func, args, kwargs)
             if self.run.flat and func in _RESHAPES and args and isinstance(args[0], Tensor):
                 _keep_flat(self.run, func, args, kwargs, out)
             return out
-        if not any(map(self.involved, (*args, *kwargs.values()))):
+        flat = _flat_tensors(everything)
+        if not any(map(self.involved, flat)):
             return func(*args, **kwargs)
-        if any(t.numel() == 0 for t in _flat_tensors((*args, *kwargs.values()))) and kwargs.get("out") is None:
+        if any(t.numel() == 0 for t in flat) and kwargs.get("out") is None:
             return func(*args, **kwargs)  # no element, nothing ties (an empty batch): PyTorch's own, exact
         if self.run.known is not None and self.count not in self.run.known:
             return func(*args, **kwargs)  # ranked pass: the probe saw no tie here, PyTorch's own JVP is exact

@@ -12,7 +12,7 @@ import types
 from collections.abc import Callable
 
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from gradwise._modes import LeanDispatchMode
 from gradwise._nonsmooth._errors import NonsmoothError
@@ -78,6 +78,8 @@ class _KinkWatch(LeanDispatchMode):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         base = name[:-1] if name.endswith("_") else name
+        if base.startswith("_foreach_"):  # a list of the op's calls: each element is tested as one
+            return self._foreach(func, base[len("_foreach_"):], name.endswith("_"), args, kwargs)
         test = _KINKY_BY_NAME.get(base)
         possible = _POSSIBLE.get(base)
         if test is None or (possible is not None and not possible(OpCall(args, kwargs, None, name))):
@@ -93,6 +95,25 @@ class _KinkWatch(LeanDispatchMode):
             out = func(*args, **kwargs)
         if test(args, kwargs, out):
             self.hit = str(func.overloadpacket)
+        return out
+
+    def _foreach(self, func, base: str, inplace: bool, args, kwargs):
+        test = _KINKY_BY_NAME.get(base)
+        if test is None:
+            return func(*args, **kwargs)
+        self.kinky = True
+        lists = [a for a in args if isinstance(a, (list, tuple))]
+        if self.hit is not None or not any(isinstance(t, Tensor) and t.requires_grad for ts in lists for t in ts):
+            return func(*args, **kwargs)
+        before = [[t.clone() if isinstance(t, Tensor) else t for t in a] if isinstance(a, (list, tuple)) else a
+                  for a in args] if inplace else args
+        out = func(*args, **kwargs)
+        outs = args[0] if inplace else out
+        for i, o in enumerate(outs):
+            one = tuple(a[i] if isinstance(a, (list, tuple)) else a for a in before)
+            if test(one, kwargs, o):
+                self.hit = f"aten.{base} (in {func.overloadpacket})"
+                break
         return out
 
 
@@ -130,7 +151,7 @@ def _watched(func, args: tuple, kwargs: dict, involved: Callable):
     the call is replayed on copies of the primals that require grad where the arguments depend on f's inputs (no
     forward-mode formulas, whose guards would look like kinks)."""
     watch = _KinkWatch()
-    if not any(map(_is_dual, (*args, *kwargs.values()))):
+    if not any(map(_is_dual, tree_leaves((args, kwargs)))):  # (a list argument's tensors too: _foreach_, RNNs)
         with watch:
             out = func(*args, **kwargs)
     else:
