@@ -1183,3 +1183,25 @@ def test_an_in_place_op_through_a_view(op):
     assert torch.equal(got, want) and got[0] == 0
     assert torch.autograd.grad(loss(w), w)[0].isnan().any()
     assert torch.equal(gw.grad(loss(clean), clean)[0], want)
+
+
+@pytest.mark.parametrize("nan_in", ["per_sample_weight", "embedding_row"])
+def test_embedding_bag_per_sample_weights_of_a_discarded_bag(nan_in):
+    """embedding_bag(mode='sum', per_sample_weights) whose bag 2 the loss slices away. A NaN weight of that bag
+    met 0 on an embedding row a kept bag shares (row 0's gradient NaN); a NaN embedding row read only by that bag
+    met 0 in its weight's gradient. Reference: the program without bag 2."""
+    torch.manual_seed(0)
+    emb = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
+    inp, off = torch.tensor([1, 2, 0, 4, 0, 3, 5, 0]), torch.tensor([0, 3, 5])  # bags [1,2,0] [4,0] [3,5,0]
+    psw = torch.rand(8, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        if nan_in == "per_sample_weight":
+            psw[7] = float("nan")
+        else:
+            emb[5] = float("nan")
+    loss = F.embedding_bag(inp, emb, off, mode="sum", per_sample_weights=psw)[:2].pow(2).sum()
+    got = gw.grad(loss, [emb, psw])
+    ref = torch.autograd.grad(F.embedding_bag(inp[:5], emb, off[:2], mode="sum", per_sample_weights=psw[:5])
+                              .pow(2).sum(), [emb, psw])
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)
+    assert got[1][:5].equal(ref[1][:5]) and bool((got[1][5:] == 0).all())

@@ -11,6 +11,7 @@ import torch
 from gradwise._masks import mask_all, mask_any
 from gradwise._strong_zeros._rules import _UNRULED, _annihilate, _register, _run_unruled, _tracked_slots
 from gradwise._strong_zeros._rules_bilinear import _finite
+from gradwise._strong_zeros._rules_pointwise import bag_of
 from gradwise._strong_zeros._supports import _STATE
 
 aten = torch.ops.aten
@@ -233,12 +234,21 @@ def _embedding_bag_per_sample_weights_backward(func, args, kwargs, sup):
     if tracked != [0]:  # the sensitivity alone
         return _run_unruled(func, args, kwargs, sup, "a tracked weight" if tracked else None)
     g, weight = args[0], args[1]
-    kept = mask_any(sup.of(g), 0)
+    s = sup.of(g).expand(g.shape)
+    kept = mask_any(s, 0)
     if not mask_all(kept):
         j = kept.nonzero().squeeze(1)
         args = (g.index_select(1, j), weight.index_select(1, j), *args[2:])
     out = func(*args, **kwargs)
-    sup.record(out, None)
+    # an index in a bag whose g row holds only structural zeros (a bag the output discards): its weight's
+    # gradient is a structural zero, whatever its weight row holds
+    dead = ~mask_any(s, 1)
+    bags = bag_of(args[2], args[3], args[4])
+    if mask_any(dead) and bags.numel() == out.numel():
+        support = ~dead[bags]
+        sup.record(_annihilate(out, support), support)
+    else:
+        sup.record(out, None)
     return out
 
 

@@ -493,7 +493,35 @@ def _placement_scaled(func, args, kwargs, sup):
     return out
 
 
-_register(aten._embedding_bag_backward, aten._embedding_bag_dense_backward)(_placement_scaled)
+def bag_of(indices: torch.Tensor, offsets: torch.Tensor | None, offset2bag: torch.Tensor) -> torch.Tensor:
+    """The bag each index of an embedding_bag feeds: offset2bag where the forward filled it (it is empty on the
+    fast path), else from the bags' start offsets."""
+    if offset2bag.numel() == indices.numel() or offsets is None:
+        return offset2bag
+    pos = torch.arange(indices.numel(), device=indices.device, dtype=offsets.dtype)
+    return torch.searchsorted(offsets, pos, right=True) - 1
+
+
+def _embedding_bag_backward(func, args, kwargs, sup):
+    """embedding_bag's backward places each bag's g row on the rows its indices name, scaled by the per-sample
+    weights. A bag whose g row holds only structural zeros (a bag the output discards) still multiplies its
+    weights: a NaN weight there would meet 0 on a row a kept bag shares. Its weights are set to 0 first (they
+    meet nothing else), then the rule of `_placement_scaled`."""
+    dense = func.overloadpacket is aten._embedding_bag_dense_backward
+    at = 8 if dense else 10  # per_sample_weights
+    s, psw = sup.of(args[0]), args[at] if len(args) > at else kwargs.get("per_sample_weights")
+    if psw is not None and s is not None and _is_float(psw):
+        dead = ~mask_any(s.expand(args[0].shape), 1) if args[0].dim() == 2 else None
+        if dead is not None and mask_any(dead):
+            bags = bag_of(args[1], None if dense else args[2], args[2] if dense else args[3])
+            if bags.numel() == psw.numel():
+                psw = psw.masked_fill(dead[bags], 0)
+                args = (*args[:at], psw, *args[at + 1:]) if len(args) > at else args
+                kwargs = kwargs if len(args) > at else {**kwargs, "per_sample_weights": psw}
+    return _placement_scaled(func, args, kwargs, sup)
+
+
+_register(aten._embedding_bag_backward, aten._embedding_bag_dense_backward)(_embedding_bag_backward)
 
 
 def _copy(func, args, kwargs, sup):
