@@ -1323,3 +1323,21 @@ def test_kinks_reached_through_list_arguments_are_refused():
     z = torch.tensor([0.5, 1.0], dtype=torch.float64)
     assert float(gw.directional_derivative(lambda v: torch._foreach_abs([v])[0].sum(), z,
                                            -torch.ones(2, dtype=torch.float64))) == -2.0
+
+
+def test_grid_sample_at_a_pixel_is_a_kink():
+    """Bilinear grid_sample is piecewise linear in the sample point, with a kink where a coordinate is a pixel's:
+    f(g) = sample(img, g) - sample(flip(img), -g) is 0 everywhere, and generalized_grad gave 4.5 there (PyTorch's
+    floor-side convention) -> refused at the kink; exact off it; a grid that does not depend on f's inputs (only
+    the image does, an identity grid on pixel centres) is no kink."""
+    img = torch.arange(1.0, 11.0, dtype=torch.float64).view(1, 1, 2, 5)
+    sample = lambda im, g: F.grid_sample(im, torch.stack([g, torch.full_like(g, 0.3)], -1).view(1, 1, -1, 2),
+                                         align_corners=True).sum()  # (y between the two rows: no kink there)
+    f = lambda g: sample(img, g) - sample(img.flip(-1), -g)
+    with pytest.raises(NonsmoothError, match="grid_sampler_2d at its kink"):
+        gw.generalized_grad(f, torch.tensor([0.5], dtype=torch.float64), seed=0)  # pixel 3 of 0..4
+    assert float(gw.generalized_grad(f, torch.tensor([0.3], dtype=torch.float64), seed=0)[0]) == pytest.approx(0.0)
+    grid = torch.linspace(-1.0, 1.0, 5, dtype=torch.float64)  # on the pixels' columns
+    (g,) = gw.generalized_grad(lambda im: sample(im, grid), img, seed=0)
+    im = img.clone().requires_grad_(True)
+    assert torch.equal(g, torch.autograd.grad(sample(im, grid), im)[0])

@@ -413,6 +413,32 @@ def _remainder_at_multiple(c):
     return Site(_integral(x / y))
 
 
+@_kink(aten.grid_sampler_2d, aten.grid_sampler_3d, convention="the gradient of the cell on one side")
+def _grid_sample_on_a_pixel(c):
+    """Bilinear (trilinear) sampling is piecewise linear in the sample point, with a kink wherever a coordinate of
+    it is a pixel's (an integer once unnormalised, as the kernel does); nearest sampling jumps halfway between
+    pixels; border and reflection padding clip (or fold) the coordinates at the edges. Only a grid that depends on
+    f's inputs can kink: the output is linear in the image (an identity grid sits on pixel centres)."""
+    image, grid = c.args[0], c.args[1]
+    if not _float(grid) or not grid.requires_grad:
+        return None
+    mode, padding, align = c.arg(2, "interpolation_mode", 0), c.arg(3, "padding_mode", 0), c.arg(4, "align_corners")
+    sizes = image.shape[-1:-(grid.shape[-1] + 1):-1]  # W, H (, D): grid[..., 0] indexes the last dim
+    coords = [((grid[..., i] + 1) / 2) * (n - 1) if align else ((grid[..., i] + 1) * n - 1) / 2
+              for i, n in enumerate(sizes)]
+    halves = mode == 1 or (padding == 2 and not align)  # nearest: jumps; reflection folds at -0.5 and n - 0.5
+    edges = mode == 0 or padding in (1, 2)  # bilinear kinks at every pixel; bicubic at clipped edges only
+    if not halves and not edges:
+        return None
+
+    def hit(x: Tensor, n: int) -> Tensor:
+        m = _integral(x) if mode == 0 else (x == 0) | (x == n - 1) if edges else torch.zeros_like(x, dtype=torch.bool)
+        return m | _integral(x - 0.5) if halves else m
+
+    mask = torch.stack([hit(x, n) for x, n in zip(coords, sizes, strict=True)]).any(0)
+    return Site(mask, aligned=False, kind="jump" if mode == 1 else "kink")
+
+
 # -- selections: reductions, order statistics, pooling ---------------------------------------------------------
 
 
