@@ -1341,3 +1341,20 @@ def test_grid_sample_at_a_pixel_is_a_kink():
     (g,) = gw.generalized_grad(lambda im: sample(im, grid), img, seed=0)
     im = img.clone().requires_grad_(True)
     assert torch.equal(g, torch.autograd.grad(sample(im, grid), im)[0])
+
+
+def test_spectral_norms_power_iteration_is_refused_clearly():
+    """spectral_norm's power iteration (training mode) writes F.normalize(..., out=u) under no_grad on the weight
+    that carries gradwise's direction: PyTorch's forward AD refuses out= (a raw NotImplementedError before). A
+    NonsmoothError names the way out; in eval mode the stored u, v are used and the call is exact."""
+    torch.manual_seed(0)
+    lin = torch.nn.utils.parametrizations.spectral_norm(torch.nn.Linear(3, 2).double())
+    with torch.no_grad():
+        lin.parametrizations.weight.original.mul_(0.0)  # relu(0 + b) ties below
+        lin.bias.zero_()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    f = lambda *p: torch.relu(lin(x)).sum()
+    with pytest.raises(NonsmoothError, match="eval mode"):
+        gw.directional_derivative(f, tuple(lin.parameters()), tuple(torch.ones_like(p) for p in lin.parameters()))
+    lin.eval()
+    gw.generalized_grad(f, tuple(lin.parameters()), seed=0)

@@ -92,6 +92,13 @@ def _run(f, xs, single, directions, run: _Run, requires_grad: bool, strip_after:
             return None, [], leaves, mode
         except NotImplementedError as e:
             watch.check()
+            if "out= function" in str(e):  # PyTorch's forward AD refuses out=, even under no_grad
+                raise NonsmoothError(f"f (called at {_user_line()}) runs an op with out= on a tensor that carries "
+                                     "gradwise's direction (torch.nn.utils spectral_norm's power iteration writes "
+                                     "F.normalize(..., out=u) in training mode), which PyTorch's forward-mode AD "
+                                     "does not support. Put the module in eval mode for the call (spectral_norm then "
+                                     "uses its stored u, v), or compute that op without out=. PyTorch said: "
+                                     f"{str(e).splitlines()[0]}") from None
             if "custom autograd.Function" not in str(e):
                 raise
             raise NonsmoothError(f"f (called at {_user_line()}) applies a custom autograd.Function that defines no "
