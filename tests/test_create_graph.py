@@ -136,3 +136,27 @@ def test_a_penalty_on_weight_gradients_with_padding_rows(depth):
             assert g is None or not g.any()
         else:
             torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("gram", ["mm", "bmm", "linear"])
+def test_second_order_through_a_product_of_two_sensitivities(gram):
+    """H = X W with a NaN padding row, loss over (H H^T)[:2, :2]: in the second pass the mm of the first pass's
+    backward multiplies two tensors that both carry supports (a sensitivity and a carried first-pass value); the
+    rule gave up ('two tracked operands') and the Hessian-vector product was all NaN. Reference: the program
+    without the padding row; on finite data, PyTorch's bits."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, dtype=torch.float64)
+    w0 = torch.randn(2, 2, dtype=torch.float64)
+    prod = {"mm": lambda h: h @ h.t(), "bmm": lambda h: torch.bmm(h[None], h.t()[None])[0],
+            "linear": lambda h: torch.nn.functional.linear(h, h)}[gram]
+
+    def run(x, grad):
+        w = w0.clone().requires_grad_()
+        loss = prod(x @ w)[:2, :2].pow(2).sum()
+        (g,) = grad(loss, w, create_graph=True)
+        return grad(g.pow(2).sum(), w)[0]
+
+    padded = x.clone()
+    padded[2] = float("nan")
+    torch.testing.assert_close(run(padded, gw.grad), run(x[:2], torch.autograd.grad), rtol=1e-12, atol=1e-9)
+    assert torch.equal(run(x, gw.grad), run(x, torch.autograd.grad))

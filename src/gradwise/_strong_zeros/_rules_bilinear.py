@@ -171,6 +171,8 @@ def _bilinear(support_fn: Callable[[Any, tuple, int, torch.Tensor], Any], count_
     def bilinear(func, args, kwargs, sup):
         slots = [i for i, a in enumerate(args) if _is_float(a)]
         tracked = [i for i in slots if sup.tracked(args[i])]
+        if tracked == [0, 1] and func.overloadpacket in (aten.mm, aten.bmm):
+            return _both_tracked_mm(func, args, kwargs, sup)
         if len(tracked) != 1:
             out = func(*args, **kwargs)
             if tracked:
@@ -221,6 +223,34 @@ def _bilinear(support_fn: Callable[[Any, tuple, int, torch.Tensor], Any], count_
 
     bilinear.__doc__ = _bilinear.__doc__
     return bilinear
+
+
+def _both_tracked_mm(func, args, kwargs, sup):
+    """mm/bmm of two tensors that both carry supports (a double backward: a sensitivity times a first-pass value
+    with structural zeros, carried as such): out[i, j] = sum_k a[i, k] b[k, j] over the terms where both are
+    supported. Their NaN/Inf are replaced by 0 and, where a term with both supported meets one, the output is the
+    plain product there (the NaN/Inf stays); out[i, j] is a structural zero where no term has both supported."""
+    a, b = args[0], args[1]
+    sa, sb = sup.of(a), sup.of(b)
+    dirty = [not _finite(t) for t in (a, b)]
+    if (sa is None and sb is None) or not any(dirty):
+        out = func(*args, **kwargs)  # PyTorch's own (finite, or nothing structural to drop)
+    else:
+        fa = torch.ones_like(a) if sa is None else sa.expand(a.shape).to(a.dtype)
+        fb = torch.ones_like(b) if sb is None else sb.expand(b.shape).to(b.dtype)
+        na = torch.where(torch.isfinite(a), 0.0, fa) if dirty[0] else torch.zeros_like(a)
+        nb = torch.where(torch.isfinite(b), 0.0, fb) if dirty[1] else torch.zeros_like(b)
+        hit = (func(na, fb) + func(fa, nb)) > 0  # a supported term meets a NaN/Inf
+        clean = [torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) if d else t for t, d in zip((a, b), dirty,
+                                                                                                  strict=True)]
+        out = torch.where(hit, func(a, b), func(*clean))
+    if sa is None and sb is None:
+        sup.record(out, None)
+    else:
+        fa = torch.ones_like(a) if sa is None else sa.expand(a.shape).to(a.dtype)
+        fb = torch.ones_like(b) if sb is None else sb.expand(b.shape).to(b.dtype)
+        sup.record(out, func(fa, fb) > 0)
+    return out
 
 
 def _add_nonfinite(out, nan_hits, plus, minus):
