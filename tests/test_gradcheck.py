@@ -20,16 +20,26 @@ class BadSquare(torch.autograd.Function):
         return 3 * x * g  # wrong: should be 2 x g
 
 
-class BadRelu(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.clamp_min(0)
+def _relu_function(backward) -> type[torch.autograd.Function]:
+    """relu as a custom Function (no jvp) whose backward is ``backward(x, g)``."""
 
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * (x > 0) * 2  # wrong slope on the active side
+    class Relu(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.clamp_min(0)
+
+        @staticmethod
+        def backward(ctx, g):
+            return backward(ctx.saved_tensors[0], g)
+
+    return Relu
+
+
+BadRelu = _relu_function(lambda x, g: g * (x > 0) * 2)  # wrong slope on the active side
+GoodRelu = _relu_function(lambda x, g: g * (x > 0))
+# wrong, and without a jvp gradwise cannot check it at the kink
+ReluNoJvp = _relu_function(lambda x, g: g * 5)
 
 
 d = lambda *v: torch.tensor(v, dtype=torch.float64)
@@ -118,29 +128,6 @@ class SquareWrongAtZero(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, t):
         return 2 * ctx.x * t
-
-
-class GoodRelu(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.clamp_min(0)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * (x > 0)
-
-
-class ReluNoJvp(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.clamp_min(0)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * 5  # wrong, and without a jvp gradwise cannot check it at the kink
 
 
 def test_a_backward_wrong_only_at_the_kink_fails():
