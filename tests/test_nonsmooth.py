@@ -1358,3 +1358,26 @@ def test_spectral_norms_power_iteration_is_refused_clearly():
         gw.directional_derivative(f, tuple(lin.parameters()), tuple(torch.ones_like(p) for p in lin.parameters()))
     lin.eval()
     gw.generalized_grad(f, tuple(lin.parameters()), seed=0)
+
+
+@pytest.mark.parametrize("dim", [0, 1, None])
+def test_weight_norm_layers_have_a_forward_mode_derivative(dim):
+    """torch._weight_norm has no forward-mode formula in PyTorch: a weight_norm layer before a kink was refused
+    ('no forward-mode derivative'). Its tangent is computed here; one-sided derivatives match float64 differences
+    and generalized gradients those of v g / |v| written out."""
+    torch.manual_seed(0)
+    lin = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(3, 2).double(), dim=dim)
+    with torch.no_grad():
+        lin.bias.copy_(-lin(torch.ones(1, 3, dtype=torch.float64))[0] + lin.bias)  # relu ties at x = ones
+    x = torch.ones(4, 3, dtype=torch.float64)
+    params = tuple(lin.parameters())
+    f = lambda *p: torch.relu(lin(x)).sum()
+    d = tuple(torch.randn(p.shape, dtype=torch.float64) for p in params)
+    assert float(gw.directional_derivative(f, params, d)) == pytest.approx(one_sided(f, list(params), list(d)),
+                                                                           abs=1e-5)
+    g, v = (lin.parametrizations.weight.original0, lin.parametrizations.weight.original1)
+    norm = (lambda t: t.norm() if dim is None else t.norm(dim=1 - dim, keepdim=True))  # all dims but dim
+    explicit = lambda *p: torch.relu(torch.nn.functional.linear(x, v * (g / norm(v)), lin.bias)).sum()
+    for got, want in zip(gw.generalized_grad(f, params, seed=0), gw.generalized_grad(explicit, params, seed=0),
+                         strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
