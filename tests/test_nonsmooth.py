@@ -1381,3 +1381,11 @@ def test_weight_norm_layers_have_a_forward_mode_derivative(dim):
     for got, want in zip(gw.generalized_grad(f, params, seed=0), gw.generalized_grad(explicit, params, seed=0),
                          strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_wrong_sized_forward_ad_tangent_is_refused_clearly():
+    """torch._foreach_norm's forward-mode formula makes a tangent of the wrong size (PyTorch's raw RuntimeError
+    from inside gradwise's pass): a NonsmoothError with the way out."""
+    x = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    with pytest.raises(NonsmoothError, match="single-tensor ops"):
+        gw.directional_derivative(lambda v: torch._foreach_norm([v])[0], x, torch.ones_like(x))

@@ -114,6 +114,12 @@ def _run(f, xs, single, directions, run: _Run, requires_grad: bool, strip_after:
                                      "f with forward-mode AD, and PyTorch does not nest the two. Compute that "
                                      "derivative outside f, or with reverse mode (torch.func.vjp, jacrev) after "
                                      "the last kink") from None
+            if "forward gradient that has a different size" in str(e):  # PyTorch's forward AD of an op failed
+                raise NonsmoothError(f"f (called at {_user_line()}) runs an op whose forward-mode derivative "
+                                     "PyTorch gets wrong (a tangent of the wrong size: torch._foreach_norm's, for "
+                                     "one), which gradwise needs to follow a direction. Write that part with "
+                                     "single-tensor ops (torch.linalg.vector_norm per tensor). PyTorch said: "
+                                     f"{str(e).splitlines()[0]}") from None
             if "_fw_primal" in str(e):  # forward AD's Python decompositions called from TorchScript reach the mode
                 raise NonsmoothError(f"f (called at {_user_line()}) runs code that gradwise cannot follow with "
                                      "tangents (TorchScript from torch.jit.script/trace, whose forward-mode "
