@@ -394,8 +394,8 @@ class _OpaqueWatch(LeanDispatchMode):
 
     def _mark(self, out, hit: str) -> None:
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and _key(t) not in self._taint:
-                self._taint[_key(t)] = hit
+            if isinstance(t, torch.Tensor) and (k := _key(t)) not in self._taint:
+                self._taint[k] = hit
                 self._alive.append(t)
 
     def _spread(self, func, inputs, out) -> None:

@@ -129,9 +129,8 @@ class _KinkMode(TorchFunctionMode):
         self.depth += 1
         # inside a call the mode sees (its arguments' substitution included), the dispatch-level watch for unseen
         # ops is off (it costs per aten op) unless it follows what an unseen kink fed
-        watch = self.watch if self.depth == 1 and _current_dispatch_mode() is self.watch else None
-        if watch is not None and watch.tainting:
-            watch = None
+        watch = self.watch if self.depth == 1 and _current_dispatch_mode() is self.watch \
+            and not self.watch.tainting else None
         if watch is not None:
             _pop_dispatch_mode()
         try:

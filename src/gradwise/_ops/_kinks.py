@@ -432,7 +432,12 @@ def _grid_sample_on_a_pixel(c):
         return None
 
     def hit(x: Tensor, n: int) -> Tensor:
-        m = _integral(x) if mode == 0 else (x == 0) | (x == n - 1) if edges else torch.zeros_like(x, dtype=torch.bool)
+        if mode == 0:
+            m = _integral(x)
+        elif edges:
+            m = (x == 0) | (x == n - 1)
+        else:
+            m = torch.zeros_like(x, dtype=torch.bool)
         return m | _integral(x - 0.5) if halves else m
 
     mask = torch.stack([hit(x, n) for x, n in zip(coords, sizes, strict=True)]).any(0)

@@ -243,8 +243,8 @@ def _embedding_bag_per_sample_weights_backward(func, args, kwargs, sup):
     # an index in a bag whose g row holds only structural zeros (a bag the output discards): its weight's
     # gradient is a structural zero, whatever its weight row holds
     dead = ~mask_any(s, 1)
-    bags = bag_of(args[2], args[3], args[4])
-    if mask_any(dead) and bags.numel() == out.numel():
+    bags = bag_of(args[2], args[3], args[4]) if mask_any(dead) else None
+    if bags is not None and bags.numel() == out.numel():
         support = ~dead[bags]
         sup.record(_annihilate(out, support), support)
     else:

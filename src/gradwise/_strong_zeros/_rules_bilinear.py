@@ -232,24 +232,22 @@ def _both_tracked_mm(func, args, kwargs, sup):
     plain product there (the NaN/Inf stays); out[i, j] is a structural zero where no term has both supported."""
     a, b = args[0], args[1]
     sa, sb = sup.of(a), sup.of(b)
+    if sa is None and sb is None:  # nothing structural to drop: PyTorch's own
+        out = func(*args, **kwargs)
+        sup.record(out, None)
+        return out
+    fa, fb = (torch.ones_like(t) if s is None else s.expand(t.shape).to(t.dtype) for t, s in ((a, sa), (b, sb)))
     dirty = [not _finite(t) for t in (a, b)]
-    if (sa is None and sb is None) or not any(dirty):
-        out = func(*args, **kwargs)  # PyTorch's own (finite, or nothing structural to drop)
+    if not any(dirty):
+        out = func(*args, **kwargs)  # finite: PyTorch's bits
     else:
-        fa = torch.ones_like(a) if sa is None else sa.expand(a.shape).to(a.dtype)
-        fb = torch.ones_like(b) if sb is None else sb.expand(b.shape).to(b.dtype)
-        na = torch.where(torch.isfinite(a), 0.0, fa) if dirty[0] else torch.zeros_like(a)
-        nb = torch.where(torch.isfinite(b), 0.0, fb) if dirty[1] else torch.zeros_like(b)
+        na, nb = (torch.where(torch.isfinite(t), 0.0, f) if d else torch.zeros_like(t)
+                  for t, f, d in ((a, fa, dirty[0]), (b, fb, dirty[1])))
         hit = (func(na, fb) + func(fa, nb)) > 0  # a supported term meets a NaN/Inf
         clean = [torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) if d else t for t, d in zip((a, b), dirty,
                                                                                                   strict=True)]
         out = torch.where(hit, func(a, b), func(*clean))
-    if sa is None and sb is None:
-        sup.record(out, None)
-    else:
-        fa = torch.ones_like(a) if sa is None else sa.expand(a.shape).to(a.dtype)
-        fb = torch.ones_like(b) if sb is None else sb.expand(b.shape).to(b.dtype)
-        sup.record(out, func(fa, fb) > 0)
+    sup.record(out, func(fa, fb) > 0)
     return out
 
 

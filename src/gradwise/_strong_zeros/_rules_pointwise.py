@@ -509,15 +509,17 @@ def _embedding_bag_backward(func, args, kwargs, sup):
     meet nothing else), then the rule of `_placement_scaled`."""
     dense = func.overloadpacket is aten._embedding_bag_dense_backward
     at = 8 if dense else 10  # per_sample_weights
-    s, psw = sup.of(args[0]), args[at] if len(args) > at else kwargs.get("per_sample_weights")
-    if psw is not None and s is not None and _is_float(psw):
-        dead = ~mask_any(s.expand(args[0].shape), 1) if args[0].dim() == 2 else None
-        if dead is not None and mask_any(dead):
-            bags = bag_of(args[1], None if dense else args[2], args[2] if dense else args[3])
-            if bags.numel() == psw.numel():
-                psw = psw.masked_fill(dead[bags], 0)
-                args = (*args[:at], psw, *args[at + 1:]) if len(args) > at else args
-                kwargs = kwargs if len(args) > at else {**kwargs, "per_sample_weights": psw}
+    positional = len(args) > at
+    s, psw = sup.of(args[0]), args[at] if positional else kwargs.get("per_sample_weights")
+    if psw is not None and s is not None and _is_float(psw) and args[0].dim() == 2:
+        dead = ~mask_any(s.expand(args[0].shape), 1)
+        bags = bag_of(args[1], None if dense else args[2], args[2] if dense else args[3]) if mask_any(dead) else None
+        if bags is not None and bags.numel() == psw.numel():
+            psw = psw.masked_fill(dead[bags], 0)
+            if positional:
+                args = (*args[:at], psw, *args[at + 1:])
+            else:
+                kwargs = {**kwargs, "per_sample_weights": psw}
     return _placement_scaled(func, args, kwargs, sup)
 
 

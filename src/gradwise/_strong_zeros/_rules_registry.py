@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.utils._pytree
+from torch.utils._pytree import tree_leaves
 
 from gradwise._strong_zeros._rules import RULES, Rule, _annihilate, _is_float
 from gradwise._strong_zeros._rules_pointwise import _linear, _mul
@@ -127,8 +127,8 @@ def _wrap(rule: RuleFunction) -> Rule:
         # an output the rule did not declare is taken as fully supported: where an argument held a structural
         # zero, that may have dropped it (a NaN met there stays): named if the gradients end up non-finite
         if any(isinstance(o, torch.Tensor) and _is_float(o) and id(o) not in view.declared
-               for o in torch.utils._pytree.tree_leaves(out)) \
-                and any(map(sup.zeroed, torch.utils._pytree.tree_leaves((args, kwargs)))):
+               for o in tree_leaves(out)) \
+                and any(map(sup.zeroed, tree_leaves((args, kwargs)))):
             sup.unfollowed.append(f"{func}, whose registered rule {wrapped.__name__} declares no support for an "
                                   "output (supports.set)")
         return out

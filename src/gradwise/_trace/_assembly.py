@@ -210,8 +210,7 @@ class _Assembly:
             g = getattr(leaf, "grad", None) if isinstance(leaf, torch.Tensor) else None
             if name not in reached and isinstance(g, torch.Tensor) and _inexact(g) and _kinds.readable(g):
                 grads.append((g, name))
-            elif name not in reached and isinstance(g, torch.Tensor) and g.layout is torch.sparse_coo \
-                    and _inexact(g) and not bool(torch.isfinite(g.coalesce()._values()).all()):
+            elif name not in reached and isinstance(g, torch.Tensor) and g.layout is torch.sparse_coo and _inexact(g):
                 self._sparse_gradient(g, name, add)
         if all_finite([_held(g) for g, _ in grads]):  # the usual end of a step: no per-gradient test
             return
@@ -237,6 +236,8 @@ class _Assembly:
         """A sparse gradient that holds NaN/Inf: the trace reads no sparse values, so it cannot say where it came
         from, but says that it is there (the report said 'No NaN/Inf gradients')."""
         values = g.coalesce()._values()
+        if bool(torch.isfinite(values).all()):
+            return
         kind = "nan" if bool(torch.isnan(values).any()) else "inf"
         add((kind, "sparse", name), lambda: Finding(
             kind, "sparse gradient", name, 0, source="", born_op=None, born_location=None,

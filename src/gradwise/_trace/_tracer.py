@@ -58,23 +58,17 @@ class _OpInfo:
     detector: _Detector | None
     compare: str | None
     packet_name: str
-    preserving: bool
     collective: bool = False  # a torch.distributed collective (c10d): its result holds other ranks' values
     op_name: str = ""  # "aten.<packet>", as reports name ops
     uninitialised: bool = False  # empty & co: their output is whatever the memory held (never a value to check)
     # a CompositeImplicitAutograd op without its own ADInplaceOrView kernel: see _Tracer.__torch_dispatch__
     composite: bool = False
-    cast: bool = False  # _to_copy: finite-preserving unless it narrows the dtype (`_keeps_finite`)
+    cast: bool = False  # _to_copy: finite-preserving unless it narrows the dtype (`widens`)
+    keeps: bool = False  # a view, or an op whose output is finite whenever its inputs are (casts: `widens` says)
 
-    def keeps_finite(self, args: tuple, kwargs: dict) -> bool:
-        """A view, or an op whose output is finite whenever its inputs are: a cast only if it does not narrow
-        (float32 -> float16 overflows above 65504)."""
-        if self.view:
-            return True
-        if not self.preserving:
-            return False
-        if not self.cast:
-            return True
+    def widens(self, args: tuple, kwargs: dict) -> bool:
+        """A cast that cannot overflow: not to a dtype with a smaller range (float32 -> float16 overflows above
+        65504)."""
         dtype, x = kwargs.get("dtype"), args[0] if args else None
         return dtype is None or not isinstance(x, torch.Tensor) or not x.is_floating_point() \
             or not dtype.is_floating_point or torch.finfo(dtype).max >= torch.finfo(x.dtype).max
@@ -93,11 +87,12 @@ def _op_info(func) -> _OpInfo:
         packet = func.overloadpacket
         # a literal's lift_fresh aliases fresh data: checked like a new tensor (a NaN literal is born there)
         view = bool(getattr(func, "is_view", False)) and packet not in _LITERALS
-        info = _INFO[func] = _OpInfo(view, func._schema.is_mutable,
-                                     kink_detector(packet), _COMPARISONS.get(packet), packet.__name__,
-                                     packet in _FINITE_PRESERVING, func.namespace in _COLLECTIVE_NAMESPACES,
-                                     _op_name(func), _op_name(func) in _UNINITIALISED or func in _ARRIVALS,
-                                     _composite(func), packet is torch.ops.aten._to_copy)
+        cast = packet is torch.ops.aten._to_copy
+        info = _INFO[func] = _OpInfo(
+            view, func._schema.is_mutable, kink_detector(packet), _COMPARISONS.get(packet), packet.__name__,
+            collective=func.namespace in _COLLECTIVE_NAMESPACES, op_name=_op_name(func),
+            uninitialised=_op_name(func) in _UNINITIALISED or func in _ARRIVALS, composite=_composite(func),
+            cast=cast, keeps=view or (packet in _FINITE_PRESERVING and not cast))
     return info
 
 
@@ -271,7 +266,8 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         self.last_seq = seq
         if not creates_node and info.uninitialised:
             return _run(func, args, kwargs)  # empty & co: no values, nothing to record
-        if not creates_node and info.keeps_finite(args, kwargs) and not info.mutable and not self.pending \
+        keeps = info.keeps or (info.cast and info.widens(args, kwargs))
+        if not creates_node and keeps and not info.mutable and not self.pending \
                 and not any(t in self.prov for t in _tensors(args)):
             return _run(func, args, kwargs)  # undifferentiated, finite in and out (detach, ones_like): no record
         frame = _user_frame()
@@ -302,8 +298,7 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         outs = _floats(out)
         if info.mutable and not outs:
             outs = _floats(args[0])
-        if not outs or info.uninitialised or \
-                (info.keeps_finite(args, kwargs) and not self.pending and not any(t in self.prov for t in ins)):
+        if not outs or info.uninitialised or (keeps and not self.pending and not any(t in self.prov for t in ins)):
             return out  # finite in, finite out: nothing to check (provenance is up to date when nothing is pending)
         self._check(outs, lambda bad: self._dig(func, loc, ins, bad, None, info))
         return out
@@ -374,8 +369,8 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
             self.strong_ran = True
             if seq is not None and _strong_zeros.lookup(func) is not None:
                 self._strong_read(seq, ins)
-        if not outs or info.uninitialised or \
-                (info.keeps_finite(args, kwargs) and not self.pending and not any(t in self.prov for t in ins)):
+        if not outs or info.uninitialised or ((info.keeps or (info.cast and info.widens(args, kwargs)))
+                                               and not self.pending and not any(t in self.prov for t in ins)):
             return
         self._check(outs, lambda bad: self._dig(func, None, ins, bad, seq if sens else (seq, "value"), info,
                                                 args=args, out=out, kwargs=kwargs))

@@ -168,10 +168,10 @@ def _finite(grads: list[torch.Tensor]) -> bool:
     """One check of all gradients: strong zeros' pre-backward reduction (a sum per gradient read at once on CPU,
     small ones concatenated, one host sync elsewhere). A sum can overflow on finite values: an alarm is
     confirmed element-wise."""
-    # a sparse COO gradient (nn.Embedding(sparse=True)) is checked through its values
-    grads = [g._values() if g.layout is torch.sparse_coo and g.is_coalesced() else
-             g.coalesce()._values() if g.layout is torch.sparse_coo else g for g in grads]
-    dense = [g for g in grads if _common._inexact(g) and g.numel() and _kinds.readable(g)]
+    # (a sparse COO gradient, nn.Embedding(sparse=True), through its values)
+    dense = [v for g in grads if _common._inexact(g)
+             for v in ((g.coalesce()._values() if g.layout is torch.sparse_coo else g),) if v.numel()
+             and _kinds.readable(v)]
     if all_finite(dense):
         return True
     return all(bool(torch.isfinite(g).all()) for g in dense)  # rare: confirm (finite values can overflow a sum)
