@@ -1,6 +1,7 @@
 """Directional derivatives and generalized gradients, checked against independent float64 references."""
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import sys
@@ -1343,21 +1344,52 @@ def test_grid_sample_at_a_pixel_is_a_kink():
     assert torch.equal(g, torch.autograd.grad(sample(im, grid), im)[0])
 
 
-def test_spectral_norms_power_iteration_is_refused_clearly():
-    """spectral_norm's power iteration (training mode) writes F.normalize(..., out=u) under no_grad on the weight
-    that carries gradwise's direction: PyTorch's forward AD refuses out= (a raw NotImplementedError before). A
-    NonsmoothError names the way out; in eval mode the stored u, v are used and the call is exact."""
+def test_spectral_norms_power_iteration_is_a_constant_as_in_autograd():
+    """spectral_norm's power iteration (training mode) runs under no_grad: autograd holds u, v fixed, and so does
+    every gradwise entry point (it was refused: F.normalize(..., out=u) on the weight's tangent). At a point
+    without ties the generalized gradient is PyTorch's and the directional derivative its inner product, both
+    from the module's state before the call (gradwise leaves the state one run leaves)."""
     torch.manual_seed(0)
     lin = torch.nn.utils.parametrizations.spectral_norm(torch.nn.Linear(3, 2).double())
-    with torch.no_grad():
-        lin.parametrizations.weight.original.mul_(0.0)  # relu(0 + b) ties below
-        lin.bias.zero_()
     x = torch.randn(4, 3, dtype=torch.float64)
     f = lambda *p: torch.relu(lin(x)).sum()
-    with pytest.raises(NonsmoothError, match="eval mode"):
-        gw.directional_derivative(f, tuple(lin.parameters()), tuple(torch.ones_like(p) for p in lin.parameters()))
-    lin.eval()
-    gw.generalized_grad(f, tuple(lin.parameters()), seed=0)
+    params = tuple(lin.parameters())
+    d = tuple(torch.randn(p.shape, dtype=torch.float64) for p in params)
+    start = copy.deepcopy(lin.state_dict())
+    expected = torch.autograd.grad(f(), params)
+    after = copy.deepcopy(lin.state_dict())
+    lin.load_state_dict(start)
+    got = gw.generalized_grad(f, params, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert all(torch.equal(v, after[k]) for k, v in lin.state_dict().items())
+    lin.load_state_dict(start)
+    dd = gw.directional_derivative(f, params, d)
+    assert float(dd) == pytest.approx(float(sum((g * v).sum() for g, v in zip(expected, d, strict=True))), rel=1e-12)
+
+
+def test_no_grad_inside_f_is_a_constant_in_every_entry_point():
+    """A part of f under torch.no_grad() is a constant for autograd. The directional derivative (forward mode,
+    which ignores no_grad) counted it while generalized_grad (reverse mode) did not: along (1, 1) at a tie 8
+    against 2. Every entry point now differentiates the same function: f with that part held at its value
+    (the reference: that program, differentiated by float64 one-sided differences)."""
+    x = torch.tensor([1.5, 0.0], dtype=torch.float64)
+
+    def f(x):
+        with torch.no_grad():
+            c = torch.relu(x) * 3 + torch.abs(x)  # kinks under no_grad: no kinks of the derivative
+        return (torch.relu(x) + c).sum()
+
+    c = torch.relu(x) * 3 + torch.abs(x)
+    held = lambda x: (torch.relu(x) + c).sum()  # the same program, that part a constant
+    for d in ([1.0, 1.0], [-1.0, -1.0], [0.5, -2.0]):
+        d = torch.tensor(d, dtype=torch.float64)
+        assert float(gw.directional_derivative(f, x, d)) == pytest.approx(one_sided(held, [x], [d]), abs=1e-6)
+    (g,) = gw.generalized_grad(f, x, seed=0)
+    sub = gw.subdifferential(f, x)
+    assert sorted(e[0].tolist() for e in sub.elements) == [[1.0, 0.0], [1.0, 1.0]]
+    assert any(torch.equal(g, e[0]) for e in sub.elements)
+    assert [k.op for k in sub.kinks] == ["aten.relu"]  # the relu outside no_grad only
+    assert gw.stationarity(f, x).stationary is False
 
 
 @pytest.mark.parametrize("dim", [0, 1, None])

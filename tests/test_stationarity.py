@@ -198,3 +198,21 @@ def test_half_precision_rounding_proves_nothing(dtype):
     assert gw.stationarity(f, torch.zeros(2, dtype=dtype)).stationary is True
     g = lambda x: torch.maximum(x[0] + x[1], -3 * x[0] + x[1])  # x1 descends: least norm 1
     assert gw.stationarity(g, torch.zeros(2, dtype=dtype)).stationary is False
+
+
+def test_no_grad_part_of_f_proves_nothing_in_the_bound():
+    """|x|_1 at 0 (40 ties, too many pieces to enumerate) plus 5 sum(x) computed under no_grad: a constant for
+    autograd and for every gradwise entry point. The interval bound that decides such calls carried tangents
+    through the no_grad part and "proved" False (as for |x|_1 + 5 sum(x)). The verdict is that of the program with
+    the part detached."""
+    x = torch.zeros(40, dtype=torch.float64)
+
+    def f(x):
+        with torch.no_grad():
+            c = 5 * x.sum()
+        return x.abs().sum() + c
+
+    detached = gw.stationarity(lambda x: x.abs().sum() + 5 * x.sum().detach(), x)
+    got = gw.stationarity(f, x)
+    assert got.stationary is not False and got.stationary is detached.stationary
+    assert gw.stationarity(lambda x: x.abs().sum() + 5 * x.sum(), x).stationary is False  # the bound itself works

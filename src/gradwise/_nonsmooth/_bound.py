@@ -59,6 +59,10 @@ class _IntervalMode(TorchDispatchMode):
         carried = [t for t in flat if isinstance(t, Tensor) and self.iv.get(t) is not None]
         if not carried:
             return func(*args, **kwargs)
+        if not torch.is_grad_enabled():  # under f's no_grad: a constant, as in every other pass (`_KinkMode`)
+            if func._schema.is_mutable:
+                raise Unbounded(f"{func} writes in place under no_grad (a value the derivative holds fixed)")
+            return func(*args, **kwargs)
         if kwargs.get("out") is not None:
             raise Unbounded(f"{func} with out=")
         if func._schema.is_mutable:
@@ -131,7 +135,9 @@ def lower_bound(f: Callable, xs: tuple[Tensor, ...], single: bool, w: tuple[Tens
     mode = _IntervalMode()
     inputs = tuple(x.detach().clone() for x in xs)
     try:
-        with _ctx.pass_context(), torch.no_grad(), mode:  # compiled code eagerly, checkpoints plainly
+        # compiled code eagerly, checkpoints plainly; grad on, so that f's own no_grad parts are seen (the inputs
+        # are fresh copies: only what f's modules' parameters feed records a graph, dropped after the pass)
+        with _ctx.pass_context(), torch.enable_grad(), mode:
             for x, d in zip(inputs, w, strict=True):
                 mode.iv.set(x, (d.to(x.dtype), torch.zeros_like(x)))
             _ctx.restore_state()

@@ -74,13 +74,13 @@ def _run(f, xs, single, directions, run: _Run, requires_grad: bool, strip_after:
             for hook in (x._backward_hooks or {}).values():
                 leaf.register_hook(hook)
     dual = directions is not None
-    with _ctx.pass_context(), fwAD.dual_level(), torch.enable_grad() if requires_grad else torch.no_grad():
+    with _ctx.pass_context(), fwAD.dual_level(), torch.enable_grad():  # (the mode keeps grad off if not requires_grad)
         args = tuple(x if not dual or d is None else fwAD.make_dual(x, d.to(x.dtype))
                      for x, d in zip(leaves, directions or [None] * len(xs), strict=True))
         positions = {id(t): i for ts in (xs, leaves, args) for i, t in enumerate(ts)}
         subs = {id(x): a for x, a in zip(xs, args, strict=True)}
         involved = (lambda a: _needs_grad(a) or _is_dual(a)) if detect else _is_dual if dual else _needs_grad
-        mode = _KinkMode(run, subs, positions, involved, strip_after, stop_after, dual)
+        mode = _KinkMode(run, subs, positions, involved, strip_after, stop_after, dual, graph=requires_grad)
         mode.expect = expect
         watch = mode.watch = _ctx.opaque_watch(mode, _UNSEEN_KINKY, _user_line)
         _ctx.restore_state()

@@ -90,9 +90,11 @@ class _KinkMode(TorchFunctionMode):
     """
 
     def __init__(self, run: _Run, subs: dict[int, Tensor], positions: dict[int, int], involved: Callable,
-                 strip_after: int | None = None, stop_after: int | None = None, dual: bool = True):
+                 strip_after: int | None = None, stop_after: int | None = None, dual: bool = True,
+                 graph: bool = True):
         super().__init__()
         self.dual = dual  # some input carries a tangent
+        self.graph = graph  # the pass builds autograd's graph (else grad mode is off around each call only)
         self.run, self.subs, self.positions, self.involved = run, subs, positions, involved
         self.strip_after, self.stop_after = strip_after, stop_after
         self.count, self.used, self.last_tie, self.used_at_tie = 0, set(), -1, set()
@@ -104,22 +106,24 @@ class _KinkMode(TorchFunctionMode):
         # provisional (its lock is written after this pass), its forward too
         self.exposed: dict[int, tuple[Tensor, list]] = {}
 
-    def _sub(self, a):
+    def _sub(self, a, stop: bool = False):
         if isinstance(a, Tensor):
             if id(a) in self.positions:
                 self.used.add(self.positions[id(a)])
             a = self.subs.get(id(a), a)
-            if self.strip_after is not None and self.count > self.strip_after:
+            if stop or (self.strip_after is not None and self.count > self.strip_after):
                 primal, tangent = _unpack(a)
                 if tangent is not None:  # (a plain tensor's "primal" is a new alias: keep the tensor itself)
                     a = primal
             return a
         if type(a) in (list, tuple):
-            return type(a)(self._sub(v) for v in a)
+            return type(a)(self._sub(v, stop) for v in a)
         return a
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch._C._set_grad_enabled:  # f's no_grad/enable_grad: f's grad mode, read by the calls below
+            return func(*args, **kwargs)
         self.count += 1
         if self.stop_after is not None and self.count > self.stop_after:
             raise _Stop
@@ -133,14 +137,23 @@ class _KinkMode(TorchFunctionMode):
             and not self.watch.tainting else None
         if watch is not None:
             _pop_dispatch_mode()
+        # f's own grad mode: gradwise runs f with grad enabled, so a call under f's torch.no_grad() (or PyTorch's:
+        # F.embedding's max_norm renorm, spectral_norm's power iteration) is a constant, as autograd makes it,
+        # in every pass alike (stop-gradient: its tangents are dropped, its kinks are no kinks of the derivative)
+        stop = not torch.is_grad_enabled()
+        graph_off = not (stop or self.graph)  # a pass without a graph turns grad off around the call only
+        if graph_off:
+            torch._C._set_grad_enabled(False)
         try:
-            args = tuple(self._sub(a) for a in args)
+            args = tuple(self._sub(a, stop) for a in args)
             if kwargs:
-                kwargs = {k: self._sub(v) for k, v in kwargs.items()}
+                kwargs = {k: self._sub(v, stop) for k, v in kwargs.items()}
             if self.exposed:
                 self._read_indices(args, kwargs)
             return self._dispatch(func, args, kwargs)
         finally:
+            if graph_off:
+                torch._C._set_grad_enabled(True)
             self.depth -= 1
             if watch is not None:
                 _push_dispatch_mode(watch)
@@ -176,7 +189,7 @@ class _KinkMode(TorchFunctionMode):
                 return jvp(func, *args, **kwargs)
             port = PORTS.get(func) if "out" not in kwargs else None
             if (port is not None or _composite(func)) and any(map(self.involved, _flat_tensors(everything))):
-                with self:  # the ops inside reach their rules
+                with self, torch.enable_grad():  # the ops inside reach their rules (in f's grad mode)
                     return port(*args, **kwargs) if port is not None else _unguarded(func)(*args, **kwargs)
             if self.run.known is None and func not in _SMOOTH_CALLS and any(
                     map(self.involved, _flat_tensors(everything))):  # (a list's too: RNN weights, _foreach_)
