@@ -1421,3 +1421,64 @@ def test_a_wrong_sized_forward_ad_tangent_is_refused_clearly():
     x = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
     with pytest.raises(NonsmoothError, match="single-tensor ops"):
         gw.directional_derivative(lambda v: torch._foreach_norm([v])[0], x, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("ord", [0, -1, -2.5])
+def test_vector_norms_of_nonpositive_order_at_a_zero_entry(ord):
+    """ord 0 counts the nonzero entries (a jump where one leaves 0); a negative ord is min-like at a zero entry
+    (|x_0| + 0.5 x_0 near it: stationary). Both went to PyTorch's convention: directional derivatives 0.5 / 0
+    against differences 1.5 / 1e8, 'not stationary' proved. Now refused where the direction moves a zero entry,
+    exact (float64 one-sided differences) where it does not and away from zeros."""
+    f = lambda x: torch.linalg.vector_norm(x, ord=ord) + 0.5 * x[0]
+    x = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+    for call in (lambda: gw.directional_derivative(f, x, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)),
+                 lambda: gw.generalized_grad(f, x), lambda: gw.stationarity(f, x)):
+        with pytest.raises(NonsmoothError, match="evaluated at 0"):
+            call()
+    d = torch.tensor([0.0, 1.0, -0.5], dtype=torch.float64)
+    assert float(gw.directional_derivative(f, x, d)) == pytest.approx(one_sided(f, [x], [d]), abs=1e-6)
+    away = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    for e in (d, torch.tensor([1.0, -1.0, 0.3], dtype=torch.float64)):
+        assert float(gw.directional_derivative(f, away, e)) == pytest.approx(one_sided(f, [away], [e]), abs=1e-6)
+
+
+@pytest.mark.parametrize("call", [lambda A: torch.norm(A, p="nuc"), lambda A: A.norm("nuc"),
+                                  lambda A: torch.norm(A, p="fro"), lambda A: torch.norm(A, p=2)])
+def test_torch_norm_with_a_string_order_and_no_dim(call):
+    """torch.norm(A, p='nuc') without dim crashed every entry point (the string went to the vector rule's
+    float()). At a generic matrix the generalized gradient is PyTorch's."""
+    A = torch.tensor([[2.0, 1.0], [0.0, 3.0]], dtype=torch.float64)
+    (g,) = gw.generalized_grad(call, A)
+    a = A.clone().requires_grad_(True)
+    assert torch.allclose(g, torch.autograd.grad(call(a), a)[0], rtol=1e-12, atol=1e-14)
+
+
+def test_piecewise_constant_and_constant_f():
+    """f = one_hot(argmax(x)) . w is piecewise constant and jumps at a tie of the argmax; a literal output is
+    constant. subdifferential / stationarity / gradcheck crashed with PyTorch's 'does not require grad': at the
+    tie every entry point now names the jump, elsewhere the gradient is 0 and x is stationary."""
+    w = torch.tensor([1.0, -2.0, 3.0, 0.5], dtype=torch.float64)
+    f = lambda x: (F.one_hot(x.argmax(), 4).to(x.dtype) * w).sum()
+    tie = torch.tensor([2.0, 2.0, 0.0, 1.0], dtype=torch.float64)
+    for call in (gw.generalized_grad, gw.subdifferential, gw.stationarity):
+        with pytest.raises(NonsmoothError, match="jumps"):
+            call(f, tie)
+    with pytest.raises(gw.GradcheckError, match="jumps"):
+        gw.gradcheck(f, tie)
+    for g, x in ((f, torch.tensor([3.0, 2.0, 0.0, 1.0], dtype=torch.float64)),
+                 (lambda x: torch.tensor(1.0, dtype=torch.float64), tie)):
+        assert torch.equal(gw.generalized_grad(g, x)[0], torch.zeros_like(x))
+        assert gw.stationarity(g, x).stationary is True
+        assert gw.subdifferential(g, x).exact
+
+
+def test_a_tuple_of_outputs_is_refused_where_one_scalar_is_needed():
+    """f returning (s, 10 s): generalized_grad differentiated the first output only ([1, 1]; autograd.grad sums:
+    [11, 11]). Refused, naming the fix; directional_derivative takes tuples (one derivative per output)."""
+    f = lambda x: (x.sum(), 10 * x.sum())
+    x = torch.ones(2, dtype=torch.float64)
+    for call in (lambda: gw.generalized_grad(f, x), lambda: gw.subdifferential(f, x), lambda: gw.stationarity(f, x),
+                 lambda: gw.generalized_backward(f, [x.clone().requires_grad_(True)])):
+        with pytest.raises(ValueError, match="tuple of 2 tensors"):
+            call()
+    assert [float(v) for v in gw.directional_derivative(f, x, torch.ones(2, dtype=torch.float64))] == [2.0, 20.0]

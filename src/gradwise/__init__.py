@@ -22,6 +22,7 @@ from gradwise._distributed import (
     nonfinite_guard,
 )
 from gradwise._nonsmooth import (
+    GradcheckError,
     GradcheckResult,
     NonsmoothError,
     Stationarity,
@@ -56,6 +57,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CompiledBackwardWarning",
     "Finding",
+    "GradcheckError",
     "GradcheckResult",
     "GradwiseWarning",
     "NonfiniteGradientError",

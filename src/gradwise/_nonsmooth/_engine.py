@@ -248,11 +248,24 @@ def _random_direction(xs, seed: int | None, only: set[int] | None = None):
     return tuple(v if only is None or i in only else None for i, v in enumerate(d)), gen
 
 
-def _scalar(primal: Tensor) -> Tensor:
+def _scalar(primals: list) -> Tensor:
+    """f's one scalar output (``primals``: the pass's (primal, tangent) per output)."""
+    if len(primals) != 1:  # (torch.autograd.grad would sum them: gradwise asks the caller to say so)
+        raise ValueError(f"f must return one scalar for a generalized gradient, got a tuple of {len(primals)} "
+                         "tensors; return their sum (or the one you mean), or use gw.directional_derivative")
+    primal = primals[0][0]
     if primal.numel() != 1:
         raise ValueError(f"f must return a scalar for a generalized gradient, got shape {tuple(primal.shape)}; "
                          "reduce it (e.g. .sum() or .mean()) or use gw.directional_derivative")
     return primal.reshape(())
+
+
+def _grad_or_zero(y: Tensor, leaves, retain_graph: bool | None = None) -> tuple[Tensor | None, ...]:
+    """autograd.grad, where a y that no graph reaches (f constant on this piece: argmax one-hot, a literal) has
+    zero gradients (None: unused) rather than PyTorch's 'does not require grad'."""
+    if not y.requires_grad:
+        return (None,) * len(leaves)
+    return torch.autograd.grad(y, leaves, retain_graph=retain_graph, allow_unused=True)
 
 
 def _grads(y: Tensor, leaves, xs) -> tuple[Tensor, ...]:
@@ -260,7 +273,7 @@ def _grads(y: Tensor, leaves, xs) -> tuple[Tensor, ...]:
     made from them outside f (an encoder's output computed once): gradwise saw none of the ops on that path, so
     it refuses rather than drop (or take PyTorch's convention for) that part of the gradient."""
     outside = [i for i, x in enumerate(xs) if x.requires_grad]
-    grads = torch.autograd.grad(y, [*leaves, *(xs[i] for i in outside)], allow_unused=True)
+    grads = _grad_or_zero(y, [*leaves, *(xs[i] for i in outside)])
     reached = [i for i, g in zip(outside, grads[len(leaves):], strict=True) if g is not None]
     if reached:
         raise NonsmoothError(f"f's value depends on input {reached[0]} through a tensor computed from it outside f "
@@ -293,7 +306,7 @@ def _locked_grad(f, xs, single, seed, run_kw=None, direction=None):
     d, gen = draw(xs, seed) if carry >= 0 else (None, None)  # drawn only when needed
     probe = _Run(**run_kw)
     _, primals, leaves, mode = _run(f, xs, single, d, probe, True, strip_after=carry if d else None, detect=True)
-    y = _scalar(primals[0][0])
+    y = _scalar(primals)
     lockable = all(k.write is not None for k in probe.kinks)
     if memo is not None:
         _LAST_TIE[memo] = mode.last_tie if probe.kinks and lockable else -1
@@ -340,7 +353,7 @@ def _full_pass_grad(f, xs, single, d, gen, run_kw, used: set[int], strip_after: 
     for f whose passes take different paths with and without gradients."""
     d = tuple(v if i in used else None for i, v in enumerate(d))
     probe, (_, primals, leaves, _) = _lex_passes(f, xs, single, d, gen, True, run_kw, strip_after=strip_after)
-    y = _scalar(primals[0][0])
+    y = _scalar(primals)
     _check_no_jump(f, xs, single, probe, [y])
     if any(k.comparison or k.indices_read for k in probe.kinks):  # and along -d: one jumping side is enough
         back = _Run(**run_kw)

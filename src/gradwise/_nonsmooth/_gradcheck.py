@@ -16,7 +16,15 @@ import torch
 from torch.autograd.gradcheck import GradcheckError as _TorchGradcheckError
 
 from gradwise._nonsmooth import _contexts as _ctx
-from gradwise._nonsmooth._engine import _as_inputs, _call, _locked_grad, _outputs, directional_derivative, kinks_hit
+from gradwise._nonsmooth._engine import (
+    _as_inputs,
+    _call,
+    _grad_or_zero,
+    _locked_grad,
+    _outputs,
+    directional_derivative,
+    kinks_hit,
+)
 from gradwise._nonsmooth._errors import NonsmoothError
 from gradwise._nonsmooth._stationarity import Subdifferential, _flat, stationarity, subdifferential
 
@@ -127,7 +135,7 @@ def _check_kink(f, xs, single, kinks, eps, atol, result: GradcheckResult) -> Non
     ops = ", ".join(sorted({k.op for k in kinks}))
     verdicts = []
     for k in range(outs.numel()):
-        row = torch.autograd.grad(outs[k], leaves, retain_graph=True, allow_unused=True)
+        row = _grad_or_zero(outs[k], leaves, retain_graph=True)
         row = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(xs, row, strict=True))
         fk = lambda *a, k=k: torch.cat([o.reshape(-1) for o in _outputs(f(*a))])[k]
         sd = subdifferential(fk, xs)

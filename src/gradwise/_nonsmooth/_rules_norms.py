@@ -64,6 +64,8 @@ def vector_norm(run, func, x, ord=2, dim=None, keepdim=False, *, dtype=None):
         return _reduce_select(run, "aten.linalg_vector_norm", a, dims, keepdim, ord > 0)[0]
     if 0 < ord < 1:
         _singular("aten.linalg_vector_norm", x, f"the {ord}-norm has an infinite derivative")
+    if ord <= 0:
+        _zero_entries(x, ord)
     out = torch.linalg.vector_norm(x, ord, dim, keepdim)
     zero = _split(out)[0] == 0
     if ord < 1 or not zero.any():
@@ -77,6 +79,22 @@ def vector_norm(run, func, x, ord=2, dim=None, keepdim=False, *, dtype=None):
     return torch.where(zero, (u.nan_to_num() * x).sum(dim=dims, keepdim=keepdim), out)
 
 
+def _zero_entries(x: Tensor, ord: float) -> None:
+    """ord 0 counts the nonzero entries: a jump where an entry is 0 and moves. A negative ord is, near a zero
+    entry, min-like (|x_i| for one, a non-polyhedral cone for several): no rule, an error there. Elsewhere
+    PyTorch's derivative is exact."""
+    xp, xt = _split(x)
+    at0 = xp == 0
+    if xt is not None:  # (a zero entry that the direction does not move stays 0: no kink along it)
+        at0 = at0 & (xt != 0)
+    if at0.any():
+        what = ("counts the nonzero entries and jumps where one leaves 0: there is no one-sided derivative"
+                if ord == 0 else f"with ord {ord} < 0 behaves like min |x_i| there, a kink without a rule")
+        raise NonsmoothError(f"linalg.vector_norm at {_user_line()} is evaluated at 0 for {int(at0.sum())} "
+                             f"entr{'y' if int(at0.sum()) == 1 else 'ies'}, where it {what}. Use ord=-inf "
+                             "(min |x_i|, which has a rule) or keep the entries away from 0.")
+
+
 @kink_rule(aten.norm, torch.norm, Tensor.norm, torch.linalg.norm)
 def norm(run, func, x, p=None, dim=None, keepdim=False, *args, **kwargs):
     """torch.norm / Tensor.norm / linalg.norm: vector p-norms and the Frobenius norm (the 2-norm of the entries
@@ -85,8 +103,8 @@ def norm(run, func, x, p=None, dim=None, keepdim=False, *args, **kwargs):
     p = kwargs.pop("ord", p)
     if p in (None, "fro"):
         return vector_norm(run, func, x, 2, dim, keepdim)
-    vector = isinstance(dim, int) or x.dim() <= 1 or (dim is None and func is not torch.linalg.norm) or (
-        func is not torch.linalg.norm and isinstance(p, (int, float)))
+    vector = isinstance(dim, int) or x.dim() <= 1 or (not isinstance(p, str) and (
+        (dim is None and func is not torch.linalg.norm) or func is not torch.linalg.norm))
     if not vector:
         return matrix_norm(run, torch.linalg.matrix_norm, x, p, (-2, -1) if dim is None else dim, keepdim)
     return vector_norm(run, func, x, p, dim, keepdim)

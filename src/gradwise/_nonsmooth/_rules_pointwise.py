@@ -103,7 +103,11 @@ def _clamp(run, x, lo, hi, native: Callable, inplace: bool = False):
     result into x, which the pieces' graph must not have saved (a copy of x is clamped)."""
     lo, hi = _as_tensor(lo, x), _as_tensor(hi, x)
     xp = _split(x)[0]
-    touches = [b for b in (lo, hi) if b is not None and ((xp - _split(b)[0]).abs() <= run.tie_tol).any()]
+    lop = _split(lo)[0] if lo is not None else None
+    touches = lo is not None and bool(((xp - lop).abs() <= run.tie_tol).any())
+    if hi is not None and not touches:  # hi meets max(x, lo), not x: x < lo == hi ties there
+        mid = xp if lo is None else torch.maximum(xp, lop)
+        touches = bool(((mid - _split(hi)[0]).abs() <= run.tie_tol).any())
     if not touches and run.near_tol is None:
         return native()
     out = x.clone() if inplace else x

@@ -29,7 +29,15 @@ import torch
 
 from gradwise._nonsmooth import _contexts as _ctx
 from gradwise._nonsmooth._bound import lower_bound
-from gradwise._nonsmooth._engine import _as_inputs, _check_no_jump, _locked_grad, _random_direction, _run, _scalar
+from gradwise._nonsmooth._engine import (
+    _as_inputs,
+    _check_no_jump,
+    _grad_or_zero,
+    _locked_grad,
+    _random_direction,
+    _run,
+    _scalar,
+)
 from gradwise._nonsmooth._records import Kink, NearKink, _Run
 
 __all__ = ["Stationarity", "Subdifferential", "stationarity", "subdifferential"]
@@ -220,9 +228,9 @@ def _enumerate(f, xs, single, tie_tol: float, tol: float = 1e-9) -> list[tuple[t
         along = zeros if not d.any() else _unflat(torch.from_numpy(d), zeros)
         _, primals, leaves, _ = _run(f, xs, single, along, run, True)
         if c == len(run.kinks):
-            y = _scalar(primals[0][0])
+            y = _scalar(primals)
             _check_no_jump(f, xs, single, run, [y])  # a branch of a jump is no piece active at x
-            grads = torch.autograd.grad(y, leaves, allow_unused=True)
+            grads = _grad_or_zero(y, leaves)
             found.append(tuple(torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads, strict=True)))
             if len(found) > MAX_LPS:
                 raise _Budget
