@@ -765,3 +765,45 @@ def test_relu_zeros_make_no_copy_of_a_matmul_operand():
     assert _operand_copies(lambda *a: mlp(torch.relu)(*a).square().mean(), x, w1, w2) == 0
     assert _operand_copies(lambda *a: mlp(torch.relu)(*a)[:3].square().mean(), x, w1, w2) > 0  # the slice's
     assert _operand_copies(lambda *a: mlp(torch.tanh)(*a)[:3].square().mean(), x, w1, w2) > 0
+
+
+def _forward_zeros_loss(x, s):
+    z = torch.zeros_like(x)  # a forward value: x * z really uses x, and the output is NaN through s
+    return (x * z).sum() * s + torch.where(x > 0, x.abs().sqrt(), 0.0).sum()  # (where's zeros: structural)
+
+
+def test_forward_zeros_recomputed_in_the_backward_are_values():
+    """The partitioner recomputes a cheap forward ``zeros_like`` inside the backward graph; the pass took it for a
+    formula's zeros and ``g * zeros`` dropped the genuine NaN of d/dx ((x * 0).sum() * NaN: NaN in eager PyTorch
+    and in eager gradwise) silently. Run through the pass (min-cut partition, inductor's decompositions, the
+    rewritten graph run as is), and op by op under aot_eager, the NaN stays."""
+    from torch._functorch._aot_autograd.utils import make_boxed_func
+    from torch._functorch.aot_autograd import aot_function
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch._inductor.decomposition import select_decomp_table
+
+    from gradwise._strong_zeros import _compile_pass
+
+    x, s = torch.tensor([1.0, -2.0, 0.0, 3.0], requires_grad=True), torch.tensor(nan, requires_grad=True)
+    (want,) = gw.grad(_forward_zeros_loss(x, s), x)
+    assert want.isnan().all()
+    finite = torch.tensor(2.0, requires_grad=True)
+    (clean,) = gw.grad(_forward_zeros_loss(x, finite), x)  # where's NaN at 0 removed, as eagerly
+    assert clean.isfinite().all()
+
+    def backward(gm, _):
+        _compile_pass.rewrite_backward(gm.graph)
+        gm.recompile()
+        return make_boxed_func(gm)
+
+    fn = aot_function(_forward_zeros_loss, fw_compiler=lambda gm, _: make_boxed_func(gm), bw_compiler=backward,
+                      partition_fn=min_cut_rematerialization_partition, decompositions=select_decomp_table())
+    (got,) = torch.autograd.grad(fn(x, s), x)
+    assert got.isnan().all()
+    assert torch.equal(torch.autograd.grad(fn(x, finite), x)[0], clean)
+    torch._dynamo.reset()
+    compiled = torch.compile(_forward_zeros_loss, backend="aot_eager")
+    with pytest.warns(gw.CompiledBackwardWarning):  # (NaN after a compiled backward: the user is told)
+        (got,) = gw.grad(compiled(x, s), x)
+    assert got.isnan().all()
+    assert torch.equal(gw.grad(compiled(x, finite), x)[0], clean)

@@ -160,3 +160,89 @@ def test_second_order_through_a_product_of_two_sensitivities(gram):
     padded[2] = float("nan")
     torch.testing.assert_close(run(padded, gw.grad), run(x[:2], torch.autograd.grad), rtol=1e-12, atol=1e-9)
     assert torch.equal(run(x, gw.grad), run(x, torch.autograd.grad))
+
+
+@pytest.mark.parametrize("write", ["add_", "fill_", "t_"])
+def test_a_gradient_written_after_its_pass_carries_no_stale_zeros(write):
+    """The structural zeros of a create_graph gradient are carried to later passes (as values their graphs may
+    save). Written in place afterwards (gx.add_(1) under no_grad), those zeros are gone: a later backward that
+    reads gx must get PyTorch's finite gradient (it got 0 where the old zeros were), and a shape change (t_())
+    crashed every later strong backward in the process."""
+    lin = nn.Linear(3, 2).double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    x[4:] = nan
+    x.requires_grad_()
+    (gx,) = gw.grad(lin(x)[:4].pow(2).sum(), x, create_graph=True)
+    with torch.no_grad():
+        {"add_": lambda: gx.add_(1.0), "fill_": lambda: gx.fill_(2.0), "t_": lambda: gx.t_()}[write]()
+    v = torch.randn(gx.shape, dtype=torch.float64, requires_grad=True)
+    loss = (gx.detach() * v).sum()
+    (want,) = torch.autograd.grad(loss, v, retain_graph=True)
+    assert torch.equal(gw.grad(loss, v)[0], want)
+    y = torch.randn(6, 3, dtype=torch.float64)
+    y[3:] = nan  # an unrelated strong backward afterwards
+    (gw_,) = gw.grad(lin(y)[:3].sum(), lin.weight)
+    (ref,) = torch.autograd.grad(lin(y[:3]).sum(), lin.weight)
+    torch.testing.assert_close(gw_, ref)
+
+
+def test_forward_over_reverse_hessian_vector_products():
+    """A forward-mode dual through a strong backward (PyTorch's forward-over-reverse HVP): the forward-AD
+    formulas run torch._refs code that makes meta tensors inside the backward, and a support recorded for one
+    crashed the pass ('item() on meta tensors'), on finite data too. Finite: PyTorch's, bitwise; log only on the
+    kept entries: the reference is the same program on those entries."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.tensor([1.5, 0.3, -1.0, 0.0, 2.0], dtype=torch.float64)
+    v = torch.ones(5, dtype=torch.float64)
+
+    def hvp(ctx, f):
+        with ctx, fwAD.dual_level():
+            xd = fwAD.make_dual(x.clone().requires_grad_(), v)
+            (g,) = torch.autograd.grad(f(xd), xd)
+            return fwAD.unpack_dual(g)
+
+    finite = lambda xd: (xd.sin() * xd)[torch.tensor([0, 1, 4])].sum()
+    plain, strong = hvp(torch.enable_grad(), finite), hvp(gw.strong_zeros(), finite)
+    assert torch.equal(plain.primal, strong.primal) and torch.equal(plain.tangent, strong.tangent)
+    got = hvp(gw.strong_zeros(), lambda xd: (xd * xd.log())[xd > 0].sum())
+    kept = x[x > 0]
+    with fwAD.dual_level():
+        kd = fwAD.make_dual(kept.clone().requires_grad_(), torch.ones_like(kept))
+        (gk,) = torch.autograd.grad((kd * kd.log()).sum(), kd)
+        want = fwAD.unpack_dual(gk)
+    torch.testing.assert_close(got.primal[x > 0], want.primal)
+    torch.testing.assert_close(got.tangent[x > 0], want.tangent)
+    assert torch.equal(got.tangent[x <= 0], torch.zeros(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("act", ["tanh", "relu", "identity"])
+@pytest.mark.parametrize("second", ["hvp", "weight-penalty"])
+def test_second_order_through_two_convolutions_over_a_cropped_nan_border(act, second):
+    """Two conv layers, rows 6.. of the image NaN and the output cropped to rows that read rows 0..3 only. The
+    double backward of a convolution runs aten.convolution on a sensitivity and a value, which had no rule: the
+    first layer's Hessian-vector product and weight-gradient penalty were all NaN (with an OpaqueBackwardWarning).
+    The reference: the same program on rows 0..3. Finite images: PyTorch's, bitwise; a used NaN stays."""
+    torch.manual_seed(1)
+    c1 = nn.Conv2d(2, 3, 3, padding=1).double()
+    c2 = nn.Conv2d(3, 2, 3, padding=1).double()
+    a = {"tanh": torch.tanh, "relu": torch.relu, "identity": lambda t: t}[act]
+    f = lambda x: c2(a(c1(x)))[..., :2, :].pow(2).sum()
+    params = [c1.weight, c1.bias, c2.weight]
+
+    def run(x, strong):
+        with gw.strong_zeros() if strong else torch.enable_grad():
+            gs = torch.autograd.grad(f(x), params, create_graph=True)
+            total = sum(g.pow(2).sum() if second == "weight-penalty" else g.sum() for g in gs)
+            return torch.autograd.grad(total, params)
+
+    img = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    bad = img.clone()
+    bad[..., 6:, :] = nan
+    for got, want in zip(run(bad, True), run(img[..., :4, :], False), strict=True):
+        torch.testing.assert_close(got, want)
+    for got, want in zip(run(img, True), run(img, False), strict=True):
+        assert torch.equal(got, want)
+    used = img.clone()
+    used[..., 1, 1] = nan  # read by the kept rows
+    assert run(used, True)[0].isnan().any()

@@ -30,7 +30,9 @@ from gradwise._strong_zeros._supports import _Supports
 # reference, support). A later pass multiplying by them meets zeros that are structural in the program without
 # the unused values (those positions do not exist there), so it takes them as such (`seed`), and its plan takes
 # the strong path while its graph saves one (`values_reached`).
-CARRIED_VALUES: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+# Each entry also keeps the tensor's layout and version: a write after the pass (``gx.add_(1)`` under no_grad,
+# ``gx.t_()``) makes its recorded zeros stale, and the entry is dropped rather than trusted (`_live`).
+CARRIED_VALUES: dict[int, tuple[weakref.ref, torch.Tensor, tuple]] = {}
 
 # the hooks put on first-pass tensors: each lives as long as its tensor's autograd node (which holds it), and
 # is known by (node type, sequence number): node wrappers come and go, those stay (a match in another thread's
@@ -53,13 +55,30 @@ def carry(made: Iterable[Callable[[], torch.Tensor | None]], supports: _Supports
         if t.is_floating_point() and t.layout == torch.strided:  # as a value the new graph may have saved
             key = t.untyped_storage()._cdata
             CARRIED_VALUES[key] = (weakref.ref(t, lambda _, key=key: CARRIED_VALUES.pop(key, None)),
-                                   s.expand(t.shape).clone())
+                                   s.expand(t.shape).clone(), _state(t))
         if not t.requires_grad or t.grad_fn is None:
             continue
         hook = _masking(s.expand(t.shape).clone())
         hook.key = _key(t.grad_fn)
         t.register_hook(hook)
         CARRIED.add(hook)
+
+
+def _state(t: torch.Tensor) -> tuple:
+    return t._version, t.shape, t.stride(), t.storage_offset()
+
+
+def _live(key: int) -> torch.Tensor | None:
+    """The carried tensor under storage ``key`` if its values are still those the pass made, else None (and the
+    entry is dropped: its zeros may have been overwritten, or it is another shape now)."""
+    entry = CARRIED_VALUES.get(key)
+    if entry is None:
+        return None
+    t = entry[0]()
+    if t is None or _state(t) != entry[2]:
+        CARRIED_VALUES.pop(key, None)
+        return None
+    return t
 
 
 def _key(node: Any) -> tuple[str, int]:
@@ -91,15 +110,15 @@ def values_reached(nodes: Iterable[Any]) -> bool:
         for raw in _raw_saved(node):
             t = raw.data
             if isinstance(t, torch.Tensor) and t.layout == torch.strided and \
-                    t.untyped_storage()._cdata in CARRIED_VALUES:
+                    _live(t.untyped_storage()._cdata) is not None:
                 return True
     return False
 
 
 def seed(supports: _Supports) -> None:
     """Record the carried first-pass values' structural zeros in a new pass's supports."""
-    for ref, support in list(CARRIED_VALUES.values()):
-        t = ref()
+    for key in list(CARRIED_VALUES):
+        t = _live(key)
         if t is not None:
-            supports.record(t, support)
+            supports.record(t, CARRIED_VALUES[key][1])
 

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch._inductor.inductor_prims  # (registers prims.fma, which a rule below names: installed by hand too)
 import torch.fx as fx
 
 aten = torch.ops.aten
@@ -210,7 +211,7 @@ class _Rewriter:
                 val = _val(node)
                 if rule is None or not _has_floating(val):
                     continue
-                if node not in self.sens and node.target not in _ZERO_MAKERS:
+                if node not in self.sens and (node.target not in _ZERO_MAKERS or node.meta.get(FORWARD_VALUE)):
                     continue  # a forward value (recomputed in the backward): its zeros are values
                 self.cursor = node
                 mask = rule(self, node)
@@ -531,11 +532,47 @@ def _getitem(rw: _Rewriter, node: fx.Node) -> Any:
     return mask
 
 
+# A zeros tensor of the forward (``zeros_like(x)``, a where's scalar 0) that the partitioner recomputes in the
+# backward (``partitioner_tag == 'is_forward'``) is a value: multiplied into a sensitivity, a NaN there is
+# genuine ((x * zeros).sum() * nan). Common-subexpression elimination may have joined it with a formula's own
+# zeros (where's backward ``where(c, g, 0)``, a placement's base), which are structural: the node is split by
+# use, and the copy that the multiplications read is marked ``FORWARD_VALUE``. (op -> its multiplying args)
+FORWARD_VALUE = "gradwise_forward_value"
+_MULTIPLYING = {aten.mul.Tensor: (0, 1), aten.div.Tensor: (0,), aten.mm.default: (0, 1), aten.bmm.default: (0, 1),
+                aten.mv.default: (0, 1), aten.dot.default: (0, 1), aten.addmm.default: (1, 2),
+                aten.baddbmm.default: (1, 2), aten.addcmul.default: (1, 2), prims.fma.default: (0, 1)}
+
+
+def split_forward_zeros(graph: fx.Graph) -> bool:
+    """Give the multiplications that read a recomputed forward zeros node their own copy marked FORWARD_VALUE
+    (see above); whether the graph changed."""
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _ZERO_MAKERS or \
+                node.meta.get("partitioner_tag") != "is_forward":
+            continue
+        users = [u for u in node.users if any(i < len(u.args) and u.args[i] is node
+                                              for i in _MULTIPLYING.get(u.target, ()))]
+        if not users:
+            continue
+        if len(users) == len(node.users):
+            node.meta[FORWARD_VALUE] = True
+        else:
+            with graph.inserting_after(node):
+                copy = graph.call_function(node.target, node.args, dict(node.kwargs))
+            copy.meta = {**node.meta, FORWARD_VALUE: True}
+            for u in users:
+                u.replace_input_with(node, copy)
+        changed = True
+    return changed
+
+
 def rewrite_backward(graph: fx.Graph) -> int:
     """Apply strong zeros to a backward graph in place; returns how many nodes were rewritten. A graph without
     ``tangents_*`` inputs (a forward graph, an inference graph) is left alone."""
     if not any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes):
         return 0
+    split_forward_zeros(graph)
     count = _Rewriter(graph).run()
     if count:
         graph.eliminate_dead_code()

@@ -9,7 +9,7 @@ arrives decomposed, and no autograd node tells which formula an op belongs to (A
 ``_REWRITES`` restores one such fact, on a copy of the graph (AOTAutograd's own stays as it is), so that the one
 rule table serves compiled graphs too, with no rule restated here.
 
-May import: torch, and (inside functions, at call time) _rules, _rules_opdb, _supports.
+May import: torch, and (inside functions, at call time) _compile_pass, _rules, _rules_opdb, _supports.
 """
 
 from __future__ import annotations
@@ -268,8 +268,35 @@ def _softmax_backward(g: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tenso
     return aten._softmax_backward_data.default(g, y, dim, g.dtype)
 
 
+def _forward_zeros(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
+    """A forward zeros tensor recomputed in the backward and multiplied into a sensitivity is a value, not a
+    formula's structural zero (``_compile_pass.split_forward_zeros`` marks the copy those multiplications read):
+    it runs as a forward op (``_as_forward``), as a checkpoint's recomputation does. Run once per graph, on its
+    first node; last in ``_REWRITES`` (the others read op targets)."""
+    from gradwise._strong_zeros._compile_pass import FORWARD_VALUE, split_forward_zeros
+
+    if node is not next(iter(graph.nodes)) or not split_forward_zeros(graph):
+        return False
+    for n in graph.nodes:
+        if n.meta.get(FORWARD_VALUE) and isinstance(n.target, torch._ops.OpOverload):
+            n.args = (n.target, *n.args)
+            n.target = _as_forward
+    return True
+
+
+def _as_forward(op: Any, *args: Any, **kwargs: Any) -> Any:
+    from gradwise._strong_zeros._supports import _STATE
+
+    prior, _STATE.recomputing = _STATE.recomputing, True
+    try:
+        return op(*args, **kwargs)
+    finally:
+        _STATE.recomputing = prior
+
+
 _REWRITES: tuple[Callable[[fx.Graph, fx.GraphModule, fx.Node], bool], ...] = (
-    _constant_zeros, _saved_zeros, _saved_mask, _logsumexp_node, _logcumsumexp_node, _exp_node, _softmax_whole)
+    _constant_zeros, _saved_zeros, _saved_mask, _logsumexp_node, _logcumsumexp_node, _exp_node, _softmax_whole,
+    _forward_zeros)
 
 
 # -- an op only these graphs contain ----------------------------------------------------------------------------

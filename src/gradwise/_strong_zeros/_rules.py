@@ -46,8 +46,9 @@ def _is_float(t: object) -> bool:
 
 
 def _in_formula() -> bool:
-    """True while a backward formula runs (not a checkpoint's forward recomputation inside backward)."""
-    return not torch.is_grad_enabled() or _STATE.create_graph
+    """True while a backward formula runs (not a checkpoint's forward recomputation inside backward, nor a
+    forward op a compiled backward recomputes)."""
+    return (not torch.is_grad_enabled() or _STATE.create_graph) and not _STATE.recomputing
 
 
 def _annihilate(out: torch.Tensor, support: torch.Tensor | None) -> torch.Tensor:

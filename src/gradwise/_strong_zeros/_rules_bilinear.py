@@ -1,5 +1,5 @@
-"""Strong-zero rules for bilinear ops: mm/bmm, mv and convolution_backward (which NaN/Inf of an operand a
-structural zero of the other meets, counted per contraction).
+"""Strong-zero rules for bilinear ops: mm/bmm, mv, convolution (in double backwards) and convolution_backward
+(which NaN/Inf of an operand a structural zero of the other meets, counted per contraction).
 
 May import: torch, gradwise._masks, _supports, _rules, _rules_pointwise.
 """
@@ -294,6 +294,25 @@ def _conv_backward_support(func, args, slot, s):
 _register(aten.mm, aten.bmm)(_bilinear(_mm_support, _mm_nonfinite_k, restrict=_mm_supported_k,
                                        finite_k=_mm_finite_k))
 _register(aten.mv)(_bilinear(_mv_support))
+
+
+def _conv_support(func, args, slot, s):
+    """convolution(input, weight, bias, ...) inside a double backward (a sensitivity convolved with a value): with
+    the input tracked, an output position is a structural zero where no supported input reaches it through the
+    kernel (a one-channel convolution of the support with ones: a superset, sound); with the weight tracked
+    (not transposed), an output channel whose whole filter is structural. Otherwise fully supported."""
+    stride, padding, dilation, transposed, output_padding = args[3:8]
+    if slot == 0:
+        s1 = mask_any(s, 1, keepdim=True).to(args[0].dtype)
+        ones = args[1].new_ones((1, 1, *args[1].shape[2:]))
+        return aten.convolution.default(s1, ones, None, stride, padding, dilation, transposed, output_padding,
+                                        1) > 0
+    if slot == 1 and not transposed:
+        return mask_any(s.flatten(1), 1).reshape(1, -1, *[1] * (args[0].dim() - 2))
+    return None
+
+
+_register(aten.convolution, aten._convolution)(_bilinear(_conv_support))
 
 
 def _conv_skipped_inputs(func, args):

@@ -89,7 +89,7 @@ class _Supports:
         of the rule's own that nothing else holds, kept as the mask where ``t`` fills its storage (no copy).
         ``like``: ``support`` is that tensor's own support (an elementwise op's output), whose mask ``t`` then
         shares where both fill their storages alike (copied on the first write to either)."""
-        if t.layout != torch.strided:
+        if t.layout != torch.strided or t.is_meta:  # (a meta tensor, from a decomposition's shape logic: no values)
             return
         stride = t.stride()
         if 0 in stride:  # an expanded view stores each element once: write its support there (any of its copies)
@@ -160,6 +160,8 @@ class _State(threading.local):
     # the autograd node whose backward formula runs now, where the engine's current node cannot tell (a
     # compiled backward's graph run op by op: gradwise._strong_zeros._graph_forms._logsumexp_weights)
     formula_of: str | None = None
+    # a forward op recomputed inside a compiled backward runs now (its zeros are values: `_rules._in_formula`)
+    recomputing = False
 
 
 _STATE = _State()
