@@ -442,10 +442,11 @@ def check_trace_merged_report(rank, world):
     with gw.trace() as report:
         loss = _loss(ddp, _data(rank, padding=False, genuine=True))
         loss.backward()
+    report.notes += ["a note of every rank", f"a note of rank {rank}"]  # (what gw.watch() and the trace leave)
     merged = gw.gather_reports(report)
     return {"local_ranks": [f.rank for f in report.findings], "local_kinds": [f.kind for f in report.findings],
             "merged": None if merged is None else {"text": str(merged), "ranks": merged.ranks,
-                                                   "json": merged.to_json(),
+                                                   "json": merged.to_json(), "notes": merged.notes,
                                                    "finding_ranks": [f.rank for f in merged.findings]}}
 
 
@@ -678,6 +679,8 @@ def test_trace_reports_rank_1_as_origin_and_the_others_as_receivers(three):
     # DDP copying the averaged bucket back into .grad is the collective's write, not a step after backward
     assert "wrote NaN into it afterwards" not in merged["text"] and "clip_grad_norm_" not in merged["text"]
     assert sorted(set(merged["finding_ranks"])) == [0, 1, 2]
+    # the ranks' notes were dropped: kept, once when every rank has it
+    assert merged["notes"] == ["a note of every rank", *(f"rank {r}: a note of rank {r}" for r in range(3))]
     assert '"rank": 1' in merged["json"] and '"ranks"' in merged["json"]
 
 

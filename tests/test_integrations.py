@@ -161,6 +161,9 @@ def test_a_genuine_nan_step_is_skipped_and_explained_every_time(module_name, tmp
         report = json.loads(Path(path).read_text())
         genuine = [f for f in report["findings"] if f["kind"] == "nan"]
         assert genuine and f"{module_name}.py:" in genuine[0]["location"]
+        # a finding's step counts the backward passes of that optimizer step: the report says so
+        step = Path(path).stem.rsplit("step", 1)[1]
+        assert report["notes"][0].startswith(f"optimizer step {step}: a finding's 'step' counts")
     logged = "\n".join(messages)
     assert "why optimizer step 0 has NaN/Inf gradients" in logged and "genuine NaN" in logged
     if module_name == "lightning_train":  # next to Lightning's own logs

@@ -148,7 +148,7 @@ def gather_reports(report: Report, dst: int = 0, group: Any = None) -> Report | 
     rank = dist.get_rank()
     payload = {"rank": rank, "findings": [{**f.as_dict(), "rank": rank if f.rank is None else f.rank}
                                           for f in report.findings],
-               "unused": list(report.unused), "forward_ops": report.forward_ops,
+               "unused": list(report.unused), "notes": list(report.notes), "forward_ops": report.forward_ops,
                "backward_ops": report.backward_ops}
     gathered: list[Any] | None = [None] * dist.get_world_size(group) if rank == dst else None
     dist.gather_object(payload, gathered, dst=dst, group=group)
@@ -157,8 +157,14 @@ def gather_reports(report: Report, dst: int = 0, group: Any = None) -> Report | 
     parts = sorted((p for p in gathered if p is not None), key=lambda p: p["rank"])
     findings = [Finding(**d) for p in parts for d in p["findings"]]
     return Report(findings=findings, unused=[f"rank {p['rank']}: {u}" for p in parts for u in p["unused"]],
-                  forward_ops=sum(p["forward_ops"] for p in parts),
+                  notes=_merged_notes(parts), forward_ops=sum(p["forward_ops"] for p in parts),
                   backward_ops=sum(p["backward_ops"] for p in parts), ranks=rank_story(findings))
+
+
+def _merged_notes(parts: list[dict]) -> list[str]:
+    """The ranks' notes (tensors passed over, gw.watch()'s step): once if every rank has it, else per rank."""
+    every = [n for n in parts[0]["notes"] if all(n in p["notes"] for p in parts)] if parts else []
+    return every + [f"rank {p['rank']}: {n}" for p in parts for n in p["notes"] if n not in every]
 
 
 # -- the communication hook ------------------------------------------------------------------------------------

@@ -159,6 +159,9 @@ class Session:
             if merged is None:
                 return
             report = merged
+        # each optimizer step has a trace of its own: a finding's step counts that step's backward passes
+        report.notes.insert(0, f"optimizer step {step}: a finding's 'step' counts this optimizer step's backward "
+                               "passes (gradient-accumulation micro-batches) from 0")
         path = Path(out_dir if out_dir is not None else ".") / f"gradwise-nonfinite-step{step}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(report.to_json())
