@@ -136,3 +136,41 @@ def test_autograd_grad_results_carry_the_explained_steps_provenance():
     assert len(report.causes) == 1
     written = [f for f in report.findings if f.op == "gradient"]
     assert written and all(f.downstream for f in written)
+
+
+def _compiled_padding_run(ctx):
+    """A compiled model: NaN padding (sliced away) from step 2, a NaN the loss reads at step 3."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit's, on the compiler's first import
+        compiled = torch.compile(model, backend="aot_eager")
+        with ctx() as report:
+            for step in range(4):
+                x = torch.randn(6, 4)
+                if step >= 2:
+                    x[5] = float("nan")
+                if step == 3:
+                    x[0, 0] = float("nan")
+                loss = compiled(x)[:5].pow(2).mean()
+                model.zero_grad()
+                loss.backward()
+    torch._dynamo.reset()
+    return report
+
+
+def test_a_compiled_model_keeps_the_step_numbers_and_claims_no_unused_values():
+    """torch.compile differentiates the graph on fake tensors while it compiles, through torch.autograd.grad:
+    that call is no step (gw.watch() counted it, and every step number came out one too high). The replay of
+    the first non-finite step fails (the compiled backward does not keep its graph): that step may have used
+    the padding, so no value is listed as one no gradient used (it listed the padding row, which gw.trace()
+    of the same program finds in its findings). Reference: gw.trace() of the same program."""
+    traced = _compiled_padding_run(gw.trace)
+    watched = _compiled_padding_run(gw.watch)
+    first = min(f.step for f in traced.findings)
+    assert f"the first non-finite gradient came at step {first};" in watched.notes[0], watched.notes
+    steps = {(f.kind, f.born_op, f.born_location): f.step for f in traced.findings}
+    assert watched.findings and all(steps.get((f.kind, f.born_op, f.born_location)) == f.step
+                                    for f in watched.findings), (str(watched), str(traced))
+    assert set(watched.unused) <= set(traced.unused), (watched.unused, traced.unused)
