@@ -840,6 +840,29 @@ def test_a_birth_says_why_from_the_op_inputs(op, values, expected):
     assert any(expected in f.message for f in report.findings), str(report)
 
 
+@pytest.mark.parametrize("softmax", [torch.softmax, torch.log_softmax])
+def test_a_softmax_nan_is_explained_by_what_its_row_holds(softmax):
+    """softmax is NaN over a row that is entirely -inf (a fully masked row) and over a row holding +inf
+    (exp(inf - inf): an overflow or an infinity before it), which it also called a fully masked row. Each
+    message must match the row's own values."""
+    def finding(row):
+        z = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+        with gw.trace() as report:
+            softmax(z + torch.tensor(row), 0)[1].backward()
+        (f,) = report.of_kind("nan")
+        return f
+
+    inf, ninf = float("inf"), float("-inf")
+    masked, overflowed = finding([ninf, ninf, ninf]), finding([inf, 0.0, 0.0])
+    assert "entirely -inf" in masked.message and "+inf" not in masked.message, masked
+    assert "+inf" in overflowed.message and "mask" not in overflowed.message + overflowed.fix, overflowed
+    z = torch.tensor([100.0, 1.0, 2.0], requires_grad=True)
+    with gw.trace() as report:  # the overflow is the root; what the softmax made of it is told after it
+        softmax(torch.exp(z), 0)[1].backward()
+    (f,) = report.of_kind("nan")
+    assert f.born_op == "aten.exp" and "+inf" in f.born and "mask" not in f.born, f.born
+
+
 def test_sort_and_topk_ties_are_reported_at_their_input_positions():
     x = torch.tensor([1.0, 5.0, 2.0, 5.0, 0.0, 7.0], requires_grad=True)
     with gw.trace() as report:

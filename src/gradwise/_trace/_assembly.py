@@ -19,6 +19,8 @@ from gradwise._trace._advice import (
     _KINK_FIX,
     _SEED_FIX,
     _SINGULAR_FIX,
+    _SOFTMAX_INF,
+    _SOFTMAX_INF_FIX,
     _UNDECIDED,
 )
 from gradwise._trace._common import _dist_rank, _fmt, _held, _inexact, _nonfinite, _positions, _source, aten
@@ -195,7 +197,8 @@ class _Assembly:
         if birth is not None:
             op, loc = birth.op, birth.loc
             fix = _INPUT_FIX if birth.op == "input" else _GRADIENT_FIX if birth.op == "gradient" else \
-                _SEED_FIX if birth.op == "seed" else _GENUINE_FIX.get(getattr(aten, birth.op[5:], None), "")
+                _SEED_FIX if birth.op == "seed" else _SOFTMAX_INF_FIX if birth.what.startswith(_SOFTMAX_INF) else \
+                _GENUINE_FIX.get(getattr(aten, birth.op[5:], None), "")
             message = f"{birth.what}; " + (_UNDECIDED.format(op=inc.op) if inc is not None and inc.undecided
                                            else "every gradient it reaches uses it" if birth.op == "seed"
                                            else "the output depends on it")
