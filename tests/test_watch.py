@@ -3,7 +3,9 @@ gradient's step explained, and the rest traced. References: the same program wit
 errors) and gw.trace() of the same step."""
 from __future__ import annotations
 
+import importlib.util
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,3 +176,42 @@ def test_a_compiled_model_keeps_the_step_numbers_and_claims_no_unused_values():
     assert watched.findings and all(steps.get((f.kind, f.born_op, f.born_location)) == f.step
                                     for f in watched.findings), (str(watched), str(traced))
     assert set(watched.unused) <= set(traced.unused), (watched.unused, traced.unused)
+
+
+_LIBRARY = '''
+import torch
+
+
+def fit(model, x):  # a training library: it runs the step and calls backward for the user
+    loss = torch.log(model(x) * 0).mean()  # log(0): -inf, and an infinite derivative
+    loss.backward()
+'''
+
+
+def _fit_through(lib, model, x):
+    lib.fit(model, x)  # the user's line
+
+
+def _library(folder: Path):
+    folder.mkdir(parents=True)
+    (folder / "trainlib.py").write_text(_LIBRARY)
+    spec = importlib.util.spec_from_file_location(f"trainlib_{folder.parent.name}", folder / "trainlib.py")
+    lib = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lib)
+    return lib
+
+
+@pytest.mark.parametrize("ctx", [gw.watch, gw.trace])
+def test_a_library_that_calls_backward_for_the_user_is_not_the_location(ctx, tmp_path):
+    """An installed library (Lightning, accelerate) runs the step and calls backward: the findings are located at
+    the user's line that called it (they named lightning/pytorch/core/module.py). The same library outside
+    site-packages is the user's own code: located in it."""
+    user_line = f"{Path(__file__).name}:{_fit_through.__code__.co_firstlineno + 1}"
+    for folder, expected in ((tmp_path / "lib" / "python3" / "site-packages", user_line),
+                             (tmp_path / "project", "trainlib.py:")):
+        lib = _library(folder)
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        with ctx() as report:
+            _fit_through(lib, model, torch.randn(2, 4))
+        assert report.findings and all(expected in f.location for f in report.findings), str(report)
