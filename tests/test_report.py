@@ -82,6 +82,64 @@ def test_a_nan_batch_is_born_in_its_dataloader_batch(workers):
     assert "in DataLoader batch 2" in finding.born and finding.born.startswith("xb arrived with 64 NaN"), finding.born
 
 
+def _padded_loader_run(pad: bool, real: bool, strong: bool, batches: int = 4, real_at: int = 2,
+                       with_pad: tuple = (0,)) -> Report:
+    """Batches of 2 sequences of 6 steps; ``pad``: NaN padding (steps 4, 5, which the loss never reads) in the
+    batches ``with_pad``; ``real``: one NaN the loss reads, in batch ``real_at``."""
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    x = torch.randn(2 * batches, 6, 4)
+    for b in with_pad if pad else ():
+        x[2 * b : 2 * b + 2, 4:] = float("nan")
+    if real:
+        x[2 * real_at, 0, 0] = float("nan")
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    with gw.trace() as report:
+        for xb in DataLoader(x, batch_size=2):
+            loss = net(xb)[:, :4].pow(2).mean()
+            net.zero_grad()
+            if strong:
+                with gw.strong_zeros():
+                    loss.backward()
+            else:
+                loss.backward()
+    return report
+
+
+def _facts(findings) -> list:
+    return [(f.kind, f.op, f.count, f.indices, f.born, f.reaches, f.step, f.occurrences) for f in findings]
+
+
+@pytest.mark.parametrize("strong", [False, True])
+def test_nan_data_of_different_dataloader_batches_are_told_apart(strong):
+    """Batch 0 brings NaN padding the loss never reads, batch 2 a NaN it reads. Each batch's data is its own
+    arrival: the report is the union of the two programs' reports, one with the padding alone, one with the real
+    NaN alone (it merged them into one genuine finding born in batch 0, with the padding's elements, and under
+    strong zeros the removal of the padding disappeared)."""
+    both = _padded_loader_run(pad=True, real=True, strong=strong)
+    padding = _padded_loader_run(pad=True, real=False, strong=strong)
+    real = _padded_loader_run(pad=False, real=True, strong=strong)
+    assert _facts(both.of_kind("nan")) == _facts(real.of_kind("nan")), str(both)
+    assert "in DataLoader batch 2" in both.of_kind("nan")[0].born
+    assert _facts(both.of_kind("contamination")) == _facts(padding.of_kind("contamination")), str(both)
+    assert both.removed == padding.removed and bool(both.removed) == strong, str(both)
+
+
+def test_dataloader_batches_with_the_same_padding_are_one_line():
+    """Padding in every batch and a real NaN in batch 1: the padding of batches 0, 2 and 3 is told in one
+    contamination finding per backward op (one removal under strong zeros), as in the program without batch 1's
+    padding nor its real NaN; the real NaN is a finding of batch 1, as in the program with batch 1's data only."""
+    for strong in (False, True):
+        report = _padded_loader_run(pad=True, real=True, strong=strong, real_at=1, with_pad=(0, 1, 2, 3))
+        padding = _padded_loader_run(pad=True, real=False, strong=strong, with_pad=(0, 2, 3))
+        real = _padded_loader_run(pad=True, real=True, strong=strong, real_at=1, with_pad=(1,))
+        assert report.removed == padding.removed and bool(report.removed) == strong, str(report)
+        assert _facts(report.of_kind("contamination")) == _facts(padding.of_kind("contamination")), str(report)
+        assert "batches 0, 2, 3" in str(report)
+        assert _facts(report.of_kind("nan")) == _facts(real.of_kind("nan")), str(report)
+
+
 def test_an_overflow_chain_is_rooted_at_the_overflow():
     """A naive softmax: exp overflows to Inf, then inf / inf is NaN. The finding names the exp (its fix is the
     one to apply), and says what the division made of it; no second finding for the division."""

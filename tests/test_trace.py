@@ -491,6 +491,29 @@ def test_genuine_overflow_in_exp():
     assert f.op == "aten.exp" and "overflow" in f.message and f.reaches == ["x"]
 
 
+def test_an_overflow_read_by_a_backward_beside_an_upstream_inf_is_a_cause():
+    """exp overflows, e / e.sum() makes p[1] = 0 and log(0) = -inf. The division's backward reads the Inf sum
+    with the -inf sensitivity of the log: the overflow reached the gradient too (it was listed as a value no
+    gradient used, and the log named alone). Reference: the same program without the overflow (z[0] = 10) has a
+    finite gradient and no finding."""
+    def run(first):
+        z = torch.tensor([first, 1.0, 2.0], requires_grad=True)
+        with gw.trace() as report:
+            e = torch.exp(z) * 1e3
+            p = e / e.sum()
+            (-(p[1].log())).backward()
+        return report, z.grad
+
+    plain, grad = run(10.0)
+    assert bool(grad.isfinite().all()) and not plain.findings, str(plain)
+    report, grad = run(100.0)
+    assert not bool(grad.isfinite().all())
+    assert any(f.born_op == "aten.exp" and f.reaches == ["z"] and not f.downstream
+               for f in report.of_kind("nan", "inf")), str(report)
+    assert not any(u.startswith("aten.exp") for u in report.unused), report.unused
+    assert any(c.split(": ", 1)[1].startswith("aten.exp") for c in report.causes), report.causes
+
+
 def test_empty_report_and_counts():
     x = torch.tensor([1.0, 2.0], requires_grad=True)
     report = gw.explain(lambda x: (x * x).sum(), x)
@@ -815,6 +838,29 @@ def test_a_birth_says_why_from_the_op_inputs(op, values, expected):
     x = torch.tensor(values, requires_grad=True)
     report = gw.explain(lambda x: op(x * 1.0).sum(), x)
     assert any(expected in f.message for f in report.findings), str(report)
+
+
+@pytest.mark.parametrize("softmax", [torch.softmax, torch.log_softmax])
+def test_a_softmax_nan_is_explained_by_what_its_row_holds(softmax):
+    """softmax is NaN over a row that is entirely -inf (a fully masked row) and over a row holding +inf
+    (exp(inf - inf): an overflow or an infinity before it), which it also called a fully masked row. Each
+    message must match the row's own values."""
+    def finding(row):
+        z = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+        with gw.trace() as report:
+            softmax(z + torch.tensor(row), 0)[1].backward()
+        (f,) = report.of_kind("nan")
+        return f
+
+    inf, ninf = float("inf"), float("-inf")
+    masked, overflowed = finding([ninf, ninf, ninf]), finding([inf, 0.0, 0.0])
+    assert "entirely -inf" in masked.message and "+inf" not in masked.message, masked
+    assert "+inf" in overflowed.message and "mask" not in overflowed.message + overflowed.fix, overflowed
+    z = torch.tensor([100.0, 1.0, 2.0], requires_grad=True)
+    with gw.trace() as report:  # the overflow is the root; what the softmax made of it is told after it
+        softmax(torch.exp(z), 0)[1].backward()
+    (f,) = report.of_kind("nan")
+    assert f.born_op == "aten.exp" and "+inf" in f.born and "mask" not in f.born, f.born
 
 
 def test_sort_and_topk_ties_are_reported_at_their_input_positions():

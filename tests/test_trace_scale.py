@@ -49,6 +49,38 @@ def test_a_long_nan_run_keeps_a_bounded_record_and_one_root_cause():
     assert "downstream" in report.summary() and "aten.empty" not in str(report)
 
 
+def _loader_run(batches: int, real_at: int | None, pad: tuple | None = None):
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    x = torch.randn(2 * batches, 6, 4)
+    for b in range(batches) if pad is None else pad:
+        x[2 * b : 2 * b + 2, 4:] = float("nan")  # padding the loss never reads
+    if real_at is not None:
+        x[2 * real_at, 0, 0] = float("nan")  # a NaN it reads
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    with gw.trace() as report:
+        tracer = _session._current()
+        for xb in DataLoader(x, batch_size=2):
+            net.zero_grad()
+            net(xb)[:, :4].pow(2).mean().backward()
+        kept = tracer.store.kept()
+    return report, kept
+
+
+def test_nan_in_every_dataloader_batch_keeps_a_bounded_record():
+    """Each DataLoader batch's non-finite data is an arrival of its own, but a run with NaN padding in every
+    batch keeps as many records at 60 batches as at 20; a real NaN in batch 50 (after the first batches) is still
+    its own finding, as in the program where only batch 50 brings NaN."""
+    _, kept20 = _loader_run(20, None)
+    report, kept60 = _loader_run(60, None)
+    assert kept60 == kept20 and not report.of_kind("nan"), str(report)
+    report, _ = _loader_run(60, 50)
+    alone, _ = _loader_run(60, 50, pad=(50,))
+    facts = [[(f.count, f.indices, f.born, f.step, f.reaches) for f in r.of_kind("nan")] for r in (report, alone)]
+    assert facts[0] == facts[1] and facts[0], str(report)
+
+
 def _padded_steps(steps: int, strong: bool):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))

@@ -3,7 +3,9 @@ gradient's step explained, and the rest traced. References: the same program wit
 errors) and gw.trace() of the same step."""
 from __future__ import annotations
 
+import importlib.util
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +138,80 @@ def test_autograd_grad_results_carry_the_explained_steps_provenance():
     assert len(report.causes) == 1
     written = [f for f in report.findings if f.op == "gradient"]
     assert written and all(f.downstream for f in written)
+
+
+def _compiled_padding_run(ctx):
+    """A compiled model: NaN padding (sliced away) from step 2, a NaN the loss reads at step 3."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit's, on the compiler's first import
+        compiled = torch.compile(model, backend="aot_eager")
+        with ctx() as report:
+            for step in range(4):
+                x = torch.randn(6, 4)
+                if step >= 2:
+                    x[5] = float("nan")
+                if step == 3:
+                    x[0, 0] = float("nan")
+                loss = compiled(x)[:5].pow(2).mean()
+                model.zero_grad()
+                loss.backward()
+    torch._dynamo.reset()
+    return report
+
+
+def test_a_compiled_model_keeps_the_step_numbers_and_claims_no_unused_values():
+    """torch.compile differentiates the graph on fake tensors while it compiles, through torch.autograd.grad:
+    that call is no step (gw.watch() counted it, and every step number came out one too high). The replay of
+    the first non-finite step fails (the compiled backward does not keep its graph): that step may have used
+    the padding, so no value is listed as one no gradient used (it listed the padding row, which gw.trace()
+    of the same program finds in its findings). Reference: gw.trace() of the same program."""
+    traced = _compiled_padding_run(gw.trace)
+    watched = _compiled_padding_run(gw.watch)
+    first = min(f.step for f in traced.findings)
+    assert f"the first non-finite gradient came at step {first};" in watched.notes[0], watched.notes
+    steps = {(f.kind, f.born_op, f.born_location): f.step for f in traced.findings}
+    assert watched.findings and all(steps.get((f.kind, f.born_op, f.born_location)) == f.step
+                                    for f in watched.findings), (str(watched), str(traced))
+    assert set(watched.unused) <= set(traced.unused), (watched.unused, traced.unused)
+
+
+_LIBRARY = '''
+import torch
+
+
+def fit(model, x):  # a training library: it runs the step and calls backward for the user
+    loss = torch.log(model(x) * 0).mean()  # log(0): -inf, and an infinite derivative
+    loss.backward()
+'''
+
+
+def _fit_through(lib, model, x):
+    lib.fit(model, x)  # the user's line
+
+
+def _library(folder: Path):
+    folder.mkdir(parents=True)
+    (folder / "trainlib.py").write_text(_LIBRARY)
+    spec = importlib.util.spec_from_file_location(f"trainlib_{folder.parent.name}", folder / "trainlib.py")
+    lib = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lib)
+    return lib
+
+
+@pytest.mark.parametrize("ctx", [gw.watch, gw.trace])
+def test_a_library_that_calls_backward_for_the_user_is_not_the_location(ctx, tmp_path):
+    """An installed library (Lightning, accelerate) runs the step and calls backward: the findings are located at
+    the user's line that called it (they named lightning/pytorch/core/module.py). The same library outside
+    site-packages is the user's own code: located in it."""
+    user_line = f"{Path(__file__).name}:{_fit_through.__code__.co_firstlineno + 1}"
+    for folder, expected in ((tmp_path / "lib" / "python3" / "site-packages", user_line),
+                             (tmp_path / "project", "trainlib.py:")):
+        lib = _library(folder)
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        with ctx() as report:
+            _fit_through(lib, model, torch.randn(2, 4))
+        assert report.findings and all(expected in f.location for f in report.findings), str(report)

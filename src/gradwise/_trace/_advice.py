@@ -96,9 +96,16 @@ def _overflow(ins, out, mask) -> str:
         if out is not None else "overflow"
 
 
+_SOFTMAX_INF = "softmax over a slice holding +inf"
+
+
 @_explains(aten._softmax, aten._log_softmax)
-def _softmax_all_masked(ins, out, mask) -> str:
-    """softmax of a slice that is all -inf is 0/0 = NaN."""
+def _softmax_nan(ins, out, mask) -> str:
+    """softmax of a slice that is all -inf is 0/0 = NaN; of a slice holding +inf, exp(inf - inf) = NaN (an
+    overflow or an infinity before the softmax, not a mask)."""
+    x = _inputs_at(ins, mask)
+    if x is not None and bool((x == float("inf")).any()):
+        return f"{_SOFTMAX_INF} (exp(inf - inf) = NaN): an overflow (or a +inf written) before the softmax"
     return "softmax over a slice that is entirely -inf (0/0 = NaN): a fully masked row"
 
 
@@ -149,6 +156,8 @@ _GENUINE_FIX: dict = {
                      aten.full_like, aten.index_put_, aten.index_put],
                     "the output reads the NaN/Inf constant written here: mask it out before the first op that uses it"),
 }
+_SOFTMAX_INF_FIX = ("keep the softmax's input finite: find where the +inf was made (an overflow: compute in log space, "
+                    "e.g. logits instead of exp(logits)) or clamp it")
 _UNDECIDED = ("it reached {op}, which has no strong-zero rule: whether the output uses it is not known (it may "
               "be contamination that gw.strong_zeros() cannot remove there; gw.unruled_ops() lists such ops)")
 _GRADIENT_FIX = ("an earlier backward left NaN/Inf in this gradient and it was used as a value (an optimizer "

@@ -19,6 +19,8 @@ from gradwise._trace._advice import (
     _KINK_FIX,
     _SEED_FIX,
     _SINGULAR_FIX,
+    _SOFTMAX_INF,
+    _SOFTMAX_INF_FIX,
     _UNDECIDED,
 )
 from gradwise._trace._common import _dist_rank, _fmt, _held, _inexact, _nonfinite, _positions, _source, aten
@@ -26,7 +28,7 @@ from gradwise._trace._facts import _DISCARDS, _NOT_DATA, _OVERFLOW_NAMES, _ZERO_
 from gradwise._trace._report import Finding, Report
 from gradwise._trace._store import Birth as _Birth
 from gradwise._trace._store import Incident as _Incident
-from gradwise._trace._store import _order, earliest
+from gradwise._trace._store import _order, describe_arrivals, earliest
 
 
 class _Assembly:
@@ -56,7 +58,7 @@ class _Assembly:
 
         birthless: set = set()
         unreached: dict[tuple, int] = {}  # contamination no gradient received: (op, line) -> elements
-        arrived: dict[tuple, set] = {}  # a genuine finding of data that arrived non-finite -> the inputs' names
+        arrived: dict[tuple, dict] = {}  # a finding of data that arrived non-finite -> its input births (in order)
         for inc in sorted(self.store.incidents.values(), key=lambda i: i.order):
             if inc.serial <= since:
                 continue
@@ -72,12 +74,15 @@ class _Assembly:
                 key = ("contamination", inc.op, inc.loc, birth.op if birth else None, birth.loc if birth else None)
                 add(key, lambda inc=inc, birth=birth, via=via: self._contamination(inc, birth, via), inc.count,
                     inc.reaches, inc.indices, inc.occurrences, inc.step, birth or stand_in)
+                if birth is not None and birth.op == "input":
+                    arrived.setdefault(key, {})[birth] = None
             elif birth is not None:  # named by where it was born: count and elements are the born tensor's
                 key = (inc.kind, birth.op, birth.loc)
-                new = key not in findings
+                # each birth counted once (the DataLoader batches arriving at one line are births of their own)
+                new = key not in findings or (birth.op == "input" and birth not in arrived.get(key, ()))
                 if birth.op == "input":  # every input that arrived non-finite at that line, named below
-                    arrived.setdefault(key, set()).update(
-                        b.name for b in inc.births if b.op == "input" and b.loc == birth.loc and b.name)
+                    arrived.setdefault(key, {}).update(
+                        (b, None) for b in sorted(inc.births, key=_order) if b.op == "input" and b.loc == birth.loc)
                 add(key, lambda inc=inc, birth=birth, via=via: self._genuine(inc.kind, inc, birth, via),
                     birth.count if new else 0, inc.reaches, birth.indices, birth.occurrences if new else 0,
                     inc.step, birth)  # where it reached a gradient (the cause names where it was born)
@@ -98,10 +103,15 @@ class _Assembly:
             elif key not in findings:
                 add(key, lambda birth=birth, kind=kind, via=via: self._genuine(kind, None, birth, via), birth.count,
                     [], birth.indices, birth.occurrences, birth.step, birth)
-        for key, names in arrived.items():
+        for key, births in arrived.items():
             f, first = findings.get(key), origin.get(key)
-            also = sorted(names - {first.name if first is not None else None})
-            if f is not None and f.born and also:
+            if f is None or not f.born or first is None:
+                continue
+            same = [first] + [b for b in births if b is not first and b.name == first.name]
+            if len(same) > 1:  # the batches that brought it, told as one
+                f.born = f.born.replace(first.describe(), describe_arrivals(same), 1)
+            also = sorted({b.name for b in births if b.name} - {first.name})
+            if also:
                 f.born += f"; so did {', '.join(also)}"
         self._grads_made_nonfinite_after_backward(findings, add)
         for name, (count, occurrences, serial) in self.store.orphans.items():
@@ -187,7 +197,8 @@ class _Assembly:
         if birth is not None:
             op, loc = birth.op, birth.loc
             fix = _INPUT_FIX if birth.op == "input" else _GRADIENT_FIX if birth.op == "gradient" else \
-                _SEED_FIX if birth.op == "seed" else _GENUINE_FIX.get(getattr(aten, birth.op[5:], None), "")
+                _SEED_FIX if birth.op == "seed" else _SOFTMAX_INF_FIX if birth.what.startswith(_SOFTMAX_INF) else \
+                _GENUINE_FIX.get(getattr(aten, birth.op[5:], None), "")
             message = f"{birth.what}; " + (_UNDECIDED.format(op=inc.op) if inc is not None and inc.undecided
                                            else "every gradient it reaches uses it" if birth.op == "seed"
                                            else "the output depends on it")

@@ -12,7 +12,7 @@ May import: gradwise._trace._report, gradwise._trace._store.
 from __future__ import annotations
 
 from gradwise._trace._report import Finding
-from gradwise._trace._store import Birth, root
+from gradwise._trace._store import Birth, describe_arrivals, root
 
 
 def _inherited(birth: Birth) -> bool:
@@ -71,15 +71,19 @@ def removed(strong_reads: dict, incidents, fmt) -> list[str]:
     """One line per NaN/Inf birth that gw.strong_zeros()' backward read and that no finding names (so strong
     zeros annihilated it there): where it was born, which backward handled it, and how often."""
     named = {id(b) for inc in incidents for b in inc.births}
-    sites: dict[int, tuple[Birth, list]] = {}
-    for (b, (op, loc)), n in strong_reads.items():
-        if id(b) not in named:
-            sites.setdefault(id(b), (b, []))[1].append((op, loc, n))
+    sites: dict = {}  # site -> ({birth: None}, {(backward op, loc): None})
+    for (b, (op, loc)), _ in sorted(strong_reads.items(), key=lambda e: e[0][0].order):
+        if id(b) not in named:  # the DataLoader batches of one arrival site (kept apart) are told together
+            site = (b.op, b.loc, b.nan, b.name) if b.op == "input" else id(b)
+            births, where = sites.setdefault(site, ({}, {}))
+            births[b] = None
+            where[(op, loc)] = None
     lines = []
-    for b, where in sorted(sites.values(), key=lambda e: e[0].order):
-        op, loc, _ = where[0]
+    for births, where in sites.values():
+        bs = list(births)
+        (op, loc), first, last = next(iter(where)), min(b.step for b in bs), max(b.last for b in bs)
         at = f"the backward of {op} at {fmt(loc)}" + (f" (and {len(where) - 1} more backward op(s) read it)"
                                                        if len(where) > 1 else "")
-        steps = f" (first at step {b.step}, last at step {b.last})" if b.last != b.step else f" (step {b.step})"
-        lines.append(f"{b.describe()}{steps}: gw.strong_zeros() annihilated it in {at}; nothing to fix")
+        steps = f" (first at step {first}, last at step {last})" if last != first else f" (step {first})"
+        lines.append(f"{describe_arrivals(bs)}{steps}: gw.strong_zeros() annihilated it in {at}; nothing to fix")
     return lines

@@ -82,6 +82,9 @@ def run_op(func, args, kwargs):
 # torch's files and all of gradwise's (this file is in gradwise/_trace/: the package directory is two levels up)
 _INTERNAL_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.dirname(__file__)) + os.sep)
 _INTERNAL_FILES = {"contextlib.py", "functools.py", "runpy.py"}
+# installed libraries (Lightning, accelerate, transformers call backward and the model on the user's behalf): the
+# user's line is the one that called them
+_LIBRARY_DIRS = (f"{os.sep}site-packages{os.sep}", f"{os.sep}dist-packages{os.sep}")
 _internal_file: dict[str, bool] = {}  # keyed by file name: a str caches its hash, a code object rehashes its fields
 
 
@@ -89,9 +92,16 @@ def _is_internal(code) -> bool:
     name = code.co_filename
     r = _internal_file.get(name)
     if r is None:
-        r = name.startswith(_INTERNAL_DIRS) or name.startswith("<frozen") or os.path.basename(name) in _INTERNAL_FILES
+        r = name.startswith(_INTERNAL_DIRS) or name.startswith("<frozen") or \
+            os.path.basename(name) in _INTERNAL_FILES or (any(d in name for d in _LIBRARY_DIRS) and not _main(name))
         _internal_file[name] = r
     return r
+
+
+def _main(name: str) -> bool:
+    """Whether ``name`` is the running script (which may itself live in site-packages)."""
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    return main is not None and os.path.abspath(main) == os.path.abspath(name)
 
 
 def _user_frame():

@@ -30,6 +30,9 @@ class _Incidents:
             carried = frozenset().union(*(self.prov.get(t, frozenset()) for t in upstream))
             if not self._annihilated(func, loc, o, mask, sens_ins, carried, nd, args, out, kwargs):
                 self.prov[o] = self._through_view(func, upstream, args, kwargs, o, mask, carried)
+                saved = [t for t in nf if t not in self.sens]
+                if saved:
+                    self._saved_met(func, loc, o, mask, ins, saved, carried, nd, args)
             return
         births = frozenset().union(*(self._origin(t, loc) for t in nf)) if nf else frozenset()
         genuine = self._nonzero_sensitivity_met(func, o, mask, ins, sens_ins, nf, args, out, kwargs)
@@ -73,6 +76,50 @@ class _Incidents:
             if self.provisional is not None:
                 self.provisional.append((inc, count, nd, _strong_zeros._STATE.in_mode))
         self.prov[o] = frozenset(incidents)
+
+    def _saved_met(self, func, loc, o, mask, ins, saved, carried, nd, args) -> None:
+        """A NaN/Inf sensitivity from upstream meets a saved forward value that is non-finite too (the backward of
+        e / e.sum() reads the Inf sum of an overflowed exp, with the -inf sensitivity of a log(0)): where a
+        nonzero sensitivity meets it, that value is used as well, and its births join the provenance as a
+        genuine incident. Not where the upstream NaN/Inf already descends from the same births, nor from a
+        gradient used as a value (a NaN parameter explains the whole step), nor where the op's mixing is not
+        known (only elementwise and bilinear ops are read)."""
+        births = frozenset().union(*(self._origin(t, loc) for t in saved))
+        before = frozenset().union(*(i.births if isinstance(i, _Incident) else (i,) for i in carried))
+        if not births - before or any(b.op == "gradient" for b in before | births):
+            return
+        # a NaN/Inf sensitivity counts as nonzero only when it is genuine: contamination is what strong zeros
+        # make a zero upstream, and a zero annihilates the saved NaN/Inf
+        finite_only = all(isinstance(i, _Incident) and i.kind == "contamination" for i in carried)
+        if _elementwise(func, ins, o):
+            met = torch.zeros(o.shape, dtype=torch.bool)
+            for t in saved:
+                met = met | (~torch.isfinite(t)).broadcast_to(o.shape)
+            nonzero = torch.zeros(o.shape, dtype=torch.bool)
+            for t in ins:
+                if t in self.sens:
+                    nonzero = nonzero | (_nonzero(t, finite_only)).broadcast_to(o.shape)
+            met = met & nonzero
+        elif func.overloadpacket in _BILINEAR and args is not None:
+            met = self._indicators(func, args, saved, o, finite_only=finite_only)
+            if met is None:
+                return
+        else:
+            return
+        met = met & mask
+        count, idx = _positions(met)
+        if not count:
+            return
+        has_nan = _nan_in(o, met)
+        op, node_op = _op_name(func), nd.op if nd is not None else "?"
+        for b in births:
+            b.used = True
+        inc = self.store.incident("nan" if has_nan else "inf", op, node_op, loc, count, idx, births,
+                                  f"a nonzero sensitivity met NaN/Inf in {op} (the backward of {node_op})", None,
+                                  False)
+        if self.provisional is not None:
+            self.provisional.append((inc, count, nd, _strong_zeros._STATE.in_mode))
+        self.prov[o] = self.prov[o] | {inc}
 
     def _annihilated(self, func, loc, o, mask, sens_ins, carried, nd, args, out, kwargs) -> bool:
         """A NaN/Inf sensitivity from upstream meets this backward op: where the strong-zero rules, rerun on it,
@@ -159,22 +206,9 @@ class _Incidents:
                 nonzero = nonzero | (s != 0).broadcast_to(o.shape)
             return nonzero
         if func.overloadpacket in _BILINEAR and args is not None:
-            # The op is linear in the sensitivity and in the saved value: evaluate it on indicators
-            # (nonzero sensitivity, non-finite value) to see which outputs mix the two.
-            def ind(a):
-                if not isinstance(a, torch.Tensor) or not _inexact(a):
-                    return a
-                if a in self.sens:
-                    return (a != 0).to(a.dtype)
-                return (~torch.isfinite(a)).to(a.dtype) if any(a is t for t in nf) else torch.zeros_like(a)
-
-            new_args = [[ind(x) for x in a] if isinstance(a, (list, tuple)) else ind(a) for a in args]
-            res = func(*new_args)
-            outs = res if isinstance(res, (list, tuple)) else [res]
-            olist = out if isinstance(out, (list, tuple)) else [out]
-            for r, oo in zip(outs, olist, strict=False):
-                if oo is o and isinstance(r, torch.Tensor):
-                    return r != 0
+            met = self._indicators(func, args, nf, o, out)
+            if met is not None:
+                return met
         if args is not None and out is not None:
             strong = _strong_rerun(func, args, kwargs or {}, sens_ins, o, out)
             if strong is not None:  # what strong zeros leave non-finite is genuine, what they remove contamination
@@ -182,6 +216,26 @@ class _Incidents:
         # Unknown mixing: contamination only when every sensitivity is zero throughout.
         nonzero_anywhere = any(bool((s != 0).any()) for s in sens_ins)
         return torch.full(o.shape, nonzero_anywhere, dtype=torch.bool)
+
+    def _indicators(self, func, args, nf, o, out=None, finite_only=False) -> torch.Tensor | None:
+        """Of a bilinear op (linear in the sensitivity and in the saved value): the op evaluated on indicators
+        (nonzero sensitivity, non-finite value of ``nf``) says which outputs mix the two; None where ``o`` is
+        not among its results. ``finite_only``: a NaN/Inf sensitivity counts as zero."""
+        def ind(a):
+            if not isinstance(a, torch.Tensor) or not _inexact(a):
+                return a
+            if a in self.sens:
+                return _nonzero(a, finite_only).to(a.dtype)
+            return (~torch.isfinite(a)).to(a.dtype) if any(a is t for t in nf) else torch.zeros_like(a)
+
+        new_args = [[ind(x) for x in a] if isinstance(a, (list, tuple)) else ind(a) for a in args]
+        res = func(*new_args)
+        outs = res if isinstance(res, (list, tuple)) else [res]
+        olist = (out if isinstance(out, (list, tuple)) else [out]) if out is not None else [o]
+        for r, oo in zip(outs, olist, strict=False):
+            if oo is o and isinstance(r, torch.Tensor):
+                return r != 0
+        return None
 
     def _from_a_product(self, sens_ins) -> bool:
         """Did the zero sensitivity come straight from the backward of a product with a value (0 * x, a
@@ -242,6 +296,10 @@ class _Incidents:
                 if isinstance(inc, _Incident):
                     inc.reaches.add(self.leaf_name(var))
                     self.reached_now.add(id(inc))
+
+
+def _nonzero(s: torch.Tensor, finite_only: bool) -> torch.Tensor:
+    return (s != 0) & torch.isfinite(s) if finite_only else s != 0
 
 
 def _elementwise(func, ins, o) -> bool:

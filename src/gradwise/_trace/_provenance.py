@@ -26,6 +26,7 @@ from gradwise._trace._common import (
 )
 from gradwise._trace._facts import _LITERALS
 from gradwise._trace._incidents import _in_base
+from gradwise._trace._store import KEEP as _KEEP
 from gradwise._trace._store import Birth as _Birth
 from gradwise._trace._store import Incident as _Incident
 from gradwise._trace._store import count as _count
@@ -58,15 +59,19 @@ class _Provenance:
             name = self.names.get(t) or self._search_name(t, _user_frame())
             batch = self.batches.get(t if t._base is None else t._base)
             b = self._birth("input", loc, nan, name, mask,
-                            lambda idx: _Birth("input", loc, "arrived non-finite", 0, idx, nan, name=name, batch=batch))
+                            lambda idx: _Birth("input", loc, "arrived non-finite", 0, idx, nan, name=name, batch=batch),
+                            batch=batch)
+            if batch is not None and batch not in b.batches and len(b.batches) < _KEEP:
+                b.batches.append(batch)
             got = self.prov[t] = frozenset([b])
         return got
 
-    def _birth(self, op, loc, nan, name, mask, make, parents=(), received=False) -> _Birth:
+    def _birth(self, op, loc, nan, name, mask, make, parents=(), received=False, batch=None) -> _Birth:
         """The interned birth of this site: its indices and description are computed the first time only."""
-        key = self.store.birth_key(op, loc, nan, name, received)
+        n = _count(mask)
+        key = self.store.birth_key(op, loc, nan, name, received, batch, n)
         known = self.store.known(key)
-        return self.store.birth(key, _count(mask), lambda: make(_first(mask)) if known is None else None, parents)
+        return self.store.birth(key, n, lambda: make(_first(mask)) if known is None else None, parents)
 
     def _backward_birth(self, inc: _Incident, t: torch.Tensor, nan: bool) -> _Birth:
         """The birth standing for an incident born in the backward (a formula made NaN/Inf from finite values:

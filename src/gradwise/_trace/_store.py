@@ -12,11 +12,12 @@ May import: torch; gradwise._trace._common (lazily, for path formatting).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 KEEP = 4  # steps remembered per site (the first occurrences)
+_COUNTS = 8  # later DataLoader batches at an arrival site: kept apart by their NaN/Inf count, this many
 _SHOWN = 4  # indices shown per finding
 _BLOCK = 4096  # first() scans masks in blocks of this many elements
 
@@ -34,6 +35,7 @@ class Birth:
     nan: bool
     name: str | None = None  # for data that arrived non-finite
     batch: int | None = None  # ... in this batch of a DataLoader (its index, counted from 0), the first time
+    batches: list = field(default_factory=list)  # the DataLoader batches of its first KEEP occurrences
     parents: set = field(default_factory=set)  # the births it came from (the union over occurrences)
     used: bool = False
     received: bool = False  # read from a collective's buffer: another rank's NaN/Inf
@@ -54,7 +56,10 @@ class Birth:
             return f"the seed of the backward at {_fmt(self.loc)} holds {n} (its grad_tensors / grad_outputs)"
         if self.op == "input":
             name = self.name or "a tensor"
-            batch = "" if self.batch is None else f" in DataLoader batch {self.batch}"
+            batches = self.batches or ([] if self.batch is None else [self.batch])
+            more = ", ..." if self.occurrences > len(batches) > 1 else ""
+            batch = "" if not batches else f" in DataLoader batch {batches[0]}" if len(batches) == 1 else \
+                f" in DataLoader batches {', '.join(map(str, batches))}{more}"
             return f"{name} arrived with {n}{batch} (first used at {_fmt(self.loc)})"
         return f"{self.op} at {_fmt(self.loc)} made {n}: {self.what}"
 
@@ -83,6 +88,17 @@ class Incident:
     steps: list = field(default_factory=list)
     last: int = 0
     serial: int = 0  # the store's event counter when last seen (nested blocks report what they saw)
+
+
+def describe_arrivals(births: list[Birth]) -> str:
+    """Data that arrived non-finite at one site in several DataLoader batches kept apart (``Store.birth_key``),
+    told as one: the first batch's details, the totals and the batches."""
+    first = births[0]
+    if len(births) == 1:
+        return first.describe()
+    batches = [i for b in births for i in (b.batches or [b.batch])]
+    return replace(first, count=sum(b.count for b in births), occurrences=sum(b.occurrences for b in births),
+                   batches=list(dict.fromkeys(batches))[:KEEP]).describe()
 
 
 def earliest(births) -> Birth | None:
@@ -115,7 +131,7 @@ def root(birth: Birth) -> Birth:
 class Store:
     """The interned births and incidents of one trace, with the step counter."""
 
-    __slots__ = ("births", "incidents", "orphans", "serial", "step")
+    __slots__ = ("arrivals", "births", "incidents", "orphans", "serial", "step")
 
     def __init__(self) -> None:
         self.births: dict[tuple, Birth] = {}
@@ -123,9 +139,27 @@ class Store:
         self.step = 0
         self.serial = 0
         self.orphans: dict[str, list] = {}  # leaf name -> [elements, occurrences, serial]
+        self.arrivals: dict[tuple, set] = {}  # arrival site (DataLoader data) -> the keys of its births
 
-    def birth_key(self, op: str, loc: tuple, nan: bool, name: str | None, received: bool = False) -> tuple:
-        return (op, loc, nan, name, received)
+    def birth_key(self, op: str, loc: tuple, nan: bool, name: str | None, received: bool = False,
+                  batch: int | None = None, count: int = 0) -> tuple:
+        """The site a birth is interned by. Data arriving non-finite from a DataLoader is one arrival per batch:
+        one batch's padding that the loss never reads and another batch's real NaN are different findings at
+        the same line. The first KEEP batches at a site stay apart, later ones by their NaN/Inf count (a
+        different count: different data), ``_COUNTS`` of them, and the rest together: bounded over long runs."""
+        key = (op, loc, nan, name, received)
+        if batch is None:
+            return key
+        kept = self.arrivals.setdefault(key, set())
+        arrival = (*key, "batch", self.step, batch)
+        if arrival in kept or len(kept) < KEEP:
+            kept.add(arrival)
+            return arrival
+        by_count = (*key, "count", count)
+        if by_count in kept or len(kept) < KEEP + _COUNTS:
+            kept.add(by_count)
+            return by_count
+        return (*key, "rest")
 
     def known(self, key: tuple) -> Birth | None:
         return self.births.get(key)

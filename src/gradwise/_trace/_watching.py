@@ -56,10 +56,12 @@ class _Watcher:
 
     def backward(self, orig, tensors, grad_tensors=None, retain_graph=None, create_graph=False,
                  grad_variables=None, inputs=None):
-        if self.depth:  # a backward inside a backward (reentrant checkpoint): the outer call checks
+        outs = _as_tuple(tensors)
+        # a backward inside a backward (reentrant checkpoint): the outer call checks; one made while compiling
+        # (AOTAutograd tracing the joint graph on fake tensors) is no step of the program
+        if self.depth or _compiling(outs):
             return orig(tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)
         keep = create_graph if retain_graph is None else retain_graph
-        outs = _as_tuple(tensors)
         roots = _strong_zeros._root_nodes(outs)
         self.depth += 1
         try:
@@ -78,11 +80,11 @@ class _Watcher:
 
     def grad(self, orig, outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False,
              only_inputs=True, allow_unused=None, is_grads_batched=False, materialize_grads=False):
-        if self.depth or is_grads_batched or torch._C._are_functorch_transforms_active():
+        outs = _as_tuple(outputs)
+        if self.depth or is_grads_batched or torch._C._are_functorch_transforms_active() or _compiling(outs):
             return orig(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs, allow_unused,
                         is_grads_batched, materialize_grads)
         keep = create_graph if retain_graph is None else retain_graph
-        outs = _as_tuple(outputs)
         roots = _strong_zeros._root_nodes(outs)
         self.depth += 1
         try:
@@ -142,8 +144,14 @@ class _Watcher:
         how = ("was explained from its backward (its forward was not traced)" if self.unexplained is None else
                f"could not be explained (its backward could not run again: {self.unexplained}; a compiled backward "
                "with donated buffers does not keep its graph)")
+        unknown = ""
+        if self.unexplained is not None and report.unused:
+            # that step may have used the NaN/Inf of these same sites: "no gradient used" is not known
+            unknown = ("; whether a gradient used the NaN/Inf values that no traced step used could not be "
+                       f"determined (step {self.found_at} may have), so they are not listed")
+            report.unused = []
         report.notes.insert(0, f"gw.watch(): the first non-finite gradient came at step {self.found_at}; that step "
-                               f"{how}, the following steps were traced in full")
+                               f"{how}, the following steps were traced in full{unknown}")
 
 
 _NODE_SUFFIX = re.compile(r"Backward\d*$")
@@ -162,6 +170,13 @@ def _as_tuple(ts) -> tuple:
     if isinstance(ts, (torch.Tensor, torch.autograd.graph.GradientEdge)):
         return (ts,)
     return tuple(ts)
+
+
+def _compiling(outs: tuple) -> bool:
+    """A backward call made by torch.compile while it compiles (AOTAutograd differentiates the graph on fake,
+    functional tensors): it neither counts as a step nor has values to check."""
+    return torch.compiler.is_compiling() or any(
+        isinstance(t, torch.Tensor) and not _kinds.readable(t) for t in outs)
 
 
 def _finite(grads: list[torch.Tensor]) -> bool:
