@@ -807,3 +807,73 @@ def test_forward_zeros_recomputed_in_the_backward_are_values():
         (got,) = gw.grad(compiled(x, s), x)
     assert got.isnan().all()
     assert torch.equal(gw.grad(compiled(x, finite), x)[0], clean)
+
+
+def test_a_strong_variant_that_gcc_refuses_runs_compiled_without_vectorization(monkeypatch):
+    """Inductor's CPU vectorizer can emit code that g++ refuses for the pass's bool masks (a Llama layer's
+    rotary backward: '?:' of VecMask<int> and VecMask<float>): the backward then ran op by op, every step, with a
+    warning. Simulated here (the pass fails while vectorization is on): the strong variant is compiled without
+    it, and the backward as PyTorch compiled it runs first, so finite gradients stay PyTorch's bits; padding
+    NaN goes through the unvectorized strong variant, compiled (no op-by-op), to the deleted program's gradient."""
+    from gradwise._strong_zeros import _compile_pass
+
+    real = _compile_pass.rewrite_backward
+
+    def refused(graph):
+        if torch._inductor.config.cpp.simdlen != 1:
+            raise RuntimeError("C++ compile error (simulated: g++ refuses the vectorized kernel)")
+        return real(graph)
+
+    monkeypatch.setattr(_compile_pass, "rewrite_backward", refused)
+    torch._dynamo.reset()
+    net = _Net()
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        fn = torch.compile(lambda x: _loss(net, x, 5))
+        finite = _data(pad=3.0).abs() + 0.5
+        plain = _grads(net, finite, fn, strong=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", gw.CompiledBackwardWarning)
+            _equal(_grads(net, finite, fn, strong=True), plain)
+            before = dict(_compile.STATS)
+            x = _data()
+            _close(_grads(net, x, fn, strong=True), _deleted(net, x, 5))
+    assert _compile.STATS["eager"] == before["eager"]
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_llama_layer_compiles_with_strong_zeros():
+    """The graph that made g++ refuse the vectorized strong variant: a 1-layer Llama (GQA, rotary, SDPA) with a
+    padding mask and a dropped sample full of NaN. Finite: PyTorch's compiled bits; NaN: compiled (no op-by-op
+    run), equal to the program on the kept samples."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, intermediate_size=16, max_position_embeddings=16,
+                                   attn_implementation="sdpa")
+    llama = transformers.LlamaModel(cfg)
+    params = list(llama.parameters())[1:]  # (the token embedding is unused: inputs_embeds)
+    tok = torch.tensor([[True] * 5, [True] * 5, [True] * 3 + [False] * 2])
+    keep = torch.tensor([True, False, True])
+
+    def loss(x, tok=tok, keep=keep):
+        out = llama(inputs_embeds=x, attention_mask=tok.long()).last_hidden_state
+        return torch.where((tok & keep[:, None])[..., None], out, 0.0).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss)
+    x = torch.randn(3, 5, 8)
+    plain = torch.autograd.grad(compiled(x), params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gw.CompiledBackwardWarning)
+        assert all(torch.equal(a, b) for a, b in zip(gw.grad(compiled(x), params), plain, strict=True))
+        bad = x.clone()
+        bad[1] = nan
+        before = dict(_compile.STATS)
+        got = gw.grad(compiled(bad), params)
+    assert _compile.STATS["eager"] == before["eager"]
+    want = torch.autograd.grad(loss(x[[0, 2]], tok[[0, 2]], keep[[0, 2]]), params)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()

@@ -122,6 +122,16 @@ def _with_pass() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _without_pass() -> Iterator[None]:
+    from torch._inductor import config
+    from torch._inductor.custom_graph_pass import get_custom_graph_passes
+
+    others = [p for p in get_custom_graph_passes(config.post_grad_custom_pre_pass) if p is not strong_zero_pass()]
+    with config.patch(post_grad_custom_pre_pass=others or None):
+        yield
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Reaching a CompiledFunctionBackward's backward compiler (AOTAutograd keeps it in a closure cell)
 # ---------------------------------------------------------------------------------------------------------
@@ -197,7 +207,12 @@ def _strong_variant(bc: Any) -> Callable[..., Any] | None:
     try:
         with _with_pass(), _own_bucket(bc):
             # saved_tensors_use_once=False: no donated buffers, so the variant may run with the graph retained
-            strong = bc.get_or_compile(saved_tensors_use_once=False)
+            try:
+                strong = bc.get_or_compile(saved_tensors_use_once=False)
+            except Exception as exc:
+                if "C++ compile error" not in str(exc):
+                    raise
+                strong = _unvectorized(bc)
     except Exception as exc:
         warnings.warn(f"gw.strong_zeros: the strong-zero pass could not compile this backward ({type(exc).__name__}:"
                       f" {str(exc).splitlines()[0][:200] if str(exc) else ''}); under strong zeros its backward "
@@ -211,6 +226,31 @@ def _strong_variant(bc: Any) -> Callable[..., Any] | None:
             meta.bw_donated_idxs = idxs
     bc._gw_strong = strong
     return strong
+
+
+def _unvectorized(bc: Any) -> Callable[..., Any]:
+    """Inductor's CPU vectorizer can emit code that g++ refuses for the pass's bool masks (a ?: of VecMask<int>
+    and VecMask<float>, seen on a Llama layer's rotary backward). Then the strong variant is compiled without
+    vectorization (its rounding differs from PyTorch's vectorized kernels), and the backward as PyTorch compiled
+    it (without the pass, nor donated buffers) runs first: a finite result of it is PyTorch's own, bit for bit
+    (strong zeros change only what NaN/Inf reached); a non-finite one is recomputed by the strong variant."""
+    with torch._inductor.config.patch({"cpp.simdlen": 1}):
+        scalar = bc.get_or_compile(saved_tensors_use_once=False)
+    bc.compiled_bw = None
+    with _without_pass():
+        plain = bc.get_or_compile(saved_tensors_use_once=False)
+
+    def run(args: list) -> Any:
+        from gradwise._strong_zeros._planning import _all_finite
+
+        out = _call(plain, list(args))
+        if _all_finite([t for t in out if isinstance(t, torch.Tensor) and inexact(t)]):
+            args.clear()
+            return out
+        return _call(scalar, args)
+
+    run._boxed_call = True  # type: ignore[attr-defined]
+    return run
 
 
 @contextlib.contextmanager
