@@ -1391,3 +1391,29 @@ def test_adams_inf_over_inf_is_downstream_of_the_inf_gradient():
     update = [f for f in report.findings if f.op == "aten.addcdiv_"]
     assert update and all(f.downstream and "infinite inputs" in f.born for f in update)
     assert len(report.causes) == 1
+
+
+def test_data_moved_by_ops_nobody_reads_is_named_after_the_users_tensor():
+    """NaN data first read through ops the trace passes over unread (GRU's internal transpose and copy of a
+    batch_first input; a relu on a line before the linear layer) was born as "tensor[5, 2, 4] arrived" (GRU's
+    own tensor) or as "h arrived" at the linear's line. The birth is the user's tensor, with its own count and
+    coordinates, first used where it first was."""
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(4, 3, batch_first=True)
+    x = torch.randn(2, 5, 4)
+    x[1, 3:] = float("nan")
+    with gw.trace() as report:
+        out, _ = gru(x)  # the GRU line
+        (out[0].sum() + out[1, :3].sum()).backward()
+    [f] = report.findings
+    assert f.born.startswith("x arrived with 8 NaN value(s)") and "(x2)" not in f.born, str(report)
+    assert "gru(x)" in _line(f.born_location)
+    lin = torch.nn.Linear(4, 3)
+    y = torch.randn(5, 4)
+    y[3:] = float("nan")
+    with gw.trace() as report:
+        h = torch.relu(y)  # the first use
+        lin(h)[:3].sum().backward()
+    [f] = report.findings
+    assert f.born.startswith("y arrived with 8 NaN value(s)"), str(report)
+    assert "torch.relu(y)" in _line(f.born_location)

@@ -7,6 +7,7 @@ May import: torch, gradwise._trace._common, _advice, _facts, _kinds, _store.
 from __future__ import annotations
 
 import threading
+import weakref
 
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
@@ -15,6 +16,7 @@ from gradwise._trace._advice import _explain
 from gradwise._trace._common import (
     _fmt,
     _has_nan,
+    _inexact,
     _is_internal,
     _loc,
     _nan_in,
@@ -54,7 +56,14 @@ class _Provenance:
             b = self._birth(via[0], via[1], nan, None, mask, lambda idx: _Birth(
                 via[0], via[1], "received from another rank", 0, idx, nan, received=True), received=True)
             got = self.prov[t] = frozenset([b])
+        found = t
+        root, first = self._root(t, loc) if got is None else (t, loc)  # data moved by ops nobody read
+        if root is not t:
+            got = self.prov.get(root)
+            if got is not None:
+                self.prov[t] = got
         if got is None:
+            t, loc = root, first
             mask, nan = _nonfinite_mask(t), _has_nan(t)
             name = self.names.get(t) or self._search_name(t, _user_frame())
             batch = self.batches.get(t if t._base is None else t._base)
@@ -63,8 +72,31 @@ class _Provenance:
                             batch=batch)
             if batch is not None and batch not in b.batches and len(b.batches) < _KEEP:
                 b.batches.append(batch)
-            got = self.prov[t] = frozenset([b])
+            got = self.prov[t] = self.prov[found] = frozenset([b])
         return got
+
+    def _derive(self, out, ins: list, loc) -> None:
+        """An op passed over unread (a view, a copy, a finite-preserving op on tensors without provenance) at
+        ``loc``: its outputs remember their sources, weakly, so that NaN/Inf found in them later is the data it
+        came from (named and counted as the user's ``x``, first used where it first was: not GRU's internal
+        transpose of it, nor the relu(x) a later line reads)."""
+        entry = (tuple(weakref.ref(t) for t in ins), loc)
+        for o in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(o, torch.Tensor) and _inexact(o):
+                self.derived[o] = entry
+
+    def _root(self, t: torch.Tensor, loc) -> tuple[torch.Tensor, tuple]:
+        """The earliest non-finite source ``t`` was derived from by ops passed over (``_derive``) and where it
+        was first used, else (``t``, ``loc``)."""
+        for _ in range(64):  # (a chain of views and copies; bounded)
+            entry = self.derived.get(t)
+            if entry is None:
+                break
+            sources = [s for r in entry[0] if (s := r()) is not None and _inexact(s) and _nonfinite(s)]
+            if not sources:
+                break
+            t, loc = sources[0], entry[1]
+        return t, loc
 
     def _birth(self, op, loc, nan, name, mask, make, parents=(), received=False, batch=None) -> _Birth:
         """The interned birth of this site: its indices and description are computed the first time only."""

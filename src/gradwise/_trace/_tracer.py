@@ -164,6 +164,7 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         self.split = WeakTensorKeyDictionary()
         self.formula_g: dict[int, torch.Tensor] = {}  # node seq -> g, at a whole formula's first op
         self.names = _ByIdentity()
+        self.derived = _ByIdentity()  # output of an op passed over unread -> weak references to its inputs
         self.batches = WeakTensorKeyDictionary()  # tensor -> index of the DataLoader batch it arrived in
         self.module_names = _ByIdentity()  # module -> {id(param): name}
         self.nodes: dict[int, _Node] = {}
@@ -267,12 +268,15 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         if not creates_node and info.uninitialised:
             return _run(func, args, kwargs)  # empty & co: no values, nothing to record
         keeps = info.keeps or (info.cast and info.widens(args, kwargs))
+        ins = _tensors(args)
         if not creates_node and keeps and not info.mutable and not self.pending \
-                and not any(t in self.prov for t in _tensors(args)):
-            return _run(func, args, kwargs)  # undifferentiated, finite in and out (detach, ones_like): no record
+                and not any(t in self.prov for t in ins):
+            out = _run(func, args, kwargs)  # undifferentiated, finite in and out (detach, ones_like): no record
+            if ins:
+                self._derive(out, ins, _loc(_user_frame()))
+            return out
         frame = _user_frame()
         loc = _loc(frame)
-        ins = _tensors(args)
         det = info.detector
         if det is not None and not all(_kinds.readable(t) for t in ins):
             det = None  # a ZeroTensor/meta/sparse input: no values to test for a kink
@@ -299,6 +303,8 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         if info.mutable and not outs:
             outs = _floats(args[0])
         if not outs or info.uninitialised or (keeps and not self.pending and not any(t in self.prov for t in ins)):
+            if outs and ins and not info.uninitialised:
+                self._derive(outs, ins, loc)
             return out  # finite in, finite out: nothing to check (provenance is up to date when nothing is pending)
         self._check(outs, lambda bad: self._dig(func, loc, ins, bad, None, info))
         return out
