@@ -1482,3 +1482,92 @@ def test_a_tuple_of_outputs_is_refused_where_one_scalar_is_needed():
         with pytest.raises(ValueError, match="tuple of 2 tensors"):
             call()
     assert [float(v) for v in gw.directional_derivative(f, x, torch.ones(2, dtype=torch.float64))] == [2.0, 20.0]
+
+
+def test_topk_unsorted_is_pytorchs_order_and_refused_at_ties():
+    """topk(sorted=False) returns its k elements in an order of PyTorch's kernel; gradwise returned them sorted,
+    so an f reading that order was another function everywhere (gradient [1,0,0,3,0,0,4,2] for PyTorch's
+    [2,0,0,3,0,0,4,1], a wrong value and directional derivative). Away from ties: PyTorch's gradient bitwise and
+    float64 one-sided differences; at a tie the order may change along a direction: refused."""
+    torch.manual_seed(0)
+    x = torch.randn(8, dtype=torch.float64)
+    w = torch.arange(1.0, 5.0, dtype=torch.float64)
+    f = lambda x: (x.topk(4, sorted=False).values * w).sum()
+    xr = x.clone().requires_grad_(True)
+    assert torch.equal(gw.generalized_grad(f, x)[0], torch.autograd.grad(f(xr), xr)[0])
+    d = torch.randn(8, dtype=torch.float64)
+    assert float(gw.directional_derivative(f, x, d)) == pytest.approx(one_sided(f, [x], [d]), abs=1e-6)
+    tied = torch.tensor([1.0, 0.5, 1.0, 2.0, -1.0], dtype=torch.float64)
+    g = lambda x: (x.topk(3, sorted=False).values * w[:3]).sum()
+    with pytest.raises(NonsmoothError, match="sorted=True"):
+        gw.directional_derivative(g, tied, torch.randn(5, dtype=torch.float64))
+
+
+def test_generalized_backward_differentiates_the_inputs_that_require_grad():
+    """A frozen input (requires_grad=False) is a constant of f, as in .backward(): its tangent broke ties, so
+    for max(c, -|w|) at w = c = 0 (identically 0 in w) w.grad was -1 or 1 for some seeds. An input f does not
+    use keeps .grad None (it was zeros: weight decay then moved it)."""
+    f = lambda w, c: torch.maximum(c, -torch.abs(w)).sum()
+    for seed in range(12):
+        w = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+        gw.generalized_backward(f, [w, torch.zeros(1, dtype=torch.float64)], seed=seed)
+        assert float(w.grad) == 0.0
+    used, unused = (torch.ones(2, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    gw.generalized_backward(lambda a, b: torch.relu(a).sum(), [used, unused])
+    assert torch.equal(used.grad, torch.ones(2, dtype=torch.float64)) and unused.grad is None
+
+
+JUMPS = {  # f, a point on the jump, a direction crossing it
+    "bucketize": (lambda x: (torch.bucketize(x, torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64)).double() * x)
+                  .sum(), [1.0], [1.0]),
+    "searchsorted": (lambda x: (torch.searchsorted(torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64), x).double()
+                                * x).sum(), [1.0], [1.0]),
+    "histc": (lambda x: torch.histc(x, bins=2, min=0, max=2)[0] * x.sum(), [1.0], [-1.0]),
+    "count_nonzero": (lambda x: torch.count_nonzero(x) * x.sum(), [0.0, 1.0], [1.0, 0.0]),
+    "bool cast": (lambda x: x.bool().double().sum() * x.sum(), [0.0, 1.0], [1.0, 0.0]),
+    "long cast": (lambda x: x.long().double().sum() + x.sum(), [2.0], [-1.0]),
+    "signbit": (lambda x: torch.signbit(x).double().sum() * x.sum() + x.sum(), [0.0, 1.0], [-1.0, 0.0]),
+    "angle": (lambda x: torch.angle(x).sum(), [0.0], [-1.0]),
+    "unique": (lambda x: torch.unique(x).sum(), [1.0, 1.0], [1.0, 0.0]),
+    "sgn complex": (lambda x: torch.sgn(torch.complex(x[0], x[1])).real, [0.0, 0.0], [1.0, 0.0]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(JUMPS))
+def test_ops_that_read_floats_into_integers_refuse_at_their_jumps(name):
+    """Ops whose outputs are integers or bools (or Python values) carry no derivative: at a point where they
+    change (f(x + 1e-9 d) - f(x) is O(1) below: a jump) gradwise returned a directional derivative of 0 or 1 and
+    'stationary' proofs. Refused there; away from their jumps exact (float64 one-sided differences)."""
+    f, x, d = JUMPS[name]
+    x, d = torch.tensor(x, dtype=torch.float64), torch.tensor(d, dtype=torch.float64)
+    with torch.no_grad():
+        assert abs(float(f(x + 1e-9 * d) - f(x))) > 0.1  # the reference: f jumps here
+    for call in (lambda: gw.directional_derivative(f, x, d), lambda: gw.stationarity(f, x)):
+        with pytest.raises(NonsmoothError):
+            call()
+    away = x + torch.tensor([0.25, 0.375][: x.numel()], dtype=torch.float64)
+    if name == "histc":
+        away = torch.tensor([0.75], dtype=torch.float64)
+    if name == "unique":  # PyTorch's unique has no forward-mode derivative: refused anywhere, clearly
+        with pytest.raises(NonsmoothError, match="no forward-mode derivative"):
+            gw.directional_derivative(f, away, d)
+        return
+    assert float(gw.directional_derivative(f, away, d)) == pytest.approx(one_sided(f, [away], [d]), abs=1e-6)
+
+
+@pytest.mark.parametrize("read", ["tolist", "item"])
+def test_python_branches_on_tied_values_are_refused(read):
+    """max(x0, x1) - mean(x) written with Python's max over x.tolist() (or an if on .item() values): gradwise
+    follows torch's comparisons, not Python's, so at x0 == x1 the branch was x's own (a directional derivative
+    of -0.5 against +0.5 by differences, 'not stationary' proved at the minimum). Refused at the tie; exact
+    (float64 one-sided differences) where the values differ."""
+    f = {"tolist": lambda x: x[(v := x.tolist()).index(max(v))] - x.mean(),
+         "item": lambda x: (x[0] if x[0].item() >= x[1].item() else x[1]) - x.mean()}[read]
+    tie = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    d = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    for call in (lambda: gw.directional_derivative(f, tie, d), lambda: gw.stationarity(f, tie)):
+        with pytest.raises(NonsmoothError, match="into Python"):
+            call()
+    away = torch.tensor([1.0, 1.5], dtype=torch.float64)
+    for e in (d, -d, torch.tensor([0.3, -0.7], dtype=torch.float64)):
+        assert float(gw.directional_derivative(f, away, e)) == pytest.approx(one_sided(f, [away], [e]), abs=1e-6)

@@ -279,7 +279,7 @@ def _grads(y: Tensor, leaves, xs) -> tuple[Tensor, ...]:
         raise NonsmoothError(f"f's value depends on input {reached[0]} through a tensor computed from it outside f "
                              "(e.g. features computed once before the call): gradwise cannot see the ops that made "
                              "it, and would drop that part of the gradient. Compute that tensor inside f")
-    return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads[:len(leaves)], strict=True))
+    return tuple(grads[:len(leaves)])  # (None for an input f does not use)
 
 
 # f's code object -> the mode call of its last tie at the previous call (-1: none, or none a saved index can lock).
@@ -289,7 +289,17 @@ _LAST_TIE: OrderedDict[object, int] = OrderedDict()
 _LAST_TIE_SIZE = 256
 
 
-def _locked_grad(f, xs, single, seed, run_kw=None, direction=None):
+def _locked_grad(f, xs, single, seed, run_kw=None, direction=None, memo=None, unused_none=False):
+    """`_locked_grads`, with zeros for the inputs f does not use (``unused_none``: None instead, as
+    ``.backward()`` leaves their ``.grad``). ``memo``: the key of f's last tie (`_LAST_TIE`), by default f's code."""
+    grads, probe, value = _locked_grads(f, xs, single, seed, run_kw, direction,
+                                        memo if memo is not None else getattr(f, "__code__", None))
+    if not unused_none:
+        grads = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads, strict=True))
+    return grads, probe, value
+
+
+def _locked_grads(f, xs, single, seed, run_kw, direction, memo):
     """A generalized gradient. A tangent-free pass finds the kinks, building the graph with provisional
     branches; without ties that graph is the answer. With ties, f runs again along a random direction, stopping
     after the last tie; the branches it ranks are written into the first pass's lock tensors (saved indices and
@@ -301,7 +311,6 @@ def _locked_grad(f, xs, single, seed, run_kw=None, direction=None):
     """
     draw = _random_direction if direction is None else _given(direction)
     run_kw = {**(run_kw or {}), "top_only": True}  # only the gradient leaves: rules may rank what ops return
-    memo = getattr(f, "__code__", None)
     carry = _LAST_TIE.get(memo, -1) if memo is not None else -1
     d, gen = draw(xs, seed) if carry >= 0 else (None, None)  # drawn only when needed
     probe = _Run(**run_kw)
@@ -402,14 +411,38 @@ def generalized_backward(f: Callable, inputs, *, seed: int | None = None) -> Ten
     _ctx.check_int("seed", seed, low=0, high=2**63 - 1, allow_none=True)
     seed = None if seed is None else int(seed)  # a NumPy integer too
     xs, single = _as_inputs(tuple(inputs) if not isinstance(inputs, Tensor) else inputs)
-    grads, _, value = _locked_grad(f, xs, single, seed)
+    # as .backward(): a frozen tensor is a constant of f (no tangent, so it breaks no tie) and gets no .grad (an
+    # optimizer would move it), nor does one f does not use
+    active = [i for i, x in enumerate(xs) if x.requires_grad]
+    if len(active) < len(xs):
+        call, memo = _with_constants(f, xs, single, active), getattr(f, "__code__", None)
+        if not active:
+            _ctx.restore_state()
+            with torch.no_grad():
+                return _scalar([(call(), None)]).detach()
+        grads, _, value = _locked_grad(call, tuple(xs[i] for i in active), False, seed, memo=memo,
+                                       unused_none=True)
+        xs = tuple(xs[i] for i in active)
+    else:
+        grads, _, value = _locked_grad(f, xs, single, seed, unused_none=True)
     for x, g in zip(xs, grads, strict=True):
-        if not x.requires_grad:  # as .backward(): a frozen tensor gets no .grad (an optimizer would move it)
+        if g is None:
             continue
         x.grad = g.detach().clone() if x.grad is None else x.grad + g
         for hook in (getattr(x, "_post_accumulate_grad_hooks", None) or {}).values():  # as .backward() runs them
             hook(x)
     return value
+
+
+def _with_constants(f: Callable, xs: tuple, single: bool, active: list[int]) -> Callable:
+    """f of the ``active`` inputs alone, the others passed as they are (constants)."""
+    def call(*moving):
+        args = list(xs)
+        for i, t in zip(active, moving, strict=True):
+            args[i] = t
+        return f(args[0]) if single else f(*args)
+
+    return call
 
 
 @_ctx.same_state

@@ -62,6 +62,11 @@ def _moved_live(func, live: Callable, args, kwargs) -> Tensor:
     return func(live(), *args, **kwargs)
 
 
+# reads of a tensor's values into Python (`_KinkMode._python_read`)
+_PYTHON_READS = {Tensor.item, Tensor.tolist, Tensor.__bool__, Tensor.__float__, Tensor.__int__, Tensor.__index__,
+                 Tensor.__complex__}
+
+
 class _Stop(Exception):
     """Raised by the mode once the pass has gone past the last kink it needs."""
 
@@ -105,6 +110,7 @@ class _KinkMode(TorchFunctionMode):
         # depend on the choice (a jump, unless it reads them continuously), and, where the choice is still
         # provisional (its lock is written after this pass), its forward too
         self.exposed: dict[int, tuple[Tensor, list]] = {}
+        self.read_values: dict[int, set] = {}  # id -> the values f read into Python from that tensor
 
     def _sub(self, a, stop: bool = False):
         if isinstance(a, Tensor):
@@ -159,6 +165,8 @@ class _KinkMode(TorchFunctionMode):
                 _push_dispatch_mode(watch)
 
     def _dispatch(self, func, args, kwargs):
+        if func in _PYTHON_READS and args and self.involved(args[0]):
+            self._python_read(args[0], func)
         everything = (*args, *kwargs.values())
         # inside a torch.func transform a wrapped tensor's tangent is not visible (its level sits inside the
         # transform): any wrapped argument counts as depending on the inputs (a refusal, never a convention)
@@ -225,6 +233,29 @@ class _KinkMode(TorchFunctionMode):
                 if not (t.is_floating_point() or t.is_complex()):
                     self.exposed[id(t)] = (t, self.run.kinks[before:])
         return out
+
+    def _python_read(self, t: Tensor, func) -> None:
+        """f reads values that depend on its inputs into Python (``.tolist()``, ``.item()``, ``if t:``), where
+        its code may compare them: gradwise follows torch's comparisons, not Python's. Values tied with each
+        other, with values read before, or with 0 (the common threshold) may take another branch along a
+        direction: an error there. Untied values keep their order and sign nearby (a branch on them is fixed)."""
+        p = _unpack(t)[0]
+        if not (p.is_floating_point() or p.is_complex()) or p.numel() == 0:
+            return
+        values = p.detach().reshape(-1)
+        tied = bool((values == 0).any()) or torch.unique(values).numel() < values.numel()
+        known = self.read_values.get(id(p))
+        fresh = set(values.tolist()) if values.numel() <= 1 << 12 else set()
+        if not tied and any(v in fresh for other, vs in self.read_values.items() if other != id(p) for v in vs):
+            tied = True
+        if tied:
+            raise NonsmoothError(f"f reads values that depend on its inputs into Python ({_callable_name(func)} at "
+                                 f"{_user_line()}) where they tie (with each other, with values read before, or "
+                                 "with 0): Python code comparing them may take another branch along a direction, "
+                                 "which gradwise cannot follow. Compare with torch ops instead (torch.where, "
+                                 "argmax, maximum), which it follows")
+        if known is None:
+            self.read_values[id(p)] = fresh
 
     def _read_indices(self, args, kwargs) -> None:
         """f reads the indices a tied kink call returned. Its value may jump there (argmax used as a number, a

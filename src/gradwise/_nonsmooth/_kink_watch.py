@@ -156,7 +156,7 @@ def _watched(func, args: tuple, kwargs: dict, involved: Callable):
             out = func(*args, **kwargs)
     else:
         def copy(a):  # a non-leaf copy where it depends on the inputs: in-place calls work on it as on a
-            if not _float(a):
+            if not (_float(a) or (isinstance(a, Tensor) and a.is_complex())):
                 return a
             p = _split(a)[0].detach()
             return p.requires_grad_(True).clone() if involved(a) else p.clone()

@@ -365,6 +365,9 @@ def _step(name: str, inplace: bool = False):
 
     def rule(run, func, x, *args, **kwargs):
         xp = _split(x)[0]
+        if xp.is_complex() and mask_any(xp == 0):  # sgn(z) = z / |z|: smooth but at 0, where no limit exists
+            raise NonsmoothError(f"sgn of a complex 0 at {_user_line()}: z / |z| has no limit there (a jump in "
+                                 "every direction). Keep it away from 0 (e.g. z / (|z| + eps))")
         if args or kwargs or not xp.is_floating_point():  # round(decimals=k): jumps are not floats; kept as is
             return func(x, *args, **kwargs)
         jump = at_jump(xp.detach())

@@ -452,10 +452,32 @@ def sort(run, func, x, dim=-1, descending=False, stable=False):
 
 @kink_rule(aten.topk, torch.topk, Tensor.topk)
 def topk(run, func, x, k, dim=-1, largest=True, sorted=True):
-    """Top k. Ties at or across the k-th place: the elements largest along the direction win."""
+    """Top k. Ties at or across the k-th place: the elements largest along the direction win. ``sorted=False``:
+    in PyTorch's order (unspecified, but what f reads): away from ties PyTorch's output exactly; at a tie the
+    order of tied elements may change along a direction in ways only PyTorch's kernel knows: an error there."""
+    before = len(run.kinks)
     v, perm, d = _top_ranked(run, "aten.topk", x, k, dim, largest) or _ordered(run, "aten.topk", x, dim, largest,
                                                                               slice(0, k))
-    return torch.return_types.topk((v[..., :k].movedim(-1, d), perm[..., :k].movedim(-1, d)))
+    v, perm = v[..., :k], perm[..., :k]
+    if not sorted and k > 1:
+        if len(run.kinks) > before:
+            raise NonsmoothError(f"topk(sorted=False) at {_user_line()} has tied values: the order of its output "
+                                 "is unspecified and may change along a direction, so f's derivative there is "
+                                 "not known. Use sorted=True (the same elements, in a known order)")
+        theirs = torch.topk(_split(x)[0], k, dim, largest, sorted=False).indices.movedim(d, -1)
+        slots = _slots(perm, theirs)
+        v, perm = v.gather(-1, slots), perm.gather(-1, slots)
+    return torch.return_types.topk((v.movedim(-1, d), perm.movedim(-1, d)))
+
+
+def _slots(ours: Tensor, theirs: Tensor) -> Tensor:
+    """For each of PyTorch's output slots (``theirs``: the index each holds), the position in ``ours`` (the
+    chosen indices: the same set, away from ties) of the same index."""
+    match = theirs.unsqueeze(-1) == ours.unsqueeze(-2)  # (..., slot, ours)
+    if not bool(match.any(-1).all()):
+        raise NonsmoothError(f"topk(sorted=False) at {_user_line()}: gradwise's choice of the top k differs from "
+                             "PyTorch's without a tie; use sorted=True")
+    return match.to(torch.int8).argmax(-1)
 
 
 @kink_rule(aten.kthvalue, torch.kthvalue, Tensor.kthvalue)

@@ -2,7 +2,9 @@
 
 Modules:
 
-``_kinks``   where each aten op kinks (or is singular, or jumps), and PyTorch's convention there: ``KINKS``.
+``_kinks``      where each aten op kinks (or is singular, or jumps), and PyTorch's convention there: ``KINKS``.
+``_discrete``   the jumps of ops that read floats into integers or bools (bucketize, casts, nonzero ...), added
+                to ``KINKS``.
 
 No engine lives here: only what is true of an op, whoever asks. Facts one concern alone reads stay with it:
 which forward ops discard values, with the trace's fix texts (``_trace/_facts.py``), and what backward formulas of
@@ -10,3 +12,5 @@ autograd node types do with saved tensors (``_strong_zeros/_node_facts.py``); th
 
 May import: torch, math only (no other gradwise module).
 """
+
+from gradwise._ops import _discrete  # noqa: F401  (registers its facts in KINKS)

@@ -1,0 +1,95 @@
+"""Jumps of the ops that read a float tensor into integers or bools (bucketize, searchsorted, histc, counts,
+nonzero, signbit, angle, unique, integer and bool casts): added to ``_kinks.KINKS`` (kind ``"jump"``), apart
+from the kinks of continuous ops. Their outputs carry no derivative, so a rule-less call at such a point would
+give f a derivative of 0 across a jump: nonsmooth calculus refuses there (``_nonsmooth/_kink_watch.py``).
+
+May import: torch, ``_kinks``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradwise._ops._kinks import OpCall, Site, _float, _integral, _kink, _where_zero
+
+aten = torch.ops.aten
+Tensor = torch.Tensor
+
+
+def _on_boundaries(x, boundaries) -> Site | None:
+    """Where x equals one of ``boundaries`` (a bucket changes there)."""
+    if not (_float(x) or _float(boundaries)):
+        return None
+    if not isinstance(x, Tensor):
+        x = torch.tensor(x, dtype=boundaries.dtype, device=boundaries.device)
+    return Site(torch.isin(x, boundaries))
+
+
+@_kink(aten.bucketize, kind="jump", convention="none (an integer output)")
+def _bucketize_on_a_boundary(c: OpCall):
+    """bucketize(x, boundaries) jumps where x equals a boundary."""
+    return _on_boundaries(c.args[0], c.arg(1, "boundaries"))
+
+
+@_kink(aten.searchsorted, kind="jump", convention="none (an integer output)")
+def _searchsorted_on_an_entry(c: OpCall):
+    """searchsorted(sequence, x) jumps where x equals an entry of the sequence."""
+    return _on_boundaries(c.arg(1, "self"), c.args[0])
+
+
+@_kink(aten.histc, kind="jump", convention="0 (counts)", coarse=True)
+def _histc_on_an_edge(c: OpCall):
+    """histc jumps where an element lies on a bin edge. With min == max the range is the data's own (its extreme
+    elements move the edges): every call, coarse."""
+    x = c.args[0]
+    if not _float(x):
+        return None
+    bins, lo, hi = c.arg(1, "bins", 100), c.arg(2, "min", 0), c.arg(3, "max", 0)
+    if lo == hi:
+        return Site(torch.ones(x.shape, dtype=torch.bool, device=x.device), aligned=False)
+    edges = torch.linspace(float(lo), float(hi), int(bins) + 1, dtype=x.dtype, device=x.device)
+    return Site(torch.isin(x, edges), aligned=False)
+
+
+@_kink(aten.count_nonzero, aten.nonzero, aten.nonzero_static, aten.argwhere, aten.signbit, kind="jump",
+       convention="none (an integer or bool output)")
+def _reads_zero(c: OpCall):
+    """count_nonzero / nonzero / argwhere / signbit jump where an element is 0 (signbit: -0.0 and 0.0 differ)."""
+    return _where_zero(c) if isinstance(c.args[0], Tensor) and (c.args[0].is_floating_point() or
+                                                                c.args[0].is_complex()) else None
+
+
+@_kink(aten.angle, kind="jump", convention="0")
+def _angle_at_zero(c: OpCall):
+    """angle jumps at 0 (a real x: 0 for x >= 0, pi below; a complex z: undefined at 0)."""
+    x = c.args[0]
+    return _where_zero(c) if isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex()) else None
+
+
+@_kink(aten._unique2, aten.unique_consecutive, aten.unique_dim, aten._unique, kind="jump", coarse=True,
+       convention="none (its values are the input's)")
+def _unique_with_duplicates(c: OpCall):
+    """unique's output (its length, the inverse indices, the counts) jumps where two elements are equal."""
+    x = c.args[0]
+    if not _float(x):
+        return None
+    return Site(lambda: _duplicated(x), aligned=False, found=torch.unique(x).numel() < x.numel())
+
+
+def _duplicated(x: Tensor) -> Tensor:
+    _, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
+    return counts[inverse] > 1
+
+
+def _casts_to_integers(c: OpCall) -> bool:
+    dtype = c.kwargs.get("dtype")
+    return dtype is not None and not (dtype.is_floating_point or dtype.is_complex)
+
+
+@_kink(aten._to_copy, kind="jump", convention="none (an integer or bool output)", possible=_casts_to_integers)
+def _cast_at_a_step(c: OpCall):
+    """A cast to an integer dtype truncates (a jump at the integers); to bool, x != 0 (a jump at 0)."""
+    x = c.args[0]
+    if not _float(x) or not _casts_to_integers(c):
+        return None
+    return _where_zero(c) if c.kwargs["dtype"] is torch.bool else Site(_integral(x))
