@@ -984,7 +984,7 @@ def test_binary_ops_with_one_dual_operand_match_pytorch():
     functional = {torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.true_divide}
     checked = 0
     for call, rule in _JVP_ROUTES.items():
-        if rule.__name__ in ("convolution", "linear", "weight_norm"):  # (not binary: their own tests)
+        if rule.__name__ in ("convolution", "linear", "weight_norm", "scaled_dot_product_attention"):  # (own tests)
             continue
         for (ys, cs), dual_first, other in itertools.product(
                 (((3, 4), (3, 4)), ((3, 1), (1, 4)), ((3, 4), ()), ((), (3, 4))), (True, False),
@@ -1571,3 +1571,29 @@ def test_python_branches_on_tied_values_are_refused(read):
     away = torch.tensor([1.0, 1.5], dtype=torch.float64)
     for e in (d, -d, torch.tensor([0.3, -0.7], dtype=torch.float64)):
         assert float(gw.directional_derivative(f, away, e)) == pytest.approx(one_sided(f, [away], [e]), abs=1e-6)
+
+
+@pytest.mark.parametrize("config", ["plain", "bool-mask", "float-mask", "causal", "gqa"])
+def test_attention_has_a_forward_mode_derivative(config):
+    """F.scaled_dot_product_attention (the CPU flash kernel has no forward-mode formula) was refused by every
+    entry point, attention layers with it. The value is PyTorch's kernel's, the tangent forward mode through the
+    math form: directional derivatives equal float64 differences; relu(a) - relu(-a) of an attention output a
+    that is exactly 0 at x (ties everywhere) is a, so its generalized gradient is PyTorch's gradient of a."""
+    torch.manual_seed(0)
+    heads_kv = 1 if config == "gqa" else 2
+    q = torch.randn(2, 2, 4, 8, dtype=torch.float64)
+    k, v = (torch.randn(2, heads_kv, 5, 8, dtype=torch.float64) for _ in range(2))
+    kw = {"bool-mask": {"attn_mask": torch.tensor([True, True, True, False, False]).expand(4, 5)},
+          "float-mask": {"attn_mask": torch.randn(4, 5, dtype=torch.float64)},
+          "causal": {"is_causal": True}, "gqa": {"enable_gqa": True}}.get(config, {})
+    attn = lambda q: F.scaled_dot_product_attention(q, k, v, **kw)
+    w = torch.randn(2, 2, 4, 8, dtype=torch.float64)
+    f = lambda q: torch.relu(attn(q) * w).sum()
+    d = torch.randn_like(q)
+    assert float(gw.directional_derivative(f, q, d)) == pytest.approx(one_sided(f, [q], [d]), abs=1e-5)
+    c = attn(q)
+    a = lambda q: attn(q) - c  # exactly 0 at q: relu ties everywhere
+    g = lambda q: (torch.relu(a(q)) - torch.relu(-a(q))).mul(w).sum()
+    qr = q.clone().requires_grad_(True)
+    want = torch.autograd.grad((attn(qr) * w).sum(), qr)[0]
+    torch.testing.assert_close(gw.generalized_grad(g, q, seed=0)[0], want, rtol=1e-10, atol=1e-12)

@@ -6,6 +6,7 @@ May import: torch, ``_rules``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -134,3 +135,24 @@ for _kind, _calls, _reflected in (
         _JVP_ROUTES[_call] = _mixed(_kind)
     for _call in _reflected:
         _JVP_ROUTES[_call] = _mixed(_kind, reflected=True)
+
+
+@jvp_rule(aten.scaled_dot_product_attention, F.scaled_dot_product_attention)
+def scaled_dot_product_attention(func, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *,
+                                 scale=None, enable_gqa=False):
+    """softmax(q k^T scale + mask) v, smooth in q, k, v: PyTorch's fused kernels (the CPU flash one) have no
+    forward-mode formula (gradwise refused any f with attention). The value is PyTorch's kernel's; the tangent is
+    forward mode through the math form of the same function. With dropout, PyTorch's own call (whose dropout
+    mask the math form would not draw alike)."""
+    if dropout_p:
+        return func(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+    primals = [_split(t)[0] for t in (query, key, value)]
+    mask = _split(attn_mask)[0] if isinstance(attn_mask, Tensor) else attn_mask
+    out = func(*primals, mask, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa)
+    if isinstance(mask, Tensor) and mask.dtype == torch.bool:  # as the public op does before its kernels
+        mask = torch.zeros(mask.shape, dtype=primals[0].dtype, device=mask.device).masked_fill_(~mask, -math.inf)
+    with torch.no_grad():
+        attn = aten._scaled_dot_product_attention_math.default(query, key, value, mask, 0.0, is_causal,
+                                                               scale=scale, enable_gqa=enable_gqa)[0]
+    tangent = _split(attn)[1]
+    return out if tangent is None else fwAD.make_dual(out, tangent)
