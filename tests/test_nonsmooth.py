@@ -1597,3 +1597,48 @@ def test_attention_has_a_forward_mode_derivative(config):
     qr = q.clone().requires_grad_(True)
     want = torch.autograd.grad((attn(qr) * w).sum(), qr)[0]
     torch.testing.assert_close(gw.generalized_grad(g, q, seed=0)[0], want, rtol=1e-10, atol=1e-12)
+
+
+def test_attention_mask_that_depends_on_the_inputs():
+    """An attention bias computed from f's inputs (an ALiBi slope): its tangent was dropped (directional
+    derivative 0). Reference: float64 one-sided differences."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4, 8, dtype=torch.float64) for _ in range(3))
+    dist = (torch.arange(4)[:, None] - torch.arange(4)[None]).abs().double()
+    f = lambda s: F.scaled_dot_product_attention(q, k, v, attn_mask=-s * dist).sum()
+    s, d = torch.tensor(0.5, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    assert float(gw.directional_derivative(f, s, d)) == pytest.approx(one_sided(f, [s], [d]), abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["floor-gather", "count-dead", "bool-dead", "long-at-0"])
+def test_discrete_reads_of_values_that_do_not_move_are_exact(name):
+    """Integer/bool reads whose values do not move around x are constants: a floor's output cast to an index
+    (table interpolation), count_nonzero or a bool cast of relu-dead zeros, an integer cast at 0 (trunc is 0 on
+    both sides). The first jump facts refused them; every entry point now answers, equal to float64 one-sided
+    differences and to PyTorch's gradient (f is differentiable there)."""
+    tbl = torch.tensor([1.0, 3.0, 7.0, 2.0], dtype=torch.float64)
+    f, x = {"floor-gather": (lambda x: (tbl[x.floor().long()] * 10 + x).sum(), [0.3, 1.7]),
+            "count-dead": (lambda x: torch.count_nonzero(torch.relu(x)) * x.sum() / 3, [-0.5, 1.7, 2.0]),
+            "bool-dead": (lambda x: (torch.relu(x).bool().double() * x).sum(), [-0.5, 1.7, 2.0]),
+            "long-at-0": (lambda x: x.long().double().sum() + 2 * x.sum(), [0.0])}[name]
+    x = torch.tensor(x, dtype=torch.float64)
+    xr = x.clone().requires_grad_(True)
+    want = torch.autograd.grad(f(xr), xr)[0]
+    assert torch.equal(gw.generalized_grad(f, x)[0], want)
+    for d in (torch.ones_like(x), -torch.ones_like(x)):
+        assert float(gw.directional_derivative(f, x, d)) == pytest.approx(one_sided(f, [x], [d]), abs=1e-6)
+    assert gw.stationarity(f, x).stationary is False
+
+
+@pytest.mark.parametrize("which", ["angle", "atan2"])
+def test_angles_jump_across_their_cut(which):
+    """angle(z) at z = -1 and atan2(y, x) at (0, -1) jump from pi to -pi as the imaginary part (y) goes below 0:
+    gradwise returned a derivative of 1 there. Refused; exact away from the cut."""
+    f = (lambda v: torch.angle(torch.complex(v[0], v[1]))) if which == "angle" else \
+        (lambda v: torch.atan2(v[1], v[0]))
+    on = torch.tensor([-1.0, 0.0], dtype=torch.float64)
+    d = torch.tensor([0.0, -1.0], dtype=torch.float64)
+    with pytest.raises(NonsmoothError):
+        gw.directional_derivative(f, on, d)
+    off = torch.tensor([-1.0, 0.5], dtype=torch.float64)
+    assert float(gw.directional_derivative(f, off, d)) == pytest.approx(one_sided(f, [off], [d]), abs=1e-6)

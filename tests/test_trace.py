@@ -1417,3 +1417,32 @@ def test_data_moved_by_ops_nobody_reads_is_named_after_the_users_tensor():
     [f] = report.findings
     assert f.born.startswith("y arrived with 8 NaN value(s)"), str(report)
     assert "torch.relu(y)" in _line(f.born_location)
+
+
+def test_two_bugs_whose_gradients_one_optimizer_step_writes_are_two_downstream_findings():
+    """A genuine NaN in head a at step 3 and NaN padding sliced away in head b from step 6, one SGD step per
+    iteration: the gradients written into the parameters by opt.step were one downstream finding, credited to
+    the first root cause (with b's parameters among its elements). Each root cause now has its own, as in the
+    reports of the two programs with one bug each."""
+
+    def run(bug_a: bool, bug_b: bool):
+        torch.manual_seed(0)
+        a, b = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD([*a.parameters(), *b.parameters()], lr=0.1)
+        with gw.trace() as report:
+            for step in range(8):
+                x = torch.randn(6, 4)
+                xa, xb = x.clone(), x.clone()
+                if bug_a and step == 3:
+                    xa[0, 0] = float("nan")
+                if bug_b and step >= 6:
+                    xb[4:] = float("nan")
+                opt.zero_grad()
+                (a(xa).sum() + b(xb)[:4].sum()).backward()
+                opt.step()
+        return [(f.step, f.count, f.occurrences) for f in report.findings if f.downstream], report
+
+    both, report = run(True, True)
+    alone = sorted(run(True, False)[0] + run(False, True)[0])
+    assert sorted(both) == alone and len(both) == 2, str(report)
+    assert "1 later step inherits it" in str(report)

@@ -20,6 +20,7 @@ from gradwise._nonsmooth import _contexts as _ctx
 from gradwise._nonsmooth._errors import NonsmoothError
 from gradwise._nonsmooth._kink_watch import (
     _SMOOTH_CALLS,
+    DeferredJump,
     _callable_name,
     _composite,
     _kink_free_call,
@@ -28,7 +29,7 @@ from gradwise._nonsmooth._kink_watch import (
     _watched,
 )
 from gradwise._nonsmooth._ports import PORTS
-from gradwise._nonsmooth._records import _Run, _user_line
+from gradwise._nonsmooth._records import Kink, _Run, _user_line
 from gradwise._nonsmooth._rules import _ROUTES, UNRULED, _is_dual, _unpack
 from gradwise._nonsmooth._rules_aten import _aten_rule
 from gradwise._nonsmooth._rules_jvp import _JVP_ROUTES
@@ -201,7 +202,13 @@ class _KinkMode(TorchFunctionMode):
                     return port(*args, **kwargs) if port is not None else _unguarded(func)(*args, **kwargs)
             if self.run.known is None and func not in _SMOOTH_CALLS and any(
                     map(self.involved, _flat_tensors(everything))):  # (a list's too: RNN weights, _foreach_)
-                out = _watched(func, args, kwargs, self.involved)
+                try:
+                    out = _watched(func, args, kwargs, self.involved)
+                except DeferredJump as jump:  # decided in a pass along a direction (not lockable: a full pass)
+                    out = jump.out
+                    self.run.kinks.append(Kink(jump.op, _user_line(), "select", torch.ones(1, 1, dtype=torch.bool),
+                                               comparison=True, call=(self.count, 0)))
+                    self.last_tie, self.used_at_tie = self.count, set(self.used)
             else:
                 out = _no_forward_ad_is_an_error(func, args, kwargs)
             if self.run.flat and func in _RESHAPES and args and isinstance(args[0], Tensor):

@@ -35,6 +35,8 @@ def _sits_at_kink(fact, name: str) -> Callable:
 # them); in callables the mode sees but cannot route, guards do not (PyTorch's own code uses them away from kinks).
 _UNSEEN_KINKY = {op.__name__: _sits_at_kink(fact, op.__name__) for op, fact in KINKS.items()}
 _KINKY_BY_NAME = {op.__name__: _UNSEEN_KINKY[op.__name__] for op, fact in KINKS.items() if not fact.guard}
+# jumps located on their first argument's own elements: with tangents, only where those move
+_JUMPS = {op.__name__: fact for op, fact in KINKS.items() if fact.kind == "jump" and not fact.coarse}
 # ops whose kink depends on a non-tensor argument (pow's exponent): a call that cannot kink is no kink op
 _POSSIBLE = {op.__name__: fact.possible for op, fact in KINKS.items() if fact.possible is not None}
 
@@ -73,6 +75,8 @@ class _KinkWatch(LeanDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.kinky, self.hit = False, None
+        # id(argument) -> (argument, where its tangent is nonzero): a jump counts only where the value moves
+        self.moving: dict[int, tuple[Tensor, Tensor]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -93,7 +97,13 @@ class _KinkWatch(LeanDispatchMode):
             args = before
         else:
             out = func(*args, **kwargs)
-        if test(args, kwargs, out):
+        moving = self.moving.get(id(args[0])) if args and isinstance(args[0], Tensor) else None
+        if moving is not None and moving[0] is args[0] and _JUMPS.get(base) is not None:
+            site = _JUMPS[base].site(OpCall(args, kwargs, out, name))  # (an elementwise jump: x's own elements)
+            mask = None if site is None else site.mask() if callable(site.mask) else site.mask
+            if mask is not None and mask.shape == moving[1].shape and bool((mask & moving[1]).any()):
+                self.hit = str(func.overloadpacket)
+        elif test(args, kwargs, out):
             self.hit = str(func.overloadpacket)
         return out
 
@@ -115,6 +125,30 @@ class _KinkWatch(LeanDispatchMode):
                 self.hit = f"aten.{base} (in {func.overloadpacket})"
                 break
         return out
+
+
+# autograd nodes of piecewise-constant ops: their output is constant around x wherever it is defined (their own
+# jumps are their rules' concern), so an op reading it does not move
+_STEP_NODES = frozenset(("FloorBackward0", "CeilBackward0", "RoundBackward0", "RoundBackward1", "TruncBackward0",
+                         "SignBackward0", "SgnBackward0"))
+
+
+def _stepped(a) -> bool:
+    return isinstance(a, Tensor) and a.grad_fn is not None and type(a.grad_fn).__name__ in _STEP_NODES
+
+
+def _constant_if_stepped(a):
+    return a.detach() if _stepped(a) else a
+
+
+class DeferredJump(Exception):
+    """A call reached an op that jumps (an integer cast, count_nonzero ...) at a point in a pass without
+    tangents, where gradwise cannot tell whether the value there moves (a relu-dead 0 does not): the mode records
+    a kink that sends the call to a pass along a direction, which decides. ``out``: the call's result."""
+
+    def __init__(self, out, op: str):
+        super().__init__(op)
+        self.out, self.op = out, op
 
 
 def _kink_free_call(func, args: tuple, kwargs: dict) -> tuple | None:
@@ -151,21 +185,33 @@ def _watched(func, args: tuple, kwargs: dict, involved: Callable):
     the call is replayed on copies of the primals that require grad where the arguments depend on f's inputs (no
     forward-mode formulas, whose guards would look like kinks)."""
     watch = _KinkWatch()
-    if not any(map(_is_dual, tree_leaves((args, kwargs)))):  # (a list argument's tensors too: _foreach_, RNNs)
+    tangents = any(map(_is_dual, tree_leaves((args, kwargs))))
+    if not tangents:  # (a list argument's tensors too: _foreach_, RNNs)
+        if any(map(_stepped, tree_leaves((args, kwargs)))):  # x.floor().long(): the floor's value does not move
+            args, kwargs = tree_map(_constant_if_stepped, args), tree_map(_constant_if_stepped, kwargs)
         with watch:
             out = func(*args, **kwargs)
     else:
         def copy(a):  # a non-leaf copy where it depends on the inputs: in-place calls work on it as on a
             if not (_float(a) or (isinstance(a, Tensor) and a.is_complex())):
                 return a
-            p = _split(a)[0].detach()
-            return p.requires_grad_(True).clone() if involved(a) else p.clone()
+            p, t = _split(a)
+            p = p.detach()
+            moves = involved(a) and (t is None or bool(t.any()))  # (a zero tangent: a constant along d)
+            if not moves:
+                return p.clone()
+            c = p.requires_grad_(True).clone()
+            if t is not None:
+                watch.moving[id(c)] = (c, t != 0)
+            return c
 
         with torch.enable_grad():  # before the call, which may write into args
             replay = tree_map(copy, args), tree_map(copy, kwargs)
         out = _no_forward_ad_is_an_error(func, args, kwargs)
         with torch.enable_grad(), watch:
             func(*replay[0], **replay[1])
+    if watch.hit is not None and not tangents and watch.hit.split(".")[-1] in _JUMPS:
+        raise DeferredJump(out, watch.hit)
     if watch.hit is not None:
         raise NonsmoothError(f"{_callable_name(func)} (called at {_user_line()}) reaches {watch.hit} at its kink, "
                              "and gradwise has no kink rule for it: its derivative there would be PyTorch's "

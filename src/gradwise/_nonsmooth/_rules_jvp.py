@@ -144,15 +144,16 @@ def scaled_dot_product_attention(func, query, key, value, attn_mask=None, dropou
     forward-mode formula (gradwise refused any f with attention). The value is PyTorch's kernel's; the tangent is
     forward mode through the math form of the same function. With dropout, PyTorch's own call (whose dropout
     mask the math form would not draw alike)."""
+    gqa = {"enable_gqa": True} if enable_gqa else {}  # (a keyword older PyTorch does not know)
     if dropout_p:
-        return func(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+        return func(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **gqa)
     primals = [_split(t)[0] for t in (query, key, value)]
-    mask = _split(attn_mask)[0] if isinstance(attn_mask, Tensor) else attn_mask
-    out = func(*primals, mask, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa)
+    mask = attn_mask  # (its tangent too: an ALiBi slope, a learned bias)
+    out = func(*primals, _split(mask)[0] if isinstance(mask, Tensor) else mask, 0.0, is_causal, scale=scale, **gqa)
     if isinstance(mask, Tensor) and mask.dtype == torch.bool:  # as the public op does before its kernels
         mask = torch.zeros(mask.shape, dtype=primals[0].dtype, device=mask.device).masked_fill_(~mask, -math.inf)
     with torch.no_grad():
         attn = aten._scaled_dot_product_attention_math.default(query, key, value, mask, 0.0, is_causal,
-                                                               scale=scale, enable_gqa=enable_gqa)[0]
+                                                               scale=scale, **gqa)[0]
     tangent = _split(attn)[1]
     return out if tangent is None else fwAD.make_dual(out, tangent)

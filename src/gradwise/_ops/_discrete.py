@@ -60,10 +60,22 @@ def _reads_zero(c: OpCall):
 
 
 @_kink(aten.angle, kind="jump", convention="0")
-def _angle_at_zero(c: OpCall):
-    """angle jumps at 0 (a real x: 0 for x >= 0, pi below; a complex z: undefined at 0)."""
+def _angle_at_its_cut(c: OpCall):
+    """angle jumps at 0 for a real x (0 for x >= 0, pi below); for a complex z at 0 (undefined) and across the
+    negative real axis (pi to -pi), where it also jumps."""
     x = c.args[0]
-    return _where_zero(c) if isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex()) else None
+    if isinstance(x, Tensor) and x.is_complex():
+        return Site((x == 0) | ((x.imag == 0) & (x.real < 0)))
+    return _where_zero(c) if isinstance(x, Tensor) and x.is_floating_point() else None
+
+
+@_kink(aten.atan2, kind="jump", convention="PyTorch's formula (0 at the origin)")
+def _atan2_on_its_cut(c: OpCall):
+    """atan2(y, x) jumps across y = 0 for x < 0 (pi to -pi) and is undefined at the origin."""
+    y, x = c.args[0], c.args[1]
+    if not (_float(y) or _float(x)):
+        return None
+    return Site(torch.broadcast_to((y == 0) & (x <= 0), torch.broadcast_shapes(y.shape, x.shape)))
 
 
 @_kink(aten._unique2, aten.unique_consecutive, aten.unique_dim, aten._unique, kind="jump", coarse=True,
@@ -77,19 +89,23 @@ def _unique_with_duplicates(c: OpCall):
 
 
 def _duplicated(x: Tensor) -> Tensor:
+    """Elements equal to another element (where unique's output changes as they separate)."""
     _, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
     return counts[inverse] > 1
 
 
 def _casts_to_integers(c: OpCall) -> bool:
+    """Whether a _to_copy casts to an integer or bool dtype (no data read: float casts are never looked at)."""
     dtype = c.kwargs.get("dtype")
     return dtype is not None and not (dtype.is_floating_point or dtype.is_complex)
 
 
 @_kink(aten._to_copy, kind="jump", convention="none (an integer or bool output)", possible=_casts_to_integers)
 def _cast_at_a_step(c: OpCall):
-    """A cast to an integer dtype truncates (a jump at the integers); to bool, x != 0 (a jump at 0)."""
+    """A cast to an integer dtype truncates: a jump at the nonzero integers (at 0 trunc is 0 on both sides); to
+    bool, x != 0: a jump at 0. A value that does not move (a floor's output) is no call here: `_kink_watch`
+    passes such arguments as constants."""
     x = c.args[0]
     if not _float(x) or not _casts_to_integers(c):
         return None
-    return _where_zero(c) if c.kwargs["dtype"] is torch.bool else Site(_integral(x))
+    return _where_zero(c) if c.kwargs["dtype"] is torch.bool else Site(_integral(x) & (x != 0))

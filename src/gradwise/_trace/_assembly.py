@@ -31,6 +31,12 @@ from gradwise._trace._store import Incident as _Incident
 from gradwise._trace._store import _order, describe_arrivals, earliest
 
 
+def _site(kind: str, birth: _Birth) -> tuple:
+    """A genuine finding's key: where its NaN/Inf was born; a gradient used as a value (an optimizer step) also
+    by the birth itself, which is one per root cause (two bugs whose gradients one line writes: two findings)."""
+    return (kind, birth.op, birth.loc) + ((birth.order,) if birth.op == "gradient" else ())
+
+
 class _Assembly:
     """The report from what the tracer recorded (a part of _Tracer)."""
 
@@ -77,7 +83,7 @@ class _Assembly:
                 if birth is not None and birth.op == "input":
                     arrived.setdefault(key, {})[birth] = None
             elif birth is not None:  # named by where it was born: count and elements are the born tensor's
-                key = (inc.kind, birth.op, birth.loc)
+                key = _site(inc.kind, birth)
                 # each birth counted once (the DataLoader batches arriving at one line are births of their own)
                 new = key not in findings or (birth.op == "input" and birth not in arrived.get(key, ()))
                 if birth.op == "input":  # every input that arrived non-finite at that line, named below
@@ -93,7 +99,7 @@ class _Assembly:
                 birthless.add(key)
         for via in sorted(self.output_births, key=lambda b: b.order):
             kind, birth = "nan" if via.nan else "inf", overflow_root(via)
-            key = (kind, birth.op, birth.loc)
+            key = _site(kind, birth)
             if key in birthless:  # the output itself is NaN/Inf from the forward: that is the explanation
                 old = findings[key]
                 findings[key] = self._genuine(kind, None, birth, via)

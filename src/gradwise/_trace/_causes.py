@@ -59,7 +59,7 @@ def group(findings: list[Finding], origin: dict[int, Birth], fmt, last_step: int
             first = min(inherited, key=lambda b: b.step)
             later = max(b.last for b in inherited) - first.step
             parts.append(f"downstream: {fmt(first.loc)} wrote the non-finite gradient into the parameters at step "
-                         f"{first.step}" + (f", and {later} later step{'s' if later != 1 else ''} inherit it"
+                         f"{first.step}" + (f", and {later} later step{'s inherit' if later != 1 else ' inherits'} it"
                                             if later > 0 else "")
                          + f" (finding{'s' if len(down) > 1 else ''} {', '.join(map(str, down))}: fixed with the "
                          "root cause)")

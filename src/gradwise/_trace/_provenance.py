@@ -33,6 +33,7 @@ from gradwise._trace._store import Birth as _Birth
 from gradwise._trace._store import Incident as _Incident
 from gradwise._trace._store import count as _count
 from gradwise._trace._store import first as _first
+from gradwise._trace._store import root as _root_birth
 
 # leaf -> {location of the op that first read it in a trace: its name}: a training loop that opens a trace per
 # step names its parameters once (the walk up the stack and over the modules' parameters costs ~0.1 ms per leaf)
@@ -98,10 +99,14 @@ class _Provenance:
             t, loc = sources[0], entry[1]
         return t, loc
 
-    def _birth(self, op, loc, nan, name, mask, make, parents=(), received=False, batch=None) -> _Birth:
-        """The interned birth of this site: its indices and description are computed the first time only."""
+    def _birth(self, op, loc, nan, name, mask, make, parents=(), received=False, batch=None,
+               cause: tuple | None = None) -> _Birth:
+        """The interned birth of this site (and ``cause``: the root births' sites it descends from): its indices
+        and description are computed the first time only."""
         n = _count(mask)
         key = self.store.birth_key(op, loc, nan, name, received, batch, n)
+        if cause:
+            key = (*key, "cause", cause)
         known = self.store.known(key)
         return self.store.birth(key, n, lambda: make(_first(mask)) if known is None else None, parents)
 
@@ -134,8 +139,12 @@ class _Provenance:
         nan, name = _has_nan(t), self.names.get(t)
         parents = frozenset(p for p in got if isinstance(p, _Birth)).union(
             *(i.births or {self._backward_birth(i, t, nan)} for i in incidents))
+        # one birth per root cause (the earliest birth it descends from): two bugs' gradients written at one line
+        # are two downstream findings, and a later step's gradient, which mixes in that step's births, is the same
+        first_root = min(map(_root_birth, parents), key=lambda b: b.order, default=None)
+        cause = None if first_root is None else (first_root.op, first_root.loc)
         b = self._birth("gradient", loc, nan, name, _nonfinite_mask(t),
-                        lambda idx: _Birth("gradient", loc, what, 0, idx, nan, name=name), parents)
+                        lambda idx: _Birth("gradient", loc, what, 0, idx, nan, name=name), parents, cause=cause)
         got = per_line[loc] = frozenset([b])
         return got
 
