@@ -46,6 +46,7 @@ def _backward_call(tracer: _Tracer) -> Iterator[None]:
     if outer:
         tracer.provisional = [] if _strong_zeros._STATE.depth else None
         tracer.strong_ran = False
+    collectives = tracer.collectives
     tracer.depth += 1
     try:
         yield
@@ -57,6 +58,10 @@ def _backward_call(tracer: _Tracer) -> Iterator[None]:
             if tracer.provisional:
                 tracer.drop_provisional()
             tracer.provisional = None
+            if tracer.collectives != collectives:  # DDP all-reduced in it: the gradients now may be another rank's
+                local = {n for inc in tracer.store.incidents.values() if id(inc) in tracer.reached_now
+                         for n in inc.reaches}
+                tracer._safely("received gradients", tracer.note_received, local)
             tracer.reached_now = set()
 
 

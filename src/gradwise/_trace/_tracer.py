@@ -189,6 +189,10 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         self.last_seq = _get_sequence_nr()
         self.collective_bufs: dict[int, tuple] = {}  # storage -> (weak ref, op, loc) of collectives' tensors
         self.collective_sites: dict[tuple, None] = {}  # (op, loc) of the collectives seen, in order
+        self.collectives = 0  # collectives run so far (a backward that ran one may have received NaN/Inf)
+        self.last_collective: tuple | None = None  # (op, loc) of the latest
+        # step -> (op, loc, {leaf name: elements}, NaN seen, serial): gradients received through a collective
+        self.receipts: dict[int, tuple] = {}
 
     # -- dispatch --------------------------------------------------------------------------------------------
 
