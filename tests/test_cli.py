@@ -45,6 +45,27 @@ def test_run_prints_the_report_and_passes_argv_and_status(tmp_path):
     assert data["findings"][0]["kind"] == "contamination" and data["findings"][0]["location"] == "train.py:7"
 
 
+def _args_line(out: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in out.stdout.splitlines() if line.startswith("args:")]
+
+
+def test_the_script_gets_its_arguments_as_python_gives_them(tmp_path):
+    """A `--` after the script (or -m MODULE) is the script's own: argparse took it as gradwise's and dropped it.
+    The reference: the same script run by `python train.py ...` (`python -m pkg.train ...`)."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "train.py").write_text(SCRIPT)
+    for target, args in ((["SCRIPT"], ["--", "--status", "3"]), (["SCRIPT"], ["a", "--json", "x", "--", "-h"]),
+                         (["--js", "r.json", "-m", "pkg.train"], ["--", "b"])):  # (--js: argparse's --json)
+        ours = _run(tmp_path, "run", *target, *args)
+        python = [sys.executable, "train.py"] if "SCRIPT" in target else [sys.executable, "-m", "pkg.train"]
+        theirs = subprocess.run([*python, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=ENV)
+        assert _args_line(theirs) and _args_line(ours) == _args_line(theirs), (args, target, ours.stderr)
+        assert ours.returncode == theirs.returncode, (args, target)
+    assert json.loads((tmp_path / "r.json").read_text())["findings"]
+
+
 def test_report_is_printed_when_the_script_raises(tmp_path):
     out = _run(tmp_path, "run", "SCRIPT", "--crash")
     assert out.returncode == 1
