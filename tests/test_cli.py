@@ -84,6 +84,15 @@ def test_missing_script(tmp_path):
     assert out.returncode == 2 and "no such script" in out.stderr
 
 
+def test_a_json_path_that_is_a_folder_is_refused_before_the_script_runs(tmp_path):
+    """It passed the check (its parent folder is writable): the script ran to the end, then the JSON could not be
+    written and the exit status was 0."""
+    (tmp_path / "out").mkdir()
+    out = _run(tmp_path, "run", "--json", "out", "SCRIPT")
+    assert out.returncode == 2 and "args:" not in out.stdout, out.stdout
+    assert "cannot write the JSON report to out: it is a folder" in out.stderr
+
+
 def test_run_a_module_with_relative_imports(tmp_path):
     pkg = tmp_path / "pkg"
     pkg.mkdir()

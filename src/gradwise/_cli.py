@@ -47,6 +47,8 @@ def _check_run_args(args: argparse.Namespace) -> str | None:
         return "--no-report without --strong-zeros would run the script unchanged: add --strong-zeros"
     if args.json_path is not None and not os.access(os.path.dirname(args.json_path), os.W_OK):
         return f"cannot write the JSON report to {args.json}: its folder does not exist or is not writable"
+    if args.json_path is not None and os.path.isdir(args.json_path):  # known now, not after a whole run
+        return f"cannot write the JSON report to {args.json}: it is a folder; give a file name"
     if args.module is None and args.script is None:
         return "give a script (gradwise run train.py) or a module (gradwise run -m pkg.train)"
     if args.module is None and not os.path.isfile(args.script):
