@@ -1391,3 +1391,18 @@ def test_adams_inf_over_inf_is_downstream_of_the_inf_gradient():
     update = [f for f in report.findings if f.op == "aten.addcdiv_"]
     assert update and all(f.downstream and "infinite inputs" in f.born for f in update)
     assert len(report.causes) == 1
+
+
+def test_a_gradient_taken_for_an_intermediate_reads_no_grad_of_it():
+    """torch.autograd.grad with respect to a non-leaf holding NaN names it; the trace then read the .grad of every
+    named tensor (at the next step's first op, and when the block ended), and PyTorch warns on a non-leaf's .grad
+    ("is not a leaf Tensor is being accessed"): the block's exit raised under -W error."""
+    x = torch.tensor([1.0, float("nan"), 2.0], requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with gw.trace() as report:
+            h = x * 2
+            (g,) = torch.autograd.grad((h * h).sum(), [h])
+            (x * 3).sum()  # a new step's first op (its gradients are looked up)
+    assert g.isnan().tolist() == [False, True, False]  # PyTorch's: the one NaN element of h
+    assert [(f.kind, f.count, f.reaches) for f in report.findings] == [("nan", 1, ["h"])]

@@ -23,7 +23,7 @@ from gradwise._trace._advice import (
     _SOFTMAX_INF_FIX,
     _UNDECIDED,
 )
-from gradwise._trace._common import _dist_rank, _fmt, _held, _inexact, _nonfinite, _positions, _source, aten
+from gradwise._trace._common import _dist_rank, _fmt, _grad, _held, _inexact, _nonfinite, _positions, _source, aten
 from gradwise._trace._facts import _DISCARDS, _NOT_DATA, _OVERFLOW_NAMES, _ZERO_OUTPUTS, _discard_key
 from gradwise._trace._report import Finding, Report
 from gradwise._trace._store import Birth as _Birth
@@ -221,7 +221,7 @@ class _Assembly:
         reached = {r for f in findings.values() for r in f.reaches}
         grads = []
         for leaf, name in self.names.items():
-            g = getattr(leaf, "grad", None) if isinstance(leaf, torch.Tensor) else None
+            g = _grad(leaf)
             if name not in reached and isinstance(g, torch.Tensor) and _inexact(g) and _kinds.readable(g):
                 grads.append((g, name))
             elif name not in reached and isinstance(g, torch.Tensor) and g.layout is torch.sparse_coo and _inexact(g):

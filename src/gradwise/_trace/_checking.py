@@ -17,7 +17,7 @@ from torch.utils.checkpoint import _StopRecomputationError
 
 from gradwise._masks import all_finite
 from gradwise._trace import _common, _kinds
-from gradwise._trace._common import _held, _inexact, _loc, _nonfinite, _op_name, _tensors, _user_frame
+from gradwise._trace._common import _grad, _held, _inexact, _loc, _nonfinite, _op_name, _tensors, _user_frame
 from gradwise._trace._store import Birth as _Birth
 
 
@@ -88,7 +88,7 @@ class _Checks:
             return None
         with torch.utils._python_dispatch._disable_current_modes():  # the trace's reads, not the program's ops
             grads = [(g, name) for leaf, name in list(self.names.items()) if name not in local
-                     for g in (getattr(leaf, "grad", None),)
+                     for g in (_grad(leaf),)
                      if isinstance(g, torch.Tensor) and _inexact(g) and _kinds.readable(g)]
             if all_finite([_held(g) for g, _ in grads]):  # the usual step: one check of all gradients
                 return None
