@@ -45,6 +45,27 @@ def test_run_prints_the_report_and_passes_argv_and_status(tmp_path):
     assert data["findings"][0]["kind"] == "contamination" and data["findings"][0]["location"] == "train.py:7"
 
 
+def _args_line(out: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in out.stdout.splitlines() if line.startswith("args:")]
+
+
+def test_the_script_gets_its_arguments_as_python_gives_them(tmp_path):
+    """A `--` after the script (or -m MODULE) is the script's own: argparse took it as gradwise's and dropped it.
+    The reference: the same script run by `python train.py ...` (`python -m pkg.train ...`)."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "train.py").write_text(SCRIPT)
+    for target, args in ((["SCRIPT"], ["--", "--status", "3"]), (["SCRIPT"], ["a", "--json", "x", "--", "-h"]),
+                         (["--js", "r.json", "-m", "pkg.train"], ["--", "b"])):  # (--js: argparse's --json)
+        ours = _run(tmp_path, "run", *target, *args)
+        python = [sys.executable, "train.py"] if "SCRIPT" in target else [sys.executable, "-m", "pkg.train"]
+        theirs = subprocess.run([*python, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=ENV)
+        assert _args_line(theirs) and _args_line(ours) == _args_line(theirs), (args, target, ours.stderr)
+        assert ours.returncode == theirs.returncode, (args, target)
+    assert json.loads((tmp_path / "r.json").read_text())["findings"]
+
+
 def test_report_is_printed_when_the_script_raises(tmp_path):
     out = _run(tmp_path, "run", "SCRIPT", "--crash")
     assert out.returncode == 1
@@ -61,6 +82,15 @@ def test_help_explains_run(tmp_path):
 def test_missing_script(tmp_path):
     out = _run(tmp_path, "run", "nope.py")
     assert out.returncode == 2 and "no such script" in out.stderr
+
+
+def test_a_json_path_that_is_a_folder_is_refused_before_the_script_runs(tmp_path):
+    """It passed the check (its parent folder is writable): the script ran to the end, then the JSON could not be
+    written and the exit status was 0."""
+    (tmp_path / "out").mkdir()
+    out = _run(tmp_path, "run", "--json", "out", "SCRIPT")
+    assert out.returncode == 2 and "args:" not in out.stdout, out.stdout
+    assert "cannot write the JSON report to out: it is a folder" in out.stderr
 
 
 def test_run_a_module_with_relative_imports(tmp_path):

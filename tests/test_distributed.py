@@ -461,6 +461,45 @@ def check_trace_buckets_from_nan_garbage(rank, world):
     return {"ranks": None if merged is None else merged.ranks, "born": sorted({f.born_op for f in report.findings})}
 
 
+def _received_run(rank, mode, nan_at):
+    """Three steps of DDP with the skip guard inside one gw.trace() (or gw.watch()) block, zero_grad each step;
+    ``nan_at``: the (rank, step) pairs whose batch holds a genuine NaN. The reference for what a rank received:
+    the NaN/Inf its .grad held right after each backward (``seen``)."""
+    model = _model()
+    seen = {}
+    with (gw.trace() if mode == "trace" else gw.watch()) as report:
+        ddp = DDP(model)  # (its set-up broadcast is no collective of the NaN step)
+        guard = gw.nonfinite_guard(ddp, policy="skip")
+        opt = gw.SkipNonfiniteStep(torch.optim.SGD(ddp.parameters(), lr=0.1), guard)
+        for step in range(3):
+            opt.zero_grad()
+            x = _data(rank, step, padding=False)
+            if (rank, step) in nan_at:
+                x[0, 0] = nan
+            _loss(ddp, x).backward()
+            bad = {n: int((~p.grad.isfinite()).sum()) for n, p in model.named_parameters()}
+            if any(bad.values()):
+                seen[step] = {n: c for n, c in bad.items() if c}
+            opt.step()
+    merged = gw.gather_reports(report)
+    return {"seen": seen, "ranks": None if merged is None else merged.ranks,
+            "received": [(f.rank, f.step, f.count, f.occurrences, f.reaches) for f in report.findings
+                         if f.born_op == "c10d.allreduce_"]}
+
+
+def check_received_before_zero_grad(rank, world):
+    """Rank 1's NaN at step 1: the receipt was looked for only in the .grad left at the block's end, which
+    zero_grad had cleared."""
+    return {mode: _received_run(rank, mode, {(1, 1)}) for mode in ("trace", "watch")}
+
+
+def check_received_after_introducing(rank, world):
+    """Rank 1's NaN at step 1, rank 0's at step 2: rank 1 received rank 0's at step 2 and was not told so (DDP's
+    buckets, rebuilt after step 0, then persist, and the provenance of rank 1's step-1 NaN that they kept made
+    its gradients look reached by its own NaN again)."""
+    return _received_run(rank, "trace", {(1, 1), (0, 2)})
+
+
 CHECKS: dict[str, list[Callable]] = {
     "two": [check_plain_ddp_is_contaminated, check_strong_zeros, check_compiled_ddp, check_compiled_ddp_buckets,
             check_gw_backward,
@@ -469,7 +508,8 @@ CHECKS: dict[str, list[Callable]] = {
             check_one_allreduce_with_unknown_nodes, check_fsdp2, check_fsdp2_trace, check_fsdp1,
             check_fsdp2_guard_skip, check_fsdp2_guard_raise, check_fsdp2_guard_warn_and_strong_zeros,
             check_guard_refusals,
-            check_skip_policy, check_raise_policy, check_warn_policy, check_hook_with_strong_zeros],
+            check_skip_policy, check_raise_policy, check_warn_policy, check_hook_with_strong_zeros,
+            check_received_before_zero_grad, check_received_after_introducing],
     "three": [check_plain_ddp_is_contaminated, check_strong_zeros, check_trace_merged_report, check_skip_policy,
               check_fsdp2_guard_skip, check_trace_buckets_from_nan_garbage],
 }
@@ -691,6 +731,31 @@ def test_a_bucket_of_nan_garbage_does_not_hide_the_all_reduce(three):
     assert line.endswith("; ranks 0,2 received it through the all-reduce"), line
     for rank in (0, 2):
         assert "aten.empty" not in ranks[rank]["born"], ranks[rank]
+
+
+@pytest.mark.parametrize("mode", ["trace", "watch"])
+def test_receipt_of_a_nan_step_that_zero_grad_cleared_before_the_block_ended(two, mode):
+    r0, r1 = (got[mode] for got in _per_rank(two, "check_received_before_zero_grad"))
+    assert list(r0["seen"]) == list(r1["seen"]) == [1]  # the NaN step, on both ranks (the all-reduce)
+    [line] = r0["ranks"]
+    assert line.startswith("rank 1 introduced the NaN at ")
+    assert line.endswith("; rank 0 received it through the all-reduce"), line
+    assert r1["received"] == []  # rank 1's gradients were its own NaN
+    [(rank, step, count, occurrences, reaches)] = r0["received"]
+    seen = r0["seen"][1]
+    assert (rank, step, occurrences, count) == (0, 1, 1, sum(seen.values()))
+    assert len(reaches) == len(seen) and all(any(r.endswith(n) for r in reaches) for n in seen), (reaches, seen)
+
+
+def test_a_rank_that_introduced_a_nan_is_told_when_it_later_receives_one(two):
+    r0, r1 = _per_rank(two, "check_received_after_introducing")
+    assert list(r0["seen"]) == list(r1["seen"]) == [1, 2]
+    [line] = r0["ranks"]
+    assert line.startswith("rank 0 introduced the NaN at ") and "; rank 1 introduced the NaN at " in line, line
+    assert line.endswith("; ranks 0,1 received it through the all-reduce"), line
+    for rank, got, step in ((0, r0, 1), (1, r1, 2)):  # each received the other's, once
+        [(r, s, count, occurrences, _reaches)] = got["received"]
+        assert (r, s, occurrences, count) == (rank, step, 1, sum(got["seen"][step].values())), got
 
 
 # ---------------------------------------------------------------------------------------------------------

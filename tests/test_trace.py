@@ -1446,3 +1446,18 @@ def test_two_bugs_whose_gradients_one_optimizer_step_writes_are_two_downstream_f
     alone = sorted(run(True, False)[0] + run(False, True)[0])
     assert sorted(both) == alone and len(both) == 2, str(report)
     assert "1 later step inherits it" in str(report)
+
+
+def test_a_gradient_taken_for_an_intermediate_reads_no_grad_of_it():
+    """torch.autograd.grad with respect to a non-leaf holding NaN names it; the trace then read the .grad of every
+    named tensor (at the next step's first op, and when the block ended), and PyTorch warns on a non-leaf's .grad
+    ("is not a leaf Tensor is being accessed"): the block's exit raised under -W error."""
+    x = torch.tensor([1.0, float("nan"), 2.0], requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with gw.trace() as report:
+            h = x * 2
+            (g,) = torch.autograd.grad((h * h).sum(), [h])
+            (x * 3).sum()  # a new step's first op (its gradients are looked up)
+    assert g.isnan().tolist() == [False, True, False]  # PyTorch's: the one NaN element of h
+    assert [(f.kind, f.count, f.reaches) for f in report.findings] == [("nan", 1, ["h"])]

@@ -47,6 +47,8 @@ def _check_run_args(args: argparse.Namespace) -> str | None:
         return "--no-report without --strong-zeros would run the script unchanged: add --strong-zeros"
     if args.json_path is not None and not os.access(os.path.dirname(args.json_path), os.W_OK):
         return f"cannot write the JSON report to {args.json}: its folder does not exist or is not writable"
+    if args.json_path is not None and os.path.isdir(args.json_path):  # known now, not after a whole run
+        return f"cannot write the JSON report to {args.json}: it is a folder; give a file name"
     if args.module is None and args.script is None:
         return "give a script (gradwise run train.py) or a module (gradwise run -m pkg.train)"
     if args.module is None and not os.path.isfile(args.script):
@@ -204,19 +206,29 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _takes_value(option: str) -> bool:
+    """Whether ``option`` (before the script) is one whose value is the next argument: one of
+    _RUN_OPTIONS_WITH_VALUE or, as argparse accepts, an abbreviation of one (``--js FILE``)."""
+    return option.startswith("--") and len(option) > 2 and "=" not in option and any(
+        o.startswith(option) for o in _RUN_OPTIONS_WITH_VALUE)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     tail = None
-    if argv[:1] == ["run"]:  # `-m MODULE` before the script position: everything after MODULE is the module's
+    if argv[:1] == ["run"]:
+        # everything after SCRIPT (or `-m MODULE`) is the script's, verbatim, as `python SCRIPT ...` gives it:
+        # split here, since argparse would take a `--` among them as its own and drop it
         i = 1
-        while i < len(argv) and argv[i].startswith("-") and argv[i] != "-m":
-            i += 2 if argv[i] in _RUN_OPTIONS_WITH_VALUE else 1
-        if i < len(argv) and argv[i] == "-m":
-            argv, tail = argv[: i + 2], argv[i + 2:]
+        while i < len(argv) and argv[i].startswith("-") and argv[i] not in ("-m", "--"):
+            i += 2 if _takes_value(argv[i]) else 1
+        at = i + 1 if i < len(argv) and argv[i] in ("-m", "--") else i  # the script's (module's) position
+        if at < len(argv):
+            argv, tail = argv[: at + 1], argv[at + 1:]
     args, rest = parser.parse_known_args(argv)
     if tail is not None:
-        args.script, args.script_args = None, tail
+        args.script_args = tail
     args.rest = rest
     if rest and args.func is not _cmd_run:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -23,7 +23,7 @@ from gradwise._trace._advice import (
     _SOFTMAX_INF_FIX,
     _UNDECIDED,
 )
-from gradwise._trace._common import _dist_rank, _fmt, _held, _inexact, _nonfinite, _positions, _source, aten
+from gradwise._trace._common import _dist_rank, _fmt, _grad, _held, _inexact, _nonfinite, _positions, _source, aten
 from gradwise._trace._facts import _DISCARDS, _NOT_DATA, _OVERFLOW_NAMES, _ZERO_OUTPUTS, _discard_key
 from gradwise._trace._report import Finding, Report
 from gradwise._trace._store import Birth as _Birth
@@ -125,8 +125,8 @@ class _Assembly:
                 add(("nan", "unknown", name), lambda name=name: Finding(
                     "nan", "unknown", "<unknown>", 0, message=f"the gradient of {name} is not finite; its birth was "
                     "not observed (made outside the traced block?)"), count, [name], [], occurrences)
-        if self.collective_sites:
-            self._add_received(findings)
+        if self.collective_sites or self.receipts:
+            self._add_received(findings, since)
         for g in self.kinks.values():
             findings[(g.kind, g.op, g.loc)] = Finding(
                 g.kind, g.op, _fmt(g.loc), g.count, fix=_KINK_FIX if g.kind == "kink" else _SINGULAR_FIX,
@@ -147,22 +147,25 @@ class _Assembly:
         for f in report.findings:
             f.rank = rank
 
-    def _add_received(self, findings: dict) -> None:
+    def _add_received(self, findings: dict, since: int = 0) -> None:
         """Under data parallelism a rank whose own ops were all finite can still end with NaN/Inf gradients:
-        another rank's, averaged in by the all-reduce. Those gradients no local finding reaches."""
-        local = {name for f in findings.values() for name in f.reaches}
-        counts, has_nan = {}, False
-        for leaf, name in list(self.names.items()):
-            g = leaf.grad
-            if name not in local and isinstance(g, torch.Tensor) and _nonfinite(g):
-                counts[name] = int((~torch.isfinite(g)).sum())
-                has_nan |= bool(torch.isnan(g).any())
-        if not counts:
+        another rank's, averaged in by the all-reduce. Each step's receipt was recorded when its backward ended
+        (``note_received``); the gradients held now are checked too (a collective after the last backward)."""
+        receipts = {s: r for s, r in self.receipts.items() if r[4] > since}
+        if self.store.step not in receipts and (now := self.received(
+                {name for f in findings.values() for name in f.reaches})) is not None:
+            receipts[self.store.step] = (*now, self.store.serial + 1)
+        if not receipts:
             return
-        op, loc = next(iter(self.collective_sites))
-        kind = "nan" if has_nan else "inf"
+        op, loc = next(iter(receipts.values()))[:2]
+        counts: dict[str, int] = {}
+        for r in receipts.values():
+            for name, n in r[2].items():
+                counts[name] = counts.get(name, 0) + n
+        has_nan = any(r[3] for r in receipts.values())
         findings[("received", op, loc)] = Finding(
-            kind, op, _fmt(loc), sum(counts.values()), reaches=sorted(counts), source=_source(loc),
+            "nan" if has_nan else "inf", op, _fmt(loc), sum(counts.values()), reaches=sorted(counts),
+            source=_source(loc), occurrences=len(receipts), step=min(receipts),
             message=f"received through {op}: this rank's own ops were finite, its gradients after the collective "
                     "are not",
             born_op=op, born_location=_fmt(loc), born=f"another rank's {'NaN' if has_nan else 'Inf'}, received "
@@ -224,7 +227,7 @@ class _Assembly:
         reached = {r for f in findings.values() for r in f.reaches}
         grads = []
         for leaf, name in self.names.items():
-            g = getattr(leaf, "grad", None) if isinstance(leaf, torch.Tensor) else None
+            g = _grad(leaf)
             if name not in reached and isinstance(g, torch.Tensor) and _inexact(g) and _kinds.readable(g):
                 grads.append((g, name))
             elif name not in reached and isinstance(g, torch.Tensor) and g.layout is torch.sparse_coo and _inexact(g):

@@ -166,6 +166,12 @@ def _floats(out) -> list[torch.Tensor]:
     return []
 
 
+def _grad(t: object) -> torch.Tensor | None:
+    """``t.grad`` of a named tensor, None for a non-leaf (named when torch.autograd.grad took its gradient) that
+    does not retain one: reading a non-leaf's .grad makes PyTorch warn, an error under -W error."""
+    return t.grad if isinstance(t, torch.Tensor) and (t.is_leaf or t.retains_grad) else None
+
+
 def _nonfinite(t: torch.Tensor) -> bool:
     return _inexact(t) and t.numel() > 0 and _kinds.readable(t) and not bool(
         torch.isfinite(_held(t)).all())

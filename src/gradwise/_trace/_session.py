@@ -46,6 +46,7 @@ def _backward_call(tracer: _Tracer) -> Iterator[None]:
     if outer:
         tracer.provisional = [] if _strong_zeros._STATE.depth else None
         tracer.strong_ran = False
+    collectives, serial = tracer.collectives, tracer.store.serial
     tracer.depth += 1
     try:
         yield
@@ -57,6 +58,12 @@ def _backward_call(tracer: _Tracer) -> Iterator[None]:
             if tracer.provisional:
                 tracer.drop_provisional()
             tracer.provisional = None
+            if tracer.collectives != collectives:  # DDP all-reduced in it: the gradients now may be another rank's
+                # local: what this rank's own NaN/Inf reached in it. An incident of an earlier step is not: DDP's
+                # buckets persist and keep that step's provenance, so its reaches are added again (stale)
+                local = {n for inc in tracer.store.incidents.values()
+                         if inc.serial > serial and id(inc) in tracer.reached_now for n in inc.reaches}
+                tracer._safely("received gradients", tracer.note_received, local)
             tracer.reached_now = set()
 
 

@@ -25,6 +25,7 @@ from gradwise._trace._common import (
     _ACCUMULATE_SEQ,
     _ByIdentity,
     _floats,
+    _grad,
     _KinkGroup,
     _loc,
     _Node,
@@ -190,6 +191,10 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         self.last_seq = _get_sequence_nr()
         self.collective_bufs: dict[int, tuple] = {}  # storage -> (weak ref, op, loc) of collectives' tensors
         self.collective_sites: dict[tuple, None] = {}  # (op, loc) of the collectives seen, in order
+        self.collectives = 0  # collectives run so far (a backward that ran one may have received NaN/Inf)
+        self.last_collective: tuple | None = None  # (op, loc) of the latest
+        # step -> (op, loc, {leaf name: elements}, NaN seen, serial): gradients received through a collective
+        self.receipts: dict[int, tuple] = {}
 
     # -- dispatch --------------------------------------------------------------------------------------------
 
@@ -316,8 +321,8 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         if not ts:
             return False
         if not self.grad_reads:
-            self.grad_reads.update((id(leaf.grad), leaf.grad) for leaf, _ in self.names.items()
-                                   if isinstance(getattr(leaf, "grad", None), torch.Tensor))
+            self.grad_reads.update((id(g), g) for leaf, _ in self.names.items()
+                                   if isinstance(g := _grad(leaf), torch.Tensor))
         return all(id(t) in self.grad_reads or (t._base is not None and id(t._base) in self.grad_reads)
                    for t in ts)
 

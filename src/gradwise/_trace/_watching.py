@@ -133,6 +133,13 @@ class _Watcher:
             real = given.get(id(leaf)) if returned is not None else leaf.grad
             if got and isinstance(real, torch.Tensor):
                 tracer.prov[real] = got
+        if returned is None and _common._dist_rank() is not None:
+            # the replay ran no collective: a .grad that is NaN/Inf where this rank's own gradient is finite came
+            # from another rank through DDP's all-reduce, which this step ran untraced
+            with torch.utils._python_dispatch._disable_current_modes():  # (the trace's reads)
+                local = {tracer.leaf_name(leaf) for leaf, g in zip(wanted, again, strict=True)
+                         if isinstance(g, torch.Tensor) and _common._nonfinite(g)}
+            tracer._safely("received gradients", tracer.note_received, local, ("c10d.allreduce_", at))
 
     def finish(self, report: Report) -> None:
         """Fill ``report`` (empty when every gradient stayed finite) and stop tracing."""
