@@ -813,8 +813,8 @@ def test_a_strong_variant_that_gcc_refuses_runs_compiled_without_vectorization(m
     """Inductor's CPU vectorizer can emit code that g++ refuses for the pass's bool masks (a Llama layer's
     rotary backward: '?:' of VecMask<int> and VecMask<float>): the backward then ran op by op, every step, with a
     warning. Simulated here (the pass fails while vectorization is on): the strong variant is compiled without
-    it, and the backward as PyTorch compiled it runs first, so finite gradients stay PyTorch's bits; padding
-    NaN goes through the unvectorized strong variant, compiled (no op-by-op), to the deleted program's gradient."""
+    it; finite gradients are PyTorch's within rounding, padding NaN goes through it, compiled (no op-by-op), to
+    the deleted program's gradient."""
     from gradwise._strong_zeros import _compile_pass
 
     real = _compile_pass.rewrite_backward
@@ -833,7 +833,7 @@ def test_a_strong_variant_that_gcc_refuses_runs_compiled_without_vectorization(m
         plain = _grads(net, finite, fn, strong=False)
         with warnings.catch_warnings():
             warnings.simplefilter("error", gw.CompiledBackwardWarning)
-            _equal(_grads(net, finite, fn, strong=True), plain)
+            _close(_grads(net, finite, fn, strong=True), plain)
             before = dict(_compile.STATS)
             x = _data()
             _close(_grads(net, x, fn, strong=True), _deleted(net, x, 5))
@@ -844,8 +844,8 @@ def test_a_strong_variant_that_gcc_refuses_runs_compiled_without_vectorization(m
 @pytest.mark.slow
 def test_llama_layer_compiles_with_strong_zeros():
     """The graph that made g++ refuse the vectorized strong variant: a 1-layer Llama (GQA, rotary, SDPA) with a
-    padding mask and a dropped sample full of NaN. Finite: PyTorch's compiled bits; NaN: compiled (no op-by-op
-    run), equal to the program on the kept samples."""
+    padding mask and a dropped sample full of NaN. Finite: PyTorch's compiled gradient within rounding; NaN:
+    compiled (no op-by-op run), equal to the program on the kept samples."""
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -867,7 +867,8 @@ def test_llama_layer_compiles_with_strong_zeros():
     plain = torch.autograd.grad(compiled(x), params)
     with warnings.catch_warnings():
         warnings.simplefilter("error", gw.CompiledBackwardWarning)
-        assert all(torch.equal(a, b) for a, b in zip(gw.grad(compiled(x), params), plain, strict=True))
+        for a, b in zip(gw.grad(compiled(x), params), plain, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         bad = x.clone()
         bad[1] = nan
         before = dict(_compile.STATS)

@@ -5,6 +5,7 @@ import copy
 import itertools
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -1642,3 +1643,23 @@ def test_angles_jump_across_their_cut(which):
         gw.directional_derivative(f, on, d)
     off = torch.tensor([-1.0, 0.5], dtype=torch.float64)
     assert float(gw.directional_derivative(f, off, d)) == pytest.approx(one_sided(f, [off], [d]), abs=1e-6)
+
+
+@pytest.mark.parametrize("read", ["item-twice", "tolist-then-item", "zero-loss-logged", "complex"])
+def test_python_reads_that_do_not_tie_are_exact(read):
+    """Values read into Python that do not move apart are no tie: the same value read twice (two reads of one
+    sum, a list and then one of its elements), a logged loss that is 0 and stays 0 (relu-dead), a complex value.
+    The first check refused them all (or crashed on complex); exact (float64 one-sided differences), no warning."""
+    f = {"item-twice": lambda x: x.sum() * (1 + 0 * (x.sum().item() + float(x.sum()))),
+         "tolist-then-item": lambda x: x.sum() + 0 * (x.tolist()[0] + x[0].item()),
+         "zero-loss-logged": lambda x: torch.relu(-x).sum() + 0 * torch.relu(-x).sum().item() + x[1],
+         "complex": lambda x: torch.complex(x[0], x[1]).abs() + 0 * complex(torch.complex(x[0], x[1])).real}[read]
+    x = torch.tensor([1.0, 2.5], dtype=torch.float64)
+    for d in (torch.ones(2, dtype=torch.float64), torch.tensor([-1.0, 0.5], dtype=torch.float64)):
+        assert float(gw.directional_derivative(f, x, d)) == pytest.approx(one_sided(f, [x], [d]), abs=1e-6)
+    xr = x.clone().requires_grad_(True)
+    with warnings.catch_warnings():  # (PyTorch's own, for float() of a tensor that requires grad)
+        warnings.simplefilter("ignore", UserWarning)
+        want = torch.autograd.grad(f(xr), xr)[0]
+    assert torch.allclose(gw.generalized_grad(f, x)[0], want)
+    assert gw.stationarity(f, x).stationary is False

@@ -419,7 +419,7 @@ def generalized_backward(f: Callable, inputs, *, seed: int | None = None) -> Ten
         if not active:
             _ctx.restore_state()
             with torch.no_grad():
-                return _scalar([(call(), None)]).detach()
+                return _scalar([(o, None) for o in _outputs(call())]).detach()
         grads, _, value = _locked_grad(call, tuple(xs[i] for i in active), False, seed, memo=memo,
                                        unused_none=True)
         xs = tuple(xs[i] for i in active)

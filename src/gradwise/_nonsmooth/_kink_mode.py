@@ -68,6 +68,22 @@ _PYTHON_READS = {Tensor.item, Tensor.tolist, Tensor.__bool__, Tensor.__float__, 
                  Tensor.__complex__}
 
 
+def _ties(read: list[tuple], before: list[tuple]) -> bool:
+    """Whether (value, tangent) pairs read into Python tie: a moving value at 0, or two equal values whose
+    tangents differ (None: unknown, so they may)."""
+    seen: dict[float, set] = {}
+    for v, tv in before:
+        seen.setdefault(v, set()).add(tv)
+    for v, tv in read:
+        if v == 0 and tv != 0:
+            return True
+        known = seen.setdefault(v, set())
+        if known and (tv is None or None in known or known != {tv}):
+            return True
+        known.add(tv)
+    return False
+
+
 class _Stop(Exception):
     """Raised by the mode once the pass has gone past the last kink it needs."""
 
@@ -111,7 +127,7 @@ class _KinkMode(TorchFunctionMode):
         # depend on the choice (a jump, unless it reads them continuously), and, where the choice is still
         # provisional (its lock is written after this pass), its forward too
         self.exposed: dict[int, tuple[Tensor, list]] = {}
-        self.read_values: dict[int, set] = {}  # id -> the values f read into Python from that tensor
+        self.read_values: dict[int, tuple] = {}  # id -> (tensor, [(value, tangent)] f read into Python)
 
     def _sub(self, a, stop: bool = False):
         if isinstance(a, Tensor):
@@ -166,8 +182,12 @@ class _KinkMode(TorchFunctionMode):
                 _push_dispatch_mode(watch)
 
     def _dispatch(self, func, args, kwargs):
-        if func in _PYTHON_READS and args and self.involved(args[0]):
-            self._python_read(args[0], func)
+        if func in _PYTHON_READS and args and isinstance(args[0], Tensor):
+            if self.involved(args[0]):
+                self._python_read(args[0], func)
+            # a Python value: nothing inside to route or watch (read from a detached alias: gradwise's own leaves
+            # require grad, where PyTorch would warn about the conversion)
+            return func(args[0].detach(), *args[1:], **kwargs)
         everything = (*args, *kwargs.values())
         # inside a torch.func transform a wrapped tensor's tangent is not visible (its level sits inside the
         # transform): any wrapped argument counts as depending on the inputs (a refusal, never a convention)
@@ -243,26 +263,40 @@ class _KinkMode(TorchFunctionMode):
 
     def _python_read(self, t: Tensor, func) -> None:
         """f reads values that depend on its inputs into Python (``.tolist()``, ``.item()``, ``if t:``), where
-        its code may compare them: gradwise follows torch's comparisons, not Python's. Values tied with each
-        other, with values read before, or with 0 (the common threshold) may take another branch along a
-        direction: an error there. Untied values keep their order and sign nearby (a branch on them is fixed)."""
-        p = _unpack(t)[0]
+        its code may compare them: gradwise follows torch's comparisons, not Python's. Two values read (here or
+        before) that are equal but move apart along the direction (different tangents), or a moving value at 0
+        (the common threshold), may take another branch: an error there. Equal values moving alike (the same
+        value read twice) keep their order, as untied ones do. Without tangents nothing tells: such a read is a
+        kink that a pass along a direction decides (as `DeferredJump`)."""
+        p, tangent = _unpack(t)
         if not (p.is_floating_point() or p.is_complex()) or p.numel() == 0:
             return
         values = p.detach().reshape(-1)
-        tied = bool((values == 0).any()) or torch.unique(values).numel() < values.numel()
-        known = self.read_values.get(id(p))
-        fresh = set(values.tolist()) if values.numel() <= 1 << 12 else set()
-        if not tied and any(v in fresh for other, vs in self.read_values.items() if other != id(p) for v in vs):
-            tied = True
-        if tied:
-            raise NonsmoothError(f"f reads values that depend on its inputs into Python ({_callable_name(func)} at "
-                                 f"{_user_line()}) where they tie (with each other, with values read before, or "
-                                 "with 0): Python code comparing them may take another branch along a direction, "
-                                 "which gradwise cannot follow. Compare with torch ops instead (torch.where, "
-                                 "argmax, maximum), which it follows")
-        if known is None:
-            self.read_values[id(p)] = fresh
+        if p.is_complex():
+            values = torch.view_as_real(values).reshape(-1)
+            tangent = None if tangent is None else torch.view_as_real(tangent)
+        if values.numel() > 1 << 12:  # (a large read: ties within it only, by value)
+            _, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
+            tied = bool((values == 0).any()) or bool((counts[inverse] > 1).any())
+        else:
+            read = dict.fromkeys(zip(values.tolist(), [None] * values.numel() if tangent is None else
+                                     tangent.reshape(-1).tolist(), strict=True))
+            before = [pair for _, pairs in self.read_values.values() for pair in pairs]
+            tied = _ties(list(read), before)
+            base = t._base if t._base is not None else t
+            self.read_values.setdefault(id(base), (base, []))[1].extend(read)  # (base held: its id stays its own)
+        if not tied:
+            return
+        if tangent is None:
+            self.run.kinks.append(Kink(str(func), _user_line(), "select", torch.ones(1, 1, dtype=torch.bool),
+                                       comparison=True, call=(self.count, 0)))
+            self.last_tie, self.used_at_tie = self.count, set(self.used)
+            return
+        raise NonsmoothError(f"f reads values that depend on its inputs into Python ({_callable_name(func)} at "
+                             f"{_user_line()}) where they tie (with each other, with values read before, or with "
+                             "0) and move apart along the direction: Python code comparing them may take another "
+                             "branch, which gradwise cannot follow. Compare with torch ops instead (torch.where, "
+                             "argmax, maximum), which it follows")
 
     def _read_indices(self, args, kwargs) -> None:
         """f reads the indices a tied kink call returned. Its value may jump there (argmax used as a number, a

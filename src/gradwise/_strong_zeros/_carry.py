@@ -65,7 +65,7 @@ def carry(made: Iterable[Callable[[], torch.Tensor | None]], supports: _Supports
 
 
 def _state(t: torch.Tensor) -> tuple:
-    return t._version, t.shape, t.stride(), t.storage_offset()
+    return t._version, t.shape, t.stride(), t.storage_offset(), t.untyped_storage()._cdata  # (set_, .data =)
 
 
 def _live(key: int) -> torch.Tensor | None:

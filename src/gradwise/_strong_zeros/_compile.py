@@ -122,16 +122,6 @@ def _with_pass() -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def _without_pass() -> Iterator[None]:
-    from torch._inductor import config
-    from torch._inductor.custom_graph_pass import get_custom_graph_passes
-
-    others = [p for p in get_custom_graph_passes(config.post_grad_custom_pre_pass) if p is not strong_zero_pass()]
-    with config.patch(post_grad_custom_pre_pass=others or None):
-        yield
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Reaching a CompiledFunctionBackward's backward compiler (AOTAutograd keeps it in a closure cell)
 # ---------------------------------------------------------------------------------------------------------
@@ -230,27 +220,12 @@ def _strong_variant(bc: Any) -> Callable[..., Any] | None:
 
 def _unvectorized(bc: Any) -> Callable[..., Any]:
     """Inductor's CPU vectorizer can emit code that g++ refuses for the pass's bool masks (a ?: of VecMask<int>
-    and VecMask<float>, seen on a Llama layer's rotary backward). Then the strong variant is compiled without
-    vectorization (its rounding differs from PyTorch's vectorized kernels), and the backward as PyTorch compiled
-    it (without the pass, nor donated buffers) runs first: a finite result of it is PyTorch's own, bit for bit
-    (strong zeros change only what NaN/Inf reached); a non-finite one is recomputed by the strong variant."""
+    and VecMask<float>, seen on a Llama layer's rotary backward): the strong variant is then compiled without
+    vectorization. Its finite gradients round like PyTorch's scalar kernels, not bit for bit like its vectorized
+    ones (the backward compiled without the pass is not taken instead: inductor's rewrites can turn a NaN made
+    inside it into a finite number)."""
     with torch._inductor.config.patch({"cpp.simdlen": 1}):
-        scalar = bc.get_or_compile(saved_tensors_use_once=False)
-    bc.compiled_bw = None
-    with _without_pass():
-        plain = bc.get_or_compile(saved_tensors_use_once=False)
-
-    def run(args: list) -> Any:
-        from gradwise._strong_zeros._planning import _all_finite
-
-        out = _call(plain, list(args))
-        if _all_finite([t for t in out if isinstance(t, torch.Tensor) and inexact(t)]):
-            args.clear()
-            return out
-        return _call(scalar, args)
-
-    run._boxed_call = True  # type: ignore[attr-defined]
-    return run
+        return bc.get_or_compile(saved_tensors_use_once=False)
 
 
 @contextlib.contextmanager

@@ -27,9 +27,11 @@ aten = torch.ops.aten
 
 def for_eager(module: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``module`` with every rewrite of ``_REWRITES`` applied (``module`` itself when none applies)."""
+    from gradwise._strong_zeros._compile_pass import split_forward_zeros
+
     graph = fx.Graph()
     graph.output(graph.graph_copy(module.graph, {}))
-    changed = False
+    changed = split_forward_zeros(graph) and _as_forward_values(graph)  # (before the rewrites: they read targets)
     for node in list(graph.nodes):
         changed |= any(rewrite(graph, module, node) for rewrite in _REWRITES)
     if not changed:
@@ -268,15 +270,12 @@ def _softmax_backward(g: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tenso
     return aten._softmax_backward_data.default(g, y, dim, g.dtype)
 
 
-def _forward_zeros(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
+def _as_forward_values(graph: fx.Graph) -> bool:
     """A forward zeros tensor recomputed in the backward and multiplied into a sensitivity is a value, not a
     formula's structural zero (``_compile_pass.split_forward_zeros`` marks the copy those multiplications read):
-    it runs as a forward op (``_as_forward``), as a checkpoint's recomputation does. Run once per graph, on its
-    first node; last in ``_REWRITES`` (the others read op targets)."""
-    from gradwise._strong_zeros._compile_pass import FORWARD_VALUE, split_forward_zeros
+    it runs as a forward op (``_as_forward``), as a checkpoint's recomputation does."""
+    from gradwise._strong_zeros._compile_pass import FORWARD_VALUE
 
-    if node is not next(iter(graph.nodes)) or not split_forward_zeros(graph):
-        return False
     for n in graph.nodes:
         if n.meta.get(FORWARD_VALUE) and isinstance(n.target, torch._ops.OpOverload):
             n.args = (n.target, *n.args)
@@ -295,8 +294,7 @@ def _as_forward(op: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 _REWRITES: tuple[Callable[[fx.Graph, fx.GraphModule, fx.Node], bool], ...] = (
-    _constant_zeros, _saved_zeros, _saved_mask, _logsumexp_node, _logcumsumexp_node, _exp_node, _softmax_whole,
-    _forward_zeros)
+    _constant_zeros, _saved_zeros, _saved_mask, _logsumexp_node, _logcumsumexp_node, _exp_node, _softmax_whole)
 
 
 # -- an op only these graphs contain ----------------------------------------------------------------------------

@@ -302,6 +302,8 @@ def _conv_support(func, args, slot, s):
     kernel (a one-channel convolution of the support with ones: a superset, sound); with the weight tracked
     (not transposed), an output channel whose whole filter is structural. Otherwise fully supported."""
     stride, padding, dilation, transposed, output_padding = args[3:8]
+    if args[2] is not None:  # a bias reaches every output position
+        return None
     if slot == 0:
         s1 = mask_any(s, 1, keepdim=True).to(args[0].dtype)
         ones = args[1].new_ones((1, 1, *args[1].shape[2:]))

@@ -92,10 +92,10 @@ class _Incidents:
         # make a zero upstream, and a zero annihilates the saved NaN/Inf
         finite_only = all(isinstance(i, _Incident) and i.kind == "contamination" for i in carried)
         if _elementwise(func, ins, o):
-            met = torch.zeros(o.shape, dtype=torch.bool)
+            met = torch.zeros(o.shape, dtype=torch.bool, device=o.device)
             for t in saved:
                 met = met | (~torch.isfinite(t)).broadcast_to(o.shape)
-            nonzero = torch.zeros(o.shape, dtype=torch.bool)
+            nonzero = torch.zeros(o.shape, dtype=torch.bool, device=o.device)
             for t in ins:
                 if t in self.sens:
                     nonzero = nonzero | (_nonzero(t, finite_only)).broadcast_to(o.shape)
@@ -201,7 +201,7 @@ class _Incidents:
     def _nonzero_sensitivity_met(self, func, o, mask, ins, sens_ins, nf, args, out, kwargs=None) -> torch.Tensor:
         """Bool mask over `o`: where a nonzero sensitivity met a non-finite value (genuine), else contamination."""
         if _elementwise(func, ins, o):  # positions line up
-            nonzero = torch.zeros(o.shape, dtype=torch.bool)
+            nonzero = torch.zeros(o.shape, dtype=torch.bool, device=o.device)
             for s in sens_ins:
                 nonzero = nonzero | (s != 0).broadcast_to(o.shape)
             return nonzero

@@ -86,6 +86,13 @@ class _Provenance:
             if isinstance(o, torch.Tensor) and _inexact(o):
                 self.derived[o] = entry
 
+    def _from_data(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` may be data the user passed in (a leaf that is no parameter, or what `_derive` linked to
+        one; views of either): only ops on those leave links (a parameter's transpose in every linear does not)."""
+        base = t._base if t._base is not None else t
+        return (base.grad_fn is None and not isinstance(base, torch.nn.Parameter)) or t in self.derived \
+            or base in self.derived
+
     def _root(self, t: torch.Tensor, loc) -> tuple[torch.Tensor, tuple]:
         """The earliest non-finite source ``t`` was derived from by ops passed over (``_derive``) and where it
         was first used, else (``t``, ``loc``)."""

@@ -277,7 +277,7 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         if not creates_node and keeps and not info.mutable and not self.pending \
                 and not any(t in self.prov for t in ins):
             out = _run(func, args, kwargs)  # undifferentiated, finite in and out (detach, ones_like): no record
-            if ins:
+            if ins and any(map(self._from_data, ins)):
                 self._derive(out, ins, _loc(_user_frame()))
             return out
         frame = _user_frame()
@@ -308,7 +308,7 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         if info.mutable and not outs:
             outs = _floats(args[0])
         if not outs or info.uninitialised or (keeps and not self.pending and not any(t in self.prov for t in ins)):
-            if outs and ins and not info.uninitialised:
+            if outs and ins and not info.uninitialised and any(map(self._from_data, ins)):
                 self._derive(outs, ins, loc)
             return out  # finite in, finite out: nothing to check (provenance is up to date when nothing is pending)
         self._check(outs, lambda bad: self._dig(func, loc, ins, bad, None, info))
