@@ -1461,3 +1461,30 @@ def test_a_gradient_taken_for_an_intermediate_reads_no_grad_of_it():
             (x * 3).sum()  # a new step's first op (its gradients are looked up)
     assert g.isnan().tolist() == [False, True, False]  # PyTorch's: the one NaN element of h
     assert [(f.kind, f.count, f.reaches) for f in report.findings] == [("nan", 1, ["h"])]
+
+
+def test_a_finding_reaches_only_gradients_that_hold_its_nan():
+    """maximum(0, w) * sqrt(-1) at w = -1: w is not selected, its gradient is 0 (PyTorch and gw.grad); maximum's
+    backward (a where, then masked_fill_ in place) left the NaN's provenance on values made finite, and the trace
+    said the genuine NaN reaches w. A finding reaches a gradient only where that gradient is non-finite."""
+    w = torch.tensor([-1.0], requires_grad=True)
+    with gw.trace() as report:
+        loss = (torch.maximum(torch.zeros(1), w) * torch.sqrt(torch.tensor([-1.0]))).sum()
+        loss.backward()
+    assert torch.equal(w.grad, torch.zeros(1)) and torch.equal(gw.grad(
+        (torch.maximum(torch.zeros(1), w) * torch.sqrt(torch.tensor([-1.0]))).sum(), w)[0], torch.zeros(1))
+    assert all(not f.reaches for f in report.findings), str(report)
+
+
+@pytest.mark.parametrize("guard", ["relu", "where"])
+def test_an_inf_made_in_the_backward_and_dropped_is_no_finding(guard):
+    """sqrt(relu(x)) at x = 0: sqrt's backward makes Inf (1 / (2 sqrt(0))), which relu's (or where's) backward
+    drops: every gradient is finite, in PyTorch and with gw.grad. It was a genuine Inf reaching nothing; it is
+    listed among the values that no gradient used (with the singular point and the kink, which stay)."""
+    x = torch.tensor([0.0], requires_grad=True)
+    g = torch.relu if guard == "relu" else (lambda t: torch.where(t > 0, t, 0.0))
+    with gw.trace() as report:
+        torch.sqrt(g(x)).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert not [f for f in report.findings if f.kind in ("nan", "inf")], str(report)
+    assert any("aten.div" in u for u in report.unused), str(report)

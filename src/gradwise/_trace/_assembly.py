@@ -70,7 +70,9 @@ class _Assembly:
                 continue
             if inc.annihilated and not inc.reaches:
                 continue  # a structural zero downstream annihilated it: the contamination found there says so
-            if inc.kind == "contamination" and not inc.reaches:  # made in the backward, then dropped: harmless
+            if not inc.reaches and (inc.kind == "contamination" or not inc.births):
+                # made in the backward (contamination, or from finite values: sqrt'(0) behind a relu), then dropped
+                # before any gradient: harmless
                 unreached[(inc.op, _fmt(inc.loc))] = unreached.get((inc.op, _fmt(inc.loc)), 0) + inc.count
                 continue
             via = earliest(inc.births)

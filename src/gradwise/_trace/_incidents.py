@@ -11,7 +11,7 @@ import torch
 
 from gradwise import _strong_zeros
 from gradwise._masks import mask_any
-from gradwise._trace._common import _aligned, _fmt, _inexact, _nan_in, _op_name, _positions
+from gradwise._trace._common import _aligned, _fmt, _inexact, _nan_in, _nonfinite, _op_name, _positions
 from gradwise._trace._facts import _BILINEAR, _DISCARDS, _ELEMENTWISE_DISCARDS, _PRODUCTS, _discard_key
 from gradwise._trace._store import Incident as _Incident
 
@@ -292,7 +292,10 @@ class _Incidents:
     def _accumulate(self, node, sens_ins) -> None:
         var = node.variable
         for s in sens_ins:
-            for inc in self.prov.get(s, ()):
+            incs = self.prov.get(s, ())
+            if not incs or not _nonfinite(s):  # (provenance left on values made finite in place: maximum's backward)
+                continue
+            for inc in incs:
                 if isinstance(inc, _Incident):
                     inc.reaches.add(self.leaf_name(var))
                     self.reached_now.add(id(inc))

@@ -213,7 +213,7 @@ class _Provenance:
 
     def reached(self, grad: torch.Tensor, leaf: torch.Tensor) -> None:
         """A final gradient (from torch.autograd.grad) for `leaf`: record which findings reach it."""
-        incs = [i for i in self.prov.get(grad, ()) if isinstance(i, _Incident)]
+        incs = [i for i in self.prov.get(grad, ()) if isinstance(i, _Incident)] if _nonfinite(grad) else []
         for inc in incs:
             inc.reaches.add(self.leaf_name(leaf))
             self.reached_now.add(id(inc))
