@@ -4,6 +4,9 @@ errors) and gw.trace() of the same step."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -215,3 +218,41 @@ def test_a_library_that_calls_backward_for_the_user_is_not_the_location(ctx, tmp
         with ctx() as report:
             _fit_through(lib, model, torch.randn(2, 4))
         assert report.findings and all(expected in f.location for f in report.findings), str(report)
+
+
+_FIRST_COMPILE_INSIDE = """
+import torch, gradwise as gw
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+compiled = torch.compile(model)
+with gw.watch():  # the process's first compile happens while gw.watch() wraps torch.autograd.grad
+    for n in (4, 6, 5):
+        model.zero_grad()
+        compiled(torch.randn(n, 4)).square().mean().backward()
+torch._dynamo.reset()
+lin = torch.nn.Linear(4, 1)
+x = torch.cat([torch.randn(4, 4), torch.full((2, 4), float("nan"))])
+
+
+@torch.compile(backend="aot_eager")
+def step(x):
+    loss = lin(x)[:4].square().mean()
+    lin.weight.grad = gw.grad(loss, lin.weight)[0]
+    return loss
+
+
+with gw.strong_zeros():
+    step(x)
+print(bool(lin.weight.grad.isfinite().all()))
+"""
+
+
+def test_a_first_compile_inside_watch_leaves_dynamo_as_it_was(tmp_path):
+    """Dynamo builds its table of handlers for torch functions (keyed by identity) on first use: built during a
+    first compile inside gw.watch() (or gw.trace()), it knew gradwise's wrapper of torch.autograd.grad only, and
+    every later compiled function calling gw.grad traced the real one into its graph ('The differentiated Tensor
+    ... appears to not have been used in the graph'): seen as a test order that failed. A fresh process."""
+    script = tmp_path / "first_compile.py"
+    script.write_text(_FIRST_COMPILE_INSIDE)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(gw.__file__).parents[1])})
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr[-2000:]

@@ -144,10 +144,24 @@ def _tag_batch(tracer: _Tracer, batch: object, index: int) -> None:
         tracer.batches[t] = index
 
 
+def _dynamo_handlers_built() -> None:
+    """Dynamo keys its handlers of torch functions by identity in a table built on first use: built while the
+    wrappers below replace torch.autograd.grad/backward (a first compile inside a trace or watch), it would know
+    the wrappers only, and later compiled code would trace the real torch.autograd.grad into its graph. Built
+    now, with PyTorch's own functions."""
+    try:
+        from torch._dynamo.variables.torch import TorchInGraphFunctionVariable
+
+        TorchInGraphFunctionVariable._get_handlers()
+    except (ImportError, AttributeError):  # another PyTorch: no such table
+        pass
+
+
 def _install() -> None:
     global _installed
     with _LOCK:
         if _installed == 0:
+            _dynamo_handlers_built()
             _ORIGINAL[:] = [torch.autograd.backward, torch.autograd.grad, _LOADER_ITER.__next__]
             # torch.jit.script resolves torch.autograd.grad/backward by identity to its builtins: the wrappers
             # are those builtins too (scripted code runs PyTorch's own; its ops are still seen by the mode)
