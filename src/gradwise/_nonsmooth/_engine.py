@@ -290,16 +290,16 @@ _LAST_TIE_SIZE = 256
 
 
 def _locked_grad(f, xs, single, seed, run_kw=None, direction=None, memo=None, unused_none=False):
-    """`_locked_grads`, with zeros for the inputs f does not use (``unused_none``: None instead, as
+    """`_raw_locked_grad`, with zeros for the inputs f does not use (``unused_none``: None instead, as
     ``.backward()`` leaves their ``.grad``). ``memo``: the key of f's last tie (`_LAST_TIE`), by default f's code."""
-    grads, probe, value = _locked_grads(f, xs, single, seed, run_kw, direction,
-                                        memo if memo is not None else getattr(f, "__code__", None))
+    grads, probe, value = _raw_locked_grad(f, xs, single, seed, run_kw, direction,
+                                            memo if memo is not None else getattr(f, "__code__", None))
     if not unused_none:
         grads = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads, strict=True))
     return grads, probe, value
 
 
-def _locked_grads(f, xs, single, seed, run_kw, direction, memo):
+def _raw_locked_grad(f, xs, single, seed, run_kw, direction, memo):
     """A generalized gradient. A tangent-free pass finds the kinks, building the graph with provisional
     branches; without ties that graph is the answer. With ties, f runs again along a random direction, stopping
     after the last tie; the branches it ranks are written into the first pass's lock tensors (saved indices and

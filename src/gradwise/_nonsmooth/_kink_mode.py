@@ -224,11 +224,9 @@ class _KinkMode(TorchFunctionMode):
                     map(self.involved, _flat_tensors(everything))):  # (a list's too: RNN weights, _foreach_)
                 try:
                     out = _watched(func, args, kwargs, self.involved)
-                except DeferredJump as jump:  # decided in a pass along a direction (not lockable: a full pass)
+                except DeferredJump as jump:
                     out = jump.out
-                    self.run.kinks.append(Kink(jump.op, _user_line(), "select", torch.ones(1, 1, dtype=torch.bool),
-                                               comparison=True, call=(self.count, 0)))
-                    self.last_tie, self.used_at_tie = self.count, set(self.used)
+                    self._defer(jump.op)
             else:
                 out = _no_forward_ad_is_an_error(func, args, kwargs)
             if self.run.flat and func in _RESHAPES and args and isinstance(args[0], Tensor):
@@ -261,6 +259,13 @@ class _KinkMode(TorchFunctionMode):
                     self.exposed[id(t)] = (t, self.run.kinks[before:])
         return out
 
+    def _defer(self, op: str) -> None:
+        """A possible jump this tangent-free pass cannot decide: a comparison kink without a lock, so the caller
+        runs f along a direction (a full pass), where the watch and `_check_no_jump` decide."""
+        self.run.kinks.append(Kink(op, _user_line(), "select", torch.ones(1, 1, dtype=torch.bool), comparison=True,
+                                   call=(self.count, 0)))
+        self.last_tie, self.used_at_tie = self.count, set(self.used)
+
     def _python_read(self, t: Tensor, func) -> None:
         """f reads values that depend on its inputs into Python (``.tolist()``, ``.item()``, ``if t:``), where
         its code may compare them: gradwise follows torch's comparisons, not Python's. Two values read (here or
@@ -288,9 +293,7 @@ class _KinkMode(TorchFunctionMode):
         if not tied:
             return
         if tangent is None:
-            self.run.kinks.append(Kink(str(func), _user_line(), "select", torch.ones(1, 1, dtype=torch.bool),
-                                       comparison=True, call=(self.count, 0)))
-            self.last_tie, self.used_at_tie = self.count, set(self.used)
+            self._defer(str(func))
             return
         raise NonsmoothError(f"f reads values that depend on its inputs into Python ({_callable_name(func)} at "
                              f"{_user_line()}) where they tie (with each other, with values read before, or with "

@@ -18,7 +18,7 @@ from gradwise._modes import LeanDispatchMode
 from gradwise._nonsmooth._errors import NonsmoothError
 from gradwise._nonsmooth._records import _user_line
 from gradwise._nonsmooth._rules import _is_dual, _split
-from gradwise._ops._kinks import KINKS, OpCall, _float, at_kink
+from gradwise._ops._kinks import KINKS, OpCall, at_kink
 
 Tensor = torch.Tensor
 
@@ -74,7 +74,7 @@ def _composite(func) -> bool:
 class _KinkWatch(LeanDispatchMode):
     def __init__(self) -> None:
         super().__init__()
-        self.kinky, self.hit = False, None
+        self.kinky, self.hit, self.jump = False, None, False  # jump: the hit is a jump of `_JUMPS`
         # id(argument) -> (argument, where its tangent is nonzero): a jump counts only where the value moves
         self.moving: dict[int, tuple[Tensor, Tensor]] = {}
 
@@ -105,6 +105,7 @@ class _KinkWatch(LeanDispatchMode):
                 self.hit = str(func.overloadpacket)
         elif test(args, kwargs, out):
             self.hit = str(func.overloadpacket)
+        self.jump = self.hit is not None and base in _JUMPS
         return out
 
     def _foreach(self, func, base: str, inplace: bool, args, kwargs):
@@ -193,7 +194,7 @@ def _watched(func, args: tuple, kwargs: dict, involved: Callable):
             out = func(*args, **kwargs)
     else:
         def copy(a):  # a non-leaf copy where it depends on the inputs: in-place calls work on it as on a
-            if not (_float(a) or (isinstance(a, Tensor) and a.is_complex())):
+            if not (isinstance(a, Tensor) and (a.is_floating_point() or a.is_complex())):
                 return a
             p, t = _split(a)
             p = p.detach()
@@ -210,7 +211,7 @@ def _watched(func, args: tuple, kwargs: dict, involved: Callable):
         out = _no_forward_ad_is_an_error(func, args, kwargs)
         with torch.enable_grad(), watch:
             func(*replay[0], **replay[1])
-    if watch.hit is not None and not tangents and watch.hit.split(".")[-1] in _JUMPS:
+    if watch.jump and not tangents:
         raise DeferredJump(out, watch.hit)
     if watch.hit is not None:
         raise NonsmoothError(f"{_callable_name(func)} (called at {_user_line()}) reaches {watch.hit} at its kink, "

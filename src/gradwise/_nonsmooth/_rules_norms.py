@@ -103,8 +103,7 @@ def norm(run, func, x, p=None, dim=None, keepdim=False, *args, **kwargs):
     p = kwargs.pop("ord", p)
     if p in (None, "fro"):
         return vector_norm(run, func, x, 2, dim, keepdim)
-    vector = isinstance(dim, int) or x.dim() <= 1 or (not isinstance(p, str) and (
-        (dim is None and func is not torch.linalg.norm) or func is not torch.linalg.norm))
+    vector = isinstance(dim, int) or x.dim() <= 1 or (not isinstance(p, str) and func is not torch.linalg.norm)
     if not vector:
         return matrix_norm(run, torch.linalg.matrix_norm, x, p, (-2, -1) if dim is None else dim, keepdim)
     return vector_norm(run, func, x, p, dim, keepdim)

@@ -101,12 +101,15 @@ def minimum(run, func, a, b):
 def _clamp(run, x, lo, hi, native: Callable, inplace: bool = False):
     """min(max(x, lo), hi) with the pair rule at each bound that x touches. ``inplace``: the caller writes the
     result into x, which the pieces' graph must not have saved (a copy of x is clamped)."""
+    # hi meets max(x, lo), not x (x < lo == hi ties there); for numbers farther apart than tie_tol, that is x itself
+    numbers_apart = not isinstance(lo, Tensor) and not isinstance(hi, Tensor) and (
+        lo is None or hi is None or hi - lo > run.tie_tol)
     lo, hi = _as_tensor(lo, x), _as_tensor(hi, x)
     xp = _split(x)[0]
     lop = _split(lo)[0] if lo is not None else None
     touches = lo is not None and bool(((xp - lop).abs() <= run.tie_tol).any())
-    if hi is not None and not touches:  # hi meets max(x, lo), not x: x < lo == hi ties there
-        mid = xp if lo is None else torch.maximum(xp, lop)
+    if hi is not None and not touches:
+        mid = xp if numbers_apart else torch.maximum(xp, lop)
         touches = bool(((mid - _split(hi)[0]).abs() <= run.tie_tol).any())
     if not touches and run.near_tol is None:
         return native()

@@ -16,6 +16,10 @@ aten = torch.ops.aten
 Tensor = torch.Tensor
 
 
+def _inexact(x) -> bool:
+    return isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex())
+
+
 def _on_boundaries(x, boundaries) -> Site | None:
     """Where x equals one of ``boundaries`` (a bucket changes there)."""
     if not (_float(x) or _float(boundaries)):
@@ -55,8 +59,7 @@ def _histc_on_an_edge(c: OpCall):
        convention="none (an integer or bool output)")
 def _reads_zero(c: OpCall):
     """count_nonzero / nonzero / argwhere / signbit jump where an element is 0 (signbit: -0.0 and 0.0 differ)."""
-    return _where_zero(c) if isinstance(c.args[0], Tensor) and (c.args[0].is_floating_point() or
-                                                                c.args[0].is_complex()) else None
+    return _where_zero(c) if _inexact(c.args[0]) else None
 
 
 @_kink(aten.angle, kind="jump", convention="0")
@@ -66,7 +69,7 @@ def _angle_at_its_cut(c: OpCall):
     x = c.args[0]
     if isinstance(x, Tensor) and x.is_complex():
         return Site((x == 0) | ((x.imag == 0) & (x.real < 0)))
-    return _where_zero(c) if isinstance(x, Tensor) and x.is_floating_point() else None
+    return _where_zero(c) if _float(x) else None
 
 
 @_kink(aten.atan2, kind="jump", convention="PyTorch's formula (0 at the origin)")

@@ -31,7 +31,9 @@ def for_eager(module: fx.GraphModule) -> fx.GraphModule:
 
     graph = fx.Graph()
     graph.output(graph.graph_copy(module.graph, {}))
-    changed = split_forward_zeros(graph) and _as_forward_values(graph)  # (before the rewrites: they read targets)
+    changed = split_forward_zeros(graph)  # (before the rewrites: they read targets)
+    if changed:
+        _as_forward_values(graph)
     for node in list(graph.nodes):
         changed |= any(rewrite(graph, module, node) for rewrite in _REWRITES)
     if not changed:
@@ -270,7 +272,7 @@ def _softmax_backward(g: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tenso
     return aten._softmax_backward_data.default(g, y, dim, g.dtype)
 
 
-def _as_forward_values(graph: fx.Graph) -> bool:
+def _as_forward_values(graph: fx.Graph) -> None:
     """A forward zeros tensor recomputed in the backward and multiplied into a sensitivity is a value, not a
     formula's structural zero (``_compile_pass.split_forward_zeros`` marks the copy those multiplications read):
     it runs as a forward op (``_as_forward``), as a checkpoint's recomputation does."""
@@ -280,7 +282,6 @@ def _as_forward_values(graph: fx.Graph) -> bool:
         if n.meta.get(FORWARD_VALUE) and isinstance(n.target, torch._ops.OpOverload):
             n.args = (n.target, *n.args)
             n.target = _as_forward
-    return True
 
 
 def _as_forward(op: Any, *args: Any, **kwargs: Any) -> Any:

@@ -57,23 +57,20 @@ class _Provenance:
             b = self._birth(via[0], via[1], nan, None, mask, lambda idx: _Birth(
                 via[0], via[1], "received from another rank", 0, idx, nan, received=True), received=True)
             got = self.prov[t] = frozenset([b])
-        found = t
-        root, first = self._root(t, loc) if got is None else (t, loc)  # data moved by ops nobody read
-        if root is not t:
-            got = self.prov.get(root)
-            if got is not None:
+        if got is None:  # the data it was moved from by ops nobody read (GRU's transpose), and where first used
+            src, loc = self._root(t, loc)
+            if src is not t and (got := self.prov.get(src)) is not None:
                 self.prov[t] = got
         if got is None:
-            t, loc = root, first
-            mask, nan = _nonfinite_mask(t), _has_nan(t)
-            name = self.names.get(t) or self._search_name(t, _user_frame())
-            batch = self.batches.get(t if t._base is None else t._base)
+            mask, nan = _nonfinite_mask(src), _has_nan(src)
+            name = self.names.get(src) or self._search_name(src, _user_frame())
+            batch = self.batches.get(src if src._base is None else src._base)
             b = self._birth("input", loc, nan, name, mask,
                             lambda idx: _Birth("input", loc, "arrived non-finite", 0, idx, nan, name=name, batch=batch),
                             batch=batch)
             if batch is not None and batch not in b.batches and len(b.batches) < _KEEP:
                 b.batches.append(batch)
-            got = self.prov[t] = self.prov[found] = frozenset([b])
+            got = self.prov[src] = self.prov[t] = frozenset([b])
         return got
 
     def _derive(self, out, ins: list, loc) -> None:
@@ -108,8 +105,8 @@ class _Provenance:
 
     def _birth(self, op, loc, nan, name, mask, make, parents=(), received=False, batch=None,
                cause: tuple | None = None) -> _Birth:
-        """The interned birth of this site (and ``cause``: the root births' sites it descends from): its indices
-        and description are computed the first time only."""
+        """The interned birth of this site (and ``cause``: the site of the earliest birth it descends from): its
+        indices and description are computed the first time only."""
         n = _count(mask)
         key = self.store.birth_key(op, loc, nan, name, received, batch, n)
         if cause:
