@@ -1,10 +1,13 @@
-"""Facts about aten ops, written once and read by every concern that needs them (the trace, nonsmooth calculus).
+"""Facts about aten ops, written once and read by every concern that needs them (the trace, nonsmooth calculus,
+strong zeros).
 
 Modules:
 
 ``_kinks``      where each aten op kinks (or is singular, or jumps), and PyTorch's convention there: ``KINKS``.
 ``_discrete``   the jumps of ops that read floats into integers or bools (bucketize, casts, nonzero ...), added
                 to ``KINKS``.
+``_zeros``      what each aten op does to structural zeros, by kind (makes, moves, adds, multiplies, gates ...):
+                ``ZERO_FACTS``, read by both strong-zero engines (eager and compiled) and the trace.
 
 No engine lives here: only what is true of an op, whoever asks. Facts one concern alone reads stay with it:
 which forward ops discard values, with the trace's fix texts (``_trace/_facts.py``), and what backward formulas of

@@ -21,7 +21,8 @@ Modules (each imports only those above it in this list, plus torch and gradwise.
 ``_contract``        what the mode can read and follow; the plain-PyTorch fallbacks and their warnings.
 ``_supports``        ``_Supports`` (one bool mask per storage) and the per-thread pass state ``_STATE``.
 ``_rules``           the rule table ``RULES``: ``_register``, ``lookup``, the helpers rules share, ``unruled_ops``.
-``_rules_pointwise`` rules for creation, comparison/mask, elementwise product/sum, where, placement, copy.
+``_rules_pointwise`` one rule per kind of the shared facts (``gradwise._ops._zeros``: creation, masks,
+                    products, sums, where, placement), registered from that table; copy, exp, glu.
 ``_rules_bilinear``  rules for mm/bmm, mv and convolution_backward.
 ``_rules_backward``  rules for single fused backwards (softmax, nll, solves, cdist, grid_sampler, CTC, ...).
 ``_mode``            ``_StrongZeroMode``, the TorchDispatchMode that applies the rules; ``DECOMPOSED``.
@@ -30,7 +31,7 @@ Modules (each imports only those above it in this list, plus torch and gradwise.
                      ``_release``, ``_saved_toward``.
 ``_planning``        the pre-backward plan: ``_plan``, ``_zero_reach``; saved tensors are checked by
                      ``gradwise._masks.all_finite``.
-``_compile_pass``    the same rules over AOTAutograd's backward graphs (torch.compile).
+``_compile_pass``    one graph rule per kind of the same facts, over AOTAutograd's backward graphs.
 ``_graph_forms``     those graphs put back into the forms the eager rules know, for their op-by-op run.
 ``_compile``         compiled backwards under strong zeros: the pass, the runtime check, ``compile_stats``.
 ``_engine``          the engine hook, the strong pass, ``strong_zeros()``, ``grad``, ``backward`` (and the rebound

@@ -37,9 +37,11 @@ before every backward under strong zeros (``_engine._engine_run``):
    is gone entirely can only run as compiled (its finite results unchecked, as in plain PyTorch): if the
    gradients then hold NaN/Inf, gradwise warns (``CompiledBackwardWarning``), naming the node and the fix.
 
-Still duplicated between the two consumers: the pass's rules (``_compile_pass.PASS_RULES``, on graph nodes)
-restate a subset of ``_rules.RULES`` (on tensors) for the ops AOTAutograd's decomposed graphs contain.
-The op-by-op run reads the graph through ``_graph_forms.for_eager``, which puts back what a compiled graph hides
+One table, two consumers: which ops make, move, add, multiply or select structural zeros is written once, in
+``gradwise._ops._zeros``; the eager rules (on tensors, ``_rules_pointwise``) and the pass (on graph nodes,
+``_compile_pass``) each implement every kind they can, and keep rules of their own only for ops whose rule
+needs more than a kind (attention, CTC, the bilinear ops' contractions). The op-by-op run reads the graph
+through ``_graph_forms.for_eager``, which puts back what a compiled graph hides
 from the eager rules (a formula's zeros, a decomposed fused op, which formula an op belongs to), so that one
 rule table serves it.
 
@@ -91,9 +93,11 @@ def strong_zero_pass() -> Any:
     every inductor backward use strong zeros (inside or outside ``gw.strong_zeros()``)."""
     global _PASS
     if _PASS is None:
+        from gradwise._ops import _zeros
         from gradwise._strong_zeros import _compile_pass
 
-        digest = hashlib.sha256(Path(_compile_pass.__file__).read_bytes()).hexdigest()
+        # inductor's cache key: the pass and the shared facts it builds its rules from
+        digest = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (_compile_pass, _zeros))).hexdigest()
 
         class StrongZeroPass(_pass_base()):  # type: ignore[misc]
             """Strong zeros over AOTAutograd's backward graph (see gradwise._strong_zeros._compile_pass)."""

@@ -10,7 +10,9 @@ guard, so inductor fuses them into its kernels. A support is one of
 - an FX node: a bool tensor broadcastable to the value, False at structural zeros.
 
 Invariant: where a support is False the value is exactly +-0 (sources are zeros, views move them, products
-with a False factor are rewritten to 0). Rules (one per aten op, ``PASS_RULES``):
+with a False factor are rewritten to 0). Which ops take which rule is the shared table's (``gradwise._ops._zeros``:
+each op's *kind*, one graph rule per kind, ``_KIND_RULES``); rules for one op (the bilinear ops, attention) are in
+``PASS_RULES``; ``pass_rule`` looks up both. In short:
 
 - sources: ``full``/``zeros`` of 0 -> FALSE; ``slice_scatter``/``select_scatter``/``constant_pad_nd``/``cat``
   -> the same op on the masks (a forward value placed beside a sensitivity: ``!= 0``, `_placed_value`);
@@ -29,7 +31,7 @@ value recomputed in the backward (``where(x > 0, x, 0)``) is a value, and a NaN 
 pass knows no rule the support is ``None``: a NaN/Inf may remain (the runtime check in ``_compile`` then
 re-runs that backward through the eager rules), never a wrong finite number.
 
-May import: torch (torch.fx) only.
+May import: torch (torch.fx), gradwise._ops.
 """
 
 from __future__ import annotations
@@ -43,21 +45,15 @@ import torch
 import torch._inductor.inductor_prims  # (registers prims.fma, which a rule below names: installed by hand too)
 import torch.fx as fx
 
+from gradwise._ops._zeros import multiplying_args, zero_fact
+
 aten = torch.ops.aten
 prims = torch.ops.prims
 
-__all__ = ["FALSE", "PASS_RULES", "rewrite_backward"]
+__all__ = ["FALSE", "PASS_RULES", "pass_rule", "rewrite_backward"]
 
 FALSE = "structural-zero"  # the support of a tensor that is a structural zero everywhere
 
-_ZERO_MAKERS = {aten.full.default: 1, aten.full_like.default: 1, aten.new_full.default: 2,
-                aten.scalar_tensor.default: 0, aten.zeros.default: None, aten.zeros_like.default: None,
-                aten.new_zeros.default: None}
-_VIEWS = {aten.expand.default, aten.permute.default, aten.reshape.default, aten.view.default,
-          aten._unsafe_view.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
-          aten.squeeze.default, aten.t.default, aten.transpose.int, aten.slice.Tensor, aten.select.int,
-          aten.alias.default, aten.clone.default, aten.neg.default, aten.contiguous.default}
-_CASTS = {aten._to_copy.default, prims.convert_element_type.default}
 _CAST = prims.convert_element_type.default
 
 
@@ -207,11 +203,11 @@ class _Rewriter:
                     continue
                 if any(a in self.sens for a in node.all_input_nodes):
                     self.sens.add(node)
-                rule = PASS_RULES.get(node.target)
+                rule = pass_rule(node.target)
                 val = _val(node)
                 if rule is None or not _has_floating(val):
                     continue
-                if node not in self.sens and (node.target not in _ZERO_MAKERS or node.meta.get(FORWARD_VALUE)):
+                if node not in self.sens and (not _makes(node.target) or node.meta.get(FORWARD_VALUE)):
                     continue  # a forward value (recomputed in the backward): its zeros are values
                 self.cursor = node
                 mask = rule(self, node)
@@ -242,77 +238,75 @@ def _same_shape(a: Any, b: Any) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 
 PassRule = Callable[[_Rewriter, fx.Node], Any]
-PASS_RULES: dict[Any, PassRule] = {}
 
 
-def _rule(*ops: Any) -> Callable[[PassRule], PassRule]:
-    def register(rule: PassRule) -> PassRule:
-        for op in ops:
-            PASS_RULES[op] = rule
-        return rule
-
-    return register
-
-
-@_rule(*_ZERO_MAKERS)
 def _zeros(rw: _Rewriter, node: fx.Node) -> Any:
-    pos = _ZERO_MAKERS[node.target]
+    """makes: FALSE where the value made is 0 (a formula's "no gradient here"), else None."""
+    pos = zero_fact(node.target).fill
     value = 0 if pos is None else node.args[pos] if len(node.args) > pos else node.kwargs.get("fill_value", 0)
     return FALSE if isinstance(value, (int, float)) and value == 0 else None
 
 
-@_rule(*_VIEWS)
 def _view(rw: _Rewriter, node: fx.Node) -> Any:
+    """views: the same view of the mask (none for a view that reinterprets the element type)."""
     src = node.args[0]
     mask = rw.of(src)
-    if mask is None or mask is FALSE or node.target in (aten.clone.default, aten.neg.default,
-                                                         aten.alias.default, aten.contiguous.default):
+    if mask is None or mask is FALSE:
         return mask
+    if _val(node).dtype != _val(src).dtype:
+        return None
     return rw.call(node.target, rw.exact(mask, src), *node.args[1:], **node.kwargs)
 
 
-@_rule(aten.index.Tensor, aten.gather.default, aten.index_select.default)
-def _gather(rw: _Rewriter, node: fx.Node) -> Any:
-    """Reading elements moves their supports: the same op on the mask."""
-    mask = rw.of(node.args[0])
-    if mask is None or mask is FALSE:
-        return mask
-    return rw.call(node.target, rw.exact(mask, node.args[0]), *node.args[1:], **node.kwargs)
-
-
-@_rule(*_CASTS)
 def _cast(rw: _Rewriter, node: fx.Node) -> Any:
+    """keeps: the input's mask."""
     return rw.of(node.args[0])
 
 
-@_rule(aten.add.Tensor, aten.sub.Tensor)
 def _add(rw: _Rewriter, node: fx.Node) -> Any:
+    """union: a structural zero where every operand is one; ``x + c`` with c != 0 makes every element nonzero."""
     a, b = node.args[0], node.args[1]
-    if not isinstance(b, fx.Node):  # x + c: c != 0 makes every element nonzero
+    if not isinstance(b, fx.Node):
         return rw.of(a) if b == 0 else None
     return rw.either(rw.of(a), rw.of(b))
 
 
-@_rule(aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
-def _mul(rw: _Rewriter, node: fx.Node) -> Any:
-    a, b = node.args[0], node.args[1]
-    if not isinstance(b, fx.Node):
-        # a finite number keeps a's zeros zeros; 0 * NaN does not happen here (b is not NaN)
-        return rw.of(a) if isinstance(b, (int, float)) and math.isfinite(b) else None
-    divide = node.target in (aten.div.Tensor, aten.div.Scalar)
-    mask = rw.of(a) if divide else rw.both(rw.of(a), rw.of(b))
+def _linear(rw: _Rewriter, node: fx.Node) -> Any:
+    """product/linear: a structural zero where a factor at the fact's ``args`` is one (and outside the op's flat
+    region, ``passes``); where the op also reads another tensor (mul's other factor, div's denominator, an
+    activation's input) the output is rewritten to 0 there, whatever that tensor holds. A Python number factor
+    that is not finite makes no claim (x * inf: 0 x inf is NaN)."""
+    fact = zero_fact(node.target)
+    mask = None
+    for i, a in enumerate(node.args):
+        if not isinstance(a, fx.Node):
+            if isinstance(a, float) and not math.isfinite(a):
+                return None
+        elif i in fact.args:
+            mask = rw.both(mask, rw.of(a))
     if mask is None:
         return None
-    rw.annihilate(node, mask)
+    if fact.passes is not None:
+        mask = rw.both(mask, fact.passes(_GraphMasks(rw), node.args))
+    if sum(isinstance(a, fx.Node) for a in node.args) > 1:
+        rw.annihilate(node, mask)
     return mask
 
 
-@_rule(prims.fma.default)
+def _gate(rw: _Rewriter, node: fx.Node) -> Any:
+    """gates: ``passes ? g : 0`` never multiplies: the support of g where the op passes it, nothing rewritten."""
+    return rw.both(rw.of(node.args[0]), zero_fact(node.target).passes(_GraphMasks(rw), node.args))
+
+
 def _fma(rw: _Rewriter, node: fx.Node) -> Any:
-    """fma(a, b, c) = a * b + c (softmax's decomposed backward): where a * b is a structural zero, c."""
-    a, b, c = node.args[:3]
+    """fma(a, b, c) = a * b + c (softmax's decomposed backward; addcmul(c, a, b)): where a * b is a structural
+    zero, c."""
+    fact = zero_fact(node.target)
+    a, b = (node.args[i] for i in fact.args)
+    c = next(x for i, x in enumerate(node.args[:3]) if i not in fact.args)
+    value = node.kwargs.get("value", 1)
     product = rw.both(rw.of(a), rw.of(b))
-    if product is None or not isinstance(c, fx.Node):
+    if product is None or not isinstance(c, fx.Node) or not math.isfinite(value):
         return None
     result = rw.either(product, rw.of(c))
     rw.annihilate(node, product, otherwise=c, result=FALSE if result is FALSE else result)
@@ -323,7 +317,6 @@ _COMPARISONS = {aten.le.Scalar, aten.lt.Scalar, aten.ge.Scalar, aten.gt.Scalar, 
                 aten.ge.Tensor, aten.gt.Tensor}
 
 
-@_rule(aten.where.self)
 def _where(rw: _Rewriter, node: fx.Node) -> Any:
     cond, a, b = node.args[:3]
     ma, mb = rw.of(a), rw.of(b)
@@ -350,13 +343,6 @@ def _flat_region(rw: _Rewriter, cond: Any) -> bool:
     return cond.target in _COMPARISONS and _floating(_val(cond.args[0]))
 
 
-@_rule(aten.threshold_backward.default)
-def _threshold_backward(rw: _Rewriter, node: fx.Node) -> Any:
-    g, x, t = node.args[:3]
-    passes = rw.call(aten.logical_or.default, rw.call(aten.gt.Scalar, x, t), rw.call(aten.isnan.default, x))
-    return rw.both(rw.of(g), passes)
-
-
 def _placed_value(rw: _Rewriter, x: Any, other: Any) -> Any:
     """The support of a placement's operand ``x`` beside a sensitivity ``other``. A backward is linear in its
     tangents, so a forward value it places into a sensitivity holds only zeros, and they are structural: zeros
@@ -370,8 +356,9 @@ def _placed_value(rw: _Rewriter, x: Any, other: Any) -> Any:
     return mask
 
 
-@_rule(aten.slice_scatter.default, aten.select_scatter.default)
 def _scatter(rw: _Rewriter, node: fx.Node) -> Any:
+    """slice_scatter/select_scatter, as ``moves`` but a forward value placed beside a sensitivity counts by its
+    zeros (`_placed_value`)."""
     base, src = node.args[:2]
     mb, ms = _placed_value(rw, base, src), _placed_value(rw, src, base)
     if mb is None and ms is None:
@@ -381,36 +368,48 @@ def _scatter(rw: _Rewriter, node: fx.Node) -> Any:
     return rw.call(node.target, rw.exact(mb, base), rw.exact(ms, src), *node.args[2:], **node.kwargs)
 
 
-@_rule(aten.constant_pad_nd.default)
-def _pad(rw: _Rewriter, node: fx.Node) -> Any:
-    x, pad = node.args[:2]
-    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
-    mask = rw.of(x)
-    if value != 0 or mask is FALSE:
-        return None if value != 0 else FALSE
-    return rw.call(aten.constant_pad_nd.default, rw.exact(mask, x), pad, False)
+def _moved(rw: _Rewriter, node: fx.Node) -> Any:
+    """moves: the same op on the masks (True for an operand without one), False where it creates elements, or
+    True there where the fact's ``fill`` value is not 0 (constant_pad_nd's)."""
+    fact = zero_fact(node.target)
+    tensors = [a for a in node.all_input_nodes if _floating(_val(a))]
+    masks = [rw.of(a) for a in tensors]
+    fill = 0
+    if fact.fill is not None:
+        fill = node.args[fact.fill] if len(node.args) > fact.fill else node.kwargs.get("value", 0)
+        if not isinstance(fill, (int, float)):
+            return None
+    if all(m is None for m in masks):
+        return None
+    if all(m is FALSE for m in masks) and fill == 0:
+        return FALSE
+    args = fx.node.map_arg(node.args, lambda a: rw.exact(rw.of(a), a) if a in tensors else a)
+    if fact.fill is not None and len(args) > fact.fill:
+        args = (*args[:fact.fill], fill != 0, *args[fact.fill + 1:])
+    return rw.call(node.target, *args, **node.kwargs)
 
 
-@_rule(aten.cat.default)
-def _cat(rw: _Rewriter, node: fx.Node) -> Any:
-    parts = node.args[0]
-    masks = [rw.of(p) for p in parts]
+def _counted(rw: _Rewriter, node: fx.Node) -> Any:
+    """adds: the op on 0/1 numbers in place of the masks (1 for an operand without one) is > 0 exactly where a
+    supported element lands (the coefficients are non-negative)."""
+    tensors = [a for a in node.all_input_nodes if _floating(_val(a))]
+    masks = [rw.of(a) for a in tensors]
     if all(m is None for m in masks):
         return None
     if all(m is FALSE for m in masks):
         return FALSE
-    return rw.call(aten.cat.default, [rw.exact(m, p) for m, p in zip(masks, parts, strict=True)], *node.args[1:])
+    args = fx.node.map_arg(node.args, lambda a: rw.call(_CAST, rw.exact(rw.of(a), a), _val(a).dtype)
+                           if a in tensors else a)
+    return rw.call(aten.gt.Scalar, rw.call(node.target, *args, **node.kwargs), 0)
 
 
-@_rule(aten.sum.dim_IntList, aten.sum.default)
 def _sum(rw: _Rewriter, node: fx.Node) -> Any:
+    """reduces: any of the mask over the summed dims."""
     x = node.args[0]
     mask = rw.of(x)
     if mask is None or mask is FALSE:
         return mask
     full = rw.exact(mask, x)
-    if node.target is aten.sum.default:
-        return rw.call(aten.any.default, full)
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
     if dims is None or len(dims) == 0:
@@ -418,7 +417,6 @@ def _sum(rw: _Rewriter, node: fx.Node) -> Any:
     return rw.call(aten.any.dims, full, list(dims), keepdim)
 
 
-@_rule(aten.mm.default, aten.bmm.default)
 def _mm(rw: _Rewriter, node: fx.Node) -> Any:
     """out[i, j] = sum_k A[i, k] B[k, j]. A row k of the value B that only structural zeros of the sensitivity A
     read is zeroed (its NaN/Inf met only zeros); the output's row i is a structural zero where A's row i is.
@@ -458,7 +456,6 @@ def _mm(rw: _Rewriter, node: fx.Node) -> Any:
     return out
 
 
-@_rule(aten.convolution_backward.default)
 def _convolution_backward(rw: _Rewriter, node: fx.Node) -> Any:
     """convolution_backward(g, x, w, ...) -> (grad_input, grad_weight, grad_bias). An input position that no
     supported output position reads (in any channel) meets only structural zeros of g: it is zeroed in x before
@@ -483,7 +480,6 @@ def _convolution_backward(rw: _Rewriter, node: fx.Node) -> Any:
     return (read, None, None)
 
 
-@_rule(aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
 def _attention_backward(rw: _Rewriter, node: fx.Node) -> Any:
     """The CPU flash attention backward (g, q, k, v, out, lse, ...) -> (dq, dk, dv), as the eager rule
     (``_rules_attention``): a query row whose g is all structural zeros gets q = out = g = 0 and lse = +inf
@@ -519,7 +515,6 @@ def _attention_backward(rw: _Rewriter, node: fx.Node) -> Any:
     return (rows, used, used)
 
 
-@_rule(operator.getitem)
 def _getitem(rw: _Rewriter, node: fx.Node) -> Any:
     """An output of a multi-output op whose rule returned one support per output."""
     masks = rw.sup.get(node.args[0])
@@ -532,15 +527,81 @@ def _getitem(rw: _Rewriter, node: fx.Node) -> Any:
     return mask
 
 
+class _GraphMasks:
+    """The mask algebra the shared facts write ``passes`` in (``gradwise._ops._zeros``), as graph nodes."""
+
+    def __init__(self, rw: _Rewriter) -> None:
+        self.rw = rw
+
+    def _compare(self, name: str, a: Any, b: Any) -> fx.Node:
+        packet = getattr(aten, name)
+        return self.rw.call(packet.Tensor if isinstance(b, fx.Node) else packet.Scalar, a, b)
+
+    def le(self, a: Any, b: Any) -> fx.Node:
+        return self._compare("le", a, b)
+
+    def ge(self, a: Any, b: Any) -> fx.Node:
+        return self._compare("ge", a, b)
+
+    def gt(self, a: Any, b: Any) -> fx.Node:
+        return self._compare("gt", a, b)
+
+    def lt(self, a: Any, b: Any) -> fx.Node:
+        return self._compare("lt", a, b)
+
+    def abs(self, a: Any) -> fx.Node:
+        return self.rw.call(aten.abs.default, a)
+
+    def isnan(self, a: Any) -> fx.Node:
+        return self.rw.call(aten.isnan.default, a)
+
+    def not_(self, m: fx.Node) -> fx.Node:
+        return self.rw.call(aten.logical_not.default, m)
+
+    def and_(self, a: fx.Node, b: fx.Node) -> fx.Node:
+        return self.rw.call(aten.logical_and.default, a, b)
+
+    def or_(self, a: fx.Node, b: fx.Node) -> fx.Node:
+        return self.rw.call(aten.logical_or.default, a, b)
+
+
+# One graph rule per kind of the shared table; kinds left out have no graph rule (support None: a NaN may stay and
+# the runtime check re-runs the backward op by op): compares/logic (masks, not sensitivities), values,
+# uninitialised, signed, masked_fill/index_fill (decomposed into where before this pass), bilinear (per op below).
+_KIND_RULES: dict[str, PassRule] = {
+    "makes": _zeros, "views": _view, "keeps": _cast, "moves": _moved, "adds": _counted, "union": _add,
+    "reduces": _sum, "product": _linear, "linear": _linear, "gates": _gate, "where": _where, "fma": _fma,
+}
+# Rules for one op: the bilinear ops with a graph rule, the CPU flash attention backward, a multi-output op's
+# getitem, and slice/select_scatter's refinement of ``moves``.
+PASS_RULES: dict[Any, PassRule] = {
+    aten.mm.default: _mm, aten.bmm.default: _mm, aten.convolution_backward.default: _convolution_backward,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward.default: _attention_backward,
+    operator.getitem: _getitem, aten.slice_scatter.default: _scatter, aten.select_scatter.default: _scatter,
+}
+
+
+def pass_rule(target: Any) -> PassRule | None:
+    """The graph rule of a node's target: its own, else its kind's, else None."""
+    rule = PASS_RULES.get(target)
+    if rule is None:
+        fact = zero_fact(target)
+        rule = None if fact is None else _KIND_RULES.get(fact.kind)
+    return rule
+
+
+def _makes(target: Any) -> bool:
+    fact = zero_fact(target)
+    return fact is not None and fact.kind == "makes"
+
+
 # A zeros tensor of the forward (``zeros_like(x)``, a where's scalar 0) that the partitioner recomputes in the
 # backward (``partitioner_tag == 'is_forward'``) is a value: multiplied into a sensitivity, a NaN there is
 # genuine ((x * zeros).sum() * nan). Common-subexpression elimination may have joined it with a formula's own
 # zeros (where's backward ``where(c, g, 0)``, a placement's base), which are structural: the node is split by
-# use, and the copy that the multiplications read is marked ``FORWARD_VALUE``. (op -> its multiplying args)
+# use, and the copy that the multiplications read is marked ``FORWARD_VALUE`` (which arguments an op
+# multiplies: the shared facts', ``multiplying_args``).
 FORWARD_VALUE = "gradwise_forward_value"
-_MULTIPLYING = {aten.mul.Tensor: (0, 1), aten.div.Tensor: (0,), aten.mm.default: (0, 1), aten.bmm.default: (0, 1),
-                aten.mv.default: (0, 1), aten.dot.default: (0, 1), aten.addmm.default: (1, 2),
-                aten.baddbmm.default: (1, 2), aten.addcmul.default: (1, 2), prims.fma.default: (0, 1)}
 
 
 def split_forward_zeros(graph: fx.Graph) -> bool:
@@ -548,11 +609,11 @@ def split_forward_zeros(graph: fx.Graph) -> bool:
     (see above); whether the graph changed."""
     changed = False
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in _ZERO_MAKERS or \
+        if node.op != "call_function" or not _makes(node.target) or \
                 node.meta.get("partitioner_tag") != "is_forward":
             continue
         users = [u for u in node.users if any(i < len(u.args) and u.args[i] is node
-                                              for i in _MULTIPLYING.get(u.target, ()))]
+                                              for i in multiplying_args(u.target))]
         if not users:
             continue
         if len(users) == len(node.users):

@@ -13,6 +13,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from gradwise._masks import mask_any
+from gradwise._ops._zeros import ZERO_FACTS, ZeroFact, zero_fact
 from gradwise._strong_zeros._rules import Rule, _annihilate, _in_formula, _is_float, _register, _run_unruled
 from gradwise._strong_zeros._supports import _STATE, _Supports
 
@@ -24,8 +25,7 @@ def _creates_zeros(func, args, kwargs, sup):
     backward formula stands for "no gradient flows here", so all of it is a structural zero. Zeros made by
     a checkpoint's forward recomputation are values, and stay ordinary."""
     out = func(*args, **kwargs)
-    fill = {aten.scalar_tensor: 0, aten.full: 1, aten.full_like: 1, aten.new_full: 2, aten.fill_: 1}
-    pos = fill.get(func.overloadpacket)
+    pos = zero_fact(func).fill
     is_zero = pos is None or (not isinstance(args[pos], torch.Tensor) and args[pos] == 0)
     if _in_formula() and is_zero and _is_float(out):
         sup.record(out, torch.zeros((), dtype=torch.bool, device=out.device))
@@ -34,8 +34,6 @@ def _creates_zeros(func, args, kwargs, sup):
     return out
 
 
-_register(aten.zeros, aten.zeros_like, aten.new_zeros, aten.scalar_tensor, aten.full, aten.full_like,
-          aten.new_full, aten.fill_, aten.zero_)(_creates_zeros)
 
 
 def _creates_values(func, args, kwargs, sup):
@@ -43,7 +41,6 @@ def _creates_values(func, args, kwargs, sup):
     return _run_unruled(func, args, kwargs, sup, None)
 
 
-_register(aten.ones, aten.ones_like, aten.new_ones)(_creates_values)
 
 
 @_register(aten.broadcast_tensors)
@@ -107,7 +104,6 @@ def _comparison(func, args, kwargs, sup):
     return out
 
 
-_register(aten.eq, aten.ne, aten.lt, aten.le, aten.gt, aten.ge)(_comparison)
 
 
 def _mask_logic(kind: str) -> Rule:
@@ -126,10 +122,6 @@ def _mask_logic(kind: str) -> Rule:
     return rule
 
 
-_register(aten.isnan, aten.isinf, aten.isfinite)(_mask_logic("test"))
-_register(aten.logical_not, aten.bitwise_not)(_mask_logic("not"))
-_register(aten.logical_and, aten.logical_and_, aten.bitwise_and, aten.bitwise_and_)(_mask_logic("and"))
-_register(aten.logical_or, aten.logical_or_, aten.bitwise_or, aten.bitwise_or_)(_mask_logic("or"))
 
 
 def _product(mult_args: Sequence[int], flat: Callable[[tuple], torch.Tensor] | None = None) -> Rule:
@@ -195,7 +187,6 @@ def _in_node(*names: str) -> bool:
     return node is not None and node.name() in names
 
 
-@_register(aten.mul, aten.mul_)
 def _exp_result_mul(func, args, kwargs, sup):
     """mul, as _product. In exp's backward (g * result), a result of exactly 0 is exp(-inf), a masked entry: a
     structural zero when every output being differentiated is finite (see _softmax_backward)."""
@@ -207,16 +198,6 @@ def _exp_result_mul(func, args, kwargs, sup):
             support = (~zero if sup.of(out) is None else sup.of(out) & ~zero).expand(out.shape)
             sup.record(_annihilate(out, support), support)
     return out
-
-
-_register(aten._to_copy)(_cast)
-# xlogy(g, y) = g * log(y) and xlog1py(g, y) = g * log1p(y): the backward of xlogy/xlog1py in their first input
-_register(aten.div, aten.div_, aten.neg, aten.clone, aten.sigmoid_backward, aten.soft_margin_loss_backward,
-          aten.tanh_backward, aten.gelu_backward, aten.silu_backward, aten.elu_backward, aten.leaky_relu_backward,
-          aten.softplus_backward, aten.mish_backward, aten.log_sigmoid_backward, aten.mse_loss_backward,
-          aten.smooth_l1_loss_backward, aten.huber_loss_backward, aten.binary_cross_entropy_backward,
-          aten.logit_backward, aten.rrelu_with_noise_backward, aten.xlogy, aten.special_xlog1py,
-          aten._conj_physical, aten.conj_physical)(_linear)
 
 
 def _selecting(passes: Callable[[tuple], torch.Tensor]) -> Rule:
@@ -241,14 +222,6 @@ def _selecting(passes: Callable[[tuple], torch.Tensor]) -> Rule:
     return selecting
 
 
-_threshold_backward = _selecting(lambda a: torch.le(a[1], a[2]).logical_not_())
-_hardtanh_backward = _selecting(lambda a: torch.le(a[1], a[2]).logical_or_(torch.ge(a[1], a[3])).logical_not_())
-_register(aten.threshold_backward)(_threshold_backward)
-_register(aten.hardtanh_backward)(_hardtanh_backward)
-_register(aten.hardsigmoid_backward)(_product((0,), flat=lambda a: (a[1] > -3) & (a[1] < 3) | a[1].isnan()))
-_register(aten.hardswish_backward)(_product((0,), flat=lambda a: (a[1] > -3) | a[1].isnan()))
-_register(aten.softshrink_backward, aten.hardshrink_backward)(_product((0,), flat=lambda a: (a[1].abs() > a[2])
-                                                                      | a[1].isnan()))
 
 
 def _glu_backward(func, args, kwargs, sup):
@@ -272,7 +245,6 @@ def _uninitialised(func, args, kwargs, sup):
     return out
 
 
-_register(aten.new_empty_strided, aten.new_empty, aten.empty_like)(_uninitialised)
 
 
 # Backward formulas whose exp recomputes softmax weights (exp(x - result)): there a weight of exactly 0 from a
@@ -294,7 +266,6 @@ def _exp(func, args, kwargs, sup):
     return out
 
 
-@_register(aten.index_fill, aten.index_fill_)
 def _index_fill(func, args, kwargs, sup):
     """index_fill(g, dim, index, 0) in a backward formula (index_copy's and index_fill's own backward): the
     filled slices were overwritten in the forward, so they are structural zeros; other values are ordinary."""
@@ -322,7 +293,6 @@ def _sum(func, args, kwargs, sup):
     return out
 
 
-_register(aten.add, aten.add_, aten.sub, aten.sub_)(_sum)
 
 
 def _full_support(t: object, sup: _Supports, device: torch.device | None = None) -> torch.Tensor:
@@ -345,7 +315,6 @@ def _where(func, args, kwargs, sup):
     return out
 
 
-_register(aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther)(_where)
 
 
 def _masked_fill(func, args, kwargs, sup):
@@ -360,7 +329,6 @@ def _masked_fill(func, args, kwargs, sup):
     return out
 
 
-_register(aten.masked_fill, aten.masked_fill_)(_masked_fill)
 
 
 def _placement(func, args, kwargs, sup):
@@ -404,31 +372,6 @@ def _moved(func, args, kwargs, sup):
     return out
 
 
-_register(aten.slice_backward, aten.select_backward, aten.diagonal_backward, aten.cat, aten.stack,
-          aten.constant_pad_nd, aten.flip, aten.roll, aten.repeat, aten.gather, aten.index_select, aten.tril,
-          aten.triu, aten.rot90, aten.take)(_moved)
-_register(aten.as_strided_scatter,
-          aten.slice_scatter, aten.select_scatter, aten.index_put, aten.index_put_, aten._index_put_impl_,
-          aten._unsafe_index_put, aten.index_add, aten.index_add_, aten.scatter, aten.scatter_,
-          aten.scatter_add, aten.scatter_add_, aten.index,
-          aten._unsafe_index, aten.cumsum,
-          aten.diag_embed, aten.unfold_backward,
-          aten.col2im, aten.im2col, aten.embedding_dense_backward, aten.max_pool2d_with_indices_backward,
-          aten.max_pool3d_with_indices_backward, aten.avg_pool2d_backward, aten.avg_pool3d_backward,
-          aten._adaptive_avg_pool2d_backward, aten._adaptive_avg_pool3d_backward,
-          aten.upsample_nearest2d_backward, aten.upsample_bilinear2d_backward,
-          aten.upsample_nearest1d_backward, aten.upsample_linear1d_backward, aten.upsample_trilinear3d_backward,
-          aten.upsample_nearest3d_backward, aten._upsample_nearest_exact1d_backward,
-          aten._upsample_nearest_exact2d_backward, aten._upsample_nearest_exact3d_backward,
-          aten._upsample_bilinear2d_aa_backward, aten.adaptive_max_pool2d_backward,
-          aten.adaptive_max_pool3d_backward, aten.fractional_max_pool2d_backward,
-          aten.fractional_max_pool3d_backward, aten.diagonal_scatter, aten.masked_scatter_backward,
-          aten._unsafe_masked_index, aten._unsafe_masked_index_put_accumulate, aten.pixel_shuffle,
-          aten.pixel_unshuffle, aten.channel_shuffle, aten.native_channel_shuffle, aten.reflection_pad1d_backward,
-          aten.reflection_pad2d_backward, aten.reflection_pad3d_backward, aten.replication_pad1d_backward,
-          aten.replication_pad2d_backward, aten.replication_pad3d_backward, aten.expand_copy,
-          aten.permute_copy, aten.view_copy, aten._unsafe_view, aten.contiguous, aten.put, aten.put_,
-          aten.masked_scatter, aten.masked_scatter_, aten.masked_select)(_placement)
 
 
 def _summed(func, args, kwargs, sup):
@@ -457,7 +400,6 @@ def _summed(func, args, kwargs, sup):
     return out
 
 
-_register(aten.sum, aten.mean)(_summed)
 
 
 def _placement_signed(func, args, kwargs, sup):
@@ -479,7 +421,6 @@ def _placement_signed(func, args, kwargs, sup):
     return out
 
 
-_register(aten.upsample_bicubic2d_backward, aten._upsample_bicubic2d_aa_backward)(_placement_signed)
 
 
 def _placement_scaled(func, args, kwargs, sup):
@@ -535,3 +476,47 @@ def _copy(func, args, kwargs, sup):
 
 
 _register(aten.copy_, aten.copy)(_copy)
+
+
+class _EagerMasks:
+    """The mask algebra the shared facts write ``passes`` in (``gradwise._ops._zeros``), on tensors: the first
+    operand of not_/and_/or_ is always a fresh mask, so they work in place (one allocation per predicate)."""
+
+    le, ge, gt, lt, abs, isnan = (staticmethod(f) for f in (torch.le, torch.ge, torch.gt, torch.lt, torch.abs,
+                                                           torch.isnan))
+
+    @staticmethod
+    def not_(m: torch.Tensor) -> torch.Tensor:
+        return m.logical_not_()
+
+    @staticmethod
+    def and_(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a.logical_and_(b)
+
+    @staticmethod
+    def or_(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a.logical_or_(b)
+
+
+def _passes(fact: ZeroFact) -> Callable[[tuple], torch.Tensor] | None:
+    return None if fact.passes is None else lambda args: fact.passes(_EagerMasks, args)
+
+
+# One eager rule per kind of the shared table (gradwise._ops._zeros), where each op's kind is written once. Kinds
+# left out: "bilinear" (one rule per op, _rules_bilinear), "fma" (prims.fma, registered with the graph forms).
+_KIND_RULES: dict[str, Callable[[ZeroFact], Rule]] = {
+    "makes": lambda f: _creates_zeros, "values": lambda f: _creates_values,
+    "uninitialised": lambda f: _uninitialised, "compares": lambda f: _comparison,
+    "logic": lambda f: _mask_logic(f.how), "views": lambda f: _moved, "keeps": lambda f: _cast,
+    "moves": lambda f: _moved, "adds": lambda f: _placement, "signed": lambda f: _placement_signed,
+    "union": lambda f: _sum, "reduces": lambda f: _summed,
+    "product": lambda f: _mul if f.args == (0, 1) else _linear if f.args == (0,) else _product(f.args),
+    "linear": lambda f: _linear if f.args == (0,) and f.passes is None else _product(f.args, flat=_passes(f)),
+    "gates": lambda f: _selecting(_passes(f)), "where": lambda f: _where, "masked_fill": lambda f: _masked_fill,
+    "index_fill": lambda f: _index_fill,
+}
+for _op, _fact in ZERO_FACTS.items():
+    if _fact.kind in _KIND_RULES:
+        _register(_op)(_KIND_RULES[_fact.kind](_fact))
+# Refinements, registered over their kind's rule: exp's result in its own backward.
+_register(aten.mul, aten.mul_)(_exp_result_mul)

@@ -13,12 +13,14 @@ forward op can make a view or CopySlices node, so neither table can be derived f
 
 ``_SELECT_FIX`` lives here, not in ``_advice``, because ``_DISCARDS`` holds it and ``_advice`` imports this module.
 
-May import: torch only.
+May import: torch, gradwise._ops.
 """
 
 from __future__ import annotations
 
 import torch
+
+from gradwise._ops._zeros import ZERO_FACTS, multiplying_args, ops_of_kind, zero_fact
 
 aten = torch.ops.aten
 
@@ -103,10 +105,7 @@ _OVERFLOW_NAMES = {f"aten.{op.__name__}" for op in _OVERFLOWS}  # as births name
 # storage rebinding: the tensor now shows memory filled elsewhere (a DataLoader worker's batch arriving through
 # shared memory, a loaded checkpoint): a NaN there arrived with the data, as an input's does, and is not born here
 _ARRIVALS = {aten.set_.source_Storage, aten.set_.source_Storage_storage_offset}
-_PRODUCTS = {"aten.mul", "aten.div", "aten.mm", "aten.bmm", "aten.addmm", "aten.matmul", "aten.mv", "aten.dot",
-             "aten.outer", "aten.linear", "aten.einsum", "aten.baddbmm"}
-
-
-_BILINEAR = {aten.mm, aten.bmm, aten.addmm, aten.baddbmm, aten.addbmm, aten.mv, aten.dot, aten.convolution_backward,
-             aten.convolution, aten._convolution, aten.matmul, aten.linear, aten.einsum, aten.addmv, aten.outer,
-             aten.tensordot}
+# products and contractions: the shared facts' (gradwise._ops._zeros), by the names the trace records
+_PRODUCTS = {f"aten.{op.__name__}" for op in ZERO_FACTS if multiplying_args(op) and zero_fact(op).kind in
+             ("product", "bilinear")}
+_BILINEAR = set(ops_of_kind("bilinear"))
