@@ -230,6 +230,8 @@ RULE_SAMPLES = {
     "round": (lambda x: torch.round(x / 2) + torch.round(-x / 2) + x, [_X]),
     "trunc": (lambda x: torch.trunc(x) + torch.trunc(-x) + 2 * x, [_X]),
     "frac": (lambda x: torch.frac(x) + torch.frac(-x) + x, [_X]),
+    # trunc + frac and x * (x != 0) are x: the casts' jumps (nonzero integers; 0) cancel
+    "integer_cast": (lambda x: x.long().to(x.dtype) + torch.frac(x) + x.bool().to(x.dtype) * x, [_X]),
     # |x| with a fixed sign, and x times its own sign bit (= |x|, continuous: the sign's jump at 0 meets x = 0)
     "copysign": (lambda x: torch.copysign(x, torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0, 1.0, -1.0], dtype=x.dtype))
                  + torch.copysign(torch.ones_like(x), x) * x, [_X]),
@@ -1629,6 +1631,80 @@ def test_discrete_reads_of_values_that_do_not_move_are_exact(name):
     for d in (torch.ones_like(x), -torch.ones_like(x)):
         assert float(gw.directional_derivative(f, x, d)) == pytest.approx(one_sided(f, [x], [d]), abs=1e-6)
     assert gw.stationarity(f, x).stationary is False
+
+
+CONTINUOUS_CASTS = {  # f with an integer or bool cast at its jump whose jumps cancel (each f is x or 2x)
+    "long + frac": lambda x: (x.long().double() + torch.frac(x)).sum(),
+    "to(int32) + frac": lambda x: (x.to(torch.int32).to(x.dtype) + torch.frac(x)).sum(),
+    "type_as + frac": lambda x: (x.type_as(torch.tensor([1])).double() + torch.frac(x)).sum(),
+    "as_tensor + frac": lambda x: (torch.as_tensor(x, dtype=torch.int16).double() + torch.frac(x)).sum(),
+    "bool * x": lambda x: (x.bool().double() * x).sum() + x.sum(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONTINUOUS_CASTS))
+def test_integer_casts_whose_jumps_cancel_are_exact(name):
+    """x.long() + frac(x) is x, but the cast had no rule: refused at every nonzero integer. The cast now takes
+    its one-sided limit (trunc's, or x != 0 for bool) and f's value is checked: exact where f is continuous
+    (float64 one-sided differences), an error where it jumps."""
+    f = CONTINUOUS_CASTS[name]
+    x = torch.tensor([-2.0, 0.0, 3.0, 1.5], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    for d in [torch.ones_like(x), -torch.ones_like(x), *(torch.randn(4, generator=gen, dtype=torch.float64)
+                                                          for _ in range(3))]:
+        assert float(gw.directional_derivative(f, x, d)) == pytest.approx(one_sided(f, [x], [d]), abs=1e-6)
+    near = nearby_gradients(f, [x], n=50)
+    for seed in range(2):
+        assert hull_distance(flat(gw.generalized_grad(f, x, seed=seed)), near) < 1e-6
+    assert gw.stationarity(f, x).stationary is False
+
+
+@pytest.mark.parametrize("first", ["to float64", "float_power 2"])
+def test_a_call_smooth_for_some_arguments_is_not_remembered_as_smooth(first):
+    """A callable the watch saw reach no kink op runs unwatched afterwards. Tensor.to(torch.float64) on a float64
+    tensor reaches no op at all, float_power(x, 2) no singular pow: afterwards Tensor.to(torch.long) at an
+    integer and float_power(x, 0.5) at 0 ran unwatched, a silent derivative across a jump (-1 where f jumps by
+    -1) and inf where the derivative is singular. Both refuse now."""
+    x = torch.tensor([2.0, 0.0], dtype=torch.float64)
+    d = torch.tensor([-1.0, 1.0], dtype=torch.float64)
+    smooth, kinked = {
+        "to float64": (lambda x: x.to(torch.float64).sum(), lambda x: x.to(torch.long).double().sum() + x.sum()),
+        "float_power 2": (lambda x: torch.float_power(x, 2).sum(), lambda x: torch.float_power(x, 0.5).sum()),
+    }[first]
+    gw.directional_derivative(smooth, x, d)
+    with torch.no_grad():  # the reference: f jumps (or is singular) along d, a difference quotient beyond 1e3
+        assert abs(float(kinked(x + 1e-9 * d) - kinked(x))) > 1e-6
+    with pytest.raises(NonsmoothError):
+        gw.directional_derivative(kinked, x, d)
+
+
+@pytest.mark.parametrize("name", ["threshold", "hardshrink", "threshold along its level set", "threshold(x * x)"])
+def test_a_jump_the_direction_does_not_move_says_so(name):
+    """threshold / hardshrink at their jumps, along a direction whose tangent there is 0, were refused with 'f is
+    discontinuous at x along this direction', which is false where the element stays put (d = 0 on it: f is
+    continuous along d). First-order tangents cannot tell staying from crossing at second order (x * x at 0
+    jumps; so does renorm along a tangent of its bound): the refusal now says that. Directions that move the
+    element are decided: the side where f is continuous exactly (float64 differences), the other as a jump."""
+    f, x, still, inward, outward = {
+        "threshold": (lambda x: F.threshold(x, 1.0, 5.0).sum(), [1.0, 2.0], [0.0, 1.0], [-1.0, 1.0], [1.0, 1.0]),
+        "hardshrink": (lambda x: F.hardshrink(x, 0.5).sum(), [0.5, 2.0], [0.0, 1.0], [-1.0, 1.0], [1.0, 0.0]),
+        "threshold along its level set": (lambda x: F.threshold(x[0] - x[1], 0.0, 5.0) + x[0], [1.0, 1.0],
+                                          [1.0, 1.0], [-1.0, 0.0], [1.0, 0.0]),
+        "threshold(x * x)": (lambda x: F.threshold(x * x, 0.0, 5.0).sum(), [0.0], [1.0], None, None),
+    }[name]
+    x, still = torch.tensor(x, dtype=torch.float64), torch.tensor(still, dtype=torch.float64)
+    with pytest.raises(NonsmoothError, match="does not move to first order"):
+        gw.directional_derivative(f, x, still)
+    if inward is not None:
+        inward = torch.tensor(inward, dtype=torch.float64)
+        assert float(gw.directional_derivative(f, x, inward)) == pytest.approx(one_sided(f, [x], [inward]), abs=1e-6)
+    if outward is None:  # (x * x moves only at second order: no direction crosses at first)
+        return
+    outward = torch.tensor(outward, dtype=torch.float64)
+    with torch.no_grad():
+        assert abs(float(f(x + 1e-9 * outward) - f(x))) > 0.1  # the reference: f jumps along outward
+    with pytest.raises(NonsmoothError, match="jumps here"):
+        gw.directional_derivative(f, x, outward)
 
 
 @pytest.mark.parametrize("which", ["angle", "atan2"])

@@ -30,7 +30,7 @@ from gradwise._nonsmooth._kink_watch import (
 )
 from gradwise._nonsmooth._ports import PORTS
 from gradwise._nonsmooth._records import Kink, _Run, _user_line
-from gradwise._nonsmooth._rules import _ROUTES, UNRULED, _is_dual, _unpack
+from gradwise._nonsmooth._rules import _ROUTES, CASTS, UNRULED, _is_dual, _unpack
 from gradwise._nonsmooth._rules_aten import _aten_rule
 from gradwise._nonsmooth._rules_jvp import _JVP_ROUTES
 
@@ -192,7 +192,9 @@ class _KinkMode(TorchFunctionMode):
         # inside a torch.func transform a wrapped tensor's tangent is not visible (its level sits inside the
         # transform): any wrapped argument counts as depending on the inputs (a refusal, never a convention)
         if _ctx.transforms_active() and any(_ctx.is_wrapped(t) or self.involved(t) for t in _flat_tensors(everything)):
-            out = None if func in _ROUTES or func in UNRULED else _kink_free_call(func, args, kwargs)
+            # (a cast is watched there: to a float dtype it is smooth, to an integer one it reaches its jump)
+            routed = (func in _ROUTES and func not in CASTS) or func in UNRULED
+            out = None if routed else _kink_free_call(func, args, kwargs)
             if out is None:
                 raise NonsmoothError(f"{_callable_name(func)} (called at {_user_line()}) runs inside a torch.func "
                                      "transform (grad, vmap, jacrev ...) within f: gradwise cannot follow tangents "

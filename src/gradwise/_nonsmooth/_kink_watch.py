@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from gradwise._modes import LeanDispatchMode
 from gradwise._nonsmooth._errors import NonsmoothError
 from gradwise._nonsmooth._records import _user_line
-from gradwise._nonsmooth._rules import _is_dual, _split
+from gradwise._nonsmooth._rules import _is_dual, _split, _stepped
 from gradwise._ops._kinks import KINKS, OpCall, at_kink
 
 Tensor = torch.Tensor
@@ -75,6 +75,9 @@ class _KinkWatch(LeanDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.kinky, self.hit, self.jump = False, None, False  # jump: the hit is a jump of `_JUMPS`
+        # reached an op that kinks only for some arguments (a cast to an integer dtype, pow's exponent): the
+        # callable is smooth for these arguments only (Tensor.to with a float dtype), never remembered as smooth
+        self.conditional = False
         # id(argument) -> (argument, where its tangent is nonzero): a jump counts only where the value moves
         self.moving: dict[int, tuple[Tensor, Tensor]] = {}
 
@@ -86,7 +89,10 @@ class _KinkWatch(LeanDispatchMode):
             return self._foreach(func, base[len("_foreach_"):], name.endswith("_"), args, kwargs)
         test = _KINKY_BY_NAME.get(base)
         possible = _POSSIBLE.get(base)
-        if test is None or (possible is not None and not possible(OpCall(args, kwargs, None, name))):
+        if test is None:
+            return func(*args, **kwargs)
+        if possible is not None and not possible(OpCall(args, kwargs, None, name)):
+            self.conditional = True
             return func(*args, **kwargs)
         self.kinky = True
         if self.hit is not None or not any(isinstance(a, Tensor) and a.requires_grad for a in args):
@@ -126,16 +132,6 @@ class _KinkWatch(LeanDispatchMode):
                 self.hit = f"aten.{base} (in {func.overloadpacket})"
                 break
         return out
-
-
-# autograd nodes of piecewise-constant ops: their output is constant around x wherever it is defined (their own
-# jumps are their rules' concern), so an op reading it does not move
-_STEP_NODES = frozenset(("FloorBackward0", "CeilBackward0", "RoundBackward0", "RoundBackward1", "TruncBackward0",
-                         "SignBackward0", "SgnBackward0"))
-
-
-def _stepped(a) -> bool:
-    return isinstance(a, Tensor) and a.grad_fn is not None and type(a.grad_fn).__name__ in _STEP_NODES
 
 
 def _constant_if_stepped(a):
@@ -218,6 +214,6 @@ def _watched(func, args: tuple, kwargs: dict, involved: Callable):
                              "and gradwise has no kink rule for it: its derivative there would be PyTorch's "
                              "convention. Write it with ops that have rules (abs, clamp, maximum, max, sort, max_pool, "
                              "linalg.vector_norm ...); docs/nonsmooth.md lists them")
-    if not watch.kinky:
+    if not (watch.kinky or watch.conditional):
         _SMOOTH_CALLS.add(func)
     return out

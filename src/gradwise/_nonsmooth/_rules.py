@@ -23,6 +23,11 @@ Tensor = torch.Tensor
 
 KINK_RULES: dict[object, Callable] = {}
 _ROUTES: dict[Callable, Callable] = {}
+# Calls that may cast a float tensor to an integer or bool dtype, routed to `_rules_pointwise.integer_cast` (to a
+# float dtype or a device: PyTorch's own). Routed rather than watched: a watched callable that reaches no kink op
+# is remembered as smooth, and Tensor.to(torch.float64) reaches none where Tensor.to(torch.long) jumps.
+CASTS = (Tensor.to, Tensor.type, Tensor.type_as, Tensor.long, Tensor.int, Tensor.short, Tensor.char, Tensor.byte,
+         Tensor.bool, torch.as_tensor, torch.asarray)
 # Ops with kinks but no rule: f hitting one with a direction gets a clear error instead of a silent convention.
 UNRULED: dict[Callable, str] = {}
 
@@ -159,13 +164,27 @@ def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = 
     if jumps:
         pp, nn_ = (torch.broadcast_to(torch.as_tensor(_split(v)[0], dtype=sp.dtype), sp.shape).reshape(-1)[rows]
                    for v in (pos, neg))
-        if ((pp != nn_) & (choice == 0)).any():
-            raise NonsmoothError(f"{op} at {_user_line()} jumps here: f is discontinuous at x along this "
-                                 "direction, so the one-sided derivative does not exist")
+        crossing = (pp != nn_) & (choice == 0)
+        if crossing.any():
+            _jump_error(op, run.kinks[-1] if st is not None else None, crossing)
     out = torch.where(lock, pos, neg)
     if flat and run.tie_tol == 0:  # the tied elements sit on the kink: live, whichever side is locked
         run.mark_flat(out, neg, tie)
     return out
+
+
+def _jump_error(op: str, record, crossing: Tensor):
+    """The error at a jump a switch's chosen side crosses. Where s' along the direction is 0 (the side came from
+    further directions), s does not move to first order along it: it may stay on its tie (f continuous along d)
+    or cross at second order (a curved boundary: renorm's norm along a tangent), which tangents cannot tell."""
+    first = record.keys[0][:, 0] if record is not None and record.keys else None
+    if first is not None and bool((first[crossing] == 0).all()):
+        raise NonsmoothError(f"{op} at {_user_line()} sits at its jump, and its argument does not move to first "
+                             "order along this direction (tangent 0): whether f stays continuous or jumps is decided "
+                             "by higher-order terms, which gradwise does not follow. A direction that moves that "
+                             "element (or none that reaches it) is decided exactly")
+    raise NonsmoothError(f"{op} at {_user_line()} jumps here: f is discontinuous at x along this direction, so the "
+                         "one-sided derivative does not exist")
 
 
 def _sign_record(run: _Run, op: str, st: Tensor, rows: _LazyRows):
@@ -236,6 +255,16 @@ def _sign_locked(run: _Run, op: str, sp: Tensor, st: Tensor, pos: Tensor, flat: 
 def _finish(func, x: Tensor, out: Tensor, inplace: bool) -> Tensor:
     """In-place variants write the locked result back into x."""
     return x.copy_(out) if inplace and out is not x else out
+
+
+# autograd nodes of piecewise-constant ops: their output is constant around x wherever it is defined (their own
+# jumps are their rules' concern), so an op reading it does not move
+_STEP_NODES = frozenset(("FloorBackward0", "CeilBackward0", "RoundBackward0", "RoundBackward1", "TruncBackward0",
+                         "SignBackward0", "SgnBackward0"))
+
+
+def _stepped(a) -> bool:
+    return isinstance(a, Tensor) and a.grad_fn is not None and type(a.grad_fn).__name__ in _STEP_NODES
 
 
 def _is_dual(a) -> bool:

@@ -17,7 +17,17 @@ import torch.nn.functional as F
 from gradwise._masks import mask_any
 from gradwise._nonsmooth._errors import NonsmoothError
 from gradwise._nonsmooth._records import _Run, _user_line
-from gradwise._nonsmooth._rules import _ROUTES, _finish, _near_zero, _resolve_sign, _split, _switch, kink_rule
+from gradwise._nonsmooth._rules import (
+    _ROUTES,
+    CASTS,
+    _finish,
+    _near_zero,
+    _resolve_sign,
+    _split,
+    _stepped,
+    _switch,
+    kink_rule,
+)
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -312,8 +322,9 @@ _CMP = {"gt": (True, False), "ge": (True, True), "lt": (False, False), "le": (Fa
         "ne": (None, False)}
 
 
-def _comparison(name: str):
+def _comparison(name: str, op: str | None = None):
     above, at_tie = _CMP[name]
+    op = op or f"aten.{name}"
 
     def rule(run, func, a, b):
         ap, bp = _split(a)[0], _split(b)[0] if isinstance(b, Tensor) else b
@@ -323,10 +334,10 @@ def _comparison(name: str):
         s = a - b
         sp = _split(s)[0]
         tie = sp.abs() <= run.tie_tol
-        run.note_near(f"aten.{name}", sp.abs())
+        run.note_near(op, sp.abs())
         if not tie.any():
             return result
-        rows, choice, still = _resolve_sign(run, f"aten.{name}", s, tie, comparison=True)
+        rows, choice, still = _resolve_sign(run, op, s, tie, comparison=True)
         result = result.expand(sp.shape).clone(memory_format=torch.contiguous_format)  # written through .view(-1)
         moved = (choice == 0) == above if above is not None else torch.full_like(still, not at_tie)
         result.view(-1)[rows] = torch.where(still, at_tie, moved)
@@ -363,8 +374,9 @@ _STEPS: dict[str, tuple[Callable, Callable, Callable]] = {
 }
 
 
-def _step(name: str, inplace: bool = False):
+def _step(name: str, inplace: bool = False, op: str | None = None):
     at_jump, left, right = _STEPS[name]
+    op = op or f"aten.{name}"
 
     def rule(run, func, x, *args, **kwargs):
         xp = _split(x)[0]
@@ -376,7 +388,7 @@ def _step(name: str, inplace: bool = False):
         jump = at_jump(xp.detach())
         if not mask_any(jump):
             return func(x)
-        rows, choice, still = _resolve_sign(run, f"aten.{name}", x, jump, comparison=True)
+        rows, choice, still = _resolve_sign(run, op, x, jump, comparison=True)
         own = xp.detach().reshape(-1)[rows].clone()
         # PyTorch's own (zero derivative, in the graph), the limits written in (through a flat view: contiguous)
         value = func(x).clone(memory_format=torch.contiguous_format)
@@ -416,3 +428,34 @@ def frac(run, func, x):
     """x - trunc(x): slope 1, jumps at nonzero integers (the trunc rule: its one-sided limit, a jump of f is an
     error)."""
     return x - _step("trunc")(run, torch.trunc, x)
+
+
+@kink_rule(aten._to_copy, *CASTS)
+def integer_cast(run, func, x, *args, **kwargs):
+    """A cast of a float x to an integer dtype (trunc: jumps at the nonzero integers) or to bool (x != 0: jumps at
+    0), piecewise constant. At a jump the cast takes its one-sided limit along the direction (trunc's; for bool,
+    True wherever x moves), which is checked like a comparison: where f stays continuous (``x.long() + frac(x)``
+    is x) the locked piece is exact, a jump of f is an error. Values that do not move are constants: a step op's
+    output (``x.floor().long()``), relu-dead zeros. Any other call (float dtypes, devices, integer inputs) is
+    PyTorch's own."""
+    out = func(x, *args, **kwargs)
+    if not isinstance(x, Tensor) or not isinstance(out, Tensor) or out.is_floating_point() or out.is_complex() \
+            or _stepped(x) or not _split(x)[0].is_floating_point():
+        return out
+    xp = _split(x)[0].detach()
+    to_bool = out.dtype == torch.bool
+    if to_bool and not _near_zero(xp, 0.0):
+        return out
+    jump = xp == 0 if to_bool else (xp == xp.trunc()) & (xp != 0) & xp.isfinite()
+    flat = run.flat_source(x) if run.tie_tol == 0 else None
+    if flat is not None:  # relu-dead elements stay where they are
+        jump &= xp != flat[0] if flat[1] is None else (xp != flat[0]) | flat[1]
+    if not mask_any(jump):
+        return out
+    rows, choice, still = _resolve_sign(run, "aten._to_copy", x, jump, comparison=True)
+    own = xp.reshape(-1)[rows]
+    _, left, right = _STEPS["trunc"]
+    limit = torch.where(still, own, torch.where(choice == 0, right(own), left(own))) if not to_bool else ~still
+    out = out.clone(memory_format=torch.contiguous_format)  # written through a flat view
+    out.view(-1)[rows] = limit.to(out.dtype)
+    return out
