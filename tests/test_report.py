@@ -134,9 +134,16 @@ def test_dataloader_batches_with_the_same_padding_are_one_line():
         report = _padded_loader_run(pad=True, real=True, strong=strong, real_at=1, with_pad=(0, 1, 2, 3))
         padding = _padded_loader_run(pad=True, real=False, strong=strong, with_pad=(0, 2, 3))
         real = _padded_loader_run(pad=True, real=True, strong=strong, real_at=1, with_pad=(1,))
-        assert report.removed == padding.removed and bool(report.removed) == strong, str(report)
-        assert _facts(report.of_kind("contamination")) == _facts(padding.of_kind("contamination")), str(report)
-        assert "batches 0, 2, 3" in str(report)
+        # batch 1's padding is removed too, beside its real NaN (one arrival, used and discarded): one line
+        assert len(report.removed) == len(padding.removed) == strong, str(report)
+        assert not strong or ("batches 0, 1, 2, 3" in report.removed[0] and "never uses it" in report.removed[0])
+        # batch 1's padding meets its zero sensitivity beside the real NaN: an elementwise backward (tanh's)
+        # tells it apart as contamination too; the matmul's (mixing rows) names the real NaN alone there
+        mm = lambda r: [f for f in r.of_kind("contamination") if f.op == "aten.mm"]
+        assert _facts(mm(report)) == _facts(mm(padding)), str(report)
+        assert strong or "batches 0, 1, 2, 3" in next(f.born for f in report.of_kind("contamination")
+                                                      if f.op == "aten.tanh_backward"), str(report)
+        assert "batches 0, 2, 3" in str(report) or strong
         assert _facts(report.of_kind("nan")) == _facts(real.of_kind("nan")), str(report)
 
 

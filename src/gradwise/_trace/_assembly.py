@@ -142,7 +142,8 @@ class _Assembly:
         report.notes = [f"{kind} tensors: {n} op(s) or value(s) passed over" + (f" (first: {op})" if op else "")
                         if not kind.startswith("not explained") else f"{op or 'a value'}: {kind} ({n}x)"
                         for kind, (n, op) in self.passed.items()]
-        report.removed = _causes.removed(self.strong_reads, self.store.incidents.values(), _fmt)
+        report.removed = _causes.removed(self.strong_reads, self.store.incidents.values(), _fmt,
+                                         self.strong_removed)
         report.unused = self._unused(removed={b for b, _ in self.strong_reads}, found=origin.values()) + [
             f"{op} at {loc} in the backward ({n} value{'s' if n != 1 else ''})" for (op, loc), n in unreached.items()]
         rank = _dist_rank()

@@ -67,10 +67,12 @@ def group(findings: list[Finding], origin: dict[int, Birth], fmt, last_step: int
     return lines
 
 
-def removed(strong_reads: dict, incidents, fmt) -> list[str]:
+def removed(strong_reads: dict, incidents, fmt, dropped=frozenset()) -> list[str]:
     """One line per NaN/Inf birth that gw.strong_zeros()' backward read and that no finding names (so strong
-    zeros annihilated it there): where it was born, which backward handled it, and how often."""
-    named = {id(b) for inc in incidents for b in inc.births}
+    zeros annihilated it there), or whose contamination it annihilated (``dropped``: a birth both used and
+    discarded is named by its genuine finding, and removed where discarded): where it was born, which backward
+    handled it, and how often."""
+    named = {id(b) for inc in incidents for b in inc.births} - {id(b) for b in dropped}
     sites: dict = {}  # site -> ({birth: None}, {(backward op, loc): None})
     for (b, (op, loc)), _ in sorted(strong_reads.items(), key=lambda e: e[0][0].order):
         if id(b) not in named:  # the DataLoader batches of one arrival site (kept apart) are told together
@@ -79,11 +81,14 @@ def removed(strong_reads: dict, incidents, fmt) -> list[str]:
             births[b] = None
             where[(op, loc)] = None
     lines = []
+    ids = {id(b) for inc in incidents for b in inc.births}  # also named by a finding
     for births, where in sites.values():
         bs = list(births)
         (op, loc), first, last = next(iter(where)), min(b.step for b in bs), max(b.last for b in bs)
         at = f"the backward of {op} at {fmt(loc)}" + (f" (and {len(where) - 1} more backward op(s) read it)"
                                                        if len(where) > 1 else "")
         steps = f" (first at step {first}, last at step {last})" if last != first else f" (step {first})"
-        lines.append(f"{describe_arrivals(bs)}{steps}: gw.strong_zeros() annihilated it in {at}; nothing to fix")
+        used = " where the output never uses it (where it does, see its finding)" if any(
+            id(b) in ids for b in bs) else ""
+        lines.append(f"{describe_arrivals(bs)}{steps}: gw.strong_zeros() annihilated it{used} in {at}; nothing to fix")
     return lines

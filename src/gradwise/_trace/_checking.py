@@ -28,12 +28,25 @@ def _flag(o: torch.Tensor) -> torch.Tensor:
     return total.real + total.imag if total.is_complex() else total
 
 
+def _annihilates(func, args, kwargs, out) -> bool:
+    """Whether the strong-zero rule's result ``out`` is finite somewhere the plain op's is not."""
+    with torch.utils._python_dispatch._disable_current_modes():
+        plain = func(*args, **kwargs)
+    for p, o in zip(_tensors((plain,)), _tensors((out,)), strict=False):
+        if _inexact(p) and p.shape == o.shape and bool(((~torch.isfinite(p)) & torch.isfinite(o)).any()):
+            return True
+    return False
+
+
 class _Checks:
     """Checking outputs for NaN/Inf, and the gradients a backward starts from (a part of _Tracer)."""
 
-    def _strong_read(self, seq, ins) -> None:
+    def _strong_read(self, seq, ins, func=None, args=(), kwargs=None, out=None) -> None:
         """A backward op of gw.strong_zeros()' pass reads a forward value known to be non-finite: remember the
-        births and the node; the ones no incident names at the end were annihilated by strong zeros."""
+        births and the node; the ones no incident names at the end were annihilated by strong zeros. Where the
+        op's plain result is non-finite at elements the rule left finite, those births were (also) removed as
+        contamination, even when a genuine finding names them elsewhere (``strong_removed``)."""
+        read = []
         for t in ins:
             got = self.prov.get(t)
             if got and t not in self.sens:
@@ -43,6 +56,10 @@ class _Checks:
                     if isinstance(b, _Birth):
                         key = (b, site)
                         self.strong_reads[key] = self.strong_reads.get(key, 0) + 1
+                        read.append(b)
+        if read and func is not None and not func._schema.is_mutable and not self.strong_removed.issuperset(read) \
+                and self._safely(func, _annihilates, func, args, kwargs or {}, out):
+            self.strong_removed.update(read)
 
     def _collective(self, func, args, kwargs):
         """A collective (DDP's gradient all-reduce, FSDP's reduce-scatter): its buffers are written by the

@@ -11,7 +11,7 @@ import torch
 
 from gradwise import _strong_zeros
 from gradwise._masks import mask_any
-from gradwise._trace._common import _aligned, _fmt, _inexact, _nan_in, _nonfinite, _op_name, _positions
+from gradwise._trace._common import _aligned, _fmt, _inexact, _nan_in, _nonfinite, _op_name, _positions, _tensors
 from gradwise._trace._facts import _BILINEAR, _DISCARDS, _ELEMENTWISE_DISCARDS, _PRODUCTS, _discard_key
 from gradwise._trace._store import Incident as _Incident
 
@@ -26,15 +26,37 @@ class _Incidents:
         """A sensitivity op made non-finite elements: propagate them, or classify where they are born."""
         sens_ins = [t for t in ins if t in self.sens]
         upstream = [t for t in nf if t in self.sens]
-        if upstream:  # already non-finite upstream: carry it along, unless a structural zero annihilates it here
-            carried = frozenset().union(*(self.prov.get(t, frozenset()) for t in upstream))
-            if not self._annihilated(func, loc, o, mask, sens_ins, carried, nd, args, out, kwargs):
-                self.prov[o] = self._through_view(func, upstream, args, kwargs, o, mask, carried)
-                saved = [t for t in nf if t not in self.sens]
-                if saved:
-                    self._saved_met(func, loc, o, mask, ins, saved, carried, nd, args)
+        if not upstream:
+            incidents, contaminated = self._classify(func, loc, o, mask, ins, sens_ins, nf, nd, args, out, kwargs)
+            self.prov[o] = frozenset(incidents)
+            if len(incidents) == 2:  # the genuine elements' mask follows them, as an annihilation's (`split`)
+                self.split[o] = (mask & ~contaminated, incidents[0], frozenset(incidents[1:]))
             return
-        births = frozenset().union(*(self._origin(t, loc) for t in nf)) if nf else frozenset()
+        # already non-finite upstream: carry it along, unless a structural zero annihilates it here. Elementwise,
+        # the other elements are born here (a zero sensitivity from a slice meets a saved NaN beside an upstream
+        # NaN): classified as any meeting
+        fresh = None
+        if _pairs(func, ins, o):
+            covered = torch.zeros(o.shape, dtype=torch.bool, device=o.device)
+            for t in upstream:
+                covered = covered | (~torch.isfinite(t)).broadcast_to(o.shape)
+            fresh, mask = mask & ~covered, mask & covered
+            saved = [t for t in nf if t not in self.sens]
+            fresh = self._classify(func, loc, o, fresh, ins, sens_ins, saved, nd, args, out, kwargs)[0] \
+                if saved and bool(mask_any(fresh)) else None
+        carried = frozenset().union(*(self.prov.get(t, frozenset()) for t in upstream))
+        if not self._annihilated(func, loc, o, mask, sens_ins, carried, nd, args, out, kwargs):
+            self.prov[o] = self._through_view(func, upstream, args, kwargs, o, mask, carried)
+            saved = [t for t in nf if t not in self.sens]
+            if saved:
+                self._saved_met(func, loc, o, mask, ins, saved, carried, nd, args)
+        if fresh:
+            self.prov[o] = self.prov[o] | frozenset(fresh)
+
+    def _classify(self, func, loc, o, mask, ins, sens_ins, nf, nd, args, out, kwargs) -> tuple[list, torch.Tensor]:
+        """The incidents of the elements ``mask`` of ``o``, where a sensitivity first meets the NaN/Inf of ``nf``:
+        contamination where that sensitivity is a structural zero, else genuine (contamination first); and the
+        mask of the contaminated elements."""
         genuine = self._nonzero_sensitivity_met(func, o, mask, ins, sens_ins, nf, args, out, kwargs)
         # strong zeros' semantics: a zero sensitivity is structural only where an op that discards values
         # (slice, where, mask, ignored targets...) made it; a zero the program computes (0 * sqrt(w)) is an
@@ -48,10 +70,16 @@ class _Incidents:
         incidents = []
         node = torch._C._current_autograd_node() if nd is None else None
         op, node_op = _op_name(func), nd.op if nd is not None else node.name() if node is not None else "?"
+        # elementwise, each kind's elements name the births of the values non-finite there (a where's NaN and a
+        # target's NaN in one mse_loss are two sources); otherwise every source
+        aligned = bool(nf) and _pairs(func, nf, o)
         for kind_mask, contaminated in ((mask & ~genuine, True), (mask & genuine, False)):
             count, idx = _positions(kind_mask)
             if not count:
                 continue
+            there = [t for t in nf if bool(mask_any((~torch.isfinite(t)).broadcast_to(o.shape) & kind_mask))] \
+                if aligned else nf
+            births = frozenset().union(*(self._origin(t, loc) for t in there)) if there else frozenset()
             has_nan = _nan_in(o, kind_mask)
             if contaminated:
                 kind = "contamination"
@@ -75,7 +103,7 @@ class _Incidents:
             incidents.append(inc)
             if self.provisional is not None:
                 self.provisional.append((inc, count, nd, _strong_zeros._STATE.in_mode))
-        self.prov[o] = frozenset(incidents)
+        return incidents, mask & ~genuine
 
     def _saved_met(self, func, loc, o, mask, ins, saved, carried, nd, args) -> None:
         """A NaN/Inf sensitivity from upstream meets a saved forward value that is non-finite too (the backward of
@@ -130,9 +158,14 @@ class _Incidents:
         nothing is annihilated (the provenance is then carried as it is)."""
         strong = self._whole_formula(func, o, sens_ins, nd)
         if strong is None:
-            if args is None or out is None or not self.outputs_finite():
-                return False  # a non-finite output keeps every NaN the rules would (softmax, exp: not structural)
-            strong = _strong_rerun(func, args, kwargs or {}, sens_ins, o, out)
+            if args is None or out is None or _strong_zeros._STATE.in_mode:
+                return False  # (in gw.strong_zeros()' pass the result is the rule's already: what is left stays)
+            if not self.outputs_finite() and not any(a in self.formula_masks for a in _tensors(args)):
+                # a non-finite output keeps the NaN softmax's and exp's zeros meet (not structural), and the trace
+                # cannot tell other zeros the program computed from structural ones; a mask the formula compared
+                # (amax's `x == amax`) selects whatever the outputs are
+                return False
+            strong = self._strong_rerun(func, args, kwargs or {}, sens_ins, o, out)
         if strong is None:
             return False
         gone = mask & torch.isfinite(strong)
@@ -182,14 +215,19 @@ class _Incidents:
         these elements (the top-right block of matrix_exp's block exponential, sliced out, holds only annihilated
         ones). Other ops carry the whole provenance."""
         t = upstream[0]
-        got = self.split.get(t) if len(upstream) == 1 and args and args[0] is t else None
-        if got is None or not (getattr(func, "is_view", False) or func.overloadpacket in _COPIES):
+        got = self.split.get(t) if len(upstream) == 1 else None
+        if got is None:
             return carried
         kept, inc, rest = got
-        try:
-            view = func(kept, *args[1:], **(kwargs or {}))
-        except Exception:  # an explanation must never break the program it explains
+        if _pairs(func, [t], o) and t.shape == kept.shape:  # elementwise (where's backward): the kept elements' own
+            view = kept.broadcast_to(o.shape)
+        elif not (args and args[0] is t and (getattr(func, "is_view", False) or func.overloadpacket in _COPIES)):
             return carried
+        else:
+            try:
+                view = func(kept, *args[1:], **(kwargs or {}))
+            except Exception:  # an explanation must never break the program it explains
+                return carried
         if not isinstance(view, torch.Tensor) or view.shape != o.shape:
             return carried
         view = view & mask
@@ -210,7 +248,7 @@ class _Incidents:
             if met is not None:
                 return met
         if args is not None and out is not None:
-            strong = _strong_rerun(func, args, kwargs or {}, sens_ins, o, out)
+            strong = self._strong_rerun(func, args, kwargs or {}, sens_ins, o, out)
             if strong is not None:  # what strong zeros leave non-finite is genuine, what they remove contamination
                 return ~torch.isfinite(strong)
         # Unknown mixing: contamination only when every sensitivity is zero throughout.
@@ -287,6 +325,42 @@ class _Incidents:
                 fallback = fallback or (nd.op, nd.loc)
         return fallback
 
+    def _strong_rerun(self, func, args, kwargs, sens_ins, o, out) -> torch.Tensor | None:
+        """``func`` run again under the strong-zero rules, every zero of its sensitivities taken as structural: the
+        counterpart of ``o`` (what strong zeros leave non-finite), or None where no rule nor decomposition covers
+        the op (or it writes in place). As in gw.strong_zeros()' pass: a bool mask the formula compared
+        (amax's ``self == result``) is made again under the rules, which then know where it selects, and an
+        exactly-0 softmax or exp output is structural only when the outputs are finite."""
+        if not _reruns(func):
+            return None
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        at = next((i for i, t in enumerate(outs) if t is o), None)
+        if at is None:
+            return None
+        mode = _strong_zeros._StrongZeroMode()
+        for s in sens_ins:
+            mode.supports.record(s, s != 0)
+        state = _strong_zeros._STATE
+        finite, state.outputs_finite = state.outputs_finite, self.outputs_finite()
+        try:
+            with torch.no_grad(), mode:
+                args = [self._formula_mask(a) for a in args]
+                res = func(*args, **kwargs)
+        except Exception:  # an explanation must never break the program it explains
+            return None
+        finally:
+            state.outputs_finite = finite
+        r = (res if isinstance(res, (list, tuple)) else [res])[at]
+        return r if isinstance(r, torch.Tensor) and r.shape == o.shape else None
+
+    def _formula_mask(self, a):
+        """A comparison's mask made in the backward formula, made again (inside the rerun's mode)."""
+        made = self.formula_masks.get(a) if isinstance(a, torch.Tensor) and a.dtype == torch.bool else None
+        if made is None or made[3] != a._version:  # (written in place since: max's `mask.logical_or_(both NaN)`)
+            return a
+        func, args, kwargs, _ = made
+        return func(*args, **(kwargs or {}))
+
     # -- leaves and their names ------------------------------------------------------------------------------
 
     def _accumulate(self, node, sens_ins) -> None:
@@ -299,6 +373,16 @@ class _Incidents:
                 if isinstance(inc, _Incident):
                     inc.reaches.add(self.leaf_name(var))
                     self.reached_now.add(id(inc))
+
+
+# ops that pair each element with the inputs' at the same position, though PyTorch tags them no pointwise
+_PAIRING = {torch.ops.aten.mse_loss_backward, torch.ops.aten.smooth_l1_loss_backward,
+            torch.ops.aten.huber_loss_backward, torch.ops.aten.binary_cross_entropy_backward, torch.ops.aten.where}
+
+
+def _pairs(func, ins, o) -> bool:
+    """Whether output elements pair with the inputs' at their positions (`_elementwise`, or a `_PAIRING` op)."""
+    return (torch.Tag.pointwise in func.tags or func.overloadpacket in _PAIRING) and _aligned(ins, o.shape)
 
 
 def _nonzero(s: torch.Tensor, finite_only: bool) -> torch.Tensor:
@@ -338,23 +422,3 @@ def _in_base(mask: torch.Tensor, view: torch.Tensor, base: torch.Tensor | None) 
         return mask
 
 
-def _strong_rerun(func, args, kwargs, sens_ins, o, out) -> torch.Tensor | None:
-    """``func`` run again under the strong-zero rules, every zero of its sensitivities taken as structural: the
-    counterpart of ``o`` (what strong zeros leave non-finite), or None where no rule nor decomposition covers the
-    op (or it writes in place)."""
-    if not _reruns(func):
-        return None
-    outs = out if isinstance(out, (list, tuple)) else [out]
-    at = next((i for i, t in enumerate(outs) if t is o), None)
-    if at is None:
-        return None
-    mode = _strong_zeros._StrongZeroMode()
-    for s in sens_ins:
-        mode.supports.record(s, s != 0)
-    try:
-        with torch.no_grad(), mode:
-            res = func(*args, **kwargs)
-    except Exception:  # an explanation must never break the program it explains
-        return None
-    r = (res if isinstance(res, (list, tuple)) else [res])[at]
-    return r if isinstance(r, torch.Tensor) and r.shape == o.shape else None

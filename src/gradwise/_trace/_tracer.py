@@ -66,6 +66,7 @@ class _OpInfo:
     composite: bool = False
     cast: bool = False  # _to_copy: finite-preserving unless it narrows the dtype (`widens`)
     keeps: bool = False  # a view, or an op whose output is finite whenever its inputs are (casts: `widens` says)
+    mask: bool = False  # a comparison: in a backward formula, a selection mask (amax's `self == result`)
 
     def widens(self, args: tuple, kwargs: dict) -> bool:
         """A cast that cannot overflow: not to a dtype with a smaller range (float32 -> float16 overflows above
@@ -80,6 +81,8 @@ _FORMULA_FIRST = {w.first for w in _strong_zeros.WHOLE_FORMULAS.values()}
 # zeros the engine makes outside any node (for an unused output's gradient): structural, as strong zeros take them
 _ZEROS = {torch.ops.aten.zeros, torch.ops.aten.zeros_like, torch.ops.aten.new_zeros}
 _ENGINE_ZEROS = -1
+_MASKS = {torch.ops.aten.eq, torch.ops.aten.ne, torch.ops.aten.lt, torch.ops.aten.le, torch.ops.aten.gt,
+          torch.ops.aten.ge}
 
 
 def _op_info(func) -> _OpInfo:
@@ -93,7 +96,7 @@ def _op_info(func) -> _OpInfo:
             view, func._schema.is_mutable, kink_detector(packet), _COMPARISONS.get(packet), packet.__name__,
             collective=func.namespace in _COLLECTIVE_NAMESPACES, op_name=_op_name(func),
             uninitialised=_op_name(func) in _UNINITIALISED or func in _ARRIVALS, composite=_composite(func),
-            cast=cast, keeps=view or (packet in _FINITE_PRESERVING and not cast))
+            cast=cast, keeps=view or (packet in _FINITE_PRESERVING and not cast), mask=packet in _MASKS)
     return info
 
 
@@ -163,6 +166,7 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         # backward tensor -> (mask of its NaN/Inf still from upstream, the incident a structural zero made of the
         # rest, the upstream provenance) where strong zeros annihilated part of it (_Incidents._annihilated)
         self.split = WeakTensorKeyDictionary()
+        self.formula_masks = WeakTensorKeyDictionary()  # comparison in a backward formula -> (op, args, kwargs)
         self.formula_g: dict[int, torch.Tensor] = {}  # node seq -> g, at a whole formula's first op
         self.names = _ByIdentity()
         self.derived = _ByIdentity()  # output of an op passed over unread -> weak references to its inputs
@@ -187,6 +191,7 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         self.strong_ran = False
         self.reached_now: set = set()  # incidents that reached a gradient in this backward call (strong zeros)
         self.strong_reads: dict[tuple, int] = {}  # (birth, (node op, loc)) read in gw.strong_zeros()' passes
+        self.strong_removed: set = set()  # births whose contamination gw.strong_zeros() annihilated
         self.n_fwd = self.n_bwd = 0
         self.last_seq = _get_sequence_nr()
         self.collective_bufs: dict[int, tuple] = {}  # storage -> (weak ref, op, loc) of collectives' tensors
@@ -337,6 +342,8 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
 
     def _backward(self, func, info, node, args, out, kwargs=None):
         self.n_bwd += 1
+        if info.mask and node is not None:  # for a rerun under the strong-zero rules (_Incidents._strong_rerun)
+            self.formula_masks[out] = (func, args, kwargs, out._version)
         seq = node._sequence_nr() if node is not None else None
         ins = _tensors(args)
         found = self.sens.found(ins)  # (input, seq of the node that made it) for the sensitivities among ins
@@ -379,12 +386,29 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         if _strong_zeros._STATE.in_mode:
             self.strong_ran = True
             if seq is not None and _strong_zeros.lookup(func) is not None:
-                self._strong_read(seq, ins)
+                self._strong_read(seq, ins, func, args, kwargs, out)
         if not outs or info.uninitialised or ((info.keeps or (info.cast and info.widens(args, kwargs)))
                                                and not self.pending and not any(t in self.prov for t in ins)):
             return
         self._check(outs, lambda bad: self._dig(func, None, ins, bad, seq if sens else (seq, "value"), info,
                                                 args=args, out=out, kwargs=kwargs))
+
+    def _kept_by_strong_zeros(self, inc, n) -> None:
+        """Contamination gw.strong_zeros()' pass met and that still reached a gradient: strong zeros kept it, so
+        the zero there was one the program computed (sigmoid(-inf) beside a slice's zeros: the trace keeps no
+        supports and took it for the slice's). Genuine, as gw.grad's gradient says."""
+        nan = any(b.nan for b in inc.births) if inc.births else True
+        what = (f"{inc.what}; gw.strong_zeros() kept it: the zero sensitivity there is one the program computed "
+                "(no op that discards values made it), 0 x NaN = NaN")
+        new = self.store.incident("nan" if nan else "inf", inc.op, inc.node_op, inc.loc, n, inc.indices,
+                                  inc.births, what, None, inc.undecided)
+        new.reaches |= inc.reaches
+        for b in inc.births:
+            b.used = True
+        inc.count -= n
+        inc.occurrences -= 1
+        if inc.occurrences <= 0:
+            self.store.incidents = {k: v for k, v in self.store.incidents.items() if v is not inc}
 
     def drop_provisional(self) -> None:
         """Under gw.strong_zeros(), take back what strong zeros undid: the incidents of a plain pass that the
@@ -392,7 +416,10 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         the strong pass itself met but annihilated in place (a rule's masked_fill_), which reached no gradient.
         Their births are listed as removed, unless another incident names them."""
         for inc, n, nd, strong in self.provisional:
-            if strong and (inc.kind != "contamination" or id(inc) in self.reached_now):
+            if strong and inc.kind == "contamination" and id(inc) in self.reached_now:
+                self._kept_by_strong_zeros(inc, n)
+                continue
+            if strong and inc.kind != "contamination":
                 continue
             if not strong and not self.strong_ran:
                 continue
@@ -403,4 +430,6 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
             site = (nd.op, nd.loc) if nd is not None else (inc.node_op, inc.loc)
             for b in inc.births:
                 self.strong_reads[(b, site)] = self.strong_reads.get((b, site), 0) + 1
+                if inc.kind == "contamination":  # removed, even where a genuine finding names the birth too
+                    self.strong_removed.add(b)
         self.provisional = None
