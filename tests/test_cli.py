@@ -355,3 +355,32 @@ def test_a_script_that_watches_itself(tmp_path):
         assert out.returncode == 0 and "1 own findings" in out.stdout, out.stderr
         assert "gradwise: 1 contamination finding" in out.stderr
 
+
+CLIPPED = textwrap.dedent("""
+    import torch
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(6, 4)
+    x[5] = float("nan")  # a row the loss discards
+    loss = model(x)[:5].pow(2).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+""")
+
+
+def test_clip_grad_norm_over_nan_gradients_is_one_finding_with_its_provenance(tmp_path):
+    """clip_grad_norm_'s NaN total norm scales every gradient by NaN with one _foreach_mul_. Under `gradwise run`
+    the bias gradients it wrote NaN into were not reported (the script's objects died before the report) and
+    were listed as NaN 'input tensor[8]' and 'tensor[2]' no gradient used (each list element's provenance was
+    taken from its neighbours); in a trace, one finding per parameter, one from 'tensor[2] arrived'."""
+    (tmp_path / "clip.py").write_text(CLIPPED)
+    out = _run(tmp_path, "run", "--json", "r.json", "clip.py")
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["unused"] == [] and "arrived" not in out.stderr, out.stderr
+    (clip,) = [f for f in data["findings"] if f["op"] == "aten._foreach_mul_"]
+    assert clip["reaches"] == ["model.0.bias", "model.2.bias"] and clip["count"] == 10 and clip["downstream"]
+    assert clip["born_op"] == "gradient" and "contamination from aten.mm" in clip["born"]
+    assert "the gradients of model.0.bias, model.2.bias were finite after backward" in clip["message"]
