@@ -278,3 +278,109 @@ def test_watch_explains_the_first_nonfinite_backward(tmp_path):
     assert "explained from its backward" in out.stderr  # the watched step's forward was not traced
     refused = _run(tmp_path, "run", "--watch", "--no-report", "SCRIPT")
     assert refused.returncode == 2 and "--watch" in refused.stderr
+
+
+# --- run as python runs it ------------------------------------------------------------------------------------
+
+SHOW = textwrap.dedent("""
+    import sys
+    spec = globals().get("__spec__")
+    print("seen:", __file__, __name__, repr(__package__), getattr(spec, "name", None),
+          type(globals().get("__loader__")).__name__, sys.argv, sys.path[:2], sys.modules["__main__"].__file__)
+""")
+
+
+def _seen(out: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in out.stdout.splitlines() if line.startswith("seen:")]
+
+
+def test_a_script_folder_or_zip_sees_what_python_gives_it(tmp_path):
+    """`__file__` (absolute, as python makes it since 3.9), sys.argv (as typed), sys.path[0] (the script's folder,
+    replacing gradwise's own entry: the working folder stayed on sys.path), `__main__`; a folder or zip file with
+    __main__.py was refused ('no such script') or run with relative paths. The reference: python itself."""
+    import zipfile
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "show.py").write_text(SHOW)
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "__main__.py").write_text(SHOW)
+    with zipfile.ZipFile(tmp_path / "app.zip", "w") as z:
+        z.writestr("__main__.py", SHOW)
+    for target in ("sub/show.py", "app", "app.zip"):
+        ours = _run(tmp_path, "run", target, "a", "--", "-b")
+        theirs = subprocess.run([sys.executable, target, "a", "--", "-b"], capture_output=True, text=True,
+                                timeout=120, cwd=tmp_path, env=ENV)
+        assert _seen(theirs) and _seen(ours) == _seen(theirs), (target, ours.stderr)
+        assert ours.returncode == 0 and "gradwise: No NaN/Inf" in ours.stderr
+
+
+def test_what_cannot_be_run_fails_as_python_does_without_a_report(tmp_path):
+    """`-m nosuchmod` printed an empty report: python's message instead, exit 1 (a package without __main__, a
+    folder without __main__.py too)."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "empty").mkdir()
+    for args, message in ((["-m", "nosuchmod"], "No module named nosuchmod"),
+                          (["-m", "pkg"], "No module named pkg.__main__; 'pkg' is a package"),
+                          (["empty"], "can't find '__main__' module in")):
+        out = _run(tmp_path, "run", *args)
+        python = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                                env=ENV)
+        assert out.returncode == python.returncode == 1 and message in python.stderr, (args, python.stderr)
+        assert f"gradwise run: {message}" in out.stderr and "gradwise:" not in out.stderr, (args, out.stderr)
+    # an ImportError of the module's own code is its traceback, with the report
+    (tmp_path / "pkg" / "broken.py").write_text("import nosuchmod_either\n")
+    raising = _run(tmp_path, "run", "-m", "pkg.broken")
+    assert raising.returncode == 1 and "broken.py" in raising.stderr and "gradwise:" in raising.stderr
+
+
+def test_json_dash_writes_the_json_to_stdout(tmp_path):
+    """`--json -` wrote a file named '-': the JSON goes to stdout after the script's own output, the report to
+    stderr."""
+    out = _run(tmp_path, "run", "--json", "-", "SCRIPT", "x")
+    assert out.returncode == 0 and not (tmp_path / "-").exists(), out.stderr
+    printed, _, data = out.stdout.partition("\n")
+    assert printed == "args: ['x']" and json.loads(data)["findings"][0]["kind"] == "contamination"
+    assert "gradwise: 1 contamination finding" in out.stderr and "{" not in out.stderr
+    assert "'-' writes it to stdout" in " ".join(_run(tmp_path, "run", "--help").stdout.split())
+
+
+def test_a_script_that_watches_itself(tmp_path):
+    """gw.watch() inside `gradwise run` raised ('already watches'): it joins the CLI's block."""
+    script = tmp_path / "own.py"
+    script.write_text(SCRIPT.replace("loss = ", "import gradwise as gw\nwith gw.watch() as own:\n    loss = ")
+                      .replace("loss.backward()", "    loss.backward()\nprint(len(own.findings), 'own findings')"))
+    for options in ([], ["--watch"]):
+        out = _run(tmp_path, "run", *options, script)
+        assert out.returncode == 0 and "1 own findings" in out.stdout, out.stderr
+        assert "gradwise: 1 contamination finding" in out.stderr
+
+
+CLIPPED = textwrap.dedent("""
+    import torch
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(6, 4)
+    x[5] = float("nan")  # a row the loss discards
+    loss = model(x)[:5].pow(2).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+""")
+
+
+def test_clip_grad_norm_over_nan_gradients_is_one_finding_with_its_provenance(tmp_path):
+    """clip_grad_norm_'s NaN total norm scales every gradient by NaN with one _foreach_mul_. Under `gradwise run`
+    the bias gradients it wrote NaN into were not reported (the script's objects died before the report) and
+    were listed as NaN 'input tensor[8]' and 'tensor[2]' no gradient used (each list element's provenance was
+    taken from its neighbours); in a trace, one finding per parameter, one from 'tensor[2] arrived'."""
+    (tmp_path / "clip.py").write_text(CLIPPED)
+    out = _run(tmp_path, "run", "--json", "r.json", "clip.py")
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["unused"] == [] and "arrived" not in out.stderr, out.stderr
+    (clip,) = [f for f in data["findings"] if f["op"] == "aten._foreach_mul_"]
+    assert clip["reaches"] == ["model.0.bias", "model.2.bias"] and clip["count"] == 10 and clip["downstream"]
+    assert clip["born_op"] == "gradient" and "contamination from aten.mm" in clip["born"]
+    assert "the gradients of model.0.bias, model.2.bias were finite after backward" in clip["message"]

@@ -81,11 +81,25 @@ def test_autograd_grad_under_watch():
     assert f.kind == "contamination" and f.reaches == ["x"] and f.step == 0
 
 
-def test_watch_refuses_nesting_and_bad_options():
+def test_watch_refuses_bad_options():
     with pytest.raises(ValueError, match="sync_every"), gw.watch(sync_every=0):
         pass
-    with gw.trace(), pytest.raises(RuntimeError, match="already watches"), gw.watch():
-        pass
+
+
+@pytest.mark.parametrize("outer", ["trace", "watch"])
+def test_a_nested_watch_joins_the_outer_block(outer):
+    """gw.watch() in a script run by `gradwise run` (or inside gw.watch()) raised 'already watches': it joins the
+    outer block, its report the outer's findings made in it; the outer report is the same as without it."""
+    lin = torch.nn.Linear(3, 1)
+    x = torch.cat((torch.ones(2, 3), torch.full((1, 3), float("nan"))))
+    with getattr(gw, outer)() as whole:
+        lin(x[:2]).sum().backward()
+        with gw.watch() as inner:
+            lin(x)[:2].sum().backward()
+    assert [(f.kind, f.reaches) for f in inner.findings] == [("contamination", ["lin.weight"])], str(inner)
+    assert "joined the outer block" in inner.notes[0]
+    assert [(f.kind, f.reaches, f.count) for f in whole.findings] == [
+        (f.kind, f.reaches, f.count) for f in inner.findings], str(whole)
 
 
 @pytest.mark.parametrize("how", ["backward_inputs", "autograd_grad"])

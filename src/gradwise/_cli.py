@@ -3,14 +3,21 @@
 Sub-commands are registered in ``_build_parser``; each is a function taking the parsed arguments and
 returning an exit status. Conventions: ``--version``; no command prints the usage on stderr and exits 2 (as
 argparse does for any usage error); Ctrl-C exits 130 and SIGTERM 143 (128 + the signal), ``gradwise run``
-printing the report first.
+printing the report first. ``gradwise run`` runs the script as python (and coverage run) does: what the script
+sees (sys.argv, sys.path[0], ``__file__``, ``__main__``) is what ``python SCRIPT`` / ``python -m MODULE`` gives
+it, and nothing to run is python's message and exit status 1.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.machinery
+import importlib.util
+import io
+import pkgutil
 import signal
 import sys
+import types
 from typing import Any
 
 # `gradwise run` options that take a value: the `-m MODULE` pre-scan in `main` must skip their values
@@ -45,13 +52,13 @@ def _check_run_args(args: argparse.Namespace) -> str | None:
         return "--json writes the report, --no-report turns it off: give one of them"
     if args.no_report and not args.strong_zeros:
         return "--no-report without --strong-zeros would run the script unchanged: add --strong-zeros"
-    if args.json_path is not None and not os.access(os.path.dirname(args.json_path), os.W_OK):
+    if args.json_path not in (None, "-") and not os.access(os.path.dirname(args.json_path), os.W_OK):
         return f"cannot write the JSON report to {args.json}: its folder does not exist or is not writable"
-    if args.json_path is not None and os.path.isdir(args.json_path):  # known now, not after a whole run
+    if args.json_path not in (None, "-") and os.path.isdir(args.json_path):  # known now, not after a whole run
         return f"cannot write the JSON report to {args.json}: it is a folder; give a file name"
     if args.module is None and args.script is None:
         return "give a script (gradwise run train.py) or a module (gradwise run -m pkg.train)"
-    if args.module is None and not os.path.isfile(args.script):
+    if args.module is None and not os.path.exists(args.script):  # a file, or a folder or zip with __main__.py
         return f"no such script: {args.script}"
     return None
 
@@ -77,22 +84,104 @@ def _enter_run_contexts(args: argparse.Namespace, process: contextlib.ExitStack,
     return script.enter_context(trace())
 
 
+class _CannotStart(Exception):
+    """The script or module could not be found (python's "No module named ..."): no run, no report."""
+
+
+def _run_target(args: argparse.Namespace) -> dict:
+    """Run the script as ``python SCRIPT`` / ``python -m MODULE`` would; returns its globals, which the caller
+    keeps until the report is filled: the trace names parameters through weak references, and the script's
+    objects would die with its module (python keeps them until the process exits)."""
+    import os
+    import runpy
+
+    if args.module is not None:
+        sys.argv[0] = "-m"  # as python sets it while it finds the module; runpy then sets the file's path
+        try:
+            return runpy.run_module(args.module, run_name="__main__", alter_sys=True)
+        except ImportError as exc:
+            if _raised_by(exc, runpy.__file__, "<frozen runpy>"):  # finding the module failed, nothing ran
+                raise _CannotStart(str(exc)) from None
+            raise
+    path = os.path.abspath(args.script)  # python's __file__ (since 3.9); sys.argv[0] stays as typed
+    finder = _main_importer(path)
+    if finder is None:
+        code = _code_of(path)
+        mod = types.ModuleType("__main__")
+        mod.__dict__.update(__file__=path, __cached__=None, __package__=None, __spec__=None,
+                            __loader__=importlib.machinery.SourceFileLoader("__main__", path))
+    else:  # a folder or zip holding __main__.py: python runs that with the folder (zip) as sys.path[0]
+        spec = finder.find_spec("__main__") if hasattr(finder, "find_spec") else None
+        if spec is None or spec.loader is None:
+            raise _CannotStart(f"can't find '__main__' module in {path!r}")
+        code, mod = spec.loader.get_code("__main__"), importlib.util.module_from_spec(spec)
+    # run in a fresh __main__ module, as python does (pickle and multiprocessing look the script up there); not
+    # through runpy.run_path, which sets sys.argv[0] to the path it is given
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = mod
+    try:
+        exec(code, mod.__dict__)
+    finally:
+        sys.modules["__main__"] = saved
+    return mod.__dict__
+
+
+def _main_importer(path: str) -> Any:
+    """The importer of a folder or zip file given as the script (python then runs its __main__), else None."""
+    import os
+
+    return pkgutil.get_importer(os.path.abspath(path)) if os.path.exists(path) else None
+
+
+def _code_of(path: str) -> types.CodeType:
+    """A script's code, as python compiles it (or a .pyc file's)."""
+    with io.open_code(path) as f:
+        code = pkgutil.read_code(f)
+    if code is None:
+        with io.open_code(path) as f:
+            code = compile(f.read(), path, "exec", dont_inherit=True)
+    return code
+
+
+def _script_sys_path(args: argparse.Namespace) -> None:
+    """sys.path[0] as python sets it: the script's folder, the folder or zip itself, or the working folder for
+    ``-m``. It replaces gradwise's own entry (``python -m gradwise``'s working folder, the ``gradwise`` command's
+    bin folder), as coverage run does; under ``python -P`` there is none, and only a folder or zip is added."""
+    import os
+
+    if args.module is not None:
+        path0 = os.getcwd()
+    elif _main_importer(args.script) is not None:
+        path0 = os.path.abspath(args.script)
+    elif sys.flags.safe_path:
+        return
+    else:
+        path0 = os.path.dirname(os.path.abspath(args.script))
+    if sys.flags.safe_path:
+        if args.module is None:
+            sys.path.insert(0, path0)
+    elif sys.path:
+        sys.path[0] = path0
+    else:
+        sys.path.append(path0)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     """Run a script (or ``-m module``) with its own sys.argv, under gw.trace() and/or process-wide strong zeros;
     print the report at exit, also when it raises, is interrupted (exit 130) or terminated (exit 143)."""
     import os
-    import runpy
 
-    args.json_path = os.path.abspath(args.json) if args.json else None  # before the script can chdir
+    # before the script can chdir; "-": the JSON goes to stdout (and the report, as always, to stderr)
+    args.json_path = "-" if args.json == "-" else os.path.abspath(args.json) if args.json else None
     problem = _check_run_args(args)
     if problem is not None:
         print(f"gradwise run: {problem}", file=sys.stderr)
         return 2
-    target = args.module if args.module is not None else args.script
     saved_argv, saved_path = sys.argv[:], sys.path[:]
-    sys.argv = [target, *args.script_args]
-    sys.path.insert(0, os.getcwd() if args.module is not None else os.path.dirname(os.path.abspath(target)))
+    sys.argv = [args.module if args.module is not None else args.script, *args.script_args]
+    _script_sys_path(args)
     status, report, late = 0, None, []  # late: a SIGTERM while the trace settles or the report prints
+    kept: object = None  # the script's globals (or its exception's frames) until the report is filled
     process = contextlib.ExitStack()  # never closed: see _enter_run_contexts
     sigterm = signal.getsignal(signal.SIGTERM)
     if sigterm is signal.SIG_DFL:  # the default handler kills the process without a report
@@ -101,40 +190,54 @@ def _cmd_run(args: argparse.Namespace) -> int:
         with contextlib.ExitStack() as script:
             report = _enter_run_contexts(args, process, script)
             try:
-                if args.module is not None:
-                    runpy.run_module(target, run_name="__main__", alter_sys=True)
-                else:
-                    runpy.run_path(target, run_name="__main__")
+                kept = _run_target(args)
                 _join_script_threads()
+            except _CannotStart as exc:  # as python: "No module named ...", exit 1, and nothing ran to report
+                print(f"gradwise run: {exc}", file=sys.stderr)
+                status, report = 1, None
             except SystemExit as exc:  # the script's own exit status
+                kept = exc
                 status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
                 if exc.code is not None and not isinstance(exc.code, int):
                     print(exc.code, file=sys.stderr)
             except KeyboardInterrupt as exc:
-                _print_user_traceback(exc, runpy.__file__, "<frozen runpy>")
+                kept = exc
+                _print_user_traceback(exc)
                 status = 130
-            except _Terminated:
+            except _Terminated as exc:
+                kept = exc
                 print("gradwise run: terminated (SIGTERM)", file=sys.stderr)
                 status = 143
             except BaseException as exc:  # report what was traced before the crash, then exit like Python does
-                _print_user_traceback(exc, runpy.__file__, "<frozen runpy>")
+                kept = exc
+                _print_user_traceback(exc)
                 status = 1
             if sigterm is signal.SIG_DFL:
                 signal.signal(signal.SIGTERM, lambda signum, frame: late.append(signum))
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
     if report is not None:
-        print(file=sys.stderr)
-        report.print()
-        if args.json_path is not None:
-            try:
-                with open(args.json_path, "w") as f:
-                    f.write(report.to_json())
-            except OSError as exc:
-                print(f"gradwise run: could not write the JSON report: {exc}", file=sys.stderr)
+        _write_report(report, args.json_path)
+    del kept
     if sigterm is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return 143 if late else status
+
+
+def _write_report(report: Any, json_path: str | None) -> None:
+    """The report on stderr; with ``--json FILE`` also as JSON in FILE (``-``: on stdout, after what the script
+    printed there, so that ``gradwise run --json - train.py | jq`` reads it when the script prints nothing)."""
+    print(file=sys.stderr)
+    report.print()
+    if json_path == "-":
+        sys.stdout.flush()
+        print(report.to_json(), flush=True)
+    elif json_path is not None:
+        try:
+            with open(json_path, "w") as f:
+                f.write(report.to_json())
+        except OSError as exc:
+            print(f"gradwise run: could not write the JSON report: {exc}", file=sys.stderr)
 
 
 def _join_script_threads() -> None:
@@ -147,12 +250,30 @@ def _join_script_threads() -> None:
             thread.join()
 
 
-def _print_user_traceback(exc: BaseException, *internal: str) -> None:
+def _internal(filename: str) -> bool:
+    """A frame of gradwise's runner or of runpy, never the script's."""
+    import runpy
+
+    return filename in (__file__, runpy.__file__, "<frozen runpy>")
+
+
+def _raised_by(exc: BaseException, *files: str) -> bool:
+    """Whether ``exc`` was raised in ``files`` with no other frame on the way (this module's aside)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename
+        if name != __file__ and name not in files:
+            return False
+        tb = tb.tb_next
+    return True
+
+
+def _print_user_traceback(exc: BaseException) -> None:
     """The script's traceback as Python prints it, without gradwise's and runpy's frames on top."""
     import traceback
 
     tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename in (__file__, *internal):
+    while tb is not None and _internal(tb.tb_frame.f_code.co_filename):
         tb = tb.tb_next
     traceback.print_exception(type(exc), exc, tb)
 
@@ -167,10 +288,12 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--watch", action="store_true",
                      help="instead of tracing every op, watch at almost no cost (gw.watch()): the first backward "
                      "whose gradients hold NaN/Inf is explained, and the rest of the run is traced in full")
-    run.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
+    run.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE; '-' writes it to stdout "
+                     "(after the script's own output; the report stays on stderr)")
     run.add_argument("-m", dest="module", metavar="MODULE",
                      help="run a module as `python -m MODULE` does (relative imports work); its arguments follow")
-    run.add_argument("script", metavar="SCRIPT.py", nargs="?", help="the script to run")
+    run.add_argument("script", metavar="SCRIPT.py", nargs="?",
+                     help="the script to run, or a folder or zip file holding __main__.py, as python runs them")
     run.add_argument("script_args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments passed to the script")
 
 
@@ -197,8 +320,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "report at exit (also when the script raises, on Ctrl-C and on SIGTERM) that explains every NaN/Inf "
         "(where it was born, whether it is contamination from values the output never used or genuine, which "
         "parameters it reaches) and every kink. With --strong-zeros every backward the script makes uses strong "
-        "zeros, without editing it. The script sees its own sys.argv; the exit status is the script's (130 on "
-        "Ctrl-C, 143 on SIGTERM). The report covers the main thread's passes.",
+        "zeros, without editing it. The script runs as python runs it (its own sys.argv, sys.path[0], __file__ and "
+        "__main__; a folder or zip file with __main__.py too); the exit status is the script's (130 on Ctrl-C, "
+        "143 on SIGTERM; 1 with python's message when there is nothing to run). The report covers the main "
+        "thread's passes.",
         epilog="example: gradwise run train.py --epochs 1   |   gradwise run --json report.json train.py   |   "
         "gradwise run --strong-zeros --no-report train.py   |   gradwise run -m pkg.train --epochs 1")
     _add_run_arguments(run)

@@ -237,23 +237,32 @@ class _Assembly:
                 self._sparse_gradient(g, name, add)
         if all_finite([_held(g) for g, _ in grads]):  # the usual end of a step: no per-gradient test
             return
+        # one finding per op and line (and kind): clip_grad_norm_'s one _foreach_mul_ writes into every gradient
+        written: dict[tuple, list] = {}
         for g, name in grads:
             if not _nonfinite(g):
                 continue
             births = [b for b in self.prov.get(g, ()) if isinstance(b, _Birth)]
             if not births or g not in self.written or all(b.received for b in births):
                 continue  # a collective's write (DDP copying the averaged bucket back): _add_received says so
-            b = births[0]
-            op, loc = self.written[g]
             kind = "nan" if bool(torch.isnan(g).any()) else "inf"
-            count, idx = _positions(~torch.isfinite(g))
-            add((kind, op, loc, "grad", name), lambda b=b, kind=kind, name=name, op=op, loc=loc: Finding(
-                kind, op, _fmt(loc), 0, source=_source(loc), born_op=b.op, born_location=_fmt(b.loc),
-                born=b.describe(), message=f"the gradient of {name} was finite after backward; {op} wrote "
-                f"{'NaN' if kind == 'nan' else 'Inf'} into it afterwards, from {b.describe()}",
-                fix="a step after backward mixes gradients (clip_grad_norm_'s total norm, a NaN guard): fix the "
-                    "non-finite gradient it read (see the other findings), or skip the step when the total norm "
-                    "is not finite (clip_grad_norm_(..., error_if_nonfinite=True))"), count, [name], idx)
+            written.setdefault((kind, *self.written[g]), []).append((g, name, min(births, key=_order)))
+        for (kind, op, loc), hit in written.items():
+            b = hit[0][2]
+            names = [name for _, name, _ in hit]
+            whose = f"the gradient of {names[0]} was" if len(names) == 1 else \
+                f"the gradients of {', '.join(names)} were"
+            into = "it" if len(names) == 1 else "them"
+            for n, (g, name, _) in enumerate(hit):
+                count, idx = _positions(~torch.isfinite(g))
+                add((kind, op, loc, "grad"), lambda b=b, kind=kind, op=op, loc=loc, whose=whose, into=into: Finding(
+                    kind, op, _fmt(loc), 0, source=_source(loc), born_op=b.op, born_location=_fmt(b.loc),
+                    born=b.describe(), message=f"{whose} finite after backward; {op} wrote "
+                    f"{'NaN' if kind == 'nan' else 'Inf'} into {into} afterwards, from {b.describe()}",
+                    fix="a step after backward mixes gradients (clip_grad_norm_'s total norm, a NaN guard): fix the "
+                        "non-finite gradient it read (see the other findings), or skip the step when the total norm "
+                        "is not finite (clip_grad_norm_(..., error_if_nonfinite=True))"), count, [name], idx,
+                    occurrences=int(n == 0), birth=b)
 
     def _sparse_gradient(self, g: torch.Tensor, name: str, add: Callable) -> None:
         """A sparse gradient that holds NaN/Inf: the trace reads no sparse values, so it cannot say where it came

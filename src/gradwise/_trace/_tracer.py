@@ -67,6 +67,7 @@ class _OpInfo:
     cast: bool = False  # _to_copy: finite-preserving unless it narrows the dtype (`widens`)
     keeps: bool = False  # a view, or an op whose output is finite whenever its inputs are (casts: `widens` says)
     mask: bool = False  # a comparison: in a backward formula, a selection mask (amax's `self == result`)
+    foreach: bool = False  # torch._foreach_*: one op per list position (`_Tracer._dig_foreach`)
 
     def widens(self, args: tuple, kwargs: dict) -> bool:
         """A cast that cannot overflow: not to a dtype with a smaller range (float32 -> float16 overflows above
@@ -96,7 +97,8 @@ def _op_info(func) -> _OpInfo:
             view, func._schema.is_mutable, kink_detector(packet), _COMPARISONS.get(packet), packet.__name__,
             collective=func.namespace in _COLLECTIVE_NAMESPACES, op_name=_op_name(func),
             uninitialised=_op_name(func) in _UNINITIALISED or func in _ARRIVALS, composite=_composite(func),
-            cast=cast, keeps=view or (packet in _FINITE_PRESERVING and not cast), mask=packet in _MASKS)
+            cast=cast, keeps=view or (packet in _FINITE_PRESERVING and not cast), mask=packet in _MASKS,
+            foreach=packet.__name__.startswith("_foreach_"))
     return info
 
 
@@ -316,8 +318,24 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
             if outs and ins and not info.uninitialised and any(map(self._from_data, ins)):
                 self._derive(outs, ins, loc)
             return out  # finite in, finite out: nothing to check (provenance is up to date when nothing is pending)
-        self._check(outs, lambda bad: self._dig(func, loc, ins, bad, None, info))
+        if info.foreach:
+            self._check(outs, lambda bad: self._dig_foreach(func, loc, args, out, bad, info))
+        else:
+            self._check(outs, lambda bad: self._dig(func, loc, ins, bad, None, info))
         return out
+
+    def _dig_foreach(self, func, loc, args, out, bad, info) -> None:
+        """A foreach op is one op per list position: output i reads position i of each list argument and the
+        tensors all share (clip_grad_norm_'s scale). With the whole lists as inputs, a finite gradient scaled by
+        a NaN took its provenance from its neighbours, one of them not yet dug: 'tensor[2] arrived non-finite'."""
+        full = out if isinstance(out, (list, tuple)) else args[0]  # (an in-place foreach op returns None)
+        for o in bad:
+            i = next((i for i, t in enumerate(full) if t is o), None)
+            ins = [a for a in args if isinstance(a, torch.Tensor)]
+            if i is not None:
+                ins += [a[i] for a in args if isinstance(a, (list, tuple)) and len(a) == len(full)
+                        and isinstance(a[i], torch.Tensor)]
+            self._dig(func, loc, ins if i is not None else _tensors(args), [o], None, info)
 
     def _reads_gradients_only(self, args, kwargs) -> bool:
         """Whether every tensor argument is a leaf's gradient (or a view of one), or made from those alone since

@@ -206,8 +206,13 @@ def watch(*, sync_every: int = 256) -> Iterator[Report]:
 
     Until a gradient is non-finite, the only work is one fused check of the gradients per backward call (their
     graph is kept for that call and freed right after, as PyTorch would). The report is filled when the block
-    exits: empty if every gradient stayed finite. ``sync_every`` is passed to the trace. Not nestable inside
-    `gw.trace()` (there, everything is traced already).
+    exits: empty if every gradient stayed finite. ``sync_every`` is passed to the trace.
+
+    Inside `gw.trace()` or another `gw.watch()` of the same thread (a script that watches itself, run by
+    ``gradwise run``), it joins the outer block instead of raising: the outer block already records this thread,
+    so the inner report lists what the outer one recorded during the inner block (a nested `gw.trace()` does the
+    same), with a note saying so. Refusing would crash a script that runs fine alone, and a second recording of
+    the same ops would cost twice and compete for the wrapped ``torch.autograd.backward``.
 
     Example::
 
@@ -226,8 +231,9 @@ def watch(*, sync_every: int = 256) -> Iterator[Report]:
         raise ValueError(f"sync_every must be a positive int, got {sync_every!r}")
     me = threading.get_ident()
     if me in _session._TRACERS or me in _session._WATCHERS:
-        raise RuntimeError("gw.watch() inside gw.trace() or gw.watch(): the outer block already watches this "
-                           "thread; remove the inner one")
+        with _joined(me) as report:
+            yield report
+        return
     report = Report()
     watcher = _Watcher(sync_every)
     _session._install()
@@ -240,6 +246,24 @@ def watch(*, sync_every: int = 256) -> Iterator[Report]:
             watcher.finish(report)
         finally:
             _session._uninstall()
+
+
+@contextlib.contextmanager
+def _joined(me: int) -> Iterator[Report]:
+    """gw.watch() nested in this thread's gw.trace() or gw.watch(): the report of what the outer block recorded
+    during the inner one (an outer watch may start tracing inside it: then all it traced)."""
+    report = Report()
+    outer = _session._TRACERS.get(me)
+    since = outer.store.serial if outer is not None else 0
+    try:
+        yield report
+    finally:
+        tracer = _session._TRACERS.get(me)
+        if tracer is not None:
+            with torch.utils._python_dispatch._disable_current_modes():  # (the report's own ops are not traced)
+                tracer.fill(report, since if tracer is outer else 0)
+        report.notes.insert(0, "gw.watch() inside gw.trace() or gw.watch() (gradwise run): it joined the outer "
+                               "block, which already records this thread; these are its findings in the block")
 
 
 def _donating(roots) -> bool:
