@@ -900,13 +900,12 @@ def test_relu_and_moving_supports_match_their_references(n, data):
     """threshold_backward's and hardtanh_backward's support is grad's and not the flat region (NaN is in none),
     and that of every op that only moves elements (_moved) is the op on the 0/1 support (_placement's count, the
     reference); the outputs are PyTorch's, bitwise."""
-    from gradwise._strong_zeros._rules_pointwise import (
-        _hardtanh_backward,
-        _moved,
-        _placement_counts,
-        _threshold_backward,
-    )
+    from gradwise._strong_zeros._rules import lookup
+    from gradwise._strong_zeros._rules_pointwise import _moved, _placement_counts
     from gradwise._strong_zeros._supports import _Supports
+
+    _threshold_backward, _hardtanh_backward = map(lookup, (aten.threshold_backward.default,
+                                                           aten.hardtanh_backward.default))
 
     values = st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, -0.5, nan, inf, -inf])
     x = torch.tensor(data.draw(st.lists(values, min_size=2 * n, max_size=2 * n)), dtype=torch.float64).view(2, n)
