@@ -265,6 +265,71 @@ def check_fsdp2(rank, world):
     return _compare([p.grad.full_tensor() for p in model.body.parameters()], world)
 
 
+class _AttnBlock(nn.Module):
+    """Causal attention and a channel permutation (index_select): facts the plan reads from saved values."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(4, 12)
+        self.register_buffer("perm", torch.tensor([2, 0, 3, 1]))
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 1, 4)).transpose(1, 3).unbind(2)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).squeeze(1)
+        return torch.tanh(out).index_select(-1, self.perm)
+
+
+class _AttnNet(nn.Module):
+    def __init__(self, checkpointed: bool = False):
+        super().__init__()
+        self.inp, self.block, self.head = nn.Linear(4, 4), _AttnBlock(), nn.Linear(4, 1)
+        self.checkpointed = checkpointed
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = self.inp(x)
+        h = checkpoint(self.block, h, use_reentrant=False) if self.checkpointed else self.block(h)
+        return self.head(h)
+
+
+def _sequences(rank: int, clean: bool = False) -> torch.Tensor:
+    x = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
+    if rank == 1 and not clean:
+        x[2] = nan  # a sequence the loss discards
+    return x
+
+
+def check_fsdp2_checkpointed_attention(rank, world):
+    """FSDP2 blocks under activation checkpointing (torch.utils.checkpoint and the composable one): the plan
+    read causal attention's saved q/k (packed by the checkpoint: AttributeError) and an index_select's index
+    (a second recomputation of the block outside the backward, whose all-gathers and checkpoint context then
+    broke the backward's own)."""
+    from torch.distributed._composable import checkpoint
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    ref = _AttnNet().double()
+    (sum(ref(_sequences(r, clean=True)[:2]).sum() for r in range(world)) / world).backward()
+    out = {}
+    for kind in ("utils", "composable"):
+        torch.manual_seed(0)
+        model = _AttnNet(checkpointed=kind == "utils").double()
+        mesh = init_device_mesh("cpu", (world,))
+        if kind == "composable":
+            checkpoint(model.block)
+        fully_shard(model.block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        with gw.strong_zeros():
+            model(_sequences(rank))[:2].sum().backward()
+        grads = [p.grad.full_tensor() for p in model.parameters()]
+        out[kind] = {"finite": all(bool(g.isfinite().all()) for g in grads),
+                     "max_err": max(float((g - r.grad).abs().max())
+                                    for g, r in zip(grads, ref.parameters(), strict=True))}
+    return out
+
+
 def check_fsdp2_trace(rank, world):
     """gw.trace() under FSDP2, an optimizer step on sharded DTensor parameters included."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -505,7 +570,8 @@ CHECKS: dict[str, list[Callable]] = {
             check_gw_backward,
             check_find_unused_parameters,
             check_static_graph, check_gradient_as_bucket_view, check_no_sync_accumulation,
-            check_one_allreduce_with_unknown_nodes, check_fsdp2, check_fsdp2_trace, check_fsdp1,
+            check_one_allreduce_with_unknown_nodes, check_fsdp2, check_fsdp2_checkpointed_attention,
+            check_fsdp2_trace, check_fsdp1,
             check_fsdp2_guard_skip, check_fsdp2_guard_raise, check_fsdp2_guard_warn_and_strong_zeros,
             check_guard_refusals,
             check_skip_policy, check_raise_policy, check_warn_policy, check_hook_with_strong_zeros,
@@ -624,6 +690,12 @@ def test_unknown_nodes_run_one_backward_so_each_bucket_is_all_reduced_once(two):
 def test_strong_zeros_under_fsdp_on_cpu(two, check):
     for got in _per_rank(two, check):
         assert got["finite"] and got["max_err"] < 1e-12
+
+
+def test_strong_zeros_under_fsdp2_with_activation_checkpointing(two):
+    for got in _per_rank(two, "check_fsdp2_checkpointed_attention"):
+        for kind in ("utils", "composable"):
+            assert got[kind]["finite"] and got[kind]["max_err"] < 1e-12, kind
 
 
 def test_trace_under_fsdp2_names_the_origin(two):

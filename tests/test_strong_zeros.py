@@ -1080,6 +1080,56 @@ def test_checkpoint_with_the_selection_after_it(reentrant):
     assert weight_grad(x, torch.autograd.backward).isnan().any()
 
 
+class _CheckpointedBlock(torch.nn.Module):
+    """qkv projection, causal attention, a channel permutation (index_select), under a non-reentrant
+    checkpoint whose recomputation context can be entered once (as FSDP2's can): counts its forward calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(4, 12)
+        self.perm = torch.tensor([2, 0, 3, 1])
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        q, k, v = self.qkv(x).unflatten(-1, (3, 1, 4)).transpose(1, 3).unbind(2)  # (batch, 1 head, steps, 4)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True).squeeze(1)
+        return torch.tanh(out).index_select(-1, self.perm)
+
+
+def test_checkpoint_saved_values_are_not_unpacked_by_the_plan():
+    """Facts the plan reads from saved values (causal attention's q/k shapes, an index_select's index) are
+    packed by a non-reentrant checkpoint: reading them crashed ('_Holder' object has no attribute 'dim') or
+    ran the block's forward once more before the backward, whose own recomputation then failed where the
+    checkpoint's context cannot be entered twice. Such facts now assume the worst; gradients are the clean
+    program's (the NaN sequence deleted) and, on finite data, PyTorch's bits."""
+    import contextlib
+
+    from torch.utils.checkpoint import checkpoint
+
+    @contextlib.contextmanager
+    def once():
+        yield
+
+    torch.manual_seed(0)
+    block = _CheckpointedBlock().double()
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+
+    def grads(data, grad):
+        block.calls = 0
+        y = checkpoint(block, data, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), once()))
+        out = grad(y[:2].sum(), list(block.parameters()))
+        assert block.calls == 2  # the forward and one recomputation, as in PyTorch
+        return out
+
+    for got, expected in zip(grads(x, gw.grad), grads(x, torch.autograd.grad), strict=True):
+        assert torch.equal(got, expected)
+    padded = x.clone()
+    padded[2] = math.nan  # a sequence the loss never reads
+    for got, expected in zip(grads(padded, gw.grad), grads(x[:2], torch.autograd.grad), strict=True):
+        assert torch.allclose(got, expected, rtol=0, atol=1e-14)
+
+
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
 def test_grid_sample_leaves_unsampled_pixels_alone(mode, padding_mode):

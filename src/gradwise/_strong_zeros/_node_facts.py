@@ -53,6 +53,22 @@ def _raw_saved(node: Any) -> list[Any]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _hooked(node: Any, *names: str) -> bool:
+    """Whether a saved tensor of ``node`` (its ``_raw_saved_<name>`` attributes) unpacks through a hook (a
+    checkpoint's recomputation, ``saved_tensors_hooks``). Reading it runs the hook: a non-reentrant checkpoint
+    would run its forward once more, outside the backward (a second recomputation then crashes in PyTorch for
+    some contexts), and its packed value is no tensor. Facts that need such values assume the worst."""
+    for name in names:
+        try:
+            saved = getattr(node, name, None)
+        except RuntimeError:  # freed by an earlier backward: the engine raises if it needs it
+            continue
+        for raw in saved if saved.__class__ is tuple or saved.__class__ is list else (saved,):
+            if raw is not None and raw.unpack_hook is not None:
+                return True
+    return False
+
+
 def _any(value: object) -> bool:
     return bool(value.any()) if isinstance(value, torch.Tensor) else bool(value)
 
@@ -293,8 +309,10 @@ _MAKES_NO_ZEROS_IF: dict[str, Callable[[Any], bool]] = {
     "PowBackward0": lambda node: _saved(node, "_saved_exponent") != 0,  # x ** 0 backward is zeros_like(x)
     # a selection that reads every position (an index holding each row, a full slice) drops nothing: its
     # backward writes every position of its input, as strong zeros' own rules find (the support is all True)
-    "IndexBackward0": _index_reads_all,
-    "IndexSelectBackward0": lambda node: _hits_every_position(node._saved_index, _size_along(node)),
+    # (indices a checkpoint recomputes are not read: it makes zeros, as far as the plan knows)
+    "IndexBackward0": lambda node: not _hooked(node, "_raw_saved_indices") and _index_reads_all(node),
+    "IndexSelectBackward0": lambda node: not _hooked(node, "_raw_saved_index") and
+    _hits_every_position(node._saved_index, _size_along(node)),
     "SliceBackward0": _selects_all(lambda node: _selected_by_slice(node)),
     "SelectBackward0": _selects_all(lambda node: _selected_by_select(node)),
     # padding's backward slices the padding off; a negative pad crops, and its backward pads with zeros

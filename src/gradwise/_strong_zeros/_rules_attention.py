@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from gradwise._masks import mask_all, mask_any
-from gradwise._strong_zeros._node_facts import _MAKES_NO_ZEROS_IF, _NOT_READ, _OWN_ZEROS_INSIDE, NODE_FACTS
+from gradwise._strong_zeros._node_facts import _MAKES_NO_ZEROS_IF, _NOT_READ, _OWN_ZEROS_INSIDE, NODE_FACTS, _hooked
 from gradwise._strong_zeros._rules import _annihilate, _register, _run_unruled, _tracked_slots
 
 aten = torch.ops.aten
@@ -255,7 +255,8 @@ def _makes_no_zeros(name: str):
         """Without a mask and without causal masking every P_ij may be nonzero: no key is unused."""
         causal = getattr(node, "_saved_custom_mask_type", None) if name == "EfficientAttentionBackward0" else \
             getattr(node, "_saved_is_causal", False)
-        return _saved_mask(node, name) is None and not causal
+        attr = _MASK_ATTRS[name]  # a mask a checkpoint packed is unknown: it may mask keys
+        return not causal and not (attr and _hooked(node, attr)) and _saved_mask(node, name) is None
 
     return test
 
@@ -264,8 +265,11 @@ def _causal_keys_all_read(node: Any) -> bool:
     """Causal attention without a mask over Lq == Lk: its masked weights (j > i) are structural zeros that meet q,
     k and v inside its backward (so the node's saved tensors are read), but the last query reads every key, so
     no gradient it outputs gets a structural zero of its own and the nodes below are not reached by it."""
+    name = type(node).__name__
     raw_q, raw_k = getattr(node, "_raw_saved_query", None), getattr(node, "_raw_saved_key", None)
-    if raw_q is None or raw_k is None or _saved_mask(node, type(node).__name__) is not None:
+    read = ("_raw_saved_query", "_raw_saved_key", *filter(None, (_MASK_ATTRS[name],)))
+    # under a checkpoint they are packed (no shapes to compare): the zeros may leave the node
+    if raw_q is None or raw_k is None or _hooked(node, *read) or _saved_mask(node, name) is not None:
         return False
     q, k = raw_q.data, raw_k.data
     dim = 1 if type(node).__name__ in ("EfficientAttentionBackward0", "FlashAttentionBackward0") else 2
