@@ -156,6 +156,9 @@ def _consumers_of(key: Any, consumers: dict[Any, int], slots: dict[Any, list[int
     return consumers[key] - len(slots.get(key, ()))
 
 
+_COMPILED_ONLY = frozenset(("CompiledFunctionBackward", "AccumulateGrad"))
+
+
 def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
     """'plain' (PyTorch is already right), 'strong' (a NaN/Inf or a singular point is in the graph where a
     structural zero can reach it), 'check' (the graph has nodes gradwise knows nothing about: one pass under
@@ -176,6 +179,8 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
         return "strong"
     if _carry.CARRIED_VALUES and _carry.values_reached(g.nodes):  # ... or that saved its structural zeros
         return "strong"
+    if all(type(n).__name__ in _COMPILED_ONLY for n in g.nodes):  # a whole step compiled: nothing outside its
+        return "compiled"  # graphs to read, and zeros made inside them are the pass's (one check per node's result)
     above = _zero_reach(roots, g)
     known_all = True
     only_compiled = True  # every node gradwise knows nothing about is a torch.compile'd backward
