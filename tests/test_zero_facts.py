@@ -95,6 +95,8 @@ CASES = {
     "adds: index_add": lambda s, v: torch.zeros(5, 3).index_add(0, _idx(), s),
     "adds: scatter_add": lambda s, v: torch.zeros(5, 3).scatter_add(0, _idx()[:, None].expand(4, 3), s),
     "adds: cumsum": lambda s, v: s.flip(0).cumsum(0),
+    "adds: scatter of a negative value (written values are used)": lambda s, v: s.scatter(0, _idx()[:, None].expand(
+        4, 3), -1.0),
     "adds: avg_pool backward": lambda s, v: aten.avg_pool2d_backward(s[None, None], v[None, None].repeat(1, 1, 2, 2),
                                                                      [2, 2], [2, 2], [0, 0], False, True, None),
     "union: add": lambda s, v: s + s.roll(1, 1),
@@ -146,8 +148,23 @@ def test_pass_equals_the_graph_without_the_unused_values(case):
     unused = ref1 == ref2
     assert torch.equal(got[unused], ref1[unused]), case
     assert got[~unused].isnan().all(), case  # a NaN the output uses stays
-    if case.startswith(("moves: pad 1",)):
+    if case.startswith(("moves: pad 1", "adds: scatter of a negative")):
         assert (~unused).any()  # (the control: values the op creates are used)
     # finite data: the rewritten graph is the plain one, bitwise
     t, v, w = _inputs(1, nan_rows=False)
     assert torch.equal(gm(t, v, w), fn(t, v, w))
+
+
+def test_eager_counts_keep_written_negative_values():
+    """A placement that writes a negative number (scatter's value) writes a value: counted on 0/1 supports it is
+    -1 there, not a structural zero (``> 0`` took it for one)."""
+    from gradwise._strong_zeros._supports import _Supports
+
+    sup = _Supports()
+    g = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    sup.record(g, torch.tensor([[True, True], [False, False]]))
+    func = aten.scatter.value
+    out = lookup(func)(func, (g, 0, torch.tensor([[1, 1]]), -1.0), {}, sup)
+    assert torch.equal(out, torch.tensor([[1.0, 2.0], [-1.0, -1.0]]))
+    support = sup.of(out)
+    assert support is None or support.expand(2, 2).all()  # row 1 holds the written -1: a value

@@ -19,7 +19,7 @@ keeps          each output element is its input element, cast or copied (the sam
 moves          each output element is one input element or a zero the op creates there (slice_backward, cat,
                constant_pad_nd with ``fill``, gather): the same op on the supports, False where it creates
 adds           adds input elements with non-negative coefficients, or creates zeros (index_add, scatter_add, the
-               pooling and upsampling backwards): > 0 where a supported element lands, from the op on 0/1 numbers
+               pooling and upsampling backwards): != 0 where a supported element lands, from the op on 0/1 numbers
 signed         as ``adds`` with coefficients of both signs (bicubic interpolation's backward)
 union          adds its operands elementwise (add/sub): a structural zero where every operand is one
 reduces        sums over dims (sum, mean): a structural zero where every summed element is one

@@ -390,8 +390,9 @@ def _moved(rw: _Rewriter, node: fx.Node) -> Any:
 
 
 def _counted(rw: _Rewriter, node: fx.Node) -> Any:
-    """adds: the op on 0/1 numbers in place of the masks (1 for an operand without one) is > 0 exactly where a
-    supported element lands (the coefficients are non-negative)."""
+    """adds: the op on 0/1 numbers in place of the masks (1 for an operand without one) is != 0 exactly where a
+    supported element lands (the coefficients are non-negative; a number the op writes, scatter's value, may
+    be negative: a value, so != 0 rather than > 0)."""
     tensors = [a for a in node.all_input_nodes if _floating(_val(a))]
     masks = [rw.of(a) for a in tensors]
     if all(m is None for m in masks):
@@ -400,7 +401,7 @@ def _counted(rw: _Rewriter, node: fx.Node) -> Any:
         return FALSE
     args = fx.node.map_arg(node.args, lambda a: rw.call(_CAST, rw.exact(rw.of(a), a), _val(a).dtype)
                            if a in tensors else a)
-    return rw.call(aten.gt.Scalar, rw.call(node.target, *args, **node.kwargs), 0)
+    return rw.call(aten.ne.Scalar, rw.call(node.target, *args, **node.kwargs), 0)
 
 
 def _sum(rw: _Rewriter, node: fx.Node) -> Any:

@@ -334,7 +334,7 @@ def _masked_fill(func, args, kwargs, sup):
 def _placement(func, args, kwargs, sup):
     """Ops that move, gather, pad, pool or sum sensitivities with non-negative coefficients (slice/select
     backward, index_put, scatter, gather, cat, sum, avg/max-pool backward, embedding backward, ...). Running
-    the op on the supports as 0/1 numbers gives > 0 exactly where a supported element lands. Elements the op
+    the op on the supports as 0/1 numbers gives != 0 exactly where a supported element lands. Elements the op
     creates (a slice's padding, the unselected elements of a max-pool window) are structural zeros. Nothing is
     multiplied by a value, so nothing needs annihilating."""
     return _placement_counts(func, args, kwargs, sup, func(*args, **kwargs))
@@ -350,7 +350,8 @@ def _placement_counts(func, args, kwargs, sup, out):
     counts = func(*tree_map(as_number, args), **tree_map(as_number, kwargs))
     for o, c in zip(*(x if isinstance(x, (tuple, list)) else (x,) for x in (out, counts)), strict=True):
         if _is_float(o):
-            sup.record(o, (c.real if c.is_complex() else c) > 0)  # complex counts: 0/1 real parts, imag 0
+            # != 0, not > 0: a number the op writes may be negative (scatter's value), and it is a value
+            sup.record(o, (c.real if c.is_complex() else c) != 0)  # complex counts: 0/1 real parts, imag 0
     return out
 
 
