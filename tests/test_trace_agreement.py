@@ -295,3 +295,87 @@ def test_strong_zeros_list_a_birth_both_used_and_discarded_as_removed():
     p, g = _gradients(f, w0, v0, torch.autograd.grad)[0], _gradients(f, w0, v0, gw.grad)[0]
     assert bool((~p.isfinite() & g.isfinite()).any()) and not g.isfinite().all()
     assert report.removed and _kinds_reaching(report, "w") == {"nan"}, str(report)
+
+
+# -- found in a hunt on Hugging Face models (NaN padding, a NaN the loss uses, attention masks) ---------------------
+
+
+def _leaf_truth(f, params: list[torch.Tensor]) -> tuple[set, set]:
+    """Per parameter index: (contamination: P non-finite somewhere G is finite, genuine: G non-finite)."""
+    p = torch.autograd.grad(f(), params)
+    g = gw.grad(f(), params)
+    return ({i for i, (a, b) in enumerate(zip(p, g, strict=True)) if bool((~a.isfinite() & b.isfinite()).any())},
+            {i for i, b in enumerate(g) if not b.isfinite().all()})
+
+
+@pytest.mark.parametrize("attention", ["manual", "sdpa_dropout"])
+def test_an_attention_mask_infinity_is_no_root_cause_of_a_nan(attention):
+    """A NaN row in the data makes every attention score row NaN (NaN + -inf = NaN in the masked columns), and the
+    -inf of the causal mask went into softmax's output provenance: the mask was told as a second root cause,
+    'genuine Inf: the output depends on it', reaching no gradient (the math path of scaled_dot_product_attention
+    with dropout, as transformers' BERT/GPT2 run it, makes the mask with where(mask, 0, -inf) and _safe_softmax).
+    softmax makes 0 of a -inf beside other values: only the NaN's birth explains its NaN."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(5, 4)
+    x[3:] = NAN
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+
+    def f():
+        h = lin(x)
+        if attention == "manual":
+            bias = torch.where(causal, torch.tensor(0.0), torch.tensor(-INF))
+            return ((h @ h.T + bias).softmax(-1) @ h).sum()
+        return F.scaled_dot_product_attention(h[None], h[None], h[None], attn_mask=causal, dropout_p=0.1).sum()
+
+    with gw.trace() as report:
+        f().backward()
+    assert [f.kind for f in report.findings] == ["nan"] and report.findings[0].born_op == "input", str(report)
+    assert len(report.causes) == 1, str(report)
+
+
+@pytest.mark.parametrize("hidden", ["none", "layer_norm", "tanh"])
+def test_contamination_beside_a_used_nan_in_every_element_is_no_finding(hidden):
+    """cross_entropy over rows 2 (NaN, used) and 3 (NaN, ignore_index): the log_softmax backward splits into
+    genuine (row 2) and contamination (row 3) elements, and every weight gradient element sums both rows, so
+    gw.grad's gradients are NaN wherever PyTorch's are. The contamination was carried through the matmul (and the
+    sum to the bias) and reached every parameter, against gw.grad (a tiny GPT2/BERT/Llama whose NaN padding leaks
+    through attention said 'contamination' for every parameter beside the genuine NaN)."""
+    torch.manual_seed(0)
+    layers = {"none": [], "layer_norm": [torch.nn.Linear(4, 8), torch.nn.LayerNorm(8)],
+              "tanh": [torch.nn.Linear(4, 8), torch.nn.Tanh()]}[hidden]
+    net = torch.nn.Sequential(*layers, torch.nn.Linear(8 if layers else 4, 3))
+    x = torch.randn(4, 4)
+    x[2:] = NAN
+    y = torch.tensor([0, 1, 2, -100])
+    f = lambda: F.cross_entropy(net(x), y)
+    params = list(net.parameters())
+    contaminated, genuine = _leaf_truth(f, params)
+    assert not contaminated and genuine == set(range(len(params)))
+    with gw.trace() as report:
+        f().backward()
+    assert not report.of_kind("contamination"), str(report)
+    assert {n for f in report.of_kind("nan") for n in f.reaches} == {f"net.{n}" for n, _ in net.named_parameters()}
+
+
+@pytest.mark.parametrize("select", ["slice", "mask"])
+def test_discarded_target_padding_is_not_told_as_used(select):
+    """(pred - y).square() with x's NaN in row 0 (used) and y's NaN in the padding row (discarded): the
+    subtraction's NaN held both births as one tensor, so y was named as used ('born: x ...; so did y'; with a
+    boolean-mask loss `[m]` y became a second root cause, 'genuine NaN' reaching no gradient). Elementwise results
+    keep which births are where, and a selection keeps the births of what it selects."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 1)
+    x = torch.randn(4, 3)
+    x[0] = NAN
+    y = torch.randn(4)
+    y[3] = NAN
+    m = torch.tensor([True, True, True, False])
+    f = lambda: (lin(x).squeeze(-1) - y).square()[slice(0, 3) if select == "slice" else m].mean()
+    contaminated, genuine = _leaf_truth(f, list(lin.parameters()))
+    assert not contaminated and genuine == {0, 1}
+    with gw.trace() as report:
+        f().backward()
+    assert [f.kind for f in report.findings] == ["nan"], str(report)
+    assert report.findings[0].born.startswith("x arrived") and "so did" not in report.findings[0].born, str(report)
+    assert len(report.causes) == 1, str(report)

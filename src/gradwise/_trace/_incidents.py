@@ -17,6 +17,7 @@ from gradwise._trace._store import Incident as _Incident
 
 # copies of their first argument (no product): a mask follows them like a view
 _COPIES = {torch.ops.aten.clone, torch.ops.aten._unsafe_view, torch.ops.aten.contiguous}
+_RESHAPES = {torch.ops.aten.view, torch.ops.aten._unsafe_view, torch.ops.aten.reshape}
 
 
 class _Incidents:
@@ -46,7 +47,7 @@ class _Incidents:
                 if saved and bool(mask_any(fresh)) else None
         carried = frozenset().union(*(self.prov.get(t, frozenset()) for t in upstream))
         if not self._annihilated(func, loc, o, mask, sens_ins, carried, nd, args, out, kwargs):
-            self.prov[o] = self._through_view(func, upstream, args, kwargs, o, mask, carried)
+            self.prov[o] = self._through_view(func, upstream, args, kwargs, o, mask, carried, sens_ins, out)
             saved = [t for t in nf if t not in self.sens]
             if saved:
                 self._saved_met(func, loc, o, mask, ins, saved, carried, nd, args)
@@ -79,7 +80,8 @@ class _Incidents:
                 continue
             there = [t for t in nf if bool(mask_any((~torch.isfinite(t)).broadcast_to(o.shape) & kind_mask))] \
                 if aligned else nf
-            births = frozenset().union(*(self._origin(t, loc) for t in there)) if there else frozenset()
+            births = frozenset().union(*(self._origin_at(t, loc, kind_mask) if aligned else self._origin(t, loc)
+                                         for t in there)) if there else frozenset()
             has_nan = _nan_in(o, kind_mask)
             if contaminated:
                 kind = "contamination"
@@ -209,21 +211,24 @@ class _Incidents:
             return None
         return out if out.shape == o.shape else None
 
-    def _through_view(self, func, upstream, args, kwargs, o, mask, carried) -> frozenset:
+    def _through_view(self, func, upstream, args, kwargs, o, mask, carried, sens_ins=(), out=None) -> frozenset:
         """The provenance of a view (or copy) of a tensor part of whose NaN/Inf a structural zero annihilated
         (``split``): the same view of its mask of kept elements says whether the upstream incidents still reach
         these elements (the top-right block of matrix_exp's block exponential, sliced out, holds only annihilated
-        ones). Other ops carry the whole provenance."""
+        ones). Other ops: see ``_mixed``."""
         t = upstream[0]
         got = self.split.get(t) if len(upstream) == 1 else None
         if got is None:
-            return carried
+            return self._mixed(func, upstream, args, kwargs, o, mask, carried, sens_ins, out) \
+                if any(u in self.split for u in upstream) else carried
         kept, inc, rest = got
         if _pairs(func, [t], o) and t.shape == kept.shape:  # elementwise (where's backward): the kept elements' own
             view = kept.broadcast_to(o.shape)
         elif not (args and args[0] is t and (getattr(func, "is_view", False) or func.overloadpacket in _COPIES)):
-            return carried
+            return self._mixed(func, upstream, args, kwargs, o, mask, carried, sens_ins, out)
         else:
+            if func.overloadpacket in _RESHAPES:  # by logical order: a mask laid out otherwise may not view
+                kept = kept.contiguous()
             try:
                 view = func(kept, *args[1:], **(kwargs or {}))
             except Exception:  # an explanation must never break the program it explains
@@ -234,6 +239,47 @@ class _Incidents:
         if not bool(mask_any(view)):
             return frozenset([inc])
         self.split[o] = (view, inc, rest)
+        return carried
+
+    def _mixed(self, func, upstream, args, kwargs, o, mask, carried, sens_ins, out) -> frozenset:
+        """An op that mixes sensitivities part of whose NaN/Inf is contamination (``split``: a log_softmax
+        backward's ignored rows beside rows the loss uses), such as the matmul to a weight's gradient or the sum
+        of two branches: run again under the strong-zero rules with those elements zeros, it says where the rest
+        (genuine) reaches the output. Where it reaches every non-finite element, strong zeros leave each of them
+        non-finite and the contamination is no finding there (it reached every gradient beside the genuine NaN,
+        against gw.grad); elsewhere the split follows the output. One contamination incident at a time; ops
+        without a strong-zero rule carry the whole provenance."""
+        if args is None or out is None:
+            return carried
+        splits = [self.split.get(t) for t in upstream]
+        incs = {got[1] for got in splits if got is not None}
+        if len(incs) != 1:
+            return carried
+        inc = incs.pop()
+        strong_of, rest = {}, frozenset()
+        for t, got in zip(upstream, splits, strict=True):
+            if got is not None and got[0].shape == t.shape:
+                strong_of[id(t)] = t.masked_fill(~got[0] & ~torch.isfinite(t), 0)
+                rest |= got[2]
+            elif got is None and self.prov.get(t) == frozenset([inc]):  # contamination throughout
+                strong_of[id(t)] = t.masked_fill(~torch.isfinite(t), 0)
+            elif got is None and inc not in self.prov.get(t, ()):
+                rest |= self.prov.get(t, frozenset())
+            else:
+                return carried
+
+        def swap(a):
+            if isinstance(a, (list, tuple)):
+                return type(a)(swap(x) for x in a)
+            return strong_of.get(id(a), a) if isinstance(a, torch.Tensor) else a
+
+        strong = self._strong_rerun(func, swap(list(args)), kwargs or {}, [swap(s) for s in sens_ins], o, out)
+        if strong is None:
+            return carried
+        reached = mask & ~torch.isfinite(strong)
+        if not bool(mask_any(mask & ~reached)):
+            return rest
+        self.split[o] = (reached, inc, rest)
         return carried
 
     def _nonzero_sensitivity_met(self, func, o, mask, ins, sens_ins, nf, args, out, kwargs=None) -> torch.Tensor:

@@ -12,8 +12,10 @@ import weakref
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from gradwise._masks import mask_any
 from gradwise._trace._advice import _explain
 from gradwise._trace._common import (
+    _aligned,
     _fmt,
     _has_nan,
     _inexact,
@@ -40,6 +42,28 @@ from gradwise._trace._store import root as _root_birth
 _LEAF_NAMES = WeakTensorKeyDictionary()
 _NAMES_LOCK = threading.Lock()
 _NAMES_PER_LEAF = 8
+
+
+# ops that select elements: the parts they keep are the provenance of their output
+_SELECTS = {torch.ops.aten.index, torch.ops.aten.index_select, torch.ops.aten.masked_select, torch.ops.aten.gather,
+            torch.ops.aten.take}
+_MAX_PARTS = 8  # provenance parts kept per tensor (more: the tensor's whole provenance is told everywhere)
+
+# softmaxes that make 0 of a -inf input (scaled_dot_product_attention's math path uses _safe_softmax, which makes
+# 0 of a fully masked row too; log_softmax keeps -inf, and its births with it)
+_MASKING_SOFTMAX = {torch.ops.aten._softmax, torch.ops.aten._safe_softmax}
+
+
+def _without_mask_infs(births: frozenset, x: torch.Tensor, dim: int, full_rows_nan: bool) -> frozenset:
+    """The births that explain the NaN of softmax(x): softmax makes 0 of a -inf in a slice that keeps another
+    value (an attention mask), so where x's NaN is all that makes its output NaN, births of infinities alone
+    explain none of it (they were reported as a second, genuine root cause of a NaN that another birth made,
+    whenever anything made an attention's scores NaN)."""
+    if not _has_nan(x) or bool((x == float("inf")).any()) or (
+            full_rows_nan and bool((x == float("-inf")).all(dim).any())):
+        return births
+    kept = frozenset(b for b in births if getattr(b, "nan", True))
+    return kept or births
 
 
 class _Provenance:
@@ -167,7 +191,7 @@ class _Provenance:
             nf = [t for t in ins if t is not o and _nonfinite(t)]
             if seq is None or isinstance(seq, tuple):
                 self._value(func, loc, o, mask, nf, prior, nd, ins,
-                            base=o._base if info.mutable and o._base is not None else None)
+                            base=o._base if info.mutable and o._base is not None else None, args=args)
                 # an in-place write made it non-finite (a .grad scaled by NaN: clip_grad_norm_'s _foreach_mul_)
                 if o not in self.written and not any(isinstance(p, _Incident) for p in prior or ()) and any(
                         o is t for t in ins):
@@ -179,7 +203,7 @@ class _Provenance:
             if info.mutable and o._base is not None and o in self.prov:
                 self.prov[o._base] = self.prov[o]
 
-    def _value(self, func, loc, o, mask, nf, prior, nd, ins=(), base=None) -> None:
+    def _value(self, func, loc, o, mask, nf, prior, nd, ins=(), base=None, args=None) -> None:
         """A forward value (or one a backward formula made from saved values): propagate or record a birth."""
         # An unknown 0-dim tensor is a wrapped constant (x[2] = nan): the value is born at this op; so is the
         # data of a literal (torch.tensor([..., nan]) reaches the dispatcher as lift_fresh of a fresh tensor).
@@ -188,6 +212,10 @@ class _Provenance:
             return  # a lifted scalar (x[2] = nan): the op that writes it is where it is born
         nf = [t for t in nf if t in self.prov or ((t.dim() or t.requires_grad) and not literal)]
         births = frozenset().union(*(self._origin(t, loc) for t in nf)) if nf else frozenset()
+        if len(nf) == 1 and nf[0] in self.parts and func.overloadpacket in _SELECTS and args and args[0] is nf[0]:
+            births = self._selected_parts(func, o, nf[0], args) or births
+        if births and func.overloadpacket in _MASKING_SOFTMAX and args is not None and len(args) > 1:
+            births = _without_mask_infs(births, args[0], args[1], func.overloadpacket is torch.ops.aten._softmax)
         if prior:
             births |= prior
         has_nan = _nan_in(o, mask)  # no masked copy of o
@@ -206,7 +234,42 @@ class _Provenance:
             b = self._birth(op, loc, has_nan, None,
                             _in_base(_nan_mask(o) if new_nan and (nf or prior) else mask, o, base), make, births)
             births = frozenset([b])
+        elif not prior and (len(nf) > 1 or any(t in self.parts for t in nf)) and torch.Tag.pointwise in func.tags \
+                and _aligned(nf, o.shape):
+            self._record_parts(o, nf, loc)
         self.prov[o] = births
+
+    def _record_parts(self, o: torch.Tensor, nf: list, loc) -> None:
+        """An elementwise op on inputs of different provenance: which births are at which elements of ``o``."""
+        parts: dict[frozenset, torch.Tensor] = {}
+        for t in nf:
+            for m, births in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]:
+                m = m.broadcast_to(o.shape)
+                parts[births] = parts[births] | m if births in parts else m
+        if 1 < len(parts) <= _MAX_PARTS:
+            self.parts[o] = [(m, births) for births, m in parts.items()]
+
+    def _selected_parts(self, func, o: torch.Tensor, t: torch.Tensor, args) -> frozenset | None:
+        """The births of the elements a selection (``loss[mask]``) kept of an elementwise result with parts: the
+        padding's births, selected away, are no provenance of the loss (they were told as a genuine NaN that
+        reached the output)."""
+        kept = []
+        for m, births in self.parts[t]:
+            sel = func(m, *args[1:])
+            if isinstance(sel, torch.Tensor) and sel.shape == o.shape and bool(mask_any(sel)):
+                kept.append((sel, births))
+        if len(kept) > 1:
+            self.parts[o] = kept
+        return frozenset().union(*(births for _, births in kept)) if kept else None
+
+    def _origin_at(self, t: torch.Tensor, loc, where: torch.Tensor) -> frozenset:
+        """The births of ``t``'s NaN/Inf at the elements ``where`` (``t`` broadcast to its shape): those of the
+        parts there where an elementwise op recorded them, else all of ``t``'s."""
+        parts = self.parts.get(t)
+        if parts is None or not _aligned([t], where.shape):
+            return self._origin(t, loc)
+        got = frozenset().union(*(births for m, births in parts if bool(mask_any(m.broadcast_to(where.shape) & where))))
+        return got or self._origin(t, loc)
 
     def reached(self, grad: torch.Tensor, leaf: torch.Tensor) -> None:
         """A final gradient (from torch.autograd.grad) for `leaf`: record which findings reach it."""

@@ -168,6 +168,9 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         # backward tensor -> (mask of its NaN/Inf still from upstream, the incident a structural zero made of the
         # rest, the upstream provenance) where strong zeros annihilated part of it (_Incidents._annihilated)
         self.split = WeakTensorKeyDictionary()
+        # elementwise result of inputs with different provenance -> [(mask, births)]: which births are where
+        # (pred - y: x's NaN row used, y's NaN padding discarded), so a finding names only the births of its elements
+        self.parts = WeakTensorKeyDictionary()
         self.formula_masks = WeakTensorKeyDictionary()  # comparison in a backward formula -> (op, args, kwargs)
         self.formula_g: dict[int, torch.Tensor] = {}  # node seq -> g, at a whole formula's first op
         self.names = _ByIdentity()
@@ -321,7 +324,7 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         if info.foreach:
             self._check(outs, lambda bad: self._dig_foreach(func, loc, args, out, bad, info))
         else:
-            self._check(outs, lambda bad: self._dig(func, loc, ins, bad, None, info))
+            self._check(outs, lambda bad: self._dig(func, loc, ins, bad, None, info, args=args))
         return out
 
     def _dig_foreach(self, func, loc, args, out, bad, info) -> None:
