@@ -198,3 +198,82 @@ def test_tight_where_the_pieces_are_independent(f):
     assert sd.exact
     element = sd.min_norm_element()
     assert lower_bound(f, (x,), True, element) == pytest.approx(float(_flat(element).norm()), rel=1e-12)
+
+
+def _graph_size(t: torch.Tensor) -> int:
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(n for n, _ in node.next_functions)
+    return len(seen)
+
+
+def test_the_pass_records_no_autograd_graph():
+    """The bound pass ran f with grad on (to see f's own no_grad parts), so autograd recorded the graph of
+    everything f's modules' parameters feed (an MLP: 36 nodes and their saved activations, about twice the
+    pass's peak memory), dropped unread. Grad is now off around each call f makes: no node, the same bound."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU(),
+                              torch.nn.Linear(8, 1)).double()
+    sizes = []
+
+    def f(x):
+        out = mlp(x).abs().sum()
+        sizes.append(_graph_size(out))
+        return out
+
+    x, w = torch.randn(5, 4, dtype=f64), (torch.randn(5, 4, dtype=f64),)
+    bound = lower_bound(f, (x,), True, w)
+    assert sizes == [0]
+    assert torch.is_grad_enabled()
+    g = torch.autograd.grad(f(x.requires_grad_(True)), x)[0]  # no tie: the bound is |g . w| / |w|
+    assert bound == pytest.approx(abs(float((g * w[0]).sum())) / float(w[0].norm()), rel=1e-9)
+
+
+def test_no_grad_parts_stay_constants_without_a_graph():
+    """With grad off around each call, f's own no_grad block (here a module's forward) is still told apart per
+    op: a constant, as for autograd, while the same module outside it moves. Along w = 1 at 0, |x|_1 spans
+    [-3, 3] and 0.5 lin(x) adds 4.5: the bound is 1.5 / sqrt(3) (the no_grad part moving would make it 10.5 /
+    sqrt(3), the live part held fixed 0)."""
+    lin = torch.nn.Linear(3, 1, bias=False).double()
+    with torch.no_grad():
+        lin.weight.fill_(3.0)
+    x, ones = torch.zeros(3, dtype=f64), (torch.ones(3, dtype=f64),)
+
+    def f(x):
+        with torch.no_grad():
+            c = lin(x).sum()
+        return x.abs().sum() + c + 0.5 * lin(x).sum()
+
+    bound = lower_bound(f, (x,), True, ones)
+    assert bound == lower_bound(lambda x: x.abs().sum() + 0.5 * lin(x).sum(), (x,), True, ones)
+    assert bound == pytest.approx(1.5 / 3**0.5, rel=1e-12)
+
+
+class _Double(torch.autograd.Function):
+    """2x, with its derivative given by its own jvp/backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+    @staticmethod
+    def jvp(ctx, t):
+        return 2 * t
+
+
+def test_a_custom_function_proves_nothing():
+    """PyTorch runs a custom autograd.Function's forward with grad off, so the bound took its ops for f's no_grad
+    part (a constant): for Double(x) - 2x + relu(x), which is relu(x) with its minimum 0 at 0, it 'proved' a least
+    norm of sqrt(n) and stationarity said False. Its derivative is its own (jvp/backward): no bound now."""
+    f = lambda x: (_Double.apply(x) - 2 * x + torch.relu(x)).sum()
+    x = torch.zeros(40, dtype=f64)
+    assert lower_bound(f, (x,), True, (torch.ones(40, dtype=f64),)) is None
+    assert gw.stationarity(f, x).stationary is not False
+    assert gw.stationarity(lambda x: torch.relu(x).sum(), x).stationary is not False

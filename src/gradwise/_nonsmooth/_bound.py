@@ -16,16 +16,25 @@ need a rule of their own; an in-place op takes its out-of-place form's), reads a
 its interval was set (a stale view), or fails: never a bound it cannot prove. ``stationarity`` tries it with w
 the least-norm element of the pieces it sampled.
 
+No autograd graph is recorded: `_NoGraph` turns grad off around each call f makes in grad mode, and tells the
+interval mode so, which thus still reads f's own grad mode per op (a part of f under ``torch.no_grad()`` is a
+constant, as in every other pass).
+
 May import: torch, gradwise._ops (the shared kink facts: where an op sits at its kink), ``_contexts``,
-``_interval_rules`` (the table of interval rules this engine applies).
+``_kink_watch`` (``_composite``, ``_unguarded``), ``_interval_rules`` (the table of interval rules this engine
+applies).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
+from types import FunctionType
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -38,6 +47,7 @@ from gradwise._nonsmooth._interval_rules import (
     nonneg_linear,
     pointwise,
 )
+from gradwise._nonsmooth._kink_watch import _composite, _unguarded
 from gradwise._ops._kinks import OpCall, at_kink, kink_fact
 
 __all__ = ["lower_bound"]
@@ -52,6 +62,7 @@ class _IntervalMode(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.iv = Intervals()
+        self.graph_off = False  # grad is off for `_NoGraph` (inside a call f made in grad mode), not for f
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -59,7 +70,9 @@ class _IntervalMode(TorchDispatchMode):
         carried = [t for t in flat if isinstance(t, Tensor) and self.iv.get(t) is not None]
         if not carried:
             return func(*args, **kwargs)
-        if not torch.is_grad_enabled():  # under f's no_grad: a constant, as in every other pass (`_KinkMode`)
+        if not (self.graph_off or torch.is_grad_enabled()):  # f's no_grad: a constant, as in every pass (`_KinkMode`)
+            if _in_custom_function():
+                raise Unbounded(f"{func} inside a custom autograd.Function's forward (its derivative is its own)")
             if func._schema.is_mutable:
                 raise Unbounded(f"{func} writes in place under no_grad (a value the derivative holds fixed)")
             return func(*args, **kwargs)
@@ -124,6 +137,53 @@ class _IntervalMode(TorchDispatchMode):
             raise Unbounded(f"{func} compares tied values")
 
 
+class _NoGraph(TorchFunctionMode):
+    """Turns grad off around each call f makes in grad mode, so that autograd records no graph of the pass (f's
+    modules' parameters require grad), and sets ``graph_off`` for the interval mode meanwhile. A call f makes
+    under its own no_grad runs as it is. Only builtins run with grad off, as no Python no_grad block can hide in
+    them: F's Python functions run their bodies under this mode, so their no_grad blocks (F.gaussian_nll_loss's
+    clamp) are read per op as before, and other Python functions run in f's grad mode. (`_KinkMode` does the
+    same with ``graph``.)"""
+
+    def __init__(self, intervals: _IntervalMode) -> None:
+        super().__init__()
+        self.intervals = intervals
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch._C._set_grad_enabled or not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        if isinstance(func, FunctionType):  # Python: its own no_grad blocks must stay visible per op
+            if _composite(func) and func.__code__.co_filename == F.__file__:  # (not boolean_dispatch's wrappers)
+                with self:
+                    return _unguarded(func)(*args, **kwargs)
+            return func(*args, **kwargs)  # in f's grad mode (a graph of what parameters feed inside it)
+        outer = self.intervals.graph_off
+        self.intervals.graph_off = True
+        torch._C._set_grad_enabled(False)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            torch._C._set_grad_enabled(True)
+            self.intervals.graph_off = outer
+
+
+_APPLY = torch.autograd.Function.apply.__func__.__code__
+
+
+def _in_custom_function() -> bool:
+    """Whether a custom ``autograd.Function``'s forward is running (PyTorch turns grad off there, unseen by
+    `_NoGraph`): its output's derivative is its ``jvp``/``backward``, not its ops, and without a graph nothing
+    marks that output, so treating those ops as constants would bound another function. Read only for ops on
+    carried tensors under no_grad."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code is _APPLY:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def lower_bound(f: Callable, xs: tuple[Tensor, ...], single: bool, w: tuple[Tensor, ...]) -> float | None:
     """A proved lower bound on the least norm of f's Clarke subdifferential at ``xs`` from the tangent interval
     along ``w`` (see the module docstring); 0.0 where that interval holds 0, None where f cannot be bounded."""
@@ -135,9 +195,9 @@ def lower_bound(f: Callable, xs: tuple[Tensor, ...], single: bool, w: tuple[Tens
     mode = _IntervalMode()
     inputs = tuple(x.detach().clone() for x in xs)
     try:
-        # compiled code eagerly, checkpoints plainly; grad on, so that f's own no_grad parts are seen (the inputs
-        # are fresh copies: only what f's modules' parameters feed records a graph, dropped after the pass)
-        with _ctx.pass_context(), torch.enable_grad(), mode:
+        # compiled code eagerly, checkpoints plainly; grad on, so that f's own no_grad parts are seen, and off
+        # around each call (`_NoGraph`: the inputs are fresh copies, but f's modules' parameters require grad)
+        with _ctx.pass_context(), torch.enable_grad(), _NoGraph(mode), mode:
             for x, d in zip(inputs, w, strict=True):
                 mode.iv.set(x, (d.to(x.dtype), torch.zeros_like(x)))
             _ctx.restore_state()
