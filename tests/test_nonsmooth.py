@@ -1739,3 +1739,82 @@ def test_python_reads_that_do_not_tie_are_exact(read):
         want = torch.autograd.grad(f(xr), xr)[0]
     assert torch.allclose(gw.generalized_grad(f, x)[0], want)
     assert gw.stationarity(f, x).stationary is False
+
+
+def _into(dtype, how):
+    def f(x):
+        b = torch.zeros(x.shape, dtype=dtype)
+        b.copy_(x) if how == "copy_" else b.__setitem__(slice(None), x)
+        return b.double().sum() + x.sum()
+    return f
+
+
+ARGUMENT_KINKS = {  # f; a point at the op's jump (singular point, kink); a direction across it; a point away from it
+    "div floor": (lambda x: torch.div(x, 2, rounding_mode="floor").sum() + x.sum(), 2.0, -1.0, 2.5),
+    "div trunc": (lambda x: torch.div(x, -2.0, rounding_mode="trunc").sum() + x.sum(), 2.0, -1.0, 0.0),
+    "div floor of 3 / x": (lambda x: torch.div(torch.full_like(x, 3.0), x, rounding_mode="floor").sum() + x.sum(),
+                           1.5, 1.0, 1.25),
+    "copy_ long": (_into(torch.long, "copy_"), 2.0, -1.0, 2.5),
+    "setitem int": (_into(torch.int32, "setitem"), -3.0, 1.0, -2.5),
+    "copy_ bool": (_into(torch.bool, "copy_"), 0.0, 1.0, 2.0),
+    "0 ** x": (lambda x: (0.0 ** x).sum() + x.sum(), 0.0, 1.0, 0.5),
+    "pow(0, x)": (lambda x: torch.pow(0.0, x).sum() + x.sum(), 0.0, -1.0, 1.5),
+    "logit eps": (lambda x: torch.logit(x, eps=0.25).sum(), 0.25, -1.0, 0.5),
+    "logit 1 - eps": (lambda x: torch.logit(x, 0.25).sum(), 0.75, 1.0, 0.1),
+    "xlogy": (lambda x: torch.xlogy(x, x).sum(), 0.0, 1.0, 0.5),
+    "xlog1py": (lambda x: torch.special.xlog1py(x, x - 1).sum(), 0.0, 1.0, 0.5),
+    "entr": (lambda x: torch.special.entr(x).sum(), 0.0, -1.0, 0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ARGUMENT_KINKS))
+def test_ops_that_jump_or_kink_by_their_arguments_are_refused_there(name):
+    """Ops that had no kink fact gave a silent number across a jump or at a kink: div with rounding_mode floor /
+    trunc (0 and [1, 1] where f jumps: floor or trunc of x / y), copy_ and b[:] = x into an integer or bool tensor
+    (a cast), 0 ** x at 0 (2: 1 at 0, 0 above, inf below), logit with eps (its clamp's kinks: -1.33 where the
+    reference is 4), xlogy(x, x) at 0 (NaN; t log t has slope -inf). Refused now (every entry point), and exact
+    away from those points (float64 one-sided differences)."""
+    f, at, d, away = ARGUMENT_KINKS[name]
+    x, d = torch.tensor([at], dtype=torch.float64), torch.tensor([d], dtype=torch.float64)
+    # the reference: along d the difference quotient is not finite, beyond 1e3, or does not settle (t log t), or
+    # it is not minus the one along -d (a kink)
+    ahead, back, coarse = (one_sided(f, [x], [s * d], h=h) for s, h in ((1, 1e-9), (-1, 1e-9), (1, 1e-6)))
+    assert not math.isfinite(ahead) or abs(ahead) > 1e3 or abs(ahead - coarse) > 1 or not abs(ahead + back) < 0.1
+    for call in (lambda: gw.directional_derivative(f, x, d), lambda: gw.generalized_grad(f, x),
+                 lambda: gw.stationarity(f, x)):
+        with pytest.raises(NonsmoothError):
+            call()
+    x = torch.tensor([away], dtype=torch.float64)
+    for d in (torch.ones(1, dtype=torch.float64), -torch.ones(1, dtype=torch.float64)):
+        assert float(gw.directional_derivative(f, x, d)) == pytest.approx(one_sided(f, [x], [d]), abs=1e-5)
+
+
+@pytest.mark.parametrize("first", ["div", "copy_", "pow"])
+def test_a_call_remembered_smooth_for_its_arguments_is_watched_for_others(first, monkeypatch):
+    """A callable that reached only ops which cannot kink for its arguments (true division, a float copy_,
+    x ** 2) is remembered as smooth for calls like it (same dtypes, strings, keywords; numbers where a fact reads
+    them): it runs unwatched then (x / 2 in f was watched on every call of f), and watched for other arguments
+    (a rounding mode, an integer destination, x ** 0.5), which refuse at their kinks."""
+    from gradwise._nonsmooth import _kink_mode
+
+    smooth, kinked, at = {
+        "div": (lambda x: torch.div(x, 2, rounding_mode=None).sum(),
+                lambda x: torch.div(x, 2, rounding_mode="floor").sum() + x.sum(), 2.0),
+        "copy_": (_into(torch.float32, "copy_"), _into(torch.long, "copy_"), 2.0),
+        "pow": (lambda x: x.__rpow__(2.0).sum() + torch.Tensor.__rpow__(x, 3).sum(),
+                lambda x: torch.Tensor.__rpow__(x, 0.0).sum() + x.sum(), 0.0),
+    }[first]
+    watched = []
+    real = _kink_mode._watched
+    monkeypatch.setattr(_kink_mode, "_watched", lambda func, *a: watched.append(func) or real(func, *a))
+    x = torch.tensor([1.5], dtype=torch.float64)
+    gw.generalized_grad(smooth, x)
+    watched.clear()
+    for _ in range(2):
+        gw.generalized_grad(smooth, x)
+        gw.directional_derivative(smooth, x, torch.ones(1, dtype=torch.float64))
+    assert watched == []
+    x, d = torch.tensor([at], dtype=torch.float64), -torch.ones(1, dtype=torch.float64)
+    for call in (lambda: gw.directional_derivative(kinked, x, d), lambda: gw.generalized_grad(kinked, x)):
+        with pytest.raises(NonsmoothError):
+            call()

@@ -23,7 +23,8 @@ def test_every_fact_says_where_and_what_pytorch_returns():
 def test_in_place_variants_and_smooth_ops():
     assert kink_fact(aten.relu_) is KINKS[aten.relu]
     assert kink_fact(aten.clamp_min_.default) is KINKS[aten.clamp_min]
-    assert kink_fact(aten.add) is None and kink_fact(aten.copy_) is None
+    assert kink_fact(aten.copy_) is KINKS[aten.copy]  # (into an integer tensor: a cast)
+    assert kink_fact(aten.add) is None and kink_fact(aten.mul_) is None
 
 
 # op name -> (function of float64 x (values only), the aten op it reaches, a call of that op from x, input shape)
@@ -52,6 +53,11 @@ EXACT = {
     "floor": (lambda x: (x / 2).floor(), aten.floor, lambda x: ((x / 2,), {}), (6,)),
     "round": (lambda x: (x / 2).round(), aten.round, lambda x: ((x / 2,), {}), (6,)),
     "remainder": (lambda x: x.remainder(2.0), aten.remainder, lambda x: ((x, 2.0), {}), (6,)),
+    "div floor": (lambda x: torch.div(x, 2, rounding_mode="floor"), aten.div,
+                  lambda x: ((x, 2), {"rounding_mode": "floor"}), (6,)),
+    "div trunc": (lambda x: torch.div(x, -2, rounding_mode="trunc"), aten.div,
+                  lambda x: ((x, -2), {"rounding_mode": "trunc"}), (6,)),
+    "logit eps": (lambda x: torch.logit(x / 4 + 0.5, 0.25), aten.logit, lambda x: ((x / 4 + 0.5, 0.25), {}), (6,)),
     "scatter_reduce-amax": (
         lambda x: x.new_zeros(3).scatter_reduce(0, torch.tensor([0, 1, 1, 2, 2, 2]), x, "amax", include_self=False),
         aten.scatter_reduce, lambda x: ((x.new_zeros(3), 0, torch.tensor([0, 1, 1, 2, 2, 2]), x, "amax"),

@@ -113,9 +113,11 @@ class _IntervalMode(TorchDispatchMode):
 
     def _rule(self, func, args, kwargs, out):
         packet = func.overloadpacket
-        fact = kink_fact(func)
+        fact, call = kink_fact(func), OpCall(args, kwargs, out, packet.__name__)
+        if fact is not None and fact.possible is not None and not fact.possible(call):
+            fact = None  # (true division, a float-to-float copy: no kink for these arguments)
         if fact is not None and packet not in INTERVAL_RULES:
-            kinked = fact.kind != "jump" and at_kink(fact, OpCall(args, kwargs, out, packet.__name__))
+            kinked = fact.kind != "jump" and at_kink(fact, call)
             if fact.kind == "jump" or kinked:
                 rule = KINK_RULES.get(packet)
                 if rule is None or fact.kind != "kink":

@@ -24,6 +24,7 @@ from gradwise._nonsmooth._kink_watch import (
     _callable_name,
     _composite,
     _kink_free_call,
+    _known_smooth,
     _no_forward_ad_is_an_error,
     _unguarded,
     _watched,
@@ -217,13 +218,16 @@ class _KinkMode(TorchFunctionMode):
         if rule is None and func not in UNRULED:
             jvp = _JVP_ROUTES.get(func) if self.dual else None
             if jvp is not None and any(map(_is_dual, (*args, *kwargs.values()))):
-                return jvp(func, *args, **kwargs)
+                out = jvp(func, *args, **kwargs)
+                if out is not NotImplemented:
+                    return out
             port = PORTS.get(func) if "out" not in kwargs else None
             if (port is not None or _composite(func)) and any(map(self.involved, _flat_tensors(everything))):
                 with self, torch.enable_grad():  # the ops inside reach their rules (in f's grad mode)
                     return port(*args, **kwargs) if port is not None else _unguarded(func)(*args, **kwargs)
             if self.run.known is None and func not in _SMOOTH_CALLS and any(
-                    map(self.involved, _flat_tensors(everything))):  # (a list's too: RNN weights, _foreach_)
+                    map(self.involved, _flat_tensors(everything))) and not _known_smooth(func, args, kwargs):
+                # (a list's tensors too: RNN weights, _foreach_)
                 try:
                     out = _watched(func, args, kwargs, self.involved)
                 except DeferredJump as jump:

@@ -37,8 +37,10 @@ _UNSEEN_KINKY = {op.__name__: _sits_at_kink(fact, op.__name__) for op, fact in K
 _KINKY_BY_NAME = {op.__name__: _UNSEEN_KINKY[op.__name__] for op, fact in KINKS.items() if not fact.guard}
 # jumps located on their first argument's own elements: with tangents, only where those move
 _JUMPS = {op.__name__: fact for op, fact in KINKS.items() if fact.kind == "jump" and not fact.coarse}
-# ops whose kink depends on a non-tensor argument (pow's exponent): a call that cannot kink is no kink op
+# ops whose kink depends on a non-tensor argument or a dtype (pow's exponent, div's rounding mode, a copy's
+# destination): a call that cannot kink is no kink op
 _POSSIBLE = {op.__name__: fact.possible for op, fact in KINKS.items() if fact.possible is not None}
+_READS_NUMBERS = frozenset(op.__name__ for op, fact in KINKS.items() if fact.reads_numbers)
 
 
 # ------------------------------------------------------------------------------------------------ the watch
@@ -50,6 +52,49 @@ _POSSIBLE = {op.__name__: fact.possible for op, fact in KINKS.items() if fact.po
 
 # Callables seen to reach no kink op: they run unwatched.
 _SMOOTH_CALLS: set[object] = set()
+# Callables seen to reach only ops that cannot kink for the arguments they got (true division, a float copy_):
+# callable -> (whether the key holds numbers' values, {`_signature` of such a call}), at most _SIGNATURES each.
+# Remembering the callable alone would miss the same callable with a rounding mode or an integer destination;
+# remembering nothing would watch every later call (every x / 2 of f, on every call of f).
+_SMOOTH_FOR: dict[object, tuple[bool, dict[tuple, None]]] = {}
+_SIGNATURES = 64
+_KEPT = (str, bool, type(None), type(...), torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+def _signature(args: tuple, kwargs: dict, numbers: bool) -> tuple:
+    """What a fact's ``possible`` can read of the ops a call reaches, as far as the call decides it: its tensors'
+    dtypes, its strings, bools, None, dtypes, devices, its keywords' names; numbers by type, and by value where
+    ``numbers`` (a fact reached reads them: pow's exponent). Other values (shapes, slices) by type."""
+    key = [tuple(kwargs)]
+    for a in tree_leaves((args, kwargs)):
+        if isinstance(a, Tensor):
+            key.append(a.dtype)
+        elif isinstance(a, _KEPT) or (numbers and isinstance(a, (int, float, complex))):
+            key.append((type(a), a))  # (the type too: True == 1)
+        else:
+            key.append(type(a))
+    return tuple(key)
+
+
+def _known_smooth(func, args: tuple, kwargs: dict) -> bool:
+    """Whether the watch saw ``func`` reach no kink op: for any arguments, or for calls with this signature."""
+    if func in _SMOOTH_CALLS:
+        return True
+    seen = _SMOOTH_FOR.get(func)
+    return seen is not None and _signature(args, kwargs, seen[0]) in seen[1]
+
+
+def _remember_smooth(func, args: tuple, kwargs: dict, watch: _KinkWatch) -> None:
+    if not watch.conditional:
+        _SMOOTH_CALLS.add(func)
+        return
+    seen = _SMOOTH_FOR.get(func)
+    numbers = watch.numbers or (seen is not None and seen[0])
+    if seen is None or seen[0] != numbers:  # (keys without numbers say nothing of the number a fact reads)
+        seen = _SMOOTH_FOR[func] = (numbers, {})
+    if len(seen[1]) >= _SIGNATURES:
+        del seen[1][next(iter(seen[1]))]  # the oldest
+    seen[1][_signature(args, kwargs, numbers)] = None
 
 
 _NO_TORCH_FUNCTION = dict.fromkeys(("has_torch_function", "has_torch_function_unary",
@@ -75,9 +120,10 @@ class _KinkWatch(LeanDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.kinky, self.hit, self.jump = False, None, False  # jump: the hit is a jump of `_JUMPS`
-        # reached an op that kinks only for some arguments (a cast to an integer dtype, pow's exponent): the
-        # callable is smooth for these arguments only (Tensor.to with a float dtype), never remembered as smooth
-        self.conditional = False
+        # reached an op that kinks only for some arguments (a cast to an integer dtype, pow's exponent, div's
+        # rounding mode) with arguments for which it cannot: the callable is smooth for calls like this one only
+        # (`_signature`; numbers: by value, as a fact reached reads them)
+        self.conditional, self.numbers = False, False
         # id(argument) -> (argument, where its tangent is nonzero): a jump counts only where the value moves
         self.moving: dict[int, tuple[Tensor, Tensor]] = {}
 
@@ -93,6 +139,7 @@ class _KinkWatch(LeanDispatchMode):
             return func(*args, **kwargs)
         if possible is not None and not possible(OpCall(args, kwargs, None, name)):
             self.conditional = True
+            self.numbers = self.numbers or base in _READS_NUMBERS
             return func(*args, **kwargs)
         self.kinky = True
         if self.hit is not None or not any(isinstance(a, Tensor) and a.requires_grad for a in args):
@@ -150,7 +197,7 @@ class DeferredJump(Exception):
 
 def _kink_free_call(func, args: tuple, kwargs: dict) -> tuple | None:
     """(``func(*args, **kwargs)``,) if the call reaches no aten op that has kinks, else None."""
-    if func in _SMOOTH_CALLS:
+    if _known_smooth(func, args, kwargs):
         return (func(*args, **kwargs),)
     watch = _KinkWatch()
     watch.hit = ""  # only record whether a kink op is reached
@@ -214,6 +261,6 @@ def _watched(func, args: tuple, kwargs: dict, involved: Callable):
                              "and gradwise has no kink rule for it: its derivative there would be PyTorch's "
                              "convention. Write it with ops that have rules (abs, clamp, maximum, max, sort, max_pool, "
                              "linalg.vector_norm ...); docs/nonsmooth.md lists them")
-    if not (watch.kinky or watch.conditional):
-        _SMOOTH_CALLS.add(func)
+    if not watch.kinky:
+        _remember_smooth(func, args, kwargs, watch)
     return out

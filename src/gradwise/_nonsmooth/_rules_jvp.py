@@ -94,9 +94,12 @@ def _plain_operand(c, like: Tensor) -> bool:
 
 def _mixed(kind: str, reflected: bool = False):
     """The rule for one binary op (``kind``: add, sub, mul, div; ``reflected``: Tensor.__rsub__ and kin, whose
-    self is the right operand). Anything else (both dual, rounding modes, promotions) is PyTorch's own call."""
+    self is the right operand). A rounding mode is NotImplemented (the mode goes on, as for an op without a route);
+    anything else (both dual, promotions) is PyTorch's own call."""
 
     def rule(func, *args, **kwargs):
+        if kwargs.get("rounding_mode") is not None:  # floor / trunc of a quotient jumps: the mode watches it
+            return NotImplemented
         alpha = kwargs.get("alpha", 1)
         if len(args) != 2 or set(kwargs) - {"alpha"} or (kind in ("mul", "div") and kwargs):
             return func(*args, **kwargs)

@@ -45,9 +45,15 @@ def sqrt(run, func, x):
 
 @kink_rule(aten.pow, torch.pow, Tensor.pow, Tensor.__pow__)
 def pow(run, func, x, exponent):
-    """x ** p with 0 < p < 1 (or non-integer p < 1): singular at 0, an error there."""
+    """x ** p with 0 < p < 1 (or non-integer p < 1): singular at 0, an error there. 0 ** p (a tensor p that
+    depends on the inputs) jumps at p = 0 (1 there, 0 above, inf below): an error there."""
     if isinstance(x, Tensor) and isinstance(exponent, (int, float)) and 0 < exponent < 1:
         _singular("aten.pow", x, f"x ** {exponent} has an infinite derivative")
+    if isinstance(exponent, Tensor) and (_is_dual(exponent) or exponent.requires_grad):
+        base = _split(x)[0] if isinstance(x, Tensor) else x
+        if bool(((base == 0) & (_split(exponent)[0] == 0)).any()):
+            raise NonsmoothError(f"aten.pow at {_user_line()} computes 0 ** p at p = 0, where it jumps (1 at 0, 0 "
+                                 "above, inf below): f'(x; d) does not exist there")
     return func(x, exponent)
 
 

@@ -1,7 +1,8 @@
 """Jumps of the ops that read a float tensor into integers or bools (bucketize, searchsorted, histc, counts,
-nonzero, signbit, angle, unique, integer and bool casts): added to ``_kinks.KINKS`` (kind ``"jump"``), apart
-from the kinks of continuous ops. Their outputs carry no derivative, so a rule-less call at such a point would
-give f a derivative of 0 across a jump: nonsmooth calculus refuses there (``_nonsmooth/_kink_watch.py``).
+nonzero, signbit, angle, unique, integer and bool casts, copies into integer tensors): added to ``_kinks.KINKS``
+(kind ``"jump"``), apart from the kinks of continuous ops. Their outputs carry no derivative, so a rule-less
+call at such a point would give f a derivative of 0 across a jump: nonsmooth calculus refuses there
+(``_nonsmooth/_kink_watch.py``).
 
 May import: torch, ``_kinks``.
 """
@@ -112,3 +113,20 @@ def _cast_at_a_step(c: OpCall):
     if not _float(x) or not _casts_to_integers(c):
         return None
     return _where_zero(c) if c.kwargs["dtype"] is torch.bool else Site(_integral(x) & (x != 0))
+
+
+def _copies_into_integers(c: OpCall) -> bool:
+    """Whether copy_ writes a float source into an integer or bool destination (dtypes only, no data read)."""
+    dst, src = c.args[0], c.arg(1, "src")
+    return isinstance(dst, Tensor) and not (dst.is_floating_point() or dst.is_complex()) and _float(src)
+
+
+@_kink(aten.copy, kind="jump", convention="none (an integer or bool destination)", possible=_copies_into_integers)
+def _copy_cast_at_a_step(c: OpCall):
+    """copy_(dst, src) (``b[:] = x``, ``b.copy_(x)``) into an integer or bool dst casts src as ``_to_copy`` does:
+    trunc jumps at the nonzero integers, bool (x != 0) at 0."""
+    if not _copies_into_integers(c):
+        return None
+    dst, src = c.args[0], c.arg(1, "src")
+    at = src == 0 if dst.dtype is torch.bool else _integral(src) & (src != 0)
+    return Site(torch.broadcast_to(at, dst.shape))

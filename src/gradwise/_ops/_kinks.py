@@ -71,8 +71,11 @@ class KinkFact:
     needs_out: bool = False  # the location reads the output (else it can run before the op: in-place calls)
     coarse: bool = False
     guard: bool = False
-    # from the call's non-tensor arguments alone (no data read): can this call kink at all? (x ** 2 cannot)
+    # from the call's non-tensor arguments and dtypes alone (no data read): can this call kink at all? (x ** 2
+    # cannot). A watched callable that reaches the op where it cannot is smooth for calls with the same such
+    # arguments; reads_numbers: ``possible`` reads a number's value (pow's exponent), not only strings, dtypes ...
     possible: Callable[[OpCall], bool] | None = None
+    reads_numbers: bool = False
 
     def site(self, call: OpCall) -> Site | None:
         """The call's site, its kind and convention filled in from the fact where the location set none."""
@@ -87,12 +90,12 @@ KINKS: dict = {}
 
 
 def _kink(*ops, convention: str, kind: str = "kink", needs_out: bool = False, coarse: bool = False,
-          guard: bool = False, possible: Callable[[OpCall], bool] | None = None):
+          guard: bool = False, possible: Callable[[OpCall], bool] | None = None, reads_numbers: bool = False):
     """Register a location function for ``ops`` (overload packets, out-of-place)."""
 
     def register(fn):
         for op in ops:
-            KINKS[op] = KinkFact(fn, kind, convention, needs_out, coarse, guard, possible)
+            KINKS[op] = KinkFact(fn, kind, convention, needs_out, coarse, guard, possible, reads_numbers)
         return fn
 
     return register
@@ -254,6 +257,21 @@ def _clamp_at_bound(c):
     return Site(torch.broadcast_to(mask, torch.broadcast_shapes(mask.shape, x.shape)))
 
 
+def _clamps_first(c: OpCall) -> bool:
+    """logit with an eps clamps x to [eps, 1 - eps] first (None: no clamp, smooth on (0, 1))."""
+    return c.arg(1, "eps") is not None
+
+
+@_kink(aten.logit, convention="1 / (x (1 - x)) at eps and 1 - eps (the inside's)", possible=_clamps_first)
+def _logit_at_its_clamp(c):
+    """logit(x, eps) is logit(clamp(x, eps, 1 - eps)): the clamp's kinks at eps and 1 - eps (constant outside);
+    the backward uses the inside's slope there."""
+    x, eps = c.args[0], c.arg(1, "eps")
+    if eps is None or not _float(x):
+        return None
+    return Site((x == eps) | (x == 1 - eps))
+
+
 @_kink(aten.hardtanh, convention="0 at the bounds")
 def _hardtanh_at_bound(c):
     """hardtanh at min_val / max_val: the backward uses 0 there (strictly inside counts as active)."""
@@ -345,15 +363,27 @@ def _hypot_at_origin(c):
 
 
 def _fractional_exponent(c: OpCall) -> bool:
-    """A tensor exponent, or a scalar one in (0, 1): x ** 2, x ** 0.5 ... are told apart without reading data."""
-    p = c.arg(1, "exponent")
+    """A tensor exponent, or a scalar one in (0, 1): x ** 2, x ** 0.5 ... are told apart without reading data; a
+    number base only where it is 0 (0 ** p jumps, 2 ** p is smooth)."""
+    x, p = c.args[0], c.arg(1, "exponent")
+    if not isinstance(x, Tensor):
+        return x == 0
     return isinstance(p, Tensor) or (isinstance(p, (int, float)) and 0 < p < 1)
 
 
-@_kink(aten.pow, kind="singular", convention="Inf (p x^(p-1) at 0)", possible=_fractional_exponent)
+@_kink(aten.pow, kind="singular", convention="Inf (p x^(p-1) at 0)", possible=_fractional_exponent,
+       reads_numbers=True)
 def _fractional_power_at_zero(c):
-    """x ** p with 0 < p < 1 at x = 0: an infinite derivative (Inf from the backward)."""
+    """x ** p with 0 < p < 1 at x = 0: an infinite derivative (Inf from the backward). With a tensor exponent
+    (x a tensor or a number, ``0.0 ** p``), 0 ** p jumps at p = 0 (1 there, 0 above, Inf below); PyTorch's
+    derivative in p is 0 there."""
     x, p = c.args[0], c.arg(1, "exponent")
+    if isinstance(p, Tensor) and _float(p) and (_float(x) or (not isinstance(x, Tensor) and x == 0)):
+        zero = x == 0 if isinstance(x, Tensor) else torch.ones((), dtype=torch.bool, device=p.device)
+        shape = torch.broadcast_shapes(p.shape, *((x.shape,) if isinstance(x, Tensor) else ()))
+        if bool((zero & (p == 0)).any()):
+            return Site(torch.broadcast_to(zero & (p == 0), shape), kind="jump",
+                        convention="0 to p (0 ** p jumps at p = 0)")
     if not _float(x):
         return None
     if isinstance(p, Tensor):
@@ -368,6 +398,24 @@ def _sqrt_at_zero(c):
     """sqrt/rsqrt at 0: an infinite derivative; the backward divides by 2 sqrt(0) (Inf, NaN under a zero
     sensitivity)."""
     return _where_zero(c)
+
+
+@_kink(aten.xlogy, aten.special_xlog1py, kind="singular", convention="0 to x at x = 0 (log y to x elsewhere)")
+def _xlogy_at_the_origin(c):
+    """xlogy(x, y) = x log y (0 where x = 0) at x = 0, y = 0 (xlog1py: y = -1): x log y there is 0 along y but
+    -Inf for any x > 0 (t log t: an infinite slope, NaN for x < 0); the backward gives x 0 there."""
+    x, y = c.args[0], c.args[1]
+    if not _float(x):  # (a number x: 0 log y is 0 for every y)
+        return None
+    at = (x == 0) & (y == (-1 if c.packet.startswith("special_xlog1py") else 0))
+    shape = torch.broadcast_shapes(*(t.shape for t in (x, y) if isinstance(t, Tensor)))
+    return Site(torch.broadcast_to(at, shape))
+
+
+@_kink(aten.special_entr, kind="singular", convention="Inf (-(1 + log x) at 0)")
+def _entr_at_zero(c):
+    """entr(x) = -x log x at 0: an infinite slope (Inf from the backward), -Inf for x < 0."""
+    return _where_zero(c) if _float(c.args[0]) else None
 
 
 @_kink(aten.asin, aten.acos, kind="singular", convention="Inf (1 / sqrt(1 - x^2) at ±1)")
@@ -411,6 +459,25 @@ def _remainder_at_multiple(c):
     if not (_float(x) or _float(y)):
         return None
     return Site(_integral(x / y))
+
+
+def _rounds(c: OpCall) -> bool:
+    """div with a rounding mode, floor_divide (no data read: true division never jumps)."""
+    return c.kwargs.get("rounding_mode") is not None or c.packet.startswith("floor_divide")
+
+
+@_kink(aten.div, aten.floor_divide, kind="jump", convention="0 to x and y, as on both sides", possible=_rounds)
+def _rounded_quotient_at_integer(c):
+    """div(x, y, rounding_mode="floor") (floor_divide, ``//``) and "trunc" are floor / trunc of x / y: they jump
+    where x / y is an integer, trunc not at 0 (0 on both sides there); the backward is 0. True division is
+    smooth."""
+    mode = "floor" if c.packet.startswith("floor_divide") else c.kwargs.get("rounding_mode")
+    x, y = c.args[0], c.args[1]
+    if mode is None or not (_float(x) or _float(y)):
+        return None
+    q = x / y  # (x an exact multiple of y gives an integer q: a superset of the jumps)
+    at = _integral(q) & q.isfinite()
+    return Site(at & (q != 0) if mode == "trunc" else at)
 
 
 @_kink(aten.grid_sampler_2d, aten.grid_sampler_3d, convention="the gradient of the cell on one side")
