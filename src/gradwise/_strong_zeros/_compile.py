@@ -108,12 +108,26 @@ def strong_zero_pass() -> Any:
             def uuid(self) -> str:
                 return "gradwise-strong-zeros-" + digest
 
-        _PASS = StrongZeroPass()
-    return _PASS
+        class CheckedStrongZeroPass(StrongZeroPass):
+            """The same, plus one more output: whether every gradient is finite (``_compile_pass.
+            append_finite_flag``). Only for the variants gradwise calls itself (``_hybrid`` strips the flag)."""
+
+            def __call__(self, graph: torch.fx.Graph) -> None:  # (only the variant's backward compiles under it)
+                _compile_pass.rewrite_backward(graph)
+                _compile_pass.append_finite_flag(graph)
+
+            def uuid(self) -> str:
+                return "gradwise-strong-zeros-checked-" + digest
+
+        _PASS = StrongZeroPass(), CheckedStrongZeroPass()
+    return _PASS[0]
+
 
 
 @contextlib.contextmanager
-def _with_pass() -> Iterator[None]:
+def _with_pass(checked: bool = False) -> Iterator[None]:
+    """The pass added to inductor's post-grad passes for one compile; ``checked``: the variant that also returns
+    the finite flag (not where the user installed the pass by hand: their backward must keep its outputs)."""
     from torch._inductor import config
     from torch._inductor.custom_graph_pass import get_custom_graph_passes
 
@@ -122,7 +136,7 @@ def _with_pass() -> Iterator[None]:
     if ours in current:
         yield
         return
-    with config.patch(post_grad_custom_pre_pass=[*current, ours]):
+    with config.patch(post_grad_custom_pre_pass=[*current, _PASS[1] if checked else ours]):
         yield
 
 
@@ -197,9 +211,10 @@ def _strong_variant(bc: Any) -> Callable[..., Any] | None:
     if not isinstance(bc.lazy_backward_info, AutogradLazyBackwardCompileInfo) or bc.bw_compiler is None:
         return None
     old = bc.compiled_bw, bc.try_save_cache_entry, _donated(bc)
+    outputs = _output_count(bc)  # before the compile: its passes may rewrite the graph in place
     bc.compiled_bw, bc.try_save_cache_entry = None, None  # compile afresh; never into AOTAutograd's cache entry
     try:
-        with _with_pass(), _own_bucket(bc):
+        with _with_pass(checked=True), _own_bucket(bc):
             # saved_tensors_use_once=False: no donated buffers, so the variant may run with the graph retained
             try:
                 strong = bc.get_or_compile(saved_tensors_use_once=False)
@@ -207,6 +222,8 @@ def _strong_variant(bc: Any) -> Callable[..., Any] | None:
                 if "C++ compile error" not in str(exc):
                     raise
                 strong = _unvectorized(bc)
+        if outputs is not None:
+            strong = _Flagged(strong, outputs)
     except Exception as exc:
         warnings.warn(f"gw.strong_zeros: the strong-zero pass could not compile this backward ({type(exc).__name__}:"
                       f" {str(exc).splitlines()[0][:200] if str(exc) else ''}); under strong zeros its backward "
@@ -220,6 +237,26 @@ def _strong_variant(bc: Any) -> Callable[..., Any] | None:
             meta.bw_donated_idxs = idxs
     bc._gw_strong = strong
     return strong
+
+
+def _output_count(bc: Any) -> int | None:
+    module = _graph_module(bc)
+    if module is None:
+        return None
+    return len(next(n for n in reversed(module.graph.nodes) if n.op == "output").args[0])
+
+
+class _Flagged:
+    """A strong variant that may return the finite flag as one output more (inductor ran the checked pass, or
+    served its result from the cache; another backend compiles without it)."""
+
+    def __init__(self, fn: Callable[..., Any], outputs: int) -> None:
+        self.fn, self.outputs = fn, outputs
+
+    def run(self, args: list) -> tuple[list, bool | None]:
+        """The gradients, and whether they are all finite (None: no flag, the caller reads them)."""
+        out = list(_call(self.fn, args))
+        return out, (bool(out.pop()) if len(out) == self.outputs + 1 else None)
 
 
 def _unvectorized(bc: Any) -> Callable[..., Any]:
@@ -363,8 +400,10 @@ def _hybrid(strong: Callable[..., Any] | None, eager: Callable[..., Any], record
         finite = False
         if strong is not None:
             with _without_strong_mode():
-                out = _call(strong, list(flat))
-                finite = _all_finite([t for t in out if isinstance(t, torch.Tensor) and inexact(t)])
+                out, finite = strong.run(list(flat)) if isinstance(strong, _Flagged) else (_call(strong, list(flat)),
+                                                                                          None)
+                if finite is None:
+                    finite = _all_finite([t for t in out if isinstance(t, torch.Tensor) and inexact(t)])
         if finite:
             record.took = True
             if record.keep:  # weakly: a gradient held here would make AccumulateGrad copy it instead of taking it

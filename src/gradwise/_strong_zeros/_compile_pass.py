@@ -642,6 +642,39 @@ def rewrite_backward(graph: fx.Graph) -> int:
     return count
 
 
+def append_finite_flag(graph: fx.Graph) -> None:
+    """Add to a backward graph's outputs one 0-dim bool: whether every floating output is finite (one sum per
+    output, reduced where inductor produces it, instead of reading every gradient back afterwards). Only for the
+    strong variant gradwise compiles and calls itself (``_compile._Flagged`` strips it): always added, so that a
+    variant served from inductor's cache has it too."""
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    results = out.args[0]
+    vals = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"]
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)]) or FakeTensorMode()
+    floats = [r for r in results if isinstance(r, fx.Node) and _floating(_val(r))]
+
+    def call(target: Any, *args: Any, **kwargs: Any) -> fx.Node:
+        with graph.inserting_before(out):
+            node = graph.call_function(target, args, kwargs)
+        v = torch.fx.node.map_arg((args, kwargs), _val)
+        with mode:
+            node.meta["val"] = target(*v[0], **v[1])
+        return node
+
+    if floats:
+        flag = None  # (|sum| < inf, and-ed: isfinite and stack are decomposed before this pass, not lowered)
+        for r in floats:
+            total = call(aten.sum.default, r, dtype=torch.float32)
+            finite = call(aten.lt.Scalar, call(aten.abs.default, total), math.inf)
+            flag = finite if flag is None else call(aten.logical_and.default, flag, finite)
+    else:
+        flag = call(aten.full.default, [], True, dtype=torch.bool, pin_memory=False)
+    out.args = ((*results, flag),)
+
+
 def _swap_last(ndim: int) -> list[int]:
     """permute's dims that swap the last two (transpose.int has no inductor lowering, permute has)."""
     return [*range(ndim - 2), ndim - 1, ndim - 2]
