@@ -462,12 +462,16 @@ def _convolution_backward(rw: _Rewriter, node: fx.Node) -> Any:
     supported output position reads (in any channel) meets only structural zeros of g: it is zeroed in x before
     the weight gradient (its NaN/Inf met only zeros), and grad_input there is a structural zero (set to 0: a
     NaN/Inf in w met only zeros there too). Positions a supported output reads keep their values: a NaN there
-    that only structural channels meet may stay (the runtime check re-runs that backward op by op). Returns a
-    tuple of supports, one per output, read by ``operator.getitem``."""
+    that only structural channels meet may stay (the runtime check re-runs that backward op by op). Where g's
+    zeros all mark relu's dead units (``_Rewriter.flat``) there is no rule: the reads would cost a second
+    convolution per layer (7% of a compiled CNN step) for a NaN that is rare there and that the runtime check
+    still catches. Returns a tuple of supports, one per output, read by ``operator.getitem``."""
     g, x, w = node.args[:3]
     stride, padding, dilation, transposed, output_padding = node.args[4:9]
     mg = rw.of(g)
     if mg is None or mg is FALSE or transposed or rw.of(x) is not None:
+        return None
+    if rw.flat(mg):  # relu's dead units only: a second convolution to find what they read buys little (as `_mm`)
         return None
     vg, vw = _val(g), _val(w)
     positions = rw.call(aten.any.dims, rw.exact(mg, g), [1], True)  # [N, 1, *out]: some channel supported
