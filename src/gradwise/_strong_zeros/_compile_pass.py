@@ -343,64 +343,65 @@ def _flat_region(rw: _Rewriter, cond: Any) -> bool:
     return cond.target in _COMPARISONS and _floating(_val(cond.args[0]))
 
 
-def _placed_value(rw: _Rewriter, x: Any, other: Any) -> Any:
-    """The support of a placement's operand ``x`` beside a sensitivity ``other``. A backward is linear in its
-    tangents, so a forward value it places into a sensitivity holds only zeros, and they are structural: zeros
+def _placed_value(rw: _Rewriter, x: Any, others: list) -> Any:
+    """The support of a placement's operand ``x`` beside sensitivities among ``others``. A backward is linear in
+    its tangents, so a forward value it places into a sensitivity holds only zeros, and they are structural: zeros
     a formula makes that the partitioner saved from the forward, where common-subexpression elimination joined
     them with the forward's own (``h[4:].zero_()``'s ``full_default``). Read as ``x != 0``, no claim is made
     where that fails."""
     mask = rw.of(x)
-    if mask is None and isinstance(x, fx.Node) and x not in rw.sens and other in rw.sens and _floating(_val(x)):
+    if mask is None and isinstance(x, fx.Node) and x not in rw.sens and any(o in rw.sens for o in others) \
+            and _floating(_val(x)):
         mask = rw.call(aten.ne.Scalar, x, 0)
         rw._flat[mask] = False  # zeros a formula placed, not a forward value's flat region (`_Rewriter.flat`)
     return mask
 
 
-def _scatter(rw: _Rewriter, node: fx.Node) -> Any:
-    """slice_scatter/select_scatter, as ``moves`` but a forward value placed beside a sensitivity counts by its
-    zeros (`_placed_value`)."""
-    base, src = node.args[:2]
-    mb, ms = _placed_value(rw, base, src), _placed_value(rw, src, base)
-    if mb is None and ms is None:
-        return None
-    if mb is FALSE and ms is FALSE:
-        return FALSE
-    return rw.call(node.target, rw.exact(mb, base), rw.exact(ms, src), *node.args[2:], **node.kwargs)
-
-
-def _moved(rw: _Rewriter, node: fx.Node) -> Any:
-    """moves: the same op on the masks (True for an operand without one), False where it creates elements, or
-    True there where the fact's ``fill`` value is not 0 (constant_pad_nd's)."""
-    fact = zero_fact(node.target)
+def _operand_masks(rw: _Rewriter, node: fx.Node, placed: bool = False) -> dict | None:
+    """The masks of ``node``'s floating operands (``placed``: a forward value beside a sensitivity by its zeros,
+    `_placed_value`); None where no operand has one."""
     tensors = [a for a in node.all_input_nodes if _floating(_val(a))]
-    masks = [rw.of(a) for a in tensors]
+    masks = {a: _placed_value(rw, a, tensors) if placed else rw.of(a) for a in tensors}
+    return None if all(m is None for m in masks.values()) else masks
+
+
+def _moved(rw: _Rewriter, node: fx.Node, placed: bool = False) -> Any:
+    """moves: the same op on the masks (True for an operand without one), False where it creates elements, or
+    True there where the fact's ``fill`` value is not 0 (constant_pad_nd's). ``placed``: slice/select_scatter,
+    where a forward value beside a sensitivity counts by its zeros."""
+    fact = zero_fact(node.target)
     fill = 0
     if fact.fill is not None:
         fill = node.args[fact.fill] if len(node.args) > fact.fill else node.kwargs.get("value", 0)
         if not isinstance(fill, (int, float)):
             return None
-    if all(m is None for m in masks):
+    masks = _operand_masks(rw, node, placed)
+    if masks is None:
         return None
-    if all(m is FALSE for m in masks) and fill == 0:
+    if all(m is FALSE for m in masks.values()) and fill == 0:
         return FALSE
-    args = fx.node.map_arg(node.args, lambda a: rw.exact(rw.of(a), a) if a in tensors else a)
+    args = fx.node.map_arg(node.args, lambda a: rw.exact(masks[a], a) if a in masks else a)
     if fact.fill is not None and len(args) > fact.fill:
         args = (*args[:fact.fill], fill != 0, *args[fact.fill + 1:])
     return rw.call(node.target, *args, **node.kwargs)
+
+
+def _placed(rw: _Rewriter, node: fx.Node) -> Any:
+    """slice_scatter/select_scatter: ``moves``, a forward value beside a sensitivity counted by its zeros."""
+    return _moved(rw, node, placed=True)
 
 
 def _counted(rw: _Rewriter, node: fx.Node) -> Any:
     """adds: the op on 0/1 numbers in place of the masks (1 for an operand without one) is != 0 exactly where a
     supported element lands (the coefficients are non-negative; a number the op writes, scatter's value, may
     be negative: a value, so != 0 rather than > 0)."""
-    tensors = [a for a in node.all_input_nodes if _floating(_val(a))]
-    masks = [rw.of(a) for a in tensors]
-    if all(m is None for m in masks):
+    masks = _operand_masks(rw, node)
+    if masks is None:
         return None
-    if all(m is FALSE for m in masks):
+    if all(m is FALSE for m in masks.values()):
         return FALSE
-    args = fx.node.map_arg(node.args, lambda a: rw.call(_CAST, rw.exact(rw.of(a), a), _val(a).dtype)
-                           if a in tensors else a)
+    args = fx.node.map_arg(node.args, lambda a: rw.call(_CAST, rw.exact(masks[a], a), _val(a).dtype)
+                           if a in masks else a)
     return rw.call(aten.ne.Scalar, rw.call(node.target, *args, **node.kwargs), 0)
 
 
@@ -582,7 +583,7 @@ _KIND_RULES: dict[str, PassRule] = {
 PASS_RULES: dict[Any, PassRule] = {
     aten.mm.default: _mm, aten.bmm.default: _mm, aten.convolution_backward.default: _convolution_backward,
     aten._scaled_dot_product_flash_attention_for_cpu_backward.default: _attention_backward,
-    operator.getitem: _getitem, aten.slice_scatter.default: _scatter, aten.select_scatter.default: _scatter,
+    operator.getitem: _getitem, aten.slice_scatter.default: _placed, aten.select_scatter.default: _placed,
 }
 
 

@@ -17,6 +17,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from gradwise import _strong_zeros
 from gradwise._modes import LeanDispatchMode
+from gradwise._ops._zeros import ops_of_kind
 from gradwise._strong_zeros import _unused
 from gradwise._trace import _common, _kinds
 from gradwise._trace._assembly import _Assembly
@@ -82,8 +83,7 @@ _FORMULA_FIRST = {w.first for w in _strong_zeros.WHOLE_FORMULAS.values()}
 # zeros the engine makes outside any node (for an unused output's gradient): structural, as strong zeros take them
 _ZEROS = {torch.ops.aten.zeros, torch.ops.aten.zeros_like, torch.ops.aten.new_zeros}
 _ENGINE_ZEROS = -1
-_MASKS = {torch.ops.aten.eq, torch.ops.aten.ne, torch.ops.aten.lt, torch.ops.aten.le, torch.ops.aten.gt,
-          torch.ops.aten.ge}
+_MASKS = set(ops_of_kind("compares"))  # (the shared facts: what makes a selection mask in a backward formula)
 
 
 def _op_info(func) -> _OpInfo:
@@ -332,9 +332,10 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         tensors all share (clip_grad_norm_'s scale). With the whole lists as inputs, a finite gradient scaled by
         a NaN took its provenance from its neighbours, one of them not yet dug: 'tensor[2] arrived non-finite'."""
         full = out if isinstance(out, (list, tuple)) else args[0]  # (an in-place foreach op returns None)
+        shared = [a for a in args if isinstance(a, torch.Tensor)]
         for o in bad:
             i = next((i for i, t in enumerate(full) if t is o), None)
-            ins = [a for a in args if isinstance(a, torch.Tensor)]
+            ins = list(shared)
             if i is not None:
                 ins += [a[i] for a in args if isinstance(a, (list, tuple)) and len(a) == len(full)
                         and isinstance(a[i], torch.Tensor)]
