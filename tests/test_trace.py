@@ -1488,3 +1488,14 @@ def test_an_inf_made_in_the_backward_and_dropped_is_no_finding(guard):
     assert torch.isfinite(x.grad).all()
     assert not [f for f in report.findings if f.kind in ("nan", "inf")], str(report)
     assert any("aten.div" in u for u in report.unused), str(report)
+
+
+def test_a_jump_site_of_a_kink_fact_is_not_reported():
+    """pow's fact is singular, but its 0 ** p site at p = 0 is a jump: the trace skips jumps (their convention is
+    the derivative on both sides), and the report was a KeyError on a 'jump' finding (PyTorch's own
+    test_pow_zero_tensor_gradient under the trace)."""
+    x = torch.zeros(3, requires_grad=True)
+    with gw.trace() as report:
+        torch.pow(0.0, x).sum().backward()
+    assert all(f.kind != "jump" for f in report.findings)
+    assert torch.equal(x.grad, torch.zeros(3))

@@ -59,4 +59,15 @@ def kink_detector(func) -> _Detector | None:
         return None
     if fact.needs_out and packet.__name__.endswith("_"):
         return None
-    return _Detector(fact.site, fact.needs_out)
+    return _Detector(_without_jumps(fact.site), fact.needs_out)
+
+
+def _without_jumps(site_of: Callable) -> Callable:
+    """A fact's location with its jump sites dropped: the trace skips jumps, of a whole fact (above) or of one
+    site of a kink fact (pow's 0 ** p at p = 0)."""
+
+    def located(call: OpCall) -> _Hit | None:
+        site = site_of(call)
+        return None if site is None or site.kind == "jump" else site
+
+    return located
