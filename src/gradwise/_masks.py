@@ -74,3 +74,65 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
         return not sums or bool(torch.stack(sums).isfinite().all())
     finally:
         torch._C._set_grad_enabled(grad_mode)
+
+
+class EagerMasks:
+    """The mask algebra the shared op facts are written in (``gradwise._ops._zeros``' ``passes``,
+    ``gradwise._ops._contractions``' support formulas), on tensors; ``_compile_pass._GraphMasks`` is the same
+    algebra on graph nodes. The first operand of not_/and_/or_ is always a fresh mask, so they work in place (one
+    allocation per predicate); ``both`` is the out-of-place and."""
+
+    le, ge, gt, lt, abs, isnan = (staticmethod(f) for f in (torch.le, torch.ge, torch.gt, torch.lt, torch.abs,
+                                                           torch.isnan))
+
+    @staticmethod
+    def not_(m: torch.Tensor) -> torch.Tensor:
+        return m.logical_not_()
+
+    @staticmethod
+    def and_(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a.logical_and_(b)
+
+    @staticmethod
+    def or_(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a.logical_or_(b)
+
+    @staticmethod
+    def both(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a & b
+
+    @staticmethod
+    def any(m: torch.Tensor, dims: Sequence[int], keepdim: bool) -> torch.Tensor:
+        return mask_any(m, tuple(dims), keepdim=keepdim)
+
+    @staticmethod
+    def swap_last(m: torch.Tensor) -> torch.Tensor:
+        return m.transpose(-1, -2)
+
+    @staticmethod
+    def unsqueeze(m: torch.Tensor, dim: int) -> torch.Tensor:
+        return m.unsqueeze(dim)
+
+    @staticmethod
+    def shape(t: torch.Tensor) -> tuple[int, ...]:
+        return tuple(t.shape)
+
+    @staticmethod
+    def ones(like: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        return like.new_ones(tuple(shape))
+
+    @staticmethod
+    def cast(m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return m.to(like.dtype)
+
+    @staticmethod
+    def narrow(t: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
+        return t.narrow(dim, start, length)
+
+    @staticmethod
+    def call(op, *args):
+        return op(*args)
+
+    @staticmethod
+    def pick(result, i: int):
+        return result[i]

@@ -45,6 +45,7 @@ import torch
 import torch._inductor.inductor_prims  # (registers prims.fma, which a rule below names: installed by hand too)
 import torch.fx as fx
 
+from gradwise._ops._contractions import attention_keys, attention_rows, conv_input_reads, mm_reads, mm_support
 from gradwise._ops._zeros import multiplying_args, zero_fact
 
 aten = torch.ops.aten
@@ -420,36 +421,29 @@ def _sum(rw: _Rewriter, node: fx.Node) -> Any:
 
 
 def _mm(rw: _Rewriter, node: fx.Node) -> Any:
-    """out[i, j] = sum_k A[i, k] B[k, j]. A row k of the value B that only structural zeros of the sensitivity A
-    read is zeroed (its NaN/Inf met only zeros); the output's row i is a structural zero where A's row i is.
-    Structural zeros of A not aligned with whole columns leave B alone: a NaN may stay (checked at run time)."""
+    """out[i, j] = sum_k A[i, k] B[k, j], supports and reads from the shared fact (``_contractions.mm_support``,
+    ``mm_reads``). A row k of the value B that only structural zeros of the sensitivity A read is zeroed (its
+    NaN/Inf met only zeros); the output's row i is a structural zero where A's row i is. Structural zeros of A not
+    aligned with whole columns leave B alone: a NaN may stay (checked at run time)."""
     a, b = node.args[:2]
     ma, mb = rw.of(a), rw.of(b)
     if ma is None and mb is None:
         return None
-    batch = node.target is aten.bmm.default
-    k_a, row_a = (1, 2) if batch else (0, 1)  # A: [(b,) n, k] -> reduce over rows n / columns k
-    k_b, col_b = (2, 1) if batch else (1, 0)  # B: [(b,) k, m]
+    o = _GraphMasks(rw)
     out_masks = []
     new_a, new_b = a, b
     if ma is FALSE or mb is FALSE:
         out = FALSE
     else:
         # a copy of the value operand (extern mm input: nothing fuses it) only for zeros a formula placed
-        if ma is not None:
-            full = rw.exact(ma, a)
-            if not rw.flat(ma):
-                cols = rw.call(aten.any.dims, full, [k_a], True)  # [(b,) 1, k]: column k of A meets something
-                cols = rw.call(aten.permute.default, cols, _swap_last(_val(cols).dim()))  # [(b,) k, 1]
-                new_b = rw.call(aten.where.self, cols, b, rw.zero(b))
-            out_masks.append(rw.call(aten.any.dims, full, [row_a], True))  # [(b,) n, 1]
-        if mb is not None:
-            full = rw.exact(mb, b)
-            if not rw.flat(mb):
-                rows = rw.call(aten.any.dims, full, [k_b], True)  # [(b,) k, 1]
-                rows = rw.call(aten.permute.default, rows, _swap_last(_val(rows).dim()))  # [(b,) 1, k]
-                new_a = rw.call(aten.where.self, rows, a, rw.zero(a))
-            out_masks.append(rw.call(aten.any.dims, full, [col_b], True))  # [(b,) 1, m]
+        for slot, (m, value) in enumerate(((ma, b), (mb, a))):
+            if m is None:
+                continue
+            full = rw.exact(m, node.args[slot])
+            if not rw.flat(m):
+                cleaned = rw.call(aten.where.self, mm_reads(o, slot, full), value, rw.zero(value))
+                new_a, new_b = (new_a, cleaned) if slot == 0 else (cleaned, new_b)
+            out_masks.append(mm_support(o, slot, full))
         out = out_masks[0] if len(out_masks) == 1 else rw.both(*out_masks)
     if out is FALSE:  # all of A (or B) is structural zero: so is the product, whatever the other holds
         rw.annihilate(node, FALSE)
@@ -460,28 +454,21 @@ def _mm(rw: _Rewriter, node: fx.Node) -> Any:
 
 def _convolution_backward(rw: _Rewriter, node: fx.Node) -> Any:
     """convolution_backward(g, x, w, ...) -> (grad_input, grad_weight, grad_bias). An input position that no
-    supported output position reads (in any channel) meets only structural zeros of g: it is zeroed in x before
-    the weight gradient (its NaN/Inf met only zeros), and grad_input there is a structural zero (set to 0: a
-    NaN/Inf in w met only zeros there too). Positions a supported output reads keep their values: a NaN there
-    that only structural channels meet may stay (the runtime check re-runs that backward op by op). Where g's
-    zeros all mark relu's dead units (``_Rewriter.flat``) there is no rule: the reads would cost a second
-    convolution per layer (7% of a compiled CNN step) for a NaN that is rare there and that the runtime check
-    still catches. Returns a tuple of supports, one per output, read by ``operator.getitem``."""
-    g, x, w = node.args[:3]
-    stride, padding, dilation, transposed, output_padding = node.args[4:9]
+    supported output position reads in any channel (the shared fact, ``_contractions.conv_input_reads``) meets
+    only structural zeros of g: it is zeroed in x before the weight gradient (its NaN/Inf met only zeros), and
+    grad_input there is a structural zero (set to 0: a NaN/Inf in w met only zeros there too). Positions a
+    supported output reads keep their values: a NaN there that only structural channels meet may stay (the runtime
+    check re-runs that backward op by op). Not transposed. Where g's zeros all mark relu's dead units
+    (``_Rewriter.flat``) there is no rule: the reads would cost a second convolution per layer (7% of a compiled
+    CNN step) for a NaN that is rare there and that the runtime check still catches. Returns a tuple of supports,
+    one per output, read by ``operator.getitem``."""
+    g, x = node.args[:2]
     mg = rw.of(g)
-    if mg is None or mg is FALSE or transposed or rw.of(x) is not None:
+    if mg is None or mg is FALSE or node.args[7] or rw.of(x) is not None:
         return None
     if rw.flat(mg):  # relu's dead units only: a second convolution to find what they read buys little (as `_mm`)
         return None
-    vg, vw = _val(g), _val(w)
-    positions = rw.call(aten.any.dims, rw.exact(mg, g), [1], True)  # [N, 1, *out]: some channel supported
-    ones = rw.call(aten.full.default, [1, 1, *vw.shape[2:]], 1.0, dtype=vg.dtype, device=vg.device,
-                   pin_memory=False)
-    reads = rw.call(aten.convolution_backward.default, rw.call(_CAST, positions, vg.dtype),
-                    rw.call(aten.slice.Tensor, x, 1, 0, 1), ones, None, stride, padding, dilation, False,
-                    output_padding, 1, [True, False, False])
-    read = rw.call(aten.gt.Scalar, rw.call(operator.getitem, reads, 0), 0)  # [N, 1, *in]
+    read = conv_input_reads(_GraphMasks(rw), node.args, rw.exact(mg, g))  # [N, 1, *in]
     rw.rewire(node, g, rw.call(aten.where.self, read, x, rw.zero(x)), *node.args[2:])
     return (read, None, None)
 
@@ -504,9 +491,11 @@ def _attention_backward(rw: _Rewriter, node: fx.Node) -> Any:
             or not _same_shape(vl.shape, vq.shape[:3]):
         return None  # grouped-query heads, another layout: no rule (the runtime check)
     kept = rw.exact(mg, g)
-    rows = rw.call(aten.any.dims, kept, [3], True)  # [B, H, Lq, 1]: a query row with a supported element
-    used = rw.call(aten.any.dims, rows, [2], True)  # [B, H, 1, 1]: a (batch, head) with a kept row
-    rows3 = rw.call(aten.squeeze.dim, rows, 3)
+    o = _GraphMasks(rw)
+    rows3 = attention_rows(o, kept)  # [B, H, Lq]: a query row with a supported element
+    # [B, H, 1, 1]: a (batch, head) with a kept row (the mask's structure is not read: a superset)
+    used = o.unsqueeze(attention_keys(o, rows3), -1)
+    rows = o.unsqueeze(rows3, -1)
     inf = rw.call(aten.full.default, [], math.inf, dtype=vl.dtype, device=vl.device, pin_memory=False)
     zero = rw.zero(q)
     replaced = ((kept, g, zero), (rows, q, zero), (used, k, zero), (used, v, zero), (kept, out, zero),
@@ -534,7 +523,9 @@ def _getitem(rw: _Rewriter, node: fx.Node) -> Any:
 
 
 class _GraphMasks:
-    """The mask algebra the shared facts write ``passes`` in (``gradwise._ops._zeros``), as graph nodes."""
+    """The mask algebra the shared facts are written in (``gradwise._ops._zeros``' ``passes``,
+    ``gradwise._ops._contractions``' support formulas), as graph nodes (``gradwise._masks.EagerMasks`` on
+    tensors)."""
 
     def __init__(self, rw: _Rewriter) -> None:
         self.rw = rw
@@ -569,6 +560,36 @@ class _GraphMasks:
 
     def or_(self, a: fx.Node, b: fx.Node) -> fx.Node:
         return self.rw.call(aten.logical_or.default, a, b)
+
+    both = and_
+
+    def any(self, m: fx.Node, dims: list[int], keepdim: bool) -> fx.Node:
+        return self.rw.call(aten.any.dims, m, list(dims), keepdim)
+
+    def swap_last(self, m: fx.Node) -> fx.Node:
+        return self.rw.call(aten.permute.default, m, _swap_last(_val(m).dim()))
+
+    def unsqueeze(self, m: fx.Node, dim: int) -> fx.Node:
+        return self.rw.call(aten.unsqueeze.default, m, dim)
+
+    def shape(self, t: fx.Node) -> tuple:
+        return tuple(_val(t).shape)
+
+    def ones(self, like: fx.Node, shape: list) -> fx.Node:
+        v = _val(like)
+        return self.rw.call(aten.full.default, list(shape), 1.0, dtype=v.dtype, device=v.device, pin_memory=False)
+
+    def cast(self, m: fx.Node, like: fx.Node) -> fx.Node:
+        return self.rw.call(_CAST, m, _val(like).dtype)
+
+    def narrow(self, t: fx.Node, dim: int, start: int, length: int) -> fx.Node:
+        return self.rw.call(aten.slice.Tensor, t, dim, start, start + length)
+
+    def call(self, op: Any, *args: Any) -> fx.Node:
+        return self.rw.call(op, *args)
+
+    def pick(self, result: fx.Node, i: int) -> fx.Node:
+        return self.rw.call(operator.getitem, result, i)
 
 
 # One graph rule per kind of the shared table; kinds left out have no graph rule (support None: a NaN may stay and

@@ -13,9 +13,10 @@ would meet those zeros in dQ. The rule *replaces* (never removes: the kernel run
 blocks, so kept results are PyTorch's bits) the discarded rows by q = out = 0 and lse = +inf (then
 P = 0 and dS = 0 exactly; g is 0 there already, as every structural element is) and the unused keys by k = v = 0,
 then records the supports. One rule body serves
-every backward SDPA can pick (CPU flash, CUDA flash, memory-efficient, cuDNN), described by ``_Spec``.
+every backward SDPA can pick (CPU flash, CUDA flash, memory-efficient, cuDNN), described by ``_Spec``. Which rows
+and keys are kept is the shared fact (``gradwise._ops._contractions``, which the compiled pass reads too).
 
-May import: torch, gradwise._masks, _rules, _node_facts.
+May import: torch, gradwise._masks, gradwise._ops, _rules, _node_facts.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Any
 
 import torch
 
-from gradwise._masks import mask_all, mask_any
+from gradwise._masks import EagerMasks, mask_all, mask_any
+from gradwise._ops._contractions import attention_keys, attention_rows, value_columns
 from gradwise._strong_zeros._node_facts import _MAKES_NO_ZEROS_IF, _NOT_READ, _OWN_ZEROS_INSIDE, NODE_FACTS, _hooked
 from gradwise._strong_zeros._rules import _annihilate, _register, _run_unruled, _tracked_slots
 
@@ -159,7 +161,7 @@ def _attention_backward(func, args, kwargs, sup):
     lq, lk, kv_heads = qc.shape[2], kc.shape[2], kc.shape[1]
     s = sup.of(g)
     sc = None if s is None else _canonical(s.expand(g.shape), spec.blhe)  # (B, Hq, Lq, Ev)
-    rows = None if sc is None else mask_any(sc, -1)  # (B, Hq, Lq): query rows whose g is not all structural
+    rows = None if sc is None else attention_rows(EagerMasks, sc)  # (B, Hq, Lq): query rows with a kept element
     if rows is not None and mask_all(rows) and mask_all(sc):
         rows = sc = None
     offset = _causal_offset(spec, causal, lq, lk)
@@ -168,14 +170,15 @@ def _attention_backward(func, args, kwargs, sup):
         return _run_unruled(func, args, kwargs, sup, None)
     # keys some kept query row may attend to: (B, Hkv, Lk)
     if allowed is None:
-        used = mask_any(rows, -1, keepdim=True).expand(*rows.shape[:2], lk)
+        used = attention_keys(EagerMasks, rows).expand(*rows.shape[:2], lk)
     elif rows is not None and offset is not None and not (isinstance(mask, torch.Tensor) and mask.numel()):
-        used = _causal_used(rows, offset, lk)
+        used = _causal_used(rows, offset, lk)  # attention_keys under a causal triangle, without the triangle
+    elif rows is None:  # every row kept: the keys the mask lets some row read
+        used = mask_any(allowed.expand(qc.shape[0], qc.shape[1], lq, lk), -2)
     else:
-        hits = allowed if rows is None else allowed & rows.unsqueeze(-1)
-        used = mask_any(hits.expand(qc.shape[0], qc.shape[1], lq, lk), -2)
+        used = attention_keys(EagerMasks, rows, allowed).expand(qc.shape[0], qc.shape[1], lk)
     used = _fold_heads(used, kv_heads)
-    cols = None if sc is None else _fold_heads(mask_any(sc, -2), kv_heads)  # (B, Hkv, Ev): value columns read
+    cols = None if sc is None else _fold_heads(value_columns(EagerMasks, sc), kv_heads)  # (B, Hkv, Ev)
     keep_v = used.unsqueeze(-1) if cols is None else used.unsqueeze(-1) & cols.unsqueeze(-2)
     if rows is None and mask_all(used):
         return _run_unruled(func, args, kwargs, sup, None)

@@ -1,7 +1,9 @@
 """Strong-zero rules for bilinear ops: mm/bmm, mv, convolution (in double backwards) and convolution_backward
-(which NaN/Inf of an operand a structural zero of the other meets, counted per contraction).
+(which NaN/Inf of an operand a structural zero of the other meets, counted per contraction). Where the supports go
+is the shared fact (``gradwise._ops._contractions``, which the compiled pass reads too); how NaN/Inf are counted
+and restricted on eager values is this module's.
 
-May import: torch, gradwise._masks, _supports, _rules, _rules_pointwise.
+May import: torch, gradwise._masks, gradwise._ops, _supports, _rules, _rules_pointwise.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map
 
-from gradwise._masks import mask_any
+from gradwise._masks import EagerMasks, mask_any
+from gradwise._ops._contractions import conv_input_reads, conv_output_support, mm_reads, mm_support, mv_support
 from gradwise._strong_zeros._rules import _UNRULED, Rule, _is_float, _register
 
 aten = torch.ops.aten
@@ -76,8 +79,8 @@ def _mm_supported_k(args: tuple, slot: int, s: torch.Tensor, finite_k: torch.Ten
     nothing, so dropping it from both operands is exact. This is how a batch's padding rows leave a weight
     gradient without a copy when they form a range. None when every k is supported; else the operands kept and,
     from ``finite_k`` (per k, whether the value is finite there: `_mm_finite_k`), whether the kept value is."""
-    kept = mask_any(s, -2) if slot == 0 else mask_any(s, -1)  # sensitivity a: (.., M, K); sensitivity b: (.., K, N)
-    kept = mask_any(kept.reshape(-1, kept.shape[-1]), 0)
+    reads = mm_reads(EagerMasks, slot, s)  # (.., K, 1) or (.., 1, K): the shared fact
+    kept = mask_any(reads.reshape(-1, s.shape[-1] if slot == 0 else s.shape[-2]), 0)
     k = kept.nonzero().squeeze(1)
     n = k.numel()
     if n == kept.shape[0]:
@@ -267,12 +270,13 @@ def _add_nonfinite(out, nan_hits, plus, minus):
 
 
 def _mm_support(func, args, slot, s):
-    """mm/bmm: out[..., i, j] is a structural zero when row i of a (or column j of b) is."""
-    return mask_any(s, -1, keepdim=True) if slot == 0 else mask_any(s, -2, keepdim=True)
+    """mm/bmm: the shared fact (``_contractions.mm_support``)."""
+    return mm_support(EagerMasks, slot, s)
 
 
 def _mv_support(func, args, slot, s):
-    return mask_any(s, -1) if slot == 0 else mask_any(s).reshape(())
+    """mv: the shared fact (``_contractions.mv_support``)."""
+    return mv_support(EagerMasks, slot, s)
 
 
 def _reads_every_position(stride, dilation, transposed) -> bool:
@@ -288,7 +292,7 @@ def _conv_backward_support(func, args, slot, s):
     grad_weight and grad_bias sum over the batch and space: taken as fully supported."""
     if slot != 0 or not args[10][0]:
         return (None, None, None)
-    return (_one_channel_conv(func, args, s, args[1][:, :1], 0) > 0, None, None)
+    return (conv_input_reads(EagerMasks, args, s), None, None)
 
 
 _register(aten.mm, aten.bmm)(_bilinear(_mm_support, _mm_nonfinite_k, restrict=_mm_supported_k,
@@ -297,21 +301,9 @@ _register(aten.mv)(_bilinear(_mv_support))
 
 
 def _conv_support(func, args, slot, s):
-    """convolution(input, weight, bias, ...) inside a double backward (a sensitivity convolved with a value): with
-    the input tracked, an output position is a structural zero where no supported input reaches it through the
-    kernel (a one-channel convolution of the support with ones: a superset, sound); with the weight tracked
-    (not transposed), an output channel whose whole filter is structural. Otherwise fully supported."""
-    stride, padding, dilation, transposed, output_padding = args[3:8]
-    if args[2] is not None:  # a bias reaches every output position
-        return None
-    if slot == 0:
-        s1 = mask_any(s, 1, keepdim=True).to(args[0].dtype)
-        ones = args[1].new_ones((1, 1, *args[1].shape[2:]))
-        return aten.convolution.default(s1, ones, None, stride, padding, dilation, transposed, output_padding,
-                                        1) > 0
-    if slot == 1 and not transposed:
-        return mask_any(s.flatten(1), 1).reshape(1, -1, *[1] * (args[0].dim() - 2))
-    return None
+    """convolution inside a double backward (a sensitivity convolved with a value): the shared fact
+    (``_contractions.conv_output_support``)."""
+    return conv_output_support(EagerMasks, args, slot, s)
 
 
 _register(aten.convolution, aten._convolution)(_bilinear(_conv_support))

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils._pytree import tree_map
 
-from gradwise._masks import mask_any
+from gradwise._masks import EagerMasks, mask_any
 from gradwise._ops._zeros import ZERO_FACTS, ZeroFact, zero_fact
 from gradwise._strong_zeros._rules import Rule, _annihilate, _in_formula, _is_float, _register, _run_unruled
 from gradwise._strong_zeros._supports import _STATE, _Supports
@@ -479,28 +479,8 @@ def _copy(func, args, kwargs, sup):
 _register(aten.copy_, aten.copy)(_copy)
 
 
-class _EagerMasks:
-    """The mask algebra the shared facts write ``passes`` in (``gradwise._ops._zeros``), on tensors: the first
-    operand of not_/and_/or_ is always a fresh mask, so they work in place (one allocation per predicate)."""
-
-    le, ge, gt, lt, abs, isnan = (staticmethod(f) for f in (torch.le, torch.ge, torch.gt, torch.lt, torch.abs,
-                                                           torch.isnan))
-
-    @staticmethod
-    def not_(m: torch.Tensor) -> torch.Tensor:
-        return m.logical_not_()
-
-    @staticmethod
-    def and_(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return a.logical_and_(b)
-
-    @staticmethod
-    def or_(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return a.logical_or_(b)
-
-
 def _passes(fact: ZeroFact) -> Callable[[tuple], torch.Tensor] | None:
-    return None if fact.passes is None else lambda args: fact.passes(_EagerMasks, args)
+    return None if fact.passes is None else lambda args: fact.passes(EagerMasks, args)
 
 
 # One eager rule per kind of the shared table (gradwise._ops._zeros), where each op's kind is written once. Kinds
