@@ -77,6 +77,8 @@ def _run(f, xs, single, directions, run: _Run, requires_grad: bool, strip_after:
     with _ctx.pass_context(), fwAD.dual_level(), torch.enable_grad():  # (the mode keeps grad off if not requires_grad)
         args = tuple(x if not dual or d is None else fwAD.make_dual(x, d.to(x.dtype))
                      for x, d in zip(leaves, directions or [None] * len(xs), strict=True))
+        if dual:
+            run.inputs = tuple((p, t, p._version) for p, t in (fwAD.unpack_dual(a) for a in args) if t is not None)
         positions = {id(t): i for ts in (xs, leaves, args) for i, t in enumerate(ts)}
         subs = {id(x): a for x, a in zip(xs, args, strict=True)}
         involved = (lambda a: _needs_grad(a) or _is_dual(a)) if detect else _is_dual if dual else _needs_grad

@@ -31,7 +31,7 @@ from gradwise._nonsmooth._kink_watch import (
 )
 from gradwise._nonsmooth._ports import PORTS
 from gradwise._nonsmooth._records import Kink, _Run, _user_line
-from gradwise._nonsmooth._rules import _ROUTES, CASTS, UNRULED, _is_dual, _unpack
+from gradwise._nonsmooth._rules import CASTS, UNRULED, _is_dual, _unpack, route
 from gradwise._nonsmooth._rules_aten import _aten_rule
 from gradwise._nonsmooth._rules_jvp import _JVP_ROUTES
 
@@ -194,7 +194,7 @@ class _KinkMode(TorchFunctionMode):
         # transform): any wrapped argument counts as depending on the inputs (a refusal, never a convention)
         if _ctx.transforms_active() and any(_ctx.is_wrapped(t) or self.involved(t) for t in _flat_tensors(everything)):
             # (a cast is watched there: to a float dtype it is smooth, to an integer one it reaches its jump)
-            routed = (func in _ROUTES and func not in CASTS) or func in UNRULED
+            routed = (route(func, args, kwargs) is not None and func not in CASTS) or func in UNRULED
             out = None if routed else _kink_free_call(func, args, kwargs)
             if out is None:
                 raise NonsmoothError(f"{_callable_name(func)} (called at {_user_line()}) runs inside a torch.func "
@@ -212,7 +212,7 @@ class _KinkMode(TorchFunctionMode):
             out = func(*args, **kwargs)
             _ctx.check_custom_op(func, _callable_name(func), _user_line(), args, kwargs, out, self.dual)
             return out
-        rule = _ROUTES.get(func)
+        rule = route(func, args, kwargs)
         if rule is None and isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
             rule = _aten_rule(func)
         if rule is None and func not in UNRULED:

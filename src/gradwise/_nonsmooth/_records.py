@@ -124,6 +124,18 @@ class _Run:
         self.flat = WeakTensorKeyDictionary()
         # x -> ((dim, version), key): `_lex_key`s of this pass, shared by order ops on the same x
         self.lex_keys = WeakTensorKeyDictionary()
+        # f's inputs in this pass: (primal, tangent, version) of each dual input (`input_view`)
+        self.inputs: tuple[tuple[Tensor, Tensor, int], ...] = ()
+
+    def input_view(self, primal: Tensor, tangent: Tensor | None) -> bool:
+        """Whether a tensor (``primal``, ``tangent``) is one of f's inputs or a view of one, unmodified in this pass:
+        its tangent is then the direction's own elements, so a tangent of 0 is an element the direction does not
+        move at all (an element of another tensor with tangent 0 may still move at second order)."""
+        if tangent is None:
+            return False
+        ptr, tptr = primal.untyped_storage().data_ptr(), tangent.untyped_storage().data_ptr()
+        return any(ptr == p.untyped_storage().data_ptr() and tptr == t.untyped_storage().data_ptr()
+                   and primal._version == version for p, t, version in self.inputs)
 
     def known_here(self) -> list[Kink] | None:
         """The probe's kinks at the current call (ranked pass only), else None."""

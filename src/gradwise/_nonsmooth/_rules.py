@@ -30,6 +30,17 @@ CASTS = (Tensor.to, Tensor.type, Tensor.type_as, Tensor.long, Tensor.int, Tensor
          Tensor.bool, torch.as_tensor, torch.asarray)
 # Ops with kinks but no rule: f hitting one with a direction gets a clear error instead of a silent convention.
 UNRULED: dict[Callable, str] = {}
+# Routes for some calls only: callable -> whether a call (args, kwargs) takes its route. torch.div jumps with a
+# rounding mode only; true division keeps its forward-mode route (`_rules_jvp._mixed`) and the native path.
+_ROUTE_IF: dict[Callable, Callable[[tuple, dict], bool]] = {}
+
+
+def route(func, args: tuple, kwargs: dict) -> Callable | None:
+    """The rule a torch-level call is routed to, or None (no route, or a conditional route this call skips)."""
+    rule = _ROUTES.get(func)
+    if rule is not None and func in _ROUTE_IF and not _ROUTE_IF[func](args, kwargs):
+        return None
+    return rule
 
 
 def _registrar(table: dict, routes: dict) -> Callable:
@@ -120,12 +131,14 @@ def _resolve_sign(run: _Run, op: str, s, tie, **kw):
 
 
 def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = False, flat: bool = False,
-            skip: Callable | None = None, inplace: bool = False):
+            skip: Callable | None = None, inplace: bool = False, unmoved: bool = False):
     """Elementwise ``pos`` where s > 0, ``neg`` where s < 0; at s == 0 the piece that wins along the direction.
 
     For continuous ops (relu, max, clamp ...) both pieces agree where s == 0, so the tangent there is that of
     the winning piece: the exact one-sided derivative. Ops that ``jumps`` (threshold, hardshrink) have
-    different pieces at s == 0: moving to the other piece there is an error, not a derivative. ``flat``: ``neg``
+    different pieces at s == 0, where their value is ``neg``'s: moving to the other piece there is an error, not a
+    derivative. ``unmoved`` (jumps only): s is an input of f shifted by a constant (`_Run.input_view`), so where
+    its tangent along the direction is 0 it stays on its tie: ``neg`` there, exactly. ``flat``: ``neg``
     is a constant that ``pos`` never equals where s > 0 (relu), so the output equals it exactly where it is dead.
     ``skip(tie)``: the tied elements that are no kink (both sides locally constant and equal), or None.
     ``inplace``: the caller writes the result into s (``relu_``), and so over s' (which a record reads later).
@@ -157,20 +170,35 @@ def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = 
         rows = _LazyRows(tie)
         _sign_record(run, op, st, rows).write = lambda c: lock.data.view(-1).index_put_((rows(),), c == 0)
     else:
+        forced = len(run.kinks) in run.forced
         rows, choice, _ = _resolve_sign(run, op, s, tie)
+        if jumps:
+            choice = _jump_side(run, op, rows, choice, pos, neg, sp, st is not None, unmoved and not forced)
         lock = torch.le(sp, 0).logical_not_().contiguous()
         lock.view(-1)[rows] = choice == 0
         run.kinks[-1].write = lambda c: lock.data.view(-1).index_put_((rows,), c == 0)
-    if jumps:
-        pp, nn_ = (torch.broadcast_to(torch.as_tensor(_split(v)[0], dtype=sp.dtype), sp.shape).reshape(-1)[rows]
-                   for v in (pos, neg))
-        crossing = (pp != nn_) & (choice == 0)
-        if crossing.any():
-            _jump_error(op, run.kinks[-1] if st is not None else None, crossing)
     out = torch.where(lock, pos, neg)
     if flat and run.tie_tol == 0:  # the tied elements sit on the kink: live, whichever side is locked
         run.mark_flat(out, neg, tie)
     return out
+
+
+def _jump_side(run: _Run, op: str, rows: Tensor, choice: Tensor, pos, neg, sp: Tensor, tangent: bool,
+               unmoved: bool) -> Tensor:
+    """The sides a jumping switch takes at its ties (``choice``: 0 is ``pos``, the other piece): an error where one
+    crosses to a piece of another value. Where s is an unmoved input (``unmoved``, see `_switch`) whose tangent along
+    the first direction (the record's first key) is 0, the element stays on its tie: ``neg``, no crossing."""
+    record = run.kinks[-1]
+    pp, nn_ = (torch.broadcast_to(torch.as_tensor(_split(v)[0], dtype=sp.dtype), sp.shape).reshape(-1)[rows]
+               for v in (pos, neg))
+    crossing = (pp != nn_) & (choice == 0)
+    if unmoved and tangent and crossing.any():
+        stays = crossing & (record.keys[0][:, 0] == 0)
+        choice = torch.where(stays, torch.ones_like(choice), choice)
+        record.choice, crossing = choice, crossing & ~stays
+    if crossing.any():
+        _jump_error(op, record if tangent else None, crossing)
+    return choice
 
 
 def _jump_error(op: str, record, crossing: Tensor):
@@ -260,7 +288,7 @@ def _finish(func, x: Tensor, out: Tensor, inplace: bool) -> Tensor:
 # autograd nodes of piecewise-constant ops: their output is constant around x wherever it is defined (their own
 # jumps are their rules' concern), so an op reading it does not move
 _STEP_NODES = frozenset(("FloorBackward0", "CeilBackward0", "RoundBackward0", "RoundBackward1", "TruncBackward0",
-                         "SignBackward0", "SgnBackward0"))
+                         "SignBackward0", "SgnBackward0", "DivBackward2", "DivBackward3"))  # div: rounding modes
 
 
 def _stepped(a) -> bool:

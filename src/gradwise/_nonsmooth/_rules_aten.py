@@ -31,7 +31,9 @@ _ATEN_ROUTES: dict[object, Callable] = {
                                      # comparisons and steps: the watch below knows no kink of theirs (a tie
                                      # changes a bool, a jump a value), so without these they took PyTorch's side
                                      aten.gt, aten.ge, aten.lt, aten.le, aten.eq, aten.ne, aten.sign, aten.floor,
-                                     aten.ceil, aten.round, aten.trunc, aten.frac)},
+                                     aten.ceil, aten.round, aten.trunc, aten.frac,
+                                     # (div: every overload; true division passes through)
+                                     aten.div, aten.floor_divide, aten.logit)},
     aten.max_pool1d: KINK_RULES[aten.max_pool1d],
     aten.max_pool2d: KINK_RULES[aten.max_pool2d_with_indices],
     aten.max_pool3d: KINK_RULES[aten.max_pool3d_with_indices],

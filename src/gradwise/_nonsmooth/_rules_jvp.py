@@ -94,11 +94,11 @@ def _plain_operand(c, like: Tensor) -> bool:
 
 def _mixed(kind: str, reflected: bool = False):
     """The rule for one binary op (``kind``: add, sub, mul, div; ``reflected``: Tensor.__rsub__ and kin, whose
-    self is the right operand). A rounding mode is NotImplemented (the mode goes on, as for an op without a route);
+    self is the right operand). A rounding mode is NotImplemented (its calls have a kink rule, `_rules_pointwise`);
     anything else (both dual, promotions) is PyTorch's own call."""
 
     def rule(func, *args, **kwargs):
-        if kwargs.get("rounding_mode") is not None:  # floor / trunc of a quotient jumps: the mode watches it
+        if kwargs.get("rounding_mode") is not None:  # (routed to the division rule first: never here)
             return NotImplemented
         alpha = kwargs.get("alpha", 1)
         if len(args) != 2 or set(kwargs) - {"alpha"} or (kind in ("mul", "div") and kwargs):

@@ -1,6 +1,6 @@
 """Kink rules for elementwise switches (relu, abs, maximum/minimum, clamp, hardtanh, leaky_relu, shrinks ...),
-the hinge-type losses, comparisons (``_CMP``) and piecewise-constant ops (``_STEPS``: sign, floor, ceil, round,
-trunc; frac).
+the hinge-type losses, comparisons (``_CMP``), piecewise-constant ops (``_STEPS``: sign, floor, ceil, round,
+trunc; frac; integer casts; rounded division: div with a rounding mode, floor_divide) and logit with eps.
 
 May import: torch, gradwise._masks, ``_errors``, ``_records``, ``_rules``.
 """
@@ -18,6 +18,7 @@ from gradwise._masks import mask_any
 from gradwise._nonsmooth._errors import NonsmoothError
 from gradwise._nonsmooth._records import _Run, _user_line
 from gradwise._nonsmooth._rules import (
+    _ROUTE_IF,
     _ROUTES,
     CASTS,
     _finish,
@@ -207,11 +208,14 @@ def _touches(run, x, points) -> bool:
 
 @kink_rule(aten.threshold, F.threshold, torch.threshold, F.threshold_)
 def threshold(run, func, x, threshold, value, inplace=False):
-    """x where x > threshold, else value. A jump unless value == threshold: an error if the direction crosses."""
+    """x where x > threshold, else value. A jump unless value == threshold: an error if the direction crosses it,
+    or if the element's tangent there is 0 (it may cross at second order: threshold(x * x, 0, 1) at 0) unless x is
+    f's input (or a view of it), whose tangent 0 is a direction that leaves the element where it is: value, exact."""
     inplace = inplace or func is F.threshold_
+    numbers = isinstance(value, (int, float)) and isinstance(threshold, (int, float))
     out = _switch(run, "aten.threshold", x - threshold, x, value,
                   lambda: F.threshold(x, threshold, value, inplace), jumps=True,
-                  flat=isinstance(value, (int, float)) and isinstance(threshold, (int, float)) and value <= threshold)
+                  flat=numbers and value <= threshold, unmoved=numbers and run.input_view(*_split(x)))
     return _finish(func, x, out, inplace)
 
 
@@ -237,11 +241,14 @@ def softshrink(run, func, x, lambd=0.5):
 
 @kink_rule(aten.hardshrink, F.hardshrink, torch.hardshrink, Tensor.hardshrink)
 def hardshrink(run, func, x, lambd=0.5):
-    """x where |x| > lambd, else 0: jumps at +-lambd, an error if the direction crosses one."""
+    """x where |x| > lambd, else 0: jumps at +-lambd, an error if the direction crosses one, or if the element's
+    tangent there is 0 (it may cross at second order) unless x is f's input (or a view of it), whose tangent 0 is a
+    direction that leaves the element where it is: 0, exact."""
     if not _touches(run, x, (-lambd, lambd)):
         return func(x, lambd)
-    inner = _switch(run, "aten.hardshrink", -lambd - x, x, 0.0, None, jumps=True)
-    return _switch(run, "aten.hardshrink", x - lambd, x, inner, None, jumps=True)
+    unmoved = isinstance(lambd, (int, float)) and run.input_view(*_split(x))
+    inner = _switch(run, "aten.hardshrink", -lambd - x, x, 0.0, None, jumps=True, unmoved=unmoved)
+    return _switch(run, "aten.hardshrink", x - lambd, x, inner, None, jumps=True, unmoved=unmoved)
 
 
 def _reduce(loss: Tensor, reduction: str, size_average=None, reduce=None) -> Tensor:
@@ -459,3 +466,102 @@ def integer_cast(run, func, x, *args, **kwargs):
     out = out.clone(memory_format=torch.contiguous_format)  # written through a flat view
     out.view(-1)[rows] = limit.to(out.dtype)
     return out
+
+
+# --- rounded division ------------------------------------------------------------------------------------------
+
+
+def _rounds(args: tuple, kwargs: dict) -> bool:
+    return kwargs.get("rounding_mode") is not None
+
+
+def _quotient_sign(x, y, n: Tensor) -> Tensor | None:
+    """At x = n y exactly: the sign of the quotient's tangent (x' - n y') / y (None without tangents), from x' - n y'
+    in float64 (for float32 and narrower inputs the product n y' is exact there, so the sign is) times sign(y)."""
+    xt, yt = (_split(v)[1] if isinstance(v, Tensor) else None for v in (x, y))
+    if xt is None and yt is None:
+        return None
+    with torch.no_grad():
+        wide = n.to(torch.float64)
+        key = xt.to(torch.float64).expand(n.shape) if xt is not None else torch.zeros_like(wide)
+        if yt is not None:
+            key = key - wide * yt.to(torch.float64)
+        return torch.sign(key * torch.sign(torch.as_tensor(_split(y)[0], dtype=torch.float64)))
+
+
+def _rounded_quotient(run: _Run, x, y, mode: str, op: str) -> Tensor:
+    """floor (trunc) of the real quotient x / y, as ``torch.div(x, y, rounding_mode=mode)`` computes it (derivative 0).
+    It jumps where x is an exact multiple n y of y (fmod(x, y) == 0, exact in floating point; trunc not at n = 0):
+    there the floor / trunc rule on the quotient takes its one-sided limit (n, or the next integer toward the side
+    the quotient moves to, the sign of (x' - n y') / y; then further directions), checked like a comparison, so a
+    jump of f is an error and a sum whose jumps cancel is exact. x / y rounding to an integer elsewhere (1 / 0.1)
+    is no jump: the kernel floors the exact quotient. y = 0 (or x, y not finite, or NaN): no jump, as floor of an
+    infinite quotient; at y = +-inf, 0 / y is one (-1 // inf is -1)."""
+    value = torch.div(x, y, rounding_mode=mode)
+    n = _split(value)[0].detach()
+    if not n.is_floating_point():
+        return value
+    xp, yp = (torch.as_tensor(_split(v)[0], dtype=n.dtype, device=n.device).detach() for v in (x, y))
+    with torch.no_grad():
+        jump = torch.fmod(xp, yp) == 0
+        jump = torch.broadcast_to(jump & (n != 0) if mode == "trunc" else jump & (n == n), n.shape)
+    if not mask_any(jump):
+        return value
+    sign = _quotient_sign(x, y, n)
+    q = _split(x)[0] / _split(y)[0]  # the real quotient's gradient (subdifferential enumeration reads it)
+    s = q if sign is None else fwAD.make_dual(q, sign.to(q.dtype))
+    rows, choice, still = _resolve_sign(run, op, s, jump, comparison=True)
+    _, left, right = _STEPS[mode]
+    own = n.reshape(-1)[rows]
+    value = value.clone(memory_format=torch.contiguous_format)  # PyTorch's (derivative 0), limits written in
+    value.view(-1)[rows] = torch.where(still, own, torch.where(choice == 0, right(own), left(own)))
+    return value
+
+
+def _division(mode: str | None, reflected: bool = False, inplace: bool = False):
+    def rule(run, func, a, b, *, rounding_mode=None):
+        how = mode or rounding_mode
+        if how not in ("floor", "trunc") or (inplace and not _split(a)[0].is_floating_point()):
+            return func(a, b, rounding_mode=rounding_mode) if rounding_mode is not None else func(a, b)
+        x, y = (b, a) if reflected else (a.clone() if inplace else a, b)  # (the quotient's graph saves x)
+        out = _rounded_quotient(run, x, y, how, "aten.floor_divide" if mode else "aten.div")
+        return _finish(func, a, out, inplace)
+
+    rule.__name__ = ("r" if reflected else "") + ("floor_divide" if mode else "div") + ("_" if inplace else "")
+    rule.__doc__ = (f"{'floor_divide' if mode else 'div with a rounding mode'}: piecewise constant (derivative 0; "
+                    "PyTorch 2.13 has no derivative for floor_divide in either mode). At a jump (x an exact multiple "
+                    "of y) the floor / trunc rule on the real quotient x / y (`_rounded_quotient`); true division "
+                    "is PyTorch's own.")
+    return rule
+
+
+kink_rule(aten.div, torch.div, torch.divide, Tensor.div, Tensor.divide)(_division(None))
+kink_rule(aten.floor_divide, torch.floor_divide, Tensor.floor_divide, Tensor.__floordiv__)(_division("floor"))
+_ROUTES[Tensor.__rfloordiv__] = _division("floor", reflected=True)
+for _call in (Tensor.div_, Tensor.divide_):
+    _ROUTES[_call] = _division(None, inplace=True)
+for _call in (Tensor.floor_divide_, Tensor.__ifloordiv__):
+    _ROUTES[_call] = _division("floor", inplace=True)
+for _call in (torch.div, torch.divide, Tensor.div, Tensor.divide, Tensor.div_, Tensor.divide_):
+    _ROUTE_IF[_call] = _rounds
+
+
+# --- logit with eps ---------------------------------------------------------------------------------------------
+
+
+@kink_rule(aten.logit, torch.logit, Tensor.logit, torch.special.logit)
+def logit(run, func, x, eps=None):
+    """log(z / (1 - z)) with z = clamp(x, eps, 1 - eps) (ATen's kernel; the bounds in x's dtype, as it makes them):
+    the clamp rule at eps and 1 - eps, so the one-sided slope is 0 outside and 1 / (x (1 - x)) inside. Without
+    eps, or with eps < 0 or NaN (no clamp in the kernel), PyTorch's own. eps > 0.5 (lo > hi: the kernel's scalar
+    and vectorized paths disagree there) at a bound: an error."""
+    if eps is None or not isinstance(eps, (int, float)) or not eps >= 0 or not _split(x)[0].is_floating_point():
+        return func(x) if eps is None else func(x, eps)
+    bound = torch.tensor(eps, dtype=x.dtype)
+    lo, hi = float(bound), float(1 - bound)
+    if not _touches(run, x, (lo, hi)):
+        return func(x, eps)
+    if lo > hi:
+        raise NonsmoothError(f"logit at {_user_line()} with eps = {eps} > 0.5 sits at its bound: ATen clamps to "
+                             "[eps, 1 - eps], an empty range, where its kernels disagree. Use eps <= 0.5")
+    return torch.logit(_clamp(run, x, lo, hi, None))

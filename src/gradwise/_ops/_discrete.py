@@ -1,6 +1,7 @@
 """Jumps of the ops that read a float tensor into integers or bools (bucketize, searchsorted, histc, counts,
-nonzero, signbit, angle, unique, integer and bool casts, copies into integer tensors): added to ``_kinks.KINKS``
-(kind ``"jump"``), apart from the kinks of continuous ops. Their outputs carry no derivative, so a rule-less
+nonzero, signbit, angle, unique, integer and bool casts, copies into integer tensors) and of rounded division
+(div with a rounding mode, floor_divide): added to ``_kinks.KINKS`` (kind ``"jump"``), apart from the kinks of
+continuous ops. Their outputs carry no derivative, so a rule-less
 call at such a point would give f a derivative of 0 across a jump: nonsmooth calculus refuses there
 (``_nonsmooth/_kink_watch.py``).
 
@@ -130,3 +131,25 @@ def _copy_cast_at_a_step(c: OpCall):
     dst, src = c.args[0], c.arg(1, "src")
     at = src == 0 if dst.dtype is torch.bool else _integral(src) & (src != 0)
     return Site(torch.broadcast_to(at, dst.shape))
+
+
+def _rounds(c: OpCall) -> bool:
+    """div with a rounding mode, floor_divide (no data read: true division never jumps)."""
+    return c.kwargs.get("rounding_mode") is not None or c.packet.startswith("floor_divide")
+
+
+@_kink(aten.div, aten.floor_divide, kind="jump", convention="0 to x and y, as on both sides", possible=_rounds)
+def _rounded_quotient_at_a_multiple(c):
+    """div(x, y, rounding_mode="floor") (floor_divide, ``//``) and "trunc" are floor / trunc of the real x / y (the
+    kernel's, from fmod): they jump where x is an exact multiple of y, fmod(x, y) == 0 (exact in floating point;
+    x / y may round to an integer elsewhere: 1 / 0.1), trunc not at 0 (0 on both sides there); the backward is 0.
+    True division is smooth."""
+    mode = "floor" if c.packet.startswith("floor_divide") else c.kwargs.get("rounding_mode")
+    x, y = c.args[0], c.args[1]
+    if mode is None or not (_float(x) or _float(y)):
+        return None
+    like = x if isinstance(x, Tensor) else y
+    x, y = (torch.as_tensor(v, dtype=torch.result_type(x, y), device=like.device) for v in (x, y))
+    at = torch.fmod(x, y) == 0
+    shape = torch.broadcast_shapes(x.shape, y.shape)
+    return Site(torch.broadcast_to(at & (x != 0) if mode == "trunc" else at, shape))

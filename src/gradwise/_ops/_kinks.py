@@ -258,18 +258,21 @@ def _clamp_at_bound(c):
 
 
 def _clamps_first(c: OpCall) -> bool:
-    """logit with an eps clamps x to [eps, 1 - eps] first (None: no clamp, smooth on (0, 1))."""
-    return c.arg(1, "eps") is not None
+    """logit with an eps >= 0 clamps x to [eps, 1 - eps] first (None, a negative or NaN eps: no clamp)."""
+    eps = c.arg(1, "eps")
+    return eps is not None and eps >= 0
 
 
 @_kink(aten.logit, convention="1 / (x (1 - x)) at eps and 1 - eps (the inside's)", possible=_clamps_first)
 def _logit_at_its_clamp(c):
     """logit(x, eps) is logit(clamp(x, eps, 1 - eps)): the clamp's kinks at eps and 1 - eps (constant outside);
-    the backward uses the inside's slope there."""
-    x, eps = c.args[0], c.arg(1, "eps")
-    if eps is None or not _float(x):
+    the backward uses the inside's slope there. The bounds in x's dtype, as the kernel makes them (float32's
+    1 - eps rounded from float64 can miss its 1 - float32(eps))."""
+    x = c.args[0]
+    if not _clamps_first(c) or not _float(x):
         return None
-    return Site((x == eps) | (x == 1 - eps))
+    lo = torch.tensor(c.arg(1, "eps"), dtype=x.dtype, device=x.device)
+    return Site((x == lo) | (x == 1 - lo))
 
 
 @_kink(aten.hardtanh, convention="0 at the bounds")
@@ -459,25 +462,6 @@ def _remainder_at_multiple(c):
     if not (_float(x) or _float(y)):
         return None
     return Site(_integral(x / y))
-
-
-def _rounds(c: OpCall) -> bool:
-    """div with a rounding mode, floor_divide (no data read: true division never jumps)."""
-    return c.kwargs.get("rounding_mode") is not None or c.packet.startswith("floor_divide")
-
-
-@_kink(aten.div, aten.floor_divide, kind="jump", convention="0 to x and y, as on both sides", possible=_rounds)
-def _rounded_quotient_at_integer(c):
-    """div(x, y, rounding_mode="floor") (floor_divide, ``//``) and "trunc" are floor / trunc of x / y: they jump
-    where x / y is an integer, trunc not at 0 (0 on both sides there); the backward is 0. True division is
-    smooth."""
-    mode = "floor" if c.packet.startswith("floor_divide") else c.kwargs.get("rounding_mode")
-    x, y = c.args[0], c.args[1]
-    if mode is None or not (_float(x) or _float(y)):
-        return None
-    q = x / y  # (x an exact multiple of y gives an integer q: a superset of the jumps)
-    at = _integral(q) & q.isfinite()
-    return Site(at & (q != 0) if mode == "trunc" else at)
 
 
 @_kink(aten.grid_sampler_2d, aten.grid_sampler_3d, convention="the gradient of the cell on one side")
