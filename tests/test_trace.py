@@ -987,6 +987,39 @@ def test_clip_grad_norm_spreading_a_nan_is_explained():
     assert "clip_grad_norm_" in f.source and "finite after backward" in f.message, str(report)
 
 
+def test_the_root_cause_tells_a_clip_from_the_update_that_writes_the_parameters():
+    """NaN padding (sliced away) makes the weight gradient NaN; clip_grad_norm_ scales every gradient by the
+    NaN total norm and the optimizer writes them into the parameters. The root cause said that the clip's line
+    'wrote the non-finite gradient into the parameters': it writes into the other gradients; the update
+    does. Reference: the same loop without the clip (only the update line, which writes the parameters)."""
+
+    def run(clip):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(3, 1)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        with gw.trace() as report:
+            for step in range(3):
+                x = torch.ones(4, 3)
+                if step == 0:
+                    x[3] = float("nan")
+                opt.zero_grad()
+                m(x)[:3].sum().backward()
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)  # the clip
+                opt.step()  # the update
+        (cause,) = report.causes
+        return cause, report
+
+    lines = {n: f"test_trace.py:{i}" for i, line in enumerate(Path(__file__).read_text().splitlines(), 1)
+             for n in ("the clip", "the update") if line.endswith(f"# {n}")}
+    plain, _ = run(False)
+    assert f"{lines['the update']} wrote the non-finite gradient into the parameters" in plain, plain
+    clipped, _ = run(True)
+    assert f"{lines['the clip']} wrote the non-finite gradient into the parameters" not in clipped, clipped
+    assert f"{lines['the clip']} read it and wrote NaN/Inf into the other gradients" in clipped, clipped
+    assert f"{lines['the update']} wrote the non-finite gradient into the parameters" in clipped.split(", then ")[1]
+
+
 
 def test_uninitialised_memory_is_never_a_birth():
     """empty's output is whatever the memory held: CopySlices' backward writes a new_empty_strided buffer

@@ -164,6 +164,9 @@ _GRADIENT_FIX = ("an earlier backward left NaN/Inf in this gradient and it was u
                  "step writes it into the parameters); fix that backward first (see its finding), e.g. with "
                  "gw.strong_zeros() where it is contamination")
 _INPUT_FIX = "the data arrived with NaN/Inf: clean it (x.nan_to_num(), drop the rows) or mask it before the first op"
+_UNEXPLAINED_FIX = ("run this step under gw.trace() (gradwise run without --watch) to see where the NaN/Inf was "
+                    "born and whether gw.strong_zeros() removes it; skip the optimizer step when a gradient is not "
+                    "finite, so that it does not reach the parameters")
 _SEED_FIX = ("the seed given to backward (grad_tensors / grad_outputs) holds NaN/Inf: find where it is computed "
              "(trace that code too), or pass a finite one")
 

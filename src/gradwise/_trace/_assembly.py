@@ -22,6 +22,7 @@ from gradwise._trace._advice import (
     _SOFTMAX_INF,
     _SOFTMAX_INF_FIX,
     _UNDECIDED,
+    _UNEXPLAINED_FIX,
 )
 from gradwise._trace._common import _dist_rank, _fmt, _grad, _held, _inexact, _nonfinite, _positions, _source, aten
 from gradwise._trace._facts import _DISCARDS, _NOT_DATA, _OVERFLOW_NAMES, _ZERO_OUTPUTS, _discard_key
@@ -138,7 +139,8 @@ class _Assembly:
         order = {k: i for i, k in enumerate(("contamination", "nan", "inf", "singular", "kink"))}
         report.findings = sorted(findings.values(), key=lambda f: (order[f.kind], *_line_order(f.location)))
         report.causes = _causes.group(report.findings, {id(f): origin[k] for k, f in findings.items()
-                                                              if k in origin}, _fmt, self.store.step)
+                                                              if k in origin}, _fmt, self.store.step,
+                                     self.param_writes, self.value_writes)
         report.notes = [f"{kind} tensors: {n} op(s) or value(s) passed over" + (f" (first: {op})" if op else "")
                         if not kind.startswith("not explained") else f"{op or 'a value'}: {kind} ({n}x)"
                         for kind, (n, op) in self.passed.items()]
@@ -209,10 +211,13 @@ class _Assembly:
         if birth is not None:
             op, loc = birth.op, birth.loc
             fix = _INPUT_FIX if birth.op == "input" else _GRADIENT_FIX if birth.op == "gradient" else \
-                _SEED_FIX if birth.op == "seed" else _SOFTMAX_INF_FIX if birth.what.startswith(_SOFTMAX_INF) else \
+                _SEED_FIX if birth.op == "seed" else _UNEXPLAINED_FIX if birth.op == "backward" else \
+                _SOFTMAX_INF_FIX if birth.what.startswith(_SOFTMAX_INF) else \
                 _GENUINE_FIX.get(getattr(aten, birth.op[5:], None), "")
             message = f"{birth.what}; " + (_UNDECIDED.format(op=inc.op) if inc is not None and inc.undecided
                                            else "every gradient it reaches uses it" if birth.op == "seed"
+                                           else "whether the output used it (genuine) or not (contamination) is "
+                                           "not known" if birth.op == "backward"
                                            else "the output depends on it")
         else:
             op, loc = inc.node_op, inc.loc

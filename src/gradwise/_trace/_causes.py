@@ -29,9 +29,22 @@ def _inherited(birth: Birth) -> bool:
     return False
 
 
-def group(findings: list[Finding], origin: dict[int, Birth], fmt, last_step: int) -> list[str]:
+def _use(loc, step: int, fmt, param_writes, value_writes) -> str:
+    """What the line at ``loc`` did with a non-finite gradient it read as a value."""
+    if loc in param_writes:
+        return f"{fmt(loc)} wrote the non-finite gradient into the parameters at step {step}"
+    if loc in value_writes:  # clip_grad_norm_: a NaN/Inf total norm scales every gradient by NaN
+        return f"{fmt(loc)} read it and wrote NaN/Inf into the other gradients at step {step} (a total norm " \
+               "that is not finite, as in gradient clipping, scales every gradient by it)"
+    return f"{fmt(loc)} used the non-finite gradient as a value at step {step}"
+
+
+def group(findings: list[Finding], origin: dict[int, Birth], fmt, last_step: int, param_writes=frozenset(),
+          value_writes=frozenset()) -> list[str]:
     """Mark downstream findings and return one line per root cause (earliest first). ``origin``: id(finding) ->
-    the birth that explains it; ``fmt`` formats a location; ``last_step``: the last step traced."""
+    the birth that explains it; ``fmt`` formats a location; ``last_step``: the last step traced;
+    ``param_writes`` / ``value_writes``: the lines whose in-place ops made parameters / other tensors
+    non-finite (what a line that used a non-finite gradient did with it)."""
     by_root: dict[int, tuple[Birth, list[int]]] = {}
     for i, f in enumerate(findings, 1):
         b = origin.get(id(f))
@@ -52,15 +65,21 @@ def group(findings: list[Finding], origin: dict[int, Birth], fmt, last_step: int
             if f.kind == "contamination":
                 where = f" by {f.discarded_op} at {f.discarded_location}" if f.discarded_op else ""
                 parts.append(f"discarded{where}, it reached the gradients{when} as contamination (finding {n})")
+            elif f.born_op == "backward":  # gw.watch() could not replay that step: not classified
+                parts.append(f"not explained (finding {n})")
             else:
                 parts.append(f"the output uses it{when}: genuine {'NaN' if f.kind == 'nan' else 'Inf'} (finding {n})")
         if down:
             inherited = [origin[id(findings[n - 1])] for n in down]
             first = min(inherited, key=lambda b: b.step)
             later = max(b.last for b in inherited) - first.step
-            parts.append(f"downstream: {fmt(first.loc)} wrote the non-finite gradient into the parameters at step "
-                         f"{first.step}" + (f", and {later} later step{'s inherit' if later != 1 else ' inherits'} it"
-                                            if later > 0 else "")
+            lines_used: dict = {}  # each line that used it, at its first step (in order)
+            for b in sorted(inherited, key=lambda b: (b.step, b.order)):
+                lines_used.setdefault(b.loc, b.step)
+            uses = [_use(loc, step, fmt, param_writes, value_writes) for loc, step in lines_used.items()]
+            parts.append(f"downstream: {', then '.join(uses)}"
+                         + (f", and {later} later step{'s inherit' if later != 1 else ' inherits'} it"
+                            if later > 0 else "")
                          + f" (finding{'s' if len(down) > 1 else ''} {', '.join(map(str, down))}: fixed with the "
                          "root cause)")
         lines.append("; ".join(parts))

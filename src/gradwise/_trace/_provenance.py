@@ -163,7 +163,9 @@ class _Provenance:
         incidents = [p for p in got if isinstance(p, _Incident)]
         first = min(incidents, key=lambda i: i.order)
         what = (f"a gradient with {first.kind if first.kind == 'contamination' else 'genuine ' + first.kind} from "
-                f"{first.op} (the backward of {first.node_op}) at {_fmt(first.loc)}, used as a value")
+                f"{first.op} (the backward of {first.node_op}) at {_fmt(first.loc)}, used as a value"
+                if first.op != "backward" else  # (Checks.unexplained_gradient)
+                f"a NaN/Inf gradient of the backward at {_fmt(first.loc)} (not explained), used as a value")
         nan, name = _has_nan(t), self.names.get(t)
         parents = frozenset(p for p in got if isinstance(p, _Birth)).union(
             *(i.births or {self._backward_birth(i, t, nan)} for i in incidents))
@@ -196,6 +198,7 @@ class _Provenance:
                 if o not in self.written and not any(isinstance(p, _Incident) for p in prior or ()) and any(
                         o is t for t in ins):
                     self.written[o] = (_op_name(func), loc)
+                    (self.param_writes if o.is_leaf and o.requires_grad else self.value_writes).add(loc)
             elif prior:  # accumulating into a gradient already non-finite (a second backward): carry it
                 self.prov[o] = prior.union(*(self.prov.get(t, frozenset()) for t in nf if t in self.sens))
             else:

@@ -148,6 +148,8 @@ def _render(report: Report, console: Console) -> None:
         where = f"rank {f.rank}: " if f.rank is not None else ""
         console.print()
         title = _RECEIVED_TITLE if is_received(f) else _TITLES[f.kind]
+        if f.born_op == "backward":  # (gw.watch() could not replay that step)
+            title = f"{'NaN' if f.kind == 'nan' else 'Inf'} gradient, not explained: contamination or genuine"
         if f.downstream:
             title = f"downstream {'NaN' if f.kind == 'nan' else 'Inf'}: follows from an earlier finding's NaN/Inf"
         console.print(f"[bold {style}]{i}. {escape(where + title)}[/]")

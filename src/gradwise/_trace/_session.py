@@ -207,6 +207,8 @@ def trace(*, sync_every: int = 256) -> Iterator[Report]:
         raise ValueError(f"sync_every must be a positive int, got {sync_every!r}")
     report = Report()
     outer = _current()
+    if outer is None and (watcher := _WATCHERS.get(threading.get_ident())) is not None:
+        outer = watcher.start_tracing()  # inside gw.watch() (gradwise run --watch): join it, tracing from here
     if outer is not None:  # nested (a script using gw.explain run by `gradwise run`): the outer block records
         since = outer.store.serial
         try:

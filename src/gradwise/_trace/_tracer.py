@@ -161,6 +161,10 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         # own) whose gradient was used as a value, so that the root cause is that backward op
         self.backward_births: dict[int, tuple] = {}
         self.written = _ByIdentity()  # tensor an in-place op made non-finite -> (op, loc)
+        # locs where an in-place op made a leaf requiring grad non-finite (an optimizer's update), and where it made
+        # another finite tensor non-finite (clip_grad_norm_ scaling every gradient by a NaN total norm)
+        self.param_writes: set = set()
+        self.value_writes: set = set()
         self.sens = _ByIdentity()  # sensitivity-derived tensor -> seq of the node that made it
         # comparison result -> (mask of equal operands, branch picked): masks are large, so this one frees an
         # entry as soon as its tensor dies (_ByIdentity keeps dead values until its next purge)

@@ -51,6 +51,7 @@ class _Watcher:
         self.tracer: _Tracer | None = None  # set at the first non-finite gradient
         self.found_at: int | None = None
         self.unexplained: str | None = None  # why that step's backward could not be replayed
+        self.joined_at: int | None = None  # the step where a gw.trace() block inside started the full trace
 
     # -- the wrapped autograd entry points (called by _trace's wrappers for a watching thread) ------------
 
@@ -100,6 +101,18 @@ class _Watcher:
         self.step += 1
         return result
 
+    def start_tracing(self) -> _Tracer:
+        """A gw.trace() block opened inside the watch (a script run by ``gradwise run --watch`` that traces a
+        part of itself): trace in full from here, so that the block joins this tracer (as a nested gw.trace()
+        joins an outer one) and the watch's report and step numbers cover it."""
+        if self.tracer is None:
+            self.joined_at = self.step
+            tracer = self.tracer = _Tracer(self.sync_every)
+            tracer.store.step = self.step
+            _session._TRACERS[threading.get_ident()] = tracer
+            tracer.__enter__()
+        return self.tracer
+
     # -- the first non-finite gradient: explain the step, then trace in full ------------------------------
 
     def _explain(self, outs, seeds, leaves, roots, returned=None) -> None:
@@ -122,8 +135,9 @@ class _Watcher:
         tracer._name_leaves(wanted, _common._user_frame(), at)  # (their .grad reads start no step: `_forward`)
         try:
             again = torch.autograd.grad(outs, wanted, seeds, retain_graph=True, allow_unused=True)
-        except RuntimeError as exc:  # a graph that cannot be replayed: the following steps explain
+        except RuntimeError as exc:  # a graph that cannot be replayed (a compiled backward with donated buffers)
             self.unexplained = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            self._unexplained_gradients(tracer, leaves, returned, at)
             return
         given = {id(leaf): r for leaf, r in zip(leaves, returned, strict=False)} if returned is not None else {}
         for leaf, g in zip(wanted, again, strict=True):
@@ -141,6 +155,18 @@ class _Watcher:
                          if isinstance(g, torch.Tensor) and _common._nonfinite(g)}
             tracer._safely("received gradients", tracer.note_received, local, ("c10d.allreduce_", at))
 
+    def _unexplained_gradients(self, tracer: _Tracer, leaves, returned, at) -> None:
+        """The step's NaN/Inf gradients, which no replay explains, become one finding born at its backward call
+        (contamination or genuine: not known), and the provenance of those gradients: an optimizer step that
+        writes them into the parameters is then downstream of it, as are the later steps' NaN (they were a
+        genuine NaN of data that 'arrived non-finite' at the optimizer's line, a NaN .grad taken for an input)."""
+        grads = list(returned) if returned is not None else [leaf.grad for leaf in leaves]
+        with torch.utils._python_dispatch._disable_current_modes():  # (the trace's own reads)
+            for leaf, g in zip(leaves, grads, strict=False):
+                if isinstance(g, torch.Tensor) and _common._inexact(g) and _kinds.readable(g) and \
+                        g.layout is torch.strided and _common._nonfinite(g):
+                    tracer._safely("unexplained gradients", tracer.unexplained_gradient, g, leaf, at, self.step)
+
     def finish(self, report: Report) -> None:
         """Fill ``report`` (empty when every gradient stayed finite) and stop tracing."""
         if self.tracer is None:
@@ -148,6 +174,10 @@ class _Watcher:
         _session._TRACERS.pop(threading.get_ident(), None)
         self.tracer.__exit__(None, None, None)
         self.tracer.fill(report)
+        if self.found_at is None:  # only a gw.trace() block inside made it trace
+            report.notes.insert(0, f"gw.watch(): a gw.trace() block inside it started the full trace at step "
+                                   f"{self.joined_at}")
+            return
         how = ("was explained from its backward (its forward was not traced)" if self.unexplained is None else
                f"could not be explained (its backward could not run again: {self.unexplained}; a compiled backward "
                "with donated buffers does not keep its graph)")
@@ -211,8 +241,10 @@ def watch(*, sync_every: int = 256) -> Iterator[Report]:
     Inside `gw.trace()` or another `gw.watch()` of the same thread (a script that watches itself, run by
     ``gradwise run``), it joins the outer block instead of raising: the outer block already records this thread,
     so the inner report lists what the outer one recorded during the inner block (a nested `gw.trace()` does the
-    same), with a note saying so. Refusing would crash a script that runs fine alone, and a second recording of
-    the same ops would cost twice and compete for the wrapped ``torch.autograd.backward``.
+    same), with a note saying so. A `gw.trace()` block inside it joins it too: the watch traces in full from
+    there, so its report and step numbers cover the block. Refusing would crash a script that runs fine alone,
+    and a second recording of the same ops would cost twice and compete for the wrapped
+    ``torch.autograd.backward``.
 
     Example::
 
