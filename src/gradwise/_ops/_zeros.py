@@ -12,7 +12,8 @@ makes          creates them: ``zeros``/``full(0)``/``fill_(0)`` in a backward fo
                argument position, None for ops that can only make zeros)
 values         creates values, every element nonzero (``ones``)
 uninitialised  allocates memory the formula writes later: no support of its own
-compares       makes a bool selection mask (``self == result`` in max's backward), read by a product
+compares       makes a bool selection mask (``self == result`` in max's backward), read by a product or a where;
+               ``undecided``: where the mask selects nothing (an ordering of a NaN, an equality of two NaNs)
 logic          combines or tests selection masks (``how``: ``test``, ``not``, ``and``, ``or``)
 views          output elements are input elements rearranged (the same view of the support); no new zeros
 keeps          each output element is its input element, cast or copied (the same support)
@@ -78,6 +79,7 @@ class ZeroFact:
     fill: int | None = None  # makes/moves: the argument holding the value the op creates
     how: str = ""  # logic: test / not / and / or
     multiplies: tuple[int, ...] = ()  # the tensor operands the op multiplies together
+    undecided: Callable[[Any, tuple], Any] | None = None  # compares: where the result selects nothing, over ``o``
 
 
 ZERO_FACTS: dict[Any, ZeroFact] = {}
@@ -134,6 +136,19 @@ def _shrink_slope(o: Any, a: tuple) -> Any:
     return o.or_(o.gt(o.abs(a[1]), a[2]), o.isnan(a[1]))
 
 
+def _either_nan(o: Any, a: tuple) -> Any:
+    """lt/le/gt/ge(a, b): decides nothing where a or b is NaN. The comparison is False there, but a NaN is in no
+    region: hardsigmoid's backward ``(x > -3) & (x < 3)`` at x = NaN, where hardsigmoid(NaN) = NaN is used (the
+    gates' ``passes`` read ``isnan x`` for the same reason)."""
+    return o.or_(o.isnan(a[0]), o.isnan(a[1]))
+
+
+def _both_nan(o: Any, a: tuple) -> Any:
+    """eq/ne(a, b): decides nothing where both are NaN (amax's ``self == result`` where the NaN was the maximum);
+    one NaN is simply not equal (nanmedian's NaNs are not the median)."""
+    return o.and_(o.isnan(a[0]), o.isnan(a[1]))
+
+
 # -- the table --------------------------------------------------------------------------------------------------
 
 _facts("makes", aten.zeros, aten.zeros_like, aten.new_zeros, aten.zero_)
@@ -142,7 +157,8 @@ _facts("makes", aten.full, aten.full_like, aten.fill_, fill=1)
 _facts("makes", aten.new_full, fill=2)
 _facts("values", aten.ones, aten.ones_like, aten.new_ones)
 _facts("uninitialised", aten.new_empty_strided, aten.new_empty, aten.empty_like)
-_facts("compares", aten.eq, aten.ne, aten.lt, aten.le, aten.gt, aten.ge)
+_facts("compares", aten.eq, aten.ne, undecided=_both_nan)
+_facts("compares", aten.lt, aten.le, aten.gt, aten.ge, undecided=_either_nan)
 _facts("logic", aten.isnan, aten.isinf, aten.isfinite, how="test")
 _facts("logic", aten.logical_not, aten.bitwise_not, how="not")
 _facts("logic", aten.logical_and, aten.logical_and_, aten.bitwise_and, aten.bitwise_and_, how="and")

@@ -328,7 +328,35 @@ def _where(rw: _Rewriter, node: fx.Node) -> Any:
     sa, sb = rw.small(ma, node), rw.small(mb, node)
     if _flat_region(rw, cond):  # relu's backward as inductor decomposes it: where(x <= 0, 0, g)
         rw.flat_zeros.update(m for m, src in ((sa, ma), (sb, mb)) if src is FALSE)
-    return rw.call(aten.where.self, cond, sa, sb)
+    mask = rw.call(aten.where.self, cond, sa, sb)
+    undecided = _undecided(rw, cond)
+    if undecided is not None:  # either branch may hold the gradient there
+        mask = rw.call(aten.where.self, undecided, rw.call(aten.logical_or.default, sa, sb), mask)
+    return mask
+
+
+def _undecided(rw: _Rewriter, cond: Any) -> Any:
+    """Where a backward formula's comparison (through and/or/not) selects nothing, as the shared facts'
+    ``undecided`` says (a comparison of a NaN: hardsigmoid's decomposed backward ``where((x > -3) & (x < 3), g / 6,
+    0)`` at x = NaN, where hardsigmoid(NaN) = NaN is used); None where it decides everywhere. A comparison the
+    partitioner recomputed from the forward (``partitioner_tag == 'is_forward'``, a user's ``where(x > 0, ...)``)
+    did select: a NaN there went to the other branch."""
+    if not isinstance(cond, fx.Node) or cond.op != "call_function" or \
+            cond.meta.get("partitioner_tag") == "is_forward":
+        return None
+    fact = zero_fact(cond.target)
+    if fact is not None and fact.kind == "compares" and fact.undecided is not None:
+        a, b = cond.args[:2]
+        if a is b or not any(_floating(_val(t)) for t in (a, b)):
+            return None
+        return fact.undecided(_GraphMasks(rw, _val(cond).device), (a, b))
+    if fact is not None and fact.kind == "logic" and fact.how in ("and", "or", "not"):
+        parts = [u for t in cond.args if (u := _undecided(rw, t)) is not None]
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else rw.call(aten.logical_or.default, *parts[:2]) if len(parts) == 2 \
+            else None
+    return None
 
 
 def _flat_region(rw: _Rewriter, cond: Any) -> bool:
@@ -527,8 +555,8 @@ class _GraphMasks:
     ``gradwise._ops._contractions``' support formulas), as graph nodes (``gradwise._masks.EagerMasks`` on
     tensors)."""
 
-    def __init__(self, rw: _Rewriter) -> None:
-        self.rw = rw
+    def __init__(self, rw: _Rewriter, device: Any = None) -> None:
+        self.rw, self.device = rw, device
 
     def _compare(self, name: str, a: Any, b: Any) -> fx.Node:
         packet = getattr(aten, name)
@@ -550,6 +578,11 @@ class _GraphMasks:
         return self.rw.call(aten.abs.default, a)
 
     def isnan(self, a: Any) -> fx.Node:
+        if not isinstance(a, fx.Node):  # a Python number compared with (no zero a formula placed: `flat`)
+            node = self.rw.call(aten.full.default, [], isinstance(a, float) and math.isnan(a), dtype=torch.bool,
+                                device=self.device, pin_memory=False)
+            self.rw.flat_zeros.add(node)
+            return node
         return self.rw.call(aten.isnan.default, a)
 
     def not_(self, m: fx.Node) -> fx.Node:

@@ -294,8 +294,24 @@ def _as_forward(op: Any, *args: Any, **kwargs: Any) -> Any:
         _STATE.recomputing = prior
 
 
+def _forward_comparison(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
+    """A forward comparison the partitioner recomputes in the backward (``partitioner_tag == 'is_forward'``: the
+    condition of a user's ``where(x > 0, sqrt(x), 0)``) selected in the forward, NaN or not: it runs as a forward
+    op (``_as_forward``), not as a formula's selection, which decides nothing at a NaN (``_rules_pointwise.
+    _comparison``), as the pass reads it (``_compile_pass._undecided``)."""
+    from gradwise._ops._zeros import zero_fact
+
+    fact = zero_fact(node.target) if node.op == "call_function" else None
+    if fact is None or fact.kind != "compares" or node.meta.get("partitioner_tag") != "is_forward":
+        return False
+    node.args = (node.target, *node.args)
+    node.target = _as_forward
+    return True
+
+
 _REWRITES: tuple[Callable[[fx.Graph, fx.GraphModule, fx.Node], bool], ...] = (
-    _constant_zeros, _saved_zeros, _saved_mask, _logsumexp_node, _logcumsumexp_node, _exp_node, _softmax_whole)
+    _constant_zeros, _saved_zeros, _saved_mask, _logsumexp_node, _logcumsumexp_node, _exp_node, _softmax_whole,
+    _forward_comparison)
 
 
 # -- an op only these graphs contain ----------------------------------------------------------------------------

@@ -87,20 +87,21 @@ def _same(a: object, b: object) -> bool:
 
 
 def _comparison(func, args, kwargs, sup):
-    """eq/ne/lt/... in a backward formula make a selection mask. Where both operands are NaN the comparison is
-    False without selecting anything (amax's `self == result` where the NaN was the maximum), so the mask
-    means nothing there; one NaN operand is simply not equal (nanmedian's NaNs are not the median). A tensor
-    compared with itself (`x == x`, a NaN test) is meaningful everywhere."""
+    """eq/ne/lt/... in a backward formula make a selection mask, meaningless where the shared fact's
+    ``undecided`` says the comparison selects nothing: both operands NaN for eq/ne (amax's `self == result`
+    where the NaN was the maximum; one NaN is simply not equal), either operand NaN for an ordering
+    (hardsigmoid's `x > -3` at a NaN x, used by the forward). A tensor compared with itself (`x == x`, a NaN
+    test) is meaningful everywhere."""
     out = func(*args, **kwargs)
     if _in_formula() and out.dtype == torch.bool:
         a, b = args[0], args[1]
         if _same(a, b) or not any(_is_float(t) for t in (a, b)):
             sup.selections[out] = None
         else:
-            nan = [t.isnan() if _is_float(t) else torch.tensor(isinstance(t, float) and math.isnan(t),
-                                                                device=out.device) for t in (a, b)]
-            both = nan[0] & nan[1]
-            sup.selections[out] = (~both).expand(out.shape) if bool(both.any()) else None
+            operands = tuple(t if _is_float(t) else torch.tensor(float(t) if isinstance(t, float) else 0.0,
+                                                                 device=out.device) for t in (a, b))
+            undecided = zero_fact(func).undecided(_PlainMasks, operands)
+            sup.selections[out] = (~undecided).expand(out.shape) if bool(undecided.any()) else None
     return out
 
 
@@ -304,12 +305,18 @@ def _full_support(t: object, sup: _Supports, device: torch.device | None = None)
 
 def _where(func, args, kwargs, sup):
     """where(cond, a, b): selects, so the output's support is selected the same way. This is how the
-    unselected branch of a forward ``where`` becomes a structural zero in backward."""
+    unselected branch of a forward ``where`` becomes a structural zero in backward. Where ``cond`` is a
+    formula's selection that decides nothing (a comparison of a NaN: ``_comparison``), either branch may
+    hold the gradient: the union of their supports (a genuine NaN of hardsigmoid(NaN) stays)."""
     out = func(*args, **kwargs)
     cond, a, b = args
     if sup.tracked(a) or sup.tracked(b):
-        sup.record(out, torch.where(cond, _full_support(a, sup, out.device),
-                                    _full_support(b, sup, out.device)).expand(out.shape))
+        sa, sb = _full_support(a, sup, out.device), _full_support(b, sup, out.device)
+        support = torch.where(cond, sa, sb)
+        valid = sup.selections.get(cond) if isinstance(cond, torch.Tensor) and cond.dtype == torch.bool else None
+        if valid is not None:
+            support = torch.where(valid, support, sa | sb)
+        sup.record(out, support.expand(out.shape))
     else:
         sup.record(out, None)
     return out
@@ -477,6 +484,15 @@ def _copy(func, args, kwargs, sup):
 
 
 _register(aten.copy_, aten.copy)(_copy)
+
+
+class _PlainMasks:
+    """The mask algebra of ``gradwise._masks.EagerMasks`` out of place (operands of any shapes, numbers made tensors
+    by the caller): a comparison's ``undecided`` fact reads operands that are not fresh masks."""
+
+    le, ge, gt, lt, abs, isnan = (staticmethod(f) for f in (torch.le, torch.ge, torch.gt, torch.lt, torch.abs,
+                                                           torch.isnan))
+    not_, and_, or_ = (staticmethod(f) for f in (torch.logical_not, torch.logical_and, torch.logical_or))
 
 
 def _passes(fact: ZeroFact) -> Callable[[tuple], torch.Tensor] | None:
