@@ -144,13 +144,7 @@ def test_a_users_where_on_a_nan_still_discards_it():
     torch.testing.assert_close(_pass_runner(f)(x, w, v)[1], want)
 
 
-_SAVED_GATE_MASK = ("inductor's partitioner computes hardsigmoid's backward mask (x > -3) & (x < 3) in the forward "
-                    "and saves it: the backward graph holds a bool input, not the comparison of the NaN, so neither "
-                    "the pass nor the op-by-op run can tell where it decides nothing, and the genuine NaN becomes 0")
-
-
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.xfail(
-    strict=True, reason=_SAVED_GATE_MASK))])
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_a_gate_at_a_nan_compiled_end_to_end(backend):
     """The same through torch.compile under gw.strong_zeros(): the genuine NaN of hardsigmoid(NaN) stays (inductor's
     strong variant returned a finite 0, taken as it was), with the warning that a compiled NaN may be genuine."""

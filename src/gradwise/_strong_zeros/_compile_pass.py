@@ -341,6 +341,8 @@ def _undecided(rw: _Rewriter, cond: Any) -> Any:
     0)`` at x = NaN, where hardsigmoid(NaN) = NaN is used); None where it decides everywhere. A comparison the
     partitioner recomputed from the forward (``partitioner_tag == 'is_forward'``, a user's ``where(x > 0, ...)``)
     did select: a NaN there went to the other branch."""
+    if _saved_formula_mask(cond):
+        return rw.call(aten.logical_not.default, cond)
     if not isinstance(cond, fx.Node) or cond.op != "call_function" or \
             cond.meta.get("partitioner_tag") == "is_forward":
         return None
@@ -354,9 +356,20 @@ def _undecided(rw: _Rewriter, cond: Any) -> Any:
         parts = [u for t in cond.args if (u := _undecided(rw, t)) is not None]
         if not parts:
             return None
-        return parts[0] if len(parts) == 1 else rw.call(aten.logical_or.default, *parts[:2]) if len(parts) == 2 \
-            else None
+        undecided = parts[0]
+        for part in parts[1:]:
+            undecided = rw.call(aten.logical_or.default, undecided, part)
+        return undecided
     return None
+
+
+def _saved_formula_mask(cond: Any) -> bool:
+    """A bool mask a backward formula made that the partitioner computed in the forward and saved (inductor's
+    hardsigmoid backward ``(x > -3) & (x < 3)``): an input here, whose comparisons are out of sight. A formula's
+    mask is an and/or of orderings and equalities, False at a NaN: its True was decided, its False may be a NaN's
+    (undecided), as the op-by-op run reads it while the outputs are not finite (``_graph_forms._mask_again``)."""
+    return isinstance(cond, fx.Node) and cond.op == "placeholder" and getattr(_val(cond), "dtype", None) is \
+        torch.bool and (cond.meta.get("autograd_backward") or cond.meta.get("partitioner_tag") == "is_backward")
 
 
 def _flat_region(rw: _Rewriter, cond: Any) -> bool:

@@ -151,12 +151,25 @@ def _saved_mask(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
 
 def _mask_again(mask: torch.Tensor) -> torch.Tensor:
     """``mask == True``, which the comparison rule records as a formula's selection, meaningful everywhere. The
-    formula's own comparison (max's ``self == result``) means nothing where both operands are NaN; the saved
-    mask cannot tell those places, so it is a selection only while the outputs being differentiated are finite:
-    a NaN result then reaches them through a structural zero alone, which annihilates it either way."""
+    formula's own comparison (max's ``self == result``, hardsigmoid's ``(x > -3) & (x < 3)``) means nothing where
+    its operands are NaN; the saved mask cannot tell those places, so it is meaningful everywhere only while the
+    outputs being differentiated are finite (a NaN result then reaches them through a structural zero alone,
+    which annihilates it either way). Otherwise it is meaningful where it is True only: a formula's mask is an
+    and/or of orderings and equalities, which are False at a NaN, so a True was decided and a False may be a NaN's
+    (a where then unites both branches there; a product takes no structural zero from it). The pass reads a saved
+    mask the same way (``_compile_pass._undecided``)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    from gradwise._strong_zeros._mode import _StrongZeroMode
     from gradwise._strong_zeros._supports import _STATE
 
-    return aten.eq.Scalar(mask, True) if _STATE.outputs_finite else mask
+    out = aten.eq.Scalar(mask, True)
+    if not _STATE.outputs_finite:
+        mode = next((m for m in reversed(_get_current_dispatch_mode_stack()) if isinstance(m, _StrongZeroMode)),
+                    None)
+        if mode is not None:
+            mode.supports.selections[out] = mask
+    return out
 
 
 _ALIASES = {aten.detach.default, aten.alias.default}
