@@ -932,3 +932,64 @@ def test_the_compiled_variant_checks_its_own_gradients(monkeypatch):
     with pytest.warns(gw.CompiledBackwardWarning), gw.strong_zeros():
         fn(bad).backward()
     assert lin.weight.grad.isnan().any()
+
+
+def test_threads_plain_beside_strong_stay_plain():
+    """A strong-zero backward swaps a compiled node's backward for its own variant on its own thread only: plain
+    backwards of the same compiled function on other threads keep PyTorch's result (the NaN of the discarded
+    rows), also while two strong threads interleave, and none stays swapped afterwards (the shared attribute was
+    swapped for everyone, and two strong threads could leave a variant installed for good)."""
+    import threading
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    params = list(lin.parameters())
+    x = torch.randn(6, 4)
+    x[4:] = math.nan
+    f = torch.compile(lambda t: lin(t)[:4].square().sum(), backend="aot_eager")
+    want = gw.grad(lin(x[:4]).square().sum(), params)
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        assert not torch.autograd.grad(f(x), params)[0].isfinite().all()
+        results = {"strong": [], "plain": []}
+
+        def strong():
+            for _ in range(25):
+                with gw.strong_zeros():
+                    results["strong"].append(gw.grad(f(x), params))
+
+        def plain():
+            for _ in range(25):
+                results["plain"].append(torch.autograd.grad(f(x), params))
+
+        threads = [threading.Thread(target=t) for t in (strong, strong, plain)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(results["strong"]) == 50 and len(results["plain"]) == 25
+        for grads in results["strong"]:
+            for g, w in zip(grads, want, strict=True):
+                torch.testing.assert_close(g, w)
+        assert all(not g[0].isfinite().all() for g in results["plain"])
+        assert not torch.autograd.grad(f(x), params)[0].isfinite().all()  # nothing left swapped
+
+
+def test_a_folded_zero_times_a_value_is_a_value_op_by_op():
+    """Inductor folds ``tangent * 0`` into a constant ``full(0)`` that multiplies a forward value: no sensitivity
+    reads it, so the pass gives it no support, and the op-by-op run (after the pass's result held the genuine
+    NaN of 0 x Inf) took it for a formula's structural zero and returned a finite gradient, silently; eager
+    gw.grad and plain PyTorch give NaN."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    x, inf = torch.randn(4, 4), torch.tensor(math.inf)
+
+    def loss(x):
+        return (lin(x) * inf).sum() * 0 + lin(x).sum()
+
+    assert gw.grad(loss(x), lin.weight)[0].isnan().all()
+    compiled = torch.compile(loss)
+    with torch._functorch.config.patch(enable_autograd_cache=False), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = gw.grad(compiled(x), lin.weight)[0]
+    assert got.isnan().all()
+    assert any(isinstance(w.message, gw.CompiledBackwardWarning) for w in seen)

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -469,22 +470,80 @@ def _swapped(nodes: Sequence[Any], how: str, record: _Hybrid | None = None) -> I
             # without the pass can turn a NaN made inside it into a wrong finite number (inductor's rewrites),
             # so its finite results are not taken
             eager = _eager_variant(bc)
-            variant = _hybrid(_strong_variant(bc), eager, record or _Hybrid(False)) if eager is not None else None
+            with _SWAP_LOCK:  # (its compile clears bc.compiled_bw for a moment)
+                strong = _strong_variant(bc)
+            variant = _hybrid(strong, eager, record or _Hybrid(False)) if eager is not None else None
         if variant is None:
             opaque.append(node)
             continue
-        swaps.append((bc, variant, bc.compiled_bw, _donated(bc)))
+        swaps.append((bc, variant))
+    entered = []
     try:
-        for bc, variant, _, donated in swaps:
-            bc.compiled_bw = variant
-            for meta, _ in donated:  # neither variant reuses saved buffers: the graph may be retained
-                meta.bw_donated_idxs = []
+        for bc, variant in swaps:
+            entered.append((bc, _PerThread.enter(bc, variant)))
         yield opaque
     finally:
-        for bc, _, compiled, donated in swaps:
-            bc.compiled_bw = compiled
-            for meta, idxs in donated:
-                meta.bw_donated_idxs = idxs
+        for bc, prior in entered:
+            _PerThread.leave(bc, prior)
+
+
+_SWAP_LOCK = threading.RLock()
+
+
+class _PerThread:
+    """A compiled node's backward (``bc.compiled_bw``) while strong-zero backwards that use it run: on each such
+    thread its own variant, on every other thread PyTorch's compiled backward, so a plain backward running beside
+    a strong one stays plain (swapping the shared attribute gave it the strong variant's results, and two strong
+    threads' swaps could leave a variant installed for good). Installed by the first thread that enters and
+    removed by the last that leaves; while installed no saved buffer is donated (both variants may run with the
+    graph retained; for PyTorch's own, not donating only costs memory)."""
+
+    _boxed_call = True
+
+    def __init__(self, bc: Any) -> None:
+        self.bc, self.original, self.donated = bc, bc.compiled_bw, _donated(bc)
+        self.local = threading.local()
+        self.users = 0
+
+    @staticmethod
+    def enter(bc: Any, variant: Callable[..., Any]) -> Any:
+        """Run ``variant`` as ``bc``'s backward on this thread; returns what ``leave`` restores."""
+        with _SWAP_LOCK:
+            switch = bc.compiled_bw
+            if not isinstance(switch, _PerThread):
+                switch = _PerThread(bc)
+                for meta, _ in switch.donated:
+                    meta.bw_donated_idxs = []
+                bc.compiled_bw = switch
+            switch.users += 1
+        prior = getattr(switch.local, "variant", None)  # a strong backward nested in one on this thread
+        switch.local.variant = variant
+        return prior
+
+    @staticmethod
+    def leave(bc: Any, prior: Any) -> None:
+        with _SWAP_LOCK:
+            switch = bc.compiled_bw
+            switch.local.variant = prior
+            switch.users -= 1
+            if switch.users == 0:
+                bc.compiled_bw = switch.original
+                for meta, idxs in switch.donated:
+                    meta.bw_donated_idxs = idxs
+
+    def __call__(self, args: list) -> Any:
+        variant = getattr(self.local, "variant", None)
+        if variant is not None:
+            return _call(variant, args)
+        if self.original is None:  # PyTorch's backward was not compiled yet: as AOTAutograd's lazy compile would
+            with _SWAP_LOCK:
+                if self.original is None:
+                    self.bc.compiled_bw = None
+                    try:
+                        self.original = self.bc.get_or_compile(saved_tensors_use_once=False)
+                    finally:
+                        self.bc.compiled_bw = self
+        return _call(self.original, args)
 
 
 def _holds_nonfinite(result: Any, leaves: Sequence[torch.Tensor]) -> bool:

@@ -681,7 +681,15 @@ def split_forward_zeros(graph: fx.Graph) -> bool:
     """Give the multiplications that read a recomputed forward zeros node their own copy marked FORWARD_VALUE
     (see above); whether the graph changed."""
     changed = False
+    sens = _sensitivities(graph)
     for node in list(graph.nodes):
+        if node.op == "call_function" and _makes(node.target) and node not in sens and not node.meta.get(
+                FORWARD_VALUE) and not _meets_a_sensitivity(node, sens):
+            # its zeros reach values only (``tangent * 0`` folded by inductor into a constant that multiplies a
+            # forward value): values, as the pass reads them (it gives supports along sensitivities only)
+            node.meta[FORWARD_VALUE] = True
+            changed = True
+            continue
         if node.op != "call_function" or not _makes(node.target) or \
                 node.meta.get("partitioner_tag") != "is_forward":
             continue
@@ -699,6 +707,32 @@ def split_forward_zeros(graph: fx.Graph) -> bool:
                 u.replace_input_with(node, copy)
         changed = True
     return changed
+
+
+def _sensitivities(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes that depend on a ``tangents_*`` input."""
+    sens: set[fx.Node] = set()
+    for node in graph.nodes:
+        if (node.op == "placeholder" and node.name.startswith("tangents")) or \
+                any(a in sens for a in node.all_input_nodes):
+            sens.add(node)
+    return sens
+
+
+def _meets_a_sensitivity(node: fx.Node, sens: set[fx.Node]) -> bool:
+    """Whether a zeros node reaches a sensitivity, directly or through views of it that are not sensitivities
+    (``expand(full(0))`` as a placement's base)."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        for user in n.users:
+            if user in sens or user.op == "output":
+                return True
+            fact = zero_fact(user.target) if user.op == "call_function" else None
+            if fact is not None and fact.kind == "views" and user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return False
 
 
 def rewrite_backward(graph: fx.Graph) -> int:
