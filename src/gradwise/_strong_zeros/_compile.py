@@ -68,13 +68,15 @@ import torch
 from gradwise._masks import inexact
 from gradwise._strong_zeros._contract import GradwiseWarning
 
-__all__ = ["CompiledBackwardWarning", "compile_stats", "compiled_run", "strong_zero_pass"]
+__all__ = ["CompiledBackwardWarning", "compile_stats", "compiled_run", "strong_zero_pass", "without_compiled_autograd"]
 
 
 class CompiledBackwardWarning(GradwiseWarning):
     """Under strong zeros, a compiled backward left NaN/Inf that may be contamination: gradwise could not see
     into it, a graph break separated a zero from the NaN, or its graph ran op by op and the NaN stayed (inside a
-    compiled graph some structural zeros are saved values, so gradwise cannot tell it from a genuine one)."""
+    compiled graph some structural zeros are saved values, so gradwise cannot tell it from a genuine one). Also
+    given, once per process, when a backward under strong zeros bypasses compiled autograd
+    (``without_compiled_autograd``)."""
 
 
 def _pass_base() -> type:
@@ -673,3 +675,48 @@ def _warn_kept() -> None:
         "contamination, or genuine. To decide, run the step without torch.compile under gw.strong_zeros() (or "
         "gw.trace(), which explains it).",
         CompiledBackwardWarning, stacklevel=5)
+
+
+_CA_WARNED = False  # the bypass of compiled autograd is said once per process
+
+
+def without_compiled_autograd() -> contextlib.AbstractContextManager[None]:
+    """Compiled autograd (``torch._dynamo.compiled_autograd._enable``, ``torch._dynamo.config.compiled_autograd``)
+    off for one backward under strong zeros that is not plain, with a CompiledBackwardWarning once per process.
+    Compiled autograd traces the whole backward into one graph of its own: neither the strong-zero mode nor the
+    compiled nodes' strong variants (``compiled_run``) reach it, so a NaN the output never uses stayed in the
+    gradients, silently. Without it the eager engine runs the graph node by node, each compiled forward's node
+    with its strong variant. Backwards outside strong zeros, and plain ones inside, keep compiled autograd."""
+    import sys
+
+    ca = sys.modules.get("torch._dynamo.compiled_autograd")  # not imported: compiled autograd cannot be on
+    if ca is None or not ca.compiled_autograd_enabled:
+        return contextlib.nullcontext()
+    _warn_compiled_autograd()  # here, not inside the context manager: the stack ends at the user's backward call
+    return _ca_disabled(ca)
+
+
+@contextlib.contextmanager
+def _ca_disabled(ca: Any) -> Iterator[None]:
+    outer = ca.active_disable_ctx  # _disable() resets it to False on exit, even inside another _disable()
+    try:
+        with ca._disable():
+            yield
+    finally:
+        ca.active_disable_ctx = outer
+
+
+def _warn_compiled_autograd() -> None:
+    global _CA_WARNED
+    if _CA_WARNED:
+        return
+    _CA_WARNED = True
+    from gradwise._strong_zeros._contract import _user_stacklevel
+
+    warnings.warn(
+        "gw.strong_zeros: compiled autograd is bypassed for backwards under strong zeros: it traces the whole "
+        "backward into one graph that gradwise cannot see into, so structural zeros would be lost and a NaN/Inf "
+        "the output never uses would reach the gradients. Such a backward runs on the eager autograd engine "
+        "(torch.compile'd forwards keep their compiled strong backwards); backwards outside gw.strong_zeros() "
+        "still use compiled autograd. Given once per process.",
+        CompiledBackwardWarning, stacklevel=_user_stacklevel())

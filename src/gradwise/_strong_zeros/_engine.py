@@ -23,7 +23,7 @@ from gradwise._checks import as_tensors, check_differentiable, check_scalar_or_s
 from gradwise._strong_zeros import _carry, _contract
 from gradwise._strong_zeros._autograd_graph import _leaves, _root_nodes
 from gradwise._strong_zeros._carry import carry
-from gradwise._strong_zeros._compile import _holds_nonfinite, compiled_run
+from gradwise._strong_zeros._compile import _holds_nonfinite, compiled_run, without_compiled_autograd
 from gradwise._strong_zeros._mode import _StrongZeroMode, watch_functions
 from gradwise._strong_zeros._planning import _plan
 from gradwise._strong_zeros._supports import _STATE, _Supports
@@ -68,6 +68,13 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
         plan = _choose(t_outputs, inputs or (), grad_tensors or ())
     if plan == "plain":
         return run(retain_graph)
+    with without_compiled_autograd():  # its one traced graph of the whole backward is out of gradwise's reach
+        return _run_plan(plan, run, t_outputs, retain_graph, create_graph, inputs, accumulate_grad)
+
+
+def _run_plan(plan: str, run: Callable[[bool | None], Any], t_outputs: Sequence[Any], retain_graph: bool | None,
+              create_graph: bool, inputs: Sequence[Any], accumulate_grad: bool) -> Any:
+    """The engine's one run of a backward whose plan is not 'plain', under the strong-zero mode."""
     # 'strong', 'check' or 'compiled' (nodes gradwise knows nothing about): one pass under the mode. A plain pass first
     # with a re-run on NaN would force retain_graph, run hooks and custom backwards twice, and hold what the
     # engine frees (custom Functions' saved tensors) until the graph dies.
