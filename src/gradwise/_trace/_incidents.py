@@ -46,12 +46,13 @@ class _Incidents:
                 covered = covered | (~torch.isfinite(t)).broadcast_to(o.shape)
             fresh_mask, mask = mask & ~covered, mask & covered
             saved = [t for t in nf if t not in self.sens]
+            # (no saved NaN/Inf: made here, 0/0 where where's structural zero meets log's 1/0, beside a carried NaN)
             fresh = self._classify(func, loc, o, fresh_mask, ins, sens_ins, saved, nd, args, out, kwargs) \
-                if saved and bool(mask_any(fresh_mask)) else None
-        elif self.shadow is not None and self.shadow.valid and args is not None and out is not None \
-                and (saved := [t for t in nf if t not in self.sens]):
+                if bool(mask_any(fresh_mask)) else None
+        elif self.shadow is not None and self.shadow.valid and args is not None and out is not None:
             # mixing (a matmul): the elements the upstream NaN/Inf does not reach met a saved one here (a structural
             # zero of max's backward meeting an Inf row): classified as any meeting
+            saved = [t for t in nf if t not in self.sens]
             covered = _shadow.carried(func, args, kwargs or {}, upstream, o, out)
             if covered is not None and bool(mask_any(mask & ~covered)):
                 fresh_mask, mask = mask & ~covered, mask & covered
@@ -64,6 +65,15 @@ class _Incidents:
                 self._saved_met(func, loc, o, mask, ins, saved, carried, nd, args, kwargs, out, upstream)
         if fresh and fresh[0]:
             self._split_fresh(o, mask, fresh_mask, *fresh)
+        strong = self._strong_of(o)
+        if strong is not None and any(isinstance(i, _Incident) and i.kind != "contamination" for i in self.prov[o]) \
+                and bool(torch.isfinite(strong).all()):
+            # strong zeros hold no NaN/Inf here: a genuine NaN/Inf carried along was annihilated on the way (amax's
+            # unselected elements), and what this tensor holds is contamination alone
+            kept = frozenset(i for i in self.prov[o] if not (isinstance(i, _Incident) and i.kind != "contamination"))
+            if kept:
+                self.prov[o] = kept
+                self.split.pop(o, None)
 
     def _split_fresh(self, o, carried_mask, fresh_mask, incidents, contaminated) -> None:
         """Elements of ``o`` born here beside carried ones: which elements hold which incidents (``split``), so
