@@ -333,3 +333,56 @@ def test_an_unreplayable_step_is_the_root_cause_not_the_parameters_it_made_nan()
         f.downstream for f in report.findings if f is not roots[0]), str(report)
     (cause,) = report.causes
     assert cause.startswith("root cause at step 2") and "later step" in cause, cause
+
+
+def _loader_run(ctx, case: str, clip: bool = False):
+    """Six batches of 4 sequences of 5 tokens from a DataLoader; batch 3 brings a NaN (``used``: in a token the
+    loss reads, ``pad``: in the last token, which it slices away; ``saved``: as ``used``, read by a linear layer
+    that saves it for its backward, where ``used`` adds a position embedding first, which saves neither operand) or
+    makes one (``log``: a log of negatives)."""
+    torch.manual_seed(0)
+    data = torch.randn(24, 5, 4)
+    if case in ("used", "saved"):
+        data[13, 1, 2] = float("nan")
+    elif case == "pad":
+        data[13, 4, 2] = float("nan")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4)
+    lin, out = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)
+    pos = torch.nn.Parameter(torch.randn(5, 4))
+    params = [*lin.parameters(), *out.parameters(), pos]
+    opt = torch.optim.SGD(params, lr=0.1)
+    with ctx() as report:
+        for step, (x,) in enumerate(loader):
+            h = lin(x) if case == "saved" else lin(torch.layer_norm(x + pos, (4,)))
+            y = out(torch.tanh(h))[:, :4]
+            if case == "log":
+                y = torch.log(y + 200.0 - 300.0 * (step == 3))
+            y.pow(2).mean().backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad()
+    return report
+
+
+def _origins(report) -> list[tuple]:
+    """The findings that are no consequence of another: kind, where born, how many, when, and for data the
+    sentence naming it (not the line: the watch sees the backward call's only)."""
+    return [(f.kind, f.born_op, f.count, f.step, f.born.split(" (first used")[0] if f.born_op == "input" else None)
+            for f in report.findings if not f.downstream]
+
+
+@pytest.mark.parametrize("case", ["used", "pad", "saved", "log"])
+def test_the_explained_step_is_born_where_gw_trace_says(case):
+    """The step gw.watch() explains by replaying its backward met the graph's saved values last-computed first,
+    each a birth of its own ('arrived non-finite'): the root cause was a layer's output (tensor[20, 1]), the data
+    was listed among the NaN no gradient used (padding that contaminated), and DataLoader batches were not tagged
+    (only a running trace tagged them). The births are now made in the forward's order, derived values carry
+    their inputs' births, and the data is named with its batch, as gw.trace() of the same program names it."""
+    watched, traced = _loader_run(gw.watch, case), _loader_run(gw.trace, case)
+    assert _origins(watched) == _origins(traced), f"{watched}\n---\n{traced}"
+    assert watched.unused == traced.unused == [], f"{watched}\n---\n{traced}"
+    (cause,) = watched.causes
+    born = {"log": "aten.log at "}.get(case, "x arrived with 1 NaN value(s) in DataLoader batch 3")
+    assert cause.startswith(f"root cause at step 3: {born}"), cause
+

@@ -180,6 +180,9 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         self.names = _ByIdentity()
         self.derived = _ByIdentity()  # output of an op passed over unread -> weak references to its inputs
         self.batches = WeakTensorKeyDictionary()  # tensor -> index of the DataLoader batch it arrived in
+        # gw.watch()'s replay of a backward whose forward it did not trace: storage of a non-finite value the graph
+        # saved -> its births, found in the forward's order (_replay.forward_origins); empty otherwise
+        self.replayed: dict[int, frozenset] = {}
         self.module_names = _ByIdentity()  # module -> {id(param): name}
         self.nodes: dict[int, _Node] = {}
         self.parents: dict = {}  # node seq -> seqs of the nodes whose sensitivities it consumed
