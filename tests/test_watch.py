@@ -386,3 +386,17 @@ def test_the_explained_step_is_born_where_gw_trace_says(case):
     born = {"log": "aten.log at "}.get(case, "x arrived with 1 NaN value(s) in DataLoader batch 3")
     assert cause.startswith(f"root cause at step 3: {born}"), cause
 
+
+def test_a_clipped_step_tells_each_line_that_used_the_gradient_once():
+    """clip_grad_norm_ reads the NaN gradient and writes NaN into every gradient, then the optimizer writes them
+    into the parameters: the next steps' outputs inherit both lines' NaN, the backward's findings name the first.
+    The optimizer's line was a finding of its own, 'the output depends on it' with 'reaches: no gradient', and a
+    downstream finding said 'first at step 4' beside a cause that says the line wrote it at step 3. The cause now
+    tells both lines at step 3 and every downstream finding starts there (gw.trace() and gw.watch() alike)."""
+    for ctx in (gw.watch, gw.trace):
+        report = _loader_run(ctx, "pad", clip=True)
+        (cause,) = report.causes
+        assert "read it and wrote NaN/Inf into the other gradients at step 3" in cause, cause
+        assert "then " in cause and "wrote the non-finite gradient into the parameters at step 3" in cause, cause
+        assert all(f.reaches for f in report.findings), str(report)
+        assert [f.step for f in report.findings if f.downstream] == [3], str(report)
