@@ -9,7 +9,8 @@ met last, could be listed as a NaN no gradient used. So before the replay the gr
 forward's order (nodes by sequence number), as the trace would have carried its values forward:
 
 - a saved value that no node made (data, a parameter) and is non-finite is data that arrived so: an input birth,
-  named as the DataLoader batch tensor whose storage it shares (with the batch's index) where there is one;
+  named as the DataLoader batch tensor whose storage it shares (with the batch's index) where there is one, or
+  as the one unsaved non-finite batch tensor of its size (autocast saves a bf16 copy of x);
 - a node's output is non-finite when a value that it or another node saved of it is, finite when such values
   are finite (the NaN padding a slice dropped stops there), else unknown. A non-finite or unknown output carries
   the births that reached the node's inputs; a non-finite output that none reached was born:
@@ -124,7 +125,12 @@ def forward_origins(tracer, roots, at: tuple, batches: dict) -> dict[int, frozen
         k = _storage(v)
         got = data.get(k)
         if got is None:
-            src, batch, key = by_storage.get(k, (v if v._base is None else v._base, None, None))
+            hit = by_storage.get(k)
+            if hit is None:  # a copy of unsaved batch data (autocast's bf16 cast of x): the one of its size
+                whole = v if v._base is None else v._base
+                same = [(t, *batches[t]) for t, _ in unseen if t.numel() == whole.numel()]
+                hit = same[0] if len(same) == 1 else None
+            src, batch, key = hit or (v if v._base is None else v._base, None, None)
             name = tracer.names.get(src) or tracer._search_name(src, frame)
             if key and name.startswith("tensor["):  # no variable holds it (a Trainer's inputs dict): its key
                 name = key

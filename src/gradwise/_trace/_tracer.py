@@ -349,14 +349,16 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
             self._dig(func, loc, ins if i is not None else _tensors(args), [o], None, info)
 
     def _reads_gradients_only(self, args, kwargs) -> bool:
-        """Whether every tensor argument is a leaf's gradient (or a view of one), or made from those alone since
-        the backward ended."""
+        """Whether every tensor argument is a leaf's gradient (or a view of one), an output the backward
+        differentiated (Lightning detaches the loss after its backward, in grad mode, before the optimizer steps),
+        or made from those alone since the backward ended."""
         ts = _tensors(args) + _tensors(list(kwargs.values()))
         if not ts:
             return False
         if not self.grad_reads:
             self.grad_reads.update((id(g), g) for leaf, _ in self.names.items()
                                    if isinstance(g := _grad(leaf), torch.Tensor))
+            self.grad_reads.update((id(o), o) for r in self.root_outputs if (o := r()) is not None)
         return all(id(t) in self.grad_reads or (t._base is not None and id(t._base) in self.grad_reads)
                    for t in ts)
 
