@@ -333,3 +333,94 @@ def test_an_unreplayable_step_is_the_root_cause_not_the_parameters_it_made_nan()
         f.downstream for f in report.findings if f is not roots[0]), str(report)
     (cause,) = report.causes
     assert cause.startswith("root cause at step 2") and "later step" in cause, cause
+
+
+def _loader_run(ctx, case: str, clip: bool = False):
+    """Six batches of 4 sequences of 5 tokens from a DataLoader; batch 3 brings a NaN (``used``: in a token the
+    loss reads, ``pad``: in the last token, which it slices away; ``saved``: as ``used``, read by a linear layer
+    that saves it for its backward, where ``used`` adds a position embedding first, which saves neither operand;
+    ``bf16``: as ``saved`` under autocast, which saves a bf16 copy) or makes one (``log``: a log of negatives)."""
+    torch.manual_seed(0)
+    data = torch.randn(24, 5, 4)
+    if case in ("used", "saved", "bf16"):
+        data[13, 1, 2] = float("nan")
+    elif case == "pad":
+        data[13, 4, 2] = float("nan")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4)
+    lin, out = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)
+    pos = torch.nn.Parameter(torch.randn(5, 4))
+    params = [*lin.parameters(), *out.parameters(), pos]
+    opt = torch.optim.SGD(params, lr=0.1)
+    with ctx() as report:
+        for step, (x,) in enumerate(loader):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "bf16"):
+                h = lin(x) if case in ("saved", "bf16") else lin(torch.layer_norm(x + pos, (4,)))
+                y = out(torch.tanh(h))[:, :4].float()
+            if case == "log":
+                y = torch.log(y + 200.0 - 300.0 * (step == 3))
+            y.pow(2).mean().backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad()
+    return report
+
+
+def _origins(report) -> list[tuple]:
+    """The findings that are no consequence of another: kind, where born, how many, when, and for data the
+    sentence naming it (not the line: the watch sees the backward call's only)."""
+    return [(f.kind, f.born_op, f.count, f.step, f.born.split(" (first used")[0] if f.born_op == "input" else None)
+            for f in report.findings if not f.downstream]
+
+
+@pytest.mark.parametrize("case", ["used", "pad", "saved", "bf16", "log"])
+def test_the_explained_step_is_born_where_gw_trace_says(case):
+    """The step gw.watch() explains by replaying its backward met the graph's saved values last-computed first,
+    each a birth of its own ('arrived non-finite'): the root cause was a layer's output (tensor[20, 1]), the data
+    was listed among the NaN no gradient used (padding that contaminated), and DataLoader batches were not tagged
+    (only a running trace tagged them). The births are now made in the forward's order, derived values carry
+    their inputs' births, and the data is named with its batch, as gw.trace() of the same program names it."""
+    watched, traced = _loader_run(gw.watch, case), _loader_run(gw.trace, case)
+    assert _origins(watched) == _origins(traced), f"{watched}\n---\n{traced}"
+    assert watched.unused == traced.unused == [], f"{watched}\n---\n{traced}"
+    (cause,) = watched.causes
+    born = {"log": "aten.log at "}.get(case, "x arrived with 1 NaN value(s) in DataLoader batch 3")
+    assert cause.startswith(f"root cause at step 3: {born}"), cause
+
+
+def test_a_clipped_step_tells_each_line_that_used_the_gradient_once():
+    """clip_grad_norm_ reads the NaN gradient and writes NaN into every gradient, then the optimizer writes them
+    into the parameters: the next steps' outputs inherit both lines' NaN, the backward's findings name the first.
+    The optimizer's line was a finding of its own, 'the output depends on it' with 'reaches: no gradient', and a
+    downstream finding said 'first at step 4' beside a cause that says the line wrote it at step 3. The cause now
+    tells both lines at step 3 and every downstream finding starts there (gw.trace() and gw.watch() alike)."""
+    for ctx in (gw.watch, gw.trace):
+        report = _loader_run(ctx, "pad", clip=True)
+        (cause,) = report.causes
+        assert "read it and wrote NaN/Inf into the other gradients at step 3" in cause, cause
+        assert "then " in cause and "wrote the non-finite gradient into the parameters at step 3" in cause, cause
+        assert all(f.reaches for f in report.findings), str(report)
+        assert [f.step for f in report.findings if f.downstream] == [3], str(report)
+
+
+@pytest.mark.parametrize("ctx", [gw.watch, gw.trace])
+def test_detaching_the_loss_after_backward_starts_no_step(ctx):
+    """Lightning detaches the loss after its backward, in grad mode, before the optimizer steps (its precision
+    plugin's post_backward): that op started the next step, so the cause said the optimizer wrote the NaN gradient
+    into the parameters at step 4 for the backward of step 3. Reading the loss the backward differentiated starts
+    no step, as reading the gradients does not."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    with ctx() as report:
+        for step in range(5):
+            x = torch.randn(3, 4)
+            if step == 3:
+                x[1, 2] = float("nan")
+            loss = lin(x).square().mean()
+            loss.backward()
+            logged = loss.detach()  # noqa: F841 (as Lightning's post_backward)
+            opt.step()
+            opt.zero_grad()
+    (cause,) = report.causes
+    assert cause.startswith("root cause at step 3") and "into the parameters at step 3" in cause, cause

@@ -29,7 +29,7 @@ from gradwise._trace._facts import _DISCARDS, _NOT_DATA, _OVERFLOW_NAMES, _ZERO_
 from gradwise._trace._report import Finding, Report
 from gradwise._trace._store import Birth as _Birth
 from gradwise._trace._store import Incident as _Incident
-from gradwise._trace._store import _order, describe_arrivals, earliest
+from gradwise._trace._store import _order, describe_arrivals, earliest, root
 
 
 def _site(kind: str, birth: _Birth) -> tuple:
@@ -94,15 +94,24 @@ class _Assembly:
                         (b, None) for b in sorted(inc.births, key=_order) if b.op == "input" and b.loc == birth.loc)
                 add(key, lambda inc=inc, birth=birth, via=via: self._genuine(inc.kind, inc, birth, via),
                     birth.count if new else 0, inc.reaches, birth.indices, birth.occurrences if new else 0,
-                    inc.step, birth)  # where it reached a gradient (the cause names where it was born)
+                    # where it reached a gradient (the cause names where it was born); a gradient used as a value
+                    # from where the line used it (the cause's 'wrote it at step 150', not the next backward's 151)
+                    min(inc.step, birth.step) if birth.op == "gradient" else inc.step, birth)
             else:
                 key = (inc.kind, inc.node_op, inc.loc)
                 add(key, lambda inc=inc: self._genuine(inc.kind, inc, None), inc.count, inc.reaches, inc.indices,
                     inc.occurrences, inc.step, stand_in)
                 birthless.add(key)
+        # the roots of downstream findings: an output that inherited a NaN gradient written at another line of the
+        # same story (clip_grad_norm_ then the optimizer) is told in that cause, not as a finding reaching no gradient
+        told = {id(root(b)) for b in origin.values() if b.op == "gradient"}
+        uses: list[_Birth] = []  # such births (their lines are part of the cause's downstream)
         for via in sorted(self.output_births, key=lambda b: b.order):
             kind, birth = "nan" if via.nan else "inf", overflow_root(via)
             key = _site(kind, birth)
+            if key not in findings and birth.op == "gradient" and id(root(birth)) in told:
+                uses.append(birth)
+                continue
             if key in birthless:  # the output itself is NaN/Inf from the forward: that is the explanation
                 old = findings[key]
                 findings[key] = self._genuine(kind, None, birth, via)
@@ -140,7 +149,7 @@ class _Assembly:
         report.findings = sorted(findings.values(), key=lambda f: (order[f.kind], *_line_order(f.location)))
         report.causes = _causes.group(report.findings, {id(f): origin[k] for k, f in findings.items()
                                                               if k in origin}, _fmt, self.store.step,
-                                     self.param_writes, self.value_writes)
+                                     self.param_writes, self.value_writes, uses)
         report.notes = [f"{kind} tensors: {n} op(s) or value(s) passed over" + (f" (first: {op})" if op else "")
                         if not kind.startswith("not explained") else f"{op or 'a value'}: {kind} ({n}x)"
                         for kind, (n, op) in self.passed.items()]

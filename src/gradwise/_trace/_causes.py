@@ -40,11 +40,15 @@ def _use(loc, step: int, fmt, param_writes, value_writes) -> str:
 
 
 def group(findings: list[Finding], origin: dict[int, Birth], fmt, last_step: int, param_writes=frozenset(),
-          value_writes=frozenset()) -> list[str]:
+          value_writes=frozenset(), also=()) -> list[str]:
     """Mark downstream findings and return one line per root cause (earliest first). ``origin``: id(finding) ->
     the birth that explains it; ``fmt`` formats a location; ``last_step``: the last step traced;
     ``param_writes`` / ``value_writes``: the lines whose in-place ops made parameters / other tensors
-    non-finite (what a line that used a non-finite gradient did with it)."""
+    non-finite (what a line that used a non-finite gradient did with it); ``also``: births of gradients used as
+    values that no finding names, told among their root's downstream lines."""
+    extra: dict[int, list[Birth]] = {}
+    for b in also:
+        extra.setdefault(id(root(b)), []).append(b)
     by_root: dict[int, tuple[Birth, list[int]]] = {}
     for i, f in enumerate(findings, 1):
         b = origin.get(id(f))
@@ -70,7 +74,7 @@ def group(findings: list[Finding], origin: dict[int, Birth], fmt, last_step: int
             else:
                 parts.append(f"the output uses it{when}: genuine {'NaN' if f.kind == 'nan' else 'Inf'} (finding {n})")
         if down:
-            inherited = [origin[id(findings[n - 1])] for n in down]
+            inherited = [origin[id(findings[n - 1])] for n in down] + extra.get(id(r), [])
             first = min(inherited, key=lambda b: b.step)
             later = max(b.last for b in inherited) - first.step
             lines_used: dict = {}  # each line that used it, at its first step (in order)

@@ -74,6 +74,10 @@ class _Provenance:
         got = self.prov.get(t)
         if got and any(isinstance(p, _Incident) for p in got):
             return self._gradient_as_value(t, got, loc)
+        if got is None and self.replayed and t.layout is torch.strided:  # gw.watch()'s replay: the forward's order
+            got = self.replayed.get(t.untyped_storage().data_ptr())
+            if got is not None:
+                self.prov[t] = got
         if got is None and t._base is not None and _nonfinite(t._base):
             got = self.prov[t] = self._origin(t._base, loc)
         if got is None and (via := self._received_through(t)) is not None:
@@ -86,16 +90,20 @@ class _Provenance:
             if src is not t and (got := self.prov.get(src)) is not None:
                 self.prov[t] = got
         if got is None:
-            mask, nan = _nonfinite_mask(src), _has_nan(src)
             name = self.names.get(src) or self._search_name(src, _user_frame())
-            batch = self.batches.get(src if src._base is None else src._base)
-            b = self._birth("input", loc, nan, name, mask,
-                            lambda idx: _Birth("input", loc, "arrived non-finite", 0, idx, nan, name=name, batch=batch),
-                            batch=batch)
-            if batch is not None and batch not in b.batches and len(b.batches) < _KEEP:
-                b.batches.append(batch)
+            b = self._input_birth(src, loc, name, self.batches.get(src if src._base is None else src._base))
             got = self.prov[src] = self.prov[t] = frozenset([b])
         return got
+
+    def _input_birth(self, src: torch.Tensor, loc, name: str | None, batch: int | None) -> _Birth:
+        """The birth of data ``src`` that arrived non-finite (named ``name``; from DataLoader batch ``batch``)."""
+        mask, nan = _nonfinite_mask(src), _has_nan(src)
+        b = self._birth("input", loc, nan, name, mask,
+                        lambda idx: _Birth("input", loc, "arrived non-finite", 0, idx, nan, name=name, batch=batch),
+                        batch=batch)
+        if batch is not None and batch not in b.batches and len(b.batches) < _KEEP:
+            b.batches.append(batch)
+        return b
 
     def _derive(self, out, ins: list, loc) -> None:
         """An op passed over unread (a view, a copy, a finite-preserving op on tensors without provenance) at

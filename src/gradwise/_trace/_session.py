@@ -136,13 +136,25 @@ def _traced_next(it):
     batch = _ORIGINAL[2](it)
     tracer = _current()
     if tracer is not None:
-        tracer._safely("DataLoader", _tag_batch, tracer, batch, it._num_yielded - 1)
+        tracer._safely("DataLoader", _tag_batch, tracer.batches, batch, it._num_yielded - 1)
+    elif (watcher := _WATCHERS.get(threading.get_ident())) is not None:  # (a few dict writes per batch)
+        try:
+            _tag_batch(watcher.batches, batch, it._num_yielded - 1, keyed=True)
+        except Exception:  # a batch it cannot walk: its data is then named without its batch, never an error
+            pass
     return batch
 
 
-def _tag_batch(tracer: _Tracer, batch: object, index: int) -> None:
+def _tag_batch(tags, batch: object, index: int, keyed: bool = False) -> None:
+    """Tag a batch's tensors with its index (``keyed``: with the index and, for a dict batch, the tensor's key, a
+    name the watch can give data that no variable holds when it explains a step: Trainer's inputs["x"])."""
+    if keyed and isinstance(batch, dict):
+        for k, t in batch.items():
+            if isinstance(t, torch.Tensor):
+                tags[t] = (index, f"{k}" if isinstance(k, str) and k.isidentifier() else None)
+        return
     for t in _tensors(torch.utils._pytree.tree_leaves(batch)):
-        tracer.batches[t] = index
+        tags[t] = (index, None) if keyed else index
 
 
 def _dynamo_handlers_built() -> None:

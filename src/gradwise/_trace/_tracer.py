@@ -181,6 +181,9 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         self.names = _ByIdentity()
         self.derived = _ByIdentity()  # output of an op passed over unread -> weak references to its inputs
         self.batches = WeakTensorKeyDictionary()  # tensor -> index of the DataLoader batch it arrived in
+        # gw.watch()'s replay of a backward whose forward it did not trace: storage of a non-finite value the graph
+        # saved -> its births, found in the forward's order (_replay.forward_origins); empty otherwise
+        self.replayed: dict[int, frozenset] = {}
         self.module_names = _ByIdentity()  # module -> {id(param): name}
         self.nodes: dict[int, _Node] = {}
         self.parents: dict = {}  # node seq -> seqs of the nodes whose sensitivities it consumed
@@ -357,14 +360,16 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
             self._dig(func, loc, ins if i is not None else _tensors(args), [o], None, info)
 
     def _reads_gradients_only(self, args, kwargs) -> bool:
-        """Whether every tensor argument is a leaf's gradient (or a view of one), or made from those alone since
-        the backward ended."""
+        """Whether every tensor argument is a leaf's gradient (or a view of one), an output the backward
+        differentiated (Lightning detaches the loss after its backward, in grad mode, before the optimizer steps),
+        or made from those alone since the backward ended."""
         ts = _tensors(args) + _tensors(list(kwargs.values()))
         if not ts:
             return False
         if not self.grad_reads:
             self.grad_reads.update((id(g), g) for leaf, _ in self.names.items()
                                    if isinstance(g := _grad(leaf), torch.Tensor))
+            self.grad_reads.update((id(o), o) for r in self.root_outputs if (o := r()) is not None)
         return all(id(t) in self.grad_reads or (t._base is not None and id(t._base) in self.grad_reads)
                    for t in ts)
 

@@ -13,15 +13,17 @@ Design. A long training run pays for `gw.trace()` on every op of every step alth
 3. At the first non-finite gradient the step is explained: the kept graph is differentiated again under the
    trace (``torch.autograd.grad`` of the same outputs with respect to the same leaves: no ``.grad`` changes),
    which classifies every NaN/Inf element (contamination or genuine, which parameters it reaches). The forward
-   of that step was not recorded, so values that were already NaN/Inf in the graph are named by the variable
-   that holds them, with the line of the backward call; the autograd node tells the forward op. From then on the
-   block is traced in full (`gw.trace()`), so the following steps get birth lines and root causes.
+   of that step was not recorded: the values its graph saved are read first in the forward's order
+   (`_replay.forward_origins`), so the birth is the data (with its DataLoader batch: the watch tags batches as
+   the trace does) or the op that made the NaN/Inf, and what was computed from it carries that birth; lines are
+   the backward call's, the autograd node tells the forward op. From then on the block is traced in full
+   (`gw.trace()`), so the following steps get birth lines and root causes.
 
 The report (yielded by the ``with``) holds the explained step and everything traced after it; a run that
 never goes non-finite gets an empty report. ``step`` counts backward calls from 0.
 
 May import: torch, gradwise._masks, gradwise._strong_zeros (and, lazily, its _compile), gradwise._trace._common, _kinds,
-_report, _tracer, _session
+_replay, _report, _tracer, _session
 (whose per-thread tables it reads and writes as ``_session.<name>``).
 """
 from __future__ import annotations
@@ -33,10 +35,11 @@ import threading
 from collections.abc import Iterator
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from gradwise import _strong_zeros
 from gradwise._masks import all_finite
-from gradwise._trace import _common, _kinds, _session
+from gradwise._trace import _common, _kinds, _replay, _session
 from gradwise._trace._report import Report
 from gradwise._trace._tracer import _declared_node, _Tracer
 
@@ -52,6 +55,9 @@ class _Watcher:
         self.found_at: int | None = None
         self.unexplained: str | None = None  # why that step's backward could not be replayed
         self.joined_at: int | None = None  # the step where a gw.trace() block inside started the full trace
+        # DataLoader tensor -> (its batch's index, its key in a dict batch), as a running trace tags them: data
+        # that arrived non-finite in the explained step is named with its batch
+        self.batches = WeakTensorKeyDictionary()
 
     # -- the wrapped autograd entry points (called by _trace's wrappers for a watching thread) ------------
 
@@ -127,18 +133,26 @@ class _Watcher:
             seq = node._sequence_nr()
             if seq != _common._ACCUMULATE_SEQ:
                 tracer.nodes[seq] = _declared_node(node, at) or _common._Node(_node_op(node.name()), at)
+        batches = dict(self.batches.items())  # (the DataLoader batches still alive): tensor -> (index, key)
+        tracer.batches.update((t, i) for t, (i, _) in batches.items())
+        wanted = [t for t in leaves if t.requires_grad]
+        if wanted:
+            tracer._name_leaves(wanted, _common._user_frame(), at)  # (their .grad reads start no step: `_forward`)
+            # the births of the values the graph saved, in the forward's order (the replay meets them backwards)
+            tracer.replayed = tracer._safely("the untraced forward", _replay.forward_origins, tracer, roots, at,
+                                             batches) or {}
         _session._TRACERS[threading.get_ident()] = tracer
         tracer.__enter__()
-        wanted = [t for t in leaves if t.requires_grad]
         if not wanted:
             return
-        tracer._name_leaves(wanted, _common._user_frame(), at)  # (their .grad reads start no step: `_forward`)
         try:
             again = torch.autograd.grad(outs, wanted, seeds, retain_graph=True, allow_unused=True)
         except RuntimeError as exc:  # a graph that cannot be replayed (a compiled backward with donated buffers)
             self.unexplained = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
             self._unexplained_gradients(tracer, leaves, returned, at)
             return
+        finally:
+            tracer.replayed = {}  # (storages are reused once the graph is freed)
         given = {id(leaf): r for leaf, r in zip(leaves, returned, strict=False)} if returned is not None else {}
         for leaf, g in zip(wanted, again, strict=True):
             # the replay's provenance stands for the real gradient (.grad, or what autograd.grad returned): an

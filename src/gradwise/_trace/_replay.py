@@ -1,0 +1,186 @@
+"""What gw.watch() can know of a forward it did not trace: the births of the non-finite values the step's autograd
+graph saved, found in the forward's order before the backward is replayed.
+
+gw.watch() explains its first non-finite step by differentiating the kept graph again under the trace. The replay
+meets the graph's saved values in the backward's order, last-computed first, and each non-finite one it met was a
+birth of its own ('arrived non-finite'): the earliest-made of them, the root cause, was then a layer's output or
+the logits ("tensor[48, 50]") where gw.trace() names the data ("x ... in DataLoader batch 150"), and the data,
+met last, could be listed as a NaN no gradient used. So before the replay the graph is walked once in the
+forward's order (nodes by sequence number), as the trace would have carried its values forward:
+
+- a saved value that no node made (data, a parameter) and is non-finite is data that arrived so: an input birth,
+  named as the DataLoader batch tensor whose storage it shares (with the batch's index) where there is one, or
+  as the one unsaved non-finite batch tensor of its size (autocast saves a bf16 copy of x);
+- a node's output is non-finite when a value that it or another node saved of it is, finite when such values
+  are finite (the NaN padding a slice dropped stops there), else unknown. A non-finite or unknown output carries
+  the births that reached the node's inputs; a non-finite output that none reached was born:
+  1. at the node's op, when that op can make NaN/Inf (it is no ``_FINITE_PRESERVING`` op) and every input it saved
+     or that a node made is known finite (log of a negative);
+  2. else in this step's DataLoader data that no node saved (GPT2's inputs_embeds: the add of the position
+     embeddings saves neither operand);
+  3. else it is a value that arrived non-finite, named by a variable or its shape (as the replay named it).
+
+The births are made in that order (the earliest is the root cause); the replay looks each value up by its storage
+(``_Provenance._origin``), since an unpacked saved output is a new tensor object at every unpack.
+
+May import: torch, gradwise._strong_zeros, gradwise._trace._advice, _common, _facts, _kinds, _store.
+"""
+from __future__ import annotations
+
+import torch
+
+from gradwise import _strong_zeros
+from gradwise._trace import _kinds
+from gradwise._trace._advice import _EXPLAIN
+from gradwise._trace._common import _ACCUMULATE_SEQ, _has_nan, _inexact, _nonfinite, _nonfinite_mask, _user_frame
+from gradwise._trace._facts import _FINITE_PRESERVING
+from gradwise._trace._store import Birth
+
+_ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad
+_KEEPS_FINITE = {f"aten.{op.__name__}" for op in _FINITE_PRESERVING}  # as node records name their op
+_RAW = "_raw_saved_"
+_RAW_NAMES: dict[type, tuple] = {}  # node type -> ((its _raw_saved_* attribute, whether it is an output), ...)
+
+
+def _raw_names(node, op: str) -> tuple:
+    """A node type's saved attributes, each with whether it holds an output of the node's op: autograd names
+    saved outputs ``result``, ``result1``... or by the op's named returns (flash attention's ``logsumexp``). A
+    non-differentiable output (layer norm's mean and rstd) unpacks without the node as its ``grad_fn``: it is no
+    data that arrived non-finite."""
+    names = _RAW_NAMES.get(type(node))
+    if names is None:
+        packet = getattr(torch.ops.aten, op[5:], None) if op.startswith("aten.") else None
+        returns = {r.name for o in (packet.overloads() if packet is not None else ())
+                   for r in getattr(packet, o)._schema.returns if r.name}
+        names = _RAW_NAMES[type(node)] = tuple(
+            (a, a[len(_RAW):].rstrip("0123456789") == "result" or a[len(_RAW):] in returns)
+            for a in dir(node) if a.startswith(_RAW))
+    return names
+
+
+def _saved(node, op: str) -> list[tuple[torch.Tensor, bool]]:
+    """The tensors ``node`` saved, unpacked, each with whether it is an output of the node; not those behind an
+    unpack hook (a checkpoint would run its forward again to give them) nor freed ones."""
+    out = []
+    for name, output in _raw_names(node, op):
+        try:
+            raw = getattr(node, name)
+            if any(r is not None and r.unpack_hook is not None for r in (raw if isinstance(raw, tuple | list)
+                                                                          else (raw,))):
+                continue
+            plain = "_saved_" + name[len(_RAW):]
+            value = getattr(node, plain) if hasattr(node, plain) else node.saved_tensors  # (a custom Function's)
+        except RuntimeError:  # freed by an earlier backward
+            continue
+        out.extend((v, output or v.grad_fn is node) for v in (value if isinstance(value, tuple | list) else (value,))
+                   if isinstance(v, torch.Tensor))
+    return out
+
+
+def _bad(t: torch.Tensor) -> bool:
+    return _inexact(t) and t.layout is torch.strided and _kinds.readable(t) and t.numel() > 0 and _nonfinite(t)
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    return t.untyped_storage().data_ptr() if t.layout is torch.strided and _kinds.readable(t) else None
+
+
+def _order(node) -> int:
+    """Forward order: a leaf's AccumulateGrad (which reports the largest sequence number) before every op."""
+    seq = node._sequence_nr()
+    return -1 if seq == _ACCUMULATE_SEQ else seq
+
+
+def forward_origins(tracer, roots, at: tuple, batches: dict) -> dict[int, frozenset]:
+    """Storage -> births of the non-finite values the graph under ``roots`` saved (``at``: the backward call's
+    location, where values of the untraced forward are born; ``batches``: DataLoader tensor -> (batch index, its
+    key in a dict batch or None)).
+    ``tracer.nodes`` already holds each node's op."""
+    nodes = sorted(_strong_zeros._walk(roots), key=_order)
+    ops = {n: _op(tracer, n) for n in nodes}
+    saved = {n: _saved(n, ops[n]) for n in nodes if type(n) is not _ACCUMULATE_GRAD}
+    known: dict = {}  # node -> an output of it that some node saved is non-finite (absent: none saved)
+    outputs: dict = {}  # node -> its first non-finite saved output
+    bad: dict[int, bool] = {}
+    for n, vals in saved.items():
+        for v, output in vals:
+            nf = bad[id(v)] = _bad(v)
+            g = n if output else v.grad_fn
+            if g is None or not _inexact(v):
+                continue
+            if nf:
+                known[g] = True
+                outputs.setdefault(g, v)
+            elif v.grad_fn is g and len(g._input_metadata) == 1:
+                # finite evidence only from a node's one differentiable output (not layer norm's mean beside it,
+                # nor one piece of an unbind)
+                known.setdefault(g, False)
+    by_storage = {k: (t, *tag) for t, tag in batches.items() if (k := _storage(t)) is not None}
+    seen = {_storage(v) for vals in saved.values() for v, _ in vals}
+    unseen = [(t, i) for t, i in batches.items() if _storage(t) not in seen and _bad(t)]
+    frame = _user_frame()
+    data: dict[int, frozenset] = {}
+
+    def arrived(v: torch.Tensor) -> frozenset:
+        k = _storage(v)
+        got = data.get(k)
+        if got is None:
+            hit = by_storage.get(k)
+            if hit is None:  # a copy of unsaved batch data (autocast's bf16 cast of x): the one of its size
+                whole = v if v._base is None else v._base
+                same = [(t, *batches[t]) for t, _ in unseen if t.numel() == whole.numel()]
+                hit = same[0] if len(same) == 1 else None
+            src, batch, key = hit or (v if v._base is None else v._base, None, None)
+            name = tracer.names.get(src) or tracer._search_name(src, frame)
+            if key and name.startswith("tensor["):  # no variable holds it (a Trainer's inputs dict): its key
+                name = key
+            got = data[k] = frozenset([tracer._input_birth(src, at, name, batch)])
+        return got
+
+    def born(node) -> frozenset:
+        """A non-finite output none of whose inputs' births reached ``node`` (the cases 1-3 above)."""
+        v, op = outputs[node], ops[node]
+        ins = [s for s, output in saved[node] if not output]
+        edges = [p for p, _ in node.next_functions if p is not None]
+        if op.startswith("aten.") and op not in _KEEPS_FINITE and ins and not any(bad[id(s)] for s in ins) and \
+                all(known.get(p) is False or type(p) is _ACCUMULATE_GRAD for p in edges):
+            nan, mask = _has_nan(v), _nonfinite_mask(v)
+            return frozenset([tracer._birth(op, at, nan, None, mask, lambda idx: Birth(
+                op, at, _why(op, ins, v, mask), 0, idx, nan))])
+        if unseen:
+            return frozenset().union(*(arrived(t) for t, _ in unseen))
+        return arrived(v)
+
+    out: dict = {}  # node -> births of its output's NaN/Inf
+    for n in nodes:
+        if type(n) is _ACCUMULATE_GRAD:
+            var = n.variable
+            out[n] = arrived(var) if _bad(var) else frozenset()
+            continue
+        came = frozenset().union(*(out.get(p, ()) for p, _ in n.next_functions if p is not None))
+        for s, output in saved[n]:
+            if not output and s.grad_fn is None and bad[id(s)]:
+                came |= arrived(s)
+        status = known.get(n)
+        out[n] = frozenset() if status is False else born(n) if status and not came else came
+    origins: dict[int, frozenset] = {}
+    for n, vals in saved.items():
+        for v, output in vals:
+            if bad[id(v)]:
+                got = out.get(n) if output else data.get(_storage(v)) if v.grad_fn is None else out.get(v.grad_fn)
+                if got:
+                    origins.setdefault(_storage(v), got)
+    return origins
+
+
+def _why(op: str, ins: list, out: torch.Tensor, mask: torch.Tensor) -> str:
+    """What made ``out``'s NaN/Inf from finite inputs: the trace's explanation where the op saved its one input
+    (log of values below 0), which is then the op's first argument."""
+    explain = _EXPLAIN.get(getattr(torch.ops.aten, op[5:], None))
+    what = explain(ins, out, mask) if explain is not None and len(ins) == 1 else "made from finite inputs"
+    return f"{what} (in this step's forward, not traced by gw.watch(): the op is its autograd node's)"
+
+
+def _op(tracer, node) -> str:
+    nd = tracer.nodes.get(node._sequence_nr())
+    return nd.op if nd is not None else node.name()
