@@ -424,3 +424,29 @@ def test_detaching_the_loss_after_backward_starts_no_step(ctx):
             opt.zero_grad()
     (cause,) = report.causes
     assert cause.startswith("root cause at step 3") and "into the parameters at step 3" in cause, cause
+
+
+def test_the_trace_holds_no_graph_after_a_second_backward():
+    """Between backwards the trace notes the outputs the backward differentiated (Lightning detaches its loss after
+    the backward, which starts no step): held strongly, the output kept its whole graph alive after the program let
+    it go (PyTorch's test_hook_closure_cycle and nested checkpoint tests under the trace)."""
+    import gc
+    import weakref
+
+    class Marker:
+        pass
+
+    def scope():
+        a = torch.tensor(1.0, requires_grad=True)
+        b = a.clone()
+        marker = Marker()
+        b.grad_fn.metadata["marker"] = marker
+        return b.clone(), weakref.ref(marker)
+
+    with gw.trace():
+        out, ref = scope()
+        out.backward(retain_graph=True)
+        out.backward(retain_graph=True)  # its seed, ones_like(out), reads the output between backwards
+        del out
+        gc.collect()
+        assert ref() is None

@@ -9,6 +9,7 @@ _session.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -197,7 +198,7 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         self.backward_ended = False  # the next grad-enabled forward op starts a new step
         # between a backward and the next step: the leaves' gradients and what ops made of them alone, by id (held,
         # so that ids stay theirs), filled on demand (`_reads_gradients_only`)
-        self.grad_reads: dict[int, torch.Tensor] = {}
+        self.grad_reads: dict[int, torch.Tensor | weakref.ref] = {}
         self.passed: dict[str, list] = {}  # kind -> [ops run without reading them, the first op] (_trace_kinds)
         self.provisional: list | None = None  # incidents of a plain pass gw.strong_zeros() may redo
         self.strong_ran = False
@@ -358,9 +359,13 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         if not self.grad_reads:
             self.grad_reads.update((id(g), g) for leaf, _ in self.names.items()
                                    if isinstance(g := _grad(leaf), torch.Tensor))
-            self.grad_reads.update((id(o), o) for r in self.root_outputs if (o := r()) is not None)
-        return all(id(t) in self.grad_reads or (t._base is not None and id(t._base) in self.grad_reads)
-                   for t in ts)
+            # (weakly: the outputs hold their graph, which must die with them, as it does without the trace)
+            self.grad_reads.update((id(o), weakref.ref(o)) for r in self.root_outputs if (o := r()) is not None)
+        return all(self._read_of(t) or (t._base is not None and self._read_of(t._base)) for t in ts)
+
+    def _read_of(self, t: torch.Tensor) -> bool:
+        held = self.grad_reads.get(id(t))
+        return held is t or (isinstance(held, weakref.ref) and held() is t)
 
     def _forget_oldest_nodes(self) -> None:
         """Keep the newest half of the node records (and their sensitivity links): memory stays bounded over
