@@ -1254,3 +1254,24 @@ def test_embedding_bag_per_sample_weights_of_a_discarded_bag(nan_in):
                               .pow(2).sum(), [emb, psw])
     torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)
     assert got[1][:5].equal(ref[1][:5]) and bool((got[1][5:] == 0).all())
+
+
+@pytest.mark.parametrize("reduce", ["amax", "amin", "max", "min"])
+def test_an_infinite_sensitivity_meets_a_reductions_unselected_zeros(reduce):
+    """(w.amax(-1) * inf).sum(): amax's backward multiplies the incoming sensitivity (inf, made above it from a
+    finite saved value) by its mask of the selected elements; the unselected elements are values the output never
+    uses (deleted, the gradient there is 0), and the strong-zero rule annihilates inf x 0 there. gw.grad's plan read
+    only what a structural zero reaches from above, saw nothing non-finite and ran plain: NaN (found by the trace's
+    agreement fuzzer)."""
+    w = torch.tensor([[1.0, 2.0, 3.0], [4.0, -1.0, 0.5]], requires_grad=True)
+    op = {"amax": lambda t: t.amax(-1), "amin": lambda t: t.amin(-1), "max": torch.max, "min": torch.min}[reduce]
+    got = gw.grad((op(w) * math.inf).sum(), w)[0]
+    with gw.strong_zeros():  # the rules themselves, whatever the plan
+        y = (op(w) * math.inf).sum()
+        ruled = torch.autograd.grad(y, w, grad_outputs=torch.ones_like(y))[0]
+    torch.testing.assert_close(got, ruled, equal_nan=True)
+    assert not got.isnan().any()
+    pick = w.detach().flatten() if reduce in ("max", "min") else w.detach()
+    chosen = (pick == op(w).detach().unsqueeze(-1) if reduce in ("amax", "amin") else pick == op(w).detach())
+    assert (got.flatten()[~chosen.flatten()] == 0).all()
+    assert got.flatten()[chosen.flatten()].isinf().all()

@@ -250,6 +250,12 @@ MAKES_NO_ZEROS = frozenset((
 # turn into a NaN/Inf of the backward, so the check before backward need not read it.
 COMPARES_SAVED_ONLY = frozenset(("ReluBackward0", "ThresholdBackward0", "HardtanhBackward0"))
 
+# Nodes whose backward multiplies the incoming sensitivity by a 0/1 mask of their own (amax/amin's
+# scale_grad_by_count, max()/min()'s evenly_distribute_backward: grad / count * (self == result)): an infinite
+# sensitivity from above meets those structural zeros inside the node, inf x 0 = NaN where the strong-zero rule
+# gives 0 at the unselected elements. The check before backward reads what makes the sensitivity that reaches them
+# (``_planning._sensitivity_finite``).
+SCALES_BY_ITS_ZEROS = frozenset(("AmaxBackward0", "AminBackward0", "MaxBackward1", "MinBackward1"))
 # Nodes that run another node's formula without showing its saved tensors: CopySlices (an in-place op on a view,
 # y[:2].sqrt_()) wraps the op's own backward, whose saved values (sqrt's NaN result) and singular points the check
 # cannot read. Where a structural zero reaches one, the backward runs under the mode (the wrapped formula's ops

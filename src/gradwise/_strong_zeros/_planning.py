@@ -6,6 +6,7 @@ May import: torch, gradwise._masks, _contract, _traced, _autograd_graph, _node_f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -18,6 +19,7 @@ from gradwise._strong_zeros._autograd_graph import _root_nodes
 from gradwise._strong_zeros._node_facts import (
     _NODE_TYPES,
     HIDES_ITS_FORMULA,
+    SCALES_BY_ITS_ZEROS,
     UNUSED_OUTPUTS,
     _node_type,
     _readable,
@@ -215,7 +217,41 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
         saved.extend(t for t in seeds if isinstance(t, torch.Tensor) and inexact(t))
     if not _all_finite(saved):
         return "strong"
+    scaling = [n for n in g.makers if type(n).__name__ in SCALES_BY_ITS_ZEROS]
+    if scaling and not _sensitivity_finite(scaling, g, seeds, seen):
+        return "strong"
     return "plain" if known_all else "compiled" if only_compiled else "check"
+
+
+def _sensitivity_finite(scaling: list, g: _Graph, seeds: Sequence[Any], seen: set[tuple]) -> bool:
+    """Whether the sensitivity reaching each node of ``scaling`` (SCALES_BY_ITS_ZEROS: it multiplies that
+    sensitivity by its own structural zeros) can only be finite: the seeds, and every saved value, saved number
+    and singular point of the nodes above it (between the roots and it), are finite and regular. A NaN/Inf there
+    would meet its zeros inside the node ((w.amax(-1) * inf).sum(): inf x 0 = NaN at w's unselected elements,
+    which the strong-zero rule annihilates). Read only where such a node is in the graph."""
+    parents: dict[Any, list] = {}
+    for node, edges in g.nodes.items():
+        for n, _ in edges:
+            if n is not None:
+                parents.setdefault(n, []).append(node)
+    above, stack = set(), list(scaling)
+    while stack:
+        for p in parents.get(stack.pop(), ()):
+            if p not in above:
+                above.add(p)
+                stack.append(p)
+    saved = [t for t in seeds if isinstance(t, torch.Tensor) and inexact(t)]
+    for node in above:
+        names, _, _, singular, _, _, _, _, _ = _NODE_TYPES[type(node)]
+        if not _read_saved(node, names, seen, saved):
+            return False  # (a checkpoint's or FSDP's hook would run: not known, so not finite)
+        if singular is not None and singular(node):
+            return False
+        for name in dir(node):
+            if name.startswith("_saved_") and isinstance(value := getattr(node, name, None), float) and \
+                    not math.isfinite(value):
+                return False
+    return _all_finite(saved)
 
 
 def _read_saved(node: Any, read: tuple[str, ...], seen: set[tuple], saved: list[torch.Tensor]) -> bool:
