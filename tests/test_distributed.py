@@ -181,16 +181,19 @@ def check_compiled_ddp_buckets(rank, world):
             for strong in (False, True):
                 model = _model()
                 step = torch.compile(DDP(model, bucket_cap_mb=1e-4))
+                before = gw.compile_stats()
                 for s in range(2):
                     model.zero_grad(set_to_none=True)
                     loss = _loss(step, _data(rank, s, padding=strong))
                     with gw.strong_zeros() if strong else contextlib.nullcontext():
                         loss.backward()
+            stats = {k: v - before[k] for k, v in gw.compile_stats().items()}
     finally:
         torch.distributed._DEFAULT_FIRST_BUCKET_BYTES = first
         torch._dynamo.reset()
     out = _compare(_grads(model), world, (1,))
     out["warnings"] = [str(w.message)[:200] for w in caught if issubclass(w.category, gw.GradwiseWarning)]
+    out["stats"] = stats
     return out
 
 
@@ -677,6 +680,8 @@ def test_compiled_ddp_split_into_buckets_takes_the_pass(two):
     for got in _per_rank(two, "check_compiled_ddp_buckets"):
         assert got["warnings"] == []
         assert got["finite"] and got["max_err"] < 1e-12  # float64; inductor may sum in another order
+        # both strong backwards ran the buckets' strong variants (compiled with the pass), none was opaque
+        assert got["stats"]["compiled"] == 2 and got["stats"]["opaque"] == 0, got["stats"]
 
 
 def test_unknown_nodes_run_one_backward_so_each_bucket_is_all_reduced_once(two):
