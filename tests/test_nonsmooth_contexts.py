@@ -385,6 +385,32 @@ def test_reentrant_checkpoint_at_a_comparison_tie_warns_nothing():
         assert float(gw.directional_derivative(wrapped, x, d)) == pytest.approx(one_sided(f, [x], [d]), abs=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:index_reduce\\(\\) is in beta:UserWarning")
+@pytest.mark.parametrize("name", ["relu6", "softshrink", "remainder", "scatter_reduce", "index_reduce"])
+def test_exported_kink_ops_reach_their_rules(name):
+    """An exported graph calls aten overloads; relu6 (MobileNets), softshrink, remainder/fmod and the scatter
+    max/min reductions had rules for their Python calls only and were refused at every tie there. Now their aten
+    schema reaches the same rule: the plain function's answer."""
+    w = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    index = torch.tensor([0, 1, 0, 1])
+    f = {"relu6": lambda v: (F.relu6(v * 6) * w).sum(),
+         "softshrink": lambda v: (F.softshrink(v, 1.0) * w).sum(),
+         "remainder": lambda v: (torch.remainder(v, 1.0) + torch.floor(v)).sum() + (torch.fmod(v, 0.3) * w).sum(),
+         "scatter_reduce": lambda v: (v.new_zeros(2).scatter_reduce(0, index, v, "amax", include_self=False)
+                                      * w[:2]).sum(),
+         "index_reduce": lambda v: (v.new_zeros(2).index_reduce(0, index, v, "amin", include_self=False)
+                                    * w[:2]).sum()}[name]
+    x = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    exported = _exported(f, x)
+    near = nearby_gradients(f, [x], n=150)
+    for seed in range(3):
+        g = gw.generalized_grad(exported, x, seed=seed)
+        torch.testing.assert_close(g, gw.generalized_grad(f, x, seed=seed))
+        assert hull_distance(flat(g), near) < 1e-6
+    d = torch.linspace(-1.0, 0.7, 4, dtype=torch.float64)
+    assert float(gw.directional_derivative(exported, x, d)) == pytest.approx(one_sided(f, [x], [d]), abs=1e-5)
+
+
 def test_many_calls_with_hooks_stay_exact():
     """The second and later calls on the same code carry tangents in their first pass (a memo per code object):
     a hook that changes the path must not break them either."""
