@@ -104,12 +104,21 @@ def _exported(f, like):
     return torch.export.export(Fn(f), (like + 0.37,)).module()
 
 
+def _saved_copies(f):
+    def g(x):  # the graph keeps copies of what it saves (as offloading and compression hooks do)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+            return f(x)
+    return g
+
+
 # context -> (wrapper of f given an example input, whether it may refuse instead of answering)
 CONTEXTS = {
     "tensor_hook": (lambda f, x: _hooked(f), False),
     "module_hooks": (lambda f, x: _full_backward_hook(f), False),
     "compile_eager": (lambda f, x: torch.compile(f, backend="eager"), False),
     "compile_inductor": (lambda f, x: torch.compile(f), False),
+    "compile_aot_eager": (lambda f, x: torch.compile(f, backend="aot_eager"), False),
+    "saved_tensors_hooks": (lambda f, x: _saved_copies(f), False),
     "checkpoint_reentrant": (lambda f, x: lambda y: checkpoint(f, y, use_reentrant=True), False),
     "checkpoint": (lambda f, x: lambda y: checkpoint(f, y, use_reentrant=False), False),
     "export": (lambda f, x: _exported(f, x), False),
@@ -261,7 +270,8 @@ def test_reverse_pass_inside_f_after_a_kink_is_refused():
 W = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
 UNARY = [torch.relu, torch.abs, lambda v: torch.clamp(v, -1.0, 1.0), lambda v: F.leaky_relu(v, 0.1),
          lambda v: v - v.flip(0) * 0.5, lambda v: 2 * v - 1, lambda v: torch.sort(v).values,
-         lambda v: torch.maximum(v, v.flip(0)), lambda v: torch.minimum(v, v.roll(1)), lambda v: v * W]
+         lambda v: torch.maximum(v, v.flip(0)), lambda v: torch.minimum(v, v.roll(1)), lambda v: v * W,
+         lambda v: torch.where(v > v.roll(1), v, v.roll(1)) - torch.where(v >= 0, v, 0.5 * v)]
 FINAL = [lambda v: v.sum(), lambda v: v.amax(), lambda v: v @ W, lambda v: torch.topk(v, 2).values @ W[:2],
          lambda v: F.max_pool1d(v.reshape(1, 1, 3), 2, 1).sum()]
 
@@ -311,6 +321,94 @@ def test_export_graph_of_a_pooling_net_is_exact():
     g1 = gw.generalized_grad(exported, x, seed=1)
     torch.testing.assert_close(g1, g0)
     assert hull_distance(flat(g0), nearby_gradients(plain, [x], n=100)) < 1e-5
+
+
+def test_saved_tensor_hooks_that_copy_keep_the_locked_branch():
+    """A generalized gradient writes each tie's ranked branch into the index or mask the first pass's backward reads;
+    saved_tensors_hooks whose pack copies (offloading, compression) made the graph keep the provisional copy:
+    relu(x) - relu(-x) got 2.0 at 0 and max(x, -x) + min(x, -x) (which is 0) got 2.0 (seed 0), silently; a
+    max-pool window took PyTorch's first index. The rules' own ops save their tensors without the hooks now."""
+    f = _saved_copies(lambda x: torch.maximum(x, -x) + torch.sort(torch.stack([x, -x])).values[0])
+    pool = lambda v: F.max_pool1d(v.abs().reshape(1, 1, 3), 2, 1).sum()
+    x3 = torch.zeros(3, dtype=torch.float64)
+    for seed in range(3):
+        assert float(gw.generalized_grad(_saved_copies(ident), ZERO, seed=seed)[0]) == 1.0
+        assert float(gw.generalized_grad(f, ZERO, seed=seed)[0]) == 0.0
+        assert torch.equal(gw.generalized_grad(_saved_copies(pool), x3, seed=seed)[0],
+                           gw.generalized_grad(pool, x3, seed=seed)[0])
+
+
+@pytest.mark.parametrize("outer", ["no_grad", "inference_mode"])
+def test_an_outer_no_grad_is_ignored_as_by_torch_func(outer):
+    """Called inside torch.no_grad() (an eval loop) every entry point crashed ('element 0 of tensors does not
+    require grad'; inference_mode: 'Inference tensors do not track version counter'). An outer grad mode is
+    ignored as torch.func.grad ignores it; inputs made in inference mode are refused with the way out."""
+    x = ZERO.clone()
+    with getattr(torch, outer)():
+        assert float(gw.generalized_grad(ident, x, seed=0)[0]) == 1.0
+        assert float(gw.directional_derivative(ident, x, -torch.ones_like(x))) == -1.0
+        assert gw.stationarity(ident, x).stationary is False
+        assert [float(e[0]) for e in gw.subdifferential(ident, x).elements] == [1.0]
+        assert gw.gradcheck(lambda v: v.abs(), x)
+        if outer == "inference_mode":
+            with pytest.raises(TypeError, match="made in inference mode"):
+                gw.generalized_grad(ident, torch.zeros(()))
+
+
+@pytest.mark.parametrize("name", ["module_hooks", "function_with_jvp"])
+def test_a_comparison_behind_code_that_runs_with_tangents_only(name):
+    """A comparison tie takes one pass with tangents that drops them after the tangent-free pass's last tie, found
+    by counting calls. A full backward hook's wrapper (its jvp: a view) and a custom Function's jvp run only with
+    tangents: the count shifted, the comparison lost its tangent and took PyTorch's tie value. ident(where(v > 0,
+    v, 2 v)) at 0 got the gradient 0 (slopes 1 and 2 only), silently. The pass now follows the tangent-free
+    pass's calls or keeps every tangent; the hook's view is not counted."""
+    f = lambda v: ident(torch.where(v > 0, v, 2 * v)).sum()
+    x = torch.zeros(2, dtype=torch.float64)
+    near = nearby_gradients(f, [x], n=100)
+    for seed in range(3):
+        g = gw.generalized_grad(CONTEXTS[name][0](f, x), x, seed=seed)
+        torch.testing.assert_close(g, gw.generalized_grad(f, x, seed=seed))
+        assert hull_distance(flat(g), near) < 1e-9
+
+
+def test_reentrant_checkpoint_at_a_comparison_tie_warns_nothing():
+    """At a comparison tie gradwise checks f's plain value for a jump; that call ran outside its passes, so a
+    reentrant checkpoint saw inputs without requires_grad and PyTorch warned 'None of the inputs have
+    requires_grad=True' on every call (an error under pytest's warnings-as-errors). It runs plainly now."""
+    f = lambda v: (torch.where(v > v.roll(1), v, v.roll(1)) - torch.where(v >= 0, v, 0.5 * v)).sum()
+    x = torch.zeros(3, dtype=torch.float64)
+    wrapped = CONTEXTS["checkpoint_reentrant"][0](f, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(gw.generalized_grad(wrapped, x, seed=0), gw.generalized_grad(f, x, seed=0))
+        d = torch.ones(3, dtype=torch.float64)
+        assert float(gw.directional_derivative(wrapped, x, d)) == pytest.approx(one_sided(f, [x], [d]), abs=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:index_reduce\\(\\) is in beta:UserWarning")
+@pytest.mark.parametrize("name", ["relu6", "softshrink", "remainder", "scatter_reduce", "index_reduce"])
+def test_exported_kink_ops_reach_their_rules(name):
+    """An exported graph calls aten overloads; relu6 (MobileNets), softshrink, remainder/fmod and the scatter
+    max/min reductions had rules for their Python calls only and were refused at every tie there. Now their aten
+    schema reaches the same rule: the plain function's answer."""
+    w = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    index = torch.tensor([0, 1, 0, 1])
+    f = {"relu6": lambda v: (F.relu6(v * 6) * w).sum(),
+         "softshrink": lambda v: (F.softshrink(v, 1.0) * w).sum(),
+         "remainder": lambda v: (torch.remainder(v, 1.0) + torch.floor(v)).sum() + (torch.fmod(v, 0.3) * w).sum(),
+         "scatter_reduce": lambda v: (v.new_zeros(2).scatter_reduce(0, index, v, "amax", include_self=False)
+                                      * w[:2]).sum(),
+         "index_reduce": lambda v: (v.new_zeros(2).index_reduce(0, index, v, "amin", include_self=False)
+                                    * w[:2]).sum()}[name]
+    x = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    exported = _exported(f, x)
+    near = nearby_gradients(f, [x], n=150)
+    for seed in range(3):
+        g = gw.generalized_grad(exported, x, seed=seed)
+        torch.testing.assert_close(g, gw.generalized_grad(f, x, seed=seed))
+        assert hull_distance(flat(g), near) < 1e-6
+    d = torch.linspace(-1.0, 0.7, 4, dtype=torch.float64)
+    assert float(gw.directional_derivative(exported, x, d)) == pytest.approx(one_sided(f, [x], [d]), abs=1e-5)
 
 
 def test_many_calls_with_hooks_stay_exact():
@@ -443,6 +541,29 @@ def test_scatter_max_min_reductions(op, reduce, include_self):
     g = gw.generalized_grad(f, (s, d), seed=1)
     assert hull_distance(flat(g), nearby_gradients(f, [s, d], n=300)) < 1e-6
     assert gw.stationarity(f, (s, d)).exact
+
+
+@pytest.mark.filterwarnings("ignore:index_reduce\\(\\) is in beta:UserWarning")
+@pytest.mark.parametrize("op", ["scatter_reduce_", "index_reduce_"])
+def test_scatter_max_in_place_with_a_tie_in_one_destination(op):
+    """scatter_reduce_ / index_reduce_ with amax, one destination tied and one not: the rule ran PyTorch's
+    out-of-place op on the destination (which saves it for its backward) and then wrote the result into it, so
+    generalized_grad and stationarity crashed ('modified by an inplace operation'). Now exact as the out-of-place
+    form: in the hull of nearby gradients, the same answer."""
+    index = torch.tensor([0, 1, 0, 1, 1, 0])
+    w = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    if op == "scatter_reduce_":
+        f = lambda s: (torch.zeros(2, dtype=s.dtype).scatter_reduce_(0, index, s, "amax") * w).sum()
+        plain = lambda s: (torch.zeros(2, dtype=s.dtype).scatter_reduce(0, index, s, "amax") * w).sum()
+    else:
+        f = lambda s: (torch.zeros(2, dtype=s.dtype).index_reduce_(0, index, s, "amax") * w).sum()
+        plain = lambda s: (torch.zeros(2, dtype=s.dtype).index_reduce(0, index, s, "amax") * w).sum()
+    s = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 2.0], dtype=torch.float64)  # destination 0 tied, 1 not
+    for seed in range(3):
+        g = gw.generalized_grad(f, s, seed=seed)
+        torch.testing.assert_close(g, gw.generalized_grad(plain, s, seed=seed))
+        assert hull_distance(flat(g), nearby_gradients(plain, [s], n=200)) < 1e-6
+    assert gw.stationarity(f, s).stationary is False
 
 
 @pytest.mark.parametrize("layout", ["offsets", "2d", "last_offset"])

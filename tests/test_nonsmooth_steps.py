@@ -154,6 +154,87 @@ def test_rounded_quotient_jumps_that_cancel():
     assert float(gw.directional_derivative(g, x + 0.5, torch.ones(3, dtype=f64))) == 0.0
 
 
+# --- remainder and fmod ------------------------------------------------------------------------------------------
+
+MODULOS = {"remainder": torch.remainder, "%": lambda x, m: x % m, "Tensor.remainder": lambda x, m: x.remainder(m),
+           "fmod": torch.fmod, "Tensor.fmod": lambda x, m: x.fmod(m)}
+
+
+def _jumps(f, xs, ds) -> bool:
+    """Whether f (float64) jumps along d: a step of 1e-12 moves it by far more than 1e-12 times the slope (a jump of
+    float32 inputs is an exact multiple, 1e-12 is below the distance to the next one)."""
+    with torch.no_grad():
+        moved = [float(f(*[x + h * d for x, d in zip(xs, ds, strict=True)]) - f(*xs)) for h in (1e-12, 2e-12)]
+    return abs(moved[0]) > 1e-6 or abs(moved[1] - 2 * moved[0]) > 1e-9
+
+
+@pytest.mark.parametrize("name", sorted(MODULOS))
+def test_remainder_and_fmod_jump_only_at_exact_multiples(name):
+    """x % m at float32 points (x, m): float 0.1 is above 0.1, so 1.0, 2.0, -1.0 are no multiples of it (1.0 % 0.1 is
+    0.0999...) though x / m rounds to an integer there: both slopes are 1 (x) and -q (m). Was refused in every
+    direction (the quotient looked integral); now exact against float64 one-sided differences of the same float32
+    inputs, and refused where f jumps (exact multiples: 0.5 % 0.25, 0 % m for remainder, not for fmod)."""
+    mod = MODULOS[name]
+    f = lambda x, m: mod(x, m).sum()
+    dirs = [(1.0, 0.0), (-1.0, 0.0), (0.0, 1.0), (0.0, -1.0), (1.0, 3.0), (-0.5, 0.7)]
+    answered = refused = 0
+    for x0 in (1.0, 2.0, -1.0, 0.3, 0.0, 0.5, -0.75):
+        for m0 in (0.1, -0.1, 0.3, 0.25, -0.25):
+            xs32 = (torch.tensor([x0]), torch.tensor([m0]))
+            xs = tuple(v.double() for v in xs32)  # the same numbers: fmod (and so the jumps) exact in both
+            for d in dirs:
+                ds = tuple(torch.tensor([v], dtype=f64) for v in d)
+                if _jumps(f, xs, ds):
+                    refused += 1
+                    with pytest.raises(NonsmoothError, match="jumps"):
+                        gw.directional_derivative(f, xs32, tuple(v.float() for v in ds))
+                elif x0 == 0 and d[0] == 0:  # the quotient stays at 0 to first order: further directions, which
+                    continue                  # may cross (documented: a zero tangent at a jump may be refused)
+                else:
+                    answered += 1
+                    got = float(gw.directional_derivative(f, xs32, tuple(v.float() for v in ds)))
+                    assert got == pytest.approx(one_sided(f, xs, ds, h=1e-12), abs=1e-3), (x0, m0, d)
+    assert answered > 100 and refused > 20
+
+
+def test_remainder_limit_is_the_other_side_of_the_multiple():
+    """At x = 0.75 = 3 m (m = 0.25), floor(x / m) m + x % m is x for both limits: % takes m on the side where the
+    quotient falls, so every direction (in x and m) is exact and there is one piece; fmod with trunc likewise at
+    -0.75. Without the limit written in, PyTorch's 0 there would make f jump (refused)."""
+    for mod, mode, x0 in ((torch.remainder, "floor", 0.75), (torch.fmod, "trunc", -0.75)):
+        f = lambda x, m, mod=mod, mode=mode: (torch.div(x, m, rounding_mode=mode) * m + mod(x, m)).sum()
+        xs = (torch.tensor([x0], dtype=f64), torch.tensor([0.25], dtype=f64))
+        for d in [(1.0, 0.0), (-1.0, 0.0), (0.0, 1.0), (0.0, -1.0), (1.0, 3.0), (-0.5, 0.7)]:
+            ds = tuple(torch.tensor([v], dtype=f64) for v in d)
+            assert float(gw.directional_derivative(f, xs, ds)) == pytest.approx(one_sided(f, xs, ds), abs=1e-5)
+        assert np.allclose(flat(gw.generalized_grad(f, xs)), [1.0, 0.0])
+        assert len(gw.subdifferential(f, xs).elements) == 1
+
+
+def test_trunc_division_and_fmod_use_the_real_quotient():
+    """ATen's trunc division truncates the rounded x / y: 1.0 / 0.1 rounds to 10, but float 0.1 is above 0.1 and the
+    real quotient is 9.99...: trunc 9, with no jump near (floor division already floors the real one). gradwise
+    gave 10 for d/dx of trunc(x / m) * x (silent, as PyTorch's own backward: float64 differences give 9), and fmod's
+    slope in m (-trunc(x / m), PyTorch: -10) was refused. Both follow the real quotient now."""
+    x, m = torch.tensor([1.0, 2.0, -1.0, 0.5, 0.3]), torch.tensor([0.1, 0.1, 0.1, -0.1, 0.7])
+    xs = (x.double(), m.double())  # the same numbers
+    for f in (lambda x, m: (torch.div(x, m, rounding_mode="trunc") * x).sum(), lambda x, m: torch.fmod(x, m).sum(),
+              lambda x, m: (x.fmod(m) * m).sum()):
+        got = flat(gw.generalized_grad(f, (x, m)))
+        for i in range(10):
+            e = torch.zeros(10, dtype=f64)
+            e[i] = 1.0
+            ds = (e[:5], e[5:])
+            assert got[i] == pytest.approx(one_sided(f, xs, ds, h=1e-12), abs=1e-2)
+            for d in (ds, tuple(-v for v in ds)):
+                got_d = float(gw.directional_derivative(f, (x, m), tuple(v.float() for v in d)))
+                assert got_d == pytest.approx(one_sided(f, xs, d, h=1e-12), abs=1e-2)
+    xr = x.clone().requires_grad_(True)  # away from rounding, PyTorch's gradient bit for bit
+    y = torch.tensor([0.7, 2.5, -1.2, 0.4, 0.9])
+    assert torch.equal(gw.generalized_grad(lambda x: torch.fmod(x, y).sum() * 3, x)[0],
+                       torch.autograd.grad(torch.fmod(xr, y).sum() * 3, xr)[0])
+
+
 # --- logit with eps ---------------------------------------------------------------------------------------------
 
 LOGITS = {"torch.logit": lambda x: torch.logit(x, 0.25), "Tensor.logit": lambda x: x.logit(eps=0.25),

@@ -55,8 +55,11 @@ class _Plain:
 
 
 def _identity_jvp(ctx, *tangents):
-    # the forward returns its inputs as they are: forward AD wants views of their tangents back
-    out = tuple(None if t is None else t.view_as(t) for t in tangents)
+    # the forward returns its inputs as they are: forward AD wants views of their tangents back. Unseen by
+    # gradwise's mode: a call only the passes with tangents make would shift their call counts against the
+    # tangent-free pass's (tangents stripped before its last tie: a full backward hook gave PyTorch's convention)
+    with torch._C.DisableTorchFunction():
+        out = tuple(None if t is None else t.view_as(t) for t in tangents)
     return out[0] if len(out) == 1 else out
 
 
@@ -186,14 +189,17 @@ class _CallState:
 
 def same_state(fn: Callable) -> Callable:
     """Decorate a public entry point: every pass of f it runs (`restore_state` first) starts from the random state
-    the call began with, and the buffers of the modules f runs end as one run of f leaves them."""
+    the call began with, and the buffers of the modules f runs end as one run of f leaves them. An outer
+    ``torch.no_grad()`` or ``inference_mode`` is ignored, as ``torch.func.grad`` does (f's own are kept): the
+    passes build graphs and tangents."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if getattr(_STATE, "call", None) is not None:  # nested (stationarity runs subdifferential)
             return fn(*args, **kwargs)
         call = _STATE.call = _CallState()
         try:
-            return fn(*args, **kwargs)
+            with torch.inference_mode(False), torch.enable_grad():
+                return fn(*args, **kwargs)
         finally:
             _STATE.call = None
             call.finish()
@@ -491,6 +497,9 @@ def check_input_values(xs, what: str = "inputs") -> None:
         if x.is_meta:
             raise TypeError(f"{what}[{i}] is a meta tensor (no values): kinks depend on values; pass a tensor with "
                             "data")
+        if x.is_inference() and what != "directions":  # (directions are copied: `_engine._check_directions`)
+            raise TypeError(f"{what}[{i}] was made in inference mode (an inference tensor cannot be differentiated): "
+                            "pass x.clone() made outside torch.inference_mode()")
         if x.is_complex():
             raise TypeError(f"{what}[{i}] is complex ({x.dtype}); derivatives need a real floating dtype: pass "
                             "torch.view_as_real(x) and rebuild the complex value inside f")

@@ -141,14 +141,15 @@ def _extra_directions(xs, gen: torch.Generator, n: int):
 MAX_EXTRA_PASSES = 3
 
 
-def _lex_passes(f, xs, single, first, gen, requires_grad, run_kw=None, strip_after=None):
+def _lex_passes(f, xs, single, first, gen, requires_grad, run_kw=None, strip_after=None, expect=None):
     """Run f along ``first``; while comparison ties stay unresolved, add random directions and rerun.
 
-    Returns the final run (its branches ranked by all directions) and its `_run` result.
+    Returns the final run (its branches ranked by all directions) and its `_run` result. ``expect``: the trail
+    the passes along ``first`` must follow (`_Diverged` otherwise).
     """
     run_kw = run_kw or {}
     run = _Run(**run_kw)
-    result = _run(f, xs, single, first, run, requires_grad, strip_after)
+    result = _run(f, xs, single, first, run, requires_grad, strip_after, expect=expect)
     history = run.kinks
     for extra in _extra_directions(xs, gen, MAX_EXTRA_PASSES) if _unresolved(run) else []:
         nxt = _Run(history=history, **run_kw)
@@ -158,7 +159,7 @@ def _lex_passes(f, xs, single, first, gen, requires_grad, run_kw=None, strip_aft
             break
     if history is not run.kinks:  # rerun along the first direction with every ranking column known
         run = _Run(history=history, **run_kw)
-        result = _run(f, xs, single, first, run, requires_grad, strip_after)
+        result = _run(f, xs, single, first, run, requires_grad, strip_after, expect=expect)
     return run, result
 
 
@@ -187,6 +188,7 @@ def _check_directions(xs, directions, single):
     if not isinstance(ds, (tuple, list)) or len(ds) != len(xs):
         raise TypeError(f"directions must match inputs: {len(xs)} tensor(s) shaped like the inputs")
     ds = tuple(_as_direction(d, x) for d, x in zip(ds, xs, strict=True))
+    ds = tuple(d.clone() if isinstance(d, Tensor) and d.is_inference() else d for d in ds)  # (no tangent otherwise)
     for i, (x, d) in enumerate(zip(xs, ds, strict=True)):
         if not isinstance(d, Tensor) or d.shape != x.shape:
             raise TypeError(f"directions[{i}] must be a tensor of shape {tuple(x.shape)}, got "
@@ -229,7 +231,7 @@ def _check_no_jump(f, xs, single, run: _Run, values: list[Tensor], exact: bool =
     if not jumps:
         return
     _ctx.restore_state()
-    with torch.no_grad():
+    with _ctx.pass_context(), torch.no_grad():  # (checkpoints plainly: no reentrant "requires_grad" warning)
         plain = _outputs(_call(f, tuple(x.detach() for x in xs), single))
     for p, q in zip(values, plain, strict=True):
         p, q = p.detach().nan_to_num(), q.nan_to_num()
@@ -327,7 +329,7 @@ def _raw_locked_grad(f, xs, single, seed, run_kw, direction, memo):
     if probe.kinks and d is None:
         d, gen = draw(xs, seed)
     if probe.kinks and not lockable:
-        return _full_pass_grad(f, xs, single, d, gen, run_kw, mode.used_at_tie, mode.last_tie)
+        return _full_pass_grad(f, xs, single, d, gen, run_kw, mode.used_at_tie, mode.last_tie, mode.trail)
     if not all(k.tangent for k in probe.kinks):
         ranked = _Run(**run_kw)
         ranked.known = {}
@@ -358,12 +360,18 @@ def _given(direction):
     return draw
 
 
-def _full_pass_grad(f, xs, single, d, gen, run_kw, used: set[int], strip_after: int | None):
+def _full_pass_grad(f, xs, single, d, gen, run_kw, used: set[int], strip_after: int | None, trail=None):
     """A generalized gradient from one pass along ``d`` (restricted to the ``used`` inputs) that ranks every tie as
     it goes and keeps its own graph: for kinks whose lock is more than a saved index (comparisons, norms at 0), and
-    for f whose passes take different paths with and without gradients."""
+    for f whose passes take different paths with and without gradients. Tangents are dropped after call
+    ``strip_after`` (the tangent-free pass's last tie) only while this pass follows that one's ``trail``: code
+    that runs with tangents only (a custom Function's jvp) shifts the count, and a tie would lose its tangent."""
     d = tuple(v if i in used else None for i, v in enumerate(d))
-    probe, (_, primals, leaves, _) = _lex_passes(f, xs, single, d, gen, True, run_kw, strip_after=strip_after)
+    try:
+        probe, (_, primals, leaves, _) = _lex_passes(f, xs, single, d, gen, True, run_kw, strip_after=strip_after,
+                                                     expect=trail if strip_after is not None else None)
+    except _Diverged:
+        probe, (_, primals, leaves, _) = _lex_passes(f, xs, single, d, gen, True, run_kw)
     y = _scalar(primals)
     _check_no_jump(f, xs, single, probe, [y])
     if any(k.comparison or k.indices_read for k in probe.kinks):  # and along -d: one jumping side is enough

@@ -85,6 +85,18 @@ def _ties(read: list[tuple], before: list[tuple]) -> bool:
     return False
 
 
+def _pop_saved_tensor_hooks() -> list[tuple]:
+    """Take off the saved-tensor hooks f runs under (``torch.autograd.graph.saved_tensors_hooks``, ``save_on_cpu``),
+    innermost first, for the caller to push back. A rule's ops must save their own tensors: a lock (the index or
+    mask the backward reads) is written after the ranking, and a copy a pack hook made would keep the provisional
+    branch (relu(x) - relu(-x) gave 2 at 0). Values are the same; those tensors are just not offloaded."""
+    hooks = []
+    while (top := torch._C._autograd._top_saved_tensors_default_hooks(False)) is not None:
+        hooks.append(top)
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+    return hooks
+
+
 class _Stop(Exception):
     """Raised by the mode once the pass has gone past the last kink it needs."""
 
@@ -254,7 +266,12 @@ class _KinkMode(TorchFunctionMode):
                                  "rules return new tensors (and PyTorch's forward-mode AD does not support out=). "
                                  "Call it without out= inside f")
         before, self.run.call = len(self.run.kinks), self.count
-        out = rule(self.run, func, *args, **kwargs)
+        hooks = _pop_saved_tensor_hooks()
+        try:
+            out = rule(self.run, func, *args, **kwargs)
+        finally:
+            for pair in reversed(hooks):
+                torch._C._autograd._push_saved_tensors_default_hooks(*pair)
         if len(self.run.kinks) > before:
             self.last_tie, self.used_at_tie = self.count, set(self.used)
             if any(map(_is_dual, (*args, *kwargs.values()))):

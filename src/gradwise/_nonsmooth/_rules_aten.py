@@ -1,7 +1,8 @@
 """Rules for aten overloads called directly (``_ATEN_ROUTES``, ``_aten_rule``) and the kink ops without a rule
 (added to ``UNRULED``).
 
-May import: torch, ``_rules`` and the rule modules it reads (``_rules_pointwise``, ``_rules_select``, ``_rules_norms``).
+May import: torch, ``_rules`` and the rule modules it reads (``_rules_pointwise``, ``_rules_select``, ``_rules_norms``,
+``_scatter``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from gradwise._nonsmooth._rules import KINK_RULES, UNRULED
 
 # _ATEN_ROUTES reads these modules' rules from KINK_RULES: they must be registered first.
 # isort: off
-from gradwise._nonsmooth import _rules_pointwise, _rules_select, _rules_norms  # noqa: F401
+from gradwise._nonsmooth import _rules_pointwise, _rules_select, _rules_norms, _scatter  # noqa: F401
 # isort: on
 
 aten = torch.ops.aten
@@ -33,7 +34,10 @@ _ATEN_ROUTES: dict[object, Callable] = {
                                      aten.gt, aten.ge, aten.lt, aten.le, aten.eq, aten.ne, aten.sign, aten.floor,
                                      aten.ceil, aten.round, aten.trunc, aten.frac,
                                      # (div: every overload; true division passes through)
-                                     aten.div, aten.floor_divide, aten.logit)},
+                                     aten.div, aten.floor_divide, aten.logit,
+                                     # (exported MobileNets' ReLU6, shrinkages, modulo, scatter max/min)
+                                     aten.relu6, aten.softshrink, aten.hardshrink, aten.remainder, aten.fmod,
+                                     aten.scatter_reduce, aten.index_reduce)},
     aten.max_pool1d: KINK_RULES[aten.max_pool1d],
     aten.max_pool2d: KINK_RULES[aten.max_pool2d_with_indices],
     aten.max_pool3d: KINK_RULES[aten.max_pool3d_with_indices],

@@ -1,5 +1,5 @@
 """Kink rules at singular points and for norms and distances: sqrt, pow, vector/matrix norms, cdist, pdist,
-dist, pairwise_distance, hypot, std, argmax/argmin/argsort/aminmax, msort, remainder/fmod, elu/selu/rrelu,
+dist, pairwise_distance, hypot, std, argmax/argmin/argsort/aminmax, msort, elu/selu/rrelu,
 smooth_l1_loss, triplet_margin_loss; eigvalsh at repeated eigenvalues.
 
 May import: torch, gradwise._masks, ``_errors``, ``_records``, ``_rules``, ``_rules_pointwise``, ``_rules_select``.
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from gradwise._masks import mask_any
 from gradwise._nonsmooth._errors import NonsmoothError
 from gradwise._nonsmooth._records import Kink, _user_line
-from gradwise._nonsmooth._rules import KINK_RULES, _finish, _is_dual, _split, _switch, kink_rule
+from gradwise._nonsmooth._rules import _finish, _is_dual, _split, _switch, kink_rule
 from gradwise._nonsmooth._rules_pointwise import _hinge, _pair, _reduce, abs, l1_loss, leaky_relu
 from gradwise._nonsmooth._rules_select import _reduce_select, sort
 
@@ -283,24 +283,6 @@ def std_mean(run, func, x, dim=None, unbiased=None, keepdim=False, *, correction
     if isinstance(dim, bool):
         dim, unbiased = None, dim
     return std(run, torch.std, x, dim, unbiased, keepdim, correction=correction), x.mean(dim, keepdim=keepdim)
-
-
-def _modulo(name: str, quotient: str):
-    def rule(run, func, x, m):
-        """x - m * q(x / m): continuous between multiples of m; at a multiple the quotient's rule takes its limit
-        along the direction, so a jump of f is an error and a continuous sum (floor(x) + x % 1) is exact."""
-        q = torch.floor if quotient == "floor" else torch.trunc
-        xp, mp = _split(x)[0], _split(m)[0] if isinstance(m, Tensor) else m
-        if not torch.is_floating_point(xp) or not mask_any(torch.as_tensor((xp / mp) == q(xp / mp))):
-            return func(x, m)
-        return x - m * KINK_RULES[getattr(aten, quotient)](run, q, x / m)
-
-    rule.__name__ = name
-    return rule
-
-
-kink_rule(aten.remainder, torch.remainder, Tensor.remainder, Tensor.__mod__)(_modulo("remainder", "floor"))
-kink_rule(aten.fmod, torch.fmod, Tensor.fmod)(_modulo("fmod", "trunc"))
 
 
 _SELU_ALPHA, _SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946

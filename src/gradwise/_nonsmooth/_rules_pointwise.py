@@ -489,19 +489,36 @@ def _quotient_sign(x, y, n: Tensor) -> Tensor | None:
         return torch.sign(key * torch.sign(torch.as_tensor(_split(y)[0], dtype=torch.float64)))
 
 
+def _real_trunc(x: Tensor, y: Tensor, kernel: Tensor) -> Tensor:
+    """trunc of the real quotient x / y. ATen's trunc division is trunc of the *rounded* x / y (its floor division
+    floors the real one, from fmod): 1.0 / 0.1 rounds to 10.0, but 0.1's float is above 0.1 and the real quotient
+    is 9.99...: 9, as float64 differences of float32 inputs see it. ``kernel`` itself (same object) where they
+    agree everywhere; else the real one: floor's, plus 1 where the quotient is negative and not an integer."""
+    with torch.no_grad():
+        real = torch.div(x, y, rounding_mode="floor")
+        real = torch.where((torch.fmod(x, y) != 0) & ((x < 0) != (y < 0)), real + 1, real)
+        off = (real != kernel) & (real == real)  # (a NaN quotient stays the kernel's)
+        return torch.where(off, real, kernel) if mask_any(off) else kernel
+
+
 def _rounded_quotient(run: _Run, x, y, mode: str, op: str) -> Tensor:
     """floor (trunc) of the real quotient x / y, as ``torch.div(x, y, rounding_mode=mode)`` computes it (derivative 0).
     It jumps where x is an exact multiple n y of y (fmod(x, y) == 0, exact in floating point; trunc not at n = 0):
     there the floor / trunc rule on the quotient takes its one-sided limit (n, or the next integer toward the side
     the quotient moves to, the sign of (x' - n y') / y; then further directions), checked like a comparison, so a
     jump of f is an error and a sum whose jumps cancel is exact. x / y rounding to an integer elsewhere (1 / 0.1)
-    is no jump: the kernel floors the exact quotient. y = 0 (or x, y not finite, or NaN): no jump, as floor of an
-    infinite quotient; at y = +-inf, 0 / y is one (-1 // inf is -1)."""
+    is no jump: the kernel floors the exact quotient (trunc rounds it first: `_real_trunc` gives the real one).
+    y = 0 (or x, y not finite, or NaN): no jump, as floor of an infinite quotient; at y = +-inf, 0 / y is one
+    (-1 // inf is -1)."""
     value = torch.div(x, y, rounding_mode=mode)
     n = _split(value)[0].detach()
     if not n.is_floating_point():
         return value
     xp, yp = (torch.as_tensor(_split(v)[0], dtype=n.dtype, device=n.device).detach() for v in (x, y))
+    if mode == "trunc":
+        exact = _real_trunc(xp, yp, n)
+        if exact is not n:
+            value, n = torch.where(exact != n, exact, value), exact
     with torch.no_grad():
         jump = torch.fmod(xp, yp) == 0
         jump = torch.broadcast_to(jump & (n != 0) if mode == "trunc" else jump & (n == n), n.shape)
@@ -544,6 +561,56 @@ for _call in (Tensor.floor_divide_, Tensor.__ifloordiv__):
     _ROUTES[_call] = _division("floor", inplace=True)
 for _call in (torch.div, torch.divide, Tensor.div, Tensor.divide, Tensor.div_, Tensor.divide_):
     _ROUTE_IF[_call] = _rounds
+
+
+def _fmod_divisor_slope(out: Tensor, xp: Tensor, mp: Tensor, m: Tensor) -> Tensor:
+    """fmod(x, m) with the derivative -trunc(x / m) to m of the real quotient. PyTorch's backward (and forward
+    mode) takes trunc of the rounded quotient: at 1.0 and float 0.1 it gives -10 where the slope is -9. Where they
+    differ, (m - m) times the difference moves the derivative alone (the value stays the kernel's)."""
+    with torch.no_grad():
+        kernel = torch.div(xp, mp, rounding_mode="trunc")
+        real = _real_trunc(xp, mp, kernel)
+    if real is kernel:
+        return out
+    off = (real != kernel).broadcast_to(out.shape)
+    return torch.where(off, out + (m - _split(m)[0].detach()) * (kernel - real), out)
+
+
+def _modulo(name: str, mode: str):
+    def rule(run, func, x, m):
+        out = func(x, m)
+        if not isinstance(out, Tensor) or not out.is_floating_point():
+            return out
+        xp, mp = (torch.as_tensor(_split(v)[0], dtype=out.dtype, device=out.device).detach() for v in (x, m))
+        if mode == "trunc" and isinstance(m, Tensor) and (m.requires_grad or _split(m)[1] is not None):
+            out = _fmod_divisor_slope(out, xp, mp, m)
+        with torch.no_grad():
+            at = torch.fmod(xp, mp) == 0
+        if not mask_any(at if mode == "floor" else at & (xp != 0)):
+            return out
+        n = torch.div(xp, mp, rounding_mode=mode)
+        q = _rounded_quotient(run, x, m, mode, f"aten.{name}")
+        step = (n - _split(q)[0].detach()).broadcast_to(out.shape)  # -1, 0 or 1: where the quotient left n
+        moved = step != 0
+        if not mask_any(moved):
+            return out
+        # PyTorch's value at a multiple is 0 (its derivative: 1 to x, -n to m); the other side's limit is step * m
+        # (derivative -(n - step) to m), added where the quotient moved only
+        return torch.where(moved, out + step * m, out)
+
+    rule.__name__ = name
+    rule.__doc__ = (f"x - m {mode}(x / m), PyTorch's value and derivative (1 to x, -{mode}(x / m) to m) away from "
+                    "its jumps. They sit where x is an exact multiple n m of m (fmod(x, m) == 0, exact in floating "
+                    "point: 1.0 is no multiple of float 0.1, though 1.0 / 0.1 rounds to 10; "
+                    f"{'every n' if mode == 'floor' else 'n != 0'}). There the quotient's rule "
+                    "(`_rounded_quotient`) takes its one-sided limit along the direction; where it leaves n, the "
+                    "value is that side's limit, +-m, so a jump of f is an error and a sum whose jumps cancel "
+                    "(floor(x) + x % 1) is exact.")
+    return rule
+
+
+kink_rule(aten.remainder, torch.remainder, Tensor.remainder, Tensor.__mod__)(_modulo("remainder", "floor"))
+kink_rule(aten.fmod, torch.fmod, Tensor.fmod)(_modulo("fmod", "trunc"))
 
 
 # --- logit with eps ---------------------------------------------------------------------------------------------

@@ -102,6 +102,9 @@ def _reduce_rule(name: str, index_1d: bool):
         if reduce not in ("amax", "amin"):
             return func(input, dim, index, src, reduce, include_self=include_self)
         inplace = func in (Tensor.scatter_reduce_, Tensor.index_reduce_)
+        target = input
+        if inplace:  # computed out of place, then written in: the op's backward must not read the overwritten input
+            input = input.clone()
         d = dim % max(input.dim(), 1)
         idx = index
         if index_1d:
@@ -112,7 +115,7 @@ def _reduce_rule(name: str, index_1d: bool):
         out = _select_reduce(run, op, input, d, idx, src, reduce == "amax", include_self, native)
         if out is None:
             out = getattr(torch, name)(input, dim, index, src, reduce, include_self=include_self)
-        return input.copy_(out) if inplace else out
+        return target.copy_(out) if inplace else out
 
     rule.__name__ = name
     rule.__doc__ = (f"{op} with amax/amin: among tied candidates of a destination (its own value with include_self, "

@@ -1,7 +1,7 @@
 """Jumps of the ops that read a float tensor into integers or bools (bucketize, searchsorted, histc, counts,
 nonzero, signbit, angle, unique, integer and bool casts, copies into integer tensors) and of rounded division
-(div with a rounding mode, floor_divide): added to ``_kinks.KINKS`` (kind ``"jump"``), apart from the kinks of
-continuous ops. Their outputs carry no derivative, so a rule-less
+(div with a rounding mode, floor_divide, remainder, fmod): added to ``_kinks.KINKS`` (kind ``"jump"``), apart from
+the kinks of continuous ops. Their outputs carry no derivative, so a rule-less
 call at such a point would give f a derivative of 0 across a jump: nonsmooth calculus refuses there
 (``_nonsmooth/_kink_watch.py``).
 
@@ -148,8 +148,25 @@ def _rounded_quotient_at_a_multiple(c):
     x, y = c.args[0], c.args[1]
     if mode is None or not (_float(x) or _float(y)):
         return None
+    return _at_multiples(x, y, mode)
+
+
+def _at_multiples(x, y, mode: str) -> Site:
+    """Where x is an exact multiple of y (fmod(x, y) == 0: exact in floating point), broadcast; trunc's quotient
+    does not jump at 0."""
     like = x if isinstance(x, Tensor) else y
     x, y = (torch.as_tensor(v, dtype=torch.result_type(x, y), device=like.device) for v in (x, y))
     at = torch.fmod(x, y) == 0
     shape = torch.broadcast_shapes(x.shape, y.shape)
     return Site(torch.broadcast_to(at & (x != 0) if mode == "trunc" else at, shape))
+
+
+@_kink(aten.remainder, aten.fmod, kind="jump", convention="1 to x, -floor(x / y) (fmod: -trunc) to y")
+def _remainder_at_a_multiple(c):
+    """remainder (fmod) is x - y floor(x / y) (trunc), the kernel's from fmod: it jumps where its quotient does,
+    where x is an exact multiple of y (fmod(x, y) == 0; x / y may round to an integer elsewhere: 1 % 0.1 is
+    0.0999... with no jump near), fmod not at 0; the backward is that of one side."""
+    x, y = c.args[0], c.args[1]
+    if not (_float(x) or _float(y)):
+        return None
+    return _at_multiples(x, y, "trunc" if c.packet.startswith("fmod") else "floor")

@@ -455,15 +455,6 @@ def _round_at_half(c):
     return Site(y - y.floor() == 0.5)
 
 
-@_kink(aten.remainder, aten.fmod, kind="jump", convention="1 to x, -floor(x / y) (fmod: -trunc) to y")
-def _remainder_at_multiple(c):
-    """remainder/fmod jump where x / y is an integer; the backward is that of one side."""
-    x, y = c.args[0], c.args[1]
-    if not (_float(x) or _float(y)):
-        return None
-    return Site(_integral(x / y))
-
-
 @_kink(aten.grid_sampler_2d, aten.grid_sampler_3d, convention="the gradient of the cell on one side")
 def _grid_sample_on_a_pixel(c):
     """Bilinear (trilinear) sampling is piecewise linear in the sample point, with a kink wherever a coordinate of
