@@ -71,6 +71,8 @@ class _Assembly:
                 continue
             if inc.annihilated and not inc.reaches:
                 continue  # a structural zero downstream annihilated it: the contamination found there says so
+            if inc.covered and not inc.reaches:
+                continue  # a gradient took it in beneath a genuine NaN/Inf at every element: that finding says so
             if not inc.reaches and (inc.kind == "contamination" or not inc.births):
                 # made in the backward (contamination, or from finite values: sqrt'(0) behind a relu), then dropped
                 # before any gradient: harmless

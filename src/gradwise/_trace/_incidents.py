@@ -53,7 +53,10 @@ class _Incidents:
             # mixing (a matmul): the elements the upstream NaN/Inf does not reach met a saved one here (a structural
             # zero of max's backward meeting an Inf row): classified as any meeting
             saved = [t for t in nf if t not in self.sens]
-            covered = _shadow.carried(func, args, kwargs or {}, upstream, o, out)
+            # (not a parameter an earlier backward made NaN, used as a value: it explains the whole step, the
+            # elements its NaN meets a zero sensitivity at included, as in _saved_met)
+            covered = None if any(b.op == "gradient" for t in saved for b in self._origin(t, loc)) else \
+                _shadow.carried(func, args, kwargs or {}, upstream, o, out)
             if covered is not None and bool(mask_any(mask & ~covered)):
                 fresh_mask, mask = mask & ~covered, mask & covered
                 fresh = self._classify(func, loc, o, fresh_mask, ins, sens_ins, saved, nd, args, out, kwargs)
@@ -312,8 +315,9 @@ class _Incidents:
         of two branches: run again under the strong-zero rules with those elements zeros, it says where the rest
         (genuine) reaches the output. Where it reaches every non-finite element, strong zeros leave each of them
         non-finite and the contamination is no finding there (it reached every gradient beside the genuine NaN,
-        against gw.grad); elsewhere the split follows the output. One contamination incident at a time; ops
-        without a strong-zero rule carry the whole provenance."""
+        against gw.grad), nor a value that no gradient used (``covered``: it stops here); elsewhere the split
+        follows the output. One contamination incident at a time; ops without a strong-zero rule carry the whole
+        provenance."""
         if args is None or out is None:
             return carried
         splits = [self.split.get(t) for t in upstream]
@@ -345,6 +349,7 @@ class _Incidents:
             return carried
         reached = mask & ~torch.isfinite(strong)
         if not bool(mask_any(mask & ~reached)):
+            inc.covered = True  # (used there, under the genuine NaN/Inf: no finding, nor a value nothing used)
             return rest
         if not bool(mask_any(reached)):
             return frozenset([inc])
