@@ -138,11 +138,11 @@ def test_dataloader_batches_with_the_same_padding_are_one_line():
         assert len(report.removed) == len(padding.removed) == strong, str(report)
         assert not strong or ("batches 0, 1, 2, 3" in report.removed[0] and "never uses it" in report.removed[0])
         # batch 1's padding meets its zero sensitivity beside the real NaN: an elementwise backward (tanh's)
-        # tells it apart as contamination too; the matmul's (mixing rows) names the real NaN alone there
-        mm = lambda r: [f for f in r.of_kind("contamination") if f.op == "aten.mm"]
-        assert _facts(mm(report)) == _facts(mm(padding)), str(report)
-        assert strong or "batches 0, 1, 2, 3" in next(f.born for f in report.of_kind("contamination")
-                                                      if f.op == "aten.tanh_backward"), str(report)
+        # tells it apart as contamination, but the matmuls after it mix the real NaN into every element of the
+        # gradients (gw.grad's are NaN wherever PyTorch's are): no contamination of batch 1 reaches a gradient
+        for op in ("aten.mm", "aten.tanh_backward"):
+            at = lambda r, op=op: [f for f in r.of_kind("contamination") if f.op == op]
+            assert _facts(at(report)) == _facts(at(padding)), str(report)
         assert "batches 0, 2, 3" in str(report) or strong
         assert _facts(report.of_kind("nan")) == _facts(real.of_kind("nan")), str(report)
 

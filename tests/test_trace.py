@@ -216,6 +216,45 @@ def test_contamination_no_gradient_receives_is_no_finding():
     assert any("aten.log at" in u and "in the backward" in u for u in report.unused), str(report)
 
 
+def test_contamination_beneath_a_genuine_nan_is_not_listed_as_unused():
+    """Contamination that a mixing op (the matmul to a weight's gradient, a bias sum) takes in beside a genuine NaN
+    covering each element it reaches is no finding (gw.grad's gradient is NaN there too), and no value that 'no
+    gradient used' either: the gradient used it. It was listed under 'Not errors' as unused: cross_entropy's
+    ignored NaN row beside a used one, and a padded training loop whose parameters are NaN from step 1 on (the
+    padding's zero sensitivity meets the NaN weight in the backward of the second Linear, reading-a-report's
+    example). Reference: the gradients with the discarded rows deleted, NaN at the same elements."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    x = torch.randn(4, 4)
+    x[1, 0] = x[2, 0] = math.nan  # row 1 used, row 2 ignored
+    y = torch.tensor([0, 1, -100, 2])
+    with gw.trace() as report:
+        F.cross_entropy(lin(x), y).backward()
+    kept = gw.grad(F.cross_entropy(lin(x[[0, 1, 3]]), y[[0, 1, 3]]), list(lin.parameters()))
+    assert all(torch.equal(p.grad.isnan(), k.isnan()) and k.isnan().all()
+               for p, k in zip(lin.parameters(), kept, strict=True))
+    assert [(f.kind, f.reaches) for f in report.findings] == [("nan", ["lin.bias", "lin.weight"])], str(report)
+    assert report.unused == [], str(report)
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gw.trace() as report:
+        for step in range(2):
+            xb = torch.cat((torch.randn(3, 6), torch.full((2, 6), math.nan)))
+            loss = model(xb)[:3].square().mean()
+            opt.zero_grad()
+            loss.backward()
+            if step:  # the parameters are NaN: without the padding, every gradient is NaN all the same
+                kept = gw.grad(model(xb[:3]).square().mean(), list(model.parameters()))
+                assert all(p.grad.isnan().all() and k.isnan().all()
+                           for p, k in zip(model.parameters(), kept, strict=True))
+            opt.step()
+    (c,) = report.of_kind("contamination")
+    assert c.born_op == "aten.full" and c.step == 0 and c.reaches == ["model.0.weight", "model.2.weight"], \
+        str(report)
+    assert report.unused == [], str(report)
+
+
 def test_whole_formula_sensitivities_are_not_kept_across_steps():
     """The trace keeps g at logcumsumexp's first backward op for its last; a finite backward never reaches that
     step, and the next backward drops what it kept: held one backward at most, not one per step."""
@@ -320,10 +359,10 @@ def test_a_computed_zero_below_a_selection_that_drops_nothing():
     assert not report.of_kind("contamination") and any("w" in f.reaches for f in report.of_kind("nan")), str(report)
 
 
-@pytest.mark.xfail(strict=True, reason="a zero the program computes (h[:, :2] - h[:, :2]) in the same tensor as a "
-                   "slice's structural zeros: the trace keeps no supports, so it takes every zero of that "
-                   "sensitivity as the slice's (gw.grad: NaN in columns 0-1, genuine; 0 in columns 2-3)")
 def test_a_computed_zero_beside_a_selections_zeros():
+    """A zero the program computes (h[:, :2] - h[:, :2]) in the same tensor as a slice's structural zeros: gw.grad
+    keeps NaN in columns 0-1 (genuine) and 0 in columns 2-3 (contamination). The trace kept no supports and took
+    every zero of that sensitivity for the slice's; its shadow strong pass (_trace/_shadow) tells them apart."""
     w = torch.randn(4, 4, requires_grad=True)
     x = torch.rand(6, 4)
     x[0] = math.nan
@@ -337,6 +376,7 @@ def test_a_computed_zero_beside_a_selections_zeros():
     with gw.trace() as report:
         torch.autograd.grad(program(), w)
     assert any("w" in f.reaches for f in report.of_kind("nan")), str(report)
+    assert any("w" in f.reaches for f in report.of_kind("contamination")), str(report)
 
 
 def test_seed_names_and_rows():

@@ -11,10 +11,13 @@ op whose inputs were finite, or held no NaN, and whose output was not) and carri
 
 In the backward, tensors derived from the incoming gradient (sensitivities) are tracked by identity
 (held weakly, `_ByIdentity`). A non-finite gradient element appears where a sensitivity first meets a non-finite
-value (a saved forward value, or one a backward formula made, like 0/0): if the sensitivity is zero there the
-output never used the value (**contamination**, which strong zeros remove), otherwise it is **genuine**. The
-backward is the user's own: nothing is re-run. Backward nodes are tied to the forward op (and source line) that
-created them through autograd sequence numbers.
+value (a saved forward value, or one a backward formula made, like 0/0): if the sensitivity is a *structural*
+zero there the output never used the value (**contamination**, which strong zeros remove), otherwise it is
+**genuine**. The backward is the user's own. Structural is decided as strong zeros decide it: when the step's
+forward met a NaN/Inf or a singular point, each backward op also runs under the strong-zero rules on the
+*shadows* of its arguments (``_shadow``), and the shadow says what strong zeros keep (genuine) and annihilate
+(contamination). Backward nodes are tied to the forward op (and source line) that created them through autograd
+sequence numbers.
 
 Kinks are found by the shared op facts (``gradwise._ops._kinks``: where each aten op kinks, PyTorch's convention
 there), run on the forward ops that create autograd nodes.
@@ -31,6 +34,7 @@ Modules (each imports only those above it, plus torch, gradwise._masks, gradwise
 ``_advice``       why a NaN/Inf was born (``_EXPLAIN`` and its explainers) and the fix texts of findings.
 ``_kinks``        ``kink_detector``: the shared kink facts as detectors (``_Hit``), and where on a comparison's tie.
 ``_checking``     ``_Checks``: output checks (immediate or batched), collectives, the gradients a backward starts from.
+``_shadow``       ``_Shadow``: gw.strong_zeros()' pass beside a backward that may meet NaN/Inf (supports, not values).
 ``_incidents``    ``_Incidents``: where a sensitivity meets a NaN/Inf; contamination or genuine.
 ``_provenance``   ``_Provenance``: births of NaN/Inf, provenance along forward ops, names of reached leaves.
 ``_kink_checks``  ``_KinkChecks``: kink checks of forward ops and the sensitivities that reach them.

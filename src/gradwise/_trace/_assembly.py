@@ -71,6 +71,8 @@ class _Assembly:
                 continue
             if inc.annihilated and not inc.reaches:
                 continue  # a structural zero downstream annihilated it: the contamination found there says so
+            if inc.covered and not inc.reaches:
+                continue  # a gradient took it in beneath a genuine NaN/Inf at every element: that finding says so
             if not inc.reaches and (inc.kind == "contamination" or not inc.births):
                 # made in the backward (contamination, or from finite values: sqrt'(0) behind a relu), then dropped
                 # before any gradient: harmless
@@ -154,7 +156,10 @@ class _Assembly:
                         if not kind.startswith("not explained") else f"{op or 'a value'}: {kind} ({n}x)"
                         for kind, (n, op) in self.passed.items()]
         report.removed = _causes.removed(self.strong_reads, self.store.incidents.values(), _fmt,
-                                         self.strong_removed)
+                                         self.strong_removed) + [
+            f"NaN/Inf that the backward of {op} at {_fmt(loc)} made from finite values (an infinite derivative, 0/0)"
+            f"{'' if n == 1 else f' ({n}x)'}: gw.strong_zeros() annihilated it where a structural zero met it; "
+            "nothing to fix" for (op, loc), n in self.strong_made.items()]
         report.unused = self._unused(removed={b for b, _ in self.strong_reads}, found=origin.values()) + [
             f"{op} at {loc} in the backward ({n} value{'s' if n != 1 else ''})" for (op, loc), n in unreached.items()]
         rank = _dist_rank()

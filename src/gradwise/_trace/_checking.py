@@ -2,7 +2,8 @@
 ``sync_every`` ops), reads what the strong-zero mode ran, follows collectives, and makes the gradients a
 backward starts from (``roots``).
 
-May import: torch, gradwise._masks, gradwise._strong_zeros, gradwise._trace._common, _facts, _kinds, _store.
+May import: torch, gradwise._masks, gradwise._strong_zeros, gradwise._trace._common, _facts, _kinds, _store,
+_shadow.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from torch.utils.checkpoint import _StopRecomputationError
 from gradwise._masks import all_finite
 from gradwise._trace import _common, _kinds
 from gradwise._trace._common import _grad, _held, _inexact, _loc, _nonfinite, _op_name, _tensors, _user_frame
+from gradwise._trace._shadow import _Shadow
 from gradwise._trace._store import Birth as _Birth
+from gradwise._trace._store import Incident as _Incident
 
 
 def _flag(o: torch.Tensor) -> torch.Tensor:
@@ -60,6 +63,29 @@ class _Checks:
         if read and func is not None and not func._schema.is_mutable and not self.strong_removed.issuperset(read) \
                 and self._safely(func, _annihilates, func, args, kwargs or {}, out):
             self.strong_removed.update(read)
+        incs = {i for t in ins if t in self.sens for i in self.prov.get(t, ()) if isinstance(i, _Incident)} \
+            if func is not None and not func._schema.is_mutable else set()
+        carried = {b for i in incs for b in i.births}
+        made = {(i.node_op, i.loc) for i in incs if not i.births}  # made in the backward (amax's g / 0)
+        if (made or not self.strong_removed.issuperset(carried)) \
+                and self._safely(func, _annihilates, func, args, kwargs or {}, out):
+            # a NaN/Inf sensitivity the output uses (genuine) meets a structural zero here (amax's unselected
+            # elements): the rule annihilates it there, and its births are removed there too
+            nd = self.nodes.get(seq)
+            site = (nd.op, nd.loc) if nd is not None else ("?", ("<backward>", 0))
+            for b in carried:
+                self.strong_reads[(b, site)] = self.strong_reads.get((b, site), 0) + 1
+            self.strong_removed.update(carried)
+            for key in made:
+                self.strong_made[key] = self.strong_made.get(key, 0) + 1
+        elif not read and self.dirty and func is not None and not func._schema.is_mutable \
+                and not any(_inexact(t) and _nonfinite(t) for t in ins) \
+                and self._safely(func, _annihilates, func, args, kwargs or {}, out):
+            # from finite values, the plain op makes NaN/Inf (0/0 at sqrt's singular point behind a selection) and
+            # the rule annihilates it: no birth to name, the backward op that made it is
+            nd = self.nodes.get(seq)
+            site = (nd.op, nd.loc) if nd is not None else ("?", ("<backward>", 0))
+            self.strong_made[site] = self.strong_made.get(site, 0) + 1
 
     def _collective(self, func, args, kwargs):
         """A collective (DDP's gradient all-reduce, FSDP's reduce-scatter): its buffers are written by the
@@ -233,6 +259,7 @@ class _Checks:
             self.root_outputs = [weakref.ref(o) for o in outputs if isinstance(o, torch.Tensor) and _inexact(o)]
             self.finite_outputs = None
             self.formula_g.clear()  # a formula whose last op met no NaN left its g: held one backward at most
+            self.shadow = _Shadow() if self.dirty else None
         for i, (o, g) in enumerate(zip(outputs, grads, strict=False)):
             births = [] if reentrant else [b for b in self.prov.get(o, ()) if isinstance(b, _Birth)]
             # a parameter made NaN by an earlier backward makes the whole output NaN: it explains the others

@@ -1,8 +1,10 @@
 """``_Incidents``: the part of the tracer that, in the backward, finds where a sensitivity meets a NaN/Inf
-and classifies it: contamination (the sensitivity is zero there) or genuine, rerunning an op under the strong-zero
-rules where it cannot tell otherwise (``_strong_rerun``).
+and classifies it: contamination (the sensitivity is a structural zero there) or genuine. Where the tracer runs a
+shadow strong pass (``_shadow``: the step's forward met a NaN/Inf or a singular point) the shadow decides, by the
+strong-zero rules' supports; elsewhere value heuristics do, rerunning an op under the strong-zero rules where they
+cannot tell otherwise (``_strong_rerun``).
 
-May import: torch, gradwise._strong_zeros, gradwise._masks, gradwise._trace._common, _facts, _store.
+May import: torch, gradwise._strong_zeros, gradwise._masks, gradwise._trace._common, _facts, _store, _shadow.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 
 from gradwise import _strong_zeros
 from gradwise._masks import mask_any
+from gradwise._trace import _shadow
 from gradwise._trace._common import _aligned, _fmt, _inexact, _nan_in, _nonfinite, _op_name, _positions, _tensors
 from gradwise._trace._facts import _BILINEAR, _DISCARDS, _ELEMENTWISE_DISCARDS, _PRODUCTS, _discard_key
 from gradwise._trace._store import Incident as _Incident
@@ -36,37 +39,87 @@ class _Incidents:
         # already non-finite upstream: carry it along, unless a structural zero annihilates it here. Elementwise,
         # the other elements are born here (a zero sensitivity from a slice meets a saved NaN beside an upstream
         # NaN): classified as any meeting
-        fresh = None
+        fresh = fresh_mask = None
         if _pairs(func, ins, o):
             covered = torch.zeros(o.shape, dtype=torch.bool, device=o.device)
             for t in upstream:
                 covered = covered | (~torch.isfinite(t)).broadcast_to(o.shape)
-            fresh, mask = mask & ~covered, mask & covered
+            fresh_mask, mask = mask & ~covered, mask & covered
             saved = [t for t in nf if t not in self.sens]
-            fresh = self._classify(func, loc, o, fresh, ins, sens_ins, saved, nd, args, out, kwargs)[0] \
-                if saved and bool(mask_any(fresh)) else None
+            # (no saved NaN/Inf: made here, 0/0 where where's structural zero meets log's 1/0, beside a carried NaN)
+            fresh = self._classify(func, loc, o, fresh_mask, ins, sens_ins, saved, nd, args, out, kwargs) \
+                if bool(mask_any(fresh_mask)) else None
+        elif self.shadow is not None and self.shadow.valid and args is not None and out is not None:
+            # mixing (a matmul): the elements the upstream NaN/Inf does not reach met a saved one here (a structural
+            # zero of max's backward meeting an Inf row): classified as any meeting
+            saved = [t for t in nf if t not in self.sens]
+            # (not a parameter an earlier backward made NaN, used as a value: it explains the whole step, the
+            # elements its NaN meets a zero sensitivity at included, as in _saved_met)
+            covered = None if any(b.op == "gradient" for t in saved for b in self._origin(t, loc)) else \
+                _shadow.carried(func, args, kwargs or {}, upstream, o, out)
+            if covered is not None and bool(mask_any(mask & ~covered)):
+                fresh_mask, mask = mask & ~covered, mask & covered
+                fresh = self._classify(func, loc, o, fresh_mask, ins, sens_ins, saved, nd, args, out, kwargs)
         carried = frozenset().union(*(self.prov.get(t, frozenset()) for t in upstream))
         if not self._annihilated(func, loc, o, mask, sens_ins, carried, nd, args, out, kwargs):
             self.prov[o] = self._through_view(func, upstream, args, kwargs, o, mask, carried, sens_ins, out)
             saved = [t for t in nf if t not in self.sens]
             if saved:
-                self._saved_met(func, loc, o, mask, ins, saved, carried, nd, args)
-        if fresh:
-            self.prov[o] = self.prov[o] | frozenset(fresh)
+                self._saved_met(func, loc, o, mask, ins, saved, carried, nd, args, kwargs, out, upstream)
+        if fresh and fresh[0]:
+            self._split_fresh(o, mask, fresh_mask, *fresh)
+        strong = self._strong_of(o)
+        if strong is not None and any(isinstance(i, _Incident) and i.kind != "contamination" for i in self.prov[o]) \
+                and bool(torch.isfinite(strong).all()):
+            # strong zeros hold no NaN/Inf here: a genuine NaN/Inf carried along was annihilated on the way (amax's
+            # unselected elements), and what this tensor holds is contamination alone
+            kept = frozenset(i for i in self.prov[o] if not (isinstance(i, _Incident) and i.kind != "contamination"))
+            if kept:
+                self.prov[o] = kept
+                self.split.pop(o, None)
+
+    def _split_fresh(self, o, carried_mask, fresh_mask, incidents, contaminated) -> None:
+        """Elements of ``o`` born here beside carried ones: which elements hold which incidents (``split``), so
+        that a selection further on that drops some of them (where's or masked_fill's backward) keeps the
+        provenance of the others alone. A split holds one incident apart: the fresh contamination (or the one
+        fresh incident); where ``o`` is split already, the fresh elements join the elements of the rest."""
+        got = self.split.get(o)
+        if got is not None:
+            kept, inc, rest = got
+            self.split[o] = (kept | fresh_mask, inc, rest | frozenset(incidents))
+        elif len(incidents) == 1:
+            self.split[o] = (carried_mask, incidents[0], self.prov[o])
+        else:  # contamination first, then genuine
+            self.split[o] = (carried_mask | (fresh_mask & ~contaminated), incidents[0],
+                             self.prov[o] | frozenset(incidents[1:]))
+        self.prov[o] = self.prov[o] | frozenset(incidents)
 
     def _classify(self, func, loc, o, mask, ins, sens_ins, nf, nd, args, out, kwargs) -> tuple[list, torch.Tensor]:
         """The incidents of the elements ``mask`` of ``o``, where a sensitivity first meets the NaN/Inf of ``nf``:
         contamination where that sensitivity is a structural zero, else genuine (contamination first); and the
         mask of the contaminated elements."""
-        genuine = self._nonzero_sensitivity_met(func, o, mask, ins, sens_ins, nf, args, out, kwargs)
-        # strong zeros' semantics: a zero sensitivity is structural only where an op that discards values
-        # (slice, where, mask, ignored targets...) made it; a zero the program computes (0 * sqrt(w)) is an
-        # ordinary zero, and 0 x NaN = NaN there is genuine, for the trace as for gw.grad
         discarded = self._discarded_by(sens_ins)
-        computed_zero = discarded is None and (self._from_a_product(sens_ins) or not self._maker_above(sens_ins)) \
-            and bool(mask_any(mask & ~genuine))
-        if computed_zero:
-            genuine = torch.ones_like(mask)
+        # (an op on a sparse/mkldnn operand: strong zeros run it as PyTorch does, and keep its NaN; the trace tells
+        # that contamination apart, as one they cannot remove)
+        strong = self._strong_of(o) if all(t.layout == torch.strided for t in ins) else None
+        if strong is not None:
+            # the shadow strong pass (_shadow): genuine where strong zeros leave the NaN/Inf, by their supports; a
+            # zero sensitivity there is one the program computed (sqrt'(inf) = 0), which no op that discards
+            # values made
+            genuine = ~torch.isfinite(strong)
+            computed_zero = _elementwise(func, ins, o) and bool(mask_any(
+                mask & genuine & ~self._nonzero_sensitivity_met(func, o, mask, ins, sens_ins, nf, args, out, kwargs)))
+        else:
+            genuine = self._nonzero_sensitivity_met(func, o, mask, ins, sens_ins, nf, args, out, kwargs)
+            # no shadow (a NaN/Inf made in a backward whose forward was finite): strong zeros' semantics by
+            # heuristics, a zero sensitivity is structural only where an op that discards values (slice, where,
+            # mask, ignored targets...) made it; a zero the program computes (0 * sqrt(w)) is an ordinary zero,
+            # and 0 x NaN = NaN there is genuine, for the trace as for gw.grad
+            computed_zero = discarded is None and (self._from_a_product(sens_ins)
+                                                   or not self._maker_above(sens_ins)) \
+                and bool(mask_any(mask & ~genuine))
+            if computed_zero:
+                genuine = torch.ones_like(mask)
         undecided = False
         incidents = []
         node = torch._C._current_autograd_node() if nd is None else None
@@ -107,21 +160,28 @@ class _Incidents:
                 self.provisional.append((inc, count, nd, _strong_zeros._STATE.in_mode))
         return incidents, mask & ~genuine
 
-    def _saved_met(self, func, loc, o, mask, ins, saved, carried, nd, args) -> None:
+    def _saved_met(self, func, loc, o, mask, ins, saved, carried, nd, args, kwargs=None, out=None,
+                   upstream=()) -> None:
         """A NaN/Inf sensitivity from upstream meets a saved forward value that is non-finite too (the backward of
         e / e.sum() reads the Inf sum of an overflowed exp, with the -inf sensitivity of a log(0)): where a
         nonzero sensitivity meets it, that value is used as well, and its births join the provenance as a
         genuine incident. Not where the upstream NaN/Inf already descends from the same births, nor from a
         gradient used as a value (a NaN parameter explains the whole step), nor where the op's mixing is not
-        known (only elementwise and bilinear ops are read)."""
+        known (only elementwise and bilinear ops are read). With a shadow strong pass: where strong zeros keep a
+        NaN/Inf here that the upstream one does not explain (a zero the program computed, 1/inf, meeting an
+        Inf the contamination upstream hides), also from the births of that contamination."""
         births = frozenset().union(*(self._origin(t, loc) for t in saved))
         before = frozenset().union(*(i.births if isinstance(i, _Incident) else (i,) for i in carried))
-        if not births - before or any(b.op == "gradient" for b in before | births):
-            return
         # a NaN/Inf sensitivity counts as nonzero only when it is genuine: contamination is what strong zeros
         # make a zero upstream, and a zero annihilates the saved NaN/Inf
         finite_only = all(isinstance(i, _Incident) and i.kind == "contamination" for i in carried)
-        if _elementwise(func, ins, o):
+        shadowed = self.shadow is not None and self.shadow.valid and args is not None and out is not None
+        if not (births - before or (shadowed and finite_only)) or any(b.op == "gradient" for b in before | births):
+            return
+        met = None
+        if not births - before:
+            pass  # (the same births: only what the shadow says is made here)
+        elif _elementwise(func, ins, o):
             met = torch.zeros(o.shape, dtype=torch.bool, device=o.device)
             for t in saved:
                 met = met | (~torch.isfinite(t)).broadcast_to(o.shape)
@@ -132,9 +192,11 @@ class _Incidents:
             met = met & nonzero
         elif func.overloadpacket in _BILINEAR and args is not None:
             met = self._indicators(func, args, saved, o, finite_only=finite_only)
-            if met is None:
-                return
-        else:
+        if shadowed:
+            kept = self.shadow.kept_here(func, args, kwargs or {}, upstream, o, out)
+            if kept is not None:
+                met = kept if met is None else met | kept
+        if met is None:
             return
         met = met & mask
         count, idx = _positions(met)
@@ -162,12 +224,16 @@ class _Incidents:
         if strong is None:
             if args is None or out is None or _strong_zeros._STATE.in_mode:
                 return False  # (in gw.strong_zeros()' pass the result is the rule's already: what is left stays)
-            if not self.outputs_finite() and not any(a in self.formula_masks for a in _tensors(args)):
+            if self.shadow is not None and self.shadow.valid:  # structural zeros known: what this op annihilates
+                gone = self.shadow.annihilated(func, args, kwargs or {}, sens_ins, o, out)
+                strong = None if gone is None else torch.where(gone, 0.0, float("nan"))
+            elif not self.outputs_finite() and not any(a in self.formula_masks for a in _tensors(args)):
                 # a non-finite output keeps the NaN softmax's and exp's zeros meet (not structural), and the trace
                 # cannot tell other zeros the program computed from structural ones; a mask the formula compared
                 # (amax's `x == amax`) selects whatever the outputs are
                 return False
-            strong = self._strong_rerun(func, args, kwargs or {}, sens_ins, o, out)
+            else:
+                strong = self._strong_rerun(func, args, kwargs or {}, sens_ins, o, out)
         if strong is None:
             return False
         gone = mask & torch.isfinite(strong)
@@ -238,6 +304,8 @@ class _Incidents:
         view = view & mask
         if not bool(mask_any(view)):
             return frozenset([inc])
+        if not bool(mask_any(mask & ~view)):  # none of the incident's elements left (a where dropped them)
+            return rest
         self.split[o] = (view, inc, rest)
         return carried
 
@@ -247,8 +315,9 @@ class _Incidents:
         of two branches: run again under the strong-zero rules with those elements zeros, it says where the rest
         (genuine) reaches the output. Where it reaches every non-finite element, strong zeros leave each of them
         non-finite and the contamination is no finding there (it reached every gradient beside the genuine NaN,
-        against gw.grad); elsewhere the split follows the output. One contamination incident at a time; ops
-        without a strong-zero rule carry the whole provenance."""
+        against gw.grad), nor a value that no gradient used (``covered``: it stops here); elsewhere the split
+        follows the output. One contamination incident at a time; ops without a strong-zero rule carry the whole
+        provenance."""
         if args is None or out is None:
             return carried
         splits = [self.split.get(t) for t in upstream]
@@ -273,12 +342,17 @@ class _Incidents:
                 return type(a)(swap(x) for x in a)
             return strong_of.get(id(a), a) if isinstance(a, torch.Tensor) else a
 
-        strong = self._strong_rerun(func, swap(list(args)), kwargs or {}, [swap(s) for s in sens_ins], o, out)
+        strong = self._strong_of(o)
+        if strong is None:
+            strong = self._strong_rerun(func, swap(list(args)), kwargs or {}, [swap(s) for s in sens_ins], o, out)
         if strong is None:
             return carried
         reached = mask & ~torch.isfinite(strong)
         if not bool(mask_any(mask & ~reached)):
+            inc.covered = True  # (used there, under the genuine NaN/Inf: no finding, nor a value nothing used)
             return rest
+        if not bool(mask_any(reached)):
+            return frozenset([inc])
         self.split[o] = (reached, inc, rest)
         return carried
 
@@ -300,6 +374,11 @@ class _Incidents:
         # Unknown mixing: contamination only when every sensitivity is zero throughout.
         nonzero_anywhere = any(bool((s != 0).any()) for s in sens_ins)
         return torch.full(o.shape, nonzero_anywhere, dtype=torch.bool)
+
+    def _strong_of(self, o) -> torch.Tensor | None:
+        """What gw.strong_zeros()' pass holds where this backward holds ``o`` (the shadow pass, ``_shadow``), or
+        None where the trace runs none."""
+        return self.shadow.strong(o) if self.shadow is not None else None
 
     def _indicators(self, func, args, nf, o, out=None, finite_only=False) -> torch.Tensor | None:
         """Of a bilinear op (linear in the sensitivity and in the saved value): the op evaluated on indicators

@@ -32,6 +32,8 @@ class _KinkChecks:
                 g.indices = _first(mask)
             g.count += count
             g.occurrences += 1
+            if hit.kind == "singular":  # an infinite derivative: the backward may make Inf (see _shadow)
+                self.dirty = True
             nd.kinks.append((key, mask if hit.aligned else None))
 
         mask = hit.mask

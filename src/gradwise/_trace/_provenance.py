@@ -187,6 +187,8 @@ class _Provenance:
         return got
 
     def _dig(self, func, loc, ins, bad, seq, info, args=None, out=None, kwargs=None) -> None:
+        if not self.depth:  # a forward NaN/Inf: this step's backward classifies by a shadow strong pass (_shadow)
+            self.dirty = True
         node_seq = seq[0] if isinstance(seq, tuple) else seq
         nd = self.nodes.get(node_seq) if node_seq is not None else None
         if loc is None:  # a node the forward did not record: a custom Function's backward runs the user's code

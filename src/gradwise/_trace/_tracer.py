@@ -49,6 +49,7 @@ from gradwise._trace._incidents import _Incidents
 from gradwise._trace._kink_checks import _KinkChecks
 from gradwise._trace._kinks import _Call, _Detector, kink_detector
 from gradwise._trace._provenance import _Provenance
+from gradwise._trace._shadow import _Shadow
 from gradwise._trace._store import Store
 
 # -- per-op facts, cached ------------------------------------------------------------------------------------
@@ -205,6 +206,8 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         self.reached_now: set = set()  # incidents that reached a gradient in this backward call (strong zeros)
         self.strong_reads: dict[tuple, int] = {}  # (birth, (node op, loc)) read in gw.strong_zeros()' passes
         self.strong_removed: set = set()  # births whose contamination gw.strong_zeros() annihilated
+        # (node op, loc) -> how often gw.strong_zeros()' pass annihilated a NaN/Inf its backward made from finite values
+        self.strong_made: dict[tuple, int] = {}
         self.n_fwd = self.n_bwd = 0
         self.last_seq = _get_sequence_nr()
         self.collective_bufs: dict[int, tuple] = {}  # storage -> (weak ref, op, loc) of collectives' tensors
@@ -213,6 +216,11 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         self.last_collective: tuple | None = None  # (op, loc) of the latest
         # step -> (op, loc, {leaf name: elements}, NaN seen, serial): gradients received through a collective
         self.receipts: dict[int, tuple] = {}
+        # this step's forward met a NaN/Inf or a singular point: its backward runs a shadow strong-zero pass, whose
+        # supports classify contamination and genuine (_shadow), held for one backward call (gw.strong_zeros()' own
+        # pass is its own shadow: the shadow passes over its ops)
+        self.dirty = False
+        self.shadow: _Shadow | None = None
 
     # -- dispatch --------------------------------------------------------------------------------------------
 
@@ -253,6 +261,8 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
         node = torch._C._current_autograd_node()
         if node is None and not self.depth:
             return self._forward(func, info, args, kwargs)
+        if info.mutable and self.shadow is not None:  # (a NaN step's backward: see _shadow)
+            self.shadow.before(func, args, kwargs)
         out = _run(func, args, kwargs)
         self._backward(func, info, node, args, out, kwargs)
         return out
@@ -283,6 +293,7 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
             self.backward_ended = False
             self.grad_reads.clear()
             self.store.step += 1
+            self.dirty = False
         seq = _get_sequence_nr()
         # this op made autograd node seq - 1: it is differentiated. A custom Function takes its number before its
         # forward runs (under no_grad): the first op inside it did not make that node
@@ -418,6 +429,8 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
             sens = True
         else:
             sens = False
+        if self.shadow is not None and self.shadow.valid:  # the strong-zero pass beside this one (_shadow): only
+            self.shadow.run(func, args, kwargs, out, self._safely(func, self.outputs_finite))  # where a NaN may come
         # gw.strong_zeros()' pass: a rule that reads a non-finite value handles it
         if _strong_zeros._STATE.in_mode:
             self.strong_ran = True

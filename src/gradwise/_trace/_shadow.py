@@ -1,0 +1,191 @@
+"""``_Shadow``: gw.strong_zeros()' pass run beside a traced backward that may meet NaN/Inf, so that the trace
+classifies contamination and genuine by the strong-zero rules' own structural supports, not by values.
+
+A zero sensitivity is structural only where a backward formula made it (a slice's padding, a where's unselected
+branch, relu's dead units) and carried it through ops that keep it one; a zero the program computes (sqrt'(inf),
+-1/inf**2, 0 * w) is an ordinary zero, and 0 x NaN = NaN there is genuine. Values cannot tell the two apart, so
+each backward op the trace sees also runs under ``_StrongZeroMode`` on the *shadows* of its arguments (what the
+strong pass holds where the real backward holds them), with one support table for the whole backward: where the
+real result is non-finite, the shadow says what strong zeros leave (genuine) and what they annihilate
+(contamination).
+
+Cost: only on a backward whose step's forward met a NaN/Inf or a singular point (``_Tracer.dirty``); elsewhere the
+trace keeps no shadow and pays one attribute test per backward op. A backward that runs ops with grad enabled
+(create_graph, a checkpoint's recomputation), meets an operand strong zeros cannot follow (sparse, mkldnn, nested:
+they keep its NaN, which the trace tells as contamination they cannot remove) or whose rerun fails gives up its
+shadow (``valid``): the trace then decides by its value heuristics, as for a NaN/Inf made in a backward whose
+forward was finite (an overflow).
+
+May import: torch, gradwise._strong_zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from gradwise import _strong_zeros
+from gradwise._strong_zeros import _contract
+
+
+class _Shadow:
+    """The strong-zero counterpart of one traced backward call: real tensor -> shadow (weakly, by the real one)."""
+
+    def __init__(self) -> None:
+        self.mode = _strong_zeros._StrongZeroMode()
+        self.of = WeakTensorKeyDictionary()
+        self.valid = True
+
+    def get(self, t):
+        """The shadow of ``t`` (``t`` itself where the backward has not made it: a saved forward value, a seed)."""
+        if not isinstance(t, torch.Tensor):
+            return t
+        s = self.of.get(t)
+        return t if s is None else s
+
+    def strong(self, o: torch.Tensor) -> torch.Tensor | None:
+        """What gw.strong_zeros()' pass holds where the backward holds ``o``; None where it is not known."""
+        if not self.valid:
+            return None
+        s = self.of.get(o)
+        return s if s is not None and s.shape == o.shape else None
+
+    def before(self, func, args, kwargs) -> None:
+        """Ahead of an in-place op: a written argument without a shadow gets a copy of its own, so the rerun
+        writes that copy (never the program's tensor) and starts from the value the real op started from."""
+        if not self.valid:
+            return
+        try:
+            for i, a in enumerate(func._schema.arguments):
+                if a.alias_info is None or not a.alias_info.is_write:
+                    continue
+                t = args[i] if i < len(args) and not a.kwarg_only else kwargs.get(a.name)
+                if isinstance(t, torch.Tensor) and t not in self.of:
+                    self.of[t] = self._copy(t)
+        except Exception:  # an explanation must never break the program it explains
+            self.valid = False
+
+    def run(self, func, args, kwargs, out, outputs_finite: bool) -> None:
+        """Run ``func`` under the strong-zero rules on the shadows of ``args``; map each real output to its
+        shadow. The strong pass's own ops (under gw.strong_zeros()) are their own shadows."""
+        if not self.valid:
+            return
+        if torch.is_grad_enabled() or _contract.unfollowed(args):
+            # create_graph, a forward recomputed in the backward, a sparse/mkldnn/nested operand (strong zeros run
+            # it as PyTorch does and drop its supports): not followed, the trace decides by values
+            self.valid = False
+            return
+        state = _strong_zeros._STATE
+        if state.in_mode:
+            return
+        finite, state.outputs_finite = state.outputs_finite, outputs_finite
+        try:
+            shadow_args = tree_map(self.get, args)
+            shadow_kwargs = tree_map(self.get, kwargs)
+            with self.mode:
+                res = func(*shadow_args, **shadow_kwargs)
+            real, _ = tree_flatten(out)
+            strong, _ = tree_flatten(res)
+            for r, s in zip(real, strong, strict=False):
+                if isinstance(r, torch.Tensor) and isinstance(s, torch.Tensor) and r is not s:
+                    self.of[r] = s
+        except Exception:  # an explanation must never break the program it explains: decided by values instead
+            self.valid = False
+        finally:
+            state.outputs_finite = finite
+
+
+    def annihilated(self, func, args, kwargs, sens, o, out) -> torch.Tensor | None:
+        """Bool over ``o``: where this op's structural zeros annihilate a NaN/Inf that strong zeros carry to it in
+        a sensitivity of ``sens`` (genuine upstream): PyTorch's op makes it non-finite from the shadows of its
+        arguments, and finite once those NaN/Inf are zeros, and the rules leave it finite. A NaN/Inf the real
+        backward carries there that strong zeros removed upstream (contamination), or that this op makes itself
+        (0/0 where a structural zero meets a zero), is no annihilation of a carried one. None where not known (an
+        in-place op: running it would write the shadows)."""
+        strong = self.strong(o)
+        if strong is None or func._schema.is_mutable:
+            return None
+        if all(bool(torch.isfinite(self.get(t)).all()) for t in sens if _inexact(t)):
+            return torch.zeros(o.shape, dtype=torch.bool, device=o.device)
+
+        def arg(a, zeroed):
+            # the sensitivities' shadows (their NaN/Inf zeros: ``zeroed``); other values made finite (a saved NaN
+            # meeting a structural zero here is the real backward's contamination, carried from where it was
+            # classified)
+            t = self.get(a)
+            if not isinstance(t, torch.Tensor) or not _inexact(t) or bool(torch.isfinite(t).all()):
+                return t
+            if any(a is s for s in sens) and not zeroed:
+                return t
+            return torch.nan_to_num(t, 0.0, 0.0, 0.0)
+
+        at = next((i for i, t in enumerate(tree_flatten(out)[0]) if t is o), None)
+        made = []
+        for zeroed in (False, True):
+            try:
+                res = func(*tree_map(lambda a, z=zeroed: arg(a, z), args),
+                           **tree_map(lambda a, z=zeroed: arg(a, z), kwargs))
+            except Exception:  # an explanation must never break the program it explains
+                return None
+            flat = tree_flatten(res)[0]
+            p = flat[at] if at is not None and at < len(flat) else None
+            if not isinstance(p, torch.Tensor) or p.shape != o.shape:
+                return None
+            made.append(torch.isfinite(p))
+        return ~made[0] & made[1] & torch.isfinite(strong)
+
+    def kept_here(self, func, args, kwargs, upstream, o, out) -> torch.Tensor | None:
+        """Bool over ``o``: where strong zeros hold a NaN/Inf that no NaN/Inf of the sensitivities ``upstream``
+        reaches (in their shadows): made here, from a saved value a nonzero sensitivity meets. None where not
+        known."""
+        strong = self.strong(o)
+        if strong is None:
+            return None
+        reached = carried(func, tree_map(self.get, args), tree_map(self.get, kwargs),
+                          [self.get(u) for u in upstream], o, out)
+        return None if reached is None else ~torch.isfinite(strong) & ~reached
+
+    def _copy(self, t: torch.Tensor) -> torch.Tensor:
+        """A shadow for ``t`` laid out as ``t``: the same view of its base's shadow (or of a copy of the base), so
+        that writes through either reach the other as they do in the program."""
+        base = t._base if t._base is not None else t
+        if base.layout != torch.strided:
+            return t.clone()
+        whole = self.of.get(base)
+        if whole is None or whole.shape != base.shape or whole.stride() != base.stride():
+            whole = torch.empty_strided(base.size(), base.stride(), dtype=base.dtype, device=base.device)
+            whole.copy_(base)
+            if base is not t:
+                self.of[base] = whole
+        if base is t:
+            return whole
+        return whole.as_strided(t.size(), t.stride(), whole.storage_offset() + t.storage_offset()
+                                - base.storage_offset())
+
+
+def carried(func, args, kwargs, upstream, o, out) -> torch.Tensor | None:
+    """Bool over ``o``: the elements a NaN/Inf of the sensitivities ``upstream`` reaches through ``func`` (the op
+    run again with every other non-finite value made 0); the rest of a non-finite ``o`` is a saved NaN/Inf met here.
+    None where it cannot tell (an in-place op, or a failure)."""
+    if func._schema.is_mutable:
+        return None
+
+    def arg(a):
+        if not isinstance(a, torch.Tensor) or not _inexact(a) or any(a is u for u in upstream) \
+                or bool(torch.isfinite(a).all()):
+            return a
+        return torch.nan_to_num(a, 0.0, 0.0, 0.0)
+
+    try:
+        res = func(*tree_map(arg, args), **tree_map(arg, kwargs))
+    except Exception:  # an explanation must never break the program it explains
+        return None
+    at = next((i for i, t in enumerate(tree_flatten(out)[0]) if t is o), None)
+    flat = tree_flatten(res)[0]
+    p = flat[at] if at is not None and at < len(flat) else None
+    return ~torch.isfinite(p) if isinstance(p, torch.Tensor) and p.shape == o.shape else None
+
+
+def _inexact(t: torch.Tensor) -> bool:
+    return (t.is_floating_point() or t.is_complex()) and t.layout == torch.strided
