@@ -215,14 +215,7 @@ def test_trace_agrees_with_strong_zeros(seed):
     assert not disagreements(seed), "\n".join(disagreements(seed))
 
 
-_PLAN_PLAIN = ("gw.grad's plan runs plain PyTorch where a NaN/Inf sensitivity from upstream (x * inf, a division by "
-               "0) meets amax's structural zeros, which the strong-zero rules (and the trace's shadow pass) "
-               "annihilate: seeds 1247, 1951, 2001, 2226, 2413, 2594 of 1000-2600; see "
-               "test_amax_of_an_infinite_sensitivity_under_gw_grad")
-
-
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=_PLAN_PLAIN)
 @pytest.mark.parametrize("block", range(20))
 def test_trace_agrees_with_strong_zeros_many(block):
     failed = {s: d for s in range(1000 + 50 * block, 1050 + 50 * block) if (d := disagreements(s))}
@@ -232,7 +225,6 @@ def test_trace_agrees_with_strong_zeros_many(block):
 # -- the disagreement classes the fuzzer found, each as a focused test ---------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=_PLAN_PLAIN)
 def test_amax_of_an_infinite_sensitivity_under_gw_grad():
     """(w.amax(-1) * inf).sum(): the unselected elements of w are values the output never uses (the same program
     with them deleted has gradient 0 there); the strong-zero rules give [0, 0, inf], gw.grad's plain plan NaN."""
