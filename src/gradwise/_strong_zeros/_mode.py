@@ -158,17 +158,18 @@ def _zero_preserved(func, args: tuple, kwargs: dict, out: object, sup: _Supports
     return (support | ~kept).expand(out.shape)
 
 
-def watch_functions(roots: list, mode: _StrongZeroMode) -> list:
+def watch_functions(roots: list, mode: _StrongZeroMode, nodes: list | None = None) -> list:
     """Hooks on the custom ``autograd.Function`` nodes of a graph for one strong pass (their handles, to remove):
     where structural zeros reach one and its backward returns a tensor no op under ``mode`` made (NumPy, a C++
     kernel called directly), the zeros are lost there (``mode.lost``: named if the gradients end up holding
-    NaN/Inf); a backward written with torch ops is followed by the rules."""
+    NaN/Inf); a backward written with torch ops is followed by the rules. ``nodes``: those to look at, where the
+    plan listed them (_planning._Graph.watched), else every node of the graph."""
     from torch.utils._python_dispatch import _disable_current_modes
 
     from gradwise._strong_zeros._autograd_graph import _walk
 
     handles = []
-    for node in _walk(roots):
+    for node in _walk(roots) if nodes is None else nodes:
         cls = getattr(node, "_forward_cls", None)
         if cls is None or cls.__name__ == "BackwardHookFunction":
             continue

@@ -51,11 +51,20 @@ def _in_formula() -> bool:
     return (not torch.is_grad_enabled() or _STATE.create_graph) and not _STATE.recomputing
 
 
+# same-size integer dtypes: a float's bits times 1 (kept) or 0 (+0.0) is exact, whatever it held (NaN, Inf)
+_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+         torch.bfloat16: torch.int16}
+
+
 def _annihilate(out: torch.Tensor, support: torch.Tensor | None) -> torch.Tensor:
-    """Writes 0 into ``out`` wherever ``support`` is False (whatever NaN/Inf was computed there)."""
+    """Writes 0 (+0.0) into ``out`` wherever ``support`` is False (whatever NaN/Inf was computed there)."""
     if support is not None:
         if out.requires_grad and torch.is_grad_enabled():  # create_graph: out= cannot be differentiated
             out.masked_fill_(~support.expand(out.shape), 0)
+        elif out.device.type == "cpu" and out.dtype in _BITS and support.dtype == torch.bool:
+            # the bits as integers times the mask: one vectorised pass, ~3x faster on CPU than where(out=), whose
+            # bool select is not vectorised (the same bits: kept elements untouched, the others +0.0)
+            out.view(_BITS[out.dtype]).mul_(support)
         else:  # one pass, where masked_fill_ needs the negated mask and is 1.5x slower on CPU
             torch.where(support, out, out.new_zeros(()), out=out)
     return out
