@@ -71,8 +71,8 @@ class _StrongZeroMode(LeanDispatchMode):
         if func.is_view:
             out = func(*args, **kwargs)  # a view reads its storage's mask: nothing to record...
             src = args[0] if args else None
-            if isinstance(out, torch.Tensor) and isinstance(src, torch.Tensor) and self.supports.tracked(src) \
-                    and out.untyped_storage()._cdata != src.untyped_storage()._cdata:
+            if isinstance(out, torch.Tensor) and isinstance(src, torch.Tensor) \
+                    and out.untyped_storage()._cdata != src.untyped_storage()._cdata and self.supports.tracked(src):
                 # ...unless it copied (to(dtype), reshape, contiguous met inside a decomposition)
                 s = self.supports.of(src)
                 self.supports.record(out, s.reshape(out.shape) if s.numel() == out.numel() else None)
