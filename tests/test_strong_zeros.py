@@ -1254,3 +1254,34 @@ def test_embedding_bag_per_sample_weights_of_a_discarded_bag(nan_in):
                               .pow(2).sum(), [emb, psw])
     torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)
     assert got[1][:5].equal(ref[1][:5]) and bool((got[1][5:] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(10, 64, 512), (3, 70000), (1, 300000), (7,), ()])
+def test_annihilation_is_where_bit_for_bit_with_a_bounded_temporary(dtype, shape):
+    """The rules' annihilation (a product's unsupported elements set to 0 whatever they hold) multiplies the bits as
+    integers by the mask on CPU, in slices of dim 0 where the tensor is large: the same bits as where(support, out,
+    0) (NaN, Inf and -0.0 kept or cleared alike; broadcast supports), and the multiply's temporary (the mask cast
+    to integers) stays bounded instead of growing with the gradient (it held a whole gradient's size before)."""
+    from gradwise._strong_zeros._rules import _CHUNK, _annihilate
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    x[x > 1] = nan
+    x[x < -1.5] = inf
+    x[(x > 0.5) & (x < 0.6)] = -0.0
+    bits = {torch.float64: torch.int64, torch.float32: torch.int32}.get(dtype, torch.int16)
+    for support_shape in (shape, shape[:1] + (1,) * (len(shape) - 1)):
+        support = torch.rand(support_shape, generator=gen) > 0.3
+        expected = torch.where(support, x, x.new_zeros(()))
+        got = x.clone()
+        cpu = [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=cpu, profile_memory=True) as prof:
+            _annihilate(got, support.expand(shape))
+        assert torch.equal(got.view(bits), expected.view(bits))
+        total = peak = 0
+        for _, n in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                           if e.name() == "[memory]"):
+            total += n
+            peak = max(peak, total)
+        assert peak <= _CHUNK * x.element_size()

@@ -28,7 +28,7 @@ import torch
 
 from gradwise._masks import mask_all, mask_any
 from gradwise._strong_zeros._node_facts import _MAKES_NO_ZEROS_IF, _NOT_READ, _OWN_ZEROS_INSIDE, NODE_FACTS, _hooked
-from gradwise._strong_zeros._rules import _BITS, _annihilate, _register, _run_unruled, _tracked_slots
+from gradwise._strong_zeros._rules import _annihilate, _kept_bits, _register, _run_unruled, _tracked_slots
 
 aten = torch.ops.aten
 
@@ -123,8 +123,7 @@ def _kept(t: torch.Tensor, keep: torch.Tensor, value: float) -> torch.Tensor:
     ``masked_fill``/``where`` return a contiguous copy, on which the fp16 memory-efficient backward computed
     finite, wrong gradients."""
     out = torch.empty_like(t)
-    if value == 0 and t.device.type == "cpu" and t.dtype in _BITS:  # the bits times the mask (see _annihilate)
-        torch.mul(t.view(_BITS[t.dtype]), keep, out=out.view(_BITS[t.dtype]))
+    if value == 0 and _kept_bits(t, keep, out):
         return out
     return torch.where(keep, t, t.new_full((), value), out=out)
 
