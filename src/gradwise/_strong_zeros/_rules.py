@@ -100,7 +100,13 @@ def _run_unruled(func, args, kwargs, sup, why: str | None) -> Any:
     out = func(*args, **kwargs)
     if why:
         _UNRULED.add(f"{func} ({why})")
-    tree_map(lambda o: sup.record(o, None) if isinstance(o, torch.Tensor) else o, out)
+    if isinstance(out, torch.Tensor):
+        sup.record(out, None)
+    elif type(out) is tuple and all(isinstance(o, torch.Tensor) for o in out):  # (the attention backwards')
+        for o in out:
+            sup.record(o, None)
+    else:
+        tree_map(lambda o: sup.record(o, None) if isinstance(o, torch.Tensor) else o, out)
     return out
 
 

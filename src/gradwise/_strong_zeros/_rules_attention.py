@@ -274,21 +274,23 @@ def _batch_subset(func, args, kwargs, sup, spec, entries: torch.Tensor, whole: b
                 new[spec.mask] = pick(mask)
         outs = func(*new, **new_kwargs) if whole else _attention_backward(func, tuple(new), new_kwargs, sup)
     results = []
+    whole_entries = entries.reshape((b,) + (1,) * (args[1].dim() - 1))  # the support where a part has none
     for j, like in enumerate(args[1:4]):
         part = None if outs is None else outs[j]
         full = _zeros_laid_out(like if part is None else part, b)
-        support = torch.zeros((b,) + (1,) * (full.dim() - 1), dtype=torch.bool, device=full.device)
+        support = whole_entries
         if part is not None:
             s = sup.of(part)
-            if s is not None:
-                support = support.expand(full.shape).clone()
-            kept = torch.ones((), dtype=torch.bool, device=full.device) if s is None else s
             if is_range:
                 full.narrow(0, start, n).copy_(part)
-                support.narrow(0, start, n).copy_(kept)
             else:
                 full.index_copy_(0, idx, part)
-                support.index_copy_(0, idx, kept.expand(part.shape[:1] + support.shape[1:]))
+            if s is not None:
+                support = whole_entries.expand(full.shape).clone()
+                if is_range:
+                    support.narrow(0, start, n).copy_(s)
+                else:
+                    support.index_copy_(0, idx, s.expand(part.shape))
         sup.record(full, support.expand(full.shape))
         results.append(full)
     return tuple(results)

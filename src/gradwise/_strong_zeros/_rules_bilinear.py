@@ -77,7 +77,8 @@ def _mm_supported_k(args: tuple, slot: int, s: torch.Tensor, finite_k: torch.Ten
     gradient without a copy when they form a range. None when every k is supported; else the operands kept and,
     from ``finite_k`` (per k, whether the value is finite there: `_mm_finite_k`), whether the kept value is."""
     kept = mask_any(s, -2) if slot == 0 else mask_any(s, -1)  # sensitivity a: (.., M, K); sensitivity b: (.., K, N)
-    kept = mask_any(kept.reshape(-1, kept.shape[-1]), 0)
+    if kept.dim() > 1:  # bmm: any over the batch too
+        kept = mask_any(kept.reshape(-1, kept.shape[-1]), 0)
     k = kept.nonzero().squeeze(1)
     n = k.numel()
     if n == kept.shape[0]:
