@@ -167,6 +167,49 @@ def test_strong_pass_on_finite_data_is_pytorch_bitwise(dtype, monkeypatch):
         assert torch.equal(g, e)
 
 
+@pytest.mark.parametrize("kept", [[0, 1], [0, 2], [1, 3]])
+@pytest.mark.parametrize(("mask_kind", "causal"), [(None, True), (None, False), ("float", True)])
+def test_discarded_batch_entries_leave_the_kernel_pytorch_bitwise(kept, mask_kind, causal, monkeypatch):
+    """Whole batch entries the loss discards (a range or not) are left out of the kernel's run (the others are
+    computed alone, with their own padding where they have some): forced through the strong pass on finite data,
+    every gradient is still PyTorch's bit for bit, the discarded entries' exact zeros included."""
+    lengths = [6, 4, 6, 5]
+    pad = _padding(lengths, 6)
+    q, k, v = _qkv(batch=4, kv_heads=2, dtype=torch.float32)
+    mask = _mask(mask_kind, pad, torch.float32)
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = _sdpa(*leaves, mask, causal, True)
+        return fn(_padded_loss(out[kept], [lengths[b] for b in kept]), leaves)
+
+    plain = grads(torch.autograd.grad)
+    monkeypatch.setattr(_engine, "_plan", lambda *a: "strong")
+    strong = grads(gw.grad)
+    for g, e in zip(strong, plain, strict=True):
+        assert torch.equal(g, e)
+
+
+def test_discarded_nan_batch_entries_with_padded_kept_ones():
+    """NaN batch entries sliced away while the kept ones have padding under a key mask: the kept entries' rule
+    (their padded rows and keys) runs on them alone; equal to each sequence alone, padding deleted."""
+    lengths = [4, 6, 6]
+    pad = _padding(lengths, 6)
+    q, k, v = _qkv(batch=3, kv_heads=2)
+    q = q.masked_fill(pad[:, None, :, None], nan)
+    for t in (q, k, v):
+        t[2] = nan
+    mask = _mask("float", pad)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    loss = _padded_loss(_sdpa(*leaves, mask, True, True)[:2], lengths[:2])
+    got = gw.grad(loss, leaves)
+    clean = [t[:2].nan_to_num(0.0) for t in (q, k, v)]
+    exp = _reference(lambda a, b, c, m: _sdpa(a, b, c, m, True, True), clean, lengths[:2], mask[:2])
+    for g, e in zip(got, exp, strict=True):
+        assert torch.equal(g[2], torch.zeros_like(g[2]))
+        torch.testing.assert_close(g[:2], e, rtol=1e-10, atol=1e-12)
+
+
 def _plan_of(loss):
     return _plan([loss], ())
 

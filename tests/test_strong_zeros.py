@@ -1275,3 +1275,34 @@ def test_an_infinite_sensitivity_meets_a_reductions_unselected_zeros(reduce):
     chosen = (pick == op(w).detach().unsqueeze(-1) if reduce in ("amax", "amin") else pick == op(w).detach())
     assert (got.flatten()[~chosen.flatten()] == 0).all()
     assert got.flatten()[chosen.flatten()].isinf().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(10, 64, 512), (3, 70000), (1, 300000), (7,), ()])
+def test_annihilation_is_where_bit_for_bit_with_a_bounded_temporary(dtype, shape):
+    """The rules' annihilation (a product's unsupported elements set to 0 whatever they hold) multiplies the bits as
+    integers by the mask on CPU, in slices of dim 0 where the tensor is large: the same bits as where(support, out,
+    0) (NaN, Inf and -0.0 kept or cleared alike; broadcast supports), and the multiply's temporary (the mask cast
+    to integers) stays bounded instead of growing with the gradient (it held a whole gradient's size before)."""
+    from gradwise._strong_zeros._rules import _CHUNK, _annihilate
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    x[x > 1] = nan
+    x[x < -1.5] = inf
+    x[(x > 0.5) & (x < 0.6)] = -0.0
+    bits = {torch.float64: torch.int64, torch.float32: torch.int32}.get(dtype, torch.int16)
+    for support_shape in (shape, shape[:1] + (1,) * (len(shape) - 1)):
+        support = torch.rand(support_shape, generator=gen) > 0.3
+        expected = torch.where(support, x, x.new_zeros(()))
+        got = x.clone()
+        cpu = [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=cpu, profile_memory=True) as prof:
+            _annihilate(got, support.expand(shape))
+        assert torch.equal(got.view(bits), expected.view(bits))
+        total = peak = 0
+        for _, n in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                           if e.name() == "[memory]"):
+            total += n
+            peak = max(peak, total)
+        assert peak <= _CHUNK * x.element_size()

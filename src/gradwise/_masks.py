@@ -14,8 +14,10 @@ import torch
 
 
 def _one_slice(mask: torch.Tensor) -> torch.Tensor:
-    if 0 in mask.stride():
-        return mask[tuple(slice(0, 1) if st == 0 else slice(None) for st in mask.stride())]
+    stride = mask.stride()
+    if 0 in stride:  # the view mask[..., 0:1, ...] along each broadcast dim, made directly (indexing costs ~3x more)
+        shape = [min(n, 1) if st == 0 else n for n, st in zip(mask.shape, stride, strict=True)]
+        return mask.as_strided(shape, stride, mask.storage_offset())
     return mask
 
 

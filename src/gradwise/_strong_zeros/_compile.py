@@ -585,13 +585,16 @@ def _runs_once(bc: Any) -> bool:
 
 
 def compiled_run(run: Callable[[bool | None], Any], t_outputs: Sequence[Any], inputs: Sequence[Any],
-                 accumulate_grad: bool) -> Callable[[bool | None], Any]:
+                 accumulate_grad: bool, watched: list | None = None) -> Callable[[bool | None], Any]:
     """Wrap the engine call of one backward under strong zeros (not the plain path) so that compiled nodes in
     its graph run their strong-zero variants: op by op under the mode, or (``wrapped.hybrid``, for a backward
     whose other nodes hold no NaN a zero can reach: the plan's 'check') compiled first and op by op only where
-    that made NaN. ``run`` itself when the graph has no compiled node."""
+    that made NaN. ``run`` itself when the graph has no compiled node (``watched``: the graph's custom Function and
+    compiled nodes, where the plan listed them, tell without a walk)."""
     from gradwise._strong_zeros._autograd_graph import _leaves, _root_nodes, _walk
 
+    if watched is not None and not any(map(_is_compiled, watched)):
+        return run
     graph = list(_walk(_root_nodes(t_outputs)))
     nodes = [n for n in graph if _is_compiled(n)]
     if not nodes:

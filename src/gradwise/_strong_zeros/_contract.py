@@ -131,7 +131,10 @@ def plain_reason(outputs: Iterable[Any], inputs: Iterable[Any] = (), seeds: Iter
 
 def unfollowed(args: tuple) -> bool:
     """Whether an op's positional arguments hold a tensor the strong-zero mode cannot follow (not strided)."""
-    return any(a.__class__ is not bool and isinstance(a, torch.Tensor) and a.layout != torch.strided for a in args)
+    for a in args:  # (a loop, not any() over a generator: this runs for every op of a strong pass)
+        if a.__class__ is not bool and isinstance(a, torch.Tensor) and a.layout != torch.strided:
+            return True
+    return False
 
 
 def check_saved(t: torch.Tensor) -> None:

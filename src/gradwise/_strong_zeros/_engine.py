@@ -63,22 +63,26 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
             return run(retain_graph)
         return _nested(_engine_run, t_outputs, grad_tensors, retain_graph, create_graph, inputs, allow_unreachable,
                        accumulate_grad)
-    plan, _STATE.planned = _STATE.planned, None  # chosen already by gw.grad/gw.backward, or not
-    if plan is None:
-        plan = _choose(t_outputs, inputs or (), grad_tensors or ())
+    planned, _STATE.planned = _STATE.planned, None  # chosen already by gw.grad/gw.backward, or not
+    if planned is None:
+        watched: list | None = []
+        plan = _choose(t_outputs, inputs or (), grad_tensors or (), watched)
+    else:
+        plan, watched = planned
     if plan == "plain":
         return run(retain_graph)
     with without_compiled_autograd():  # its one traced graph of the whole backward is out of gradwise's reach
-        return _run_plan(plan, run, t_outputs, retain_graph, create_graph, inputs, accumulate_grad)
+        return _run_plan(plan, run, t_outputs, retain_graph, create_graph, inputs, accumulate_grad, watched)
 
 
 def _run_plan(plan: str, run: Callable[[bool | None], Any], t_outputs: Sequence[Any], retain_graph: bool | None,
-              create_graph: bool, inputs: Sequence[Any], accumulate_grad: bool) -> Any:
-    """The engine's one run of a backward whose plan is not 'plain', under the strong-zero mode."""
+              create_graph: bool, inputs: Sequence[Any], accumulate_grad: bool, watched: list | None) -> Any:
+    """The engine's one run of a backward whose plan is not 'plain', under the strong-zero mode (``watched``: the
+    custom Functions and compiled nodes the plan's walk found, or None where it did not walk)."""
     # 'strong', 'check' or 'compiled' (nodes gradwise knows nothing about): one pass under the mode. A plain pass first
     # with a re-run on NaN would force retain_graph, run hooks and custom backwards twice, and hold what the
     # engine frees (custom Functions' saved tensors) until the graph dies.
-    run = compiled_run(run, t_outputs, inputs, accumulate_grad)  # torch.compile'd nodes: _compile
+    run = compiled_run(run, t_outputs, inputs, accumulate_grad, watched)  # torch.compile'd nodes: _compile
     if plan == "compiled" and hasattr(run, "hybrid"):
         # the NaN/Inf a structural zero can reach is inside compiled graphs only: each runs compiled with the
         # pass (compiled speed, PyTorch's bits on finite data) and op by op only where that made NaN
@@ -88,7 +92,7 @@ def _run_plan(plan: str, run: Callable[[bool | None], Any], t_outputs: Sequence[
             return run.hybrid(retain_graph, lambda thunk: _run_strong(lambda _: thunk(), None, create_graph,
                                                                          t_outputs, shared))
         return _run_strong(run.hybrid, retain_graph, create_graph, t_outputs)
-    return _run_strong(run, retain_graph, create_graph, t_outputs, functions=True, inputs=inputs)
+    return _run_strong(run, retain_graph, create_graph, t_outputs, functions=True, inputs=inputs, watched=watched)
 
 
 def grad_in_pass(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], seeds: Sequence[torch.Tensor],
@@ -135,11 +139,11 @@ def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
 
 def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, create_graph: bool,
                 outputs: Sequence[Any] = (), supports: _Supports | None = None, functions: bool = False,
-                inputs: Sequence[Any] = ()) -> Any:
+                inputs: Sequence[Any] = (), watched: list | None = None) -> Any:
     """One backward under the strong-zero mode. ``functions``: watch the graph's custom autograd.Functions for
-    results made outside torch ops (`watch_functions`); where structural zeros were lost there or in an op
-    without a rule and the gradients hold NaN/Inf, an OpaqueBackwardWarning names them (``inputs``: those of
-    backward(inputs=...), whose .grad it reads)."""
+    results made outside torch ops (`watch_functions`; among ``watched`` when the plan listed them); where
+    structural zeros were lost there or in an op without a rule and the gradients hold NaN/Inf, an
+    OpaqueBackwardWarning names them (``inputs``: those of backward(inputs=...), whose .grad it reads)."""
     outer = _STATE.create_graph, _STATE.outputs_finite
     _STATE.create_graph, _STATE.in_mode = create_graph, True
     _STATE.outputs_finite = all(bool(t.isfinite().all()) for t in outputs
@@ -149,7 +153,7 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
         mode.supports = supports
     if _carry.CARRIED_VALUES:  # a create_graph pass's values with structural zeros, saved by this graph
         _carry.seed(mode.supports)
-    handles = watch_functions([r for r in _root_nodes(outputs) if r is not None], mode) if functions else []
+    handles = watch_functions([r for r in _root_nodes(outputs) if r is not None], mode, watched) if functions else []
     try:
         with _under_traces(mode):
             result = run(retain_graph)
@@ -192,14 +196,14 @@ def _under_traces(mode: TorchDispatchMode) -> Iterator[None]:
 
 
 @torch.compiler.disable  # (see _engine_run: gw.grad / gw.backward inside a compiled function plan here)
-def _choose(outputs: Sequence[Any], inputs: Sequence[Any], seeds: Sequence[Any]) -> str:
+def _choose(outputs: Sequence[Any], inputs: Sequence[Any], seeds: Sequence[Any], watched: list | None = None) -> str:
     """The path of one backward: what ``_plan`` says, or 'plain' (with a PlainBackwardWarning, once) where
-    gradwise cannot read or follow the graph (_contract)."""
+    gradwise cannot read or follow the graph (_contract). ``watched``: see ``_plan``."""
     why = _contract.plain_reason(outputs, inputs, seeds)
     if why is None:
         try:
             with _disable_current_modes() if torch._C._len_torch_dispatch_stack() else contextlib.nullcontext():
-                return _plan(outputs, seeds)  # modes around backward (a trace) don't see our checks
+                return _plan(outputs, seeds, watched)  # modes around backward (a trace) don't see our checks
         except _contract.Unreadable as e:
             why = e.reason
     _contract.warn_plain(why)
@@ -211,13 +215,15 @@ def _run_planned(run: Callable[[bool | None], Any], outputs: Sequence[Any], seed
     """gw.grad/gw.backward: choose the path before calling into torch.autograd (``run``). The everyday one,
     plain, then runs without the engine hook; any other goes through the hook with the path already chosen (so
     the graph is walked once). Inside ``strong_zeros()`` or under a dispatch mode the hook chooses."""
-    plan = None
+    planned = None
     if not (_STATE.depth or _process_wide) and not torch._C._len_torch_dispatch_stack():
         seeds = (seeds,) if isinstance(seeds, torch.Tensor) else seeds or ()
-        plan = _choose(outputs, inputs, seeds)
+        watched: list = []
+        plan = _choose(outputs, inputs, seeds, watched)
         if plan == "plain":
             return run(retain_graph)
-    _STATE.planned = plan
+        planned = (plan, watched)
+    _STATE.planned = planned
     try:
         with strong_zeros():
             return run(retain_graph)

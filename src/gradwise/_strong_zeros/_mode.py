@@ -71,8 +71,8 @@ class _StrongZeroMode(LeanDispatchMode):
         if func.is_view:
             out = func(*args, **kwargs)  # a view reads its storage's mask: nothing to record...
             src = args[0] if args else None
-            if isinstance(out, torch.Tensor) and isinstance(src, torch.Tensor) and self.supports.tracked(src) \
-                    and out.untyped_storage()._cdata != src.untyped_storage()._cdata:
+            if isinstance(out, torch.Tensor) and isinstance(src, torch.Tensor) \
+                    and out.untyped_storage()._cdata != src.untyped_storage()._cdata and self.supports.tracked(src):
                 # ...unless it copied (to(dtype), reshape, contiguous met inside a decomposition)
                 s = self.supports.of(src)
                 self.supports.record(out, s.reshape(out.shape) if s.numel() == out.numel() else None)
@@ -158,17 +158,18 @@ def _zero_preserved(func, args: tuple, kwargs: dict, out: object, sup: _Supports
     return (support | ~kept).expand(out.shape)
 
 
-def watch_functions(roots: list, mode: _StrongZeroMode) -> list:
+def watch_functions(roots: list, mode: _StrongZeroMode, nodes: list | None = None) -> list:
     """Hooks on the custom ``autograd.Function`` nodes of a graph for one strong pass (their handles, to remove):
     where structural zeros reach one and its backward returns a tensor no op under ``mode`` made (NumPy, a C++
     kernel called directly), the zeros are lost there (``mode.lost``: named if the gradients end up holding
-    NaN/Inf); a backward written with torch ops is followed by the rules."""
+    NaN/Inf); a backward written with torch ops is followed by the rules. ``nodes``: those to look at, where the
+    plan listed them (_planning._Graph.watched), else every node of the graph."""
     from torch.utils._python_dispatch import _disable_current_modes
 
     from gradwise._strong_zeros._autograd_graph import _walk
 
     handles = []
-    for node in _walk(roots):
+    for node in _walk(roots) if nodes is None else nodes:
         cls = getattr(node, "_forward_cls", None)
         if cls is None or cls.__name__ == "BackwardHookFunction":
             continue

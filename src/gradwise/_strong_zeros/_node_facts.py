@@ -411,7 +411,9 @@ _NODE_TYPES: dict[type, tuple] = {}
 def _node_type(node: Any) -> tuple:
     """Per autograd node type, looked up once: its ``_raw_saved_*`` attributes, those the check before backward
     reads, whether NODE_FACTS knows it, its singular-point test, whether it makes structural zeros (a bool, or a
-    test of the node where that depends on what it saved), and its zero-output test (_ZERO_OUTPUT_TESTS)."""
+    test of the node where that depends on what it saved), its zero-output test (_ZERO_OUTPUT_TESTS), its
+    selection (_SELECTED), whether the plan has nothing to do there, and whether the strong pass watches it (a custom
+    Function's or a compiled backward: ``_planning._graph`` lists them for it)."""
     info = _NODE_TYPES.get(type(node))
     if info is None:
         name = type(node).__name__
@@ -424,8 +426,11 @@ def _node_type(node: Any) -> tuple:
             UNUSED_OUTPUTS if name in _ZEROS_FOR_UNUSED_OUTPUTS else True
         known, singular, zero_output = name in NODE_FACTS, NODE_FACTS.get(name), _ZERO_OUTPUT_TESTS.get(name)
         nothing = known and makes is False and singular is None and zero_output is None
+        # a custom autograd.Function's node or a compiled backward: what the strong pass watches or swaps
+        watched = name == "CompiledFunctionBackward" or getattr(type(node), "_forward_cls", None) is not None
         info = _NODE_TYPES[type(node)] = (names, read, known, singular, makes, zero_output,
-                                          _OWN_ZEROS_INSIDE.get(name), _SELECTED.get(name), nothing)
+                                          _OWN_ZEROS_INSIDE.get(name), _SELECTED.get(name), nothing and not watched,
+                                          watched)
     return info
 
 

@@ -35,6 +35,7 @@ class _Graph(NamedTuple):
     senders: list  # the makers whose zeros reach their outputs
     consumers: dict[Any, int]  # node -> how many edges lead to it (counted only when a split or a sender needs it)
     slots: dict[Any, list[int]]  # node -> the outputs other than 0 that edges lead to, one entry per edge
+    watched: list  # custom Functions' and compiled backwards' nodes (the strong pass hooks or swaps them)
 
 
 def _graph(roots: Sequence[Any]) -> _Graph:
@@ -44,6 +45,7 @@ def _graph(roots: Sequence[Any]) -> _Graph:
     nodes: dict[Any, tuple] = {}
     makers: dict[Any, bool] = {}
     special: list = []
+    watched: list = []
     pending: list = []  # nodes that make zeros only for outputs nothing uses
     types = _NODE_TYPES
     stack = list(roots)
@@ -65,6 +67,8 @@ def _graph(roots: Sequence[Any]) -> _Graph:
                 makers[node] = info[6] is None or not info[6](node)
             if not info[2] or info[3] is not None or info[5] is not None:
                 special.append(node)
+            if info[9]:
+                watched.append(node)
         for n, _ in edges:
             if n is not None:
                 stack.append(n)
@@ -79,7 +83,7 @@ def _graph(roots: Sequence[Any]) -> _Graph:
             used.add(0)
         if len(used) == len(node._input_metadata):  # (a root's seeded outputs are not edges: it stays a maker)
             del makers[node]
-    return _Graph(nodes, makers, special, [n for n, sends in makers.items() if sends], consumers, slots)
+    return _Graph(nodes, makers, special, [n for n, sends in makers.items() if sends], consumers, slots, watched)
 
 
 def _consumers(nodes: dict[Any, tuple]) -> tuple[dict[Any, int], dict[Any, list[int]]]:
@@ -161,7 +165,7 @@ def _consumers_of(key: Any, consumers: dict[Any, int], slots: dict[Any, list[int
 _COMPILED_ONLY = frozenset(("CompiledFunctionBackward", "AccumulateGrad"))
 
 
-def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
+def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any], watched: list | None = None) -> str:
     """'plain' (PyTorch is already right), 'strong' (a NaN/Inf or a singular point is in the graph where a
     structural zero can reach it), 'check' (the graph has nodes gradwise knows nothing about: one pass under
     the mode, as 'strong'), or 'compiled' (as 'check', where the only such nodes are torch.compile'd backwards:
@@ -171,12 +175,16 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
     This runs before every backward under strong zeros, so it is written for speed: one walk over the graph, a
     pass over the region structural zeros spread to (_zero_reach), reading only what a structural zero could reach
     (see MAKES_NO_ZEROS; a node reached through some consumers but not all receives none), each saved tensor once,
-    and one reduction per saved tensor (small ones together). Singular tests of nodes no zero reaches from above run
-    only when a softmax/exp node below holds exact zeros in its output (_ZERO_OUTPUT_TESTS)."""
+    and one reduction per saved tensor (small ones together). The singular tests run only when those are finite
+    (a NaN/Inf there chooses 'strong' already); those of nodes no zero reaches from above only when a softmax/exp
+    node below holds exact zeros in its output (_ZERO_OUTPUT_TESTS). ``watched`` receives the graph's custom
+    Function and compiled nodes (``_graph``), so that the strong pass need not walk the graph again for them."""
     if traced((*t_outputs, *seeds)):  # a traced backward (torch.compile, make_fx): a graph, no data to read;
         return "plain"  # compiled graphs get strong zeros from gradwise._strong_zeros._compile instead
     roots = [r for r in _root_nodes(t_outputs) if r is not None]
     g = _graph(roots)
+    if watched is not None:
+        watched.extend(g.watched)
     if _carry.CARRIED and _carry.reaches(g.nodes):  # the gradient of a create_graph pass that annihilated
         return "strong"
     if _carry.CARRIED_VALUES and _carry.values_reached(g.nodes):  # ... or that saved its structural zeros
@@ -189,7 +197,7 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
     deferred: list = []  # singular-point tests of nodes no structural zero reaches from above
     zero_outputs: list = []  # nodes whose backward multiplies by their own output (softmax, exp)
     for node in g.special:
-        _, _, known, singular, _, zero_output, _, _, _ = _NODE_TYPES[type(node)]
+        _, _, known, singular, _, zero_output, _, _, _, _ = _NODE_TYPES[type(node)]
         if not known:
             known_all = False
             only_compiled = only_compiled and type(node).__name__ == "CompiledFunctionBackward"
@@ -199,23 +207,26 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any]) -> str:
             deferred.append((node, singular))
     saved: list[torch.Tensor] = []
     seen: set[tuple] = set()
+    singular_tests: list = []
     # every node a structural zero reaches (one that keeps its own inside is read only if one arrives from above)
     for node in (*g.senders, *(n for n in above if not g.makers.get(n))):
-        _, read, _, singular, _, _, _, _, _ = _NODE_TYPES[type(node)]
+        _, read, _, singular, _, _, _, _, _, _ = _NODE_TYPES[type(node)]
         readable = _read_saved(node, read, seen, saved) and type(node).__name__ not in HIDES_ITS_FORMULA
         known_all &= readable
         only_compiled &= readable
-        if singular is not None and readable and singular(node):
-            return "strong"
+        if singular is not None and readable:
+            singular_tests.append((node, singular))
+    if saved:  # a seed's NaN/Inf matters only where a structural zero can meet it
+        saved.extend(t for t in seeds if isinstance(t, torch.Tensor) and inexact(t))
+    if not _all_finite(saved):
+        return "strong"
+    if any(singular(node) for node, singular in singular_tests):
+        return "strong"
     # a softmax/exp output of exactly 0 is a structural zero of its own: an infinite derivative (sqrt of a masked
     # softmax, its entropy) meets it inside that node's backward. The singular tests (on small tensors, usually)
     # go first; the outputs are read only when one of them holds.
     if deferred and zero_outputs and any(_readable(n) and test(n) for n, test in deferred) and \
             any(_readable(n) and test(n) for n, test in zero_outputs):
-        return "strong"
-    if saved:  # a seed's NaN/Inf matters only where a structural zero can meet it
-        saved.extend(t for t in seeds if isinstance(t, torch.Tensor) and inexact(t))
-    if not _all_finite(saved):
         return "strong"
     scaling = [n for n in g.makers if type(n).__name__ in SCALES_BY_ITS_ZEROS]
     if scaling and not _sensitivity_finite(scaling, g, seeds, seen):
@@ -242,7 +253,8 @@ def _sensitivity_finite(scaling: list, g: _Graph, seeds: Sequence[Any], seen: se
                 stack.append(p)
     saved = [t for t in seeds if isinstance(t, torch.Tensor) and inexact(t)]
     for node in above:
-        names, _, _, singular, _, _, _, _, _ = _NODE_TYPES[type(node)]
+        info = _NODE_TYPES[type(node)]
+        names, singular = info[0], info[3]
         if not _read_saved(node, names, seen, saved):
             return False  # (a checkpoint's or FSDP's hook would run: not known, so not finite)
         if singular is not None and singular(node):

@@ -51,12 +51,41 @@ def _in_formula() -> bool:
     return (not torch.is_grad_enabled() or _STATE.create_graph) and not _STATE.recomputing
 
 
+# same-size integer dtypes: a float's bits times 1 (kept) or 0 (+0.0) is exact, whatever it held (NaN, Inf)
+_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+         torch.bfloat16: torch.int16}
+_CHUNK = 1 << 17  # elements: the multiply casts its bool mask to a temporary of that many integers at most
+
+
+def _kept_bits(src: torch.Tensor, keep: torch.Tensor, out: torch.Tensor) -> bool:
+    """``out`` = ``src`` where ``keep``, else +0.0, on CPU as the bits' integers times the mask: ~3x faster than
+    where(out=), whose bool select is not vectorised, with the same bits (kept elements untouched). The multiply
+    casts the mask to a temporary as large as its operand, so it runs in slices of dim 0 of at most _CHUNK
+    elements. False (nothing written) where this does not apply: the caller uses where."""
+    bits = _BITS.get(src.dtype)
+    if bits is None or src.device.type != "cpu" or keep.dtype != torch.bool or not src.dim():
+        return False
+    keep = keep.expand(src.shape)
+    rows = src.shape[0]
+    step = _CHUNK // max(1, src.numel() // max(1, rows))
+    if src.numel() > _CHUNK and step == 0:
+        return False
+    src, out = src.view(bits), out.view(bits)
+    if src.numel() <= _CHUNK:
+        torch.mul(src, keep, out=out)
+        return True
+    for i in range(0, rows, step):
+        n = min(step, rows - i)
+        torch.mul(src.narrow(0, i, n), keep.narrow(0, i, n), out=out.narrow(0, i, n))
+    return True
+
+
 def _annihilate(out: torch.Tensor, support: torch.Tensor | None) -> torch.Tensor:
-    """Writes 0 into ``out`` wherever ``support`` is False (whatever NaN/Inf was computed there)."""
+    """Writes 0 (+0.0) into ``out`` wherever ``support`` is False (whatever NaN/Inf was computed there)."""
     if support is not None:
         if out.requires_grad and torch.is_grad_enabled():  # create_graph: out= cannot be differentiated
             out.masked_fill_(~support.expand(out.shape), 0)
-        else:  # one pass, where masked_fill_ needs the negated mask and is 1.5x slower on CPU
+        elif not _kept_bits(out, support, out):  # one pass, where masked_fill_ needs the negated mask (1.5x slower)
             torch.where(support, out, out.new_zeros(()), out=out)
     return out
 
@@ -71,7 +100,13 @@ def _run_unruled(func, args, kwargs, sup, why: str | None) -> Any:
     out = func(*args, **kwargs)
     if why:
         _UNRULED.add(f"{func} ({why})")
-    tree_map(lambda o: sup.record(o, None) if isinstance(o, torch.Tensor) else o, out)
+    if isinstance(out, torch.Tensor):
+        sup.record(out, None)
+    elif type(out) is tuple and all(isinstance(o, torch.Tensor) for o in out):  # (the attention backwards')
+        for o in out:
+            sup.record(o, None)
+    else:
+        tree_map(lambda o: sup.record(o, None) if isinstance(o, torch.Tensor) else o, out)
     return out
 
 

@@ -30,7 +30,7 @@ import torch
 from gradwise._masks import EagerMasks, mask_all, mask_any
 from gradwise._ops._contractions import attention_keys, attention_rows, value_columns
 from gradwise._strong_zeros._node_facts import _MAKES_NO_ZEROS_IF, _NOT_READ, _OWN_ZEROS_INSIDE, NODE_FACTS, _hooked
-from gradwise._strong_zeros._rules import _annihilate, _register, _run_unruled, _tracked_slots
+from gradwise._strong_zeros._rules import _annihilate, _kept_bits, _register, _run_unruled, _tracked_slots
 
 aten = torch.ops.aten
 
@@ -46,10 +46,13 @@ class _Spec:
     varlen: tuple[int, ...] = ()  # cumulative sequence lengths: packed sequences, not ruled
     top_left: bool = True  # causal alignment known to be top-left (torch's is_causal); else only used when Lq == Lk
     windowed: tuple[str, ...] = ()  # sliding-window keywords: keys outside the window are kept (conservative)
+    # the position of dropout_p where the kernel's results per batch entry do not depend on the others' (no RNG
+    # offsets per batch index when it is 0): whole discarded entries are then left out (`_batch_subset`)
+    batch_dropout: int | None = None
 
 
 SPECS: dict[Any, _Spec] = {
-    aten._scaled_dot_product_flash_attention_for_cpu_backward.default: _Spec(4, 5, "attn_mask", 7),
+    aten._scaled_dot_product_flash_attention_for_cpu_backward.default: _Spec(4, 5, "attn_mask", 7, batch_dropout=6),
     aten._scaled_dot_product_efficient_attention_backward.default: _Spec(5, 6, 4, 11),
     aten._scaled_dot_product_flash_attention_backward.default: _Spec(4, 5, None, 11, varlen=(6, 7),
                                                                      top_left=False),
@@ -121,7 +124,10 @@ def _kept(t: torch.Tensor, keep: torch.Tensor, value: float) -> torch.Tensor:
     saved tensors' strides (the memory-efficient one keeps out in (B, L, H, E) memory): out-of-place
     ``masked_fill``/``where`` return a contiguous copy, on which the fp16 memory-efficient backward computed
     finite, wrong gradients."""
-    return torch.where(keep, t, t.new_full((), value), out=torch.empty_like(t))
+    out = torch.empty_like(t)
+    if value == 0 and _kept_bits(t, keep, out):
+        return out
+    return torch.where(keep, t, t.new_full((), value), out=out)
 
 
 def _lse_rows(keep: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
@@ -161,10 +167,19 @@ def _attention_backward(func, args, kwargs, sup):
     lq, lk, kv_heads = qc.shape[2], kc.shape[2], kc.shape[1]
     s = sup.of(g)
     sc = None if s is None else _canonical(s.expand(g.shape), spec.blhe)  # (B, Hq, Lq, Ev)
-    rows = None if sc is None else attention_rows(EagerMasks, sc)  # (B, Hq, Lq): query rows with a kept element
-    if rows is not None and mask_all(rows) and mask_all(sc):
-        rows = sc = None
     offset = _causal_offset(spec, causal, lq, lk)
+    # with no mask, every key is read by some kept row when every row is kept (causal: the last row reads them all)
+    reads_all = not (isinstance(mask, torch.Tensor) and mask.numel()) and lq and (offset is None or offset >= lk - lq)
+    if sc is not None and sc.numel():
+        some, every = _per_entry(sc)  # (B,): whether a batch entry's g has a supported element / only those
+        if mask_all(every):
+            sc = None
+        elif spec.batch_dropout is not None and _arg(args, kwargs, spec.batch_dropout) == 0 and \
+                not mask_all(some):
+            return _batch_subset(func, args, kwargs, sup, spec, some, bool(reads_all) and mask_all(some == every))
+    if sc is None and reads_all:
+        return _run_unruled(func, args, kwargs, sup, None)
+    rows = None if sc is None else attention_rows(EagerMasks, sc)  # (B, Hq, Lq): query rows with a kept element
     allowed = _allowed(mask, offset, lq, lk, q.device)
     if rows is None and allowed is None:
         return _run_unruled(func, args, kwargs, sup, None)
@@ -219,6 +234,78 @@ def _attention_backward(func, args, kwargs, sup):
 
 
 _register(*SPECS)(_attention_backward)
+
+
+def _per_entry(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(any, all) of each batch entry (dim 0) of a bool tensor, as (B,) bools: read as bytes over a (B, N) view
+    where each entry is a dense block (a reduction over small inner dims is many times slower)."""
+    u = m.view(torch.uint8)
+    rest = sorted(((st, n) for st, n in zip(u.stride()[1:], u.shape[1:], strict=True) if n != 1), reverse=True)
+    size = 1
+    for st, n in reversed(rest):
+        if st != size:
+            dims = tuple(range(1, u.dim()))
+            return u.amax(dims).bool(), u.amin(dims).bool()
+        size *= n
+    flat = u.as_strided((u.shape[0], size), (u.stride(0), 1), u.storage_offset())
+    return flat.amax(1).bool(), flat.amin(1).bool()
+
+
+def _batch_subset(func, args, kwargs, sup, spec, entries: torch.Tensor, whole: bool):
+    """The attention backward when whole batch entries hold only discarded query rows (padding sequences of a
+    batch, samples sliced away): the kernel runs on the kept entries alone, as views where they form a range (no
+    copy of q, k, v), and the others' gradients are structural zeros (no query row of theirs is kept, so no key
+    of theirs is used). Each entry is computed on its own (no dropout), so the kept ones get the bits of the
+    whole batch's run (tests/test_attention.py checks it). ``whole``: the kept entries keep every row and read
+    every key, so the kernel runs on them as it is; else the rule runs on them."""
+    b = args[1].shape[0]
+    idx = entries.nonzero().squeeze(1)
+    n = idx.numel()
+    start = int(idx[0]) if n else 0
+    is_range = n and int(idx[-1]) - start + 1 == n
+    pick = (lambda t: t.narrow(0, start, n)) if is_range else (lambda t: t.index_select(0, idx))
+    outs = None
+    if n:
+        new, new_kwargs = list(args), dict(kwargs)
+        for i in (0, 1, 2, 3, spec.out, spec.lse):
+            new[i] = pick(args[i])
+        mask = _arg(args, kwargs, spec.mask)
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[0] == b:  # else broadcast over batch
+            if isinstance(spec.mask, str):
+                new_kwargs[spec.mask] = pick(mask)
+            else:
+                new[spec.mask] = pick(mask)
+        outs = func(*new, **new_kwargs) if whole else _attention_backward(func, tuple(new), new_kwargs, sup)
+    results = []
+    whole_entries = entries.reshape((b,) + (1,) * (args[1].dim() - 1))  # the support where a part has none
+    for j, like in enumerate(args[1:4]):
+        part = None if outs is None else outs[j]
+        full = _zeros_laid_out(like if part is None else part, b)
+        support = whole_entries
+        if part is not None:
+            s = sup.of(part)
+            if is_range:
+                full.narrow(0, start, n).copy_(part)
+            else:
+                full.index_copy_(0, idx, part)
+            if s is not None:
+                support = whole_entries.expand(full.shape).clone()
+                if is_range:
+                    support.narrow(0, start, n).copy_(s)
+                else:
+                    support.index_copy_(0, idx, s.expand(part.shape))
+        sup.record(full, support.expand(full.shape))
+        results.append(full)
+    return tuple(results)
+
+
+def _zeros_laid_out(t: torch.Tensor, b: int) -> torch.Tensor:
+    """Zeros shaped like ``t`` with ``b`` batch entries, in ``t``'s memory order (the kernel's own layout of its
+    gradients, which the ops after it read)."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    shape = (b, *t.shape[1:])
+    inverse = sorted(range(t.dim()), key=lambda i: order[i])
+    return t.new_zeros([shape[d] for d in order]).permute(inverse)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -154,7 +154,9 @@ class _State(threading.local):
     depth = 0
     create_graph = False
     in_mode = False
-    planned: str | None = None  # a path gw.grad/gw.backward already chose, for the engine hook to take once
+    # a path gw.grad/gw.backward already chose, for the engine hook to take once, with the graph's watched nodes
+    # (_planning._plan)
+    planned: tuple[str, list] | None = None
     # whether every output being differentiated is finite (see _softmax_backward and _exp_result_mul)
     outputs_finite = True
     # the autograd node whose backward formula runs now, where the engine's current node cannot tell (a
