@@ -145,6 +145,15 @@ def _traced_next(it):
     return batch
 
 
+def tag_batch(batch: object, index: int) -> None:
+    """Tag a batch fetched before this thread's trace started with its index (a Trainer callback opens the trace
+    at the start of a step, after the framework fetched that step's batch), so that a NaN it brings is told as
+    arriving in that batch. Nothing without a trace; a batch it cannot walk is left untagged."""
+    tracer = _current()
+    if tracer is not None:
+        tracer._safely("DataLoader", _tag_batch, tracer.batches, batch, index)
+
+
 def _tag_batch(tags, batch: object, index: int, keyed: bool = False) -> None:
     """Tag a batch's tensors with its index (``keyed``: with the index and, for a dict batch, the tensor's key, a
     name the watch can give data that no variable holds when it explains a step: Trainer's inputs["x"])."""

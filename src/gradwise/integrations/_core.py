@@ -78,12 +78,18 @@ class Session:
 
     # -- the step's brackets -------------------------------------------------------------------------------
 
-    def begin_step(self, strong_zeros_now: bool = False) -> None:
+    def begin_step(self, strong_zeros_now: bool = False, batch: Any = None, batch_index: int | None = None) -> None:
         """Before the first forward of an optimizer step: start tracing if an explanation may be needed, and
-        (``strong_zeros_now``) enter strong zeros for the whole step when the framework has no backward hook."""
+        (``strong_zeros_now``) enter strong zeros for the whole step when the framework has no backward hook.
+        ``batch`` (fetched before the trace started) is tagged with ``batch_index``: a NaN it brings is reported
+        as arriving in that DataLoader batch."""
         wanted = self.explain == "every" or (self.explain == "first" and not self._explained)
         if wanted and self._report is None:
             self._report = self._trace.enter_context(gw.trace())
+        if self._report is not None and batch is not None and batch_index is not None:
+            from gradwise._trace._session import tag_batch
+
+            tag_batch(batch, batch_index)
         if strong_zeros_now:
             self.begin_backward()
 

@@ -54,7 +54,7 @@ class GradwiseCallback(SessionResults, pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self._session.begin_step()
+        self._session.begin_step(batch=batch, batch_index=batch_idx)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
         self._session.begin_backward()
