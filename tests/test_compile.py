@@ -993,3 +993,54 @@ def test_a_folded_zero_times_a_value_is_a_value_op_by_op():
         got = gw.grad(compiled(x), lin.weight)[0]
     assert got.isnan().all()
     assert any(isinstance(w.message, gw.CompiledBackwardWarning) for w in seen)
+
+
+@torch.library.custom_op("gwtest::scale_rows", mutates_args=())
+def _scale_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x * w
+
+
+@_scale_rows.register_fake
+def _(x, w):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("gwtest::scale_rows_backward", mutates_args=())
+def _scale_rows_backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:
+    return [g * w, (g * x).sum(0)]
+
+
+@_scale_rows_backward.register_fake
+def _(g, x, w):
+    return [torch.empty_like(g), torch.empty_like(w)]
+
+
+def _scale_rows_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _scale_rows_bwd(ctx, g):
+    x, w = ctx.saved_tensors
+    gx, gw_ = _scale_rows_backward(g, x, w)
+    return gx, gw_
+
+
+_scale_rows.register_autograd(_scale_rows_bwd, setup_context=_scale_rows_setup)
+
+
+def test_a_kept_nan_names_the_unruled_ops_every_time():
+    """A custom op without a strong-zero rule inside compiled code keeps the padding's NaN: the first backward names
+    it (OpaqueBackwardWarning); later ones said only that some zeros may arrive as saved values, not the op."""
+    torch.manual_seed(0)
+    w = torch.randn(4, requires_grad=True)
+    x = torch.randn(6, 4)
+    x[4:] = math.nan
+    compiled = torch.compile(lambda x: _scale_rows(x, w)[:4].square().sum(), backend="aot_eager")
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        for _ in range(2):
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                got = gw.grad(compiled(x), w)[0]
+            assert got.isnan().any()  # (an op without a rule: the NaN stays, never a wrong finite number)
+            texts = [str(m.message) for m in seen if isinstance(m.message, gw.GradwiseWarning)]
+            assert any("gwtest.scale_rows_backward" in t or "gwtest::scale_rows_backward" in t for t in texts), texts

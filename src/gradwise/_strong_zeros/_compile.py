@@ -671,12 +671,18 @@ def _warn_boundary() -> None:
 
 
 def _warn_kept() -> None:
+    from gradwise._strong_zeros._rules import _UNRULED
+
+    # ops without a rule are named in full once (an OpaqueBackwardWarning); later backwards that keep a NaN/Inf
+    # name them here too, since one of them may be why
+    unruled = f" Ops met so far without a strong-zero rule (gw.unruled_ops()): {', '.join(sorted(_UNRULED))}." \
+        if _UNRULED else ""
     warnings.warn(
         "gw.strong_zeros: the gradients hold NaN/Inf after a compiled backward ran op by op. Inside a compiled "
         "graph some structural zeros arrive as saved forward values (an exp output of 0 at a -inf entry, read by "
         "exp's own backward), which the rules cannot tell from computed zeros, so the NaN/Inf may be "
-        "contamination, or genuine. To decide, run the step without torch.compile under gw.strong_zeros() (or "
-        "gw.trace(), which explains it).",
+        f"contamination, or genuine.{unruled} To decide, run the step without torch.compile under "
+        "gw.strong_zeros() (or gw.trace(), which explains it).",
         CompiledBackwardWarning, stacklevel=5)
 
 
