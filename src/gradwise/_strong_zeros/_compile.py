@@ -204,11 +204,18 @@ def _donated(bc: Any) -> list[tuple[Any, Any]]:
     return [(m, m.bw_donated_idxs) for m in metas if hasattr(m, "bw_donated_idxs")]
 
 
-def _strong_variant(bc: Any) -> Callable[..., Any] | None:
+def _strong_variant(bc: Any) -> _Flagged | None:
     """The backward compiled with the strong-zero pass (once per compiled function), or None."""
     strong = getattr(bc, "_gw_strong", None)
     if strong is not None or getattr(bc, "_gw_strong_failed", False):
         return strong
+    with _SWAP_LOCK:  # (the compile clears bc.compiled_bw for a moment; another thread may have compiled it)
+        if getattr(bc, "_gw_strong", None) is None and not getattr(bc, "_gw_strong_failed", False):
+            return _compile_strong_variant(bc)
+        return getattr(bc, "_gw_strong", None)
+
+
+def _compile_strong_variant(bc: Any) -> _Flagged | None:
     from torch._functorch._aot_autograd.runtime_wrappers import AutogradLazyBackwardCompileInfo
 
     if not isinstance(bc.lazy_backward_info, AutogradLazyBackwardCompileInfo) or bc.bw_compiler is None:
@@ -225,13 +232,12 @@ def _strong_variant(bc: Any) -> Callable[..., Any] | None:
                 if "C++ compile error" not in str(exc):
                     raise
                 strong = _unvectorized(bc)
-        if outputs is not None:
-            strong = _Flagged(strong, outputs)
+        strong = _Flagged(strong, outputs)
     except Exception as exc:
         warnings.warn(f"gw.strong_zeros: the strong-zero pass could not compile this backward ({type(exc).__name__}:"
                       f" {str(exc).splitlines()[0][:200] if str(exc) else ''}); under strong zeros its backward "
                       f"graph runs op by op instead (correct, at eager speed). Please report this graph.",
-                      CompiledBackwardWarning, stacklevel=5)
+                      CompiledBackwardWarning, stacklevel=6)
         bc._gw_strong_failed = True  # the op-by-op variant serves it from now on (it reuses no saved buffer)
         return None
     finally:
@@ -251,15 +257,16 @@ def _output_count(bc: Any) -> int | None:
 
 class _Flagged:
     """A strong variant that may return the finite flag as one output more (inductor ran the checked pass, or
-    served its result from the cache; another backend compiles without it)."""
+    served its result from the cache; another backend compiles without it; ``outputs`` None: not known)."""
 
-    def __init__(self, fn: Callable[..., Any], outputs: int) -> None:
+    def __init__(self, fn: Callable[..., Any], outputs: int | None) -> None:
         self.fn, self.outputs = fn, outputs
 
     def run(self, args: list) -> tuple[list, bool | None]:
         """The gradients, and whether they are all finite (None: no flag, the caller reads them)."""
         out = list(_call(self.fn, args))
-        return out, (bool(out.pop()) if len(out) == self.outputs + 1 else None)
+        flagged = self.outputs is not None and len(out) == self.outputs + 1
+        return out, (bool(out.pop()) if flagged else None)
 
 
 def _unvectorized(bc: Any) -> Callable[..., Any]:
@@ -365,13 +372,10 @@ class _Hybrid:
         sensitivity another compiled graph made structurally zero (a graph break between a zero and a NaN).
         Only results passed on as they are (a direct edge between two compiled graphs, as DDP's optimizer splits
         them) carry it; a sum of them with eager terms already ran with full supports."""
-        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-
-        from gradwise._strong_zeros._mode import _StrongZeroMode
+        from gradwise._strong_zeros._mode import running_mode
 
         self.suspect |= self.took  # recovered or not: a NaN that stays may be from across a boundary
-        stack = _get_current_dispatch_mode_stack()
-        mode = next((m for m in reversed(stack) if isinstance(m, _StrongZeroMode)), None)
+        mode = running_mode()
         if mode is None or not self.keep:
             return
         for eager, args, refs in self.taken:
@@ -387,7 +391,7 @@ def _call(fn: Callable[..., Any], args: list) -> Any:
     return fn(args) if getattr(fn, "_boxed_call", False) else fn(*args)
 
 
-def _hybrid(strong: Callable[..., Any] | None, eager: Callable[..., Any], record: _Hybrid) -> Callable[..., Any]:
+def _hybrid(strong: _Flagged | None, eager: Callable[..., Any], record: _Hybrid) -> Callable[..., Any]:
     """A compiled node's backward inside the one strong-zero pass (under the mode): its compiled strong variant
     first, outside the mode (compiled speed; the pass annihilates the zeros made inside the graph); where that
     yields NaN/Inf, the node's backward graph op by op under the mode, from the same arguments, so that the
@@ -403,8 +407,7 @@ def _hybrid(strong: Callable[..., Any] | None, eager: Callable[..., Any], record
         finite = False
         if strong is not None:
             with _without_strong_mode():
-                out, finite = strong.run(list(flat)) if isinstance(strong, _Flagged) else (_call(strong, list(flat)),
-                                                                                          None)
+                out, finite = strong.run(list(flat))
                 if finite is None:
                     finite = _all_finite([t for t in out if isinstance(t, torch.Tensor) and inexact(t)])
         if finite:
@@ -472,9 +475,7 @@ def _swapped(nodes: Sequence[Any], how: str, record: _Hybrid | None = None) -> I
             # without the pass can turn a NaN made inside it into a wrong finite number (inductor's rewrites),
             # so its finite results are not taken
             eager = _eager_variant(bc)
-            with _SWAP_LOCK:  # (its compile clears bc.compiled_bw for a moment)
-                strong = _strong_variant(bc)
-            variant = _hybrid(strong, eager, record or _Hybrid(False)) if eager is not None else None
+            variant = _hybrid(_strong_variant(bc), eager, record or _Hybrid(False)) if eager is not None else None
         if variant is None:
             opaque.append(node)
             continue

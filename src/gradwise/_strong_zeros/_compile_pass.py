@@ -194,16 +194,11 @@ class _Rewriter:
         self.mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
         if self.mode is None:
             return 0
+        self.sens = _sensitivities(self.graph)
         try:
             for node in list(self.graph.nodes):
-                if node.op == "placeholder":
-                    if node.name.startswith("tangents"):
-                        self.sens.add(node)
-                    continue
                 if node.op != "call_function":
                     continue
-                if any(a in self.sens for a in node.all_input_nodes):
-                    self.sens.add(node)
                 rule = pass_rule(node.target)
                 val = _val(node)
                 if rule is None or not _has_floating(val):

@@ -24,7 +24,7 @@ from gradwise._strong_zeros import _carry, _contract
 from gradwise._strong_zeros._autograd_graph import _leaves, _root_nodes
 from gradwise._strong_zeros._carry import carry
 from gradwise._strong_zeros._compile import _holds_nonfinite, compiled_run, without_compiled_autograd
-from gradwise._strong_zeros._mode import _StrongZeroMode, watch_functions
+from gradwise._strong_zeros._mode import _StrongZeroMode, running_mode, watch_functions
 from gradwise._strong_zeros._planning import _plan
 from gradwise._strong_zeros._supports import _STATE, _Supports
 
@@ -116,10 +116,8 @@ def grad_in_pass(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]
 
 def _seeded_with_zeros(seeds: Sequence[Any] | None) -> bool:
     """Whether some of ``seeds`` (a nested backward's) carry the running strong-zero pass's structural zeros."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-
-    modes = [m for m in _get_current_dispatch_mode_stack() if isinstance(m, _StrongZeroMode)]
-    return bool(modes and seeds) and any(map(modes[-1].supports.zeroed, seeds))
+    mode = running_mode()
+    return mode is not None and bool(seeds) and any(map(mode.supports.zeroed, seeds))
 
 
 def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:

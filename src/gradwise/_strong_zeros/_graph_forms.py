@@ -158,15 +158,12 @@ def _mask_again(mask: torch.Tensor) -> torch.Tensor:
     and/or of orderings and equalities, which are False at a NaN, so a True was decided and a False may be a NaN's
     (a where then unites both branches there; a product takes no structural zero from it). The pass reads a saved
     mask the same way (``_compile_pass._undecided``)."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-
-    from gradwise._strong_zeros._mode import _StrongZeroMode
+    from gradwise._strong_zeros._mode import running_mode
     from gradwise._strong_zeros._supports import _STATE
 
     out = aten.eq.Scalar(mask, True)
     if not _STATE.outputs_finite:
-        mode = next((m for m in reversed(_get_current_dispatch_mode_stack()) if isinstance(m, _StrongZeroMode)),
-                    None)
+        mode = running_mode()
         if mode is not None:
             mode.supports.selections[out] = mask
     return out

@@ -158,6 +158,13 @@ def _zero_preserved(func, args: tuple, kwargs: dict, out: object, sup: _Supports
     return (support | ~kept).expand(out.shape)
 
 
+def running_mode() -> _StrongZeroMode | None:
+    """The innermost strong-zero mode on this thread's dispatch stack (a pass is running), or None."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return next((m for m in reversed(_get_current_dispatch_mode_stack()) if isinstance(m, _StrongZeroMode)), None)
+
+
 def watch_functions(roots: list, mode: _StrongZeroMode, nodes: list | None = None) -> list:
     """Hooks on the custom ``autograd.Function`` nodes of a graph for one strong pass (their handles, to remove):
     where structural zeros reach one and its backward returns a tensor no op under ``mode`` made (NumPy, a C++

@@ -259,11 +259,23 @@ def _sensitivity_finite(scaling: list, g: _Graph, seeds: Sequence[Any], seen: se
             return False  # (a checkpoint's or FSDP's hook would run: not known, so not finite)
         if singular is not None and singular(node):
             return False
-        for name in dir(node):
-            if name.startswith("_saved_") and isinstance(value := getattr(node, name, None), float) and \
-                    not math.isfinite(value):
+        for name in _saved_numbers(node, names):
+            if isinstance(value := getattr(node, name, None), float) and not math.isfinite(value):
                 return False
     return _all_finite(saved)
+
+
+_NUMBERS: dict[type, tuple[str, ...]] = {}  # node type -> its saved attributes that are not tensors
+
+
+def _saved_numbers(node: Any, raw: tuple[str, ...]) -> tuple[str, ...]:
+    """The ``_saved_*`` attributes of ``node``'s type that hold no tensor (``raw``: its ``_raw_saved_*``; the
+    tensors were read through those already), looked up once per type."""
+    names = _NUMBERS.get(type(node))
+    if names is None:
+        tensors = {"_saved_" + a[len("_raw_saved_"):] for a in raw}
+        names = _NUMBERS[type(node)] = tuple(a for a in dir(node) if a.startswith("_saved_") and a not in tensors)
+    return names
 
 
 def _read_saved(node: Any, read: tuple[str, ...], seen: set[tuple], saved: list[torch.Tensor]) -> bool:

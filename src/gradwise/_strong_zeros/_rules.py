@@ -80,6 +80,27 @@ def _kept_bits(src: torch.Tensor, keep: torch.Tensor, out: torch.Tensor) -> bool
     return True
 
 
+class _Kept:
+    """The positions along one dim where a 1-D bool ``kept`` is True, read as a view where they form a range (no
+    copy: a batch's padding rows at its end) and by index otherwise."""
+
+    def __init__(self, kept: torch.Tensor) -> None:
+        self.idx = kept.nonzero().squeeze(1)
+        self.n = self.idx.numel()
+        self.start = int(self.idx[0]) if self.n else 0
+        self.is_range = self.n == 0 or int(self.idx[-1]) - self.start + 1 == self.n
+
+    def pick(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        return t.narrow(dim, self.start, self.n) if self.is_range else t.index_select(dim, self.idx)
+
+    def put(self, full: torch.Tensor, part: torch.Tensor, dim: int) -> None:
+        """Write ``part`` (picked along ``dim``) back into ``full``."""
+        if self.is_range:
+            full.narrow(dim, self.start, self.n).copy_(part)
+        else:
+            full.index_copy_(dim, self.idx, part)
+
+
 def _annihilate(out: torch.Tensor, support: torch.Tensor | None) -> torch.Tensor:
     """Writes 0 (+0.0) into ``out`` wherever ``support`` is False (whatever NaN/Inf was computed there)."""
     if support is not None:

@@ -30,7 +30,7 @@ import torch
 from gradwise._masks import EagerMasks, mask_all, mask_any
 from gradwise._ops._contractions import attention_keys, attention_rows, value_columns
 from gradwise._strong_zeros._node_facts import _MAKES_NO_ZEROS_IF, _NOT_READ, _OWN_ZEROS_INSIDE, NODE_FACTS, _hooked
-from gradwise._strong_zeros._rules import _annihilate, _kept_bits, _register, _run_unruled, _tracked_slots
+from gradwise._strong_zeros._rules import _annihilate, _Kept, _kept_bits, _register, _run_unruled, _tracked_slots
 
 aten = torch.ops.aten
 
@@ -259,13 +259,10 @@ def _batch_subset(func, args, kwargs, sup, spec, entries: torch.Tensor, whole: b
     whole batch's run (tests/test_attention.py checks it). ``whole``: the kept entries keep every row and read
     every key, so the kernel runs on them as it is; else the rule runs on them."""
     b = args[1].shape[0]
-    idx = entries.nonzero().squeeze(1)
-    n = idx.numel()
-    start = int(idx[0]) if n else 0
-    is_range = n and int(idx[-1]) - start + 1 == n
-    pick = (lambda t: t.narrow(0, start, n)) if is_range else (lambda t: t.index_select(0, idx))
+    kept = _Kept(entries)
+    pick = lambda t: kept.pick(t, 0)
     outs = None
-    if n:
+    if kept.n:
         new, new_kwargs = list(args), dict(kwargs)
         for i in (0, 1, 2, 3, spec.out, spec.lse):
             new[i] = pick(args[i])
@@ -284,16 +281,10 @@ def _batch_subset(func, args, kwargs, sup, spec, entries: torch.Tensor, whole: b
         support = whole_entries
         if part is not None:
             s = sup.of(part)
-            if is_range:
-                full.narrow(0, start, n).copy_(part)
-            else:
-                full.index_copy_(0, idx, part)
+            kept.put(full, part, 0)
             if s is not None:
                 support = whole_entries.expand(full.shape).clone()
-                if is_range:
-                    support.narrow(0, start, n).copy_(s)
-                else:
-                    support.index_copy_(0, idx, s.expand(part.shape))
+                kept.put(support, s.expand(part.shape), 0)
         sup.record(full, support.expand(full.shape))
         results.append(full)
     return tuple(results)

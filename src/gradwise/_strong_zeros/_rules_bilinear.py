@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_map
 
 from gradwise._masks import EagerMasks, mask_any
 from gradwise._ops._contractions import conv_input_reads, conv_output_support, mm_reads, mm_support, mv_support
-from gradwise._strong_zeros._rules import _UNRULED, Rule, _is_float, _register
+from gradwise._strong_zeros._rules import _UNRULED, Rule, _is_float, _Kept, _register
 
 aten = torch.ops.aten
 
@@ -81,17 +81,11 @@ def _mm_supported_k(args: tuple, slot: int, s: torch.Tensor, finite_k: torch.Ten
     from ``finite_k`` (per k, whether the value is finite there: `_mm_finite_k`), whether the kept value is."""
     reads = mm_reads(EagerMasks, slot, s)  # (.., K, 1) or (.., 1, K): the shared fact
     kept = mask_any(reads.reshape(-1, s.shape[-1] if slot == 0 else s.shape[-2]), 0)
-    k = kept.nonzero().squeeze(1)
-    n = k.numel()
-    if n == kept.shape[0]:
+    k = _Kept(kept)
+    if k.n == kept.shape[0]:
         return None
-    if n == 0 or int(k[-1]) - int(k[0]) + 1 == n:  # a range: views, no copy
-        start = int(k[0]) if n else 0
-        pick = lambda t, dim: t.narrow(dim, start, n)
-    else:
-        pick = lambda t, dim: t.index_select(dim, k)
-    clean = None if finite_k is None else bool(pick(finite_k, -1).all())
-    return [pick(args[0], -1), pick(args[1], -2)], clean
+    clean = None if finite_k is None else bool(k.pick(finite_k, -1).all())
+    return [k.pick(args[0], -1), k.pick(args[1], -2)], clean
 
 
 def _mm_finite_k(args: tuple, slot: int) -> torch.Tensor:

@@ -486,12 +486,10 @@ def _copy(func, args, kwargs, sup):
 _register(aten.copy_, aten.copy)(_copy)
 
 
-class _PlainMasks:
-    """The mask algebra of ``gradwise._masks.EagerMasks`` out of place (operands of any shapes, numbers made tensors
+class _PlainMasks(EagerMasks):
+    """``gradwise._masks.EagerMasks`` with not_/and_/or_ out of place (operands of any shapes, numbers made tensors
     by the caller): a comparison's ``undecided`` fact reads operands that are not fresh masks."""
 
-    le, ge, gt, lt, abs, isnan = (staticmethod(f) for f in (torch.le, torch.ge, torch.gt, torch.lt, torch.abs,
-                                                           torch.isnan))
     not_, and_, or_ = (staticmethod(f) for f in (torch.logical_not, torch.logical_and, torch.logical_or))
 
 
