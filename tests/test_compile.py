@@ -1044,3 +1044,33 @@ def test_a_kept_nan_names_the_unruled_ops_every_time():
             assert got.isnan().any()  # (an op without a rule: the NaN stays, never a wrong finite number)
             texts = [str(m.message) for m in seen if isinstance(m.message, gw.GradwiseWarning)]
             assert any("gwtest.scale_rows_backward" in t or "gwtest::scale_rows_backward" in t for t in texts), texts
+
+
+def test_a_plain_compile_on_another_thread_gets_no_pass():
+    """While a strong variant compiles, the pass is in ``post_grad_custom_pre_pass`` (``_with_pass``): a plain
+    ``torch.compile`` on another thread must not read it (its backward would get strong zeros and the finite
+    flag's extra output: a silent change of plain PyTorch, or a crash). It does not, because torch 2.13's
+    ``config.patch`` is thread-local (ContextVar overrides); this guards that fact, which ``_with_pass``
+    relies on."""
+    import threading
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    x = torch.randn(6, 4)
+    x[4:] = math.nan
+    f = torch.compile(lambda t: lin(t)[:4].sum())
+    out: dict[str, object] = {}
+
+    def plain() -> None:
+        try:
+            out["grad"] = torch.autograd.grad(f(x), lin.weight)[0]
+        except Exception as exc:  # (reported below, with the thread's own error)
+            out["error"] = exc
+
+    with (torch._functorch.config.patch(enable_autograd_cache=False),
+          torch._inductor.config.patch(fx_graph_cache=False), _compile._with_pass(checked=True)):
+        thread = threading.Thread(target=plain)
+        thread.start()
+        thread.join()
+    assert "error" not in out, out.get("error")
+    assert out["grad"].isnan().any()  # PyTorch's own result: the discarded rows' NaN

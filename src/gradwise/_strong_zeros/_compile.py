@@ -130,7 +130,9 @@ def strong_zero_pass() -> Any:
 @contextlib.contextmanager
 def _with_pass(checked: bool = False) -> Iterator[None]:
     """The pass added to inductor's post-grad passes for one compile; ``checked``: the variant that also returns
-    the finite flag (not where the user installed the pass by hand: their backward must keep its outputs)."""
+    the finite flag (not where the user installed the pass by hand: their backward must keep its outputs).
+    ``config.patch`` is thread-local in torch 2.13 (ContextVar overrides), so a plain compile on another thread
+    meanwhile does not get the pass (tests/test_compile.py guards it)."""
     from torch._inductor import config
     from torch._inductor.custom_graph_pass import get_custom_graph_passes
 
