@@ -270,6 +270,13 @@ RULE_SAMPLES = {
     "floor_divide": (lambda x: x // 0.5 * 0.5 + torch.remainder(x, 0.5) + torch.floor_divide(x, 3.0) * 3.0
                      + torch.remainder(x, 3.0), [_X]),
     "logit": (lambda x: torch.logit(x / 4 + 0.5, 0.25), [_X]),  # at 0.25 (x = -1) and 0.75 (x = 1)
+    # in-place variants (their rules run the out-of-place one on a copy): refused at every kink before
+    "remainder_": (lambda x: torch.floor(x) + x.clone().remainder_(1.0), [_X]),
+    "__imod__": (lambda x: torch.floor(x) + x.clone().__imod__(1.0), [_X]),
+    "fmod_": (lambda x: torch.trunc(x) + x.clone().fmod_(1.0), [_X]),  # = x: the jumps at nonzero integers cancel
+    "copysign_": (lambda x: x.clone().copysign_(torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0, 1.0, -1.0], dtype=x.dtype))
+                  + torch.ones_like(x).copysign_(x) * x, [_X]),
+    "logit_": (lambda x: (x / 4 + 0.5).logit_(0.25), [_X]),
 }
 # PyTorch has no backward for floor_divide: the nearby gradients are those of the same function written with div
 NEARBY_REFERENCES = {"floor_divide": lambda x: torch.div(x, 0.5, rounding_mode="floor") * 0.5

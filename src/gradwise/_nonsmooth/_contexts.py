@@ -386,10 +386,10 @@ class _OpaqueWatch(LeanDispatchMode):
         # Whether an argument depends on f's inputs cannot be told here: tangents are not readable at this level,
         # and TorchScript's differentiable graphs run on detached inputs. Every kink op in unseen code counts.
         if test is not None and test(args, kwargs, out):
-            hit = (f"{func.overloadpacket} runs at its kink in code that gradwise cannot see (TorchScript "
-                   f"from torch.jit.script/trace, or a C++ extension), called from {self.where()}: its "
-                   "derivative there would be PyTorch's convention. Call the Python function (the module "
-                   "before scripting/tracing) instead")
+            hit = (f"{func.overloadpacket} runs at its kink (or where PyTorch's derivative formula is off) in "
+                   "code that gradwise cannot see (TorchScript from torch.jit.script/trace, or a C++ extension), "
+                   f"called from {self.where()}: its derivative there would be PyTorch's. Call the Python "
+                   "function (the module before scripting/tracing) instead")
             self.hit = self.hit or hit
             self._mark(out, hit)
         return out

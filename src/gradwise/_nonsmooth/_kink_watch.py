@@ -18,6 +18,7 @@ from gradwise._modes import LeanDispatchMode
 from gradwise._nonsmooth._errors import NonsmoothError
 from gradwise._nonsmooth._records import _user_line
 from gradwise._nonsmooth._rules import _is_dual, _split, _stepped
+from gradwise._ops._discrete import fmod_slope_off
 from gradwise._ops._kinks import KINKS, OpCall, at_kink
 
 Tensor = torch.Tensor
@@ -34,6 +35,9 @@ def _sits_at_kink(fact, name: str) -> Callable:
 # In code the mode cannot see (TorchScript) every kink op counts, guards too (comparisons, amax/amin: nothing routes
 # them); in callables the mode sees but cannot route, guards do not (PyTorch's own code uses them away from kinks).
 _UNSEEN_KINKY = {op.__name__: _sits_at_kink(fact, op.__name__) for op, fact in KINKS.items()}
+# fmod in unseen code also where PyTorch's slope in the divisor is off (rounding, not a kink: the rule moves it)
+_UNSEEN_KINKY["fmod"] = (lambda kink: lambda args, kwargs, out: kink(args, kwargs, out)
+                         or fmod_slope_off(OpCall(args, kwargs, out, "fmod")))(_UNSEEN_KINKY["fmod"])
 _KINKY_BY_NAME = {op.__name__: _UNSEEN_KINKY[op.__name__] for op, fact in KINKS.items() if not fact.guard}
 # jumps located on their first argument's own elements: with tangents, only where those move
 _JUMPS = {op.__name__: fact for op, fact in KINKS.items() if fact.kind == "jump" and not fact.coarse}

@@ -29,6 +29,7 @@ from gradwise._nonsmooth._rules import (
     _switch,
     kink_rule,
 )
+from gradwise._ops._discrete import real_trunc
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -490,13 +491,10 @@ def _quotient_sign(x, y, n: Tensor) -> Tensor | None:
 
 
 def _real_trunc(x: Tensor, y: Tensor, kernel: Tensor) -> Tensor:
-    """trunc of the real quotient x / y. ATen's trunc division is trunc of the *rounded* x / y (its floor division
-    floors the real one, from fmod): 1.0 / 0.1 rounds to 10.0, but 0.1's float is above 0.1 and the real quotient
-    is 9.99...: 9, as float64 differences of float32 inputs see it. ``kernel`` itself (same object) where they
-    agree everywhere; else the real one: floor's, plus 1 where the quotient is negative and not an integer."""
+    """trunc of the real quotient x / y (``_discrete.real_trunc``): ``kernel`` itself (same object) where they
+    agree everywhere, else the real one."""
     with torch.no_grad():
-        real = torch.div(x, y, rounding_mode="floor")
-        real = torch.where((torch.fmod(x, y) != 0) & ((x < 0) != (y < 0)), real + 1, real)
+        real = real_trunc(x, y)
         off = (real != kernel) & (real == real)  # (a NaN quotient stays the kernel's)
         return torch.where(off, real, kernel) if mask_any(off) else kernel
 
@@ -632,3 +630,30 @@ def logit(run, func, x, eps=None):
         raise NonsmoothError(f"logit at {_user_line()} with eps = {eps} > 0.5 sits at its bound: ATen clamps to "
                              "[eps, 1 - eps], an empty range, where its kernels disagree. Use eps <= 0.5")
     return torch.logit(_clamp(run, x, lo, hi, None))
+
+
+# --- in-place variants: the out-of-place rule on a copy, written back -------------------------------------------
+
+
+def _in_place(rule: Callable, out_of_place: Callable, name: str) -> Callable:
+    """``x.op_(...)`` as ``x.copy_(op(x.clone(), ...))`` through the out-of-place rule: its one-sided derivative
+    at the kink, and fmod_'s divisor slope of the real quotient (PyTorch's in-place fmod_ takes -10 at 1.0 and
+    float 0.1, where it is -9). The copy keeps what the rule's graph saves from being overwritten; a
+    non-float x runs PyTorch's own."""
+
+    def route(run, func, x, *args, **kwargs):
+        if not _split(x)[0].is_floating_point():
+            return func(x, *args, **kwargs)
+        return _finish(func, x, rule(run, out_of_place, x.clone(), *args, **kwargs), True)
+
+    route.__name__ = name
+    route.__doc__ = f"{name}: " + (_in_place.__doc__ or "")
+    return route
+
+
+for _call, _rule, _outer in [(Tensor.remainder_, "remainder", torch.remainder),
+                             (Tensor.__imod__, "remainder", torch.remainder),
+                             (Tensor.fmod_, "fmod", torch.fmod),
+                             (Tensor.copysign_, "copysign", torch.copysign),
+                             (Tensor.logit_, "logit", torch.logit)]:
+    _ROUTES[_call] = _in_place(_ROUTES[getattr(Tensor, _rule)], _outer, _call.__name__)

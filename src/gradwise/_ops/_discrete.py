@@ -170,3 +170,24 @@ def _remainder_at_a_multiple(c):
     if not (_float(x) or _float(y)):
         return None
     return _at_multiples(x, y, "trunc" if c.packet.startswith("fmod") else "floor")
+
+
+def real_trunc(x: Tensor, y: Tensor) -> Tensor:
+    """trunc of the real quotient x / y (float tensors, no grad). ATen's trunc division is trunc of the *rounded*
+    x / y (its floor division floors the real one, from fmod): 1.0 / 0.1 rounds to 10.0, but float 0.1 is above
+    0.1 and the real quotient is 9.99...: 9. Floor's, plus 1 where the quotient is negative and no integer."""
+    real = torch.div(x, y, rounding_mode="floor")
+    return torch.where((torch.fmod(x, y) != 0) & ((x < 0) != (y < 0)), real + 1, real)
+
+
+def fmod_slope_off(c: OpCall) -> bool:
+    """Whether PyTorch's derivative of fmod(x, y) in y, -trunc(x / y) of the rounded quotient, is off somewhere:
+    where that differs from trunc of the real quotient (1.0 and float 0.1: -10, the slope is -9). Not a kink:
+    gradwise's fmod rule moves the derivative there; code it cannot see (TorchScript) keeps PyTorch's."""
+    x, y = c.args[0], c.args[1]
+    if not isinstance(y, Tensor) or not y.is_floating_point():
+        return False
+    x = torch.as_tensor(x, dtype=y.dtype, device=y.device) if not isinstance(x, Tensor) else x
+    kernel = torch.div(x, y, rounding_mode="trunc")
+    real = real_trunc(x, y)
+    return bool(((real != kernel) & (real == real)).any())
