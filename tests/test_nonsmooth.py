@@ -277,6 +277,12 @@ RULE_SAMPLES = {
     "copysign_": (lambda x: x.clone().copysign_(torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0, 1.0, -1.0], dtype=x.dtype))
                   + torch.ones_like(x).copysign_(x) * x, [_X]),
     "logit_": (lambda x: (x / 4 + 0.5).logit_(0.25), [_X]),
+    # derived in-place routes (route_in_place_variants): x.gt_(0) in a where ran PyTorch's convention (silent)
+    "gt_": (lambda x: torch.where(x.clone().gt_(0.0).bool(), x, -x) + torch.where(x.clone().le_(1.0).bool(), x, 2 - x),
+            [_X]),
+    "sgn_": (lambda x: x.clone().sgn_() * x + x.clone().absolute_(), [_X]),
+    "frac_": (lambda x: x.clone().frac_() + x.clone().fix_(), [_X]),  # = x
+    "hypot_": (lambda x: x.clone().hypot_(torch.zeros_like(x)), [_X]),  # |x|
 }
 # PyTorch has no backward for floor_divide: the nearby gradients are those of the same function written with div
 NEARBY_REFERENCES = {"floor_divide": lambda x: torch.div(x, 0.5, rounding_mode="floor") * 0.5

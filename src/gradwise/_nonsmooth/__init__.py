@@ -45,6 +45,7 @@ gradwise._ops).
 # isort: off
 from gradwise._nonsmooth import _rules_pointwise, _rules_select, _rules_norms, _rules_jvp  # noqa: F401
 from gradwise._nonsmooth import _rules_aten, _scatter  # noqa: F401
+
 # isort: on
 from gradwise._nonsmooth._engine import directional_derivative, generalized_backward, generalized_grad
 from gradwise._nonsmooth._errors import NonsmoothError
@@ -52,6 +53,8 @@ from gradwise._nonsmooth._gradcheck import GradcheckError, GradcheckResult, grad
 from gradwise._nonsmooth._rules import KINK_RULES
 from gradwise._nonsmooth._rules_jvp import JVP_RULES
 from gradwise._nonsmooth._stationarity import Stationarity, Subdifferential, stationarity, subdifferential
+
+_rules_pointwise.route_in_place_variants()  # (after every rule module registered)
 
 __all__ = [
     "JVP_RULES",

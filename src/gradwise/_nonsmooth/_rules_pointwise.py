@@ -651,9 +651,17 @@ def _in_place(rule: Callable, out_of_place: Callable, name: str) -> Callable:
     return route
 
 
-for _call, _rule, _outer in [(Tensor.remainder_, "remainder", torch.remainder),
-                             (Tensor.__imod__, "remainder", torch.remainder),
-                             (Tensor.fmod_, "fmod", torch.fmod),
-                             (Tensor.copysign_, "copysign", torch.copysign),
-                             (Tensor.logit_, "logit", torch.logit)]:
-    _ROUTES[_call] = _in_place(_ROUTES[getattr(Tensor, _rule)], _outer, _call.__name__)
+def route_in_place_variants() -> None:
+    """Give every routed Tensor method ``n`` whose in-place ``n_`` has no route of its own the ``_in_place`` form
+    of ``n``'s rule (with ``n``'s route condition), so no in-place variant runs PyTorch's convention at a kink
+    its out-of-place form answers (``x.gt_(0)`` in a ``where``, ``fmod_`` in its divisor). Called once every rule
+    module has registered (``gradwise._nonsmooth.__init__``)."""
+    pairs = [(getattr(Tensor, name + "_"), call) for call in list(_ROUTES)
+             if (name := getattr(call, "__name__", None)) and getattr(Tensor, name, None) is call
+             and hasattr(Tensor, name + "_")]
+    pairs += [(Tensor.__imod__, Tensor.remainder), (Tensor.__ipow__, Tensor.pow)]
+    for in_place, call in pairs:
+        if in_place not in _ROUTES and call in _ROUTES:
+            _ROUTES[in_place] = _in_place(_ROUTES[call], call, in_place.__name__)
+            if call in _ROUTE_IF:
+                _ROUTE_IF[in_place] = _ROUTE_IF[call]
