@@ -426,6 +426,31 @@ def test_detaching_the_loss_after_backward_starts_no_step(ctx):
     assert cause.startswith("root cause at step 3") and "into the parameters at step 3" in cause, cause
 
 
+
+@pytest.mark.parametrize("ctx", [gw.watch, gw.trace])
+def test_a_running_loss_starts_no_step(ctx):
+    """Hugging Face's Trainer adds each step's detached loss to a running total of earlier steps
+    (``tr_loss + loss.detach()``) after the backward, before the optimizer steps: the total is no output of this
+    backward, so the add started the next step and the cause said the optimizer wrote the NaN gradient into the
+    parameters at step 3 for the backward of step 2. Bookkeeping that reads what the backward left and nothing
+    that requires grad starts no step."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    tr_loss = torch.zeros(())
+    with ctx() as report:
+        for step in range(4):
+            x = torch.randn(8, 4)
+            if step == 2:
+                x[0, 0] = float("nan")
+            loss = lin(x).square().mean()
+            loss.backward()
+            tr_loss = tr_loss + loss.detach()
+            opt.step()
+            opt.zero_grad()
+    (cause,) = report.causes
+    assert cause.startswith("root cause at step 2") and "into the parameters at step 2" in cause, cause
+
 def test_the_trace_holds_no_graph_after_a_second_backward():
     """Between backwards the trace notes the outputs the backward differentiated (Lightning detaches its loss after
     the backward, which starts no step): held strongly, the output kept its whole graph alive after the program let

@@ -361,9 +361,11 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
             self._dig(func, loc, ins if i is not None else _tensors(args), [o], None, info)
 
     def _reads_gradients_only(self, args, kwargs) -> bool:
-        """Whether every tensor argument is a leaf's gradient (or a view of one), an output the backward
-        differentiated (Lightning detaches the loss after its backward, in grad mode, before the optimizer steps),
-        or made from those alone since the backward ended."""
+        """Whether the op is bookkeeping on what the backward left: every tensor argument is a leaf's gradient (or a
+        view of one), an output the backward differentiated (Lightning detaches the loss after its backward, in
+        grad mode, before the optimizer steps), or made from those alone since the backward ended; or at least one
+        is, and none requires grad (a running loss: Hugging Face's ``tr_loss + loss.detach()`` adds it to a
+        tensor of earlier steps; the next step's forward reads parameters, which require grad)."""
         ts = _tensors(args) + _tensors(list(kwargs.values()))
         if not ts:
             return False
@@ -372,7 +374,8 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
                                    if isinstance(g := _grad(leaf), torch.Tensor))
             # (weakly: the outputs hold their graph, which must die with them, as it does without the trace)
             self.grad_reads.update((id(o), weakref.ref(o)) for r in self.root_outputs if (o := r()) is not None)
-        return all(self._read_of(t) or (t._base is not None and self._read_of(t._base)) for t in ts)
+        reads = [self._read_of(t) or (t._base is not None and self._read_of(t._base)) for t in ts]
+        return all(reads) or (any(reads) and not any(t.requires_grad for t in ts))
 
     def _read_of(self, t: torch.Tensor) -> bool:
         held = self.grad_reads.get(id(t))
