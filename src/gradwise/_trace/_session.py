@@ -7,6 +7,7 @@ May import: torch, gradwise._ops, gradwise._strong_zeros, gradwise._trace._commo
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
@@ -142,7 +143,37 @@ def _traced_next(it):
             _tag_batch(watcher.batches, batch, it._num_yielded - 1, keyed=True)
         except Exception:  # a batch it cannot walk: its data is then named without its batch, never an error
             pass
+    elif (recent := _RECENT.get(threading.get_ident())) is not None:
+        recent.append((batch, it._num_yielded - 1))
     return batch
+
+
+_RECENT: dict = {}  # thread id -> the last batches its DataLoaders yielded with no trace open (remember_batches)
+
+
+@contextlib.contextmanager
+def remember_batches() -> Iterator[None]:
+    """While a Trainer callback lives: the last few batches this thread's DataLoaders yield while no trace is open,
+    kept for ``tag_recent_batches`` (Hugging Face's callback opens its trace at a step's start, after the Trainer
+    fetched the step's batches, and its hook sees no batch). Memory: at most ``_KEPT_BATCHES`` batches."""
+    _install()
+    _RECENT[threading.get_ident()] = collections.deque(maxlen=_KEPT_BATCHES)
+    try:
+        yield
+    finally:
+        _RECENT.pop(threading.get_ident(), None)
+        _uninstall()
+
+
+_KEPT_BATCHES = 8  # (a gradient-accumulation step fetches several; accelerate prefetches one more)
+
+
+def tag_recent_batches() -> None:
+    """Tag the batches ``remember_batches`` kept, each with its own index, in this thread's trace (then forget
+    them): a NaN one brings is told as arriving in that DataLoader batch."""
+    recent = _RECENT.get(threading.get_ident())
+    while recent:
+        tag_batch(*recent.popleft())
 
 
 def tag_batch(batch: object, index: int) -> None:

@@ -69,6 +69,7 @@ class Session:
         self.strong_zeros, self.explain, self.on_nonfinite, self.logger = strong_zeros, explain, on_nonfinite, logger
         self._trace = contextlib.ExitStack()
         self._sz = contextlib.ExitStack()
+        self._remembering = contextlib.ExitStack()
         self._report: gw.Report | None = None
         self._in_strong_zeros = False
         self._explained = False
@@ -86,12 +87,22 @@ class Session:
         wanted = self.explain == "every" or (self.explain == "first" and not self._explained)
         if wanted and self._report is None:
             self._report = self._trace.enter_context(gw.trace())
-        if self._report is not None and batch is not None and batch_index is not None:
-            from gradwise._trace._session import tag_batch
+        if self._report is not None:
+            from gradwise._trace._session import tag_batch, tag_recent_batches
 
-            tag_batch(batch, batch_index)
+            tag_recent_batches()
+            if batch is not None and batch_index is not None:
+                tag_batch(batch, batch_index)
         if strong_zeros_now:
             self.begin_backward()
+
+    def remember_batches(self) -> None:
+        """For a framework whose step hook sees no batch (Hugging Face's on_step_begin): until ``close``, keep the
+        batches DataLoaders yield while no trace is open, so that ``begin_step`` tags them (when it may explain)."""
+        if self.explain is not None:
+            from gradwise._trace._session import remember_batches
+
+            self._remembering.enter_context(remember_batches())
 
     def begin_backward(self) -> None:
         if self.strong_zeros and not self._in_strong_zeros:
@@ -106,6 +117,7 @@ class Session:
         """Leave strong zeros and the trace (end of training, or an exception in between)."""
         self.end_backward()
         self._trace.close()
+        self._remembering.close()
         self._report = None
 
     # -- the decision --------------------------------------------------------------------------------------

@@ -54,6 +54,10 @@ class GradwiseCallback(SessionResults, TrainerCallback):
     def __init__(self, strong_zeros: bool = True, explain: str | None = None, on_nonfinite: str = "skip"):
         self._session = Session(strong_zeros, explain, on_nonfinite, _LOGGER)
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # on_step_begin sees no batch and comes after the Trainer fetched it: keep the batches for begin_step
+        self._session.remember_batches()
+
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # called once per optimizer step, before the first micro-batch's forward
         self._session.begin_step(strong_zeros_now=True)
