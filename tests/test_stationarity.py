@@ -118,11 +118,16 @@ def test_many_ties_not_stationary_is_proved_by_the_shared_part():
 
 
 def test_undecided_when_no_bound_decides():
-    """relu(a) - relu(-a) is a: least norm 1. Sampled, with no input outside the ties, and the interval bound
-    blind to the two relus moving together (each [0, 1] wide): None."""
-    cert = gw.stationarity(lambda a: (torch.relu(a) - torch.relu(-a)).sum(), torch.zeros(1, dtype=torch.float64),
-                           samples=4)
-    assert cert.stationary is None and cert.lower_bound == 0.0 and cert.min_norm >= 1.0 - 1e-12
+    """relu(b) - relu(-b) is b = a + flip(a): least norm 2 sqrt(2). Sampled, with no input outside the ties, and
+    the interval bound blind to the two relus moving together (each [0, 1] wide; each b element reads two
+    elements of a, so `_bound_split` cannot pair them): None."""
+
+    def f(a):
+        b = a + a.flip(0)
+        return (torch.relu(b) - torch.relu(-b)).sum()
+
+    cert = gw.stationarity(f, torch.zeros(2, dtype=torch.float64), samples=4)
+    assert cert.stationary is None and cert.lower_bound == 0.0 and cert.min_norm >= 8**0.5 - 1e-12
 
 
 def test_sampled_ties_decided_by_the_interval_bound():

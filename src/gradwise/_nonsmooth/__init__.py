@@ -34,6 +34,8 @@ Modules (each imports only those above it in this list, plus torch, gradwise._ma
 ``_interval_rules``   ``INTERVAL_RULES`` / ``KINK_RULES``: how a tangent interval moves through each aten op.
 ``_bound``            ``lower_bound``: interval tangents bound every active piece's derivative along a direction,
                       a proved lower bound on the least norm however many ties.
+``_bound_split``      ``Sources``: elements of that pass that read one input element, exact from their one-sided
+                      slopes (relu(x) - relu(-x)).
 ``_stationarity``     ``subdifferential``, ``stationarity``.
 ``_gradcheck``        the kink-aware ``gradcheck``.
 

@@ -22,7 +22,7 @@ constant, as in every other pass).
 
 May import: torch, gradwise._ops (the shared kink facts: where an op sits at its kink), ``_contexts``,
 ``_kink_watch`` (``_composite``, ``_unguarded``), ``_interval_rules`` (the table of interval rules this engine
-applies).
+applies), ``_bound_split`` (elements that read one input element: exact, not hulled).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from gradwise._nonsmooth import _contexts as _ctx
+from gradwise._nonsmooth._bound_split import Sources
 from gradwise._nonsmooth._interval_rules import (
     INTERVAL_RULES,
     KINK_RULES,
@@ -59,9 +60,10 @@ Tensor = torch.Tensor
 class _IntervalMode(TorchDispatchMode):
     """Carries a tangent interval for every float tensor f computes from its inputs."""
 
-    def __init__(self) -> None:
+    def __init__(self, w: Tensor) -> None:
         super().__init__()
         self.iv = Intervals()
+        self.sources = Sources(w)  # elements that depend on one input element: exact (`_bound_split`)
         self.graph_off = False  # grad is off for `_NoGraph` (inside a call f made in grad mode), not for f
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -87,7 +89,7 @@ class _IntervalMode(TorchDispatchMode):
         if not any(isinstance(o, Tensor) and o.is_floating_point() for o in outs):
             self._check_comparison(func, args, kwargs, out)
             return out
-        result = self._rule(func, args, kwargs, out)
+        result = self.sources.refine(func, args, kwargs, out, self._rule(func, args, kwargs, out), self._carries)
         for o, interval in zip(outs, result if isinstance(result, list) else [result], strict=True):
             if isinstance(o, Tensor) and o.is_floating_point():
                 if interval is None:
@@ -104,12 +106,17 @@ class _IntervalMode(TorchDispatchMode):
         if functional is None or not isinstance(args[0], Tensor) or not args[0].is_floating_point():
             raise Unbounded(f"{func} writes in place")
         out = functional(*args, **kwargs)
-        interval = self._rule(functional, args, kwargs, out)
+        interval = self.sources.refine(functional, args, kwargs, out, self._rule(functional, args, kwargs, out),
+                                       self._carries)
         func(*args, **kwargs)
+        self.sources.move(out, args[0])
         if isinstance(interval, list) or interval is None:
             raise Unbounded(f"{func}: no interval for the tensor it writes")
         self.iv.set(args[0], interval, written=True)
         return args[0]
+
+    def _carries(self, t) -> bool:
+        return isinstance(t, Tensor) and self.iv.get(t) is not None
 
     def _rule(self, func, args, kwargs, out):
         packet = func.overloadpacket
@@ -194,7 +201,7 @@ def lower_bound(f: Callable, xs: tuple[Tensor, ...], single: bool, w: tuple[Tens
         return None
     if norm == 0:  # no direction: the trivial bound
         return 0.0
-    mode = _IntervalMode()
+    mode = _IntervalMode(torch.cat([d.detach().reshape(-1).double().cpu() for d in w]))
     inputs = tuple(x.detach().clone() for x in xs)
     try:
         # compiled code eagerly, checkpoints plainly; grad on, so that f's own no_grad parts are seen, and off
@@ -202,6 +209,7 @@ def lower_bound(f: Callable, xs: tuple[Tensor, ...], single: bool, w: tuple[Tens
         with _ctx.pass_context(), torch.enable_grad(), _NoGraph(mode), mode:
             for x, d in zip(inputs, w, strict=True):
                 mode.iv.set(x, (d.to(x.dtype), torch.zeros_like(x)))
+                mode.sources.seed(x)
             _ctx.restore_state()
             out = f(inputs[0]) if single else f(*inputs)
             got = mode.iv.get(out) if isinstance(out, Tensor) and out.numel() == 1 else None

@@ -98,7 +98,8 @@ class Stationarity:
     not: all active pieces known, f differentiable with a nonzero gradient, or ``lower_bound`` > atol), None
     (undecided). ``lower_bound``: a proved lower bound on the least norm (the least norm itself when exact; with
     sampled pieces, the larger of the norm of the gradient part that every piece shares (inputs used only after
-    the last tie) and the interval-tangent bound along the least-norm point found, ``_bound.py``)."""
+    the last tie) and the interval-tangent bounds along the least-norm points of the pieces' bounding box and of
+    the pieces, ``_bound.py``)."""
 
     stationary: bool | None
     min_norm: float
@@ -317,9 +318,11 @@ def stationarity(f: Callable, inputs, *, atol: float = 1e-6, samples: int | None
 
     ``stationary`` is True when the least-norm point of the generalized gradients found is within ``atol`` of
     0 (``atol`` is at least 8 ulps of the largest generalized gradient in the inputs' dtype: below that, rounding
-    decides); False when every active piece was enumerated (or f is differentiable there), or when a proved lower bound
-    on the least norm exceeds ``atol`` (with sampled pieces: the part every piece shares, or interval tangents
-    along the least-norm point found, refined by Frank-Wolfe steps; docs/nonsmooth.md); None otherwise.
+    decides; with sampled pieces, `_certify` first adds the pieces that mix to 0 where the subdifferential is a box
+    of independent entries); False when every active piece was enumerated (or f is differentiable there), or when
+    a proved lower bound on the least norm exceeds ``atol`` (with sampled pieces: the part every piece shares, or
+    interval tangents along the least-norm point of the pieces' bounding box, then of the pieces, refined by
+    Frank-Wolfe steps; exact for elements that read one input element; docs/nonsmooth.md); None otherwise.
     Exact ties only count as kinks; ``near_kinks`` lists elements within ``near_tol`` of one, where a tiny
     move changes the answer (pass ``tie_tol`` to treat them as ties).
 
@@ -335,7 +338,11 @@ def stationarity(f: Callable, inputs, *, atol: float = 1e-6, samples: int | None
     atol = max(atol, _rounding(sd))
     bound = norm if sd.exact else _fixed_part_norm(sd)
     if not sd.exact and tie_tol == 0 and bound <= atol < norm < math.inf:
-        sd, element, norm, bound = _refine(f, inputs, sd, element, norm, bound, atol, seed)
+        bound = max(bound, _box_bound(f, inputs, sd, norm))  # (one pass, none where the pieces' box holds 0)
+        if bound <= atol:
+            sd, element, norm = _certify(f, inputs, sd, element, norm, seed)
+        if bound <= atol < norm:
+            sd, element, norm, bound = _refine(f, inputs, sd, element, norm, bound, atol, seed)
     if not math.isfinite(norm):
         verdict = None
     elif norm <= atol:
@@ -355,6 +362,71 @@ def _rounding(sd: Subdifferential) -> float:
     eps = max(torch.finfo(e.dtype).eps for el in sd.elements for e in el)
     largest = max(float(_flat(el).norm()) for el in sd.elements)
     return 8 * eps * largest if math.isfinite(largest) else 0.0
+
+
+MAX_THRESHOLDS = 16  # distinct per-entry mixing weights that `_certify` builds pieces for
+
+
+def _box(sd: Subdifferential) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-entry least and largest values of the elements (flattened, float64)."""
+    g = sd.matrix()
+    return g.amin(0), g.amax(0)
+
+
+def _box_bound(f, inputs, sd: Subdifferential, norm: float) -> float:
+    """A proved lower bound on the least norm: the interval bound (``_bound.lower_bound``) along the least-norm
+    point of the elements' bounding box. That direction keeps only the entries where every element found has one
+    sign (sum |x| + 2 x[0] at 0: x[0] alone, whose pieces lie in [1, 3]), where the least-norm point of the hull
+    mixes every entry and the interval pass then adds up every tied entry's slack. 0.0 where it proves nothing."""
+    lo, hi = _box(sd)
+    w = torch.where(lo > 0, lo, torch.where(hi < 0, hi, torch.zeros_like(lo)))
+    if not bool(w.any()) or not bool(torch.isfinite(w).all()):
+        return 0.0
+    xs, single = _as_inputs(inputs)
+    got = lower_bound(f, xs, single, _unflat(w, sd.elements[0]))
+    return 0.0 if got is None else min(got, norm)  # (a sub-hull's least norm is at least the true one)
+
+
+def _certify(f, inputs, sd: Subdifferential, element, norm: float, seed):
+    """Pieces that make 0 a convex combination where the subdifferential is a box of independent entries.
+
+    If each entry i of the pieces takes a low value lo_i <= 0 or a high one hi_i >= 0 depending on the side d_i
+    moves to (sum |x|, relu layers), 0 is the mixture with weight l_i = hi_i / (hi_i - lo_i) on lo_i in entry i:
+    for each threshold t among the distinct l_i, the piece that is low where l_i > t and high elsewhere, weighted
+    by the gap to the next threshold. A direction with the matching signs asks for each such piece (the side that
+    gives the high value: from the pieces along +1 and -1). Every piece found is a generalized gradient whatever
+    f is, so the least-norm point of the enlarged hull is still proved; if f is not like that, nothing is lost but
+    the passes. Returns (subdifferential, element, least norm)."""
+    xs, single = _as_inputs(inputs)
+    like = sd.elements[0]
+    gen = torch.Generator().manual_seed(0 if seed is None else seed)
+    jitter = 1 + 0.1 * torch.rand(sum(x.numel() for x in xs), generator=gen, dtype=torch.float64)
+    base = 0 if seed is None else seed
+
+    def piece(d: torch.Tensor, k: int):
+        return _locked_grad(f, xs, single, _derived(base, 2_000_003 + k), {}, direction=_unflat(d, like))[0]
+
+    up, down = piece(jitter, 0), piece(-jitter, 1)
+    elements = [*sd.elements, up, down]
+    lo, hi = _box(Subdifferential(elements, False))
+    if not bool(((lo <= 0) & (hi >= 0)).all()):  # some entry keeps one sign: no mixture is 0
+        return _with(sd, elements, element, norm)
+    high_side = torch.where(_flat(up) >= _flat(down), 1.0, -1.0)
+    weight = torch.where(hi > lo, hi / (hi - lo), torch.zeros_like(lo))
+    thresholds = torch.unique(weight)
+    if len(thresholds) > MAX_THRESHOLDS:
+        return _with(sd, elements, element, norm)
+    for k, t in enumerate([0.0, *thresholds.tolist()]):
+        elements.append(piece(torch.where(weight > t, -high_side, high_side) * jitter, 2 + k))
+    return _with(sd, elements, element, norm)
+
+
+def _with(sd: Subdifferential, elements: list, element, norm: float):
+    """(subdifferential, element, norm) with ``elements`` where their hull comes nearer to 0."""
+    grown = Subdifferential(_distinct(elements), False, sd.kinks, sd.near_kinks, sd.fixed)
+    point = grown.min_norm_element()
+    value = float(_flat(point).norm())
+    return (grown, point, value) if value < norm else (sd, element, norm)
 
 
 MAX_REFINE = 8  # interval bounds tried along successive least-norm points of the sampled pieces
