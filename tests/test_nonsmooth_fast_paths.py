@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import gradwise as gw
-from gradwise._nonsmooth import _rules_select
+from gradwise._nonsmooth import _engine, _rules_select
 from gradwise._nonsmooth._engine import _random_direction
 from gradwise._nonsmooth._records import _lex_argmax
 from gradwise._nonsmooth._rules import _near_zero
@@ -122,3 +122,19 @@ def test_near_zero_exact(dtype):
         assert not _near_zero(z, 0.0)
         assert _near_zero(z, 1e-30)
         assert _near_zero(z.t() if z.dim() > 1 else z.expand(2, 3), 1e-30)
+
+
+def test_pair_rule_subtracts_once_without_a_graph(monkeypatch):
+    """maximum/minimum form a - b once, and (outside stationarity's records, which differentiate it) without an
+    autograd node: it only says which side wins. The result is still PyTorch's gradient at h + t d."""
+    h = torch.tensor([[0.0, 1.0, 2.0], [0.0, 3.0, 2.0]], dtype=f64)
+    f = lambda h: (torch.maximum(h, h.flip(0)) * torch.arange(1.0, 7.0, dtype=f64).reshape(2, 3)).sum()
+    d = _random_direction((h,), 0)[0][0]
+    hp = (h + 1e-7 * d).requires_grad_()
+    ref = torch.autograd.grad(f(hp), hp)[0]
+    made = []
+    sub = torch.Tensor.__sub__
+    monkeypatch.setattr(torch.Tensor, "__sub__", lambda a, b: made.append(r := sub(a, b)) or r)
+    _engine._LAST_TIE.clear()  # a first call: the tangent-free pass, then the pass that ranks the ties
+    assert torch.equal(gw.generalized_grad(f, h, seed=0)[0], ref)
+    assert len(made) == 2 and all(s.grad_fn is None for s in made)
