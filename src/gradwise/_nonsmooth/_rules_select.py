@@ -164,8 +164,9 @@ def _pool_ties(run: _Run, op: str, x: Tensor, out: Tensor, nd: int, k, s, p, dil
     elif len(views) <= 31:
         e = torch.empty(out.shape, dtype=torch.bool, device=out.device)
         bits = torch.uint8 if len(views) <= 8 else torch.int16 if len(views) <= 15 else torch.int32
-        hits = torch.zeros(out.shape, dtype=bits, device=out.device)
-        for j, v in enumerate(views):
+        first = torch.eq(views[0], out)
+        hits = first.view(torch.uint8) if bits is torch.uint8 else first.to(bits)
+        for j, v in enumerate(views[1:], 1):
             hits.add_(torch.eq(v, out, out=e), alpha=1 << j)
         tie = hits.bitwise_and(hits - 1).bool()  # two bits or more (a comparison kernel is ~10x a conversion)
     else:
@@ -232,18 +233,19 @@ def _pool_lock(run: _Run, op: str, x: Tensor, out: Tensor, idx: Tensor, tie: Ten
     offsets = windows[0] - windows[0, 0]
     if not padded and bool((windows - windows[:, :1] == offsets).all()):  # every window a shift of the first
         start = windows[:, 0].contiguous().take(within)
-        cidx = offsets.unsqueeze(1) + start  # (K, G), contiguous
-        fpos = cidx + plane
+        fpos = offsets.unsqueeze(1) + (start + plane)  # (K, G), contiguous
+        locked = lambda c: offsets.take(c).add_(start)
     else:
         cidx = F.embedding(within, windows).t()  # (K, G) view: index_select's kernel is several times slower
         fpos = (cidx.clamp(min=0) if padded else cidx) + plane
+        locked = lambda c: cidx.gather(0, c.unsqueeze(0)).squeeze(0)
     pad = cidx < 0 if padded else None
     pick = lambda t, fill: t.reshape(-1).take(fpos) if pad is None else t.reshape(-1).take(fpos).masked_fill(
         pad, fill)
     key = pick(xt, 0.0) if xt is not None else None
     choice = None
     if hits is not None and not padded and run.ranks_alone(xt):  # (padding is never a candidate here)
-        bits = hits.reshape(-1).take(rows) >> torch.arange(cidx.shape[0], dtype=hits.dtype,
+        bits = hits.reshape(-1).take(rows) >> torch.arange(fpos.shape[0], dtype=hits.dtype,
                                                            device=rows.device).unsqueeze(1)
         cand = bits.bitwise_and_(1)  # (K, G), 0/1
         choice = _first_best(cand, key)
@@ -254,14 +256,14 @@ def _pool_lock(run: _Run, op: str, x: Tensor, out: Tensor, idx: Tensor, tie: Ten
         vals = pick(xp, -math.inf)
         cand = vals == best if run.tie_tol == 0 else best - vals <= run.tie_tol
         if padded and not bool((keep := cand.sum(0) > 1).all()):  # windows tied only with padding (-inf input)
-            rows, cidx, fpos, pad, cand = rows[keep], cidx[:, keep], fpos[:, keep], pad[:, keep], cand[:, keep]
+            rows, fpos, pad, cand = rows[keep], fpos[:, keep], pad[:, keep], cand[:, keep]
+            cidx = cidx[:, keep]
             key = key[:, keep] if key is not None else None
             if len(rows) == 0:
                 return finish(idx)
         choice, _ = run.resolve(op, "select", cand.t(), key.t() if key is not None else None,
                                 lambda: pick(x, -math.inf).t(), lazy=True)
         rec = run.kinks[-1]
-    locked = lambda c: cidx.gather(0, c.unsqueeze(0)).squeeze(0)
     lock = idx if idx.is_contiguous() else idx.clone(memory_format=torch.contiguous_format)
     rec.write = lambda c: lock.data.view(-1).index_put_((rows,), locked(c))
     rec.site = (lock, fpos.t(), None if pad is None else pad.t(), batch, op_.shape)
