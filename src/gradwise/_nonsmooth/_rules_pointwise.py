@@ -79,9 +79,13 @@ def _pair(run, op: str, a, b, larger: bool, native: Callable):
     """max (larger) or min of a and b elementwise; a wins ties unless the direction says otherwise."""
     like = a if isinstance(a, Tensor) else b
     a, b = _as_tensor(a, like), _as_tensor(b, like)
-    if run.near_tol is None and not _near_zero(_split(a)[0] - _split(b)[0], run.tie_tol):
+    # s says which side wins (its tangent too), computed once; its graph only where records collect its values
+    # (stationarity differentiates them)
+    with torch.set_grad_enabled(run.collect and torch.is_grad_enabled()):
+        s = a - b if larger else b - a
+    if run.near_tol is None and not _near_zero(_split(s)[0], run.tie_tol):
         return native()
-    return _switch(run, op, a - b if larger else b - a, a, b, native, skip=lambda tie: _both_dead(run, a, b, tie))
+    return _switch(run, op, s, a, b, native, skip=lambda tie: _both_dead(run, a, b, tie))
 
 
 def _both_dead(run: _Run, a, b, tie: Tensor) -> Tensor | None:

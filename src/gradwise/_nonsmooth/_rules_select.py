@@ -144,8 +144,11 @@ def _window_views(t: Tensor, nd: int, k, s, p, dil, out_sp, fill) -> list[Tensor
             for offs in itertools.product(*map(range, k))]
 
 
-def _pool_ties(run: _Run, op: str, x: Tensor, out: Tensor, nd: int, k, s, p, dil) -> Tensor | None:
-    """Windows whose maximum ``out`` is attained more than once, relu-dead windows excepted (None: no such window).
+def _pool_ties(run: _Run, op: str, x: Tensor, out: Tensor, nd: int, k, s, p, dil) -> tuple[Tensor | None,
+                                                                                           Tensor | None]:
+    """Windows whose maximum ``out`` is attained more than once, relu-dead windows excepted (None: no such window),
+    and, for exact ties in windows of at most 31 elements, which elements attain it (an integer per window, bit j
+    for the window's element j, `_window_index`'s order; else None).
 
     One comparison per window element over strided views of x, no re-pooling. A window whose tied elements are
     all relu-dead (the output of a switch that is locally constant there, see `_Run.mark_flat`) is no kink: the
@@ -153,10 +156,19 @@ def _pool_ties(run: _Run, op: str, x: Tensor, out: Tensor, nd: int, k, s, p, dil
     """
     xp = _split(x)[0].detach()
     views = _window_views(xp, nd, k, s, p, dil, out.shape[out.dim() - nd:], -math.inf)
+    hits = None
     if run.near_tol is not None or run.tie_tol:
         gap = torch.stack([out - v for v in views], -1)
         run.note_near(op, gap[gap > 0])
         tie = (gap <= run.tie_tol).sum(-1) > 1
+    elif len(views) <= 31:
+        e = torch.empty(out.shape, dtype=torch.bool, device=out.device)
+        bits = torch.uint8 if len(views) <= 8 else torch.int16 if len(views) <= 15 else torch.int32
+        first = torch.eq(views[0], out)
+        hits = first.view(torch.uint8) if bits is torch.uint8 else first.to(bits)
+        for j, v in enumerate(views[1:], 1):
+            hits.add_(torch.eq(v, out, out=e), alpha=1 << j)
+        tie = hits.bitwise_and(hits - 1).bool()  # two bits or more (a comparison kernel is ~10x a conversion)
     else:
         e = torch.empty(out.shape, dtype=torch.bool, device=out.device)
         count = torch.zeros(out.shape, dtype=torch.uint8 if len(views) < 256 else torch.int32, device=out.device)
@@ -164,19 +176,19 @@ def _pool_ties(run: _Run, op: str, x: Tensor, out: Tensor, nd: int, k, s, p, dil
             count.add_(torch.eq(v, out, out=e))
         tie = count > 1
     if not mask_any(tie):
-        return None
+        return None, None
     flat = run.flat_source(x) if run.tie_tol == 0 else None
     if flat is not None:
         c, live = flat
-        live_window = out != c
+        live_window = out.bool() if c == 0 else out != c  # (bool(): nonzero or NaN, as != 0, ~10x faster)
         if live is not None:  # a tied element on the switch's own kink makes the window live
             for v, lv in zip(views, _window_views(live.to(torch.uint8), nd, k, s, p, dil, out.shape[-nd:], 0),
                              strict=True):
                 live_window |= (v == out) & lv.bool()
         tie &= live_window
         if not mask_any(tie):
-            return None
-    return tie
+            return None, None
+    return tie, hits
 
 
 def _pool_known(run: _Run, op: str, x: Tensor, rec: Kink, return_indices: bool):
@@ -192,13 +204,17 @@ def _pool_known(run: _Run, op: str, x: Tensor, rec: Kink, return_indices: bool):
 
 
 def _pool_lock(run: _Run, op: str, x: Tensor, out: Tensor, idx: Tensor, tie: Tensor | None, windows: Tensor,
-               batch: int, return_indices: bool):
+               batch: int, return_indices: bool, hits: Tensor | None = None):
     """Finish a max-pool-like op whose native ``out``/``idx`` came from x's primal: rank the ``tie`` windows
     (``windows``: (outputs, K) flat input index of each window element, -1 for padding) and lock their indices.
 
     The choices are written into the indices that PyTorch's backward reads (without a version bump), so the graph
     stays PyTorch's own node; in a tangent-free pass the first maximum stands until the ranked pass writes. With
-    tangents, the output's tangent is the input's tangent at the locked indices.
+    tangents, the output's tangent is the input's tangent at the locked indices. ``hits`` (`_pool_ties`): which
+    elements of each window attain its maximum, read instead of comparing the gathered values again.
+
+    The G tied windows' elements are gathered as (K, G), window element first: CPU kernels over a (G, K) tensor,
+    whose inner dim is a window's few elements, run 5-10x slower. Records see the (G, K) transposes.
     """
     xp, xt = _split(x)
     xp, op_ = xp.detach(), out.detach()
@@ -211,32 +227,78 @@ def _pool_lock(run: _Run, op: str, x: Tensor, out: Tensor, idx: Tensor, tie: Ten
     if tie is None:
         return finish(idx)
     n_out = windows.shape[0]
-    rows = _tied_rows(tie)
-    cidx = windows.index_select(0, rows % n_out)
+    plane, within = tie.reshape(batch, n_out).nonzero().unbind(1)  # (no int64 division of flat rows)
+    rows, plane = plane * n_out + within, plane * (xp.numel() // max(batch, 1))
     padded = bool(mask_any(windows < 0))
-    fpos = (rows // n_out).unsqueeze(1) * (xp.numel() // max(batch, 1)) + (cidx.clamp(min=0) if padded else cidx)
+    offsets = windows[0] - windows[0, 0]
+    if not padded and bool((windows - windows[:, :1] == offsets).all()):  # every window a shift of the first
+        start = windows[:, 0].contiguous().take(within)
+        fpos = offsets.unsqueeze(1) + (start + plane)  # (K, G), contiguous
+        locked = lambda c: offsets.take(c).add_(start)
+    else:
+        cidx = F.embedding(within, windows).t()  # (K, G) view: index_select's kernel is several times slower
+        fpos = (cidx.clamp(min=0) if padded else cidx) + plane
+        locked = lambda c: cidx.gather(0, c.unsqueeze(0)).squeeze(0)
     pad = cidx < 0 if padded else None
     pick = lambda t, fill: t.reshape(-1).take(fpos) if pad is None else t.reshape(-1).take(fpos).masked_fill(
         pad, fill)
-    best = op_.reshape(-1)[rows].unsqueeze(1)
-    cand = pick(xp, -math.inf) == best if run.tie_tol == 0 else best - pick(xp, -math.inf) <= run.tie_tol
-    if padded and not bool((keep := cand.sum(1) > 1).all()):  # windows tied only with padding (-inf input)
-        rows, cidx, fpos, pad, cand = rows[keep], cidx[keep], fpos[keep], pad[keep], cand[keep]
-        if len(rows) == 0:
-            return finish(idx)
     key = pick(xt, 0.0) if xt is not None else None
-    choice, _ = run.resolve(op, "select", cand, key, lambda: pick(x, -math.inf), lazy=True)
-    locked = lambda c: cidx.gather(1, c.unsqueeze(1)).squeeze(1)
-    rec = run.kinks[-1]
+    choice = None
+    if hits is not None and not padded and run.ranks_alone(xt):  # (padding is never a candidate here)
+        bits = hits.reshape(-1).take(rows) >> torch.arange(fpos.shape[0], dtype=hits.dtype,
+                                                           device=rows.device).unsqueeze(1)
+        cand = bits.bitwise_and_(1)  # (K, G), 0/1
+        choice = _first_best(cand, key)
+    if choice is not None:  # ranked by this pass's tangent alone: the record's tensors are built if read
+        rec = run.lazy_record(op, "select", lambda: cand.t().bool(), lambda: [key.t()], choice)
+    else:
+        best = op_.reshape(-1).take(rows)
+        vals = pick(xp, -math.inf)
+        cand = vals == best if run.tie_tol == 0 else best - vals <= run.tie_tol
+        if padded and not bool((keep := cand.sum(0) > 1).all()):  # windows tied only with padding (-inf input)
+            rows, fpos, pad, cand = rows[keep], fpos[:, keep], pad[:, keep], cand[:, keep]
+            cidx = cidx[:, keep]
+            key = key[:, keep] if key is not None else None
+            if len(rows) == 0:
+                return finish(idx)
+        choice, _ = run.resolve(op, "select", cand.t(), key.t() if key is not None else None,
+                                lambda: pick(x, -math.inf).t(), lazy=True)
+        rec = run.kinks[-1]
     lock = idx if idx.is_contiguous() else idx.clone(memory_format=torch.contiguous_format)
     rec.write = lambda c: lock.data.view(-1).index_put_((rows,), locked(c))
-    rec.site = (lock, fpos, pad, batch, op_.shape)
+    rec.site = (lock, fpos.t(), None if pad is None else pad.t(), batch, op_.shape)
     if choice is not None:
         rec.write(choice)
     if lock is idx:
         return finish(idx)
     values = x.reshape(batch, -1).gather(1, lock.reshape(batch, -1)).reshape(op_.shape)
     return (values, lock) if return_indices else values
+
+
+def _first_best(cand: Tensor, key: Tensor) -> Tensor | None:
+    """Per column of (K, G) ``cand`` (0/1, each column with a candidate): the first candidate whose ``key`` is
+    largest, ``_lex_argmax``'s choice for one key; None where a key that decides is not finite (``_lex_argmax``
+    then).
+
+    Without a boolean select (where, masked_fill: ~5x a float op on CPU): candidates keep their key (0 + key),
+    the others get -finfo.max (-max + 0 key), below every finite candidate key (a candidate at -max: None). Then
+    the leading rows that miss the column's maximum are counted (prefix products of "misses"): the index of the
+    first row that attains it."""
+    if key.dtype not in (torch.float32, torch.float64) or not 2 <= key.shape[0] <= 31:
+        return None
+    lowest, key = torch.finfo(key.dtype).max, key.detach()
+    c = cand.to(key.dtype)
+    masked = torch.addcmul(c.mul(lowest).sub_(lowest), key, c)
+    top = masked.amax(0)
+    least, most = torch.aminmax(top)
+    if not (float(least) > -lowest and float(most) < math.inf):  # (a NaN fails both)
+        return None
+    miss = masked != top
+    run, count = miss[0], miss[0].to(torch.int64)
+    for j in range(1, miss.shape[0] - 1):
+        run = run & miss[j]
+        count += run
+    return count
 
 
 def _max_pool(nd: int):
@@ -252,10 +314,11 @@ def _max_pool(nd: int):
             return _pool_known(run, op, x, known[0], return_indices)
         xp = _split(x)[0]
         out, idx = native(xp, k, s, p, dil, ceil_mode, return_indices=True)  # PyTorch's own, in the graph
-        tie = _pool_ties(run, op, x, out.detach(), nd, k, s, p, dil)
+        tie, hits = _pool_ties(run, op, x, out.detach(), nd, k, s, p, dil)
         spatial, out_sp = xp.shape[xp.dim() - nd:], out.shape[out.dim() - nd:]
         windows = None if tie is None else _window_index(spatial, nd, k, s, p, dil, out_sp, xp.device)
-        return _pool_lock(run, op, x, out, idx, tie, windows, math.prod(xp.shape[: xp.dim() - nd]), return_indices)
+        return _pool_lock(run, op, x, out, idx, tie, windows, math.prod(xp.shape[: xp.dim() - nd]), return_indices,
+                          hits)
 
     rule.__name__ = f"max_pool{nd}d"
     rule.__doc__ = (f"{op}: in a window with tied maxima, the element largest along the direction (PyTorch "
