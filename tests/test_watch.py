@@ -475,3 +475,62 @@ def test_the_trace_holds_no_graph_after_a_second_backward():
         del out
         gc.collect()
         assert ref() is None
+
+
+def _python_calls_in_a_finite_watched_backward(depth: int) -> int:
+    """Python functions entered by one watched backward of a finite step through ``depth`` Linear+ReLU layers
+    (after a first step: the per-node-type tables are filled)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[m for _ in range(depth) for m in (torch.nn.Linear(4, 4), torch.nn.ReLU())])
+    x = torch.randn(3, 4)
+    calls = []
+
+    def profile(frame, event, arg):
+        if event == "call":
+            calls.append(frame.f_code.co_name)
+
+    with gw.watch() as report:
+        model(x).sum().backward()
+        model.zero_grad(set_to_none=True)
+        loss = model(x).sum()
+        sys.setprofile(profile)
+        try:
+            loss.backward()
+        finally:
+            sys.setprofile(None)
+    assert not report.findings
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    return len(calls)
+
+
+@pytest.mark.parametrize("compiled_before", [False, True])
+def test_a_finite_watched_step_makes_no_python_call_per_node_or_gradient(compiled_before):
+    """The watch's per-step work (its walk of the graph, the gradient check, the release of the kept graph) is
+    the cost of a finite step: it must not call Python per autograd node or per gradient (a helper per node
+    was most of a small model's 1.3x), so 4x the layers make the same calls; also once something was compiled
+    in the process (the search for compiled backwards that refuse a kept graph was a second walk per step)."""
+    if compiled_before:
+        x = torch.randn(3, requires_grad=True)
+        torch.compile(lambda t: (t * 2).sin(), backend="aot_eager")(x).sum().backward()
+    assert _python_calls_in_a_finite_watched_backward(2) == _python_calls_in_a_finite_watched_backward(8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (5000,)])
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])
+def test_the_gradient_check_finds_one_nonfinite_element_and_no_large_finite_one(dtype, shape, bad):
+    """Reference: torch.isfinite of the gradients. Beside the leaf under test, small float32 vectors (summed
+    together) and a float16 gradient whose float16 sum would overflow (finite: no alarm)."""
+    w = torch.ones(shape, dtype=dtype, requires_grad=True)
+    coef = torch.full(shape, 0.5, dtype=dtype)
+    if bad is not None:
+        coef.view(-1)[-1] = bad
+    vectors = [torch.ones(4, requires_grad=True) for _ in range(5)]
+    half = torch.ones(4096, dtype=torch.float16, requires_grad=True)
+    with gw.watch() as report:
+        loss = (w * coef).sum().float() + sum(v.sum() for v in vectors) + (half * 60000.0).sum().float()
+        loss.backward()
+    grads = [w.grad, half.grad, *(v.grad for v in vectors)]
+    finite = all(bool(torch.isfinite(g).all()) for g in grads)
+    assert finite == (bad is None)
+    assert bool(report.findings) == (not finite)

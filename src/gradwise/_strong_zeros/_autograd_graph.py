@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from gradwise._strong_zeros._node_facts import _raw_saved
+from gradwise._strong_zeros._node_facts import _NODE_TYPES, _node_type, _raw_saved
 
 _ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad
 
@@ -72,37 +72,52 @@ def _saved_toward(roots: Sequence[Any], inputs: Sequence[torch.Tensor]) -> list[
             for raw in _raw_saved(node)]
 
 
-def _graph_parts(roots: Sequence[Any]) -> tuple[list[torch.Tensor], list[Any]]:
+def _graph_parts(roots: Sequence[Any], compiled: list[Any] | None = None) -> tuple[list[torch.Tensor], list[Any]]:
     """One walk of a graph: its leaves (AccumulateGrad's variables) and the ``SavedTensor`` objects its nodes
-    hold (for ``_release``). It runs after every watched backward: a leaf is told by its node's type (a failed
-    ``getattr(node, "variable")`` raises and catches per node)."""
+    hold (for ``_release``); the compiled backward nodes (CompiledFunctionBackward) are appended to
+    ``compiled`` when it is a list. It runs for every watched backward, so it is written for speed: a leaf is
+    told by its node's type (a failed ``getattr(node, "variable")`` raises and catches per node), the saved
+    attributes come from the per-type table, and a node already seen is not pushed again."""
     seen: set[Any] = set()
     stack = [r for r in roots if r is not None]
     leaves: list[torch.Tensor] = []
     saved: list[Any] = []
+    types, pop, push, see = _NODE_TYPES, stack.pop, stack.append, seen.add
     while stack:
-        node = stack.pop()
+        node = pop()
         if node in seen:
             continue
-        seen.add(node)
-        if type(node) is _ACCUMULATE_GRAD:
+        see(node)
+        cls = type(node)
+        if cls is _ACCUMULATE_GRAD:
             leaves.append(node.variable)
             continue
-        saved.extend(_raw_saved(node))
-        stack.extend(n for n, _ in node.next_functions if n is not None)
+        if compiled is not None and cls.__name__ == "CompiledFunctionBackward":
+            compiled.append(node)
+        for name in (types.get(cls) or _node_type(node))[0]:
+            try:
+                raw = getattr(node, name)
+            except RuntimeError:  # freed by an earlier backward
+                continue
+            if raw.__class__ is tuple or raw.__class__ is list:
+                saved.extend(r for r in raw if r is not None)
+            elif raw is not None:
+                saved.append(raw)
+        for child, _ in node.next_functions:
+            if child is not None and child not in seen:
+                push(child)
     return leaves, saved
 
 
 def _release(saved: Sequence[Any]) -> None:
+    """Free what the ``SavedTensor`` objects hold, as the engine frees a graph it does not keep: the pack hook
+    drops the tensor (``id``, a builtin: no Python frame per tensor, and the int it keeps holds nothing), and a
+    later unpack raises PyTorch's own error."""
     for raw in saved:  # runs after every watched backward: a plain loop, no context manager per tensor
         try:
-            raw.register_hooks(_none, _freed)
+            raw.register_hooks(id, _freed)
         except RuntimeError:  # already hooked (checkpoint) or already freed
             pass
-
-
-def _none(_: object) -> None:
-    return None
 
 
 def _leaves(t_outputs, inputs) -> list[torch.Tensor]:

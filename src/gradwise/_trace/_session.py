@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Iterator
 
@@ -197,17 +198,31 @@ def _tag_batch(tags, batch: object, index: int, keyed: bool = False) -> None:
         tags[t] = (index, None) if keyed else index
 
 
+_BUILD_HANDLERS: list = []  # [dynamo's (cached) table builder], looked up once: a watch opened per step pays no import
+
+
 def _dynamo_handlers_built() -> None:
     """Dynamo keys its handlers of torch functions by identity in a table built on first use: built while the
     wrappers below replace torch.autograd.grad/backward (a first compile inside a trace or watch), it would know
     the wrappers only, and later compiled code would trace the real torch.autograd.grad into its graph. Built
     now, with PyTorch's own functions."""
-    try:
-        from torch._dynamo.variables.torch import TorchInGraphFunctionVariable
+    if not _BUILD_HANDLERS:
+        try:
+            from torch._dynamo.variables.torch import TorchInGraphFunctionVariable
 
-        TorchInGraphFunctionVariable._get_handlers()
-    except (ImportError, AttributeError):  # another PyTorch: no such table
-        pass
+            _BUILD_HANDLERS.append(TorchInGraphFunctionVariable._get_handlers)
+        except (ImportError, AttributeError):  # another PyTorch: no such table
+            _BUILD_HANDLERS.append(lambda: None)
+    _BUILD_HANDLERS[0]()
+
+
+@functools.cache
+def _jit_builtins_registered() -> None:
+    """torch.jit.script resolves torch.autograd.grad/backward by identity to its builtins: the wrappers are those
+    builtins too (scripted code runs PyTorch's own; its ops are still seen by the mode). The table keeps them
+    once registered: a watch opened per step registers nothing again."""
+    torch.jit._builtins._register_builtin(_traced_backward, "aten::backward")
+    torch.jit._builtins._register_builtin(_traced_grad, "aten::grad")
 
 
 def _install() -> None:
@@ -216,10 +231,7 @@ def _install() -> None:
         if _installed == 0:
             _dynamo_handlers_built()
             _ORIGINAL[:] = [torch.autograd.backward, torch.autograd.grad, _LOADER_ITER.__next__]
-            # torch.jit.script resolves torch.autograd.grad/backward by identity to its builtins: the wrappers
-            # are those builtins too (scripted code runs PyTorch's own; its ops are still seen by the mode)
-            torch.jit._builtins._register_builtin(_traced_backward, "aten::backward")
-            torch.jit._builtins._register_builtin(_traced_grad, "aten::grad")
+            _jit_builtins_registered()
             torch.autograd.backward, torch.autograd.grad = _traced_backward, _traced_grad
             _LOADER_ITER.__next__ = _traced_next
         _installed += 1
