@@ -129,3 +129,26 @@ def test_a_weight_turned_nan_is_seen(empty_cache):
     got = gw.grad(loss(), [x])[0]
     expected = torch.autograd.grad(loss(), [x])[0]  # the NaN is used (relu(NaN) passes its gradient): it stays
     torch.testing.assert_close(got, expected, equal_nan=True, rtol=0, atol=0)
+
+
+def test_the_shapes_kept_are_bounded(empty_cache, monkeypatch):
+    """Graphs whose shape changes every step (here a slice's bound) do not grow the cache past its bounds, in
+    shapes or in entries; a shape larger than the whole bound is not kept. The plans stay right throughout."""
+    monkeypatch.setattr(_planning, "_SHAPED_MAX", 4)
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 3).double()
+    x = torch.randn(12, 3, dtype=f64)
+    x[11] = nan
+    for k in range(1, 13):
+        assert _plan([lin(x)[:k].sum()], ()) == ("plain" if k == 12 else "strong")
+        assert len(_planning._SHAPED) <= 4
+    monkeypatch.setattr(_planning, "_SHAPED_TOKENS", 30)
+    _planning._SHAPED.clear()
+    for k in range(1, 13):
+        assert _plan([lin(x)[:k].sum()], ()) == ("plain" if k == 12 else "strong")
+        assert sum(map(len, _planning._SHAPED)) <= 30
+    deep = x[:11]
+    for _ in range(20):
+        deep = deep * 1.0
+    assert _plan([lin(deep).sum()], ()) == "plain"
+    assert all(len(shape) <= 30 for shape in _planning._SHAPED)

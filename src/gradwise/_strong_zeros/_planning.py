@@ -231,9 +231,7 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any], watched: list | None =
     shaped = _SHAPED.get(w.shape)
     if shaped is None:
         shaped = _shaped(roots, _resolved(w))
-        if len(_SHAPED) >= _SHAPED_MAX:  # graphs whose shape changes every step (a slice's bounds): start over
-            _SHAPED.clear()
-        _SHAPED[w.shape] = shaped
+        _keep(w.shape, shaped)
     if shaped.compiled_only:  # a whole step compiled: nothing outside its graphs to read, and zeros made inside
         return "compiled"  # them are the pass's (one check per node's result)
     order = list(w.nodes)
@@ -282,7 +280,18 @@ class _Shaped(NamedTuple):
 
 
 _SHAPED: dict[tuple, _Shaped] = {}
-_SHAPED_MAX = 64
+_SHAPED_MAX = 64  # shapes
+_SHAPED_TOKENS = 1 << 20  # entries of the shapes kept, all together (a pointer each: 8 MiB)
+
+
+def _keep(shape: tuple, shaped: _Shaped) -> None:
+    """Keep ``shaped`` for ``shape``; when the shapes kept would exceed _SHAPED_MAX or _SHAPED_TOKENS (graphs whose
+    shape changes every step: a slice's bounds, an RNN's length), start over. A shape larger than that is not kept."""
+    if len(shape) > _SHAPED_TOKENS:
+        return
+    if len(_SHAPED) >= _SHAPED_MAX or sum(map(len, _SHAPED)) + len(shape) > _SHAPED_TOKENS:
+        _SHAPED.clear()
+    _SHAPED[shape] = shaped
 
 
 def _shaped(roots: Sequence[Any], g: _Graph) -> _Shaped:
