@@ -387,7 +387,9 @@ _SELECTED: dict[str, Callable[[Any], tuple[int, int, range]]] = {
 
 def covers(selected: list[tuple[int, int, range]]) -> bool:
     """Whether selections along one dim read every position of it (their backwards sum to a full support)."""
-    dim, size, _ = selected[0]
+    dim, size, first = selected[0]
+    if len(selected) == 1:  # (the plan asks this of every select/slice) distinct positions below size: all of them?
+        return len(first) == size
     if any(d != dim or n != size for d, n, _ in selected):
         return False
     if all(r.step == 1 for _, _, r in selected):

@@ -29,61 +29,100 @@ from gradwise._strong_zeros._traced import traced
 
 
 class _Graph(NamedTuple):
-    nodes: dict[Any, tuple]  # node -> its edges (next_functions), every node of the graph once
+    nodes: dict[Any, tuple]  # node -> its edges (next_functions), every node of the graph once, in walk order
     makers: dict[Any, bool]  # the nodes that make structural zeros -> whether those reach their outputs
     special: list  # nodes with a fact to check: not known to gradwise, a singular-point or zero-output test
     senders: list  # the makers whose zeros reach their outputs
     consumers: dict[Any, int]  # node -> how many edges lead to it (counted only when a split or a sender needs it)
     slots: dict[Any, list[int]]  # node -> the outputs other than 0 that edges lead to, one entry per edge
     watched: list  # custom Functions' and compiled backwards' nodes (the strong pass hooks or swaps them)
+    picks: dict[Any, tuple]  # select/slice nodes -> the positions they read (_SELECTED)
+    pending: list  # (node, its number of outputs): makers only if some output has no consumer (UNUSED_OUTPUTS)
+    shape: tuple  # the graph's structure and the node facts above: equal shapes get the same plan (_Shaped)
 
 
 def _graph(roots: Sequence[Any]) -> _Graph:
+    """Every node of the graph once, its makers and consumers (``_walked``, then ``_resolved``)."""
+    return _resolved(_walked(roots))
+
+
+def _walked(roots: Sequence[Any]) -> _Graph:
     """Every node of the graph once, in one walk that does as little per node as it can: most nodes (matmuls,
-    views, activations, AccumulateGrad) have nothing to check unless a structural zero reaches them. A split or
-    unbind whose every output has a consumer makes no zeros (UNUSED_OUTPUTS)."""
+    views, activations, AccumulateGrad) have nothing to check unless a structural zero reaches them.
+
+    The walk also writes down the graph's ``shape``: per node popped, its type (a new node: then the facts read
+    from it that the plan's structural part depends on, and the output slot of each edge it pushes) or its index
+    among the nodes met so far (a node met again). The stack replays from that sequence alone, so two graphs
+    with equal shapes are the same graph up to the node objects, with the same facts: ``_Shaped`` is a function of
+    the shape, never of values (those are read per backward)."""
     nodes: dict[Any, tuple] = {}
+    index: dict[Any, int] = {}
     makers: dict[Any, bool] = {}
     special: list = []
     watched: list = []
     pending: list = []  # nodes that make zeros only for outputs nothing uses
+    picks: dict[Any, tuple] = {}
+    shape: list = [len(roots)]
     types = _NODE_TYPES
     stack = list(roots)
     while stack:
         node = stack.pop()
         if node in nodes:
+            shape.append(index[node])
             continue
         info = types.get(type(node)) or _node_type(node)
         edges = nodes[node] = node.next_functions
+        index[node] = len(index)
+        shape.append(type(node))
         if not info[8]:
             makes = info[4]
-            if makes.__class__ is not bool:
+            fact: Any = None
+            if info[7] is not None:  # a select/slice: it makes zeros unless it reads every position (the test
+                # _MAKES_NO_ZEROS_IF holds for it, from the same pick)
+                pick = picks[node] = info[7](node)
+                makes = fact = not covers([pick])
+            elif makes.__class__ is not bool:
                 if makes is UNUSED_OUTPUTS:
-                    pending.append(node)
+                    fact = len(node._input_metadata)
+                    pending.append((node, fact))
                     makes = True
                 else:
-                    makes = makes(node)
+                    makes = fact = bool(makes(node))
             if makes:
-                makers[node] = info[6] is None or not info[6](node)
+                inside = info[6] is not None and bool(info[6](node))
+                makers[node] = not inside
+                fact = (fact, inside)
+            if info[7] is not None:
+                fact = (fact, pick)
+            shape.append((fact,))  # (a tuple: never taken for a type or an index)
             if not info[2] or info[3] is not None or info[5] is not None:
                 special.append(node)
             if info[9]:
                 watched.append(node)
-        for n, _ in edges:
+        for n, slot in edges:
             if n is not None:
                 stack.append(n)
+                shape.append(~slot)  # negative: never taken for an index
+    return _Graph(nodes, makers, special, [], {}, {}, watched, picks, pending, tuple(shape))
+
+
+def _resolved(w: _Graph) -> _Graph:
+    """``w`` (``_walked``) with its consumers counted where needed, a split or unbind whose every output has a
+    consumer taken off the makers (UNUSED_OUTPUTS: it makes no zeros), and its senders."""
+    nodes, makers = w.nodes, dict(w.makers)
     consumers: dict[Any, int] = {}
     slots: dict[Any, list[int]] = {}
-    if pending or any(makers.values()):
+    if w.pending or any(makers.values()):
         consumers, slots = _consumers(nodes)
-    for node in pending:
+    for node, outputs in w.pending:
         others = slots.get(node, ())
         used = set(others)
         if consumers.get(node, 0) > len(others):
             used.add(0)
-        if len(used) == len(node._input_metadata):  # (a root's seeded outputs are not edges: it stays a maker)
+        if len(used) == outputs:  # (a root's seeded outputs are not edges: it stays a maker)
             del makers[node]
-    return _Graph(nodes, makers, special, [n for n, sends in makers.items() if sends], consumers, slots, watched)
+    return w._replace(makers=makers, senders=[n for n, sends in makers.items() if sends], consumers=consumers,
+                      slots=slots)
 
 
 def _consumers(nodes: dict[Any, tuple]) -> tuple[dict[Any, int], dict[Any, list[int]]]:
@@ -141,7 +180,7 @@ def _zero_reach(roots: Sequence[Any], g: _Graph) -> set:
             continue
         node = queue.pop()
         select = types[type(node)][7]
-        pick = select(node) if select is not None and node not in above else None
+        pick = g.picks[node] if select is not None and node not in above else None
         keys = fed[node] = []
         for n, slot in nodes[node]:
             if n is None:
@@ -182,36 +221,27 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any], watched: list | None =
     if traced((*t_outputs, *seeds)):  # a traced backward (torch.compile, make_fx): a graph, no data to read;
         return "plain"  # compiled graphs get strong zeros from gradwise._strong_zeros._compile instead
     roots = [r for r in _root_nodes(t_outputs) if r is not None]
-    g = _graph(roots)
+    w = _walked(roots)
     if watched is not None:
-        watched.extend(g.watched)
-    if _carry.CARRIED and _carry.reaches(g.nodes):  # the gradient of a create_graph pass that annihilated
+        watched.extend(w.watched)
+    if _carry.CARRIED and _carry.reaches(w.nodes):  # the gradient of a create_graph pass that annihilated
         return "strong"
-    if _carry.CARRIED_VALUES and _carry.values_reached(g.nodes):  # ... or that saved its structural zeros
+    if _carry.CARRIED_VALUES and _carry.values_reached(w.nodes):  # ... or that saved its structural zeros
         return "strong"
-    if all(type(n).__name__ in _COMPILED_ONLY for n in g.nodes):  # a whole step compiled: nothing outside its
-        return "compiled"  # graphs to read, and zeros made inside them are the pass's (one check per node's result)
-    above = _zero_reach(roots, g)
-    known_all = True
-    only_compiled = True  # every node gradwise knows nothing about is a torch.compile'd backward
-    deferred: list = []  # singular-point tests of nodes no structural zero reaches from above
-    zero_outputs: list = []  # nodes whose backward multiplies by their own output (softmax, exp)
-    for node in g.special:
-        _, _, known, singular, _, zero_output, _, _, _, _ = _NODE_TYPES[type(node)]
-        if not known:
-            known_all = False
-            only_compiled = only_compiled and type(node).__name__ == "CompiledFunctionBackward"
-        if zero_output is not None:
-            zero_outputs.append((node, zero_output))
-        if singular is not None and not g.makers.get(node) and node not in above:
-            deferred.append((node, singular))
+    shaped = _SHAPED.get(w.shape)
+    if shaped is None:
+        shaped = _shaped(roots, _resolved(w))
+        _keep(w.shape, shaped)
+    if shaped.compiled_only:  # a whole step compiled: nothing outside its graphs to read, and zeros made inside
+        return "compiled"  # them are the pass's (one check per node's result)
+    order = list(w.nodes)
+    known_all, only_compiled = shaped.known_all, shaped.only_compiled
     saved: list[torch.Tensor] = []
     seen: set[tuple] = set()
     singular_tests: list = []
-    # every node a structural zero reaches (one that keeps its own inside is read only if one arrives from above)
-    for node in (*g.senders, *(n for n in above if not g.makers.get(n))):
-        _, read, _, singular, _, _, _, _, _, _ = _NODE_TYPES[type(node)]
-        readable = _read_saved(node, read, seen, saved) and type(node).__name__ not in HIDES_ITS_FORMULA
+    for i, read, singular, hides in shaped.reads:
+        node = order[i]
+        readable = _read_saved(node, read, seen, saved) and not hides
         known_all &= readable
         only_compiled &= readable
         if singular is not None and readable:
@@ -225,23 +255,81 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any], watched: list | None =
     # a softmax/exp output of exactly 0 is a structural zero of its own: an infinite derivative (sqrt of a masked
     # softmax, its entropy) meets it inside that node's backward. The singular tests (on small tensors, usually)
     # go first; the outputs are read only when one of them holds.
-    if deferred and zero_outputs and any(_readable(n) and test(n) for n, test in deferred) and \
-            any(_readable(n) and test(n) for n, test in zero_outputs):
+    if shaped.deferred and shaped.zero_outputs and \
+            any(_readable(n) and test(n) for n, test in ((order[i], t) for i, t in shaped.deferred)) and \
+            any(_readable(n) and test(n) for n, test in ((order[i], t) for i, t in shaped.zero_outputs)):
         return "strong"
-    scaling = [n for n in g.makers if type(n).__name__ in SCALES_BY_ITS_ZEROS]
-    if scaling and not _sensitivity_finite(scaling, g, seeds, seen):
+    if shaped.scaling and not _sensitivity_finite([order[i] for i in shaped.above_scaling], seeds, seen):
         return "strong"
     return "plain" if known_all else "compiled" if only_compiled else "check"
 
 
-def _sensitivity_finite(scaling: list, g: _Graph, seeds: Sequence[Any], seen: set[tuple]) -> bool:
-    """Whether the sensitivity reaching each node of ``scaling`` (SCALES_BY_ITS_ZEROS: it multiplies that
-    sensitivity by its own structural zeros) can only be finite: the seeds, and every saved value, saved number
-    and singular point of the nodes above it (between the roots and it), are finite and regular. A NaN/Inf there
-    would meet its zeros inside the node ((w.amax(-1) * inf).sum(): inf x 0 = NaN at w's unselected elements,
-    which the strong-zero rule annihilates). Read only where such a node is in the graph."""
+class _Shaped(NamedTuple):
+    """What the plan knows of a graph from its shape alone (``_Graph.shape``: node types, edges, and the facts read
+    from nodes that decide which make structural zeros and where those spread), with nodes as their index in walk
+    order. Kept per shape (``_SHAPED``): a training loop's graph has the same shape every step, and its plan then
+    costs one walk and the reads of values. Every value (saved tensors, singular points) is read per backward."""
+    compiled_only: bool  # every node a torch.compile'd backward or AccumulateGrad
+    known_all: bool  # every node known to NODE_FACTS (before what the reads find unreadable)
+    only_compiled: bool  # every unknown node a compiled backward (the same)
+    reads: tuple  # (index, saved attributes to read, singular test or None, hides its formula) per reached node
+    deferred: tuple  # (index, singular test) of nodes no structural zero reaches from above
+    zero_outputs: tuple  # (index, zero-output test) (_ZERO_OUTPUT_TESTS)
+    scaling: bool  # a node of SCALES_BY_ITS_ZEROS makes zeros
+    above_scaling: tuple  # the indices of the nodes above those (_sensitivity_finite reads them)
+
+
+_SHAPED: dict[tuple, _Shaped] = {}
+_SHAPED_MAX = 64  # shapes
+_SHAPED_TOKENS = 1 << 20  # entries of the shapes kept, all together (a pointer each: 8 MiB)
+
+
+def _keep(shape: tuple, shaped: _Shaped) -> None:
+    """Keep ``shaped`` for ``shape``; when the shapes kept would exceed _SHAPED_MAX or _SHAPED_TOKENS (graphs whose
+    shape changes every step: a slice's bounds, an RNN's length), start over. A shape larger than that is not kept."""
+    if len(shape) > _SHAPED_TOKENS:
+        return
+    if len(_SHAPED) >= _SHAPED_MAX or sum(map(len, _SHAPED)) + len(shape) > _SHAPED_TOKENS:
+        _SHAPED.clear()
+    _SHAPED[shape] = shaped
+
+
+def _shaped(roots: Sequence[Any], g: _Graph) -> _Shaped:
+    """The structural part of the plan of ``g`` (``_resolved``): reads only what ``g.shape`` holds (types, edges,
+    node facts), never a value."""
+    index = {n: i for i, n in enumerate(g.nodes)}
+    if all(type(n).__name__ in _COMPILED_ONLY for n in g.nodes):
+        return _Shaped(True, True, True, (), (), (), False, ())
+    above = _zero_reach(roots, g)
+    known_all = True
+    only_compiled = True  # every node gradwise knows nothing about is a torch.compile'd backward
+    deferred: list = []  # singular-point tests of nodes no structural zero reaches from above
+    zero_outputs: list = []  # nodes whose backward multiplies by their own output (softmax, exp)
+    for node in g.special:
+        _, _, known, singular, _, zero_output, _, _, _, _ = _NODE_TYPES[type(node)]
+        if not known:
+            known_all = False
+            only_compiled = only_compiled and type(node).__name__ == "CompiledFunctionBackward"
+        if zero_output is not None:
+            zero_outputs.append((index[node], zero_output))
+        if singular is not None and not g.makers.get(node) and node not in above:
+            deferred.append((index[node], singular))
+    # every node a structural zero reaches (one that keeps its own inside is read only if one arrives from above)
+    reached = sorted(index[n] for n in (*g.senders, *(n for n in above if not g.makers.get(n))))
+    order = list(g.nodes)
+    reads = []
+    for i in reached:
+        info = _NODE_TYPES[type(order[i])]
+        reads.append((i, info[1], info[3], type(order[i]).__name__ in HIDES_ITS_FORMULA))
+    scaling = [n for n in g.makers if type(n).__name__ in SCALES_BY_ITS_ZEROS]
+    return _Shaped(False, known_all, only_compiled, tuple(reads), tuple(deferred), tuple(zero_outputs),
+                   bool(scaling), tuple(sorted(index[n] for n in _above(scaling, g.nodes))) if scaling else ())
+
+
+def _above(scaling: list, nodes: dict[Any, tuple]) -> set:
+    """The nodes between the roots and those of ``scaling`` (their ancestors toward the roots)."""
     parents: dict[Any, list] = {}
-    for node, edges in g.nodes.items():
+    for node, edges in nodes.items():
         for n, _ in edges:
             if n is not None:
                 parents.setdefault(n, []).append(node)
@@ -251,6 +339,15 @@ def _sensitivity_finite(scaling: list, g: _Graph, seeds: Sequence[Any], seen: se
             if p not in above:
                 above.add(p)
                 stack.append(p)
+    return above
+
+
+def _sensitivity_finite(above: list, seeds: Sequence[Any], seen: set[tuple]) -> bool:
+    """Whether the sensitivity reaching each node of SCALES_BY_ITS_ZEROS (it multiplies that sensitivity by its own
+    structural zeros) can only be finite: the seeds, and every saved value, saved number and singular point of the
+    nodes ``above`` it (between the roots and it, ``_above``), are finite and regular. A NaN/Inf there would meet
+    its zeros inside the node ((w.amax(-1) * inf).sum(): inf x 0 = NaN at w's unselected elements, which the
+    strong-zero rule annihilates). Read only where such a node is in the graph."""
     saved = [t for t in seeds if isinstance(t, torch.Tensor) and inexact(t)]
     for node in above:
         info = _NODE_TYPES[type(node)]

@@ -336,8 +336,16 @@ def _makes_no_zeros(name: str):
         """Without a mask and without causal masking every P_ij may be nonzero: no key is unused."""
         causal = getattr(node, "_saved_custom_mask_type", None) if name == "EfficientAttentionBackward0" else \
             getattr(node, "_saved_is_causal", False)
-        attr = _MASK_ATTRS[name]  # a mask a checkpoint packed is unknown: it may mask keys
-        return not causal and not (attr and _hooked(node, attr)) and _saved_mask(node, name) is None
+        if causal:
+            return False
+        attr = _MASK_ATTRS[name]
+        raw = getattr(node, attr, None) if attr else None  # (read once: each read wraps the saved variable anew)
+        if raw is None:
+            return True
+        if raw.unpack_hook is not None:  # a mask a checkpoint packed is unknown: it may mask keys
+            return False
+        t = raw.data
+        return not (isinstance(t, torch.Tensor) and t.numel())  # as _saved_mask
 
     return test
 
