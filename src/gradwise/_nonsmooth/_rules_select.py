@@ -240,8 +240,9 @@ def _pool_lock(run: _Run, op: str, x: Tensor, out: Tensor, idx: Tensor, tie: Ten
         fpos = (cidx.clamp(min=0) if padded else cidx) + plane
         locked = lambda c: cidx.gather(0, c.unsqueeze(0)).squeeze(0)
     pad = cidx < 0 if padded else None
-    pick = lambda t, fill: t.reshape(-1).take(fpos) if pad is None else t.reshape(-1).take(fpos).masked_fill(
-        pad, fill)
+    # (index_select of the flat (K, G) positions: ~0.8x take's time, same elements)
+    gathered = lambda t: t.reshape(-1).index_select(0, fpos.reshape(-1)).view(fpos.shape)
+    pick = lambda t, fill: gathered(t) if pad is None else gathered(t).masked_fill(pad, fill)
     key = pick(xt, 0.0) if xt is not None else None
     choice = None
     if hits is not None and not padded and run.ranks_alone(xt):  # (padding is never a candidate here)
@@ -265,7 +266,7 @@ def _pool_lock(run: _Run, op: str, x: Tensor, out: Tensor, idx: Tensor, tie: Ten
                                 lambda: pick(x, -math.inf).t(), lazy=True)
         rec = run.kinks[-1]
     lock = idx if idx.is_contiguous() else idx.clone(memory_format=torch.contiguous_format)
-    rec.write = lambda c: lock.data.view(-1).index_put_((rows,), locked(c))
+    rec.write = lambda c: lock.data.view(-1).scatter_(0, rows, locked(c))  # (rows distinct: index_put_'s result)
     rec.site = (lock, fpos.t(), None if pad is None else pad.t(), batch, op_.shape)
     if choice is not None:
         rec.write(choice)
