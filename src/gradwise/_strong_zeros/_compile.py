@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import sys
 import threading
 import warnings
 import weakref
@@ -264,11 +265,14 @@ class _Flagged:
     def __init__(self, fn: Callable[..., Any], outputs: int | None) -> None:
         self.fn, self.outputs = fn, outputs
 
-    def run(self, args: list) -> tuple[list, bool | None]:
-        """The gradients, and whether they are all finite (None: no flag, the caller reads them)."""
+    def run(self, args: list) -> tuple[list, bool]:
+        """The gradients, and whether they are all finite (read from them where the variant has no flag)."""
         out = list(_call(self.fn, args))
-        flagged = self.outputs is not None and len(out) == self.outputs + 1
-        return out, (bool(out.pop()) if flagged else None)
+        if self.outputs is not None and len(out) == self.outputs + 1:
+            return out, bool(out.pop())
+        from gradwise._strong_zeros._planning import _all_finite
+
+        return out, _all_finite([t for t in out if isinstance(t, torch.Tensor) and inexact(t)])
 
 
 def _unvectorized(bc: Any) -> Callable[..., Any]:
@@ -401,17 +405,16 @@ def _hybrid(strong: _Flagged | None, eager: Callable[..., Any], record: _Hybrid)
     as its decomposition (``_mode.DECOMPOSED``), at the granularity of a node: the engine runs once, so hooks,
     DDP's reducer and retained gradients see one backward. Without a strong variant (a backward loaded from
     AOTAutograd's cache): op by op at once, entering the mode where the backward runs outside it."""
-    from gradwise._strong_zeros._planning import _all_finite
-
     def run(args: list) -> Any:
         flat = list(args)
         args.clear()  # a boxed call: the arguments are ours to free
         finite = False
         if strong is not None:
-            with _without_strong_mode():
+            if torch._C._len_torch_dispatch_stack():  # (a compiled-only backward runs with no mode to leave)
+                with _without_strong_mode():
+                    out, finite = strong.run(list(flat))
+            else:
                 out, finite = strong.run(list(flat))
-                if finite is None:
-                    finite = _all_finite([t for t in out if isinstance(t, torch.Tensor) and inexact(t)])
         if finite:
             record.took = True
             if record.keep:  # weakly: a gradient held here would make AccumulateGrad copy it instead of taking it
@@ -455,11 +458,11 @@ def _without_strong_mode() -> Iterator[None]:
                 _push_mode(m)
 
 
-@contextlib.contextmanager
-def _swapped(nodes: Sequence[Any], how: str, record: _Hybrid | None = None) -> Iterator[list[Any]]:
-    """Run each compiled node's backward as its strong-zero variant for the length of the block: its FX graph op
+def _variants(nodes: Sequence[Any], how: str, record: _Hybrid | None = None) -> tuple[list, list]:
+    """Each compiled node's strong-zero variant, to run as its backward (``_enter`` to ``_leave``): its FX graph op
     by op (``how="eager"``), or compiled with the pass and op by op where that made NaN (``"hybrid"``); both
-    under the mode. Yields the nodes that could not be swapped (opaque)."""
+    under the mode. Returns (backward compiler, variant) pairs, one per compiled function, and the nodes that
+    have no variant (opaque)."""
     swaps, opaque, seen = [], [], set()
     for node in nodes:
         bc = _backward_compiler(node)
@@ -482,14 +485,24 @@ def _swapped(nodes: Sequence[Any], how: str, record: _Hybrid | None = None) -> I
             opaque.append(node)
             continue
         swaps.append((bc, variant))
+    return swaps, opaque
+
+
+def _enter(swaps: list) -> list:
+    """Install each variant of ``swaps`` on this thread (``_PerThread``); returns what ``_leave`` restores."""
     entered = []
     try:
         for bc, variant in swaps:
             entered.append((bc, _PerThread.enter(bc, variant)))
-        yield opaque
-    finally:
-        for bc, prior in entered:
-            _PerThread.leave(bc, prior)
+    except BaseException:
+        _leave(entered)
+        raise
+    return entered
+
+
+def _leave(entered: list) -> None:
+    for bc, prior in entered:
+        _PerThread.leave(bc, prior)
 
 
 _SWAP_LOCK = threading.RLock()
@@ -515,8 +528,14 @@ class _PerThread:
         """Run ``variant`` as ``bc``'s backward on this thread; returns what ``leave`` restores."""
         with _SWAP_LOCK:
             switch = bc.compiled_bw
-            if not isinstance(switch, _PerThread):
-                switch = _PerThread(bc)
+            if switch.__class__ is not _PerThread:
+                # one switch per compiled function, made once (its thread-local is costly to make per backward);
+                # what it stands in for is read again at each install (PyTorch may have compiled its own since)
+                switch = getattr(bc, "_gw_switch", None)
+                if switch is None:
+                    switch = bc._gw_switch = _PerThread(bc)
+                else:
+                    switch.original, switch.donated = bc.compiled_bw, _donated(bc)
                 for meta, _ in switch.donated:
                     meta.bw_donated_idxs = []
                 bc.compiled_bw = switch
@@ -607,10 +626,14 @@ def compiled_run(run: Callable[[bool | None], Any], t_outputs: Sequence[Any], in
         return _leaves(t_outputs, inputs) if accumulate_grad else ()
 
     def wrapped(retain: bool | None) -> Any:  # under the mode: every compiled node op by op
-        with _swapped(nodes, "eager") as opaque:
-            STATS["eager"] += 1
-            STATS["opaque"] += bool(opaque)
+        swaps, opaque = _variants(nodes, "eager")
+        STATS["eager"] += 1
+        STATS["opaque"] += bool(opaque)
+        entered = _enter(swaps)
+        try:
             result = run(retain)
+        finally:
+            _leave(entered)
         if _holds_nonfinite(result, leaves()):
             if opaque:
                 _warn_opaque(opaque)
@@ -618,30 +641,11 @@ def compiled_run(run: Callable[[bool | None], Any], t_outputs: Sequence[Any], in
                 _warn_kept()
         return result
 
-    def hybrid(retain: bool | None, local: Callable[[Callable[[], Any]], Any] | None = None) -> Any:
-        """Each compiled node as _hybrid; under the mode, or (``local``, a graph of compiled nodes and leaves
-        only) outside it, a falling-back node entering it through ``local``."""
-        record = _Hybrid(keep=len(nodes) > 1)
-        record.local = local
-        with _swapped(nodes, "hybrid", record) as opaque:
-            result = run(retain)
-        record.taken.clear()
-        STATS["compiled"] += 1
-        STATS["eager"] += record.fell_back
-        STATS["opaque"] += bool(opaque)
-        if (opaque or record.suspect or record.fell_back) and _holds_nonfinite(result, leaves()):
-            if opaque:
-                _warn_opaque(opaque)
-            elif record.suspect:
-                _warn_boundary()
-            else:
-                _warn_kept()
-        return result
-
     # a node gradwise cannot swap runs as PyTorch compiled it, possibly reusing its saved buffers: it must run
     # exactly once, op by op being the only variant (the engine then takes the plain one-pass path)
     if not any(_runs_once(_backward_compiler(n)) for n in nodes):
-        wrapped.hybrid = hybrid  # type: ignore[attr-defined]
+        wrapped.hybrid = lambda retain, local=None: hybrid_run(  # type: ignore[attr-defined]
+            nodes, run, t_outputs, inputs, accumulate_grad, retain, local)
         # nothing but compiled graphs and leaves, each compiled graph's sensitivities coming from one edge: no
         # zero can arrive from outside a compiled graph, so the engine runs outside the mode (AccumulateGrad's
         # ops not dispatched through it) and only a node that falls back enters it. Where the engine sums two
@@ -650,6 +654,71 @@ def compiled_run(run: Callable[[bool | None], Any], t_outputs: Sequence[Any], in
         wrapped.compiled_only = all(_is_compiled(n) or type(n).__name__ == "AccumulateGrad"  # type: ignore
                                     for n in graph) and not _sums_for_a_graph(graph)
     return wrapped
+
+
+def hybrid_run(nodes: Sequence[Any], run: Callable[[bool | None], Any], t_outputs: Sequence[Any],
+               inputs: Sequence[Any], accumulate_grad: bool, retain: bool | None,
+               local: Callable[[Callable[[], Any]], Any] | None = None) -> Any:
+    """``run(retain)``, the engine call of one backward, with each compiled node of ``nodes`` (none ``_runs_once``)
+    as ``_hybrid``: under the mode, or (``local``: compiled nodes and leaves only) outside it, a node that falls
+    back entering it through ``local``."""
+    record = _Hybrid(keep=len(nodes) > 1)
+    record.local = local
+    swaps, opaque = _variants(nodes, "hybrid", record)
+    entered = _enter(swaps)
+    try:
+        result = run(retain)
+    finally:
+        _leave(entered)
+    record.taken.clear()
+    STATS["compiled"] += 1
+    STATS["eager"] += record.fell_back
+    STATS["opaque"] += bool(opaque)
+    if opaque or record.suspect or record.fell_back:
+        from gradwise._strong_zeros._autograd_graph import _leaves
+
+        if _holds_nonfinite(result, _leaves(t_outputs, inputs) if accumulate_grad else ()):
+            if opaque:
+                _warn_opaque(opaque)
+            elif record.suspect:
+                _warn_boundary()
+            else:
+                _warn_kept()
+    return result
+
+
+_ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad
+
+
+def compiled_step(roots: Sequence[Any]) -> list[Any] | None:
+    """The compiled nodes of a graph (``roots``: its root nodes) of torch.compile'd backwards and leaves only, none
+    fed by two edges, each with its variants (a whole training step compiled): what ``_plan`` ('compiled') and
+    ``compiled_run`` (``hybrid``, ``compiled_only``) find, in one walk that stops at the first other node. None
+    for every other graph (the general path). It runs before every backward of such a step under strong zeros."""
+    seen: set[Any] = set()
+    fed: set[tuple[Any, int]] = set()  # (compiled node, slot) that an edge leads to
+    nodes: list[Any] = []
+    stack = [r for r in roots if r is not None and type(r) is not _ACCUMULATE_GRAD]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if not _is_compiled(node):
+            return None
+        bc = _backward_compiler(node)
+        # only those met before: the general path compiles their variants and decides _runs_once
+        if bc is None or getattr(bc, "_gw_runs_once", True) or getattr(bc, "_gw_eager", None) is None:
+            return None
+        nodes.append(node)
+        for edge in node.next_functions:
+            n = edge[0]
+            if n is not None and type(n) is not _ACCUMULATE_GRAD:  # (a leaf: nothing below it)
+                if edge in fed:  # the engine sums two results for it: the general path (_sums_for_a_graph)
+                    return None
+                fed.add(edge)
+                stack.append(n)
+    return nodes or None
 
 
 def _sums_for_a_graph(graph: Sequence[Any]) -> bool:
@@ -699,8 +768,6 @@ def without_compiled_autograd() -> contextlib.AbstractContextManager[None]:
     compiled nodes' strong variants (``compiled_run``) reach it, so a NaN the output never uses stayed in the
     gradients, silently. Without it the eager engine runs the graph node by node, each compiled forward's node
     with its strong variant. Backwards outside strong zeros, and plain ones inside, keep compiled autograd."""
-    import sys
-
     ca = sys.modules.get("torch._dynamo.compiled_autograd")  # not imported: compiled autograd cannot be on
     if ca is None or not ca.compiled_autograd_enabled:
         return contextlib.nullcontext()

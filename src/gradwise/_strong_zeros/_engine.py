@@ -3,9 +3,9 @@ pass (``_run_strong``, ``_nested``, ``grad_in_pass``), and the public ``strong_z
 ``backward``. The rebound globals ``_installed``, ``_original_engine_run`` and ``_process_wide`` live here only:
 read them as ``_engine.<name>``.
 
-May import: torch, gradwise._checks, _contract, _compile, _supports, _mode, _autograd_graph, _planning; and
-lazily (inside ``_under_traces``) gradwise._trace._tracer's ``_Tracer``, to keep a trace's recorders above the
-strong-zero mode.
+May import: torch, gradwise._checks, _contract, _carry, _compile, _supports, _mode, _autograd_graph, _planning;
+and lazily (inside ``_under_traces``) gradwise._trace._tracer's ``_Tracer``, to keep a trace's recorders
+above the strong-zero mode.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
+from torch._C._functorch import is_functorch_wrapped_tensor, is_legacy_batchedtensor, peek_interpreter_stack
 from torch.autograd.graph import GradientEdge
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
@@ -23,7 +24,13 @@ from gradwise._checks import as_tensors, check_differentiable, check_scalar_or_s
 from gradwise._strong_zeros import _carry, _contract
 from gradwise._strong_zeros._autograd_graph import _leaves, _root_nodes
 from gradwise._strong_zeros._carry import carry
-from gradwise._strong_zeros._compile import _holds_nonfinite, compiled_run, without_compiled_autograd
+from gradwise._strong_zeros._compile import (
+    _holds_nonfinite,
+    compiled_run,
+    compiled_step,
+    hybrid_run,
+    without_compiled_autograd,
+)
 from gradwise._strong_zeros._mode import _StrongZeroMode, running_mode, watch_functions
 from gradwise._strong_zeros._planning import _plan
 from gradwise._strong_zeros._supports import _STATE, _Supports
@@ -65,6 +72,11 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
                        accumulate_grad)
     planned, _STATE.planned = _STATE.planned, None  # chosen already by gw.grad/gw.backward, or not
     if planned is None:
+        step = _compiled_step(t_outputs, inputs or (), grad_tensors or ())
+        if step is not None:  # a whole step compiled: the plan is 'compiled', found in one walk
+            with without_compiled_autograd():
+                return hybrid_run(step, run, t_outputs, inputs, accumulate_grad, retain_graph,
+                                  _entering(create_graph, t_outputs))
         watched: list | None = []
         plan = _choose(t_outputs, inputs or (), grad_tensors or (), watched)
     else:
@@ -86,13 +98,55 @@ def _run_plan(plan: str, run: Callable[[bool | None], Any], t_outputs: Sequence[
     if plan == "compiled" and hasattr(run, "hybrid"):
         # the NaN/Inf a structural zero can reach is inside compiled graphs only: each runs compiled with the
         # pass (compiled speed, PyTorch's bits on finite data) and op by op only where that made NaN
-        if run.compiled_only:  # the nodes that fall back enter the mode one by one, sharing one support table:
-            # what one graph's op-by-op run made structurally zero is known to the next (a graph break between)
-            shared = _Supports()
-            return run.hybrid(retain_graph, lambda thunk: _run_strong(lambda _: thunk(), None, create_graph,
-                                                                         t_outputs, shared))
+        if run.compiled_only:
+            return run.hybrid(retain_graph, _entering(create_graph, t_outputs))
         return _run_strong(run.hybrid, retain_graph, create_graph, t_outputs)
     return _run_strong(run, retain_graph, create_graph, t_outputs, functions=True, inputs=inputs, watched=watched)
+
+
+def _compiled_step(t_outputs: Sequence[Any], inputs: Sequence[Any], seeds: Sequence[Any]) -> list | None:
+    """The compiled nodes of a backward whose graph holds only torch.compile'd backwards and leaves, where the
+    general path (``_choose``, ``_plan``, ``compiled_run``) would run it compiled-only: no dispatch mode, no
+    carried zeros, nothing to run plain or traced (``_compile.compiled_step``). None otherwise: the general
+    path then decides, warnings included. The walk goes first: it reads no tensor, and on any other graph it
+    stops at its first node (an eager backward pays one type test)."""
+    step = compiled_step(_root_nodes(t_outputs))
+    if step is None or torch._C._len_torch_dispatch_stack() or _carry.CARRIED or _carry.CARRIED_VALUES:
+        return None
+    return step if _everyday(t_outputs, seeds, inputs) else None
+
+
+_PLAIN_CLASSES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _everyday(*groups: Sequence[Any]) -> bool:
+    """Whether each tensor of ``groups`` is a dense tensor of a plain class, not meta, nested, functional or wrapped by
+    a torch.func transform, with no transform or compile under way: a stricter test than ``_contract.plain_reason``
+    and ``traced`` together (which then find nothing), at a third of their cost. Anything else is theirs to
+    decide, on the general path."""
+    if peek_interpreter_stack() is not None or torch.compiler.is_compiling():
+        return False
+    for tensors in groups:
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and (
+                    t.__class__ not in _PLAIN_CLASSES or t.layout != torch.strided or t.is_nested or t.is_meta
+                    or is_functorch_wrapped_tensor(t) or is_legacy_batchedtensor(t) or torch._is_functional_tensor(t)):
+                return False
+    return True
+
+
+def _entering(create_graph: bool, t_outputs: Sequence[Any]) -> Callable[[Callable[[], Any]], Any]:
+    """How a compiled node of a compiled-only backward that falls back enters the mode: one by one, sharing one
+    support table (made on the first fall-back), so that what one graph's op-by-op run made structurally zero is
+    known to the next (a graph break between)."""
+    shared: list[_Supports] = []
+
+    def enter(thunk: Callable[[], Any]) -> Any:
+        if not shared:
+            shared.append(_Supports())
+        return _run_strong(lambda _: thunk(), None, create_graph, t_outputs, shared[0])
+
+    return enter
 
 
 def grad_in_pass(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], seeds: Sequence[torch.Tensor],
@@ -229,8 +283,7 @@ def _run_planned(run: Callable[[bool | None], Any], outputs: Sequence[Any], seed
         _STATE.planned = None  # not consumed when torch.autograd raised before reaching the engine
 
 
-@contextlib.contextmanager
-def strong_zeros() -> Iterator[None]:
+def strong_zeros() -> contextlib.AbstractContextManager[None]:
     """Within this block every ``.backward()``, ``torch.autograd.backward`` and ``torch.autograd.grad`` of
     this thread uses strong zeros: values the output never uses cannot turn a gradient into NaN.
 
@@ -244,16 +297,26 @@ def strong_zeros() -> Iterator[None]:
     >>> bool(lin.weight.grad.isfinite().all())
     True
     """
-    global _installed, _original_engine_run
-    with _INSTALL_LOCK:
-        if _installed == 0:
-            _original_engine_run = torch.autograd._engine_run_backward
-            torch.autograd._engine_run_backward = _engine_run
-        _installed += 1
-    _STATE.depth += 1
-    try:
-        yield
-    finally:
+    return _StrongZeros()
+
+
+class _StrongZeros(contextlib.ContextDecorator):
+    """``strong_zeros()``: the engine hook installed while any thread is inside one, this thread's depth counted.
+    A class rather than a generator: it is entered around every backward of a training step."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        global _installed, _original_engine_run
+        with _INSTALL_LOCK:
+            if _installed == 0:
+                _original_engine_run = torch.autograd._engine_run_backward
+                torch.autograd._engine_run_backward = _engine_run
+            _installed += 1
+        _STATE.depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        global _installed
         _STATE.depth -= 1
         with _INSTALL_LOCK:
             _installed -= 1
