@@ -152,3 +152,89 @@ def test_the_shapes_kept_are_bounded(empty_cache, monkeypatch):
         deep = deep * 1.0
     assert _plan([lin(deep).sum()], ()) == "plain"
     assert all(len(shape) <= 30 for shape in _planning._SHAPED)
+
+
+@pytest.mark.parametrize("op", ["index", "index_select", "causal attention", "masked attention"])
+def test_a_freed_trunk_is_planned(op):
+    """A trunk whose saved tensors an earlier backward freed, below the inputs asked for (the engine never runs
+    it): the plan's node tests that read saved tensors (an index's positions, attention's own zeros) took the
+    freed tensor's RuntimeError for the caller's, where PyTorch's own backward runs. The gradient is PyTorch's;
+    toward an input below the trunk both raise."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 1, 4, 3, requires_grad=True)
+    w = torch.randn(3, requires_grad=True)
+    if op == "index":
+        h = q[:, :, torch.tensor([0, 1, 2, 3])]
+    elif op == "index_select":
+        h = q.index_select(2, torch.tensor([3, 2, 1, 0]))
+    elif op == "causal attention":
+        h = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    else:
+        h = F.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(4, 4, dtype=torch.bool))
+    h.sum().backward()  # frees h's node
+    expected = torch.autograd.grad((h * w).sum(), [w])[0]
+    got = gw.grad((h * w).sum(), [w])[0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        gw.grad((h * w).sum(), [q])
+
+
+def _more_programs():
+    """Look-alike graphs that differ in a fact read from one node: which positions an index, index_select or
+    padding keeps, which output of an unbind goes unused, a same-named custom Function whose backward differs,
+    attention's mask and causal masking. Each input holds NaN where some of them discard it."""
+    torch.manual_seed(1)
+    w = torch.randn(4, 4, dtype=f64, requires_grad=True)
+    x = torch.randn(6, 4, dtype=f64)
+    x[5] = nan
+    kv = torch.randn(1, 2, 5, 4)
+    q = torch.randn(1, 2, 5, 4)
+    q[0, 0, 4] = nan  # a query row: the programs below discard its output
+
+    def twin(drops):
+        class Twin(torch.autograd.Function):  # the same name, another class
+            @staticmethod
+            def forward(ctx, t):
+                return t * 2
+
+            @staticmethod
+            def backward(ctx, g):
+                return g * 2 if not drops else torch.cat((g[:5] * 2, g[5:] * 0))
+        return Twin
+
+    progs = {}
+    for idx in ([5, 4, 3, 2, 1, 0], [0, 0, 1, 2, 3, 4]):
+        t = torch.tensor(idx)
+        progs[f"index {idx}"] = lambda t=t: ((x @ w)[t].square().sum(), [w])
+        progs[f"index_select {idx}"] = lambda t=t: ((x @ w).index_select(0, t).square().sum(), [w])
+    for pad in ((0, 0, 1, 1), (0, 0, 0, -1)):
+        progs[f"pad {pad}"] = lambda pad=pad: (F.pad(x @ w, pad).square().sum(), [w])
+    for k in (0, 5, None):
+        progs[f"unbind without {k}"] = lambda k=k: (sum(p.sum() for j, p in enumerate((x @ w).unbind(0)) if j != k),
+                                                   [w])
+    for drops in (False, True):
+        fn = twin(drops)
+        progs[f"custom drops={drops}"] = lambda fn=fn: (fn.apply(x @ w).sum(), [w])
+    wf = w.detach().float().requires_grad_()
+    keys = (torch.arange(5) < 4).expand(5, 5)
+    for m, causal in ((None, False), (None, True), (keys, False)):
+        progs[f"attention mask={m is not None} causal={causal}"] = lambda m=m, c=causal: (
+            F.scaled_dot_product_attention(q @ wf, kv @ wf, kv @ wf, attn_mask=m, is_causal=c)
+            [..., :4, :].sum(), [wf])
+    return progs
+
+
+def test_look_alike_graphs_get_the_plan_and_gradient_of_an_empty_cache(monkeypatch):
+    """Each program run after all the others (a warm cache) is planned as with an empty cache and gets the same
+    gradient, bit for bit (NaN where it is)."""
+    progs = _more_programs()
+    cold = {}
+    for name, make in progs.items():
+        monkeypatch.setattr(_planning, "_SHAPED", {})
+        cold[name] = (_plan([make()[0]], ()), gw.grad(*make())[0])
+    monkeypatch.setattr(_planning, "_SHAPED", {})
+    for _ in range(2):
+        for name, make in [*progs.items()][::-1]:
+            assert _plan([make()[0]], ()) == cold[name][0], name
+            got = gw.grad(*make())[0]
+            torch.testing.assert_close(got, cold[name][1], rtol=0, atol=0, equal_nan=True, msg=name)

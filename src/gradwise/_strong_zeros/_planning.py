@@ -87,9 +87,9 @@ def _walked(roots: Sequence[Any]) -> _Graph:
                     pending.append((node, fact))
                     makes = True
                 else:
-                    makes = fact = bool(makes(node))
+                    makes = fact = _holds(makes, node, True)
             if makes:
-                inside = info[6] is not None and bool(info[6](node))
+                inside = info[6] is not None and _holds(info[6], node, False)
                 makers[node] = not inside
                 fact = (fact, inside)
             if info[7] is not None:
@@ -104,6 +104,16 @@ def _walked(roots: Sequence[Any]) -> _Graph:
                 stack.append(n)
                 shape.append(~slot)  # negative: never taken for an index
     return _Graph(nodes, makers, special, [], {}, {}, watched, picks, pending, tuple(shape))
+
+
+def _holds(test: Any, node: Any, freed: bool) -> bool:
+    """``test(node)``; ``freed`` (the answer that assumes the worst: it makes structural zeros, which leave it) where
+    the test reads a saved tensor an earlier backward freed (a shared trunk under ``backward(inputs=)`` or
+    ``autograd.grad``: the engine runs no such node, and raises itself where it would need one)."""
+    try:
+        return bool(test(node))
+    except RuntimeError:
+        return freed
 
 
 def _resolved(w: _Graph) -> _Graph:

@@ -361,6 +361,8 @@ def _causal_keys_all_read(node: Any) -> bool:
     if raw_q is None or raw_k is None or _hooked(node, *read) or _saved_mask(node, name) is not None:
         return False
     q, k = raw_q.data, raw_k.data
+    if q is None or k is None:  # freed by an earlier backward (the engine will not run this node)
+        return False
     dim = 1 if type(node).__name__ in ("EfficientAttentionBackward0", "FlashAttentionBackward0") else 2
     return q.dim() == 4 and k.dim() == 4 and q.shape[dim] == k.shape[dim]
 
