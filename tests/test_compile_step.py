@@ -148,3 +148,41 @@ def test_the_fast_checks_are_stricter_than_the_general_ones():
                 assert plain_reason(groups[0], groups[2], groups[1]) is None and not traced((*groups[0], *groups[1]))
     assert _engine._everyday([dense], [], [nn.Parameter(dense.clone())])
     assert sum(_engine._everyday([t]) for t in kinds) == 2  # the plain tensor and the parameter
+
+
+def test_a_plain_retained_backward_beside_a_strong_one_keeps_pytorchs_donated_buffer_check():
+    """While a strong-zero backward of a compiled function runs on one thread, the switch clears the donated-buffer
+    indices (both its backwards may run with the graph retained). A plain ``backward(retain_graph=True)`` of the
+    same function on another thread then skipped PyTorch's check and ran PyTorch's buffer-reusing kernel: its
+    second backward read overwritten saved tensors (a silently wrong gradient). It raises PyTorch's error now."""
+    import threading
+
+    with warnings.catch_warnings():  # inductor's first import warns from torch.jit (torch's own deprecation)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import torch._inductor.compile_fx
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    f = torch.compile(lambda t: torch.tanh(lin(t)).exp().sum())
+    x = torch.randn(3, 4)
+    f(x).backward()  # PyTorch's backward, compiled with donated buffers
+    bc = _compile._backward_compiler(f(x).grad_fn)
+    assert any(idxs for _, idxs in _compile._donated(bc))
+    with pytest.raises(RuntimeError, match="donated buffers"):
+        f(x).backward(retain_graph=True)
+    errors: list[Exception] = []
+
+    def plain() -> None:
+        try:
+            f(x).backward(retain_graph=True)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    prior = _compile._PerThread.enter(bc, lambda args: None)  # as a strong backward on this thread does
+    try:
+        thread = threading.Thread(target=plain)
+        thread.start()
+        thread.join()
+    finally:
+        _compile._PerThread.leave(bc, prior)
+    assert len(errors) == 1 and "donated buffers" in str(errors[0])

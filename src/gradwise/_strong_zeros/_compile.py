@@ -559,6 +559,10 @@ class _PerThread:
         variant = getattr(self.local, "variant", None)
         if variant is not None:
             return _call(variant, args)
+        if any(idxs for _, idxs in self.donated) and _keeps_graph():  # PyTorch's check, on indices cleared here
+            raise RuntimeError("This backward function was compiled with non-empty donated buffers which requires "
+                               "create_graph=False and retain_graph=False (or torch._functorch.config.donated_buffer"
+                               "=False); a strong-zero backward of it on another thread does not lift that")
         if self.original is None:  # PyTorch's backward was not compiled yet: as AOTAutograd's lazy compile would
             with _SWAP_LOCK:
                 if self.original is None:
@@ -568,6 +572,10 @@ class _PerThread:
                     finally:
                         self.bc.compiled_bw = self
         return _call(self.original, args)
+
+
+def _keeps_graph() -> bool:
+    return torch._functorch.config.donated_buffer and torch._C._autograd._get_current_graph_task_keep_graph()
 
 
 def _holds_nonfinite(result: Any, leaves: Sequence[torch.Tensor]) -> bool:
