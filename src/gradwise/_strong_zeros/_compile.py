@@ -48,8 +48,8 @@ rule table serves it.
 Traced backwards (AOTAutograd tracing the joint graph on fake tensors) are never inspected: ``_plan`` steps
 aside for them (``_traced``).
 
-May import: torch, gradwise._masks, _contract, and (inside functions, at call time) _compile_pass, _graph_forms,
-_supports, _rules, _autograd_graph, _planning.
+May import: torch, gradwise._masks, _contract, and (inside functions, at call time) _compile_pass, _pass_windows,
+_graph_forms, _supports, _rules, _autograd_graph, _planning.
 """
 
 from __future__ import annotations
@@ -98,10 +98,11 @@ def strong_zero_pass() -> Any:
     global _PASS
     if _PASS is None:
         from gradwise._ops import _zeros
-        from gradwise._strong_zeros import _compile_pass
+        from gradwise._strong_zeros import _compile_pass, _pass_windows
 
-        # inductor's cache key: the pass and the shared facts it builds its rules from
-        digest = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (_compile_pass, _zeros))).hexdigest()
+        # inductor's cache key: the pass (and its windows) and the shared facts it builds its rules from
+        digest = hashlib.sha256(b"".join(Path(m.__file__).read_bytes()
+                                         for m in (_compile_pass, _pass_windows, _zeros))).hexdigest()
 
         class StrongZeroPass(_pass_base()):  # type: ignore[misc]
             """Strong zeros over AOTAutograd's backward graph (see gradwise._strong_zeros._compile_pass)."""

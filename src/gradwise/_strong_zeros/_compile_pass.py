@@ -31,7 +31,7 @@ value recomputed in the backward (``where(x > 0, x, 0)``) is a value, and a NaN 
 pass knows no rule the support is ``None``: a NaN/Inf may remain (the runtime check in ``_compile`` then
 re-runs that backward through the eager rules), never a wrong finite number.
 
-May import: torch (torch.fx), gradwise._ops.
+May import: torch (torch.fx), gradwise._ops, gradwise._strong_zeros._pass_windows.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ import torch.fx as fx
 
 from gradwise._ops._contractions import attention_keys, attention_rows, conv_input_reads, mm_reads, mm_support
 from gradwise._ops._zeros import multiplying_args, zero_fact
+from gradwise._strong_zeros._pass_windows import slice_window
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -424,8 +425,31 @@ def _moved(rw: _Rewriter, node: fx.Node, placed: bool = False) -> Any:
 
 
 def _placed(rw: _Rewriter, node: fx.Node) -> Any:
-    """slice_scatter/select_scatter: ``moves``, a forward value beside a sensitivity counted by its zeros."""
-    return _moved(rw, node, placed=True)
+    """slice_scatter/select_scatter: ``moves``, a forward value beside a sensitivity counted by its zeros. Where
+    the placed operand's mask does not vary along the dim (none, a constant: every slice's backward; a window of
+    an earlier slice on another dim), it is ``where(window, src, base)`` with the window made of index
+    comparisons (`_pass_windows`, which says why: a bool ``slice_scatter`` keeps inductor from vectorizing the
+    kernel, and finite gradients came out an ulp off). A placed mask that varies along the dim keeps the
+    scatter on masks."""
+    masks = _operand_masks(rw, node, placed=True)
+    if masks is None or not isinstance(node.args[1], fx.Node):
+        return _moved(rw, node, placed=True)
+    base, src = node.args[0], node.args[1]
+    base_mask, src_mask = masks.get(base) if isinstance(base, fx.Node) else None, masks.get(src)
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    select = node.target is aten.select_scatter.default
+    window = slice_window(rw, node)
+    if window is None:
+        return _moved(rw, node, placed=True)
+    if isinstance(src_mask, fx.Node):
+        shape, nd = list(_val(src_mask).shape), _val(node).dim()
+        d = dim % nd
+        if select:  # the placed value has no such dim: its mask, exactly, with a dim of 1 there
+            src_mask = rw.call(aten.unsqueeze.default, rw.exact(src_mask, src), d)
+        elif len(shape) >= nd - d and shape[d - nd] != 1:  # (right-aligned: a shorter mask broadcasts)
+            return _moved(rw, node, placed=True)
+    outside = FALSE if base_mask is FALSE else rw.both(rw.call(aten.logical_not.default, window), base_mask)
+    return rw.either(rw.both(window, src_mask), outside)
 
 
 def _counted(rw: _Rewriter, node: fx.Node) -> Any:
