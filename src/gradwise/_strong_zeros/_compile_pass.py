@@ -252,7 +252,9 @@ def _view(rw: _Rewriter, node: fx.Node) -> Any:
         return mask
     if _val(node).dtype != _val(src).dtype:
         return None
-    return rw.call(node.target, rw.exact(mask, src), *node.args[1:], **node.kwargs)
+    # a mask may be a broadcast (a slice's window, `_pass_windows`) that view cannot reshape: reshape copies it
+    target = aten.reshape.default if node.target in (aten.view.default, aten._unsafe_view.default) else node.target
+    return rw.call(target, rw.exact(mask, src), *node.args[1:], **node.kwargs)
 
 
 def _cast(rw: _Rewriter, node: fx.Node) -> Any:
