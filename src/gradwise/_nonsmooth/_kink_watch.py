@@ -18,7 +18,6 @@ from gradwise._modes import LeanDispatchMode
 from gradwise._nonsmooth._errors import NonsmoothError
 from gradwise._nonsmooth._records import _user_line
 from gradwise._nonsmooth._rules import _is_dual, _split, _stepped
-from gradwise._ops._discrete import fmod_slope_off
 from gradwise._ops._kinks import KINKS, OpCall, at_kink
 
 Tensor = torch.Tensor
@@ -28,16 +27,17 @@ Tensor = torch.Tensor
 
 
 def _sits_at_kink(fact, name: str) -> Callable:
-    """The test ``(args, kwargs, out) -> bool`` of one aten op: whether that call sits at its kink somewhere."""
-    return lambda args, kwargs, out: at_kink(fact, OpCall(args, kwargs, out, name))
+    """The test ``(args, kwargs, out) -> bool`` of one aten op: whether that call sits at its kink somewhere, or
+    where PyTorch's derivative formula is off (``fact.formula_off``: a rule corrects it, unseen code cannot)."""
+    off = fact.formula_off
+    if off is None:
+        return lambda args, kwargs, out: at_kink(fact, OpCall(args, kwargs, out, name))
+    return lambda args, kwargs, out: at_kink(fact, c := OpCall(args, kwargs, out, name)) or off(c)
 
 
 # In code the mode cannot see (TorchScript) every kink op counts, guards too (comparisons, amax/amin: nothing routes
 # them); in callables the mode sees but cannot route, guards do not (PyTorch's own code uses them away from kinks).
 _UNSEEN_KINKY = {op.__name__: _sits_at_kink(fact, op.__name__) for op, fact in KINKS.items()}
-# fmod in unseen code also where PyTorch's slope in the divisor is off (rounding, not a kink: the rule moves it)
-_UNSEEN_KINKY["fmod"] = (lambda kink: lambda args, kwargs, out: kink(args, kwargs, out)
-                         or fmod_slope_off(OpCall(args, kwargs, out, "fmod")))(_UNSEEN_KINKY["fmod"])
 _KINKY_BY_NAME = {op.__name__: _UNSEEN_KINKY[op.__name__] for op, fact in KINKS.items() if not fact.guard}
 # jumps located on their first argument's own elements: with tangents, only where those move
 _JUMPS = {op.__name__: fact for op, fact in KINKS.items() if fact.kind == "jump" and not fact.coarse}

@@ -29,7 +29,7 @@ from gradwise._nonsmooth._rules import (
     _switch,
     kink_rule,
 )
-from gradwise._ops._discrete import real_trunc
+from gradwise._ops._discrete import trunc_rounds_off
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -495,11 +495,10 @@ def _quotient_sign(x, y, n: Tensor) -> Tensor | None:
 
 
 def _real_trunc(x: Tensor, y: Tensor, kernel: Tensor) -> Tensor:
-    """trunc of the real quotient x / y (``_discrete.real_trunc``): ``kernel`` itself (same object) where they
-    agree everywhere, else the real one."""
+    """trunc of the real quotient x / y (``_discrete.trunc_rounds_off``): ``kernel`` itself (same object) where
+    they agree everywhere, else the real one."""
     with torch.no_grad():
-        real = real_trunc(x, y)
-        off = (real != kernel) & (real == real)  # (a NaN quotient stays the kernel's)
+        real, off = trunc_rounds_off(x, y, kernel)
         return torch.where(off, real, kernel) if mask_any(off) else kernel
 
 

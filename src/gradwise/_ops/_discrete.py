@@ -10,9 +10,11 @@ May import: torch, ``_kinks``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from gradwise._ops._kinks import OpCall, Site, _float, _integral, _kink, _where_zero
+from gradwise._ops._kinks import KINKS, OpCall, Site, _float, _integral, _kink, _where_zero
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -172,22 +174,24 @@ def _remainder_at_a_multiple(c):
     return _at_multiples(x, y, "trunc" if c.packet.startswith("fmod") else "floor")
 
 
-def real_trunc(x: Tensor, y: Tensor) -> Tensor:
-    """trunc of the real quotient x / y (float tensors, no grad). ATen's trunc division is trunc of the *rounded*
-    x / y (its floor division floors the real one, from fmod): 1.0 / 0.1 rounds to 10.0, but float 0.1 is above
-    0.1 and the real quotient is 9.99...: 9. Floor's, plus 1 where the quotient is negative and no integer."""
+def trunc_rounds_off(x: Tensor, y: Tensor, kernel: Tensor) -> tuple[Tensor, Tensor]:
+    """(trunc of the real quotient x / y, where it differs from ``kernel``, ATen's trunc division) for float
+    tensors, no grad. ATen's trunc division is trunc of the *rounded* x / y (its floor division floors the real
+    one, from fmod): 1.0 / 0.1 rounds to 10.0, but float 0.1 is above 0.1 and the real quotient is 9.99...: 9.
+    Floor's, plus 1 where the quotient is negative and no integer; a NaN quotient is never off."""
     real = torch.div(x, y, rounding_mode="floor")
-    return torch.where((torch.fmod(x, y) != 0) & ((x < 0) != (y < 0)), real + 1, real)
+    real = torch.where((torch.fmod(x, y) != 0) & ((x < 0) != (y < 0)), real + 1, real)
+    return real, (real != kernel) & (real == real)
 
 
-def fmod_slope_off(c: OpCall) -> bool:
-    """Whether PyTorch's derivative of fmod(x, y) in y, -trunc(x / y) of the rounded quotient, is off somewhere:
-    where that differs from trunc of the real quotient (1.0 and float 0.1: -10, the slope is -9). Not a kink:
-    gradwise's fmod rule moves the derivative there; code it cannot see (TorchScript) keeps PyTorch's."""
+def _fmod_slope_off(c: OpCall) -> bool:
+    """PyTorch's derivative of fmod(x, y) in y, -trunc(x / y) of the rounded quotient, is off where that differs
+    from trunc of the real quotient (1.0 and float 0.1: -10, the slope is -9). Not a kink."""
     x, y = c.args[0], c.args[1]
     if not isinstance(y, Tensor) or not y.is_floating_point():
         return False
     x = torch.as_tensor(x, dtype=y.dtype, device=y.device) if not isinstance(x, Tensor) else x
-    kernel = torch.div(x, y, rounding_mode="trunc")
-    real = real_trunc(x, y)
-    return bool(((real != kernel) & (real == real)).any())
+    return bool(trunc_rounds_off(x, y, torch.div(x, y, rounding_mode="trunc"))[1].any())
+
+
+KINKS[aten.fmod] = dataclasses.replace(KINKS[aten.fmod], formula_off=_fmod_slope_off)

@@ -76,6 +76,9 @@ class KinkFact:
     # arguments; reads_numbers: ``possible`` reads a number's value (pow's exponent), not only strings, dtypes ...
     possible: Callable[[OpCall], bool] | None = None
     reads_numbers: bool = False
+    # where PyTorch's derivative formula is wrong though f is smooth (fmod's divisor slope where x / y rounds):
+    # gradwise's rule corrects it; code the rules cannot see (TorchScript) must refuse there as at a kink
+    formula_off: Callable[[OpCall], bool] | None = None
 
     def site(self, call: OpCall) -> Site | None:
         """The call's site, its kind and convention filled in from the fact where the location set none."""
