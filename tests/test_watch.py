@@ -403,28 +403,34 @@ def test_a_clipped_step_tells_each_line_that_used_the_gradient_once():
         assert [f.step for f in report.findings if f.downstream] == [3], str(report)
 
 
+def _cause_of_a_nan_step(ctx, after_backward, steps: int, nan_at: int, rows: int) -> str:
+    """The one cause of a loop whose batch at step ``nan_at`` brings a NaN the loss reads; ``after_backward(loss)``
+    runs between each backward and its optimizer step (a framework's bookkeeping)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    with ctx() as report:
+        for step in range(steps):
+            x = torch.randn(rows, 4)
+            if step == nan_at:
+                x[1, 2] = float("nan")
+            loss = lin(x).square().mean()
+            loss.backward()
+            after_backward(loss)
+            opt.step()
+            opt.zero_grad()
+    (cause,) = report.causes
+    return cause
+
+
 @pytest.mark.parametrize("ctx", [gw.watch, gw.trace])
 def test_detaching_the_loss_after_backward_starts_no_step(ctx):
     """Lightning detaches the loss after its backward, in grad mode, before the optimizer steps (its precision
     plugin's post_backward): that op started the next step, so the cause said the optimizer wrote the NaN gradient
     into the parameters at step 4 for the backward of step 3. Reading the loss the backward differentiated starts
     no step, as reading the gradients does not."""
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(4, 1)
-    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
-    with ctx() as report:
-        for step in range(5):
-            x = torch.randn(3, 4)
-            if step == 3:
-                x[1, 2] = float("nan")
-            loss = lin(x).square().mean()
-            loss.backward()
-            logged = loss.detach()  # noqa: F841 (as Lightning's post_backward)
-            opt.step()
-            opt.zero_grad()
-    (cause,) = report.causes
+    cause = _cause_of_a_nan_step(ctx, lambda loss: loss.detach(), steps=5, nan_at=3, rows=3)
     assert cause.startswith("root cause at step 3") and "into the parameters at step 3" in cause, cause
-
 
 
 @pytest.mark.parametrize("ctx", [gw.watch, gw.trace])
@@ -434,22 +440,11 @@ def test_a_running_loss_starts_no_step(ctx):
     backward, so the add started the next step and the cause said the optimizer wrote the NaN gradient into the
     parameters at step 3 for the backward of step 2. Bookkeeping that reads what the backward left and nothing
     that requires grad starts no step."""
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(4, 1)
-    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
-    tr_loss = torch.zeros(())
-    with ctx() as report:
-        for step in range(4):
-            x = torch.randn(8, 4)
-            if step == 2:
-                x[0, 0] = float("nan")
-            loss = lin(x).square().mean()
-            loss.backward()
-            tr_loss = tr_loss + loss.detach()
-            opt.step()
-            opt.zero_grad()
-    (cause,) = report.causes
+    total = [torch.zeros(())]
+    cause = _cause_of_a_nan_step(ctx, lambda loss: total.append(total.pop() + loss.detach()), steps=4, nan_at=2,
+                                 rows=8)
     assert cause.startswith("root cause at step 2") and "into the parameters at step 2" in cause, cause
+
 
 def test_the_trace_holds_no_graph_after_a_second_backward():
     """Between backwards the trace notes the outputs the backward differentiated (Lightning detaches its loss after
