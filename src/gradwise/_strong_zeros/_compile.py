@@ -48,8 +48,8 @@ rule table serves it.
 Traced backwards (AOTAutograd tracing the joint graph on fake tensors) are never inspected: ``_plan`` steps
 aside for them (``_traced``).
 
-May import: torch, gradwise._masks, _contract, and (inside functions, at call time) _compile_pass, _pass_windows,
-_graph_forms, _supports, _rules, _autograd_graph, _planning.
+May import: torch, gradwise._masks, _contract, _autograd_graph, and (inside functions, at call time)
+_compile_pass, _pass_windows, _graph_forms, _supports, _rules, _planning.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ from typing import Any
 import torch
 
 from gradwise._masks import inexact
+from gradwise._strong_zeros._autograd_graph import _ACCUMULATE_GRAD, _leaves, _root_nodes, _walk
 from gradwise._strong_zeros._contract import GradwiseWarning
 
 __all__ = ["CompiledBackwardWarning", "compile_stats", "compiled_run", "strong_zero_pass", "without_compiled_autograd"]
@@ -158,8 +159,6 @@ def _is_compiled(node: Any) -> bool:
 
 def compiled_nodes(roots: Sequence[Any]) -> list[Any]:
     """The CompiledFunctionBackward nodes reachable from ``roots``."""
-    from gradwise._strong_zeros._autograd_graph import _walk
-
     return [n for n in _walk(roots) if _is_compiled(n)]
 
 
@@ -622,8 +621,6 @@ def compiled_run(run: Callable[[bool | None], Any], t_outputs: Sequence[Any], in
     whose other nodes hold no NaN a zero can reach: the plan's 'check') compiled first and op by op only where
     that made NaN. ``run`` itself when the graph has no compiled node (``watched``: the graph's custom Function and
     compiled nodes, where the plan listed them, tell without a walk)."""
-    from gradwise._strong_zeros._autograd_graph import _leaves, _root_nodes, _walk
-
     if watched is not None and not any(map(_is_compiled, watched)):
         return run
     graph = list(_walk(_root_nodes(t_outputs)))
@@ -684,8 +681,6 @@ def hybrid_run(nodes: Sequence[Any], run: Callable[[bool | None], Any], t_output
     STATS["eager"] += record.fell_back
     STATS["opaque"] += bool(opaque)
     if opaque or record.suspect or record.fell_back:
-        from gradwise._strong_zeros._autograd_graph import _leaves
-
         if _holds_nonfinite(result, _leaves(t_outputs, inputs) if accumulate_grad else ()):
             if opaque:
                 _warn_opaque(opaque)
@@ -695,8 +690,6 @@ def hybrid_run(nodes: Sequence[Any], run: Callable[[bool | None], Any], t_output
                 _warn_kept()
     return result
 
-
-_ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad
 
 
 def compiled_step(roots: Sequence[Any]) -> list[Any] | None:

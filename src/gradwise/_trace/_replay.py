@@ -36,7 +36,7 @@ from gradwise._trace._common import _ACCUMULATE_SEQ, _has_nan, _inexact, _nonfin
 from gradwise._trace._facts import _FINITE_PRESERVING
 from gradwise._trace._store import Birth
 
-_ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad
+_ACCUMULATE_GRAD = _strong_zeros._autograd_graph._ACCUMULATE_GRAD
 _KEEPS_FINITE = {f"aten.{op.__name__}" for op in _FINITE_PRESERVING}  # as node records name their op
 _RAW = "_raw_saved_"
 _RAW_NAMES: dict[type, tuple] = {}  # node type -> ((its _raw_saved_* attribute, whether it is an output), ...)
