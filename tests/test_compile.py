@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -129,6 +130,48 @@ def test_traced_tensors_step_aside(monkeypatch):
     with gw.strong_zeros(), pytest.warns(gw.PlainBackwardWarning, match="torch.func"):
         g = torch.func.grad(lambda t: torch.where(t > 0, t.sqrt(), 0.0).sum())(torch.tensor([-1.0, 4.0]))
     assert torch.equal(g.isnan(), torch.tensor([True, False])) or torch.isfinite(g).all()
+
+
+def test_gradient_compiled_into_a_graph_is_never_silent(monkeypatch):
+    """torch.compile(torch.func.grad(f)): the gradient is computed by the compiled graph, no backward gradwise could
+    give strong zeros runs. Compiled by a call outside the block, it was silent inside it (issue #12): now entering
+    the block warns, naming the call; compiled inside the block (vjp), it warns at once. The gradients stay
+    PyTorch's. An ordinary compiled forward with a backward of its own (AOTAutograd's joint trace) warns nothing."""
+    from gradwise._strong_zeros import _engine
+
+    monkeypatch.setattr(_engine, "_traced_gradients", {}, raising=False)
+    monkeypatch.setattr(_engine, "_warned_sites", set(), raising=False)
+    monkeypatch.setattr(_engine, "_warned_compiles", 0, raising=False)
+    monkeypatch.setattr(_contract, "_warned", set())
+
+    def f(t):
+        return t.tanh()[:2].sum()
+
+    x = torch.tensor([1.0, 2.0, float("nan")])
+    expected = torch.func.grad(f)(x)
+    grad_f = torch.compile(torch.func.grad(f), backend="aot_eager")
+    assert torch.equal(grad_f(x).isnan(), expected.isnan())  # the trace, outside any block
+    here = f"{__file__}:{sys._getframe().f_lineno - 1}"
+    with pytest.warns(gw.PlainBackwardWarning, match=f"call at {re.escape(here)} computes a gradient inside"):
+        with gw.strong_zeros():
+            got = grad_f(x)
+    torch.testing.assert_close(got, expected, equal_nan=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with gw.strong_zeros():  # once per call site
+            grad_f(x)
+    vjp_f = torch.compile(lambda t: torch.func.vjp(f, t)[1](torch.tensor(1.0))[0], backend="aot_eager")
+    with gw.strong_zeros(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vjp_f(x)  # (and the PlainBackwardWarning of its traced backward's wrapped tensors)
+    assert any("computes a gradient inside" in str(w.message) for w in caught)
+    lin = torch.nn.Linear(3, 3)
+    plain_step = torch.compile(lambda t: lin(t).tanh().sum(), backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain_step(x.nan_to_num()).backward()
+        with gw.strong_zeros():
+            plain_step(x.nan_to_num()).backward()
 
 
 def test_compiled_inside_the_block(net, inside):

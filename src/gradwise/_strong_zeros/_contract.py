@@ -170,6 +170,30 @@ def warn_plain(reason: str) -> None:
 
 
 _INTERNAL = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
+_LIBRARY = (*_INTERNAL, os.path.dirname(os.__file__))  # the standard library too: contextlib/functools wrappers
+
+
+def user_site() -> str:
+    """``file:line`` of the innermost frame outside torch, gradwise and the standard library (while torch.compile
+    traces: the user's call of the compiled function)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY):
+        frame = frame.f_back
+    return "an unknown caller" if frame is None else f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+def warn_traced_gradient(site: str) -> None:
+    """The PlainBackwardWarning for a gradient torch.compile traced into a graph (once per call site: the caller
+    keeps the sites)."""
+    warnings.warn(
+        f"gradwise: the torch.compile'd call at {site} computes a gradient inside its compiled graph (a torch.func "
+        "transform: grad, vjp, jacrev, hessian). No backward of it runs when it is called, so strong zeros do not "
+        "apply to it, inside gw.strong_zeros() too: its gradients are PyTorch's (a NaN from contamination is not "
+        "removed there). To get strong zeros, take the gradient outside the compiled graph: compile the loss and "
+        "call gw.grad(loss, params) or loss.backward() on its result.",
+        PlainBackwardWarning,
+        stacklevel=_user_stacklevel(),
+    )
 
 
 def _user_stacklevel() -> int:

@@ -11,12 +11,19 @@ above the strong-zero mode.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch._C._functorch import is_functorch_wrapped_tensor, is_legacy_batchedtensor, peek_interpreter_stack
+from torch._C._functorch import (
+    is_functorch_wrapped_tensor,
+    is_legacy_batchedtensor,
+    peek_interpreter_stack,
+)
+from torch._dynamo.eval_frame import skip_code
+from torch._guards import CompileContext
 from torch.autograd.graph import GradientEdge
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
@@ -44,6 +51,9 @@ _INSTALL_LOCK = threading.Lock()
 _installed = 0
 _original_engine_run: Callable[..., Any] | None = None
 _process_wide = False  # `gradwise run --strong-zeros`: every thread's backward, see strong_zeros_process_wide
+_traced_gradients: dict[object, str] = {}  # torch.compile's compile id -> the user's call site; see _observe
+_warned_sites: set[str] = set()
+_warned_compiles = 0
 
 
 # Never traced by dynamo: a backward called inside a torch.compile'd function (a whole training step) graph-breaks,
@@ -308,6 +318,8 @@ class _StrongZeros(contextlib.ContextDecorator):
 
     def __enter__(self) -> None:
         global _installed, _original_engine_run
+        if len(_traced_gradients) > _warned_compiles:
+            _warn_traced_gradients()
         with _INSTALL_LOCK:
             if _installed == 0:
                 _original_engine_run = torch.autograd._engine_run_backward
@@ -322,6 +334,51 @@ class _StrongZeros(contextlib.ContextDecorator):
             _installed -= 1
             if _installed == 0:
                 torch.autograd._engine_run_backward = _original_engine_run
+
+
+# A gradient that torch.compile traces into a graph (torch.compile(torch.func.grad(f)), or of torch.func.vjp) is
+# computed by that graph's kernels: no backward runs when it is called, so strong zeros never see it. The one
+# moment gradwise can see it is the trace: dynamo runs the gradient node on fake tensors, calling the engine from its
+# run_node (AOTAutograd's own joint trace of an ordinary compiled forward does not). A hook that is always there
+# records the user's call site then and warns: at once inside a strong-zeros block, else on entering the next one.
+# It reads no values and changes no compiled graph.
+def _observe(t_outputs, *args: Any, **kwargs: Any) -> Any:
+    """``torch.autograd._engine_run_backward`` from gradwise's import on: PyTorch's, plus the record above."""
+    if torch.compiler.is_compiling() and _under_dynamo_node():
+        _record_traced_gradient()
+    return _torch_engine_run(t_outputs, *args, **kwargs)
+
+
+skip_code(_observe.__code__)  # run, never traced (see _engine_run); torch.compiler.disable's wrapper costs ~1 us
+_torch_engine_run = torch.autograd._engine_run_backward
+torch.autograd._engine_run_backward = _observe
+_DYNAMO_RUN_NODE = torch._dynamo.utils.run_node.__code__
+
+
+def _under_dynamo_node() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code is not _DYNAMO_RUN_NODE:
+        frame = frame.f_back
+    return frame is not None
+
+
+def _record_traced_gradient() -> None:
+    compile_id = CompileContext.current_compile_id()
+    with _INSTALL_LOCK:
+        if compile_id is None or compile_id not in _traced_gradients:
+            _traced_gradients[compile_id or object()] = _contract.user_site()
+    if _STATE.depth or _process_wide:
+        _warn_traced_gradients()
+
+
+def _warn_traced_gradients() -> None:
+    global _warned_compiles
+    with _INSTALL_LOCK:
+        sites = [site for site in _traced_gradients.values() if site not in _warned_sites]
+        _warned_sites.update(sites)
+        _warned_compiles = len(_traced_gradients)
+    for site in dict.fromkeys(sites):
+        _contract.warn_traced_gradient(site)
 
 
 @contextlib.contextmanager
