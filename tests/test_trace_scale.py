@@ -330,3 +330,15 @@ def test_mask_counts_and_first_positions_of_expanded_masks_equal_the_materialise
         assert count(view) == count(dense)
         got, want = first(view), first(dense)
         assert got[:1] == want[:1] and all(bool(dense[tuple(i)]) for i in got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.bool])
+@pytest.mark.parametrize("n", [1, 1000, 2**24 + 3])
+def test_mask_counts_are_exact_in_every_mask_dtype(dtype, n):
+    """A 0/1 float mask is counted by a float32 sum where that is exact (every partial sum <= 2**24), else in
+    float64: the count equals count_nonzero's, also past float32's exact integers."""
+    from gradwise._trace._store import count
+
+    mask = torch.ones(n, dtype=dtype)  # all set: past 2**24, a float32 sum could not hold the count
+    mask[:: max(2, n // 7)] = 0
+    assert count(mask) == int(torch.count_nonzero(mask))

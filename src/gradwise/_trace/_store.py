@@ -277,4 +277,8 @@ def count(mask: torch.Tensor) -> int:
         return count(part) * (mask.numel() // part.numel())
     if mask.dtype == torch.bool:
         return int(torch.count_nonzero(mask))
+    if mask.numel() <= 1 << 24 and mask.dtype == torch.float32:
+        # every partial sum of 0/1 values is an integer <= 2**24, exact in float32, and float32 sums vectorise
+        # (a float64 accumulation of float32 does not: ~17x slower, 0.2 ms of a max-pool tie count)
+        return int(mask.sum())
     return int(mask.sum(dtype=torch.float64))
