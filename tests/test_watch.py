@@ -3,6 +3,7 @@ gradient's step explained, and the rest traced. References: the same program wit
 errors) and gw.trace() of the same step."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import subprocess
@@ -59,6 +60,38 @@ def test_the_graph_is_freed_as_pytorch_frees_it_and_kept_when_asked():
         z.backward(retain_graph=True)
         z.backward()  # kept on request
     assert torch.equal(x.grad, torch.tensor([6.0, 12.0]))
+
+
+@pytest.mark.parametrize("how", ["backward", "autograd_grad"])
+def test_the_kept_graph_does_not_outlive_its_step(how):
+    """The watch keeps each step's graph for the length of its backward call only: a training loop that holds
+    ``loss`` and ``out`` into the next forward (reassigned after it) holds the graph's nodes, and under plain
+    PyTorch nothing they saved. A value only the graph saved must be gone when the backward returns, before the
+    next forward allocates: a kept graph left to die with the user's tensors would hold two steps' activations
+    at the next forward's peak. Reference: the same loop without gradwise; a weakref to a saved activation."""
+    import weakref
+
+    w = torch.nn.Parameter(torch.randn(4, 4))
+
+    def loop(watched: bool) -> list[bool]:
+        alive = []
+        with gw.watch() if watched else contextlib.nullcontext():
+            out = loss = None
+            for _ in range(3):
+                hidden = torch.randn(2, 4) @ w  # saved by sin's node only, once this frame lets it go
+                ref = weakref.ref(hidden)
+                out = hidden.sin()
+                loss = out.sum()
+                del hidden
+                if how == "autograd_grad":
+                    torch.autograd.grad(loss, w)
+                else:
+                    loss.backward()
+                alive.append(ref() is not None)  # (loss and out still held, as by the loop's variables)
+        return alive
+
+    assert loop(watched=False) == [False] * 3  # (the reference: the engine freed it)
+    assert loop(watched=True) == [False] * 3
 
 
 def test_first_nonfinite_step_is_explained_and_later_steps_traced():
@@ -201,6 +234,47 @@ def _compiled_padding_run(ctx):
                 loss.backward()
     torch._dynamo.reset()
     return report
+
+
+def _compiled_step_run(ctx):
+    """A whole training step compiled, its backward inside: dynamo graph-breaks at the wrapped
+    torch.autograd.backward and runs it eagerly. NaN padding (sliced away) at step 2."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 2)
+
+    def step(x):
+        lin.zero_grad()
+        lin(x)[:3].sin().sum().backward()
+
+    compiled = torch.compile(step, backend="aot_eager")
+    grads = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit's, on the compiler's first import
+        with ctx() as report:
+            for n in range(4):
+                x = torch.randn(4, 4)
+                if n == 2:
+                    x[3] = float("nan")
+                compiled(x)
+                grads.append(lin.weight.grad.clone())
+    torch._dynamo.reset()
+    return report, grads
+
+
+def test_a_backward_inside_a_compiled_step_is_watched_with_dynamo_off():
+    """The wrappers of torch.autograd.backward/grad keep dynamo out (a graph break at the call, its frame
+    callback off inside) without PyTorch's torch.compiler.disable wrapper: were the watch's own frames compiled,
+    torch.compiler.is_compiling() would read True there and the step would pass unchecked. References: the same
+    program without gradwise (gradients, bitwise but NaN), gw.trace() (the step of the NaN, what it reaches)."""
+    _, plain = _compiled_step_run(contextlib.nullcontext)
+    watched, grads = _compiled_step_run(gw.watch)
+    traced, _ = _compiled_step_run(gw.trace)
+    assert all(torch.allclose(a, b, rtol=0, atol=0, equal_nan=True) for a, b in zip(grads, plain, strict=True))
+    # (the compiled backward does not keep its graph: the step is found, not classified, as in the test below)
+    assert [(f.step, f.reaches) for f in watched.findings] == [(f.step, f.reaches) for f in traced.findings] == [
+        (2, ["lin.weight"])], (str(watched), str(traced))
+    assert "the first non-finite gradient came at step 2;" in watched.notes[0], watched.notes
 
 
 def test_a_compiled_model_keeps_the_step_numbers_and_claims_no_unused_values():

@@ -26,7 +26,7 @@ def kind(t: torch.Tensor) -> str | None:
         return {torch._mkldnn: "mkldnn"}.get(t.layout, "nested (jagged)" if t.layout == torch.jagged else "sparse")
     if t.is_nested:
         return "nested"
-    if t.device.type == "meta":
+    if t.is_meta:  # (not t.device.type: a device object per call, ~5 us with caches cold after a backward)
         return "meta"
     if t._is_zerotensor():
         return "ZeroTensor"

@@ -2,7 +2,8 @@
 ``torch.autograd.backward``/``grad`` (``_TRACERS``, ``_WATCHERS``, and the rebound ``_installed``: read as
 ``_session.<name>``).
 
-May import: torch, gradwise._ops, gradwise._strong_zeros, gradwise._trace._common, _kinds, _report, _tracer.
+May import: torch, gradwise._modes, gradwise._ops, gradwise._strong_zeros, gradwise._trace._common, _kinds, _report,
+_tracer.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from gradwise import _strong_zeros
+from gradwise._modes import dynamo_off
 from gradwise._ops._kinks import _SCRATCH
 from gradwise._trace import _kinds
 from gradwise._trace._common import _tensors
@@ -72,7 +74,7 @@ def _backward_call(tracer: _Tracer) -> Iterator[None]:
 
 # Never traced by dynamo (a backward inside a torch.compile'd training step graph-breaks; the frames its eager
 # call enters would be compiled, with torch.compiler.is_compiling() reading True): see _strong_zeros._engine
-@torch.compiler.disable
+@dynamo_off
 def _traced_backward(tensors, grad_tensors=None, *args, **kwargs):
     tracer = _current()
     if tracer is not None and torch._C._are_functorch_transforms_active():
@@ -94,7 +96,7 @@ def _traced_backward(tensors, grad_tensors=None, *args, **kwargs):
         return result
 
 
-@torch.compiler.disable
+@dynamo_off
 def _traced_grad(outputs, inputs, grad_outputs=None, *args, **kwargs):
     tracer = _current()
     if tracer is not None and (kwargs.get("is_grads_batched") or torch._C._are_functorch_transforms_active()
