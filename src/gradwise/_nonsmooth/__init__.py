@@ -16,6 +16,7 @@ them); `_stationarity` replays runs with chosen branches forced to enumerate the
 Modules (each imports only those above it in this list, plus torch, gradwise._masks and gradwise._ops)
 --------------------------------------------------------------------------------------
 ``_errors``           ``NonsmoothError``.
+``_lazy``             ``LazyTangent``: tangents computed where a kink rule reads them (generalized_grad's passes).
 ``_contexts``         the contexts around a pass (compile, checkpoint, hooks, custom ops, TorchScript watch).
 ``_records``          ``Kink``, ``NearKink``, the per-pass state ``_Run``, lexicographic ranking, ``_user_line``.
 ``_rules``            the rule table ``KINK_RULES`` (``kink_rule``, ``rule_for``, ``UNRULED``), helpers rules share.

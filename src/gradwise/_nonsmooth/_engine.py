@@ -2,7 +2,7 @@
 ``directional_derivative``, branch locking (``_locked_grad``, the memo ``_LAST_TIE``), ``generalized_grad``,
 ``generalized_backward``, ``kinks_hit``.
 
-May import: torch, ``_contexts``, ``_errors``, ``_records``, ``_rules``, ``_kink_watch``, ``_kink_mode``.
+May import: torch, ``_contexts``, ``_errors``, ``_lazy``, ``_records``, ``_rules``, ``_kink_watch``, ``_kink_mode``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from gradwise._nonsmooth import _contexts as _ctx
+from gradwise._nonsmooth import _lazy
 from gradwise._nonsmooth._errors import NonsmoothError
 from gradwise._nonsmooth._kink_mode import _Diverged, _KinkMode, _Stop
 from gradwise._nonsmooth._kink_watch import _UNSEEN_KINKY
@@ -61,10 +62,11 @@ def _outputs(out) -> list[Tensor]:
 
 
 def _run(f, xs, single, directions, run: _Run, requires_grad: bool, strip_after: int | None = None,
-         stop_after: int | None = None, detect: bool = False, expect: list | None = None):
+         stop_after: int | None = None, detect: bool = False, expect: list | None = None, lazy: bool = False):
     """One pass of f at xs with tangents ``directions`` (None: a tangent-free detection pass, or no tangent
     for that input). ``detect``: rules also see arguments that only require grad (tangents stripped after
-    ``strip_after``). ``expect``: the trail of calls this pass must follow (else `_Diverged`). Returns (output,
+    ``strip_after``). ``expect``: the trail of calls this pass must follow (else `_Diverged`). ``lazy``: tangents
+    may be `_lazy.LazyTangent`s (for passes whose tangents only kink rules read). Returns (output,
     [(primal, tangent)] per output, leaves, mode)."""
     # an input whose elements share memory (expanded: stride 0) takes no tangent (make_dual writes one per element)
     leaves = tuple((x.detach().clone() if torch._debug_has_internal_overlap(x) else x.detach())
@@ -74,6 +76,8 @@ def _run(f, xs, single, directions, run: _Run, requires_grad: bool, strip_after:
             for hook in (x._backward_hooks or {}).values():
                 leaf.register_hook(hook)
     dual = directions is not None
+    if lazy:
+        run.dead_from = stop_after if stop_after is not None else strip_after
     with _ctx.pass_context(), fwAD.dual_level(), torch.enable_grad():  # (the mode keeps grad off if not requires_grad)
         args = tuple(x if not dual or d is None else fwAD.make_dual(x, d.to(x.dtype))
                      for x, d in zip(leaves, directions or [None] * len(xs), strict=True))
@@ -87,7 +91,7 @@ def _run(f, xs, single, directions, run: _Run, requires_grad: bool, strip_after:
         watch = mode.watch = _ctx.opaque_watch(mode, _UNSEEN_KINKY, _user_line)
         _ctx.restore_state()
         try:
-            with mode, watch:
+            with mode, watch, _lazy.lazy_tangents(lazy):
                 out = _call(f, args, single)
         except _Stop:
             watch.check()
@@ -318,7 +322,12 @@ def _raw_locked_grad(f, xs, single, seed, run_kw, direction, memo):
     carry = _LAST_TIE.get(memo, -1) if memo is not None else -1
     d, gen = draw(xs, seed) if carry >= 0 else (None, None)  # drawn only when needed
     probe = _Run(**run_kw)
-    _, primals, leaves, mode = _run(f, xs, single, d, probe, True, strip_after=carry if d else None, detect=True)
+    try:  # (its tangents are read only by the ties up to call ``carry``: lazy ones)
+        _, primals, leaves, mode = _run(f, xs, single, d, probe, True, strip_after=carry if d else None, detect=True,
+                                        lazy=d is not None)
+    except _lazy.Stale:  # f wrote into a tensor a lazy tangent reads before computing it: eager tangents
+        probe = _Run(**run_kw)
+        _, primals, leaves, mode = _run(f, xs, single, d, probe, True, strip_after=carry if d else None, detect=True)
     y = _scalar(primals)
     lockable = all(k.write is not None for k in probe.kinks)
     if memo is not None:
@@ -331,13 +340,18 @@ def _raw_locked_grad(f, xs, single, seed, run_kw, direction, memo):
     if probe.kinks and not lockable:
         return _full_pass_grad(f, xs, single, d, gen, run_kw, mode.used_at_tie, mode.last_tie, mode.trail)
     if not all(k.tangent for k in probe.kinks):
-        ranked = _Run(**run_kw)
-        ranked.known = {}
+        ranked, known = _Run(**run_kw), {}
         for k in probe.kinks:
-            ranked.known.setdefault(k.call[0], []).append(k)
+            known.setdefault(k.call[0], []).append(k)
+        ranked.known = known
         dr = tuple(v if i in mode.used_at_tie else None for i, v in enumerate(d))
         try:
-            _run(f, xs, single, dr, ranked, False, stop_after=mode.last_tie, expect=mode.trail)
+            try:  # (stopped after the last tie: lazy tangents, as in the first pass)
+                _run(f, xs, single, dr, ranked, False, stop_after=mode.last_tie, expect=mode.trail, lazy=True)
+            except _lazy.Stale:
+                ranked = _Run(**run_kw)
+                ranked.known = known
+                _run(f, xs, single, dr, ranked, False, stop_after=mode.last_tie, expect=mode.trail)
         except _Diverged:  # f took another path without gradients (hooks, checkpoints ...): one full pass
             return _full_pass_grad(f, xs, single, d, gen, run_kw, mode.used_at_tie, None)
         choices = {k.call: k for k in ranked.kinks}

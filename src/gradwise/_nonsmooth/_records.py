@@ -1,7 +1,7 @@
 """What one pass records: ``Kink`` (a tie a rule resolved), ``NearKink``, the per-pass state ``_Run``; the
 lexicographic ranking of tied branches (``_lex_argmax``, ``_lex_order``) and ``_user_line`` (the user's file:line).
 
-May import: torch, ``_errors``.
+May import: torch, ``_errors``, ``_lazy``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from gradwise._nonsmooth._errors import NonsmoothError
+from gradwise._nonsmooth._lazy import LazyTangent
 
 Tensor = torch.Tensor
 
@@ -126,12 +127,19 @@ class _Run:
         self.lex_keys = WeakTensorKeyDictionary()
         # f's inputs in this pass: (primal, tangent, version) of each dual input (`input_view`)
         self.inputs: tuple[tuple[Tensor, Tensor, int], ...] = ()
+        # a pass whose tangents are dropped after a call (`_engine._run`, lazy): no one reads the tangents of what
+        # that call returns, so its rule may return none
+        self.dead_from: int | None = None
+
+    def tangent_read(self) -> bool:
+        """Whether the tangent of what the current call returns may be read."""
+        return self.dead_from is None or self.call < self.dead_from
 
     def input_view(self, primal: Tensor, tangent: Tensor | None) -> bool:
         """Whether a tensor (``primal``, ``tangent``) is one of f's inputs or a view of one, unmodified in this pass:
         its tangent is then the direction's own elements, so a tangent of 0 is an element the direction does not
         move at all (an element of another tensor with tangent 0 may still move at second order)."""
-        if tangent is None:
+        if tangent is None or isinstance(tangent, LazyTangent):  # (a lazy tangent is computed, never an input's)
             return False
         ptr, tptr = primal.untyped_storage().data_ptr(), tangent.untyped_storage().data_ptr()
         return any(ptr == p.untyped_storage().data_ptr() and tptr == t.untyped_storage().data_ptr()

@@ -1,7 +1,7 @@
 """``JVP_RULES``: forward-mode rules for smooth ops whose PyTorch forward-AD formula is slow (convolution, linear;
 add/sub/mul/div with one dual and one plain operand, routed by callable only).
 
-May import: torch, ``_rules``.
+May import: torch, ``_lazy``, ``_rules``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
+from gradwise._nonsmooth import _lazy
 from gradwise._nonsmooth._rules import _is_dual, _registrar, _split
 
 aten = torch.ops.aten
@@ -34,16 +35,28 @@ def _bilinear_jvp(func, x, weight, bias, rest, kwargs, channel_dim: int):
     (xp, xt), (wp, wt) = _split(x), _split(weight)
     bp, bt = _split(bias) if isinstance(bias, Tensor) else (bias, None)
     out = func(xp, wp, bp, *rest, **kwargs)
-    with torch.no_grad():  # tangents need no graph of their own
-        xp, wp = xp.detach(), wp.detach()
+    if xt is None and wt is None and bt is None:
+        return out
+    whole, wp = xp.detach(), wp.detach()
+
+    def tangent(xp, xt):  # (of a sub-batch of x too, for a lazy tangent)
         tangent = func(xp, wt, bt, *rest, **kwargs) if wt is not None else None  # W' and b' in one call
         if xt is not None:
             tangent = func(xt, wp, None, *rest, **kwargs) if tangent is None else tangent.add_(
                 func(xt, wp, None, *rest, **kwargs))
         if bt is not None and wt is None:
             b = bt.reshape(-1, *[1] * (out.dim() - channel_dim - 1))
-            tangent = b.expand_as(out).clone() if tangent is None else tangent.add_(b)
-    return out if tangent is None else fwAD.make_dual(out, tangent)
+            shape = out.shape if xp is whole else (xp.shape[0], *out.shape[1:])
+            tangent = b.expand(shape).clone() if tangent is None else tangent.add_(b)
+        return tangent
+
+    if func is F.conv2d and _lazy.active():  # read only where kink rules rank ties: computed for their images
+        lazy = _lazy.conv2d_tangent(out, whole, xt, tangent, (wp, wt, bt))
+        if lazy is not None:
+            return fwAD.make_dual(out, lazy)
+    with torch.no_grad():  # tangents need no graph of their own
+        t = tangent(whole, xt)
+    return fwAD.make_dual(out, t)  # (outside no_grad: the dual is a view of out, in out's graph)
 
 
 @jvp_rule(aten.convolution, F.conv1d, F.conv2d, F.conv3d)

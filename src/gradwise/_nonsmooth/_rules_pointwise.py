@@ -2,7 +2,7 @@
 the hinge-type losses, comparisons (``_CMP``), piecewise-constant ops (``_STEPS``: sign, floor, ceil, round,
 trunc; frac; integer casts; rounded division: div with a rounding mode, floor_divide) and logit with eps.
 
-May import: torch, gradwise._masks, ``_errors``, ``_records``, ``_rules``.
+May import: torch, gradwise._masks, ``_errors``, ``_lazy``, ``_records``, ``_rules``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 from gradwise._masks import mask_any
+from gradwise._nonsmooth import _lazy
 from gradwise._nonsmooth._errors import NonsmoothError
 from gradwise._nonsmooth._records import _Run, _user_line
 from gradwise._nonsmooth._rules import (
@@ -51,6 +52,8 @@ def _dual_relu(x):
     if xt is None:
         return F.relu(x)
     out = F.relu(xp)
+    if isinstance(xt, _lazy.LazyTangent):  # computed where a kink rule reads it
+        return fwAD.make_dual(out, _lazy.relu_tangent(xt, out))
     with torch.no_grad():
         tangent = aten.threshold_backward(xt, out, 0.0)
     return fwAD.make_dual(out, tangent)
