@@ -340,7 +340,8 @@ class _StrongZeros(contextlib.ContextDecorator):
 # computed by that graph's kernels: no backward runs when it is called, so strong zeros never see it. The one
 # moment gradwise can see it is the trace: dynamo runs the gradient node on fake tensors, calling the engine from its
 # run_node (AOTAutograd's own joint trace of an ordinary compiled forward does not). A hook that is always there
-# records the user's call site then and warns: at once inside a strong-zeros block, else on entering the next one.
+# records the user's call site then and warns: at once inside a strong-zeros block (of any thread), else on entering
+# the next one.
 # It reads no values and changes no compiled graph.
 def _observe(t_outputs, *args: Any, **kwargs: Any) -> Any:
     """``torch.autograd._engine_run_backward`` from gradwise's import on: PyTorch's, plus the record above."""
@@ -367,8 +368,8 @@ def _record_traced_gradient() -> None:
     with _INSTALL_LOCK:
         if compile_id is None or compile_id not in _traced_gradients:
             _traced_gradients[compile_id or object()] = _contract.user_site()
-    if _STATE.depth or _process_wide:
-        _warn_traced_gradients()
+    if _STATE.depth or _process_wide or _installed:  # _installed: a block open on another thread, entered before
+        _warn_traced_gradients()  # this compile, may call the function now with no entry left to warn at
 
 
 def _warn_traced_gradients() -> None:
