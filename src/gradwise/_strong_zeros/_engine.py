@@ -3,7 +3,7 @@ pass (``_run_strong``, ``_nested``, ``grad_in_pass``), and the public ``strong_z
 ``backward``. The rebound globals ``_installed``, ``_original_engine_run`` and ``_process_wide`` live here only:
 read them as ``_engine.<name>``.
 
-May import: torch, gradwise._checks, _contract, _carry, _compile, _supports, _mode, _autograd_graph, _planning;
+May import: torch, gradwise._checks, _contract, _carry, _compile, _supports, _mode, _autograd_graph, _planning, _traced;
 and lazily (inside ``_under_traces``) gradwise._trace._tracer's ``_Tracer``, to keep a trace's recorders
 above the strong-zero mode.
 """
@@ -41,6 +41,7 @@ from gradwise._strong_zeros._compile import (
 from gradwise._strong_zeros._mode import _StrongZeroMode, running_mode, watch_functions
 from gradwise._strong_zeros._planning import _plan
 from gradwise._strong_zeros._supports import _STATE, _Supports
+from gradwise._strong_zeros._traced import compiling
 
 # ---------------------------------------------------------------------------------------------------------
 # The mode that applies the rules, and the two-phase backward.
@@ -134,7 +135,7 @@ def _everyday(*groups: Sequence[Any]) -> bool:
     a torch.func transform, with no transform or compile under way: a stricter test than ``_contract.plain_reason``
     and ``traced`` together (which then find nothing), at a third of their cost. Anything else is theirs to
     decide, on the general path."""
-    if peek_interpreter_stack() is not None or torch.compiler.is_compiling():
+    if peek_interpreter_stack() is not None or compiling():
         return False
     for tensors in groups:
         for t in tensors:
