@@ -12,6 +12,7 @@ import importlib.util
 import math
 import re
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -172,6 +173,53 @@ def test_gradient_compiled_into_a_graph_is_never_silent(monkeypatch):
         plain_step(x.nan_to_num()).backward()
         with gw.strong_zeros():
             plain_step(x.nan_to_num()).backward()
+
+
+def test_gradient_compiled_on_another_thread_inside_an_open_block(monkeypatch):
+    """A block entered before torch.compile traces a gradient into a graph on another thread: no entry is left to
+    warn at, and the block's own call of the compiled function runs no backward. Its NaN was kept silently; the
+    trace now warns at once while any thread is inside a block."""
+    from gradwise._strong_zeros import _engine
+
+    monkeypatch.setattr(_engine, "_traced_gradients", {})
+    monkeypatch.setattr(_engine, "_warned_sites", set())
+    monkeypatch.setattr(_engine, "_warned_compiles", 0)
+    grad_f = torch.compile(torch.func.grad(lambda t: t.tanh()[:2].sum()), backend="aot_eager")
+    x = torch.tensor([1.0, 2.0, nan])
+    with warnings.catch_warnings(record=True) as caught, gw.strong_zeros():
+        warnings.simplefilter("always")  # (global: the compiling thread's warning is recorded too)
+        compiling = threading.Thread(target=grad_f, args=(x,))
+        compiling.start()
+        compiling.join()
+        got = grad_f(x)
+    assert got.isnan().any()  # PyTorch's gradient, as the warning says
+    assert any("computes a gradient inside" in str(w.message) for w in caught)
+
+
+def test_warnings_under_a_watch_name_the_users_line(monkeypatch):
+    """gw.watch() wraps torch.autograd.grad/backward from gradwise/_trace: the frames skipped to find the user's line
+    were torch's and gradwise/_strong_zeros' only, so under a watch the traced gradient's call site and a plain
+    backward's warning location were gradwise's own _watching.py, not the user's line."""
+    from gradwise._strong_zeros import _engine
+
+    monkeypatch.setattr(_engine, "_traced_gradients", {})
+    monkeypatch.setattr(_engine, "_warned_sites", set())
+    monkeypatch.setattr(_engine, "_warned_compiles", 0)
+    monkeypatch.setattr(_contract, "_warned", set())
+    grad_f = torch.compile(torch.func.grad(lambda t: t.tanh()[:2].sum()), backend="aot_eager")
+    x = torch.tensor([1.0, 2.0, nan], requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gw.watch():
+            grad_f(x.detach())
+            here = f"{__file__}:{sys._getframe().f_lineno - 1}"
+            with gw.strong_zeros():
+                torch.autograd.grad(x * 2, x, torch.eye(3), is_grads_batched=True)
+                batched_line = sys._getframe().f_lineno - 1
+    traced = [w for w in caught if "computes a gradient inside" in str(w.message)]
+    assert len(traced) == 1 and f"call at {here} computes" in str(traced[0].message)
+    batched = [w for w in caught if "ran as plain PyTorch" in str(w.message)]
+    assert [(w.filename, w.lineno) for w in batched] == [(__file__, batched_line)]
 
 
 def test_compiled_inside_the_block(net, inside):

@@ -247,6 +247,23 @@ def test_context_manager_is_thread_local():
     assert seen["grad"].isnan().all()
 
 
+def test_a_compile_on_another_thread_does_not_turn_strong_zeros_off(monkeypatch):
+    """torch.compiler.is_compiling() reads one flag for the whole process, True on every thread while any thread
+    runs torch.compile (set here as such a compile sets it). An eager backward under strong zeros (or a watch) on
+    this thread took that for a traced backward and stepped aside: the NaN stayed, with no word, and the watch saw
+    no step. Reference: the same program with the unused element deleted."""
+    x = torch.tensor([1.0, 2.0, nan], requires_grad=True)
+    kept = x.detach()[:2].clone().requires_grad_(True)
+    kept.tanh().sum().backward()
+    monkeypatch.setattr(torch.compiler, "_is_compiling_flag", True)  # another thread compiling
+    with gw.strong_zeros():
+        x.tanh()[:2].sum().backward()
+    torch.testing.assert_close(x.grad, torch.cat([kept.grad, torch.zeros(1)]), rtol=0, atol=0)
+    with gw.watch() as found:
+        x.tanh()[:2].sum().backward()
+    assert [f.kind for f in found.findings] == ["contamination"]
+
+
 def test_custom_function_and_checkpoint():
     class Square(torch.autograd.Function):
         @staticmethod

@@ -169,7 +169,8 @@ def warn_plain(reason: str) -> None:
     )
 
 
-_INTERNAL = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
+# torch's files and all of gradwise's (gw.watch()'s wrappers of torch.autograd.grad/backward are in gradwise/_trace)
+_INTERNAL = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.dirname(__file__)) + os.sep)
 _LIBRARY = (*_INTERNAL, os.path.dirname(os.__file__))  # the standard library too: contextlib/functools wrappers
 
 

@@ -3,7 +3,7 @@ pass (``_run_strong``, ``_nested``, ``grad_in_pass``), and the public ``strong_z
 ``backward``. The rebound globals ``_installed``, ``_original_engine_run`` and ``_process_wide`` live here only:
 read them as ``_engine.<name>``.
 
-May import: torch, gradwise._checks, _contract, _carry, _compile, _supports, _mode, _autograd_graph, _planning;
+May import: torch, gradwise._checks, _contract, _carry, _compile, _supports, _mode, _autograd_graph, _planning, _traced;
 and lazily (inside ``_under_traces``) gradwise._trace._tracer's ``_Tracer``, to keep a trace's recorders
 above the strong-zero mode.
 """
@@ -41,6 +41,7 @@ from gradwise._strong_zeros._compile import (
 from gradwise._strong_zeros._mode import _StrongZeroMode, running_mode, watch_functions
 from gradwise._strong_zeros._planning import _plan
 from gradwise._strong_zeros._supports import _STATE, _Supports
+from gradwise._strong_zeros._traced import compiling
 
 # ---------------------------------------------------------------------------------------------------------
 # The mode that applies the rules, and the two-phase backward.
@@ -134,7 +135,7 @@ def _everyday(*groups: Sequence[Any]) -> bool:
     a torch.func transform, with no transform or compile under way: a stricter test than ``_contract.plain_reason``
     and ``traced`` together (which then find nothing), at a third of their cost. Anything else is theirs to
     decide, on the general path."""
-    if peek_interpreter_stack() is not None or torch.compiler.is_compiling():
+    if peek_interpreter_stack() is not None or compiling():
         return False
     for tensors in groups:
         for t in tensors:
@@ -340,7 +341,8 @@ class _StrongZeros(contextlib.ContextDecorator):
 # computed by that graph's kernels: no backward runs when it is called, so strong zeros never see it. The one
 # moment gradwise can see it is the trace: dynamo runs the gradient node on fake tensors, calling the engine from its
 # run_node (AOTAutograd's own joint trace of an ordinary compiled forward does not). A hook that is always there
-# records the user's call site then and warns: at once inside a strong-zeros block, else on entering the next one.
+# records the user's call site then and warns: at once inside a strong-zeros block (of any thread), else on entering
+# the next one.
 # It reads no values and changes no compiled graph.
 def _observe(t_outputs, *args: Any, **kwargs: Any) -> Any:
     """``torch.autograd._engine_run_backward`` from gradwise's import on: PyTorch's, plus the record above."""
@@ -367,8 +369,8 @@ def _record_traced_gradient() -> None:
     with _INSTALL_LOCK:
         if compile_id is None or compile_id not in _traced_gradients:
             _traced_gradients[compile_id or object()] = _contract.user_site()
-    if _STATE.depth or _process_wide:
-        _warn_traced_gradients()
+    if _STATE.depth or _process_wide or _installed:  # _installed: a block open on another thread, entered before
+        _warn_traced_gradients()  # this compile, may call the function now with no entry left to warn at
 
 
 def _warn_traced_gradients() -> None:

@@ -14,14 +14,25 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from torch._guards import CompileContext, TracingContext
 
-__all__ = ["traced", "traced_tensor"]
+__all__ = ["compiling", "traced", "traced_tensor"]
 
 
 def _tracing_mode_active() -> bool:
     """A FakeTensorMode or a proxy (make_fx) mode is on this thread's dispatch stack."""
     keys = torch._C._TorchDispatchModeKey
     return torch._C._get_dispatch_mode(keys.FAKE) is not None or torch._C._get_dispatch_mode(keys.PROXY) is not None
+
+
+def compiling() -> bool:
+    """``torch.compiler.is_compiling()`` for this thread. PyTorch's flag is one for the process: it reads True on
+    every thread while any thread runs torch.compile, and an eager backward under strong zeros (or a watch) on
+    another thread stepped aside as if traced, keeping its NaN silently. A compile of this thread holds a
+    (thread-local) compile or tracing context; export sets its own flag. Never traced by dynamo: called from
+    backward-time code only (``torch.compiler.is_compiling()`` stays where dynamo traces a forward)."""
+    return torch.compiler.is_compiling() and (
+        CompileContext.try_get() is not None or TracingContext.try_get() is not None or torch.compiler.is_exporting())
 
 
 def traced_tensor(t: object) -> bool:
@@ -41,6 +52,6 @@ def traced(tensors: Iterable[object] = ()) -> bool:
     """True while PyTorch traces (torch.compile, make_fx, a fake mode) or when any of ``tensors`` (tensors or
     GradientEdges, whose node is then not inspected) cannot be read."""
     # (the stack's length counts FakeTensorMode and ProxyTorchDispatchMode too: one cheap call when it is empty)
-    if torch.compiler.is_compiling() or (torch._C._len_torch_dispatch_stack() and _tracing_mode_active()):
+    if compiling() or (torch._C._len_torch_dispatch_stack() and _tracing_mode_active()):
         return True
     return any(traced_tensor(t) for t in tensors)

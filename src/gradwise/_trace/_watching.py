@@ -47,8 +47,8 @@ pass with undefined gradients to free it (it would run user hooks and custom Fun
 The report (yielded by the ``with``) holds the explained step and everything traced after it; a run that
 never goes non-finite gets an empty report. ``step`` counts backward calls from 0.
 
-May import: torch, gradwise._masks, gradwise._strong_zeros (and, lazily, its _compile), gradwise._trace._common, _kinds,
-_replay, _report, _tracer, _session
+May import: torch, gradwise._masks, gradwise._strong_zeros (its _traced; and, lazily, its _compile),
+gradwise._trace._common, _kinds, _replay, _report, _tracer, _session
 (whose per-thread tables it reads and writes as ``_session.<name>``).
 """
 from __future__ import annotations
@@ -65,6 +65,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from gradwise import _strong_zeros
 from gradwise._masks import all_finite
+from gradwise._strong_zeros._traced import compiling
 from gradwise._trace import _common, _kinds, _replay, _session
 from gradwise._trace._report import Report
 from gradwise._trace._tracer import _declared_node, _Tracer
@@ -264,7 +265,7 @@ def _as_tuple(ts) -> tuple:
 def _compiling(outs: tuple) -> bool:
     """A backward call made by torch.compile while it compiles (AOTAutograd differentiates the graph on fake,
     functional tensors): it neither counts as a step nor has values to check."""
-    return torch.compiler.is_compiling() or any(
+    return compiling() or any(
         isinstance(t, torch.Tensor) and not _kinds.readable(t) for t in outs)
 
 
