@@ -89,9 +89,18 @@ def _hooked(f):
 def _full_backward_hook(f):
     m = Fn(f)
     m.register_full_backward_hook(lambda mod, gi, go: None)
+    m.register_full_backward_pre_hook(lambda mod, go: None)
     m.register_forward_hook(lambda mod, i, o: None)
     m.register_forward_pre_hook(lambda mod, i: None)
     return m
+
+
+def _called(m):
+    return lambda y: m(y)  # one code object for every call: later calls carry tangents (gradwise's memo per code)
+
+
+def _after_a_tie(m):
+    return lambda y: m(ident(y))  # the hooked module's input comes out of ties (the identity: f's own answer)
 
 
 def _traced(f, like):
@@ -115,6 +124,8 @@ def _saved_copies(f):
 CONTEXTS = {
     "tensor_hook": (lambda f, x: _hooked(f), False),
     "module_hooks": (lambda f, x: _full_backward_hook(f), False),
+    "module_hooks_called": (lambda f, x: _called(_full_backward_hook(f)), False),
+    "module_hooks_after_a_tie": (lambda f, x: _after_a_tie(_full_backward_hook(f)), False),
     "compile_eager": (lambda f, x: torch.compile(f, backend="eager"), False),
     "compile_inductor": (lambda f, x: torch.compile(f), False),
     "compile_aot_eager": (lambda f, x: torch.compile(f, backend="aot_eager"), False),
@@ -419,6 +430,79 @@ def test_many_calls_with_hooks_stay_exact():
         assert float(gw.generalized_grad(f, ZERO, seed=0)[0]) == 1.0
     assert math.isfinite(float(gw.generalized_grad(f, ZERO + 1.0, seed=0)[0]))
     assert np.isfinite(float(gw.directional_derivative(f, ZERO, ZERO + 1.0)))
+
+
+def _pooling_net(hooked: int | None, pre: bool) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(3, 2, 3, padding=1),
+                        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 3)).double()
+    if hooked is not None:
+        if pre:
+            net[hooked].register_full_backward_pre_hook(lambda mod, go: None)
+        else:
+            net[hooked].register_full_backward_hook(lambda mod, gi, go: None)
+    return net
+
+
+@pytest.mark.parametrize("pre", [False, True])
+@pytest.mark.parametrize("hooked", [1, 2, 3])
+def test_module_full_backward_hooks_after_ties_on_repeated_calls(hooked, pre):
+    """A later call of the same code carries tangents up to its previous call's last tie and strips them after.
+    Every call the mode saw past that point got the stripped primal, a new view with a node of its own: a full
+    backward hook on a module whose input came out of ties read that view's grad_fn and PyTorch raised "Error
+    while setting up backward hooks" from the second call on (a conv/relu/max-pool net on blocky images). Calls
+    on the tensor object (attribute reads, hook registration) now see the tensor f holds: hooks that return None
+    leave the generalized gradient bitwise the unhooked net's, call after call, in the subdifferential."""
+    x = F.interpolate(torch.randint(0, 3, (2, 2, 2, 2), generator=torch.Generator().manual_seed(13)).double(),
+                      scale_factor=4, mode="nearest")  # blocky: relu and max-pool ties everywhere
+    loss = lambda net: gw.generalized_grad(lambda *p: net(x).logsumexp(1).sum(), tuple(net.parameters()), seed=14)
+    plain = loss(_pooling_net(None, pre))
+    for _ in range(3):  # fresh nets, the same code: the second call on carries tangents
+        got = loss(_pooling_net(hooked, pre))
+        assert all(torch.equal(a, b) for a, b in zip(got, plain, strict=True))
+    net = _pooling_net(hooked, pre)
+    names = [n for n, _ in net.named_parameters()]
+    f = lambda *p: torch.func.functional_call(net, dict(zip(names, p, strict=True)), (x,)).logsumexp(1).sum()
+    ps = [p.detach() for p in net.parameters()]
+    assert hull_distance(flat(plain), nearby_gradients(f, ps, n=30)) < 1e-5
+    ds = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i), dtype=p.dtype) for i, p in enumerate(ps)]
+    for _ in range(2):
+        assert float(gw.directional_derivative(f, tuple(ps), tuple(ds))) == pytest.approx(one_sided(f, ps, ds),
+                                                                                          abs=1e-5)
+
+
+def test_tensor_hooks_registered_after_ties_act_on_every_call():
+    """A hook that scales the gradient, registered on a tensor out of a tie: from the second call on (tangents
+    stripped after the previous call's last tie) it went on the stripped primal's view, which the backward never
+    reaches, and was dropped: the gradient of relu(x) * x came out 2 x instead of PyTorch's 4 x, silently, even at
+    points without ties. Every call now agrees with PyTorch's gradients next to x."""
+    def f(x):
+        y = torch.relu(x)
+        y.register_hook(lambda g: 3 * g)
+        return (y * x).sum()
+    for x in (_T(0.0, 1.0, 2.0), _T(0.5, 1.0, 2.0), _T(0.0, -1.0, 2.0)):
+        near = nearby_gradients(f, [x], n=40)
+        for _ in range(3):
+            assert hull_distance(flat(gw.generalized_grad(f, x, seed=0)), near) < 1e-5
+
+
+def test_attribute_reads_after_ties_see_the_tensor_f_holds():
+    """Past the last tie a tensor's grad_fn, _base and _is_view() were read off a new view of its primal (a node
+    no backward reaches, one per read); they are the tensor's own now, as in a plain run."""
+    seen = []
+
+    def f(x):
+        y = torch.relu(x) * 2
+        z = torch.relu(x)  # the last tie: its result carries the tangent past it
+        seen.append((z.grad_fn is z.grad_fn, z._is_view() == (z._base is not None)))
+        node = z.grad_fn
+        z.register_hook(lambda g: g)
+        return (y + z).sum() if node is z.grad_fn else x.sum() * 0
+    x = _T(0.0, 1.0)
+    near = nearby_gradients(f, [x], n=20)
+    for _ in range(3):
+        assert hull_distance(flat(gw.generalized_grad(f, x, seed=0)), near) < 1e-6
+    assert all(a and b for a, b in seen)
 
 
 # --- inputs and options (point 2) ------------------------------------------------------------------------------

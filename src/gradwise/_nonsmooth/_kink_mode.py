@@ -8,6 +8,7 @@ May import: torch, gradwise._masks, ``_contexts``, ``_errors``, ``_records``, ``
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Callable
 
 import torch
@@ -67,6 +68,26 @@ def _moved_live(func, live: Callable, args, kwargs) -> Tensor:
 # reads of a tensor's values into Python (`_KinkMode._python_read`)
 _PYTHON_READS = {Tensor.item, Tensor.tolist, Tensor.__bool__, Tensor.__float__, Tensor.__int__, Tensor.__index__,
                  Tensor.__complex__}
+
+
+# Calls on the tensor object itself rather than on its values: its autograd node (``grad_fn``, whose identity
+# PyTorch's module full backward hooks and ``register_multi_grad_hook`` hook into), its hooks and flags. They see
+# the tensor f holds, never a stripped tangent's primal: that is a new view with a node of its own, which the
+# backward through the tensor never reaches (a hook on it was silently dropped, a full backward hook's set-up
+# crashed). Attribute reads and writes arrive as descriptor ``__get__``/``__set__`` calls.
+_OBJECT_CALLS = {Tensor.register_hook, Tensor.register_post_accumulate_grad_hook, Tensor.retain_grad,
+                 Tensor.requires_grad_, Tensor.detach_, Tensor._is_view}
+# attributes that compute a view of the values (their tangent follows, or is stripped, as an op's)
+_VALUE_ATTRIBUTES = {"T", "H", "mT", "mH", "real", "imag"}
+
+
+def _on_object(func) -> bool:
+    """Whether ``func`` acts on its tensor arguments' identity (`_OBJECT_CALLS`, attribute access)."""
+    if func in _OBJECT_CALLS:
+        return True
+    owner = getattr(func, "__self__", None)
+    return (isinstance(owner, types.GetSetDescriptorType) and func.__name__ in ("__get__", "__set__", "__delete__")
+            and owner.__name__ not in _VALUE_ATTRIBUTES)
 
 
 def _ties(read: list[tuple], before: list[tuple]) -> bool:
@@ -142,18 +163,20 @@ class _KinkMode(TorchFunctionMode):
         self.exposed: dict[int, tuple[Tensor, list]] = {}
         self.read_values: dict[int, tuple] = {}  # id -> (tensor, [(value, tangent)] f read into Python)
 
-    def _sub(self, a, stop: bool = False):
+    def _sub(self, a, stop: bool = False, keep: bool = False):
+        """``a`` as the call sees it: the dual for a closure-captured input, its primal where tangents are
+        stripped (past ``strip_after``, or ``stop``) unless ``keep`` (a call on the object: `_on_object`)."""
         if isinstance(a, Tensor):
             if id(a) in self.positions:
                 self.used.add(self.positions[id(a)])
             a = self.subs.get(id(a), a)
-            if stop or (self.strip_after is not None and self.count > self.strip_after):
+            if not keep and (stop or (self.strip_after is not None and self.count > self.strip_after)):
                 primal, tangent = _unpack(a)
                 if tangent is not None:  # (a plain tensor's "primal" is a new alias: keep the tensor itself)
                     a = primal
             return a
         if type(a) in (list, tuple):
-            return type(a)(self._sub(v, stop) for v in a)
+            return type(a)(self._sub(v, stop, keep) for v in a)
         return a
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -181,9 +204,10 @@ class _KinkMode(TorchFunctionMode):
         if graph_off:
             torch._C._set_grad_enabled(False)
         try:
-            args = tuple(self._sub(a, stop) for a in args)
+            keep = _on_object(func)
+            args = tuple(self._sub(a, stop, keep) for a in args)
             if kwargs:
-                kwargs = {k: self._sub(v, stop) for k, v in kwargs.items()}
+                kwargs = {k: self._sub(v, stop, keep) for k, v in kwargs.items()}
             if self.exposed:
                 self._read_indices(args, kwargs)
             return self._dispatch(func, args, kwargs)
