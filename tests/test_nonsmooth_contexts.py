@@ -781,3 +781,30 @@ def test_opaque_fmod_where_its_quotient_rounds_is_refused():
     away = torch.tensor(0.3)
     assert float(gw.generalized_grad(g, away)[0]) == pytest.approx(
         one_sided(f, [away.double()], [torch.ones((), dtype=torch.float64)], h=1e-12), abs=1e-3)
+
+
+def test_a_reverse_pass_inside_f_on_repeated_calls():
+    """f takes a gradient inside (torch.autograd.grad with create_graph, as a gradient penalty does). A call of
+    the same code after a tied call carries tangents and strips them past the last tie: the inner reverse pass was
+    handed a stripped tensor in no graph (PyTorch's 'not used in the graph' from inside gradwise), then replayed on
+    disconnected copies. Now every call equals PyTorch's gradient away from kinks, and a pass that builds no graph
+    (directional_derivative) refuses with NonsmoothError instead of PyTorch's 'does not require grad'."""
+    cube = [False]
+
+    def f(x):
+        y = torch.relu(x)
+        if cube[0]:
+            (g,) = torch.autograd.grad((y**3).sum(), y, create_graph=True)
+            return (g * x).sum()
+        return (y * x).sum()
+
+    tied = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+    smooth = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    gw.generalized_grad(f, tied, seed=0)  # ties: the next call of f's code carries tangents
+    cube[0] = True
+    x = smooth.clone().requires_grad_()
+    f(x).backward()
+    for _ in range(3):
+        assert torch.equal(gw.generalized_grad(f, smooth, seed=0)[0], x.grad)
+    with pytest.raises(NonsmoothError, match="reverse pass"):
+        gw.directional_derivative(f, smooth, torch.ones(3, dtype=torch.float64))

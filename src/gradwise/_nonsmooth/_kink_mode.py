@@ -204,7 +204,8 @@ class _KinkMode(TorchFunctionMode):
         if graph_off:
             torch._C._set_grad_enabled(False)
         try:
-            keep = _on_object(func)
+            # (a reverse pass inside f differentiates the tensors f holds: a stripped primal is in no graph)
+            keep = _on_object(func) or (not stop and func in _ctx.REVERSE_CALLS)
             args = tuple(self._sub(a, stop, keep) for a in args)
             if kwargs:
                 kwargs = {k: self._sub(v, stop, keep) for k, v in kwargs.items()}
@@ -244,6 +245,21 @@ class _KinkMode(TorchFunctionMode):
                                  f"({self.run.kinks[0].describe()}): that derivative is PyTorch's convention at "
                                  "the kink, so f's value is. Differentiate with gradwise instead (gw.generalized_grad "
                                  "inside f, or gw.directional_derivative)")
+        if func in _ctx.REVERSE_CALLS and self.dual:
+            # no kink reached so far: its ops are PyTorch's derivative formulas away from their jumps, and forward
+            # AD follows the direction through them (create_graph). Not replayed as other unruled calls are: a
+            # replay on copies of its arguments would differentiate tensors in no graph
+            try:
+                return func(*args, **kwargs)
+            except RuntimeError as e:
+                if self.graph or "does not require grad" not in str(e):
+                    raise
+                raise NonsmoothError(f"f runs a reverse pass ({_callable_name(func)} at {_user_line()}) through "
+                                     "tensors computed from its inputs, and this pass of gradwise follows the "
+                                     "direction with forward-mode AD only, building no graph for it to run on "
+                                     "(gw.directional_derivative, subdifferential's sampled directions). Take f's "
+                                     "gradient with gw.generalized_grad, or compute the inner derivative with "
+                                     "torch.func.jvp / a formula") from None
         if _ctx.is_custom_op(func) and any(map(self.involved, everything)):
             out = func(*args, **kwargs)
             _ctx.check_custom_op(func, _callable_name(func), _user_line(), args, kwargs, out, self.dual)
