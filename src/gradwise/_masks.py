@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 
 
-def _one_slice(mask: torch.Tensor) -> torch.Tensor:
+def one_slice(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` with each broadcast (stride-0) dim of size 1: the one slice it repeats (a view)."""
     stride = mask.stride()
     if 0 in stride:  # the view mask[..., 0:1, ...] along each broadcast dim, made directly (indexing costs ~3x more)
         shape = [min(n, 1) if st == 0 else n for n, st in zip(mask.shape, stride, strict=True)]
@@ -31,13 +32,13 @@ def mask_any(mask: torch.Tensor, dim: int | Sequence[int] | None = None, keepdim
     if mask.numel() == 0:
         return mask.any() if dim is None else mask.any(dim, keepdim=keepdim)
     if dim is None:
-        return _one_slice(mask).view(torch.uint8).amax().bool()
+        return one_slice(mask).view(torch.uint8).amax().bool()
     return mask.view(torch.uint8).amax(dim, keepdim=keepdim).bool()
 
 
 def mask_all(mask: torch.Tensor) -> bool:
     """``bool(mask.all())``."""
-    return mask.numel() == 0 or bool(_one_slice(mask).view(torch.uint8).amin())
+    return mask.numel() == 0 or bool(one_slice(mask).view(torch.uint8).amin())
 
 
 _SMALL = 1 << 12  # elements: below this a tensor's copy costs less than a reduction of its own
@@ -59,23 +60,37 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     try:
         small = [t for t in tensors if t.numel() <= _SMALL and t.layout == torch.strided]
         if len(small) > _FEW:
+            # the large ones first: on CPU a NaN there (a batch's padding) answers before the small ones are copied
+            sums = _sums([t for t in tensors if t.numel() > _SMALL or t.layout != torch.strided])
+            if sums is None:
+                return False
             groups: dict[tuple, list[torch.Tensor]] = {}
             for t in small:
                 groups.setdefault((t.dtype, t.device), []).append(t.reshape(-1))
-            small_ids = {id(t) for t in small}
-            tensors = [t for t in tensors if id(t) not in small_ids]
-            tensors.extend(ts[0] if len(ts) == 1 else torch.cat(ts) for ts in groups.values())
-        sums = []
-        for t in tensors:
-            total = t.sum(dtype=torch.float32) if t.dtype != torch.float32 else t.sum()
-            if total.is_cpu:
-                if not math.isfinite(total.item()):
-                    return False
-            else:
-                sums.append(total)
+            more = _sums([ts[0] if len(ts) == 1 else torch.cat(ts) for ts in groups.values()])
+            if more is None:
+                return False
+            sums += more
+        else:
+            sums = _sums(tensors)
+            if sums is None:
+                return False
         return not sums or bool(torch.stack(sums).isfinite().all())
     finally:
         torch._C._set_grad_enabled(grad_mode)
+
+
+def _sums(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+    """``all_finite``'s sums: None as soon as a CPU one is not finite; else the sums off the CPU, to test at once."""
+    sums = []
+    for t in tensors:
+        total = t.sum(dtype=torch.float32) if t.dtype != torch.float32 else t.sum()
+        if total.is_cpu:
+            if not math.isfinite(total.item()):
+                return None
+        else:
+            sums.append(total)
+    return sums
 
 
 class EagerMasks:

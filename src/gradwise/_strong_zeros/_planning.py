@@ -214,7 +214,7 @@ def _consumers_of(key: Any, consumers: dict[Any, int], slots: dict[Any, list[int
 _COMPILED_ONLY = frozenset(("CompiledFunctionBackward", "AccumulateGrad"))
 
 
-def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any], watched: list | None = None) -> str:
+def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any], watched: list | None = None, everyday: bool = False) -> str:
     """'plain' (PyTorch is already right), 'strong' (a NaN/Inf or a singular point is in the graph where a
     structural zero can reach it), 'check' (the graph has nodes gradwise knows nothing about: one pass under
     the mode, as 'strong'), or 'compiled' (as 'check', where the only such nodes are torch.compile'd backwards:
@@ -227,9 +227,13 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any], watched: list | None =
     and one reduction per saved tensor (small ones together). The singular tests run only when those are finite
     (a NaN/Inf there chooses 'strong' already); those of nodes no zero reaches from above only when a softmax/exp
     node below holds exact zeros in its output (_ZERO_OUTPUT_TESTS). ``watched`` receives the graph's custom
-    Function and compiled nodes (``_graph``), so that the strong pass need not walk the graph again for them."""
-    if traced((*t_outputs, *seeds)):  # a traced backward (torch.compile, make_fx): a graph, no data to read;
-        return "plain"  # compiled graphs get strong zeros from gradwise._strong_zeros._compile instead
+    Function and compiled nodes (``_graph``), so that the strong pass need not walk the graph again for them.
+    ``everyday``: the caller found every tensor a plain dense one, with no transform or compile under way
+    (``_engine._everyday``): nothing is traced, and ``traced`` need not ask."""
+    # a traced backward (torch.compile, make_fx): a graph, no data to read; compiled graphs get strong zeros from
+    # gradwise._strong_zeros._compile instead
+    if not everyday and traced((*t_outputs, *seeds)):
+        return "plain"
     roots = [r for r in _root_nodes(t_outputs) if r is not None]
     w = _walked(roots)
     if watched is not None:
@@ -247,7 +251,7 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any], watched: list | None =
     order = list(w.nodes)
     known_all, only_compiled = shaped.known_all, shaped.only_compiled
     saved: list[torch.Tensor] = []
-    seen: set[tuple] = set()
+    seen: dict[int, list[torch.Tensor]] = {}
     singular_tests: list = []
     for i, read, singular, hides in shaped.reads:
         node = order[i]
@@ -330,7 +334,9 @@ def _shaped(roots: Sequence[Any], g: _Graph) -> _Shaped:
     reads = []
     for i in reached:
         info = _NODE_TYPES[type(order[i])]
-        reads.append((i, info[1], info[3], type(order[i]).__name__ in HIDES_ITS_FORMULA))
+        hides = type(order[i]).__name__ in HIDES_ITS_FORMULA
+        if info[1] or info[3] is not None or hides:  # (a node with nothing to read, test or hide: no entry)
+            reads.append((i, info[1], info[3], hides))
     scaling = [n for n in g.makers if type(n).__name__ in SCALES_BY_ITS_ZEROS]
     return _Shaped(False, known_all, only_compiled, tuple(reads), tuple(deferred), tuple(zero_outputs),
                    bool(scaling), tuple(sorted(index[n] for n in _above(scaling, g.nodes))) if scaling else ())
@@ -352,7 +358,7 @@ def _above(scaling: list, nodes: dict[Any, tuple]) -> set:
     return above
 
 
-def _sensitivity_finite(above: list, seeds: Sequence[Any], seen: set[tuple]) -> bool:
+def _sensitivity_finite(above: list, seeds: Sequence[Any], seen: dict[int, list[torch.Tensor]]) -> bool:
     """Whether the sensitivity reaching each node of SCALES_BY_ITS_ZEROS (it multiplies that sensitivity by its own
     structural zeros) can only be finite: the seeds, and every saved value, saved number and singular point of the
     nodes ``above`` it (between the roots and it, ``_above``), are finite and regular. A NaN/Inf there would meet
@@ -385,37 +391,47 @@ def _saved_numbers(node: Any, raw: tuple[str, ...]) -> tuple[str, ...]:
     return names
 
 
-def _read_saved(node: Any, read: tuple[str, ...], seen: set[tuple], saved: list[torch.Tensor]) -> bool:
+def _read_saved(node: Any, read: tuple[str, ...], seen: dict[int, list[torch.Tensor]],
+                saved: list[torch.Tensor]) -> bool:
     """Adds the floating-point tensors ``node`` saved under ``read`` to ``saved``, each once (a layer's output saved
-    by two nodes, q/k/v views of one projection: identified by what they read). False where they cannot be read
-    without running a hook (a checkpoint's recomputation, FSDP's resharded parameters)."""
+    by two nodes, q/k/v views of one projection: identified by what they read, ``seen``: data pointer -> those
+    added). False where they cannot be read without running a hook (a checkpoint's recomputation, FSDP's
+    resharded parameters)."""
     readable = True
+    strided = torch.strided
     for name in read:
         try:
             value = getattr(node, name, None)
         except RuntimeError:  # freed by an earlier backward: nothing to read (the engine raises if it needs it)
             continue
-        for raw in value if isinstance(value, (tuple, list)) else (value,):
+        # (attribute tests written out, in the order that rejects soonest: this runs per saved tensor, per backward)
+        for raw in value if value.__class__ is tuple or value.__class__ is list else (value,):
             if raw is None:
                 continue
             if raw.unpack_hook is not None:  # a checkpoint's hook would recompute the forward
                 readable = False
                 continue
             t = raw.data
-            if not isinstance(t, torch.Tensor) or not inexact(t) or not t.numel():
+            if not isinstance(t, torch.Tensor) or not (t.is_floating_point() or t.is_complex()) or not t.numel():
                 continue
-            if t.layout != torch.strided or t.is_meta or t.is_nested or t.__class__ is not torch.Tensor:
+            layout = t.layout
+            if t.__class__ is not torch.Tensor or layout != strided or t.is_meta or t.is_nested:
                 _contract.check_saved(t)  # raises Unreadable for a kind it cannot read (the backward runs plain)
-            if t.layout != torch.strided:
-                key: tuple = (id(t),)
-            else:
-                ptr = t.data_ptr()
-                if ptr == t.storage_offset() * t.element_size():  # storage freed until a hook refills it
-                    # (FSDP's resharded parameters): a freed storage's pointer is 0, plus the view's offset
-                    readable = False
-                    continue
-                key = (ptr, t.dtype, t.shape, t.stride())
-            if key not in seen:
-                seen.add(key)
+            if layout != strided:  # (each unpack is a new object: nothing to compare it with)
                 saved.append(t)
+                continue
+            ptr = t.data_ptr()
+            if ptr == t.storage_offset() * t.element_size():  # storage freed until a hook refills it
+                # (FSDP's resharded parameters): a freed storage's pointer is 0, plus the view's offset
+                readable = False
+                continue
+            # the same elements: the same pointer, dtype, shape and strides (compared only where pointers meet)
+            same = seen.get(ptr)
+            if same is None:
+                seen[ptr] = [t]
+            elif any(u.dtype == t.dtype and u.shape == t.shape and u.stride() == t.stride() for u in same):
+                continue
+            else:
+                same.append(t)
+            saved.append(t)
     return readable

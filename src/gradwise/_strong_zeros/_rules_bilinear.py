@@ -80,7 +80,9 @@ def _mm_supported_k(args: tuple, slot: int, s: torch.Tensor, finite_k: torch.Ten
     gradient without a copy when they form a range. None when every k is supported; else the operands kept and,
     from ``finite_k`` (per k, whether the value is finite there: `_mm_finite_k`), whether the kept value is."""
     reads = mm_reads(EagerMasks, slot, s)  # (.., K, 1) or (.., 1, K): the shared fact
-    kept = mask_any(reads.reshape(-1, s.shape[-1] if slot == 0 else s.shape[-2]), 0)
+    # (mm's (K, 1) or (1, K) is the answer as it is; bmm's is reduced over its batch)
+    kept = reads.reshape(-1) if reads.dim() == 2 else \
+        mask_any(reads.reshape(-1, s.shape[-1] if slot == 0 else s.shape[-2]), 0)
     k = _Kept(kept)
     if k.n == kept.shape[0]:
         return None
@@ -167,7 +169,8 @@ def _bilinear(support_fn: Callable[[Any, tuple, int, torch.Tensor], Any], count_
 
     def bilinear(func, args, kwargs, sup):
         slots = [i for i, a in enumerate(args) if _is_float(a)]
-        tracked = [i for i in slots if sup.tracked(args[i])]
+        held = {i: s for i in slots if (s := sup.of(args[i])) is not None}  # (one storage lookup per operand)
+        tracked = list(held)
         if tracked == [0, 1] and func.overloadpacket in (aten.mm, aten.bmm):
             return _both_tracked_mm(func, args, kwargs, sup)
         if len(tracked) != 1:
@@ -181,7 +184,7 @@ def _bilinear(support_fn: Callable[[Any, tuple, int, torch.Tensor], Any], count_
                         sup.record(o, so.expand(o.shape))
             return out
         slot = tracked[0]
-        s = sup.of(args[slot])
+        s = held[slot]
         values = [i for i in slots if i != slot]
         per_k = finite_k(args, slot) if finite_k is not None and values == [1 - slot] else None
         if per_k is not None:

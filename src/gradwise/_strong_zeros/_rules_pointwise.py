@@ -143,13 +143,14 @@ def _product(mult_args: Sequence[int], flat: Callable[[tuple], torch.Tensor] | N
             # a bool mask the backward formula computed selects (max's `self == result`, nansum's
             # `~isnan(self)`): where it is False (and meaningful) no gradient flows, by construction. A bool
             # tensor the forward multiplied by is a value like any other.
-            s = _selected(a, sup) if isinstance(a, torch.Tensor) and a.dtype == torch.bool else sup.of(a)
+            s = _selected(a, sup) if isinstance(a, torch.Tensor) and a.dtype == torch.bool else \
+                sup.of(a, broadcast=True)
             if s is not None:
                 like = a if support is None else None
-                support = s if support is None else support & s
+                support = s if support is None else _dense(support) & _dense(s)
         if flat is not None:
             f = flat(args)
-            support = f if support is None else support & f
+            support = f if support is None else _dense(support) & f
             like = None
         if support is not None:
             support = support.expand(out.shape)
@@ -159,6 +160,11 @@ def _product(mult_args: Sequence[int], flat: Callable[[tuple], torch.Tensor] | N
 
     product.__doc__ = _product.__doc__
     return product
+
+
+def _dense(m: torch.Tensor) -> torch.Tensor:
+    """A broadcast (stride-0) support made whole before a bool and/or: those run ~5x faster on whole masks."""
+    return m.contiguous() if 0 in m.stride() else m
 
 
 def _cast(func, args, kwargs, sup):
