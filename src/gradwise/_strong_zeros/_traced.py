@@ -29,8 +29,11 @@ def compiling() -> bool:
     """``torch.compiler.is_compiling()`` for this thread. PyTorch's flag is one for the process: it reads True on
     every thread while any thread runs torch.compile, and an eager backward under strong zeros (or a watch) on
     another thread stepped aside as if traced, keeping its NaN silently. A compile of this thread holds a
-    (thread-local) compile or tracing context; export sets its own flag. Never traced by dynamo: called from
-    backward-time code only (``torch.compiler.is_compiling()`` stays where dynamo traces a forward)."""
+    (thread-local) compile or tracing context; export sets its own flag. Where dynamo traces the caller itself (a
+    custom Function's backward inside a compiled function: ``_unused._declared``) the first test answers, so dynamo
+    never meets the context lookups, which it refuses to trace (a graph break, an error under fullgraph)."""
+    if torch.compiler.is_dynamo_compiling():
+        return True
     return torch.compiler.is_compiling() and (
         CompileContext.try_get() is not None or TracingContext.try_get() is not None or torch.compiler.is_exporting())
 
