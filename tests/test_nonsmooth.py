@@ -167,6 +167,13 @@ RULE_SAMPLES = {
     "max_pool1d": (lambda x: F.max_pool1d(x.reshape(1, 1, -1).abs(), 2, 1), [_X]),
     "max_pool2d": (lambda x: F.max_pool2d(x.reshape(1, 1, 7, 1).abs().expand(1, 1, 7, 3), (2, 2), 1, 1), [_X]),
     "max_pool3d": (lambda x: F.max_pool3d(x.reshape(1, 1, 7, 1, 1).abs(), (2, 1, 1)), [_X]),
+    # fixed samples (f draws none): overlapping 2x2 windows over |x| (ties across the copied column too)
+    "fractional_max_pool2d": (lambda x: F.fractional_max_pool2d(
+        torch.stack([x.abs(), x.abs().flip(0)], -1).reshape(1, 1, 7, 2).expand(2, 1, 7, 2), (2, 2), (5, 1),
+        _random_samples=torch.tensor([[[0.3, 0.6]], [[0.9, 0.1]]], dtype=x.dtype)).reshape(-1), [_X]),
+    "fractional_max_pool2d_aten": (lambda x: torch.ops.aten.fractional_max_pool2d(
+        x.abs().reshape(1, 7, 1).expand(1, 7, 3), (3, 2), (3, 2),
+        torch.tensor([[[0.7, 0.2]]], dtype=x.dtype))[0].reshape(-1), [_X]),
     "sort": (lambda x: torch.sort(x.abs()).values * torch.arange(7.0, dtype=x.dtype), [_X]),
     "topk": (lambda x: torch.topk(x.abs(), 3).values, [_X]),
     "kthvalue": (lambda x: torch.kthvalue(x.abs(), 3).values, [_X]),
@@ -316,6 +323,17 @@ def _port_calls(name: str, x: torch.Tensor, g: torch.Generator):
             if x.dim() == 2:
                 yield (y, t, margin, reduction), {}
             yield (y.reshape(-1)[: x.shape[-1]], t[0], margin, reduction), {}  # 0-D target: PyTorch refuses 2-D x
+    elif name in ("fractional_max_pool2d", "fractional_max_pool2d_aten"):
+        planes = (x.shape[0] if x.dim() == 4 else 1, x.shape[-3] if x.dim() >= 3 else 1)
+        h, w = (1, *x.shape)[-2:]
+        for k in range(1, 4):
+            for size in ((1, 1), (2, 1), (h - k + 1, w - k + 1), 2):
+                samples = torch.rand(*planes, 2, generator=g, dtype=x.dtype)
+                if name == "fractional_max_pool2d_aten":
+                    yield (k, size, samples), {}
+                else:  # (output_ratio draws the samples: tests/test_fractional_max_pool.py)
+                    for indices in (False, True):
+                        yield (k,), {"output_size": size, "_random_samples": samples, "return_indices": indices}
     else:
         raise AssertionError(f"no sample calls for the port {name}")
 
@@ -339,8 +357,9 @@ def test_ports_give_pytorch_values_bit_for_bit(seed, dtype, nan):
                     port(x, *args, **kwargs)
                 continue
             got = port(x, *args, **kwargs)
-            assert got.shape == want.shape and got.dtype == want.dtype, (native, args, kwargs)
-            assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0)), (native, args, kwargs)
+            for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in (got, want)), strict=True):
+                assert a.shape == b.shape and a.dtype == b.dtype, (native, args, kwargs)
+                assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), (native, args, kwargs)
 
 
 @pytest.mark.parametrize("name", sorted(RULE_SAMPLES))
@@ -479,8 +498,9 @@ def test_singular_point_names_op_and_line():
 
 
 def test_unruled_kink_op_is_an_error():
-    with pytest.raises(NonsmoothError, match=r"aten\.fractional_max_pool2d"):
-        gw.generalized_grad(lambda x: F.fractional_max_pool2d(x, 2, output_size=(2, 2)), torch.zeros(1, 1, 4, 4))
+    with pytest.raises(NonsmoothError, match=r"aten\.fractional_max_pool3d"):
+        gw.generalized_grad(lambda x: F.fractional_max_pool3d(x, 2, output_size=(2, 2, 2)).sum(),
+                            torch.zeros(1, 1, 4, 4, 4))
 
 
 def test_jump_is_an_error_not_a_derivative():

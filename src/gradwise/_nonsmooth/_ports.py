@@ -1,5 +1,5 @@
 """Python ports of PyTorch's C++ composite ops whose kinks sit inside them (``PORTS``: callable -> port):
-quantile, nanquantile, renorm, cosine_embedding_loss.
+quantile, nanquantile, renorm, cosine_embedding_loss, fractional_max_pool2d.
 
 A C++ composite such as ``torch.quantile`` reaches gradwise's function mode as one call; its sort runs below the
 mode, where only the watch sees it (an error at a tie). Its port makes the same aten calls in the same order
@@ -16,6 +16,7 @@ import struct
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as _F
 
 Tensor = torch.Tensor
 
@@ -103,6 +104,85 @@ def _cosine_embedding_loss(native: Callable):
     return port
 
 
+def _fractional_windows(dtype: torch.dtype, u: Tensor, size: int, out: int, pool: int) -> Tensor:
+    """Each window's first index along one dim, per sample (``u``: (..., 1)) as ATen's ``generate_intervals``:
+    int((i + u) * alpha) - int(u * alpha) for i < out - 1 with alpha = (size - pool) / (out - 1), the last at
+    size - pool; every step in the input's dtype (the kernel's scalar_t), so the windows are the kernel's."""
+    if out == 0:  # (an empty output PyTorch accepts)
+        return torch.zeros((*u.shape[:-1], 0), dtype=torch.int64, device=u.device)
+    i = torch.arange(out - 1, device=u.device).to(dtype)
+    alpha = torch.tensor(size - pool, dtype=dtype, device=u.device) / torch.tensor(out - 1, dtype=dtype,
+                                                                                    device=u.device)
+    starts = ((i + u) * alpha).to(torch.int64) - (u * alpha).to(torch.int64)
+    return torch.cat([starts, torch.full((*u.shape[:-1], 1), size - pool, device=u.device)], -1)
+
+
+def _fractional_max_pool2d_core(input: Tensor, kernel_size, output_size, samples: Tensor) -> tuple[Tensor, Tensor]:
+    """ATen's ``fractional_max_pool2d`` (values, plane-flat indices h * W + w) as a window gather and a max.
+
+    Each (batch, plane) has its own windows (samples[..., 0] places the columns, [..., 1] the rows). The max over
+    a window's elements in row-major order is the kernel's first maximum; at tied maxima the max's rule ranks
+    them along the direction. A window holding NaN is NaN at its last NaN, as the kernel's ``val > max ||
+    isnan(val)``; the values are gathered at the final indices, so the gradient goes where PyTorch's does."""
+    (kh, kw), (oh, ow) = _pair(kernel_size), _pair(output_size)
+    x = input if input.dim() == 4 else input.unsqueeze(0)
+    n, c, h, w = x.shape
+    u = samples.detach().to(x.dtype)
+    rows = _fractional_windows(x.dtype, u[..., 1:], h, oh, kh)[..., None] + torch.arange(kh, device=x.device)
+    cols = _fractional_windows(x.dtype, u[..., :1], w, ow, kw)[..., None] + torch.arange(kw, device=x.device)
+    ni = torch.arange(n, device=x.device).view(n, 1, 1, 1, 1, 1)
+    ci = torch.arange(c, device=x.device).view(1, c, 1, 1, 1, 1)
+    windows = x[ni, ci, rows[:, :, :, None, :, None], cols[:, :, None, :, None, :]].reshape(n, c, oh, ow, kh * kw)
+    _, k = torch.max(windows, dim=-1)  # (a tie goes to the max's rule)
+    nan = windows.isnan()
+    last_nan = torch.where(nan, torch.arange(kh * kw, device=x.device), -1).amax(-1)
+    k = torch.where(last_nan >= 0, last_nan, k)
+    values = windows.gather(-1, k.unsqueeze(-1)).squeeze(-1)
+    # the plane-flat index of window element k: (row start + k // kw) * W + column start + k % kw
+    index = (rows[:, :, :, None, 0] + k // kw) * w + cols[:, :, None, :, 0] + k % kw
+    return (values, index) if input.dim() == 4 else (values.squeeze(0), index.squeeze(0))
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _fractional_max_pool2d(native: Callable):
+    def port(input: Tensor, kernel_size, output_size=None, output_ratio=None, return_indices: bool = False,
+             _random_samples: Tensor | None = None):
+        """``F.fractional_max_pool2d`` (and ``_with_indices``) as its Python wrapper: output_ratio to a size,
+        samples drawn as it draws them (``torch.rand(N, C, 2)`` in the input's dtype: the RNG moves the same),
+        then the kernel's windows and max (``_fractional_max_pool2d_core``)."""
+        if output_size is None and output_ratio is None:
+            raise ValueError("fractional_max_pool2d requires specifying either an output_size or an output_ratio")
+        if output_size is None:
+            if len(output_ratio) > 2:
+                raise ValueError("fractional_max_pool2d requires output_ratio to either be a single Int or tuple "
+                                 "of Ints.")
+            ratio = tuple(output_ratio)
+            output_size = [int(input.size(-2) * ratio[0]), int(input.size(-1) * ratio[1])]
+        if _random_samples is None:
+            _random_samples = torch.rand(1 if input.dim() == 3 else input.size(0), input.size(-3), 2,
+                                         dtype=input.dtype, device=input.device)
+        # PyTorch's own argument checks and messages
+        torch._C._nn.fractional_max_pool2d(input.detach(), kernel_size, output_size, _random_samples.detach())
+        values, index = _fractional_max_pool2d_core(input, kernel_size, output_size, _random_samples)
+        return (values, index) if return_indices or native is _F.fractional_max_pool2d_with_indices else values
+
+    port.__name__ = "fractional_max_pool2d"
+    return port
+
+
+def _aten_fractional_max_pool2d(native: Callable):
+    def port(input: Tensor, kernel_size, output_size, random_samples: Tensor) -> tuple[Tensor, Tensor]:
+        """``aten.fractional_max_pool2d``: (values, indices) as ``_fractional_max_pool2d_core``."""
+        native(input.detach(), kernel_size, output_size, random_samples.detach())  # PyTorch's checks, messages
+        return _fractional_max_pool2d_core(input, kernel_size, output_size, random_samples)
+
+    port.__name__ = "fractional_max_pool2d_aten"
+    return port
+
+
 PORTS: dict[Callable, Callable] = {}
 for _native, _ignore in ((torch.quantile, False), (torch.nanquantile, True)):
     _aten = getattr(torch.ops.aten, _native.__name__)
@@ -113,3 +193,8 @@ for _call in (torch.renorm, Tensor.renorm, torch.ops.aten.renorm, torch.ops.aten
 for _call in (torch.cosine_embedding_loss, torch.ops.aten.cosine_embedding_loss,
               torch.ops.aten.cosine_embedding_loss.default):
     PORTS[_call] = _cosine_embedding_loss(_call)
+for _call in (_F.fractional_max_pool2d, _F.fractional_max_pool2d_with_indices):
+    PORTS[_call] = _fractional_max_pool2d(_call)
+for _call in (torch._C._nn.fractional_max_pool2d, torch.ops.aten.fractional_max_pool2d,
+              torch.ops.aten.fractional_max_pool2d.default):
+    PORTS[_call] = _aten_fractional_max_pool2d(_call)
