@@ -140,9 +140,8 @@ def test_gradient_compiled_into_a_graph_is_never_silent(monkeypatch):
     PyTorch's. An ordinary compiled forward with a backward of its own (AOTAutograd's joint trace) warns nothing."""
     from gradwise._strong_zeros import _engine
 
-    monkeypatch.setattr(_engine, "_traced_gradients", {}, raising=False)
-    monkeypatch.setattr(_engine, "_warned_sites", set(), raising=False)
-    monkeypatch.setattr(_engine, "_warned_compiles", 0, raising=False)
+    monkeypatch.setattr(_engine, "_known_sites", set(), raising=False)
+    monkeypatch.setattr(_engine, "_pending_sites", [], raising=False)
     monkeypatch.setattr(_contract, "_warned", set())
 
     def f(t):
@@ -181,9 +180,8 @@ def test_gradient_compiled_on_another_thread_inside_an_open_block(monkeypatch):
     trace now warns at once while any thread is inside a block."""
     from gradwise._strong_zeros import _engine
 
-    monkeypatch.setattr(_engine, "_traced_gradients", {})
-    monkeypatch.setattr(_engine, "_warned_sites", set())
-    monkeypatch.setattr(_engine, "_warned_compiles", 0)
+    monkeypatch.setattr(_engine, "_known_sites", set())
+    monkeypatch.setattr(_engine, "_pending_sites", [])
     grad_f = torch.compile(torch.func.grad(lambda t: t.tanh()[:2].sum()), backend="aot_eager")
     x = torch.tensor([1.0, 2.0, nan])
     with warnings.catch_warnings(record=True) as caught, gw.strong_zeros():
@@ -202,9 +200,8 @@ def test_warnings_under_a_watch_name_the_users_line(monkeypatch):
     backward's warning location were gradwise's own _watching.py, not the user's line."""
     from gradwise._strong_zeros import _engine
 
-    monkeypatch.setattr(_engine, "_traced_gradients", {})
-    monkeypatch.setattr(_engine, "_warned_sites", set())
-    monkeypatch.setattr(_engine, "_warned_compiles", 0)
+    monkeypatch.setattr(_engine, "_known_sites", set())
+    monkeypatch.setattr(_engine, "_pending_sites", [])
     monkeypatch.setattr(_contract, "_warned", set())
     grad_f = torch.compile(torch.func.grad(lambda t: t.tanh()[:2].sum()), backend="aot_eager")
     x = torch.tensor([1.0, 2.0, nan], requires_grad=True)

@@ -23,7 +23,6 @@ from torch._C._functorch import (
     peek_interpreter_stack,
 )
 from torch._dynamo.eval_frame import skip_code
-from torch._guards import CompileContext
 from torch.autograd.graph import GradientEdge
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
@@ -52,9 +51,9 @@ _INSTALL_LOCK = threading.Lock()
 _installed = 0
 _original_engine_run: Callable[..., Any] | None = None
 _process_wide = False  # `gradwise run --strong-zeros`: every thread's backward, see strong_zeros_process_wide
-_traced_gradients: dict[object, str] = {}  # torch.compile's compile id -> the user's call site; see _observe
-_warned_sites: set[str] = set()
-_warned_compiles = 0
+# see _observe: the call sites where torch.compile traced a gradient into a graph, and those not warned about yet
+_known_sites: set[str] = set()
+_pending_sites: list[str] = []
 
 
 # Never traced by dynamo: a backward called inside a torch.compile'd function (a whole training step) graph-breaks,
@@ -322,7 +321,7 @@ class _StrongZeros(contextlib.ContextDecorator):
 
     def __enter__(self) -> None:
         global _installed, _original_engine_run
-        if len(_traced_gradients) > _warned_compiles:
+        if _pending_sites:
             _warn_traced_gradients()
         with _INSTALL_LOCK:
             if _installed == 0:
@@ -368,21 +367,20 @@ def _under_dynamo_node() -> bool:
 
 
 def _record_traced_gradient() -> None:
-    compile_id = CompileContext.current_compile_id()
+    site = _contract.user_site()  # (dynamo runs the node from the user's call of the compiled function)
     with _INSTALL_LOCK:
-        if compile_id is None or compile_id not in _traced_gradients:
-            _traced_gradients[compile_id or object()] = _contract.user_site()
+        if site not in _known_sites:
+            _known_sites.add(site)
+            _pending_sites.append(site)
     if _STATE.depth or _process_wide or _installed:  # _installed: a block open on another thread, entered before
         _warn_traced_gradients()  # this compile, may call the function now with no entry left to warn at
 
 
 def _warn_traced_gradients() -> None:
-    global _warned_compiles
     with _INSTALL_LOCK:
-        sites = [site for site in _traced_gradients.values() if site not in _warned_sites]
-        _warned_sites.update(sites)
-        _warned_compiles = len(_traced_gradients)
-    for site in dict.fromkeys(sites):
+        sites = _pending_sites[:]
+        _pending_sites.clear()
+    for site in sites:
         _contract.warn_traced_gradient(site)
 
 
