@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as _F
+from torch.nn.modules.utils import _pair
 
 Tensor = torch.Tensor
 
@@ -141,10 +142,6 @@ def _fractional_max_pool2d_core(input: Tensor, kernel_size, output_size, samples
     # the plane-flat index of window element k: (row start + k // kw) * W + column start + k % kw
     index = (rows[:, :, :, None, 0] + k // kw) * w + cols[:, :, None, :, 0] + k % kw
     return (values, index) if input.dim() == 4 else (values.squeeze(0), index.squeeze(0))
-
-
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 def _fractional_max_pool2d(native: Callable):

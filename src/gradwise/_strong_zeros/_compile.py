@@ -459,7 +459,7 @@ def _without_strong_mode() -> Iterator[None]:
 
 
 def _variants(nodes: Sequence[Any], how: str, record: _Hybrid | None = None) -> tuple[list, list]:
-    """Each compiled node's strong-zero variant, to run as its backward (``_enter`` to ``_leave``): its FX graph op
+    """Each compiled node's strong-zero variant, to run as its backward (``_run_swapped``): its FX graph op
     by op (``how="eager"``), or compiled with the pass and op by op where that made NaN (``"hybrid"``); both
     under the mode. Returns (backward compiler, variant) pairs, one per compiled function, and the nodes that
     have no variant (opaque)."""
@@ -488,21 +488,17 @@ def _variants(nodes: Sequence[Any], how: str, record: _Hybrid | None = None) -> 
     return swaps, opaque
 
 
-def _enter(swaps: list) -> list:
-    """Install each variant of ``swaps`` on this thread (``_PerThread``); returns what ``_leave`` restores."""
+def _run_swapped(swaps: list, run: Callable[[bool | None], Any], retain: bool | None) -> Any:
+    """``run(retain)`` with each variant of ``swaps`` (``_variants``) installed as its backward on this thread
+    (``_PerThread``) for the call (a plain try/finally: it runs around every backward of a compiled step)."""
     entered = []
     try:
         for bc, variant in swaps:
             entered.append((bc, _PerThread.enter(bc, variant)))
-    except BaseException:
-        _leave(entered)
-        raise
-    return entered
-
-
-def _leave(entered: list) -> None:
-    for bc, prior in entered:
-        _PerThread.leave(bc, prior)
+        return run(retain)
+    finally:
+        for bc, prior in entered:
+            _PerThread.leave(bc, prior)
 
 
 _SWAP_LOCK = threading.RLock()
@@ -635,11 +631,7 @@ def compiled_run(run: Callable[[bool | None], Any], t_outputs: Sequence[Any], in
         swaps, opaque = _variants(nodes, "eager")
         STATS["eager"] += 1
         STATS["opaque"] += bool(opaque)
-        entered = _enter(swaps)
-        try:
-            result = run(retain)
-        finally:
-            _leave(entered)
+        result = _run_swapped(swaps, run, retain)
         if _holds_nonfinite(result, leaves()):
             if opaque:
                 _warn_opaque(opaque)
@@ -671,11 +663,7 @@ def hybrid_run(nodes: Sequence[Any], run: Callable[[bool | None], Any], t_output
     record = _Hybrid(keep=len(nodes) > 1)
     record.local = local
     swaps, opaque = _variants(nodes, "hybrid", record)
-    entered = _enter(swaps)
-    try:
-        result = run(retain)
-    finally:
-        _leave(entered)
+    result = _run_swapped(swaps, run, retain)
     record.taken.clear()
     STATS["compiled"] += 1
     STATS["eager"] += record.fell_back
@@ -689,7 +677,6 @@ def hybrid_run(nodes: Sequence[Any], run: Callable[[bool | None], Any], t_output
             else:
                 _warn_kept()
     return result
-
 
 
 def compiled_step(roots: Sequence[Any]) -> list[Any] | None:
