@@ -112,11 +112,15 @@ def _graph_parts(roots: Sequence[Any], compiled: list[Any] | None = None) -> tup
 def _release(saved: Sequence[Any]) -> None:
     """Free what the ``SavedTensor`` objects hold, as the engine frees a graph it does not keep: the pack hook
     drops the tensor (``id``, a builtin: no Python frame per tensor, and the int it keeps holds nothing), and a
-    later unpack raises PyTorch's own error."""
+    later unpack raises PyTorch's own error. A slot saved as None (addmm's ``mat2`` when ``mat1`` needs no
+    gradient) or already freed is passed over: ``register_hooks`` refuses it with a C++ error, whose backtrace
+    costs ~30 us, and ``.data`` (no unpack hook runs) tells it for ~0.3 us."""
     for raw in saved:  # runs after every watched backward: a plain loop, no context manager per tensor
+        if raw.data is None:
+            continue
         try:
             raw.register_hooks(id, _freed)
-        except RuntimeError:  # already hooked (checkpoint) or already freed
+        except RuntimeError:  # already hooked (checkpoint)
             pass
 
 
