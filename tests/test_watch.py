@@ -62,13 +62,16 @@ def test_the_graph_is_freed_as_pytorch_frees_it_and_kept_when_asked():
     assert torch.equal(x.grad, torch.tensor([6.0, 12.0]))
 
 
+@pytest.mark.parametrize("nonfinite_at", [None, 0, 1])
 @pytest.mark.parametrize("how", ["backward", "autograd_grad"])
-def test_the_kept_graph_does_not_outlive_its_step(how):
+def test_the_kept_graph_does_not_outlive_its_step(how, nonfinite_at):
     """The watch keeps each step's graph for the length of its backward call only: a training loop that holds
     ``loss`` and ``out`` into the next forward (reassigned after it) holds the graph's nodes, and under plain
     PyTorch nothing they saved. A value only the graph saved must be gone when the backward returns, before the
     next forward allocates: a kept graph left to die with the user's tensors would hold two steps' activations
-    at the next forward's peak. Reference: the same loop without gradwise; a weakref to a saved activation."""
+    at the next forward's peak; also the step whose non-finite gradient the watch explains (its release runs
+    after the trace has started) and the traced steps after it. Reference: the same loop without gradwise; a
+    weakref to a saved activation."""
     import weakref
 
     w = torch.nn.Parameter(torch.randn(4, 4))
@@ -77,8 +80,11 @@ def test_the_kept_graph_does_not_outlive_its_step(how):
         alive = []
         with gw.watch() if watched else contextlib.nullcontext():
             out = loss = None
-            for _ in range(3):
-                hidden = torch.randn(2, 4) @ w  # saved by sin's node only, once this frame lets it go
+            for step in range(3):
+                data = torch.randn(2, 4)
+                if step == nonfinite_at:
+                    data[0, 0] = float("nan")
+                hidden = data @ w  # saved by sin's node only, once this frame lets it go
                 ref = weakref.ref(hidden)
                 out = hidden.sin()
                 loss = out.sum()
@@ -605,14 +611,16 @@ def test_the_gradient_check_finds_one_nonfinite_element_and_no_large_finite_one(
     assert bool(report.findings) == (not finite)
 
 
+@pytest.mark.parametrize("checkpointed", [False, True])
 @pytest.mark.parametrize("ctx", ["watch", "trace", "strong_zeros"])
-def test_a_finite_step_raises_no_error_inside_gradwise(ctx):
+def test_a_finite_step_raises_no_error_inside_gradwise(ctx, checkpointed):
     """An error raised by PyTorch's C++ and caught in Python costs ~30 us (c10::Error records a backtrace), a
     twentieth of a small model's step, and no profiler shows it: a finite step raises none inside gradwise.
     (The watch's release hooked every saved slot, and addmm's ``mat2`` is saved as None when the batch needs no
-    gradient: one refused call per step.)"""
+    gradient: one refused call per step; and every slot a checkpoint had hooked.)"""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    layers = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    model = (lambda t: torch.utils.checkpoint.checkpoint(layers, t, use_reentrant=False)) if checkpointed else layers
     x = torch.randn(3, 4)
     enter = {"watch": gw.watch, "trace": gw.trace, "strong_zeros": gw.strong_zeros}[ctx]
     raised = []
@@ -624,12 +632,12 @@ def test_a_finite_step_raises_no_error_inside_gradwise(ctx):
 
     with enter():
         model(x).sum().backward()
-        model.zero_grad(set_to_none=True)
+        layers.zero_grad(set_to_none=True)
         loss = model(x).sum()
         sys.settrace(tracer)
         try:
             loss.backward()
         finally:
             sys.settrace(None)
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert all(torch.isfinite(p.grad).all() for p in layers.parameters())
     assert not raised, raised

@@ -112,16 +112,16 @@ def _graph_parts(roots: Sequence[Any], compiled: list[Any] | None = None) -> tup
 def _release(saved: Sequence[Any]) -> None:
     """Free what the ``SavedTensor`` objects hold, as the engine frees a graph it does not keep: the pack hook
     drops the tensor (``id``, a builtin: no Python frame per tensor, and the int it keeps holds nothing), and a
-    later unpack raises PyTorch's own error. A slot saved as None (addmm's ``mat2`` when ``mat1`` needs no
-    gradient) or already freed is passed over: ``register_hooks`` refuses it with a C++ error, whose backtrace
-    costs ~30 us, and ``.data`` (no unpack hook runs) tells it for ~0.3 us."""
+    later unpack raises PyTorch's own error. Passed over: a slot saved as None (addmm's ``mat2`` when ``mat1``
+    needs no gradient) or already freed (``.data`` is None; it runs no unpack hook), and a slot already hooked
+    (checkpoint's, save_on_cpu's: what they packed stays theirs), which ``register_hooks`` refuses with a C++
+    error whose backtrace costs ~30 us: the cheap reads tell them first."""
     for raw in saved:  # runs after every watched backward: a plain loop, no context manager per tensor
-        if raw.data is None:
-            continue
-        try:
-            raw.register_hooks(id, _freed)
-        except RuntimeError:  # already hooked (checkpoint)
-            pass
+        if raw.unpack_hook is None and raw.data is not None:
+            try:
+                raw.register_hooks(id, _freed)
+            except RuntimeError:  # (none known: the checks above tell the refused slots)
+                pass
 
 
 def _leaves(t_outputs, inputs) -> list[torch.Tensor]:
