@@ -58,7 +58,7 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     grad_mode = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)  # as torch.no_grad(), without its Python context manager (runs per backward)
     try:
-        small = [t for t in tensors if t.numel() <= _SMALL and t.layout == torch.strided]
+        small = [t for t in tensors if t.numel() <= _SMALL and t.layout == torch.strided] if len(tensors) > _FEW else ()
         if len(small) > _FEW:
             # the large ones first: on CPU a NaN there (a batch's padding) answers before the small ones are copied
             sums = _sums([t for t in tensors if t.numel() > _SMALL or t.layout != torch.strided])
