@@ -427,24 +427,30 @@ def _holds(test: Any, node: Any, freed: bool) -> bool:
         return freed
 
 
-def _fact_reader(makes: Any, inside: Any, select: Any) -> Callable[[Any], tuple] | None:
-    """What the plan's walk reads from a node of a type whose structural zeros depend on its saved values, as a
-    tuple that the graph's shape holds (``_planning._walked``; ``_planning._derived`` reads it back): a select's or
-    slice's pick (it makes zeros unless that reads every position), a split's number of outputs (UNUSED_OUTPUTS),
-    the answer of its makes-zeros test, and whether the zeros it makes stay inside it (_OWN_ZEROS_INSIDE). None
-    where the type alone decides. One closure per type, so that the walk makes one call per such node."""
+def _fact_reader(name: str, makes: Any, inside: Any, select: Any) -> Callable[[Any], Any] | None:
+    """What the plan's walk reads from a node of a type whose structural zeros depend on its saved values, which
+    the graph's shape holds (``_planning._walked``; ``_planning._derived`` reads it back): a select's or slice's pick
+    (it makes zeros unless that reads every position), a split's number of outputs (UNUSED_OUTPUTS), the answer of
+    its makes-zeros test, and whether the zeros it makes stay inside it (_OWN_ZEROS_INSIDE). None where the type
+    alone decides. The walk makes one call per such node, per backward: each reader is one function (a test is
+    called directly, ``_holds`` written out), and a pick is read as it is (a tuple, as every fact)."""
     if select is not None:
-        if inside is None:
-            return lambda node: (select(node), False)
-        return lambda node: (select(node), _holds(inside, node, False))
+        return select if inside is None else lambda node: (select(node), _holds(inside, node, False))
     if makes is UNUSED_OUTPUTS:
         if inside is None:
             return lambda node: (len(node._input_metadata), False)
         return lambda node: (len(node._input_metadata), _holds(inside, node, False))
     if makes.__class__ is not bool:
-        if inside is None:
-            return lambda node: (_holds(makes, node, True), False)
-        return lambda node: (True, _holds(inside, node, False)) if _holds(makes, node, True) else (False, False)
+        test = _MAKES_NO_ZEROS_IF[name]
+
+        def read(node: Any) -> tuple[bool, bool]:
+            try:
+                made = not test(node)
+            except RuntimeError:  # a saved tensor an earlier backward freed: the worst (as _holds)
+                made = True
+            return (made, made and inside is not None and _holds(inside, node, False))
+
+        return read
     if makes and inside is not None:
         return lambda node: (True, _holds(inside, node, False))
     return None
@@ -476,7 +482,7 @@ def _node_type(node: Any) -> tuple:
         watched = name == "CompiledFunctionBackward" or getattr(type(node), "_forward_cls", None) is not None
         inside, select = _OWN_ZEROS_INSIDE.get(name), _SELECTED.get(name)
         info = _NODE_TYPES[type(node)] = (names, read, known, singular, makes, zero_output, inside, select,
-                                          nothing and not watched, watched, _fact_reader(makes, inside, select))
+                                          nothing and not watched, watched, _fact_reader(name, makes, inside, select))
     return info
 
 

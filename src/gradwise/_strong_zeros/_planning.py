@@ -122,16 +122,19 @@ def _derived(w: _Walk) -> _Graph:
             continue
         makes, inside = info[4], False
         if info[10] is not None:
-            fact, inside = facts[node]
+            fact = facts[node]
             if info[7] is not None:  # a select/slice: it makes zeros unless it reads every position (the test
                 # _MAKES_NO_ZEROS_IF holds for it, from the same pick)
+                if info[6] is not None:
+                    fact, inside = fact
                 picks[node] = fact
                 makes = not covers([fact])
             elif makes is UNUSED_OUTPUTS:
+                fact, inside = fact
                 pending.append((node, fact))
                 makes = True
             else:
-                makes = fact
+                makes, inside = fact
         if makes:
             makers[node] = not inside
         if not info[2] or info[3] is not None or info[5] is not None:
@@ -288,7 +291,7 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any], watched: list | None =
         saved.extend(t for t in seeds if isinstance(t, torch.Tensor) and inexact(t))
     if not _all_finite(saved):
         return "strong"
-    if any(singular(node) for node, singular in singular_tests):
+    if singular_tests and any(singular(node) for node, singular in singular_tests):
         return "strong"
     # a softmax/exp output of exactly 0 is a structural zero of its own: an infinite derivative (sqrt of a masked
     # softmax, its entropy) meets it inside that node's backward. The singular tests (on small tensors, usually)
