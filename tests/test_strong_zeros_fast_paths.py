@@ -126,6 +126,9 @@ def _tensor_sets():
     sets["nan in the second big"] = [big, big.clone().index_fill_(0, torch.tensor([4999]), nan), *small]
     sets["few small, nan"] = [small[0], small[1].clone().fill_(nan)]
     sets["complex nan imag"] = [big, *small, torch.tensor([1 + 1j, complex(0, nan)])]
+    sets["few, complex nan imag"] = [small[0], torch.tensor([1 + 1j, complex(0, nan)])]
+    sets["few, conjugated complex inf real"] = [torch.tensor([complex(inf, 1), 2j]).conj()]
+    sets["few, conjugated complex finite"] = [small[1], torch.tensor([complex(3, 1), 2j]).conj()]
     return sets
 
 
