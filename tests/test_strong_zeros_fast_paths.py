@@ -78,6 +78,40 @@ def test_everyday_backward_skips_the_slow_checks(monkeypatch):
     assert torch.equal(w.grad, ref.grad)
 
 
+@pytest.mark.parametrize("nan_row", [None, 5])
+def test_gw_backward_of_a_scalar_loss_skips_the_argument_checks(nan_row, monkeypatch):
+    """gw.backward(loss), a plain scalar that requires grad: the argument checks, which would find nothing, are
+    not run; the gradient is PyTorch's bit for bit on finite data, and the program's without the NaN row (one a
+    structural zero meets) otherwise."""
+    calls = []
+    for name in ("as_tensors", "check_differentiable", "check_scalar_or_seeded"):
+        real = getattr(_engine, name)
+        monkeypatch.setattr(_engine, name, lambda *a, real=real: calls.append(1) or real(*a))
+    torch.manual_seed(3)
+    x = torch.randn(6, 4, dtype=f64)
+    if nan_row is not None:
+        x[nan_row] = nan
+    w = torch.randn(4, 3, dtype=f64, requires_grad=True)
+    gw.backward(torch.relu(x @ w)[:5].square().sum())
+    assert calls == []
+    ref = w.detach().clone().requires_grad_()
+    torch.relu(x[:5] @ ref).square().sum().backward()
+    assert torch.equal(w.grad, ref.grad)
+
+
+@pytest.mark.parametrize("loss, error", [
+    (lambda w: (w * 2).sum(1), "grad can be implicitly created only for scalar outputs"),
+    (lambda w: w.detach().sum(), "does not require grad"),
+    (lambda w: (w * 2).sum().long(), "only floating-point tensors have gradients"),
+])
+def test_gw_backward_off_the_scalar_path_still_names_the_problem(loss, error):
+    """A loss the scalar path does not take (not a scalar, not requiring grad, an integer dtype) gets gradwise's
+    own message, as before."""
+    w = torch.randn(3, 2, requires_grad=True)
+    with pytest.raises(RuntimeError, match=error):
+        gw.backward(loss(w))
+
+
 # -- all_finite --------------------------------------------------------------------------------------------------
 
 def _tensor_sets():
@@ -92,6 +126,9 @@ def _tensor_sets():
     sets["nan in the second big"] = [big, big.clone().index_fill_(0, torch.tensor([4999]), nan), *small]
     sets["few small, nan"] = [small[0], small[1].clone().fill_(nan)]
     sets["complex nan imag"] = [big, *small, torch.tensor([1 + 1j, complex(0, nan)])]
+    sets["few, complex nan imag"] = [small[0], torch.tensor([1 + 1j, complex(0, nan)])]
+    sets["few, conjugated complex inf real"] = [torch.tensor([complex(inf, 1), 2j]).conj()]
+    sets["few, conjugated complex finite"] = [small[1], torch.tensor([complex(3, 1), 2j]).conj()]
     return sets
 
 
@@ -149,6 +186,74 @@ def test_a_saved_view_does_not_hide_its_base():
     ref1, ref2 = (w.detach().clone().requires_grad_() for w in (w1, w2))
     ((x[:4] * ref2).sum() + (x[:3] * ref1)[:2].sum()).backward()
     assert torch.equal(w1.grad, ref1.grad) and torch.equal(w2.grad, ref2.grad)
+
+
+def test_a_saved_parameter_is_read_as_a_plain_tensor(monkeypatch):
+    """A weight saved as it is (a Parameter: mul's other) is read like a plain tensor, without the kind check that
+    other classes need; its Inf, where relu's structural zero meets it in x's gradient, still takes the strong path,
+    and x's gradient there is relu's flat 0 (PyTorch gives 0 x inf = NaN), the others PyTorch's."""
+    checked = []
+    real = _contract.check_saved
+    monkeypatch.setattr(_contract, "check_saved", lambda t: checked.append(t) or real(t))
+    p = nn.Parameter(torch.tensor([[inf, 2.0], [0.5, -1.0]], dtype=f64))
+    x = torch.tensor([[-1.0, 3.0], [2.0, 1.5]], dtype=f64, requires_grad=True)
+    loss = torch.relu(x * p).sum()
+    assert _planning._plan([loss], ()) == "strong"
+    assert checked == []
+    gw.backward(loss)
+    ref = x.detach().clone().requires_grad_()
+    torch.relu(ref * p).sum().backward()
+    assert ref.grad[0, 0].isnan() and x.grad[0, 0] == 0
+    assert torch.equal(x.grad.flatten()[1:], ref.grad.flatten()[1:])
+
+
+_PICKS = [  # (shape, take, dim, the positions along dim it reads): negative dims and indices, steps, empty, clamped
+    ((3, 4, 5), lambda t: t.select(-1, -2), 2, [3]),
+    ((3, 4, 5), lambda t: t.select(0, 2), 0, [2]),
+    ((3, 4, 5), lambda t: t.select(-3, -3), 0, [0]),
+    ((3, 4, 5), lambda t: t[..., -3:-1], 2, [2, 3]),
+    ((3, 4, 5), lambda t: t[:, ::2], 1, [0, 2]),
+    ((3, 4, 5), lambda t: t[1:], 0, [1, 2]),
+    ((3, 4, 5), lambda t: t[:, -100:2], 1, [0, 1]),
+    ((3, 4, 5), lambda t: t[..., 1:1000:3], 2, [1, 4]),
+    ((6,), lambda t: t[-6:], 0, list(range(6))),
+]
+
+
+@pytest.mark.parametrize("case", range(len(_PICKS)))
+def test_the_positions_a_select_or_slice_reads(case):
+    """What the walk reads from a select/slice node (its dim, size and positions) is what the forward took: the
+    positions are found independently by taking the same select/slice of arange along that dim."""
+    shape, take, dim, want = _PICKS[case]
+    x = torch.zeros(shape, dtype=f64, requires_grad=True)
+    node = take(x * 1.0).grad_fn
+    assert type(node).__name__ in ("SelectBackward0", "SliceBackward0")
+    pick = _planning._node_type(node)[7](node)
+    view = [1] * len(shape)
+    view[dim] = shape[dim]
+    index = torch.arange(shape[dim]).reshape(view).expand(shape)
+    assert pick[:2] == (dim, shape[dim]) and list(pick[2]) == want
+    assert sorted(set(take(index).flatten().tolist())) == want
+
+
+def test_the_walk_works_out_makers_only_for_a_shape_not_planned_before(monkeypatch):
+    """A graph met again is planned from its walk alone: the makers, picks and splits (_derived) are worked out
+    once per shape, and the plan of the second graph still reads its values (a NaN row there takes the strong
+    path)."""
+    monkeypatch.setattr(_planning, "_SHAPED", {})
+    derived = []
+    real = _planning._derived
+    monkeypatch.setattr(_planning, "_derived", lambda w: derived.append(1) or real(w))
+    lin = nn.Linear(4, 4).double()
+    plans = []
+    for row in (None, 2, None):
+        x = torch.randn(5, 4, dtype=f64)
+        if row is not None:
+            x[row] = nan
+        h = torch.relu(lin(x))
+        plans.append(_planning._plan([(h[:3].square().sum() + h.split([4, 1])[0].sum())], ()))
+    assert plans == ["plain", "strong", "plain"]
+    assert derived == [1]
 
 
 # -- the masked multiply -----------------------------------------------------------------------------------------

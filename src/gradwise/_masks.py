@@ -53,12 +53,13 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     backward; the nonsmooth entry points their inputs, the trace and watch the gradients."""
     if not tensors:
         return True
-    # finite iff both parts are (a lazily conjugated tensor is resolved first: view_as_real refuses it)
-    tensors = [torch.view_as_real(t.resolve_conj()) if t.is_complex() else t for t in tensors]
     grad_mode = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)  # as torch.no_grad(), without its Python context manager (runs per backward)
     try:
-        small = [t for t in tensors if t.numel() <= _SMALL and t.layout == torch.strided]
+        small: Sequence[torch.Tensor] = ()
+        if len(tensors) > _FEW:  # (up to _FEW tensors are summed one by one: _sums sees complex ones itself)
+            tensors = [_real(t) if t.is_complex() else t for t in tensors]
+            small = [t for t in tensors if t.numel() <= _SMALL and t.layout == torch.strided]
         if len(small) > _FEW:
             # the large ones first: on CPU a NaN there (a batch's padding) answers before the small ones are copied
             sums = _sums([t for t in tensors if t.numel() > _SMALL or t.layout != torch.strided])
@@ -80,10 +81,18 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
         torch._C._set_grad_enabled(grad_mode)
 
 
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as its real and imaginary parts (finite iff both are); a lazily conjugated one is resolved
+    first (view_as_real refuses it)."""
+    return torch.view_as_real(t.resolve_conj())
+
+
 def _sums(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
     """``all_finite``'s sums: None as soon as a CPU one is not finite; else the sums off the CPU, to test at once."""
     sums = []
     for t in tensors:
+        if t.is_complex():
+            t = _real(t)
         total = t.sum(dtype=torch.float32) if t.dtype != torch.float32 else t.sum()
         if total.is_cpu:
             if not math.isfinite(total.item()):

@@ -32,7 +32,8 @@ def _root_nodes(t_outputs: Sequence[Any]) -> list[Any]:
     nodes = []
     for t in t_outputs:
         if isinstance(t, torch.Tensor):
-            nodes.append(t.grad_fn if t.grad_fn is not None else _grad_accumulator(t))
+            fn = t.grad_fn  # (read once: each read looks the node's Python object up, or makes it)
+            nodes.append(fn if fn is not None else _grad_accumulator(t))
         else:  # GradientEdge
             nodes.append(t.node)
     return nodes

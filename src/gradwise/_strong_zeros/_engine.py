@@ -257,7 +257,6 @@ def _under_traces(mode: TorchDispatchMode) -> Iterator[None]:
             _push_mode(tracer)
 
 
-@torch.compiler.disable  # (see _engine_run: gw.grad / gw.backward inside a compiled function plan here)
 def _choose(outputs: Sequence[Any], inputs: Sequence[Any], seeds: Sequence[Any], watched: list | None = None) -> str:
     """The path of one backward: what ``_plan`` says, or 'plain' (with a PlainBackwardWarning, once) where
     gradwise cannot read or follow the graph (_contract). ``watched``: see ``_plan``."""
@@ -267,12 +266,19 @@ def _choose(outputs: Sequence[Any], inputs: Sequence[Any], seeds: Sequence[Any],
     why = None if everyday else _contract.plain_reason(outputs, inputs, seeds)
     if why is None:
         try:
-            with _disable_current_modes() if torch._C._len_torch_dispatch_stack() else contextlib.nullcontext():
-                return _plan(outputs, seeds, watched, everyday)  # modes around backward (a trace) don't see our checks
+            if torch._C._len_torch_dispatch_stack():
+                with _disable_current_modes():  # modes around backward (a trace) don't see our checks
+                    return _plan(outputs, seeds, watched, everyday)
+            return _plan(outputs, seeds, watched, everyday)
         except _contract.Unreadable as e:
             why = e.reason
     _contract.warn_plain(why)
     return "plain"
+
+
+# gw.grad / gw.backward plan here, also inside a compiled function (see _engine_run); _engine_run, which dynamo never
+# traces already, calls _choose itself (the wrapper costs ~4 us a backward)
+_choose_untraced = torch.compiler.disable(_choose)
 
 
 def _run_planned(run: Callable[[bool | None], Any], outputs: Sequence[Any], seeds: Any,
@@ -284,7 +290,7 @@ def _run_planned(run: Callable[[bool | None], Any], outputs: Sequence[Any], seed
     if not (_STATE.depth or _process_wide) and not torch._C._len_torch_dispatch_stack():
         seeds = (seeds,) if isinstance(seeds, torch.Tensor) else seeds or ()
         watched: list = []
-        plan = _choose(outputs, inputs, seeds, watched)
+        plan = _choose_untraced(outputs, inputs, seeds, watched)
         if plan == "plain":
             return run(retain_graph)
         planned = (plan, watched)
@@ -460,14 +466,18 @@ def backward(
     >>> x.grad
     tensor([1., 0.])
     """
-    outs = as_tensors(_contract.as_outputs(tensors), "tensors", "gw.backward")
-    check_differentiable(outs, "tensors", "gw.backward")
-    seeds = grad_tensors if grad_tensors is not None else grad_variables
-    check_scalar_or_seeded(outs, seeds, "gw.backward")
     ins: tuple = ()
-    if inputs is not None:
-        ins = as_tensors(_contract.as_inputs(inputs, "gw.backward"), "inputs", "gw.backward")
-        check_differentiable(ins, "inputs", "gw.backward")
+    if tensors.__class__ is torch.Tensor and grad_tensors is None and grad_variables is None and inputs is None \
+            and tensors.requires_grad and tensors.is_floating_point() and tensors.numel() == 1:
+        outs, seeds = (tensors,), None  # gw.backward(loss): what the checks below find, in a third of their time
+    else:
+        outs = as_tensors(_contract.as_outputs(tensors), "tensors", "gw.backward")
+        check_differentiable(outs, "tensors", "gw.backward")
+        seeds = grad_tensors if grad_tensors is not None else grad_variables
+        check_scalar_or_seeded(outs, seeds, "gw.backward")
+        if inputs is not None:
+            ins = as_tensors(_contract.as_inputs(inputs, "gw.backward"), "inputs", "gw.backward")
+            check_differentiable(ins, "inputs", "gw.backward")
 
     def run(retain):
         torch.autograd.backward(outs, grad_tensors, retain, create_graph, grad_variables,

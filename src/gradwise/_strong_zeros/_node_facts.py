@@ -358,22 +358,32 @@ def _as_signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value  # a negative index is saved as its uint64
 
 
+_HALF, _WRAP = 1 << 63, 1 << 64  # (the two below read one node each per select/slice per backward: no calls)
+
+
 def _selected_by_select(node: Any) -> tuple[int, int, range]:
     """select(dim, index): the one position it reads along ``dim`` (its backward is zero elsewhere)."""
     sizes = node._saved_self_sym_sizes
-    dim = _as_signed(node._saved_dim) % len(sizes)
-    index = _as_signed(node._saved_index) % sizes[dim]
-    return dim, sizes[dim], range(index, index + 1)
+    dim = node._saved_dim
+    dim = (dim - _WRAP if dim >= _HALF else dim) % len(sizes)
+    index = node._saved_index
+    size = sizes[dim]
+    index = (index - _WRAP if index >= _HALF else index) % size
+    return dim, size, range(index, index + 1)
 
 
 def _selected_by_slice(node: Any) -> tuple[int, int, range]:
     """slice(dim, start, end, step): the positions it reads along ``dim`` (its backward is zero elsewhere)."""
     sizes = node._saved_self_sym_sizes
-    dim = _as_signed(node._saved_dim) % len(sizes)
+    dim = node._saved_dim
+    dim = (dim - _WRAP if dim >= _HALF else dim) % len(sizes)
     start, end = node._saved_start, node._saved_end
-    start = None if start is None else _as_signed(start)
-    end = None if end is None else _as_signed(end)
-    return dim, sizes[dim], range(*slice(start, end, node._saved_step).indices(sizes[dim]))
+    if start is not None and start >= _HALF:
+        start -= _WRAP
+    if end is not None and end >= _HALF:
+        end -= _WRAP
+    size = sizes[dim]
+    return dim, size, range(*slice(start, end, node._saved_step).indices(size))
 
 
 # Nodes whose structural zeros are every position of their input they did not select: (dim, size, positions
@@ -407,6 +417,45 @@ def covers(selected: list[tuple[int, int, range]]) -> bool:
     return all(seen)
 
 
+def _holds(test: Any, node: Any, freed: bool) -> bool:
+    """``test(node)``; ``freed`` (the answer that assumes the worst: it makes structural zeros, which leave it) where
+    the test reads a saved tensor an earlier backward freed (a shared trunk under ``backward(inputs=)`` or
+    ``autograd.grad``: the engine runs no such node, and raises itself where it would need one)."""
+    try:
+        return bool(test(node))
+    except RuntimeError:
+        return freed
+
+
+def _fact_reader(name: str, makes: Any, inside: Any, select: Any) -> Callable[[Any], Any] | None:
+    """What the plan's walk reads from a node of a type whose structural zeros depend on its saved values, which
+    the graph's shape holds (``_planning._walked``; ``_planning._derived`` reads it back): a select's or slice's pick
+    (it makes zeros unless that reads every position), a split's number of outputs (UNUSED_OUTPUTS), the answer of
+    its makes-zeros test, and whether the zeros it makes stay inside it (_OWN_ZEROS_INSIDE). None where the type
+    alone decides. The walk makes one call per such node, per backward: each reader is one function (a test is
+    called directly, ``_holds`` written out), and a pick is read as it is (a tuple, as every fact)."""
+    if select is not None:
+        return select if inside is None else lambda node: (select(node), _holds(inside, node, False))
+    if makes is UNUSED_OUTPUTS:
+        if inside is None:
+            return lambda node: (len(node._input_metadata), False)
+        return lambda node: (len(node._input_metadata), _holds(inside, node, False))
+    if makes.__class__ is not bool:
+        test = _MAKES_NO_ZEROS_IF[name]
+
+        def read(node: Any) -> tuple[bool, bool]:
+            try:
+                made = not test(node)
+            except RuntimeError:  # a saved tensor an earlier backward freed: the worst (as _holds)
+                made = True
+            return (made, made and inside is not None and _holds(inside, node, False))
+
+        return read
+    if makes and inside is not None:
+        return lambda node: (True, _holds(inside, node, False))
+    return None
+
+
 _NODE_TYPES: dict[type, tuple] = {}
 
 
@@ -414,8 +463,9 @@ def _node_type(node: Any) -> tuple:
     """Per autograd node type, looked up once: its ``_raw_saved_*`` attributes, those the check before backward
     reads, whether NODE_FACTS knows it, its singular-point test, whether it makes structural zeros (a bool, or a
     test of the node where that depends on what it saved), its zero-output test (_ZERO_OUTPUT_TESTS), its
-    selection (_SELECTED), whether the plan has nothing to do there, and whether the strong pass watches it (a custom
-    Function's or a compiled backward: ``_planning._graph`` lists them for it)."""
+    selection (_SELECTED), whether the plan has nothing to do there, whether the strong pass watches it (a custom
+    Function's or a compiled backward: ``_planning._walked`` lists them for it), and what the plan's walk reads from
+    it (``_fact_reader``)."""
     info = _NODE_TYPES.get(type(node))
     if info is None:
         name = type(node).__name__
@@ -430,9 +480,9 @@ def _node_type(node: Any) -> tuple:
         nothing = known and makes is False and singular is None and zero_output is None
         # a custom autograd.Function's node or a compiled backward: what the strong pass watches or swaps
         watched = name == "CompiledFunctionBackward" or getattr(type(node), "_forward_cls", None) is not None
-        info = _NODE_TYPES[type(node)] = (names, read, known, singular, makes, zero_output,
-                                          _OWN_ZEROS_INSIDE.get(name), _SELECTED.get(name), nothing and not watched,
-                                          watched)
+        inside, select = _OWN_ZEROS_INSIDE.get(name), _SELECTED.get(name)
+        info = _NODE_TYPES[type(node)] = (names, read, known, singular, makes, zero_output, inside, select,
+                                          nothing and not watched, watched, _fact_reader(name, makes, inside, select))
     return info
 
 

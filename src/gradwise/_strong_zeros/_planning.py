@@ -28,6 +28,14 @@ from gradwise._strong_zeros._node_facts import (
 from gradwise._strong_zeros._traced import traced
 
 
+class _Walk(NamedTuple):
+    nodes: dict[Any, int]  # node -> its position in walk order, every node of the graph once
+    edges: list[tuple]  # per position, the node's edges (next_functions)
+    facts: list  # (node, what its type's fact reader read): the nodes whose type alone does not decide
+    watched: list  # custom Functions' and compiled backwards' nodes (the strong pass hooks or swaps them)
+    shape: tuple  # the graph's structure and the node facts above: equal shapes get the same plan (_Shaped)
+
+
 class _Graph(NamedTuple):
     nodes: dict[Any, tuple]  # node -> its edges (next_functions), every node of the graph once, in walk order
     makers: dict[Any, bool]  # the nodes that make structural zeros -> whether those reach their outputs
@@ -38,82 +46,101 @@ class _Graph(NamedTuple):
     watched: list  # custom Functions' and compiled backwards' nodes (the strong pass hooks or swaps them)
     picks: dict[Any, tuple]  # select/slice nodes -> the positions they read (_SELECTED)
     pending: list  # (node, its number of outputs): makers only if some output has no consumer (UNUSED_OUTPUTS)
-    shape: tuple  # the graph's structure and the node facts above: equal shapes get the same plan (_Shaped)
+    shape: tuple  # see _Walk
 
 
 def _graph(roots: Sequence[Any]) -> _Graph:
-    """Every node of the graph once, its makers and consumers (``_walked``, then ``_resolved``)."""
-    return _resolved(_walked(roots))
+    """Every node of the graph once, its makers and consumers (``_walked``, ``_derived``, then ``_resolved``)."""
+    return _resolved(_derived(_walked(roots)))
 
 
-def _walked(roots: Sequence[Any]) -> _Graph:
-    """Every node of the graph once, in one walk that does as little per node as it can: most nodes (matmuls,
-    views, activations, AccumulateGrad) have nothing to check unless a structural zero reaches them.
+_ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad
 
-    The walk also writes down the graph's ``shape``: per node popped, its type (a new node: then the facts read
-    from it that the plan's structural part depends on, and the output slot of each edge it pushes) or its index
-    among the nodes met so far (a node met again). The stack replays from that sequence alone, so two graphs
-    with equal shapes are the same graph up to the node objects, with the same facts: ``_Shaped`` is a function of
-    the shape, never of values (those are read per backward)."""
-    nodes: dict[Any, tuple] = {}
-    index: dict[Any, int] = {}
-    makers: dict[Any, bool] = {}
-    special: list = []
+
+def _walked(roots: Sequence[Any]) -> _Walk:
+    """Every node of the graph once, in one walk that does as little per node as it can: it runs before every
+    backward, and most nodes (matmuls, views, activations, AccumulateGrad) have nothing to check unless a structural
+    zero reaches them. What the plan's structure needs beyond types and edges (makers, picks, splits: ``_derived``)
+    is worked out only for a shape not planned before.
+
+    The walk writes down the graph's ``shape``: per node popped, its type (a new node: then, where the type alone
+    does not decide where zeros start and spread, what its fact reader read, ``_node_facts._fact_reader``; and the
+    output slot of each edge it pushes) or its index among the nodes met so far (a node met again). The stack replays
+    from that sequence alone, so two graphs with equal shapes are the same graph up to the node objects, with the
+    same facts: ``_Shaped`` is a function of the shape, never of values (those are read per backward)."""
+    nodes: dict[Any, int] = {}
+    edges_of: list[tuple] = []
+    facts: list = []
     watched: list = []
-    pending: list = []  # nodes that make zeros only for outputs nothing uses
-    picks: dict[Any, tuple] = {}
     shape: list = [len(roots)]
+    add = shape.append
     types = _NODE_TYPES
     stack = list(roots)
+    pop, push = stack.pop, stack.append
     while stack:
-        node = stack.pop()
-        if node in nodes:
-            shape.append(index[node])
+        node = pop()
+        i = nodes.get(node)
+        if i is not None:
+            add(i)
             continue
-        info = types.get(type(node)) or _node_type(node)
-        edges = nodes[node] = node.next_functions
-        index[node] = len(index)
-        shape.append(type(node))
+        cls = node.__class__
+        nodes[node] = len(edges_of)
+        add(cls)
+        if cls is _ACCUMULATE_GRAD:  # a leaf's: no edges and nothing to check (next_functions would be one more call)
+            edges_of.append(())
+            continue
+        info = types.get(cls) or _node_type(node)
+        edges = node.next_functions
+        edges_of.append(edges)
         if not info[8]:
-            makes = info[4]
-            fact: Any = None
-            if info[7] is not None:  # a select/slice: it makes zeros unless it reads every position (the test
-                # _MAKES_NO_ZEROS_IF holds for it, from the same pick)
-                pick = picks[node] = info[7](node)
-                makes = fact = not covers([pick])
-            elif makes.__class__ is not bool:
-                if makes is UNUSED_OUTPUTS:
-                    fact = len(node._input_metadata)
-                    pending.append((node, fact))
-                    makes = True
-                else:
-                    makes = fact = _holds(makes, node, True)
-            if makes:
-                inside = info[6] is not None and _holds(info[6], node, False)
-                makers[node] = not inside
-                fact = (fact, inside)
-            if info[7] is not None:
-                fact = (fact, pick)
-            shape.append((fact,))  # (a tuple: never taken for a type or an index)
-            if not info[2] or info[3] is not None or info[5] is not None:
-                special.append(node)
+            if info[10] is not None:
+                fact = info[10](node)
+                facts.append((node, fact))
+                add(fact)  # (a tuple: never taken for a type or an index)
             if info[9]:
                 watched.append(node)
         for n, slot in edges:
             if n is not None:
-                stack.append(n)
-                shape.append(~slot)  # negative: never taken for an index
-    return _Graph(nodes, makers, special, [], {}, {}, watched, picks, pending, tuple(shape))
+                push(n)
+                add(~slot)  # negative: never taken for an index
+    return _Walk(nodes, edges_of, facts, watched, tuple(shape))
 
 
-def _holds(test: Any, node: Any, freed: bool) -> bool:
-    """``test(node)``; ``freed`` (the answer that assumes the worst: it makes structural zeros, which leave it) where
-    the test reads a saved tensor an earlier backward freed (a shared trunk under ``backward(inputs=)`` or
-    ``autograd.grad``: the engine runs no such node, and raises itself where it would need one)."""
-    try:
-        return bool(test(node))
-    except RuntimeError:
-        return freed
+def _derived(w: _Walk) -> _Graph:
+    """The graph of ``w`` with what the structural part of its plan needs: the nodes that make structural zeros
+    (and whether those leave them), the select/slice picks, the splits to resolve, the nodes with a fact to check.
+    Read from the node types and the facts the walk read, never from the nodes again."""
+    types = _NODE_TYPES
+    facts = dict(w.facts)
+    makers: dict[Any, bool] = {}
+    special: list = []
+    pending: list = []  # nodes that make zeros only for outputs nothing uses
+    picks: dict[Any, tuple] = {}
+    for node in w.nodes:
+        info = types.get(type(node)) or _node_type(node)
+        if info[8]:
+            continue
+        makes, inside = info[4], False
+        if info[10] is not None:
+            fact = facts[node]
+            if info[7] is not None:  # a select/slice: it makes zeros unless it reads every position (the test
+                # _MAKES_NO_ZEROS_IF holds for it, from the same pick)
+                if info[6] is not None:
+                    fact, inside = fact
+                picks[node] = fact
+                makes = not covers([fact])
+            elif makes is UNUSED_OUTPUTS:
+                fact, inside = fact
+                pending.append((node, fact))
+                makes = True
+            else:
+                makes, inside = fact
+        if makes:
+            makers[node] = not inside
+        if not info[2] or info[3] is not None or info[5] is not None:
+            special.append(node)
+    nodes = dict(zip(w.nodes, w.edges, strict=True))
+    return _Graph(nodes, makers, special, [], {}, {}, w.watched, picks, pending, w.shape)
 
 
 def _resolved(w: _Graph) -> _Graph:
@@ -244,7 +271,7 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any], watched: list | None =
         return "strong"
     shaped = _SHAPED.get(w.shape)
     if shaped is None:
-        shaped = _shaped(roots, _resolved(w))
+        shaped = _shaped(roots, _resolved(_derived(w)))
         _keep(w.shape, shaped)
     if shaped.compiled_only:  # a whole step compiled: nothing outside its graphs to read, and zeros made inside
         return "compiled"  # them are the pass's (one check per node's result)
@@ -260,11 +287,11 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any], watched: list | None =
         only_compiled &= readable
         if singular is not None and readable:
             singular_tests.append((node, singular))
-    if saved:  # a seed's NaN/Inf matters only where a structural zero can meet it
+    if saved and seeds:  # a seed's NaN/Inf matters only where a structural zero can meet it
         saved.extend(t for t in seeds if isinstance(t, torch.Tensor) and inexact(t))
     if not _all_finite(saved):
         return "strong"
-    if any(singular(node) for node, singular in singular_tests):
+    if singular_tests and any(singular(node) for node, singular in singular_tests):
         return "strong"
     # a softmax/exp output of exactly 0 is a structural zero of its own: an infinite derivative (sqrt of a masked
     # softmax, its entropy) meets it inside that node's backward. The singular tests (on small tensors, usually)
@@ -320,7 +347,7 @@ def _shaped(roots: Sequence[Any], g: _Graph) -> _Shaped:
     deferred: list = []  # singular-point tests of nodes no structural zero reaches from above
     zero_outputs: list = []  # nodes whose backward multiplies by their own output (softmax, exp)
     for node in g.special:
-        _, _, known, singular, _, zero_output, _, _, _, _ = _NODE_TYPES[type(node)]
+        _, _, known, singular, _, zero_output, _, _, _, _, _ = _NODE_TYPES[type(node)]
         if not known:
             known_all = False
             only_compiled = only_compiled and type(node).__name__ == "CompiledFunctionBackward"
@@ -391,6 +418,9 @@ def _saved_numbers(node: Any, raw: tuple[str, ...]) -> tuple[str, ...]:
     return names
 
 
+_PLAIN_CLASSES = (torch.Tensor, torch.nn.Parameter)  # (a layer's weight is often saved as it is)
+
+
 def _read_saved(node: Any, read: tuple[str, ...], seen: dict[int, list[torch.Tensor]],
                 saved: list[torch.Tensor]) -> bool:
     """Adds the floating-point tensors ``node`` saved under ``read`` to ``saved``, each once (a layer's output saved
@@ -415,7 +445,7 @@ def _read_saved(node: Any, read: tuple[str, ...], seen: dict[int, list[torch.Ten
             if not isinstance(t, torch.Tensor) or not (t.is_floating_point() or t.is_complex()) or not t.numel():
                 continue
             layout = t.layout
-            if t.__class__ is not torch.Tensor or layout != strided or t.is_meta or t.is_nested:
+            if t.__class__ not in _PLAIN_CLASSES or layout != strided or t.is_meta or t.is_nested:
                 _contract.check_saved(t)  # raises Unreadable for a kind it cannot read (the backward runs plain)
             if layout != strided:  # (each unpack is a new object: nothing to compare it with)
                 saved.append(t)
