@@ -3,7 +3,8 @@ pass (``_run_strong``, ``_nested``, ``grad_in_pass``), and the public ``strong_z
 ``backward``. The rebound globals ``_installed``, ``_original_engine_run`` and ``_process_wide`` live here only:
 read them as ``_engine.<name>``.
 
-May import: torch, gradwise._checks, _contract, _carry, _compile, _supports, _mode, _autograd_graph, _planning, _traced;
+May import: torch, gradwise._checks, gradwise._modes, _contract, _carry, _compile, _supports, _mode, _autograd_graph,
+_planning, _traced;
 and lazily (inside ``_under_traces``) gradwise._trace._tracer's ``_Tracer``, to keep a trace's recorders
 above the strong-zero mode.
 """
@@ -27,6 +28,7 @@ from torch.autograd.graph import GradientEdge
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from gradwise._checks import as_tensors, check_differentiable, check_scalar_or_seeded
+from gradwise._modes import dynamo_off
 from gradwise._strong_zeros import _carry, _contract
 from gradwise._strong_zeros._autograd_graph import _leaves, _root_nodes
 from gradwise._strong_zeros._carry import carry
@@ -58,8 +60,9 @@ _pending_sites: list[str] = []
 
 # Never traced by dynamo: a backward called inside a torch.compile'd function (a whole training step) graph-breaks,
 # and dynamo then compiles the frames the eager call enters, where torch.compiler.is_compiling() reads True and the
-# plan took the real backward of real tensors for a traced one (plain: the padding's NaN stayed)
-@torch.compiler.disable
+# plan took the real backward of real tensors for a traced one (plain: the padding's NaN stayed). dynamo_off: what
+# torch.compiler.disable does, with one C call each way (it wraps every backward of a strong_zeros() block)
+@dynamo_off
 def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), allow_unreachable=True,
                 accumulate_grad=True):
     """Replacement for ``torch.autograd._engine_run_backward`` while strong zeros are on (thread-local). Every
@@ -278,7 +281,7 @@ def _choose(outputs: Sequence[Any], inputs: Sequence[Any], seeds: Sequence[Any],
 
 # gw.grad / gw.backward plan here, also inside a compiled function (see _engine_run); _engine_run, which dynamo never
 # traces already, calls _choose itself (the wrapper costs ~4 us a backward)
-_choose_untraced = torch.compiler.disable(_choose)
+_choose_untraced = dynamo_off(_choose)
 
 
 def _run_planned(run: Callable[[bool | None], Any], outputs: Sequence[Any], seeds: Any,
