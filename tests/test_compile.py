@@ -453,11 +453,21 @@ def test_a_sensitivity_two_graphs_send():
 
 
 @pytest.mark.parametrize("how", ["backward", "gw.backward", "gw.grad"])
-def test_a_training_step_compiled_with_its_backward(how):
+def test_a_training_step_compiled_with_its_backward(how, monkeypatch):
     """The backward called inside the compiled function: dynamo graph-breaks there and compiles the frames the
     eager call enters, where is_compiling() reads True, so the plan took the real backward for a traced one
     (plain: the padding's NaN stayed, with a misleading PlainBackwardWarning once). gradwise's entry points are
-    never traced by dynamo."""
+    never traced by dynamo: the plan, spied on, never runs while dynamo compiles."""
+    from gradwise._strong_zeros import _engine
+
+    seen = []
+    real_plan = _engine._plan
+
+    def spied_plan(*args, **kwargs):
+        seen.append(torch.compiler.is_dynamo_compiling())
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(_engine, "_plan", spied_plan)
     torch._dynamo.reset()
     torch.manual_seed(0)
     lin = nn.Linear(4, 1)
@@ -480,6 +490,7 @@ def test_a_training_step_compiled_with_its_backward(how):
         step(x)
     assert not [c for c in caught if issubclass(c.category, gw.GradwiseWarning)]
     _close([lin.weight.grad], [want])
+    assert seen and not any(seen), seen
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "key-padding-mask"])
