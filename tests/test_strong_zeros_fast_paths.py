@@ -15,6 +15,7 @@ the exact elementwise test.
 from __future__ import annotations
 
 import itertools
+import sys
 
 import pytest
 import torch
@@ -358,6 +359,70 @@ def test_a_shared_broadcast_support_survives_a_write_to_the_other():
     assert torch.equal(sup.of(g, broadcast=True), sup.of(g))
     assert bool(sup.of(out, broadcast=True)[4].all()) and not bool(sup.of(g, broadcast=True)[4].any())
 
+
+
+def _raised_inside_gradwise(fn) -> list:
+    """The errors raised inside gradwise while ``fn`` runs, caught or not (sys.settrace 'exception' events)."""
+    raised = []
+
+    def tracer(frame, event, arg):
+        if event == "exception" and "gradwise" in frame.f_code.co_filename and \
+                arg[0] not in (GeneratorExit, StopIteration):
+            raised.append((frame.f_code.co_name, arg[0].__name__, str(arg[1])[:80]))
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        fn()
+    finally:
+        sys.settrace(None)
+    return raised
+
+
+def test_a_support_broadcast_over_a_middle_dim_read_reshaped_raises_no_error():
+    """A padding mask broadcast over a middle dim ((B, 1, N) over (B, T, N)) whose gradient a product rule reads
+    as (B*T, N): no view of the broadcast has that shape, and asking view raised a C++ error (~30 us, its
+    backtrace) twice a backward. The shape is tested first; the mask is read, the gradient is the same."""
+    B, T, N = 2, 4, 3
+    unused = torch.zeros(B, 1, N, dtype=torch.bool)
+    unused[0, 0, 1] = unused[1, 0, 2] = True
+    z0 = torch.rand(B * T, N, dtype=torch.float64) + 0.1
+    z = z0.clone()
+    z.view(B, T, N).masked_fill_(unused, -1.0)  # sqrt's NaN where the output never reads
+    z.requires_grad_()
+
+    def step():
+        z.grad = None
+        z.sqrt().tanh().view(B, T, N).masked_fill(unused, 0.0).sum().backward()
+
+    with gw.strong_zeros():
+        step()
+        step()
+        raised = _raised_inside_gradwise(step)
+    assert not raised, raised
+    ref = z0.clone().requires_grad_()  # the same program without the unused values
+    ref.sqrt().tanh().view(B, T, N).masked_fill(unused, 0.0).sum().backward()
+    assert torch.equal(z.grad, ref.grad)
+
+
+def test_the_broadcast_form_is_offered_exactly_where_view_succeeds():
+    """The broadcast form of a middle-dim support (stride-0 dims between others) read through every reshape:
+    the mask's values, and a stride-0 view exactly where view has one (the reference: asking view)."""
+    sup = _Supports()
+    t = torch.randn(2, 4, 3)
+    small = torch.tensor([[[True, False, True]], [[False, True, True]]])
+    sup.record(t, small.expand(2, 4, 3))
+    wide = small.expand(2, 4, 3)
+    for shape in ((24,), (8, 3), (2, 12), (2, 4, 3), (2, 2, 2, 3), (4, 2, 3), (6, 4), (2, 4, 3, 1), (1, 8, 3)):
+        view = t.view(shape)
+        try:
+            wide.view(shape)
+            viewable = True
+        except RuntimeError:
+            viewable = False
+        narrow = sup.of(view, broadcast=True)
+        assert torch.equal(narrow, sup.of(view)), shape
+        assert (0 in narrow.stride()) == viewable, shape
 
 def _mlp_program(x, w1, w2, w3):
     """A batch's rows through three bias-free layers (mm's row supports meet SiLU, a product, a residual)."""
