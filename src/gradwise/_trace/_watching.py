@@ -25,13 +25,18 @@ Design. A long training run pays for `gw.trace()` on every op of every step alth
 
 Why the graph is kept, and its cost. The engine frees each node's saved tensors right after running it unless
 the graph is kept, so only a kept graph can be replayed; a kept graph must then be freed by the watch, and
-PyTorch frees a saved tensor from Python only one at a time (``register_hooks``, ~2.5 us each). That walk and
-release, with the check, are the cost of a finite step. On the 0.8 ms step of 6 x Linear(128)+ReLU, batch 128
-(CPU time, one thread, caches cold after the backward; 2026-12-06): ~30 us walk, ~50 us check, ~52 us release
-(19 saved tensors), ~20 us to reach and enter the watch's backward, ~13 us to open and close a block: watch /
-plain ~1.25. The check alone, with the parameters known and nothing else (no wrapper, walk or kept graph), is
-1.05-1.058 there: 12 reductions of gradients cold after the backward, the floor of any watch that checks every
-gradient of every step, so 1.05 cannot be met on steps that small; on 4-20 ms steps watch / plain is 1.01-1.09.
+PyTorch frees a saved tensor from Python only one at a time (``register_hooks``, ~1 us each, the freeing
+itself included, which a plain backward does inside the engine). That walk and release, with the check, are the
+cost of a finite step. On the 0.7 ms step of 6 x Linear(128)+ReLU, batch 128 (CPU time, one thread, caches
+cold after the backward; 2026-12-06): ~38 us walk (most of it the first Python access of each node and saved
+slot), ~50 us check (~25 with the gradients and the code warm: 12 reductions), ~20 us release (19 saved
+tensors), ~15 us to reach and enter the watch's backward, ~8 us of keeping the graph through the backward,
+~13 us to open and close a block: watch / plain 1.23-1.24 over forward+backward with a block per step, 1.15 over
+training steps (SGD) in one block (benchmarks/bench_trace.py). Until 5949032 a refused ``register_hooks`` per
+step (a slot saved as None, ~29 us for its C++ backtrace) cost another 4% there. The check alone, with the
+parameters known and nothing else, is 1.05-1.09 of that step: the floor of any watch that checks every gradient
+of every step, so 1.05 cannot be met on steps that small; on 4-20 ms steps watch / plain is 1.00-1.06 (1.00-1.05
+over training steps).
 Measured and rejected (tests/test_watch.py keeps the graph's lifetime): not keeping the graph (the first
 non-finite step could not be explained, only a later one; checking only the loss misses contamination, a finite
 loss with NaN gradients); leaving a kept graph to die with its tensors (the user's ``loss``/``out`` hold it
