@@ -182,7 +182,8 @@ def test_a_freed_trunk_is_planned(op):
 def _more_programs():
     """Look-alike graphs that differ in a fact read from one node: which positions an index, index_select or
     padding keeps, which output of an unbind goes unused, a same-named custom Function whose backward differs,
-    attention's mask and causal masking. Each input holds NaN where some of them discard it."""
+    pow's exponent, a convolution's stride and dilation, attention's mask and causal masking (also with fewer
+    queries than keys). Each input holds NaN where some of them discard it."""
     torch.manual_seed(1)
     w = torch.randn(4, 4, dtype=f64, requires_grad=True)
     x = torch.randn(6, 4, dtype=f64)
@@ -215,7 +216,25 @@ def _more_programs():
     for drops in (False, True):
         fn = twin(drops)
         progs[f"custom drops={drops}"] = lambda fn=fn: (fn.apply(x @ w).sum(), [w])
+    for e in (0, 0.0, 1, 2, 0.5):  # pow's exponent decides whether it makes zeros (x ** 0: a constant)
+        progs[f"pow {e!r}"] = lambda e=e: (((x @ w) ** e).sum(), [w])
+    kernel = torch.randn(3, 4, 1, dtype=f64)
+    for stride, dilation in ((1, 1), (2, 1), (5, 1)):  # a stride wider than the kernel skips positions (row 5)
+        progs[f"conv1d stride={stride}"] = lambda s=stride, d=dilation: (
+            F.conv1d((x @ w).T.unsqueeze(0), kernel, stride=s, dilation=d).sum(), [w])
+    kernel2 = torch.randn(3, 4, 2, dtype=f64)
+    for dilation in (1, 5):  # a dilation as wide as the input skips the positions between its taps
+        progs[f"conv1d dilation={dilation}"] = lambda d=dilation: (
+            F.conv1d((x @ w).T.unsqueeze(0), kernel2, dilation=d).sum(), [w])
     wf = w.detach().float().requires_grad_()
+    short_q, last_key_nan = q[..., :3, :].clone(), kv.clone()
+    # causal masking aligned to the top left: 3 queries never score key 4 (the forward still weighs its NaN value
+    # row by 0: a NaN loss, genuine either way; the plans differ)
+    last_key_nan[0, 0, 4] = nan
+    for causal in (False, True):
+        progs[f"attention 3 queries causal={causal}"] = lambda c=causal: (
+            F.scaled_dot_product_attention(short_q @ wf, last_key_nan @ wf, last_key_nan @ wf, is_causal=c).sum(),
+            [wf])
     keys = (torch.arange(5) < 4).expand(5, 5)
     for m, causal in ((None, False), (None, True), (keys, False)):
         progs[f"attention mask={m is not None} causal={causal}"] = lambda m=m, c=causal: (
