@@ -35,6 +35,8 @@ Modules (each imports only those above it, plus torch, gradwise._masks, gradwise
 ``_kinks``        ``kink_detector``: the shared kink facts as detectors (``_Hit``), and where on a comparison's tie.
 ``_checking``     ``_Checks``: output checks (immediate or batched), collectives, the gradients a backward starts from.
 ``_shadow``       ``_Shadow``: gw.strong_zeros()' pass beside a backward that may meet NaN/Inf (supports, not values).
+``_flow``         ``_Flow``: the backward's flow around a meeting: which node made a zero, split provenance
+                  through views and mixing ops, an op rerun under the strong-zero rules, leaves reached.
 ``_incidents``    ``_Incidents``: where a sensitivity meets a NaN/Inf; contamination or genuine.
 ``_provenance``   ``_Provenance``: births of NaN/Inf, provenance along forward ops, names of reached leaves.
 ``_kink_checks``  ``_KinkChecks``: kink checks of forward ops and the sensitivities that reach them.

@@ -2,9 +2,9 @@
 and classifies it: contamination (the sensitivity is a structural zero there) or genuine. Where the tracer runs a
 shadow strong pass (``_shadow``: the step's forward met a NaN/Inf or a singular point) the shadow decides, by the
 strong-zero rules' supports; elsewhere value heuristics do, rerunning an op under the strong-zero rules where they
-cannot tell otherwise (``_strong_rerun``).
+cannot tell otherwise (``_Flow._strong_rerun``).
 
-May import: torch, gradwise._strong_zeros, gradwise._masks, gradwise._trace._common, _facts, _store, _shadow.
+May import: torch, gradwise._strong_zeros, gradwise._masks, gradwise._trace._common, _facts, _flow, _shadow.
 """
 
 from __future__ import annotations
@@ -14,13 +14,10 @@ import torch
 from gradwise import _strong_zeros
 from gradwise._masks import mask_any
 from gradwise._trace import _shadow
-from gradwise._trace._common import _aligned, _fmt, _inexact, _nan_in, _nonfinite, _op_name, _positions, _tensors
-from gradwise._trace._facts import _BILINEAR, _DISCARDS, _ELEMENTWISE_DISCARDS, _PRODUCTS, _discard_key
+from gradwise._trace._common import _aligned, _fmt, _inexact, _nan_in, _op_name, _positions, _tensors
+from gradwise._trace._facts import _BILINEAR
+from gradwise._trace._flow import _pairs, _reruns
 from gradwise._trace._store import Incident as _Incident
-
-# copies of their first argument (no product): a mask follows them like a view
-_COPIES = {torch.ops.aten.clone, torch.ops.aten._unsafe_view, torch.ops.aten.contiguous}
-_RESHAPES = {torch.ops.aten.view, torch.ops.aten._unsafe_view, torch.ops.aten.reshape}
 
 
 class _Incidents:
@@ -277,85 +274,6 @@ class _Incidents:
             return None
         return out if out.shape == o.shape else None
 
-    def _through_view(self, func, upstream, args, kwargs, o, mask, carried, sens_ins=(), out=None) -> frozenset:
-        """The provenance of a view (or copy) of a tensor part of whose NaN/Inf a structural zero annihilated
-        (``split``): the same view of its mask of kept elements says whether the upstream incidents still reach
-        these elements (the top-right block of matrix_exp's block exponential, sliced out, holds only annihilated
-        ones). Other ops: see ``_mixed``."""
-        t = upstream[0]
-        got = self.split.get(t) if len(upstream) == 1 else None
-        if got is None:
-            return self._mixed(func, upstream, args, kwargs, o, mask, carried, sens_ins, out) \
-                if any(u in self.split for u in upstream) else carried
-        kept, inc, rest = got
-        if _pairs(func, [t], o) and t.shape == kept.shape:  # elementwise (where's backward): the kept elements' own
-            view = kept.broadcast_to(o.shape)
-        elif not (args and args[0] is t and (getattr(func, "is_view", False) or func.overloadpacket in _COPIES)):
-            return self._mixed(func, upstream, args, kwargs, o, mask, carried, sens_ins, out)
-        else:
-            if func.overloadpacket in _RESHAPES:  # by logical order: a mask laid out otherwise may not view
-                kept = kept.contiguous()
-            try:
-                view = func(kept, *args[1:], **(kwargs or {}))
-            except Exception:  # an explanation must never break the program it explains
-                return carried
-        if not isinstance(view, torch.Tensor) or view.shape != o.shape:
-            return carried
-        view = view & mask
-        if not bool(mask_any(view)):
-            return frozenset([inc])
-        if not bool(mask_any(mask & ~view)):  # none of the incident's elements left (a where dropped them)
-            return rest
-        self.split[o] = (view, inc, rest)
-        return carried
-
-    def _mixed(self, func, upstream, args, kwargs, o, mask, carried, sens_ins, out) -> frozenset:
-        """An op that mixes sensitivities part of whose NaN/Inf is contamination (``split``: a log_softmax
-        backward's ignored rows beside rows the loss uses), such as the matmul to a weight's gradient or the sum
-        of two branches: run again under the strong-zero rules with those elements zeros, it says where the rest
-        (genuine) reaches the output. Where it reaches every non-finite element, strong zeros leave each of them
-        non-finite and the contamination is no finding there (it reached every gradient beside the genuine NaN,
-        against gw.grad), nor a value that no gradient used (``covered``: it stops here); elsewhere the split
-        follows the output. One contamination incident at a time; ops without a strong-zero rule carry the whole
-        provenance."""
-        if args is None or out is None:
-            return carried
-        splits = [self.split.get(t) for t in upstream]
-        incs = {got[1] for got in splits if got is not None}
-        if len(incs) != 1:
-            return carried
-        inc = incs.pop()
-        strong_of, rest = {}, frozenset()
-        for t, got in zip(upstream, splits, strict=True):
-            if got is not None and got[0].shape == t.shape:
-                strong_of[id(t)] = t.masked_fill(~got[0] & ~torch.isfinite(t), 0)
-                rest |= got[2]
-            elif got is None and self.prov.get(t) == frozenset([inc]):  # contamination throughout
-                strong_of[id(t)] = t.masked_fill(~torch.isfinite(t), 0)
-            elif got is None and inc not in self.prov.get(t, ()):
-                rest |= self.prov.get(t, frozenset())
-            else:
-                return carried
-
-        def swap(a):
-            if isinstance(a, (list, tuple)):
-                return type(a)(swap(x) for x in a)
-            return strong_of.get(id(a), a) if isinstance(a, torch.Tensor) else a
-
-        strong = self._strong_of(o)
-        if strong is None:
-            strong = self._strong_rerun(func, swap(list(args)), kwargs or {}, [swap(s) for s in sens_ins], o, out)
-        if strong is None:
-            return carried
-        reached = mask & ~torch.isfinite(strong)
-        if not bool(mask_any(mask & ~reached)):
-            inc.covered = True  # (used there, under the genuine NaN/Inf: no finding, nor a value nothing used)
-            return rest
-        if not bool(mask_any(reached)):
-            return frozenset([inc])
-        self.split[o] = (reached, inc, rest)
-        return carried
-
     def _nonzero_sensitivity_met(self, func, o, mask, ins, sens_ins, nf, args, out, kwargs=None) -> torch.Tensor:
         """Bool mask over `o`: where a nonzero sensitivity met a non-finite value (genuine), else contamination."""
         if _elementwise(func, ins, o):  # positions line up
@@ -400,115 +318,6 @@ class _Incidents:
                 return r != 0
         return None
 
-    def _from_a_product(self, sens_ins) -> bool:
-        """Did the zero sensitivity come straight from the backward of a product with a value (0 * x, a
-        matmul with a zero weight)? Those zeros are values of the program, not structure. Not where a node that
-        can make structural zeros lies above the product (y * c after an overwrite y[0] = 0 passes its zero on)."""
-        for s in sens_ins:
-            seq = self.sens.get(s)
-            nd = self.nodes.get(seq)
-            if nd is not None and nd.op in _PRODUCTS and not self._maker_above(seqs=self.parents.get(seq, ())):
-                return True
-        return False
-
-    def _upstream(self, sens_ins=(), seqs=()):
-        """The seqs of the nodes upstream in the sensitivity flow of ``sens_ins`` (or from ``seqs``), nearest
-        first, each once (negative: the engine's zeros for an unused output)."""
-        frontier = [self.sens.get(s) for s in sens_ins] + list(seqs)
-        seen: set = set()
-        while frontier:
-            nxt = []
-            for seq in frontier:
-                if seq is None or seq in seen:
-                    continue
-                seen.add(seq)
-                yield seq
-                nxt.extend(self.parents.get(seq, ()))
-            frontier = nxt
-
-    def _maker_above(self, sens_ins=(), seqs=()) -> bool:
-        """Is there a node upstream in the sensitivity flow where strong zeros can start a structural zero (their
-        own fact, ``may_make_structural_zeros``; the engine's zeros for an unused output count)? Where there is
-        none, a zero sensitivity is one the program computed (1 - 6/6 when centring), as gw.grad takes it."""
-        return any(seq < 0 or seq in self.makers for seq in self._upstream(sens_ins, seqs))
-
-    def _discarded_by(self, sens_ins) -> tuple | None:
-        """The discarding op upstream in the sensitivity flow (slice, where, ...) whose backward made the zero
-        sensitivity: the nearest one that selects (slice, index, where, masks, ignored targets, overwrites) if
-        any, else the nearest elementwise one (relu, clamp, max: their zeros are spread through the tensor and
-        rarely line up with discarded rows). One whose backward makes no structural zero (an index that reads
-        every row, a full slice: strong zeros' fact) discards nothing."""
-        fallback = None
-        for seq in self._upstream(sens_ins):
-            if seq not in self.makers:
-                continue
-            nd = self.nodes.get(seq)
-            op = _discard_key(nd.op) if nd is not None else None
-            if op in _DISCARDS:
-                if op not in _ELEMENTWISE_DISCARDS:
-                    return nd.op, nd.loc
-                fallback = fallback or (nd.op, nd.loc)
-        return fallback
-
-    def _strong_rerun(self, func, args, kwargs, sens_ins, o, out) -> torch.Tensor | None:
-        """``func`` run again under the strong-zero rules, every zero of its sensitivities taken as structural: the
-        counterpart of ``o`` (what strong zeros leave non-finite), or None where no rule nor decomposition covers
-        the op (or it writes in place). As in gw.strong_zeros()' pass: a bool mask the formula compared
-        (amax's ``self == result``) is made again under the rules, which then know where it selects, and an
-        exactly-0 softmax or exp output is structural only when the outputs are finite."""
-        if not _reruns(func):
-            return None
-        outs = out if isinstance(out, (list, tuple)) else [out]
-        at = next((i for i, t in enumerate(outs) if t is o), None)
-        if at is None:
-            return None
-        mode = _strong_zeros._StrongZeroMode()
-        for s in sens_ins:
-            mode.supports.record(s, s != 0)
-        state = _strong_zeros._STATE
-        finite, state.outputs_finite = state.outputs_finite, self.outputs_finite()
-        try:
-            with torch.no_grad(), mode:
-                args = [self._formula_mask(a) for a in args]
-                res = func(*args, **kwargs)
-        except Exception:  # an explanation must never break the program it explains
-            return None
-        finally:
-            state.outputs_finite = finite
-        r = (res if isinstance(res, (list, tuple)) else [res])[at]
-        return r if isinstance(r, torch.Tensor) and r.shape == o.shape else None
-
-    def _formula_mask(self, a):
-        """A comparison's mask made in the backward formula, made again (inside the rerun's mode)."""
-        made = self.formula_masks.get(a) if isinstance(a, torch.Tensor) and a.dtype == torch.bool else None
-        if made is None or made[3] != a._version:  # (written in place since: max's `mask.logical_or_(both NaN)`)
-            return a
-        func, args, kwargs, _ = made
-        return func(*args, **(kwargs or {}))
-
-    # -- leaves and their names ------------------------------------------------------------------------------
-
-    def _accumulate(self, node, sens_ins) -> None:
-        var = node.variable
-        for s in sens_ins:
-            incs = self.prov.get(s, ())
-            if not incs or not _nonfinite(s):  # (provenance left on values made finite in place: maximum's backward)
-                continue
-            for inc in incs:
-                if isinstance(inc, _Incident):
-                    inc.reaches.add(self.leaf_name(var))
-                    self.reached_now.add(id(inc))
-
-
-# ops that pair each element with the inputs' at the same position, though PyTorch tags them no pointwise
-_PAIRING = {torch.ops.aten.mse_loss_backward, torch.ops.aten.smooth_l1_loss_backward,
-            torch.ops.aten.huber_loss_backward, torch.ops.aten.binary_cross_entropy_backward, torch.ops.aten.where}
-
-
-def _pairs(func, ins, o) -> bool:
-    """Whether output elements pair with the inputs' at their positions (`_elementwise`, or a `_PAIRING` op)."""
-    return (torch.Tag.pointwise in func.tags or func.overloadpacket in _PAIRING) and _aligned(ins, o.shape)
-
 
 def _nonzero(s: torch.Tensor, finite_only: bool) -> torch.Tensor:
     return (s != 0) & torch.isfinite(s) if finite_only else s != 0
@@ -525,13 +334,6 @@ def _undecidable(func, ins, o) -> bool:
     """A backward op the trace cannot split into contamination and genuine: not elementwise, not bilinear, and
     without a strong-zero rule or decomposition to run again."""
     return not _elementwise(func, ins, o) and func.overloadpacket not in _BILINEAR and not _reruns(func)
-
-
-def _reruns(func) -> bool:
-    """Whether `_strong_rerun` can run ``func`` under the strong-zero rules (a rule or a decomposition, and no
-    in-place write)."""
-    return not func._schema.is_mutable and (
-        _strong_zeros.lookup(func) is not None or _strong_zeros._decomposition(func) is not None)
 
 
 def _in_base(mask: torch.Tensor, view: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:

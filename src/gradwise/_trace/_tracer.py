@@ -1,5 +1,5 @@
 """``_Tracer``, the TorchDispatchMode that sees every aten op of a forward and backward pass and hands it to
-its parts (``_Checks``, ``_Provenance``, ``_Incidents``, ``_KinkChecks``, ``_Assembly``), and ``_op_info``,
+its parts (``_Checks``, ``_Provenance``, ``_Incidents``, ``_Flow``, ``_KinkChecks``, ``_Assembly``), and ``_op_info``,
 the per-op facts it caches.
 
 May import: torch, gradwise._modes, gradwise._ops, gradwise._strong_zeros, every module of gradwise._trace above
@@ -45,6 +45,7 @@ from gradwise._trace._facts import (
     _UNINITIALISED,
     DECLARED,
 )
+from gradwise._trace._flow import _Flow
 from gradwise._trace._incidents import _Incidents
 from gradwise._trace._kink_checks import _KinkChecks
 from gradwise._trace._kinks import _Call, _Detector, kink_detector
@@ -150,7 +151,7 @@ def _declared_node(node, at: tuple) -> _Node | None:
     return _Node(DECLARED, getattr(node, "declared_at", at))
 
 
-class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDispatchMode):
+class _Tracer(_Checks, _Provenance, _Incidents, _Flow, _KinkChecks, _Assembly, LeanDispatchMode):
     """The dispatch-mode recorder: sees every aten op and hands it to its parts (the bases before TorchDispatchMode)."""
 
     def __init__(self, sync_every: int):
@@ -392,7 +393,7 @@ class _Tracer(_Checks, _Provenance, _Incidents, _KinkChecks, _Assembly, LeanDisp
 
     def _backward(self, func, info, node, args, out, kwargs=None):
         self.n_bwd += 1
-        if info.mask and node is not None:  # for a rerun under the strong-zero rules (_Incidents._strong_rerun)
+        if info.mask and node is not None:  # for a rerun under the strong-zero rules (_Flow._strong_rerun)
             self.formula_masks[out] = (func, args, kwargs, out._version)
         seq = node._sequence_nr() if node is not None else None
         ins = _tensors(args)
