@@ -1,16 +1,14 @@
 """``_Provenance``: the part of the tracer that records where a NaN/Inf was born (``_Birth``) and carries
-that provenance along forward ops, and names the leaves (parameters, inputs) a gradient reaches.
+that provenance along forward ops (the leaves it reaches are named by ``_leaf_names``).
 
 May import: torch, gradwise._trace._common, _advice, _facts, _kinds, _store.
 """
 
 from __future__ import annotations
 
-import threading
 import weakref
 
 import torch
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from gradwise._masks import mask_any
 from gradwise._trace._advice import _explain
@@ -19,7 +17,6 @@ from gradwise._trace._common import (
     _fmt,
     _has_nan,
     _inexact,
-    _is_internal,
     _loc,
     _nan_in,
     _nan_mask,
@@ -36,13 +33,6 @@ from gradwise._trace._store import Incident as _Incident
 from gradwise._trace._store import count as _count
 from gradwise._trace._store import first as _first
 from gradwise._trace._store import root as _root_birth
-
-# leaf -> {location of the op that first read it in a trace: its name}: a training loop that opens a trace per
-# step names its parameters once (the walk up the stack and over the modules' parameters costs ~0.1 ms per leaf)
-_LEAF_NAMES = WeakTensorKeyDictionary()
-_NAMES_LOCK = threading.Lock()
-_NAMES_PER_LEAF = 8
-
 
 # ops that select elements: the parts they keep are the provenance of their output
 _SELECTS = {torch.ops.aten.index, torch.ops.aten.index_select, torch.ops.aten.masked_select, torch.ops.aten.gather,
@@ -283,80 +273,3 @@ class _Provenance:
             return self._origin(t, loc)
         got = frozenset().union(*(births for m, births in parts if bool(mask_any(m.broadcast_to(where.shape) & where))))
         return got or self._origin(t, loc)
-
-    def reached(self, grad: torch.Tensor, leaf: torch.Tensor) -> None:
-        """A final gradient (from torch.autograd.grad) for `leaf`: record which findings reach it."""
-        incs = [i for i in self.prov.get(grad, ()) if isinstance(i, _Incident)] if _nonfinite(grad) else []
-        for inc in incs:
-            inc.reaches.add(self.leaf_name(leaf))
-            self.reached_now.add(id(inc))
-        if not incs and _nonfinite(grad):
-            self.store.orphan(self.leaf_name(leaf), _count(_nonfinite_mask(grad)))
-
-    def leaf_name(self, t: torch.Tensor) -> str:
-        name = self.names.get(t)
-        if name is None:
-            frame = _user_frame()
-            self._name_leaves([t], frame, _loc(frame) if frame is not None else None)
-            name = self.names[t]
-        return name
-
-    def _name_leaves(self, new: list[torch.Tensor], frame, loc) -> None:
-        """Name the leaves an op at ``loc`` reads for the first time in this trace: as an earlier trace named them
-        at the same place (a loop that opens a trace per step), else by one walk up the stack for all of them (a
-        weight and its bias)."""
-        unknown = []
-        with _NAMES_LOCK:
-            for t in new:
-                name = _LEAF_NAMES.get(t, {}).get(loc)
-                if name is None:
-                    unknown.append(t)
-                else:
-                    self.names[t] = name
-        if not unknown:
-            return
-        found = self._search_names(unknown, frame)
-        with _NAMES_LOCK:
-            for t, name in zip(unknown, found, strict=True):
-                self.names[t] = name
-                at = _LEAF_NAMES.get(t)
-                if at is None or len(at) >= _NAMES_PER_LEAF:
-                    at = _LEAF_NAMES[t] = {}
-                at[loc] = name
-
-    def _search_name(self, t: torch.Tensor, frame) -> str:
-        return self._search_names([t], frame)[0]
-
-    def _search_names(self, ts: list[torch.Tensor], frame) -> list[str]:
-        """The names the user knows ``ts`` by: a variable, or `module.param` for a module's parameter; the
-        outermost user frame that has one wins (the script's `model.fc.weight` over a method's
-        `self.fc.weight`), and within a frame a module's path wins over a variable (`for p in
-        model.parameters()` leaves `p` bound to the last parameter)."""
-        best: dict[int, str] = {}
-        wanted = {id(t) for t in ts}
-        f = frame
-        while f is not None:
-            if not _is_internal(f.f_code):
-                direct: dict[int, str] = {}
-                paths: dict[int, str] = {}
-                for k, v in list(f.f_locals.items()):
-                    if id(v) in wanted:
-                        direct.setdefault(id(v), k)
-                    elif isinstance(v, torch.nn.Module):
-                        names = self._param_names(v)
-                        for i in wanted:
-                            p = names.get(i)
-                            if p is not None and not (i in best and k == "self"):
-                                paths[i] = f"{k}.{p}"
-                best.update(direct)
-                best.update(paths)
-            f = f.f_back
-        return [best.get(id(t)) or f"tensor{list(t.shape)}" for t in ts]
-
-    def _param_names(self, module) -> dict:
-        names = self.module_names.get(module)
-        if names is None:
-            names = self.module_names[module] = {id(p): n for n, p in module.named_parameters()}
-        return names
-
-    # -- kinks ----------------------------------------------------------------------------------------------
