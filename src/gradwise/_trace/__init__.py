@@ -34,6 +34,7 @@ Modules (each imports only those above it, plus torch, gradwise._masks, gradwise
 ``_advice``       why a NaN/Inf was born (``_EXPLAIN`` and its explainers) and the fix texts of findings.
 ``_kinks``        ``kink_detector``: the shared kink facts as detectors (``_Hit``), and where on a comparison's tie.
 ``_checking``     ``_Checks``: output checks (immediate or batched), collectives, the gradients a backward starts from.
+``_received``     ``_Received``: collectives, and the NaN/Inf a gradient received from another rank.
 ``_shadow``       ``_Shadow``: gw.strong_zeros()' pass beside a backward that may meet NaN/Inf (supports, not values).
 ``_flow``         ``_Flow``: the backward's flow around a meeting: which node made a zero, split provenance
                   through views and mixing ops, an op rerun under the strong-zero rules, leaves reached.

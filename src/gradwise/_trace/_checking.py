@@ -1,6 +1,6 @@
 """``_Checks``: the part of the tracer that checks op outputs for NaN/Inf (at once, or batched every
-``sync_every`` ops), reads what the strong-zero mode ran, follows collectives, and makes the gradients a
-backward starts from (``roots``).
+``sync_every`` ops), reads what the strong-zero mode ran, and makes the gradients a backward starts from
+(``roots``); collectives are ``_received``'s.
 
 May import: torch, gradwise._masks, gradwise._strong_zeros, gradwise._trace._common, _facts, _kinds, _store,
 _shadow.
@@ -13,12 +13,10 @@ import weakref
 
 import torch
 from torch._C import _set_grad_enabled
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.checkpoint import _StopRecomputationError
 
-from gradwise._masks import all_finite
 from gradwise._trace import _common, _kinds
-from gradwise._trace._common import _grad, _held, _inexact, _loc, _nonfinite, _op_name, _tensors, _user_frame
+from gradwise._trace._common import _held, _inexact, _loc, _nonfinite, _op_name, _tensors, _user_frame
 from gradwise._trace._shadow import _Shadow
 from gradwise._trace._store import Birth as _Birth
 from gradwise._trace._store import Incident as _Incident
@@ -86,60 +84,6 @@ class _Checks:
             nd = self.nodes.get(seq)
             site = (nd.op, nd.loc) if nd is not None else ("?", ("<backward>", 0))
             self.strong_made[site] = self.strong_made.get(site, 0) + 1
-
-    def _collective(self, func, args, kwargs):
-        """A collective (DDP's gradient all-reduce, FSDP's reduce-scatter): its buffers are written by the
-        other ranks, possibly later (async), so they are not checked here; they are remembered, so that a
-        NaN/Inf read from them later, or a final gradient that is not finite while every local op was, is
-        reported as received from another rank."""
-        frame = _user_frame()
-        loc = _loc(frame)
-        name = f"{func.namespace}.{func.overloadpacket.__name__}"
-        self.collective_sites.setdefault((name, loc))
-        self.collectives += 1
-        self.last_collective = (name, loc)
-        out = _common.run_op(func, args, kwargs)
-        if len(self.collective_bufs) > 4096:  # FSDP allocates new buffers every step: forget the freed ones
-            self.collective_bufs = {k: v for k, v in self.collective_bufs.items() if not v[0].expired()}
-        for t in _tensors([*args, *kwargs.values(), out]):
-            if t.is_floating_point() and t.layout == torch.strided:
-                storage = t.untyped_storage()
-                self.collective_bufs[storage._cdata] = (StorageWeakRef(storage), name, loc)
-        return out
-
-    def _received_through(self, t: torch.Tensor) -> tuple | None:
-        """(op, loc) of the collective whose buffer ``t`` reads, or None."""
-        if not self.collective_bufs or t.layout != torch.strided:
-            return None
-        entry = self.collective_bufs.get(t.untyped_storage()._cdata)
-        return None if entry is None or entry[0].expired() else entry[1:]
-
-    def note_received(self, local: set[str], site: tuple | None = None) -> None:
-        """Record this step's receipt (``received``) when a backward that ran a collective ends: the next step's
-        zero_grad clears the evidence long before the block ends. Once per step."""
-        if self.store.step not in self.receipts and (got := self.received(local, site)) is not None:
-            self.store.serial += 1  # (a nested block reports what happened after it began)
-            self.receipts[self.store.step] = (*got, self.store.serial)
-
-    def received(self, local: set[str], site: tuple | None = None) -> tuple | None:
-        """(op, loc, {leaf name: elements}, NaN seen) of the leaves whose gradient holds NaN/Inf now that no local
-        finding reaches (``local``: the names local findings reach): another rank's, received through the
-        collective ``site`` (default: the latest one, the backward's all-reduce, not DDP's set-up broadcast).
-        None when there are none."""
-        site = site or self.last_collective
-        if site is None:
-            return None
-        with torch.utils._python_dispatch._disable_current_modes():  # the trace's reads, not the program's ops
-            grads = [(g, name) for leaf, name in list(self.names.items()) if name not in local
-                     for g in (_grad(leaf),)
-                     if isinstance(g, torch.Tensor) and _inexact(g) and _kinds.readable(g)]
-            if all_finite([_held(g) for g, _ in grads]):  # the usual step: one check of all gradients
-                return None
-            counts = {name: int((~torch.isfinite(_held(g))).sum()) for g, name in grads if _nonfinite(g)}
-            if not counts:
-                return None
-            has_nan = any(bool(torch.isnan(_held(g)).any()) for g, name in grads if name in counts)
-        return (*site, counts, has_nan)
 
     # -- finiteness checks: one fused reduction per output, batched off the CPU -------------------------------
 

@@ -1,6 +1,6 @@
 """``_Tracer``, the TorchDispatchMode that sees every aten op of a forward and backward pass and hands it to
-its parts (``_Checks``, ``_Provenance``, ``_LeafNames``, ``_Incidents``, ``_Flow``, ``_KinkChecks``, ``_Assembly``),
-and ``_op_info``, the per-op facts it caches.
+its parts (``_Checks``, ``_Received``, ``_Provenance``, ``_LeafNames``, ``_Incidents``, ``_Flow``, ``_KinkChecks``,
+``_Assembly``), and ``_op_info``, the per-op facts it caches.
 
 May import: torch, gradwise._modes, gradwise._ops, gradwise._strong_zeros, every module of gradwise._trace above
 _session.
@@ -51,6 +51,7 @@ from gradwise._trace._kink_checks import _KinkChecks
 from gradwise._trace._kinks import _Call, _Detector, kink_detector
 from gradwise._trace._leaf_names import _LeafNames
 from gradwise._trace._provenance import _Provenance
+from gradwise._trace._received import _Received
 from gradwise._trace._shadow import _Shadow
 from gradwise._trace._store import Store
 
@@ -152,7 +153,8 @@ def _declared_node(node, at: tuple) -> _Node | None:
     return _Node(DECLARED, getattr(node, "declared_at", at))
 
 
-class _Tracer(_Checks, _Provenance, _LeafNames, _Incidents, _Flow, _KinkChecks, _Assembly, LeanDispatchMode):
+class _Tracer(_Checks, _Received, _Provenance, _LeafNames, _Incidents, _Flow, _KinkChecks, _Assembly,
+              LeanDispatchMode):
     """The dispatch-mode recorder: sees every aten op and hands it to its parts (the bases before TorchDispatchMode)."""
 
     def __init__(self, sync_every: int):
