@@ -81,8 +81,8 @@ class Incident:
     reaches: set = field(default_factory=set)
     undecided: bool = False  # met in a backward op the trace cannot split (no strong-zero rule)
     unfollowed: bool = False  # a sparse/mkldnn/nested operand took part: strong zeros run that backward plain
-    annihilated: bool = False  # a structural zero downstream annihilated (some of) it (see _Incidents._annihilated)
-    # a genuine NaN/Inf covered every element it reached in an op that mixes (_Incidents._mixed): it stopped there,
+    annihilated: bool = False  # a structural zero downstream annihilated (some of) it (see _SavedMeets._annihilated)
+    # a genuine NaN/Inf covered every element it reached in an op that mixes (_Flow._mixed): it stopped there,
     # though the gradient took it in (not a value no gradient used)
     covered: bool = False
     order: int = 0

@@ -1,6 +1,6 @@
 """``_Tracer``, the TorchDispatchMode that sees every aten op of a forward and backward pass and hands it to
-its parts (``_Checks``, ``_Received``, ``_Provenance``, ``_LeafNames``, ``_Incidents``, ``_Flow``, ``_KinkChecks``,
-``_Assembly``), and ``_op_info``, the per-op facts it caches.
+its parts (``_Checks``, ``_Received``, ``_Provenance``, ``_LeafNames``, ``_Incidents``, ``_SavedMeets``, ``_Flow``,
+``_KinkChecks``, ``_Assembly``), and ``_op_info``, the per-op facts it caches.
 
 May import: torch, gradwise._modes, gradwise._ops, gradwise._strong_zeros, every module of gradwise._trace above
 _session.
@@ -52,6 +52,7 @@ from gradwise._trace._kinks import _Call, _Detector, kink_detector
 from gradwise._trace._leaf_names import _LeafNames
 from gradwise._trace._provenance import _Provenance
 from gradwise._trace._received import _Received
+from gradwise._trace._saved_meets import _SavedMeets
 from gradwise._trace._shadow import _Shadow
 from gradwise._trace._store import Store
 
@@ -153,7 +154,7 @@ def _declared_node(node, at: tuple) -> _Node | None:
     return _Node(DECLARED, getattr(node, "declared_at", at))
 
 
-class _Tracer(_Checks, _Received, _Provenance, _LeafNames, _Incidents, _Flow, _KinkChecks, _Assembly,
+class _Tracer(_Checks, _Received, _Provenance, _LeafNames, _Incidents, _SavedMeets, _Flow, _KinkChecks, _Assembly,
               LeanDispatchMode):
     """The dispatch-mode recorder: sees every aten op and hands it to its parts (the bases before TorchDispatchMode)."""
 
@@ -176,7 +177,7 @@ class _Tracer(_Checks, _Received, _Provenance, _LeafNames, _Incidents, _Flow, _K
         # entry as soon as its tensor dies (_ByIdentity keeps dead values until its next purge)
         self.ties = WeakTensorKeyDictionary()
         # backward tensor -> (mask of its NaN/Inf still from upstream, the incident a structural zero made of the
-        # rest, the upstream provenance) where strong zeros annihilated part of it (_Incidents._annihilated)
+        # rest, the upstream provenance) where strong zeros annihilated part of it (_SavedMeets._annihilated)
         self.split = WeakTensorKeyDictionary()
         # elementwise result of inputs with different provenance -> [(mask, births)]: which births are where
         # (pred - y: x's NaN row used, y's NaN padding discarded), so a finding names only the births of its elements

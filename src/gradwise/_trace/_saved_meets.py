@@ -1,0 +1,139 @@
+"""``_SavedMeets``: the part of the tracer that, in the backward, handles a NaN/Inf sensitivity from upstream
+meeting a saved forward value: a non-finite saved value a nonzero sensitivity meets (``_saved_met``: its
+births join the provenance), and a structural zero that annihilates NaN/Inf from upstream where
+gw.strong_zeros()' rule would (``_annihilated``, through a whole-formula rule where the op has one).
+
+May import: torch, gradwise._strong_zeros, gradwise._masks, gradwise._trace._common, _facts, _incidents, _store.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradwise import _strong_zeros
+from gradwise._masks import mask_any
+from gradwise._trace._common import _fmt, _nan_in, _op_name, _positions, _tensors
+from gradwise._trace._facts import _BILINEAR
+from gradwise._trace._incidents import _elementwise, _nonzero
+from gradwise._trace._store import Incident as _Incident
+
+
+class _SavedMeets:
+    """A NaN/Inf sensitivity meeting a saved value or annihilated by a structural zero (a part of _Tracer)."""
+    def _saved_met(self, func, loc, o, mask, ins, saved, carried, nd, args, kwargs=None, out=None,
+                   upstream=()) -> None:
+        """A NaN/Inf sensitivity from upstream meets a saved forward value that is non-finite too (the backward of
+        e / e.sum() reads the Inf sum of an overflowed exp, with the -inf sensitivity of a log(0)): where a
+        nonzero sensitivity meets it, that value is used as well, and its births join the provenance as a
+        genuine incident. Not where the upstream NaN/Inf already descends from the same births, nor from a
+        gradient used as a value (a NaN parameter explains the whole step), nor where the op's mixing is not
+        known (only elementwise and bilinear ops are read). With a shadow strong pass: where strong zeros keep a
+        NaN/Inf here that the upstream one does not explain (a zero the program computed, 1/inf, meeting an
+        Inf the contamination upstream hides), also from the births of that contamination."""
+        births = frozenset().union(*(self._origin(t, loc) for t in saved))
+        before = frozenset().union(*(i.births if isinstance(i, _Incident) else (i,) for i in carried))
+        # a NaN/Inf sensitivity counts as nonzero only when it is genuine: contamination is what strong zeros
+        # make a zero upstream, and a zero annihilates the saved NaN/Inf
+        finite_only = all(isinstance(i, _Incident) and i.kind == "contamination" for i in carried)
+        shadowed = self.shadow is not None and self.shadow.valid and args is not None and out is not None
+        if not (births - before or (shadowed and finite_only)) or any(b.op == "gradient" for b in before | births):
+            return
+        met = None
+        if not births - before:
+            pass  # (the same births: only what the shadow says is made here)
+        elif _elementwise(func, ins, o):
+            met = torch.zeros(o.shape, dtype=torch.bool, device=o.device)
+            for t in saved:
+                met = met | (~torch.isfinite(t)).broadcast_to(o.shape)
+            nonzero = torch.zeros(o.shape, dtype=torch.bool, device=o.device)
+            for t in ins:
+                if t in self.sens:
+                    nonzero = nonzero | (_nonzero(t, finite_only)).broadcast_to(o.shape)
+            met = met & nonzero
+        elif func.overloadpacket in _BILINEAR and args is not None:
+            met = self._indicators(func, args, saved, o, finite_only=finite_only)
+        if shadowed:
+            kept = self.shadow.kept_here(func, args, kwargs or {}, upstream, o, out)
+            if kept is not None:
+                met = kept if met is None else met | kept
+        if met is None:
+            return
+        met = met & mask
+        count, idx = _positions(met)
+        if not count:
+            return
+        has_nan = _nan_in(o, met)
+        op, node_op = _op_name(func), nd.op if nd is not None else "?"
+        for b in births:
+            b.used = True
+        inc = self.store.incident("nan" if has_nan else "inf", op, node_op, loc, count, idx, births,
+                                  f"a nonzero sensitivity met NaN/Inf in {op} (the backward of {node_op})", None,
+                                  False)
+        if self.provisional is not None:
+            self.provisional.append((inc, count, nd, _strong_zeros._STATE.in_mode))
+        self.prov[o] = self.prov[o] | {inc}
+
+    def _annihilated(self, func, loc, o, mask, sens_ins, carried, nd, args, out, kwargs) -> bool:
+        """A NaN/Inf sensitivity from upstream meets this backward op: where the strong-zero rules, rerun on it,
+        leave a finite value (a structural zero of a saved forward value: softmax's or exp's output at a -inf
+        logit), strong zeros annihilate it here. Those elements are contamination born where the carried NaN/Inf
+        was, and the upstream incidents stop there (the same fate as under gw.strong_zeros()). At the last op of
+        a formula whose rule is the whole formula (logcumsumexp's), that rule's result decides. False where
+        nothing is annihilated (the provenance is then carried as it is)."""
+        strong = self._whole_formula(func, o, sens_ins, nd)
+        if strong is None:
+            if args is None or out is None or _strong_zeros._STATE.in_mode:
+                return False  # (in gw.strong_zeros()' pass the result is the rule's already: what is left stays)
+            if self.shadow is not None and self.shadow.valid:  # structural zeros known: what this op annihilates
+                gone = self.shadow.annihilated(func, args, kwargs or {}, sens_ins, o, out)
+                strong = None if gone is None else torch.where(gone, 0.0, float("nan"))
+            elif not self.outputs_finite() and not any(a in self.formula_masks for a in _tensors(args)):
+                # a non-finite output keeps the NaN softmax's and exp's zeros meet (not structural), and the trace
+                # cannot tell other zeros the program computed from structural ones; a mask the formula compared
+                # (amax's `x == amax`) selects whatever the outputs are
+                return False
+            else:
+                strong = self._strong_rerun(func, args, kwargs or {}, sens_ins, o, out)
+        if strong is None:
+            return False
+        gone = mask & torch.isfinite(strong)
+        count, idx = _positions(gone)
+        if not count:
+            return False
+        births = frozenset().union(*(i.births if isinstance(i, _Incident) else (i,) for i in carried))
+        for i in carried:  # reported only where they reach a gradient some other way
+            if isinstance(i, _Incident):
+                i.annihilated = True
+        op, node_op = _op_name(func), nd.op if nd is not None else "?"
+        what = (f"a structural zero met NaN/Inf from upstream in {op} (the backward of {node_op}), where "
+                "gw.strong_zeros()' rule annihilates it")
+        made = min((i for i in carried if isinstance(i, _Incident)), key=lambda i: i.order, default=None)
+        if made is not None and not made.births:  # an infinite derivative: say which backward made it
+            what += f"; it came from the backward of {made.node_op} at {_fmt(made.loc)}"
+        inc = self.store.incident("contamination", op, node_op, loc, count, idx, births, what,
+                                  (nd.op, nd.loc) if nd is not None else None, False)
+        if self.provisional is not None:
+            self.provisional.append((inc, count, nd, _strong_zeros._STATE.in_mode))
+        kept = mask & ~gone
+        if bool(mask_any(kept)):
+            self.prov[o] = frozenset([inc]) | carried
+            self.split[o] = (kept, inc, carried)
+        else:
+            self.prov[o] = frozenset([inc])
+        return True
+
+    def _whole_formula(self, func, o, sens_ins, nd) -> torch.Tensor | None:
+        """The strong-zero result of a whole backward formula (``_strong_zeros.WHOLE_FORMULAS``) at its last op,
+        from the sensitivity kept at its first op (``formula_g``), its zeros taken as structural; else None."""
+        whole = _strong_zeros.WHOLE_FORMULAS.get(nd.op) if nd is not None else None
+        node = torch._C._current_autograd_node()
+        g = self.formula_g.get(node._sequence_nr()) if whole is not None and node is not None else None
+        if g is None or func is not whole.last or len(sens_ins) < 2 or g.shape != o.shape:
+            return None
+        del self.formula_g[node._sequence_nr()]
+        try:
+            out = whole.exact(g, g != 0, node)
+        except Exception:  # an explanation must never break the program it explains
+            return None
+        return out if out.shape == o.shape else None
+
