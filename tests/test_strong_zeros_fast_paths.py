@@ -424,6 +424,7 @@ def test_the_broadcast_form_is_offered_exactly_where_view_succeeds():
         assert torch.equal(narrow, sup.of(view)), shape
         assert (0 in narrow.stride()) == viewable, shape
 
+
 def _mlp_program(x, w1, w2, w3):
     """A batch's rows through three bias-free layers (mm's row supports meet SiLU, a product, a residual)."""
     h = x @ w1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 
 import torch
+from torch._subclasses.fake_impls import _compute_stride
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.weak import WeakTensorKeyDictionary
 
@@ -178,26 +179,6 @@ class _Supports:
         return mask
 
 
-def _viewable(shape: torch.Size, stride: tuple[int, ...], new: torch.Size) -> bool:
-    """Whether ``view(new)`` succeeds on a tensor of this ``shape`` and ``stride`` (of equal numel): PyTorch's
-    computeStride, asked first because view's refusal is a C++ error whose backtrace costs ~30 us, and a padding
-    mask broadcast along a middle dim (B, 1, N), read as (B*T, N), is refused on every backward."""
-    if not shape or not new or 0 in shape:
-        return True  # (view decides; no broadcast support is recorded for these)
-    view_d, base, numel, view_numel = len(new) - 1, stride[-1], 1, 1
-    for d in range(len(shape) - 1, -1, -1):
-        numel *= shape[d]
-        if d == 0 or (shape[d - 1] != 1 and stride[d - 1] != numel * base):  # the end of a contiguous chunk
-            while view_d >= 0 and (view_numel < numel or new[view_d] == 1):
-                view_numel *= new[view_d]
-                view_d -= 1
-            if view_numel != numel:
-                return False
-            if d > 0:
-                base, numel, view_numel = stride[d - 1], 1, 1
-    return view_d == -1
-
-
 def _as_broadcast(t: torch.Tensor, shape: tuple[int, ...], small: torch.Tensor) -> torch.Tensor | None:
     """``small`` broadcast to ``shape`` (the contiguous tensor a storage's mask was recorded for) as ``t`` reads that
     storage: the same tensor, a reshape of it that is a view (mm's ``g.view(-1, n)``) or its last two dims swapped
@@ -208,10 +189,13 @@ def _as_broadcast(t: torch.Tensor, shape: tuple[int, ...], small: torch.Tensor) 
     if t.is_contiguous():
         if t.shape == shape:
             return wide
-        if t.numel() == wide.numel() and _viewable(wide.shape, wide.stride(), t.shape):
+        # view's refusal is a C++ error whose backtrace costs ~30 us, and a padding mask broadcast along a middle dim
+        # (B, 1, N), read as (B*T, N), is refused on every backward: PyTorch's own computeStride (the Python port
+        # its fake tensors use) asks first
+        if t.numel() == wide.numel() and _compute_stride(wide.shape, wide.stride(), t.shape) is not None:
             try:
                 return wide.view(t.shape)
-            except RuntimeError:  # (none known: _viewable tells the shapes view refuses)
+            except RuntimeError:  # (none known: _compute_stride tells the shapes view refuses)
                 return None
         return None  # no view of this broadcast has that shape (a padding mask over a middle dim): read the mask
     if t.dim() >= 2 and t.dim() == len(shape) and t.shape[-2:] == (shape[-1], shape[-2]) and \
