@@ -56,10 +56,9 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     grad_mode = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)  # as torch.no_grad(), without its Python context manager (runs per backward)
     try:
-        small: Sequence[torch.Tensor] = ()
-        if len(tensors) > _FEW:  # (up to _FEW tensors are summed one by one: _sums sees complex ones itself)
-            tensors = [_real(t) if t.is_complex() else t for t in tensors]
-            small = [t for t in tensors if t.numel() <= _SMALL and t.layout == torch.strided]
+        # (up to _FEW tensors are summed one by one; _sums reads a complex one, or a group of them, as real)
+        small = [t for t in tensors if t.numel() <= _SMALL and t.layout == torch.strided] if len(tensors) > _FEW \
+            else ()
         if len(small) > _FEW:
             # the large ones first: on CPU a NaN there (a batch's padding) answers before the small ones are copied
             sums = _sums([t for t in tensors if t.numel() > _SMALL or t.layout != torch.strided])
