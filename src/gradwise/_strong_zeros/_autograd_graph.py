@@ -116,7 +116,12 @@ def _release(saved: Sequence[Any]) -> None:
     later unpack raises PyTorch's own error. Passed over: a slot saved as None (addmm's ``mat2`` when ``mat1``
     needs no gradient) or already freed (``.data`` is None; it runs no unpack hook), and a slot already hooked
     (checkpoint's, save_on_cpu's: what they packed stays theirs), which ``register_hooks`` refuses with a C++
-    error whose backtrace costs ~30 us: the cheap reads tell them first."""
+    error whose backtrace costs ~30 us: the cheap reads tell them first. No op of the program: a dispatch mode on
+    (a trace the watch has just started) does not see it (register_hooks detaches a saved Python scalar, ``x * 0``'s,
+    which a mode would meet as an int and refuse)."""
+    if torch._C._len_torch_dispatch_stack():
+        with torch.utils._python_dispatch._disable_current_modes():
+            return _release(saved)
     for raw in saved:  # runs after every watched backward: a plain loop, no context manager per tensor
         if raw.unpack_hook is None and raw.data is not None:
             try:

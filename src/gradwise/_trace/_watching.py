@@ -121,14 +121,11 @@ class _Watcher:
         if inputs is not None:
             leaves = [t for t in _as_tuple(inputs) if isinstance(t, torch.Tensor)]
         grads = [g for t in leaves if (g := t.grad) is not None]
-        explained = not _finite(grads)
-        if explained:
+        if not _finite(grads):
             self._explain(outs, grad_tensors, leaves, roots)
         if retain and not keep:  # as the engine: only what it ran (toward ``inputs``, if given) is freed
             # (not kept: the engine freed it, and a custom Function's node dropped the SavedTensor objects listed)
-            with _modes_off() if explained else contextlib.nullcontext():  # (the trace started: its mode is on)
-                _strong_zeros._release(saved if inputs is None else
-                                       _strong_zeros._saved_toward(roots, _as_tuple(inputs)))
+            _strong_zeros._release(saved if inputs is None else _strong_zeros._saved_toward(roots, _as_tuple(inputs)))
         self.step += 1
 
     def grad(self, orig, outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False,
@@ -145,13 +142,11 @@ class _Watcher:
                           allow_unused, is_grads_batched, materialize_grads)
         finally:
             self.depth -= 1
-        explained = not _finite([g for g in result if isinstance(g, torch.Tensor)])
-        if explained:
+        if not _finite([g for g in result if isinstance(g, torch.Tensor)]):
             leaves = [t for t in _as_tuple(inputs) if isinstance(t, torch.Tensor)]
             self._explain(outs, grad_outputs, leaves, roots, result)
         if not keep:  # as the engine: only the nodes on the way to ``inputs`` ran, and only theirs are freed
-            with _modes_off() if explained else contextlib.nullcontext():
-                _strong_zeros._release(_strong_zeros._saved_toward(roots, _as_tuple(inputs)))
+            _strong_zeros._release(_strong_zeros._saved_toward(roots, _as_tuple(inputs)))
         self.step += 1
         return result
 
@@ -254,9 +249,6 @@ class _Watcher:
 
 
 _STRIDED = torch.strided
-# (the release after an explained step runs with the trace's mode on: register_hooks' detach of a saved Python
-# scalar (``x * 0``'s) would reach the mode as an int and fail)
-_modes_off = torch.utils._python_dispatch._disable_current_modes
 _NODE_SUFFIX = re.compile(r"Backward\d*$")
 
 
