@@ -34,7 +34,7 @@ Modules (each imports only those above it, plus torch, gradwise._masks, gradwise
 ``_advice``       why a NaN/Inf was born (``_EXPLAIN`` and its explainers) and the fix texts of findings.
 ``_kinks``        ``kink_detector``: the shared kink facts as detectors (``_Hit``), and where on a comparison's tie.
 ``_checking``     ``_Checks``: output checks (immediate or batched), collectives, the gradients a backward starts from.
-``_received``     ``_Received``: collectives, and the NaN/Inf a gradient received from another rank.
+``_received``     ``_Received``: collectives, and the NaN/Inf a gradient received from another rank (its finding).
 ``_shadow``       ``_Shadow``: gw.strong_zeros()' pass beside a backward that may meet NaN/Inf (supports, not values).
 ``_flow``         ``_Flow``: the backward's flow around a meeting: which node made a zero, split provenance
                   through views and mixing ops, an op rerun under the strong-zero rules, leaves reached.
@@ -43,6 +43,7 @@ Modules (each imports only those above it, plus torch, gradwise._masks, gradwise
 ``_leaf_names``   ``_LeafNames``: the names of the leaves a gradient reaches; which findings reach a gradient.
 ``_provenance``   ``_Provenance``: births of NaN/Inf, provenance along forward ops.
 ``_kink_checks``  ``_KinkChecks``: kink checks of forward ops and the sensitivities that reach them.
+``_findings``     ``Findings``: a report's findings by key with the births explaining them; each kind's wording.
 ``_assembly``     ``_Assembly``: the ``Report`` from what was recorded.
 ``_tracer``       ``_Tracer``, the TorchDispatchMode recorder built from the parts above; ``_op_info``.
 ``_session``      ``trace``, ``snapshot``, ``explain``; per-thread tracers and the wrapped autograd entry points

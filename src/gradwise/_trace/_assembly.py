@@ -1,7 +1,8 @@
 """``_Assembly``: the part of the tracer that turns what it recorded into a ``Report`` (findings, causes,
 what strong zeros would remove, unused NaN/Inf).
 
-May import: torch, gradwise._masks, gradwise._trace._common, _advice, _facts, _causes, _kinds, _report, _store.
+May import: torch, gradwise._masks, gradwise._trace._common, _advice, _facts, _findings, _causes, _kinds,
+_report, _store.
 """
 
 from __future__ import annotations
@@ -12,30 +13,21 @@ import torch
 
 from gradwise._masks import all_finite
 from gradwise._trace import _causes, _kinds
-from gradwise._trace._advice import (
-    _GENUINE_FIX,
-    _GRADIENT_FIX,
-    _INPUT_FIX,
-    _KINK_FIX,
-    _SEED_FIX,
-    _SINGULAR_FIX,
-    _SOFTMAX_INF,
-    _SOFTMAX_INF_FIX,
-    _UNDECIDED,
-    _UNEXPLAINED_FIX,
+from gradwise._trace._advice import _KINK_FIX, _SINGULAR_FIX
+from gradwise._trace._common import _dist_rank, _fmt, _grad, _held, _inexact, _nonfinite, _positions, _source
+from gradwise._trace._facts import _NOT_DATA
+from gradwise._trace._findings import (
+    Findings,
+    _line_order,
+    _site,
+    contamination,
+    genuine,
+    overflow_root,
+    sparse_gradient,
 )
-from gradwise._trace._common import _dist_rank, _fmt, _grad, _held, _inexact, _nonfinite, _positions, _source, aten
-from gradwise._trace._facts import _DISCARDS, _NOT_DATA, _OVERFLOW_NAMES, _ZERO_OUTPUTS, _discard_key
 from gradwise._trace._report import Finding, Report
 from gradwise._trace._store import Birth as _Birth
-from gradwise._trace._store import Incident as _Incident
 from gradwise._trace._store import _order, describe_arrivals, earliest, root
-
-
-def _site(kind: str, birth: _Birth) -> tuple:
-    """A genuine finding's key: where its NaN/Inf was born; a gradient used as a value (an optimizer step) also
-    by the birth itself, which is one per root cause (two bugs whose gradients one line writes: two findings)."""
-    return (kind, birth.op, birth.loc) + ((birth.order,) if birth.op == "gradient" else ())
 
 
 class _Assembly:
@@ -46,23 +38,30 @@ class _Assembly:
         began) leaves out what was last seen before it."""
         self.flush()
         report.forward_ops, report.backward_ops = self.n_fwd, self.n_bwd
-        findings: dict[tuple, Finding] = {}
+        found = Findings()
+        unreached, arrived, birthless = self._incident_findings(found, since)
+        uses = self._output_findings(found, birthless)
+        _name_arrivals(found, arrived)
+        self._grads_made_nonfinite_after_backward(found.by_key, found.add)
+        for name, (count, occurrences, serial) in self.store.orphans.items():
+            if serial > since:
+                found.add(("nan", "unknown", name), lambda name=name: Finding(
+                    "nan", "unknown", "<unknown>", 0, message=f"the gradient of {name} is not finite; its birth was "
+                    "not observed (made outside the traced block?)"), count, [name], [], occurrences)
+        if self.collective_sites or self.receipts:
+            self._add_received(found.by_key, since)
+        for g in self.kinks.values():
+            found.by_key[(g.kind, g.op, g.loc)] = Finding(
+                g.kind, g.op, _fmt(g.loc), g.count, fix=_KINK_FIX if g.kind == "kink" else _SINGULAR_FIX,
+                message=f"{g.count} element(s) at a {'kink' if g.kind == 'kink' else 'singular point'}",
+                source=_source(g.loc), indices=g.indices, convention=g.convention, reached_gradient=g.reached,
+                occurrences=g.occurrences, step=g.step)
+        self._finish(report, found, unreached, uses)
 
-        origin: dict[tuple, _Birth] = {}  # finding key -> the birth that explains it (root causes)
-
-        def add(key, make, count, reaches, indices, occurrences=1, step=None, birth=None):
-            f = findings.get(key)
-            if f is None:
-                f = findings[key] = make()
-                f.count, f.indices, f.occurrences = 0, indices, 0
-                if birth is not None:
-                    origin[key] = birth
-            f.count += count
-            f.occurrences += occurrences
-            f.reaches = sorted(set(f.reaches) | set(reaches))
-            if step is not None and (f.step is None or step < f.step):
-                f.step = step
-
+    def _incident_findings(self, found: Findings, since: int) -> tuple[dict, dict, set]:
+        """A finding per what the incidents (NaN/Inf met in the backward) tell: contamination by where it was met
+        and born, a genuine NaN/Inf by its birth. Returns what reached no gradient ((op, line) -> elements), the
+        data that arrived non-finite (finding key -> its input births, in order) and the findings without a birth."""
         birthless: set = set()
         unreached: dict[tuple, int] = {}  # contamination no gradient received: (op, line) -> elements
         arrived: dict[tuple, dict] = {}  # a finding of data that arrived non-finite -> its input births (in order)
@@ -83,31 +82,38 @@ class _Assembly:
             stand_in = self.backward_births.get(id(inc), (None, None))[1]  # born in the backward, used later
             if inc.kind == "contamination":
                 key = ("contamination", inc.op, inc.loc, birth.op if birth else None, birth.loc if birth else None)
-                add(key, lambda inc=inc, birth=birth, via=via: self._contamination(inc, birth, via), inc.count,
-                    inc.reaches, inc.indices, inc.occurrences, inc.step, birth or stand_in)
+                found.add(key, lambda inc=inc, birth=birth, via=via: contamination(inc, birth, via), inc.count,
+                          inc.reaches, inc.indices, inc.occurrences, inc.step, birth or stand_in)
                 if birth is not None and birth.op == "input":
                     arrived.setdefault(key, {})[birth] = None
             elif birth is not None:  # named by where it was born: count and elements are the born tensor's
                 key = _site(inc.kind, birth)
                 # each birth counted once (the DataLoader batches arriving at one line are births of their own)
-                new = key not in findings or (birth.op == "input" and birth not in arrived.get(key, ()))
+                new = key not in found.by_key or (birth.op == "input" and birth not in arrived.get(key, ()))
                 if birth.op == "input":  # every input that arrived non-finite at that line, named below
                     arrived.setdefault(key, {}).update(
                         (b, None) for b in sorted(inc.births, key=_order) if b.op == "input" and b.loc == birth.loc)
-                add(key, lambda inc=inc, birth=birth, via=via: self._genuine(inc.kind, inc, birth, via),
-                    birth.count if new else 0, inc.reaches, birth.indices, birth.occurrences if new else 0,
-                    # where it reached a gradient (the cause names where it was born); a gradient used as a value
-                    # from where the line used it (the cause's 'wrote it at step 150', not the next backward's 151)
-                    min(inc.step, birth.step) if birth.op == "gradient" else inc.step, birth)
+                found.add(key, lambda inc=inc, birth=birth, via=via: genuine(inc.kind, inc, birth, via),
+                          birth.count if new else 0, inc.reaches, birth.indices, birth.occurrences if new else 0,
+                          # where it reached a gradient (the cause names where it was born); a gradient used as a
+                          # value from where the line used it (the cause's 'wrote it at step 150', not the next
+                          # backward's 151)
+                          min(inc.step, birth.step) if birth.op == "gradient" else inc.step, birth)
             else:
                 key = (inc.kind, inc.node_op, inc.loc)
-                add(key, lambda inc=inc: self._genuine(inc.kind, inc, None), inc.count, inc.reaches, inc.indices,
-                    inc.occurrences, inc.step, stand_in)
+                found.add(key, lambda inc=inc: genuine(inc.kind, inc, None), inc.count, inc.reaches, inc.indices,
+                          inc.occurrences, inc.step, stand_in)
                 birthless.add(key)
+        return unreached, arrived, birthless
+
+    def _output_findings(self, found: Findings, birthless: set) -> list[_Birth]:
+        """A finding per NaN/Inf the outputs were born with that no incident explains yet; returns the births of
+        gradients used as values whose story a cause already tells (their lines are part of its downstream)."""
         # the roots of downstream findings: an output that inherited a NaN gradient written at another line of the
         # same story (clip_grad_norm_ then the optimizer) is told in that cause, not as a finding reaching no gradient
-        told = {id(root(b)) for b in origin.values() if b.op == "gradient"}
-        uses: list[_Birth] = []  # such births (their lines are part of the cause's downstream)
+        told = {id(root(b)) for b in found.origin.values() if b.op == "gradient"}
+        uses: list[_Birth] = []
+        findings, origin = found.by_key, found.origin
         for via in sorted(self.output_births, key=lambda b: b.order):
             kind, birth = "nan" if via.nan else "inf", overflow_root(via)
             key = _site(kind, birth)
@@ -116,37 +122,18 @@ class _Assembly:
                 continue
             if key in birthless:  # the output itself is NaN/Inf from the forward: that is the explanation
                 old = findings[key]
-                findings[key] = self._genuine(kind, None, birth, via)
+                findings[key] = genuine(kind, None, birth, via)
                 findings[key].count, findings[key].indices = birth.count, birth.indices
                 findings[key].occurrences, findings[key].reaches = old.occurrences, old.reaches
                 findings[key].step, origin[key] = old.step, birth
             elif key not in findings:
-                add(key, lambda birth=birth, kind=kind, via=via: self._genuine(kind, None, birth, via), birth.count,
-                    [], birth.indices, birth.occurrences, birth.step, birth)
-        for key, births in arrived.items():
-            f, first = findings.get(key), origin.get(key)
-            if f is None or not f.born or first is None:
-                continue
-            same = [first] + [b for b in births if b is not first and b.name == first.name]
-            if len(same) > 1:  # the batches that brought it, told as one
-                f.born = f.born.replace(first.describe(), describe_arrivals(same), 1)
-            also = sorted({b.name for b in births if b.name} - {first.name})
-            if also:
-                f.born += f"; so did {', '.join(also)}"
-        self._grads_made_nonfinite_after_backward(findings, add)
-        for name, (count, occurrences, serial) in self.store.orphans.items():
-            if serial > since:
-                add(("nan", "unknown", name), lambda name=name: Finding(
-                    "nan", "unknown", "<unknown>", 0, message=f"the gradient of {name} is not finite; its birth was "
-                    "not observed (made outside the traced block?)"), count, [name], [], occurrences)
-        if self.collective_sites or self.receipts:
-            self._add_received(findings, since)
-        for g in self.kinks.values():
-            findings[(g.kind, g.op, g.loc)] = Finding(
-                g.kind, g.op, _fmt(g.loc), g.count, fix=_KINK_FIX if g.kind == "kink" else _SINGULAR_FIX,
-                message=f"{g.count} element(s) at a {'kink' if g.kind == 'kink' else 'singular point'}",
-                source=_source(g.loc), indices=g.indices, convention=g.convention, reached_gradient=g.reached,
-                occurrences=g.occurrences, step=g.step)
+                found.add(key, lambda birth=birth, kind=kind, via=via: genuine(kind, None, birth, via), birth.count,
+                          [], birth.indices, birth.occurrences, birth.step, birth)
+        return uses
+
+    def _finish(self, report: Report, found: Findings, unreached: dict, uses: list) -> None:
+        """The findings in report order, grouped into causes; what was passed over, removed and never used."""
+        findings, origin = found.by_key, found.origin
         order = {k: i for i, k in enumerate(("contamination", "nan", "inf", "singular", "kink"))}
         report.findings = sorted(findings.values(), key=lambda f: (order[f.kind], *_line_order(f.location)))
         report.causes = _causes.group(report.findings, {id(f): origin[k] for k, f in findings.items()
@@ -166,82 +153,6 @@ class _Assembly:
         for f in report.findings:
             f.rank = rank
 
-    def _add_received(self, findings: dict, since: int = 0) -> None:
-        """Under data parallelism a rank whose own ops were all finite can still end with NaN/Inf gradients:
-        another rank's, averaged in by the all-reduce. Each step's receipt was recorded when its backward ended
-        (``note_received``); the gradients held now are checked too (a collective after the last backward)."""
-        receipts = {s: r for s, r in self.receipts.items() if r[4] > since}
-        if self.store.step not in receipts and (now := self.received(
-                {name for f in findings.values() for name in f.reaches})) is not None:
-            receipts[self.store.step] = (*now, self.store.serial + 1)
-        if not receipts:
-            return
-        op, loc = next(iter(receipts.values()))[:2]
-        counts: dict[str, int] = {}
-        for r in receipts.values():
-            for name, n in r[2].items():
-                counts[name] = counts.get(name, 0) + n
-        has_nan = any(r[3] for r in receipts.values())
-        findings[("received", op, loc)] = Finding(
-            "nan" if has_nan else "inf", op, _fmt(loc), sum(counts.values()), reaches=sorted(counts),
-            source=_source(loc), occurrences=len(receipts), step=min(receipts),
-            message=f"received through {op}: this rank's own ops were finite, its gradients after the collective "
-                    "are not",
-            born_op=op, born_location=_fmt(loc), born=f"another rank's {'NaN' if has_nan else 'Inf'}, received "
-            f"through {op}", fix="gw.gather_reports(report) on every rank names the rank that introduced it; "
-            "gw.ddp_nonfinite_hook stops or skips such a step on every rank")
-
-    def _contamination(self, inc: _Incident, birth: _Birth | None, via: _Birth | None = None) -> Finding:
-        disc_op, disc_loc = inc.discarded if inc.discarded else (None, None)
-        key = _discard_key(disc_op) if disc_op else None
-        rewrite = _DISCARDS.get(key) or _ZERO_OUTPUTS.get(key)
-        if rewrite is None:
-            rewrite = "mask the value before the op that makes NaN/Inf (e.g. before the division)"
-        if disc_op is None:  # no op upstream discards values: the zero may be one the program computes
-            return Finding(
-                "contamination", inc.op, _fmt(inc.loc), inc.count,
-                message=f"{inc.what}; the sensitivity there is 0, but no op that discards values (slice, where, "
-                "mask...) made it: if the program computes that 0 (0 * x), it is an ordinary zero and the NaN is "
-                "genuine for gw.grad too", source=_source(inc.loc), born_op=birth.op if birth else inc.op,
-                born_location=_fmt(birth.loc) if birth else _fmt(inc.loc),
-                born=_born(birth, via) if birth else f"0/0 or 0 x Inf in {inc.op}, the backward of {inc.node_op}",
-                fix=f"if the zero stands for 'not used', gw.strong_zeros() removes it only where a discarding op "
-                    f"made it: a kernel that skipped these elements (an RNN-T loss past the lengths) can declare "
-                    f"them with gw.mark_unused(x, unused) before it; otherwise {rewrite}")
-        born = _born(birth, via) if birth else \
-            f"a NaN/Inf in a sparse (non-strided) operand of the backward of {inc.node_op}, whose values the trace " \
-            "does not read" if inc.unfollowed else \
-            f"0/0 or 0 x Inf in {inc.op}, the backward of {inc.node_op} at {_fmt(inc.loc)}"
-        fix = (f"gw.strong_zeros() cannot remove it: a sparse (or mkldnn, nested) tensor takes part in this "
-               f"backward, which it runs as plain PyTorch. Rewrite: {rewrite}." if inc.unfollowed else
-               f"gw.strong_zeros() (or gw.grad / gw.backward) removes it. Local rewrite: {rewrite}.")
-        return Finding(
-            "contamination", inc.op, _fmt(inc.loc), inc.count, message=f"{inc.what}; the output never used it",
-            source=_source(inc.loc), born_op=birth.op if birth else inc.op,
-            born_location=_fmt(birth.loc) if birth else _fmt(inc.loc), born=born,
-            discarded_op=disc_op, discarded_location=_fmt(disc_loc) if disc_loc else None, fix=fix)
-
-    def _genuine(self, kind: str, inc: _Incident | None, birth: _Birth | None, via: _Birth | None = None) -> Finding:
-        if birth is not None:
-            op, loc = birth.op, birth.loc
-            fix = _INPUT_FIX if birth.op == "input" else _GRADIENT_FIX if birth.op == "gradient" else \
-                _SEED_FIX if birth.op == "seed" else _UNEXPLAINED_FIX if birth.op == "backward" else \
-                _SOFTMAX_INF_FIX if birth.what.startswith(_SOFTMAX_INF) else \
-                _GENUINE_FIX.get(getattr(aten, birth.op[5:], None), "")
-            message = f"{birth.what}; " + (_UNDECIDED.format(op=inc.op) if inc is not None and inc.undecided
-                                           else "every gradient it reaches uses it" if birth.op == "seed"
-                                           else "whether the output used it (genuine) or not (contamination) is "
-                                           "not known" if birth.op == "backward"
-                                           else "the output depends on it")
-        else:
-            op, loc = inc.node_op, inc.loc
-            fix = _GENUINE_FIX.get(getattr(aten, op[5:], None), "")
-            message = inc.what
-        born = _born(birth, via) if birth else (inc.what if inc else None)
-        return Finding(kind, op, _fmt(loc), 0, fix=fix or "find why the value is not finite where it is used",
-                       message=message, source=_source(loc), born_op=birth.op if birth else (inc.op if inc else None),
-                       born_location=_fmt(birth.loc) if birth else (_fmt(inc.loc) if inc else None), born=born)
-
     def _grads_made_nonfinite_after_backward(self, findings: dict, add: Callable) -> None:
         """A parameter's .grad that is not finite at the end of the block although no backward finding reaches
         it: something after the backward wrote NaN/Inf into it (clip_grad_norm_ with a NaN total norm scales
@@ -253,7 +164,7 @@ class _Assembly:
             if name not in reached and isinstance(g, torch.Tensor) and _inexact(g) and _kinds.readable(g):
                 grads.append((g, name))
             elif name not in reached and isinstance(g, torch.Tensor) and g.layout is torch.sparse_coo and _inexact(g):
-                self._sparse_gradient(g, name, add)
+                sparse_gradient(g, name, add)
         if all_finite([_held(g) for g, _ in grads]):  # the usual end of a step: no per-gradient test
             return
         # one finding per op and line (and kind): clip_grad_norm_'s one _foreach_mul_ writes into every gradient
@@ -283,22 +194,6 @@ class _Assembly:
                         "is not finite (clip_grad_norm_(..., error_if_nonfinite=True))"), count, [name], idx,
                     occurrences=int(n == 0), birth=b)
 
-    def _sparse_gradient(self, g: torch.Tensor, name: str, add: Callable) -> None:
-        """A sparse gradient that holds NaN/Inf: the trace reads no sparse values, so it cannot say where it came
-        from, but says that it is there (the report said 'No NaN/Inf gradients')."""
-        values = g.coalesce()._values()
-        if bool(torch.isfinite(values).all()):
-            return
-        kind = "nan" if bool(torch.isnan(values).any()) else "inf"
-        add((kind, "sparse", name), lambda: Finding(
-            kind, "sparse gradient", name, 0, source="", born_op=None, born_location=None,
-            born="not observed: it came through sparse ops, whose values the trace does not read",
-            message=f"the sparse gradient of {name} holds {'NaN' if kind == 'nan' else 'Inf'}; the trace cannot "
-            "follow sparse ops, so it cannot tell where it was born nor whether strong zeros remove it",
-            fix="trace the step with a dense gradient (nn.Embedding(sparse=False)) to see its birth; "
-                "gw.grad / gw.strong_zeros() remove contamination that dense ops make before the sparse one"),
-            int((~torch.isfinite(values)).sum()), [name], [])
-
     def _unused(self, removed=frozenset(), found=()) -> list[str]:
         """Births no finding explains: their NaN/Inf reached no gradient (``found``: the births findings name; what
         they descend from is used too, as an Adam state's Inf that the parameter update read)."""
@@ -318,25 +213,17 @@ class _Assembly:
         return [f"{op} at {loc} ({n} value{'s' if n != 1 else ''})" for (op, loc), n in groups.items()]
 
 
-def _born(birth: _Birth, via: _Birth | None) -> str:
-    """The birth in words; when it is an overflow's infinity that a later op turned into NaN, that op too."""
-    text = birth.describe()
-    if via is not None and via is not birth:
-        text += f"; then {via.op} at {_fmt(via.loc)} made NaN of it: {via.what}"
-    return text
 
 
-def overflow_root(b: _Birth | None) -> _Birth | None:
-    """A NaN an op made from infinities alone, all born of an overflow (inf / inf in a naive softmax after exp
-    overflowed, inf - inf) is explained by where the overflow happened, not by the op that met it. An infinity
-    written on purpose (a -inf mask) is no root: the op that made NaN of it is (a fully masked softmax row)."""
-    while b is not None and b.nan and b.parents and b.op not in _NOT_DATA and b.op != "input" \
-            and all(not p.nan and p.op in _OVERFLOW_NAMES for p in b.parents):
-        b = min(b.parents, key=_order)
-    return b
-
-
-def _line_order(location: str) -> tuple[str, int, str]:
-    """A location's sort key: file, then line as a number ("f.py:9" before "f.py:10")."""
-    file, _, line = location.rpartition(":")
-    return (file, int(line), location) if line.isdigit() else (location, 0, location)
+def _name_arrivals(found: Findings, arrived: dict) -> None:
+    """A finding of data that arrived non-finite names every batch that brought it, and the other inputs that did."""
+    for key, births in arrived.items():
+        f, first = found.by_key.get(key), found.origin.get(key)
+        if f is None or not f.born or first is None:
+            continue
+        same = [first] + [b for b in births if b is not first and b.name == first.name]
+        if len(same) > 1:  # the batches that brought it, told as one
+            f.born = f.born.replace(first.describe(), describe_arrivals(same), 1)
+        also = sorted({b.name for b in births if b.name} - {first.name})
+        if also:
+            f.born += f"; so did {', '.join(also)}"

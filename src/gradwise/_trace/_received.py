@@ -2,7 +2,7 @@
 reduce-scatter): the buffers other ranks write, and the NaN/Inf a gradient received from another rank, which no
 local finding explains.
 
-May import: torch, gradwise._masks, gradwise._trace._common, _kinds.
+May import: torch, gradwise._masks, gradwise._trace._common, _kinds, _report.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from gradwise._masks import all_finite
 from gradwise._trace import _common, _kinds
-from gradwise._trace._common import _grad, _held, _inexact, _loc, _nonfinite, _tensors, _user_frame
+from gradwise._trace._common import _fmt, _grad, _held, _inexact, _loc, _nonfinite, _source, _tensors, _user_frame
+from gradwise._trace._report import Finding
 
 
 class _Received:
@@ -71,3 +72,27 @@ class _Received:
             has_nan = any(bool(torch.isnan(_held(g)).any()) for g, name in grads if name in counts)
         return (*site, counts, has_nan)
 
+    def _add_received(self, findings: dict, since: int = 0) -> None:
+        """Under data parallelism a rank whose own ops were all finite can still end with NaN/Inf gradients:
+        another rank's, averaged in by the all-reduce. Each step's receipt was recorded when its backward ended
+        (``note_received``); the gradients held now are checked too (a collective after the last backward)."""
+        receipts = {s: r for s, r in self.receipts.items() if r[4] > since}
+        if self.store.step not in receipts and (now := self.received(
+                {name for f in findings.values() for name in f.reaches})) is not None:
+            receipts[self.store.step] = (*now, self.store.serial + 1)
+        if not receipts:
+            return
+        op, loc = next(iter(receipts.values()))[:2]
+        counts: dict[str, int] = {}
+        for r in receipts.values():
+            for name, n in r[2].items():
+                counts[name] = counts.get(name, 0) + n
+        has_nan = any(r[3] for r in receipts.values())
+        findings[("received", op, loc)] = Finding(
+            "nan" if has_nan else "inf", op, _fmt(loc), sum(counts.values()), reaches=sorted(counts),
+            source=_source(loc), occurrences=len(receipts), step=min(receipts),
+            message=f"received through {op}: this rank's own ops were finite, its gradients after the collective "
+                    "are not",
+            born_op=op, born_location=_fmt(loc), born=f"another rank's {'NaN' if has_nan else 'Inf'}, received "
+            f"through {op}", fix="gw.gather_reports(report) on every rank names the rank that introduced it; "
+            "gw.ddp_nonfinite_hook stops or skips such a step on every rank")
