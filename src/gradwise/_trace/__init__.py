@@ -45,7 +45,11 @@ Modules (each imports only those above it, plus torch, gradwise._masks, gradwise
 ``_kink_checks``  ``_KinkChecks``: kink checks of forward ops and the sensitivities that reach them.
 ``_findings``     ``Findings``: a report's findings by key with the births explaining them; each kind's wording.
 ``_assembly``     ``_Assembly``: the ``Report`` from what was recorded.
-``_tracer``       ``_Tracer``, the TorchDispatchMode recorder built from the parts above; ``_op_info``.
+``_forward_ops``  ``_ForwardOps``: a forward op recorded (a new step, its node, leaves' names, kinks, NaN/Inf births).
+``_backward_ops`` ``_BackwardOps``: a backward op recorded (sensitivities and their nodes, accumulation, what
+                  gw.strong_zeros()' pass undid of a plain pass).
+``_tracer``       ``_Tracer``, the TorchDispatchMode recorder built from the parts above (its state and dispatch);
+                  ``_op_info``.
 ``_session``      ``trace``, ``snapshot``, ``explain``; per-thread tracers and the wrapped autograd entry points
                   (the rebound ``_installed`` and the tables ``_TRACERS`` / ``_WATCHERS``: read as ``_session.<name>``).
 ``_watching``     ``watch``: near-zero cost until the first non-finite gradient, then the full trace.

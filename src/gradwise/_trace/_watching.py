@@ -53,7 +53,7 @@ The report (yielded by the ``with``) holds the explained step and everything tra
 never goes non-finite gets an empty report. ``step`` counts backward calls from 0.
 
 May import: torch, gradwise._masks, gradwise._strong_zeros (its _traced; and, lazily, its _compile),
-gradwise._trace._common, _kinds, _replay, _report, _tracer, _session
+gradwise._trace._common, _kinds, _replay, _report, _backward_ops, _tracer, _session
 (whose per-thread tables it reads and writes as ``_session.<name>``).
 """
 from __future__ import annotations
@@ -72,8 +72,9 @@ from gradwise import _strong_zeros
 from gradwise._masks import all_finite
 from gradwise._strong_zeros._traced import compiling
 from gradwise._trace import _common, _kinds, _replay, _session
+from gradwise._trace._backward_ops import _declared_node
 from gradwise._trace._report import Report
-from gradwise._trace._tracer import _declared_node, _Tracer
+from gradwise._trace._tracer import _Tracer
 
 
 class _Watcher:

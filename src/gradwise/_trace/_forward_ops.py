@@ -1,0 +1,130 @@
+"""``_ForwardOps``: the part of the tracer that records a forward op (a new step, the node it made, its leaves'
+names, a kink on its inputs, the NaN/Inf it made and their births), with node records bounded over long runs.
+
+May import: torch, gradwise._trace._common, _kinds, _kinks.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch._C._autograd import _get_sequence_nr
+
+from gradwise._trace import _common, _kinds
+from gradwise._trace._common import _floats, _grad, _loc, _Node, _tensors, _user_frame
+from gradwise._trace._common import run_op as _run
+from gradwise._trace._kinks import _Call
+
+
+class _ForwardOps:
+    """Forward ops as the trace records them (a part of _Tracer)."""
+
+    def _forward(self, func, info, args, kwargs):
+        self.n_fwd += 1
+        # a new step: the first aten op with grad enabled after a backward (optimizers run theirs under no_grad),
+        # unless it only reads the gradients (their norm, to log it: run as is, its outputs read the same way)
+        if self.backward_ended and func.namespace == "aten" and torch.is_grad_enabled():
+            if not info.mutable and self._reads_gradients_only(args, kwargs):
+                out = _run(func, args, kwargs)
+                self.grad_reads.update((id(t), t) for t in _tensors((out,)))
+                return out
+            self.backward_ended = False
+            self.grad_reads.clear()
+            self.store.step += 1
+            self.dirty = False
+        seq = _get_sequence_nr()
+        # this op made autograd node seq - 1: it is differentiated. A custom Function takes its number before its
+        # forward runs (under no_grad): the first op inside it did not make that node
+        creates_node = seq != self.last_seq and torch.is_grad_enabled()
+        self.last_seq = seq
+        if not creates_node and info.uninitialised:
+            return _run(func, args, kwargs)  # empty & co: no values, nothing to record
+        keeps = info.keeps or (info.cast and info.widens(args, kwargs))
+        ins = _tensors(args)
+        if not creates_node and keeps and not info.mutable and not self.pending \
+                and not any(t in self.prov for t in ins):
+            out = _run(func, args, kwargs)  # undifferentiated, finite in and out (detach, ones_like): no record
+            if ins and any(map(self._from_data, ins)):
+                self._derive(out, ins, _loc(_user_frame()))
+            return out
+        frame = _user_frame()
+        loc = _loc(frame)
+        det = info.detector
+        if det is not None and not all(_kinds.readable(t) for t in ins):
+            det = None  # a ZeroTensor/meta/sparse input: no values to test for a kink
+        hit = None
+        if creates_node:
+            new = [t for t in ins if t.is_leaf and t.requires_grad and t not in self.names]
+            if new:
+                self._name_leaves(new, frame, loc)
+            if det is not None and not det.needs_out:
+                hit = self._safely(func, det.fn, _Call(args, kwargs, None, info.packet_name, self.ties))
+        out = _run(func, args, kwargs)
+        if creates_node:
+            nd = self.nodes[seq - 1] = _Node(info.op_name, loc)
+            if len(self.nodes) > _common._MAX_NODES:
+                self._forget_oldest_nodes()
+            if det is not None and det.needs_out:
+                hit = self._safely(func, det.fn, _Call(args, kwargs, out, info.packet_name, self.ties))
+            if hit is not None:
+                self._safely(func, self._schedule_kink, hit, func, loc, nd)
+        elif info.compare and len(ins) and any(t.requires_grad for t in ins):
+            a, b = args[0], args[1]
+            self.ties[out] = (a == b, info.compare)
+        outs = _floats(out)
+        if info.mutable and not outs:
+            outs = _floats(args[0])
+        if not outs or info.uninitialised or (keeps and not self.pending and not any(t in self.prov for t in ins)):
+            if outs and ins and not info.uninitialised and any(map(self._from_data, ins)):
+                self._derive(outs, ins, loc)
+            return out  # finite in, finite out: nothing to check (provenance is up to date when nothing is pending)
+        if info.foreach:
+            self._check(outs, lambda bad: self._dig_foreach(func, loc, args, out, bad, info))
+        else:
+            self._check(outs, lambda bad: self._dig(func, loc, ins, bad, None, info, args=args))
+        return out
+
+    def _dig_foreach(self, func, loc, args, out, bad, info) -> None:
+        """A foreach op is one op per list position: output i reads position i of each list argument and the
+        tensors all share (clip_grad_norm_'s scale). With the whole lists as inputs, a finite gradient scaled by
+        a NaN took its provenance from its neighbours, one of them not yet dug: 'tensor[2] arrived non-finite'."""
+        full = out if isinstance(out, (list, tuple)) else args[0]  # (an in-place foreach op returns None)
+        shared = [a for a in args if isinstance(a, torch.Tensor)]
+        for o in bad:
+            i = next((i for i, t in enumerate(full) if t is o), None)
+            ins = list(shared)
+            if i is not None:
+                ins += [a[i] for a in args if isinstance(a, (list, tuple)) and len(a) == len(full)
+                        and isinstance(a[i], torch.Tensor)]
+            self._dig(func, loc, ins if i is not None else _tensors(args), [o], None, info)
+
+    def _reads_gradients_only(self, args, kwargs) -> bool:
+        """Whether the op is bookkeeping on what the backward left: every tensor argument is a leaf's gradient (or a
+        view of one), an output the backward differentiated (Lightning detaches the loss after its backward, in
+        grad mode, before the optimizer steps), or made from those alone since the backward ended; or at least one
+        is, and none requires grad (a running loss: Hugging Face's ``tr_loss + loss.detach()`` adds it to a
+        tensor of earlier steps; the next step's forward reads parameters, which require grad)."""
+        ts = _tensors(args) + _tensors(list(kwargs.values()))
+        if not ts:
+            return False
+        if not self.grad_reads:
+            self.grad_reads.update((id(g), g) for leaf, _ in self.names.items()
+                                   if isinstance(g := _grad(leaf), torch.Tensor))
+            # (weakly: the outputs hold their graph, which must die with them, as it does without the trace)
+            self.grad_reads.update((id(o), weakref.ref(o)) for r in self.root_outputs if (o := r()) is not None)
+        reads = [self._read_of(t) or (t._base is not None and self._read_of(t._base)) for t in ts]
+        return all(reads) or (any(reads) and not any(t.requires_grad for t in ts))
+
+    def _read_of(self, t: torch.Tensor) -> bool:
+        held = self.grad_reads.get(id(t))
+        return held is t or (isinstance(held, weakref.ref) and held() is t)
+
+    def _forget_oldest_nodes(self) -> None:
+        """Keep the newest half of the node records (and their sensitivity links): memory stays bounded over
+        long runs; a backward reaches nodes of its own step, which are the newest."""
+        keep = list(self.nodes)[_common._MAX_NODES // 2 :]
+        self.nodes = {k: self.nodes[k] for k in keep}
+        oldest = keep[0] if keep else 0
+        self.parents = {k: v for k, v in self.parents.items() if k is None or k >= oldest}
+        self.makers = {k for k in self.makers if k >= oldest}
