@@ -33,15 +33,17 @@ Modules (each imports only those above it, plus torch, gradwise._masks, gradwise
 ``_facts``        op-fact tables: discards/selects, steps, comparisons, literals, products, bilinear, row-mixing, ...
 ``_advice``       why a NaN/Inf was born (``_EXPLAIN`` and its explainers) and the fix texts of findings.
 ``_kinks``        ``kink_detector``: the shared kink facts as detectors (``_Hit``), and where on a comparison's tie.
-``_checking``     ``_Checks``: output checks (immediate or batched), collectives, the gradients a backward starts from.
+``_checking``     ``_Checks``: output checks (immediate or batched), what the strong-zero mode ran.
 ``_received``     ``_Received``: collectives, and the NaN/Inf a gradient received from another rank (its finding).
 ``_shadow``       ``_Shadow``: gw.strong_zeros()' pass beside a backward that may meet NaN/Inf (supports, not values).
+``_roots``        ``_Roots``: the gradients a backward starts from; a gradient's NaN/Inf no recorded op explains.
 ``_flow``         ``_Flow``: the backward's flow around a meeting: which node made a zero, split provenance
                   through views and mixing ops, an op rerun under the strong-zero rules, leaves reached.
 ``_incidents``    ``_Incidents``: where a sensitivity meets a NaN/Inf; contamination or genuine.
 ``_saved_meets``  ``_SavedMeets``: a NaN/Inf sensitivity meeting a saved value, or annihilated by a structural zero.
 ``_leaf_names``   ``_LeafNames``: the names of the leaves a gradient reaches; which findings reach a gradient.
 ``_provenance``   ``_Provenance``: births of NaN/Inf, provenance along forward ops.
+``_gradient_births`` ``_GradientBirths``: a NaN/Inf gradient used as a forward value (an optimizer step) born again.
 ``_kink_checks``  ``_KinkChecks``: kink checks of forward ops and the sensitivities that reach them.
 ``_findings``     ``Findings``: a report's findings by key with the births explaining them; each kind's wording.
 ``_assembly``     ``_Assembly``: the ``Report`` from what was recorded.

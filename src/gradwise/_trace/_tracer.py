@@ -1,7 +1,7 @@
 """``_Tracer``, the TorchDispatchMode that sees every aten op of a forward and backward pass and hands it to
-its parts (``_ForwardOps``, ``_BackwardOps``, ``_Checks``, ``_Received``, ``_Provenance``, ``_LeafNames``,
-``_Incidents``, ``_SavedMeets``, ``_Flow``, ``_KinkChecks``, ``_Assembly``), and ``_op_info``, the per-op facts it
-caches.
+its parts (``_ForwardOps``, ``_BackwardOps``, ``_Checks``, ``_Roots``, ``_Received``, ``_Provenance``,
+``_GradientBirths``, ``_LeafNames``, ``_Incidents``, ``_SavedMeets``, ``_Flow``, ``_KinkChecks``, ``_Assembly``), and
+``_op_info``, the per-op facts it caches.
 
 May import: torch, gradwise._modes, gradwise._ops, gradwise._strong_zeros, every module of gradwise._trace above
 _session.
@@ -40,12 +40,14 @@ from gradwise._trace._facts import (
 )
 from gradwise._trace._flow import _Flow
 from gradwise._trace._forward_ops import _ForwardOps
+from gradwise._trace._gradient_births import _GradientBirths
 from gradwise._trace._incidents import _Incidents
 from gradwise._trace._kink_checks import _KinkChecks
 from gradwise._trace._kinks import _Detector, kink_detector
 from gradwise._trace._leaf_names import _LeafNames
 from gradwise._trace._provenance import _Provenance
 from gradwise._trace._received import _Received
+from gradwise._trace._roots import _Roots
 from gradwise._trace._saved_meets import _SavedMeets
 from gradwise._trace._shadow import _Shadow
 from gradwise._trace._store import Store
@@ -136,8 +138,8 @@ def _alone() -> bool:
         all(torch._C._get_dispatch_mode(k) is None for k in _INFRA_MODES)
 
 
-class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Received, _Provenance, _LeafNames, _Incidents, _SavedMeets, _Flow,
-              _KinkChecks, _Assembly, LeanDispatchMode):
+class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance, _GradientBirths, _LeafNames,
+              _Incidents, _SavedMeets, _Flow, _KinkChecks, _Assembly, LeanDispatchMode):
     """The dispatch-mode recorder: sees every aten op and hands it to its parts (the bases before TorchDispatchMode)."""
 
     def __init__(self, sync_every: int):
