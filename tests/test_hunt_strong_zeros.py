@@ -172,6 +172,20 @@ def _grouped_conv_transpose2d(bad: float = 0.0):
     return loss, [v], [expected]
 
 
+def _sqrt_parametrised_conv1d(bad: float = 0.0):
+    """A positive weight parametrised as sqrt(v), one filter all zero: sqrt's derivative there is infinite (no NaN
+    is saved anywhere: the plan must see that the discarded channel's zeros reach it through the convolution)."""
+    v = torch.rand(3, 2, 3, generator=_gen(9), dtype=f64)
+    v[1] = bad
+    v.requires_grad_()
+    x = torch.randn(2, 2, 6, generator=_gen(10), dtype=f64)
+    keep = [0, 2]
+    loss = F.conv1d(x, v.sqrt())[:, keep].square().sum()
+    v0 = v.detach()[keep].clone().requires_grad_()
+    ref = F.conv1d(x, v0.sqrt()).square().sum()
+    return loss, [v], _scatter_rows(torch.autograd.grad(ref, (v0,)), [v], keep)
+
+
 def _scatter_rows(grads, params, keep) -> list[torch.Tensor]:
     out = []
     for g, p in zip(grads, params, strict=True):
@@ -183,7 +197,8 @@ def _scatter_rows(grads, params, keep) -> list[torch.Tensor]:
 
 CHANNELS = {"weight-norm-linear-pruned-unit": _pruned_linear, "weight-norm-conv1d-pruned-filter": _pruned_conv1d,
             "conv2d-groups-stride-dead-filter": _grouped_conv2d,
-            "conv-transpose2d-groups-dead-filters": _grouped_conv_transpose2d}
+            "conv-transpose2d-groups-dead-filters": _grouped_conv_transpose2d,
+            "sqrt-parametrised-conv1d-zero-filter": _sqrt_parametrised_conv1d}
 
 
 @pytest.mark.parametrize("how", HOWS)
@@ -231,6 +246,7 @@ FINITE = {
     "weight-norm-conv1d": lambda: _pruned_conv1d(bad=0.25),
     "conv2d-groups": lambda: _grouped_conv2d(bad=0.25),
     "conv-transpose2d-groups": lambda: _grouped_conv_transpose2d(bad=0.25),
+    "sqrt-parametrised-conv1d": lambda: _sqrt_parametrised_conv1d(bad=0.25),
 }
 
 
