@@ -219,6 +219,27 @@ def test_discarded_unit_used_stays():
     assert all(not g.isfinite().all() for g in gw.grad(loss, params))
 
 
+def test_gradient_penalty_through_a_discarded_filter():
+    """create_graph=True (an input-gradient penalty, WGAN-GP style) through a convolution whose hand-normalised
+    filter 1 is all zero and whose channel 1 is discarded: the filter's first and second order gradients are
+    structural zeros, the rest equals the program without that channel."""
+    v = torch.randn(3, 2, 3, generator=_gen(11), dtype=f64)
+    v[1] = 0.0
+    v.requires_grad_()
+    x = torch.randn(2, 2, 7, generator=_gen(12), dtype=f64, requires_grad=True)
+    keep = [0, 2]
+    loss = F.conv1d(x, _normalised_filters(v))[:, keep].square().sum()
+    gx, gv = gw.grad(loss, (x, v), create_graph=True)
+    got = gw.grad(gx.square().sum(), (x, v))
+    v0, x0 = v.detach()[keep].clone().requires_grad_(), x.detach().clone().requires_grad_()
+    ref = F.conv1d(x0, _normalised_filters(v0)).square().sum()
+    gx0, gv0 = torch.autograd.grad(ref, (x0, v0), create_graph=True)
+    expected = torch.autograd.grad(gx0.square().sum(), (x0, v0))
+    torch.testing.assert_close(gv.detach(), _scatter_rows([gv0.detach()], [v], keep)[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1], _scatter_rows([expected[1]], [v], keep)[0], rtol=1e-12, atol=1e-12)
+
+
 # ---- lanczos resampling -------------------------------------------------------------------------------------
 
 def test_lanczos_resize_nan_image_sliced():
