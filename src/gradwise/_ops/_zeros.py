@@ -188,7 +188,8 @@ _facts("adds", aten.as_strided_scatter, aten.index_put, aten.index_put_, aten._i
        aten.reflection_pad3d_backward, aten.replication_pad1d_backward, aten.replication_pad2d_backward,
        aten.replication_pad3d_backward, aten.put, aten.put_, aten.masked_scatter, aten.masked_scatter_,
        aten.masked_select)
-_facts("signed", aten.upsample_bicubic2d_backward, aten._upsample_bicubic2d_aa_backward)
+_facts("signed", aten.upsample_bicubic2d_backward, aten._upsample_bicubic2d_aa_backward,
+       aten._upsample_lanczos2d_aa_backward)  # (lanczos: negative lobes, as bicubic)
 _facts("union", aten.add, aten.add_, aten.sub, aten.sub_)
 _facts("reduces", aten.sum, aten.mean)
 _facts("product", aten.mul, aten.mul_, args=(0, 1), multiplies=(0, 1))

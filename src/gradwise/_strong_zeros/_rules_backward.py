@@ -1,5 +1,6 @@
-"""Strong-zero rules for fused backwards of single ops: softmax / log_softmax / nll_loss, _trilinear,
-triangular and linear solves, cdist / pdist, embedding_bag's per-sample weights, grid_sampler and CTC loss.
+"""Strong-zero rules for fused backwards of single ops: softmax / log_softmax / nll_loss, the margin losses,
+_trilinear, triangular and linear solves, cdist / pdist, embedding_bag's per-sample weights, grid_sampler, CTC
+loss and weight normalisation.
 
 May import: torch, gradwise._masks, _supports, _rules, _rules_pointwise, _rules_bilinear.
 """
@@ -82,6 +83,27 @@ def _nll_loss_backward(func, args, kwargs, sup):
 
 
 _register(aten.nll_loss_backward, aten.nll_loss2d_backward)(_nll_loss_backward)
+
+
+def _margin_loss_backward(func, args, kwargs, sup):
+    """multi_margin_loss_backward(g, self, target, p, margin, weight, reduction) and
+    multilabel_margin_loss_backward(g, self, target, reduction, is_target): each sample's row of the result is
+    its g (one value per sample for reduction='none', one scalar else) times a function of that row of self, so
+    the row of a sample whose g is a structural zero (a padded or discarded sample) is one, whatever NaN/Inf its
+    scores hold. Other rows are PyTorch's."""
+    if _tracked_slots(args, sup) not in ([], [0]):
+        return _run_unruled(func, args, kwargs, sup, "a tracked operand")
+    out = func(*args, **kwargs)
+    s = sup.of(args[0])
+    if s is None:
+        sup.record(out, None)
+        return out
+    support = (s.unsqueeze(-1) if s.dim() and out.dim() > s.dim() else s).expand(out.shape)
+    sup.record(_annihilate(out, support), support)
+    return out
+
+
+_register(aten.multi_margin_loss_backward, aten.multilabel_margin_loss_backward)(_margin_loss_backward)
 
 
 def _trilinear(func, args, kwargs, sup):
@@ -324,3 +346,27 @@ def _ctc_loss_backward(func, args, kwargs, sup):
 
 
 _register(aten._ctc_loss_backward)(_ctc_loss_backward)
+
+
+def _weight_norm_backward(func, args, kwargs, sup):
+    """_weight_norm_interface_backward(grad_w, v, g, norms, dim) -> (grad_v, grad_g): w = g * v / ||v|| for each
+    slice along ``dim`` (an output unit), so a slice whose grad_w is all structural zeros (a unit the loss never
+    reads: a pruned all-zero row, whose norm 0 makes 0/0, or a sliced-off class) gets structural zeros in both
+    results. Any other slice reads every element of its grad_w through the dot product <grad_w, v>: PyTorch's."""
+    if _tracked_slots(args, sup) not in ([], [0]):
+        return _run_unruled(func, args, kwargs, sup, "a tracked operand")
+    grad_v, grad_g = func(*args, **kwargs)
+    s = sup.of(args[0])
+    if s is None:
+        sup.record(grad_v, None)
+        sup.record(grad_g, None)
+        return grad_v, grad_g
+    w, dim = args[0], args[4] % max(args[0].dim(), 1)
+    unit = mask_any(s.expand(w.shape), [d for d in range(w.dim()) if d != dim], keepdim=True)
+    for out in (grad_v, grad_g):
+        support = unit.expand(out.shape)
+        sup.record(_annihilate(out, support), support)
+    return grad_v, grad_g
+
+
+_register(aten._weight_norm_interface_backward)(_weight_norm_backward)

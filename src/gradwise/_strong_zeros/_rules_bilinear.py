@@ -286,10 +286,29 @@ def _conv_backward_support(func, args, slot, s):
     """convolution_backward(grad_output, input, weight, ...): grad_input's support from a one-channel
     convolution of where grad_output is supported (any output channel) with a kernel of ones, over every
     input channel: a superset of the exact support, which is sound (a support may only be too large).
-    grad_weight and grad_bias sum over the batch and space: taken as fully supported."""
-    if slot != 0 or not args[10][0]:
+    grad_weight and grad_bias sum over the batch and space of one output channel each (_conv_channel_supports)."""
+    if slot != 0:
         return (None, None, None)
-    return (conv_input_reads(EagerMasks, args, s), None, None)
+    mask = args[10]
+    weight, bias = _conv_channel_supports(args, s) if mask[1] or mask[2] else (None, None)
+    return (conv_input_reads(EagerMasks, args, s) if mask[0] else None, weight if mask[1] else None,
+            bias if mask[2] else None)
+
+
+def _conv_channel_supports(args: tuple, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The supports of convolution_backward's grad_weight and grad_bias: the filters (and bias) of an output
+    channel whose grad_output is all structural zeros (a channel the loss never reads: a pruned filter, a
+    cropped-away class map) add only structural zeros, whatever NaN/Inf the input holds, so they are structural
+    zeros too; such a weight need not be a leaf (weight_norm, weight standardisation, LoRA), and a NaN made from
+    it upstream (0/0 of a zero filter's norm) then meets them. The filters of every other channel are supported."""
+    g, weight, transposed, groups = args[0], args[2], args[7], args[9]
+    channel = mask_any(s.expand(g.shape), [d for d in range(g.dim()) if d != 1])  # (C_out,)
+    ones = (1,) * (weight.dim() - 2)
+    if not transposed:  # weight (C_out, C_in / groups, *kernel)
+        return channel.view(-1, 1, *ones), channel
+    # transposed: weight (C_in, C_out / groups, *kernel); input channel i belongs to group i // (C_in / groups)
+    per_group = channel.view(groups, 1, -1).expand(groups, weight.shape[0] // groups, weight.shape[1])
+    return per_group.reshape(weight.shape[0], weight.shape[1], *ones), channel
 
 
 _register(aten.mm, aten.bmm)(_bilinear(_mm_support, _mm_nonfinite_k, restrict=_mm_supported_k,
