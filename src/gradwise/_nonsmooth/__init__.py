@@ -29,6 +29,7 @@ Modules (each imports only those above it in this list, plus torch, gradwise._ma
 ``_ports``            ``PORTS``: Python ports of C++ composites with kinks inside (quantile, renorm).
 ``_kink_watch``       ``_KinkWatch``: callables without a route, tested against ``gradwise._ops._kinks``
                       (``_SMOOTH_CALLS``, ``_SMOOTH_FOR`` per call signature).
+``_kink_reads``       ``_KinkReads``: `_KinkMode`'s methods for values f reads into Python and indices of ties.
 ``_kink_mode``        ``_KinkMode``, the TorchFunctionMode that sends f's kink ops to their rules.
 ``_engine``           the passes, ``directional_derivative``, branch locking (``_LAST_TIE``), ``generalized_grad``,
                       ``generalized_backward``, ``kinks_hit``.

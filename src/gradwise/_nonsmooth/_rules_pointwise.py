@@ -128,7 +128,7 @@ def _clamp(run, x, lo, hi, native: Callable, inplace: bool = False):
     lop = _split(lo)[0] if lo is not None else None
     touches = lo is not None and bool(((xp - lop).abs() <= run.tie_tol).any())
     if hi is not None and not touches:
-        mid = xp if numbers_apart else torch.maximum(xp, lop)
+        mid = xp if numbers_apart or lop is None else torch.maximum(xp, lop)  # no lower bound: hi meets x
         touches = bool(((mid - _split(hi)[0]).abs() <= run.tie_tol).any())
     if not touches and run.near_tol is None:
         return native()
