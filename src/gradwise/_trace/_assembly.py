@@ -46,6 +46,7 @@ class _Assembly:
         began) leaves out what was last seen before it."""
         self.flush()
         report.forward_ops, report.backward_ops = self.n_fwd, self.n_bwd
+        report.untraced_backwards = sum(1 for serial in self.untraced if serial > since)
         findings: dict[tuple, Finding] = {}
 
         origin: dict[tuple, _Birth] = {}  # finding key -> the birth that explains it (root causes)

@@ -78,7 +78,7 @@ def _backward_call(tracer: _Tracer) -> Iterator[None]:
 def _traced_backward(tensors, grad_tensors=None, *args, **kwargs):
     tracer = _current()
     if tracer is not None and torch._C._are_functorch_transforms_active():
-        tracer._pass_over("functorch-transformed (vmap, batched gradient)", "torch.autograd.backward")
+        tracer._pass_over_backward("torch.autograd.backward")
         tracer = None
     if tracer is None:
         watcher = _WATCHERS.get(threading.get_ident())
@@ -102,7 +102,7 @@ def _traced_grad(outputs, inputs, grad_outputs=None, *args, **kwargs):
     if tracer is not None and (kwargs.get("is_grads_batched") or torch._C._are_functorch_transforms_active()
                                or not all(_kinds.readable(g) for g in _tensors(
                                    [grad_outputs] if isinstance(grad_outputs, torch.Tensor) else grad_outputs or ()))):
-        tracer._pass_over("functorch-transformed (vmap, batched gradient)", "torch.autograd.grad")
+        tracer._pass_over_backward("torch.autograd.grad")
         tracer = None  # batched gradients: their values cannot be read here
     if tracer is None:
         watcher = _WATCHERS.get(threading.get_ident())

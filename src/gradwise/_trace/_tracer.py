@@ -206,6 +206,7 @@ class _Tracer(_Checks, _Received, _Provenance, _LeafNames, _Incidents, _SavedMee
         # so that ids stay theirs), filled on demand (`_reads_gradients_only`)
         self.grad_reads: dict[int, torch.Tensor | weakref.ref] = {}
         self.passed: dict[str, list] = {}  # kind -> [ops run without reading them, the first op] (_trace_kinds)
+        self.untraced: list[int] = []  # the store's serial at each backward call run without reading it
         self.provisional: list | None = None  # incidents of a plain pass gw.strong_zeros() may redo
         self.strong_ran = False
         self.reached_now: set = set()  # incidents that reached a gradient in this backward call (strong zeros)

@@ -1,0 +1,233 @@
+"""Strong zeros and the trace where PyTorch transforms or captures the program: torch.func, batched gradients,
+TorchScript, torch.export, forward-mode AD, hooks, saved-tensor hooks and threads.
+
+References are independent of gradwise: the same program with the unused values deleted (float64), PyTorch's own
+gradient on finite data (bitwise), and PyTorch's NaN where a NaN is genuine.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import warnings
+
+import pytest
+import torch
+
+import gradwise as gw
+
+nan = float("nan")
+
+
+def _contaminated(x: torch.Tensor) -> torch.Tensor:
+    """sqrt of a negative entry that where() discards: the gradient there is NaN in plain PyTorch, 0 once deleted."""
+    return torch.where(x > 0, x.sqrt(), 0.0).sum()
+
+
+def _genuine(x: torch.Tensor) -> torch.Tensor:
+    """sqrt of a negative entry that the output uses: a genuine NaN gradient."""
+    return x.sqrt().sum()
+
+
+_X = torch.tensor([4.0, 1.0, -1.0], dtype=torch.float64)
+
+# gradients computed by a backward that runs under a torch.func transform or with batched seeds: the trace
+# cannot read them
+_UNTRACED = {
+    "func.grad genuine": lambda: torch.func.grad(_genuine)(_X),
+    "func.grad contaminated": lambda: torch.func.grad(_contaminated)(_X),
+    "vmap(grad)": lambda: torch.func.vmap(torch.func.grad(_contaminated))(_X.expand(2, 3)),
+    "jacrev": lambda: torch.func.jacrev(lambda x: torch.where(x > 0, x.sqrt(), 0.0))(_X),
+    "hessian": lambda: torch.func.hessian(_contaminated)(_X),
+    "is_grads_batched": lambda: torch.autograd.grad(
+        (x := _X.clone().requires_grad_()).sqrt(), x, torch.eye(3, dtype=x.dtype), is_grads_batched=True)[0],
+}
+
+
+@pytest.mark.parametrize("name", list(_UNTRACED))
+def test_trace_never_calls_an_untraced_gradient_clean(name):
+    """The gradient holds NaN (PyTorch's, the reference), which the trace could not read: its report said "No NaN/Inf
+    gradients and no kinks found" and listed the NaN the gradient used under "Not errors ... no gradient used"."""
+    call = _UNTRACED[name]
+    expected = call()
+    assert bool(expected.isnan().any())  # the premise: the gradient is not clean
+    with gw.trace() as report:
+        got = call()
+    assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))  # the trace changes no gradient
+    assert "untraced" in report.summary() and "may hold NaN/Inf" in report.summary()
+    assert "Not errors" not in str(report)
+    assert report.untraced_backwards >= 1
+    assert json.loads(report.to_json())["untraced_backwards"] == report.untraced_backwards
+
+
+def test_traced_backward_after_an_untraced_one_is_still_explained():
+    """An untraced backward in the block does not hide what a traced one finds (and the summary names both)."""
+    with gw.trace() as report:
+        torch.func.grad(_genuine)(_X)
+        x = _X.clone().requires_grad_()
+        _contaminated(x).backward()
+    assert [f.kind for f in report.findings] == ["contamination"]
+    assert report.untraced_backwards == 1 and "1 backward call ran untraced" in report.summary()
+
+
+def test_nested_block_counts_only_its_own_untraced_backwards():
+    with gw.trace() as outer:
+        torch.func.grad(_genuine)(_X)
+        with gw.trace() as inner:
+            x = _X.abs().requires_grad_()
+            _genuine(x).backward()
+    assert outer.untraced_backwards == 1 and inner.untraced_backwards == 0
+    assert inner.summary().startswith("No NaN/Inf gradients and no kinks found (")
+
+
+def test_plain_backward_report_unchanged():
+    """Control: nothing untraced, the usual summary and 'Not errors' line."""
+    with gw.trace() as report:
+        x = _X.clone().requires_grad_()
+        torch.where(x > 0, x, 0.0).sum().backward()
+        _X.sqrt()  # a NaN nothing differentiates
+    assert report.untraced_backwards == 0 and "untraced_backwards" not in json.loads(report.to_json())
+    assert report.summary().startswith("No NaN/Inf gradients and no kinks found (")
+    assert "Not errors" in str(report)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Strong zeros where the program is captured or hooked (cases the other files do not cover)
+# ---------------------------------------------------------------------------------------------------------
+
+def _body(lin: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(lin(x.sqrt()))
+
+
+def _setup():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(2, 2).double()
+    x = torch.tensor([[1.0, 4.0], [-1.0, 2.0], [9.0, 1.0]], dtype=torch.float64)
+    clean = x.clone().requires_grad_()
+    _body(lin, clean[[0, 2]]).sum().backward()  # the same program with row 1 deleted
+    lin.zero_grad()
+    return lin, x, clean.grad
+
+
+def test_hook_that_replaces_the_gradient_makes_the_nan_genuine():
+    """A tensor hook returning a fresh all-ones gradient: every element is used now, so sqrt(-1)'s NaN must stay."""
+    x = torch.tensor([1.0, 4.0, -1.0], dtype=torch.float64, requires_grad=True)
+
+    def program():
+        h = x.sqrt()
+        h.register_hook(lambda g: torch.ones_like(g))
+        return h[:2].sum()
+
+    expected = torch.autograd.grad(program(), x)[0]
+    got = gw.grad(program(), x)[0]
+    assert bool(got[2].isnan()) and torch.equal(got[:2], expected[:2])
+
+
+def test_post_accumulate_and_multi_grad_hooks_see_the_strong_gradient_once():
+    lin, x0, expected = _setup()
+    x = x0.clone().requires_grad_()
+    post, multi = [], []
+    x.register_post_accumulate_grad_hook(lambda p: post.append(p.grad.clone()))
+    h = _body(lin, x) * 1
+    torch.autograd.graph.register_multi_grad_hook((x, h), lambda gs: multi.append(gs[0].clone()))
+    with gw.strong_zeros():
+        h[[0, 2]].sum().backward()
+    assert len(post) == 1 and len(multi) == 1
+    assert torch.equal(post[0], expected) and torch.equal(multi[0], expected) and torch.equal(x.grad, expected)
+
+
+@pytest.mark.parametrize("hooks", ["save_on_cpu", "numpy_pack"])
+def test_saved_tensor_hooks(hooks):
+    """Saved tensors packed away (to CPU, to NumPy arrays) and unpacked in the backward; the reference is the
+    deleted program under the same hooks (NumPy's copies change PyTorch's last bits by themselves)."""
+    lin, x0, _ = _setup()
+
+    def hooked():
+        return torch.autograd.graph.save_on_cpu() if hooks == "save_on_cpu" else \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach().numpy().copy(), torch.from_numpy)
+
+    clean = x0.clone().requires_grad_()
+    with hooked():
+        out = _body(lin, clean[[0, 2]]).sum()
+    (expected,) = torch.autograd.grad(out, clean)
+    x = x0.clone().requires_grad_()
+    with hooked():
+        out = _body(lin, x)[[0, 2]].sum()
+    with gw.strong_zeros():
+        out.backward()
+    assert torch.equal(x.grad, expected)
+
+
+def test_two_threads_one_strong_one_plain():
+    lin, x0, expected = _setup()
+    grads: dict[str, torch.Tensor] = {}
+    barrier = threading.Barrier(2)
+
+    def worker(name: str, strong: bool) -> None:
+        barrier.wait()
+        for _ in range(10):
+            x = x0.clone().requires_grad_()
+            out = _body(lin, x)[[0, 2]].sum()
+            grads[name] = gw.grad(out, x)[0] if strong else torch.autograd.grad(out, x)[0]
+
+    threads = [threading.Thread(target=worker, args=("strong", True)),
+               threading.Thread(target=worker, args=("plain", False))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.equal(grads["strong"], expected)
+    assert bool(grads["plain"][1].isnan().all())  # the plain thread keeps PyTorch's contamination
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script is deprecated in 2.13
+def test_torchscript_module_after_the_profiling_runs():
+    """TorchScript's profiling executor swaps graphs after two runs: each call matches the deleted program."""
+    lin, x0, expected = _setup()
+
+    class M(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.lin(x.sqrt()))
+
+    scripted = torch.jit.script(M())
+    for _ in range(4):
+        x = x0.clone().requires_grad_()
+        got = gw.grad(scripted(x)[[0, 2]].sum(), x)[0]
+        assert torch.equal(got[1], torch.zeros(2, dtype=torch.float64))
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)  # (a scripted graph may fuse differently)
+
+
+def test_exported_module_under_strong_zeros_and_trace():
+    lin, x0, expected = _setup()
+
+    class M(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.lin(x.sqrt()))
+
+    module = torch.export.export(M(), (x0.abs(),)).module()
+    x = x0.clone().requires_grad_()
+    with gw.strong_zeros():
+        module(x)[[0, 2]].sum().backward()
+    assert torch.equal(x.grad, expected)
+    x = x0.clone().requires_grad_()
+    with gw.trace() as report:
+        module(x)[[0, 2]].sum().backward()
+    assert [f.kind for f in report.findings] == ["contamination"]
+
+
+def test_jacfwd_and_forward_ad_are_untouched_by_strong_zeros():
+    """Forward mode runs no backward: strong zeros change nothing (where's JVP already drops the unused branch)."""
+    expected = torch.func.jacfwd(_contaminated)(_X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with gw.strong_zeros():
+            got = torch.func.jacfwd(_contaminated)(_X)
+    assert torch.equal(got, expected) and bool(got.isfinite().all())
