@@ -15,8 +15,17 @@ import pytest
 import torch
 
 import gradwise as gw
+from gradwise._strong_zeros import _contract
 
 nan = float("nan")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings():
+    """Every test sees the once-per-process warnings afresh."""
+    _contract._warned.clear()
+    yield
+    _contract._warned.clear()
 
 
 def _contaminated(x: torch.Tensor) -> torch.Tensor:
@@ -231,3 +240,57 @@ def test_jacfwd_and_forward_ad_are_untouched_by_strong_zeros():
         with gw.strong_zeros():
             got = torch.func.jacfwd(_contaminated)(_X)
     assert torch.equal(got, expected) and bool(got.isfinite().all())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A backward recorded into a graph by make_fx (what aot_function and non-strict torch.export build on)
+# ---------------------------------------------------------------------------------------------------------
+
+def _grad_of_contaminated(x: torch.Tensor) -> torch.Tensor:
+    return gw.grad(_contaminated(x), x)[0]
+
+
+def _plain_grad_of_contaminated(x: torch.Tensor) -> torch.Tensor:
+    return torch.autograd.grad(_contaminated(x), x)[0]
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+def test_gw_grad_recorded_by_make_fx_says_its_graph_is_plain(mode):
+    """make_fx records gw.grad's backward as PyTorch's plain ops: running the graph keeps the contamination, so
+    gradwise must say so. With real tracing and a NaN in the tracing data the plan chose the strong pass, whose
+    reads the proxy mode refused ("get value out of a tracing tensor"): a crash inside gradwise."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with pytest.warns(gw.PlainBackwardWarning, match="recorded into a graph"):
+        gm = make_fx(_grad_of_contaminated, tracing_mode=mode)(_X.clone().requires_grad_())
+    reference = make_fx(_plain_grad_of_contaminated, tracing_mode=mode)(_X.clone().requires_grad_())
+    assert gm.code == reference.code  # PyTorch's plain backward, as the warning says
+    got = gm(_X.clone().requires_grad_())
+    assert torch.equal(got.nan_to_num(7.0), reference(_X.clone().requires_grad_()).nan_to_num(7.0))
+
+
+def test_fake_mode_alone_records_nothing_and_stays_silent():
+    """Control: a FakeTensorMode without make_fx (shape propagation) has no values and builds no graph."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with FakeTensorMode() as fake, gw.strong_zeros():
+            x = fake.from_tensor(_X).requires_grad_()
+            (g,) = torch.autograd.grad(_contaminated(x), x)
+    assert g.shape == _X.shape
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+def test_trace_keeps_its_reads_out_of_a_make_fx_graph(mode):
+    """gw.trace() sits above make_fx's proxy mode: its own checks (sums, amin, eq) were recorded into the user's
+    graph, and in real mode its refused reads made a 'genuine NaN ... birth not observed' finding."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    reference = make_fx(_plain_grad_of_contaminated, tracing_mode=mode)(_X.clone().requires_grad_())
+    with gw.trace() as report:
+        gm = make_fx(_plain_grad_of_contaminated, tracing_mode=mode)(_X.clone().requires_grad_())
+    assert gm.code == reference.code
+    assert not report.findings and report.untraced_backwards >= 1
+    assert any(n.startswith("recorded into a graph") for n in report.notes), report.notes
+

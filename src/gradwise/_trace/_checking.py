@@ -93,10 +93,10 @@ class _Checks:
         entry = self.passed.setdefault(kind, [0, name if name != "a value" else None])
         entry[0] += 1
 
-    def _pass_over_backward(self, call: str) -> None:
-        """Note a backward call the trace ran without reading (under a torch.func transform, batched seeds): its
-        gradients are not examined, so the report must not say that no gradient is NaN or used a NaN/Inf."""
-        self._pass_over("functorch-transformed (vmap, batched gradient)", call)
+    def _pass_over_backward(self, call: str, kind: str) -> None:
+        """Note a backward call the trace ran without reading (under a torch.func transform, batched seeds, recorded
+        by make_fx): its gradients are not examined, so the report must not say that none is NaN or used a NaN."""
+        self._pass_over(kind, call)
         self.store.serial += 1  # (an event: a nested block begun before it counts it)
         self.untraced.append(self.store.serial)
 

@@ -20,6 +20,7 @@ from gradwise import _strong_zeros
 from gradwise._modes import LeanDispatchMode
 from gradwise._ops._zeros import ops_of_kind
 from gradwise._strong_zeros import _unused
+from gradwise._strong_zeros._traced import recording
 from gradwise._trace import _common, _kinds
 from gradwise._trace._assembly import _Assembly
 from gradwise._trace._checking import _Checks
@@ -154,6 +155,9 @@ def _declared_node(node, at: tuple) -> _Node | None:
     return _Node(DECLARED, getattr(node, "declared_at", at))
 
 
+RECORDED = "recorded into a graph (make_fx, a fake mode)"
+
+
 class _Tracer(_Checks, _Received, _Provenance, _LeafNames, _Incidents, _SavedMeets, _Flow, _KinkChecks, _Assembly,
               LeanDispatchMode):
     """The dispatch-mode recorder: sees every aten op and hands it to its parts (the bases before TorchDispatchMode)."""
@@ -258,6 +262,10 @@ class _Tracer(_Checks, _Received, _Provenance, _LeafNames, _Incidents, _SavedMee
             plain = _PLAIN[types] = all(t in _kinds.PLAIN_TYPES for t in types)
         if not plain:
             return self._subclass_op(func, types, args, kwargs)
+        if torch._C._len_torch_dispatch_stack() and recording():  # make_fx or a fake mode below: the trace's own
+            # reads would be recorded into the user's graph (or refused: "get value out of a tracing tensor")
+            self._pass_over(RECORDED, func)
+            return _run(func, args, kwargs)
         if _kinds.forward_ad_active():  # reductions of duals would build tangents
             self._pass_over("forward-AD dual", func)
             return _run(func, args, kwargs)
