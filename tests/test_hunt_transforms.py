@@ -294,3 +294,42 @@ def test_trace_keeps_its_reads_out_of_a_make_fx_graph(mode):
     assert not report.findings and report.untraced_backwards >= 1
     assert any(n.startswith("recorded into a graph") for n in report.notes), report.notes
 
+
+# ---------------------------------------------------------------------------------------------------------
+# A backward run under torch.inference_mode(): autograd's keys are skipped, so composite ops reach the mode whole
+# ---------------------------------------------------------------------------------------------------------
+
+def _contamination_cases():
+    import case_files
+    from test_reported_cases import HERE, _load
+
+    out = []
+    for path in [*sorted(HERE.glob("contamination_*.py")), case_files.PROJECT / "contamination.py"]:
+        module = _load(path)
+        out += [pytest.param(case, id=f"{path.stem}-{case.name}") for case in module.CASES]
+    return out
+
+
+@pytest.mark.filterwarnings(r"ignore:index_reduce\(\) is in beta:UserWarning")
+@pytest.mark.filterwarnings("ignore::gradwise.GradwiseWarning")
+@pytest.mark.parametrize("case", _contamination_cases())
+def test_gw_grad_inside_inference_mode_matches_no_grad(case):
+    """Under torch.inference_mode() a backward's composite ops (where.ScalarOther(c, g, 0), reshape, ...) reach the
+    strong-zero mode undecomposed: their zeros were lost and the NaN stayed, silently (38 of the 173 cases). The
+    reference is each case's deleted program, and gw.grad under no_grad, bit for bit."""
+    torch.manual_seed(0)
+    output, inputs, expected = case.build()
+    try:
+        with torch.inference_mode():
+            torch.autograd.grad(output, inputs, retain_graph=True)
+    except RuntimeError:
+        pytest.skip("plain PyTorch cannot run this backward in inference mode")
+    with torch.inference_mode():
+        got = gw.grad(output, inputs)
+    torch.manual_seed(0)
+    output, inputs, _ = case.build()
+    with torch.no_grad():
+        reference = gw.grad(output, inputs)
+    for g, r, e in zip(got, reference, expected, strict=True):
+        torch.testing.assert_close(g, e.to(g.dtype), equal_nan=True, rtol=1e-5, atol=1e-6)
+        assert torch.equal(g.nan_to_num(7.0), r.nan_to_num(7.0))
