@@ -333,3 +333,45 @@ def test_gw_grad_inside_inference_mode_matches_no_grad(case):
     for g, r, e in zip(got, reference, expected, strict=True):
         torch.testing.assert_close(g, e.to(g.dtype), equal_nan=True, rtol=1e-5, atol=1e-6)
         assert torch.equal(g.nan_to_num(7.0), r.nan_to_num(7.0))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.library custom ops: reports name them in their own namespace
+# ---------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("gwhunt::root", mutates_args=())
+def _root(x: torch.Tensor) -> torch.Tensor:
+    return x.sqrt()
+
+
+@torch.library.custom_op("gwhunt::root_backward", mutates_args=())
+def _root_backward(g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return g / (2 * out)
+
+
+@_root.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def _root_setup(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+_root.register_autograd(lambda ctx, g: _root_backward(g, ctx.saved_tensors[0]), setup_context=_root_setup)
+
+
+def test_a_custom_op_is_named_in_its_namespace():
+    """The trace named gwhunt::root 'aten.root' (and its backward 'aten.root_backward'): no such aten op exists, so
+    the report sent the user looking for a PyTorch op. Strong zeros cannot follow the rule-less backward: the NaN
+    PyTorch computes stays, with an OpaqueBackwardWarning naming the op."""
+    x = _X.clone().requires_grad_()
+    expected = torch.autograd.grad(torch.where(x > 0, _root(x), 0.0).sum(), x)[0]
+    with pytest.warns(gw.OpaqueBackwardWarning, match="gwhunt.root_backward"):
+        got = gw.grad(torch.where(x > 0, _root(x), 0.0).sum(), x)[0]
+    assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))
+    with gw.trace() as report:
+        torch.where(x > 0, _root(x), 0.0).sum().backward()
+    (f,) = report.findings
+    assert f.op == "gwhunt.root" and f.born_op == "gwhunt.root", str(report)
+    assert "gwhunt.root_backward" in f.message and "aten.root" not in str(report)

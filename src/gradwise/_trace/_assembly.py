@@ -38,6 +38,11 @@ def _site(kind: str, birth: _Birth) -> tuple:
     return (kind, birth.op, birth.loc) + ((birth.order,) if birth.op == "gradient" else ())
 
 
+def _aten(op: str) -> object:
+    """The aten op packet a report's op name ("aten.exp") names, or None (a library's op, "mylib.fused")."""
+    return getattr(aten, op[5:], None) if op.startswith("aten.") else None
+
+
 class _Assembly:
     """The report from what the tracer recorded (a part of _Tracer)."""
 
@@ -228,7 +233,7 @@ class _Assembly:
             fix = _INPUT_FIX if birth.op == "input" else _GRADIENT_FIX if birth.op == "gradient" else \
                 _SEED_FIX if birth.op == "seed" else _UNEXPLAINED_FIX if birth.op == "backward" else \
                 _SOFTMAX_INF_FIX if birth.what.startswith(_SOFTMAX_INF) else \
-                _GENUINE_FIX.get(getattr(aten, birth.op[5:], None), "")
+                _GENUINE_FIX.get(_aten(birth.op), "")
             message = f"{birth.what}; " + (_UNDECIDED.format(op=inc.op) if inc is not None and inc.undecided
                                            else "every gradient it reaches uses it" if birth.op == "seed"
                                            else "whether the output used it (genuine) or not (contamination) is "
@@ -236,7 +241,7 @@ class _Assembly:
                                            else "the output depends on it")
         else:
             op, loc = inc.node_op, inc.loc
-            fix = _GENUINE_FIX.get(getattr(aten, op[5:], None), "")
+            fix = _GENUINE_FIX.get(_aten(op), "")
             message = inc.what
         born = _born(birth, via) if birth else (inc.what if inc else None)
         return Finding(kind, op, _fmt(loc), 0, fix=fix or "find why the value is not finite where it is used",
