@@ -375,3 +375,23 @@ def test_a_custom_op_is_named_in_its_namespace():
     (f,) = report.findings
     assert f.op == "gwhunt.root" and f.born_op == "gwhunt.root", str(report)
     assert "gwhunt.root_backward" in f.message and "aten.root" not in str(report)
+
+
+def test_trace_of_a_backward_in_inference_mode_classifies_contamination():
+    """The trace's shadow strong-zero pass lost the same zeros under torch.inference_mode(): where's discarded
+    sqrt(-1) and a float32 LSTM's NaN padding were reported as genuine NaN (the deleted programs are finite)."""
+    x = _X.clone().requires_grad_()
+    with gw.trace() as report:
+        out = torch.where(x > 0, x.sqrt(), 0.0).sum()
+        with torch.inference_mode():
+            torch.autograd.grad(out, x)
+    assert [f.kind for f in report.findings] == ["contamination"], str(report)
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(3, 2)
+    data = torch.randn(4, 2, 3)
+    data[2:, 1] = nan  # the second sequence's padding steps
+    with gw.trace() as report:
+        loss = lstm(data)[0][:2, 1].sum()
+        with torch.inference_mode():
+            torch.autograd.grad(loss, list(lstm.parameters()))
+    assert report.of_kind("contamination") and not report.of_kind("nan"), str(report)
