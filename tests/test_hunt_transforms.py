@@ -395,3 +395,20 @@ def test_trace_of_a_backward_in_inference_mode_classifies_contamination():
         with torch.inference_mode():
             torch.autograd.grad(loss, list(lstm.parameters()))
     assert report.of_kind("contamination") and not report.of_kind("nan"), str(report)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.trace is deprecated in 2.13
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_jit_trace_of_a_backward_is_pytorchs_under_strong_zeros():
+    """torch.jit.trace of a function that takes a gradient: PyTorch refuses it ("Cannot insert a Tensor that requires
+    grad as a constant"). Under strong zeros with a NaN in the tracing data the strong pass ran at trace time and the
+    trace 'succeeded', recording PyTorch's plain backward: the traced function returned the contaminated NaN
+    silently. Now the backward runs as PyTorch's, with a warning that the graph holds plain ops."""
+    def fn(x):
+        return torch.autograd.grad(_contaminated(x), x)[0]
+
+    with pytest.raises(RuntimeError, match="requires grad as a constant"):
+        torch.jit.trace(fn, (_X.clone().requires_grad_(),), check_trace=False)
+    with pytest.raises(RuntimeError, match="requires grad as a constant"), \
+            pytest.warns(gw.PlainBackwardWarning, match="torch.jit.trace"), gw.strong_zeros():
+        torch.jit.trace(fn, (_X.clone().requires_grad_(),), check_trace=False)

@@ -83,7 +83,8 @@ _WHY = {
     "mkldnn": "an mkldnn tensor takes part: strong zeros follow dense (strided) tensors only",
     "nested": "a nested tensor takes part: strong zeros follow dense (strided) tensors only",
     "subclass": "a tensor subclass with its own __torch_dispatch__ takes part: its values cannot be read safely",
-    "recorded": "it is being recorded into a graph (make_fx, aot_function, torch.export) outside torch.compile: "
+    "recorded": "it is being recorded into a graph (make_fx, aot_function, torch.export, torch.jit.trace) outside "
+    "torch.compile: "
     "the graph holds PyTorch's plain backward ops, so strong zeros do not apply when it runs. Take the gradient "
     "outside the recorded function, or compile it with torch.compile (whose graphs get strong zeros)",
 }

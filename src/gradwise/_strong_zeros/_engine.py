@@ -263,9 +263,10 @@ def _under_traces(mode: TorchDispatchMode) -> Iterator[None]:
 def _choose(outputs: Sequence[Any], inputs: Sequence[Any], seeds: Sequence[Any], watched: list | None = None) -> str:
     """The path of one backward: what ``_plan`` says, or 'plain' (with a PlainBackwardWarning, once) where
     gradwise cannot read or follow the graph (_contract). ``watched``: see ``_plan``."""
-    if recording():  # PyTorch traces (make_fx, a fake mode, AOTAutograd, export): plain ops, no read of its tensors
-        # (which may be real ones: the plan read them with the modes off and chose the strong pass, whose reads then
-        # met the proxy mode: "get value out of a tracing tensor"). Said once where the user's own code asked for it
+    if recording() or torch._C._is_tracing():  # PyTorch traces (make_fx, a fake mode, AOTAutograd, export,
+        # torch.jit.trace): plain ops, no read of its tensors (which may be real ones: the plan read them with the modes
+        # off and chose the strong pass, whose reads then met the proxy mode: "get value out of a tracing tensor"; a
+        # jit.trace graph recorded PyTorch's plain ops). Said once where the user's own code asked for it
         if graph_recording() and _contract.users_backward():
             _contract.warn_plain("recorded")
         return "plain"

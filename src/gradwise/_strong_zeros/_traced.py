@@ -32,8 +32,11 @@ def recording() -> bool:
 
 
 def graph_recording() -> bool:
-    """A proxy (make_fx) mode records the ops of this thread into a graph (a fake mode alone records nothing)."""
-    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+    """A proxy (make_fx) mode records the ops of this thread into a graph (a fake mode alone records nothing), or
+    torch.jit.trace does (its tracer sits above autograd: a dispatch mode's own ops are not recorded, so a graph
+    traced from a strong pass held PyTorch's plain backward)."""
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None or \
+        torch._C._is_tracing()
 
 
 def compiling() -> bool:
