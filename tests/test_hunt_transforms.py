@@ -412,3 +412,23 @@ def test_jit_trace_of_a_backward_is_pytorchs_under_strong_zeros():
     with pytest.raises(RuntimeError, match="requires grad as a constant"), \
             pytest.warns(gw.PlainBackwardWarning, match="torch.jit.trace"), gw.strong_zeros():
         torch.jit.trace(fn, (_X.clone().requires_grad_(),), check_trace=False)
+
+
+@pytest.mark.parametrize("name", ["func.grad genuine", "vmap(grad)", "is_grads_batched"])
+def test_watch_never_calls_an_untraced_gradient_clean(name):
+    """gw.watch() skips the backward calls it cannot read (a torch.func transform, batched seeds), and its report
+    said 'No NaN/Inf gradients' although the gradient holds NaN."""
+    call = _UNTRACED[name]
+    with gw.watch() as report:
+        got = call()
+    assert bool(got.isnan().any())
+    assert "may hold NaN/Inf" in report.summary() and report.untraced_backwards == 1
+
+
+def test_watch_of_finite_steps_stays_silent():
+    """Control: plain finite steps leave the watch's report empty, with nothing untraced."""
+    lin = torch.nn.Linear(2, 1)
+    with gw.watch() as report:
+        for _ in range(2):
+            lin(torch.ones(3, 2)).sum().backward()
+    assert not report.findings and not report.notes and report.untraced_backwards == 0
