@@ -432,3 +432,27 @@ def test_watch_of_finite_steps_stays_silent():
         for _ in range(2):
             lin(torch.ones(3, 2)).sum().backward()
     assert not report.findings and not report.notes and report.untraced_backwards == 0
+
+
+def _scripted_grad(x: torch.Tensor) -> torch.Tensor:
+    y = torch.where(x > 0, x.sqrt(), torch.zeros_like(x)).sum()
+    (g,) = torch.autograd.grad([y], [x])
+    assert g is not None
+    return g
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script is deprecated in 2.13
+def test_trace_counts_a_backward_torchscript_starts():
+    """A scripted function's torch.autograd.grad is TorchScript's builtin: the C++ engine runs without the trace's
+    wrappers, whose report said 'No NaN/Inf gradients' although the gradient it returned holds NaN."""
+    scripted = torch.jit.script(_scripted_grad)
+    expected = scripted(_X.clone().requires_grad_())
+    assert bool(expected.isnan().any())
+    with gw.trace() as report:
+        got = scripted(_X.clone().requires_grad_())
+    assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))
+    assert "may hold NaN/Inf" in report.summary() and report.untraced_backwards == 1, str(report)
+    with gw.trace() as report:  # control: the same gradient through the Python API is traced, and found
+        x = _X.clone().requires_grad_()
+        _scripted_grad(x)
+    assert [f.kind for f in report.findings] == ["contamination"] and report.untraced_backwards == 0

@@ -8,8 +8,10 @@ _shadow.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
+from collections.abc import Iterator
 
 import torch
 from torch._C import _set_grad_enabled
@@ -99,6 +101,16 @@ class _Checks:
         self._pass_over(kind, call)
         self.store.serial += 1  # (an event: a nested block begun before it counts it)
         self.untraced.append(self.store.serial)
+
+    @contextlib.contextmanager
+    def passing(self) -> Iterator[None]:
+        """While a backward call passed over (``_pass_over_backward``) runs: its ops are not a backward nobody
+        started (the tracer's test for TorchScript's)."""
+        self.passed_calls += 1
+        try:
+            yield
+        finally:
+            self.passed_calls -= 1
 
     def _safely(self, func, fn, *args):
         """``fn(*args)``, or None with a note: an explanation must never break the program it explains."""

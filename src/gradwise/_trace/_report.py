@@ -105,8 +105,8 @@ class Report:
     def _untraced(self) -> str:
         n = self.untraced_backwards
         return (f"{n} backward call{'' if n == 1 else 's'} ran untraced (under a torch.func transform, with batched "
-                f"gradients, or recorded by make_fx: see the notes): {'its' if n == 1 else 'their'} gradients were not "
-                "examined and may hold NaN/Inf")
+                "gradients, recorded by make_fx or started by TorchScript: see the notes): "
+                f"{'its' if n == 1 else 'their'} gradients were not examined and may hold NaN/Inf")
 
     def to_json(self, indent: int | None = 2) -> str:
         """The report as JSON: ``{"summary", "findings": [...], "unused", "forward_ops", "backward_ops"}``, and

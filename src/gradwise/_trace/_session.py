@@ -91,7 +91,8 @@ def _traced_backward(tensors, grad_tensors=None, *args, **kwargs):
     tracer = _current()
     if tracer is not None and (why := _untraceable()) is not None:
         tracer._pass_over_backward("torch.autograd.backward", why)
-        tracer = None
+        with tracer.passing():  # (its ops still reach the tracer: counted once, here)
+            return _ORIGINAL[0](tensors, grad_tensors, *args, **kwargs)
     if tracer is None:
         watcher = _WATCHERS.get(threading.get_ident())
         if watcher is not None:
@@ -115,7 +116,8 @@ def _traced_grad(outputs, inputs, grad_outputs=None, *args, **kwargs):
                                or not all(_kinds.readable(g) for g in _tensors(
                                    [grad_outputs] if isinstance(grad_outputs, torch.Tensor) else grad_outputs or ()))):
         tracer._pass_over_backward("torch.autograd.grad", why or _BATCHED)
-        tracer = None  # batched gradients: their values cannot be read here
+        with tracer.passing():  # batched gradients: their values cannot be read here (counted once, here)
+            return _ORIGINAL[1](outputs, inputs, grad_outputs, *args, **kwargs)
     if tracer is None:
         watcher = _WATCHERS.get(threading.get_ident())
         if watcher is not None:

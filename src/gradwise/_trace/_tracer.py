@@ -156,6 +156,7 @@ def _declared_node(node, at: tuple) -> _Node | None:
 
 
 RECORDED = "recorded into a graph (make_fx, a fake mode)"
+UNSEEN = "started by TorchScript or C++ (not through torch.autograd's Python API)"
 
 
 class _Tracer(_Checks, _Received, _Provenance, _LeafNames, _Incidents, _SavedMeets, _Flow, _KinkChecks, _Assembly,
@@ -211,6 +212,8 @@ class _Tracer(_Checks, _Received, _Provenance, _LeafNames, _Incidents, _SavedMee
         self.grad_reads: dict[int, torch.Tensor | weakref.ref] = {}
         self.passed: dict[str, list] = {}  # kind -> [ops run without reading them, the first op] (_trace_kinds)
         self.untraced: list[int] = []  # the store's serial at each backward call run without reading it
+        self.unseen_task = -1  # the graph task of the last backward that no wrapped call started
+        self.passed_calls = 0  # backward calls passed over running now (``passing``)
         self.provisional: list | None = None  # incidents of a plain pass gw.strong_zeros() may redo
         self.strong_ran = False
         self.reached_now: set = set()  # incidents that reached a gradient in this backward call (strong zeros)
@@ -275,6 +278,11 @@ class _Tracer(_Checks, _Received, _Provenance, _LeafNames, _Incidents, _SavedMee
         node = torch._C._current_autograd_node()
         if node is None and not self.depth:
             return self._forward(func, info, args, kwargs)
+        if not self.depth and not self.passed_calls and torch._C._current_graph_task_id() != self.unseen_task:
+            # a backward no wrapped torch.autograd call started (TorchScript's builtin torch.autograd.grad): its
+            # ops come through, but its gradients are never read, so nothing can be said to reach them
+            self.unseen_task = torch._C._current_graph_task_id()
+            self._pass_over_backward("a backward started outside Python", UNSEEN)
         if info.mutable and self.shadow is not None:  # (a NaN step's backward: see _shadow)
             self.shadow.before(func, args, kwargs)
         out = _run(func, args, kwargs)
