@@ -149,7 +149,7 @@ def gather_reports(report: Report, dst: int = 0, group: Any = None) -> Report | 
     payload = {"rank": rank, "findings": [{**f.as_dict(), "rank": rank if f.rank is None else f.rank}
                                           for f in report.findings],
                "unused": list(report.unused), "notes": list(report.notes), "forward_ops": report.forward_ops,
-               "backward_ops": report.backward_ops}
+               "backward_ops": report.backward_ops, "untraced_backwards": report.untraced_backwards}
     gathered: list[Any] | None = [None] * dist.get_world_size(group) if rank == dst else None
     dist.gather_object(payload, gathered, dst=dst, group=group)
     if gathered is None:
@@ -158,7 +158,8 @@ def gather_reports(report: Report, dst: int = 0, group: Any = None) -> Report | 
     findings = [Finding(**d) for p in parts for d in p["findings"]]
     return Report(findings=findings, unused=[f"rank {p['rank']}: {u}" for p in parts for u in p["unused"]],
                   notes=_merged_notes(parts), forward_ops=sum(p["forward_ops"] for p in parts),
-                  backward_ops=sum(p["backward_ops"] for p in parts), ranks=rank_story(findings))
+                  backward_ops=sum(p["backward_ops"] for p in parts), ranks=rank_story(findings),
+                  untraced_backwards=sum(p.get("untraced_backwards", 0) for p in parts))
 
 
 def _merged_notes(parts: list[dict]) -> list[str]:

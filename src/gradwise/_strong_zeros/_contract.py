@@ -83,6 +83,10 @@ _WHY = {
     "mkldnn": "an mkldnn tensor takes part: strong zeros follow dense (strided) tensors only",
     "nested": "a nested tensor takes part: strong zeros follow dense (strided) tensors only",
     "subclass": "a tensor subclass with its own __torch_dispatch__ takes part: its values cannot be read safely",
+    "recorded": "it is being recorded into a graph (make_fx, aot_function, torch.export, torch.jit.trace) outside "
+    "torch.compile: "
+    "the graph holds PyTorch's plain backward ops, so strong zeros do not apply when it runs. Take the gradient "
+    "outside the recorded function, or compile it with torch.compile (whose graphs get strong zeros)",
 }
 SILENT = frozenset(("meta",))  # no values at all: plain PyTorch is exactly right, nothing to say
 
@@ -181,6 +185,24 @@ def user_site() -> str:
     while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY):
         frame = frame.f_back
     return "an unknown caller" if frame is None else f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+_AOT = os.path.join(os.path.dirname(torch.__file__), "_functorch", "_aot_autograd") + os.sep
+
+
+def users_backward() -> bool:
+    """Whether the backward being recorded into a graph was asked for by code outside torch and gradwise (make_fx
+    of a function that calls backward or gw.grad), not by AOTAutograd tracing a compiled function's joint graph
+    (torch.compile's graphs get strong zeros from gradwise's compiled pass: nothing to say there)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name.startswith(_AOT):
+            return False
+        if not name.startswith(_LIBRARY):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def warn_traced_gradient(site: str) -> None:

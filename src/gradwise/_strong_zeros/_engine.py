@@ -42,7 +42,7 @@ from gradwise._strong_zeros._compile import (
 from gradwise._strong_zeros._mode import _StrongZeroMode, running_mode, watch_functions
 from gradwise._strong_zeros._planning import _plan
 from gradwise._strong_zeros._supports import _STATE, _Supports
-from gradwise._strong_zeros._traced import compiling
+from gradwise._strong_zeros._traced import compiling, graph_recording, recording
 
 # ---------------------------------------------------------------------------------------------------------
 # The mode that applies the rules, and the two-phase backward.
@@ -263,6 +263,13 @@ def _under_traces(mode: TorchDispatchMode) -> Iterator[None]:
 def _choose(outputs: Sequence[Any], inputs: Sequence[Any], seeds: Sequence[Any], watched: list | None = None) -> str:
     """The path of one backward: what ``_plan`` says, or 'plain' (with a PlainBackwardWarning, once) where
     gradwise cannot read or follow the graph (_contract). ``watched``: see ``_plan``."""
+    if recording() or torch._C._is_tracing():  # PyTorch traces (make_fx, a fake mode, AOTAutograd, export,
+        # torch.jit.trace): plain ops, no read of its tensors (which may be real ones: the plan read them with the modes
+        # off and chose the strong pass, whose reads then met the proxy mode: "get value out of a tracing tensor"; a
+        # jit.trace graph recorded PyTorch's plain ops). Said once where the user's own code asked for it
+        if graph_recording() and _contract.users_backward():
+            _contract.warn_plain("recorded")
+        return "plain"
     # the everyday case (plain dense tensors, no transform or compile) in one cheap test, stricter than plain_reason
     # and traced together: both would find nothing, so neither runs (~20 us of a 2 ms backward)
     everyday = _everyday(outputs, seeds, inputs)

@@ -39,6 +39,24 @@ def _decomposition(func: Any) -> Callable[..., Any] | None:
     return decomposition_table.get(func)
 
 
+_COMPOSITE: dict[Any, bool] = {}
+
+
+def _composite(func: Any) -> bool:
+    """Whether ``func`` is CompositeImplicitAutograd: autograd's keys decompose such an op before it reaches a
+    dispatch mode, except where they are skipped (a backward run under ``torch.inference_mode()``). Undecomposed
+    and without a rule of its own, its structural zeros were lost (``where.ScalarOther``: the NaN stayed)."""
+    known = _COMPOSITE.get(func)
+    if known is None:
+        has = torch._C._dispatch_has_kernel_for_dispatch_key
+        try:
+            known = has(func.name(), "CompositeImplicitAutograd") and not has(func.name(), "ADInplaceOrView")
+        except RuntimeError:  # an op the dispatcher has no entry for
+            known = False
+        _COMPOSITE[func] = known
+    return known
+
+
 # ops that wrap data made outside torch ops (torch.from_numpy, torch.tensor) as a tensor
 _LIFTS = frozenset((aten.lift_fresh, aten.lift_fresh_copy, aten.lift))
 
@@ -91,6 +109,11 @@ class _StrongZeroMode(LeanDispatchMode):
         tracked = any(self.supports.tracked(a) for a in flat)
         if tracked and (decomposed := _decomposition(func)) is not None:
             return self._decomposed(func, decomposed, args, kwargs)
+        if _composite(func):  # where.ScalarOther in a backward under torch.inference_mode(): a zero's source too
+            with self:  # its decomposition's ops come back through this mode, each through its rule
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
         out = func(*args, **kwargs)
         if tracked:
             kept = _zero_preserved(func, args, kwargs, out, self.supports)

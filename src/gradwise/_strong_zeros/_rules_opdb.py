@@ -291,9 +291,13 @@ def _mkldnn_rnn_layer_backward(func, args, kwargs, sup):
     has_biases = args[17]
     values = [args[0], args[1], args[2], args[3] if has_biases else None, args[4] if has_biases else None,
               args[5], args[6]]
-    leaves = [None if v is None else v.detach().requires_grad_() for v in values]
-    with _autograd_on(), torch.enable_grad():
-        y, hy, cy = _lstm_layer(*leaves, args[13])
+    # (a backward run under torch.inference_mode(): the re-run layer's graph must be recorded all the same, on
+    # tensors that are not inference tensors, which autograd refuses to save)
+    with torch.inference_mode(False):
+        leaves = [None if v is None else (v.clone() if v.is_inference() else v.detach()).requires_grad_()
+                  for v in values]
+        with _autograd_on(), torch.enable_grad():
+            y, hy, cy = _lstm_layer(*leaves, args[13])
     outputs = [(y, hy, cy)[i - 10] for i, _ in seeds]
     grads = grad_in_pass(outputs, [v for v in leaves if v is not None], [g for _, g in seeds], sup)
     it = iter(grads)

@@ -309,6 +309,19 @@ def _full_support(t: object, sup: _Supports, device: torch.device | None = None)
     return torch.ones((), dtype=torch.bool, device=device or t.device) if s is None else s
 
 
+def _zero_literal(x: object) -> bool:
+    """A number 0 as a branch of where in a backward formula (``where.ScalarOther(c, g, 0)``): what
+    ``scalar_tensor(0)`` is after autograd's decomposition (``_creates_zeros``), which inference mode skips."""
+    return not isinstance(x, torch.Tensor) and x == 0 and _in_formula()
+
+
+def _branch_support(x: object, sup: _Supports, device: torch.device) -> torch.Tensor:
+    """A where branch's support: a formula's literal 0 is a structural zero; any other number a value."""
+    if _zero_literal(x):
+        return torch.zeros((), dtype=torch.bool, device=device)
+    return _full_support(x, sup, device)
+
+
 def _where(func, args, kwargs, sup):
     """where(cond, a, b): selects, so the output's support is selected the same way. This is how the
     unselected branch of a forward ``where`` becomes a structural zero in backward. Where ``cond`` is a
@@ -316,8 +329,8 @@ def _where(func, args, kwargs, sup):
     hold the gradient: the union of their supports (a genuine NaN of hardsigmoid(NaN) stays)."""
     out = func(*args, **kwargs)
     cond, a, b = args
-    if sup.tracked(a) or sup.tracked(b):
-        sa, sb = _full_support(a, sup, out.device), _full_support(b, sup, out.device)
+    if sup.tracked(a) or sup.tracked(b) or _zero_literal(a) or _zero_literal(b):
+        sa, sb = _branch_support(a, sup, out.device), _branch_support(b, sup, out.device)
         support = torch.where(cond, sa, sb)
         valid = sup.selections.get(cond) if isinstance(cond, torch.Tensor) and cond.dtype == torch.bool else None
         if valid is not None:

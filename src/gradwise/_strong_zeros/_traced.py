@@ -16,13 +16,27 @@ from collections.abc import Iterable
 import torch
 from torch._guards import CompileContext, TracingContext
 
-__all__ = ["compiling", "traced", "traced_tensor"]
+__all__ = ["compiling", "graph_recording", "recording", "traced", "traced_tensor"]
 
 
 def _tracing_mode_active() -> bool:
     """A FakeTensorMode or a proxy (make_fx) mode is on this thread's dispatch stack."""
     keys = torch._C._TorchDispatchModeKey
     return torch._C._get_dispatch_mode(keys.FAKE) is not None or torch._C._get_dispatch_mode(keys.PROXY) is not None
+
+
+def recording() -> bool:
+    """PyTorch traces on this thread: a FakeTensorMode or a proxy (make_fx) mode is on its dispatch stack. Its
+    tensors may be plain ones (make_fx's real mode) whose reads would be recorded or refused."""
+    return bool(torch._C._len_torch_dispatch_stack()) and _tracing_mode_active()
+
+
+def graph_recording() -> bool:
+    """A proxy (make_fx) mode records the ops of this thread into a graph (a fake mode alone records nothing), or
+    torch.jit.trace does (its tracer sits above autograd: a dispatch mode's own ops are not recorded, so a graph
+    traced from a strong pass held PyTorch's plain backward)."""
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None or \
+        torch._C._is_tracing()
 
 
 def compiling() -> bool:

@@ -38,6 +38,7 @@ class _Assembly:
         began) leaves out what was last seen before it."""
         self.flush()
         report.forward_ops, report.backward_ops = self.n_fwd, self.n_bwd
+        report.untraced_backwards = sum(1 for serial in self.untraced if serial > since)
         found = Findings()
         unreached, arrived, birthless = self._incident_findings(found, since)
         uses = self._output_findings(found, birthless)

@@ -8,7 +8,9 @@ _shadow.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch._C import _set_grad_enabled
@@ -90,6 +92,23 @@ class _Checks:
         name = _op_name(func) if hasattr(func, "overloadpacket") else func if isinstance(func, str) else None
         entry = self.passed.setdefault(kind, [0, name if name != "a value" else None])
         entry[0] += 1
+
+    def _pass_over_backward(self, call: str, kind: str) -> None:
+        """Note a backward call the trace ran without reading (under a torch.func transform, batched seeds, recorded
+        by make_fx): its gradients are not examined, so the report must not say that none is NaN or used a NaN."""
+        self._pass_over(kind, call)
+        self.store.serial += 1  # (an event: a nested block begun before it counts it)
+        self.untraced.append(self.store.serial)
+
+    @contextlib.contextmanager
+    def passing(self) -> Iterator[None]:
+        """While a backward call passed over (``_pass_over_backward``) runs: its ops are not a backward nobody
+        started (the tracer's test for TorchScript's)."""
+        self.passed_calls += 1
+        try:
+            yield
+        finally:
+            self.passed_calls -= 1
 
     def _safely(self, func, fn, *args):
         """``fn(*args)``, or None with a note: an explanation must never break the program it explains."""

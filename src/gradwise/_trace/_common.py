@@ -142,7 +142,9 @@ def _source(loc: tuple) -> str:
 
 
 def _op_name(func) -> str:
-    return f"aten.{func.overloadpacket.__name__}"
+    """``namespace.op`` as reports name it ("aten.mm"; a library's custom op keeps its own namespace, "mylib.fused":
+    named "aten.fused" it read as a PyTorch op the user could not find)."""
+    return f"{func.namespace}.{func.overloadpacket.__name__}"
 
 
 # -- small tensor helpers ------------------------------------------------------------------------------------

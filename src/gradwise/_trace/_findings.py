@@ -28,6 +28,11 @@ from gradwise._trace._store import Incident as _Incident
 from gradwise._trace._store import _order
 
 
+def _aten(op: str) -> object:
+    """The aten op packet a report's op name ("aten.exp") names, or None (a library's op, "mylib.fused")."""
+    return getattr(aten, op[5:], None) if op.startswith("aten.") else None
+
+
 class Findings:
     """Findings by key (a key per what the user fixes once: a line, a birth), with the birth that explains each
     (``origin``: the root causes are grouped from it). ``add`` merges an occurrence into its key's finding."""
@@ -94,7 +99,7 @@ def genuine(kind: str, inc: _Incident | None, birth: _Birth | None, via: _Birth 
         fix = _INPUT_FIX if birth.op == "input" else _GRADIENT_FIX if birth.op == "gradient" else \
             _SEED_FIX if birth.op == "seed" else _UNEXPLAINED_FIX if birth.op == "backward" else \
             _SOFTMAX_INF_FIX if birth.what.startswith(_SOFTMAX_INF) else \
-            _GENUINE_FIX.get(getattr(aten, birth.op[5:], None), "")
+            _GENUINE_FIX.get(_aten(birth.op), "")
         message = f"{birth.what}; " + (_UNDECIDED.format(op=inc.op) if inc is not None and inc.undecided
                                        else "every gradient it reaches uses it" if birth.op == "seed"
                                        else "whether the output used it (genuine) or not (contamination) is "
@@ -102,7 +107,7 @@ def genuine(kind: str, inc: _Incident | None, birth: _Birth | None, via: _Birth 
                                        else "the output depends on it")
     else:
         op, loc = inc.node_op, inc.loc
-        fix = _GENUINE_FIX.get(getattr(aten, op[5:], None), "")
+        fix = _GENUINE_FIX.get(_aten(op), "")
         message = inc.what
     born = _born(birth, via) if birth else (inc.what if inc else None)
     return Finding(kind, op, _fmt(loc), 0, fix=fix or "find why the value is not finite where it is used",

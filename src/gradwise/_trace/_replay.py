@@ -176,7 +176,7 @@ def forward_origins(tracer, roots, at: tuple, batches: dict) -> dict[int, frozen
 def _why(op: str, ins: list, out: torch.Tensor, mask: torch.Tensor) -> str:
     """What made ``out``'s NaN/Inf from finite inputs: the trace's explanation where the op saved its one input
     (log of values below 0), which is then the op's first argument."""
-    explain = _EXPLAIN.get(getattr(torch.ops.aten, op[5:], None))
+    explain = _EXPLAIN.get(getattr(torch.ops.aten, op[5:], None) if op.startswith("aten.") else None)
     what = explain(ins, out, mask) if explain is not None and len(ins) == 1 else "made from finite inputs"
     return f"{what} (in this step's forward, not traced by gw.watch(): the op is its autograd node's)"
 

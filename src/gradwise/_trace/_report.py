@@ -77,15 +77,21 @@ class Report:
     causes: list[str] = field(default_factory=list)  # root causes first: one line each, earliest first
     removed: list[str] = field(default_factory=list)  # contamination gw.strong_zeros() annihilated: not a problem
     notes: list[str] = field(default_factory=list)  # what the trace passed over (tensor kinds it cannot read)
+    # backward calls run without being read (under a torch.func transform, batched seeds): their gradients were not
+    # examined, so neither "no NaN/Inf gradients" nor "no gradient used" can be said of them
+    untraced_backwards: int = 0
 
     def of_kind(self, *kinds: str) -> list[Finding]:
         return [f for f in self.findings if f.kind in kinds]
 
     def summary(self) -> str:
         """One line, e.g. "2 contamination findings, 0 genuine NaN, 0 genuine Inf, 3 kinks, 0 singular points"."""
-        if not self.findings:
+        if not self.findings and not self.untraced_backwards:
             return (f"No NaN/Inf gradients and no kinks found ({self.forward_ops} forward and "
                     f"{self.backward_ops} backward ops traced).")
+        if not self.findings:
+            return (f"No NaN/Inf gradients and no kinks found in what was traced ({self.forward_ops} forward and "
+                    f"{self.backward_ops} backward ops), but {self._untraced()}.")
         n = {k: sum(1 for f in self.findings if f.kind == k and not f.downstream) for k in KINDS}
         s = lambda k, word: f"{n[k]} {word}{'' if n[k] == 1 else 's'}"
         down = sum(1 for f in self.findings if f.downstream)
@@ -93,7 +99,14 @@ class Report:
         return (f"{s('contamination', 'contamination finding')}, {n['nan']} genuine NaN, {n['inf']} genuine Inf, "
                 f"{s('kink', 'kink')}, {s('singular', 'singular point')}"
                 + (f"; {down} downstream finding{'' if down == 1 else 's'} of {causes} root "
-                   f"cause{'' if causes == 1 else 's'}" if down else ""))
+                   f"cause{'' if causes == 1 else 's'}" if down else "")
+                + (f"; {self._untraced()}" if self.untraced_backwards else ""))
+
+    def _untraced(self) -> str:
+        n = self.untraced_backwards
+        return (f"{n} backward call{'' if n == 1 else 's'} ran untraced (under a torch.func transform, with batched "
+                "gradients, recorded by make_fx or started by TorchScript: see the notes): "
+                f"{'its' if n == 1 else 'their'} gradients were not examined and may hold NaN/Inf")
 
     def to_json(self, indent: int | None = 2) -> str:
         """The report as JSON: ``{"summary", "findings": [...], "unused", "forward_ops", "backward_ops"}``, and
@@ -108,6 +121,8 @@ class Report:
             data["removed"] = self.removed
         if self.notes:
             data["notes"] = self.notes
+        if self.untraced_backwards:
+            data["untraced_backwards"] = self.untraced_backwards
         return json.dumps(data, indent=indent)
 
     def print(self, console: Console | None = None) -> None:
@@ -181,8 +196,12 @@ def _render(report: Report, console: Console) -> None:
             console.print(f"  {escape(line)}")
     if report.unused:
         console.print()
-        console.print(f"[dim]Not errors: NaN/Inf values made in the traced block that no gradient used: "
-                      f"{escape('; '.join(report.unused))}[/]")
+        if report.untraced_backwards:  # an untraced backward may have used them: not known to be harmless
+            console.print(f"[dim]NaN/Inf values made in the traced block that no traced gradient used (the untraced "
+                          f"backward calls may have): {escape('; '.join(report.unused))}[/]")
+        else:
+            console.print(f"[dim]Not errors: NaN/Inf values made in the traced block that no gradient used: "
+                          f"{escape('; '.join(report.unused))}[/]")
     if report.notes:
         console.print()
         console.print(f"[dim]Notes: {escape('; '.join(report.notes))}[/]")

@@ -19,10 +19,11 @@ import torch
 from gradwise import _strong_zeros
 from gradwise._modes import dynamo_off
 from gradwise._ops._kinks import _SCRATCH
+from gradwise._strong_zeros._traced import recording
 from gradwise._trace import _kinds
 from gradwise._trace._common import _tensors
 from gradwise._trace._report import Report
-from gradwise._trace._tracer import _Tracer
+from gradwise._trace._tracer import RECORDED, _Tracer
 
 # -- public API ------------------------------------------------------------------------------------------------
 
@@ -74,12 +75,24 @@ def _backward_call(tracer: _Tracer) -> Iterator[None]:
 
 # Never traced by dynamo (a backward inside a torch.compile'd training step graph-breaks; the frames its eager
 # call enters would be compiled, with torch.compiler.is_compiling() reading True): see _strong_zeros._engine
+_BATCHED = "functorch-transformed (vmap, batched gradient)"
+
+
+def _untraceable() -> str | None:
+    """Why no backward started now can be traced (a note's kind), or None: a torch.func transform is active, or
+    make_fx / a fake mode records it (the trace's reads would enter the user's graph)."""
+    if torch._C._are_functorch_transforms_active():
+        return _BATCHED
+    return RECORDED if recording() else None
+
+
 @dynamo_off
 def _traced_backward(tensors, grad_tensors=None, *args, **kwargs):
     tracer = _current()
-    if tracer is not None and torch._C._are_functorch_transforms_active():
-        tracer._pass_over("functorch-transformed (vmap, batched gradient)", "torch.autograd.backward")
-        tracer = None
+    if tracer is not None and (why := _untraceable()) is not None:
+        tracer._pass_over_backward("torch.autograd.backward", why)
+        with tracer.passing():  # (its ops still reach the tracer: counted once, here)
+            return _ORIGINAL[0](tensors, grad_tensors, *args, **kwargs)
     if tracer is None:
         watcher = _WATCHERS.get(threading.get_ident())
         if watcher is not None:
@@ -99,11 +112,12 @@ def _traced_backward(tensors, grad_tensors=None, *args, **kwargs):
 @dynamo_off
 def _traced_grad(outputs, inputs, grad_outputs=None, *args, **kwargs):
     tracer = _current()
-    if tracer is not None and (kwargs.get("is_grads_batched") or torch._C._are_functorch_transforms_active()
+    if tracer is not None and ((why := _untraceable()) is not None or kwargs.get("is_grads_batched")
                                or not all(_kinds.readable(g) for g in _tensors(
                                    [grad_outputs] if isinstance(grad_outputs, torch.Tensor) else grad_outputs or ()))):
-        tracer._pass_over("functorch-transformed (vmap, batched gradient)", "torch.autograd.grad")
-        tracer = None  # batched gradients: their values cannot be read here
+        tracer._pass_over_backward("torch.autograd.grad", why or _BATCHED)
+        with tracer.passing():  # batched gradients: their values cannot be read here (counted once, here)
+            return _ORIGINAL[1](outputs, inputs, grad_outputs, *args, **kwargs)
     if tracer is None:
         watcher = _WATCHERS.get(threading.get_ident())
         if watcher is not None:

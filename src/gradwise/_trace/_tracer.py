@@ -19,6 +19,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from gradwise._modes import LeanDispatchMode
 from gradwise._ops._zeros import ops_of_kind
+from gradwise._strong_zeros._traced import recording
 from gradwise._trace import _common, _kinds
 from gradwise._trace._assembly import _Assembly
 from gradwise._trace._backward_ops import _BackwardOps
@@ -138,6 +139,10 @@ def _alone() -> bool:
         all(torch._C._get_dispatch_mode(k) is None for k in _INFRA_MODES)
 
 
+RECORDED = "recorded into a graph (make_fx, a fake mode)"
+UNSEEN = "started by TorchScript or C++ (not through torch.autograd's Python API)"
+
+
 class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance, _GradientBirths, _LeafNames,
               _Incidents, _SavedMeets, _Flow, _KinkChecks, _Assembly, LeanDispatchMode):
     """The dispatch-mode recorder: sees every aten op and hands it to its parts (the bases before TorchDispatchMode)."""
@@ -190,6 +195,9 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
         # so that ids stay theirs), filled on demand (`_reads_gradients_only`)
         self.grad_reads: dict[int, torch.Tensor | weakref.ref] = {}
         self.passed: dict[str, list] = {}  # kind -> [ops run without reading them, the first op] (_trace_kinds)
+        self.untraced: list[int] = []  # the store's serial at each backward call run without reading it
+        self.unseen_task = -1  # the graph task of the last backward that no wrapped call started
+        self.passed_calls = 0  # backward calls passed over running now (``passing``)
         self.provisional: list | None = None  # incidents of a plain pass gw.strong_zeros() may redo
         self.strong_ran = False
         self.reached_now: set = set()  # incidents that reached a gradient in this backward call (strong zeros)
@@ -241,6 +249,10 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
             plain = _PLAIN[types] = all(t in _kinds.PLAIN_TYPES for t in types)
         if not plain:
             return self._subclass_op(func, types, args, kwargs)
+        if torch._C._len_torch_dispatch_stack() and recording():  # make_fx or a fake mode below: the trace's own
+            # reads would be recorded into the user's graph (or refused: "get value out of a tracing tensor")
+            self._pass_over(RECORDED, func)
+            return _run(func, args, kwargs)
         if _kinds.forward_ad_active():  # reductions of duals would build tangents
             self._pass_over("forward-AD dual", func)
             return _run(func, args, kwargs)
@@ -250,6 +262,11 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
         node = torch._C._current_autograd_node()
         if node is None and not self.depth:
             return self._forward(func, info, args, kwargs)
+        if not self.depth and not self.passed_calls and torch._C._current_graph_task_id() != self.unseen_task:
+            # a backward no wrapped torch.autograd call started (TorchScript's builtin torch.autograd.grad): its
+            # ops come through, but its gradients are never read, so nothing can be said to reach them
+            self.unseen_task = torch._C._current_graph_task_id()
+            self._pass_over_backward("a backward started outside Python", UNSEEN)
         if info.mutable and self.shadow is not None:  # (a NaN step's backward: see _shadow)
             self.shadow.before(func, args, kwargs)
         out = _run(func, args, kwargs)

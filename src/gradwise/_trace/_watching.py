@@ -89,6 +89,7 @@ class _Watcher:
         self.unexplained: str | None = None  # why that step's backward could not be replayed
         self.joined_at: int | None = None  # the step where a gw.trace() block inside started the full trace
         self._batches: WeakTensorKeyDictionary | None = None  # (made at the first batch: a block per step pays nothing)
+        self.untraced = 0  # backward calls run unchecked (a torch.func transform, batched seeds): not known finite
 
     @property
     def batches(self) -> WeakTensorKeyDictionary:
@@ -133,6 +134,8 @@ class _Watcher:
              only_inputs=True, allow_unused=None, is_grads_batched=False, materialize_grads=False):
         outs = _as_tuple(outputs)
         if self.depth or is_grads_batched or torch._C._are_functorch_transforms_active() or _compiling(outs):
+            if not self.depth and not compiling() and (is_grads_batched or torch._C._are_functorch_transforms_active()):
+                self.untraced += 1  # batched or transformed (not torch.compile's own trace): gradients unread
             return orig(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs, allow_unused,
                         is_grads_batched, materialize_grads)
         keep = create_graph if retain_graph is None else retain_graph
@@ -228,10 +231,12 @@ class _Watcher:
     def finish(self, report: Report) -> None:
         """Fill ``report`` (empty when every gradient stayed finite) and stop tracing."""
         if self.tracer is None:
+            report.untraced_backwards = self.untraced
             return
         _session._TRACERS.pop(threading.get_ident(), None)
         self.tracer.__exit__(None, None, None)
         self.tracer.fill(report)
+        report.untraced_backwards += self.untraced  # (those before the trace began: the tracer counts its own)
         if self.found_at is None:  # only a gw.trace() block inside made it trace
             report.notes.insert(0, f"gw.watch(): a gw.trace() block inside it started the full trace at step "
                                    f"{self.joined_at}")
