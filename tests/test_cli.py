@@ -384,3 +384,45 @@ def test_clip_grad_norm_over_nan_gradients_is_one_finding_with_its_provenance(tm
     assert clip["reaches"] == ["model.0.bias", "model.2.bias"] and clip["count"] == 10 and clip["downstream"]
     assert clip["born_op"] == "gradient" and "contamination from aten.mm" in clip["born"]
     assert "the gradients of model.0.bias, model.2.bias were finite after backward" in clip["message"]
+
+
+LOADER = textwrap.dedent("""
+    import time
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    class Slow(Dataset):
+        def __len__(self):
+            return 10**6
+
+        def __getitem__(self, i):
+            time.sleep(0.01)
+            return torch.full((8,), float("nan")) if i >= 4 else torch.rand(8)
+
+    lin = torch.nn.Linear(8, 1)
+    for i, xb in enumerate(DataLoader(Slow(), batch_size=8, num_workers=2)):
+        lin(xb)[:4].sum().backward()
+        if i == 0:
+            print("stepped", flush=True)
+""")
+
+
+def test_sigterm_to_the_process_group_with_dataloader_workers_prints_the_report_and_exits_143(tmp_path):
+    """`timeout`, a batch scheduler or a container stop sends SIGTERM to the whole process group: DataLoader's
+    workers die of it too, and the SIGCHLD handler DataLoader installed raised "DataLoader worker (pid N) is
+    killed by signal: Terminated" inside the report being printed: no report, exit status 1 (python alone:
+    killed by SIGTERM). The script's handlers are put back once it has ended."""
+    import signal
+
+    (tmp_path / "loader.py").write_text(LOADER)
+    proc = subprocess.Popen([sys.executable, "-m", "gradwise", "run", "loader.py"], cwd=tmp_path, text=True, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "stepped"
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr
+    assert "terminated (SIGTERM)" in stderr and "killed by signal" not in stderr
+    assert "1 contamination finding" in stderr and "aten.mm at loader.py:16" in stderr, stderr

@@ -183,6 +183,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     status, report, late = 0, None, []  # late: a SIGTERM while the trace settles or the report prints
     kept: object = None  # the script's globals (or its exception's frames) until the report is filled
     process = contextlib.ExitStack()  # never closed: see _enter_run_contexts
+    handlers = _signal_handlers()
     sigterm = signal.getsignal(signal.SIGTERM)
     if sigterm is signal.SIG_DFL:  # the default handler kills the process without a report
         signal.signal(signal.SIGTERM, _raise_terminated)
@@ -212,6 +213,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 kept = exc
                 _print_user_traceback(exc)
                 status = 1
+            _restore_signal_handlers(handlers)
             if sigterm is signal.SIG_DFL:
                 signal.signal(signal.SIGTERM, lambda signum, frame: late.append(signum))
     finally:
@@ -222,6 +224,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if sigterm is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return 143 if late else status
+
+
+def _signal_handlers() -> dict:
+    """The Python-level handler of every signal but SIGTERM (which `_cmd_run` manages), before the script runs."""
+    got = {}
+    for sig in signal.valid_signals():
+        if sig != signal.SIGTERM:
+            with contextlib.suppress(ValueError, OSError):
+                got[sig] = signal.getsignal(sig)
+    return got
+
+
+def _restore_signal_handlers(handlers: dict) -> None:
+    """Put back the handlers the script replaced, once it has ended: they served the script, and would now run
+    inside the report (a DataLoader's SIGCHLD handler raises "DataLoader worker ... is killed by signal" when a
+    SIGTERM sent to the process group ends its workers: the report was lost and the exit status was 1, not 143)."""
+    for sig, handler in handlers.items():
+        if handler is not None and signal.getsignal(sig) is not handler:
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(sig, handler)
 
 
 def _write_report(report: Any, json_path: str | None) -> None:
