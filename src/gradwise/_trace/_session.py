@@ -141,6 +141,8 @@ def _traced_next(it):
     tracer = _current()
     if tracer is not None:
         tracer._safely("DataLoader", _tag_batch, tracer.batches, batch, it._num_yielded - 1)
+        if it._num_workers and it._num_yielded == 1:  # worker processes copied what the block had made until now
+            tracer.worker_cut = len(tracer.store.births)
     elif (watcher := _WATCHERS.get(threading.get_ident())) is not None:  # (a few dict writes per batch)
         try:
             _tag_batch(watcher.batches, batch, it._num_yielded - 1, keyed=True)

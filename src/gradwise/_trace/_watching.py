@@ -88,6 +88,7 @@ class _Watcher:
         self.found_at: int | None = None
         self.unexplained: str | None = None  # why that step's backward could not be replayed
         self.joined_at: int | None = None  # the step where a gw.trace() block inside started the full trace
+        self.stale: set[int] = set()  # ids of the leaves whose .grad held NaN/Inf before the block's first backward
         self._batches: WeakTensorKeyDictionary | None = None  # (made at the first batch: a block per step pays nothing)
 
     @property
@@ -114,6 +115,8 @@ class _Watcher:
         compiled = [] if _aot_compiles().get("total") else None
         leaves, saved = _strong_zeros._graph_parts(roots, compiled)
         retain = keep or not _donating_any(compiled)
+        if self.step == 0 and self.tracer is None:  # gradients the block's first backward adds to (once per block)
+            self.stale = _nonfinite_grads(leaves)
         self.depth += 1
         try:
             orig(tensors, grad_tensors, retain, create_graph, grad_variables, inputs)
@@ -205,6 +208,11 @@ class _Watcher:
             real = given.get(id(leaf)) if returned is not None else leaf.grad
             if got and isinstance(real, torch.Tensor):
                 tracer.prov[real] = got
+            elif returned is None and isinstance(real, torch.Tensor) and not got and id(leaf) in self.stale:
+                # finite in the replay, non-finite in .grad, as it was before the block's first backward added to it
+                # (not after: a .grad that the all-reduce made NaN is told by note_received below)
+                with torch.utils._python_dispatch._disable_current_modes():  # (the trace's own reads)
+                    tracer._safely("a gradient accumulated into", tracer.stale_gradient, leaf, real, at, self.step)
         if returned is None and _common._dist_rank() is not None:
             # the replay ran no collective: a .grad that is NaN/Inf where this rank's own gradient is finite came
             # from another rank through DDP's all-reduce, which this step ran untraced
@@ -260,6 +268,14 @@ def _node_op(name: str) -> str:
         return name
     snake = re.sub(r"(?<!^)(?=[A-Z])", "_", base).lower()
     return f"aten.{snake}" if hasattr(torch.ops.aten, snake) else name
+
+
+def _nonfinite_grads(leaves) -> set[int]:
+    """The ids of the leaves whose .grad holds NaN/Inf (one check of them all, then each where it fails)."""
+    held = [(t, g) for t in leaves if (g := t.grad) is not None]
+    if not held or _finite([g for _, g in held]):
+        return set()
+    return {id(t) for t, g in held if not _finite([g])}
 
 
 def _as_tuple(ts) -> tuple:
