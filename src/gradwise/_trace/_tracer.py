@@ -254,8 +254,10 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
             return self._forward(func, info, args, kwargs)
         if info.mutable and self.shadow is not None:  # (a NaN step's backward: see _shadow)
             self.shadow.before(func, args, kwargs)
-        # a leaf's .grad that a backward adds to: read before add_ overwrites it (_Roots.stale_gradient)
-        if func in _ACCUMULATES and node is not None and node._sequence_nr() == _common._ACCUMULATE_SEQ:
+        # a leaf's .grad that a backward adds to: read before add_ overwrites it (_Roots.stale_gradient); one the
+        # trace made (or read once) is a sensitivity already: its NaN/Inf would have provenance
+        if func in _ACCUMULATES and node is not None and args[0] not in self.sens \
+                and node._sequence_nr() == _common._ACCUMULATE_SEQ:
             self._safely(func, self.stale_gradient, node.variable, args[0])
         out = _run(func, args, kwargs)
         self._backward(func, info, node, args, out, kwargs)
