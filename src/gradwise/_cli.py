@@ -75,13 +75,23 @@ def _enter_run_contexts(args: argparse.Namespace, process: contextlib.ExitStack,
         process.enter_context(strong_zeros_process_wide())
     if args.no_report:
         return None
-    if args.watch:
-        from gradwise._trace import watch
+    from gradwise._trace import _session, trace, watch
 
-        return script.enter_context(watch())
-    from gradwise._trace import trace
+    made: list = []  # (the note is added after the report is filled: the callback closes last)
+    script.callback(lambda: _note_untraced_threads(*made))
+    made.append(script.enter_context(watch() if args.watch else trace()))
+    made.append(script.enter_context(_session.untraced_threads()))
+    return made[0]
 
-    return script.enter_context(trace())
+
+def _note_untraced_threads(report: Any, untraced: dict) -> None:
+    """The report is the main thread's: say which threads of the script ran backward passes it did not see."""
+    if untraced:
+        calls = sum(untraced.values())
+        names = ", ".join(f"{n} ({c})" for n, c in list(untraced.items())[:4]) + (", ..." if len(untraced) > 4 else "")
+        report.notes.append(f"{calls} backward call(s) ran in other threads, which this report does not cover "
+                            f"(it traces the main thread): {names}; open gw.trace() or gw.watch() in that thread to "
+                            "explain them")
 
 
 class _CannotStart(Exception):
@@ -191,8 +201,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         with contextlib.ExitStack() as script:
             report = _enter_run_contexts(args, process, script)
             try:
-                kept = _run_target(args)
-                _join_script_threads()
+                try:
+                    kept = _run_target(args)
+                    _join_script_threads()
+                finally:  # before anything else runs: the script's handlers must not fire inside gradwise
+                    _restore_signal_handlers(handlers)
             except _CannotStart as exc:  # as python: "No module named ...", exit 1, and nothing ran to report
                 print(f"gradwise run: {exc}", file=sys.stderr)
                 status, report = 1, None
@@ -213,7 +226,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 kept = exc
                 _print_user_traceback(exc)
                 status = 1
-            _restore_signal_handlers(handlers)
             if sigterm is signal.SIG_DFL:
                 signal.signal(signal.SIGTERM, lambda signum, frame: late.append(signum))
     finally:
@@ -345,7 +357,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "zeros, without editing it. The script runs as python runs it (its own sys.argv, sys.path[0], __file__ and "
         "__main__; a folder or zip file with __main__.py too); the exit status is the script's (130 on Ctrl-C, "
         "143 on SIGTERM; 1 with python's message when there is nothing to run). The report covers the main "
-        "thread's passes.",
+        "thread's passes (a note names the other threads that ran backward passes).",
         epilog="example: gradwise run train.py --epochs 1   |   gradwise run --json report.json train.py   |   "
         "gradwise run --strong-zeros --no-report train.py   |   gradwise run -m pkg.train --epochs 1")
     _add_run_arguments(run)
