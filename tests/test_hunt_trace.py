@@ -142,3 +142,20 @@ def test_a_nan_made_in_the_block_and_sent_through_dataloader_workers_is_not_call
         assert any("worker processes" in n and "aten.fill_ at" in n for n in report.notes), report.notes
     else:
         assert f.born_op == "aten.fill_"
+
+
+def test_a_gradient_a_clip_made_nan_has_the_step_it_happened_at():
+    """clip_grad_norm_ with a NaN total norm scales the one finite gradient by NaN: its finding said step None
+    (JSON "step": null, and no "first at step" in the text) where every other finding has the step it first
+    happened at; the clip after backward 0 is step 0, as the update's "gradient used as a value" birth says."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x = torch.randn(6, 4)
+    x[4:] = float("nan")
+    with gw.trace() as report:
+        model(x)[:4].sum().backward()
+        finite = {n for n, p in model.named_parameters(prefix="model") if p.grad.isfinite().all()}
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    assert finite == {"model.2.bias"}  # the ground truth: the only gradient the backward left finite
+    (clip,) = [f for f in report.findings if f.op == "aten._foreach_mul_"]
+    assert set(clip.reaches) == finite and clip.step == 0, str(report)

@@ -193,7 +193,7 @@ class _Assembly:
                     fix="a step after backward mixes gradients (clip_grad_norm_'s total norm, a NaN guard): fix the "
                         "non-finite gradient it read (see the other findings), or skip the step when the total norm "
                         "is not finite (clip_grad_norm_(..., error_if_nonfinite=True))"), count, [name], idx,
-                    occurrences=int(n == 0), birth=b)
+                    occurrences=int(n == 0), step=b.step, birth=b)
 
     def _unused(self, removed=frozenset(), found=(), notes=None) -> list[str]:
         """Births no finding explains: their NaN/Inf reached no gradient (``found``: the births findings name; what
