@@ -159,3 +159,28 @@ def test_a_gradient_a_clip_made_nan_has_the_step_it_happened_at():
     assert finite == {"model.2.bias"}  # the ground truth: the only gradient the backward left finite
     (clip,) = [f for f in report.findings if f.op == "aten._foreach_mul_"]
     assert set(clip.reaches) == finite and clip.step == 0, str(report)
+
+
+def test_the_untraced_threads_count_stays_bounded_with_a_thread_per_step():
+    """`gradwise run`'s count of backward calls in threads it does not trace (a server's thread per request):
+    the first few thread names are kept apart, the rest counted together; a thread that traces is not counted."""
+    import threading
+
+    from gradwise._trace import _session
+
+    lin = torch.nn.Linear(2, 1)
+
+    def step(traced):
+        if traced:
+            with gw.trace():
+                lin(torch.randn(3, 2)).sum().backward()
+        else:
+            lin(torch.randn(3, 2)).sum().backward()
+
+    with gw.trace(), _session.untraced_threads() as untraced:
+        for i in range(20):
+            t = threading.Thread(target=step, args=(i == 0,), name=f"t{i}")
+            t.start()
+            t.join()
+    assert len(untraced) == _session._UNTRACED_NAMES + 1 and "t0" not in untraced
+    assert sum(untraced.values()) == 19 and untraced["other threads"] == 19 - _session._UNTRACED_NAMES

@@ -88,7 +88,7 @@ def _note_untraced_threads(report: Any, untraced: dict) -> None:
     """The report is the main thread's: say which threads of the script ran backward passes it did not see."""
     if untraced:
         calls = sum(untraced.values())
-        names = ", ".join(f"{n} ({c})" for n, c in list(untraced.items())[:4]) + (", ..." if len(untraced) > 4 else "")
+        names = ", ".join(f"{n} ({c})" for n, c in untraced.items())
         report.notes.append(f"{calls} backward call(s) ran in other threads, which this report does not cover "
                             f"(it traces the main thread): {names}; open gw.trace() or gw.watch() in that thread to "
                             "explain them")

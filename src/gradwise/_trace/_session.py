@@ -42,6 +42,7 @@ def _current() -> _Tracer | None:
 
 
 _UNTRACED: list[dict] = []  # while `gradwise run` reports for the process: {thread name: backward calls untraced}
+_UNTRACED_NAMES = 8  # thread names kept apart; later threads are counted together
 
 
 @contextlib.contextmanager
@@ -66,6 +67,8 @@ def _untraced_call() -> None:
         return
     name = threading.current_thread().name
     for got in _UNTRACED:
+        if name not in got and len(got) >= _UNTRACED_NAMES:  # (a thread per request: bounded, the rest counted)
+            name = "other threads"
         got[name] = got.get(name, 0) + 1
 
 
