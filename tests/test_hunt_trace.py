@@ -184,3 +184,35 @@ def test_the_untraced_threads_count_stays_bounded_with_a_thread_per_step():
             t.join()
     assert len(untraced) == _session._UNTRACED_NAMES + 1 and "t0" not in untraced
     assert sum(untraced.values()) == 19 and untraced["other threads"] == 19 - _session._UNTRACED_NAMES
+
+
+def test_a_gradient_that_overflows_in_the_backward_is_told_as_an_overflow():
+    """fp16 autocast with torch.amp.GradScaler's loss scale too large: the scaled gradient overflows float16 in
+    the backward of autocast's cast (GradScaler then skips the step and lowers the scale). It was told as "the
+    backward of aten._to_copy made Inf from finite values (an infinite derivative used)" with no fix; a cast or
+    a product of finite values can only overflow."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
+    x, y = torch.randn(32, 16) * 30, torch.randn(32, 1)
+    with gw.trace() as report:
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+        scaler.scale(loss).backward()
+        bad = {n for n, p in model.named_parameters(prefix="model") if not p.grad.isfinite().all()}
+        scaler.step(opt)
+        scaler.update()
+    assert bad and scaler.get_scale() < 2.0**40  # the ground truth: Inf gradients, the step skipped
+    (f,) = report.findings
+    assert f.kind == "inf" and set(f.reaches) == bad, str(report)
+    assert "overflowed in aten._to_copy" in f.born and "float16" in f.born and "infinite derivative" not in f.born
+    assert "GradScaler" in f.fix
+    # a product in the backward of finite values (a seed of 1e20 times a weight of 1e20): the same
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    with gw.trace() as report:
+        (w * 1e20).sum().backward(torch.tensor(1e20))
+    (f,) = report.findings
+    assert "overflowed in aten.mul" in f.born and "float32" in f.born, str(report)
+

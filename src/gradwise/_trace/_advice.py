@@ -181,6 +181,9 @@ _GENUINE_FIX: dict = {
 # an overflow where the op's own fix is about something else (pow's domain) or there is none (mul, mm, add_)
 _OVERFLOW_FIX = ("avoid the overflow: keep the values smaller (a lower learning rate, normalised inputs, gradient "
                  "clipping), compute in a wider dtype or in log space, or clamp the input")
+_BACKWARD_OVERFLOW_FIX = ("a gradient overflowed: under torch.amp.GradScaler that is its loss scale being too large, "
+                          "which it handles (it skips the step and lowers the scale: nothing to fix once the scale "
+                          "settles); otherwise " + _OVERFLOW_FIX[len("avoid the overflow: "):])
 _SOFTMAX_INF_FIX = ("keep the softmax's input finite: find where the +inf was made (an overflow: compute in log space, "
                     "e.g. logits instead of exp(logits)) or clamp it")
 _UNDECIDED = ("it reached {op}, which has no strong-zero rule: whether the output uses it is not known (it may "

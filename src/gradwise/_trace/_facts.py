@@ -113,3 +113,6 @@ _BILINEAR = set(ops_of_kind("bilinear"))
 STALE = "a gradient not zeroed since an earlier backward"
 # how AccumulateGrad adds a new gradient to a leaf's .grad (add_; add under create_graph): args[0] is the .grad
 _ACCUMULATES = {aten.add_.Tensor, aten.add.Tensor}
+# how an incident says that an arithmetic op or a narrowing cast in a backward overflowed (its fix: the overflow's,
+# with GradScaler's too large loss scale first: _advice._BACKWARD_OVERFLOW_FIX)
+BACKWARD_OVERFLOW = "overflowed in"

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from gradwise._trace._advice import (
+    _BACKWARD_OVERFLOW_FIX,
     _GENUINE_FIX,
     _GRADIENT_FIX,
     _INPUT_FIX,
@@ -24,7 +25,15 @@ from gradwise._trace._advice import (
     OVERFLOW,
 )
 from gradwise._trace._common import _fmt, _source, aten
-from gradwise._trace._facts import _DISCARDS, _NOT_DATA, _OVERFLOW_NAMES, _ZERO_OUTPUTS, STALE, _discard_key
+from gradwise._trace._facts import (
+    _DISCARDS,
+    _NOT_DATA,
+    _OVERFLOW_NAMES,
+    _ZERO_OUTPUTS,
+    BACKWARD_OVERFLOW,
+    STALE,
+    _discard_key,
+)
 from gradwise._trace._report import Finding
 from gradwise._trace._store import Birth as _Birth
 from gradwise._trace._store import Incident as _Incident
@@ -115,7 +124,8 @@ def genuine(kind: str, inc: _Incident | None, birth: _Birth | None, via: _Birth 
                                        else "the output depends on it")
     else:
         op, loc = inc.node_op, inc.loc
-        fix = _GENUINE_FIX.get(getattr(aten, op[5:], None), "")
+        fix = _BACKWARD_OVERFLOW_FIX if BACKWARD_OVERFLOW in inc.what else \
+            _GENUINE_FIX.get(getattr(aten, op[5:], None), "")
         message = inc.what
     born = _born(birth, via) if birth else (inc.what if inc else None)
     return Finding(kind, op, _fmt(loc), 0, fix=fix or "find why the value is not finite where it is used",
