@@ -216,3 +216,24 @@ def test_a_gradient_that_overflows_in_the_backward_is_told_as_an_overflow():
     (f,) = report.findings
     assert "overflowed in aten.mul" in f.born and "float32" in f.born, str(report)
 
+
+def test_the_watch_names_the_discarding_op_and_the_nodes_op_as_the_trace_does():
+    """An Inf input row whose target is ignore_index (cross_entropy): contamination, unused since nll_loss. The
+    watch names the forward op of each node from its autograd name; NllLossBackward0 became aten.nll_loss (a
+    composite op the trace never sees: it records aten.nll_loss_forward) and LogSoftmaxBackward0
+    aten.log_softmax, so the watch's finding had no "unused since" and named another op than gw.trace()'s."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    x[3] = float("inf")
+    y = torch.tensor([0, 1, 2, -100, 1])
+    got = {}
+    for block in (gw.trace, gw.watch):
+        model.zero_grad()
+        with block() as report:
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+        (f,) = report.findings
+        got[block] = (f.kind, f.op, f.discarded_op, f.message, set(f.reaches))
+    assert got[gw.watch] == got[gw.trace], got
+    assert got[gw.watch][2] == "aten.nll_loss_forward" and "aten._log_softmax)" in got[gw.watch][3]
+    assert got[gw.watch][4] == {n for n, p in model.named_parameters(prefix="model") if not p.grad.isfinite().all()}

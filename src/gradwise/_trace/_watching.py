@@ -262,12 +262,51 @@ _NODE_SUFFIX = re.compile(r"Backward\d*$")
 
 
 def _node_op(name: str) -> str:
-    """'AddmmBackward0' -> 'aten.addmm' (what `_discarded_by` and the report expect); others as they are."""
+    """'AddmmBackward0' -> 'aten.addmm', the op the trace records for that node (what `_discarded_by` and the
+    report expect): LogSoftmaxBackward0 is aten._log_softmax's, NllLossBackward0 aten.nll_loss_forward's,
+    ToCopyBackward0 aten._to_copy's; others (CopySlices, a custom Function's) as they are."""
     base = _NODE_SUFFIX.sub("", name)
-    if base == name:
-        return name
-    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", base).lower()
-    return f"aten.{snake}" if hasattr(torch.ops.aten, snake) else name
+    op = _op_named(base) if base != name else None
+    return f"aten.{op}" if op else name
+
+
+@functools.cache
+def _op_named(base: str) -> str | None:
+    """The aten op whose autograd node is named ``base`` + 'BackwardN', the likeliest of those that share the
+    name: not a composite op (CompositeImplicitAutograd: log_softmax decomposes into _log_softmax), not an
+    in-place one."""
+    ops = _ops_by_node_name().get(base)
+    if not ops:
+        return None
+    return min(ops, key=lambda op: (_composite(op), op.endswith("_"), op.startswith("_"), op)) if len(ops) > 1 \
+        else next(iter(ops))
+
+
+@functools.cache
+def _ops_by_node_name() -> dict[str, set[str]]:
+    """Autograd node name (without 'BackwardN') -> the aten ops of that name. PyTorch's codegen names a node
+    after its op (torchgen's _create_op_prefix: title case of the '_'-split name, so a leading '_' and a
+    trailing '_forward' vanish). Built once (a few ms), when a watch first explains a step."""
+    names: dict[str, set[str]] = {}
+    for full in torch._C._dispatch_get_all_op_names():
+        if full.startswith("aten::"):
+            op = full[6:].split(".")[0]
+            camel = "".join(p.title() for p in op.split("_"))
+            names.setdefault(camel.removesuffix("Forward"), set()).add(op)
+    return names
+
+
+def _composite(op: str) -> bool:
+    """Whether every functional overload of an aten op decomposes (CompositeImplicitAutograd): no node is its."""
+    try:
+        packet = getattr(torch.ops.aten, op)
+        got = [getattr(packet, o) for o in packet.overloads() if "out" not in o]
+        return bool(got) and all(o.has_kernel_for_dispatch_key(_COMPOSITE) for o in got)
+    except (AttributeError, RuntimeError):  # (an op the Python bindings do not know: sym_size)
+        return True
+
+
+_COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
 
 
 def _nonfinite_grads(leaves) -> set[int]:
