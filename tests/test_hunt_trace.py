@@ -237,3 +237,22 @@ def test_the_watch_names_the_discarding_op_and_the_nodes_op_as_the_trace_does():
     assert got[gw.watch] == got[gw.trace], got
     assert got[gw.watch][2] == "aten.nll_loss_forward" and "aten._log_softmax)" in got[gw.watch][3]
     assert got[gw.watch][4] == {n for n, p in model.named_parameters(prefix="model") if not p.grad.isfinite().all()}
+
+
+def test_a_subclass_that_overrides_nothing_is_read_as_a_plain_tensor():
+    """Data tagged with a subclass that overrides neither __torch_dispatch__ nor __torch_function__
+    (x.as_subclass(Tagged)): its values are a plain tensor's, but the trace passed them over, so the contamination
+    they caused was 'born: 0/0 or 0 x Inf in aten.mul' (no NaN there is 0/0) with no note. Subclasses with their
+    own dispatch keep being passed over (tests/test_trace.py)."""
+
+    class Tagged(torch.Tensor):
+        pass
+
+    w = torch.tensor([0.5, 1.5, 2.5], requires_grad=True)
+    x = torch.tensor([1.0, 2.0, float("nan")]).as_subclass(Tagged)
+    with gw.trace() as report:
+        (w * x)[:2].sum().backward()
+    assert not w.grad.isfinite().all()  # the ground truth: the sliced-away NaN reached w's gradient
+    (f,) = report.findings
+    assert f.kind == "contamination" and f.reaches == ["w"] and f.born_op == "input", str(report)
+    assert "arrived with 1 NaN value(s)" in f.born, f.born
