@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 SCRIPT = textwrap.dedent("""
     import sys
     import torch
@@ -384,3 +386,84 @@ def test_clip_grad_norm_over_nan_gradients_is_one_finding_with_its_provenance(tm
     assert clip["reaches"] == ["model.0.bias", "model.2.bias"] and clip["count"] == 10 and clip["downstream"]
     assert clip["born_op"] == "gradient" and "contamination from aten.mm" in clip["born"]
     assert "the gradients of model.0.bias, model.2.bias were finite after backward" in clip["message"]
+
+
+LOADER = textwrap.dedent("""
+    import time
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    class Slow(Dataset):
+        def __len__(self):
+            return 10**6
+
+        def __getitem__(self, i):
+            time.sleep(0.01)
+            return torch.full((8,), float("nan")) if i >= 4 else torch.rand(8)
+
+    lin = torch.nn.Linear(8, 1)
+    for i, xb in enumerate(DataLoader(Slow(), batch_size=8, num_workers=2)):
+        lin(xb)[:4].sum().backward()
+        if i == 0:
+            print("stepped", flush=True)
+""")
+
+
+def test_sigterm_to_the_process_group_with_dataloader_workers_prints_the_report_and_exits_143(tmp_path):
+    """`timeout`, a batch scheduler or a container stop sends SIGTERM to the whole process group: DataLoader's
+    workers die of it too, and the SIGCHLD handler DataLoader installed raised "DataLoader worker (pid N) is
+    killed by signal: Terminated" inside the report being printed: no report, exit status 1 (python alone:
+    killed by SIGTERM). The script's handlers are put back once it has ended."""
+    import signal
+
+    (tmp_path / "loader.py").write_text(LOADER)
+    proc = subprocess.Popen([sys.executable, "-m", "gradwise", "run", "loader.py"], cwd=tmp_path, text=True, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "stepped"
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr
+    # (the script's own unwinding may print "Exception ignored in: ...__del__" first, as python does: not ours)
+    report = stderr[stderr.index("terminated (SIGTERM)"):]
+    assert "1 contamination finding" in report and "aten.mm at loader.py:16" in report, stderr
+    assert "Traceback" not in report and "killed by signal" not in report, stderr
+
+
+THREADED = textwrap.dedent("""
+    import threading
+    import torch
+    import gradwise as gw
+
+    def train(traced):
+        lin = torch.nn.Linear(8, 1)
+        x = torch.cat((torch.rand(4, 8), torch.full((4, 8), float("nan"))))
+        if traced:
+            with gw.trace() as own:
+                lin(x)[:4].sum().backward()
+            print("own report:", own.summary())
+        else:
+            lin(x)[:4].sum().backward()
+        print("grad finite:", bool(lin.weight.grad.isfinite().all()))
+
+    for traced in (False, True):
+        t = threading.Thread(target=train, args=(traced,), name=f"trainer-{traced}")
+        t.start()
+        t.join()
+""")
+
+
+@pytest.mark.parametrize("option", [[], ["--watch"]])
+def test_backward_passes_in_the_scripts_threads_are_not_reported_as_none(tmp_path, option):
+    """A script that trains in a thread of its own: `gradwise run` traces the main thread, and said "No NaN/Inf
+    gradients and no kinks found" of a run whose gradients were NaN, with nothing to say it never saw them. A
+    note now names the threads whose backward calls it did not cover (not one that traces itself)."""
+    (tmp_path / "threaded.py").write_text(THREADED)
+    out = subprocess.run([sys.executable, "-m", "gradwise", "run", *option, "threaded.py"], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path, env=ENV)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("grad finite: False") == 2 and "own report: 1 contamination finding" in out.stdout
+    assert "1 backward call(s) ran in other threads" in out.stderr and "trainer-False (1)" in out.stderr, out.stderr
+    assert "trainer-True" not in out.stderr

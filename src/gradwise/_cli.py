@@ -75,13 +75,23 @@ def _enter_run_contexts(args: argparse.Namespace, process: contextlib.ExitStack,
         process.enter_context(strong_zeros_process_wide())
     if args.no_report:
         return None
-    if args.watch:
-        from gradwise._trace import watch
+    from gradwise._trace import _session, trace, watch
 
-        return script.enter_context(watch())
-    from gradwise._trace import trace
+    made: list = []  # (the note is added after the report is filled: the callback closes last)
+    script.callback(lambda: _note_untraced_threads(*made))
+    made.append(script.enter_context(watch() if args.watch else trace()))
+    made.append(script.enter_context(_session.untraced_threads()))
+    return made[0]
 
-    return script.enter_context(trace())
+
+def _note_untraced_threads(report: Any, untraced: dict) -> None:
+    """The report is the main thread's: say which threads of the script ran backward passes it did not see."""
+    if untraced:
+        calls = sum(untraced.values())
+        names = ", ".join(f"{n} ({c})" for n, c in untraced.items())
+        report.notes.append(f"{calls} backward call(s) ran in other threads, which this report does not cover "
+                            f"(it traces the main thread): {names}; open gw.trace() or gw.watch() in that thread to "
+                            "explain them")
 
 
 class _CannotStart(Exception):
@@ -183,6 +193,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     status, report, late = 0, None, []  # late: a SIGTERM while the trace settles or the report prints
     kept: object = None  # the script's globals (or its exception's frames) until the report is filled
     process = contextlib.ExitStack()  # never closed: see _enter_run_contexts
+    handlers = _signal_handlers()
     sigterm = signal.getsignal(signal.SIGTERM)
     if sigterm is signal.SIG_DFL:  # the default handler kills the process without a report
         signal.signal(signal.SIGTERM, _raise_terminated)
@@ -190,8 +201,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         with contextlib.ExitStack() as script:
             report = _enter_run_contexts(args, process, script)
             try:
-                kept = _run_target(args)
-                _join_script_threads()
+                try:
+                    kept = _run_target(args)
+                    _join_script_threads()
+                finally:  # before anything else runs: the script's handlers must not fire inside gradwise
+                    _restore_signal_handlers(handlers)
             except _CannotStart as exc:  # as python: "No module named ...", exit 1, and nothing ran to report
                 print(f"gradwise run: {exc}", file=sys.stderr)
                 status, report = 1, None
@@ -222,6 +236,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if sigterm is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return 143 if late else status
+
+
+def _signal_handlers() -> dict:
+    """The Python-level handler of every signal but SIGTERM (which `_cmd_run` manages), before the script runs."""
+    got = {}
+    for sig in signal.valid_signals():
+        if sig != signal.SIGTERM:
+            with contextlib.suppress(ValueError, OSError):
+                got[sig] = signal.getsignal(sig)
+    return got
+
+
+def _restore_signal_handlers(handlers: dict) -> None:
+    """Put back the handlers the script replaced, once it has ended: they served the script, and would now run
+    inside the report (a DataLoader's SIGCHLD handler raises "DataLoader worker ... is killed by signal" when a
+    SIGTERM sent to the process group ends its workers: the report was lost and the exit status was 1, not 143)."""
+    for sig, handler in handlers.items():
+        if handler is not None and signal.getsignal(sig) is not handler:
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(sig, handler)
 
 
 def _write_report(report: Any, json_path: str | None) -> None:
@@ -323,7 +357,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "zeros, without editing it. The script runs as python runs it (its own sys.argv, sys.path[0], __file__ and "
         "__main__; a folder or zip file with __main__.py too); the exit status is the script's (130 on Ctrl-C, "
         "143 on SIGTERM; 1 with python's message when there is nothing to run). The report covers the main "
-        "thread's passes.",
+        "thread's passes (a note names the other threads that ran backward passes).",
         epilog="example: gradwise run train.py --epochs 1   |   gradwise run --json report.json train.py   |   "
         "gradwise run --strong-zeros --no-report train.py   |   gradwise run -m pkg.train --epochs 1")
     _add_run_arguments(run)

@@ -13,7 +13,8 @@ import torch
 from gradwise._trace._common import _aligned, _nan_in, _nonfinite, _op_name, aten
 from gradwise._trace._facts import _LITERALS, _OVERFLOWS
 
-_EXPLAIN: dict = {}
+_EXPLAIN: dict = {}  # op (an overload where it differs: pow.Scalar's tensor is the exponent) -> explainer
+OVERFLOW = "overflow"  # how an overflow's explanation starts (its fix: _OVERFLOW_FIX)
 
 
 def _explains(*ops):
@@ -69,14 +70,35 @@ def _sqrt_domain(ins, out, mask) -> str:
     return "a root outside its domain (NaN for negatives)"
 
 
+def _exceeds(out) -> str:
+    return f"{OVERFLOW}: the result exceeds the largest {str(out.dtype).replace('torch.', '')} (Inf)" \
+        if out is not None else OVERFLOW
+
+
 @_explains(aten.pow)
-def _root_domain(ins, out, mask) -> str:
-    """fractional powers are NaN for negative bases; negative powers are inf at 0."""
-    x = _inputs_at(ins, mask)
-    if x is not None and x.numel():
-        return f"{int((x < 0).sum())} negative and {int((x == 0).sum())} zero base(s): NaN for a negative base, " \
-               "inf for a negative power of 0"
-    return "a power outside its domain"
+def _power(ins, out, mask) -> str:
+    """A power is NaN for a negative base to a fractional power and inf for a negative power of 0; any other
+    Inf from finite values is an overflow (x ** 2 of a value above sqrt(largest float))."""
+    x = _inputs_at(ins, mask)  # the base (pow.Scalar, c ** x, is _exponential's)
+    if x is None or not x.numel() or out is None:
+        return "a power outside its domain"
+    at = out.broadcast_to(mask.shape)[mask]
+    nan, zero = int(at.isnan().sum()), int((at.isinf() & (x == 0)).sum())
+    big = int(at.isinf().sum()) - zero
+    if not nan and not zero:
+        return _exceeds(out)
+    said = f"{int((x < 0).sum())} negative and {int((x == 0).sum())} zero base(s): NaN for a negative base, " \
+           "inf for a negative power of 0"
+    return said + (f"; {big} overflow(s) (the result exceeds the largest float)" if big else "")
+
+
+@_explains(aten.pow.Scalar)
+def _exponential(ins, out, mask) -> str:
+    """c ** x: Inf from finite exponents is an overflow (or 0 to a negative power); NaN is a negative c to a
+    fractional power."""
+    if out is not None and _nan_in(out, mask):
+        return "a negative base to a fractional power (NaN)"
+    return f"{_exceeds(out)}, or 0 to a negative power"
 
 
 @_explains(aten.div, aten.reciprocal)
@@ -87,13 +109,13 @@ def _division(ins, out, mask) -> str:
     return "division by zero (x/0 = ±inf, 0/0 = NaN)"
 
 
-@_explains(*(_OVERFLOWS - {aten.pow}))
+# (and the in-place arithmetic of an optimizer's update: a parameter that overflows)
+@_explains(*(_OVERFLOWS - {aten.pow}), aten.add_, aten.sub_, aten.mul_, aten.addcmul, aten.addcmul_)
 def _overflow(ins, out, mask) -> str:
     """Inf from finite inputs is an overflow; NaN from inf inputs is inf - inf or 0 x inf."""
     if out is not None and _nan_in(out, mask) and any(_nonfinite(t) for t in ins):
         return "inf - inf or 0 x inf"
-    return f"overflow: the result exceeds the largest {str(out.dtype).replace('torch.', '')} (Inf)" \
-        if out is not None else "overflow"
+    return _exceeds(out)
 
 
 _SOFTMAX_INF = "softmax over a slice holding +inf"
@@ -130,7 +152,7 @@ def _literal(ins, out, mask) -> str:
 
 
 def _explain(func, ins, out, mask) -> str:
-    fn = _EXPLAIN.get(func.overloadpacket)
+    fn = _EXPLAIN.get(func) or _EXPLAIN.get(func.overloadpacket)
     if fn is not None:
         return fn(ins, out, mask)
     if any(isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in ins):
@@ -156,6 +178,12 @@ _GENUINE_FIX: dict = {
                      aten.full_like, aten.index_put_, aten.index_put],
                     "the output reads the NaN/Inf constant written here: mask it out before the first op that uses it"),
 }
+# an overflow where the op's own fix is about something else (pow's domain) or there is none (mul, mm, add_)
+_OVERFLOW_FIX = ("avoid the overflow: keep the values smaller (a lower learning rate, normalised inputs, gradient "
+                 "clipping), compute in a wider dtype or in log space, or clamp the input")
+_BACKWARD_OVERFLOW_FIX = ("a gradient overflowed: under torch.amp.GradScaler that is its loss scale being too large, "
+                          "which it handles (it skips the step and lowers the scale: nothing to fix once the scale "
+                          "settles); otherwise " + _OVERFLOW_FIX[len("avoid the overflow: "):])
 _SOFTMAX_INF_FIX = ("keep the softmax's input finite: find where the +inf was made (an overflow: compute in log space, "
                     "e.g. logits instead of exp(logits)) or clamp it")
 _UNDECIDED = ("it reached {op}, which has no strong-zero rule: whether the output uses it is not known (it may "
@@ -163,6 +191,8 @@ _UNDECIDED = ("it reached {op}, which has no strong-zero rule: whether the outpu
 _GRADIENT_FIX = ("an earlier backward left NaN/Inf in this gradient and it was used as a value (an optimizer "
                  "step writes it into the parameters); fix that backward first (see its finding), e.g. with "
                  "gw.strong_zeros() where it is contamination")
+_STALE_GRADIENT_FIX = ("this .grad already held NaN/Inf when the backward added to it: zero the gradients before "
+                       "each step (opt.zero_grad()), and find the earlier backward that made them (trace it too)")
 _INPUT_FIX = "the data arrived with NaN/Inf: clean it (x.nan_to_num(), drop the rows) or mask it before the first op"
 _UNEXPLAINED_FIX = ("run this step under gw.trace() (gradwise run without --watch) to see where the NaN/Inf was "
                     "born and whether gw.strong_zeros() removes it; skip the optimizer step when a gradient is not "

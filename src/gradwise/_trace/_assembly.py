@@ -148,7 +148,8 @@ class _Assembly:
             f"NaN/Inf that the backward of {op} at {_fmt(loc)} made from finite values (an infinite derivative, 0/0)"
             f"{'' if n == 1 else f' ({n}x)'}: gw.strong_zeros() annihilated it where a structural zero met it; "
             "nothing to fix" for (op, loc), n in self.strong_made.items()]
-        report.unused = self._unused(removed={b for b, _ in self.strong_reads}, found=origin.values()) + [
+        report.unused = self._unused(removed={b for b, _ in self.strong_reads}, found=origin.values(),
+                                     notes=report.notes) + [
             f"{op} at {loc} in the backward ({n} value{'s' if n != 1 else ''})" for (op, loc), n in unreached.items()]
         rank = _dist_rank()
         for f in report.findings:
@@ -193,11 +194,13 @@ class _Assembly:
                     fix="a step after backward mixes gradients (clip_grad_norm_'s total norm, a NaN guard): fix the "
                         "non-finite gradient it read (see the other findings), or skip the step when the total norm "
                         "is not finite (clip_grad_norm_(..., error_if_nonfinite=True))"), count, [name], idx,
-                    occurrences=int(n == 0), birth=b)
+                    occurrences=int(n == 0), step=b.step, birth=b)
 
-    def _unused(self, removed=frozenset(), found=()) -> list[str]:
+    def _unused(self, removed=frozenset(), found=(), notes=None) -> list[str]:
         """Births no finding explains: their NaN/Inf reached no gradient (``found``: the births findings name; what
-        they descend from is used too, as an Adam state's Inf that the parameter update read)."""
+        they descend from is used too, as an Adam state's Inf that the parameter update read). Those made before
+        DataLoader worker processes started, when a batch of theirs arrived non-finite, are not known to be
+        unused (the workers' copies are not followed): a line in ``notes`` names them instead."""
         explained: set = set(removed)
         stack = [b for inc in self.store.incidents.values() for b in inc.births] + list(self.output_births) + \
             [b for _, b in self.backward_births.values()] + list(found)
@@ -206,14 +209,26 @@ class _Assembly:
             if b not in explained:
                 explained.add(b)
                 stack.extend(b.parents)
+        cut = self.worker_cut if any(b.op == "input" and (b.batches or b.batch is not None) and not b.received
+                                     for b in explained) else 0
         groups: dict = {}
+        unknown: dict = {}
         for b in self.store.births.values():
             if b not in explained and not b.received and b.op not in _NOT_DATA:
                 key = (b.op if b.op != "input" else f"input {b.name}", _fmt(b.loc))
-                groups[key] = groups.get(key, 0) + b.count
-        return [f"{op} at {loc} ({n} value{'s' if n != 1 else ''})" for (op, loc), n in groups.items()]
+                into = unknown if b.order <= cut else groups
+                into[key] = into.get(key, 0) + b.count
+        if unknown and notes is not None:
+            notes.append("DataLoader worker processes sent batches that arrived with NaN/Inf, made in processes the "
+                         "trace does not follow; these NaN/Inf, made before the workers started, may be where they "
+                         "came from, so they are not listed as unused: " + _values(unknown))
+        return [_values({key: n}) for key, n in groups.items()]
 
 
+
+
+def _values(groups: dict) -> str:
+    return "; ".join(f"{op} at {loc} ({n} value{'s' if n != 1 else ''})" for (op, loc), n in groups.items())
 
 
 def _name_arrivals(found: Findings, arrived: dict) -> None:

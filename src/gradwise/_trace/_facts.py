@@ -109,3 +109,10 @@ _ARRIVALS = {aten.set_.source_Storage, aten.set_.source_Storage_storage_offset}
 _PRODUCTS = {f"aten.{op.__name__}" for op in ZERO_FACTS if multiplying_args(op) and zero_fact(op).kind in
              ("product", "bilinear")}
 _BILINEAR = set(ops_of_kind("bilinear"))
+# what an "input" birth says of a .grad that held NaN/Inf before a backward accumulated into it (_Roots.stale_gradient)
+STALE = "a gradient not zeroed since an earlier backward"
+# how AccumulateGrad adds a new gradient to a leaf's .grad (add_; add under create_graph): args[0] is the .grad
+_ACCUMULATES = {aten.add_.Tensor, aten.add.Tensor}
+# how an incident says that an arithmetic op or a narrowing cast in a backward overflowed (its fix: the overflow's,
+# with GradScaler's too large loss scale first: _advice._BACKWARD_OVERFLOW_FIX)
+BACKWARD_OVERFLOW = "overflowed in"

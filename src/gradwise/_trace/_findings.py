@@ -11,17 +11,29 @@ from collections.abc import Callable
 import torch
 
 from gradwise._trace._advice import (
+    _BACKWARD_OVERFLOW_FIX,
     _GENUINE_FIX,
     _GRADIENT_FIX,
     _INPUT_FIX,
+    _OVERFLOW_FIX,
     _SEED_FIX,
     _SOFTMAX_INF,
     _SOFTMAX_INF_FIX,
+    _STALE_GRADIENT_FIX,
     _UNDECIDED,
     _UNEXPLAINED_FIX,
+    OVERFLOW,
 )
 from gradwise._trace._common import _fmt, _source, aten
-from gradwise._trace._facts import _DISCARDS, _NOT_DATA, _OVERFLOW_NAMES, _ZERO_OUTPUTS, _discard_key
+from gradwise._trace._facts import (
+    _DISCARDS,
+    _NOT_DATA,
+    _OVERFLOW_NAMES,
+    _ZERO_OUTPUTS,
+    BACKWARD_OVERFLOW,
+    STALE,
+    _discard_key,
+)
 from gradwise._trace._report import Finding
 from gradwise._trace._store import Birth as _Birth
 from gradwise._trace._store import Incident as _Incident
@@ -93,21 +105,31 @@ def contamination(inc: _Incident, birth: _Birth | None, via: _Birth | None = Non
         discarded_op=disc_op, discarded_location=_fmt(disc_loc) if disc_loc else None, fix=fix)
 
 
+def _genuine_fix(birth: _Birth) -> str:
+    """The fix for a NaN/Inf an op made: the op's own (a domain, exp's overflow), or the overflow's where the op's
+    is about something else or there is none."""
+    fix = _GENUINE_FIX.get(_aten(birth.op), "")
+    if birth.what.startswith(OVERFLOW) and (not fix or birth.op == "aten.pow"):
+        return _OVERFLOW_FIX
+    return fix
+
+
 def genuine(kind: str, inc: _Incident | None, birth: _Birth | None, via: _Birth | None = None) -> Finding:
     if birth is not None:
         op, loc = birth.op, birth.loc
-        fix = _INPUT_FIX if birth.op == "input" else _GRADIENT_FIX if birth.op == "gradient" else \
+        arrived = _STALE_GRADIENT_FIX if birth.what == STALE else _INPUT_FIX
+        fix = arrived if birth.op == "input" else _GRADIENT_FIX if birth.op == "gradient" else \
             _SEED_FIX if birth.op == "seed" else _UNEXPLAINED_FIX if birth.op == "backward" else \
-            _SOFTMAX_INF_FIX if birth.what.startswith(_SOFTMAX_INF) else \
-            _GENUINE_FIX.get(_aten(birth.op), "")
+            _SOFTMAX_INF_FIX if birth.what.startswith(_SOFTMAX_INF) else _genuine_fix(birth)
         message = f"{birth.what}; " + (_UNDECIDED.format(op=inc.op) if inc is not None and inc.undecided
                                        else "every gradient it reaches uses it" if birth.op == "seed"
+                                       else "every backward adds to it" if birth.what == STALE
                                        else "whether the output used it (genuine) or not (contamination) is "
                                        "not known" if birth.op == "backward"
                                        else "the output depends on it")
     else:
         op, loc = inc.node_op, inc.loc
-        fix = _GENUINE_FIX.get(_aten(op), "")
+        fix = _BACKWARD_OVERFLOW_FIX if BACKWARD_OVERFLOW in inc.what else _GENUINE_FIX.get(_aten(op), "")
         message = inc.what
     born = _born(birth, via) if birth else (inc.what if inc else None)
     return Finding(kind, op, _fmt(loc), 0, fix=fix or "find why the value is not finite where it is used",

@@ -14,8 +14,8 @@ import torch
 from gradwise import _strong_zeros
 from gradwise._masks import mask_any
 from gradwise._trace import _shadow
-from gradwise._trace._common import _aligned, _inexact, _nan_in, _op_name, _positions
-from gradwise._trace._facts import _BILINEAR
+from gradwise._trace._common import _aligned, _inexact, _nan_in, _op_name, _positions, aten
+from gradwise._trace._facts import _BILINEAR, _OVERFLOWS, BACKWARD_OVERFLOW
 from gradwise._trace._flow import _pairs, _reruns
 from gradwise._trace._store import Incident as _Incident
 
@@ -140,6 +140,9 @@ class _Incidents:
             else:
                 kind = "nan" if has_nan else "inf"
                 what = (f"a nonzero sensitivity met NaN/Inf in {op} (the backward of {node_op})" if births else
+                        f"the backward of {node_op} {BACKWARD_OVERFLOW} {op}: Inf from finite values, the result "
+                        f"exceeds the largest {str(o.dtype).replace('torch.', '')}" if not has_nan and
+                        func.overloadpacket in _OVERFLOWS and func.overloadpacket is not aten.pow else
                         f"the backward of {node_op} made {'NaN' if has_nan else 'Inf'} from finite values in {op} "
                         "(an infinite derivative used)")
                 if computed_zero:

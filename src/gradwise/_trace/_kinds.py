@@ -18,9 +18,25 @@ _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _is_batched = torch._C._functorch.is_batchedtensor
 
 
+_PLAIN_SUBCLASS: dict[type, bool] = {}  # subclass -> whether it overrides neither dispatch nor torch_function
+_DISPATCH = torch.Tensor.__torch_dispatch__
+_FUNCTION = torch.Tensor.__torch_function__.__func__
+
+
+def _plain_subclass(cls: type) -> bool:
+    """A subclass that overrides neither ``__torch_dispatch__`` nor ``__torch_function__`` (``x.as_subclass(C)``
+    of ``class C(torch.Tensor): pass``, a tag type): its values are a plain tensor's, and reading them runs no
+    code of its own, so it is read as one (its NaN was 'born' as '0/0 or 0 x Inf' with no name)."""
+    got = _PLAIN_SUBCLASS.get(cls)
+    if got is None:
+        got = _PLAIN_SUBCLASS[cls] = cls.__torch_dispatch__ is _DISPATCH and \
+            getattr(cls.__torch_function__, "__func__", None) is _FUNCTION
+    return got
+
+
 def kind(t: torch.Tensor) -> str | None:
     """None for a tensor the trace reads; else the kind it passes over (as the report names it)."""
-    if type(t) not in PLAIN_TYPES:
+    if type(t) not in PLAIN_TYPES and not _plain_subclass(type(t)):
         return f"tensor subclass {type(t).__name__}"
     if t.layout != torch.strided:
         return {torch._mkldnn: "mkldnn"}.get(t.layout, "nested (jagged)" if t.layout == torch.jagged else "sparse")

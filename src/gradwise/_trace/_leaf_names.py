@@ -20,6 +20,10 @@ from gradwise._trace._store import count as _count
 _LEAF_NAMES = WeakTensorKeyDictionary()
 _NAMES_LOCK = threading.Lock()
 _NAMES_PER_LEAF = 8
+# the attributes PyTorch's module wrappers keep the wrapped module under (torch.compile's OptimizedModule,
+# FSDP1, activation checkpointing), which PyTorch's own state-dict helpers strip from parameter names: the user
+# knows `model.0.weight`, not `model._orig_mod.0.weight` (after `model = torch.compile(model)`)
+_WRAPPERS = {"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
 
 
 class _LeafNames:
@@ -96,6 +100,11 @@ class _LeafNames:
     def _param_names(self, module) -> dict:
         names = self.module_names.get(module)
         if names is None:
-            names = self.module_names[module] = {id(p): n for n, p in module.named_parameters()}
+            names = self.module_names[module] = {id(p): _unwrapped(n) for n, p in module.named_parameters()}
         return names
 
+
+def _unwrapped(name: str) -> str:
+    """A parameter's name without the module wrappers' attributes (``_WRAPPERS``)."""
+    parts = name.split(".")
+    return name if _WRAPPERS.isdisjoint(parts) else ".".join(p for p in parts if p not in _WRAPPERS)

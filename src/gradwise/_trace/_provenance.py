@@ -13,6 +13,7 @@ import torch
 from gradwise._masks import mask_any
 from gradwise._trace._advice import _explain
 from gradwise._trace._common import (
+    _ACCUMULATE_SEQ,
     _aligned,
     _has_nan,
     _inexact,
@@ -24,7 +25,7 @@ from gradwise._trace._common import (
     _op_name,
     _user_frame,
 )
-from gradwise._trace._facts import _LITERALS
+from gradwise._trace._facts import _ACCUMULATES, _LITERALS
 from gradwise._trace._incidents import _in_base
 from gradwise._trace._store import KEEP as _KEEP
 from gradwise._trace._store import Birth as _Birth
@@ -147,7 +148,8 @@ class _Provenance:
                 loc = _loc(frame) if frame is not None else nd.loc if nd is not None else ("<backward>", 0)
         for o in bad:
             mask = _nonfinite_mask(o)
-            prior = self.prov.get(o) if info.mutable else None
+            prior = self.prov.get(o) if info.mutable else \
+                self.prov.get(ins[0]) if node_seq == _ACCUMULATE_SEQ and func in _ACCUMULATES else None
             nf = [t for t in ins if t is not o and _nonfinite(t)]
             if seq is None or isinstance(seq, tuple):
                 self._value(func, loc, o, mask, nf, prior, nd, ins,

@@ -12,6 +12,7 @@ import torch
 
 from gradwise._trace import _common
 from gradwise._trace._common import _inexact, _loc, _nonfinite, _user_frame
+from gradwise._trace._facts import STALE
 from gradwise._trace._shadow import _Shadow
 from gradwise._trace._store import Birth as _Birth
 
@@ -81,6 +82,29 @@ class _Roots:
         inc = self.store.incident("nan" if nan else "inf", "seed", "backward", loc, count, idx, births,
                                   "the seed passed to the backward call holds NaN/Inf: every gradient it reaches "
                                   "uses it", None, False)
+        self.prov[g] = frozenset([inc])
+
+    def stale_gradient(self, leaf: torch.Tensor, g: torch.Tensor, loc=None, step: int | None = None) -> None:
+        """``leaf``'s ``.grad`` ``g``, which a backward accumulates into: NaN/Inf that it held before (an earlier
+        backward outside the block, gradients not zeroed) arrived with it, a genuine finding of its own that
+        reaches ``leaf``, and ``g``'s provenance (what the accumulation makes of it carries it). Without it the
+        accumulation looked like a backward that made NaN/Inf from finite values."""
+        if g is not leaf.grad or g in self.prov or not _inexact(g) or g.layout is not torch.strided \
+                or not _nonfinite(g):
+            return
+        loc = loc or _loc(_user_frame())
+        mask, nan = _common._nonfinite_mask(g), _common._has_nan(g)
+        count, idx = _common._positions(mask)
+        name = f"{self.leaf_name(leaf)}.grad"
+        birth = self._birth("input", loc, nan, name, mask, lambda first: _Birth(
+            "input", loc, STALE, 0, first, nan, name=name))
+        birth.used = True
+        when = "before this backward" if step is None else f"before the backward at step {step}"
+        inc = self.store.incident("nan" if nan else "inf", "gradient", "AccumulateGrad", loc, count, idx, [birth],
+                                  f"{name} held NaN/Inf {when} accumulated into it (gradients not zeroed "
+                                  "since an earlier backward outside the block)", None, False)
+        inc.reaches.add(self.leaf_name(leaf))
+        self.reached_now.add(id(inc))
         self.prov[g] = frozenset([inc])
 
     def unexplained_gradient(self, g: torch.Tensor, leaf: torch.Tensor, loc, step: int) -> None:

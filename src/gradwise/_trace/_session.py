@@ -42,6 +42,37 @@ def _current() -> _Tracer | None:
     return _TRACERS.get(threading.get_ident())
 
 
+_UNTRACED: list[dict] = []  # while `gradwise run` reports for the process: {thread name: backward calls untraced}
+_UNTRACED_NAMES = 8  # thread names kept apart; later threads are counted together
+
+
+@contextlib.contextmanager
+def untraced_threads() -> Iterator[dict]:
+    """While `gradwise run` reports on a whole script: the backward calls made in threads that neither trace nor
+    watch (the script's own worker threads), by thread name, so that its report does not say "no NaN/Inf
+    gradients" of passes it never saw. Costs nothing in traced threads."""
+    got: dict = {}
+    _install()
+    _UNTRACED.append(got)
+    try:
+        yield got
+    finally:
+        _UNTRACED.remove(got)
+        _uninstall()
+
+
+def _untraced_call() -> None:
+    """A backward call in a thread without a watcher: count it for `untraced_threads` unless a tracer runs there
+    (it passed the call over: a batched gradient under vmap)."""
+    if _current() is not None:
+        return
+    name = threading.current_thread().name
+    for got in _UNTRACED:
+        if name not in got and len(got) >= _UNTRACED_NAMES:  # (a thread per request: bounded, the rest counted)
+            name = "other threads"
+        got[name] = got.get(name, 0) + 1
+
+
 @contextlib.contextmanager
 def _backward_call(tracer: _Tracer) -> Iterator[None]:
     """Around one backward/grad call. Under gw.strong_zeros() the engine hook may run a plain pass, then redo
@@ -97,6 +128,8 @@ def _traced_backward(tensors, grad_tensors=None, *args, **kwargs):
         watcher = _WATCHERS.get(threading.get_ident())
         if watcher is not None:
             return watcher.backward(_ORIGINAL[0], tensors, grad_tensors, *args, **kwargs)
+        if _UNTRACED:
+            _untraced_call()
         return _ORIGINAL[0](tensors, grad_tensors, *args, **kwargs)
     tensors, grad_tensors = tracer.roots(tensors, grad_tensors)
     with _backward_call(tracer):
@@ -122,6 +155,8 @@ def _traced_grad(outputs, inputs, grad_outputs=None, *args, **kwargs):
         watcher = _WATCHERS.get(threading.get_ident())
         if watcher is not None:
             return watcher.grad(_ORIGINAL[1], outputs, inputs, grad_outputs, *args, **kwargs)
+        if _UNTRACED:
+            _untraced_call()
         return _ORIGINAL[1](outputs, inputs, grad_outputs, *args, **kwargs)
     outputs, grad_outputs = tracer.roots(outputs, grad_outputs)
     with _backward_call(tracer):
@@ -155,6 +190,8 @@ def _traced_next(it):
     tracer = _current()
     if tracer is not None:
         tracer._safely("DataLoader", _tag_batch, tracer.batches, batch, it._num_yielded - 1)
+        if it._num_workers and it._num_yielded == 1:  # worker processes copied what the block had made until now
+            tracer.worker_cut = len(tracer.store.births)
     elif (watcher := _WATCHERS.get(threading.get_ident())) is not None:  # (a few dict writes per batch)
         try:
             _tag_batch(watcher.batches, batch, it._num_yielded - 1, keyed=True)

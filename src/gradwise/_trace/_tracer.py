@@ -32,6 +32,7 @@ from gradwise._trace._common import (
 )
 from gradwise._trace._common import run_op as _run
 from gradwise._trace._facts import (
+    _ACCUMULATES,
     _ARRIVALS,
     _COLLECTIVE_NAMESPACES,
     _COMPARISONS,
@@ -176,6 +177,7 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
         self.names = _ByIdentity()
         self.derived = _ByIdentity()  # output of an op passed over unread -> weak references to its inputs
         self.batches = WeakTensorKeyDictionary()  # tensor -> index of the DataLoader batch it arrived in
+        self.worker_cut = 0  # births made before the latest DataLoader worker processes started: the first this many
         # gw.watch()'s replay of a backward whose forward it did not trace: storage of a non-finite value the graph
         # saved -> its births, found in the forward's order (_replay.forward_origins); empty otherwise
         self.replayed: dict[int, frozenset] = {}
@@ -269,6 +271,11 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
             self._pass_over_backward("a backward started outside Python", UNSEEN)
         if info.mutable and self.shadow is not None:  # (a NaN step's backward: see _shadow)
             self.shadow.before(func, args, kwargs)
+        # a leaf's .grad that a backward adds to: read before add_ overwrites it (_Roots.stale_gradient); one the
+        # trace made (or read once) is a sensitivity already: its NaN/Inf would have provenance
+        if func in _ACCUMULATES and node is not None and args[0] not in self.sens \
+                and node._sequence_nr() == _common._ACCUMULATE_SEQ:
+            self._safely(func, self.stale_gradient, node.variable, args[0])
         out = _run(func, args, kwargs)
         self._backward(func, info, node, args, out, kwargs)
         return out

@@ -88,6 +88,7 @@ class _Watcher:
         self.found_at: int | None = None
         self.unexplained: str | None = None  # why that step's backward could not be replayed
         self.joined_at: int | None = None  # the step where a gw.trace() block inside started the full trace
+        self.stale: set[int] = set()  # ids of the leaves whose .grad held NaN/Inf before the block's first backward
         self._batches: WeakTensorKeyDictionary | None = None  # (made at the first batch: a block per step pays nothing)
         self.untraced = 0  # backward calls run unchecked (a torch.func transform, batched seeds): not known finite
 
@@ -115,6 +116,8 @@ class _Watcher:
         compiled = [] if _aot_compiles().get("total") else None
         leaves, saved = _strong_zeros._graph_parts(roots, compiled)
         retain = keep or not _donating_any(compiled)
+        if self.step == 0 and self.tracer is None:  # gradients the block's first backward adds to (once per block)
+            self.stale = _nonfinite_grads(leaves)
         self.depth += 1
         try:
             orig(tensors, grad_tensors, retain, create_graph, grad_variables, inputs)
@@ -208,6 +211,11 @@ class _Watcher:
             real = given.get(id(leaf)) if returned is not None else leaf.grad
             if got and isinstance(real, torch.Tensor):
                 tracer.prov[real] = got
+            elif returned is None and isinstance(real, torch.Tensor) and not got and id(leaf) in self.stale:
+                # finite in the replay, non-finite in .grad, as it was before the block's first backward added to it
+                # (not after: a .grad that the all-reduce made NaN is told by note_received below)
+                with torch.utils._python_dispatch._disable_current_modes():  # (the trace's own reads)
+                    tracer._safely("a gradient accumulated into", tracer.stale_gradient, leaf, real, at, self.step)
         if returned is None and _common._dist_rank() is not None:
             # the replay ran no collective: a .grad that is NaN/Inf where this rank's own gradient is finite came
             # from another rank through DDP's all-reduce, which this step ran untraced
@@ -259,12 +267,59 @@ _NODE_SUFFIX = re.compile(r"Backward\d*$")
 
 
 def _node_op(name: str) -> str:
-    """'AddmmBackward0' -> 'aten.addmm' (what `_discarded_by` and the report expect); others as they are."""
+    """'AddmmBackward0' -> 'aten.addmm', the op the trace records for that node (what `_discarded_by` and the
+    report expect): LogSoftmaxBackward0 is aten._log_softmax's, NllLossBackward0 aten.nll_loss_forward's,
+    ToCopyBackward0 aten._to_copy's; others (CopySlices, a custom Function's) as they are."""
     base = _NODE_SUFFIX.sub("", name)
-    if base == name:
-        return name
-    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", base).lower()
-    return f"aten.{snake}" if hasattr(torch.ops.aten, snake) else name
+    op = _op_named(base) if base != name else None
+    return f"aten.{op}" if op else name
+
+
+@functools.cache
+def _op_named(base: str) -> str | None:
+    """The aten op whose autograd node is named ``base`` + 'BackwardN', the likeliest of those that share the
+    name: not a composite op (CompositeImplicitAutograd: log_softmax decomposes into _log_softmax), not an
+    in-place one."""
+    ops = _ops_by_node_name().get(base)
+    if not ops:
+        return None
+    return min(ops, key=lambda op: (_composite(op), op.endswith("_"), op.startswith("_"), op)) if len(ops) > 1 \
+        else next(iter(ops))
+
+
+@functools.cache
+def _ops_by_node_name() -> dict[str, set[str]]:
+    """Autograd node name (without 'BackwardN') -> the aten ops of that name. PyTorch's codegen names a node
+    after its op (torchgen's _create_op_prefix: title case of the '_'-split name, so a leading '_' and a
+    trailing '_forward' vanish). Built once (a few ms), when a watch first explains a step."""
+    names: dict[str, set[str]] = {}
+    for full in torch._C._dispatch_get_all_op_names():
+        if full.startswith("aten::"):
+            op = full[6:].split(".")[0]
+            camel = "".join(p.title() for p in op.split("_"))
+            names.setdefault(camel.removesuffix("Forward"), set()).add(op)
+    return names
+
+
+def _composite(op: str) -> bool:
+    """Whether every functional overload of an aten op decomposes (CompositeImplicitAutograd): no node is its."""
+    try:
+        packet = getattr(torch.ops.aten, op)
+        got = [getattr(packet, o) for o in packet.overloads() if "out" not in o]
+        return bool(got) and all(o.has_kernel_for_dispatch_key(_COMPOSITE) for o in got)
+    except (AttributeError, RuntimeError):  # (an op the Python bindings do not know: sym_size)
+        return True
+
+
+_COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
+
+
+def _nonfinite_grads(leaves) -> set[int]:
+    """The ids of the leaves whose .grad holds NaN/Inf (one check of them all, then each where it fails)."""
+    held = [(t, g) for t in leaves if (g := t.grad) is not None]
+    if not held or _finite([g for _, g in held]):
+        return set()
+    return {id(t) for t, g in held if not _finite([g])}
 
 
 def _as_tuple(ts) -> tuple:
