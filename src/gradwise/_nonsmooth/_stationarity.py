@@ -317,10 +317,12 @@ def stationarity(f: Callable, inputs, *, atol: float = 1e-6, samples: int | None
     """Is 0 a Clarke generalized gradient of scalar f at ``inputs``? A certificate, see `Stationarity`.
 
     ``stationary`` is True when the least-norm point of the generalized gradients found is within ``atol`` of
-    0 (``atol`` is at least 8 ulps of the largest generalized gradient in the inputs' dtype: below that, rounding
-    decides; with sampled pieces, `_certify` first adds the pieces that mix to 0 where the subdifferential is a box
-    of independent entries); False when every active piece was enumerated (or f is differentiable there), or when
-    a proved lower bound on the least norm exceeds ``atol`` (with sampled pieces: the part every piece shares, or
+    0 (with sampled pieces, `_certify` first adds the pieces that mix to 0 where the subdifferential is a box of
+    independent entries); None when it is within the rounding of the inputs' dtype but not ``atol`` (8 ulps of the
+    largest generalized gradient: in half precision a hull that holds 0 misses it by rounding, and one that does
+    not can come that close: rounding decides, nothing is proved); False when every active piece was enumerated
+    (or f is differentiable there), or when a proved lower bound on the least norm exceeds ``atol`` and the
+    rounding (with sampled pieces: the part every piece shares, or
     interval tangents along the least-norm point of the pieces' bounding box, then of the pieces, refined by
     Frank-Wolfe steps; exact for elements that read one input element; docs/nonsmooth.md); None otherwise.
     Exact ties only count as kinks; ``near_kinks`` lists elements within ``near_tol`` of one, where a tiny
@@ -335,7 +337,7 @@ def stationarity(f: Callable, inputs, *, atol: float = 1e-6, samples: int | None
     sd = subdifferential(f, inputs, samples=samples, seed=seed, tie_tol=tie_tol, near_tol=near_tol)
     element = sd.min_norm_element()
     norm = float(_flat(element).norm())
-    atol = max(atol, _rounding(sd))
+    asked, atol = atol, max(atol, _rounding(sd))
     bound = norm if sd.exact else _fixed_part_norm(sd)
     if not sd.exact and tie_tol == 0 and bound <= atol < norm < math.inf:
         bound = max(bound, _box_bound(f, inputs, sd, norm))  # (one pass, none where the pieces' box holds 0)
@@ -345,8 +347,10 @@ def stationarity(f: Callable, inputs, *, atol: float = 1e-6, samples: int | None
             sd, element, norm, bound = _refine(f, inputs, sd, element, norm, bound, atol, seed)
     if not math.isfinite(norm):
         verdict = None
-    elif norm <= atol:
+    elif norm <= asked:
         verdict = True
+    elif norm <= atol:  # within rounding of 0, not within what was asked: rounding decides
+        verdict = None
     else:
         verdict = False if sd.exact or bound > atol else None
     return Stationarity(verdict, norm, sd.kinks, sd.near_kinks, sd.exact, element, sd, bound)
