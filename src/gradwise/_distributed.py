@@ -363,10 +363,26 @@ class SkipNonfiniteStep:
         self.skipped = 0
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        if self.guard.should_skip():
+        """``optimizer.step(closure)``, or nothing when the guard flagged this step's backward. A ``closure`` runs
+        the backward, so it is evaluated here first (as the optimizer would, with gradients enabled) and the
+        decision read after it; the optimizer then gets that first evaluation back from its own first call of
+        the closure (an optimizer that evaluates it again, like LBFGS, runs those backwards unguarded)."""
+        if closure is None:
+            if self.guard.should_skip():
+                self.skipped += 1
+                return None
+            return self.optimizer.step()
+        with torch.enable_grad():
+            loss = closure()
+        if self.guard.should_skip():  # decided by the backward the closure just ran, not the previous one
             self.skipped += 1
-            return None
-        return self.optimizer.step() if closure is None else self.optimizer.step(closure)
+            return loss
+        first = [loss]
+
+        def replay() -> Any:
+            return first.pop() if first else closure()
+
+        return self.optimizer.step(replay)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

@@ -1,0 +1,149 @@
+"""Hunted cases of gradwise under torch.distributed (gloo, 2 CPU processes): the guard's decision must be the one
+for the gradients the optimizer is about to read.
+
+The processes are spawned once for the module by ``test_distributed``'s harness (deadline included), running the
+checks below in order on every rank. The reference is one float64 process on the data of every rank, taking only
+the optimizer steps that should be taken.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import gradwise as gw
+from test_distributed import _data, _loss, _model, _per_rank, _run_group, pytestmark  # noqa: F401
+
+
+def _fsdp(world: int, **kwargs):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.body:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh, **kwargs)
+    fully_shard(model, mesh=mesh, **kwargs)
+    return model
+
+
+def _full(model) -> list[torch.Tensor]:
+    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in model.parameters()]
+
+
+def _reference(world: int, taken: list[list[int]]) -> list[torch.Tensor]:
+    """SGD(lr=0.1) in one process: ``taken`` lists, per optimizer step taken, the data steps whose gradients it
+    accumulates (the mean over ranks of each)."""
+    ref = _model()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for micro in taken:
+        opt.zero_grad()
+        for s in micro:
+            (sum(_loss(ref, _data(r, s, padding=False)) for r in range(world)) / world).backward()
+        opt.step()
+    return _full(ref)
+
+
+def _closure_run(rank, world, wrap):
+    """Three optimizer steps through ``SkipNonfiniteStep.step(closure)``; rank 1's batch of step 1 holds a NaN
+    the loss reads. The closure runs the backward, so the guard's decision exists only after it."""
+    model, target = wrap(world)
+    guard = gw.nonfinite_guard(target, policy="skip")
+    opt = gw.SkipNonfiniteStep(torch.optim.SGD(target.parameters(), lr=0.1), guard)
+    skips = []
+    for step in range(3):
+        def closure(step=step):
+            opt.zero_grad()
+            loss = _loss(target, _data(rank, step, padding=False, genuine=step == 1))
+            loss.backward()
+            return loss
+
+        loss = opt.step(closure)
+        skips.append((guard.should_skip(), loss is not None))  # the closure's loss is returned
+    params = _full(model)
+    ref = _reference(world, [[0], [2]])
+    return {"skips": skips, "skipped": opt.skipped, "finite": all(bool(p.isfinite().all()) for p in params),
+            "max_err": max(float((p - r).abs().max()) for p, r in zip(params, ref, strict=True))}
+
+
+def check_closure_step_ddp(rank, world):
+    def wrap(world):
+        model = _model()
+        return model, DDP(model)
+
+    return _closure_run(rank, world, wrap)
+
+
+def check_closure_step_fsdp2(rank, world):
+    def wrap(world):
+        model = _fsdp(world)
+        return model, model
+
+    return _closure_run(rank, world, wrap)
+
+
+def check_fsdp2_accumulation(rank, world):
+    """FSDP2 reduce-scatters every micro-batch by default and adds the reduced shard to the gradient there: a NaN
+    of micro-batch 0 on rank 1 stays in the gradients after a finite micro-batch 1. Then, after zeroing (in
+    place, and to None), the next steps are finite and taken."""
+    model = _fsdp(world)
+    guard = gw.nonfinite_guard(model, policy="skip")
+    opt = gw.SkipNonfiniteStep(torch.optim.SGD(model.parameters(), lr=0.1), guard)
+    out: dict = {"skips": [], "bad": []}
+    for micro, set_to_none in (((0, 1), True), ((2, 3), False), ((4, 5), True)):
+        opt.zero_grad(set_to_none=set_to_none)
+        for s in micro:
+            _loss(model, _data(rank, s, padding=False, genuine=s == 0)).backward()
+        out["skips"].append(guard.should_skip())
+        out["bad"].append(guard.bad)
+        opt.step()
+    params = _full(model)
+    ref = _reference(world, [[2, 3], [4, 5]])
+    out["finite"] = all(bool(p.isfinite().all()) for p in params)
+    out["max_err"] = max(float((p - r).abs().max()) for p, r in zip(params, ref, strict=True))
+    return out
+
+
+def check_fsdp2_no_reshard_strong_zeros(rank, world):
+    """Strong zeros under FSDP2 with reshard_after_forward=False (the saved weights keep their storage, so a
+    finite rank takes the plain path), NaN padding on rank 1: the clean single-process gradients."""
+    from test_distributed import _compare
+
+    model = _fsdp(world, reshard_after_forward=False)
+    with gw.strong_zeros():
+        _loss(model, _data(rank)).backward()
+    return _compare([p.grad.full_tensor() for p in model.body.parameters()], world)
+
+
+CHECKS = {"hunt": [check_closure_step_ddp, check_closure_step_fsdp2, check_fsdp2_accumulation,
+                   check_fsdp2_no_reshard_strong_zeros]}
+
+
+@pytest.fixture(scope="module")
+def hunt(tmp_path_factory):
+    return _run_group("hunt", 2, tmp_path_factory.mktemp("hunt2"), module=__name__)
+
+
+@pytest.mark.parametrize("check", ["check_closure_step_ddp", "check_closure_step_fsdp2"])
+def test_skip_step_with_a_closure_decides_on_the_closures_own_backward(hunt, check):
+    """``SkipNonfiniteStep.step(closure)`` read the guard before running the closure: the NaN step was applied
+    (NaN weights on every rank) and the next finite one skipped."""
+    for got in _per_rank(hunt, check):
+        assert got["skips"] == [(False, True), (True, True), (False, True)] and got["skipped"] == 1
+        assert got["finite"] and got["max_err"] < 1e-12
+
+
+def test_fsdp2_guard_sees_a_nan_accumulated_from_an_earlier_micro_batch(hunt):
+    """The FSDP2 guard decided on the last backward's reduce-scatter only: the NaN of the first micro-batch, kept
+    in the accumulated gradient shards, was applied to the weights of every rank."""
+    for got in _per_rank(hunt, "check_fsdp2_accumulation"):
+        assert got["skips"] == [True, False, False]
+        assert {rank for rank, _ in got["bad"][0]} == {1} and got["bad"][1:] == [[], []]
+        assert got["finite"] and got["max_err"] < 1e-12
+
+
+def test_strong_zeros_under_fsdp2_without_resharding(hunt):
+    for got in _per_rank(hunt, "check_fsdp2_no_reshard_strong_zeros"):
+        assert got["finite"] and got["max_err"] < 1e-12
