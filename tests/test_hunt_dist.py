@@ -117,8 +117,32 @@ def check_fsdp2_no_reshard_strong_zeros(rank, world):
     return _compare([p.grad.full_tensor() for p in model.body.parameters()], world)
 
 
+def _accumulated_trace(rank, mode, no_sync):
+    """Two micro-batches accumulated into one DDP step inside gw.trace() (or gw.watch()); rank 1's first holds a
+    NaN the loss reads, under ``no_sync()`` (only the second is all-reduced) or not. ``seen``: the NaN count of
+    this rank's gradients after each backward (the reference for what it holds)."""
+    import contextlib
+
+    model = _model()
+    ddp = DDP(model)
+    seen = []
+    with gw.trace() if mode == "trace" else gw.watch() as report:
+        for micro in (0, 1):
+            with ddp.no_sync() if micro == 0 and no_sync else contextlib.nullcontext():
+                _loss(ddp, _data(rank, micro, padding=False, genuine=micro == 0)).backward()
+            seen.append(sum(int((~p.grad.isfinite()).sum()) for p in model.parameters()))
+    merged = gw.gather_reports(report)
+    return {"seen": seen, "ranks": None if merged is None else merged.ranks,
+            "received": [(f.step, f.count, f.occurrences) for f in report.findings if f.born_op == "c10d.allreduce_"]}
+
+
+def check_trace_accumulated_micro_batches(rank, world):
+    return {f"{mode}-{'no_sync' if no_sync else 'sync'}": _accumulated_trace(rank, mode, no_sync)
+            for mode in ("trace", "watch") for no_sync in (True, False)}
+
+
 CHECKS = {"hunt": [check_closure_step_ddp, check_closure_step_fsdp2, check_fsdp2_accumulation,
-                   check_fsdp2_no_reshard_strong_zeros]}
+                   check_fsdp2_no_reshard_strong_zeros, check_trace_accumulated_micro_batches]}
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +171,17 @@ def test_fsdp2_guard_sees_a_nan_accumulated_from_an_earlier_micro_batch(hunt):
 def test_strong_zeros_under_fsdp2_without_resharding(hunt):
     for got in _per_rank(hunt, "check_fsdp2_no_reshard_strong_zeros"):
         assert got["finite"] and got["max_err"] < 1e-12
+
+
+@pytest.mark.parametrize("case", ["trace-no_sync", "trace-sync", "watch-no_sync", "watch-sync"])
+def test_a_rank_is_not_told_it_received_its_own_accumulated_nan(hunt, case):
+    """Rank 1's NaN in micro-batch 0, accumulated into micro-batch 1's all-reduced gradients: the trace took
+    rank 1's own NaN, still in its .grad when the collective's backward ended, for a receipt ("ranks 0,1
+    received it"), and counted rank 0's receipt again at micro-batch 1."""
+    r0, r1 = (got[case] for got in _per_rank(hunt, "check_trace_accumulated_micro_batches"))
+    [line] = r0["ranks"]
+    assert line.startswith("rank 1 introduced the NaN at ") and line.endswith("; rank 0 received it through the "
+                                                                              "all-reduce"), line
+    assert r1["received"] == []
+    first = 1 if case.endswith("no_sync") else 0  # the micro-batch whose all-reduce brought rank 1's NaN in
+    assert r0["received"] == [(first, r0["seen"][first], 1)], r0
