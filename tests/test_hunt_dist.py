@@ -106,6 +106,28 @@ def check_fsdp2_accumulation(rank, world):
     return out
 
 
+def check_ddp_accumulation_names_the_origin(rank, world):
+    """DDP accumulation without no_sync(): every micro-batch is all-reduced, and DDP's buckets hold the
+    accumulated .grad. Rank 1's NaN of micro-batch 0 is still in every rank's bucket at micro-batch 1: the guard
+    named rank 0 too (as if it had brought a NaN in). Then, zeroed in place and to None, finite steps are taken."""
+    model = _model()
+    ddp = DDP(model, bucket_cap_mb=1e-4)
+    guard = gw.nonfinite_guard(ddp, policy="skip")
+    opt = gw.SkipNonfiniteStep(torch.optim.SGD(ddp.parameters(), lr=0.1), guard)
+    out: dict = {"skips": [], "bad": []}
+    for micro, set_to_none in (((0, 1), True), ((2, 3), False), ((4, 5), True)):
+        opt.zero_grad(set_to_none=set_to_none)
+        for s in micro:
+            _loss(ddp, _data(rank, s, padding=False, genuine=s == 0)).backward()
+            out["bad"].append(sorted({r for r, _ in guard.bad}))
+        out["skips"].append(guard.should_skip())
+        opt.step()
+    params = _full(model)
+    ref = _reference(world, [[2, 3], [4, 5]])
+    out["max_err"] = max(float((p - r).abs().max()) for p, r in zip(params, ref, strict=True))
+    return out
+
+
 def check_fsdp2_no_reshard_strong_zeros(rank, world):
     """Strong zeros under FSDP2 with reshard_after_forward=False (the saved weights keep their storage, so a
     finite rank takes the plain path), NaN padding on rank 1: the clean single-process gradients."""
@@ -142,6 +164,7 @@ def check_trace_accumulated_micro_batches(rank, world):
 
 
 CHECKS = {"hunt": [check_closure_step_ddp, check_closure_step_fsdp2, check_fsdp2_accumulation,
+                   check_ddp_accumulation_names_the_origin,
                    check_fsdp2_no_reshard_strong_zeros, check_trace_accumulated_micro_batches]}
 
 
@@ -166,6 +189,13 @@ def test_fsdp2_guard_sees_a_nan_accumulated_from_an_earlier_micro_batch(hunt):
         assert got["skips"] == [True, False, False]
         assert {rank for rank, _ in got["bad"][0]} == {1} and got["bad"][1:] == [[], []]
         assert got["finite"] and got["max_err"] < 1e-12
+
+
+def test_ddp_guard_names_only_the_rank_whose_nan_the_gradients_accumulated(hunt):
+    for got in _per_rank(hunt, "check_ddp_accumulation_names_the_origin"):
+        assert got["skips"] == [True, False, False]
+        assert got["bad"] == [[1], [1], [], [], [], []], got["bad"]
+        assert got["max_err"] < 1e-12
 
 
 def test_strong_zeros_under_fsdp2_without_resharding(hunt):

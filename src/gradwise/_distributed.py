@@ -225,6 +225,11 @@ class NonfiniteGuard:
         self._queued = False
         self._skip = False
         self.bad: list[tuple[int, list[str]]] = []  # (rank, parameter names) of the last backward's bad buckets
+        # after a backward that found NaN/Inf (the same on every rank): its .bad, and, taken at the next forward,
+        # the parameters whose .grad still holds NaN/Inf (not zeroed: the next backward accumulates onto them)
+        self._carried: list[tuple[int, list[str]]] | None = None
+        self._stale: set[int] = set()
+        model.register_forward_pre_hook(self._before_forward)
         self.steps = 0  # synchronised backwards checked
         self.nonfinite_steps = 0  # ... of which some rank had NaN/Inf before the all-reduce
 
@@ -232,6 +237,13 @@ class NonfiniteGuard:
         """True when the last synchronised backward had NaN/Inf on some rank before the all-reduce (the same
         answer on every rank): skip ``optimizer.step()`` (``gw.SkipNonfiniteStep`` does it)."""
         return self._skip
+
+    def _before_forward(self, module: torch.nn.Module, args: Any) -> None:
+        """Only after a NaN/Inf step: which gradients still hold it. DDP's buckets hold the accumulated .grad, so
+        without this every rank's bucket looked like its own NaN/Inf at the next backward (a rank that never
+        had one was named)."""
+        self._stale = set() if self._carried is None else {
+            id(p) for p in module.parameters() if p.grad is not None and not bool(p.grad.isfinite().all())}
 
     def _begin(self) -> None:
         self._extrema, self._params, self._reduced, self._skip, self.bad = [], [], [], False, []
@@ -252,6 +264,7 @@ class NonfiniteGuard:
         self.steps += 1
         reduced = torch.stack([torch.stack(torch.aminmax(f.wait())).float() for f in self._reduced])
         if bool(reduced.isfinite().all()):
+            self._carried, self._stale = None, set()
             return
         local = (~torch.stack([e.float() for e in self._extrema]).isfinite()).any(-1).float()
         table = torch.zeros(self._world, len(self._extrema), device=local.device)
@@ -260,7 +273,13 @@ class NonfiniteGuard:
         self.bad = [(self._global[r], [self._names.get(id(p), f"<parameter {tuple(p.shape)}>")
                                        for p in self._params[b]])
                     for r, row in enumerate(table.tolist()) for b, flag in enumerate(row) if flag]
-        _conclude(self, "before the all-reduce", "their sum overflowed")
+        where_from = "before the all-reduce"
+        if not self.bad and self._carried and self._stale:
+            # this backward's own gradients were finite: the NaN/Inf is the one an earlier backward left in .grad
+            self.bad = list(self._carried)
+            where_from = "before the all-reduce of an earlier backward, accumulated into these gradients"
+        self._carried, self._stale = self.bad, set()
+        _conclude(self, where_from, "their sum overflowed")
 
 
 def _conclude(guard: Any, where_from: str, overflow: str) -> None:
@@ -285,7 +304,12 @@ def _nonfinite_hook(state: NonfiniteGuard, bucket: _GradBucket) -> torch.futures
     if bucket.index() == 0:
         state._begin()
     buf = bucket.buffer()
-    state._extrema.append(torch.stack(torch.aminmax(buf)))
+    if state._stale:  # (only after a NaN/Inf step) the NaN/Inf still in .grad is no new one of this rank's
+        fresh = [g for p, g in zip(bucket.parameters(), bucket.gradients(), strict=True) if id(p) not in state._stale]
+        flag = torch.stack([~g.isfinite().all() for g in fresh]).any() if fresh else torch.tensor(False)
+        state._extrema.append(torch.where(flag, float("nan"), 0.0).expand(2))
+    else:
+        state._extrema.append(torch.stack(torch.aminmax(buf)))
     state._params.append(bucket.parameters())
     if not state._queued:
         state._queued = True
