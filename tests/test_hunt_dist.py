@@ -128,6 +128,29 @@ def check_ddp_accumulation_names_the_origin(rank, world):
     return out
 
 
+def check_ddp_join_uneven_inputs(rank, world):
+    """DDP.join() (https://pytorch.org/tutorials/advanced/generic_join.html): rank 1 has one batch more than rank
+    0, with a NaN the loss reads. Joined, rank 0 runs the comm hook on zero buckets outside any backward: the
+    guard's hook crashed there ('Final callbacks can only be installed during backward pass') before its
+    all-reduce, and rank 1 hung waiting for it. Then a static graph (its first all-reduce is delayed to a
+    callback) with the same data."""
+    out = {}
+    for kind, kwargs in (("default", {}), ("static_graph", {"static_graph": True})):
+        model = _model()
+        ddp = DDP(model, **kwargs)
+        guard = gw.nonfinite_guard(ddp, policy="skip")
+        opt = gw.SkipNonfiniteStep(torch.optim.SGD(ddp.parameters(), lr=0.1), guard)
+        skips = []
+        with ddp.join():
+            for step in range(2 + rank):
+                opt.zero_grad()
+                _loss(ddp, _data(rank, step, padding=False, genuine=step == 2)).backward()
+                opt.step()
+                skips.append(guard.should_skip())
+        out[kind] = {"skips": skips, "params": _full(model)}
+    return out
+
+
 def check_fsdp2_no_reshard_strong_zeros(rank, world):
     """Strong zeros under FSDP2 with reshard_after_forward=False (the saved weights keep their storage, so a
     finite rank takes the plain path), NaN padding on rank 1: the clean single-process gradients."""
@@ -164,7 +187,7 @@ def check_trace_accumulated_micro_batches(rank, world):
 
 
 CHECKS = {"hunt": [check_closure_step_ddp, check_closure_step_fsdp2, check_fsdp2_accumulation,
-                   check_ddp_accumulation_names_the_origin,
+                   check_ddp_accumulation_names_the_origin, check_ddp_join_uneven_inputs,
                    check_fsdp2_no_reshard_strong_zeros, check_trace_accumulated_micro_batches]}
 
 
@@ -196,6 +219,15 @@ def test_ddp_guard_names_only_the_rank_whose_nan_the_gradients_accumulated(hunt)
         assert got["skips"] == [True, False, False]
         assert got["bad"] == [[1], [1], [], [], [], []], got["bad"]
         assert got["max_err"] < 1e-12
+
+
+def test_ddp_guard_under_join_with_uneven_inputs(hunt):
+    r0, r1 = _per_rank(hunt, "check_ddp_join_uneven_inputs")
+    ref = _reference(2, [[0], [1]])
+    for kind in ("default", "static_graph"):
+        assert r0[kind]["skips"] == [False, False] and r1[kind]["skips"] == [False, False, True], kind
+        for got in (r0, r1):  # rank 1's NaN step skipped: both end as the two finite steps left them
+            assert max(float((p - r).abs().max()) for p, r in zip(got[kind]["params"], ref, strict=True)) < 1e-12
 
 
 def test_strong_zeros_under_fsdp2_without_resharding(hunt):

@@ -262,17 +262,9 @@ class NonfiniteGuard:
         the reduction tell every rank which rank and which parameters brought the NaN/Inf in."""
         self._queued = False
         self.steps += 1
-        reduced = torch.stack([torch.stack(torch.aminmax(f.wait())).float() for f in self._reduced])
-        if bool(reduced.isfinite().all()):
+        if not self._nonfinite_everywhere():
             self._carried, self._stale = None, set()
             return
-        local = (~torch.stack([e.float() for e in self._extrema]).isfinite()).any(-1).float()
-        table = torch.zeros(self._world, len(self._extrema), device=local.device)
-        table[self._group_rank] = local
-        dist.all_reduce(table, group=self.process_group)
-        self.bad = [(self._global[r], [self._names.get(id(p), f"<parameter {tuple(p.shape)}>")
-                                       for p in self._params[b]])
-                    for r, row in enumerate(table.tolist()) for b, flag in enumerate(row) if flag]
         where_from = "before the all-reduce"
         if not self.bad and self._carried and self._stale:
             # this backward's own gradients were finite: the NaN/Inf is the one an earlier backward left in .grad
@@ -280,6 +272,27 @@ class NonfiniteGuard:
             where_from = "before the all-reduce of an earlier backward, accumulated into these gradients"
         self._carried, self._stale = self.bad, set()
         _conclude(self, where_from, "their sum overflowed")
+
+    def _nonfinite_everywhere(self) -> bool:
+        """Whether the averaged buckets hold NaN/Inf (the same answer on every rank, no collective); if they do,
+        one all-reduce of the flags taken before the reduction fills ``self.bad``."""
+        reduced = torch.stack([torch.stack(torch.aminmax(f.wait())).float() for f in self._reduced])
+        if bool(reduced.isfinite().all()):
+            return False
+        local = (~torch.stack([e.float() for e in self._extrema]).isfinite()).any(-1).float()
+        table = torch.zeros(self._world, len(self._extrema), device=local.device)
+        table[self._group_rank] = local
+        dist.all_reduce(table, group=self.process_group)
+        self.bad = [(self._global[r], [self._names.get(id(p), f"<parameter {tuple(p.shape)}>")
+                                       for p in self._params[b]])
+                    for r, row in enumerate(table.tolist()) for b, flag in enumerate(row) if flag]
+        return True
+
+    def _shadow(self) -> None:
+        """A rank that has joined (``DDP.join()``: out of data) all-reduces zero buckets, outside any backward, to
+        match the others' backward; it joins their decision's collective too (a rank missing from it would leave
+        the others waiting), and takes no step, so it applies no policy."""
+        self._nonfinite_everywhere()
 
 
 def _conclude(guard: Any, where_from: str, overflow: str) -> None:
@@ -311,13 +324,16 @@ def _nonfinite_hook(state: NonfiniteGuard, bucket: _GradBucket) -> torch.futures
     else:
         state._extrema.append(torch.stack(torch.aminmax(buf)))
     state._params.append(bucket.parameters())
-    if not state._queued:
+    in_backward = torch._C._current_graph_task_id() != -1  # not so under DDP.join(): a joined rank's zeros
+    if not state._queued and in_backward:
         state._queued = True
         torch.autograd.Variable._execution_engine.queue_callback(state._after_reducer)
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     buf.div_(state._world)  # the default hook's order: divide, then sum (avoids overflow in low precision)
     fut = dist.all_reduce(buf, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
     state._reduced.append(fut)
+    if not in_backward and bucket.is_last():
+        state._shadow()
     return fut
 
 
