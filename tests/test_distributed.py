@@ -589,14 +589,17 @@ CHECKS: dict[str, list[Callable]] = {
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _worker(rank: int, world: int, store: str, scenario: str, out: str) -> None:
+def _worker(rank: int, world: int, store: str, scenario: str, out: str, module: str = __name__) -> None:
+    import importlib
+
+    checks = importlib.import_module(module).CHECKS  # another test module's checks run in the same harness
     torch.set_num_threads(1)
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only: no hostname lookup, no network
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     results: dict = {}
     try:
-        for check in CHECKS[scenario]:
+        for check in checks[scenario]:
             try:
                 results[check.__name__] = check(rank, world)
             except Exception:
@@ -607,10 +610,11 @@ def _worker(rank: int, world: int, store: str, scenario: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _run_group(scenario: str, world: int, tmp: Path, timeout: float = GROUP_TIMEOUT_S) -> list[dict]:
+def _run_group(scenario: str, world: int, tmp: Path, timeout: float = GROUP_TIMEOUT_S,
+               module: str = __name__) -> list[dict]:
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, world, str(tmp / "store"), scenario, str(tmp)), daemon=True)
-             for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, str(tmp / "store"), scenario, str(tmp), module),
+                         daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout

@@ -226,6 +226,11 @@ class NonfiniteGuard:
         self._queued = False
         self._skip = False
         self.bad: list[tuple[int, list[str]]] = []  # (rank, parameter names) of the last backward's bad buckets
+        # after a backward that found NaN/Inf (the same on every rank): its .bad, and, taken at the next forward,
+        # the parameters whose .grad still holds NaN/Inf (not zeroed: the next backward accumulates onto them)
+        self._carried: list[tuple[int, list[str]]] | None = None
+        self._stale: set[int] = set()
+        model.register_forward_pre_hook(self._before_forward)
         self.steps = 0  # synchronised backwards checked
         self.nonfinite_steps = 0  # ... of which some rank had NaN/Inf before the all-reduce
 
@@ -233,6 +238,13 @@ class NonfiniteGuard:
         """True when the last synchronised backward had NaN/Inf on some rank before the all-reduce (the same
         answer on every rank): skip ``optimizer.step()`` (``gw.SkipNonfiniteStep`` does it)."""
         return self._skip
+
+    def _before_forward(self, module: torch.nn.Module, args: Any) -> None:
+        """Only after a NaN/Inf step: which gradients still hold it. DDP's buckets hold the accumulated .grad, so
+        without this every rank's bucket looked like its own NaN/Inf at the next backward (a rank that never
+        had one was named)."""
+        self._stale = set() if self._carried is None else {
+            id(p) for p in module.parameters() if p.grad is not None and not bool(p.grad.isfinite().all())}
 
     def _begin(self) -> None:
         self._extrema, self._params, self._reduced, self._skip, self.bad = [], [], [], False, []
@@ -251,9 +263,23 @@ class NonfiniteGuard:
         the reduction tell every rank which rank and which parameters brought the NaN/Inf in."""
         self._queued = False
         self.steps += 1
+        if not self._nonfinite_everywhere():
+            self._carried, self._stale = None, set()
+            return
+        where_from = "before the all-reduce"
+        if not self.bad and self._carried and self._stale:
+            # this backward's own gradients were finite: the NaN/Inf is the one an earlier backward left in .grad
+            self.bad = list(self._carried)
+            where_from = "before the all-reduce of an earlier backward, accumulated into these gradients"
+        self._carried, self._stale = self.bad, set()
+        _conclude(self, where_from, "their sum overflowed")
+
+    def _nonfinite_everywhere(self) -> bool:
+        """Whether the averaged buckets hold NaN/Inf (the same answer on every rank, no collective); if they do,
+        one all-reduce of the flags taken before the reduction fills ``self.bad``."""
         reduced = torch.stack([torch.stack(torch.aminmax(f.wait())).float() for f in self._reduced])
         if bool(reduced.isfinite().all()):
-            return
+            return False
         local = (~torch.stack([e.float() for e in self._extrema]).isfinite()).any(-1).float()
         table = torch.zeros(self._world, len(self._extrema), device=local.device)
         table[self._group_rank] = local
@@ -261,7 +287,13 @@ class NonfiniteGuard:
         self.bad = [(self._global[r], [self._names.get(id(p), f"<parameter {tuple(p.shape)}>")
                                        for p in self._params[b]])
                     for r, row in enumerate(table.tolist()) for b, flag in enumerate(row) if flag]
-        _conclude(self, "before the all-reduce", "their sum overflowed")
+        return True
+
+    def _shadow(self) -> None:
+        """A rank that has joined (``DDP.join()``: out of data) all-reduces zero buckets, outside any backward, to
+        match the others' backward; it joins their decision's collective too (a rank missing from it would leave
+        the others waiting), and takes no step, so it applies no policy."""
+        self._nonfinite_everywhere()
 
 
 def _conclude(guard: Any, where_from: str, overflow: str) -> None:
@@ -286,15 +318,23 @@ def _nonfinite_hook(state: NonfiniteGuard, bucket: _GradBucket) -> torch.futures
     if bucket.index() == 0:
         state._begin()
     buf = bucket.buffer()
-    state._extrema.append(torch.stack(torch.aminmax(buf)))
+    if state._stale:  # (only after a NaN/Inf step) the NaN/Inf still in .grad is no new one of this rank's
+        fresh = [g for p, g in zip(bucket.parameters(), bucket.gradients(), strict=True) if id(p) not in state._stale]
+        flag = torch.stack([~g.isfinite().all() for g in fresh]).any() if fresh else torch.tensor(False)
+        state._extrema.append(torch.where(flag, float("nan"), 0.0).expand(2))
+    else:
+        state._extrema.append(torch.stack(torch.aminmax(buf)))
     state._params.append(bucket.parameters())
-    if not state._queued:
+    in_backward = torch._C._current_graph_task_id() != -1  # not so under DDP.join(): a joined rank's zeros
+    if not state._queued and in_backward:
         state._queued = True
         torch.autograd.Variable._execution_engine.queue_callback(state._after_reducer)
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     buf.div_(state._world)  # the default hook's order: divide, then sum (avoids overflow in low precision)
     fut = dist.all_reduce(buf, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
     state._reduced.append(fut)
+    if not in_backward and bucket.is_last():
+        state._shadow()
     return fut
 
 
@@ -364,10 +404,26 @@ class SkipNonfiniteStep:
         self.skipped = 0
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        if self.guard.should_skip():
+        """``optimizer.step(closure)``, or nothing when the guard flagged this step's backward. A ``closure`` runs
+        the backward, so it is evaluated here first (as the optimizer would, with gradients enabled) and the
+        decision read after it; the optimizer then gets that first evaluation back from its own first call of
+        the closure (an optimizer that evaluates it again, like LBFGS, runs those backwards unguarded)."""
+        if closure is None:
+            if self.guard.should_skip():
+                self.skipped += 1
+                return None
+            return self.optimizer.step()
+        with torch.enable_grad():
+            loss = closure()
+        if self.guard.should_skip():  # decided by the backward the closure just ran, not the previous one
             self.skipped += 1
-            return None
-        return self.optimizer.step() if closure is None else self.optimizer.step(closure)
+            return loss
+        first = [loss]
+
+        def replay() -> Any:
+            return first.pop() if first else closure()
+
+        return self.optimizer.step(replay)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

@@ -8,6 +8,11 @@ the reduced shards differ from rank to rank (a NaN in rank 1's gradient lands in
 owns that element), so the decision needs one collective per backward: when the backward ends, one
 all-reduce of a small (world x reduce-scatters) table of flags, read once on the host, identical on every
 rank. That all-reduce runs on every rank whatever the data, so an asymmetric NaN cannot leave a rank waiting.
+
+FSDP2 reduce-scatters every backward unless told otherwise (``set_requires_gradient_sync(False)``) and adds each
+reduced shard to the gradient already there: with gradient accumulation, a NaN of an earlier micro-batch stays in
+the gradients the optimizer will read although the last backward's flags are clean. So after a backward that
+found NaN/Inf, the next one also checks the accumulated shards (one pass over them, on that rare path only).
 """
 
 from __future__ import annotations
@@ -73,6 +78,8 @@ class FSDPNonfiniteGuard:
         self._before: list[torch.Tensor] = []
         self._after: list[torch.Tensor] = []
         self._groups: list[Any] = []  # the FSDP parameter group of each reduce-scatter (for the names)
+        self._param_groups: list[Any] = []  # every FSDP parameter group guarded (their sharded gradients)
+        self._carried: list[tuple[int, list[str]]] | None = None  # .bad of the last backward if it was not finite
         self._queued = False
         self._skip = False
         self.bad: list[tuple[int, list[str]]] = []
@@ -95,6 +102,7 @@ class FSDPNonfiniteGuard:
                 # inside ours: private attribute, since FSDPModule has a setter but no getter
                 param_group._reduce_scatter_comm = _GuardedReduceScatter(self, param_group._reduce_scatter_comm,
                                                                          param_group)
+                self._param_groups.append(param_group)
                 installed += 1
         if not installed:
             raise ValueError("gw.nonfinite_guard: the FSDP2 model has no parameter to shard (no fully_shard "
@@ -109,21 +117,39 @@ class FSDPNonfiniteGuard:
 
     def _decide(self) -> None:
         """Once per backward, after FSDP's own end-of-backward callback: one all-reduce of the flags (every
-        rank, every backward that reduce-scattered), one host read."""
+        rank, every backward that reduce-scattered), one host read. When the last backward found NaN/Inf (the
+        same on every rank), the flags also cover the accumulated gradient shards: this backward may have added
+        its finite gradients to that NaN (accumulation without ``set_requires_gradient_sync(False)``)."""
         self._queued = False
         self.steps += 1
         before = (~torch.stack(self._before).float().isfinite()).any(-1).float()
         after = (~torch.stack(self._after).float().isfinite()).any(-1).float()
-        table = torch.zeros(self._world, 2, len(self._before), device=before.device)
-        table[self._group_rank, 0] = before
-        table[self._group_rank, 1] = after
+        n = len(self._before)
+        table = torch.zeros(self._world, 2 * n + 1, device=before.device)
+        table[self._group_rank, :n] = before
+        table[self._group_rank, n:2 * n] = after
+        if self._carried is not None:
+            table[self._group_rank, 2 * n] = self._accumulated_nonfinite()
         dist.all_reduce(table, group=self.process_group)
         rows = table.tolist()
-        if not any(any(row[0]) or any(row[1]) for row in rows):
+        if not any(any(row) for row in rows):
+            self._carried = None
             return
         self.bad = [(self._global[r], _names(self._groups[b]))
-                    for r, row in enumerate(rows) for b, flag in enumerate(row[0]) if flag]
-        _conclude(self, "before the reduce-scatter", "their sum overflowed in the reduce-scatter")
+                    for r, row in enumerate(rows) for b, flag in enumerate(row[:n]) if flag]
+        where_from = "before the reduce-scatter"
+        if not self.bad and self._carried and any(row[2 * n] for row in rows):
+            # this backward's own gradients were finite: the NaN/Inf is the one an earlier backward accumulated
+            self.bad = list(self._carried)
+            where_from = "before the reduce-scatter of an earlier backward, accumulated into these gradients"
+        self._carried = self.bad
+        _conclude(self, where_from, "their sum overflowed in the reduce-scatter")
+
+    def _accumulated_nonfinite(self) -> float:
+        """1.0 when some sharded gradient that the optimizer would read holds NaN/Inf (this rank's shards)."""
+        shards = [fp.sharded_param.grad.to_local() for group in self._param_groups for fp in group.fsdp_params
+                  if fp.sharded_param.grad is not None]
+        return float(any(not bool(s.isfinite().all()) for s in shards if s.numel()))
 
 
 def _names(param_group: Any) -> list[str]:

@@ -38,6 +38,24 @@ class _Received:
                 self.collective_bufs[storage._cdata] = (StorageWeakRef(storage), name, loc)
         return out
 
+    def remember_received(self, t: torch.Tensor, site: tuple) -> None:
+        """``t`` (a .grad) holds what the untraced collective ``site`` wrote (gw.watch() saw the all-reduce only
+        through its result): its NaN/Inf, read later (accumulated onto by the next micro-batch, stepped with), is
+        another rank's. Without it, the next backward's accumulation into it looked like a NaN its AccumulateGrad
+        made from finite values: a genuine NaN of this rank."""
+        if t.layout != torch.strided or t in self.prov:
+            return
+        key = t.untyped_storage()._cdata
+        kept = self.collective_bufs.get(key)
+        self.collective_bufs[key] = (StorageWeakRef(t.untyped_storage()), *site)
+        try:
+            self._origin(t, site[1])  # its provenance: a birth "received from another rank" at the collective
+        finally:  # the storage itself is no collective's buffer (a later NaN of this rank's in it is its own)
+            if kept is None:
+                del self.collective_bufs[key]
+            else:
+                self.collective_bufs[key] = kept
+
     def _received_through(self, t: torch.Tensor) -> tuple | None:
         """(op, loc) of the collective whose buffer ``t`` reads, or None."""
         if not self.collective_bufs or t.layout != torch.strided:
@@ -45,9 +63,24 @@ class _Received:
         entry = self.collective_bufs.get(t.untyped_storage()._cdata)
         return None if entry is None or entry[0].expired() else entry[1:]
 
+    def nonfinite_grads(self) -> set[str]:
+        """Names of the leaves whose gradient holds NaN/Inf now. Taken before a backward under a process group: a
+        gradient this backward accumulates onto (no_sync micro-batches, accumulation without zero_grad) that was
+        already NaN/Inf holds this rank's own earlier NaN, or one received at an earlier step, not a receipt of
+        this backward's collective."""
+        if _common._dist_rank() is None or not self.names:
+            return set()
+        with torch.utils._python_dispatch._disable_current_modes():  # the trace's reads, not the program's ops
+            grads = [(g, name) for leaf, name in list(self.names.items()) for g in (_grad(leaf),)
+                     if isinstance(g, torch.Tensor) and _inexact(g) and _kinds.readable(g)]
+            if all_finite([_held(g) for g, _ in grads]):  # the usual step: one check of all gradients
+                return set()
+            return {name for g, name in grads if _nonfinite(g)}
+
     def note_received(self, local: set[str], site: tuple | None = None) -> None:
         """Record this step's receipt (``received``) when a backward that ran a collective ends: the next step's
         zero_grad clears the evidence long before the block ends. Once per step."""
+        self.receipts_checked = (self.store.step, self.collectives)  # the block's end need not check it again
         if self.store.step not in self.receipts and (got := self.received(local, site)) is not None:
             self.store.serial += 1  # (a nested block reports what happened after it began)
             self.receipts[self.store.step] = (*got, self.store.serial)
@@ -77,7 +110,8 @@ class _Received:
         another rank's, averaged in by the all-reduce. Each step's receipt was recorded when its backward ended
         (``note_received``); the gradients held now are checked too (a collective after the last backward)."""
         receipts = {s: r for s, r in self.receipts.items() if r[4] > since}
-        if self.store.step not in receipts and (now := self.received(
+        checked = self.receipts_checked == (self.store.step, self.collectives)
+        if self.store.step not in receipts and not checked and (now := self.received(
                 {name for f in findings.values() for name in f.reaches})) is not None:
             receipts[self.store.step] = (*now, self.store.serial + 1)
         if not receipts:

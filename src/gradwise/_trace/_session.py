@@ -83,6 +83,8 @@ def _backward_call(tracer: _Tracer) -> Iterator[None]:
         tracer.provisional = [] if _strong_zeros._STATE.depth else None
         tracer.strong_ran = False
     collectives, serial = tracer.collectives, tracer.store.serial
+    # gradients already NaN/Inf before this backward (accumulated onto): not received through its collective
+    stale = (tracer._safely("received gradients", tracer.nonfinite_grads) or set()) if outer else set()
     tracer.depth += 1
     try:
         yield
@@ -99,7 +101,7 @@ def _backward_call(tracer: _Tracer) -> Iterator[None]:
                 # buckets persist and keep that step's provenance, so its reaches are added again (stale)
                 local = {n for inc in tracer.store.incidents.values()
                          if inc.serial > serial and id(inc) in tracer.reached_now for n in inc.reaches}
-                tracer._safely("received gradients", tracer.note_received, local)
+                tracer._safely("received gradients", tracer.note_received, local | stale)
             tracer.reached_now = set()
             tracer.shadow = None
 

@@ -215,6 +215,7 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
         self.last_collective: tuple | None = None  # (op, loc) of the latest
         # step -> (op, loc, {leaf name: elements}, NaN seen, serial): gradients received through a collective
         self.receipts: dict[int, tuple] = {}
+        self.receipts_checked: tuple | None = None  # (step, collectives) a backward's end checked for receipts
         # this step's forward met a NaN/Inf or a singular point: its backward runs a shadow strong-zero pass, whose
         # supports classify contamination and genuine (_shadow), held for one backward call (gw.strong_zeros()' own
         # pass is its own shadow: the shadow passes over its ops)

@@ -222,6 +222,10 @@ class _Watcher:
             with torch.utils._python_dispatch._disable_current_modes():  # (the trace's reads)
                 local = {tracer.leaf_name(leaf) for leaf, g in zip(wanted, again, strict=True)
                          if isinstance(g, torch.Tensor) and _common._nonfinite(g)}
+                for leaf in wanted:  # a received .grad that a later backward accumulates onto stays received
+                    if tracer.leaf_name(leaf) not in local and isinstance(leaf.grad, torch.Tensor) and \
+                            _common._nonfinite(leaf.grad):
+                        tracer.remember_received(leaf.grad, ("c10d.allreduce_", at))
             tracer._safely("received gradients", tracer.note_received, local, ("c10d.allreduce_", at))
 
     def _unexplained_gradients(self, tracer: _Tracer, leaves, returned, at) -> None:
