@@ -40,6 +40,7 @@ def _decomposition(func: Any) -> Callable[..., Any] | None:
 
 
 _COMPOSITE: dict[Any, bool] = {}
+_IMPLICIT = torch._C.DispatchKey.CompositeImplicitAutograd
 
 
 def _composite(func: Any) -> bool:
@@ -50,7 +51,9 @@ def _composite(func: Any) -> bool:
     if known is None:
         has = torch._C._dispatch_has_kernel_for_dispatch_key
         try:
-            known = has(func.name(), "CompositeImplicitAutograd") and not has(func.name(), "ADInplaceOrView")
+            # (not an op with a kernel of its own for a backend, as silu_backward: a plain call runs that one)
+            known = has(func.name(), "CompositeImplicitAutograd") and \
+                not any(has(func.name(), key) for key in ("ADInplaceOrView", "CPU", "CUDA"))
         except RuntimeError:  # an op the dispatcher has no entry for
             known = False
         _COMPOSITE[func] = known
@@ -110,10 +113,11 @@ class _StrongZeroMode(LeanDispatchMode):
         if tracked and (decomposed := _decomposition(func)) is not None:
             return self._decomposed(func, decomposed, args, kwargs)
         if _composite(func):  # where.ScalarOther in a backward under torch.inference_mode(): a zero's source too
-            with self:  # its decomposition's ops come back through this mode, each through its rule
-                out = func.decompose(*args, **kwargs)
-            if out is not NotImplemented:
-                return out
+            # its C++ decomposition, the one autograd's keys run (not func.decompose, which prefers a Python
+            # one where torch._decomp has it: matmul's folds a 1-D @ 3-D product differently, changing the last
+            # bit of a finite gradient); its ops come back through this mode, each through its rule
+            with self:
+                return func._op_dk(_IMPLICIT, *args, **kwargs)
         out = func(*args, **kwargs)
         if tracked:
             kept = _zero_preserved(func, args, kwargs, out, self.supports)

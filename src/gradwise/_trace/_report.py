@@ -105,7 +105,7 @@ class Report:
     def _untraced(self) -> str:
         n = self.untraced_backwards
         return (f"{n} backward call{'' if n == 1 else 's'} ran untraced (under a torch.func transform, with batched "
-                "gradients, recorded by make_fx or started by TorchScript: see the notes): "
+                "gradients, recorded by make_fx, or started where the trace could not see the call: see the notes): "
                 f"{'its' if n == 1 else 'their'} gradients were not examined and may hold NaN/Inf")
 
     def to_json(self, indent: int | None = 2) -> str:

@@ -141,7 +141,10 @@ def _alone() -> bool:
 
 
 RECORDED = "recorded into a graph (make_fx, a fake mode)"
-UNSEEN = "started by TorchScript or C++ (not through torch.autograd's Python API)"
+# (the wrappers replace torch.autograd.grad/backward: a name bound before the trace began, as
+# `from torch.autograd import grad` at a module's top, calls PyTorch's own, which the trace does not see either)
+UNSEEN = ("started where the trace could not see the call (TorchScript, C++, or torch.autograd.grad/backward "
+          "imported before the trace began: `from torch.autograd import grad`; call torch.autograd.grad instead)")
 
 
 class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance, _GradientBirths, _LeafNames,
@@ -269,7 +272,7 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
             # a backward no wrapped torch.autograd call started (TorchScript's builtin torch.autograd.grad): its
             # ops come through, but its gradients are never read, so nothing can be said to reach them
             self.unseen_task = torch._C._current_graph_task_id()
-            self._pass_over_backward("a backward started outside Python", UNSEEN)
+            self._pass_over_backward("a backward whose call the trace did not see", UNSEEN)
         if info.mutable and self.shadow is not None:  # (a NaN step's backward: see _shadow)
             self.shadow.before(func, args, kwargs)
         # a leaf's .grad that a backward adds to: read before add_ overwrites it (_Roots.stale_gradient); one the
