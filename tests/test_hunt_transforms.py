@@ -189,20 +189,23 @@ def test_two_threads_one_strong_one_plain():
     assert bool(grads["plain"][1].isnan().all())  # the plain thread keeps PyTorch's contamination
 
 
+class _TanhSqrt(torch.nn.Module):
+    """tanh(lin(sqrt(x))): the module scripted and exported below."""
+
+    def __init__(self, lin: torch.nn.Module) -> None:
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(x.sqrt()))
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script is deprecated in 2.13
 def test_torchscript_module_after_the_profiling_runs():
     """TorchScript's profiling executor swaps graphs after two runs: each call matches the deleted program."""
     lin, x0, expected = _setup()
 
-    class M(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = lin
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.tanh(self.lin(x.sqrt()))
-
-    scripted = torch.jit.script(M())
+    scripted = torch.jit.script(_TanhSqrt(lin))
     for _ in range(4):
         x = x0.clone().requires_grad_()
         got = gw.grad(scripted(x)[[0, 2]].sum(), x)[0]
@@ -213,15 +216,7 @@ def test_torchscript_module_after_the_profiling_runs():
 def test_exported_module_under_strong_zeros_and_trace():
     lin, x0, expected = _setup()
 
-    class M(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = lin
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.tanh(self.lin(x.sqrt()))
-
-    module = torch.export.export(M(), (x0.abs(),)).module()
+    module = torch.export.export(_TanhSqrt(lin), (x0.abs(),)).module()
     x = x0.clone().requires_grad_()
     with gw.strong_zeros():
         module(x)[[0, 2]].sum().backward()
