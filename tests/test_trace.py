@@ -975,6 +975,9 @@ def test_an_op_without_a_rule_is_not_called_genuine_without_saying_so():
     with gw.trace() as report:
         _rowdot(x, w)[:3].sum().backward()
     assert any("no strong-zero rule" in f.message for f in report.of_kind("nan")), str(report)
+    # and its title says so: not "genuine NaN: the output depends on it" above a message saying it is not known
+    assert all(f.undecided for f in report.of_kind("nan")), str(report)
+    assert "contamination or genuine, not known" in str(report) and "the output depends on it" not in str(report)
 
 
 def test_float32_lstm_padding_is_traced_as_contamination():

@@ -134,7 +134,8 @@ def genuine(kind: str, inc: _Incident | None, birth: _Birth | None, via: _Birth 
     born = _born(birth, via) if birth else (inc.what if inc else None)
     return Finding(kind, op, _fmt(loc), 0, fix=fix or "find why the value is not finite where it is used",
                    message=message, source=_source(loc), born_op=birth.op if birth else (inc.op if inc else None),
-                   born_location=_fmt(birth.loc) if birth else (_fmt(inc.loc) if inc else None), born=born)
+                   born_location=_fmt(birth.loc) if birth else (_fmt(inc.loc) if inc else None), born=born,
+                   undecided=birth is not None and inc is not None and inc.undecided)
 
 
 def sparse_gradient(g: torch.Tensor, name: str, add: Callable) -> None:

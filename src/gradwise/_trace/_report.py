@@ -60,6 +60,8 @@ class Finding:
     rank: int | None = None  # torch.distributed rank that found it (None outside distributed runs)
     step: int | None = None  # the step (backward pass, counted from 0) where it first happened, when traced
     downstream: bool = False  # follows from an earlier finding's NaN/Inf (inherited through the parameters)
+    # nan / inf met in a backward op without a strong-zero rule: contamination and genuine cannot be told apart
+    undecided: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -165,6 +167,9 @@ def _render(report: Report, console: Console) -> None:
         title = _RECEIVED_TITLE if is_received(f) else _TITLES[f.kind]
         if f.born_op == "backward":  # (gw.watch() could not replay that step)
             title = f"{'NaN' if f.kind == 'nan' else 'Inf'} gradient, not explained: contamination or genuine"
+        elif f.undecided:
+            title = f"{'NaN' if f.kind == 'nan' else 'Inf'}: contamination or genuine, not known (an op without a " \
+                "strong-zero rule)"
         if f.downstream:
             title = f"downstream {'NaN' if f.kind == 'nan' else 'Inf'}: follows from an earlier finding's NaN/Inf"
         console.print(f"[bold {style}]{i}. {escape(where + title)}[/]")
