@@ -162,7 +162,8 @@ def _first_layer_sharded(world: int):
 
 
 def _watched_fsdp2(rank, world, genuine_from, no_sync=False, partly=False):
-    """gw.watch() over three FSDP2 steps; from step ``genuine_from`` on, rank 1's batch holds a NaN the loss reads.
+    """gw.watch() over four FSDP2 steps; from step ``genuine_from`` to step 2, rank 1's batch holds a NaN the loss
+    reads; step 3 is finite, its gradients compared with one process on every rank's data (``err``).
     ``expected``: per parameter, the NaN count of this rank's part of the step-1 gradient, from a plain model on
     rank 1's data (rank 0's is finite): its whole gradient without a reduce-scatter (``no_sync``, or a parameter
     FSDP does not manage: ``partly``), else the rows of this rank's shard (FSDP2 chunks dim 0 over the ranks; the
@@ -171,16 +172,20 @@ def _watched_fsdp2(rank, world, genuine_from, no_sync=False, partly=False):
     if no_sync:
         model.set_requires_gradient_sync(False)
     with gw.watch() as report:
-        for step in range(3):
+        for step in range(4):
             model.zero_grad()
-            _loss(model, _data(rank, step, padding=False, genuine=step >= genuine_from)).backward()
+            _loss(model, _data(rank, step, padding=False, genuine=genuine_from <= step <= 2)).backward()
+    err = None
+    if not (no_sync or partly):
+        ref = _model()
+        (sum(_loss(ref, _data(r, 3, padding=False)) for r in range(world)) / world).backward()
+        err = max(float((p.grad.full_tensor() - r.grad).abs().max())
+                  for p, r in zip(model.parameters(), ref.parameters(), strict=True))
     plain = _model()
     _loss(plain, _data(1, 1, padding=False, genuine=True)).backward()
-    expected, reached = {}, []
+    expected = {}
     for name, p in plain.named_parameters():
         mask = ~p.grad.isfinite()
-        if mask.any():
-            reached.append(f"model.{name}")
         reduced = not no_sync and (not partly or name.startswith("body.0."))
         if reduced:
             parts = torch.chunk(mask, world, dim=0)
@@ -188,8 +193,8 @@ def _watched_fsdp2(rank, world, genuine_from, no_sync=False, partly=False):
         if rank == 1 or reduced:
             expected[f"model.{name}"] = int(mask.sum())
     return {"findings": [(f.step, f.kind, f.op, f.born_op, f.count, sorted(f.reaches)) for f in report.findings],
-            "notes": list(report.notes), "empty": len(report) == 0 and not report.notes,
-            "expected": {k: v for k, v in expected.items() if v}, "reached": reached}
+            "notes": list(report.notes), "empty": len(report) == 0 and not report.notes, "err": err,
+            "expected": {k: v for k, v in expected.items() if v}}
 
 
 def check_fsdp2_watch(rank, world):
@@ -329,9 +334,10 @@ def test_watch_under_fsdp2_names_the_nan_step_and_its_parameters(watch_fsdp2, ch
     """gw.watch() checked the .grad of the graph's leaves, FSDP2's unsharded parameters, whose gradients FSDP
     reduce-scatters into the sharded parameters and sets to None: a NaN step gave an empty report on every rank.
     Without gradient sync the unsharded .grad kept rank 1's NaN, and the watch's replay of that step crashed rank 1
-    (SIGSEGV), then hung rank 0. Now each rank checks its own part (its shards: no collective), reports the step
-    and the parameters without replaying it, and traces the next steps (rank 1's NaN born where it was written)."""
-    for rank, got in enumerate(_per_rank(watch_fsdp2, check)):
+    (SIGSEGV), then hung rank 0. Now each rank checks its own part (its shards: no collective) and reports the step
+    and the parameters without replaying it. It does not trace the next steps: gw.trace() under FSDP2 changed the
+    gradients of a later finite step (NaN or wrong values in most runs: an open defect), which must stay exact."""
+    for got in _per_rank(watch_fsdp2, check):
         expected = got["expected"]
         if not expected:  # (no_sync: rank 0's own gradients are finite and were never reduced)
             assert got["empty"], got
@@ -344,16 +350,16 @@ def test_watch_under_fsdp2_names_the_nan_step_and_its_parameters(watch_fsdp2, ch
                                "explained (under FSDP2 (fully_shard) its backward cannot run again"), note
         for name, n in expected.items():
             assert f"{name} (NaN, {n} of this rank's elements)" in note, (note, expected)
-        traced = [f for f in got["findings"] if f[3] == "aten.copy_"]
-        assert all(f[0] == 2 for f in got["findings"] if f not in unexplained), got["findings"]
-        if rank == 1:  # step 2, traced in full: the NaN written into the batch, reaching the parameters by name
-            assert [(f[0], f[1]) for f in traced] == [(2, "nan")], got["findings"]
-            assert traced[0][5] == sorted(got["reached"]), got
+        assert got["findings"] == unexplained, got["findings"]  # (steps 2 and 3 not traced)
+        assert note.endswith("the following steps were not traced (under FSDP2 the full trace can change the "
+                             "gradients of later steps: an open defect of gw.trace() under FSDP2)"), note
+        assert got["err"] is None or got["err"] < 1e-12, got["err"]
 
 
 def test_watch_under_fsdp2_finite_steps_report_nothing(watch_fsdp2):
     for got in _per_rank(watch_fsdp2, "check_fsdp2_watch_finite"):
         assert got["empty"] and got["findings"] == [] and got["notes"] == [], got
+        assert got["err"] < 1e-12
 
 
 def test_watch_under_fsdp2_tells_gradients_held_before_the_block(watch_fsdp2):

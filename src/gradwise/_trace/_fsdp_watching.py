@@ -13,10 +13,18 @@ with the rest.
 The first non-finite step is not replayed: the replay would run FSDP's backward hooks again (its all-gathers and
 reduce-scatters) on the ranks that saw NaN/Inf only, and the others would never join them (a hang). Instead each
 non-finite gradient becomes one finding born at the backward call (contamination or genuine: not known; counts
-and positions are this rank's shard's, positions in the full parameter's coordinates), a note says why, and the
-full trace starts, so that the following steps are explained. Each rank decides from its own shards, with no
-collective (every rank runs the same collectives as without the watch): a rank whose shards stayed finite
-reports nothing for that step; ``gw.nonfinite_guard`` is the decision shared by every rank.
+and positions are this rank's shard's, positions in the full parameter's coordinates) and a note says why. Each
+rank decides from its own shards, with no collective (every rank runs the same collectives as without the
+watch): a rank whose shards stayed finite reports nothing for that step; ``gw.nonfinite_guard`` is the decision
+shared by every rank.
+
+The full trace does not start after that step, as it does elsewhere: ``gw.trace()`` under FSDP2, on the steps
+after one whose forward met NaN/Inf, was measured (2026-12-06, gloo, 2 CPU ranks, the MLP of
+tests/test_distributed.py, no optimizer step) to give the later finite steps NaN or wrong gradients (errors 0.1-1.8
+against one process on every rank's data) in most runs, where plain FSDP2 gives them exactly: in the dirty step
+the backward's matmul already read an unsharded weight that differed from the true one (uninitialised values).
+Until that is fixed, the watch must not change the program's gradients by tracing (a ``gw.trace()`` block opened
+inside the watch still starts it: asked for).
 
 May import: torch.
 """

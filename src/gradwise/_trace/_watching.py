@@ -25,7 +25,8 @@ Design. A long training run pays for `gw.trace()` on every op of every step alth
 4. Under FSDP2 (`_fsdp_watching`) the leaves are the unsharded parameters, whose gradients FSDP has moved into
    the sharded parameters' ``.grad`` when the backward returns: a leaf left without a gradient (no cost to other
    programs) sends the check to this rank's shards. A non-finite step there is not replayed (FSDP's collectives
-   would run on one rank only): its gradients become findings of that step, and the full trace starts.
+   would run on one rank only): its gradients become findings of that step, and the trace does not start (under
+   FSDP2 it was measured to change later steps' gradients).
 
 Why the graph is kept, and its cost. The engine frees each node's saved tensors right after running it unless
 the graph is kept, so only a kept graph can be replayed; a kept graph must then be freed by the watch, and
@@ -89,6 +90,7 @@ class _Watcher:
         self.step = 0  # backward calls so far
         self.depth = 0
         self.tracer: _Tracer | None = None  # set at the first non-finite gradient
+        self.tracing = False  # whether that tracer records (not under FSDP2: `_unreplayable`)
         self.found_at: int | None = None
         self.unexplained: str | None = None  # why that step's backward could not be replayed
         # that step under FSDP2: (parameter, NaN/Inf, count on this rank, whether its gradient held it before the block)
@@ -182,11 +184,20 @@ class _Watcher:
         joins an outer one) and the watch's report and step numbers cover it."""
         if self.tracer is None:
             self.joined_at = self.step
-            tracer = self.tracer = _Tracer(self.sync_every)
-            tracer.store.step = self.step
-            _session._TRACERS[threading.get_ident()] = tracer
-            tracer.__enter__()
+            self.tracer = _Tracer(self.sync_every)
+        if not self.tracing:  # (or the tracer of an FSDP2 step that the watch did not trace after: asked now)
+            if self.joined_at is None:
+                self.joined_at = self.step
+            self.tracer.store.step = self.step
+            self.tracer.backward_ended = False  # (self.step is already the next step's number)
+            self._trace(self.tracer)
         return self.tracer
+
+    def _trace(self, tracer: _Tracer) -> None:
+        """Trace this thread in full from here."""
+        _session._TRACERS[threading.get_ident()] = tracer
+        tracer.__enter__()
+        self.tracing = True
 
     # -- the first non-finite gradient: explain the step, then trace in full ------------------------------
 
@@ -210,8 +221,7 @@ class _Watcher:
             # the births of the values the graph saved, in the forward's order (the replay meets them backwards)
             tracer.replayed = tracer._safely("the untraced forward", _replay.forward_origins, tracer, roots, at,
                                              batches) or {}
-        _session._TRACERS[threading.get_ident()] = tracer
-        tracer.__enter__()
+        self._trace(tracer)
         if not wanted:
             return
         try:
@@ -250,7 +260,9 @@ class _Watcher:
     def _unreplayable(self, fsdp, leaves) -> None:
         """The first non-finite step under FSDP2, which must not run again (`_fsdp_watching`): each non-finite
         gradient of this rank (of an FSDP2 parameter, or of a leaf FSDP does not manage) becomes a finding born at
-        the backward call, and the full trace starts."""
+        the backward call. The full trace does not start: under FSDP2, after a step whose forward met NaN/Inf, it
+        was measured to change the gradients of later finite steps (NaN or wrong values; `_fsdp_watching`), and
+        the watch must never change a gradient. The tracer only holds these findings."""
         if self.tracer is not None:
             return
         self.found_at = self.step
@@ -276,9 +288,6 @@ class _Watcher:
                                 _common._count(mask), id(p) in self.stale) for p, g, mask in bad]
             for leaf, fp in fsdp:  # the traced steps read the unsharded parameters: the model's names for them
                 tracer.names[leaf] = tracer.leaf_name(fp.sharded_param)
-        tracer.backward_ended = True  # (the next forward op starts the next step)
-        _session._TRACERS[threading.get_ident()] = tracer
-        tracer.__enter__()
 
     def _unexplained_gradients(self, tracer: _Tracer, leaves, returned, at) -> None:
         """The step's NaN/Inf gradients, which no replay explains, become one finding born at its backward call
@@ -297,14 +306,16 @@ class _Watcher:
         if self.tracer is None:
             report.untraced_backwards = self.untraced
             return
-        _session._TRACERS.pop(threading.get_ident(), None)
-        self.tracer.__exit__(None, None, None)
+        if self.tracing:
+            _session._TRACERS.pop(threading.get_ident(), None)
+            self.tracer.__exit__(None, None, None)
         self.tracer.fill(report)
         report.untraced_backwards += self.untraced  # (those before the trace began: the tracer counts its own)
         if self.found_at is None:  # only a gw.trace() block inside made it trace
             report.notes.insert(0, f"gw.watch(): a gw.trace() block inside it started the full trace at step "
                                    f"{self.joined_at}")
             return
+        after = ", the following steps were traced in full"
         if self.unexplained is None:
             how = "was explained from its backward (its forward was not traced)"
         elif self.unexplained is _fsdp_watching.WHY:
@@ -312,6 +323,10 @@ class _Watcher:
                              f"{'; held before the block, not zeroed' if before else ''})"
                              for name, kind, n, before in self.fsdp_found)
             how = f"could not be explained ({self.unexplained}: {held or 'none on this rank'})"
+            after = (", and the following steps were not traced (under FSDP2 the full trace can change the gradients "
+                     "of later steps: an open defect of gw.trace() under FSDP2)" if self.joined_at is None else
+                     f", and the steps from {self.joined_at} on were traced in full (a gw.trace() block inside "
+                     "the watch)")
         else:
             how = (f"could not be explained (its backward could not run again: {self.unexplained}; a compiled "
                    "backward with donated buffers does not keep its graph)")
@@ -322,7 +337,7 @@ class _Watcher:
                        f"determined (step {self.found_at} may have), so they are not listed")
             report.unused = []
         report.notes.insert(0, f"gw.watch(): the first non-finite gradient came at step {self.found_at}; that step "
-                               f"{how}, the following steps were traced in full{unknown}")
+                               f"{how}{after}{unknown}")
 
 
 _STRIDED = torch.strided
