@@ -590,6 +590,29 @@ def test_a_finite_watched_step_makes_no_python_call_per_node_or_gradient(compile
     assert _python_calls_in_a_finite_watched_backward(2) == _python_calls_in_a_finite_watched_backward(8)
 
 
+def test_a_finite_step_without_fsdp2_does_not_look_for_it():
+    """The FSDP2 path (`_fsdp_watching`: its parameters' sharded gradients) costs a program without FSDP2 nothing,
+    FSDP2 imported or not: every leaf the backward reached holds a gradient, so it is never entered (but once per
+    block, before its first backward, for gradients that were not zeroed)."""
+    import torch.distributed.fsdp
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    entered = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.endswith("_fsdp_watching.py"):
+            entered.append(frame.f_code.co_name)
+
+    with gw.watch() as report:
+        model(torch.randn(3, 4)).sum().backward()
+        sys.setprofile(profile)
+        try:
+            model(torch.randn(3, 4)).sum().backward()
+        finally:
+            sys.setprofile(None)
+    assert entered == [] and len(report) == 0 and not report.notes
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(7,), (3, 5), (5000,)])
 @pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])

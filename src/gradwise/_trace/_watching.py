@@ -22,6 +22,11 @@ Design. A long training run pays for `gw.trace()` on every op of every step alth
    the trace does) or the op that made the NaN/Inf, and what was computed from it carries that birth; lines are
    the backward call's, the autograd node tells the forward op. From then on the block is traced in full
    (`gw.trace()`), so the following steps get birth lines and root causes.
+4. Under FSDP2 (`_fsdp_watching`) the leaves are the unsharded parameters, whose gradients FSDP has moved into
+   the sharded parameters' ``.grad`` when the backward returns: a leaf left without a gradient (no cost to other
+   programs) sends the check to this rank's shards. A non-finite step there is not replayed (FSDP's collectives
+   would run on one rank only): its gradients become findings of that step, and the trace does not start (under
+   FSDP2 it was measured to change later steps' gradients).
 
 Why the graph is kept, and its cost. The engine frees each node's saved tensors right after running it unless
 the graph is kept, so only a kept graph can be replayed; a kept graph must then be freed by the watch, and
@@ -53,7 +58,7 @@ The report (yielded by the ``with``) holds the explained step and everything tra
 never goes non-finite gets an empty report. ``step`` counts backward calls from 0.
 
 May import: torch, gradwise._masks, gradwise._strong_zeros (its _traced; and, lazily, its _compile),
-gradwise._trace._common, _kinds, _replay, _report, _backward_ops, _tracer, _session
+gradwise._trace._common, _fsdp_watching, _kinds, _replay, _report, _backward_ops, _tracer, _session
 (whose per-thread tables it reads and writes as ``_session.<name>``).
 """
 from __future__ import annotations
@@ -71,7 +76,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from gradwise import _strong_zeros
 from gradwise._masks import all_finite
 from gradwise._strong_zeros._traced import compiling
-from gradwise._trace import _common, _kinds, _replay, _session
+from gradwise._trace import _common, _fsdp_watching, _kinds, _replay, _session
 from gradwise._trace._backward_ops import _declared_node
 from gradwise._trace._report import Report
 from gradwise._trace._tracer import _Tracer
@@ -85,12 +90,16 @@ class _Watcher:
         self.step = 0  # backward calls so far
         self.depth = 0
         self.tracer: _Tracer | None = None  # set at the first non-finite gradient
+        self.tracing = False  # whether that tracer records (not under FSDP2: `_unreplayable`)
         self.found_at: int | None = None
         self.unexplained: str | None = None  # why that step's backward could not be replayed
+        # that step under FSDP2: (parameter, NaN/Inf, count on this rank, whether its gradient held it before the block)
+        self.fsdp_found: list[tuple[str, str, int, bool]] = []
         self.joined_at: int | None = None  # the step where a gw.trace() block inside started the full trace
         self.stale: set[int] = set()  # ids of the leaves whose .grad held NaN/Inf before the block's first backward
         self._batches: WeakTensorKeyDictionary | None = None  # (made at the first batch: a block per step pays nothing)
         self.untraced = 0  # backward calls run unchecked (a torch.func transform, batched seeds): not known finite
+        self.fsdp = _fsdp_watching.FSDPParams()  # the graph leaves that are FSDP2's unsharded parameters
 
     @property
     def batches(self) -> WeakTensorKeyDictionary:
@@ -118,6 +127,8 @@ class _Watcher:
         retain = keep or not _donating_any(compiled)
         if self.step == 0 and self.tracer is None:  # gradients the block's first backward adds to (once per block)
             self.stale = _nonfinite_grads(leaves)
+            if _fsdp_watching.loaded():  # FSDP2's sharded gradients, which the leaves' .grad do not show
+                self.stale |= _fsdp_watching.stale(self.fsdp.of(leaves))
         self.depth += 1
         try:
             orig(tensors, grad_tensors, retain, create_graph, grad_variables, inputs)
@@ -126,8 +137,18 @@ class _Watcher:
         if inputs is not None:
             leaves = [t for t in _as_tuple(inputs) if isinstance(t, torch.Tensor)]
         grads = [g for t in leaves if (g := t.grad) is not None]
+        fsdp = None
+        if len(grads) < len(leaves):  # a leaf the backward reached holds no gradient: FSDP2 moved it to its shards
+            fsdp = self.fsdp.of(leaves)
+            if fsdp:
+                grads += _fsdp_watching.gradients(fsdp)
         if not _finite(grads):
-            self._explain(outs, grad_tensors, leaves, roots)
+            if fsdp is None:  # (accumulation without gradient sync keeps .grad: FSDP2's all the same)
+                fsdp = self.fsdp.of(leaves)
+            if fsdp:
+                self._unreplayable(fsdp, leaves)
+            else:
+                self._explain(outs, grad_tensors, leaves, roots)
         if retain and not keep:  # as the engine: only what it ran (toward ``inputs``, if given) is freed
             # (not kept: the engine freed it, and a custom Function's node dropped the SavedTensor objects listed)
             _strong_zeros._release(saved if inputs is None else _strong_zeros._saved_toward(roots, _as_tuple(inputs)))
@@ -163,11 +184,20 @@ class _Watcher:
         joins an outer one) and the watch's report and step numbers cover it."""
         if self.tracer is None:
             self.joined_at = self.step
-            tracer = self.tracer = _Tracer(self.sync_every)
-            tracer.store.step = self.step
-            _session._TRACERS[threading.get_ident()] = tracer
-            tracer.__enter__()
+            self.tracer = _Tracer(self.sync_every)
+        if not self.tracing:  # (or the tracer of an FSDP2 step that the watch did not trace after: asked now)
+            if self.joined_at is None:
+                self.joined_at = self.step
+            self.tracer.store.step = self.step
+            self.tracer.backward_ended = False  # (self.step is already the next step's number)
+            self._trace(self.tracer)
         return self.tracer
+
+    def _trace(self, tracer: _Tracer) -> None:
+        """Trace this thread in full from here."""
+        _session._TRACERS[threading.get_ident()] = tracer
+        tracer.__enter__()
+        self.tracing = True
 
     # -- the first non-finite gradient: explain the step, then trace in full ------------------------------
 
@@ -191,8 +221,7 @@ class _Watcher:
             # the births of the values the graph saved, in the forward's order (the replay meets them backwards)
             tracer.replayed = tracer._safely("the untraced forward", _replay.forward_origins, tracer, roots, at,
                                              batches) or {}
-        _session._TRACERS[threading.get_ident()] = tracer
-        tracer.__enter__()
+        self._trace(tracer)
         if not wanted:
             return
         try:
@@ -228,6 +257,38 @@ class _Watcher:
                         tracer.remember_received(leaf.grad, ("c10d.allreduce_", at))
             tracer._safely("received gradients", tracer.note_received, local, ("c10d.allreduce_", at))
 
+    def _unreplayable(self, fsdp, leaves) -> None:
+        """The first non-finite step under FSDP2, which must not run again (`_fsdp_watching`): each non-finite
+        gradient of this rank (of an FSDP2 parameter, or of a leaf FSDP does not manage) becomes a finding born at
+        the backward call. The full trace does not start: under FSDP2, after a step whose forward met NaN/Inf, it
+        was measured to change the gradients of later finite steps (NaN or wrong values; `_fsdp_watching`), and
+        the watch must never change a gradient. The tracer only holds these findings."""
+        if self.tracer is not None:
+            return
+        self.found_at = self.step
+        self.unexplained = _fsdp_watching.WHY
+        tracer = self.tracer = _Tracer(self.sync_every)
+        tracer.store.step = self.step
+        frame = _common._user_frame()
+        at = _common._loc(frame)
+        tracer.batches.update((t, i) for t, (i, _) in dict(self.batches.items()).items())
+        with torch.utils._python_dispatch._disable_current_modes():  # (the trace's own reads)
+            managed = {id(leaf) for leaf, _ in fsdp}
+            others = [t for t in leaves if id(t) not in managed and isinstance(g := t.grad, torch.Tensor) and
+                      _common._inexact(g) and g.layout is _STRIDED and _kinds.readable(g) and _common._nonfinite(g)]
+            bad = _fsdp_watching.nonfinite(fsdp) + [(t, t.grad, _common._nonfinite_mask(t.grad)) for t in others]
+            tracer._name_leaves([fp.sharded_param for _, fp in fsdp] + others, frame, at)
+            for _, fp in fsdp:  # a parameter no frame holds: FSDP's own name for it
+                if (tracer.names.get(fp.sharded_param) or "").startswith("tensor[") and getattr(fp, "_param_fqn", None):
+                    tracer.names[fp.sharded_param] = fp._param_fqn
+            for p, g, mask in bad:
+                tracer._safely("unexplained gradients", tracer.unexplained_gradient, g, p, at, self.step,
+                               "under FSDP2 its backward cannot run again", mask)
+            self.fsdp_found = [(tracer.leaf_name(p), "NaN" if _common._has_nan(g) else "Inf",
+                                _common._count(mask), id(p) in self.stale) for p, g, mask in bad]
+            for leaf, fp in fsdp:  # the traced steps read the unsharded parameters: the model's names for them
+                tracer.names[leaf] = tracer.leaf_name(fp.sharded_param)
+
     def _unexplained_gradients(self, tracer: _Tracer, leaves, returned, at) -> None:
         """The step's NaN/Inf gradients, which no replay explains, become one finding born at its backward call
         (contamination or genuine: not known), and the provenance of those gradients: an optimizer step that
@@ -245,17 +306,30 @@ class _Watcher:
         if self.tracer is None:
             report.untraced_backwards = self.untraced
             return
-        _session._TRACERS.pop(threading.get_ident(), None)
-        self.tracer.__exit__(None, None, None)
+        if self.tracing:
+            _session._TRACERS.pop(threading.get_ident(), None)
+            self.tracer.__exit__(None, None, None)
         self.tracer.fill(report)
         report.untraced_backwards += self.untraced  # (those before the trace began: the tracer counts its own)
         if self.found_at is None:  # only a gw.trace() block inside made it trace
             report.notes.insert(0, f"gw.watch(): a gw.trace() block inside it started the full trace at step "
                                    f"{self.joined_at}")
             return
-        how = ("was explained from its backward (its forward was not traced)" if self.unexplained is None else
-               f"could not be explained (its backward could not run again: {self.unexplained}; a compiled backward "
-               "with donated buffers does not keep its graph)")
+        after = ", the following steps were traced in full"
+        if self.unexplained is None:
+            how = "was explained from its backward (its forward was not traced)"
+        elif self.unexplained is _fsdp_watching.WHY:
+            held = ", ".join(f"{name} ({kind}, {n} of this rank's elements"
+                             f"{'; held before the block, not zeroed' if before else ''})"
+                             for name, kind, n, before in self.fsdp_found)
+            how = f"could not be explained ({self.unexplained}: {held or 'none on this rank'})"
+            after = (", and the following steps were not traced (under FSDP2 the full trace can change the gradients "
+                     "of later steps: an open defect of gw.trace() under FSDP2)" if self.joined_at is None else
+                     f", and the steps from {self.joined_at} on were traced in full (a gw.trace() block inside "
+                     "the watch)")
+        else:
+            how = (f"could not be explained (its backward could not run again: {self.unexplained}; a compiled "
+                   "backward with donated buffers does not keep its graph)")
         unknown = ""
         if self.unexplained is not None and report.unused:
             # that step may have used the NaN/Inf of these same sites: "no gradient used" is not known
@@ -263,7 +337,7 @@ class _Watcher:
                        f"determined (step {self.found_at} may have), so they are not listed")
             report.unused = []
         report.notes.insert(0, f"gw.watch(): the first non-finite gradient came at step {self.found_at}; that step "
-                               f"{how}, the following steps were traced in full{unknown}")
+                               f"{how}{after}{unknown}")
 
 
 _STRIDED = torch.strided
