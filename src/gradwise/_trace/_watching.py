@@ -88,7 +88,8 @@ class _Watcher:
         self.found_at: int | None = None
         self.unexplained: str | None = None  # why that step's backward could not be replayed
         self.joined_at: int | None = None  # the step where a gw.trace() block inside started the full trace
-        self.stale: set[int] = set()  # ids of the leaves whose .grad held NaN/Inf before the block's first backward
+        self.stale: set[int] = set()  # ids of the leaves whose .grad held NaN/Inf before a backward first added to it
+        self.seen: set[int] = set()  # ids of the leaves a backward of the block reached (their .grad checked once)
         self._batches: WeakTensorKeyDictionary | None = None  # (made at the first batch: a block per step pays nothing)
         self.untraced = 0  # backward calls run unchecked (a torch.func transform, batched seeds): not known finite
 
@@ -116,8 +117,14 @@ class _Watcher:
         compiled = [] if _aot_compiles().get("total") else None
         leaves, saved = _strong_zeros._graph_parts(roots, compiled)
         retain = keep or not _donating_any(compiled)
-        if self.step == 0 and self.tracer is None:  # gradients the block's first backward adds to (once per block)
-            self.stale = _nonfinite_grads(leaves)
+        if self.tracer is None:  # the .grad a backward adds to, once per leaf and block (a later step may reach
+            # a parameter the first one did not: its NaN .grad from before the block was told as no NaN at all)
+            new = [t for t in leaves if id(t) not in self.seen]
+            if new:
+                self.stale |= _nonfinite_grads(new)
+                if len(self.seen) > _SEEN_MAX:  # fresh leaves every step (inputs with requires_grad): bounded
+                    self.seen = set()
+                self.seen.update(id(t) for t in new)
         self.depth += 1
         try:
             orig(tensors, grad_tensors, retain, create_graph, grad_variables, inputs)
@@ -316,6 +323,9 @@ def _composite(op: str) -> bool:
 
 
 _COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
+
+
+_SEEN_MAX = 1 << 16
 
 
 def _nonfinite_grads(leaves) -> set[int]:
