@@ -79,7 +79,25 @@ def check_join_find_unused(rank, world):
     return {"skips": skips, "finite": all(bool(p.isfinite().all()) for p in ddp.parameters())}
 
 
-CHECKS = {"review2": [check_zero_grad_after_forward, check_no_sync_after_nan_step],
+def check_lbfgs_later_evaluation(rank, world):
+    """LBFGS under policy "skip": the closure's second evaluation (LBFGS's own) holds rank 1's NaN."""
+    ddp = DDP(_model())
+    guard = gw.nonfinite_guard(ddp, policy="skip")
+    opt = gw.SkipNonfiniteStep(torch.optim.LBFGS(ddp.parameters(), lr=0.1, max_iter=3), guard)
+    calls = [0]
+
+    def closure():
+        opt.zero_grad()
+        calls[0] += 1
+        loss = _loss(ddp, _batch(rank, 0, 1 if calls[0] == 2 else None))
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return {"flagged": guard.should_skip(), "finite": all(bool(p.isfinite().all()) for p in ddp.parameters())}
+
+
+CHECKS = {"review2": [check_zero_grad_after_forward, check_no_sync_after_nan_step, check_lbfgs_later_evaluation],
           "join": [check_join_find_unused]}  # its own group: a collective mismatch aborts the processes
 
 
@@ -116,3 +134,13 @@ def test_join_with_find_unused_parameters_and_a_nan_step(join):
     r0, r1 = _per_rank(join, "check_join_find_unused")
     assert r0["skips"] == [False, False] and r1["skips"] == [False, False, True]
     assert r0["finite"] and r1["finite"]
+
+
+@pytest.mark.xfail(strict=True, reason="open (documented in docs/distributed.md): an optimizer that evaluates the "
+                   "closure again (LBFGS) runs those backwards unguarded; raising there: a design choice")
+def test_lbfgs_under_skip_never_applies_a_flagged_nan(review2):
+    """The guard flagged the NaN of LBFGS's second closure evaluation (should_skip() is True on every rank), yet
+    LBFGS stepped with it: NaN weights on every rank under policy "skip"."""
+    for got in _per_rank(review2, "check_lbfgs_later_evaluation"):
+        assert got["flagged"]  # the guard saw it
+        assert got["finite"], "a flagged NaN step was applied"
