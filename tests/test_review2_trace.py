@@ -4,7 +4,6 @@ report of the same program."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import gradwise as gw
@@ -32,9 +31,6 @@ def test_watch_tells_a_stale_gradient_first_reached_after_the_first_step():
     assert [(f.kind, f.reaches, f.step, f.born) for f in watched.findings] == expected
 
 
-@pytest.mark.xfail(strict=True, reason="open: gw.watch() traces nothing between backwards before the first NaN, and a "
-                   ".grad that a finite replay does not explain is told only if it held NaN before the backward that "
-                   "first reached it (stale) or under a process group (received)")
 def test_watch_tells_a_gradient_made_nan_between_two_backwards():
     """The program writes a NaN into a .grad between two backwards of the block; the second adds finite values.
     gw.trace() names the write; gw.watch() said 'No NaN/Inf gradients and no kinks found'."""

@@ -107,15 +107,15 @@ class _Roots:
         self.reached_now.add(id(inc))
         self.prov[g] = frozenset([inc])
 
-    def unexplained_gradient(self, g: torch.Tensor, leaf: torch.Tensor, loc, step: int) -> None:
+    def unexplained_gradient(self, g: torch.Tensor, leaf: torch.Tensor, loc, step: int, why: str | None = None) -> None:
         """A NaN/Inf gradient ``g`` of ``leaf`` that gw.watch() could not explain (its step's backward could not
         be replayed): a finding born at the backward call ``loc``, neither contamination nor genuine, and ``g``'s
         provenance, so that what uses it (an optimizer step) descends from it."""
         mask, nan = _common._nonfinite_mask(g), _common._has_nan(g)
         count, idx = _common._positions(mask)
-        birth = self._birth("backward", loc, nan, None, mask, lambda first: _Birth(
-            "backward", loc, f"the gradients of the backward at step {step}, which gw.watch() could not replay "
-            "(a compiled backward with donated buffers keeps no graph)", 0, first, nan))
+        why = why or (f"the gradients of the backward at step {step}, which gw.watch() could not replay "
+                      "(a compiled backward with donated buffers keeps no graph)")
+        birth = self._birth("backward", loc, nan, None, mask, lambda first: _Birth("backward", loc, why, 0, first, nan))
         birth.used = True
         inc = self.store.incident("nan" if nan else "inf", "backward", "backward", loc, count, idx, [birth],
                                   birth.what, None, False)

@@ -223,6 +223,15 @@ class _Watcher:
                 # (not after: a .grad that the all-reduce made NaN is told by note_received below)
                 with torch.utils._python_dispatch._disable_current_modes():  # (the trace's own reads)
                     tracer._safely("a gradient accumulated into", tracer.stale_gradient, leaf, real, at, self.step)
+            elif returned is None and isinstance(real, torch.Tensor) and not got and _common._dist_rank() is None:
+                # finite in the replay and when a backward of the block first reached it, no collective: the program
+                # wrote NaN/Inf into this .grad between backwards, untraced (was told as no NaN/Inf at all)
+                with torch.utils._python_dispatch._disable_current_modes():
+                    if _common._inexact(real) and _kinds.readable(real) and real.layout is torch.strided and \
+                            _common._nonfinite(real):
+                        tracer._safely("a gradient written between backwards", tracer.unexplained_gradient, real,
+                                       leaf, at, self.step, _BETWEEN.format(name=tracer.leaf_name(leaf),
+                                                                            step=self.step))
         if returned is None and _common._dist_rank() is not None:
             # the replay ran no collective: a .grad that is NaN/Inf where this rank's own gradient is finite came
             # from another rank through DDP's all-reduce, which this step ran untraced
@@ -326,6 +335,9 @@ _COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
 
 
 _SEEN_MAX = 1 << 16
+_BETWEEN = ("{name}.grad held NaN/Inf when the backward at step {step} added finite values to it, though it was "
+            "finite when an earlier backward of the block reached it: the program wrote it between backwards, "
+            "where gw.watch() traces nothing")
 
 
 def _nonfinite_grads(leaves) -> set[int]:
