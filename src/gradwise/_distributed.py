@@ -226,11 +226,16 @@ class NonfiniteGuard:
         self._queued = False
         self._skip = False
         self.bad: list[tuple[int, list[str]]] = []  # (rank, parameter names) of the last backward's bad buckets
-        # after a backward that found NaN/Inf (the same on every rank): its .bad, and, taken at the next forward,
-        # the parameters whose .grad still holds NaN/Inf (not zeroed: the next backward accumulates onto them)
+        # after a backward that found NaN/Inf (the same on every rank): its .bad, and the parameters whose .grad
+        # then held NaN/Inf (the same on every rank: averaged), each with a hook that flags, on the device, a
+        # NaN/Inf of this rank's own arriving in it (DDP's bucket holds the accumulated .grad, NaN either way)
         self._carried: list[tuple[int, list[str]]] | None = None
-        self._stale: set[int] = set()
-        model.register_forward_pre_hook(self._before_forward)
+        self._parameters = list(model.parameters())
+        self._held: dict[int, tuple[torch.Tensor, Any]] = {}  # id -> (parameter, its hook's handle)
+        self._fresh: dict[int, torch.Tensor] = {}  # id -> whether a NaN/Inf arrived since the last decision
+        self._shadow_due = False
+        inner = model.join_hook
+        model.join_hook = lambda **kwargs: _GuardedJoinHook(inner(**kwargs), self)
         self.steps = 0  # synchronised backwards checked
         self.nonfinite_steps = 0  # ... of which some rank had NaN/Inf before the all-reduce
 
@@ -239,12 +244,24 @@ class NonfiniteGuard:
         answer on every rank): skip ``optimizer.step()`` (``gw.SkipNonfiniteStep`` does it)."""
         return self._skip
 
-    def _before_forward(self, module: torch.nn.Module, args: Any) -> None:
-        """Only after a NaN/Inf step: which gradients still hold it. DDP's buckets hold the accumulated .grad, so
-        without this every rank's bucket looked like its own NaN/Inf at the next backward (a rank that never
-        had one was named)."""
-        self._stale = set() if self._carried is None else {
-            id(p) for p in module.parameters() if p.grad is not None and not bool(p.grad.isfinite().all())}
+    def _hold(self) -> None:
+        """After a NaN/Inf backward: watch what arrives in the gradients that hold NaN/Inf now (rare path only)."""
+        self._release()
+        for p in self._parameters:
+            if p.grad is not None and not bool(p.grad.isfinite().all()):
+                self._held[id(p)] = (p, p.register_hook(self._arrival(id(p))))
+
+    def _release(self) -> None:
+        for _, handle in self._held.values():
+            handle.remove()
+        self._held, self._fresh = {}, {}
+
+    def _arrival(self, key: int) -> Callable[[torch.Tensor], None]:
+        def flag(grad: torch.Tensor) -> None:
+            """Before accumulation: whether this rank's own gradient holds NaN/Inf (any backward, no_sync too)."""
+            bad = ~grad.isfinite().all()
+            self._fresh[key] = bad if key not in self._fresh else self._fresh[key] | bad
+        return flag
 
     def _begin(self) -> None:
         self._extrema, self._params, self._reduced, self._skip, self.bad = [], [], [], False, []
@@ -264,14 +281,17 @@ class NonfiniteGuard:
         self._queued = False
         self.steps += 1
         if not self._nonfinite_everywhere():
-            self._carried, self._stale = None, set()
+            self._carried = None
+            self._release()
             return
         where_from = "before the all-reduce"
-        if not self.bad and self._carried and self._stale:
-            # this backward's own gradients were finite: the NaN/Inf is the one an earlier backward left in .grad
+        if not self.bad and self._carried and any(p.grad is not None and not bool(p.grad.isfinite().all())
+                                                  for p, _ in self._held.values()):
+            # no rank's own gradients held NaN/Inf: the NaN/Inf is the one an earlier backward left in .grad
             self.bad = list(self._carried)
             where_from = "before the all-reduce of an earlier backward, accumulated into these gradients"
-        self._carried, self._stale = self.bad, set()
+        self._carried = self.bad
+        self._hold()
         _conclude(self, where_from, "their sum overflowed")
 
     def _nonfinite_everywhere(self) -> bool:
@@ -292,8 +312,25 @@ class NonfiniteGuard:
     def _shadow(self) -> None:
         """A rank that has joined (``DDP.join()``: out of data) all-reduces zero buckets, outside any backward, to
         match the others' backward; it joins their decision's collective too (a rank missing from it would leave
-        the others waiting), and takes no step, so it applies no policy."""
+        the others waiting), and takes no step, so it applies no policy. Run after DDP's join hook: the others'
+        decision comes after their backward's every collective (the unused-parameter map's included)."""
         self._nonfinite_everywhere()
+
+
+class _GuardedJoinHook:
+    """DDP's join hook, then the joined rank's part in the decision's all-reduce (``NonfiniteGuard._shadow``)."""
+
+    def __init__(self, inner: Any, guard: NonfiniteGuard):
+        self.inner, self.guard = inner, guard
+
+    def main_hook(self) -> None:
+        self.inner.main_hook()
+        if self.guard._shadow_due:
+            self.guard._shadow_due = False
+            self.guard._shadow()
+
+    def post_hook(self, is_last_joiner: bool) -> None:
+        self.inner.post_hook(is_last_joiner)
 
 
 def _conclude(guard: Any, where_from: str, overflow: str) -> None:
@@ -318,9 +355,11 @@ def _nonfinite_hook(state: NonfiniteGuard, bucket: _GradBucket) -> torch.futures
     if bucket.index() == 0:
         state._begin()
     buf = bucket.buffer()
-    if state._stale:  # (only after a NaN/Inf step) the NaN/Inf still in .grad is no new one of this rank's
-        fresh = [g for p, g in zip(bucket.parameters(), bucket.gradients(), strict=True) if id(p) not in state._stale]
-        flag = torch.stack([~g.isfinite().all() for g in fresh]).any() if fresh else torch.tensor(False)
+    if state._held:  # (only after a NaN/Inf step) the NaN/Inf still in .grad is no new one of this rank's
+        fresh = [state._fresh[id(p)] if id(p) in state._held else ~g.isfinite().all()
+                 for p, g in zip(bucket.parameters(), bucket.gradients(), strict=True)
+                 if id(p) not in state._held or id(p) in state._fresh]
+        flag = torch.stack(fresh).any() if fresh else torch.zeros((), dtype=torch.bool, device=buf.device)
         state._extrema.append(torch.where(flag, float("nan"), 0.0).expand(2))
     else:
         state._extrema.append(torch.stack(torch.aminmax(buf)))
@@ -334,7 +373,7 @@ def _nonfinite_hook(state: NonfiniteGuard, bucket: _GradBucket) -> torch.futures
     fut = dist.all_reduce(buf, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
     state._reduced.append(fut)
     if not in_backward and bucket.is_last():
-        state._shadow()
+        state._shadow_due = True  # (a joined rank) decided once DDP's join hook has run its collectives
     return fut
 
 

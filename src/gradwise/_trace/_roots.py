@@ -109,16 +109,17 @@ class _Roots:
 
     def unexplained_gradient(self, g: torch.Tensor, leaf: torch.Tensor, loc, step: int,
                              why: str = "a compiled backward with donated buffers keeps no graph",
-                             mask: torch.Tensor | None = None) -> None:
+                             mask: torch.Tensor | None = None, what: str | None = None) -> None:
         """A NaN/Inf gradient ``g`` of ``leaf`` that gw.watch() could not explain (its step's backward could not
         be replayed, for the reason ``why``): a finding born at the backward call ``loc``, neither contamination
         nor genuine, and ``g``'s provenance, so that what uses it (an optimizer step) descends from it. ``mask``:
-        where ``g``'s NaN/Inf lie in ``leaf``'s coordinates, when ``g`` is a shard of its gradient."""
+        where ``g``'s NaN/Inf lie in ``leaf``'s coordinates, when ``g`` is a shard of its gradient; ``what``: the
+        birth in words, where it is not a replay that failed (a gradient the program wrote between backwards)."""
         mask, nan = _common._nonfinite_mask(g) if mask is None else mask, _common._has_nan(g)
         count, idx = _common._positions(mask)
-        birth = self._birth("backward", loc, nan, None, mask, lambda first: _Birth(
-            "backward", loc, f"the gradients of the backward at step {step}, which gw.watch() could not replay "
-            f"({why})", 0, first, nan))
+        what = what or f"the gradients of the backward at step {step}, which gw.watch() could not replay ({why})"
+        birth = self._birth("backward", loc, nan, None, mask,
+                            lambda first: _Birth("backward", loc, what, 0, first, nan))
         birth.used = True
         inc = self.store.incident("nan" if nan else "inf", "backward", "backward", loc, count, idx, [birth],
                                   birth.what, None, False)

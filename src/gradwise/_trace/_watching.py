@@ -96,7 +96,8 @@ class _Watcher:
         # that step under FSDP2: (parameter, NaN/Inf, count on this rank, whether its gradient held it before the block)
         self.fsdp_found: list[tuple[str, str, int, bool]] = []
         self.joined_at: int | None = None  # the step where a gw.trace() block inside started the full trace
-        self.stale: set[int] = set()  # ids of the leaves whose .grad held NaN/Inf before the block's first backward
+        self.stale: set[int] = set()  # ids of the leaves whose .grad held NaN/Inf before a backward first added to it
+        self.seen: set[int] = set()  # ids of the leaves a backward of the block reached (their .grad checked once)
         self._batches: WeakTensorKeyDictionary | None = None  # (made at the first batch: a block per step pays nothing)
         self.untraced = 0  # backward calls run unchecked (a torch.func transform, batched seeds): not known finite
         self.fsdp = _fsdp_watching.FSDPParams()  # the graph leaves that are FSDP2's unsharded parameters
@@ -125,10 +126,16 @@ class _Watcher:
         compiled = [] if _aot_compiles().get("total") else None
         leaves, saved = _strong_zeros._graph_parts(roots, compiled)
         retain = keep or not _donating_any(compiled)
-        if self.step == 0 and self.tracer is None:  # gradients the block's first backward adds to (once per block)
-            self.stale = _nonfinite_grads(leaves)
-            if _fsdp_watching.loaded():  # FSDP2's sharded gradients, which the leaves' .grad do not show
-                self.stale |= _fsdp_watching.stale(self.fsdp.of(leaves))
+        if self.tracer is None:  # the .grad a backward adds to, once per leaf and block (a later step may reach
+            # a parameter the first one did not: its NaN .grad from before the block was told as no NaN at all)
+            new = [t for t in leaves if id(t) not in self.seen]
+            if new:
+                self.stale |= _nonfinite_grads(new)
+                if _fsdp_watching.loaded():  # FSDP2's sharded gradients, which the leaves' .grad do not show
+                    self.stale |= _fsdp_watching.stale(self.fsdp.of(new))
+                if len(self.seen) > _SEEN_MAX:  # fresh leaves every step (inputs with requires_grad): bounded
+                    self.seen = set()
+                self.seen.update(id(t) for t in new)
         self.depth += 1
         try:
             orig(tensors, grad_tensors, retain, create_graph, grad_variables, inputs)
@@ -245,6 +252,15 @@ class _Watcher:
                 # (not after: a .grad that the all-reduce made NaN is told by note_received below)
                 with torch.utils._python_dispatch._disable_current_modes():  # (the trace's own reads)
                     tracer._safely("a gradient accumulated into", tracer.stale_gradient, leaf, real, at, self.step)
+            elif returned is None and isinstance(real, torch.Tensor) and not got and _common._dist_rank() is None:
+                # finite in the replay and when a backward of the block first reached it, no collective: the program
+                # wrote NaN/Inf into this .grad between backwards, untraced (was told as no NaN/Inf at all)
+                with torch.utils._python_dispatch._disable_current_modes():
+                    if _common._inexact(real) and _kinds.readable(real) and real.layout is torch.strided and \
+                            _common._nonfinite(real):
+                        tracer._safely("a gradient written between backwards", tracer.unexplained_gradient, real,
+                                       leaf, at, self.step, "", None,  # (_safely passes no keywords: what=)
+                                       _BETWEEN.format(name=tracer.leaf_name(leaf), step=self.step))
         if returned is None and _common._dist_rank() is not None:
             # the replay ran no collective: a .grad that is NaN/Inf where this rank's own gradient is finite came
             # from another rank through DDP's all-reduce, which this step ran untraced
@@ -390,6 +406,12 @@ def _composite(op: str) -> bool:
 
 
 _COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
+
+
+_SEEN_MAX = 1 << 16
+_BETWEEN = ("{name}.grad held NaN/Inf when the backward at step {step} added finite values to it, though it was "
+            "finite when an earlier backward of the block reached it: the program wrote it between backwards, "
+            "where gw.watch() traces nothing")
 
 
 def _nonfinite_grads(leaves) -> set[int]:
