@@ -257,12 +257,53 @@ def check_trace_accumulated_micro_batches(rank, world):
             for mode in ("trace", "watch") for no_sync in (True, False)}
 
 
+def _traced_fsdp2_steps(rank, world, per_step):
+    """FSDP2, three steps (rank 1's data at step 1 holds a NaN the loss reads) under gw.trace() (a block per step or
+    one around all), beside the same steps without it. Uninitialised memory is filled with NaN
+    (``fill_uninitialized_memory``), so that a read of memory nothing wrote shows, on every run."""
+    import contextlib
+
+    from torch.utils import deterministic
+
+    kept = torch.are_deterministic_algorithms_enabled(), deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    deterministic.fill_uninitialized_memory = True
+    try:
+        grads, found = {}, []
+        for traced in (False, True):
+            model = _fsdp(world)
+            outer = gw.trace() if traced and not per_step else contextlib.nullcontext()
+            grads[traced] = []
+            with outer:
+                for step in range(3):
+                    model.zero_grad()
+                    with gw.trace() if traced and per_step else contextlib.nullcontext() as report:
+                        _loss(model, _data(rank, step, padding=False, genuine=step == 1)).backward()
+                    if report is not None:
+                        found.append(len(report.findings))
+                    grads[traced].append([p.grad.full_tensor() for p in model.parameters()])
+    finally:
+        torch.use_deterministic_algorithms(kept[0])
+        deterministic.fill_uninitialized_memory = kept[1]
+    return {"same": [all(torch.equal(a, b) or torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+                         for a, b in zip(plain, traced, strict=True))
+                     for plain, traced in zip(grads[False], grads[True], strict=True)],
+            "finite": [all(bool(g.isfinite().all()) for g in step) for step in grads[False]], "found": found,
+            "diff": [[float((a - b).abs().max()) for a, b in zip(plain, traced, strict=True)]
+                     for plain, traced in zip(grads[False], grads[True], strict=True)]}
+
+
+def check_trace_fsdp2_after_a_nan_step(rank, world):
+    return {"per_step": _traced_fsdp2_steps(rank, world, True), "one_block": _traced_fsdp2_steps(rank, world, False)}
+
+
 CHECKS = {"hunt": [check_closure_step_ddp, check_closure_step_fsdp2, check_fsdp2_accumulation,
                    check_ddp_accumulation_names_the_origin, check_ddp_join_uneven_inputs,
                    check_fsdp2_no_reshard_strong_zeros, check_trace_accumulated_micro_batches],
           # (a group of their own: before the fix the watch crashed a rank under FSDP2, which hung the other)
           "watch_fsdp2": [check_fsdp2_watch_finite, check_fsdp2_watch_not_zeroed, check_fsdp2_watch,
-                          check_fsdp2_watch_no_sync, check_fsdp2_watch_partly_sharded]}
+                          check_fsdp2_watch_no_sync, check_fsdp2_watch_partly_sharded],
+          "trace_fsdp2": [check_trace_fsdp2_after_a_nan_step]}
 
 
 @pytest.fixture(scope="module")
@@ -273,6 +314,27 @@ def hunt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def watch_fsdp2(tmp_path_factory):
     return _run_group("watch_fsdp2", 2, tmp_path_factory.mktemp("watch_fsdp2"), module=__name__)
+
+
+@pytest.fixture(scope="module")
+def trace_fsdp2(tmp_path_factory):
+    return _run_group("trace_fsdp2", 2, tmp_path_factory.mktemp("trace_fsdp2"), module=__name__)
+
+
+@pytest.mark.parametrize("case", ["per_step", "one_block"])
+def test_trace_under_fsdp2_leaves_every_gradient_as_without_it(trace_fsdp2, case):
+    """In a backward whose forward met a NaN, the trace reruns each backward op under the strong-zero rules on
+    shadow tensors. It reran FSDP's own ops too: fsdp::all_gather_copy_in writes its output although its schema
+    says it writes nothing, so the shadow of the all-gather buffer held only this rank's shard (the rest
+    uninitialised), and the rerun of fsdp::split_with_sizes_copy wrote that buffer into the real unsharded
+    parameters (an ``out=`` list, which the shadow did not copy): the backward's matmuls read garbage, and the NaN
+    step's and later finite steps' gradients were NaN or wrong on most runs."""
+    for got in _per_rank(trace_fsdp2, "check_trace_fsdp2_after_a_nan_step"):
+        assert got[case]["finite"] == [True, False, True], got  # (rank 1's NaN reaches every rank's step 1)
+        assert got[case]["same"] == [True, True, True], got
+    if case == "per_step":  # the finite steps' reports are empty on both ranks (they told of NaN inputs before)
+        r0, r1 = (got[case]["found"] for got in _per_rank(trace_fsdp2, "check_trace_fsdp2_after_a_nan_step"))
+        assert r0 == [0, 0, 0] and r1[0] == r1[2] == 0 and r1[1] > 0, (r0, r1)
 
 
 @pytest.mark.parametrize("check", ["check_closure_step_ddp", "check_closure_step_fsdp2"])

@@ -12,7 +12,8 @@ real result is non-finite, the shadow says what strong zeros leave (genuine) and
 Cost: only on a backward whose step's forward met a NaN/Inf or a singular point (``_Tracer.dirty``); elsewhere the
 trace keeps no shadow and pays one attribute test per backward op. A backward that runs ops with grad enabled
 (create_graph, a checkpoint's recomputation), meets an operand strong zeros cannot follow (sparse, mkldnn, nested:
-they keep its NaN, which the trace tells as contamination they cannot remove) or whose rerun fails gives up its
+they keep its NaN, which the trace tells as contamination they cannot remove), an op outside aten/prims on
+tensors (its schema may not declare its writes: ``rerunnable``) or whose rerun fails gives up its
 shadow (``valid``): the trace then decides by its value heuristics, as for a NaN/Inf made in a backward whose
 forward was finite (an overflow).
 
@@ -61,8 +62,9 @@ class _Shadow:
                 if a.alias_info is None or not a.alias_info.is_write:
                     continue
                 t = args[i] if i < len(args) and not a.kwarg_only else kwargs.get(a.name)
-                if isinstance(t, torch.Tensor) and t not in self.of:
-                    self.of[t] = self._copy(t)
+                for w in t if isinstance(t, (list, tuple)) else (t,):  # (an ``out=`` list: Tensor(a!)[])
+                    if isinstance(w, torch.Tensor) and w not in self.of:
+                        self.of[w] = self._copy(w)
         except Exception:  # an explanation must never break the program it explains
             self.valid = False
 
@@ -70,6 +72,12 @@ class _Shadow:
         """Run ``func`` under the strong-zero rules on the shadows of ``args``; map each real output to its
         shadow. The strong pass's own ops (under gw.strong_zeros()) are their own shadows."""
         if not self.valid:
+            return
+        if not rerunnable(func):
+            # its schema may not say what it writes (fsdp::all_gather_copy_in fills its buffer argument), or it
+            # has effects of its own (a profiler range): not run again; one that touches tensors ends the shadow
+            if _flat_tensors((args, kwargs, out)):
+                self.valid = False
             return
         if torch.is_grad_enabled() or _contract.unfollowed(args):
             # create_graph, a forward recomputed in the backward, a sparse/mkldnn/nested operand (strong zeros run
@@ -83,6 +91,9 @@ class _Shadow:
         try:
             shadow_args = tree_map(self.get, args)
             shadow_kwargs = tree_map(self.get, kwargs)
+            if func._schema.is_mutable and _writes_program(func, args, kwargs, shadow_args, shadow_kwargs):
+                self.valid = False  # the rerun would write the program's own tensor
+                return
             with self.mode:
                 res = func(*shadow_args, **shadow_kwargs)
             real, _ = tree_flatten(out)
@@ -104,7 +115,7 @@ class _Shadow:
         (0/0 where a structural zero meets a zero), is no annihilation of a carried one. None where not known (an
         in-place op: running it would write the shadows)."""
         strong = self.strong(o)
-        if strong is None or func._schema.is_mutable:
+        if strong is None or not rerunnable(func) or func._schema.is_mutable:
             return None
         if all(bool(torch.isfinite(self.get(t)).all()) for t in sens if _inexact(t)):
             return torch.zeros(o.shape, dtype=torch.bool, device=o.device)
@@ -168,7 +179,7 @@ def carried(func, args, kwargs, upstream, o, out) -> torch.Tensor | None:
     """Bool over ``o``: the elements a NaN/Inf of the sensitivities ``upstream`` reaches through ``func`` (the op
     run again with every other non-finite value made 0); the rest of a non-finite ``o`` is a saved NaN/Inf met here.
     None where it cannot tell (an in-place op, or a failure)."""
-    if func._schema.is_mutable:
+    if not rerunnable(func) or func._schema.is_mutable:
         return None
 
     def arg(a):
@@ -185,6 +196,37 @@ def carried(func, args, kwargs, upstream, o, out) -> torch.Tensor | None:
     flat = tree_flatten(res)[0]
     p = flat[at] if at is not None and at < len(flat) else None
     return ~torch.isfinite(p) if isinstance(p, torch.Tensor) and p.shape == o.shape else None
+
+
+# namespaces whose ops' schemas say every tensor they write (aten's and prims' kernels are checked against them)
+_TRUSTED = frozenset({"aten", "prims"})
+
+
+def rerunnable(func) -> bool:
+    """Whether the trace may run ``func`` again for an explanation: an op of a namespace whose schemas declare
+    every write. A custom op's may not (FSDP2's fsdp::all_gather_copy_in fills its ``all_gather_output`` argument
+    under a schema that writes nothing: a rerun on a shadow buffer then left the real one's shadow uninitialised,
+    and the rerun of fsdp::split_with_sizes_copy copied it into the real unsharded parameters), and an op with
+    effects of its own (profiler::_record_function_enter_new) would repeat them."""
+    return getattr(func, "namespace", None) in _TRUSTED
+
+
+def _flat_tensors(tree) -> list:
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+
+def _writes_program(func, args, kwargs, shadow_args, shadow_kwargs) -> bool:
+    """Whether running the in-place op ``func`` on the shadows would write a tensor of the program (a written
+    argument whose shadow is the tensor itself: ``before`` could not give it one)."""
+    for i, a in enumerate(func._schema.arguments):
+        if a.alias_info is None or not a.alias_info.is_write:
+            continue
+        positional = i < len(args) and not a.kwarg_only
+        real = args[i] if positional else kwargs.get(a.name)
+        shadow = shadow_args[i] if positional else shadow_kwargs.get(a.name)
+        if any(r is s for r, s in zip(_flat_tensors(real), _flat_tensors(shadow), strict=False)):
+            return True
+    return False
 
 
 def _inexact(t: torch.Tensor) -> bool:
