@@ -397,8 +397,8 @@ def test_watch_under_fsdp2_names_the_nan_step_and_its_parameters(watch_fsdp2, ch
     reduce-scatters into the sharded parameters and sets to None: a NaN step gave an empty report on every rank.
     Without gradient sync the unsharded .grad kept rank 1's NaN, and the watch's replay of that step crashed rank 1
     (SIGSEGV), then hung rank 0. Now each rank checks its own part (its shards: no collective) and reports the step
-    and the parameters without replaying it. It does not trace the next steps: gw.trace() under FSDP2 changed the
-    gradients of a later finite step (NaN or wrong values in most runs: an open defect), which must stay exact."""
+    and the parameters without replaying it. It does not trace the next steps (see _Watcher._unreplayable); their
+    gradients stay exact."""
     for got in _per_rank(watch_fsdp2, check):
         expected = got["expected"]
         if not expected:  # (no_sync: rank 0's own gradients are finite and were never reduced)
@@ -413,8 +413,8 @@ def test_watch_under_fsdp2_names_the_nan_step_and_its_parameters(watch_fsdp2, ch
         for name, n in expected.items():
             assert f"{name} (NaN, {n} of this rank's elements)" in note, (note, expected)
         assert got["findings"] == unexplained, got["findings"]  # (steps 2 and 3 not traced)
-        assert note.endswith("the following steps were not traced (under FSDP2 the full trace can change the "
-                             "gradients of later steps: an open defect of gw.trace() under FSDP2)"), note
+        assert note.endswith("the following steps were not traced (started after a step it could not replay, the "
+                             "trace does not yet explain FSDP2 steps reliably: open a gw.trace() block for them)"), note
         assert got["err"] is None or got["err"] < 1e-12, got["err"]
 
 

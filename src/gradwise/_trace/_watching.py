@@ -25,8 +25,8 @@ Design. A long training run pays for `gw.trace()` on every op of every step alth
 4. Under FSDP2 (`_fsdp_watching`) the leaves are the unsharded parameters, whose gradients FSDP has moved into
    the sharded parameters' ``.grad`` when the backward returns: a leaf left without a gradient (no cost to other
    programs) sends the check to this rank's shards. A non-finite step there is not replayed (FSDP's collectives
-   would run on one rank only): its gradients become findings of that step, and the trace does not start (under
-   FSDP2 it was measured to change later steps' gradients).
+   would run on one rank only): its gradients become findings of that step, and the trace does not start (see
+   `_unreplayable`).
 
 Why the graph is kept, and its cost. The engine frees each node's saved tensors right after running it unless
 the graph is kept, so only a kept graph can be replayed; a kept graph must then be freed by the watch, and
@@ -276,9 +276,10 @@ class _Watcher:
     def _unreplayable(self, fsdp, leaves) -> None:
         """The first non-finite step under FSDP2, which must not run again (`_fsdp_watching`): each non-finite
         gradient of this rank (of an FSDP2 parameter, or of a leaf FSDP does not manage) becomes a finding born at
-        the backward call. The full trace does not start: under FSDP2, after a step whose forward met NaN/Inf, it
-        was measured to change the gradients of later finite steps (NaN or wrong values; `_fsdp_watching`), and
-        the watch must never change a gradient. The tracer only holds these findings."""
+        the backward call. The full trace does not start: it changed later steps' gradients under FSDP2 until its
+        shadow pass stopped rerunning FSDP's own ops (fd718ec), and started after an unreplayed step it still
+        reports a spurious NaN at the first aten.copy_ of the next op (not yet understood). The tracer only holds
+        these findings."""
         if self.tracer is not None:
             return
         self.found_at = self.step
@@ -339,10 +340,10 @@ class _Watcher:
                              f"{'; held before the block, not zeroed' if before else ''})"
                              for name, kind, n, before in self.fsdp_found)
             how = f"could not be explained ({self.unexplained}: {held or 'none on this rank'})"
-            after = (", and the following steps were not traced (under FSDP2 the full trace can change the gradients "
-                     "of later steps: an open defect of gw.trace() under FSDP2)" if self.joined_at is None else
-                     f", and the steps from {self.joined_at} on were traced in full (a gw.trace() block inside "
-                     "the watch)")
+            after = (f", and the steps from {self.joined_at} on were traced in full (a gw.trace() block inside "
+                     "the watch)") if self.joined_at is not None else (
+                ", and the following steps were not traced (started after a step it could not replay, the trace "
+                "does not yet explain FSDP2 steps reliably: open a gw.trace() block for them)")
         else:
             how = (f"could not be explained (its backward could not run again: {self.unexplained}; a compiled "
                    "backward with donated buffers does not keep its graph)")
