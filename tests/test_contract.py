@@ -28,18 +28,10 @@ import torch
 from torch.autograd import Function
 
 import gradwise as gw
+from _fresh_warnings import fresh_warnings  # noqa: F401 (an autouse fixture: every test here)
 from _nested import checkpointed, grad_of, sin_exp_sin
-from gradwise._strong_zeros import _contract
 
 nan = float("nan")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_warnings():
-    """Every test sees the once-per-process warnings afresh."""
-    _contract._warned.clear()
-    yield
-    _contract._warned.clear()
 
 
 def _contaminated(x: torch.Tensor) -> torch.Tensor:

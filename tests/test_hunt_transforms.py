@@ -15,17 +15,9 @@ import pytest
 import torch
 
 import gradwise as gw
-from gradwise._strong_zeros import _contract
+from _fresh_warnings import fresh_warnings  # noqa: F401 (an autouse fixture: every test here)
 
 nan = float("nan")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_warnings():
-    """Every test sees the once-per-process warnings afresh."""
-    _contract._warned.clear()
-    yield
-    _contract._warned.clear()
 
 
 def _contaminated(x: torch.Tensor) -> torch.Tensor:
