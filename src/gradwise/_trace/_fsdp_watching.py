@@ -18,13 +18,9 @@ rank decides from its own shards, with no collective (every rank runs the same c
 watch): a rank whose shards stayed finite reports nothing for that step; ``gw.nonfinite_guard`` is the decision
 shared by every rank.
 
-The full trace does not start after that step, as it does elsewhere: ``gw.trace()`` under FSDP2, on the steps
-after one whose forward met NaN/Inf, was measured (2026-12-06, gloo, 2 CPU ranks, the MLP of
-tests/test_distributed.py, no optimizer step) to give the later finite steps NaN or wrong gradients (errors 0.1-1.8
-against one process on every rank's data) in most runs, where plain FSDP2 gives them exactly: in the dirty step
-the backward's matmul already read an unsharded weight that differed from the true one (uninitialised values).
-Until that is fixed, the watch must not change the program's gradients by tracing (a ``gw.trace()`` block opened
-inside the watch still starts it: asked for).
+Then the full trace starts, as after a replay: ``gw.trace()`` under FSDP2 leaves every gradient as without it
+since its shadow pass stopped rerunning FSDP's own ops (fd718ec; before, it gave the later finite steps NaN or
+wrong gradients, so the watch did not start it).
 
 May import: torch.
 """

@@ -25,8 +25,8 @@ Design. A long training run pays for `gw.trace()` on every op of every step alth
 4. Under FSDP2 (`_fsdp_watching`) the leaves are the unsharded parameters, whose gradients FSDP has moved into
    the sharded parameters' ``.grad`` when the backward returns: a leaf left without a gradient (no cost to other
    programs) sends the check to this rank's shards. A non-finite step there is not replayed (FSDP's collectives
-   would run on one rank only): its gradients become findings of that step, and the trace does not start (see
-   `_unreplayable`).
+   would run on one rank only): its gradients become findings of that step, and the full trace starts as
+   elsewhere (`_unreplayable`).
 
 Why the graph is kept, and its cost. The engine frees each node's saved tensors right after running it unless
 the graph is kept, so only a kept graph can be replayed; a kept graph must then be freed by the watch, and
@@ -90,7 +90,7 @@ class _Watcher:
         self.step = 0  # backward calls so far
         self.depth = 0
         self.tracer: _Tracer | None = None  # set at the first non-finite gradient
-        self.tracing = False  # whether that tracer records (not under FSDP2: `_unreplayable`)
+        self.tracing = False  # whether that tracer records
         self.found_at: int | None = None
         self.unexplained: str | None = None  # why that step's backward could not be replayed
         # that step under FSDP2: (parameter, NaN/Inf, count on this rank, whether its gradient held it before the block)
@@ -192,7 +192,7 @@ class _Watcher:
         if self.tracer is None:
             self.joined_at = self.step
             self.tracer = _Tracer(self.sync_every)
-        if not self.tracing:  # (or the tracer of an FSDP2 step that the watch did not trace after: asked now)
+        if not self.tracing:
             if self.joined_at is None:
                 self.joined_at = self.step
             self.tracer.store.step = self.step
@@ -276,10 +276,9 @@ class _Watcher:
     def _unreplayable(self, fsdp, leaves) -> None:
         """The first non-finite step under FSDP2, which must not run again (`_fsdp_watching`): each non-finite
         gradient of this rank (of an FSDP2 parameter, or of a leaf FSDP does not manage) becomes a finding born at
-        the backward call. The full trace does not start: it changed later steps' gradients under FSDP2 until its
-        shadow pass stopped rerunning FSDP's own ops (fd718ec), and started after an unreplayed step it still
-        reports a spurious NaN at the first aten.copy_ of the next op (not yet understood). The tracer only holds
-        these findings."""
+        the backward call. Then the full trace starts, as after a replay. (It was not started until the step it
+        starts in was set as ended: the next step's ops were recorded as this one's, and the next step's genuine
+        NaN, the test's ``x[0, 0] = nan``, read as a spurious second birth of this step at an aten.copy_.)"""
         if self.tracer is not None:
             return
         self.found_at = self.step
@@ -305,6 +304,10 @@ class _Watcher:
                                 _common._count(mask), id(p) in self.stale) for p, g, mask in bad]
             for leaf, fp in fsdp:  # the traced steps read the unsharded parameters: the model's names for them
                 tracer.names[leaf] = tracer.leaf_name(fp.sharded_param)
+        # no traced backward ended this step (the replay does in `_explain`): without this, the next step's ops
+        # were recorded as this one's, and its genuine NaN was told as a second birth of this step
+        tracer.backward_ended = True
+        self._trace(tracer)
 
     def _unexplained_gradients(self, tracer: _Tracer, leaves, returned, at) -> None:
         """The step's NaN/Inf gradients, which no replay explains, become one finding born at its backward call
@@ -340,10 +343,7 @@ class _Watcher:
                              f"{'; held before the block, not zeroed' if before else ''})"
                              for name, kind, n, before in self.fsdp_found)
             how = f"could not be explained ({self.unexplained}: {held or 'none on this rank'})"
-            after = (f", and the steps from {self.joined_at} on were traced in full (a gw.trace() block inside "
-                     "the watch)") if self.joined_at is not None else (
-                ", and the following steps were not traced (started after a step it could not replay, the trace "
-                "does not yet explain FSDP2 steps reliably: open a gw.trace() block for them)")
+            after = ", and the following steps were traced in full"
         else:
             how = (f"could not be explained (its backward could not run again: {self.unexplained}; a compiled "
                    "backward with donated buffers does not keep its graph)")
