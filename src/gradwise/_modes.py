@@ -1,6 +1,6 @@
 """``LeanDispatchMode``: a ``TorchDispatchMode`` whose handler keeps dynamo out without PyTorch's wrapper, and
 runs the few ops whose kernels go wrong under any mode as without one; ``dynamo_off``, the same for a function
-(``torch.compiler.disable`` without its wrapper).
+(``torch.compiler.disable`` without its wrapper); ``kernels``, which of an op's dispatch keys have a kernel.
 
 PyTorch wraps every mode's ``__torch_dispatch__`` in ``torch._disable_dynamo`` (so that torch.compile never
 traces into a handler). That wrapper costs ~5 us per call, most of the per-op cost of gradwise's modes on small
@@ -134,3 +134,18 @@ class LeanDispatchMode(TorchDispatchMode):
         raw = cls.__dict__.get("__torch_dispatch__")
         if raw is not None and not isinstance(raw, classmethod):
             cls.__torch_dispatch__ = _lean(raw)
+
+
+_KEYS = ("CompositeImplicitAutograd", "ADInplaceOrView", "CPU", "CUDA")
+
+
+@functools.cache
+def kernels(name: str) -> frozenset[str]:
+    """Which of ``_KEYS`` the op named ``name`` (``func.name()``) has a kernel for: a CompositeImplicitAutograd op
+    without an ADInplaceOrView one reaches a dispatch mode undecomposed where autograd's keys are skipped
+    (inference mode), and one with a backend kernel of its own runs that kernel when called plainly."""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    try:
+        return frozenset(k for k in _KEYS if has(name, k))
+    except RuntimeError:  # an op the dispatcher has no entry for (sym_size.default, which NJT calls)
+        return frozenset()

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten
 
-from gradwise._modes import LeanDispatchMode
+from gradwise._modes import LeanDispatchMode, kernels
 from gradwise._strong_zeros import _contract
 from gradwise._strong_zeros._rules import _UNRULED, _is_float, lookup
 from gradwise._strong_zeros._supports import _Supports
@@ -39,25 +39,16 @@ def _decomposition(func: Any) -> Callable[..., Any] | None:
     return decomposition_table.get(func)
 
 
-_COMPOSITE: dict[Any, bool] = {}
 _IMPLICIT = torch._C.DispatchKey.CompositeImplicitAutograd
 
 
 def _composite(func: Any) -> bool:
     """Whether ``func`` is CompositeImplicitAutograd: autograd's keys decompose such an op before it reaches a
     dispatch mode, except where they are skipped (a backward run under ``torch.inference_mode()``). Undecomposed
-    and without a rule of its own, its structural zeros were lost (``where.ScalarOther``: the NaN stayed)."""
-    known = _COMPOSITE.get(func)
-    if known is None:
-        has = torch._C._dispatch_has_kernel_for_dispatch_key
-        try:
-            # (not an op with a kernel of its own for a backend, as silu_backward: a plain call runs that one)
-            known = has(func.name(), "CompositeImplicitAutograd") and \
-                not any(has(func.name(), key) for key in ("ADInplaceOrView", "CPU", "CUDA"))
-        except RuntimeError:  # an op the dispatcher has no entry for
-            known = False
-        _COMPOSITE[func] = known
-    return known
+    and without a rule of its own, its structural zeros were lost (``where.ScalarOther``: the NaN stayed). Not an
+    op with a kernel of its own for a backend (silu_backward): a plain call runs that one."""
+    keys = kernels(func.name())
+    return "CompositeImplicitAutograd" in keys and not keys & {"ADInplaceOrView", "CPU", "CUDA"}
 
 
 # ops that wrap data made outside torch ops (torch.from_numpy, torch.tensor) as a tensor

@@ -36,9 +36,15 @@ _STEPS = [aten.floor, aten.round, aten.sign]
 DECLARED = "gw.mark_unused"  # the op a report names for elements declared unused
 
 
+def aten_packet(op: str):
+    """The aten op packet a recorded op name names ("aten.exp" -> aten.exp), or None (a library's op:
+    "mylib.fused", or no such aten op)."""
+    return getattr(aten, op[5:], None) if op.startswith("aten.") else None
+
+
 def _discard_key(op: str):
     """The ``_DISCARDS`` key of a recorded op name ("aten.slice", or ``DECLARED``), or None."""
-    return op if op in _DISCARDS else getattr(aten, op[5:], None) if op.startswith("aten.") else None
+    return op if op in _DISCARDS else aten_packet(op)
 
 
 _DISCARDS: dict = {

@@ -24,7 +24,7 @@ from gradwise._trace._advice import (
     _UNEXPLAINED_FIX,
     OVERFLOW,
 )
-from gradwise._trace._common import _fmt, _source, aten
+from gradwise._trace._common import _fmt, _source
 from gradwise._trace._facts import (
     _DISCARDS,
     _NOT_DATA,
@@ -33,16 +33,12 @@ from gradwise._trace._facts import (
     BACKWARD_OVERFLOW,
     STALE,
     _discard_key,
+    aten_packet,
 )
 from gradwise._trace._report import Finding
 from gradwise._trace._store import Birth as _Birth
 from gradwise._trace._store import Incident as _Incident
 from gradwise._trace._store import _order
-
-
-def _aten(op: str) -> object:
-    """The aten op packet a report's op name ("aten.exp") names, or None (a library's op, "mylib.fused")."""
-    return getattr(aten, op[5:], None) if op.startswith("aten.") else None
 
 
 class Findings:
@@ -108,7 +104,7 @@ def contamination(inc: _Incident, birth: _Birth | None, via: _Birth | None = Non
 def _genuine_fix(birth: _Birth) -> str:
     """The fix for a NaN/Inf an op made: the op's own (a domain, exp's overflow), or the overflow's where the op's
     is about something else or there is none."""
-    fix = _GENUINE_FIX.get(_aten(birth.op), "")
+    fix = _GENUINE_FIX.get(aten_packet(birth.op), "")
     if birth.what.startswith(OVERFLOW) and (not fix or birth.op == "aten.pow"):
         return _OVERFLOW_FIX
     return fix
@@ -129,7 +125,7 @@ def genuine(kind: str, inc: _Incident | None, birth: _Birth | None, via: _Birth 
                                        else "the output depends on it")
     else:
         op, loc = inc.node_op, inc.loc
-        fix = _BACKWARD_OVERFLOW_FIX if BACKWARD_OVERFLOW in inc.what else _GENUINE_FIX.get(_aten(op), "")
+        fix = _BACKWARD_OVERFLOW_FIX if BACKWARD_OVERFLOW in inc.what else _GENUINE_FIX.get(aten_packet(op), "")
         message = inc.what
     born = _born(birth, via) if birth else (inc.what if inc else None)
     return Finding(kind, op, _fmt(loc), 0, fix=fix or "find why the value is not finite where it is used",

@@ -47,9 +47,7 @@ def loaded() -> bool:
 def stale(params: list[tuple[torch.Tensor, Any]]) -> set[int]:
     """The ids of the sharded parameters whose gradient holds NaN/Inf on this rank (before the block's first
     backward: gradients not zeroed since a backward outside the block, which that backward adds to)."""
-    return {id(fp.sharded_param) for leaf, fp in params if any(
-        isinstance(g, torch.Tensor) and g.numel() and not bool(g.isfinite().all())
-        for g in (leaf.grad, *gradients([(leaf, fp)])))}
+    return {id(param) for param, _, _ in nonfinite(params)}
 
 
 class FSDPParams:

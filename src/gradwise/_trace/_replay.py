@@ -33,7 +33,7 @@ from gradwise import _strong_zeros
 from gradwise._trace import _kinds
 from gradwise._trace._advice import _EXPLAIN
 from gradwise._trace._common import _ACCUMULATE_SEQ, _has_nan, _inexact, _nonfinite, _nonfinite_mask, _user_frame
-from gradwise._trace._facts import _FINITE_PRESERVING
+from gradwise._trace._facts import _FINITE_PRESERVING, aten_packet
 from gradwise._trace._store import Birth
 
 _ACCUMULATE_GRAD = _strong_zeros._autograd_graph._ACCUMULATE_GRAD
@@ -49,7 +49,7 @@ def _raw_names(node, op: str) -> tuple:
     data that arrived non-finite."""
     names = _RAW_NAMES.get(type(node))
     if names is None:
-        packet = getattr(torch.ops.aten, op[5:], None) if op.startswith("aten.") else None
+        packet = aten_packet(op)
         returns = {r.name for o in (packet.overloads() if packet is not None else ())
                    for r in getattr(packet, o)._schema.returns if r.name}
         names = _RAW_NAMES[type(node)] = tuple(
@@ -176,7 +176,7 @@ def forward_origins(tracer, roots, at: tuple, batches: dict) -> dict[int, frozen
 def _why(op: str, ins: list, out: torch.Tensor, mask: torch.Tensor) -> str:
     """What made ``out``'s NaN/Inf from finite inputs: the trace's explanation where the op saved its one input
     (log of values below 0), which is then the op's first argument."""
-    explain = _EXPLAIN.get(getattr(torch.ops.aten, op[5:], None) if op.startswith("aten.") else None)
+    explain = _EXPLAIN.get(aten_packet(op))
     what = explain(ins, out, mask) if explain is not None and len(ins) == 1 else "made from finite inputs"
     return f"{what} (in this step's forward, not traced by gw.watch(): the op is its autograd node's)"
 

@@ -58,12 +58,9 @@ class _Shadow:
         if not self.valid:
             return
         try:
-            for i, a in enumerate(func._schema.arguments):
-                if a.alias_info is None or not a.alias_info.is_write:
-                    continue
-                t = args[i] if i < len(args) and not a.kwarg_only else kwargs.get(a.name)
-                for w in t if isinstance(t, (list, tuple)) else (t,):  # (an ``out=`` list: Tensor(a!)[])
-                    if isinstance(w, torch.Tensor) and w not in self.of:
+            for t in _written(func, args, kwargs):
+                for w in _flat_tensors(t):  # (an ``out=`` list: Tensor(a!)[])
+                    if w not in self.of:
                         self.of[w] = self._copy(w)
         except Exception:  # an explanation must never break the program it explains
             self.valid = False
@@ -215,18 +212,19 @@ def _flat_tensors(tree) -> list:
     return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
 
 
+def _written(func, args, kwargs):
+    """The arguments the op's schema says it writes (a tensor, or a list of them), in schema order."""
+    for i, a in enumerate(func._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            yield args[i] if i < len(args) and not a.kwarg_only else kwargs.get(a.name)
+
+
 def _writes_program(func, args, kwargs, shadow_args, shadow_kwargs) -> bool:
     """Whether running the in-place op ``func`` on the shadows would write a tensor of the program (a written
     argument whose shadow is the tensor itself: ``before`` could not give it one)."""
-    for i, a in enumerate(func._schema.arguments):
-        if a.alias_info is None or not a.alias_info.is_write:
-            continue
-        positional = i < len(args) and not a.kwarg_only
-        real = args[i] if positional else kwargs.get(a.name)
-        shadow = shadow_args[i] if positional else shadow_kwargs.get(a.name)
-        if any(r is s for r, s in zip(_flat_tensors(real), _flat_tensors(shadow), strict=False)):
-            return True
-    return False
+    pairs = zip(_written(func, args, kwargs), _written(func, shadow_args, shadow_kwargs), strict=True)
+    return any(r is s for real, shadow in pairs for r, s in zip(_flat_tensors(real), _flat_tensors(shadow),
+                                                                 strict=False))
 
 
 def _inexact(t: torch.Tensor) -> bool:

@@ -17,7 +17,7 @@ import torch
 from torch._C._autograd import _get_sequence_nr
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from gradwise._modes import LeanDispatchMode
+from gradwise._modes import LeanDispatchMode, kernels
 from gradwise._ops._zeros import ops_of_kind
 from gradwise._strong_zeros._traced import recording
 from gradwise._trace import _common, _kinds
@@ -103,11 +103,8 @@ def _op_info(func) -> _OpInfo:
 
 
 def _composite(func) -> bool:
-    has = torch._C._dispatch_has_kernel_for_dispatch_key
-    try:
-        return has(func.name(), "CompositeImplicitAutograd") and not has(func.name(), "ADInplaceOrView")
-    except RuntimeError:  # an op the dispatcher has no entry for (sym_size.default, which NJT calls)
-        return False
+    keys = kernels(func.name())
+    return "CompositeImplicitAutograd" in keys and "ADInplaceOrView" not in keys
 
 
 _ADINPLACEORVIEW = torch._C.DispatchKey.ADInplaceOrView
