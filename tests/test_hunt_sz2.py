@@ -4,7 +4,9 @@
 triangle is unused (``torch.empty``'s garbage where a factor is filled in place, a NaN). PyTorch's backward
 formulas multiply the whole factor, so a NaN/Inf in the unused triangle made the gradient of every entry of ``L``
 (and of what ``L`` was computed from) NaN. The reference is the same program with the unused triangle 0; the
-control puts the NaN in the used triangle, where it must stay.
+control puts the NaN in the used triangle, where it must stay. ``linalg.pinv(A, hermitian=True)`` reads the lower
+triangle of ``A`` and its formula the whole matrix: the reference there is the Hermitian matrix the forward read
+(the lower triangle mirrored).
 """
 from __future__ import annotations
 
@@ -144,3 +146,31 @@ def test_cholesky_nodes_never_take_the_plain_path():
     from gradwise._strong_zeros._triangles import TRIANGLE_READERS
 
     assert not set(TRIANGLE_READERS) & set(NODE_FACTS)
+
+
+@pytest.mark.parametrize("bad", [nan, inf])
+@pytest.mark.parametrize(("batch", "dtype"), [((), f64), ((2,), f64), ((2,), torch.complex128)])
+def test_pinv_hermitian_unused_upper_triangle(batch, dtype, bad):
+    a = torch.randn(*batch, 4, 4, generator=_gen(4), dtype=dtype)
+    hermitian = a + a.mH
+    x = hermitian.masked_fill(_unused(4, False), bad).requires_grad_()
+
+    def program(m: torch.Tensor) -> torch.Tensor:
+        return _sq(torch.linalg.pinv(m * 2, hermitian=True))
+
+    loss = program(x)
+    assert loss.isfinite()
+    assert not torch.autograd.grad(loss, x, retain_graph=True)[0].isfinite().all()
+    ref = hermitian.clone().requires_grad_()
+    assert torch.equal(gw.grad(loss, x)[0], torch.autograd.grad(program(ref), ref)[0])
+
+
+def test_pinv_used_nan_stays():
+    """Control: a NaN the loss really reads (a weight on the result) stays in the gradient, while the unused
+    upper triangle's NaN is dropped."""
+    a = torch.randn(4, 4, generator=_gen(5), dtype=f64)
+    x = (a + a.mT).masked_fill(_unused(4, False), nan).requires_grad_()
+    w = torch.ones(4, 4, dtype=f64)
+    w[1, 2] = nan
+    g = gw.grad((torch.linalg.pinv(x, hermitian=True) * w).sum(), x)[0]
+    assert not g.isfinite().all()
