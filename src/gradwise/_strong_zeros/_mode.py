@@ -1,7 +1,7 @@
 """The TorchDispatchMode that applies the rule table during a backward (``_StrongZeroMode``), and the fused
 backwards that run as their decomposition when a structural zero reaches them (``DECOMPOSED``).
 
-May import: torch, gradwise._modes, _contract, _supports, _rules, _autograd_graph.
+May import: torch, gradwise._modes, _contract, _supports, _rules, _triangles, _autograd_graph.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from gradwise._modes import LeanDispatchMode, kernels
 from gradwise._strong_zeros import _contract
 from gradwise._strong_zeros._rules import _UNRULED, _is_float, lookup
 from gradwise._strong_zeros._supports import _Supports
+from gradwise._strong_zeros._triangles import TRIANGLE_READERS, triangle_hooks
 
 aten = torch.ops.aten
 
@@ -187,14 +188,18 @@ def watch_functions(roots: list, mode: _StrongZeroMode, nodes: list | None = Non
     """Hooks on the custom ``autograd.Function`` nodes of a graph for one strong pass (their handles, to remove):
     where structural zeros reach one and its backward returns a tensor no op under ``mode`` made (NumPy, a C++
     kernel called directly), the zeros are lost there (``mode.lost``: named if the gradients end up holding
-    NaN/Inf); a backward written with torch ops is followed by the rules. ``nodes``: those to look at, where the
-    plan listed them (_planning._Graph.watched), else every node of the graph."""
+    NaN/Inf); a backward written with torch ops is followed by the rules. The nodes of ``TRIANGLE_READERS`` get
+    theirs (``_triangles.triangle_hooks``). ``nodes``: those to look at, where the plan listed them
+    (_planning._Graph.watched), else every node of the graph."""
     from torch.utils._python_dispatch import _disable_current_modes
 
     from gradwise._strong_zeros._autograd_graph import _walk
 
     handles = []
     for node in _walk(roots) if nodes is None else nodes:
+        if type(node).__name__ in TRIANGLE_READERS:  # a formula that reads a triangle its forward does not
+            handles += triangle_hooks(node)
+            continue
         cls = getattr(node, "_forward_cls", None)
         if cls is None or cls.__name__ == "BackwardHookFunction":
             continue

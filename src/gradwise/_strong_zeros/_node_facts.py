@@ -9,7 +9,7 @@ overflow). They are not the forward-op facts of ``gradwise._ops`` (where an op k
 arguments) nor the trace's ``_trace/_facts.py`` (which forward ops discard values, with fix texts): a singular
 point of asin is |x| = 1 there, and |x| >= 1 here, where the formula gives NaN too.
 
-May import: torch, gradwise._masks, _rules, _rules_bilinear.
+May import: torch, gradwise._masks, _rules, _rules_bilinear, _triangles.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from gradwise._masks import mask_all
 from gradwise._strong_zeros._rules import lookup
 from gradwise._strong_zeros._rules_bilinear import _reads_every_position
+from gradwise._strong_zeros._triangles import TRIANGLE_READERS
 
 aten = torch.ops.aten
 
@@ -464,8 +465,8 @@ def _node_type(node: Any) -> tuple:
     reads, whether NODE_FACTS knows it, its singular-point test, whether it makes structural zeros (a bool, or a
     test of the node where that depends on what it saved), its zero-output test (_ZERO_OUTPUT_TESTS), its
     selection (_SELECTED), whether the plan has nothing to do there, whether the strong pass watches it (a custom
-    Function's or a compiled backward: ``_planning._walked`` lists them for it), and what the plan's walk reads from
-    it (``_fact_reader``)."""
+    Function's, a compiled backward, a TRIANGLE_READERS node: ``_planning._walked`` lists them for it), and what
+    the plan's walk reads from it (``_fact_reader``)."""
     info = _NODE_TYPES.get(type(node))
     if info is None:
         name = type(node).__name__
@@ -479,7 +480,8 @@ def _node_type(node: Any) -> tuple:
         known, singular, zero_output = name in NODE_FACTS, NODE_FACTS.get(name), _ZERO_OUTPUT_TESTS.get(name)
         nothing = known and makes is False and singular is None and zero_output is None
         # a custom autograd.Function's node or a compiled backward: what the strong pass watches or swaps
-        watched = name == "CompiledFunctionBackward" or getattr(type(node), "_forward_cls", None) is not None
+        watched = name == "CompiledFunctionBackward" or getattr(type(node), "_forward_cls", None) is not None or \
+            name in TRIANGLE_READERS
         inside, select = _OWN_ZEROS_INSIDE.get(name), _SELECTED.get(name)
         info = _NODE_TYPES[type(node)] = (names, read, known, singular, makes, zero_output, inside, select,
                                           nothing and not watched, watched, _fact_reader(name, makes, inside, select))
