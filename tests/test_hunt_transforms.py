@@ -7,6 +7,7 @@ gradient on finite data (bitwise), and PyTorch's NaN where a NaN is genuine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import warnings
@@ -443,3 +444,86 @@ def test_trace_counts_a_backward_torchscript_starts():
         x = _X.clone().requires_grad_()
         _scripted_grad(x)
     assert [f.kind for f in report.findings] == ["contamination"] and report.untraced_backwards == 0
+
+
+class _ScriptedGradient(torch.nn.Module):
+    """A module whose forward takes a gradient (a submodule's, so that the call is inlined into the top graph)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _ScriptedGradientInner()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * 1.0
+
+
+class _ScriptedGradientInner(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _scripted_grad(x)
+
+
+class _ScriptedGradInBackward(torch.autograd.Function):
+    """Identity whose backward takes the gradient of `_contaminated` with TorchScript (a scripted helper)."""
+
+    scripted = None
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            return g * _ScriptedGradInBackward.scripted(x.detach().requires_grad_())
+
+
+def _script_cases() -> dict:
+    # (built lazily: scripting at import would warn DeprecationWarning outside the tests' filter)
+    scripted = torch.jit.script(_scripted_grad)
+    _ScriptedGradInBackward.scripted = scripted
+    module = torch.jit.script(_ScriptedGradient())
+
+    def in_backward(grad):
+        x = _X.clone().requires_grad_()
+        return grad(_ScriptedGradInBackward.apply(x).sum(), x)[0]
+
+    # name -> (PyTorch's call, the call under gradwise)
+    return {
+        "function": (lambda: scripted(_X.clone().requires_grad_()),) * 2,
+        "module (callee inlined)": (lambda: module(_X.clone().requires_grad_()),) * 2,
+        "gw.grad whose backward calls it": (lambda: in_backward(torch.autograd.grad), lambda: in_backward(gw.grad)),
+    }
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script is deprecated in 2.13
+@pytest.mark.parametrize("name", ["function", "module (callee inlined)", "gw.grad whose backward calls it"])
+def test_torchscript_gradient_under_strong_zeros_is_said(name):
+    """TorchScript's builtin torch.autograd.grad runs the C++ engine directly: under gw.strong_zeros() (and inside
+    gw.grad's backward) it ran plain and kept the contaminated NaN without a word. It still runs plain (nothing can
+    take its place), now with a PlainBackwardWarning naming the scripted code; the gradient is PyTorch's."""
+    plain, call = _script_cases()[name]
+    expected = plain()
+    assert bool(expected.isnan().any())  # the premise: PyTorch's gradient holds the contaminated NaN
+    with pytest.warns(gw.PlainBackwardWarning, match=r"TorchScript code \S*(_scripted_grad|_ScriptedGradient)"), \
+            gw.strong_zeros() if call is plain else contextlib.nullcontext():
+        got = call()
+    assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script is deprecated in 2.13
+def test_torchscript_without_a_gradient_is_silent_and_unwrapped_outside_blocks():
+    """Control: scripted code that takes no gradient gets no warning (its backward, run from Python, has strong
+    zeros); outside every block PyTorch's own calls of scripted code are in place (no cost there)."""
+    lin, x0, _ = _setup()
+    scripted = torch.jit.script(_TanhSqrt(lin))
+    original = torch._C.ScriptFunction.__call__, torch._C.ScriptMethod.__call__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gw.GradwiseWarning)
+        with gw.strong_zeros():
+            assert torch._C.ScriptMethod.__call__ is not original[1]
+            x = x0.clone().requires_grad_()
+            scripted(x)[[0, 2]].sum().backward()
+    assert torch.equal(x.grad[1], torch.zeros(2, dtype=torch.float64))
+    assert (torch._C.ScriptFunction.__call__, torch._C.ScriptMethod.__call__) == original

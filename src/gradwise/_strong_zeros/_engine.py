@@ -3,8 +3,8 @@ pass (``_run_strong``, ``_nested``, ``grad_in_pass``), and the public ``strong_z
 ``backward``. The rebound globals ``_installed``, ``_original_engine_run`` and ``_process_wide`` live here only:
 read them as ``_engine.<name>``.
 
-May import: torch, gradwise._checks, gradwise._modes, _contract, _carry, _compile, _supports, _mode, _autograd_graph,
-_planning, _traced;
+May import: torch, gradwise._checks, gradwise._modes, _contract, _script, _carry, _compile, _supports, _mode,
+_autograd_graph, _planning, _traced;
 and lazily (inside ``_under_traces``) gradwise._trace._tracer's ``_Tracer``, to keep a trace's recorders
 above the strong-zero mode.
 """
@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from gradwise._checks import as_tensors, check_differentiable, check_scalar_or_seeded
 from gradwise._modes import dynamo_off
-from gradwise._strong_zeros import _carry, _contract
+from gradwise._strong_zeros import _carry, _contract, _script
 from gradwise._strong_zeros._autograd_graph import _leaves, _root_nodes
 from gradwise._strong_zeros._carry import carry
 from gradwise._strong_zeros._compile import (
@@ -343,6 +343,7 @@ class _StrongZeros(contextlib.ContextDecorator):
             if _installed == 0:
                 _original_engine_run = torch.autograd._engine_run_backward
                 torch.autograd._engine_run_backward = _engine_run
+                _script.install(_strong_here)  # scripted code that takes a gradient: said (_script)
             _installed += 1
         _STATE.depth += 1
 
@@ -353,6 +354,12 @@ class _StrongZeros(contextlib.ContextDecorator):
             _installed -= 1
             if _installed == 0:
                 torch.autograd._engine_run_backward = _original_engine_run
+                _script.uninstall()
+
+
+def _strong_here() -> bool:
+    """Whether strong zeros are on in this thread."""
+    return bool(_STATE.depth or _process_wide)
 
 
 # A gradient that torch.compile traces into a graph (torch.compile(torch.func.grad(f)), or of torch.func.vjp) is
