@@ -3,6 +3,9 @@ truth is built into the program (which line made the NaN/Inf, which .grad holds 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import pytest
 import torch
 
@@ -256,3 +259,57 @@ def test_a_subclass_that_overrides_nothing_is_read_as_a_plain_tensor():
     (f,) = report.findings
     assert f.kind == "contamination" and f.reaches == ["w"] and f.born_op == "input", str(report)
     assert "arrived with 1 NaN value(s)" in f.born, f.born
+
+
+# `grad`/`backward` bound before the trace began (`from torch.autograd import grad` at a module's top): PyTorch's own
+# functions, not the trace's wrappers. Taken at this module's import, as such code does.
+_EARLY_GRAD, _EARLY_BACKWARD = torch.autograd.grad, torch.autograd.backward
+
+
+def _contaminated_program():
+    x = torch.tensor([4.0, 1.0, -1.0], dtype=torch.float64, requires_grad=True)
+    h = torch.tensor([2.0, -3.0], dtype=torch.float64, requires_grad=True)
+    y = torch.where(x > 0, x.sqrt(), 0.0) * (h * 1.0).sum()
+    return x, h, y.sum()
+
+
+_BACKWARD_CALLS = {  # name -> (late-bound call, early-bound call); each returns x's gradient
+    "grad": (lambda x, y: torch.autograd.grad(y, x)[0], lambda x, y: _EARLY_GRAD(y, x)[0]),
+    "backward": (lambda x, y: (torch.autograd.backward(y), x.grad)[1], lambda x, y: (_EARLY_BACKWARD(y), x.grad)[1]),
+    "backward(inputs=)": (lambda x, y: (torch.autograd.backward(y, inputs=[x]), x.grad)[1],
+                          lambda x, y: (_EARLY_BACKWARD(y, inputs=[x]), x.grad)[1]),
+}
+
+
+def _findings(report) -> list:
+    return [dataclasses.asdict(f) for f in report.findings]
+
+
+@pytest.mark.parametrize("strong", [False, True], ids=["trace", "trace+strong_zeros"])
+@pytest.mark.parametrize("name", list(_BACKWARD_CALLS))
+def test_early_bound_grad_is_read_like_torch_autograd_grad(name, strong):
+    """A backward started by a `grad`/`backward` bound before the trace (PyTorch's own function) was counted as an
+    untraced backward with no finding ("may hold NaN/Inf", the NaN listed as used by no traced gradient). Now the
+    engine hook routes it into the trace: the same findings as through torch.autograd.grad, nothing untraced; under
+    strong zeros the same annihilation."""
+    late, early = _BACKWARD_CALLS[name]
+    got = {}
+    for bound, call in (("late", late), ("early", early)):
+        with gw.trace() as report, gw.strong_zeros() if strong else contextlib.nullcontext():
+            x, _, y = _contaminated_program()
+            grad = call(x, y)
+        got[bound] = (_findings(report), report.untraced_backwards, str(report), grad)
+    (late_findings, late_untraced, late_text, late_grad) = got["late"]
+    assert late_untraced == 0 and ([f["kind"] for f in late_findings] == ["contamination"] if not strong else
+                                   not late_findings and "Removed by gw.strong_zeros()" in late_text)  # the premise
+    assert got["early"][:3] == (late_findings, 0, late_text), got["early"][2]
+    assert torch.equal(got["early"][3].nan_to_num(7.0), late_grad.nan_to_num(7.0))  # PyTorch's / strong zeros'
+    assert bool(late_grad[2].isnan()) != strong
+
+
+def test_early_bound_grad_of_a_genuine_nan_is_genuine():
+    """Control: a NaN the output uses, through an early-bound grad: a genuine finding, as through the wrapper."""
+    with gw.trace() as report:
+        x = torch.tensor([4.0, -1.0], requires_grad=True)
+        _EARLY_GRAD(x.sqrt().sum(), x)
+    assert [f.kind for f in report.findings] == ["nan"] and report.untraced_backwards == 0, str(report)

@@ -56,6 +56,7 @@ _process_wide = False  # `gradwise run --strong-zeros`: every thread's backward,
 # see _observe: the call sites where torch.compile traced a gradient into a graph, and those not warned about yet
 _known_sites: set[str] = set()
 _pending_sites: list[str] = []
+unseen_reader: Any = None  # gw.trace()'s reader of backwards no wrapped call started, while installed (_observe)
 
 
 # Never traced by dynamo: a backward called inside a torch.compile'd function (a whole training step) graph-breaks,
@@ -69,6 +70,9 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
     path calls the engine exactly once with the caller's retain_graph/create_graph, so what the engine frees,
     what a backward sees (``_get_current_graph_task_keep_graph``) and what hooks run are PyTorch's."""
     assert _original_engine_run is not None
+    if unseen_reader is not None and (tracer := unseen_reader.unseen()) is not None:  # (see _observe)
+        return unseen_reader.read(tracer, _engine_run, t_outputs, grad_tensors, retain_graph, create_graph, inputs,
+                                  allow_unreachable, accumulate_grad)
 
     def run(retain):
         return _original_engine_run(t_outputs, grad_tensors, retain, create_graph, inputs,
@@ -369,8 +373,15 @@ def _strong_here() -> bool:
 # records the user's call site then and warns: at once inside a strong-zeros block (of any thread), else on entering
 # the next one.
 # It reads no values and changes no compiled graph.
+#
+# While gw.trace() is installed, ``unseen_reader`` (gradwise._trace._session's) reads a backward that no wrapped
+# torch.autograd.grad/backward started: a name bound before the trace (`from torch.autograd import grad` at a
+# module's top) calls PyTorch's own, which looks this hook up at call time. Here (or in _engine_run, the outer hook
+# while strong zeros are installed: before the plan, as for a wrapped call) the trace sees its seeds and results.
 def _observe(t_outputs, *args: Any, **kwargs: Any) -> Any:
     """``torch.autograd._engine_run_backward`` from gradwise's import on: PyTorch's, plus the record above."""
+    if unseen_reader is not None and (tracer := unseen_reader.unseen()) is not None:
+        return unseen_reader.read(tracer, _observe, t_outputs, *args, **kwargs)
     if torch.compiler.is_compiling() and _under_dynamo_node():
         _record_traced_gradient()
     return _torch_engine_run(t_outputs, *args, **kwargs)

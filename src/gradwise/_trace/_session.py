@@ -15,10 +15,12 @@ import threading
 from collections.abc import Callable, Iterator
 
 import torch
+from torch._dynamo.eval_frame import skip_code
 
 from gradwise import _strong_zeros
 from gradwise._modes import dynamo_off
 from gradwise._ops._kinks import _SCRATCH
+from gradwise._strong_zeros import _engine
 from gradwise._strong_zeros._traced import recording
 from gradwise._trace import _kinds
 from gradwise._trace._common import _tensors
@@ -172,6 +174,46 @@ def _traced_grad(outputs, inputs, grad_outputs=None, *args, **kwargs):
     return result
 
 
+class _UnseenReader:
+    """The trace's part in the engine hook (``_strong_zeros._engine.unseen_reader``, set while installed): a
+    backward that no wrapped call started (``grad`` bound before the trace began: `from torch.autograd import grad`
+    at a module's top calls PyTorch's own, which looks the hook up at call time) is read as a wrapped one is: its
+    seeds made roots, its results read. TorchScript's and C++ backwards never reach the hook (noted by the mode)."""
+
+    @staticmethod
+    def unseen() -> _Tracer | None:
+        """This thread's tracer when no backward call of its own is running (it then started none of this one)."""
+        tracer = _TRACERS.get(threading.get_ident())
+        if tracer is None or tracer.depth or tracer.passed_calls or torch.compiler.is_compiling():
+            return None  # (dynamo running a gradient node on fake tensors: not a backward of the program)
+        return tracer
+
+    @staticmethod
+    @dynamo_off
+    def read(tracer: _Tracer, engine: Callable, t_outputs, grad_tensors, retain_graph, create_graph, inputs=(),
+             allow_unreachable=True, accumulate_grad=True):
+        call = "torch.autograd.backward" if accumulate_grad else "torch.autograd.grad"
+        why = _untraceable() or (None if all(_kinds.readable(g) for g in _tensors(grad_tensors or ())) else _BATCHED)
+        if why is not None:  # (is_grads_batched: torch.autograd.grad runs the engine under legacy vmap)
+            tracer._pass_over_backward(call, why)
+            with tracer.passing():
+                return engine(t_outputs, grad_tensors, retain_graph, create_graph, inputs,
+                              allow_unreachable=allow_unreachable, accumulate_grad=accumulate_grad)
+        t_outputs, grad_tensors = tracer.roots(t_outputs, grad_tensors)
+        with _backward_call(tracer):
+            result = engine(tuple(t_outputs), tuple(grad_tensors), retain_graph, create_graph, inputs,
+                            allow_unreachable=allow_unreachable, accumulate_grad=accumulate_grad)
+            # backward: non-leaf inputs get their .grad without an AccumulateGrad node, read here (leaves' are read
+            # at their accumulation); grad: the results, one per input
+            grads = [t.grad if isinstance(t, torch.Tensor) and not t.is_leaf else None for t in inputs] \
+                if accumulate_grad else result
+            _read_results(tracer, call, grads, inputs)
+        return result
+
+
+skip_code(_UnseenReader.unseen.__code__)  # (called in the engine hook: see _strong_zeros._engine._observe)
+
+
 def _read_results(tracer, call: str, grads, leaves) -> None:
     """Record which findings reach each gradient a backward call produced (``grads[i]`` for ``leaves[i]``)."""
     tracer.flush()
@@ -289,6 +331,7 @@ def _install() -> None:
             _jit_builtins_registered()
             torch.autograd.backward, torch.autograd.grad = _traced_backward, _traced_grad
             _LOADER_ITER.__next__ = _traced_next
+            _engine.unseen_reader = _UnseenReader
         _installed += 1
 
 
@@ -298,6 +341,7 @@ def _uninstall() -> None:
         _installed -= 1
         if _installed == 0:
             torch.autograd.backward, torch.autograd.grad, _LOADER_ITER.__next__ = _ORIGINAL
+            _engine.unseen_reader = None
             _ORIGINAL.clear()
 
 
