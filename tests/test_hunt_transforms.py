@@ -125,6 +125,37 @@ def test_hook_that_replaces_the_gradient_makes_the_nan_genuine():
     assert bool(got[2].isnan()) and torch.equal(got[:2], expected[:2])
 
 
+_FRESH_HOOKS = {  # a gradient hook returning a tensor of fresh random values, drawn from g's shape only
+    "randn_like": torch.randn_like,
+    "rand_like": torch.rand_like,
+    "randint_like": lambda g: torch.randint_like(g, 1, 5),
+    "clone().normal_()": lambda g: g.clone().normal_(),
+    "clone().uniform_()": lambda g: g.clone().uniform_(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_FRESH_HOOKS))
+def test_hook_returning_fresh_random_values_makes_the_nan_genuine_silently(name):
+    """A hook returning torch.randn_like(g): every element carries a value now, so sqrt(-1)'s NaN is used (PyTorch's
+    NaN stays, as for ones_like). gw gave an OpaqueBackwardWarning ("randn_like has no strong-zero rule ... may be
+    contamination"): wrong, randn_like reads only the shape; it is a creation of values, like ones_like."""
+    x = torch.tensor([1.0, 4.0, -1.0], dtype=torch.float64, requires_grad=True)
+    hook = _FRESH_HOOKS[name]
+
+    def program():
+        h = x.sqrt()
+        h.register_hook(hook)
+        return h[:2].sum()
+
+    torch.manual_seed(0)
+    expected = torch.autograd.grad(program(), x)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gw.GradwiseWarning)
+        torch.manual_seed(0)
+        got = gw.grad(program(), x)[0]
+    assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0)) and bool(got[2].isnan())
+
+
 def test_post_accumulate_and_multi_grad_hooks_see_the_strong_gradient_once():
     lin, x0, expected = _setup()
     x = x0.clone().requires_grad_()
@@ -281,6 +312,21 @@ def test_trace_keeps_its_reads_out_of_a_make_fx_graph(mode):
     assert gm.code == reference.code
     assert not report.findings and report.untraced_backwards >= 1
     assert any(n.startswith("recorded into a graph") for n in report.notes), report.notes
+
+
+@pytest.mark.parametrize("block", ["trace", "watch"])
+@pytest.mark.parametrize("mode", ["real", "fake", "symbolic"])
+def test_a_make_fx_backward_is_one_untraced_call(mode, block):
+    """make_fx's torch-function mode calls torch.autograd.grad's handler with the name the module resolves, the
+    wrapper: the trace counted one recorded autograd.grad twice in Report.untraced_backwards, and gw.watch() read
+    the real-mode tensors of the recording ("get value out of a tracing tensor": a crash inside the watch)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    reference = make_fx(_plain_grad_of_contaminated, tracing_mode=mode)(_X.clone().requires_grad_())
+    with getattr(gw, block)() as report:
+        gm = make_fx(_plain_grad_of_contaminated, tracing_mode=mode)(_X.clone().requires_grad_())
+    assert gm.code == reference.code
+    assert report.untraced_backwards == 1 and "may hold NaN/Inf" in report.summary()
 
 
 # ---------------------------------------------------------------------------------------------------------

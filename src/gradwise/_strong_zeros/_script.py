@@ -48,20 +48,24 @@ def uninstall() -> None:
 
 def _function_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     if _active() and "torchscript" not in _contract._warned:
-        _check(fn.qualified_name, fn)
+        _check(lambda: fn.qualified_name, fn)
     return _ORIGINAL[torch._C.ScriptFunction](fn, *args, **kwargs)
 
 
 def _method_call(method: Any, *args: Any, **kwargs: Any) -> Any:
     if _active() and "torchscript" not in _contract._warned:
-        _check(f"{method.owner._type().qualified_name()}.{method.name}", method)
+        _check(lambda: f"{method.owner._type().qualified_name()}.{method.name}", method)
     return _ORIGINAL[torch._C.ScriptMethod](method, *args, **kwargs)
 
 
-def _check(name: str, scripted: Any) -> None:
-    takes = _scanned.get(name)
-    if takes is None:
-        takes = _scanned[name] = _takes_gradient(scripted)
+def _check(named: Callable[[], str], scripted: Any) -> None:
+    try:
+        name = named()
+        takes = _scanned.get(name)
+        if takes is None:
+            takes = _scanned[name] = _takes_gradient(scripted)
+    except Exception:  # (a scripted object without the names read here: never an error in the user's call)
+        return
     if takes:
         _contract.warn_plain("torchscript", name.removeprefix("__torch__."))
 
