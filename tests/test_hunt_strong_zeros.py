@@ -10,7 +10,9 @@ checks that plain PyTorch is contaminated there, and has a control whose NaN is 
   0/0 in its normalised weight, whose output the loss never reads (a pruned filter or a sliced-off class);
 - a convolution whose weight is not a leaf (weight_norm, a hand-written filter normalisation), an output channel
   discarded: its filters' gradient is a structural zero that meets the upstream NaN;
-- F.interpolate(mode="lanczos", antialias=True) over a batch with a NaN image, sliced away.
+- F.interpolate(mode="lanczos", antialias=True) over a batch with a NaN image, sliced away;
+- a 2-norm of an all-zero slice (linalg.vector_norm, torch.norm, norm_except_dim and weight_norm over dim 1, dist):
+  discarded, the deleted program's gradient; read, PyTorch's NaN (the norm's masked_fill fills a value).
 """
 from __future__ import annotations
 
@@ -281,3 +283,107 @@ def test_strong_pass_on_finite_data_is_pytorch_bitwise(name, monkeypatch):
     loss, inputs, _ = FINITE[name]()
     for g, e in zip(gw.grad(loss, inputs), plain, strict=True):
         assert torch.equal(g, e)
+
+
+# ---- a 2-norm of an all-zero slice: its backward's masked_fill is PyTorch's subgradient 0, a value -----------
+# g / ||v|| over slices of v along dim 1, slice 0 all zero: the norm is 0 there, g / 0 = inf. Read, the gradient at
+# that slice is a genuine singular point (PyTorch: NaN, and gw gave 0 for v, or inf where v also multiplies, as in
+# weight_norm's v * g / ||v||); discarded, it is the gradient of the program with the slice deleted.
+
+def _zero_slice_norms() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    zeros = torch.zeros(2, 2, dtype=f64)
+    return {  # v (2, 3, 2) -> the norm of each slice v[:, i], shape (3,)
+        "linalg.vector_norm": lambda v: torch.linalg.vector_norm(v, dim=(0, 2)),
+        "torch.norm": lambda v: torch.norm(v, dim=(0, 2)),
+        "Tensor.norm(p=2)": lambda v: v.norm(p=2, dim=(0, 2)),
+        "norm_except_dim": lambda v: torch.norm_except_dim(v, 2, 1).flatten(),
+        "linalg.norm fro": lambda v: torch.linalg.norm(v.transpose(0, 1), dim=(1, 2)),
+        "dist": lambda v: torch.stack([torch.dist(v[:, i], zeros) for i in range(v.shape[1])]),
+    }
+
+
+def _zero_slice_programs() -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    # (v, g) -> one value per slice of v along dim 1, shape (3,)
+    def over(norm):
+        return lambda v, g: g / norm(v)
+
+    progs = {f"g / {name}": over(norm) for name, norm in _zero_slice_norms().items()}
+    progs["_weight_norm(dim=1)"] = lambda v, g: torch._weight_norm(v, g.view(1, -1, 1), 1).sum((0, 2))
+    progs["v * g / torch.norm"] = lambda v, g: (v * (g.view(1, -1, 1) / torch.norm(v, dim=(0, 2), keepdim=True))
+                                                ).sum((0, 2))
+    return progs
+
+
+def _zero_slice_case(seed: int = 11):
+    v = torch.randn(2, 3, 2, generator=_gen(seed), dtype=f64)
+    v[:, 0] = 0.0
+    g = torch.tensor([1.5, 2.0, 0.5], dtype=f64)
+    return v, g
+
+
+@pytest.mark.parametrize("name", sorted(_zero_slice_programs()))
+def test_norm_of_a_zero_slice_read_stays_pytorchs_nan(name):
+    """Read: PyTorch's NaN at the zero slice (a genuine singular point), PyTorch's bits elsewhere. gw gave 0 (g / norm)
+    or inf (v * g / norm, weight_norm over dim 1) there: the masked_fill of norm's formula fills a value, not a
+    discarded sensitivity."""
+    prog = _zero_slice_programs()[name]
+    v0, g0 = _zero_slice_case()
+    weight = torch.tensor([0.3, -1.2, 0.7], dtype=f64)
+    v, g = v0.clone().requires_grad_(), g0.clone().requires_grad_()
+    loss = (prog(v, g) * weight).sum()
+    expected = torch.autograd.grad(loss, (v, g), retain_graph=True)
+    assert bool(expected[0][:, 0].isnan().all())  # the premise: PyTorch's NaN at the slice
+    for got, want in zip(gw.grad(loss, (v, g)), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", sorted(_zero_slice_programs()))
+def test_norm_of_a_zero_slice_discarded_is_the_deleted_program(name):
+    """Discarded (only slices 1 and 2 reach the loss): 0 at the zero slice, the deleted program's gradient elsewhere."""
+    prog = _zero_slice_programs()[name]
+    v0, g0 = _zero_slice_case()
+    weight = torch.tensor([-1.2, 0.7], dtype=f64)
+    v, g = v0.clone().requires_grad_(), g0.clone().requires_grad_()
+    loss = (prog(v, g)[1:] * weight).sum()
+    assert _contaminated(loss, [v, g])
+    vd, gd = v0[:, 1:].clone().requires_grad_(), g0[1:].clone().requires_grad_()
+    ref_v, ref_g = torch.autograd.grad((prog(vd, gd) * weight).sum(), (vd, gd))
+    got_v, got_g = gw.grad(loss, (v, g))
+    assert torch.equal(got_v[:, 0], torch.zeros(2, 2, dtype=f64)) and got_g[0] == 0
+    torch.testing.assert_close(got_v[:, 1:], ref_v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_g[1:], ref_g, rtol=1e-12, atol=1e-12)
+
+
+def test_weight_norm_dim1_conv_transpose_dead_output_channel():
+    """nn.utils.parametrizations.weight_norm(dim=1) of a ConvTranspose1d (dim 1: its output channels), one output
+    channel's filters all zero: discarded, the deleted program's gradient; read (loss NaN), PyTorch's gradient."""
+    torch.manual_seed(0)
+    conv = nn.utils.parametrizations.weight_norm(nn.ConvTranspose1d(2, 3, 3).double(), dim=1)
+    with torch.no_grad():
+        conv.parametrizations.weight.original1[:, 1] = 0.0
+    x = torch.randn(2, 2, 5, generator=_gen(12), dtype=f64)
+    params = [conv.parametrizations.weight.original0, conv.parametrizations.weight.original1, conv.bias]
+    keep = [0, 2]
+    loss = conv(x)[:, keep].square().sum()
+    g, v, b = (p.detach().clone() for p in params)
+    g, v, b = g[:, keep].requires_grad_(), v[:, keep].requires_grad_(), b[keep].requires_grad_()
+    ref = F.conv_transpose1d(x, torch._weight_norm(v, g, 1), b).square().sum()
+    rg, rv, rb = torch.autograd.grad(ref, (g, v, b))
+    got = gw.grad(loss, params)
+    for t, r, index in ((got[0], rg, (slice(None), keep)), (got[1], rv, (slice(None), keep)), (got[2], rb, keep)):
+        torch.testing.assert_close(t[index], r, rtol=1e-12, atol=1e-12)
+    assert not got[0][:, 1].any() and not got[1][:, 1].any() and got[2][1] == 0
+    read = conv(x).square().sum()  # control: the dead channel read (NaN in the forward already)
+    expected = torch.autograd.grad(read, params, retain_graph=True)
+    for t, e in zip(gw.grad(read, params), expected, strict=True):
+        torch.testing.assert_close(t, e, rtol=0, atol=0, equal_nan=True)
+
+
+def test_trace_of_a_read_zero_norm_finds_no_contamination():
+    """The trace classifies through the same strong-zero pass: 1 / ||v|| of a zero row, read, was reported as
+    contamination ("gw.strong_zeros() removes it") beside the genuine Inf; it is genuine only."""
+    v = torch.tensor([[0.0, 0.0], [1.0, 2.0]], dtype=f64, requires_grad=True)
+    with gw.trace() as report:
+        (1.0 / torch.linalg.vector_norm(v, dim=1)).sum().backward()
+    kinds = sorted(f.kind for f in report.findings)
+    assert "contamination" not in kinds and "inf" in kinds, str(report)

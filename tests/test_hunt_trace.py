@@ -3,6 +3,9 @@ truth is built into the program (which line made the NaN/Inf, which .grad holds 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import pytest
 import torch
 
@@ -256,3 +259,106 @@ def test_a_subclass_that_overrides_nothing_is_read_as_a_plain_tensor():
     (f,) = report.findings
     assert f.kind == "contamination" and f.reaches == ["w"] and f.born_op == "input", str(report)
     assert "arrived with 1 NaN value(s)" in f.born, f.born
+
+
+# `grad`/`backward` bound before the trace began (`from torch.autograd import grad` at a module's top): PyTorch's own
+# functions, not the trace's wrappers. Taken at this module's import, as such code does.
+_EARLY_GRAD, _EARLY_BACKWARD = torch.autograd.grad, torch.autograd.backward
+
+
+def _contaminated_program():
+    x = torch.tensor([4.0, 1.0, -1.0], dtype=torch.float64, requires_grad=True)
+    h = torch.tensor([2.0, -3.0], dtype=torch.float64, requires_grad=True)
+    y = torch.where(x > 0, x.sqrt(), 0.0) * (h * 1.0).sum()
+    return x, h, y.sum()
+
+
+def _grad_call(late: bool, x, y):
+    return (torch.autograd.grad if late else _EARLY_GRAD)(y, x)[0]  # (one line: the same user line either way)
+
+
+def _backward_call(late: bool, x, y, **kwargs):
+    (torch.autograd.backward if late else _EARLY_BACKWARD)(y, **kwargs)
+    return x.grad
+
+
+_BACKWARD_CALLS = {  # name -> call(late, x, y), returning x's gradient
+    "grad": _grad_call,
+    "backward": _backward_call,
+    "backward(inputs=)": lambda late, x, y: _backward_call(late, x, y, inputs=[x]),
+}
+
+
+def _findings(report) -> list:
+    return [dataclasses.asdict(f) for f in report.findings]
+
+
+@pytest.mark.parametrize("strong", [False, True], ids=["plain", "strong_zeros"])
+@pytest.mark.parametrize("block", ["trace", "watch"])
+@pytest.mark.parametrize("name", list(_BACKWARD_CALLS))
+def test_early_bound_grad_is_read_like_torch_autograd_grad(name, block, strong):
+    """A backward started by a `grad`/`backward` bound before the block (PyTorch's own function) was counted by the
+    trace as an untraced backward with no finding ("may hold NaN/Inf", the NaN listed as used by no traced
+    gradient), and gw.watch() did not see it at all ("No NaN/Inf gradients" of a NaN gradient). Now the engine hook
+    hands it to the block: the same report as through torch.autograd.grad, nothing untraced; under strong zeros the
+    same annihilation."""
+    call = _BACKWARD_CALLS[name]
+    got = {}
+    for bound in ("late", "early"):
+        with getattr(gw, block)() as report, gw.strong_zeros() if strong else contextlib.nullcontext():
+            x, _, y = _contaminated_program()
+            grad = call(bound == "late", x, y)
+        got[bound] = (_findings(report), report.untraced_backwards, str(report), grad)
+    (late_findings, late_untraced, late_text, late_grad) = got["late"]
+    assert late_untraced == 0 and bool(late_grad[2].isnan()) != strong  # the premise
+    if not strong:
+        assert [f["kind"] for f in late_findings] == ["contamination"]
+    elif block == "trace":
+        assert not late_findings and "Removed by gw.strong_zeros()" in late_text
+    assert got["early"][:3] == (late_findings, 0, late_text), got["early"][2]
+    assert torch.equal(got["early"][3].nan_to_num(7.0), late_grad.nan_to_num(7.0))  # PyTorch's / strong zeros'
+
+
+_EARLY_UNTRACED = {  # an early-bound grad the blocks cannot read: counted once, as through torch.autograd.grad
+    "is_grads_batched": lambda: _EARLY_GRAD((x := torch.tensor([4.0, -1.0], requires_grad=True)).sqrt(), x,
+                                            torch.eye(2), is_grads_batched=True)[0],
+    "inside torch.func.grad": lambda: torch.func.grad(lambda x: _EARLY_GRAD(
+        torch.where(x > 0, x.sqrt(), 0.0).sum(), x, create_graph=True)[0].sum())(torch.tensor([4.0, -1.0])),
+}
+
+
+@pytest.mark.parametrize("block", ["trace", "watch"])
+@pytest.mark.parametrize("name", list(_EARLY_UNTRACED))
+def test_early_bound_grad_the_block_cannot_read_is_counted(name, block):
+    """Batched seeds or a torch.func transform: not read, counted as untraced (the watch, handed such a backward by
+    the engine hook, must neither read batched seeds, "Batching rule not implemented for aten::item", nor hand the
+    same backward over again from inside its own call: a RecursionError)."""
+    expected = _EARLY_UNTRACED[name]()
+    with getattr(gw, block)() as report:
+        got = _EARLY_UNTRACED[name]()
+    assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0)) and bool(got.isnan().any())
+    assert report.untraced_backwards >= 1 and "may hold NaN/Inf" in report.summary()
+
+
+def test_early_bound_grad_of_a_genuine_nan_is_genuine():
+    """Control: a NaN the output uses, through an early-bound grad: a genuine finding, as through the wrapper."""
+    with gw.trace() as report:
+        x = torch.tensor([4.0, -1.0], requires_grad=True)
+        _EARLY_GRAD(x.sqrt().sum(), x)
+    assert [f.kind for f in report.findings] == ["nan"] and report.untraced_backwards == 0, str(report)
+
+
+@pytest.mark.parametrize(("base", "exponent", "said", "not_said"), [
+    (10.0, 400.0, "a base above 1 in magnitude raised to a large power", "0 to a negative power"),
+    (-10.0, 400.0, "a base above 1 in magnitude raised to a large power", "0 to a negative power"),
+    (0.5, -400.0, "a base below 1 in magnitude raised to a large negative power", "above 1"),
+    (0.0, -1.0, "0 to a negative power", "above 1"),
+])
+def test_scalar_base_power_inf_is_named_for_what_made_it(base, exponent, said, not_said):
+    """c ** x made Inf: the birth said "overflow ..., or 0 to a negative power" for 10.0 ** 400, whose base is not 0.
+    The exponents' sign tells an overflow of a base above 1 from a negative power (of 0, or of a base below 1)."""
+    with gw.trace() as report:
+        x = torch.tensor([1.0, exponent], requires_grad=True)
+        (base ** x).sum().backward()
+    (finding,) = [f for f in report.findings if f.kind == "inf"]  # (-10 ** x: its backward's log(-10) is NaN too)
+    assert said in finding.born and not_said not in finding.born, finding.born

@@ -7,6 +7,7 @@ gradient on finite data (bitwise), and PyTorch's NaN where a NaN is genuine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import warnings
@@ -122,6 +123,37 @@ def test_hook_that_replaces_the_gradient_makes_the_nan_genuine():
     expected = torch.autograd.grad(program(), x)[0]
     got = gw.grad(program(), x)[0]
     assert bool(got[2].isnan()) and torch.equal(got[:2], expected[:2])
+
+
+_FRESH_HOOKS = {  # a gradient hook returning a tensor of fresh random values, drawn from g's shape only
+    "randn_like": torch.randn_like,
+    "rand_like": torch.rand_like,
+    "randint_like": lambda g: torch.randint_like(g, 1, 5),
+    "clone().normal_()": lambda g: g.clone().normal_(),
+    "clone().uniform_()": lambda g: g.clone().uniform_(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_FRESH_HOOKS))
+def test_hook_returning_fresh_random_values_makes_the_nan_genuine_silently(name):
+    """A hook returning torch.randn_like(g): every element carries a value now, so sqrt(-1)'s NaN is used (PyTorch's
+    NaN stays, as for ones_like). gw gave an OpaqueBackwardWarning ("randn_like has no strong-zero rule ... may be
+    contamination"): wrong, randn_like reads only the shape; it is a creation of values, like ones_like."""
+    x = torch.tensor([1.0, 4.0, -1.0], dtype=torch.float64, requires_grad=True)
+    hook = _FRESH_HOOKS[name]
+
+    def program():
+        h = x.sqrt()
+        h.register_hook(hook)
+        return h[:2].sum()
+
+    torch.manual_seed(0)
+    expected = torch.autograd.grad(program(), x)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gw.GradwiseWarning)
+        torch.manual_seed(0)
+        got = gw.grad(program(), x)[0]
+    assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0)) and bool(got[2].isnan())
 
 
 def test_post_accumulate_and_multi_grad_hooks_see_the_strong_gradient_once():
@@ -280,6 +312,21 @@ def test_trace_keeps_its_reads_out_of_a_make_fx_graph(mode):
     assert gm.code == reference.code
     assert not report.findings and report.untraced_backwards >= 1
     assert any(n.startswith("recorded into a graph") for n in report.notes), report.notes
+
+
+@pytest.mark.parametrize("block", ["trace", "watch"])
+@pytest.mark.parametrize("mode", ["real", "fake", "symbolic"])
+def test_a_make_fx_backward_is_one_untraced_call(mode, block):
+    """make_fx's torch-function mode calls torch.autograd.grad's handler with the name the module resolves, the
+    wrapper: the trace counted one recorded autograd.grad twice in Report.untraced_backwards, and gw.watch() read
+    the real-mode tensors of the recording ("get value out of a tracing tensor": a crash inside the watch)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    reference = make_fx(_plain_grad_of_contaminated, tracing_mode=mode)(_X.clone().requires_grad_())
+    with getattr(gw, block)() as report:
+        gm = make_fx(_plain_grad_of_contaminated, tracing_mode=mode)(_X.clone().requires_grad_())
+    assert gm.code == reference.code
+    assert report.untraced_backwards == 1 and "may hold NaN/Inf" in report.summary()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -443,3 +490,86 @@ def test_trace_counts_a_backward_torchscript_starts():
         x = _X.clone().requires_grad_()
         _scripted_grad(x)
     assert [f.kind for f in report.findings] == ["contamination"] and report.untraced_backwards == 0
+
+
+class _ScriptedGradient(torch.nn.Module):
+    """A module whose forward takes a gradient (a submodule's, so that the call is inlined into the top graph)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _ScriptedGradientInner()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * 1.0
+
+
+class _ScriptedGradientInner(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _scripted_grad(x)
+
+
+class _ScriptedGradInBackward(torch.autograd.Function):
+    """Identity whose backward takes the gradient of `_contaminated` with TorchScript (a scripted helper)."""
+
+    scripted = None
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            return g * _ScriptedGradInBackward.scripted(x.detach().requires_grad_())
+
+
+def _script_cases() -> dict:
+    # (built lazily: scripting at import would warn DeprecationWarning outside the tests' filter)
+    scripted = torch.jit.script(_scripted_grad)
+    _ScriptedGradInBackward.scripted = scripted
+    module = torch.jit.script(_ScriptedGradient())
+
+    def in_backward(grad):
+        x = _X.clone().requires_grad_()
+        return grad(_ScriptedGradInBackward.apply(x).sum(), x)[0]
+
+    # name -> (PyTorch's call, the call under gradwise)
+    return {
+        "function": (lambda: scripted(_X.clone().requires_grad_()),) * 2,
+        "module (callee inlined)": (lambda: module(_X.clone().requires_grad_()),) * 2,
+        "gw.grad whose backward calls it": (lambda: in_backward(torch.autograd.grad), lambda: in_backward(gw.grad)),
+    }
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script is deprecated in 2.13
+@pytest.mark.parametrize("name", ["function", "module (callee inlined)", "gw.grad whose backward calls it"])
+def test_torchscript_gradient_under_strong_zeros_is_said(name):
+    """TorchScript's builtin torch.autograd.grad runs the C++ engine directly: under gw.strong_zeros() (and inside
+    gw.grad's backward) it ran plain and kept the contaminated NaN without a word. It still runs plain (nothing can
+    take its place), now with a PlainBackwardWarning naming the scripted code; the gradient is PyTorch's."""
+    plain, call = _script_cases()[name]
+    expected = plain()
+    assert bool(expected.isnan().any())  # the premise: PyTorch's gradient holds the contaminated NaN
+    with pytest.warns(gw.PlainBackwardWarning, match=r"TorchScript code \S*(_scripted_grad|_ScriptedGradient)"), \
+            gw.strong_zeros() if call is plain else contextlib.nullcontext():
+        got = call()
+    assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script is deprecated in 2.13
+def test_torchscript_without_a_gradient_is_silent_and_unwrapped_outside_blocks():
+    """Control: scripted code that takes no gradient gets no warning (its backward, run from Python, has strong
+    zeros); outside every block PyTorch's own calls of scripted code are in place (no cost there)."""
+    lin, x0, _ = _setup()
+    scripted = torch.jit.script(_TanhSqrt(lin))
+    original = torch._C.ScriptFunction.__call__, torch._C.ScriptMethod.__call__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gw.GradwiseWarning)
+        with gw.strong_zeros():
+            assert torch._C.ScriptMethod.__call__ is not original[1]
+            x = x0.clone().requires_grad_()
+            scripted(x)[[0, 2]].sum().backward()
+    assert torch.equal(x.grad[1], torch.zeros(2, dtype=torch.float64))
+    assert (torch._C.ScriptFunction.__call__, torch._C.ScriptMethod.__call__) == original

@@ -10,7 +10,7 @@ kind           what the op does to structural zeros (its *support*: False at str
 =============  =====================================================================================================
 makes          creates them: ``zeros``/``full(0)``/``fill_(0)`` in a backward formula (``fill``: the fill value's
                argument position, None for ops that can only make zeros)
-values         creates values, every element nonzero (``ones``)
+values         creates values, every element nonzero (``ones``), or draws random ones (``randn_like``)
 uninitialised  allocates memory the formula writes later: no support of its own
 compares       makes a bool selection mask (``self == result`` in max's backward), read by a product or a where;
                ``undecided``: where the mask selects nothing (an ordering of a NaN, an equality of two NaNs)
@@ -156,6 +156,10 @@ _facts("makes", aten.scalar_tensor, fill=0)
 _facts("makes", aten.full, aten.full_like, aten.fill_, fill=1)
 _facts("makes", aten.new_full, fill=2)
 _facts("values", aten.ones, aten.ones_like, aten.new_ones)
+# random values drawn afresh (a hook returning torch.randn_like(g)): they read only the shape (and, filled in place,
+# overwrite every element), so no structural zero survives them; a NaN they then meet is used
+_facts("values", aten.randn_like, aten.rand_like, aten.randint_like, aten.normal_, aten.uniform_, aten.random_,
+       aten.exponential_, aten.cauchy_, aten.log_normal_, aten.geometric_)
 _facts("uninitialised", aten.new_empty_strided, aten.new_empty, aten.empty_like)
 _facts("compares", aten.eq, aten.ne, undecided=_both_nan)
 _facts("compares", aten.lt, aten.le, aten.gt, aten.ge, undecided=_either_nan)

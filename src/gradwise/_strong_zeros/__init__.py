@@ -19,6 +19,7 @@ Modules (each imports only those above it in this list, plus torch and gradwise.
 -----------------------------------------------------------------------------------------------------
 ``_traced``          whether tensors are traced (FakeTensor, FunctionalTensor): graphs, not numbers to check.
 ``_contract``        what the mode can read and follow; the plain-PyTorch fallbacks and their warnings.
+``_script``          scripted code that takes a gradient itself (TorchScript's builtin grad): said, once.
 ``_supports``        ``_Supports`` (one bool mask per storage) and the per-thread pass state ``_STATE``.
 ``_rules``           the rule table ``RULES``: ``_register``, ``lookup``, the helpers rules share, ``unruled_ops``.
 ``_rules_pointwise`` one rule per kind of the shared facts (``gradwise._ops._zeros``: creation, masks,

@@ -7,7 +7,9 @@ supports of ``_StrongZeroMode``). Some backwards give them neither:
   wrapper whose values cannot be read without breaking the transform (``aten::item`` has no batching rule);
 - batched gradients (``is_grads_batched=True``, ``jacobian(..., vectorize=True)``, gradcheck's batched check)
   seed the backward with vmap's batched tensors;
-- sparse, mkldnn and nested tensors, and tensor subclasses with their own ``__torch_dispatch__``.
+- sparse, mkldnn and nested tensors, and tensor subclasses with their own ``__torch_dispatch__``;
+- TorchScript's own ``torch.autograd.grad``/``backward`` inside scripted code (said when the code is called, by
+  ``_script``).
 
 Such a backward runs as plain PyTorch, exactly as without gradwise, and says so once per process and reason
 with a :class:`PlainBackwardWarning` (a :class:`GradwiseWarning`, so ``-W error`` setups can filter it
@@ -41,7 +43,8 @@ class GradwiseWarning(UserWarning):
 class PlainBackwardWarning(GradwiseWarning):
     """A backward under strong zeros ran as plain PyTorch because gradwise cannot read or follow its tensors
     (a ``torch.func`` transform, batched gradients, sparse/mkldnn/nested tensors, a tensor subclass with
-    its own ``__torch_dispatch__``). The gradients are PyTorch's; a NaN from contamination is not removed there."""
+    its own ``__torch_dispatch__``, TorchScript's builtin ``torch.autograd.grad`` inside scripted code). The
+    gradients are PyTorch's; a NaN from contamination is not removed there."""
 
 
 class OpaqueBackwardWarning(GradwiseWarning):
@@ -83,6 +86,9 @@ _WHY = {
     "mkldnn": "an mkldnn tensor takes part: strong zeros follow dense (strided) tensors only",
     "nested": "a nested tensor takes part: strong zeros follow dense (strided) tensors only",
     "subclass": "a tensor subclass with its own __torch_dispatch__ takes part: its values cannot be read safely",
+    "torchscript": "the TorchScript code {} calls torch.autograd.grad or backward, TorchScript's builtin, which "
+    "runs PyTorch's C++ engine directly where gradwise cannot take part. Take that gradient in Python around the "
+    "scripted code",
     "recorded": "it is being recorded into a graph (make_fx, aot_function, torch.export, torch.jit.trace) outside "
     "torch.compile: "
     "the graph holds PyTorch's plain backward ops, so strong zeros do not apply when it runs. Take the gradient "
@@ -156,8 +162,9 @@ def in_process_group() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def warn_plain(reason: str) -> None:
-    """One PlainBackwardWarning per process and reason (meta tensors: none)."""
+def warn_plain(reason: str, name: str = "") -> None:
+    """One PlainBackwardWarning per process and reason (meta tensors: none); ``name``: what the reason's text
+    names (the scripted function of 'torchscript')."""
     if reason in SILENT or reason in _warned:
         return
     with _warned_lock:
@@ -165,7 +172,8 @@ def warn_plain(reason: str) -> None:
             return
         _warned.add(reason)
     warnings.warn(
-        f"gradwise: this backward ran as plain PyTorch without strong zeros because {_WHY[reason]}. Its gradients "
+        f"gradwise: this backward ran as plain PyTorch without strong zeros because {_WHY[reason].format(name)}. "
+        "Its gradients "
         "are PyTorch's (a NaN from contamination is not removed there). This warning is given once per process "
         "for this reason; filter gradwise.PlainBackwardWarning to silence it.",
         PlainBackwardWarning,

@@ -3,8 +3,8 @@ pass (``_run_strong``, ``_nested``, ``grad_in_pass``), and the public ``strong_z
 ``backward``. The rebound globals ``_installed``, ``_original_engine_run`` and ``_process_wide`` live here only:
 read them as ``_engine.<name>``.
 
-May import: torch, gradwise._checks, gradwise._modes, _contract, _carry, _compile, _supports, _mode, _autograd_graph,
-_planning, _traced;
+May import: torch, gradwise._checks, gradwise._modes, _contract, _script, _carry, _compile, _supports, _mode,
+_autograd_graph, _planning, _traced;
 and lazily (inside ``_under_traces``) gradwise._trace._tracer's ``_Tracer``, to keep a trace's recorders
 above the strong-zero mode.
 """
@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from gradwise._checks import as_tensors, check_differentiable, check_scalar_or_seeded
 from gradwise._modes import dynamo_off
-from gradwise._strong_zeros import _carry, _contract
+from gradwise._strong_zeros import _carry, _contract, _script
 from gradwise._strong_zeros._autograd_graph import _leaves, _root_nodes
 from gradwise._strong_zeros._carry import carry
 from gradwise._strong_zeros._compile import (
@@ -56,6 +56,7 @@ _process_wide = False  # `gradwise run --strong-zeros`: every thread's backward,
 # see _observe: the call sites where torch.compile traced a gradient into a graph, and those not warned about yet
 _known_sites: set[str] = set()
 _pending_sites: list[str] = []
+unseen_reader: Any = None  # gw.trace()'s reader of backwards no wrapped call started, while installed (_observe)
 
 
 # Never traced by dynamo: a backward called inside a torch.compile'd function (a whole training step) graph-breaks,
@@ -69,6 +70,9 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
     path calls the engine exactly once with the caller's retain_graph/create_graph, so what the engine frees,
     what a backward sees (``_get_current_graph_task_keep_graph``) and what hooks run are PyTorch's."""
     assert _original_engine_run is not None
+    if unseen_reader is not None and (tracer := unseen_reader.unseen()) is not None:  # (see _observe)
+        return unseen_reader.read(tracer, _engine_run, t_outputs, grad_tensors, retain_graph, create_graph, inputs,
+                                  allow_unreachable, accumulate_grad)
 
     def run(retain):
         return _original_engine_run(t_outputs, grad_tensors, retain, create_graph, inputs,
@@ -343,6 +347,7 @@ class _StrongZeros(contextlib.ContextDecorator):
             if _installed == 0:
                 _original_engine_run = torch.autograd._engine_run_backward
                 torch.autograd._engine_run_backward = _engine_run
+                _script.install(_strong_here)  # scripted code that takes a gradient: said (_script)
             _installed += 1
         _STATE.depth += 1
 
@@ -353,6 +358,12 @@ class _StrongZeros(contextlib.ContextDecorator):
             _installed -= 1
             if _installed == 0:
                 torch.autograd._engine_run_backward = _original_engine_run
+                _script.uninstall()
+
+
+def _strong_here() -> bool:
+    """Whether strong zeros are on in this thread."""
+    return bool(_STATE.depth or _process_wide)
 
 
 # A gradient that torch.compile traces into a graph (torch.compile(torch.func.grad(f)), or of torch.func.vjp) is
@@ -362,8 +373,15 @@ class _StrongZeros(contextlib.ContextDecorator):
 # records the user's call site then and warns: at once inside a strong-zeros block (of any thread), else on entering
 # the next one.
 # It reads no values and changes no compiled graph.
+#
+# While gw.trace() is installed, ``unseen_reader`` (gradwise._trace._session's) reads a backward that no wrapped
+# torch.autograd.grad/backward started: a name bound before the trace (`from torch.autograd import grad` at a
+# module's top) calls PyTorch's own, which looks this hook up at call time. Here (or in _engine_run, the outer hook
+# while strong zeros are installed: before the plan, as for a wrapped call) the trace sees its seeds and results.
 def _observe(t_outputs, *args: Any, **kwargs: Any) -> Any:
     """``torch.autograd._engine_run_backward`` from gradwise's import on: PyTorch's, plus the record above."""
+    if unseen_reader is not None and (tracer := unseen_reader.unseen()) is not None:
+        return unseen_reader.read(tracer, _observe, t_outputs, *args, **kwargs)
     if torch.compiler.is_compiling() and _under_dynamo_node():
         _record_traced_gradient()
     return _torch_engine_run(t_outputs, *args, **kwargs)

@@ -343,18 +343,32 @@ def _where(func, args, kwargs, sup):
 
 
 
+# Nodes whose formula fills a value of the derivative, not a sensitivity the forward discarded: the 2-norm's
+# (self / norm).masked_fill_(norm == 0, 0) (norm_backward), PyTorch's subgradient 0 at a zero norm, which the
+# formula then multiplies by the sensitivity. The norm used that slice: an infinite sensitivity there (g / norm of
+# a zero slice, norm_except_dim's zero slice in weight_norm) is a genuine singular point, NaN as in PyTorch.
+FILLS_A_VALUE = frozenset(("LinalgVectorNormBackward0", "NormBackward0", "NormBackward1", "NormBackward2",
+                           "NormBackward3", "DistBackward0"))
+
+
 def _masked_fill(func, args, kwargs, sup):
-    """masked_fill(g, mask, 0) in a backward formula zeroes what the forward discarded: structural zeros."""
+    """masked_fill(g, mask, 0) in a backward formula zeroes what the forward discarded: structural zeros where
+    ``mask`` (except in the formulas of ``FILLS_A_VALUE``: there a 0 value of the derivative, no structural zero)."""
     self, mask, value = args[0], args[1], args[2]
     before = _full_support(self, sup)
     out = func(*args, **kwargs)
-    filled = not isinstance(value, torch.Tensor) and value == 0 and _in_formula()
+    filled = not isinstance(value, torch.Tensor) and value == 0 and _in_formula() and not _fills_a_value()
     if filled or sup.tracked(self):
         nonzero = torch.tensor(not filled, device=out.device)
         sup.record(out, torch.where(mask, nonzero, before).expand(out.shape))
     return out
 
 
+
+
+def _fills_a_value() -> bool:
+    node = torch._C._current_autograd_node()
+    return node is not None and node.name() in FILLS_A_VALUE
 
 
 def _placement(func, args, kwargs, sup):

@@ -94,11 +94,15 @@ def _power(ins, out, mask) -> str:
 
 @_explains(aten.pow.Scalar)
 def _exponential(ins, out, mask) -> str:
-    """c ** x: Inf from finite exponents is an overflow (or 0 to a negative power); NaN is a negative c to a
-    fractional power."""
+    """c ** x: Inf from finite exponents is an overflow (a base above 1 in magnitude to a large power, or below 1
+    to a large negative one) or 0 to a negative power, told apart by the exponents' sign (the base c is a number,
+    not among ``ins``); NaN is a negative c to a fractional power."""
     if out is not None and _nan_in(out, mask):
         return "a negative base to a fractional power (NaN)"
-    return f"{_exceeds(out)}, or 0 to a negative power"
+    x = _inputs_at(ins, mask)  # the exponents
+    if x is not None and x.numel() and bool((x > 0).all()):  # (0 ** x and |c| < 1 give no Inf there)
+        return f"{_exceeds(out)}: a base above 1 in magnitude raised to a large power"
+    return f"{_exceeds(out)}: a base below 1 in magnitude raised to a large negative power, or 0 to a negative power"
 
 
 @_explains(aten.div, aten.reciprocal)

@@ -15,10 +15,12 @@ import threading
 from collections.abc import Callable, Iterator
 
 import torch
+from torch._dynamo.eval_frame import skip_code
 
 from gradwise import _strong_zeros
 from gradwise._modes import dynamo_off
 from gradwise._ops._kinks import _SCRATCH
+from gradwise._strong_zeros import _engine
 from gradwise._strong_zeros._traced import recording
 from gradwise._trace import _kinds
 from gradwise._trace._common import _tensors
@@ -122,6 +124,8 @@ def _untraceable() -> str | None:
 @dynamo_off
 def _traced_backward(tensors, grad_tensors=None, *args, **kwargs):
     tracer = _current()
+    if tracer is not None and tracer.passed_calls:  # inside a call passed over: counted once, there (see _traced_grad)
+        return _ORIGINAL[0](tensors, grad_tensors, *args, **kwargs)
     if tracer is not None and (why := _untraceable()) is not None:
         tracer._pass_over_backward("torch.autograd.backward", why)
         with tracer.passing():  # (its ops still reach the tracer: counted once, here)
@@ -147,6 +151,10 @@ def _traced_backward(tensors, grad_tensors=None, *args, **kwargs):
 @dynamo_off
 def _traced_grad(outputs, inputs, grad_outputs=None, *args, **kwargs):
     tracer = _current()
+    if tracer is not None and tracer.passed_calls:
+        # inside a call passed over, counted once there: make_fx's torch-function mode calls torch.autograd.grad's
+        # handler with the function the module's name resolves to, this wrapper (the one call came here twice)
+        return _ORIGINAL[1](outputs, inputs, grad_outputs, *args, **kwargs)
     if tracer is not None and ((why := _untraceable()) is not None or kwargs.get("is_grads_batched")
                                or not all(_kinds.readable(g) for g in _tensors(
                                    [grad_outputs] if isinstance(grad_outputs, torch.Tensor) else grad_outputs or ()))):
@@ -170,6 +178,84 @@ def _traced_grad(outputs, inputs, grad_outputs=None, *args, **kwargs):
             leaves = tuple(inputs)
         _read_results(tracer, "torch.autograd.grad", result, leaves)
     return result
+
+
+class _UnseenReader:
+    """The trace's and the watch's part in the engine hook (``_strong_zeros._engine.unseen_reader``, set while
+    installed): a backward that no wrapped call started (``grad`` bound before the block began: `from torch.autograd
+    import grad` at a module's top calls PyTorch's own, which looks the hook up at call time) is read as a wrapped
+    one is: its seeds made roots and its results read (a trace), its gradients checked (a watch). TorchScript's and
+    C++ backwards never reach the hook (the trace notes them from their ops)."""
+
+    @staticmethod
+    def unseen() -> object | None:
+        """This thread's tracer, else its watcher, when no backward call of its own is running (it then started
+        none of this one)."""
+        ident = threading.get_ident()
+        if torch.compiler.is_compiling():  # (dynamo running a gradient node on fake tensors: no program backward)
+            return None
+        tracer = _TRACERS.get(ident)
+        if tracer is not None:
+            return None if tracer.depth or tracer.passed_calls else tracer
+        watcher = _WATCHERS.get(ident)
+        return None if watcher is None or watcher.depth else watcher
+
+    @staticmethod
+    @dynamo_off
+    def read(who, engine: Callable, t_outputs, grad_tensors, retain_graph, create_graph, inputs=(),
+             allow_unreachable=True, accumulate_grad=True):
+        def run(outputs, seeds, retain, create, given=inputs):
+            return engine(tuple(outputs), tuple(seeds), retain, create, given, allow_unreachable=allow_unreachable,
+                          accumulate_grad=accumulate_grad)
+
+        # is_grads_batched: torch.autograd.grad runs the engine under legacy vmap, whose seeds cannot be read
+        batched = not all(_kinds.readable(g) and not _legacy_batched(g) for g in _tensors(grad_tensors or ()))
+        if not isinstance(who, _Tracer):  # a watcher: its own backward/grad around the engine's run
+            return _watched(who, run, batched, t_outputs, grad_tensors, retain_graph, create_graph, inputs,
+                            accumulate_grad)
+        tracer, call = who, "torch.autograd.backward" if accumulate_grad else "torch.autograd.grad"
+        why = _untraceable() or (_BATCHED if batched else None)
+        if why is not None:
+            tracer._pass_over_backward(call, why)
+            with tracer.passing():
+                return run(t_outputs, grad_tensors, retain_graph, create_graph)
+        t_outputs, grad_tensors = tracer.roots(t_outputs, grad_tensors)
+        with _backward_call(tracer):
+            result = run(t_outputs, grad_tensors, retain_graph, create_graph)
+            # backward: non-leaf inputs get their .grad without an AccumulateGrad node, read here (leaves' are read
+            # at their accumulation); grad: the results, one per input
+            grads = [t.grad if isinstance(t, torch.Tensor) and not t.is_leaf else None for t in inputs] \
+                if accumulate_grad else result
+            _read_results(tracer, call, grads, inputs)
+        return result
+
+
+_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+
+
+def _watched(watcher, run: Callable, batched: bool, t_outputs, grad_tensors, retain_graph, create_graph, inputs,
+             accumulate_grad: bool):
+    """An unseen backward under gw.watch(): the watcher's backward/grad around the engine's run (``run``), which
+    holds the watcher's depth so that the hook does not hand the same backward over again. Batched seeds: run
+    untraced and counted, as a batched torch.autograd.grad is."""
+    def held(*args):
+        watcher.depth += 1
+        try:
+            return run(*args)
+        finally:
+            watcher.depth -= 1
+
+    if batched:
+        watcher.untraced += 1
+        return held(t_outputs, grad_tensors, retain_graph, create_graph)
+    if accumulate_grad:
+        return watcher.backward(lambda t, g, retain, create, _, given: held(t, g, retain, create, given or ()),
+                                t_outputs, grad_tensors, retain_graph, create_graph, None, inputs or None)
+    return watcher.grad(lambda o, _, g, retain, create, *rest: held(o, g, retain, create), t_outputs, inputs,
+                        grad_tensors, retain_graph, create_graph)
+
+
+skip_code(_UnseenReader.unseen.__code__)  # (called in the engine hook: see _strong_zeros._engine._observe)
 
 
 def _read_results(tracer, call: str, grads, leaves) -> None:
@@ -289,6 +375,7 @@ def _install() -> None:
             _jit_builtins_registered()
             torch.autograd.backward, torch.autograd.grad = _traced_backward, _traced_grad
             _LOADER_ITER.__next__ = _traced_next
+            _engine.unseen_reader = _UnseenReader
         _installed += 1
 
 
@@ -298,6 +385,7 @@ def _uninstall() -> None:
         _installed -= 1
         if _installed == 0:
             torch.autograd.backward, torch.autograd.grad, _LOADER_ITER.__next__ = _ORIGINAL
+            _engine.unseen_reader = None
             _ORIGINAL.clear()
 
 

@@ -138,10 +138,10 @@ def _alone() -> bool:
 
 
 RECORDED = "recorded into a graph (make_fx, a fake mode)"
-# (the wrappers replace torch.autograd.grad/backward: a name bound before the trace began, as
-# `from torch.autograd import grad` at a module's top, calls PyTorch's own, which the trace does not see either)
-UNSEEN = ("started where the trace could not see the call (TorchScript, C++, or torch.autograd.grad/backward "
-          "imported before the trace began: `from torch.autograd import grad`; call torch.autograd.grad instead)")
+# (the wrappers replace torch.autograd.grad/backward; a name bound before the trace began, as `from torch.autograd
+# import grad` at a module's top, calls PyTorch's own, which the engine hook hands to the trace: _session._UnseenReader)
+UNSEEN = ("started where the trace could not see the call (TorchScript's builtin torch.autograd.grad/backward "
+          "inside scripted code, or C++): take that gradient in Python")
 
 
 class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance, _GradientBirths, _LeafNames,

@@ -75,7 +75,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from gradwise import _strong_zeros
 from gradwise._masks import all_finite
-from gradwise._strong_zeros._traced import compiling
+from gradwise._strong_zeros._traced import compiling, recording
 from gradwise._trace import _common, _fsdp_watching, _kinds, _replay, _session
 from gradwise._trace._backward_ops import _declared_node
 from gradwise._trace._report import Report
@@ -117,8 +117,10 @@ class _Watcher:
         outs = _as_tuple(tensors)
         # a backward inside a backward (reentrant checkpoint): the outer call checks; one made while compiling
         # (AOTAutograd tracing the joint graph on fake tensors) is no step of the program
+        if self._recorded():
+            return self._untraced_run(orig, tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)
         if self.depth or _compiling(outs):
-            return orig(tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)
+            return self._held(orig, tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)
         keep = create_graph if retain_graph is None else retain_graph
         roots = _strong_zeros._root_nodes(outs)
         # one walk, before the backward (the graph it keeps is the same after): what to check, what to free, and
@@ -164,11 +166,14 @@ class _Watcher:
     def grad(self, orig, outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False,
              only_inputs=True, allow_unused=None, is_grads_batched=False, materialize_grads=False):
         outs = _as_tuple(outputs)
+        if self._recorded():
+            return self._untraced_run(orig, outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs,
+                                      allow_unused, is_grads_batched, materialize_grads)
         if self.depth or is_grads_batched or torch._C._are_functorch_transforms_active() or _compiling(outs):
             if not self.depth and not compiling() and (is_grads_batched or torch._C._are_functorch_transforms_active()):
                 self.untraced += 1  # batched or transformed (not torch.compile's own trace): gradients unread
-            return orig(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs, allow_unused,
-                        is_grads_batched, materialize_grads)
+            return self._held(orig, outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs,
+                              allow_unused, is_grads_batched, materialize_grads)
         keep = create_graph if retain_graph is None else retain_graph
         roots = _strong_zeros._root_nodes(outs)
         self.depth += 1
@@ -184,6 +189,26 @@ class _Watcher:
             _strong_zeros._release(_strong_zeros._saved_toward(roots, _as_tuple(inputs)))
         self.step += 1
         return result
+
+    def _recorded(self) -> bool:
+        """A backward make_fx (or a fake mode) records, outside torch.compile: its tensors, real ones in make_fx's
+        real mode, must not be read (the reads would be recorded or refused: "get value out of a tracing tensor",
+        a crash inside the watch). It runs untraced and counted, as the trace does (``_untraced_run``)."""
+        return not self.depth and recording() and not compiling()
+
+    def _untraced_run(self, orig, *args):
+        self.untraced += 1
+        return self._held(orig, *args)
+
+    def _held(self, orig, *args):
+        """``orig(*args)``, a backward call the watch passes through, as one call: what it runs inside (make_fx's
+        torch-function mode calling torch.autograd.grad again, the engine hook's ``_session._UnseenReader``)
+        is part of it, not another call."""
+        self.depth += 1
+        try:
+            return orig(*args)
+        finally:
+            self.depth -= 1
 
     def start_tracing(self) -> _Tracer:
         """A gw.trace() block opened inside the watch (a script run by ``gradwise run --watch`` that traces a
