@@ -354,6 +354,35 @@ def test_norm_of_a_zero_slice_discarded_is_the_deleted_program(name):
     torch.testing.assert_close(got_g[1:], ref_g, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("discarded", [False, True], ids=["read", "discarded"])
+@pytest.mark.parametrize("name", ["g / linalg.vector_norm", "g / torch.norm", "g / dist", "v * g / torch.norm"])
+def test_norm_of_a_zero_slice_compiled_is_the_eager_answer(name, discarded):
+    """The same programs compiled (aot_eager): the backward runs op by op from AOTAutograd's graph, where no autograd
+    node names the norm's formula; its fill is found by its form (``_graph_forms._guarded_division``). Read, gw gave
+    0 at the zero slice where PyTorch gives NaN (silent); discarded, the deleted program's 0 stays."""
+    import warnings
+
+    torch._dynamo.reset()
+    prog = _zero_slice_programs()[name]
+    v0, g0 = _zero_slice_case()
+    weight = torch.tensor([0.3, -1.2, 0.7], dtype=f64)
+    keep = slice(1, None) if discarded else slice(None)
+
+    def loss_of(v, g):
+        return (prog(v, g)[keep] * weight[keep]).sum()
+
+    v, g = v0.clone().requires_grad_(), g0.clone().requires_grad_()
+    want = gw.grad(loss_of(v, g), (v, g))  # eager, checked against PyTorch and the deleted program above
+    compiled = torch.compile(loss_of, backend="aot_eager", fullgraph=False)
+    v, g = v0.clone().requires_grad_(), g0.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gw.GradwiseWarning)  # (what the compiled backward runs is said elsewhere)
+        got = gw.grad(compiled(v, g), (v, g))
+    assert bool(want[0][:, 0].isnan().all()) != discarded  # the premise: NaN where read, 0 where discarded
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
 def test_weight_norm_dim1_conv_transpose_dead_output_channel():
     """nn.utils.parametrizations.weight_norm(dim=1) of a ConvTranspose1d (dim 1: its output channels), one output
     channel's filters all zero: discarded, the deleted program's gradient; read (loss NaN), PyTorch's gradient."""

@@ -9,7 +9,8 @@ arrives decomposed, and no autograd node tells which formula an op belongs to (A
 ``_REWRITES`` restores one such fact, on a copy of the graph (AOTAutograd's own stays as it is), so that the one
 rule table serves compiled graphs too, with no rule restated here.
 
-May import: torch, and (inside functions, at call time) _compile_pass, _rules, _rules_opdb, _supports.
+May import: torch, and (inside functions, at call time) _compile_pass, _rules, _rules_opdb, _rules_pointwise,
+_supports.
 """
 
 from __future__ import annotations
@@ -319,9 +320,31 @@ def _forward_comparison(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) 
     return True
 
 
+def _guarded_division(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
+    """``(x / n).masked_fill(n == 0, 0)``, the 2-norm's backward (``norm_backward``) decomposed in the graph: the
+    fill is PyTorch's subgradient value where the norm is 0, a value of the derivative, no structural zero
+    (``_rules_pointwise.FILLS_A_VALUE``, which names the eager nodes): it runs as ``_masked_fill_value``."""
+    if node.target is not aten.masked_fill.Scalar or len(node.args) != 3 or node.args[2] != 0:
+        return False
+    quotient, mask = node.args[0], node.args[1]
+    if not (isinstance(quotient, fx.Node) and quotient.target is aten.div.Tensor and isinstance(mask, fx.Node)
+            and mask.target is aten.eq.Scalar and mask.args[1] == 0 and mask.args[0] is quotient.args[1]):
+        return False
+    node.target = _masked_fill_value
+    return True
+
+
+def _masked_fill_value(x: torch.Tensor, mask: torch.Tensor, value: float) -> torch.Tensor:
+    """``masked_fill`` of a guarded division (``_guarded_division``), run as in the formula that fills a value."""
+    from gradwise._strong_zeros._rules_pointwise import GUARDED_DIVISION
+
+    with _formula_of(GUARDED_DIVISION):
+        return aten.masked_fill.Scalar(x, mask, value)
+
+
 _REWRITES: tuple[Callable[[fx.Graph, fx.GraphModule, fx.Node], bool], ...] = (
     _constant_zeros, _saved_zeros, _saved_mask, _logsumexp_node, _logcumsumexp_node, _exp_node, _softmax_whole,
-    _forward_comparison)
+    _forward_comparison, _guarded_division)
 
 
 # -- an op only these graphs contain ----------------------------------------------------------------------------

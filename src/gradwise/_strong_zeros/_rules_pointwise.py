@@ -349,6 +349,9 @@ def _where(func, args, kwargs, sup):
 # a zero slice, norm_except_dim's zero slice in weight_norm) is a genuine singular point, NaN as in PyTorch.
 FILLS_A_VALUE = frozenset(("LinalgVectorNormBackward0", "NormBackward0", "NormBackward1", "NormBackward2",
                            "NormBackward3", "DistBackward0"))
+# a compiled backward names no node: there ``_graph_forms._guarded_division`` finds the same fill by its form,
+# ``(x / n).masked_fill(n == 0, 0)``, and runs it as in the formula of this name
+GUARDED_DIVISION = "(x / n).masked_fill(n == 0, 0)"
 
 
 def _masked_fill(func, args, kwargs, sup):
@@ -367,8 +370,7 @@ def _masked_fill(func, args, kwargs, sup):
 
 
 def _fills_a_value() -> bool:
-    node = torch._C._current_autograd_node()
-    return node is not None and node.name() in FILLS_A_VALUE
+    return _in_node(*FILLS_A_VALUE, GUARDED_DIVISION)
 
 
 def _placement(func, args, kwargs, sup):
