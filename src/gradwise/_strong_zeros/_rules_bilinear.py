@@ -113,21 +113,41 @@ def _conv_counted_outputs(args: tuple, slot: int, dirty: list[int]) -> Callable[
 def _one_channel_conv(func, args, s: torch.Tensor, x1: torch.Tensor, want: int) -> torch.Tensor:
     """convolution_backward's output ``want`` (0: grad_input, 1: grad_weight) for the convolution collapsed to
     one channel: grad_output = where the sensitivity is supported in any output channel, input = ``x1``
-    (N, 1, ...), kernel of ones. Nonzero exactly where some supported element reaches through the kernel."""
-    stride, padding, dilation, transposed, output_padding = args[4:9]
+    (N, 1, ...), kernel of ones. Nonzero exactly where some supported element reaches through the kernel
+    (grad_weight per sample: (N, 1, *kernel), whose any is the batch sum's)."""
     s1 = mask_any(s, 1, keepdim=True).to(args[0].dtype)
     ones = args[2].new_ones((1, 1, *args[2].shape[2:]))
-    mask = [want == 0, want == 1, False]
-    return func(s1, x1, ones, None, stride, padding, dilation, transposed, output_padding, 1, mask)[want]
+    return one_channel_backward(func, (s1, x1, ones, None, *args[4:9], 1), want)
+
+
+def one_channel_backward(func, args: tuple, want: int) -> torch.Tensor:
+    """``func`` (convolution_backward) of a one-channel convolution, ``args`` its arguments (g (N, 1, *out), x
+    (N, 1, *in), kernel (1, 1, *k), ..., groups 1): output ``want`` (0: grad_input, 1: grad_weight) as one call with
+    the batch folded into N groups of one channel, each sample's sums as before (grad_weight comes per sample,
+    (N, 1, *k)). oneDNN runs a one-channel batch ~15x slower than the same sums as groups (a 32x36x36 batch: 3 ms
+    against 0.2 ms): this was most of the cost of a cropped NaN border's convolution rule."""
+    g, x, w = args[:3]
+    n = g.shape[0]
+    if n == 0 or g.shape[1] != 1 or x.shape[1] != 1 or args[9] != 1:
+        return func(*args[:10], [want == 0, want == 1, False])[want]
+    folded = func(g.reshape(1, n, *g.shape[2:]), x.reshape(1, n, *x.shape[2:]),
+                  w.expand(n, *w.shape[1:]).contiguous(), None, *args[4:9], n, [want == 0, want == 1, False])[want]
+    return folded.view(n, 1, *folded.shape[2:]) if want == 0 else folded
 
 
 def _conv_meets(func, args, slot: int, s: torch.Tensor, dirty: list[int]) -> bool:
     """convolution_backward with a non-finite input: can a supported grad_output element meet one of its
     NaN/Inf through the kernel? Asked of one channel (supported anywhere across output channels, non-finite
-    anywhere across input channels), so a cropped NaN border costs a single-channel convolution."""
+    anywhere across input channels), so a cropped NaN border costs a single-channel convolution. The positions
+    are first read from the sums over channels (one pass; a finite sum: no NaN/Inf went in), whose overflow only
+    adds positions: where those meet nothing, nothing does; else the exact test (isfinite, ~8x slower) decides."""
     if slot != 0 or dirty != [1]:
         return True
     x = args[1]
+    if not x.is_complex():
+        bad = ~_sums(x, 1).isfinite().unsqueeze(1)
+        if not bool(_one_channel_conv(func, args, s, bad.to(x.dtype), 1).any()):
+            return False
     bad = mask_any(~torch.isfinite(x), 1, keepdim=True).to(x.dtype)
     return bool(_one_channel_conv(func, args, s, bad, 1).any())
 
@@ -291,8 +311,19 @@ def _conv_backward_support(func, args, slot, s):
         return (None, None, None)
     mask = args[10]
     weight, bias = _conv_channel_supports(args, s) if mask[1] or mask[2] else (None, None)
-    return (conv_input_reads(EagerMasks, args, s) if mask[0] else None, weight if mask[1] else None,
+    return (conv_input_reads(_ConvMasks, args, s) if mask[0] else None, weight if mask[1] else None,
             bias if mask[2] else None)
+
+
+class _ConvMasks(EagerMasks):
+    """The eager mask algebra with ``conv_input_reads``' one-channel convolution_backward run batch-folded
+    (``one_channel_backward``: the same sums, ~15x faster on CPU)."""
+
+    @staticmethod
+    def call(op, *args):
+        if op is aten.convolution_backward.default and list(args[10]) == [True, False, False]:
+            return one_channel_backward(op, args, 0), None, None
+        return op(*args)
 
 
 def _conv_channel_supports(args: tuple, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
