@@ -277,6 +277,8 @@ RULE_SAMPLES = {
     "floor_divide": (lambda x: x // 0.5 * 0.5 + torch.remainder(x, 0.5) + torch.floor_divide(x, 3.0) * 3.0
                      + torch.remainder(x, 3.0), [_X]),
     "logit": (lambda x: torch.logit(x / 4 + 0.5, 0.25), [_X]),  # at 0.25 (x = -1) and 0.75 (x = 1)
+    "det": (lambda x: torch.linalg.det(_tied_matrix(x)), [_X]),  # singular at _X, rank 4: adj(A) != 0
+    "i0e": (torch.special.i0e, [_X]),  # exp(-|x|) I0(x): a kink at x2 = 0
     # in-place variants (their rules run the out-of-place one on a copy): refused at every kink before
     "remainder_": (lambda x: torch.floor(x) + x.clone().remainder_(1.0), [_X]),
     "__imod__": (lambda x: torch.floor(x) + x.clone().__imod__(1.0), [_X]),

@@ -1,6 +1,7 @@
 """Kink rules at singular points and for norms and distances: sqrt, pow, vector/matrix norms, cdist, pdist,
 dist, pairwise_distance, hypot, std, argmax/argmin/argsort/aminmax, msort, elu/selu/rrelu,
-smooth_l1_loss, triplet_margin_loss; eigvalsh at repeated eigenvalues.
+smooth_l1_loss, triplet_margin_loss; eigvalsh at repeated eigenvalues; det at singular matrices (PyTorch's
+derivative is 0 there).
 
 May import: torch, gradwise._masks, ``_errors``, ``_records``, ``_rules``, ``_rules_pointwise``, ``_rules_select``.
 """
@@ -483,3 +484,26 @@ def svdvals(run, func, a, *, driver=None):
     locked = _PieceLock.apply(a, _split(native)[0].detach(), left.reshape(*s.shape[:-1], m, k),
                                right.reshape(*s.shape[:-1], n, k))
     return torch.where(kinky.reshape(s.shape), locked, native)
+
+
+@kink_rule(aten.linalg_det, torch.linalg.det, torch.det, Tensor.det)
+def det(run, func, a):
+    """det(A), PyTorch's value. det is smooth, with derivative tr(adj(A) A'); PyTorch's formulas (both modes:
+    det times A⁻¹) give 0 wherever det(A) == 0, though adj(A) is not 0 at rank n - 1 (det at [[1, 2], [2, 4]]
+    along [[1, 2], [3, 4]]: 0 for -2; a 1 x 1 [[0]]: 0 for 1). There the derivative comes from an SVD,
+    adj(A) = det(U) det(V) V adj(Σ) Uᵀ with adj(Σ) = diag(∏_{j≠i} σ_j), as det + (A - A) · adj(A)ᵀ: the value
+    stays the kernel's, tangent and gradient are adj(A)ᵀ's. Not a kink; real matrices (complex: PyTorch's)."""
+    out = func(a)
+    ap = _split(a)[0].detach()
+    value = _split(out)[0].detach()
+    singular = value == 0
+    if not ap.is_floating_point() or not mask_any(singular):
+        return out
+    with torch.no_grad():
+        u, s, vh = torch.linalg.svd(ap)
+        n = s.shape[-1]
+        others = torch.stack([torch.cat([s[..., :i], s[..., i + 1:]], -1).prod(-1) for i in range(n)], -1)
+        sign = torch.linalg.det(u) * torch.linalg.det(vh)
+        adjugate = sign[..., None, None] * (vh.mT * others.unsqueeze(-2)) @ u.mT
+    exact = value + ((a - ap) * adjugate.mT).sum((-2, -1))
+    return exact if bool(singular.all()) else torch.where(singular, exact, out)
