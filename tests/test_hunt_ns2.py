@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import gradwise as gw
 from gradwise import NonsmoothError
@@ -221,3 +222,43 @@ def test_i0e_at_zero(name):
     away = torch.tensor([0.5, -1.0, 0.7], dtype=D)
     xr = away.clone().requires_grad_(True)
     assert torch.equal(gw.generalized_grad(f, away, seed=0)[0], torch.autograd.grad(f(xr), xr)[0])
+
+
+# -- binary_cross_entropy near 0 and 1 ----------------------------------------------------------------------
+
+Y = torch.tensor([1.0, 0.0, 0.5, 1.0], dtype=D)
+# x, a direction that stays in [0, 1], its steps (in float64 at that scale)
+BCE_POINTS = {
+    "x = 1e-20 (y = 1)": (torch.tensor([1e-20, 0.3, 0.5, 0.6], dtype=D), torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=D),
+                          (1e-26, 1e-27)),
+    "x = 1e-50 (log clamped at -100)": (torch.tensor([1e-50, 0.3, 0.5, 0.6], dtype=D),
+                                        torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=D), (1e-60, 1e-70)),
+    "x = 0 (y = 1)": (torch.tensor([0.0, 0.3, 0.5, 0.6], dtype=D), torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=D),
+                      (1e-60, 1e-70)),
+    "x = 1 (y = 0), moving another element": (torch.tensor([0.2, 1.0, 0.5, 0.6], dtype=D),
+                                              torch.tensor([1.0, 0.0, -1.0, 0.5], dtype=D), (1e-7, 1e-8)),
+    "x = 1 - 2^-40": (torch.tensor([0.2, 1 - 2**-40, 0.5, 0.6], dtype=D),
+                      torch.tensor([0.0, -1.0, 0.0, 0.0], dtype=D), (2**-52, 2**-53)),
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("name", list(BCE_POINTS))
+def test_binary_cross_entropy_near_0_and_1(name, reduction):
+    """PyTorch's derivative of binary_cross_entropy in x, (x - y) / max(x (1 - x), 1e-12), is off where
+    x (1 - x) < 1e-12, and gradwise returned it: at x = 1e-20, y = 1 the directional derivative -1e12 for -1e20
+    (silent), below e^-100 (the log clamped, f constant) -3.3e11 for 0; its forward mode is NaN as soon as one
+    element is 0 or 1, which gradwise returned as f'(x; d). Reference: one-sided float64 differences at steps
+    that fit the point; elsewhere PyTorch's gradient, bit for bit."""
+    x, d, steps = BCE_POINTS[name]
+    f = lambda v: F.binary_cross_entropy(v, Y, weight=torch.tensor([1.0, 2.0, 3.0, 0.5], dtype=D),
+                                         reduction=reduction).sum()
+    with torch.no_grad():
+        ref = [float((f(x + t * d) - f(x)) / t) for t in steps]
+    got = float(gw.directional_derivative(f, x, d))
+    assert got == pytest.approx(ref[-1], rel=1e-3, abs=1e-6)
+    g = gw.generalized_grad(f, x, seed=0)[0]
+    assert float(g @ d) == pytest.approx(got, rel=1e-12, abs=1e-12)  # f is differentiable at these points
+    xr = x.clone().requires_grad_(True)
+    right = (x * (1 - x) >= 1e-12)
+    assert torch.equal(g[right], torch.autograd.grad(f(xr), xr)[0][right])
