@@ -262,3 +262,37 @@ def test_binary_cross_entropy_near_0_and_1(name, reduction):
     xr = x.clone().requires_grad_(True)
     right = (x * (1 - x) >= 1e-12)
     assert torch.equal(g[right], torch.autograd.grad(f(xr), xr)[0][right])
+
+
+# -- poisson_nll_loss(full=True): the Stirling term's mask at y = 1 --------------------------------------------
+
+POISSON = {  # target, direction of the target, whether f jumps along it
+    "y = 1 moving up (the term switches on: a jump)": (torch.tensor([1.0, 2.0, 0.5], dtype=D),
+                                                      torch.tensor([1.0, 1.0, 1.0], dtype=D), True),
+    "y = 1 moving down (stays masked)": (torch.tensor([1.0, 2.0, 0.5], dtype=D),
+                                         torch.tensor([-1.0, 1.0, 1.0], dtype=D), False),
+    "no y at 1": (torch.tensor([0.5, 2.0, 3.0], dtype=D), torch.tensor([1.0, -1.0, 1.0], dtype=D), False),
+}
+
+
+@pytest.mark.parametrize("log_input", [True, False])
+@pytest.mark.parametrize("name", list(POISSON))
+def test_poisson_nll_loss_at_the_stirling_terms_mask(name, log_input):
+    """torch.poisson_nll_loss (a C++ composite) masks its Stirling term with target <= 1, a comparison the watch
+    does not see (PyTorch's own code compares away from kinks): at target = 1 moving up f jumps by
+    0.5 log(2 pi) - 1, yet gradwise answered the masked side's derivative (silent: -0.25 where the one-sided
+    differences diverge). Now a port (gradwise._nonsmooth._ports): the comparison's rule decides, a jump is an
+    error. Reference: one-sided float64 differences; away from the jump PyTorch's gradient (to rounding)."""
+    y, d, jumps = POISSON[name]
+    x = torch.tensor([0.5, 0.2, 1.0], dtype=D)
+    f = lambda v: F.poisson_nll_loss(x, v, log_input=log_input, full=True)
+    if jumps:
+        with pytest.raises(NonsmoothError, match=r"jumps"):
+            gw.directional_derivative(f, y, d)
+        return
+    assert float(gw.directional_derivative(f, y, d)) == pytest.approx(one_sided(f, y, d)[-1], abs=1e-5)
+    g = lambda a, b: F.poisson_nll_loss(a, b, log_input=log_input, full=True)
+    if not bool((y == 1).any()):
+        ar, br = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+        for got, want in zip(gw.generalized_grad(g, (x, y)), torch.autograd.grad(g(ar, br), (ar, br)), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-15, atol=1e-15)  # (the port's ops: rounding may differ)

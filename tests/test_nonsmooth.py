@@ -286,6 +286,10 @@ RULE_SAMPLES = {
     "logit": (lambda x: torch.logit(x / 4 + 0.5, 0.25), [_X]),  # at 0.25 (x = -1) and 0.75 (x = 1)
     "det": (lambda x: torch.linalg.det(_tied_matrix(x)), [_X]),  # singular at _X, rank 4: adj(A) != 0
     "i0e": (torch.special.i0e, [_X]),  # exp(-|x|) I0(x): a kink at x2 = 0
+    # (a port) the Stirling term's mask y <= 1 at y = 1 (constant here: tests/test_hunt_ns2.py moves it)
+    "poisson_nll_loss": (lambda x: F.poisson_nll_loss(x, torch.tensor([0.0, 1.0, 2.0, 1.0, 0.5, 3.0, 1.0],
+                                                                      dtype=x.dtype), full=True, reduction="none"),
+                         [_X]),
     # probabilities of 1e-14: where PyTorch's derivative (x - y) / max(x (1 - x), 1e-12) is off
     "binary_cross_entropy": (lambda x: F.binary_cross_entropy(_bce_p(x), _BCE_Y, reduction="none"), [_X]),
     # in-place variants (their rules run the out-of-place one on a copy): refused at every kink before
@@ -337,6 +341,10 @@ def _port_calls(name: str, x: torch.Tensor, g: torch.Generator):
             if x.dim() == 2:
                 yield (y, t, margin, reduction), {}
             yield (y.reshape(-1)[: x.shape[-1]], t[0], margin, reduction), {}  # 0-D target: PyTorch refuses 2-D x
+    elif name == "poisson_nll_loss":
+        y = torch.randint(0, 4, x.shape, generator=g).to(x.dtype)  # y = 1 (the Stirling term's mask) included
+        for log_input, full, reduction in itertools.product((True, False), (True, False), (0, 1, 2)):
+            yield (y, log_input, full, 1e-8, reduction), {}
     elif name in ("fractional_max_pool2d", "fractional_max_pool2d_aten"):
         planes = (x.shape[0] if x.dim() == 4 else 1, x.shape[-3] if x.dim() >= 3 else 1)
         h, w = (1, *x.shape)[-2:]
