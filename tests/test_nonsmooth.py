@@ -131,6 +131,13 @@ _X = torch.tensor([-3.0, -1.0, 0.0, 0.5, 1.0, 3.0, 6.0], dtype=torch.float64)
 _INTERPOLATIONS = ("linear", "lower", "higher", "nearest", "midpoint")
 
 
+_BCE_Y = torch.tensor([1.0, 0.5, 0.0, 1.0, 0.25, 1.0, 0.0], dtype=torch.float64)
+
+
+def _bce_p(x):
+    return 1e-14 * torch.sigmoid(x).nan_to_num(0.5)  # (NaN: the NaN/Inf test puts one in)
+
+
 def _tied_matrix(x):
     """5x5 from _X: diagonal |x0|, x5, x3 + 0.5, x4, x2 (3, 3, 1, 1, 0 at _X), x3 - 0.5 (0 at _X) coupling
     neighbouring rows (x1 and x6 stay out: the NaN/Inf test puts them there, and an SVD refuses them)."""
@@ -277,6 +284,14 @@ RULE_SAMPLES = {
     "floor_divide": (lambda x: x // 0.5 * 0.5 + torch.remainder(x, 0.5) + torch.floor_divide(x, 3.0) * 3.0
                      + torch.remainder(x, 3.0), [_X]),
     "logit": (lambda x: torch.logit(x / 4 + 0.5, 0.25), [_X]),  # at 0.25 (x = -1) and 0.75 (x = 1)
+    "det": (lambda x: torch.linalg.det(_tied_matrix(x)), [_X]),  # singular at _X, rank 4: adj(A) != 0
+    "i0e": (torch.special.i0e, [_X]),  # exp(-|x|) I0(x): a kink at x2 = 0
+    # (a port) the Stirling term's mask y <= 1 at y = 1 (constant here: tests/test_hunt_ns2.py moves it)
+    "poisson_nll_loss": (lambda x: F.poisson_nll_loss(x, torch.tensor([0.0, 1.0, 2.0, 1.0, 0.5, 3.0, 1.0],
+                                                                      dtype=x.dtype), full=True, reduction="none"),
+                         [_X]),
+    # probabilities of 1e-14: where PyTorch's derivative (x - y) / max(x (1 - x), 1e-12) is off
+    "binary_cross_entropy": (lambda x: F.binary_cross_entropy(_bce_p(x), _BCE_Y, reduction="none"), [_X]),
     # in-place variants (their rules run the out-of-place one on a copy): refused at every kink before
     "remainder_": (lambda x: torch.floor(x) + x.clone().remainder_(1.0), [_X]),
     "__imod__": (lambda x: torch.floor(x) + x.clone().__imod__(1.0), [_X]),
@@ -291,8 +306,11 @@ RULE_SAMPLES = {
     "frac_": (lambda x: x.clone().frac_() + x.clone().fix_(), [_X]),  # = x
     "hypot_": (lambda x: x.clone().hypot_(torch.zeros_like(x)), [_X]),  # |x|
 }
-# PyTorch has no backward for floor_divide: the nearby gradients are those of the same function written with div
-NEARBY_REFERENCES = {"floor_divide": lambda x: torch.div(x, 0.5, rounding_mode="floor") * 0.5
+# PyTorch has no backward for floor_divide, and a wrong one for binary_cross_entropy at 1e-14: the nearby gradients
+# are those of the same function written with div (log, log1p)
+NEARBY_REFERENCES = {"binary_cross_entropy": lambda x: -(_BCE_Y * _bce_p(x).log()
+                                                         + (1 - _BCE_Y) * (-_bce_p(x)).log1p()),
+                     "floor_divide": lambda x: torch.div(x, 0.5, rounding_mode="floor") * 0.5
                      + torch.remainder(x, 0.5) + torch.div(x, 3.0, rounding_mode="floor") * 3.0
                      + torch.remainder(x, 3.0)}
 
@@ -323,6 +341,10 @@ def _port_calls(name: str, x: torch.Tensor, g: torch.Generator):
             if x.dim() == 2:
                 yield (y, t, margin, reduction), {}
             yield (y.reshape(-1)[: x.shape[-1]], t[0], margin, reduction), {}  # 0-D target: PyTorch refuses 2-D x
+    elif name == "poisson_nll_loss":
+        y = torch.randint(0, 4, x.shape, generator=g).to(x.dtype)  # y = 1 (the Stirling term's mask) included
+        for log_input, full, reduction in itertools.product((True, False), (True, False), (0, 1, 2)):
+            yield (y, log_input, full, 1e-8, reduction), {}
     elif name in ("fractional_max_pool2d", "fractional_max_pool2d_aten"):
         planes = (x.shape[0] if x.dim() == 4 else 1, x.shape[-3] if x.dim() >= 3 else 1)
         h, w = (1, *x.shape)[-2:]

@@ -1,5 +1,5 @@
 """Python ports of PyTorch's C++ composite ops whose kinks sit inside them (``PORTS``: callable -> port):
-quantile, nanquantile, renorm, cosine_embedding_loss, fractional_max_pool2d.
+quantile, nanquantile, renorm, cosine_embedding_loss, poisson_nll_loss, fractional_max_pool2d.
 
 A C++ composite such as ``torch.quantile`` reaches gradwise's function mode as one call; its sort runs below the
 mode, where only the watch sees it (an error at a tie). Its port makes the same aten calls in the same order
@@ -12,6 +12,7 @@ May import: torch.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable
 
@@ -105,6 +106,24 @@ def _cosine_embedding_loss(native: Callable):
     return port
 
 
+def _poisson_nll_loss(native: Callable):
+    def port(input: Tensor, target: Tensor, log_input: bool, full: bool, eps: float, reduction: int) -> Tensor:
+        """``torch.poisson_nll_loss`` as ATen's: exp(x) - y x (``log_input``) or x - y log(x + eps), plus with
+        ``full`` the Stirling term y log y - y + log(2 pi y) / 2 masked to 0 where y <= 1, reduced.
+
+        The term jumps at y = 1 (to 0.5 log(2 pi) - 1): the comparison's rule decides along the direction, so a
+        target moving above 1 is an error (PyTorch's watch does not see comparisons: it gave the masked side)."""
+        native(input.detach(), target.detach(), log_input, full, eps, reduction)  # PyTorch's checks and messages
+        loss = torch.exp(input) - target * input if log_input else input - target * torch.log(input + eps)
+        if full:
+            stirling = target * torch.log(target) - target + 0.5 * torch.log(2 * math.pi * target)
+            loss = loss + stirling.masked_fill(target <= 1, 0)
+        return loss if reduction == 0 else loss.mean() if reduction == 1 else loss.sum()
+
+    port.__name__ = "poisson_nll_loss"
+    return port
+
+
 def _fractional_windows(dtype: torch.dtype, u: Tensor, size: int, out: int, pool: int) -> Tensor:
     """Each window's first index along one dim, per sample (``u``: (..., 1)) as ATen's ``generate_intervals``:
     int((i + u) * alpha) - int(u * alpha) for i < out - 1 with alpha = (size - pool) / (out - 1), the last at
@@ -190,6 +209,8 @@ for _call in (torch.renorm, Tensor.renorm, torch.ops.aten.renorm, torch.ops.aten
 for _call in (torch.cosine_embedding_loss, torch.ops.aten.cosine_embedding_loss,
               torch.ops.aten.cosine_embedding_loss.default):
     PORTS[_call] = _cosine_embedding_loss(_call)
+for _call in (torch.poisson_nll_loss, torch.ops.aten.poisson_nll_loss, torch.ops.aten.poisson_nll_loss.default):
+    PORTS[_call] = _poisson_nll_loss(_call)
 for _call in (_F.fractional_max_pool2d, _F.fractional_max_pool2d_with_indices):
     PORTS[_call] = _fractional_max_pool2d(_call)
 for _call in (torch._C._nn.fractional_max_pool2d, torch.ops.aten.fractional_max_pool2d,

@@ -37,7 +37,9 @@ _ATEN_ROUTES: dict[object, Callable] = {
                                      aten.div, aten.floor_divide, aten.logit,
                                      # (exported MobileNets' ReLU6, shrinkages, modulo, scatter max/min)
                                      aten.relu6, aten.softshrink, aten.hardshrink, aten.remainder, aten.fmod,
-                                     aten.scatter_reduce, aten.index_reduce)},
+                                     aten.scatter_reduce, aten.index_reduce,
+                                     # (det: PyTorch's derivative is 0 at a singular matrix)
+                                     aten.linalg_det)},
     aten.max_pool1d: KINK_RULES[aten.max_pool1d],
     aten.max_pool2d: KINK_RULES[aten.max_pool2d_with_indices],
     aten.max_pool3d: KINK_RULES[aten.max_pool3d_with_indices],

@@ -1,6 +1,7 @@
 """Kink rules at singular points and for norms and distances: sqrt, pow, vector/matrix norms, cdist, pdist,
 dist, pairwise_distance, hypot, std, argmax/argmin/argsort/aminmax, msort, elu/selu/rrelu,
-smooth_l1_loss, triplet_margin_loss; eigvalsh at repeated eigenvalues.
+smooth_l1_loss, triplet_margin_loss; eigvalsh at repeated eigenvalues; det at singular matrices (PyTorch's
+derivative is 0 there).
 
 May import: torch, gradwise._masks, ``_errors``, ``_records``, ``_rules``, ``_rules_pointwise``, ``_rules_select``.
 """
@@ -11,13 +12,14 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 from gradwise._masks import mask_any
 from gradwise._nonsmooth._errors import NonsmoothError
 from gradwise._nonsmooth._records import Kink, _user_line
 from gradwise._nonsmooth._rules import _finish, _is_dual, _split, _switch, kink_rule
-from gradwise._nonsmooth._rules_pointwise import _hinge, _pair, _reduce, abs, l1_loss, leaky_relu
+from gradwise._nonsmooth._rules_pointwise import _clamp, _hinge, _pair, _reduce, abs, l1_loss, leaky_relu
 from gradwise._nonsmooth._rules_select import _reduce_select, sort
 
 aten = torch.ops.aten
@@ -483,3 +485,77 @@ def svdvals(run, func, a, *, driver=None):
     locked = _PieceLock.apply(a, _split(native)[0].detach(), left.reshape(*s.shape[:-1], m, k),
                                right.reshape(*s.shape[:-1], n, k))
     return torch.where(kinky.reshape(s.shape), locked, native)
+
+
+@kink_rule(aten.linalg_det, torch.linalg.det, torch.det, Tensor.det)
+def det(run, func, a):
+    """det(A), PyTorch's value. det is smooth, with derivative tr(adj(A) A'); PyTorch's formulas (both modes:
+    det times A⁻¹) give 0 wherever det(A) == 0, though adj(A) is not 0 at rank n - 1 (det at [[1, 2], [2, 4]]
+    along [[1, 2], [3, 4]]: 0 for -2; a 1 x 1 [[0]]: 0 for 1). There the derivative comes from an SVD,
+    adj(A) = det(U) det(V) V adj(Σ) Uᵀ with adj(Σ) = diag(∏_{j≠i} σ_j), as det + (A - A) · adj(A)ᵀ: the value
+    stays the kernel's, tangent and gradient are adj(A)ᵀ's. Not a kink; real matrices (complex: PyTorch's)."""
+    out = func(a)
+    ap = _split(a)[0].detach()
+    value = _split(out)[0].detach()
+    singular = value == 0
+    if not ap.is_floating_point() or not mask_any(singular):
+        return out
+    with torch.no_grad():
+        u, s, vh = torch.linalg.svd(ap)
+        n = s.shape[-1]
+        others = torch.stack([torch.cat([s[..., :i], s[..., i + 1:]], -1).prod(-1) for i in range(n)], -1)
+        sign = torch.linalg.det(u) * torch.linalg.det(vh)
+        adjugate = sign[..., None, None] * (vh.mT * others.unsqueeze(-2)) @ u.mT
+    exact = value + ((a - ap) * adjugate.mT).sum((-2, -1))
+    return exact if bool(singular.all()) else torch.where(singular, exact, out)
+
+
+_BCE_EPSILON = 1e-12  # ATen's binary_cross_entropy backward: (x - y) / max(x (1 - x), EPSILON)
+
+
+def _bce_terms(run, x, y, weight):
+    """-w (y max(log x, -100) + (1 - y) max(log1p(-x), -100)) elementwise, as the kernel takes the logs; where
+    they are -inf (x = 0, 1) the clamp holds them at -100 with derivative 0, and the wheres keep that infinite
+    slope off the tangents and the graph. The clamp rule at -100."""
+    xp = _split(x)[0].detach()
+    inf = torch.full_like(xp, -math.inf)
+    logs = (torch.where(xp > 0, torch.log(torch.where(xp > 0, x, torch.ones_like(xp))), inf),
+            torch.where(xp < 1, torch.log1p(-torch.where(xp < 1, x, torch.zeros_like(xp))), inf))
+    y_log, n_log = (_clamp(run, v, -100.0, None, lambda v=v: torch.clamp(v, min=-100.0)) for v in logs)
+    loss = -(y * y_log + (1 - y) * n_log)
+    return loss if weight is None else loss * _split(weight)[0].detach()
+
+
+def _moving(x: Tensor, tangent: bool, graph: Tensor | None) -> Tensor:
+    """x's primal, with its tangent (``tangent``) and with its graph where ``graph`` (a mask; None: nowhere)."""
+    p, t = _split(x)
+    p = p.detach() if graph is None else torch.where(graph, p, p.detach())
+    return fwAD.make_dual(p, t) if tangent and t is not None else p
+
+
+@kink_rule(aten.binary_cross_entropy, F.binary_cross_entropy)
+def binary_cross_entropy(run, func, input, target, weight=None, size_average=None, reduce=None, reduction="mean"):
+    """-w (y max(log x, -100) + (1 - y) max(log1p(-x), -100)), the kernel's value. PyTorch's derivative in x,
+    (x - y) / max(x (1 - x), 1e-12), is that of the formula only where x (1 - x) >= 1e-12: nearer 0 or 1 it is
+    off by orders of magnitude (x = 1e-20, y = 1: -1e12 for -1e20; below e^-100, where the log is clamped and f
+    constant: -1e12 for 0), and its forward mode is NaN as soon as one element is 0 or 1. There the gradient in
+    x is the formula's (the clamp rule at -100; PyTorch's elsewhere, bit for bit, and in the target), and every
+    tangent the formula's."""
+    xp = _split(input)[0].detach()
+    if not xp.is_floating_point():
+        return func(input, target, weight, size_average, reduce, reduction)
+    off = xp * (1 - xp) < _BCE_EPSILON
+    duals = _is_dual(input) or _is_dual(target)
+    if not mask_any(off) and not duals:
+        return func(input, target, weight, size_average, reduce, reduction)
+    # the kernel's value and its graph, but in x only where PyTorch's derivative is right
+    out = func(_moving(input, False, ~off), _moving(target, False, torch.ones_like(off)), weight, size_average,
+               reduce, reduction)
+    if mask_any(off):  # the formula's gradient in x at those elements (no tangent)
+        loss = _bce_terms(run, _moving(input, False, off), _split(target)[0].detach(), weight)
+        out = out + _reduce(torch.where(off, loss - loss.detach(), torch.zeros_like(xp)), reduction, size_average,
+                            reduce)
+    if duals:  # every tangent from the formula (no graph)
+        loss = _bce_terms(run, _moving(input, True, None), _moving(target, True, None), weight)
+        out = out + _reduce(loss - _split(loss)[0].detach(), reduction, size_average, reduce)
+    return out

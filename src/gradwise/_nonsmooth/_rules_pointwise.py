@@ -78,8 +78,9 @@ def _as_tensor(v, like: Tensor):
     return v if isinstance(v, Tensor) or v is None else torch.as_tensor(v, dtype=like.dtype, device=like.device)
 
 
-def _pair(run, op: str, a, b, larger: bool, native: Callable):
-    """max (larger) or min of a and b elementwise; a wins ties unless the direction says otherwise."""
+def _pair(run, op: str, a, b, larger: bool, native: Callable, ignores_nan: bool = False):
+    """max (larger) or min of a and b elementwise; a wins ties unless the direction says otherwise. A NaN
+    argument gives NaN, or with ``ignores_nan`` (fmax, fmin) the other argument."""
     like = a if isinstance(a, Tensor) else b
     a, b = _as_tensor(a, like), _as_tensor(b, like)
     # s says which side wins (its tangent too), computed once; its graph only where records collect its values
@@ -88,7 +89,16 @@ def _pair(run, op: str, a, b, larger: bool, native: Callable):
         s = a - b if larger else b - a
     if run.near_tol is None and not _near_zero(_split(s)[0], run.tie_tol):
         return native()
-    return _switch(run, op, s, a, b, native, skip=lambda tie: _both_dead(run, a, b, tie))
+    return _switch(run, op, s, _where_nan(a if ignores_nan else b, b, a), b, native,
+                   skip=lambda tie: _both_dead(run, a, b, tie))
+
+
+def _where_nan(x: Tensor, b: Tensor, a: Tensor) -> Tensor:
+    """a, with b (value and tangent) where x is NaN: the side `_switch` takes where s = ±(a - b) is NaN. maximum,
+    minimum and clamp propagate a NaN of either argument (x = b: a NaN b replaces a); fmax and fmin take the other
+    argument (x = a: b replaces a NaN a, and is NaN where both are)."""
+    nan = torch.isnan(_split(x)[0])
+    return torch.where(nan, b, a) if mask_any(nan) else a
 
 
 def _both_dead(run: _Run, a, b, tie: Tensor) -> Tensor | None:
@@ -107,14 +117,16 @@ def _both_dead(run: _Run, a, b, tie: Tensor) -> Tensor | None:
 
 @kink_rule(aten.maximum, torch.maximum, Tensor.maximum, torch.fmax, Tensor.fmax)
 def maximum(run, func, a, b):
-    """Elementwise max. At a tie: the argument that is larger along the direction: f' = max(a', b')."""
-    return _pair(run, "aten.maximum", a, b, True, lambda: func(a, b))
+    """Elementwise max. At a tie: the argument that is larger along the direction: f' = max(a', b'). fmax: a NaN
+    argument gives the other one (value and tangent), also while other elements tie."""
+    return _pair(run, "aten.maximum", a, b, True, lambda: func(a, b), func in (torch.fmax, Tensor.fmax))
 
 
 @kink_rule(aten.minimum, torch.minimum, Tensor.minimum, torch.fmin, Tensor.fmin)
 def minimum(run, func, a, b):
-    """Elementwise min. At a tie: the argument that is smaller along the direction: f' = min(a', b')."""
-    return _pair(run, "aten.minimum", a, b, False, lambda: func(a, b))
+    """Elementwise min. At a tie: the argument that is smaller along the direction: f' = min(a', b'). fmin: as
+    fmax."""
+    return _pair(run, "aten.minimum", a, b, False, lambda: func(a, b), func in (torch.fmin, Tensor.fmin))
 
 
 def _clamp(run, x, lo, hi, native: Callable, inplace: bool = False):
@@ -636,6 +648,22 @@ def logit(run, func, x, eps=None):
         raise NonsmoothError(f"logit at {_user_line()} with eps = {eps} > 0.5 sits at its bound: ATen clamps to "
                              "[eps, 1 - eps], an empty range, where its kernels disagree. Use eps <= 0.5")
     return torch.logit(_clamp(run, x, lo, hi, None))
+
+
+# --- i0e ---------------------------------------------------------------------------------------------------------
+
+
+@kink_rule(aten.special_i0e, torch.special.i0e)
+def i0e(run, func, x):
+    """exp(-|x|) I0(x), the kernel's value. At 0 it kinks (|x|: slopes -1 and 1, f'(0; d) = -|d|) and PyTorch's
+    derivative is 0 (sgn(0) = 0); there the derivative is exp(-|x|) I0(x)'s with the abs rule, added to the
+    kernel's value as (g - g), a derivative alone."""
+    out = func(x)
+    xp = _split(x)[0]
+    if not xp.is_floating_point() or not mask_any(xp == 0):
+        return out
+    g = torch.exp(-abs(run, torch.abs, x)) * torch.special.i0(x)
+    return torch.where(xp == 0, _split(out)[0].detach() + (g - _split(g)[0].detach()), out)
 
 
 # --- in-place variants: the out-of-place rule on a copy, written back -------------------------------------------

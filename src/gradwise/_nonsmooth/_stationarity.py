@@ -71,6 +71,12 @@ class Subdifferential:
         g = self.matrix().cpu().numpy()
         if not np.isfinite(g).all():  # a NaN/Inf gradient (a singular point without a rule): no hull to solve
             return np.full(len(g), np.nan)
+        if len(g) == 1:
+            return np.ones(1)
+        # the weights do not change with the scale; NNLS's tolerances do: gradients of 1e19 (binary cross-entropy
+        # near 0) left it at mu = 0
+        scale = np.abs(g).max()
+        g = g / scale if scale > 0 else g
         a = np.vstack([g.T, np.ones((1, len(g)))])
         b = np.zeros(a.shape[0])
         b[-1] = 1.0

@@ -217,6 +217,12 @@ def _abs_at_zero(c):
     return _where_zero(c)
 
 
+@_kink(aten.special_i0e, convention="0 at 0 (sgn(0) = 0), between the slopes -1 and 1")
+def _i0e_at_zero(c):
+    """i0e(x) = exp(-|x|) I0(x) at 0: |x| kinks there (slopes -1 and 1); the backward uses sgn(0) = 0."""
+    return _where_zero(c)
+
+
 @_kink(aten.sign, aten.sgn, kind="jump", convention="0, as on both sides")
 def _sign_at_zero(c):
     """sign/sgn jump at 0; the backward is 0 everywhere."""
@@ -747,28 +753,3 @@ def _renorm_boundary(c):
     shape = [1] * x.dim()
     shape[dim] = -1
     return Site(torch.broadcast_to((norms == maxnorm).view(shape), x.shape))
-
-
-@_kink(aten._linalg_eigh, kind="singular", needs_out=True,
-       convention="eigenvalues: one eigenbasis's gradient; eigenvectors: NaN/Inf (1 / (λi - λj))")
-def _eigen_ties(c):
-    """eigh with repeated eigenvalues (they come sorted; a zero eigenvalue is no kink): eigenvalues are not
-    differentiable there and the eigenvectors' backward divides by their difference."""
-    vals = c.out[0]
-    if vals.shape[-1] < 2:
-        return None
-    return Site(vals.diff(dim=-1) == 0, aligned=False)
-
-
-@_kink(aten._linalg_svd, kind="singular", needs_out=True,
-       convention="singular values: one basis's gradient (one side's at σ = 0); singular vectors: NaN/Inf at "
-                  "repeated values (1 / (σi² - σj²))")
-def _singular_value_ties(c):
-    """svd with repeated singular values (the vectors' backward divides by σi² - σj²), or a zero one (|σ| is not
-    differentiable at 0)."""
-    vals = c.out[1]
-    mask = vals == 0
-    if vals.shape[-1] > 1:
-        tie = vals.diff(dim=-1) == 0
-        mask = mask | F.pad(tie, (0, 1)) | F.pad(tie, (1, 0))
-    return Site(mask, aligned=False)
