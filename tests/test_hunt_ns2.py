@@ -296,3 +296,23 @@ def test_poisson_nll_loss_at_the_stirling_terms_mask(name, log_input):
         ar, br = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
         for got, want in zip(gw.generalized_grad(g, (x, y)), torch.autograd.grad(g(ar, br), (ar, br)), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-15, atol=1e-15)  # (the port's ops: rounding may differ)
+
+
+@pytest.mark.parametrize("name", ["eigvalsh", "svdvals", "lu"])
+def test_trace_names_the_factorisations_own_fix(name):
+    """The trace's finding at a repeated eigenvalue or a tied pivot says what it is, not the generic texts (the kink's
+    "one element of the subdifferential", false where L and U jump; the singular point's "gw.directional_derivative
+    is exact there", where it raises NonsmoothError for the factors)."""
+    a = (torch.eye(3, dtype=torch.float64) if name != "lu" else
+         torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)).requires_grad_()
+    with gw.trace() as report:
+        if name == "eigvalsh":
+            torch.linalg.eigvalsh(a + a.T)[-1].backward()
+        elif name == "svdvals":
+            torch.linalg.svdvals(a)[0].backward()
+        else:
+            torch.linalg.lu(a).U[0, 1].backward()
+    fixes = [f.fix for f in report.findings if "linalg" in f.op]
+    assert fixes, [(f.kind, f.op) for f in report.findings]
+    want = "tied pivot" if name == "lu" else "repeated eigenvalue or singular value"
+    assert all(want in fix for fix in fixes), fixes

@@ -1,7 +1,7 @@
 """What the trace says: why a NaN/Inf was born (``_EXPLAIN``: one explainer per op family, ``_explain``) and
 the fix texts its findings carry (``_GENUINE_FIX``, ``_UNDECIDED``, ``_GRADIENT_FIX``,
-``_INPUT_FIX``, ``_SEED_FIX``, ``_KINK_FIX``, ``_SINGULAR_FIX``; the fix per discarding op, ``_SELECT_FIX`` among
-them, is ``_facts._DISCARDS``).
+``_INPUT_FIX``, ``_SEED_FIX``, ``_KINK_FIX``, ``_SINGULAR_FIX``, the factorisations' own: ``kink_fix``; the fix per
+discarding op, ``_SELECT_FIX`` among them, is ``_facts._DISCARDS``).
 
 May import: torch, gradwise._trace._common, gradwise._trace._facts.
 """
@@ -210,5 +210,27 @@ _KINK_FIX = ("not an error: the gradient here is PyTorch's convention, one eleme
 _SINGULAR_FIX = ("an infinite derivative (a norm or root at 0): if the gradient must be finite here, smooth the op "
                  "(sqrt(x + eps), vector_norm(x + eps)), or use gw.directional_derivative / gw.generalized_grad, "
                  "which are exact there")
+_TIED_SPECTRUM_FIX = ("a repeated eigenvalue or singular value: the factorisation has no differentiable branch here, "
+                      "and PyTorch's gradient is that of the basis LAPACK returned (the vectors' gradients divide by "
+                      "the gap between tied values: NaN/Inf). A function of the values alone (a matrix norm, an "
+                      "extreme eigenvalue) gets exact one-sided derivatives from gw.directional_derivative where "
+                      "gradwise has a rule for it, and NonsmoothError where it has none; do not use the vectors of "
+                      "tied values")
+_TIED_PIVOT_FIX = ("a tied pivot: partial pivoting chose among rows of equal magnitude, and L and U jump here (the "
+                   "pivot row's entries kink, the others jump), so PyTorch's gradient is that of the row LAPACK "
+                   "picked, not a derivative of a continuous function. det, solve and inv are smooth through this "
+                   "point: use torch.linalg.det / solve / inv rather than the factors (gw.directional_derivative "
+                   "raises NonsmoothError on the factors here)")
+# kink and singular findings whose fix is not the generic one: the factorisations (``gradwise._ops._linalg``)
+_FACTORISATION_FIX = {"aten._linalg_eigh": _TIED_SPECTRUM_FIX, "aten.linalg_eig": _TIED_SPECTRUM_FIX,
+                      "aten._linalg_svd": _TIED_SPECTRUM_FIX, "aten.linalg_lu": _TIED_PIVOT_FIX,
+                      "aten.linalg_lu_factor_ex": _TIED_PIVOT_FIX}
+
+
+def kink_fix(kind: str, op: str) -> str:
+    """The fix of a kink or singular finding at ``op``."""
+    return _FACTORISATION_FIX.get(op) or (_KINK_FIX if kind == "kink" else _SINGULAR_FIX)
+
+
 # forward ops whose backward multiplies the incoming sensitivity by a forward value: a zero they send is the
 # value's zero (computed by the program), not a structural one

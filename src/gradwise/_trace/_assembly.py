@@ -13,7 +13,7 @@ import torch
 
 from gradwise._masks import all_finite
 from gradwise._trace import _causes, _kinds
-from gradwise._trace._advice import _KINK_FIX, _SINGULAR_FIX
+from gradwise._trace._advice import kink_fix
 from gradwise._trace._common import _dist_rank, _fmt, _grad, _held, _inexact, _nonfinite, _positions, _source
 from gradwise._trace._facts import _NOT_DATA
 from gradwise._trace._findings import (
@@ -53,7 +53,7 @@ class _Assembly:
             self._add_received(found.by_key, since)
         for g in self.kinks.values():
             found.by_key[(g.kind, g.op, g.loc)] = Finding(
-                g.kind, g.op, _fmt(g.loc), g.count, fix=_KINK_FIX if g.kind == "kink" else _SINGULAR_FIX,
+                g.kind, g.op, _fmt(g.loc), g.count, fix=kink_fix(g.kind, g.op),
                 message=f"{g.count} element(s) at a {'kink' if g.kind == 'kink' else 'singular point'}",
                 source=_source(g.loc), indices=g.indices, convention=g.convention, reached_gradient=g.reached,
                 occurrences=g.occurrences, step=g.step)
