@@ -160,11 +160,13 @@ def _tensors(args) -> list[torch.Tensor]:
     return out
 
 
-def _floats(out) -> list[torch.Tensor]:
+def _floats(out, empty: bool = False) -> list[torch.Tensor]:
+    """The floating (or complex) tensors of an op's output; the empty ones only where ``empty`` (they hold no
+    NaN/Inf to check, but an empty sensitivity still carries the flow: a sum over an empty selection)."""
     if isinstance(out, torch.Tensor):
-        return [out] if _inexact(out) and out.numel() else []
+        return [out] if _inexact(out) and (empty or out.numel()) else []
     if isinstance(out, (list, tuple)):
-        return [t for t in out if isinstance(t, torch.Tensor) and _inexact(t) and t.numel()]
+        return [t for t in out if isinstance(t, torch.Tensor) and _inexact(t) and (empty or t.numel())]
     return []
 
 

@@ -1,0 +1,132 @@
+"""Hunt for wrong or missing explanations in the trace (gw.trace, gw.explain, gw.watch), second round: kinks,
+singular points and contamination versus genuine NaN on programs whose ground truth is computed with plain torch
+(which .grad entries are NaN) or with gw.grad (what strong zeros remove)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradwise as gw
+
+
+def _nonfinite_grads(named) -> set[str]:
+    return {name for name, p in named if p.grad is not None and not bool(p.grad.isfinite().all())}
+
+
+def _padded_linear():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 1)
+    x = torch.randn(4, 3)
+    x[1, 0] = float("nan")  # one NaN row entry
+    return lin, x
+
+
+_EMPTY_SELECTIONS = {
+    "empty slice": (lambda h: h[:0], "aten.slice"),
+    "all-False mask": (lambda h: h[torch.zeros(4, dtype=torch.bool)], "aten.index"),
+    "empty index": (lambda h: h[torch.tensor([], dtype=torch.long)], "aten.index"),
+    "narrow to 0": (lambda h: h.narrow(0, 0, 0), "aten.slice"),
+}
+
+
+@pytest.mark.parametrize("block", [gw.trace, gw.watch])
+@pytest.mark.parametrize("case", list(_EMPTY_SELECTIONS))
+def test_a_sum_over_an_empty_selection_is_contamination_not_silence(case, block):
+    """SILENT before: a batch where the mask selects nothing, `lin(x)[mask].sum()` with a NaN in x: the loss is 0,
+    every sensitivity is a structural zero and lin.weight.grad is NaN (0 x NaN in the backward of addmm), yet the
+    report said "No NaN/Inf gradients". The sensitivity of the empty selection is an empty tensor, which the trace
+    did not record as a sensitivity, so the flow below it (slice_backward's zeros, the mm) was lost."""
+    select, op = _EMPTY_SELECTIONS[case]
+    lin, x = _padded_linear()
+    with block() as report:
+        select(lin(x)).sum().backward()
+    bad = _nonfinite_grads(lin.named_parameters(prefix="lin"))
+    assert bad == {"lin.weight"}  # the ground truth
+    assert [(f.kind, f.op, f.discarded_op) for f in report.findings] == [("contamination", "aten.mm", op)], \
+        str(report)
+    assert set(report.findings[0].reaches) == bad
+    assert report.findings[0].count == int((~lin.weight.grad.isfinite()).sum())
+    lin.zero_grad()
+    sz = gw.grad(select(lin(x)).sum(), lin.weight)[0]  # strong zeros remove it: contamination, as reported
+    assert bool(sz.isfinite().all())
+
+
+@pytest.mark.parametrize("clean", [torch.nan_to_num, lambda s: s.clone().nan_to_num_()],
+                         ids=["nan_to_num", "nan_to_num_"])
+def test_nan_to_num_after_the_op_that_made_the_nan_is_named_as_the_discarding_op(clean):
+    """`w.sqrt().nan_to_num()`: the value is cleaned, but sqrt's backward still computes 0 / (2 sqrt(-1)) = NaN.
+    nan_to_num's backward zeroes the sensitivity exactly where its input was NaN (gw.grad gives 0 there: the value
+    is not used), so it is contamination discarded by nan_to_num. The report called it a zero 'no op that discards
+    values made', said 'the NaN is genuine for gw.grad too' and that gw.strong_zeros() would not remove it."""
+    w = torch.tensor([1.0, -1.0, 4.0], requires_grad=True)
+    with gw.trace() as report:
+        clean(w.sqrt()).sum().backward()
+    assert w.grad.isnan().tolist() == [False, True, False]  # the ground truth
+    assert gw.grad(clean(w.sqrt()).sum(), w)[0].tolist() == [0.5, 0.0, 0.25]  # strong zeros remove it
+    assert len(report.findings) == 1, str(report)
+    f = report.findings[0]
+    assert (f.kind, f.born_op, f.discarded_op, f.count, f.reaches) == (
+        "contamination", "aten.sqrt", f"aten.{'nan_to_num_' if clean is not torch.nan_to_num else 'nan_to_num'}",
+        1, ["w"])
+    assert "genuine for gw.grad" not in f.message and "removes it" in f.fix
+
+
+_INPLACE_KINKS = {  # in-place op, its out-of-place twin, where its kinks are (of x * 1)
+    "clamp_": (lambda t: t.clamp_(0.0, 1.0), lambda t: t.clamp(0.0, 1.0), lambda x: (x == 0) | (x == 1)),
+    "abs_": (lambda t: t.abs_(), lambda t: t.abs(), lambda x: x == 0),
+    "hardtanh_ (ReLU6(inplace=True))": (torch.nn.ReLU6(inplace=True), torch.nn.ReLU6(), lambda x: (x == 0) | (x == 6)),
+    "nn.Hardtanh(inplace=True)": (torch.nn.Hardtanh(inplace=True), torch.nn.Hardtanh(), lambda x: x.abs() == 1),
+}
+
+
+@pytest.mark.parametrize("used", [slice(0, 2), slice(2, 4)], ids=["first half used", "second half used"])
+@pytest.mark.parametrize("case", list(_INPLACE_KINKS))
+def test_an_in_place_kink_is_reported_as_its_out_of_place_twin(case, used):
+    """MobileNet's ReLU6(inplace=True), x.clamp_(0, 1), x.abs_(): autograd numbers the in-place op's node, then
+    clones its input (the derivative reads the original), and the trace took the clone for the op that made the
+    node: no kink was ever reported for these ops (the out-of-place twins were). Count and 'reached a gradient'
+    against plain torch: the kinks sit where the mask says, and a gradient reaches them where the slice reads."""
+    inplace, twin, where = _INPLACE_KINKS[case]
+    x = torch.tensor([0.0, 0.5, 1.0, 6.0], requires_grad=True)
+    kinks = where(x.detach())
+    reports = []
+    for f in (inplace, twin):
+        with gw.trace() as report:
+            f(x * 1)[used].sum().backward()
+        reports.append(report)
+    got = [[(k.kind, k.count, k.reached_gradient) for k in r.findings] for r in reports]
+    truth = [("kink", int(kinks.sum()), bool(kinks[used].any()))]
+    assert got == [truth, truth], [str(r) for r in reports]
+    assert reports[0].findings[0].op.endswith("_")
+    assert reports[0].findings[0].location == reports[1].findings[0].location  # the user's line, the same one
+
+
+_UNUSED_TIES = {  # x, the op, the part of its output the loss reads, whether that part reads a tied value
+    "sort: the tied values' positions unread": ([0.0, 0.0, 1.0], lambda x: x.sort().values, slice(2, 3), False),
+    "sort: the tied values read": ([0.0, 0.0, 1.0], lambda x: x.sort().values, slice(0, 1), True),
+    "max(dim): the tied row sliced away": ([[3.0, 3.0], [1.0, 2.0]], lambda x: x.max(1).values, slice(1, 2), False),
+    "max(dim): the tied row read": ([[3.0, 3.0], [1.0, 2.0]], lambda x: x.max(1).values, slice(0, 1), True),
+    "amax(dim): the tied row sliced away": ([[3.0, 3.0], [1.0, 2.0]], lambda x: x.amax(1), slice(1, 2), False),
+    "min(dim, keepdim): the tied row sliced away": ([[1.0, 2.0], [0.0, 0.0]],
+                                                    lambda x: x.min(1, keepdim=True).values, slice(0, 1), False),
+    "median(dim): the tied row sliced away": ([[1.0, 1.0, 2.0], [1.0, 2.0, 3.0]], lambda x: x.median(1).values,
+                                              slice(1, 2), False),
+    "topk: the edge tie unread": ([3.0, 2.0, 2.0, 1.0], lambda x: x.topk(2).values, slice(0, 1), False),
+    "topk: the edge tie read": ([3.0, 2.0, 2.0, 1.0], lambda x: x.topk(2).values, slice(1, 2), True),
+    "cummax: the tie's outputs unread": ([1.0, 2.0, 2.0, 0.0], lambda x: x.cummax(0).values, slice(0, 2), False),
+    "cummax: the tie's outputs read": ([1.0, 2.0, 2.0, 0.0], lambda x: x.cummax(0).values, slice(3, 4), True),
+}
+
+
+@pytest.mark.parametrize("case", list(_UNUSED_TIES))
+def test_a_tie_whose_outputs_no_gradient_reads_did_not_reach_a_gradient(case):
+    """'reached a gradient' says whether PyTorch's convention at the kink mattered. For ops whose kink mask sits
+    in the input (sort, max/amax/median over a dim, topk, cummax) any nonzero sensitivity anywhere in the output
+    counted, so a tie in a row the loss slices away (or sorted positions it never reads) said 'yes'."""
+    x0, f, used, reads_tie = _UNUSED_TIES[case]
+    x = torch.tensor(x0, requires_grad=True)
+    with gw.trace() as report:
+        f(x * 1)[used].sum().backward()
+    assert [k.kind for k in report.findings] == ["kink"], str(report)
+    assert report.findings[0].reached_gradient is reads_tie, str(report)
