@@ -61,6 +61,9 @@ class Site:
     found: Tensor | bool | None = None  # may the mask hold a True? (a 0-dim flag, or decided; None: read the mask)
     kind: str = ""  # "kink", "singular" or "jump"; "" takes the fact's
     convention: str = ""  # PyTorch's value there; "" takes the fact's
+    # where the mask is not aligned: the elements of the (first) output whose value reads a kink, as a bool mask
+    # or a callable making one (their incoming sensitivity says whether the convention mattered); None: any
+    reads: Tensor | Callable[[], Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,20 @@ def _slice_ties(x: Tensor, value: Tensor, dim, keepdim: bool) -> Tensor:
     """Elements equal to their slice's selected value, in slices where more than one is (dim None or []: all)."""
     eq = slice_equal(x, value, dim, keepdim)
     return eq & (eq.sum(slice_dims(x, dim), keepdim=True) > 1)
+
+
+def _tied_slices(x: Tensor, value: Tensor, dim, keepdim: bool) -> Site:
+    """``_slice_ties`` as a site, with the reduction's outputs whose slice is tied (``Site.reads``)."""
+    eq = slice_equal(x, value, dim, keepdim)
+    tied = eq.sum(slice_dims(x, dim), keepdim=True) > 1
+    reads = tied if keepdim else tied.squeeze(tuple(slice_dims(x, dim))) if x.dim() else tied.reshape(())
+    return Site(eq & tied, aligned=False, reads=reads)
+
+
+def _both_sides(tie: Tensor, dim: int) -> Tensor:
+    """Positions i and i + 1 along ``dim`` for each tie of neighbours i, i + 1 (``tie`` one shorter there)."""
+    pad = [0, 0] * (tie.dim() - 1 - dim % tie.dim())
+    return F.pad(tie.bool(), [*pad, 0, 1]) | F.pad(tie.bool(), [*pad, 1, 0])
 
 
 def _in_input(like: Tensor, dim: int, marks: list) -> Tensor:
@@ -514,8 +531,10 @@ def _extreme_tie(c):
         return Site(_slice_ties(x, value, dim, keepdim), aligned=False,
                     convention="an index (no gradient): what reads it follows the first")
     if isinstance(out, Tensor):
-        return Site(_slice_ties(x, out, dim, keepdim), aligned=False)
-    return Site(_slice_ties(x, out[0], dim, keepdim), aligned=False, convention="all to the returned (first) index")
+        return _tied_slices(x, out, dim, keepdim)
+    site = _tied_slices(x, out[0], dim, keepdim)
+    site.convention = "all to the returned (first) index"
+    return site
 
 
 @_kink(aten.median, aten.nanmedian, aten.kthvalue, aten.mode, needs_out=True, convention="all to the returned index")
@@ -526,9 +545,11 @@ def _order_statistic_tie(c):
     if not _float(x):
         return None
     if isinstance(out, Tensor):
-        return Site(_slice_ties(x, out, None, False), aligned=False, convention="split evenly among ties")
+        site = _tied_slices(x, out, None, False)
+        site.convention = "split evenly among ties"
+        return site
     i = 2 if c.packet == "kthvalue" else 1
-    return Site(_slice_ties(x, out[0], c.arg(i, "dim", -1), c.arg(i + 1, "keepdim", False)), aligned=False)
+    return _tied_slices(x, out[0], c.arg(i, "dim", -1), c.arg(i + 1, "keepdim", False))
 
 
 @_kink(aten.sort, needs_out=True, convention="follows the returned positions")
@@ -544,7 +565,7 @@ def _sort_tie(c):
     n = values.shape[dim] - 1
     tie = (values.narrow(dim, 0, n) == values.narrow(dim, 1, n)).to(torch.uint8)
     return Site(_in_input(values, dim, [(perm.narrow(dim, 0, n), tie), (perm.narrow(dim, 1, n), tie)]),
-                aligned=False)
+                aligned=False, reads=lambda: _both_sides(tie, dim))
 
 
 @_kink(aten.topk, needs_out=True, convention="all to the returned indices")
@@ -559,10 +580,16 @@ def _topk_tie(c):
     last = values.narrow(dim, k - 1, 1)
     edge = (x == last).sum(dim, keepdim=True) > (values == last).sum(dim, keepdim=True)
     mask = (x == last) & edge  # every element equal to the last value kept, when not all of them are kept
+    inner = None
     if k > 1:
         inner = (values.narrow(dim, 0, k - 1) == values.narrow(dim, 1, k - 1)).to(torch.uint8)
         mask = mask | _in_input(x, dim, [(idx.narrow(dim, 0, k - 1), inner), (idx.narrow(dim, 1, k - 1), inner)])
-    return Site(mask, aligned=False)
+
+    def reads() -> Tensor:  # the kept values tied with the edge, and the tied neighbours among them
+        at_edge = (values == last) & edge
+        return at_edge if inner is None else at_edge | _both_sides(inner, dim)
+
+    return Site(mask, aligned=False, reads=reads)
 
 
 @_kink(aten.cummax, aten.cummin, needs_out=True, convention="all to the returned (last) index")
@@ -576,7 +603,13 @@ def _running_extreme_tie(c):
     n = x.shape[dim] - 1
     mask = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
     mask.narrow(dim, 1, n).copy_(x.narrow(dim, 1, n) == values.narrow(dim, 0, n))
-    return Site(mask, aligned=False)
+
+    def reads() -> Tensor:  # outputs whose value a tie holds: the running extreme of the tied values equals them
+        fill = -math.inf if c.packet.startswith("cummax") else math.inf
+        tied = torch.where(mask, values, fill)
+        return (tied.cummax(dim) if fill < 0 else tied.cummin(dim)).values == values
+
+    return Site(mask, aligned=False, reads=reads)
 
 
 @_kink(aten.max_pool2d_with_indices, aten.max_pool3d_with_indices, needs_out=True,
