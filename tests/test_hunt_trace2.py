@@ -130,3 +130,50 @@ def test_a_tie_whose_outputs_no_gradient_reads_did_not_reach_a_gradient(case):
         f(x * 1)[used].sum().backward()
     assert [k.kind for k in report.findings] == ["kink"], str(report)
     assert report.findings[0].reached_gradient is reads_tie, str(report)
+
+
+def _adaptive_ties_by_loops(x: torch.Tensor, out_size: tuple) -> int:
+    """Reference: the windows (ATen's [floor(i L / O), ceil((i + 1) L / O)) per dim) whose maximum more than one
+    element of the window attains, counted by Python loops over every window."""
+    import itertools
+    import math
+
+    spatial = len(out_size)
+    planes = x.reshape(-1, *x.shape[-spatial:])
+    ranges = [[(i * n // o, math.ceil((i + 1) * n / o)) for i in range(o)]
+              for n, o in zip(x.shape[-spatial:], out_size, strict=True)]
+    tied = 0
+    for plane in planes:
+        for window in itertools.product(*ranges):
+            w = plane[tuple(slice(a, b) for a, b in window)]
+            tied += int((w == w.max()).sum() > 1)
+    return tied
+
+
+_ADAPTIVE = {  # input shape, output size, the pooling function
+    "global 2d (AdaptiveMaxPool2d(1))": ((2, 3, 4, 4), (1, 1), torch.nn.functional.adaptive_max_pool2d),
+    "2d, overlapping windows": ((1, 2, 5, 7), (3, 4), torch.nn.functional.adaptive_max_pool2d),
+    "2d, no batch dim": ((2, 6, 5), (4, 2), torch.nn.functional.adaptive_max_pool2d),
+    "1d": ((2, 3, 9), (4,), torch.nn.functional.adaptive_max_pool1d),
+    "3d": ((1, 2, 3, 4, 5), (2, 3, 2), torch.nn.functional.adaptive_max_pool3d),
+}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("case", list(_ADAPTIVE))
+def test_adaptive_max_pool_ties_are_reported_window_by_window(case, seed):
+    """AdaptiveMaxPool2d(1) after a ReLU (a global max-pool over a dead channel: all zeros) ties on every step,
+    yet the trace reported no kink for adaptive max-pool at all (its fact was a coarse superset, which the trace
+    skips). The windows with tied maxima are counted now, against loops over every window."""
+    shape, out_size, pool = _ADAPTIVE[case]
+    torch.manual_seed(seed)
+    x = torch.randint(0, 4, shape).float().relu().requires_grad_(True)  # few values: ties in many windows
+    truth = _adaptive_ties_by_loops(x.detach(), out_size)
+    assert truth > 0
+    with gw.trace() as report:
+        pool(x * 1, out_size).sum().backward()
+    assert [(f.kind, f.count, f.reached_gradient) for f in report.findings] == [("kink", truth, True)], str(report)
+    distinct = torch.randperm(x.numel()).float().view(shape).requires_grad_(True)  # no tie anywhere
+    with gw.trace() as report:
+        pool(distinct * 1, out_size).sum().backward()
+    assert report.findings == [], str(report)

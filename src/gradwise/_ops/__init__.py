@@ -6,6 +6,8 @@ Modules:
 ``_kinks``      where each aten op kinks (or is singular, or jumps), and PyTorch's convention there: ``KINKS``.
 ``_discrete``   the jumps of ops that read floats into integers or bools (bucketize, casts, nonzero ...), added
                 to ``KINKS``.
+``_pool_kinks`` the ties of max-pooling ops (max-pool, adaptive and fractional max-pool, embedding_bag max), added
+                to ``KINKS``.
 ``_zeros``      what each aten op does to structural zeros, by kind (makes, moves, adds, multiplies, gates ...):
                 ``ZERO_FACTS``, read by both strong-zero engines (eager and compiled) and the trace.
 
@@ -16,4 +18,4 @@ autograd node types do with saved tensors (``_strong_zeros/_node_facts.py``); th
 May import: torch, math only (no other gradwise module).
 """
 
-from gradwise._ops import _discrete  # noqa: F401  (registers its facts in KINKS)
+from gradwise._ops import _discrete, _pool_kinks  # noqa: F401  (register their facts in KINKS)
