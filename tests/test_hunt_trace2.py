@@ -177,3 +177,63 @@ def test_adaptive_max_pool_ties_are_reported_window_by_window(case, seed):
     with gw.trace() as report:
         pool(distinct * 1, out_size).sum().backward()
     assert report.findings == [], str(report)
+
+
+def _multi_margin_terms_at_zero(x, y, margin=1.0):
+    """Reference by loops: the (sample, class i != y) terms margin - x[y] + x[i] that are exactly 0."""
+    return sum(int(margin - x[n, y[n]] + x[n, i] == 0) for n in range(x.shape[0]) for i in range(x.shape[1])
+               if i != y[n])
+
+
+def _multilabel_classes_at_zero(x, y):
+    """Reference by loops: the (sample, non-target class i) with 1 - x[j] + x[i] = 0 for a listed target j."""
+    hits = 0
+    for n in range(x.shape[0]):
+        listed = []
+        for t in y[n].tolist():
+            if t < 0:
+                break
+            listed.append(t)
+        hits += sum(int(any(1 - x[n, j] + x[n, i] == 0 for j in listed)) for i in range(x.shape[1])
+                    if i not in listed)
+    return hits
+
+
+_F = torch.nn.functional
+_LOSS_KINKS = {  # x, the loss of x, the reference count of elements at the kink, the op reported
+    "multi_margin_loss": ([[1.0, 0.0, -0.5], [0.2, 0.3, 0.4], [2.0, 1.0, 1.0]],
+                          lambda x: _F.multi_margin_loss(x, torch.tensor([0, 2, 0])),
+                          lambda x: _multi_margin_terms_at_zero(x, [0, 2, 0]), "aten.multi_margin_loss"),
+    "multilabel_margin_loss": ([[1.0, 0.0, -0.5, 3.0], [0.5, 0.5, 1.5, -0.5]],
+                               lambda x: _F.multilabel_margin_loss(x, torch.tensor([[0, -1, 1, 1], [2, 3, -1, 0]])),
+                               lambda x: _multilabel_classes_at_zero(x, torch.tensor([[0, -1, 1, 1], [2, 3, -1, 0]])),
+                               "aten.multilabel_margin_loss_forward"),
+    "hinge_embedding_loss (clamp_min_ in place)": (
+        [1.0, 2.0, 0.5], lambda x: _F.hinge_embedding_loss(x, torch.tensor([-1.0, -1.0, -1.0])),
+        lambda x: int((1.0 - x == 0).sum()), "aten.clamp_min_"),
+}
+
+
+@pytest.mark.parametrize("case", list(_LOSS_KINKS))
+def test_a_margin_loss_exactly_at_its_margin_is_a_kink(case):
+    """multi_margin_loss / multilabel_margin_loss (native ops) had no kink fact and hinge_embedding_loss's hinge is
+    an in-place clamp_min_ (the in-place node fix): a sample exactly at the margin was no kink in the report."""
+    x0, loss, reference, op = _LOSS_KINKS[case]
+    x = torch.tensor(x0, requires_grad=True)
+    truth = reference(x.detach())
+    assert truth > 0
+    with gw.trace() as report:
+        loss(x).backward()
+    assert [(f.kind, f.op, f.count) for f in report.findings] == [("kink", op, truth)], str(report)
+    torch.manual_seed(0)
+    with gw.trace() as report:  # moved off the margin: no kink
+        loss((x.detach() + torch.rand(x.shape) * 1e-3 + 1e-4).requires_grad_()).backward()
+    assert report.findings == [], str(report)
+
+
+def test_multi_margin_loss_with_p_2_is_no_kink_at_its_margin():
+    """max(0, z)^2 has slope 0 on both sides of z = 0: no kink (the fact says so, not only the count)."""
+    x = torch.tensor([[1.0, 0.0, -0.5]], requires_grad=True)
+    with gw.trace() as report:
+        _F.multi_margin_loss(x, torch.tensor([0]), p=2).backward()
+    assert report.findings == [], str(report)

@@ -369,6 +369,38 @@ def _smooth_l1_at_target(c):
     return _l1_at_target(c)
 
 
+@_kink(aten.multi_margin_loss, convention="0 at the margin (the hinge's flat side)")
+def _multi_margin_at_margin(c):
+    """multi_margin_loss (p = 1) where a class i other than the target y sits exactly at the margin,
+    margin - x[y] + x[i] = 0: max(0, .) kinks there and the backward counts a term only where it is > 0. For
+    p = 2 both sides have slope 0 there (no kink). Marked at x[i]."""
+    x, y = c.args[0], c.args[1]
+    if not _float(x) or c.arg(2, "p", 1) != 1:
+        return None
+    x2 = x if x.dim() == 2 else x.reshape(1, -1)
+    y2 = y.reshape(-1, 1)
+    z = c.arg(3, "margin", 1.0) - x2.gather(1, y2) + x2
+    at = (z == 0) & (torch.arange(x2.shape[1], device=x.device) != y2)
+    return Site(at.reshape(x.shape), aligned=False)
+
+
+@_kink(aten.multilabel_margin_loss_forward, convention="0 at the margin (the hinge's flat side)")
+def _multilabel_margin_at_margin(c):
+    """multilabel_margin_loss where 1 - x[j] + x[i] = 0 for a listed target j (the entries before the first -1)
+    and a class i that is no target: max(0, .) kinks there; the backward counts a term only where it is > 0.
+    Marked at x[i]."""
+    x, y = c.args[0], c.args[1]
+    if not _float(x):
+        return None
+    x2, y2 = (x, y) if x.dim() == 2 else (x.reshape(1, -1), y.reshape(1, -1))
+    listed = (y2 >= 0).cumprod(1).bool()
+    y2 = y2.clamp_min(0)
+    is_target = torch.zeros(x2.shape, dtype=torch.long, device=x.device).scatter_add_(1, y2, listed.long()) > 0
+    z = 1.0 - x2.gather(1, y2).unsqueeze(2) + x2.unsqueeze(1)  # (N, listed j, class i)
+    at = ((z == 0) & listed.unsqueeze(2) & ~is_target.unsqueeze(1)).any(1)
+    return Site(at.reshape(x.shape), aligned=False)
+
+
 @_kink(aten.gt, aten.ge, aten.lt, aten.le, aten.eq, aten.ne, guard=True,
        convention="no gradient; a where that reads it picks one branch at a tie")
 def _comparison_tie(c):
