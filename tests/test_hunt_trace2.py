@@ -237,3 +237,35 @@ def test_multi_margin_loss_with_p_2_is_no_kink_at_its_margin():
     with gw.trace() as report:
         _F.multi_margin_loss(x, torch.tensor([0]), p=2).backward()
     assert report.findings == [], str(report)
+
+
+_POINTS = [[0.0, 0.0], [0.0, 0.0], [1.0, 1.0], [1.0, 2.0]]  # rows 0 and 1 coincide; rows 2, 3 share a coordinate
+
+
+def _pairs_by_loops(rows, p: float, pairs) -> int:
+    """Reference: pairs at a kink of ||a - b||_p, by loops: coincident rows; for p = 1 also an equal coordinate."""
+    hit = 0
+    for i, j in pairs:
+        d = [a - b for a, b in zip(rows[i], rows[j], strict=True)]
+        hit += int(all(v == 0 for v in d) or (p == 1 and any(v == 0 for v in d)))
+    return hit
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0])
+@pytest.mark.parametrize("op", ["cdist", "pdist"])
+def test_distances_at_coincident_points_are_reported(op, p):
+    """cdist / pdist of coincident points (a norm at 0: PyTorch's backward uses 0 there) reported nothing, though
+    torch.linalg.vector_norm at 0 is a singular point in the report; for p = 1 an equal coordinate is a kink."""
+    x = torch.tensor(_POINTS, requires_grad=True)
+    n = len(_POINTS)
+    with gw.trace() as report:
+        (torch.cdist(x, x, p=p) if op == "cdist" else torch.pdist(x, p=p)).sum().backward()
+    pairs = [(i, j) for i in range(n) for j in range(n)] if op == "cdist" else \
+        [(i, j) for i in range(n) for j in range(i + 1, n)]
+    kind = "singular" if p == 2 else "kink"
+    assert [(f.kind, f.count) for f in report.findings] == [(kind, _pairs_by_loops(_POINTS, p, pairs))], \
+        str(report)
+    with gw.trace() as report:  # apart: nothing
+        y = (x.detach() + torch.arange(2 * n, dtype=torch.float32).view(n, 2) / 7).requires_grad_()
+        torch.cdist(y, y.detach() + 0.5, p=p).sum().backward()
+    assert report.findings == [], str(report)

@@ -56,6 +56,11 @@ EXACT = {
                                                              reduction="none"),
         aten.multilabel_margin_loss_forward, lambda x: ((x.view(2, 3), torch.tensor([[0, -1, 2], [1, 2, -1]]), 0),
                                                         {}), (6,)),
+    **{f"cdist p={p:g}": (lambda x, p=p: torch.cdist(x.view(3, 2)[:1], x.view(3, 2)[1:], p),
+                          aten._cdist_forward, lambda x, p=p: ((x.view(3, 2)[:1], x.view(3, 2)[1:], p, None), {}), (6,))
+       for p in (1.0, 2.0, math.inf)},
+    "pdist p=2": (lambda x: torch.pdist(x.view(3, 2)), aten._pdist_forward, lambda x: ((x.view(3, 2), 2.0), {}), (6,)),
+    "dist p=1": (lambda x: torch.dist(x[:3], x[3:], 1), aten.dist, lambda x: ((x[:3], x[3:], 1), {}), (6,)),
     "norm-1": (lambda x: torch.linalg.vector_norm(x.view(2, 3), 1, 1), aten.linalg_vector_norm,
                lambda x: ((x.view(2, 3), 1, [1]), {}), (6,)),
     "norm-inf": (lambda x: torch.linalg.vector_norm(x.view(2, 3), math.inf, 1), aten.linalg_vector_norm,

@@ -689,6 +689,59 @@ def _norm_at_zero(c):
     return Site(mask, aligned=False)
 
 
+def _distance_site(out: Tensor, p: float, diffs: Callable[[], Tensor]) -> Site | None:
+    """Where distances ``out`` = ||d||_p of pair differences (``diffs()``: shaped like out plus one last dim,
+    made only for p other than 2) sit at a kink: coincident points (a norm at 0; PyTorch's backward uses 0) for
+    any p > 0; for p <= 1 also a coordinate difference of 0 (|t|^p kinks there, singular for p < 1), for p = inf
+    ties among the largest |coordinate difference| (the backward splits evenly). p = 0 counts differing
+    coordinates: it jumps where one is equal."""
+    if p == 0:
+        return Site((diffs() == 0).any(-1), kind="jump", convention="0, as on both sides")
+    if p == math.inf:
+        return Site((out == 0) | ((diffs().abs() == out.unsqueeze(-1)).sum(-1) > 1), kind="kink",
+                    convention="split evenly among tied |coordinate differences|; 0 at coincident points")
+    if p <= 1:
+        return Site((out == 0) | (diffs() == 0).any(-1), kind="kink" if p == 1 else "singular",
+                    convention="0 at a zero coordinate difference (sign(0) = 0)")
+    return Site(out == 0)
+
+
+@_kink(aten._cdist_forward, kind="singular", needs_out=True, convention="0 at coincident points")
+def _cdist_at_coincident_points(c):
+    """cdist(x1, x2, p) at a pair of points that coincide (and, by p, at equal coordinates): ``_distance_site``.
+    (torch.cdist with p = 2 and more than 25 rows takes the matrix-product route instead, a clamp_min before a
+    sqrt.)"""
+    x1, x2 = c.args[0], c.args[1]
+    if not _float(x1):
+        return None
+    return _distance_site(c.out, float(c.arg(2, "p", 2.0)), lambda: x1.unsqueeze(-2) - x2.unsqueeze(-3))
+
+
+@_kink(aten._pdist_forward, kind="singular", needs_out=True, convention="0 at coincident points")
+def _pdist_at_coincident_points(c):
+    """pdist(x, p) at a pair of rows that coincide (and, by p, at equal coordinates): ``_distance_site``, pairs
+    (i < j) in pdist's order."""
+    x = c.args[0]
+    if not _float(x) or x.shape[0] < 2:
+        return None
+
+    def diffs() -> Tensor:
+        i, j = torch.triu_indices(x.shape[0], x.shape[0], 1, device=x.device)
+        return x[i] - x[j]
+
+    return _distance_site(c.out, float(c.arg(1, "p", 2.0)), diffs)
+
+
+@_kink(aten.dist, kind="singular", needs_out=True, convention="0 at coincident points")
+def _dist_at_coincident_points(c):
+    """dist(a, b, p) = ||a - b||_p where a == b (and, by p, where an element of a equals b's): ``_distance_site``,
+    aligned with the (scalar) output."""
+    a, b = c.args[0], c.args[1]
+    if not _float(a):
+        return None
+    return _distance_site(c.out, float(c.arg(2, "p", 2.0)), lambda: (a - b).reshape(-1))
+
+
 @_kink(aten.renorm, convention="the unscaled side (gradient 1) at norm = maxnorm")
 def _renorm_boundary(c):
     """renorm where a slice's norm equals maxnorm: rescaling starts there; the backward takes the unscaled side."""
