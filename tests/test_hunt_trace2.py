@@ -269,3 +269,26 @@ def test_distances_at_coincident_points_are_reported(op, p):
         y = (x.detach() + torch.arange(2 * n, dtype=torch.float32).view(n, 2) / 7).requires_grad_()
         torch.cdist(y, y.detach() + 0.5, p=p).sum().backward()
     assert report.findings == [], str(report)
+
+
+@pytest.mark.parametrize("impl", [{"foreach": False}, {"foreach": True}, {"fused": True}],
+                         ids=["for-loop", "foreach", "fused"])
+def test_adam_with_eps_0_divides_0_by_0_and_the_report_says_so(impl):
+    """Adam(eps=0) on a parameter whose gradient is always 0 (an input column of zeros): the update divides
+    0 / (sqrt(0) + 0) and writes NaN into it; the next forward's loss is NaN. The report said 'aten.addcdiv_ made
+    NaN/Inf from finite inputs' with the fix 'find why the value is not finite where it is used'."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 1)
+    opt = torch.optim.Adam(lin.parameters(), lr=0.1, eps=0.0, **impl)
+    x = torch.ones(4, 3)
+    x[:, 2] = 0.0
+    with gw.trace() as report:
+        for _ in range(2):
+            opt.zero_grad()
+            loss = lin(x).sum()
+            loss.backward()
+            opt.step()
+    assert lin.weight.isnan().tolist() == [[False, False, True]] and loss.isnan()  # the ground truth
+    births = [f for f in report.findings if f.kind == "nan"]
+    assert len(births) == 1 and births[0].count == 1, str(report)
+    assert "division by zero" in births[0].born and "eps > 0" in births[0].fix, str(report)

@@ -109,6 +109,20 @@ def _division(ins, out, mask) -> str:
     return "division by zero (x/0 = ±inf, 0/0 = NaN)"
 
 
+# an optimizer's update divides by sqrt(v) + eps: 0 / 0 where a parameter's gradient was always 0 and eps is 0
+_UPDATE_DIVISIONS = [aten.addcdiv, aten.addcdiv_, aten._foreach_addcdiv, aten._foreach_addcdiv_, aten._fused_adam_,
+                     aten._fused_adamw_]
+
+
+@_explains(*_UPDATE_DIVISIONS)
+def _update_division(ins, out, mask) -> str:
+    """addcdiv (x + v * a / b) and the fused Adam updates divide: by 0 where b (sqrt(v) + eps) is 0."""
+    if any(isinstance(t, torch.Tensor) and t.is_floating_point() and _nonfinite(t) for t in ins):
+        return f"{_division(ins, out, mask)} in a division of an update"
+    return ("division by zero in an update (a / b with b = 0: 0/0 = NaN; Adam-style optimizers divide by "
+            "sqrt(v) + eps, 0 where a parameter's gradient has always been 0 and eps is 0)")
+
+
 # (and the in-place arithmetic of an optimizer's update: a parameter that overflows)
 @_explains(*(_OVERFLOWS - {aten.pow}), aten.add_, aten.sub_, aten.mul_, aten.addcmul, aten.addcmul_)
 def _overflow(ins, out, mask) -> str:
@@ -171,6 +185,9 @@ _GENUINE_FIX: dict = {
                     "sqrt(x + eps) or torch.linalg.vector_norm (gradient 0 at 0)"),
     **dict.fromkeys([aten.div, aten.reciprocal],
                     "guard the denominator: x / d.clamp_min(eps) or torch.where(d != 0, ...)"),
+    **dict.fromkeys(_UPDATE_DIVISIONS,
+                    "keep the optimizer's eps > 0 (Adam, AdamW, RMSprop, Adagrad: it keeps the denominator of the "
+                    "update away from 0), or guard the denominator of a hand-written update"),
     **dict.fromkeys([aten.exp, aten.exp2, aten.expm1, aten.sinh, aten.cosh],
                     "avoid the overflow: logsumexp / softplus / log-space arithmetic, or clamp the input"),
     **dict.fromkeys([aten._softmax, aten._log_softmax], "do not mask a whole row: keep one entry or drop the row"),
