@@ -118,7 +118,7 @@ _UPDATE_DIVISIONS = [aten.addcdiv, aten.addcdiv_, aten._foreach_addcdiv, aten._f
 def _update_division(ins, out, mask) -> str:
     """addcdiv (x + v * a / b) and the fused Adam updates divide: by 0 where b (sqrt(v) + eps) is 0."""
     if any(isinstance(t, torch.Tensor) and t.is_floating_point() and _nonfinite(t) for t in ins):
-        return f"{_division(ins, out, mask)} in a division of an update"
+        return "NaN from infinite inputs (inf / inf or 0 x inf in the update: an Inf gradient or state upstream)"
     return ("division by zero in an update (a / b with b = 0: 0/0 = NaN; Adam-style optimizers divide by "
             "sqrt(v) + eps, 0 where a parameter's gradient has always been 0 and eps is 0)")
 
