@@ -292,3 +292,82 @@ def test_adam_with_eps_0_divides_0_by_0_and_the_report_says_so(impl):
     births = [f for f in report.findings if f.kind == "nan"]
     assert len(births) == 1 and births[0].count == 1, str(report)
     assert "division by zero" in births[0].born and "eps > 0" in births[0].fix, str(report)
+
+
+def test_functional_call_parameters_are_named_by_the_dict_that_holds_them():
+    """torch.func.functional_call(lin, params, x) with params a dict of plain tensors (a meta-learning inner loop):
+    the NaN gradient is params['weight'].grad, and lin.weight.grad stays None. The report said it reaches
+    'lin.weight' (the module held params['weight'] while the forward ran)."""
+    from torch.func import functional_call
+
+    lin, x = _padded_linear()
+    params = {k: v.detach().clone().requires_grad_() for k, v in lin.named_parameters()}
+    with gw.trace() as report:
+        functional_call(lin, params, (x,))[2:].sum().backward()  # row 1 (the NaN) sliced away
+    assert lin.weight.grad is None and _nonfinite_grads(params.items()) == {"weight"}  # the ground truth
+    assert [(f.kind, f.reaches) for f in report.findings] == [("contamination", ["params['weight']"])], str(report)
+    with gw.trace() as report:  # the module's own parameters passed in: named as the module's
+        functional_call(lin, dict(lin.named_parameters()), (x,))[2:].sum().backward()
+    assert [(f.kind, f.reaches) for f in report.findings] == [("contamination", ["lin.weight"])], str(report)
+
+
+_AFTER_BACKWARD = {
+    "assigned": lambda lin: setattr(lin.weight, "grad", torch.full_like(lin.weight, float("nan"))),
+    "written in place": lambda lin: lin.weight.grad.__setitem__((0, 0), float("nan")),
+}
+
+
+@pytest.mark.parametrize("case", list(_AFTER_BACKWARD))
+def test_a_gradient_made_nan_after_backward_by_the_program_is_not_silent(case):
+    """SILENT before: `lin.weight.grad = torch.full_like(..., nan)` (or an in-place write into .grad) after the
+    backward, in the block: the report said 'No NaN/Inf gradients' although lin.weight.grad is NaN at the end.
+    A non-finite .grad that no finding reaches is now a finding, with the birth of its NaN where the trace knows
+    it (else 'not observed'), never nothing."""
+    lin = torch.nn.Linear(3, 1)
+    with gw.trace() as report:
+        lin(torch.ones(2, 3)).sum().backward()
+        with torch.no_grad():
+            _AFTER_BACKWARD[case](lin)
+    bad = _nonfinite_grads(lin.named_parameters(prefix="lin"))
+    assert bad == {"lin.weight"}  # the ground truth
+    assert [(f.kind, f.reaches, f.count) for f in report.findings] == [
+        ("nan", ["lin.weight"], int(lin.weight.grad.isnan().sum()))], str(report)
+    line = report.findings[0].location.rsplit(":", 1)[1]
+    assert report.findings[0].source.strip().startswith(f'"{case}"') and line.isdigit(), str(report)
+
+
+class _NanGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+_NUMBERS = {  # the program, the op the NaN/Inf is born at
+    "x * float('nan')": (lambda x: x * float("nan"), "aten.mul"),
+    "x + math.inf": (lambda x: x + float("inf"), "aten.add"),
+    "clamp(x, max=nan)": (lambda x: x.clamp(max=float("nan")), "aten.clamp"),
+    "hardtanh(x, max_val=nan)": (lambda x: torch.nn.functional.hardtanh(x, 0.0, float("nan")), "aten.hardtanh"),
+    "a custom backward's g * nan": (_NanGradient.apply, "aten.mul"),
+}
+
+
+@pytest.mark.parametrize("case", list(_NUMBERS))
+def test_a_nan_or_inf_python_number_is_named_as_the_cause(case):
+    """A NaN/Inf Python float passed to an op: `x * float('nan')` was explained as 'overflow: the result exceeds the
+    largest float32' (mul and add are overflow ops) with the overflow's fix; `clamp(x, max=nan)` (a
+    finite-preserving op, so unchecked) as 'tensor[3] arrived with 3 NaN value(s)', data that never arrived; a
+    custom backward's `g * float('nan')` as 'an infinite derivative used'."""
+    f, op = _NUMBERS[case]
+    x = torch.ones(3, requires_grad=True)
+    with gw.trace() as report:
+        loss = f(x).sum()
+        loss.backward()
+    assert not (loss.isfinite() and x.grad.isfinite().all())  # the ground truth: the loss or the gradient
+    assert len(report.findings) == 1, str(report)
+    found = report.findings[0]
+    assert found.born_op == op and "NaN/Inf number" in found.born and "overflow" not in found.born, str(report)
+    assert "float('nan')" in found.fix and found.reaches == ([] if x.grad.isfinite().all() else ["x"]), str(report)

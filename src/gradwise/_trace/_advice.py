@@ -15,6 +15,12 @@ from gradwise._trace._facts import _LITERALS, _OVERFLOWS
 
 _EXPLAIN: dict = {}  # op (an overload where it differs: pow.Scalar's tensor is the exponent) -> explainer
 OVERFLOW = "overflow"  # how an overflow's explanation starts (its fix: _OVERFLOW_FIX)
+NUMBER = "a NaN/Inf number"  # how the explanation of a NaN/Inf Python argument starts (its fix: _NUMBER_FIX)
+
+
+def number_passed(op: str, value: float) -> str:
+    """The explanation of a NaN/Inf made by a NaN/Inf Python number among the op's arguments."""
+    return f"{NUMBER} ({value}) passed to {op} (a Python float argument, not a tensor)"
 
 
 def _explains(*ops):
@@ -203,6 +209,9 @@ _BACKWARD_OVERFLOW_FIX = ("a gradient overflowed: under torch.amp.GradScaler tha
                           "settles); otherwise " + _OVERFLOW_FIX[len("avoid the overflow: "):])
 _SOFTMAX_INF_FIX = ("keep the softmax's input finite: find where the +inf was made (an overflow: compute in log space, "
                     "e.g. logits instead of exp(logits)) or clamp it")
+_NUMBER_FIX = ("the op was given a NaN/Inf Python number (float('nan'), float('inf'), math.inf): pass a finite "
+               "one; where it marks entries on purpose, mask them out (torch.where / masked_fill) before anything "
+               "differentiates through them")
 _UNDECIDED = ("it reached {op}, which has no strong-zero rule: whether the output uses it is not known (it may "
               "be contamination that gw.strong_zeros() cannot remove there; gw.unruled_ops() lists such ops)")
 _GRADIENT_FIX = ("an earlier backward left NaN/Inf in this gradient and it was used as a value (an optimizer "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import linecache
+import math
 import os
 import sys
 import threading
@@ -158,6 +159,14 @@ def _tensors(args) -> list[torch.Tensor]:
         elif isinstance(a, (list, tuple)) and a and not isinstance(a[0], int):  # sizes/strides hold no tensor
             out.extend(t for t in a if isinstance(t, torch.Tensor))
     return out
+
+
+def nonfinite_number(args) -> float | None:
+    """A NaN/Inf Python number among an op's arguments (x * float("nan"), clamp(x, max=math.inf)), or None."""
+    for a in args:
+        if isinstance(a, float) and not math.isfinite(a):
+            return a
+    return None
 
 
 def _floats(out, empty: bool = False) -> list[torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 from torch._C._autograd import _get_sequence_nr
 
 from gradwise._trace import _common, _kinds
-from gradwise._trace._common import _floats, _grad, _loc, _Node, _tensors, _user_frame
+from gradwise._trace._common import _floats, _grad, _loc, _Node, _tensors, _user_frame, nonfinite_number
 from gradwise._trace._common import run_op as _run
 from gradwise._trace._kinks import _Call
 
@@ -43,7 +43,8 @@ class _ForwardOps:
         cloned, self.cloned = self.cloned, None
         if not creates_node and info.uninitialised:
             return _run(func, args, kwargs)  # empty & co: no values, nothing to record
-        keeps = info.keeps or (info.cast and info.widens(args, kwargs))
+        # (a finite-preserving op given a NaN/Inf number, clamp(x, max=nan), makes NaN/Inf: checked)
+        keeps = (info.keeps and nonfinite_number(args) is None) or (info.cast and info.widens(args, kwargs))
         ins = _tensors(args)
         if not creates_node and keeps and not info.mutable and not self.pending \
                 and not any(t in self.prov for t in ins):
