@@ -682,11 +682,20 @@ def _norm_at_zero(c):
             out = out.unsqueeze(d)
     mask = torch.broadcast_to(out == 0, x.shape)
     if p in (math.inf, -math.inf):
-        return Site(mask | _slice_ties(x.abs(), out, dim, True), aligned=False, kind="kink",
+        site = Site(mask | _slice_ties(x.abs(), out, dim, True), aligned=False, kind="kink",
                     convention="split evenly among tied |x|; 0 at an all-zero slice")
-    if p <= 1:
-        return Site(mask | (x == 0), aligned=False, kind="kink", convention="0 at a zero element (sign(0) = 0)")
-    return Site(mask, aligned=False)
+    elif p <= 1:
+        site = Site(mask | (x == 0), aligned=False, kind="kink", convention="0 at a zero element (sign(0) = 0)")
+    else:
+        site = Site(mask, aligned=False)
+    dims = tuple(slice_dims(x, dim))  # the norms whose slice holds a kink
+
+    def reads() -> Tensor:
+        at = site.mask.any(dims, keepdim=True) if x.dim() else site.mask
+        return at if keepdim or not x.dim() else at.squeeze(dims)
+
+    site.reads = reads
+    return site
 
 
 def _distance_site(out: Tensor, p: float, diffs: Callable[[], Tensor]) -> Site | None:
