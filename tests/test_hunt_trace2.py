@@ -376,3 +376,29 @@ def test_a_nan_or_inf_python_number_is_named_as_the_cause(case):
     found = report.findings[0]
     assert found.born_op == op and "NaN/Inf number" in found.born and "overflow" not in found.born, str(report)
     assert "float('nan')" in found.fix and found.reaches == ([] if x.grad.isfinite().all() else ["x"]), str(report)
+
+
+_CONSTANTS = {  # a NaN written on purpose, then used: the constant's birth and fix, not "a NaN/Inf number"
+    "torch.full": lambda x: x * torch.full((3,), float("nan")),
+    "x[1] = nan": lambda x: (x * 1).index_fill(0, torch.tensor([1]), float("nan")),
+    "masked_fill": lambda x: x.masked_fill(torch.tensor([False, True, False]), float("nan")),
+    "where(c, x, nan)": lambda x: torch.where(torch.tensor([True, False, True]), x, float("nan")),
+    "F.pad(value=nan)": lambda x: torch.nn.functional.pad(x, (0, 1), value=float("nan")),
+}
+
+
+@pytest.mark.parametrize("case", list(_CONSTANTS))
+def test_a_nan_constant_written_into_a_tensor_stays_a_constant_written(case):
+    """The NaN/Inf-number explanation is for arithmetic given a NaN (x * nan): ops that write constants keep
+    'a NaN/Inf constant written into the tensor' and its fix (torch.where's scalar, lifted by aten.scalar_tensor,
+    had the generic fix 'find why the value is not finite where it is used')."""
+    x = torch.ones(3, requires_grad=True)
+    with gw.trace() as report:
+        loss = _CONSTANTS[case](x).sum()
+        loss.backward()
+    assert loss.isnan()  # the ground truth
+    assert len(report.findings) == 1, str(report)
+    found = report.findings[0]
+    assert "constant written" in found.born and "NaN/Inf number" not in found.born, str(report)
+    assert "constant written here" in found.fix, str(report)
+

@@ -158,7 +158,8 @@ def _inverse_trig_domain(ins, out, mask) -> str:
 
 
 @_explains(aten.full, aten.fill, aten.fill_, aten.masked_fill, aten.masked_fill_, aten.lift_fresh, aten.scalar_tensor,
-           aten.full_like, aten.copy_, aten.index_put_, aten.index_put)
+           aten.full_like, aten.copy_, aten.index_put_, aten.index_put, aten.index_fill, aten.index_fill_,
+           aten.constant_pad_nd)
 def _written(ins, out, mask) -> str:
     """A NaN/Inf constant written into a tensor (data, padding, a mask value)."""
     return "a NaN/Inf constant written into the tensor"
@@ -171,8 +172,12 @@ def _literal(ins, out, mask) -> str:
     return "a NaN/Inf written in a tensor literal (torch.tensor / torch.as_tensor of Python data)"
 
 
-def _explain(func, ins, out, mask) -> str:
+def _explain(func, ins, out, mask, number: float | None = None) -> str:
+    """Why ``func`` made NaN/Inf at ``mask`` of ``out`` from ``ins``; ``number``: a NaN/Inf Python number among its
+    arguments (the cause, unless the op writes constants: torch.full(..., nan) is a constant written)."""
     fn = _EXPLAIN.get(func) or _EXPLAIN.get(func.overloadpacket)
+    if number is not None and fn not in (_written, _literal):
+        return number_passed(_op_name(func), number)
     if fn is not None:
         return fn(ins, out, mask)
     if any(isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in ins):
@@ -198,7 +203,8 @@ _GENUINE_FIX: dict = {
                     "avoid the overflow: logsumexp / softplus / log-space arithmetic, or clamp the input"),
     **dict.fromkeys([aten._softmax, aten._log_softmax], "do not mask a whole row: keep one entry or drop the row"),
     **dict.fromkeys([aten.full, aten.fill, aten.fill_, aten.copy_, aten.masked_fill, aten.masked_fill_, aten.lift_fresh,
-                     aten.full_like, aten.index_put_, aten.index_put],
+                     aten.full_like, aten.index_put_, aten.index_put, aten.scalar_tensor, aten.index_fill,
+                     aten.index_fill_, aten.constant_pad_nd],
                     "the output reads the NaN/Inf constant written here: mask it out before the first op that uses it"),
 }
 # an overflow where the op's own fix is about something else (pow's domain) or there is none (mul, mm, add_)

@@ -11,7 +11,7 @@ import weakref
 import torch
 
 from gradwise._masks import mask_any
-from gradwise._trace._advice import _explain, number_passed
+from gradwise._trace._advice import _explain
 from gradwise._trace._common import (
     _ACCUMULATE_SEQ,
     _aligned,
@@ -190,9 +190,8 @@ class _Provenance:
             op = _op_name(func)
 
             def make(idx):
-                number = nonfinite_number(args or ())  # (x * float("nan"): no tensor input is non-finite)
-                what = number_passed(op, number) if number is not None and not nf else \
-                    _explain(func, nf or [t for t in ins if t is not o], o, mask)  # why, from its inputs
+                number = None if nf else nonfinite_number(args or ())  # x * float("nan"): no tensor is non-finite
+                what = _explain(func, nf or [t for t in ins if t is not o], o, mask, number)  # why, from its inputs
                 if nd is not None and nd.op != op and (not nf or new_nan) and loc == nd.loc:
                     what = f"{what} (in the backward formula of {nd.op})"
                 return _Birth(op, loc, what, 0, idx, has_nan)
