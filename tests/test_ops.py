@@ -46,6 +46,21 @@ EXACT = {
     "cummin": (lambda x: x.view(2, 3).cummin(0).values, aten.cummin, lambda x: ((x.view(2, 3), 0), {}), (6,)),
     "max_pool2d": (lambda x: torch.nn.functional.max_pool2d(x.view(1, 1, 4, 4), 3, 2, 1),
                    aten.max_pool2d_with_indices, lambda x: ((x.view(1, 1, 4, 4), [3, 3], [2, 2], [1, 1]), {}), (16,)),
+    "adaptive_max_pool2d": (lambda x: torch.nn.functional.adaptive_max_pool2d(x.view(1, 1, 3, 3), 2),
+                            aten.adaptive_max_pool2d, lambda x: ((x.view(1, 1, 3, 3), [2, 2]), {}), (9,)),
+    "multi_margin_loss": (lambda x: torch.nn.functional.multi_margin_loss(x.view(2, 3), torch.tensor([0, 2]),
+                                                                         reduction="none"),
+                          aten.multi_margin_loss, lambda x: ((x.view(2, 3), torch.tensor([0, 2])), {}), (6,)),
+    "multilabel_margin_loss": (
+        lambda x: torch.nn.functional.multilabel_margin_loss(x.view(2, 3), torch.tensor([[0, -1, 2], [1, 2, -1]]),
+                                                             reduction="none"),
+        aten.multilabel_margin_loss_forward, lambda x: ((x.view(2, 3), torch.tensor([[0, -1, 2], [1, 2, -1]]), 0),
+                                                        {}), (6,)),
+    **{f"cdist p={p:g}": (lambda x, p=p: torch.cdist(x.view(3, 2)[:1], x.view(3, 2)[1:], p),
+                          aten._cdist_forward, lambda x, p=p: ((x.view(3, 2)[:1], x.view(3, 2)[1:], p, None), {}), (6,))
+       for p in (1.0, 2.0, math.inf)},
+    "pdist p=2": (lambda x: torch.pdist(x.view(3, 2)), aten._pdist_forward, lambda x: ((x.view(3, 2), 2.0), {}), (6,)),
+    "dist p=1": (lambda x: torch.dist(x[:3], x[3:], 1), aten.dist, lambda x: ((x[:3], x[3:], 1), {}), (6,)),
     "norm-1": (lambda x: torch.linalg.vector_norm(x.view(2, 3), 1, 1), aten.linalg_vector_norm,
                lambda x: ((x.view(2, 3), 1, [1]), {}), (6,)),
     "norm-inf": (lambda x: torch.linalg.vector_norm(x.view(2, 3), math.inf, 1), aten.linalg_vector_norm,
@@ -101,16 +116,19 @@ def test_exact_locations_agree_with_finite_differences(name):
 
 
 def test_coarse_locations_are_supersets():
-    """adaptive max-pool's fact is coarse (two equal values in a plane): never missing a tied window."""
-    f = lambda x: torch.nn.functional.adaptive_max_pool2d(x.view(1, 1, 3, 3), 2)
+    """fractional max-pool's fact is coarse (two equal values in a plane; its windows are random): never missing a
+    tied window (here with fixed samples, so that its windows are known)."""
+    samples = torch.tensor([[[0.3, 0.7]]], dtype=torch.float64)
+    f = lambda x: torch.nn.functional.fractional_max_pool2d(x.view(1, 1, 4, 4), 2, output_size=2,
+                                                            _random_samples=samples)
     g = torch.Generator().manual_seed(2)
-    assert KINKS[aten.adaptive_max_pool2d].coarse
+    assert KINKS[aten.fractional_max_pool2d].coarse and not KINKS[aten.adaptive_max_pool2d].coarse
     for _ in range(30):
-        x = torch.randint(-4, 5, (9,), generator=g).double()
-        out = aten.adaptive_max_pool2d(x.view(1, 1, 3, 3), [2, 2])
+        x = torch.randint(-4, 5, (16,), generator=g).double()
+        out = aten.fractional_max_pool2d(x.view(1, 1, 4, 4), [2, 2], [2, 2], samples)
         if _kink_by_differences(f, x):
-            assert at_kink(KINKS[aten.adaptive_max_pool2d], OpCall((x.view(1, 1, 3, 3), [2, 2]), {}, out,
-                                                                  "adaptive_max_pool2d")), x
+            assert at_kink(KINKS[aten.fractional_max_pool2d], OpCall((x.view(1, 1, 4, 4), [2, 2], [2, 2], samples),
+                                                                     {}, out, "fractional_max_pool2d")), x
 
 
 def test_a_power_that_cannot_kink_is_no_kink_op():

@@ -19,7 +19,8 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from gradwise._ops._kinks import OpCall, kink_fact, max_pool_windows, slice_dims, slice_equal
+from gradwise._ops._kinks import OpCall, kink_fact, slice_dims, slice_equal
+from gradwise._ops._pool_kinks import max_pool_windows
 
 __all__ = ["INTERVAL_RULES", "KINK_RULES", "Interval", "Intervals", "Unbounded", "nonneg_linear", "pointwise"]
 

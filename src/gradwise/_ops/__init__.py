@@ -8,6 +8,8 @@ Modules:
                 to ``KINKS``.
 ``_linalg``     the kinks of matrix factorisations (eigh, eig, svd, LU's pivots, QR's reflections), added to
                 ``KINKS``.
+``_pool_kinks`` the ties of max-pooling ops (max-pool, adaptive and fractional max-pool, embedding_bag max), added
+                to ``KINKS``.
 ``_zeros``      what each aten op does to structural zeros, by kind (makes, moves, adds, multiplies, gates ...):
                 ``ZERO_FACTS``, read by both strong-zero engines (eager and compiled) and the trace.
 
@@ -18,4 +20,4 @@ autograd node types do with saved tensors (``_strong_zeros/_node_facts.py``); th
 May import: torch, math only (no other gradwise module).
 """
 
-from gradwise._ops import _discrete, _linalg  # noqa: F401  (register their facts in KINKS)
+from gradwise._ops import _discrete, _linalg, _pool_kinks  # noqa: F401  (register their facts in KINKS)

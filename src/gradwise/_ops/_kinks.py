@@ -25,8 +25,6 @@ May import: torch, math only.
 
 from __future__ import annotations
 
-import functools
-import itertools
 import math
 import threading
 from collections.abc import Callable
@@ -61,6 +59,9 @@ class Site:
     found: Tensor | bool | None = None  # may the mask hold a True? (a 0-dim flag, or decided; None: read the mask)
     kind: str = ""  # "kink", "singular" or "jump"; "" takes the fact's
     convention: str = ""  # PyTorch's value there; "" takes the fact's
+    # where the mask is not aligned: the elements of the (first) output whose value reads a kink, as a bool mask
+    # or a callable making one (their incoming sensitivity says whether the convention mattered); None: any
+    reads: Tensor | Callable[[], Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,20 @@ def _slice_ties(x: Tensor, value: Tensor, dim, keepdim: bool) -> Tensor:
     """Elements equal to their slice's selected value, in slices where more than one is (dim None or []: all)."""
     eq = slice_equal(x, value, dim, keepdim)
     return eq & (eq.sum(slice_dims(x, dim), keepdim=True) > 1)
+
+
+def _tied_slices(x: Tensor, value: Tensor, dim, keepdim: bool) -> Site:
+    """``_slice_ties`` as a site, with the reduction's outputs whose slice is tied (``Site.reads``)."""
+    eq = slice_equal(x, value, dim, keepdim)
+    tied = eq.sum(slice_dims(x, dim), keepdim=True) > 1
+    reads = tied if keepdim else tied.squeeze(tuple(slice_dims(x, dim))) if x.dim() else tied.reshape(())
+    return Site(eq & tied, aligned=False, reads=reads)
+
+
+def _both_sides(tie: Tensor, dim: int) -> Tensor:
+    """Positions i and i + 1 along ``dim`` for each tie of neighbours i, i + 1 (``tie`` one shorter there)."""
+    pad = [0, 0] * (tie.dim() - 1 - dim % tie.dim())
+    return F.pad(tie.bool(), [*pad, 0, 1]) | F.pad(tie.bool(), [*pad, 1, 0])
 
 
 def _in_input(like: Tensor, dim: int, marks: list) -> Tensor:
@@ -360,6 +375,38 @@ def _smooth_l1_at_target(c):
     return _l1_at_target(c)
 
 
+@_kink(aten.multi_margin_loss, convention="0 at the margin (the hinge's flat side)")
+def _multi_margin_at_margin(c):
+    """multi_margin_loss (p = 1) where a class i other than the target y sits exactly at the margin,
+    margin - x[y] + x[i] = 0: max(0, .) kinks there and the backward counts a term only where it is > 0. For
+    p = 2 both sides have slope 0 there (no kink). Marked at x[i]."""
+    x, y = c.args[0], c.args[1]
+    if not _float(x) or c.arg(2, "p", 1) != 1:
+        return None
+    x2 = x if x.dim() == 2 else x.reshape(1, -1)
+    y2 = y.reshape(-1, 1)
+    z = c.arg(3, "margin", 1.0) - x2.gather(1, y2) + x2
+    at = (z == 0) & (torch.arange(x2.shape[1], device=x.device) != y2)
+    return Site(at.reshape(x.shape), aligned=False)
+
+
+@_kink(aten.multilabel_margin_loss_forward, convention="0 at the margin (the hinge's flat side)")
+def _multilabel_margin_at_margin(c):
+    """multilabel_margin_loss where 1 - x[j] + x[i] = 0 for a listed target j (the entries before the first -1)
+    and a class i that is no target: max(0, .) kinks there; the backward counts a term only where it is > 0.
+    Marked at x[i]."""
+    x, y = c.args[0], c.args[1]
+    if not _float(x):
+        return None
+    x2, y2 = (x, y) if x.dim() == 2 else (x.reshape(1, -1), y.reshape(1, -1))
+    listed = (y2 >= 0).cumprod(1).bool()
+    y2 = y2.clamp_min(0)
+    is_target = torch.zeros(x2.shape, dtype=torch.long, device=x.device).scatter_add_(1, y2, listed.long()) > 0
+    z = 1.0 - x2.gather(1, y2).unsqueeze(2) + x2.unsqueeze(1)  # (N, listed j, class i)
+    at = ((z == 0) & listed.unsqueeze(2) & ~is_target.unsqueeze(1)).any(1)
+    return Site(at.reshape(x.shape), aligned=False)
+
+
 @_kink(aten.gt, aten.ge, aten.lt, aten.le, aten.eq, aten.ne, guard=True,
        convention="no gradient; a where that reads it picks one branch at a tie")
 def _comparison_tie(c):
@@ -520,8 +567,10 @@ def _extreme_tie(c):
         return Site(_slice_ties(x, value, dim, keepdim), aligned=False,
                     convention="an index (no gradient): what reads it follows the first")
     if isinstance(out, Tensor):
-        return Site(_slice_ties(x, out, dim, keepdim), aligned=False)
-    return Site(_slice_ties(x, out[0], dim, keepdim), aligned=False, convention="all to the returned (first) index")
+        return _tied_slices(x, out, dim, keepdim)
+    site = _tied_slices(x, out[0], dim, keepdim)
+    site.convention = "all to the returned (first) index"
+    return site
 
 
 @_kink(aten.median, aten.nanmedian, aten.kthvalue, aten.mode, needs_out=True, convention="all to the returned index")
@@ -532,9 +581,11 @@ def _order_statistic_tie(c):
     if not _float(x):
         return None
     if isinstance(out, Tensor):
-        return Site(_slice_ties(x, out, None, False), aligned=False, convention="split evenly among ties")
+        site = _tied_slices(x, out, None, False)
+        site.convention = "split evenly among ties"
+        return site
     i = 2 if c.packet == "kthvalue" else 1
-    return Site(_slice_ties(x, out[0], c.arg(i, "dim", -1), c.arg(i + 1, "keepdim", False)), aligned=False)
+    return _tied_slices(x, out[0], c.arg(i, "dim", -1), c.arg(i + 1, "keepdim", False))
 
 
 @_kink(aten.sort, needs_out=True, convention="follows the returned positions")
@@ -550,7 +601,7 @@ def _sort_tie(c):
     n = values.shape[dim] - 1
     tie = (values.narrow(dim, 0, n) == values.narrow(dim, 1, n)).to(torch.uint8)
     return Site(_in_input(values, dim, [(perm.narrow(dim, 0, n), tie), (perm.narrow(dim, 1, n), tie)]),
-                aligned=False)
+                aligned=False, reads=lambda: _both_sides(tie, dim))
 
 
 @_kink(aten.topk, needs_out=True, convention="all to the returned indices")
@@ -565,10 +616,16 @@ def _topk_tie(c):
     last = values.narrow(dim, k - 1, 1)
     edge = (x == last).sum(dim, keepdim=True) > (values == last).sum(dim, keepdim=True)
     mask = (x == last) & edge  # every element equal to the last value kept, when not all of them are kept
+    inner = None
     if k > 1:
         inner = (values.narrow(dim, 0, k - 1) == values.narrow(dim, 1, k - 1)).to(torch.uint8)
         mask = mask | _in_input(x, dim, [(idx.narrow(dim, 0, k - 1), inner), (idx.narrow(dim, 1, k - 1), inner)])
-    return Site(mask, aligned=False)
+
+    def reads() -> Tensor:  # the kept values tied with the edge, and the tied neighbours among them
+        at_edge = (values == last) & edge
+        return at_edge if inner is None else at_edge | _both_sides(inner, dim)
+
+    return Site(mask, aligned=False, reads=reads)
 
 
 @_kink(aten.cummax, aten.cummin, needs_out=True, convention="all to the returned (last) index")
@@ -582,117 +639,13 @@ def _running_extreme_tie(c):
     n = x.shape[dim] - 1
     mask = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
     mask.narrow(dim, 1, n).copy_(x.narrow(dim, 1, n) == values.narrow(dim, 0, n))
-    return Site(mask, aligned=False)
 
+    def reads() -> Tensor:  # outputs whose value a tie holds: the running extreme of the tied values equals them
+        fill = -math.inf if c.packet.startswith("cummax") else math.inf
+        tied = torch.where(mask, values, fill)
+        return (tied.cummax(dim) if fill < 0 else tied.cummin(dim)).values == values
 
-@_kink(aten.max_pool2d_with_indices, aten.max_pool3d_with_indices, needs_out=True,
-       convention="all to the returned (first) index")
-def _max_pool_window_tie(c):
-    """max-pool windows whose maximum is not unique: all of the gradient goes to the returned (first) index.
-    Counted exactly: for each position in the kernel, the strided view of the input the windows read there is
-    compared with the maxima (one pass over the input in all when windows tile it; on CPU by subtraction)."""
-    x, values = c.args[0].detach(), c.out[0]
-    if not _float(x) or not values.numel():
-        return None
-    spatial, geometry = _pool_geometry(c)
-    k = geometry[0]
-    tiles = geometry[1] == k and not any(geometry[2]) and all(d == 1 for d in geometry[3])
-    n = math.prod(k)
-    if x.device.type == "cpu" and math.isfinite(values.sum().item()):
-        # On CPU float arithmetic vectorises and a compare into bool does not (~5x slower). x <= max, so
-        # sign(max - x) is 0 where x ties the maximum and 1 elsewhere: fewer than n - 1 ones is a tie. Maxima
-        # that are all finite keep NaN out (max - x is finite or +inf, padding is -inf); else the compares below.
-        ones = _below_max_2x2(x, values) if tiles and k == [2, 2] else None
-        if ones is None:
-            for at in _window_views(x, values.shape[-spatial:], *geometry, fill=-math.inf):
-                d = torch.sub(values, at).sign_()
-                ones = d if ones is None else ones.add_(d)
-        found = ones.amin() < n - 1.5
-        # the mask as 0./1. in place (a compare into bool costs ~5x): 1 where at most n - 2 are below max
-        return Site(functools.cache(lambda: ones.neg_().add_(n - 1).clamp_(0, 1)), found=found)
-    count = None
-    wide = n > 255  # a byte count would wrap
-    for at in _window_views(x, values.shape[-spatial:], *geometry, fill=math.nan):  # NaN padding equals nothing
-        equal = at == values
-        count = equal.to(torch.int32 if wide else torch.uint8) if count is None else count.add_(equal)
-    if wide:
-        return Site(count > 1)
-    # count > 1 as two in-place byte ops (a compare makes a new tensor, 3x slower); a NaN window counts 0
-    return Site(count.clamp_(1, 2).sub_(1).view(torch.bool))
-
-
-def _pool_geometry(c: OpCall) -> tuple[int, list]:
-    """max_pool{2,3}d_with_indices: the number of pooled dims and [kernel, stride, padding, dilation], per dim."""
-    spatial = 3 if c.packet.startswith("max_pool3d") else 2
-    geometry = [_per_dim(c.arg(i, name, default), spatial) for i, name, default in
-                ((1, "kernel_size", None), (2, "stride", []), (3, "padding", [0]), (4, "dilation", [1]))]
-    if not geometry[1]:
-        geometry[1] = geometry[0]  # stride defaults to the kernel
-    return spatial, geometry
-
-
-def max_pool_windows(c: OpCall, t: Tensor, fill: float) -> list[Tensor]:
-    """For each position in the kernel of the max-pool call ``c``, the view (shaped like its output) of ``t``
-    (shaped like its input) that the windows read there, ``fill`` past the input."""
-    spatial, geometry = _pool_geometry(c)
-    return _window_views(t, c.out[0].shape[-spatial:], *geometry, fill=fill)
-
-
-def _per_dim(v, spatial: int) -> list:
-    v = [v] if isinstance(v, int) else list(v)
-    return v * spatial if len(v) == 1 else v
-
-
-def _window_views(x: Tensor, out_sizes, kernel, stride, padding, dilation, fill: float) -> list[Tensor]:
-    """For each position in the kernel, the strided view (shaped like the pooled output) of the input the windows
-    read there; the input is padded with ``fill`` where windows reach past it (padding, ceil_mode)."""
-    spatial = len(out_sizes)
-    pads = []
-    for n, o, k, s, p, d in zip(x.shape[-spatial:], out_sizes, kernel, stride, padding, dilation, strict=True):
-        pads.append((p, max(0, (o - 1) * s + (k - 1) * d + 1 - n - p)))
-    if any(a or b for a, b in pads):
-        x = F.pad(x, [v for pair in reversed(pads) for v in pair], value=fill)
-    return [x[(..., *(slice(i * d, i * d + (o - 1) * s + 1, s)
-                      for i, o, s, d in zip(offset, out_sizes, stride, dilation, strict=True)))]
-            for offset in itertools.product(*(range(k) for k in kernel))]
-
-
-def _below_max_2x2(x: Tensor, values: Tensor) -> Tensor | None:
-    """For 2x2 windows that tile x: how many of each window's 4 elements lie below its maximum, or None where the
-    layout does not allow this route. Each row of a window is read as one (left, right) pair, so the four strided
-    reads (2-element stride: not vectorised) become two contiguous subtractions, ~1.5x faster. The maxima are
-    duplicated pairwise by viewing a complex tensor as real (complex arithmetic itself would mix in 0 x inf)."""
-    if x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous() or x.shape[-1] % 2 \
-            or x.shape[-2] < 2 * values.shape[-2] or x.shape[-1] < 2 * values.shape[-1]:  # ceil_mode's partial windows
-        return None
-    pairs = x.view(*x.shape[:-1], x.shape[-1] // 2, 2)
-    both = torch.view_as_real(torch.complex(values, values))
-    rows = 2 * values.shape[-2]
-    e = torch.sub(both, pairs[..., 0:rows:2, :, :]).sign_()
-    e.add_(torch.sub(both, pairs[..., 1:rows:2, :, :]).sign_())
-    return e[..., 0] + e[..., 1]
-
-
-@_kink(aten.adaptive_max_pool2d, aten.adaptive_max_pool3d, aten.fractional_max_pool2d,
-       aten.fractional_max_pool3d, coarse=True, convention="all to the returned (first) index")
-def _pool_plane_ties(c):
-    """adaptive/fractional max-pool: coarsely, two equal values anywhere in one plane (a superset of the windows
-    whose maximum is tied)."""
-    x = c.args[0]
-    spatial = 3 if c.packet.endswith("3d") else 2
-    if not _float(x) or x.dim() < spatial or x.shape[-spatial:].numel() < 2:
-        return None
-    return Site(x.flatten(-spatial).sort(-1).values.diff(dim=-1) == 0, aligned=False)
-
-
-@_kink(aten._embedding_bag, aten._embedding_bag_forward_only, coarse=True,
-       convention="all to the first of the tied rows")
-def _bag_max_ties(c):
-    """embedding_bag(mode='max'): coarsely, two selected rows with an equal value in a column."""
-    weight, indices, mode = c.args[0], c.args[1], c.arg(4, "mode", 0)
-    if mode != 2 or indices.numel() < 2 or not _float(weight):
-        return None
-    return Site(weight[indices.reshape(-1)].sort(0).values.diff(dim=0) == 0, aligned=False)
+    return Site(mask, aligned=False, reads=reads)
 
 
 @_kink(aten.scatter_reduce, aten.index_reduce, needs_out=True, convention="split evenly among ties")
@@ -735,11 +688,73 @@ def _norm_at_zero(c):
             out = out.unsqueeze(d)
     mask = torch.broadcast_to(out == 0, x.shape)
     if p in (math.inf, -math.inf):
-        return Site(mask | _slice_ties(x.abs(), out, dim, True), aligned=False, kind="kink",
+        site = Site(mask | _slice_ties(x.abs(), out, dim, True), aligned=False, kind="kink",
                     convention="split evenly among tied |x|; 0 at an all-zero slice")
+    elif p <= 1:
+        site = Site(mask | (x == 0), aligned=False, kind="kink", convention="0 at a zero element (sign(0) = 0)")
+    else:
+        site = Site(mask, aligned=False)
+    dims = tuple(slice_dims(x, dim))  # the norms whose slice holds a kink
+
+    def reads() -> Tensor:
+        at = site.mask.any(dims, keepdim=True) if x.dim() else site.mask
+        return at if keepdim or not x.dim() else at.squeeze(dims)
+
+    site.reads = reads
+    return site
+
+
+def _distance_site(out: Tensor, p: float, diffs: Callable[[], Tensor]) -> Site | None:
+    """Where distances ``out`` = ||d||_p of pair differences (``diffs()``: shaped like out plus one last dim,
+    made only for p other than 2) sit at a kink: coincident points (a norm at 0; PyTorch's backward uses 0) for
+    any p > 0; for p <= 1 also a coordinate difference of 0 (|t|^p kinks there, singular for p < 1), for p = inf
+    ties among the largest |coordinate difference| (the backward splits evenly). p = 0 counts differing
+    coordinates: it jumps where one is equal."""
+    if p == 0:
+        return Site((diffs() == 0).any(-1), kind="jump", convention="0, as on both sides")
+    if p == math.inf:
+        return Site((out == 0) | ((diffs().abs() == out.unsqueeze(-1)).sum(-1) > 1), kind="kink",
+                    convention="split evenly among tied |coordinate differences|; 0 at coincident points")
     if p <= 1:
-        return Site(mask | (x == 0), aligned=False, kind="kink", convention="0 at a zero element (sign(0) = 0)")
-    return Site(mask, aligned=False)
+        return Site((out == 0) | (diffs() == 0).any(-1), kind="kink" if p == 1 else "singular",
+                    convention="0 at a zero coordinate difference (sign(0) = 0)")
+    return Site(out == 0)
+
+
+@_kink(aten._cdist_forward, kind="singular", needs_out=True, convention="0 at coincident points")
+def _cdist_at_coincident_points(c):
+    """cdist(x1, x2, p) at a pair of points that coincide (and, by p, at equal coordinates): ``_distance_site``.
+    (torch.cdist with p = 2 and more than 25 rows takes the matrix-product route instead, a clamp_min before a
+    sqrt.)"""
+    x1, x2 = c.args[0], c.args[1]
+    if not _float(x1):
+        return None
+    return _distance_site(c.out, float(c.arg(2, "p", 2.0)), lambda: x1.unsqueeze(-2) - x2.unsqueeze(-3))
+
+
+@_kink(aten._pdist_forward, kind="singular", needs_out=True, convention="0 at coincident points")
+def _pdist_at_coincident_points(c):
+    """pdist(x, p) at a pair of rows that coincide (and, by p, at equal coordinates): ``_distance_site``, pairs
+    (i < j) in pdist's order."""
+    x = c.args[0]
+    if not _float(x) or x.shape[0] < 2:
+        return None
+
+    def diffs() -> Tensor:
+        i, j = torch.triu_indices(x.shape[0], x.shape[0], 1, device=x.device)
+        return x[i] - x[j]
+
+    return _distance_site(c.out, float(c.arg(1, "p", 2.0)), diffs)
+
+
+@_kink(aten.dist, kind="singular", needs_out=True, convention="0 at coincident points")
+def _dist_at_coincident_points(c):
+    """dist(a, b, p) = ||a - b||_p where a == b (and, by p, where an element of a equals b's): ``_distance_site``,
+    aligned with the (scalar) output."""
+    a, b = c.args[0], c.args[1]
+    if not _float(a):
+        return None
+    return _distance_site(c.out, float(c.arg(2, "p", 2.0)), lambda: (a - b).reshape(-1))
 
 
 @_kink(aten.renorm, convention="the unscaled side (gradient 1) at norm = maxnorm")

@@ -15,6 +15,12 @@ from gradwise._trace._facts import _LITERALS, _OVERFLOWS
 
 _EXPLAIN: dict = {}  # op (an overload where it differs: pow.Scalar's tensor is the exponent) -> explainer
 OVERFLOW = "overflow"  # how an overflow's explanation starts (its fix: _OVERFLOW_FIX)
+NUMBER = "a NaN/Inf number"  # how the explanation of a NaN/Inf Python argument starts (its fix: _NUMBER_FIX)
+
+
+def number_passed(op: str, value: float) -> str:
+    """The explanation of a NaN/Inf made by a NaN/Inf Python number among the op's arguments."""
+    return f"{NUMBER} ({value}) passed to {op} (a Python float argument, not a tensor)"
 
 
 def _explains(*ops):
@@ -113,6 +119,20 @@ def _division(ins, out, mask) -> str:
     return "division by zero (x/0 = ±inf, 0/0 = NaN)"
 
 
+# an optimizer's update divides by sqrt(v) + eps: 0 / 0 where a parameter's gradient was always 0 and eps is 0
+_UPDATE_DIVISIONS = [aten.addcdiv, aten.addcdiv_, aten._foreach_addcdiv, aten._foreach_addcdiv_, aten._fused_adam_,
+                     aten._fused_adamw_]
+
+
+@_explains(*_UPDATE_DIVISIONS)
+def _update_division(ins, out, mask) -> str:
+    """addcdiv (x + v * a / b) and the fused Adam updates divide: by 0 where b (sqrt(v) + eps) is 0."""
+    if any(isinstance(t, torch.Tensor) and t.is_floating_point() and _nonfinite(t) for t in ins):
+        return "NaN from infinite inputs (inf / inf or 0 x inf in the update: an Inf gradient or state upstream)"
+    return ("division by zero in an update (a / b with b = 0: 0/0 = NaN; Adam-style optimizers divide by "
+            "sqrt(v) + eps, 0 where a parameter's gradient has always been 0 and eps is 0)")
+
+
 # (and the in-place arithmetic of an optimizer's update: a parameter that overflows)
 @_explains(*(_OVERFLOWS - {aten.pow}), aten.add_, aten.sub_, aten.mul_, aten.addcmul, aten.addcmul_)
 def _overflow(ins, out, mask) -> str:
@@ -142,7 +162,8 @@ def _inverse_trig_domain(ins, out, mask) -> str:
 
 
 @_explains(aten.full, aten.fill, aten.fill_, aten.masked_fill, aten.masked_fill_, aten.lift_fresh, aten.scalar_tensor,
-           aten.full_like, aten.copy_, aten.index_put_, aten.index_put)
+           aten.full_like, aten.copy_, aten.index_put_, aten.index_put, aten.index_fill, aten.index_fill_,
+           aten.constant_pad_nd)
 def _written(ins, out, mask) -> str:
     """A NaN/Inf constant written into a tensor (data, padding, a mask value)."""
     return "a NaN/Inf constant written into the tensor"
@@ -155,8 +176,12 @@ def _literal(ins, out, mask) -> str:
     return "a NaN/Inf written in a tensor literal (torch.tensor / torch.as_tensor of Python data)"
 
 
-def _explain(func, ins, out, mask) -> str:
+def _explain(func, ins, out, mask, number: float | None = None) -> str:
+    """Why ``func`` made NaN/Inf at ``mask`` of ``out`` from ``ins``; ``number``: a NaN/Inf Python number among its
+    arguments (the cause, unless the op writes constants: torch.full(..., nan) is a constant written)."""
     fn = _EXPLAIN.get(func) or _EXPLAIN.get(func.overloadpacket)
+    if number is not None and fn not in (_written, _literal):
+        return number_passed(_op_name(func), number)
     if fn is not None:
         return fn(ins, out, mask)
     if any(isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in ins):
@@ -175,11 +200,15 @@ _GENUINE_FIX: dict = {
                     "sqrt(x + eps) or torch.linalg.vector_norm (gradient 0 at 0)"),
     **dict.fromkeys([aten.div, aten.reciprocal],
                     "guard the denominator: x / d.clamp_min(eps) or torch.where(d != 0, ...)"),
+    **dict.fromkeys(_UPDATE_DIVISIONS,
+                    "keep the optimizer's eps > 0 (Adam, AdamW, RMSprop, Adagrad: it keeps the denominator of the "
+                    "update away from 0), or guard the denominator of a hand-written update"),
     **dict.fromkeys([aten.exp, aten.exp2, aten.expm1, aten.sinh, aten.cosh],
                     "avoid the overflow: logsumexp / softplus / log-space arithmetic, or clamp the input"),
     **dict.fromkeys([aten._softmax, aten._log_softmax], "do not mask a whole row: keep one entry or drop the row"),
     **dict.fromkeys([aten.full, aten.fill, aten.fill_, aten.copy_, aten.masked_fill, aten.masked_fill_, aten.lift_fresh,
-                     aten.full_like, aten.index_put_, aten.index_put],
+                     aten.full_like, aten.index_put_, aten.index_put, aten.scalar_tensor, aten.index_fill,
+                     aten.index_fill_, aten.constant_pad_nd],
                     "the output reads the NaN/Inf constant written here: mask it out before the first op that uses it"),
 }
 # an overflow where the op's own fix is about something else (pow's domain) or there is none (mul, mm, add_)
@@ -190,6 +219,9 @@ _BACKWARD_OVERFLOW_FIX = ("a gradient overflowed: under torch.amp.GradScaler tha
                           "settles); otherwise " + _OVERFLOW_FIX[len("avoid the overflow: "):])
 _SOFTMAX_INF_FIX = ("keep the softmax's input finite: find where the +inf was made (an overflow: compute in log space, "
                     "e.g. logits instead of exp(logits)) or clamp it")
+_NUMBER_FIX = ("the op was given a NaN/Inf Python number (float('nan'), float('inf'), math.inf): pass a finite "
+               "one; where it marks entries on purpose, mask them out (torch.where / masked_fill) before anything "
+               "differentiates through them")
 _UNDECIDED = ("it reached {op}, which has no strong-zero rule: whether the output uses it is not known (it may "
               "be contamination that gw.strong_zeros() cannot remove there; gw.unruled_ops() lists such ops)")
 _GRADIENT_FIX = ("an earlier backward left NaN/Inf in this gradient and it was used as a value (an optimizer "

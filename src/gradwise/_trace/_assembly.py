@@ -46,9 +46,8 @@ class _Assembly:
         self._grads_made_nonfinite_after_backward(found.by_key, found.add)
         for name, (count, occurrences, serial) in self.store.orphans.items():
             if serial > since:
-                found.add(("nan", "unknown", name), lambda name=name: Finding(
-                    "nan", "unknown", "<unknown>", 0, message=f"the gradient of {name} is not finite; its birth was "
-                    "not observed (made outside the traced block?)"), count, [name], [], occurrences)
+                found.add(("nan", "unknown", name), lambda name=name: _unobserved(name, followed=False), count,
+                          [name], [], occurrences)
         if self.collective_sites or self.receipts:
             self._add_received(found.by_key, since)
         for g in self.kinks.values():
@@ -175,8 +174,17 @@ class _Assembly:
             if not _nonfinite(g):
                 continue
             births = [b for b in self.prov.get(g, ()) if isinstance(b, _Birth)]
-            if not births or g not in self.written or all(b.received for b in births):
+            if births and all(b.received for b in births):
                 continue  # a collective's write (DDP copying the averaged bucket back): _add_received says so
+            if not births or g not in self.written:
+                # no finding reaches it (nor one of an enclosing block), and no backward ran unread: never silent
+                if not self.untraced and not any(name in inc.reaches for inc in self.store.incidents.values()):
+                    count, idx = _positions(~torch.isfinite(g))
+                    b = min(births, key=_order) if births else None  # (a .grad assigned: its value's birth)
+                    add(("nan", "unknown", name) if b is None else ("nan", b.op, b.loc, "grad"),
+                        lambda name=name, b=b: _unobserved(name, b), count, [name], idx,
+                        **({} if b is None else {"step": b.step, "birth": b}))
+                continue
             kind = "nan" if bool(torch.isnan(g).any()) else "inf"
             written.setdefault((kind, *self.written[g]), []).append((g, name, min(births, key=_order)))
         for (kind, op, loc), hit in written.items():
@@ -243,3 +251,19 @@ def _name_arrivals(found: Findings, arrived: dict) -> None:
         also = sorted({b.name for b in births if b.name} - {first.name})
         if also:
             f.born += f"; so did {', '.join(also)}"
+
+
+def _unobserved(name: str, birth: _Birth | None = None, followed: bool = True) -> Finding:
+    """A non-finite gradient no finding explains, at the end of the block: with the birth of its NaN/Inf where the
+    trace knows one (a .grad assigned or written after backward, by no backward op), else not observed
+    (``followed``: every backward in the block was read, so the trace lost its way; else made outside it)."""
+    if birth is not None:
+        return Finding("nan", birth.op, _fmt(birth.loc), 0, source=_source(birth.loc), born_op=birth.op,
+                       born_location=_fmt(birth.loc), born=birth.describe(),
+                       message=f"the gradient of {name} is not finite, and no backward made it so: it holds "
+                       f"{birth.describe()}, put into it after (or apart from) the backward",
+                       fix="find the assignment or in-place write into .grad at that line (p.grad = ..., "
+                           "p.grad[...] = ...) and make its value finite, or zero the gradients after it")
+    why = ("no finding reaches it: the trace did not follow how it became so (a gap in gradwise: please report "
+           "the program)") if followed else "its birth was not observed (made outside the traced block?)"
+    return Finding("nan", "unknown", "<unknown>", 0, message=f"the gradient of {name} is not finite; {why}")

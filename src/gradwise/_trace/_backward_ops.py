@@ -43,7 +43,7 @@ class _BackwardOps:
             outs = _floats(args[0])
         if node is None or found:  # outside any node (root grads, accumulation) every tensor is a sensitivity
             made = _ENGINE_ZEROS if node is None and func.overloadpacket in _ZEROS else seq
-            for o in outs:
+            for o in _floats(out, empty=True):  # (an empty one too: the expand of a sum over no element)
                 self.sens[o] = made
             if func in _FORMULA_FIRST and seq is not None:  # a whole formula's g, for its last op (_Incidents)
                 whole = _strong_zeros.WHOLE_FORMULAS.get(getattr(self.nodes.get(seq), "op", None))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import linecache
+import math
 import os
 import sys
 import threading
@@ -160,11 +161,21 @@ def _tensors(args) -> list[torch.Tensor]:
     return out
 
 
-def _floats(out) -> list[torch.Tensor]:
+def nonfinite_number(args) -> float | None:
+    """A NaN/Inf Python number among an op's arguments (x * float("nan"), clamp(x, max=math.inf)), or None."""
+    for a in args:
+        if isinstance(a, float) and not math.isfinite(a):
+            return a
+    return None
+
+
+def _floats(out, empty: bool = False) -> list[torch.Tensor]:
+    """The floating (or complex) tensors of an op's output; the empty ones only where ``empty`` (they hold no
+    NaN/Inf to check, but an empty sensitivity still carries the flow: a sum over an empty selection)."""
     if isinstance(out, torch.Tensor):
-        return [out] if _inexact(out) and out.numel() else []
+        return [out] if _inexact(out) and (empty or out.numel()) else []
     if isinstance(out, (list, tuple)):
-        return [t for t in out if isinstance(t, torch.Tensor) and _inexact(t) and t.numel()]
+        return [t for t in out if isinstance(t, torch.Tensor) and _inexact(t) and (empty or t.numel())]
     return []
 
 

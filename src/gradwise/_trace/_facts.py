@@ -67,6 +67,11 @@ _DISCARDS: dict = {
                      aten.max_pool2d_with_indices, aten.max_pool3d_with_indices],
                     "make the unselected argument finite (e.g. torch.minimum(one, 1 / x.clamp_min(eps)))"),
     **dict.fromkeys([*_STEPS, aten.nansum], "make the value finite before the op that zeroes its sensitivity"),
+    # nan_to_num's backward zeroes the sensitivity exactly where its input is NaN/Inf (grad * isfinite(x)): the
+    # value is replaced, so unused; the backward of the op that made it still computes 0 x NaN
+    **dict.fromkeys([aten.nan_to_num, aten.nan_to_num_],
+                    "keep the input of the op that makes NaN/Inf inside its domain (e.g. w.clamp_min(0).sqrt()); "
+                    "nan_to_num after it cleans the value, not its backward"),
     # gw.mark_unused's backward node (no aten op: keyed by the name a report gives it)
     DECLARED: "none needed, the elements are declared unused (gw.mark_unused)",
 }

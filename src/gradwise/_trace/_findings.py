@@ -15,6 +15,7 @@ from gradwise._trace._advice import (
     _GENUINE_FIX,
     _GRADIENT_FIX,
     _INPUT_FIX,
+    _NUMBER_FIX,
     _OVERFLOW_FIX,
     _SEED_FIX,
     _SOFTMAX_INF,
@@ -22,6 +23,7 @@ from gradwise._trace._advice import (
     _STALE_GRADIENT_FIX,
     _UNDECIDED,
     _UNEXPLAINED_FIX,
+    NUMBER,
     OVERFLOW,
 )
 from gradwise._trace._common import _fmt, _source
@@ -104,6 +106,8 @@ def contamination(inc: _Incident, birth: _Birth | None, via: _Birth | None = Non
 def _genuine_fix(birth: _Birth) -> str:
     """The fix for a NaN/Inf an op made: the op's own (a domain, exp's overflow), or the overflow's where the op's
     is about something else or there is none."""
+    if birth.what.startswith(NUMBER):
+        return _NUMBER_FIX
     fix = _GENUINE_FIX.get(aten_packet(birth.op), "")
     if birth.what.startswith(OVERFLOW) and (not fix or birth.op == "aten.pow"):
         return _OVERFLOW_FIX
@@ -125,7 +129,8 @@ def genuine(kind: str, inc: _Incident | None, birth: _Birth | None, via: _Birth 
                                        else "the output depends on it")
     else:
         op, loc = inc.node_op, inc.loc
-        fix = _BACKWARD_OVERFLOW_FIX if BACKWARD_OVERFLOW in inc.what else _GENUINE_FIX.get(aten_packet(op), "")
+        fix = _BACKWARD_OVERFLOW_FIX if BACKWARD_OVERFLOW in inc.what else _NUMBER_FIX if NUMBER in inc.what else \
+            _GENUINE_FIX.get(aten_packet(op), "")
         message = inc.what
     born = _born(birth, via) if birth else (inc.what if inc else None)
     return Finding(kind, op, _fmt(loc), 0, fix=fix or "find why the value is not finite where it is used",

@@ -12,9 +12,11 @@ import torch
 from torch._C._autograd import _get_sequence_nr
 
 from gradwise._trace import _common, _kinds
-from gradwise._trace._common import _floats, _grad, _loc, _Node, _tensors, _user_frame
+from gradwise._trace._common import _floats, _grad, _loc, _Node, _tensors, _user_frame, nonfinite_number
 from gradwise._trace._common import run_op as _run
 from gradwise._trace._kinks import _Call
+
+_CLONE = torch.ops.aten.clone.default
 
 
 class _ForwardOps:
@@ -38,9 +40,11 @@ class _ForwardOps:
         # forward runs (under no_grad): the first op inside it did not make that node
         creates_node = seq != self.last_seq and torch.is_grad_enabled()
         self.last_seq = seq
+        cloned, self.cloned = self.cloned, None
         if not creates_node and info.uninitialised:
             return _run(func, args, kwargs)  # empty & co: no values, nothing to record
-        keeps = info.keeps or (info.cast and info.widens(args, kwargs))
+        # (a finite-preserving op given a NaN/Inf number, clamp(x, max=nan), makes NaN/Inf: checked)
+        keeps = (info.keeps and nonfinite_number(args) is None) or (info.cast and info.widens(args, kwargs))
         ins = _tensors(args)
         if not creates_node and keeps and not info.mutable and not self.pending \
                 and not any(t in self.prov for t in ins):
@@ -54,13 +58,21 @@ class _ForwardOps:
         if det is not None and not all(_kinds.readable(t) for t in ins):
             det = None  # a ZeroTensor/meta/sparse input: no values to test for a kink
         hit = None
-        if creates_node:
+        # an in-place op whose derivative reads the original input (clamp_, abs_, hardtanh_, nan_to_num_): autograd
+        # numbers its node, then clones the input with grad on, so the clone seems to make the node: the in-place
+        # op that follows a clone of its own input at the same number made node seq - 2
+        inplace = not creates_node and info.mutable and torch.is_grad_enabled() and any(t.requires_grad for t in ins)
+        if creates_node or inplace:
             new = [t for t in ins if t.is_leaf and t.requires_grad and t not in self.names]
             if new:
                 self._name_leaves(new, frame, loc)
             if det is not None and not det.needs_out:
                 hit = self._safely(func, det.fn, _Call(args, kwargs, None, info.packet_name, self.ties))
         out = _run(func, args, kwargs)
+        if inplace and cloned == (seq, id(args[0])) and seq - 2 not in self.nodes:
+            creates_node, seq = True, seq - 1  # (its node is seq - 2; the clone's, seq - 1)
+        elif creates_node and func is _CLONE and ins:
+            self.cloned = (seq, id(ins[0]))
         if creates_node:
             nd = self.nodes[seq - 1] = _Node(info.op_name, loc)
             if len(self.nodes) > _common._MAX_NODES:

@@ -4,7 +4,8 @@ shadow strong pass (``_shadow``: the step's forward met a NaN/Inf or a singular 
 strong-zero rules' supports; elsewhere value heuristics do, rerunning an op under the strong-zero rules where they
 cannot tell otherwise (``_Flow._strong_rerun``).
 
-May import: torch, gradwise._strong_zeros, gradwise._masks, gradwise._trace._common, _facts, _flow, _shadow.
+May import: torch, gradwise._strong_zeros, gradwise._masks, gradwise._trace._common, _advice, _facts, _flow,
+_shadow.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 from gradwise import _strong_zeros
 from gradwise._masks import mask_any
 from gradwise._trace import _shadow
-from gradwise._trace._common import _aligned, _inexact, _nan_in, _op_name, _positions, aten
+from gradwise._trace._advice import number_passed
+from gradwise._trace._common import _aligned, _inexact, _nan_in, _op_name, _positions, aten, nonfinite_number
 from gradwise._trace._facts import _BILINEAR, _OVERFLOWS, BACKWARD_OVERFLOW
 from gradwise._trace._flow import _pairs, _reruns
 from gradwise._trace._store import Incident as _Incident
@@ -139,7 +141,10 @@ class _Incidents:
                         + f" in {op} (the backward of {node_op})")
             else:
                 kind = "nan" if has_nan else "inf"
+                number = None if births else nonfinite_number(args or ())
                 what = (f"a nonzero sensitivity met NaN/Inf in {op} (the backward of {node_op})" if births else
+                        f"the backward of {node_op} made {'NaN' if has_nan else 'Inf'} in {op}: "
+                        f"{number_passed(op, number)}" if number is not None else
                         f"the backward of {node_op} {BACKWARD_OVERFLOW} {op}: Inf from finite values, the result "
                         f"exceeds the largest {str(o.dtype).replace('torch.', '')}" if not has_nan and
                         func.overloadpacket in _OVERFLOWS and func.overloadpacket is not aten.pow else

@@ -34,7 +34,8 @@ class _KinkChecks:
             g.occurrences += 1
             if hit.kind == "singular":  # an infinite derivative: the backward may make Inf (see _shadow)
                 self.dirty = True
-            nd.kinks.append((key, mask if hit.aligned else None))
+            reads = hit.reads() if callable(hit.reads) else hit.reads
+            nd.kinks.append((key, mask if hit.aligned else reads))
 
         mask = hit.mask
         found = hit.found if hit.found is not None else mask_any(mask)  # cheaper than counting

@@ -24,6 +24,7 @@ _NAMES_PER_LEAF = 8
 # FSDP1, activation checkpointing), which PyTorch's own state-dict helpers strip from parameter names: the user
 # knows `model.0.weight`, not `model._orig_mod.0.weight` (after `model = torch.compile(model)`)
 _WRAPPERS = {"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
+_DICT_ENTRIES = 4096  # a dict of a user frame larger than this is no parameter dict (not searched)
 
 
 class _LeafNames:
@@ -83,6 +84,7 @@ class _LeafNames:
             if not _is_internal(f.f_code):
                 direct: dict[int, str] = {}
                 paths: dict[int, str] = {}
+                entries: dict[int, str] = {}  # a dict's values: functional_call's parameters (params['weight'])
                 for k, v in list(f.f_locals.items()):
                     if id(v) in wanted:
                         direct.setdefault(id(v), k)
@@ -92,8 +94,15 @@ class _LeafNames:
                             p = names.get(i)
                             if p is not None and not (i in best and k == "self"):
                                 paths[i] = f"{k}.{p}"
+                    elif isinstance(v, dict) and len(v) <= _DICT_ENTRIES:
+                        for key, t in list(v.items()):
+                            if id(t) in wanted and isinstance(key, str):
+                                entries.setdefault(id(t), f"{k}[{key!r}]")
+                best.update(entries)
                 best.update(direct)
-                best.update(paths)
+                # a module's path wins, unless the module only holds the tensor for a while: functional_call swaps
+                # a dict's tensors (no nn.Parameter) in, and module.weight is the module's own again afterwards
+                best.update({i: p for i, p in paths.items() if i not in entries or _is_parameter(ts, i)})
             f = f.f_back
         return [best.get(id(t)) or f"tensor{list(t.shape)}" for t in ts]
 
@@ -102,6 +111,10 @@ class _LeafNames:
         if names is None:
             names = self.module_names[module] = {id(p): _unwrapped(n) for n, p in module.named_parameters()}
         return names
+
+
+def _is_parameter(ts: list[torch.Tensor], i: int) -> bool:
+    return any(id(t) == i and isinstance(t, torch.nn.Parameter) for t in ts)
 
 
 def _unwrapped(name: str) -> str:

@@ -24,6 +24,7 @@ from gradwise._trace._common import (
     _nonfinite_mask,
     _op_name,
     _user_frame,
+    nonfinite_number,
 )
 from gradwise._trace._facts import _ACCUMULATES, _LITERALS
 from gradwise._trace._incidents import _in_base
@@ -189,7 +190,8 @@ class _Provenance:
             op = _op_name(func)
 
             def make(idx):
-                what = _explain(func, nf or [t for t in ins if t is not o], o, mask)  # why, from its inputs
+                number = None if nf else nonfinite_number(args or ())  # x * float("nan"): no tensor is non-finite
+                what = _explain(func, nf or [t for t in ins if t is not o], o, mask, number)  # why, from its inputs
                 if nd is not None and nd.op != op and (not nf or new_nan) and loc == nd.loc:
                     what = f"{what} (in the backward formula of {nd.op})"
                 return _Birth(op, loc, what, 0, idx, has_nan)
