@@ -402,3 +402,22 @@ def test_a_nan_constant_written_into_a_tensor_stays_a_constant_written(case):
     assert "constant written" in found.born and "NaN/Inf number" not in found.born, str(report)
     assert "constant written here" in found.fix, str(report)
 
+
+
+def test_a_kink_finding_names_the_leaves_its_convention_reached():
+    """A kink's ``reaches`` (the api's 'leaf tensors / parameters whose gradients it reached') lists the leaves below
+    it once a nonzero sensitivity went through it, as a NaN finding's does; none where none went through (it was
+    [] always)."""
+    lin = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.bias.zero_()
+    x = torch.tensor([[1.0, -1.0, 0.0]], requires_grad=True)
+    other = torch.tensor([2.0], requires_grad=True)
+    with gw.trace() as report:
+        (torch.relu(lin(x)).sum() + other.abs().sum()).backward()
+    kinks = [f for f in report.findings if f.kind == "kink"]
+    assert [(f.op, f.reaches) for f in kinks] == [("aten.relu", ["lin.bias", "lin.weight", "x"])]
+    with gw.trace() as report:  # the tie sits where the loss reads nothing: no gradient went through it
+        torch.relu(lin(x))[:, :0].sum().backward()
+    assert [(f.reached_gradient, f.reaches) for f in report.findings if f.kind == "kink"] == [(False, [])]

@@ -55,6 +55,7 @@ class _Assembly:
                 g.kind, g.op, _fmt(g.loc), g.count, fix=kink_fix(g.kind, g.op),
                 message=f"{g.count} element(s) at a {'kink' if g.kind == 'kink' else 'singular point'}",
                 source=_source(g.loc), indices=g.indices, convention=g.convention, reached_gradient=g.reached,
+                reaches=g.reaches,
                 occurrences=g.occurrences, step=g.step)
         self._finish(report, found, unreached, uses)
 

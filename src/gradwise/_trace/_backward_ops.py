@@ -69,7 +69,7 @@ class _BackwardOps:
                 else:
                     nd = self.nodes.get(seq)
                     if nd is not None and nd.kinks:
-                        self._kink_reached(nd, seq, [t for t, _ in found])
+                        self._kink_reached(nd, seq, [t for t, _ in found], node)
             sens = True
         else:
             sens = False

@@ -294,4 +294,5 @@ class _KinkGroup:
     occurrences: int = 0
     indices: list = field(default_factory=list)
     reached: bool = False
+    reaches: list = field(default_factory=list)  # the leaves below it, when a nonzero sensitivity first reached it
     step: int | None = None  # the step of its first occurrence

@@ -1,13 +1,15 @@
 """``_KinkChecks``: the part of the tracer that schedules the kink checks of forward ops and records
 when a nonzero sensitivity reaches a kink.
 
-May import: torch, gradwise._trace._common, _kinks, _store.
+May import: torch, gradwise._masks, gradwise._strong_zeros (its graph walk), gradwise._trace._common, _kinks,
+_store.
 """
 
 from __future__ import annotations
 
 import torch
 
+from gradwise import _strong_zeros
 from gradwise._masks import mask_any
 from gradwise._trace import _common
 from gradwise._trace._common import _KinkGroup, _Node, _op_name
@@ -51,7 +53,7 @@ class _KinkChecks:
             flag = torch.where(found, float("inf"), 0.0)  # non-finite flags are the ones flush settles
             self.pending.append((flag, [], lambda _bad: settle(mask)))
 
-    def _kink_reached(self, nd: _Node, seq, sens_ins) -> None:
+    def _kink_reached(self, nd: _Node, seq, sens_ins, node=None) -> None:
         for s in sens_ins:
             if self.sens.get(s) == seq:
                 continue  # made inside this node: not its incoming gradient
@@ -64,7 +66,15 @@ class _KinkChecks:
                     g.reached = bool(s.abs().amin() > 0) or bool(mask_any((s != 0).logical_and_(mask)))
                 else:
                     g.reached = bool(mask_any(s != 0))
+                if g.reached and node is not None:
+                    g.reaches = self._leaves_below(node)
             nd.kinks = []
             return
+
+    def _leaves_below(self, node) -> list[str]:
+        """The names of the leaves whose gradients flow through ``node`` (the kink's): where PyTorch's convention at
+        the kink went (once per kink group, when a nonzero sensitivity first reaches it)."""
+        return sorted({self.leaf_name(var) for n in _strong_zeros._walk([node])
+                       if isinstance(var := getattr(n, "variable", None), torch.Tensor)})
 
     # -- the report -------------------------------------------------------------------------------------------
