@@ -55,6 +55,21 @@ def _pinv_input(g: torch.Tensor, a: torch.Tensor, pinv: torch.Tensor, upper: boo
         (gh - a.matmul(k)).matmul(pinv).matmul(pinvh)
 
 
+class _Cleaned(torch.autograd.Function):
+    """``factor`` holding ``clean``'s values, its gradient passed to every entry unchanged (create_graph=True): the
+    factor of the program whose unused entries are 0 (or mirrored) is a tensor of its own, whose every entry the
+    formula's derivative reaches. ``factor.tril()`` passes none to the unused triangle, and ``a.tril() +
+    a.tril(-1).mH`` moves it onto the lower one: a wrong second-order gradient there."""
+
+    @staticmethod
+    def forward(ctx: Any, factor: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        return clean.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return g, None
+
+
 def _triangular(node: Any, factor: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     """A Cholesky factor with NaN/Inf in the triangle its forward does not read: it with 0 there."""
     upper = node._saved_upper
@@ -97,6 +112,8 @@ def triangle_hooks(node: Any) -> list:
             return
         with _disable_current_modes():  # a value of the program, not a support the strong-zero mode tracks
             used = read(node, factor)
+            if used is not None and torch.is_grad_enabled() and factor.requires_grad:  # (create_graph=True)
+                used = (_Cleaned.apply(factor, used[0].detach()), used[1])
         if used is not None:
             held.append((factor, *used, result, grad_outputs[0]))
 

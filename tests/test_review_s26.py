@@ -1,0 +1,79 @@
+"""Review of session 26's merges (d830260..67a0ade): each test failed before its fix.
+
+References are independent of gradwise: the same program with the unused values deleted, run by PyTorch alone.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import gradwise as gw
+
+nan = float("nan")
+f64 = torch.float64
+
+
+def _spd_factor(n: int, upper: bool, dtype: torch.dtype) -> torch.Tensor:
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    return torch.linalg.cholesky(a @ a.mH + n * torch.eye(n, dtype=dtype), upper=upper).contiguous()
+
+
+def _unused(n: int, upper: bool) -> torch.Tensor:
+    """The triangle a Cholesky factor's forward never reads."""
+    ones = torch.ones(n, n, dtype=torch.bool)
+    return ones.tril(-1) if upper else ones.triu(1)
+
+
+def _second_order(program: Callable, leaves: list[torch.Tensor], strong: bool) -> list[torch.Tensor]:
+    """The gradients of |first-order gradients|^2 (create_graph=True), under strong zeros or plain PyTorch."""
+    leaves = [t.clone().requires_grad_() for t in leaves]
+    with gw.strong_zeros() if strong else contextlib.nullcontext():
+        first = torch.autograd.grad(program(*leaves), leaves, create_graph=True)
+        return list(torch.autograd.grad(sum((g.abs() ** 2).sum() for g in first), leaves, materialize_grads=True))
+
+
+def _sq(t: torch.Tensor) -> torch.Tensor:
+    return (t.abs() ** 2).sum()
+
+
+# name -> (program(b, factor), upper); cholesky_inverse reads b only in a term of its own
+_TRIANGLE_PROGRAMS: dict[str, tuple[Callable, bool]] = {
+    "cholesky_solve": (lambda b, f: _sq(torch.cholesky_solve(b, f * 1.5)), False),
+    "cholesky_solve upper": (lambda b, f: _sq(torch.cholesky_solve(b, f, upper=True)), True),
+    "cholesky_inverse": (lambda b, f: _sq(torch.cholesky_inverse(f)) + _sq(b), False),
+    "cholesky_inverse upper": (lambda b, f: _sq(torch.cholesky_inverse(f, upper=True)) + _sq(b), True),
+}
+
+
+@pytest.mark.parametrize("dtype", [f64, torch.complex128])
+@pytest.mark.parametrize("name", list(_TRIANGLE_PROGRAMS))
+def test_double_backward_through_a_cleaned_factor(name, dtype):
+    """create_graph=True through a factor with NaN in its unused triangle: the first-order gradient was recomputed
+    on ``factor.tril()``, whose derivative is 0 on the unused triangle, so the second-order gradient of that
+    triangle was a finite wrong number (0.2343 where the program with the triangle 0 gives 0.2916): SILENT. The
+    cleaned factor now passes the gradient of every entry on, as the factor of the program without the NaN does."""
+    program, upper = _TRIANGLE_PROGRAMS[name]
+    factor = _spd_factor(4, upper, dtype)
+    b = torch.randn(4, 2, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    poisoned = factor.masked_fill(_unused(4, upper), nan)
+    got = _second_order(program, [b, poisoned], strong=True)
+    expected = _second_order(program, [b, factor], strong=False)  # the unused triangle 0: the program without it
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [f64, torch.complex128])
+def test_double_backward_through_pinv_hermitian(dtype):
+    """pinv(A, hermitian=True) with NaN in the upper triangle, create_graph=True: the recomputed gradient read
+    ``A.tril() + A.tril(-1).mH``, whose derivative moved the upper triangle's second-order gradient onto the lower
+    one (SILENT, finite). The reference: the Hermitian matrix the forward read, as a leaf."""
+    a = torch.randn(4, 4, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    hermitian = a + a.mH
+    poisoned = hermitian.masked_fill(torch.ones(4, 4, dtype=torch.bool).triu(1), nan)
+    program = lambda m: _sq(torch.linalg.pinv(m * 2, hermitian=True))
+    got = _second_order(program, [poisoned], strong=True)
+    expected = _second_order(program, [hermitian], strong=False)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=1e-12)
