@@ -77,3 +77,29 @@ def test_double_backward_through_pinv_hermitian(dtype):
     got = _second_order(program, [poisoned], strong=True)
     expected = _second_order(program, [hermitian], strong=False)
     torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=1e-12)
+
+
+_PLAIN_F = "def f(x):\n    return x * 2\n"
+_GRAD_F = """
+def f(x):
+    y = (x * x).sum()
+    g = torch.autograd.grad([y], [x])[0]
+    assert g is not None
+    return g
+"""
+
+
+def test_scripted_gradient_is_said_when_another_unit_has_its_name(monkeypatch):
+    """Two compilation units (two torch.jit.load'ed files of a `Model`, two CompilationUnits) each hold a function
+    of one qualified name: the scan was cached by that name, so once the first (no gradient) was called, the second,
+    which takes TorchScript's own gradient, ran plain under strong zeros without the warning. Cached per function."""
+    from gradwise._strong_zeros import _contract
+
+    monkeypatch.setattr(_contract, "_warned", set())  # the warning is once per process
+    plain, grads = torch.jit.CompilationUnit(_PLAIN_F), torch.jit.CompilationUnit(_GRAD_F)
+    assert plain.f.qualified_name == grads.f.qualified_name  # the premise
+    x = torch.randn(3, requires_grad=True)
+    with gw.strong_zeros():
+        plain.f(x)
+        with pytest.warns(gw.PlainBackwardWarning, match="TorchScript code f calls"):
+            grads.f(x)
