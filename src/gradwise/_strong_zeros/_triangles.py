@@ -95,16 +95,27 @@ TRIANGLE_READERS: dict[str, tuple[str, int, Callable[..., Any], Callable[..., to
 }
 
 
+def _hooked(node: Any, attr: str) -> bool:
+    """Whether the saved factor or result unpacks through a hook (``_node_facts._hooked``'s test, for two slots)."""
+    try:
+        return any(getattr(node, f"_raw{name}").unpack_hook is not None for name in (attr, "_saved_result"))
+    except RuntimeError:  # freed by an earlier backward: the engine raises itself
+        return True
+
+
 def triangle_hooks(node: Any) -> list:
     """A pre- and a post-hook on ``node`` (of TRIANGLE_READERS) for one strong pass: the pre-hook reads the saved
     factor before the node frees it; where its unused triangle holds NaN/Inf, the post-hook returns the factor's
-    gradient computed with that triangle as 0 (summed to the factor's shape where it was broadcast)."""
+    gradient computed with that triangle as 0 (summed to the factor's shape where it was broadcast). A factor or
+    result saved through an unpack hook (a non-reentrant checkpoint, ``saved_tensors_hooks``) is not read: a
+    checkpoint unpacks each once, for the node itself ("Unpack is being triggered for a tensor that was already
+    unpacked once"); there the gradient is PyTorch's."""
     attr, slot, read, formula = TRIANGLE_READERS[type(node).__name__]
     held: list = []
 
     def before(grad_outputs):
         held.clear()
-        if grad_outputs[0] is None:
+        if grad_outputs[0] is None or _hooked(node, attr):
             return
         try:
             factor, result = getattr(node, attr), node._saved_result
