@@ -133,3 +133,39 @@ def test_triangle_reader_inside_a_checkpoint(name):
 
     for got, expected in zip(grads(strong=True), grads(strong=False), strict=True):
         assert torch.equal(got, expected)
+
+
+def _pinv_batch() -> tuple[torch.Tensor, Callable]:
+    """Matrix 0 finite and unsymmetric (its upper triangle read by pinv's formula), matrix 1 Hermitian with NaN
+    in its unused upper triangle."""
+    a = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(3), dtype=f64)
+    a[1] = (a[1] + a[1].mT).masked_fill(torch.ones(4, 4, dtype=torch.bool).triu(1), nan)
+    return a, lambda m: _sq(torch.linalg.pinv(m, hermitian=True))
+
+
+def _cholesky_batch() -> tuple[torch.Tensor, Callable]:
+    """Matrix 0 with finite garbage in its unused upper triangle (torch.empty's), matrix 1 with NaN there."""
+    m = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(4), dtype=f64)
+    factor = torch.linalg.cholesky(m @ m.mT + 4 * torch.eye(4, dtype=f64))
+    factor[0] += torch.full((4, 4), 3.0, dtype=f64).triu(1)
+    factor[1] = factor[1].masked_fill(_unused(4, False), nan)
+    b = torch.randn(2, 4, 2, generator=torch.Generator().manual_seed(5), dtype=f64)
+    return factor, lambda f: _sq(torch.cholesky_solve(b[: len(f)], f))
+
+
+@pytest.mark.parametrize("batch", [_pinv_batch, _cholesky_batch], ids=["pinv hermitian", "cholesky_solve"])
+def test_finite_matrix_of_a_batch_keeps_pytorchs_gradient(batch):
+    """A batch of factors, one with NaN in its unused triangle: the hook recomputed the gradient of every matrix,
+    so a finite matrix's changed with its neighbour's NaN (pinv: by 147, its finite unsymmetric upper triangle
+    mirrored away; cholesky_solve: its finite garbage read as 0), against "a finite unused triangle is left as
+    PyTorch computes it": SILENT. Now only the matrices holding the NaN/Inf are recomputed."""
+    values, program = batch()
+
+    def grads(m: torch.Tensor, strong: bool) -> torch.Tensor:
+        m = m.clone().requires_grad_()
+        with gw.strong_zeros() if strong else contextlib.nullcontext():
+            return torch.autograd.grad(program(m), m)[0]
+
+    got = grads(values, strong=True)
+    assert torch.equal(got[0], grads(values[:1], strong=False)[0])  # PyTorch's, for the finite matrix alone
+    assert bool(got[1].isfinite().all())

@@ -70,24 +70,33 @@ class _Cleaned(torch.autograd.Function):
         return g, None
 
 
-def _triangular(node: Any, factor: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
-    """A Cholesky factor with NaN/Inf in the triangle its forward does not read: it with 0 there."""
+def _matrices(mask: torch.Tensor) -> torch.Tensor:
+    """Per matrix of a batch, whether ``mask`` holds a True element in it (``[..., 1, 1]``)."""
+    return mask.flatten(-2).any(-1)[..., None, None]
+
+
+def _triangular(node: Any, factor: torch.Tensor) -> tuple[torch.Tensor, bool, torch.Tensor] | None:
+    """A Cholesky factor with NaN/Inf in the triangle its forward does not read: it with 0 there, and which
+    matrices of the batch hold such NaN/Inf (the others keep PyTorch's gradient, finite garbage there included)."""
     upper = node._saved_upper
-    if (factor.tril(-1) if upper else factor.triu(1)).isfinite().all():
+    bad = _matrices(~(factor.tril(-1) if upper else factor.triu(1)).isfinite())
+    if not bad.any():
         return None
-    return (factor.triu() if upper else factor.tril()), upper
+    return (factor.triu() if upper else factor.tril()), upper, bad
 
 
-def _hermitian(node: Any, a: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+def _hermitian(node: Any, a: torch.Tensor) -> tuple[torch.Tensor, bool, torch.Tensor] | None:
     """pinv's input with NaN/Inf while its result is finite: ``hermitian=True`` (not saved), whose eigh read the
-    lower triangle only. The Hermitian matrix it read, the lower triangle mirrored (None where NaN/Inf is in it)."""
-    if a.isfinite().all() or not node._saved_result.isfinite().all() or not a.tril().isfinite().all():
+    lower triangle only. The Hermitian matrix it read, the lower triangle mirrored, and the matrices of the batch
+    that are such (a finite matrix keeps PyTorch's gradient, of its upper triangle as it is, even unsymmetric)."""
+    bad = _matrices(~a.isfinite()) & ~_matrices(~node._saved_result.isfinite()) & ~_matrices(~a.tril().isfinite())
+    if not bad.any():
         return None
-    return a.tril() + a.tril(-1).mH, False
+    return a.tril() + a.tril(-1).mH, False, bad
 
 
-# autograd node name -> (saved input attribute, its slot among the node's outputs, the input the forward read (or
-# None where nothing unused is NaN/Inf), the formula for the input's gradient)
+# autograd node name -> (saved input attribute, its slot among the node's outputs, the input the forward read with
+# the matrices that differ (or None where nothing unused is NaN/Inf), the formula for the input's gradient)
 TRIANGLE_READERS: dict[str, tuple[str, int, Callable[..., Any], Callable[..., torch.Tensor]]] = {
     "CholeskySolveBackward0": ("_saved_input2", 1, _triangular, _cholesky_solve_factor),
     "CholeskyInverseBackward0": ("_saved_self", 0, _triangular, _cholesky_inverse_factor),
@@ -106,10 +115,10 @@ def _hooked(node: Any, attr: str) -> bool:
 def triangle_hooks(node: Any) -> list:
     """A pre- and a post-hook on ``node`` (of TRIANGLE_READERS) for one strong pass: the pre-hook reads the saved
     factor before the node frees it; where its unused triangle holds NaN/Inf, the post-hook returns the factor's
-    gradient computed with that triangle as 0 (summed to the factor's shape where it was broadcast). A factor or
-    result saved through an unpack hook (a non-reentrant checkpoint, ``saved_tensors_hooks``) is not read: a
-    checkpoint unpacks each once, for the node itself ("Unpack is being triggered for a tensor that was already
-    unpacked once"); there the gradient is PyTorch's."""
+    gradient computed with that triangle as 0 (summed to the factor's shape where it was broadcast), in the matrices
+    of a batch that hold them. A factor or result saved through an unpack hook (a non-reentrant checkpoint,
+    ``saved_tensors_hooks``) is not read: a checkpoint unpacks each once, for the node itself ("Unpack is being
+    triggered for a tensor that was already unpacked once"); there the gradient is PyTorch's."""
     attr, slot, read, formula = TRIANGLE_READERS[type(node).__name__]
     held: list = []
 
@@ -124,15 +133,15 @@ def triangle_hooks(node: Any) -> list:
         with _disable_current_modes():  # a value of the program, not a support the strong-zero mode tracks
             used = read(node, factor)
             if used is not None and torch.is_grad_enabled() and factor.requires_grad:  # (create_graph=True)
-                used = (_Cleaned.apply(factor, used[0].detach()), used[1])
+                used = (_Cleaned.apply(factor, used[0].detach()), *used[1:])
         if used is not None:
             held.append((factor, *used, result, grad_outputs[0]))
 
     def after(grad_inputs, grad_outputs):
         if not held or grad_inputs[slot] is None:
             return None
-        factor, used, upper, result, g = held.pop()
-        fixed = formula(g, used, result, upper).sum_to_size(factor.shape)
+        factor, used, upper, bad, result, g = held.pop()
+        fixed = torch.where(bad, formula(g, used, result, upper).sum_to_size(factor.shape), grad_inputs[slot])
         return tuple(fixed if i == slot else gi for i, gi in enumerate(grad_inputs))
 
     return [node.register_prehook(before), node.register_hook(after)]
