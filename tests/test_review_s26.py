@@ -169,3 +169,25 @@ def test_finite_matrix_of_a_batch_keeps_pytorchs_gradient(batch):
     got = grads(values, strong=True)
     assert torch.equal(got[0], grads(values[:1], strong=False)[0])  # PyTorch's, for the finite matrix alone
     assert bool(got[1].isfinite().all())
+
+
+@pytest.mark.parametrize("edge", [False, True], ids=["inputs=[x]", "inputs=[GradientEdge of x]"])
+def test_watch_reads_the_grad_of_a_gradient_edge_input(edge):
+    """backward(inputs=[get_gradient_edge(x)]) under gw.watch(): the watch kept only the tensors among ``inputs``,
+    so it checked no gradient and said "No NaN/Inf gradients" of x.grad holding a NaN. A leaf's edge now stands for
+    the leaf: the same report as inputs=[x]."""
+    x = torch.tensor([4.0, 1.0, -1.0], dtype=f64, requires_grad=True)
+    with gw.watch() as report:
+        y = (torch.where(x > 0, x.sqrt(), 0.0) * 2.0).sum()
+        y.backward(inputs=[torch.autograd.graph.get_gradient_edge(x) if edge else x])
+    assert bool(x.grad.isnan().any())  # the premise: the sliced-away sqrt(-1) reached x's gradient
+    assert [f.kind for f in report.findings] == ["contamination"], str(report)
+
+
+def test_watch_with_a_non_leaf_gradient_edge_input():
+    """Control: a non-leaf's edge fills no .grad; the watch checks nothing there and does not fail."""
+    x = torch.tensor([4.0, -1.0], dtype=f64, requires_grad=True)
+    with gw.watch() as report:
+        m = x * 2.0
+        (m * 3.0).sum().backward(inputs=[torch.autograd.graph.get_gradient_edge(m)])
+    assert not report.findings and x.grad is None
