@@ -191,3 +191,24 @@ def test_watch_with_a_non_leaf_gradient_edge_input():
         m = x * 2.0
         (m * 3.0).sum().backward(inputs=[torch.autograd.graph.get_gradient_edge(m)])
     assert not report.findings and x.grad is None
+
+
+def test_pinv_hermitian_complex_diagonal_is_read_real():
+    """pinv(A, hermitian=True) of a complex A with NaN in its upper triangle and imaginary parts on its diagonal:
+    eigh reads the diagonal's real part only (the forward equals that of the Hermitian matrix with a real
+    diagonal), but the recomputed gradient kept the imaginary parts, off by 4.6e4 from the program without the
+    unused values: SILENT. The matrix the formula reads now is the Hermitian one the forward read."""
+    a = torch.randn(4, 4, generator=torch.Generator().manual_seed(6), dtype=torch.complex128)
+    lower = a.tril(-1)
+    read = lower + lower.mH + torch.diag_embed(a.diagonal().real.to(a.dtype))  # what eigh reads of a
+    poisoned = (lower + torch.diag_embed(a.diagonal())).masked_fill(torch.ones(4, 4, dtype=torch.bool).triu(1), nan)
+    program = lambda m: _sq(torch.linalg.pinv(m, hermitian=True))
+    torch.testing.assert_close(torch.linalg.pinv(poisoned.nan_to_num(), hermitian=True),
+                               torch.linalg.pinv(read, hermitian=True), rtol=0, atol=0)  # the premise
+
+    def grad(m: torch.Tensor, strong: bool) -> torch.Tensor:
+        m = m.clone().requires_grad_()
+        with gw.strong_zeros() if strong else contextlib.nullcontext():
+            return torch.autograd.grad(program(m), m)[0]
+
+    torch.testing.assert_close(grad(poisoned, strong=True), grad(read, strong=False), rtol=1e-10, atol=1e-10)

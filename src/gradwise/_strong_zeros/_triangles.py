@@ -87,11 +87,15 @@ def _triangular(node: Any, factor: torch.Tensor) -> tuple[torch.Tensor, bool, to
 
 def _hermitian(node: Any, a: torch.Tensor) -> tuple[torch.Tensor, bool, torch.Tensor] | None:
     """pinv's input with NaN/Inf while its result is finite: ``hermitian=True`` (not saved), whose eigh read the
-    lower triangle only. The Hermitian matrix it read, the lower triangle mirrored, and the matrices of the batch
-    that are such (a finite matrix keeps PyTorch's gradient, of its upper triangle as it is, even unsymmetric)."""
+    lower triangle only (and of the diagonal, its real part). The Hermitian matrix it read, the lower triangle
+    mirrored, and the matrices of the batch that are such (a finite matrix keeps PyTorch's gradient, of its upper
+    triangle as it is, even unsymmetric)."""
     bad = _matrices(~a.isfinite()) & ~_matrices(~node._saved_result.isfinite()) & ~_matrices(~a.tril().isfinite())
     if not bad.any():
         return None
+    if a.is_complex():  # eigh reads the diagonal's real part only: a Hermitian matrix's diagonal is real
+        lower = a.tril(-1)
+        return lower + lower.mH + torch.diag_embed(a.diagonal(dim1=-2, dim2=-1).real.to(a.dtype)), False, bad
     return a.tril() + a.tril(-1).mH, False, bad
 
 
