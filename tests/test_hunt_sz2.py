@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import gradwise as gw
+from test_hunt_strong_zeros import _grads  # gw.grad / gw.backward / a block around .backward(inputs=)
 
 nan, inf = float("nan"), float("inf")
 f64 = torch.float64
@@ -35,19 +36,6 @@ def _unused(n: int, upper: bool) -> torch.Tensor:
     """The entries of the factor its forward does not read."""
     ones = torch.ones(n, n, dtype=torch.bool)
     return ones.tril(-1) if upper else ones.triu(1)
-
-
-def _grads(how: str, loss: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    if how == "grad":
-        return list(gw.grad(loss, inputs))
-    for t in inputs:
-        t.grad = None
-    if how == "backward":
-        gw.backward(loss, inputs=inputs)
-    else:
-        with gw.strong_zeros():
-            loss.backward(inputs=inputs)
-    return [t.grad for t in inputs]
 
 
 def _sq(z: torch.Tensor) -> torch.Tensor:

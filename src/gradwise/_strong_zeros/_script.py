@@ -16,6 +16,7 @@ May import: torch, _contract.
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +27,9 @@ from gradwise._strong_zeros import _contract
 _GRAD_OPS = re.compile(r"\baten::(grad|backward)\(")
 _CLASSES = (torch._C.ScriptFunction, torch._C.ScriptMethod)
 _ORIGINAL = {cls: cls.__call__ for cls in _CLASSES}
-_scanned: dict[str, bool] = {}  # qualified name -> whether its graph takes a gradient
+# scripted function or method -> whether its graph takes a gradient. Keyed by the object, not its qualified name:
+# two compilation units (two torch.jit.load'ed files, two CompilationUnits) may each hold a `__torch__.Model.forward`
+_scanned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _active: Callable[[], bool] = bool
 
 
@@ -60,10 +63,10 @@ def _method_call(method: Any, *args: Any, **kwargs: Any) -> Any:
 
 def _check(named: Callable[[], str], scripted: Any) -> None:
     try:
-        name = named()
-        takes = _scanned.get(name)
+        takes = _scanned.get(scripted)
         if takes is None:
-            takes = _scanned[name] = _takes_gradient(scripted)
+            takes = _scanned[scripted] = _takes_gradient(scripted)
+        name = named() if takes else ""
     except Exception:  # (a scripted object without the names read here: never an error in the user's call)
         return
     if takes:

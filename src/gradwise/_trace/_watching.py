@@ -144,7 +144,7 @@ class _Watcher:
         finally:
             self.depth -= 1
         if inputs is not None:
-            leaves = [t for t in _as_tuple(inputs) if isinstance(t, torch.Tensor)]
+            leaves = _input_tensors(inputs)
         grads = [g for t in leaves if (g := t.grad) is not None]
         fsdp = None
         if len(grads) < len(leaves):  # a leaf the backward reached holds no gradient: FSDP2 moved it to its shards
@@ -452,6 +452,18 @@ def _as_tuple(ts) -> tuple:
     if isinstance(ts, (torch.Tensor, torch.autograd.graph.GradientEdge)):
         return (ts,)
     return tuple(ts)
+
+
+def _input_tensors(inputs) -> list[torch.Tensor]:
+    """The tensors whose ``.grad`` a ``backward(inputs=...)`` fills: a GradientEdge of a leaf (its AccumulateGrad
+    node's) stands for the leaf; a non-leaf's edge fills no ``.grad``."""
+    out = []
+    for t in _as_tuple(inputs):
+        if isinstance(t, torch.autograd.graph.GradientEdge):
+            t = getattr(t.node, "variable", None)
+        if isinstance(t, torch.Tensor):
+            out.append(t)
+    return out
 
 
 def _compiling(outs: tuple) -> bool:
