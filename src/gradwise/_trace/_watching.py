@@ -58,15 +58,14 @@ The report (yielded by the ``with``) holds the explained step and everything tra
 never goes non-finite gets an empty report. ``step`` counts backward calls from 0.
 
 May import: torch, gradwise._masks, gradwise._strong_zeros (its _traced; and, lazily, its _compile),
-gradwise._trace._common, _fsdp_watching, _kinds, _replay, _report, _backward_ops, _tracer, _session
-(whose per-thread tables it reads and writes as ``_session.<name>``).
+gradwise._trace._common, _fsdp_watching, _kinds, _report, _tracer, _watch_explain (the first non-finite step
+explained: ``_StepExplainer``), _session (whose per-thread tables it reads and writes as ``_session.<name>``).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import math
-import re
 import threading
 from collections.abc import Iterator
 
@@ -76,13 +75,13 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from gradwise import _strong_zeros
 from gradwise._masks import all_finite
 from gradwise._strong_zeros._traced import compiling, recording
-from gradwise._trace import _common, _fsdp_watching, _kinds, _replay, _session
-from gradwise._trace._backward_ops import _declared_node
+from gradwise._trace import _common, _fsdp_watching, _kinds, _session
 from gradwise._trace._report import Report
 from gradwise._trace._tracer import _Tracer
+from gradwise._trace._watch_explain import _StepExplainer
 
 
-class _Watcher:
+class _Watcher(_StepExplainer):
     """The state of one `gw.watch()` block (one thread)."""
 
     def __init__(self, sync_every: int) -> None:
@@ -233,119 +232,6 @@ class _Watcher:
 
     # -- the first non-finite gradient: explain the step, then trace in full ------------------------------
 
-    def _explain(self, outs, seeds, leaves, roots, returned=None) -> None:
-        """``returned``: what ``autograd.grad`` gave the caller (one per leaf), which the replay stands for."""
-        if self.tracer is not None:
-            return
-        self.found_at = self.step
-        tracer = self.tracer = _Tracer(self.sync_every)
-        tracer.store.step = self.step
-        at = _common._loc(_common._user_frame())  # the user's backward call: the forward's own lines were not seen
-        for node in _strong_zeros._walk(roots):  # what each node's forward op was
-            seq = node._sequence_nr()
-            if seq != _common._ACCUMULATE_SEQ:
-                tracer.nodes[seq] = _declared_node(node, at) or _common._Node(_node_op(node.name()), at)
-        batches = dict(self.batches.items())  # (the DataLoader batches still alive): tensor -> (index, key)
-        tracer.batches.update((t, i) for t, (i, _) in batches.items())
-        wanted = [t for t in leaves if t.requires_grad]
-        if wanted:
-            tracer._name_leaves(wanted, _common._user_frame(), at)  # (their .grad reads start no step: `_forward`)
-            # the births of the values the graph saved, in the forward's order (the replay meets them backwards)
-            tracer.replayed = tracer._safely("the untraced forward", _replay.forward_origins, tracer, roots, at,
-                                             batches) or {}
-        self._trace(tracer)
-        if not wanted:
-            return
-        try:
-            again = torch.autograd.grad(outs, wanted, seeds, retain_graph=True, allow_unused=True)
-        except RuntimeError as exc:  # a graph that cannot be replayed (a compiled backward with donated buffers)
-            self.unexplained = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-            self._unexplained_gradients(tracer, leaves, returned, at)
-            return
-        finally:
-            tracer.replayed = {}  # (storages are reused once the graph is freed)
-        given = {id(leaf): r for leaf, r in zip(leaves, returned, strict=False)} if returned is not None else {}
-        for leaf, g in zip(wanted, again, strict=True):
-            # the replay's provenance stands for the real gradient (.grad, or what autograd.grad returned): an
-            # optimizer step reading it is then "a gradient used as a value", descending from this step's findings
-            got = tracer.prov.get(g) if g is not None else None
-            real = given.get(id(leaf)) if returned is not None else leaf.grad
-            if got and isinstance(real, torch.Tensor):
-                tracer.prov[real] = got
-            elif returned is None and isinstance(real, torch.Tensor) and not got and id(leaf) in self.stale:
-                # finite in the replay, non-finite in .grad, as it was before the block's first backward added to it
-                # (not after: a .grad that the all-reduce made NaN is told by note_received below)
-                with torch.utils._python_dispatch._disable_current_modes():  # (the trace's own reads)
-                    tracer._safely("a gradient accumulated into", tracer.stale_gradient, leaf, real, at, self.step)
-            elif returned is None and isinstance(real, torch.Tensor) and not got and _common._dist_rank() is None:
-                # finite in the replay and when a backward of the block first reached it, no collective: the program
-                # wrote NaN/Inf into this .grad between backwards, untraced (was told as no NaN/Inf at all)
-                with torch.utils._python_dispatch._disable_current_modes():
-                    if _common._inexact(real) and _kinds.readable(real) and real.layout is torch.strided and \
-                            _common._nonfinite(real):
-                        tracer._safely("a gradient written between backwards", tracer.unexplained_gradient, real,
-                                       leaf, at, self.step, "", None,  # (_safely passes no keywords: what=)
-                                       _BETWEEN.format(name=tracer.leaf_name(leaf), step=self.step))
-        if returned is None and _common._dist_rank() is not None:
-            # the replay ran no collective: a .grad that is NaN/Inf where this rank's own gradient is finite came
-            # from another rank through DDP's all-reduce, which this step ran untraced
-            with torch.utils._python_dispatch._disable_current_modes():  # (the trace's reads)
-                local = {tracer.leaf_name(leaf) for leaf, g in zip(wanted, again, strict=True)
-                         if isinstance(g, torch.Tensor) and _common._nonfinite(g)}
-                for leaf in wanted:  # a received .grad that a later backward accumulates onto stays received
-                    if tracer.leaf_name(leaf) not in local and isinstance(leaf.grad, torch.Tensor) and \
-                            _common._nonfinite(leaf.grad):
-                        tracer.remember_received(leaf.grad, ("c10d.allreduce_", at))
-            tracer._safely("received gradients", tracer.note_received, local, ("c10d.allreduce_", at))
-
-    def _unreplayable(self, fsdp, leaves) -> None:
-        """The first non-finite step under FSDP2, which must not run again (`_fsdp_watching`): each non-finite
-        gradient of this rank (of an FSDP2 parameter, or of a leaf FSDP does not manage) becomes a finding born at
-        the backward call. Then the full trace starts, as after a replay. (It was not started until the step it
-        starts in was set as ended: the next step's ops were recorded as this one's, and the next step's genuine
-        NaN, the test's ``x[0, 0] = nan``, read as a spurious second birth of this step at an aten.copy_.)"""
-        if self.tracer is not None:
-            return
-        self.found_at = self.step
-        self.unexplained = _fsdp_watching.WHY
-        tracer = self.tracer = _Tracer(self.sync_every)
-        tracer.store.step = self.step
-        frame = _common._user_frame()
-        at = _common._loc(frame)
-        tracer.batches.update((t, i) for t, (i, _) in dict(self.batches.items()).items())
-        with torch.utils._python_dispatch._disable_current_modes():  # (the trace's own reads)
-            managed = {id(leaf) for leaf, _ in fsdp}
-            others = [t for t in leaves if id(t) not in managed and isinstance(g := t.grad, torch.Tensor) and
-                      _common._inexact(g) and g.layout is _STRIDED and _kinds.readable(g) and _common._nonfinite(g)]
-            bad = _fsdp_watching.nonfinite(fsdp) + [(t, t.grad, _common._nonfinite_mask(t.grad)) for t in others]
-            tracer._name_leaves([fp.sharded_param for _, fp in fsdp] + others, frame, at)
-            for _, fp in fsdp:  # a parameter no frame holds: FSDP's own name for it
-                if (tracer.names.get(fp.sharded_param) or "").startswith("tensor[") and getattr(fp, "_param_fqn", None):
-                    tracer.names[fp.sharded_param] = fp._param_fqn
-            for p, g, mask in bad:
-                tracer._safely("unexplained gradients", tracer.unexplained_gradient, g, p, at, self.step,
-                               "under FSDP2 its backward cannot run again", mask)
-            self.fsdp_found = [(tracer.leaf_name(p), "NaN" if _common._has_nan(g) else "Inf",
-                                _common._count(mask), id(p) in self.stale) for p, g, mask in bad]
-            for leaf, fp in fsdp:  # the traced steps read the unsharded parameters: the model's names for them
-                tracer.names[leaf] = tracer.leaf_name(fp.sharded_param)
-        # no traced backward ended this step (the replay does in `_explain`): without this, the next step's ops
-        # were recorded as this one's, and its genuine NaN was told as a second birth of this step
-        tracer.backward_ended = True
-        self._trace(tracer)
-
-    def _unexplained_gradients(self, tracer: _Tracer, leaves, returned, at) -> None:
-        """The step's NaN/Inf gradients, which no replay explains, become one finding born at its backward call
-        (contamination or genuine: not known), and the provenance of those gradients: an optimizer step that
-        writes them into the parameters is then downstream of it, as are the later steps' NaN (they were a
-        genuine NaN of data that 'arrived non-finite' at the optimizer's line, a NaN .grad taken for an input)."""
-        grads = list(returned) if returned is not None else [leaf.grad for leaf in leaves]
-        with torch.utils._python_dispatch._disable_current_modes():  # (the trace's own reads)
-            for leaf, g in zip(leaves, grads, strict=False):
-                if isinstance(g, torch.Tensor) and _common._inexact(g) and _kinds.readable(g) and \
-                        g.layout is torch.strided and _common._nonfinite(g):
-                    tracer._safely("unexplained gradients", tracer.unexplained_gradient, g, leaf, at, self.step)
-
     def finish(self, report: Report) -> None:
         """Fill ``report`` (empty when every gradient stayed finite) and stop tracing."""
         if self.tracer is None:
@@ -382,62 +268,7 @@ class _Watcher:
                                f"{how}{after}{unknown}")
 
 
-_STRIDED = torch.strided
-_NODE_SUFFIX = re.compile(r"Backward\d*$")
-
-
-def _node_op(name: str) -> str:
-    """'AddmmBackward0' -> 'aten.addmm', the op the trace records for that node (what `_discarded_by` and the
-    report expect): LogSoftmaxBackward0 is aten._log_softmax's, NllLossBackward0 aten.nll_loss_forward's,
-    ToCopyBackward0 aten._to_copy's; others (CopySlices, a custom Function's) as they are."""
-    base = _NODE_SUFFIX.sub("", name)
-    op = _op_named(base) if base != name else None
-    return f"aten.{op}" if op else name
-
-
-@functools.cache
-def _op_named(base: str) -> str | None:
-    """The aten op whose autograd node is named ``base`` + 'BackwardN', the likeliest of those that share the
-    name: not a composite op (CompositeImplicitAutograd: log_softmax decomposes into _log_softmax), not an
-    in-place one."""
-    ops = _ops_by_node_name().get(base)
-    if not ops:
-        return None
-    return min(ops, key=lambda op: (_composite(op), op.endswith("_"), op.startswith("_"), op)) if len(ops) > 1 \
-        else next(iter(ops))
-
-
-@functools.cache
-def _ops_by_node_name() -> dict[str, set[str]]:
-    """Autograd node name (without 'BackwardN') -> the aten ops of that name. PyTorch's codegen names a node
-    after its op (torchgen's _create_op_prefix: title case of the '_'-split name, so a leading '_' and a
-    trailing '_forward' vanish). Built once (a few ms), when a watch first explains a step."""
-    names: dict[str, set[str]] = {}
-    for full in torch._C._dispatch_get_all_op_names():
-        if full.startswith("aten::"):
-            op = full[6:].split(".")[0]
-            camel = "".join(p.title() for p in op.split("_"))
-            names.setdefault(camel.removesuffix("Forward"), set()).add(op)
-    return names
-
-
-def _composite(op: str) -> bool:
-    """Whether every functional overload of an aten op decomposes (CompositeImplicitAutograd): no node is its."""
-    try:
-        packet = getattr(torch.ops.aten, op)
-        got = [getattr(packet, o) for o in packet.overloads() if "out" not in o]
-        return bool(got) and all(o.has_kernel_for_dispatch_key(_COMPOSITE) for o in got)
-    except (AttributeError, RuntimeError):  # (an op the Python bindings do not know: sym_size)
-        return True
-
-
-_COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
-
-
 _SEEN_MAX = 1 << 16
-_BETWEEN = ("{name}.grad held NaN/Inf when the backward at step {step} added finite values to it, though it was "
-            "finite when an earlier backward of the block reached it: the program wrote it between backwards, "
-            "where gw.watch() traces nothing")
 
 
 def _nonfinite_grads(leaves) -> set[int]:
@@ -473,6 +304,7 @@ def _compiling(outs: tuple) -> bool:
         isinstance(t, torch.Tensor) and not _kinds.readable(t) for t in outs)
 
 
+_STRIDED = torch.strided
 _F32, _F64, _WIDENED = torch.float32, torch.float64, (torch.float16, torch.bfloat16)
 _SMALL_VECTOR = 1 << 12  # elements: a float32 vector this small is cheaper copied into one sum than summed alone
 
