@@ -1,0 +1,82 @@
+"""Hunt: strong zeros around torch.compile'd code in the constructs users combine it with (checkpointing, ...).
+
+References are independent of gradwise's rules: the same program with the unused rows deleted, run eagerly in
+plain PyTorch, and on finite data the same compiled program's plain PyTorch gradients (bitwise).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.utils.checkpoint as cp
+from torch import nn
+
+import gradwise as gw
+
+nan = float("nan")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _block() -> tuple[nn.Linear, torch.Tensor]:
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    x = torch.randn(6, 4)
+    return lin, x
+
+
+def _grads(lin: nn.Linear, x: torch.Tensor, loss_fn, strong: bool) -> list[torch.Tensor]:
+    x = x.clone().requires_grad_(True)
+    lin.zero_grad(set_to_none=True)
+    if strong:
+        with gw.strong_zeros():
+            loss_fn(x).backward()
+    else:
+        loss_fn(x).backward()
+    return [x.grad, lin.weight.grad, lin.bias.grad]
+
+
+@pytest.mark.parametrize("padding", ["finite", "nan"])
+def test_a_compiled_function_checkpointed_around_recomputes_compiled(padding):
+    """checkpoint(compiled_fn, x, use_reentrant=False) recomputes the compiled forward inside the backward. Under
+    strong zeros it ran eagerly (dynamo runs nothing compiled under a dispatch mode), saved other tensors than
+    the compiled forward, and the checkpoint's metadata check raised CheckpointError, on finite data too."""
+    lin, x = _block()
+    if padding == "nan":
+        x[4:] = nan
+    block = torch.compile(lambda x: torch.tanh(lin(x)) * 2, backend="aot_eager")
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return cp.checkpoint(block, x, use_reentrant=False)[:4].sum()
+
+    got = _grads(lin, x, loss, strong=True)
+    if padding == "finite":
+        want = _grads(lin, x, loss, strong=False)  # the same compiled program, plain PyTorch: bitwise
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)
+    else:  # the program with the padding rows deleted, eager
+        want = _grads(lin, x[:4], lambda xs: (torch.tanh(lin(xs)) * 2).sum(), strong=False)
+        want[0] = torch.cat([want[0], torch.zeros(2, 4)])
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w)
+
+
+def test_an_eager_checkpoint_recomputation_under_strong_zeros_is_unchanged():
+    """The same checkpoint around eager code: the recomputation outside the mode gives the deleted program's
+    gradients, as before."""
+    lin, x = _block()
+    x[4:] = nan
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return cp.checkpoint(lambda x: torch.tanh(lin(x)) * 2, x, use_reentrant=False)[:4].sum()
+
+    got = _grads(lin, x, loss, strong=True)
+    want = _grads(lin, x[:4], lambda xs: (torch.tanh(lin(xs)) * 2).sum(), strong=False)
+    want[0] = torch.cat([want[0], torch.zeros(2, 4)])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
