@@ -80,3 +80,29 @@ def test_an_eager_checkpoint_recomputation_under_strong_zeros_is_unchanged():
     want[0] = torch.cat([want[0], torch.zeros(2, 4)])
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
+
+
+def _dropout_loss(lin: nn.Linear, compiled: bool):
+    def block(x: torch.Tensor) -> torch.Tensor:
+        return torch.native_dropout(torch.tanh(lin(x)), 0.5, True)[0]
+
+    block = torch.compile(block, backend="aot_eager") if compiled else block
+    return lambda x: block(x)[:4].sum()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "aot_eager"])
+def test_dropout_before_a_slice_keeps_its_strong_zeros(compiled):
+    """native_dropout_backward (CUDA's eager dropout; AOTAutograd's graph of F.dropout on any device) had no
+    strong-zero rule: the slice's zeros were lost there, tanh's backward made 0 x NaN, and every gradient held
+    NaN (with a warning). Reference: the same program, same dropout mask (same seed and shape), with the padding
+    rows finite: they are unused, so the kept rows' gradients are the deleted program's and theirs are 0."""
+    lin, x = _block()
+    loss = _dropout_loss(lin, compiled)
+    torch.manual_seed(7)
+    want = _grads(lin, x, loss, strong=False)
+    x[4:] = nan
+    torch.manual_seed(7)
+    got = _grads(lin, x, loss, strong=True)
+    assert torch.equal(want[0][4:], torch.zeros(2, 4))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
