@@ -106,3 +106,40 @@ def test_dropout_before_a_slice_keeps_its_strong_zeros(compiled):
     assert torch.equal(want[0][4:], torch.zeros(2, 4))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
+
+
+def _cond_loss(lin: nn.Linear, compiled: bool):
+    pred = torch.tensor(True)
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return torch.cond(pred, lambda h: torch.tanh(h), lambda h: torch.sin(h), (lin(x),))[:4].sum()
+
+    return torch.compile(loss, backend="aot_eager", fullgraph=True) if compiled else loss
+
+
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")  # (dynamo's,
+# tracing eager torch.cond's branches: it reads .grad of the non-leaf operand, with or without gradwise)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "aot_eager"])
+def test_torch_cond_in_a_strong_backward_follows_its_branch(compiled):
+    """torch.cond's backward is a higher-order op: under the strong-zero mode it raised PyTorch's
+    NotImplementedError (no HOP support in the mode), a crash from gradwise where plain PyTorch works. It now
+    runs PyTorch's kernel with the chosen branch under the mode: the deleted program's gradients."""
+    lin, x = _block()
+    x[4:] = nan
+    got = _grads(lin, x, _cond_loss(lin, compiled), strong=True)
+    want = _grads(lin, x[:4], lambda xs: torch.tanh(lin(xs)).sum(), strong=False)
+    want[0] = torch.cat([want[0], torch.zeros(2, 4)])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_a_higher_order_op_that_loses_zeros_says_so():
+    """torch's map HOP slices and stacks its operands outside the mode, so the zeros do not follow into its body:
+    the NaN stays in the weight gradient, and a warning names the op (before: NotImplementedError)."""
+    from torch._higher_order_ops.map import map as hop_map
+
+    lin, x = _block()
+    x[4:] = nan
+    with pytest.warns(gw.OpaqueBackwardWarning, match="map_impl"):
+        got = _grads(lin, x, lambda x: hop_map(lambda r: torch.tanh(r) * 2, lin(x))[:4].sum(), strong=True)
+    assert got[1].isnan().any()
