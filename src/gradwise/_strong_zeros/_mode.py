@@ -6,6 +6,7 @@ May import: torch, gradwise._modes, _contract, _supports, _rules, _triangles, _a
 
 from __future__ import annotations
 
+import types
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -145,7 +146,8 @@ class _StrongZeroMode(LeanDispatchMode):
             return run
 
         zeros_in = any(map(self.supports.zeroed, tree_flatten((args, kwargs))[0]))
-        args = tuple(under_mode(a) if callable(a) and not isinstance(a, torch.Tensor) else a for a in args)
+        # subgraphs (GraphModules, Python functions), not ops passed as arguments (with_effects' OpOverload)
+        args = tuple(under_mode(a) if isinstance(a, (torch.nn.Module, types.FunctionType)) else a for a in args)
         out = func(*args, **kwargs)
         if zeros_in and not all(self.supports.tracked(o) for o in tree_flatten(out)[0]
                                 if isinstance(o, torch.Tensor) and _is_float(o)):
