@@ -205,6 +205,9 @@ _facts("linear", aten.neg, aten.clone, aten.sigmoid_backward, aten.soft_margin_l
        aten.huber_loss_backward, aten.binary_cross_entropy_backward, aten.logit_backward,
        aten.rrelu_with_noise_backward, aten.xlogy, aten.special_xlog1py, aten._conj_physical, aten.conj_physical,
        args=(0,))
+# native_dropout_backward(g, mask, scale) = g * mask * scale (CUDA's dropout, and AOTAutograd's graphs on any device):
+# linear in g; its dropped units are a forward value's zeros (CPU's eager dropout is a mul by the mask), not a formula's
+_facts("linear", aten.native_dropout_backward, args=(0,))
 _facts("linear", aten.hardsigmoid_backward, args=(0,), passes=_hardsigmoid_slope)
 _facts("linear", aten.hardswish_backward, args=(0,), passes=_hardswish_slope)
 _facts("linear", aten.softshrink_backward, aten.hardshrink_backward, args=(0,), passes=_shrink_slope)

@@ -35,6 +35,7 @@ Modules (each imports only those above it in this list, plus torch and gradwise.
 ``_compile_pass``    one graph rule per kind of the same facts, over AOTAutograd's backward graphs.
 ``_graph_forms``     those graphs put back into the forms the eager rules know, for their op-by-op run.
 ``_compile``         compiled backwards under strong zeros: the pass, the runtime check, ``compile_stats``.
+``_compile_recompute`` a non-reentrant checkpoint's recomputation (a forward) run outside the strong-zero mode.
 ``_engine``          the engine hook, the strong pass, ``strong_zeros()``, ``grad``, ``backward`` (and the rebound
                      globals ``_installed``, ``_original_engine_run``, ``_process_wide``: read as ``_engine.<name>``).
 ``_rules_attention`` rules for the fused attention backwards (sdpa) and their node facts.
@@ -49,6 +50,7 @@ Other concerns (trace, watch, distributed, cli) import from this package's modul
 # isort: off
 from gradwise._strong_zeros import _rules_pointwise, _rules_bilinear, _rules_backward  # noqa: F401
 from gradwise._strong_zeros import _rules_attention, _rules_opdb  # noqa: F401
+from gradwise._strong_zeros import _compile_recompute  # noqa: F401  (wraps checkpoint's recomputation)
 # isort: on
 # What the other concerns read of strong zeros as ``_strong_zeros.<name>`` (gradwise._trace: _STATE, lookup,
 # _decomposition, _StrongZeroMode, WHOLE_FORMULAS, may_make_structural_zeros; gradwise._trace._watching: _root_nodes,

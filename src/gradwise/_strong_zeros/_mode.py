@@ -6,6 +6,7 @@ May import: torch, gradwise._modes, _contract, _supports, _rules, _triangles, _a
 
 from __future__ import annotations
 
+import types
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -57,6 +58,8 @@ _LIFTS = frozenset((aten.lift_fresh, aten.lift_fresh_copy, aten.lift))
 
 
 class _StrongZeroMode(LeanDispatchMode):
+    supports_higher_order_operators = True  # (_higher_order)
+
     def __init__(self, carry: bool = False) -> None:
         super().__init__()
         self.supports = _Supports()
@@ -72,13 +75,16 @@ class _StrongZeroMode(LeanDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = self._dispatch(func, args, kwargs or {})
-        if self.produced is not None and func.overloadpacket not in _LIFTS:  # (a lift brings data from outside)
+        # (a lift brings data from outside; a higher-order op has no overloadpacket)
+        if self.produced is not None and getattr(func, "overloadpacket", None) not in _LIFTS:
             for o in tree_flatten(out)[0]:
                 if isinstance(o, torch.Tensor):
                     self.produced[id(o)] = o
         return out
 
     def _dispatch(self, func, args, kwargs):
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            return self._higher_order(func, args, kwargs)
         if _contract.unfollowed(args):  # sparse/nested/mkldnn sensitivities: PyTorch's op, nothing recorded
             return func(*args, **kwargs)
         if func.is_view:
@@ -124,6 +130,29 @@ class _StrongZeroMode(LeanDispatchMode):
                     self.supports.record(o, None)
         return out
 
+
+    def _higher_order(self, func, args, kwargs):
+        """A higher-order op (``torch.cond``, ``map``, ``while_loop``: their backwards are higher-order ops too)
+        has no aten kernel and no rule; it ran into PyTorch's NotImplementedError for modes without HOP support.
+        It runs as PyTorch's own kernel, outside this mode (its dense kernel requires none), with each subgraph
+        it calls (a branch, a body) run under this mode: the subgraph's ops meet their rules, as in eager code.
+        ``cond`` hands its operands to the branch as they are, so their supports follow. Where structural zeros
+        went in and an output comes back that no op under the mode made (``map`` slices and stacks outside it),
+        they were lost there: named if the gradients hold NaN/Inf (silent NaN weight gradients otherwise)."""
+        def under_mode(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def run(*a: Any, **k: Any) -> Any:
+                with self:
+                    return fn(*a, **k)
+            return run
+
+        zeros_in = any(map(self.supports.zeroed, tree_flatten((args, kwargs))[0]))
+        # subgraphs (GraphModules, Python functions), not ops passed as arguments (with_effects' OpOverload)
+        args = tuple(under_mode(a) if isinstance(a, (torch.nn.Module, types.FunctionType)) else a for a in args)
+        out = func(*args, **kwargs)
+        if zeros_in and not all(self.supports.tracked(o) for o in tree_flatten(out)[0]
+                                if isinstance(o, torch.Tensor) and _is_float(o)):
+            self.lost[f"the higher-order op {func.name()}"] = "run its body without the higher-order op (eager code)"
+        return out
 
     def _held(self, t: torch.Tensor) -> Callable[[], torch.Tensor | None]:
         """A reference to a ruled op's output for _carry: strong where it holds a structural zero now."""
