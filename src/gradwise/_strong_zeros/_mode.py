@@ -210,7 +210,10 @@ def running_mode() -> _StrongZeroMode | None:
     """The innermost strong-zero mode on this thread's dispatch stack (a pass is running), or None."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
-    return next((m for m in reversed(_get_current_dispatch_mode_stack()) if isinstance(m, _StrongZeroMode)), None)
+    for m in reversed(_get_current_dispatch_mode_stack()):  # (a loop: a generator left unfinished raises
+        if isinstance(m, _StrongZeroMode):  # GeneratorExit when collected, on every checkpoint recomputation)
+            return m
+    return None
 
 
 def watch_functions(roots: list, mode: _StrongZeroMode, nodes: list | None = None) -> list:
