@@ -38,12 +38,13 @@ class _BackwardOps:
         seq = node._sequence_nr() if node is not None else None
         ins = _tensors(args)
         found = self.sens.found(ins)  # (input, seq of the node that made it) for the sensitivities among ins
-        outs = _floats(out)
+        every = _floats(out, empty=True)  # (an empty one too carries the flow: the expand of a sum over no element)
+        outs = every if all(o.numel() for o in every) else [o for o in every if o.numel()]
         if info.mutable and not outs:
             outs = _floats(args[0])
         if node is None or found:  # outside any node (root grads, accumulation) every tensor is a sensitivity
             made = _ENGINE_ZEROS if node is None and func.overloadpacket in _ZEROS else seq
-            for o in _floats(out, empty=True):  # (an empty one too: the expand of a sum over no element)
+            for o in every:
                 self.sens[o] = made
             if func in _FORMULA_FIRST and seq is not None:  # a whole formula's g, for its last op (_Incidents)
                 whole = _strong_zeros.WHOLE_FORMULAS.get(getattr(self.nodes.get(seq), "op", None))
