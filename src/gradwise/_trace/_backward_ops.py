@@ -2,7 +2,7 @@
 node that made them, the nodes whose zeros may be structural, accumulation into leaves, gw.strong_zeros()' pass
 beside it, the NaN/Inf it made), and what gw.strong_zeros() undid of a plain pass.
 
-May import: torch, gradwise._strong_zeros, gradwise._trace._common, _facts, _store.
+May import: torch, gradwise._strong_zeros, gradwise._trace._common, _facts, _shadow, _store.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import torch
 
 from gradwise import _strong_zeros
 from gradwise._strong_zeros import _unused
+from gradwise._strong_zeros._triangles import TRIANGLE_READERS
 from gradwise._trace._common import _ACCUMULATE_SEQ, _floats, _Node, _tensors
 from gradwise._trace._facts import DECLARED
+from gradwise._trace._shadow import _Shadow
 
 _FORMULA_FIRST = {w.first for w in _strong_zeros.WHOLE_FORMULAS.values()}
 # zeros the engine makes outside any node (for an unused output's gradient): structural, as strong zeros take them
@@ -76,6 +78,12 @@ class _BackwardOps:
             sens = False
         if self.shadow is not None and self.shadow.valid:  # the strong-zero pass beside this one (_shadow): only
             self.shadow.run(func, args, kwargs, out, self._safely(func, self.outputs_finite))  # where a NaN may come
+        elif node is not None and type(node).__name__ in TRIANGLE_READERS and not torch.is_grad_enabled():
+            # no shadow (a forward that met no NaN/Inf but data that arrived so) or gw.strong_zeros()' own pass: the
+            # ops of a node whose formula reads an unused triangle are followed beside it (_Shadow.unused_triangle)
+            if self.triangles is None:
+                self.triangles = _Shadow(triangles_only=True)
+            self.triangles.run(func, args, kwargs, out, True)
         # gw.strong_zeros()' pass: a rule that reads a non-finite value handles it
         if _strong_zeros._STATE.in_mode:
             self.strong_ran = True

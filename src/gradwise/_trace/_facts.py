@@ -72,6 +72,10 @@ _DISCARDS: dict = {
     **dict.fromkeys([aten.nan_to_num, aten.nan_to_num_],
                     "keep the input of the op that makes NaN/Inf inside its domain (e.g. w.clamp_min(0).sqrt()); "
                     "nan_to_num after it cleans the value, not its backward"),
+    # the formulas of _strong_zeros._triangles.TRIANGLE_READERS read a triangle of the matrix the forward does not
+    **dict.fromkeys([aten.cholesky_solve, aten.cholesky_inverse, aten.linalg_pinv],
+                    "make the triangle the op does not read finite before it (L.tril() for a lower factor, "
+                    "L.triu() for an upper one; for pinv(hermitian=True), A.tril() + A.tril(-1).mH)"),
     # gw.mark_unused's backward node (no aten op: keyed by the name a report gives it)
     DECLARED: "none needed, the elements are declared unused (gw.mark_unused)",
 }

@@ -98,6 +98,7 @@ class _Incidents:
         contamination where that sensitivity is a structural zero, else genuine (contamination first); and the
         mask of the contaminated elements."""
         discarded = self._discarded_by(sens_ins)
+        unread = self._unread_triangle()
         # (an op on a sparse/mkldnn operand: strong zeros run it as PyTorch does, and keep its NaN; the trace tells
         # that contamination apart, as one they cannot remove)
         strong = self._strong_of(o) if all(t.layout == torch.strided for t in ins) else None
@@ -135,7 +136,11 @@ class _Incidents:
             births = frozenset().union(*(self._origin_at(t, loc, kind_mask) if aligned else self._origin(t, loc)
                                          for t in there)) if there else frozenset()
             has_nan = _nan_in(o, kind_mask)
-            if contaminated:
+            if contaminated and unread is not None:  # no zero involved: the formula read what the forward did not
+                kind = "contamination"
+                what = (f"{op} (the backward of {node_op}) read NaN/Inf in the triangle of a matrix that its forward "
+                        "never reads")
+            elif contaminated:
                 kind = "contamination"
                 what = ("a zero sensitivity met " + ("NaN/Inf" if births else "0/0 or 0 x Inf")
                         + f" in {op} (the backward of {node_op})")
@@ -157,7 +162,7 @@ class _Incidents:
                 for b in births:
                     b.used = True
             inc = self.store.incident(kind, op, node_op, loc, count, idx, births, what,
-                                      discarded if contaminated else None, undecided)
+                                      (unread or discarded) if contaminated else None, undecided)
             if contaminated and any(t.layout != torch.strided for t in ins):
                 inc.unfollowed = True
             incidents.append(inc)
@@ -184,10 +189,23 @@ class _Incidents:
         nonzero_anywhere = any(bool((s != 0).any()) for s in sens_ins)
         return torch.full(o.shape, nonzero_anywhere, dtype=torch.bool)
 
+    def _unread_triangle(self) -> tuple | None:
+        """(op, loc) of the forward op of the node running now where its formula reads NaN/Inf in a triangle of a
+        matrix the forward never read (``_Shadow.unused_triangle``, gw.strong_zeros()' fact): there the
+        contamination is that triangle's, not a zero sensitivity's; None elsewhere."""
+        node = torch._C._current_autograd_node()
+        for shadow in (self.shadow, self.triangles):
+            tri = shadow.triangle if shadow is not None else None
+            if node is not None and tri is not None and tri[1] is not None and tri[0] == node._sequence_nr():
+                nd = self.nodes.get(tri[0])
+                return (nd.op, nd.loc) if nd is not None else None
+        return None
+
     def _strong_of(self, o) -> torch.Tensor | None:
         """What gw.strong_zeros()' pass holds where this backward holds ``o`` (the shadow pass, ``_shadow``), or
         None where the trace runs none."""
-        return self.shadow.strong(o) if self.shadow is not None else None
+        strong = self.shadow.strong(o) if self.shadow is not None else None
+        return self.triangles.strong(o) if strong is None and self.triangles is not None else strong
 
     def _indicators(self, func, args, nf, o, out=None, finite_only=False) -> torch.Tensor | None:
         """Of a bilinear op (linear in the sensitivity and in the saved value): the op evaluated on indicators

@@ -179,8 +179,10 @@ def _render(report: Report, console: Console) -> None:
         if f.born:
             console.print(f"   born: {escape(f.born)}")
         if f.discarded_op:
-            console.print(f"   unused since: {escape(f.discarded_op)} at {escape(f.discarded_location or '?')} "
-                          "(its backward sends zero sensitivity there)")
+            # (a formula that reads a triangle its forward never reads: _findings words its message so)
+            why = "it never reads them" if "its forward never reads" in f.message else \
+                "its backward sends zero sensitivity there"
+            console.print(f"   unused since: {escape(f.discarded_op)} at {escape(f.discarded_location or '?')} ({why})")
         if f.convention:
             console.print(f"   PyTorch's convention: {escape(f.convention)}")
         if f.kind in ("kink", "singular"):

@@ -105,7 +105,7 @@ def _backward_call(tracer: _Tracer) -> Iterator[None]:
                          if inc.serial > serial and id(inc) in tracer.reached_now for n in inc.reaches}
                 tracer._safely("received gradients", tracer.note_received, local | stale)
             tracer.reached_now = set()
-            tracer.shadow = None
+            tracer.shadow = tracer.triangles = None
 
 
 # Never traced by dynamo (a backward inside a torch.compile'd training step graph-breaks; the frames its eager

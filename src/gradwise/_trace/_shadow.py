@@ -28,22 +28,50 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from gradwise import _strong_zeros
 from gradwise._strong_zeros import _contract
+from gradwise._strong_zeros._triangles import TRIANGLE_READERS
 
 
 class _Shadow:
     """The strong-zero counterpart of one traced backward call: real tensor -> shadow (weakly, by the real one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, triangles_only: bool = False) -> None:
+        self.triangles_only = triangles_only  # follows the nodes of TRIANGLE_READERS only (``unused_triangle``)
         self.mode = _strong_zeros._StrongZeroMode()
         self.of = WeakTensorKeyDictionary()
         self.valid = True
+        # (sequence number, saved input, the input the forward read) of the node of TRIANGLE_READERS running now
+        # whose unused triangle holds NaN/Inf; its second item None where it holds none
+        self.triangle: tuple | None = None
 
     def get(self, t):
-        """The shadow of ``t`` (``t`` itself where the backward has not made it: a saved forward value, a seed)."""
+        """The shadow of ``t`` (``t`` itself where the backward has not made it: a saved forward value, a seed;
+        in a node of ``TRIANGLE_READERS``, its saved input is read as the strong pass reads it: ``unused_triangle``)."""
         if not isinstance(t, torch.Tensor):
             return t
         s = self.of.get(t)
+        if s is None and self.triangle is not None and self.triangle[1] is not None and _same(t, self.triangle[1]):
+            return self.triangle[2]
         return t if s is None else s
+
+    def unused_triangle(self, node) -> bool:
+        """Whether ``node`` (the autograd node running now) reads NaN/Inf in a triangle of its saved input that its
+        forward never read (``_strong_zeros._triangles.TRIANGLE_READERS``, the strong pass's fact): then its ops run
+        beside on that input as the strong pass evaluates the formula, the unused triangle 0 (mirrored for pinv)."""
+        if node is None or type(node).__name__ not in TRIANGLE_READERS:
+            self.triangle = None
+            return False
+        seq = node._sequence_nr()
+        if self.triangle is None or self.triangle[0] != seq:
+            attr, _, read, _ = TRIANGLE_READERS[type(node).__name__]
+            self.triangle = (seq, None, None)
+            try:
+                factor = getattr(node, attr)
+                used = read(node, factor)
+            except RuntimeError:  # freed (retain_graph=False, a second call), or unpacked through a hook
+                return False
+            if used is not None:
+                self.triangle = (seq, factor, torch.where(used[2], used[0], factor))
+        return self.triangle[1] is not None
 
     def strong(self, o: torch.Tensor) -> torch.Tensor | None:
         """What gw.strong_zeros()' pass holds where the backward holds ``o``; None where it is not known."""
@@ -82,7 +110,11 @@ class _Shadow:
             self.valid = False
             return
         state = _strong_zeros._STATE
-        if state.in_mode:
+        # gw.strong_zeros()' own pass is its own shadow, but where a node's formula reads an unused triangle: its
+        # post-hook replaces the node's result, and the ops before it are followed plainly on the input it reads
+        triangle = self.unused_triangle(torch._C._current_autograd_node())
+        plain = state.in_mode or self.triangles_only
+        if plain and not triangle:
             return
         finite, state.outputs_finite = state.outputs_finite, outputs_finite
         try:
@@ -91,8 +123,11 @@ class _Shadow:
             if func._schema.is_mutable and _writes_program(func, args, kwargs, shadow_args, shadow_kwargs):
                 self.valid = False  # the rerun would write the program's own tensor
                 return
-            with self.mode:
+            if plain:
                 res = func(*shadow_args, **shadow_kwargs)
+            else:
+                with self.mode:
+                    res = func(*shadow_args, **shadow_kwargs)
             real, _ = tree_flatten(out)
             strong, _ = tree_flatten(res)
             for r, s in zip(real, strong, strict=False):
@@ -206,6 +241,12 @@ def rerunnable(func) -> bool:
     and the rerun of fsdp::split_with_sizes_copy copied it into the real unsharded parameters), and an op with
     effects of its own (profiler::_record_function_enter_new) would repeat them."""
     return getattr(func, "namespace", None) in _TRUSTED
+
+
+def _same(t: torch.Tensor, u: torch.Tensor) -> bool:
+    """Whether ``t`` is the tensor ``u`` (a saved input, unpacked again: the same storage and layout)."""
+    return t is u or (t.dtype == u.dtype and t.device == u.device and t.shape == u.shape and t.stride() == u.stride()
+                      and t.data_ptr() == u.data_ptr())
 
 
 def _flat_tensors(tree) -> list:

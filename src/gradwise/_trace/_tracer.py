@@ -222,6 +222,7 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
         # pass is its own shadow: the shadow passes over its ops)
         self.dirty = False
         self.shadow: _Shadow | None = None
+        self.triangles: _Shadow | None = None  # gw.strong_zeros()' own pass in an unused triangle (_BackwardOps)
 
     # -- dispatch --------------------------------------------------------------------------------------------
 
