@@ -724,12 +724,31 @@ def _distance_site(out: Tensor, p: float, diffs: Callable[[], Tensor]) -> Site |
 @_kink(aten._cdist_forward, kind="singular", needs_out=True, convention="0 at coincident points")
 def _cdist_at_coincident_points(c):
     """cdist(x1, x2, p) at a pair of points that coincide (and, by p, at equal coordinates): ``_distance_site``.
-    (torch.cdist with p = 2 and more than 25 rows takes the matrix-product route instead, a clamp_min before a
-    sqrt.)"""
+    (torch.cdist with p = 2 and more than 25 rows takes the matrix-product route: ``_euclidean_dist``.)"""
     x1, x2 = c.args[0], c.args[1]
     if not _float(x1):
         return None
     return _distance_site(c.out, float(c.arg(2, "p", 2.0)), lambda: x1.unsqueeze(-2) - x2.unsqueeze(-3))
+
+
+@_kink(aten._euclidean_dist, kind="singular", needs_out=True, convention="0 at coincident points")
+def _euclidean_dist_at_coincident_points(c):
+    """cdist's matrix-product route (p = 2, more than 25 rows): sqrt(|a|^2 + |b|^2 - 2 a.b) clamped at 1e-30, whose
+    backward masks res == 0 only, but gives 0 wherever the rows coincide (their difference is 0). The rounded
+    product leaves no exact 0 there, so the pairs near 0 (within the rounding of the squared norms) are read
+    again, row against row: coincident rows, as ``_cdist_forward``'s p = 2 route reports them."""
+    x1, x2, out = c.args[0], c.args[1], c.out
+    if not _float(x1) or not out.numel():
+        return None
+    n1, n2 = x1.square().sum(-1, keepdim=True), x2.square().sum(-1).unsqueeze(-2)
+    near = (out.square() <= 16 * torch.finfo(out.dtype).eps * (n1 + n2) + 1e-28).nonzero()
+    mask = torch.zeros_like(out, dtype=torch.bool)
+    if near.numel():
+        batch = tuple(near[:, :-2].unbind(1))
+        rows1 = x1.expand(*out.shape[:-2], *x1.shape[-2:])[(*batch, near[:, -2])]
+        rows2 = x2.expand(*out.shape[:-2], *x2.shape[-2:])[(*batch, near[:, -1])]
+        mask[tuple(near[(rows1 == rows2).all(-1)].unbind(1))] = True
+    return Site(mask)
 
 
 @_kink(aten._pdist_forward, kind="singular", needs_out=True, convention="0 at coincident points")

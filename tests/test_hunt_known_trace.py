@@ -1,0 +1,105 @@
+"""Known trace defects of session 27: the trace and gw.strong_zeros() must agree on what is contamination (a
+formula that reads a triangle its forward never reads), a NaN a hook sets is born at the hook, gw.watch() leaves
+the program's state as it is without it, and cdist's kink is reported on both of PyTorch's routes. The ground
+truth is plain PyTorch (which gradient entries are NaN) and gw.strong_zeros() on the same program."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradwise as gw
+
+NAN = float("nan")
+
+
+def _spd(n: int = 4) -> torch.Tensor:
+    torch.manual_seed(0)
+    m = torch.randn(n, n, dtype=torch.float64)
+    return m @ m.T + n * torch.eye(n, dtype=torch.float64)
+
+
+def _unused_nan(a: torch.Tensor, upper: bool) -> torch.Tensor:
+    """``a`` with NaN in the strict triangle a Cholesky-factor reader does not read (upper for a lower factor)."""
+    full = torch.full_like(a, NAN)
+    return a + (full.tril(-1) if upper else full.triu(1))
+
+
+def _solve(a, upper):
+    b = torch.linspace(-1, 1, 8, dtype=torch.float64).reshape(4, 2)
+    return torch.cholesky_solve(b, _unused_nan(torch.linalg.cholesky(a, upper=upper), upper), upper=upper).sum()
+
+
+def _inverse(a, upper):
+    return torch.cholesky_inverse(_unused_nan(torch.linalg.cholesky(a, upper=upper), upper), upper=upper).sum()
+
+
+def _pinv(a, upper):
+    return torch.linalg.pinv(_unused_nan(a, False), hermitian=True).sum()
+
+
+_TRIANGLE_READERS = {  # program, its forward op (the one whose formula reads the unused triangle)
+    "cholesky_solve": (_solve, False, "aten.cholesky_solve"),
+    "cholesky_solve upper": (_solve, True, "aten.cholesky_solve"),
+    "cholesky_inverse": (_inverse, False, "aten.cholesky_inverse"),
+    "cholesky_inverse upper": (_inverse, True, "aten.cholesky_inverse"),
+    "pinv hermitian": (_pinv, False, "aten.linalg_pinv"),
+}
+
+
+@pytest.mark.parametrize("name", list(_TRIANGLE_READERS))
+def test_an_unused_triangle_is_contamination_as_strong_zeros_say(name):
+    fn, upper, op = _TRIANGLE_READERS[name]
+    a = _spd().requires_grad_()
+    with gw.trace() as report:
+        fn(a, upper).backward()
+    assert a.grad.isnan().any()  # PyTorch's formula reads the unused triangle
+    assert report.findings and {f.kind for f in report.findings} == {"contamination"}, report
+    assert {f.discarded_op for f in report.findings} == {op}
+    assert all("never reads" in f.message for f in report.findings)
+    a.grad = None
+    with gw.strong_zeros(), gw.trace() as report:
+        fn(a, upper).backward()
+    assert bool(a.grad.isfinite().all())  # the ground truth: strong zeros remove it
+    assert not report.findings, report
+    assert report.removed and "annihilated it in the backward of " + op in report.removed[0]
+
+
+def test_an_unused_triangle_of_a_leaf_that_arrived_so_is_contamination():
+    lower = torch.linalg.cholesky(_spd())
+    factor = lower.masked_fill(torch.ones(4, 4, dtype=torch.bool).triu(1), NAN).requires_grad_()
+    b = torch.ones(4, 2, dtype=torch.float64)
+    with gw.trace() as report:  # the forward met no NaN/Inf (no shadow pass): the node is followed alone
+        torch.cholesky_solve(b, factor).sum().backward()
+    assert factor.grad.isnan().any()
+    assert [f.kind for f in report.findings] == ["contamination"], report
+
+
+def test_a_nan_in_the_read_triangle_stays_genuine():
+    a = _spd().requires_grad_()
+    with gw.trace() as report:
+        lower = torch.linalg.cholesky(a)
+        lower = lower + torch.full_like(lower, NAN)  # both triangles: the forward reads NaN
+        torch.cholesky_solve(torch.ones(4, 2, dtype=torch.float64), lower).sum().backward()
+    assert report.of_kind("nan"), report
+    assert not report.of_kind("contamination"), report
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [5, 26, 40])
+@pytest.mark.parametrize("batched", [False, True], ids=["2d", "batched"])
+def test_cdist_reports_coincident_points_on_both_routes(rows, dtype, batched):
+    """p = 2 with more than 25 rows runs PyTorch's matrix-product route (aten._euclidean_dist, no exact 0 at a
+    coincident pair): it reported nothing there while <= 25 rows reported the pairs. Reference: the pairs of equal
+    rows, counted by loops."""
+    torch.manual_seed(1)
+    x = (torch.randn(2, rows, 3, dtype=dtype) * 10)
+    y = torch.cat((x[:, :3], torch.randn(2, 7, 3, dtype=dtype)), 1)  # 3 coincident pairs per batch
+    y[:, 4] = x[:, 4] + 1e-3  # near, not coincident
+    x, y = (x, y) if batched else (x[0], y[0])
+    want = sum(bool(torch.equal(a, b)) for xa, ya in zip(x.reshape(-1, rows, 3), y.reshape(-1, 10, 3), strict=True)
+               for a in xa for b in ya)
+    x.requires_grad_()
+    with gw.trace() as report:
+        torch.cdist(x, y).sum().backward()
+    assert [(f.kind, f.count) for f in report.findings] == [("singular", want)], report
