@@ -103,3 +103,80 @@ def test_cdist_reports_coincident_points_on_both_routes(rows, dtype, batched):
     with gw.trace() as report:
         torch.cdist(x, y).sum().backward()
     assert [(f.kind, f.count) for f in report.findings] == [("singular", want)], report
+
+
+def _nan_hook(g):
+    return g * NAN
+
+
+def _nan_tensor_hook(g):
+    return torch.full_like(g, NAN)
+
+
+def _module_hook(module, grad_input, grad_output):
+    return (grad_input[0] * NAN,)
+
+
+def _module_pre_hook(module, grad_output):
+    return (grad_output[0] * NAN,)
+
+
+def _post_accumulate_hook(p):
+    p.grad.mul_(NAN)
+
+
+def _node_hook(grad_inputs, grad_outputs):
+    return tuple(None if g is None else g * NAN for g in grad_inputs)
+
+
+_HOOKS = {  # where the hook goes, the hook (its function's name is what the report names)
+    "leaf tensor hook": lambda x, y, lin: x.register_hook(_nan_hook),
+    "non-leaf tensor hook": lambda x, y, lin: y.register_hook(_nan_hook),
+    "hook returning a NaN tensor": lambda x, y, lin: y.register_hook(_nan_tensor_hook),
+    "module full backward hook": lambda x, y, lin: lin.register_full_backward_hook(_module_hook),
+    "module full backward pre-hook": lambda x, y, lin: lin.register_full_backward_pre_hook(_module_pre_hook),
+    "post-accumulate-grad hook": lambda x, y, lin: lin.weight.register_post_accumulate_grad_hook(_post_accumulate_hook),
+    "node hook": lambda x, y, lin: y.grad_fn.register_hook(_node_hook),
+}
+
+
+@pytest.mark.parametrize("where", list(_HOOKS))
+def test_a_nan_a_hook_sets_is_born_at_the_hook(where):
+    """A hook that sets NaN was told as 'the backward of AccumulateGrad (or of the node running the hook) made
+    NaN': the NaN is born in the user's hook, which the report names with its line."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3, requires_grad=True)
+    with gw.trace() as report:
+        y = x * 2
+        hook = _HOOKS[where](x, y, lin)
+        lin(y).exp().sum().backward()
+    hook.remove()
+    grads = {"x": x.grad, "lin.weight": lin.weight.grad, "lin.bias": lin.bias.grad}
+    nonfinite = {n for n, g in grads.items() if not bool(g.isfinite().all())}
+    assert nonfinite  # ground truth: plain PyTorch's gradients
+    [finding] = report.findings
+    assert finding.kind == "nan", report
+    name = _HOOKS[where].__code__.co_names[-1]  # the hook's function
+    assert finding.op == f"hook {name}", report
+    code = globals()[name].__code__
+    assert finding.location.endswith(f":{code.co_firstlineno + 1}"), report  # the hook's line that made NaN
+    assert f"the hook {name} (run in the backward of" in finding.born, report
+    assert set(finding.reaches) == nonfinite, report
+
+
+def test_a_custom_backward_is_no_hook():
+    class Nan(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a):
+            return a * 1
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * NAN
+
+    x = torch.ones(3, requires_grad=True)
+    with gw.trace() as report:
+        Nan.apply(x).sum().backward()
+    [finding] = report.findings
+    assert not finding.op.startswith("hook") and "hook" not in finding.born, report

@@ -94,6 +94,8 @@ class _BackwardOps:
             return
         self._check(outs, lambda bad: self._dig(func, None, ins, bad, seq if sens else (seq, "value"), info,
                                                 args=args, out=out, kwargs=kwargs))
+        if seq == _ACCUMULATE_SEQ and found and info.mutable:  # a post-accumulate-grad hook wrote the .grad in
+            self._accumulate(node, outs)  # place after the accumulation: what it made reaches that leaf too
 
     def _kept_by_strong_zeros(self, inc, n) -> None:
         """Contamination gw.strong_zeros()' pass met and that still reached a gradient: strong zeros kept it, so

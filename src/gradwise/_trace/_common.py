@@ -119,6 +119,24 @@ def _user_frame():
     return f
 
 
+_HOOKS_FILE = os.path.join("torch", "utils", "hooks.py")  # module backward hooks run the user's through it
+
+
+def engine_hook(frame) -> str | None:
+    """The name of the user's function that the autograd engine runs where ``frame`` (user code inside a backward)
+    is: a hook (a tensor's, a node's, a post-accumulate-grad one, a module's backward hooks through
+    torch/utils/hooks.py). None where torch code runs it otherwise: a custom Function's backward (function.py),
+    a checkpoint's recomputation."""
+    top, f = frame, frame.f_back
+    while f is not None and f.f_code.co_name != "_engine_run_backward":
+        if not _is_internal(f.f_code):
+            top = f  # a helper the hook called: the hook is the outermost of the user's frames
+        elif not f.f_code.co_filename.endswith(_HOOKS_FILE):
+            return None
+        f = f.f_back
+    return getattr(top.f_code, "co_qualname", top.f_code.co_name)
+
+
 def _loc(frame) -> tuple:
     """(file, line) of a frame, for reports."""
     return (frame.f_code.co_filename, frame.f_lineno) if frame is not None else ("<unknown>", 0)

@@ -124,6 +124,10 @@ class _Incidents:
         incidents = []
         node = torch._C._current_autograd_node() if nd is None else None
         op, node_op = _op_name(func), nd.op if nd is not None else node.name() if node is not None else "?"
+        # the user's hook (a tensor's, a module's) made it: born there, not in the node that runs the hook
+        by = f"the hook {self.hook} (run in the backward of {node_op})" if self.hook else f"the backward of {node_op}"
+        if self.hook:
+            node_op = f"hook {self.hook}"
         # elementwise, each kind's elements name the births of the values non-finite there (a where's NaN and a
         # target's NaN in one mse_loss are two sources); otherwise every source
         aligned = bool(nf) and _pairs(func, nf, o)
@@ -142,18 +146,17 @@ class _Incidents:
                         "never reads")
             elif contaminated:
                 kind = "contamination"
-                what = ("a zero sensitivity met " + ("NaN/Inf" if births else "0/0 or 0 x Inf")
-                        + f" in {op} (the backward of {node_op})")
+                what = ("a zero sensitivity met " + ("NaN/Inf" if births else "0/0 or 0 x Inf") + f" in {op} ({by})")
             else:
                 kind = "nan" if has_nan else "inf"
                 number = None if births else nonfinite_number(args or ())
-                what = (f"a nonzero sensitivity met NaN/Inf in {op} (the backward of {node_op})" if births else
-                        f"the backward of {node_op} made {'NaN' if has_nan else 'Inf'} in {op}: "
+                what = (f"a nonzero sensitivity met NaN/Inf in {op} ({by})" if births else
+                        f"{by} made {'NaN' if has_nan else 'Inf'} in {op}: "
                         f"{number_passed(op, number)}" if number is not None else
-                        f"the backward of {node_op} {BACKWARD_OVERFLOW} {op}: Inf from finite values, the result "
+                        f"{by} {BACKWARD_OVERFLOW} {op}: Inf from finite values, the result "
                         f"exceeds the largest {str(o.dtype).replace('torch.', '')}" if not has_nan and
                         func.overloadpacket in _OVERFLOWS and func.overloadpacket is not aten.pow else
-                        f"the backward of {node_op} made {'NaN' if has_nan else 'Inf'} from finite values in {op} "
+                        f"{by} made {'NaN' if has_nan else 'Inf'} from finite values in {op} "
                         "(an infinite derivative used)")
                 if computed_zero:
                     what += ("; the sensitivity there is a zero the program computed (no op that discards values "

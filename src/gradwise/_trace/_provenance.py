@@ -24,6 +24,7 @@ from gradwise._trace._common import (
     _nonfinite_mask,
     _op_name,
     _user_frame,
+    engine_hook,
     nonfinite_number,
 )
 from gradwise._trace._facts import _ACCUMULATES, _LITERALS
@@ -139,6 +140,7 @@ class _Provenance:
     def _dig(self, func, loc, ins, bad, seq, info, args=None, out=None, kwargs=None) -> None:
         if not self.depth:  # a forward NaN/Inf: this step's backward classifies by a shadow strong pass (_shadow)
             self.dirty = True
+        self.hook = None
         node_seq = seq[0] if isinstance(seq, tuple) else seq
         nd = self.nodes.get(node_seq) if node_seq is not None else None
         if loc is None:  # a node the forward did not record: a custom Function's backward runs the user's code
@@ -147,6 +149,8 @@ class _Provenance:
                 loc = nd.loc  # a backward formula: the forward op's line
             else:  # the user's code inside the backward (a tensor hook, a custom backward): its own line
                 loc = _loc(frame) if frame is not None else nd.loc if nd is not None else ("<backward>", 0)
+                # a hook's NaN/Inf is born at the hook, not in the node that runs it (_Incidents._classify)
+                self.hook = engine_hook(frame) if frame is not None else None
         for o in bad:
             mask = _nonfinite_mask(o)
             prior = self.prov.get(o) if info.mutable else \

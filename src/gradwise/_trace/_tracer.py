@@ -154,6 +154,7 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
         self.prov = _ByIdentity()  # non-finite tensor -> frozenset of _Birth / _Incident
         self.as_value = _ByIdentity()  # non-finite gradient used as a forward value -> its birth there
         self.backward_site = None  # (code, line) of the user's backward call (`_checking.roots`)
+        self.hook: str | None = None  # the user's hook that runs the op being dug (`_Provenance._dig`)
         # id(incident) -> (incident, the birth standing for it): an incident born in the backward (no birth of its
         # own) whose gradient was used as a value, so that the root cause is that backward op
         self.backward_births: dict[int, tuple] = {}
