@@ -5,6 +5,8 @@ truth is plain PyTorch (which gradient entries are NaN) and gw.strong_zeros() on
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -180,3 +182,51 @@ def test_a_custom_backward_is_no_hook():
         Nan.apply(x).sum().backward()
     [finding] = report.findings
     assert not finding.op.startswith("hook") and "hook" not in finding.born, report
+
+
+def _hooked_step(hooks: str, watch: bool):
+    """One step whose gradient is NaN (padding the loss never reads), with hooks that count, log and write."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    total = torch.zeros(4, 3)
+    calls: list[str] = []
+
+    def tensor_hook(g):
+        calls.append("tensor")
+        total.add_(g.nan_to_num())  # an in-place write of the program's own tensor
+
+    def module_hook(module, grad_input, grad_output):
+        calls.append("module")
+
+    def node_hook(grad_inputs, grad_outputs):
+        calls.append("node")
+
+    x = torch.cat((torch.randn(2, 3), torch.full((2, 3), NAN))).requires_grad_()
+    if "tensor" in hooks:
+        x.register_hook(tensor_hook)
+    if "module" in hooks:
+        lin.register_full_backward_hook(module_hook)
+    with gw.watch() if watch else contextlib.nullcontext() as report:
+        y = lin(x)
+        if "node" in hooks:
+            y.grad_fn.register_hook(node_hook)
+        y[:2].sum().backward()
+    return calls, total, lin.weight.grad, x.grad, report
+
+
+@pytest.mark.parametrize("hooks", ["tensor", "module", "node", "tensor module node", ""])
+def test_watch_leaves_the_program_state_as_without_it(hooks):
+    """gw.watch() replays its first non-finite step to explain it: the replay ran the user's hooks a second time
+    (a counter counted 2, a list held two entries, a tensor a hook adds to held twice the sum). Reference: the same
+    program without gw.watch()."""
+    calls, total, wgrad, xgrad, _ = _hooked_step(hooks, False)
+    calls_w, total_w, wgrad_w, xgrad_w, report = _hooked_step(hooks, True)
+    assert calls_w == calls
+    assert torch.equal(total_w, total)
+    assert torch.equal(wgrad_w.nan_to_num(7.0), wgrad.nan_to_num(7.0))
+    assert torch.equal(xgrad_w.nan_to_num(7.0), xgrad.nan_to_num(7.0))
+    assert report.findings, report  # the NaN gradient is told either way
+    if hooks:
+        assert "which a replay would run a second time" in report.notes[0], report
+    else:  # no hook: replayed and explained as before
+        assert [f.kind for f in report.findings] == ["contamination"], report

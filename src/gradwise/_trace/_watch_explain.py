@@ -8,8 +8,10 @@ _replay, _backward_ops, _tracer.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
+import sys
 
 import torch
 
@@ -46,7 +48,12 @@ class _StepExplainer:
         if not wanted:
             return
         try:
-            again = torch.autograd.grad(outs, wanted, seeds, retain_graph=True, allow_unused=True)
+            with _no_user_hooks():
+                again = torch.autograd.grad(outs, wanted, seeds, retain_graph=True, allow_unused=True)
+        except _HookReplayed as exc:  # the user's hook would run twice: not replayed
+            self.unexplained = Hooked(exc.args[0])
+            self._unexplained_gradients(tracer, leaves, returned, at, "a hook of yours would run a second time")
+            return
         except RuntimeError as exc:  # a graph that cannot be replayed (a compiled backward with donated buffers)
             self.unexplained = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
             self._unexplained_gradients(tracer, leaves, returned, at)
@@ -123,7 +130,7 @@ class _StepExplainer:
         tracer.backward_ended = True
         self._trace(tracer)
 
-    def _unexplained_gradients(self, tracer: _Tracer, leaves, returned, at) -> None:
+    def _unexplained_gradients(self, tracer: _Tracer, leaves, returned, at, *why: str) -> None:
         """The step's NaN/Inf gradients, which no replay explains, become one finding born at its backward call
         (contamination or genuine: not known), and the provenance of those gradients: an optimizer step that
         writes them into the parameters is then downstream of it, as are the later steps' NaN (they were a
@@ -133,7 +140,47 @@ class _StepExplainer:
             for leaf, g in zip(leaves, grads, strict=False):
                 if isinstance(g, torch.Tensor) and _common._inexact(g) and _kinds.readable(g) and \
                         g.layout is torch.strided and _common._nonfinite(g):
-                    tracer._safely("unexplained gradients", tracer.unexplained_gradient, g, leaf, at, self.step)
+                    tracer._safely("unexplained gradients", tracer.unexplained_gradient, g, leaf, at, self.step,
+                                   *why)
+
+
+class Hooked(str):
+    """Why the step was not replayed: a hook of the user's in its graph (``_no_user_hooks``)."""
+
+
+class _HookReplayed(Exception):
+    """Raised as the replay calls a hook of the user's, before its body runs (``_no_user_hooks``)."""
+
+
+@contextlib.contextmanager
+def _no_user_hooks():
+    """The replay runs the step's backward a second time, and with it the user's hooks (tensor, node, module
+    backward hooks), whose effects (a counter, a list, a write into .grad) the program would then see twice. As
+    the engine calls one (user code it runs directly, or through torch/utils/hooks.py: ``_common.engine_hook``), a
+    profile function stops the replay before the hook's first line: the program's state stays as without the
+    watch. A custom Function's backward or a checkpoint's recomputation runs as the backward does. Only this
+    thread (the CPU engine's; a device thread's hooks are not seen) and only where no profiler is set (cProfile,
+    a debugger's: left alone, the hooks then run again)."""
+    if sys.getprofile() is not None:
+        yield
+        return
+    engine = [0]  # calls of the engine running now (code that _engine_run_backward runs itself is no hook)
+
+    def profile(frame, event, arg):
+        if event == "c_call" and getattr(arg, "__name__", None) == "run_backward":
+            engine[0] += 1
+        elif event in ("c_return", "c_exception") and getattr(arg, "__name__", None) == "run_backward":
+            engine[0] -= 1
+        elif event == "call" and engine[0] and not _common._is_internal(frame.f_code) and \
+                (hook := _common.engine_hook(frame)) is not None:
+            raise _HookReplayed(f"its backward runs your hook {hook} at {_common._fmt(_common._loc(frame))}, which "
+                                "a replay would run a second time")
+
+    sys.setprofile(profile)
+    try:
+        yield
+    finally:
+        sys.setprofile(None)
 
 
 _STRIDED = torch.strided

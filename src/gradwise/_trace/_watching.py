@@ -78,7 +78,7 @@ from gradwise._strong_zeros._traced import compiling, recording
 from gradwise._trace import _common, _fsdp_watching, _kinds, _session
 from gradwise._trace._report import Report
 from gradwise._trace._tracer import _Tracer
-from gradwise._trace._watch_explain import _StepExplainer
+from gradwise._trace._watch_explain import Hooked, _StepExplainer
 
 
 class _Watcher(_StepExplainer):
@@ -255,6 +255,8 @@ class _Watcher(_StepExplainer):
                              for name, kind, n, before in self.fsdp_found)
             how = f"could not be explained ({self.unexplained}: {held or 'none on this rank'})"
             after = ", and the following steps were traced in full"
+        elif isinstance(self.unexplained, Hooked):
+            how = f"could not be explained ({self.unexplained}: the gradients are told as they are)"
         else:
             how = (f"could not be explained (its backward could not run again: {self.unexplained}; a compiled "
                    "backward with donated buffers does not keep its graph)")
