@@ -230,3 +230,32 @@ def test_watch_leaves_the_program_state_as_without_it(hooks):
         assert "which a replay would run a second time" in report.notes[0], report
     else:  # no hook: replayed and explained as before
         assert [f.kind for f in report.findings] == ["contamination"], report
+
+
+_SELECTED_AFTER = {  # a NaN born at x < 0, then a selection that keeps some of the NaN elements
+    "slice": lambda x: x.sqrt()[:2].sum(),
+    "index": lambda x: x.sqrt()[torch.tensor([0, 3])].sum(),
+    "column then rows": lambda x: (x.sqrt()[:, :1] @ torch.ones(1, 3))[1:].sum(),
+    "nothing dropped": lambda x: x.sqrt().sum(),
+}
+
+
+@pytest.mark.parametrize("name", list(_SELECTED_AFTER))
+def test_a_genuine_finding_counts_the_elements_the_output_uses(name):
+    """sqrt of 4 negative values, then a slice keeping 2 of them: the genuine finding counted the 4 NaN sqrt
+    made (its elements listed the dropped rows too, which the contamination finding lists). Reference: the NaN
+    gradient elements under gw.strong_zeros() (genuine) and under plain PyTorch (genuine + contamination)."""
+    f = _SELECTED_AFTER[name]
+    x0 = torch.tensor([[-1.0, 4.0], [4.0, -1.0], [-1.0, -1.0], [4.0, 4.0]])
+    x = x0.clone().requires_grad_()
+    with gw.trace() as report:
+        f(x).backward()
+    strong = x0.clone().requires_grad_()
+    with gw.strong_zeros():
+        f(strong).backward()
+    genuine = report.of_kind("nan")
+    contamination = report.of_kind("contamination")
+    assert sum(g.count for g in genuine) == int(strong.grad.isnan().sum()), report
+    assert sum(c.count for c in contamination) + sum(g.count for g in genuine) == int(x.grad.isnan().sum()), report
+    kept = {tuple(i) for i in strong.grad.isnan().nonzero().tolist()}
+    assert all({tuple(i) if isinstance(i, list) else (i,) for i in g.indices} <= kept for g in genuine), report

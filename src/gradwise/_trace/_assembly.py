@@ -66,6 +66,7 @@ class _Assembly:
         birthless: set = set()
         unreached: dict[tuple, int] = {}  # contamination no gradient received: (op, line) -> elements
         arrived: dict[tuple, dict] = {}  # a finding of data that arrived non-finite -> its input births (in order)
+        aligned = _used_elements(self.store.incidents.values(), since)
         for inc in sorted(self.store.incidents.values(), key=lambda i: i.order):
             if inc.serial <= since:
                 continue
@@ -87,15 +88,20 @@ class _Assembly:
                           inc.reaches, inc.indices, inc.occurrences, inc.step, birth or stand_in)
                 if birth is not None and birth.op == "input":
                     arrived.setdefault(key, {})[birth] = None
-            elif birth is not None:  # named by where it was born: count and elements are the born tensor's
+            elif birth is not None:  # named by where it was born
                 key = _site(inc.kind, birth)
                 # each birth counted once (the DataLoader batches arriving at one line are births of their own)
                 new = key not in found.by_key or (birth.op == "input" and birth not in arrived.get(key, ()))
                 if birth.op == "input":  # every input that arrived non-finite at that line, named below
                     arrived.setdefault(key, {}).update(
                         (b, None) for b in sorted(inc.births, key=_order) if b.op == "input" and b.loc == birth.loc)
+                # its elements: the born tensor's, but where every backward op that used it lines up with it
+                # (sqrt's own backward): there only those a nonzero sensitivity met, as strong zeros leave them
+                # (the born elements a slice further on drops are the contamination finding's)
+                used = aligned.get(id(birth))
+                count, indices = (birth.count, birth.indices) if used is None else used
                 found.add(key, lambda inc=inc, birth=birth, via=via: genuine(inc.kind, inc, birth, via),
-                          birth.count if new else 0, inc.reaches, birth.indices, birth.occurrences if new else 0,
+                          count if new else 0, inc.reaches, indices, birth.occurrences if new else 0,
                           # where it reached a gradient (the cause names where it was born); a gradient used as a
                           # value from where the line used it (the cause's 'wrote it at step 150', not the next
                           # backward's 151)
@@ -268,3 +274,23 @@ def _unobserved(name: str, birth: _Birth | None = None, followed: bool = True) -
     why = ("no finding reaches it: the trace did not follow how it became so (a gap in gradwise: please report "
            "the program)") if followed else "its birth was not observed (made outside the traced block?)"
     return Finding("nan", "unknown", "<unknown>", 0, message=f"the gradient of {name} is not finite; {why}")
+
+
+def _used_elements(incidents, since: int) -> dict[int, tuple[int, list]]:
+    """Per birth (by id) whose genuine incidents all lie in tensors shaped as the born one (the backward of the op
+    that made it, elementwise: sqrt's div), the elements the output used: the most any of them met, per
+    occurrence of the birth (h * h meets h's NaN twice, in the same element), with its indices. A birth also met
+    elsewhere (a matmul's weight gradient) keeps the born tensor's count, in its own coordinates."""
+    best: dict[int, tuple[int, list]] = {}
+    mixed: set[int] = set()
+    for inc in incidents:
+        if inc.serial <= since or inc.kind == "contamination" or not inc.births:
+            continue
+        birth = overflow_root(earliest(inc.births))
+        if birth.op in ("gradient", "backward", "seed") or inc.shape is None or inc.shape != birth.shape:
+            mixed.add(id(birth))
+        else:  # per occurrence of the birth (an incident met twice a step, as in h * h, is interned once)
+            n = min(birth.count, round(inc.count * birth.occurrences / max(inc.occurrences, 1)))
+            if n > best.get(id(birth), (0, []))[0]:
+                best[id(birth)] = (n, inc.indices)
+    return {k: v for k, v in best.items() if k not in mixed}

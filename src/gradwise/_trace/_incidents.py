@@ -166,6 +166,7 @@ class _Incidents:
                     b.used = True
             inc = self.store.incident(kind, op, node_op, loc, count, idx, births, what,
                                       (unread or discarded) if contaminated else None, undecided)
+            inc.shape = tuple(o.shape)
             if contaminated and any(t.layout != torch.strided for t in ins):
                 inc.unfollowed = True
             incidents.append(inc)

@@ -135,7 +135,10 @@ class _Provenance:
         if cause:
             key = (*key, "cause", cause)
         known = self.store.known(key)
-        return self.store.birth(key, n, lambda: make(_first(mask)) if known is None else None, parents)
+        birth = self.store.birth(key, n, lambda: make(_first(mask)) if known is None else None, parents)
+        if birth.shape is None:
+            birth.shape = tuple(mask.shape)
+        return birth
 
     def _dig(self, func, loc, ins, bad, seq, info, args=None, out=None, kwargs=None) -> None:
         if not self.depth:  # a forward NaN/Inf: this step's backward classifies by a shadow strong pass (_shadow)

@@ -45,6 +45,7 @@ class Birth:
     steps: list = field(default_factory=list)  # steps of the first KEEP occurrences
     last: int = 0  # step of the latest occurrence
     first_count: int = 0  # elements of the first occurrence
+    shape: tuple | None = None  # of the born tensor (the first occurrence's)
 
     def describe(self) -> str:
         from gradwise._trace._common import _fmt  # the trace's path formatting (relative to the working directory)
@@ -91,6 +92,7 @@ class Incident:
     steps: list = field(default_factory=list)
     last: int = 0
     serial: int = 0  # the store's event counter when last seen (nested blocks report what they saw)
+    shape: tuple | None = None  # of the backward op's output its elements are in
 
 
 def describe_arrivals(births: list[Birth]) -> str:
