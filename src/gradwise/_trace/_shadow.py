@@ -49,7 +49,7 @@ class _Shadow:
         if not isinstance(t, torch.Tensor):
             return t
         s = self.of.get(t)
-        if s is None and self.triangle is not None and self.triangle[1] is not None and _same(t, self.triangle[1]):
+        if s is None and self.triangle is not None and t is self.triangle[1]:
             return self.triangle[2]
         return t if s is None else s
 
@@ -241,12 +241,6 @@ def rerunnable(func) -> bool:
     and the rerun of fsdp::split_with_sizes_copy copied it into the real unsharded parameters), and an op with
     effects of its own (profiler::_record_function_enter_new) would repeat them."""
     return getattr(func, "namespace", None) in _TRUSTED
-
-
-def _same(t: torch.Tensor, u: torch.Tensor) -> bool:
-    """Whether ``t`` is the tensor ``u`` (a saved input, unpacked again: the same storage and layout)."""
-    return t is u or (t.dtype == u.dtype and t.device == u.device and t.shape == u.shape and t.stride() == u.stride()
-                      and t.data_ptr() == u.data_ptr())
 
 
 def _flat_tensors(tree) -> list:
