@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import gradwise as gw
+from _fresh_warnings import fresh_warnings  # noqa: F401 (an autouse fixture: every test here)
 from gradwise._strong_zeros._rules import lookup
 
 nan = float("nan")
@@ -100,6 +102,114 @@ def test_a_rule_that_declares_no_support_is_named():
         assert not got[0].isfinite().all()
     finally:
         handle.remove()
+
+
+# a weighted gather whose backward is a registered placement: out[index[i]] += g[i] * weights[i], the weights a
+# value argument (a NaN/Inf there is met by whichever sensitivity element lands on it)
+@torch.library.custom_op("gwtest::weighted_rows", mutates_args=())
+def weighted_rows(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return x.index_select(0, index) * weights[:, None]
+
+
+@torch.library.custom_op("gwtest::weighted_rows_backward", mutates_args=())
+def weighted_rows_backward(g: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, rows: int) -> torch.Tensor:
+    return g.new_zeros(rows, *g.shape[1:]).index_add(0, index, g * weights[:, None])
+
+
+@weighted_rows.register_fake
+def _(x, index, weights):
+    return x.new_empty(index.shape[0], *x.shape[1:])
+
+
+def _weighted_setup(ctx, inputs, output):
+    ctx.index, ctx.weights, ctx.rows = inputs[1], inputs[2], inputs[0].shape[0]
+
+
+weighted_rows.register_autograd(
+    lambda ctx, g: (weighted_rows_backward(g, ctx.index, ctx.weights, ctx.rows), None, None),
+    setup_context=_weighted_setup)
+
+
+@pytest.fixture
+def weighted_placement():
+    handle = gw.register_rule(weighted_rows_backward, "placement")
+    torch.manual_seed(0)
+    yield nn.Linear(4, 3).double(), torch.randn(6, 4, dtype=f64), torch.tensor([0, 2, 3, 2])
+    handle.remove()
+
+
+def test_placement_keeps_a_nan_weight_that_a_kept_row_meets(weighted_placement):
+    """A NaN weight on a kept row is used (the loss is NaN): its count was NaN, and `count > 0` made the output a
+    structural zero, so gw.grad returned a finite weight gradient of a NaN loss (a hidden genuine NaN)."""
+    lin, x, index = weighted_placement
+    loss = weighted_rows(lin(x), index, torch.tensor([0.5, nan, 1.0, 2.0], dtype=f64)).square().sum()
+    assert math.isnan(loss.item())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # genuine: no structural zero met it, nothing to name
+        got = gw.grad(loss, [lin.weight])[0]
+    assert got.isnan().any()
+
+
+def test_placement_with_an_inf_weight_only_a_discarded_row_meets(weighted_placement):
+    """Row 2 of the output gathers the discarded element 1 (weight Inf) and the kept element 3. Its count was
+    0 x Inf + 2 = NaN, and `count > 0` zeroed the row: a finite, wrong gradient (weight row 0 -0.83 for 6.75),
+    silently. The row now keeps PyTorch's NaN, and the warning names the rule."""
+    lin, x, index = weighted_placement
+    weights = torch.tensor([0.5, math.inf, 1.0, 2.0], dtype=f64)
+    kept = [0, 2, 3]
+    with pytest.warns(gw.OpaqueBackwardWarning, match="weighted_rows_backward.*placement rule met NaN/Inf"):
+        got = gw.grad(weighted_rows(lin(x), index, weights)[kept].square().sum(), [lin.weight])[0]
+    assert got.isnan().any()
+    # where the weights are finite the rule's answer is the program's without the discarded element
+    weights[1] = 7.0
+    got = gw.grad(weighted_rows(lin(x), index, weights)[kept].square().sum(), [lin.weight])[0]
+    exp = torch.autograd.grad(weighted_rows(lin(x), index[kept], weights[kept]).square().sum(), [lin.weight])[0]
+    torch.testing.assert_close(got, exp, rtol=1e-12, atol=1e-12)
+
+
+# a custom op whose backward op returns two tensors, each pointwise in the sensitivity
+@torch.library.custom_op("gwtest::times", mutates_args=())
+def times(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a * b
+
+
+@torch.library.custom_op("gwtest::times_backward", mutates_args=())
+def times_backward(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return g * b, g * a
+
+
+@times.register_fake
+def _(a, b):
+    return torch.empty_like(a)
+
+
+def _times_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+times.register_autograd(lambda ctx, g: times_backward(g, *ctx.saved_tensors), setup_context=_times_setup)
+
+
+@pytest.mark.parametrize("family", ["linear", "product"])
+def test_pointwise_families_on_an_op_with_two_outputs(family):
+    """Each output of g * b, g * a is pointwise and linear in g: the family applies to each. It raised
+    AttributeError ('tuple' object has no attribute 'dtype') inside gradwise, on finite data too."""
+    def grad(fill, backward):
+        torch.manual_seed(0)
+        w = torch.randn(4, 3, dtype=f64, requires_grad=True)
+        x = torch.randn(6, 4, dtype=f64)
+        x[4:] = fill
+        h = x @ w
+        return backward(times(h, h.sin())[:4].sum(), w)[0]
+
+    handle = gw.register_rule(times_backward, family)
+    try:
+        assert torch.equal(grad(0.5, gw.grad), grad(0.5, torch.autograd.grad))
+        got = grad(nan, gw.grad)
+    finally:
+        handle.remove()
+    for fill in (0.0, 1e3):
+        torch.testing.assert_close(got, grad(fill, torch.autograd.grad), rtol=1e-12, atol=1e-12)
 
 
 def test_register_rule_refuses_bad_input():

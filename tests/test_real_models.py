@@ -95,13 +95,64 @@ def _t5():
     return model, ids, loss, reference
 
 
+def _mistral():
+    """Sliding-window attention (window 3 < the 7 steps) with grouped-query heads."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=3, max_position_embeddings=32,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = MistralForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=f64)
+    ids = _ids(4)
+
+    def loss(embeds, mask, labels):
+        return _ce(model(inputs_embeds=embeds, attention_mask=mask).logits, labels)
+
+    def reference():
+        embed = model.get_input_embeddings()
+        return sum(loss(embed(ids[b : b + 1, :n]), None, ids[b : b + 1, :n]) for b, n in enumerate(LENGTHS) if n)
+
+    return model, ids, loss, reference
+
+
+def _bart():
+    """Encoder-decoder: the decoder's cross-attention reads the padded encoder under its attention mask."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = BartConfig(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                     decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+                     dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=0, bos_token_id=1,
+                     eos_token_id=2, decoder_start_token_id=2)
+    model = BartForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=f64)
+    ids = _ids(5)
+    decoder_ids = torch.randint(3, VOCAB, (len(LENGTHS), 4), generator=torch.Generator().manual_seed(6))
+
+    def loss(embeds, mask, labels):
+        kept = labels[:, 0] != -100
+        out = model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids)
+        return _ce(out.logits, decoder_ids.masked_fill(~kept[:, None], -100))
+
+    def reference():
+        embed = model.get_input_embeddings()
+        total = 0
+        for b, n in enumerate(LENGTHS):
+            if n:
+                out = model(inputs_embeds=embed(ids[b : b + 1, :n]), decoder_input_ids=decoder_ids[b : b + 1])
+                total = total + _ce(out.logits, decoder_ids[b : b + 1])
+        return total
+
+    return model, ids, loss, reference
+
+
 def _nan_padding_sequence(model, ids: torch.Tensor) -> torch.Tensor:
     """The token embeddings, with sequence 1 (the batch's padding sequence) filled with NaN."""
     padding = torch.tensor([n == 0 for n in LENGTHS])[:, None, None]
     return model.get_input_embeddings()(ids).masked_fill(padding, nan)
 
 
-MODELS = {"llama-gqa": _llama, "t5": _t5}
+MODELS = {"llama-gqa": _llama, "t5": _t5, "mistral-sliding-window": _mistral, "bart": _bart}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

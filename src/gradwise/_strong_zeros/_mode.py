@@ -100,8 +100,10 @@ class _StrongZeroMode(LeanDispatchMode):
         if rule is not None:
             out = rule(func, args, kwargs, self.supports)
             if self.supports.unfollowed:
-                for what in self.supports.unfollowed:
-                    self.lost[what] = "declare each output's support in the rule (supports.set(out, support))"
+                for what in self.supports.unfollowed:  # a rule function's undeclared output, or (what, fix)
+                    what, fix = what if isinstance(what, tuple) else \
+                        (what, "declare each output's support in the rule (supports.set(out, support))")
+                    self.lost[what] = fix
                 self.supports.unfollowed.clear()
             if self.made is not None:
                 self.made.extend(self._held(o) for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor))

@@ -347,6 +347,23 @@ _register(aten.mm, aten.bmm)(_bilinear(_mm_support, _mm_nonfinite_k, restrict=_m
 _register(aten.mv)(_bilinear(_mv_support))
 
 
+def _grouped_mm_support(func, args, slot, s):
+    """_grouped_mm(a, b, offs, bias, out_dtype) (mixture-of-experts layers; its backward is _grouped_mm again):
+    a matrix product per group, so an output element is a structural zero where no supported element of the
+    sensitivity enters its sum: the op run on the support as 0/1 against ones (non-negative terms, != 0 exactly
+    there). A bias (a value added to every element) or a sensitivity in another slot: fully supported."""
+    if slot not in (0, 1) or (len(args) > 3 and args[3] is not None):
+        return None
+    ind = list(args[:3])
+    ind[slot] = s.expand(args[slot].shape).to(args[slot].dtype)
+    ind[1 - slot] = torch.ones_like(args[1 - slot])
+    return func(*ind) != 0
+
+
+if hasattr(aten, "_grouped_mm"):  # torch >= 2.8
+    _register(aten._grouped_mm)(_bilinear(_grouped_mm_support))
+
+
 def _conv_support(func, args, slot, s):
     """convolution inside a double backward (a sensitivity convolved with a value): the shared fact
     (``_contractions.conv_output_support``)."""

@@ -56,23 +56,44 @@ def _placement(func, args, kwargs, sup):
     """The op is a linear map of its first argument (the sensitivity) with non-negative weights that depend on
     the other arguments only: a scatter, a gather, a pooling or ROI pooling/align backward. It runs again on the
     sensitivity's support as 0/1 numbers; an output no supported element reaches (count 0) is a structural
-    zero. Other float arguments (boxes, grids, weights) are values and are passed as they are."""
+    zero. Other float arguments (boxes, grids, weights) are values and are passed as they are, so a NaN/Inf
+    weight makes its outputs' counts NaN: those keep the op's value (a weight that a supported element meets is
+    used: its NaN is genuine; one that only a structural zero meets gives PyTorch's NaN, named if the gradients
+    end up non-finite), never a 0 that would hide the NaN or drop what the supported elements placed there."""
     out = func(*args, **kwargs)
     s = sup.of(args[0])
     ones = torch.ones_like(args[0]) if s is None else s.expand(args[0].shape).to(args[0].dtype)
     counts = func(ones, *args[1:], **kwargs)  # the op's own zeros (rows a scatter never reaches) are structural
     for o, c in zip(*(x if isinstance(x, (tuple, list)) else (x,) for x in (out, counts)), strict=True):
         if _is_float(o):
-            support = c > 0
+            support = c != 0  # != 0, not > 0: a NaN count is no proof of a structural zero
             sup.record(_annihilate(o, support), support)
+            if s is not None and not bool(c.isfinite().all()):
+                sup.unfollowed.append((f"{func}, whose placement rule met NaN/Inf among its other arguments",
+                                       "make the op's other arguments finite where no kept element reads them"))
     return out
+
+
+def _each_output(body: Rule) -> Rule:
+    """A pointwise family (``linear``, ``product``) for an op that may return several tensors (``g * b, g * a``):
+    the body runs once per output, on that output, as it would for an op returning it alone."""
+
+    def rule(func, args, kwargs, sup):
+        out = func(*args, **kwargs)
+        if not isinstance(out, (tuple, list)):
+            return body(lambda *_, **__: out, args, kwargs, sup)
+        return type(out)(body(lambda *_, o=o, **__: o, args, kwargs, sup) if _is_float(o) else o for o in out)
+
+    rule.__doc__ = body.__doc__
+    rule.__name__ = body.__name__
+    return rule
 
 
 FAMILIES: dict[str, Rule] = {
     # pointwise and linear in the first argument: out is a structural zero wherever it is (activation backwards)
-    "linear": _linear,
+    "linear": _each_output(_linear),
     # pointwise product of the first two arguments: a structural zero of either annihilates the other
-    "product": _mul,
+    "product": _each_output(_mul),
     "placement": _placement,
 }
 

@@ -30,8 +30,9 @@ class _Supports:
         # bool masks a backward formula computed (max's `self == result`, nansum's `~isnan(self)`) -> where the
         # mask is meaningful (None: everywhere). A comparison with NaN is False without selecting anything.
         self.selections = WeakTensorKeyDictionary()
-        # ops whose registered rule function dropped structural zeros (an undeclared output): the mode names them
-        self.unfollowed: list[str] = []
+        # ops whose registered rule dropped structural zeros (an undeclared output; a placement's NaN weight met by
+        # one), or (what, fix): the mode names them
+        self.unfollowed: list[str | tuple[str, str]] = []
         # storage -> (its mask, the shape it was recorded for, the support it was written from with each broadcast
         # dim of size 1): a mask written from a broadcast support (mm's rows, a batch entry's), which
         # `of(t, broadcast=True)` hands out as that support expanded until the mask is written (`_writable` drops
