@@ -1,0 +1,135 @@
+"""Strong zeros on defects left open by session 26's hunts, float64.
+
+``addmm``, ``addmv``, ``addbmm`` and ``baddbmm`` with ``alpha=0``: a BLAS kernel never reads the product, so a
+NaN/Inf in an operand leaves the output finite, while the backward formula scales ``g @ b^T`` by alpha after the
+product (0 x NaN). The reference is the same program with the product term deleted (``beta * input``): the
+operands' gradients are exactly 0 and the input's unchanged. Controls: kernels that do read the product at
+alpha = 0 (CPU's small ``baddbmm``, ``addr``) put the NaN into the output, and the gradient keeps it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import gradwise as gw
+from test_hunt_strong_zeros import HOWS, _grads  # gw.grad / gw.backward / a block around .backward(inputs=)
+
+nan, inf = float("nan"), float("inf")
+f64 = torch.float64
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _rand(*shape: int, seed: int = 0, bad: tuple[tuple[int, ...], float] | None = None) -> torch.Tensor:
+    t = torch.randn(*shape, generator=_gen(seed), dtype=f64)
+    if bad is not None:
+        t[bad[0]] = bad[1]
+    return t.requires_grad_()
+
+
+# name -> (op with alpha=0 of (input, a, b), input shape, a shape, b shape, where a and b hold NaN/Inf, beta)
+Product = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+ZERO_ALPHA: dict[str, tuple[Product, tuple, tuple, tuple, tuple, float]] = {
+    "addmm_nan_b": (lambda i, a, b: torch.addmm(i, a, b, alpha=0), (3, 4), (3, 5), (5, 4), (None, ((1, 2), nan)), 1),
+    "addmm_nan_a": (lambda i, a, b: torch.addmm(i, a, b, alpha=0), (3, 4), (3, 5), (5, 4), (((0, 0), nan), None), 1),
+    "addmm_inf_both": (lambda i, a, b: torch.addmm(i, a, b, alpha=0, beta=2), (3, 4), (3, 5), (5, 4),
+                       (((0, 1), inf), ((2, 3), -inf)), 2),
+    "addmm_bias_1d": (lambda i, a, b: torch.addmm(i, a, b, alpha=0.0), (4,), (3, 5), (5, 4), (None, ((0, 0), nan)), 1),
+    "addmm_transposed": (lambda i, a, b: torch.addmm(i, b.t(), a.t(), alpha=0), (4, 3), (3, 5), (5, 4),
+                         (((2, 4), nan), None), 1),
+    "addmm_inplace": (lambda i, a, b: (i * 1).addmm_(a, b, alpha=0), (3, 4), (3, 5), (5, 4),
+                      (((1, 1), nan), ((0, 0), inf)), 1),
+    "addmv_nan_vec": (lambda i, a, b: torch.addmv(i, a, b, alpha=0), (3,), (3, 5), (5,), (None, ((2,), nan)), 1),
+    "addmv_nan_mat": (lambda i, a, b: torch.addmv(i, a, b, alpha=0, beta=0.5), (3,), (3, 5), (5,),
+                      (((1, 1), nan), None), 0.5),
+    "addbmm": (lambda i, a, b: torch.addbmm(i, a, b, alpha=0), (6, 7), (2, 6, 8), (2, 8, 7),
+               (((0, 1, 2), nan), ((1, 3, 3), inf)), 1),
+    "baddbmm_blas": (lambda i, a, b: torch.baddbmm(i, a, b, alpha=0), (2, 8, 8), (2, 8, 8), (2, 8, 8),
+                     (((1, 2, 3), nan), None), 1),
+}
+
+
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize("name", sorted(ZERO_ALPHA))
+def test_zero_alpha_product_is_deleted(name, how):
+    """The gradient of beta * input + 0 * (a @ b) is that of beta * input: exactly 0 for a and b (which hold a
+    NaN/Inf the forward never read), the input's unchanged."""
+    op, ishape, ashape, bshape, (a_bad, b_bad), beta = ZERO_ALPHA[name]
+    i, a, b = _rand(*ishape, seed=1), _rand(*ashape, seed=2, bad=a_bad), _rand(*bshape, seed=3, bad=b_bad)
+    out = op(i, a, b)
+    assert out.isfinite().all(), "the kernel reads the product: not this test's case"
+    weights = torch.rand(out.shape, generator=_gen(4), dtype=f64) + 0.5
+    loss = (out * weights).sum()
+    plain = torch.autograd.grad(loss, [i, a, b], retain_graph=True)
+    assert not all(g.isfinite().all() for g in plain), "plain PyTorch is contaminated"
+    reference = (beta * i.expand(out.shape) * weights).sum()  # the program with the product term deleted
+    (expected_i,) = torch.autograd.grad(reference, [i])
+    gi, ga, gb = _grads(how, loss, [i, a, b])
+    assert torch.equal(gi, expected_i)
+    assert torch.equal(ga, torch.zeros_like(a)) and torch.equal(gb, torch.zeros_like(b))
+
+
+def test_zero_alpha_product_below_another_op():
+    """The operand is made by an op (a * 1.5) from a NaN leaf: the structural zero reaches that op's saved tensors
+    too, and the leaf's gradient is 0, as without the term."""
+    i, a, b = _rand(3, 4, seed=1), _rand(3, 5, seed=2, bad=((0, 0), nan)), _rand(5, 4, seed=3)
+    loss = torch.addmm(i, a * 1.5, b.exp(), alpha=0).sum()
+    assert loss.isfinite() and not torch.autograd.grad(loss, [b], retain_graph=True)[0].isfinite().all()
+    gi, ga, gb = gw.grad(loss, [i, a, b])
+    assert torch.equal(gi, torch.ones_like(i)) and not ga.any() and not gb.any()
+
+
+def test_zero_alpha_infinite_sensitivity():
+    """sqrt of beta * input + 0 * (a @ b) at an input of 0: an infinite sensitivity from above meets alpha = 0 inside
+    the node (inf x 0 = NaN for a and b). Without the term, a and b get 0; the input's infinite derivative stays."""
+    i = torch.tensor([[0.0, 1.0], [4.0, 9.0]], dtype=f64, requires_grad=True)
+    a, b = _rand(2, 3, seed=2), _rand(3, 2, seed=3)
+    loss = torch.addmm(i, a, b, alpha=0).sqrt().sum()
+    plain = torch.autograd.grad(loss, [a, b], retain_graph=True)
+    assert loss.isfinite() and not plain[0].isfinite().all()
+    gi, ga, gb = gw.grad(loss, [i, a, b])
+    (expected_i,) = torch.autograd.grad(i.sqrt().sum(), [i])
+    assert torch.equal(gi, expected_i) and gi[0, 0] == inf
+    assert not ga.any() and not gb.any()
+
+
+@pytest.mark.parametrize("name", ["baddbmm_small", "addr", "addmm_nonzero_alpha"])
+def test_product_the_forward_read_keeps_its_nan(name):
+    """Controls: where the kernel computes 0 x NaN (CPU's baddbmm below its BLAS size, addr) the output holds the
+    NaN, and so does the gradient; with alpha != 0 the product is used."""
+    i = _rand(2, 2, 2, seed=1) if name == "baddbmm_small" else _rand(2, 2, seed=1)
+    if name == "baddbmm_small":
+        a, b = _rand(2, 2, 2, seed=2, bad=((0, 0, 0), nan)), _rand(2, 2, 2, seed=3)
+        out = torch.baddbmm(i, a, b, alpha=0)
+    elif name == "addr":
+        a, b = _rand(2, seed=2, bad=((0,), nan)), _rand(2, seed=3)
+        out = torch.addr(i, a, b, alpha=0)
+    else:
+        a, b = _rand(2, 3, seed=2, bad=((0, 0), nan)), _rand(3, 2, seed=3)
+        out = torch.addmm(i, a, b, alpha=1e-300)
+    loss = out[0].sum()
+    assert not loss.isfinite()
+    plain = torch.autograd.grad(loss, [i, a, b], retain_graph=True)
+    got = gw.grad(loss, [i, a, b])
+    for g, p in zip(got, plain, strict=True):
+        assert torch.equal(g.isnan(), p.isnan()) and torch.equal(g.nan_to_num(), p.nan_to_num())
+
+
+@pytest.mark.parametrize("op", ["addmm", "addmv", "addbmm", "baddbmm"])
+def test_zero_beta_nan_input_is_already_unread(op):
+    """beta = 0: the input is not read (documented) and the backward never multiplies it: PyTorch's gradients are
+    finite already, and gradwise's are PyTorch's bit for bit."""
+    shapes = {"addmm": ((3, 4), (3, 5), (5, 4)), "addmv": ((3,), (3, 5), (5,)),
+              "addbmm": ((3, 4), (2, 3, 5), (2, 5, 4)), "baddbmm": ((2, 3, 4), (2, 3, 5), (2, 5, 4))}[op]
+    i = _rand(*shapes[0], seed=1, bad=((0,) * len(shapes[0]), nan))
+    a, b = _rand(*shapes[1], seed=2), _rand(*shapes[2], seed=3)
+    loss = getattr(torch, op)(i, a, b, beta=0).square().sum()
+    assert loss.isfinite()
+    plain = torch.autograd.grad(loss, [i, a, b], retain_graph=True)
+    assert all(p.isfinite().all() for p in plain)
+    for g, p in zip(gw.grad(loss, [i, a, b]), plain, strict=True):
+        assert torch.equal(g, p)
