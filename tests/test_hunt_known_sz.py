@@ -5,6 +5,9 @@ NaN/Inf in an operand leaves the output finite, while the backward formula scale
 product (0 x NaN). The reference is the same program with the product term deleted (``beta * input``): the
 operands' gradients are exactly 0 and the input's unchanged. Controls: kernels that do read the product at
 alpha = 0 (CPU's small ``baddbmm``, ``addr``) put the NaN into the output, and the gradient keeps it.
+
+Nonsmooth: ``torch.ops.aten.binary_cross_entropy`` called directly (and ``torch._C._nn``'s, F's kernel) missed
+the rule ``F.binary_cross_entropy`` gets near 0 and 1 (its signature is F's, so the aten routes left it out).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import pytest
 import torch
 
 import gradwise as gw
+from test_hunt_ns2 import BCE_POINTS, Y
 from test_hunt_strong_zeros import HOWS, _grads  # gw.grad / gw.backward / a block around .backward(inputs=)
 
 nan, inf = float("nan"), float("inf")
@@ -133,3 +137,35 @@ def test_zero_beta_nan_input_is_already_unread(op):
     assert all(p.isfinite().all() for p in plain)
     for g, p in zip(gw.grad(loss, [i, a, b]), plain, strict=True):
         assert torch.equal(g, p)
+
+
+# -- binary_cross_entropy through its aten schema ------------------------------------------------------------
+
+_W = torch.tensor([1.0, 2.0, 3.0, 0.5], dtype=f64)
+BCE_CALLS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "aten packet, mean by default": lambda v: torch.ops.aten.binary_cross_entropy(v, Y, _W),
+    "aten.default, reduction=none": lambda v: torch.ops.aten.binary_cross_entropy.default(v, Y, _W, 0).sum(),
+    "aten.default, reduction=sum as a keyword": lambda v: torch.ops.aten.binary_cross_entropy.default(
+        v, Y, reduction=2),
+    "torch._C._nn, its default": lambda v: torch._C._nn.binary_cross_entropy(v, Y, _W).sum(),
+    "torch._C._nn, mean": lambda v: torch._C._nn.binary_cross_entropy(v, Y, None, 1) * 3,
+}
+
+
+@pytest.mark.parametrize("call", list(BCE_CALLS))
+@pytest.mark.parametrize("point", list(BCE_POINTS))
+def test_binary_cross_entropy_called_through_its_aten_schema(point, call):
+    """The directional derivative near 0 and 1 is the formula's for every route to the kernel, as for
+    F.binary_cross_entropy (PyTorch's (x - y) / max(x (1 - x), 1e-12) was returned: -1e12 for -1e20 at x = 1e-20,
+    NaN at 0 and 1). Reference: one-sided float64 differences; elsewhere PyTorch's gradient, bit for bit."""
+    x, d, steps = BCE_POINTS[point]
+    f = BCE_CALLS[call]
+    with torch.no_grad():
+        ref = [float((f(x + t * d) - f(x)) / t) for t in steps]
+    got = float(gw.directional_derivative(f, x, d))
+    assert got == pytest.approx(ref[-1], rel=1e-3, abs=1e-6)
+    g = gw.generalized_grad(f, x, seed=0)[0]
+    assert float(g @ d) == pytest.approx(got, rel=1e-12, abs=1e-12)
+    xr = x.clone().requires_grad_(True)
+    right = x * (1 - x) >= 1e-12
+    assert torch.equal(g[right], torch.autograd.grad(f(xr), xr)[0][right])
