@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import gradwise as gw
 from test_hunt_ns2 import BCE_POINTS, Y
@@ -169,3 +170,123 @@ def test_binary_cross_entropy_called_through_its_aten_schema(point, call):
     xr = x.clone().requires_grad_(True)
     right = x * (1 - x) >= 1e-12
     assert torch.equal(g[right], torch.autograd.grad(f(xr), xr)[0][right])
+
+
+# -- norms and variances PyTorch clamps under no_grad ---------------------------------------------------------
+
+_X2 = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.1, -1.0]], dtype=f64)
+# name -> (x1, x2): a row of x1 at 0, inside the clamp (0 < norm < eps = 1e-8), at it, or away
+COSINE_POINTS = {
+    "x1 = 0": (torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]], dtype=f64), _X2),
+    "x2 = 0": (_X2, torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]], dtype=f64)),
+    "both 0": (torch.zeros(2, 3, dtype=f64), torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]], dtype=f64)),
+    "0 < |x1| < eps": (torch.tensor([[3e-9, -1e-9, 2e-9], [1.0, 2.0, 3.0]], dtype=f64), _X2),
+    "|x1| = eps": (torch.tensor([[1e-8, 0.0, 0.0], [1.0, 2.0, 3.0]], dtype=f64), _X2),
+}
+
+
+def _cosine_routes() -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    return {"F": lambda a, b: F.cosine_similarity(a, b).sum(),
+            "module, dim -1": lambda a, b: torch.nn.CosineSimilarity(dim=-1)(a, b).sum(),
+            "aten": lambda a, b: torch.ops.aten.cosine_similarity.default(a, b, 1, 1e-8).sum()}
+
+
+@pytest.mark.parametrize("route", list(_cosine_routes()))
+@pytest.mark.parametrize("point", list(COSINE_POINTS))
+def test_cosine_similarity_at_and_inside_its_clamp(point, route):
+    """cosine_similarity divides by max(||x||, eps): near a zero vector it is x / eps . x2 / ||x2||, linear. gradwise
+    raised at x = 0 (the norm's kink, which the clamp makes irrelevant), and inside the clamp (0 < ||x|| < eps) it
+    returned PyTorch's gradient, which goes straight through the clamp (2.26e7 for 4.36e7: SILENT). Reference:
+    one-sided float64 differences of F.cosine_similarity itself, along every coordinate of each input."""
+    f = _cosine_routes()[route]
+    xs = COSINE_POINTS[point]
+    for k in range(2):
+        for i in range(xs[k].numel()):
+            for sign in (1.0, -1.0):
+                ds = [torch.zeros_like(xs[0]), torch.zeros_like(xs[1])]
+                ds[k].view(-1)[i] = sign
+                # a step inside the clamp's region (1e-8 wide) for a row inside it, a rounding-safe one elsewhere
+                step = 1e-15 if float(xs[k][i // 3].norm()) < 1e-6 else 1e-7
+                with torch.no_grad():
+                    ref = float((f(*(x + step * d for x, d in zip(xs, ds, strict=True))) - f(*xs)) / step)
+                got = float(gw.directional_derivative(f, xs, tuple(ds)))
+                assert got == pytest.approx(ref, rel=1e-5, abs=1e-6), (k, i, sign)
+    if point != "|x1| = eps":  # differentiable there: the gradient is the derivative's
+        g = gw.generalized_grad(f, xs, seed=0)
+        for k in range(2):
+            for i in range(xs[k].numel()):
+                ds = [torch.zeros_like(xs[0]), torch.zeros_like(xs[1])]
+                ds[k].view(-1)[i] = 1.0
+                want = float(gw.directional_derivative(f, xs, tuple(ds)))
+                assert float(g[k].view(-1)[i]) == pytest.approx(want, rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, f64])
+def test_cosine_similarity_away_from_its_clamp_is_pytorchs(dtype):
+    """Norms above eps: gradwise's generalized gradient is PyTorch's, bit for bit (broadcast rows included)."""
+    a = torch.randn(4, 5, generator=_gen(0), dtype=dtype)
+    b = torch.randn(1, 5, generator=_gen(1), dtype=dtype)
+    f = lambda x, y: (F.cosine_similarity(x, y) * torch.arange(4, dtype=dtype)).sum()
+    xr, yr = a.clone().requires_grad_(), b.clone().requires_grad_()
+    for got, want in zip(gw.generalized_grad(f, (a, b)), torch.autograd.grad(f(xr, yr), (xr, yr)), strict=True):
+        assert torch.equal(got, want)
+
+
+_IN, _TARGET = torch.tensor([0.5, 1.0, -0.3, 2.0], dtype=f64), torch.tensor([0.2, 1.5, 0.1, 2.5], dtype=f64)
+# var (eps = 1e-6): below eps, at eps, above
+GAUSSIAN_VARS = {"below eps": torch.tensor([1e-8, 0.5, 2.0, 0.0], dtype=f64),
+                 "at eps": torch.tensor([1e-6, 0.5, 2.0, 1e-6], dtype=f64),
+                 "above": torch.tensor([0.1, 0.5, 2.0, 3.0], dtype=f64)}
+
+
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("point", list(GAUSSIAN_VARS))
+def test_gaussian_nll_loss_differentiates_its_clamp(point, reduction, full):
+    """F.gaussian_nll_loss clamps var at eps in place under no_grad (PyTorch's gradient ignores the clamp). gradwise
+    returned that unclamped slope as f'(x; d): -4.5e10 along a var of 1e-8 where f is constant, +8e10 moving a var
+    at eps down (SILENT). The nonsmooth functions differentiate the loss computed (docs/nonsmooth.md). Reference:
+    one-sided float64 differences of F.gaussian_nll_loss itself; above eps PyTorch's gradient, bit for bit."""
+    var = GAUSSIAN_VARS[point]
+    f = lambda i, v: F.gaussian_nll_loss(i, _TARGET, v, full=full, reduction=reduction).sum()
+    xs = (_IN, var)
+    for k in range(2):
+        for j in range(4):
+            for sign in (1.0, -1.0):
+                if k == 1 and sign < 0 and var[j] == 0:
+                    continue  # a negative var: refused
+                ds = [torch.zeros(4, dtype=f64), torch.zeros(4, dtype=f64)]
+                ds[k][j] = sign
+                with torch.no_grad():
+                    if k == 0:  # a quadratic in the input: central differences are exact but for rounding
+                        ref = float((f(_IN + 1e-4 * ds[0], var) - f(_IN - 1e-4 * ds[0], var)) / 2e-4)
+                    else:  # one-sided, inside the clamp's region (1e-6 wide) where var is in it
+                        step = 1e-16 if var[j] <= 1e-6 else 1e-7
+                        ref = float((f(_IN, var + step * ds[1]) - f(*xs)) / step)
+                got = float(gw.directional_derivative(f, xs, tuple(ds)))
+                assert got == pytest.approx(ref, rel=1e-4, abs=1e-3), (k, j, sign)
+    if point == "above":
+        xr = [x.clone().requires_grad_() for x in xs]
+        for got, want in zip(gw.generalized_grad(f, xs), torch.autograd.grad(f(*xr), xr), strict=True):
+            assert torch.equal(got, want)
+
+
+def test_gaussian_nll_loss_float_and_homoscedastic_var():
+    """A var of one dim less (unsqueezed) and a float var take PyTorch's own broadcasting: one-sided float64
+    differences in var (0 along the var below eps) and central ones in the input."""
+    i = torch.randn(3, 2, generator=_gen(0), dtype=f64)
+    t = torch.randn(3, 2, generator=_gen(1), dtype=f64)
+    v = torch.tensor([1e-9, 0.5, 2.0], dtype=f64)
+    f = lambda x, w: F.gaussian_nll_loss(x, t, w)
+    for d, step in ((torch.tensor([1.0, 0.0, 0.0], dtype=f64), 1e-16),
+                    (torch.tensor([0.0, 1.0, -1.0], dtype=f64), 1e-6)):
+        with torch.no_grad():  # (one-sided below eps; central where f is smooth)
+            ref = float((f(i, v + step * d) - f(i, v)) / step) if step < 1e-8 else \
+                float((f(i, v + step * d) - f(i, v - step * d)) / (2 * step))
+        got = float(gw.directional_derivative(f, (i, v), (torch.zeros_like(i), d)))
+        assert got == pytest.approx(ref, rel=1e-5, abs=1e-9)
+    d = torch.randn(3, 2, generator=_gen(2), dtype=f64)
+    g = lambda x: F.gaussian_nll_loss(x, t, 1e-7)
+    with torch.no_grad():
+        ref = float((g(i + 1e-4 * d) - g(i - 1e-4 * d)) / 2e-4)
+    assert float(gw.directional_derivative(g, i, d)) == pytest.approx(ref, rel=1e-9)
