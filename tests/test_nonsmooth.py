@@ -290,6 +290,14 @@ RULE_SAMPLES = {
     "poisson_nll_loss": (lambda x: F.poisson_nll_loss(x, torch.tensor([0.0, 1.0, 2.0, 1.0, 0.5, 3.0, 1.0],
                                                                       dtype=x.dtype), full=True, reduction="none"),
                          [_X]),
+    # (ports) norms clamped at eps = 0.5: a zero row (x2 = 0), one inside (norm 0.32), one at eps (x3 = 0.5)
+    "cosine_similarity": (lambda x: F.cosine_similarity(
+        torch.stack([torch.stack([x[2], 2 * x[2], -x[2]]), x[3:6] * 0.1, torch.stack([x[3], x[2], x[2]]), x[4:]]),
+        torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.1, -1.0], [2.0, 1.0, 1.0], [0.0, 1.0, 0.0]], dtype=x.dtype), eps=0.5),
+                          [_X]),
+    # var = |x| / 2 clamped at eps = 0.5: at eps (x = -1, 1), below (0, 0.25), above
+    "gaussian_nll_loss": (lambda x: F.gaussian_nll_loss(torch.linspace(-1, 1, 7, dtype=x.dtype), torch.ones(
+        7, dtype=x.dtype), x.abs() / 2, eps=0.5, reduction="none"), [_X]),
     # probabilities of 1e-14: where PyTorch's derivative (x - y) / max(x (1 - x), 1e-12) is off
     "binary_cross_entropy": (lambda x: F.binary_cross_entropy(_bce_p(x), _BCE_Y, reduction="none"), [_X]),
     # in-place variants (their rules run the out-of-place one on a copy): refused at every kink before
@@ -310,9 +318,23 @@ RULE_SAMPLES = {
 # are those of the same function written with div (log, log1p)
 NEARBY_REFERENCES = {"binary_cross_entropy": lambda x: -(_BCE_Y * _bce_p(x).log()
                                                          + (1 - _BCE_Y) * (-_bce_p(x)).log1p()),
+                     # the documented x1 / max(||x1||, eps) . x2 / max(||x2||, eps), the clamp differentiated:
+                     # PyTorch's gradient goes straight through its clamp (the ports' docstrings)
+                     "cosine_similarity": lambda x: _clamped_cosine(
+                         torch.stack([torch.stack([x[2], 2 * x[2], -x[2]]), x[3:6] * 0.1,
+                                      torch.stack([x[3], x[2], x[2]]), x[4:]]),
+                         torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.1, -1.0], [2.0, 1.0, 1.0], [0.0, 1.0, 0.0]],
+                                      dtype=x.dtype), 0.5),
+                     "gaussian_nll_loss": lambda x: 0.5 * ((x.abs() / 2).clamp_min(0.5).log() + (torch.linspace(
+                         -1, 1, 7, dtype=x.dtype) - 1) ** 2 / (x.abs() / 2).clamp_min(0.5)),
                      "floor_divide": lambda x: torch.div(x, 0.5, rounding_mode="floor") * 0.5
                      + torch.remainder(x, 0.5) + torch.div(x, 3.0, rounding_mode="floor") * 3.0
                      + torch.remainder(x, 3.0)}
+
+
+def _clamped_cosine(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    unit = lambda v: v / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(eps)
+    return (unit(a) * unit(b)).sum(1)
 
 
 def test_every_rule_has_samples():
@@ -345,6 +367,15 @@ def _port_calls(name: str, x: torch.Tensor, g: torch.Generator):
         y = torch.randint(0, 4, x.shape, generator=g).to(x.dtype)  # y = 1 (the Stirling term's mask) included
         for log_input, full, reduction in itertools.product((True, False), (True, False), (0, 1, 2)):
             yield (y, log_input, full, 1e-8, reduction), {}
+    elif name == "cosine_similarity":
+        other = torch.randint(-2, 3, x.shape, generator=g).to(x.dtype)
+        for y, dim, eps in itertools.product((other, other[:1], x), range(-x.dim(), x.dim()), (1e-8, 2.0)):
+            yield (y, dim, eps), {}
+    elif name == "gaussian_nll_loss":
+        y = torch.randint(-2, 3, x.shape, generator=g).to(x.dtype)
+        for var, full, eps, reduction in itertools.product((x.abs(), x.abs()[..., 0], x.abs()[..., :1], 0.25),
+                                                           (False, True), (1e-6, 1.0), ("none", "mean", "sum")):
+            yield (y, var), {"full": full, "eps": eps, "reduction": reduction}
     elif name in ("fractional_max_pool2d", "fractional_max_pool2d_aten"):
         planes = (x.shape[0] if x.dim() == 4 else 1, x.shape[-3] if x.dim() >= 3 else 1)
         h, w = (1, *x.shape)[-2:]

@@ -369,6 +369,8 @@ NO_ZEROS_PROGRAMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "BaddbmmBackward0": lambda x: torch.baddbmm(x.view(2, 2, 4).exp() @ x.view(2, 4, 2), x.view(2, 2, 4),
                                                 x.view(2, 4, 2)),
     "MvBackward0": lambda x: x @ x.sum(0),
+    "AddmvBackward0": lambda x: torch.addmv(x[0], x, x[1], alpha=0.5),
+    "AddbmmBackward0": lambda x: torch.addbmm(x, x.view(2, 4, 2), x.view(2, 2, 4), alpha=2),
     "GeluBackward0": F.gelu,
     "SigmoidBackward0": torch.sigmoid,
     "TanhBackward0": torch.tanh,

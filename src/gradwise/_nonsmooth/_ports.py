@@ -1,5 +1,7 @@
 """Python ports of PyTorch's C++ composite ops whose kinks sit inside them (``PORTS``: callable -> port):
-quantile, nanquantile, renorm, cosine_embedding_loss, poisson_nll_loss, fractional_max_pool2d.
+quantile, nanquantile, renorm, cosine_embedding_loss, poisson_nll_loss, fractional_max_pool2d; and of the two whose
+norm or variance PyTorch clamps in place under no_grad, a gradient straight through the clamp (cosine_similarity,
+F.gaussian_nll_loss): their ports differentiate the clamp.
 
 A C++ composite such as ``torch.quantile`` reaches gradwise's function mode as one call; its sort runs below the
 mode, where only the watch sees it (an error at a tie). Its port makes the same aten calls in the same order
@@ -199,6 +201,57 @@ def _aten_fractional_max_pool2d(native: Callable):
     return port
 
 
+def _over_clamped_norm(x: Tensor, dim: int, eps: float) -> Tensor:
+    """x / max(||x||, eps) along ``dim``, the clamp differentiated: where ||x|| < eps the divisor is the constant eps
+    (no norm is taken there, so a zero x is no kink of the norm: f is linear near it); at ||x|| = eps the clamp's
+    rule; above, the norm, PyTorch's values and gradient bit for bit."""
+    small = torch.linalg.vector_norm(x.detach(), 2, dim=dim, keepdim=True) < eps
+    norm = torch.linalg.vector_norm(torch.where(small, torch.ones_like(x), x), 2, dim=dim, keepdim=True)
+    return x / torch.where(small, torch.full_like(norm, eps), norm.clamp_min(eps))
+
+
+def _cosine_similarity(native: Callable):
+    def port(x1: Tensor, x2: Tensor, dim: int = 1, eps: float = 1e-8) -> Tensor:
+        """``torch.cosine_similarity`` (``F.cosine_similarity``) as ATen's: x1 / max(||x1||, eps) times
+        x2 / max(||x2||, eps), summed over ``dim``. ATen clamps a clone of each norm in place under no_grad, so
+        its gradient goes straight through the clamp: exact where a norm is above eps or 0 (x = 0 cancels the
+        norm's term), not in between (0 < ||x|| < eps, where the divisor is the constant eps: x = 3.7e-9 (0.3,
+        -0.1, 0.2) against (1, -2, 0.5) gives 2.26e7 for the derivative 4.36e7 in the first coordinate). Here
+        the clamp is differentiated (``_over_clamped_norm``)."""
+        native(x1.detach(), x2.detach(), dim, eps)  # PyTorch's checks and messages
+        dtype = torch.result_type(x1, x2)
+        x1, x2 = (x if x.is_floating_point() or x.is_complex() else x.to(dtype) for x in (x1, x2))
+        x1, x2 = torch.broadcast_tensors(x1, x2)
+        return (_over_clamped_norm(x1, dim, eps) * _over_clamped_norm(x2, dim, eps)).sum(dim)
+
+    port.__name__ = "cosine_similarity"
+    return port
+
+
+def _gaussian_nll_loss(native: Callable):
+    def port(input: Tensor, target: Tensor, var, full: bool = False, eps: float = 1e-6,
+             reduction: str = "mean") -> Tensor:
+        """``F.gaussian_nll_loss`` as PyTorch's: 0.5 (log v + (input - target)² / v) with v = max(var, eps)
+        (var of one dim less unsqueezed, a float var broadcast), plus 0.5 log(2 pi) with ``full``, reduced.
+        PyTorch clamps a clone of var in place under no_grad (its docs: "the clamping of var is ignored with
+        respect to autograd"), a straight-through gradient; here the clamp is differentiated: var below eps
+        gets 0, at eps the clamp's rule (docs/nonsmooth.md, "Clamps PyTorch hides from autograd")."""
+        native(input.detach(), target.detach(), var.detach() if isinstance(var, Tensor) else var, full=full,
+               eps=eps, reduction=reduction)  # PyTorch's checks and messages
+        if isinstance(var, float):
+            var = var * torch.ones_like(input)
+        elif var.size() != input.size() and input.size()[:-1] == var.size():
+            var = torch.unsqueeze(var, -1)
+        var = var.clamp_min(eps)
+        loss = 0.5 * (torch.log(var) + (input - target) ** 2 / var)
+        if full:
+            loss = loss + 0.5 * math.log(2 * math.pi)
+        return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+
+    port.__name__ = "gaussian_nll_loss"
+    return port
+
+
 PORTS: dict[Callable, Callable] = {}
 for _native, _ignore in ((torch.quantile, False), (torch.nanquantile, True)):
     _aten = getattr(torch.ops.aten, _native.__name__)
@@ -216,3 +269,6 @@ for _call in (_F.fractional_max_pool2d, _F.fractional_max_pool2d_with_indices):
 for _call in (torch._C._nn.fractional_max_pool2d, torch.ops.aten.fractional_max_pool2d,
               torch.ops.aten.fractional_max_pool2d.default):
     PORTS[_call] = _aten_fractional_max_pool2d(_call)
+for _call in (torch.cosine_similarity, torch.ops.aten.cosine_similarity, torch.ops.aten.cosine_similarity.default):
+    PORTS[_call] = _cosine_similarity(_call)
+PORTS[_F.gaussian_nll_loss] = _gaussian_nll_loss(_F.gaussian_nll_loss)

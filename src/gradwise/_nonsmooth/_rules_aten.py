@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from gradwise._nonsmooth._rules import KINK_RULES, UNRULED
+from gradwise._nonsmooth._rules import _ROUTES, KINK_RULES, UNRULED
 
 # _ATEN_ROUTES reads these modules' rules from KINK_RULES: they must be registered first.
 # isort: off
@@ -40,6 +40,8 @@ _ATEN_ROUTES: dict[object, Callable] = {
                                      aten.scatter_reduce, aten.index_reduce,
                                      # (det: PyTorch's derivative is 0 at a singular matrix)
                                      aten.linalg_det)},
+    # (KINK_RULES' binary_cross_entropy takes F's signature: size_average, reduce, reduction by name)
+    aten.binary_cross_entropy: _rules_norms.binary_cross_entropy_enum,
     aten.max_pool1d: KINK_RULES[aten.max_pool1d],
     aten.max_pool2d: KINK_RULES[aten.max_pool2d_with_indices],
     aten.max_pool3d: KINK_RULES[aten.max_pool3d_with_indices],
@@ -53,6 +55,8 @@ def _aten_rule(func) -> Callable | None:
         return lambda run, f, x, *a, **k: KINK_RULES[packet](run, f, x, *a, return_indices=True, **k)
     return _ATEN_ROUTES.get(packet)
 
+
+_ROUTES[torch._C._nn.binary_cross_entropy] = _rules_norms.binary_cross_entropy_enum  # (its schema is aten's)
 
 # Kinky ops without a rule: a clear error when f reaches one with a direction, never a silent convention.
 # (fractional_max_pool2d: a port, `_ports`)

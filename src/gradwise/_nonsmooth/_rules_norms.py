@@ -541,21 +541,36 @@ def binary_cross_entropy(run, func, input, target, weight=None, size_average=Non
     constant: -1e12 for 0), and its forward mode is NaN as soon as one element is 0 or 1. There the gradient in
     x is the formula's (the clamp rule at -100; PyTorch's elsewhere, bit for bit, and in the target), and every
     tangent the formula's."""
+    return _bce(run, lambda x, y: func(x, y, weight, size_average, reduce, reduction), input, target, weight,
+                lambda loss, out: _reduce(loss, reduction, size_average, reduce))
+
+
+def binary_cross_entropy_enum(run, func, input, target, weight=None, reduction=None):
+    """aten.binary_cross_entropy(self, target, weight, reduction) called directly (torch.ops.aten, an exported
+    graph) or torch._C._nn.binary_cross_entropy (F's kernel): the rule above, with the aten schema's reduction
+    enum. Where the call passes none, the callable's own default, read from the kernel's output (a tensor shaped
+    like the loss: none, as torch._C._nn's binding does; else the mean, the schema's)."""
+    kernel = (lambda x, y: func(x, y, weight)) if reduction is None else lambda x, y: func(x, y, weight, reduction)
+    return _bce(run, kernel, input, target, weight, lambda loss, out: _reduce(
+        loss, "mean", reduction if reduction is not None else 0 if out.shape == loss.shape else 1))
+
+
+def _bce(run, kernel, input, target, weight, reduced):
+    """binary_cross_entropy's rule for ``kernel(x, y)`` (PyTorch's loss with its arguments bound) and ``reduced(loss,
+    out)`` (its reduction of elementwise terms, given the kernel's output)."""
     xp = _split(input)[0].detach()
     if not xp.is_floating_point():
-        return func(input, target, weight, size_average, reduce, reduction)
+        return kernel(input, target)
     off = xp * (1 - xp) < _BCE_EPSILON
     duals = _is_dual(input) or _is_dual(target)
     if not mask_any(off) and not duals:
-        return func(input, target, weight, size_average, reduce, reduction)
+        return kernel(input, target)
     # the kernel's value and its graph, but in x only where PyTorch's derivative is right
-    out = func(_moving(input, False, ~off), _moving(target, False, torch.ones_like(off)), weight, size_average,
-               reduce, reduction)
+    out = kernel(_moving(input, False, ~off), _moving(target, False, torch.ones_like(off)))
     if mask_any(off):  # the formula's gradient in x at those elements (no tangent)
         loss = _bce_terms(run, _moving(input, False, off), _split(target)[0].detach(), weight)
-        out = out + _reduce(torch.where(off, loss - loss.detach(), torch.zeros_like(xp)), reduction, size_average,
-                            reduce)
+        out = out + reduced(torch.where(off, loss - loss.detach(), torch.zeros_like(xp)), out)
     if duals:  # every tangent from the formula (no graph)
         loss = _bce_terms(run, _moving(input, True, None), _moving(target, True, None), weight)
-        out = out + _reduce(loss - _split(loss)[0].detach(), reduction, size_average, reduce)
+        out = out + reduced(loss - _split(loss)[0].detach(), out)
     return out

@@ -22,7 +22,7 @@ import torch
 
 from gradwise._masks import mask_all
 from gradwise._strong_zeros._rules import lookup
-from gradwise._strong_zeros._rules_bilinear import _reads_every_position
+from gradwise._strong_zeros._rules_bilinear import ZERO_ALPHA_PRODUCTS, _reads_every_position
 from gradwise._strong_zeros._triangles import TRIANGLE_READERS
 
 aten = torch.ops.aten
@@ -176,7 +176,8 @@ _SAFE_NODES = (
     "SqueezeBackward0 SqueezeBackward1 SqueezeBackward2 UnsqueezeBackward0 SliceBackward0 SelectBackward0 "
     "IndexBackward0 CatBackward0 StackBackward0 SplitBackward0 SplitWithSizesBackward0 UnbindBackward0 "
     "CloneBackward0 ToCopyBackward0 AliasBackward0 DetachBackward0 AddmmBackward0 MmBackward0 BmmBackward0 "
-    "BaddbmmBackward0 MvBackward0 DotBackward0 GeluBackward0 ReluBackward0 ThresholdBackward0 "
+    "BaddbmmBackward0 AddmvBackward0 AddbmmBackward0 MvBackward0 DotBackward0 GeluBackward0 ReluBackward0 "
+    "ThresholdBackward0 "
     "SigmoidBackward0 TanhBackward0 SiluBackward0 EluBackward0 LeakyReluBackward0 HardtanhBackward0 "
     "SoftplusBackward0 ExpBackward0 SoftmaxBackward0 LogSoftmaxBackward0 SafeSoftmaxBackward0 "
     "NllLossBackward0 NllLoss2DBackward0 MseLossBackward0 WhereBackward0 MaskedFillBackward0 "
@@ -238,7 +239,7 @@ MAKES_NO_ZEROS = frozenset((
     "DivBackward0 DivBackward1 SumBackward0 SumBackward1 MeanBackward0 MeanBackward1 TBackward0 ViewBackward0 "
     "UnsafeViewBackward0 ExpandBackward0 PermuteBackward0 TransposeBackward0 "
     "SqueezeBackward0 SqueezeBackward1 SqueezeBackward2 UnsqueezeBackward0 CloneBackward0 "
-    "ToCopyBackward0 AliasBackward0 AddmmBackward0 MmBackward0 BmmBackward0 BaddbmmBackward0 MvBackward0 "
+    "ToCopyBackward0 AliasBackward0 MmBackward0 BmmBackward0 MvBackward0 "
     "GeluBackward0 SigmoidBackward0 TanhBackward0 SiluBackward0 SoftplusBackward0 ExpBackward0 "
     "MseLossBackward0 SqrtBackward0 LogBackward0 NativeLayerNormBackward0 NativeGroupNormBackward0 "
     "NativeBatchNormBackward0 RsqrtBackward0 FusedRmsNormBackward0 "
@@ -256,7 +257,9 @@ COMPARES_SAVED_ONLY = frozenset(("ReluBackward0", "ThresholdBackward0", "Hardtan
 # sensitivity from above meets those structural zeros inside the node, inf x 0 = NaN where the strong-zero rule
 # gives 0 at the unselected elements. The check before backward reads what makes the sensitivity that reaches them
 # (``_planning._sensitivity_finite``).
-SCALES_BY_ITS_ZEROS = frozenset(("AmaxBackward0", "AminBackward0", "MaxBackward1", "MinBackward1"))
+# An op of ZERO_ALPHA_PRODUCTS with alpha = 0 scales its operands' gradients by that 0 (its rule: _zero_alpha_mul).
+SCALES_BY_ITS_ZEROS = frozenset(("AmaxBackward0", "AminBackward0", "MaxBackward1", "MinBackward1",
+                                 *ZERO_ALPHA_PRODUCTS))
 # Nodes that run another node's formula without showing its saved tensors: CopySlices (an in-place op on a view,
 # y[:2].sqrt_()) wraps the op's own backward, whose saved values (sqrt's NaN result) and singular points the check
 # cannot read. Where a structural zero reaches one, the backward runs under the mode (the wrapped formula's ops
@@ -307,6 +310,11 @@ def _size_along(node: Any) -> object:
     return sizes[_as_signed(node._saved_dim) % len(sizes)] if len(sizes) else 1  # a 0-dim input: one position
 
 
+def _alpha_nonzero(node: Any) -> bool:
+    """beta * input + alpha * (a @ b) with alpha != 0: its backward makes no structural zero."""
+    return node._saved_alpha != 0
+
+
 def _selects_all(selected: Callable[[Any], tuple[int, int, range]]) -> Callable[[Any], bool]:
     """A select/slice that reads every position along its dim (x[0:n], x.select(d, 0) of a size-1 dim)."""
     return lambda node: covers([selected(node)])
@@ -314,6 +322,8 @@ def _selects_all(selected: Callable[[Any], tuple[int, int, range]]) -> Callable[
 
 _MAKES_NO_ZEROS_IF: dict[str, Callable[[Any], bool]] = {
     "PowBackward0": lambda node: _saved(node, "_saved_exponent") != 0,  # x ** 0 backward is zeros_like(x)
+    # addmm & co. with alpha = 0: the operands' gradients are the deleted product term's (_zero_alpha_mul)
+    **dict.fromkeys(("AddmmBackward0", "AddmvBackward0", "AddbmmBackward0", "BaddbmmBackward0"), _alpha_nonzero),
     # a selection that reads every position (an index holding each row, a full slice) drops nothing: its
     # backward writes every position of its input, as strong zeros' own rules find (the support is all True)
     # (indices a checkpoint recomputes are not read: it makes zeros, as far as the plan knows)

@@ -17,7 +17,8 @@ from torch.utils._pytree import tree_map
 
 from gradwise._masks import EagerMasks, mask_any
 from gradwise._ops._contractions import conv_input_reads, conv_output_support, mm_reads, mm_support, mv_support
-from gradwise._strong_zeros._rules import _UNRULED, Rule, _is_float, _Kept, _register
+from gradwise._strong_zeros._rules import _UNRULED, Rule, _annihilate, _in_formula, _is_float, _Kept, _register
+from gradwise._strong_zeros._rules_pointwise import _exp_result_mul
 
 aten = torch.ops.aten
 
@@ -383,3 +384,60 @@ def _conv_skipped_inputs(func, args):
 
 _register(aten.convolution_backward)(_bilinear(_conv_backward_support, _conv_counted_outputs, meets=_conv_meets,
                                                own_zeros=_conv_skipped_inputs))
+
+
+# Nodes of ops that add a scaled product to a scaled input, beta * input + alpha * (a @ b). Their backward scales
+# each operand's gradient by alpha (``maybe_multiply(g @ b^T, alpha)``), after the product: with alpha = 0 the
+# formula computes 0 x (g @ b^T), NaN wherever b holds a NaN/Inf, although a BLAS kernel never read the product
+# (a and b reach nothing of the output). Per node name: the forward op, its saved operands (a, b), the output's
+# shape from theirs. The plan counts such a node with alpha = 0 as making zeros (``_node_facts``).
+ZERO_ALPHA_PRODUCTS: dict[str, tuple[Any, tuple[str, str], Callable[[tuple, tuple], tuple]]] = {
+    "AddmmBackward0": (aten.addmm.default, ("_saved_mat1", "_saved_mat2"), lambda a, b: (a[0], b[1])),
+    "AddmvBackward0": (aten.addmv.default, ("_saved_mat", "_saved_vec"), lambda a, b: (a[0],)),
+    "AddbmmBackward0": (aten.addbmm.default, ("_saved_batch1", "_saved_batch2"), lambda a, b: (a[1], b[2])),
+    "BaddbmmBackward0": (aten.baddbmm.default, ("_saved_batch1", "_saved_batch2"), lambda a, b: (a[0], a[1], b[2])),
+    "AddrBackward0": (aten.addr.default, ("_saved_vec1", "_saved_vec2"), lambda a, b: (a[0], b[0])),
+}
+
+
+def _kernel_skips_product(node: Any, grad: torch.Tensor) -> bool:
+    """Whether the forward kernel of ``node`` (alpha = 0, one of ZERO_ALPHA_PRODUCTS) left its product unread: the
+    op run again on NaN operands of the saved ones' shapes, strides and dtype gives a finite output. Kernels differ
+    (BLAS skips the product; CPU's small baddbmm, addr and float16/bfloat16 kernels compute 0 x NaN), and where one
+    read it the output used the NaN: the gradient's NaN is genuine. An operand not saved is the one whose gradient
+    ``grad`` is (the other's gradient needs it saved), so it has ``grad``'s shape."""
+    op, names, out_shape = ZERO_ALPHA_PRODUCTS[type(node).__name__]
+    saved = [getattr(node, n) for n in names]
+    if all(s is None for s in saved):
+        return False
+    nan = float("nan")
+    operands = [torch.full(grad.shape, nan, dtype=grad.dtype, device=grad.device) if s is None else
+                torch.full_like(s, nan) for s in saved]
+    try:
+        inp = operands[0].new_zeros(out_shape(operands[0].shape, operands[1].shape))
+        out = op(inp, *operands, beta=node._saved_beta, alpha=0)
+    except (RuntimeError, IndexError):  # shapes that do not fit (a mul of beta's): not known to skip
+        return False
+    return bool(out.isfinite().all())
+
+
+def _zero_alpha_mul(func, args, kwargs, sup):
+    """mul, as _product (``_rules_pointwise._exp_result_mul``). In the backward of an op of ZERO_ALPHA_PRODUCTS
+    (addmm, addmv, addbmm, baddbmm, addr) with alpha = 0 whose kernel never read the product, the formula's mul by
+    that literal 0 is the deleted product term: its output is a structural zero, 0 even where the product of the
+    sensitivity with the other operand is NaN/Inf, as in the program with that term deleted (the operands get no
+    gradient there). beta's mul, with beta = 0 too, is one as well: the input is not read either (documented)."""
+    scale = args[1] if len(args) > 1 else None
+    if scale.__class__ in (int, float) and scale == 0 and _in_formula():
+        node = torch._C._current_autograd_node()
+        if type(node).__name__ in ZERO_ALPHA_PRODUCTS and node._saved_alpha == 0 and \
+                _kernel_skips_product(node, args[0]):
+            out = func(*args, **kwargs)
+            structural = torch.zeros((), dtype=torch.bool, device=out.device)
+            _annihilate(out, structural)
+            sup.record(out, structural)
+            return out
+    return _exp_result_mul(func, args, kwargs, sup)
+
+
+_register(aten.mul, aten.mul_)(_zero_alpha_mul)  # over _rules_pointwise's
