@@ -231,3 +231,55 @@ def test_genuine_count_matches_strong_zeros(name, steps):
         _PROGRAMS[name](strong).backward()
     assert sum(f.count for f in report.of_kind("nan")) == steps * int(strong.grad.isnan().sum()), report
     assert all(f.count > 0 for f in report.findings), report
+
+
+def _euclidean(x1, x2):
+    from gradwise._ops._kinks import KINKS, OpCall
+    aten = torch.ops.aten
+    return KINKS[aten._euclidean_dist].locate(OpCall((x1, x2), {}, aten._euclidean_dist(x1, x2)))
+
+
+class _Largest(torch.utils._python_dispatch.TorchDispatchMode):
+    """The largest tensor an op made (elements)."""
+
+    def __init__(self):
+        super().__init__()
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor):
+                self.most = max(self.most, o.numel())
+        return out
+
+
+def test_cdist_kink_copies_no_row_per_near_pair():
+    """known_trace: 300 equal rows of 64 on both sides gathered both rows of each of the 90,000 near pairs (two
+    5.8M-element copies; at 2,000 rows of 64 the trace's backward took 23x the plain one, 7.7 s). Reference: the
+    largest tensor the fact makes, at most a few times the 90,000 distances."""
+    x = torch.zeros(300, 64)
+    with _Largest() as largest:
+        site = _euclidean(x, x)
+    assert bool(site.mask.all())
+    assert largest.most <= 4 * 300 * 300, largest.most
+
+
+_ROWS = {  # x1, x2 (more than 25 rows: the matrix-product route)
+    "signed zeros": (torch.zeros(30, 3), -torch.zeros(30, 3)),
+    "near, not equal": (torch.ones(30, 3), torch.ones(30, 3) + torch.tensor([0.0, 0.0, 1e-7])),
+    "broadcast batch": (torch.arange(90.0).view(1, 30, 3), torch.arange(90.0).view(30, 3).expand(2, 30, 3) * 1),
+    "float64 duplicates": (torch.randn(40, 5, dtype=torch.float64).repeat(2, 1),
+                           torch.randn(40, 5, dtype=torch.float64).repeat(2, 1)),
+    "NaN rows": (torch.full((30, 3), NAN), torch.full((30, 3), NAN)),
+}
+
+
+@pytest.mark.parametrize("name", list(_ROWS))
+def test_cdist_kink_only_at_coincident_rows(name):
+    x1, x2 = _ROWS[name]
+    if name == "float64 duplicates":
+        x2[7] = x1[3]
+    site = _euclidean(x1, x2)
+    b1, b2 = torch.broadcast_tensors(x1[..., :, None, :], x2[..., None, :, :])
+    assert torch.equal(site.mask, (b1 == b2).all(-1)), name
