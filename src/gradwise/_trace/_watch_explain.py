@@ -14,6 +14,7 @@ import re
 import sys
 
 import torch
+import torch.utils.checkpoint
 
 from gradwise import _strong_zeros
 from gradwise._trace import _common, _fsdp_watching, _kinds, _replay
@@ -158,11 +159,11 @@ def _no_user_hooks():
     backward hooks, a library's), whose effects (a counter, a list, a write into .grad) the program would then see
     twice. As the engine calls one (Python code outside torch it runs directly, or through ``_HOOK_RUNNERS``:
     ``_common.engine_hook``), a trace function stops the replay before the hook's first line: the program's state
-    stays as without the watch. A custom Function's backward or a checkpoint's recomputation runs as the backward
-    does. Only this thread (the CPU engine's; a device thread's hooks are not seen), only hooks with a Python frame
-    (not a builtin: ``register_hook(grads.append)``), and only where sys.settrace (a call event per Python frame,
-    no more) or else sys.setprofile (also every return and C call: slower) is free; with both set (a debugger and
-    cProfile) they are left alone and the hooks run again."""
+    stays as without the watch; as it does where a checkpoint recomputes the user's forward (``_RECOMPUTE``). A
+    custom Function's backward runs as the backward does. Only this thread (the CPU engine's; a device thread's
+    hooks are not seen), only hooks with a Python frame (not a builtin: ``register_hook(grads.append)``), and only
+    where sys.settrace (a call event per Python frame, no more) or else sys.setprofile (also every return and C
+    call: slower) is free; with both set (a debugger and cProfile) they are left alone and the hooks run again."""
     if sys.gettrace() is None:
         get, put = sys.gettrace, sys.settrace
     elif sys.getprofile() is None:
@@ -178,6 +179,9 @@ def _no_user_hooks():
         if event != "call":
             return None
         code = frame.f_code
+        if code is _RECOMPUTE:
+            raise _HookReplayed("its backward recomputes a checkpointed forward (torch.utils.checkpoint), which a "
+                                "replay would run a second time (a BatchNorm's running statistics updated again)")
         if core.get(code.co_filename, False) and code.co_filename in core:
             return None
         back = frame.f_back
@@ -200,6 +204,11 @@ def _no_user_hooks():
             put(None)
 
 
+# the function through which torch.utils.checkpoint (use_reentrant=False) runs the user's forward again in a
+# backward: a replay would run it once more, with its effects (a BatchNorm's running statistics, a counter)
+_RECOMPUTE = next((k for k in getattr(getattr(torch.utils.checkpoint, "_checkpoint_without_reentrant_generator",
+                                              None), "__code__", compile("", "", "exec")).co_consts
+                   if getattr(k, "co_name", None) == "recompute_fn"), None)
 _STRIDED = torch.strided
 _NODE_SUFFIX = re.compile(r"Backward\d*$")
 
