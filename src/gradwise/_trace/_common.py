@@ -139,12 +139,18 @@ def _core(code) -> bool:
     return r
 
 
-def engine_hook(frame) -> str | None:
+def engine_hook(frame, inner=None) -> str | None:
     """The name of the function (the user's or a library's) that the autograd engine runs as a hook where
     ``frame`` is, inside a backward: a tensor's, a node's, a post-accumulate-grad one, a module's (through
-    ``_HOOK_RUNNERS``). None where torch code runs it otherwise (a custom Function's backward, a checkpoint's
-    recomputation) and where ``frame`` is not inside the engine (a library's custom Function: ``_user_frame`` is
-    then the user's backward call, and it was named 'hook <module>')."""
+    ``_HOOK_RUNNERS``), on this thread or a device thread (whose stack starts in the hook). None where torch code
+    runs it otherwise (a custom Function's backward, a checkpoint's recomputation) and where ``frame`` is outside
+    the engine, which ``inner`` (the frame running now) then lies in: a library's custom Function, whose
+    ``_user_frame`` is the user's backward call (it was named 'hook <module>')."""
+    f = inner
+    while f is not None and f is not frame:
+        if f.f_code.co_name == "_engine_run_backward":
+            return None
+        f = f.f_back
     top, runners_only, f = None, True, frame
     while f is not None and f.f_code.co_name != "_engine_run_backward":
         if not _core(f.f_code):
@@ -152,7 +158,7 @@ def engine_hook(frame) -> str | None:
         elif not f.f_code.co_filename.endswith(_HOOK_RUNNERS):
             runners_only = False
         f = f.f_back
-    if f is None or top is None or not runners_only:
+    if top is None or not runners_only:
         return None
     return getattr(top.f_code, "co_qualname", top.f_code.co_name)
 
