@@ -289,8 +289,10 @@ def _used_elements(incidents, since: int) -> dict[int, tuple[int, list]]:
         birth = overflow_root(earliest(inc.births))
         if birth.op in ("gradient", "backward", "seed") or inc.shape is None or inc.shape != birth.shape:
             mixed.add(id(birth))
-        else:  # per occurrence of the birth (an incident met twice a step, as in h * h, is interned once)
-            n = min(birth.count, round(inc.count * birth.occurrences / max(inc.occurrences, 1)))
+        else:  # as often a step as the birth (an incident met twice a step, as in h * h, is interned once); over
+            # the steps the incident occurred in only (a step whose NaN the output did not use counts none)
+            per_step = (birth.occurrences / birth.in_steps) / (inc.occurrences / inc.in_steps)
+            n = min(birth.count, round(inc.count * per_step))
             if n > best.get(id(birth), (0, []))[0]:
                 best[id(birth)] = (n, inc.indices)
     return {k: v for k, v in best.items() if k not in mixed}

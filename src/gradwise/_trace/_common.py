@@ -119,21 +119,47 @@ def _user_frame():
     return f
 
 
-_HOOKS_FILE = os.path.join("torch", "utils", "hooks.py")  # module backward hooks run the user's through it
+# the torch files through which the engine runs a hook of the user's: module backward hooks (utils/hooks.py), the
+# deprecated Module.register_backward_hook (_WrappedHook, nn/modules/module.py), register_multi_grad_hook
+# (autograd/graph.py). Any other torch file between the user's code and the engine runs it as the backward does:
+# a custom Function's backward (autograd/function.py), a checkpoint's recomputation (utils/checkpoint.py).
+_HOOK_RUNNERS = tuple(os.path.join("torch", *p) for p in (("utils", "hooks.py"), ("nn", "modules", "module.py"),
+                                                          ("autograd", "graph.py")))
+_core_file: dict[str, bool] = {}
 
 
-def engine_hook(frame) -> str | None:
-    """The name of the user's function that the autograd engine runs where ``frame`` (user code inside a backward)
-    is: a hook (a tensor's, a node's, a post-accumulate-grad one, a module's backward hooks through
-    torch/utils/hooks.py). None where torch code runs it otherwise: a custom Function's backward (function.py),
-    a checkpoint's recomputation."""
-    top, f = frame, frame.f_back
-    while f is not None and f.f_code.co_name != "_engine_run_backward":
-        if not _is_internal(f.f_code):
-            top = f  # a helper the hook called: the hook is the outermost of the user's frames
-        elif not f.f_code.co_filename.endswith(_HOOKS_FILE):
+def _core(code) -> bool:
+    """Torch's, gradwise's or the few stdlib files the trace passes through; an installed library's code is not
+    (a hook of a library, a gradient logger's, is one the program runs as its own)."""
+    name = code.co_filename
+    r = _core_file.get(name)
+    if r is None:
+        r = _core_file[name] = name.startswith(_INTERNAL_DIRS) or name.startswith("<frozen") or \
+            os.path.basename(name) in _INTERNAL_FILES
+    return r
+
+
+def engine_hook(frame, inner=None) -> str | None:
+    """The name of the function (the user's or a library's) that the autograd engine runs as a hook where
+    ``frame`` is, inside a backward: a tensor's, a node's, a post-accumulate-grad one, a module's (through
+    ``_HOOK_RUNNERS``), on this thread or a device thread (whose stack starts in the hook). None where torch code
+    runs it otherwise (a custom Function's backward, a checkpoint's recomputation) and where ``frame`` is outside
+    the engine, which ``inner`` (the frame running now) then lies in: a library's custom Function, whose
+    ``_user_frame`` is the user's backward call (it was named 'hook <module>')."""
+    f = inner
+    while f is not None and f is not frame:
+        if f.f_code.co_name == "_engine_run_backward":
             return None
         f = f.f_back
+    top, runners_only, f = None, True, frame
+    while f is not None and f.f_code.co_name != "_engine_run_backward":
+        if not _core(f.f_code):
+            top, runners_only = f, True  # a helper the hook called: the hook is the outermost such frame
+        elif not f.f_code.co_filename.endswith(_HOOK_RUNNERS):
+            runners_only = False
+        f = f.f_back
+    if top is None or not runners_only:
+        return None
     return getattr(top.f_code, "co_qualname", top.f_code.co_name)
 
 

@@ -6,6 +6,7 @@ May import: torch, gradwise._trace._common, _advice, _facts, _kinds, _store.
 
 from __future__ import annotations
 
+import sys
 import weakref
 
 import torch
@@ -153,7 +154,7 @@ class _Provenance:
             else:  # the user's code inside the backward (a tensor hook, a custom backward): its own line
                 loc = _loc(frame) if frame is not None else nd.loc if nd is not None else ("<backward>", 0)
                 # a hook's NaN/Inf is born at the hook, not in the node that runs it (_Incidents._classify)
-                self.hook = engine_hook(frame) if frame is not None else None
+                self.hook = engine_hook(frame, sys._getframe()) if frame is not None else None
         for o in bad:
             mask = _nonfinite_mask(o)
             prior = self.prov.get(o) if info.mutable else \

@@ -46,6 +46,7 @@ class Birth:
     last: int = 0  # step of the latest occurrence
     first_count: int = 0  # elements of the first occurrence
     shape: tuple | None = None  # of the born tensor (the first occurrence's)
+    in_steps: int = 1  # the steps it occurred in (occurrences / in_steps: how often a step makes it)
 
     def describe(self) -> str:
         from gradwise._trace._common import _fmt  # the trace's path formatting (relative to the working directory)
@@ -93,6 +94,7 @@ class Incident:
     last: int = 0
     serial: int = 0  # the store's event counter when last seen (nested blocks report what they saw)
     shape: tuple | None = None  # of the backward op's output its elements are in
+    in_steps: int = 1  # the steps it occurred in (as Birth's)
 
 
 def describe_arrivals(births: list[Birth]) -> str:
@@ -180,6 +182,7 @@ class Store:
             b.parents = {p for p in parents if p is not b}
             b.last = self.step
             return b
+        b.in_steps += b.last != self.step
         b.last = self.step
         b.count += count
         b.occurrences += 1
@@ -202,6 +205,7 @@ class Store:
         else:
             inc.count += count
             inc.occurrences += 1
+            inc.in_steps += inc.last != self.step
             inc.births.update(births)
             inc.undecided = inc.undecided or undecided
             if len(inc.steps) < KEEP and inc.steps[-1] != self.step:

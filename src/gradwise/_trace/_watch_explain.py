@@ -14,6 +14,7 @@ import re
 import sys
 
 import torch
+import torch.utils.checkpoint
 
 from gradwise import _strong_zeros
 from gradwise._trace import _common, _fsdp_watching, _kinds, _replay
@@ -155,34 +156,59 @@ class _HookReplayed(Exception):
 @contextlib.contextmanager
 def _no_user_hooks():
     """The replay runs the step's backward a second time, and with it the user's hooks (tensor, node, module
-    backward hooks), whose effects (a counter, a list, a write into .grad) the program would then see twice. As
-    the engine calls one (user code it runs directly, or through torch/utils/hooks.py: ``_common.engine_hook``), a
-    profile function stops the replay before the hook's first line: the program's state stays as without the
-    watch. A custom Function's backward or a checkpoint's recomputation runs as the backward does. Only this
-    thread (the CPU engine's; a device thread's hooks are not seen) and only where no profiler is set (cProfile,
-    a debugger's: left alone, the hooks then run again)."""
-    if sys.getprofile() is not None:
+    backward hooks, a library's), whose effects (a counter, a list, a write into .grad) the program would then see
+    twice. As the engine calls one (Python code outside torch it runs directly, or through ``_HOOK_RUNNERS``:
+    ``_common.engine_hook``), a trace function stops the replay before the hook's first line: the program's state
+    stays as without the watch; as it does where a checkpoint recomputes the user's forward (``_RECOMPUTE``). A
+    custom Function's backward runs as the backward does. Only this thread (the CPU engine's; a device thread's
+    hooks are not seen), only hooks with a Python frame (not a builtin: ``register_hook(grads.append)``), and only
+    where sys.settrace (a call event per Python frame, no more) or else sys.setprofile (also every return and C
+    call: slower) is free; with both set (a debugger and cProfile) they are left alone and the hooks run again."""
+    if sys.gettrace() is None:
+        get, put = sys.gettrace, sys.settrace
+    elif sys.getprofile() is None:
+        get, put = sys.getprofile, sys.setprofile
+    else:
         yield
         return
-    engine = [0]  # calls of the engine running now (code that _engine_run_backward runs itself is no hook)
+    core, runners, engine_hook = _common._core_file, _common._HOOK_RUNNERS, _common.engine_hook
 
-    def profile(frame, event, arg):
-        if event == "c_call" and getattr(arg, "__name__", None) == "run_backward":
-            engine[0] += 1
-        elif event in ("c_return", "c_exception") and getattr(arg, "__name__", None) == "run_backward":
-            engine[0] -= 1
-        elif event == "call" and engine[0] and not _common._is_internal(frame.f_code) and \
-                (hook := _common.engine_hook(frame)) is not None:
+    def watch(frame, event, arg):
+        # per Python call of the replay (the trace's own too): the cheap tests first. A hook's own frame is called
+        # by the engine (C++, under _engine_run_backward) or by one of _HOOK_RUNNERS; not torch's, not gradwise's.
+        if event != "call":
+            return None
+        code = frame.f_code
+        if code is _RECOMPUTE:
+            raise _HookReplayed("its backward recomputes a checkpointed forward (torch.utils.checkpoint), which a "
+                                "replay would run a second time (a BatchNorm's running statistics updated again)")
+        if core.get(code.co_filename, False) and code.co_filename in core:
+            return None
+        back = frame.f_back
+        if back is None or (back.f_code.co_name != "_engine_run_backward" and
+                            not back.f_code.co_filename.endswith(runners)) or _common._core(code):
+            return None
+        if torch._C._current_graph_task_id() == -1:  # _engine_run_backward's own calls (logging), not the engine's
+            return None
+        hook = engine_hook(frame)
+        if hook is not None:
             raise _HookReplayed(f"its backward runs your hook {hook} at {_common._fmt(_common._loc(frame))}, which "
                                 "a replay would run a second time")
+        return None
 
-    sys.setprofile(profile)
+    put(watch)
     try:
         yield
     finally:
-        sys.setprofile(None)
+        if get() is watch or get() is None:
+            put(None)
 
 
+# the function through which torch.utils.checkpoint (use_reentrant=False) runs the user's forward again in a
+# backward: a replay would run it once more, with its effects (a BatchNorm's running statistics, a counter)
+_RECOMPUTE = next((k for k in getattr(getattr(torch.utils.checkpoint, "_checkpoint_without_reentrant_generator",
+                                              None), "__code__", compile("", "", "exec")).co_consts
+                   if getattr(k, "co_name", None) == "recompute_fn"), None)
 _STRIDED = torch.strided
 _NODE_SUFFIX = re.compile(r"Backward\d*$")
 
