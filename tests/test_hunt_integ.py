@@ -3,7 +3,10 @@ CLI and long traced runs. Each test here failed before its fix."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
+import torch
 
 import gradwise as gw
 from gradwise._distributed import rank_story
@@ -37,3 +40,58 @@ UNEXPLAINED = [
 @pytest.mark.parametrize(("findings", "want"), UNEXPLAINED)
 def test_a_step_the_watch_could_not_replay_names_no_rank_as_its_origin(findings, want):
     assert rank_story(findings) == want
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Lightning: two optimizers stepped in turn (manual optimization). The callback checked every parameter of the
+# module at each optimizer step and, on "skip", set all their gradients to None: a NaN in the first optimizer's
+# gradients silently dropped the second one's finite step too (its parameters never trained, no step listed).
+# ---------------------------------------------------------------------------------------------------------
+
+needs_lightning = pytest.mark.skipif(importlib.util.find_spec("lightning") is None,
+                                     reason="lightning is not installed (pip install 'gradwise[lightning]')")
+
+
+def _fit_two_optimizers(tmp_path, callback) -> tuple[torch.Tensor, torch.Tensor]:
+    import lightning.pytorch as pl
+    from torch import nn
+
+    class TwoOptimizers(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.tensor([0.0, 1.0]))  # sqrt(a**2) at a = 0: a NaN gradient in `a` only
+            self.b = nn.Parameter(torch.tensor([2.0, 3.0]))
+            self.automatic_optimization = False
+
+        def training_step(self, x, batch_idx):
+            opt_a, opt_b = self.optimizers()
+            opt_a.zero_grad()
+            opt_b.zero_grad()
+            self.manual_backward(torch.sqrt(self.a ** 2).sum() + (self.b * x.sum()).pow(2).sum())
+            opt_a.step()
+            opt_b.step()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD([self.a], lr=0.1), torch.optim.SGD([self.b], lr=0.1)
+
+    module = TwoOptimizers()
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, callbacks=[callback] if callback else [], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(module, torch.utils.data.DataLoader(torch.ones(2, 3), batch_size=1))
+    return module.a.detach(), module.b.detach()
+
+
+@needs_lightning  # and Lightning's own warnings on this tiny CPU run (the suite turns warnings into errors):
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.* is deprecated")
+@pytest.mark.filterwarnings("ignore:.*does not have many workers")
+@pytest.mark.filterwarnings("ignore:.*smaller than the logging interval")
+def test_lightning_skips_only_the_optimizer_whose_gradients_are_nan(tmp_path):
+    from gradwise.integrations.lightning import GradwiseCallback
+
+    a_plain, b_plain = _fit_two_optimizers(tmp_path, None)
+    cb = GradwiseCallback()
+    a, b = _fit_two_optimizers(tmp_path, cb)
+    assert torch.equal(b, b_plain)  # was tensor([2., 3.]): both of b's finite steps dropped
+    assert a_plain.isnan().any() and torch.equal(a, torch.tensor([0.0, 1.0]))  # a's NaN steps skipped
+    assert cb.skipped_steps == cb.nonfinite_steps == [0, 2]  # a's optimizer steps (global steps 0 and 2)
