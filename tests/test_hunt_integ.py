@@ -4,6 +4,10 @@ CLI and long traced runs. Each test here failed before its fix."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -95,3 +99,60 @@ def test_lightning_skips_only_the_optimizer_whose_gradients_are_nan(tmp_path):
     assert torch.equal(b, b_plain)  # was tensor([2., 3.]): both of b's finite steps dropped
     assert a_plain.isnan().any() and torch.equal(a, torch.tensor([0.0, 1.0]))  # a's NaN steps skipped
     assert cb.skipped_steps == cb.nonfinite_steps == [0, 2]  # a's optimizer steps (global steps 0 and 2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `gradwise run --strong-zeros` in the processes the script starts: a spawn or forkserver child (DDP launched
+# with torch.multiprocessing.spawn) ran its backward as plain PyTorch, NaN from padding it never used, silently.
+# ---------------------------------------------------------------------------------------------------------
+
+CHILD_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    import torch.multiprocessing as mp
+
+    def work(rank, q, genuine):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(3, 1)
+        x = torch.cat((torch.rand(2, 3), torch.full((1, 3), float("nan"))))  # row 2: padding, sliced away
+        if genuine:
+            x[0, 0] = float("nan")  # a row the loss reads
+        lin(x)[:2].sum().backward()
+        got = lin.weight.grad.clone()
+        lin.weight.grad = None
+        lin(x[:2]).sum().backward()  # the program without the padding
+        q.put((bool(got.isfinite().all()), bool(torch.allclose(got, lin.weight.grad, rtol=1e-6, atol=0))))
+
+    if __name__ == "__main__":
+        method, genuine = sys.argv[1], sys.argv[2] == "genuine"
+        q = mp.get_context("spawn" if method == "mp.spawn" else method).SimpleQueue()
+        if method == "mp.spawn":
+            mp.spawn(work, args=(q, genuine), nprocs=1)
+        else:
+            p = mp.get_context(method).Process(target=work, args=(0, q, genuine))
+            p.start()
+            p.join()
+        print("child finite/same:", q.get())
+""")
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
+CHILD_CASES = [  # (start method, gradwise run options, data, the child's (finite, equal to the unpadded program))
+    ("spawn", ["--strong-zeros", "--no-report"], "padding", "(True, True)"),  # was (False, False)
+    ("forkserver", ["--strong-zeros", "--no-report"], "padding", "(True, True)"),  # was (False, False)
+    ("mp.spawn", ["--strong-zeros"], "padding", "(True, True)"),  # was (False, False)
+    ("fork", ["--strong-zeros", "--no-report"], "padding", "(True, True)"),  # inherited with the memory
+    ("mp.spawn", ["--strong-zeros", "--no-report"], "genuine", "(False, False)"),  # a NaN the loss reads stays
+    ("spawn", [], "padding", "(False, False)"),  # without --strong-zeros: plain PyTorch
+]
+
+
+@pytest.mark.parametrize(("method", "options", "data", "want"), CHILD_CASES)
+def test_strong_zeros_reach_the_processes_the_script_starts(tmp_path, method, options, data, want):
+    script = tmp_path / "children.py"
+    script.write_text(CHILD_SCRIPT)
+    out = subprocess.run([sys.executable, "-m", "gradwise", "run", *options, str(script), method, data],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=ENV)
+    assert out.returncode == 0, out.stderr
+    assert f"child finite/same: {want}" in out.stdout, out.stdout + out.stderr
