@@ -73,6 +73,7 @@ def _enter_run_contexts(args: argparse.Namespace, process: contextlib.ExitStack,
         from gradwise._strong_zeros import strong_zeros_process_wide
 
         process.enter_context(strong_zeros_process_wide())
+        process.enter_context(_strong_zeros_in_spawned_processes())
     if args.no_report:
         return None
     from gradwise._trace import _session, trace, watch
@@ -82,6 +83,47 @@ def _enter_run_contexts(args: argparse.Namespace, process: contextlib.ExitStack,
     made.append(script.enter_context(watch() if args.watch else trace()))
     made.append(script.enter_context(_session.untraced_threads()))
     return made[0]
+
+
+class _WithStrongZeros:
+    """A spawned process's target, run with strong zeros process-wide (pickled with the process object, so the
+    child imports gradwise when it unpickles it)."""
+
+    def __init__(self, target: Any):
+        self.target = target
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from gradwise._strong_zeros import strong_zeros_process_wide
+
+        with strong_zeros_process_wide():
+            return self.target(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _strong_zeros_in_spawned_processes() -> Any:
+    """`--strong-zeros` in the processes the script starts: a forked child inherits it with the parent's memory,
+    but a `spawn` or `forkserver` one starts a fresh interpreter (torch.multiprocessing.spawn, DDP launched from
+    the script), whose backward passes ran as plain PyTorch. Its target is wrapped when it starts (a Process
+    subclass that overrides run() has none: it is not covered)."""
+    import multiprocessing
+    import multiprocessing.process as mp_process
+
+    start = mp_process.BaseProcess.start
+
+    def start_with_strong_zeros(self: Any) -> None:
+        method = type(self)._start_method if hasattr(type(self), "_start_method") else None
+        if method is None:  # multiprocessing.Process: the default context's, as its start() will pick
+            method = multiprocessing.context._default_context.get_context().get_start_method()
+        if method in ("spawn", "forkserver") and self._target is not None \
+                and not isinstance(self._target, _WithStrongZeros):
+            self._target = _WithStrongZeros(self._target)
+        start(self)
+
+    mp_process.BaseProcess.start = start_with_strong_zeros
+    try:
+        yield
+    finally:
+        mp_process.BaseProcess.start = start
 
 
 def _note_untraced_threads(report: Any, untraced: dict) -> None:
@@ -315,8 +357,8 @@ def _print_user_traceback(exc: BaseException) -> None:
 def _add_run_arguments(run: argparse.ArgumentParser) -> None:
     """`gradwise run`'s options. An option taking a value also goes into _RUN_OPTIONS_WITH_VALUE."""
     run.add_argument("--strong-zeros", action="store_true",
-                     help="every backward of the script (in every thread it starts) uses strong zeros, as if it "
-                     "ran inside gw.strong_zeros(): NaN/Inf values the loss never reads cannot poison gradients")
+                     help="every backward of the script (in every thread and process it starts) uses strong zeros, as "
+                     "if it ran inside gw.strong_zeros(): NaN/Inf values the loss never reads cannot poison gradients")
     run.add_argument("--no-report", action="store_true",
                      help="with --strong-zeros: do not trace, print no report (no tracing cost)")
     run.add_argument("--watch", action="store_true",

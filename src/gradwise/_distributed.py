@@ -100,21 +100,29 @@ def rank_story(findings: list[Finding]) -> list[str]:
     """One line saying which ranks introduced NaN/Inf gradients and where, and which only received them
     through a collective, e.g. "rank 1 introduced the NaN at data.py:41; ranks 0,2 received it through the
     all-reduce". A rank's genuine NaN/Inf is named rather than its contamination (both would have spread).
-    Empty when no finding carries a rank or none is a NaN/Inf."""
+    NaN/Inf gradients of a step gw.watch() could not replay (FSDP2; findings born at the backward call) are
+    not said to be introduced by their rank: a rank that only received another rank's NaN holds it in its own
+    gradient shards just the same. Empty when no finding carries a rank or none is a NaN/Inf."""
     introduced: dict[int, dict[tuple[str, str], None]] = {}
     received: set[int] = set()
+    unexplained: set[int] = set()  # gw.watch() could not replay the step (FSDP2): born here or received, unknown
     for f in findings:
         if f.rank is None or f.kind not in _WHAT:
             continue
         if is_received(f):
             received.add(f.rank)
+        elif f.born_op == "backward":
+            unexplained.add(f.rank)
         else:
             introduced.setdefault(f.rank, {}).setdefault((f.kind, f.born_location or f.location))
+    told_unexplained = (f"{_ranks(unexplained)} had NaN/Inf gradients in a step gw.watch() could not replay: "
+                        "which rank introduced them is not known" if unexplained else "")
     if not introduced and not received:
-        return []
+        return [told_unexplained] if unexplained else []
     if not introduced:
-        return [f"{_ranks(received)} received NaN/Inf through the all-reduce, but no traced rank saw it born: "
-                "trace every rank (gw.trace() around the same steps)"]
+        return ["; ".join(filter(None, (
+            f"{_ranks(received)} received NaN/Inf through the all-reduce, but no traced rank saw it born: "
+            "trace every rank (gw.trace() around the same steps)", told_unexplained)))]
     told = []
     for r in sorted(introduced):
         genuine = [(kind, where) for kind, where in introduced[r] if kind != "contamination"]
@@ -123,7 +131,7 @@ def rank_story(findings: list[Finding]) -> list[str]:
     line = "; ".join(told)
     if received:
         line += f"; {_ranks(received)} received it through the all-reduce"
-    return [line]
+    return ["; ".join(filter(None, (line, told_unexplained)))]
 
 
 def gather_reports(report: Report, dst: int = 0, group: Any = None) -> Report | None:

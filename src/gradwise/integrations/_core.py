@@ -43,6 +43,19 @@ def _local(g: torch.Tensor) -> torch.Tensor:
     return g.to_local() if hasattr(g, "to_local") else g
 
 
+def optimizer_parameters(named: Iterable[tuple[str, torch.Tensor]], optimizer: Any) -> list[tuple[str, torch.Tensor]]:
+    """The (name, parameter) pairs of the parameters ``optimizer`` steps, named from the module's ``named``.
+    A step is checked (and skipped) on its own optimizer's gradients: with two optimizers (manual optimization,
+    a GAN) a NaN in the first one's gradients must not drop the second one's finite step, nor be blamed on it."""
+    named = list(named)
+    if optimizer is None:
+        return named
+    mine = {id(p): p for group in optimizer.param_groups for p in group["params"]}
+    known = [(n, p) for n, p in named if id(p) in mine]  # in the module's order (the optimizer's groups split it)
+    seen = {id(p) for _, p in known}
+    return known + [(f"optimizer parameter {i}", p) for i, p in enumerate(mine.values()) if id(p) not in seen]
+
+
 class SessionResults:
     """What a callback reports after training, read from its ``_session`` (both frameworks' callbacks)."""
 

@@ -21,7 +21,7 @@ except ImportError as e:  # pragma: no cover - exercised only where lightning is
     raise ImportError("gradwise.integrations.lightning needs Lightning: pip install 'gradwise[lightning]' "
                       "(or pip install lightning)") from e
 
-from gradwise.integrations._core import Session, SessionResults
+from gradwise.integrations._core import Session, SessionResults, optimizer_parameters
 
 __all__ = ["GradwiseCallback"]
 
@@ -63,8 +63,11 @@ class GradwiseCallback(SessionResults, pl.Callback):
         self._session.end_backward()
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        # runs after the closure (forward and backward), before gradient clipping and optimizer.step()
-        self._session.before_optimizer_step(trainer.global_step, pl_module.named_parameters(), trainer.log_dir)
+        # runs after the closure (forward and backward), before gradient clipping and optimizer.step();
+        # the gradients of this optimizer's parameters only (manual optimization may step several in turn)
+        self._session.before_optimizer_step(trainer.global_step,
+                                            optimizer_parameters(pl_module.named_parameters(), optimizer),
+                                            trainer.log_dir)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._session.close()

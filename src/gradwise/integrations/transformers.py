@@ -21,7 +21,7 @@ except ImportError as e:  # pragma: no cover - exercised only where transformers
     raise ImportError("gradwise.integrations.transformers needs Hugging Face transformers: "
                       "pip install 'gradwise[transformers]' (or pip install transformers)") from e
 
-from gradwise.integrations._core import Session, SessionResults
+from gradwise.integrations._core import Session, SessionResults, optimizer_parameters
 
 __all__ = ["GradwiseCallback"]
 
@@ -65,10 +65,7 @@ class GradwiseCallback(SessionResults, TrainerCallback):
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         model = kwargs.get("model")
         optimizer = kwargs.get("optimizer")
-        if model is not None:
-            named = list(model.named_parameters())
-        else:  # pragma: no cover - the Trainer always passes its model
-            named = [(f"param{i}", p) for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])]
+        named = optimizer_parameters(model.named_parameters() if model is not None else [], optimizer)
         self._session.before_optimizer_step(state.global_step, named, args.output_dir)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
