@@ -66,9 +66,14 @@ def _placement(func, args, kwargs, sup):
     counts = func(ones, *args[1:], **kwargs)  # the op's own zeros (rows a scatter never reaches) are structural
     for o, c in zip(*(x if isinstance(x, (tuple, list)) else (x,) for x in (out, counts)), strict=True):
         if _is_float(o):
-            support = c != 0  # != 0, not > 0: a NaN count is no proof of a structural zero
+            # != 0, not > 0: a NaN count is no proof of a structural zero. And where the op's value is not 0 a
+            # supported element reached the output (a structural one is 0, times a finite weight 0): signed
+            # weights that cancel in the count (+1, -1), or a weight 0 meeting a supported Inf (0 x Inf = NaN)
+            support = (c != 0) | (o != 0)
             sup.record(_annihilate(o, support), support)
-            if s is not None and not bool(c.isfinite().all()):
+            # a structural element (count 0) meeting a NaN/Inf weight makes a NaN count, never an Inf one (an Inf
+            # count is a supported element meeting Inf, or 0/1 counts overflowing a large finite weight)
+            if s is not None and bool(c.isnan().any()):
                 sup.unfollowed.append((f"{func}, whose placement rule met NaN/Inf among its other arguments",
                                        "make the op's other arguments finite where no kept element reads them"))
     return out
