@@ -1,0 +1,314 @@
+"""Adversarial review of branch model_hunt: the register_rule families ('placement' keeps `count != 0`, a NaN
+count named by an OpaqueBackwardWarning; 'linear'/'product' per output) and the `_grouped_mm` strong-zero rule.
+
+References: PyTorch's own gradient on finite data (bitwise), and the same program with the unused values deleted
+(discarded tokens and the experts only they reach removed, the offsets recomputed).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import gradwise as gw
+from _fresh_warnings import fresh_warnings  # noqa: F401 (an autouse fixture: every test here)
+
+nan, f64 = float("nan"), torch.float64
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (a) the 'placement' family with a signed weight argument
+# ---------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("gwreview::signed_rows", mutates_args=())
+def signed_rows(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return x.index_select(0, index) * weights[:, None]
+
+
+@torch.library.custom_op("gwreview::signed_rows_backward", mutates_args=())
+def signed_rows_backward(g: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, rows: int) -> torch.Tensor:
+    return g.new_zeros(rows, *g.shape[1:]).index_add(0, index, g * weights[:, None])
+
+
+@signed_rows.register_fake
+def _(x, index, weights):
+    return x.new_empty(index.shape[0], *x.shape[1:])
+
+
+def _signed_setup(ctx, inputs, output):
+    ctx.index, ctx.weights, ctx.rows = inputs[1], inputs[2], inputs[0].shape[0]
+
+
+signed_rows.register_autograd(
+    lambda ctx, g: (signed_rows_backward(g, ctx.index, ctx.weights, ctx.rows), None, None),
+    setup_context=_signed_setup)
+
+
+@pytest.fixture
+def signed_placement():
+    handle = gw.register_rule(signed_rows_backward, "placement")
+    torch.manual_seed(0)
+    yield nn.Linear(4, 3).double(), torch.randn(6, 4, dtype=f64)
+    handle.remove()
+
+
+def _signed_loss(lin, x, index, weights, kept=None):
+    out = signed_rows(lin(x), index, weights)
+    out = out if kept is None else out[kept]
+    return (out * torch.arange(1.0, out.numel() + 1, dtype=f64).view(out.shape)).sum()
+
+
+@pytest.mark.parametrize("kept", [None, [1, 2, 3]], ids=["all-kept", "row0-discarded"])
+@pytest.mark.parametrize("weights", [[0.5, 1.0, -1.0, 2.0], [0.5, 3.0, -3.0, 2.0], [0.5, -1.0, -1.0, 2.0]],
+                         ids=["cancel", "cancel3", "negative"])
+def test_placement_signed_weights_finite_data_is_pytorchs(signed_placement, kept, weights):
+    """Weights +1 and -1 send two sensitivity elements to the same output row 2: its 0/1 count is 1 - 1 = 0
+    though the row holds g1 - g2, a used, nonzero value. SILENT: the rule zeroed that row on finite data."""
+    lin, x = signed_placement
+    index, w = torch.tensor([0, 2, 2, 3]), torch.tensor(weights, dtype=f64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = gw.grad(_signed_loss(lin, x, index, w, kept), [lin.weight, lin.bias])
+    exp = torch.autograd.grad(_signed_loss(lin, x, index, w, kept), [lin.weight, lin.bias])
+    for g, e in zip(got, exp, strict=True):
+        assert torch.equal(g, e)
+
+
+def test_placement_zero_weight_meeting_a_supported_inf_keeps_pytorchs_nan(signed_placement):
+    """A kept row with weight 0 whose incoming gradient is Inf (sqrt at 0): the op computes Inf x 0 = NaN from a
+    *supported* element (the row is used: no deletion removes it), its count 1 x 0 = 0 claimed a structural zero
+    and the NaN became 0. PyTorch's NaN must stay."""
+    lin, x = signed_placement
+    index, w = torch.tensor([0, 2, 3]), torch.tensor([0.0, 1.0, 2.0], dtype=f64)
+
+    def loss():
+        out = signed_rows(lin(x), index, w)
+        return out[0].abs().sqrt().sum() + out[1:].square().sum()
+
+    exp = torch.autograd.grad(loss(), [lin.weight])[0]
+    assert exp.isnan().any()
+    got = gw.grad(loss(), [lin.weight])[0]
+    assert torch.equal(got.isnan(), exp.isnan())
+
+
+def test_placement_count_overflow_on_finite_data_is_silent(signed_placement):
+    """float32 weights 3e38: two kept elements on one row overflow its 0/1 count to Inf (and its value to Inf, as
+    in PyTorch). No argument holds NaN/Inf and nothing was lost, yet an OpaqueBackwardWarning said the placement
+    rule 'met NaN/Inf among its other arguments' (the check was `count.isfinite()`; a structural element meeting
+    a NaN/Inf weight gives a NaN count, 0 x Inf, never an Inf one)."""
+    lin, x = signed_placement
+    lin, x = lin.float(), x.float()
+    index, w = torch.tensor([0, 2, 2, 3]), torch.tensor([0.5, 3e38, 3e38, 2.0])
+
+    def loss():
+        return signed_rows(lin(x), index, w)[[1, 2, 3]].sum()  # row 0 discarded: structural zeros present
+
+    exp = torch.autograd.grad(loss(), [lin.weight])[0]
+    assert not exp.isfinite().all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = gw.grad(loss(), [lin.weight])[0]
+    assert torch.equal(got, exp)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (b) _grouped_mm (mixture-of-experts experts): the CPU kernel takes float32, bfloat16, float16 (not float64)
+# ---------------------------------------------------------------------------------------------------------------
+needs_grouped_mm = pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm: torch >= 2.8")
+D = 8  # hidden size: the CPU kernel wants 16-byte strides
+
+
+def _offs(groups: list[int], n_groups: int) -> torch.Tensor:
+    return torch.tensor([sum(1 for g in groups if g <= e) for e in range(n_groups)], dtype=torch.int32)
+
+
+def _moe(groups, kept, dtype=torch.float32, token_fill=None, expert_fill=None, experts_kept=None, transposed=False,
+         backward=torch.autograd.grad, create_graph=False):
+    """Tokens (sorted by expert, `groups[t]` each) through a linear layer and their experts; the loss reads the
+    rows `kept`. `experts_kept`: the deletion reference, keeping those experts only (and the tokens `kept`)."""
+    torch.manual_seed(0)
+    n_groups = max(groups) + 1 if experts_kept is None else len(experts_kept)
+    lin = nn.Linear(D, D).to(dtype)
+    experts = torch.randn(max(groups) + 1 if experts_kept is None else 3, D, D, dtype=dtype)
+    x = torch.randn(len(groups), D, dtype=dtype)
+    coef = torch.randn(len(groups), D, dtype=dtype)
+    for where, fill in (token_fill or {}).items():
+        x[where] = fill
+    for where, fill in (expert_fill or {}).items():
+        experts[where] = fill
+    if experts_kept is not None:  # the reference: the deleted tokens and experts never exist
+        x, coef, experts = x[kept], coef[kept], experts[experts_kept]
+        groups = [experts_kept.index(groups[t]) for t in kept]
+        kept = list(range(len(kept)))
+    experts.requires_grad_()
+    ex = experts.transpose(-2, -1).contiguous().transpose(-2, -1) if transposed else experts
+    out = torch._grouped_mm(lin(x), ex, offs=_offs(groups, n_groups))
+    loss = (out[kept] * coef[kept]).tanh().sum()
+    grads = backward(loss, [lin.weight, lin.bias, experts], create_graph=create_graph) if create_graph else \
+        backward(loss, [lin.weight, lin.bias, experts])
+    return grads
+
+
+GROUPS = [0, 0, 0, 1, 1, 2, 2, 2]
+
+
+@needs_grouped_mm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("groups", [GROUPS, [0, 0, 0, 2, 2, 2, 2, 2]], ids=["3groups", "empty-group"])
+def test_grouped_mm_finite_is_pytorchs(dtype, transposed, groups):
+    kept = [0, 2, 3, 5, 7]
+    got = _moe(groups, kept, dtype, transposed=transposed, backward=gw.grad)
+    for g, e in zip(got, _moe(groups, kept, dtype, transposed=transposed), strict=True):
+        assert torch.equal(g, e)
+
+
+@needs_grouped_mm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_grouped_mm_nan_expert_only_discarded_tokens_reach(dtype, transposed):
+    """Expert 1 is NaN and only the discarded tokens 3, 4 are routed to it: the deletion reference removes them and
+    the expert (gradients of the others equal; the deleted expert's gradient is a structural zero)."""
+    kept = [0, 1, 2, 5, 6, 7]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _moe(GROUPS, kept, dtype, expert_fill={1: nan}, transposed=transposed, backward=gw.grad)
+    ref = _moe(GROUPS, kept, dtype, expert_fill={1: nan}, experts_kept=[0, 2], transposed=transposed)
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[0], ref[0], **tol)
+    torch.testing.assert_close(got[1], ref[1], **tol)
+    torch.testing.assert_close(got[2][[0, 2]], ref[2], **tol)
+    assert torch.equal(got[2][1], torch.zeros_like(got[2][1]))
+
+
+@needs_grouped_mm
+def test_grouped_mm_nan_expert_a_kept_token_uses_stays_nan():
+    kept = [0, 1, 2, 4, 5, 6, 7]  # token 4 (expert 1) is kept
+    got = _moe(GROUPS, kept, expert_fill={1: nan}, backward=gw.grad)
+    assert not got[0].isfinite().all() and not got[2][1].isfinite().all()
+
+
+@needs_grouped_mm
+def test_grouped_mm_nan_in_an_empty_experts_weight():
+    """An expert no token is routed to (an empty group) holds NaN: PyTorch's gradients are finite already; with
+    discarded NaN tokens too they equal the deletion reference."""
+    groups, kept = [0, 0, 0, 2, 2, 2, 2, 2], [0, 2, 3, 5, 7]
+    got = _moe(groups, kept, token_fill={1: nan, 4: nan}, expert_fill={1: nan}, backward=gw.grad)
+    ref = _moe(groups, kept, experts_kept=[0, 2])
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[2][[0, 2]], ref[2], rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[2][1], torch.zeros_like(got[2][1]))
+
+
+@needs_grouped_mm
+def test_grouped_mm_3d_batched_form():
+    """3d x 3d (no offsets): batch entry 1 is NaN padding the loss never reads."""
+    torch.manual_seed(0)
+
+    def grads(fill, backward, batch=(0, 1, 2)):
+        lin = nn.Linear(D, D)
+        a = torch.randn(3, 4, D)
+        a[1] = fill
+        b = torch.randn(3, D, 8, requires_grad=True)
+        h = lin(a[list(batch)])
+        out = torch._grouped_mm(h, b[list(batch)])
+        loss = out[[i for i, e in enumerate(batch) if e != 1]].tanh().sum()
+        return backward(loss, [lin.weight, lin.bias, b])
+
+    torch.manual_seed(0)
+    got = grads(nan, gw.grad)
+    torch.manual_seed(0)
+    ref = grads(nan, torch.autograd.grad, batch=(0, 2))  # deleted: entry 1 never exists
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-6)
+
+
+def _second_order(fill, backward, compiled=False, dtype=torch.float32):
+    """d/d(lin.weight) of the squared norm of the first gradients (create_graph=True) of the MoE loss."""
+    torch.manual_seed(0)
+    lin = nn.Linear(D, D).to(dtype)
+    experts = torch.randn(3, D, D, dtype=dtype, requires_grad=True)
+    x, coef = torch.randn(8, D, dtype=dtype), torch.randn(8, D, dtype=dtype)
+    x[[1, 4]] = fill
+    kept = [0, 2, 3, 5, 7]
+
+    def f(x, w, b, e):
+        return (torch._grouped_mm(x @ w.t() + b, e, offs=_offs(GROUPS, 3))[kept] * coef[kept]).tanh().sum()
+
+    f = torch.compile(f, backend="aot_eager", fullgraph=True) if compiled else f
+    first = backward(f(x, lin.weight, lin.bias, experts), [lin.weight, experts], create_graph=True)
+    return backward(sum(t.square().sum() for t in first), [lin.weight, lin.bias, experts])
+
+
+@needs_grouped_mm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_double_backward(dtype, compiled=False):
+    """create_graph=True, the first gradients' norm differentiated again: the discarded tokens' fill changes
+    nothing, so NaN under gradwise equals a finite fill under PyTorch. (Compiled with aot_eager, plain PyTorch
+    cannot differentiate the first gradients again: not tried.)"""
+    torch._dynamo.reset()
+    got = _second_order(nan, gw.grad, compiled, dtype)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for fill in (0.5, 3.0):
+        for g, e in zip(got, _second_order(fill, torch.autograd.grad, compiled, dtype), strict=True):
+            torch.testing.assert_close(g, e, **tol)
+
+
+@needs_grouped_mm
+def test_grouped_mm_compiled_aot_eager():
+    """torch.compile(backend="aot_eager") of a function calling _grouped_mm, under gw.strong_zeros() (bfloat16:
+    torch's meta kernel for _grouped_mm takes no other dtype)."""
+    torch._dynamo.reset()
+
+    def run(fill, strong):
+        torch.manual_seed(0)
+        lin = nn.Linear(D, D).bfloat16()
+        experts = torch.randn(3, D, D, dtype=torch.bfloat16, requires_grad=True)
+        x, coef = torch.randn(8, D, dtype=torch.bfloat16), torch.randn(8, D, dtype=torch.bfloat16)
+        x[[1, 4]] = fill
+        kept = [0, 2, 3, 5, 7]
+
+        @torch.compile(backend="aot_eager", fullgraph=True)
+        def f(x, w, b, e):
+            return (torch._grouped_mm(x @ w.t() + b, e, offs=_offs(GROUPS, 3))[kept] * coef[kept]).tanh().sum()
+
+        if strong:
+            with gw.strong_zeros():
+                f(x, lin.weight, lin.bias, experts).backward()
+        else:
+            f(x, lin.weight, lin.bias, experts).backward()
+        return lin.weight.grad, lin.bias.grad, experts.grad
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = run(nan, True)
+    for fill in (0.5, 3.0):
+        for g, e in zip(got, run(fill, False), strict=True):
+            torch.testing.assert_close(g, e, rtol=2e-2, atol=2e-2)
+    for g, e in zip(run(0.5, True), run(0.5, False), strict=True):
+        assert torch.equal(g, e)
+
+
+@needs_grouped_mm
+@pytest.mark.parametrize("fill", [math.inf, -math.inf])
+def test_grouped_mm_inf_expert_weight_equals_the_deletion_reference(fill):
+    """Expert 1 holds one +-Inf; its tokens are 3 (discarded) and 4 (kept): PyTorch's 0 x Inf of token 3 made NaN
+    in lin's gradients; the kept token's Inf is genuine and stays, with the deletion reference's signs."""
+    def run(backward, delete):
+        torch.manual_seed(0)
+        lin, experts = nn.Linear(D, D), torch.randn(3, D, D)
+        experts[1, 2, 3] = fill
+        experts.requires_grad_()
+        x, coef, groups, kept = torch.randn(8, D), torch.randn(8, D), GROUPS, [0, 1, 2, 4, 5, 6, 7]
+        if delete:
+            x, coef, groups = x[kept], coef[kept], [GROUPS[t] for t in kept]
+            kept = list(range(len(kept)))
+        out = torch._grouped_mm(lin(x), experts, offs=_offs(groups, 3))
+        return backward((out[kept] * coef[kept]).sum(), [lin.weight, lin.bias, experts])
+
+    got, ref = run(gw.grad, False), run(torch.autograd.grad, True)
+    for g, r in zip(got, ref, strict=True):
+        assert torch.equal(g.isnan(), r.isnan()) and torch.equal(g.isinf(), r.isinf())
+        torch.testing.assert_close(g.nan_to_num(), r.nan_to_num(), rtol=1e-5, atol=1e-6)
