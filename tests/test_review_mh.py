@@ -312,3 +312,99 @@ def test_grouped_mm_inf_expert_weight_equals_the_deletion_reference(fill):
     for g, r in zip(got, ref, strict=True):
         assert torch.equal(g.isnan(), r.isnan()) and torch.equal(g.isinf(), r.isinf())
         torch.testing.assert_close(g.nan_to_num(), r.nan_to_num(), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (a) the 'linear' / 'product' families: an in-place op, and an output that is not pointwise
+# ---------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("gwreview::mul_into_", mutates_args=("g",))
+def mul_into_(g: torch.Tensor, v: torch.Tensor) -> None:
+    g.mul_(v)
+
+
+class _Gate(torch.autograd.Function):
+    """h * cos(h) with cos(h) treated as a constant gate; the backward multiplies in place by a custom op."""
+
+    @staticmethod
+    def forward(ctx, h):
+        ctx.gate = h.detach().cos()
+        return h * ctx.gate
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        mul_into_(g, ctx.gate)
+        return g
+
+
+@pytest.mark.parametrize("family", ["linear", "product"])
+def test_pointwise_family_on_an_in_place_op(family):
+    """mul_into_(g, gate) writes g * gate into g and returns None: the families read `out.dtype` (AttributeError
+    inside gradwise, on the base too). The padding row's NaN gate meets a structural zero of g in place."""
+    def grads(fill, backward):
+        torch.manual_seed(0)
+        lin, x = nn.Linear(4, 3).double(), torch.randn(6, 4, dtype=f64)
+        x[1] = fill
+        return backward(_Gate.apply(lin(x))[[0, 2, 3]].sin().sum(), [lin.weight, lin.bias])
+
+    handle = gw.register_rule(mul_into_, family)
+    try:
+        assert all(torch.equal(g, e) for g, e in zip(grads(0.5, gw.grad), grads(0.5, torch.autograd.grad),
+                                                      strict=True))
+        got = grads(nan, gw.grad)
+    finally:
+        handle.remove()
+    for fill in (0.0, 3.0):
+        for g, e in zip(got, grads(fill, torch.autograd.grad), strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+@torch.library.custom_op("gwreview::scale_cols", mutates_args=())
+def scale_cols(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x * w
+
+
+@torch.library.custom_op("gwreview::scale_cols_backward", mutates_args=())
+def scale_cols_backward(g: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return g * w, (g * x).sum(0)
+
+
+@scale_cols.register_fake
+def _(x, w):
+    return torch.empty_like(x)
+
+
+def _scale_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+scale_cols.register_autograd(lambda ctx, g: scale_cols_backward(g, ctx.saved_tensors[1], ctx.saved_tensors[0]),
+                             setup_context=_scale_setup)
+
+
+def test_linear_family_on_an_op_with_a_reduced_output():
+    """(g * w, (g * x).sum(0)): the second output is linear in g but not pointwise; the family expanded g's
+    support to its shape (RuntimeError inside gradwise). It is now taken as fully supported, PyTorch's value (the
+    padding row's 0 x NaN stays in w's gradient), named by an OpaqueBackwardWarning; the pointwise output keeps
+    its rule, so lin's gradients equal the deletion reference."""
+    def grads(fill, backward, rows=(0, 1, 2, 3)):
+        torch.manual_seed(0)
+        lin, x = nn.Linear(4, 3).double(), torch.randn(4, 4, dtype=f64)
+        w = torch.randn(3, dtype=f64, requires_grad=True)
+        x[1] = fill
+        h = lin(x[list(rows)])
+        return backward(scale_cols(h, w)[[i for i, r in enumerate(rows) if r != 1]].sin().sum(),
+                        [lin.weight, lin.bias, w])
+
+    handle = gw.register_rule(scale_cols_backward, "linear")
+    try:
+        with pytest.warns(gw.OpaqueBackwardWarning, match="scale_cols_backward.*not pointwise"):
+            got = grads(nan, gw.grad)
+        finite = grads(0.5, gw.grad)
+    finally:
+        handle.remove()
+    ref = grads(nan, torch.autograd.grad, rows=(0, 2, 3))
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-12, atol=1e-12)
+    assert got[2].isnan().all()
+    assert all(torch.equal(g, e) for g, e in zip(finite, grads(0.5, torch.autograd.grad), strict=True))
