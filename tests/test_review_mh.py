@@ -93,6 +93,21 @@ def test_placement_zero_weight_meeting_a_supported_inf_keeps_pytorchs_nan(signed
     assert torch.equal(got.isnan(), exp.isnan())
 
 
+@pytest.mark.xfail(strict=True, reason="not fixed: the 'placement' family cannot tell a weight 0 (a value) from "
+                   "no reach; it needs to know which argument holds the weights (see the review report)")
+def test_placement_weight_zero_on_a_nan_row_keeps_the_nan(signed_placement):
+    """Row 2 of x is NaN and gathered with weight 0: the forward (0 x NaN) and the loss are NaN, and PyTorch's
+    weight gradient is NaN, as gradwise's own for the same program written with index_select and mul. Under the
+    family the row's count 1 x 0 = 0 and value 0 claim a structural zero, and gw.grad returns a finite gradient
+    of a NaN loss (SILENT, on the base too)."""
+    lin, x = signed_placement
+    x[2] = nan
+    index, w = torch.tensor([0, 2, 3]), torch.tensor([0.5, 0.0, 2.0], dtype=f64)
+    assert math.isnan(signed_rows(lin(x), index, w).sum().item())
+    assert gw.grad((lin(x)[index] * w[:, None]).sum(), [lin.weight])[0].isnan().any()  # built-in ops: kept
+    assert gw.grad(signed_rows(lin(x), index, w).sum(), [lin.weight])[0].isnan().any()
+
+
 def test_placement_count_overflow_on_finite_data_is_silent(signed_placement):
     """float32 weights 3e38: two kept elements on one row overflow its 0/1 count to Inf (and its value to Inf, as
     in PyTorch). No argument holds NaN/Inf and nothing was lost, yet an OpaqueBackwardWarning said the placement
