@@ -112,7 +112,9 @@ def _each_output(body: Rule, family: str, factors: int) -> Rule:
                 each(func, args, kwargs, sup, args[0])
             return out
         if not isinstance(out, (tuple, list)):
-            return each(func, args, kwargs, sup, out) if _is_float(out) else out
+            # (a bool result, mask & mask, goes to the body as before: a selection)
+            return each(func, args, kwargs, sup, out) if _is_float(out) else body(lambda *_, **__: out, args,
+                                                                                   kwargs, sup)
         return type(out)(each(func, args, kwargs, sup, o) if _is_float(o) else o for o in out)
 
     rule.__doc__ = body.__doc__
