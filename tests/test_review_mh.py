@@ -445,3 +445,61 @@ def test_grouped_mm_discarded_output_columns(fill):
     for finite in (0.0, 7.0):
         for g, e in zip(got, run(finite, torch.autograd.grad), strict=True):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (b) Hugging Face's fallback where torch._grouped_mm cannot run: compiled float32 experts take
+# transformers::grouped_mm_fallback, whose backward is the custom op grouped_mm_fallback_backward
+# ---------------------------------------------------------------------------------------------------------------
+def _fallback_moe(backward, fill, expert_fill=None, delete=False, compiled=False):
+    moe = pytest.importorskip("transformers.integrations.moe", reason="transformers is an optional test dependency")
+    torch.manual_seed(0)
+    lin, experts = nn.Linear(D, D), torch.randn(3, D, D)
+    if expert_fill is not None:
+        experts[1] = expert_fill  # only the discarded tokens 3, 4 are routed to expert 1
+    experts.requires_grad_()
+    x, coef, groups, kept = torch.randn(8, D), torch.randn(8, D), GROUPS, [0, 1, 2, 5, 6, 7]
+    x[[3, 4]] = fill
+    if delete:
+        x, coef, groups = x[kept], coef[kept], [GROUPS[t] for t in kept]
+        kept = list(range(len(kept)))
+    offs = _offs(groups, 3)
+
+    def f(x, w, b, e):  # compiled: HF's dispatcher picks the fallback (float32 under dynamo)
+        mm = moe._grouped_mm if compiled else torch.ops.transformers.grouped_mm_fallback
+        return (mm(x @ w.t() + b, e, offs=offs)[kept] * coef[kept]).tanh().sum()
+
+    f = torch.compile(f, backend="aot_eager", fullgraph=True) if compiled else f
+    return backward(f(x, lin.weight, lin.bias, experts), [lin.weight, lin.bias, experts])
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "aot_eager"])
+def test_hf_grouped_mm_fallback_drops_discarded_tokens(compiled):
+    """Tokens 3, 4 (discarded) and their expert 1 hold NaN. Without a rule the NaN stayed in lin's and the
+    experts' gradients (an OpaqueBackwardWarning named the op, eager; a CompiledBackwardWarning, compiled). Now:
+    the deletion reference (the tokens deleted), expert 1's gradient a structural zero; finite data bitwise."""
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _fallback_moe(gw.grad, nan, nan, compiled=compiled)
+    ref = _fallback_moe(torch.autograd.grad, nan, nan, delete=True, compiled=compiled)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[2][[0, 2]], ref[2][[0, 2]], rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[2][1], torch.zeros_like(got[2][1]))
+    for g, e in zip(_fallback_moe(gw.grad, 0.5, compiled=compiled),
+                    _fallback_moe(torch.autograd.grad, 0.5, compiled=compiled), strict=True):
+        assert torch.equal(g, e)
+
+
+def test_hf_grouped_mm_fallback_control_nan_used():
+    got = _fallback_moe(gw.grad, nan, delete=True)  # the NaN tokens are gone: finite
+    assert all(t.isfinite().all() for t in got)
+    moe = pytest.importorskip("transformers.integrations.moe", reason="transformers is an optional test dependency")
+    torch.manual_seed(0)
+    lin, experts = nn.Linear(D, D), torch.randn(3, D, D, requires_grad=True)
+    x = torch.randn(8, D)
+    x[4] = nan  # kept: genuine
+    out = torch.ops.transformers.grouped_mm_fallback(lin(x), experts, _offs(GROUPS, 3))
+    g = gw.grad(out[[0, 4, 5]].tanh().sum(), [lin.weight, experts])
+    assert not g[0].isfinite().all() and not g[1][1].isfinite().all() and moe is not None
