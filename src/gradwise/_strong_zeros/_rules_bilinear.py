@@ -365,6 +365,47 @@ if hasattr(aten, "_grouped_mm"):  # torch >= 2.8
     _register(aten._grouped_mm)(_bilinear(_grouped_mm_support))
 
 
+
+_MM = _bilinear(_mm_support, _mm_nonfinite_k, restrict=_mm_supported_k, finite_k=_mm_finite_k)
+
+
+def _grouped_mm_fallback_backward(func, args, kwargs, sup):
+    """transformers::grouped_mm_fallback_backward(input, weight, offs, grad_output) -> (grad_input, grad_weight):
+    Hugging Face's mixture-of-experts matmul where torch._grouped_mm cannot run (compiled with float32 weights),
+    a loop over the experts: rows [lo, hi) of grad_output times weight[i]^T, and input[lo:hi]^T times them. Each
+    product runs through mm's rule (the same mm, PyTorch's bits on finite data), so a discarded token's NaN, or
+    an expert's that only discarded tokens reach, drops out; rows past the last offset and the weight of an
+    expert no token reaches are the op's own zeros, structural."""
+    x, w, offs, g = args
+    if not any(sup.tracked(t) for t in (x, w, g)):
+        return func(*args, **kwargs)
+    mm = aten.mm.default
+    rows, experts, start = [], [], 0  # (value, support) pairs
+    for i, end in enumerate(offs.tolist()):
+        if end == start:
+            experts.append((w.new_zeros(w.shape[1:]), False))
+        else:
+            experts.append(_pair(_MM(mm, (x[start:end].t(), g[start:end]), {}, sup), sup))
+            rows.append(_pair(_MM(mm, (g[start:end], w[i].t()), {}, sup), sup))
+        start = end
+    rows.append((x.new_zeros(x.shape[0] - start, x.shape[1]), False))
+    out = []
+    for parts, join in ((rows, torch.cat), (experts, torch.stack)):
+        t = join([p for p, _ in parts])
+        support = join([torch.full(p.shape, s, device=p.device) if isinstance(s, bool) else s for p, s in parts])
+        sup.record(t, support)
+        out.append(t)
+    return tuple(out)
+
+
+def _pair(t: torch.Tensor, sup) -> tuple[torch.Tensor, Any]:
+    """A part and its support (True: fully supported)."""
+    s = sup.of(t)
+    return t, True if s is None else s
+
+
+_register("transformers::grouped_mm_fallback_backward")(_grouped_mm_fallback_backward)
+
 def _conv_support(func, args, slot, s):
     """convolution inside a double backward (a sensitivity convolved with a value): the shared fact
     (``_contractions.conv_output_support``)."""

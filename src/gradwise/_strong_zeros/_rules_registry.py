@@ -66,23 +66,56 @@ def _placement(func, args, kwargs, sup):
     counts = func(ones, *args[1:], **kwargs)  # the op's own zeros (rows a scatter never reaches) are structural
     for o, c in zip(*(x if isinstance(x, (tuple, list)) else (x,) for x in (out, counts)), strict=True):
         if _is_float(o):
-            support = c != 0  # != 0, not > 0: a NaN count is no proof of a structural zero
+            # != 0, not > 0: a NaN count is no proof of a structural zero. And where the op's value is not 0 a
+            # supported element reached the output (a structural one is 0, times a finite weight 0): signed
+            # weights that cancel in the count (+1, -1), or a weight 0 meeting a supported Inf (0 x Inf = NaN)
+            support = (c != 0) | (o != 0)
             sup.record(_annihilate(o, support), support)
-            if s is not None and not bool(c.isfinite().all()):
+            # a structural element (count 0) meeting a NaN/Inf weight makes a NaN count, never an Inf one (an Inf
+            # count is a supported element meeting Inf, or 0/1 counts overflowing a large finite weight)
+            if s is not None and bool(c.isnan().any()):
                 sup.unfollowed.append((f"{func}, whose placement rule met NaN/Inf among its other arguments",
                                        "make the op's other arguments finite where no kept element reads them"))
     return out
 
 
-def _each_output(body: Rule) -> Rule:
-    """A pointwise family (``linear``, ``product``) for an op that may return several tensors (``g * b, g * a``):
-    the body runs once per output, on that output, as it would for an op returning it alone."""
+def _each_output(body: Rule, family: str, factors: int) -> Rule:
+    """A pointwise family (``linear``, ``product``: pointwise in the first ``factors`` arguments) for an op that
+    may return several tensors (``g * b, g * a``): the body runs once per output, on that output, as it would for
+    an op returning it alone. An in-place op (``mul_(g, v)``, returning None) has its first argument as output.
+    An output that is not pointwise in those arguments (``(g * x).sum(0)``: their supports do not broadcast to it)
+    keeps the op's value, fully supported, named if a structural zero was met and the gradients end up
+    non-finite."""
+
+    def pointwise(o: torch.Tensor, args: tuple) -> bool:
+        try:
+            return all(torch.broadcast_shapes(o.shape, a.shape) == o.shape
+                       for a in args[:factors] if isinstance(a, torch.Tensor))
+        except RuntimeError:
+            return False
+
+    def each(func, args, kwargs, sup, o):
+        if pointwise(o, args):
+            return body(lambda *_, **__: o, args, kwargs, sup)
+        sup.record(o, None)
+        if any(map(sup.zeroed, tree_leaves((args, kwargs)))):
+            sup.unfollowed.append((f"{func}, whose output of shape {tuple(o.shape)} is not pointwise in its "
+                                   f"first argument(s) (rule family {family!r})",
+                                   "register a function rule that declares that output's support"))
+        return o
 
     def rule(func, args, kwargs, sup):
         out = func(*args, **kwargs)
+        if out is None:  # an in-place op: its result is written into its first argument
+            first = func._schema.arguments[0].alias_info if func._schema.arguments else None
+            if first is not None and first.is_write and _is_float(args[0]):
+                each(func, args, kwargs, sup, args[0])
+            return out
         if not isinstance(out, (tuple, list)):
-            return body(lambda *_, **__: out, args, kwargs, sup)
-        return type(out)(body(lambda *_, o=o, **__: o, args, kwargs, sup) if _is_float(o) else o for o in out)
+            # (a bool result, mask & mask, goes to the body as before: a selection)
+            return each(func, args, kwargs, sup, out) if _is_float(out) else body(lambda *_, **__: out, args,
+                                                                                   kwargs, sup)
+        return type(out)(each(func, args, kwargs, sup, o) if _is_float(o) else o for o in out)
 
     rule.__doc__ = body.__doc__
     rule.__name__ = body.__name__
@@ -91,9 +124,9 @@ def _each_output(body: Rule) -> Rule:
 
 FAMILIES: dict[str, Rule] = {
     # pointwise and linear in the first argument: out is a structural zero wherever it is (activation backwards)
-    "linear": _each_output(_linear),
+    "linear": _each_output(_linear, "linear", 1),
     # pointwise product of the first two arguments: a structural zero of either annihilates the other
-    "product": _each_output(_mul),
+    "product": _each_output(_mul, "product", 2),
     "placement": _placement,
 }
 
