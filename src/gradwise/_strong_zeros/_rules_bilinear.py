@@ -401,7 +401,7 @@ def _kernel_skips_product(node: Any, grad: torch.Tensor) -> bool:
         return False
     layouts = tuple((tuple(grad.shape), None, grad.dtype, grad.device) if s is None else
                     (tuple(s.shape), s.stride(), s.dtype, s.device) for s in saved)
-    key = (op, layouts, node._saved_beta, torch.get_num_threads())
+    key = (op, layouts, node._saved_beta, torch.get_num_threads(), torch._C._get_mkldnn_enabled())
     skips = _SKIPS.get(key)
     if skips is None:
         if len(_SKIPS) >= 256:
@@ -410,7 +410,7 @@ def _kernel_skips_product(node: Any, grad: torch.Tensor) -> bool:
     return skips
 
 
-_SKIPS: dict[tuple, bool] = {}  # _kernel_skips_product's answers per (op, operand layouts, beta, threads)
+_SKIPS: dict[tuple, bool] = {}  # _kernel_skips_product's answers per (op, layouts, beta, threads, oneDNN on)
 
 
 def _rerun_skips(op, layouts: tuple, out_shape: Callable[[tuple, tuple], tuple], beta) -> bool:
