@@ -446,17 +446,41 @@ def _kernel_skips_product(node: Any, grad: torch.Tensor) -> bool:
     op run again on NaN operands of the saved ones' shapes, strides and dtype gives a finite output. Kernels differ
     (BLAS skips the product; CPU's small baddbmm, addr and float16/bfloat16 kernels compute 0 x NaN), and where one
     read it the output used the NaN: the gradient's NaN is genuine. An operand not saved is the one whose gradient
-    ``grad`` is (the other's gradient needs it saved), so it has ``grad``'s shape."""
+    ``grad`` is (the other's gradient needs it saved), so it has ``grad``'s shape. Not known (False) where a saved
+    operand unpacks through a hook: a non-reentrant checkpoint's may be unpacked only once, by the formula itself.
+    The answer depends on the layouts only: it is cached (``_SKIPS``), one re-run per layout, not one per backward
+    and operand."""
     op, names, out_shape = ZERO_ALPHA_PRODUCTS[type(node).__name__]
+    raws = [getattr(node, "_raw" + n) for n in names]
+    if any(r is not None and r.unpack_hook is not None for r in raws):
+        return False
     saved = [getattr(node, n) for n in names]
     if all(s is None for s in saved):
         return False
-    nan = float("nan")
-    operands = [torch.full(grad.shape, nan, dtype=grad.dtype, device=grad.device) if s is None else
-                torch.full_like(s, nan) for s in saved]
+    layouts = tuple((tuple(grad.shape), None, grad.dtype, grad.device) if s is None else
+                    (tuple(s.shape), s.stride(), s.dtype, s.device) for s in saved)
+    key = (op, layouts, node._saved_beta, torch.get_num_threads(), torch._C._get_mkldnn_enabled())
+    skips = _SKIPS.get(key)
+    if skips is None:
+        if len(_SKIPS) >= 256:
+            _SKIPS.clear()
+        skips = _SKIPS[key] = _rerun_skips(op, layouts, out_shape, node._saved_beta)
+    return skips
+
+
+_SKIPS: dict[tuple, bool] = {}  # _kernel_skips_product's answers per (op, layouts, beta, threads, oneDNN on)
+
+
+def _rerun_skips(op, layouts: tuple, out_shape: Callable[[tuple, tuple], tuple], beta) -> bool:
+    """The op with alpha = 0 on NaN operands of these (shape, strides or None: contiguous, dtype, device): finite?"""
+    operands = [torch.empty(shape, dtype=dtype, device=device) if stride is None else
+                torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                for shape, stride, dtype, device in layouts]
+    for t in operands:
+        t.fill_(float("nan"))
     try:
         inp = operands[0].new_zeros(out_shape(operands[0].shape, operands[1].shape))
-        out = op(inp, *operands, beta=node._saved_beta, alpha=0)
+        out = op(inp, *operands, beta=beta, alpha=0)
     except (RuntimeError, IndexError):  # shapes that do not fit (a mul of beta's): not known to skip
         return False
     return bool(out.isfinite().all())
