@@ -87,7 +87,8 @@ def _enter_run_contexts(args: argparse.Namespace, process: contextlib.ExitStack,
 
 class _WithStrongZeros:
     """A spawned process's target, run with strong zeros process-wide (pickled with the process object, so the
-    child imports gradwise when it unpickles it)."""
+    child imports gradwise when it unpickles it), its own spawn children wrapped in turn (a forked grandchild
+    inherited strong zeros, a spawned one ran plain PyTorch)."""
 
     def __init__(self, target: Any):
         self.target = target
@@ -95,7 +96,7 @@ class _WithStrongZeros:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         from gradwise._strong_zeros import strong_zeros_process_wide
 
-        with strong_zeros_process_wide():
+        with strong_zeros_process_wide(), _strong_zeros_in_spawned_processes():
             return self.target(*args, **kwargs)
 
 
