@@ -100,12 +100,16 @@ class _WithStrongZeros:
             return self.target(*args, **kwargs)
 
 
+_DATALOADER_WORKER = "torch.utils.data._utils.worker"  # the module of a DataLoader worker's target (_worker_loop)
+
+
 @contextlib.contextmanager
 def _strong_zeros_in_spawned_processes() -> Any:
     """`--strong-zeros` in the processes the script starts: a forked child inherits it with the parent's memory,
     but a `spawn` or `forkserver` one starts a fresh interpreter (torch.multiprocessing.spawn, DDP launched from
     the script), whose backward passes ran as plain PyTorch. Its target is wrapped when it starts (a Process
-    subclass that overrides run() has none: it is not covered)."""
+    subclass that overrides run() has none: it is not covered). A DataLoader worker is not: it runs no backward,
+    and importing gradwise (torch._dynamo) in it doubled the time a spawn DataLoader took to start its workers."""
     import multiprocessing
     import multiprocessing.process as mp_process
 
@@ -116,7 +120,8 @@ def _strong_zeros_in_spawned_processes() -> Any:
         if method is None:  # multiprocessing.Process: the default context's, as its start() will pick
             method = multiprocessing.context._default_context.get_context().get_start_method()
         if method in ("spawn", "forkserver") and self._target is not None \
-                and not isinstance(self._target, _WithStrongZeros):
+                and not isinstance(self._target, _WithStrongZeros) \
+                and getattr(self._target, "__module__", None) != _DATALOADER_WORKER:
             self._target = _WithStrongZeros(self._target)
         start(self)
 
