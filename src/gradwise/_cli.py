@@ -87,7 +87,8 @@ def _enter_run_contexts(args: argparse.Namespace, process: contextlib.ExitStack,
 
 class _WithStrongZeros:
     """A spawned process's target, run with strong zeros process-wide (pickled with the process object, so the
-    child imports gradwise when it unpickles it)."""
+    child imports gradwise when it unpickles it), its own spawn children wrapped in turn (a forked grandchild
+    inherited strong zeros, a spawned one ran plain PyTorch)."""
 
     def __init__(self, target: Any):
         self.target = target
@@ -95,8 +96,11 @@ class _WithStrongZeros:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         from gradwise._strong_zeros import strong_zeros_process_wide
 
-        with strong_zeros_process_wide():
+        with strong_zeros_process_wide(), _strong_zeros_in_spawned_processes():
             return self.target(*args, **kwargs)
+
+
+_DATALOADER_WORKER = "torch.utils.data._utils.worker"  # the module of a DataLoader worker's target (_worker_loop)
 
 
 @contextlib.contextmanager
@@ -104,7 +108,8 @@ def _strong_zeros_in_spawned_processes() -> Any:
     """`--strong-zeros` in the processes the script starts: a forked child inherits it with the parent's memory,
     but a `spawn` or `forkserver` one starts a fresh interpreter (torch.multiprocessing.spawn, DDP launched from
     the script), whose backward passes ran as plain PyTorch. Its target is wrapped when it starts (a Process
-    subclass that overrides run() has none: it is not covered)."""
+    subclass that overrides run() has none: it is not covered). A DataLoader worker is not: it runs no backward,
+    and importing gradwise (torch._dynamo) in it doubled the time a spawn DataLoader took to start its workers."""
     import multiprocessing
     import multiprocessing.process as mp_process
 
@@ -115,7 +120,8 @@ def _strong_zeros_in_spawned_processes() -> Any:
         if method is None:  # multiprocessing.Process: the default context's, as its start() will pick
             method = multiprocessing.context._default_context.get_context().get_start_method()
         if method in ("spawn", "forkserver") and self._target is not None \
-                and not isinstance(self._target, _WithStrongZeros):
+                and not isinstance(self._target, _WithStrongZeros) \
+                and getattr(self._target, "__module__", None) != _DATALOADER_WORKER:
             self._target = _WithStrongZeros(self._target)
         start(self)
 

@@ -86,6 +86,9 @@ class Session:
         self._report: gw.Report | None = None
         self._in_strong_zeros = False
         self._explained = False
+        # parameters whose gradients a skip set to None since the last backward: another optimizer stepping
+        # them too (a shared parameter) must skip as well, not step on the rest of its gradients
+        self._skipped: set[int] = set()
         self.nonfinite_steps: list[int] = []  # optimizer steps (0-based) whose gradients held NaN/Inf
         self.skipped_steps: list[int] = []
         self.reports: list[Path] = []  # JSON files written (on rank 0)
@@ -97,6 +100,7 @@ class Session:
         (``strong_zeros_now``) enter strong zeros for the whole step when the framework has no backward hook.
         ``batch`` (fetched before the trace started) is tagged with ``batch_index``: a NaN it brings is reported
         as arriving in that DataLoader batch."""
+        self._skipped.clear()
         wanted = self.explain == "every" or (self.explain == "first" and not self._explained)
         if wanted and self._report is None:
             self._report = self._trace.enter_context(gw.trace())
@@ -118,6 +122,7 @@ class Session:
             self._remembering.enter_context(remember_batches())
 
     def begin_backward(self) -> None:
+        self._skipped.clear()  # this backward writes the gradients afresh
         if self.strong_zeros and not self._in_strong_zeros:
             self._sz.enter_context(gw.strong_zeros())
             self._in_strong_zeros = True
@@ -151,12 +156,15 @@ class Session:
         flags = torch.stack([~torch.isfinite(_local(p.grad)).all() for _, p in named]) if named \
             else torch.zeros(1, dtype=torch.bool, device=everything[0][1].device if everything else None)
         bad_any = flags.any().float()
+        skipped = [n for n, p in everything if p.grad is None and id(p) in self._skipped]
+        if skipped:  # NaN/Inf in this step, cleared by an earlier optimizer's skip
+            bad_any.fill_(1.0)
         if in_process_group():
             torch.distributed.all_reduce(bad_any, op=torch.distributed.ReduceOp.MAX)
         if not bool(bad_any):  # the one host read of a finite step
             return False
         self.nonfinite_steps.append(step)
-        local = [n for (n, _), f in zip(named, flags.tolist(), strict=False) if f]
+        local = [n for (n, _), f in zip(named, flags.tolist(), strict=False) if f] + skipped
         bad = self._everywhere(local)
         where = "; ".join(f"rank {r}: {', '.join(names)}" for r, names in bad) or "no local gradient"
         message = f"gradwise: NaN/Inf gradients at optimizer step {step} ({where})"
@@ -170,6 +178,7 @@ class Session:
             return False
         for _, p in named:
             p.grad = None
+            self._skipped.add(id(p))
         self.skipped_steps.append(step)
         self._log(message + "; the optimizer step is skipped on every rank")
         return True
