@@ -290,3 +290,54 @@ def test_gaussian_nll_loss_float_and_homoscedastic_var():
     with torch.no_grad():
         ref = float((g(i + 1e-4 * d) - g(i - 1e-4 * d)) / 2e-4)
     assert float(gw.directional_derivative(g, i, d)) == pytest.approx(ref, rel=1e-9)
+
+
+# -- mm.out / bmm.out with both operands carrying supports (peer test_modules, nn.LinearCrossEntropyLoss) ------------
+
+
+class _OutMM(torch.autograd.Function):
+    """A backward that multiplies two tensors that both carry supports into a preallocated buffer (mm.out)."""
+
+    @staticmethod
+    def forward(ctx, a):
+        return a * 1.0
+
+    @staticmethod
+    def backward(ctx, g):
+        buf = torch.empty(g.shape[1], g.shape[1], dtype=g.dtype)
+        torch.mm(g.t(), g * 2.0, out=buf)
+        return g * buf.sum()
+
+
+def test_mm_out_with_two_tracked_operands_is_the_deleted_programs():
+    """mm.out in a backward whose operands both carry structural zeros raised inside gradwise ("aten::mm() is
+    missing value for argument 'out'", the rule's pieces called the out= overload); it runs on the functional form
+    and writes into out. Reference: the same program on the kept rows only."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    x[4:] = float("nan")
+    x.requires_grad_()
+    with gw.strong_zeros():
+        (g,) = torch.autograd.grad(_OutMM.apply(torch.tanh(x))[:4].sum(), x)
+    kept = x.detach()[:4].clone().requires_grad_()
+    (ref,) = torch.autograd.grad(_OutMM.apply(torch.tanh(kept)).sum(), kept)
+    torch.testing.assert_close(g[:4], ref, rtol=0, atol=0)
+    assert (g[4:] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_loss_finite_is_pytorchs(dtype):
+    """nn.LinearCrossEntropyLoss's chunked backward (mm into out= buffers) under gw.strong_zeros() on finite
+    data: PyTorch's gradients bit for bit (it raised inside gradwise: peer test_modules' non_contiguous test)."""
+    if not hasattr(torch.nn, "LinearCrossEntropyLoss"):
+        pytest.skip("torch.nn.LinearCrossEntropyLoss is not in this torch")
+    torch.manual_seed(0)
+    loss_fn = torch.nn.LinearCrossEntropyLoss(8, 5, dtype=dtype)
+    x = torch.randn(4, 8, dtype=dtype, requires_grad=True)
+    t = torch.randint(0, 5, (4,))
+    wrt = (x, *loss_fn.parameters())
+    plain = torch.autograd.grad(loss_fn(x, t), wrt)
+    with gw.strong_zeros():
+        got = torch.autograd.grad(loss_fn(x, t), wrt)
+    for a, b in zip(got, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
