@@ -352,8 +352,8 @@ def _conv_channel_supports(args: tuple, s: torch.Tensor) -> tuple[torch.Tensor, 
     return per_group.reshape(weight.shape[0], weight.shape[1], *ones), channel
 
 
-_register(aten.mm, aten.bmm)(_bilinear(_mm_support, _mm_nonfinite_k, restrict=_mm_supported_k,
-                                       finite_k=_mm_finite_k))
+_MM = _bilinear(_mm_support, _mm_nonfinite_k, restrict=_mm_supported_k, finite_k=_mm_finite_k)
+_register(aten.mm, aten.bmm)(_MM)
 _register(aten.mv)(_bilinear(_mv_support))
 
 
@@ -372,10 +372,6 @@ def _grouped_mm_support(func, args, slot, s):
 
 if hasattr(aten, "_grouped_mm"):  # torch >= 2.8
     _register(aten._grouped_mm)(_bilinear(_grouped_mm_support))
-
-
-
-_MM = _bilinear(_mm_support, _mm_nonfinite_k, restrict=_mm_supported_k, finite_k=_mm_finite_k)
 
 
 def _grouped_mm_fallback_backward(func, args, kwargs, sup):
@@ -414,6 +410,7 @@ def _pair(t: torch.Tensor, sup) -> tuple[torch.Tensor, Any]:
 
 
 _register("transformers::grouped_mm_fallback_backward")(_grouped_mm_fallback_backward)
+
 
 def _conv_support(func, args, slot, s):
     """convolution inside a double backward (a sensitivity convolved with a value): the shared fact
