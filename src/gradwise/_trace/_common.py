@@ -93,8 +93,7 @@ def _is_internal(code) -> bool:
     name = code.co_filename
     r = _internal_file.get(name)
     if r is None:
-        r = name.startswith(_INTERNAL_DIRS) or name.startswith("<frozen") or \
-            os.path.basename(name) in _INTERNAL_FILES or (any(d in name for d in _LIBRARY_DIRS) and not _main(name))
+        r = _core(code) or (any(d in name for d in _LIBRARY_DIRS) and not _main(name))
         _internal_file[name] = r
     return r
 

@@ -182,7 +182,7 @@ def _no_user_hooks():
         if code is _RECOMPUTE:
             raise _HookReplayed("its backward recomputes a checkpointed forward (torch.utils.checkpoint), which a "
                                 "replay would run a second time (a BatchNorm's running statistics updated again)")
-        if core.get(code.co_filename, False) and code.co_filename in core:
+        if core.get(code.co_filename, False):
             return None
         back = frame.f_back
         if back is None or (back.f_code.co_name != "_engine_run_backward" and
