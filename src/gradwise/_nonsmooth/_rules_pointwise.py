@@ -488,6 +488,56 @@ def integer_cast(run, func, x, *args, **kwargs):
     return out
 
 
+# --- bucket indices ---------------------------------------------------------------------------------------------
+
+
+def _bucket_index(run, op: str, seq, x, out: Tensor, right: bool) -> Tensor:
+    """searchsorted / bucketize's index, the number of entries of ``seq`` below x (at or below with ``right``).
+    Where x equals an entry it is recounted with the comparison rule, which takes each tie's one-sided outcome
+    along the direction (x and the entries may both move); elsewhere it is the kernel's own ``out``."""
+    sp, xp = _split(seq)[0], _split(x)[0]
+    if not isinstance(x, Tensor):  # searchsorted's Scalar overload: a constant the entries may move onto
+        x = xp = torch.full((), x, dtype=sp.dtype if sp.is_floating_point() else torch.float64, device=sp.device)
+    if not (xp.is_floating_point() or sp.is_floating_point()):
+        return out
+    if not sp.is_floating_point():  # integer entries or an integer x: constants, compared in the other's dtype
+        seq = sp = sp.to(xp.dtype)
+    elif not xp.is_floating_point():
+        x = xp = xp.to(sp.dtype)
+    at = torch.isin(xp, sp) if seq.dim() == 1 else (xp.unsqueeze(-1) == sp.unsqueeze(-2)).any(-1)
+    if not mask_any(at):
+        return out
+    s, v = (seq, x.unsqueeze(-1)) if seq.dim() == 1 else (seq.unsqueeze(-2), x.unsqueeze(-1))
+    below = _comparison("le" if right else "lt", op)(run, torch.le if right else torch.lt, s, v)
+    index = torch.where(at, below.sum(-1).to(out.dtype), out)
+    return out.copy_(index) if out.shape == index.shape else index  # (an ``out=`` tensor is written too)
+
+
+def _side(right: bool, side: str | None) -> bool:
+    return side == "right" if side is not None else bool(right)
+
+
+@kink_rule(aten.searchsorted, torch.searchsorted)
+def searchsorted(run, func, sorted_sequence, input, *, out_int32=False, right=False, side=None, sorter=None,
+                 out=None):
+    """The index of x's bucket in a sorted sequence, piecewise constant (no derivative). It jumps where x equals an
+    entry: there the index is its one-sided limit along the direction (x below or above the entry), so a
+    piecewise-linear interpolation through its knots (``torch.searchsorted`` + a gather + a lerp) is continuous
+    and gets the slope of the segment the direction enters; a jump of f is an error."""
+    kw = {k: v for k, v in dict(side=side, sorter=sorter, out=out).items() if v is not None}
+    result = func(sorted_sequence, input, out_int32=out_int32, right=right, **kw)
+    seq = sorted_sequence if sorter is None else sorted_sequence.gather(-1, sorter)
+    return _bucket_index(run, "aten.searchsorted", seq, input, result, _side(right, side))
+
+
+@kink_rule(aten.bucketize, torch.bucketize)
+def bucketize(run, func, input, boundaries, *, out_int32=False, right=False, out=None):
+    """searchsorted with the arguments swapped (boundaries 1-D): at a boundary, the one-sided limit along the
+    direction."""
+    result = func(input, boundaries, out_int32=out_int32, right=right, **({} if out is None else {"out": out}))
+    return _bucket_index(run, "aten.bucketize", boundaries, input, result, bool(right))
+
+
 # --- rounded division ------------------------------------------------------------------------------------------
 
 
