@@ -37,10 +37,8 @@ def _interp(knots, values, x, how):
     elif how == "bucketize-right-int32":
         i = torch.bucketize(x, knots, right=True, out_int32=True).long() - 1
     i = i.clamp(0, n - 2)
-    k0, k1 = knots.gather(-1, i) if knots.dim() > 1 else knots[i], knots.gather(-1, i + 1) if knots.dim() > 1 \
-        else knots[i + 1]
-    v0, v1 = values.gather(-1, i) if values.dim() > 1 else values[i], values.gather(-1, i + 1) \
-        if values.dim() > 1 else values[i + 1]
+    take = (lambda t, j: t.gather(-1, j)) if knots.dim() > 1 else (lambda t, j: t[j])
+    k0, k1, v0, v1 = take(knots, i), take(knots, i + 1), take(values, i), take(values, i + 1)
     return torch.lerp(v0, v1, (x - k0) / (k1 - k0)).sum()
 
 
@@ -54,7 +52,7 @@ def test_interpolation_at_a_knot_has_the_entered_segments_slope(how, d):
     """x0 = 1 is a knot (slope 2 on the left, -1 on the right), x1 = 2.5 inside a segment."""
     knots, values = torch.tensor(KNOTS, dtype=D), torch.tensor(VALUES, dtype=D)
     x, dx = torch.tensor([1.0, 2.5], dtype=D), torch.tensor(d, dtype=D)
-    f = lambda x: _interp(knots, values, x, how)  # noqa: E731
+    f = lambda x: _interp(knots, values, x, how)
     ref = one_sided(f, [x], [dx])
     got = float(gw.directional_derivative(f, (x,), (dx,)))
     assert all(abs(got - r) < 1e-5 for r in ref), (got, ref)
@@ -84,7 +82,7 @@ def test_batched_sequences_and_generalized_gradient():
     """2-D sorted sequences (one row of knots per query row); the generalized gradient is one of the two slopes."""
     knots = torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.5, 1.0]], dtype=D)
     values = torch.tensor([[0.0, 2.0, 1.0], [1.0, 0.0, 1.0]], dtype=D)
-    f = lambda x: _interp(knots, values, x, "searchsorted")  # noqa: E731
+    f = lambda x: _interp(knots, values, x, "searchsorted")
     x = torch.tensor([[1.0], [0.5]], dtype=D)
     for d in ([[1.0], [0.0]], [[-1.0], [1.0]], [[-1.0], [-1.0]]):
         dx = torch.tensor(d, dtype=D)
@@ -98,7 +96,7 @@ def test_batched_sequences_and_generalized_gradient():
 def test_a_jump_through_the_index_is_still_an_error():
     """The bucket index itself in f (a histogram-like step): f jumps at a knot, no one-sided derivative."""
     knots = torch.tensor(KNOTS, dtype=D)
-    f = lambda x: (torch.searchsorted(knots, x).to(D) + x).sum()  # noqa: E731
+    f = lambda x: (torch.searchsorted(knots, x).to(D) + x).sum()
     x = torch.tensor([1.0], dtype=D)
     with pytest.raises(NonsmoothError, match="jumps"):
         gw.directional_derivative(f, (x,), (torch.tensor([1.0], dtype=D),))
