@@ -102,3 +102,70 @@ def test_a_jump_through_the_index_is_still_an_error():
         gw.directional_derivative(f, (x,), (torch.tensor([1.0], dtype=D),))
     # away from the knots: the op's own output, derivative 1
     assert float(gw.directional_derivative(f, (x + 0.5,), (torch.tensor([1.0], dtype=D),))) == 1.0
+
+
+# -- logaddexp's weight of a -inf argument -------------------------------------------------------------------
+# pytorch/pytorch#49724: logaddexp is logsumexp of two, and ((-inf (+) -inf) (+) x) gave NaN gradients where
+# logsumexp's gave 0. Under strong zeros logsumexp's exp(x - result) of a -inf entry is a structural zero (the
+# entry contributes nothing), but logaddexp's formula g / (1 + exp(b - a)) divides by +inf there: an ordinary 0,
+# which then met the NaN of the inner logaddexp(-inf, -inf) (the program without those entries has no NaN).
+
+INF = float("inf")
+
+
+@pytest.mark.parametrize("op", [torch.logaddexp, torch.logaddexp2])
+@pytest.mark.parametrize("outer_first", [True, False])
+def test_a_minus_inf_argument_of_logaddexp_is_weightless(op, outer_first):
+    x = torch.tensor([0.3, -1.0], dtype=D, requires_grad=True)
+    z = torch.tensor([[-INF, -INF], [-INF, -INF]], dtype=D, requires_grad=True)
+    f = (lambda: op(x, op(z[0], z[1])).sum()) if outer_first else (lambda: op(op(z[0], z[1]), x).sum())
+    assert torch.autograd.grad(f(), z)[0].isnan().all()  # PyTorch
+    gx, gz = gw.grad(f(), [x, z])
+    assert torch.equal(gz, torch.zeros_like(z))  # the program without the -inf entries: op(x) = x
+    assert torch.equal(gx, torch.ones_like(x))
+    same = torch.logsumexp(torch.stack([x, torch.logsumexp(z, 0)]), 0).sum()  # logsumexp's answer agrees
+    assert torch.equal(gw.grad(same, [z])[0], gz)
+
+
+def test_hmm_forward_with_unreachable_states():
+    """A log-space forward algorithm (HMM / CRF) with logaddexp over previous states: state 1 is unreachable
+    (its scores stay -inf), state 2 has no incoming transition. Reference: the recursion over state 0 alone."""
+    log_a = torch.tensor([[0.0, -INF, -INF], [-0.5, -1.0, -INF], [-INF, -INF, -INF]], dtype=D)
+    em = (torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=D) * 0.3).requires_grad_(True)
+
+    def forward(em):
+        a = torch.tensor([0.0, -INF, -INF], dtype=D) + em[0]
+        for t in range(1, 4):
+            nxt = []
+            for j in range(3):
+                v = a[0] + log_a[0, j]
+                for i in (1, 2):
+                    v = torch.logaddexp(v, a[i] + log_a[i, j])
+                nxt.append(v)
+            a = torch.stack(nxt) + em[t]
+        return a[0]
+
+    assert torch.autograd.grad(forward(em), em)[0].isnan().any()  # PyTorch
+    (got,) = gw.grad(forward(em), em)
+    e = em.detach().clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(sum(e[t, 0] for t in range(4)), e)  # state 0 alone: a_t = a_{t-1} + em[t, 0]
+    assert torch.equal(got, ref)
+
+
+def test_an_overflowing_finite_weight_keeps_pytorchs_nan():
+    """logaddexp(x, y) with y = -1000 finite: y's weight 1 / (1 + exp(1000.3)) overflows to 0 and meets sqrt's
+    infinite derivative at 0. Neither argument is -inf, so nothing is structural: PyTorch's NaN stays."""
+    x = torch.tensor(0.3, dtype=D, requires_grad=True)
+    z = torch.tensor(0.0, dtype=D, requires_grad=True)
+    f = lambda: torch.logaddexp(x, torch.sqrt(z) - 1000.0)
+    (t,) = torch.autograd.grad(f(), z)
+    (g,) = gw.grad(f(), z)
+    assert t.isnan() and g.isnan()
+
+
+def test_logaddexp_on_finite_data_is_pytorchs_bitwise():
+    gen = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(5, 3, generator=gen, dtype=torch.float32).requires_grad_(True) for _ in range(2))
+    f = lambda: (torch.logaddexp(a, b * 3) * torch.arange(3.0)).sum() + torch.logaddexp2(a[:, :1], b).sum()
+    assert all(torch.equal(p, q) for p, q in zip(gw.grad(f(), [a, b]), torch.autograd.grad(f(), [a, b]),
+                                                  strict=True))

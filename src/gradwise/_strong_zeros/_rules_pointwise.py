@@ -207,6 +207,28 @@ def _exp_result_mul(func, args, kwargs, sup):
     return out
 
 
+def _logaddexp_weight_div(func, args, kwargs, sup):
+    """div, as _linear (the numerator's support). In logaddexp's and logaddexp2's backward (``g / (1 + exp(b -
+    a))``, base 2 for logaddexp2) the quotient is a's weight exp(a - result); where a is exactly -inf and b is not,
+    the denominator is +inf and the weight exactly 0: the -inf argument itself (a log(0), a masked or unreachable
+    log-space state), a structural zero as logsumexp's ``exp(x - result)`` of a -inf entry (_exp). An overflow of
+    finite arguments (a - b below -710) is not: neither is -inf there."""
+    out = _linear(func, args, kwargs, sup)
+    den = args[1] if len(args) > 1 else None
+    if not (_in_formula() and isinstance(den, torch.Tensor) and _is_float(den)
+            and _in_node("LogaddexpBackward0", "Logaddexp2Backward0")):
+        return out
+    node = torch._C._current_autograd_node()
+    a, b = node._saved_self, node._saved_other
+    one_minus_inf = (a == -math.inf) != (b == -math.inf)
+    weightless = (den == math.inf) & one_minus_inf.expand(den.shape)
+    if bool(mask_any(weightless)):
+        s = sup.of(out)
+        support = (~weightless if s is None else s & ~weightless).expand(out.shape)
+        sup.record(_annihilate(out, support), support)
+    return out
+
+
 def _selecting(passes: Callable[[tuple], torch.Tensor]) -> Rule:
     """Rule factory for activation backwards that select, ``passes(x) ? grad : 0`` (relu's threshold_backward,
     hardtanh's: ReLU6): the region where nothing passes is a structural zero; a NaN input is in none (every
@@ -548,5 +570,6 @@ _KIND_RULES: dict[str, Callable[[ZeroFact], Rule]] = {
 for _op, _fact in ZERO_FACTS.items():
     if _fact.kind in _KIND_RULES:
         _register(_op)(_KIND_RULES[_fact.kind](_fact))
-# Refinements, registered over their kind's rule: exp's result in its own backward.
+# Refinements, registered over their kind's rule: exp's result in its own backward, logaddexp's weights.
 _register(aten.mul, aten.mul_)(_exp_result_mul)
+_register(aten.div.Tensor)(_logaddexp_weight_div)
