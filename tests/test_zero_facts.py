@@ -61,6 +61,8 @@ def test_eager_rules_come_from_the_table():
             assert rule is not None, overload
             if overload in (aten.sub.Tensor, aten.exp.default, aten.abs.default):
                 continue  # refined for one overload in _rules_opdb, with its docstring
+            if overload is aten.div.Tensor:
+                continue  # logaddexp's weight of a -inf argument (_logaddexp_weight_div), with its docstring
             expected = rp._KIND_RULES[fact.kind](fact)
             assert rule is expected or rule.__qualname__ == expected.__qualname__, (overload, rule)
 
