@@ -250,6 +250,55 @@ def _():
     return out, (a,), _ref(lambda a: loss(a[keep]), a)
 
 
+# ================================ masked categorical policies, log-space targets, singular solves ============
+
+_ACTION_MASK = torch.tensor([[True, True, False, True], [True, False, False, True]])
+
+
+@case("ppo-kl-categorical-invalid-actions-masked", "ray-project/ray#27527 and hill-a/stable-baselines#505 (invalid "
+      "action masking with -inf logits): kl_divergence between the old and new masked Categorical policies; "
+      "torch's KL writes 0 over the masked terms in place (p * (p.logits - q.logits) is 0 x (-inf + inf) there)")
+def _():
+    new, old = _leaf(_data(18, 2, 4)), _leaf(_data(19, 2, 4))
+
+    def kl(a, b):
+        p = TD.Categorical(logits=a.masked_fill(~_ACTION_MASK, -inf))
+        q = TD.Categorical(logits=b.masked_fill(~_ACTION_MASK, -inf))
+        return TD.kl_divergence(p, q).sum()
+
+    def ref(a, b):
+        return sum(TD.kl_divergence(TD.Categorical(logits=a[i][m]), TD.Categorical(logits=b[i][m]))
+                   for i, m in enumerate(_ACTION_MASK))
+
+    return kl(new, old), (new, old), _ref(ref, new, old)
+
+
+@case("kl-div-log-target-masked-vocabulary", "google-deepmind/optax#1786 (kl_divergence_with_log_targets: "
+      "exp(-inf) * (-inf - log p) is NaN for a masked vocabulary entry): F.kl_div(log_target=True) elementwise, "
+      "the masked entries removed with torch.where")
+def _():
+    x = _leaf(torch.log_softmax(_data(20, 2, 4), -1))
+    tl = _leaf(torch.log_softmax(_data(21, 2, 4).masked_fill(~_ACTION_MASK, -inf), -1))
+    out = torch.where(_ACTION_MASK, F.kl_div(x, tl, reduction="none", log_target=True), 0.0).sum()
+
+    def ref(x, tl):
+        return sum(F.kl_div(x[i][m], tl[i][m], reduction="sum", log_target=True) for i, m in enumerate(_ACTION_MASK))
+
+    return out, (x, tl), _ref(ref, x, tl)
+
+
+@case("solve-ex-singular-padded-system-dropped", "pytorch/pytorch#31546 (torch.solve on singular matrices in "
+      "kornia's batched quadratic peak refinement; wanted NaN instead of an error): linalg.solve_ex over a batch "
+      "whose padded system is all zero (its solution NaN/Inf), dropped before the loss")
+def _():
+    a = _data(22, 3, 3, 3) + 3 * torch.eye(3, dtype=f64)
+    a[2] = 0.0
+    a, b = _leaf(a), _leaf(_data(23, 3, 3, 1))
+    keep = torch.tensor([0, 1])
+    out = torch.linalg.solve_ex(a, b)[0][keep].pow(2).sum()
+    return out, (a, b), _ref(lambda a, b: torch.linalg.solve(a[keep], b[keep]).pow(2).sum(), a, b)
+
+
 # ================================ controls ==================================================================
 
 @case("angular-distance-acos-self-pair-used", "control: msxiaojin/MDLCC#4, the self-pair angle acos(1) is in the "
