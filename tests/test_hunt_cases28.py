@@ -169,3 +169,81 @@ def test_logaddexp_on_finite_data_is_pytorchs_bitwise():
     f = lambda: (torch.logaddexp(a, b * 3) * torch.arange(3.0)).sum() + torch.logaddexp2(a[:, :1], b).sum()
     assert all(torch.equal(p, q) for p, q in zip(gw.grad(f(), [a, b]), torch.autograd.grad(f(), [a, b]),
                                                   strict=True))
+
+
+# -- grid_sample at pixel centres and clipped borders -----------------------------------------------------------
+# pytorch/pytorch#81868 and #23925: an identity grid (zero displacement in image registration) puts every sample on
+# a pixel centre, where bilinear sampling has a kink in the grid; border padding clips at the edges. PyTorch's
+# grid_sampler_2d has no forward-mode derivative: every nonsmooth call refused ('no forward-mode derivative').
+
+_GEN = torch.Generator().manual_seed(5)
+_IMAGES = {True: torch.randn(2, 3, 5, 5, generator=_GEN, dtype=D),
+           False: torch.randn(2, 3, 4, 4, generator=_GEN, dtype=D)}
+
+
+def _sample(image, grid, padding, align):
+    return (torch.nn.functional.grid_sample(image, grid, mode="bilinear", padding_mode=padding,
+                                            align_corners=align) * torch.arange(1.0, 4.0, dtype=D).view(1, 3, 1, 1)
+            ).sum()
+
+
+def _pixel_grid(align):
+    """Grid points exactly on pixel centres, the border pixels among them (sizes with exact normalised
+    coordinates: 5 pixels with align_corners, 4 without)."""
+    xs, ys = (torch.tensor([0.0, 1.0, 4.0]), torch.tensor([0.0, 2.0, 3.0])) if align else \
+        (torch.tensor([0.0, 1.0, 3.0]), torch.tensor([0.0, 2.0, 3.0]))
+    g = (lambda v: v / 2 - 1) if align else (lambda v: (2 * v + 1) / 4 - 1)
+    grid = torch.stack(torch.meshgrid(g(xs.to(D)), g(ys.to(D)), indexing="xy"), -1)
+    return grid.unsqueeze(0).expand(2, -1, -1, -1).clone()
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("align", [True, False])
+def test_grid_sample_on_pixel_centres_has_one_sided_derivatives(padding, align):
+    grid = _pixel_grid(align)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        dg = torch.randn(grid.shape, generator=gen, dtype=D)
+        image = _IMAGES[align]
+        di = torch.randn(image.shape, generator=gen, dtype=D)
+        f = lambda image, grid: _sample(image, grid, padding, align)
+        ref = one_sided(f, [image, grid], [di, dg])
+        got = float(gw.directional_derivative(f, (image, grid), (di, dg)))
+        richardson = (10 * ref[1] - ref[0]) / 9  # the image and grid directions together are bilinear: O(t) error
+        assert abs(got - richardson) < 1e-6 * max(1.0, abs(got)), (got, ref)
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_grid_sample_generalized_gradient_is_a_cells_gradient_and_pytorchs_off_the_kinks(padding):
+    """On the kinks: each grid point's generalized gradient is the gradient of one of the cells around it (a
+    gradient at a point pushed into that cell); off them: torch.autograd.grad, bit for bit."""
+    grid = _pixel_grid(True)
+    f = lambda grid: _sample(_IMAGES[True], grid, padding, True)
+    for seed in (0, 1):
+        (g,) = gw.generalized_grad(f, (grid,), seed=seed)
+        cells = []
+        for sx in (-1, 1):
+            for sy in (-1, 1):
+                push = torch.tensor([sx, sy], dtype=D) * 1e-7
+                x = (grid + push).requires_grad_(True)
+                cells.append(torch.autograd.grad(f(x), x)[0])
+        per_point = torch.stack(cells)  # (4, n, h, w, 2)
+        close = ((per_point - g).abs().amax(-1) < 1e-5).any(0)
+        assert close.all()
+    off = (grid + 0.0123).requires_grad_(True)
+    assert torch.equal(gw.generalized_grad(f, (off.detach(),))[0], torch.autograd.grad(f(off), off)[0])
+
+
+def test_grid_sample_stationarity_at_a_local_maximum():
+    """A pixel brighter than its four neighbours is a local maximum of the sampled value: Clarke stationary."""
+    img = torch.tensor([[[[0.0, 1.0, 4.0], [2.0, 5.0, 3.0], [1.0, 0.0, 2.0]]]], dtype=D)
+    f = lambda g: torch.nn.functional.grid_sample(img, g.reshape(1, 1, 1, 2), align_corners=True).sum()
+    assert gw.stationarity(f, torch.zeros(2, dtype=D)).stationary is True
+    assert gw.stationarity(f, torch.tensor([0.5, 0.0], dtype=D)).stationary is False
+
+
+def test_grid_sample_modes_without_a_rule_still_refuse():
+    grid = _pixel_grid(True)
+    f = lambda grid: torch.nn.functional.grid_sample(_IMAGES[True], grid, mode="nearest", align_corners=True).sum()
+    with pytest.raises(NonsmoothError):
+        gw.directional_derivative(f, (grid,), (torch.ones_like(grid),))

@@ -143,6 +143,16 @@ def _tied_matrix(x):
     neighbouring rows (x1 and x6 stay out: the NaN/Inf test puts them there, and an SVD refuses them)."""
     return torch.diag(torch.stack([x[0].abs(), x[5], x[3] + 0.5, x[4], x[2]])) \
         + (x[3] - 0.5) * torch.eye(5, dtype=x.dtype).roll(1, 0)
+_KNOTS, _KNOT_VALUES = torch.tensor([-1.0, 0.0, 1.0, 3.0]), torch.tensor([0.0, 2.0, 1.0, 3.0])
+_GRID_IMAGE = torch.tensor([[[[0.0, 1.0, 4.0, 2.0, 3.0], [2.0, 5.0, 3.0, 1.0, 0.0], [1.0, 0.0, 2.0, 2.0, 1.0]]]])
+
+
+def _interp_knots(x, index):
+    i = (index - 1).clamp(0, 2)
+    k, v = _KNOTS.to(x), _KNOT_VALUES.to(x)
+    return torch.lerp(v[i], v[i + 1], (x - k[i]) / (k[i + 1] - k[i]))
+
+
 RULE_SAMPLES = {
     "relu": (torch.relu, [_X]),
     "abs": (torch.abs, [_X]),
@@ -313,6 +323,13 @@ RULE_SAMPLES = {
     "sgn_": (lambda x: x.clone().sgn_() * x + x.clone().absolute_(), [_X]),
     "frac_": (lambda x: x.clone().frac_() + x.clone().fix_(), [_X]),  # = x
     "hypot_": (lambda x: x.clone().hypot_(torch.zeros_like(x)), [_X]),  # |x|
+    # piecewise-linear interpolation through knots -1, 0, 1, 3 (the index jumps there, f does not)
+    "searchsorted": (lambda x: _interp_knots(x, torch.searchsorted(_KNOTS.to(x), x)), [_X]),
+    "bucketize": (lambda x: _interp_knots(x, torch.bucketize(x, _KNOTS.to(x), right=True)), [_X]),
+    # bilinear sampling along a row at ix = x + 2 of 5 columns: pixels at x = -1, 0, 1, the zero padding from
+    # x = -3 and x = 3 on
+    "grid_sample": (lambda x: F.grid_sample(_GRID_IMAGE.to(x), torch.stack([x / 2, torch.full_like(x, 0.3)], -1)
+                                            .view(1, 1, -1, 2), align_corners=True).reshape(-1), [_X]),
 }
 # PyTorch has no backward for floor_divide, and a wrong one for binary_cross_entropy at 1e-14: the nearby gradients
 # are those of the same function written with div (log, log1p)
@@ -1430,14 +1447,20 @@ def test_kinks_reached_through_list_arguments_are_refused():
 def test_grid_sample_at_a_pixel_is_a_kink():
     """Bilinear grid_sample is piecewise linear in the sample point, with a kink where a coordinate is a pixel's:
     f(g) = sample(img, g) - sample(flip(img), -g) is 0 everywhere, and generalized_grad gave 4.5 there (PyTorch's
-    floor-side convention) -> refused at the kink; exact off it; a grid that does not depend on f's inputs (only
-    the image does, an identity grid on pixel centres) is no kink."""
+    floor-side convention); then it was refused at the kink (no forward-mode derivative, no rule); the rule
+    (`_rules_grid`) takes the cell the direction enters in both samples: 0 exactly. Off the kinks, and for a
+    grid that does not depend on f's inputs (only the image does, an identity grid on pixel centres), PyTorch's."""
     img = torch.arange(1.0, 11.0, dtype=torch.float64).view(1, 1, 2, 5)
     sample = lambda im, g: F.grid_sample(im, torch.stack([g, torch.full_like(g, 0.3)], -1).view(1, 1, -1, 2),
                                          align_corners=True).sum()  # (y between the two rows: no kink there)
     f = lambda g: sample(img, g) - sample(img.flip(-1), -g)
-    with pytest.raises(NonsmoothError, match="grid_sampler_2d at its kink"):
-        gw.generalized_grad(f, torch.tensor([0.5], dtype=torch.float64), seed=0)  # pixel 3 of 0..4
+    at = torch.tensor([0.5], dtype=torch.float64)  # pixel 3 of 0..4
+    for seed in range(3):
+        assert float(gw.generalized_grad(f, at, seed=seed)[0]) == pytest.approx(0.0, abs=1e-12)
+    for d in (1.0, -1.0):
+        assert float(gw.directional_derivative(f, at, torch.tensor([d], dtype=torch.float64))) == pytest.approx(
+            0.0, abs=1e-12)
+    assert gw.stationarity(f, at).stationary is True
     assert float(gw.generalized_grad(f, torch.tensor([0.3], dtype=torch.float64), seed=0)[0]) == pytest.approx(0.0)
     grid = torch.linspace(-1.0, 1.0, 5, dtype=torch.float64)  # on the pixels' columns
     (g,) = gw.generalized_grad(lambda im: sample(im, grid), img, seed=0)

@@ -37,8 +37,6 @@ KNOWN = {
     "round-decimals0-minus-round": "round(decimals=k) runs natively: its jumps are not floats",
     "lp-pool2d-p2-all-zero-window": "lp_pool2d(norm_type=2) is pow(sum x^2, 1/2): at an all-zero window it raises "
                                     "like sqrt-of-square-at-zero (a norm written by hand)",
-    "grid-sample-bilinear-on-pixel-centre": "grid_sampler_2d has no forward-mode derivative in PyTorch: a clear "
-                                            "NonsmoothError (no kink rule for its pixel lines)",
 }
 
 

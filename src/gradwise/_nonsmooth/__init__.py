@@ -26,6 +26,7 @@ Modules (each imports only those above it in this list, plus torch, gradwise._ma
 ``_rules_jvp``        ``JVP_RULES``: forward-mode rules for smooth ops with a slow PyTorch formula.
 ``_rules_aten``       rules for aten overloads called directly (``_ATEN_ROUTES``, ``_aten_rule``).
 ``_scatter``          rules for scatter_reduce / index_reduce with amax/amin and embedding_bag(max).
+``_rules_grid``       the rule for bilinear grid_sample in the grid (pixel lines, clipped borders).
 ``_ports``            ``PORTS``: Python ports of C++ composites with kinks inside (quantile, renorm).
 ``_kink_watch``       ``_KinkWatch``: callables without a route, tested against ``gradwise._ops._kinks``
                       (``_SMOOTH_CALLS``, ``_SMOOTH_FOR`` per call signature).
@@ -47,7 +48,7 @@ gradwise._ops).
 
 # Importing the rule modules registers their rules in KINK_RULES / JVP_RULES, in this order (as before the split).
 # isort: off
-from gradwise._nonsmooth import _rules_pointwise, _rules_select, _rules_norms, _rules_jvp  # noqa: F401
+from gradwise._nonsmooth import _rules_pointwise, _rules_select, _rules_norms, _rules_jvp, _rules_grid  # noqa: F401
 from gradwise._nonsmooth import _rules_aten, _scatter  # noqa: F401
 
 # isort: on
