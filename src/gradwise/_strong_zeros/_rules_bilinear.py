@@ -189,15 +189,6 @@ def _bilinear(support_fn: Callable[[Any, tuple, int, torch.Tensor], Any], count_
     operand's."""
 
     def bilinear(func, args, kwargs, sup):
-        if "out" in kwargs:  # mm.out / bmm.out (a kernel's workspace, nn.LinearCrossEntropyLoss's backward): the
-            # rule's pieces are functional ops, so it runs on the functional form and writes into ``out``
-            dest, rest = kwargs["out"], {k: v for k, v in kwargs.items() if k != "out"}
-            res = bilinear(func.overloadpacket.default, args, rest, sup)
-            if dest.shape != res.shape:
-                dest.resize_(res.shape)
-            dest.copy_(res)
-            sup.record(dest, sup.of(res))
-            return dest
         slots = [i for i, a in enumerate(args) if _is_float(a)]
         held = {i: s for i in slots if (s := sup.of(args[i])) is not None}  # (one storage lookup per operand)
         tracked = list(held)
