@@ -9,7 +9,13 @@ gradwise). Each ``out=`` overload of an op with a rule now runs the rule on the 
 into the buffer. Reference: the same program with the discarded rows deleted (close: other shapes, other SIMD
 tails), and plain PyTorch bit for bit on finite data.
 
-(b) ``gw.register_rule(..., "placement", weights=...)``: see its section.
+(b) ``gw.register_rule(..., "placement", weights=...)``: a weight of exactly 0 reading a NaN row claimed a
+structural zero (SILENT: a NaN loss with a finite gw.grad). Reference: PyTorch's NaN pattern, the deleted program.
+
+(c) In-place ops on views (CopySlices): the deleted program's gradients; alpha = 0 products in place on a view
+keep PyTorch's NaN and are now named (silent on the base).
+
+(d) gw.gather_reports' ranks line with one rank.
 """
 from __future__ import annotations
 
@@ -282,6 +288,11 @@ def _(x, index, weight):
     return x.new_empty(index.shape[0], *x.shape[1:])
 
 
+@weighted_rows_backward.register_fake
+def _(g, index, weight, rows):
+    return g.new_empty(rows, *g.shape[1:])
+
+
 def _weighted_setup(ctx, inputs, output):
     ctx.index, ctx.weight, ctx.rows = inputs[1], inputs[2], inputs[0].shape[0]
 
@@ -380,3 +391,177 @@ def test_weights_name_arguments_of_the_op(weights, error):
 def test_weights_apply_to_placement_only():
     with pytest.raises(ValueError, match="placement"):
         gw.register_rule(weighted_rows_backward, "linear", weights=("weight",))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (c) in-place ops on views: the op's backward runs inside a CopySlices node, which shows neither the op nor its
+# saved tensors. Its formula's ops still meet their rules under the mode; only what a rule reads from the node
+# itself (alpha = 0 of addmm & co.) is hidden.
+# ---------------------------------------------------------------------------------------------------------------
+def _r(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=f64)
+
+
+def _view_mul():
+    w, v = _r(6, 3, seed=1).requires_grad_(), _r(6, 2, seed=2)
+    v[4:] = nan  # multiplies the rows 4: that the loss discards
+
+    def prog(w, v):
+        y = torch.tanh(w) * 1.0
+        y[:, :2].mul_(v)
+        return (y[:4] ** 2).sum()
+    return (w,), lambda: prog(w, v), lambda: prog(w[:4], v[:4])
+
+
+def _view_narrow_copy():
+    w, src = _r(6, 3, seed=1), _r(6, 3, seed=2).requires_grad_()
+    w[4:] = nan
+    w.requires_grad_()
+
+    def prog(w):
+        y = torch.tanh(w) * 1.0
+        y.narrow(0, 0, 2).copy_(src.exp()[:2])
+        return y[:4].sum()
+    return (w, src), lambda: prog(w), lambda: prog(w[:4])
+
+
+def _view_copy_over_nan():
+    w = torch.tensor([[-1.0, 4.0], [-2.0, 9.0], [1.0, 4.0]], dtype=f64, requires_grad=True)  # sqrt: NaN rows 0:2
+    y0 = torch.tensor([[3.0, 3.0]], dtype=f64, requires_grad=True)
+
+    def prog():
+        y = w.sqrt() * 1.0
+        y[:2].copy_(y0.expand(2, 2) * 1.0)  # ...overwritten
+        return (y * y).sum()
+
+    def deleted():
+        return (torch.cat([y0.expand(2, 2) * 1.0, w[2:].sqrt()]) ** 2).sum()
+    return (w, y0), prog, deleted
+
+
+def _view_select_div():
+    w = _r(6, 3, seed=1).requires_grad_()
+
+    def prog(rows):
+        y = w * 1.0
+        y[0].div_(torch.zeros(3, dtype=f64))  # row 0: Inf/NaN, discarded
+        return y[rows].sum()
+    return (w,), lambda: prog(slice(1, None)), lambda: (w * 1.0)[1:].sum()
+
+
+def _view_diagonal_mul():
+    w, v = _r(3, 3, seed=1).requires_grad_(), torch.tensor([nan, 1.0, 2.0], dtype=f64)
+
+    def prog(first):
+        y = w * 1.0
+        y.diagonal()[first:].mul_(v[first:])
+        return y[1:].sum()
+    return (w,), lambda: prog(0), lambda: prog(1)
+
+
+def _view_transposed_addcmul():
+    w, a = _r(4, 3, seed=1).requires_grad_(), _r(3, 4, seed=2)
+    a[:, 0] = nan
+
+    def prog():
+        y = torch.tanh(w) * 1.0
+        y.t().addcmul_(a, torch.ones(3, 4, dtype=f64))
+        return y[1:].sum()
+    return (w,), prog, lambda: (torch.tanh(w) * 1.0)[1:].sum()
+
+
+def _view_row_addmm():
+    a, b = _r(6, 3, seed=1).requires_grad_(), _r(3, 3, seed=2)
+    b[:, 2] = nan  # the product's column 2 (NaN) lands in y[1, 2], discarded
+
+    def prog(cols):
+        y = torch.tanh(a) * 1.0
+        y[1:2].addmm_(y[2:3].clone(), b)
+        return y[:, cols].sum()
+
+    def deleted():
+        y = torch.tanh(a) * 1.0
+        y[1:2, :2].addmm_(y[2:3].clone(), b[:, :2])
+        return y[:, :2].sum()
+    return (a,), lambda: prog(slice(0, 2)), deleted
+
+
+IN_PLACE_ON_VIEWS = {"mul_": _view_mul, "narrow-copy_": _view_narrow_copy, "copy_-over-nan": _view_copy_over_nan,
+                     "select-div_": _view_select_div, "diagonal-mul_": _view_diagonal_mul,
+                     "transposed-addcmul_": _view_transposed_addcmul, "row-addmm_": _view_row_addmm}
+
+
+@pytest.mark.parametrize("name", IN_PLACE_ON_VIEWS)
+def test_in_place_op_on_a_view_is_the_deleted_programs(name):
+    """NaN/Inf only where the loss discards (or an overwrite replaces) values: the deleted program's gradient."""
+    wrt, prog, deleted = IN_PLACE_ON_VIEWS[name]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = gw.grad(prog(), wrt)
+    ref = torch.autograd.grad(deleted(), wrt)
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("op", ["addmm_", "baddbmm_", "addmv_"])
+def test_zero_alpha_product_in_place_on_a_view_is_named(op):
+    """y[:2].addmm_(a, b, alpha=0) with a NaN in b: the kernel never reads the product, the out-of-place op's
+    gradients are the deleted term's (_zero_alpha_mul), but in place on a view the op's node hides inside
+    CopySlices (no alpha, no saved operands to ask the kernel with), so PyTorch's NaN stays. It was silent; an
+    OpaqueBackwardWarning now names it."""
+    a = _r(2, 3, seed=1).requires_grad_()
+    x = _r(2, 4, 3, seed=3).requires_grad_()
+    b = _r(3, 3, seed=2)
+    b[0, 0] = nan
+
+    def prog():
+        y = x * 1.0
+        if op == "addmm_":
+            y[0, :2].addmm_(a, b, alpha=0.0)
+        elif op == "baddbmm_":
+            y[:, :2].baddbmm_(a.expand(2, 2, 3), b.expand(2, 3, 3), alpha=0.0)
+        else:
+            y[0, 0].addmv_(b, a[0], alpha=0.0)
+        return y.sum()
+
+    assert torch.autograd.grad(prog(), a)[0].isnan().any()
+    with pytest.warns(gw.OpaqueBackwardWarning, match="in-place op on a view"):
+        (got,) = gw.grad(prog(), a)
+    assert got.isnan().any()  # PyTorch's NaN, named (the deleted program's gradient would be 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (d) gw.gather_reports' ranks line with one rank
+# ---------------------------------------------------------------------------------------------------------------
+def test_rank_story_with_one_rank_says_it_introduced_the_unreplayed_nan():
+    """A step gw.watch() could not replay (FSDP2: the finding is born at the backward call): with several ranks
+    its origin is unknown, but with a world size of 1 nothing was received, and the line said 'which rank
+    introduced them is not known' all the same."""
+    from gradwise._distributed import rank_story
+
+    found = [gw.Finding("nan", "backward", "train.py:39", 1, born_op="backward", born_location="train.py:39",
+                        rank=0)]
+    assert rank_story(found, world_size=1) == [
+        "rank 0 had NaN/Inf gradients in a step gw.watch() could not replay: the only rank, it introduced them "
+        "(where is not known)"]
+    assert rank_story(found, world_size=2) == rank_story(found) == [
+        "rank 0 had NaN/Inf gradients in a step gw.watch() could not replay: which rank introduced them is not "
+        "known"]
+
+
+def test_weighted_placement_in_a_compiled_backward(weighted):
+    """Under torch.compile (aot_eager) the custom op's backward sits in the compiled graph: the pass has no rule
+    for it, so the graph runs again op by op under the mode with real tensors, where the family's counts read
+    values; nothing reads them while dynamo and AOTAutograd trace (fake tensors)."""
+    _, lin, x = weighted
+    x[1] = x[4] = nan
+    index, w = torch.tensor([1, 2, 3]), torch.tensor([0.5, 0.0, 2.0], dtype=f64)
+    compiled = torch.compile(_weighted_loss, backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dynamo's own while it traces, and the compiled backward's fallback note
+        with gw.strong_zeros():
+            got = torch.autograd.grad(compiled(lin, x, index, w, [1, 2]), [lin.weight, lin.bias])
+    ref = torch.autograd.grad(_weighted_loss(lin, x[[0, 2, 3, 5]], torch.tensor([1, 2]), w[1:]),
+                              [lin.weight, lin.bias])
+    for g, e in zip(got, ref, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-13, atol=1e-15)
