@@ -202,7 +202,8 @@ def _into_out(rule, func, functional, args: tuple, kwargs: dict, sup: _Supports)
     rest = {k: v for k, v in kwargs.items() if k not in names}
     # a result's dtype is the inputs' (type promotion) or a dtype argument's: known before the rule runs only by
     # running it, so the functional form runs first and a mismatch then reruns the out= form (PyTorch's errors)
-    res = rule(functional, args, rest, sup)
+    # (the functional overload's own rule where one overload is refined: exp.default's, sub.Tensor's)
+    res = (lookup(functional) or rule)(functional, args, rest, sup)
     results = list(res) if isinstance(res, (tuple, list)) else [res]
     if any(isinstance(r, torch.Tensor) and r.dtype != d.dtype for r, d in zip(results, dests, strict=True)):
         return rule(func, args, kwargs, sup)
