@@ -338,14 +338,16 @@ def _finding(kind: str, rank: int, where: str, born_op: str):
 
 
 UNREPLAYED = "had NaN/Inf gradients in a step gw.watch() could not replay: which rank introduced them is not known"
-STORIES = [  # (findings, the ranks line)
-    ([_finding("nan", 0, "t.py:3", "backward")], f"rank 0 {UNREPLAYED}"),
+ALONE = "had NaN/Inf gradients in a step gw.watch() could not replay: the only rank, it introduced them (where is " \
+        "not known)"
+STORIES = [  # (findings, the ranks line), merged in a group of one rank (findings of rank 1: a merged report's)
+    ([_finding("nan", 0, "t.py:3", "backward")], f"rank 0 {ALONE}"),  # one rank: it received nothing
     ([_finding("nan", 0, "t.py:3", "backward"), _finding("inf", 1, "t.py:3", "backward")], f"ranks 0,1 {UNREPLAYED}"),
     # the next step, traced in full, names its origin; rank 0's received NaN of that step is said too
     ([_finding("nan", 0, "t.py:3", "backward"), _finding("nan", 1, "t.py:3", "backward"),
       _finding("nan", 1, "d.py:9", "aten.copy_"), _finding("nan", 0, "t.py:3", "c10d.allreduce_")],
      f"rank 1 introduced the NaN at d.py:9; rank 0 received it through the all-reduce; ranks 0,1 {UNREPLAYED}"),
-    ([_finding("contamination", 0, "t.py:3", "backward")], f"rank 0 {UNREPLAYED}"),
+    ([_finding("contamination", 0, "t.py:3", "backward")], f"rank 0 {ALONE}"),
     ([_finding("kink", 0, "t.py:3", "backward")], None),  # a kink names no origin
 ]
 

@@ -93,13 +93,12 @@ def test_placement_zero_weight_meeting_a_supported_inf_keeps_pytorchs_nan(signed
     assert torch.equal(got.isnan(), exp.isnan())
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: the 'placement' family cannot tell a weight 0 (a value) from "
-                   "no reach; it needs to know which argument holds the weights (see the review report)")
 def test_placement_weight_zero_on_a_nan_row_keeps_the_nan(signed_placement):
     """Row 2 of x is NaN and gathered with weight 0: the forward (0 x NaN) and the loss are NaN, and PyTorch's
     weight gradient is NaN, as gradwise's own for the same program written with index_select and mul. Under the
     family the row's count 1 x 0 = 0 and value 0 claim a structural zero, and gw.grad returns a finite gradient
-    of a NaN loss (SILENT, on the base too)."""
+    of a NaN loss (SILENT, on the base too). Fixed by the family's weights: not named, a weight argument holding
+    an exact 0 is counted a second time with its zeros as ones (tests/test_hunt_known28.py names them too)."""
     lin, x = signed_placement
     x[2] = nan
     index, w = torch.tensor([0, 2, 3]), torch.tensor([0.5, 0.0, 2.0], dtype=f64)

@@ -51,7 +51,9 @@ def test_eager_rules_come_from_the_table():
     reads more than the kind) and the per-op kinds (bilinear, fma)."""
     from gradwise._strong_zeros import _rules_pointwise as rp
 
-    refined = {aten.mul, aten.mul_}  # exp's result in its own backward (_exp_result_mul)
+    refined = rp._REGISTERED_ELSEWHERE  # mul: exp's result and alpha = 0 products (_rules_bilinear._zero_alpha_mul)
+    for op in refined:  # registered once, by their refinement, not first by the kind and then over it
+        assert lookup(op.Tensor).__name__ == "_zero_alpha_mul", op
     for op, fact in ZERO_FACTS.items():
         if fact.kind in ("bilinear", "fma") or op in refined or isinstance(op, str):
             continue

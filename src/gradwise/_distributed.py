@@ -96,13 +96,14 @@ def _ranks(ranks: set[int]) -> str:
     return f"{'rank' if len(rs) == 1 else 'ranks'} {','.join(parts)}"
 
 
-def rank_story(findings: list[Finding]) -> list[str]:
+def rank_story(findings: list[Finding], world_size: int | None = None) -> list[str]:
     """One line saying which ranks introduced NaN/Inf gradients and where, and which only received them
     through a collective, e.g. "rank 1 introduced the NaN at data.py:41; ranks 0,2 received it through the
     all-reduce". A rank's genuine NaN/Inf is named rather than its contamination (both would have spread).
     NaN/Inf gradients of a step gw.watch() could not replay (FSDP2; findings born at the backward call) are
     not said to be introduced by their rank: a rank that only received another rank's NaN holds it in its own
-    gradient shards just the same. Empty when no finding carries a rank or none is a NaN/Inf."""
+    gradient shards just the same, unless ``world_size`` is 1: the one rank received nothing, so it introduced
+    them. Empty when no finding carries a rank or none is a NaN/Inf."""
     introduced: dict[int, dict[tuple[str, str], None]] = {}
     received: set[int] = set()
     unexplained: set[int] = set()  # gw.watch() could not replay the step (FSDP2): born here or received, unknown
@@ -115,8 +116,11 @@ def rank_story(findings: list[Finding]) -> list[str]:
             unexplained.add(f.rank)
         else:
             introduced.setdefault(f.rank, {}).setdefault((f.kind, f.born_location or f.location))
-    told_unexplained = (f"{_ranks(unexplained)} had NaN/Inf gradients in a step gw.watch() could not replay: "
-                        "which rank introduced them is not known" if unexplained else "")
+    # one rank in the group, and only it in the findings (a merged report's findings may carry other ranks)
+    alone = world_size == 1 and not (introduced.keys() | received) - unexplained and len(unexplained) == 1
+    told_unexplained = (f"{_ranks(unexplained)} had NaN/Inf gradients in a step gw.watch() could not replay: " + (
+        "the only rank, it introduced them (where is not known)" if alone else
+        "which rank introduced them is not known") if unexplained else "")
     if not introduced and not received:
         return [told_unexplained] if unexplained else []
     if not introduced:
@@ -166,7 +170,8 @@ def gather_reports(report: Report, dst: int = 0, group: Any = None) -> Report | 
     findings = [Finding(**d) for p in parts for d in p["findings"]]
     return Report(findings=findings, unused=[f"rank {p['rank']}: {u}" for p in parts for u in p["unused"]],
                   notes=_merged_notes(parts), forward_ops=sum(p["forward_ops"] for p in parts),
-                  backward_ops=sum(p["backward_ops"] for p in parts), ranks=rank_story(findings),
+                  backward_ops=sum(p["backward_ops"] for p in parts),
+                  ranks=rank_story(findings, dist.get_world_size(group)),
                   untraced_backwards=sum(p.get("untraced_backwards", 0) for p in parts))
 
 

@@ -10,6 +10,8 @@ Modules:
                 ``KINKS``.
 ``_pool_kinks`` the ties of max-pooling ops (max-pool, adaptive and fractional max-pool, embedding_bag max), added
                 to ``KINKS``.
+``_overloads`` which overloads are the same computation: an ``out=`` overload's functional one
+                (``functional_of``), so a rule written for the functional form serves both.
 ``_zeros``      what each aten op does to structural zeros, by kind (makes, moves, adds, multiplies, gates ...):
                 ``ZERO_FACTS``, read by both strong-zero engines (eager and compiled) and the trace.
 

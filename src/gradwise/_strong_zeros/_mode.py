@@ -7,6 +7,7 @@ May import: torch, gradwise._modes, _contract, _supports, _rules, _triangles, _a
 from __future__ import annotations
 
 import types
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from gradwise._modes import LeanDispatchMode, kernels
+from gradwise._ops._overloads import functional_of, out_names
 from gradwise._strong_zeros import _contract
 from gradwise._strong_zeros._rules import _UNRULED, _is_float, lookup
 from gradwise._strong_zeros._supports import _Supports
@@ -98,7 +100,11 @@ class _StrongZeroMode(LeanDispatchMode):
             return out
         rule = lookup(func)
         if rule is not None:
-            out = rule(func, args, kwargs, self.supports)
+            functional = functional_of(func)
+            if functional is None or not all(n in kwargs for n in out_names(func)):
+                out = rule(func, args, kwargs, self.supports)
+            else:
+                out = _into_out(rule, func, functional, args, kwargs, self.supports)
             if self.supports.unfollowed:
                 for what in self.supports.unfollowed:  # a rule function's undeclared output, or (what, fix)
                     what, fix = what if isinstance(what, tuple) else \
@@ -179,6 +185,62 @@ class _StrongZeroMode(LeanDispatchMode):
         if single:
             return out[0]
         return tuple(out) if isinstance(fused, tuple) else out
+
+
+def _into_out(rule, func, functional, args: tuple, kwargs: dict, sup: _Supports) -> Any:
+    """An ``out=`` overload of an op with a rule (``mm.out`` in nn.LinearCrossEntropyLoss's chunked backward,
+    ``torch.mul(g, v, out=buf)`` in a custom Function's backward): the rule runs on the functional overload
+    and each result is copied into its buffer, which takes the result's support. Rules are written for the
+    functional form: on the ``out=`` form, one that runs the op again for its pieces or counts wrote those into
+    the caller's buffer (``_trilinear``'s count of met NaN/Inf replaced its result: a zero gradient) or called
+    an overload that needs ``out``. The buffer is resized as PyTorch resizes it (``resize_output``: silently when
+    empty, with PyTorch's warning when it held elements of another shape), and a resized buffer takes the
+    result's strides, as a structured kernel's output does. A buffer of another dtype than the result runs the
+    rule on the ``out=`` form as it is, where PyTorch's kernel decides (cast or refuse)."""
+    names = out_names(func)
+    dests = [kwargs[n] for n in names]
+    rest = {k: v for k, v in kwargs.items() if k not in names}
+    # a result's dtype is the inputs' (type promotion) or a dtype argument's: known before the rule runs only by
+    # running it, so the functional form runs first and a mismatch then reruns the out= form (PyTorch's errors)
+    # (the functional overload's own rule where one overload is refined: exp.default's, sub.Tensor's)
+    res = (lookup(functional) or rule)(functional, args, rest, sup)
+    results = list(res) if isinstance(res, (tuple, list)) else [res]
+    if any(isinstance(r, torch.Tensor) and r.dtype != d.dtype for r, d in zip(results, dests, strict=True)):
+        return rule(func, args, kwargs, sup)
+    for r, d in zip(results, dests, strict=True):
+        if not isinstance(r, torch.Tensor):  # an output the op did not compute (convolution_backward's mask)
+            continue
+        if d.shape != r.shape:
+            _resize_output(d, r)
+        d.copy_(r)
+        if sup.tracked(r) or sup.tracked(d):
+            sup.record(d, sup.of(r))
+    return dests[0] if len(dests) == 1 else tuple(dests)
+
+
+def _resize_output(d: torch.Tensor, r: torch.Tensor) -> None:
+    """ATen's ``resize_output`` for buffer ``d`` of result ``r`` (its warning, word for word), then ``r``'s strides
+    where ``r`` is dense (a TensorIterator kernel's resized output follows its inputs' layout)."""
+    if d.numel():
+        warnings.warn(f"An output with one or more elements was resized since it had shape {list(d.shape)}, which "
+                      f"does not match the required output shape {list(r.shape)}. This behavior is deprecated, and "
+                      "in a future PyTorch release outputs will not be resized unless they have zero elements. You "
+                      "can explicitly reuse an out tensor t by resizing it, inplace, to zero elements with "
+                      "t.resize_(0).", UserWarning, stacklevel=2)
+    d.resize_(r.shape)
+    if d.stride() != r.stride() and _dense(r):
+        d.as_strided_(r.shape, r.stride())
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill ``numel`` consecutive places of its storage (a permutation of a contiguous
+    layout), so that a buffer resized to ``numel`` can take its strides."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride(), strict=True) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _zero_preserved(func, args: tuple, kwargs: dict, out: object, sup: _Supports) -> torch.Tensor | None:

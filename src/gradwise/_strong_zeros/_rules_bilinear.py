@@ -189,15 +189,6 @@ def _bilinear(support_fn: Callable[[Any, tuple, int, torch.Tensor], Any], count_
     operand's."""
 
     def bilinear(func, args, kwargs, sup):
-        if "out" in kwargs:  # mm.out / bmm.out (a kernel's workspace, nn.LinearCrossEntropyLoss's backward): the
-            # rule's pieces are functional ops, so it runs on the functional form and writes into ``out``
-            dest, rest = kwargs["out"], {k: v for k, v in kwargs.items() if k != "out"}
-            res = bilinear(func.overloadpacket.default, args, rest, sup)
-            if dest.shape != res.shape:
-                dest.resize_(res.shape)
-            dest.copy_(res)
-            sup.record(dest, sup.of(res))
-            return dest
         slots = [i for i, a in enumerate(args) if _is_float(a)]
         held = {i: s for i in slots if (s := sup.of(args[i])) is not None}  # (one storage lookup per operand)
         tracked = list(held)
@@ -493,22 +484,34 @@ def _rerun_skips(op, layouts: tuple, out_shape: Callable[[tuple, tuple], tuple],
 
 
 def _zero_alpha_mul(func, args, kwargs, sup):
-    """mul, as _product (``_rules_pointwise._exp_result_mul``). In the backward of an op of ZERO_ALPHA_PRODUCTS
+    """mul's rule (its only registration): as _product, refined in exp's backward (``_rules_pointwise.
+    _exp_result_mul``) and here by the alpha fact. In the backward of an op of ZERO_ALPHA_PRODUCTS
     (addmm, addmv, addbmm, baddbmm, addr) with alpha = 0 whose kernel never read the product, the formula's mul by
     that literal 0 is the deleted product term: its output is a structural zero, 0 even where the product of the
     sensitivity with the other operand is NaN/Inf, as in the program with that term deleted (the operands get no
-    gradient there). beta's mul, with beta = 0 too, is one as well: the input is not read either (documented)."""
+    gradient there). beta's mul, with beta = 0 too, is one as well: the input is not read either (documented).
+    Inside an in-place op on a view (a CopySlices node) the op's node is hidden: a literal 0 meeting NaN/Inf
+    there keeps PyTorch's NaN and is named if the gradients end up non-finite."""
     scale = args[1] if len(args) > 1 else None
     if scale.__class__ in (int, float) and scale == 0 and _in_formula():
         node = torch._C._current_autograd_node()
-        if type(node).__name__ in ZERO_ALPHA_PRODUCTS and node._saved_alpha == 0 and \
-                _kernel_skips_product(node, args[0]):
+        name = type(node).__name__
+        if name in ZERO_ALPHA_PRODUCTS and node._saved_alpha == 0 and _kernel_skips_product(node, args[0]):
             out = func(*args, **kwargs)
             structural = torch.zeros((), dtype=torch.bool, device=out.device)
             _annihilate(out, structural)
             sup.record(out, structural)
             return out
+        if name == "CopySlices":  # the op is in place on a view: its node (and alpha, its operands) is hidden
+            out = _exp_result_mul(func, args, kwargs, sup)
+            if _is_float(out) and not bool(out.isfinite().all()):
+                sup.unfollowed.append((
+                    "a product scaled by a literal 0 inside an in-place op on a view (CopySlices hides the op's "
+                    "node: addmm_, addmv_, baddbmm_, addbmm_, addr_ with alpha=0 through a slice)",
+                    "call the op out of place (y[:2] = torch.addmm(y[:2], a, b, alpha=0)), whose node strong "
+                    "zeros can read, or leave the product term out"))
+            return out
     return _exp_result_mul(func, args, kwargs, sup)
 
 
-_register(aten.mul, aten.mul_)(_zero_alpha_mul)  # over _rules_pointwise's
+_register(aten.mul, aten.mul_)(_zero_alpha_mul)  # mul's one rule (_rules_pointwise registers none for it)

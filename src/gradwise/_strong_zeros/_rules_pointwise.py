@@ -567,9 +567,11 @@ _KIND_RULES: dict[str, Callable[[ZeroFact], Rule]] = {
     "gates": lambda f: _selecting(_passes(f)), "where": lambda f: _where, "masked_fill": lambda f: _masked_fill,
     "index_fill": lambda f: _index_fill,
 }
+# mul's one rule is _rules_bilinear._zero_alpha_mul: its kind's product refined by exp's result in exp's backward
+# (_exp_result_mul, here) and by the literal 0 of an alpha = 0 product's backward (a fact of those nodes, there)
+_REGISTERED_ELSEWHERE = frozenset((aten.mul, aten.mul_))
 for _op, _fact in ZERO_FACTS.items():
-    if _fact.kind in _KIND_RULES:
+    if _fact.kind in _KIND_RULES and _op not in _REGISTERED_ELSEWHERE:
         _register(_op)(_KIND_RULES[_fact.kind](_fact))
-# Refinements, registered over their kind's rule: exp's result in its own backward, logaddexp's weights.
-_register(aten.mul, aten.mul_)(_exp_result_mul)
+# A refinement of div's kind rule (the overload is looked up before the packet): logaddexp's weights.
 _register(aten.div.Tensor)(_logaddexp_weight_div)

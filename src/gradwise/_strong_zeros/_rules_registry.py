@@ -11,7 +11,7 @@ May import: torch, _rules, _rules_pointwise.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -52,31 +52,117 @@ class Supports:
 RuleFunction = Callable[[Any, tuple, dict, Supports], Any]
 
 
-def _placement(func, args, kwargs, sup):
-    """The op is a linear map of its first argument (the sensitivity) with non-negative weights that depend on
-    the other arguments only: a scatter, a gather, a pooling or ROI pooling/align backward. It runs again on the
-    sensitivity's support as 0/1 numbers; an output no supported element reaches (count 0) is a structural
-    zero. Other float arguments (boxes, grids, weights) are values and are passed as they are, so a NaN/Inf
-    weight makes its outputs' counts NaN: those keep the op's value (a weight that a supported element meets is
-    used: its NaN is genuine; one that only a structural zero meets gives PyTorch's NaN, named if the gradients
-    end up non-finite), never a 0 that would hide the NaN or drop what the supported elements placed there."""
-    out = func(*args, **kwargs)
-    s = sup.of(args[0])
-    ones = torch.ones_like(args[0]) if s is None else s.expand(args[0].shape).to(args[0].dtype)
-    counts = func(ones, *args[1:], **kwargs)  # the op's own zeros (rows a scatter never reaches) are structural
-    for o, c in zip(*(x if isinstance(x, (tuple, list)) else (x,) for x in (out, counts)), strict=True):
-        if _is_float(o):
-            # != 0, not > 0: a NaN count is no proof of a structural zero. And where the op's value is not 0 a
-            # supported element reached the output (a structural one is 0, times a finite weight 0): signed
-            # weights that cancel in the count (+1, -1), or a weight 0 meeting a supported Inf (0 x Inf = NaN)
-            support = (c != 0) | (o != 0)
+Weights = tuple[str | int, ...]  # arguments named in the schema, or positions (0 is the sensitivity)
+
+
+def _weight_slots(func: Any, weights: Weights) -> list[tuple[int, str]]:
+    """(position, name) of each argument ``weights`` names, from ``func``'s schema."""
+    arguments = func._schema.arguments
+    names = [a.name for a in arguments]
+    slots = []
+    for w in weights:
+        i = w if isinstance(w, int) else names.index(w) if w in names else -1
+        if not 0 < i < len(names):
+            raise ValueError(f"gw.register_rule: {func} has no weights argument {w!r} (its arguments: {names}; "
+                             f"not the first, the sensitivity)")
+        slots.append((i, names[i]))
+    return slots
+
+
+def _with_ones(func: Any, args: tuple, kwargs: dict, slots: list[tuple[int, str]]) -> tuple[tuple, dict]:
+    """``args``, ``kwargs`` with each floating tensor at ``slots`` replaced by ones of its shape."""
+    args, kwargs = list(args), dict(kwargs)
+    for i, name in slots:
+        where, key = (args, i) if i < len(args) else (kwargs, name)
+        if (key in where if where is kwargs else True) and _is_float(where[key]):
+            where[key] = torch.ones_like(where[key])
+    return tuple(args), kwargs
+
+
+def _zeros_as_ones(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The other floating tensor arguments (after the sensitivity) with each exact 0 replaced by 1, or None when
+    none holds a 0: the reach of a weight 0, for a placement that was not told which arguments are weights."""
+    def swap(a: object) -> object:
+        return a.masked_fill(a == 0, 1) if _is_float(a) and bool((a == 0).any()) else a
+
+    new_args = (args[0], *map(swap, args[1:]))
+    new_kwargs = {k: swap(v) for k, v in kwargs.items()}
+    changed = any(a is not b for a, b in zip(new_args, args, strict=True)) or \
+        any(new_kwargs[k] is not v for k, v in kwargs.items())
+    return (new_args, new_kwargs) if changed else None
+
+
+def _placement_rule(weights: Weights | None) -> Rule:
+    """The ``"placement"`` family, for an op that is a linear map of its first argument (the sensitivity) with
+    weights that depend on the other arguments only: a scatter, a gather, a pooling or ROI pooling/align
+    backward. It runs again on the sensitivity's support as 0/1 numbers; an output no supported element reaches
+    (count 0) is a structural zero. A weight of exactly 0 is a value, not a structural zero: the forward read
+    the element it multiplies (0 x NaN is NaN there, and the loss with it), so the count must not take the weight
+    as given where it may be 0.
+
+    - ``weights`` named (argument names or positions): the counts run with those arguments as ones, so an
+      output is a structural zero exactly where no supported element reaches it; a NaN/Inf weight that only
+      structural zeros meet is annihilated (the program without those elements never multiplies it).
+    - ``weights=()``: no argument holds weights (the other arguments only decide where elements land: indices,
+      boxes, grids); the counts run as they are, and an output is structural where its count and its value are
+      both 0 (signed weights cancel in a count: a value not 0 is a supported element, +1 and -1).
+    - ``weights=None`` (not said): any other floating argument may hold weights. Where one holds an exact 0,
+      the counts run a second time with its zeros as ones and an output is structural only where both counts
+      (and its value) are 0. Sound where the zero sits in a weight, and where it sits in a box or a grid the
+      second count can only keep more outputs supported (fewer strong zeros, never a hidden NaN).
+
+    Other float arguments (boxes, grids) are values passed as they are, so a NaN/Inf there makes its outputs'
+    counts NaN: those keep the op's value (a NaN that a supported element meets is used; one that only a
+    structural zero meets gives PyTorch's NaN, named if the gradients end up non-finite), never a 0 that would
+    hide the NaN or drop what the supported elements placed there. A weight computed inside the kernel (the
+    bilinear weights of roi_align at an integer sample position) is not an argument: a 0 there counts as no
+    reach."""
+    slots_of: dict[Any, list[tuple[int, str]]] = {}
+
+    def placement(func, args, kwargs, sup):
+        out = func(*args, **kwargs)
+        s = sup.of(args[0])
+        ones = torch.ones_like(args[0]) if s is None else s.expand(args[0].shape).to(args[0].dtype)
+        if weights:
+            slots = slots_of.get(func)
+            if slots is None:
+                slots = slots_of[func] = _weight_slots(func, weights)
+            unit_args, unit_kwargs = _with_ones(func, args, kwargs, slots)
+            counts = func(ones, *unit_args[1:], **unit_kwargs)
+            reach = None
+        else:
+            counts = func(ones, *args[1:], **kwargs)  # the op's own zeros (rows a scatter never reaches) too
+            swapped = _zeros_as_ones(args, kwargs) if weights is None else None
+            reach = None if swapped is None else func(ones, *swapped[0][1:], **swapped[1])
+        outs, cs = (x if isinstance(x, (tuple, list)) else (x,) for x in (out, counts))
+        rs = (reach if isinstance(reach, (tuple, list)) else (reach,)) if reach is not None else (None,) * len(cs)
+        for o, c, r in zip(outs, cs, rs, strict=True):
+            if not _is_float(o):
+                continue
+            if weights:  # unit weights: no cancellation, no weight 0
+                support = c != 0
+            else:
+                # != 0, not > 0: a NaN count is no proof of a structural zero. And where the op's value is not 0 a
+                # supported element reached the output (a structural one is 0, times a finite weight 0): signed
+                # weights that cancel in the count (+1, -1), or a weight 0 meeting a supported Inf (0 x Inf = NaN)
+                support = (c != 0) | (o != 0)
+                if r is not None:
+                    support |= r != 0
             sup.record(_annihilate(o, support), support)
             # a structural element (count 0) meeting a NaN/Inf weight makes a NaN count, never an Inf one (an Inf
             # count is a supported element meeting Inf, or 0/1 counts overflowing a large finite weight)
             if s is not None and bool(c.isnan().any()):
                 sup.unfollowed.append((f"{func}, whose placement rule met NaN/Inf among its other arguments",
                                        "make the op's other arguments finite where no kept element reads them"))
-    return out
+        return out
+
+    placement.__doc__ = _placement_rule.__doc__
+    placement.__name__ = "_placement"
+    return placement
+
+
+# no argument holds weights: the built-in placements whose weights the kernel computes (segment reductions)
+_placement = _placement_rule(())
 
 
 def _each_output(body: Rule, family: str, factors: int) -> Rule:
@@ -127,7 +213,7 @@ FAMILIES: dict[str, Rule] = {
     "linear": _each_output(_linear, "linear", 1),
     # pointwise product of the first two arguments: a structural zero of either annihilates the other
     "product": _each_output(_mul, "product", 2),
-    "placement": _placement,
+    "placement": _placement_rule(None),
 }
 
 
@@ -192,7 +278,24 @@ def _wrap(rule: RuleFunction) -> Rule:
     return wrapped
 
 
-def register_rule(op: Any, rule: str | RuleFunction, *, replace: bool = False) -> RuleHandle:
+def _checked_weights(op: Any, weights: Sequence[str | int]) -> Weights:
+    """``weights`` as a tuple, checked against the op's schema where the op is loaded (a name of a library not
+    loaded yet is checked when the op first runs)."""
+    if isinstance(weights, (str, int)):
+        weights = (weights,)
+    out = tuple(weights)
+    if not all(isinstance(w, (str, int)) and not isinstance(w, bool) for w in out):
+        raise TypeError(f"gw.register_rule: weights must name arguments (str) or positions (int), got {weights!r}")
+    key = _key(op)
+    overloads = [key] if isinstance(key, torch._ops.OpOverload) else \
+        [getattr(key, n) for n in key.overloads()] if isinstance(key, torch._ops.OpOverloadPacket) else []
+    for overload in overloads:
+        _weight_slots(overload, out)
+    return out
+
+
+def register_rule(op: Any, rule: str | RuleFunction, *, replace: bool = False,
+                  weights: Sequence[str | int] | None = None) -> RuleHandle:
     """Register how strong zeros pass through ``op`` when it runs inside a backward.
 
     ``op`` is a torch op (``torch.ops.mylib.my_op``, one overload of it, the object ``torch.library.custom_op``
@@ -201,8 +304,13 @@ def register_rule(op: Any, rule: str | RuleFunction, *, replace: bool = False) -
 
     - ``"linear"``: pointwise, linear in the first argument (an activation's backward ``g * f'(x)``);
     - ``"product"``: pointwise product of the first two arguments;
-    - ``"placement"``: a linear map of the first argument with non-negative weights fixed by the other arguments
-      (scatter, gather, pooling, ROI pooling/align backward);
+    - ``"placement"``: a linear map of the first argument with weights fixed by the other arguments (scatter,
+      gather, pooling, ROI pooling/align backward). ``weights`` names the arguments (schema names or positions)
+      that hold the weights, which may be 0 or negative: a weight 0 multiplies an element the forward read,
+      so that element is no structural zero. ``weights=()`` says no argument does (they only decide where
+      elements land: indices, boxes); left out, any floating argument holding an exact 0 may be a weight, and
+      the rule then counts with those zeros as ones too (sound, one more run of the op, fewer strong zeros
+      where the zero was a box coordinate);
 
     or a function ``rule(op, args, kwargs, supports) -> output`` that runs ``op(*args, **kwargs)`` itself (on
     whatever it likes: dropping what only structural zeros read, replacing NaN that only they meet) and declares
@@ -213,7 +321,7 @@ def register_rule(op: Any, rule: str | RuleFunction, *, replace: bool = False) -
     the rule if the gradients end up holding NaN/Inf.
 
     Returns a handle whose ``remove()`` undoes the registration. A built-in rule is replaced only with
-    ``replace=True``.
+    ``replace=True``. ``weights`` applies to ``"placement"`` only.
 
     >>> import torch, gradwise as gw
     >>> @torch.library.custom_op("doc::double_backward", mutates_args=())
@@ -222,11 +330,13 @@ def register_rule(op: Any, rule: str | RuleFunction, *, replace: bool = False) -
     >>> handle = gw.register_rule(double_backward, "linear")
     >>> handle.remove()
     """
+    if weights is not None and rule != "placement":
+        raise ValueError(f"gw.register_rule: weights= applies to the 'placement' family only, not to {rule!r}")
     if isinstance(rule, str):
         if rule not in FAMILIES:
             raise ValueError(f"gw.register_rule: unknown rule family {rule!r}; use one of {sorted(FAMILIES)} or a "
                              f"function rule(op, args, kwargs, supports)")
-        body = FAMILIES[rule]
+        body = FAMILIES[rule] if weights is None else _placement_rule(_checked_weights(op, weights))
     elif callable(rule):
         body = _wrap(rule)
     else:
@@ -248,4 +358,4 @@ def register_rule(op: Any, rule: str | RuleFunction, *, replace: bool = False) -
 # tests/test_custom_rules.py, which runs the same rule on a pure-PyTorch op with torchvision's schema).
 for _name in ("torchvision::_roi_align_backward", "torchvision::_roi_pool_backward",
               "torchvision::_ps_roi_align_backward", "torchvision::_ps_roi_pool_backward"):
-    RULES.setdefault(_name, _placement)
+    RULES.setdefault(_name, _placement)  # weights computed inside the kernel from the boxes: weights=()
