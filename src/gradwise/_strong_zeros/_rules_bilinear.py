@@ -17,7 +17,16 @@ from torch.utils._pytree import tree_map
 
 from gradwise._masks import EagerMasks, mask_any
 from gradwise._ops._contractions import conv_input_reads, conv_output_support, mm_reads, mm_support, mv_support
-from gradwise._strong_zeros._rules import _UNRULED, Rule, _annihilate, _in_formula, _is_float, _Kept, _register
+from gradwise._strong_zeros._rules import (
+    _UNRULED,
+    Rule,
+    _annihilate,
+    _in_formula,
+    _is_float,
+    _Kept,
+    _reads_nodes,
+    _register,
+)
 from gradwise._strong_zeros._rules_pointwise import _exp_result_mul
 
 aten = torch.ops.aten
@@ -499,7 +508,7 @@ def _zero_alpha_mul(func, args, kwargs, sup):
     sensitivity with the other operand is NaN/Inf, as in the program with that term deleted (the operands get no
     gradient there). beta's mul, with beta = 0 too, is one as well: the input is not read either (documented)."""
     scale = args[1] if len(args) > 1 else None
-    if scale.__class__ in (int, float) and scale == 0 and _in_formula():
+    if scale.__class__ in (int, float) and scale == 0 and _in_formula() and _reads_nodes():
         node = torch._C._current_autograd_node()
         if type(node).__name__ in ZERO_ALPHA_PRODUCTS and node._saved_alpha == 0 and \
                 _kernel_skips_product(node, args[0]):
