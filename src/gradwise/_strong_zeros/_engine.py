@@ -288,7 +288,7 @@ def _choose(outputs: Sequence[Any], inputs: Sequence[Any], seeds: Sequence[Any],
     # and traced together: both would find nothing, so neither runs (~20 us of a 2 ms backward)
     everyday = _everyday(outputs, seeds, inputs)
     why = None if everyday else _contract.plain_reason(outputs, inputs, seeds)
-    if why in ("transform", "batched") and _transforms.followable(outputs, seeds):
+    if why in ("transform", "batched") and _transforms.followable(outputs, inputs, seeds):
         return "transform"  # no plan (its reads would meet wrappers): one pass under the mode (_transforms)
     if why is None:
         try:

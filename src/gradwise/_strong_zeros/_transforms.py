@@ -21,7 +21,7 @@ Anything else keeps running as plain PyTorch with a ``PlainBackwardWarning``. A 
 autograd below the transforms (a parameter that requires grad, captured by the transformed function) is the
 eager ``create_graph`` case: ``_carry`` carries its structural zeros, as there.
 
-May import: torch, _traced.
+May import: torch, _contract, _traced.
 """
 
 from __future__ import annotations
@@ -40,14 +40,20 @@ from torch._C._functorch import (
 )
 from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
+from gradwise._strong_zeros import _contract
 from gradwise._strong_zeros._traced import compiling
 
 _FOLLOWED = (TransformType.Vmap, TransformType.Grad)
 
 
-def followable(outputs: Iterable[Any], seeds: Iterable[Any]) -> bool:
+def followable(outputs: Iterable[Any], inputs: Iterable[Any], seeds: Iterable[Any]) -> bool:
     """Whether the strong pass can run on this backward under the functorch transforms active now (see the module
-    docstring); reads no values, only the interpreter stack and the wrappers' levels."""
+    docstring); reads no values, only the interpreter stack, the wrappers' levels and what the tensors under the
+    wrappers are (sparse, nested, a subclass: as outside transforms, not followed)."""
+    outputs, inputs, seeds = tuple(outputs), tuple(inputs), tuple(seeds)
+    for t in (*outputs, *inputs, *seeds):
+        if isinstance(t, torch.Tensor) and _contract.kind(_plain(t), batched=False) is not None:
+            return False
     if compiling() or torch.autograd.forward_ad._current_level >= 0:
         return False
     stack = get_interpreter_stack() or []
@@ -71,6 +77,13 @@ def followable(outputs: Iterable[Any], seeds: Iterable[Any]) -> bool:
     return not (legacy and stack)  # the legacy vmap of is_grads_batched inside a transform: not followed
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """The tensor under ``t``'s functorch wrappers (a legacy batched tensor stays: its metadata is the physical's)."""
+    while is_functorch_wrapped_tensor(t):
+        t = get_unwrapped(t)
+    return t
+
+
 def all_finite(tensors: Iterable[Any]) -> bool | None:
     """Whether every floating-point tensor of ``tensors`` is finite, read on the plain tensors under their functorch
     wrappers (under vmap: every sample at once) with the transforms set aside, so no wrapper is read and no
@@ -79,8 +92,7 @@ def all_finite(tensors: Iterable[Any]) -> bool | None:
     for t in tensors:
         if not isinstance(t, torch.Tensor):
             continue
-        while is_functorch_wrapped_tensor(t):
-            t = get_unwrapped(t)
+        t = _plain(t)
         if is_legacy_batchedtensor(t):
             return None
         if t.is_floating_point() or t.is_complex():
