@@ -80,10 +80,10 @@ class Unreadable(Exception):
 
 
 _WHY = {
-    "transform": "a torch.func transform differentiates this backward itself (jvp, jacfwd, hessian, a grad of a "
-    "grad or of a vjp), or is functionalize, or torch.compile traces it: the strong pass's annihilation would run "
-    "below the transform that records the backward's formulas (strong zeros hold under grad, vjp, vmap and "
-    "jacrev alone)",
+    "transform": "the torch.func transforms around it are ones strong zeros cannot follow: a jvp/jacfwd/hessian "
+    "or forward-AD level, a grad of a grad or of a vjp (they differentiate the backward's formulas, while the strong "
+    "pass acts below them), functionalize, or torch.compile tracing it. Strong zeros hold under grad, vjp, vmap "
+    "of either, jacrev and is_grads_batched",
     "batched": "its batched tensors (vmap's wrappers) come from a transform strong zeros cannot follow here "
     "(jvp, jacfwd, hessian, nested grad, functionalize, torch.compile)",
     "sparse": "a sparse tensor takes part: strong zeros follow dense (strided) tensors only",
