@@ -316,3 +316,187 @@ def test_level_zero_graph_of_a_transform_gradient_is_carried():
         got = torch.autograd.grad(got_g.sum(), x)[0]
     assert torch.equal(got_g.detach(), g.detach()) and torch.equal(got, expected)
     assert bool(expected.isfinite().all())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-sample gradients of modules with per-sample auxiliary inputs (targets, masks, indices) batched by vmap too
+# ---------------------------------------------------------------------------------------------------------
+
+def _aux_case(name: str):
+    """(module, loss(out, aux), X with NaN rows in discarded places, the same X finite, aux)."""
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(B, 6, 4, generator=g, dtype=D)
+    target = torch.randint(0, 5, (B, 6), generator=g)
+    target[1, 3:], target[2, 5] = -100, -100
+    finite = X.clone()
+    X[1, 3:], X[2, 5] = nan, nan
+    keep = target >= 0
+    lin = torch.nn.Linear(4, 5).to(D)
+    if name == "cross_entropy_targets":
+        return lin, lambda o, t: F.cross_entropy(o, t, ignore_index=-100), X, finite, target
+    if name == "where_mask":
+        return lin, lambda o, m: torch.where(m[:, None], o, 0.0).sum(), X, finite, keep
+    if name == "masked_softmax":
+        return lin, lambda o, m: torch.where(m[:, None], (o @ o.T).masked_fill(~m, -inf).softmax(-1), 0.0).sum(), \
+            X, finite, keep
+    if name == "index_select":
+        return lin, lambda o, i: o.index_select(0, i).sum(), X, finite, torch.tensor([[0, 1, 2], [0, 1, 2], [0, 1, 3]])
+    if name == "logsumexp_mask":
+        return lin, lambda o, m: torch.logsumexp(o.masked_fill(~m[:, None], -inf), 0).sum(), X, finite, keep
+    if name == "layer_norm_module":
+        net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2)).to(D)
+        return net, lambda o, m: torch.where(m[:, None], o, 0.0).sum(), X, finite, keep
+    if name == "encoder_layer":
+        net = _Batched(torch.nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True).to(D).eval())
+        return net, lambda o, m: torch.where(m[:, None], o, 0.0).sum(), X, finite, keep
+    if name == "strided_conv_cropped":
+        net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(3, 2, 1)).to(D)
+        X = torch.randn(B, 2, 9, 9, generator=g, dtype=D)
+        finite = X.clone()
+        X[1, :, 7:, :], X[2, :, :, 7:] = nan, nan
+        return net, lambda o, a: o[:, :2, :2].sum(), X, finite, torch.zeros(B)
+    raise KeyError(name)
+
+
+class _Batched(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x[None])[0]
+
+
+AUX = ["cross_entropy_targets", "where_mask", "masked_softmax", "index_select", "logsumexp_mask",
+       "layer_norm_module", "encoder_layer", "strided_conv_cropped"]
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # functorch's SDPA fallback
+@pytest.mark.parametrize("name", AUX)
+def test_per_sample_gradients_with_batched_targets_and_masks(name):
+    net, loss, X, finite, aux = _aux_case(name)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def f(p, x, a):
+        return loss(functional_call(net, p, (x,)), a)
+
+    per_sample = torch.func.vmap(torch.func.grad(f, argnums=(0, 1)), in_dims=(None, 0, 0))
+    expected = [_eager(lambda p, x, a=a: f(p, x, a), params, x[None], gw.grad)[0] for x, a in zip(X, aux, strict=True)]
+    plain = per_sample(params, X, aux)
+    assert any(not bool(t.isfinite().all()) for t in _flat(plain)), "premise: PyTorch is contaminated"
+    with gw.strong_zeros():
+        got = per_sample(params, X, aux)
+        got_finite = per_sample(params, finite, aux)
+    _check_close(_unbatch(got), expected, f"vmap(grad) of {name}")
+    assert all(torch.equal(g, e) for g, e in zip(_flat(got_finite), _flat(per_sample(params, finite, aux)),
+                                                 strict=True))
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compositions, and the rules that read the running node's saved tensors (op by op under transforms)
+# ---------------------------------------------------------------------------------------------------------
+
+_M4 = torch.tensor([True, True, False, True])
+
+
+def _h(x):
+    return (torch.where(_M4, x.sqrt(), 0.0) * x).sum()
+
+
+def _vector(x):
+    return torch.where(_M4, x.sqrt(), 0.0) * 2
+
+
+def _eager_rows(fn, x):
+    """The eager gw.grad of each output element (rows of the Jacobian)."""
+    xx = x.clone().requires_grad_()
+    y = fn(xx)
+    return torch.stack([gw.grad(y[i], xx, retain_graph=True)[0] for i in range(y.numel())])
+
+
+_X4 = torch.tensor([1.0, 4.0, -1.0, 9.0], dtype=D)
+COMPOSED = {
+    "vmap(vmap(grad))": (lambda x: torch.func.vmap(torch.func.vmap(torch.func.grad(_h)))(x.expand(2, 3, 4)),
+                         lambda x: _eager_rows(lambda v: _h(v)[None], x)[0].expand(2, 3, 4)),
+    "vmap(jacrev)": (lambda x: torch.func.vmap(torch.func.jacrev(_vector))(x.expand(2, 4)),
+                     lambda x: _eager_rows(_vector, x).expand(2, 4, 4)),
+    "jacrev(chunk_size=1)": (lambda x: torch.func.jacrev(_vector, chunk_size=1)(x), lambda x: _eager_rows(_vector, x)),
+    "grad(has_aux)": (lambda x: torch.func.grad(lambda v: (_h(v), v.sum()), has_aux=True)(x)[0],
+                      lambda x: _eager_rows(lambda v: _h(v)[None], x)[0]),
+    "jacobian(vectorize)": (lambda x: torch.autograd.functional.jacobian(_vector, x, vectorize=True),
+                            lambda x: _eager_rows(_vector, x)),
+    # the inner gradient is an eager create_graph pass; the outer one is batched over its graph
+    "hessian(vectorize)": (lambda x: torch.autograd.functional.hessian(_h, x, vectorize=True),
+                           lambda x: _eager_rows(lambda v: gw.grad(_h(v), v, create_graph=True)[0], x)),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPOSED))
+def test_compositions_hold(name):
+    call, reference = COMPOSED[name]
+    assert not bool(call(_X4).isfinite().all()), "premise: PyTorch is contaminated"
+    with gw.strong_zeros():
+        got = call(_X4)
+    torch.testing.assert_close(got, reference(_X4), rtol=1e-12, atol=1e-12)
+
+
+def test_per_sample_penalty_through_captured_parameters_is_carried():
+    """Parameters that require grad, captured by vmap(grad): PyTorch's autograd records the pass below the
+    transforms; a penalty on the per-sample gradients differentiates as the eager create_graph double backward."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).to(D)
+    X = _gen(12, 3, 5, 4)
+    X[1, 3:], X[2, 4] = nan, nan
+    params = dict(net.named_parameters())
+
+    def f(p, x):
+        return functional_call(net, p, (x,))[:3].pow(2).sum()
+
+    penalty = sum(sum(t.pow(2).sum() for t in gw.grad(f(params, x), list(params.values()), create_graph=True))
+                  for x in X)
+    expected = gw.grad(penalty, list(params.values()))
+    with gw.strong_zeros():
+        per_sample = torch.func.vmap(torch.func.grad(f), in_dims=(None, 0))(params, X)
+        got = torch.autograd.grad(sum(t.pow(2).sum() for t in per_sample.values()), list(params.values()))
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+        assert bool(g.isfinite().all())
+
+
+_W32 = _gen(13, 3, 2)
+NODE_READERS = {  # rules that read the running node's saved tensors: op by op under transforms, PyTorch's values
+    "logcumsumexp": lambda x: torch.logcumsumexp(x, 0)[:3].sum(),
+    "addmm(alpha=0)": lambda x: torch.addmm(torch.zeros(2, 2, dtype=D), x.reshape(2, 3), _W32, alpha=0).sum()
+    + x[:2].sum(),
+}
+
+
+@pytest.mark.parametrize("name", list(NODE_READERS))
+def test_node_reading_rules_keep_pytorchs_gradient_under_transforms(name):
+    f = NODE_READERS[name]
+    X = _gen(14, 3, 6)
+    X[1, 4], X[2, 5] = nan, inf
+    per_sample = torch.func.vmap(torch.func.grad(f))
+    expected = per_sample(X)
+    with gw.strong_zeros():
+        got = per_sample(X)
+    assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))
+
+
+def test_triangle_readers_keep_pytorchs_gradient_and_are_named():
+    """cholesky_solve's formula reads the factor's unused triangle; eager strong zeros clean it with a node hook,
+    which cannot run under a transform: PyTorch's gradient there, and an OpaqueBackwardWarning names the node."""
+    a = _gen(15, 3, 3)
+    factor = torch.linalg.cholesky(a @ a.T + 3 * torch.eye(3, dtype=D))
+    factor[0, 2] = nan  # the upper triangle cholesky_solve never reads
+    rhs = _gen(16, 3, 2)
+
+    def f(lower):
+        return torch.cholesky_solve(rhs, lower).sum()
+
+    expected = torch.func.grad(f)(factor)
+    assert bool(expected.isnan().any())
+    with pytest.warns(gw.OpaqueBackwardWarning, match="CholeskySolveBackward0 under a torch.func transform"), \
+            gw.strong_zeros():
+        got = torch.func.grad(f)(factor)
+    assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))

@@ -3,7 +3,7 @@
 Strong zeros read values (the check before backward sums saved tensors) and follow real dense tensors (the
 supports of ``_StrongZeroMode``). Under ``torch.func`` transforms and with batched seeds the plan cannot read (every
 tensor is a functorch wrapper: ``aten::item`` has no batching rule), so such a backward runs the strong pass
-without a plan where ``_transforms.followable`` says the pass can follow it (grad, vjp, vmap, jacrev,
+without a plan where ``_transforms.plain_reason`` says the pass can follow it (grad, vjp, vmap, jacrev,
 ``is_grads_batched``). Some backwards give strong zeros neither:
 
 - a ``torch.func`` transform that differentiates the backward itself (jvp, jacfwd, hessian, nested grad), or

@@ -231,6 +231,8 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
     if _carry.CARRIED_VALUES:  # a create_graph pass's values with structural zeros, saved by this graph
         _carry.seed(mode.supports)
     handles = watch_functions([r for r in _root_nodes(outputs) if r is not None], mode, watched) if functions else []
+    if transform:
+        mode.lost.update(_transforms.unhooked(outputs))
     try:
         with _under_traces(mode):
             result = run(retain_graph)
@@ -288,8 +290,10 @@ def _choose(outputs: Sequence[Any], inputs: Sequence[Any], seeds: Sequence[Any],
     # and traced together: both would find nothing, so neither runs (~20 us of a 2 ms backward)
     everyday = _everyday(outputs, seeds, inputs)
     why = None if everyday else _contract.plain_reason(outputs, inputs, seeds)
-    if why in ("transform", "batched") and _transforms.followable(outputs, inputs, seeds):
-        return "transform"  # no plan (its reads would meet wrappers): one pass under the mode (_transforms)
+    if why in ("transform", "batched"):
+        why = _transforms.plain_reason(outputs, inputs, seeds)
+        if why is None:
+            return "transform"  # no plan (its reads would meet wrappers): one pass under the mode (_transforms)
     if why is None:
         try:
             if torch._C._len_torch_dispatch_stack():

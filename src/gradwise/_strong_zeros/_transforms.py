@@ -1,5 +1,5 @@
 """Strong zeros under ``torch.func`` transforms and batched gradients: which backwards the strong pass follows
-there (``followable``), and what it may read of them (``physical``).
+there (``plain_reason``), and what it may read of them (``all_finite``).
 
 A TorchDispatchMode active during such a backward sees each op after functorch has unwrapped it: plain tensors
 (under vmap, the physical ones with the batch dims), the same tensor objects every time a wrapper is unwrapped. So
@@ -21,7 +21,7 @@ Anything else keeps running as plain PyTorch with a ``PlainBackwardWarning``. A 
 autograd below the transforms (a parameter that requires grad, captured by the transformed function) is the
 eager ``create_graph`` case: ``_carry`` carries its structural zeros, as there.
 
-May import: torch, _contract, _traced.
+May import: torch, _contract, _traced, _autograd_graph, _triangles.
 """
 
 from __future__ import annotations
@@ -41,19 +41,26 @@ from torch._C._functorch import (
 from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
 from gradwise._strong_zeros import _contract
+from gradwise._strong_zeros._autograd_graph import _root_nodes, _walk
 from gradwise._strong_zeros._traced import compiling
+from gradwise._strong_zeros._triangles import TRIANGLE_READERS
 
 _FOLLOWED = (TransformType.Vmap, TransformType.Grad)
 
 
-def followable(outputs: Iterable[Any], inputs: Iterable[Any], seeds: Iterable[Any]) -> bool:
-    """Whether the strong pass can run on this backward under the functorch transforms active now (see the module
-    docstring); reads no values, only the interpreter stack, the wrappers' levels and what the tensors under the
-    wrappers are (sparse, nested, a subclass: as outside transforms, not followed)."""
+def plain_reason(outputs: Iterable[Any], inputs: Iterable[Any], seeds: Iterable[Any]) -> str | None:
+    """None where the strong pass can run on this backward under the functorch transforms active now (see the module
+    docstring), else why not (a key of ``_contract._WHY``: what the tensors under the wrappers are, sparse, nested,
+    a subclass, as outside transforms; else 'transform'). Reads no values: the interpreter stack, the wrappers'
+    levels and the tensors' kinds."""
     outputs, inputs, seeds = tuple(outputs), tuple(inputs), tuple(seeds)
     for t in (*outputs, *inputs, *seeds):
-        if isinstance(t, torch.Tensor) and _contract.kind(_plain(t), batched=False) is not None:
-            return False
+        if isinstance(t, torch.Tensor) and (why := _contract.kind(_plain(t), batched=False)) is not None:
+            return why
+    return None if _followed(outputs, seeds) else "transform"
+
+
+def _followed(outputs: tuple, seeds: tuple) -> bool:
     if compiling() or torch.autograd.forward_ad._current_level >= 0:
         return False
     stack = get_interpreter_stack() or []
@@ -110,3 +117,13 @@ def recorded(made: Iterable[Any]) -> bool:
         if t is not None and t.grad_fn is not None:
             return True
     return False
+
+
+def unhooked(outputs: Iterable[Any]) -> dict[str, str]:
+    """The graph's nodes whose strong-zero treatment is a node hook (``TRIANGLE_READERS``: the unused triangle of a
+    cholesky factor, of pinv's Hermitian input), which cannot run under transforms (the hook would read wrappers):
+    (what, fix) for the OpaqueBackwardWarning given if the gradients end up holding NaN/Inf. Node types only."""
+    names = {type(n).__name__ for n in _walk(_root_nodes(tuple(outputs)))} & TRIANGLE_READERS.keys()
+    return {f"the backward of {name} under a torch.func transform (a node hook cleans its unused triangle, and "
+            "cannot run there)": "take this gradient outside the transform (gw.grad)"
+            for name in sorted(names)}
