@@ -5,7 +5,8 @@ Each test compares against plain torch.autograd on the same program (the referen
 
 Intended differences from plain PyTorch under ``gw.strong_zeros()`` (the peer suite lists them as failures):
 - A ``PlainBackwardWarning`` (once per process and reason) where a backward runs as plain PyTorch because
-  strong zeros cannot read or follow its tensors: torch.func transforms, batched gradients, complex, sparse,
+  strong zeros cannot read or follow its tensors: torch.func transforms that differentiate a backward (hessian,
+  nested grad, jvp over a backward), complex, sparse,
   mkldnn, nested tensors, tensor subclasses with their own ``__torch_dispatch__``. A test that asserts that
   no warning at all is raised sees it (only the first such backward of a process).
 - Where a NaN/Inf meets a structural zero, the gradient is the strong-zero one (that is the point of gradwise):
@@ -57,7 +58,8 @@ class _Double(Function):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 1. Transforms and batched gradients: plain PyTorch with one warning, never an internal error
+# 1. Transforms and batched gradients: strong zeros hold where the pass can follow them (one pass under the mode,
+#    no plan: _strong_zeros/_transforms.py), plain PyTorch with one warning where not; never an internal error
 # ---------------------------------------------------------------------------------------------------------
 
 _TRANSFORMS = {
@@ -71,10 +73,29 @@ _TRANSFORMS = {
     "hessian(vectorize)": lambda x: torch.autograd.functional.hessian(lambda v: v.sin().sum(), x, vectorize=True),
 }
 
+# a transform that differentiates the backward's own formulas (the pass's annihilation runs below it)
+_UNFOLLOWED = {
+    "func.hessian": lambda x: torch.func.hessian(lambda v: v.sin().sum())(x),
+    "grad(grad)": lambda x: torch.func.grad(lambda v: torch.func.grad(lambda w: w.sin().sum())(v).sum())(x),
+}
+
 
 @pytest.mark.parametrize("name", list(_TRANSFORMS))
-def test_transforms_run_plain_with_one_warning(name):
+def test_transforms_hold_strong_zeros_with_pytorchs_bits(name):
+    """Finite data: PyTorch's gradient bit for bit, and no warning."""
     call = _TRANSFORMS[name]
+    x = torch.tensor([0.5, -1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    expected = call(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with gw.strong_zeros():
+            got = call(x)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("name", list(_UNFOLLOWED))
+def test_unfollowed_transforms_run_plain_with_one_warning(name):
+    call = _UNFOLLOWED[name]
     x = torch.tensor([0.5, -1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
     expected = call(x)
     with pytest.warns(gw.PlainBackwardWarning, match="ran as plain PyTorch") as record, gw.strong_zeros():
@@ -90,31 +111,42 @@ def test_transform_warning_is_a_gradwise_warning_and_filterable():
         warnings.simplefilter("error")
         warnings.simplefilter("ignore", gw.GradwiseWarning)
         with gw.strong_zeros():
-            torch.func.grad(lambda v: v.sin().sum())(x)
+            torch.func.hessian(lambda v: v.sin().sum())(x)
 
 
 def test_gradcheck_batched_check_under_strong_zeros():
     x = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    with pytest.warns(gw.PlainBackwardWarning, match="batched"), gw.strong_zeros():
-        assert torch.autograd.gradcheck(torch.sin, (x,), check_batched_grad=True)
-        assert torch.autograd.gradgradcheck(torch.sin, (x,), check_batched_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with gw.strong_zeros():
+            assert torch.autograd.gradcheck(torch.sin, (x,), check_batched_grad=True)
+            assert torch.autograd.gradgradcheck(torch.sin, (x,), check_batched_grad=True)
 
 
 def test_gw_grad_is_grads_batched_matches_torch():
     x = torch.tensor([1.0, 4.0, 9.0], requires_grad=True)
     seeds = torch.eye(3)
     expected = torch.autograd.grad(x.sqrt(), x, seeds, is_grads_batched=True)
-    with pytest.warns(gw.PlainBackwardWarning, match="batched"):
-        got = gw.grad(x.sqrt(), x, seeds, is_grads_batched=True)
+    got = gw.grad(x.sqrt(), x, seeds, is_grads_batched=True)
     assert torch.equal(got[0], expected[0])
 
 
-def test_transform_result_keeps_pytorchs_nan_intended():
-    """Under torch.func, strong zeros cannot run: the NaN PyTorch computes stays (and the warning says so)."""
+def test_transform_result_is_the_strong_one():
+    """Under torch.func.grad the contaminated NaN is gone: the gradient is gw.grad's in eager mode."""
     x = torch.tensor([-1.0, 4.0])
-    expected = torch.func.grad(_contaminated)(x)
-    with pytest.warns(gw.PlainBackwardWarning), gw.strong_zeros():
+    assert bool(torch.func.grad(_contaminated)(x).isnan().any())  # PyTorch's
+    with gw.strong_zeros():
         got = torch.func.grad(_contaminated)(x)
+    xx = x.clone().requires_grad_()
+    assert torch.equal(got, gw.grad(_contaminated(xx), xx)[0]) and bool(got.isfinite().all())
+
+
+def test_unfollowed_transform_keeps_pytorchs_nan_intended():
+    """Under a hessian, strong zeros cannot run: the NaN PyTorch computes stays (and the warning says so)."""
+    x = torch.tensor([-1.0, 4.0])
+    expected = torch.func.hessian(_contaminated)(x)
+    with pytest.warns(gw.PlainBackwardWarning), gw.strong_zeros():
+        got = torch.func.hessian(_contaminated)(x)
     assert torch.equal(got.isnan(), expected.isnan()) and bool(got.isnan().any())
 
 

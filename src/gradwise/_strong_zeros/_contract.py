@@ -1,12 +1,13 @@
 """PyTorch's autograd contract under strong zeros: what a backward under gradwise accepts and where it steps aside.
 
 Strong zeros read values (the check before backward sums saved tensors) and follow real dense tensors (the
-supports of ``_StrongZeroMode``). Some backwards give them neither:
+supports of ``_StrongZeroMode``). Under ``torch.func`` transforms and with batched seeds the plan cannot read (every
+tensor is a functorch wrapper: ``aten::item`` has no batching rule), so such a backward runs the strong pass
+without a plan where ``_transforms.plain_reason`` says the pass can follow it (grad, vjp, vmap, jacrev,
+``is_grads_batched``). Some backwards give strong zeros neither:
 
-- under a ``torch.func`` transform (grad, vjp, vmap, jacrev, jacfwd, hessian) every tensor is a functorch
-  wrapper whose values cannot be read without breaking the transform (``aten::item`` has no batching rule);
-- batched gradients (``is_grads_batched=True``, ``jacobian(..., vectorize=True)``, gradcheck's batched check)
-  seed the backward with vmap's batched tensors;
+- a ``torch.func`` transform that differentiates the backward itself (jvp, jacfwd, hessian, nested grad), or
+  functionalize, or one met while torch.compile traces (reason "transform" or "batched");
 - sparse, mkldnn and nested tensors, and tensor subclasses with their own ``__torch_dispatch__``;
 - TorchScript's own ``torch.autograd.grad``/``backward`` inside scripted code (said when the code is called, by
   ``_script``).
@@ -42,7 +43,8 @@ class GradwiseWarning(UserWarning):
 
 class PlainBackwardWarning(GradwiseWarning):
     """A backward under strong zeros ran as plain PyTorch because gradwise cannot read or follow its tensors
-    (a ``torch.func`` transform, batched gradients, sparse/mkldnn/nested tensors, a tensor subclass with
+    (a ``torch.func`` transform that differentiates a backward: hessian, jacfwd, jvp, nested grad;
+    sparse/mkldnn/nested tensors, a tensor subclass with
     its own ``__torch_dispatch__``, TorchScript's builtin ``torch.autograd.grad`` inside scripted code). The
     gradients are PyTorch's; a NaN from contamination is not removed there."""
 
@@ -78,10 +80,12 @@ class Unreadable(Exception):
 
 
 _WHY = {
-    "transform": "a torch.func transform (grad, vjp, vmap, jacrev, jacfwd, hessian) is active, and the values of "
-    "its wrapped tensors cannot be read without breaking the transform",
-    "batched": "the gradients are batched (is_grads_batched=True, jacobian/hessian(vectorize=True), gradcheck's "
-    "batched check): vmap's batched tensors cannot be read",
+    "transform": "the torch.func transforms around it are ones strong zeros cannot follow: a jvp/jacfwd/hessian "
+    "or forward-AD level, a grad of a grad or of a vjp (they differentiate the backward's formulas, while the strong "
+    "pass acts below them), functionalize, or torch.compile tracing it. Strong zeros hold under grad, vjp, vmap "
+    "of either, jacrev and is_grads_batched",
+    "batched": "its batched tensors (vmap's wrappers) come from a transform strong zeros cannot follow here "
+    "(jvp, jacfwd, hessian, nested grad, functionalize, torch.compile)",
     "sparse": "a sparse tensor takes part: strong zeros follow dense (strided) tensors only",
     "mkldnn": "an mkldnn tensor takes part: strong zeros follow dense (strided) tensors only",
     "nested": "a nested tensor takes part: strong zeros follow dense (strided) tensors only",

@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from gradwise._checks import as_tensors, check_differentiable, check_scalar_or_seeded
 from gradwise._modes import dynamo_off
-from gradwise._strong_zeros import _carry, _contract, _script
+from gradwise._strong_zeros import _carry, _contract, _script, _transforms
 from gradwise._strong_zeros._autograd_graph import _leaves, _root_nodes
 from gradwise._strong_zeros._carry import carry
 from gradwise._strong_zeros._compile import (
@@ -101,6 +101,8 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
     if plan == "plain":
         return run(retain_graph)
     with without_compiled_autograd():  # its one traced graph of the whole backward is out of gradwise's reach
+        if plan == "transform":  # under torch.func transforms: one pass under the mode, nothing hooked (_transforms)
+            return _run_strong(run, retain_graph, create_graph, t_outputs, transform=True)
         return _run_plan(plan, run, t_outputs, retain_graph, create_graph, inputs, accumulate_grad, watched)
 
 
@@ -195,45 +197,55 @@ def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
     """Run a backward started inside the strong-zero pass outside of that pass's mode."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode_temporarily
 
-    outer = _STATE.in_mode, _STATE.create_graph, _STATE.outputs_finite
-    _STATE.in_mode = False
+    outer = _STATE.in_mode, _STATE.create_graph, _STATE.outputs_finite, _STATE.transform
+    _STATE.in_mode, _STATE.transform = False, False
     try:
         if isinstance(_get_current_dispatch_mode(), _StrongZeroMode):
             with _pop_mode_temporarily():
                 return engine_run(*args)
         return engine_run(*args)
     finally:
-        _STATE.in_mode, _STATE.create_graph, _STATE.outputs_finite = outer
+        _STATE.in_mode, _STATE.create_graph, _STATE.outputs_finite, _STATE.transform = outer
 
 
 def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, create_graph: bool,
                 outputs: Sequence[Any] = (), supports: _Supports | None = None, functions: bool = False,
-                inputs: Sequence[Any] = (), watched: list | None = None) -> Any:
+                inputs: Sequence[Any] = (), watched: list | None = None, transform: bool = False) -> Any:
     """One backward under the strong-zero mode. ``functions``: watch the graph's custom autograd.Functions for
     results made outside torch ops (`watch_functions`; among ``watched`` when the plan listed them); where
     structural zeros were lost there or in an op without a rule and the gradients hold NaN/Inf, an
-    OpaqueBackwardWarning names them (``inputs``: those of backward(inputs=...), whose .grad it reads)."""
-    outer = _STATE.create_graph, _STATE.outputs_finite
-    _STATE.create_graph, _STATE.in_mode = create_graph, True
-    _STATE.outputs_finite = all(bool(t.isfinite().all()) for t in outputs
-                                if isinstance(t, torch.Tensor) and t.is_floating_point())
+    OpaqueBackwardWarning names them (``inputs``: those of backward(inputs=...), whose .grad it reads).
+    ``transform``: under torch.func transforms (``_transforms``): outputs and results are read under their
+    wrappers, and structural zeros are carried only where PyTorch's autograd below the transforms recorded the
+    pass (the transform's own create_graph records on its wrappers, which no later pass sees)."""
+    outer = _STATE.create_graph, _STATE.outputs_finite, _STATE.transform
+    _STATE.create_graph, _STATE.in_mode, _STATE.transform = create_graph, True, transform
+    if transform:
+        _STATE.outputs_finite = _transforms.all_finite(outputs) is True
+    else:
+        _STATE.outputs_finite = all(bool(t.isfinite().all()) for t in outputs
+                                    if isinstance(t, torch.Tensor) and t.is_floating_point())
     mode = _StrongZeroMode(carry=create_graph)
     if supports is not None:
         mode.supports = supports
     if _carry.CARRIED_VALUES:  # a create_graph pass's values with structural zeros, saved by this graph
         _carry.seed(mode.supports)
     handles = watch_functions([r for r in _root_nodes(outputs) if r is not None], mode, watched) if functions else []
+    if transform:
+        mode.lost.update(_transforms.unhooked(outputs))
     try:
         with _under_traces(mode):
             result = run(retain_graph)
     finally:
-        (_STATE.create_graph, _STATE.outputs_finite), _STATE.in_mode = outer, False
+        (_STATE.create_graph, _STATE.outputs_finite, _STATE.transform), _STATE.in_mode = outer, False
         for h in handles:
             h.remove()
-    if mode.lost and _holds_nonfinite(result, _leaves(outputs, inputs)):
+    if mode.lost and (_transforms.all_finite(result or ()) is False if transform
+                      else _holds_nonfinite(result, _leaves(outputs, inputs))):
         for what, fix in mode.lost.items():
             _contract.warn_opaque(what, fix)
-    if mode.made:  # the new graph (create_graph) differentiates through the zeros: they stay structural there
+    if mode.made and (not transform or _transforms.recorded(mode.made)):
+        # the new graph (create_graph) differentiates through the zeros: they stay structural there
         carry(mode.made, mode.supports)
     return result
 
@@ -278,6 +290,10 @@ def _choose(outputs: Sequence[Any], inputs: Sequence[Any], seeds: Sequence[Any],
     # and traced together: both would find nothing, so neither runs (~20 us of a 2 ms backward)
     everyday = _everyday(outputs, seeds, inputs)
     why = None if everyday else _contract.plain_reason(outputs, inputs, seeds)
+    if why in ("transform", "batched"):
+        why = _transforms.plain_reason(outputs, inputs, seeds)
+        if why is None:
+            return "transform"  # no plan (its reads would meet wrappers): one pass under the mode (_transforms)
     if why is None:
         try:
             if torch._C._len_torch_dispatch_stack():
@@ -447,9 +463,8 @@ def grad(
     with the values the output never uses deleted. A NaN/Inf the output really depends on stays.
 
     Takes every argument of ``torch.autograd.grad``, in its order and with its meaning (GradientEdge outputs and
-    inputs, any iterable or a dict of inputs). With ``is_grads_batched=True`` the backward runs under vmap, where
-    strong zeros cannot read values: it runs as plain PyTorch with a ``PlainBackwardWarning`` (as under
-    torch.func transforms and for sparse/mkldnn/nested tensors).
+    inputs, any iterable or a dict of inputs). With ``is_grads_batched=True`` the backward runs under vmap, in one
+    strong pass without a plan, as under torch.func transforms (docs/strong-zeros-design.md).
 
     >>> import torch, gradwise as gw
     >>> x = torch.tensor([-1.0, 4.0], requires_grad=True)
@@ -470,9 +485,9 @@ def grad(
         return torch.autograd.grad(outs, inputs if type(inputs) is dict else ins, grad_outputs, retain, create_graph,
                                    only_inputs, allow_unused, is_grads_batched, materialize_grads)
 
-    if is_grads_batched:
-        _contract.warn_plain("batched")
-        return run(retain_graph)
+    if is_grads_batched:  # planned where its seeds are batched: inside vmap, by the engine hook (_transforms)
+        with strong_zeros():
+            return run(retain_graph)
     return _run_planned(run, outs, grad_outputs, retain_graph, ins)
 
 

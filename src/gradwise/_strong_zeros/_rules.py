@@ -52,6 +52,13 @@ def _in_formula() -> bool:
     return (not torch.is_grad_enabled() or _STATE.create_graph) and not _STATE.recomputing
 
 
+def _reads_nodes() -> bool:
+    """Whether a rule may read the running autograd node's saved tensors: not under torch.func transforms, where
+    they are functorch wrappers in the transform's logical shapes while the ops are the physical ones
+    (``_strong_zeros/_transforms.py``); such a rule then runs op by op (fully supported where it cannot tell)."""
+    return not _STATE.transform
+
+
 # same-size integer dtypes: a float's bits times 1 (kept) or 0 (+0.0) is exact, whatever it held (NaN, Inf)
 _BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
          torch.bfloat16: torch.int16}

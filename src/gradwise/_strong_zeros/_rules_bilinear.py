@@ -17,7 +17,16 @@ from torch.utils._pytree import tree_map
 
 from gradwise._masks import EagerMasks, mask_any
 from gradwise._ops._contractions import conv_input_reads, conv_output_support, mm_reads, mm_support, mv_support
-from gradwise._strong_zeros._rules import _UNRULED, Rule, _annihilate, _in_formula, _is_float, _Kept, _register
+from gradwise._strong_zeros._rules import (
+    _UNRULED,
+    Rule,
+    _annihilate,
+    _in_formula,
+    _is_float,
+    _Kept,
+    _reads_nodes,
+    _register,
+)
 from gradwise._strong_zeros._rules_pointwise import _exp_result_mul
 
 aten = torch.ops.aten
@@ -493,7 +502,7 @@ def _zero_alpha_mul(func, args, kwargs, sup):
     Inside an in-place op on a view (a CopySlices node) the op's node is hidden: a literal 0 meeting NaN/Inf
     there keeps PyTorch's NaN and is named if the gradients end up non-finite."""
     scale = args[1] if len(args) > 1 else None
-    if scale.__class__ in (int, float) and scale == 0 and _in_formula():
+    if scale.__class__ in (int, float) and scale == 0 and _in_formula() and _reads_nodes():
         node = torch._C._current_autograd_node()
         name = type(node).__name__
         if name in ZERO_ALPHA_PRODUCTS and node._saved_alpha == 0 and _kernel_skips_product(node, args[0]):

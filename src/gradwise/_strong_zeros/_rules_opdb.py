@@ -29,6 +29,7 @@ from gradwise._strong_zeros._rules import (
     _annihilate,
     _in_formula,
     _is_float,
+    _reads_nodes,
     _register,
     _run_unruled,
     _tracked_slots,
@@ -52,7 +53,7 @@ def _abs(func, args, kwargs, sup):
     """abs: |x| is 0 exactly where x is, so a structural zero stays one (as _linear). In logcumsumexp's backward
     (its first op on g) the sensitivity and its support are kept for the formula's last op."""
     g = args[0]
-    if _in_formula() and _in_node(_LCSE) and _is_float(g) and not g.is_complex():
+    if _in_formula() and _in_node(_LCSE) and _is_float(g) and not g.is_complex() and _reads_nodes():
         s = sup.of(g)
         _STASH.lcse = None if s is None else [g, s.expand(g.shape), 0]
         out = func(*args, **kwargs)
@@ -115,7 +116,7 @@ def _log(func, args, kwargs, sup):
     """log (no rule of its own: its output is fully supported). In complex logcumsumexp's backward its input
     is conj(g), kept with its support for the formula's exp."""
     g = args[0]
-    if sup.tracked(g) and _in_formula() and g.is_complex() and _in_node(_LCSE):
+    if sup.tracked(g) and _in_formula() and g.is_complex() and _in_node(_LCSE) and _reads_nodes():
         _STASH.lcse = [g, sup.of(g).expand(g.shape), "complex"]
         return _run_unruled(func, args, kwargs, sup, None)
     return _run_unruled(func, args, kwargs, sup, "a tracked input" if sup.tracked(g) else None)

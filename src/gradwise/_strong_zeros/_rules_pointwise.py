@@ -240,6 +240,8 @@ def _selecting(passes: Callable[[tuple], torch.Tensor]) -> Rule:
     def selecting(func, args, kwargs, sup):
         out = func(*args, **kwargs)
         kept = passes(args)
+        if kept.shape != out.shape:  # vmap's rule broadcasts an unbatched input against the batched grad
+            kept = kept.expand(out.shape).clone()
         s = sup.of(args[0])
         support = kept if s is None else kept.logical_and_(s.expand(out.shape))
         if out.device.type not in ("cpu", "cuda"):

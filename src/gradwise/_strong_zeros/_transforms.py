@@ -1,0 +1,129 @@
+"""Strong zeros under ``torch.func`` transforms and batched gradients: which backwards the strong pass follows
+there (``plain_reason``), and what it may read of them (``all_finite``).
+
+A TorchDispatchMode active during such a backward sees each op after functorch has unwrapped it: plain tensors
+(under vmap, the physical ones with the batch dims), the same tensor objects every time a wrapper is unwrapped. So
+the strong pass runs there as in eager code, each op through its rule, on those tensors; what it cannot do is
+plan (``_plan`` reads saved tensors, which are wrappers: ``aten::item`` has no batching rule) or hook nodes (their
+hooks get wrappers). It runs without a plan, always under the mode (the 'check' path's one pass), where:
+
+- every transform on the stack is ``vmap`` or ``grad``/``vjp`` (no ``jvp``/``jacfwd``, no ``functionalize``, no
+  forward-mode dual level): a jvp level would differentiate the backward's formulas, whose annihilation runs below
+  it (a tangent through ``0 * NaN``);
+- at most one ``grad`` level is live, on top of the stack, and the outputs are its own wrappers: an outer grad level
+  (``grad(grad(f))``, ``hessian``, ``grad`` of a ``jacrev``) would record the backward's formulas, not what the
+  pass made of them. Without a live grad level the outputs are those of a ``vjp`` function called after its
+  transform returned (``jacrev`` calls it under ``vmap``) or plain tensors with batched seeds
+  (``is_grads_batched=True``, whose legacy vmap unwraps the same way);
+- not while ``torch.compile`` traces (``compiling()``: the compiled graph's own treatment).
+
+Anything else keeps running as plain PyTorch with a ``PlainBackwardWarning``. A backward recorded by PyTorch's own
+autograd below the transforms (a parameter that requires grad, captured by the transformed function) is the
+eager ``create_graph`` case: ``_carry`` carries its structural zeros, as there.
+
+May import: torch, _contract, _traced, _autograd_graph, _triangles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch._C._functorch import (
+    TransformType,
+    get_interpreter_stack,
+    get_unwrapped,
+    is_functorch_wrapped_tensor,
+    is_legacy_batchedtensor,
+    maybe_get_level,
+)
+from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+
+from gradwise._strong_zeros import _contract
+from gradwise._strong_zeros._autograd_graph import _root_nodes, _walk
+from gradwise._strong_zeros._traced import compiling
+from gradwise._strong_zeros._triangles import TRIANGLE_READERS
+
+_FOLLOWED = (TransformType.Vmap, TransformType.Grad)
+
+
+def plain_reason(outputs: Iterable[Any], inputs: Iterable[Any], seeds: Iterable[Any]) -> str | None:
+    """None where the strong pass can run on this backward under the functorch transforms active now (see the module
+    docstring), else why not (a key of ``_contract._WHY``: what the tensors under the wrappers are, sparse, nested,
+    a subclass, as outside transforms; else 'transform'). Reads no values: the interpreter stack, the wrappers'
+    levels and the tensors' kinds."""
+    outputs, inputs, seeds = tuple(outputs), tuple(inputs), tuple(seeds)
+    for t in (*outputs, *inputs, *seeds):
+        if isinstance(t, torch.Tensor) and (why := _contract.kind(_plain(t), batched=False)) is not None:
+            return why
+    return None if _followed(outputs, seeds) else "transform"
+
+
+def _followed(outputs: tuple, seeds: tuple) -> bool:
+    if compiling() or torch.autograd.forward_ad._current_level >= 0:
+        return False
+    stack = get_interpreter_stack() or []
+    if any(i.key() not in _FOLLOWED for i in stack):
+        return False
+    grads = [i.level() for i in stack if i.key() == TransformType.Grad]
+    live = {i.level() for i in stack}
+    if len(grads) > 1 or (grads and stack[-1].key() != TransformType.Grad):
+        return False
+    legacy = False
+    for group, own in ((outputs, True), (seeds, False)):
+        for t in group:
+            if not isinstance(t, torch.Tensor):
+                continue
+            legacy = legacy or is_legacy_batchedtensor(t)
+            level = maybe_get_level(t) if is_functorch_wrapped_tensor(t) else -1
+            if own and grads and level != grads[0]:  # the live grad level's own backward only
+                return False
+            if not grads and level in live and own:  # an output of a live vmap level: not a vjp's own graph
+                return False
+    return not (legacy and stack)  # the legacy vmap of is_grads_batched inside a transform: not followed
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """The tensor under ``t``'s functorch wrappers (a legacy batched tensor stays: its metadata is the physical's)."""
+    while is_functorch_wrapped_tensor(t):
+        t = get_unwrapped(t)
+    return t
+
+
+def all_finite(tensors: Iterable[Any]) -> bool | None:
+    """Whether every floating-point tensor of ``tensors`` is finite, read on the plain tensors under their functorch
+    wrappers (under vmap: every sample at once) with the transforms set aside, so no wrapper is read and no
+    transform sees the read; None where one is a legacy batched tensor (is_grads_batched's results: not read)."""
+    plain = []
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = _plain(t)
+        if is_legacy_batchedtensor(t):
+            return None
+        if t.is_floating_point() or t.is_complex():
+            plain.append(t)
+    with temporarily_clear_interpreter_stack(), torch.no_grad():
+        return all(bool(t.isfinite().all()) for t in plain)
+
+
+def recorded(made: Iterable[Any]) -> bool:
+    """Whether PyTorch's autograd below the transforms recorded some op of the pass (``made``: the mode's references
+    to what its rules made): a tensor that requires grad there, captured by the transformed function, makes the
+    backward's formulas part of a graph, as ``create_graph=True`` does in eager code."""
+    for ref in made:
+        t = ref()
+        if t is not None and t.grad_fn is not None:
+            return True
+    return False
+
+
+def unhooked(outputs: Iterable[Any]) -> dict[str, str]:
+    """The graph's nodes whose strong-zero treatment is a node hook (``TRIANGLE_READERS``: the unused triangle of a
+    cholesky factor, of pinv's Hermitian input), which cannot run under transforms (the hook would read wrappers):
+    (what, fix) for the OpaqueBackwardWarning given if the gradients end up holding NaN/Inf. Node types only."""
+    names = {type(n).__name__ for n in _walk(_root_nodes(tuple(outputs)))} & TRIANGLE_READERS.keys()
+    return {f"the backward of {name} under a torch.func transform (a node hook cleans its unused triangle, and "
+            "cannot run there)": "take this gradient outside the transform (gw.grad)"
+            for name in sorted(names)}
