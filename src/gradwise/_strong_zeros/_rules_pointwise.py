@@ -14,7 +14,15 @@ from torch.utils._pytree import tree_map
 
 from gradwise._masks import EagerMasks, mask_any
 from gradwise._ops._zeros import ZERO_FACTS, ZeroFact, zero_fact
-from gradwise._strong_zeros._rules import Rule, _annihilate, _in_formula, _is_float, _register, _run_unruled
+from gradwise._strong_zeros._rules import (
+    Rule,
+    _annihilate,
+    _in_formula,
+    _is_float,
+    _reads_nodes,
+    _register,
+    _run_unruled,
+)
 from gradwise._strong_zeros._supports import _STATE, _Supports
 
 aten = torch.ops.aten
@@ -207,6 +215,9 @@ def _exp_result_mul(func, args, kwargs, sup):
     return out
 
 
+LOGADDEXP_NODES = ("LogaddexpBackward0", "Logaddexp2Backward0")  # their saved arguments are read (-inf weights)
+
+
 def _logaddexp_weight_div(func, args, kwargs, sup):
     """div, as _linear (the numerator's support). In logaddexp's and logaddexp2's backward (``g / (1 + exp(b -
     a))``, base 2 for logaddexp2) the quotient is a's weight exp(a - result); where a is exactly -inf and b is not,
@@ -216,7 +227,7 @@ def _logaddexp_weight_div(func, args, kwargs, sup):
     out = _linear(func, args, kwargs, sup)
     den = args[1] if len(args) > 1 else None
     if not (_in_formula() and isinstance(den, torch.Tensor) and _is_float(den)
-            and _in_node("LogaddexpBackward0", "Logaddexp2Backward0")):
+            and _in_node(*LOGADDEXP_NODES) and _reads_nodes()):
         return out
     node = torch._C._current_autograd_node()
     a, b = node._saved_self, node._saved_other

@@ -119,11 +119,32 @@ def recorded(made: Iterable[Any]) -> bool:
     return False
 
 
+def _node_readers() -> dict[str, Any]:
+    """Node type -> whether its rule would act on this node, for the rules that read the running node's saved
+    tensors (``_rules._reads_nodes`` is False under transforms, so they run op by op there)."""
+    from gradwise._strong_zeros._rules_bilinear import ZERO_ALPHA_PRODUCTS
+    from gradwise._strong_zeros._rules_opdb import _LCSE
+    from gradwise._strong_zeros._rules_pointwise import LOGADDEXP_NODES
+
+    always = lambda node: True
+    readers = dict.fromkeys((_LCSE, *LOGADDEXP_NODES), always)
+    readers.update(dict.fromkeys(ZERO_ALPHA_PRODUCTS, lambda node: getattr(node, "_saved_alpha", None) == 0))
+    return readers
+
+
 def unhooked(outputs: Iterable[Any]) -> dict[str, str]:
-    """The graph's nodes whose strong-zero treatment is a node hook (``TRIANGLE_READERS``: the unused triangle of a
-    cholesky factor, of pinv's Hermitian input), which cannot run under transforms (the hook would read wrappers):
-    (what, fix) for the OpaqueBackwardWarning given if the gradients end up holding NaN/Inf. Node types only."""
-    names = {type(n).__name__ for n in _walk(_root_nodes(tuple(outputs)))} & TRIANGLE_READERS.keys()
-    return {f"the backward of {name} under a torch.func transform (a node hook cleans its unused triangle, and "
+    """The graph's nodes whose strong-zero treatment cannot run under transforms (it would read wrappers): a node
+    hook (``TRIANGLE_READERS``: the unused triangle of a cholesky factor, of pinv's Hermitian input) or a rule that
+    reads the node's saved tensors (``_node_readers``): (what, fix) for the OpaqueBackwardWarning given if the
+    gradients end up holding NaN/Inf. Node types (and alpha, a number) only."""
+    readers = _node_readers()
+    nodes = list(_walk(_root_nodes(tuple(outputs))))
+    names = {type(n).__name__ for n in nodes} & TRIANGLE_READERS.keys()
+    lost = {f"the backward of {name} under a torch.func transform (a node hook cleans its unused triangle, and "
             "cannot run there)": "take this gradient outside the transform (gw.grad)"
             for name in sorted(names)}
+    read = {type(n).__name__ for n in nodes if readers.get(type(n).__name__, lambda node: False)(n)}
+    for name in sorted(read):
+        lost[f"the backward of {name} under a torch.func transform (its rule reads the node's saved tensors, which "
+             "are the transform's wrappers there)"] = "take this gradient outside the transform (gw.grad)"
+    return lost
