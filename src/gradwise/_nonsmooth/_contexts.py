@@ -37,11 +37,13 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.utils.checkpoint as _checkpoint
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.nn.modules._functions import BackwardHookFunction
 from torch.utils._pytree import tree_leaves
 
 from gradwise._masks import all_finite
-from gradwise._modes import LeanDispatchMode
+from gradwise._modes import LeanDispatchMode, dynamo_off
 
 _functorch = torch._C._functorch
 
@@ -191,7 +193,8 @@ def same_state(fn: Callable) -> Callable:
     """Decorate a public entry point: every pass of f it runs (`restore_state` first) starts from the random state
     the call began with, and the buffers of the modules f runs end as one run of f leaves them. An outer
     ``torch.no_grad()`` or ``inference_mode`` is ignored, as ``torch.func.grad`` does (f's own are kept): the
-    passes build graphs and tangents."""
+    passes build graphs and tangents. Never traced by dynamo: inside a compiled function the call graph-breaks and
+    runs eagerly (its passes read values and switch compiled code to eager, which dynamo refuses to trace)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if getattr(_STATE, "call", None) is not None:  # nested (stationarity runs subdifferential)
@@ -203,7 +206,7 @@ def same_state(fn: Callable) -> Callable:
         finally:
             _STATE.call = None
             call.finish()
-    return wrapper
+    return dynamo_off(wrapper)
 
 
 def restore_state() -> None:
@@ -235,7 +238,13 @@ def transforms_active() -> bool:
 
 def check_entry(name: str, xs) -> None:
     """gradwise's own passes cannot run inside a ``torch.func`` transform (their dual level and mode sit outside
-    it); checked when a public function is called."""
+    it), nor where PyTorch traces (a fake or make_fx mode: no values, or real ones whose reads a graph would keep as
+    constants); checked when a public function is called."""
+    keys = torch._C._TorchDispatchModeKey
+    if torch._C._get_dispatch_mode(keys.FAKE) is not None or torch._C._get_dispatch_mode(keys.PROXY) is not None:
+        raise_nonsmooth(f"gradwise ({name}) was called while PyTorch traces (FakeTensorMode, make_fx, torch.export, "
+                        "aot_function): kinks depend on values, which a traced program does not have. Call it "
+                        "outside the traced code (inside a torch.compile'd function it runs eagerly by itself).")
     if transforms_active() or any(_functorch.is_functorch_wrapped_tensor(x) for x in xs):
         raise_nonsmooth(f"gradwise ({name}) was called inside a torch.func transform (grad, vmap, jacrev ...), "
                         "where its passes of f cannot follow tangents or lock branches. Call it outside the "
@@ -487,6 +496,9 @@ def check_int(name: str, value, *, low: int, high: int | None = None, allow_none
         raise ValueError(f"{name}={value!r} is out of range: {valid}")
 
 
+_TRACED = (FakeTensor, FunctionalTensor)  # torch.compile's and export's tensors, read outside their mode too
+
+
 def check_input_values(xs, what: str = "inputs") -> None:
     """Refuse sparse, meta, complex and non-finite inputs with a message naming the fix."""
     check_entry(what, xs)
@@ -494,9 +506,9 @@ def check_input_values(xs, what: str = "inputs") -> None:
         if x.layout != torch.strided:
             raise TypeError(f"{what}[{i}] has layout {x.layout}; gradwise needs dense (strided) tensors: pass "
                             f"x.to_dense()")
-        if x.is_meta:
-            raise TypeError(f"{what}[{i}] is a meta tensor (no values): kinks depend on values; pass a tensor with "
-                            "data")
+        if x.is_meta or isinstance(x, _TRACED):
+            raise TypeError(f"{what}[{i}] is a {'meta' if x.is_meta else 'traced'} tensor (no values): kinks depend "
+                            "on values; pass a tensor with data")
         if x.is_inference() and what != "directions":  # (directions are copied: `_engine._check_directions`)
             raise TypeError(f"{what}[{i}] was made in inference mode (an inference tensor cannot be differentiated): "
                             "pass x.clone() made outside torch.inference_mode()")

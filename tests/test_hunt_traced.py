@@ -1,0 +1,88 @@
+"""Hunt: gradwise's value reads where PyTorch traces (torch.compile, make_fx, FakeTensorMode, torch.func), and its
+process-wide state under threads.
+
+References are independent of gradwise's rules: the same call made eagerly outside the trace (numbers that are
+bitwise the eager ones), PyTorch's own gradient of the program with the declaration removed, and single-threaded
+runs of the same steps (bitwise).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import gradwise as gw
+
+nan = float("nan")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _kinked(v: torch.Tensor) -> torch.Tensor:
+    return torch.relu(v).sum() + v.abs().max()
+
+
+_X = (0.0, 1.0, -1.0)  # relu's kink at 0, abs's max tied between 1 and -1
+_NONSMOOTH = {
+    "directional_derivative": lambda x: gw.directional_derivative(_kinked, x, torch.ones_like(x)),
+    "generalized_grad": lambda x: gw.generalized_grad(_kinked, x, seed=0)[0],
+    "subdifferential": lambda x: gw.subdifferential(_kinked, x, seed=0).min_norm_element()[0],
+    "stationarity": lambda x: torch.tensor(gw.stationarity(_kinked, x).min_norm),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_NONSMOOTH))
+def test_nonsmooth_call_inside_torch_compile_runs_eagerly(name):
+    """A nonsmooth function called inside a torch.compile'd function: dynamo traced into gradwise's passes and
+    failed on ``torch.compiler.set_stance`` (an AssertionError from dynamo). The call now graph-breaks and runs
+    eagerly: its value is the eager call's, bitwise."""
+    call = _NONSMOOTH[name]
+    expected = call(torch.tensor(_X))
+    got = torch.compile(lambda x: call(x * 1.0), backend="aot_eager")(torch.tensor(_X))
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("name", sorted(_NONSMOOTH))
+@pytest.mark.parametrize("where", ["fake tensors", "fake mode", "make_fx"])
+def test_nonsmooth_call_where_pytorch_traces_says_so(name, where):
+    """Kinks depend on values, which tensors PyTorch traces do not have (a fake tensor; make_fx's real mode would
+    bake the branches taken into its graph). Meta inputs were refused with a message, fake ones crashed inside
+    gradwise (DataDependentOutputException from aten._local_scalar_dense)."""
+    call = _NONSMOOTH[name]
+    with pytest.raises((TypeError, gw.NonsmoothError), match="trac"):
+        if where == "fake tensors":
+            with FakeTensorMode() as mode:
+                x = mode.from_tensor(torch.tensor(_X))
+            call(x)
+        elif where == "fake mode":
+            with FakeTensorMode():
+                call(torch.tensor(_X))
+        else:
+            make_fx(call)(torch.tensor(_X))
+
+
+@pytest.mark.parametrize("tracing_mode", ["real", "fake", "symbolic"])
+def test_mark_unused_recorded_by_make_fx_reads_no_value(tracing_mode):
+    """gw.mark_unused's declaration check under make_fx's real mode (plain tensors, a proxy mode recording): the
+    check ran with the modes off, so the graph held the mask it computed from the traced seed as a constant. Run on
+    a seed that reaches an unused element (the code does read it), the graph zeroed that gradient silently
+    ([1, 1, 5] -> [1, 1, 0]); under a trace the element keeps its gradient, as PyTorch's program without the
+    declaration gives (documented: never a silently zeroed one)."""
+    def f(x, seed):
+        unused = torch.tensor([False, False, True])
+        return torch.autograd.grad(gw.mark_unused(x * 1.0, unused), x, seed)[0]
+
+    x = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    graph = make_fx(f, tracing_mode=tracing_mode)(x, torch.tensor([1.0, 1.0, 0.0]))
+    for seed in ([1.0, 1.0, 5.0], [1.0, 1.0, 0.0], [2.0, 0.0, -3.0]):
+        seed = torch.tensor(seed)
+        assert torch.equal(graph(x, seed), torch.autograd.grad(x * 1.0, x, seed)[0])
