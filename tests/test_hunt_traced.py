@@ -86,3 +86,73 @@ def test_mark_unused_recorded_by_make_fx_reads_no_value(tracing_mode):
     for seed in ([1.0, 1.0, 5.0], [1.0, 1.0, 0.0], [2.0, 0.0, -3.0]):
         seed = torch.tensor(seed)
         assert torch.equal(graph(x, seed), torch.autograd.grad(x * 1.0, x, seed)[0])
+
+
+# ------------------------------------------------------------------------------------------------ threads
+
+
+def _thread_step(mode: str, seed: int) -> torch.Tensor:
+    """One step of a small model whose padding rows hold NaN, under ``mode``: its parameters' gradients (or the
+    generalized gradient of a kinked loss), flattened."""
+    gen = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(3, 4, generator=gen))
+        lin.bias.copy_(torch.randn(3, generator=gen))
+    x = torch.randn(6, 4, generator=gen)
+    x[4:] = nan
+
+    def loss() -> torch.Tensor:
+        h = lin(x)
+        return torch.where(h > 0, h, 0.0)[:4].sqrt().sum() + torch.relu(h[:4]).max()
+
+    if mode == "generalized":
+        w, b = lin.weight.detach(), lin.bias.detach()
+        g = gw.generalized_grad(lambda w, b: torch.relu(x[:4] @ w.T + b).sum() + (x[:4] @ w.T).abs().max(), (w, b),
+                                seed=0)
+        return torch.cat([t.flatten() for t in g])
+    if mode == "strong":
+        with gw.strong_zeros():
+            loss().backward()
+    elif mode == "gw.grad":
+        for p, g in zip(lin.parameters(), gw.grad(loss(), list(lin.parameters())), strict=True):
+            p.grad = g
+    elif mode in ("trace", "watch"):
+        with gw.trace() if mode == "trace" else gw.watch() as report:
+            loss().backward()
+        assert report.findings
+    else:
+        loss().backward()
+    return torch.cat([p.grad.flatten() for p in lin.parameters()])
+
+
+_MODES = ("strong", "trace", "plain", "watch", "gw.grad", "generalized")
+
+
+def test_threads_in_different_modes_get_their_single_threaded_gradients():
+    """Six threads at once, each in its own mode (strong zeros, a trace, a watch, plain, gw.grad, a nonsmooth
+    call): each thread's gradients are bitwise those of the same steps run alone in one thread (NaN where they
+    are: the plain, traced and watched threads keep PyTorch's contamination, the strong ones have none)."""
+    expected = {(m, s): _thread_step(m, s) for m in _MODES for s in range(2)}
+    assert expected[("plain", 0)].isnan().any() and not expected[("strong", 0)].isnan().any()
+    got: dict[tuple[str, int, int], torch.Tensor] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(_MODES))
+
+    def worker(mode: str) -> None:
+        try:
+            barrier.wait()
+            for i in range(6):
+                got[(mode, i % 2, i)] = _thread_step(mode, i % 2)
+        except BaseException as e:  # (re-raised in the main thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(m,)) for m in _MODES]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for (mode, seed, _), g in got.items():
+        e = expected[(mode, seed)]
+        assert torch.equal(g.isnan(), e.isnan()) and torch.equal(g.nan_to_num(), e.nan_to_num()), mode
