@@ -156,3 +156,22 @@ def test_threads_in_different_modes_get_their_single_threaded_gradients():
     for (mode, seed, _), g in got.items():
         e = expected[(mode, seed)]
         assert torch.equal(g.isnan(), e.isnan()) and torch.equal(g.nan_to_num(), e.nan_to_num()), mode
+
+
+# ------------------------------------------------------------------------------------------------ bounded caches
+
+
+def test_trace_file_caches_stay_bounded_over_new_graph_modules(monkeypatch):
+    """The trace's caches of which code files are torch's/gradwise's were keyed by file name and never emptied;
+    every torch.fx GraphModule has a file name of its own ("<eval_with_key>.N"), so a traced program that builds
+    one per step grew them by one entry a step without end. They are emptied when full (here made small)."""
+    from gradwise._trace import _common
+
+    monkeypatch.setattr(_common, "_FILES_KEPT", 8, raising=False)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 1), torch.nn.ReLU())
+    x = torch.randn(4, 3)
+    with gw.trace() as report:
+        for _ in range(24):
+            torch.fx.symbolic_trace(model)(x).sum().backward()
+    assert len(_common._internal_file) <= 8 and len(_common._core_file) <= 8
+    assert report.forward_ops > 0 and not report.findings
