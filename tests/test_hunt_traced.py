@@ -175,3 +175,78 @@ def test_trace_file_caches_stay_bounded_over_new_graph_modules(monkeypatch):
             torch.fx.symbolic_trace(model)(x).sum().backward()
     assert len(_common._internal_file) <= 8 and len(_common._core_file) <= 8
     assert report.forward_ops > 0 and not report.findings
+
+
+def test_a_nonsmooth_pass_leaves_other_threads_compiled_code_compiled():
+    """A pass of f ran every thread under ``torch.compiler.set_stance("force_eager")`` (dynamo's stance is one for
+    the process): while one thread differentiated with a nonsmooth function, other threads' compiled code ran
+    eagerly (another kernel's rounding, eager speed). Now only the thread inside the pass runs compiled code
+    eagerly; here the other thread's call runs the compiled graph, and f's own call does not."""
+    calls: list[int] = []
+
+    def backend(gm, example_inputs):
+        def run(*args):
+            calls.append(threading.get_ident())
+            return gm(*args)
+        return run
+
+    compiled = torch.compile(lambda v: v.sin().sum(), backend=backend)
+    compiled(torch.randn(3))
+    calls.clear()
+    in_pass, done = threading.Event(), threading.Event()
+
+    def f(v):
+        in_pass.set()
+        done.wait(30)
+        return torch.relu(v).sum() + compiled(v)
+
+    def other() -> None:
+        in_pass.wait(30)
+        try:
+            compiled(torch.randn(3))
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    value = gw.directional_derivative(f, torch.tensor([0.0, 1.0]), torch.ones(2))
+    thread.join()
+    assert calls == [thread.ident]
+    torch.testing.assert_close(value, 3.0 + torch.cos(torch.tensor(1.0)))  # relu's one-sided 1 + 1, sin's cos
+
+
+def _contaminated_trace() -> list[tuple[str, str, int]]:
+    lin = torch.nn.Linear(3, 1)
+    x = torch.tensor([[1.0, 2.0, 3.0], [nan, 1.0, 1.0]])
+    with gw.trace() as report:
+        lin(x)[:1].sum().backward()
+    return sorted((f.kind, f.op, f.count) for f in report.findings)
+
+
+def test_a_trace_sees_its_thread_while_another_thread_differentiates():
+    """gw.trace() passed over every op while a forward-AD dual level was open, and the level is one for the
+    process: while another thread ran a nonsmooth call (whose passes open one), a trace saw nothing (no finding
+    for a contamination it reports alone; 'forward-AD dual tensors: N op(s) passed over'). Another thread's
+    passes make none of its tensors duals: it reads them as alone."""
+    alone = _contaminated_trace()
+    assert ("contamination", "aten.mm", 1) in alone
+    in_pass, done = threading.Event(), threading.Event()
+    got: list = []
+
+    def f(v):
+        in_pass.set()
+        done.wait(30)
+        return torch.relu(v).sum()
+
+    def other() -> None:
+        in_pass.wait(30)
+        try:
+            got.append(_contaminated_trace())
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    gw.directional_derivative(f, torch.tensor([0.0, 1.0]), torch.ones(2))
+    thread.join()
+    assert got == [alone]

@@ -4,8 +4,9 @@ gradwise sees f's ops through a ``TorchFunctionMode`` (`_kink_mode._KinkMode`). 
 that f's value depends on goes through the mode with its tangent, and every pass of f takes the same path. This
 module makes the usual wrappers exact and detects the rest:
 
-* ``torch.compile`` (any backend): every pass runs under ``torch.compiler.set_stance("force_eager")``, so the
-  compiled function's Python runs under the mode (Dynamo would otherwise trace the mode itself).
+* ``torch.compile`` (any backend): every pass runs under dynamo's ``force_eager`` stance, in its own thread only
+  (`_StanceSwitch`), so the compiled function's Python runs under the mode (Dynamo would otherwise trace the mode
+  itself).
 * Checkpointing (``torch.utils.checkpoint``, reentrant or not): during a pass the checkpointed function runs
   plainly (no recomputation in backward, which would run outside the mode with PyTorch's conventions). Same
   values, more memory.
@@ -35,6 +36,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch._dynamo.eval_frame as _eval_frame
 import torch.autograd.forward_ad as fwAD
 import torch.utils.checkpoint as _checkpoint
 from torch._subclasses.fake_tensor import FakeTensor
@@ -43,7 +45,7 @@ from torch.nn.modules._functions import BackwardHookFunction
 from torch.utils._pytree import tree_leaves
 
 from gradwise._masks import all_finite
-from gradwise._modes import LeanDispatchMode, dynamo_off
+from gradwise._modes import PASSES, LeanDispatchMode, dynamo_off
 
 _functorch = torch._C._functorch
 
@@ -65,11 +67,7 @@ def _identity_jvp(ctx, *tangents):
     return out[0] if len(out) == 1 else out
 
 
-class _InPass(threading.local):
-    depth = 0  # passes of f open in this thread (only the thread holding _SERIAL has any)
-
-
-_IN_PASS = _InPass()
+_IN_PASS = PASSES  # passes of f open in this thread (only the thread holding _SERIAL has any)
 _SERIAL = threading.RLock()  # PyTorch's forward-mode AD has one dual level per process: one pass at a time
 _ORIGINAL: dict[str, object] = {}
 
@@ -98,14 +96,29 @@ def _jvp_switch(ctx, *tangents):
     return jvp(ctx, *tangents)  # type: ignore[operator]
 
 
+class _StanceSwitch:
+    """Dynamo's stance while a pass is open: ``force_eager`` in the thread inside the pass (compiled code that f
+    calls runs eagerly, under the mode), the stance it replaced in every other thread. ``set_stance`` alone is one
+    for the process: other threads' compiled code ran eagerly while any thread differentiated (eager speed, another
+    kernel's rounding). Dynamo reads the stance's fields (stance, backend, skip_guard_eval_unsafe) at each call."""
+
+    def __init__(self, prior: Any) -> None:
+        self._prior = prior
+        self._eager = type(prior)("force_eager")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._eager if _IN_PASS.depth else self._prior, name)
+
+
 def _install() -> None:
     _ORIGINAL.update(CheckpointFunction=_checkpoint.CheckpointFunction,
                      generator=_checkpoint._checkpoint_without_reentrant_generator,
-                     jvp=BackwardHookFunction.__dict__.get("jvp"), stance=torch.compiler.set_stance("force_eager"))
+                     jvp=BackwardHookFunction.__dict__.get("jvp"))
     _checkpoint.CheckpointFunction = _CheckpointSwitch
     _checkpoint._checkpoint_without_reentrant_generator = _generator_switch
     BackwardHookFunction.jvp = staticmethod(_jvp_switch)
-    _ORIGINAL["stance"].__enter__()  # type: ignore[attr-defined]
+    _ORIGINAL["stance"] = _eval_frame._set_stance(_StanceSwitch(_eval_frame._stance))
+    PASSES.anywhere.set()
 
 
 def _uninstall() -> None:
@@ -115,7 +128,8 @@ def _uninstall() -> None:
         del BackwardHookFunction.jvp
     else:
         BackwardHookFunction.jvp = _ORIGINAL["jvp"]
-    _ORIGINAL.pop("stance").__exit__(None, None, None)  # type: ignore[attr-defined]
+    _eval_frame._set_stance(_ORIGINAL.pop("stance"))
+    PASSES.anywhere.clear()
 
 
 @contextlib.contextmanager
@@ -123,9 +137,8 @@ def pass_context() -> Iterator[None]:
     """Around every pass of f: compiled code runs eagerly, checkpoints plainly, backward-hook wrappers carry
     tangents. Reentrant (gradwise calls nest: stationarity runs many passes) and per thread: the checkpoint and
     hook switches act only in a thread inside a pass. Passes in different threads take turns (forward-mode AD's
-    dual level is one per process: a second would raise "Nested forward mode AD is not supported").
-    ``torch.compiler.set_stance`` is process-wide, so while a pass is open compiled functions in other threads
-    run eagerly too (same values, eager speed)."""
+    dual level is one per process: a second would raise "Nested forward mode AD is not supported"). Compiled
+    code runs eagerly in the thread inside a pass only (`_StanceSwitch`)."""
     with _SERIAL:  # the switches are installed while the one thread that holds it is inside a pass
         if _IN_PASS.depth == 0:
             _install()
