@@ -250,3 +250,37 @@ def test_a_trace_sees_its_thread_while_another_thread_differentiates():
     gw.directional_derivative(f, torch.tensor([0.0, 1.0]), torch.ones(2))
     thread.join()
     assert got == [alone]
+
+
+@pytest.mark.parametrize("mode", ["strong", "trace", "watch"])
+def test_a_function_class_defined_per_step_is_freed(mode):
+    """A custom autograd.Function defined inside the forward (a class per call): the per-node-type tables of the
+    strong-zero plan and the watch's replay (keyed by node type) kept every class alive, one a step with what its
+    methods closed over, where plain PyTorch frees each. Now a Function's node type keeps its own facts; what
+    stays alive is bounded by the plans kept per graph shape (``_SHAPED_MAX``)."""
+    import gc
+    import weakref
+
+    from gradwise._strong_zeros import _planning
+
+    alive: list[weakref.ref] = []
+    block = {"strong": gw.strong_zeros, "trace": gw.trace, "watch": gw.watch}[mode]
+    for _ in range(_planning._SHAPED_MAX + 16):
+        class Rounded(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                ctx.save_for_backward(x)
+                return x.round()
+
+            @staticmethod
+            def backward(ctx, g):
+                (x,) = ctx.saved_tensors
+                return g * (x.abs() < 10)
+
+        alive.append(weakref.ref(Rounded))
+        x = torch.tensor([1.0, 2.0, nan], requires_grad=True)
+        with block():
+            Rounded.apply(x * 2)[:2].sum().backward()
+        assert torch.equal(x.grad[:2], torch.tensor([2.0, 2.0]))
+    gc.collect()
+    assert sum(r() is not None for r in alive) <= _planning._SHAPED_MAX
