@@ -1,6 +1,7 @@
 """``LeanDispatchMode``: a ``TorchDispatchMode`` whose handler keeps dynamo out without PyTorch's wrapper, and
 runs the few ops whose kernels go wrong under any mode as without one; ``dynamo_off``, the same for a function
-(``torch.compiler.disable`` without its wrapper); ``kernels``, which of an op's dispatch keys have a kernel.
+(``torch.compiler.disable`` without its wrapper); ``kernels``, which of an op's dispatch keys have a kernel;
+``PASSES``, the nonsmooth passes open in this thread.
 
 PyTorch wraps every mode's ``__torch_dispatch__`` in ``torch._disable_dynamo`` (so that torch.compile never
 traces into a handler). That wrapper costs ~5 us per call, most of the per-op cost of gradwise's modes on small
@@ -120,6 +121,18 @@ def dynamo_off(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 # (the same skip as the handler's above: a graph-broken call runs ``off`` with the callback still on)
 set_code_exec_strategy(dynamo_off(lambda: None).__code__, _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.DEFAULT))
+
+
+class _Passes(threading.local):
+    """gradwise's nonsmooth passes of f open in this thread (``_nonsmooth._contexts.pass_context``; one thread at a
+    time has any, ``anywhere`` is set meanwhile). Forward-mode AD's dual level is one for the process: in the pass's
+    thread it is the pass's, and gw.trace passes over its ops; in every other thread it makes no tensor a dual."""
+
+    depth = 0
+    anywhere = threading.Event()  # (a class attribute: one for the process)
+
+
+PASSES = _Passes()
 
 
 class LeanDispatchMode(TorchDispatchMode):

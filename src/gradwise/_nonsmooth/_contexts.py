@@ -4,8 +4,9 @@ gradwise sees f's ops through a ``TorchFunctionMode`` (`_kink_mode._KinkMode`). 
 that f's value depends on goes through the mode with its tangent, and every pass of f takes the same path. This
 module makes the usual wrappers exact and detects the rest:
 
-* ``torch.compile`` (any backend): every pass runs under ``torch.compiler.set_stance("force_eager")``, so the
-  compiled function's Python runs under the mode (Dynamo would otherwise trace the mode itself).
+* ``torch.compile`` (any backend): every pass runs under dynamo's ``force_eager`` stance, in its own thread only
+  (`_StanceSwitch`), so the compiled function's Python runs under the mode (Dynamo would otherwise trace the mode
+  itself).
 * Checkpointing (``torch.utils.checkpoint``, reentrant or not): during a pass the checkpointed function runs
   plainly (no recomputation in backward, which would run outside the mode with PyTorch's conventions). Same
   values, more memory.
@@ -35,13 +36,16 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch._dynamo.eval_frame as _eval_frame
 import torch.autograd.forward_ad as fwAD
 import torch.utils.checkpoint as _checkpoint
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.nn.modules._functions import BackwardHookFunction
 from torch.utils._pytree import tree_leaves
 
 from gradwise._masks import all_finite
-from gradwise._modes import LeanDispatchMode
+from gradwise._modes import PASSES, LeanDispatchMode, dynamo_off
 
 _functorch = torch._C._functorch
 
@@ -63,11 +67,7 @@ def _identity_jvp(ctx, *tangents):
     return out[0] if len(out) == 1 else out
 
 
-class _InPass(threading.local):
-    depth = 0  # passes of f open in this thread (only the thread holding _SERIAL has any)
-
-
-_IN_PASS = _InPass()
+_IN_PASS = PASSES  # passes of f open in this thread (only the thread holding _SERIAL has any)
 _SERIAL = threading.RLock()  # PyTorch's forward-mode AD has one dual level per process: one pass at a time
 _ORIGINAL: dict[str, object] = {}
 
@@ -96,14 +96,29 @@ def _jvp_switch(ctx, *tangents):
     return jvp(ctx, *tangents)  # type: ignore[operator]
 
 
+class _StanceSwitch:
+    """Dynamo's stance while a pass is open: ``force_eager`` in the thread inside the pass (compiled code that f
+    calls runs eagerly, under the mode), the stance it replaced in every other thread. ``set_stance`` alone is one
+    for the process: other threads' compiled code ran eagerly while any thread differentiated (eager speed, another
+    kernel's rounding). Dynamo reads the stance's fields (stance, backend, skip_guard_eval_unsafe) at each call."""
+
+    def __init__(self, prior: Any) -> None:
+        self._prior = prior
+        self._eager = type(prior)("force_eager")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._eager if _IN_PASS.depth else self._prior, name)
+
+
 def _install() -> None:
     _ORIGINAL.update(CheckpointFunction=_checkpoint.CheckpointFunction,
                      generator=_checkpoint._checkpoint_without_reentrant_generator,
-                     jvp=BackwardHookFunction.__dict__.get("jvp"), stance=torch.compiler.set_stance("force_eager"))
+                     jvp=BackwardHookFunction.__dict__.get("jvp"))
     _checkpoint.CheckpointFunction = _CheckpointSwitch
     _checkpoint._checkpoint_without_reentrant_generator = _generator_switch
     BackwardHookFunction.jvp = staticmethod(_jvp_switch)
-    _ORIGINAL["stance"].__enter__()  # type: ignore[attr-defined]
+    _ORIGINAL["stance"] = _eval_frame._set_stance(_StanceSwitch(_eval_frame._stance))
+    PASSES.anywhere.set()
 
 
 def _uninstall() -> None:
@@ -113,7 +128,8 @@ def _uninstall() -> None:
         del BackwardHookFunction.jvp
     else:
         BackwardHookFunction.jvp = _ORIGINAL["jvp"]
-    _ORIGINAL.pop("stance").__exit__(None, None, None)  # type: ignore[attr-defined]
+    _eval_frame._set_stance(_ORIGINAL.pop("stance"))
+    PASSES.anywhere.clear()
 
 
 @contextlib.contextmanager
@@ -121,9 +137,8 @@ def pass_context() -> Iterator[None]:
     """Around every pass of f: compiled code runs eagerly, checkpoints plainly, backward-hook wrappers carry
     tangents. Reentrant (gradwise calls nest: stationarity runs many passes) and per thread: the checkpoint and
     hook switches act only in a thread inside a pass. Passes in different threads take turns (forward-mode AD's
-    dual level is one per process: a second would raise "Nested forward mode AD is not supported").
-    ``torch.compiler.set_stance`` is process-wide, so while a pass is open compiled functions in other threads
-    run eagerly too (same values, eager speed)."""
+    dual level is one per process: a second would raise "Nested forward mode AD is not supported"). Compiled
+    code runs eagerly in the thread inside a pass only (`_StanceSwitch`)."""
     with _SERIAL:  # the switches are installed while the one thread that holds it is inside a pass
         if _IN_PASS.depth == 0:
             _install()
@@ -191,7 +206,8 @@ def same_state(fn: Callable) -> Callable:
     """Decorate a public entry point: every pass of f it runs (`restore_state` first) starts from the random state
     the call began with, and the buffers of the modules f runs end as one run of f leaves them. An outer
     ``torch.no_grad()`` or ``inference_mode`` is ignored, as ``torch.func.grad`` does (f's own are kept): the
-    passes build graphs and tangents."""
+    passes build graphs and tangents. Never traced by dynamo: inside a compiled function the call graph-breaks and
+    runs eagerly (its passes read values and switch compiled code to eager, which dynamo refuses to trace)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if getattr(_STATE, "call", None) is not None:  # nested (stationarity runs subdifferential)
@@ -203,7 +219,7 @@ def same_state(fn: Callable) -> Callable:
         finally:
             _STATE.call = None
             call.finish()
-    return wrapper
+    return dynamo_off(wrapper)
 
 
 def restore_state() -> None:
@@ -235,7 +251,13 @@ def transforms_active() -> bool:
 
 def check_entry(name: str, xs) -> None:
     """gradwise's own passes cannot run inside a ``torch.func`` transform (their dual level and mode sit outside
-    it); checked when a public function is called."""
+    it), nor where PyTorch traces (a fake or make_fx mode: no values, or real ones whose reads a graph would keep as
+    constants); checked when a public function is called."""
+    keys = torch._C._TorchDispatchModeKey
+    if torch._C._get_dispatch_mode(keys.FAKE) is not None or torch._C._get_dispatch_mode(keys.PROXY) is not None:
+        raise_nonsmooth(f"gradwise ({name}) was called while PyTorch traces (FakeTensorMode, make_fx, torch.export, "
+                        "aot_function): kinks depend on values, which a traced program does not have. Call it "
+                        "outside the traced code (inside a torch.compile'd function it runs eagerly by itself).")
     if transforms_active() or any(_functorch.is_functorch_wrapped_tensor(x) for x in xs):
         raise_nonsmooth(f"gradwise ({name}) was called inside a torch.func transform (grad, vmap, jacrev ...), "
                         "where its passes of f cannot follow tangents or lock branches. Call it outside the "
@@ -487,6 +509,9 @@ def check_int(name: str, value, *, low: int, high: int | None = None, allow_none
         raise ValueError(f"{name}={value!r} is out of range: {valid}")
 
 
+_TRACED = (FakeTensor, FunctionalTensor)  # torch.compile's and export's tensors, read outside their mode too
+
+
 def check_input_values(xs, what: str = "inputs") -> None:
     """Refuse sparse, meta, complex and non-finite inputs with a message naming the fix."""
     check_entry(what, xs)
@@ -494,9 +519,9 @@ def check_input_values(xs, what: str = "inputs") -> None:
         if x.layout != torch.strided:
             raise TypeError(f"{what}[{i}] has layout {x.layout}; gradwise needs dense (strided) tensors: pass "
                             f"x.to_dense()")
-        if x.is_meta:
-            raise TypeError(f"{what}[{i}] is a meta tensor (no values): kinks depend on values; pass a tensor with "
-                            "data")
+        if x.is_meta or isinstance(x, _TRACED):
+            raise TypeError(f"{what}[{i}] is a {'meta' if x.is_meta else 'traced'} tensor (no values): kinks depend "
+                            "on values; pass a tensor with data")
         if x.is_inference() and what != "directions":  # (directions are copied: `_engine._check_directions`)
             raise TypeError(f"{what}[{i}] was made in inference mode (an inference tensor cannot be differentiated): "
                             "pass x.clone() made outside torch.inference_mode()")

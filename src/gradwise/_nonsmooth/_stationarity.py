@@ -13,9 +13,10 @@ min_{mu >= 0} ||G^T mu||^2 + (1 - 1^T mu)^2 has solution mu = lambda / (1 + r^2)
 weights and r the least norm, so lambda = mu / sum(mu) exactly. The result is checked against the optimality
 condition (`_least_norm_optimal`) and solved again by BVLS (``lsq_linear``) where NNLS stopped short of it.
 
-May import: torch, numpy, scipy, ``_contexts``, ``_records``, ``_engine``, ``_bound``. scipy is imported where it is
-first used, not with gradwise: it costs ~0.4 s, and with scipy loaded a 2-rank gloo FSDP2 run aborts at exit
-("terminate called without an active exception") about 1 time in 12 on torch 2.13 CPU (without gradwise too).
+May import: torch, numpy, scipy, gradwise._modes, ``_contexts``, ``_records``, ``_engine``, ``_bound``. scipy is
+imported where it is first used, not with gradwise: it costs ~0.4 s, and with scipy loaded a 2-rank gloo FSDP2 run
+aborts at exit ("terminate called without an active exception") about 1 time in 12 on torch 2.13 CPU (without
+gradwise too).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from gradwise._modes import dynamo_off
 from gradwise._nonsmooth import _contexts as _ctx
 from gradwise._nonsmooth._bound import lower_bound
 from gradwise._nonsmooth._engine import (
@@ -66,6 +68,7 @@ class Subdifferential:
         """(number of elements, number of input entries) float64 matrix of the flattened elements."""
         return torch.stack([_flat(e) for e in self.elements])
 
+    @dynamo_off  # NumPy and SciPy on the elements' values: eager inside a compiled function, as they are outside
     def min_norm_weights(self) -> np.ndarray:
         """Convex weights of the least-norm point of the elements' hull (SciPy NNLS, see module doc)."""
         g = self.matrix().cpu().numpy()
@@ -91,6 +94,7 @@ class Subdifferential:
                 lam = other
         return lam
 
+    @dynamo_off
     def min_norm_element(self) -> tuple[torch.Tensor, ...]:
         """The least-norm point of the convex hull of the elements, shaped like an element."""
         lam = torch.from_numpy(self.min_norm_weights())

@@ -468,6 +468,30 @@ def _fact_reader(name: str, makes: Any, inside: Any, select: Any) -> Callable[[A
 
 
 _NODE_TYPES: dict[type, tuple] = {}
+_PYTHON_NODE = torch.autograd.function.BackwardCFunction
+
+
+def per_type(table: dict, cls: type, attr: str) -> Any:
+    """What ``keep_per_type`` kept for node type ``cls`` (None where nothing was)."""
+    got = table.get(cls)
+    return cls.__dict__.get(attr) if got is None and issubclass(cls, _PYTHON_NODE) else got
+
+
+def keep_per_type(table: dict, cls: type, attr: str, value: Any) -> Any:
+    """Keep ``value`` for node type ``cls``: in ``table`` for PyTorch's node types, which live as long as the
+    process, and on the class itself (attribute ``attr``) for a custom autograd.Function's, which dies with its
+    Function: a Function class defined per call (in a forward) was kept alive by the table, one a step, with what
+    its methods closed over."""
+    if issubclass(cls, _PYTHON_NODE):
+        setattr(cls, attr, value)
+    else:
+        table[cls] = value
+    return value
+
+
+def node_info(node: Any) -> tuple:
+    """``_node_type(node)``, looked up in the table first (the walks inline this)."""
+    return _NODE_TYPES.get(type(node)) or _node_type(node)
 
 
 def _node_type(node: Any) -> tuple:
@@ -477,7 +501,7 @@ def _node_type(node: Any) -> tuple:
     selection (_SELECTED), whether the plan has nothing to do there, whether the strong pass watches it (a custom
     Function's, a compiled backward, a TRIANGLE_READERS node: ``_planning._walked`` lists them for it), and what
     the plan's walk reads from it (``_fact_reader``)."""
-    info = _NODE_TYPES.get(type(node))
+    info = per_type(_NODE_TYPES, type(node), "_gradwise_node_type")
     if info is None:
         name = type(node).__name__
         names = tuple(a for a in dir(node) if a.startswith("_raw_saved_"))
@@ -493,8 +517,9 @@ def _node_type(node: Any) -> tuple:
         watched = name == "CompiledFunctionBackward" or getattr(type(node), "_forward_cls", None) is not None or \
             name in TRIANGLE_READERS
         inside, select = _OWN_ZEROS_INSIDE.get(name), _SELECTED.get(name)
-        info = _NODE_TYPES[type(node)] = (names, read, known, singular, makes, zero_output, inside, select,
-                                          nothing and not watched, watched, _fact_reader(name, makes, inside, select))
+        info = keep_per_type(_NODE_TYPES, type(node), "_gradwise_node_type", (
+            names, read, known, singular, makes, zero_output, inside, select, nothing and not watched, watched,
+            _fact_reader(name, makes, inside, select)))
     return info
 
 

@@ -24,6 +24,9 @@ from gradwise._strong_zeros._node_facts import (
     _node_type,
     _readable,
     covers,
+    keep_per_type,
+    node_info,
+    per_type,
 )
 from gradwise._strong_zeros._traced import traced
 
@@ -188,7 +191,7 @@ def _zero_reach(roots: Sequence[Any], g: _Graph) -> set:
     reached from above (its pick no longer stands for all of its zeros). Reach only grows: no order is needed."""
     if not g.senders:
         return set()
-    nodes, types, consumers, slots = g.nodes, _NODE_TYPES, g.consumers, g.slots
+    nodes, consumers, slots = g.nodes, g.consumers, g.slots
     is_root = set(roots)
     above: set = set()  # reached from above
     sending = set(g.senders)
@@ -212,11 +215,11 @@ def _zero_reach(roots: Sequence[Any], g: _Graph) -> set:
             if n not in sending:
                 sending.add(n)
                 queue.append(n)
-            elif types[type(n)][7] is not None:  # its zeros spread already, but its picks no longer stand for them
+            elif node_info(n)[7] is not None:  # its zeros spread already, but its picks no longer stand for them
                 ready.extend(k for k in fed.get(n, ()) if count[k] == _consumers_of(k, consumers, slots))
             continue
         node = queue.pop()
-        select = types[type(node)][7]
+        select = node_info(node)[7]
         pick = g.picks[node] if select is not None and node not in above else None
         keys = fed[node] = []
         for n, slot in nodes[node]:
@@ -347,7 +350,7 @@ def _shaped(roots: Sequence[Any], g: _Graph) -> _Shaped:
     deferred: list = []  # singular-point tests of nodes no structural zero reaches from above
     zero_outputs: list = []  # nodes whose backward multiplies by their own output (softmax, exp)
     for node in g.special:
-        _, _, known, singular, _, zero_output, _, _, _, _, _ = _NODE_TYPES[type(node)]
+        _, _, known, singular, _, zero_output, _, _, _, _, _ = node_info(node)
         if not known:
             known_all = False
             only_compiled = only_compiled and type(node).__name__ == "CompiledFunctionBackward"
@@ -360,7 +363,7 @@ def _shaped(roots: Sequence[Any], g: _Graph) -> _Shaped:
     order = list(g.nodes)
     reads = []
     for i in reached:
-        info = _NODE_TYPES[type(order[i])]
+        info = node_info(order[i])
         hides = type(order[i]).__name__ in HIDES_ITS_FORMULA
         if info[1] or info[3] is not None or hides:  # (a node with nothing to read, test or hide: no entry)
             reads.append((i, info[1], info[3], hides))
@@ -393,7 +396,7 @@ def _sensitivity_finite(above: list, seeds: Sequence[Any], seen: dict[int, list[
     strong-zero rule annihilates). Read only where such a node is in the graph."""
     saved = [t for t in seeds if isinstance(t, torch.Tensor) and inexact(t)]
     for node in above:
-        info = _NODE_TYPES[type(node)]
+        info = node_info(node)
         names, singular = info[0], info[3]
         if not _read_saved(node, names, seen, saved):
             return False  # (a checkpoint's or FSDP's hook would run: not known, so not finite)
@@ -411,10 +414,11 @@ _NUMBERS: dict[type, tuple[str, ...]] = {}  # node type -> its saved attributes 
 def _saved_numbers(node: Any, raw: tuple[str, ...]) -> tuple[str, ...]:
     """The ``_saved_*`` attributes of ``node``'s type that hold no tensor (``raw``: its ``_raw_saved_*``; the
     tensors were read through those already), looked up once per type."""
-    names = _NUMBERS.get(type(node))
+    names = per_type(_NUMBERS, type(node), "_gradwise_saved_numbers")
     if names is None:
         tensors = {"_saved_" + a[len("_raw_saved_"):] for a in raw}
-        names = _NUMBERS[type(node)] = tuple(a for a in dir(node) if a.startswith("_saved_") and a not in tensors)
+        names = keep_per_type(_NUMBERS, type(node), "_gradwise_saved_numbers",
+                              tuple(a for a in dir(node) if a.startswith("_saved_") and a not in tensors))
     return names
 
 

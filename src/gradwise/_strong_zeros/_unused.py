@@ -20,7 +20,7 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
 from gradwise._strong_zeros._node_facts import NODE_FACTS
-from gradwise._strong_zeros._traced import compiling, traced_tensor
+from gradwise._strong_zeros._traced import compiling, recording, traced_tensor
 
 __all__ = ["NODE_NAME", "UnusedReadError", "mark_unused"]
 
@@ -66,7 +66,8 @@ def _declared(g: torch.Tensor, unused: torch.Tensor) -> torch.Tensor:
     Along the dims ``unused`` broadcasts over (an RNN-T mask over the classes of the logits, which are the
     largest tensor of such a model) the test reads one max-norm per group, with no full-size temporary: a group
     counts as read when that norm is finite and nonzero (a group holding NaN/Inf counts as the kernel's own)."""
-    traced = compiling() or traced_tensor(g)
+    traced = compiling() or recording() or traced_tensor(g)  # (make_fx's real mode: plain tensors, a graph keeping
+    # what the modes-off check computed as a constant mask: a gradient the code reads zeroed where the graph runs)
     with contextlib.nullcontext() if traced else _disable_current_modes():  # bookkeeping, not the formula
         lead = g.dim() - unused.dim()
         dims = [d for d in range(g.dim()) if d < lead or (unused.shape[d - lead] == 1 and g.shape[d] != 1)]

@@ -87,6 +87,10 @@ _INTERNAL_FILES = {"contextlib.py", "functools.py", "runpy.py"}
 # user's line is the one that called them
 _LIBRARY_DIRS = (f"{os.sep}site-packages{os.sep}", f"{os.sep}dist-packages{os.sep}")
 _internal_file: dict[str, bool] = {}  # keyed by file name: a str caches its hash, a code object rehashes its fields
+# file names kept by each of the two caches: every torch.fx GraphModule has a file name of its own
+# ("<eval_with_key>.N"), so a program that builds one per step (symbolic_trace, export's module()) grew them by one
+# entry a step for as long as it ran. Emptied when full (in place: the watch's replay holds _core_file itself)
+_FILES_KEPT = 4096
 
 
 def _is_internal(code) -> bool:
@@ -94,6 +98,8 @@ def _is_internal(code) -> bool:
     r = _internal_file.get(name)
     if r is None:
         r = _core(code) or (any(d in name for d in _LIBRARY_DIRS) and not _main(name))
+        if len(_internal_file) >= _FILES_KEPT:
+            _internal_file.clear()
         _internal_file[name] = r
     return r
 
@@ -133,6 +139,8 @@ def _core(code) -> bool:
     name = code.co_filename
     r = _core_file.get(name)
     if r is None:
+        if len(_core_file) >= _FILES_KEPT:
+            _core_file.clear()
         r = _core_file[name] = name.startswith(_INTERNAL_DIRS) or name.startswith("<frozen") or \
             os.path.basename(name) in _INTERNAL_FILES
     return r

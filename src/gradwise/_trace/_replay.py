@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from gradwise import _strong_zeros
+from gradwise._strong_zeros._node_facts import keep_per_type, per_type
 from gradwise._trace import _kinds
 from gradwise._trace._advice import _EXPLAIN
 from gradwise._trace._common import _ACCUMULATE_SEQ, _has_nan, _inexact, _nonfinite, _nonfinite_mask, _user_frame
@@ -47,14 +48,14 @@ def _raw_names(node, op: str) -> tuple:
     saved outputs ``result``, ``result1``... or by the op's named returns (flash attention's ``logsumexp``). A
     non-differentiable output (layer norm's mean and rstd) unpacks without the node as its ``grad_fn``: it is no
     data that arrived non-finite."""
-    names = _RAW_NAMES.get(type(node))
+    names = per_type(_RAW_NAMES, type(node), "_gradwise_raw_names")
     if names is None:
         packet = aten_packet(op)
         returns = {r.name for o in (packet.overloads() if packet is not None else ())
                    for r in getattr(packet, o)._schema.returns if r.name}
-        names = _RAW_NAMES[type(node)] = tuple(
+        names = keep_per_type(_RAW_NAMES, type(node), "_gradwise_raw_names", tuple(
             (a, a[len(_RAW):].rstrip("0123456789") == "result" or a[len(_RAW):] in returns)
-            for a in dir(node) if a.startswith(_RAW))
+            for a in dir(node) if a.startswith(_RAW)))
     return names
 
 

@@ -17,7 +17,7 @@ import torch
 from torch._C._autograd import _get_sequence_nr
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from gradwise._modes import LeanDispatchMode, kernels
+from gradwise._modes import PASSES, LeanDispatchMode, kernels
 from gradwise._ops._zeros import ops_of_kind
 from gradwise._strong_zeros._traced import recording
 from gradwise._trace import _common, _kinds
@@ -259,7 +259,10 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
             # reads would be recorded into the user's graph (or refused: "get value out of a tracing tensor")
             self._pass_over(RECORDED, func)
             return _run(func, args, kwargs)
-        if _kinds.forward_ad_active():  # reductions of duals would build tangents
+        # reductions of duals would build tangents. The level is one for the process: one that another thread's
+        # nonsmooth passes opened makes none of this thread's tensors duals (all passed over: a trace left blind
+        # while another thread differentiated, its NaN unexplained)
+        if _kinds.forward_ad_active() and (PASSES.depth or not PASSES.anywhere.is_set()):
             self._pass_over("forward-AD dual", func)
             return _run(func, args, kwargs)
         if torch._C._are_functorch_transforms_active():  # vmap/grad (batched gradients): values are batched
