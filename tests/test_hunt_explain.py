@@ -82,6 +82,44 @@ def test_a_packed_sequences_padding_is_contamination_as_strong_zeros_say(case):
     assert not [f for f in report.findings if f.downstream], str(report)
 
 
+def _checkpointed(reentrant: bool):
+    import torch.utils.checkpoint as cp
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 3)
+    with torch.no_grad():
+        lin.bias.fill_(5.0)  # relu passes columns 0 and 1
+    x = torch.rand(4, 3)
+    k = torch.tensor([1.0, 0.0, 1.0])
+
+    def block(h):
+        h = torch.relu(h * torch.tensor([1.0, 1.0, 0.0]))  # column 2 at relu's kink
+        return torch.log(h.exp() * k)  # column 1: log(0)
+
+    return lambda: cp.checkpoint(block, lin(x), use_reentrant=reentrant)[:, ::2].sum(), lin
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_a_reentrant_checkpoints_recomputed_forward_has_its_lines(reentrant):
+    """A reentrant torch.utils.checkpoint runs its forward again inside its backward, with grad on: the trace took
+    those ops for backward ops. Its NaN was born 'at' the backward call's line (the contamination 'aten.div at
+    test.py:<the backward() line>', not the log's), its reaches named the checkpoint's own detached input
+    ('tensor[4, 3]' beside lin.weight) and the relu's kink inside the block was not reported at all. Now the
+    recomputed forward is recorded as a forward, as the non-reentrant checkpoint's first forward is."""
+    f, lin = _checkpointed(reentrant)
+    with gw.trace() as report:
+        f().backward()
+    assert not lin.weight.grad.isfinite().all()  # (lin names the parameters in the report)
+    log_line = _checkpointed.__code__.co_firstlineno + 12
+    [c] = report.of_kind("contamination")
+    assert c.born_location.endswith(f"test_hunt_explain.py:{log_line}"), str(report)
+    assert c.location.endswith(f"test_hunt_explain.py:{log_line}"), str(report)
+    assert c.reaches == ["lin.bias", "lin.weight"], str(report)
+    [k] = report.of_kind("kink")
+    assert k.op == "aten.relu" and k.location.endswith(f"test_hunt_explain.py:{log_line - 1}"), str(report)
+    assert k.reaches == ["lin.bias", "lin.weight"], str(report)
+
+
 def test_a_convolutions_weight_gradient_meeting_a_saved_inf_is_explained():
     """exp overflows (Inf) before a conv; the conv makes NaN of it (inf - inf), and layer_norm's backward sends
     that NaN back as a sensitivity weighted by w (some weights 0). In convolution_backward the NaN sensitivity

@@ -115,6 +115,8 @@ class _Flow:
 
     def _accumulate(self, node, sens_ins) -> None:
         var = node.variable
+        if var in self.recomputed_inputs:  # a reentrant checkpoint's own input: what it holds flows on, no leaf
+            return
         for s in sens_ins:
             incs = self.prov.get(s, ())
             if not incs or not _nonfinite(s):  # (provenance left on values made finite in place: maximum's backward)
