@@ -143,3 +143,59 @@ def test_a_convolutions_weight_gradient_meeting_a_saved_inf_is_explained():
     assert not report.notes and not contaminated, str(report)
     assert [(f.kind, f.born_op) for f in report.findings] == [("nan", "aten.exp")], str(report)
     assert set(report.findings[0].reaches) == {named[i][0] for i in genuine}, str(report)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_discarded_time_step_beside_a_used_one_through_a_gru_is_no_contamination(packed):
+    """sqrt(gru(lin(x)).exp() * k)[:, :3].sum() with sqrt(-1) at a kept time step (1) and at discarded ones (4):
+    the GRU's backward carries the discarded step's NaN back through every earlier step and mixes it with the
+    used one's, so gw.grad's gradients are NaN wherever PyTorch's are. The contamination filled whole tensors (no
+    split followed it) and reached every parameter beside the genuine NaN: 'contamination ... reaches gru.*,
+    lin.*', against gw.grad. Packed (lengths 5, 3), the GRU's backward copy_s each step's sensitivity into one
+    buffer and the buffer kept only the last write's provenance: the used NaN reached the GRU only, and lin got
+    the contamination alone. A gradient that strong zeros' pass holds non-finite wherever it is now takes no
+    contamination beside its genuine NaN, and writes into parts of one buffer add up their provenance."""
+    torch.manual_seed(0)
+    lin, gru = torch.nn.Linear(4, 4), torch.nn.GRU(4, 4, batch_first=True)
+    x = torch.randn(2, 5, 4)
+    k = torch.ones(2, 5, 4)
+    k[0, 1, 2] = k[1, 4, 0] = k[0, 4, 1] = -1.0
+
+    def f():
+        h = lin(x)
+        if packed:
+            h = torch.nn.utils.rnn.pack_padded_sequence(h, torch.tensor([5, 3]), batch_first=True,
+                                                        enforce_sorted=False)
+            h = torch.nn.utils.rnn.pad_packed_sequence(gru(h)[0], batch_first=True, total_length=5)[0]
+        else:
+            h = gru(h)[0]
+        return torch.sqrt(h.exp() * k)[:, :3].sum()
+
+    named = [(f"{m}.{n}", p) for m, mod in (("lin", lin), ("gru", gru)) for n, p in mod.named_parameters()]
+    contaminated, genuine = _leaf_truth(f, [p for _, p in named])
+    assert not contaminated and len(genuine) == len(named)
+    with gw.trace() as report:
+        f().backward()
+    assert not report.of_kind("contamination"), str(report)
+    assert {n for f in report.of_kind("nan") for n in f.reaches} == {n for n, _ in named}, str(report)
+
+
+@pytest.mark.parametrize("block", ["trace", "watch"])
+def test_a_computed_zero_below_a_slice_is_genuine_under_the_watch_too(block):
+    """tanh(log(lin(x).exp() * k))[:, :3].sum() with log(0) = -inf at a kept row: tanh'(-inf) = 0 is a zero the
+    program computes, so log's backward 0/0 = NaN is genuine (gw.grad keeps it). gw.trace() said so; gw.watch()'s
+    replay ran without the shadow strong pass (its forward was not traced, so nothing marked the step as one
+    that met a NaN/Inf) and took the zero for the slice's: 'contamination ... the output never used it', with
+    gw.strong_zeros() as the fix, where strong zeros change nothing (silent)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 5, 4)
+    k = torch.ones(2, 5, 4)
+    k[0, 1, 2] = 0.0
+    f = lambda: torch.tanh(torch.log(lin(x).exp() * k))[:, :3].sum()
+    contaminated, genuine = _leaf_truth(f, list(lin.parameters()))
+    assert not contaminated and genuine == {0, 1}
+    with gw.watch() if block == "watch" else gw.trace() as report:
+        f().backward()
+    assert not report.of_kind("contamination"), str(report)
+    assert {n for f in report.of_kind("nan") for n in f.reaches} == {"lin.bias", "lin.weight"}, str(report)
