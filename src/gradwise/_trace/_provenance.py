@@ -172,9 +172,11 @@ class _Provenance:
                 self.prov[o] = prior.union(*(self.prov.get(t, frozenset()) for t in nf if t in self.sens))
             else:
                 self._meet(func, loc, o, mask, ins, nf, nd, node_seq, args, out, kwargs)
-            if info.mutable and o._base is not None and o in self.prov:  # (each write into a part of the base
-                # adds its own: the per-step copy_s of a backward formula into one buffer, pack_padded_sequence's)
-                self.prov[o._base] = self.prov.get(o._base, frozenset()) | self.prov[o]
+            if info.mutable and o._base is not None and o in self.prov:
+                # a sensitivity's writes into parts of one buffer add up (a packed RNN's backward copy_s each
+                # step into it); a forward write keeps the view's births, which name the written elements
+                sens = seq is not None and not isinstance(seq, tuple)
+                self.prov[o._base] = (self.prov.get(o._base, frozenset()) if sens else frozenset()) | self.prov[o]
 
     def _value(self, func, loc, o, mask, nf, prior, nd, ins=(), base=None, args=None) -> None:
         """A forward value (or one a backward formula made from saved values): propagate or record a birth."""
