@@ -48,6 +48,8 @@ class _BackwardOps:
             made = _ENGINE_ZEROS if node is None and func.overloadpacket in _ZEROS else seq
             for o in every:
                 self.sens[o] = made
+                if info.mutable and o._base is not None:  # a formula writing g into a view of a buffer it made
+                    self.sens[o._base] = made  # (pack_padded_sequence's backward: zeros, then copy_ per step)
             if func in _FORMULA_FIRST and seq is not None:  # a whole formula's g, for its last op (_Incidents)
                 whole = _strong_zeros.WHOLE_FORMULAS.get(getattr(self.nodes.get(seq), "op", None))
                 if whole is not None and func is whole.first and args[0].is_floating_point():

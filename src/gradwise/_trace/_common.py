@@ -276,6 +276,14 @@ def _aligned(ts: list[torch.Tensor], shape) -> bool:
 
 
 # -- why a NaN/Inf was born: one explainer per op family (keyed by aten overload packet) ----------------------
+def _recomputing(node) -> bool:
+    """Is this op a forward that a reentrant ``torch.utils.checkpoint`` runs again inside its backward (its node
+    current, grad on)? Its ops are forward ops of the user's lines: recorded as such, so that the nodes they make
+    (which the checkpoint's inner backward then runs) and the NaN/Inf they make have their lines, not the
+    backward call's."""
+    return node is not None and torch.is_grad_enabled() and node.name() == "CheckpointFunctionBackward"
+
+
 class _ByIdentity:
     """Tensor (or module) -> value by identity, held weakly: WeakTensorKeyDictionary's semantics for a
     fraction of its cost (it builds a Python-level WeakIdRef per lookup; here a lookup is one dict get and one

@@ -115,14 +115,33 @@ class _Flow:
 
     def _accumulate(self, node, sens_ins) -> None:
         var = node.variable
+        if var in self.recomputed_inputs:  # a reentrant checkpoint's own input: what it holds flows on, no leaf
+            return
         for s in sens_ins:
             incs = self.prov.get(s, ())
             if not incs or not _nonfinite(s):  # (provenance left on values made finite in place: maximum's backward)
                 continue
+            covered = self._covered(s, incs)
             for inc in incs:
                 if isinstance(inc, _Incident):
+                    if covered and inc.kind == "contamination":
+                        inc.covered = True
+                        continue
                     inc.reaches.add(self.leaf_name(var))
                     self.reached_now.add(id(inc))
+
+    def _covered(self, g: torch.Tensor, incs) -> bool:
+        """Is the contamination among ``incs`` covered in the gradient ``g`` by a genuine NaN/Inf beside it: does
+        gw.strong_zeros()' pass (the shadow) hold NaN/Inf wherever ``g`` does? Then the contamination reached no
+        element that strong zeros would make finite, and it is no finding for this leaf (a GRU's backward mixes
+        a discarded time step's NaN with a used one's through every step: no split follows it there)."""
+        kinds = {i.kind == "contamination" for i in incs if isinstance(i, _Incident)}
+        if kinds != {True, False}:
+            return False
+        strong = self._strong_of(g)
+        if strong is None or strong.shape != g.shape:
+            return False
+        return not bool(mask_any(~torch.isfinite(g) & torch.isfinite(strong)))
 
     def _through_view(self, func, upstream, args, kwargs, o, mask, carried, sens_ins=(), out=None) -> frozenset:
         """The provenance of a view (or copy) of a tensor part of whose NaN/Inf a structural zero annihilated
@@ -134,7 +153,7 @@ class _Flow:
         if got is None:
             return self._mixed(func, upstream, args, kwargs, o, mask, carried, sens_ins, out) \
                 if any(u in self.split for u in upstream) else carried
-        kept, inc, rest = got
+        kept, apart, rest = got
         if _pairs(func, [t], o) and t.shape == kept.shape:  # elementwise (where's backward): the kept elements' own
             view = kept.broadcast_to(o.shape)
         elif not (args and args[0] is t and (getattr(func, "is_view", False) or func.overloadpacket in _COPIES)):
@@ -150,10 +169,10 @@ class _Flow:
             return carried
         view = view & mask
         if not bool(mask_any(view)):
-            return frozenset([inc])
+            return apart
         if not bool(mask_any(mask & ~view)):  # none of the incident's elements left (a where dropped them)
             return rest
-        self.split[o] = (view, inc, rest)
+        self.split[o] = (view, apart, rest)
         return carried
 
     def _mixed(self, func, upstream, args, kwargs, o, mask, carried, sens_ins, out) -> frozenset:
@@ -163,23 +182,23 @@ class _Flow:
         (genuine) reaches the output. Where it reaches every non-finite element, strong zeros leave each of them
         non-finite and the contamination is no finding there (it reached every gradient beside the genuine NaN,
         against gw.grad), nor a value that no gradient used (``covered``: it stops here); elsewhere the split
-        follows the output. One contamination incident at a time; ops without a strong-zero rule carry the whole
-        provenance."""
+        follows the output. One set of incidents apart at a time (contamination born at several ops: an ignored
+        row's and a scatter's zeros); ops without a strong-zero rule carry the whole provenance."""
         if args is None or out is None:
             return carried
         splits = [self.split.get(t) for t in upstream]
-        incs = {got[1] for got in splits if got is not None}
-        if len(incs) != 1:
+        aparts = {got[1] for got in splits if got is not None}
+        if len(aparts) != 1:
             return carried
-        inc = incs.pop()
+        apart = aparts.pop()
         strong_of, rest = {}, frozenset()
         for t, got in zip(upstream, splits, strict=True):
             if got is not None and got[0].shape == t.shape:
                 strong_of[id(t)] = t.masked_fill(~got[0] & ~torch.isfinite(t), 0)
                 rest |= got[2]
-            elif got is None and self.prov.get(t) == frozenset([inc]):  # contamination throughout
+            elif got is None and self.prov.get(t) and self.prov.get(t) <= apart:  # contamination throughout
                 strong_of[id(t)] = t.masked_fill(~torch.isfinite(t), 0)
-            elif got is None and inc not in self.prov.get(t, ()):
+            elif got is None and not apart & self.prov.get(t, frozenset()):
                 rest |= self.prov.get(t, frozenset())
             else:
                 return carried
@@ -196,11 +215,12 @@ class _Flow:
             return carried
         reached = mask & ~torch.isfinite(strong)
         if not bool(mask_any(mask & ~reached)):
-            inc.covered = True  # (used there, under the genuine NaN/Inf: no finding, nor a value nothing used)
+            for inc in apart:  # (used there, under the genuine NaN/Inf: no finding, nor a value nothing used)
+                inc.covered = True
             return rest
         if not bool(mask_any(reached)):
-            return frozenset([inc])
-        self.split[o] = (reached, inc, rest)
+            return apart
+        self.split[o] = (reached, apart, rest)
         return carried
 
 

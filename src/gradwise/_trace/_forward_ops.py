@@ -12,7 +12,16 @@ import torch
 from torch._C._autograd import _get_sequence_nr
 
 from gradwise._trace import _common, _kinds
-from gradwise._trace._common import _floats, _grad, _loc, _Node, _tensors, _user_frame, nonfinite_number
+from gradwise._trace._common import (
+    _floats,
+    _grad,
+    _loc,
+    _Node,
+    _recomputing,
+    _tensors,
+    _user_frame,
+    nonfinite_number,
+)
 from gradwise._trace._common import run_op as _run
 from gradwise._trace._kinks import _Call
 
@@ -64,6 +73,9 @@ class _ForwardOps:
         inplace = not creates_node and info.mutable and torch.is_grad_enabled() and any(t.requires_grad for t in ins)
         if creates_node or inplace:
             new = [t for t in ins if t.is_leaf and t.requires_grad and t not in self.names]
+            node = torch._C._current_autograd_node() if new and self.depth else None
+            if _recomputing(node):
+                self._recomputed_inputs(node, new)
             if new:
                 self._name_leaves(new, frame, loc)
             if det is not None and not det.needs_out:
@@ -96,6 +108,18 @@ class _ForwardOps:
         else:
             self._check(outs, lambda bad: self._dig(func, loc, ins, bad, None, info, args=args))
         return out
+
+    def _recomputed_inputs(self, node, new) -> None:
+        """Of the leaves a reentrant checkpoint's recomputed forward reads first, its own detached inputs (they
+        share the storage of what its node saved; the parameters it reads are the user's): their .grad is its
+        inner backward's, which its node hands on, so they are no leaves of the user's."""
+        try:
+            saved = {t.data_ptr() for t in node.saved_tensors if isinstance(t, torch.Tensor)}
+        except RuntimeError:  # (freed: nothing to tell apart)
+            return
+        for t in new:
+            if t.data_ptr() in saved:
+                self.recomputed_inputs[t] = node
 
     def _dig_foreach(self, func, loc, args, out, bad, info) -> None:
         """A foreach op is one op per list position: output i reads position i of each list argument and the

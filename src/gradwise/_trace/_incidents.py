@@ -33,7 +33,7 @@ class _Incidents:
             incidents, contaminated = self._classify(func, loc, o, mask, ins, sens_ins, nf, nd, args, out, kwargs)
             self.prov[o] = frozenset(incidents)
             if len(incidents) == 2:  # the genuine elements' mask follows them, as an annihilation's (`split`)
-                self.split[o] = (mask & ~contaminated, incidents[0], frozenset(incidents[1:]))
+                self.split[o] = (mask & ~contaminated, frozenset(incidents[:1]), frozenset(incidents[1:]))
             return
         # already non-finite upstream: carry it along, unless a structural zero annihilates it here. Elementwise,
         # the other elements are born here (a zero sensitivity from a slice meets a saved NaN beside an upstream
@@ -80,16 +80,23 @@ class _Incidents:
     def _split_fresh(self, o, carried_mask, fresh_mask, incidents, contaminated) -> None:
         """Elements of ``o`` born here beside carried ones: which elements hold which incidents (``split``), so
         that a selection further on that drops some of them (where's or masked_fill's backward) keeps the
-        provenance of the others alone. A split holds one incident apart: the fresh contamination (or the one
-        fresh incident); where ``o`` is split already, the fresh elements join the elements of the rest."""
+        provenance of the others alone. A split holds a set of incidents apart: the fresh contamination (or the
+        one fresh incident); where ``o`` is split already with contamination apart, fresh contamination joins it
+        (a scatter's zeros meeting sqrt's NaN below an ignored row's: both are what strong zeros remove) and the
+        other fresh elements join the elements of the rest."""
         got = self.split.get(o)
         if got is not None:
-            kept, inc, rest = got
-            self.split[o] = (kept | fresh_mask, inc, rest | frozenset(incidents))
+            kept, apart, rest = got
+            fresh_contamination = frozenset(i for i in incidents if i.kind == "contamination")
+            if fresh_contamination and all(i.kind == "contamination" for i in apart):
+                self.split[o] = (kept | (fresh_mask & ~contaminated), apart | fresh_contamination,
+                                 rest | (frozenset(incidents) - fresh_contamination))
+            else:
+                self.split[o] = (kept | fresh_mask, apart, rest | frozenset(incidents))
         elif len(incidents) == 1:
-            self.split[o] = (carried_mask, incidents[0], self.prov[o])
+            self.split[o] = (carried_mask, frozenset(incidents), self.prov[o])
         else:  # contamination first, then genuine
-            self.split[o] = (carried_mask | (fresh_mask & ~contaminated), incidents[0],
+            self.split[o] = (carried_mask | (fresh_mask & ~contaminated), frozenset(incidents[:1]),
                              self.prov[o] | frozenset(incidents[1:]))
         self.prov[o] = self.prov[o] | frozenset(incidents)
 

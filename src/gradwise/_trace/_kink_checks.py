@@ -74,7 +74,13 @@ class _KinkChecks:
     def _leaves_below(self, node) -> list[str]:
         """The names of the leaves whose gradients flow through ``node`` (the kink's): where PyTorch's convention at
         the kink went (once per kink group, when a nonzero sensitivity first reaches it)."""
-        return sorted({self.leaf_name(var) for n in _strong_zeros._walk([node])
-                       if isinstance(var := getattr(n, "variable", None), torch.Tensor)})
+        names = set()
+        for n in _strong_zeros._walk([node]):
+            var = getattr(n, "variable", None)
+            if not isinstance(var, torch.Tensor):
+                continue
+            outer = self.recomputed_inputs.get(var)  # a reentrant checkpoint's input: the leaves below its node
+            names |= set(self._leaves_below(outer)) if outer is not None else {self.leaf_name(var)}
+        return sorted(names)
 
     # -- the report -------------------------------------------------------------------------------------------

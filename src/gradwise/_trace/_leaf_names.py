@@ -32,7 +32,11 @@ class _LeafNames:
     def reached(self, grad: torch.Tensor, leaf: torch.Tensor) -> None:
         """A final gradient (from torch.autograd.grad) for `leaf`: record which findings reach it."""
         incs = [i for i in self.prov.get(grad, ()) if isinstance(i, _Incident)] if _nonfinite(grad) else []
+        covered = bool(incs) and self._covered(grad, incs)
         for inc in incs:
+            if covered and inc.kind == "contamination":  # (under a genuine NaN/Inf in every element: _Flow)
+                inc.covered = True
+                continue
             inc.reaches.add(self.leaf_name(leaf))
             self.reached_now.add(id(inc))
         if not incs and _nonfinite(grad):

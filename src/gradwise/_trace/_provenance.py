@@ -173,7 +173,10 @@ class _Provenance:
             else:
                 self._meet(func, loc, o, mask, ins, nf, nd, node_seq, args, out, kwargs)
             if info.mutable and o._base is not None and o in self.prov:
-                self.prov[o._base] = self.prov[o]
+                # a sensitivity's writes into parts of one buffer add up (a packed RNN's backward copy_s each
+                # step into it); a forward write keeps the view's births, which name the written elements
+                sens = seq is not None and not isinstance(seq, tuple)
+                self.prov[o._base] = (self.prov.get(o._base, frozenset()) if sens else frozenset()) | self.prov[o]
 
     def _value(self, func, loc, o, mask, nf, prior, nd, ins=(), base=None, args=None) -> None:
         """A forward value (or one a backward formula made from saved values): propagate or record a birth."""

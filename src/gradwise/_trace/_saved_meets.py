@@ -51,7 +51,7 @@ class _SavedMeets:
                     nonzero = nonzero | (_nonzero(t, finite_only)).broadcast_to(o.shape)
             met = met & nonzero
         elif func.overloadpacket in _BILINEAR and args is not None:
-            met = self._indicators(func, args, saved, o, finite_only=finite_only)
+            met = self._indicators(func, args, saved, o, out, finite_only=finite_only)
         if shadowed:
             kept = self.shadow.kept_here(func, args, kwargs or {}, upstream, o, out)
             if kept is not None:
@@ -117,7 +117,7 @@ class _SavedMeets:
         kept = mask & ~gone
         if bool(mask_any(kept)):
             self.prov[o] = frozenset([inc]) | carried
-            self.split[o] = (kept, inc, carried)
+            self.split[o] = (kept, frozenset([inc]), carried)
         else:
             self.prov[o] = frozenset([inc])
         return True

@@ -29,6 +29,7 @@ from gradwise._trace._common import (
     _KinkGroup,
     _Node,
     _op_name,
+    _recomputing,
 )
 from gradwise._trace._common import run_op as _run
 from gradwise._trace._facts import (
@@ -176,6 +177,7 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
         self.formula_masks = WeakTensorKeyDictionary()  # comparison in a backward formula -> (op, args, kwargs)
         self.formula_g: dict[int, torch.Tensor] = {}  # node seq -> g, at a whole formula's first op
         self.names = _ByIdentity()
+        self.recomputed_inputs = _ByIdentity()  # a reentrant checkpoint's detached inputs: no leaves of the user's
         self.derived = _ByIdentity()  # output of an op passed over unread -> weak references to its inputs
         self.batches = WeakTensorKeyDictionary()  # tensor -> index of the DataLoader batch it arrived in
         self.worker_cut = 0  # births made before the latest DataLoader worker processes started: the first this many
@@ -269,7 +271,7 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
             self._pass_over("functorch-transformed (vmap, batched gradient)", func)
             return _run(func, args, kwargs)
         node = torch._C._current_autograd_node()
-        if node is None and not self.depth:
+        if (node is None and not self.depth) or _recomputing(node):
             return self._forward(func, info, args, kwargs)
         if not self.depth and not self.passed_calls and torch._C._current_graph_task_id() != self.unseen_task:
             # a backward no wrapped torch.autograd call started (TorchScript's builtin torch.autograd.grad): its

@@ -32,6 +32,11 @@ class _StepExplainer:
         self.found_at = self.step
         tracer = self.tracer = _Tracer(self.sync_every)
         tracer.store.step = self.step
+        # the step's gradients are not finite: its replay runs gw.strong_zeros()' shadow pass, which tells
+        # contamination from genuine by the rules' supports, as a traced step whose forward met a NaN/Inf does
+        # (the forward was not traced: nothing set ``dirty``, and a zero the program computed, tanh'(-inf),
+        # below a slice was taken for the slice's)
+        tracer.dirty = True
         at = _common._loc(_common._user_frame())  # the user's backward call: the forward's own lines were not seen
         for node in _strong_zeros._walk(roots):  # what each node's forward op was
             seq = node._sequence_nr()
@@ -107,6 +112,11 @@ class _StepExplainer:
         self.unexplained = _fsdp_watching.WHY
         tracer = self.tracer = _Tracer(self.sync_every)
         tracer.store.step = self.step
+        # the step's gradients are not finite: its replay runs gw.strong_zeros()' shadow pass, which tells
+        # contamination from genuine by the rules' supports, as a traced step whose forward met a NaN/Inf does
+        # (the forward was not traced: nothing set ``dirty``, and a zero the program computed, tanh'(-inf),
+        # below a slice was taken for the slice's)
+        tracer.dirty = True
         frame = _common._user_frame()
         at = _common._loc(frame)
         tracer.batches.update((t, i) for t, (i, _) in dict(self.batches.items()).items())

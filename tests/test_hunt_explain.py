@@ -1,0 +1,201 @@
+"""Hunt for wrong or missing explanations in the trace/watch/CLI, round 28: a differential checker ran generated
+programs (slices, where, masked_fill, index_select, gather, scatter, cat/stack, matmul, softmax, layer_norm, conv,
+pool, SDPA, a padded GRU, cross_entropy with ignore_index; inside modules with hooks, checkpoint, torch.compile,
+TorchScript, custom Functions and torch.library ops) with a NaN/Inf injected at a chosen place, against the ground
+truth of the gradients (plain PyTorch against gw.grad, elementwise). Each defect it found is a focused test here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gradwise as gw
+
+
+def _leaf_truth(f, params: list[torch.Tensor]) -> tuple[set, set]:
+    """Per parameter index: (contamination: P non-finite somewhere G is finite, genuine: G non-finite)."""
+    p = torch.autograd.grad(f(), params)
+    g = gw.grad(f(), params)
+    return ({i for i, (a, b) in enumerate(zip(p, g, strict=True)) if bool((~a.isfinite() & b.isfinite()).any())},
+            {i for i, b in enumerate(g) if not b.isfinite().all()})
+
+
+@pytest.mark.parametrize("covered", [True, False])
+def test_contamination_born_at_two_ops_beside_a_used_nan_is_judged_as_one(covered):
+    """cross_entropy(sqrt(lin(x).exp() * k).scatter(1, s, 0), tgt, ignore_index): row 0 is ignored (its NaN
+    makes contamination in the log_softmax backward), row 1's NaN is overwritten by the scatter (contamination born
+    at sqrt's backward, where the scatter's zero meets it), rows 2 and 3 hold NaN the loss uses, one in each column:
+    every gradient element is NaN under gw.grad too, so no contamination reaches a gradient. The sqrt backward's
+    fresh contamination joined the genuine side of the ignored row's split, so the matmul to the weight passed it
+    on: 'contamination ... reaches lin.bias, lin.weight' beside the genuine NaN, against gw.grad (found on a
+    generated program with 2 x 5 tokens). Without row 3's NaN, column 1 (weight row 1, bias 1) holds only
+    contamination, still told."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(2, 2)
+    x = torch.randn(4, 2)
+    k = torch.tensor([[-1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [1.0, -1.0 if covered else 1.0]])  # sqrt(-1) = NaN
+    s = torch.tensor([[1], [1], [1], [0]])
+    tgt = torch.tensor([-100, 0, 0, 1])
+    f = lambda: F.cross_entropy(torch.sqrt(lin(x).exp() * k).scatter(1, s, 0.0), tgt, ignore_index=-100)
+    params = list(lin.parameters())
+    contaminated, genuine = _leaf_truth(f, params)
+    assert genuine == {0, 1} and contaminated == (set() if covered else {0, 1})
+    with gw.trace() as report:
+        f().backward()
+    said = {n for f in report.of_kind("contamination") for n in f.reaches}
+    assert said == (set() if covered else {"lin.bias", "lin.weight"}), str(report)
+    assert {n for f in report.of_kind("nan") for n in f.reaches} == {"lin.bias", "lin.weight"}, str(report)
+
+
+def _packed_gru(nan_at):
+    torch.manual_seed(0)
+    lin, gru = torch.nn.Linear(4, 4), torch.nn.GRU(4, 4, batch_first=True)
+    x = torch.randn(2, 5, 4)
+    for at in nan_at:
+        x[at] = float("nan")
+
+    def f():
+        packed = torch.nn.utils.rnn.pack_padded_sequence(lin(x), torch.tensor([5, 3]), batch_first=True,
+                                                         enforce_sorted=False)
+        return torch.nn.utils.rnn.pad_packed_sequence(gru(packed)[0], batch_first=True, total_length=5)[0].sum()
+
+    return f, {"lin": lin, "gru": gru}
+
+
+@pytest.mark.parametrize("case", ["padding", "padding and a used NaN"])
+def test_a_packed_sequences_padding_is_contamination_as_strong_zeros_say(case):
+    """lin(x) packed with lengths [5, 3], a GRU, unpacked: pack_padded_sequence's backward makes a zeros buffer and
+    copy_s each step's sensitivity into a view of it; the trace marked the views as sensitivities, not the buffer,
+    so the flow stopped there and what followed was read as a forward value. NaN in the padding of sequence 1
+    (which the GRU never reads) was told 'genuine NaN: the output depends on it' reaching lin.weight, where
+    gw.grad removes it (silent); with a used NaN too, the used NaN reached only the GRU's parameters, and lin.bias
+    got a 'downstream' finding (a gradient used as a value) that no optimizer step made."""
+    f, mods = _packed_gru([(1, 4)] if case == "padding" else [(1, 4), (0, 1, 2)])
+    named = [(f"{m}.{n}", p) for m, mod in mods.items() for n, p in mod.named_parameters()]
+    contaminated, genuine = _leaf_truth(f, [p for _, p in named])
+    with gw.trace() as report:
+        f().backward()
+    said = lambda kinds: {n for f in report.findings if f.kind in kinds and not f.downstream for n in f.reaches}
+    assert said(("contamination",)) == {named[i][0] for i in contaminated}, str(report)
+    assert said(("nan", "inf")) == {named[i][0] for i in genuine}, str(report)
+    assert not [f for f in report.findings if f.downstream], str(report)
+
+
+def _checkpointed(reentrant: bool):
+    import torch.utils.checkpoint as cp
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 3)
+    with torch.no_grad():
+        lin.bias.fill_(5.0)  # relu passes columns 0 and 1
+    x = torch.rand(4, 3)
+    k = torch.tensor([1.0, 0.0, 1.0])
+
+    def block(h):
+        h = torch.relu(h * torch.tensor([1.0, 1.0, 0.0]))  # column 2 at relu's kink
+        return torch.log(h.exp() * k)  # column 1: log(0)
+
+    return lambda: cp.checkpoint(block, lin(x), use_reentrant=reentrant)[:, ::2].sum(), lin
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_a_reentrant_checkpoints_recomputed_forward_has_its_lines(reentrant):
+    """A reentrant torch.utils.checkpoint runs its forward again inside its backward, with grad on: the trace took
+    those ops for backward ops. Its NaN was born 'at' the backward call's line (the contamination 'aten.div at
+    test.py:<the backward() line>', not the log's), its reaches named the checkpoint's own detached input
+    ('tensor[4, 3]' beside lin.weight) and the relu's kink inside the block was not reported at all. Now the
+    recomputed forward is recorded as a forward, as the non-reentrant checkpoint's first forward is."""
+    f, lin = _checkpointed(reentrant)
+    with gw.trace() as report:
+        f().backward()
+    assert not lin.weight.grad.isfinite().all()  # (lin names the parameters in the report)
+    log_line = _checkpointed.__code__.co_firstlineno + 12
+    [c] = report.of_kind("contamination")
+    assert c.born_location.endswith(f"test_hunt_explain.py:{log_line}"), str(report)
+    assert c.location.endswith(f"test_hunt_explain.py:{log_line}"), str(report)
+    assert c.reaches == ["lin.bias", "lin.weight"], str(report)
+    [k] = report.of_kind("kink")
+    assert k.op == "aten.relu" and k.location.endswith(f"test_hunt_explain.py:{log_line - 1}"), str(report)
+    assert k.reaches == ["lin.bias", "lin.weight"], str(report)
+
+
+def test_a_convolutions_weight_gradient_meeting_a_saved_inf_is_explained():
+    """exp overflows (Inf) before a conv; the conv makes NaN of it (inf - inf), and layer_norm's backward sends
+    that NaN back as a sensitivity weighted by w (some weights 0). In convolution_backward the NaN sensitivity
+    meets the saved Inf input: the trace evaluated the op on indicators and took its first result (grad_input,
+    2 x 4 x 5) for the output it was explaining (grad_weight, 4 x 4 x 3), without the op's outputs to match. The
+    explanation failed ('Notes: a value: not explained (RuntimeError: The size of tensor a (5) must match the
+    size of tensor b (3) ...)') and conv.bias got 'genuine NaN: unknown at <unknown> ... the trace did not
+    follow how it became so' instead of the exp's finding. (Where the two shapes agree the wrong output's mask
+    was used silently.)"""
+    torch.manual_seed(0)
+    lin, conv, ln = torch.nn.Linear(4, 4), torch.nn.Conv1d(4, 4, 3, padding=1), torch.nn.LayerNorm(4)
+    x = torch.randn(2, 5, 4)
+    k = torch.where(torch.rand(2, 5, 4) < 0.2, 100.0, 0.0)
+    w = torch.randn(2, 5, 4) * (torch.rand(2, 5, 4) > 0.3)
+    f = lambda: (ln(conv(torch.exp(lin(x) + k).transpose(1, 2)).transpose(1, 2)) * w).sum()
+    named = [(f"{m}.{n}", p) for m, mod in (("lin", lin), ("conv", conv), ("ln", ln))
+             for n, p in mod.named_parameters()]
+    contaminated, genuine = _leaf_truth(f, [p for _, p in named])
+    with gw.trace() as report:
+        f().backward()
+    assert not report.notes and not contaminated, str(report)
+    assert [(f.kind, f.born_op) for f in report.findings] == [("nan", "aten.exp")], str(report)
+    assert set(report.findings[0].reaches) == {named[i][0] for i in genuine}, str(report)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_discarded_time_step_beside_a_used_one_through_a_gru_is_no_contamination(packed):
+    """sqrt(gru(lin(x)).exp() * k)[:, :3].sum() with sqrt(-1) at a kept time step (1) and at discarded ones (4):
+    the GRU's backward carries the discarded step's NaN back through every earlier step and mixes it with the
+    used one's, so gw.grad's gradients are NaN wherever PyTorch's are. The contamination filled whole tensors (no
+    split followed it) and reached every parameter beside the genuine NaN: 'contamination ... reaches gru.*,
+    lin.*', against gw.grad. Packed (lengths 5, 3), the GRU's backward copy_s each step's sensitivity into one
+    buffer and the buffer kept only the last write's provenance: the used NaN reached the GRU only, and lin got
+    the contamination alone. A gradient that strong zeros' pass holds non-finite wherever it is now takes no
+    contamination beside its genuine NaN, and writes into parts of one buffer add up their provenance."""
+    torch.manual_seed(0)
+    lin, gru = torch.nn.Linear(4, 4), torch.nn.GRU(4, 4, batch_first=True)
+    x = torch.randn(2, 5, 4)
+    k = torch.ones(2, 5, 4)
+    k[0, 1, 2] = k[1, 4, 0] = k[0, 4, 1] = -1.0
+
+    def f():
+        h = lin(x)
+        if packed:
+            h = torch.nn.utils.rnn.pack_padded_sequence(h, torch.tensor([5, 3]), batch_first=True,
+                                                        enforce_sorted=False)
+            h = torch.nn.utils.rnn.pad_packed_sequence(gru(h)[0], batch_first=True, total_length=5)[0]
+        else:
+            h = gru(h)[0]
+        return torch.sqrt(h.exp() * k)[:, :3].sum()
+
+    named = [(f"{m}.{n}", p) for m, mod in (("lin", lin), ("gru", gru)) for n, p in mod.named_parameters()]
+    contaminated, genuine = _leaf_truth(f, [p for _, p in named])
+    assert not contaminated and len(genuine) == len(named)
+    with gw.trace() as report:
+        f().backward()
+    assert not report.of_kind("contamination"), str(report)
+    assert {n for f in report.of_kind("nan") for n in f.reaches} == {n for n, _ in named}, str(report)
+
+
+@pytest.mark.parametrize("block", ["trace", "watch"])
+def test_a_computed_zero_below_a_slice_is_genuine_under_the_watch_too(block):
+    """tanh(log(lin(x).exp() * k))[:, :3].sum() with log(0) = -inf at a kept row: tanh'(-inf) = 0 is a zero the
+    program computes, so log's backward 0/0 = NaN is genuine (gw.grad keeps it). gw.trace() said so; gw.watch()'s
+    replay ran without the shadow strong pass (its forward was not traced, so nothing marked the step as one
+    that met a NaN/Inf) and took the zero for the slice's: 'contamination ... the output never used it', with
+    gw.strong_zeros() as the fix, where strong zeros change nothing (silent)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 5, 4)
+    k = torch.ones(2, 5, 4)
+    k[0, 1, 2] = 0.0
+    f = lambda: torch.tanh(torch.log(lin(x).exp() * k))[:, :3].sum()
+    contaminated, genuine = _leaf_truth(f, list(lin.parameters()))
+    assert not contaminated and genuine == {0, 1}
+    with gw.watch() if block == "watch" else gw.trace() as report:
+        f().backward()
+    assert not report.of_kind("contamination"), str(report)
+    assert {n for f in report.of_kind("nan") for n in f.reaches} == {"lin.bias", "lin.weight"}, str(report)
