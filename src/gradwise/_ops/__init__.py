@@ -11,7 +11,8 @@ Modules:
 ``_pool_kinks`` the ties of max-pooling ops (max-pool, adaptive and fractional max-pool, embedding_bag max), added
                 to ``KINKS``.
 ``_zeros``      what each aten op does to structural zeros, by kind (makes, moves, adds, multiplies, gates ...):
-                ``ZERO_FACTS``, read by both strong-zero engines (eager and compiled) and the trace.
+                ``ZERO_FACTS``, read by both strong-zero engines (eager and compiled) and the trace;
+                ``LOG_SPACE_SUMS``, whose weight of a -inf argument is a structural zero (both read it).
 
 No engine lives here: only what is true of an op, whoever asks. Facts one concern alone reads stay with it:
 which forward ops discard values, with the trace's fix texts (``_trace/_facts.py``), and what backward formulas of

@@ -13,7 +13,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from gradwise._masks import EagerMasks, mask_any
-from gradwise._ops._zeros import ZERO_FACTS, ZeroFact, zero_fact
+from gradwise._ops._zeros import LOG_SPACE_SUMS, ZERO_FACTS, ZeroFact, zero_fact
 from gradwise._strong_zeros._rules import Rule, _annihilate, _in_formula, _is_float, _register, _run_unruled
 from gradwise._strong_zeros._supports import _STATE, _Supports
 
@@ -216,7 +216,7 @@ def _logaddexp_weight_div(func, args, kwargs, sup):
     out = _linear(func, args, kwargs, sup)
     den = args[1] if len(args) > 1 else None
     if not (_in_formula() and isinstance(den, torch.Tensor) and _is_float(den)
-            and _in_node("LogaddexpBackward0", "Logaddexp2Backward0")):
+            and _in_node(LOG_SPACE_SUMS[aten.logaddexp], LOG_SPACE_SUMS[aten.logaddexp2])):
         return out
     node = torch._C._current_autograd_node()
     a, b = node._saved_self, node._saved_other
@@ -279,7 +279,7 @@ def _uninitialised(func, args, kwargs, sup):
 # Backward formulas whose exp recomputes softmax weights (exp(x - result)): there a weight of exactly 0 from a
 # -inf entry is the masked entry itself. Elsewhere exp is a factor of a derivative (erf's exp(-x**2) at x = inf
 # is an arithmetic 0).
-_EXP_AS_WEIGHTS = {"LogsumexpBackward0"}
+_EXP_AS_WEIGHTS = {LOG_SPACE_SUMS[aten.logsumexp]}
 
 
 @_register(aten.exp)

@@ -1,0 +1,55 @@
+"""Review of round 28: the trace and gw.grad on contamination a log-space sum discards (logaddexp's and logsumexp's
+weight of a -inf argument, the shared fact ``gradwise._ops._zeros.LOG_SPACE_SUMS``).
+
+gw.grad removes a NaN that meets that weight; the trace called it contamination too, but its report said that no
+op discarding values had made the zero, so the NaN was "genuine for gw.grad too" (and advised gw.mark_unused).
+References: gw.grad itself (which elements it makes finite where PyTorch's are not), and a control where the NaN is
+used (both arguments -inf: logaddexp(-inf, -inf) = -inf depends on both).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradwise as gw
+
+NINF = float("-inf")
+
+
+def _log_of_zero(p, q):
+    return torch.logaddexp(torch.log(p), torch.log(q)).sum()  # log(0) = -inf: its backward makes 0/0
+
+
+CASES = {
+    # (f, inputs, the discarding op the report names or None for no contamination)
+    "logaddexp of a -inf logaddexp": (lambda x, z0, z1: torch.logaddexp(x, torch.logaddexp(z0, z1)).sum(),
+                                      ([0.5, 1.0], [NINF, NINF], [NINF, 0.0]), "aten.logaddexp"),
+    "logaddexp2 of a -inf logaddexp2": (lambda x, z0, z1: torch.logaddexp2(x, torch.logaddexp2(z0, z1)).sum(),
+                                        ([0.5, 1.0], [NINF, NINF], [NINF, 0.0]), "aten.logaddexp2"),
+    "logaddexp of log(0)": (_log_of_zero, ([0.5, 0.0], [0.2, 0.3]), "aten.logaddexp"),
+    "logsumexp of log(0)": (lambda p: torch.logsumexp(torch.log(p), 0), ([0.5, 0.0, 0.25],), "aten.logsumexp"),
+    "logsumexp rows of log(0)": (lambda p: torch.logsumexp(torch.log(p), 1).sum(),
+                                 ([[0.5, 0.0], [0.0, 1.0]],), "aten.logsumexp"),
+    # controls: the -inf is the output's (both arguments -inf), or a NaN argument the output is: genuine for both
+    "control: both -inf": (_log_of_zero, ([0.0], [0.0]), None),
+    "control: a NaN argument": (_log_of_zero, ([-1.0, 0.5], [0.5, 0.5]), None),  # log(-1): the output is NaN
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_trace_names_the_log_space_sum_that_discards_as_gw_grad(name):
+    f, values, discarding = CASES[name]
+    xs = [torch.tensor(v, requires_grad=True) for v in values]
+    plain = torch.autograd.grad(f(*xs), xs)
+    strong = gw.grad(f(*xs), xs)
+    removed = any(bool((~p.isfinite() & s.isfinite()).any()) for p, s in zip(plain, strong, strict=True))
+    with gw.trace() as report:
+        f(*xs).backward()
+    contamination = [x for x in report.findings if x.kind == "contamination"]
+    assert bool(contamination) == removed == (discarding is not None), str(report)
+    for finding in contamination:  # the report says gw.grad removes it, and which op discarded the value
+        assert "genuine for gw.grad too" not in finding.message, str(report)
+        assert finding.discarded_op == discarding and "removes it" in finding.fix, str(report)
+    if discarding is None:  # the NaN gw.grad keeps is a genuine finding
+        assert any(x.kind == "nan" for x in report.findings), str(report)
+        assert not all(bool(s.isfinite().all()) for s in strong)
