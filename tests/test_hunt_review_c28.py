@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import gradwise as gw
 
@@ -53,3 +54,40 @@ def test_trace_names_the_log_space_sum_that_discards_as_gw_grad(name):
     if discarding is None:  # the NaN gw.grad keeps is a genuine finding
         assert any(x.kind == "nan" for x in report.findings), str(report)
         assert not all(bool(s.isfinite().all()) for s in strong)
+
+
+# --- bilinear grid_sample at pixel lines (gradwise._nonsmooth._rules_grid) ---------------------------------------
+
+
+def _one_sided(f, xs, ds):
+    """float64 one-sided difference quotients with a Richardson step, at two step sizes."""
+    with torch.no_grad():
+        f0 = f(*xs)
+        q = lambda h: (f(*[x + h * d for x, d in zip(xs, ds, strict=True)]) - f0) / h
+        return [float(2 * q(h / 2) - q(h)) for h in (1e-5, 1e-6)]
+
+
+def _pixel(size, k, align):
+    """The grid coordinate of pixel k (exact in binary for the sizes below: 5 and 3 columns with align_corners,
+    4 without)."""
+    return 2 * k / (size - 1) - 1 if align else (2 * k + 1) / size - 1
+
+
+@pytest.mark.parametrize("align", [True, False])
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("seed", range(4))
+def test_grid_sample_at_a_pixel_line_is_continuous_for_every_image(align, padding, seed):
+    """A grid point on a pixel line (x on column 0, y inside a cell): the sampling rounds its four terms otherwise
+    than the kernel, so f's value in the direction's pass differed from f(x) by an ulp for some images (1 in 4),
+    and gradwise said f jumps (NonsmoothError) where it is continuous. The one-sided derivatives are the cells'."""
+    h, w = (3, 5) if align else (4, 4)
+    gen = torch.Generator().manual_seed(seed)
+    img = torch.randn(1, 2, h, w, generator=gen, dtype=torch.float64)
+    f = lambda g: F.grid_sample(img, g, padding_mode=padding, align_corners=align).sum()
+    for x in (_pixel(w, 0, align), _pixel(w, 2, align), _pixel(w, w - 1, align), -1.0, 1.0):
+        grid = torch.tensor([x, 0.2], dtype=torch.float64).view(1, 1, 1, 2)
+        for d in ((1.0, 0.0), (-1.0, 0.0), (0.7, -0.4)):
+            dg = torch.tensor(d, dtype=torch.float64).view(1, 1, 1, 2)
+            ref = _one_sided(f, [grid], [dg])
+            got = float(gw.directional_derivative(f, (grid,), (dg,)))
+            assert got == pytest.approx(ref[1], abs=1e-7), (x, d, got, ref)
