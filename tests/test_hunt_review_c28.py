@@ -91,3 +91,23 @@ def test_grid_sample_at_a_pixel_line_is_continuous_for_every_image(align, paddin
             ref = _one_sided(f, [grid], [dg])
             got = float(gw.directional_derivative(f, (grid,), (dg,)))
             assert got == pytest.approx(ref[1], abs=1e-7), (x, d, got, ref)
+
+
+# --- logaddexp's -inf weight rule (_strong_zeros._rules_pointwise._logaddexp_weight_div) -------------------------
+
+
+@pytest.mark.parametrize("values", [[NINF, 0.5], [0.25, 0.5]])
+def test_logaddexp_in_a_non_reentrant_checkpoint(values):
+    """The rule read logaddexp's saved inputs again through the node: in a non-reentrant checkpoint that is a
+    second unpack, which PyTorch refuses, so gw.grad of any checkpointed logaddexp raised CheckpointError (finite
+    data too). It now leaves the quotient as PyTorch's there (the NaN of a -inf argument met by an infinite
+    sensitivity stays, as without the rule)."""
+    from torch.utils.checkpoint import checkpoint
+
+    f = lambda a, b: torch.sqrt(torch.logaddexp(a, b) - 1.0).sum()
+    a = torch.tensor(values, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    got = gw.grad(checkpoint(f, a, b, use_reentrant=False), (a, b))
+    want = torch.autograd.grad(f(a, b), (a, b))
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g.nan_to_num(7.0), w.nan_to_num(7.0)), (got, want)

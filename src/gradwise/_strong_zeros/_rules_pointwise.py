@@ -219,7 +219,9 @@ def _logaddexp_weight_div(func, args, kwargs, sup):
             and _in_node(LOG_SPACE_SUMS[aten.logaddexp], LOG_SPACE_SUMS[aten.logaddexp2])):
         return out
     node = torch._C._current_autograd_node()
-    a, b = node._saved_self, node._saved_other
+    a, b = _unhooked(node, "self"), _unhooked(node, "other")
+    if a is None or b is None:  # read through a hook (a checkpoint's allows one unpack): PyTorch's quotient
+        return out
     one_minus_inf = (a == -math.inf) != (b == -math.inf)
     weightless = (den == math.inf) & one_minus_inf.expand(den.shape)
     if bool(mask_any(weightless)):
@@ -227,6 +229,19 @@ def _logaddexp_weight_div(func, args, kwargs, sup):
         support = (~weightless if s is None else s & ~weightless).expand(out.shape)
         sup.record(_annihilate(out, support), support)
     return out
+
+
+def _unhooked(node, name: str) -> torch.Tensor | None:
+    """A saved tensor of ``node`` read without running an unpack hook (a non-reentrant checkpoint's hook allows
+    one unpack, the formula's own: a second one raises); None where it has one, or is freed or no tensor."""
+    try:
+        raw = getattr(node, "_raw_saved_" + name)
+    except (AttributeError, RuntimeError):
+        return None
+    if raw is None or raw.unpack_hook is not None:
+        return None
+    t = raw.data
+    return t if isinstance(t, torch.Tensor) else None
 
 
 def _selecting(passes: Callable[[tuple], torch.Tensor]) -> Rule:
