@@ -31,6 +31,14 @@ CASES = {
     "logsumexp of log(0)": (lambda p: torch.logsumexp(torch.log(p), 0), ([0.5, 0.0, 0.25],), "aten.logsumexp"),
     "logsumexp rows of log(0)": (lambda p: torch.logsumexp(torch.log(p), 1).sum(),
                                  ([[0.5, 0.0], [0.0, 1.0]],), "aten.logsumexp"),
+    # an infinite sensitivity (sqrt at 0) meets the weight of a -inf argument: the trace called it a genuine NaN
+    # of the input (the saved +inf denominator defeated its rerun), gw.grad removes it
+    "sqrt of logaddexp with -inf": (lambda a, b: torch.sqrt(torch.logaddexp(a, b) - 1.0).sum(),
+                                    ([NINF, 0.5], [1.0, 2.0]), "aten.logaddexp"),
+    "sqrt of logaddexp2 with -inf": (lambda a, b: torch.sqrt(torch.logaddexp2(b, a) - 1.0).sum(),
+                                     ([NINF, 0.5], [1.0, 2.0]), "aten.logaddexp2"),
+    "sqrt of logsumexp with -inf": (lambda a, b: torch.sqrt(torch.logsumexp(torch.stack([a, b]), 0) - 1.0).sum(),
+                                    ([NINF, 0.5], [1.0, 2.0]), "aten.logsumexp"),
     # controls: the -inf is the output's (both arguments -inf), or a NaN argument the output is: genuine for both
     "control: both -inf": (_log_of_zero, ([0.0], [0.0]), None),
     "control: a NaN argument": (_log_of_zero, ([-1.0, 0.5], [0.5, 0.5]), None),  # log(-1): the output is NaN
