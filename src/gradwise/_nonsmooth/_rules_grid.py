@@ -91,6 +91,10 @@ def grid_sample(run, func, input, grid, mode="bilinear", padding_mode="zeros", a
         # tie's choice gives, its tangent, and its graph for a piece's gradient; a NaN/Inf sample point keeps
         # the kernel's value
         out = _bilinear(run, input, grid, padding, align, moving)
+        # with the kernel's value (its bits: f's value where nothing moves, which the jump check compares with
+        # exactly; the sampling rounds its four terms otherwise), the sampling's tangent and graph: x - (+0)
+        # keeps a -0.0
+        out = value.detach() - (_split(out)[0].detach() - out)
         finite = primals[1].isfinite().all(-1).unsqueeze(1)
         return out if bool(finite.all()) else torch.where(finite, out, value)
     with torch.no_grad():

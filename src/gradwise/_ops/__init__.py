@@ -13,7 +13,8 @@ Modules:
 ``_overloads`` which overloads are the same computation: an ``out=`` overload's functional one
                 (``functional_of``), so a rule written for the functional form serves both.
 ``_zeros``      what each aten op does to structural zeros, by kind (makes, moves, adds, multiplies, gates ...):
-                ``ZERO_FACTS``, read by both strong-zero engines (eager and compiled) and the trace.
+                ``ZERO_FACTS``, read by both strong-zero engines (eager and compiled) and the trace;
+                ``LOG_SPACE_SUMS``, whose weight of a -inf argument is a structural zero (both read it).
 
 No engine lives here: only what is true of an op, whoever asks. Facts one concern alone reads stay with it:
 which forward ops discard values, with the trace's fix texts (``_trace/_facts.py``), and what backward formulas of

@@ -222,3 +222,12 @@ _facts("bilinear", aten.convolution_backward, multiplies=(0, 1, 2))  # (g, x, w)
 _facts("bilinear", aten.addmm, aten.baddbmm, aten.addbmm, aten.addmv, multiplies=(1, 2))
 _facts("fma", "prims::fma", args=(0, 1), multiplies=(0, 1))  # by name: inductor registers it, on import
 _facts("fma", aten.addcmul, aten.addcmul_, args=(1, 2), multiplies=(1, 2))
+
+# Log-space sums: the backward weighs each argument by exp(argument - result) (logsumexp's ``g * exp(x - result)``,
+# logaddexp's ``g / (1 + exp(b - a))``, base 2 for logaddexp2). An argument that is exactly -inf (a log(0), a masked
+# or unreachable state) has weight exactly 0 where the result is not -inf: a structural zero, as in the program
+# without that argument. Forward op -> its autograd node. Strong zeros' rules read the node names (``_exp``,
+# ``_logaddexp_weight_div`` in ``_strong_zeros/_rules_pointwise.py``), the trace the forward ops (the op that
+# discarded a value, ``_trace/_facts.py``), so both classify such a zero alike.
+LOG_SPACE_SUMS: dict[Any, str] = {aten.logsumexp: "LogsumexpBackward0", aten.logaddexp: "LogaddexpBackward0",
+                                  aten.logaddexp2: "Logaddexp2Backward0"}

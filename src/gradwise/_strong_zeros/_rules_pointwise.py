@@ -13,7 +13,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from gradwise._masks import EagerMasks, mask_any
-from gradwise._ops._zeros import ZERO_FACTS, ZeroFact, zero_fact
+from gradwise._ops._zeros import LOG_SPACE_SUMS, ZERO_FACTS, ZeroFact, zero_fact
 from gradwise._strong_zeros._rules import (
     Rule,
     _annihilate,
@@ -215,7 +215,7 @@ def _exp_result_mul(func, args, kwargs, sup):
     return out
 
 
-LOGADDEXP_NODES = ("LogaddexpBackward0", "Logaddexp2Backward0")  # their saved arguments are read (-inf weights)
+LOGADDEXP_NODES = (LOG_SPACE_SUMS[aten.logaddexp], LOG_SPACE_SUMS[aten.logaddexp2])  # their saved arguments are read
 
 
 def _logaddexp_weight_div(func, args, kwargs, sup):
@@ -230,7 +230,9 @@ def _logaddexp_weight_div(func, args, kwargs, sup):
             and _in_node(*LOGADDEXP_NODES) and _reads_nodes()):
         return out
     node = torch._C._current_autograd_node()
-    a, b = node._saved_self, node._saved_other
+    a, b = _unhooked(node, "self"), _unhooked(node, "other")
+    if a is None or b is None:  # read through a hook (a checkpoint's allows one unpack): PyTorch's quotient
+        return out
     one_minus_inf = (a == -math.inf) != (b == -math.inf)
     weightless = (den == math.inf) & one_minus_inf.expand(den.shape)
     if bool(mask_any(weightless)):
@@ -238,6 +240,19 @@ def _logaddexp_weight_div(func, args, kwargs, sup):
         support = (~weightless if s is None else s & ~weightless).expand(out.shape)
         sup.record(_annihilate(out, support), support)
     return out
+
+
+def _unhooked(node, name: str) -> torch.Tensor | None:
+    """A saved tensor of ``node`` read without running an unpack hook (a non-reentrant checkpoint's hook allows
+    one unpack, the formula's own: a second one raises); None where it has one, or is freed or no tensor."""
+    try:
+        raw = getattr(node, "_raw_saved_" + name)
+    except (AttributeError, RuntimeError):
+        return None
+    if raw is None or raw.unpack_hook is not None:
+        return None
+    t = raw.data
+    return t if isinstance(t, torch.Tensor) else None
 
 
 def _selecting(passes: Callable[[tuple], torch.Tensor]) -> Rule:
@@ -292,7 +307,7 @@ def _uninitialised(func, args, kwargs, sup):
 # Backward formulas whose exp recomputes softmax weights (exp(x - result)): there a weight of exactly 0 from a
 # -inf entry is the masked entry itself. Elsewhere exp is a factor of a derivative (erf's exp(-x**2) at x = inf
 # is an arithmetic 0).
-_EXP_AS_WEIGHTS = {"LogsumexpBackward0"}
+_EXP_AS_WEIGHTS = {LOG_SPACE_SUMS[aten.logsumexp]}
 
 
 @_register(aten.exp)

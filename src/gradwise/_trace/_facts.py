@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from gradwise._ops._zeros import ZERO_FACTS, multiplying_args, ops_of_kind, zero_fact
+from gradwise._ops._zeros import LOG_SPACE_SUMS, ZERO_FACTS, multiplying_args, ops_of_kind, zero_fact
 
 aten = torch.ops.aten
 
@@ -76,11 +76,15 @@ _DISCARDS: dict = {
     **dict.fromkeys([aten.cholesky_solve, aten.cholesky_inverse, aten.linalg_pinv],
                     "make the triangle the op does not read finite before it (L.tril() for a lower factor, "
                     "L.triu() for an upper one; for pinv(hermitian=True), A.tril() + A.tril(-1).mH)"),
+    # a -inf argument's weight in a log-space sum is a structural zero (the shared fact, as strong zeros read it)
+    **dict.fromkeys(LOG_SPACE_SUMS, "make the -inf argument a constant, not a value whose backward makes NaN/Inf "
+                    "there: torch.where(p > 0, torch.where(p > 0, p, 1).log(), -inf) for log(p) at p = 0, or drop "
+                    "those entries before the log-space sum"),
     # gw.mark_unused's backward node (no aten op: keyed by the name a report gives it)
     DECLARED: "none needed, the elements are declared unused (gw.mark_unused)",
 }
 
-_ELEMENTWISE_DISCARDS = {*_ELEMENTWISE_SELECTS, *_STEPS}
+_ELEMENTWISE_DISCARDS = {*_ELEMENTWISE_SELECTS, *_STEPS, *LOG_SPACE_SUMS}  # (zeros at -inf arguments)
 
 # Ops whose saved output, where exactly 0 (exp of a -inf logit), is a structural zero of their backward: a NaN/Inf
 # sensitivity from upstream meets it there (entr's infinite derivative at p = exp(-inf) = 0), with the local

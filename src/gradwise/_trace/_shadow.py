@@ -176,7 +176,24 @@ class _Shadow:
             if not isinstance(p, torch.Tensor) or p.shape != o.shape:
                 return None
             made.append(torch.isfinite(p))
-        return ~made[0] & made[1] & torch.isfinite(strong)
+        met = self._structural_met(sens, strong) if torch.Tag.pointwise in func.tags else False
+        return (~made[0] & made[1] | met) & torch.isfinite(strong)
+
+    def _structural_met(self, sens, strong: torch.Tensor) -> torch.Tensor:
+        """Bool over ``strong``, the output of a pointwise op: where a rule recorded a structural zero (its support
+        False) that a NaN/Inf of a sensitivity's shadow meets, element by element. The reruns above make other
+        non-finite operands 0, which a structural zero that is itself a saved Inf cannot survive: logaddexp's
+        weight ``g / (1 + exp(b - a))`` of a -inf argument, whose denominator is +inf
+        (``gradwise._ops._zeros.LOG_SPACE_SUMS``)."""
+        met = torch.zeros(strong.shape, dtype=torch.bool, device=strong.device)
+        support = self.mode.supports.of(strong)
+        if support is None:
+            return met
+        for t in sens:
+            s = self.get(t)
+            if isinstance(s, torch.Tensor) and _inexact(s) and _broadcasts(s.shape, strong.shape):
+                met |= ~torch.isfinite(s).broadcast_to(strong.shape)
+        return met & ~support.expand(strong.shape)
 
     def kept_here(self, func, args, kwargs, upstream, o, out) -> torch.Tensor | None:
         """Bool over ``o``: where strong zeros hold a NaN/Inf that no NaN/Inf of the sensitivities ``upstream``
@@ -260,6 +277,14 @@ def _writes_program(func, args, kwargs, shadow_args, shadow_kwargs) -> bool:
     pairs = zip(_written(func, args, kwargs), _written(func, shadow_args, shadow_kwargs), strict=True)
     return any(r is s for real, shadow in pairs for r, s in zip(_flat_tensors(real), _flat_tensors(shadow),
                                                                  strict=False))
+
+
+def _broadcasts(shape, to) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``to`` (its elements then line up with those of ``to``)."""
+    try:
+        return torch.broadcast_shapes(shape, to) == to
+    except RuntimeError:
+        return False
 
 
 def _inexact(t: torch.Tensor) -> bool:
