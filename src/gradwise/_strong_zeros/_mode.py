@@ -207,15 +207,32 @@ def _into_out(rule, func, functional, args: tuple, kwargs: dict, sup: _Supports)
     results = list(res) if isinstance(res, (tuple, list)) else [res]
     if any(isinstance(r, torch.Tensor) and r.dtype != d.dtype for r, d in zip(results, dests, strict=True)):
         return rule(func, args, kwargs, sup)
+    aliased = _aliased(dests, (args, rest))
+    if aliased:  # PyTorch's kernel on the caller's buffers: its overlap errors, its values where they alias
+        func(*args, **kwargs)
     for r, d in zip(results, dests, strict=True):
         if not isinstance(r, torch.Tensor):  # an output the op did not compute (convolution_backward's mask)
             continue
-        if d.shape != r.shape:
-            _resize_output(d, r)
-        d.copy_(r)
-        if sup.tracked(r) or sup.tracked(d):
-            sup.record(d, sup.of(r))
+        s = sup.of(r)
+        if aliased:  # the rule's zeros where its support says structural (a 0 x NaN of the kernel's there)
+            if s is not None:
+                d.copy_(torch.where(s, d, r))
+        else:
+            if d.shape != r.shape:
+                _resize_output(d, r)
+            d.copy_(r)
+        if s is not None or sup.tracked(d):
+            sup.record(d, s)
     return dests[0] if len(dests) == 1 else tuple(dests)
+
+
+def _aliased(dests: list, inputs: object) -> bool:
+    """Whether a buffer shares memory with an input or another buffer (``torch.add(b[:-1], 1, out=b[1:])``,
+    ``torch.mm(b, w, out=b)``): PyTorch refuses some (partial overlap), computes others as its kernel reads what
+    it has written (mm's are all zeros); a copy of the functional result would do neither."""
+    tensors = [a for a in tree_flatten(inputs)[0] if isinstance(a, torch.Tensor)]
+    return any(torch._C._overlaps(d, a) for i, d in enumerate(dests) if isinstance(d, torch.Tensor)
+               for a in (*tensors, *dests[i + 1:]) if isinstance(a, torch.Tensor))
 
 
 def _resize_output(d: torch.Tensor, r: torch.Tensor) -> None:
