@@ -211,3 +211,23 @@ def test_guessed_weight_the_op_refuses_as_one_keeps_every_output_supported():
         assert torch.equal(got, exp)
     finally:
         handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (c) the OpaqueBackwardWarning for an alpha = 0 product in place on a view named every literal-0 mul inside a
+# CopySlices node: y[:2].mul_(0.0) before a genuine Inf was said to be an addmm_/addmv_ ... with alpha=0
+# ---------------------------------------------------------------------------------------------------------------
+def test_scalar_zero_mul_in_place_on_a_view_is_not_named_as_an_alpha_product():
+    x = torch.randn(4, 3, dtype=f64, requires_grad=True)
+
+    def prog():
+        y = x * 1.0
+        y[:2].mul_(0.0)
+        return (y * torch.tensor(float("inf"), dtype=f64)).sum()  # 0 x Inf in the program itself: NaN
+
+    (exp,) = torch.autograd.grad(prog(), [x])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (got,) = gw.grad(prog(), [x])
+    assert exp[:2].isnan().all() and torch.equal(got.isnan(), exp.isnan())
+    assert torch.equal(got[2:], exp[2:])
