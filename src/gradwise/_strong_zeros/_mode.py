@@ -99,12 +99,15 @@ class _StrongZeroMode(LeanDispatchMode):
                 self.supports.record(out, s.reshape(out.shape) if s.numel() == out.numel() else None)
             return out
         rule = lookup(func)
-        if rule is not None:
-            functional = functional_of(func)
-            if functional is None or not all(n in kwargs for n in out_names(func)):
-                out = rule(func, args, kwargs, self.supports)
-            else:
-                out = _into_out(rule, func, functional, args, kwargs, self.supports)
+        functional = functional_of(func)  # (cached per overload: None for all but out= overloads)
+        out = _NO_RULE
+        if functional is not None and all(n in kwargs for n in out_names(func)):
+            # the functional overload's rule (abs.out, where.self_out, linalg_solve_triangular.out have none of
+            # their own: their rules are registered for one overload), else the packet's
+            out = _into_out(lookup(functional) or rule, rule, func, functional, args, kwargs, self.supports)
+        elif rule is not None:
+            out = rule(func, args, kwargs, self.supports)
+        if out is not _NO_RULE:
             if self.supports.unfollowed:
                 for what in self.supports.unfollowed:  # a rule function's undeclared output, or (what, fix)
                     what, fix = what if isinstance(what, tuple) else \
@@ -187,7 +190,10 @@ class _StrongZeroMode(LeanDispatchMode):
         return tuple(out) if isinstance(fused, tuple) else out
 
 
-def _into_out(rule, func, functional, args: tuple, kwargs: dict, sup: _Supports) -> Any:
+_NO_RULE = object()  # (_into_out: neither overload has a rule, or only the functional one and the dtype differs)
+
+
+def _into_out(rule, own, func, functional, args: tuple, kwargs: dict, sup: _Supports) -> Any:
     """An ``out=`` overload of an op with a rule (``mm.out`` in nn.LinearCrossEntropyLoss's chunked backward,
     ``torch.mul(g, v, out=buf)`` in a custom Function's backward): the rule runs on the functional overload
     and each result is copied into its buffer, which takes the result's support. Rules are written for the
@@ -196,26 +202,46 @@ def _into_out(rule, func, functional, args: tuple, kwargs: dict, sup: _Supports)
     an overload that needs ``out``. The buffer is resized as PyTorch resizes it (``resize_output``: silently when
     empty, with PyTorch's warning when it held elements of another shape), and a resized buffer takes the
     result's strides, as a structured kernel's output does. A buffer of another dtype than the result runs the
-    rule on the ``out=`` form as it is, where PyTorch's kernel decides (cast or refuse)."""
+    ``out=`` overload's own rule (``own``) on the ``out=`` form as it is, where PyTorch's kernel decides (cast or
+    refuse); without one of its own, ``_NO_RULE``: the op runs unruled. ``rule``: the functional overload's."""
+    if rule is None:
+        return _NO_RULE
     names = out_names(func)
     dests = [kwargs[n] for n in names]
     rest = {k: v for k, v in kwargs.items() if k not in names}
     # a result's dtype is the inputs' (type promotion) or a dtype argument's: known before the rule runs only by
     # running it, so the functional form runs first and a mismatch then reruns the out= form (PyTorch's errors)
     # (the functional overload's own rule where one overload is refined: exp.default's, sub.Tensor's)
-    res = (lookup(functional) or rule)(functional, args, rest, sup)
+    res = rule(functional, args, rest, sup)
     results = list(res) if isinstance(res, (tuple, list)) else [res]
     if any(isinstance(r, torch.Tensor) and r.dtype != d.dtype for r, d in zip(results, dests, strict=True)):
-        return rule(func, args, kwargs, sup)
+        return _NO_RULE if own is None else own(func, args, kwargs, sup)
+    aliased = _aliased(dests, (args, rest))
+    if aliased:  # PyTorch's kernel on the caller's buffers: its overlap errors, its values where they alias
+        func(*args, **kwargs)
     for r, d in zip(results, dests, strict=True):
         if not isinstance(r, torch.Tensor):  # an output the op did not compute (convolution_backward's mask)
             continue
-        if d.shape != r.shape:
-            _resize_output(d, r)
-        d.copy_(r)
-        if sup.tracked(r) or sup.tracked(d):
-            sup.record(d, sup.of(r))
+        s = sup.of(r)
+        if aliased:  # the rule's zeros where its support says structural (a 0 x NaN of the kernel's there)
+            if s is not None:
+                d.copy_(torch.where(s, d, r))
+        else:
+            if d.shape != r.shape:
+                _resize_output(d, r)
+            d.copy_(r)
+        if s is not None or sup.tracked(d):
+            sup.record(d, s)
     return dests[0] if len(dests) == 1 else tuple(dests)
+
+
+def _aliased(dests: list, inputs: object) -> bool:
+    """Whether a buffer shares memory with an input or another buffer (``torch.add(b[:-1], 1, out=b[1:])``,
+    ``torch.mm(b, w, out=b)``): PyTorch refuses some (partial overlap), computes others as its kernel reads what
+    it has written (mm's are all zeros); a copy of the functional result would do neither."""
+    tensors = [a for a in tree_flatten(inputs)[0] if isinstance(a, torch.Tensor)]
+    return any(torch._C._overlaps(d, a) for i, d in enumerate(dests) if isinstance(d, torch.Tensor)
+               for a in (*tensors, *dests[i + 1:]) if isinstance(a, torch.Tensor))
 
 
 def _resize_output(d: torch.Tensor, r: torch.Tensor) -> None:

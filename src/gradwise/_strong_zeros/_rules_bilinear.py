@@ -511,7 +511,9 @@ def _zero_alpha_mul(func, args, kwargs, sup):
             _annihilate(out, structural)
             sup.record(out, structural)
             return out
-        if name == "CopySlices":  # the op is in place on a view: its node (and alpha, its operands) is hidden
+        # the op is in place on a view: its node (and alpha, its operands) is hidden, but not its edges: an alpha
+        # product has three (self, mat1, mat2; a scalar mul_(0) has one, whose 0 x Inf is the program's own)
+        if name == "CopySlices" and len(node.next_functions) == 3:
             out = _exp_result_mul(func, args, kwargs, sup)
             if _is_float(out) and not bool(out.isfinite().all()):
                 sup.unfollowed.append((

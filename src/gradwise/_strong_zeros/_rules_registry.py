@@ -69,27 +69,62 @@ def _weight_slots(func: Any, weights: Weights) -> list[tuple[int, str]]:
     return slots
 
 
+def _unit(a: object) -> object:
+    """A weight argument as ones: a tensor of any dtype (an integer or bool weight 0 multiplies too), a number
+    (``float scale``), each tensor of a list."""
+    if isinstance(a, torch.Tensor):
+        return torch.ones_like(a)
+    if isinstance(a, (list, tuple)):
+        return type(a)(map(_unit, a))
+    return type(a)(1) if isinstance(a, (int, float, complex)) else a
+
+
 def _with_ones(func: Any, args: tuple, kwargs: dict, slots: list[tuple[int, str]]) -> tuple[tuple, dict]:
-    """``args``, ``kwargs`` with each floating tensor at ``slots`` replaced by ones of its shape."""
+    """``args``, ``kwargs`` with each argument at ``slots`` replaced by ones (``_unit``)."""
     args, kwargs = list(args), dict(kwargs)
     for i, name in slots:
         where, key = (args, i) if i < len(args) else (kwargs, name)
-        if (key in where if where is kwargs else True) and _is_float(where[key]):
-            where[key] = torch.ones_like(where[key])
+        if key in where if where is kwargs else True:
+            where[key] = _unit(where[key])
     return tuple(args), kwargs
 
 
 def _zeros_as_ones(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """The other floating tensor arguments (after the sensitivity) with each exact 0 replaced by 1, or None when
-    none holds a 0: the reach of a weight 0, for a placement that was not told which arguments are weights."""
+    """The other floating arguments (after the sensitivity: tensors, numbers, tensors of a list) with each value
+    that is 0 in the sensitivity's dtype or their own (below the smallest normal of either: a float64 weight of
+    1e-60 is 0 once a float32 kernel casts it) replaced by 1, or None when none holds one: the reach of a
+    weight 0, for a placement that was not told which arguments are weights. (Integer arguments are indices
+    and sizes: an integer weight must be named.)"""
+    sens = args[0]
+    tiny = torch.finfo(sens.dtype).tiny if _is_float(sens) else 0.0
+
     def swap(a: object) -> object:
-        return a.masked_fill(a == 0, 1) if _is_float(a) and bool((a == 0).any()) else a
+        if _is_float(a):
+            small = a.abs() < max(tiny, torch.finfo(a.dtype).tiny)
+            return a.masked_fill(small, 1) if bool(small.any()) else a
+        if isinstance(a, float):
+            return 1.0 if abs(a) < max(tiny, torch.finfo(torch.float64).tiny) else a
+        if isinstance(a, (list, tuple)) and a and all(isinstance(x, torch.Tensor) for x in a):
+            new = type(a)(map(swap, a))
+            return new if any(x is not y for x, y in zip(new, a, strict=True)) else a
+        return a
 
     new_args = (args[0], *map(swap, args[1:]))
     new_kwargs = {k: swap(v) for k, v in kwargs.items()}
     changed = any(a is not b for a, b in zip(new_args, args, strict=True)) or \
         any(new_kwargs[k] is not v for k, v in kwargs.items())
     return (new_args, new_kwargs) if changed else None
+
+
+def _reach(func: Any, ones: torch.Tensor, swapped: tuple[tuple, dict], counts: Any) -> Any:
+    """The counts with the small values of the other floating arguments as ones; where the op refuses a 1 there
+    (an argument that is no weight: a probability, a size), ones everywhere: no output is a structural zero."""
+    try:
+        return func(ones, *swapped[0][1:], **swapped[1])
+    except Exception:  # any refusal of the op's own: the sound answer is "all reached"
+        cs = counts if isinstance(counts, (tuple, list)) else (counts,)
+        reach = tuple(torch.ones_like(c) if isinstance(c, torch.Tensor) else c for c in cs)
+        return reach if isinstance(counts, (tuple, list)) else reach[0]
 
 
 def _placement_rule(weights: Weights | None) -> Rule:
@@ -106,10 +141,12 @@ def _placement_rule(weights: Weights | None) -> Rule:
     - ``weights=()``: no argument holds weights (the other arguments only decide where elements land: indices,
       boxes, grids); the counts run as they are, and an output is structural where its count and its value are
       both 0 (signed weights cancel in a count: a value not 0 is a supported element, +1 and -1).
-    - ``weights=None`` (not said): any other floating argument may hold weights. Where one holds an exact 0,
-      the counts run a second time with its zeros as ones and an output is structural only where both counts
-      (and its value) are 0. Sound where the zero sits in a weight, and where it sits in a box or a grid the
-      second count can only keep more outputs supported (fewer strong zeros, never a hidden NaN).
+    - ``weights=None`` (not said): any other floating argument (tensor, number, list of tensors) may hold
+      weights. Where one holds a 0 (or a value below the smallest normal of its dtype or the sensitivity's,
+      which a kernel's cast or flush makes 0), the counts run a second time with those values as ones and an
+      output is structural only where both counts (and its value) are 0. Sound where the zero sits in a weight,
+      and where it sits in a box or a grid the second count can only keep more outputs supported (fewer strong
+      zeros, never a hidden NaN). Integer weights are not guessed (indices are integers): name them.
 
     Other float arguments (boxes, grids) are values passed as they are, so a NaN/Inf there makes its outputs'
     counts NaN: those keep the op's value (a NaN that a supported element meets is used; one that only a
@@ -133,7 +170,7 @@ def _placement_rule(weights: Weights | None) -> Rule:
         else:
             counts = func(ones, *args[1:], **kwargs)  # the op's own zeros (rows a scatter never reaches) too
             swapped = _zeros_as_ones(args, kwargs) if weights is None else None
-            reach = None if swapped is None else func(ones, *swapped[0][1:], **swapped[1])
+            reach = None if swapped is None else _reach(func, ones, swapped, counts)
         outs, cs = (x if isinstance(x, (tuple, list)) else (x,) for x in (out, counts))
         rs = (reach if isinstance(reach, (tuple, list)) else (reach,)) if reach is not None else (None,) * len(cs)
         for o, c, r in zip(outs, cs, rs, strict=True):
@@ -308,9 +345,9 @@ def register_rule(op: Any, rule: str | RuleFunction, *, replace: bool = False,
       gather, pooling, ROI pooling/align backward). ``weights`` names the arguments (schema names or positions)
       that hold the weights, which may be 0 or negative: a weight 0 multiplies an element the forward read,
       so that element is no structural zero. ``weights=()`` says no argument does (they only decide where
-      elements land: indices, boxes); left out, any floating argument holding an exact 0 may be a weight, and
-      the rule then counts with those zeros as ones too (sound, one more run of the op, fewer strong zeros
-      where the zero was a box coordinate);
+      elements land: indices, boxes); left out, any floating argument holding a 0 (tensor or number) may be
+      a weight, and the rule then counts with those zeros as ones too (sound, one more run of the op, fewer
+      strong zeros where the zero was a box coordinate); integer weights must be named;
 
     or a function ``rule(op, args, kwargs, supports) -> output`` that runs ``op(*args, **kwargs)`` itself (on
     whatever it likes: dropping what only structural zeros read, replacing NaN that only they meet) and declares
