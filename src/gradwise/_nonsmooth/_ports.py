@@ -96,7 +96,8 @@ def _cosine_embedding_loss(native: Callable):
         where target == 1 and clamp_min(cos - margin, 0) where target == -1, reduced.
 
         At cos == margin (target -1) the clamp's rule takes the side along the direction: max(cos', 0)."""
-        native(input1.detach(), input2.detach(), target, margin, reduction)  # PyTorch's checks and messages
+        # PyTorch's checks and messages (on detached tensors: a target in the pass would come back to this port)
+        native(input1.detach(), input2.detach(), target.detach(), margin, reduction)
         d = target.dim()
         cos = (input1 * input2).sum(d) / (((input1 * input1).sum(d) + _EPSILON)
                                           * ((input2 * input2).sum(d) + _EPSILON)).sqrt()
