@@ -141,6 +141,9 @@ def sweep_op(op, *, limit: int | None = 2, grids=GRIDS, n_gauss: int = 3, n_int:
                 return _call_sample(op, sample, ls, spec)
 
             xs = tuple(q[i] for i in idx)
+            if any(x.dtype != D for x in xs):  # (cov's float32 aweights: differences at float32 precision)
+                r.counts["sample left out"] += 1
+                continue
             try:
                 with torch.no_grad():
                     y0, y1 = f(*xs), f(*xs)

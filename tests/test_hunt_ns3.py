@@ -177,6 +177,19 @@ def test_order_statistics_along_an_inner_dim(call):
     assert gw.directional_derivative(f, x, d).shape == f(x).shape
 
 
+@pytest.mark.parametrize("q", [0.0, 1.0])
+def test_quantile_with_a_moving_q_at_its_ends(q):
+    """torch.quantile with q an input at q = 1: ceil of the rank took its limit along the direction, one past the
+    last order statistic, and the port's gather crashed (IndexError). At the ends the lerp's weight on that side
+    is 0: the end order statistic, as at q = 0 moving down (the differences from inside the range agree)."""
+    x, qs = t(-3.0, 0.0, 2.0), t(q)
+    f = lambda x, q: torch.quantile(x, q)
+    inward = -1.0 if q == 1.0 else 1.0
+    assert_exact(f, (x, qs), (t(0.5, -1.0, 2.0), t(inward)))
+    got = gw.directional_derivative(f, (x, qs), (t(0.5, -1.0, 2.0), t(-inward)))
+    assert float(got) == pytest.approx(2.0 if q == 1.0 else 0.5)  # the end statistic's own tangent
+
+
 def test_hinge_embedding_loss_jumps_where_its_target_leaves_a_label():
     """hinge_embedding_loss masks its terms with y == 1 and y == -1, read inside the rule: with a target that
     moves (an op_db sample differentiates it), the loss jumps off +-1 (both terms then), and gradwise returned

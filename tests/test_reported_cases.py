@@ -34,7 +34,6 @@ KNOWN = {
     "double-where-safe-norm-at-zero": "a comparison whose tangent is 0 in every direction needs second-order terms",
     "where-curved-boundary-second-order": "a comparison tie broken by second-order terms (lexicographic directions "
                                           "use first-order ones)",
-    "round-decimals0-minus-round": "round(decimals=k) runs natively: its jumps are not floats",
 }
 
 
