@@ -34,7 +34,6 @@ KNOWN = {
     "double-where-safe-norm-at-zero": "a comparison whose tangent is 0 in every direction needs second-order terms",
     "where-curved-boundary-second-order": "a comparison tie broken by second-order terms (lexicographic directions "
                                           "use first-order ones)",
-    "round-decimals0-minus-round": "round(decimals=k) runs natively: its jumps are not floats",
     "lp-pool2d-p2-all-zero-window": "lp_pool2d(norm_type=2) is pow(sum x^2, 1/2): at an all-zero window it raises "
                                     "like sqrt-of-square-at-zero (a norm written by hand)",
 }

@@ -155,10 +155,19 @@ class _KinkWatch(LeanDispatchMode):
         else:
             out = func(*args, **kwargs)
         moving = self.moving.get(id(args[0])) if args and isinstance(args[0], Tensor) else None
-        if moving is not None and moving[0] is args[0] and _JUMPS.get(base) is not None:
-            site = _JUMPS[base].site(OpCall(args, kwargs, out, name))  # (an elementwise jump: x's own elements)
+        # a jump counts only where x's own elements move: when x is the only argument that moves and the site's
+        # mask is x's elementwise (searchsorted's moving boundaries, a broadcast divisor: the whole test)
+        alone = not any(isinstance(a, Tensor) and a.requires_grad for a in (*args[1:], *kwargs.values()))
+        mask = None
+        if moving is not None and moving[0] is args[0] and alone and _JUMPS.get(base) is not None:
+            site = _JUMPS[base].site(OpCall(args, kwargs, out, name))
             mask = None if site is None else site.mask() if callable(site.mask) else site.mask
-            if mask is not None and mask.shape == moving[1].shape and bool((mask & moving[1]).any()):
+            if site is not None and (mask is None or mask.shape != moving[1].shape):
+                mask = None  # not x's elementwise: the whole test below
+            elif site is None:
+                mask = torch.zeros_like(moving[1])
+        if mask is not None:
+            if bool((mask & moving[1]).any()):
                 self.hit = str(func.overloadpacket)
         elif test(args, kwargs, out):
             self.hit = str(func.overloadpacket)

@@ -57,7 +57,10 @@ def _quantile(native: Callable, ignore_nan: bool):
         out = values.gather(-1, below)
         if interpolation in ("linear", "midpoint"):
             weights = torch.full_like(ranks, 0.5) if interpolation == "midpoint" else ranks - below
-            out = out.lerp(values.gather(-1, ranks.ceil().to(torch.int64)), weights.to(values.dtype))
+            # (clamped: with a q that moves, ceil takes its limit along the direction, past the last rank at q = 1,
+            # where the lerp's weight is 0 on that side: the last order statistic, as at q = 0 moving down)
+            above = ranks.ceil().to(torch.int64).clamp_max(values.shape[-1] - 1)
+            out = out.lerp(values.gather(-1, above), weights.to(values.dtype))
         if keepdim:  # the reduced dims kept as size 1, before the quantiles move to the front
             out = out.reshape(*([1] * input.dim()), -1) if dim is None or input.dim() == 0 \
                 else out.unsqueeze(dim % input.dim())
@@ -96,7 +99,8 @@ def _cosine_embedding_loss(native: Callable):
         where target == 1 and clamp_min(cos - margin, 0) where target == -1, reduced.
 
         At cos == margin (target -1) the clamp's rule takes the side along the direction: max(cos', 0)."""
-        native(input1.detach(), input2.detach(), target, margin, reduction)  # PyTorch's checks and messages
+        # PyTorch's checks and messages (on detached tensors: a target in the pass would come back to this port)
+        native(input1.detach(), input2.detach(), target.detach(), margin, reduction)
         d = target.dim()
         cos = (input1 * input2).sum(d) / (((input1 * input1).sum(d) + _EPSILON)
                                           * ((input2 * input2).sum(d) + _EPSILON)).sqrt()

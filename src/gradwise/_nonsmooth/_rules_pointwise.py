@@ -23,6 +23,7 @@ from gradwise._nonsmooth._rules import (
     _ROUTES,
     CASTS,
     _finish,
+    _is_dual,
     _near_zero,
     _resolve_sign,
     _split,
@@ -293,9 +294,14 @@ def _hinge(run, op: str, z):
 @kink_rule(aten.hinge_embedding_loss, F.hinge_embedding_loss, torch.hinge_embedding_loss)
 def hinge_embedding_loss(run, func, input, target, margin=1.0, size_average=None, reduce=None, reduction="mean"):
     """x where y == 1, max(0, margin - x) where y == -1 (PyTorch's formula: both terms for other y). At
-    margin - x == 0: the hinge side chosen along the direction, f'(x; d) = max(-x', 0)."""
+    margin - x == 0: the hinge side chosen along the direction, f'(x; d) = max(-x', 0). A target that depends on
+    f's inputs goes through the eq rule: the loss jumps where y leaves 1 or -1 (both terms then), an error."""
     hinge = _hinge(run, "aten.hinge_embedding_loss", margin - input)
-    loss = hinge.masked_fill(target == 1, 0.0) + input.masked_fill(target == -1, 0.0)
+    if isinstance(target, Tensor) and (_is_dual(target) or target.requires_grad):
+        eq = lambda v: _comparison("eq", "aten.hinge_embedding_loss")(run, torch.eq, target, v)
+    else:
+        eq = lambda v: target == v
+    loss = hinge.masked_fill(eq(1), 0.0) + input.masked_fill(eq(-1), 0.0)
     return _reduce(loss, reduction, size_average, reduce)
 
 
@@ -401,24 +407,39 @@ _STEPS: dict[str, tuple[Callable, Callable, Callable]] = {
 }
 
 
+def _round_decimals(decimals: int) -> tuple[Callable, Callable, Callable]:
+    """round(x, decimals=k) as ATen's kernel: nearbyint(x * 10^k) / 10^k (k < 0: nearbyint(x / 10^-k) * 10^-k), in
+    x's dtype. It jumps where the scaled x is a half-integer, which floats reach (0.125 at k = 2: 12.5; 500 at
+    k = -3); the limits there are the neighbouring integers, scaled back."""
+    p = float(10 ** (-decimals if decimals < 0 else decimals))  # (abs: the rule of this module)
+    scale, back = (lambda v: v * p, lambda v: v / p) if decimals > 0 else (lambda v: v / p, lambda v: v * p)
+    at_jump = lambda x: (lambda q: (q.abs() - q.abs().trunc()) == 0.5)(scale(x))
+    return at_jump, lambda x: back(scale(x) - 0.5), lambda x: back(scale(x) + 0.5)
+
+
 def _step(name: str, inplace: bool = False, op: str | None = None):
-    at_jump, left, right = _STEPS[name]
     op = op or f"aten.{name}"
 
     def rule(run, func, x, *args, **kwargs):
+        at_jump, left, right = _STEPS[name]
         xp = _split(x)[0]
         if xp.is_complex() and mask_any(xp == 0):  # sgn(z) = z / |z|: smooth but at 0, where no limit exists
             raise NonsmoothError(f"sgn of a complex 0 at {_user_line()}: z / |z| has no limit there (a jump in "
                                  "every direction). Keep it away from 0 (e.g. z / (|z| + eps))")
-        if args or kwargs or not xp.is_floating_point():  # round(decimals=k): jumps are not floats; kept as is
+        decimals = 0
+        if name == "round" and (args or kwargs):  # round(x, decimals=k)
+            decimals, args, kwargs = int(kwargs.get("decimals", args[0] if args else 0)), (), {}
+        if decimals:
+            at_jump, left, right = _round_decimals(decimals)
+        if args or kwargs or not xp.is_floating_point():
             return func(x, *args, **kwargs)
         jump = at_jump(xp.detach())
         if not mask_any(jump):
-            return func(x)
+            return func(x, **({"decimals": decimals} if decimals else {}))
         rows, choice, still = _resolve_sign(run, op, x, jump, comparison=True)
         own = xp.detach().reshape(-1)[rows].clone()
         # PyTorch's own (zero derivative, in the graph), the limits written in (through a flat view: contiguous)
-        value = func(x).clone(memory_format=torch.contiguous_format)
+        value = func(x, **({"decimals": decimals} if decimals else {})).clone(memory_format=torch.contiguous_format)
         limit = torch.where(choice == 0, right(own), left(own))
         value.view(-1)[rows] = torch.where(still, _split(value)[0].detach().reshape(-1)[rows], limit)
         return x.copy_(value) if inplace else value
@@ -642,8 +663,13 @@ def _fmod_divisor_slope(out: Tensor, xp: Tensor, mp: Tensor, m: Tensor) -> Tenso
     return torch.where(off, out + (m - _split(m)[0].detach()) * (kernel - real), out)
 
 
-def _modulo(name: str, mode: str):
+def _modulo(name: str, mode: str, reflected: bool = False):
     def rule(run, func, x, m):
+        if reflected:  # Tensor.__rmod__(m, x) is x % m (x a number: as a tensor, remainder(Scalar, Tensor) has no
+            # forward-mode formula)
+            x, m, func = m, x, torch.remainder
+            if not isinstance(x, Tensor):
+                x = torch.tensor(x, dtype=torch.result_type(x, _split(m)[0]), device=m.device)
         out = func(x, m)
         if not isinstance(out, Tensor) or not out.is_floating_point():
             return out
@@ -664,7 +690,7 @@ def _modulo(name: str, mode: str):
         # (derivative -(n - step) to m), added where the quotient moved only
         return torch.where(moved, out + step * m, out)
 
-    rule.__name__ = name
+    rule.__name__ = ("r" if reflected else "") + name
     rule.__doc__ = (f"x - m {mode}(x / m), PyTorch's value and derivative (1 to x, -{mode}(x / m) to m) away from "
                     "its jumps. They sit where x is an exact multiple n m of m (fmod(x, m) == 0, exact in floating "
                     "point: 1.0 is no multiple of float 0.1, though 1.0 / 0.1 rounds to 10; "
@@ -676,6 +702,7 @@ def _modulo(name: str, mode: str):
 
 
 kink_rule(aten.remainder, torch.remainder, Tensor.remainder, Tensor.__mod__)(_modulo("remainder", "floor"))
+_ROUTES[Tensor.__rmod__] = _modulo("remainder", "floor", reflected=True)  # (watched, it was refused or missed)
 kink_rule(aten.fmod, torch.fmod, Tensor.fmod)(_modulo("fmod", "trunc"))
 
 

@@ -424,10 +424,14 @@ def _ordered(run, op: str, x: Tensor, dim: int, descending: bool, positions: sli
     lex = _shared_lex_key(run, x, dim, pm, tm) if tm is not None and run.own_key_only() else None
     lazy = lex is not None and run.ranks_alone(tm)  # the sort's order is the choice: the record is built if read
     out = None
+    # (perm contiguous: the lock writes ranked rows through perm.view(-1, m), and a sort along a moved dim returns
+    # the input's strides)
     if lex is None:
         vals, perm = torch.sort(pm, dim=-1, descending=descending, stable=True)
+        perm = perm.contiguous()
     else:  # this order is final (the key ranks every tie): the sorted values are the output's
         lex, perm = torch.sort(lex, dim=-1, descending=descending, stable=True)
+        perm = perm.contiguous()
         out = xm.gather(-1, perm)
         vals = _split(out)[0]
     m = pm.shape[-1]
@@ -596,6 +600,8 @@ def _slots(ours: Tensor, theirs: Tensor) -> Tensor:
 @kink_rule(aten.kthvalue, torch.kthvalue, Tensor.kthvalue)
 def kthvalue(run, func, x, k, dim=-1, keepdim=False):
     """k-th smallest. At a tie: the tied element k-th smallest along the direction."""
+    if _split(x)[0].dim() == 0:  # one element: nothing ties
+        return func(x, k, dim, keepdim)
     v, perm, d = _ordered(run, "aten.kthvalue", x, dim, False, slice(k - 1, k))
     v, i = v[..., k - 1 : k], perm[..., k - 1 : k]
     v, i = (v.movedim(-1, d), i.movedim(-1, d)) if keepdim else (v.squeeze(-1), i.squeeze(-1))
@@ -605,7 +611,7 @@ def kthvalue(run, func, x, k, dim=-1, keepdim=False):
 @kink_rule(aten.median, torch.median, Tensor.median)
 def median(run, func, x, dim=None, keepdim=False):
     """Lower median. At a tie: the tied element in the middle along the direction."""
-    if _split(x)[0].isnan().any():  # PyTorch's median propagates NaN; no tie to rank
+    if _split(x)[0].isnan().any() or x.dim() == 0:  # PyTorch's median propagates NaN; no tie to rank
         return func(x) if dim is None else func(x, dim, keepdim)
     if dim is None:
         return kthvalue(run, func, x.reshape(-1), (x.numel() + 1) // 2).values

@@ -12,6 +12,7 @@ May import: torch, gradwise._masks, ``_records``, ``_rules``.
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from gradwise._masks import mask_any
@@ -42,7 +43,11 @@ def _select_reduce(run: _Run, op: str, dest: Tensor, dim: int, index: Tensor, sr
         if include_self:
             count += self_c.long()
     tie = count > 1
-    if not mask_any(tie) and not (op != "aten.scatter_reduce" and (_is_dual(dest) or _is_dual(src))):
+    # without include_self, PyTorch's backward still counts a destination's own value among the candidates where it
+    # equals the result (x = [3], src = [1, 3]: src[1] gets 1/2 for a slope of 1): rebuilt there, with no tie
+    unused_self = not include_self and mask_any((count > 0) & (dp.detach().reshape(-1) == flat_out))
+    if not mask_any(tie) and not unused_self and not (
+            op != "aten.scatter_reduce" and (_is_dual(dest) or _is_dual(src))):
         return None  # no tie: PyTorch's own op is exact
     n_src = sv.numel()
     big = torch.full((dp.numel(),), n_src, dtype=torch.int64, device=dp.device)
@@ -95,11 +100,43 @@ def _select_reduce(run: _Run, op: str, dest: Tensor, dim: int, index: Tensor, sr
     return torch.where(from_self, dest.reshape(-1), taken).reshape(dp.shape)
 
 
+def _by_reverse(native, args: tuple, positions: tuple[int, ...]):
+    """``native(*args)`` with its tangent computed from PyTorch's reverse pass, for smooth ops whose forward-mode
+    formula is missing (index_reduce, embedding_bag) or wrong (scatter_reduce 'prod' in PyTorch 2.13 gives a zero
+    tangent): the backward g -> J^T g is linear in g, so J d is the gradient in g of <J^T g, d>. ``positions``:
+    the arguments that may carry tangents. None when none does."""
+    if not any(_is_dual(args[i]) for i in positions):
+        return None
+    prim = list(args)
+    for i in positions:
+        prim[i] = _split(args[i])[0]
+    out = native(*prim)  # (in the primals' graph)
+    leaves = [args[i] for i in positions if _is_dual(args[i])]
+    with torch.enable_grad():
+        ps = list(prim)
+        for i in positions:
+            if _is_dual(args[i]):
+                ps[i] = prim[i].detach().requires_grad_(True)
+        ref = native(*ps)
+        g = torch.zeros_like(ref, requires_grad=True)
+        wrt = [ps[i] for i in positions if _is_dual(args[i])]
+        grads = torch.autograd.grad(ref, wrt, g, create_graph=True, allow_unused=True)
+        inner = sum((gr * _split(a)[1]).sum() for gr, a in zip(grads, leaves, strict=True) if gr is not None)
+        tangent = torch.autograd.grad(inner, g, allow_unused=True)[0] if isinstance(inner, Tensor) \
+            and inner.requires_grad else None
+    return fwAD.make_dual(out, torch.zeros_like(out) if tangent is None else tangent.detach())
+
+
 def _reduce_rule(name: str, index_1d: bool):
     op = f"aten.{name}"
 
     def rule(run, func, input, dim, index, src, reduce, *, include_self=True):
         if reduce not in ("amax", "amin"):
+            if name == "index_reduce" or reduce == "prod":  # no forward-mode formula; scatter_reduce's is wrong
+                out = _by_reverse(lambda a, b: func(a, dim, index, b, reduce, include_self=include_self),
+                                  (input, src), (0, 1))
+                if out is not None:
+                    return input.copy_(out) if func in (Tensor.scatter_reduce_, Tensor.index_reduce_) else out
             return func(input, dim, index, src, reduce, include_self=include_self)
         inplace = func in (Tensor.scatter_reduce_, Tensor.index_reduce_)
         target = input
@@ -107,7 +144,9 @@ def _reduce_rule(name: str, index_1d: bool):
             input = input.clone()
         d = dim % max(input.dim(), 1)
         idx = index
-        if index_1d:
+        if index_1d and src.dim() == 0:  # one element each (index of one entry)
+            idx = index.reshape(())
+        elif index_1d:
             shape = [1] * src.dim()
             shape[d] = -1
             idx = index.view(shape).expand(src.shape)
@@ -137,8 +176,21 @@ def embedding_bag(run, func, input, weight, offsets=None, max_norm=None, norm_ty
     rule (tied rows in a column: the one largest along the direction; PyTorch gives all to one). Other modes and
     options are PyTorch's."""
     if mode != "max" or max_norm is not None or per_sample_weights is not None or padding_idx is not None:
-        return func(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse, per_sample_weights,
-                    include_last_offset, padding_idx)
+        call = lambda w, p: func(input, w, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse, p,
+                                 include_last_offset, padding_idx)
+        (wp, wt), (pp, pt) = _split(weight), _split(per_sample_weights)
+        if max_norm is not None or (wt is None and pt is None):
+            # (max_norm renormalises weight in place under no_grad: PyTorch's, with no forward-mode formula)
+            return call(weight, per_sample_weights)
+        # sum / mean of rows (times per_sample_weights): bilinear, its tangent two calls of the op itself (PyTorch
+        # has no forward-mode formula, nor a double backward)
+        out = call(wp, pp)
+        with torch.no_grad():
+            tangent = call(wt, None if pp is None else pp.detach()) if wt is not None else None
+            if pt is not None:
+                other = call(wp.detach(), pt)
+                tangent = other if tangent is None else tangent + other
+        return fwAD.make_dual(out, tangent)
     wp = _split(weight)[0]
     if input.dim() == 2:
         bags, flat = input.shape[0], input.reshape(-1)

@@ -1,0 +1,238 @@
+"""PyTorch's op database (``op_db``) moved onto its kinks, through gradwise's nonsmooth calculus.
+
+For every op whose samples reach an aten op that gradwise knows kinks or jumps (``KINK_RULES`` or the facts of
+``gradwise._ops._kinks.KINKS``), each float64 sample is *quantized* (its floating tensors rounded to a grid of 0.5
+or 1): that puts elements on ties with each other and with the other operands, on 0, on integer clamp bounds and
+pooling-window ties, without a hand-written case per op. Along random directions (Gaussian, and integer ones whose
+tangents tie too) ``gw.directional_derivative`` is compared with float64 one-sided differences at several steps
+(and their Richardson extrapolations). Outcomes per (sample, direction):
+
+* ``ok``: some difference quotient agrees with gradwise's value, elementwise.
+* ``refused at a jump``: gradwise raised ``NonsmoothError`` where the differences show f jumping (or an infinite
+  slope: the change does not shrink linearly with the step).
+* ``refused``: gradwise raised ``NonsmoothError`` where f looks continuous (a needless refusal, never a wrong
+  number: counted, not a failure).
+* ``silent at a jump``: a finite number where f jumps: a failure.
+* ``wrong``: a number no difference quotient supports: a failure.
+* ``crash``: any other exception from gradwise: a failure.
+
+Optionally (``gradcheck=n``: the first n samples) ``gw.gradcheck`` runs on a weighted sum of the outputs at the
+same point: it must not raise anything but ``NonsmoothError`` (its verdicts are counted).
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+import gradwise as gw
+from _opdb import _leaves, op_db, op_id, op_skip_reason, samples
+from gradwise import NonsmoothError
+from gradwise._nonsmooth import KINK_RULES
+from gradwise._ops._kinks import KINKS
+
+D = torch.float64
+GRIDS = (0.5, 1.0)
+STEPS = (1e-3, 1e-4, 1e-5, 1e-6)
+FAILURES = ("silent at a jump", "wrong", "crash")
+
+
+class _Reached(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(func.overloadpacket)
+        return func(*args, **(kwargs or {}))
+
+
+def _call_sample(op, sample, leaves, spec):
+    inp, args, kwargs = tree_unflatten(leaves, spec)
+    torch.default_generator.manual_seed(0)
+    out = sample.output_process_fn_grad(op.gradcheck_wrapper(op.get_op(), inp, *args, **kwargs))
+    outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor) and o.is_floating_point()]
+    return torch.cat([o.reshape(-1) for o in outs]) if outs else None
+
+
+@functools.cache
+def kink_ops() -> dict[str, object]:
+    """op id -> OpInfo, for the ops whose first float64 sample reaches an aten op with a kink rule or kink fact."""
+    known = set(KINK_RULES) | set(KINKS)
+    found = {}
+    for op in op_db():
+        if op_skip_reason(op) or D not in op.supported_backward_dtypes("cpu"):
+            continue
+        try:
+            first = next(iter(samples(op, D, 1)), None)
+        except Exception:  # (a sample generator PyTorch cannot run here)
+            continue
+        if first is None:
+            continue
+        leaves, spec = _leaves(first)
+        reached = _Reached()
+        try:
+            with reached:
+                _call_sample(op, first, leaves, spec)
+        except Exception:  # (the op refuses its own sample on CPU)
+            continue
+        if reached.seen & known:
+            found[op_id(op)] = op
+    return found
+
+
+def op_by_id(name: str):
+    return next(op for op in op_db() if op_id(op) == name)
+
+
+def _quantized(leaves: list, grid: float) -> list:
+    return [(t.detach() / grid).round() * grid if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in leaves]
+
+
+def _directions(xs, n_gauss: int, n_int: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    for k in range(n_gauss + n_int):
+        ds = [torch.randn(x.shape, generator=g, dtype=D) for x in xs]
+        yield tuple(d.round() if k >= n_gauss else d for d in ds)
+
+
+def one_sided(f, xs, ds):
+    """(difference quotients (f(x + t d) - f(x)) / t and Richardson's 2 D(t / 2) - D(t) for t in STEPS, elementwise
+    jump mask: the change at t = 5e-7 is not 5x smaller than at 5e-6 (a jump, or an infinite slope))."""
+    with torch.no_grad():
+        f0 = f(*xs)
+        at = {t: f(*[x + t * d for x, d in zip(xs, ds, strict=True)]) for t in (*STEPS, *(s / 2 for s in STEPS))}
+    q = {t: (v - f0) / t for t, v in at.items()}
+    quotients = [q[t] for t in STEPS] + [q[t / 2] for t in STEPS] + [2 * q[t / 2] - q[t] for t in STEPS]
+    small, big = (at[5e-7] - f0).abs(), (at[5e-6] - f0).abs()
+    return quotients, (small > 1e-9 * (1 + f0.abs())) & (small > 0.2 * big)
+
+
+@dataclass
+class SweepResult:
+    counts: Counter = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)
+
+
+def sweep_op(op, *, limit: int | None = 2, grids=GRIDS, n_gauss: int = 3, n_int: int = 2,
+             gradcheck: int = 0) -> SweepResult:
+    """The sweep over ``op``'s first ``limit`` samples (all: None); ``gradcheck``: gw.gradcheck at the first that
+    many samples, on the first grid (it costs seconds per call)."""
+    r = SweepResult()
+    for si, sample in enumerate(samples(op, D, limit)):
+        leaves, spec = _leaves(sample)
+        idx = [i for i, t in enumerate(leaves)
+               if isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point()]
+        if not idx or any(isinstance(t, torch.Tensor) and t.layout != torch.strided for t in leaves):
+            continue
+        for grid in grids:
+            q = _quantized(leaves, grid)
+
+            def f(*xs, q=q, sample=sample, idx=idx, spec=spec):
+                ls = list(q)
+                for i, x in zip(idx, xs, strict=True):
+                    ls[i] = x
+                return _call_sample(op, sample, ls, spec)
+
+            xs = tuple(q[i] for i in idx)
+            if any(x.dtype != D for x in xs):  # (cov's float32 aweights: differences at float32 precision)
+                r.counts["sample left out"] += 1
+                continue
+            try:
+                with torch.no_grad():
+                    y0, y1 = f(*xs), f(*xs)
+            except Exception:  # (plain torch refuses the quantized sample)
+                r.counts["sample refused by torch"] += 1
+                continue
+            if y0 is None or y0.numel() == 0 or y0.dtype != D or not torch.isfinite(y0).all() \
+                    or not torch.equal(y0, y1):
+                r.counts["sample left out"] += 1
+                continue
+            r.counts["samples"] += 1
+            for di, ds in enumerate(_directions(xs, n_gauss, n_int, 7 * si + int(10 * grid))):
+                where = f"sample {si}, grid {grid}, direction {di}"
+                try:
+                    quotients, jump = one_sided(f, xs, ds)
+                except Exception:  # (torch refuses a moved point: cov's negative weights)
+                    r.counts["differences refused by torch"] += 1
+                    continue
+                if not all(torch.isfinite(v).all() for v in quotients):
+                    r.counts["differences not finite"] += 1
+                    continue
+                r.counts["directions"] += 1
+                outcome, msg = _check(f, xs, ds, quotients, jump)
+                r.counts[outcome] += 1
+                if outcome in FAILURES:
+                    r.failures.append(f"{op_id(op)} {where}: {outcome}: {msg}")
+            if si < gradcheck and grid == grids[0]:
+                _gradcheck(op, f, xs, y0, r, f"sample {si}, grid {grid}")
+    return r
+
+
+def _check(f, xs, ds, quotients, jump) -> tuple[str, str]:
+    try:
+        got = gw.directional_derivative(f, xs, ds)
+    except NonsmoothError as e:
+        return ("refused at a jump" if bool(jump.any()) else "refused"), str(e).splitlines()[0][:160]
+    except Exception as e:  # (what the sweep looks for)
+        return "crash", f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    if bool(jump.any()):
+        return "silent at a jump", f"{int(jump.sum())} element(s) jump, gradwise gave {got.reshape(-1)[jump][:4]}"
+    got = got.reshape(-1).to(D)
+    bad = torch.ones_like(got, dtype=torch.bool)
+    for est in quotients:
+        bad &= ~((got - est).abs() <= 1e-5 * (1 + est.abs()))
+    # a Hölder term (|x|^1.5 at 0: the quotients' error shrinks like t^0.5) converges too slowly for that: the
+    # quotients at the decreasing steps must approach gradwise's value monotonically, and come close
+    err = [(got - q).abs() for q in quotients[: len(STEPS)]]
+    approach = torch.stack([a > b for a, b in itertools.pairwise(err)]).all(0)
+    bad &= ~(approach & (err[-1] < err[0] / 20) & (err[-1] <= 1e-2 * (1 + got.abs())))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        return "wrong", f"element {i}: gradwise {float(got[i]):.6g}, differences " \
+                        f"{[round(float(v[i]), 6) for v in quotients[:4]]}"
+    return "ok", ""
+
+
+def _gradcheck(op, f, xs, y0, r: SweepResult, where: str) -> None:
+    w = torch.linspace(-1.0, 1.0, y0.numel(), dtype=D) + 0.37  # a weighted sum: every output counts
+    g = torch.Generator().manual_seed(0)
+    try:  # gradcheck evaluates f at nearby points: f must be defined there (a BCE target leaves [0, 1])
+        with torch.no_grad():
+            f(*[x + 1e-3 * torch.randn(x.shape, generator=g, dtype=D) for x in xs])
+    except Exception:  # (a BCE target moved out of [0, 1])
+        r.counts["gradcheck: f undefined near x"] += 1
+        return
+    scalar = lambda *a: (f(*a) * w).sum()
+    try:
+        res = gw.gradcheck(scalar, xs, raise_exception=False)
+    except NonsmoothError:
+        r.counts["gradcheck refused"] += 1
+        return
+    except Exception as e:  # (what the sweep looks for)
+        r.counts["gradcheck crash"] += 1
+        r.failures.append(f"{op_id(op)} {where}: gradcheck crash: {type(e).__name__}: {str(e)[:160]}")
+        return
+    r.counts[f"gradcheck {'passed' if res.passed else 'failed'}{' at a kink' if res.kink else ''}"] += 1
+
+
+if __name__ == "__main__":  # python tests/_kink_sweep.py [LIMIT]: the counts, op by op, and every failure
+    import sys
+    import warnings
+
+    warnings.simplefilter("ignore")
+    limit = int(sys.argv[1]) if len(sys.argv) > 1 else None
+    total, failures = Counter(), []
+    for name, op in kink_ops().items():
+        r = sweep_op(op, limit=limit, gradcheck=1)
+        total += r.counts
+        failures += r.failures
+        print(name, dict(r.counts), flush=True)
+    print("total", dict(total))
+    print("\n".join(failures))

@@ -1,0 +1,261 @@
+"""Hunt for wrong answers in the nonsmooth calculus, third round: PyTorch's op database moved onto its kinks
+(tests/_kink_sweep.py), and the defects it found. References: float64 one-sided differences at several steps
+(converging, or not: a jump) and the programs themselves, never a formula derived by hand."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import _kink_sweep as ks
+import gradwise as gw
+from gradwise import NonsmoothError
+
+pytestmark = pytest.mark.filterwarnings(r"ignore:index_reduce\(\) is in beta:UserWarning")
+
+D = torch.float64
+STEPS = (1e-5, 1e-6, 1e-7)
+
+
+def t(*v):
+    return torch.tensor(v, dtype=D)
+
+
+def one_sided(f, xs, ds):
+    """(f(x + s d) - f(x)) / s in float64 at STEPS, for a tuple of inputs."""
+    with torch.no_grad():
+        return [(f(*[x + s * d for x, d in zip(xs, ds, strict=True)]) - f(*xs)) / s for s in STEPS]
+
+
+def assert_exact(f, xs, ds):
+    got = gw.directional_derivative(f, xs, ds)
+    torch.testing.assert_close(got, one_sided(f, xs, ds)[-1], atol=1e-5, rtol=1e-5)
+
+
+def assert_jumps(f, xs, ds):
+    ref = one_sided(f, xs, ds)
+    assert ((ref[-1].abs() > 50 * ref[0].abs()) & (ref[-1].abs() > 1e3)).any()  # f(x + s d) - f(x) does not
+    # shrink with s: a jump
+    with pytest.raises(NonsmoothError):
+        gw.directional_derivative(f, xs, ds)
+
+
+# -- round(x, decimals=k) ----------------------------------------------------------------------------------
+
+ROUND_JUMPS = {"decimals=0 at 2.5": (0, 2.5), "decimals=2 at 0.125 (x 100 = 12.5)": (2, 0.125),
+               "decimals=-3 at 500": (-3, 500.0), "decimals=1 at 0.25": (1, 0.25),
+               "decimals=-1 at -35": (-1, -35.0)}  # (half to even: x moving up jumps)
+
+
+@pytest.mark.parametrize("name", list(ROUND_JUMPS))
+def test_round_with_decimals_jumps_at_scaled_half_integers(name):
+    """torch.round(x, decimals=k) was kept as PyTorch's (derivative 0) on the claim that its jumps are not floats:
+    they are (k = 0: every half-integer; 0.125 at k = 2; 500 at k = -3). directional_derivative returned 0 where f
+    jumps (silent). Now: the step rule on the scaled x, an error at a jump, exact where the jumps cancel."""
+    k, x0 = ROUND_JUMPS[name]
+    x, d = t(x0, 0.3), t(1.0, 1.0)
+    assert_jumps(lambda v: torch.round(v, decimals=k), (x,), (d,))
+    cancel = lambda v: torch.round(v, decimals=k) + torch.round(-v, decimals=k) + v  # (half to even: odd)
+    for s in (1.0, -1.0):
+        assert_exact(cancel, (x,), (s * d,))
+
+
+def test_round_with_decimals_away_from_its_jumps_is_pytorchs():
+    x = t(0.3, 1.234, -7.77).requires_grad_(True)
+    f = lambda v: (torch.round(v, decimals=2) * v).sum()
+    assert torch.equal(gw.generalized_grad(f, x)[0], torch.autograd.grad(f(x), x)[0])
+    assert torch.equal(gw.directional_derivative(lambda v: torch.round(v, decimals=1), x.detach(), t(1, 1, 1)),
+                       torch.zeros(3, dtype=D))
+
+
+# -- reflected remainder and watched jump ops ------------------------------------------------------------------
+
+
+def test_reflected_remainder_at_a_multiple():
+    """``Tensor.__rmod__`` (``7.0 % b``, ``b.__rmod__(a)``) had no route; its watch tested only whether the first
+    argument moved, against a mask of another shape: at -7 % 1 with the divisor moving down it returned -0.27
+    where f jumps (silent). Now the remainder rule, reflected."""
+    xs, ds = (t(-7.0), t(1.0)), (t(0.759), t(-0.1471))
+    assert_jumps(lambda a, b: b.__rmod__(a), xs, ds)
+    assert_jumps(lambda b: 7.0 % b, (t(1.0),), (t(1.0),))  # (7 / (1 + s) floors to 6)
+    assert_exact(lambda b: 7.5 % b, (t(2.0, 3.0),), (t(1.0, -1.0),))  # no multiple: PyTorch's slope
+    assert_exact(lambda b: torch.floor(7.0 / b) * b + 7.0 % b, (t(7.0, 3.5),), (t(1.0, -1.0),))  # = 7
+
+
+def test_a_watched_jump_op_whose_other_argument_moves():
+    """searchsorted(b, x) runs watched (no rule): the watch counted a jump only where its *first* argument moved.
+    With x on a boundary held still and the boundaries moving down, f jumps and gradwise returned 0 (silent)."""
+    f = lambda x, b: torch.searchsorted(b, x).to(D) + x
+    xs = (t(1.0), t(1.0, 2.0))
+    assert_jumps(f, xs, (t(0.0), t(-1.0, 0.0)))
+    assert_exact(f, (t(1.5), t(1.0, 2.0)), (t(1.0), t(0.0, 1.0)))  # on no boundary: exact
+
+
+# -- smooth ops whose forward mode PyTorch lacks or gets wrong --------------------------------------------------
+
+IDX = torch.tensor([0, 0, 1])
+
+
+@pytest.mark.parametrize("include_self", [True, False])
+@pytest.mark.parametrize("call", ["scatter_reduce prod", "index_reduce prod", "index_reduce mean"])
+def test_scatter_style_reductions_have_their_tangents(call, include_self):
+    """scatter_reduce(..., 'prod'): PyTorch 2.13's forward mode gives a zero tangent (torch.func.jvp too), so
+    directional_derivative returned 0 (silent; 0.82 by differences in the op_db sample). index_reduce (prod, mean)
+    has no forward mode: a NotImplementedError escaped. Now the tangent is PyTorch's reverse pass, transposed."""
+    name, reduce = call.split()
+    f = lambda x, s: getattr(x, name)(0, IDX, s, reduce, include_self=include_self)
+    xs, ds = (t(2.0, 0.0, 5.0, 1.0), t(7.0, 0.0, 3.0)), (t(0.5, -1.0, 0.3, 2.0), t(-0.7, 0.4, 1.1))
+    assert_exact(f, xs, ds)
+    w = t(1.0, -2.0, 0.5, 3.0)
+    leaves = tuple(x.clone().requires_grad_(True) for x in xs)
+    want = torch.autograd.grad((f(*leaves) * w).sum(), leaves)
+    for g, e in zip(gw.generalized_grad(lambda *a: (f(*a) * w).sum(), xs), want, strict=True):
+        assert torch.equal(g, e)  # no kink: PyTorch's reverse pass, bit for bit
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "sum with per_sample_weights", "mean with padding_idx"])
+def test_embedding_bag_has_its_tangent(mode):
+    """F.embedding_bag (sum, mean) has no forward mode in PyTorch: a NotImplementedError escaped
+    directional_derivative. Its tangent is the op on the tangents (bilinear in weight, per_sample_weights)."""
+    g = torch.Generator().manual_seed(0)
+    w, dw = torch.randn(5, 3, generator=g, dtype=D), torch.randn(5, 3, generator=g, dtype=D)
+    p, dp = torch.randn(5, generator=g, dtype=D), torch.randn(5, generator=g, dtype=D)
+    idx, off = torch.tensor([1, 2, 4, 4, 0]), torch.tensor([0, 2])
+    if mode == "sum with per_sample_weights":
+        assert_exact(lambda w, p: F.embedding_bag(idx, w, off, mode="sum", per_sample_weights=p), (w, p), (dw, dp))
+    else:
+        kw = {"padding_idx": 4} if "padding" in mode else {}
+        assert_exact(lambda w: F.embedding_bag(idx, w, off, mode=mode.split()[0], **kw), (w,), (dw,))
+
+
+@pytest.mark.parametrize("name", ["scatter_reduce", "index_reduce"])
+@pytest.mark.parametrize("reduce", ["amax", "amin"])
+def test_max_reductions_without_self_where_self_equals_the_result(name, reduce):
+    """scatter_reduce/index_reduce amax/amin with include_self=False, where a destination's own value equals its
+    result (3 among sources [1, 3]): no tie, f is smooth with slope 1 in src[1], yet PyTorch's backward counts the
+    unused self as a tied candidate and gives src[1] 1/2; generalized_grad returned that (silent). Reference: the
+    one-sided differences, both signs (f is smooth there)."""
+    s = 1.0 if reduce == "amax" else -1.0
+    x, src, w = s * t(3.0, 5.0), s * t(1.0, 3.0), t(1.0, 2.0)
+    f = lambda x, v: (getattr(x, name)(0, torch.tensor([0, 0]), v, reduce, include_self=False) * w).sum()
+    g = gw.generalized_grad(f, (x, src))
+    eye = torch.eye(2, dtype=D)
+    for i in range(2):
+        for sign in (1.0, -1.0):
+            ref = one_sided(f, (x, src), (torch.zeros(2, dtype=D), sign * eye[i]))[-1]
+            assert float(g[1][i]) * sign == pytest.approx(float(ref), abs=1e-5)
+    assert torch.equal(g[0], t(0.0, 2.0))
+
+
+@pytest.mark.parametrize("reduce", ["amax", "amin"])
+def test_index_reduce_of_one_element(reduce):
+    """index_reduce on 0-dim tensors (an op_db sample): the amax/amin rule built a shape from src.dim() and
+    crashed (IndexError). Ties between the element and its source included."""
+    f = lambda x, s: x.index_reduce(0, torch.tensor([0]), s, reduce, include_self=True)
+    for xv, sv in [(1.0, 1.0), (1.0, 2.0)]:
+        for d in [(1.0, -1.0), (-1.0, 1.0)]:
+            assert_exact(f, (t(xv)[0], t(sv)[0]), (t(d[0])[0], t(d[1])[0]))
+
+
+# -- order statistics and losses ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call", ["kthvalue dim 1", "topk dim 0", "median dim 1", "median of a 0-dim",
+                                  "kthvalue of a 0-dim"])
+def test_order_statistics_along_an_inner_dim(call):
+    """kthvalue/topk along a dim other than the last, with ties: the sort of the moved dim returned the input's
+    strides and the lock wrote through perm.view(-1, m): RuntimeError. median(x, 0) of a 0-dim x: IndexError."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-2, 3, (4, 5, 3), generator=g).to(D)
+    d = torch.randn(4, 5, 3, generator=g, dtype=D)
+    f = {"kthvalue dim 1": lambda v: torch.kthvalue(v, 2, 1).values,
+         "topk dim 0": lambda v: torch.topk(v, 2, 0).values,
+         "median dim 1": lambda v: torch.median(v, 1).values,
+         "median of a 0-dim": lambda v: torch.median(v[0, 0, 0], 0, keepdim=True).values * v.sum(),
+         "kthvalue of a 0-dim": lambda v: torch.kthvalue(v[0, 0, 0], 1, 0, keepdim=True).values * v.sum()}[call]
+    assert_exact(f, (x,), (d,))
+    assert gw.directional_derivative(f, x, d).shape == f(x).shape
+
+
+@pytest.mark.parametrize("q", [0.0, 1.0])
+def test_quantile_with_a_moving_q_at_its_ends(q):
+    """torch.quantile with q an input at q = 1: ceil of the rank took its limit along the direction, one past the
+    last order statistic, and the port's gather crashed (IndexError). At the ends the lerp's weight on that side
+    is 0: the end order statistic, as at q = 0 moving down (the differences from inside the range agree)."""
+    x, qs = t(-3.0, 0.0, 2.0), t(q)
+    f = lambda x, q: torch.quantile(x, q)
+    inward = -1.0 if q == 1.0 else 1.0
+    assert_exact(f, (x, qs), (t(0.5, -1.0, 2.0), t(inward)))
+    got = gw.directional_derivative(f, (x, qs), (t(0.5, -1.0, 2.0), t(-inward)))
+    assert float(got) == pytest.approx(2.0 if q == 1.0 else 0.5)  # the end statistic's own tangent
+
+
+def test_hinge_embedding_loss_jumps_where_its_target_leaves_a_label():
+    """hinge_embedding_loss masks its terms with y == 1 and y == -1, read inside the rule: with a target that
+    moves (an op_db sample differentiates it), the loss jumps off +-1 (both terms then), and gradwise returned
+    a derivative (silent). Now the comparison rule decides: an error; a target that is no input is exact."""
+    x, y = t(8.5, 3.5, -0.5, 7.5), t(-1.0, -1.0, 1.0, 1.0)
+    f = lambda x, y: F.hinge_embedding_loss(x, y, margin=2.0, reduction="none")
+    assert_jumps(f, (x, y), (t(1, 1, 1, 1), t(1.0, 0.0, 0.0, 0.0)))
+    for s in (1.0, -1.0):
+        assert_exact(lambda v: F.hinge_embedding_loss(v, y, margin=4.0, reduction="none"), (x,), (s * t(1, 1, 1, 1),))
+
+
+def test_cosine_embedding_loss_with_a_target_in_the_pass():
+    """The cosine_embedding_loss port called PyTorch's op for its checks with the target as given: a target in
+    gradwise's pass came back to the port, RecursionError. A moving target's labels jump: an error."""
+    a, b = t(1.0, 2.0, -1.0, 0.5).reshape(2, 2), t(0.5, -1.0, 2.0, 1.0).reshape(2, 2)
+    y = t(1.0, -1.0)
+    f = lambda a, y: F.cosine_embedding_loss(a, b, y, margin=-0.2, reduction="none")
+    assert_jumps(f, (a, y), (torch.ones(2, 2, dtype=D), t(0.5, 0.0)))
+    assert_exact(lambda a: f(a, y), (a,), (torch.ones(2, 2, dtype=D),))
+
+
+# -- the sweep ---------------------------------------------------------------------------------------------------
+
+# exact where one-sided differences at steps >= 5e-7 cannot show it: the clamp below which the value is taken
+# lies far below those steps, so the differences look like a jump (or an infinite slope) and gradwise's exact
+# one-sided derivative disagrees with them
+STEEP = {
+    "nn.functional.binary_cross_entropy": "log clamped at -100: at x = 0 a moving target's slope is 100 y' "
+                                          "(x' t < e^-100), the differences see y' log(x' t)",
+    "nn.functional.normalize": "x / max(||x||, eps) at x = 0: the slope d / eps (1e12 d) holds for t < eps",
+}
+# a fast subset for CI, one op per rule family
+FAST = ["abs", "clamp", "clamp_min", "maximum", "fmax", "max.reduction_with_dim", "amax", "cummax", "sort", "topk",
+        "kthvalue", "median", "mode", "nn.functional.relu", "nn.functional.hardtanh", "nn.functional.hardswish",
+        "nn.functional.leaky_relu", "nn.functional.prelu", "nn.functional.softshrink", "nn.functional.hardshrink",
+        "nn.functional.threshold", "nn.functional.max_pool2d", "nn.functional.adaptive_max_pool1d", "floor",
+        "round.decimals_3", "remainder", "__rmod__", "fmod", "div.floor_rounding", "sign", "copysign", "frac",
+        "linalg.vector_norm", "dist", "cdist", "nn.functional.pairwise_distance", "scatter_reduce.prod",
+        "scatter_reduce.amax", "index_reduce.mean", "nn.functional.embedding_bag", "nn.functional.hinge_embedding_loss",
+        "nn.functional.multi_margin_loss", "nn.functional.cosine_embedding_loss", "quantile", "aminmax"]
+
+
+def _check_sweep(name: str, **kw) -> ks.SweepResult:
+    if name in STEEP:
+        pytest.skip(STEEP[name])
+    r = ks.sweep_op(ks.op_by_id(name), **kw)
+    assert not r.failures, "\n".join(r.failures[:20])
+    return r
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_kink_sweep_fast(name):
+    """Two op_db samples per op, quantized onto their kinks: gradwise's one-sided derivative agrees with the
+    differences, or refuses; never a number where f jumps, never a crash."""
+    r = _check_sweep(name, limit=2, grids=(0.5,), n_gauss=2, n_int=1)
+    assert r.counts["directions"] > 0
+
+
+@pytest.mark.slow
+def test_kink_sweep_full():
+    """Every op that reaches a kink rule or fact, every sample, both grids, five directions, and gw.gradcheck at
+    its first quantized sample (no crash). 2026-12-06: 184 ops (python tests/_kink_sweep.py prints the counts)."""
+    ops = ks.kink_ops()
+    assert set(FAST) <= set(ops), set(FAST) - set(ops)
+    failures = []
+    for name, op in ops.items():
+        if name not in STEEP:
+            failures += ks.sweep_op(op, limit=None, gradcheck=1).failures
+    assert not failures, "\n".join(failures[:50])
