@@ -502,3 +502,31 @@ def test_triangle_readers_keep_pytorchs_gradient_and_are_named():
             gw.strong_zeros():
         got = torch.func.grad(f)(factor)
     assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rules that hold only for finite outputs read them for a whole vmap batch: one sample's NaN output turns them off
+# for every sample, which is said (an OpaqueBackwardWarning) rather than a kept NaN without a word
+# ---------------------------------------------------------------------------------------------------------
+
+FINITE_OUTPUT_RULES = {  # exp(-inf) = 0 reached by an infinite sensitivity (sqrt's at 0): a structural zero
+    "exp": lambda x: x.exp().sqrt().sum(),
+    "softmax": lambda x: x.softmax(0).sqrt().sum(),
+}
+
+
+@pytest.mark.parametrize("name", list(FINITE_OUTPUT_RULES))
+def test_a_nan_output_of_one_sample_is_said_to_keep_the_others_nan(name):
+    f = FINITE_OUTPUT_RULES[name]
+    X = torch.tensor([[0.5, 1.0, 2.0], [-inf, 1.0, 2.0], [0.5, nan, 2.0]], dtype=D)  # sample 2: a NaN output
+    expected = torch.stack([gw.grad(f(x := v.clone().requires_grad_()), x)[0] for v in X])
+    assert bool(expected[1].isfinite().all()) and not bool(expected[2].isfinite().all())
+    per_sample = torch.func.vmap(torch.func.grad(f))
+    with gw.strong_zeros():  # every output finite: each sample's strong zeros, no warning
+        torch.testing.assert_close(per_sample(X[:2]), expected[:2], rtol=1e-12, atol=0)
+    plain = per_sample(X)
+    with pytest.warns(gw.OpaqueBackwardWarning, match="whose outputs are read for the whole batch"), \
+            gw.strong_zeros():
+        got = per_sample(X)
+    assert torch.equal(got.nan_to_num(7.0), plain.nan_to_num(7.0))  # PyTorch's values, said to be so
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=0)

@@ -34,6 +34,7 @@ from torch._C._functorch import (
     TransformType,
     get_interpreter_stack,
     get_unwrapped,
+    is_batchedtensor,
     is_functorch_wrapped_tensor,
     is_legacy_batchedtensor,
     maybe_get_level,
@@ -106,6 +107,16 @@ def all_finite(tensors: Iterable[Any]) -> bool | None:
             plain.append(t)
     with temporarily_clear_interpreter_stack(), torch.no_grad():
         return all(bool(t.isfinite().all()) for t in plain)
+
+
+def batched(tensors: Iterable[Any]) -> bool:
+    """Whether some tensor of ``tensors`` is batched by vmap under its wrappers (its values are several samples')."""
+    for t in tensors:
+        while isinstance(t, torch.Tensor) and is_functorch_wrapped_tensor(t):
+            if is_batchedtensor(t):
+                return True
+            t = get_unwrapped(t)
+    return False
 
 
 def recorded(made: Iterable[Any]) -> bool:
