@@ -23,6 +23,7 @@ from torch.func import functional_call
 
 import gradwise as gw
 from _fresh_warnings import fresh_warnings  # noqa: F401 (an autouse fixture: every test here)
+from gradwise._strong_zeros import _contract
 
 nan, inf = float("nan"), float("inf")
 D = torch.float64
@@ -530,3 +531,30 @@ def test_a_nan_output_of_one_sample_is_said_to_keep_the_others_nan(name):
         got = per_sample(X)
     assert torch.equal(got.nan_to_num(7.0), plain.nan_to_num(7.0))  # PyTorch's values, said to be so
     torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=0)
+
+
+def _penalty(inner_grad):
+    def h(x):
+        (gx,) = inner_grad(_contaminated(x), x, create_graph=True)
+        return gx.pow(2).sum()
+    return h
+
+
+@pytest.mark.parametrize("inner", ["torch.autograd.grad", "gw.grad"])
+def test_a_create_graph_backward_inside_grad_is_not_followed_and_says_so(inner):
+    """torch.autograd.grad(create_graph=True) inside torch.func.grad (a gradient penalty): the grad level records
+    the backward's formulas on its wrappers and its own backward differentiates them, NaN and all, below which the
+    pass annihilated; it is grad(grad) and keeps PyTorch's gradient with a PlainBackwardWarning (it ran strong and
+    kept the NaN without a word: 0.0 in the eager double backward)."""
+    inner_grad = torch.autograd.grad if inner == "torch.autograd.grad" else gw.grad
+    x = torch.tensor([4.0, 1.0, -1.0, 9.0], dtype=D)
+    xx = x.clone().requires_grad_()
+    assert float(gw.grad(_penalty(gw.grad)(xx), xx)[0][2]) == 0.0  # the eager double backward
+    expected = torch.func.grad(_penalty(torch.autograd.grad))(x)
+    assert bool(expected.isnan()[2])
+    per_sample = torch.func.vmap(torch.func.grad(_penalty(inner_grad)))
+    for call, arg in ((torch.func.grad(_penalty(inner_grad)), x), (per_sample, x.expand(2, 4))):
+        _contract._warned.clear()
+        with pytest.warns(gw.PlainBackwardWarning, match="ran as plain PyTorch"), gw.strong_zeros():
+            got = call(arg)
+        assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0).expand(got.shape))

@@ -98,6 +98,9 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
         plan = _choose(t_outputs, inputs or (), grad_tensors or (), watched)
     else:
         plan, watched = planned
+    if plan == "transform" and create_graph and _transforms.records_formulas():
+        _contract.warn_plain("transform")  # a grad level records the formulas, not what the pass made of them
+        return run(retain_graph)
     if plan == "plain":
         return run(retain_graph)
     with without_compiled_autograd():  # its one traced graph of the whole backward is out of gradwise's reach
