@@ -23,6 +23,7 @@ from torch.func import functional_call
 
 import gradwise as gw
 from _fresh_warnings import fresh_warnings  # noqa: F401 (an autouse fixture: every test here)
+from gradwise._strong_zeros import _contract
 
 nan, inf = float("nan"), float("inf")
 D = torch.float64
@@ -502,3 +503,58 @@ def test_triangle_readers_keep_pytorchs_gradient_and_are_named():
             gw.strong_zeros():
         got = torch.func.grad(f)(factor)
     assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rules that hold only for finite outputs read them for a whole vmap batch: one sample's NaN output turns them off
+# for every sample, which is said (an OpaqueBackwardWarning) rather than a kept NaN without a word
+# ---------------------------------------------------------------------------------------------------------
+
+FINITE_OUTPUT_RULES = {  # exp(-inf) = 0 reached by an infinite sensitivity (sqrt's at 0): a structural zero
+    "exp": lambda x: x.exp().sqrt().sum(),
+    "softmax": lambda x: x.softmax(0).sqrt().sum(),
+}
+
+
+@pytest.mark.parametrize("name", list(FINITE_OUTPUT_RULES))
+def test_a_nan_output_of_one_sample_is_said_to_keep_the_others_nan(name):
+    f = FINITE_OUTPUT_RULES[name]
+    X = torch.tensor([[0.5, 1.0, 2.0], [-inf, 1.0, 2.0], [0.5, nan, 2.0]], dtype=D)  # sample 2: a NaN output
+    expected = torch.stack([gw.grad(f(x := v.clone().requires_grad_()), x)[0] for v in X])
+    assert bool(expected[1].isfinite().all()) and not bool(expected[2].isfinite().all())
+    per_sample = torch.func.vmap(torch.func.grad(f))
+    with gw.strong_zeros():  # every output finite: each sample's strong zeros, no warning
+        torch.testing.assert_close(per_sample(X[:2]), expected[:2], rtol=1e-12, atol=0)
+    plain = per_sample(X)
+    with pytest.warns(gw.OpaqueBackwardWarning, match="whose outputs are read for the whole batch"), \
+            gw.strong_zeros():
+        got = per_sample(X)
+    assert torch.equal(got.nan_to_num(7.0), plain.nan_to_num(7.0))  # PyTorch's values, said to be so
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=0)
+
+
+def _penalty(inner_grad):
+    def h(x):
+        (gx,) = inner_grad(_contaminated(x), x, create_graph=True)
+        return gx.pow(2).sum()
+    return h
+
+
+@pytest.mark.parametrize("inner", ["torch.autograd.grad", "gw.grad"])
+def test_a_create_graph_backward_inside_grad_is_not_followed_and_says_so(inner):
+    """torch.autograd.grad(create_graph=True) inside torch.func.grad (a gradient penalty): the grad level records
+    the backward's formulas on its wrappers and its own backward differentiates them, NaN and all, below which the
+    pass annihilated; it is grad(grad) and keeps PyTorch's gradient with a PlainBackwardWarning (it ran strong and
+    kept the NaN without a word: 0.0 in the eager double backward)."""
+    inner_grad = torch.autograd.grad if inner == "torch.autograd.grad" else gw.grad
+    x = torch.tensor([4.0, 1.0, -1.0, 9.0], dtype=D)
+    xx = x.clone().requires_grad_()
+    assert float(gw.grad(_penalty(gw.grad)(xx), xx)[0][2]) == 0.0  # the eager double backward
+    expected = torch.func.grad(_penalty(torch.autograd.grad))(x)
+    assert bool(expected.isnan()[2])
+    per_sample = torch.func.vmap(torch.func.grad(_penalty(inner_grad)))
+    for call, arg in ((torch.func.grad(_penalty(inner_grad)), x), (per_sample, x.expand(2, 4))):
+        _contract._warned.clear()
+        with pytest.warns(gw.PlainBackwardWarning, match="ran as plain PyTorch"), gw.strong_zeros():
+            got = call(arg)
+        assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0).expand(got.shape))

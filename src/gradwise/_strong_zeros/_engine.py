@@ -98,6 +98,9 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
         plan = _choose(t_outputs, inputs or (), grad_tensors or (), watched)
     else:
         plan, watched = planned
+    if plan == "transform" and create_graph and _transforms.records_formulas():
+        _contract.warn_plain("transform")  # a grad level records the formulas, not what the pass made of them
+        return run(retain_graph)
     if plan == "plain":
         return run(retain_graph)
     with without_compiled_autograd():  # its one traced graph of the whole backward is out of gradwise's reach
@@ -197,15 +200,15 @@ def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
     """Run a backward started inside the strong-zero pass outside of that pass's mode."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode_temporarily
 
-    outer = _STATE.in_mode, _STATE.create_graph, _STATE.outputs_finite, _STATE.transform
-    _STATE.in_mode, _STATE.transform = False, False
+    outer = _STATE.in_mode, _STATE.create_graph, _STATE.outputs_finite, _STATE.transform, _STATE.outputs_batched
+    _STATE.in_mode, _STATE.transform, _STATE.outputs_batched = False, False, False
     try:
         if isinstance(_get_current_dispatch_mode(), _StrongZeroMode):
             with _pop_mode_temporarily():
                 return engine_run(*args)
         return engine_run(*args)
     finally:
-        _STATE.in_mode, _STATE.create_graph, _STATE.outputs_finite, _STATE.transform = outer
+        _STATE.in_mode, _STATE.create_graph, _STATE.outputs_finite, _STATE.transform, _STATE.outputs_batched = outer
 
 
 def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, create_graph: bool,
@@ -218,10 +221,12 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
     ``transform``: under torch.func transforms (``_transforms``): outputs and results are read under their
     wrappers, and structural zeros are carried only where PyTorch's autograd below the transforms recorded the
     pass (the transform's own create_graph records on its wrappers, which no later pass sees)."""
-    outer = _STATE.create_graph, _STATE.outputs_finite, _STATE.transform
+    outer = _STATE.create_graph, _STATE.outputs_finite, _STATE.transform, _STATE.outputs_batched
     _STATE.create_graph, _STATE.in_mode, _STATE.transform = create_graph, True, transform
+    _STATE.outputs_batched = False
     if transform:
         _STATE.outputs_finite = _transforms.all_finite(outputs) is True
+        _STATE.outputs_batched = not _STATE.outputs_finite and _transforms.batched(outputs)
     else:
         _STATE.outputs_finite = all(bool(t.isfinite().all()) for t in outputs
                                     if isinstance(t, torch.Tensor) and t.is_floating_point())
@@ -237,7 +242,8 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
         with _under_traces(mode):
             result = run(retain_graph)
     finally:
-        (_STATE.create_graph, _STATE.outputs_finite, _STATE.transform), _STATE.in_mode = outer, False
+        (_STATE.create_graph, _STATE.outputs_finite, _STATE.transform, _STATE.outputs_batched), _STATE.in_mode = \
+            outer, False
         for h in handles:
             h.remove()
     if mode.lost and (_transforms.all_finite(result or ()) is False if transform

@@ -13,7 +13,7 @@ from gradwise._masks import mask_all, mask_any
 from gradwise._strong_zeros._rules import _UNRULED, _annihilate, _register, _run_unruled, _tracked_slots
 from gradwise._strong_zeros._rules_bilinear import _finite
 from gradwise._strong_zeros._rules_pointwise import bag_of
-from gradwise._strong_zeros._supports import _STATE
+from gradwise._strong_zeros._supports import _STATE, stood_aside_for_the_batch
 
 aten = torch.ops.aten
 
@@ -35,6 +35,8 @@ def _softmax_backward(func, args, kwargs, sup):
     else:
         hit = zero & ~torch.isfinite(g)
         genuine = mask_any(hit if s is None else hit & s, dim, keepdim=True)
+        if bool(mask_any(genuine)):
+            stood_aside_for_the_batch(sup)
     support = ~zero | genuine
     if s is not None:
         support = support & mask_any(s, dim, keepdim=True)

@@ -23,7 +23,7 @@ from gradwise._strong_zeros._rules import (
     _register,
     _run_unruled,
 )
-from gradwise._strong_zeros._supports import _STATE, _Supports
+from gradwise._strong_zeros._supports import _STATE, _Supports, stood_aside_for_the_batch
 
 aten = torch.ops.aten
 
@@ -207,11 +207,16 @@ def _exp_result_mul(func, args, kwargs, sup):
     structural zero when every output being differentiated is finite (see _softmax_backward)."""
     out = _mul(func, args, kwargs, sup)
     result = args[1] if len(args) > 1 else None  # derivatives.yaml: exp's backward is grad * result
-    if _STATE.outputs_finite and _is_float(result) and _in_formula() and _in_node("ExpBackward0"):
+    if (_STATE.outputs_finite or _STATE.outputs_batched) and _is_float(result) and _in_formula() \
+            and _in_node("ExpBackward0"):
         zero = result == 0
-        if bool(mask_any(zero)):
+        if not bool(mask_any(zero)):
+            return out
+        if _STATE.outputs_finite:
             support = (~zero if sup.of(out) is None else sup.of(out) & ~zero).expand(out.shape)
             sup.record(_annihilate(out, support), support)
+        else:
+            stood_aside_for_the_batch(sup)
     return out
 
 

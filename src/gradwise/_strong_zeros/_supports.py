@@ -214,6 +214,9 @@ class _State(threading.local):
     planned: tuple[str, list] | None = None
     # whether every output being differentiated is finite (see _softmax_backward and _exp_result_mul)
     outputs_finite = True
+    # under vmap, whether outputs_finite is read for the whole batch at once (some sample's output non-finite
+    # turns the rules that need finite outputs off for every sample: _transforms.MIXED_OUTPUTS)
+    outputs_batched = False
     # the autograd node whose backward formula runs now, where the engine's current node cannot tell (a
     # compiled backward's graph run op by op: gradwise._strong_zeros._graph_forms._logsumexp_weights)
     formula_of: str | None = None
@@ -226,3 +229,19 @@ class _State(threading.local):
 
 
 _STATE = _State()
+
+# what an OpaqueBackwardWarning says where a rule that holds only for finite outputs (exp's and softmax's zeros at
+# exp(-inf)) stood aside for a whole vmap batch because one sample's output is NaN/Inf: the other samples keep
+# PyTorch's NaN there, where their own eager gw.grad removes it
+_MIXED_OUTPUTS = ("a structural zero at exp(-inf) = 0 (exp's, softmax's backward) under vmap, whose outputs are "
+                 "read for the whole batch: some sample's output is NaN/Inf, so no sample's zero there was removed",
+                 "take the gradients of the samples with finite outputs apart (or outside the transform: gw.grad)")
+
+
+def stood_aside_for_the_batch(sup: _Supports) -> None:
+    """Where a rule that holds only for finite outputs would have acted but stands aside because the outputs are
+    not all finite, and they are read for a whole vmap batch (``_STATE.outputs_batched``): the samples whose own
+    output is finite keep PyTorch's NaN there, which the OpaqueBackwardWarning names if the gradients end non-finite."""
+    if _STATE.outputs_batched:
+        sup.unfollowed.append(_MIXED_OUTPUTS)
+

@@ -26,6 +26,8 @@ May import: torch, _contract, _traced, _autograd_graph, _triangles.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -34,10 +36,12 @@ from torch._C._functorch import (
     TransformType,
     get_interpreter_stack,
     get_unwrapped,
+    is_batchedtensor,
     is_functorch_wrapped_tensor,
     is_legacy_batchedtensor,
     maybe_get_level,
 )
+from torch._functorch.eager_transforms import _autograd_grad
 from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
 from gradwise._strong_zeros import _contract
@@ -46,6 +50,9 @@ from gradwise._strong_zeros._traced import compiling
 from gradwise._strong_zeros._triangles import TRIANGLE_READERS
 
 _FOLLOWED = (TransformType.Vmap, TransformType.Grad)
+_FUNCTORCH_BACKWARD = _autograd_grad.__code__
+_SKIPPED = (os.path.dirname(os.path.dirname(__file__)) + os.sep,  # gradwise's own frames
+            os.path.dirname(torch.autograd.__file__) + os.sep)  # torch.autograd.grad's, the engine's
 
 
 def plain_reason(outputs: Iterable[Any], inputs: Iterable[Any], seeds: Iterable[Any]) -> str | None:
@@ -84,6 +91,22 @@ def _followed(outputs: tuple, seeds: tuple) -> bool:
     return not (legacy and stack)  # the legacy vmap of is_grads_batched inside a transform: not followed
 
 
+def records_formulas() -> bool:
+    """Whether a ``create_graph=True`` backward here is recorded by a live ``grad`` level (``torch.autograd.grad(y,
+    x, create_graph=True)`` inside ``torch.func.grad``: a gradient penalty per sample): that level's graph holds
+    the backward's formulas on its wrappers, and the transform's own backward then differentiates them, NaN and
+    all, where the pass annihilated below them (the eager ``create_graph`` case carries the zeros, ``_carry``;
+    nothing can carry them on wrappers). Such a backward is not followed, as ``grad(grad)``."""
+    if not any(i.key() == TransformType.Grad for i in get_interpreter_stack() or []):
+        return False
+    # functorch's own backward (grad, vjp) asks for create_graph=True too: what it records on the level is dropped
+    # when the level exits. Which asked: the first frame outside gradwise and torch.autograd
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_SKIPPED):
+        frame = frame.f_back
+    return frame is None or frame.f_code is not _FUNCTORCH_BACKWARD
+
+
 def _plain(t: torch.Tensor) -> torch.Tensor:
     """The tensor under ``t``'s functorch wrappers (a legacy batched tensor stays: its metadata is the physical's)."""
     while is_functorch_wrapped_tensor(t):
@@ -106,6 +129,16 @@ def all_finite(tensors: Iterable[Any]) -> bool | None:
             plain.append(t)
     with temporarily_clear_interpreter_stack(), torch.no_grad():
         return all(bool(t.isfinite().all()) for t in plain)
+
+
+def batched(tensors: Iterable[Any]) -> bool:
+    """Whether some tensor of ``tensors`` is batched by vmap under its wrappers (its values are several samples')."""
+    for t in tensors:
+        while isinstance(t, torch.Tensor) and is_functorch_wrapped_tensor(t):
+            if is_batchedtensor(t):
+                return True
+            t = get_unwrapped(t)
+    return False
 
 
 def recorded(made: Iterable[Any]) -> bool:
