@@ -199,3 +199,44 @@ def test_a_computed_zero_below_a_slice_is_genuine_under_the_watch_too(block):
         f().backward()
     assert not report.of_kind("contamination"), str(report)
     assert {n for f in report.of_kind("nan") for n in f.reaches} == {"lin.bias", "lin.weight"}, str(report)
+
+
+def _gru_then_checkpointed_sqrt(reentrant):
+    import torch.utils.checkpoint as cp
+
+    torch.manual_seed(0)
+    lin, gru = torch.nn.Linear(4, 4), torch.nn.GRU(4, 4, batch_first=True)
+    x = torch.randn(2, 5, 4)
+    k = torch.ones(2, 5, 4)
+    k[0, 1, 2] = k[1, 4, 0] = k[0, 4, 1] = -1.0  # sqrt(-1): a kept time step (1), discarded ones (4)
+    block = lambda h: torch.sqrt(h.exp() * k)
+    f = lambda: cp.checkpoint(block, gru(lin(x))[0], use_reentrant=reentrant)[:, :3].sum()
+    return f, [(f"{m}.{n}", p) for m, mod in (("lin", lin), ("gru", gru)) for n, p in mod.named_parameters()]
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_contamination_under_a_genuine_nan_below_a_checkpoint_is_covered(reentrant):
+    """The GRU test above with the sqrt inside torch.utils.checkpoint: a non-reentrant checkpoint recomputes its
+    forward inside the backward with grad on, and the shadow strong pass gave up at the first recomputed op (it
+    took it for a create_graph formula). Without the shadow, _covered could not apply: 'contamination ... reaches
+    gru.*, lin.*' beside the genuine NaN, where gw.backward's gradients are NaN wherever PyTorch's are (the
+    differential checker's seeds 3 and 51). The recomputed forward's values are their own shadows: passed over."""
+    f, named = _gru_then_checkpointed_sqrt(reentrant)
+    ps = [p for _, p in named]
+
+    def grads(backward):
+        for p in ps:
+            p.grad = None
+        backward(f())
+        out = [p.grad.clone() for p in ps]
+        for p in ps:
+            p.grad = None
+        return out
+
+    plain, strong = grads(torch.Tensor.backward), grads(gw.backward)
+    assert all(bool((a.isfinite() == b.isfinite()).all()) for a, b in zip(plain, strong, strict=True))
+    assert all(not b.isfinite().all() for b in strong)
+    with gw.trace() as report:
+        f().backward()
+    assert not report.of_kind("contamination"), str(report)
+    assert {n for f in report.of_kind("nan") for n in f.reaches} == {n for n, _ in named}, str(report)

@@ -219,6 +219,9 @@ class _State(threading.local):
     formula_of: str | None = None
     # a forward op recomputed inside a compiled backward runs now (its zeros are values: `_rules._in_formula`)
     recomputing = False
+    # depth of a non-reentrant checkpoint's recomputation of the user's forward on this thread (a trace's
+    # shadow pass passes over its ops, as the strong pass runs them outside its mode: _compile_recompute)
+    checkpoint_forward = 0
 
 
 _STATE = _State()
