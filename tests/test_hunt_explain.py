@@ -272,3 +272,25 @@ def test_contamination_beside_a_genuine_nan_without_the_shadow_pass_is_not_claim
     del grads
     assert all(f.undecided for f in report.of_kind("contamination")), str(report)
     assert {n for f in report.of_kind("nan") for n in f.reaches} == {n for n, _ in named}, str(report)
+
+
+@pytest.mark.parametrize("outer", [True, False])
+def test_a_reentrant_checkpoint_inside_another_names_no_detached_input(outer):
+    """checkpoint(lambda h: lin2(checkpoint(block, h, use_reentrant=True)), lin(x), use_reentrant=outer): the
+    inner checkpoint's forward runs under no_grad, so the first op to read the outer's detached input (or, under a
+    non-reentrant outer, the inner's, whose saved tensors unpack only once) is not one of the recomputation's
+    own, and the detached input was named as a leaf: 'reaches: h, lin.bias, ...' ('tensor[4, 3]' with a
+    reentrant outer), a tensor the program never sees. A reentrant checkpoint's detach_variable marks them."""
+    import torch.utils.checkpoint as cp
+
+    torch.manual_seed(0)
+    lin, lin2 = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    x = torch.rand(4, 3)
+    k = torch.tensor([[1.0, 0.0, 1.0]] * 3 + [[0.0, 1.0, 1.0]])  # log(0): used in rows 0-2, sliced away in row 3
+    inner = lambda h: torch.log(h.exp() * k)
+    f = lambda: cp.checkpoint(lambda h: lin2(cp.checkpoint(inner, h, use_reentrant=True)), lin(x),
+                              use_reentrant=outer)[:3, ::2].sum()
+    with gw.trace() as report:
+        f().backward()
+    reached = {n for f in report.findings for n in f.reaches}
+    assert reached == {"lin.bias", "lin.weight", "lin2.weight"}, str(report)
