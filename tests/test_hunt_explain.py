@@ -294,3 +294,27 @@ def test_a_reentrant_checkpoint_inside_another_names_no_detached_input(outer):
         f().backward()
     reached = {n for f in report.findings for n in f.reaches}
     assert reached == {"lin.bias", "lin.weight", "lin2.weight"}, str(report)
+
+
+def test_the_watch_does_not_replay_a_reentrant_checkpoint_and_says_why():
+    """gw.watch() over a step whose backward runs a reentrant checkpoint: the replay (torch.autograd.grad) must not
+    run the user's forward a third time (a BatchNorm's running statistics), and it does not: the checkpoint
+    refuses .grad() first. But the report gave the reason of another case, 'which gw.watch() could not replay (a
+    compiled backward with donated buffers keeps no graph)'."""
+    import torch.utils.checkpoint as cp
+
+    torch.manual_seed(0)
+    bn, lin = torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 3)
+    k = torch.tensor([[1.0, 0.0, 1.0]] * 3 + [[0.0, 1.0, 1.0]])
+    calls = []
+
+    def block(h):
+        calls.append(1)
+        return torch.log(bn(h).exp() * k)
+
+    x = torch.rand(4, 3)
+    with gw.watch() as report:
+        cp.checkpoint(block, lin(x), use_reentrant=True)[:3, ::2].sum().backward()
+    assert len(calls) == 2 and int(bn.num_batches_tracked) == 2  # the forward and its recomputation, no more
+    text = str(report)
+    assert "donated" not in text and "use_reentrant=True) refuses torch.autograd.grad" in text, text
