@@ -199,3 +199,122 @@ def test_a_computed_zero_below_a_slice_is_genuine_under_the_watch_too(block):
         f().backward()
     assert not report.of_kind("contamination"), str(report)
     assert {n for f in report.of_kind("nan") for n in f.reaches} == {"lin.bias", "lin.weight"}, str(report)
+
+
+def _gru_then_checkpointed_sqrt(reentrant):
+    import torch.utils.checkpoint as cp
+
+    torch.manual_seed(0)
+    lin, gru = torch.nn.Linear(4, 4), torch.nn.GRU(4, 4, batch_first=True)
+    x = torch.randn(2, 5, 4)
+    k = torch.ones(2, 5, 4)
+    k[0, 1, 2] = k[1, 4, 0] = k[0, 4, 1] = -1.0  # sqrt(-1): a kept time step (1), discarded ones (4)
+    block = lambda h: torch.sqrt(h.exp() * k)
+    f = lambda: cp.checkpoint(block, gru(lin(x))[0], use_reentrant=reentrant)[:, :3].sum()
+    return f, [(f"{m}.{n}", p) for m, mod in (("lin", lin), ("gru", gru)) for n, p in mod.named_parameters()]
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_contamination_under_a_genuine_nan_below_a_checkpoint_is_covered(reentrant):
+    """The GRU test above with the sqrt inside torch.utils.checkpoint: a non-reentrant checkpoint recomputes its
+    forward inside the backward with grad on, and the shadow strong pass gave up at the first recomputed op (it
+    took it for a create_graph formula). Without the shadow, _covered could not apply: 'contamination ... reaches
+    gru.*, lin.*' beside the genuine NaN, where gw.backward's gradients are NaN wherever PyTorch's are (the
+    differential checker's seeds 3 and 51). The recomputed forward's values are their own shadows: passed over."""
+    f, named = _gru_then_checkpointed_sqrt(reentrant)
+    ps = [p for _, p in named]
+
+    def grads(backward):
+        for p in ps:
+            p.grad = None
+        backward(f())
+        out = [p.grad.clone() for p in ps]
+        for p in ps:
+            p.grad = None
+        return out
+
+    plain, strong = grads(torch.Tensor.backward), grads(gw.backward)
+    assert all(bool((a.isfinite() == b.isfinite()).all()) for a, b in zip(plain, strong, strict=True))
+    assert all(not b.isfinite().all() for b in strong)
+    with gw.trace() as report:
+        f().backward()
+    assert not report.of_kind("contamination"), str(report)
+    assert {n for f in report.of_kind("nan") for n in f.reaches} == {n for n, _ in named}, str(report)
+
+
+@pytest.mark.parametrize("how", ["create_graph", "grad on in a hook"])
+def test_contamination_beside_a_genuine_nan_without_the_shadow_pass_is_not_claimed(how):
+    """The GRU test above where the trace cannot run the shadow strong pass (create_graph=True, or a tensor hook
+    that computes with grad enabled): it cannot tell whether the contamination lies beneath the genuine NaN, and
+    it claimed it ('contamination ... reaches gru.*, lin.*' with 'gw.strong_zeros() removes it'), where
+    gw.backward's gradients are NaN wherever PyTorch's are. Now the finding says it is not known there."""
+    torch.manual_seed(0)
+    lin, gru = torch.nn.Linear(4, 4), torch.nn.GRU(4, 4, batch_first=True)
+    x = torch.randn(2, 5, 4)
+    k = torch.ones(2, 5, 4)
+    k[0, 1, 2] = k[1, 4, 0] = k[0, 4, 1] = -1.0
+
+    def hook(g):
+        with torch.enable_grad():
+            return g * 1.0
+
+    def f():
+        h = gru(lin(x))[0]
+        if how != "create_graph":
+            h.register_hook(hook)
+        return torch.sqrt(h.exp() * k)[:, :3].sum()
+
+    named = [(f"{m}.{n}", p) for m, mod in (("lin", lin), ("gru", gru)) for n, p in mod.named_parameters()]
+    contaminated, genuine = _leaf_truth(f, [p for _, p in named])
+    assert not contaminated and len(genuine) == len(named)
+    with gw.trace() as report:
+        grads = torch.autograd.grad(f(), [p for _, p in named], create_graph=how == "create_graph")
+    del grads
+    assert all(f.undecided for f in report.of_kind("contamination")), str(report)
+    assert {n for f in report.of_kind("nan") for n in f.reaches} == {n for n, _ in named}, str(report)
+
+
+@pytest.mark.parametrize("outer", [True, False])
+def test_a_reentrant_checkpoint_inside_another_names_no_detached_input(outer):
+    """checkpoint(lambda h: lin2(checkpoint(block, h, use_reentrant=True)), lin(x), use_reentrant=outer): the
+    inner checkpoint's forward runs under no_grad, so the first op to read the outer's detached input (or, under a
+    non-reentrant outer, the inner's, whose saved tensors unpack only once) is not one of the recomputation's
+    own, and the detached input was named as a leaf: 'reaches: h, lin.bias, ...' ('tensor[4, 3]' with a
+    reentrant outer), a tensor the program never sees. A reentrant checkpoint's detach_variable marks them."""
+    import torch.utils.checkpoint as cp
+
+    torch.manual_seed(0)
+    lin, lin2 = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    x = torch.rand(4, 3)
+    k = torch.tensor([[1.0, 0.0, 1.0]] * 3 + [[0.0, 1.0, 1.0]])  # log(0): used in rows 0-2, sliced away in row 3
+    inner = lambda h: torch.log(h.exp() * k)
+    f = lambda: cp.checkpoint(lambda h: lin2(cp.checkpoint(inner, h, use_reentrant=True)), lin(x),
+                              use_reentrant=outer)[:3, ::2].sum()
+    with gw.trace() as report:
+        f().backward()
+    reached = {n for f in report.findings for n in f.reaches}
+    assert reached == {"lin.bias", "lin.weight", "lin2.weight"}, str(report)
+
+
+def test_the_watch_does_not_replay_a_reentrant_checkpoint_and_says_why():
+    """gw.watch() over a step whose backward runs a reentrant checkpoint: the replay (torch.autograd.grad) must not
+    run the user's forward a third time (a BatchNorm's running statistics), and it does not: the checkpoint
+    refuses .grad() first. But the report gave the reason of another case, 'which gw.watch() could not replay (a
+    compiled backward with donated buffers keeps no graph)'."""
+    import torch.utils.checkpoint as cp
+
+    torch.manual_seed(0)
+    bn, lin = torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 3)
+    k = torch.tensor([[1.0, 0.0, 1.0]] * 3 + [[0.0, 1.0, 1.0]])
+    calls = []
+
+    def block(h):
+        calls.append(1)
+        return torch.log(bn(h).exp() * k)
+
+    x = torch.rand(4, 3)
+    with gw.watch() as report:
+        cp.checkpoint(block, lin(x), use_reentrant=True)[:3, ::2].sum().backward()
+    assert len(calls) == 2 and int(bn.num_batches_tracked) == 2  # the forward and its recomputation, no more
+    text = str(report)
+    assert "donated" not in text and "use_reentrant=True) refuses torch.autograd.grad" in text, text

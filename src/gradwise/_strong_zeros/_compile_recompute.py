@@ -9,7 +9,7 @@ PyTorch runs it with no mode of gradwise's, and the strong-zero rules are for th
 recomputed op reads is a value, as it was in the forward). So it runs with the mode left for its length; other
 modes (a trace, a FLOP counter) stay where they are.
 
-May import: torch, _compile, _mode.
+May import: torch, _compile, _mode, _supports.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch._dynamo.eval_frame import skip_code
 
 from gradwise._strong_zeros._compile import _without_strong_mode
 from gradwise._strong_zeros._mode import running_mode
+from gradwise._strong_zeros._supports import _STATE
 
 
 def _recompute_outside_the_mode(original: Any) -> Any:
@@ -30,10 +31,14 @@ def _recompute_outside_the_mode(original: Any) -> Any:
 
     @functools.wraps(original)
     def recompute(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if running_mode() is None:
-            return original(fn, *args, **kwargs)
-        with _without_strong_mode():
-            return original(fn, *args, **kwargs)
+        _STATE.checkpoint_forward += 1  # (a trace's shadow pass reads it: gradwise._trace._shadow)
+        try:
+            if running_mode() is None:
+                return original(fn, *args, **kwargs)
+            with _without_strong_mode():
+                return original(fn, *args, **kwargs)
+        finally:
+            _STATE.checkpoint_forward -= 1
 
     skip_code(recompute.__code__)  # run, never traced (compiled autograd traces unpack hooks)
     recompute._gradwise_recompute = True  # type: ignore[attr-defined]

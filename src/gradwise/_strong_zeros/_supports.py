@@ -226,6 +226,9 @@ class _State(threading.local):
     # wrappers in the transform's logical shapes, so rules that read them (logcumsumexp's, alpha = 0 products')
     # fall back to their op-by-op form
     transform = False
+    # depth of a non-reentrant checkpoint's recomputation of the user's forward on this thread (a trace's
+    # shadow pass passes over its ops, as the strong pass runs them outside its mode: _compile_recompute)
+    checkpoint_forward = 0
 
 
 _STATE = _State()

@@ -83,12 +83,12 @@ def contamination(inc: _Incident, birth: _Birth | None, via: _Birth | None = Non
             "contamination", inc.op, _fmt(inc.loc), inc.count,
             message=f"{inc.what}; the sensitivity there is 0, but no op that discards values (slice, where, "
             "mask...) made it: if the program computes that 0 (0 * x), it is an ordinary zero and the NaN is "
-            "genuine for gw.grad too", source=_source(inc.loc), born_op=birth.op if birth else inc.op,
+            f"genuine for gw.grad too{_unsure(inc)}", source=_source(inc.loc), born_op=birth.op if birth else inc.op,
             born_location=_fmt(birth.loc) if birth else _fmt(inc.loc),
             born=_born(birth, via) if birth else f"0/0 or 0 x Inf in {inc.op}, the backward of {inc.node_op}",
             fix=f"if the zero stands for 'not used', gw.strong_zeros() removes it only where a discarding op "
                 f"made it: a kernel that skipped these elements (an RNN-T loss past the lengths) can declare "
-                f"them with gw.mark_unused(x, unused) before it; otherwise {rewrite}")
+                f"them with gw.mark_unused(x, unused) before it; otherwise {rewrite}", undecided=bool(inc.unsure))
     born = _born(birth, via) if birth else \
         f"a NaN/Inf in a sparse (non-strided) operand of the backward of {inc.node_op}, whose values the trace " \
         "does not read" if inc.unfollowed else \
@@ -97,10 +97,22 @@ def contamination(inc: _Incident, birth: _Birth | None, via: _Birth | None = Non
            f"backward, which it runs as plain PyTorch. Rewrite: {rewrite}." if inc.unfollowed else
            f"gw.strong_zeros() (or gw.grad / gw.backward) removes it. Local rewrite: {rewrite}.")
     return Finding(
-        "contamination", inc.op, _fmt(inc.loc), inc.count, message=f"{inc.what}; the output never used it",
+        "contamination", inc.op, _fmt(inc.loc), inc.count,
+        message=f"{inc.what}; the output never used it{_unsure(inc)}",
         source=_source(inc.loc), born_op=birth.op if birth else inc.op,
         born_location=_fmt(birth.loc) if birth else _fmt(inc.loc), born=born,
-        discarded_op=disc_op, discarded_location=_fmt(disc_loc) if disc_loc else None, fix=fix)
+        discarded_op=disc_op, discarded_location=_fmt(disc_loc) if disc_loc else None, fix=fix,
+        undecided=bool(inc.unsure))
+
+
+def _unsure(inc: _Incident) -> str:
+    """Where the contamination reached gradients beside a genuine NaN/Inf that may cover it (``_Flow._covered``
+    could not tell: no shadow strong pass), the message says so instead of claiming it there."""
+    if not inc.unsure:
+        return ""
+    return (f"; at {', '.join(sorted(inc.unsure))} a genuine NaN/Inf reached the same gradient, and whether "
+            "gw.strong_zeros() leaves those elements NaN/Inf too (no contamination there) is not known: the trace "
+            "could not run the strong-zero pass beside this backward (create_graph, or grad enabled in a hook)")
 
 
 def _genuine_fix(birth: _Birth) -> str:

@@ -127,20 +127,23 @@ class _Flow:
                     if covered and inc.kind == "contamination":
                         inc.covered = True
                         continue
+                    if covered is None and inc.kind == "contamination":
+                        inc.unsure.add(self.leaf_name(var))
                     inc.reaches.add(self.leaf_name(var))
                     self.reached_now.add(id(inc))
 
-    def _covered(self, g: torch.Tensor, incs) -> bool:
+    def _covered(self, g: torch.Tensor, incs) -> bool | None:
         """Is the contamination among ``incs`` covered in the gradient ``g`` by a genuine NaN/Inf beside it: does
         gw.strong_zeros()' pass (the shadow) hold NaN/Inf wherever ``g`` does? Then the contamination reached no
         element that strong zeros would make finite, and it is no finding for this leaf (a GRU's backward mixes
-        a discarded time step's NaN with a used one's through every step: no split follows it there)."""
+        a discarded time step's NaN with a used one's through every step: no split follows it there). None where
+        both reach ``g`` and no shadow says (create_graph, grad enabled in a hook): not known, and said so."""
         kinds = {i.kind == "contamination" for i in incs if isinstance(i, _Incident)}
         if kinds != {True, False}:
             return False
         strong = self._strong_of(g)
         if strong is None or strong.shape != g.shape:
-            return False
+            return None
         return not bool(mask_any(~torch.isfinite(g) & torch.isfinite(strong)))
 
     def _through_view(self, func, upstream, args, kwargs, o, mask, carried, sens_ins=(), out=None) -> frozenset:

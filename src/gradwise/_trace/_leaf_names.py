@@ -32,11 +32,13 @@ class _LeafNames:
     def reached(self, grad: torch.Tensor, leaf: torch.Tensor) -> None:
         """A final gradient (from torch.autograd.grad) for `leaf`: record which findings reach it."""
         incs = [i for i in self.prov.get(grad, ()) if isinstance(i, _Incident)] if _nonfinite(grad) else []
-        covered = bool(incs) and self._covered(grad, incs)
+        covered = self._covered(grad, incs) if incs else False
         for inc in incs:
             if covered and inc.kind == "contamination":  # (under a genuine NaN/Inf in every element: _Flow)
                 inc.covered = True
                 continue
+            if covered is None and inc.kind == "contamination":  # (beside a genuine one, not known: _Flow)
+                inc.unsure.add(self.leaf_name(leaf))
             inc.reaches.add(self.leaf_name(leaf))
             self.reached_now.add(id(inc))
         if not incs and _nonfinite(grad):

@@ -167,6 +167,8 @@ def _render(report: Report, console: Console) -> None:
         title = _RECEIVED_TITLE if is_received(f) else _TITLES[f.kind]
         if f.born_op == "backward":  # (gw.watch() could not replay that step)
             title = f"{'NaN' if f.kind == 'nan' else 'Inf'} gradient, not explained: contamination or genuine"
+        elif f.undecided and f.kind == "contamination":
+            title = "contamination, or beneath a genuine NaN/Inf in some gradients: not known there"
         elif f.undecided:
             title = f"{'NaN' if f.kind == 'nan' else 'Inf'}: contamination or genuine, not known (an op without a " \
                 "strong-zero rule)"

@@ -10,8 +10,9 @@ real result is non-finite, the shadow says what strong zeros leave (genuine) and
 (contamination).
 
 Cost: only on a backward whose step's forward met a NaN/Inf or a singular point (``_Tracer.dirty``); elsewhere the
-trace keeps no shadow and pays one attribute test per backward op. A backward that runs ops with grad enabled
-(create_graph, a checkpoint's recomputation), meets an operand strong zeros cannot follow (sparse, mkldnn, nested:
+trace keeps no shadow and pays one attribute test per backward op. A checkpoint's recomputed forward is passed
+over (forward values are their own shadows, ``_forward_again``). A backward that runs ops with grad enabled
+(create_graph), meets an operand strong zeros cannot follow (sparse, mkldnn, nested:
 they keep its NaN, which the trace tells as contamination they cannot remove), an op outside aten/prims on
 tensors (its schema may not declare its writes: ``rerunnable``) or whose rerun fails gives up its
 shadow (``valid``): the trace then decides by its value heuristics, as for a NaN/Inf made in a backward whose
@@ -83,7 +84,7 @@ class _Shadow:
     def before(self, func, args, kwargs) -> None:
         """Ahead of an in-place op: a written argument without a shadow gets a copy of its own, so the rerun
         writes that copy (never the program's tensor) and starts from the value the real op started from."""
-        if not self.valid:
+        if not self.valid or (torch.is_grad_enabled() and _forward_again()):
             return
         try:
             for t in _written(func, args, kwargs):
@@ -104,8 +105,10 @@ class _Shadow:
             if _flat_tensors((args, kwargs, out)):
                 self.valid = False
             return
+        if torch.is_grad_enabled() and _forward_again():
+            return  # a checkpoint's recomputed forward: its values are forward values, their own shadows
         if torch.is_grad_enabled() or _contract.unfollowed(args):
-            # create_graph, a forward recomputed in the backward, a sparse/mkldnn/nested operand (strong zeros run
+            # create_graph, grad enabled by user code in a hook, a sparse/mkldnn/nested operand (strong zeros run
             # it as PyTorch does and drop its supports): not followed, the trace decides by values
             self.valid = False
             return
@@ -258,6 +261,17 @@ def rerunnable(func) -> bool:
     and the rerun of fsdp::split_with_sizes_copy copied it into the real unsharded parameters), and an op with
     effects of its own (profiler::_record_function_enter_new) would repeat them."""
     return getattr(func, "namespace", None) in _TRUSTED
+
+
+def _forward_again() -> bool:
+    """Is a checkpoint running the user's forward again inside this backward (non-reentrant: its recomputation,
+    which the strong pass runs outside its mode; reentrant: under its node, grad on)? Its ops read and make
+    forward values, which are their own shadows: the shadow passes over them (once it gave up there, and with it
+    every classification below a checkpointed block: contamination claimed beside a genuine NaN that covers it)."""
+    if _strong_zeros._STATE.checkpoint_forward:
+        return True
+    node = torch._C._current_autograd_node()
+    return node is not None and torch.is_grad_enabled() and node.name() == "CheckpointFunctionBackward"
 
 
 def _flat_tensors(tree) -> list:

@@ -87,6 +87,9 @@ class Incident:
     # a genuine NaN/Inf covered every element it reached in an op that mixes (_Flow._mixed): it stopped there,
     # though the gradient took it in (not a value no gradient used)
     covered: bool = False
+    # leaves whose gradient it reached beside a genuine NaN/Inf where no shadow strong pass said whether strong
+    # zeros leave its elements finite (create_graph, grad enabled in a hook): contamination or covered, not known
+    unsure: set = field(default_factory=set)
     order: int = 0
     step: int = 0
     occurrences: int = 1

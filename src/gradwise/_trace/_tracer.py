@@ -145,6 +145,9 @@ UNSEEN = ("started where the trace could not see the call (TorchScript's builtin
           "inside scripted code, or C++): take that gradient in Python")
 
 
+_DETACH = torch.ops.aten.detach.default
+
+
 class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance, _GradientBirths, _LeafNames,
               _Incidents, _SavedMeets, _Flow, _KinkChecks, _Assembly, LeanDispatchMode):
     """The dispatch-mode recorder: sees every aten op and hands it to its parts (the bases before TorchDispatchMode)."""
@@ -286,6 +289,10 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
                 and node._sequence_nr() == _common._ACCUMULATE_SEQ:
             self._safely(func, self.stale_gradient, node.variable, args[0])
         out = _run(func, args, kwargs)
+        if func is _DETACH and node is not None and node.name() == "CheckpointFunctionBackward":
+            # a reentrant checkpoint's detach_variable: the inputs its recomputation reads (no leaves of the
+            # user's, whichever op reads them first: a nested checkpoint's forward reads them under no_grad)
+            self.recomputed_inputs[out] = node
         self._backward(func, info, node, args, out, kwargs)
         return out
 

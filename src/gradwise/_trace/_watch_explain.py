@@ -62,7 +62,7 @@ class _StepExplainer:
             return
         except RuntimeError as exc:  # a graph that cannot be replayed (a compiled backward with donated buffers)
             self.unexplained = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-            self._unexplained_gradients(tracer, leaves, returned, at)
+            self._unexplained_gradients(tracer, leaves, returned, at, *_unreplayed_because(exc))
             return
         finally:
             tracer.replayed = {}  # (storages are reused once the graph is freed)
@@ -212,6 +212,15 @@ def _no_user_hooks():
     finally:
         if get() is watch or get() is None:
             put(None)
+
+
+def _unreplayed_because(exc: RuntimeError) -> tuple[str, ...]:
+    """Why the replay's torch.autograd.grad refused the step, in the report's words (none: the default, a
+    compiled backward with donated buffers). A reentrant checkpoint refuses .grad() before it runs the user's
+    forward again."""
+    if "use_reentrant=True" in str(exc):
+        return ("torch.utils.checkpoint(use_reentrant=True) refuses torch.autograd.grad, which a replay uses",)
+    return ()
 
 
 # the function through which torch.utils.checkpoint (use_reentrant=False) runs the user's forward again in a

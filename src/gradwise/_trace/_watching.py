@@ -258,8 +258,9 @@ class _Watcher(_StepExplainer):
         elif isinstance(self.unexplained, Hooked):
             how = f"could not be explained ({self.unexplained}: the gradients are told as they are)"
         else:
-            how = (f"could not be explained (its backward could not run again: {self.unexplained}; a compiled "
-                   "backward with donated buffers does not keep its graph)")
+            how = (f"could not be explained (its backward could not run again: {self.unexplained}" +
+                   ("" if "use_reentrant=True" in self.unexplained else
+                    "; a compiled backward with donated buffers does not keep its graph") + ")")
         unknown = ""
         if self.unexplained is not None and report.unused:
             # that step may have used the NaN/Inf of these same sites: "no gradient used" is not known
