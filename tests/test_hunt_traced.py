@@ -284,3 +284,49 @@ def test_a_function_class_defined_per_step_is_freed(mode):
         assert torch.equal(x.grad[:2], torch.tensor([2.0, 2.0]))
     gc.collect()
     assert sum(r() is not None for r in alive) <= _planning._SHAPED_MAX
+
+
+def test_a_stance_context_of_another_thread_that_outlives_a_pass_leaves_dynamo_working():
+    """Another thread enters ``torch.compiler.set_stance(...)`` while a pass is open and exits it after the pass
+    closed: its exit put back the pass's stance switch, and the next pass wrapped that switch again, whose
+    force_eager part was then made of a str: every later nonsmooth call running compiled code crashed inside
+    dynamo (AttributeError: 'str' object has no attribute 'skip_guard_eval_unsafe'). On 9754bc8 the process
+    stayed in force_eager instead (every compiled function eager). Now the switch left over acts as the stance
+    it replaced, the next pass unwraps it, and compiled code compiles again."""
+    import torch._dynamo.eval_frame as eval_frame
+
+    compiled = torch.compile(lambda v: torch.relu(v) * 2.0, backend="eager")
+    x, d = torch.tensor([0.0, 1.0, -1.0]), torch.ones(3)
+    expected = gw.directional_derivative(lambda v: compiled(v).sum(), x, d)
+    in_pass, entered, closed = threading.Event(), threading.Event(), threading.Event()
+
+    def f(v):
+        in_pass.set()
+        entered.wait(30)
+        return compiled(v).sum()
+
+    def other() -> None:
+        in_pass.wait(30)
+        stance = torch.compiler.set_stance("eager_on_recompile")
+        entered.set()
+        closed.wait(30)
+        stance.__exit__(None, None, None)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        assert torch.equal(gw.directional_derivative(f, x, d), expected)
+    finally:
+        closed.set()
+        thread.join()
+    assert eval_frame._stance.stance == "default"
+    assert torch.equal(gw.directional_derivative(lambda v: compiled(v).sum(), x, d), expected)
+    assert eval_frame._stance.stance == "default"
+    calls: list[int] = []
+
+    def backend(gm, example_inputs):
+        calls.append(1)
+        return gm
+
+    torch.compile(lambda v: v.sin(), backend=backend)(x)
+    assert calls == [1]  # compiled, not eager (9754bc8: force_eager for the rest of the process)

@@ -100,11 +100,15 @@ class _StanceSwitch:
     """Dynamo's stance while a pass is open: ``force_eager`` in the thread inside the pass (compiled code that f
     calls runs eagerly, under the mode), the stance it replaced in every other thread. ``set_stance`` alone is one
     for the process: other threads' compiled code ran eagerly while any thread differentiated (eager speed, another
-    kernel's rounding). Dynamo reads the stance's fields (stance, backend, skip_guard_eval_unsafe) at each call."""
+    kernel's rounding). Dynamo reads the stance's fields (stance, backend, skip_guard_eval_unsafe) at each call.
+    A switch left installed after its pass (another thread's ``set_stance`` context, entered during the pass and
+    exited after it, restores it) acts as the stance it replaced: the next pass unwraps it (`_install`)."""
 
     def __init__(self, prior: Any) -> None:
+        while isinstance(prior, _StanceSwitch):  # (a left-over switch wrapped again: its eager part made of a str)
+            prior = prior._prior
         self._prior = prior
-        self._eager = type(prior)("force_eager")
+        self._eager = _eval_frame.DynamoStance("force_eager")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._eager if _IN_PASS.depth else self._prior, name)
@@ -128,7 +132,9 @@ def _uninstall() -> None:
         del BackwardHookFunction.jvp
     else:
         BackwardHookFunction.jvp = _ORIGINAL["jvp"]
-    _eval_frame._set_stance(_ORIGINAL.pop("stance"))
+    prior = _ORIGINAL.pop("stance")
+    if isinstance(_eval_frame._stance, _StanceSwitch):  # else a stance set during the pass (another thread's, or
+        _eval_frame._set_stance(prior)  # f's own set_stance call) stays, as it would without gradwise
     PASSES.anywhere.clear()
 
 
