@@ -330,3 +330,29 @@ def test_a_stance_context_of_another_thread_that_outlives_a_pass_leaves_dynamo_w
 
     torch.compile(lambda v: v.sin(), backend=backend)(x)
     assert calls == [1]  # compiled, not eager (9754bc8: force_eager for the rest of the process)
+
+
+def test_a_stance_f_sets_stays_as_after_a_plain_run_of_f():
+    """f's own ``torch.compiler.set_stance("eager_on_recompile")`` (the function form: a lasting setting) was put
+    back by the end of the pass on 9754bc8 (the stance from before the call); a plain run of f leaves it set. A
+    stance context f enters and exits leaves the stance from before the call."""
+    import torch._dynamo.eval_frame as eval_frame
+
+    compiled = torch.compile(lambda v: torch.relu(v) * 2.0, backend="eager")
+    x, d = torch.tensor([0.0, 1.0, -1.0]), torch.ones(3)
+
+    def in_context(v):
+        with torch.compiler.set_stance("force_eager"):
+            return compiled(v).sum()
+
+    def lasting(v):
+        torch.compiler.set_stance("eager_on_recompile")
+        return compiled(v).sum()
+
+    try:
+        assert torch.equal(gw.directional_derivative(in_context, x, d), torch.tensor(4.0))
+        assert eval_frame._stance.stance == "default"
+        assert torch.equal(gw.directional_derivative(lasting, x, d), torch.tensor(4.0))
+        assert eval_frame._stance.stance == "eager_on_recompile"
+    finally:
+        torch.compiler.set_stance("default")
