@@ -356,3 +356,39 @@ def test_a_stance_f_sets_stays_as_after_a_plain_run_of_f():
         assert eval_frame._stance.stance == "eager_on_recompile"
     finally:
         torch.compiler.set_stance("default")
+
+
+def test_a_trace_under_its_own_dual_level_passes_over_while_another_thread_tries_a_nonsmooth_call():
+    """A trace in a thread holding its own forward-AD dual level passes over its ops (reductions of duals would
+    build tangents; 9754bc8 and alone). On audit28 any open nonsmooth pass marked the level as another thread's:
+    while a second thread's call was inside its pass context (its own dual level then fails: "Nested forward mode
+    AD"), the trace traced this thread's duals (reports with ops traced, 48 steps in 300). The mark is now set only
+    while a pass's own dual level is open."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, w = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]]), torch.linspace(-1.0, 1.0, 12).reshape(3, 4)
+    stop = threading.Event()
+    refused: list[str] = []
+
+    def other() -> None:
+        while not stop.is_set():
+            try:
+                gw.directional_derivative(_kinked, torch.tensor(_X), torch.ones(3))
+            except RuntimeError as e:
+                refused.append(str(e))
+
+    traced: list[int] = []
+    with fwAD.dual_level():
+        thread = threading.Thread(target=other)
+        thread.start()
+        try:
+            for _ in range(300):
+                with gw.trace() as report:
+                    dual = fwAD.make_dual(x, torch.ones_like(x))
+                    (dual @ w).softmax(-1).log().sum()
+                traced.append(report.forward_ops)
+        finally:
+            stop.set()
+            thread.join()
+    assert refused and all("Nested forward mode AD" in m for m in refused)
+    assert traced == [0] * 300

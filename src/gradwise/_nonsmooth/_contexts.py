@@ -122,7 +122,6 @@ def _install() -> None:
     _checkpoint._checkpoint_without_reentrant_generator = _generator_switch
     BackwardHookFunction.jvp = staticmethod(_jvp_switch)
     _ORIGINAL["stance"] = _eval_frame._set_stance(_StanceSwitch(_eval_frame._stance))
-    PASSES.anywhere.set()
 
 
 def _uninstall() -> None:
@@ -135,7 +134,6 @@ def _uninstall() -> None:
     prior = _ORIGINAL.pop("stance")
     if isinstance(_eval_frame._stance, _StanceSwitch):  # else a stance set during the pass (another thread's, or
         _eval_frame._set_stance(prior)  # f's own set_stance call) stays, as it would without gradwise
-    PASSES.anywhere.clear()
 
 
 @contextlib.contextmanager
@@ -155,6 +153,20 @@ def pass_context() -> Iterator[None]:
             _IN_PASS.depth -= 1
             if _IN_PASS.depth == 0:
                 _uninstall()
+
+
+@contextlib.contextmanager
+def dual_level() -> Iterator[None]:
+    """``fwAD.dual_level()`` for a pass (inside `pass_context`), marked as gradwise's (``PASSES.anywhere``) while
+    it is open: gw.trace in another thread then traces its ops (the level makes none of its tensors duals). Where
+    the level cannot open (the user's own is open, in any thread: "Nested forward mode AD") nothing is marked, and
+    a trace in the user's thread passes over its duals as it does alone."""
+    with fwAD.dual_level():
+        PASSES.anywhere.set()
+        try:
+            yield
+        finally:
+            PASSES.anywhere.clear()
 
 
 # ------------------------------------------------------------------------------------------------ one run's state
