@@ -284,3 +284,111 @@ def test_a_function_class_defined_per_step_is_freed(mode):
         assert torch.equal(x.grad[:2], torch.tensor([2.0, 2.0]))
     gc.collect()
     assert sum(r() is not None for r in alive) <= _planning._SHAPED_MAX
+
+
+def test_a_stance_context_of_another_thread_that_outlives_a_pass_leaves_dynamo_working():
+    """Another thread enters ``torch.compiler.set_stance(...)`` while a pass is open and exits it after the pass
+    closed: its exit put back the pass's stance switch, and the next pass wrapped that switch again, whose
+    force_eager part was then made of a str: every later nonsmooth call running compiled code crashed inside
+    dynamo (AttributeError: 'str' object has no attribute 'skip_guard_eval_unsafe'). On 9754bc8 the process
+    stayed in force_eager instead (every compiled function eager). Now the switch left over acts as the stance
+    it replaced, the next pass unwraps it, and compiled code compiles again."""
+    import torch._dynamo.eval_frame as eval_frame
+
+    compiled = torch.compile(lambda v: torch.relu(v) * 2.0, backend="eager")
+    x, d = torch.tensor([0.0, 1.0, -1.0]), torch.ones(3)
+    expected = gw.directional_derivative(lambda v: compiled(v).sum(), x, d)
+    in_pass, entered, closed = threading.Event(), threading.Event(), threading.Event()
+
+    def f(v):
+        in_pass.set()
+        entered.wait(30)
+        return compiled(v).sum()
+
+    def other() -> None:
+        in_pass.wait(30)
+        stance = torch.compiler.set_stance("eager_on_recompile")
+        entered.set()
+        closed.wait(30)
+        stance.__exit__(None, None, None)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        assert torch.equal(gw.directional_derivative(f, x, d), expected)
+    finally:
+        closed.set()
+        thread.join()
+    assert eval_frame._stance.stance == "default"
+    assert torch.equal(gw.directional_derivative(lambda v: compiled(v).sum(), x, d), expected)
+    assert eval_frame._stance.stance == "default"
+    calls: list[int] = []
+
+    def backend(gm, example_inputs):
+        calls.append(1)
+        return gm
+
+    torch.compile(lambda v: v.sin(), backend=backend)(x)
+    assert calls == [1]  # compiled, not eager (9754bc8: force_eager for the rest of the process)
+
+
+def test_a_stance_f_sets_stays_as_after_a_plain_run_of_f():
+    """f's own ``torch.compiler.set_stance("eager_on_recompile")`` (the function form: a lasting setting) was put
+    back by the end of the pass on 9754bc8 (the stance from before the call); a plain run of f leaves it set. A
+    stance context f enters and exits leaves the stance from before the call."""
+    import torch._dynamo.eval_frame as eval_frame
+
+    compiled = torch.compile(lambda v: torch.relu(v) * 2.0, backend="eager")
+    x, d = torch.tensor([0.0, 1.0, -1.0]), torch.ones(3)
+
+    def in_context(v):
+        with torch.compiler.set_stance("force_eager"):
+            return compiled(v).sum()
+
+    def lasting(v):
+        torch.compiler.set_stance("eager_on_recompile")
+        return compiled(v).sum()
+
+    try:
+        assert torch.equal(gw.directional_derivative(in_context, x, d), torch.tensor(4.0))
+        assert eval_frame._stance.stance == "default"
+        assert torch.equal(gw.directional_derivative(lasting, x, d), torch.tensor(4.0))
+        assert eval_frame._stance.stance == "eager_on_recompile"
+    finally:
+        torch.compiler.set_stance("default")
+
+
+def test_a_trace_under_its_own_dual_level_passes_over_while_another_thread_tries_a_nonsmooth_call():
+    """A trace in a thread holding its own forward-AD dual level passes over its ops (reductions of duals would
+    build tangents; 9754bc8 and alone). On audit28 any open nonsmooth pass marked the level as another thread's:
+    while a second thread's call was inside its pass context (its own dual level then fails: "Nested forward mode
+    AD"), the trace traced this thread's duals (reports with ops traced, 48 steps in 300). The mark is now set only
+    while a pass's own dual level is open."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, w = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]]), torch.linspace(-1.0, 1.0, 12).reshape(3, 4)
+    stop = threading.Event()
+    refused: list[str] = []
+
+    def other() -> None:
+        while not stop.is_set():
+            try:
+                gw.directional_derivative(_kinked, torch.tensor(_X), torch.ones(3))
+            except RuntimeError as e:
+                refused.append(str(e))
+
+    traced: list[int] = []
+    with fwAD.dual_level():
+        thread = threading.Thread(target=other)
+        thread.start()
+        try:
+            for _ in range(300):
+                with gw.trace() as report:
+                    dual = fwAD.make_dual(x, torch.ones_like(x))
+                    (dual @ w).softmax(-1).log().sum()
+                traced.append(report.forward_ops)
+        finally:
+            stop.set()
+            thread.join()
+    assert refused and all("Nested forward mode AD" in m for m in refused)
+    assert traced == [0] * 300

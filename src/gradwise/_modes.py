@@ -125,8 +125,9 @@ set_code_exec_strategy(dynamo_off(lambda: None).__code__, _FrameExecStrategy(_Fr
 
 class _Passes(threading.local):
     """gradwise's nonsmooth passes of f open in this thread (``_nonsmooth._contexts.pass_context``; one thread at a
-    time has any, ``anywhere`` is set meanwhile). Forward-mode AD's dual level is one for the process: in the pass's
-    thread it is the pass's, and gw.trace passes over its ops; in every other thread it makes no tensor a dual."""
+    time has any; ``anywhere`` is set while the dual level open is one of theirs, `_contexts.dual_level`). Forward-mode
+    AD's dual level is one for the process: in the pass's thread it is the pass's, and gw.trace passes over its ops;
+    in every other thread it makes no tensor a dual. A level not marked (the user's own) is treated as alone."""
 
     depth = 0
     anywhere = threading.Event()  # (a class attribute: one for the process)

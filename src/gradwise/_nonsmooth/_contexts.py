@@ -100,11 +100,15 @@ class _StanceSwitch:
     """Dynamo's stance while a pass is open: ``force_eager`` in the thread inside the pass (compiled code that f
     calls runs eagerly, under the mode), the stance it replaced in every other thread. ``set_stance`` alone is one
     for the process: other threads' compiled code ran eagerly while any thread differentiated (eager speed, another
-    kernel's rounding). Dynamo reads the stance's fields (stance, backend, skip_guard_eval_unsafe) at each call."""
+    kernel's rounding). Dynamo reads the stance's fields (stance, backend, skip_guard_eval_unsafe) at each call.
+    A switch left installed after its pass (another thread's ``set_stance`` context, entered during the pass and
+    exited after it, restores it) acts as the stance it replaced: the next pass unwraps it (`_install`)."""
 
     def __init__(self, prior: Any) -> None:
+        while isinstance(prior, _StanceSwitch):  # (a left-over switch wrapped again: its eager part made of a str)
+            prior = prior._prior
         self._prior = prior
-        self._eager = type(prior)("force_eager")
+        self._eager = _eval_frame.DynamoStance("force_eager")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._eager if _IN_PASS.depth else self._prior, name)
@@ -118,7 +122,6 @@ def _install() -> None:
     _checkpoint._checkpoint_without_reentrant_generator = _generator_switch
     BackwardHookFunction.jvp = staticmethod(_jvp_switch)
     _ORIGINAL["stance"] = _eval_frame._set_stance(_StanceSwitch(_eval_frame._stance))
-    PASSES.anywhere.set()
 
 
 def _uninstall() -> None:
@@ -128,8 +131,9 @@ def _uninstall() -> None:
         del BackwardHookFunction.jvp
     else:
         BackwardHookFunction.jvp = _ORIGINAL["jvp"]
-    _eval_frame._set_stance(_ORIGINAL.pop("stance"))
-    PASSES.anywhere.clear()
+    prior = _ORIGINAL.pop("stance")
+    if isinstance(_eval_frame._stance, _StanceSwitch):  # else a stance set during the pass (another thread's, or
+        _eval_frame._set_stance(prior)  # f's own set_stance call) stays, as it would without gradwise
 
 
 @contextlib.contextmanager
@@ -149,6 +153,20 @@ def pass_context() -> Iterator[None]:
             _IN_PASS.depth -= 1
             if _IN_PASS.depth == 0:
                 _uninstall()
+
+
+@contextlib.contextmanager
+def dual_level() -> Iterator[None]:
+    """``fwAD.dual_level()`` for a pass (inside `pass_context`), marked as gradwise's (``PASSES.anywhere``) while
+    it is open: gw.trace in another thread then traces its ops (the level makes none of its tensors duals). Where
+    the level cannot open (the user's own is open, in any thread: "Nested forward mode AD") nothing is marked, and
+    a trace in the user's thread passes over its duals as it does alone."""
+    with fwAD.dual_level():
+        PASSES.anywhere.set()
+        try:
+            yield
+        finally:
+            PASSES.anywhere.clear()
 
 
 # ------------------------------------------------------------------------------------------------ one run's state

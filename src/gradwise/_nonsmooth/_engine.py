@@ -78,7 +78,7 @@ def _run(f, xs, single, directions, run: _Run, requires_grad: bool, strip_after:
     dual = directions is not None
     if lazy:
         run.dead_from = stop_after if stop_after is not None else strip_after
-    with _ctx.pass_context(), fwAD.dual_level(), torch.enable_grad():  # (the mode keeps grad off if not requires_grad)
+    with _ctx.pass_context(), _ctx.dual_level(), torch.enable_grad():  # (the mode keeps grad off if not requires_grad)
         args = tuple(x if not dual or d is None else fwAD.make_dual(x, d.to(x.dtype))
                      for x, d in zip(leaves, directions or [None] * len(xs), strict=True))
         if dual:
