@@ -113,6 +113,31 @@ def test_scatter_style_reductions_have_their_tangents(call, include_self):
         assert torch.equal(g, e)  # no kink: PyTorch's reverse pass, bit for bit
 
 
+PROD_AT_ZEROS = {"two zeros among sources": (t(2.0, 4.0, 5.0, 1.0), t(0.0, 0.0, 3.0)),
+                 "a zero in self and one in src": (t(0.0, 4.0, 5.0, 1.0), t(0.0, 2.0, 3.0)),
+                 "three zeros": (t(0.0, 4.0, 5.0, 1.0), t(0.0, 0.0, 0.0))}
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("include_self", [True, False])
+@pytest.mark.parametrize("name", ["scatter_reduce", "index_reduce"])
+@pytest.mark.parametrize("case", list(PROD_AT_ZEROS))
+def test_products_with_several_zeros_in_one_destination(case, name, include_self, inplace):
+    """scatter_reduce/index_reduce 'prod' with two or more zeros in one destination (a smooth point: each
+    partial derivative is the product of the others, 0 or one nonzero product). The tangent came from PyTorch's
+    double backward, which refuses there: a RuntimeError escaped directional_derivative. The in-place variants
+    ran the reverse pass in place on a leaf: a RuntimeError. Now: first-order partials, spread by the index."""
+    x, s = PROD_AT_ZEROS[case]
+    ds = (t(0.5, -1.0, 0.3, 2.0), t(-0.7, 0.4, 1.1))
+    w = t(1.0, -2.0, 0.5, 3.0)
+    if inplace:
+        f = lambda x, v: (getattr(x.clone(), name + "_")(0, IDX, v, "prod", include_self=include_self) * w).sum()
+    else:
+        f = lambda x, v: (getattr(x, name)(0, IDX, v, "prod", include_self=include_self) * w).sum()
+    assert_exact(f, (x, s), ds)
+    assert_exact(f, (x, s), tuple(-d for d in ds))
+
+
 @pytest.mark.parametrize("mode", ["sum", "mean", "sum with per_sample_weights", "mean with padding_idx"])
 def test_embedding_bag_has_its_tangent(mode):
     """F.embedding_bag (sum, mean) has no forward mode in PyTorch: a NotImplementedError escaped
