@@ -138,6 +138,20 @@ def test_products_with_several_zeros_in_one_destination(case, name, include_self
     assert_exact(f, (x, s), tuple(-d for d in ds))
 
 
+@pytest.mark.parametrize("include_self", [True, False])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_product_scatter_with_an_index_smaller_than_src(dim, include_self):
+    """scatter_reduce(..., 'prod') reads only src's corner of index's shape; PyTorch's reverse pass fails on the
+    larger src (a RuntimeError on sizes), and the tangent taken from it escaped directional_derivative."""
+    g = torch.Generator().manual_seed(3)
+    x, dx = torch.randn(3, 3, generator=g, dtype=D), torch.randn(3, 3, generator=g, dtype=D)
+    s, dsrc = torch.randn(2, 4, generator=g, dtype=D), torch.randn(2, 4, generator=g, dtype=D)
+    s[0, :2] = 0.0
+    index = torch.tensor([[0, 0], [2, 0]]) if dim == 0 else torch.tensor([[0, 0], [2, 2]])
+    f = lambda x, v: x.scatter_reduce(dim, index, v, "prod", include_self=include_self)
+    assert_exact(f, (x, s), (dx, dsrc))
+
+
 @pytest.mark.parametrize("mode", ["sum", "mean", "sum with per_sample_weights", "mean with padding_idx"])
 def test_embedding_bag_has_its_tangent(mode):
     """F.embedding_bag (sum, mean) has no forward mode in PyTorch: a NotImplementedError escaped

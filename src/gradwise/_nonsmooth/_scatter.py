@@ -133,6 +133,9 @@ def _reduce_rule(name: str, index_1d: bool):
         if reduce not in ("amax", "amin"):
             if name == "index_reduce" or reduce == "prod":  # no forward-mode formula; scatter_reduce's is wrong
                 native = torch.index_reduce if name == "index_reduce" else torch.scatter_reduce  # (out of place)
+                if name == "scatter_reduce" and src.dim() == index.dim():
+                    # only src's corner of index's shape is read; PyTorch's prod backward fails on a larger src
+                    src = src[tuple(slice(0, n) for n in index.shape)]
                 spread = (lambda v: torch.zeros_like(_split(input)[0]).index_add(dim, index, v)) \
                     if name == "index_reduce" else (lambda v: torch.zeros_like(_split(input)[0]).scatter_add(
                         dim, index, v))
