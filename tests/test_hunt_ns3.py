@@ -101,7 +101,7 @@ IDX = torch.tensor([0, 0, 1])
 def test_scatter_style_reductions_have_their_tangents(call, include_self):
     """scatter_reduce(..., 'prod'): PyTorch 2.13's forward mode gives a zero tangent (torch.func.jvp too), so
     directional_derivative returned 0 (silent; 0.82 by differences in the op_db sample). index_reduce (prod, mean)
-    has no forward mode: a NotImplementedError escaped. Now the tangent is PyTorch's reverse pass, transposed."""
+    has no forward mode: a NotImplementedError escaped. Now the tangent is from PyTorch's reverse pass."""
     name, reduce = call.split()
     f = lambda x, s: getattr(x, name)(0, IDX, s, reduce, include_self=include_self)
     xs, ds = (t(2.0, 0.0, 5.0, 1.0), t(7.0, 0.0, 3.0)), (t(0.5, -1.0, 0.3, 2.0), t(-0.7, 0.4, 1.1))
