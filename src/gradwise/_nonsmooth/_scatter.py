@@ -185,7 +185,8 @@ def embedding_bag(run, func, input, weight, offsets=None, max_norm=None, norm_ty
         call = lambda w, p: func(input, w, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse, p,
                                  include_last_offset, padding_idx)
         (wp, wt), (pp, pt) = _split(weight), _split(per_sample_weights)
-        if max_norm is not None or (wt is None and pt is None):
+        # (mode 'max' with padding_idx: not bilinear; PyTorch's, which has no forward-mode formula: an error)
+        if max_norm is not None or mode == "max" or (wt is None and pt is None):
             # (max_norm renormalises weight in place under no_grad: PyTorch's, with no forward-mode formula)
             return call(weight, per_sample_weights)
         # sum / mean of rows (times per_sample_weights): bilinear, its tangent two calls of the op itself (PyTorch
