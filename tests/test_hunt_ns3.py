@@ -101,7 +101,7 @@ IDX = torch.tensor([0, 0, 1])
 def test_scatter_style_reductions_have_their_tangents(call, include_self):
     """scatter_reduce(..., 'prod'): PyTorch 2.13's forward mode gives a zero tangent (torch.func.jvp too), so
     directional_derivative returned 0 (silent; 0.82 by differences in the op_db sample). index_reduce (prod, mean)
-    has no forward mode: a NotImplementedError escaped. Now the tangent is PyTorch's reverse pass, transposed."""
+    has no forward mode: a NotImplementedError escaped. Now the tangent is from PyTorch's reverse pass."""
     name, reduce = call.split()
     f = lambda x, s: getattr(x, name)(0, IDX, s, reduce, include_self=include_self)
     xs, ds = (t(2.0, 0.0, 5.0, 1.0), t(7.0, 0.0, 3.0)), (t(0.5, -1.0, 0.3, 2.0), t(-0.7, 0.4, 1.1))
@@ -111,6 +111,45 @@ def test_scatter_style_reductions_have_their_tangents(call, include_self):
     want = torch.autograd.grad((f(*leaves) * w).sum(), leaves)
     for g, e in zip(gw.generalized_grad(lambda *a: (f(*a) * w).sum(), xs), want, strict=True):
         assert torch.equal(g, e)  # no kink: PyTorch's reverse pass, bit for bit
+
+
+PROD_AT_ZEROS = {"two zeros among sources": (t(2.0, 4.0, 5.0, 1.0), t(0.0, 0.0, 3.0)),
+                 "a zero in self and one in src": (t(0.0, 4.0, 5.0, 1.0), t(0.0, 2.0, 3.0)),
+                 "three zeros": (t(0.0, 4.0, 5.0, 1.0), t(0.0, 0.0, 0.0))}
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("include_self", [True, False])
+@pytest.mark.parametrize("name", ["scatter_reduce", "index_reduce"])
+@pytest.mark.parametrize("case", list(PROD_AT_ZEROS))
+def test_products_with_several_zeros_in_one_destination(case, name, include_self, inplace):
+    """scatter_reduce/index_reduce 'prod' with two or more zeros in one destination (a smooth point: each
+    partial derivative is the product of the others, 0 or one nonzero product). The tangent came from PyTorch's
+    double backward, which refuses there: a RuntimeError escaped directional_derivative. The in-place variants
+    ran the reverse pass in place on a leaf: a RuntimeError. Now: first-order partials, spread by the index."""
+    x, s = PROD_AT_ZEROS[case]
+    ds = (t(0.5, -1.0, 0.3, 2.0), t(-0.7, 0.4, 1.1))
+    w = t(1.0, -2.0, 0.5, 3.0)
+    if inplace:
+        f = lambda x, v: (getattr(x.clone(), name + "_")(0, IDX, v, "prod", include_self=include_self) * w).sum()
+    else:
+        f = lambda x, v: (getattr(x, name)(0, IDX, v, "prod", include_self=include_self) * w).sum()
+    assert_exact(f, (x, s), ds)
+    assert_exact(f, (x, s), tuple(-d for d in ds))
+
+
+@pytest.mark.parametrize("include_self", [True, False])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_product_scatter_with_an_index_smaller_than_src(dim, include_self):
+    """scatter_reduce(..., 'prod') reads only src's corner of index's shape; PyTorch's reverse pass fails on the
+    larger src (a RuntimeError on sizes), and the tangent taken from it escaped directional_derivative."""
+    g = torch.Generator().manual_seed(3)
+    x, dx = torch.randn(3, 3, generator=g, dtype=D), torch.randn(3, 3, generator=g, dtype=D)
+    s, dsrc = torch.randn(2, 4, generator=g, dtype=D), torch.randn(2, 4, generator=g, dtype=D)
+    s[0, :2] = 0.0
+    index = torch.tensor([[0, 0], [2, 0]]) if dim == 0 else torch.tensor([[0, 0], [2, 2]])
+    f = lambda x, v: x.scatter_reduce(dim, index, v, "prod", include_self=include_self)
+    assert_exact(f, (x, s), (dx, dsrc))
 
 
 @pytest.mark.parametrize("mode", ["sum", "mean", "sum with per_sample_weights", "mean with padding_idx"])
@@ -126,6 +165,19 @@ def test_embedding_bag_has_its_tangent(mode):
     else:
         kw = {"padding_idx": 4} if "padding" in mode else {}
         assert_exact(lambda w: F.embedding_bag(idx, w, off, mode=mode.split()[0], **kw), (w,), (dw,))
+
+
+def test_embedding_bag_max_with_padding_idx_is_not_bilinear():
+    """F.embedding_bag(mode='max', padding_idx=...) went through the sum/mean path, whose tangent is the op on
+    the tangents: the max of the tangents, not the tangent of the max row (silent: -0.84 where differences give
+    -2.10 in the op_db sample). Now it is not given a number."""
+    w, dw = t(0.0, 1.0, 2.0, 3.0).reshape(4, 1), t(5.0, 3.0, 0.5, 0.0).reshape(4, 1)
+    f = lambda w: F.embedding_bag(torch.tensor([1, 2, 3]), w, torch.tensor([0]), mode="max", padding_idx=3)
+    try:
+        got = gw.directional_derivative(f, (w,), (dw,))
+    except (NonsmoothError, NotImplementedError):
+        return
+    torch.testing.assert_close(got, one_sided(f, (w,), (dw,))[-1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["scatter_reduce", "index_reduce"])

@@ -100,31 +100,30 @@ def _select_reduce(run: _Run, op: str, dest: Tensor, dim: int, index: Tensor, sr
     return torch.where(from_self, dest.reshape(-1), taken).reshape(dp.shape)
 
 
-def _by_reverse(native, args: tuple, positions: tuple[int, ...]):
-    """``native(*args)`` with its tangent computed from PyTorch's reverse pass, for smooth ops whose forward-mode
-    formula is missing (index_reduce, embedding_bag) or wrong (scatter_reduce 'prod' in PyTorch 2.13 gives a zero
-    tangent): the backward g -> J^T g is linear in g, so J d is the gradient in g of <J^T g, d>. ``positions``:
-    the arguments that may carry tangents. None when none does."""
-    if not any(_is_dual(args[i]) for i in positions):
+def _by_reverse(native, input: Tensor, src: Tensor, spread):
+    """``native(input, src)`` with its tangent from PyTorch's reverse pass, for smooth ops whose forward-mode
+    formula is missing (index_reduce) or wrong (scatter_reduce 'prod' in PyTorch 2.13 gives a zero tangent). Each
+    element of input and src feeds one output element (its own position; the one its index names), so the
+    gradient for a cotangent of ones holds each one's partial derivative, and the tangent is
+    input' g_input + spread(src' g_src) (spread: the index's scatter-add). First order only: PyTorch has no double
+    backward for a product with two zeros in one destination. None when neither carries a tangent."""
+    (ip, it), (sp, st) = _split(input), _split(src)
+    if it is None and st is None:
         return None
-    prim = list(args)
-    for i in positions:
-        prim[i] = _split(args[i])[0]
-    out = native(*prim)  # (in the primals' graph)
-    leaves = [args[i] for i in positions if _is_dual(args[i])]
+    out = native(ip, sp)  # (in the primals' graph)
     with torch.enable_grad():
-        ps = list(prim)
-        for i in positions:
-            if _is_dual(args[i]):
-                ps[i] = prim[i].detach().requires_grad_(True)
-        ref = native(*ps)
-        g = torch.zeros_like(ref, requires_grad=True)
-        wrt = [ps[i] for i in positions if _is_dual(args[i])]
-        grads = torch.autograd.grad(ref, wrt, g, create_graph=True, allow_unused=True)
-        inner = sum((gr * _split(a)[1]).sum() for gr, a in zip(grads, leaves, strict=True) if gr is not None)
-        tangent = torch.autograd.grad(inner, g, allow_unused=True)[0] if isinstance(inner, Tensor) \
-            and inner.requires_grad else None
-    return fwAD.make_dual(out, torch.zeros_like(out) if tangent is None else tangent.detach())
+        a, b = ip.detach().requires_grad_(it is not None), sp.detach().requires_grad_(st is not None)
+        ref = native(a, b)
+        wrt = [v for v in (a, b) if v.requires_grad]
+        grads = iter(torch.autograd.grad(ref, wrt, torch.ones_like(ref), allow_unused=True))
+    ga = next(grads) if it is not None else None
+    gb = next(grads) if st is not None else None
+    tangent = torch.zeros_like(out)
+    if ga is not None:
+        tangent = tangent + it * ga
+    if gb is not None:
+        tangent = tangent + spread(st * gb)
+    return fwAD.make_dual(out, tangent)
 
 
 def _reduce_rule(name: str, index_1d: bool):
@@ -133,8 +132,15 @@ def _reduce_rule(name: str, index_1d: bool):
     def rule(run, func, input, dim, index, src, reduce, *, include_self=True):
         if reduce not in ("amax", "amin"):
             if name == "index_reduce" or reduce == "prod":  # no forward-mode formula; scatter_reduce's is wrong
-                out = _by_reverse(lambda a, b: func(a, dim, index, b, reduce, include_self=include_self),
-                                  (input, src), (0, 1))
+                native = torch.index_reduce if name == "index_reduce" else torch.scatter_reduce  # (out of place)
+                if name == "scatter_reduce" and src.dim() == index.dim():
+                    # only src's corner of index's shape is read; PyTorch's prod backward fails on a larger src
+                    src = src[tuple(slice(0, n) for n in index.shape)]
+                spread = (lambda v: torch.zeros_like(_split(input)[0]).index_add(dim, index, v)) \
+                    if name == "index_reduce" else (lambda v: torch.zeros_like(_split(input)[0]).scatter_add(
+                        dim, index, v))
+                out = _by_reverse(lambda a, b: native(a, dim, index, b, reduce, include_self=include_self),
+                                  input, src, spread)
                 if out is not None:
                     return input.copy_(out) if func in (Tensor.scatter_reduce_, Tensor.index_reduce_) else out
             return func(input, dim, index, src, reduce, include_self=include_self)
@@ -179,7 +185,8 @@ def embedding_bag(run, func, input, weight, offsets=None, max_norm=None, norm_ty
         call = lambda w, p: func(input, w, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse, p,
                                  include_last_offset, padding_idx)
         (wp, wt), (pp, pt) = _split(weight), _split(per_sample_weights)
-        if max_norm is not None or (wt is None and pt is None):
+        # (mode 'max' with padding_idx: not bilinear; PyTorch's, which has no forward-mode formula: an error)
+        if max_norm is not None or mode == "max" or (wt is None and pt is None):
             # (max_norm renormalises weight in place under no_grad: PyTorch's, with no forward-mode formula)
             return call(weight, per_sample_weights)
         # sum / mean of rows (times per_sample_weights): bilinear, its tangent two calls of the op itself (PyTorch
