@@ -223,8 +223,8 @@ class _State(threading.local):
     # a forward op recomputed inside a compiled backward runs now (its zeros are values: `_rules._in_formula`)
     recomputing = False
     # the pass runs under torch.func transforms (_transforms): the autograd node's saved tensors are functorch
-    # wrappers in the transform's logical shapes, so rules that read them (logcumsumexp's, logaddexp's, alpha = 0 products')
-    # fall back to their op-by-op form
+    # wrappers in the transform's logical shapes, so rules that read them (logcumsumexp's, logaddexp's, alpha = 0
+    # products') fall back to their op-by-op form
     transform = False
     # depth of a non-reentrant checkpoint's recomputation of the user's forward on this thread (a trace's
     # shadow pass passes over its ops, as the strong pass runs them outside its mode: _compile_recompute)
