@@ -155,7 +155,10 @@ def test_zero_alpha_under_tracing_runs_plain(how):
         def g(i, a, b):
             with gw.strong_zeros():
                 return torch.func.grad(lambda *x: torch.addmm(*x, alpha=0).square().sum(), argnums=(0, 1, 2))(i, a, b)
-        got = torch.func.vmap(g, in_dims=(None, 0, None))(i, torch.stack([a, a]), b)
+        # strong zeros follow vmap(grad), but the alpha fact reads the node's saved operands (wrappers there):
+        # PyTorch's NaN stays, and is named
+        with pytest.warns(gw.OpaqueBackwardWarning, match="AddmmBackward0 under a torch.func transform"):
+            got = torch.func.vmap(g, in_dims=(None, 0, None))(i, torch.stack([a, a]), b)
         want = torch.func.vmap(torch.func.grad(lambda *x: torch.addmm(*x, alpha=0).square().sum(), argnums=(0, 1, 2)),
                                in_dims=(None, 0, None))(i, torch.stack([a, a]), b)
     else:
