@@ -771,7 +771,14 @@ _CASES = [c for path in _CASE_FILES for c in _load(path)]
 # (case, backend) where the compiled program keeps a NaN/Inf that eager strong zeros remove, and why: none in the
 # full sweep of 2026-12-05 (both backends). Never a different finite number, and never kept without a
 # CompiledBackwardWarning: the sweep fails on either, and on a case listed here that no longer keeps its NaN.
-KEPT_NAN: dict[tuple[str, str], str] = {}
+_LOGADDEXP_EAGER_ONLY = ("logaddexp's -inf-weight rule runs in eager backwards only (a graph rewrite like "
+                         "logsumexp's weights in _graph_forms is not written yet): CompiledBackwardWarning")
+KEPT_NAN: dict[tuple[str, str], str] = {
+    (name, backend): _LOGADDEXP_EAGER_ONLY
+    for name in ("hmm-forward-logaddexp-unreachable-states", "log2-forward-logaddexp2-unreachable-states",
+                 "ctc-style-alpha-logaddexp-padded-label-positions")
+    for backend in ("aot_eager", "inductor")
+}
 
 # cases whose program gw.grad (an autograd.grad) cannot differentiate, in plain PyTorch too
 NOT_GRAD = {"checkpoint-reentrant-block-nan-rows-sliced": "PyTorch: reentrant checkpoint is incompatible with .grad()"}
