@@ -1,7 +1,7 @@
 """The TorchDispatchMode that applies the rule table during a backward (``_StrongZeroMode``), and the fused
 backwards that run as their decomposition when a structural zero reaches them (``DECOMPOSED``).
 
-May import: torch, gradwise._modes, _contract, _supports, _rules, _triangles, _autograd_graph.
+May import: torch, gradwise._modes, gradwise._ops, _contract, _supports, _rules, _triangles, _autograd_graph.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch._prims_common import is_non_overlapping_and_dense_or_false
 from torch.utils._pytree import tree_flatten
 
 from gradwise._modes import LeanDispatchMode, kernels
@@ -254,19 +255,8 @@ def _resize_output(d: torch.Tensor, r: torch.Tensor) -> None:
                       "can explicitly reuse an out tensor t by resizing it, inplace, to zero elements with "
                       "t.resize_(0).", UserWarning, stacklevel=2)
     d.resize_(r.shape)
-    if d.stride() != r.stride() and _dense(r):
+    if d.stride() != r.stride() and is_non_overlapping_and_dense_or_false(r):  # a permutation of a contiguous layout
         d.as_strided_(r.shape, r.stride())
-
-
-def _dense(t: torch.Tensor) -> bool:
-    """Whether ``t``'s elements fill ``numel`` consecutive places of its storage (a permutation of a contiguous
-    layout), so that a buffer resized to ``numel`` can take its strides."""
-    expected = 1
-    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride(), strict=True) if s != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _zero_preserved(func, args: tuple, kwargs: dict, out: object, sup: _Supports) -> torch.Tensor | None:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from gradwise._masks import mask_all
-from gradwise._strong_zeros._rules import lookup
+from gradwise._strong_zeros._rules import _hooked, lookup
 from gradwise._strong_zeros._rules_bilinear import ZERO_ALPHA_PRODUCTS, _reads_every_position
 from gradwise._strong_zeros._triangles import TRIANGLE_READERS
 
@@ -52,22 +52,6 @@ def _raw_saved(node: Any) -> list[Any]:
 # NODE_FACTS (custom Functions, rarer ops) could compute anything: for those, the backward runs once under the
 # strong-zero mode (a plain pass first would have to force retain_graph to allow a re-run).
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _hooked(node: Any, *names: str) -> bool:
-    """Whether a saved tensor of ``node`` (its ``_raw_saved_<name>`` attributes) unpacks through a hook (a
-    checkpoint's recomputation, ``saved_tensors_hooks``). Reading it runs the hook: a non-reentrant checkpoint
-    would run its forward once more, outside the backward (a second recomputation then crashes in PyTorch for
-    some contexts), and its packed value is no tensor. Facts that need such values assume the worst."""
-    for name in names:
-        try:
-            saved = getattr(node, name, None)
-        except RuntimeError:  # freed by an earlier backward: the engine raises if it needs it
-            continue
-        for raw in saved if saved.__class__ is tuple or saved.__class__ is list else (saved,):
-            if raw is not None and raw.unpack_hook is not None:
-                return True
-    return False
 
 
 def _any(value: object) -> bool:

@@ -52,6 +52,22 @@ def _in_formula() -> bool:
     return (not torch.is_grad_enabled() or _STATE.create_graph) and not _STATE.recomputing
 
 
+def _hooked(node: Any, *names: str) -> bool:
+    """Whether a saved tensor of ``node`` (its ``_raw_saved_<name>`` attributes) unpacks through a hook (a
+    checkpoint's recomputation, ``saved_tensors_hooks``). Reading it runs the hook: a non-reentrant checkpoint
+    would run its forward once more, outside the backward (a second recomputation then crashes in PyTorch for
+    some contexts), and its packed value is no tensor. Facts that need such values assume the worst."""
+    for name in names:
+        try:
+            saved = getattr(node, name, None)
+        except RuntimeError:  # freed by an earlier backward: the engine raises if it needs it
+            continue
+        for raw in saved if saved.__class__ is tuple or saved.__class__ is list else (saved,):
+            if raw is not None and raw.unpack_hook is not None:
+                return True
+    return False
+
+
 def _reads_nodes() -> bool:
     """Whether a rule may read the running autograd node's saved tensors: not under torch.func transforms, where
     they are functorch wrappers in the transform's logical shapes while the ops are the physical ones

@@ -21,6 +21,7 @@ from gradwise._strong_zeros._rules import (
     _UNRULED,
     Rule,
     _annihilate,
+    _hooked,
     _in_formula,
     _is_float,
     _Kept,
@@ -457,8 +458,7 @@ def _kernel_skips_product(node: Any, grad: torch.Tensor) -> bool:
     The answer depends on the layouts only: it is cached (``_SKIPS``), one re-run per layout, not one per backward
     and operand."""
     op, names, out_shape = ZERO_ALPHA_PRODUCTS[type(node).__name__]
-    raws = [getattr(node, "_raw" + n) for n in names]
-    if any(r is not None and r.unpack_hook is not None for r in raws):
+    if _hooked(node, *("_raw" + n for n in names)):
         return False
     saved = [getattr(node, n) for n in names]
     if all(s is None for s in saved):

@@ -17,6 +17,7 @@ from gradwise._ops._zeros import LOG_SPACE_SUMS, ZERO_FACTS, ZeroFact, zero_fact
 from gradwise._strong_zeros._rules import (
     Rule,
     _annihilate,
+    _hooked,
     _in_formula,
     _is_float,
     _reads_nodes,
@@ -235,9 +236,9 @@ def _logaddexp_weight_div(func, args, kwargs, sup):
             and _in_node(*LOGADDEXP_NODES) and _reads_nodes()):
         return out
     node = torch._C._current_autograd_node()
-    a, b = _unhooked(node, "self"), _unhooked(node, "other")
-    if a is None or b is None:  # read through a hook (a checkpoint's allows one unpack): PyTorch's quotient
+    if _hooked(node, "_raw_saved_self", "_raw_saved_other"):  # a checkpoint's allows one unpack: PyTorch's quotient
         return out
+    a, b = node._saved_self, node._saved_other
     one_minus_inf = (a == -math.inf) != (b == -math.inf)
     weightless = (den == math.inf) & one_minus_inf.expand(den.shape)
     if bool(mask_any(weightless)):
@@ -245,19 +246,6 @@ def _logaddexp_weight_div(func, args, kwargs, sup):
         support = (~weightless if s is None else s & ~weightless).expand(out.shape)
         sup.record(_annihilate(out, support), support)
     return out
-
-
-def _unhooked(node, name: str) -> torch.Tensor | None:
-    """A saved tensor of ``node`` read without running an unpack hook (a non-reentrant checkpoint's hook allows
-    one unpack, the formula's own: a second one raises); None where it has one, or is freed or no tensor."""
-    try:
-        raw = getattr(node, "_raw_saved_" + name)
-    except (AttributeError, RuntimeError):
-        return None
-    if raw is None or raw.unpack_hook is not None:
-        return None
-    t = raw.data
-    return t if isinstance(t, torch.Tensor) else None
 
 
 def _selecting(passes: Callable[[tuple], torch.Tensor]) -> Rule:

@@ -83,9 +83,10 @@ def _with_ones(func: Any, args: tuple, kwargs: dict, slots: list[tuple[int, str]
     """``args``, ``kwargs`` with each argument at ``slots`` replaced by ones (``_unit``)."""
     args, kwargs = list(args), dict(kwargs)
     for i, name in slots:
-        where, key = (args, i) if i < len(args) else (kwargs, name)
-        if key in where if where is kwargs else True:
-            where[key] = _unit(where[key])
+        if i < len(args):
+            args[i] = _unit(args[i])
+        elif name in kwargs:  # (an argument left to its default)
+            kwargs[name] = _unit(kwargs[name])
     return tuple(args), kwargs
 
 

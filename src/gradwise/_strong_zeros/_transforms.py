@@ -21,14 +21,16 @@ Anything else keeps running as plain PyTorch with a ``PlainBackwardWarning``. A 
 autograd below the transforms (a parameter that requires grad, captured by the transformed function) is the
 eager ``create_graph`` case: ``_carry`` carries its structural zeros, as there.
 
-May import: torch, _contract, _traced, _autograd_graph, _triangles.
+May import: torch, _contract, _traced, _autograd_graph, _triangles; lazily (the node-reading rules' facts), _node_facts,
+_rules_bilinear, _rules_opdb, _rules_pointwise.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -152,16 +154,17 @@ def recorded(made: Iterable[Any]) -> bool:
     return False
 
 
-def _node_readers() -> dict[str, Any]:
+@functools.cache
+def _node_readers() -> dict[str, Callable[[Any], bool]]:
     """Node type -> whether its rule would act on this node, for the rules that read the running node's saved
     tensors (``_rules._reads_nodes`` is False under transforms, so they run op by op there)."""
+    from gradwise._strong_zeros._node_facts import _alpha_nonzero
     from gradwise._strong_zeros._rules_bilinear import ZERO_ALPHA_PRODUCTS
     from gradwise._strong_zeros._rules_opdb import _LCSE
     from gradwise._strong_zeros._rules_pointwise import LOGADDEXP_NODES
 
-    always = lambda node: True
-    readers = dict.fromkeys((_LCSE, *LOGADDEXP_NODES), always)
-    readers.update(dict.fromkeys(ZERO_ALPHA_PRODUCTS, lambda node: getattr(node, "_saved_alpha", None) == 0))
+    readers: dict[str, Callable[[Any], bool]] = dict.fromkeys((_LCSE, *LOGADDEXP_NODES), lambda node: True)
+    readers.update(dict.fromkeys(ZERO_ALPHA_PRODUCTS, lambda node: not _alpha_nonzero(node)))
     return readers
 
 
@@ -171,12 +174,12 @@ def unhooked(outputs: Iterable[Any]) -> dict[str, str]:
     reads the node's saved tensors (``_node_readers``): (what, fix) for the OpaqueBackwardWarning given if the
     gradients end up holding NaN/Inf. Node types (and alpha, a number) only."""
     readers = _node_readers()
-    nodes = list(_walk(_root_nodes(tuple(outputs))))
-    names = {type(n).__name__ for n in nodes} & TRIANGLE_READERS.keys()
+    named = [(type(n).__name__, n) for n in _walk(_root_nodes(tuple(outputs)))]
+    names = {name for name, _ in named} & TRIANGLE_READERS.keys()
     lost = {f"the backward of {name} under a torch.func transform (a node hook cleans its unused triangle, and "
             "cannot run there)": "take this gradient outside the transform (gw.grad)"
             for name in sorted(names)}
-    read = {type(n).__name__ for n in nodes if readers.get(type(n).__name__, lambda node: False)(n)}
+    read = {name for name, n in named if name in readers and readers[name](n)}
     for name in sorted(read):
         lost[f"the backward of {name} under a torch.func transform (its rule reads the node's saved tensors, which "
              "are the transform's wrappers there)"] = "take this gradient outside the transform (gw.grad)"
