@@ -392,3 +392,28 @@ def test_a_trace_under_its_own_dual_level_passes_over_while_another_thread_tries
             thread.join()
     assert refused and all("Nested forward mode AD" in m for m in refused)
     assert traced == [0] * 300
+
+
+@pytest.mark.parametrize("mode", ["trace", "strong"])
+def test_a_tensor_subclass_defined_per_step_is_freed(mode):
+    """A tensor subclass made per step (a closure's tag type, ``x.as_subclass(C)``): the trace's type tables
+    (whether an op's argument types are plain, whether a subclass overrides dispatch) held every class for the rest
+    of the run, one a step; plain PyTorch frees each with its last tensor. Now one table is weak and the other
+    is emptied when it outgrows a bound."""
+    import gc
+    import weakref
+
+    alive: list[weakref.ref] = []
+    block = {"strong": gw.strong_zeros, "trace": gw.trace}[mode]
+    for _ in range(300):
+        class Tagged(torch.Tensor):
+            pass
+
+        alive.append(weakref.ref(Tagged))
+        x = torch.tensor([1.0, 2.0, nan], requires_grad=True)
+        with block():
+            (x * 2).as_subclass(Tagged)[:2].sum().backward()
+        assert torch.equal(x.grad, torch.tensor([2.0, 2.0, 0.0]))
+        del Tagged
+    gc.collect()
+    assert sum(r() is not None for r in alive) < 260

@@ -11,6 +11,8 @@ May import: torch only.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -18,7 +20,9 @@ _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _is_batched = torch._C._functorch.is_batchedtensor
 
 
-_PLAIN_SUBCLASS: dict[type, bool] = {}  # subclass -> whether it overrides neither dispatch nor torch_function
+# subclass -> whether it overrides neither dispatch nor torch_function; weak: a class made per step (a closure's)
+# is freed with its last tensor, not held by the trace for the rest of a long run
+_PLAIN_SUBCLASS: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
 _DISPATCH = torch.Tensor.__torch_dispatch__
 _FUNCTION = torch.Tensor.__torch_function__.__func__
 

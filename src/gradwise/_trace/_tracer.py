@@ -118,7 +118,10 @@ def _inplace_or_view_on():
                                            torch._C._dispatch_tls_local_exclude_set().remove(_ADINPLACEORVIEW))
 
 
-_PLAIN: dict[tuple, bool] = {}  # the `types` of an op's arguments -> all plain tensors (not a subclass)
+# the `types` of an op's arguments -> all plain tensors (not a subclass). Tuples hold their classes strongly: the
+# table is emptied when it outgrows _PLAIN_LIMIT, so classes made per step do not accumulate over a long run
+_PLAIN: dict[tuple, bool] = {}
+_PLAIN_LIMIT = 256
 
 _INFRA_MODES = tuple(torch._C._TorchDispatchModeKey.__members__.values())
 
@@ -257,6 +260,8 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
             return self._collective(func, args, kwargs)
         plain = _PLAIN.get(types)
         if plain is None:
+            if len(_PLAIN) >= _PLAIN_LIMIT:
+                _PLAIN.clear()
             plain = _PLAIN[types] = all(t in _kinds.PLAIN_TYPES for t in types)
         if not plain:
             return self._subclass_op(func, types, args, kwargs)
