@@ -247,3 +247,16 @@ def test_trace_finds_the_birth_on_cuda():
     kinds = {f.kind: f for f in report.findings}
     assert "contamination" in kinds, report.findings
     assert "log" in (kinds["contamination"].born_op or "")
+
+
+def test_a_pass_on_cuda_reads_its_own_state_on_the_device_thread():
+    """The engine runs CUDA nodes on its device thread, where gradwise's per-thread state had its defaults
+    ("outputs finite"): exp(-inf) x inf reaching a NaN output was taken for a structural zero, the genuine NaN
+    hidden. tests/test_engine_threads.py checks the same on the CPU's pool thread."""
+    inf = float("inf")
+    x = torch.tensor([-inf, 0.0, 1.0], device=cuda, requires_grad=True)
+    with gw.strong_zeros():
+        (torch.exp(x) * torch.tensor([inf, 1.0, nan], device=cuda))[:2].sum().backward()
+    ref = x.detach().clone().requires_grad_()
+    (torch.exp(ref[:2]) * torch.tensor([inf, 1.0], device=cuda)).sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad, equal_nan=True, rtol=0, atol=0)

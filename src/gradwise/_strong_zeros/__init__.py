@@ -52,7 +52,7 @@ from gradwise._strong_zeros import _rules_pointwise, _rules_bilinear, _rules_bac
 from gradwise._strong_zeros import _rules_attention, _rules_opdb  # noqa: F401
 from gradwise._strong_zeros import _compile_recompute  # noqa: F401  (wraps checkpoint's recomputation)
 # isort: on
-# What the other concerns read of strong zeros as ``_strong_zeros.<name>`` (gradwise._trace: _STATE, lookup,
+# What the other concerns read of strong zeros as ``_strong_zeros.<name>`` (gradwise._trace: _STATE, in_pass, lookup,
 # _decomposition, _StrongZeroMode, WHOLE_FORMULAS, may_make_structural_zeros; gradwise._trace._watching: _root_nodes,
 # _graph_parts, _release,
 # _saved_toward, _walk, _all_finite; gradwise._distributed: _register). None of these names is ever rebound, so
@@ -69,6 +69,7 @@ from gradwise._strong_zeros._contract import GradwiseWarning, OpaqueBackwardWarn
 from gradwise._strong_zeros._engine import backward, grad, strong_zeros, strong_zeros_process_wide
 from gradwise._strong_zeros._mode import _decomposition as _decomposition
 from gradwise._strong_zeros._mode import _StrongZeroMode as _StrongZeroMode
+from gradwise._strong_zeros._mode import in_pass as in_pass
 from gradwise._strong_zeros._node_facts import may_make_structural_zeros as may_make_structural_zeros
 from gradwise._strong_zeros._planning import _all_finite as _all_finite
 from gradwise._strong_zeros._rules import RULES, unruled_ops

@@ -79,7 +79,14 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
                                     allow_unreachable=allow_unreachable, accumulate_grad=accumulate_grad)
 
     if _STATE.depth == 0 and not _process_wide:
-        return run(retain_graph)  # strong zeros off in this thread
+        if (mode := _carried_pass()) is None:
+            return run(retain_graph)  # strong zeros off in this thread
+        mine = _STATE.adopt(mode.state)  # an engine thread inside another thread's pass: as on that thread
+        try:
+            return _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs, allow_unreachable,
+                               accumulate_grad)
+        finally:
+            _STATE.adopt(mine)
     if _STATE.in_mode:  # a backward started inside the strong-zero pass (a checkpoint's recomputation calling
         # autograd.grad, a custom backward): its own backward, planned as if it ran outside, as in the forward...
         if _seeded_with_zeros(grad_tensors):  # ...unless its seeds are sensitivities of the pass holding
@@ -107,6 +114,17 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
         if plan == "transform":  # under torch.func transforms: one pass under the mode, nothing hooked (_transforms)
             return _run_strong(run, retain_graph, create_graph, t_outputs, transform=True)
         return _run_plan(plan, run, t_outputs, retain_graph, create_graph, inputs, accumulate_grad, watched)
+
+
+def _carried_pass() -> _StrongZeroMode | None:
+    """On an autograd engine thread that runs nodes of a pass another thread opened (a custom backward calling
+    torch.autograd.grad on CUDA's device thread, or in a reentrant backward deeper than 60): that pass's mode,
+    carried here in the dispatch mode stack, whose state (``_supports._CARRIED``) the thread adopts. None
+    elsewhere."""
+    if not torch._C._len_torch_dispatch_stack():
+        return None
+    mode = running_mode()
+    return mode if mode is not None and mode.thread != threading.get_ident() and mode.state[0] else None
 
 
 def _run_plan(plan: str, run: Callable[[bool | None], Any], t_outputs: Sequence[Any], retain_graph: bool | None,

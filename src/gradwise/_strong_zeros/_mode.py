@@ -10,6 +10,7 @@ import types
 import warnings
 import weakref
 from collections.abc import Callable
+from threading import get_ident
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from gradwise._modes import LeanDispatchMode, kernels
 from gradwise._ops._overloads import functional_of, out_names
 from gradwise._strong_zeros import _contract
 from gradwise._strong_zeros._rules import _UNRULED, _is_float, lookup
-from gradwise._strong_zeros._supports import _Supports
+from gradwise._strong_zeros._supports import _STATE, _Supports
 from gradwise._strong_zeros._triangles import TRIANGLE_READERS, triangle_hooks
 
 aten = torch.ops.aten
@@ -75,9 +76,21 @@ class _StrongZeroMode(LeanDispatchMode):
         # (what, fix) of the backwards structural zeros reached and could not be followed through: named by an
         # OpaqueBackwardWarning if the gradients hold NaN/Inf at the end of the pass
         self.lost: dict[str, str] = {}
+        self.thread, self.state = get_ident(), _STATE.carried()
+
+    def __enter__(self) -> _StrongZeroMode:
+        # the pass's state as its thread set it, for the engine threads that run its nodes (_supports._CARRIED)
+        self.thread, self.state = get_ident(), _STATE.carried()
+        return super().__enter__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = self._dispatch(func, args, kwargs or {})
+        # on an engine thread other than the pass's (CUDA's device threads): the pass's state around the op
+        mine = _STATE.adopt(self.state) if self.thread != get_ident() else None
+        try:
+            out = self._dispatch(func, args, kwargs or {})
+        finally:
+            if mine is not None:
+                _STATE.adopt(mine)
         # (a lift brings data from outside; a higher-order op has no overloadpacket)
         if self.produced is not None and getattr(func, "overloadpacket", None) not in _LIFTS:
             for o in tree_flatten(out)[0]:
@@ -284,6 +297,17 @@ def _zero_preserved(func, args: tuple, kwargs: dict, out: object, sup: _Supports
         stays = probe == 0  # NaN: False
         kept = stays if kept is None else kept & stays
     return (support | ~kept).expand(out.shape)
+
+
+def in_pass() -> bool:
+    """Whether a strong-zero pass is running here: opened on this thread, or carried to this engine thread in the
+    dispatch mode stack by another thread's pass (CUDA's device threads: ``_supports._CARRIED``)."""
+    if _STATE.in_mode:
+        return True
+    if not torch._C._len_torch_dispatch_stack():
+        return False
+    mode = running_mode()
+    return mode is not None and mode.thread != get_ident() and mode.state[1]
 
 
 def running_mode() -> _StrongZeroMode | None:

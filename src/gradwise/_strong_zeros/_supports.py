@@ -205,6 +205,16 @@ def _as_broadcast(t: torch.Tensor, shape: tuple[int, ...], small: torch.Tensor) 
     return None
 
 
+# What a pass's own thread set before the engine ran (``_State.carried``): the autograd engine runs a backward's
+# nodes on other threads too (CUDA's device threads run every CUDA backward; a reentrant backward deeper than 60
+# runs on a pool thread), carrying the dispatch mode stack there but not this Python state, whose defaults there
+# would say "strong zeros off, outputs finite, no create_graph" (a NaN output's exp(-inf) zero taken for
+# structural: a genuine NaN gradient hidden). The pass's mode takes these with it (``_StrongZeroMode.state``)
+# and sets them around its ops on such a thread (``_State.adopt``). What code inside the pass sets on the thread
+# that runs it (formula_of, recomputing, checkpoint_forward) stays that thread's.
+_CARRIED = ("depth", "in_mode", "create_graph", "outputs_finite", "outputs_batched", "transform")
+
+
 class _State(threading.local):
     depth = 0
     create_graph = False
@@ -229,6 +239,19 @@ class _State(threading.local):
     # depth of a non-reentrant checkpoint's recomputation of the user's forward on this thread (a trace's
     # shadow pass passes over its ops, as the strong pass runs them outside its mode: _compile_recompute)
     checkpoint_forward = 0
+
+    def carried(self) -> tuple:
+        """This thread's values of the fields a pass carries to the engine's other threads (``_CARRIED``)."""
+        return (self.depth, self.in_mode, self.create_graph, self.outputs_finite, self.outputs_batched,
+                self.transform)
+
+    def adopt(self, values: tuple) -> tuple:
+        """Set the carried fields to ``values`` (another thread's ``carried()``); returns this thread's, to put
+        back with ``adopt`` again."""
+        mine = self.carried()
+        (self.depth, self.in_mode, self.create_graph, self.outputs_finite, self.outputs_batched,
+         self.transform) = values
+        return mine
 
 
 _STATE = _State()

@@ -7,6 +7,8 @@ May import: torch, gradwise._strong_zeros, gradwise._trace._common, _facts, _sha
 
 from __future__ import annotations
 
+from threading import get_ident
+
 import torch
 
 from gradwise import _strong_zeros
@@ -87,7 +89,7 @@ class _BackwardOps:
                 self.triangles = _Shadow(triangles_only=True)
             self.triangles.run(func, args, kwargs, out, True)
         # gw.strong_zeros()' pass: a rule that reads a non-finite value handles it
-        if _strong_zeros._STATE.in_mode:
+        if _strong_zeros._STATE.in_mode or (self.thread != get_ident() and _strong_zeros.in_pass()):
             self.strong_ran = True
             if seq is not None and _strong_zeros.lookup(func) is not None:
                 self._strong_read(seq, ins, func, args, kwargs, out)

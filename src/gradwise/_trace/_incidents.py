@@ -178,7 +178,7 @@ class _Incidents:
                 inc.unfollowed = True
             incidents.append(inc)
             if self.provisional is not None:
-                self.provisional.append((inc, count, nd, _strong_zeros._STATE.in_mode))
+                self.provisional.append((inc, count, nd, _strong_zeros.in_pass()))
         return incidents, mask & ~genuine
 
     def _nonzero_sensitivity_met(self, func, o, mask, ins, sens_ins, nf, args, out, kwargs=None) -> torch.Tensor:

@@ -70,7 +70,7 @@ class _SavedMeets:
                                   f"a nonzero sensitivity met NaN/Inf in {op} (the backward of {node_op})", None,
                                   False)
         if self.provisional is not None:
-            self.provisional.append((inc, count, nd, _strong_zeros._STATE.in_mode))
+            self.provisional.append((inc, count, nd, _strong_zeros.in_pass()))
         self.prov[o] = self.prov[o] | {inc}
 
     def _annihilated(self, func, loc, o, mask, sens_ins, carried, nd, args, out, kwargs) -> bool:
@@ -82,7 +82,7 @@ class _SavedMeets:
         nothing is annihilated (the provenance is then carried as it is)."""
         strong = self._whole_formula(func, o, sens_ins, nd)
         if strong is None:
-            if args is None or out is None or _strong_zeros._STATE.in_mode:
+            if args is None or out is None or _strong_zeros.in_pass():
                 return False  # (in gw.strong_zeros()' pass the result is the rule's already: what is left stays)
             if self.shadow is not None and self.shadow.valid:  # structural zeros known: what this op annihilates
                 gone = self.shadow.annihilated(func, args, kwargs or {}, sens_ins, o, out)
@@ -113,7 +113,7 @@ class _SavedMeets:
         inc = self.store.incident("contamination", op, node_op, loc, count, idx, births, what,
                                   (nd.op, nd.loc) if nd is not None else None, False)
         if self.provisional is not None:
-            self.provisional.append((inc, count, nd, _strong_zeros._STATE.in_mode))
+            self.provisional.append((inc, count, nd, _strong_zeros.in_pass()))
         kept = mask & ~gone
         if bool(mask_any(kept)):
             self.prov[o] = frozenset([inc]) | carried

@@ -10,6 +10,7 @@ _session.
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -158,6 +159,7 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
     def __init__(self, sync_every: int):
         super().__init__()
         self.sync_every = sync_every
+        self.thread = threading.get_ident()  # (an engine thread running its backward's nodes is another: in_pass)
         self.prov = _ByIdentity()  # non-finite tensor -> frozenset of _Birth / _Incident
         self.as_value = _ByIdentity()  # non-finite gradient used as a forward value -> its birth there
         self.backward_site = None  # (code, line) of the user's backward call (`_checking.roots`)

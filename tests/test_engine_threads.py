@@ -1,0 +1,136 @@
+"""A strong-zero pass whose nodes run on another autograd engine thread.
+
+The engine runs a backward's nodes off the calling thread in two places: CUDA's device threads run every CUDA
+node of every backward, and a reentrant backward nested deeper than 60 runs on a pool thread. It carries the
+dispatch mode stack there, not gradwise's per-thread state (strong zeros on, the outputs finite, create_graph),
+whose defaults there said "outputs finite": a NaN output's exp(-inf) zero was taken for structural, a genuine
+NaN gradient hidden. CI has no GPU; the pool thread is the same mechanism on the CPU: each program here runs at
+the bottom of a chain of custom Functions whose backwards call ``torch.autograd.grad``, shallow (the calling
+thread) and 70 deep (a pool thread). References are independent of gradwise: plain PyTorch where the NaN is
+genuine, the program with the unused values deleted where it is contamination.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import gradwise as gw
+
+inf, nan = float("inf"), float("nan")
+
+
+class _Chain(torch.autograd.Function):
+    """Identity whose backward differentiates the next link with torch.autograd.grad; the last link's backward
+    returns ``bottom(x)`` (the gradient of the program under test) times the incoming sensitivity."""
+
+    @staticmethod
+    def forward(ctx, x, depth, bottom, threads):
+        ctx.save_for_backward(x)
+        ctx.depth, ctx.bottom, ctx.threads = depth, bottom, threads
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            xi = x.detach().requires_grad_()
+            if ctx.depth == 0:  # where the program's backward is called, and where its nodes run
+                ctx.threads.append(threading.get_ident())
+                xi.register_hook(lambda gx: ctx.threads.append(threading.get_ident()))
+                return ctx.bottom(xi) * g, None, None, None
+            (gx,) = torch.autograd.grad(_Chain.apply(xi, ctx.depth - 1, ctx.bottom, ctx.threads), xi, g)
+        return gx, None, None, None
+
+
+def _at_depth(depth: int, bottom: Callable, x: torch.Tensor, strong: bool) -> tuple[torch.Tensor, tuple]:
+    """The gradient ``bottom`` computes, reached through ``depth`` nested backwards, and whether its backward was
+    called, and whether its nodes ran, on a thread other than this one."""
+    threads: list[int] = []
+    leaf = x.clone().requires_grad_()
+    out = _Chain.apply(leaf, depth, bottom, threads).sum()
+    if strong:
+        with gw.strong_zeros():
+            out.backward()
+    else:
+        out.backward()
+    here = threading.get_ident()
+    return leaf.grad, (threads[0] != here, threads[-1] != here)
+
+
+def _genuine_exp(x):
+    """exp(-inf) = 0 times inf: the output is NaN, so is its gradient (genuine)."""
+    (g,) = torch.autograd.grad((torch.exp(x) * torch.tensor([inf, 1.0])).sum(), x)
+    return g
+
+
+def _sliced_exp(x):
+    """The NaN weight multiplies an element the slice discards: contamination."""
+    (g,) = torch.autograd.grad((torch.exp(x) * torch.tensor([nan, 1.0]))[1:].sum(), x)
+    return g
+
+
+def _sliced_exp_deleted(x):
+    (g,) = torch.autograd.grad((torch.exp(x[1:]) * torch.tensor([1.0])).sum(), x)
+    return g
+
+
+def _double_sqrt(x):
+    """create_graph: sqrt(-1) is discarded by the slice; the second derivative too."""
+    (g,) = torch.autograd.grad(x.sqrt()[1:].sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), x)
+    return gg
+
+
+def _double_sqrt_deleted(x):
+    (g,) = torch.autograd.grad(x[1:].sqrt().sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), x)
+    return gg
+
+
+def _softmax_genuine(x):
+    """A softmax weight exp(-inf) = 0 against an inf: the output is NaN (genuine)."""
+    (g,) = torch.autograd.grad((torch.softmax(x, 0) * torch.tensor([inf, 1.0, 2.0])).sum(), x)
+    return g
+
+
+def _sliced_genuine_exp(x):
+    """Both at once (the pass runs: the slice makes zeros): exp(-inf) x inf reaches the output, the NaN weight of
+    the last element does not."""
+    (g,) = torch.autograd.grad((torch.exp(x) * torch.tensor([inf, 1.0, nan]))[:2].sum(), x)
+    return g
+
+
+def _sliced_genuine_exp_deleted(x):
+    (g,) = torch.autograd.grad((torch.exp(x[:2]) * torch.tensor([inf, 1.0])).sum(), x)
+    return g
+
+
+# name -> (program, reference, x)
+CASES = {
+    "genuine exp(-inf) x inf": (_genuine_exp, _genuine_exp, torch.tensor([-inf, 0.0])),
+    "genuine softmax weight 0 x inf": (_softmax_genuine, _softmax_genuine, torch.tensor([-inf, 0.0, 1.0])),
+    "genuine exp(-inf) x inf beside a NaN sliced away": (_sliced_genuine_exp, _sliced_genuine_exp_deleted,
+                                                         torch.tensor([-inf, 0.0, 1.0])),
+    "contamination: a slice discards exp x NaN": (_sliced_exp, _sliced_exp_deleted, torch.tensor([-inf, 0.0])),
+    "contamination, create_graph: sqrt(-1) sliced away": (_double_sqrt, _double_sqrt_deleted,
+                                                         torch.tensor([-1.0, 4.0])),
+}
+
+
+# depth -> (the program's backward called off this thread, its nodes run off this thread): the engine sends a
+# reentrant backward past depth 60 to a pool thread, which runs the deeper ones itself
+DEPTHS = {3: (False, False), 60: (False, True), 70: (True, True)}
+
+
+@pytest.mark.parametrize("depth", list(DEPTHS), ids=["calling thread", "nodes on a pool thread (as CUDA's)",
+                                                     "called and run on a pool thread"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_pass_gives_the_same_gradients_on_every_engine_thread(name, depth):
+    program, reference, x = CASES[name]
+    got, elsewhere = _at_depth(depth, program, x, strong=True)
+    assert elsewhere == DEPTHS[depth]  # (the engine's reentrant limit: the case tests what it says)
+    expected, _ = _at_depth(depth, reference, x, strong=False)
+    torch.testing.assert_close(got, expected, equal_nan=True, rtol=0, atol=0)
