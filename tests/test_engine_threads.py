@@ -134,3 +134,25 @@ def test_a_pass_gives_the_same_gradients_on_every_engine_thread(name, depth):
     assert elsewhere == DEPTHS[depth]  # (the engine's reentrant limit: the case tests what it says)
     expected, _ = _at_depth(depth, reference, x, strong=False)
     torch.testing.assert_close(got, expected, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("depth", [60, 70], ids=["nodes on a pool thread (as CUDA's)",
+                                                 "called and run on a pool thread"])
+def test_a_compiled_backward_on_another_engine_thread_runs_with_the_pass(depth):
+    """A torch.compile'd function's backward run by another engine thread: its compiled variant with the
+    strong-zero pass is switched in per thread (``_compile._PerThread``), and must be the one that runs there."""
+    f = torch.compile(lambda v: (v.exp() * torch.tensor([nan, 1.0, 2.0]))[1:].sum(), backend="aot_eager")
+
+    def program(x):
+        (g,) = torch.autograd.grad(f(x), x)
+        return g
+
+    def deleted(x):
+        (g,) = torch.autograd.grad((x[1:].exp() * torch.tensor([1.0, 2.0])).sum(), x)
+        return g
+
+    x = torch.tensor([0.0, 1.0, 2.0])
+    got, elsewhere = _at_depth(depth, program, x, strong=True)
+    assert elsewhere == DEPTHS[depth]
+    expected, _ = _at_depth(3, deleted, x, strong=False)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
