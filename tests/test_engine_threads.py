@@ -156,3 +156,31 @@ def test_a_compiled_backward_on_another_engine_thread_runs_with_the_pass(depth):
     assert elsewhere == DEPTHS[depth]
     expected, _ = _at_depth(3, deleted, x, strong=False)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_nested_passes_under_a_trace_each_run_their_own_rules_once(monkeypatch):
+    """A backward started inside a strong pass (a custom backward's torch.autograd.grad) runs as its own pass,
+    outside the outer pass's mode. Under gw.trace() the trace's recorder sits on top of that mode, and the outer
+    mode stayed on the stack below the nested one: every op of the nested pass's rules ran through the outer
+    pass's rules again, one more layer per level (depth 10: 33 s, ~2.3x per level; ~51,000 dispatches at depth
+    7). Counted here: the ops the strong-zero modes see grow with the depth, not exponentially."""
+    from gradwise._strong_zeros._mode import _StrongZeroMode
+
+    seen = [0]
+    dispatch = _StrongZeroMode.__torch_dispatch__
+
+    def counted(self, func, types, args=(), kwargs=None):
+        seen[0] += 1
+        return dispatch(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(_StrongZeroMode, "__torch_dispatch__", counted)
+    program, reference, x = CASES["contamination: a slice discards exp x NaN"]
+    counts = {}
+    for depth in (4, 8):
+        seen[0] = 0
+        with gw.trace():
+            got, _ = _at_depth(depth, program, x, strong=True)
+        expected, _ = _at_depth(depth, reference, x, strong=False)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        counts[depth] = seen[0]
+    assert counts[8] <= 3 * counts[4], counts

@@ -216,17 +216,39 @@ def _seeded_with_zeros(seeds: Sequence[Any] | None) -> bool:
 
 def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
     """Run a backward started inside the strong-zero pass outside of that pass's mode."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode_temporarily
-
-    outer = _STATE.in_mode, _STATE.create_graph, _STATE.outputs_finite, _STATE.transform, _STATE.outputs_batched
+    outer = _STATE.carried()
     _STATE.in_mode, _STATE.transform, _STATE.outputs_batched = False, False, False
     try:
-        if isinstance(_get_current_dispatch_mode(), _StrongZeroMode):
-            with _pop_mode_temporarily():
-                return engine_run(*args)
-        return engine_run(*args)
+        with _outside_the_pass():
+            return engine_run(*args)
     finally:
-        _STATE.in_mode, _STATE.create_graph, _STATE.outputs_finite, _STATE.transform, _STATE.outputs_batched = outer
+        _STATE.adopt(outer)
+
+
+@contextlib.contextmanager
+def _outside_the_pass() -> Iterator[None]:
+    """The running pass's mode off the dispatch stack, a trace's recorders above it kept on top (``_under_traces``
+    puts them there): a nested pass's mode left below them would run the outer pass's rules on every op of the
+    nested pass's rules, one more layer per level of nesting (cost doubling per level)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode, _push_mode
+
+    from gradwise._trace._tracer import _Tracer  # lazily: the trace package imports this module
+
+    above = []
+    while isinstance(_get_current_dispatch_mode(), _Tracer):
+        above.append(_pop_mode())
+    pass_mode = _pop_mode() if isinstance(_get_current_dispatch_mode(), _StrongZeroMode) else None
+    for tracer in reversed(above):
+        _push_mode(tracer)
+    try:
+        yield
+    finally:
+        for _ in above:
+            _pop_mode()
+        if pass_mode is not None:
+            _push_mode(pass_mode)
+        for tracer in reversed(above):
+            _push_mode(tracer)
 
 
 def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, create_graph: bool,
