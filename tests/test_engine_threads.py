@@ -184,3 +184,45 @@ def test_nested_passes_under_a_trace_each_run_their_own_rules_once(monkeypatch):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
         counts[depth] = seen[0]
     assert counts[8] <= 3 * counts[4], counts
+
+
+def _kinds(report) -> dict:
+    """Elements per finding kind (how findings are grouped may differ with the thread; what they count may not)."""
+    totals: dict = {}
+    for f in report.findings:
+        totals[f.kind] = totals.get(f.kind, 0) + f.count
+    return totals
+
+
+@pytest.fixture
+def deep_stack():
+    """A trace adds Python frames to each nested backward: 60 of them need more than the default 1000."""
+    import sys
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(6000)
+    yield
+    sys.setrecursionlimit(limit)
+
+
+@pytest.mark.parametrize("strong", [False, True], ids=["trace", "trace and strong zeros"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_trace_tells_the_same_on_every_engine_thread(name, strong, deep_stack):
+    """Under gw.trace() (and with gw.strong_zeros() inside it): the same gradients and the same findings when the
+    program's backward runs on another engine thread. The trace's wrapper of torch.autograd.grad called there
+    found no tracer of that thread (the findings of a contamination became 'NaN' of unknown birth), and a
+    strong-zero mode entered again there by PyTorch took that thread's state for the pass's (a genuine NaN
+    hidden)."""
+    import warnings
+
+    program, _, x = CASES[name]
+    got = {}
+    for depth in DEPTHS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (what a report warns of is the same at every depth: compared below)
+            with gw.trace() as report:
+                grad, _ = _at_depth(depth, program, x, strong=strong)
+        got[depth] = (grad, _kinds(report))
+    for depth in DEPTHS:
+        torch.testing.assert_close(got[depth][0], got[3][0], equal_nan=True, rtol=0, atol=0)
+        assert got[depth][1] == got[3][1], (depth, got[depth][1], got[3][1])

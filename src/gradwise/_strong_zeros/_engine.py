@@ -195,11 +195,11 @@ def grad_in_pass(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]
     running (a rule that differentiates a decomposition of its op): under a mode that shares ``supports``, so the
     seeds' structural zeros stay structural. A plain ``torch.autograd.grad`` there would be a nested backward,
     planned afresh outside the pass (``_nested``), with seeds it knows nothing about."""
-    mode = _StrongZeroMode()
-    mode.supports = supports
     engine_run = _original_engine_run or torch.autograd.graph._engine_run_backward  # a trace's re-run: not installed
     outer = _STATE.in_mode
     _STATE.in_mode = True
+    mode = _StrongZeroMode()  # (after the state it carries: _supports._CARRIED)
+    mode.supports = supports
     try:
         with mode:
             return engine_run(tuple(outputs), tuple(seeds), False, False, tuple(inputs),

@@ -76,12 +76,9 @@ class _StrongZeroMode(LeanDispatchMode):
         # (what, fix) of the backwards structural zeros reached and could not be followed through: named by an
         # OpaqueBackwardWarning if the gradients hold NaN/Inf at the end of the pass
         self.lost: dict[str, str] = {}
+        # the pass's state as its thread set it before making the mode, for the engine threads that run its nodes
+        # (_supports._CARRIED). Not at __enter__: PyTorch enters a mode again on whichever thread runs an op under it
         self.thread, self.state = get_ident(), _STATE.carried()
-
-    def __enter__(self) -> _StrongZeroMode:
-        # the pass's state as its thread set it, for the engine threads that run its nodes (_supports._CARRIED)
-        self.thread, self.state = get_ident(), _STATE.carried()
-        return super().__enter__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         # on an engine thread other than the pass's (CUDA's device threads): the pass's state around the op

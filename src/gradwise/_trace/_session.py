@@ -41,7 +41,13 @@ _installed = 0
 
 
 def _current() -> _Tracer | None:
-    return _TRACERS.get(threading.get_ident())
+    """This thread's tracer; on an autograd engine thread running a traced backward's nodes (CUDA's device threads:
+    a custom backward calling torch.autograd.grad there), the tracer the engine carried in the dispatch mode stack."""
+    tracer = _TRACERS.get(threading.get_ident())
+    if tracer is None and _TRACERS and torch._C._len_torch_dispatch_stack():
+        tracer = next((m for m in reversed(torch.utils._python_dispatch._get_current_dispatch_mode_stack())
+                       if isinstance(m, _Tracer)), None)
+    return tracer
 
 
 _UNTRACED: list[dict] = []  # while `gradwise run` reports for the process: {thread name: backward calls untraced}
