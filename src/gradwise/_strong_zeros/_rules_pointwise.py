@@ -235,10 +235,15 @@ def _logaddexp_weight_div(func, args, kwargs, sup):
     if not (_in_formula() and isinstance(den, torch.Tensor) and _is_float(den)
             and _in_node(*LOGADDEXP_NODES) and _reads_nodes()):
         return out
-    node = torch._C._current_autograd_node()
-    if _hooked(node, "_raw_saved_self", "_raw_saved_other"):  # a checkpoint's allows one unpack: PyTorch's quotient
-        return out
-    a, b = node._saved_self, node._saved_other
+    if _STATE.formula_of is not None:  # a compiled backward's graph run op by op: the arguments come with it
+        if _STATE.formula_saved is None:
+            return out
+        a, b = _STATE.formula_saved
+    else:
+        node = torch._C._current_autograd_node()
+        if _hooked(node, "_raw_saved_self", "_raw_saved_other"):  # a checkpoint's allows one unpack: PyTorch's
+            return out
+        a, b = node._saved_self, node._saved_other
     one_minus_inf = (a == -math.inf) != (b == -math.inf)
     weightless = (den == math.inf) & one_minus_inf.expand(den.shape)
     if bool(mask_any(weightless)):
