@@ -158,3 +158,34 @@ def test_topk_after_a_slice_finite_gradients_are_bitwise_under_inductor():
         want = _grads(lin, x, loss, strong=False)
         got = _grads(lin, x, loss, strong=True)
     assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize("upper", [False, True], ids=["lower", "upper"])
+def test_cholesky_solve_unused_triangle_op_by_op(upper):
+    """cholesky_solve(B, L) reads one triangle of L; its backward's ``-(common @ L)`` reads all of it, so a NaN in
+    the unused triangle (a factor filled into a NaN matrix) made the factor's whole gradient NaN. Eager strong zeros
+    recompute that product with the triangle as 0 (``_triangles``); a compiled backward run op by op kept the NaN
+    (with a CompiledBackwardWarning). Now its graph reads the factor as the eager hook does. The second matrix of
+    the batch has finite garbage there: PyTorch's gradient, bitwise."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 3, 3, generator=g, dtype=torch.float64)
+    factor = torch.linalg.cholesky(a @ a.mT + 3 * torch.eye(3, dtype=torch.float64), upper=upper)
+    unused = torch.ones(3, 3, dtype=torch.bool).tril(-1) if upper else torch.ones(3, 3, dtype=torch.bool).triu(1)
+    used = factor.clone()
+    used[1][unused] = 0.25  # finite garbage: PyTorch's gradient depends on it, and stays
+    broken = used.clone()
+    broken[0][unused] = nan
+    b = torch.randn(2, 3, 2, generator=g, dtype=torch.float64)
+
+    def f(b, factor):
+        return torch.cholesky_solve(b, factor, upper=upper).square().sum()
+
+    fb, ff = b.clone().requires_grad_(True), broken.clone().requires_grad_(True)
+    got = gw.grad(torch.compile(f, backend="aot_eager")(fb, ff), (fb, ff))
+    rb, rf = b.clone().requires_grad_(True), used.clone().requires_grad_(True)
+    rf0 = torch.where(unused, 0.0, used[0]).requires_grad_(True)  # matrix 0 with its unused triangle 0
+    want = torch.autograd.grad(f(rb, rf), (rb, rf))
+    (want0,) = torch.autograd.grad(f(rb[:1], rf0[None]), rf0)
+    assert torch.allclose(got[0], want[0], rtol=1e-12, atol=0)
+    assert torch.allclose(got[1][0], want0, rtol=1e-12, atol=0)
+    assert torch.equal(got[1][1], want[1][1])

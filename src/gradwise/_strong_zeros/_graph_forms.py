@@ -10,7 +10,7 @@ arrives decomposed, and no autograd node tells which formula an op belongs to (A
 rule table serves compiled graphs too, with no rule restated here.
 
 May import: torch, and (inside functions, at call time) _compile_pass, _rules, _rules_opdb, _rules_pointwise,
-_supports.
+_supports, _triangles.
 """
 
 from __future__ import annotations
@@ -170,6 +170,41 @@ def _formula_of(node_name: str, saved: tuple | None = None) -> Iterator[None]:
         yield
     finally:
         _STATE.formula_of, _STATE.formula_saved = prior
+
+
+def _unused_triangle(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
+    """cholesky_solve's backward (``_triangles._cholesky_solve_factor``): ``g.cholesky_solve(L)``, which reads one
+    triangle of L, then ``-(common @ L)``, which reads all of it. The factor's other uses in that formula (same
+    ``seq_nr``, a backward formula's: the product, an mm or matmul's expand/view/bmm) read it as the eager hook
+    does (``_factor_read``): the triangle the forward never read as 0 in the matrices where it holds NaN/Inf."""
+    if node.target is not aten.cholesky_solve.default or not node.meta.get("autograd_backward") or \
+            len(node.args) < 2 or not isinstance(factor := node.args[1], fx.Node):
+        return False
+    upper = node.args[2] if len(node.args) > 2 else node.kwargs.get("upper", False)
+    seq = node.meta.get("seq_nr")
+    users = [u for u in factor.users if u is not node and seq is not None and u.meta.get("seq_nr") == seq
+             and u.meta.get("autograd_backward") and u.target is not aten.cholesky_solve.default]
+    if not isinstance(upper, bool) or not users:
+        return False
+    first = next(n for n in graph.nodes if n in users)  # (placeholders stay together at the top)
+    with graph.inserting_before(first):
+        read = graph.call_function(_factor_read, (factor, upper))
+    for user in users:
+        user.replace_input_with(factor, read)
+    return True
+
+
+def _factor_read(factor: torch.Tensor, upper: bool) -> torch.Tensor:
+    """The Cholesky factor as cholesky_solve's forward read it where its unused triangle holds NaN/Inf (that
+    triangle 0, per matrix of a batch: ``_triangles._triangular``), as it is elsewhere: a value of the program,
+    computed outside the strong-zero mode, as the eager hook computes it."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from gradwise._strong_zeros._triangles import _matrices
+
+    with _disable_current_modes():
+        bad = _matrices(~(factor.tril(-1) if upper else factor.triu(1)).isfinite())
+        return torch.where(bad, factor.triu() if upper else factor.tril(), factor)
 
 
 def _saved_mask(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
@@ -383,7 +418,7 @@ def _masked_fill_value(x: torch.Tensor, mask: torch.Tensor, value: float) -> tor
 
 _REWRITES: tuple[Callable[[fx.Graph, fx.GraphModule, fx.Node], bool], ...] = (
     _constant_zeros, _saved_zeros, _saved_mask, _logsumexp_node, _logaddexp_node, _logcumsumexp_node, _exp_node,
-    _softmax_whole, _forward_comparison, _guarded_division)
+    _softmax_whole, _forward_comparison, _guarded_division, _unused_triangle)
 
 
 # -- an op only these graphs contain ----------------------------------------------------------------------------
