@@ -189,3 +189,28 @@ def test_cholesky_solve_unused_triangle_op_by_op(upper):
     assert torch.allclose(got[0], want[0], rtol=1e-12, atol=0)
     assert torch.allclose(got[1][0], want0, rtol=1e-12, atol=0)
     assert torch.equal(got[1][1], want[1][1])
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known, not fixed (session 29): the strong variant's bool masks make inductor "
+                   "emit a scalar kernel for the fused tanh backward (std::tanh where PyTorch's compiled backward "
+                   "has Sleef's vectorized tanh), so finite gradients differ from compiled PyTorch's in the last bit")
+def test_finite_masked_mean_pool_bitwise_under_inductor(monkeypatch):
+    """Finite data: the same compiled program with and without gw.strong_zeros() should agree bit for bit."""
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    torch.manual_seed(7)
+    enc, cls = nn.Linear(4, 6).double(), nn.Linear(6, 2).double()
+    valid = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]]).bool()
+    x = torch.randn(2, 4, 4, dtype=torch.float64).masked_fill(~valid[..., None], 0.0).requires_grad_(True)
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(enc(x)).masked_fill(~valid[..., None], 0.0)
+        return nn.functional.cross_entropy(cls(h.sum(1) / valid.sum(1, keepdim=True)), torch.tensor([0, 1]))
+
+    fn = torch.compile(loss)
+    params = [x, *enc.parameters(), *cls.parameters()]
+    with gw.strong_zeros():
+        got = torch.autograd.grad(fn(x), params)
+    want = torch.autograd.grad(fn(x), params)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
