@@ -192,9 +192,10 @@ def test_cholesky_solve_unused_triangle_op_by_op(upper):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known, not fixed (session 29): the strong variant's bool masks make inductor "
-                   "emit a scalar kernel for the fused tanh backward (std::tanh where PyTorch's compiled backward "
-                   "has Sleef's vectorized tanh), so finite gradients differ from compiled PyTorch's in the last bit")
+@pytest.mark.xfail(strict=True, reason="known, not fixed (session 29): with a width that is not a multiple of the "
+                   "vector tile (6 here; 16 and 32 are bitwise), the strong variant's fused tanh-backward kernel "
+                   "runs its tail as a scalar loop (std::tanh; its bool mask ops), where compiled PyTorch's runs "
+                   "a masked vector tail (Sleef's tanh): finite gradients an ulp off")
 def test_finite_masked_mean_pool_bitwise_under_inductor(monkeypatch):
     """Finite data: the same compiled program with and without gw.strong_zeros() should agree bit for bit."""
     monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
