@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch.utils._pytree import tree_map
@@ -290,6 +291,27 @@ def _glu_backward(func, args, kwargs, sup):
 
 
 _register(aten.glu_backward)(_glu_backward)
+
+
+def _foreach_pairs(base: Any) -> Rule:
+    """Rule factory for ``torch._foreach_<op>.List(xs, ys)`` (a custom Function's backward, an optimizer step run
+    inside a backward): the list of ``<op>(xs[i], ys[i])``, each through ``<op>``'s own rule, as PyTorch's CPU
+    kernel computes it (one op per pair), so each output gets the support its pair's op gives it."""
+
+    def foreach_pairs(func, args, kwargs, sup):
+        from gradwise._strong_zeros._rules import lookup
+
+        xs, ys = args[0], args[1]
+        if kwargs or len(args) != 2 or len(xs) != len(ys):
+            return _run_unruled(func, args, kwargs, sup, "a form its rule does not take")
+        rule = lookup(base)
+        return [rule(base, (x, y), {}, sup) for x, y in zip(xs, ys, strict=True)]
+
+    foreach_pairs.__doc__ = _foreach_pairs.__doc__
+    return foreach_pairs
+
+
+_register(aten._foreach_mul.List)(_foreach_pairs(aten.mul.Tensor))
 
 
 def _uninitialised(func, args, kwargs, sup):
