@@ -82,6 +82,17 @@ class _ForeachProduct(torch.autograd.Function):
         return ga, gb
 
 
+class _ForeachProductOut(_ForeachProduct):
+    """The same, its backward writing into buffers (``_foreach_mul.List_out``)."""
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = ctx.saved_tensors
+        ga, gb = torch.empty_like(a), torch.empty_like(b)
+        torch.ops.aten._foreach_mul.List_out([g, g], [b, a], out=[ga, gb])
+        return ga, gb
+
+
 RULE_PROGRAMS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str]] = {
     # name: (program on rows; discards rows >= 4, the backward op it exercises)
     "mm": (lambda x: _rows(x @ W).sum(), "aten.mm"),
@@ -137,6 +148,7 @@ RULE_PROGRAMS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str]] = {
     "take": (lambda x: torch.take(x.exp(), torch.arange(24)).sum(), "aten.put"),
     # (its rule runs mul's per pair, so the log below the mode sees mul; on the base it was unruled)
     "foreach_mul": (lambda x: _rows(_ForeachProduct.apply(x, x.exp())).sum(), "aten.mul"),
+    "foreach_mul_out": (lambda x: _rows(_ForeachProductOut.apply(x, x.exp())).sum(), "aten.mul"),
 }
 
 
