@@ -689,6 +689,31 @@ def test_logsumexp_over_log_zero_entries_op_by_op(backend):
     _close([got], [want])
 
 
+@pytest.mark.parametrize("op", [torch.logaddexp, torch.logaddexp2], ids=["logaddexp", "logaddexp2"])
+def test_logaddexp_of_log_zero_entries_op_by_op(op):
+    """logaddexp(log p, log q) with entries p = 0 (an unreachable log-space state): its backward weight
+    ``1 / (1 + exp(log q - log p))`` is exactly 0 there, a structural zero that the later division by p = 0 meets,
+    as in eager strong zeros. The compiled graph's weight is a div in the graph: its op-by-op run gives it the rule
+    of logaddexp's node, with the sub's operands as the node's saved arguments. Before, the NaN was kept."""
+    torch._dynamo.reset()
+    log = torch.log if op is torch.logaddexp else torch.log2
+    p = torch.tensor([0.0, 0.3, 0.7, 0.2], requires_grad=True)
+    q = torch.tensor([0.5, 0.1, 0.0, 0.4], requires_grad=True)
+    fn = torch.compile(lambda p, q: op(log(p), log(q)).sum(), backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: the NaN is removed, not reported
+        got = gw.grad(fn(p, q), (p, q))
+    # the program with the unreachable terms deleted: log q where p = 0, log p where q = 0
+    ps, qs = p.detach()[1:2].clone().requires_grad_(True), q.detach()[1:2].clone().requires_grad_(True)
+    pw, qw = p.detach()[3:].clone().requires_grad_(True), q.detach()[3:].clone().requires_grad_(True)
+    q0, p2 = q.detach()[0:1].clone().requires_grad_(True), p.detach()[2:3].clone().requires_grad_(True)
+    loss = op(log(ps), log(qs)).sum() + op(log(pw), log(qw)).sum() + log(q0).sum() + log(p2).sum()
+    parts = torch.autograd.grad(loss, (ps, qs, pw, qw, q0, p2))
+    want_p = torch.cat([torch.zeros(1), parts[0], parts[5], parts[2]])
+    want_q = torch.cat([parts[4], parts[1], torch.zeros(1), parts[3]])
+    _close(list(got), [want_p, want_q])
+
+
 def test_a_zeros_buffer_saved_from_the_forward_is_structural_op_by_op():
     """Message passing over padded nodes (dense batching in graph libraries): messages gathered by index_select
     over the real edges, summed by index_add into a zeros buffer; the padded nodes' features are NaN and no edge
@@ -769,16 +794,10 @@ def _load(path: Path) -> list:
 _CASES = [c for path in _CASE_FILES for c in _load(path)]
 
 # (case, backend) where the compiled program keeps a NaN/Inf that eager strong zeros remove, and why: none in the
-# full sweep of 2026-12-05 (both backends). Never a different finite number, and never kept without a
-# CompiledBackwardWarning: the sweep fails on either, and on a case listed here that no longer keeps its NaN.
-_LOGADDEXP_EAGER_ONLY = ("logaddexp's -inf-weight rule runs in eager backwards only (a graph rewrite like "
-                         "logsumexp's weights in _graph_forms is not written yet): CompiledBackwardWarning")
-KEPT_NAN: dict[tuple[str, str], str] = {
-    (name, backend): _LOGADDEXP_EAGER_ONLY
-    for name in ("hmm-forward-logaddexp-unreachable-states", "log2-forward-logaddexp2-unreachable-states",
-                 "ctc-style-alpha-logaddexp-padded-label-positions")
-    for backend in ("aot_eager", "inductor")
-}
+# full sweep (both backends; the logaddexp weights were the last, until their graph form, session 29). Never a
+# different finite number, and never kept without a CompiledBackwardWarning: the sweep fails on either, and on a
+# case listed here that no longer keeps its NaN.
+KEPT_NAN: dict[tuple[str, str], str] = {}
 
 # cases whose program gw.grad (an autograd.grad) cannot differentiate, in plain PyTorch too
 NOT_GRAD = {"checkpoint-reentrant-block-nan-rows-sliced": "PyTorch: reentrant checkpoint is incompatible with .grad()"}

@@ -67,6 +67,32 @@ def _rows(x: torch.Tensor, n: int = 4) -> torch.Tensor:
     return x[:n]
 
 
+class _ForeachProduct(torch.autograd.Function):
+    """a * b whose backward is one torch._foreach_mul (as optimizer-style or fused custom backwards write it)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = ctx.saved_tensors
+        ga, gb = torch._foreach_mul([g, g], [b, a])
+        return ga, gb
+
+
+class _ForeachProductOut(_ForeachProduct):
+    """The same, its backward writing into buffers (``_foreach_mul.List_out``)."""
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = ctx.saved_tensors
+        ga, gb = torch.empty_like(a), torch.empty_like(b)
+        torch.ops.aten._foreach_mul.List_out([g, g], [b, a], out=[ga, gb])
+        return ga, gb
+
+
 RULE_PROGRAMS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str]] = {
     # name: (program on rows; discards rows >= 4, the backward op it exercises)
     "mm": (lambda x: _rows(x @ W).sum(), "aten.mm"),
@@ -120,6 +146,9 @@ RULE_PROGRAMS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str]] = {
     "nansum": (lambda x: torch.nansum(x.log()), "aten.mul"),  # its backward multiplies by ~isnan(x.log())
     "index_fill": (lambda x: x.exp().index_fill(0, torch.tensor([4, 5]), 0.0).sum(), "aten.index_fill"),
     "take": (lambda x: torch.take(x.exp(), torch.arange(24)).sum(), "aten.put"),
+    # (its rule runs mul's per pair, so the log below the mode sees mul; on the base it was unruled)
+    "foreach_mul": (lambda x: _rows(_ForeachProduct.apply(x, x.exp())).sum(), "aten.mul"),
+    "foreach_mul_out": (lambda x: _rows(_ForeachProductOut.apply(x, x.exp())).sum(), "aten.mul"),
 }
 
 

@@ -10,7 +10,7 @@ arrives decomposed, and no autograd node tells which formula an op belongs to (A
 rule table serves compiled graphs too, with no rule restated here.
 
 May import: torch, and (inside functions, at call time) _compile_pass, _rules, _rules_opdb, _rules_pointwise,
-_supports.
+_supports, _triangles.
 """
 
 from __future__ import annotations
@@ -120,17 +120,91 @@ def _logsumexp_weights(x: torch.Tensor) -> torch.Tensor:
         return aten.exp.default(x)
 
 
+def _logaddexp_node(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
+    """logaddexp's (logaddexp2's) backward, ``g / (1 + exp(b - a))`` (``pow(2, b - a)``) for each argument:
+    the quotient runs as in logaddexp's node with a and b, the sub's operands (``_logaddexp_weights``). All four
+    ops come from one forward op (``seq_nr``) and are a backward formula's (``autograd_backward``); where the graph
+    names the user's call that made them (``fwd_source_fn_stack``), it is logaddexp."""
+    if node.target is not aten.div.Tensor or len(node.args) != 2 or node.kwargs or \
+            not isinstance(den := node.args[1], fx.Node) or den.target not in (aten.add.Scalar, aten.add.Tensor) or \
+            len(den.args) != 2 or den.args[1] != 1 or den.kwargs or not isinstance(power := den.args[0], fx.Node):
+        return False
+    if power.target is aten.exp.default and len(power.args) == 1:
+        name, diff = "LogaddexpBackward0", power.args[0]
+    elif power.target is aten.pow.Scalar and len(power.args) == 2 and power.args[0] == 2:
+        name, diff = "Logaddexp2Backward0", power.args[1]
+    else:
+        return False
+    if not isinstance(diff, fx.Node) or diff.target is not aten.sub.Tensor or len(diff.args) != 2 or diff.kwargs:
+        return False
+    chain = (node, den, power, diff)
+    seq = node.meta.get("seq_nr")
+    if seq is None or any(n.meta.get("seq_nr") != seq or not n.meta.get("autograd_backward") for n in chain):
+        return False
+    source = node.meta.get("fwd_source_fn_stack")
+    if source and "logaddexp" not in str(source[-1][0]):
+        return False
+    node.target = _logaddexp_weights
+    node.args = (*node.args, name, *diff.args)
+    return True
+
+
+def _logaddexp_weights(g: torch.Tensor, den: torch.Tensor, name: str, b: Any, a: Any) -> torch.Tensor:
+    """``g / (1 + exp(b - a))`` of logaddexp's backward, run as in its node ``name`` with its arguments: the div
+    rule knows that a quotient of exactly 0 at a -inf argument (an unreachable log-space state) is a structural
+    zero (``_rules_pointwise._logaddexp_weight_div``)."""
+    both = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+    with _formula_of(name, (a, b) if both else None):  # (not both: PyTorch's quotient)
+        return aten.div.Tensor(g, den)
+
+
 @contextlib.contextmanager
-def _formula_of(node_name: str) -> Iterator[None]:
+def _formula_of(node_name: str, saved: tuple | None = None) -> Iterator[None]:
     """Ops run in the block as in the backward formula of that autograd node (which the graph does not tell the
-    eager rules: ``_rules_pointwise._in_node``)."""
+    eager rules: ``_rules_pointwise._in_node``), with ``saved``, the node's saved arguments a rule reads."""
     from gradwise._strong_zeros._supports import _STATE
 
-    prior, _STATE.formula_of = _STATE.formula_of, node_name
+    prior = _STATE.formula_of, _STATE.formula_saved
+    _STATE.formula_of, _STATE.formula_saved = node_name, saved
     try:
         yield
     finally:
-        _STATE.formula_of = prior
+        _STATE.formula_of, _STATE.formula_saved = prior
+
+
+def _unused_triangle(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
+    """cholesky_solve's backward (``_triangles._cholesky_solve_factor``): ``g.cholesky_solve(L)``, which reads one
+    triangle of L, then ``-(common @ L)``, which reads all of it. The factor's other uses in that formula (same
+    ``seq_nr``, a backward formula's: the product, an mm or matmul's expand/view/bmm) read it as the eager hook
+    does (``_factor_read``): the triangle the forward never read as 0 in the matrices where it holds NaN/Inf."""
+    if node.target is not aten.cholesky_solve.default or not node.meta.get("autograd_backward") or \
+            len(node.args) < 2 or not isinstance(factor := node.args[1], fx.Node):
+        return False
+    upper = node.args[2] if len(node.args) > 2 else node.kwargs.get("upper", False)
+    seq = node.meta.get("seq_nr")
+    users = [u for u in factor.users if u is not node and seq is not None and u.meta.get("seq_nr") == seq
+             and u.meta.get("autograd_backward") and u.target is not aten.cholesky_solve.default]
+    if not isinstance(upper, bool) or not users:
+        return False
+    first = next(n for n in graph.nodes if n in users)  # (placeholders stay together at the top)
+    with graph.inserting_before(first):
+        read = graph.call_function(_factor_read, (factor, upper))
+    for user in users:
+        user.replace_input_with(factor, read)
+    return True
+
+
+def _factor_read(factor: torch.Tensor, upper: bool) -> torch.Tensor:
+    """The Cholesky factor as cholesky_solve's forward read it where its unused triangle holds NaN/Inf (that
+    triangle 0, per matrix of a batch: ``_triangles._triangular``), as it is elsewhere: a value of the program,
+    computed outside the strong-zero mode, as the eager hook computes it."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from gradwise._strong_zeros._triangles import _matrices
+
+    with _disable_current_modes():
+        bad = _matrices(~(factor.tril(-1) if upper else factor.triu(1)).isfinite())
+        return torch.where(bad, factor.triu() if upper else factor.tril(), factor)
 
 
 def _saved_mask(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
@@ -343,8 +417,8 @@ def _masked_fill_value(x: torch.Tensor, mask: torch.Tensor, value: float) -> tor
 
 
 _REWRITES: tuple[Callable[[fx.Graph, fx.GraphModule, fx.Node], bool], ...] = (
-    _constant_zeros, _saved_zeros, _saved_mask, _logsumexp_node, _logcumsumexp_node, _exp_node, _softmax_whole,
-    _forward_comparison, _guarded_division)
+    _constant_zeros, _saved_zeros, _saved_mask, _logsumexp_node, _logaddexp_node, _logcumsumexp_node, _exp_node,
+    _softmax_whole, _forward_comparison, _guarded_division, _unused_triangle)
 
 
 # -- an op only these graphs contain ----------------------------------------------------------------------------

@@ -219,6 +219,9 @@ def _into_out(rule, own, func, functional, args: tuple, kwargs: dict, sup: _Supp
         return _NO_RULE
     names = out_names(func)
     dests = [kwargs[n] for n in names]
+    listed = len(dests) == 1 and isinstance(dests[0], (list, tuple))  # one Tensor[] out (_foreach_mul.List_out)
+    if listed:
+        dests = list(dests[0])
     rest = {k: v for k, v in kwargs.items() if k not in names}
     # a result's dtype is the inputs' (type promotion) or a dtype argument's: known before the rule runs only by
     # running it, so the functional form runs first and a mismatch then reruns the out= form (PyTorch's errors)
@@ -243,6 +246,8 @@ def _into_out(rule, own, func, functional, args: tuple, kwargs: dict, sup: _Supp
             d.copy_(r)
         if s is not None or sup.tracked(d):
             sup.record(d, s)
+    if listed:  # (such an overload returns nothing)
+        return None
     return dests[0] if len(dests) == 1 else tuple(dests)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch.utils._pytree import tree_map
@@ -235,10 +236,15 @@ def _logaddexp_weight_div(func, args, kwargs, sup):
     if not (_in_formula() and isinstance(den, torch.Tensor) and _is_float(den)
             and _in_node(*LOGADDEXP_NODES) and _reads_nodes()):
         return out
-    node = torch._C._current_autograd_node()
-    if _hooked(node, "_raw_saved_self", "_raw_saved_other"):  # a checkpoint's allows one unpack: PyTorch's quotient
-        return out
-    a, b = node._saved_self, node._saved_other
+    if _STATE.formula_of is not None:  # a compiled backward's graph run op by op: the arguments come with it
+        if _STATE.formula_saved is None:
+            return out
+        a, b = _STATE.formula_saved
+    else:
+        node = torch._C._current_autograd_node()
+        if _hooked(node, "_raw_saved_self", "_raw_saved_other"):  # a checkpoint's allows one unpack: PyTorch's
+            return out
+        a, b = node._saved_self, node._saved_other
     one_minus_inf = (a == -math.inf) != (b == -math.inf)
     weightless = (den == math.inf) & one_minus_inf.expand(den.shape)
     if bool(mask_any(weightless)):
@@ -285,6 +291,27 @@ def _glu_backward(func, args, kwargs, sup):
 
 
 _register(aten.glu_backward)(_glu_backward)
+
+
+def _foreach_pairs(base: Any) -> Rule:
+    """Rule factory for ``torch._foreach_<op>.List(xs, ys)`` (a custom Function's backward, an optimizer step run
+    inside a backward): the list of ``<op>(xs[i], ys[i])``, each through ``<op>``'s own rule, as PyTorch's CPU
+    kernel computes it (one op per pair), so each output gets the support its pair's op gives it."""
+
+    def foreach_pairs(func, args, kwargs, sup):
+        from gradwise._strong_zeros._rules import lookup
+
+        xs, ys = args[0], args[1]
+        if kwargs or len(args) != 2 or len(xs) != len(ys):
+            return _run_unruled(func, args, kwargs, sup, "a form its rule does not take")
+        rule = lookup(base)
+        return [rule(base, (x, y), {}, sup) for x, y in zip(xs, ys, strict=True)]
+
+    foreach_pairs.__doc__ = _foreach_pairs.__doc__
+    return foreach_pairs
+
+
+_register(aten._foreach_mul.List)(_foreach_pairs(aten.mul.Tensor))
 
 
 def _uninitialised(func, args, kwargs, sup):

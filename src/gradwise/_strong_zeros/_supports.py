@@ -230,6 +230,9 @@ class _State(threading.local):
     # the autograd node whose backward formula runs now, where the engine's current node cannot tell (a
     # compiled backward's graph run op by op: gradwise._strong_zeros._graph_forms._logsumexp_weights)
     formula_of: str | None = None
+    # that formula's node's saved arguments, for a rule that reads them (logaddexp's self and other:
+    # _graph_forms._logaddexp_weights); None: read the engine's current node
+    formula_saved: tuple | None = None
     # a forward op recomputed inside a compiled backward runs now (its zeros are values: `_rules._in_formula`)
     recomputing = False
     # the pass runs under torch.func transforms (_transforms): the autograd node's saved tensors are functorch
