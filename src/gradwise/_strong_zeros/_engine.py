@@ -225,7 +225,7 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
     _STATE.create_graph, _STATE.in_mode, _STATE.transform = create_graph, True, transform
     _STATE.outputs_batched = False
     if transform:
-        _STATE.outputs_finite = _transforms.all_finite(outputs) is True
+        _STATE.outputs_finite = _transforms.all_finite(outputs)
         _STATE.outputs_batched = not _STATE.outputs_finite and _transforms.batched(outputs)
     else:
         _STATE.outputs_finite = all(bool(t.isfinite().all()) for t in outputs
@@ -246,7 +246,7 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
             outer, False
         for h in handles:
             h.remove()
-    if mode.lost and (_transforms.all_finite(result or ()) is False if transform
+    if mode.lost and (not _transforms.all_finite(result or ()) if transform
                       else _holds_nonfinite(result, _leaves(outputs, inputs))):
         for what, fix in mode.lost.items():
             _contract.warn_opaque(what, fix)
