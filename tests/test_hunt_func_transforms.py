@@ -241,6 +241,35 @@ def test_is_grads_batched(program, control):
             assert all(torch.equal(g, e) for g, e in zip(got, plain, strict=True))
 
 
+# a reduction's backward selects its argmax with a bool mask (`self == result`); an infinite sensitivity (sqrt at
+# 0) meets the unselected places as inf * False: a decided zero to eager gw.grad, whatever the seed
+SELECTING = {
+    "amax": lambda x: (x.amax(1) - 2.0).sqrt().sum(),
+    "amax(keepdim)": lambda x: (x.amax(1, keepdim=True) - 2.0).sqrt().sum(),
+    "vector_norm(inf)": lambda x: (torch.linalg.vector_norm(x, inf, 1) - 2.0).sqrt().sum(),
+    "max()": lambda x: (x.max() - 3.0).sqrt(),
+}
+
+
+@pytest.mark.parametrize("name", list(SELECTING))
+def test_is_grads_batched_keeps_a_formulas_selection(name):
+    """is_grads_batched's legacy vmap hands amax's ``self == result`` to the product as a view (a batch dim of 1),
+    which was no selection: inf * False stayed PyTorch's NaN there, without a word. Each seed's gradient is the
+    eager gw.grad's with that seed."""
+    f = SELECTING[name]
+    X = torch.tensor([[[1.0, 2.0, 0.5], [3.0, 1.0, 0.0]], [[2.0, 1.0, 1.5], [0.0, 0.0, 3.0]],
+                      [[0.5, 2.0, 2.0], [1.0, 3.0, 1.0]]], dtype=D)
+    xx = X.clone().requires_grad_()
+    y = torch.stack([f(x) for x in xx])
+    seeds = torch.eye(B, dtype=D)
+    expected = torch.stack([gw.grad(y, xx, seeds[i], retain_graph=True)[0] for i in range(B)])
+    plain = torch.autograd.grad(y, xx, seeds, retain_graph=True, is_grads_batched=True)[0]
+    assert int(plain.isnan().sum()) > int(expected.isnan().sum()), "premise: PyTorch is contaminated"
+    with gw.strong_zeros():
+        got = torch.autograd.grad(y, xx, seeds, retain_graph=True, is_grads_batched=True)[0]
+    assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))
+
+
 @pytest.mark.parametrize("transform", ["vmap(grad)", "vmap(vjp)", "jacrev"])
 @pytest.mark.parametrize("control", [False, True])
 def test_ctc_under_vmap_holds(transform, control):
