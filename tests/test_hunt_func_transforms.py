@@ -605,3 +605,59 @@ def test_a_create_graph_backward_inside_grad_is_not_followed_and_says_so(inner):
         with pytest.warns(gw.PlainBackwardWarning, match="ran as plain PyTorch"), gw.strong_zeros():
             got = call(arg)
         assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0).expand(got.shape))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# vmap's own options (batch dims not in front, chunks, randomness, model ensembles): each sample's gradient is its
+# eager gw.grad, and PyTorch's bits on finite data
+# ---------------------------------------------------------------------------------------------------------
+
+_ENSEMBLE = [torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).to(D) for _ in range(B)]
+
+
+def _dropped(p, x):
+    with torch.random.fork_rng():
+        torch.manual_seed(3)  # the same mask in every call (randomness="same": one for the batch)
+        return F.dropout(torch.where(_MASK, x.sqrt(), 0.0), 0.5)[:4].sum()
+
+
+def _member(p, x):
+    return functional_call(_ENSEMBLE[0], p, (x,))[:4].pow(2).sum()
+
+
+def _flat_params(g: dict) -> torch.Tensor:
+    return torch.cat([t.flatten(1) for t in g.values()], 1)
+
+
+# name -> (program, f(p, x), argnums, batched call of grad(f) over p and X (B, ...) -> (B, n), p of sample i)
+VMAPPED = {
+    "in_dims=1,out_dims=1": ("where_sqrt", PROGRAMS["where_sqrt"][0], 1, lambda g, p, X: torch.func.vmap(
+        g, in_dims=(None, 1), out_dims=1)(p, X.T).T, lambda p, i: p),
+    "chunk_size=2": ("softmax_mask", PROGRAMS["softmax_mask"][0], 1, lambda g, p, X: torch.func.vmap(
+        g, in_dims=(None, 0), chunk_size=2)(p, X).flatten(1), lambda p, i: p),
+    "randomness=same": ("where_sqrt", _dropped, 1, lambda g, p, X: torch.func.vmap(
+        g, in_dims=(None, 0), randomness="same")(p, X), lambda p, i: p),
+    "stack_module_state": ("module", _member, 0, lambda g, p, X: _flat_params(torch.func.vmap(g, in_dims=(0, 0))(p, X)),
+                           lambda p, i: {k: v[i] for k, v in p.items()}),
+}
+
+
+@pytest.mark.parametrize("name", list(VMAPPED))
+def test_vmap_options_hold(name):
+    program, f, argnums, call, of_sample = VMAPPED[name]
+    params = {k: v.detach() for k, v in torch.func.stack_module_state(_ENSEMBLE)[0].items()} if argnums == 0 else {}
+    X = _data(program, control=False)
+    per_sample = torch.func.grad(f, argnums=argnums)
+    expected = []
+    for i in range(B):
+        p = {k: v.clone().requires_grad_() for k, v in of_sample(params, i).items()}
+        x = X[i].clone().requires_grad_()
+        g = gw.grad(f(p, x), [*p.values()] if argnums == 0 else [x])
+        expected.append(torch.cat([t.flatten() for t in g]))
+    assert not bool(call(per_sample, params, X).isfinite().all()), "premise: PyTorch is contaminated"
+    clean = _clean(program, X)
+    with gw.strong_zeros():
+        got = call(per_sample, params, X)
+        got_clean = call(per_sample, params, clean)
+    _check_close([[g.flatten()] for g in got], [[e] for e in expected], name)
+    assert torch.equal(got_clean, call(per_sample, params, clean))
