@@ -147,8 +147,11 @@ def _legacy_physical(t: torch.Tensor) -> torch.Tensor:
 
 
 def batched(tensors: Iterable[Any]) -> bool:
-    """Whether some tensor of ``tensors`` is batched by vmap under its wrappers (its values are several samples')."""
+    """Whether some tensor of ``tensors`` is batched by vmap under its wrappers (its values are several samples', or
+    several rows' seeds: jacrev's, is_grads_batched's legacy vmap)."""
     for t in tensors:
+        if isinstance(t, torch.Tensor) and is_legacy_batchedtensor(t):
+            return True
         while isinstance(t, torch.Tensor) and is_functorch_wrapped_tensor(t):
             if is_batchedtensor(t):
                 return True
