@@ -121,17 +121,10 @@ def all_finite(tensors: Iterable[Any]) -> bool:
     wrappers (under vmap: every sample at once) and under a legacy batched tensor's batch dims (is_grads_batched's
     gradients: every seed's at once), with the transforms set aside, so no wrapper is read and no transform sees
     the read."""
-    plain = []
-    for t in tensors:
-        if not isinstance(t, torch.Tensor):
-            continue
-        t = _plain(t)
-        if is_legacy_batchedtensor(t):
-            t = _legacy_physical(t)
-        if t.is_floating_point() or t.is_complex():
-            plain.append(t)
-    with temporarily_clear_interpreter_stack(), torch.no_grad():
-        return all(bool(t.isfinite().all()) for t in plain)
+    plain = [t for t in map(_plain, (t for t in tensors if isinstance(t, torch.Tensor)))
+             if t.is_floating_point() or t.is_complex()]
+    with temporarily_clear_interpreter_stack(), torch.no_grad():  # (no graph of create_graph results' reads)
+        return all(bool((_legacy_physical(t) if is_legacy_batchedtensor(t) else t).isfinite().all()) for t in plain)
 
 
 def _legacy_physical(t: torch.Tensor) -> torch.Tensor:
