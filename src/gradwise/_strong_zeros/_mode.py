@@ -203,13 +203,20 @@ def _select_view(selections: Any, src: torch.Tensor, out: torch.Tensor) -> None:
     batch dim of 1 (its key the mask tensor itself, the view was no selection: a NaN sensitivity at an unselected
     position stayed). The meaningful places are mapped through the storage (any view)."""
     valid = selections[src]
-    if valid is None or out.untyped_storage()._cdata != src.untyped_storage()._cdata or \
-            out.element_size() != src.element_size():
-        if valid is None:
-            selections[out] = None
+    storage = src.untyped_storage()
+    if out.untyped_storage()._cdata != storage._cdata or out.element_size() != src.element_size():
         return
-    whole = torch.ones(src.untyped_storage().nbytes() // src.element_size(), dtype=torch.bool, device=src.device)
-    whole.as_strided(src.shape, src.stride(), src.storage_offset()).copy_(valid.expand(src.shape))
+    n = storage.nbytes() // src.element_size()
+    if valid is None and src.numel() == n and src.is_contiguous() and not src.storage_offset():
+        selections[out] = None  # (the mask fills its storage: every view reads places of it)
+        return
+    # (a place of the storage outside ``src`` is not meaningful: no selection there)
+    whole = torch.zeros(n, dtype=torch.bool, device=src.device)
+    placed = whole.as_strided(src.shape, src.stride(), src.storage_offset())
+    if valid is None:
+        placed.fill_(True)
+    else:
+        placed.copy_(valid.expand(src.shape))
     selections[out] = whole.as_strided(out.shape, out.stride(), out.storage_offset())
 
 
