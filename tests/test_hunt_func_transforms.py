@@ -241,6 +241,35 @@ def test_is_grads_batched(program, control):
             assert all(torch.equal(g, e) for g, e in zip(got, plain, strict=True))
 
 
+# a reduction's backward selects its argmax with a bool mask (`self == result`); an infinite sensitivity (sqrt at
+# 0) meets the unselected places as inf * False: a decided zero to eager gw.grad, whatever the seed
+SELECTING = {
+    "amax": lambda x: (x.amax(1) - 2.0).sqrt().sum(),
+    "amax(keepdim)": lambda x: (x.amax(1, keepdim=True) - 2.0).sqrt().sum(),
+    "vector_norm(inf)": lambda x: (torch.linalg.vector_norm(x, inf, 1) - 2.0).sqrt().sum(),
+    "max()": lambda x: (x.max() - 3.0).sqrt(),
+}
+
+
+@pytest.mark.parametrize("name", list(SELECTING))
+def test_is_grads_batched_keeps_a_formulas_selection(name):
+    """is_grads_batched's legacy vmap hands amax's ``self == result`` to the product as a view (a batch dim of 1),
+    which was no selection: inf * False stayed PyTorch's NaN there, without a word. Each seed's gradient is the
+    eager gw.grad's with that seed."""
+    f = SELECTING[name]
+    X = torch.tensor([[[1.0, 2.0, 0.5], [3.0, 1.0, 0.0]], [[2.0, 1.0, 1.5], [0.0, 0.0, 3.0]],
+                      [[0.5, 2.0, 2.0], [1.0, 3.0, 1.0]]], dtype=D)
+    xx = X.clone().requires_grad_()
+    y = torch.stack([f(x) for x in xx])
+    seeds = torch.eye(B, dtype=D)
+    expected = torch.stack([gw.grad(y, xx, seeds[i], retain_graph=True)[0] for i in range(B)])
+    plain = torch.autograd.grad(y, xx, seeds, retain_graph=True, is_grads_batched=True)[0]
+    assert int(plain.isnan().sum()) > int(expected.isnan().sum()), "premise: PyTorch is contaminated"
+    with gw.strong_zeros():
+        got = torch.autograd.grad(y, xx, seeds, retain_graph=True, is_grads_batched=True)[0]
+    assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))
+
+
 @pytest.mark.parametrize("transform", ["vmap(grad)", "vmap(vjp)", "jacrev"])
 @pytest.mark.parametrize("control", [False, True])
 def test_ctc_under_vmap_holds(transform, control):
@@ -472,12 +501,28 @@ NODE_READERS = {  # rules that read the running node's saved tensors: op by op u
 }
 
 
+def _seeds_batched(f):
+    """Per-sample gradients as torch.autograd.grad(is_grads_batched=True) takes them: one eager graph of the stacked
+    outputs, one seed per sample (its legacy vmap batches the seeds); (B, B, ...), PyTorch's whatever the path."""
+    def call(X):
+        xx = X.clone().requires_grad_()
+        y = torch.stack([f(x) for x in xx])
+        return torch.autograd.grad(y, xx, torch.eye(len(X), dtype=X.dtype), is_grads_batched=True)[0]
+    return call
+
+
+PER_SAMPLE = {"vmap(grad)": lambda f: torch.func.vmap(torch.func.grad(f)), "is_grads_batched": _seeds_batched}
+
+
+@pytest.mark.parametrize("how", list(PER_SAMPLE))
 @pytest.mark.parametrize("name", list(NODE_READERS))
-def test_node_reading_rules_keep_pytorchs_gradient_under_transforms(name):
+def test_node_reading_rules_keep_pytorchs_gradient_under_transforms(name, how):
+    """(is_grads_batched: the gradients are legacy batched tensors, whose values were not read: the NaN stayed
+    without the warning.)"""
     f = NODE_READERS[name]
     X = _gen(14, 3, 6)
     X[1, 4], X[2, 5] = nan, inf
-    per_sample = torch.func.vmap(torch.func.grad(f))
+    per_sample = PER_SAMPLE[how](f)
     expected = per_sample(X)
     assert not bool(expected.isfinite().all())
     # PyTorch's NaN stays, and is said to be so: the rule that would remove it cannot read the node there
@@ -486,7 +531,8 @@ def test_node_reading_rules_keep_pytorchs_gradient_under_transforms(name):
     assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))
 
 
-def test_triangle_readers_keep_pytorchs_gradient_and_are_named():
+@pytest.mark.parametrize("how", ["grad", "is_grads_batched"])
+def test_triangle_readers_keep_pytorchs_gradient_and_are_named(how):
     """cholesky_solve's formula reads the factor's unused triangle; eager strong zeros clean it with a node hook,
     which cannot run under a transform: PyTorch's gradient there, and an OpaqueBackwardWarning names the node."""
     a = _gen(15, 3, 3)
@@ -497,11 +543,12 @@ def test_triangle_readers_keep_pytorchs_gradient_and_are_named():
     def f(lower):
         return torch.cholesky_solve(rhs, lower).sum()
 
-    expected = torch.func.grad(f)(factor)
+    call = torch.func.grad(f) if how == "grad" else lambda m: _seeds_batched(f)(m[None])
+    expected = call(factor)
     assert bool(expected.isnan().any())
     with pytest.warns(gw.OpaqueBackwardWarning, match="CholeskySolveBackward0 under a torch.func transform"), \
             gw.strong_zeros():
-        got = torch.func.grad(f)(factor)
+        got = call(factor)
     assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))
 
 
@@ -533,6 +580,34 @@ def test_a_nan_output_of_one_sample_is_said_to_keep_the_others_nan(name):
     torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=0)
 
 
+def _rows(x):
+    """Row 0's exp(-inf) = 0 meets sqrt's infinite slope at 0 (finite output: a structural zero, 0 per row); row 1
+    is NaN."""
+    return torch.stack([x[0].exp().sqrt() + x[1], x[2].log()])
+
+
+JACOBIANS = {  # batched seeds: each row a gradient of its own, every output read for all rows at once
+    "jacrev": lambda x: torch.func.jacrev(_rows)(x),
+    "jacobian(vectorize)": lambda x: torch.autograd.functional.jacobian(_rows, x, vectorize=True),
+    "vmap(vjp)": lambda x: torch.func.vmap(torch.func.vjp(_rows, x)[1])(torch.eye(2, dtype=D))[0],
+}
+
+
+@pytest.mark.parametrize("name", list(JACOBIANS))
+def test_a_nan_output_of_one_row_is_said_to_keep_the_others_nan(name):
+    """As for vmap's samples: the rows' outputs are read at once, so row 0 keeps PyTorch's NaN where its own gw.grad
+    gives 0; said by an OpaqueBackwardWarning (the rule stood aside without a word)."""
+    x = torch.tensor([-inf, 1.0, -1.0], dtype=D)
+    xx = x.clone().requires_grad_()
+    y = _rows(xx)
+    assert float(gw.grad(y[0], xx, retain_graph=True)[0][0]) == 0.0
+    plain = JACOBIANS[name](x)
+    assert bool(plain[0, 0].isnan())
+    with pytest.warns(gw.OpaqueBackwardWarning, match="read for the whole batch"), gw.strong_zeros():
+        got = JACOBIANS[name](x)
+    assert torch.equal(got.nan_to_num(7.0), plain.nan_to_num(7.0))
+
+
 def _penalty(inner_grad):
     def h(x):
         (gx,) = inner_grad(_contaminated(x), x, create_graph=True)
@@ -558,3 +633,59 @@ def test_a_create_graph_backward_inside_grad_is_not_followed_and_says_so(inner):
         with pytest.warns(gw.PlainBackwardWarning, match="ran as plain PyTorch"), gw.strong_zeros():
             got = call(arg)
         assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0).expand(got.shape))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# vmap's own options (batch dims not in front, chunks, randomness, model ensembles): each sample's gradient is its
+# eager gw.grad, and PyTorch's bits on finite data
+# ---------------------------------------------------------------------------------------------------------
+
+_ENSEMBLE = [torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).to(D) for _ in range(B)]
+
+
+def _dropped(p, x):
+    with torch.random.fork_rng():
+        torch.manual_seed(3)  # the same mask in every call (randomness="same": one for the batch)
+        return F.dropout(torch.where(_MASK, x.sqrt(), 0.0), 0.5)[:4].sum()
+
+
+def _member(p, x):
+    return functional_call(_ENSEMBLE[0], p, (x,))[:4].pow(2).sum()
+
+
+def _flat_params(g: dict) -> torch.Tensor:
+    return torch.cat([t.flatten(1) for t in g.values()], 1)
+
+
+# name -> (program, f(p, x), argnums, batched call of grad(f) over p and X (B, ...) -> (B, n), p of sample i)
+VMAPPED = {
+    "in_dims=1,out_dims=1": ("where_sqrt", PROGRAMS["where_sqrt"][0], 1, lambda g, p, X: torch.func.vmap(
+        g, in_dims=(None, 1), out_dims=1)(p, X.T).T, lambda p, i: p),
+    "chunk_size=2": ("softmax_mask", PROGRAMS["softmax_mask"][0], 1, lambda g, p, X: torch.func.vmap(
+        g, in_dims=(None, 0), chunk_size=2)(p, X).flatten(1), lambda p, i: p),
+    "randomness=same": ("where_sqrt", _dropped, 1, lambda g, p, X: torch.func.vmap(
+        g, in_dims=(None, 0), randomness="same")(p, X), lambda p, i: p),
+    "stack_module_state": ("module", _member, 0, lambda g, p, X: _flat_params(torch.func.vmap(g, in_dims=(0, 0))(p, X)),
+                           lambda p, i: {k: v[i] for k, v in p.items()}),
+}
+
+
+@pytest.mark.parametrize("name", list(VMAPPED))
+def test_vmap_options_hold(name):
+    program, f, argnums, call, of_sample = VMAPPED[name]
+    params = {k: v.detach() for k, v in torch.func.stack_module_state(_ENSEMBLE)[0].items()} if argnums == 0 else {}
+    X = _data(program, control=False)
+    per_sample = torch.func.grad(f, argnums=argnums)
+    expected = []
+    for i in range(B):
+        p = {k: v.clone().requires_grad_() for k, v in of_sample(params, i).items()}
+        x = X[i].clone().requires_grad_()
+        g = gw.grad(f(p, x), [*p.values()] if argnums == 0 else [x])
+        expected.append(torch.cat([t.flatten() for t in g]))
+    assert not bool(call(per_sample, params, X).isfinite().all()), "premise: PyTorch is contaminated"
+    clean = _clean(program, X)
+    with gw.strong_zeros():
+        got = call(per_sample, params, X)
+        got_clean = call(per_sample, params, clean)
+    _check_close([[g.flatten()] for g in got], [[e] for e in expected], name)
+    assert torch.equal(got_clean, call(per_sample, params, clean))

@@ -112,7 +112,7 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
         return run(retain_graph)
     with without_compiled_autograd():  # its one traced graph of the whole backward is out of gradwise's reach
         if plan == "transform":  # under torch.func transforms: one pass under the mode, nothing hooked (_transforms)
-            return _run_strong(run, retain_graph, create_graph, t_outputs, transform=True)
+            return _run_strong(run, retain_graph, create_graph, t_outputs, transform=True, seeds=grad_tensors or ())
         return _run_plan(plan, run, t_outputs, retain_graph, create_graph, inputs, accumulate_grad, watched)
 
 
@@ -253,20 +253,23 @@ def _outside_the_pass() -> Iterator[None]:
 
 def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, create_graph: bool,
                 outputs: Sequence[Any] = (), supports: _Supports | None = None, functions: bool = False,
-                inputs: Sequence[Any] = (), watched: list | None = None, transform: bool = False) -> Any:
+                inputs: Sequence[Any] = (), watched: list | None = None, transform: bool = False,
+                seeds: Sequence[Any] = ()) -> Any:
     """One backward under the strong-zero mode. ``functions``: watch the graph's custom autograd.Functions for
     results made outside torch ops (`watch_functions`; among ``watched`` when the plan listed them); where
     structural zeros were lost there or in an op without a rule and the gradients hold NaN/Inf, an
     OpaqueBackwardWarning names them (``inputs``: those of backward(inputs=...), whose .grad it reads).
     ``transform``: under torch.func transforms (``_transforms``): outputs and results are read under their
     wrappers, and structural zeros are carried only where PyTorch's autograd below the transforms recorded the
-    pass (the transform's own create_graph records on its wrappers, which no later pass sees)."""
+    pass (the transform's own create_graph records on its wrappers, which no later pass sees); ``seeds``: its
+    sensitivities, batched where each of its rows is a gradient of its own (jacrev, is_grads_batched)."""
     outer = _STATE.create_graph, _STATE.outputs_finite, _STATE.transform, _STATE.outputs_batched
     _STATE.create_graph, _STATE.in_mode, _STATE.transform = create_graph, True, transform
     _STATE.outputs_batched = False
     if transform:
-        _STATE.outputs_finite = _transforms.all_finite(outputs) is True
-        _STATE.outputs_batched = not _STATE.outputs_finite and _transforms.batched(outputs)
+        _STATE.outputs_finite = _transforms.all_finite(outputs)
+        # read for the whole batch: the samples' outputs (vmap(grad)), or all outputs for each row (batched seeds)
+        _STATE.outputs_batched = not _STATE.outputs_finite and _transforms.batched((*outputs, *seeds))
     else:
         _STATE.outputs_finite = all(bool(t.isfinite().all()) for t in outputs
                                     if isinstance(t, torch.Tensor) and t.is_floating_point())
@@ -286,7 +289,7 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
             outer, False
         for h in handles:
             h.remove()
-    if mode.lost and (_transforms.all_finite(result or ()) is False if transform
+    if mode.lost and (not _transforms.all_finite(result or ()) if transform
                       else _holds_nonfinite(result, _leaves(outputs, inputs))):
         for what, fix in mode.lost.items():
             _contract.warn_opaque(what, fix)

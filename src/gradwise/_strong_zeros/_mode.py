@@ -108,6 +108,9 @@ class _StrongZeroMode(LeanDispatchMode):
                 # ...unless it copied (to(dtype), reshape, contiguous met inside a decomposition)
                 s = self.supports.of(src)
                 self.supports.record(out, s.reshape(out.shape) if s.numel() == out.numel() else None)
+            if isinstance(out, torch.Tensor) and out.dtype == torch.bool and isinstance(src, torch.Tensor) \
+                    and src in self.supports.selections:
+                _select_view(self.supports.selections, src, out)
             return out
         rule = lookup(func)
         functional = functional_of(func)  # (cached per overload: None for all but out= overloads)
@@ -202,6 +205,29 @@ class _StrongZeroMode(LeanDispatchMode):
 
 
 _NO_RULE = object()  # (_into_out: neither overload has a rule, or only the functional one and the dtype differs)
+
+
+def _select_view(selections: Any, src: torch.Tensor, out: torch.Tensor) -> None:
+    """A view of a backward formula's selection mask (``_rules_pointwise._comparison``) is that selection too, where
+    the mask's is meaningful: is_grads_batched's legacy vmap hands ``mul`` amax's ``self == result`` as a view with a
+    batch dim of 1 (its key the mask tensor itself, the view was no selection: a NaN sensitivity at an unselected
+    position stayed). The meaningful places are mapped through the storage (any view)."""
+    valid = selections[src]
+    storage = src.untyped_storage()
+    if out.untyped_storage()._cdata != storage._cdata or out.element_size() != src.element_size():
+        return
+    n = storage.nbytes() // src.element_size()
+    if valid is None and src.numel() == n and src.is_contiguous() and not src.storage_offset():
+        selections[out] = None  # (the mask fills its storage: every view reads places of it)
+        return
+    # (a place of the storage outside ``src`` is not meaningful: no selection there)
+    whole = torch.zeros(n, dtype=torch.bool, device=src.device)
+    placed = whole.as_strided(src.shape, src.stride(), src.storage_offset())
+    if valid is None:
+        placed.fill_(True)
+    else:
+        placed.copy_(valid.expand(src.shape))
+    selections[out] = whole.as_strided(out.shape, out.stride(), out.storage_offset())
 
 
 def _into_out(rule, own, func, functional, args: tuple, kwargs: dict, sup: _Supports) -> Any:

@@ -224,8 +224,8 @@ class _State(threading.local):
     planned: tuple[str, list] | None = None
     # whether every output being differentiated is finite (see _softmax_backward and _exp_result_mul)
     outputs_finite = True
-    # under vmap, whether outputs_finite is read for the whole batch at once (some sample's output non-finite
-    # turns the rules that need finite outputs off for every sample: _transforms.MIXED_OUTPUTS)
+    # under vmap, whether outputs_finite is read for the whole batch at once (some sample's output non-finite, or
+    # with batched seeds some row's, turns the rules that need finite outputs off for every one: _MIXED_OUTPUTS)
     outputs_batched = False
     # the autograd node whose backward formula runs now, where the engine's current node cannot tell (a
     # compiled backward's graph run op by op: gradwise._strong_zeros._graph_forms._logsumexp_weights)
@@ -263,8 +263,10 @@ _STATE = _State()
 # exp(-inf)) stood aside for a whole vmap batch because one sample's output is NaN/Inf: the other samples keep
 # PyTorch's NaN there, where their own eager gw.grad removes it
 _MIXED_OUTPUTS = ("a structural zero at exp(-inf) = 0 (exp's, softmax's backward) under vmap, whose outputs are "
-                 "read for the whole batch: some sample's output is NaN/Inf, so no sample's zero there was removed",
-                 "take the gradients of the samples with finite outputs apart (or outside the transform: gw.grad)")
+                 "read for the whole batch (per-sample gradients; jacrev's and is_grads_batched's rows): some "
+                 "sample's (row's) output is NaN/Inf, so no sample's (row's) zero there was removed",
+                 "take the gradients of the samples (rows) with finite outputs apart (or outside the transform: "
+                 "gw.grad of each)")
 
 
 def stood_aside_for_the_batch(sup: _Supports) -> None:

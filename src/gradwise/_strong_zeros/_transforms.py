@@ -116,26 +116,35 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_finite(tensors: Iterable[Any]) -> bool | None:
+def all_finite(tensors: Iterable[Any]) -> bool:
     """Whether every floating-point tensor of ``tensors`` is finite, read on the plain tensors under their functorch
-    wrappers (under vmap: every sample at once) with the transforms set aside, so no wrapper is read and no
-    transform sees the read; None where one is a legacy batched tensor (is_grads_batched's results: not read)."""
-    plain = []
-    for t in tensors:
-        if not isinstance(t, torch.Tensor):
-            continue
-        t = _plain(t)
-        if is_legacy_batchedtensor(t):
-            return None
-        if t.is_floating_point() or t.is_complex():
-            plain.append(t)
-    with temporarily_clear_interpreter_stack(), torch.no_grad():
-        return all(bool(t.isfinite().all()) for t in plain)
+    wrappers (under vmap: every sample at once) and under a legacy batched tensor's batch dims (is_grads_batched's
+    gradients: every seed's at once), with the transforms set aside, so no wrapper is read and no transform sees
+    the read."""
+    plain = [t for t in map(_plain, (t for t in tensors if isinstance(t, torch.Tensor)))
+             if t.is_floating_point() or t.is_complex()]
+    with temporarily_clear_interpreter_stack(), torch.no_grad():  # (no graph of create_graph results' reads)
+        return all(bool((_legacy_physical(t) if is_legacy_batchedtensor(t) else t).isfinite().all()) for t in plain)
+
+
+def _legacy_physical(t: torch.Tensor) -> torch.Tensor:
+    """The physical tensor under a legacy batched tensor (``is_grads_batched``'s vmap, ``torch._vmap_internals``):
+    its batch dim removed at each legacy vmap level active now, innermost first (a level it is not batched at adds
+    a dim of size 1). Its values unread, such a tensor refuses ``bool``: an OpaqueBackwardWarning was never given."""
+    level = torch._C._vmapmode_increment_nesting() - 1  # the innermost level active now (no TLS change: level > 0)
+    torch._C._vmapmode_decrement_nesting()
+    while level > 0 and is_legacy_batchedtensor(t):
+        t = torch._remove_batch_dim(t, level, 1, 0)
+        level -= 1
+    return t
 
 
 def batched(tensors: Iterable[Any]) -> bool:
-    """Whether some tensor of ``tensors`` is batched by vmap under its wrappers (its values are several samples')."""
+    """Whether some tensor of ``tensors`` is batched by vmap under its wrappers (its values are several samples', or
+    several rows' seeds: jacrev's, is_grads_batched's legacy vmap)."""
     for t in tensors:
+        if isinstance(t, torch.Tensor) and is_legacy_batchedtensor(t):
+            return True
         while isinstance(t, torch.Tensor) and is_functorch_wrapped_tensor(t):
             if is_batchedtensor(t):
                 return True
