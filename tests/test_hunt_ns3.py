@@ -383,3 +383,29 @@ def test_hardshrink_with_a_negative_lambda_is_the_identity():
     jumps and refused ("f is discontinuous") at x = +-lambd; now PyTorch's own (derivative 1, exact)."""
     f = lambda x: F.hardshrink(x, -0.5)
     assert_exact(f, (t(-0.5, 0.5, 0.0),), (t(1.0, -1.0, 1.0),))
+
+
+# -- cdist / pdist before a tie ----------------------------------------------------------------------------------
+
+
+def test_cdist_and_pdist_before_a_later_tie():
+    """k-means style min over cdist (and a min over pdist) with tied distances: generalized_grad crashed with
+    PyTorch's NotImplementedError (no forward-mode cdist / pdist): the ranked pass ran PyTorch's own op on dual
+    tensors where the probe saw no tie at the distance itself. Now the rules run there; the result is the gradient
+    of one active piece (each row's nearest centre fixed, plain autograd)."""
+    import itertools
+
+    a, c = t(0.0, 0.0, 1.0, 1.0).reshape(2, 2), t(0.0, 1.0, 1.0, 0.0).reshape(2, 2)  # every distance is 1
+    got = gw.generalized_grad(lambda a: torch.cdist(a, c).min(dim=1).values.sum(), a)[0]
+    pieces = []
+    for j in itertools.product(range(2), repeat=2):
+        x = a.clone().requires_grad_(True)
+        pieces.append(torch.autograd.grad(sum((x[i] - c[j[i]]).norm() for i in range(2)), x)[0])
+    assert any(torch.allclose(got, p) for p in pieces), got
+    x0 = t(0.0, 0.0, 1.0, 0.0, 0.0, 1.0).reshape(3, 2)  # pair distances 1, 1, sqrt(2)
+    got = gw.generalized_grad(lambda x: F.pdist(x).min(), x0)[0]
+    pieces = []
+    for i, j in ((0, 1), (0, 2)):
+        x = x0.clone().requires_grad_(True)
+        pieces.append(torch.autograd.grad((x[i] - x[j]).norm(), x)[0])
+    assert any(torch.allclose(got, p) for p in pieces), got

@@ -197,6 +197,11 @@ def pdist(run, func, x, p=2.0):
     return _coincident_norms(run, "aten.pdist", out, lambda w: x[i[w[0]]] - x[j[w[0]]], p, same)
 
 
+# PyTorch has no forward-mode cdist / pdist: a ranked pass runs their rules (tangents through the norm rule) even
+# where the probe saw no tie, instead of PyTorch's own op (which raises NotImplementedError on a dual tensor)
+cdist.no_pytorch_jvp = pdist.no_pytorch_jvp = True
+
+
 @kink_rule(aten.argmax, torch.argmax, Tensor.argmax)
 def argmax(run, func, x, dim=None, keepdim=False):
     """The index the max rule locks: among tied largest elements, the one largest along the direction."""
