@@ -409,3 +409,26 @@ def test_cdist_and_pdist_before_a_later_tie():
         x = x0.clone().requires_grad_(True)
         pieces.append(torch.autograd.grad((x[i] - x[j]).norm(), x)[0])
     assert any(torch.allclose(got, p) for p in pieces), got
+
+
+NO_PYTORCH_JVP = {  # ops without a forward-mode formula in PyTorch, before a later tie (|z| at z = 0)
+    "embedding_bag max": lambda w: F.embedding_bag(torch.tensor([0, 1, 2]), w, torch.tensor([0, 2]), mode="max"),
+    "index_reduce amin": lambda w: torch.zeros(2, 3, dtype=D).index_reduce(0, torch.tensor([0, 1, 0]), w, "amin"),
+    "cdist": lambda w: torch.cdist(w, w.flip(0) + 1),
+    "pdist": lambda w: F.pdist(w),
+}
+
+
+@pytest.mark.parametrize("name", list(NO_PYTORCH_JVP))
+def test_ops_without_forward_mode_before_a_later_tie(name):
+    """generalized_grad raised PyTorch's NotImplementedError (crash) for these ops followed by a tie: its ranked
+    pass ran PyTorch's own op on dual tensors. Away from their own ties they are smooth: the gradient w.r.t. w is
+    PyTorch's (bit for bit), and z's is a piece of |z| at 0 (+-1)."""
+    op = NO_PYTORCH_JVP[name]
+    w0 = t(0.3, -1.2, 0.7, 2.0, -0.4, 1.1, 0.9, -2.2, 0.5).reshape(3, 3)
+    f = lambda w, z: (op(w) * torch.linspace(0.5, 1.5, op(w0).numel(), dtype=D).reshape(op(w0).shape)).sum() \
+        + z.abs().sum()
+    gw_w, gw_z = gw.generalized_grad(f, (w0, t(0.0, 0.0)))
+    w = w0.clone().requires_grad_(True)
+    assert torch.equal(gw_w, torch.autograd.grad(f(w, t(1.0, 1.0)), w)[0])
+    assert set(gw_z.abs().tolist()) == {1.0}

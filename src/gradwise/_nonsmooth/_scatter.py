@@ -169,9 +169,9 @@ def _reduce_rule(name: str, index_1d: bool):
     return rule
 
 
-kink_rule(aten.scatter_reduce, torch.scatter_reduce, Tensor.scatter_reduce, Tensor.scatter_reduce_)(
-    _reduce_rule("scatter_reduce", False))
-kink_rule(aten.index_reduce, torch.index_reduce, Tensor.index_reduce, Tensor.index_reduce_)(
+_scatter_reduce = kink_rule(aten.scatter_reduce, torch.scatter_reduce, Tensor.scatter_reduce,
+                            Tensor.scatter_reduce_)(_reduce_rule("scatter_reduce", False))
+_index_reduce = kink_rule(aten.index_reduce, torch.index_reduce, Tensor.index_reduce, Tensor.index_reduce_)(
     _reduce_rule("index_reduce", True))
 
 
@@ -216,3 +216,8 @@ def embedding_bag(run, func, input, weight, offsets=None, max_norm=None, norm_ty
         return func(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse, per_sample_weights,
                     include_last_offset, padding_idx)
     return out
+
+
+# a ranked pass runs these rules even where the probe saw no tie (not PyTorch's own op on dual tensors): PyTorch
+# has no forward-mode index_reduce or embedding_bag (NotImplementedError), and scatter_reduce 'prod''s is wrong
+_scatter_reduce.no_pytorch_jvp = _index_reduce.no_pytorch_jvp = embedding_bag.no_pytorch_jvp = True
