@@ -300,6 +300,16 @@ def test_kink_sweep_fast(name):
     assert r.counts["directions"] > 0
 
 
+def test_kink_sweep_svd_every_sample():
+    """svd's samples read the singular vectors through abs; on quantized matrices entries that are 0 in exact
+    arithmetic come out as +-1e-15 and singular values tied in exact arithmetic 1 ulp apart, so the sweep reported
+    75 "wrong" and 12 "silent at a jump" directions that were the float point sitting 1e-16 off a kink (gradwise
+    differentiates the float piece, docs/nonsmooth.md "Near a kink"). The sweep squares the abs outputs and leaves
+    those samples out (``_kink_sweep._near_a_tie``); every other sample must agree."""
+    r = _check_sweep("svd", limit=None)
+    assert r.counts["ok"] > 400 and r.counts["sample left out: 1e-16 off a tie"] <= 12, dict(r.counts)
+
+
 @pytest.mark.slow
 def test_kink_sweep_full():
     """Every op that reaches a kink rule or fact, every sample, both grids, five directions, and gw.gradcheck at
@@ -311,3 +321,130 @@ def test_kink_sweep_full():
         if name not in STEEP:
             failures += ks.sweep_op(op, limit=None, gradcheck=1).failures
     assert not failures, "\n".join(failures[:50])
+
+
+# -- jumps whose argument does not move to first order ----------------------------------------------------------
+
+
+def _safe_norm(x):  # the "safe norm" idiom: sqrt's infinite slope at 0 kept out of the graph
+    sq = (x * x).sum()
+    return torch.where(sq > 0, sq.clamp_min(1e-30).sqrt(), torch.zeros((), dtype=x.dtype))
+
+
+def _safe_normalize(x):
+    sq = (x * x).sum(-1, keepdim=True)
+    return torch.where(sq > 0, x / sq.clamp_min(1e-30).sqrt(), torch.zeros_like(x)).sum()
+
+
+SECOND_ORDER = {  # (f, x, d); each f is continuous along d with another slope, or jumps, at x
+    "safe norm at 0 (f is ||x||: slope 3)": (_safe_norm, t(0.0, 0.0, 0.0), t(1.0, 2.0, 2.0)),
+    "safe normalize at 0 (jumps)": (_safe_normalize, t(0.0, 0.0, 0.0), t(1.0, 2.0, 2.0)),
+    "sign(x * x) at 0 (jumps)": (lambda x: torch.sign(x * x), t(0.0), t(1.0)),
+    "floor(-x * x) at 0 (jumps)": (lambda x: torch.floor(-x * x), t(0.0), t(1.0)),
+    "where(x * x > 0, 1, 0) at 0 (jumps)": (lambda x: torch.where(x * x > 0, 1.0, 0.0).to(D), t(0.0), t(1.0)),
+    "(x * x) // 1 at 0 (jumps)": (lambda x: -(x * x) // 1.0, t(0.0), t(1.0)),
+}
+
+
+@pytest.mark.xfail(strict=True, reason="known silent defect, not fixed (session 29): a comparison or step whose "
+                   "argument is computed with tangent 0 along every direction keeps its value; refusing there also "
+                   "refused locally constant arguments (saturated clamp, floor(x) == 2, sums of relu-dead units)")
+@pytest.mark.parametrize("name", list(SECOND_ORDER))
+def test_jumps_whose_argument_moves_at_second_order(name):
+    """A comparison or step whose argument is computed from f's inputs with tangent 0 along every direction (x * x
+    at 0) keeps its value at x: directional_derivative returns 0 where the safe norm's slope is 3 and where f jumps,
+    generalized_grad 0 where no Clarke gradient exists (silent). Staying and crossing at second order look alike to
+    tangents (threshold(x * x, 0, v) refuses there); telling them from a locally constant argument needs second-order
+    information."""
+    f, x, d = SECOND_ORDER[name]
+    with torch.no_grad():
+        ref = (f(x + 1e-7 * d) - f(x)) / 1e-7
+    assert float(ref.abs()) > 1.0  # the differences: a slope of 3, or a jump
+    with pytest.raises(NonsmoothError, match="higher-order"):
+        gw.directional_derivative(f, x, d)
+    with pytest.raises(NonsmoothError, match="higher-order"):
+        gw.generalized_grad(lambda v: f(v).sum(), x)
+
+
+def test_relu_dead_masks_are_no_second_order_jump():
+    """Whatever fixes the defect above must leave relu-dead elements alone: (h > 0), sign(h) and where(h > 0, ...)
+    of a dead unit are locally constant."""
+    w = torch.tensor([[1.0, 0.5], [-2.0, 1.0], [0.5, -1.0]], dtype=D)
+    f = lambda x: (lambda h: (h * (h > 0).to(D)).sum() + torch.where(h > 0, h, -h).sum() + torch.sign(h).sum())(
+        torch.relu(w @ x))
+    x, d = t(1.0, -0.5), t(0.3, -1.0)  # w @ x = (0.75, -2.5, 1): unit 1 dead
+    assert_exact(f, (x,), (d,))
+    xg = x.clone().requires_grad_(True)
+    assert torch.equal(gw.generalized_grad(f, x)[0], torch.autograd.grad(f(xg), xg)[0])
+
+
+def test_hardshrink_with_a_negative_lambda_is_the_identity():
+    """hardshrink(x, lambd) is 0 on [-lambd, lambd]: empty for lambd < 0, the identity. gradwise treated +-lambd as
+    jumps and refused ("f is discontinuous") at x = +-lambd; now PyTorch's own (derivative 1, exact)."""
+    f = lambda x: F.hardshrink(x, -0.5)
+    assert_exact(f, (t(-0.5, 0.5, 0.0),), (t(1.0, -1.0, 1.0),))
+
+
+# -- cdist / pdist before a tie ----------------------------------------------------------------------------------
+
+
+def test_cdist_and_pdist_before_a_later_tie():
+    """k-means style min over cdist (and a min over pdist) with tied distances: generalized_grad crashed with
+    PyTorch's NotImplementedError (no forward-mode cdist / pdist): the ranked pass ran PyTorch's own op on dual
+    tensors where the probe saw no tie at the distance itself. Now the rules run there; the result is the gradient
+    of one active piece (each row's nearest centre fixed, plain autograd)."""
+    import itertools
+
+    a, c = t(0.0, 0.0, 1.0, 1.0).reshape(2, 2), t(0.0, 1.0, 1.0, 0.0).reshape(2, 2)  # every distance is 1
+    got = gw.generalized_grad(lambda a: torch.cdist(a, c).min(dim=1).values.sum(), a)[0]
+    pieces = []
+    for j in itertools.product(range(2), repeat=2):
+        x = a.clone().requires_grad_(True)
+        pieces.append(torch.autograd.grad(sum((x[i] - c[j[i]]).norm() for i in range(2)), x)[0])
+    assert any(torch.allclose(got, p) for p in pieces), got
+    x0 = t(0.0, 0.0, 1.0, 0.0, 0.0, 1.0).reshape(3, 2)  # pair distances 1, 1, sqrt(2)
+    got = gw.generalized_grad(lambda x: F.pdist(x).min(), x0)[0]
+    pieces = []
+    for i, j in ((0, 1), (0, 2)):
+        x = x0.clone().requires_grad_(True)
+        pieces.append(torch.autograd.grad((x[i] - x[j]).norm(), x)[0])
+    assert any(torch.allclose(got, p) for p in pieces), got
+
+
+NO_PYTORCH_JVP = {  # ops without a forward-mode formula in PyTorch, before a later tie (|z| at z = 0)
+    "embedding_bag max": lambda w: F.embedding_bag(torch.tensor([0, 1, 2]), w, torch.tensor([0, 2]), mode="max"),
+    "index_reduce amin": lambda w: torch.zeros(2, 3, dtype=D).index_reduce(0, torch.tensor([0, 1, 0]), w, "amin"),
+    "cdist": lambda w: torch.cdist(w, w.flip(0) + 1),
+    "pdist": lambda w: F.pdist(w),
+}
+
+
+@pytest.mark.parametrize("name", list(NO_PYTORCH_JVP))
+def test_ops_without_forward_mode_before_a_later_tie(name):
+    """generalized_grad raised PyTorch's NotImplementedError (crash) for these ops followed by a tie: its ranked
+    pass ran PyTorch's own op on dual tensors. Away from their own ties they are smooth: the gradient w.r.t. w is
+    PyTorch's (bit for bit), and z's is a piece of |z| at 0 (+-1)."""
+    op = NO_PYTORCH_JVP[name]
+    w0 = t(0.3, -1.2, 0.7, 2.0, -0.4, 1.1, 0.9, -2.2, 0.5).reshape(3, 3)
+    f = lambda w, z: (op(w) * torch.linspace(0.5, 1.5, op(w0).numel(), dtype=D).reshape(op(w0).shape)).sum() \
+        + z.abs().sum()
+    gw_w, gw_z = gw.generalized_grad(f, (w0, t(0.0, 0.0)))
+    w = w0.clone().requires_grad_(True)
+    assert torch.equal(gw_w, torch.autograd.grad(f(w, t(1.0, 1.0)), w)[0])
+    assert set(gw_z.abs().tolist()) == {1.0}
+
+
+def test_embedding_bag_max_with_padding_idx():
+    """embedding_bag(mode='max', padding_idx=...) with a direction crashed (PyTorch's NotImplementedError: no
+    forward-mode embedding_bag) in the op_db sweep (sample 29, 20 directions). Now the max rule with the padding
+    entries left out: PyTorch's gradient away from ties (bit for bit), the differences at a tie."""
+    idx, offsets = torch.tensor([0, 4, 1, 2, 4, 3]), torch.tensor([0, 2, 4])  # bag 0: rows 0, pad; bag 2: 4 = pad
+    f = lambda w: F.embedding_bag(idx, w, offsets, mode="max", padding_idx=-1)
+    w0 = t(0.3, -1.2, 0.7, 2.0, -0.4, 1.1, 0.9, -2.2, 0.5, 0.1).reshape(5, 2)
+    g = lambda w: (f(w) * t(1.0, -2.0, 0.5, 1.5, -1.0, 0.25).reshape(3, 2)).sum()
+    w = w0.clone().requires_grad_(True)
+    assert torch.equal(gw.generalized_grad(g, w0)[0], torch.autograd.grad(g(w), w)[0])
+    tied = w0.clone()
+    tied[2] = tied[1]  # bag 1 = rows 1, 2: tied in both columns
+    for d in (torch.randn(5, 2, dtype=D, generator=torch.Generator().manual_seed(s)) for s in range(3)):
+        assert_exact(f, (tied,), (d,))

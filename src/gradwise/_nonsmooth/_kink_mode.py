@@ -270,7 +270,8 @@ class _KinkMode(_KinkReads, TorchFunctionMode):
             return func(*args, **kwargs)
         if any(t.numel() == 0 for t in flat) and kwargs.get("out") is None:
             return func(*args, **kwargs)  # no element, nothing ties (an empty batch): PyTorch's own, exact
-        if self.run.known is not None and self.count not in self.run.known:
+        if self.run.known is not None and self.count not in self.run.known \
+                and not getattr(rule, "no_pytorch_jvp", False):
             return func(*args, **kwargs)  # ranked pass: the probe saw no tie here, PyTorch's own JVP is exact
         if rule is None:
             raise NonsmoothError(f"gradwise has no kink rule for {UNRULED[func]} (called at {_user_line()}); "

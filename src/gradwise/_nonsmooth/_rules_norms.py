@@ -15,7 +15,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
-from gradwise._masks import mask_any
+from gradwise._masks import mask_all, mask_any
 from gradwise._nonsmooth._errors import NonsmoothError
 from gradwise._nonsmooth._records import Kink, _user_line
 from gradwise._nonsmooth._rules import _finish, _is_dual, _split, _switch, kink_rule
@@ -150,6 +150,24 @@ def _coincident_norms(run, op: str, out: Tensor, diffs: Callable, p: float, same
     return out.index_put(where, values)
 
 
+def _smooth_distances(diff: Tensor, p: float, native: Callable, *xs) -> Tensor | None:
+    """cdist / pdist with tangents where no pair coincides (1 < p < inf: smooth there): PyTorch's own value and
+    graph (its gradient, bit for bit) with the tangent sum(|δ|^(p-1) sign(δ) δ') / ||δ||_p^(p-1) of the pairs'
+    differences δ made dual (PyTorch has no forward-mode cdist / pdist). None where a pair coincides, or for p = 1,
+    inf (kinks at equal coordinates): the norm rule then."""
+    if not 1 < p < math.inf:
+        return None
+    dp, dt = _split(diff)
+    if dt is None or not mask_all(dp.detach().bool().any(-1)):
+        return None
+    out = native(*(_split(x)[0] for x in xs))
+    with torch.no_grad():
+        d = dp.detach()
+        tangent = (d * dt).sum(-1) / out if p == 2 else \
+            (d.abs().pow(p - 1) * d.sign() * dt).sum(-1) / out.pow(p - 1)
+    return fwAD.make_dual(out, tangent.reshape(out.shape))
+
+
 @kink_rule(aten.cdist, torch.cdist)
 def cdist(run, func, x1, x2, p=2.0, compute_mode="use_mm_for_euclid_dist_if_necessary"):
     """p-norm distance of every row pair: the vector_norm rule on x1_i - x2_j. At coincident points (found exactly:
@@ -165,7 +183,9 @@ def cdist(run, func, x1, x2, p=2.0, compute_mode="use_mm_for_euclid_dist_if_nece
     if _is_dual(x1) or _is_dual(x2) or not 1 < p < math.inf:
         # PyTorch has no forward-mode cdist; p = 1 / inf have kinks at equal coordinates, not only at coincident
         # points: every pair through the norm rule
-        return vector_norm(run, torch.linalg.vector_norm, x1.unsqueeze(-2) - x2.unsqueeze(-3), p, -1)
+        diff = x1.unsqueeze(-2) - x2.unsqueeze(-3)
+        smooth = _smooth_distances(diff, p, lambda a, b: func(a, b, p, compute_mode), x1, x2)
+        return smooth if smooth is not None else vector_norm(run, torch.linalg.vector_norm, diff, p, -1)
     out = func(x1, x2, p, compute_mode)
     with torch.no_grad():
         same = torch.cdist(_split(x1)[0].detach(), _split(x2)[0].detach(), 0.0) == 0
@@ -190,11 +210,17 @@ def pdist(run, func, x, p=2.0):
                                  "equal it jumps, no one-sided derivative")
         return func(xp, p)
     if _is_dual(x) or not 1 < p < math.inf:  # as cdist
-        return vector_norm(run, torch.linalg.vector_norm, x[i] - x[j], p, -1)
+        smooth = _smooth_distances(x[i] - x[j], p, lambda a: func(a, p), x)
+        return smooth if smooth is not None else vector_norm(run, torch.linalg.vector_norm, x[i] - x[j], p, -1)
     out = func(x, p)
     with torch.no_grad():
         same = F.pdist(_split(x)[0].detach(), 0.0) == 0
     return _coincident_norms(run, "aten.pdist", out, lambda w: x[i[w[0]]] - x[j[w[0]]], p, same)
+
+
+# PyTorch has no forward-mode cdist / pdist: a ranked pass runs their rules (tangents through the norm rule) even
+# where the probe saw no tie, instead of PyTorch's own op (which raises NotImplementedError on a dual tensor)
+cdist.no_pytorch_jvp = pdist.no_pytorch_jvp = True
 
 
 @kink_rule(aten.argmax, torch.argmax, Tensor.argmax)

@@ -264,9 +264,10 @@ def softshrink(run, func, x, lambd=0.5):
 def hardshrink(run, func, x, lambd=0.5):
     """x where |x| > lambd, else 0: jumps at +-lambd, an error if the direction crosses one, or if the element's
     tangent there is 0 (it may cross at second order) unless x is f's input (or a view of it), whose tangent 0 is a
-    direction that leaves the element where it is: 0, exact."""
-    if not _touches(run, x, (-lambd, lambd)):
-        return func(x, lambd)
+    direction that leaves the element where it is: 0, exact. lambd < 0: PyTorch's kernel zeroes [-lambd, lambd],
+    which is empty, so hardshrink is the identity (no jump): PyTorch's own."""
+    if (isinstance(lambd, (int, float)) and lambd < 0) or not _touches(run, x, (-lambd, lambd)):
+        return func(x, lambd)  # (lambd < 0: the kernel's [-lambd, lambd] is empty, hardshrink is the identity)
     unmoved = isinstance(lambd, (int, float)) and run.input_view(*_split(x))
     inner = _switch(run, "aten.hardshrink", -lambd - x, x, 0.0, None, jumps=True, unmoved=unmoved)
     return _switch(run, "aten.hardshrink", x - lambd, x, inner, None, jumps=True, unmoved=unmoved)

@@ -169,9 +169,9 @@ def _reduce_rule(name: str, index_1d: bool):
     return rule
 
 
-kink_rule(aten.scatter_reduce, torch.scatter_reduce, Tensor.scatter_reduce, Tensor.scatter_reduce_)(
-    _reduce_rule("scatter_reduce", False))
-kink_rule(aten.index_reduce, torch.index_reduce, Tensor.index_reduce, Tensor.index_reduce_)(
+_scatter_reduce = kink_rule(aten.scatter_reduce, torch.scatter_reduce, Tensor.scatter_reduce,
+                            Tensor.scatter_reduce_)(_reduce_rule("scatter_reduce", False))
+_index_reduce = kink_rule(aten.index_reduce, torch.index_reduce, Tensor.index_reduce, Tensor.index_reduce_)(
     _reduce_rule("index_reduce", True))
 
 
@@ -179,9 +179,10 @@ kink_rule(aten.index_reduce, torch.index_reduce, Tensor.index_reduce, Tensor.ind
 def embedding_bag(run, func, input, weight, offsets=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
                   mode="mean", sparse=False, per_sample_weights=None, include_last_offset=False, padding_idx=None):
     """embedding_bag(mode='max'): per bag, the elementwise max of its rows of ``weight``: the scatter_reduce amax
-    rule (tied rows in a column: the one largest along the direction; PyTorch gives all to one). Other modes and
-    options are PyTorch's."""
-    if mode != "max" or max_norm is not None or per_sample_weights is not None or padding_idx is not None:
+    rule (tied rows in a column: the one largest along the direction; PyTorch gives all to one), entries equal to
+    ``padding_idx`` left out as PyTorch leaves them out (a bag of padding only is 0). Other modes and options are
+    PyTorch's."""
+    if mode != "max" or max_norm is not None or per_sample_weights is not None:
         call = lambda w, p: func(input, w, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse, p,
                                  include_last_offset, padding_idx)
         (wp, wt), (pp, pt) = _split(weight), _split(per_sample_weights)
@@ -207,6 +208,9 @@ def embedding_bag(run, func, input, weight, offsets=None, max_norm=None, norm_ty
         bags = len(offsets) - 1 if include_last_offset else len(offsets)
         bag = torch.searchsorted(offsets, torch.arange(len(flat), device=input.device), right=True) - 1
         bag = bag.clamp(max=bags - 1)
+    if padding_idx is not None:  # (PyTorch has no forward-mode embedding_bag: the rule, not PyTorch's, with a tangent)
+        kept = flat != (padding_idx + wp.shape[0] if padding_idx < 0 else padding_idx)
+        flat, bag = flat[kept], bag[kept]
     rows = weight[flat]
     index = bag.unsqueeze(1).expand(-1, wp.shape[1])
     dest = torch.zeros(bags, wp.shape[1], dtype=wp.dtype, device=wp.device)
@@ -216,3 +220,8 @@ def embedding_bag(run, func, input, weight, offsets=None, max_norm=None, norm_ty
         return func(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse, per_sample_weights,
                     include_last_offset, padding_idx)
     return out
+
+
+# a ranked pass runs these rules even where the probe saw no tie (not PyTorch's own op on dual tensors): PyTorch
+# has no forward-mode index_reduce or embedding_bag (NotImplementedError), and scatter_reduce 'prod''s is wrong
+_scatter_reduce.no_pytorch_jvp = _index_reduce.no_pytorch_jvp = embedding_bag.no_pytorch_jvp = True
