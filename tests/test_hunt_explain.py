@@ -318,3 +318,56 @@ def test_the_watch_does_not_replay_a_reentrant_checkpoint_and_says_why():
     assert len(calls) == 2 and int(bn.num_batches_tracked) == 2  # the forward and its recomputation, no more
     text = str(report)
     assert "donated" not in text and "use_reentrant=True) refuses torch.autograd.grad" in text, text
+
+
+@pytest.mark.parametrize("next_op", ["linear", "matmul"])
+def test_the_watch_names_the_op_whose_output_a_later_node_saved_as_a_view(next_op):
+    """lin(x.log()) with x[0, 1, 2] = 0 (x 3-d, so linear and matmul save a 2-d view of log's output): log's node
+    saves x (finite), the mm saves the view holding -inf, whose node (the view's) makes no NaN/Inf, so gw.watch()'s
+    replay said 'tensor[2, 3, 4] arrived with 1 Inf value(s)' and, for log's backward 1/0, a second genuine Inf
+    'the backward of aten.log made Inf from finite values', where gw.trace() names one birth: aten.log. The
+    saved view's base is the log's output: its node made it."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    x = torch.rand(2, 3, 4)
+    x[0, 1, 2] = 0.0
+    x.requires_grad_(True)
+    f = (lambda: lin(x.log()).sum()) if next_op == "linear" else (lambda: (x.log() @ lin.weight).sum())
+    born = {}
+    for block in (gw.trace, gw.watch):
+        with block() as report:
+            f().backward()
+        lin.zero_grad()
+        x.grad = None
+        genuine = [g for g in report.findings if g.kind in ("nan", "inf") and "aten.sum" not in (g.born or "")]
+        born[block.__name__] = [(g.kind, g.born_op, tuple(g.reaches)) for g in genuine]
+        assert all("arrived" not in (g.born or "") for g in report.findings), str(report)
+    assert born["watch"] == born["trace"] == [("inf", "aten.log", ("lin.weight", "x"))], born
+
+
+class _ScriptedLog(torch.nn.Module):
+    def forward(self, h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return torch.log(h.exp() * k) @ torch.ones(4, 4)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script is deprecated in 2.13
+def test_a_torchscript_blocks_births_say_that_its_lines_are_not_known():
+    """torch.jit.script(module) runs its ops in TorchScript's interpreter: no Python frame of the scripted code, so
+    the trace names the calling line. It said 'aten.log at test.py:<the call>' as if the call made it, and its
+    backward (one DifferentiableGraphBackward node, which the trace saw made at the scripted graph's detached
+    outputs) was 'the backward of aten.detach made NaN from finite values' (the differential checker's seed 98).
+    The births now say they are inside TorchScript code the line calls, and the node is a TorchScript graph."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    block = torch.jit.script(_ScriptedLog())
+    x = torch.randn(6, 4)
+    k = torch.ones(6, 4)
+    k[1, 2] = 0.0
+    f = lambda: torch.tanh(block(lin(x), k)).sum()
+    for _ in range(3):  # the profiling executor makes its differentiable graph on the second call
+        with gw.trace() as report:
+            f().backward()
+        lin.zero_grad()
+    texts = [f.born or "" for f in report.findings if f.kind in ("nan", "inf", "contamination")]
+    assert texts and all("TorchScript" in t for t in texts), str(report)
+    assert "aten.detach" not in str(report), str(report)

@@ -15,18 +15,23 @@ from gradwise._masks import mask_any
 from gradwise._trace._advice import _explain
 from gradwise._trace._common import (
     _ACCUMULATE_SEQ,
+    SCRIPTED,
+    TORCHSCRIPT,
     _aligned,
     _has_nan,
     _inexact,
     _loc,
     _nan_in,
     _nan_mask,
+    _Node,
     _nonfinite,
     _nonfinite_mask,
     _op_name,
     _user_frame,
     engine_hook,
+    in_torchscript,
     nonfinite_number,
+    torchscript_node,
 )
 from gradwise._trace._facts import _ACCUMULATES, _LITERALS
 from gradwise._trace._incidents import _in_base
@@ -147,6 +152,9 @@ class _Provenance:
         self.hook = None
         node_seq = seq[0] if isinstance(seq, tuple) else seq
         nd = self.nodes.get(node_seq) if node_seq is not None else None
+        if nd is not None and nd.op != TORCHSCRIPT and torchscript_node(torch._C._current_autograd_node()):
+            # (the forward saw the scripted graph's outputs detached: its node is no aten.detach's backward)
+            nd = self.nodes[node_seq] = _Node(TORCHSCRIPT, nd.loc)
         if loc is None:  # a node the forward did not record: a custom Function's backward runs the user's code
             frame = _user_frame()
             if nd is not None and (frame is None or (frame.f_code, frame.f_lineno) == self.backward_site):
@@ -203,6 +211,8 @@ class _Provenance:
             def make(idx):
                 number = None if nf else nonfinite_number(args or ())  # x * float("nan"): no tensor is non-finite
                 what = _explain(func, nf or [t for t in ins if t is not o], o, mask, number)  # why, from its inputs
+                if nd is None and in_torchscript():
+                    what += SCRIPTED
                 if nd is not None and nd.op != op and (not nf or new_nan) and loc == nd.loc:
                     what = f"{what} (in the backward formula of {nd.op})"
                 return _Birth(op, loc, what, 0, idx, has_nan)

@@ -112,6 +112,12 @@ def forward_origins(tracer, roots, at: tuple, batches: dict) -> dict[int, frozen
             if nf:
                 known[g] = True
                 outputs.setdefault(g, v)
+                # a saved view (mm's of linear's reshape of log(x)): the node that made its base made the NaN/Inf
+                # it holds (else the view's node, which makes none, took it for data that arrived so)
+                base = v._base
+                if base is not None and base.grad_fn is not None and base.grad_fn is not g and _inexact(base):
+                    known[base.grad_fn] = True
+                    outputs.setdefault(base.grad_fn, base)
             elif v.grad_fn is g and len(g._input_metadata) == 1:
                 # finite evidence only from a node's one differentiable output (not layer norm's mean beside it,
                 # nor one piece of an unbind)
