@@ -371,3 +371,90 @@ def test_a_torchscript_blocks_births_say_that_its_lines_are_not_known():
     texts = [f.born or "" for f in report.findings if f.kind in ("nan", "inf", "contamination")]
     assert texts and all("TorchScript" in t for t in texts), str(report)
     assert "aten.detach" not in str(report), str(report)
+
+
+@pytest.mark.parametrize("nan_first", [True, False])
+def test_writes_into_parts_of_a_tensor_keep_each_parts_birth(nan_first):
+    """p = F.pad(x * 1, (0, 2)); p[:, 3:] = nan; p[0, 0] = inf; (p * w).sum(): w's gradient holds the 8 NaN and
+    the Inf (plain and gw.grad alike). A forward write into a view replaced its base's provenance, so the NaN
+    was told as born at the Inf's line ('genuine NaN: aten.copy_ at <p[0, 0] = inf>', 1 element) and the fill
+    at p[:, 3:] was in no finding; written the other way round the Inf's birth was lost. Writes into parts of a
+    tensor now keep each part's births (as an elementwise op's parts)."""
+    torch.manual_seed(0)
+    x, w = torch.rand(4, 3, requires_grad=True), torch.rand(4, 5, requires_grad=True)
+    nan_line = _writes.__code__.co_firstlineno + (3 if nan_first else 7)
+    f = lambda: _writes(x, w, nan_first)
+    plain, strong = torch.autograd.grad(f(), [x, w]), gw.grad(f(), [x, w])
+    assert [int(g.isnan().sum()) for g in strong] == [int(g.isnan().sum()) for g in plain] == [0, 8]
+    assert [int(g.isinf().sum()) for g in strong] == [0, 1]
+    with gw.trace() as report:
+        f().backward()
+    [nan] = report.of_kind("nan")
+    assert nan.born_location.endswith(f"test_hunt_explain.py:{nan_line}"), str(report)
+    assert nan.count == 8 and nan.reaches == ["w"], str(report)
+    assert not report.of_kind("contamination"), str(report)
+
+
+def _writes(x, w, nan_first):
+    p = F.pad(x * 1.0, (0, 2))
+    if nan_first:
+        p[:, 3:] = float("nan")
+        p[0, 0] = float("inf")
+    else:
+        p[0, 0] = float("inf")
+        p[:, 3:] = float("nan")
+    return (p * w).sum()
+
+
+def test_an_attention_masks_infinity_is_no_root_of_the_nan_another_infinity_made():
+    """F.scaled_dot_product_attention(h, h, h, attn_mask=m) with h holding log(0) = -inf and padded rows: the
+    math path turns the boolean mask into -inf (aten.scalar_tensor) before the scores, where +inf + -inf makes
+    NaN. The NaN was named after the earliest birth it met, the mask's: 'genuine NaN ... born: aten.scalar_tensor
+    ... a NaN/Inf constant written into the tensor', a root cause of its own beside log's (the differential
+    checker's seeds 30, 184). An infinity written on purpose explains no NaN another birth's value made of it."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 5, 4)
+    k = torch.ones(2, 5, 4)
+    k[0, 1, 2] = k[1, 3, 0] = 0.0
+    m = torch.rand(5, 5, generator=torch.Generator().manual_seed(1)) < 0.5
+    m[torch.arange(5), torch.arange(5)] = True
+    with gw.trace() as report:
+        h = F.pad(torch.log(lin(x).exp() * k)[:, :3], (0, 0, 0, 2))  # (rows of 0: -inf x 0 = NaN in the scores)
+        F.scaled_dot_product_attention(h, h, h, attn_mask=m).sum().backward()
+    genuine = [f for f in report.findings if f.kind in ("nan", "inf") and f.reaches]
+    assert genuine and all(f.born_op != "aten.scalar_tensor" for f in genuine), str(report)
+    assert report.causes[0].startswith("root cause at step 0: aten.log"), str(report)
+    assert all("(finding" not in c or "aten.scalar_tensor" not in c.split(";")[0] or "genuine NaN" not in c
+               for c in report.causes), str(report)
+
+
+@pytest.mark.parametrize("padding_first", [True, False])
+def test_a_padding_rows_nan_beside_a_used_nan_through_a_model_is_not_used(padding_first):
+    """distributed.md's batch without DDP: x[4:] = nan (padding the loss never reads, model(x)[:4]) and
+    x[0, 0] = nan (used), written in either order inside the traced block. Whole-tensor provenance named the
+    last write for both: with the padding written last, 'genuine NaN: aten.fill_ (x[4:] = nan) ... reaches
+    model.0.bias, model.0.weight, model.2.weight' and the used NaN in no finding (silent). Each write keeps its
+    part through the layers (a linear layer's addmm, tanh, autograd's detached saved output, the slice)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+    def f():
+        x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+        if padding_first:
+            x[4:] = float("nan")
+            x[0, 0] = float("nan")  # (the used NaN)
+        else:
+            x[0, 0] = float("nan")
+            x[4:] = float("nan")
+        return model(x)[:4].mean()
+
+    names = [n for n, _ in model.named_parameters()]
+    _, genuine = _leaf_truth(f, list(model.parameters()))
+    with gw.trace() as report:
+        f().backward()
+    [nan] = report.of_kind("nan")
+    used_line = f.__code__.co_firstlineno + (4 if padding_first else 6)
+    assert nan.born_location.endswith(f"test_hunt_explain.py:{used_line}"), str(report)
+    assert nan.reaches == sorted(f"model.{names[i]}" for i in genuine), str(report)
+    assert not report.of_kind("contamination"), str(report)

@@ -8,13 +8,15 @@ what it came from). Provenance sets therefore hold a bounded set of objects, the
 and the per-step cost does not grow with the step count. ``order`` (creation order) replaces list searches, so
 building the report is linear in what is kept.
 
-May import: torch; gradwise._trace._common (lazily, for path formatting).
+May import: torch, gradwise._trace._facts; gradwise._trace._common (lazily, for path formatting).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
 import torch
+
+from gradwise._trace._facts import WRITTEN
 
 KEEP = 4  # steps remembered per site (the first occurrences)
 _COUNTS = 8  # later DataLoader batches at an arrival site: kept apart by their NaN/Inf count, this many
@@ -116,7 +118,12 @@ def earliest(births) -> Birth | None:
     NaN parameter makes every later value NaN, so it explains the others), else the earliest-made (creation
     order: linear, no list search)."""
     inherited = [b for b in births if b.op == "gradient"]
-    return min(inherited or births, key=_order, default=None)
+    if inherited:
+        return min(inherited, key=_order)
+    # an infinity written on purpose (an attention mask's -inf, made before the scores) explains no NaN that another
+    # birth's infinity made where they met (+inf - inf): that birth does
+    made = [b for b in births if b.nan or b.parents or b.what != WRITTEN]
+    return min(made or births, key=_order, default=None)
 
 
 def _order(b: Birth) -> int:
