@@ -411,7 +411,8 @@ def test_an_attention_masks_infinity_is_no_root_of_the_nan_another_infinity_made
     math path turns the boolean mask into -inf (aten.scalar_tensor) before the scores, where +inf + -inf makes
     NaN. The NaN was named after the earliest birth it met, the mask's: 'genuine NaN ... born: aten.scalar_tensor
     ... a NaN/Inf constant written into the tensor', a root cause of its own beside log's (the differential
-    checker's seeds 30, 184). An infinity written on purpose explains no NaN another birth's value made of it."""
+    checker's seeds 30, 184), and 'genuine Inf: the output depends on it' born at the mask (the loss holds no
+    Inf). An infinity written on purpose explains no NaN another birth's value made of it."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(4, 4)
     x = torch.randn(2, 5, 4)
@@ -422,8 +423,7 @@ def test_an_attention_masks_infinity_is_no_root_of_the_nan_another_infinity_made
     with gw.trace() as report:
         h = F.pad(torch.log(lin(x).exp() * k)[:, :3], (0, 0, 0, 2))  # (rows of 0: -inf x 0 = NaN in the scores)
         F.scaled_dot_product_attention(h, h, h, attn_mask=m).sum().backward()
-    genuine = [f for f in report.findings if f.kind in ("nan", "inf") and f.reaches]
-    assert genuine and all(f.born_op != "aten.scalar_tensor" for f in genuine), str(report)
+    assert report.of_kind("nan") and all(f.born_op != "aten.scalar_tensor" for f in report.findings), str(report)
     assert report.causes[0].startswith("root cause at step 0: aten.log"), str(report)
     assert all("(finding" not in c or "aten.scalar_tensor" not in c.split(";")[0] or "genuine NaN" not in c
                for c in report.causes), str(report)
@@ -458,3 +458,51 @@ def test_a_padding_rows_nan_beside_a_used_nan_through_a_model_is_not_used(paddin
     assert nan.born_location.endswith(f"test_hunt_explain.py:{used_line}"), str(report)
     assert nan.reaches == sorted(f"model.{names[i]}" for i in genuine), str(report)
     assert not report.of_kind("contamination"), str(report)
+
+
+@pytest.mark.parametrize("after", ["where then linear", "linear then slice"])
+def test_a_genuine_findings_elements_are_those_the_output_uses(after):
+    """sqrt(lin(x).exp() * k) with sqrt(-1) in rows 0, 1 (used) and 4, 5 (masked or sliced away), then a linear
+    layer: 'genuine NaN ... 4 elements' counted the masked rows too (the linear layer's weight gradient mixes the
+    rows, and a birth met there kept the born tensor's count). The reference: the born elements where gw.grad's
+    sensitivity (strong zeros: the masked rows' is a structural 0) is nonzero. sqrt's own backward receives the
+    whole sensitivity of every use and meets each born element there, so its genuine elements are the used ones."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    x = torch.rand(6, 4)
+    k = torch.ones(6, 4)
+    k[0, 1] = k[1, 2] = k[4, 0] = k[5, 3] = -1.0
+    m = torch.ones(6, 1, dtype=torch.bool)
+    m[4:] = False
+
+    def f():
+        y = torch.sqrt(lin(x).exp() * k)
+        return (lin(torch.where(m, y, 0.0)).sum() if after == "where then linear" else lin(y)[:4].sum()), y
+
+    loss, y = f()
+    [g] = gw.grad(loss, [y])
+    used = int((~y.isfinite() & (g != 0)).sum())
+    assert used == 2
+    with gw.trace() as report:
+        f()[0].backward()
+    [nan] = report.of_kind("nan")
+    assert nan.count == used, str(report)
+
+
+def test_the_watch_does_not_call_a_value_the_forward_made_data_that_arrived():
+    """gw.watch() over (where(m, log(lin(x).exp() * k).index_select(0, i), 0) @ w).sum(): no node saves log's
+    output nor the index_select's or the where's (they save their input, an index, a condition), and the bmm's
+    saved view holds the -inf. The replay fell back to 'tensor[6, 4] arrived with 2 Inf value(s)' for a value the
+    forward made (it has a node): a false claim. It now says which node's op or an op before it made it, and that
+    the watch cannot tell which (the checker's compiled seeds hit it: a compiled block's output)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    x, w = torch.rand(6, 4), torch.rand(4, 4, requires_grad=True)
+    k = torch.ones(6, 4)
+    k[0, 1] = k[2, 3] = 0.0
+    m, i = torch.rand(6, 4) < 0.9, torch.tensor([0, 1, 2, 3, 4, 5])
+    with gw.watch() as report:
+        (torch.where(m, torch.log(lin(x).exp() * k).index_select(0, i), 0.0) @ w).sum().backward()
+    births = [f.born or "" for f in report.findings if f.kind in ("nan", "inf", "contamination")]
+    assert births and not any("arrived with" in b for b in births), str(report)
+    assert all("gw.trace() names the op" in b or "aten.log" in b for b in births), str(report)
