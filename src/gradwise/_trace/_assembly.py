@@ -79,7 +79,7 @@ class _Assembly:
                 # before any gradient: harmless
                 unreached[(inc.op, _fmt(inc.loc))] = unreached.get((inc.op, _fmt(inc.loc)), 0) + inc.count
                 continue
-            via = earliest(inc.births)
+            via = earliest(inc.births, inc.kind)
             birth = overflow_root(via)
             stand_in = self.backward_births.get(id(inc), (None, None))[1]  # born in the backward, used later
             if inc.kind == "contamination":
@@ -290,7 +290,7 @@ def _used_elements(incidents, since: int) -> dict[int, tuple[int, list]]:
     for inc in incidents:
         if inc.serial <= since or not inc.births:
             continue
-        birth = overflow_root(earliest(inc.births))
+        birth = overflow_root(earliest(inc.births, inc.kind))
         if inc.node_op == birth.op and inc.loc == birth.loc and inc.shape == birth.shape:
             own.setdefault(id(birth), [0, 0, birth])[inc.kind == "contamination"] += inc.count
         if inc.kind == "contamination":

@@ -12,7 +12,7 @@ import torch
 
 from gradwise._trace import _common
 from gradwise._trace._common import _inexact, _loc, _nonfinite, _user_frame
-from gradwise._trace._facts import STALE, WRITTEN
+from gradwise._trace._facts import STALE, WRITTEN_MASK
 from gradwise._trace._shadow import _Shadow
 from gradwise._trace._store import Birth as _Birth
 
@@ -44,7 +44,7 @@ class _Roots:
             if len(births) > 1 and any(b.nan for b in births) and not _holds_inf(o):
                 # an infinity written on purpose (an attention mask's -inf) in an output that holds none, only
                 # the NaN another birth made of it: no use of its own (_store.earliest)
-                births = [b for b in births if b.nan or b.parents or b.what != WRITTEN] or births
+                births = [b for b in births if b.nan or b.parents or b.what != WRITTEN_MASK] or births
             # a parameter made NaN by an earlier backward makes the whole output NaN: it explains the others
             inherited = [b for b in births if b.op == "gradient"]
             for b in inherited or births:
