@@ -318,3 +318,191 @@ def test_the_watch_does_not_replay_a_reentrant_checkpoint_and_says_why():
     assert len(calls) == 2 and int(bn.num_batches_tracked) == 2  # the forward and its recomputation, no more
     text = str(report)
     assert "donated" not in text and "use_reentrant=True) refuses torch.autograd.grad" in text, text
+
+
+@pytest.mark.parametrize("next_op", ["linear", "matmul"])
+def test_the_watch_names_the_op_whose_output_a_later_node_saved_as_a_view(next_op):
+    """lin(x.log()) with x[0, 1, 2] = 0 (x 3-d, so linear and matmul save a 2-d view of log's output): log's node
+    saves x (finite), the mm saves the view holding -inf, whose node (the view's) makes no NaN/Inf, so gw.watch()'s
+    replay said 'tensor[2, 3, 4] arrived with 1 Inf value(s)' and, for log's backward 1/0, a second genuine Inf
+    'the backward of aten.log made Inf from finite values', where gw.trace() names one birth: aten.log. The
+    saved view's base is the log's output: its node made it."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    x = torch.rand(2, 3, 4)
+    x[0, 1, 2] = 0.0
+    x.requires_grad_(True)
+    f = (lambda: lin(x.log()).sum()) if next_op == "linear" else (lambda: (x.log() @ lin.weight).sum())
+    born = {}
+    for block in (gw.trace, gw.watch):
+        with block() as report:
+            f().backward()
+        lin.zero_grad()
+        x.grad = None
+        genuine = [g for g in report.findings if g.kind in ("nan", "inf") and "aten.sum" not in (g.born or "")]
+        born[block.__name__] = [(g.kind, g.born_op, tuple(g.reaches)) for g in genuine]
+        assert all("arrived" not in (g.born or "") for g in report.findings), str(report)
+    assert born["watch"] == born["trace"] == [("inf", "aten.log", ("lin.weight", "x"))], born
+
+
+class _ScriptedLog(torch.nn.Module):
+    def forward(self, h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return torch.log(h.exp() * k) @ torch.ones(4, 4)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script is deprecated in 2.13
+def test_a_torchscript_blocks_births_say_that_its_lines_are_not_known():
+    """torch.jit.script(module) runs its ops in TorchScript's interpreter: no Python frame of the scripted code, so
+    the trace names the calling line. It said 'aten.log at test.py:<the call>' as if the call made it, and its
+    backward (one DifferentiableGraphBackward node, which the trace saw made at the scripted graph's detached
+    outputs) was 'the backward of aten.detach made NaN from finite values' (the differential checker's seed 98).
+    The births now say they are inside TorchScript code the line calls, and the node is a TorchScript graph."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    block = torch.jit.script(_ScriptedLog())
+    x = torch.randn(6, 4)
+    k = torch.ones(6, 4)
+    k[1, 2] = 0.0
+    f = lambda: torch.tanh(block(lin(x), k)).sum()
+    for _ in range(3):  # the profiling executor makes its differentiable graph on the second call
+        with gw.trace() as report:
+            f().backward()
+        lin.zero_grad()
+    texts = [f.born or "" for f in report.findings if f.kind in ("nan", "inf", "contamination")]
+    assert texts and all("TorchScript" in t for t in texts), str(report)
+    assert "aten.detach" not in str(report), str(report)
+
+
+@pytest.mark.parametrize("nan_first", [True, False])
+def test_writes_into_parts_of_a_tensor_keep_each_parts_birth(nan_first):
+    """p = F.pad(x * 1, (0, 2)); p[:, 3:] = nan; p[0, 0] = inf; (p * w).sum(): w's gradient holds the 8 NaN and
+    the Inf (plain and gw.grad alike). A forward write into a view replaced its base's provenance, so the NaN
+    was told as born at the Inf's line ('genuine NaN: aten.copy_ at <p[0, 0] = inf>', 1 element) and the fill
+    at p[:, 3:] was in no finding; written the other way round the Inf's birth was lost. Writes into parts of a
+    tensor now keep each part's births (as an elementwise op's parts)."""
+    torch.manual_seed(0)
+    x, w = torch.rand(4, 3, requires_grad=True), torch.rand(4, 5, requires_grad=True)
+    nan_line = _writes.__code__.co_firstlineno + (3 if nan_first else 7)
+    f = lambda: _writes(x, w, nan_first)
+    plain, strong = torch.autograd.grad(f(), [x, w]), gw.grad(f(), [x, w])
+    assert [int(g.isnan().sum()) for g in strong] == [int(g.isnan().sum()) for g in plain] == [0, 8]
+    assert [int(g.isinf().sum()) for g in strong] == [0, 1]
+    with gw.trace() as report:
+        f().backward()
+    [nan] = report.of_kind("nan")
+    assert nan.born_location.endswith(f"test_hunt_explain.py:{nan_line}"), str(report)
+    assert nan.count == 8 and nan.reaches == ["w"], str(report)
+    assert not report.of_kind("contamination"), str(report)
+
+
+def _writes(x, w, nan_first):
+    p = F.pad(x * 1.0, (0, 2))
+    if nan_first:
+        p[:, 3:] = float("nan")
+        p[0, 0] = float("inf")
+    else:
+        p[0, 0] = float("inf")
+        p[:, 3:] = float("nan")
+    return (p * w).sum()
+
+
+def test_an_attention_masks_infinity_is_no_root_of_the_nan_another_infinity_made():
+    """F.scaled_dot_product_attention(h, h, h, attn_mask=m) with h holding log(0) = -inf and padded rows: the
+    math path turns the boolean mask into -inf (aten.scalar_tensor) before the scores, where +inf + -inf makes
+    NaN. The NaN was named after the earliest birth it met, the mask's: 'genuine NaN ... born: aten.scalar_tensor
+    ... a NaN/Inf constant written into the tensor', a root cause of its own beside log's (the differential
+    checker's seeds 30, 184), and 'genuine Inf: the output depends on it' born at the mask (the loss holds no
+    Inf). An infinity written on purpose explains no NaN another birth's value made of it."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 5, 4)
+    k = torch.ones(2, 5, 4)
+    k[0, 1, 2] = k[1, 3, 0] = 0.0
+    m = torch.rand(5, 5, generator=torch.Generator().manual_seed(1)) < 0.5
+    m[torch.arange(5), torch.arange(5)] = True
+    with gw.trace() as report:
+        h = F.pad(torch.log(lin(x).exp() * k)[:, :3], (0, 0, 0, 2))  # (rows of 0: -inf x 0 = NaN in the scores)
+        F.scaled_dot_product_attention(h, h, h, attn_mask=m).sum().backward()
+    assert report.of_kind("nan") and all(f.born_op != "aten.scalar_tensor" for f in report.findings), str(report)
+    assert report.causes[0].startswith("root cause at step 0: aten.log"), str(report)
+    assert all("(finding" not in c or "aten.scalar_tensor" not in c.split(";")[0] or "genuine NaN" not in c
+               for c in report.causes), str(report)
+
+
+@pytest.mark.parametrize("padding_first", [True, False])
+def test_a_padding_rows_nan_beside_a_used_nan_through_a_model_is_not_used(padding_first):
+    """distributed.md's batch without DDP: x[4:] = nan (padding the loss never reads, model(x)[:4]) and
+    x[0, 0] = nan (used), written in either order inside the traced block. Whole-tensor provenance named the
+    last write for both: with the padding written last, 'genuine NaN: aten.fill_ (x[4:] = nan) ... reaches
+    model.0.bias, model.0.weight, model.2.weight' and the used NaN in no finding (silent). Each write keeps its
+    part through the layers (a linear layer's addmm, tanh, autograd's detached saved output, the slice)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+    def f():
+        x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+        if padding_first:
+            x[4:] = float("nan")
+            x[0, 0] = float("nan")  # (the used NaN)
+        else:
+            x[0, 0] = float("nan")
+            x[4:] = float("nan")
+        return model(x)[:4].mean()
+
+    names = [n for n, _ in model.named_parameters()]
+    _, genuine = _leaf_truth(f, list(model.parameters()))
+    with gw.trace() as report:
+        f().backward()
+    [nan] = report.of_kind("nan")
+    used_line = f.__code__.co_firstlineno + (4 if padding_first else 6)
+    assert nan.born_location.endswith(f"test_hunt_explain.py:{used_line}"), str(report)
+    assert nan.reaches == sorted(f"model.{names[i]}" for i in genuine), str(report)
+    assert not report.of_kind("contamination"), str(report)
+
+
+@pytest.mark.parametrize("after", ["where then linear", "linear then slice"])
+def test_a_genuine_findings_elements_are_those_the_output_uses(after):
+    """sqrt(lin(x).exp() * k) with sqrt(-1) in rows 0, 1 (used) and 4, 5 (masked or sliced away), then a linear
+    layer: 'genuine NaN ... 4 elements' counted the masked rows too (the linear layer's weight gradient mixes the
+    rows, and a birth met there kept the born tensor's count). The reference: the born elements where gw.grad's
+    sensitivity (strong zeros: the masked rows' is a structural 0) is nonzero. sqrt's own backward receives the
+    whole sensitivity of every use and meets each born element there, so its genuine elements are the used ones."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    x = torch.rand(6, 4)
+    k = torch.ones(6, 4)
+    k[0, 1] = k[1, 2] = k[4, 0] = k[5, 3] = -1.0
+    m = torch.ones(6, 1, dtype=torch.bool)
+    m[4:] = False
+
+    def f():
+        y = torch.sqrt(lin(x).exp() * k)
+        return (lin(torch.where(m, y, 0.0)).sum() if after == "where then linear" else lin(y)[:4].sum()), y
+
+    loss, y = f()
+    [g] = gw.grad(loss, [y])
+    used = int((~y.isfinite() & (g != 0)).sum())
+    assert used == 2
+    with gw.trace() as report:
+        f()[0].backward()
+    [nan] = report.of_kind("nan")
+    assert nan.count == used, str(report)
+
+
+def test_the_watch_does_not_call_a_value_the_forward_made_data_that_arrived():
+    """gw.watch() over (where(m, log(lin(x).exp() * k).index_select(0, i), 0) @ w).sum(): no node saves log's
+    output nor the index_select's or the where's (they save their input, an index, a condition), and the bmm's
+    saved view holds the -inf. The replay fell back to 'tensor[6, 4] arrived with 2 Inf value(s)' for a value the
+    forward made (it has a node): a false claim. It now says which node's op or an op before it made it, and that
+    the watch cannot tell which (the checker's compiled seeds hit it: a compiled block's output)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    x, w = torch.rand(6, 4), torch.rand(4, 4, requires_grad=True)
+    k = torch.ones(6, 4)
+    k[0, 1] = k[2, 3] = 0.0
+    m, i = torch.rand(6, 4) < 0.9, torch.tensor([0, 1, 2, 3, 4, 5])
+    with gw.watch() as report:
+        (torch.where(m, torch.log(lin(x).exp() * k).index_select(0, i), 0.0) @ w).sum().backward()
+    births = [f.born or "" for f in report.findings if f.kind in ("nan", "inf", "contamination")]
+    assert births and not any("arrived with" in b for b in births), str(report)
+    assert all("gw.trace() names the op" in b or "aten.log" in b for b in births), str(report)

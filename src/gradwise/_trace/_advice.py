@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from gradwise._trace._common import _aligned, _nan_in, _nonfinite, _op_name, aten
-from gradwise._trace._facts import _LITERALS, _OVERFLOWS
+from gradwise._trace._facts import _LITERALS, _OVERFLOWS, WRITTEN, WRITTEN_MASK
 
 _EXPLAIN: dict = {}  # op (an overload where it differs: pow.Scalar's tensor is the exponent) -> explainer
 OVERFLOW = "overflow"  # how an overflow's explanation starts (its fix: _OVERFLOW_FIX)
@@ -166,7 +166,8 @@ def _inverse_trig_domain(ins, out, mask) -> str:
            aten.constant_pad_nd)
 def _written(ins, out, mask) -> str:
     """A NaN/Inf constant written into a tensor (data, padding, a mask value)."""
-    return "a NaN/Inf constant written into the tensor"
+    mask_value = out.shape == mask.shape and bool((out[mask] == float("-inf")).all())
+    return WRITTEN_MASK if mask_value else WRITTEN
 
 
 

@@ -79,7 +79,7 @@ class _Assembly:
                 # before any gradient: harmless
                 unreached[(inc.op, _fmt(inc.loc))] = unreached.get((inc.op, _fmt(inc.loc)), 0) + inc.count
                 continue
-            via = earliest(inc.births)
+            via = earliest(inc.births, inc.kind)
             birth = overflow_root(via)
             stand_in = self.backward_births.get(id(inc), (None, None))[1]  # born in the backward, used later
             if inc.kind == "contamination":
@@ -283,10 +283,18 @@ def _used_elements(incidents, since: int) -> dict[int, tuple[int, list]]:
     elsewhere (a matmul's weight gradient) keeps the born tensor's count, in its own coordinates."""
     best: dict[int, tuple[int, list]] = {}
     mixed: set[int] = set()
+    # per birth: the elements met in the backward of the op that made it (its own node: the whole sensitivity of
+    # every use of it arrives there), genuine and contamination; where they are all of its elements, the genuine
+    # ones are those used, whatever mixes them further down (lin(where(m, sqrt(-1), 0)): not the masked rows)
+    own: dict[int, list] = {}
     for inc in incidents:
-        if inc.serial <= since or inc.kind == "contamination" or not inc.births:
+        if inc.serial <= since or not inc.births:
             continue
-        birth = overflow_root(earliest(inc.births))
+        birth = overflow_root(earliest(inc.births, inc.kind))
+        if inc.node_op == birth.op and inc.loc == birth.loc and inc.shape == birth.shape:
+            own.setdefault(id(birth), [0, 0, birth])[inc.kind == "contamination"] += inc.count
+        if inc.kind == "contamination":
+            continue
         if birth.op in ("gradient", "backward", "seed") or inc.shape is None or inc.shape != birth.shape:
             mixed.add(id(birth))
         else:  # as often a step as the birth (an incident met twice a step, as in h * h, is interned once); over
@@ -295,4 +303,5 @@ def _used_elements(incidents, since: int) -> dict[int, tuple[int, list]]:
             n = min(birth.count, round(inc.count * per_step))
             if n > best.get(id(birth), (0, []))[0]:
                 best[id(birth)] = (n, inc.indices)
-    return {k: v for k, v in best.items() if k not in mixed}
+    whole = {k for k, (genuine, contaminated, birth) in own.items() if genuine + contaminated >= birth.count}
+    return {k: v for k, v in best.items() if k not in mixed or k in whole}

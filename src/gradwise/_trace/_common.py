@@ -124,6 +124,31 @@ def _user_frame():
     return f
 
 
+# TorchScript runs its ops in its interpreter: no Python frame of the scripted code, so the line is its caller's
+TORCHSCRIPT = "a TorchScript graph"
+SCRIPTED = " (inside TorchScript code that this line calls: the op's own line is not known)"
+
+
+def in_torchscript() -> bool:
+    """Whether the op being dispatched runs inside a scripted module's forward (``torch.jit.script(module)``):
+    Module._call_impl called a ScriptMethod below the user's line. Read where a birth is described (rare), never
+    per op. A scripted function called directly leaves no such frame: not known."""
+    f = sys._getframe(1)
+    while f is not None:
+        if f.f_code.co_name == "_call_impl" and isinstance(f.f_locals.get("forward_call"), torch._C.ScriptMethod):
+            return True
+        if not _is_internal(f.f_code):  # the user's frame: the op was called from Python code
+            return False
+        f = f.f_back
+    return False
+
+
+def torchscript_node(node) -> bool:
+    """Whether the autograd node ``node`` is a TorchScript graph's backward (its forward's ops ran in the
+    interpreter, whose detached outputs the trace saw make the node)."""
+    return node is not None and "DifferentiableGraphBackward" in node.name()
+
+
 # the torch files through which the engine runs a hook of the user's: module backward hooks (utils/hooks.py), the
 # deprecated Module.register_backward_hook (_WrappedHook, nn/modules/module.py), register_multi_grad_hook
 # (autograd/graph.py). Any other torch file between the user's code and the engine runs it as the backward does:

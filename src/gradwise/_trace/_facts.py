@@ -116,6 +116,9 @@ _COLLECTIVE_NAMESPACES = {"c10d", "_c10d_functional"}
 # backward's new_empty_strided, are written before they are read)
 _UNINITIALISED = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided"}
 _NOT_DATA = {*_UNINITIALISED, "gradient"}
+WRITTEN = "a NaN/Inf constant written into the tensor"  # a birth's description: data, padding, a mask value
+# ... all -inf: a mask value (an attention mask's), which explains no NaN another birth's infinity makes of it
+WRITTEN_MASK = f"{WRITTEN} (-inf: a mask value)"
 # ops whose Inf from finite inputs is an overflow (not a constant written on purpose, as a -inf mask is)
 # (pow too: a large power overflows; its own explainer, in _advice, also names its domain)
 _OVERFLOWS = {aten.exp, aten.exp2, aten.expm1, aten.sinh, aten.cosh, aten.mul, aten.mm, aten.addmm, aten.bmm, aten.sum,

@@ -146,6 +146,9 @@ class _Incidents:
                 if aligned else nf
             births = frozenset().union(*(self._origin_at(t, loc, kind_mask) if aligned else self._origin(t, loc)
                                          for t in there)) if there else frozenset()
+            if not aligned and len(there) == 1 and there[0] in self.parts and args is not None and \
+                    func.overloadpacket in _BILINEAR:
+                births = self._parts_met(func, args, there[0], kind_mask, contaminated, o, out) or births
             has_nan = _nan_in(o, kind_mask)
             if contaminated and unread is not None:  # no zero involved: the formula read what the forward did not
                 kind = "contamination"
@@ -180,6 +183,22 @@ class _Incidents:
             if self.provisional is not None:
                 self.provisional.append((inc, count, nd, _strong_zeros.in_pass()))
         return incidents, mask & ~genuine
+
+    def _parts_met(self, func, args, t, where, zero, o, out, finite_only=False) -> frozenset | None:
+        """Of a bilinear op whose saved operand ``t`` holds parts of different births (``parts``: the padding rows
+        written NaN beside a used row's NaN): the births of the parts whose NaN/Inf a nonzero sensitivity
+        (``zero``: a zero one) meets at the elements ``where`` of ``o``; None where that is not known."""
+        got = frozenset()
+        for m, births in self.parts[t]:
+            try:
+                met = self._indicators(func, args, [t], o, out, finite_only, part=m.broadcast_to(t.shape), zero=zero)
+            except Exception:  # an explanation must never break the program it explains
+                return None
+            if met is None:
+                return None
+            if bool(mask_any(met & where)):
+                got |= births
+        return got or None
 
     def _nonzero_sensitivity_met(self, func, o, mask, ins, sens_ins, nf, args, out, kwargs=None) -> torch.Tensor:
         """Bool mask over `o`: where a nonzero sensitivity met a non-finite value (genuine), else contamination."""
@@ -218,16 +237,20 @@ class _Incidents:
         strong = self.shadow.strong(o) if self.shadow is not None else None
         return self.triangles.strong(o) if strong is None and self.triangles is not None else strong
 
-    def _indicators(self, func, args, nf, o, out=None, finite_only=False) -> torch.Tensor | None:
+    def _indicators(self, func, args, nf, o, out=None, finite_only=False, part=None, zero=False) -> torch.Tensor | None:
         """Of a bilinear op (linear in the sensitivity and in the saved value): the op evaluated on indicators
         (nonzero sensitivity, non-finite value of ``nf``) says which outputs mix the two; None where ``o`` is
-        not among its results. ``finite_only``: a NaN/Inf sensitivity counts as zero."""
+        not among its results. ``finite_only``: a NaN/Inf sensitivity counts as zero; ``part``: only the
+        non-finite values there count; ``zero``: the zero sensitivities are the ones that count."""
         def ind(a):
             if not isinstance(a, torch.Tensor) or not _inexact(a):
                 return a
             if a in self.sens:
-                return _nonzero(a, finite_only).to(a.dtype)
-            return (~torch.isfinite(a)).to(a.dtype) if any(a is t for t in nf) else torch.zeros_like(a)
+                return (a == 0 if zero else _nonzero(a, finite_only)).to(a.dtype)
+            if not any(a is t for t in nf):
+                return torch.zeros_like(a)
+            bad = ~torch.isfinite(a)
+            return (bad if part is None else bad & part).to(a.dtype)
 
         new_args = [[ind(x) for x in a] if isinstance(a, (list, tuple)) else ind(a) for a in args]
         res = func(*new_args)

@@ -15,20 +15,25 @@ from gradwise._masks import mask_any
 from gradwise._trace._advice import _explain
 from gradwise._trace._common import (
     _ACCUMULATE_SEQ,
+    SCRIPTED,
+    TORCHSCRIPT,
     _aligned,
     _has_nan,
     _inexact,
     _loc,
     _nan_in,
     _nan_mask,
+    _Node,
     _nonfinite,
     _nonfinite_mask,
     _op_name,
     _user_frame,
     engine_hook,
+    in_torchscript,
     nonfinite_number,
+    torchscript_node,
 )
-from gradwise._trace._facts import _ACCUMULATES, _LITERALS
+from gradwise._trace._facts import _ACCUMULATES, _BILINEAR, _LITERALS
 from gradwise._trace._incidents import _in_base
 from gradwise._trace._store import KEEP as _KEEP
 from gradwise._trace._store import Birth as _Birth
@@ -38,7 +43,9 @@ from gradwise._trace._store import first as _first
 
 # ops that select elements: the parts they keep are the provenance of their output
 _SELECTS = {torch.ops.aten.index, torch.ops.aten.index_select, torch.ops.aten.masked_select, torch.ops.aten.gather,
-            torch.ops.aten.take}
+            torch.ops.aten.take, torch.ops.aten.slice, torch.ops.aten.select, torch.ops.aten.narrow}
+# ops whose output holds the input's elements where they were: its parts stay (autograd's detach of a saved output)
+_SAME_ELEMENTS = {torch.ops.aten.detach, torch.ops.aten.alias, torch.ops.aten.clone, torch.ops.aten._to_copy}
 _MAX_PARTS = 8  # provenance parts kept per tensor (more: the tensor's whole provenance is told everywhere)
 
 # softmaxes that make 0 of a -inf input (scaled_dot_product_attention's math path uses _safe_softmax, which makes
@@ -147,6 +154,9 @@ class _Provenance:
         self.hook = None
         node_seq = seq[0] if isinstance(seq, tuple) else seq
         nd = self.nodes.get(node_seq) if node_seq is not None else None
+        if nd is not None and nd.op != TORCHSCRIPT and torchscript_node(torch._C._current_autograd_node()):
+            # (the forward saw the scripted graph's outputs detached: its node is no aten.detach's backward)
+            nd = self.nodes[node_seq] = _Node(TORCHSCRIPT, nd.loc)
         if loc is None:  # a node the forward did not record: a custom Function's backward runs the user's code
             frame = _user_frame()
             if nd is not None and (frame is None or (frame.f_code, frame.f_lineno) == self.backward_site):
@@ -174,9 +184,33 @@ class _Provenance:
                 self._meet(func, loc, o, mask, ins, nf, nd, node_seq, args, out, kwargs)
             if info.mutable and o._base is not None and o in self.prov:
                 # a sensitivity's writes into parts of one buffer add up (a packed RNN's backward copy_s each
-                # step into it); a forward write keeps the view's births, which name the written elements
-                sens = seq is not None and not isinstance(seq, tuple)
-                self.prov[o._base] = (self.prov.get(o._base, frozenset()) if sens else frozenset()) | self.prov[o]
+                # step into it); a forward write replaces the written elements' births only (_written_parts)
+                if seq is not None and not isinstance(seq, tuple):
+                    self.prov[o._base] = self.prov.get(o._base, frozenset()) | self.prov[o]
+                else:
+                    self._written_parts(o, o._base)
+
+    def _written_parts(self, view: torch.Tensor, base: torch.Tensor) -> None:
+        """A forward write into ``view`` of ``base`` (``p[:, 3:] = nan`` after ``p[0, 0] = inf``): the written
+        elements take the view's births, the others keep theirs, as parts (``parts``) where they differ. Whole-
+        tensor provenance named only the last write (the NaN of the first was told as born at the second), or,
+        adding up, a padding row's NaN as used beside a used one."""
+        written = _in_base(torch.ones(view.shape, dtype=torch.bool, device=view.device), view, base)
+        if written.shape != base.shape:  # (a view whose layout does not map onto its base's: as before)
+            self.prov[base] = self.prov[view]
+            return
+        old = self.parts.get(base)
+        if old is None and self.prov.get(base):
+            old = [(~torch.isfinite(base) & ~written, self.prov[base])]
+        kept = [(m & ~written, births) for m, births in old or () if bool(mask_any(m & ~written))]
+        parts: dict[frozenset, torch.Tensor] = {}
+        for m, births in [*kept, (_in_base(_nonfinite_mask(view), view, base), self.prov[view])]:
+            parts[births] = parts[births] | m if births in parts else m
+        self.prov[base] = frozenset().union(*parts)
+        if 1 < len(parts) <= _MAX_PARTS:
+            self.parts[base] = [(m, births) for births, m in parts.items()]
+        else:
+            self.parts.pop(base, None)
 
     def _value(self, func, loc, o, mask, nf, prior, nd, ins=(), base=None, args=None) -> None:
         """A forward value (or one a backward formula made from saved values): propagate or record a birth."""
@@ -203,6 +237,8 @@ class _Provenance:
             def make(idx):
                 number = None if nf else nonfinite_number(args or ())  # x * float("nan"): no tensor is non-finite
                 what = _explain(func, nf or [t for t in ins if t is not o], o, mask, number)  # why, from its inputs
+                if nd is None and in_torchscript():
+                    what += SCRIPTED
                 if nd is not None and nd.op != op and (not nf or new_nan) and loc == nd.loc:
                     what = f"{what} (in the backward formula of {nd.op})"
                 return _Birth(op, loc, what, 0, idx, has_nan)
@@ -213,6 +249,11 @@ class _Provenance:
         elif not prior and (len(nf) > 1 or any(t in self.parts for t in nf)) and torch.Tag.pointwise in func.tags \
                 and _aligned(nf, o.shape):
             self._record_parts(o, nf, loc)
+        elif not prior and len(nf) == 1 and nf[0] in self.parts and args and func.overloadpacket in _BILINEAR:
+            self._bilinear_parts(func, o, nf[0], args)
+        elif not prior and len(nf) == 1 and nf[0] in self.parts and func.overloadpacket in _SAME_ELEMENTS \
+                and o.shape == nf[0].shape:
+            self.parts[o] = self.parts[nf[0]]  # (autograd saves a detached output: the backward reads it)
         self.prov[o] = births
 
     def _record_parts(self, o: torch.Tensor, nf: list, loc) -> None:
@@ -224,6 +265,29 @@ class _Provenance:
                 parts[births] = parts[births] | m if births in parts else m
         if 1 < len(parts) <= _MAX_PARTS:
             self.parts[o] = [(m, births) for births, m in parts.items()]
+
+    def _bilinear_parts(self, func, o: torch.Tensor, t: torch.Tensor, args) -> None:
+        """A bilinear op (a linear layer's addmm) on ``t``, whose parts hold different births: the elements of
+        ``o`` each part's NaN/Inf reaches (the op on the part's indicator, every other operand 1, less the op on
+        none: additive terms cancel), so a padding row's NaN stays in its rows through a model's layers."""
+        def on(values):
+            return [[on_one(x, values) for x in a] if isinstance(a, (list, tuple)) else on_one(a, values)
+                    for a in args]
+
+        def on_one(a, values):
+            if a is t:
+                return values
+            return torch.ones_like(a) if isinstance(a, torch.Tensor) and _inexact(a) else a
+
+        try:
+            with torch.no_grad():
+                none = func(*on(torch.zeros_like(t)))
+                parts = [((func(*on((~torch.isfinite(t) & m.broadcast_to(t.shape)).to(t.dtype))) - none) != 0,
+                          births) for m, births in self.parts[t]]
+        except Exception:  # an explanation must never break the program it explains
+            return
+        if all(isinstance(m, torch.Tensor) and m.shape == o.shape for m, _ in parts):
+            self.parts[o] = parts
 
     def _selected_parts(self, func, o: torch.Tensor, t: torch.Tensor, args) -> frozenset | None:
         """The births of the elements a selection (``loss[mask]``) kept of an elementwise result with parts: the

@@ -18,7 +18,11 @@ forward's order (nodes by sequence number), as the trace would have carried its 
      or that a node made is known finite (log of a negative);
   2. else in this step's DataLoader data that no node saved (GPT2's inputs_embeds: the add of the position
      embeddings saves neither operand);
-  3. else it is a value that arrived non-finite, named by a variable or its shape (as the replay named it).
+  3. else, a value no node made (a leaf) arrived non-finite, named by a variable or its shape (as the replay named
+     it); a value a node made is born at "that node's op or an op before it" (ops that save nothing, a compiled
+     or TorchScript graph: which one is not known), never called data that arrived.
+- a saved view's base was made by its own node: that node's output is non-finite too (linear's reshape of log's
+  output, saved by the mm, is log's).
 
 The births are made in that order (the earliest is the root cause); the replay looks each value up by its storage
 (``_Provenance._origin``), since an unpacked saved output is a new tensor object at every unpack.
@@ -33,7 +37,15 @@ from gradwise import _strong_zeros
 from gradwise._strong_zeros._node_facts import keep_per_type, per_type
 from gradwise._trace import _kinds
 from gradwise._trace._advice import _EXPLAIN
-from gradwise._trace._common import _ACCUMULATE_SEQ, _has_nan, _inexact, _nonfinite, _nonfinite_mask, _user_frame
+from gradwise._trace._common import (
+    _ACCUMULATE_SEQ,
+    TORCHSCRIPT,
+    _has_nan,
+    _inexact,
+    _nonfinite,
+    _nonfinite_mask,
+    _user_frame,
+)
 from gradwise._trace._facts import _FINITE_PRESERVING, aten_packet
 from gradwise._trace._store import Birth
 
@@ -112,6 +124,12 @@ def forward_origins(tracer, roots, at: tuple, batches: dict) -> dict[int, frozen
             if nf:
                 known[g] = True
                 outputs.setdefault(g, v)
+                # a saved view (mm's of linear's reshape of log(x)): the node that made its base made the NaN/Inf
+                # it holds (else the view's node, which makes none, took it for data that arrived so)
+                base = v._base
+                if base is not None and base.grad_fn is not None and base.grad_fn is not g and _inexact(base):
+                    known[base.grad_fn] = True
+                    outputs.setdefault(base.grad_fn, base)
             elif v.grad_fn is g and len(g._input_metadata) == 1:
                 # finite evidence only from a node's one differentiable output (not layer norm's mean beside it,
                 # nor one piece of an unbind)
@@ -138,9 +156,24 @@ def forward_origins(tracer, roots, at: tuple, batches: dict) -> dict[int, frozen
             got = data[k] = frozenset([tracer._input_birth(src, at, name, batch)])
         return got
 
+    def inside(v: torch.Tensor, graph: str) -> frozenset:
+        """A non-finite value that an opaque graph's node saved (``graph``: compiled, TorchScript): made inside
+        it or data that arrived so; the replay cannot tell which, and says so (no 'arrived' claim)."""
+        k = _storage(v)
+        got = data.get(k)
+        if got is None:
+            nan, mask = _has_nan(v), _nonfinite_mask(v)
+            got = data[k] = frozenset([tracer._birth(graph, at, nan, None, mask, lambda idx: Birth(
+                graph, at, f"a value {graph} made holds NaN/Inf: made there or data that arrived so (gw.watch() "
+                "did not trace the forward and no autograd node saved it before; gw.trace() names the op)", 0, idx,
+                nan))])
+        return got
+
     def born(node) -> frozenset:
         """A non-finite output none of whose inputs' births reached ``node`` (the cases 1-3 above)."""
         v, op = outputs[node], ops[node]
+        if (graph := _opaque(node)) is not None:
+            return inside(v, graph)
         ins = [s for s, output in saved[node] if not output]
         edges = [p for p, _ in node.next_functions if p is not None]
         if op.startswith("aten.") and op not in _KEEPS_FINITE and ins and not any(bad[id(s)] for s in ins) and \
@@ -150,7 +183,11 @@ def forward_origins(tracer, roots, at: tuple, batches: dict) -> dict[int, frozen
                 op, at, _why(op, ins, v, mask), 0, idx, nan))])
         if unseen:
             return frozenset().union(*(arrived(t) for t, _ in unseen))
-        return arrived(v)
+        if v.grad_fn is None and (v._base is None or v._base.grad_fn is None):
+            return arrived(v)
+        # a value the graph made (it has a node), whose NaN/Inf no node saved before: made by this node's op or an
+        # op before it that saves nothing (an index_select, a where), or by data those ops passed on: not known
+        return inside(v, f"{op} or an op before it")
 
     out: dict = {}  # node -> births of its output's NaN/Inf
     for n in nodes:
@@ -159,9 +196,10 @@ def forward_origins(tracer, roots, at: tuple, batches: dict) -> dict[int, frozen
             out[n] = arrived(var) if _bad(var) else frozenset()
             continue
         came = frozenset().union(*(out.get(p, ()) for p, _ in n.next_functions if p is not None))
+        graph = _opaque(n)
         for s, output in saved[n]:
             if not output and s.grad_fn is None and bad[id(s)]:
-                came |= arrived(s)
+                came |= arrived(s) if graph is None or _storage(s) in by_storage else inside(s, graph)
         status = known.get(n)
         out[n] = frozenset() if status is False else born(n) if status and not came else came
     origins: dict[int, frozenset] = {}
@@ -172,6 +210,15 @@ def forward_origins(tracer, roots, at: tuple, batches: dict) -> dict[int, frozen
                 if got:
                     origins.setdefault(_storage(v), got)
     return origins
+
+
+def _opaque(node) -> str | None:
+    """What a node whose forward ran as one graph the replay cannot see into is (its saved values are the
+    graph's inputs and intermediates alike, none with a node of its own); None for other nodes."""
+    name = node.name()
+    if "CompiledFunction" in name:
+        return "a compiled graph (torch.compile)"
+    return TORCHSCRIPT if "DifferentiableGraphBackward" in name else None
 
 
 def _why(op: str, ins: list, out: torch.Tensor, mask: torch.Tensor) -> str:

@@ -12,7 +12,7 @@ import torch
 
 from gradwise._trace import _common
 from gradwise._trace._common import _inexact, _loc, _nonfinite, _user_frame
-from gradwise._trace._facts import STALE
+from gradwise._trace._facts import STALE, WRITTEN_MASK
 from gradwise._trace._shadow import _Shadow
 from gradwise._trace._store import Birth as _Birth
 
@@ -41,6 +41,10 @@ class _Roots:
             self.shadow = _Shadow() if self.dirty else None
         for i, (o, g) in enumerate(zip(outputs, grads, strict=False)):
             births = [] if reentrant else [b for b in self.prov.get(o, ()) if isinstance(b, _Birth)]
+            if len(births) > 1 and any(b.nan for b in births) and not _holds_inf(o):
+                # an infinity written on purpose (an attention mask's -inf) in an output that holds none, only
+                # the NaN another birth made of it: no use of its own (_store.earliest)
+                births = [b for b in births if b.nan or b.parents or b.what != WRITTEN_MASK] or births
             # a parameter made NaN by an earlier backward makes the whole output NaN: it explains the others
             inherited = [b for b in births if b.op == "gradient"]
             for b in inherited or births:
@@ -125,3 +129,11 @@ class _Roots:
                                   birth.what, None, False)
         inc.reaches.add(self.leaf_name(leaf))
         self.prov[g] = frozenset([inc])
+
+
+def _holds_inf(o: torch.Tensor) -> bool:
+    """Whether the output ``o`` holds an infinity (read outside the trace's mode: no op of the user's)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        return bool(torch.isinf(o).any())

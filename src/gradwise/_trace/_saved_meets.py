@@ -35,6 +35,9 @@ class _SavedMeets:
         # a NaN/Inf sensitivity counts as nonzero only when it is genuine: contamination is what strong zeros
         # make a zero upstream, and a zero annihilates the saved NaN/Inf
         finite_only = all(isinstance(i, _Incident) and i.kind == "contamination" for i in carried)
+        if len(saved) == 1 and saved[0] in self.parts and args is not None and func.overloadpacket in _BILINEAR:
+            # (a saved input whose parts hold different births: those a nonzero sensitivity meets)
+            births = self._parts_met(func, args, saved[0], mask, False, o, out, finite_only) or births
         shadowed = self.shadow is not None and self.shadow.valid and args is not None and out is not None
         if not (births - before or (shadowed and finite_only)) or any(b.op == "gradient" for b in before | births):
             return

@@ -8,13 +8,15 @@ what it came from). Provenance sets therefore hold a bounded set of objects, the
 and the per-step cost does not grow with the step count. ``order`` (creation order) replaces list searches, so
 building the report is linear in what is kept.
 
-May import: torch; gradwise._trace._common (lazily, for path formatting).
+May import: torch, gradwise._trace._facts; gradwise._trace._common (lazily, for path formatting).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
 import torch
+
+from gradwise._trace._facts import WRITTEN_MASK
 
 KEEP = 4  # steps remembered per site (the first occurrences)
 _COUNTS = 8  # later DataLoader batches at an arrival site: kept apart by their NaN/Inf count, this many
@@ -111,12 +113,19 @@ def describe_arrivals(births: list[Birth]) -> str:
                    batches=list(dict.fromkeys(batches))[:KEEP]).describe()
 
 
-def earliest(births) -> Birth | None:
+def earliest(births, kind: str | None = None) -> Birth | None:
     """The birth that explains a NaN/Inf coming from several: a gradient inherited from an earlier backward (a
     NaN parameter makes every later value NaN, so it explains the others), else the earliest-made (creation
     order: linear, no list search)."""
     inherited = [b for b in births if b.op == "gradient"]
-    return min(inherited or births, key=_order, default=None)
+    if inherited:
+        return min(inherited, key=_order)
+    # an infinity written on purpose (an attention mask's -inf, made before the scores) explains no NaN that another
+    # birth's infinity made where they met (+inf - inf): that birth does
+    made = [b for b in births if b.nan or b.parents or b.what != WRITTEN_MASK]
+    if kind == "nan":  # a NaN incident is explained by a NaN birth beside an Inf one (p[0, 0] = inf; p[:, 3:] = nan)
+        made = [b for b in made or births if b.nan] or made
+    return min(made or births, key=_order, default=None)
 
 
 def _order(b: Birth) -> int:
@@ -198,7 +207,7 @@ class Store:
 
     def incident(self, kind, op, node_op, loc, count, indices, births, what, discarded, undecided) -> Incident:
         self.serial += 1
-        first = earliest(births)
+        first = earliest(births, kind)
         key = (kind, op, node_op, loc, discarded, first.order if first is not None else None)
         inc = self.incidents.get(key)
         if inc is None:
