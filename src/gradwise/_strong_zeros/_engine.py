@@ -124,7 +124,8 @@ def _carried_pass() -> _StrongZeroMode | None:
     if not torch._C._len_torch_dispatch_stack():
         return None
     mode = running_mode()
-    return mode if mode is not None and mode.thread != threading.get_ident() and mode.state[0] else None
+    return mode if mode is not None and mode.thread != threading.get_ident() and mode.state is not None \
+        and mode.state[0] else None
 
 
 def _run_plan(plan: str, run: Callable[[bool | None], Any], t_outputs: Sequence[Any], retain_graph: bool | None,
