@@ -124,7 +124,8 @@ def _carried_pass() -> _StrongZeroMode | None:
     if not torch._C._len_torch_dispatch_stack():
         return None
     mode = running_mode()
-    return mode if mode is not None and mode.thread != threading.get_ident() and mode.state[0] else None
+    return mode if mode is not None and mode.thread != threading.get_ident() and mode.state is not None \
+        and mode.state[0] else None
 
 
 def _run_plan(plan: str, run: Callable[[bool | None], Any], t_outputs: Sequence[Any], retain_graph: bool | None,
@@ -227,15 +228,15 @@ def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
 
 @contextlib.contextmanager
 def _outside_the_pass() -> Iterator[None]:
-    """The running pass's mode off the dispatch stack, a trace's recorders above it kept on top (``_under_traces``
-    puts them there): a nested pass's mode left below them would run the outer pass's rules on every op of the
-    nested pass's rules, one more layer per level of nesting (cost doubling per level)."""
+    """The running pass's mode off the dispatch stack, the modes above it kept on top in their order (a trace's
+    recorders, which ``_under_traces`` puts there; a user's mode entered inside a custom backward): a nested
+    pass's mode left below them would run the outer pass's rules on every op of the nested pass's rules, one
+    more layer per level of nesting (cost doubling per level). An infra mode (fake tensors) stays where it is."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode, _push_mode
 
-    from gradwise._trace._tracer import _Tracer  # lazily: the trace package imports this module
-
     above = []
-    while isinstance(_get_current_dispatch_mode(), _Tracer):
+    while (top := _get_current_dispatch_mode()) is not None and not isinstance(top, _StrongZeroMode) \
+            and not top.is_infra_mode() and getattr(top, "_dispatch_key", None) is None:
         above.append(_pop_mode())
     pass_mode = _pop_mode() if isinstance(_get_current_dispatch_mode(), _StrongZeroMode) else None
     for tracer in reversed(above):

@@ -64,7 +64,7 @@ _LIFTS = frozenset((aten.lift_fresh, aten.lift_fresh_copy, aten.lift))
 class _StrongZeroMode(LeanDispatchMode):
     supports_higher_order_operators = True  # (_higher_order)
 
-    def __init__(self, carry: bool = False) -> None:
+    def __init__(self, carry: bool = False, of_pass: bool = True) -> None:
         super().__init__()
         self.supports = _Supports()
         # create_graph: the outputs of ruled ops, for _carry at the end of the pass: held where they have structural
@@ -77,12 +77,15 @@ class _StrongZeroMode(LeanDispatchMode):
         # OpaqueBackwardWarning if the gradients hold NaN/Inf at the end of the pass
         self.lost: dict[str, str] = {}
         # the pass's state as its thread set it before making the mode, for the engine threads that run its nodes
-        # (_supports._CARRIED). Not at __enter__: PyTorch enters a mode again on whichever thread runs an op under it
-        self.thread, self.state = get_ident(), _STATE.carried()
+        # (_supports._CARRIED). Not at __enter__: PyTorch enters a mode again on whichever thread runs an op under it.
+        # None for a mode that runs beside a backward (a trace's shadow, ``of_pass=False``): entered on the thread
+        # that runs each op, with the state that thread set for it (outputs_finite), which a snapshot of the
+        # thread that made it would overwrite
+        self.thread, self.state = get_ident(), _STATE.carried() if of_pass else None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         # on an engine thread other than the pass's (CUDA's device threads): the pass's state around the op
-        mine = _STATE.adopt(self.state) if self.thread != get_ident() else None
+        mine = _STATE.adopt(self.state) if self.thread != get_ident() and self.state is not None else None
         try:
             out = self._dispatch(func, args, kwargs or {})
         finally:
@@ -335,7 +338,7 @@ def in_pass() -> bool:
     if not torch._C._len_torch_dispatch_stack():
         return False
     mode = running_mode()
-    return mode is not None and mode.thread != get_ident() and mode.state[1]
+    return mode is not None and mode.thread != get_ident() and mode.state is not None and mode.state[1]
 
 
 def running_mode() -> _StrongZeroMode | None:

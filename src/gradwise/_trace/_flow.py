@@ -87,7 +87,7 @@ class _Flow:
         at = next((i for i, t in enumerate(outs) if t is o), None)
         if at is None:
             return None
-        mode = _strong_zeros._StrongZeroMode()
+        mode = _strong_zeros._StrongZeroMode(of_pass=False)
         for s in sens_ins:
             mode.supports.record(s, s != 0)
         state = _strong_zeros._STATE

@@ -37,7 +37,7 @@ class _Shadow:
 
     def __init__(self, triangles_only: bool = False) -> None:
         self.triangles_only = triangles_only  # follows the nodes of TRIANGLE_READERS only (``unused_triangle``)
-        self.mode = _strong_zeros._StrongZeroMode()
+        self.mode = _strong_zeros._StrongZeroMode(of_pass=False)  # (beside: no pass state to carry)
         self.of = WeakTensorKeyDictionary()
         self.valid = True
         # (sequence number, saved input, the input the forward read) of the node of TRIANGLE_READERS running now
