@@ -100,3 +100,31 @@ def test_a_custom_functions_backward_of_the_same_shape_keeps_pytorchs_gradient(c
     for g, w, e in zip(got, want, eager, strict=True):
         assert torch.equal(g.isnan(), w.isnan()) and torch.equal(g.isnan(), e.isnan())
         assert torch.equal(g.nan_to_num(), w.nan_to_num())
+
+
+class _ShortBuffers(torch.autograd.Function):
+    """a * b whose backward writes two products into a list of one buffer (a user's bug)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = ctx.saved_tensors
+        ga = torch.empty_like(a)
+        torch.ops.aten._foreach_mul.List_out([g, g], [b, a], out=[ga])
+        return ga, ga
+
+
+def test_foreach_mul_out_of_another_length_raises_pytorchs_error():
+    """Before the fix (main a183bcc): ``_into_out`` zipped one buffer with two results and raised its own
+    ``ValueError: zip() argument 2 is shorter than argument 1``; PyTorch's kernel raises a RuntimeError."""
+    a = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError) as plain:
+        torch.autograd.grad(_ShortBuffers.apply(a, b).sum(), (a, b))
+    with pytest.raises(RuntimeError) as strong:
+        gw.grad(_ShortBuffers.apply(a, b).sum(), (a, b))
+    assert str(strong.value) == str(plain.value)
