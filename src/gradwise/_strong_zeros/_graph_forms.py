@@ -123,8 +123,8 @@ def _logsumexp_weights(x: torch.Tensor) -> torch.Tensor:
 def _logaddexp_node(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
     """logaddexp's (logaddexp2's) backward, ``g / (1 + exp(b - a))`` (``pow(2, b - a)``) for each argument:
     the quotient runs as in logaddexp's node with a and b, the sub's operands (``_logaddexp_weights``). All four
-    ops come from one forward op (``seq_nr``) and are a backward formula's (``autograd_backward``); where the graph
-    names the user's call that made them (``fwd_source_fn_stack``), it is logaddexp."""
+    ops come from one forward op (``seq_nr``), are a backward formula's (``autograd_backward``), and the graph names
+    logaddexp as the user's call that made them (``_called``: a custom Function's backward of that shape is not)."""
     if node.target is not aten.div.Tensor or len(node.args) != 2 or node.kwargs or \
             not isinstance(den := node.args[1], fx.Node) or den.target not in (aten.add.Scalar, aten.add.Tensor) or \
             len(den.args) != 2 or den.args[1] != 1 or den.kwargs or not isinstance(power := den.args[0], fx.Node):
@@ -141,8 +141,7 @@ def _logaddexp_node(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> b
     seq = node.meta.get("seq_nr")
     if seq is None or any(n.meta.get("seq_nr") != seq or not n.meta.get("autograd_backward") for n in chain):
         return False
-    source = node.meta.get("fwd_source_fn_stack")
-    if source and "logaddexp" not in str(source[-1][0]):
+    if not _called(node, "logaddexp"):
         return False
     node.target = _logaddexp_weights
     node.args = (*node.args, name, *diff.args)
@@ -156,6 +155,15 @@ def _logaddexp_weights(g: torch.Tensor, den: torch.Tensor, name: str, b: Any, a:
     both = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
     with _formula_of(name, (a, b) if both else None):  # (not both: PyTorch's quotient)
         return aten.div.Tensor(g, den)
+
+
+def _called(node: fx.Node, name: str) -> bool:
+    """Whether the graph names the user's call that made ``node``'s forward op (``fwd_source_fn_stack``, dynamo's
+    node name: ``logaddexp``, ``cholesky_solve_1``) and it is ``name``'s. A custom Function's backward carries
+    ``seq_nr`` and ``autograd_backward`` as a derivative formula does, but no such name: its ops are the user's
+    formula, which no rule of PyTorch's formula may read (in eager its node is the custom one)."""
+    source = node.meta.get("fwd_source_fn_stack")
+    return bool(source) and name in str(source[-1][0])
 
 
 @contextlib.contextmanager
@@ -176,9 +184,12 @@ def _unused_triangle(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> 
     """cholesky_solve's backward (``_triangles._cholesky_solve_factor``): ``g.cholesky_solve(L)``, which reads one
     triangle of L, then ``-(common @ L)``, which reads all of it. The factor's other uses in that formula (same
     ``seq_nr``, a backward formula's: the product, an mm or matmul's expand/view/bmm) read it as the eager hook
-    does (``_factor_read``): the triangle the forward never read as 0 in the matrices where it holds NaN/Inf."""
+    does (``_factor_read``): the triangle the forward never read as 0 in the matrices where it holds NaN/Inf. Only
+    where the graph names cholesky_solve as the call (``_called``): a custom Function's backward may solve with a
+    matrix its forward reads whole."""
     if node.target is not aten.cholesky_solve.default or not node.meta.get("autograd_backward") or \
-            len(node.args) < 2 or not isinstance(factor := node.args[1], fx.Node):
+            not _called(node, "cholesky_solve") or len(node.args) < 2 or \
+            not isinstance(factor := node.args[1], fx.Node):
         return False
     upper = node.args[2] if len(node.args) > 2 else node.kwargs.get("upper", False)
     seq = node.meta.get("seq_nr")

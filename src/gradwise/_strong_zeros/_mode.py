@@ -257,6 +257,8 @@ def _into_out(rule, own, func, functional, args: tuple, kwargs: dict, sup: _Supp
     # (the functional overload's own rule where one overload is refined: exp.default's, sub.Tensor's)
     res = rule(functional, args, rest, sup)
     results = list(res) if isinstance(res, (tuple, list)) else [res]
+    if len(results) != len(dests):  # a list of buffers of another length: PyTorch's error, as the op raises it
+        return _NO_RULE
     if any(isinstance(r, torch.Tensor) and r.dtype != d.dtype for r, d in zip(results, dests, strict=True)):
         return _NO_RULE if own is None else own(func, args, kwargs, sup)
     aliased = _aliased(dests, (args, rest))
