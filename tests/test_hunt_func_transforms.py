@@ -270,6 +270,49 @@ def test_is_grads_batched_keeps_a_formulas_selection(name):
     assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))
 
 
+# views of a backward's selection mask that read some place of it at several positions (an expanded mask, an
+# overlapping as_strided), each the mask's own values again: the product selects as the mask does
+MASK_VIEWS = {
+    "expand()[1]": lambda m: m.expand(2, 3)[1],
+    "expand().t()[:, 0]": lambda m: m.expand(2, 3).t()[:, 0],
+    "expand().diagonal()": lambda m: m.expand(3, 3).diagonal(),
+    "as_strided(stride 0)[1]": lambda m: m.as_strided((2, 3), (0, 1))[1],
+    "unfold()[0]": lambda m: m.unfold(0, 3, 1)[0],
+}
+
+
+class _ViewedMax(torch.autograd.Function):
+    """max(x) whose backward multiplies the sensitivity by a view of its selection mask ``x == max``."""
+
+    @staticmethod
+    def forward(ctx, x, view):
+        ctx.save_for_backward(x)
+        ctx.view = view
+        return x.amax()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * ctx.view(x == x.amax()), None
+
+
+@pytest.mark.parametrize("name", list(MASK_VIEWS))
+def test_an_overlapping_view_of_a_selection_selects(name):
+    """_select_view wrote the mask's meaningful places through the view's strides: where a place is read at several
+    positions (a mask comparing a NaN, viewed expanded) copy_ refused, and the backward crashed inside gradwise.
+    References, the program with the unused values deleted: sqrt(max - 3) at max 3 has slope inf at the maximum
+    only (plain PyTorch: inf * False = NaN at the others), and a NaN maximum's slope is a genuine NaN there, where
+    the comparison decided nothing (the others were decided unselected)."""
+    for values, expected in (([1.0, 2.0, 3.0], [0.0, 0.0, inf]), ([1.0, nan, 3.0], [0.0, nan, 0.0])):
+        x = torch.tensor(values, dtype=D, requires_grad=True)
+        y = (_ViewedMax.apply(x, MASK_VIEWS[name]) - 3.0).sqrt()
+        plain = torch.autograd.grad(y, x, retain_graph=True)[0]
+        with gw.strong_zeros():
+            got = torch.autograd.grad(y, x)[0]
+        assert torch.equal(got.nan_to_num(7.0), torch.tensor(expected, dtype=D).nan_to_num(7.0)), (values, got)
+        assert torch.equal(got[2], plain[2]) or values[1] != values[1]  # (the selected place: PyTorch's)
+
+
 @pytest.mark.parametrize("transform", ["vmap(grad)", "vmap(vjp)", "jacrev"])
 @pytest.mark.parametrize("control", [False, True])
 def test_ctc_under_vmap_holds(transform, control):

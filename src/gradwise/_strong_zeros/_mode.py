@@ -220,13 +220,15 @@ def _select_view(selections: Any, src: torch.Tensor, out: torch.Tensor) -> None:
     if valid is None and src.numel() == n and src.is_contiguous() and not src.storage_offset():
         selections[out] = None  # (the mask fills its storage: every view reads places of it)
         return
-    # (a place of the storage outside ``src`` is not meaningful: no selection there)
-    whole = torch.zeros(n, dtype=torch.bool, device=src.device)
-    placed = whole.as_strided(src.shape, src.stride(), src.storage_offset())
-    if valid is None:
-        placed.fill_(True)
-    else:
-        placed.copy_(valid.expand(src.shape))
+    # (a place of the storage outside ``src`` is not meaningful: no selection there). Counted, not written through
+    # src's strides: an expanded mask reads one place at several positions (copy_ refuses such a destination), and
+    # the place is meaningful only where every one of them is
+    places = torch.arange(n, device=src.device).as_strided(src.shape, src.stride(), src.storage_offset()).reshape(-1)
+    counts = torch.zeros(n, dtype=torch.int64, device=src.device)
+    whole = counts.index_add(0, places, torch.ones_like(places)) > 0
+    if valid is not None:
+        unmeant = (~valid).expand(src.shape).reshape(-1).to(torch.int64)
+        whole &= counts.index_add(0, places, unmeant) == 0
     selections[out] = whole.as_strided(out.shape, out.stride(), out.storage_offset())
 
 
