@@ -732,3 +732,25 @@ def test_vmap_options_hold(name):
         got_clean = call(per_sample, params, clean)
     _check_close([[g.flatten()] for g in got], [[e] for e in expected], name)
     assert torch.equal(got_clean, call(per_sample, params, clean))
+
+
+def test_a_compiled_backward_under_batched_seeds_is_named():
+    """is_grads_batched over a torch.compile'd forward: its CompiledFunctionBackward runs as compiled under the
+    transform path (no strong variant: that is a node hook), so its saved mask is a value and PyTorch's NaN stays
+    where each seed's eager gw.grad has a 0. Each seed's gw.grad of the compiled graph says so
+    (CompiledBackwardWarning); the batched seeds kept the NaN without a word. Now an OpaqueBackwardWarning names it,
+    and the gradient is PyTorch's."""
+    def f(x):
+        return (x.amax() - 2.0).sqrt()
+
+    X = torch.tensor([[1.0, 2.0, 0.5], [3.0, -1.0, 0.0]], dtype=D)
+    xx = X.clone().requires_grad_()
+    y = torch.compile(lambda xs: torch.stack([f(x) for x in xs]), backend="aot_eager", fullgraph=True)(xx)
+    seeds = torch.eye(2, dtype=D)
+    expected = torch.stack([gw.grad(f(x), x)[0] for x in X.clone().requires_grad_()])  # eager: 0 off the max
+    plain = torch.autograd.grad(y, xx, seeds, retain_graph=True, is_grads_batched=True)[0]
+    assert int(plain.isnan().sum()) > int(expected.isnan().sum()), "premise: PyTorch is contaminated"
+    with pytest.warns(gw.OpaqueBackwardWarning, match="torch.compile'd backward under a torch.func transform"), \
+            gw.strong_zeros():
+        got = torch.autograd.grad(y, xx, seeds, is_grads_batched=True)[0]
+    assert torch.equal(got.nan_to_num(7.0), plain.nan_to_num(7.0))
