@@ -754,3 +754,40 @@ def test_a_compiled_backward_under_batched_seeds_is_named():
             gw.strong_zeros():
         got = torch.autograd.grad(y, xx, seeds, is_grads_batched=True)[0]
     assert torch.equal(got.nan_to_num(7.0), plain.nan_to_num(7.0))
+
+
+# a custom backward's selection mask (x > -100: all True) combined, in place, with a mask the forward made (a value,
+# False at 1): `m & user` out of place is no selection (the design: a bool input the formula did not make), so the
+# product keeps sqrt's NaN at 1; in place the mask kept its selection entry and its new False hid that NaN
+OVERWRITES = {
+    "m & user": lambda m, u: m & u,
+    "m &= user": lambda m, u: m.__iand__(u),
+    "m.view(-1).logical_and_(user)": lambda m, u: (m.view(-1).logical_and_(u), m)[1],
+    "m.view(-1).copy_(user)": lambda m, u: (m.view(-1).copy_(u), m)[1],
+    "m[1:].copy_(user[1:])": lambda m, u: (m[1:].copy_(u[1:]), m)[1],
+}
+
+
+class _UsersMask(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, combine):
+        ctx.save_for_backward(x, torch.tensor([True, False, True]))
+        ctx.combine = combine
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx, g):
+        x, user = ctx.saved_tensors
+        return g * ctx.combine(x > -100.0, user), None
+
+
+@pytest.mark.parametrize("name", list(OVERWRITES))
+def test_a_selection_overwritten_by_a_users_mask_selects_no_more(name):
+    """Reference: plain PyTorch (no strong zero is claimed on a value mask: the NaN of sqrt(-1) stays at 1)."""
+    x = torch.tensor([1.0, -1.0, 2.0], dtype=D, requires_grad=True)
+    y = _UsersMask.apply(x, OVERWRITES[name]).sqrt().sum()
+    plain = torch.autograd.grad(y, x, retain_graph=True)[0]
+    assert bool(plain[1].isnan())
+    with gw.strong_zeros():
+        got = torch.autograd.grad(y, x)[0]
+    assert torch.equal(got.nan_to_num(7.0), plain.nan_to_num(7.0))

@@ -83,11 +83,14 @@ class _StrongZeroMode(LeanDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         # on an engine thread other than the pass's (CUDA's device threads): the pass's state around the op
         mine = _STATE.adopt(self.state) if self.thread != get_ident() else None
+        stale = _overwritten(func, args, kwargs or {}, self.supports.selections)
         try:
             out = self._dispatch(func, args, kwargs or {})
         finally:
             if mine is not None:
                 _STATE.adopt(mine)
+        if stale:
+            _forget(func, stale, self.supports.selections)
         # (a lift brings data from outside; a higher-order op has no overloadpacket)
         if self.produced is not None and getattr(func, "overloadpacket", None) not in _LIFTS:
             for o in tree_flatten(out)[0]:
@@ -205,6 +208,44 @@ class _StrongZeroMode(LeanDispatchMode):
 
 
 _NO_RULE = object()  # (_into_out: neither overload has a rule, or only the functional one and the dtype differs)
+
+
+def _written(func: Any) -> tuple:
+    """The positions (index or name) of the arguments an in-place or out= overload writes."""
+    got = _WRITTEN.get(func)
+    if got is None:
+        schema = getattr(func, "_schema", None)
+        got = () if schema is None else tuple(
+            i if not a.kwarg_only else a.name for i, a in enumerate(schema.arguments)
+            if a.alias_info is not None and a.alias_info.is_write)
+        _WRITTEN[func] = got
+    return got
+
+
+_WRITTEN: dict[Any, tuple] = {}
+
+
+def _overwritten(func: Any, args: tuple, kwargs: dict, selections: Any) -> tuple:
+    """(the bool tensors ``func`` writes in place, the selections sharing their storage): an op writing into a
+    selection mask's storage changes the values its views read, so they are selections no more after it, the
+    written mask itself only where the op's rule records it again (``m &= n``: ``_select``)."""
+    if not len(selections) or not (where := _written(func)):
+        return ()
+    written = [w for w in (args[p] if isinstance(p, int) and p < len(args) else kwargs.get(p) for p in where)
+               if isinstance(w, torch.Tensor) and w.dtype == torch.bool]
+    if not written:
+        return ()
+    storages = {w.untyped_storage()._cdata for w in written}
+    sharing = [k for k in list(selections.keys()) if k.untyped_storage()._cdata in storages]
+    return (written, sharing) if sharing else ()
+
+
+def _forget(func: Any, stale: tuple, selections: Any) -> None:
+    written, sharing = stale
+    remade = getattr(lookup(func), "makes_selections", False)  # (its rule decided the written mask itself)
+    for k in sharing:
+        if not (remade and any(k is w for w in written)):
+            selections.pop(k, None)
 
 
 def _select_view(selections: Any, src: torch.Tensor, out: torch.Tensor) -> None:
