@@ -270,6 +270,49 @@ def test_is_grads_batched_keeps_a_formulas_selection(name):
     assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))
 
 
+# views of a backward's selection mask that read some place of it at several positions (an expanded mask, an
+# overlapping as_strided), each the mask's own values again: the product selects as the mask does
+MASK_VIEWS = {
+    "expand()[1]": lambda m: m.expand(2, 3)[1],
+    "expand().t()[:, 0]": lambda m: m.expand(2, 3).t()[:, 0],
+    "expand().diagonal()": lambda m: m.expand(3, 3).diagonal(),
+    "as_strided(stride 0)[1]": lambda m: m.as_strided((2, 3), (0, 1))[1],
+    "unfold()[0]": lambda m: m.unfold(0, 3, 1)[0],
+}
+
+
+class _ViewedMax(torch.autograd.Function):
+    """max(x) whose backward multiplies the sensitivity by a view of its selection mask ``x == max``."""
+
+    @staticmethod
+    def forward(ctx, x, view):
+        ctx.save_for_backward(x)
+        ctx.view = view
+        return x.amax()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * ctx.view(x == x.amax()), None
+
+
+@pytest.mark.parametrize("name", list(MASK_VIEWS))
+def test_an_overlapping_view_of_a_selection_selects(name):
+    """_select_view wrote the mask's meaningful places through the view's strides: where a place is read at several
+    positions (a mask comparing a NaN, viewed expanded) copy_ refused, and the backward crashed inside gradwise.
+    References, the program with the unused values deleted: sqrt(max - 3) at max 3 has slope inf at the maximum
+    only (plain PyTorch: inf * False = NaN at the others), and a NaN maximum's slope is a genuine NaN there, where
+    the comparison decided nothing (the others were decided unselected)."""
+    for values, expected in (([1.0, 2.0, 3.0], [0.0, 0.0, inf]), ([1.0, nan, 3.0], [0.0, nan, 0.0])):
+        x = torch.tensor(values, dtype=D, requires_grad=True)
+        y = (_ViewedMax.apply(x, MASK_VIEWS[name]) - 3.0).sqrt()
+        plain = torch.autograd.grad(y, x, retain_graph=True)[0]
+        with gw.strong_zeros():
+            got = torch.autograd.grad(y, x)[0]
+        assert torch.equal(got.nan_to_num(7.0), torch.tensor(expected, dtype=D).nan_to_num(7.0)), (values, got)
+        assert torch.equal(got[2], plain[2]) or values[1] != values[1]  # (the selected place: PyTorch's)
+
+
 @pytest.mark.parametrize("transform", ["vmap(grad)", "vmap(vjp)", "jacrev"])
 @pytest.mark.parametrize("control", [False, True])
 def test_ctc_under_vmap_holds(transform, control):
@@ -689,3 +732,62 @@ def test_vmap_options_hold(name):
         got_clean = call(per_sample, params, clean)
     _check_close([[g.flatten()] for g in got], [[e] for e in expected], name)
     assert torch.equal(got_clean, call(per_sample, params, clean))
+
+
+def test_a_compiled_backward_under_batched_seeds_is_named():
+    """is_grads_batched over a torch.compile'd forward: its CompiledFunctionBackward runs as compiled under the
+    transform path (no strong variant: that is a node hook), so its saved mask is a value and PyTorch's NaN stays
+    where each seed's eager gw.grad has a 0. Each seed's gw.grad of the compiled graph says so
+    (CompiledBackwardWarning); the batched seeds kept the NaN without a word. Now an OpaqueBackwardWarning names it,
+    and the gradient is PyTorch's."""
+    def f(x):
+        return (x.amax() - 2.0).sqrt()
+
+    X = torch.tensor([[1.0, 2.0, 0.5], [3.0, -1.0, 0.0]], dtype=D)
+    xx = X.clone().requires_grad_()
+    y = torch.compile(lambda xs: torch.stack([f(x) for x in xs]), backend="aot_eager", fullgraph=True)(xx)
+    seeds = torch.eye(2, dtype=D)
+    expected = torch.stack([gw.grad(f(x), x)[0] for x in X.clone().requires_grad_()])  # eager: 0 off the max
+    plain = torch.autograd.grad(y, xx, seeds, retain_graph=True, is_grads_batched=True)[0]
+    assert int(plain.isnan().sum()) > int(expected.isnan().sum()), "premise: PyTorch is contaminated"
+    with pytest.warns(gw.OpaqueBackwardWarning, match="torch.compile'd backward under a torch.func transform"), \
+            gw.strong_zeros():
+        got = torch.autograd.grad(y, xx, seeds, is_grads_batched=True)[0]
+    assert torch.equal(got.nan_to_num(7.0), plain.nan_to_num(7.0))
+
+
+# a custom backward's selection mask (x > -100: all True) combined, in place, with a mask the forward made (a value,
+# False at 1): `m & user` out of place is no selection (the design: a bool input the formula did not make), so the
+# product keeps sqrt's NaN at 1; in place the mask kept its selection entry and its new False hid that NaN
+OVERWRITES = {
+    "m & user": lambda m, u: m & u,
+    "m &= user": lambda m, u: m.__iand__(u),
+    "m.view(-1).logical_and_(user)": lambda m, u: (m.view(-1).logical_and_(u), m)[1],
+    "m.view(-1).copy_(user)": lambda m, u: (m.view(-1).copy_(u), m)[1],
+    "m[1:].copy_(user[1:])": lambda m, u: (m[1:].copy_(u[1:]), m)[1],
+}
+
+
+class _UsersMask(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, combine):
+        ctx.save_for_backward(x, torch.tensor([True, False, True]))
+        ctx.combine = combine
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx, g):
+        x, user = ctx.saved_tensors
+        return g * ctx.combine(x > -100.0, user), None
+
+
+@pytest.mark.parametrize("name", list(OVERWRITES))
+def test_a_selection_overwritten_by_a_users_mask_selects_no_more(name):
+    """Reference: plain PyTorch (no strong zero is claimed on a value mask: the NaN of sqrt(-1) stays at 1)."""
+    x = torch.tensor([1.0, -1.0, 2.0], dtype=D, requires_grad=True)
+    y = _UsersMask.apply(x, OVERWRITES[name]).sqrt().sum()
+    plain = torch.autograd.grad(y, x, retain_graph=True)[0]
+    assert bool(plain[1].isnan())
+    with gw.strong_zeros():
+        got = torch.autograd.grad(y, x)[0]
+    assert torch.equal(got.nan_to_num(7.0), plain.nan_to_num(7.0))

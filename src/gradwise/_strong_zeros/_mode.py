@@ -86,11 +86,14 @@ class _StrongZeroMode(LeanDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         # on an engine thread other than the pass's (CUDA's device threads): the pass's state around the op
         mine = _STATE.adopt(self.state) if self.thread != get_ident() and self.state is not None else None
+        stale = _overwritten(func, args, kwargs or {}, self.supports.selections)
         try:
             out = self._dispatch(func, args, kwargs or {})
         finally:
             if mine is not None:
                 _STATE.adopt(mine)
+        if stale:
+            _forget(func, stale, self.supports.selections)
         # (a lift brings data from outside; a higher-order op has no overloadpacket)
         if self.produced is not None and getattr(func, "overloadpacket", None) not in _LIFTS:
             for o in tree_flatten(out)[0]:
@@ -210,6 +213,44 @@ class _StrongZeroMode(LeanDispatchMode):
 _NO_RULE = object()  # (_into_out: neither overload has a rule, or only the functional one and the dtype differs)
 
 
+def _written(func: Any) -> tuple:
+    """The positions (index or name) of the arguments an in-place or out= overload writes."""
+    got = _WRITTEN.get(func)
+    if got is None:
+        schema = getattr(func, "_schema", None)
+        got = () if schema is None else tuple(
+            i if not a.kwarg_only else a.name for i, a in enumerate(schema.arguments)
+            if a.alias_info is not None and a.alias_info.is_write)
+        _WRITTEN[func] = got
+    return got
+
+
+_WRITTEN: dict[Any, tuple] = {}
+
+
+def _overwritten(func: Any, args: tuple, kwargs: dict, selections: Any) -> tuple:
+    """(the bool tensors ``func`` writes in place, the selections sharing their storage): an op writing into a
+    selection mask's storage changes the values its views read, so they are selections no more after it, the
+    written mask itself only where the op's rule records it again (``m &= n``: ``_select``)."""
+    if not len(selections) or not (where := _written(func)):
+        return ()
+    written = [w for w in (args[p] if isinstance(p, int) and p < len(args) else kwargs.get(p) for p in where)
+               if isinstance(w, torch.Tensor) and w.dtype == torch.bool]
+    if not written:
+        return ()
+    storages = {w.untyped_storage()._cdata for w in written}
+    sharing = [k for k in list(selections.keys()) if k.untyped_storage()._cdata in storages]
+    return (written, sharing) if sharing else ()
+
+
+def _forget(func: Any, stale: tuple, selections: Any) -> None:
+    written, sharing = stale
+    remade = getattr(lookup(func), "makes_selections", False)  # (its rule decided the written mask itself)
+    for k in sharing:
+        if not (remade and any(k is w for w in written)):
+            selections.pop(k, None)
+
+
 def _select_view(selections: Any, src: torch.Tensor, out: torch.Tensor) -> None:
     """A view of a backward formula's selection mask (``_rules_pointwise._comparison``) is that selection too, where
     the mask's is meaningful: is_grads_batched's legacy vmap hands ``mul`` amax's ``self == result`` as a view with a
@@ -223,13 +264,15 @@ def _select_view(selections: Any, src: torch.Tensor, out: torch.Tensor) -> None:
     if valid is None and src.numel() == n and src.is_contiguous() and not src.storage_offset():
         selections[out] = None  # (the mask fills its storage: every view reads places of it)
         return
-    # (a place of the storage outside ``src`` is not meaningful: no selection there)
-    whole = torch.zeros(n, dtype=torch.bool, device=src.device)
-    placed = whole.as_strided(src.shape, src.stride(), src.storage_offset())
-    if valid is None:
-        placed.fill_(True)
-    else:
-        placed.copy_(valid.expand(src.shape))
+    # (a place of the storage outside ``src`` is not meaningful: no selection there). Counted, not written through
+    # src's strides: an expanded mask reads one place at several positions (copy_ refuses such a destination), and
+    # the place is meaningful only where every one of them is
+    places = torch.arange(n, device=src.device).as_strided(src.shape, src.stride(), src.storage_offset()).reshape(-1)
+    counts = torch.zeros(n, dtype=torch.int64, device=src.device)
+    whole = counts.index_add(0, places, torch.ones_like(places)) > 0
+    if valid is not None:
+        unmeant = (~valid).expand(src.shape).reshape(-1).to(torch.int64)
+        whole &= counts.index_add(0, places, unmeant) == 0
     selections[out] = whole.as_strided(out.shape, out.stride(), out.storage_offset())
 
 

@@ -76,6 +76,7 @@ def _select(out: torch.Tensor, masks: list, sup: _Supports, kind: str = "and") -
         return
     bools = [m for m in masks if m.dtype == torch.bool]
     if any(m not in sup.selections for m in bools):
+        sup.selections.pop(out, None)  # (in place, ``m &= user_mask``: m is no selection any more)
         return
     valids = [sup.selections[m] for m in bools]
     if all(v is None for v in valids):
@@ -115,6 +116,9 @@ def _comparison(func, args, kwargs, sup):
     return out
 
 
+_comparison.makes_selections = True  # (in place: the mask written is decided again, _mode._overwritten)
+
+
 
 
 def _mask_logic(kind: str) -> Rule:
@@ -130,6 +134,7 @@ def _mask_logic(kind: str) -> Rule:
         return out
 
     rule.__doc__ = "Tests and logic on masks in a backward formula (`~isnan(x)`, `a & b`) make selection masks."
+    rule.makes_selections = True  # type: ignore[attr-defined]
     return rule
 
 

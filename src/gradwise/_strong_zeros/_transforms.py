@@ -192,4 +192,8 @@ def unhooked(outputs: Iterable[Any]) -> dict[str, str]:
     for name in sorted(read):
         lost[f"the backward of {name} under a torch.func transform (its rule reads the node's saved tensors, which "
              "are the transform's wrappers there)"] = "take this gradient outside the transform (gw.grad)"
+    if any(name == "CompiledFunctionBackward" for name, _ in named):  # (its strong variant is a node hook)
+        lost["a torch.compile'd backward under a torch.func transform or is_grads_batched (its graph runs as "
+             "compiled: the masks and zeros it saved from the forward are values to the rules there)"] = \
+            "take each gradient apart (gw.grad per seed or sample), or run the model without torch.compile"
     return lost
