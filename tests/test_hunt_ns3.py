@@ -448,3 +448,25 @@ def test_embedding_bag_max_with_padding_idx():
     tied[2] = tied[1]  # bag 1 = rows 1, 2: tied in both columns
     for d in (torch.randn(5, 2, dtype=D, generator=torch.Generator().manual_seed(s)) for s in range(3)):
         assert_exact(f, (tied,), (d,))
+
+
+@pytest.mark.parametrize("sep", [1e-5, 3e-8, 1e-8])
+@pytest.mark.parametrize("p", [2.0, 3.0])
+def test_cdist_near_coincident_points_in_mm_mode(sep, p):
+    """cdist's tangent (PyTorch has none) divided by cdist's own value, which with more than 25 rows PyTorch
+    computes as sqrt(|a|² + |b|² - 2ab): at distinct points 3e-8 apart (norms ~3) that value is 6e-8 or 0, so
+    directional_derivative gave 0.174 for a slope of 0.302 (silent) or inf. The slope is of the distance itself:
+    one-sided differences on each pair's difference vector, with a step relative to its length."""
+    g = torch.Generator().manual_seed(1)
+    x1, x2, d1 = (3 * torch.randn(30, 3, generator=g, dtype=D) for _ in range(3))
+    x2[0] = x1[0] + sep * t(1.0, -0.5, 0.25)
+    w = torch.linspace(0.5, 1.5, 900, dtype=D).reshape(30, 30)
+    got = gw.directional_derivative(lambda a: (torch.cdist(a, x2, p=p) * w).sum(), x1, d1)
+    delta, dd = x1.unsqueeze(1) - x2.unsqueeze(0), d1.unsqueeze(1).expand(30, 30, 3)
+    n = torch.linalg.vector_norm(delta, p, -1)
+    h = (1e-9 * n).unsqueeze(-1)
+    ref = ((torch.linalg.vector_norm(delta + h * dd, p, -1) - n) / h.squeeze(-1) * w).sum()
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    x = x1.clone().requires_grad_(True)  # away from coincident points: PyTorch's gradient, bit for bit
+    f = lambda a, z: (torch.cdist(a, x2, p=p) * w).sum() + z.abs().sum()
+    assert torch.equal(gw.generalized_grad(f, (x1, t(0.0)))[0], torch.autograd.grad(f(x, t(1.0)), x)[0])

@@ -154,7 +154,9 @@ def _smooth_distances(diff: Tensor, p: float, native: Callable, *xs) -> Tensor |
     """cdist / pdist with tangents where no pair coincides (1 < p < inf: smooth there): PyTorch's own value and
     graph (its gradient, bit for bit) with the tangent sum(|δ|^(p-1) sign(δ) δ') / ||δ||_p^(p-1) of the pairs'
     differences δ made dual (PyTorch has no forward-mode cdist / pdist). None where a pair coincides, or for p = 1,
-    inf (kinks at equal coordinates): the norm rule then."""
+    inf (kinks at equal coordinates): the norm rule then. The denominator is the norm of δ, not PyTorch's value:
+    with more than 25 rows cdist computes sqrt(|a|² + |b|² - 2ab), 0 or off by 2x for points 1e-8 apart; δ is
+    scaled by its largest entry first (|δ|^(p-1) of a tiny δ underflows)."""
     if not 1 < p < math.inf:
         return None
     dp, dt = _split(diff)
@@ -163,8 +165,8 @@ def _smooth_distances(diff: Tensor, p: float, native: Callable, *xs) -> Tensor |
     out = native(*(_split(x)[0] for x in xs))
     with torch.no_grad():
         d = dp.detach()
-        tangent = (d * dt).sum(-1) / out if p == 2 else \
-            (d.abs().pow(p - 1) * d.sign() * dt).sum(-1) / out.pow(p - 1)
+        u = d / d.abs().amax(-1, keepdim=True)
+        tangent = (u.abs().pow(p - 1) * u.sign() * dt).sum(-1) / torch.linalg.vector_norm(u, p, -1).pow(p - 1)
     return fwAD.make_dual(out, tangent.reshape(out.shape))
 
 
