@@ -470,3 +470,36 @@ def test_cdist_near_coincident_points_in_mm_mode(sep, p):
     x = x1.clone().requires_grad_(True)  # away from coincident points: PyTorch's gradient, bit for bit
     f = lambda a, z: (torch.cdist(a, x2, p=p) * w).sum() + z.abs().sum()
     assert torch.equal(gw.generalized_grad(f, (x1, t(0.0)))[0], torch.autograd.grad(f(x, t(1.0)), x)[0])
+
+
+_NONE = torch.tensor([], dtype=torch.long)
+EMPTY_NO_PYTORCH_JVP = {  # ops without a forward-mode formula in PyTorch, called with an empty tensor
+    "embedding_bag max, no index": lambda w: F.embedding_bag(_NONE, w, torch.tensor([0, 0]), mode="max"),
+    "embedding_bag mean, no index": lambda w: F.embedding_bag(_NONE, w, torch.tensor([0, 0]), mode="mean"),
+    "cdist, no row": lambda w: torch.cdist(w[:0], w),
+    "cdist, no feature": lambda w: torch.cdist(w[:, :0], w[:, :0] + 1),
+    "pdist, one row": lambda w: F.pdist(w[:1]),  # (no pair; 0 rows: PyTorch's pdist backward crashes)
+    "index_reduce amax, no index": lambda w: w.index_reduce(0, _NONE, w[:0], "amax"),
+    "index_reduce prod, no index": lambda w: w.index_reduce(0, _NONE, w[:0], "prod"),
+    "index_reduce mean into nothing": lambda w: w[:0].index_reduce(0, _NONE, w[:0], "mean"),
+}
+
+
+@pytest.mark.parametrize("name", list(EMPTY_NO_PYTORCH_JVP))
+def test_ops_without_forward_mode_on_empty_tensors(name):
+    """An op whose input is empty skipped its rule for PyTorch's own (nothing ties), which has no forward mode for
+    these: directional_derivative and generalized_grad raised PyTorch's NotImplementedError (crash). Their rules run
+    now: the tangent of what the op reads (index_reduce with no index: its input, unchanged)."""
+    op = EMPTY_NO_PYTORCH_JVP[name]
+    g = torch.Generator().manual_seed(0)
+    w, d = torch.randn(5, 2, generator=g, dtype=D), torch.randn(5, 2, generator=g, dtype=D)
+    assert_exact(op, (w,), (d,))
+    seed = torch.linspace(0.5, 1.5, op(w).numel(), dtype=D).reshape(op(w).shape)
+    f = lambda w, z: (op(w) * seed).sum() + z.abs().sum()
+    gw_w, gw_z = gw.generalized_grad(f, (w, t(0.0)))
+    wr = w.clone().requires_grad_(True)
+    assert torch.equal(gw_w, torch.autograd.grad(f(wr, t(1.0)), wr, allow_unused=True, materialize_grads=True)[0])
+    assert gw_z.abs().item() == 1.0
+    if name == "cdist, no feature":  # every distance 0 whatever w: no kink, f is smooth (not stationary)
+        cert = gw.stationarity(lambda w: (op(w) * seed).sum() + (w * w).sum(), w)
+        assert cert.stationary is False and not cert.kinks

@@ -157,6 +157,9 @@ def _smooth_distances(diff: Tensor, p: float, native: Callable, *xs) -> Tensor |
     inf (kinks at equal coordinates): the norm rule then. The denominator is the norm of δ, not PyTorch's value:
     with more than 25 rows cdist computes sqrt(|a|² + |b|² - 2ab), 0 or off by 2x for points 1e-8 apart; δ is
     scaled by its largest entry first (|δ|^(p-1) of a tiny δ underflows)."""
+    if diff.shape[-1] == 0:  # no coordinate: every distance is 0 whatever the points (no kink), tangent 0
+        out = native(*(_split(x)[0] for x in xs))
+        return fwAD.make_dual(out, torch.zeros_like(out))
     if not 1 < p < math.inf:
         return None
     dp, dt = _split(diff)
