@@ -503,3 +503,20 @@ def test_ops_without_forward_mode_on_empty_tensors(name):
     if name == "cdist, no feature":  # every distance 0 whatever w: no kink, f is smooth (not stationary)
         cert = gw.stationarity(lambda w: (op(w) * seed).sum() + (w * w).sum(), w)
         assert cert.stationary is False and not cert.kinks
+
+
+@pytest.mark.parametrize("output", [0, 1, 2])
+def test_kink_sweep_svd_still_fails_on_a_wrong_derivative(output, monkeypatch):
+    """The svd sweep squares the singular vectors and leaves out samples 1e-16 off a tie: it must still see a
+    derivative of U, S or V that is 1% off (the value unchanged)."""
+    op = ks.op_by_id("svd")
+    native = op.op
+
+    def wrong(*args, **kwargs):
+        out = list(native(*args, **kwargs))
+        out[output] = out[output] + 0.01 * (out[output] - out[output].detach())
+        return tuple(out)
+
+    monkeypatch.setattr(op, "op", wrong)
+    r = ks.sweep_op(op, limit=40, grids=(0.5,), n_gauss=1, n_int=0)
+    assert r.counts["wrong"] > 0 and r.counts["ok"] < r.counts["directions"], dict(r.counts)
