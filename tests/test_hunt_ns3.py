@@ -543,3 +543,12 @@ def test_distances_away_from_their_kinks_keep_pytorchs_gradient(p, later_tie, op
     with torch.no_grad():  # one-sided differences, Richardson-extrapolated (p = 0.5 bends fast near small |δ_k|)
         ref = 2 * (s(a + h / 2 * d) - s(a)) / (h / 2) - (s(a + h * d) - s(a)) / h
     torch.testing.assert_close(gw.directional_derivative(s, a, d), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_distances_with_a_tie_tolerance_still_see_near_ties():
+    """PyTorch's cdist where no coordinate ties exactly (above) must not hide a coordinate within tie_tol of a tie
+    from subdifferential(tie_tol=...): the epsilon-subdifferential has both signs of |1e-4|."""
+    a, b = t(0.0, 1.0, 2.0, -1.0).reshape(2, 2), t(1e-4, 3.0).reshape(1, 2)
+    f = lambda x: torch.cdist(x, b, p=1.0).sum()
+    assert len(gw.subdifferential(f, a).elements) == 1
+    assert len(gw.subdifferential(f, a, tie_tol=1e-3).elements) == 2

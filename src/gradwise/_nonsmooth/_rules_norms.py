@@ -150,7 +150,7 @@ def _coincident_norms(run, op: str, out: Tensor, diffs: Callable, p: float, same
     return out.index_put(where, values)
 
 
-def _smooth_distances(diff: Tensor, p: float, native: Callable, *xs) -> Tensor | None:
+def _smooth_distances(run, diff: Tensor, p: float, native: Callable, *xs) -> Tensor | None:
     """cdist / pdist where every pair's distance is smooth: PyTorch's own value and graph (its gradient, bit for
     bit), made dual with the tangent of the pairs' differences δ (PyTorch has no forward-mode cdist / pdist).
     Smooth: for 1 < p < inf where δ != 0, the tangent sum(|δ|^(p-1) sign(δ) δ') / ||δ||_p^(p-1); for p = 1 (and
@@ -162,6 +162,8 @@ def _smooth_distances(diff: Tensor, p: float, native: Callable, *xs) -> Tensor |
     if diff.shape[-1] == 0:  # no coordinate: every distance is 0 whatever the points (no kink), tangent 0
         out = native(*(_split(x)[0] for x in xs))
         return fwAD.make_dual(out, torch.zeros_like(out)) if _is_dual(diff) else out
+    if (p <= 1 or p == math.inf) and (run.tie_tol > 0 or run.near_tol is not None):
+        return None  # (ties within tie_tol, near-kinks: the abs / amax rules see each coordinate)
     dp, dt = _split(diff)
     d = dp.detach()
     size = d.abs()
@@ -203,7 +205,7 @@ def cdist(run, func, x1, x2, p=2.0, compute_mode="use_mm_for_euclid_dist_if_nece
         # PyTorch has no forward-mode cdist; p = 1 / inf have kinks at equal coordinates, not only at coincident
         # points: PyTorch's op where no pair is at a kink, else every pair through the norm rule
         diff = x1.unsqueeze(-2) - x2.unsqueeze(-3)
-        smooth = _smooth_distances(diff, p, lambda a, b: func(a, b, p, compute_mode), x1, x2)
+        smooth = _smooth_distances(run, diff, p, lambda a, b: func(a, b, p, compute_mode), x1, x2)
         return smooth if smooth is not None else vector_norm(run, torch.linalg.vector_norm, diff, p, -1)
     out = func(x1, x2, p, compute_mode)
     with torch.no_grad():
@@ -229,7 +231,7 @@ def pdist(run, func, x, p=2.0):
                                  "equal it jumps, no one-sided derivative")
         return func(xp, p)
     if _is_dual(x) or not 1 < p < math.inf:  # as cdist
-        smooth = _smooth_distances(x[i] - x[j], p, lambda a: func(a, p), x)
+        smooth = _smooth_distances(run, x[i] - x[j], p, lambda a: func(a, p), x)
         return smooth if smooth is not None else vector_norm(run, torch.linalg.vector_norm, x[i] - x[j], p, -1)
     out = func(x, p)
     with torch.no_grad():
