@@ -448,3 +448,107 @@ def test_embedding_bag_max_with_padding_idx():
     tied[2] = tied[1]  # bag 1 = rows 1, 2: tied in both columns
     for d in (torch.randn(5, 2, dtype=D, generator=torch.Generator().manual_seed(s)) for s in range(3)):
         assert_exact(f, (tied,), (d,))
+
+
+@pytest.mark.parametrize("sep", [1e-5, 3e-8, 1e-8])
+@pytest.mark.parametrize("p", [2.0, 3.0])
+def test_cdist_near_coincident_points_in_mm_mode(sep, p):
+    """cdist's tangent (PyTorch has none) divided by cdist's own value, which with more than 25 rows PyTorch
+    computes as sqrt(|a|² + |b|² - 2ab): at distinct points 3e-8 apart (norms ~3) that value is 6e-8 or 0, so
+    directional_derivative gave 0.174 for a slope of 0.302 (silent) or inf. The slope is of the distance itself:
+    one-sided differences on each pair's difference vector, with a step relative to its length."""
+    g = torch.Generator().manual_seed(1)
+    x1, x2, d1 = (3 * torch.randn(30, 3, generator=g, dtype=D) for _ in range(3))
+    x2[0] = x1[0] + sep * t(1.0, -0.5, 0.25)
+    w = torch.linspace(0.5, 1.5, 900, dtype=D).reshape(30, 30)
+    got = gw.directional_derivative(lambda a: (torch.cdist(a, x2, p=p) * w).sum(), x1, d1)
+    delta, dd = x1.unsqueeze(1) - x2.unsqueeze(0), d1.unsqueeze(1).expand(30, 30, 3)
+    n = torch.linalg.vector_norm(delta, p, -1)
+    h = (1e-9 * n).unsqueeze(-1)
+    ref = ((torch.linalg.vector_norm(delta + h * dd, p, -1) - n) / h.squeeze(-1) * w).sum()
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    x = x1.clone().requires_grad_(True)  # away from coincident points: PyTorch's gradient, bit for bit
+    f = lambda a, z: (torch.cdist(a, x2, p=p) * w).sum() + z.abs().sum()
+    assert torch.equal(gw.generalized_grad(f, (x1, t(0.0)))[0], torch.autograd.grad(f(x, t(1.0)), x)[0])
+
+
+_NONE = torch.tensor([], dtype=torch.long)
+EMPTY_NO_PYTORCH_JVP = {  # ops without a forward-mode formula in PyTorch, called with an empty tensor
+    "embedding_bag max, no index": lambda w: F.embedding_bag(_NONE, w, torch.tensor([0, 0]), mode="max"),
+    "embedding_bag mean, no index": lambda w: F.embedding_bag(_NONE, w, torch.tensor([0, 0]), mode="mean"),
+    "cdist, no row": lambda w: torch.cdist(w[:0], w),
+    "cdist, no feature": lambda w: torch.cdist(w[:, :0], w[:, :0] + 1),
+    "pdist, one row": lambda w: F.pdist(w[:1]),  # (no pair; 0 rows: PyTorch's pdist backward crashes)
+    "index_reduce amax, no index": lambda w: w.index_reduce(0, _NONE, w[:0], "amax"),
+    "index_reduce prod, no index": lambda w: w.index_reduce(0, _NONE, w[:0], "prod"),
+    "index_reduce mean into nothing": lambda w: w[:0].index_reduce(0, _NONE, w[:0], "mean"),
+}
+
+
+@pytest.mark.parametrize("name", list(EMPTY_NO_PYTORCH_JVP))
+def test_ops_without_forward_mode_on_empty_tensors(name):
+    """An op whose input is empty skipped its rule for PyTorch's own (nothing ties), which has no forward mode for
+    these: directional_derivative and generalized_grad raised PyTorch's NotImplementedError (crash). Their rules run
+    now: the tangent of what the op reads (index_reduce with no index: its input, unchanged)."""
+    op = EMPTY_NO_PYTORCH_JVP[name]
+    g = torch.Generator().manual_seed(0)
+    w, d = torch.randn(5, 2, generator=g, dtype=D), torch.randn(5, 2, generator=g, dtype=D)
+    assert_exact(op, (w,), (d,))
+    seed = torch.linspace(0.5, 1.5, op(w).numel(), dtype=D).reshape(op(w).shape)
+    f = lambda w, z: (op(w) * seed).sum() + z.abs().sum()
+    gw_w, gw_z = gw.generalized_grad(f, (w, t(0.0)))
+    wr = w.clone().requires_grad_(True)
+    assert torch.equal(gw_w, torch.autograd.grad(f(wr, t(1.0)), wr, allow_unused=True, materialize_grads=True)[0])
+    assert gw_z.abs().item() == 1.0
+    if name == "cdist, no feature":  # every distance 0 whatever w: no kink, f is smooth (not stationary)
+        cert = gw.stationarity(lambda w: (op(w) * seed).sum() + (w * w).sum(), w)
+        assert cert.stationary is False and not cert.kinks
+
+
+@pytest.mark.parametrize("output", [0, 1, 2])
+def test_kink_sweep_svd_still_fails_on_a_wrong_derivative(output, monkeypatch):
+    """The svd sweep squares the singular vectors and leaves out samples 1e-16 off a tie: it must still see a
+    derivative of U, S or V that is 1% off (the value unchanged)."""
+    op = ks.op_by_id("svd")
+    native = op.op
+
+    def wrong(*args, **kwargs):
+        out = list(native(*args, **kwargs))
+        out[output] = out[output] + 0.01 * (out[output] - out[output].detach())
+        return tuple(out)
+
+    monkeypatch.setattr(op, "op", wrong)
+    r = ks.sweep_op(op, limit=40, grids=(0.5,), n_gauss=1, n_int=0)
+    assert r.counts["wrong"] > 0 and r.counts["ok"] < r.counts["directions"], dict(r.counts)
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0, 1.5, 3.0, float("inf")])
+@pytest.mark.parametrize("later_tie", [False, True])
+@pytest.mark.parametrize("op", ["cdist", "pdist"])
+def test_distances_away_from_their_kinks_keep_pytorchs_gradient(p, later_tie, op):
+    """cdist / pdist with p = 1, inf (kinks where coordinates are equal / tie in size) or p < 1 went through the
+    norm rule on every pair even where no pair is at a kink: generalized_grad differed from torch.autograd.grad in
+    the last bits (3.6e-15 on 30 x 28 points) on a smooth program. Away from their kinks it is PyTorch's gradient,
+    bit for bit, with or without a later tie (|z| at 0), and the one-sided derivative agrees with differences."""
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(30, 3, generator=g, dtype=D), torch.randn(28, 3, generator=g, dtype=D)
+    dist = (lambda a: torch.cdist(a, b, p=p)) if op == "cdist" else (lambda a: F.pdist(torch.cat([a, b]), p))
+    w = torch.rand(dist(a).shape, generator=g, dtype=D)
+    f = lambda a, z: (dist(a) * w).sum() + (z.abs() if later_tie else z * z).sum()
+    got = gw.generalized_grad(f, (a, t(0.0)))[0]
+    x = a.clone().requires_grad_(True)
+    assert torch.equal(got, torch.autograd.grad(f(x, t(1.0)), x)[0])
+    d, h = torch.randn(30, 3, generator=g, dtype=D), 1e-6
+    s = lambda a: (dist(a) * w).sum()
+    with torch.no_grad():  # one-sided differences, Richardson-extrapolated (p = 0.5 bends fast near small |δ_k|)
+        ref = 2 * (s(a + h / 2 * d) - s(a)) / (h / 2) - (s(a + h * d) - s(a)) / h
+    torch.testing.assert_close(gw.directional_derivative(s, a, d), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_distances_with_a_tie_tolerance_still_see_near_ties():
+    """PyTorch's cdist where no coordinate ties exactly (above) must not hide a coordinate within tie_tol of a tie
+    from subdifferential(tie_tol=...): the epsilon-subdifferential has both signs of |1e-4|."""
+    a, b = t(0.0, 1.0, 2.0, -1.0).reshape(2, 2), t(1e-4, 3.0).reshape(1, 2)
+    f = lambda x: torch.cdist(x, b, p=1.0).sum()
+    assert len(gw.subdifferential(f, a).elements) == 1
+    assert len(gw.subdifferential(f, a, tie_tol=1e-3).elements) == 2

@@ -268,10 +268,13 @@ class _KinkMode(_KinkReads, TorchFunctionMode):
         flat = _flat_tensors(everything)
         if not any(map(self.involved, flat)):
             return func(*args, **kwargs)
-        if any(t.numel() == 0 for t in flat) and kwargs.get("out") is None:
-            return func(*args, **kwargs)  # no element, nothing ties (an empty batch): PyTorch's own, exact
-        if self.run.known is not None and self.count not in self.run.known \
-                and not getattr(rule, "no_pytorch_jvp", False):
+        no_jvp = getattr(rule, "no_pytorch_jvp", False)
+        if any(t.numel() == 0 for t in flat) and kwargs.get("out") is None and not (
+                no_jvp and any(map(_is_dual, flat))):
+            # no element, nothing ties (an empty batch): PyTorch's own, exact (an op without forward mode: its
+            # rule, which gives the tangent)
+            return func(*args, **kwargs)
+        if self.run.known is not None and self.count not in self.run.known and not no_jvp:
             return func(*args, **kwargs)  # ranked pass: the probe saw no tie here, PyTorch's own JVP is exact
         if rule is None:
             raise NonsmoothError(f"gradwise has no kink rule for {UNRULED[func]} (called at {_user_line()}); "

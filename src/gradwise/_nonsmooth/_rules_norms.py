@@ -150,21 +150,42 @@ def _coincident_norms(run, op: str, out: Tensor, diffs: Callable, p: float, same
     return out.index_put(where, values)
 
 
-def _smooth_distances(diff: Tensor, p: float, native: Callable, *xs) -> Tensor | None:
-    """cdist / pdist with tangents where no pair coincides (1 < p < inf: smooth there): PyTorch's own value and
-    graph (its gradient, bit for bit) with the tangent sum(|δ|^(p-1) sign(δ) δ') / ||δ||_p^(p-1) of the pairs'
-    differences δ made dual (PyTorch has no forward-mode cdist / pdist). None where a pair coincides, or for p = 1,
-    inf (kinks at equal coordinates): the norm rule then."""
-    if not 1 < p < math.inf:
-        return None
+def _smooth_distances(run, diff: Tensor, p: float, native: Callable, *xs) -> Tensor | None:
+    """cdist / pdist where every pair's distance is smooth: PyTorch's own value and graph (its gradient, bit for
+    bit), made dual with the tangent of the pairs' differences δ (PyTorch has no forward-mode cdist / pdist).
+    Smooth: for 1 < p < inf where δ != 0, the tangent sum(|δ|^(p-1) sign(δ) δ') / ||δ||_p^(p-1); for p = 1 (and
+    p < 1, singular there) where no coordinate of δ is 0, sum(sign(δ) δ') (and the p < 1 formula); for p = inf
+    where one coordinate is the largest in size, its sign(δ_k) δ_k'. None elsewhere (a kink): the norm rule then.
+    The denominators are the norms of δ, not PyTorch's values: with more than 25 rows cdist computes
+    sqrt(|a|² + |b|² - 2ab), 0 or off by 2x for points 1e-8 apart; δ is scaled by its largest entry first
+    (|δ|^(p-1) of a tiny δ underflows)."""
+    if diff.shape[-1] == 0:  # no coordinate: every distance is 0 whatever the points (no kink), tangent 0
+        out = native(*(_split(x)[0] for x in xs))
+        return fwAD.make_dual(out, torch.zeros_like(out)) if _is_dual(diff) else out
+    if (p <= 1 or p == math.inf) and (run.tie_tol > 0 or run.near_tol is not None):
+        return None  # (ties within tie_tol, near-kinks: the abs / amax rules see each coordinate)
     dp, dt = _split(diff)
-    if dt is None or not mask_all(dp.detach().bool().any(-1)):
+    d = dp.detach()
+    size = d.abs()
+    top = size.amax(-1, keepdim=True)
+    if p == math.inf:
+        lead = size == top
+        smooth = (lead.sum(-1) == 1) & (top.squeeze(-1) > 0)
+    else:
+        smooth = (d != 0).all(-1) if p <= 1 else (d != 0).any(-1)
+    if not mask_all(smooth):
         return None
     out = native(*(_split(x)[0] for x in xs))
+    if dt is None:
+        return out
     with torch.no_grad():
-        d = dp.detach()
-        tangent = (d * dt).sum(-1) / out if p == 2 else \
-            (d.abs().pow(p - 1) * d.sign() * dt).sum(-1) / out.pow(p - 1)
+        if p == math.inf:
+            tangent = (d.sign() * dt * lead).sum(-1)
+        elif p == 1:
+            tangent = (d.sign() * dt).sum(-1)
+        else:
+            u = d / top
+            tangent = (u.abs().pow(p - 1) * u.sign() * dt).sum(-1) / torch.linalg.vector_norm(u, p, -1).pow(p - 1)
     return fwAD.make_dual(out, tangent.reshape(out.shape))
 
 
@@ -182,9 +203,9 @@ def cdist(run, func, x1, x2, p=2.0, compute_mode="use_mm_for_euclid_dist_if_nece
         return func(a, b, p, compute_mode)
     if _is_dual(x1) or _is_dual(x2) or not 1 < p < math.inf:
         # PyTorch has no forward-mode cdist; p = 1 / inf have kinks at equal coordinates, not only at coincident
-        # points: every pair through the norm rule
+        # points: PyTorch's op where no pair is at a kink, else every pair through the norm rule
         diff = x1.unsqueeze(-2) - x2.unsqueeze(-3)
-        smooth = _smooth_distances(diff, p, lambda a, b: func(a, b, p, compute_mode), x1, x2)
+        smooth = _smooth_distances(run, diff, p, lambda a, b: func(a, b, p, compute_mode), x1, x2)
         return smooth if smooth is not None else vector_norm(run, torch.linalg.vector_norm, diff, p, -1)
     out = func(x1, x2, p, compute_mode)
     with torch.no_grad():
@@ -210,7 +231,7 @@ def pdist(run, func, x, p=2.0):
                                  "equal it jumps, no one-sided derivative")
         return func(xp, p)
     if _is_dual(x) or not 1 < p < math.inf:  # as cdist
-        smooth = _smooth_distances(x[i] - x[j], p, lambda a: func(a, p), x)
+        smooth = _smooth_distances(run, x[i] - x[j], p, lambda a: func(a, p), x)
         return smooth if smooth is not None else vector_norm(run, torch.linalg.vector_norm, x[i] - x[j], p, -1)
     out = func(x, p)
     with torch.no_grad():
