@@ -508,8 +508,9 @@ def test_the_watch_does_not_call_a_value_the_forward_made_data_that_arrived():
     assert all("gw.trace() names the op" in b or "aten.log" in b for b in births), str(report)
 
 
+@pytest.mark.parametrize("softmax", [torch.softmax, torch.log_softmax])
 @pytest.mark.parametrize("mask_first", [True, False])
-def test_a_fully_masked_rows_nan_beside_another_nan_is_born_at_the_softmax(mask_first):
+def test_a_fully_masked_rows_nan_beside_another_nan_is_born_at_the_softmax(mask_first, softmax):
     """softmax(sqrt(lin(x).exp() * k) + mask) with sqrt(-1) in row 0 (dropped by a where: it reaches no gradient
     under gw.grad) and row 2 all -inf (a fully masked row: 0/0 = NaN, used). The softmax made no birth (its input
     already held NaN), so the used NaN was named after the earliest birth, or, since only an all -inf written
@@ -532,14 +533,18 @@ def test_a_fully_masked_rows_nan_beside_another_nan_is_born_at_the_softmax(mask_
         y = torch.sqrt(lin(x).exp() * k)
         if not mask_first:
             mask = torch.zeros(4, 4).masked_fill(masked, float("-inf"))
-        return torch.where(keep, torch.softmax(y + mask, -1), 0.0).pow(2).sum()
+        p = softmax(y + mask, -1)
+        return torch.where(keep, p if softmax is torch.softmax else p.exp(), 0.0).pow(2).sum()
 
     _, genuine = _leaf_truth(f, list(lin.parameters()))
     assert genuine == {0, 1}
     with gw.trace() as report:
         f().backward()
     reaching = [(g.born_op, g.reaches) for g in report.of_kind("nan") if g.reaches]
-    assert reaching == [("aten._softmax", ["lin.bias", "lin.weight"])], str(report)
+    if softmax is torch.softmax:
+        assert reaching == [("aten._softmax", ["lin.bias", "lin.weight"])], str(report)
+    else:  # (log_softmax's backward mixes row 0's NaN in: its finding reaches lin.* too, a per-row limit)
+        assert ("aten._log_softmax", ["lin.bias", "lin.weight"]) in reaching, str(report)
     assert not report.of_kind("contamination"), str(report)
 
 

@@ -53,6 +53,8 @@ _MAX_PARTS = 8  # provenance parts kept per tensor (more: the tensor's whole pro
 # softmaxes that make 0 of a -inf input (scaled_dot_product_attention's math path uses _safe_softmax, which makes
 # 0 of a fully masked row too; log_softmax keeps -inf, and its births with it)
 _MASKING_SOFTMAX = {torch.ops.aten._softmax, torch.ops.aten._safe_softmax}
+# softmaxes that make NaN of a slice all -inf (a fully masked row: 0/0)
+_NAN_OF_FULL_ROWS = {torch.ops.aten._softmax, torch.ops.aten._log_softmax}
 
 
 def _without_mask_infs(births: frozenset, x: torch.Tensor, dim: int, full_rows_nan: bool) -> frozenset:
@@ -236,7 +238,7 @@ class _Provenance:
         # an in-place op on a tensor already known non-finite (DDP's bucket.div_) carries its NaN, not makes it
         prior_nan = any(getattr(b, "nan", True) for b in prior) if prior else False
         new_nan = has_nan and not prior_nan and not any(_has_nan(t) for t in nf)
-        if has_nan and not new_nan and not prior and func.overloadpacket is torch.ops.aten._softmax and \
+        if has_nan and not new_nan and not prior and func.overloadpacket in _NAN_OF_FULL_ROWS and \
                 len(nf) == 1 and args is not None and len(args) > 1 and \
                 self._fully_masked_rows(func, loc, o, nf[0], args[1], births):
             return
@@ -286,7 +288,7 @@ class _Provenance:
             self.parts[o] = [(m, births) for births, m in parts.items()]
 
     def _fully_masked_rows(self, func, loc, o: torch.Tensor, x: torch.Tensor, dim: int, births) -> bool:
-        """softmax(x) whose rows all -inf (fully masked: 0/0 = NaN) are NaN beside rows x's NaN made NaN (another
+        """(log_)softmax(x) whose rows all -inf (fully masked: 0/0 = NaN) are NaN beside rows x's NaN made NaN (another
         birth's): the masked rows are born here, of their -inf (parents), the others keep x's births, as parts.
         A NaN already in x made the op's whole output its NaN: the masked rows' NaN was told as that other birth's
         (a genuine NaN of a fully masked row named after a NaN the loss never reads). False where no row is so."""
