@@ -506,3 +506,83 @@ def test_the_watch_does_not_call_a_value_the_forward_made_data_that_arrived():
     births = [f.born or "" for f in report.findings if f.kind in ("nan", "inf", "contamination")]
     assert births and not any("arrived with" in b for b in births), str(report)
     assert all("gw.trace() names the op" in b or "aten.log" in b for b in births), str(report)
+
+
+@pytest.mark.parametrize("softmax", [torch.softmax, torch.log_softmax])
+@pytest.mark.parametrize("mask_first", [True, False])
+def test_a_fully_masked_rows_nan_beside_another_nan_is_born_at_the_softmax(mask_first, softmax):
+    """softmax(sqrt(lin(x).exp() * k) + mask) with sqrt(-1) in row 0 (dropped by a where: it reaches no gradient
+    under gw.grad) and row 2 all -inf (a fully masked row: 0/0 = NaN, used). The softmax made no birth (its input
+    already held NaN), so the used NaN was named after the earliest birth, or, since only an all -inf written
+    constant is a mask value that explains nothing, after sqrt: 'genuine NaN ... born: aten.sqrt ... reaches
+    lin.bias, lin.weight' (SILENT: the fix it gives leaves the NaN). The fully masked rows are born at the
+    softmax, as parts beside the rows of the other birth."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    x = torch.rand(4, 4)
+    k = torch.ones(4, 4)
+    k[0, 1] = -1.0
+    masked = torch.zeros(4, 4, dtype=torch.bool)
+    masked[2, :] = masked[1, 3] = True
+    keep = torch.ones(4, 1, dtype=torch.bool)
+    keep[0] = False
+
+    def f():
+        if mask_first:
+            mask = torch.zeros(4, 4).masked_fill(masked, float("-inf"))
+        y = torch.sqrt(lin(x).exp() * k)
+        if not mask_first:
+            mask = torch.zeros(4, 4).masked_fill(masked, float("-inf"))
+        p = softmax(y + mask, -1)
+        return torch.where(keep, p if softmax is torch.softmax else p.exp(), 0.0).pow(2).sum()
+
+    _, genuine = _leaf_truth(f, list(lin.parameters()))
+    assert genuine == {0, 1}
+    with gw.trace() as report:
+        f().backward()
+    reaching = [(g.born_op, g.reaches) for g in report.of_kind("nan") if g.reaches]
+    if softmax is torch.softmax:
+        assert reaching == [("aten._softmax", ["lin.bias", "lin.weight"])], str(report)
+    else:  # (log_softmax's backward mixes row 0's NaN in: its finding reaches lin.* too, a per-row limit)
+        assert ("aten._log_softmax", ["lin.bias", "lin.weight"]) in reaching, str(report)
+    assert not report.of_kind("contamination"), str(report)
+
+
+def _moved(x, case):
+    x[4:] = float("nan")  # padding rows (unused unless moved into rows 0-3)
+    x[0, 0] = float("nan")
+    if case == "copy_ of a flip":
+        x.copy_(x.flip(0))  # the padding moves into rows 0, 1 (used), x[0, 0] into row 5
+    elif case == "mul_ by a NaN column":
+        x[0, 0] = 1.0
+        x.mul_(torch.tensor([1.0, 1.0, 1.0, float("nan")]))
+    elif case == "inf over a NaN row":
+        x[0, 0] = 1.0
+        x[3:5, 1] = float("inf")  # row 3 used, row 4 was padding
+    return x
+
+
+@pytest.mark.parametrize(("case", "used", "unused"), [
+    ("copy_ of a flip", 1, 2), ("mul_ by a NaN column", 7, 1), ("inf over a NaN row", 10, 1)])
+def test_in_place_ops_on_a_tensor_with_parts_name_the_births_the_output_uses(case, used, unused):
+    """model(x)[:4] with padding rows x[4:] = nan beside x[0, 0] = nan (parts), then an in-place op on x. The parts
+    stayed as they were: x.copy_(x.flip(0)) (the padding now in rows 0, 1) was told as 'genuine NaN born at
+    x[0, 0] = nan, reaches model.*' and the padding's NaN in no finding; x.mul_ by a NaN column, as the padding
+    reaching every parameter, the column in none; and x[3:5, 1] = inf over the NaN padding row took the padding's
+    birth (an in-place write into a tensor already NaN carries its NaN): the Inf in row 3 was in no finding. All
+    SILENT (wrong births). fill_/copy_ write every element (no prior provenance); an in-place elementwise op keeps
+    the parts joined with its inputs' where they cover its NaN/Inf, else the whole provenance is told."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    f = lambda: model(_moved(torch.randn(6, 4, generator=torch.Generator().manual_seed(1)), case))[:4].mean()
+    line = _moved.__code__.co_firstlineno
+    names = [f"model.{n}" for n, _ in model.named_parameters()]
+    contaminated, genuine = _leaf_truth(f, list(model.parameters()))
+    with gw.trace() as report:
+        f().backward()
+    born = {int(g.born_location.rpartition(":")[2]) - line: g.reaches for g in report.findings
+            if g.kind in ("nan", "inf") and g.born_location}
+    assert genuine and born.get(used) == sorted(names[i] for i in genuine), str(report)
+    assert not born.get(unused), str(report)
+    said = {n for g in report.of_kind("contamination") for n in g.reaches}
+    assert said == {names[i] for i in contaminated}, str(report)

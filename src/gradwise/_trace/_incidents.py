@@ -189,16 +189,22 @@ class _Incidents:
         written NaN beside a used row's NaN): the births of the parts whose NaN/Inf a nonzero sensitivity
         (``zero``: a zero one) meets at the elements ``where`` of ``o``; None where that is not known."""
         got = frozenset()
-        for m, births in self.parts[t]:
-            try:
-                met = self._indicators(func, args, [t], o, out, finite_only, part=m.broadcast_to(t.shape), zero=zero)
-            except Exception:  # an explanation must never break the program it explains
-                return None
-            if met is None:
-                return None
-            if bool(mask_any(met & where)):
-                got |= births
-        return got or None
+        # a genuine NaN/Inf that no nonzero sensitivity meets is a computed zero's (0 x inf, tanh'(inf) = 0): the
+        # parts that a finite sensitivity meets (not those a NaN one, contamination, meets), not every part's births
+        for finite in (False, True) if not zero else (False,):
+            for m, births in self.parts[t]:
+                try:
+                    met = self._indicators(func, args, [t], o, out, finite_only, part=m.broadcast_to(t.shape),
+                                           zero="finite" if finite else zero)
+                except Exception:  # an explanation must never break the program it explains
+                    return None
+                if met is None:
+                    return None
+                if bool(mask_any(met & where)):
+                    got |= births
+            if got:
+                return got
+        return None
 
     def _nonzero_sensitivity_met(self, func, o, mask, ins, sens_ins, nf, args, out, kwargs=None) -> torch.Tensor:
         """Bool mask over `o`: where a nonzero sensitivity met a non-finite value (genuine), else contamination."""
@@ -237,16 +243,19 @@ class _Incidents:
         strong = self.shadow.strong(o) if self.shadow is not None else None
         return self.triangles.strong(o) if strong is None and self.triangles is not None else strong
 
-    def _indicators(self, func, args, nf, o, out=None, finite_only=False, part=None, zero=False) -> torch.Tensor | None:
+    def _indicators(self, func, args, nf, o, out=None, finite_only=False, part=None,
+                    zero: bool | str = False) -> torch.Tensor | None:
         """Of a bilinear op (linear in the sensitivity and in the saved value): the op evaluated on indicators
         (nonzero sensitivity, non-finite value of ``nf``) says which outputs mix the two; None where ``o`` is
         not among its results. ``finite_only``: a NaN/Inf sensitivity counts as zero; ``part``: only the
-        non-finite values there count; ``zero``: the zero sensitivities are the ones that count."""
+        non-finite values there count; ``zero``: the zero sensitivities are the ones that count ("finite": the
+        finite ones)."""
         def ind(a):
             if not isinstance(a, torch.Tensor) or not _inexact(a):
                 return a
             if a in self.sens:
-                return (a == 0 if zero else _nonzero(a, finite_only)).to(a.dtype)
+                met = torch.isfinite(a) if zero == "finite" else a == 0 if zero else _nonzero(a, finite_only)
+                return met.to(a.dtype)
             if not any(a is t for t in nf):
                 return torch.zeros_like(a)
             bad = ~torch.isfinite(a)

@@ -46,11 +46,15 @@ _SELECTS = {torch.ops.aten.index, torch.ops.aten.index_select, torch.ops.aten.ma
             torch.ops.aten.take, torch.ops.aten.slice, torch.ops.aten.select, torch.ops.aten.narrow}
 # ops whose output holds the input's elements where they were: its parts stay (autograd's detach of a saved output)
 _SAME_ELEMENTS = {torch.ops.aten.detach, torch.ops.aten.alias, torch.ops.aten.clone, torch.ops.aten._to_copy}
+# in-place ops that write every element of their output: what it held before is no provenance of it
+_OVERWRITES = {torch.ops.aten.fill_, torch.ops.aten.copy_}
 _MAX_PARTS = 8  # provenance parts kept per tensor (more: the tensor's whole provenance is told everywhere)
 
 # softmaxes that make 0 of a -inf input (scaled_dot_product_attention's math path uses _safe_softmax, which makes
 # 0 of a fully masked row too; log_softmax keeps -inf, and its births with it)
 _MASKING_SOFTMAX = {torch.ops.aten._softmax, torch.ops.aten._safe_softmax}
+# softmaxes that make NaN of a slice all -inf (a fully masked row: 0/0)
+_NAN_OF_FULL_ROWS = {torch.ops.aten._softmax, torch.ops.aten._log_softmax}
 
 
 def _without_mask_infs(births: frozenset, x: torch.Tensor, dim: int, full_rows_nan: bool) -> frozenset:
@@ -171,6 +175,8 @@ class _Provenance:
                 self.prov.get(ins[0]) if node_seq == _ACCUMULATE_SEQ and func in _ACCUMULATES else None
             nf = [t for t in ins if t is not o and _nonfinite(t)]
             if seq is None or isinstance(seq, tuple):
+                if func.overloadpacket in _OVERWRITES:  # (x[3:5] = inf over a NaN row: inf is born here)
+                    prior = None
                 self._value(func, loc, o, mask, nf, prior, nd, ins,
                             base=o._base if info.mutable and o._base is not None else None, args=args)
                 # an in-place write made it non-finite (a .grad scaled by NaN: clip_grad_norm_'s _foreach_mul_)
@@ -219,6 +225,7 @@ class _Provenance:
         literal = func.overloadpacket in _LITERALS
         if literal and o.numel() <= 1:
             return  # a lifted scalar (x[2] = nan): the op that writes it is where it is born
+        stale = self.parts.pop(o, None)  # an in-place op moved or wrote elements: its parts are redone (_kept_parts)
         nf = [t for t in nf if t in self.prov or ((t.dim() or t.requires_grad) and not literal)]
         births = frozenset().union(*(self._origin(t, loc) for t in nf)) if nf else frozenset()
         if len(nf) == 1 and nf[0] in self.parts and func.overloadpacket in _SELECTS and args and args[0] is nf[0]:
@@ -231,6 +238,10 @@ class _Provenance:
         # an in-place op on a tensor already known non-finite (DDP's bucket.div_) carries its NaN, not makes it
         prior_nan = any(getattr(b, "nan", True) for b in prior) if prior else False
         new_nan = has_nan and not prior_nan and not any(_has_nan(t) for t in nf)
+        if has_nan and not new_nan and not prior and func.overloadpacket in _NAN_OF_FULL_ROWS and \
+                len(nf) == 1 and args is not None and len(args) > 1 and \
+                self._fully_masked_rows(func, loc, o, nf[0], args[1], births):
+            return
         if (not nf and not prior) or new_nan:
             op = _op_name(func)
 
@@ -254,7 +265,42 @@ class _Provenance:
         elif not prior and len(nf) == 1 and nf[0] in self.parts and func.overloadpacket in _SAME_ELEMENTS \
                 and o.shape == nf[0].shape:
             self.parts[o] = self.parts[nf[0]]  # (autograd saves a detached output: the backward reads it)
+        if stale is not None and prior and len(births) > 1:
+            self._kept_parts(func, o, stale, nf, loc)
         self.prov[o] = births
+
+    def _kept_parts(self, func, o: torch.Tensor, old: list, nf: list, loc) -> None:
+        """The parts ``old`` of ``o`` after an in-place op on it: an elementwise one keeps them, joined by its
+        other inputs' (``x.mul_(c)``), where they cover every NaN/Inf of ``o``; else ``o`` has none (its whole
+        provenance is told). Kept as they were, a column of NaN multiplied in, or padding rows an in-place copy_
+        of a flip moved into the used rows, were at no part's elements: a selection of the used rows named the
+        padding's births only, the NaN the output uses in no finding."""
+        if torch.Tag.pointwise not in func.tags or not _aligned(nf, o.shape):
+            return
+        parts: dict[frozenset, torch.Tensor] = {}
+        for t in nf:
+            old = [*old, *(self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))])]
+        for m, births in old:
+            m = m.broadcast_to(o.shape)
+            parts[births] = parts[births] | m if births in parts else m
+        covered = torch.stack(list(parts.values())).any(0)
+        if 1 < len(parts) <= _MAX_PARTS and not bool(mask_any(~torch.isfinite(o) & ~covered)):
+            self.parts[o] = [(m, births) for births, m in parts.items()]
+
+    def _fully_masked_rows(self, func, loc, o: torch.Tensor, x: torch.Tensor, dim: int, births) -> bool:
+        """(log_)softmax(x) whose rows all -inf (fully masked: 0/0 = NaN) are NaN beside rows x's NaN made NaN (another
+        birth's): the masked rows are born here, of their -inf (parents), the others keep x's births, as parts.
+        A NaN already in x made the op's whole output its NaN: the masked rows' NaN was told as that other birth's
+        (a genuine NaN of a fully masked row named after a NaN the loss never reads). False where no row is so."""
+        fresh = torch.isnan(o) & ~torch.isnan(x).any(dim, keepdim=True)
+        if fresh.shape != o.shape or not bool(mask_any(fresh)):
+            return False
+        op, parents = _op_name(func), self._origin_at(x, loc, fresh)
+        b = self._birth(op, loc, True, None, fresh, lambda idx: _Birth(
+            op, loc, _explain(func, [x], o, fresh, None), 0, idx, True), parents)
+        self.prov[o] = births | {b}
+        self.parts[o] = [(fresh, frozenset([b])), (~torch.isfinite(o) & ~fresh, births)]
+        return True
 
     def _record_parts(self, o: torch.Tensor, nf: list, loc) -> None:
         """An elementwise op on inputs of different provenance: which births are at which elements of ``o``."""
