@@ -552,3 +552,26 @@ def test_distances_with_a_tie_tolerance_still_see_near_ties():
     f = lambda x: torch.cdist(x, b, p=1.0).sum()
     assert len(gw.subdifferential(f, a).elements) == 1
     assert len(gw.subdifferential(f, a, tie_tol=1e-3).elements) == 2
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e-25), (torch.float64, 1e-200)])
+@pytest.mark.parametrize("ord", [2.0, 3.0])
+def test_a_norm_that_underflows_to_zero_is_no_kink(dtype, scale, ord):
+    """vector_norm of entries whose powers underflow (1e-25 in float32) comes out exactly 0, and the rule took
+    that for the zero point (f'(x; d) = ||d||: 1 along e_0 for [1e-25, -2e-25], where the slope is 0.447). The
+    kink is where every entry is 0; elsewhere the gradient is that of x scaled up (the p-norm's is scale-free).
+    Reference: float64 finite differences of the norm of x scaled by 1/scale (the same slope), and the zero
+    point itself."""
+    x = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    d = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    h = 1e-7
+    fd = (torch.linalg.vector_norm(x + h * d, ord) - torch.linalg.vector_norm(x - h * d, ord)) / (2 * h)
+    got = gw.directional_derivative(lambda v: torch.linalg.vector_norm(v, ord), (x * scale).to(dtype), d.to(dtype))
+    assert abs(float(got) - float(fd)) < 1e-4 * abs(float(fd)) + 1e-6
+    (g,) = gw.generalized_grad(lambda v: torch.linalg.vector_norm(v, ord), (x * scale).to(dtype))
+    xr = x.clone().requires_grad_()
+    (ref,) = torch.autograd.grad(torch.linalg.vector_norm(xr, ord), xr)
+    torch.testing.assert_close(g.double(), ref, rtol=1e-5, atol=1e-7)
+    zero = gw.directional_derivative(lambda v: torch.linalg.vector_norm(v, ord), torch.zeros(2, dtype=dtype),
+                                     d.to(dtype))
+    torch.testing.assert_close(zero.double(), torch.linalg.vector_norm(d, ord), rtol=1e-6, atol=0)

@@ -78,13 +78,23 @@ def vector_norm(run, func, x, ord=2, dim=None, keepdim=False, *, dtype=None):
     zero = _split(out)[0] == 0
     if ord < 1 or not zero.any():
         return out
-    xt = _split(x)[1]
+    xp, xt = _split(x)
+    # a norm of 0 is the kink only where every entry is 0: nonzero entries whose squares underflow (1e-25 in
+    # float32) are a smooth point, whose gradient is that of x scaled up (the p-norm's gradient is scale-free)
+    m = xp.detach().abs().amax(dim=dims, keepdim=True) if xp.numel() else xp.detach()
+    under = m > 0
     with torch.enable_grad():
-        t = (torch.zeros_like(x) if xt is None else xt).detach().requires_grad_(True)
+        t = torch.where(under, xp.detach() / torch.where(under, m, 1), torch.zeros_like(xp) if xt is None else xt)
+        t = t.detach().requires_grad_(True)
         (u,) = torch.autograd.grad(torch.linalg.vector_norm(t, ord, dims, True).sum(), t)
-    run.kinks.append(Kink("aten.linalg_vector_norm", _user_line(), "select",
-                          torch.ones(int(zero.sum()), 1, dtype=torch.bool), continuum=True))
-    return torch.where(zero, (u.nan_to_num() * x).sum(dim=dims, keepdim=keepdim), out)
+    u = u.nan_to_num()
+    at0 = zero & ~(under if keepdim else under.reshape(zero.shape)) if xp.numel() else zero
+    if at0.any():
+        run.kinks.append(Kink("aten.linalg_vector_norm", _user_line(), "select",
+                              torch.ones(int(at0.sum()), 1, dtype=torch.bool), continuum=True))
+    # <u, x> - <u, x's value>: the value stays PyTorch's 0, the tangent is <u, x'>
+    return torch.where(zero, (u * x).sum(dim=dims, keepdim=keepdim) - (u * xp.detach()).sum(dim=dims, keepdim=keepdim),
+                       out)
 
 
 def _zero_entries(x: Tensor, ord: float) -> None:
