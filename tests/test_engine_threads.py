@@ -159,12 +159,8 @@ def test_a_compiled_backward_on_another_engine_thread_runs_with_the_pass(depth):
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-def test_nested_passes_under_a_trace_each_run_their_own_rules_once(monkeypatch):
-    """A backward started inside a strong pass (a custom backward's torch.autograd.grad) runs as its own pass,
-    outside the outer pass's mode. Under gw.trace() the trace's recorder sits on top of that mode, and the outer
-    mode stayed on the stack below the nested one: every op of the nested pass's rules ran through the outer
-    pass's rules again, one more layer per level (depth 10: 33 s, ~2.3x per level; ~51,000 dispatches at depth
-    7). Counted here: the ops the strong-zero modes see grow with the depth, not exponentially."""
+def _count_dispatches(monkeypatch) -> list[int]:
+    """[how many ops the strong-zero modes have seen], counted from now on."""
     from gradwise._strong_zeros._mode import _StrongZeroMode
 
     seen = [0]
@@ -175,6 +171,16 @@ def test_nested_passes_under_a_trace_each_run_their_own_rules_once(monkeypatch):
         return dispatch(self, func, types, args, kwargs)
 
     monkeypatch.setattr(_StrongZeroMode, "__torch_dispatch__", counted)
+    return seen
+
+
+def test_nested_passes_under_a_trace_each_run_their_own_rules_once(monkeypatch):
+    """A backward started inside a strong pass (a custom backward's torch.autograd.grad) runs as its own pass,
+    outside the outer pass's mode. Under gw.trace() the trace's recorder sits on top of that mode, and the outer
+    mode stayed on the stack below the nested one: every op of the nested pass's rules ran through the outer
+    pass's rules again, one more layer per level (depth 10: 33 s, ~2.3x per level; ~51,000 dispatches at depth
+    7). Counted here: the ops the strong-zero modes see grow with the depth, not exponentially."""
+    seen = _count_dispatches(monkeypatch)
     program, reference, x = CASES["contamination: a slice discards exp x NaN"]
     counts = {}
     for depth in (4, 8):
@@ -286,16 +292,7 @@ def test_nested_passes_under_a_users_mode_each_run_their_own_rules_once(traced, 
     """As above, with a user's dispatch mode entered inside each custom backward around its torch.autograd.grad:
     the outer pass's mode sat below it and was not taken off, so every op of the nested pass's rules ran through
     the outer pass's rules again (~2x per level: 9 levels 165,000 dispatches, 20 s, with or without a trace)."""
-    from gradwise._strong_zeros._mode import _StrongZeroMode
-
-    seen = [0]
-    dispatch = _StrongZeroMode.__torch_dispatch__
-
-    def counted(self, func, types, args=(), kwargs=None):
-        seen[0] += 1
-        return dispatch(self, func, types, args, kwargs)
-
-    monkeypatch.setattr(_StrongZeroMode, "__torch_dispatch__", counted)
+    seen = _count_dispatches(monkeypatch)
     monkeypatch.setattr(_Chain, "apply", _UserChain.apply)
     program, reference, x = CASES["genuine exp(-inf) x inf beside a NaN sliced away"]
     counts = {}
