@@ -306,3 +306,34 @@ def test_nested_passes_under_a_users_mode_each_run_their_own_rules_once(traced, 
         torch.testing.assert_close(got, expected, equal_nan=True, rtol=0, atol=0)
         counts[depth] = seen[0]
     assert counts[8] <= 3 * counts[4], counts
+
+
+def test_a_compiled_graphs_mask_read_between_ops_takes_the_passs_outputs_finite():
+    """A compiled backward run op by op reads ``outputs_finite`` between ops (``_graph_forms._mask_again``: a
+    formula's saved mask is meaningful only where True while the outputs are not finite), outside the mode's
+    handler, so on another engine thread it read that thread's default ("finite") and took a NaN's False for a
+    decided one. Simulated as the engine does it: the pass's mode, made on this thread with non-finite outputs,
+    on another thread's dispatch stack."""
+    import threading
+
+    from gradwise._strong_zeros._graph_forms import _mask_again
+    from gradwise._strong_zeros._mode import _StrongZeroMode
+    from gradwise._strong_zeros._supports import _STATE
+
+    before = _STATE.outputs_finite
+    _STATE.outputs_finite = False
+    try:
+        mode = _StrongZeroMode()
+    finally:
+        _STATE.outputs_finite = before
+    mask = torch.tensor([True, False, True])
+    got: list = []
+
+    def elsewhere():
+        with mode:
+            got.append(_mask_again(mask))
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join()
+    assert got and got[0] in mode.supports.selections  # meaningful only where True (recorded with its mask)

@@ -244,11 +244,10 @@ def _mask_again(mask: torch.Tensor) -> torch.Tensor:
     and/or of orderings and equalities, which are False at a NaN, so a True was decided and a False may be a NaN's
     (a where then unites both branches there; a product takes no structural zero from it). The pass reads a saved
     mask the same way (``_compile_pass._undecided``)."""
-    from gradwise._strong_zeros._mode import running_mode
-    from gradwise._strong_zeros._supports import _STATE
+    from gradwise._strong_zeros._mode import outputs_finite, running_mode
 
     out = aten.eq.Scalar(mask, True)
-    if not _STATE.outputs_finite:
+    if not outputs_finite():  # (the pass's, on whichever engine thread runs this node)
         mode = running_mode()
         if mode is not None:
             mode.supports.selections[out] = mask

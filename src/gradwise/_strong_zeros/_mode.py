@@ -21,7 +21,7 @@ from gradwise._modes import LeanDispatchMode, kernels
 from gradwise._ops._overloads import functional_of, out_names
 from gradwise._strong_zeros import _contract
 from gradwise._strong_zeros._rules import _UNRULED, _is_float, lookup
-from gradwise._strong_zeros._supports import _STATE, _Supports
+from gradwise._strong_zeros._supports import _CARRIED, _STATE, _Supports
 from gradwise._strong_zeros._triangles import TRIANGLE_READERS, triangle_hooks
 
 aten = torch.ops.aten
@@ -58,6 +58,7 @@ def _composite(func: Any) -> bool:
 
 
 # ops that wrap data made outside torch ops (torch.from_numpy, torch.tensor) as a tensor
+_FINITE_AT = _CARRIED.index("outputs_finite")
 _LIFTS = frozenset((aten.lift_fresh, aten.lift_fresh_copy, aten.lift))
 
 
@@ -384,6 +385,16 @@ def in_pass() -> bool:
         return False
     mode = running_mode()
     return mode is not None and mode.thread != get_ident() and mode.state is not None and mode.state[1]
+
+
+def outputs_finite() -> bool:
+    """``_STATE.outputs_finite`` of the running pass, for code that reads it between ops rather than in the mode's
+    handler (a compiled graph run op by op calls Python there): on an engine thread other than the pass's (CUDA's
+    device threads) the pass's own, which its mode carries."""
+    mode = running_mode()
+    if mode is not None and mode.state is not None and mode.thread != get_ident():
+        return mode.state[_FINITE_AT]
+    return _STATE.outputs_finite
 
 
 def running_mode() -> _StrongZeroMode | None:
