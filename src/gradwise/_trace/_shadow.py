@@ -116,7 +116,7 @@ class _Shadow:
         # gw.strong_zeros()' own pass is its own shadow, but where a node's formula reads an unused triangle: its
         # post-hook replaces the node's result, and the ops before it are followed plainly on the input it reads
         triangle = self.unused_triangle(torch._C._current_autograd_node())
-        plain = state.in_mode or self.triangles_only
+        plain = _strong_zeros.in_pass() or self.triangles_only  # (on any engine thread)
         if plain and not triangle:
             return
         finite, state.outputs_finite = state.outputs_finite, outputs_finite
