@@ -39,7 +39,7 @@ from gradwise._strong_zeros._compile import (
     hybrid_run,
     without_compiled_autograd,
 )
-from gradwise._strong_zeros._mode import _StrongZeroMode, running_mode, watch_functions
+from gradwise._strong_zeros._mode import _StrongZeroMode, carried_state, running_mode, watch_functions
 from gradwise._strong_zeros._planning import _plan
 from gradwise._strong_zeros._supports import _STATE, _Supports
 from gradwise._strong_zeros._traced import compiling, graph_recording, recording
@@ -79,9 +79,11 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
                                     allow_unreachable=allow_unreachable, accumulate_grad=accumulate_grad)
 
     if _STATE.depth == 0 and not _process_wide:
-        if (mode := _carried_pass()) is None:
+        # an engine thread running nodes of another thread's pass (a custom backward calling torch.autograd.grad on
+        # CUDA's device thread): as on that thread
+        if (state := carried_state()) is None or not state.depth:
             return run(retain_graph)  # strong zeros off in this thread
-        mine = _STATE.adopt(mode.state)  # an engine thread inside another thread's pass: as on that thread
+        mine = _STATE.adopt(state)
         try:
             return _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs, allow_unreachable,
                                accumulate_grad)
@@ -114,18 +116,6 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
         if plan == "transform":  # under torch.func transforms: one pass under the mode, nothing hooked (_transforms)
             return _run_strong(run, retain_graph, create_graph, t_outputs, transform=True, seeds=grad_tensors or ())
         return _run_plan(plan, run, t_outputs, retain_graph, create_graph, inputs, accumulate_grad, watched)
-
-
-def _carried_pass() -> _StrongZeroMode | None:
-    """On an autograd engine thread that runs nodes of a pass another thread opened (a custom backward calling
-    torch.autograd.grad on CUDA's device thread, or in a reentrant backward deeper than 60): that pass's mode,
-    carried here in the dispatch mode stack, whose state (``_supports._CARRIED``) the thread adopts. None
-    elsewhere."""
-    if not torch._C._len_torch_dispatch_stack():
-        return None
-    mode = running_mode()
-    return mode if mode is not None and mode.thread != threading.get_ident() and mode.state is not None \
-        and mode.state[0] else None
 
 
 def _run_plan(plan: str, run: Callable[[bool | None], Any], t_outputs: Sequence[Any], retain_graph: bool | None,
@@ -199,7 +189,7 @@ def grad_in_pass(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]
     engine_run = _original_engine_run or torch.autograd.graph._engine_run_backward  # a trace's re-run: not installed
     outer = _STATE.in_mode
     _STATE.in_mode = True
-    mode = _StrongZeroMode()  # (after the state it carries: _supports._CARRIED)
+    mode = _StrongZeroMode()  # (after the state it carries: _supports.Carried)
     mode.supports = supports
     try:
         with mode:

@@ -21,7 +21,7 @@ from gradwise._modes import LeanDispatchMode, kernels
 from gradwise._ops._overloads import functional_of, out_names
 from gradwise._strong_zeros import _contract
 from gradwise._strong_zeros._rules import _UNRULED, _is_float, lookup
-from gradwise._strong_zeros._supports import _CARRIED, _STATE, _Supports
+from gradwise._strong_zeros._supports import _STATE, Carried, _Supports
 from gradwise._strong_zeros._triangles import TRIANGLE_READERS, triangle_hooks
 
 aten = torch.ops.aten
@@ -58,7 +58,6 @@ def _composite(func: Any) -> bool:
 
 
 # ops that wrap data made outside torch ops (torch.from_numpy, torch.tensor) as a tensor
-_FINITE_AT = _CARRIED.index("outputs_finite")
 _LIFTS = frozenset((aten.lift_fresh, aten.lift_fresh_copy, aten.lift))
 
 
@@ -78,7 +77,7 @@ class _StrongZeroMode(LeanDispatchMode):
         # OpaqueBackwardWarning if the gradients hold NaN/Inf at the end of the pass
         self.lost: dict[str, str] = {}
         # the pass's state as its thread set it before making the mode, for the engine threads that run its nodes
-        # (_supports._CARRIED). Not at __enter__: PyTorch enters a mode again on whichever thread runs an op under it.
+        # (_supports.Carried). Not at __enter__: PyTorch enters a mode again on whichever thread runs an op under it.
         # None for a mode that runs beside a backward (a trace's shadow, ``of_pass=False``): entered on the thread
         # that runs each op, with the state that thread set for it (outputs_finite), which a snapshot of the
         # thread that made it would overwrite
@@ -376,25 +375,25 @@ def _zero_preserved(func, args: tuple, kwargs: dict, out: object, sup: _Supports
     return (support | ~kept).expand(out.shape)
 
 
-def in_pass() -> bool:
-    """Whether a strong-zero pass is running here: opened on this thread, or carried to this engine thread in the
-    dispatch mode stack by another thread's pass (CUDA's device threads: ``_supports._CARRIED``)."""
-    if _STATE.in_mode:
-        return True
+def carried_state() -> Carried | None:
+    """The state of a pass another thread opened whose mode the engine carried to this thread (CUDA's device
+    threads run its nodes with the dispatch mode stack but not ``_STATE``); None elsewhere."""
     if not torch._C._len_torch_dispatch_stack():
-        return False
+        return None
     mode = running_mode()
-    return mode is not None and mode.thread != get_ident() and mode.state is not None and mode.state[1]
+    return mode.state if mode is not None and mode.thread != get_ident() else None
+
+
+def in_pass() -> bool:
+    """Whether a strong-zero pass is running here: opened on this thread, or carried to this engine thread."""
+    return _STATE.in_mode or bool((state := carried_state()) is not None and state.in_mode)
 
 
 def outputs_finite() -> bool:
     """``_STATE.outputs_finite`` of the running pass, for code that reads it between ops rather than in the mode's
-    handler (a compiled graph run op by op calls Python there): on an engine thread other than the pass's (CUDA's
-    device threads) the pass's own, which its mode carries."""
-    mode = running_mode()
-    if mode is not None and mode.state is not None and mode.thread != get_ident():
-        return mode.state[_FINITE_AT]
-    return _STATE.outputs_finite
+    handler (a compiled graph run op by op calls Python there): the pass's own on any engine thread."""
+    state = carried_state()
+    return _STATE.outputs_finite if state is None else state.outputs_finite
 
 
 def running_mode() -> _StrongZeroMode | None:

@@ -6,6 +6,8 @@ May import: torch, gradwise._masks. Imports nothing else of gradwise's strong-ze
 
 from __future__ import annotations
 
+import collections
+import operator
 import threading
 
 import torch
@@ -212,7 +214,8 @@ def _as_broadcast(t: torch.Tensor, shape: tuple[int, ...], small: torch.Tensor) 
 # structural: a genuine NaN gradient hidden). The pass's mode takes these with it (``_StrongZeroMode.state``)
 # and sets them around its ops on such a thread (``_State.adopt``). What code inside the pass sets on the thread
 # that runs it (formula_of, recomputing, checkpoint_forward) stays that thread's.
-_CARRIED = ("depth", "in_mode", "create_graph", "outputs_finite", "outputs_batched", "transform")
+Carried = collections.namedtuple("Carried", "depth in_mode create_graph outputs_finite outputs_batched transform")
+_carried = operator.attrgetter(*Carried._fields)
 
 
 class _State(threading.local):
@@ -243,17 +246,16 @@ class _State(threading.local):
     # shadow pass passes over its ops, as the strong pass runs them outside its mode: _compile_recompute)
     checkpoint_forward = 0
 
-    def carried(self) -> tuple:
-        """This thread's values of the fields a pass carries to the engine's other threads (``_CARRIED``)."""
-        return (self.depth, self.in_mode, self.create_graph, self.outputs_finite, self.outputs_batched,
-                self.transform)
+    def carried(self) -> Carried:
+        """This thread's values of the fields a pass carries to the engine's other threads."""
+        return Carried._make(_carried(self))
 
-    def adopt(self, values: tuple) -> tuple:
+    def adopt(self, values: Carried) -> Carried:
         """Set the carried fields to ``values`` (another thread's ``carried()``); returns this thread's, to put
         back with ``adopt`` again."""
         mine = self.carried()
-        (self.depth, self.in_mode, self.create_graph, self.outputs_finite, self.outputs_batched,
-         self.transform) = values
+        for name, value in zip(Carried._fields, values, strict=True):
+            setattr(self, name, value)
         return mine
 
 
