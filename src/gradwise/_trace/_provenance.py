@@ -1,7 +1,7 @@
 """``_Provenance``: the part of the tracer that records where a NaN/Inf was born (``_Birth``) and carries
 that provenance along forward ops (the leaves it reaches are named by ``_leaf_names``).
 
-May import: torch, gradwise._trace._common, _advice, _facts, _kinds, _store.
+May import: torch, gradwise._trace._common, _advice, _facts, _incidents, _kinds, _parts, _store.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import weakref
 
 import torch
 
-from gradwise._masks import mask_any
 from gradwise._trace._advice import _explain
 from gradwise._trace._common import (
     _ACCUMULATE_SEQ,
@@ -35,6 +34,7 @@ from gradwise._trace._common import (
 )
 from gradwise._trace._facts import _ACCUMULATES, _BILINEAR, _LITERALS
 from gradwise._trace._incidents import _in_base
+from gradwise._trace._parts import _Parts
 from gradwise._trace._store import KEEP as _KEEP
 from gradwise._trace._store import Birth as _Birth
 from gradwise._trace._store import Incident as _Incident
@@ -48,7 +48,6 @@ _SELECTS = {torch.ops.aten.index, torch.ops.aten.index_select, torch.ops.aten.ma
 _SAME_ELEMENTS = {torch.ops.aten.detach, torch.ops.aten.alias, torch.ops.aten.clone, torch.ops.aten._to_copy}
 # in-place ops that write every element of their output: what it held before is no provenance of it
 _OVERWRITES = {torch.ops.aten.fill_, torch.ops.aten.copy_}
-_MAX_PARTS = 8  # provenance parts kept per tensor (more: the tensor's whole provenance is told everywhere)
 
 # softmaxes that make 0 of a -inf input (scaled_dot_product_attention's math path uses _safe_softmax, which makes
 # 0 of a fully masked row too; log_softmax keeps -inf, and its births with it)
@@ -69,7 +68,7 @@ def _without_mask_infs(births: frozenset, x: torch.Tensor, dim: int, full_rows_n
     return kept or births
 
 
-class _Provenance:
+class _Provenance(_Parts):
     """Births of NaN/Inf and their provenance; names of the leaves gradients reach (a part of _Tracer)."""
 
     def _origin(self, t: torch.Tensor, loc) -> frozenset:
@@ -196,28 +195,6 @@ class _Provenance:
                 else:
                     self._written_parts(o, o._base)
 
-    def _written_parts(self, view: torch.Tensor, base: torch.Tensor) -> None:
-        """A forward write into ``view`` of ``base`` (``p[:, 3:] = nan`` after ``p[0, 0] = inf``): the written
-        elements take the view's births, the others keep theirs, as parts (``parts``) where they differ. Whole-
-        tensor provenance named only the last write (the NaN of the first was told as born at the second), or,
-        adding up, a padding row's NaN as used beside a used one."""
-        written = _in_base(torch.ones(view.shape, dtype=torch.bool, device=view.device), view, base)
-        if written.shape != base.shape:  # (a view whose layout does not map onto its base's: as before)
-            self.prov[base] = self.prov[view]
-            return
-        old = self.parts.get(base)
-        if old is None and self.prov.get(base):
-            old = [(~torch.isfinite(base) & ~written, self.prov[base])]
-        kept = [(m & ~written, births) for m, births in old or () if bool(mask_any(m & ~written))]
-        parts: dict[frozenset, torch.Tensor] = {}
-        for m, births in [*kept, (_in_base(_nonfinite_mask(view), view, base), self.prov[view])]:
-            parts[births] = parts[births] | m if births in parts else m
-        self.prov[base] = frozenset().union(*parts)
-        if 1 < len(parts) <= _MAX_PARTS:
-            self.parts[base] = [(m, births) for births, m in parts.items()]
-        else:
-            self.parts.pop(base, None)
-
     def _value(self, func, loc, o, mask, nf, prior, nd, ins=(), base=None, args=None) -> None:
         """A forward value (or one a backward formula made from saved values): propagate or record a birth."""
         # An unknown 0-dim tensor is a wrapped constant (x[2] = nan): the value is born at this op; so is the
@@ -268,91 +245,3 @@ class _Provenance:
         if stale is not None and prior and len(births) > 1:
             self._kept_parts(func, o, stale, nf, loc)
         self.prov[o] = births
-
-    def _kept_parts(self, func, o: torch.Tensor, old: list, nf: list, loc) -> None:
-        """The parts ``old`` of ``o`` after an in-place op on it: an elementwise one keeps them, joined by its
-        other inputs' (``x.mul_(c)``), where they cover every NaN/Inf of ``o``; else ``o`` has none (its whole
-        provenance is told). Kept as they were, a column of NaN multiplied in, or padding rows an in-place copy_
-        of a flip moved into the used rows, were at no part's elements: a selection of the used rows named the
-        padding's births only, the NaN the output uses in no finding."""
-        if torch.Tag.pointwise not in func.tags or not _aligned(nf, o.shape):
-            return
-        parts: dict[frozenset, torch.Tensor] = {}
-        for t in nf:
-            old = [*old, *(self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))])]
-        for m, births in old:
-            m = m.broadcast_to(o.shape)
-            parts[births] = parts[births] | m if births in parts else m
-        covered = torch.stack(list(parts.values())).any(0)
-        if 1 < len(parts) <= _MAX_PARTS and not bool(mask_any(~torch.isfinite(o) & ~covered)):
-            self.parts[o] = [(m, births) for births, m in parts.items()]
-
-    def _fully_masked_rows(self, func, loc, o: torch.Tensor, x: torch.Tensor, dim: int, births) -> bool:
-        """(log_)softmax(x) whose rows all -inf (fully masked: 0/0 = NaN) are NaN beside rows x's NaN made NaN (another
-        birth's): the masked rows are born here, of their -inf (parents), the others keep x's births, as parts.
-        A NaN already in x made the op's whole output its NaN: the masked rows' NaN was told as that other birth's
-        (a genuine NaN of a fully masked row named after a NaN the loss never reads). False where no row is so."""
-        fresh = torch.isnan(o) & ~torch.isnan(x).any(dim, keepdim=True)
-        if fresh.shape != o.shape or not bool(mask_any(fresh)):
-            return False
-        op, parents = _op_name(func), self._origin_at(x, loc, fresh)
-        b = self._birth(op, loc, True, None, fresh, lambda idx: _Birth(
-            op, loc, _explain(func, [x], o, fresh, None), 0, idx, True), parents)
-        self.prov[o] = births | {b}
-        self.parts[o] = [(fresh, frozenset([b])), (~torch.isfinite(o) & ~fresh, births)]
-        return True
-
-    def _record_parts(self, o: torch.Tensor, nf: list, loc) -> None:
-        """An elementwise op on inputs of different provenance: which births are at which elements of ``o``."""
-        parts: dict[frozenset, torch.Tensor] = {}
-        for t in nf:
-            for m, births in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]:
-                m = m.broadcast_to(o.shape)
-                parts[births] = parts[births] | m if births in parts else m
-        if 1 < len(parts) <= _MAX_PARTS:
-            self.parts[o] = [(m, births) for births, m in parts.items()]
-
-    def _bilinear_parts(self, func, o: torch.Tensor, t: torch.Tensor, args) -> None:
-        """A bilinear op (a linear layer's addmm) on ``t``, whose parts hold different births: the elements of
-        ``o`` each part's NaN/Inf reaches (the op on the part's indicator, every other operand 1, less the op on
-        none: additive terms cancel), so a padding row's NaN stays in its rows through a model's layers."""
-        def on(values):
-            return [[on_one(x, values) for x in a] if isinstance(a, (list, tuple)) else on_one(a, values)
-                    for a in args]
-
-        def on_one(a, values):
-            if a is t:
-                return values
-            return torch.ones_like(a) if isinstance(a, torch.Tensor) and _inexact(a) else a
-
-        try:
-            with torch.no_grad():
-                none = func(*on(torch.zeros_like(t)))
-                parts = [((func(*on((~torch.isfinite(t) & m.broadcast_to(t.shape)).to(t.dtype))) - none) != 0,
-                          births) for m, births in self.parts[t]]
-        except Exception:  # an explanation must never break the program it explains
-            return
-        if all(isinstance(m, torch.Tensor) and m.shape == o.shape for m, _ in parts):
-            self.parts[o] = parts
-
-    def _selected_parts(self, func, o: torch.Tensor, t: torch.Tensor, args) -> frozenset | None:
-        """The births of the elements a selection (``loss[mask]``) kept of an elementwise result with parts: the
-        padding's births, selected away, are no provenance of the loss (they were told as a genuine NaN that
-        reached the output)."""
-        kept = []
-        for m, births in self.parts[t]:
-            sel = func(m, *args[1:])
-            if isinstance(sel, torch.Tensor) and sel.shape == o.shape and bool(mask_any(sel)):
-                kept.append((sel, births))
-        if len(kept) > 1:
-            self.parts[o] = kept
-        return frozenset().union(*(births for _, births in kept)) if kept else None
-
-    def _origin_at(self, t: torch.Tensor, loc, where: torch.Tensor) -> frozenset:
-        """The births of ``t``'s NaN/Inf at the elements ``where`` (``t`` broadcast to its shape): those of the
-        parts there where an elementwise op recorded them, else all of ``t``'s."""
-        parts = self.parts.get(t)
-        if parts is None or not _aligned([t], where.shape):
-            return self._origin(t, loc)
-        got = frozenset().union(*(births for m, births in parts if bool(mask_any(m.broadcast_to(where.shape) & where))))
-        return got or self._origin(t, loc)

@@ -1,0 +1,135 @@
+"""``_Parts``: which births are at which elements of a tensor whose NaN/Inf came from several (``_Tracer.parts``:
+tensor -> [(mask, births)]), so that a selection or a backward op names only the births of the elements it reads
+(a padding row's NaN beside a used one). A part of ``_Provenance``.
+
+May import: torch, gradwise._masks, gradwise._trace._common, _advice, _incidents, _store.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradwise._masks import mask_any
+from gradwise._trace._advice import _explain
+from gradwise._trace._common import _aligned, _inexact, _nonfinite_mask, _op_name
+from gradwise._trace._incidents import _in_base
+from gradwise._trace._store import Birth as _Birth
+
+_MAX_PARTS = 8  # provenance parts kept per tensor (more: the tensor's whole provenance is told everywhere)
+
+
+def _united(pairs, shape) -> dict[frozenset, torch.Tensor]:
+    """(mask, births) pairs with one mask per births (each mask broadcast to ``shape``)."""
+    parts: dict[frozenset, torch.Tensor] = {}
+    for m, births in pairs:
+        m = m.broadcast_to(shape)
+        parts[births] = parts[births] | m if births in parts else m
+    return parts
+
+
+class _Parts:
+    """Provenance per element where it differs (a part of _Provenance, of _Tracer)."""
+
+    def _keep(self, t: torch.Tensor, parts: dict[frozenset, torch.Tensor]) -> None:
+        """``t``'s parts, where there are several and not too many (else its whole provenance is told)."""
+        if 1 < len(parts) <= _MAX_PARTS:
+            self.parts[t] = [(m, births) for births, m in parts.items()]
+        else:
+            self.parts.pop(t, None)
+
+    def _written_parts(self, view: torch.Tensor, base: torch.Tensor) -> None:
+        """A forward write into ``view`` of ``base`` (``p[:, 3:] = nan`` after ``p[0, 0] = inf``): the written
+        elements take the view's births, the others keep theirs, as parts (``parts``) where they differ. Whole-
+        tensor provenance named only the last write (the NaN of the first was told as born at the second), or,
+        adding up, a padding row's NaN as used beside a used one."""
+        written = _in_base(torch.ones(view.shape, dtype=torch.bool, device=view.device), view, base)
+        if written.shape != base.shape:  # (a view whose layout does not map onto its base's: as before)
+            self.prov[base] = self.prov[view]
+            return
+        old = self.parts.get(base)
+        if old is None and self.prov.get(base):
+            old = [(~torch.isfinite(base) & ~written, self.prov[base])]
+        kept = [(m & ~written, births) for m, births in old or () if bool(mask_any(m & ~written))]
+        parts = _united([*kept, (_in_base(_nonfinite_mask(view), view, base), self.prov[view])], base.shape)
+        self.prov[base] = frozenset().union(*parts)
+        self._keep(base, parts)
+
+    def _kept_parts(self, func, o: torch.Tensor, old: list, nf: list, loc) -> None:
+        """The parts ``old`` of ``o`` after an in-place op on it: an elementwise one keeps them, joined by its
+        other inputs' (``x.mul_(c)``), where they cover every NaN/Inf of ``o``; else ``o`` has none (its whole
+        provenance is told). Kept as they were, a column of NaN multiplied in, or padding rows an in-place copy_
+        of a flip moved into the used rows, were at no part's elements: a selection of the used rows named the
+        padding's births only, the NaN the output uses in no finding."""
+        if torch.Tag.pointwise not in func.tags or not _aligned(nf, o.shape):
+            return
+        for t in nf:
+            old = [*old, *(self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))])]
+        parts = _united(old, o.shape)
+        covered = torch.stack(list(parts.values())).any(0)
+        if not bool(mask_any(~torch.isfinite(o) & ~covered)):
+            self._keep(o, parts)
+
+    def _fully_masked_rows(self, func, loc, o: torch.Tensor, x: torch.Tensor, dim: int, births) -> bool:
+        """(log_)softmax(x) whose rows all -inf (fully masked: 0/0 = NaN) are NaN beside rows x's NaN made NaN (another
+        birth's): the masked rows are born here, of their -inf (parents), the others keep x's births, as parts.
+        A NaN already in x made the op's whole output its NaN: the masked rows' NaN was told as that other birth's
+        (a genuine NaN of a fully masked row named after a NaN the loss never reads). False where no row is so."""
+        fresh = torch.isnan(o) & ~torch.isnan(x).any(dim, keepdim=True)
+        if fresh.shape != o.shape or not bool(mask_any(fresh)):
+            return False
+        op, parents = _op_name(func), self._origin_at(x, loc, fresh)
+        b = self._birth(op, loc, True, None, fresh, lambda idx: _Birth(
+            op, loc, _explain(func, [x], o, fresh, None), 0, idx, True), parents)
+        self.prov[o] = births | {b}
+        self.parts[o] = [(fresh, frozenset([b])), (~torch.isfinite(o) & ~fresh, births)]
+        return True
+
+    def _record_parts(self, o: torch.Tensor, nf: list, loc) -> None:
+        """An elementwise op on inputs of different provenance: which births are at which elements of ``o``."""
+        pairs = [p for t in nf for p in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]]
+        self._keep(o, _united(pairs, o.shape))
+
+    def _bilinear_parts(self, func, o: torch.Tensor, t: torch.Tensor, args) -> None:
+        """A bilinear op (a linear layer's addmm) on ``t``, whose parts hold different births: the elements of
+        ``o`` each part's NaN/Inf reaches (the op on the part's indicator, every other operand 1, less the op on
+        none: additive terms cancel), so a padding row's NaN stays in its rows through a model's layers."""
+        def on(values):
+            return [[on_one(x, values) for x in a] if isinstance(a, (list, tuple)) else on_one(a, values)
+                    for a in args]
+
+        def on_one(a, values):
+            if a is t:
+                return values
+            return torch.ones_like(a) if isinstance(a, torch.Tensor) and _inexact(a) else a
+
+        try:
+            with torch.no_grad():
+                none = func(*on(torch.zeros_like(t)))
+                parts = [((func(*on((~torch.isfinite(t) & m.broadcast_to(t.shape)).to(t.dtype))) - none) != 0,
+                          births) for m, births in self.parts[t]]
+        except Exception:  # an explanation must never break the program it explains
+            return
+        if all(isinstance(m, torch.Tensor) and m.shape == o.shape for m, _ in parts):
+            self.parts[o] = parts
+
+    def _selected_parts(self, func, o: torch.Tensor, t: torch.Tensor, args) -> frozenset | None:
+        """The births of the elements a selection (``loss[mask]``) kept of an elementwise result with parts: the
+        padding's births, selected away, are no provenance of the loss (they were told as a genuine NaN that
+        reached the output)."""
+        kept = []
+        for m, births in self.parts[t]:
+            sel = func(m, *args[1:])
+            if isinstance(sel, torch.Tensor) and sel.shape == o.shape and bool(mask_any(sel)):
+                kept.append((sel, births))
+        if len(kept) > 1:
+            self.parts[o] = kept
+        return frozenset().union(*(births for _, births in kept)) if kept else None
+
+    def _origin_at(self, t: torch.Tensor, loc, where: torch.Tensor) -> frozenset:
+        """The births of ``t``'s NaN/Inf at the elements ``where`` (``t`` broadcast to its shape): those of the
+        parts there where an elementwise op recorded them, else all of ``t``'s."""
+        parts = self.parts.get(t)
+        if parts is None or not _aligned([t], where.shape):
+            return self._origin(t, loc)
+        got = frozenset().union(*(births for m, births in parts if bool(mask_any(m.broadcast_to(where.shape) & where))))
+        return got or self._origin(t, loc)
