@@ -3,8 +3,8 @@ pass (``_run_strong``, ``_nested``, ``grad_in_pass``), and the public ``strong_z
 ``backward``. The rebound globals ``_installed``, ``_original_engine_run`` and ``_process_wide`` live here only:
 read them as ``_engine.<name>``.
 
-May import: torch, gradwise._checks, gradwise._modes, _contract, _script, _carry, _compile, _supports, _mode,
-_autograd_graph, _planning, _traced;
+May import: torch, gradwise._checks, gradwise._masks, gradwise._modes, _contract, _script, _carry, _compile,
+_supports, _mode, _autograd_graph, _planning, _traced;
 and lazily (inside ``_under_traces``) gradwise._trace._tracer's ``_Tracer``, to keep a trace's recorders
 above the strong-zero mode.
 """
@@ -28,6 +28,7 @@ from torch.autograd.graph import GradientEdge
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from gradwise._checks import as_tensors, check_differentiable, check_scalar_or_seeded
+from gradwise._masks import mask_all
 from gradwise._modes import dynamo_off
 from gradwise._strong_zeros import _carry, _contract, _script, _transforms
 from gradwise._strong_zeros._autograd_graph import _leaves, _root_nodes
@@ -131,8 +132,9 @@ def _run_plan(plan: str, run: Callable[[bool | None], Any], t_outputs: Sequence[
         # pass (compiled speed, PyTorch's bits on finite data) and op by op only where that made NaN
         if run.compiled_only:
             return run.hybrid(retain_graph, _entering(create_graph, t_outputs))
-        return _run_strong(run.hybrid, retain_graph, create_graph, t_outputs)
-    return _run_strong(run, retain_graph, create_graph, t_outputs, functions=True, inputs=inputs, watched=watched)
+        return _run_strong(run.hybrid, retain_graph, create_graph, t_outputs, nonfinite=False)
+    return _run_strong(run, retain_graph, create_graph, t_outputs, functions=True, inputs=inputs, watched=watched,
+                       nonfinite=plan == "strong")
 
 
 def _compiled_step(t_outputs: Sequence[Any], inputs: Sequence[Any], seeds: Sequence[Any]) -> list | None:
@@ -206,9 +208,15 @@ def _seeded_with_zeros(seeds: Sequence[Any] | None) -> bool:
 
 
 def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
-    """Run a backward started inside the strong-zero pass outside of that pass's mode."""
+    """Run a backward started inside the strong-zero pass outside of that pass's mode. Its results go on into
+    the pass (a reentrant checkpoint returns its inputs' gradients, whose rows of NaN padding are structural zeros
+    when the slice that drops them is inside the checkpointed block), so where the pass met NaN/Inf
+    (``hands_down``) it runs strong and hands the pass the structural zeros of its results (``_STATE.export``,
+    read by ``_run_strong``). Where the pass's graph was finite, they would meet finite values only."""
     outer = _STATE.carried()
+    mode = running_mode()
     _STATE.in_mode, _STATE.transform, _STATE.outputs_batched = False, False, False
+    _STATE.export = mode.supports if mode is not None and mode.hands_down else None
     try:
         with _outside_the_pass():
             return engine_run(*args)
@@ -245,7 +253,7 @@ def _outside_the_pass() -> Iterator[None]:
 def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, create_graph: bool,
                 outputs: Sequence[Any] = (), supports: _Supports | None = None, functions: bool = False,
                 inputs: Sequence[Any] = (), watched: list | None = None, transform: bool = False,
-                seeds: Sequence[Any] = ()) -> Any:
+                seeds: Sequence[Any] = (), nonfinite: bool = True) -> Any:
     """One backward under the strong-zero mode. ``functions``: watch the graph's custom autograd.Functions for
     results made outside torch ops (`watch_functions`; among ``watched`` when the plan listed them); where
     structural zeros were lost there or in an op without a rule and the gradients hold NaN/Inf, an
@@ -253,9 +261,12 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
     ``transform``: under torch.func transforms (``_transforms``): outputs and results are read under their
     wrappers, and structural zeros are carried only where PyTorch's autograd below the transforms recorded the
     pass (the transform's own create_graph records on its wrappers, which no later pass sees); ``seeds``: its
-    sensitivities, batched where each of its rows is a gradient of its own (jacrev, is_grads_batched)."""
-    outer = _STATE.create_graph, _STATE.outputs_finite, _STATE.transform, _STATE.outputs_batched
+    sensitivities, batched where each of its rows is a gradient of its own (jacrev, is_grads_batched).
+    ``nonfinite``: False where the plan found the graph finite where structural zeros reach ('check', 'compiled'):
+    a backward nested in the pass then needs to hand none back (``_nested``)."""
+    outer = _STATE.create_graph, _STATE.outputs_finite, _STATE.transform, _STATE.outputs_batched, _STATE.export
     _STATE.create_graph, _STATE.in_mode, _STATE.transform = create_graph, True, transform
+    export, _STATE.export = _STATE.export, None  # for this pass only, not for backwards nested in it
     _STATE.outputs_batched = False
     if transform:
         _STATE.outputs_finite = _transforms.all_finite(outputs)
@@ -265,6 +276,7 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
         _STATE.outputs_finite = all(bool(t.isfinite().all()) for t in outputs
                                     if isinstance(t, torch.Tensor) and t.is_floating_point())
     mode = _StrongZeroMode(carry=create_graph)
+    mode.hands_down = nonfinite or export is not None  # (a nested pass: its own pass needs the zeros)
     if supports is not None:
         mode.supports = supports
     if _carry.CARRIED_VALUES:  # a create_graph pass's values with structural zeros, saved by this graph
@@ -276,10 +288,12 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
         with _under_traces(mode):
             result = run(retain_graph)
     finally:
-        (_STATE.create_graph, _STATE.outputs_finite, _STATE.transform, _STATE.outputs_batched), _STATE.in_mode = \
-            outer, False
+        (_STATE.create_graph, _STATE.outputs_finite, _STATE.transform, _STATE.outputs_batched, _STATE.export), \
+            _STATE.in_mode = outer, False
         for h in handles:
             h.remove()
+    if export is not None and not transform:
+        _export(export, mode.supports, result, outputs, inputs)
     if mode.lost and (not _transforms.all_finite(result or ()) if transform
                       else _holds_nonfinite(result, _leaves(outputs, inputs))):
         for what, fix in mode.lost.items():
@@ -288,6 +302,16 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
         # the new graph (create_graph) differentiates through the zeros: they stay structural there
         carry(mode.made, mode.supports)
     return result
+
+
+def _export(to: _Supports, supports: _Supports, result: Any, outputs: Sequence[Any], inputs: Sequence[Any]) -> None:
+    """Give the structural zeros of a nested backward's results (those of torch.autograd.grad, else the .grad of
+    the leaves it accumulated into) to the pass it runs inside (``to``): a structural zero of the nested backward
+    is one of the pass too, which differentiates through it."""
+    made = result if result else [leaf.grad for leaf in _leaves(outputs, inputs)]
+    for t in made:
+        if isinstance(t, torch.Tensor) and (support := supports.of(t)) is not None and not mask_all(support):
+            to.record(t, support.clone(), fresh=True)
 
 
 @contextlib.contextmanager
@@ -338,8 +362,12 @@ def _choose(outputs: Sequence[Any], inputs: Sequence[Any], seeds: Sequence[Any],
         try:
             if torch._C._len_torch_dispatch_stack():
                 with _disable_current_modes():  # modes around backward (a trace) don't see our checks
-                    return _plan(outputs, seeds, watched, everyday)
-            return _plan(outputs, seeds, watched, everyday)
+                    plan = _plan(outputs, seeds, watched, everyday)
+            else:
+                plan = _plan(outputs, seeds, watched, everyday)
+            # a backward nested in a strong pass hands its structural zeros on (_nested): even on finite data,
+            # where the pass's own NaN/Inf lie beyond it
+            return "strong" if plan == "plain" and _STATE.export is not None else plan
         except _contract.Unreadable as e:
             why = e.reason
     _contract.warn_plain(why)

@@ -76,6 +76,9 @@ class _StrongZeroMode(LeanDispatchMode):
         # (what, fix) of the backwards structural zeros reached and could not be followed through: named by an
         # OpaqueBackwardWarning if the gradients hold NaN/Inf at the end of the pass
         self.lost: dict[str, str] = {}
+        # whether a backward nested in this pass (a reentrant checkpoint's) runs strong and hands its results'
+        # structural zeros to it: where the pass's plan met NaN/Inf (_engine._nested)
+        self.hands_down = True
         # the pass's state as its thread set it before making the mode, for the engine threads that run its nodes
         # (_supports.Carried). Not at __enter__: PyTorch enters a mode again on whichever thread runs an op under it.
         # None for a mode that runs beside a backward (a trace's shadow, ``of_pass=False``): entered on the thread

@@ -214,7 +214,8 @@ def _as_broadcast(t: torch.Tensor, shape: tuple[int, ...], small: torch.Tensor) 
 # structural: a genuine NaN gradient hidden). The pass's mode takes these with it (``_StrongZeroMode.state``)
 # and sets them around its ops on such a thread (``_State.adopt``). What code inside the pass sets on the thread
 # that runs it (formula_of, recomputing, checkpoint_forward) stays that thread's.
-Carried = collections.namedtuple("Carried", "depth in_mode create_graph outputs_finite outputs_batched transform")
+Carried = collections.namedtuple("Carried",
+                                 "depth in_mode create_graph outputs_finite outputs_batched transform export")
 _carried = operator.attrgetter(*Carried._fields)
 
 
@@ -245,6 +246,10 @@ class _State(threading.local):
     # depth of a non-reentrant checkpoint's recomputation of the user's forward on this thread (a trace's
     # shadow pass passes over its ops, as the strong pass runs them outside its mode: _compile_recompute)
     checkpoint_forward = 0
+    # the supports of the strong pass a nested backward runs inside (a reentrant checkpoint's, a custom backward
+    # calling torch.autograd.grad), set while that backward runs: its results' structural zeros go there
+    # (_engine._export), as they go on into the outer pass's ops
+    export: _Supports | None = None
 
     def carried(self) -> Carried:
         """This thread's values of the fields a pass carries to the engine's other threads."""

@@ -1,0 +1,339 @@
+"""Hunt (session 30) over gradwise where PyTorch users train: activation checkpointing, activation offloading,
+saved-tensor hooks, module and tensor hooks, autocast, and the Lightning callback around them.
+
+The reference of each strong-zero case is the same program with the padding rows deleted, in float64 (plain
+PyTorch); on finite data it is plain PyTorch on the same data, bitwise. A NaN the loss uses must stay.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+
+import gradwise as gw
+
+N = 4  # rows the loss reads; rows N.. are padding
+
+
+def _net(dtype: torch.dtype = torch.float64) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+
+
+def _data(padding: float | None = float("nan"), genuine: bool = False, dtype=torch.float64) -> torch.Tensor:
+    x = torch.randn(6, 4, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    if padding is not None:
+        x[N:] = padding
+    if genuine:
+        x[1, 2] = float("nan")  # a row the loss reads
+    return x
+
+
+# Each program reads rows :n of x (the rest is padding) and returns a scalar loss. ``x`` does not require grad
+# unless the program makes it (a reentrant checkpoint needs an input that requires grad).
+
+def _ck_inside(reentrant: bool) -> Callable:
+    def program(m, x, n):  # the slice that drops the padding is inside the checkpointed block
+        h = m[0](x)
+        return checkpoint(lambda t: m[2](m[1](t))[:n].pow(2).sum(), h, use_reentrant=reentrant)
+    return program
+
+
+def _ck_inside_finite_block(m, x, n):  # ...and the block's own saved tensors are finite (t[:n])
+    h = m[1](m[0](x))
+    return checkpoint(lambda t: m[2](t[:n]).pow(2).sum(), h, use_reentrant=True)
+
+
+def _ck_outside(reentrant: bool) -> Callable:
+    def program(m, x, n):
+        x = x.clone().requires_grad_()
+        return m[2](checkpoint(lambda t: m[1](m[0](t)), x, use_reentrant=reentrant))[:n].pow(2).sum()
+    return program
+
+
+def _ck_nested(reentrant: bool, inside: bool) -> Callable:
+    def program(m, x, n):
+        def inner(t):
+            return m[1](m[0](t))
+
+        def outer(t):
+            out = m[2](checkpoint(inner, t, use_reentrant=reentrant))
+            return out[:n].pow(2).sum() if inside else out
+
+        out = checkpoint(outer, x.clone().requires_grad_(), use_reentrant=reentrant)
+        return out if inside else out[:n].pow(2).sum()
+    return program
+
+
+def _ck_nested_first_layer_outside(m, x, n):  # a reentrant block in a reentrant block, fed by a layer outside
+    h = m[0](x)
+
+    def outer(t):
+        return checkpoint(lambda u: m[2](m[1](u))[:n].pow(2).sum(), t, use_reentrant=True)
+
+    return checkpoint(outer, h, use_reentrant=True)
+
+
+def _ck_sequential(reentrant: bool) -> Callable:
+    def program(m, x, n):
+        return checkpoint_sequential(m, 2, x.clone().requires_grad_(), use_reentrant=reentrant)[:n].pow(2).sum()
+    return program
+
+
+def _save_on_cpu(m, x, n):
+    with torch.autograd.graph.save_on_cpu():
+        return m(x)[:n].pow(2).sum()
+
+
+def _save_on_cpu_checkpointed(m, x, n):
+    with torch.autograd.graph.save_on_cpu():
+        return checkpoint(m, x, use_reentrant=False)[:n].pow(2).sum()
+
+
+def _own_saved_tensor_hooks(m, x, n):
+    store: dict[int, torch.Tensor] = {}
+
+    def pack(t):
+        store[len(store)] = t.detach().clone()
+        return len(store) - 1
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, store.__getitem__):
+        return m(x)[:n].pow(2).sum()
+
+
+PROGRAMS = {
+    "reentrant, slice inside the block": _ck_inside(True),
+    "reentrant, slice inside, block finite": _ck_inside_finite_block,
+    "non-reentrant, slice inside the block": _ck_inside(False),
+    "reentrant, slice outside": _ck_outside(True),
+    "non-reentrant, slice outside": _ck_outside(False),
+    "nested reentrant": _ck_nested(True, inside=False),
+    "nested reentrant, slice inside": _ck_nested(True, inside=True),
+    "nested reentrant, first layer outside": _ck_nested_first_layer_outside,
+    "nested non-reentrant": _ck_nested(False, inside=False),
+    "checkpoint_sequential reentrant": _ck_sequential(True),
+    "checkpoint_sequential non-reentrant": _ck_sequential(False),
+    "save_on_cpu": _save_on_cpu,
+    "save_on_cpu + checkpoint": _save_on_cpu_checkpointed,
+    "own saved_tensors_hooks": _own_saved_tensor_hooks,
+}
+
+
+def _backward(how: str, loss: torch.Tensor) -> None:
+    if how == "gw.backward":
+        gw.backward(loss)
+    elif how == "strong_zeros":
+        with gw.strong_zeros():
+            loss.backward()
+    else:
+        assert how == "trace"
+        with gw.trace(), gw.strong_zeros():
+            loss.backward()
+
+
+def _grads(program: Callable, x: torch.Tensor, n: int, how: str | None, dtype=torch.float64) -> list[torch.Tensor]:
+    m = _net(dtype)
+    loss = program(m, x, n)
+    if how is None:
+        loss.backward()
+    else:
+        _backward(how, loss)
+    return [p.grad for p in m.parameters()]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.utils.checkpoint(use_reentrant=True) whose checkpointed block drops the padding itself (the slice inside
+# it), fed by a layer outside it: the block's backward is a backward of its own (torch.autograd.backward inside
+# CheckpointFunction.backward), which gradwise planned and ran as if outside the strong pass. The padding rows of
+# the gradient it returned were ordinary zeros, and the layer below multiplied them by its NaN input: the first
+# Linear's weight gradient was all NaN under gw.backward, gw.strong_zeros() and gw.trace(), with no warning
+# (plain PyTorch's NaN, kept silently). Fixed: a backward nested in a strong pass that met NaN/Inf runs strong
+# and hands the structural zeros of its results to the pass (_engine._nested, _export).
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["gw.backward", "strong_zeros", "trace"])
+@pytest.mark.parametrize("name", list(PROGRAMS))
+def test_checkpointed_and_offloaded_padding_gives_the_unpadded_gradients(name, how):
+    program = PROGRAMS[name]
+    got = _grads(program, _data(), N, how)
+    want = _grads(program, _data()[:N], N, None)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(PROGRAMS))
+def test_checkpointed_genuine_nan_stays(name):
+    program = PROGRAMS[name]
+    got = _grads(program, _data(genuine=True), N, "gw.backward")
+    want = _grads(program, _data(genuine=True)[:N], N, None)
+    for g, w in zip(got, want, strict=True):
+        assert not w.isfinite().all()
+        assert torch.equal(g.isnan(), w.isnan())
+        torch.testing.assert_close(g.nan_to_num(), w.nan_to_num(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(PROGRAMS))
+def test_checkpointed_finite_data_is_bitwise_pytorch(name):
+    program = PROGRAMS[name]
+    for dtype in (torch.float32, torch.float64):
+        x = _data(padding=None, dtype=dtype)
+        got = _grads(program, x, N, "gw.backward", dtype)
+        want = _grads(program, x, N, None, dtype)
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+def test_reentrant_checkpoint_padding_is_no_finding_of_the_trace():
+    m = _net()
+    with gw.trace() as report:
+        loss = _ck_inside(True)(m, _data(), N)
+        with gw.strong_zeros():
+            loss.backward()
+    assert all(p.grad.isfinite().all() for p in m.parameters())
+    assert [f.kind for f in report.findings if f.kind in ("nan", "inf")] == []
+
+    m = _net()
+    with gw.trace() as report, warnings.catch_warnings():
+        warnings.simplefilter("ignore", gw.OpaqueBackwardWarning)  # see test_trace_own_ops_...
+        loss = _ck_inside(True)(m, _data(genuine=True), N)
+        with gw.strong_zeros():
+            loss.backward()
+    assert "nan" in [f.kind for f in report.findings]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hooks, autocast (these passed: kept so that they stay so)
+# ---------------------------------------------------------------------------------------------------------
+
+def _module_full_backward_hook(m):
+    m[2].register_full_backward_hook(lambda mod, gin, gout: (gin[0] * 2,))
+
+
+def _module_full_backward_pre_hook(m):
+    m[2].register_full_backward_pre_hook(lambda mod, gout: (gout[0] * 3,))
+
+
+def _tensor_hook_on_weight(m):
+    m[0].weight.register_hook(lambda g: g * 2)
+
+
+def _multi_grad_hook(m):
+    def forward_hook(mod, inp, out):
+        torch.autograd.graph.register_multi_grad_hook((inp[0], out), lambda grads: None)
+    m[1].register_forward_hook(forward_hook)
+
+
+def _post_accumulate_grad_hook(m):
+    def double(p):
+        p.grad.mul_(2)
+
+    for p in m.parameters():
+        p.register_post_accumulate_grad_hook(double)
+
+
+def _hook_writes_nan_into_a_used_row(m):
+    def forward_hook(mod, inp, out):
+        out.register_hook(lambda g: g.index_fill(0, torch.tensor([1]), float("nan")))
+    m[1].register_forward_hook(forward_hook)
+
+
+def _hook_writes_inf_into_a_weight_gradient(m):
+    m[2].weight.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float("inf")))
+
+
+HOOKS = {f.__name__.lstrip("_"): f for f in (
+    _module_full_backward_hook, _module_full_backward_pre_hook, _tensor_hook_on_weight, _multi_grad_hook,
+    _post_accumulate_grad_hook, _hook_writes_nan_into_a_used_row, _hook_writes_inf_into_a_weight_gradient)}
+
+
+@pytest.mark.parametrize("how", ["gw.backward", "strong_zeros", "trace"])
+@pytest.mark.parametrize("name", list(HOOKS))
+def test_hooks_see_and_give_the_unpadded_gradients(name, how):
+    def grads(x, how):
+        m = _net()
+        HOOKS[name](m)
+        loss = m(x)[:N].pow(2).sum()
+        if how is None:
+            loss.backward()
+        else:
+            _backward(how, loss)
+        return [p.grad for p in m.parameters()]
+
+    for g, w in zip(grads(_data(), how), grads(_data()[:N], None), strict=True):
+        assert torch.equal(g.isnan(), w.isnan()) and torch.equal(g.isinf(), w.isinf())  # a hook's NaN stays
+        torch.testing.assert_close(g.nan_to_num(0, 0, 0), w.nan_to_num(0, 0, 0), rtol=1e-12, atol=1e-12)
+
+
+def _autocast_grads(x: torch.Tensor, scale: float, strong: bool) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 3))
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = (m(x)[:N].float() * scale).pow(2).sum()
+    gw.backward(loss) if strong else loss.backward()
+    return [p.grad for p in m.parameters()]
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e30])  # 1e30: the loss overflows, a genuine Inf a GradScaler must see
+def test_autocast_bf16_padding_gives_the_unpadded_gradients_bitwise(scale):
+    got = _autocast_grads(_data(dtype=torch.float32), scale, strong=True)
+    want = _autocast_grads(_data(dtype=torch.float32)[:N], scale, strong=False)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g.isnan(), w.isnan()) and torch.equal(g.isinf(), w.isinf())
+        assert torch.equal(g.nan_to_num(0, 0, 0), w.nan_to_num(0, 0, 0))
+    found = torch.zeros(1)
+    torch._amp_foreach_non_finite_check_and_unscale_([g.clone() for g in got], found, torch.ones(1))
+    assert bool(found) == (scale > 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Lightning: a LightningModule whose reentrant-checkpointed block drops the padding (the case above) had every
+# step skipped by the callback (the first layer's weight gradient NaN at every step).
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="lightning is not installed")
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.* is deprecated")
+@pytest.mark.filterwarnings("ignore:.*does not have many workers")
+@pytest.mark.filterwarnings("ignore:.*smaller than the logging interval")
+def test_lightning_reentrant_checkpoint_trains_as_on_unpadded_data(tmp_path):
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from gradwise.integrations.lightning import GradwiseCallback
+
+    data = torch.randn(6, 6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    data[:, N:] = float("nan")
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _net()
+
+        def training_step(self, x, batch_idx):
+            h = self.net[0](x)
+            return checkpoint(lambda t: self.net[2](self.net[1](t))[:, :N].pow(2).mean(), h, use_reentrant=True)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module, callback = Module(), GradwiseCallback()
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, callbacks=[callback], default_root_dir=str(tmp_path),
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's own advice on this tiny CPU run
+        trainer.fit(module, DataLoader(data, batch_size=2))
+
+    ref = _net()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for x in DataLoader(data[:, :N], batch_size=2):
+        opt.zero_grad()
+        ref(x).pow(2).mean().backward()
+        opt.step()
+    assert callback.skipped_steps == []
+    for p, r in zip(module.net.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-12, atol=1e-12)
