@@ -337,3 +337,52 @@ def test_lightning_reentrant_checkpoint_trains_as_on_unpadded_data(tmp_path):
     assert callback.skipped_steps == []
     for p, r in zip(module.net.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gw.watch() over a custom Function whose backward recomputes its block and calls torch.autograd.grad (a
+# hand-written checkpoint): the replay of the first NaN step met torch's _engine_run_backward reading its logging
+# level inside that nested backward and took it for a hook of the user's. The step went unexplained, the note
+# saying "its backward runs your hook Logger.getEffectiveLevel ..., which a replay would run a second time".
+# ---------------------------------------------------------------------------------------------------------
+
+class _Recompute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, block, *params):
+        ctx.block = block
+        ctx.save_for_backward(h, *params)
+        with torch.no_grad():
+            return block(h)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, *params = ctx.saved_tensors
+        with torch.enable_grad():
+            h = h.detach().requires_grad_()
+            grads = torch.autograd.grad(ctx.block(h), (h, *params), grad)
+        return (grads[0], None, *grads[1:])
+
+
+def _hand_written_checkpoint(m, x, n):
+    return _Recompute.apply(m[0](x), lambda t: m[2](m[1](t))[:n].pow(2).sum(), *m[2].parameters())
+
+
+def test_hand_written_checkpoint_gives_the_unpadded_gradients():
+    got = _grads(_hand_written_checkpoint, _data(), N, "gw.backward")
+    want = _grads(_hand_written_checkpoint, _data()[:N], N, None)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_watch_explains_a_nan_step_through_a_custom_backward_calling_autograd_grad():
+    m = _net()
+    with gw.watch() as report:
+        for step in range(2):
+            m.zero_grad()
+            loss = _hand_written_checkpoint(m, _data(genuine=step == 1), N)
+            with gw.strong_zeros():
+                loss.backward()
+    notes = " ".join(report.notes)
+    assert "getEffectiveLevel" not in notes and "could not be explained" not in notes, notes
+    assert "that step was explained" in notes
+    assert [f.kind for f in report.findings] and all(f.kind == "nan" for f in report.findings)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import re
 import sys
 
@@ -198,7 +199,10 @@ def _no_user_hooks():
         if back is None or (back.f_code.co_name != "_engine_run_backward" and
                             not back.f_code.co_filename.endswith(runners)) or _common._core(code):
             return None
-        if torch._C._current_graph_task_id() == -1:  # _engine_run_backward's own calls (logging), not the engine's
+        # _engine_run_backward's own calls (its logging level), not the engine's: outside any backward, or, in a
+        # backward that a custom backward starts (torch.autograd.grad inside it), the one call of its own that is
+        # not torch's (it was named "your hook Logger.getEffectiveLevel", and the step went unexplained)
+        if torch._C._current_graph_task_id() == -1 or code is _LOG_LEVEL:
             return None
         hook = engine_hook(frame)
         if hook is not None:
@@ -228,6 +232,8 @@ def _unreplayed_because(exc: RuntimeError) -> tuple[str, ...]:
 _RECOMPUTE = next((k for k in getattr(getattr(torch.utils.checkpoint, "_checkpoint_without_reentrant_generator",
                                               None), "__code__", compile("", "", "exec")).co_consts
                    if getattr(k, "co_name", None) == "recompute_fn"), None)
+# what torch.autograd.graph._engine_run_backward calls first, outside torch (no hook of the user's)
+_LOG_LEVEL = logging.Logger.getEffectiveLevel.__code__
 _STRIDED = torch.strided
 _NODE_SUFFIX = re.compile(r"Backward\d*$")
 
