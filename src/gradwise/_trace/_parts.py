@@ -8,6 +8,7 @@ May import: torch, gradwise._masks, gradwise._trace._common, _advice, _incidents
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from gradwise._masks import mask_any
 from gradwise._trace._advice import _explain
@@ -103,7 +104,10 @@ class _Parts:
             return torch.ones_like(a) if isinstance(a, torch.Tensor) and _inexact(a) else a
 
         try:
-            with torch.no_grad():
+            # the trace's own ops, not the program's: a strong-zero pass below the trace (a reentrant checkpoint
+            # recomputing its forward inside the backward) took zeros_like for structural zeros, and named the op
+            # in an OpaqueBackwardWarning ("structural zeros reached aten.addmm.default") about a genuine NaN
+            with torch.no_grad(), _disable_current_modes():
                 none = func(*on(torch.zeros_like(t)))
                 parts = [((func(*on((~torch.isfinite(t) & m.broadcast_to(t.shape)).to(t.dtype))) - none) != 0,
                           births) for m, births in self.parts[t]]
