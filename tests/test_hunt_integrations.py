@@ -389,3 +389,77 @@ def test_watch_explains_a_nan_step_through_a_custom_backward_calling_autograd_gr
     assert "getEffectiveLevel" not in notes and "could not be explained" not in notes, notes
     assert "that step was explained" in notes
     assert [f.kind for f in report.findings] and all(f.kind == "nan" for f in report.findings)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The reentrant checkpoint above under DDP (static_graph, which reentrant checkpointing needs) and FSDP2, on 2 gloo
+# processes (tests/test_distributed.py's harness); rank 1 pads with NaN, rank 0 does not. Before the fix the
+# first layer's weight gradient was NaN on both ranks (rank 1's padding, all-reduced or reduce-scattered).
+# ---------------------------------------------------------------------------------------------------------
+
+class _ReentrantBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = _net()
+
+    def forward(self, x):
+        return _ck_inside(True)(self.net, x, N)
+
+
+def _rank_data(rank: int, padding: bool = True) -> torch.Tensor:
+    x = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(10 + rank))
+    if rank == 1:
+        x[N:] = float("nan")
+    return x if padding else x[:N]
+
+
+def _reentrant_grads(rank: int, wrap: Callable) -> list[torch.Tensor]:
+    block = _ReentrantBlock()
+    model = wrap(block)
+    loss = model(_rank_data(rank))
+    with gw.strong_zeros():
+        loss.backward()
+    return [(p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach() for p in block.parameters()]
+
+
+def check_ddp_reentrant_checkpoint(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return _reentrant_grads(rank, lambda block: DDP(block, static_graph=True))
+
+
+def check_fsdp2_reentrant_checkpoint(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    def wrap(block):
+        mesh = init_device_mesh("cpu", (world,))
+        fully_shard(block.net[0], mesh=mesh)
+        fully_shard(block.net[2], mesh=mesh)
+        return fully_shard(block, mesh=mesh)
+
+    return _reentrant_grads(rank, wrap)
+
+
+CHECKS = {"reentrant": [check_ddp_reentrant_checkpoint, check_fsdp2_reentrant_checkpoint]}
+
+
+@pytest.fixture(scope="module")
+def reentrant_group(tmp_path_factory):
+    from test_distributed import _run_group
+
+    return _run_group("reentrant", 2, tmp_path_factory.mktemp("reentrant"), module=__name__)
+
+
+@pytest.mark.slow(reason="spawns 2 gloo processes (~10 s on 2 cores)")
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+@pytest.mark.parametrize("check", ["check_ddp_reentrant_checkpoint", "check_fsdp2_reentrant_checkpoint"])
+def test_reentrant_checkpoint_under_ddp_and_fsdp2_gives_the_unpadded_gradients(reentrant_group, check):
+    from test_distributed import _per_rank
+
+    ref = _ReentrantBlock()
+    (sum(ref(_rank_data(r, padding=False)) for r in range(2)) / 2).backward()
+    for got in _per_rank(reentrant_group, check):
+        for g, p in zip(got, ref.parameters(), strict=True):
+            torch.testing.assert_close(g, p.grad, rtol=1e-12, atol=1e-12)
