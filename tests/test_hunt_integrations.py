@@ -209,6 +209,41 @@ def test_reentrant_checkpoint_padding_is_no_finding_of_the_trace():
     assert "nan" in [f.kind for f in report.findings]
 
 
+class _MaskedPooling(nn.Module):
+    """Sequences of lengths 5, 3, 2 padded to 5; the checkpointed block pools the valid positions with where()."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(4, 8)
+        self.block = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.LayerNorm(8), nn.Linear(8, 8))
+        self.head = nn.Linear(8, 2)
+        self.double()
+
+    def pool(self, h, valid):
+        return torch.where(valid[..., None], self.block(h), 0).sum(1) / valid.sum(1, keepdim=True)
+
+    def forward(self, x, valid, reentrant):
+        h = self.inp(x)
+        pooled = self.pool(h, valid) if reentrant is None else checkpoint(self.pool, h, valid,
+                                                                          use_reentrant=reentrant)
+        return self.head(pooled).pow(2).sum()
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointed_masked_pooling_gives_the_gradients_of_the_unpadded_sequences(reentrant):
+    lengths = [5, 3, 2]
+    x = torch.randn(3, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    valid = torch.arange(5)[None, :] < torch.tensor(lengths)[:, None]
+    padded = x.masked_fill(~valid[..., None], float("nan"))
+    model = _MaskedPooling()
+    gw.backward(model(padded, valid, reentrant))
+    ref = _MaskedPooling()
+    sum(ref(x[b:b + 1, :n], valid[b:b + 1, :n], None) for b, n in enumerate(lengths)).backward()
+    for p, r in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Hooks, autocast (these passed: kept so that they stay so)
 # ---------------------------------------------------------------------------------------------------------
