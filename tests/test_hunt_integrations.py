@@ -498,3 +498,62 @@ def test_reentrant_checkpoint_under_ddp_and_fsdp2_gives_the_unpadded_gradients(r
     for got in _per_rank(reentrant_group, check):
         for g, p in zip(got, ref.parameters(), strict=True):
             torch.testing.assert_close(g, p.grad, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The callbacks' NaN/Inf check on a sparse gradient (nn.Embedding(sparse=True)): torch.isfinite has no sparse
+# kernel, so every optimizer step raised NotImplementedError ("Could not run 'aten::ne.Scalar' with arguments from
+# the 'SparseCPU' backend") from inside the callback.
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="lightning is not installed")
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.* is deprecated")
+@pytest.mark.filterwarnings("ignore:.*does not have many workers")
+@pytest.mark.filterwarnings("ignore:.*smaller than the logging interval")
+def test_lightning_callback_checks_sparse_embedding_gradients(tmp_path):
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from gradwise.integrations.lightning import GradwiseCallback
+
+    ids = torch.randint(0, 10, (6, 3), generator=torch.Generator().manual_seed(0))
+    scale = torch.ones(6, dtype=torch.float64)
+    scale[2] = float("nan")  # step 1 (batches of 2): a NaN the loss uses, reaching the embedding's sparse gradient
+
+    def net():
+        torch.manual_seed(0)
+        return nn.ModuleDict({"emb": nn.Embedding(10, 4, sparse=True), "lin": nn.Linear(4, 1)}).double()
+
+    def loss_of(modules, batch):
+        i, s = batch
+        return modules["lin"](modules["emb"](i) * s[:, None, None]).pow(2).mean()
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = net()
+
+        def training_step(self, batch, batch_idx):
+            return loss_of(self.net, batch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module, callback = Module(), GradwiseCallback(strong_zeros=False)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, callbacks=[callback], default_root_dir=str(tmp_path),
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's own advice on this tiny CPU run
+        trainer.fit(module, DataLoader(list(zip(ids, scale, strict=True)), batch_size=2))
+    assert callback.skipped_steps == [1]
+
+    ref = net()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for step, batch in enumerate(DataLoader(list(zip(ids, scale, strict=True)), batch_size=2)):
+        opt.zero_grad()
+        loss_of(ref, batch).backward()
+        if step != 1:
+            opt.step()
+    for p, r in zip(module.net.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p.detach(), r.detach())

@@ -39,8 +39,13 @@ def check_options(strong_zeros: object, explain: object, on_nonfinite: object) -
 
 
 def _local(g: torch.Tensor) -> torch.Tensor:
-    """A DTensor gradient (FSDP2) is checked through its local shard: the flags are all-reduced anyway."""
-    return g.to_local() if hasattr(g, "to_local") else g
+    """The values of a gradient to check: a DTensor's (FSDP2) local shard (the flags are all-reduced anyway); a
+    sparse gradient's (``nn.Embedding(sparse=True)``) stored values, summed per index as the optimizer adds them
+    (isfinite has no sparse kernel: the check raised NotImplementedError at every step)."""
+    g = g.to_local() if hasattr(g, "to_local") else g
+    if g.layout == torch.sparse_coo:
+        return g.coalesce().values()
+    return g.values() if g.layout != torch.strided else g
 
 
 def optimizer_parameters(named: Iterable[tuple[str, torch.Tensor]], optimizer: Any) -> list[tuple[str, torch.Tensor]]:
