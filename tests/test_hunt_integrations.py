@@ -476,7 +476,49 @@ def check_fsdp2_reentrant_checkpoint(rank, world):
     return _reentrant_grads(rank, wrap)
 
 
-CHECKS = {"reentrant": [check_ddp_reentrant_checkpoint, check_fsdp2_reentrant_checkpoint]}
+def check_fsdp2_guard_raise_reentrant_checkpoint(rank, world):
+    """gw.nonfinite_guard(policy="raise") on FSDP2 with the reentrant checkpoint above: at step 1 rank 1 writes a
+    NaN into the checkpointed block's weight gradient (a tensor hook on FSDP's unsharded parameter). The guard
+    decided at the end of the block's own backward (a nested graph task) and raised there, halfway through the
+    outer backward: the first layer's gradient was never computed, FSDP's end-of-backward never ran, and at
+    every later step the parameters were plain unsharded tensors with no reduce-scatter (nothing guarded, ranks
+    drifting apart silently); guard.steps counted two per backward."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    block = _ReentrantBlock()
+    mesh = init_device_mesh("cpu", (world,))
+    fully_shard(block.net[0], mesh=mesh)
+    fully_shard(block.net[2], mesh=mesh)
+    fully_shard(block, mesh=mesh)
+    guard = gw.nonfinite_guard(block, policy="raise")
+    inject = {"on": False}
+
+    def forward_hook(module, inputs, output):  # the unsharded weight of this forward (and its recomputation)
+        if module.weight.requires_grad and torch.is_grad_enabled():
+            module.weight.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float("nan"))
+                                        if inject["on"] else g)
+
+    block.net[2].register_forward_hook(forward_hook)
+    steps = []
+    for step in range(3):
+        inject["on"] = step == 1 and rank == 1
+        block.zero_grad(set_to_none=True)
+        loss = block(_rank_data(rank))
+        raised = False
+        try:
+            with gw.strong_zeros():
+                loss.backward()
+        except gw.NonfiniteGradientError:
+            raised = True
+        steps.append({"raised": raised, "steps": guard.steps,
+                      "sharded": all(type(p).__name__ == "DTensor" for p in block.parameters()),
+                      "grads": all(p.grad is not None for p in block.parameters())})
+    return steps
+
+
+CHECKS = {"reentrant": [check_ddp_reentrant_checkpoint, check_fsdp2_reentrant_checkpoint,
+                        check_fsdp2_guard_raise_reentrant_checkpoint]}
 
 
 @pytest.fixture(scope="module")
@@ -557,3 +599,14 @@ def test_lightning_callback_checks_sparse_embedding_gradients(tmp_path):
             opt.step()
     for p, r in zip(module.net.parameters(), ref.parameters(), strict=True):
         assert torch.equal(p.detach(), r.detach())
+
+
+@pytest.mark.slow(reason="spawns 2 gloo processes (~10 s on 2 cores)")
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_fsdp2_guard_raises_after_the_whole_backward_of_a_reentrant_checkpoint(reentrant_group):
+    from test_distributed import _per_rank
+
+    for got in _per_rank(reentrant_group, "check_fsdp2_guard_raise_reentrant_checkpoint"):
+        assert got == [{"raised": raised, "steps": n, "sharded": True, "grads": True}
+                       for raised, n in ((False, 1), (True, 2), (False, 3))]

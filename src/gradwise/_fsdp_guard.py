@@ -51,9 +51,10 @@ class _GuardedReduceScatter:
         if not guard._queued:  # the first reduce-scatter of this backward
             guard._begin()
             guard._queued = True
-            # FSDP queued its own end-of-backward callback from its pre-backward hook, before any
-            # reduce-scatter: this one runs after it, once FSDP has issued and waited for every reduce-scatter
-            torch.autograd.Variable._execution_engine.queue_callback(guard._decide)
+            if not guard._after_fsdp_callback():
+                # FSDP queued its own end-of-backward callback from its pre-backward hook, before any
+                # reduce-scatter: this one runs after it, once FSDP has issued and waited for every reduce-scatter
+                torch.autograd.Variable._execution_engine.queue_callback(guard._decide)
         guard._before.append(torch.stack(torch.aminmax(input_tensor.detach())))
         work = self.inner(output_tensor=output_tensor, input_tensor=input_tensor, group=group, op=op,
                           async_op=async_op)
@@ -81,6 +82,8 @@ class FSDPNonfiniteGuard:
         self._param_groups: list[Any] = []  # every FSDP parameter group guarded (their sharded gradients)
         self._carried: list[tuple[int, list[str]]] | None = None  # .bad of the last backward if it was not finite
         self._queued = False
+        self._deferred = False  # _decide runs from FSDP's own end-of-backward callback (_after_fsdp_callback)
+        self._states: list[Any] = []  # the FSDP states of the model's modules, their final callback wrapped
         self._skip = False
         self.bad: list[tuple[int, list[str]]] = []
         self.steps = 0
@@ -104,9 +107,38 @@ class FSDPNonfiniteGuard:
                                                                          param_group)
                 self._param_groups.append(param_group)
                 installed += 1
+            self._states.append(module._get_fsdp_state())
         if not installed:
             raise ValueError("gw.nonfinite_guard: the FSDP2 model has no parameter to shard (no fully_shard "
                              "module owns a parameter)")
+        for state in self._states:
+            state._root_post_backward_final_callback = self._then_decide(state._root_post_backward_final_callback)
+
+    def _then_decide(self, fsdp_callback: Any) -> Any:
+        """FSDP's end-of-backward callback (of one state: whichever state's pre-backward hook runs first queues
+        its own), followed by the decision where the first reduce-scatter deferred it to there."""
+        def callback() -> None:
+            fsdp_callback()
+            if self._deferred:
+                self._deferred = False
+                self._decide()
+        return callback
+
+    def _after_fsdp_callback(self) -> bool:
+        """At the first reduce-scatter of a backward: whether the decision is to run right after FSDP's own
+        end-of-backward callback, because that is queued (by one of this model's states) and not run yet. A
+        callback queued from here would be queued on the graph task running now, which is not the one FSDP's
+        callback is on inside a backward nested in it (a reentrant checkpoint's): the decision ran at the end of
+        the checkpointed block, on its reduce-scatters alone, and "raise" stopped the outer backward halfway,
+        leaving FSDP's modules unsharded (plain tensors, no reduce-scatter, nothing watched) for every later step."""
+        if not self._states:
+            return False
+        ctx = self._states[0]._state_ctx
+        mine = {id(state) for state in self._states}
+        if not ctx.post_backward_final_callback_queued or not all(id(s) in mine for s in ctx.all_states):
+            return False  # (a model inside a larger FSDP tree: the callback may be another module's)
+        self._deferred = True
+        return True
 
     def should_skip(self) -> bool:
         """True when the last backward had NaN/Inf on some rank (the same answer on every rank)."""
