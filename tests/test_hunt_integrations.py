@@ -107,6 +107,20 @@ def _own_saved_tensor_hooks(m, x, n):
         return m(x)[:n].pow(2).sum()
 
 
+def _save_mm(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op == torch.ops.aten.mm.default else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_checkpoint(m, x, n):  # selective activation checkpointing (a policy on which ops to save)
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    h = m[0](x)
+    return checkpoint(lambda t: m[2](m[1](t))[:n].pow(2).sum(), h, use_reentrant=False,
+                      context_fn=lambda: create_selective_checkpoint_contexts(_save_mm))
+
+
 PROGRAMS = {
     "reentrant, slice inside the block": _ck_inside(True),
     "reentrant, slice inside, block finite": _ck_inside_finite_block,
@@ -122,6 +136,7 @@ PROGRAMS = {
     "save_on_cpu": _save_on_cpu,
     "save_on_cpu + checkpoint": _save_on_cpu_checkpointed,
     "own saved_tensors_hooks": _own_saved_tensor_hooks,
+    "selective checkpoint": _selective_checkpoint,
 }
 
 
