@@ -267,6 +267,9 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
     mode = _StrongZeroMode(carry=create_graph)
     if supports is not None:
         mode.supports = supports
+    if transform:  # unit seeds (a Jacobian's rows): the outputs a row does not select are unused in that row
+        for seed, support in _transforms.selecting_seeds(seeds, outputs):
+            mode.supports.record(seed, support)
     if _carry.CARRIED_VALUES:  # a create_graph pass's values with structural zeros, saved by this graph
         _carry.seed(mode.supports)
     handles = watch_functions([r for r in _root_nodes(outputs) if r is not None], mode, watched) if functions else []

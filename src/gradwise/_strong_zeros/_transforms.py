@@ -127,6 +127,51 @@ def all_finite(tensors: Iterable[Any]) -> bool:
         return all(bool((_legacy_physical(t) if is_legacy_batchedtensor(t) else t).isfinite().all()) for t in plain)
 
 
+def selecting_seeds(seeds: Iterable[Any], outputs: Iterable[Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(physical seed, support) for each floating-point seed whose every value, every row at once, is 0 or 1 and
+    one of them 0: a row of such seeds selects outputs (jacrev's and ``jacobian(vectorize=True)``'s standard
+    basis, one row per output; ``chunk_size=1`` hands each row over unbatched), so the gradient each row asks
+    for is that of the selected outputs alone, and the others are unused there: their seed's 0 is a structural
+    zero, as a slice's backward makes for ``y[i]``. Read as ``all_finite`` reads (the plain tensors under the
+    wrappers, with the transforms set aside). A seed of other values (a vjp's arbitrary cotangent) stays a
+    value, and so does one whose storage the graph of ``outputs`` saved (a 0/1 mask the forward multiplied by:
+    supports are per storage, and its zeros there are values)."""
+    found = []
+    with temporarily_clear_interpreter_stack(), torch.no_grad():
+        for t in seeds:
+            if not isinstance(t, torch.Tensor):
+                continue
+            p = _plain(t)
+            p = _legacy_physical(p) if is_legacy_batchedtensor(p) else p
+            if not p.is_floating_point() or p.layout != torch.strided or p.numel() == 0:
+                continue
+            zero = p == 0
+            if bool(zero.any()) and bool((zero | (p == 1)).all()):
+                found.append((p, ~zero))
+    if found:
+        saved = _saved_storages(outputs)
+        found = [(p, s) for p, s in found if p.untyped_storage()._cdata not in saved]
+    return found
+
+
+def _saved_storages(outputs: Iterable[Any]) -> set[int]:
+    """The storages of the tensors the graph of ``outputs`` saved, read under their wrappers."""
+    from gradwise._strong_zeros._node_facts import _raw_saved
+
+    found = set()
+    for node in _walk(_root_nodes(tuple(outputs))):
+        for raw in _raw_saved(node):
+            try:
+                t = raw.data
+            except RuntimeError:  # freed, or packed by a hook (no storage of the seed's then)
+                continue
+            if isinstance(t, torch.Tensor):
+                t = _plain(t)
+                if t.layout == torch.strided and not is_legacy_batchedtensor(t):
+                    found.add(t.untyped_storage()._cdata)
+    return found
+
+
 def _legacy_physical(t: torch.Tensor) -> torch.Tensor:
     """The physical tensor under a legacy batched tensor (``is_grads_batched``'s vmap, ``torch._vmap_internals``):
     its batch dim removed at each legacy vmap level active now, innermost first (a level it is not batched at adds

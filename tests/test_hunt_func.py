@@ -1,0 +1,162 @@
+"""Hunt: gradwise under torch.func (session 30). Jacobians by unit seeds, Hessians vectorized, and the probes around
+them. References are independent of gradwise: the same program with the unused values deleted, differentiated by
+plain PyTorch (``torch.autograd.functional`` or ``torch.func``) in float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradwise as gw
+from _fresh_warnings import fresh_warnings  # noqa: F401 (an autouse fixture: every test here)
+
+D = torch.float64
+nan, inf = float("nan"), float("inf")
+AF = torch.autograd.functional
+
+
+def _same(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal values, NaN where NaN, and the same sign bits (a structural 0 for PyTorch's -0 would differ)."""
+    return torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0)) and torch.equal(got.signbit(), expected.signbit())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A Jacobian's row i is the gradient of output i alone. Computed with unit seeds (jacrev's standard basis,
+# jacobian(vectorize=True), is_grads_batched), the seed's 0 for another output k met k's infinite slope as
+# 0 x inf = NaN: a NaN in row i where the program of output i alone has 0, without a word.
+# ---------------------------------------------------------------------------------------------------------
+
+def _two(x):
+    """Output 0 reads x0, x1; output 1 is sqrt(x2), whose slope at x2 = 0 is inf (genuine, in row 1 only)."""
+    return torch.stack([x[0] * x[1], x[2].sqrt()])
+
+
+def _two_tuple(x):
+    return x[:2] * x[1], x[2].sqrt()
+
+
+_X = torch.tensor([2.0, 3.0, 0.0], dtype=D)
+_ROWS = [lambda x: x[0] * x[1], lambda x: x[2].sqrt()]  # the program of each output alone
+
+
+def _reference() -> torch.Tensor:
+    return torch.stack([AF.jacobian(row, _X) for row in _ROWS])
+
+
+JACOBIANS = {
+    "jacrev": lambda x: torch.func.jacrev(_two)(x),
+    "jacrev(chunk_size=1)": lambda x: torch.func.jacrev(_two, chunk_size=1)(x),
+    "jacobian(vectorize=True)": lambda x: AF.jacobian(_two, x, vectorize=True),
+    "vmap(vjp)(eye)": lambda x: torch.func.vmap(torch.func.vjp(_two, x)[1])(torch.eye(2, dtype=D))[0],
+    "vmap(jacrev)": lambda x: torch.func.vmap(torch.func.jacrev(_two))(x.expand(2, 3))[1],
+    "is_grads_batched": lambda x: _batched_seeds(x, torch.autograd.grad),
+    "gw.grad(is_grads_batched)": lambda x: _batched_seeds(x, gw.grad),
+}
+
+
+def _batched_seeds(x, grad):
+    xx = x.clone().requires_grad_()
+    return grad(_two(xx), xx, torch.eye(2, dtype=D), is_grads_batched=True)[0]
+
+
+@pytest.mark.parametrize("name", list(JACOBIANS))
+def test_a_jacobians_unit_seeds_select_their_output(name):
+    expected = _reference()
+    assert float(expected[0, 2]) == 0.0 and float(expected[1, 2]) == inf
+    plain = JACOBIANS["is_grads_batched" if name.startswith("gw.") else name](_X)
+    assert bool(plain[0, 2].isnan()), "premise: PyTorch is contaminated"
+    with gw.strong_zeros():
+        got = JACOBIANS[name](_X)
+    assert _same(got, expected), got
+
+
+def test_a_jacobian_of_tuple_outputs():
+    expected = (torch.stack([AF.jacobian(lambda x: x[0] * x[1], _X), AF.jacobian(lambda x: x[1] * x[1], _X)]),
+                AF.jacobian(lambda x: x[2].sqrt(), _X))
+    for call in (lambda x: torch.func.jacrev(_two_tuple)(x), lambda x: AF.jacobian(_two_tuple, x, vectorize=True)):
+        assert bool(call(_X)[0].isnan().any()), "premise: PyTorch is contaminated"
+        with gw.strong_zeros():
+            got = call(_X)
+        assert all(_same(g, e) for g, e in zip(got, expected, strict=True)), got
+
+
+def test_seeds_of_other_values_stay_values():
+    """A cotangent that is not a unit seed (a 2, a 0.5) is a value: its 0 x inf is the product the caller asked
+    for, as with the eager gw.grad and that seed (the rule never claims a structural zero there)."""
+    seeds = torch.tensor([[2.0, 0.0], [0.5, 1.0]], dtype=D)
+    xx = _X.clone().requires_grad_()
+    y = _two(xx)
+    expected = torch.stack([gw.grad(y, xx, s, retain_graph=True)[0] for s in seeds])
+    assert bool(expected[0, 2].isnan())
+    with gw.strong_zeros():
+        got = torch.func.vmap(torch.func.vjp(_two, _X)[1])(seeds)[0]
+    assert _same(got, expected)
+
+
+@pytest.mark.parametrize("name", list(JACOBIANS))
+def test_unit_seeds_on_finite_data_are_pytorchs_bits(name):
+    x = torch.tensor([2.0, -3.0, 4.0], dtype=D)
+    plain = JACOBIANS[name](x)
+    with gw.strong_zeros():
+        got = JACOBIANS[name](x)
+    assert _same(got, plain)
+
+
+# Hessians by a vectorized outer Jacobian: its unit seeds meet the inner gradient's rows; the inner gradient's
+# infinite row (x2^1.5 at 0: d2/dx2^2 = inf) made the other rows NaN, while the non-vectorized Hessian (one
+# gradient per row) gave 0
+def _hess_f(x):
+    return x[0] ** 2 * x[1] + x[2].pow(1.5)
+
+
+HESSIANS = {
+    "hessian(vectorize=True)": lambda f, x: AF.hessian(f, x, vectorize=True),
+    "jacobian(jacrev, vectorize=True)": lambda f, x: AF.jacobian(torch.func.jacrev(f), x, vectorize=True),
+    "jacobian(gw.grad create_graph, vectorize=True)": lambda f, x: AF.jacobian(
+        lambda v: gw.grad(f(v), v, create_graph=True)[0], x, vectorize=True),
+}
+
+
+@pytest.mark.parametrize("name", list(HESSIANS))
+def test_a_vectorized_hessians_rows_are_their_own(name):
+    x = torch.tensor([2.0, 3.0, 0.0], dtype=D)
+    # rows 0, 1: the program without the x2 term; row 2: that term alone (its inf is genuine)
+    kept = AF.hessian(lambda v: v[0] ** 2 * v[1] + 0.0 * v[2], x)
+    expected = torch.cat([kept[:2], AF.hessian(lambda v: v[2].pow(1.5), x)[2:]])
+    assert float(expected[2, 2]) == inf
+    assert bool(HESSIANS[name](_hess_f, x)[0, 2].isnan()), "premise: PyTorch is contaminated"
+    with gw.strong_zeros():
+        got = HESSIANS[name](_hess_f, x)
+        unvectorized = AF.hessian(_hess_f, x)
+    assert _same(got[:2], expected[:2]) and float(got[2, 2]) == inf, got
+    assert _same(got, unvectorized)
+
+
+def test_a_vectorized_hessian_at_a_nan_maximum_keeps_the_unselected_rows_zero():
+    """amax(x)**2 at a NaN maximum (x0): x1 and x2 are decided unselected, so their gradient is 0 (structural) and
+    so is its derivative; the vectorized Hessian's unit seeds met x0's NaN row in H[1:, 0] (non-vectorized: 0)."""
+    x = torch.tensor([nan, 1.0, 2.0], dtype=D)
+    with gw.strong_zeros():
+        got = AF.hessian(lambda v: v.amax() ** 2, x, vectorize=True)
+        unvectorized = AF.hessian(lambda v: v.amax() ** 2, x)
+    assert torch.equal(got[1:], torch.zeros(2, 3, dtype=D)), got
+    assert _same(got, unvectorized)
+
+
+def test_a_unit_seed_the_forward_multiplied_by_stays_a_value():
+    """Supports are per storage: a 0/1 seed that is also a value the graph saved (the mask the forward multiplied
+    by) keeps its zeros values there, so sqrt's inf at 0 meets that mask's 0 as PyTorch's NaN, the eager gw.grad's."""
+    m = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=D)  # m.t()[1, 0] is m[0, 1]: a 0 where the seed holds 1
+
+    def f(x):
+        return x.sqrt() * m.t()
+
+    x = torch.tensor([[4.0, 1.0], [0.0, 4.0]], dtype=D)
+    seeds = m.expand(1, 2, 2)
+    xx = x.clone().requires_grad_()
+    expected = gw.grad(f(xx), xx, m)[0]
+    assert bool(expected.isnan().any())
+    with gw.strong_zeros():
+        got = torch.func.vmap(torch.func.vjp(f, x)[1])(seeds)[0][0]
+    assert _same(got, expected)
