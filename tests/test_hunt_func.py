@@ -160,3 +160,65 @@ def test_a_unit_seed_the_forward_multiplied_by_stays_a_value():
     with gw.strong_zeros():
         got = torch.func.vmap(torch.func.vjp(f, x)[1])(seeds)[0][0]
     assert _same(got, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A comparison written into a buffer (torch.gt(x, t, out=m)) in a custom backward: the buffer is the selection the
+# functional comparison is. The rule ran on the functional overload and the buffer took its values but not its
+# selection: a fresh buffer was no selection (PyTorch's 0 x inf = NaN where the functional form gives 0), and a
+# buffer that was a selection before (m = y == y.amax()) kept that one's meaning: where x is NaN, gt decided
+# nothing, yet the old entry called it decided and the used NaN's gradient became 0 (SILENT).
+# ---------------------------------------------------------------------------------------------------------
+
+def _written_selection(how: str):
+    def select(x, y):
+        if how == "functional":
+            return torch.gt(x, 1.5)
+        m = {"fresh": lambda: torch.empty(x.shape, dtype=torch.bool),
+             "resized": lambda: torch.empty(0, dtype=torch.bool),
+             "a mask written in place": lambda: (y > 2.5).logical_not_(),
+             "a selection": lambda: y == y.amax()}[how]()
+        torch.gt(x, 1.5, out=m)
+        return m
+
+    class _Masked(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, y):
+            ctx.save_for_backward(x, y)
+            return x * 1.0
+
+        @staticmethod
+        def backward(ctx, g):
+            x, y = ctx.saved_tensors
+            return g * select(x, y), None
+
+    return _Masked
+
+
+WRITTEN = ["functional", "fresh", "resized", "a mask written in place", "a selection"]
+_Y = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=D)
+
+
+@pytest.mark.parametrize("how", WRITTEN)
+def test_an_out_comparison_selects_as_the_functional_one(how):
+    """sqrt's inf at x1 = 0 meets the mask's False there: 0 in the program without x1's sqrt (x1 = 4: a finite
+    slope times False), as the functional comparison gives."""
+    masked = _written_selection(how)
+    x = torch.tensor([2.0, 0.0, 3.0, 1.0], dtype=D, requires_grad=True)
+    deleted = torch.tensor([2.0, 4.0, 3.0, 1.0], dtype=D, requires_grad=True)
+    expected = torch.autograd.grad(masked.apply(deleted, _Y).sqrt().sum(), deleted)[0]
+    expected[1] = 0.0  # (x1's own slope there differs; times False it is 0 whatever it is)
+    loss = masked.apply(x, _Y).sqrt().sum()
+    assert bool(torch.autograd.grad(loss, x, retain_graph=True)[0][1].isnan()), "premise: PyTorch is contaminated"
+    assert _same(gw.grad(loss, x)[0], expected)
+
+
+@pytest.mark.parametrize("how", WRITTEN)
+def test_an_out_comparison_with_a_nan_decides_nothing(how):
+    """x1 is NaN and used (x * w): its gradient is NaN, gt(NaN, 1.5) selecting nothing (PyTorch's, kept)."""
+    masked = _written_selection(how)
+    x = torch.tensor([2.0, nan, 3.0, 1.0], dtype=D, requires_grad=True)
+    loss = (masked.apply(x, _Y) * torch.tensor([1.0, inf, 1.0, 1.0], dtype=D)).sum()
+    expected = torch.autograd.grad(loss, x, retain_graph=True)[0]
+    assert bool(expected[1].isnan())
+    assert _same(gw.grad(loss, x)[0], expected)
