@@ -222,3 +222,42 @@ def test_an_out_comparison_with_a_nan_decides_nothing(how):
     expected = torch.autograd.grad(loss, x, retain_graph=True)[0]
     assert bool(expected[1].isnan())
     assert _same(gw.grad(loss, x)[0], expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A forward-mode outer Jacobian over a reverse gradient (hessian's outer_jacobian_strategy='forward-mode'): the
+# inner create_graph backward runs strong under a dual level, and the tangents of its results are forward-mode
+# derivatives of the forward's formulas (amax's jvp at a NaN maximum: NaN in every direction) and the backward's.
+# No backward runs for the outer Jacobian, so the NaN it kept went without a word. Now the inner backward reads its
+# results' tangents and names it where they hold NaN/Inf after a pass that held structural zeros.
+# ---------------------------------------------------------------------------------------------------------
+
+def _forward_over_reverse(f, x):
+    return AF.hessian(f, x, vectorize=True, outer_jacobian_strategy="forward-mode")
+
+
+def test_a_forward_mode_outer_hessians_nan_is_named():
+    x = torch.tensor([nan, 1.0, 2.0], dtype=D)
+    with gw.strong_zeros():
+        reverse = AF.hessian(lambda v: v.amax() ** 2, x, vectorize=True)
+    assert torch.equal(reverse[1:], torch.zeros(2, 3, dtype=D))  # (x1, x2 unselected: rows 0)
+    with pytest.warns(gw.OpaqueBackwardWarning, match="forward-AD dual level"), gw.strong_zeros():
+        got = _forward_over_reverse(lambda v: v.amax() ** 2, x)
+    assert bool(got[0, 1:].isnan().all())  # (PyTorch's forward formula: kept, and said)
+
+
+@pytest.mark.parametrize("where", ["sqrt", "log"])
+def test_a_forward_mode_outer_hessian_that_holds_says_nothing(where):
+    """The tangents through the strong pass's ops meet its rules too: exact here, and no warning."""
+    def f(v):
+        return torch.where(v > 1, (v.sqrt() if where == "sqrt" else v.log()) * v, 0.0).sum()
+
+    def deleted(v):
+        kept = torch.stack([v[0], v[2]])
+        return ((kept.sqrt() if where == "sqrt" else kept.log()) * kept).sum() + 0.0 * v[1]
+
+    x = torch.tensor([2.0, 0.0, 3.0], dtype=D)
+    assert bool(_forward_over_reverse(f, x).isnan().any()), "premise: PyTorch is contaminated"
+    with gw.strong_zeros():
+        got = _forward_over_reverse(f, x)
+    torch.testing.assert_close(got, AF.hessian(deleted, x), rtol=1e-12, atol=1e-12)

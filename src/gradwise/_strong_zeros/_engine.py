@@ -275,6 +275,7 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
     handles = watch_functions([r for r in _root_nodes(outputs) if r is not None], mode, watched) if functions else []
     if transform:
         mode.lost.update(_transforms.unhooked(outputs))
+    dual = torch.autograd.forward_ad._current_level >= 0  # (a tangent through the formulas: not followed)
     try:
         with _under_traces(mode):
             result = run(retain_graph)
@@ -283,6 +284,8 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
             outer, False
         for h in handles:
             h.remove()
+    if dual and mode.supports.holds_masks() and not _transforms.tangents_finite(result or ()):
+        _contract.warn_opaque(*_transforms.DUAL_TANGENTS)
     if mode.lost and (not _transforms.all_finite(result or ()) if transform
                       else _holds_nonfinite(result, _leaves(outputs, inputs))):
         for what, fix in mode.lost.items():

@@ -172,6 +172,30 @@ def _saved_storages(outputs: Iterable[Any]) -> set[int]:
     return found
 
 
+# (what, fix) of the OpaqueBackwardWarning for a strong pass whose results' forward-mode tangents hold NaN/Inf
+DUAL_TANGENTS = (
+    "a backward taken under a forward-AD dual level (torch.autograd.functional.hessian(..., outer_jacobian_strategy="
+    "'forward-mode'), jacfwd over an autograd.grad(create_graph=True)): the results' tangents are forward-mode "
+    "derivatives of the forward's and the backward's formulas, which strong zeros do not follow (the forward's "
+    "jvp of a max at a NaN maximum, of sqrt at 0 in a discarded branch)",
+    "compute the Hessian in reverse mode (hessian(..., vectorize=True) with the default reverse outer Jacobian, or "
+    "jacrev over gw.grad(create_graph=True))")
+
+
+def tangents_finite(results: Iterable[Any]) -> bool:
+    """Whether the forward-mode tangents (at the dual level active now) of ``results`` are finite, read under their
+    wrappers (a jacfwd's batched tangents: every column at once)."""
+    from torch.autograd.forward_ad import unpack_dual
+
+    tangents = []
+    for t in results:
+        if isinstance(t, torch.Tensor):
+            tangent = unpack_dual(t).tangent
+            if tangent is not None:
+                tangents.append(tangent)
+    return all_finite(tangents)
+
+
 def _legacy_physical(t: torch.Tensor) -> torch.Tensor:
     """The physical tensor under a legacy batched tensor (``is_grads_batched``'s vmap, ``torch._vmap_internals``):
     its batch dim removed at each legacy vmap level active now, innermost first (a level it is not batched at adds
