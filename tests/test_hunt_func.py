@@ -261,3 +261,58 @@ def test_a_forward_mode_outer_hessian_that_holds_says_nothing(where):
     with gw.strong_zeros():
         got = _forward_over_reverse(f, x)
     torch.testing.assert_close(got, AF.hessian(deleted, x), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.compile(vmap(f)) where f takes a gradient and then graph-breaks: dynamo runs the gradient on fake tensors
+# while speculating the vmap, gives the transform up at the break and runs it eagerly, with strong zeros. The
+# PlainBackwardWarning for a gradient compiled into a graph was given at the fake run, and said the (strong)
+# gradients were PyTorch's. It is now given when the compile ends, for gradient nodes of a compiled graph only.
+# ---------------------------------------------------------------------------------------------------------
+
+_M4 = torch.tensor([True, True, False, True])
+
+
+def _guarded(x):
+    return (torch.where(_M4, x.sqrt(), 0.0) * x).sum()
+
+
+def _then_break(x):
+    g = torch.func.grad(_guarded)(x)
+    torch._dynamo.graph_break()
+    return g
+
+
+_X4 = torch.tensor([[1.0, 4.0, -1.0, 9.0], [4.0, 1.0, -2.0, 1.0]], dtype=D)
+
+
+def _per_sample_reference() -> torch.Tensor:
+    """Each sample's gradient with x2's sqrt deleted (x2 set to 1: its term is discarded either way)."""
+    kept = _X4.clone()
+    kept[:, 2] = 1.0
+    return torch.func.vmap(torch.func.grad(_guarded))(kept)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    from gradwise._strong_zeros import _engine
+
+    torch._dynamo.reset()
+    _engine._known_sites.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_a_gradient_dynamo_only_speculated_is_not_called_compiled():
+    with gw.strong_zeros():  # (warnings are errors: a PlainBackwardWarning fails the test)
+        got = torch.compile(torch.func.vmap(_then_break), backend="aot_eager")(_X4)
+    assert _same(got, _per_sample_reference())
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_a_gradient_in_a_compiled_graph_is_still_named():
+    with pytest.warns(gw.PlainBackwardWarning, match="computes a gradient inside its compiled graph"), \
+            gw.strong_zeros():
+        got = torch.compile(torch.func.vmap(torch.func.grad(_guarded)), backend="aot_eager")(_X4)
+    assert bool(got[:, 2].isnan().all())  # (PyTorch's, as said)
