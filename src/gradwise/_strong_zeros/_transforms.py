@@ -17,9 +17,13 @@ hooks get wrappers). It runs without a plan, always under the mode (the 'check' 
   (``is_grads_batched=True``, whose legacy vmap unwraps the same way);
 - not while ``torch.compile`` traces (``compiling()``: the compiled graph's own treatment).
 
-Anything else keeps running as plain PyTorch with a ``PlainBackwardWarning``. A backward recorded by PyTorch's own
-autograd below the transforms (a parameter that requires grad, captured by the transformed function) is the
-eager ``create_graph`` case: ``_carry`` carries its structural zeros, as there.
+Seeds whose values are all 0 or 1 (a Jacobian's unit rows: jacrev, ``jacobian(vectorize=True)``) select outputs, and
+their zeros are structural (``selecting_seeds``). Anything else keeps running as plain PyTorch with a
+``PlainBackwardWarning``. An eager backward under a forward-AD dual level runs strong; where its results' tangents
+hold NaN/Inf, the forward formulas it cannot follow are named (``tangents_finite``).
+
+A backward recorded by PyTorch's own autograd below the transforms (a parameter that requires grad, captured by the
+transformed function) is the eager ``create_graph`` case: ``_carry`` carries its structural zeros, as there.
 
 May import: torch, _contract, _traced, _autograd_graph, _triangles; lazily (the node-reading rules' facts), _node_facts,
 _rules_bilinear, _rules_opdb, _rules_pointwise.
