@@ -316,3 +316,79 @@ def test_a_gradient_in_a_compiled_graph_is_still_named():
             gw.strong_zeros():
         got = torch.compile(torch.func.vmap(torch.func.grad(_guarded)), backend="aot_eager")(_X4)
     assert bool(got[:, 2].isnan().all())  # (PyTorch's, as said)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Probes that held (session 30), kept against the deleted program: per-sample gradients over a padded batch in
+# chunks, jacrev with argnums tuples, buffers with NaN padding through functional_call, model ensembles
+# ---------------------------------------------------------------------------------------------------------
+
+def _padded():
+    g = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(3, 2).to(D)
+    params = {k: v.detach() for k, v in lin.named_parameters()}
+    X = torch.randn(5, 4, 3, generator=g, dtype=D)
+    X[1, 2:], X[3, 1:] = nan, nan
+    lens = torch.tensor([4, 2, 4, 1, 4])
+
+    def loss(p, x, n):
+        out = torch.func.functional_call(lin, p, (x,))
+        return torch.where((torch.arange(4) < n)[:, None], out, 0.0).pow(2).sum()
+
+    rows = []
+    for x, n in zip(X, lens, strict=True):
+        pp = {k: v.clone().requires_grad_() for k, v in params.items()}
+        kept = torch.func.functional_call(lin, pp, (x[:n],)).pow(2).sum()
+        rows.append(torch.cat([t.flatten() for t in torch.autograd.grad(kept, list(pp.values()))]))
+    return loss, params, X, lens, torch.stack(rows)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 2, 3])
+def test_per_sample_gradients_of_a_padded_batch_in_chunks(chunk_size):
+    loss, params, X, lens, expected = _padded()
+    with gw.strong_zeros():
+        got = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, X, lens)
+    torch.testing.assert_close(torch.cat([t.flatten(1) for t in got.values()], 1), expected, rtol=1e-12, atol=1e-12)
+
+
+def _three(a, b, c):
+    return torch.stack([(a * b).sum(), c.sqrt().sum(), torch.where(c > 0, c.log(), 0.0).sum()])
+
+
+@pytest.mark.parametrize("argnums", [(0,), (0, 2), (2,), (1, 2), (0, 1, 2)])
+def test_jacrev_with_argnums_tuples(argnums):
+    args = (torch.tensor([1.0, 2.0], dtype=D), torch.tensor([3.0, 4.0], dtype=D), torch.tensor([0.0, 4.0], dtype=D))
+    rows = [lambda a, b, c: (a * b).sum(), lambda a, b, c: c.sqrt().sum(), lambda a, b, c: c[1:].log().sum()]
+    expected = []
+    for row in rows:  # each output alone, log's discarded branch deleted
+        ins = [t.clone().requires_grad_() for t in args]
+        expected.append(torch.autograd.grad(row(*ins), [ins[k] for k in argnums], allow_unused=True,
+                                            materialize_grads=True))
+    with gw.strong_zeros():
+        got = torch.func.jacrev(_three, argnums=argnums)(*args)
+    for k, g in enumerate(got):
+        assert _same(g, torch.stack([e[k] for e in expected])), (argnums, k, g)
+
+
+def test_functional_call_with_nan_padded_buffers():
+    """BatchNorm's running stats NaN in a channel the loss discards (eval mode): per sample, the gradients of the
+    program whose buffers hold finite values there."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 3, padding=1), torch.nn.BatchNorm1d(3), torch.nn.ReLU())
+    net = net.to(D).eval()
+    net[1].running_mean[2], net[1].running_var[2] = nan, nan
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    buffers = dict(net.named_buffers())
+    clean = {k: v.clone() for k, v in buffers.items()}
+    clean["1.running_mean"][2], clean["1.running_var"][2] = 0.0, 1.0
+    X = torch.randn(4, 2, 6, dtype=D)
+
+    def loss(p, b, x):
+        return torch.func.functional_call(net, (p, b), (x[None],))[0, :2].pow(2).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss, argnums=(0, 2)), in_dims=(None, None, 0))
+    expected = per_sample(params, clean, X)
+    with gw.strong_zeros():
+        got = per_sample(params, buffers, X)
+    for g, e in zip([*got[0].values(), got[1]], [*expected[0].values(), expected[1]], strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
