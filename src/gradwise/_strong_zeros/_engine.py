@@ -57,6 +57,7 @@ _process_wide = False  # `gradwise run --strong-zeros`: every thread's backward,
 # see _observe: the call sites where torch.compile traced a gradient into a graph, and those not warned about yet
 _known_sites: set[str] = set()
 _pending_sites: list[str] = []
+_candidates: list[tuple[str, Any]] = []  # (call site, fx node) dynamo ran a gradient for: settled at its compile's end
 unseen_reader: Any = None  # gw.trace()'s reader of backwards no wrapped call started, while installed (_observe)
 
 
@@ -279,11 +280,15 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
     mode.hands_down = nonfinite or export is not None  # (a nested pass: its own pass needs the zeros)
     if supports is not None:
         mode.supports = supports
+    if transform:  # unit seeds (a Jacobian's rows): the outputs a row does not select are unused in that row
+        for seed, support in _transforms.selecting_seeds(seeds, outputs):
+            mode.supports.record(seed, support)
     if _carry.CARRIED_VALUES:  # a create_graph pass's values with structural zeros, saved by this graph
         _carry.seed(mode.supports)
     handles = watch_functions([r for r in _root_nodes(outputs) if r is not None], mode, watched) if functions else []
     if transform:
         mode.lost.update(_transforms.unhooked(outputs))
+    dual = torch.autograd.forward_ad._current_level >= 0  # (a tangent through the formulas: not followed)
     try:
         with _under_traces(mode):
             result = run(retain_graph)
@@ -294,6 +299,8 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
             h.remove()
     if export is not None and not transform:
         _export(export, mode.supports, result, outputs, inputs)
+    if dual and mode.supports.holds_masks() and not _transforms.tangents_finite(result or ()):
+        _contract.warn_opaque(*_transforms.DUAL_TANGENTS)
     if mode.lost and (not _transforms.all_finite(result or ()) if transform
                       else _holds_nonfinite(result, _leaves(outputs, inputs))):
         for what, fix in mode.lost.items():
@@ -466,8 +473,8 @@ def _observe(t_outputs, *args: Any, **kwargs: Any) -> Any:
     """``torch.autograd._engine_run_backward`` from gradwise's import on: PyTorch's, plus the record above."""
     if unseen_reader is not None and (tracer := unseen_reader.unseen()) is not None:
         return unseen_reader.read(tracer, _observe, t_outputs, *args, **kwargs)
-    if torch.compiler.is_compiling() and _under_dynamo_node():
-        _record_traced_gradient()
+    if torch.compiler.is_compiling() and (node := _dynamo_node()) is not None:
+        _record_traced_gradient(node)
     return _torch_engine_run(t_outputs, *args, **kwargs)
 
 
@@ -477,15 +484,41 @@ torch.autograd._engine_run_backward = _observe
 _DYNAMO_RUN_NODE = torch._dynamo.utils.run_node.__code__
 
 
-def _under_dynamo_node() -> bool:
+def _dynamo_node() -> Any:
+    """The fx node dynamo's run_node is running now (True where it has none by that name), or None outside it."""
     frame = sys._getframe(2)
     while frame is not None and frame.f_code is not _DYNAMO_RUN_NODE:
         frame = frame.f_back
-    return frame is not None
+    return None if frame is None else frame.f_locals.get("node", True)
 
 
-def _record_traced_gradient() -> None:
+def _record_traced_gradient(node: Any) -> None:
     site = _contract.user_site()  # (dynamo runs the node from the user's call of the compiled function)
+    handler = torch._dynamo.callback_handler
+    if isinstance(node, torch.fx.Node):  # settled when the compile ends: in a compiled graph, or speculated only
+        with _INSTALL_LOCK:
+            _candidates.append((site, node))
+            if _settle_traced_gradients not in handler.end_callbacks:  # (torch._dynamo.reset() clears them)
+                handler.register_end_callback(_settle_traced_gradients)
+        return
+    _note_traced_site(site)
+
+
+def _settle_traced_gradients(_args: Any = None) -> None:
+    """At the end of a dynamo compile: a gradient it ran on fake tensors is computed by a compiled graph only if its
+    node is part of one (its graph became a GraphModule and kept it). A speculation dynamo dropped (a graph break
+    inside a torch.func transform after the gradient: the transform then runs eagerly, with strong zeros) is no
+    such gradient, and warning of it called strong gradients PyTorch's."""
+    with _INSTALL_LOCK:
+        done = _candidates[:]
+        _candidates.clear()
+    for site, node in done:
+        if node.graph.owning_module is not None and not getattr(node, "_erased", False):
+            _note_traced_site(site)
+
+
+
+def _note_traced_site(site: str) -> None:
     with _INSTALL_LOCK:
         if site not in _known_sites:
             _known_sites.add(site)

@@ -323,9 +323,25 @@ def _into_out(rule, own, func, functional, args: tuple, kwargs: dict, sup: _Supp
             d.copy_(r)
         if s is not None or sup.tracked(d):
             sup.record(d, s)
+        _selects_as(sup.selections, r, d)
     if listed:  # (such an overload returns nothing)
         return None
     return dests[0] if len(dests) == 1 else tuple(dests)
+
+
+def _selects_as(selections: Any, result: torch.Tensor, dest: torch.Tensor) -> None:
+    """The buffer of an ``out=`` comparison (``torch.gt(x, t, out=m)``) is the selection its functional result is,
+    meaningful where that comparison decided, or none (a value: a float buffer's, or a comparison outside a formula).
+    An entry it held before (``m = x == x.amax()`` written over) is stale: kept, it called a NaN x's ``gt`` decided and
+    hid the NaN a used x's gradient has (``_mode._forget`` keeps the written mask's entry for rules that make
+    selections, expecting them to have recorded it again)."""
+    if result.dtype != torch.bool or dest.dtype != torch.bool:
+        return
+    if result in selections:
+        valid = selections[result]
+        selections[dest] = None if valid is None else valid.expand(dest.shape)
+    else:
+        selections.pop(dest, None)
 
 
 def _aliased(dests: list, inputs: object) -> bool:

@@ -97,6 +97,10 @@ class _Supports:
             return mask.as_strided(t.shape, t.stride(), t.storage_offset())
         return mask_any(self._view(t, mask, per), -1)
 
+    def holds_masks(self) -> bool:
+        """Whether some storage has a mask (a structural zero was recorded somewhere in this pass)."""
+        return bool(self._masks)
+
     def tracked(self, t: object) -> bool:
         return isinstance(t, torch.Tensor) and self._entry(t) is not None
 

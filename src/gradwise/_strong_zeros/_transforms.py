@@ -17,9 +17,13 @@ hooks get wrappers). It runs without a plan, always under the mode (the 'check' 
   (``is_grads_batched=True``, whose legacy vmap unwraps the same way);
 - not while ``torch.compile`` traces (``compiling()``: the compiled graph's own treatment).
 
-Anything else keeps running as plain PyTorch with a ``PlainBackwardWarning``. A backward recorded by PyTorch's own
-autograd below the transforms (a parameter that requires grad, captured by the transformed function) is the
-eager ``create_graph`` case: ``_carry`` carries its structural zeros, as there.
+Seeds whose values are all 0 or 1 (a Jacobian's unit rows: jacrev, ``jacobian(vectorize=True)``) select outputs, and
+their zeros are structural (``selecting_seeds``). Anything else keeps running as plain PyTorch with a
+``PlainBackwardWarning``. An eager backward under a forward-AD dual level runs strong; where its results' tangents
+hold NaN/Inf, the forward formulas it cannot follow are named (``tangents_finite``).
+
+A backward recorded by PyTorch's own autograd below the transforms (a parameter that requires grad, captured by the
+transformed function) is the eager ``create_graph`` case: ``_carry`` carries its structural zeros, as there.
 
 May import: torch, _contract, _traced, _autograd_graph, _triangles; lazily (the node-reading rules' facts), _node_facts,
 _rules_bilinear, _rules_opdb, _rules_pointwise.
@@ -125,6 +129,75 @@ def all_finite(tensors: Iterable[Any]) -> bool:
              if t.is_floating_point() or t.is_complex()]
     with temporarily_clear_interpreter_stack(), torch.no_grad():  # (no graph of create_graph results' reads)
         return all(bool((_legacy_physical(t) if is_legacy_batchedtensor(t) else t).isfinite().all()) for t in plain)
+
+
+def selecting_seeds(seeds: Iterable[Any], outputs: Iterable[Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(physical seed, support) for each floating-point seed whose every value, every row at once, is 0 or 1 and
+    one of them 0: a row of such seeds selects outputs (jacrev's and ``jacobian(vectorize=True)``'s standard
+    basis, one row per output; ``chunk_size=1`` hands each row over unbatched), so the gradient each row asks
+    for is that of the selected outputs alone, and the others are unused there: their seed's 0 is a structural
+    zero, as a slice's backward makes for ``y[i]``. Read as ``all_finite`` reads (the plain tensors under the
+    wrappers, with the transforms set aside). A seed of other values (a vjp's arbitrary cotangent) stays a
+    value, and so does one whose storage the graph of ``outputs`` saved (a 0/1 mask the forward multiplied by:
+    supports are per storage, and its zeros there are values)."""
+    found = []
+    with temporarily_clear_interpreter_stack(), torch.no_grad():
+        for t in seeds:
+            if not isinstance(t, torch.Tensor):
+                continue
+            p = _plain(t)
+            p = _legacy_physical(p) if is_legacy_batchedtensor(p) else p
+            if not p.is_floating_point() or p.layout != torch.strided or p.numel() == 0:
+                continue
+            zero = p == 0
+            if bool(zero.any()) and bool((zero | (p == 1)).all()):
+                found.append((p, ~zero))
+    if found:
+        saved = _saved_storages(outputs)
+        found = [(p, s) for p, s in found if p.untyped_storage()._cdata not in saved]
+    return found
+
+
+def _saved_storages(outputs: Iterable[Any]) -> set[int]:
+    """The storages of the tensors the graph of ``outputs`` saved, read under their wrappers."""
+    from gradwise._strong_zeros._node_facts import _raw_saved
+
+    found = set()
+    for node in _walk(_root_nodes(tuple(outputs))):
+        for raw in _raw_saved(node):
+            try:
+                t = raw.data
+            except RuntimeError:  # freed, or packed by a hook (no storage of the seed's then)
+                continue
+            if isinstance(t, torch.Tensor):
+                t = _plain(t)
+                if t.layout == torch.strided and not is_legacy_batchedtensor(t):
+                    found.add(t.untyped_storage()._cdata)
+    return found
+
+
+# (what, fix) of the OpaqueBackwardWarning for a strong pass whose results' forward-mode tangents hold NaN/Inf
+DUAL_TANGENTS = (
+    "a backward taken under a forward-AD dual level (torch.autograd.functional.hessian(..., outer_jacobian_strategy="
+    "'forward-mode'), jacfwd over an autograd.grad(create_graph=True)): the results' tangents are forward-mode "
+    "derivatives of the forward's and the backward's formulas, which strong zeros do not follow (the forward's "
+    "jvp of a max at a NaN maximum, of sqrt at 0 in a discarded branch)",
+    "compute the Hessian in reverse mode (hessian(..., vectorize=True) with the default reverse outer Jacobian, or "
+    "jacrev over gw.grad(create_graph=True))")
+
+
+def tangents_finite(results: Iterable[Any]) -> bool:
+    """Whether the forward-mode tangents (at the dual level active now) of ``results`` are finite, read under their
+    wrappers (a jacfwd's batched tangents: every column at once)."""
+    from torch.autograd.forward_ad import unpack_dual
+
+    tangents = []
+    for t in results:
+        if isinstance(t, torch.Tensor):
+            tangent = unpack_dual(t).tangent
+            if tangent is not None:
+                tangents.append(tangent)
+    return all_finite(tangents)
 
 
 def _legacy_physical(t: torch.Tensor) -> torch.Tensor:
