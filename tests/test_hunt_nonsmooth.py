@@ -56,3 +56,23 @@ def test_clamp_with_only_a_tensor_upper_bound_at_the_bound(name):
     # min(x, hi) - x/2 - hi/2 at x == hi: pieces (1/2, -1/2) and (-1/2, 1/2) hold 0 between them
     g = lambda x, hi: (op(x, hi) - 0.5 * x - 0.5 * hi).sum()
     assert gw.stationarity(g, (torch.tensor([1.0], dtype=D), torch.tensor([1.0], dtype=D))).stationary is True
+
+
+def _penalised(x):
+    """A gradient computed inside f (torch.autograd.grad with create_graph, as a gradient penalty), then kinks:
+    |g| at g = 0 and relu at 0."""
+    (g,) = torch.autograd.grad((x**3).sum() / 3, x, create_graph=True)  # g = x * x
+    return (g.abs() + torch.relu(x)).sum()
+
+
+def test_a_reverse_pass_inside_f_before_a_kink():
+    """generalized_grad ranks the ties in a second pass that builds no graph; an f that takes a gradient inside
+    (before its kinks) then ran torch.autograd.grad on tensors in no graph, and gradwise refused ("this pass
+    follows the direction with forward-mode AD only ... take f's gradient with gw.generalized_grad", which was
+    the call), on the first call of f's code or on the second (whichever ranked in a second pass). Now that pass
+    builds a graph where f runs a reverse pass. Reference: the gradients at nearby differentiable points."""
+    x = torch.tensor([0.0, 1.0, -2.0], dtype=D)
+    pieces = nearby_gradients(_penalised, [x])
+    for seed in (0, 1, 0, 1):  # (the second call of the same code takes the other route)
+        g = gw.generalized_grad(_penalised, x, seed=seed)[0]
+        assert bool((pieces - g).norm(dim=1).min() < 1e-5), (g, pieces[:4])

@@ -345,13 +345,14 @@ def _raw_locked_grad(f, xs, single, seed, run_kw, direction, memo):
             known.setdefault(k.call[0], []).append(k)
         ranked.known = known
         dr = tuple(v if i in mode.used_at_tie else None for i, v in enumerate(d))
+        graph = mode.reverses  # a reverse pass inside f (a gradient penalty) needs a graph to run on
         try:
             try:  # (stopped after the last tie: lazy tangents, as in the first pass)
-                _run(f, xs, single, dr, ranked, False, stop_after=mode.last_tie, expect=mode.trail, lazy=True)
+                _run(f, xs, single, dr, ranked, graph, stop_after=mode.last_tie, expect=mode.trail, lazy=True)
             except _lazy.Stale:
                 ranked = _Run(**run_kw)
                 ranked.known = known
-                _run(f, xs, single, dr, ranked, False, stop_after=mode.last_tie, expect=mode.trail)
+                _run(f, xs, single, dr, ranked, graph, stop_after=mode.last_tie, expect=mode.trail)
         except _Diverged:  # f took another path without gradients (hooks, checkpoints ...): one full pass
             return _full_pass_grad(f, xs, single, d, gen, run_kw, mode.used_at_tie, None)
         choices = {k.call: k for k in ranked.kinks}
