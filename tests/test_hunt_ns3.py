@@ -624,3 +624,17 @@ def test_a_norm_that_underflows_to_zero_is_no_kink(dtype, scale, ord):
     zero = gw.directional_derivative(lambda v: torch.linalg.vector_norm(v, ord), torch.zeros(2, dtype=dtype),
                                      d.to(dtype))
     torch.testing.assert_close(zero.double(), torch.linalg.vector_norm(d, ord), rtol=1e-6, atol=0)
+
+
+def test_second_order_tangents_leave_the_inputs_hooks_alone():
+    """The reverse passes that compute a comparison's second-order tangent run to the pass's dual views of the
+    inputs, not to the inputs: an input's own gradient hook (a logger, a clipper) runs once per generalized_grad
+    call, on f's gradient, as for f(x).backward(); directional_derivative runs none."""
+    calls = []
+    x = torch.zeros(2, dtype=D, requires_grad=True)
+    x.register_hook(lambda g: calls.append(g.clone()))
+    f = lambda v: torch.where(v[1] + v[0] ** 2 > 0, v[0], -v[0]) + v.sum()
+    assert float(gw.directional_derivative(f, x, t(1.0, 0.0))) == 2.0  # (x + x + y along (1, 0))
+    assert not calls
+    gw.generalized_grad(f, x, seed=0)
+    assert len(calls) == 1

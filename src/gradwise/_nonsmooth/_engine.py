@@ -83,9 +83,10 @@ def _run(f, xs, single, directions, run: _Run, requires_grad: bool, strip_after:
                      for x, d in zip(leaves, directions or [None] * len(xs), strict=True))
         if dual:
             run.inputs = tuple((p, t, p._version) for p, t in (fwAD.unpack_dual(a) for a in args) if t is not None)
-            if requires_grad:  # (second-order tangents: `_rules._second_order_key`)
-                run.leaves = (leaves, tuple(None if d is None else d.to(x.dtype)
-                                            for x, d in zip(leaves, directions, strict=True)))
+            if requires_grad:  # (second-order tangents: `_rules._second_order_key`; the duals are views of the
+                # leaves, so the inputs' own hooks, which act on f's gradient, do not see those reverse passes)
+                run.leaves = (args, tuple(None if d is None else d.to(x.dtype)
+                                          for x, d in zip(leaves, directions, strict=True)))
         positions = {id(t): i for ts in (xs, leaves, args) for i, t in enumerate(ts)}
         subs = {id(x): a for x, a in zip(xs, args, strict=True)}
         involved = (lambda a: _needs_grad(a) or _is_dual(a)) if detect else _is_dual if dual else _needs_grad
