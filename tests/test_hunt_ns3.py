@@ -638,3 +638,18 @@ def test_second_order_tangents_leave_the_inputs_hooks_alone():
     assert not calls
     gw.generalized_grad(f, x, seed=0)
     assert len(calls) == 1
+
+
+def test_many_comparisons_whose_argument_moves_at_second_order():
+    """Second-order tangents of many tied elements at once (three reverse passes for all): 200 elements of
+    where(x * x > 0, 1, 0) at 0 jump, and where(v * m > 0, v, -v) with m half zeros (their argument constant) is
+    exact; a unit direction leaves the other elements of an input unmoved (constant: no second-order question).
+    References: float64 one-sided differences."""
+    z, ones = torch.zeros(200, dtype=D), torch.ones(200, dtype=D)
+    with pytest.raises(NonsmoothError, match="second-order"):
+        gw.directional_derivative(lambda v: torch.where(v * v > 0, 1.0, 0.0).to(D).sum(), z, ones)
+    m = (torch.arange(200) % 2).to(D)
+    assert_exact(lambda v: torch.where(v * m > 0, v, -v).sum() + (v * v).sum(), (z,), (ones + m,))
+    x, e0 = z.clone(), torch.zeros(200, dtype=D)
+    x[::3], e0[1] = 1.0, -1.0
+    assert_exact(lambda v: torch.where(v > 0, v, 0.1 * v).sum(), (x,), (e0,))

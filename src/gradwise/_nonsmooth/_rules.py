@@ -146,16 +146,18 @@ def _resolve_sign(run: _Run, op: str, s, tie, **kw):
     return rows, choice, still
 
 
-# a comparison's tied elements whose argument has tangent 0: at most this many get a second-order tangent (two
-# reverse passes each); more is an error
+# a comparison's tied elements whose argument has tangent 0: their second-order tangents take three reverse
+# passes together; where an op has no third derivative, two each, for at most this many (more is an error)
 SECOND_ORDER_ROWS = 64
 
 
 def _constant_where(run: _Run, v) -> Tensor | bool:
-    """True where ``v`` is known to be locally constant: not a tensor, or no tangent (everywhere); relu-dead
-    elements (`_Run.flat_source`)."""
+    """True where ``v`` is known to be constant along the direction: not a tensor, or no tangent (everywhere); an
+    input's (or its view's) elements the direction does not move; relu-dead elements (`_Run.flat_source`)."""
     if not isinstance(v, Tensor) or _split(v)[1] is None:
         return True
+    if run.input_view(*_split(v)):  # an input's element that the direction does not move stays where it is
+        return _split(v)[1] == 0
     src = run.flat_source(v) if run.tie_tol == 0 else None
     if src is None:
         return False
@@ -179,27 +181,40 @@ def _second_order_key(run: _Run, op: str, sp: Tensor, rows: Tensor, ds: Tensor, 
     if run.leaves is None or not sp.requires_grad:
         run.needs_second = run.needs_second or run.leaves is None
         return ds
-    if len(zero) > SECOND_ORDER_ROWS:
-        raise NonsmoothError(f"{op} at {_user_line()}: {len(zero)} tied elements whose argument has tangent 0 along "
-                             "the direction; which side of the jump each goes to is a higher-order question "
-                             f"(gradwise computes second-order tangents for at most {SECOND_ORDER_ROWS}). Keep the "
-                             "comparison's argument off its jump, or compare a quantity that moves at first order")
     leaves, dirs = run.leaves
     pairs = [(leaf, d) for leaf, d in zip(leaves, dirs, strict=True) if d is not None]
-    out = ds.clone()
-    flat = sp.reshape(-1)
     with torch._C.DisableTorchFunction(), torch.enable_grad():  # (gradwise's own graph work: not f's ops)
-        for j, r in zip(zero.tolist(), rows[zero].tolist(), strict=True):
-            grads = torch.autograd.grad(flat[r], [p for p, _ in pairs], create_graph=True, allow_unused=True)
-            slope = [(g * d).sum() for g, (_, d) in zip(grads, pairs, strict=True) if g is not None]
-            slope = torch.stack(slope).sum() if slope else None
-            if slope is None or not slope.requires_grad:
-                continue  # s' is constant near x: s'' = 0
-            curv = torch.autograd.grad(slope, [p for p, _ in pairs], allow_unused=True, retain_graph=True)
-            terms = [(h * d).sum() for h, (_, d) in zip(curv, pairs, strict=True) if h is not None]
-            if terms:
-                out[j] = _split(torch.stack(terms).sum())[0].detach().to(out.dtype)
+        try:  # all elements at once: s''_i = d/dw_i of sum_i w_i s_i''
+            w = sp.new_zeros(len(zero), requires_grad=True)
+            picked = sp.reshape(-1)[rows[zero]]
+            second = _along(pairs, _along(pairs, (picked * w).sum(), create_graph=True), create_graph=True)
+            second = None if second is None or not second.requires_grad else \
+                torch.autograd.grad(second, w, allow_unused=True, retain_graph=True)[0]
+        except RuntimeError:  # an op whose double backward has no derivative: one element at a time
+            if len(zero) > SECOND_ORDER_ROWS:
+                raise NonsmoothError(f"{op} at {_user_line()}: {len(zero)} tied elements whose argument has tangent "
+                                     "0 along the direction; which side of the jump each goes to is a second-order "
+                                     "question, and an op on the way has no third derivative in PyTorch (gradwise "
+                                     f"then computes them one by one, at most {SECOND_ORDER_ROWS}). Keep the "
+                                     "comparison's argument off its jump, or compare a quantity that moves at first "
+                                     "order") from None
+            second = torch.stack([_along(pairs, _along(pairs, sp.reshape(-1)[r], create_graph=True))
+                                  for r in rows[zero].tolist()])
+    out = ds.clone()
+    if second is not None:
+        out[zero] = _split(second)[0].detach().to(out.dtype)
     return out
+
+
+def _along(pairs: list, y: Tensor | None, create_graph: bool = False) -> Tensor | None:
+    """The derivative of scalar y along the directions: sum over inputs of <grad y, d> (0 where y does not depend
+    on them; None for a y that depends on nothing)."""
+    if y is None or not y.requires_grad:
+        return y.new_zeros(()) if y is not None else None
+    grads = torch.autograd.grad(y, [p for p, _ in pairs], create_graph=create_graph, allow_unused=True,
+                                retain_graph=True)
+    terms = [(g * d).sum() for g, (_, d) in zip(grads, pairs, strict=True) if g is not None]
+    return torch.stack(terms).sum() if terms else y.new_zeros(())
 
 
 def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = False, flat: bool = False,
