@@ -31,9 +31,9 @@ KNOWN = {
     "where-eq-zero-guard-expm1-over-x": "a removable singularity behind x == 0: NonsmoothError (f's branch changes)",
     "checkpoint-reentrant-block-nan-rows-sliced": "PyTorch: reentrant checkpoint is incompatible with .grad()",
     "complex-abs-at-zero-stft-silence": "abs of a complex 0 is a cone: NonsmoothError",
-    "double-where-safe-norm-at-zero": "a comparison whose tangent is 0 in every direction needs second-order terms",
-    "where-curved-boundary-second-order": "a comparison tie broken by second-order terms (lexicographic directions "
-                                          "use first-order ones)",
+    "double-where-safe-norm-at-zero": "the branch r2's second-order tangent picks is sqrt(r2) at r2 = 0: "
+                                      "NonsmoothError (sqrt at 0, a norm written by hand; before session 30 the "
+                                      "comparison kept its value: 0.5 d0, silent)",
     "lp-pool2d-p2-all-zero-window": "lp_pool2d(norm_type=2) is pow(sum x^2, 1/2): at an all-zero window it raises "
                                     "like sqrt-of-square-at-zero (a norm written by hand)",
 }

@@ -83,6 +83,10 @@ def _run(f, xs, single, directions, run: _Run, requires_grad: bool, strip_after:
                      for x, d in zip(leaves, directions or [None] * len(xs), strict=True))
         if dual:
             run.inputs = tuple((p, t, p._version) for p, t in (fwAD.unpack_dual(a) for a in args) if t is not None)
+            if requires_grad:  # (second-order tangents: `_rules._second_order_key`; the duals are views of the
+                # leaves, so the inputs' own hooks, which act on f's gradient, do not see those reverse passes)
+                run.leaves = (args, tuple(None if d is None else d.to(x.dtype)
+                                          for x, d in zip(leaves, directions, strict=True)))
         positions = {id(t): i for ts in (xs, leaves, args) for i, t in enumerate(ts)}
         subs = {id(x): a for x, a in zip(xs, args, strict=True)}
         involved = (lambda a: _needs_grad(a) or _is_dual(a)) if detect else _is_dual if dual else _needs_grad
@@ -223,6 +227,9 @@ def directional_derivative(f: Callable, inputs: Tensor | tuple[Tensor, ...],
     ds = _check_directions(xs, directions, single)
     gen = torch.Generator().manual_seed(0)
     run, (out, primals, _, _) = _lex_passes(f, xs, single, ds, gen, False)
+    if run.needs_second:  # a comparison's argument has tangent 0: its second-order tangent needs a graph
+        run, (out, primals, _, _) = _lex_passes(f, xs, single, ds, torch.Generator().manual_seed(0), True)
+        primals = [(p.detach(), None if t is None else t.detach()) for p, t in primals]
     _check_no_jump(f, xs, single, run, [p for p, _ in primals], exact=True)
     tangents = [torch.zeros_like(p) if t is None else t for p, t in primals]
     return tangents[0] if isinstance(out, Tensor) else tuple(tangents)
@@ -241,9 +248,12 @@ def _check_no_jump(f, xs, single, run: _Run, values: list[Tensor], exact: bool =
         p, q = p.detach().nan_to_num(), q.nan_to_num()
         tol = 0.0 if exact else 100 * torch.finfo(q.dtype).eps if q.is_floating_point() else 0.0
         if not torch.allclose(p, q, rtol=tol, atol=tol):
-            raise NonsmoothError(f"f jumps at x along this direction ({jumps[0].op} at {jumps[0].location} takes "
-                                 "another branch and f's value changes): there is no one-sided derivative, and no "
-                                 "Clarke generalized gradient")
+            k = next((k for k in jumps if k.second_order), jumps[0])
+            how = (" (its argument's tangent is 0 there; its higher-order, second-order tangent moves it across)"
+                   if k.second_order else "")
+            raise NonsmoothError(f"f jumps at x along this direction ({k.op} at {k.location} takes another branch"
+                                 f"{how} and f's value changes): there is no one-sided derivative, and no Clarke "
+                                 "generalized gradient")
 
 
 def _random_direction(xs, seed: int | None, only: set[int] | None = None):
@@ -345,13 +355,14 @@ def _raw_locked_grad(f, xs, single, seed, run_kw, direction, memo):
             known.setdefault(k.call[0], []).append(k)
         ranked.known = known
         dr = tuple(v if i in mode.used_at_tie else None for i, v in enumerate(d))
+        graph = mode.reverses  # a reverse pass inside f (a gradient penalty) needs a graph to run on
         try:
             try:  # (stopped after the last tie: lazy tangents, as in the first pass)
-                _run(f, xs, single, dr, ranked, False, stop_after=mode.last_tie, expect=mode.trail, lazy=True)
+                _run(f, xs, single, dr, ranked, graph, stop_after=mode.last_tie, expect=mode.trail, lazy=True)
             except _lazy.Stale:
                 ranked = _Run(**run_kw)
                 ranked.known = known
-                _run(f, xs, single, dr, ranked, False, stop_after=mode.last_tie, expect=mode.trail)
+                _run(f, xs, single, dr, ranked, graph, stop_after=mode.last_tie, expect=mode.trail)
         except _Diverged:  # f took another path without gradients (hooks, checkpoints ...): one full pass
             return _full_pass_grad(f, xs, single, d, gen, run_kw, mode.used_at_tie, None)
         choices = {k.call: k for k in ranked.kinks}

@@ -137,6 +137,8 @@ class _KinkMode(_KinkReads, TorchFunctionMode):
         # provisional (its lock is written after this pass), its forward too
         self.exposed: dict[int, tuple[Tensor, list]] = {}
         self.read_values: dict[int, tuple] = {}  # id -> (tensor, [(value, tangent)] f read into Python)
+        # f ran a reverse pass (torch.autograd.grad, .backward ...): a pass of f that builds no graph cannot
+        self.reverses = False
 
     def _sub(self, a, stop: bool = False, keep: bool = False):
         """``a`` as the call sees it: the dual for a closure-captured input, its primal where tangents are
@@ -214,6 +216,8 @@ class _KinkMode(_KinkReads, TorchFunctionMode):
                                      "or lock kinks through its wrapped tensors. Call the function without the "
                                      "transform")
             return out[0]
+        if func in _ctx.REVERSE_CALLS:
+            self.reverses = True
         if func in _ctx.REVERSE_CALLS and self.run.kinks:
             raise NonsmoothError(f"f runs a reverse pass ({_callable_name(func)} at {_user_line()}; "
                                  "torch.autograd.functional.jacobian/hessian do too) after hitting a kink "

@@ -54,6 +54,9 @@ class Kink:
     # f read the indices this call returned (argmax as a number, a gather of another tensor, max_unpool): its
     # value may then jump at the tie, as a comparison's does (checked the same way)
     indices_read: bool = False
+    # a comparison whose argument's tangent along the direction is 0 at some tied element, ranked there by its
+    # second-order tangent (`_rules._second_order_key`)
+    second_order: bool = False
 
     @property
     def count(self) -> int:
@@ -127,6 +130,11 @@ class _Run:
         self.lex_keys = WeakTensorKeyDictionary()
         # f's inputs in this pass: (primal, tangent, version) of each dual input (`input_view`)
         self.inputs: tuple[tuple[Tensor, Tensor, int], ...] = ()
+        # (leaves, directions) of a pass that builds autograd's graph along a direction: a comparison's argument
+        # whose tangent is 0 is ranked by its second-order tangent, computed on that graph (`_second_order_key`).
+        # None: no graph; a comparison that needed one sets ``needs_second`` (the engine reruns with a graph)
+        self.leaves: tuple[tuple[Tensor, ...], tuple[Tensor | None, ...]] | None = None
+        self.needs_second = False
         # a pass whose tangents are dropped after a call (`_engine._run`, lazy): no one reads the tangents of what
         # that call returns, so its rule may return none
         self.dead_from: int | None = None

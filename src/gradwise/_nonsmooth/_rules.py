@@ -123,15 +123,98 @@ def _near_zero(t: Tensor, tol: float) -> bool:
 
 def _resolve_sign(run: _Run, op: str, s, tie, **kw):
     """At the tied elements of a switch on the sign of ``s``: which side (0: s > 0, 1: s < 0) wins along the
-    direction, comparing the tangent of ``s`` with 0 (then further directions). Returns (rows, choice, still)."""
+    direction, comparing the tangent of ``s`` with 0 (for a comparison, where that is 0, its second-order tangent:
+    `_second_order_key`), then further directions. Returns (rows, choice, still)."""
     sp, st = _split(s)
     rows = _tied_rows(tie)
     ds = st.reshape(-1)[rows] if st is not None else sp.new_zeros(len(rows))
+    constant = kw.pop("constant", False)
+    second = kw.get("comparison") and st is not None and mask_any(ds == 0)
+    if second:
+        if isinstance(constant, Tensor):
+            constant = torch.broadcast_to(constant, sp.shape).reshape(-1)[rows]
+        moving = (ds == 0) & ~torch.as_tensor(constant, device=ds.device)
+        second = mask_any(moving)
+        if second:
+            ds = _second_order_key(run, op, sp, rows, ds, moving)
     key = torch.stack([ds, torch.zeros_like(ds)], 1)
     cand = torch.ones(len(rows), 2, dtype=torch.bool, device=sp.device)
     values = lambda: torch.stack([s.reshape(-1)[rows], torch.zeros_like(s.reshape(-1)[rows])], 1)
     choice, still = run.resolve(op, "select", cand, key, values, **kw)
+    if second:
+        run.kinks[-1].second_order = True
     return rows, choice, still
+
+
+# a comparison's tied elements whose argument has tangent 0: their second-order tangents take three reverse
+# passes together; where an op has no third derivative, two each, for at most this many (more is an error)
+SECOND_ORDER_ROWS = 64
+
+
+def _constant_where(run: _Run, v) -> Tensor | bool:
+    """True where ``v`` is known to be constant along the direction: not a tensor, or no tangent (everywhere); an
+    input's (or its view's) elements the direction does not move; relu-dead elements (`_Run.flat_source`)."""
+    if not isinstance(v, Tensor) or _split(v)[1] is None:
+        return True
+    if run.input_view(*_split(v)):  # an input's element that the direction does not move stays where it is
+        return _split(v)[1] == 0
+    src = run.flat_source(v) if run.tie_tol == 0 else None
+    if src is None:
+        return False
+    dead = _split(v)[0].detach() == src[0]
+    return dead if src[1] is None else dead & ~src[1]
+
+
+def _second_order_key(run: _Run, op: str, sp: Tensor, rows: Tensor, ds: Tensor, moving: Tensor) -> Tensor:
+    """``ds`` (the tangent s'(x; d) of a comparison's argument at its tied elements), with the second-order
+    tangent s''(x; d) = d^T (Hessian of s) d where ds is 0 and s is not known to be constant (``moving``). Along
+    x + t d, s = t s' + t^2 s'' / 2 + ...: where s' is 0 the sign of s'' says which side of the jump the element
+    goes to (x * x > 0 at 0: True), which further directions cannot tell (their tangents are of other rays).
+    s'' is 0 where s is locally constant (a relu-dead unit, a saturated clamp, floor(x) == 2: PyTorch's derivative
+    formulas there are constant zeros); it is also 0 for an s that moves at third order or higher (x ** 3 > 0 at
+    0), which keeps its value (docs/nonsmooth.md).
+
+    Computed by two reverse passes through the pass's graph at each such element (the primal graph, which is f's
+    locked piece, not the tangents: PyTorch's double-backward formulas). A pass without a graph
+    (directional_derivative's) sets ``run.needs_second``: the engine runs it again with one."""
+    zero = moving.nonzero().squeeze(1)
+    if run.leaves is None or not sp.requires_grad:
+        run.needs_second = run.needs_second or run.leaves is None
+        return ds
+    leaves, dirs = run.leaves
+    pairs = [(leaf, d) for leaf, d in zip(leaves, dirs, strict=True) if d is not None]
+    with torch._C.DisableTorchFunction(), torch.enable_grad():  # (gradwise's own graph work: not f's ops)
+        try:  # all elements at once: s''_i = d/dw_i of sum_i w_i s_i''
+            w = sp.new_zeros(len(zero), requires_grad=True)
+            picked = sp.reshape(-1)[rows[zero]]
+            second = _along(pairs, _along(pairs, (picked * w).sum(), create_graph=True), create_graph=True)
+            second = None if second is None or not second.requires_grad else \
+                torch.autograd.grad(second, w, allow_unused=True, retain_graph=True)[0]
+        except RuntimeError:  # an op whose double backward has no derivative: one element at a time
+            if len(zero) > SECOND_ORDER_ROWS:
+                raise NonsmoothError(f"{op} at {_user_line()}: {len(zero)} tied elements whose argument has tangent "
+                                     "0 along the direction; which side of the jump each goes to is a second-order "
+                                     "question, and an op on the way has no third derivative in PyTorch (gradwise "
+                                     f"then computes them one by one, at most {SECOND_ORDER_ROWS}). Keep the "
+                                     "comparison's argument off its jump, or compare a quantity that moves at first "
+                                     "order") from None
+            second = torch.stack([_along(pairs, _along(pairs, sp.reshape(-1)[r], create_graph=True))
+                                  for r in rows[zero].tolist()])
+    out = ds.clone()
+    if second is not None:
+        out[zero] = _split(second)[0].detach().to(out.dtype)
+    return out
+
+
+def _along(pairs: list, y: Tensor | None, create_graph: bool = False) -> Tensor | None:
+    """The derivative of scalar y along the directions: sum over inputs of <grad y, d> (0 where y does not depend
+    on them; None for a y that depends on nothing)."""
+    if y is None or not y.requires_grad:
+        return y.new_zeros(()) if y is not None else None
+    grads = torch.autograd.grad(y, [p for p, _ in pairs], create_graph=create_graph, allow_unused=True,
+                                retain_graph=True)
+    terms = [(g * d).sum() for g, (_, d) in zip(grads, pairs, strict=True) if g is not None]
+    return torch.stack(terms).sum() if terms else y.new_zeros(())
 
 
 def _switch(run: _Run, op: str, s, pos, neg, native: Callable, *, jumps: bool = False, flat: bool = False,

@@ -22,6 +22,7 @@ from gradwise._nonsmooth._rules import (
     _ROUTE_IF,
     _ROUTES,
     CASTS,
+    _constant_where,
     _finish,
     _is_dual,
     _near_zero,
@@ -371,7 +372,8 @@ def _comparison(name: str, op: str | None = None):
         run.note_near(op, sp.abs())
         if not tie.any():
             return result
-        rows, choice, still = _resolve_sign(run, op, s, tie, comparison=True)
+        constant = _constant_where(run, a) & _constant_where(run, b)
+        rows, choice, still = _resolve_sign(run, op, s, tie, comparison=True, constant=constant)
         result = result.expand(sp.shape).clone(memory_format=torch.contiguous_format)  # written through .view(-1)
         moved = (choice == 0) == above if above is not None else torch.full_like(still, not at_tie)
         result.view(-1)[rows] = torch.where(still, at_tie, moved)
@@ -437,7 +439,7 @@ def _step(name: str, inplace: bool = False, op: str | None = None):
         jump = at_jump(xp.detach())
         if not mask_any(jump):
             return func(x, **({"decimals": decimals} if decimals else {}))
-        rows, choice, still = _resolve_sign(run, op, x, jump, comparison=True)
+        rows, choice, still = _resolve_sign(run, op, x, jump, comparison=True, constant=_constant_where(run, x))
         own = xp.detach().reshape(-1)[rows].clone()
         # PyTorch's own (zero derivative, in the graph), the limits written in (through a flat view: contiguous)
         value = func(x, **({"decimals": decimals} if decimals else {})).clone(memory_format=torch.contiguous_format)
