@@ -586,3 +586,123 @@ def test_in_place_ops_on_a_tensor_with_parts_name_the_births_the_output_uses(cas
     assert not born.get(unused), str(report)
     said = {n for g in report.of_kind("contamination") for n in g.reaches}
     assert said == {names[i] for i in contaminated}, str(report)
+
+
+def _written(x, only):
+    """x[4:] = nan (padding, sliced away), x[0, 0] = nan, x[1, 1] = inf; ``only``: keep that write alone."""
+    if only in (None, "padding"):
+        x[4:] = float("nan")
+    if only in (None, "nan"):
+        x[0, 0] = float("nan")
+    if only in (None, "inf"):
+        x[1, 1] = float("inf")
+    return x
+
+
+def test_an_inf_met_by_a_computed_zero_beside_a_used_nans_part_reaches_its_gradient():
+    """model(x)[:4] (Linear, Tanh, Linear) with padding rows x[4:] = nan, x[0, 0] = nan and x[1, 1] = inf (three
+    parts of x). The Inf makes the first linear's output row 1 inf, tanh'(inf) = 0 meets it in the weight's matmul:
+    0 x inf = NaN, which gw.grad keeps (a zero the program computes). Beside the used NaN the matmul's saved x was
+    one incident named after the NaN's birth: the Inf was told under 'Not errors: ... no gradient used' (SILENT: a
+    genuine Inf hidden). The reference per birth: the leaves gw.grad leaves non-finite in the program with that
+    write alone (the others deleted)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    names = [f"model.{n}" for n, _ in model.named_parameters()]
+    f = lambda only=None: model(_written(torch.randn(6, 4, generator=torch.Generator().manual_seed(1)), only))[
+        :4].mean()
+    line = _written.__code__.co_firstlineno
+    want = {}
+    for only, at in (("nan", 5), ("inf", 7)):
+        grads = gw.grad(f(only), list(model.parameters()))
+        want[at] = sorted(n for n, g in zip(names, grads, strict=True) if not g.isfinite().all())
+    assert want[7] == ["model.0.weight"]
+    with gw.trace() as report:
+        f().backward()
+    born = {int(g.born_location.rpartition(":")[2]) - line: g.reaches for g in report.findings
+            if g.kind in ("nan", "inf") and g.born_location}
+    assert born == want, str(report)
+    assert not report.of_kind("contamination"), str(report)
+
+
+def _rows(x, only):
+    """x[4:] = nan (padding rows, sliced away after the reduction), x[0, 0] = nan (used); ``only``: that alone."""
+    if only in (None, "padding"):
+        x[4:] = float("nan")
+    if only in (None, "nan"):
+        x[0, 0] = float("nan")
+    return x
+
+
+@pytest.mark.parametrize("reduce", [
+    lambda h: h.sum(1), lambda h: h.mean(1, keepdim=True).squeeze(1), lambda h: h.max(1).values,
+    lambda h: torch.logsumexp(h, 1), lambda h: h.var(1)], ids=["sum", "mean keepdim", "max", "logsumexp", "var"])
+def test_a_reduction_over_a_tensor_with_parts_keeps_each_rows_births(reduce):
+    """(reduce(tanh(lin(x)), dim 1) * w)[:4].sum() with padding rows x[4:] = nan beside x[0, 0] = nan: the reduction
+    joined the parts, so w's genuine NaN (from row 0) was told as born at the padding's write (the earliest birth),
+    'genuine NaN ... born: aten.fill_ ... reaches: w' (SILENT: the padding is contamination there). The reference
+    per birth: the leaves gw.grad leaves non-finite with that write alone; contamination: plain non-finite where
+    gw.grad is finite, in the whole program."""
+    torch.manual_seed(0)
+    lin, w = torch.nn.Linear(4, 4), torch.nn.Parameter(torch.ones(6))
+    named = [("lin.weight", lin.weight), ("lin.bias", lin.bias), ("w", w)]
+    f = lambda only=None: (reduce(torch.tanh(lin(_rows(torch.randn(6, 4, generator=torch.Generator().manual_seed(1)),
+                                                     only)))) * w)[:4].sum()
+    line = _rows.__code__.co_firstlineno
+    want = {}
+    for only, at in (("padding", 3), ("nan", 5)):
+        grads = gw.grad(f(only), [p for _, p in named])
+        reached = sorted(n for (n, _), g in zip(named, grads, strict=True) if not g.isfinite().all())
+        if reached:
+            want[at] = reached
+    contaminated, _ = _leaf_truth(f, [p for _, p in named])
+    with gw.trace() as report:
+        f().backward()
+    born = {int(g.born_location.rpartition(":")[2]) - line: g.reaches for g in report.findings
+            if g.kind in ("nan", "inf") and g.born_location}
+    assert born == want, str(report)
+    assert {n for g in report.of_kind("contamination") for n in g.reaches} == {named[i][0] for i in contaminated}, \
+        str(report)
+
+
+def _born_reaches(report, line) -> dict:
+    """Genuine findings: born line (relative to ``line``) -> the leaves they reach."""
+    return {int(g.born_location.rpartition(":")[2]) - line: g.reaches for g in report.findings
+            if g.kind in ("nan", "inf") and g.born_location}
+
+
+@pytest.mark.parametrize("join", [
+    lambda h: torch.cat([h[:, 1:], h[:, :1]], 1), lambda h: torch.stack([h, h * 0.5], 0).sum(0),
+    lambda h: torch.cat([h[3:], h[:3]], 0).roll(3, 0)], ids=["cat of columns", "stack then sum", "cat of rows"])
+def test_a_join_keeps_the_parts_of_its_inputs(join):
+    """model(join(x))[:4] with padding rows x[4:] = nan and x[1, 1] = inf (tanh'(inf) = 0 x inf = NaN in the
+    weight's matmul, kept by gw.grad). cat (and stack) joined the parts into one provenance, and the NaN incident
+    preferred a NaN birth: 'genuine NaN ... born: aten.fill_' (the padding, SILENT: it is contamination) for the
+    Inf's NaN. The reference per birth: the leaves gw.grad leaves non-finite with that write alone."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    names = [f"model.{n}" for n, _ in model.named_parameters()]
+    only_of = {"padding": "padding", "inf": "inf", None: "padding and inf"}
+
+    def f(only=None):
+        x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+        if only_of[only] != "inf":
+            _written(x, "padding")
+        if only_of[only] != "padding":
+            _written(x, "inf")
+        return model(join(x))[:4].mean()
+
+    line = _written.__code__.co_firstlineno
+    want = {}
+    for only, at in (("padding", 3), ("inf", 7)):
+        grads = gw.grad(f(only), list(model.parameters()))
+        reached = sorted(n for n, g in zip(names, grads, strict=True) if not g.isfinite().all())
+        if reached:
+            want[at] = reached
+    assert want == {7: ["model.0.weight"]}
+    contaminated, _ = _leaf_truth(f, list(model.parameters()))
+    with gw.trace() as report:
+        f().backward()
+    assert _born_reaches(report, line) == want, str(report)
+    assert {n for g in report.of_kind("contamination") for n in g.reaches} == {names[i] for i in contaminated}, \
+        str(report)

@@ -41,9 +41,13 @@ from gradwise._trace._store import Incident as _Incident
 from gradwise._trace._store import count as _count
 from gradwise._trace._store import first as _first
 
-# ops that select elements: the parts they keep are the provenance of their output
+# ops that select or move elements (the op run on a part's mask is where they went): the parts they keep are the
+# provenance of their output
 _SELECTS = {torch.ops.aten.index, torch.ops.aten.index_select, torch.ops.aten.masked_select, torch.ops.aten.gather,
-            torch.ops.aten.take, torch.ops.aten.slice, torch.ops.aten.select, torch.ops.aten.narrow}
+            torch.ops.aten.take, torch.ops.aten.slice, torch.ops.aten.select, torch.ops.aten.narrow,
+            torch.ops.aten.roll, torch.ops.aten.flip}
+# ops that place whole inputs side by side: each input's parts go where the op puts that input
+_JOINS = {torch.ops.aten.cat, torch.ops.aten.stack}
 # ops whose output holds the input's elements where they were: its parts stay (autograd's detach of a saved output)
 _SAME_ELEMENTS = {torch.ops.aten.detach, torch.ops.aten.alias, torch.ops.aten.clone, torch.ops.aten._to_copy}
 # in-place ops that write every element of their output: what it held before is no provenance of it
@@ -54,6 +58,13 @@ _OVERWRITES = {torch.ops.aten.fill_, torch.ops.aten.copy_}
 _MASKING_SOFTMAX = {torch.ops.aten._softmax, torch.ops.aten._safe_softmax}
 # softmaxes that make NaN of a slice all -inf (a fully masked row: 0/0)
 _NAN_OF_FULL_ROWS = {torch.ops.aten._softmax, torch.ops.aten._log_softmax}
+
+
+def _is_view(func) -> bool:
+    """Whether ``func`` returns a view of its first argument (squeeze, reshape's view, transpose, expand...): the
+    same view of each part's mask is where that part's elements went."""
+    first = func._schema.arguments[0] if func._schema.arguments else None
+    return first is not None and first.alias_info is not None and not first.alias_info.is_write
 
 
 def _without_mask_infs(births: frozenset, x: torch.Tensor, dim: int, full_rows_nan: bool) -> frozenset:
@@ -205,8 +216,11 @@ class _Provenance(_Parts):
         stale = self.parts.pop(o, None)  # an in-place op moved or wrote elements: its parts are redone (_kept_parts)
         nf = [t for t in nf if t in self.prov or ((t.dim() or t.requires_grad) and not literal)]
         births = frozenset().union(*(self._origin(t, loc) for t in nf)) if nf else frozenset()
-        if len(nf) == 1 and nf[0] in self.parts and func.overloadpacket in _SELECTS and args and args[0] is nf[0]:
+        if len(nf) == 1 and nf[0] in self.parts and args and args[0] is nf[0] and \
+                (func.overloadpacket in _SELECTS or _is_view(func)):
             births = self._selected_parts(func, o, nf[0], args) or births
+        elif len(nf) == 1 and nf[0] in self.parts and torch.Tag.reduction in func.tags and args and args[0] is nf[0]:
+            births = self._reduced_parts(o, nf[0], func, args) or births
         if births and func.overloadpacket in _MASKING_SOFTMAX and args is not None and len(args) > 1:
             births = _without_mask_infs(births, args[0], args[1], func.overloadpacket is torch.ops.aten._softmax)
         if prior:
@@ -237,6 +251,9 @@ class _Provenance(_Parts):
         elif not prior and (len(nf) > 1 or any(t in self.parts for t in nf)) and torch.Tag.pointwise in func.tags \
                 and _aligned(nf, o.shape):
             self._record_parts(o, nf, loc)
+        elif not prior and func.overloadpacket in _JOINS and args and isinstance(args[0], (list, tuple)) and \
+                (len(nf) > 1 or any(t in self.parts for t in nf)):
+            self._joined_parts(func, o, args, loc)
         elif not prior and len(nf) == 1 and nf[0] in self.parts and args and func.overloadpacket in _BILINEAR:
             self._bilinear_parts(func, o, nf[0], args)
         elif not prior and len(nf) == 1 and nf[0] in self.parts and func.overloadpacket in _SAME_ELEMENTS \
