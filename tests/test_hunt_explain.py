@@ -706,3 +706,39 @@ def test_a_join_keeps_the_parts_of_its_inputs(join):
     assert _born_reaches(report, line) == want, str(report)
     assert {n for g in report.of_kind("contamination") for n in g.reaches} == {names[i] for i in contaminated}, \
         str(report)
+
+
+def _roots(report) -> dict:
+    """Finding number -> the op of the root cause its cause line names."""
+    import re
+    out = {}
+    for line in report.causes:
+        op = re.search(r"root cause at step \d+: (\S+)", line).group(1)
+        out.update((int(n), op) for n in re.findall(r"\(finding (\d+)\)", line))
+    return out
+
+
+@pytest.mark.parametrize("mask", [
+    lambda y, m: y.masked_fill(m, float("-inf")), lambda y, m: torch.where(m, float("-inf"), y),
+    lambda y, m: y + torch.where(m, float("-inf"), 0.0)], ids=["masked_fill", "where", "additive mask"])
+def test_an_infinity_written_into_a_tensor_holding_nan_elsewhere_is_born_there(mask):
+    """softmax(mask(sqrt(lin(x).exp() * k)), -1) with row 1 fully masked (-inf: 0/0 = NaN, used) beside sqrt(-1)
+    at (0, 0). masked_fill made no birth where its input held a NaN elsewhere (the -inf took the input's
+    provenance): the fully masked row's NaN was rooted at the sqrt ('A. root cause: aten.sqrt ... (finding 1);
+    ... (finding 2)'). The reference: the same program without the sqrt's NaN, whose softmax finding is rooted
+    where the -inf was written; the NaN beside it must not change that, and the sqrt's root explains its own."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    x = torch.rand(3, 4)
+    m = torch.zeros(3, 4, dtype=torch.bool)
+    m[1, :] = True
+    roots, found = [], []
+    for nan in (False, True):
+        k = torch.ones(3, 4)
+        k[0, 0] = -1.0 if nan else 1.0
+        with gw.trace() as report:
+            torch.softmax(mask(torch.sqrt(lin(x).exp() * k), m), -1).sum().backward()
+        roots.append(_roots(report))
+        found.append({f.born_op: i for i, f in enumerate(report.findings, 1) if f.kind in ("nan", "inf")})
+    assert roots[1][found[1]["aten._softmax"]] == roots[0][found[0]["aten._softmax"]] != "aten.sqrt", str(report)
+    assert [i for i, op in roots[1].items() if op == "aten.sqrt"] == [found[1]["aten.sqrt"]], str(report)

@@ -69,6 +69,15 @@ class _Parts:
         if not bool(mask_any(~torch.isfinite(o) & ~covered)):
             self._keep(o, parts)
 
+    def _fresh_parts(self, o: torch.Tensor, fresh: torch.Tensor, b: _Birth, nf: list, loc) -> frozenset:
+        """``o``'s births where an elementwise op made the NaN/Inf ``fresh`` (birth ``b``) beside its inputs'
+        NaN/Inf: the made elements are ``b``'s part, the others keep their inputs' births."""
+        pairs = [(fresh, frozenset([b])),
+                 *(p for t in nf for p in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))])]
+        parts = _united(pairs, o.shape)
+        self._keep(o, parts)
+        return frozenset().union(*parts)
+
     def _fully_masked_rows(self, func, loc, o: torch.Tensor, x: torch.Tensor, dim: int, births) -> bool:
         """(log_)softmax(x) whose rows all -inf (fully masked: 0/0 = NaN) are NaN beside rows x's NaN made NaN (another
         birth's): the masked rows are born here, of their -inf (parents), the others keep x's births, as parts.

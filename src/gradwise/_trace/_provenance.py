@@ -67,6 +67,17 @@ def _is_view(func) -> bool:
     return first is not None and first.alias_info is not None and not first.alias_info.is_write
 
 
+def _fresh(func, o: torch.Tensor, mask: torch.Tensor, nf: list) -> torch.Tensor | None:
+    """Of an elementwise op with non-finite inputs: the elements of ``o`` non-finite where every input is finite
+    (made here), or None where there are none."""
+    if torch.Tag.pointwise not in func.tags or not _aligned(nf, o.shape):
+        return None
+    fresh = mask.clone()
+    for t in nf:
+        fresh &= torch.isfinite(t).broadcast_to(o.shape)
+    return fresh if bool(fresh.any()) else None
+
+
 def _without_mask_infs(births: frozenset, x: torch.Tensor, dim: int, full_rows_nan: bool) -> frozenset:
     """The births that explain the NaN of softmax(x): softmax makes 0 of a -inf in a slice that keeps another
     value (an attention mask), so where x's NaN is all that makes its output NaN, births of infinities alone
@@ -233,21 +244,28 @@ class _Provenance(_Parts):
                 len(nf) == 1 and args is not None and len(args) > 1 and \
                 self._fully_masked_rows(func, loc, o, nf[0], args[1], births):
             return
-        if (not nf and not prior) or new_nan:
+        # elementwise, NaN/Inf where every input is finite are born here beside the inputs' (masked_fill(-inf) of
+        # a tensor holding NaN elsewhere: the -inf was told as that NaN's, and a fully masked row after it too)
+        fresh = _fresh(func, o, mask, nf) if nf and not prior and not new_nan else None
+        if fresh is not None:
+            mask, has_nan = fresh, _nan_in(o, fresh)
+        if (not nf and not prior) or new_nan or fresh is not None:
             op = _op_name(func)
 
             def make(idx):
-                number = None if nf else nonfinite_number(args or ())  # x * float("nan"): no tensor is non-finite
+                # x * float("nan"), masked_fill(m, -inf): the number made it, not a non-finite tensor
+                number = None if nf and fresh is None else nonfinite_number(args or ())
                 what = _explain(func, nf or [t for t in ins if t is not o], o, mask, number)  # why, from its inputs
                 if nd is None and in_torchscript():
                     what += SCRIPTED
-                if nd is not None and nd.op != op and (not nf or new_nan) and loc == nd.loc:
+                if nd is not None and nd.op != op and (not nf or new_nan or fresh is not None) and loc == nd.loc:
                     what = f"{what} (in the backward formula of {nd.op})"
                 return _Birth(op, loc, what, 0, idx, has_nan)
 
             b = self._birth(op, loc, has_nan, None,
-                            _in_base(_nan_mask(o) if new_nan and (nf or prior) else mask, o, base), make, births)
-            births = frozenset([b])
+                            _in_base(_nan_mask(o) if new_nan and (nf or prior) else mask, o, base), make,
+                            frozenset() if fresh is not None else births)
+            births = frozenset([b]) if fresh is None else self._fresh_parts(o, fresh, b, nf, loc)
         elif not prior and (len(nf) > 1 or any(t in self.parts for t in nf)) and torch.Tag.pointwise in func.tags \
                 and _aligned(nf, o.shape):
             self._record_parts(o, nf, loc)
