@@ -108,7 +108,10 @@ class _Assembly:
                           min(inc.step, birth.step) if birth.op == "gradient" else inc.step, birth)
             else:
                 key = (inc.kind, inc.node_op, inc.loc)
-                found.add(key, lambda inc=inc: genuine(inc.kind, inc, None), inc.count, inc.reaches, inc.indices,
+                # born in the backward: its elements that reached a gradient (pad's backward crops the border)
+                cropped = 0 < inc.reached_elements < inc.count
+                count, indices = (inc.reached_elements, inc.reached_indices) if cropped else (inc.count, inc.indices)
+                found.add(key, lambda inc=inc: genuine(inc.kind, inc, None), count, inc.reaches, indices,
                           inc.occurrences, inc.step, stand_in)
                 birthless.add(key)
         return unreached, arrived, birthless

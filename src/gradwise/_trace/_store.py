@@ -95,6 +95,10 @@ class Incident:
     order: int = 0
     step: int = 0
     occurrences: int = 1
+    # the non-finite elements of the gradients it reached (summed over steps): a backward-born NaN/Inf whose
+    # elements a backward op dropped on the way (pad's backward crops the padded border) used at most these
+    reached_elements: int = 0
+    reached_indices: list = field(default_factory=list)  # the first of them, in the first gradient's coordinates
     steps: list = field(default_factory=list)
     last: int = 0
     serial: int = 0  # the store's event counter when last seen (nested blocks report what they saw)
