@@ -46,6 +46,7 @@ from gradwise._trace._store import first as _first
 _SELECTS = {torch.ops.aten.index, torch.ops.aten.index_select, torch.ops.aten.masked_select, torch.ops.aten.gather,
             torch.ops.aten.take, torch.ops.aten.slice, torch.ops.aten.select, torch.ops.aten.narrow,
             torch.ops.aten.roll, torch.ops.aten.flip}
+_BORN_PER_NODE = 4  # births per node whose used elements its backward tells (the outputs of one op)
 # ops that place whole inputs side by side: each input's parts go where the op puts that input
 _JOINS = {torch.ops.aten.cat, torch.ops.aten.stack}
 # ops whose output holds the input's elements where they were: its parts stay (autograd's detach of a saved output)
@@ -67,10 +68,15 @@ def _is_view(func) -> bool:
     return first is not None and first.alias_info is not None and not first.alias_info.is_write
 
 
-def _fresh(func, o: torch.Tensor, mask: torch.Tensor, nf: list) -> torch.Tensor | None:
-    """Of an elementwise op with non-finite inputs: the elements of ``o`` non-finite where every input is finite
-    (made here), or None where there are none."""
+def _fresh(func, o: torch.Tensor, mask: torch.Tensor, nf: list, args, ins) -> torch.Tensor | None:
+    """Of an elementwise op with non-finite inputs that writes a non-finite constant (masked_fill(m, -inf), a
+    number, a 0-dim constant): the elements of ``o`` non-finite where every input is finite (written here), or None
+    where there are none. Not other ops: a finite input there may descend from the NaN/Inf (log of the 0 that
+    x / inf made is the overflow's, not a log(0) of its own)."""
     if torch.Tag.pointwise not in func.tags or not _aligned(nf, o.shape):
+        return None
+    if nonfinite_number(args or ()) is None and not any(
+            t.dim() == 0 and not any(t is u for u in nf) and _nonfinite(t) for t in ins):
         return None
     fresh = mask.clone()
     for t in nf:
@@ -173,7 +179,7 @@ class _Provenance(_Parts):
             birth.shape = tuple(mask.shape)
         return birth
 
-    def _dig(self, func, loc, ins, bad, seq, info, args=None, out=None, kwargs=None) -> None:
+    def _dig(self, func, loc, ins, bad, seq, info, args=None, out=None, kwargs=None, made=None) -> None:
         if not self.depth:  # a forward NaN/Inf: this step's backward classifies by a shadow strong pass (_shadow)
             self.dirty = True
         self.hook = None
@@ -199,7 +205,7 @@ class _Provenance(_Parts):
                 if func.overloadpacket in _OVERWRITES:  # (x[3:5] = inf over a NaN row: inf is born here)
                     prior = None
                 self._value(func, loc, o, mask, nf, prior, nd, ins,
-                            base=o._base if info.mutable and o._base is not None else None, args=args)
+                            base=o._base if info.mutable and o._base is not None else None, args=args, made=made)
                 # an in-place write made it non-finite (a .grad scaled by NaN: clip_grad_norm_'s _foreach_mul_)
                 if o not in self.written and not any(isinstance(p, _Incident) for p in prior or ()) and any(
                         o is t for t in ins):
@@ -217,8 +223,10 @@ class _Provenance(_Parts):
                 else:
                     self._written_parts(o, o._base)
 
-    def _value(self, func, loc, o, mask, nf, prior, nd, ins=(), base=None, args=None) -> None:
-        """A forward value (or one a backward formula made from saved values): propagate or record a birth."""
+    def _value(self, func, loc, o, mask, nf, prior, nd, ins=(), base=None, args=None, made=None) -> None:
+        """A forward value (or one a backward formula made from saved values): propagate or record a birth.
+        ``made``: the node record of the forward op that made ``o``, where a birth keeps its mask until the
+        backward of that node says which of its elements the output uses (``_born_reached``)."""
         # An unknown 0-dim tensor is a wrapped constant (x[2] = nan): the value is born at this op; so is the
         # data of a literal (torch.tensor([..., nan]) reaches the dispatcher as lift_fresh of a fresh tensor).
         literal = func.overloadpacket in _LITERALS
@@ -246,7 +254,7 @@ class _Provenance(_Parts):
             return
         # elementwise, NaN/Inf where every input is finite are born here beside the inputs' (masked_fill(-inf) of
         # a tensor holding NaN elsewhere: the -inf was told as that NaN's, and a fully masked row after it too)
-        fresh = _fresh(func, o, mask, nf) if nf and not prior and not new_nan else None
+        fresh = _fresh(func, o, mask, nf, args, ins) if nf and not prior and not new_nan else None
         if fresh is not None:
             mask, has_nan = fresh, _nan_in(o, fresh)
         if (not nf and not prior) or new_nan or fresh is not None:
@@ -262,9 +270,11 @@ class _Provenance(_Parts):
                     what = f"{what} (in the backward formula of {nd.op})"
                 return _Birth(op, loc, what, 0, idx, has_nan)
 
-            b = self._birth(op, loc, has_nan, None,
-                            _in_base(_nan_mask(o) if new_nan and (nf or prior) else mask, o, base), make,
+            born = _nan_mask(o) if new_nan and (nf or prior) else mask
+            b = self._birth(op, loc, has_nan, None, _in_base(born, o, base), make,
                             frozenset() if fresh is not None else births)
+            if made is not None and base is None and len(made.born) < _BORN_PER_NODE:
+                made.born.append((b, born))
             births = frozenset([b]) if fresh is None else self._fresh_parts(o, fresh, b, nf, loc)
         elif not prior and (len(nf) > 1 or any(t in self.parts for t in nf)) and torch.Tag.pointwise in func.tags \
                 and _aligned(nf, o.shape):
