@@ -760,3 +760,39 @@ def test_a_backward_born_infs_elements_are_those_its_gradient_receives(crop):
         crop(x).sum().backward()
     [inf] = report.of_kind("inf")
     assert (inf.count, inf.reaches, [tuple(i) for i in inf.indices]) == (1, ["x"], [(0, 0)]), str(report)
+
+
+def _packed(h):
+    packed = torch.nn.utils.rnn.pack_padded_sequence(h, torch.tensor([5, 3]), batch_first=True, enforce_sorted=False)
+    return packed
+
+
+@pytest.mark.parametrize("after", ["packed gru", "index_select then linear"])
+def test_a_birth_mixed_further_down_counts_the_elements_its_sensitivity_reaches(after):
+    """lin(x).masked_fill(bad, nan) with NaN at a used element and at a padded one, then a packed GRU (the padded
+    step is never read by pack_padded_sequence) or an index_select that drops it before a linear layer: 'genuine
+    NaN ... 2 elements' where 1 is used (the GRU's backward mixes the used NaN through every step, so the born
+    tensor's count was kept). The reference: the born elements where gw.grad's sensitivity is nonzero."""
+    torch.manual_seed(0)
+    lin, gru, lin2 = torch.nn.Linear(4, 4), torch.nn.GRU(4, 4, batch_first=True), torch.nn.Linear(4, 4)
+    x = torch.randn(2, 5, 4)
+    bad = torch.zeros(2, 5, 4, dtype=torch.bool)
+    bad[0, 1, 2] = bad[1, 4, 0] = True
+    keep = torch.tensor([0, 1, 2, 3])
+
+    def f():
+        h = lin(x).masked_fill(bad, float("nan"))
+        if after == "packed gru":
+            out = torch.nn.utils.rnn.pad_packed_sequence(gru(_packed(h))[0], batch_first=True, total_length=5)[0]
+        else:
+            out = lin2(h.index_select(1, keep))
+        return out.sum(), h
+
+    loss, h = f()
+    [g] = gw.grad(loss, [h])
+    used = int((~h.isfinite() & (g != 0)).sum())
+    assert used == 1
+    with gw.trace() as report:
+        f()[0].backward()
+    [nan] = report.of_kind("nan")
+    assert nan.count == used, str(report)

@@ -49,6 +49,10 @@ class Birth:
     first_count: int = 0  # elements of the first occurrence
     shape: tuple | None = None  # of the born tensor (the first occurrence's)
     in_steps: int = 1  # the steps it occurred in (occurrences / in_steps: how often a step makes it)
+    # its elements a nonzero (or NaN/Inf) sensitivity reached at the node that made it (summed over steps; None: not
+    # known), and the first of them: the elements the output uses, however the backward mixes them further down
+    sensed: int | None = None
+    sensed_indices: list = field(default_factory=list)
 
     def describe(self) -> str:
         from gradwise._trace._common import _fmt  # the trace's path formatting (relative to the working directory)
