@@ -796,3 +796,24 @@ def test_a_birth_mixed_further_down_counts_the_elements_its_sensitivity_reaches(
         f()[0].backward()
     [nan] = report.of_kind("nan")
     assert nan.count == used, str(report)
+
+
+def test_a_step_the_watch_could_not_replay_is_only_its_unexplained_gradients():
+    """gw.watch() over checkpoint(sqrt(exp(h) * k), lin(x)) then a packed GRU, sqrt(-1) at one element: the
+    non-reentrant checkpoint would run its forward again, so the replay stops before it, and the step is told as
+    'NaN gradient, not explained' at the backward call. What the replay read and ran before it stopped stayed:
+    'genuine NaN ... tensor[1, 4] arrived with ... NaN' (a GRU hidden state, no data that arrived) and 'genuine
+    NaN ... aten._pack_padded_sequence or an op before it', both reaching no gradient (the checker's seed 3)."""
+    import torch.utils.checkpoint as cp
+
+    torch.manual_seed(0)
+    lin, gru = torch.nn.Linear(4, 4), torch.nn.GRU(4, 4, batch_first=True)
+    x = torch.randn(2, 5, 4)
+    k = torch.ones(2, 5, 4)
+    k[0, 2, 1] = -1.0
+    with gw.watch() as report:
+        h = cp.checkpoint(lambda h: torch.sqrt(h.exp() * k), lin(x), use_reentrant=False)
+        out = gru(_packed(h))[0]
+        torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=5)[0].sum().backward()
+    names = {f"{m}.{n}" for m, mod in (("lin", lin), ("gru", gru)) for n, _ in mod.named_parameters()}
+    assert [(f.born_op, set(f.reaches)) for f in report.findings] == [("backward", names)], str(report)
