@@ -817,3 +817,30 @@ def test_a_step_the_watch_could_not_replay_is_only_its_unexplained_gradients():
         torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=5)[0].sum().backward()
     names = {f"{m}.{n}" for m, mod in (("lin", lin), ("gru", gru)) for n, _ in mod.named_parameters()}
     assert [(f.born_op, set(f.reaches)) for f in report.findings] == [("backward", names)], str(report)
+
+
+@pytest.mark.parametrize("k", [float("inf"), 0.0])
+def test_the_watch_explains_a_nan_loss_whose_gradients_are_finite(k):
+    """((lin(x) + k) - k).sum() with k = inf in one column: inf - inf makes the loss NaN, but the backward of add
+    and sub reads no value, so every gradient is finite. gw.watch() checked only the gradients: 'No NaN/Inf
+    gradients' where gw.trace() reports a genuine NaN (the checker's seed 13, compiled). The loss is checked with
+    them (a one-element root joins the small vectors' sum) and the step replayed: the NaN is born at the value
+    the loss's node made, 'aten.sum or an op before it' (its forward was not traced); the next step, traced in
+    full, names aten.sub. A finite loss starts nothing."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    x = torch.rand(3, 4)
+    kk = torch.tensor([0.0, k, 0.0, 0.0])
+    with gw.trace() as traced:
+        ((lin(x) + kk) - kk).sum().backward()
+    with gw.watch() as report:
+        for _ in range(2):
+            ((lin(x) + kk) - kk).sum().backward()
+    if k == 0.0:
+        assert not report.findings and not traced.findings, str(report)
+        return
+    assert [(f.kind, f.born_op, f.reaches) for f in traced.findings] == [("nan", "aten.sub", [])], str(traced)
+    first, then = report.findings
+    assert (first.kind, first.step, first.reaches) == ("nan", 0, []) and "gw.trace() names the op" in first.born, \
+        str(report)
+    assert (then.kind, then.born_op, then.step) == ("nan", "aten.sub", 1), str(report)

@@ -49,7 +49,7 @@ class _StepExplainer:
             tracer._name_leaves(wanted, _common._user_frame(), at)  # (their .grad reads start no step: `_forward`)
             # the births of the values the graph saved, in the forward's order (the replay meets them backwards)
             tracer.replayed = tracer._safely("the untraced forward", _replay.forward_origins, tracer, roots, at,
-                                             batches) or {}
+                                             batches, outs) or {}
         self._trace(tracer)
         if not wanted:
             return
