@@ -299,3 +299,4 @@ def _forget_partial_replay(tracer: _Tracer) -> None:
     tracer.prov = _common._ByIdentity()
     tracer.parts.clear()
     tracer.split.clear()
+    tracer.output_births.clear()  # (a NaN loss's, read when the replay began)
