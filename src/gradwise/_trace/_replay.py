@@ -31,6 +31,8 @@ May import: torch, gradwise._strong_zeros, gradwise._trace._advice, _common, _fa
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 from gradwise import _strong_zeros
@@ -212,12 +214,23 @@ def forward_origins(tracer, roots, at: tuple, batches: dict, outs: tuple = ()) -
         for v, output in vals:
             if bad[id(v)]:
                 got = out.get(n) if output else data.get(_storage(v)) if v.grad_fn is None else out.get(v.grad_fn)
+                if not got and not output and v.grad_fn is not None and v.grad_fn not in out:
+                    # made by a node the walk from the roots never met (a packed GRU's hidden state, saved as
+                    # the clone it was when the mul saved it, since rebased by an in-place write): which op made
+                    # its NaN/Inf is not known (it was told as 'tensor[1, 4] arrived with 4 NaN value(s)')
+                    got = inside(v, f"{_unwalked_op(v.grad_fn)} or an op before it")
                 if got:
                     origins.setdefault(_storage(v), got)
     for t in roots_bad:
         if out.get(t.grad_fn):
             origins.setdefault(_storage(t), out[t.grad_fn])
     return origins
+
+
+def _unwalked_op(node) -> str:
+    """'CloneBackward0' -> 'aten.clone': the op of a node no walk recorded (its name, in aten's spelling)."""
+    base = re.sub(r"Backward\d*$", "", node.name())
+    return "aten." + re.sub(r"(?<!^)(?=[A-Z])", "_", base).lower() if base != node.name() else node.name()
 
 
 def _opaque(node) -> str | None:
