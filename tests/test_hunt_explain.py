@@ -586,3 +586,279 @@ def test_in_place_ops_on_a_tensor_with_parts_name_the_births_the_output_uses(cas
     assert not born.get(unused), str(report)
     said = {n for g in report.of_kind("contamination") for n in g.reaches}
     assert said == {names[i] for i in contaminated}, str(report)
+
+
+def _written(x, only):
+    """x[4:] = nan (padding, sliced away), x[0, 0] = nan, x[1, 1] = inf; ``only``: keep that write alone."""
+    if only in (None, "padding"):
+        x[4:] = float("nan")
+    if only in (None, "nan"):
+        x[0, 0] = float("nan")
+    if only in (None, "inf"):
+        x[1, 1] = float("inf")
+    return x
+
+
+def test_an_inf_met_by_a_computed_zero_beside_a_used_nans_part_reaches_its_gradient():
+    """model(x)[:4] (Linear, Tanh, Linear) with padding rows x[4:] = nan, x[0, 0] = nan and x[1, 1] = inf (three
+    parts of x). The Inf makes the first linear's output row 1 inf, tanh'(inf) = 0 meets it in the weight's matmul:
+    0 x inf = NaN, which gw.grad keeps (a zero the program computes). Beside the used NaN the matmul's saved x was
+    one incident named after the NaN's birth: the Inf was told under 'Not errors: ... no gradient used' (SILENT: a
+    genuine Inf hidden). The reference per birth: the leaves gw.grad leaves non-finite in the program with that
+    write alone (the others deleted)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    names = [f"model.{n}" for n, _ in model.named_parameters()]
+    f = lambda only=None: model(_written(torch.randn(6, 4, generator=torch.Generator().manual_seed(1)), only))[
+        :4].mean()
+    line = _written.__code__.co_firstlineno
+    want = {}
+    for only, at in (("nan", 5), ("inf", 7)):
+        grads = gw.grad(f(only), list(model.parameters()))
+        want[at] = sorted(n for n, g in zip(names, grads, strict=True) if not g.isfinite().all())
+    assert want[7] == ["model.0.weight"]
+    with gw.trace() as report:
+        f().backward()
+    born = {int(g.born_location.rpartition(":")[2]) - line: g.reaches for g in report.findings
+            if g.kind in ("nan", "inf") and g.born_location}
+    assert born == want, str(report)
+    assert not report.of_kind("contamination"), str(report)
+
+
+def _rows(x, only):
+    """x[4:] = nan (padding rows, sliced away after the reduction), x[0, 0] = nan (used); ``only``: that alone."""
+    if only in (None, "padding"):
+        x[4:] = float("nan")
+    if only in (None, "nan"):
+        x[0, 0] = float("nan")
+    return x
+
+
+@pytest.mark.parametrize("reduce", [
+    lambda h: h.sum(1), lambda h: h.mean(1, keepdim=True).squeeze(1), lambda h: h.max(1).values,
+    lambda h: torch.logsumexp(h, 1), lambda h: h.var(1)], ids=["sum", "mean keepdim", "max", "logsumexp", "var"])
+def test_a_reduction_over_a_tensor_with_parts_keeps_each_rows_births(reduce):
+    """(reduce(tanh(lin(x)), dim 1) * w)[:4].sum() with padding rows x[4:] = nan beside x[0, 0] = nan: the reduction
+    joined the parts, so w's genuine NaN (from row 0) was told as born at the padding's write (the earliest birth),
+    'genuine NaN ... born: aten.fill_ ... reaches: w' (SILENT: the padding is contamination there). The reference
+    per birth: the leaves gw.grad leaves non-finite with that write alone; contamination: plain non-finite where
+    gw.grad is finite, in the whole program."""
+    torch.manual_seed(0)
+    lin, w = torch.nn.Linear(4, 4), torch.nn.Parameter(torch.ones(6))
+    named = [("lin.weight", lin.weight), ("lin.bias", lin.bias), ("w", w)]
+    f = lambda only=None: (reduce(torch.tanh(lin(_rows(torch.randn(6, 4, generator=torch.Generator().manual_seed(1)),
+                                                     only)))) * w)[:4].sum()
+    line = _rows.__code__.co_firstlineno
+    want = {}
+    for only, at in (("padding", 3), ("nan", 5)):
+        grads = gw.grad(f(only), [p for _, p in named])
+        reached = sorted(n for (n, _), g in zip(named, grads, strict=True) if not g.isfinite().all())
+        if reached:
+            want[at] = reached
+    contaminated, _ = _leaf_truth(f, [p for _, p in named])
+    with gw.trace() as report:
+        f().backward()
+    born = {int(g.born_location.rpartition(":")[2]) - line: g.reaches for g in report.findings
+            if g.kind in ("nan", "inf") and g.born_location}
+    assert born == want, str(report)
+    assert {n for g in report.of_kind("contamination") for n in g.reaches} == {named[i][0] for i in contaminated}, \
+        str(report)
+
+
+def _born_reaches(report, line) -> dict:
+    """Genuine findings: born line (relative to ``line``) -> the leaves they reach."""
+    return {int(g.born_location.rpartition(":")[2]) - line: g.reaches for g in report.findings
+            if g.kind in ("nan", "inf") and g.born_location}
+
+
+@pytest.mark.parametrize("join", [
+    lambda h: torch.cat([h[:, 1:], h[:, :1]], 1), lambda h: torch.stack([h, h * 0.5], 0).sum(0),
+    lambda h: torch.cat([h[3:], h[:3]], 0).roll(3, 0)], ids=["cat of columns", "stack then sum", "cat of rows"])
+def test_a_join_keeps_the_parts_of_its_inputs(join):
+    """model(join(x))[:4] with padding rows x[4:] = nan and x[1, 1] = inf (tanh'(inf) = 0 x inf = NaN in the
+    weight's matmul, kept by gw.grad). cat (and stack) joined the parts into one provenance, and the NaN incident
+    preferred a NaN birth: 'genuine NaN ... born: aten.fill_' (the padding, SILENT: it is contamination) for the
+    Inf's NaN. The reference per birth: the leaves gw.grad leaves non-finite with that write alone."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    names = [f"model.{n}" for n, _ in model.named_parameters()]
+    only_of = {"padding": "padding", "inf": "inf", None: "padding and inf"}
+
+    def f(only=None):
+        x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+        if only_of[only] != "inf":
+            _written(x, "padding")
+        if only_of[only] != "padding":
+            _written(x, "inf")
+        return model(join(x))[:4].mean()
+
+    line = _written.__code__.co_firstlineno
+    want = {}
+    for only, at in (("padding", 3), ("inf", 7)):
+        grads = gw.grad(f(only), list(model.parameters()))
+        reached = sorted(n for n, g in zip(names, grads, strict=True) if not g.isfinite().all())
+        if reached:
+            want[at] = reached
+    assert want == {7: ["model.0.weight"]}
+    contaminated, _ = _leaf_truth(f, list(model.parameters()))
+    with gw.trace() as report:
+        f().backward()
+    assert _born_reaches(report, line) == want, str(report)
+    assert {n for g in report.of_kind("contamination") for n in g.reaches} == {names[i] for i in contaminated}, \
+        str(report)
+
+
+def _roots(report) -> dict:
+    """Finding number -> the op of the root cause its cause line names."""
+    import re
+    out = {}
+    for line in report.causes:
+        op = re.search(r"root cause at step \d+: (\S+)", line).group(1)
+        out.update((int(n), op) for n in re.findall(r"\(finding (\d+)\)", line))
+    return out
+
+
+@pytest.mark.parametrize("mask", [
+    lambda y, m: y.masked_fill(m, float("-inf")), lambda y, m: torch.where(m, float("-inf"), y),
+    lambda y, m: y + torch.where(m, float("-inf"), 0.0)], ids=["masked_fill", "where", "additive mask"])
+def test_an_infinity_written_into_a_tensor_holding_nan_elsewhere_is_born_there(mask):
+    """softmax(mask(sqrt(lin(x).exp() * k)), -1) with row 1 fully masked (-inf: 0/0 = NaN, used) beside sqrt(-1)
+    at (0, 0). masked_fill made no birth where its input held a NaN elsewhere (the -inf took the input's
+    provenance): the fully masked row's NaN was rooted at the sqrt ('A. root cause: aten.sqrt ... (finding 1);
+    ... (finding 2)'). The reference: the same program without the sqrt's NaN, whose softmax finding is rooted
+    where the -inf was written; the NaN beside it must not change that, and the sqrt's root explains its own."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    x = torch.rand(3, 4)
+    m = torch.zeros(3, 4, dtype=torch.bool)
+    m[1, :] = True
+    roots, found = [], []
+    for nan in (False, True):
+        k = torch.ones(3, 4)
+        k[0, 0] = -1.0 if nan else 1.0
+        with gw.trace() as report:
+            torch.softmax(mask(torch.sqrt(lin(x).exp() * k), m), -1).sum().backward()
+        roots.append(_roots(report))
+        found.append({f.born_op: i for i, f in enumerate(report.findings, 1) if f.kind in ("nan", "inf")})
+    assert roots[1][found[1]["aten._softmax"]] == roots[0][found[0]["aten._softmax"]] != "aten.sqrt", str(report)
+    assert [i for i, op in roots[1].items() if op == "aten.sqrt"] == [found[1]["aten.sqrt"]], str(report)
+
+
+@pytest.mark.parametrize("crop", [
+    lambda x: torch.sqrt(F.pad(x, (1, 1, 1, 1))), lambda x: torch.sqrt(F.pad(x[:, :3], (0, 0, 0, 2))),
+    lambda x: torch.sqrt(F.pad(x, (1, 2))[:, 1:])], ids=["pad", "slice then pad", "pad then slice"])
+def test_a_backward_born_infs_elements_are_those_its_gradient_receives(crop):
+    """sqrt of a zero-padded x (x[0, 0] = 0 too): sqrt'(0) = inf is made in the backward at every padded zero and
+    at x[0, 0], and pad's backward crops the border away. 'genuine Inf ... 13 elements' (or 9) where x's gradient
+    holds 1 Inf: the count was the backward op's. The reference: the non-finite elements of x's gradient."""
+    x = torch.rand(4, 4) + 0.5
+    x[0, 0] = 0.0
+    x.requires_grad_()
+    [g] = torch.autograd.grad(crop(x).sum(), [x])
+    assert int((~g.isfinite()).sum()) == 1
+    with gw.trace() as report:
+        crop(x).sum().backward()
+    [inf] = report.of_kind("inf")
+    assert (inf.count, inf.reaches, [tuple(i) for i in inf.indices]) == (1, ["x"], [(0, 0)]), str(report)
+
+
+def _packed(h):
+    packed = torch.nn.utils.rnn.pack_padded_sequence(h, torch.tensor([5, 3]), batch_first=True, enforce_sorted=False)
+    return packed
+
+
+@pytest.mark.parametrize("after", ["packed gru", "index_select then linear"])
+def test_a_birth_mixed_further_down_counts_the_elements_its_sensitivity_reaches(after):
+    """lin(x).masked_fill(bad, nan) with NaN at a used element and at a padded one, then a packed GRU (the padded
+    step is never read by pack_padded_sequence) or an index_select that drops it before a linear layer: 'genuine
+    NaN ... 2 elements' where 1 is used (the GRU's backward mixes the used NaN through every step, so the born
+    tensor's count was kept). The reference: the born elements where gw.grad's sensitivity is nonzero."""
+    torch.manual_seed(0)
+    lin, gru, lin2 = torch.nn.Linear(4, 4), torch.nn.GRU(4, 4, batch_first=True), torch.nn.Linear(4, 4)
+    x = torch.randn(2, 5, 4)
+    bad = torch.zeros(2, 5, 4, dtype=torch.bool)
+    bad[0, 1, 2] = bad[1, 4, 0] = True
+    keep = torch.tensor([0, 1, 2, 3])
+
+    def f():
+        h = lin(x).masked_fill(bad, float("nan"))
+        if after == "packed gru":
+            out = torch.nn.utils.rnn.pad_packed_sequence(gru(_packed(h))[0], batch_first=True, total_length=5)[0]
+        else:
+            out = lin2(h.index_select(1, keep))
+        return out.sum(), h
+
+    loss, h = f()
+    [g] = gw.grad(loss, [h])
+    used = int((~h.isfinite() & (g != 0)).sum())
+    assert used == 1
+    with gw.trace() as report:
+        f()[0].backward()
+    [nan] = report.of_kind("nan")
+    assert nan.count == used, str(report)
+
+
+def test_a_step_the_watch_could_not_replay_is_only_its_unexplained_gradients():
+    """gw.watch() over checkpoint(sqrt(exp(h) * k), lin(x)) then a packed GRU, sqrt(-1) at one element: the
+    non-reentrant checkpoint would run its forward again, so the replay stops before it, and the step is told as
+    'NaN gradient, not explained' at the backward call. What the replay read and ran before it stopped stayed:
+    'genuine NaN ... tensor[1, 4] arrived with ... NaN' (a GRU hidden state, no data that arrived) and 'genuine
+    NaN ... aten._pack_padded_sequence or an op before it', both reaching no gradient (the checker's seed 3)."""
+    import torch.utils.checkpoint as cp
+
+    torch.manual_seed(0)
+    lin, gru = torch.nn.Linear(4, 4), torch.nn.GRU(4, 4, batch_first=True)
+    x = torch.randn(2, 5, 4)
+    k = torch.ones(2, 5, 4)
+    k[0, 2, 1] = -1.0
+    with gw.watch() as report:
+        h = cp.checkpoint(lambda h: torch.sqrt(h.exp() * k), lin(x), use_reentrant=False)
+        out = gru(_packed(h))[0]
+        torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=5)[0].sum().backward()
+    names = {f"{m}.{n}" for m, mod in (("lin", lin), ("gru", gru)) for n, _ in mod.named_parameters()}
+    assert [(f.born_op, set(f.reaches)) for f in report.findings] == [("backward", names)], str(report)
+
+
+@pytest.mark.parametrize("k", [float("inf"), 0.0])
+def test_the_watch_explains_a_nan_loss_whose_gradients_are_finite(k):
+    """((lin(x) + k) - k).sum() with k = inf in one column: inf - inf makes the loss NaN, but the backward of add
+    and sub reads no value, so every gradient is finite. gw.watch() checked only the gradients: 'No NaN/Inf
+    gradients' where gw.trace() reports a genuine NaN (the checker's seed 13, compiled). The loss is checked with
+    them (a one-element root joins the small vectors' sum) and the step replayed: the NaN is born at the value
+    the loss's node made, 'aten.sum or an op before it' (its forward was not traced); the next step, traced in
+    full, names aten.sub. A finite loss starts nothing."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    x = torch.rand(3, 4)
+    kk = torch.tensor([0.0, k, 0.0, 0.0])
+    with gw.trace() as traced:
+        ((lin(x) + kk) - kk).sum().backward()
+    with gw.watch() as report:
+        for _ in range(2):
+            ((lin(x) + kk) - kk).sum().backward()
+    if k == 0.0:
+        assert not report.findings and not traced.findings, str(report)
+        return
+    assert [(f.kind, f.born_op, f.reaches) for f in traced.findings] == [("nan", "aten.sub", [])], str(traced)
+    first, then = report.findings
+    assert (first.kind, first.step, first.reaches) == ("nan", 0, []) and "gw.trace() names the op" in first.born, \
+        str(report)
+    assert (then.kind, then.born_op, then.step) == ("nan", "aten.sub", 1), str(report)
+
+
+def test_the_watch_calls_no_hidden_state_of_a_packed_gru_data_that_arrived():
+    """gw.watch() over a packed GRU after sqrt(lin(x).exp() * k), sqrt(-1) at one element: the GRU's mul saved its
+    hidden state as the clone it was (since rebased by an in-place write), a node the walk from the roots never
+    meets, so the replay found no birth for it: 'tensor[1, 4] arrived with 4 NaN value(s) ...; so did tensor[2,
+    4]', a false claim (the checker's seeds 7 and 17). It says the watch cannot tell which op made it."""
+    torch.manual_seed(0)
+    lin, gru = torch.nn.Linear(4, 4), torch.nn.GRU(4, 4, batch_first=True)
+    x = torch.randn(2, 5, 4)
+    k = torch.ones(2, 5, 4)
+    k[0, 1, 1] = -1.0
+    with gw.watch() as report:
+        out = gru(_packed(torch.sqrt(lin(x).exp() * k)))[0]
+        torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=5)[0].sum().backward()
+    births = [f.born or "" for f in report.findings]
+    assert births and not any("arrived with" in b for b in births), str(report)
+    assert all("gw.trace() names the op" in b or "aten.sqrt" in b for b in births), str(report)

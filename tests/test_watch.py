@@ -626,7 +626,8 @@ def test_the_gradient_check_finds_one_nonfinite_element_and_no_large_finite_one(
     vectors = [torch.ones(4, requires_grad=True) for _ in range(5)]
     half = torch.ones(4096, dtype=torch.float16, requires_grad=True)
     with gw.watch() as report:
-        loss = (w * coef).sum().float() + sum(v.sum() for v in vectors) + (half * 60000.0).sum().float()
+        # (the half product summed in float32: a float16 sum of it overflows, and the loss would be Inf)
+        loss = (w * coef).sum().float() + sum(v.sum() for v in vectors) + (half * 60000.0).float().sum()
         loss.backward()
     grads = [w.grad, half.grad, *(v.grad for v in vectors)]
     finite = all(bool(torch.isfinite(g).all()) for g in grads)

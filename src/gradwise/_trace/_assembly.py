@@ -108,7 +108,10 @@ class _Assembly:
                           min(inc.step, birth.step) if birth.op == "gradient" else inc.step, birth)
             else:
                 key = (inc.kind, inc.node_op, inc.loc)
-                found.add(key, lambda inc=inc: genuine(inc.kind, inc, None), inc.count, inc.reaches, inc.indices,
+                # born in the backward: its elements that reached a gradient (pad's backward crops the border)
+                cropped = 0 < inc.reached_elements < inc.count
+                count, indices = (inc.reached_elements, inc.reached_indices) if cropped else (inc.count, inc.indices)
+                found.add(key, lambda inc=inc: genuine(inc.kind, inc, None), count, inc.reaches, indices,
                           inc.occurrences, inc.step, stand_in)
                 birthless.add(key)
         return unreached, arrived, birthless
@@ -287,10 +290,13 @@ def _used_elements(incidents, since: int) -> dict[int, tuple[int, list]]:
     # every use of it arrives there), genuine and contamination; where they are all of its elements, the genuine
     # ones are those used, whatever mixes them further down (lin(where(m, sqrt(-1), 0)): not the masked rows)
     own: dict[int, list] = {}
+    sensed: dict[int, _Birth] = {}
     for inc in incidents:
         if inc.serial <= since or not inc.births:
             continue
         birth = overflow_root(earliest(inc.births, inc.kind))
+        if birth.sensed is not None and inc.kind != "contamination":
+            sensed[id(birth)] = birth
         if inc.node_op == birth.op and inc.loc == birth.loc and inc.shape == birth.shape:
             own.setdefault(id(birth), [0, 0, birth])[inc.kind == "contamination"] += inc.count
         if inc.kind == "contamination":
@@ -304,4 +310,10 @@ def _used_elements(incidents, since: int) -> dict[int, tuple[int, list]]:
             if n > best.get(id(birth), (0, []))[0]:
                 best[id(birth)] = (n, inc.indices)
     whole = {k for k, (genuine, contaminated, birth) in own.items() if genuine + contaminated >= birth.count}
-    return {k: v for k, v in best.items() if k not in mixed or k in whole}
+    used = {k: v for k, v in best.items() if k not in mixed or k in whole}
+    # elsewhere, the elements the sensitivity reached at the node that made it (a GRU mixing a packed sequence: not
+    # the padded step pack_padded_sequence never read)
+    for birth in sensed.values():
+        if id(birth) not in used and birth.sensed:
+            used[id(birth)] = (min(birth.count, birth.sensed), birth.sensed_indices)
+    return used

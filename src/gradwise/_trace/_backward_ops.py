@@ -77,6 +77,8 @@ class _BackwardOps:
                     nd = self.nodes.get(seq)
                     if nd is not None and nd.kinks:
                         self._kink_reached(nd, seq, [t for t, _ in found], node)
+                    if nd is not None and nd.born:
+                        self._born_reached(nd, seq, [t for t, _ in found])
             sens = True
         else:
             sens = False

@@ -366,6 +366,7 @@ class _Node:
     op: str
     loc: tuple
     kinks: list = field(default_factory=list)  # (key, mask or None) to check the sensitivity against
+    born: list = field(default_factory=list)  # (birth, mask) made at its output: the sensitivity says which are used
 
 
 @dataclass

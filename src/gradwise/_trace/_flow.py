@@ -121,16 +121,7 @@ class _Flow:
             incs = self.prov.get(s, ())
             if not incs or not _nonfinite(s):  # (provenance left on values made finite in place: maximum's backward)
                 continue
-            covered = self._covered(s, incs)
-            for inc in incs:
-                if isinstance(inc, _Incident):
-                    if covered and inc.kind == "contamination":
-                        inc.covered = True
-                        continue
-                    if covered is None and inc.kind == "contamination":
-                        inc.unsure.add(self.leaf_name(var))
-                    inc.reaches.add(self.leaf_name(var))
-                    self.reached_now.add(id(inc))
+            self._reach([i for i in incs if isinstance(i, _Incident)], s, var)
 
     def _covered(self, g: torch.Tensor, incs) -> bool | None:
         """Is the contamination among ``incs`` covered in the gradient ``g`` by a genuine NaN/Inf beside it: does

@@ -106,7 +106,8 @@ class _ForwardOps:
         if info.foreach:
             self._check(outs, lambda bad: self._dig_foreach(func, loc, args, out, bad, info))
         else:
-            self._check(outs, lambda bad: self._dig(func, loc, ins, bad, None, info, args=args))
+            made = nd if creates_node else None
+            self._check(outs, lambda bad: self._dig(func, loc, ins, bad, None, info, args=args, made=made))
         return out
 
     def _recomputed_inputs(self, node, new) -> None:

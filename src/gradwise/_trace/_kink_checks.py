@@ -12,7 +12,7 @@ import torch
 from gradwise import _strong_zeros
 from gradwise._masks import mask_any
 from gradwise._trace import _common
-from gradwise._trace._common import _KinkGroup, _Node, _op_name
+from gradwise._trace._common import _KinkGroup, _Node, _op_name, _positions
 from gradwise._trace._kinks import _Hit
 from gradwise._trace._store import count as _count
 from gradwise._trace._store import first as _first
@@ -69,6 +69,25 @@ class _KinkChecks:
                 if g.reached and node is not None:
                     g.reaches = self._leaves_below(node)
             nd.kinks = []
+            return
+
+    def _born_reached(self, nd: _Node, seq, sens_ins) -> None:
+        """The elements of the NaN/Inf born at ``nd``'s output that the output uses: those its incoming sensitivity
+        (gw.strong_zeros()' where the shadow pass runs) is nonzero at (a NaN one included). A structural zero
+        there is an element a selection downstream dropped: a padded step that pack_padded_sequence never reads,
+        which a genuine finding counted when a GRU's backward mixed the rest (``Birth.sensed``)."""
+        for s in sens_ins:
+            if self.sens.get(s) == seq:
+                continue  # made inside this node: not its incoming gradient
+            for birth, mask in nd.born:
+                if mask.shape != s.shape:
+                    continue
+                strong = self._strong_of(s)
+                ref = strong if strong is not None and strong.shape == s.shape else s
+                n, idx = _positions(mask & (ref != 0))
+                birth.sensed = (birth.sensed or 0) + n
+                birth.sensed_indices = birth.sensed_indices or idx
+            nd.born = []
             return
 
     def _leaves_below(self, node) -> list[str]:

@@ -11,7 +11,7 @@ import threading
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from gradwise._trace._common import _is_internal, _loc, _nonfinite, _nonfinite_mask, _user_frame
+from gradwise._trace._common import _is_internal, _loc, _nonfinite, _nonfinite_mask, _positions, _user_frame
 from gradwise._trace._store import Incident as _Incident
 from gradwise._trace._store import count as _count
 
@@ -32,17 +32,28 @@ class _LeafNames:
     def reached(self, grad: torch.Tensor, leaf: torch.Tensor) -> None:
         """A final gradient (from torch.autograd.grad) for `leaf`: record which findings reach it."""
         incs = [i for i in self.prov.get(grad, ()) if isinstance(i, _Incident)] if _nonfinite(grad) else []
-        covered = self._covered(grad, incs) if incs else False
-        for inc in incs:
-            if covered and inc.kind == "contamination":  # (under a genuine NaN/Inf in every element: _Flow)
-                inc.covered = True
-                continue
-            if covered is None and inc.kind == "contamination":  # (beside a genuine one, not known: _Flow)
-                inc.unsure.add(self.leaf_name(leaf))
-            inc.reaches.add(self.leaf_name(leaf))
-            self.reached_now.add(id(inc))
+        self._reach(incs, grad, leaf)
         if not incs and _nonfinite(grad):
             self.store.orphan(self.leaf_name(leaf), _count(_nonfinite_mask(grad)))
+
+    def _reach(self, incs: list, g: torch.Tensor, leaf: torch.Tensor) -> None:
+        """The incidents ``incs`` of a non-finite gradient ``g`` of ``leaf`` reach it: contamination under a
+        genuine NaN/Inf in every element stops there (``covered``), or is not known beside one (``unsure``); a
+        genuine incident counts ``g``'s non-finite elements (``reached_elements``, the first ones' indices)."""
+        covered = self._covered(g, incs) if incs else False
+        n = idx = None
+        for inc in incs:
+            if covered and inc.kind == "contamination":  # (under a genuine NaN/Inf in every element)
+                inc.covered = True
+                continue
+            if covered is None and inc.kind == "contamination":  # (beside a genuine one, not known)
+                inc.unsure.add(self.leaf_name(leaf))
+            if inc.kind != "contamination":
+                n, idx = _positions(_nonfinite_mask(g)) if n is None else (n, idx)
+                inc.reached_elements += n
+                inc.reached_indices = inc.reached_indices or idx
+            inc.reaches.add(self.leaf_name(leaf))
+            self.reached_now.add(id(inc))
 
     def leaf_name(self, t: torch.Tensor) -> str:
         name = self.names.get(t)

@@ -70,6 +70,15 @@ class _Parts:
         if not bool(mask_any(~torch.isfinite(o) & ~covered)):
             self._keep(o, parts)
 
+    def _fresh_parts(self, o: torch.Tensor, fresh: torch.Tensor, b: _Birth, nf: list, loc) -> frozenset:
+        """``o``'s births where an elementwise op made the NaN/Inf ``fresh`` (birth ``b``) beside its inputs'
+        NaN/Inf: the made elements are ``b``'s part, the others keep their inputs' births."""
+        pairs = [(fresh, frozenset([b])),
+                 *(p for t in nf for p in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))])]
+        parts = _united(pairs, o.shape)
+        self._keep(o, parts)
+        return frozenset().union(*parts)
+
     def _fully_masked_rows(self, func, loc, o: torch.Tensor, x: torch.Tensor, dim: int, births) -> bool:
         """(log_)softmax(x) whose rows all -inf (fully masked: 0/0 = NaN) are NaN beside rows x's NaN made NaN (another
         birth's): the masked rows are born here, of their -inf (parents), the others keep x's births, as parts.
@@ -88,6 +97,28 @@ class _Parts:
     def _record_parts(self, o: torch.Tensor, nf: list, loc) -> None:
         """An elementwise op on inputs of different provenance: which births are at which elements of ``o``."""
         pairs = [p for t in nf for p in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]]
+        self._keep(o, _united(pairs, o.shape))
+
+    def _joined_parts(self, func, o: torch.Tensor, args, loc) -> None:
+        """cat/stack of tensors of different provenance (or with parts): each input's parts (its NaN/Inf with its
+        births, where it has none) at the place the op puts that input, the same op run on the masks. Joined,
+        a padding row's NaN beside an Inf in a used row was one provenance: the Inf's 0 x inf NaN further on was
+        named after the padding's NaN birth (a NaN incident prefers a NaN birth)."""
+        ts = args[0]
+        pairs = []
+        for i, t in enumerate(ts):
+            if not isinstance(t, torch.Tensor) or not _inexact(t) or not bool(_nonfinite_mask(t).any()):
+                continue
+            for m, births in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]:
+                masks = [m.broadcast_to(t.shape) if j == i else torch.zeros(u.shape, dtype=torch.bool, device=u.device)
+                         for j, u in enumerate(ts)]
+                try:
+                    placed = func(masks, *args[1:])
+                except Exception:  # an explanation must never break the program it explains
+                    return
+                if placed.shape != o.shape:
+                    return
+                pairs.append((placed, births))
         self._keep(o, _united(pairs, o.shape))
 
     def _bilinear_parts(self, func, o: torch.Tensor, t: torch.Tensor, args) -> None:
@@ -129,6 +160,26 @@ class _Parts:
             self.parts[o] = kept
         return frozenset().union(*(births for _, births in kept)) if kept else None
 
+    def _reduced_parts(self, o: torch.Tensor, t: torch.Tensor, func, args) -> frozenset | None:
+        """The births of a reduction's output (``h.sum(1)``, amax, logsumexp, var...) over ``t``, whose parts hold
+        different births: each part's elements reduced with any() along the op's dims, where ``o`` is non-finite,
+        so a row sum keeps the row's births. The reduced tensor took every part's births: a padding row's NaN
+        named the used row's NaN after the padding (the earliest birth). None where the dims are not known."""
+        dims = _reduced_dims(func, args, t.dim())
+        if dims is None:
+            return None
+        keep = _keepdim(func, args)
+        bad = ~torch.isfinite(o)
+        kept = []
+        for m, births in self.parts[t]:
+            r = m.broadcast_to(t.shape).any(dims, keepdim=keep) if dims else m.broadcast_to(t.shape)
+            if r.shape != o.shape:
+                return None
+            if bool(mask_any(r & bad)):
+                kept.append((r & bad, births))
+        self._keep(o, _united(kept, o.shape))
+        return frozenset().union(*(births for _, births in kept)) if kept else None
+
     def _origin_at(self, t: torch.Tensor, loc, where: torch.Tensor) -> frozenset:
         """The births of ``t``'s NaN/Inf at the elements ``where`` (``t`` broadcast to its shape): those of the
         parts there where an elementwise op recorded them, else all of ``t``'s."""
@@ -137,3 +188,29 @@ class _Parts:
             return self._origin(t, loc)
         got = frozenset().union(*(births for m, births in parts if bool(mask_any(m.broadcast_to(where.shape) & where))))
         return got or self._origin(t, loc)
+
+
+def _schema_arg(func, args, name: str, default):
+    """The value of the argument ``name`` of ``func``'s schema (positional, else its default, else ``default``)."""
+    for i, a in enumerate(func._schema.arguments):
+        if a.name == name:
+            if i < len(args):
+                return args[i]
+            return a.default_value if a.has_default_value() else default
+    return default
+
+
+def _reduced_dims(func, args, ndim: int) -> tuple | None:
+    """The dims a reduction reduces (all where its ``dim`` is None or empty); None where its output is one
+    element, or it names no dims (``sum.default``: one element too)."""
+    if not any(a.name == "dim" for a in func._schema.arguments) or not ndim:
+        return None
+    dim = _schema_arg(func, args, "dim", None)
+    if dim is None or (isinstance(dim, (list, tuple)) and not dim):
+        return None  # every dim: one element, whose births are all of them
+    dims = tuple(d % ndim for d in (dim if isinstance(dim, (list, tuple)) else (dim,)))
+    return dims if len(dims) < ndim else None
+
+
+def _keepdim(func, args) -> bool:
+    return bool(_schema_arg(func, args, "keepdim", False))

@@ -41,9 +41,14 @@ from gradwise._trace._store import Incident as _Incident
 from gradwise._trace._store import count as _count
 from gradwise._trace._store import first as _first
 
-# ops that select elements: the parts they keep are the provenance of their output
+# ops that select or move elements (the op run on a part's mask is where they went): the parts they keep are the
+# provenance of their output
 _SELECTS = {torch.ops.aten.index, torch.ops.aten.index_select, torch.ops.aten.masked_select, torch.ops.aten.gather,
-            torch.ops.aten.take, torch.ops.aten.slice, torch.ops.aten.select, torch.ops.aten.narrow}
+            torch.ops.aten.take, torch.ops.aten.slice, torch.ops.aten.select, torch.ops.aten.narrow,
+            torch.ops.aten.roll, torch.ops.aten.flip}
+_BORN_PER_NODE = 4  # births per node whose used elements its backward tells (the outputs of one op)
+# ops that place whole inputs side by side: each input's parts go where the op puts that input
+_JOINS = {torch.ops.aten.cat, torch.ops.aten.stack}
 # ops whose output holds the input's elements where they were: its parts stay (autograd's detach of a saved output)
 _SAME_ELEMENTS = {torch.ops.aten.detach, torch.ops.aten.alias, torch.ops.aten.clone, torch.ops.aten._to_copy}
 # in-place ops that write every element of their output: what it held before is no provenance of it
@@ -54,6 +59,29 @@ _OVERWRITES = {torch.ops.aten.fill_, torch.ops.aten.copy_}
 _MASKING_SOFTMAX = {torch.ops.aten._softmax, torch.ops.aten._safe_softmax}
 # softmaxes that make NaN of a slice all -inf (a fully masked row: 0/0)
 _NAN_OF_FULL_ROWS = {torch.ops.aten._softmax, torch.ops.aten._log_softmax}
+
+
+def _is_view(func) -> bool:
+    """Whether ``func`` returns a view of its first argument (squeeze, reshape's view, transpose, expand...): the
+    same view of each part's mask is where that part's elements went."""
+    first = func._schema.arguments[0] if func._schema.arguments else None
+    return first is not None and first.alias_info is not None and not first.alias_info.is_write
+
+
+def _fresh(func, o: torch.Tensor, mask: torch.Tensor, nf: list, args, ins) -> torch.Tensor | None:
+    """Of an elementwise op with non-finite inputs that writes a non-finite constant (masked_fill(m, -inf), a
+    number, a 0-dim constant): the elements of ``o`` non-finite where every input is finite (written here), or None
+    where there are none. Not other ops: a finite input there may descend from the NaN/Inf (log of the 0 that
+    x / inf made is the overflow's, not a log(0) of its own)."""
+    if torch.Tag.pointwise not in func.tags or not _aligned(nf, o.shape):
+        return None
+    if nonfinite_number(args or ()) is None and not any(
+            t.dim() == 0 and not any(t is u for u in nf) and _nonfinite(t) for t in ins):
+        return None
+    fresh = mask.clone()
+    for t in nf:
+        fresh &= torch.isfinite(t).broadcast_to(o.shape)
+    return fresh if bool(fresh.any()) else None
 
 
 def _without_mask_infs(births: frozenset, x: torch.Tensor, dim: int, full_rows_nan: bool) -> frozenset:
@@ -151,7 +179,7 @@ class _Provenance(_Parts):
             birth.shape = tuple(mask.shape)
         return birth
 
-    def _dig(self, func, loc, ins, bad, seq, info, args=None, out=None, kwargs=None) -> None:
+    def _dig(self, func, loc, ins, bad, seq, info, args=None, out=None, kwargs=None, made=None) -> None:
         if not self.depth:  # a forward NaN/Inf: this step's backward classifies by a shadow strong pass (_shadow)
             self.dirty = True
         self.hook = None
@@ -177,7 +205,7 @@ class _Provenance(_Parts):
                 if func.overloadpacket in _OVERWRITES:  # (x[3:5] = inf over a NaN row: inf is born here)
                     prior = None
                 self._value(func, loc, o, mask, nf, prior, nd, ins,
-                            base=o._base if info.mutable and o._base is not None else None, args=args)
+                            base=o._base if info.mutable and o._base is not None else None, args=args, made=made)
                 # an in-place write made it non-finite (a .grad scaled by NaN: clip_grad_norm_'s _foreach_mul_)
                 if o not in self.written and not any(isinstance(p, _Incident) for p in prior or ()) and any(
                         o is t for t in ins):
@@ -195,8 +223,10 @@ class _Provenance(_Parts):
                 else:
                     self._written_parts(o, o._base)
 
-    def _value(self, func, loc, o, mask, nf, prior, nd, ins=(), base=None, args=None) -> None:
-        """A forward value (or one a backward formula made from saved values): propagate or record a birth."""
+    def _value(self, func, loc, o, mask, nf, prior, nd, ins=(), base=None, args=None, made=None) -> None:
+        """A forward value (or one a backward formula made from saved values): propagate or record a birth.
+        ``made``: the node record of the forward op that made ``o``, where a birth keeps its mask until the
+        backward of that node says which of its elements the output uses (``_born_reached``)."""
         # An unknown 0-dim tensor is a wrapped constant (x[2] = nan): the value is born at this op; so is the
         # data of a literal (torch.tensor([..., nan]) reaches the dispatcher as lift_fresh of a fresh tensor).
         literal = func.overloadpacket in _LITERALS
@@ -205,8 +235,11 @@ class _Provenance(_Parts):
         stale = self.parts.pop(o, None)  # an in-place op moved or wrote elements: its parts are redone (_kept_parts)
         nf = [t for t in nf if t in self.prov or ((t.dim() or t.requires_grad) and not literal)]
         births = frozenset().union(*(self._origin(t, loc) for t in nf)) if nf else frozenset()
-        if len(nf) == 1 and nf[0] in self.parts and func.overloadpacket in _SELECTS and args and args[0] is nf[0]:
+        if len(nf) == 1 and nf[0] in self.parts and args and args[0] is nf[0] and \
+                (func.overloadpacket in _SELECTS or _is_view(func)):
             births = self._selected_parts(func, o, nf[0], args) or births
+        elif len(nf) == 1 and nf[0] in self.parts and torch.Tag.reduction in func.tags and args and args[0] is nf[0]:
+            births = self._reduced_parts(o, nf[0], func, args) or births
         if births and func.overloadpacket in _MASKING_SOFTMAX and args is not None and len(args) > 1:
             births = _without_mask_infs(births, args[0], args[1], func.overloadpacket is torch.ops.aten._softmax)
         if prior:
@@ -219,24 +252,36 @@ class _Provenance(_Parts):
                 len(nf) == 1 and args is not None and len(args) > 1 and \
                 self._fully_masked_rows(func, loc, o, nf[0], args[1], births):
             return
-        if (not nf and not prior) or new_nan:
+        # elementwise, NaN/Inf where every input is finite are born here beside the inputs' (masked_fill(-inf) of
+        # a tensor holding NaN elsewhere: the -inf was told as that NaN's, and a fully masked row after it too)
+        fresh = _fresh(func, o, mask, nf, args, ins) if nf and not prior and not new_nan else None
+        if fresh is not None:
+            mask, has_nan = fresh, _nan_in(o, fresh)
+        if (not nf and not prior) or new_nan or fresh is not None:
             op = _op_name(func)
 
             def make(idx):
-                number = None if nf else nonfinite_number(args or ())  # x * float("nan"): no tensor is non-finite
+                # x * float("nan"), masked_fill(m, -inf): the number made it, not a non-finite tensor
+                number = None if nf and fresh is None else nonfinite_number(args or ())
                 what = _explain(func, nf or [t for t in ins if t is not o], o, mask, number)  # why, from its inputs
                 if nd is None and in_torchscript():
                     what += SCRIPTED
-                if nd is not None and nd.op != op and (not nf or new_nan) and loc == nd.loc:
+                if nd is not None and nd.op != op and (not nf or new_nan or fresh is not None) and loc == nd.loc:
                     what = f"{what} (in the backward formula of {nd.op})"
                 return _Birth(op, loc, what, 0, idx, has_nan)
 
-            b = self._birth(op, loc, has_nan, None,
-                            _in_base(_nan_mask(o) if new_nan and (nf or prior) else mask, o, base), make, births)
-            births = frozenset([b])
+            born = _nan_mask(o) if new_nan and (nf or prior) else mask
+            b = self._birth(op, loc, has_nan, None, _in_base(born, o, base), make,
+                            frozenset() if fresh is not None else births)
+            if made is not None and base is None and len(made.born) < _BORN_PER_NODE:
+                made.born.append((b, born))
+            births = frozenset([b]) if fresh is None else self._fresh_parts(o, fresh, b, nf, loc)
         elif not prior and (len(nf) > 1 or any(t in self.parts for t in nf)) and torch.Tag.pointwise in func.tags \
                 and _aligned(nf, o.shape):
             self._record_parts(o, nf, loc)
+        elif not prior and func.overloadpacket in _JOINS and args and isinstance(args[0], (list, tuple)) and \
+                (len(nf) > 1 or any(t in self.parts for t in nf)):
+            self._joined_parts(func, o, args, loc)
         elif not prior and len(nf) == 1 and nf[0] in self.parts and args and func.overloadpacket in _BILINEAR:
             self._bilinear_parts(func, o, nf[0], args)
         elif not prior and len(nf) == 1 and nf[0] in self.parts and func.overloadpacket in _SAME_ELEMENTS \

@@ -31,6 +31,8 @@ May import: torch, gradwise._strong_zeros, gradwise._trace._advice, _common, _fa
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 from gradwise import _strong_zeros
@@ -104,10 +106,11 @@ def _order(node) -> int:
     return -1 if seq == _ACCUMULATE_SEQ else seq
 
 
-def forward_origins(tracer, roots, at: tuple, batches: dict) -> dict[int, frozenset]:
+def forward_origins(tracer, roots, at: tuple, batches: dict, outs: tuple = ()) -> dict[int, frozenset]:
     """Storage -> births of the non-finite values the graph under ``roots`` saved (``at``: the backward call's
     location, where values of the untraced forward are born; ``batches``: DataLoader tensor -> (batch index, its
-    key in a dict batch or None)).
+    key in a dict batch or None)), and of the non-finite ``outs`` the backward starts from (a NaN loss whose
+    gradients are finite: inf - inf, whose backward reads no value).
     ``tracer.nodes`` already holds each node's op."""
     nodes = sorted(_strong_zeros._walk(roots), key=_order)
     ops = {n: _op(tracer, n) for n in nodes}
@@ -134,6 +137,10 @@ def forward_origins(tracer, roots, at: tuple, batches: dict) -> dict[int, frozen
                 # finite evidence only from a node's one differentiable output (not layer norm's mean beside it,
                 # nor one piece of an unbind)
                 known.setdefault(g, False)
+    roots_bad = [t for t in outs if isinstance(t, torch.Tensor) and t.grad_fn is not None and _bad(t)]
+    for t in roots_bad:  # (what the backward starts from is its node's output)
+        known[t.grad_fn] = True
+        outputs.setdefault(t.grad_fn, t)
     by_storage = {k: (t, *tag) for t, tag in batches.items() if (k := _storage(t)) is not None}
     seen = {_storage(v) for vals in saved.values() for v, _ in vals}
     unseen = [(t, i) for t, i in batches.items() if _storage(t) not in seen and _bad(t)]
@@ -207,9 +214,23 @@ def forward_origins(tracer, roots, at: tuple, batches: dict) -> dict[int, frozen
         for v, output in vals:
             if bad[id(v)]:
                 got = out.get(n) if output else data.get(_storage(v)) if v.grad_fn is None else out.get(v.grad_fn)
+                if not got and not output and v.grad_fn is not None and v.grad_fn not in out:
+                    # made by a node the walk from the roots never met (a packed GRU's hidden state, saved as
+                    # the clone it was when the mul saved it, since rebased by an in-place write): which op made
+                    # its NaN/Inf is not known (it was told as 'tensor[1, 4] arrived with 4 NaN value(s)')
+                    got = inside(v, f"{_unwalked_op(v.grad_fn)} or an op before it")
                 if got:
                     origins.setdefault(_storage(v), got)
+    for t in roots_bad:
+        if out.get(t.grad_fn):
+            origins.setdefault(_storage(t), out[t.grad_fn])
     return origins
+
+
+def _unwalked_op(node) -> str:
+    """'CloneBackward0' -> 'aten.clone': the op of a node no walk recorded (its name, in aten's spelling)."""
+    base = re.sub(r"Backward\d*$", "", node.name())
+    return "aten." + re.sub(r"(?<!^)(?=[A-Z])", "_", base).lower() if base != node.name() else node.name()
 
 
 def _opaque(node) -> str | None:

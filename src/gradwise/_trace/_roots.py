@@ -40,7 +40,10 @@ class _Roots:
             self.formula_g.clear()  # a formula whose last op met no NaN left its g: held one backward at most
             self.shadow = _Shadow() if self.dirty else None
         for i, (o, g) in enumerate(zip(outputs, grads, strict=False)):
-            births = [] if reentrant else [b for b in self.prov.get(o, ()) if isinstance(b, _Birth)]
+            made = self.prov.get(o)
+            if made is None and self.replayed and isinstance(o, torch.Tensor) and o.layout is torch.strided:
+                made = self.replayed.get(o.untyped_storage().data_ptr())  # (gw.watch()'s replay: a NaN loss)
+            births = [] if reentrant else [b for b in made or () if isinstance(b, _Birth)]
             if len(births) > 1 and any(b.nan for b in births) and not _holds_inf(o):
                 # an infinity written on purpose (an attention mask's -inf) in an output that holds none, only
                 # the NaN another birth made of it: no use of its own (_store.earliest)

@@ -35,10 +35,12 @@ class _SavedMeets:
         # a NaN/Inf sensitivity counts as nonzero only when it is genuine: contamination is what strong zeros
         # make a zero upstream, and a zero annihilates the saved NaN/Inf
         finite_only = all(isinstance(i, _Incident) and i.kind == "contamination" for i in carried)
+        shadowed = self.shadow is not None and self.shadow.valid and args is not None and out is not None
         if len(saved) == 1 and saved[0] in self.parts and args is not None and func.overloadpacket in _BILINEAR:
+            if shadowed and self._parts_kept(func, loc, o, mask, saved[0], carried, nd, args, kwargs, out):
+                return
             # (a saved input whose parts hold different births: those a nonzero sensitivity meets)
             births = self._parts_met(func, args, saved[0], mask, False, o, out, finite_only) or births
-        shadowed = self.shadow is not None and self.shadow.valid and args is not None and out is not None
         if not (births - before or (shadowed and finite_only)) or any(b.op == "gradient" for b in before | births):
             return
         met = None
@@ -75,6 +77,37 @@ class _SavedMeets:
         if self.provisional is not None:
             self.provisional.append((inc, count, nd, _strong_zeros.in_pass()))
         self.prov[o] = self.prov[o] | {inc}
+
+    def _parts_kept(self, func, loc, o, mask, t, carried, nd, args, kwargs, out) -> bool:
+        """``_saved_met`` of a bilinear op whose saved ``t`` holds parts of different births, by the shadow strong
+        pass: an incident per part that strong zeros keep non-finite here by itself (``_Shadow.kept_of_part``),
+        with the elements it makes so, unless a genuine NaN/Inf from upstream already descends from its births
+        (contamination upstream does not: a padding row's Inf discarded there is used here in a kept row). One
+        incident for all parts, named after the earliest birth, lost an Inf met by a zero the program computed
+        (0 x inf through tanh'(inf)) beside a used NaN: "reaches: no gradient", or "no gradient used". False
+        where the shadow cannot tell (then decided as before)."""
+        kept = [(self.shadow.kept_of_part(func, args, kwargs or {}, t, m, o, out), births)
+                for m, births in self.parts[t]]
+        if any(k is None for k, _ in kept):
+            return False
+        before = frozenset().union(*(i.births if isinstance(i, _Incident) else (i,) for i in carried
+                                     if not (isinstance(i, _Incident) and i.kind == "contamination")))
+        op, node_op = _op_name(func), nd.op if nd is not None else "?"
+        for met, births in kept:
+            met = met & mask
+            count, idx = _positions(met)
+            if not count or not births - before or any(b.op == "gradient" for b in births):
+                continue
+            for b in births:
+                b.used = True
+            has_nan = _nan_in(o, met)
+            inc = self.store.incident("nan" if has_nan else "inf", op, node_op, loc, count, idx, births,
+                                      f"a nonzero sensitivity met NaN/Inf in {op} (the backward of {node_op})", None,
+                                      False)
+            if self.provisional is not None:
+                self.provisional.append((inc, count, nd, _strong_zeros.in_pass()))
+            self.prov[o] = self.prov[o] | {inc}
+        return True
 
     def _annihilated(self, func, loc, o, mask, sens_ins, carried, nd, args, out, kwargs) -> bool:
         """A NaN/Inf sensitivity from upstream meets this backward op: where the strong-zero rules, rerun on it,

@@ -209,6 +209,38 @@ class _Shadow:
                           [self.get(u) for u in upstream], o, out)
         return None if reached is None else ~torch.isfinite(strong) & ~reached
 
+    def kept_of_part(self, func, args, kwargs, t: torch.Tensor, part: torch.Tensor, o, out) -> torch.Tensor | None:
+        """Bool over ``o``: where strong zeros hold a NaN/Inf when, of the non-finite values in this op's operands,
+        only those of the saved ``t`` at ``part`` remain (every other one, the sensitivities' shadows' included,
+        made 0, their supports kept): the elements that part alone makes non-finite under the rules. A part met
+        by a zero the program computed (tanh'(inf) = 0 x inf) is kept, one met by a structural zero (a padding
+        row below a slice) is not, whatever NaN of another part covers the same elements. None where not known."""
+        if self.strong(o) is None or not rerunnable(func) or func._schema.is_mutable:
+            return None
+        supports = self.mode.supports
+
+        def arg(a):
+            if a is t:
+                return torch.where(part.broadcast_to(t.shape) | torch.isfinite(t), t, 0.0)
+            s = self.get(a)
+            if not isinstance(s, torch.Tensor) or not _inexact(s) or bool(torch.isfinite(s).all()):
+                return s
+            z = torch.nan_to_num(s, 0.0, 0.0, 0.0)
+            support = supports.of(s)
+            if support is not None:
+                supports.record(z, support.clone(), fresh=True)
+            return z
+
+        at = next((i for i, r in enumerate(tree_flatten(out)[0]) if r is o), None)
+        try:
+            with torch.no_grad(), self.mode:
+                res = func(*tree_map(arg, args), **tree_map(arg, kwargs))
+        except Exception:  # an explanation must never break the program it explains
+            return None
+        flat = tree_flatten(res)[0]
+        p = flat[at] if at is not None and at < len(flat) else None
+        return ~torch.isfinite(p) if isinstance(p, torch.Tensor) and p.shape == o.shape else None
+
     def _copy(self, t: torch.Tensor) -> torch.Tensor:
         """A shadow for ``t`` laid out as ``t``: the same view of its base's shadow (or of a copy of the base), so
         that writes through either reach the other as they do in the program."""

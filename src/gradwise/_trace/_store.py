@@ -49,6 +49,10 @@ class Birth:
     first_count: int = 0  # elements of the first occurrence
     shape: tuple | None = None  # of the born tensor (the first occurrence's)
     in_steps: int = 1  # the steps it occurred in (occurrences / in_steps: how often a step makes it)
+    # its elements a nonzero (or NaN/Inf) sensitivity reached at the node that made it (summed over steps; None: not
+    # known), and the first of them: the elements the output uses, however the backward mixes them further down
+    sensed: int | None = None
+    sensed_indices: list = field(default_factory=list)
 
     def describe(self) -> str:
         from gradwise._trace._common import _fmt  # the trace's path formatting (relative to the working directory)
@@ -95,6 +99,10 @@ class Incident:
     order: int = 0
     step: int = 0
     occurrences: int = 1
+    # the non-finite elements of the gradients it reached (summed over steps): a backward-born NaN/Inf whose
+    # elements a backward op dropped on the way (pad's backward crops the padded border) used at most these
+    reached_elements: int = 0
+    reached_indices: list = field(default_factory=list)  # the first of them, in the first gradient's coordinates
     steps: list = field(default_factory=list)
     last: int = 0
     serial: int = 0  # the store's event counter when last seen (nested blocks report what they saw)

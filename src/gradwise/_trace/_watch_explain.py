@@ -50,7 +50,7 @@ class _StepExplainer:
             tracer._name_leaves(wanted, _common._user_frame(), at)  # (their .grad reads start no step: `_forward`)
             # the births of the values the graph saved, in the forward's order (the replay meets them backwards)
             tracer.replayed = tracer._safely("the untraced forward", _replay.forward_origins, tracer, roots, at,
-                                             batches) or {}
+                                             batches, outs) or {}
         self._trace(tracer)
         if not wanted:
             return
@@ -59,10 +59,12 @@ class _StepExplainer:
                 again = torch.autograd.grad(outs, wanted, seeds, retain_graph=True, allow_unused=True)
         except _HookReplayed as exc:  # the user's hook would run twice: not replayed
             self.unexplained = Hooked(exc.args[0])
+            _forget_partial_replay(tracer)
             self._unexplained_gradients(tracer, leaves, returned, at, "a hook of yours would run a second time")
             return
         except RuntimeError as exc:  # a graph that cannot be replayed (a compiled backward with donated buffers)
             self.unexplained = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            _forget_partial_replay(tracer)
             self._unexplained_gradients(tracer, leaves, returned, at, *_unreplayed_because(exc))
             return
         finally:
@@ -290,3 +292,17 @@ _COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
 _BETWEEN = ("{name}.grad held NaN/Inf when the backward at step {step} added finite values to it, though it was "
             "finite when an earlier backward of the block reached it: the program wrote it between backwards, "
             "where gw.watch() traces nothing")
+
+
+def _forget_partial_replay(tracer: _Tracer) -> None:
+    """Drop what a replay that stopped recorded (the births of the saved values read for it, the incidents of
+    the part of the backward that ran before a hook of the user's): the step is told as not explained, one
+    finding per gradient at the backward call. They were findings of their own, "genuine NaN ... reaches: no
+    gradient" and "tensor[1, 4] arrived with 4 NaN value(s)" (a GRU's hidden state, no data that arrived)."""
+    step = tracer.store.step
+    tracer.store = type(tracer.store)()
+    tracer.store.step = step
+    tracer.prov = _common._ByIdentity()
+    tracer.parts.clear()
+    tracer.split.clear()
+    tracer.output_births.clear()  # (a NaN loss's, read when the replay began)

@@ -150,7 +150,7 @@ class _Watcher(_StepExplainer):
             fsdp = self.fsdp.of(leaves)
             if fsdp:
                 grads += _fsdp_watching.gradients(fsdp)
-        if not _finite(grads):
+        if not _finite(grads + _losses(outs)):
             if fsdp is None:  # (accumulation without gradient sync keeps .grad: FSDP2's all the same)
                 fsdp = self.fsdp.of(leaves)
             if fsdp:
@@ -181,7 +181,7 @@ class _Watcher(_StepExplainer):
                           allow_unused, is_grads_batched, materialize_grads)
         finally:
             self.depth -= 1
-        if not _finite([g for g in result if isinstance(g, torch.Tensor)]):
+        if not _finite([g for g in result if isinstance(g, torch.Tensor)] + _losses(outs)):
             leaves = [t for t in _as_tuple(inputs) if isinstance(t, torch.Tensor)]
             self._explain(outs, grad_outputs, leaves, roots, result)
         if not keep:  # as the engine: only the nodes on the way to ``inputs`` ran, and only theirs are freed
@@ -274,6 +274,14 @@ class _Watcher(_StepExplainer):
 _SEEN_MAX = 1 << 16
 
 
+def _losses(outs: tuple) -> list[torch.Tensor]:
+    """The one-element float roots of a backward call (a loss), checked with its gradients (a 1-element vector,
+    joined to the small vectors' one sum: no sync of its own): a NaN loss whose gradients are finite (inf - inf
+    of an injected Inf, whose backward reads no value) was never explained, where gw.trace() finds it genuine."""
+    return [t for t in outs if isinstance(t, torch.Tensor) and t.numel() == 1 and t.is_floating_point()
+            and t.layout is _STRIDED]
+
+
 def _nonfinite_grads(leaves) -> set[int]:
     """The ids of the leaves whose .grad holds NaN/Inf (one check of them all, then each where it fails)."""
     held = [(t, g) for t in leaves if (g := t.grad) is not None]
@@ -343,6 +351,9 @@ def _all_finite(grads: list[torch.Tensor]) -> bool:
         dtype = g.dtype
         if dtype is _F32 and g.dim() == 1 and g.shape[0] <= _SMALL_VECTOR:
             vectors.append(g)
+            continue
+        if dtype is _F32 and g.dim() == 0:  # (a loss, `_losses`)
+            vectors.append(g.reshape(1))
             continue
         if dtype is _F32 or dtype is _F64:
             total = g.sum()
