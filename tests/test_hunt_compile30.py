@@ -13,6 +13,10 @@ import torch
 
 import gradwise as gw
 
+with warnings.catch_warnings():  # inductor's first import warns from torch.jit (torch's own deprecation)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import torch._inductor.compile_fx
+
 nan = float("nan")
 
 
@@ -126,3 +130,74 @@ def test_exp_of_a_nan_log_space_value_compiled_stays_nan():
     with pytest.warns(gw.CompiledBackwardWarning), gw.strong_zeros():
         got = torch.autograd.grad(fn(a, b), (a, b))
     assert got[0][0].isnan() and got[0][1].isfinite()
+
+
+# the entropy of a masked distribution, the rows past 3 unused (NaN: padding) and the masked columns NaN
+def _entropy(xlog, mask=(1, 1, 1, 0, 0)):
+    mask = torch.tensor(mask).bool()
+
+    def f(s):
+        p = s.masked_fill(~mask, ninf).log_softmax(-1).exp()
+        return -xlog(p, p).sum(-1)[:3].sum()
+
+    return f
+
+
+@pytest.mark.parametrize("xlog", [torch.special.xlogy, torch.xlogy], ids=["special.xlogy", "xlogy"])
+def test_masked_entropy_under_inductors_decompositions(xlog):
+    """xlogy's backward is ``xlogy(g, other)``, which inductor's decompositions write as ``where(isnan(other), nan,
+    where(g == 0, 0, g * log(other)))``: a NaN ``other`` (a padding row's probabilities) became the literal NaN of
+    the outer where, whatever g, so the rows the slice dropped held NaN (with a CompiledBackwardWarning) where eager
+    strong zeros give 0. The op-by-op run puts xlogy back together. ``aot_eager_decomp_partition`` runs inductor's
+    decompositions and partitioner without its code generation. Reference: the program with the unused rows and
+    the masked columns deleted."""
+    s = torch.randn(5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    s[3:] = nan
+    s[:, 3:] = nan
+    x = s.clone().requires_grad_(True)
+    fn = torch.compile(_entropy(xlog), backend="aot_eager_decomp_partition")
+    with gw.strong_zeros():
+        (got,) = torch.autograd.grad(fn(x), x)
+    kept = s[:3, :3].clone().requires_grad_(True)
+    p = kept.log_softmax(-1).exp()
+    (want,) = torch.autograd.grad(-xlog(p, p).sum(), kept)
+    torch.testing.assert_close(got[:3, :3], want, rtol=1e-12, atol=1e-15)
+    assert torch.equal(got[3:], torch.zeros(2, 5, dtype=torch.float64))
+    assert torch.equal(got[:, 3:], torch.zeros(5, 2, dtype=torch.float64))
+
+
+def test_xlogy_decomposed_finite_is_pytorchs():
+    """Finite data, nothing masked (finite gradients): PyTorch's compiled gradients, bitwise."""
+    x = torch.randn(5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64, requires_grad=True)
+    fn = torch.compile(_entropy(torch.special.xlogy, (1,) * 5), backend="aot_eager_decomp_partition")
+    (want,) = torch.autograd.grad(fn(x), x)
+    with gw.strong_zeros():
+        (got,) = torch.autograd.grad(fn(x), x)
+    assert want.isfinite().all() and torch.equal(got, want)
+
+
+def test_xlogy_of_a_used_nan_stays_nan():
+    """Control: xlogy(x, NaN) with x read by the output: NaN, as in plain PyTorch (a compiled NaN warns)."""
+    y = torch.tensor([0.5, nan], dtype=torch.float64, requires_grad=True)
+    fn = torch.compile(lambda y: torch.xlogy(torch.ones(2, dtype=torch.float64), y).sum(),
+                       backend="aot_eager_decomp_partition")
+    with pytest.warns(gw.CompiledBackwardWarning), gw.strong_zeros():
+        (got,) = torch.autograd.grad(fn(y), y)
+    assert got[1].isnan() and got[0] == 2.0
+
+
+@pytest.mark.slow(reason="compiles with inductor (~60 s on a 2-core machine)")
+def test_masked_entropy_under_inductor():
+    """The same under inductor: its graphs write xlogy's constants as ``full([], nan)``; the pass leaves the NaN,
+    the node runs op by op, and that run puts xlogy back together."""
+    s = torch.randn(5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    s[3:] = nan
+    s[:, 3:] = nan
+    x = s.clone().requires_grad_(True)
+    with gw.strong_zeros():
+        (got,) = torch.autograd.grad(torch.compile(_entropy(torch.special.xlogy))(x), x)
+    kept = s[:3, :3].clone().requires_grad_(True)
+    p = kept.log_softmax(-1).exp()
+    (want,) = torch.autograd.grad(-torch.special.xlogy(p, p).sum(), kept)
+    torch.testing.assert_close(got[:3, :3], want, rtol=1e-12, atol=1e-15)
+    assert torch.equal(got[3:], torch.zeros(2, 5, dtype=torch.float64))

@@ -436,6 +436,47 @@ def _masked_fill_value(x: torch.Tensor, mask: torch.Tensor, value: float) -> tor
         return aten.masked_fill.Scalar(x, mask, value)
 
 
+# torch._refs' xlogy / xlog1py, ``where(isnan(y), nan, where(x == 0, 0, x * log(y)))``: the log op, the whole op
+_XLOG = {"aten.log.default": aten.xlogy.Tensor, "aten.log1p.default": aten.special_xlog1py.default}
+
+
+def _xlogy_whole(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
+    """xlogy (xlog1py) decomposed in the graph (a backward's ``xlogy(g, other)``, the entropy's, under inductor's
+    decompositions), put back together: the eager rule for the whole op knows ``x`` as the product's sensitivity,
+    whose structural zeros meet a NaN ``y`` as 0; the pieces write the NaN with a ``where`` on ``isnan(y)`` (the
+    partitioner may save that mask: the decomposition defines it, it is not read). The op computes the same."""
+    def op(n: Any, *names: str) -> bool:
+        return isinstance(n, fx.Node) and n.op == "call_function" and str(n.target) in names
+
+    if not op(node, "aten.where.self") or len(node.args) != 3 or not _is_const(node.args[1], "nan") or \
+            not op(inner := node.args[2], "aten.where.self") or len(inner.args) != 3 or \
+            not op(cmp := inner.args[0], "aten.eq.Scalar") or cmp.args[1] != 0 or \
+            not _is_const(inner.args[1], 0) or not op(prod := inner.args[2], "aten.mul.Tensor") or \
+            prod.args[0] is not cmp.args[0] or not op(log := prod.args[1], *_XLOG) or \
+            str(node.meta.get("original_aten")) not in ("aten.xlogy.Tensor", "aten.special_xlog1py.default"):
+        return False
+    with graph.inserting_before(node):
+        whole = graph.call_function(_XLOG[str(log.target)], (cmp.args[0], log.args[0]))
+    node.replace_all_uses_with(whole)
+    graph.erase_node(node)
+    return True
+
+
+def _is_const(n: Any, value: Any) -> bool:
+    """Whether ``n`` is that number, or a 0-d tensor of it (``"nan"``: a NaN): ``scalar_tensor(v)`` (torch._refs),
+    ``full([], v)`` (inductor's graphs)."""
+    if isinstance(n, fx.Node):
+        if str(n.target) == "aten.scalar_tensor.default" and n.args:
+            n = n.args[0]
+        elif str(n.target) == "aten.full.default" and len(n.args) == 2 and list(n.args[0]) == []:
+            n = n.args[1]
+        else:
+            return False
+    if not isinstance(n, (int, float)):
+        return False
+    return n != n if value == "nan" else n == value
+
+
 # the user's call (dynamo's node name, ``_called``) of an op whose backward scales by alpha: its autograd node
 _ZERO_ALPHA_CALLS = {"addmm": "AddmmBackward0", "addmv": "AddmvBackward0", "addbmm": "AddbmmBackward0",
                      "baddbmm": "BaddbmmBackward0", "addr": "AddrBackward0"}
@@ -473,7 +514,7 @@ def _zero_alpha_scale(op: Any, x: torch.Tensor, zero: Any, name: str, *saved: An
 
 _REWRITES: tuple[Callable[[fx.Graph, fx.GraphModule, fx.Node], bool], ...] = (
     _constant_zeros, _saved_zeros, _saved_mask, _logsumexp_node, _logaddexp_node, _logcumsumexp_node, _exp_node,
-    _softmax_whole, _forward_comparison, _guarded_division, _unused_triangle, _zero_alpha_node)
+    _softmax_whole, _forward_comparison, _guarded_division, _unused_triangle, _zero_alpha_node, _xlogy_whole)
 
 
 # -- an op only these graphs contain ----------------------------------------------------------------------------
