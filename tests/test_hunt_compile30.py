@@ -201,3 +201,40 @@ def test_masked_entropy_under_inductor():
     (want,) = torch.autograd.grad(-torch.special.xlogy(p, p).sum(), kept)
     torch.testing.assert_close(got[:3, :3], want, rtol=1e-12, atol=1e-15)
     assert torch.equal(got[3:], torch.zeros(2, 5, dtype=torch.float64))
+
+
+def _watched_training(make_x):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.01)
+    fn = torch.compile(lambda x: torch.tanh(lin(x))[:4].sum(), backend="aot_eager")
+    with gw.watch() as report:
+        for step in range(4):
+            opt.zero_grad()
+            fn(make_x(step)).backward()  # the line the findings name
+            opt.step()
+    return report
+
+
+def _padded_from_step_2(step: int) -> torch.Tensor:
+    x = torch.randn(6, 4)
+    if step >= 2:
+        x[4:] = nan  # padding rows, sliced away
+    return x
+
+
+def test_watch_names_the_users_line_in_a_replayed_compiled_backward(monkeypatch):
+    """A compiled backward that keeps its graph (``donated_buffer=False``; AOTAutograd donates by default, and the
+    watch then cannot replay the step) is replayed op by op, in torch.fx's generated code: the contamination was
+    located at ``<eval_with_key>.5:12``, no file a user can open. It is named at the line that ran the backward."""
+    monkeypatch.setattr(torch._functorch.config, "donated_buffer", False)
+    report = _watched_training(_padded_from_step_2)
+    roots = [f for f in report.findings if f.kind == "contamination"]
+    assert len(roots) == 1 and roots[0].op == "aten.tanh_backward" and roots[0].step == 2
+    assert roots[0].location.endswith("test_hunt_compile30.py:" + str(_line_of("fn(make_x(step)).backward()")))
+    assert sorted(roots[0].reaches) == ["lin.bias", "lin.weight"]
+
+
+def _line_of(text: str) -> int:
+    with open(__file__) as src:
+        return next(i for i, line in enumerate(src, 1) if text in line and "_line_of" not in line)
