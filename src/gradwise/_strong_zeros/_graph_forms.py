@@ -271,12 +271,22 @@ def _exp_node(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
         while isinstance(src, fx.Node) and src.target in _ALIASES:
             src = src.args[0]
         # (by name: the meta's OpOverload can be a copy that compares unequal to aten.exp.default)
-        if seq is not None and isinstance(src, fx.Node) and str(src.meta.get("original_aten")) == "aten.exp.default" \
-                and src.meta.get("seq_nr") == seq:
+        if seq is not None and isinstance(src, fx.Node) and src.meta.get("seq_nr") == seq and \
+                (str(src.meta.get("original_aten")) == "aten.exp.default" or _saved_detached(src, node, "exp")):
             node.target = _exp_weights
             node.args = (node.args[1 - i], arg)  # the rule reads the result as the second factor, as in eager
             return True
     return False
+
+
+def _saved_detached(src: fx.Node, node: fx.Node, call: str) -> bool:
+    """Whether ``src`` is the formula's detach of its saved result, moved into the forward by the partitioner
+    (a graph input made by ``detach`` in the backward, ``meta['autograd_backward']``), in the formula of the user's
+    call ``call`` that made ``node`` (``fwd_source_fn_stack``: ``exp``, ``exp_1``, not ``logaddexp``)."""
+    source = node.meta.get("fwd_source_fn_stack")
+    return src.op == "placeholder" and bool(src.meta.get("autograd_backward")) and \
+        str(src.meta.get("original_aten")) in ("aten.detach.default", "aten.alias.default") and \
+        bool(source) and re.fullmatch(rf"{call}(_\d+)?", str(source[-1][0])) is not None
 
 
 def _exp_weights(g: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -426,9 +436,85 @@ def _masked_fill_value(x: torch.Tensor, mask: torch.Tensor, value: float) -> tor
         return aten.masked_fill.Scalar(x, mask, value)
 
 
+# torch._refs' xlogy / xlog1py, ``where(isnan(y), nan, where(x == 0, 0, x * log(y)))``: the log op, the whole op
+_XLOG = {"aten.log.default": aten.xlogy.Tensor, "aten.log1p.default": aten.special_xlog1py.default}
+
+
+def _xlogy_whole(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
+    """xlogy (xlog1py) decomposed in the graph (a backward's ``xlogy(g, other)``, the entropy's, under inductor's
+    decompositions), put back together: the eager rule for the whole op knows ``x`` as the product's sensitivity,
+    whose structural zeros meet a NaN ``y`` as 0; the pieces write the NaN with a ``where`` on ``isnan(y)`` (the
+    partitioner may save that mask: the decomposition defines it, it is not read). The op computes the same."""
+    def op(n: Any, *names: str) -> bool:
+        return isinstance(n, fx.Node) and n.op == "call_function" and str(n.target) in names
+
+    if not op(node, "aten.where.self") or len(node.args) != 3 or not _is_const(node.args[1], "nan") or \
+            not op(inner := node.args[2], "aten.where.self") or len(inner.args) != 3 or \
+            not op(cmp := inner.args[0], "aten.eq.Scalar") or cmp.args[1] != 0 or \
+            not _is_const(inner.args[1], 0) or not op(prod := inner.args[2], "aten.mul.Tensor") or \
+            prod.args[0] is not cmp.args[0] or not op(log := prod.args[1], *_XLOG) or \
+            str(node.meta.get("original_aten")) not in ("aten.xlogy.Tensor", "aten.special_xlog1py.default"):
+        return False
+    with graph.inserting_before(node):
+        whole = graph.call_function(_XLOG[str(log.target)], (cmp.args[0], log.args[0]))
+    node.replace_all_uses_with(whole)
+    graph.erase_node(node)
+    return True
+
+
+def _is_const(n: Any, value: Any) -> bool:
+    """Whether ``n`` is that number, or a 0-d tensor of it (``"nan"``: a NaN): ``scalar_tensor(v)`` (torch._refs),
+    ``full([], v)`` (inductor's graphs)."""
+    if isinstance(n, fx.Node):
+        if str(n.target) == "aten.scalar_tensor.default" and n.args:
+            n = n.args[0]
+        elif str(n.target) == "aten.full.default" and len(n.args) == 2 and list(n.args[0]) == []:
+            n = n.args[1]
+        else:
+            return False
+    if not isinstance(n, (int, float)):
+        return False
+    return n != n if value == "nan" else n == value
+
+
+# the user's call (dynamo's node name, ``_called``) of an op whose backward scales by alpha: its autograd node
+_ZERO_ALPHA_CALLS = {"addmm": "AddmmBackward0", "addmv": "AddmvBackward0", "addbmm": "AddbmmBackward0",
+                     "baddbmm": "BaddbmmBackward0", "addr": "AddrBackward0"}
+_ZERO_ALPHA_CALL = re.compile(rf"({'|'.join(_ZERO_ALPHA_CALLS)})(_\d+)?")
+
+
+def _zero_alpha_node(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
+    """The backward of addmm & co. with alpha = 0 (or beta = 0) scales by a literal 0 (``mul(mm(g, b.t()), 0)``):
+    the product runs as in that op's node, with the formula's saved operands, the graph inputs its ops read
+    (``_zero_alpha_scale``; the rule: ``_rules_bilinear._zero_alpha_mul``). Only where all come from one forward op
+    (``seq_nr``) of a backward formula (``autograd_backward``) and the graph names the user's call as that op
+    (``fwd_source_fn_stack``; a custom Function's backward is not one)."""
+    if node.target not in (aten.mul.Scalar, aten.mul.Tensor) or len(node.args) != 2 or node.kwargs or \
+            node.args[1].__class__ not in (int, float) or node.args[1] != 0 or not node.meta.get("autograd_backward"):
+        return False
+    seq, source = node.meta.get("seq_nr"), node.meta.get("fwd_source_fn_stack")
+    call = _ZERO_ALPHA_CALL.fullmatch(str(source[-1][0])) if seq is not None and source else None
+    if call is None:
+        return False
+    formula = {n for n in graph.nodes if n.op == "call_function" and n.meta.get("seq_nr") == seq and
+               n.meta.get("autograd_backward")}  # (an operand the partitioner moved to the forward is an input)
+    saved = {a: None for n in formula for a in n.all_input_nodes if a not in formula and
+             ((a.op == "placeholder" and not a.name.startswith("tangents")) or
+              (a.op == "call_function" and not a.meta.get("autograd_backward")))}
+    node.args = (node.target, *node.args, _ZERO_ALPHA_CALLS[call.group(1)], *saved)
+    node.target = _zero_alpha_scale
+    return True
+
+
+def _zero_alpha_scale(op: Any, x: torch.Tensor, zero: Any, name: str, *saved: Any) -> torch.Tensor:
+    """``x * 0`` of an alpha = 0 product's backward (``_zero_alpha_node``), run as in its node ``name``."""
+    with _formula_of(name, saved):
+        return op(x, zero)
+
+
 _REWRITES: tuple[Callable[[fx.Graph, fx.GraphModule, fx.Node], bool], ...] = (
     _constant_zeros, _saved_zeros, _saved_mask, _logsumexp_node, _logaddexp_node, _logcumsumexp_node, _exp_node,
-    _softmax_whole, _forward_comparison, _guarded_division, _unused_triangle)
+    _softmax_whole, _forward_comparison, _guarded_division, _unused_triangle, _zero_alpha_node, _xlogy_whole)
 
 
 # -- an op only these graphs contain ----------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from gradwise._strong_zeros._rules import (
     _register,
 )
 from gradwise._strong_zeros._rules_pointwise import _exp_result_mul
+from gradwise._strong_zeros._supports import _STATE
 
 aten = torch.ops.aten
 
@@ -470,15 +471,16 @@ def _kernel_skips_product(node: Any, grad: torch.Tensor) -> bool:
     if skips is None:
         if len(_SKIPS) >= 256:
             _SKIPS.clear()
-        skips = _SKIPS[key] = _rerun_skips(op, layouts, out_shape, node._saved_beta)
+        skips = _SKIPS[key] = bool(_rerun_skips(op, layouts, out_shape, node._saved_beta))
     return skips
 
 
 _SKIPS: dict[tuple, bool] = {}  # _kernel_skips_product's answers per (op, layouts, beta, threads, oneDNN on)
 
 
-def _rerun_skips(op, layouts: tuple, out_shape: Callable[[tuple, tuple], tuple], beta) -> bool:
-    """The op with alpha = 0 on NaN operands of these (shape, strides or None: contiguous, dtype, device): finite?"""
+def _rerun_skips(op, layouts: tuple, out_shape: Callable[[tuple, tuple], tuple], beta) -> bool | None:
+    """The op with alpha = 0 on NaN operands of these (shape, strides or None: contiguous, dtype, device): finite?
+    None where they do not fit the op (not known to skip)."""
     operands = [torch.empty(shape, dtype=dtype, device=device) if stride is None else
                 torch.empty_strided(shape, stride, dtype=dtype, device=device)
                 for shape, stride, dtype, device in layouts]
@@ -488,8 +490,36 @@ def _rerun_skips(op, layouts: tuple, out_shape: Callable[[tuple, tuple], tuple],
         inp = operands[0].new_zeros(out_shape(operands[0].shape, operands[1].shape))
         out = op(inp, *operands, beta=beta, alpha=0)
     except (RuntimeError, IndexError):  # shapes that do not fit (a mul of beta's): not known to skip
-        return False
+        return None
     return bool(out.isfinite().all())
+
+
+def _graph_skips_product(name: str, saved: tuple | None, grad: torch.Tensor) -> bool:
+    """``_kernel_skips_product`` for a compiled backward's graph run op by op (``_graph_forms._zero_alpha_node``),
+    which holds the formula's saved operands (``saved``: one or two, in no known order, maybe transposed) but
+    neither the node nor beta: every order and orientation of the operands (an operand not saved has ``grad``'s
+    shape) that fits the op, with beta 0 and 1, must leave the product unread, and one must fit."""
+    if not saved or len(saved) > 2 or not all(isinstance(s, torch.Tensor) for s in saved):
+        return False
+    op, _, out_shape = ZERO_ALPHA_PRODUCTS[name]
+    # (the partitioner may save an operand transposed, as the formula reads it: each as it is or as its .mT)
+    lay = [{(tuple(t.shape), t.stride(), t.dtype, t.device) for t in ((s, s.mT) if s.dim() > 1 else (s,))}
+           for s in saved]
+    if len(lay) == 1:
+        lay.append({(tuple(grad.shape), None, grad.dtype, grad.device)})
+    fits = False
+    for layouts in {(a, b) for a in lay[0] for b in lay[1]} | {(b, a) for a in lay[0] for b in lay[1]}:
+        for beta in (0, 1):
+            key = (op, layouts, beta, torch.get_num_threads(), torch._C._get_mkldnn_enabled())
+            skips = _SKIPS.get(key)
+            if skips is None:
+                if len(_SKIPS) >= 256:
+                    _SKIPS.clear()
+                skips = _SKIPS[key] = _rerun_skips(op, layouts, out_shape, beta)
+            if skips is False:
+                return False
+            fits |= skips is True
+    return fits
 
 
 def _zero_alpha_mul(func, args, kwargs, sup):
@@ -502,6 +532,14 @@ def _zero_alpha_mul(func, args, kwargs, sup):
     Inside an in-place op on a view (a CopySlices node) the op's node is hidden: a literal 0 meeting NaN/Inf
     there keeps PyTorch's NaN and is named if the gradients end up non-finite."""
     scale = args[1] if len(args) > 1 else None
+    if scale.__class__ in (int, float) and scale == 0 and _STATE.formula_of in ZERO_ALPHA_PRODUCTS and _in_formula():
+        if _STATE.outputs_finite and _graph_skips_product(_STATE.formula_of, _STATE.formula_saved, args[0]):
+            out = func(*args, **kwargs)
+            structural = torch.zeros((), dtype=torch.bool, device=out.device)
+            _annihilate(out, structural)
+            sup.record(out, structural)
+            return out
+        return _exp_result_mul(func, args, kwargs, sup)
     if scale.__class__ in (int, float) and scale == 0 and _in_formula() and _reads_nodes():
         node = torch._C._current_autograd_node()
         name = type(node).__name__

@@ -97,7 +97,10 @@ def _is_internal(code) -> bool:
     name = code.co_filename
     r = _internal_file.get(name)
     if r is None:
-        r = _core(code) or (any(d in name for d in _LIBRARY_DIRS) and not _main(name))
+        # (torch.fx's generated code, "<eval_with_key>.N", is no file a user can open: a compiled backward run op by
+        # op, a symbolic_trace'd module; the line that called it is named)
+        r = _core(code) or (any(d in name for d in _LIBRARY_DIRS) and not _main(name)) or \
+            name.startswith("<eval_with_key>")
         if len(_internal_file) >= _FILES_KEPT:
             _internal_file.clear()
         _internal_file[name] = r

@@ -70,6 +70,7 @@ class _StepExplainer:
         finally:
             tracer.replayed = {}  # (storages are reused once the graph is freed)
         given = {id(leaf): r for leaf, r in zip(leaves, returned, strict=False)} if returned is not None else {}
+        compiled = None  # whether the graph holds a compiled backward (read once, where needed)
         for leaf, g in zip(wanted, again, strict=True):
             # the replay's provenance stands for the real gradient (.grad, or what autograd.grad returned): an
             # optimizer step reading it is then "a gradient used as a value", descending from this step's findings
@@ -88,9 +89,13 @@ class _StepExplainer:
                 with torch.utils._python_dispatch._disable_current_modes():
                     if _common._inexact(real) and _kinds.readable(real) and real.layout is torch.strided and \
                             _common._nonfinite(real):
+                        # (unless a compiled backward ran there: its kernels' ops are not seen, and its replay
+                        # under the shadow pass may run the strong variant, finite where the step's was not)
+                        compiled = compiled if compiled is not None else bool(_compiled_nodes(roots))
                         tracer._safely("a gradient written between backwards", tracer.unexplained_gradient, real,
-                                       leaf, at, self.step, "", None,  # (_safely passes no keywords: what=)
-                                       _BETWEEN.format(name=tracer.leaf_name(leaf), step=self.step))
+                                       leaf, at, self.step, _OPAQUE_REPLAY, None,  # (_safely: no keywords, what=)
+                                       None if compiled else _BETWEEN.format(name=tracer.leaf_name(leaf),
+                                                                             step=self.step))
         if returned is None and _common._dist_rank() is not None:
             # the replay ran no collective: a .grad that is NaN/Inf where this rank's own gradient is finite came
             # from another rank through DDP's all-reduce, which this step ran untraced
@@ -287,6 +292,16 @@ def _composite(op: str) -> bool:
 
 _COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
 
+
+
+_OPAQUE_REPLAY = ("its compiled backward runs in generated kernels, whose ops the replay does not see: run the "
+                  "step without torch.compile, or with backend='aot_eager', to have it explained")
+
+
+def _compiled_nodes(roots) -> list:
+    from gradwise._strong_zeros._compile import compiled_nodes
+
+    return compiled_nodes(roots)
 
 
 _BETWEEN = ("{name}.grad held NaN/Inf when the backward at step {step} added finite values to it, though it was "
