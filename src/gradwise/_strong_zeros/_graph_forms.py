@@ -163,7 +163,20 @@ def _called(node: fx.Node, name: str) -> bool:
     ``seq_nr`` and ``autograd_backward`` as a derivative formula does, but no such name: its ops are the user's
     formula, which no rule of PyTorch's formula may read (in eager its node is the custom one)."""
     source = node.meta.get("fwd_source_fn_stack")
-    return bool(source) and name in str(source[-1][0])
+    return bool(source) and name in str(source[-1][0]) and _torchs(source[-1][1])
+
+
+def _torchs(target: Any) -> bool:
+    """Whether dynamo's call target is PyTorch's own op (``torch.exp``, the method ``'exp'``, ``aten.exp``), not
+    a user's custom op or function that shares its name (``torch.ops.mylib.exp``: its backward is the user's)."""
+    if isinstance(target, str):  # (a method of a tensor)
+        return True
+    if isinstance(target, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
+        packet = target if isinstance(target, torch._ops.OpOverloadPacket) else target.overloadpacket
+        return str(packet._qualified_op_name).startswith("aten::")
+    name = getattr(target, "__name__", None)
+    return isinstance(name, str) and any(getattr(m, name, None) is target for m in
+                                         (torch, torch.Tensor, torch.special, torch.linalg, torch.nn.functional))
 
 
 @contextlib.contextmanager
@@ -286,7 +299,7 @@ def _saved_detached(src: fx.Node, node: fx.Node, call: str) -> bool:
     source = node.meta.get("fwd_source_fn_stack")
     return src.op == "placeholder" and bool(src.meta.get("autograd_backward")) and \
         str(src.meta.get("original_aten")) in ("aten.detach.default", "aten.alias.default") and \
-        bool(source) and re.fullmatch(rf"{call}(_\d+)?", str(source[-1][0])) is not None
+        bool(source) and re.fullmatch(rf"{call}(_\d+)?", str(source[-1][0])) is not None and _torchs(source[-1][1])
 
 
 def _exp_weights(g: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -493,7 +506,8 @@ def _zero_alpha_node(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> 
             node.args[1].__class__ not in (int, float) or node.args[1] != 0 or not node.meta.get("autograd_backward"):
         return False
     seq, source = node.meta.get("seq_nr"), node.meta.get("fwd_source_fn_stack")
-    call = _ZERO_ALPHA_CALL.fullmatch(str(source[-1][0])) if seq is not None and source else None
+    call = _ZERO_ALPHA_CALL.fullmatch(str(source[-1][0])) if seq is not None and source and \
+        _torchs(source[-1][1]) else None
     if call is None:
         return False
     formula = {n for n in graph.nodes if n.op == "call_function" and n.meta.get("seq_nr") == seq and
