@@ -693,8 +693,8 @@ def _makes(target: Any) -> bool:
 # backward (``partitioner_tag == 'is_forward'``) is a value: multiplied into a sensitivity, a NaN there is
 # genuine ((x * zeros).sum() * nan). Common-subexpression elimination may have joined it with a formula's own
 # zeros (where's backward ``where(c, g, 0)``, a placement's base), which are structural: the node is split by
-# use, and the copy that the multiplications read is marked ``FORWARD_VALUE`` (which arguments an op
-# multiplies: the shared facts', ``multiplying_args``).
+# use, and the copy that the multiplications (and recomputed forward ops) read is marked ``FORWARD_VALUE``
+# (which arguments an op multiplies: the shared facts', ``multiplying_args``).
 FORWARD_VALUE = "gradwise_forward_value"
 
 
@@ -714,8 +714,10 @@ def split_forward_zeros(graph: fx.Graph) -> bool:
         if node.op != "call_function" or not _makes(node.target) or \
                 node.meta.get("partitioner_tag") != "is_forward":
             continue
-        users = [u for u in node.users if any(i < len(u.args) and u.args[i] is node
-                                              for i in multiplying_args(u.target))]
+        # (and a forward op recomputed with it, ``xlogy(zeros, y)``: under the mode a structural zero would
+        # give it another value than the forward's, xlogy's 0 where it is NaN)
+        users = [u for u in node.users if u.meta.get("partitioner_tag") == "is_forward" or
+                 any(i < len(u.args) and u.args[i] is node for i in multiplying_args(u.target))]
         if not users:
             continue
         if len(users) == len(node.users):
