@@ -299,9 +299,15 @@ _OPAQUE_REPLAY = ("its compiled backward runs in generated kernels, whose ops th
 
 
 def _compiled_nodes(roots) -> list:
-    from gradwise._strong_zeros._compile import compiled_nodes
+    """The compiled backwards of the graph whose kernels' ops a replay does not see: not aot_eager's, which runs
+    its graph's ops as they are (``boxed_nop``), seen as eager ops are; one not compiled yet counts as opaque."""
+    from gradwise._strong_zeros._compile import _backward_compiler, compiled_nodes
 
-    return compiled_nodes(roots)
+    def opaque(node) -> bool:
+        fn = getattr(_backward_compiler(node), "compiled_bw", None)
+        return not str(getattr(fn, "__qualname__", "")).startswith("boxed_nop.")
+
+    return [n for n in compiled_nodes(roots) if opaque(n)]
 
 
 _BETWEEN = ("{name}.grad held NaN/Inf when the backward at step {step} added finite values to it, though it was "
