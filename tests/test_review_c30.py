@@ -125,30 +125,44 @@ def test_a_users_op_named_like_torchs_keeps_its_own_backward(name, backend):
         torch.testing.assert_close(g, w, equal_nan=True, rtol=0, atol=0)
 
 
-def _xlog_of_zeros(xlog):
-    def f(y, w):
-        return (xlog(torch.zeros(3, dtype=torch.float64), y) * w).sum()  # xlogy(0, NaN) = NaN reaches the output
+_KEEP = torch.tensor([True, False, True])
+
+# how the forward makes the 0 that meets y's NaN in xlogy(0, NaN) = NaN, which reaches the output
+FORWARD_ZEROS = {
+    "zeros": lambda u: torch.zeros(3, dtype=torch.float64),
+    "masked_fill": lambda u: u.masked_fill(~_KEEP, 0.0),
+    "where": lambda u: torch.where(_KEEP, u, 0.0),
+    "relu": torch.relu,
+}
+
+
+def _xlog_of_zeros(xlog, zeros):
+    def f(u, y, w):
+        return (xlog(zeros(u), y) * w).sum() + u.sum()
 
     return f
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "aot_eager_decomp_partition"])
+@pytest.mark.parametrize("zeros", list(FORWARD_ZEROS))
 @pytest.mark.parametrize("xlog", [torch.xlogy, torch.special.xlog1py], ids=["xlogy", "xlog1py"])
-def test_a_recomputed_forward_op_reads_forward_zeros_as_values(xlog, backend):
+def test_a_recomputed_forward_op_reads_forward_zeros_as_values(xlog, zeros, backend):
     """SILENT (base): ``v = xlogy(zeros(3), y)`` with a NaN in y, ``(v * w).sum()``: the partitioner recomputes v
     in the backward, where its ``zeros`` (a forward value) ran as a formula's structural zero, so xlogy's rule
-    made v's NaN a 0 and w.grad (= v) was 0 where PyTorch's is NaN (the output is NaN). A forward op recomputed
-    in the backward now reads the forward's zeros as values."""
+    made v's NaN a 0 and w.grad (= v) was 0 where PyTorch's is NaN (the output is NaN). So did a masked_fill's 0
+    (aot_eager's partition recomputes it: it ran as a formula's fill, a structural zero). A forward op recomputed
+    in the backward now runs as a forward op, and reads the forward's zeros as values."""
+    u = torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)
     y = torch.tensor([0.5, nan, 2.0], dtype=torch.float64)
     w = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
-    f = _xlog_of_zeros(xlog)
-    want = _plain(f, [y, w])
-    assert want[1][1].isnan()
-    got = _grads(f, [y, w], backend)
-    for g, e in zip(got, _grads(f, [y, w]), strict=True):
-        torch.testing.assert_close(g, e, equal_nan=True, rtol=0, atol=0)
+    f = _xlog_of_zeros(xlog, FORWARD_ZEROS[zeros])
+    want = _plain(f, [u, y, w])
+    assert want[2][1].isnan()
+    got = _grads(f, [u, y, w], backend)  # (decomposed xlog1py rounds otherwise: the NaNs are what is tested)
+    for g, e in zip(got, _grads(f, [u, y, w]), strict=True):
+        torch.testing.assert_close(g, e, equal_nan=True)
     for g, w_ in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w_, equal_nan=True, rtol=0, atol=0)
+        torch.testing.assert_close(g, w_, equal_nan=True)
 
 
 def test_watch_tells_a_write_between_backwards_under_aot_eager(monkeypatch):

@@ -427,6 +427,22 @@ def _forward_comparison(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) 
     return True
 
 
+_FILLS = {aten.masked_fill.Scalar, aten.masked_fill.Tensor}
+
+
+def _forward_fill(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
+    """A forward ``masked_fill`` the partitioner recomputes in the backward (aot_eager's default partition does
+    too) computes a forward value: it runs as a forward op (``_as_forward``). Under the mode as a formula's fill
+    its 0 would be structural, and a recomputed forward op reading it (``xlogy(0, NaN)``, NaN in the forward)
+    would give another value than the forward's: a genuine NaN hidden. (The forward's zeros tensors:
+    ``_compile_pass.split_forward_zeros``; its comparisons: ``_forward_comparison``.)"""
+    if node.op != "call_function" or node.meta.get("partitioner_tag") != "is_forward" or node.target not in _FILLS:
+        return False
+    node.args = (node.target, *node.args)
+    node.target = _as_forward
+    return True
+
+
 def _guarded_division(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> bool:
     """``(x / n).masked_fill(n == 0, 0)``, the 2-norm's backward (``norm_backward``) decomposed in the graph: the
     fill is PyTorch's subgradient value where the norm is 0, a value of the derivative, no structural zero
@@ -528,7 +544,8 @@ def _zero_alpha_scale(op: Any, x: torch.Tensor, zero: Any, name: str, *saved: An
 
 _REWRITES: tuple[Callable[[fx.Graph, fx.GraphModule, fx.Node], bool], ...] = (
     _constant_zeros, _saved_zeros, _saved_mask, _logsumexp_node, _logaddexp_node, _logcumsumexp_node, _exp_node,
-    _softmax_whole, _forward_comparison, _guarded_division, _unused_triangle, _zero_alpha_node, _xlogy_whole)
+    _softmax_whole, _forward_comparison, _guarded_division, _unused_triangle, _zero_alpha_node, _xlogy_whole,
+    _forward_fill)
 
 
 # -- an op only these graphs contain ----------------------------------------------------------------------------
