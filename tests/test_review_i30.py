@@ -1,0 +1,93 @@
+"""Review (session 30) of integ30: a backward nested in a strong pass hands its results' structural zeros to the
+pass (_engine._nested, _export), the FSDP2 guard's decision after FSDP's end-of-backward callback, the trace's
+parts ops with the modes off, Logger.getEffectiveLevel never a hook, sparse gradients in the callbacks.
+
+References are independent of gradwise: plain PyTorch in float64 where the path to the gradient compared is finite
+(the NaN that makes the pass strong sits in a term of its own), or where the NaN is genuine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import gradwise as gw
+
+nan = float("nan")
+
+
+def _nested_grad_rows(x: torch.Tensor) -> torch.Tensor:
+    """torch.autograd.grad of a function of rows :2 of x alone: rows 2.. are structural zeros of that backward."""
+    with torch.enable_grad():
+        xd = x.detach().requires_grad_()
+        (n,) = torch.autograd.grad((xd[:2] * 3).sum(), xd)
+    return n
+
+
+def _zeros_like_rows(x: torch.Tensor) -> torch.Tensor:
+    n = torch.zeros_like(x)  # a backward's own zeros: structural
+    n[:2] = 3.0
+    return n
+
+
+def _scaled_by(factor: Callable[[torch.Tensor], torch.Tensor]) -> type[torch.autograd.Function]:
+    class Scaled(torch.autograd.Function):
+        """Identity whose backward scales the sensitivity by exp(n): exp of a structural zero is 1."""
+
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * torch.exp(factor(x))
+
+    return Scaled
+
+
+def _program(fn: type[torch.autograd.Function], inp: torch.Tensor, w: torch.Tensor, p: torch.Tensor,
+             seed_nan: bool) -> torch.Tensor:
+    """The custom backward on inp @ w, plus a term whose NaN a slice drops (the pass runs strong)."""
+    weights = torch.tensor([1.0, 1.0, 1.0, nan if seed_nan else 1.0], dtype=torch.float64)[:, None]
+    return (fn.apply(inp @ w) * weights).sum() + (torch.tensor([1.0, nan], dtype=torch.float64) * p)[:1].sum()
+
+
+def _w_grad(fn: type[torch.autograd.Function], inp: torch.Tensor, strong: bool, seed_nan: bool = False
+            ) -> torch.Tensor:
+    torch.manual_seed(0)
+    w = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    p = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    loss = _program(fn, inp, w, p, seed_nan)
+    if strong:
+        gw.backward(loss)
+    else:
+        loss.backward()
+    return w.grad
+
+
+FACTORS = {"zeros_like in the backward": _zeros_like_rows, "nested torch.autograd.grad": _nested_grad_rows}
+
+
+@pytest.mark.parametrize("name", FACTORS)
+def test_exp_of_a_structural_zero_is_one_on_a_finite_path(name):
+    """exp's rule kept its input's support: g * exp(n) at n's structural zeros was annihilated to 0 (finite weight
+    gradient off by 0.74; reached through a nested backward's results since integ30)."""
+    inp = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    fn = _scaled_by(FACTORS[name])
+    assert torch.equal(_w_grad(fn, inp, strong=True), _w_grad(fn, inp, strong=False))
+
+
+@pytest.mark.parametrize("name", FACTORS)
+def test_exp_of_a_structural_zero_keeps_a_genuine_nan(name):
+    """The sensitivity of row 3 is NaN (the loss weighs it by NaN) and exp(0) = 1 passes it on to a NaN input row:
+    the weight gradient is NaN, as in PyTorch (it was all finite)."""
+    inp = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    inp[3] = nan
+    fn = _scaled_by(FACTORS[name])
+    plain = _w_grad(fn, inp, strong=False, seed_nan=True)
+    assert bool(plain.isnan().all())
+    assert bool(_w_grad(fn, inp, strong=True, seed_nan=True).isnan().all())
