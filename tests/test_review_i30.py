@@ -91,3 +91,35 @@ def test_exp_of_a_structural_zero_keeps_a_genuine_nan(name):
     plain = _w_grad(fn, inp, strong=False, seed_nan=True)
     assert bool(plain.isnan().all())
     assert bool(_w_grad(fn, inp, strong=True, seed_nan=True).isnan().all())
+
+
+class _FuncGradBackward(torch.autograd.Function):
+    """A custom backward that computes its input gradient with torch.func.grad (seeds of the transform: wrappers)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x[:2] * 3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return torch.func.grad(lambda t: (t[:2] * 3 * g).sum())(x)
+
+
+def test_torch_func_grad_inside_a_custom_backward_of_a_strong_pass():
+    """torch.func.grad called in a custom backward, in a strong pass: the plan's test of the nested backward's
+    seeds for the pass's structural zeros read a functorch wrapper's storage and raised NotImplementedError
+    ('Cannot access storage of TensorWrapper') from inside gradwise. On a finite path: PyTorch's bits."""
+    inp = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def w_grad(strong: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        w = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+        p = torch.randn(2, dtype=torch.float64, requires_grad=True)
+        loss = _FuncGradBackward.apply(inp @ w).pow(2).sum() + \
+            (torch.tensor([1.0, nan], dtype=torch.float64) * p)[:1].sum()
+        gw.backward(loss) if strong else loss.backward()
+        return w.grad
+
+    assert torch.equal(w_grad(True), w_grad(False))
