@@ -123,3 +123,23 @@ def test_torch_func_grad_inside_a_custom_backward_of_a_strong_pass():
         return w.grad
 
     assert torch.equal(w_grad(True), w_grad(False))
+
+
+def test_trace_reads_no_structural_zero_as_lost_under_a_strong_pass():
+    """gw.trace() around gw.strong_zeros(): the trace's own check of each backward op's output (a sum and its
+    .item()) ran below the trace, in the strong pass's mode. The where's gradient for the branch it never selects
+    is all structural zeros: .item() of its sum was taken for structural zeros lost in an op with no rule, and with
+    a genuine NaN the pass warned "structural zeros reached aten._local_scalar_dense.default ... the NaN/Inf may
+    be contamination". The NaN is genuine (the loss reads x[1, 0] through V): a finding, no such warning."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    x[1, 0] = nan
+    never = torch.zeros(4, 3, dtype=torch.bool)
+    with gw.trace() as report:
+        loss = torch.where(never, torch.tanh(x.nan_to_num() @ w), x @ v).sum()
+        with gw.strong_zeros():
+            loss.backward()  # (an OpaqueBackwardWarning is an error here)
+    assert bool(v.grad.isnan().any()) and bool(w.grad.eq(0).all())
+    assert "nan" in [f.kind for f in report.findings]

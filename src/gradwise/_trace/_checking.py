@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from threading import get_ident
 
 import torch
 from torch._C import _set_grad_enabled
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import _StopRecomputationError
 
+from gradwise import _strong_zeros
 from gradwise._trace import _common, _kinds
 from gradwise._trace._common import _held, _inexact, _nonfinite, _op_name, _tensors
 from gradwise._trace._store import Birth as _Birth
@@ -125,6 +128,16 @@ class _Checks:
             return None
 
     def _check(self, outs, dig) -> None:
+        if _strong_zeros._STATE.in_mode or (self.thread != get_ident() and _strong_zeros.in_pass()):
+            # the trace's own reads (a sum and its .item()), not the program's: run below the trace they met the
+            # strong-zero pass's mode, which took .item() of an all-structural-zero output (where's unselected
+            # branch) for structural zeros lost in an op with no rule, and on a genuine NaN warned
+            # "structural zeros reached aten._local_scalar_dense.default ... may be contamination"
+            with _disable_current_modes():
+                return self._check_grad_off(outs, dig)
+        return self._check_grad_off(outs, dig)
+
+    def _check_grad_off(self, outs, dig) -> None:
         # PyTorch runs some ops' handlers with autograd live (a detach its autograd kernel calls): a reduction on
         # a tensor that requires grad would then make a node, and take an autograd sequence number. (The C
         # switch, not torch.no_grad(): this runs on every op, and the context manager costs ~1.4 us.)
