@@ -143,3 +143,62 @@ def test_trace_reads_no_structural_zero_as_lost_under_a_strong_pass():
             loss.backward()  # (an OpaqueBackwardWarning is an error here)
     assert bool(v.grad.isnan().any()) and bool(w.grad.eq(0).all())
     assert "nan" in [f.kind for f in report.findings]
+
+
+class _Log(torch.autograd.Function):
+    """log with a hand-written backward g / x: a 0 input (zero padding) gives 0/0 = NaN there, which the plan
+    cannot see (its saved tensors are finite): the pass runs 'check'."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.log()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g / x
+
+
+def _keep_two_rows(nested: bool) -> type[torch.autograd.Function]:
+    class Keep(torch.autograd.Function):
+        """3 * x[:2]; the backward by torch ops, or through a nested torch.autograd.grad."""
+
+        @staticmethod
+        def forward(ctx, x):
+            ctx.shape = x.shape
+            return 3 * x[:2]
+
+        @staticmethod
+        def backward(ctx, g):
+            if not nested:
+                out = torch.zeros(ctx.shape, dtype=g.dtype)
+                out[:2] = 3 * g
+                return out
+            with torch.enable_grad():
+                xd = torch.zeros(ctx.shape, dtype=g.dtype, requires_grad=True)
+                (out,) = torch.autograd.grad(3 * xd[:2], xd, g)
+            return out
+
+    return Keep
+
+
+@pytest.mark.parametrize("nested", [
+    False,
+    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
+        "known gap (review i30): in a 'check' pass a nested backward hands no structural zeros down (forcing it "
+        "strong would slow every reentrant checkpoint on finite data), and a NaN/Inf made later in a custom "
+        "backward (g / x at a zero padding row) keeps its contamination without a warning"))),
+])
+def test_zero_padding_through_a_custom_backward_in_a_check_pass(nested):
+    torch.manual_seed(0)
+    w0 = torch.rand(3, 3, dtype=torch.float64) + 0.5
+    inp = torch.rand(4, 3, dtype=torch.float64) + 0.5
+    keep = _keep_two_rows(nested)
+    w = w0.clone().requires_grad_()
+    keep.apply(_Log.apply(inp[:2] @ w)).sum().backward()  # the program with the padding rows deleted
+    want = w.grad
+    inp[2:] = 0.0  # zero padding: log(0) = -inf in rows the loss drops
+    w = w0.clone().requires_grad_()
+    gw.backward(keep.apply(_Log.apply(inp @ w)).sum())
+    torch.testing.assert_close(w.grad, want, rtol=1e-12, atol=1e-12)
