@@ -8,6 +8,7 @@ References are independent of gradwise: plain PyTorch in float64 where the path 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pytest
@@ -202,3 +203,37 @@ def test_zero_padding_through_a_custom_backward_in_a_check_pass(nested):
     w = w0.clone().requires_grad_()
     gw.backward(keep.apply(_Log.apply(inp @ w)).sum())
     torch.testing.assert_close(w.grad, want, rtol=1e-12, atol=1e-12)
+
+
+class _NestedExp(torch.autograd.Function):
+    """exp, differentiated in its backward by a nested torch.autograd.grad."""
+
+    @staticmethod
+    def forward(ctx, t):
+        ctx.save_for_backward(t)
+        return t.exp()
+
+    @staticmethod
+    def backward(ctx, g):
+        (t,) = ctx.saved_tensors
+        with torch.enable_grad():
+            td = t.detach().requires_grad_()
+            (r,) = torch.autograd.grad(td.exp(), td, g)
+        return r
+
+
+def _exp_reentrant(h: torch.Tensor) -> torch.Tensor:
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(torch.exp, h, use_reentrant=True)
+
+
+@pytest.mark.parametrize("block", [_exp_reentrant, _NestedExp.apply], ids=["reentrant checkpoint", "custom backward"])
+def test_exp_minus_inf_times_inf_stays_nan_through_a_nested_backward(block):
+    """The loss is exp(-inf) * inf = NaN: x's gradient there is NaN (plain PyTorch, and gradwise without the
+    nested backward). The nested backward, forced strong since integ30, read its own outputs (exp(h): 0, finite)
+    as the program's and took exp's 0 for a masked entry's structural zero: x.grad[0] was 0.0, silently."""
+    inf = float("inf")
+    x = torch.tensor([-inf, 0.5], dtype=torch.float64, requires_grad=True)
+    gw.backward((block(x * 1.0) * torch.tensor([inf, 1.0], dtype=torch.float64)).sum())
+    assert math.isnan(x.grad[0].item()) and x.grad[1].item() == pytest.approx(math.exp(0.5), rel=1e-15)
