@@ -8,8 +8,10 @@ References are independent of gradwise: plain PyTorch in float64 where the path 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,3 +239,37 @@ def test_exp_minus_inf_times_inf_stays_nan_through_a_nested_backward(block):
     x = torch.tensor([-inf, 0.5], dtype=torch.float64, requires_grad=True)
     gw.backward((block(x * 1.0) * torch.tensor([inf, 1.0], dtype=torch.float64)).sum())
     assert math.isnan(x.grad[0].item()) and x.grad[1].item() == pytest.approx(math.exp(0.5), rel=1e-15)
+
+
+class _OwnLevelLogger(logging.Logger):
+    """A logger class of the application's (logging.setLoggerClass before torch is imported) with its own
+    getEffectiveLevel."""
+
+    def getEffectiveLevel(self) -> int:
+        return super().getEffectiveLevel()
+
+
+@pytest.mark.parametrize("level", [logging.WARNING, logging.DEBUG])
+def test_watch_explains_a_nan_step_whatever_torchs_autograd_logger(monkeypatch, level):
+    """4dda596 told torch's read of its logger's level apart from a user's hook by Logger.getEffectiveLevel's code
+    object: with the logger an instance of a subclass that defines its own, the replay of the first NaN step stopped
+    there again ('its backward runs your hook _OwnLevelLogger.getEffectiveLevel'), the step unexplained; at DEBUG
+    (TORCH_LOGS="+torch.autograd") at the log.debug of torch's own graph hooks ('your hook Logger.debug')."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_hunt_integrations import N, _data, _hand_written_checkpoint, _net
+
+    logger = _OwnLevelLogger("torch.autograd.graph")
+    logger.setLevel(level)
+    logger.addHandler(logging.NullHandler())
+    monkeypatch.setattr(torch.autograd.graph, "log", logger)
+    m = _net()
+    with gw.watch() as report:
+        for step in range(2):
+            m.zero_grad()
+            loss = _hand_written_checkpoint(m, _data(genuine=step == 1), N)
+            with gw.strong_zeros():
+                loss.backward()
+    notes = " ".join(report.notes)
+    assert "getEffectiveLevel" not in notes and "that step was explained" in notes, notes
