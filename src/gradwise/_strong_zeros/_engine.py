@@ -203,9 +203,12 @@ def grad_in_pass(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]
 
 
 def _seeded_with_zeros(seeds: Sequence[Any] | None) -> bool:
-    """Whether some of ``seeds`` (a nested backward's) carry the running strong-zero pass's structural zeros."""
+    """Whether some of ``seeds`` (a nested backward's) carry the running strong-zero pass's structural zeros. A
+    torch.func transform's seeds (torch.func.grad called in a custom backward) are wrappers: no storage, none of the
+    pass's (reading one raised 'Cannot access storage of TensorWrapper' from inside gradwise)."""
     mode = running_mode()
-    return mode is not None and bool(seeds) and any(map(mode.supports.zeroed, seeds))
+    return mode is not None and bool(seeds) and any(
+        mode.supports.zeroed(t) for t in seeds if not (isinstance(t, torch.Tensor) and is_functorch_wrapped_tensor(t)))
 
 
 def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
@@ -269,13 +272,19 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
     _STATE.create_graph, _STATE.in_mode, _STATE.transform = create_graph, True, transform
     export, _STATE.export = _STATE.export, None  # for this pass only, not for backwards nested in it
     _STATE.outputs_batched = False
+    # a backward nested in a pass (_nested: a reentrant checkpoint's, a custom backward's torch.autograd.grad)
+    # differentiates a part of that pass's program: its outputs count as finite only where the pass's do (its
+    # block's exp(-inf) = 0 output is finite while the loss, that 0 times inf, is NaN: the zero is no structural
+    # one there, and a genuine NaN gradient was hidden). Outside any pass this reads the default, True.
+    within = _STATE.outputs_finite
     if transform:
-        _STATE.outputs_finite = _transforms.all_finite(outputs)
+        own = _transforms.all_finite(outputs)
         # read for the whole batch: the samples' outputs (vmap(grad)), or all outputs for each row (batched seeds)
-        _STATE.outputs_batched = not _STATE.outputs_finite and _transforms.batched((*outputs, *seeds))
+        _STATE.outputs_batched = not own and _transforms.batched((*outputs, *seeds))
+        _STATE.outputs_finite = own and within
     else:
-        _STATE.outputs_finite = all(bool(t.isfinite().all()) for t in outputs
-                                    if isinstance(t, torch.Tensor) and t.is_floating_point())
+        _STATE.outputs_finite = within and all(bool(t.isfinite().all()) for t in outputs
+                                               if isinstance(t, torch.Tensor) and t.is_floating_point())
     mode = _StrongZeroMode(carry=create_graph)
     mode.hands_down = nonfinite or export is not None  # (a nested pass: its own pass needs the zeros)
     if supports is not None:

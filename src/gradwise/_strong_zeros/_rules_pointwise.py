@@ -338,12 +338,15 @@ _EXP_AS_WEIGHTS = {LOG_SPACE_SUMS[aten.logsumexp]}
 @_register(aten.exp)
 def _exp(func, args, kwargs, sup):
     """exp in logsumexp's backward (`g * exp(x - result)`): an output that is exactly 0 because its input is
-    -inf (a masked or log(0) entry) is a structural zero; an underflow of a finite input is not."""
+    -inf (a masked or log(0) entry) is a structural zero; an underflow of a finite input is not. Every other
+    output is nonzero, a structural zero's too: exp(0) = 1 (its input's support, kept here until 2026-12-07,
+    annihilated a custom backward's ``g * exp(n)`` where ``n`` held structural zeros: finite gradients changed,
+    a genuine NaN hidden)."""
     out = func(*args, **kwargs)
     x = args[0]
-    support = sup.of(x)
+    support = None
     if _in_formula() and _is_float(x) and _in_node(*_EXP_AS_WEIGHTS) and bool(mask_any(x == -math.inf)):
-        support = (x != -math.inf) if support is None else support & (x != -math.inf)
+        support = x != -math.inf
     sup.record(out, support)
     return out
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from threading import get_ident
 
 import torch
 from torch._C import _set_grad_enabled
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import _StopRecomputationError
 
+from gradwise import _strong_zeros
 from gradwise._trace import _common, _kinds
 from gradwise._trace._common import _held, _inexact, _nonfinite, _op_name, _tensors
 from gradwise._trace._store import Birth as _Birth
@@ -124,6 +127,22 @@ class _Checks:
             self._pass_over(f"not explained ({type(exc).__name__}: {first[:120]})", func)
             return None
 
+    def _below_a_pass(self) -> bool:
+        """Whether a strong-zero pass's mode runs below this trace: the trace's own reads of an op's outputs (a sum,
+        its .item()) then run with the dispatch modes off. That mode took the .item() of an all-structural-zero
+        output (a where's never-selected branch) for structural zeros lost in an op with no rule, and on a genuine
+        NaN warned "structural zeros reached aten._local_scalar_dense.default ... may be contamination"."""
+        return _strong_zeros._STATE.in_mode or (self.thread != get_ident() and _strong_zeros.in_pass())
+
+    def _own_reads(self) -> contextlib.AbstractContextManager:
+        return _disable_current_modes() if self._below_a_pass() else contextlib.nullcontext()
+
+    def _read_flags(self, outs) -> list[float]:
+        if self._below_a_pass():
+            with _disable_current_modes():
+                return [_flag(o).item() for o in outs]
+        return [_flag(o).item() for o in outs]  # (the everyday path: no context manager per op)
+
     def _check(self, outs, dig) -> None:
         # PyTorch runs some ops' handlers with autograd live (a detach its autograd kernel calls): a reduction on
         # a tensor that requires grad would then make a node, and take an autograd sequence number. (The C
@@ -151,14 +170,15 @@ class _Checks:
                 self.flush()
             try:
                 # a sum per output (no stacking on CPU), over what it stores (an expanded view: once)
-                finite = all(math.isfinite(_flag(o).item()) for o in outs)
+                finite = all(math.isfinite(v) for v in self._read_flags(outs))
             except RuntimeError:  # a functorch-wrapped value (vmap): it cannot be read here
                 self._pass_over(_kinds.kind(outs[0]) or "unreadable", "a value")
                 return
             if not finite:
                 self._safely("a value", dig, [o for o in outs if _nonfinite(o)])
         else:
-            flag = _flag(outs[0]) if len(outs) == 1 else torch.stack([_flag(o).float() for o in outs]).sum()
+            with self._own_reads():
+                flag = _flag(outs[0]) if len(outs) == 1 else torch.stack([_flag(o).float() for o in outs]).sum()
             self.pending.append((flag, outs, dig))
             if len(self.pending) >= self.sync_every:
                 self.flush()
@@ -170,7 +190,8 @@ class _Checks:
         if self.pending:
             self.flush()
         try:
-            finite = math.isfinite(_flag(o).item())
+            (flag,) = self._read_flags((o,))
+            finite = math.isfinite(flag)
         except RuntimeError:  # a functorch-wrapped value (vmap): it cannot be read here
             return False
         if not finite and _nonfinite(o):  # (a sum can overflow on finite values)
@@ -182,7 +203,7 @@ class _Checks:
         if not self.pending:
             return
         pending, self.pending = self.pending, []
-        with _common.unprofiled():
+        with _common.unprofiled(), self._own_reads():
             flags = torch.stack([p[0].float() for p in pending]).tolist()
         for v, (_, outs, dig) in zip(flags, pending, strict=True):
             if not math.isfinite(v):

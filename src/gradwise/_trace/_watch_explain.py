@@ -209,7 +209,7 @@ def _no_user_hooks():
         # _engine_run_backward's own calls (its logging level), not the engine's: outside any backward, or, in a
         # backward that a custom backward starts (torch.autograd.grad inside it), the one call of its own that is
         # not torch's (it was named "your hook Logger.getEffectiveLevel", and the step went unexplained)
-        if torch._C._current_graph_task_id() == -1 or code is _LOG_LEVEL:
+        if torch._C._current_graph_task_id() == -1 or code is _LOG_LEVEL or _reads_log_level(frame):
             return None
         hook = engine_hook(frame)
         if hook is not None:
@@ -243,6 +243,15 @@ _RECOMPUTE = next((k for k in getattr(getattr(torch.utils.checkpoint, "_checkpoi
 _LOG_LEVEL = logging.Logger.getEffectiveLevel.__code__
 _STRIDED = torch.strided
 _NODE_SUFFIX = re.compile(r"Backward\d*$")
+
+
+def _reads_log_level(frame) -> bool:
+    """Whether this call is a method of a logging.Logger (torch's autograd logger): _engine_run_backward's read of
+    its level through a Logger subclass's own getEffectiveLevel (a logger class set with logging.setLoggerClass
+    before torch was imported), or, with that logger at DEBUG (TORCH_LOGS="+torch.autograd"), the log.debug of
+    the hooks torch puts on the graph. No hook of the user's: they were named "your hook
+    MyLogger.getEffectiveLevel" / "your hook Logger.debug", and the step went unexplained."""
+    return isinstance(frame.f_locals.get("self"), logging.Logger)
 
 
 def _node_op(name: str) -> str:
