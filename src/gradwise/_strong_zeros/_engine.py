@@ -280,8 +280,8 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
     mode.hands_down = nonfinite or export is not None  # (a nested pass: its own pass needs the zeros)
     if supports is not None:
         mode.supports = supports
-    if transform:  # unit seeds (a Jacobian's rows): the outputs a row does not select are unused in that row
-        for seed, support in _transforms.selecting_seeds(seeds, outputs):
+    if transform:  # PyTorch's standard basis (a Jacobian's rows): the outputs a row does not select are unused there
+        for seed, support in _transforms.selecting_seeds(seeds):
             mode.supports.record(seed, support)
     if _carry.CARRIED_VALUES:  # a create_graph pass's values with structural zeros, saved by this graph
         _carry.seed(mode.supports)
@@ -439,6 +439,7 @@ class _StrongZeros(contextlib.ContextDecorator):
                 _original_engine_run = torch.autograd._engine_run_backward
                 torch.autograd._engine_run_backward = _engine_run
                 _script.install(_strong_here)  # scripted code that takes a gradient: said (_script)
+                _transforms.record_bases()  # (kept: swapping the constructors back would recompile dynamo's guards)
             _installed += 1
         _STATE.depth += 1
 
