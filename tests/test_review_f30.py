@@ -101,3 +101,56 @@ def test_a_compiled_jacrev_reads_no_seed_and_keeps_its_graph():
     assert len(_transforms._BASES) <= before
     assert _same(got, plain) and _same(again, plain)
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The traced gradient's PlainBackwardWarning, given from dynamo's end-of-compile callback (8588c38): dynamo runs
+# those callbacks in a ``finally`` before counting the compile done, so a warning filtered into an error left
+# its pending-compile count at 1: no start/end callback (anyone's) ran for any later compile, gradwise's own
+# candidates were never settled, and every torch._dynamo.reset() raised AssertionError.
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fresh_dynamo(monkeypatch):
+    import torch._dynamo
+
+    from gradwise._strong_zeros import _engine
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(_engine, "_known_sites", set())
+    monkeypatch.setattr(_engine, "_pending_sites", [])
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_a_traced_gradient_warning_as_an_error_leaves_dynamo_working():
+    import warnings
+
+    import torch._dynamo
+
+    ends = []
+    torch._dynamo.callback_handler.register_end_callback(ends.append)
+    x = torch.tensor([1.0, 4.0], dtype=D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gw.PlainBackwardWarning)
+        with pytest.raises(gw.PlainBackwardWarning, match="computes a gradient inside"), gw.strong_zeros():
+            got = torch.compile(torch.func.grad(lambda t: t.sqrt().sum()), backend="aot_eager")(x)
+    assert torch.equal(got, 0.5 / x.sqrt())  # the compiled call itself completed
+    n = len(ends)
+    torch.compile(lambda t: t * 2, backend="aot_eager")(x)
+    assert len(ends) == n + 1  # later compiles run their end callbacks
+    torch._dynamo.reset()  # (raised AssertionError: "Cannot clear callbacks while 1 are pending")
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_a_traced_gradient_is_named_once_and_at_once_inside_the_block():
+    import warnings
+
+    x = torch.tensor([1.0, 4.0], dtype=D)
+    compiled = torch.compile(torch.func.grad(lambda t: t.sqrt().sum()), backend="aot_eager")
+    with gw.strong_zeros(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(x)
+        compiled(x)
+    assert sum("computes a gradient inside" in str(w.message) for w in caught) == 1
