@@ -70,6 +70,9 @@ BASES = {  # PyTorch's own standard basis, under more wrappers than the helper's
     "vmap(jacrev(chunk_size=1))": lambda x: torch.func.vmap(torch.func.jacrev(_two, chunk_size=1))(x.expand(2, 3))[1],
     "grad-free jacobian(vectorize) of a tuple": lambda x: torch.stack(
         torch.autograd.functional.jacobian(lambda v: (v[0] * v[1], v[2].sqrt()), x, vectorize=True)),
+    "jacrev(chunk_size=2, preallocated)": lambda x: torch.func.jacrev(_two, chunk_size=2,
+                                                                       _preallocate_and_copy=True)(x),
+    "jacrev in float32": lambda x: torch.func.jacrev(_two)(x.float()).double(),
 }
 
 
@@ -82,33 +85,16 @@ def test_pytorchs_basis_is_recognized_under_wrappers(name):
     assert _same(got, expected), got
 
 
-def test_a_compiled_jacrev_reads_no_seed_and_keeps_its_graph():
-    """Dynamo inlines jacrev and the wrapped basis constructor: nothing recorded from fake tensors, no graph break
-    (fullgraph), PyTorch's compiled bits; compiled first without the wrappers, then recompiled with them."""
-    import torch._dynamo
+def test_a_jacobian_with_create_graph_carries_the_bases_zeros():
+    """Row 0 of jacobian(vectorize=True, create_graph=True) is output 0's gradient [x1, x0, 0]: its derivative
+    summed is [1, 1, 0] (the program of output 0 alone), where the basis's 0 x inf made NaN."""
+    xx = _X.clone().requires_grad_()
+    with gw.strong_zeros():
+        jac = torch.autograd.functional.jacobian(_two, xx, vectorize=True, create_graph=True)
+        got = gw.grad(jac[0].sum(), xx)[0]
+    alone = torch.autograd.functional.hessian(lambda v: v[0] * v[1], _X).sum(0)
+    assert _same(got, alone), got
 
-    from gradwise._strong_zeros import _transforms
-
-    torch._dynamo.reset()
-    compiled = torch.compile(torch.func.jacrev(_two), backend="aot_eager", fullgraph=True)
-    x = torch.tensor([2.0, -3.0, 4.0], dtype=D)
-    plain = compiled(x)
-    before = len(_transforms._BASES)
-    with pytest.warns(gw.PlainBackwardWarning), gw.strong_zeros():
-        got = compiled(x)
-        again = torch.compile(torch.func.jacrev(_two, chunk_size=1), backend="aot_eager", fullgraph=True)(x)
-    assert all(not isinstance(t, torch._subclasses.FakeTensor) for t in list(_transforms._BASES.keys()))
-    assert len(_transforms._BASES) <= before
-    assert _same(got, plain) and _same(again, plain)
-    torch._dynamo.reset()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The traced gradient's PlainBackwardWarning, given from dynamo's end-of-compile callback (8588c38): dynamo runs
-# those callbacks in a ``finally`` before counting the compile done, so a warning filtered into an error left
-# its pending-compile count at 1: no start/end callback (anyone's) ran for any later compile, gradwise's own
-# candidates were never settled, and every torch._dynamo.reset() raised AssertionError.
-# ---------------------------------------------------------------------------------------------------------
 
 @pytest.fixture
 def fresh_dynamo(monkeypatch):
@@ -122,6 +108,115 @@ def fresh_dynamo(monkeypatch):
     yield
     torch._dynamo.reset()
 
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_a_compiled_jacrev_reads_no_seed_and_keeps_its_graph():
+    """Dynamo inlines jacrev and the wrapped basis constructor: nothing recorded from fake tensors, no graph break
+    (fullgraph), PyTorch's compiled bits; compiled first without the wrappers, then recompiled with them."""
+    import torch._dynamo
+
+    from gradwise._strong_zeros import _transforms
+
+    compiled = torch.compile(torch.func.jacrev(_two), backend="aot_eager", fullgraph=True)
+    x = torch.tensor([2.0, -3.0, 4.0], dtype=D)
+    plain = compiled(x)
+    before = len(_transforms._BASES)
+    with pytest.warns(gw.PlainBackwardWarning), gw.strong_zeros():
+        got = compiled(x)
+        again = torch.compile(torch.func.jacrev(_two, chunk_size=1), backend="aot_eager", fullgraph=True)(x)
+    assert all(not isinstance(t, torch._subclasses.FakeTensor) for t in list(_transforms._BASES.keys()))
+    assert len(_transforms._BASES) <= before
+    assert _same(got, plain) and _same(again, plain)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# out= comparisons in a custom backward (8f83e20), into buffers of every kind: a buffer that selects as the
+# functional comparison does has the deleted program's gradient; a float/uint8 buffer, an in-place comparison and
+# a view of a buffer written through another view are values (PyTorch's gradient).
+# ---------------------------------------------------------------------------------------------------------
+
+def _into_view(x):
+    m = torch.zeros(2, 4, dtype=torch.bool)[1]
+    return torch.gt(x, 1.5, out=m)
+
+
+def _into_strided(x):
+    return torch.gt(x, 1.5, out=torch.zeros(4, 2, dtype=torch.bool)[:, 1])
+
+
+def _into_a_view_of_a_selection(x):
+    y2 = torch.arange(8.0, dtype=D).view(2, 4)
+    return torch.gt(x, 1.5, out=(y2 == y2.amax())[1])
+
+
+def _logical_into(x):
+    return torch.logical_and(x > 1.5, x > -1.0, out=torch.empty(4, dtype=torch.bool))
+
+
+def _into_float(x):
+    return torch.gt(x, 1.5, out=torch.empty(4, dtype=D))
+
+
+def _into_uint8(x):
+    return torch.gt(x, 1.5, out=torch.empty(4, dtype=torch.uint8))
+
+
+def _in_place(x):
+    return x.clone().gt_(1.5)
+
+
+def _read_through_another_view(x):
+    sel = torch.ones(2, 4, dtype=D) > 0
+    torch.gt(x, 1.5, out=sel[1])
+    return sel[1]
+
+
+OUT_BUFFERS = {_into_view: True, _into_strided: True, _into_a_view_of_a_selection: True, _logical_into: True,
+               _into_float: False, _into_uint8: False, _in_place: False, _read_through_another_view: False}
+
+
+def _masked_by(select):
+    class Masked(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * 1.0
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * select(ctx.saved_tensors[0])
+
+    return Masked
+
+
+@pytest.mark.parametrize("select", list(OUT_BUFFERS), ids=lambda f: f.__name__)
+def test_out_comparison_buffers(select):
+    masked = _masked_by(select)
+    x = torch.tensor([2.0, 0.0, 3.0, 1.0], dtype=D, requires_grad=True)
+    plain = torch.autograd.grad(masked.apply(x).sqrt().sum(), x)[0]
+    assert bool(plain[1].isnan()), "premise: PyTorch is contaminated"
+    if OUT_BUFFERS[select]:  # x1's sqrt deleted (x1 = 4: its slope times False is 0)
+        kept = torch.tensor([2.0, 4.0, 3.0, 1.0], dtype=D, requires_grad=True)
+        expected = torch.autograd.grad(masked.apply(kept).sqrt().sum(), kept)[0]
+        expected[1] = 0.0
+    else:
+        expected = plain
+    assert _same(gw.grad(masked.apply(x).sqrt().sum(), x)[0], expected)
+    finite = torch.tensor([2.0, 0.5, 3.0, 1.0], dtype=D, requires_grad=True)  # finite: PyTorch's bits
+    assert _same(gw.grad(masked.apply(finite).sqrt().sum(), finite)[0],
+                 torch.autograd.grad(masked.apply(finite).sqrt().sum(), finite)[0])
+    nan_x = torch.tensor([2.0, nan, 3.0, 1.0], dtype=D, requires_grad=True)  # a used NaN stays (gt decides nothing)
+    w = torch.tensor([1.0, inf, 1.0, 1.0], dtype=D)
+    assert _same(gw.grad((masked.apply(nan_x) * w).sum(), nan_x)[0],
+                 torch.autograd.grad((masked.apply(nan_x) * w).sum(), nan_x)[0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The traced gradient's PlainBackwardWarning, given from dynamo's end-of-compile callback (8588c38): dynamo runs
+# those callbacks in a ``finally`` before counting the compile done, so a warning filtered into an error left
+# its pending-compile count at 1: no start/end callback (anyone's) ran for any later compile, gradwise's own
+# candidates were never settled, and every torch._dynamo.reset() raised AssertionError.
+# ---------------------------------------------------------------------------------------------------------
 
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_a_traced_gradient_warning_as_an_error_leaves_dynamo_working():
