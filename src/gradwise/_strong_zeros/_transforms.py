@@ -171,7 +171,8 @@ def _recorded_basis(construct: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(construct)
     def whole(*args: Any, **kwargs: Any) -> Any:
         basis = construct(*args, **kwargs)
-        _remember(basis or ())
+        if isinstance(basis, (tuple, list)):  # (never iterate what another wrapper made a generator)
+            _remember(basis)
         return basis
     return whole
 
