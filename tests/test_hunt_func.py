@@ -44,12 +44,15 @@ def _reference() -> torch.Tensor:
     return torch.stack([AF.jacobian(row, _X) for row in _ROWS])
 
 
-JACOBIANS = {
+JACOBIANS = {  # PyTorch's standard basis (recognized by identity): each row selects its output
     "jacrev": lambda x: torch.func.jacrev(_two)(x),
     "jacrev(chunk_size=1)": lambda x: torch.func.jacrev(_two, chunk_size=1)(x),
+    "jacrev(chunk_size=2)": lambda x: torch.func.jacrev(_two, chunk_size=2)(x),
     "jacobian(vectorize=True)": lambda x: AF.jacobian(_two, x, vectorize=True),
-    "vmap(vjp)(eye)": lambda x: torch.func.vmap(torch.func.vjp(_two, x)[1])(torch.eye(2, dtype=D))[0],
     "vmap(jacrev)": lambda x: torch.func.vmap(torch.func.jacrev(_two))(x.expand(2, 3))[1],
+}
+USER_SEEDS = {  # the caller's eye: cotangents, values (as the eager gw.grad(y, x, e_i) keeps them)
+    "vmap(vjp)(eye)": lambda x: torch.func.vmap(torch.func.vjp(_two, x)[1])(torch.eye(2, dtype=D))[0],
     "is_grads_batched": lambda x: _batched_seeds(x, torch.autograd.grad),
     "gw.grad(is_grads_batched)": lambda x: _batched_seeds(x, gw.grad),
 }
@@ -64,10 +67,23 @@ def _batched_seeds(x, grad):
 def test_a_jacobians_unit_seeds_select_their_output(name):
     expected = _reference()
     assert float(expected[0, 2]) == 0.0 and float(expected[1, 2]) == inf
-    plain = JACOBIANS["is_grads_batched" if name.startswith("gw.") else name](_X)
+    plain = JACOBIANS[name](_X)
     assert bool(plain[0, 2].isnan()), "premise: PyTorch is contaminated"
     with gw.strong_zeros():
         got = JACOBIANS[name](_X)
+    assert _same(got, expected), got
+
+
+@pytest.mark.parametrize("name", list(USER_SEEDS))
+def test_a_callers_eye_is_a_value(name):
+    """The same unit rows, passed by the caller: a cotangent, whose 0 x inf is the product asked for, row by row as
+    the eager gw.grad with that seed gives it (nothing decided by a seed's values)."""
+    xx = _X.clone().requires_grad_()
+    y = _two(xx)
+    expected = torch.stack([gw.grad(y, xx, e, retain_graph=True)[0] for e in torch.eye(2, dtype=D)])
+    assert bool(expected[0, 2].isnan())
+    with gw.strong_zeros():
+        got = USER_SEEDS[name](_X)
     assert _same(got, expected), got
 
 
@@ -94,12 +110,13 @@ def test_seeds_of_other_values_stay_values():
     assert _same(got, expected)
 
 
-@pytest.mark.parametrize("name", list(JACOBIANS))
+@pytest.mark.parametrize("name", [*JACOBIANS, *USER_SEEDS])
 def test_unit_seeds_on_finite_data_are_pytorchs_bits(name):
+    call = {**JACOBIANS, **USER_SEEDS}[name]
     x = torch.tensor([2.0, -3.0, 4.0], dtype=D)
-    plain = JACOBIANS[name](x)
+    plain = call(x)
     with gw.strong_zeros():
-        got = JACOBIANS[name](x)
+        got = call(x)
     assert _same(got, plain)
 
 

@@ -72,6 +72,8 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
     path calls the engine exactly once with the caller's retain_graph/create_graph, so what the engine frees,
     what a backward sees (``_get_current_graph_task_keep_graph``) and what hooks run are PyTorch's."""
     assert _original_engine_run is not None
+    if _pending_sites and not _STATE.in_mode:  # a traced gradient's warning raised as an error at a compile's end
+        _warn_traced_gradients()
     if unseen_reader is not None and (tracer := unseen_reader.unseen()) is not None:  # (see _observe)
         return unseen_reader.read(tracer, _engine_run, t_outputs, grad_tensors, retain_graph, create_graph, inputs,
                                   allow_unreachable, accumulate_grad)
@@ -289,8 +291,8 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
     mode.hands_down = nonfinite or export is not None  # (a nested pass: its own pass needs the zeros)
     if supports is not None:
         mode.supports = supports
-    if transform:  # unit seeds (a Jacobian's rows): the outputs a row does not select are unused in that row
-        for seed, support in _transforms.selecting_seeds(seeds, outputs):
+    if transform:  # PyTorch's standard basis (a Jacobian's rows): the outputs a row does not select are unused there
+        for seed, support in _transforms.selecting_seeds(seeds):
             mode.supports.record(seed, support)
     if _carry.CARRIED_VALUES:  # a create_graph pass's values with structural zeros, saved by this graph
         _carry.seed(mode.supports)
@@ -448,6 +450,7 @@ class _StrongZeros(contextlib.ContextDecorator):
                 _original_engine_run = torch.autograd._engine_run_backward
                 torch.autograd._engine_run_backward = _engine_run
                 _script.install(_strong_here)  # scripted code that takes a gradient: said (_script)
+                _transforms.record_bases()  # (kept: swapping the constructors back would recompile dynamo's guards)
             _installed += 1
         _STATE.depth += 1
 
@@ -459,6 +462,8 @@ class _StrongZeros(contextlib.ContextDecorator):
             if _installed == 0:
                 torch.autograd._engine_run_backward = _original_engine_run
                 _script.uninstall()
+        if _pending_sites and exc[0] is None:  # (an error at a compile's end: see _settle_traced_gradients)
+            _warn_traced_gradients()
 
 
 def _strong_here() -> bool:
@@ -517,31 +522,40 @@ def _settle_traced_gradients(_args: Any = None) -> None:
     """At the end of a dynamo compile: a gradient it ran on fake tensors is computed by a compiled graph only if its
     node is part of one (its graph became a GraphModule and kept it). A speculation dynamo dropped (a graph break
     inside a torch.func transform after the gradient: the transform then runs eagerly, with strong zeros) is no
-    such gradient, and warning of it called strong gradients PyTorch's."""
+    such gradient, and warning of it called strong gradients PyTorch's. Dynamo runs its end callbacks in a
+    ``finally``, before it counts the compile done: nothing may raise here (a warning filtered into an error left
+    that count at 1, so no callback ran for any later compile and ``torch._dynamo.reset()`` raised), so such a
+    warning is raised where it is safe (the block's exit, the next backward, the next block's entry)."""
     with _INSTALL_LOCK:
         done = _candidates[:]
         _candidates.clear()
     for site, node in done:
         if node.graph.owning_module is not None and not getattr(node, "_erased", False):
-            _note_traced_site(site)
+            _note_traced_site(site, raise_later=True)
 
 
-
-def _note_traced_site(site: str) -> None:
+def _note_traced_site(site: str, raise_later: bool = False) -> None:
     with _INSTALL_LOCK:
         if site not in _known_sites:
             _known_sites.add(site)
             _pending_sites.append(site)
     if _STATE.depth or _process_wide or _installed:  # _installed: a block open on another thread, entered before
-        _warn_traced_gradients()  # this compile, may call the function now with no entry left to warn at
+        _warn_traced_gradients(raise_later)  # this compile, may call the function now with no entry left to warn at
 
 
-def _warn_traced_gradients() -> None:
+def _warn_traced_gradients(raise_later: bool = False) -> None:
     with _INSTALL_LOCK:
         sites = _pending_sites[:]
         _pending_sites.clear()
-    for site in sites:
-        _contract.warn_traced_gradient(site)
+    for i, site in enumerate(sites):
+        try:
+            _contract.warn_traced_gradient(site)
+        except Exception:
+            if not raise_later:
+                raise
+            with _INSTALL_LOCK:  # (a warning filtered into an error: pending again, raised where that is safe)
+                _pending_sites[:0] = sites[i:]
+            return
 
 
 @contextlib.contextmanager

@@ -17,10 +17,11 @@ hooks get wrappers). It runs without a plan, always under the mode (the 'check' 
   (``is_grads_batched=True``, whose legacy vmap unwraps the same way);
 - not while ``torch.compile`` traces (``compiling()``: the compiled graph's own treatment).
 
-Seeds whose values are all 0 or 1 (a Jacobian's unit rows: jacrev, ``jacobian(vectorize=True)``) select outputs, and
-their zeros are structural (``selecting_seeds``). Anything else keeps running as plain PyTorch with a
-``PlainBackwardWarning``. An eager backward under a forward-AD dual level runs strong; where its results' tangents
-hold NaN/Inf, the forward formulas it cannot follow are named (``tangents_finite``).
+PyTorch's standard basis (a Jacobian's unit rows: jacrev, ``jacobian(vectorize=True)``), recognized by identity,
+selects outputs, and its zeros are structural (``selecting_seeds``); every other seed is a value. Anything else
+keeps running as plain PyTorch with a ``PlainBackwardWarning``. An eager backward under a forward-AD dual level
+runs strong; where its results' tangents hold NaN/Inf, the forward formulas it cannot follow are named
+(``tangents_finite``).
 
 A backward recorded by PyTorch's own autograd below the transforms (a parameter that requires grad, captured by the
 transformed function) is the eager ``create_graph`` case: ``_carry`` carries its structural zeros, as there.
@@ -32,6 +33,7 @@ _rules_bilinear, _rules_opdb, _rules_pointwise.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -47,8 +49,10 @@ from torch._C._functorch import (
     is_legacy_batchedtensor,
     maybe_get_level,
 )
+from torch._functorch import eager_transforms
 from torch._functorch.eager_transforms import _autograd_grad
 from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from gradwise._strong_zeros import _contract
 from gradwise._strong_zeros._autograd_graph import _root_nodes, _walk
@@ -131,48 +135,81 @@ def all_finite(tensors: Iterable[Any]) -> bool:
         return all(bool((_legacy_physical(t) if is_legacy_batchedtensor(t) else t).isfinite().all()) for t in plain)
 
 
-def selecting_seeds(seeds: Iterable[Any], outputs: Iterable[Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(physical seed, support) for each floating-point seed whose every value, every row at once, is 0 or 1 and
-    one of them 0: a row of such seeds selects outputs (jacrev's and ``jacobian(vectorize=True)``'s standard
-    basis, one row per output; ``chunk_size=1`` hands each row over unbatched), so the gradient each row asks
-    for is that of the selected outputs alone, and the others are unused there: their seed's 0 is a structural
-    zero, as a slice's backward makes for ``y[i]``. Read as ``all_finite`` reads (the plain tensors under the
-    wrappers, with the transforms set aside). A seed of other values (a vjp's arbitrary cotangent) stays a
-    value, and so does one whose storage the graph of ``outputs`` saved (a 0/1 mask the forward multiplied by:
-    supports are per storage, and its zeros there are values)."""
+# PyTorch's standard bases, the seeds it builds to compute a Jacobian a row at a time (jacrev's and jacfwd's
+# _chunked_standard_basis_for_, torch.autograd.functional's _construct_standard_basis_for): the plain tensors under
+# the wrappers of what the constructors returned, by the root of their views (chunk_size=1 squeezes each row out,
+# a legacy batch dim's removal views it), kept while they live. Recognized by identity, never by value: a seed of
+# the caller's, an eye or a 0/1 mask, is a cotangent (a value), as gw.grad(y, x, mask) keeps it in eager code.
+_BASES = WeakTensorKeyDictionary()
+_BASIS_CONSTRUCTORS = ((eager_transforms, "_chunked_standard_basis_for_"),
+                       (torch.autograd.functional, "_construct_standard_basis_for"))
+
+
+def _root(t: torch.Tensor) -> torch.Tensor:
+    t = _plain(t)
+    return t if t._base is None else t._base
+
+
+def _remember(basis: Iterable[Any]) -> None:
+    if torch.compiler.is_compiling():  # (dynamo inlines the constructor: the graph's tensors, and no side effect)
+        return
+    for t in basis:
+        if isinstance(t, torch.Tensor) and not is_legacy_batchedtensor(t):
+            _BASES[_root(t)] = None
+
+
+def _recorded_basis(construct: Callable[..., Any]) -> Callable[..., Any]:
+    """``construct`` (one of PyTorch's standard-basis constructors), its results remembered in ``_BASES``."""
+    if inspect.isgeneratorfunction(construct):
+        @functools.wraps(construct)
+        def chunks(*args: Any, **kwargs: Any) -> Any:
+            for basis in construct(*args, **kwargs):
+                _remember(basis)
+                yield basis
+        return chunks
+
+    @functools.wraps(construct)
+    def whole(*args: Any, **kwargs: Any) -> Any:
+        basis = construct(*args, **kwargs)
+        if isinstance(basis, (tuple, list)):  # (never iterate what another wrapper made a generator)
+            _remember(basis)
+        return basis
+    return whole
+
+
+def record_bases() -> None:
+    """Wrap PyTorch's standard-basis constructors (once, from the first strong-zeros block on; the caller holds the
+    install lock). functorch's ``_construct_standard_basis_for`` and every jacrev/jacfwd chunk go through
+    ``_chunked_standard_basis_for_``, looked up as a module global at each call."""
+    for module, name in _BASIS_CONSTRUCTORS:
+        construct = getattr(module, name)
+        if not getattr(construct, "_gradwise_basis", False):
+            wrapped = _recorded_basis(construct)
+            wrapped._gradwise_basis = True  # type: ignore[attr-defined]
+            setattr(module, name, wrapped)
+
+
+def selecting_seeds(seeds: Iterable[Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(physical seed, support) for each seed that is PyTorch's standard basis (``_BASES``, by identity: the plain
+    tensor under its wrappers, a view of a remembered one): row i of such a seed selects output i (jacrev's,
+    ``jacobian(vectorize=True)``'s and ``hessian(vectorize=True)``'s, batched or one row at a time with
+    ``chunk_size=1``), so the gradient a row asks for is that of its output alone and the others are unused
+    there: the basis's 0 is a structural zero, as a slice's backward makes for ``y[i]``. The support is where the
+    basis is nonzero, a tensor op on the plain tensor with the transforms set aside (no value read, nothing decided
+    by value). Every other seed is the caller's cotangent, a value (a user's ``vmap(vjp_fn)(torch.eye(n))`` too,
+    as the eager ``gw.grad(y, x, e_i)`` keeps it)."""
     found = []
+    if not _BASES:
+        return found
     with temporarily_clear_interpreter_stack(), torch.no_grad():
         for t in seeds:
             if not isinstance(t, torch.Tensor):
                 continue
             p = _plain(t)
             p = _legacy_physical(p) if is_legacy_batchedtensor(p) else p
-            if not p.is_floating_point() or p.layout != torch.strided or p.numel() == 0:
-                continue
-            zero = p == 0
-            if bool(zero.any()) and bool((zero | (p == 1)).all()):
-                found.append((p, ~zero))
-    if found:
-        saved = _saved_storages(outputs)
-        found = [(p, s) for p, s in found if p.untyped_storage()._cdata not in saved]
-    return found
-
-
-def _saved_storages(outputs: Iterable[Any]) -> set[int]:
-    """The storages of the tensors the graph of ``outputs`` saved, read under their wrappers."""
-    from gradwise._strong_zeros._node_facts import _raw_saved
-
-    found = set()
-    for node in _walk(_root_nodes(tuple(outputs))):
-        for raw in _raw_saved(node):
-            try:
-                t = raw.data
-            except RuntimeError:  # freed, or packed by a hook (no storage of the seed's then)
-                continue
-            if isinstance(t, torch.Tensor):
-                t = _plain(t)
-                if t.layout == torch.strided and not is_legacy_batchedtensor(t):
-                    found.add(t.untyped_storage()._cdata)
+            if p.layout == torch.strided and p.is_floating_point() and (p._base if p._base is not None else p) \
+                    in _BASES:
+                found.append((p, p != 0))
     return found
 
 
