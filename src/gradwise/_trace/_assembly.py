@@ -93,8 +93,9 @@ class _Assembly:
                 key = _site(inc.kind, birth)
                 # each birth counted once (the DataLoader batches arriving at one line are births of their own, so
                 # are a NaN and an Inf one line writes: the Inf's 0 x inf was counted 0 beside the NaN)
-                new = birth not in arrived.get(key, ()) if birth.op == "input" else id(birth) not in counted.get(key, ())
-                counted.setdefault(key, set()).add(id(birth))
+                seen = counted.setdefault(key, set())
+                new = birth not in arrived.get(key, ()) if birth.op == "input" else id(birth) not in seen
+                seen.add(id(birth))
                 if birth.op == "input":  # every input that arrived non-finite at that line, named below
                     arrived.setdefault(key, {}).update(
                         (b, None) for b in sorted(inc.births, key=_order) if b.op == "input" and b.loc == birth.loc)
