@@ -75,3 +75,31 @@ def test_a_nan_and_an_inf_one_line_writes_are_both_counted(written):
         program()
     assert {f.born_op for f in _genuine(report)} == {"aten.copy_"}
     assert sum(f.count for f in _genuine(report)) == len(written)
+
+
+@pytest.mark.parametrize("mix", ["mask_mul", "relu"])
+def test_a_nan_a_computed_zero_sensitivity_meets_is_still_used(mix):
+    """SILENT before (a regression of trace30's sensitivity count): `log(x) * mask @ W`, log's NaN in a kept row and
+    two in rows the mask multiplies by 0: NaN x 0 is NaN, so all three reach the output and W.grad, but the finding
+    counted 1 element: log's incoming sensitivity is 0 there (the mask's derivative), a zero the program computed,
+    not a structural one, and each zero was read as an element the output does not use. Reference: each NaN
+    element alone, whether the output is non-finite."""
+    keep = (torch.arange(6)[:, None] < 3).float()
+    mixes = {"mask_mul": lambda y: y * keep, "relu": lambda y: torch.where(keep.bool(), y, y.relu())}
+    at = [(0, 0), (4, 2), (5, 3)]
+
+    def program(x, w):
+        return mixes[mix](x.clone().requires_grad_().log()).matmul(w).sum()
+
+    torch.manual_seed(0)
+    x, w = torch.rand(6, 4) + 0.5, torch.randn(4, 3, requires_grad=True)
+    used = 0
+    for i in at:
+        alone = x.clone()
+        alone[i] = -1.0
+        used += not bool(program(alone, w.detach()).isfinite())
+    for i in at:
+        x[i] = -1.0
+    with gw.trace() as report:
+        program(x, w).backward()
+    assert [(f.born_op, f.count) for f in _genuine(report)] == [("aten.log", used)]
