@@ -103,3 +103,35 @@ def test_a_nan_a_computed_zero_sensitivity_meets_is_still_used(mix):
     with gw.trace() as report:
         program(x, w).backward()
     assert [(f.born_op, f.count) for f in _genuine(report)] == [("aten.log", used)]
+
+
+_PIECES = {"split": lambda y: y.split(4)[0], "unbind": lambda y: y.unbind(0)[0], "chunk": lambda y: y.chunk(3)[0],
+           "split of a transpose": lambda y: y.t().split(2, 1)[0],
+           "split, the padding's piece": lambda y: y.split(4)[1]}
+
+
+@pytest.mark.parametrize("case", list(_PIECES))
+def test_a_piece_of_a_split_keeps_only_its_own_births(case):
+    """SILENT before: `(x * w).split(4)[0]` (or unbind, chunk) where x's rows 4: are NaN padding and x[0, 0] is
+    Inf: the piece took every part's births (a view op returning several pieces was run on each part's mask, and a
+    list was no piece), so the padding split away was a "genuine NaN" finding. The reference: strong-zero
+    gradients with each write alone (the padding's piece, split(4)[1], uses it)."""
+    def program(pad: bool, inf: bool):
+        torch.manual_seed(0)
+        w = torch.randn(6, 4, requires_grad=True)
+        x = torch.randn(6, 4)
+        if pad:
+            x[4:] = float("nan")
+        if inf:
+            x[0, 0] = float("inf")
+        _PIECES[case](x.clone() * w).pow(2).sum().backward()
+        return w
+
+    genuine = set()
+    for name, writes in (("aten.fill_", (True, False)), ("aten.copy_", (False, True))):
+        with gw.strong_zeros():
+            if not bool(program(*writes).grad.isfinite().all()):
+                genuine.add(name)
+    with gw.trace() as report:
+        program(True, True)
+    assert {f.born_op for f in _genuine(report)} == genuine
