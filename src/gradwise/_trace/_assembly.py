@@ -67,6 +67,7 @@ class _Assembly:
         unreached: dict[tuple, int] = {}  # contamination no gradient received: (op, line) -> elements
         arrived: dict[tuple, dict] = {}  # a finding of data that arrived non-finite -> its input births (in order)
         aligned = _used_elements(self.store.incidents.values(), since)
+        counted: dict[tuple, set] = {}  # a genuine finding's key -> the births (ids) whose elements it counts
         for inc in sorted(self.store.incidents.values(), key=lambda i: i.order):
             if inc.serial <= since:
                 continue
@@ -90,8 +91,11 @@ class _Assembly:
                     arrived.setdefault(key, {})[birth] = None
             elif birth is not None:  # named by where it was born
                 key = _site(inc.kind, birth)
-                # each birth counted once (the DataLoader batches arriving at one line are births of their own)
-                new = key not in found.by_key or (birth.op == "input" and birth not in arrived.get(key, ()))
+                # each birth counted once (the DataLoader batches arriving at one line are births of their own, so
+                # are a NaN and an Inf one line writes: the Inf's 0 x inf was counted 0 beside the NaN)
+                seen = counted.setdefault(key, set())
+                new = birth not in arrived.get(key, ()) if birth.op == "input" else id(birth) not in seen
+                seen.add(id(birth))
                 if birth.op == "input":  # every input that arrived non-finite at that line, named below
                     arrived.setdefault(key, {}).update(
                         (b, None) for b in sorted(inc.births, key=_order) if b.op == "input" and b.loc == birth.loc)

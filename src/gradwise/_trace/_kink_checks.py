@@ -84,7 +84,12 @@ class _KinkChecks:
                     continue
                 strong = self._strong_of(s)
                 ref = strong if strong is not None and strong.shape == s.shape else s
-                n, idx = _positions(mask & (ref != 0))
+                # a zero that is no structural one (NaN x a 0 mask, relu of NaN: the forward carries the NaN on)
+                # leaves the element used; only the shadow's structural zeros drop it
+                support = self.shadow.mode.supports.of(ref) if self.shadow is not None and ref is strong else None
+                if support is None:
+                    continue
+                n, idx = _positions(mask & ((ref != 0) | support.broadcast_to(s.shape)))
                 birth.sensed = (birth.sensed or 0) + n
                 birth.sensed_indices = birth.sensed_indices or idx
             nd.born = []

@@ -154,6 +154,8 @@ class _Parts:
         kept = []
         for m, births in self.parts[t]:
             sel = func(m, *args[1:])
+            if isinstance(sel, (list, tuple)):  # split, unbind, chunk: the piece that is ``o``
+                sel = _piece(sel, o, t, m)
             if isinstance(sel, torch.Tensor) and sel.shape == o.shape and bool(mask_any(sel)):
                 kept.append((sel, births))
         if len(kept) > 1:
@@ -188,6 +190,18 @@ class _Parts:
             return self._origin(t, loc)
         got = frozenset().union(*(births for m, births in parts if bool(mask_any(m.broadcast_to(where.shape) & where))))
         return got or self._origin(t, loc)
+
+
+def _piece(pieces, o: torch.Tensor, t: torch.Tensor, m: torch.Tensor) -> torch.Tensor | None:
+    """Of a multi-output view op run on the mask ``m`` of ``t``: the piece at ``o``'s place (the same shape and
+    offset in the mask as ``o`` has in ``t``, laid out alike); None where that is not known. Without it a piece of
+    ``h.split(4)`` took every part's births: the padding rows split away were a genuine finding of their own."""
+    if m.stride() != t.stride():
+        return None
+    at = o.storage_offset() - t.storage_offset()
+    got = [p for p in pieces if isinstance(p, torch.Tensor) and p.shape == o.shape and
+           p.storage_offset() - m.storage_offset() == at]
+    return got[0] if len(got) == 1 else None
 
 
 def _schema_arg(func, args, name: str, default):

@@ -55,6 +55,14 @@ class _SavedMeets:
                 if t in self.sens:
                     nonzero = nonzero | (_nonzero(t, finite_only)).broadcast_to(o.shape)
             met = met & nonzero
+            if any(t in self.parts for t in saved):
+                # the births of the parts met (not a padding row's beside the used row's NaN a zero sensitivity
+                # leaves alone: its fill_ was a genuine finding of its own)
+                births = frozenset().union(*(self._origin_at(t, loc, met & mask) for t in saved))
+                if not births - before:
+                    if not (shadowed and finite_only):
+                        return
+                    met = None
         elif func.overloadpacket in _BILINEAR and args is not None:
             met = self._indicators(func, args, saved, o, out, finite_only=finite_only)
         if shadowed:
