@@ -223,6 +223,10 @@ def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
     mode = running_mode()
     _STATE.in_mode, _STATE.transform, _STATE.outputs_batched = False, False, False
     _STATE.export = mode.supports if mode is not None and mode.hands_down else None
+    if _STATE.checkpoint_forward:  # a checkpoint's recomputation of the user's forward: planned as in that
+        # forward (where no pass ran), or it saves other tensors than the forward did ('a different number of
+        # tensors was saved'): nothing handed down, its outputs' finiteness its own
+        _STATE.export, _STATE.outputs_finite = None, True
     try:
         with _outside_the_pass():
             return engine_run(*args)
