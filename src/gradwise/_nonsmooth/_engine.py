@@ -242,10 +242,13 @@ def _check_no_jump(f, xs, single, run: _Run, values: list[Tensor], exact: bool =
     if not jumps:
         return
     _ctx.restore_state()
-    with _ctx.pass_context(), torch.no_grad():  # (checkpoints plainly: no reentrant "requires_grad" warning)
-        plain = _outputs(_call(f, tuple(x.detach() for x in xs), single))
+    # (checkpoints plainly: no reentrant "requires_grad" warning); f that runs a reverse pass through its inputs
+    # (a gradient penalty) needs inputs that require grad, as a plain call of f does
+    with _ctx.pass_context(), torch.set_grad_enabled(run.reverses):
+        plain = _outputs(_call(f, tuple(x.detach().requires_grad_(run.reverses and x.is_floating_point())
+                                        for x in xs), single))
     for p, q in zip(values, plain, strict=True):
-        p, q = p.detach().nan_to_num(), q.nan_to_num()
+        p, q = p.detach().nan_to_num(), q.detach().nan_to_num()
         tol = 0.0 if exact else 100 * torch.finfo(q.dtype).eps if q.is_floating_point() else 0.0
         if not torch.allclose(p, q, rtol=tol, atol=tol):
             k = next((k for k in jumps if k.second_order), jumps[0])
@@ -401,7 +404,7 @@ def _full_pass_grad(f, xs, single, d, gen, run_kw, used: set[int], strip_after: 
     _check_no_jump(f, xs, single, probe, [y])
     if any(k.comparison or k.indices_read for k in probe.kinks):  # and along -d: one jumping side is enough
         back = _Run(**run_kw)
-        _, opposite, _, _ = _run(f, xs, single, tuple(None if v is None else -v for v in d), back, False)
+        _, opposite, _, _ = _run(f, xs, single, tuple(None if v is None else -v for v in d), back, probe.reverses)
         _check_no_jump(f, xs, single, back, [p for p, _ in opposite])
     _ctx.check_functions(y, _user_line())
     return _grads(y, leaves, xs), probe, y.detach()
