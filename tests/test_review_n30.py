@@ -186,3 +186,19 @@ def test_an_s_constant_along_d_written_with_cancelling_terms_keeps_its_value(k, 
     var = lambda v: torch.where((v * v).mean() - v.mean() ** 2 > 0, v.sum(), -v.sum())
     got = gw.directional_derivative(var, torch.zeros(5, dtype=dtype), shift).item()
     assert got == pytest.approx(-shift.sum().item(), rel=1e-6)
+
+
+def _writes_into_its_input(x):
+    x.mul_(1.0)
+    return torch.where(x * x > 0, x, -x)
+
+
+def test_directional_derivative_of_f_writing_into_its_input_at_a_second_order_tie():
+    """f'(0; 1) = 1 (x * x > 0 off 0). The base said -1 (silently); session 30's extra pass with a graph leaked
+    autograd's RuntimeError ('a view of a leaf Variable that requires grad is being used in an in-place
+    operation'), which f never asked for. Now a NonsmoothError naming the comparison and the way out."""
+    x = torch.zeros(2, dtype=D)
+    with torch.no_grad():
+        assert ((_writes_into_its_input(1e-6 * torch.ones(2, dtype=D)) - 0) / 1e-6).tolist() == [1.0, 1.0]
+    with pytest.raises(NonsmoothError, match="in place"):
+        gw.directional_derivative(_writes_into_its_input, x, torch.ones(2, dtype=D))

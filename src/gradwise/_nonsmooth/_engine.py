@@ -228,7 +228,16 @@ def directional_derivative(f: Callable, inputs: Tensor | tuple[Tensor, ...],
     gen = torch.Generator().manual_seed(0)
     run, (out, primals, _, _) = _lex_passes(f, xs, single, ds, gen, False)
     if run.needs_second:  # a comparison's argument has tangent 0: its second-order tangent needs a graph
-        run, (out, primals, _, _) = _lex_passes(f, xs, single, ds, torch.Generator().manual_seed(0), True)
+        k = next((k for k in run.kinks if k.second_order), None)
+        try:
+            run, (out, primals, _, _) = _lex_passes(f, xs, single, ds, torch.Generator().manual_seed(0), True)
+        except RuntimeError as e:  # (autograd refuses f's in-place writes into inputs that require grad)
+            if "in-place" not in str(e):
+                raise
+            raise NonsmoothError(f"{k.op if k else 'a comparison'} at {k.location if k else _user_line()}: its "
+                                 "argument has tangent 0 along the direction, and which side of its jump it goes "
+                                 "to is read from autograd's graph of f, which f cannot build: it writes in place "
+                                 f"into its inputs ({str(e).splitlines()[0]}). Clone them inside f first") from None
         primals = [(p.detach(), None if t is None else t.detach()) for p, t in primals]
     _check_no_jump(f, xs, single, run, [p for p, _ in primals], exact=True)
     tangents = [torch.zeros_like(p) if t is None else t for p, t in primals]
