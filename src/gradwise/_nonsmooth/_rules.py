@@ -188,9 +188,9 @@ def _second_order_key(run: _Run, op: str, sp: Tensor, rows: Tensor, ds: Tensor, 
     pairs = [(leaf, d) for leaf, d in zip(leaves, dirs, strict=True) if d is not None]
     picked = rows[zero]
     with torch._C.DisableTorchFunction(), torch.enable_grad():  # (gradwise's own graph work: not f's ops)
-        second = _second_orders(op, pairs, sp, picked)
+        second, opaque = _second_orders(op, pairs, sp, picked)
         if second is not None and mask_any(second != 0):
-            scaled = _second_orders(op, [(p, d * _SCALE) for p, d in pairs], sp, picked)
+            scaled, _ = _second_orders(op, [(p, d * _SCALE) for p, d in pairs], sp, picked)
             scaled = second.new_zeros(()) if scaled is None else scaled / _SCALE**2
             rtol = torch.finfo(second.dtype).eps ** 0.5 if second.is_floating_point() else 0.0
             second = torch.where((second - scaled).abs() <= rtol * torch.maximum(second.abs(), scaled.abs()),
@@ -198,25 +198,33 @@ def _second_order_key(run: _Run, op: str, sp: Tensor, rows: Tensor, ds: Tensor, 
     out = ds.clone()
     if second is not None:
         out[zero] = second.to(out.dtype)
-    if mask_any(out[zero] == 0):
-        _check_custom_second(op, sp)
+    if opaque and mask_any(out[zero] == 0):
+        _refuse_opaque(op, sp)
     return out
 
 
 _SCALE = 0.7  # (not a power of 2: rounding noise in s'' then does not scale as _SCALE**2)
 
 
-def _second_orders(op: str, pairs: list, sp: Tensor, picked: Tensor) -> Tensor | None:
+def _second_orders(op: str, pairs: list, sp: Tensor, picked: Tensor) -> tuple[Tensor | None, bool]:
     """d^T (Hessian of sp) d at the flat indices ``picked`` of ``sp``, detached (None: sp's first derivative along
-    the directions is constant, so they are 0). Three reverse passes for all together; two each where an op has no
-    third derivative."""
+    the directions is constant, so they are 0), and whether a backward on the way built no graph (a custom
+    Function's ``once_differentiable`` backward, or one run under no_grad): its derivative then reads 0. Three
+    reverse passes for all together; two each where an op has no third derivative."""
     try:  # all elements at once: s''_i = d/dw_i of sum_i w_i s_i''
         w = sp.new_zeros(len(picked), requires_grad=True)
-        second = _along(pairs, _along(pairs, (sp.reshape(-1)[picked] * w).sum(), create_graph=True),
-                        create_graph=True)
+        y = (sp.reshape(-1)[picked] * w).sum()
+        grads = torch.autograd.grad(y, [p for p, _ in pairs], create_graph=True, allow_unused=True)
+        # (the gradient is linear in w: a backward that builds a graph keeps it connected to w)
+        if any(g is not None and (not g.requires_grad or _delayed_error(g)) for g in grads):
+            return None, True
+        first = _along(pairs, y, create_graph=True)
+        second = _along(pairs, first, create_graph=True)
         second = None if second is None or not second.requires_grad else \
             torch.autograd.grad(second, w, allow_unused=True, retain_graph=True)[0]
-    except RuntimeError:  # an op whose double backward has no derivative: one element at a time
+    except RuntimeError as e:  # an op whose double backward has no derivative: one element at a time
+        if "once_differentiable" in str(e):
+            return None, True
         if len(picked) > SECOND_ORDER_ROWS:
             raise NonsmoothError(f"{op} at {_user_line()}: {len(picked)} tied elements whose argument has tangent "
                                  "0 along the direction; which side of the jump each goes to is a second-order "
@@ -233,13 +241,27 @@ def _second_orders(op: str, pairs: list, sp: Tensor, picked: Tensor) -> Tensor |
                                  f"the way has no second derivative in PyTorch ({str(e).splitlines()[0]}). Keep "
                                  "the comparison's argument off its jump, or compare a quantity that moves at "
                                  "first order") from None
-    return None if second is None else _split(second)[0].detach()
+    return (None if second is None else _split(second)[0].detach()), False
 
 
-def _check_custom_second(op: str, sp: Tensor) -> None:
-    """An s'' of 0 through a custom autograd.Function is not evidence that s is constant: a backward marked
-    ``once_differentiable`` or computed outside autograd has no graph, and its derivative reads as 0. Raises
-    NonsmoothError if the graph of ``sp`` holds one (a module's backward hook excepted: an identity)."""
+def _delayed_error(g: Tensor) -> bool:
+    """Whether the graph of gradient ``g`` holds the node a ``once_differentiable`` backward puts on its outputs
+    (it raises when differentiated, and is connected to the incoming gradient only: no derivative reaches x)."""
+    seen, stack = set(), [g.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node.name() == "torch::autograd::Error":
+            return True
+        stack.extend(n for n, _ in node.next_functions)
+    return False
+
+
+def _refuse_opaque(op: str, sp: Tensor) -> None:
+    """An s'' of 0 through a backward that builds no graph is not evidence that s is constant (its derivative
+    reads 0): NonsmoothError, naming the custom autograd.Function on the way (a module's backward hook excepted)."""
     from torch.nn.modules._functions import BackwardHookFunction
     seen, stack = set(), [sp.grad_fn]
     while stack:
@@ -256,6 +278,9 @@ def _check_custom_second(op: str, sp: Tensor) -> None:
                                  "side of the jump it goes to is unknown. Keep the comparison's argument off its "
                                  "jump, or write the Function with torch ops")
         stack.extend(n for n, _ in node.next_functions)
+    raise NonsmoothError(f"{op} at {_user_line()}: its argument has tangent 0 along the direction, and a backward "
+                         "on the way to it builds no graph, so its second-order tangent cannot be read: which side "
+                         "of the jump it goes to is unknown. Keep the comparison's argument off its jump")
 
 
 def _along(pairs: list, y: Tensor | None, create_graph: bool = False) -> Tensor | None:
