@@ -208,15 +208,15 @@ _SCALE = 0.7  # (not a power of 2: rounding noise in s'' then does not scale as 
 
 def _second_orders(op: str, pairs: list, sp: Tensor, picked: Tensor) -> tuple[Tensor | None, bool]:
     """d^T (Hessian of sp) d at the flat indices ``picked`` of ``sp``, detached (None: sp's first derivative along
-    the directions is constant, so they are 0), and whether a backward on the way built no graph (a custom
-    Function's ``once_differentiable`` backward, or one run under no_grad): its derivative then reads 0. Three
+    the directions is constant, so they are 0), and whether a backward on the way is a custom Function's
+    ``once_differentiable`` one: its derivative would read 0 (one run under no_grad is not told apart). Three
     reverse passes for all together; two each where an op has no third derivative."""
     try:  # all elements at once: s''_i = d/dw_i of sum_i w_i s_i''
         w = sp.new_zeros(len(picked), requires_grad=True)
         y = (sp.reshape(-1)[picked] * w).sum()
         grads = torch.autograd.grad(y, [p for p, _ in pairs], create_graph=True, allow_unused=True)
-        # (the gradient is linear in w: a backward that builds a graph keeps it connected to w)
-        if any(g is not None and (not g.requires_grad or _delayed_error(g)) for g in grads):
+        # (a gradient cut from w is no evidence: floor, sign and casts have constant-zero backwards)
+        if any(g is not None and g.requires_grad and _delayed_error(g) for g in grads):
             return None, True
         first = _along(pairs, y, create_graph=True)
         second = _along(pairs, first, create_graph=True)
