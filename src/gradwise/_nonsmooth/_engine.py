@@ -228,7 +228,16 @@ def directional_derivative(f: Callable, inputs: Tensor | tuple[Tensor, ...],
     gen = torch.Generator().manual_seed(0)
     run, (out, primals, _, _) = _lex_passes(f, xs, single, ds, gen, False)
     if run.needs_second:  # a comparison's argument has tangent 0: its second-order tangent needs a graph
-        run, (out, primals, _, _) = _lex_passes(f, xs, single, ds, torch.Generator().manual_seed(0), True)
+        k = next((k for k in run.kinks if k.second_order), None)
+        try:
+            run, (out, primals, _, _) = _lex_passes(f, xs, single, ds, torch.Generator().manual_seed(0), True)
+        except RuntimeError as e:  # (autograd refuses f's in-place writes into inputs that require grad)
+            if "in-place" not in str(e):
+                raise
+            raise NonsmoothError(f"{k.op if k else 'a comparison'} at {k.location if k else _user_line()}: its "
+                                 "argument has tangent 0 along the direction, and which side of its jump it goes "
+                                 "to is read from autograd's graph of f, which f cannot build: it writes in place "
+                                 f"into its inputs ({str(e).splitlines()[0]}). Clone them inside f first") from None
         primals = [(p.detach(), None if t is None else t.detach()) for p, t in primals]
     _check_no_jump(f, xs, single, run, [p for p, _ in primals], exact=True)
     tangents = [torch.zeros_like(p) if t is None else t for p, t in primals]
@@ -242,10 +251,13 @@ def _check_no_jump(f, xs, single, run: _Run, values: list[Tensor], exact: bool =
     if not jumps:
         return
     _ctx.restore_state()
-    with _ctx.pass_context(), torch.no_grad():  # (checkpoints plainly: no reentrant "requires_grad" warning)
-        plain = _outputs(_call(f, tuple(x.detach() for x in xs), single))
+    # (checkpoints plainly: no reentrant "requires_grad" warning); f that runs a reverse pass through its inputs
+    # (a gradient penalty) needs inputs that require grad, as a plain call of f does
+    with _ctx.pass_context(), torch.set_grad_enabled(run.reverses):
+        plain = _outputs(_call(f, tuple(x.detach().requires_grad_(run.reverses and x.is_floating_point())
+                                        for x in xs), single))
     for p, q in zip(values, plain, strict=True):
-        p, q = p.detach().nan_to_num(), q.nan_to_num()
+        p, q = p.detach().nan_to_num(), q.detach().nan_to_num()
         tol = 0.0 if exact else 100 * torch.finfo(q.dtype).eps if q.is_floating_point() else 0.0
         if not torch.allclose(p, q, rtol=tol, atol=tol):
             k = next((k for k in jumps if k.second_order), jumps[0])
@@ -401,7 +413,7 @@ def _full_pass_grad(f, xs, single, d, gen, run_kw, used: set[int], strip_after: 
     _check_no_jump(f, xs, single, probe, [y])
     if any(k.comparison or k.indices_read for k in probe.kinks):  # and along -d: one jumping side is enough
         back = _Run(**run_kw)
-        _, opposite, _, _ = _run(f, xs, single, tuple(None if v is None else -v for v in d), back, False)
+        _, opposite, _, _ = _run(f, xs, single, tuple(None if v is None else -v for v in d), back, probe.reverses)
         _check_no_jump(f, xs, single, back, [p for p, _ in opposite])
     _ctx.check_functions(y, _user_line())
     return _grads(y, leaves, xs), probe, y.detach()

@@ -217,7 +217,7 @@ class _KinkMode(_KinkReads, TorchFunctionMode):
                                      "transform")
             return out[0]
         if func in _ctx.REVERSE_CALLS:
-            self.reverses = True
+            self.reverses = self.run.reverses = True
         if func in _ctx.REVERSE_CALLS and self.run.kinks:
             raise NonsmoothError(f"f runs a reverse pass ({_callable_name(func)} at {_user_line()}; "
                                  "torch.autograd.functional.jacobian/hessian do too) after hitting a kink "

@@ -135,6 +135,8 @@ class _Run:
         # None: no graph; a comparison that needed one sets ``needs_second`` (the engine reruns with a graph)
         self.leaves: tuple[tuple[Tensor, ...], tuple[Tensor | None, ...]] | None = None
         self.needs_second = False
+        # f ran a reverse pass (a gradient penalty): its other passes need inputs that require grad, and a graph
+        self.reverses = False
         # a pass whose tangents are dropped after a call (`_engine._run`, lazy): no one reads the tangents of what
         # that call returns, so its rule may return none
         self.dead_from: int | None = None

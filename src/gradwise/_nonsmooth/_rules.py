@@ -174,36 +174,113 @@ def _second_order_key(run: _Run, op: str, sp: Tensor, rows: Tensor, ds: Tensor, 
     formulas there are constant zeros); it is also 0 for an s that moves at third order or higher (x ** 3 > 0 at
     0), which keeps its value (docs/nonsmooth.md).
 
-    Computed by two reverse passes through the pass's graph at each such element (the primal graph, which is f's
-    locked piece, not the tangents: PyTorch's double-backward formulas). A pass without a graph
-    (directional_derivative's) sets ``run.needs_second``: the engine runs it again with one."""
+    Computed by reverse passes through the pass's graph (the primal graph, which is f's locked piece, not the
+    tangents: PyTorch's double-backward formulas), twice: along d and along 0.7 d, whose s'' is 0.49 times d's. An
+    s that is constant along d but written with cancelling terms ((x + y)**2 - x**2 - 2*x*y - y**2, a variance as
+    mean(x²) - mean(x)² along a constant shift) gets an s'' of rounding noise, which does not scale so: it counts
+    as 0. A pass without a graph (directional_derivative's) sets ``run.needs_second``: the engine runs it again
+    with one."""
     zero = moving.nonzero().squeeze(1)
     if run.leaves is None or not sp.requires_grad:
         run.needs_second = run.needs_second or run.leaves is None
         return ds
     leaves, dirs = run.leaves
     pairs = [(leaf, d) for leaf, d in zip(leaves, dirs, strict=True) if d is not None]
+    picked = rows[zero]
     with torch._C.DisableTorchFunction(), torch.enable_grad():  # (gradwise's own graph work: not f's ops)
-        try:  # all elements at once: s''_i = d/dw_i of sum_i w_i s_i''
-            w = sp.new_zeros(len(zero), requires_grad=True)
-            picked = sp.reshape(-1)[rows[zero]]
-            second = _along(pairs, _along(pairs, (picked * w).sum(), create_graph=True), create_graph=True)
-            second = None if second is None or not second.requires_grad else \
-                torch.autograd.grad(second, w, allow_unused=True, retain_graph=True)[0]
-        except RuntimeError:  # an op whose double backward has no derivative: one element at a time
-            if len(zero) > SECOND_ORDER_ROWS:
-                raise NonsmoothError(f"{op} at {_user_line()}: {len(zero)} tied elements whose argument has tangent "
-                                     "0 along the direction; which side of the jump each goes to is a second-order "
-                                     "question, and an op on the way has no third derivative in PyTorch (gradwise "
-                                     f"then computes them one by one, at most {SECOND_ORDER_ROWS}). Keep the "
-                                     "comparison's argument off its jump, or compare a quantity that moves at first "
-                                     "order") from None
-            second = torch.stack([_along(pairs, _along(pairs, sp.reshape(-1)[r], create_graph=True))
-                                  for r in rows[zero].tolist()])
+        second, opaque = _second_orders(op, pairs, sp, picked)
+        if second is not None and mask_any(second != 0):
+            scaled, _ = _second_orders(op, [(p, d * _SCALE) for p, d in pairs], sp, picked)
+            scaled = second.new_zeros(()) if scaled is None else scaled / _SCALE**2
+            rtol = torch.finfo(second.dtype).eps ** 0.5 if second.is_floating_point() else 0.0
+            second = torch.where((second - scaled).abs() <= rtol * torch.maximum(second.abs(), scaled.abs()),
+                                 second, 0.0)
     out = ds.clone()
     if second is not None:
-        out[zero] = _split(second)[0].detach().to(out.dtype)
+        out[zero] = second.to(out.dtype)
+    if opaque and mask_any(out[zero] == 0):
+        _refuse_opaque(op, sp)
     return out
+
+
+_SCALE = 0.7  # (not a power of 2: rounding noise in s'' then does not scale as _SCALE**2)
+
+
+def _second_orders(op: str, pairs: list, sp: Tensor, picked: Tensor) -> tuple[Tensor | None, bool]:
+    """d^T (Hessian of sp) d at the flat indices ``picked`` of ``sp``, detached (None: sp's first derivative along
+    the directions is constant, so they are 0), and whether a backward on the way is a custom Function's
+    ``once_differentiable`` one: its derivative would read 0 (one run under no_grad is not told apart). Three
+    reverse passes for all together; two each where an op has no third derivative."""
+    try:  # all elements at once: s''_i = d/dw_i of sum_i w_i s_i''
+        w = sp.new_zeros(len(picked), requires_grad=True)
+        y = (sp.reshape(-1)[picked] * w).sum()
+        grads = torch.autograd.grad(y, [p for p, _ in pairs], create_graph=True, allow_unused=True)
+        # (a gradient cut from w is no evidence: floor, sign and casts have constant-zero backwards)
+        if any(g is not None and g.requires_grad and _delayed_error(g) for g in grads):
+            return None, True
+        first = _along(pairs, y, create_graph=True)
+        second = _along(pairs, first, create_graph=True)
+        second = None if second is None or not second.requires_grad else \
+            torch.autograd.grad(second, w, allow_unused=True, retain_graph=True)[0]
+    except RuntimeError as e:  # an op whose double backward has no derivative: one element at a time
+        if "once_differentiable" in str(e):
+            return None, True
+        if len(picked) > SECOND_ORDER_ROWS:
+            raise NonsmoothError(f"{op} at {_user_line()}: {len(picked)} tied elements whose argument has tangent "
+                                 "0 along the direction; which side of the jump each goes to is a second-order "
+                                 "question, and an op on the way has no third derivative in PyTorch (gradwise "
+                                 f"then computes them one by one, at most {SECOND_ORDER_ROWS}). Keep the "
+                                 "comparison's argument off its jump, or compare a quantity that moves at first "
+                                 "order") from None
+        try:
+            second = torch.stack([_along(pairs, _along(pairs, sp.reshape(-1)[r], create_graph=True))
+                                  for r in picked.tolist()])
+        except RuntimeError as e:  # (NotImplementedError too: `_cdist_backward` has no derivative)
+            raise NonsmoothError(f"{op} at {_user_line()}: its argument has tangent 0 along the direction, so "
+                                 "which side of the jump it goes to is a second-order question, and an op on "
+                                 f"the way has no second derivative in PyTorch ({str(e).splitlines()[0]}). Keep "
+                                 "the comparison's argument off its jump, or compare a quantity that moves at "
+                                 "first order") from None
+    return (None if second is None else _split(second)[0].detach()), False
+
+
+def _delayed_error(g: Tensor) -> bool:
+    """Whether the graph of gradient ``g`` holds the node a ``once_differentiable`` backward puts on its outputs
+    (it raises when differentiated, and is connected to the incoming gradient only: no derivative reaches x)."""
+    seen, stack = set(), [g.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node.name() == "torch::autograd::Error":
+            return True
+        stack.extend(n for n, _ in node.next_functions)
+    return False
+
+
+def _refuse_opaque(op: str, sp: Tensor) -> None:
+    """An s'' of 0 through a backward that builds no graph is not evidence that s is constant (its derivative
+    reads 0): NonsmoothError, naming the custom autograd.Function on the way (a module's backward hook excepted)."""
+    from torch.nn.modules._functions import BackwardHookFunction
+    seen, stack = set(), [sp.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        cls = getattr(node, "_forward_cls", None)
+        if cls is not None and cls is not BackwardHookFunction:
+            raise NonsmoothError(f"{op} at {_user_line()}: its argument has tangent 0 along the direction, and its "
+                                 f"second-order tangent, taken through the custom autograd.Function "
+                                 f"{cls.__qualname__}'s backward, is 0; a backward that is not differentiable "
+                                 "(once_differentiable, or computed outside autograd) reads as 0 too, so which "
+                                 "side of the jump it goes to is unknown. Keep the comparison's argument off its "
+                                 "jump, or write the Function with torch ops")
+        stack.extend(n for n, _ in node.next_functions)
+    raise NonsmoothError(f"{op} at {_user_line()}: its argument has tangent 0 along the direction, and a backward "
+                         "on the way to it builds no graph, so its second-order tangent cannot be read: which side "
+                         "of the jump it goes to is unknown. Keep the comparison's argument off its jump")
 
 
 def _along(pairs: list, y: Tensor | None, create_graph: bool = False) -> Tensor | None:
