@@ -7,7 +7,8 @@ May import: torch, gradwise._masks, ``_errors``, ``_records``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -247,28 +248,26 @@ def _second_orders(op: str, pairs: list, sp: Tensor, picked: Tensor) -> tuple[Te
 def _delayed_error(g: Tensor) -> bool:
     """Whether the graph of gradient ``g`` holds the node a ``once_differentiable`` backward puts on its outputs
     (it raises when differentiated, and is connected to the incoming gradient only: no derivative reaches x)."""
-    seen, stack = set(), [g.grad_fn]
+    return any(node.name() == "torch::autograd::Error" for node in _graph_nodes(g.grad_fn))
+
+
+def _graph_nodes(root: Any) -> Iterator[Any]:
+    """Each autograd node reachable from ``root`` once (none for None)."""
+    seen, stack = set(), [root]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        if node.name() == "torch::autograd::Error":
-            return True
+        yield node
         stack.extend(n for n, _ in node.next_functions)
-    return False
 
 
 def _refuse_opaque(op: str, sp: Tensor) -> None:
     """An s'' of 0 through a backward that builds no graph is not evidence that s is constant (its derivative
     reads 0): NonsmoothError, naming the custom autograd.Function on the way (a module's backward hook excepted)."""
     from torch.nn.modules._functions import BackwardHookFunction
-    seen, stack = set(), [sp.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
+    for node in _graph_nodes(sp.grad_fn):
         cls = getattr(node, "_forward_cls", None)
         if cls is not None and cls is not BackwardHookFunction:
             raise NonsmoothError(f"{op} at {_user_line()}: its argument has tangent 0 along the direction, and its "
@@ -277,7 +276,6 @@ def _refuse_opaque(op: str, sp: Tensor) -> None:
                                  "(once_differentiable, or computed outside autograd) reads as 0 too, so which "
                                  "side of the jump it goes to is unknown. Keep the comparison's argument off its "
                                  "jump, or write the Function with torch ops")
-        stack.extend(n for n, _ in node.next_functions)
     raise NonsmoothError(f"{op} at {_user_line()}: its argument has tangent 0 along the direction, and a backward "
                          "on the way to it builds no graph, so its second-order tangent cannot be read: which side "
                          "of the jump it goes to is unknown. Keep the comparison's argument off its jump")
