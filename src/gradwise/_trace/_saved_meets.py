@@ -75,11 +75,15 @@ class _SavedMeets:
         count, idx = _positions(met)
         if not count:
             return
-        has_nan = _nan_in(o, met)
+        self._met_incident(func, loc, o, met, count, idx, births, nd)
+
+    def _met_incident(self, func, loc, o, met, count, idx, births, nd) -> None:
+        """The incident of ``births``' NaN/Inf met by a nonzero sensitivity at ``met`` (``count`` elements, first
+        ``idx``) in ``func``'s output ``o``: its births used, provisional under gw.strong_zeros(), carried by ``o``."""
         op, node_op = _op_name(func), nd.op if nd is not None else "?"
         for b in births:
             b.used = True
-        inc = self.store.incident("nan" if has_nan else "inf", op, node_op, loc, count, idx, births,
+        inc = self.store.incident("nan" if _nan_in(o, met) else "inf", op, node_op, loc, count, idx, births,
                                   f"a nonzero sensitivity met NaN/Inf in {op} (the backward of {node_op})", None,
                                   False)
         if self.provisional is not None:
@@ -100,21 +104,12 @@ class _SavedMeets:
             return False
         before = frozenset().union(*(i.births if isinstance(i, _Incident) else (i,) for i in carried
                                      if not (isinstance(i, _Incident) and i.kind == "contamination")))
-        op, node_op = _op_name(func), nd.op if nd is not None else "?"
         for met, births in kept:
             met = met & mask
             count, idx = _positions(met)
             if not count or not births - before or any(b.op == "gradient" for b in births):
                 continue
-            for b in births:
-                b.used = True
-            has_nan = _nan_in(o, met)
-            inc = self.store.incident("nan" if has_nan else "inf", op, node_op, loc, count, idx, births,
-                                      f"a nonzero sensitivity met NaN/Inf in {op} (the backward of {node_op})", None,
-                                      False)
-            if self.provisional is not None:
-                self.provisional.append((inc, count, nd, _strong_zeros.in_pass()))
-            self.prov[o] = self.prov[o] | {inc}
+            self._met_incident(func, loc, o, met, count, idx, births, nd)
         return True
 
     def _annihilated(self, func, loc, o, mask, sens_ins, carried, nd, args, out, kwargs) -> bool:
