@@ -162,8 +162,15 @@ def _called(node: fx.Node, name: str) -> bool:
     node name: ``logaddexp``, ``cholesky_solve_1``) and it is ``name``'s. A custom Function's backward carries
     ``seq_nr`` and ``autograd_backward`` as a derivative formula does, but no such name: its ops are the user's
     formula, which no rule of PyTorch's formula may read (in eager its node is the custom one)."""
+    call = _torch_call(node)
+    return call is not None and name in call
+
+
+def _torch_call(node: fx.Node) -> str | None:
+    """Dynamo's name for the user's call that made ``node``'s forward op (``fwd_source_fn_stack``: ``exp``,
+    ``addmm_1``), where that call is PyTorch's own op (``_torchs``); None otherwise."""
     source = node.meta.get("fwd_source_fn_stack")
-    return bool(source) and name in str(source[-1][0]) and _torchs(source[-1][1])
+    return str(source[-1][0]) if source and _torchs(source[-1][1]) else None
 
 
 def _torchs(target: Any) -> bool:
@@ -296,10 +303,9 @@ def _saved_detached(src: fx.Node, node: fx.Node, call: str) -> bool:
     """Whether ``src`` is the formula's detach of its saved result, moved into the forward by the partitioner
     (a graph input made by ``detach`` in the backward, ``meta['autograd_backward']``), in the formula of the user's
     call ``call`` that made ``node`` (``fwd_source_fn_stack``: ``exp``, ``exp_1``, not ``logaddexp``)."""
-    source = node.meta.get("fwd_source_fn_stack")
     return src.op == "placeholder" and bool(src.meta.get("autograd_backward")) and \
         str(src.meta.get("original_aten")) in ("aten.detach.default", "aten.alias.default") and \
-        bool(source) and re.fullmatch(rf"{call}(_\d+)?", str(source[-1][0])) is not None and _torchs(source[-1][1])
+        (made := _torch_call(node)) is not None and re.fullmatch(rf"{call}(_\d+)?", made) is not None
 
 
 def _exp_weights(g: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -521,9 +527,8 @@ def _zero_alpha_node(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) -> 
     if node.target not in (aten.mul.Scalar, aten.mul.Tensor) or len(node.args) != 2 or node.kwargs or \
             node.args[1].__class__ not in (int, float) or node.args[1] != 0 or not node.meta.get("autograd_backward"):
         return False
-    seq, source = node.meta.get("seq_nr"), node.meta.get("fwd_source_fn_stack")
-    call = _ZERO_ALPHA_CALL.fullmatch(str(source[-1][0])) if seq is not None and source and \
-        _torchs(source[-1][1]) else None
+    seq, made = node.meta.get("seq_nr"), _torch_call(node)
+    call = _ZERO_ALPHA_CALL.fullmatch(made) if seq is not None and made is not None else None
     if call is None:
         return False
     formula = {n for n in graph.nodes if n.op == "call_function" and n.meta.get("seq_nr") == seq and

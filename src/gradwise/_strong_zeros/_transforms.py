@@ -207,8 +207,7 @@ def selecting_seeds(seeds: Iterable[Any]) -> list[tuple[torch.Tensor, torch.Tens
                 continue
             p = _plain(t)
             p = _legacy_physical(p) if is_legacy_batchedtensor(p) else p
-            if p.layout == torch.strided and p.is_floating_point() and (p._base if p._base is not None else p) \
-                    in _BASES:
+            if p.layout == torch.strided and p.is_floating_point() and _root(p) in _BASES:
                 found.append((p, p != 0))
     return found
 
