@@ -41,6 +41,14 @@ def import_base(ref: str, into: Path):
     return importlib.import_module("gradwise_base")
 
 
+def _block(package):
+    def backward(loss):
+        with package.strong_zeros():
+            loss.backward()
+
+    return backward
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="HEAD", help="git ref to compare the working tree with")
@@ -49,6 +57,8 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=60, help="interleaved blocks of 5 backward calls each")
     parser.add_argument("--cpu-time", action="store_true", help="time in process CPU time (with --threads 1 on a "
                         "machine shared with other jobs, where wall time mostly measures them)")
+    parser.add_argument("--block", action="store_true", help="also time loss.backward() in a strong_zeros() block "
+                        "entered per backward")
     args = parser.parse_args()
     _harness.keep_freed_memory()
     torch.set_num_threads(args.threads)
@@ -62,6 +72,8 @@ def main() -> None:
             if args.only not in case.name:
                 continue
             fns = {"plain": lambda loss: loss.backward(), "base": base.backward, "tree": gw.backward}
+            if args.block:
+                fns.update({"base block": _block(base), "tree block": _block(gw)})
             times: dict[str, list[float]] = {k: [] for k in fns}
             for _ in range(args.blocks):
                 for name, backward in fns.items():
@@ -74,8 +86,10 @@ def main() -> None:
                     times[name].append(statistics.median(block))
             ratio = {k: statistics.median([t / p for t, p in zip(v, times["plain"], strict=True)])
                      for k, v in times.items()}
+            blocks = f"   block: {args.base} {ratio['base block']:.3f}x   tree {ratio['tree block']:.3f}x" \
+                if args.block else ""
             print(f"{case.name:34s} plain {statistics.median(times['plain']) * 1e3:7.3f} ms   "
-                  f"{args.base} {ratio['base']:.3f}x   tree {ratio['tree']:.3f}x")
+                  f"{args.base} {ratio['base']:.3f}x   tree {ratio['tree']:.3f}x{blocks}")
 
 
 if __name__ == "__main__":

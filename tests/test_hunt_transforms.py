@@ -17,6 +17,7 @@ import torch
 
 import gradwise as gw
 from _fresh_warnings import fresh_warnings  # noqa: F401 (an autouse fixture: every test here)
+from gradwise._strong_zeros import _script
 
 nan = float("nan")
 
@@ -559,17 +560,19 @@ def test_torchscript_gradient_under_strong_zeros_is_said(name):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script is deprecated in 2.13
-def test_torchscript_without_a_gradient_is_silent_and_unwrapped_outside_blocks():
+def test_torchscript_without_a_gradient_is_silent_and_plain_outside_blocks():
     """Control: scripted code that takes no gradient gets no warning (its backward, run from Python, has strong
-    zeros); outside every block PyTorch's own calls of scripted code are in place (no cost there)."""
+    zeros); outside every block a scripted call is PyTorch's (the wrapper stays from the first block on, and
+    passes straight through)."""
     lin, x0, _ = _setup()
     scripted = torch.jit.script(_TanhSqrt(lin))
-    original = torch._C.ScriptFunction.__call__, torch._C.ScriptMethod.__call__
     with warnings.catch_warnings():
         warnings.simplefilter("error", gw.GradwiseWarning)
         with gw.strong_zeros():
-            assert torch._C.ScriptMethod.__call__ is not original[1]
+            assert torch._C.ScriptMethod.__call__ is not _script._ORIGINAL[torch._C.ScriptMethod]
             x = x0.clone().requires_grad_()
             scripted(x)[[0, 2]].sum().backward()
-    assert torch.equal(x.grad[1], torch.zeros(2, dtype=torch.float64))
-    assert (torch._C.ScriptFunction.__call__, torch._C.ScriptMethod.__call__) == original
+        assert torch.equal(x.grad[1], torch.zeros(2, dtype=torch.float64))
+        y = x0.clone().requires_grad_()
+        scripted(y)[[0, 2]].sum().backward()  # outside: PyTorch's gradient, no warning
+    assert y.grad[1].isnan().any()

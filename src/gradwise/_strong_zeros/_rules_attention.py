@@ -29,7 +29,7 @@ import torch
 
 from gradwise._masks import EagerMasks, mask_all, mask_any
 from gradwise._ops._contractions import attention_keys, attention_rows, value_columns
-from gradwise._strong_zeros._node_facts import _MAKES_NO_ZEROS_IF, _NOT_READ, _OWN_ZEROS_INSIDE, NODE_FACTS, _hooked
+from gradwise._strong_zeros._node_facts import _MAKES_NO_ZEROS_IF, _NOT_READ, _OWN_ZEROS_INSIDE, NODE_FACTS
 from gradwise._strong_zeros._rules import _annihilate, _Kept, _kept_bits, _register, _run_unruled, _tracked_slots
 
 aten = torch.ops.aten
@@ -354,16 +354,25 @@ def _causal_keys_all_read(node: Any) -> bool:
     """Causal attention without a mask over Lq == Lk: its masked weights (j > i) are structural zeros that meet q,
     k and v inside its backward (so the node's saved tensors are read), but the last query reads every key, so
     no gradient it outputs gets a structural zero of its own and the nodes below are not reached by it."""
+    # (the plan's walk calls this per backward: each saved variable is read once, as each read wraps it anew; a
+    # freed one raises, and the caller's _holds answers False)
     name = type(node).__name__
     raw_q, raw_k = getattr(node, "_raw_saved_query", None), getattr(node, "_raw_saved_key", None)
-    read = ("_raw_saved_query", "_raw_saved_key", *filter(None, (_MASK_ATTRS[name],)))
     # under a checkpoint they are packed (no shapes to compare): the zeros may leave the node
-    if raw_q is None or raw_k is None or _hooked(node, *read) or _saved_mask(node, name) is not None:
+    if raw_q is None or raw_k is None or raw_q.unpack_hook is not None or raw_k.unpack_hook is not None:
         return False
+    attr = _MASK_ATTRS[name]
+    raw_mask = getattr(node, attr, None) if attr else None
+    if raw_mask is not None:  # a mask, even a packed one, may mask keys: as _saved_mask
+        if raw_mask.unpack_hook is not None:
+            return False
+        mask = raw_mask.data
+        if isinstance(mask, torch.Tensor) and mask.numel():
+            return False
     q, k = raw_q.data, raw_k.data
     if q is None or k is None:  # freed by an earlier backward (the engine will not run this node)
         return False
-    dim = 1 if type(node).__name__ in ("EfficientAttentionBackward0", "FlashAttentionBackward0") else 2
+    dim = 1 if name in ("EfficientAttentionBackward0", "FlashAttentionBackward0") else 2
     return q.dim() == 4 and k.dim() == 4 and q.shape[dim] == k.shape[dim]
 
 

@@ -3,12 +3,13 @@
 Inside TorchScript, ``torch.autograd.grad`` and ``backward`` are the JIT's builtin operators ``aten::grad`` and
 ``aten::backward``: they call the C++ engine directly, never ``torch.autograd._engine_run_backward``, and they are
 JIT operators, not dispatcher ops, so no Python kernel or mode can take their place. Such a backward cannot get
-strong zeros. What gradwise can see is the call of the scripted code from Python: while a strong-zeros block is
-open in any thread, ``ScriptFunction.__call__`` and ``ScriptMethod.__call__`` (``ScriptModule``'s forward and
-methods, ``torch.jit.load``'s modules) are wrapped, and a call in a thread with strong zeros on looks once per
-function for those operators in its graph (callees inlined, fork bodies included) and gives a
-PlainBackwardWarning once per process. Outside a block nothing is wrapped (no cost); inside, a scripted call
-pays one lookup by name (about 1 us on a call of 15 us or more), and nothing at all once the warning is given.
+strong zeros. What gradwise can see is the call of the scripted code from Python: from the first strong-zeros
+block on, ``ScriptFunction.__call__`` and ``ScriptMethod.__call__`` (``ScriptModule``'s forward and methods,
+``torch.jit.load``'s modules) are wrapped, and a call in a thread with strong zeros on looks once per function
+for those operators in its graph (callees inlined, fork bodies included) and gives a PlainBackwardWarning once
+per process. Before any block nothing is wrapped; outside a block a scripted call pays one thread-local read;
+inside, one lookup by name (about 1 us on a call of 15 us or more), and nothing at all once the warning is given.
+The wrappers stay, as the engine hook does (``_engine._hook_in``): swapping them per block cost more than they do.
 
 May import: torch, _contract.
 """
@@ -34,19 +35,13 @@ _active: Callable[[], bool] = bool
 
 
 def install(active: Callable[[], bool]) -> None:
-    """Wrap the calls of scripted code (the engine's first block opens; ``active``: strong zeros on in this
+    """Wrap the calls of scripted code (the process's first block opens; ``active``: strong zeros on in this
     thread). Called under the engine's install lock."""
     global _active
     _active = active
     if "torchscript" not in _contract._warned:
         torch._C.ScriptFunction.__call__ = _function_call
         torch._C.ScriptMethod.__call__ = _method_call
-
-
-def uninstall() -> None:
-    """Restore PyTorch's calls (the engine's last block closed)."""
-    for cls, call in _ORIGINAL.items():
-        cls.__call__ = call
 
 
 def _function_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
