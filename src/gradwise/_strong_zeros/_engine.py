@@ -149,13 +149,19 @@ def _compiled_step(t_outputs: Sequence[Any], inputs: Sequence[Any], seeds: Seque
     carried zeros, nothing to run plain or traced (``_compile.compiled_step``). None otherwise: the general
     path then decides, warnings included. The walk goes first: it reads no tensor, and on any other graph it
     stops at its first node (an eager backward pays one type test)."""
-    step = compiled_step(_root_nodes(t_outputs))
+    roots = _root_nodes(t_outputs)
+    for root in roots:  # an eager node on top (the everyday graph): one type test
+        if root is not None and root.__class__ is not _ACCUMULATE_GRAD and \
+                root.__class__.__name__ != "CompiledFunctionBackward":
+            return None
+    step = compiled_step(roots)
     if step is None or torch._C._len_torch_dispatch_stack() or _carry.CARRIED or _carry.CARRIED_VALUES:
         return None
     return step if _everyday(t_outputs, seeds, inputs) else None
 
 
 _PLAIN_CLASSES = (torch.Tensor, torch.nn.Parameter)
+_ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad
 _compiler = torch.compiler
 
 
