@@ -1,0 +1,85 @@
+"""Session 31 hunt on strong zeros: silent gaps found by aliasing, by ``beta=0`` products and by torch.func inside a
+custom backward. References: plain PyTorch where the mask is the user's value (no strong zero claimed), the same
+program with the unused values deleted (float64) elsewhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradwise as gw
+
+D = torch.float64
+U8 = torch.uint8
+
+# A custom backward's selection mask (x > -100: all True, made in the formula) written over, in place, with a mask the
+# forward saved (a value, False at 1) through an alias of another dtype or of no tensor at all: the mask is the user's
+# value after it, so the product keeps sqrt's NaN at 1 (plain PyTorch's). Only bool writes ended the selection: through
+# a uint8/int8 view (or the untyped storage) it kept its entry, and the user's False hid the NaN (0 in its place).
+ALIAS_WRITES = {
+    "m.view(uint8).copy_(user)": lambda m, u: m.view(U8).copy_(u.view(U8)),
+    "m[1:2].view(int8).fill_(0)": lambda m, u: m[1:2].view(torch.int8).fill_(0),
+    "m.view(int8)[1].zero_()": lambda m, u: m.view(torch.int8)[1].zero_(),
+    "m.view(uint8).mul_(user)": lambda m, u: m.view(U8).mul_(u.view(U8)),
+    "m.data.view(uint8).copy_(user)": lambda m, u: m.data.view(U8).copy_(u.view(U8)),
+    "mul(.., out=m.view(uint8))": lambda m, u: torch.mul(m.view(U8), u.view(U8), out=m.view(U8)),
+    "m.view(uint8).as_strided(..).copy_": lambda m, u: m.view(U8).as_strided((3,), (1,)).copy_(u.view(U8)),
+    "m.untyped_storage().copy_(user's)": lambda m, u: m.untyped_storage().copy_(u.clone().untyped_storage()),
+    "m.view(uint8).index_put_": lambda m, u: m.view(U8).index_put_((torch.tensor([1]),), torch.tensor(0, dtype=U8)),
+    "m.view(uint8).masked_fill_(~user, 0)": lambda m, u: m.view(U8).masked_fill_(~u, 0),
+    # (bool aliases, already ended: controls)
+    "m.data.copy_(user)": lambda m, u: m.data.copy_(u),
+    "m.set_(user)": lambda m, u: m.set_(u.clone()),
+    "m.as_strided(..).copy_(user)": lambda m, u: m.as_strided((3,), (1,)).copy_(u),
+}
+
+
+class _AliasWritten(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, write):
+        ctx.save_for_backward(x, torch.tensor([True, False, True]))
+        ctx.write = write
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx, g):
+        x, user = ctx.saved_tensors
+        m = x > -100.0
+        ctx.write(m, user)
+        return g * m, None
+
+
+@pytest.mark.parametrize("name", list(ALIAS_WRITES))
+def test_a_selection_written_through_an_alias_of_any_dtype_selects_no_more(name):
+    x = torch.tensor([1.0, -1.0, 2.0], dtype=D, requires_grad=True)
+    y = _AliasWritten.apply(x, ALIAS_WRITES[name]).sqrt().sum()
+    plain = torch.autograd.grad(y, x, retain_graph=True)[0]
+    assert bool(plain[1].isnan()), "premise: the user's mask keeps sqrt's NaN"
+    with gw.strong_zeros():
+        got = torch.autograd.grad(y, x)[0]
+    assert torch.equal(got.nan_to_num(7.0), plain.nan_to_num(7.0))
+
+
+def test_a_selection_written_through_an_alias_of_its_own_storage_stays_where_unwritten():
+    """Control: a write into another tensor's storage (a uint8 buffer of the backward's own) leaves the selection
+    alone: relu's discarded NaN at 1 stays a structural zero (the deleted program's 0)."""
+    class Other(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * 1.0
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            m = x > 0
+            torch.zeros(3, dtype=torch.bool).view(U8).fill_(1)
+            return g * m
+
+    x = torch.tensor([1.0, -1.0, 4.0], dtype=D, requires_grad=True)
+    y = Other.apply(x).sqrt().sum()
+    got = gw.grad(y, x)[0]
+    deleted = torch.tensor([1.0, 1.0, 4.0], dtype=D, requires_grad=True)  # x[1]'s sqrt deleted: its mask is False
+    ref = torch.autograd.grad(Other.apply(deleted).sqrt().sum(), deleted)[0] * torch.tensor([1.0, 0.0, 1.0], dtype=D)
+    assert torch.equal(got, ref)
