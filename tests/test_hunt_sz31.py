@@ -83,3 +83,67 @@ def test_a_selection_written_through_an_alias_of_its_own_storage_stays_where_unw
     deleted = torch.tensor([1.0, 1.0, 4.0], dtype=D, requires_grad=True)  # x[1]'s sqrt deleted: its mask is False
     ref = torch.autograd.grad(Other.apply(deleted).sqrt().sum(), deleted)[0] * torch.tensor([1.0, 0.0, 1.0], dtype=D)
     assert torch.equal(got, ref)
+
+
+# beta * input + alpha * product with beta = 0 and alpha != 0: PyTorch documents that the input is ignored (its
+# NaN/Inf not propagated), so the program is the one without the input term, where the input gets no gradient. The
+# input's formula is grad * beta: under sqrt of an output at 0 (an infinite sensitivity) that was inf x 0 = NaN, kept
+# by the eager strong pass (its rule took beta's 0 as structural only with alpha = 0). The operands: an output with a
+# 0 where sqrt's slope is infinite, and an input holding NaN/Inf.
+nan, inf = float("nan"), float("inf")
+_A = [[1.0, 0.0], [0.0, 1.0]]
+_B = [[0.0, 2.0], [3.0, 1.0]]
+BETA_ZERO_OPS = {  # name: (op, input, operand 1, operand 2)
+    "addmm": (torch.addmm, [[nan, 1.0], [inf, 2.0]], _A, _B),
+    "addmv": (torch.addmv, [nan, -inf], _B, [1.0, 0.0]),
+    "addr": (torch.addr, [[nan, 1.0], [inf, 2.0]], [1.0, 0.0], [0.0, 2.0]),
+    "baddbmm": (torch.baddbmm, [[[nan, 1.0], [inf, 2.0]]], [_A], [_B]),
+    "addbmm": (torch.addbmm, [[nan, 1.0], [inf, 2.0]], [_A, _A], [_B, _B]),
+    "addmm, a broadcast input": (torch.addmm, [nan, inf], _A, _B),
+}
+
+
+def _beta_zero_leaves(name):
+    op, m, a, b = BETA_ZERO_OPS[name]
+    return op, *(torch.tensor(t, dtype=D, requires_grad=True) for t in (m, a, b))
+
+
+@pytest.mark.parametrize("alpha", [1, 2.5])
+@pytest.mark.parametrize("name", list(BETA_ZERO_OPS))
+def test_a_beta_zero_input_gets_the_deleted_programs_zero_gradient(name, alpha):
+    op, m, a, b = _beta_zero_leaves(name)
+    out = op(m, a, b, beta=0, alpha=alpha)
+    assert bool((out == 0).any()) and bool(out.isfinite().all()), "premise: an infinite slope of sqrt, no NaN used"
+    plain = torch.autograd.grad(out.sqrt().sum(), (m, a, b), retain_graph=True)
+    assert not bool(plain[0].isfinite().all()), "premise: PyTorch's inf x 0"
+    got = gw.grad(out.sqrt().sum(), (m, a, b))
+    # the program with the input term deleted: the same op on a constant input, which gets no gradient
+    op, _, a2, b2 = _beta_zero_leaves(name)
+    deleted = torch.autograd.grad(op(torch.zeros_like(m), a2, b2, beta=0, alpha=alpha).sqrt().sum(), (a2, b2))
+    assert torch.equal(got[0], torch.zeros_like(m))
+    for g, d in zip(got[1:], deleted, strict=True):
+        assert torch.equal(g.nan_to_num(7.0, 8.0, 9.0), d.nan_to_num(7.0, 8.0, 9.0))
+
+
+@pytest.mark.parametrize("name", list(BETA_ZERO_OPS))
+def test_a_nonzero_beta_keeps_the_inputs_used_nan(name):
+    """Control: beta = 0.5 uses the input: its NaN/Inf reaches the output and the gradient (plain PyTorch's)."""
+    op, m, a, b = _beta_zero_leaves(name)
+    y = op(m, a, b, beta=0.5).sqrt().sum()
+    plain = torch.autograd.grad(y, (m, a, b), retain_graph=True)
+    assert bool(plain[0].isnan().any())
+    got = gw.grad(y, (m, a, b))
+    for g, p in zip(got, plain, strict=True):
+        assert torch.equal(g.nan_to_num(7.0, 8.0, 9.0), p.nan_to_num(7.0, 8.0, 9.0))
+
+
+@pytest.mark.parametrize("name", list(BETA_ZERO_OPS))
+def test_a_beta_zero_input_under_a_finite_sensitivity_is_unchanged(name):
+    """Control: a finite sensitivity (a sum): the input's 0 * g = 0 in PyTorch already; every gradient bitwise."""
+    op, m, a, b = _beta_zero_leaves(name)
+    y = op(m, a, b, beta=0, alpha=1.5).sum()
+    plain = torch.autograd.grad(y, (m, a, b), retain_graph=True)
+    got = gw.grad(y, (m, a, b))
+    assert torch.equal(plain[0], torch.zeros_like(m))
+    for g, p in zip(got, plain, strict=True):
+        assert torch.equal(g, p)
