@@ -147,3 +147,73 @@ def test_a_beta_zero_input_under_a_finite_sensitivity_is_unchanged(name):
     assert torch.equal(plain[0], torch.zeros_like(m))
     for g, p in zip(got, plain, strict=True):
         assert torch.equal(g, p)
+
+
+# A custom backward that differentiates its forward with torch.func (grad of a function capturing the sensitivity,
+# vmap of vjp): that nested backward ran the transform path with a table of its own, so the sensitivity's structural
+# zeros (the padding row the loss slices away) were values there: sqrt's infinite slope at the padding row, and a
+# saved NaN there, made NaN gradients, silent wherever the custom backward computed on (``* 1.0``) after the call.
+# Now it shares the pass's supports. Reference: the program with the padding row deleted.
+nan_ = float("nan")
+FUNC_BACKWARDS = {
+    "func.grad of <f(t), g>": lambda f, x, g: torch.func.grad(lambda t: (f(t) * g).sum())(x),
+    "func.grad of <f(t), g> * 1": lambda f, x, g: torch.func.grad(lambda t: (f(t) * g).sum())(x) * 1.0,
+    "func.grad(..).clone()": lambda f, x, g: torch.func.grad(lambda t: (f(t) * g).sum())(x).clone(),
+    "vmap(vjp)": lambda f, x, g: torch.vmap(lambda xi, gi: torch.func.vjp(f, xi)[1](gi)[0])(x, g),
+    "vmap(vjp) * 1": lambda f, x, g: torch.vmap(lambda xi, gi: torch.func.vjp(f, xi)[1](gi)[0])(x, g) * 1.0,
+    "jacrev(f) contracted with g": lambda f, x, g: (torch.func.jacrev(f)(x) * g[:, :, None, None]).sum((0, 1)),
+    "func.vjp (no transform at the call)": lambda f, x, g: torch.func.vjp(f, x)[1](g)[0] * 1.0,  # (a control)
+}
+FORWARDS = {
+    "sqrt": lambda t: t.sqrt(),  # infinite slope at the zero padding row
+    "t log t": lambda t: t * t.log(),  # a saved -inf and an infinite slope there
+}
+
+
+def _func_backward(f, body):
+    class ByFunc(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return f(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return body(f, x, g)
+
+    return ByFunc
+
+
+_W = [[1.0, 2.0], [3.0, 4.0]]
+
+
+@pytest.mark.parametrize("how", ["gw.backward", "strong_zeros"])
+@pytest.mark.parametrize("pad", [0.0, nan_])
+@pytest.mark.parametrize("forward", list(FORWARDS))
+@pytest.mark.parametrize("name", list(FUNC_BACKWARDS))
+def test_torch_func_in_a_custom_backward_keeps_the_passes_structural_zeros(name, forward, pad, how):
+    fn = _func_backward(FORWARDS[forward], FUNC_BACKWARDS[name])
+    x = torch.tensor([[1.0, 4.0], [pad, 0.0]], dtype=D)  # row 1: padding, sliced away after the custom Function
+    w = torch.tensor(_W, dtype=D, requires_grad=True)
+    if how == "gw.backward":
+        gw.backward((fn.apply(x @ w)[:1] * 2).sum())
+    else:
+        with gw.strong_zeros():
+            (fn.apply(x @ w)[:1] * 2).sum().backward()
+    deleted = torch.tensor(_W, dtype=D, requires_grad=True)
+    (fn.apply(x[:1] @ deleted) * 2).sum().backward()
+    assert bool(deleted.grad.isfinite().all())
+    assert torch.equal(w.grad, deleted.grad)
+
+
+@pytest.mark.parametrize("name", list(FUNC_BACKWARDS))
+def test_torch_func_in_a_custom_backward_keeps_a_used_nan_and_finite_bits(name):
+    """Controls: the padding row used by the loss (no slice) keeps PyTorch's NaN/Inf (bitwise elsewhere); on finite
+    data every gradient is PyTorch's, bitwise."""
+    fn = _func_backward(FORWARDS["sqrt"], FUNC_BACKWARDS[name])
+    for x in (torch.tensor([[1.0, 4.0], [0.0, 0.0]], dtype=D), torch.tensor([[1.0, 4.0], [2.0, 0.5]], dtype=D)):
+        w = torch.tensor(_W, dtype=D, requires_grad=True)
+        plain = torch.autograd.grad((fn.apply(x @ w) * 2).sum(), w)[0]
+        got = gw.grad((fn.apply(x @ w) * 2).sum(), w)[0]
+        assert torch.equal(got.nan_to_num(7.0, 8.0, 9.0), plain.nan_to_num(7.0, 8.0, 9.0))
