@@ -568,10 +568,11 @@ def _zero_alpha_mul(func, args, kwargs, sup):
             out = _exp_result_mul(func, args, kwargs, sup)
             if _is_float(out) and not bool(out.isfinite().all()):
                 sup.unfollowed.append((
-                    "a product scaled by a literal 0 inside an in-place op on a view (CopySlices hides the op's "
-                    "node: addmm_, addmv_, baddbmm_, addbmm_, addr_ with alpha=0 through a slice)",
+                    "a product or input scaled by a literal 0 inside an in-place op on a view (CopySlices hides "
+                    "the op's node: addmm_, addmv_, baddbmm_, addbmm_, addr_ with alpha=0 or beta=0 through a "
+                    "slice)",
                     "call the op out of place (y[:2] = torch.addmm(y[:2], a, b, alpha=0)), whose node strong "
-                    "zeros can read, or leave the product term out"))
+                    "zeros can read, or leave the term out"))
             return out
     return _exp_result_mul(func, args, kwargs, sup)
 
