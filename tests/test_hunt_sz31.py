@@ -162,7 +162,14 @@ FUNC_BACKWARDS = {
     "vmap(vjp)": lambda f, x, g: torch.vmap(lambda xi, gi: torch.func.vjp(f, xi)[1](gi)[0])(x, g),
     "vmap(vjp) * 1": lambda f, x, g: torch.vmap(lambda xi, gi: torch.func.vjp(f, xi)[1](gi)[0])(x, g) * 1.0,
     "jacrev(f) contracted with g": lambda f, x, g: (torch.func.jacrev(f)(x) * g[:, :, None, None]).sum((0, 1)),
-    "func.vjp (no transform at the call)": lambda f, x, g: torch.func.vjp(f, x)[1](g)[0] * 1.0,  # (a control)
+    # a legacy-vmap backward: its batched seeds were read as the pass's (NotImplementedError: 'Cannot access storage
+    # of BatchedTensorImpl' from inside gradwise, _engine._seeded_with_zeros)
+    "autograd.functional.jacobian(vectorize=True)": lambda f, x, g: (
+        torch.autograd.functional.jacobian(f, x, vectorize=True) * g[:, :, None, None]).sum((0, 1)),
+    # (controls: no transform at the call)
+    "autograd.functional.jacobian": lambda f, x, g: (
+        torch.autograd.functional.jacobian(f, x) * g[:, :, None, None]).sum((0, 1)),
+    "func.vjp": lambda f, x, g: torch.func.vjp(f, x)[1](g)[0] * 1.0,
 }
 FORWARDS = {
     "sqrt": lambda t: t.sqrt(),  # infinite slope at the zero padding row

@@ -207,10 +207,12 @@ def grad_in_pass(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]
 def _seeded_with_zeros(seeds: Sequence[Any] | None) -> bool:
     """Whether some of ``seeds`` (a nested backward's) carry the running strong-zero pass's structural zeros. A
     torch.func transform's seeds (torch.func.grad called in a custom backward) are wrappers: no storage, none of the
-    pass's (reading one raised 'Cannot access storage of TensorWrapper' from inside gradwise)."""
+    pass's (reading one raised 'Cannot access storage of TensorWrapper' from inside gradwise), nor are the legacy
+    batched seeds of ``torch.autograd.functional.jacobian(vectorize=True)`` ('... of BatchedTensorImpl')."""
     mode = running_mode()
     return mode is not None and bool(seeds) and any(
-        mode.supports.zeroed(t) for t in seeds if not (isinstance(t, torch.Tensor) and is_functorch_wrapped_tensor(t)))
+        mode.supports.zeroed(t) for t in seeds if not (isinstance(t, torch.Tensor) and (
+            is_functorch_wrapped_tensor(t) or is_legacy_batchedtensor(t))))
 
 
 def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
