@@ -218,10 +218,12 @@ def grad_in_pass(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]
 def _seeded_with_zeros(seeds: Sequence[Any] | None) -> bool:
     """Whether some of ``seeds`` (a nested backward's) carry the running strong-zero pass's structural zeros. A
     torch.func transform's seeds (torch.func.grad called in a custom backward) are wrappers: no storage, none of the
-    pass's (reading one raised 'Cannot access storage of TensorWrapper' from inside gradwise)."""
+    pass's (reading one raised 'Cannot access storage of TensorWrapper' from inside gradwise), nor are the legacy
+    batched seeds of ``torch.autograd.functional.jacobian(vectorize=True)`` ('... of BatchedTensorImpl')."""
     mode = running_mode()
     return mode is not None and bool(seeds) and any(
-        mode.supports.zeroed(t) for t in seeds if not (isinstance(t, torch.Tensor) and is_functorch_wrapped_tensor(t)))
+        mode.supports.zeroed(t) for t in seeds if not (isinstance(t, torch.Tensor) and (
+            is_functorch_wrapped_tensor(t) or is_legacy_batchedtensor(t))))
 
 
 def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
@@ -229,11 +231,14 @@ def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
     the pass (a reentrant checkpoint returns its inputs' gradients, whose rows of NaN padding are structural zeros
     when the slice that drops them is inside the checkpointed block), so where the pass met NaN/Inf
     (``hands_down``) it runs strong and hands the pass the structural zeros of its results (``_STATE.export``,
-    read by ``_run_strong``). Where the pass's graph was finite, they would meet finite values only."""
+    read by ``_run_strong``). Where the pass's graph was finite, they would meet finite values only. A backward
+    of a torch.func transform (``torch.func.grad``/``vjp`` under ``vmap`` in a custom backward) runs strong anyway
+    (path 'transform'): it shares the pass's supports, whatever the pass met (``_run_strong``)."""
     outer = _STATE.carried()
     mode = running_mode()
     _STATE.in_mode, _STATE.transform, _STATE.outputs_batched = False, False, False
-    _STATE.export = mode.supports if mode is not None and mode.hands_down else None
+    _STATE.export = mode.supports if mode is not None and (
+        mode.hands_down or peek_interpreter_stack() is not None) else None
     if _STATE.checkpoint_forward:  # a checkpoint's recomputation of the user's forward: planned as in that
         # forward (where no pass ran), or it saves other tensors than the forward did ('a different number of
         # tensors was saved'): nothing handed down, its outputs' finiteness its own
@@ -306,6 +311,11 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
     mode.hands_down = nonfinite or export is not None  # (a nested pass: its own pass needs the zeros)
     if supports is not None:
         mode.supports = supports
+    elif transform and export is not None:
+        # a torch.func backward nested in a pass (torch.func.grad in a custom backward): the plain tensors under its
+        # wrappers are the pass's (the custom backward's sensitivity, captured or a seed), structural zeros and all;
+        # its own seeds were values to it (a fresh table), and the padding's 0 x inf stayed NaN
+        mode.supports = export
     if transform:  # PyTorch's standard basis (a Jacobian's rows): the outputs a row does not select are unused there
         for seed, support in _transforms.selecting_seeds(seeds):
             mode.supports.record(seed, support)

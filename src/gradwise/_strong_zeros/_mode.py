@@ -232,13 +232,16 @@ _WRITTEN: dict[Any, tuple] = {}
 
 
 def _overwritten(func: Any, args: tuple, kwargs: dict, selections: Any) -> tuple:
-    """(the bool tensors ``func`` writes in place, the selections sharing their storage): an op writing into a
+    """(the tensors ``func`` writes in place, the selections sharing their storage): an op writing into a
     selection mask's storage changes the values its views read, so they are selections no more after it, the
-    written mask itself only where the op's rule records it again (``m &= n``: ``_select``)."""
+    written mask itself only where the op's rule records it again (``m &= n``: ``_select``). Of any dtype: a
+    write through a view of another dtype (``m.view(torch.uint8).copy_(user)``, ``m.untyped_storage().copy_``)
+    changes the mask as much, and kept its entry (the user's False then hid a NaN the gradient has). Decided by
+    storage alone, never by the values written."""
     if not len(selections) or not (where := _written(func)):
         return ()
     written = [w for w in (args[p] if isinstance(p, int) and p < len(args) else kwargs.get(p) for p in where)
-               if isinstance(w, torch.Tensor) and w.dtype == torch.bool]
+               if isinstance(w, torch.Tensor)]
     if not written:
         return ()
     storages = {w.untyped_storage()._cdata for w in written}

@@ -241,7 +241,8 @@ COMPARES_SAVED_ONLY = frozenset(("ReluBackward0", "ThresholdBackward0", "Hardtan
 # sensitivity from above meets those structural zeros inside the node, inf x 0 = NaN where the strong-zero rule
 # gives 0 at the unselected elements. The check before backward reads what makes the sensitivity that reaches them
 # (``_planning._sensitivity_finite``).
-# An op of ZERO_ALPHA_PRODUCTS with alpha = 0 scales its operands' gradients by that 0 (its rule: _zero_alpha_mul).
+# An op of ZERO_ALPHA_PRODUCTS with alpha = 0 (beta = 0) scales its operands' (input's) gradients by that 0 (its rule:
+# _zero_alpha_mul).
 SCALES_BY_ITS_ZEROS = frozenset(("AmaxBackward0", "AminBackward0", "MaxBackward1", "MinBackward1",
                                  *ZERO_ALPHA_PRODUCTS))
 # Nodes that run another node's formula without showing its saved tensors: CopySlices (an in-place op on a view,
@@ -295,8 +296,9 @@ def _size_along(node: Any) -> object:
 
 
 def _alpha_nonzero(node: Any) -> bool:
-    """beta * input + alpha * (a @ b) with alpha != 0: its backward makes no structural zero."""
-    return node._saved_alpha != 0
+    """beta * input + alpha * (a @ b) with alpha != 0 and beta != 0: its backward makes no structural zero (with
+    beta = 0 the input's gradient is the deleted input term's: ``_rules_bilinear._zero_beta``)."""
+    return node._saved_alpha != 0 and node._saved_beta != 0
 
 
 def _selects_all(selected: Callable[[Any], tuple[int, int, range]]) -> Callable[[Any], bool]:
@@ -306,7 +308,7 @@ def _selects_all(selected: Callable[[Any], tuple[int, int, range]]) -> Callable[
 
 _MAKES_NO_ZEROS_IF: dict[str, Callable[[Any], bool]] = {
     "PowBackward0": lambda node: _saved(node, "_saved_exponent") != 0,  # x ** 0 backward is zeros_like(x)
-    # addmm & co. with alpha = 0: the operands' gradients are the deleted product term's (_zero_alpha_mul)
+    # addmm & co. with alpha = 0 (beta = 0): the operands' (input's) gradients are the deleted term's (_zero_alpha_mul)
     **dict.fromkeys(("AddmmBackward0", "AddmvBackward0", "AddbmmBackward0", "BaddbmmBackward0"), _alpha_nonzero),
     # a selection that reads every position (an index holding each row, a full slice) drops nothing: its
     # backward writes every position of its input, as strong zeros' own rules find (the support is all True)

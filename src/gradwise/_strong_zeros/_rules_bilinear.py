@@ -522,13 +522,25 @@ def _graph_skips_product(name: str, saved: tuple | None, grad: torch.Tensor) -> 
     return fits
 
 
+def _zero_beta(node: Any) -> bool:
+    """Whether ``node`` (one of ZERO_ALPHA_PRODUCTS) scales its input by beta = 0 and its product by alpha != 0,
+    so that its formula's one mul by a literal 0 is beta's, ``maybe_multiply(grad, beta)``: the input's gradient.
+    PyTorch documents that with beta = 0 the input is ignored (its NaN/Inf not propagated; every kernel skips it),
+    so that 0 is the deleted input term's, a structural zero: the input gets 0 as in the program without that term,
+    also where the sensitivity is infinite (sqrt of the output at 0: PyTorch's inf x 0 = NaN). beta and alpha are
+    the node's saved Python scalars, no tensor value. (With alpha = 0 too, both muls are by 0: ``_zero_alpha_mul``
+    takes them together, by the kernel's product fact.)"""
+    return node._saved_beta == 0 and node._saved_alpha != 0
+
+
 def _zero_alpha_mul(func, args, kwargs, sup):
     """mul's rule (its only registration): as _product, refined in exp's backward (``_rules_pointwise.
     _exp_result_mul``) and here by the alpha fact. In the backward of an op of ZERO_ALPHA_PRODUCTS
     (addmm, addmv, addbmm, baddbmm, addr) with alpha = 0 whose kernel never read the product, the formula's mul by
     that literal 0 is the deleted product term: its output is a structural zero, 0 even where the product of the
     sensitivity with the other operand is NaN/Inf, as in the program with that term deleted (the operands get no
-    gradient there). beta's mul, with beta = 0 too, is one as well: the input is not read either (documented).
+    gradient there). beta's mul, with beta = 0 too, is one as well: the input is not read either (documented);
+    so it is with alpha != 0 (``_zero_beta``).
     Inside an in-place op on a view (a CopySlices node) the op's node is hidden: a literal 0 meeting NaN/Inf
     there keeps PyTorch's NaN and is named if the gradients end up non-finite."""
     scale = args[1] if len(args) > 1 else None
@@ -543,7 +555,8 @@ def _zero_alpha_mul(func, args, kwargs, sup):
     if scale.__class__ in (int, float) and scale == 0 and _in_formula() and _reads_nodes():
         node = torch._C._current_autograd_node()
         name = type(node).__name__
-        if name in ZERO_ALPHA_PRODUCTS and node._saved_alpha == 0 and _kernel_skips_product(node, args[0]):
+        if name in ZERO_ALPHA_PRODUCTS and (_zero_beta(node) or (node._saved_alpha == 0 and
+                                            _kernel_skips_product(node, args[0]))):
             out = func(*args, **kwargs)
             structural = torch.zeros((), dtype=torch.bool, device=out.device)
             _annihilate(out, structural)
@@ -555,10 +568,11 @@ def _zero_alpha_mul(func, args, kwargs, sup):
             out = _exp_result_mul(func, args, kwargs, sup)
             if _is_float(out) and not bool(out.isfinite().all()):
                 sup.unfollowed.append((
-                    "a product scaled by a literal 0 inside an in-place op on a view (CopySlices hides the op's "
-                    "node: addmm_, addmv_, baddbmm_, addbmm_, addr_ with alpha=0 through a slice)",
+                    "a product or input scaled by a literal 0 inside an in-place op on a view (CopySlices hides "
+                    "the op's node: addmm_, addmv_, baddbmm_, addbmm_, addr_ with alpha=0 or beta=0 through a "
+                    "slice)",
                     "call the op out of place (y[:2] = torch.addmm(y[:2], a, b, alpha=0)), whose node strong "
-                    "zeros can read, or leave the product term out"))
+                    "zeros can read, or leave the term out"))
             return out
     return _exp_result_mul(func, args, kwargs, sup)
 
