@@ -72,9 +72,6 @@ def _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), 
     path calls the engine exactly once with the caller's retain_graph/create_graph, so what the engine frees,
     what a backward sees (``_get_current_graph_task_keep_graph``) and what hooks run are PyTorch's."""
     assert _original_engine_run is not None
-    if not _installed:  # no block open in any thread (the hook stays in place from the first on): PyTorch's
-        return _original_engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs,
-                                    allow_unreachable=allow_unreachable, accumulate_grad=accumulate_grad)
     if _pending_sites and not _STATE.in_mode:  # a traced gradient's warning raised as an error at a compile's end
         _warn_traced_gradients()
     if unseen_reader is not None and (tracer := unseen_reader.unseen()) is not None:  # (see _observe)
@@ -485,14 +482,26 @@ class _StrongZeros(contextlib.ContextDecorator):
             _warn_traced_gradients()
 
 
+def _engine_entry(t_outputs, grad_tensors, retain_graph, create_graph, inputs=(), allow_unreachable=True,
+                  accumulate_grad=True):
+    """``torch.autograd._engine_run_backward`` from the first block on: ``_engine_run`` while a block is open in some
+    thread, else PyTorch's (``_observe``) at the cost of one global read (no dynamo_off: run, never traced, as
+    ``_observe``)."""
+    if _installed:
+        return _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs, allow_unreachable,
+                           accumulate_grad)
+    return _original_engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs,
+                                allow_unreachable=allow_unreachable, accumulate_grad=accumulate_grad)
+
+
 def _hook_in() -> None:
-    """Put the engine hook (``_engine_run``) and TorchScript's call wrappers (``_script``) in place, on the first
+    """Put the engine hook (``_engine_entry``) and TorchScript's call wrappers (``_script``) in place, on the first
     block's entry, for the rest of the process: with no block open in any thread (``_installed`` 0) each passes
     straight to PyTorch's (one global read). Swapping them in and out per block cost ~45 us of a block entered
     around each backward (type attributes set, caches cold after a forward). Called under _INSTALL_LOCK."""
     global _original_engine_run
     _original_engine_run = torch.autograd._engine_run_backward
-    torch.autograd._engine_run_backward = _engine_run
+    torch.autograd._engine_run_backward = _engine_entry
     _script.install(_strong_here)  # scripted code that takes a gradient: said (_script)
     _transforms.record_bases()  # (kept, as the hooks: swapping the constructors back would recompile dynamo's guards)
 
@@ -523,7 +532,8 @@ def _observe(t_outputs, *args: Any, **kwargs: Any) -> Any:
     return _torch_engine_run(t_outputs, *args, **kwargs)
 
 
-skip_code(_observe.__code__)  # run, never traced (see _engine_run); torch.compiler.disable's wrapper costs ~1 us
+skip_code(_observe.__code__)
+skip_code(_engine_entry.__code__)  # run, never traced (see _engine_run); torch.compiler.disable's wrapper costs ~1 us
 _torch_engine_run = torch.autograd._engine_run_backward
 torch.autograd._engine_run_backward = _observe
 _DYNAMO_RUN_NODE = torch._dynamo.utils.run_node.__code__
