@@ -21,13 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import _compiling  # noqa: F401 (inductor imported quietly)
 import gradwise as gw
 from gradwise._strong_zeros import _compile, _contract
 from gradwise._strong_zeros._planning import _plan
-
-with warnings.catch_warnings():  # inductor's first import warns from torch.jit (torch's own deprecation)
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import torch._inductor.compile_fx
 
 nan = float("nan")
 

@@ -4,16 +4,11 @@ with the padding deleted (plain eager PyTorch, float64). Kept to a few small gra
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
+import _compiling  # noqa: F401 (inductor imported quietly)
 import gradwise as gw
-
-with warnings.catch_warnings():  # inductor's first import warns from torch.jit (torch's own deprecation)
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import torch._inductor.compile_fx
 
 nan = float("nan")
 

@@ -6,18 +6,13 @@ References: the same program with the NaN rows deleted (eager, plain PyTorch) an
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from torch._dynamo import compiled_autograd as ca
 
+import _compiling  # noqa: F401 (inductor imported quietly)
 import gradwise as gw
 from gradwise._strong_zeros import _compile
-
-with warnings.catch_warnings():  # inductor's first import warns from torch.jit (torch's own deprecation)
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import torch._inductor.compile_fx
 
 nan = float("nan")
 

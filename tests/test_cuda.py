@@ -8,7 +8,6 @@ unused values deleted or replaced by finite ones (their gradient is the same, si
 from __future__ import annotations
 
 import contextlib
-import warnings
 
 import pytest
 import torch
@@ -16,14 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import _compiling  # noqa: F401 (inductor imported quietly)
 import gradwise as gw
 from gradwise import CompiledBackwardWarning
 from gradwise._strong_zeros._mode import _StrongZeroMode
 from gradwise._strong_zeros._node_facts import MAKES_NO_ZEROS, NODE_FACTS, _makes_zeros
-
-with warnings.catch_warnings():  # inductor's first import warns from torch.jit (torch's own deprecation)
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import torch._inductor.compile_fx
 
 # the compile pass is written against torch 2.13's AOTAutograd (src/gradwise/_strong_zeros/_compile.py); on the
 # CUDA machines' torch 2.11 it did not reach the compiled backward's graph (2026-12-04: the warning, no NaN kept

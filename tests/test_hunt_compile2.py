@@ -12,15 +12,9 @@ import torch.utils.checkpoint as cp
 from torch import nn
 
 import gradwise as gw
+from _compiling import fresh_dynamo  # noqa: F401 (an autouse fixture: every test here)
 
 nan = float("nan")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def _block() -> tuple[nn.Linear, torch.Tensor]:

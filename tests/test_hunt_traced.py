@@ -16,15 +16,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import gradwise as gw
+from _compiling import fresh_dynamo  # noqa: F401 (an autouse fixture: every test here)
 
 nan = float("nan")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def _kinked(v: torch.Tensor) -> torch.Tensor:

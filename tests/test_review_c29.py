@@ -16,15 +16,9 @@ import pytest
 import torch
 
 import gradwise as gw
+from _compiling import fresh_dynamo  # noqa: F401 (an autouse fixture: every test here)
 
 nan, inf = math.nan, math.inf
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 class _HandWeights(torch.autograd.Function):

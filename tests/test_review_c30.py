@@ -13,20 +13,13 @@ import pytest
 import torch
 
 import gradwise as gw
+from _compiling import fresh_dynamo  # noqa: F401 (an autouse fixture: every test here)
 
 with warnings.catch_warnings():  # inductor's first import warns from torch.jit (torch's own deprecation)
     warnings.simplefilter("ignore", DeprecationWarning)
     import torch._inductor.compile_fx
 
 nan = float("nan")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo(monkeypatch):
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @torch.library.custom_op("gw_review_c30::exp", mutates_args=())
