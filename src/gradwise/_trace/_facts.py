@@ -138,3 +138,12 @@ _ACCUMULATES = {aten.add_.Tensor, aten.add.Tensor}
 # how an incident says that an arithmetic op or a narrowing cast in a backward overflowed (its fix: the overflow's,
 # with GradScaler's too large loss scale first: _advice._BACKWARD_OVERFLOW_FIX)
 BACKWARD_OVERFLOW = "overflowed in"
+
+# forward ops (as a node's record names them) whose backward divides by the count of input elements equal to the
+# result: 0 where the result is NaN (NaN equals nothing), so g / 0 is NaN/Inf made of finite values, the NaN its
+# formula read (``_Node.read``) the cause. (max(), max(dim) and vector_norm(inf) count NaN as equal: not these.)
+_TIES_COUNTED = {"aten.amax", "aten.amin"}
+
+# in-place ops that write a value into the elements a mask or an index selects (``s.masked_fill_(m, -inf)``,
+# ``s[m] = -inf``): a NaN/Inf constant written there is born there, the other elements keep what they held
+_SELECTED_WRITES = {aten.masked_fill_, aten.index_put_, aten._index_put_impl_, aten.index_fill_}

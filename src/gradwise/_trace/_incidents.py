@@ -17,7 +17,7 @@ from gradwise._masks import mask_any
 from gradwise._trace import _shadow
 from gradwise._trace._advice import number_passed
 from gradwise._trace._common import _aligned, _inexact, _nan_in, _op_name, _positions, aten, nonfinite_number
-from gradwise._trace._facts import _BILINEAR, _OVERFLOWS, BACKWARD_OVERFLOW
+from gradwise._trace._facts import _BILINEAR, _OVERFLOWS, _TIES_COUNTED, BACKWARD_OVERFLOW
 from gradwise._trace._flow import _pairs, _reruns
 from gradwise._trace._store import Incident as _Incident
 
@@ -104,7 +104,8 @@ class _Incidents:
         """The incidents of the elements ``mask`` of ``o``, where a sensitivity first meets the NaN/Inf of ``nf``:
         contamination where that sensitivity is a structural zero, else genuine (contamination first); and the
         mask of the contaminated elements."""
-        discarded = self._discarded_by(sens_ins)
+        running = torch._C._current_autograd_node() if nd is not None and nd.op in _TIES_COUNTED else None
+        discarded = self._discarded_by(sens_ins, running._sequence_nr() if running is not None else None)
         unread = self._unread_triangle()
         # (an op on a sparse/mkldnn operand: strong zeros run it as PyTorch does, and keep its NaN; the trace tells
         # that contamination apart, as one they cannot remove)
@@ -146,10 +147,14 @@ class _Incidents:
                 if aligned else nf
             births = frozenset().union(*(self._origin_at(t, loc, kind_mask) if aligned else self._origin(t, loc)
                                          for t in there)) if there else frozenset()
+            ties = not births and nd is not None and nd.op in _TIES_COUNTED and bool(nd.read)
+            if ties:  # g / count of ties, 0 where amax's result is NaN: that NaN made it, not an infinite derivative
+                births = nd.read
             if not aligned and len(there) == 1 and there[0] in self.parts and args is not None and \
                     func.overloadpacket in _BILINEAR:
                 births = self._parts_met(func, args, there[0], kind_mask, contaminated, o, out) or births
-            has_nan = _nan_in(o, kind_mask)
+            # (g / 0 is Inf where g is not 0, made NaN by the mask after it: the NaN result's, a NaN finding)
+            has_nan = _nan_in(o, kind_mask) or (ties and any(getattr(b, "nan", True) for b in births))
             if contaminated and unread is not None:  # no zero involved: the formula read what the forward did not
                 kind = "contamination"
                 what = (f"{op} (the backward of {node_op}) read NaN/Inf in the triangle of a matrix that its forward "
@@ -168,6 +173,9 @@ class _Incidents:
                         func.overloadpacket in _OVERFLOWS and func.overloadpacket is not aten.pow else
                         f"{by} made {'NaN' if has_nan else 'Inf'} from finite values in {op} "
                         "(an infinite derivative used)")
+                if ties:
+                    what += (f"; {node_op}'s backward divides by the count of elements equal to its result, 0 "
+                             "where the result is NaN")
                 if computed_zero:
                     what += ("; the sensitivity there is a zero the program computed (no op that discards values "
                              "made it): an ordinary zero, 0 x NaN = NaN, kept by gw.strong_zeros() too")
