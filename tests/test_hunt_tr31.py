@@ -154,3 +154,28 @@ def test_a_backward_born_inf_through_expand_counts_the_gradient_elements(case):
     with gw.trace() as report:
         program()
     assert [(f.kind, f.count) for f in _genuine(report)] == [("inf", kept)]
+
+
+def test_batch_norm_running_stats_a_nan_batch_wrote_are_no_arrival():
+    """Before: BatchNorm1d in training mode on a batch with NaN padding rows: native_batch_norm writes NaN into
+    running_mean/running_var, which the trace then read as its inputs (checked after the op): "tensor[4]
+    arrived with 4 NaN value(s) (x2)", a second genuine NaN finding that reached no gradient, beside the padding's.
+    Reference: the same program with the padding write deleted has no NaN at all."""
+    def program(pad: bool):
+        torch.manual_seed(0)
+        bn = torch.nn.BatchNorm1d(4)
+        x = torch.randn(6, 4)
+        if pad:
+            x[4:] = float("nan")
+        bn(x)[:4].sum().backward()
+        return bn
+
+    assert all(bool(p.grad.isfinite().all()) for p in program(False).parameters())
+    with gw.trace() as report:
+        bn = program(True)
+    assert [(f.kind, f.born_op) for f in _genuine(report)] == [("nan", "aten.fill_")]
+    with gw.trace() as report:  # the NaN running stats, read in eval mode, are the padding's
+        bn.eval()
+        x = torch.randn(3, 4, requires_grad=True)
+        bn(x).sum().backward()
+    assert {f.born_op for f in _genuine(report)} == {"input"}

@@ -35,7 +35,7 @@ from gradwise._trace._common import (
 )
 from gradwise._trace._facts import _ACCUMULATES, _BILINEAR, _LITERALS, _SELECTED_WRITES, _TIES_COUNTED
 from gradwise._trace._incidents import _in_base
-from gradwise._trace._parts import _Parts, _written_by
+from gradwise._trace._parts import _Parts, _schema_arg, _written_by
 from gradwise._trace._store import KEEP as _KEEP
 from gradwise._trace._store import Birth as _Birth
 from gradwise._trace._store import Incident as _Incident
@@ -86,6 +86,17 @@ def _fresh(func, o: torch.Tensor, mask: torch.Tensor, nf: list, args, ins) -> to
     for t in nf:
         fresh &= torch.isfinite(t).broadcast_to(o.shape)
     return fresh if bool(fresh.any()) else None
+
+
+def _running_stats(func, args) -> tuple:
+    """The running statistics a batch norm in training mode writes (``running_mean``, ``running_var``): outputs,
+    not inputs. Read as inputs after the op wrote them NaN, they were data that "arrived with NaN", a second
+    genuine finding (reaching no gradient) beside the batch's padding NaN that made them so."""
+    if not args or not any(a.name == "running_mean" for a in func._schema.arguments) or \
+            not _schema_arg(func, args, "training", False):
+        return ()
+    return tuple(t for name in ("running_mean", "running_var")
+                 if isinstance(t := _schema_arg(func, args, name, None), torch.Tensor))
 
 
 def _overwritten(func, o: torch.Tensor, mask: torch.Tensor, nf: list, prior, args, ins) -> torch.Tensor | None:
@@ -253,7 +264,9 @@ class _Provenance(_Parts):
         if literal and o.numel() <= 1:
             return  # a lifted scalar (x[2] = nan): the op that writes it is where it is born
         stale = self.parts.pop(o, None)  # an in-place op moved or wrote elements: its parts are redone (_kept_parts)
-        nf = [t for t in nf if t in self.prov or ((t.dim() or t.requires_grad) and not literal)]
+        stats = _running_stats(func, args)
+        nf = [t for t in nf if (t in self.prov or ((t.dim() or t.requires_grad) and not literal))
+              and not any(t is r for r in stats)]
         births = frozenset().union(*(self._origin(t, loc) for t in nf)) if nf else frozenset()
         if len(nf) == 1 and nf[0] in self.parts and args and args[0] is nf[0] and \
                 (func.overloadpacket in _SELECTS or _is_view(func)):
@@ -317,3 +330,6 @@ class _Provenance(_Parts):
         if stale is not None and prior and len(births) > 1:
             self._kept_parts(func, o, stale, nf, loc)
         self.prov[o] = births
+        for r in stats:  # (what it wrote there descends from the batch, as its outputs do)
+            if _nonfinite(r):
+                self.prov[r] = births
