@@ -214,6 +214,23 @@ class _Parts:
         self._keep(o, _united(kept, o.shape))
         return frozenset().union(*(births for _, births in kept)) if kept else None
 
+    def _births_apart(self, ts: list, loc, where: torch.Tensor, births: frozenset) -> list:
+        """The elements ``where`` of an elementwise op's output grouped by the births of the NaN/Inf of ``ts``
+        there (their parts, or each tensor's whole provenance): [(mask, births)], one group per births."""
+        pairs = [(m.broadcast_to(where.shape), b) for t in ts
+                 for m, b in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]]
+        if not 1 < len(pairs) < 63:
+            return [(where, births)]
+        code = torch.zeros(where.shape, dtype=torch.int64, device=where.device)
+        for i, (m, _) in enumerate(pairs):
+            code |= (m & where).to(torch.int64) << i
+        groups: dict[frozenset, torch.Tensor] = {}
+        for c in torch.unique(code[where]).tolist():
+            got = frozenset().union(*(b for i, (_, b) in enumerate(pairs) if c >> i & 1)) or births
+            at = where & (code == c)
+            groups[got] = groups[got] | at if got in groups else at
+        return [(at, got) for got, at in groups.items()]
+
     def _origin_at(self, t: torch.Tensor, loc, where: torch.Tensor) -> frozenset:
         """The births of ``t``'s NaN/Inf at the elements ``where`` (``t`` broadcast to its shape): those of the
         parts there where an elementwise op recorded them, else all of ``t``'s."""
