@@ -208,3 +208,42 @@ def test_two_used_infinities_of_two_writes_are_both_named(op):
         program(True, True)
     assert len({f.born_location for f in _genuine(report)}) == 2
     assert {f.born_op for f in _genuine(report)} == {"aten.copy_"}
+
+
+_ROWWISE = {
+    "sort": lambda y: y.sort(1).values[:, 0],
+    "topk": lambda y: y.topk(2, 1).values.sum(1),
+    "median": lambda y: y.median(1).values,
+    "layer_norm": lambda y: torch.nn.functional.layer_norm(y, (4,)).sum(1),
+    "softmax": lambda y: y.softmax(1)[:, 0],
+    "max_pool1d": lambda y: torch.nn.functional.max_pool1d(y[:, None], 2).sum((1, 2)),
+    "repeat": lambda y: y.repeat(1, 2).sum(1),
+}
+
+
+@pytest.mark.parametrize("keep", [4, 6])
+@pytest.mark.parametrize("op", list(_ROWWISE))
+def test_padding_through_a_row_wise_op_keeps_its_rows(op, keep):
+    """SILENT before: `op(x * w)[:keep]` with x's rows 4: NaN padding beside a used NaN at x[0, 1] (sort, topk,
+    median(dim), layer_norm, softmax, max_pool, repeat): the op's output took every part's births, so the padding
+    sliced away was a "genuine NaN" finding. Fix: the parts of a row-wise op are its input's parts per row (and
+    repeat is run on the masks). The reference: strong-zero gradients with each write alone."""
+    def program(pad: bool, nan: bool):
+        torch.manual_seed(0)
+        w = torch.randn(6, 4, requires_grad=True)
+        x = torch.randn(6, 4)
+        if pad:
+            x[4:] = float("nan")
+        if nan:
+            x[0, 1] = float("nan")
+        _ROWWISE[op](x.clone() * w)[:keep].pow(2).sum().backward()
+        return w
+
+    genuine = set()
+    for name, writes in (("aten.fill_", (True, False)), ("aten.copy_", (False, True))):
+        with gw.strong_zeros():
+            if not bool(program(*writes).grad.isfinite().all()):
+                genuine.add(name)
+    with gw.trace() as report:
+        program(True, True)
+    assert {f.born_op for f in _genuine(report)} == genuine

@@ -214,6 +214,30 @@ class _Parts:
         self._keep(o, _united(kept, o.shape))
         return frozenset().union(*(births for _, births in kept)) if kept else None
 
+    def _rowwise_parts(self, o: torch.Tensor, t: torch.Tensor, func, args, how) -> frozenset | None:
+        """The births of a row-wise op's output (``_ROWWISE``: sort, topk, median(dim), softmax, layer norm,
+        pooling; ``how`` says which dims a row spans) over ``t``, whose parts hold different births: each part's
+        rows, where ``o`` is non-finite. The op took every part's births: the padding rows' NaN was named at the
+        used rows (a "genuine" finding for padding the loss never reads). None where the rows are not known."""
+        dims = _row_dims(func, args, t.dim(), how)
+        if dims is None:
+            return None
+        bad = ~torch.isfinite(o)
+        kept = []
+        for m, births in self.parts[t]:
+            m = m.broadcast_to(t.shape)
+            r = m.any(dims, keepdim=True)
+            try:
+                r = r.broadcast_to(o.shape)
+            except RuntimeError:  # (the op dropped the dims: median(1))
+                r = m.any(dims)
+            if r.shape != o.shape:
+                return None
+            if bool(mask_any(r & bad)):
+                kept.append((r & bad, births))
+        self._keep(o, _united(kept, o.shape))
+        return frozenset().union(*(births for _, births in kept)) if kept else None
+
     def _births_apart(self, ts: list, loc, where: torch.Tensor, births: frozenset) -> list:
         """The elements ``where`` of an elementwise op's output grouped by the births of the NaN/Inf of ``ts``
         there (their parts, or each tensor's whole provenance): [(mask, births)], one group per births."""
@@ -273,6 +297,20 @@ def _reduced_dims(func, args, ndim: int) -> tuple | None:
         return None  # every dim: one element, whose births are all of them
     dims = tuple(d % ndim for d in (dim if isinstance(dim, (list, tuple)) else (dim,)))
     return dims if len(dims) < ndim else None
+
+
+def _row_dims(func, args, ndim: int, how) -> tuple | None:
+    """The dims a row of a ``_ROWWISE`` op spans (``how``: an argument's name, or the last ``how`` dims)."""
+    if not ndim:
+        return None
+    if isinstance(how, int):
+        return tuple(range(max(ndim - how, 0), ndim))
+    if not any(a.name == how for a in func._schema.arguments):
+        return None  # (median() of everything: one element)
+    got = _schema_arg(func, args, how, -1 if how == "dim" else None)
+    if how == "normalized_shape":
+        return tuple(range(ndim - len(got), ndim)) if isinstance(got, (list, tuple)) and got else None
+    return (got % ndim,) if isinstance(got, int) else None
 
 
 def _keepdim(func, args) -> bool:

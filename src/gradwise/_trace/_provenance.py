@@ -33,7 +33,7 @@ from gradwise._trace._common import (
     nonfinite_number,
     torchscript_node,
 )
-from gradwise._trace._facts import _ACCUMULATES, _BILINEAR, _LITERALS, _SELECTED_WRITES, _TIES_COUNTED
+from gradwise._trace._facts import _ACCUMULATES, _BILINEAR, _LITERALS, _ROWWISE, _SELECTED_WRITES, _TIES_COUNTED
 from gradwise._trace._incidents import _in_base
 from gradwise._trace._parts import _Parts, _schema_arg, _written_by
 from gradwise._trace._store import KEEP as _KEEP
@@ -46,7 +46,7 @@ from gradwise._trace._store import first as _first
 # provenance of their output
 _SELECTS = {torch.ops.aten.index, torch.ops.aten.index_select, torch.ops.aten.masked_select, torch.ops.aten.gather,
             torch.ops.aten.take, torch.ops.aten.slice, torch.ops.aten.select, torch.ops.aten.narrow,
-            torch.ops.aten.roll, torch.ops.aten.flip}
+            torch.ops.aten.roll, torch.ops.aten.flip, torch.ops.aten.repeat}
 _BORN_PER_NODE = 4  # births per node whose used elements its backward tells (the outputs of one op)
 # scans: an output element reads the input's elements up to it along the dim
 _SCANS = {torch.ops.aten.cumsum, torch.ops.aten.cumprod, torch.ops.aten.logcumsumexp, torch.ops.aten.cummax,
@@ -275,6 +275,8 @@ class _Provenance(_Parts):
             births = self._reduced_parts(o, nf[0], func, args) or births
         elif len(nf) == 1 and nf[0] in self.parts and func.overloadpacket in _SCANS and args and args[0] is nf[0]:
             births = self._scanned_parts(o, nf[0], func, args) or births
+        elif len(nf) == 1 and nf[0] in self.parts and func.overloadpacket in _ROWWISE and args and args[0] is nf[0]:
+            births = self._rowwise_parts(o, nf[0], func, args, _ROWWISE[func.overloadpacket]) or births
         if births and func.overloadpacket in _MASKING_SOFTMAX and args is not None and len(args) > 1:
             births = _without_mask_infs(births, args[0], args[1], func.overloadpacket is torch.ops.aten._softmax)
         if prior:
