@@ -247,3 +247,37 @@ def test_padding_through_a_row_wise_op_keeps_its_rows(op, keep):
     with gw.trace() as report:
         program(True, True)
     assert {f.born_op for f in _genuine(report)} == genuine
+
+
+_WHERE_OPS = {"tanh": lambda y: y.tanh().sum(1), "logsumexp": lambda y: y.logsumexp(1),
+              "vector_norm": lambda y: torch.linalg.vector_norm(y, dim=1), "std": lambda y: y.std(1),
+              "layer_norm": lambda y: torch.nn.functional.layer_norm(y, (4,)).sum(1), "amax": lambda y: y.amax(1)}
+
+
+@pytest.mark.parametrize("op", list(_WHERE_OPS))
+def test_padding_a_where_replaces_is_no_genuine_finding(op):
+    """SILENT before: `torch.where(keep, op(x * w), 0)` with x's rows 4: NaN padding (keep False there) beside a
+    used NaN at x[0, 1]: the where's output took the padding's births too (an elementwise op's parts were kept
+    where its output was finite), so the NaN loss named the padding a genuine finding ("reaches: no gradient").
+    The reference: strong-zero gradients with each write alone."""
+    keep = torch.arange(6) < 4
+
+    def program(pad: bool, nan: bool):
+        torch.manual_seed(0)
+        w = torch.randn(6, 4, requires_grad=True)
+        x = torch.randn(6, 4)
+        if pad:
+            x[4:] = float("nan")
+        if nan:
+            x[0, 1] = float("nan")
+        torch.where(keep, _WHERE_OPS[op](x.clone() * w), 0.0).pow(2).sum().backward()
+        return w
+
+    genuine = set()
+    for name, writes in (("aten.fill_", (True, False)), ("aten.copy_", (False, True))):
+        with gw.strong_zeros():
+            if not bool(program(*writes).grad.isfinite().all()):
+                genuine.add(name)
+    with gw.trace() as report:
+        program(True, True)
+    assert {f.born_op for f in _genuine(report)} == genuine == {"aten.copy_"}

@@ -106,10 +106,20 @@ class _Parts:
         self.parts[o] = [(fresh, frozenset([b])), (~torch.isfinite(o) & ~fresh, births)]
         return True
 
-    def _record_parts(self, o: torch.Tensor, nf: list, loc) -> None:
-        """An elementwise op on inputs of different provenance: which births are at which elements of ``o``."""
+    def _record_parts(self, o: torch.Tensor, nf: list, loc) -> frozenset | None:
+        """An elementwise op on inputs of different provenance: which births are at which elements of ``o``, and
+        the births of its NaN/Inf (None: every input's). Only where ``o`` is non-finite: torch.where(keep, h, 0)
+        of rows holding padding NaN beside a used NaN took the padding's births too, and the NaN loss named the
+        padding a genuine finding (the where had replaced it by 0)."""
         pairs = [p for t in nf for p in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]]
-        self._keep(o, _united(pairs, o.shape))
+        parts = _united(pairs, o.shape)
+        bad = ~torch.isfinite(o)
+        kept = {births: m & bad for births, m in parts.items() if bool(mask_any(m & bad))}
+        if not kept or bool(mask_any(bad & ~torch.stack(list(kept.values())).any(0))):
+            self._keep(o, parts)  # (a NaN/Inf no part holds: every input's births)
+            return None
+        self._keep(o, kept)
+        return frozenset().union(*kept)
 
     def _joined_parts(self, func, o: torch.Tensor, args, loc) -> None:
         """cat/stack of tensors of different provenance (or with parts): each input's parts (its NaN/Inf with its

@@ -320,7 +320,7 @@ class _Provenance(_Parts):
             stale = None
         elif not prior and (len(nf) > 1 or any(t in self.parts for t in nf)) and torch.Tag.pointwise in func.tags \
                 and _aligned(nf, o.shape):
-            self._record_parts(o, nf, loc)
+            births = self._record_parts(o, nf, loc) or births
         elif not prior and func.overloadpacket in _JOINS and args and isinstance(args[0], (list, tuple)) and \
                 (len(nf) > 1 or any(t in self.parts for t in nf)):
             self._joined_parts(func, o, args, loc)
