@@ -218,6 +218,7 @@ _ROWWISE = {
     "softmax": lambda y: y.softmax(1)[:, 0],
     "max_pool1d": lambda y: torch.nn.functional.max_pool1d(y[:, None], 2).sum((1, 2)),
     "repeat": lambda y: y.repeat(1, 2).sum(1),
+    "cross_entropy per row": lambda y: torch.nn.functional.cross_entropy(y, torch.arange(6) % 4, reduction="none"),
 }
 
 
@@ -225,9 +226,10 @@ _ROWWISE = {
 @pytest.mark.parametrize("op", list(_ROWWISE))
 def test_padding_through_a_row_wise_op_keeps_its_rows(op, keep):
     """SILENT before: `op(x * w)[:keep]` with x's rows 4: NaN padding beside a used NaN at x[0, 1] (sort, topk,
-    median(dim), layer_norm, softmax, max_pool, repeat): the op's output took every part's births, so the padding
-    sliced away was a "genuine NaN" finding. Fix: the parts of a row-wise op are its input's parts per row (and
-    repeat is run on the masks). The reference: strong-zero gradients with each write alone."""
+    median(dim), layer_norm, softmax, max_pool, repeat, nll_loss per row): the op's output took every part's
+    births, so the padding sliced away was a "genuine NaN" finding. Fix: the parts of a row-wise op are its
+    input's parts per row (and repeat is run on the masks). The reference: strong-zero gradients with each write
+    alone."""
     def program(pad: bool, nan: bool):
         torch.manual_seed(0)
         w = torch.randn(6, 4, requires_grad=True)

@@ -154,4 +154,4 @@ _ROWWISE: dict = {aten.sort: "dim", aten.topk: "dim", aten.kthvalue: "dim", aten
                   aten.nanmedian: "dim", aten.mode: "dim", aten._softmax: "dim", aten._log_softmax: "dim",
                   aten._safe_softmax: "dim", aten.native_layer_norm: "normalized_shape",
                   aten.max_pool2d_with_indices: 2, aten.max_pool3d_with_indices: 3, aten.avg_pool2d: 2,
-                  aten.avg_pool3d: 3}
+                  aten.avg_pool3d: 3, aten.nll_loss_forward: 1}
