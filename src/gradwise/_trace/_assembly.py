@@ -104,6 +104,8 @@ class _Assembly:
                 # (the born elements a slice further on drops are the contamination finding's)
                 used = aligned.get(id(birth))
                 count, indices = (birth.count, birth.indices) if used is None else used
+                if birth.formula and 0 < inc.reached_elements < count:  # (as one born in the backward, below)
+                    count, indices = inc.reached_elements, inc.reached_indices
                 found.add(key, lambda inc=inc, birth=birth, via=via: genuine(inc.kind, inc, birth, via),
                           count if new else 0, inc.reaches, indices, birth.occurrences if new else 0,
                           # where it reached a gradient (the cause names where it was born); a gradient used as a

@@ -303,6 +303,19 @@ def _aligned(ts: list[torch.Tensor], shape) -> bool:
         return False
 
 
+@functools.cache
+def pointwise(func) -> bool:
+    """Whether ``func`` is elementwise: PyTorch tags it pointwise, or it is the in-place form of an op it tags so
+    (``masked_fill_``, ``mul_``: PyTorch tags those ``inplace`` only)."""
+    if torch.Tag.pointwise in func.tags:
+        return True
+    name = func.overloadpacket.__name__
+    if torch.Tag.inplace not in func.tags or not name.endswith("_"):
+        return False
+    functional = getattr(getattr(torch.ops.aten, name[:-1], None), func._overloadname, None)
+    return functional is not None and torch.Tag.pointwise in functional.tags
+
+
 # -- why a NaN/Inf was born: one explainer per op family (keyed by aten overload packet) ----------------------
 def _recomputing(node) -> bool:
     """Is this op a forward that a reentrant ``torch.utils.checkpoint`` runs again inside its backward (its node
@@ -370,6 +383,7 @@ class _Node:
     loc: tuple
     kinks: list = field(default_factory=list)  # (key, mask or None) to check the sensitivity against
     born: list = field(default_factory=list)  # (birth, mask) made at its output: the sensitivity says which are used
+    read: frozenset = frozenset()  # births of the NaN/Inf its backward formula read in its saved values (_TIES_COUNTED)
 
 
 @dataclass

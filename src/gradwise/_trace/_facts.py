@@ -138,3 +138,20 @@ _ACCUMULATES = {aten.add_.Tensor, aten.add.Tensor}
 # how an incident says that an arithmetic op or a narrowing cast in a backward overflowed (its fix: the overflow's,
 # with GradScaler's too large loss scale first: _advice._BACKWARD_OVERFLOW_FIX)
 BACKWARD_OVERFLOW = "overflowed in"
+
+# forward ops (as a node's record names them) whose backward divides by the count of input elements equal to the
+# result: 0 where the result is NaN (NaN equals nothing), so g / 0 is NaN/Inf made of finite values, the NaN its
+# formula read (``_Node.read``) the cause. (max(), max(dim) and vector_norm(inf) count NaN as equal: not these.)
+_TIES_COUNTED = {"aten.amax", "aten.amin"}
+
+# in-place ops that write a value into the elements a mask or an index selects (``s.masked_fill_(m, -inf)``,
+# ``s[m] = -inf``): a NaN/Inf constant written there is born there, the other elements keep what they held
+_SELECTED_WRITES = {aten.masked_fill_, aten.index_put_, aten._index_put_impl_, aten.index_fill_}
+
+# ops whose output element reads the input's elements along some dims at its other indices (a row): the named
+# argument ("dim", or layer norm's "normalized_shape": the last dims) or the last n dims (pooling windows)
+_ROWWISE: dict = {aten.sort: "dim", aten.topk: "dim", aten.kthvalue: "dim", aten.median: "dim",
+                  aten.nanmedian: "dim", aten.mode: "dim", aten._softmax: "dim", aten._log_softmax: "dim",
+                  aten._safe_softmax: "dim", aten.native_layer_norm: "normalized_shape",
+                  aten.max_pool2d_with_indices: 2, aten.max_pool3d_with_indices: 3, aten.avg_pool2d: 2,
+                  aten.avg_pool3d: 3, aten.nll_loss_forward: 1}

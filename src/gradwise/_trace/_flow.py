@@ -57,15 +57,16 @@ class _Flow:
         none, a zero sensitivity is one the program computed (1 - 6/6 when centring), as gw.grad takes it."""
         return any(seq < 0 or seq in self.makers for seq in self._upstream(sens_ins, seqs))
 
-    def _discarded_by(self, sens_ins) -> tuple | None:
+    def _discarded_by(self, sens_ins, skip: int | None = None) -> tuple | None:
         """The discarding op upstream in the sensitivity flow (slice, where, ...) whose backward made the zero
         sensitivity: the nearest one that selects (slice, index, where, masks, ignored targets, overwrites) if
         any, else the nearest elementwise one (relu, clamp, max: their zeros are spread through the tensor and
         rarely line up with discarded rows). One whose backward makes no structural zero (an index that reads
-        every row, a full slice: strong zeros' fact) discards nothing."""
+        every row, a full slice: strong zeros' fact) discards nothing. ``skip``: the node running now, where its
+        own zeros come after the meeting (amax's mask multiplies g / count)."""
         fallback = None
         for seq in self._upstream(sens_ins):
-            if seq not in self.makers:
+            if seq not in self.makers or seq == skip:
                 continue
             nd = self.nodes.get(seq)
             op = _discard_key(nd.op) if nd is not None else None

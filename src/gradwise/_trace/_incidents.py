@@ -17,7 +17,7 @@ from gradwise._masks import mask_any
 from gradwise._trace import _shadow
 from gradwise._trace._advice import number_passed
 from gradwise._trace._common import _aligned, _inexact, _nan_in, _op_name, _positions, aten, nonfinite_number
-from gradwise._trace._facts import _BILINEAR, _OVERFLOWS, BACKWARD_OVERFLOW
+from gradwise._trace._facts import _BILINEAR, _OVERFLOWS, _TIES_COUNTED, BACKWARD_OVERFLOW
 from gradwise._trace._flow import _pairs, _reruns
 from gradwise._trace._store import Incident as _Incident
 
@@ -32,7 +32,8 @@ class _Incidents:
         if not upstream:
             incidents, contaminated = self._classify(func, loc, o, mask, ins, sens_ins, nf, nd, args, out, kwargs)
             self.prov[o] = frozenset(incidents)
-            if len(incidents) == 2:  # the genuine elements' mask follows them, as an annihilation's (`split`)
+            if len(incidents) > 1 and incidents[0].kind == "contamination":  # the genuine elements' mask follows
+                # them, as an annihilation's (`split`)
                 self.split[o] = (mask & ~contaminated, frozenset(incidents[:1]), frozenset(incidents[1:]))
             return
         # already non-finite upstream: carry it along, unless a structural zero annihilates it here. Elementwise,
@@ -93,7 +94,7 @@ class _Incidents:
                                  rest | (frozenset(incidents) - fresh_contamination))
             else:
                 self.split[o] = (kept | fresh_mask, apart, rest | frozenset(incidents))
-        elif len(incidents) == 1:
+        elif len(incidents) == 1 or incidents[0].kind != "contamination":  # (genuine, of one birth or more)
             self.split[o] = (carried_mask, frozenset(incidents), self.prov[o])
         else:  # contamination first, then genuine
             self.split[o] = (carried_mask | (fresh_mask & ~contaminated), frozenset(incidents[:1]),
@@ -104,7 +105,8 @@ class _Incidents:
         """The incidents of the elements ``mask`` of ``o``, where a sensitivity first meets the NaN/Inf of ``nf``:
         contamination where that sensitivity is a structural zero, else genuine (contamination first); and the
         mask of the contaminated elements."""
-        discarded = self._discarded_by(sens_ins)
+        running = torch._C._current_autograd_node() if nd is not None and nd.op in _TIES_COUNTED else None
+        discarded = self._discarded_by(sens_ins, running._sequence_nr() if running is not None else None)
         unread = self._unread_triangle()
         # (an op on a sparse/mkldnn operand: strong zeros run it as PyTorch does, and keep its NaN; the trace tells
         # that contamination apart, as one they cannot remove)
@@ -139,49 +141,62 @@ class _Incidents:
         # target's NaN in one mse_loss are two sources); otherwise every source
         aligned = bool(nf) and _pairs(func, nf, o)
         for kind_mask, contaminated in ((mask & ~genuine, True), (mask & genuine, False)):
-            count, idx = _positions(kind_mask)
-            if not count:
+            if not bool(mask_any(kind_mask)):
                 continue
             there = [t for t in nf if bool(mask_any((~torch.isfinite(t)).broadcast_to(o.shape) & kind_mask))] \
                 if aligned else nf
             births = frozenset().union(*(self._origin_at(t, loc, kind_mask) if aligned else self._origin(t, loc)
                                          for t in there)) if there else frozenset()
-            if not aligned and len(there) == 1 and there[0] in self.parts and args is not None and \
-                    func.overloadpacket in _BILINEAR:
-                births = self._parts_met(func, args, there[0], kind_mask, contaminated, o, out) or births
-            has_nan = _nan_in(o, kind_mask)
-            if contaminated and unread is not None:  # no zero involved: the formula read what the forward did not
-                kind = "contamination"
-                what = (f"{op} (the backward of {node_op}) read NaN/Inf in the triangle of a matrix that its forward "
-                        "never reads")
-            elif contaminated:
-                kind = "contamination"
-                what = ("a zero sensitivity met " + ("NaN/Inf" if births else "0/0 or 0 x Inf") + f" in {op} ({by})")
-            else:
-                kind = "nan" if has_nan else "inf"
-                number = None if births else nonfinite_number(args or ())
-                what = (f"a nonzero sensitivity met NaN/Inf in {op} ({by})" if births else
-                        f"{by} made {'NaN' if has_nan else 'Inf'} in {op}: "
-                        f"{number_passed(op, number)}" if number is not None else
-                        f"{by} {BACKWARD_OVERFLOW} {op}: Inf from finite values, the result "
-                        f"exceeds the largest {str(o.dtype).replace('torch.', '')}" if not has_nan and
-                        func.overloadpacket in _OVERFLOWS and func.overloadpacket is not aten.pow else
-                        f"{by} made {'NaN' if has_nan else 'Inf'} from finite values in {op} "
-                        "(an infinite derivative used)")
-                if computed_zero:
-                    what += ("; the sensitivity there is a zero the program computed (no op that discards values "
-                             "made it): an ordinary zero, 0 x NaN = NaN, kept by gw.strong_zeros() too")
-                undecided = bool(births) and _undecidable(func, ins, o)
-                for b in births:
-                    b.used = True
-            inc = self.store.incident(kind, op, node_op, loc, count, idx, births, what,
-                                      (unread or discarded) if contaminated else None, undecided)
-            inc.shape = tuple(o.shape)
-            if contaminated and any(t.layout != torch.strided for t in ins):
-                inc.unfollowed = True
-            incidents.append(inc)
-            if self.provisional is not None:
-                self.provisional.append((inc, count, nd, _strong_zeros.in_pass()))
+            # elementwise, a genuine meeting of NaN/Inf of several births (parts): an incident per births, each
+            # named (one incident named its earliest birth only: a -inf written in row 5 beside an Inf in row 2,
+            # both used through tanh's 0 x inf, left the row 5 write in no finding)
+            groups = self._births_apart(there, loc, kind_mask, births) if aligned and not contaminated and \
+                len(births) > 1 else [(kind_mask, births)]
+            for at, births in groups:
+                count, idx = _positions(at)
+                ties = not births and nd is not None and nd.op in _TIES_COUNTED and bool(nd.read)
+                if ties:  # g / count of ties, 0 where amax's result is NaN: that NaN made it, no infinite derivative
+                    births = nd.read
+                if not aligned and len(there) == 1 and there[0] in self.parts and args is not None and \
+                        func.overloadpacket in _BILINEAR:
+                    births = self._parts_met(func, args, there[0], at, contaminated, o, out) or births
+                # (g / 0 is Inf where g is not 0, made NaN by the mask after it: the NaN result's, a NaN finding)
+                has_nan = _nan_in(o, at) or (ties and any(getattr(b, "nan", True) for b in births))
+                if contaminated and unread is not None:  # no zero involved: the formula read what its forward did not
+                    kind = "contamination"
+                    what = (f"{op} (the backward of {node_op}) read NaN/Inf in the triangle of a matrix that its "
+                            "forward never reads")
+                elif contaminated:
+                    kind = "contamination"
+                    what = "a zero sensitivity met " + ("NaN/Inf" if births else "0/0 or 0 x Inf") + f" in {op} ({by})"
+                else:
+                    kind = "nan" if has_nan else "inf"
+                    number = None if births else nonfinite_number(args or ())
+                    what = (f"a nonzero sensitivity met NaN/Inf in {op} ({by})" if births else
+                            f"{by} made {'NaN' if has_nan else 'Inf'} in {op}: "
+                            f"{number_passed(op, number)}" if number is not None else
+                            f"{by} {BACKWARD_OVERFLOW} {op}: Inf from finite values, the result "
+                            f"exceeds the largest {str(o.dtype).replace('torch.', '')}" if not has_nan and
+                            func.overloadpacket in _OVERFLOWS and func.overloadpacket is not aten.pow else
+                            f"{by} made {'NaN' if has_nan else 'Inf'} from finite values in {op} "
+                            "(an infinite derivative used)")
+                    if ties:
+                        what += (f"; {node_op}'s backward divides by the count of elements equal to its result, 0 "
+                                 "where the result is NaN")
+                    if computed_zero:
+                        what += ("; the sensitivity there is a zero the program computed (no op that discards "
+                                 "values made it): an ordinary zero, 0 x NaN = NaN, kept by gw.strong_zeros() too")
+                    undecided = bool(births) and _undecidable(func, ins, o)
+                    for b in births:
+                        b.used = True
+                inc = self.store.incident(kind, op, node_op, loc, count, idx, births, what,
+                                          (unread or discarded) if contaminated else None, undecided)
+                inc.shape = tuple(o.shape)
+                if contaminated and any(t.layout != torch.strided for t in ins):
+                    inc.unfollowed = True
+                incidents.append(inc)
+                if self.provisional is not None:
+                    self.provisional.append((inc, count, nd, _strong_zeros.in_pass()))
         return incidents, mask & ~genuine
 
     def _parts_met(self, func, args, t, where, zero, o, out, finite_only=False) -> frozenset | None:

@@ -49,11 +49,21 @@ class _LeafNames:
             if covered is None and inc.kind == "contamination":  # (beside a genuine one, not known)
                 inc.unsure.add(self.leaf_name(leaf))
             if inc.kind != "contamination":
-                n, idx = _positions(_nonfinite_mask(g)) if n is None else (n, idx)
+                n, idx = self._kept_elements(g) if n is None else (n, idx)
                 inc.reached_elements += n
                 inc.reached_indices = inc.reached_indices or idx
             inc.reaches.add(self.leaf_name(leaf))
             self.reached_now.add(id(inc))
+
+    def _kept_elements(self, g: torch.Tensor) -> tuple[int, list]:
+        """The non-finite elements of the gradient ``g`` that gw.strong_zeros() keeps (the shadow pass's, where the
+        trace runs one; else all): a backward-born Inf's count beside a contaminated element (sqrt at 0 of an
+        expanded x, one column sliced away) counted that element too."""
+        bad = _nonfinite_mask(g)
+        strong = self._strong_of(g)
+        if strong is not None and strong.shape == g.shape:
+            bad = bad & ~torch.isfinite(strong)
+        return _positions(bad)
 
     def leaf_name(self, t: torch.Tensor) -> str:
         name = self.names.get(t)

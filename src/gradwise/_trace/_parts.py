@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from gradwise._masks import mask_any
 from gradwise._trace._advice import _explain
-from gradwise._trace._common import _aligned, _inexact, _nonfinite_mask, _op_name
+from gradwise._trace._common import _aligned, _inexact, _nonfinite_mask, _op_name, pointwise
 from gradwise._trace._incidents import _in_base
 from gradwise._trace._store import Birth as _Birth
 
@@ -61,7 +61,7 @@ class _Parts:
         provenance is told). Kept as they were, a column of NaN multiplied in, or padding rows an in-place copy_
         of a flip moved into the used rows, were at no part's elements: a selection of the used rows named the
         padding's births only, the NaN the output uses in no finding."""
-        if torch.Tag.pointwise not in func.tags or not _aligned(nf, o.shape):
+        if not pointwise(func) or not _aligned(nf, o.shape):
             return
         for t in nf:
             old = [*old, *(self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))])]
@@ -76,6 +76,18 @@ class _Parts:
         pairs = [(fresh, frozenset([b])),
                  *(p for t in nf for p in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))])]
         parts = _united(pairs, o.shape)
+        self._keep(o, parts)
+        return frozenset().union(*parts)
+
+    def _overwritten_parts(self, o: torch.Tensor, fresh: torch.Tensor, written: torch.Tensor, b: _Birth,
+                           old: list | None, prior: frozenset) -> frozenset:
+        """``o``'s births after an in-place write of a NaN/Inf constant (birth ``b``) into its elements
+        ``written`` (``s.masked_fill_(m, -inf)`` on scores holding a NaN): the NaN/Inf written (``fresh``) are
+        ``b``'s part, the others keep the births they had (``old``: their parts, else ``prior``)."""
+        bad = ~torch.isfinite(o) & ~written
+        kept = [(m.broadcast_to(o.shape) & bad, births) for m, births in old or [(bad, prior)]]
+        parts = _united([(fresh, frozenset([b])), *((m, births) for m, births in kept if bool(mask_any(m)))],
+                        o.shape)
         self._keep(o, parts)
         return frozenset().union(*parts)
 
@@ -94,10 +106,20 @@ class _Parts:
         self.parts[o] = [(fresh, frozenset([b])), (~torch.isfinite(o) & ~fresh, births)]
         return True
 
-    def _record_parts(self, o: torch.Tensor, nf: list, loc) -> None:
-        """An elementwise op on inputs of different provenance: which births are at which elements of ``o``."""
+    def _record_parts(self, o: torch.Tensor, nf: list, loc) -> frozenset | None:
+        """An elementwise op on inputs of different provenance: which births are at which elements of ``o``, and
+        the births of its NaN/Inf (None: every input's). Only where ``o`` is non-finite: torch.where(keep, h, 0)
+        of rows holding padding NaN beside a used NaN took the padding's births too, and the NaN loss named the
+        padding a genuine finding (the where had replaced it by 0)."""
         pairs = [p for t in nf for p in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]]
-        self._keep(o, _united(pairs, o.shape))
+        parts = _united(pairs, o.shape)
+        bad = ~torch.isfinite(o)
+        kept = {births: m & bad for births, m in parts.items() if bool(mask_any(m & bad))}
+        if not kept or bool(mask_any(bad & ~torch.stack(list(kept.values())).any(0))):
+            self._keep(o, parts)  # (a NaN/Inf no part holds: every input's births)
+            return None
+        self._keep(o, kept)
+        return frozenset().union(*kept)
 
     def _joined_parts(self, func, o: torch.Tensor, args, loc) -> None:
         """cat/stack of tensors of different provenance (or with parts): each input's parts (its NaN/Inf with its
@@ -182,6 +204,67 @@ class _Parts:
         self._keep(o, _united(kept, o.shape))
         return frozenset().union(*(births for _, births in kept)) if kept else None
 
+    def _scanned_parts(self, o: torch.Tensor, t: torch.Tensor, func, args) -> frozenset | None:
+        """The births of a scan's output (``h.cumsum(1)``, cumprod, logcumsumexp, cummax) over ``t``, whose parts
+        hold different births: each part's elements carried forward along the op's dim, where ``o`` is
+        non-finite. The scan took every part's births: a padding row's NaN was named at the used rows (prod's
+        backward scans its input: the padding rows' births in a used row's genuine finding). None where the dim
+        is not known."""
+        dim = _schema_arg(func, args, "dim", None)
+        if not isinstance(dim, int) or not t.dim():
+            return None
+        bad = ~torch.isfinite(o)
+        kept = []
+        for m, births in self.parts[t]:
+            r = m.broadcast_to(t.shape).to(torch.int32).cumsum(dim) > 0
+            if r.shape != o.shape:
+                return None
+            if bool(mask_any(r & bad)):
+                kept.append((r & bad, births))
+        self._keep(o, _united(kept, o.shape))
+        return frozenset().union(*(births for _, births in kept)) if kept else None
+
+    def _rowwise_parts(self, o: torch.Tensor, t: torch.Tensor, func, args, how) -> frozenset | None:
+        """The births of a row-wise op's output (``_ROWWISE``: sort, topk, median(dim), softmax, layer norm,
+        pooling; ``how`` says which dims a row spans) over ``t``, whose parts hold different births: each part's
+        rows, where ``o`` is non-finite. The op took every part's births: the padding rows' NaN was named at the
+        used rows (a "genuine" finding for padding the loss never reads). None where the rows are not known."""
+        dims = _row_dims(func, args, t.dim(), how)
+        if dims is None:
+            return None
+        bad = ~torch.isfinite(o)
+        kept = []
+        for m, births in self.parts[t]:
+            m = m.broadcast_to(t.shape)
+            r = m.any(dims, keepdim=True)
+            try:
+                r = r.broadcast_to(o.shape)
+            except RuntimeError:  # (the op dropped the dims: median(1))
+                r = m.any(dims)
+            if r.shape != o.shape:
+                return None
+            if bool(mask_any(r & bad)):
+                kept.append((r & bad, births))
+        self._keep(o, _united(kept, o.shape))
+        return frozenset().union(*(births for _, births in kept)) if kept else None
+
+    def _births_apart(self, ts: list, loc, where: torch.Tensor, births: frozenset) -> list:
+        """The elements ``where`` of an elementwise op's output grouped by the births of the NaN/Inf of ``ts``
+        there (their parts, or each tensor's whole provenance): [(mask, births)], one group per births."""
+        pairs = [(m.broadcast_to(where.shape), b) for t in ts
+                 for m, b in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]]
+        if not 1 < len(pairs) < 63:
+            return [(where, births)]
+        code = torch.zeros(where.shape, dtype=torch.int64, device=where.device)
+        for i, (m, _) in enumerate(pairs):
+            code |= (m & where).to(torch.int64) << i
+        groups: dict[frozenset, torch.Tensor] = {}
+        for c in torch.unique(code[where]).tolist():
+            got = frozenset().union(*(b for i, (_, b) in enumerate(pairs) if c >> i & 1)) or births
+            at = where & (code == c)
+            groups[got] = groups[got] | at if got in groups else at
+        return [(at, got) for got, at in groups.items()]
+
     def _origin_at(self, t: torch.Tensor, loc, where: torch.Tensor) -> frozenset:
         """The births of ``t``'s NaN/Inf at the elements ``where`` (``t`` broadcast to its shape): those of the
         parts there where an elementwise op recorded them, else all of ``t``'s."""
@@ -226,5 +309,37 @@ def _reduced_dims(func, args, ndim: int) -> tuple | None:
     return dims if len(dims) < ndim else None
 
 
+def _row_dims(func, args, ndim: int, how) -> tuple | None:
+    """The dims a row of a ``_ROWWISE`` op spans (``how``: an argument's name, or the last ``how`` dims)."""
+    if not ndim:
+        return None
+    if isinstance(how, int):
+        return tuple(range(max(ndim - how, 0), ndim))
+    if not any(a.name == how for a in func._schema.arguments):
+        return None  # (median() of everything: one element)
+    got = _schema_arg(func, args, how, -1 if how == "dim" else None)
+    if how == "normalized_shape":
+        return tuple(range(ndim - len(got), ndim)) if isinstance(got, (list, tuple)) and got else None
+    return (got % ndim,) if isinstance(got, int) else None
+
+
 def _keepdim(func, args) -> bool:
     return bool(_schema_arg(func, args, "keepdim", False))
+
+
+def _written_by(func, o: torch.Tensor, args) -> torch.Tensor | None:
+    """The elements of ``o`` that an in-place selected write (``_SELECTED_WRITES``: masked_fill_, index_put_,
+    index_fill_) writes: the same op writing True into a bool tensor of o's shape; None where that is not known
+    (an accumulating index_put_ keeps what was there, and the op failing on bools)."""
+    if _schema_arg(func, args, "accumulate", False):
+        return None
+    names = [a.name for a in func._schema.arguments]
+    new = [a if i >= len(names) or names[i] not in ("value", "values") else
+           torch.ones_like(a, dtype=torch.bool) if isinstance(a, torch.Tensor) else True for i, a in enumerate(args)]
+    try:
+        with torch.no_grad(), _disable_current_modes():
+            new[0] = torch.zeros(o.shape, dtype=torch.bool, device=o.device)
+            got = func(*new)
+    except Exception:  # an explanation must never break the program it explains
+        return None
+    return got if isinstance(got, torch.Tensor) and got.shape == o.shape else None

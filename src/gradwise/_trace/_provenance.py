@@ -11,6 +11,7 @@ import weakref
 
 import torch
 
+from gradwise._masks import mask_any
 from gradwise._trace._advice import _explain
 from gradwise._trace._common import (
     _ACCUMULATE_SEQ,
@@ -32,9 +33,9 @@ from gradwise._trace._common import (
     nonfinite_number,
     torchscript_node,
 )
-from gradwise._trace._facts import _ACCUMULATES, _BILINEAR, _LITERALS
+from gradwise._trace._facts import _ACCUMULATES, _BILINEAR, _LITERALS, _ROWWISE, _SELECTED_WRITES, _TIES_COUNTED
 from gradwise._trace._incidents import _in_base
-from gradwise._trace._parts import _Parts
+from gradwise._trace._parts import _Parts, _schema_arg, _written_by
 from gradwise._trace._store import KEEP as _KEEP
 from gradwise._trace._store import Birth as _Birth
 from gradwise._trace._store import Incident as _Incident
@@ -45,8 +46,11 @@ from gradwise._trace._store import first as _first
 # provenance of their output
 _SELECTS = {torch.ops.aten.index, torch.ops.aten.index_select, torch.ops.aten.masked_select, torch.ops.aten.gather,
             torch.ops.aten.take, torch.ops.aten.slice, torch.ops.aten.select, torch.ops.aten.narrow,
-            torch.ops.aten.roll, torch.ops.aten.flip}
+            torch.ops.aten.roll, torch.ops.aten.flip, torch.ops.aten.repeat}
 _BORN_PER_NODE = 4  # births per node whose used elements its backward tells (the outputs of one op)
+# scans: an output element reads the input's elements up to it along the dim
+_SCANS = {torch.ops.aten.cumsum, torch.ops.aten.cumprod, torch.ops.aten.logcumsumexp, torch.ops.aten.cummax,
+          torch.ops.aten.cummin}
 # ops that place whole inputs side by side: each input's parts go where the op puts that input
 _JOINS = {torch.ops.aten.cat, torch.ops.aten.stack}
 # ops whose output holds the input's elements where they were: its parts stay (autograd's detach of a saved output)
@@ -82,6 +86,31 @@ def _fresh(func, o: torch.Tensor, mask: torch.Tensor, nf: list, args, ins) -> to
     for t in nf:
         fresh &= torch.isfinite(t).broadcast_to(o.shape)
     return fresh if bool(fresh.any()) else None
+
+
+def _running_stats(func, args) -> tuple:
+    """The running statistics a batch norm in training mode writes (``running_mean``, ``running_var``): outputs,
+    not inputs. Read as inputs after the op wrote them NaN, they were data that "arrived with NaN", a second
+    genuine finding (reaching no gradient) beside the batch's padding NaN that made them so."""
+    if not args or not any(a.name == "running_mean" for a in func._schema.arguments) or \
+            not _schema_arg(func, args, "training", False):
+        return ()
+    return tuple(t for name in ("running_mean", "running_var")
+                 if isinstance(t := _schema_arg(func, args, name, None), torch.Tensor))
+
+
+def _overwritten(func, o: torch.Tensor, mask: torch.Tensor, nf: list, prior, args, ins) -> torch.Tensor | None:
+    """Of an in-place selected write (``_SELECTED_WRITES``) of a NaN/Inf constant (a number, a 0-dim constant)
+    into a tensor already non-finite (``prior``): the elements it wrote, where it wrote a NaN/Inf (born there),
+    else None. Without it ``s.masked_fill_(m, -inf)`` on scores holding a padding NaN made no birth: a fully
+    masked row's NaN was named after that padding NaN (the out-of-place masked_fill made one)."""
+    if not prior or nf or func.overloadpacket not in _SELECTED_WRITES or not args:
+        return None
+    if nonfinite_number(args) is None and not any(
+            t.dim() == 0 and t is not o and _nonfinite(t) for t in ins):
+        return None
+    written = _written_by(func, o, args)
+    return written if written is not None and bool(mask_any(written & mask)) else None
 
 
 def _without_mask_infs(births: frozenset, x: torch.Tensor, dim: int, full_rows_nan: bool) -> frozenset:
@@ -206,6 +235,8 @@ class _Provenance(_Parts):
                     prior = None
                 self._value(func, loc, o, mask, nf, prior, nd, ins,
                             base=o._base if info.mutable and o._base is not None else None, args=args, made=made)
+                if isinstance(seq, tuple) and nd is not None and nd.op in _TIES_COUNTED:
+                    nd.read = nd.read | self.prov.get(o, frozenset())  # (amax's saved NaN result, for _classify)
                 # an in-place write made it non-finite (a .grad scaled by NaN: clip_grad_norm_'s _foreach_mul_)
                 if o not in self.written and not any(isinstance(p, _Incident) for p in prior or ()) and any(
                         o is t for t in ins):
@@ -233,13 +264,19 @@ class _Provenance(_Parts):
         if literal and o.numel() <= 1:
             return  # a lifted scalar (x[2] = nan): the op that writes it is where it is born
         stale = self.parts.pop(o, None)  # an in-place op moved or wrote elements: its parts are redone (_kept_parts)
-        nf = [t for t in nf if t in self.prov or ((t.dim() or t.requires_grad) and not literal)]
+        stats = _running_stats(func, args)
+        nf = [t for t in nf if (t in self.prov or ((t.dim() or t.requires_grad) and not literal))
+              and not any(t is r for r in stats)]
         births = frozenset().union(*(self._origin(t, loc) for t in nf)) if nf else frozenset()
         if len(nf) == 1 and nf[0] in self.parts and args and args[0] is nf[0] and \
                 (func.overloadpacket in _SELECTS or _is_view(func)):
             births = self._selected_parts(func, o, nf[0], args) or births
         elif len(nf) == 1 and nf[0] in self.parts and torch.Tag.reduction in func.tags and args and args[0] is nf[0]:
             births = self._reduced_parts(o, nf[0], func, args) or births
+        elif len(nf) == 1 and nf[0] in self.parts and func.overloadpacket in _SCANS and args and args[0] is nf[0]:
+            births = self._scanned_parts(o, nf[0], func, args) or births
+        elif len(nf) == 1 and nf[0] in self.parts and func.overloadpacket in _ROWWISE and args and args[0] is nf[0]:
+            births = self._rowwise_parts(o, nf[0], func, args, _ROWWISE[func.overloadpacket]) or births
         if births and func.overloadpacket in _MASKING_SOFTMAX and args is not None and len(args) > 1:
             births = _without_mask_infs(births, args[0], args[1], func.overloadpacket is torch.ops.aten._softmax)
         if prior:
@@ -255,6 +292,9 @@ class _Provenance(_Parts):
         # elementwise, NaN/Inf where every input is finite are born here beside the inputs' (masked_fill(-inf) of
         # a tensor holding NaN elsewhere: the -inf was told as that NaN's, and a fully masked row after it too)
         fresh = _fresh(func, o, mask, nf, args, ins) if nf and not prior and not new_nan else None
+        written = _overwritten(func, o, mask, nf, prior, args, ins)
+        if written is not None:
+            fresh = written & mask
         if fresh is not None:
             mask, has_nan = fresh, _nan_in(o, fresh)
         if (not nf and not prior) or new_nan or fresh is not None:
@@ -268,17 +308,19 @@ class _Provenance(_Parts):
                     what += SCRIPTED
                 if nd is not None and nd.op != op and (not nf or new_nan or fresh is not None) and loc == nd.loc:
                     what = f"{what} (in the backward formula of {nd.op})"
-                return _Birth(op, loc, what, 0, idx, has_nan)
+                return _Birth(op, loc, what, 0, idx, has_nan, formula=bool(self.depth))
 
             born = _nan_mask(o) if new_nan and (nf or prior) else mask
             b = self._birth(op, loc, has_nan, None, _in_base(born, o, base), make,
                             frozenset() if fresh is not None else births)
             if made is not None and base is None and len(made.born) < _BORN_PER_NODE:
                 made.born.append((b, born))
-            births = frozenset([b]) if fresh is None else self._fresh_parts(o, fresh, b, nf, loc)
+            births = frozenset([b]) if fresh is None else self._fresh_parts(o, fresh, b, nf, loc) \
+                if written is None else self._overwritten_parts(o, fresh, written, b, stale, prior)
+            stale = None
         elif not prior and (len(nf) > 1 or any(t in self.parts for t in nf)) and torch.Tag.pointwise in func.tags \
                 and _aligned(nf, o.shape):
-            self._record_parts(o, nf, loc)
+            births = self._record_parts(o, nf, loc) or births
         elif not prior and func.overloadpacket in _JOINS and args and isinstance(args[0], (list, tuple)) and \
                 (len(nf) > 1 or any(t in self.parts for t in nf)):
             self._joined_parts(func, o, args, loc)
@@ -290,3 +332,6 @@ class _Provenance(_Parts):
         if stale is not None and prior and len(births) > 1:
             self._kept_parts(func, o, stale, nf, loc)
         self.prov[o] = births
+        for r in stats:  # (what it wrote there descends from the batch, as its outputs do)
+            if _nonfinite(r):
+                self.prov[r] = births

@@ -53,6 +53,7 @@ class Birth:
     # known), and the first of them: the elements the output uses, however the backward mixes them further down
     sensed: int | None = None
     sensed_indices: list = field(default_factory=list)
+    formula: bool = False  # made by a backward formula from saved values (pow's self ** -0.5 at 0)
 
     def describe(self) -> str:
         from gradwise._trace._common import _fmt  # the trace's path formatting (relative to the working directory)
