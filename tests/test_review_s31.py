@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import gradwise as gw
+from gradwise._strong_zeros._rules_bilinear import ZERO_ALPHA_PRODUCTS
 
 D = torch.float64
 U8 = torch.uint8
@@ -178,6 +179,68 @@ def test_a_beta_zero_input_under_vmap_keeps_the_nan_its_decomposition_reads():
         warnings.simplefilter("ignore", gw.OpaqueBackwardWarning)
         got = torch.vmap(torch.func.grad(f))(xs)
     assert _same(got, plain)
+
+
+# A kernel that reads its beta = 0 input (MPS's baddbmm did: pytorch/pytorch#194442), simulated on CPU by a kernel
+# registered for aten::addmm: self * beta (+ alpha * mm where alpha != 0). Its output holds the input's NaN, so the
+# input's gradient NaN is genuine. The rule took beta = 0 for an unread input from the node's saved beta alone
+# (sz31), and with alpha = 0 too from a re-run of the kernel on a zero input (the base): both hid it.
+def _reading_addmm(self, m1, m2, *, beta=1, alpha=1):
+    with torch._C._AutoDispatchBelowAutograd():
+        out = self * beta
+        if alpha != 0:
+            out = out + alpha * torch.mm(m1, m2)
+        return out.expand(m1.shape[0], m2.shape[1]).clone()
+
+
+@pytest.fixture
+def input_reading_addmm():
+    lib = torch.library.Library("aten", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (overriding a kernel is announced)
+        lib.impl("addmm", _reading_addmm, "CPU")
+    try:
+        yield
+    finally:
+        lib._destroy()
+
+
+@pytest.mark.parametrize("alpha", [1.5, 0])
+def test_a_beta_zero_input_that_the_kernel_reads_keeps_its_nan(input_reading_addmm, alpha):
+    x = torch.tensor([[nan, 1.0], [2.0, 2.0]], dtype=D, requires_grad=True)
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=D, requires_grad=True)
+    b = torch.tensor([[0.0, 2.0], [3.0, 1.0]], dtype=D, requires_grad=True)
+    out = torch.addmm(x, a, b, beta=0, alpha=alpha)
+    assert bool(out[0, 0].isnan()), "premise: the kernel read the input"
+    loss = out.sqrt().sum()
+    plain = torch.autograd.grad(loss, x, retain_graph=True)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gw.OpaqueBackwardWarning)
+        got = gw.grad(loss, x)[0]
+    assert bool(plain[0, 0].isnan()) and _same(got, plain)
+
+
+@pytest.mark.parametrize("name", list(BETA_OPS))
+def test_a_beta_zero_input_gets_its_zero_with_an_operand_unsaved(name):
+    """The kernel's re-run builds an operand the node did not save (the constant data operand: only the weight
+    requires grad) from the other's and the output's shapes: the input still gets the deleted term's 0 under sqrt's
+    infinite slope, the weight its gradient of the program without the input term."""
+    op, shapes = BETA_OPS[name]
+    s_in, s1, s2 = shapes(2, 3, 2)
+    data = torch.ones(s1, dtype=D)
+    weight = torch.arange(1.0, 1.0 + torch.Size(s2).numel(), dtype=D).reshape(s2)
+    weight[..., 0] = 0.0  # (output entries at 0: sqrt's infinite slope; addmv's output is one column)
+    weight = (weight * (name != "addmv")).requires_grad_()
+    inp = torch.full(s_in, nan, dtype=D, requires_grad=True)
+    out = op(inp, data, weight, beta=0)
+    names = ZERO_ALPHA_PRODUCTS[type(out.grad_fn).__name__][1]
+    assert [getattr(out.grad_fn, n) is None for n in names] == [False, True], "premise: the data operand unsaved"
+    plain = torch.autograd.grad(out.abs().sqrt().sum(), inp, retain_graph=True)[0]
+    assert bool(plain.isnan().any()), "premise: an infinite slope meets the input's beta = 0"
+    got = gw.grad(out.abs().sqrt().sum(), (inp, weight))
+    assert torch.equal(got[0], torch.zeros_like(inp))
+    ref = torch.autograd.grad(op(torch.zeros(s_in, dtype=D), data, weight, beta=0).abs().sqrt().sum(), weight)[0]
+    assert _same(got[1], ref)
 
 
 # -- torch.func in a custom backward: the nested pass's own zeros stay its own ---------------------------------------
