@@ -42,7 +42,7 @@ from gradwise._strong_zeros._compile import (
 )
 from gradwise._strong_zeros._mode import _StrongZeroMode, carried_state, running_mode, watch_functions
 from gradwise._strong_zeros._planning import _plan
-from gradwise._strong_zeros._supports import _STATE, _Supports
+from gradwise._strong_zeros._supports import _STATE, _Layered, _Supports
 from gradwise._strong_zeros._traced import graph_recording, recording
 
 # ---------------------------------------------------------------------------------------------------------
@@ -310,12 +310,15 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
         mode.supports = supports
     elif transform and export is not None:
         # a torch.func backward nested in a pass (torch.func.grad in a custom backward): the plain tensors under its
-        # wrappers are the pass's (the custom backward's sensitivity, captured or a seed), structural zeros and all;
-        # its own seeds were values to it (a fresh table), and the padding's 0 x inf stayed NaN
-        mode.supports = export
+        # wrappers may be the pass's (the custom backward's sensitivity, captured or a seed), structural zeros and
+        # all; with a fresh table they were values to it, and the padding's 0 x inf stayed NaN. Its own zeros go to
+        # the pass only where it met the pass's (_Layered: an unrelated function's are no zeros of the pass)
+        mode.supports = _Layered(export)
     if transform:  # PyTorch's standard basis (a Jacobian's rows): the outputs a row does not select are unused there
         for seed, support in _transforms.selecting_seeds(seeds):
             mode.supports.record(seed, support)
+            if isinstance(mode.supports, _Layered):  # (a Jacobian in a custom backward: its zeros handed up, as
+                mode.supports.met_outer = True  # its basis's were by the outer's entries with jacrev)
     if _carry.CARRIED_VALUES:  # a create_graph pass's values with structural zeros, saved by this graph
         _carry.seed(mode.supports)
     handles = watch_functions([r for r in _root_nodes(outputs) if r is not None], mode, watched) if functions else []
@@ -330,6 +333,8 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
             _STATE.in_mode = outer, False
         for h in handles:
             h.remove()
+    if isinstance(mode.supports, _Layered):
+        mode.supports.hand_up()
     if export is not None and not transform:
         _export(export, mode.supports, result, outputs, inputs)
     if dual and mode.supports.holds_masks() and not _transforms.tangents_finite(result or ()):

@@ -237,16 +237,38 @@ def _overwritten(func: Any, args: tuple, kwargs: dict, selections: Any) -> tuple
     written mask itself only where the op's rule records it again (``m &= n``: ``_select``). Of any dtype: a
     write through a view of another dtype (``m.view(torch.uint8).copy_(user)``, ``m.untyped_storage().copy_``)
     changes the mask as much, and kept its entry (the user's False then hid a NaN the gradient has). Decided by
-    storage alone, never by the values written."""
+    storage alone, never by the values written: the same storage, or another over the same memory (a tensor of
+    ``torch.from_numpy(m.numpy())``, DLPack, ``torch.frombuffer``: a storage object of its own, which kept the
+    entry). A ``Tensor[]`` argument (``torch._foreach_copy_([m], [u])``) writes each of its tensors."""
     if not len(selections) or not (where := _written(func)):
         return ()
-    written = [w for w in (args[p] if isinstance(p, int) and p < len(args) else kwargs.get(p) for p in where)
-               if isinstance(w, torch.Tensor)]
+    written = []
+    for w in (args[p] if isinstance(p, int) and p < len(args) else kwargs.get(p) for p in where):
+        if isinstance(w, torch.Tensor):
+            written.append(w)
+        elif isinstance(w, (list, tuple)):
+            written.extend(t for t in w if isinstance(t, torch.Tensor))
     if not written:
         return ()
     storages = {w.untyped_storage()._cdata for w in written}
-    sharing = [k for k in list(selections.keys()) if k.untyped_storage()._cdata in storages]
+    spans = [span for w in written if (span := _memory(w)) is not None]
+    sharing = [k for k in list(selections.keys()) if k.untyped_storage()._cdata in storages or
+               (spans and _overlaps(_memory(k), spans))]
     return (written, sharing) if sharing else ()
+
+
+def _memory(t: torch.Tensor) -> tuple | None:
+    """(device, first byte, end) of the memory under ``t``'s storage, or None where it has none to read (meta, an
+    empty storage, a tensor subclass such as a fake tensor, whose data pointer must not be asked for)."""
+    if (t.__class__ is not torch.Tensor and t.__class__ is not torch.nn.Parameter) or t.is_meta:
+        return None
+    storage = t.untyped_storage()
+    start = storage.data_ptr()
+    return (t.device, start, start + storage.nbytes()) if start else None
+
+
+def _overlaps(span: tuple | None, spans: list) -> bool:
+    return span is not None and any(s[0] == span[0] and s[1] < span[2] and span[1] < s[2] for s in spans)
 
 
 def _forget(func: Any, stale: tuple, selections: Any) -> None:

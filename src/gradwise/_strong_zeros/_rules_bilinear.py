@@ -480,7 +480,9 @@ _SKIPS: dict[tuple, bool] = {}  # _kernel_skips_product's answers per (op, layou
 
 def _rerun_skips(op, layouts: tuple, out_shape: Callable[[tuple, tuple], tuple], beta) -> bool | None:
     """The op with alpha = 0 on NaN operands of these (shape, strides or None: contiguous, dtype, device): finite?
-    None where they do not fit the op (not known to skip)."""
+    None where they do not fit the op (not known to skip). With beta = 0 the input is NaN too: the muls by 0 of
+    both terms are taken as structural together (``_zero_alpha_mul``), so the kernel must leave both unread (MPS's
+    baddbmm read a beta = 0 input: pytorch/pytorch#194442)."""
     operands = [torch.empty(shape, dtype=dtype, device=device) if stride is None else
                 torch.empty_strided(shape, stride, dtype=dtype, device=device)
                 for shape, stride, dtype, device in layouts]
@@ -488,6 +490,8 @@ def _rerun_skips(op, layouts: tuple, out_shape: Callable[[tuple, tuple], tuple],
         t.fill_(float("nan"))
     try:
         inp = operands[0].new_zeros(out_shape(operands[0].shape, operands[1].shape))
+        if beta == 0:
+            inp.fill_(float("nan"))
         out = op(inp, *operands, beta=beta, alpha=0)
     except (RuntimeError, IndexError):  # shapes that do not fit (a mul of beta's): not known to skip
         return None
@@ -522,15 +526,72 @@ def _graph_skips_product(name: str, saved: tuple | None, grad: torch.Tensor) -> 
     return fits
 
 
-def _zero_beta(node: Any) -> bool:
+def _zero_beta(node: Any, grad: torch.Tensor) -> bool:
     """Whether ``node`` (one of ZERO_ALPHA_PRODUCTS) scales its input by beta = 0 and its product by alpha != 0,
-    so that its formula's one mul by a literal 0 is beta's, ``maybe_multiply(grad, beta)``: the input's gradient.
-    PyTorch documents that with beta = 0 the input is ignored (its NaN/Inf not propagated; every kernel skips it),
-    so that 0 is the deleted input term's, a structural zero: the input gets 0 as in the program without that term,
-    also where the sensitivity is infinite (sqrt of the output at 0: PyTorch's inf x 0 = NaN). beta and alpha are
-    the node's saved Python scalars, no tensor value. (With alpha = 0 too, both muls are by 0: ``_zero_alpha_mul``
-    takes them together, by the kernel's product fact.)"""
-    return node._saved_beta == 0 and node._saved_alpha != 0
+    so that its formula's one mul by a literal 0 is beta's, ``maybe_multiply(grad, beta)``: the input's gradient
+    (``grad``: the output's sensitivity). PyTorch documents that with beta = 0 the input is ignored (its NaN/Inf
+    not propagated), so that 0 is the deleted input term's, a structural zero: the input gets 0 as in the program
+    without that term, also where the sensitivity is infinite (sqrt of the output at 0: PyTorch's inf x 0 = NaN).
+    Only where the kernel does leave it unread (``_kernel_skips_input``): CPU's and cuBLAS's do, MPS's baddbmm read
+    it (pytorch/pytorch#194442), and its NaN there is genuine. beta and alpha are the node's saved Python scalars.
+    (With alpha = 0 too, both muls are by 0: ``_zero_alpha_mul`` takes them together, by ``_kernel_skips_product``.)"""
+    return node._saved_beta == 0 and node._saved_alpha != 0 and _kernel_skips_input(node, grad)
+
+
+# The shape of an operand the node did not save, from the other's (o) and the output's (y): (first's, second's)
+_UNSAVED_SHAPE: dict[str, tuple[Callable[[tuple, tuple], tuple], Callable[[tuple, tuple], tuple]]] = {
+    "AddmmBackward0": (lambda o, y: (y[0], o[0]), lambda o, y: (o[1], y[1])),
+    "AddmvBackward0": (lambda o, y: (y[0], o[0]), lambda o, y: (o[1],)),
+    "AddbmmBackward0": (lambda o, y: (o[0], y[0], o[1]), lambda o, y: (o[0], o[2], y[1])),
+    "BaddbmmBackward0": (lambda o, y: (o[0], y[1], o[1]), lambda o, y: (o[0], o[2], y[2])),
+    "AddrBackward0": (lambda o, y: (y[0],), lambda o, y: (y[1],)),
+}
+
+
+def _kernel_skips_input(node: Any, grad: torch.Tensor) -> bool:
+    """Whether the forward kernel of ``node`` (beta = 0, alpha != 0) left its input unread: the op run again with
+    the node's alpha on finite operands of the saved ones' layouts (an unsaved one contiguous, its shape from the
+    other's and the output's) and a NaN input, full and broadcast, gives a finite output. Not known (False) where
+    neither operand is saved (one may be, addr's: both from the output) or one unpacks through a hook. Cached per
+    layout in ``_SKIPS``, as ``_kernel_skips_product``."""
+    name = type(node).__name__
+    op, names, _ = ZERO_ALPHA_PRODUCTS[name]
+    if _hooked(node, *("_raw" + n for n in names)):
+        return False
+    saved = [getattr(node, n) for n in names]
+    y = tuple(grad.shape)
+    if all(s is None for s in saved) and name != "AddrBackward0":
+        return False
+    layouts = []
+    for i, s in enumerate(saved):
+        if s is None:
+            other = saved[1 - i]
+            shape = _UNSAVED_SHAPE[name][i](() if other is None else tuple(other.shape), y)
+            layouts.append((shape, None, grad.dtype, grad.device))
+        else:
+            layouts.append((tuple(s.shape), s.stride(), s.dtype, s.device))
+    key = ("input", op, tuple(layouts), y, node._saved_alpha, torch.get_num_threads(),
+           torch._C._get_mkldnn_enabled())
+    skips = _SKIPS.get(key)
+    if skips is None:
+        if len(_SKIPS) >= 256:
+            _SKIPS.clear()
+        skips = _SKIPS[key] = _rerun_skips_input(op, layouts, y, node._saved_alpha)
+    return skips
+
+
+def _rerun_skips_input(op: Any, layouts: list, out_shape: tuple, alpha: Any) -> bool:
+    """The op with beta = 0 and ``alpha`` on zero operands of these layouts and a NaN input (of the output's shape,
+    and one element broadcast): finite for both? False where they do not fit the op."""
+    operands = [torch.zeros(shape, dtype=dtype, device=device) if stride is None else
+                torch.empty_strided(shape, stride, dtype=dtype, device=device).zero_()
+                for shape, stride, dtype, device in layouts]
+    full = operands[0].new_full(out_shape, float("nan"))
+    try:
+        return all(bool(op(inp, *operands, beta=0, alpha=alpha).isfinite().all())
+                   for inp in (full, full[(slice(0, 1),) * len(out_shape)]))
+    except (RuntimeError, IndexError):  # (shapes that do not fit: not known to skip)
+        return False
 
 
 def _zero_alpha_mul(func, args, kwargs, sup):
@@ -555,7 +616,7 @@ def _zero_alpha_mul(func, args, kwargs, sup):
     if scale.__class__ in (int, float) and scale == 0 and _in_formula() and _reads_nodes():
         node = torch._C._current_autograd_node()
         name = type(node).__name__
-        if name in ZERO_ALPHA_PRODUCTS and (_zero_beta(node) or (node._saved_alpha == 0 and
+        if name in ZERO_ALPHA_PRODUCTS and (_zero_beta(node, args[0]) or (node._saved_alpha == 0 and
                                             _kernel_skips_product(node, args[0]))):
             out = func(*args, **kwargs)
             structural = torch.zeros((), dtype=torch.bool, device=out.device)

@@ -223,6 +223,43 @@ Carried = collections.namedtuple("Carried",
 _carried = operator.attrgetter(*Carried._fields)
 
 
+class _Layered(_Supports):
+    """The supports of a torch.func backward nested in a pass (``torch.func.grad`` in a custom backward): a table of
+    its own over the outer pass's, read through (the sensitivity's structural zeros, captured or a seed: an entry met
+    is copied, and copied again before a write, so the outer's mask stays the outer's), and handed up at its end
+    (``hand_up``) only where it met one of them: its results then differentiate the outer program (its structural
+    zeros are the pass's). A function of no tensor with the outer's entries (a gradient of an unrelated function)
+    keeps its own zeros: to the outer pass its results are values (handed up, its 0 x inf hid a NaN the outer program
+    has). A heuristic: one that met the outer's (a jacrev's basis, built of zeros in the custom backward) hands all
+    its zeros up, and one that met none (``grad(f)(x) * g``: g applied after) hands none, as before 2026-12-07.
+    Selections and unfollowed ops are the outer's own lists."""
+
+    def __init__(self, outer: _Supports) -> None:
+        super().__init__()
+        self.outer = outer
+        self.selections, self.unfollowed = outer.selections, outer.unfollowed
+        self.met_outer = False
+
+    def _entry(self, t: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+        got = super()._entry(t)
+        if got is not None or t.layout != torch.strided or self.outer._entry(t) is None:
+            return got
+        self.met_outer = True
+        cdata = t.untyped_storage()._cdata
+        self._masks[cdata] = self.outer._masks[cdata]
+        self._shared.add(cdata)  # (written here: copied first)
+        return super()._entry(t)
+
+    def holds_masks(self) -> bool:
+        return bool(self._masks) or self.outer.holds_masks()
+
+    def hand_up(self) -> None:
+        """The outer pass's table takes this one's entries, where it met the outer's (shared: copied before a write)."""
+        if self.met_outer:
+            self.outer._masks.update(self._masks)
+            self.outer._shared.update(self._masks)
+
+
 class _State(threading.local):
     depth = 0
     create_graph = False
