@@ -2,8 +2,8 @@
 
 Every plan with a reentrant checkpoint (torch.utils.checkpoint(..., use_reentrant=True), a custom autograd.Function)
 is a 'check' plan, and each checkpointed block's backward is a backward nested in that pass, planned on its own
-(``_engine._nested``). On finite data it runs plain unless its plan finds the pass's structural zeros reaching its
-results exactly (a slice inside the block that drops rows of the block's input): then it runs strong and hands
+(``_engine._nested``). On finite data it runs plain unless its plan finds the zeros of dropped or masked padding
+reaching its results (a slice inside the block that drops rows of the block's input): then it runs strong and hands
 them to the pass. Workloads: a 4-block MLP, each block Linear + ReLU (+ Linear + ReLU) under a reentrant
 checkpoint, finite data; and the same with each block reading only rows :n-1 of its input (a slice inside the
 block: its backward runs strong). CPU time of the backward alone (the forward runs untimed before each), one

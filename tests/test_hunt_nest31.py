@@ -23,6 +23,7 @@ from gradwise._strong_zeros import _planning
 
 nan = float("nan")
 D = torch.float64
+W2 = torch.linspace(0.5, 1.5, 9, dtype=D).reshape(3, 3)
 # a reentrant checkpoint inside another's forward (run under no_grad) warns that its inputs need no gradient (PyTorch's
 # own warning: the outer one's backward recomputes it with grad on)
 pytestmark = pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad=True:UserWarning")
@@ -213,17 +214,22 @@ def _results_reach(loss_of: Callable[[torch.Tensor], torch.Tensor], inputs: bool
 
 @pytest.mark.parametrize("inputs", [True, False], ids=["autograd.grad", "backward"])
 @pytest.mark.parametrize(("loss_of", "reach"), [
-    (lambda x: _relu_block()(x).sum(), 1),  # relu's zeros reach x as a matmul's whole rows at most
-    (lambda x: _relu_block()(x[:2]).sum(), 2),  # the slice's reach x as made
-    (lambda x: torch.relu(x).sum(), 2),  # relu's own, through nothing
-    (lambda x: torch.where(x > 1, x, 0.0).mul(2).reshape(-1).sum(), 2),  # where's, through views and a scalar
+    (lambda x: _relu_block()(x).sum(), 1),  # relu's zeros reach x (as a matmul's whole rows at most)
+    (lambda x: torch.relu(x).sum(), 1),  # relu's own, through nothing: a flat region's, not padding's
+    (lambda x: torch.clamp(x, max=1.0).sum(), 1),
+    (lambda x: _relu_block()(x[:2]).sum(), 2),  # the slice's: dropped padding
+    (lambda x: _relu_block()(x)[:2].sum(), 2),
+    (lambda x: torch.where(x > 1, x, 0.0).mul(2).reshape(-1).sum(), 2),  # where's: masked padding
+    (lambda x: x.masked_fill(x < 1, 0.0).matmul(W2).sum(), 2),
+    (lambda x: (_relu_block()(x[:2]) + x[:2]).sum(), 2),
     (lambda x: (_relu_block()(x) + x).sum(), 0),  # the residual's sensitivity holds no zero
     (lambda x: torch.tanh(x @ x.t()).sum(), 0),  # no zero made
-], ids=["linear-relu-linear", "slice then linear-relu-linear", "relu", "where", "residual", "none"])
+], ids=["linear-relu-linear", "relu", "clamp", "slice then linear-relu-linear", "linear-relu-linear then slice",
+        "where", "masked_fill then matmul", "slice then residual", "residual", "none"])
 def test_how_a_nested_backwards_zeros_reach_its_results(loss_of, reach, inputs):
     """The plan of a backward nested in a 'check' pass: 2 runs it strong and exports, 1 runs it plain and names it
-    if the pass ends NaN/Inf, 0 runs it plain. A reentrant checkpoint of a Linear+ReLU block stays plain (1): its
-    backward would otherwise run op by op under the mode on every step."""
+    if the pass ends NaN/Inf, 0 runs it plain. A reentrant checkpoint of a Linear+ReLU block (or of a ReLU+Linear
+    one) stays plain (1): its backward would otherwise run op by op under the mode on every step."""
     assert _results_reach(loss_of, inputs) == reach
 
 
@@ -256,7 +262,6 @@ class _ByRows(torch.autograd.Function):
         return out, None
 
 
-W2 = torch.linspace(0.5, 1.5, 9, dtype=D).reshape(3, 3)
 BY_ROWS = {
     "_ByRowsBackward": lambda h: _ByRows.apply(h, W2),
     "CheckpointFunctionBackward": _reentrant(lambda t: torch.relu(t @ W2)),
@@ -265,8 +270,8 @@ BY_ROWS = {
 
 @pytest.mark.parametrize("node", BY_ROWS)
 def test_a_nested_backward_run_plain_is_named_when_the_pass_ends_nan(node):
-    """The nested backward ran plain (relu's zeros reach its result as a matmul's rows at most): at the zero rows
-    of its input (relu'(0) = 0 in the whole row) its result's zeros met _Sqrt's 0/0. gradwise changes no number
+    """The nested backward ran plain (relu's zeros reach its result: a flat region's, no padding's): at the zero
+    rows of its input (relu'(0) = 0 in the whole row) its result's zeros met _Sqrt's 0/0. gradwise changes no number
     there (PyTorch's NaN) and says so, naming the nested backward; on finite data it says nothing, with PyTorch's
     bits. (Known limit: a plain run cannot tell those rows' zeros: the warning stands for them.)"""
     block = BY_ROWS[node]

@@ -19,9 +19,8 @@ from gradwise._strong_zeros import _carry, _contract
 from gradwise._strong_zeros._autograd_graph import _root_nodes
 from gradwise._strong_zeros._node_facts import (
     _NODE_TYPES,
-    ELEMENTWISE_ZEROS,
+    FLAT_ZEROS,
     HIDES_ITS_FORMULA,
-    MIXES_ZEROS,
     SCALES_BY_ITS_ZEROS,
     UNUSED_OUTPUTS,
     _node_type,
@@ -181,7 +180,7 @@ def _consumers(nodes: dict[Any, tuple]) -> tuple[dict[Any, int], dict[Any, list[
     return consumers, slots
 
 
-def _zero_reach(roots: Sequence[Any], g: _Graph, stops: frozenset = frozenset()) -> set:
+def _zero_reach(roots: Sequence[Any], g: _Graph) -> set:
     """The nodes a structural zero reaches from above (those that make their own are ``g.makers``). The
     engine adds the contributions of all consumers of a node's output, and a sum is a structural zero only where
     every term is one, so zeros arrive at an output only when *every* consumer of it sends them (a transformer's
@@ -191,8 +190,7 @@ def _zero_reach(roots: Sequence[Any], g: _Graph, stops: frozenset = frozenset())
 
     Zeros spread from the nodes that send their own, so the cost follows the region they reach, not the graph:
     an output is decided when its last consumer sends, and decided again if a select among them is later
-    reached from above (its pick no longer stands for all of its zeros). Reach only grows: no order is needed.
-    ``stops``: names of node types that, reached, pass no zeros on (``_handed``)."""
+    reached from above (its pick no longer stands for all of its zeros). Reach only grows: no order is needed."""
     if not g.senders:
         return set()
     nodes, consumers, slots = g.nodes, g.consumers, g.slots
@@ -217,8 +215,6 @@ def _zero_reach(roots: Sequence[Any], g: _Graph, stops: frozenset = frozenset())
                 continue
             above.add(n)
             if n not in sending:
-                if stops and type(n).__name__ in stops:
-                    continue
                 sending.add(n)
                 queue.append(n)
             elif node_info(n)[7] is not None:  # its zeros spread already, but its picks no longer stand for them
@@ -325,7 +321,8 @@ _PARAMETER = torch.nn.Parameter  # (issubclass: its metaclass's isinstance test 
 def _results_reach(shaped: _Shaped, at: dict[Any, int], order: list, inputs: Sequence[Any]) -> int:
     """How structural zeros of a backward reach its results: the gradients of ``inputs``, else of the leaves that
     are no parameter (a reentrant checkpoint's detached inputs; a parameter's .grad goes into no op of a pass).
-    2: as they were made (``_Shaped.handed``), 1: as a product's whole rows at most, 0: not at all."""
+    2: those of dropped or masked padding (``_handed``: the backward runs strong), 1: only those of FLAT_ZEROS
+    (relu's), 0: none."""
     reached, handed, leaves = shaped.results
     if not reached:
         return 0
@@ -353,7 +350,7 @@ class _Shaped(NamedTuple):
     above_scaling: tuple  # the indices of the nodes above those (_sensitivity_finite reads them)
     # for a backward nested in a 'check' pass (_results_reach), None until one is planned (a graph whose shape changes
     # every step pays nothing for it): the indices of the nodes a structural zero reaches from above (_zero_reach),
-    # of those it reaches as it was made (_handed), and of the AccumulateGrad nodes among the first
+    # of those the zeros of dropped or masked padding reach (_handed), and of the AccumulateGrad nodes among the first
     results: tuple[frozenset, frozenset, tuple] | None
 
 
@@ -410,12 +407,10 @@ def _shaped(roots: Sequence[Any], g: _Graph, nested: bool = False) -> _Shaped:
 
 
 def _handed(roots: Sequence[Any], g: _Graph) -> set:
-    """The nodes structural zeros reach as they were made: those of a select, slice, pad or index (whole slabs,
-    ELEMENTWISE_ZEROS aside) through any node, and any maker's through nodes that keep each element's zero
-    (views, elementwise ops: MIXES_ZEROS aside). What else ``_zero_reach`` finds (relu's zeros through a matmul)
-    reaches a node as a product's whole rows at most, which the graph cannot tell."""
-    slabs = [n for n in g.senders if type(n).__name__ not in ELEMENTWISE_ZEROS]
-    return (_zero_reach(roots, g._replace(senders=slabs)) if slabs else set()) | _zero_reach(roots, g, MIXES_ZEROS)
+    """The nodes the structural zeros of a select, slice, pad, index, where or masked_fill reach (dropped or masked
+    padding), FLAT_ZEROS' aside (relu's, a max's: where each value falls, whole rows of a product at most)."""
+    slabs = [n for n in g.senders if type(n).__name__ not in FLAT_ZEROS]
+    return _zero_reach(roots, g._replace(senders=slabs)) if slabs else set()
 
 
 def _above(scaling: list, nodes: dict[Any, tuple]) -> set:
