@@ -228,23 +228,52 @@ def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
     the pass (a reentrant checkpoint returns its inputs' gradients, whose rows of NaN padding are structural zeros
     when the slice that drops them is inside the checkpointed block), so where the pass met NaN/Inf
     (``hands_down``) it runs strong and hands the pass the structural zeros of its results (``_STATE.export``,
-    read by ``_run_strong``). Where the pass's graph was finite, they would meet finite values only. A backward
+    read by ``_run_strong``). Where the pass's graph was finite where its zeros reach ('check'), a custom backward
+    can still make NaN/Inf after it (``g / x`` at a zero padding row): there it does so where its plan finds the
+    zeros of dropped or masked padding reaching its results, and runs plain elsewhere (``_handing``). A backward
     of a torch.func transform (``torch.func.grad``/``vjp`` under ``vmap`` in a custom backward) runs strong anyway
     (path 'transform'): it shares the pass's supports, whatever the pass met (``_run_strong``)."""
-    outer = _STATE.carried()
+    outer, handing = _STATE.carried(), _STATE.handing
     mode = running_mode()
     _STATE.in_mode, _STATE.transform, _STATE.outputs_batched = False, False, False
-    _STATE.export = mode.supports if mode is not None and (
-        mode.hands_down or peek_interpreter_stack() is not None) else None
+    _STATE.export = None if mode is None else mode.supports
+    # in a 'check' pass (finite where its zeros reach), only where padding's zeros reach its results (_handing):
+    # forcing every such backward strong would run each reentrant checkpoint's block op by op
+    _STATE.handing = 0 if mode is None or mode.hands_down or peek_interpreter_stack() is not None else 1
     if _STATE.checkpoint_forward:  # a checkpoint's recomputation of the user's forward: planned as in that
         # forward (where no pass ran), or it saves other tensors than the forward did ('a different number of
         # tensors was saved'): nothing handed down, its outputs' finiteness its own
-        _STATE.export, _STATE.outputs_finite = None, True
+        _STATE.export, _STATE.outputs_finite, _STATE.handing = None, True, 0
     try:
         with _outside_the_pass():
-            return engine_run(*args)
+            result = engine_run(*args)
+        if _STATE.handing == 2 and mode is not None:  # named if the pass's gradients end NaN/Inf
+            node = torch._C._current_autograd_node()
+            mode.lost[f"the results of a backward nested in {type(node).__name__ if node else 'a backward'} (a "
+                      "torch.autograd.grad in it, a reentrant checkpoint's block), which ran plain on finite data: "
+                      "the zeros of a relu, clamp, max or pool there were not handed on"] = (
+                "compute that gradient with the backward's own torch ops (no nested torch.autograd.grad), or use "
+                "torch.utils.checkpoint(..., use_reentrant=False)")
+        return result
     finally:
         _STATE.adopt(outer)
+        _STATE.handing = handing
+
+
+def _handing(plan: str, results: list) -> str:
+    """The path of a backward nested in a 'check' pass (``_nested``): strong, its results' structural zeros
+    exported to the pass, where the zeros of dropped or masked padding reach them (a slice in the block that drops
+    padding rows: ``_planning._results_reach``) or where it runs strong anyway; else plain, exporting nothing, and
+    where a relu's, clamp's, max's zeros could reach them (a checkpointed Linear+ReLU block: run strong, every such
+    block would run op by op) named in the pass's OpaqueBackwardWarning if its gradients end NaN/Inf."""
+    if plan != "plain":
+        return plan
+    reach = results[1] if len(results) > 1 else 0
+    if reach == 2:
+        return "strong"
+    _STATE.export = None
+    _STATE.handing = 2 if reach else 0  # (a backward nested in this plain one is planned as any other)
+    return plan
 
 
 @contextlib.contextmanager
@@ -305,7 +334,8 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
         _STATE.outputs_finite = within and all(bool(t.isfinite().all()) for t in outputs
                                                if isinstance(t, torch.Tensor) and t.is_floating_point())
     mode = _StrongZeroMode(carry=create_graph)
-    mode.hands_down = nonfinite or export is not None  # (a nested pass: its own pass needs the zeros)
+    # (a nested pass: its own pass needs the zeros; in a 'check' pass, only those of padding reaching its results)
+    mode.hands_down = nonfinite or (export is not None and _STATE.handing != 1)
     if supports is not None:
         mode.supports = supports
     elif transform and export is not None:
@@ -405,11 +435,14 @@ def _choose(outputs: Sequence[Any], inputs: Sequence[Any], seeds: Sequence[Any],
             return "transform"  # no plan (its reads would meet wrappers): one pass under the mode (_transforms)
     if why is None:
         try:
+            results = [inputs] if _STATE.handing == 1 else None
             if torch._C._len_torch_dispatch_stack():
                 with _disable_current_modes():  # modes around backward (a trace) don't see our checks
-                    plan = _plan(outputs, seeds, watched, everyday)
+                    plan = _plan(outputs, seeds, watched, everyday, results)
             else:
-                plan = _plan(outputs, seeds, watched, everyday)
+                plan = _plan(outputs, seeds, watched, everyday, results)
+            if results is not None:  # nested in a 'check' pass
+                return _handing(plan, results)
             # a backward nested in a strong pass hands its structural zeros on (_nested): even on finite data,
             # where the pass's own NaN/Inf lie beyond it
             return "strong" if plan == "plain" and _STATE.export is not None else plan

@@ -245,6 +245,20 @@ COMPARES_SAVED_ONLY = frozenset(("ReluBackward0", "ThresholdBackward0", "Hardtan
 # _zero_alpha_mul).
 SCALES_BY_ITS_ZEROS = frozenset(("AmaxBackward0", "AminBackward0", "MaxBackward1", "MinBackward1",
                                  *ZERO_ALPHA_PRODUCTS))
+# What a backward nested in a 'check' pass hands down (_planning._results_reach): makers whose structural zeros lie
+# where each element's value falls in a flat region or loses a comparison (relu's, clamp's, a max's or pool's other
+# entries, sort/topk's unpicked ones, CUDA dropout's dropped ones). Where they reach its results, the backward runs
+# plain (a checkpointed block that starts with a relu would otherwise run op by op on every step, and so would the
+# blocks below it, seeded with its zeros). A select's, slice's, pad's, index's, where's or masked_fill's zeros (padding
+# dropped or masked, whole rows as a rule: kept through a Linear) reach them as made.
+FLAT_ZEROS = frozenset((
+    "ReluBackward0 ThresholdBackward0 HardtanhBackward0 ClampBackward0 ClampBackward1 ClampMinBackward0 "
+    "ClampMinBackward1 ClampMaxBackward0 ClampMaxBackward1 NativeDropoutBackward0 AbsBackward0 MaximumBackward0 "
+    "MinimumBackward0 FmaxBackward0 FminBackward0 LeakyReluBackward0 EluBackward0 HardshrinkBackward0 "
+    "SoftshrinkBackward0 HardsigmoidBackward0 HardswishBackward0 MaxPool2DWithIndicesBackward0 "
+    "MaxPool3DWithIndicesBackward0 AmaxBackward0 AminBackward0 MaxBackward0 MaxBackward1 MinBackward0 MinBackward1 "
+    "SortBackward0 TopkBackward0"
+).split())
 # Nodes that run another node's formula without showing its saved tensors: CopySlices (an in-place op on a view,
 # y[:2].sqrt_()) wraps the op's own backward, whose saved values (sqrt's NaN result) and singular points the check
 # cannot read. Where a structural zero reaches one, the backward runs under the mode (the wrapped formula's ops

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from gradwise._masks import all_finite as _all_finite
 from gradwise._masks import inexact
@@ -18,6 +19,7 @@ from gradwise._strong_zeros import _carry, _contract
 from gradwise._strong_zeros._autograd_graph import _root_nodes
 from gradwise._strong_zeros._node_facts import (
     _NODE_TYPES,
+    FLAT_ZEROS,
     HIDES_ITS_FORMULA,
     SCALES_BY_ITS_ZEROS,
     UNUSED_OUTPUTS,
@@ -244,7 +246,8 @@ def _consumers_of(key: Any, consumers: dict[Any, int], slots: dict[Any, list[int
 _COMPILED_ONLY = frozenset(("CompiledFunctionBackward", "AccumulateGrad"))
 
 
-def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any], watched: list | None = None, everyday: bool = False) -> str:
+def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any], watched: list | None = None, everyday: bool = False,
+          results: list | None = None) -> str:
     """'plain' (PyTorch is already right), 'strong' (a NaN/Inf or a singular point is in the graph where a
     structural zero can reach it), 'check' (the graph has nodes gradwise knows nothing about: one pass under
     the mode, as 'strong'), or 'compiled' (as 'check', where the only such nodes are torch.compile'd backwards:
@@ -259,7 +262,9 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any], watched: list | None =
     node below holds exact zeros in its output (_ZERO_OUTPUT_TESTS). ``watched`` receives the graph's custom
     Function and compiled nodes (``_graph``), so that the strong pass need not walk the graph again for them.
     ``everyday``: the caller found every tensor a plain dense one, with no transform or compile under way
-    (``_engine._everyday``): nothing is traced, and ``traced`` need not ask."""
+    (``_engine._everyday``): nothing is traced, and ``traced`` need not ask. ``results``: a backward nested in a
+    'check' pass (``_engine._nested``) passes ``[its inputs]`` (empty: the leaves it accumulates into); where the
+    plan is 'plain', how structural zeros reach them is appended (``_results_reach``)."""
     # a traced backward (torch.compile, make_fx): a graph, no data to read; compiled graphs get strong zeros from
     # gradwise._strong_zeros._compile instead
     if not everyday and traced((*t_outputs, *seeds)):
@@ -273,8 +278,8 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any], watched: list | None =
     if _carry.CARRIED_VALUES and _carry.values_reached(w.nodes):  # ... or that saved its structural zeros
         return "strong"
     shaped = _SHAPED.get(w.shape)
-    if shaped is None:
-        shaped = _shaped(roots, _resolved(_derived(w)))
+    if shaped is None or (results is not None and shaped.results is None):  # (see _Shaped.results)
+        shaped = _shaped(roots, _resolved(_derived(w)), results is not None)
         _keep(w.shape, shaped)
     if shaped.compiled_only:  # a whole step compiled: nothing outside its graphs to read, and zeros made inside
         return "compiled"  # them are the pass's (one check per node's result)
@@ -305,7 +310,29 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any], watched: list | None =
         return "strong"
     if shaped.scaling and not _sensitivity_finite([order[i] for i in shaped.above_scaling], seeds, seen):
         return "strong"
+    if known_all and results is not None:
+        results.append(_results_reach(shaped, w.nodes, order, results[0]))
     return "plain" if known_all else "compiled" if only_compiled else "check"
+
+
+_PARAMETER = torch.nn.Parameter  # (issubclass: its metaclass's isinstance test costs ~0.5 us a leaf)
+
+
+def _results_reach(shaped: _Shaped, at: dict[Any, int], order: list, inputs: Sequence[Any]) -> int:
+    """How structural zeros of a backward reach its results: the gradients of ``inputs``, else of the leaves that
+    are no parameter (a reentrant checkpoint's detached inputs; a parameter's .grad goes into no op of a pass).
+    2: those of dropped or masked padding (``_handed``: the backward runs strong), 1: only those of FLAT_ZEROS
+    (relu's), 0: none."""
+    reached, handed, leaves = shaped.results
+    if not reached:
+        return 0
+    if inputs:
+        nodes = [t.node if isinstance(t, GradientEdge) else get_gradient_edge(t).node for t in inputs
+                 if isinstance(t, GradientEdge) or (isinstance(t, torch.Tensor) and t.requires_grad)]
+        ends = [i for i in (at.get(n) for n in nodes) if i is not None and i in reached]
+    else:
+        ends = [i for i in leaves if not issubclass(order[i].variable.__class__, _PARAMETER)]
+    return 2 if any(i in handed for i in ends) else 1 if ends else 0
 
 
 class _Shaped(NamedTuple):
@@ -321,6 +348,10 @@ class _Shaped(NamedTuple):
     zero_outputs: tuple  # (index, zero-output test) (_ZERO_OUTPUT_TESTS)
     scaling: bool  # a node of SCALES_BY_ITS_ZEROS makes zeros
     above_scaling: tuple  # the indices of the nodes above those (_sensitivity_finite reads them)
+    # for a backward nested in a 'check' pass (_results_reach), None until one is planned (a graph whose shape changes
+    # every step pays nothing for it): the indices of the nodes a structural zero reaches from above (_zero_reach),
+    # of those the zeros of dropped or masked padding reach (_handed), and of the AccumulateGrad nodes among the first
+    results: tuple[frozenset, frozenset, tuple] | None
 
 
 _SHAPED: dict[tuple, _Shaped] = {}
@@ -338,12 +369,12 @@ def _keep(shape: tuple, shaped: _Shaped) -> None:
     _SHAPED[shape] = shaped
 
 
-def _shaped(roots: Sequence[Any], g: _Graph) -> _Shaped:
+def _shaped(roots: Sequence[Any], g: _Graph, nested: bool = False) -> _Shaped:
     """The structural part of the plan of ``g`` (``_resolved``): reads only what ``g.shape`` holds (types, edges,
-    node facts), never a value."""
+    node facts), never a value. ``nested``: with ``results`` (a backward nested in a 'check' pass)."""
     index = {n: i for i, n in enumerate(g.nodes)}
     if all(type(n).__name__ in _COMPILED_ONLY for n in g.nodes):
-        return _Shaped(True, True, True, (), (), (), False, ())
+        return _Shaped(True, True, True, (), (), (), False, (), (frozenset(), frozenset(), ()))
     above = _zero_reach(roots, g)
     known_all = True
     only_compiled = True  # every node gradwise knows nothing about is a torch.compile'd backward
@@ -369,7 +400,17 @@ def _shaped(roots: Sequence[Any], g: _Graph) -> _Shaped:
             reads.append((i, info[1], info[3], hides))
     scaling = [n for n in g.makers if type(n).__name__ in SCALES_BY_ITS_ZEROS]
     return _Shaped(False, known_all, only_compiled, tuple(reads), tuple(deferred), tuple(zero_outputs),
-                   bool(scaling), tuple(sorted(index[n] for n in _above(scaling, g.nodes))) if scaling else ())
+                   bool(scaling), tuple(sorted(index[n] for n in _above(scaling, g.nodes))) if scaling else (),
+                   ((frozenset(index[n] for n in above), frozenset(index[n] for n in _handed(roots, g)) if above
+                     else frozenset(), tuple(index[n] for n in above if n.__class__ is _ACCUMULATE_GRAD))
+                    if nested else None))
+
+
+def _handed(roots: Sequence[Any], g: _Graph) -> set:
+    """The nodes the structural zeros of a select, slice, pad, index, where or masked_fill reach (dropped or masked
+    padding), FLAT_ZEROS' aside (relu's, a max's: where each value falls, whole rows of a product at most)."""
+    slabs = [n for n in g.senders if type(n).__name__ not in FLAT_ZEROS]
+    return _zero_reach(roots, g._replace(senders=slabs)) if slabs else set()
 
 
 def _above(scaling: list, nodes: dict[Any, tuple]) -> set:

@@ -291,6 +291,10 @@ class _State(threading.local):
     # calling torch.autograd.grad), set while that backward runs: its results' structural zeros go there
     # (_engine._export), as they go on into the outer pass's ops
     export: _Supports | None = None
+    # a backward nested in a 'check' pass (no NaN/Inf where its zeros reach, _engine._nested): 1 while its plan
+    # decides whether it runs strong and exports (only where the zeros of dropped or masked padding reach its
+    # results: _planning._results_reach), 2 once it ran plain while a relu's, max's zeros could reach them
+    handing = 0
 
     def carried(self) -> Carried:
         """This thread's values of the fields a pass carries to the engine's other threads."""
