@@ -503,6 +503,25 @@ def kinks_hit(f: Callable, inputs, *, seed: int | None = 0, tie_tol: float = 0.0
     _ctx.check_real("tie_tol", tie_tol, low=0.0)
     _ctx.check_real("near_tol", near_tol, low=0.0, allow_none=True)
     xs, single = _as_inputs(inputs)
-    run = _Run(tie_tol=tie_tol, near_tol=near_tol)
-    _run(f, xs, single, _random_direction(xs, seed)[0] if tangents else None, run, not tangents)
+    if not tangents:
+        run = _Run(tie_tol=tie_tol, near_tol=near_tol)
+        _run(f, xs, single, None, run, True)
+        return run.kinks, run.near
+    run = _probe(f, xs, single, _random_direction(xs, seed)[0], tie_tol=tie_tol, near_tol=near_tol)[0]
     return run.kinks, run.near
+
+
+def _probe(f, xs, single, d, **run_kw) -> tuple[_Run, _KinkMode]:
+    """One pass along ``d`` that records the kinks (no gradient wanted): where a comparison's argument has tangent 0
+    it runs again with a graph, so that the tie takes the side of its s'' as in directional_derivative (which kinks
+    follow depends on it: a mask from that comparison selects what later ops see)."""
+    run = _Run(**run_kw)
+    mode = _run(f, xs, single, d, run, False)[3]
+    if run.needs_second:
+        again = _Run(**run_kw)
+        try:
+            mode, run = _run(f, xs, single, d, again, True)[3], again
+        except RuntimeError as e:  # (f writes in place into its inputs: autograd refuses; the callers that need
+            if "in-place" not in str(e):  # a graph raise about it themselves)
+                raise
+    return run, mode

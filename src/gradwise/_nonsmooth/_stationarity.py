@@ -13,9 +13,9 @@ min_{mu >= 0} ||G^T mu||^2 + (1 - 1^T mu)^2 has solution mu = lambda / (1 + r^2)
 weights and r the least norm, so lambda = mu / sum(mu) exactly. The result is checked against the optimality
 condition (`_least_norm_optimal`) and solved again by BVLS (``lsq_linear``) where NNLS stopped short of it.
 
-May import: torch, numpy, scipy, gradwise._modes, ``_contexts``, ``_records``, ``_engine``, ``_bound``. scipy is
-imported where it is first used, not with gradwise: it costs ~0.4 s, and with scipy loaded a 2-rank gloo FSDP2 run
-aborts at exit ("terminate called without an active exception") about 1 time in 12 on torch 2.13 CPU (without
+May import: torch, numpy, scipy, gradwise._modes, ``_contexts``, ``_records``, ``_rules``, ``_engine``, ``_bound``.
+scipy is imported where it is first used, not with gradwise: it costs ~0.4 s, and with scipy loaded a 2-rank gloo
+FSDP2 run aborts at exit ("terminate called without an active exception") about 1 time in 12 on torch 2.13 CPU (without
 gradwise too).
 """
 from __future__ import annotations
@@ -36,11 +36,13 @@ from gradwise._nonsmooth._engine import (
     _check_no_jump,
     _grad_or_zero,
     _locked_grad,
+    _probe,
     _random_direction,
     _run,
     _scalar,
 )
 from gradwise._nonsmooth._records import Kink, NearKink, _Run
+from gradwise._nonsmooth._rules import second_order_tangents
 
 __all__ = ["Stationarity", "Subdifferential", "stationarity", "subdifferential"]
 
@@ -249,7 +251,10 @@ def _enumerate(f, xs, single, tie_tol: float, tol: float = 1e-9) -> list[tuple[t
         rec = run.kinks[c]
         if rec.continuum or rec.values is None:
             raise _Budget
-        options = _options(rec, _jacobian(rec.values, rec.cand, leaves), tol)
+        jac = _jacobian(rec.values, rec.cand, leaves)
+        if rec.comparison and _second_order_sides(rec, jac, leaves, tol):
+            raise _Budget
+        options = _options(rec, jac, tol)
 
         def choose(g: int, acc_rows: list, keys: list, d: np.ndarray):
             if g == len(options):
@@ -265,6 +270,24 @@ def _enumerate(f, xs, single, tie_tol: float, tol: float = 1e-9) -> list[tuple[t
 
     explore(0, {}, [], np.zeros(n))
     return found
+
+
+def _second_order_sides(rec: Kink, jac: np.ndarray, leaves, tol: float) -> bool:
+    """Whether a comparison tie's argument s has gradient 0 (its candidates s and 0 have the same row) and moves
+    at second order (s'' = vᵀ(∇²s)v along a random v is not 0), or its s'' cannot be read (a custom backward that
+    builds no graph): its sides are then the cones {d: dᵀ(∇²s)d > 0} and {< 0}, not half-spaces, which the linear
+    feasibility checks cannot enumerate (`where(x*x > y*y, |x|, |y|)` at 0 has four active pieces; the LP kept the
+    first side only, two). Sampled generalized gradients rank them by s'' (`_rules._second_order_key`)."""
+    flat = [g for g in range(rec.cand.shape[0]) if rec.cand[g, 0] and rec.cand[g, 1]
+            and np.linalg.norm(jac[g, 0] - jac[g, 1]) <= tol]
+    if not flat or not rec.values.requires_grad:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    pairs = [(x, torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.device, x.dtype)) for x in leaves
+             if x.is_floating_point()]
+    s = rec.values[:, 0] - rec.values[:, 1]
+    second, opaque = second_order_tangents(rec.op, pairs, s, torch.tensor(flat, device=s.device))
+    return bool(opaque) or (second is not None and bool((second != 0).any()))
 
 
 def _dtype_of(rec: Kink) -> torch.dtype:
@@ -303,8 +326,7 @@ def subdifferential(f: Callable, inputs, *, samples: int | None = None, seed: in
     _ctx.check_real("near_tol", near_tol, low=0.0, allow_none=True)
     xs, single = _as_inputs(inputs)
     d, _ = _random_direction(xs, 0 if seed is None else seed)
-    probe = _Run(tie_tol=tie_tol, near_tol=near_tol)
-    mode = _run(f, xs, single, d, probe, False)[3]
+    probe, mode = _probe(f, xs, single, d, tie_tol=tie_tol, near_tol=near_tol)
     kinks = probe.kinks
     fixed = tuple(i for i in range(len(xs)) if i not in mode.used_at_tie)
     tied = sum(k.count for k in kinks)
