@@ -176,3 +176,41 @@ def test_a_custom_backward_with_a_graph_is_exact():
         ds = tuple(torch.tensor(v, dtype=D) for v in d)
         assert float(gw.directional_derivative(f, ORIGIN, ds)) == pytest.approx(one_sided(f, ORIGIN, ds), abs=1e-6)
 
+
+# -- p-norms with 0 < p < 1 at 0 -------------------------------------------------------------------------------
+
+QUASI = {
+    "vector_norm": lambda p: lambda v: torch.linalg.vector_norm(v, ord=p),
+    "3 norm + sum": lambda p: lambda v: 3 * torch.linalg.vector_norm(v, ord=p) + v.sum(),
+    "torch.norm": lambda p: lambda v: torch.norm(v, p=p),
+    "rows, one at 0": lambda p: lambda v: torch.linalg.vector_norm(
+        torch.stack([v, v + torch.tensor([1.0, 2.0, 3.0], dtype=D)]), ord=p, dim=1).sum(),
+    "cdist, coincident": lambda p: lambda v: torch.cdist(v[None, :2], -v[None, 1:], p=p).sum(),
+}
+
+
+@pytest.mark.parametrize("p", [0.5, 0.3])
+@pytest.mark.parametrize("name", QUASI)
+def test_quasi_norm_at_zero_is_its_norm_of_the_direction(name, p):
+    """||x||_p with 0 < p < 1 at a slice that is 0: the base refused ('infinite derivative; f'(x; d) does not exist
+    ... Write norms with torch.linalg.vector_norm', said to a vector_norm call), yet ||td||_p = t ||d||_p: the
+    one-sided derivative exists (5.83 along (1, 2, 0) for p = 0.5). Now exact; a generalized gradient (none exists:
+    the slope is unbounded near 0) refuses, naming the op."""
+    f, x = QUASI[name](p), torch.zeros(3, dtype=D)
+    for d in ([1.0, 0.0, 0.0], [1.0, 2.0, 0.0], [-1.0, 2.0, 0.5]):
+        d = torch.tensor(d, dtype=D)
+        ref = [one_sided(lambda v: f(v), (x,), (d,), s) for s in (1e-6, 1e-8)]
+        assert ref[0] == pytest.approx(ref[1], rel=1e-4)  # (converged: no infinite slope along d)
+        assert float(gw.directional_derivative(f, x, d)) == pytest.approx(ref[1], rel=1e-6)
+    with pytest.raises(NonsmoothError, match=r"vector_norm.*Lipschitz"):
+        gw.generalized_grad(f, x, seed=0)
+
+
+def test_quasi_norm_with_some_entries_at_zero_says_why():
+    """Some entries of the slice at 0, others not: the slope in them is infinite (f(x + t e_1) - f(x) ~ 2 sqrt(t));
+    the error says so (the base said 'use torch.linalg.vector_norm' to a vector_norm call)."""
+    f, x = (lambda v: torch.linalg.vector_norm(v, ord=0.5)), torch.tensor([1.0, 0.0, 0.0], dtype=D)
+    d = torch.tensor([0.0, 1.0, 0.0], dtype=D)
+    assert one_sided(f, (x,), (d,), 1e-8) > 50 * one_sided(f, (x,), (d,), 1e-4)  # diverges as t -> 0
+    with pytest.raises(NonsmoothError, match=r"vector_norm .* ord 0.5 < 1 .* 2 entries are 0 .* infinite"):
+        gw.directional_derivative(f, x, d)
