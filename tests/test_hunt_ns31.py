@@ -239,3 +239,26 @@ def test_quasi_norm_with_some_entries_at_zero_says_why():
     assert one_sided(f, (x,), (d,), 1e-8) > 50 * one_sided(f, (x,), (d,), 1e-4)  # diverges as t -> 0
     with pytest.raises(NonsmoothError, match=r"vector_norm .* ord 0.5 < 1 .* 2 entries are 0 .* infinite"):
         gw.directional_derivative(f, x, d)
+
+
+# -- directional_derivative along a ray that leaves a comparison's argument on its tie ------------------------------
+
+RAY_PROGRAMS = {
+    "where(x0 > 0, x1, -x1)": lambda x: torch.where(x[0] > 0, x[1], -x[1]),
+    "where(x0 >= 0, x1, -x1)": lambda x: torch.where(x[0] >= 0, x[1], -x[1]),
+    "where(x0 == 0, x1, -x1)": lambda x: torch.where(x[0] == 0, x[1], -x[1]),
+    "where(relu(x0) > 0, x1, -x1)": lambda x: torch.where(torch.relu(x[0]) > 0, x[1], -x[1]),
+    "where(x0**3 > 0, x1, -x1)": lambda x: torch.where(x[0] ** 3 > 0, x[1], -x[1]),
+}
+
+
+@pytest.mark.parametrize("name", RAY_PROGRAMS)
+@pytest.mark.parametrize("d", [(0.0, 1.0), (0.0, -1.0)])
+def test_a_comparison_the_direction_does_not_move_keeps_its_value(name, d):
+    """where(x0 > 0, x1, -x1) at 0 along (0, 1): x0 stays 0, so f(x + t d) = -t and f'(x; d) = -1; the base broke the
+    tie with a further random direction and returned 1, silently (f's value at x is 0 on both branches, so the
+    check for jumps saw nothing). Along the ray such an element (argument's first and second tangents 0) keeps
+    its value, as docs/nonsmooth.md says; generalized_grad still ranks it by further directions (a piece)."""
+    f, x = RAY_PROGRAMS[name], torch.zeros(2, dtype=D)
+    d = torch.tensor(d, dtype=D)
+    assert float(gw.directional_derivative(f, x, d)) == pytest.approx(one_sided(f, (x,), (d,)), abs=1e-6)

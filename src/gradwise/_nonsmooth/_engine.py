@@ -226,11 +226,12 @@ def directional_derivative(f: Callable, inputs: Tensor | tuple[Tensor, ...],
     xs, single = _as_inputs(inputs)
     ds = _check_directions(xs, directions, single)
     gen = torch.Generator().manual_seed(0)
-    run, (out, primals, _, _) = _lex_passes(f, xs, single, ds, gen, False)
+    run, (out, primals, _, _) = _lex_passes(f, xs, single, ds, gen, False, {"ray": True})
     if run.needs_second:  # a comparison's argument has tangent 0: its second-order tangent needs a graph
         k = next((k for k in run.kinks if k.second_order), None)
         try:
-            run, (out, primals, _, _) = _lex_passes(f, xs, single, ds, torch.Generator().manual_seed(0), True)
+            run, (out, primals, _, _) = _lex_passes(f, xs, single, ds, torch.Generator().manual_seed(0), True,
+                                                    {"ray": True})
         except RuntimeError as e:  # (autograd refuses f's in-place writes into inputs that require grad)
             if "in-place" not in str(e):
                 raise

@@ -142,7 +142,15 @@ def _resolve_sign(run: _Run, op: str, s, tie, **kw):
     key = torch.stack([ds, torch.zeros_like(ds)], 1)
     cand = torch.ones(len(rows), 2, dtype=torch.bool, device=sp.device)
     values = lambda: torch.stack([s.reshape(-1)[rows], torch.zeros_like(s.reshape(-1)[rows])], 1)
-    choice, still = run.resolve(op, "select", cand, key, values, **kw)
+    hold = ds == 0 if kw.get("comparison") and run.ray and st is not None else None
+    if hold is not None and mask_any(hold):  # (directional_derivative: the tie stays, no further direction)
+        key = torch.where(hold.unsqueeze(1), 0.0, key)
+        kw["comparison"] = False  # (its ties are not counted as unresolved: no further directions for them)
+        choice, still = run.resolve(op, "select", cand, key, values, **kw)
+        still = hold | (torch.zeros_like(hold) if still is None else still)
+        run.kinks[-1].comparison = True
+    else:
+        choice, still = run.resolve(op, "select", cand, key, values, **kw)
     if second:
         run.kinks[-1].second_order = True
     return rows, choice, still
