@@ -262,3 +262,22 @@ def test_a_comparison_the_direction_does_not_move_keeps_its_value(name, d):
     f, x = RAY_PROGRAMS[name], torch.zeros(2, dtype=D)
     d = torch.tensor(d, dtype=D)
     assert float(gw.directional_derivative(f, x, d)) == pytest.approx(one_sided(f, (x,), (d,)), abs=1e-6)
+
+
+@pytest.mark.parametrize("mask", [lambda v: v[0] > 0, lambda v: v[0] * v[0] - v[1] * v[1] > 0],
+                         ids=["first order", "second order"])
+def test_generalized_grad_sees_a_kink_that_only_the_comparison_side_reaches(mask):
+    """w = v2 selected where the comparison holds; relu(w) - relu(-w) (the identity) there, 3 v2 elsewhere. At 0 the
+    relu ties exist only on the side the comparison takes, after the tangent-free pass's last tie, whose tangents
+    the full pass dropped: relu'(0) = 0 gave (0, 0, 0), outside the subdifferential's hull of (0, 0, 1) and
+    (0, 0, 3), silently (base too; gradcheck blamed the backward). Now the piece along the direction."""
+    def f(v):
+        m = mask(v).reshape(1)
+        w = v[2:3][m]
+        return (torch.relu(w) - torch.relu(-w)).sum() + (3 * v[2:3][~m]).sum()
+
+    v = torch.zeros(3, dtype=D)
+    for seed in range(4):
+        g = gw.generalized_grad(f, v, seed=seed)[0]
+        d = _random_direction((v,), seed)[0][0]
+        assert float(g @ d) == pytest.approx(one_sided(f, (v,), (d,)), abs=1e-6)

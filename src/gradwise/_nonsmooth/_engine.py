@@ -361,7 +361,11 @@ def _raw_locked_grad(f, xs, single, seed, run_kw, direction, memo):
     if probe.kinks and d is None:
         d, gen = draw(xs, seed)
     if probe.kinks and not lockable:
-        return _full_pass_grad(f, xs, single, d, gen, run_kw, mode.used_at_tie, mode.last_tie, mode.trail)
+        # a comparison's side (or an index f read) may change what later ops see: a kink that only that side hits
+        # (relu on x[x0 > 0] at 0) comes after the probe's last tie and needs its tangent, so none is dropped
+        moves = any(k.comparison or k.indices_read for k in probe.kinks)
+        return _full_pass_grad(f, xs, single, d, gen, run_kw, mode.used_at_tie, None if moves else mode.last_tie,
+                               mode.trail)
     if not all(k.tangent for k in probe.kinks):
         ranked, known = _Run(**run_kw), {}
         for k in probe.kinks:
