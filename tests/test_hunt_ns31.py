@@ -87,7 +87,7 @@ def test_stationarity_with_a_second_order_comparison_matches_the_pieces(name):
         assert min(np.abs(v - q).max() for q in pieces) < 1e-6, (v, pieces)
     if sd.exact:
         assert len(sd.elements) == len(pieces)
-    assert sd.exact == (name in DEFINITE)
+    assert sd.exact == (name in DEFINITE or "y + x**2" in name)  # (s = y + x²: gradient (0, 1), half-spaces)
     cert = gw.stationarity(f, ORIGIN)
     if truth < 1e-9:
         assert cert.stationary is True
