@@ -87,9 +87,7 @@ class _SquareDifferentiable(_SquareOnce):
         return 2 * x * g
 
 
-NO_GRAD_BACKWARD = pytest.param(_SquareNoGrad, id="no_grad backward", marks=pytest.mark.xfail(
-    strict=True, reason="not fixed: a backward run under no_grad cuts the gradient from the incoming one, as "
-    "floor's, sign's and a cast's constant-zero backwards do; not told apart, s'' reads 0 (silent -1 for 1)"))
+NO_GRAD_BACKWARD = pytest.param(_SquareNoGrad, id="no_grad backward")
 
 
 @pytest.mark.parametrize("n", [1, 3, 100])

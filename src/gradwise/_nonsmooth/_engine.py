@@ -226,11 +226,12 @@ def directional_derivative(f: Callable, inputs: Tensor | tuple[Tensor, ...],
     xs, single = _as_inputs(inputs)
     ds = _check_directions(xs, directions, single)
     gen = torch.Generator().manual_seed(0)
-    run, (out, primals, _, _) = _lex_passes(f, xs, single, ds, gen, False)
+    run, (out, primals, _, _) = _lex_passes(f, xs, single, ds, gen, False, {"ray": True})
     if run.needs_second:  # a comparison's argument has tangent 0: its second-order tangent needs a graph
         k = next((k for k in run.kinks if k.second_order), None)
         try:
-            run, (out, primals, _, _) = _lex_passes(f, xs, single, ds, torch.Generator().manual_seed(0), True)
+            run, (out, primals, _, _) = _lex_passes(f, xs, single, ds, torch.Generator().manual_seed(0), True,
+                                                    {"ray": True})
         except RuntimeError as e:  # (autograd refuses f's in-place writes into inputs that require grad)
             if "in-place" not in str(e):
                 raise
@@ -360,7 +361,11 @@ def _raw_locked_grad(f, xs, single, seed, run_kw, direction, memo):
     if probe.kinks and d is None:
         d, gen = draw(xs, seed)
     if probe.kinks and not lockable:
-        return _full_pass_grad(f, xs, single, d, gen, run_kw, mode.used_at_tie, mode.last_tie, mode.trail)
+        # a comparison's side (or an index f read) may change what later ops see: a kink that only that side hits
+        # (relu on x[x0 > 0] at 0) comes after the probe's last tie and needs its tangent, so none is dropped
+        moves = any(k.comparison or k.indices_read for k in probe.kinks)
+        return _full_pass_grad(f, xs, single, d, gen, run_kw, mode.used_at_tie, None if moves else mode.last_tie,
+                               mode.trail)
     if not all(k.tangent for k in probe.kinks):
         ranked, known = _Run(**run_kw), {}
         for k in probe.kinks:
@@ -503,6 +508,25 @@ def kinks_hit(f: Callable, inputs, *, seed: int | None = 0, tie_tol: float = 0.0
     _ctx.check_real("tie_tol", tie_tol, low=0.0)
     _ctx.check_real("near_tol", near_tol, low=0.0, allow_none=True)
     xs, single = _as_inputs(inputs)
-    run = _Run(tie_tol=tie_tol, near_tol=near_tol)
-    _run(f, xs, single, _random_direction(xs, seed)[0] if tangents else None, run, not tangents)
+    if not tangents:
+        run = _Run(tie_tol=tie_tol, near_tol=near_tol)
+        _run(f, xs, single, None, run, True)
+        return run.kinks, run.near
+    run = _probe(f, xs, single, _random_direction(xs, seed)[0], tie_tol=tie_tol, near_tol=near_tol)[0]
     return run.kinks, run.near
+
+
+def _probe(f, xs, single, d, **run_kw) -> tuple[_Run, _KinkMode]:
+    """One pass along ``d`` that records the kinks (no gradient wanted): where a comparison's argument has tangent 0
+    it runs again with a graph, so that the tie takes the side of its s'' as in directional_derivative (which kinks
+    follow depends on it: a mask from that comparison selects what later ops see)."""
+    run = _Run(**run_kw)
+    mode = _run(f, xs, single, d, run, False)[3]
+    if run.needs_second:
+        again = _Run(**run_kw)
+        try:
+            mode, run = _run(f, xs, single, d, again, True)[3], again
+        except RuntimeError as e:  # (f writes in place into its inputs: autograd refuses; the callers that need
+            if "in-place" not in str(e):  # a graph raise about it themselves)
+                raise
+    return run, mode

@@ -108,8 +108,13 @@ class NearKink:
 class _Run:
     """State of one pass of f: history from earlier passes, forced choices, what this pass records."""
 
-    def __init__(self, history=None, forced=None, collect=False, tie_tol=0.0, near_tol=None, top_only=False):
+    def __init__(self, history=None, forced=None, collect=False, tie_tol=0.0, near_tol=None, top_only=False,
+                 ray=False):
         self.history: list[Kink] | None = history
+        # directional_derivative's passes: a comparison's element whose argument does not move along d at first or
+        # second order keeps its value (f(x + t d) is computed with it on the tie: where(x0 > 0, x1, -x1) at 0
+        # along (0, 1) is -x1), where further directions would pick a side the ray never takes
+        self.ray = ray
         # The records stay internal (generalized gradients): a rule may rank only the positions its op returns
         # (topk's first k), its Kink.choice covering those and Kink.unresolved counting the ties seen there.
         self.top_only = top_only

@@ -7,6 +7,7 @@ May import: torch, gradwise._masks, ``_errors``, ``_records``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -141,7 +142,15 @@ def _resolve_sign(run: _Run, op: str, s, tie, **kw):
     key = torch.stack([ds, torch.zeros_like(ds)], 1)
     cand = torch.ones(len(rows), 2, dtype=torch.bool, device=sp.device)
     values = lambda: torch.stack([s.reshape(-1)[rows], torch.zeros_like(s.reshape(-1)[rows])], 1)
-    choice, still = run.resolve(op, "select", cand, key, values, **kw)
+    hold = ds == 0 if kw.get("comparison") and run.ray and st is not None else None
+    if hold is not None and mask_any(hold):  # (directional_derivative: the tie stays, no further direction)
+        key = torch.where(hold.unsqueeze(1), 0.0, key)
+        kw["comparison"] = False  # (its ties are not counted as unresolved: no further directions for them)
+        choice, still = run.resolve(op, "select", cand, key, values, **kw)
+        still = hold | (torch.zeros_like(hold) if still is None else still)
+        run.kinks[-1].comparison = True
+    else:
+        choice, still = run.resolve(op, "select", cand, key, values, **kw)
     if second:
         run.kinks[-1].second_order = True
     return rows, choice, still
@@ -187,7 +196,22 @@ def _second_order_key(run: _Run, op: str, sp: Tensor, rows: Tensor, ds: Tensor, 
         return ds
     leaves, dirs = run.leaves
     pairs = [(leaf, d) for leaf, d in zip(leaves, dirs, strict=True) if d is not None]
-    picked = rows[zero]
+    second, opaque = second_order_tangents(op, pairs, sp, rows[zero])
+    out = ds.clone()
+    if second is not None:
+        out[zero] = second.to(out.dtype)
+    if opaque and mask_any(out[zero] == 0):
+        _refuse_opaque(op, sp, opaque)
+    return out
+
+
+_SCALE = 0.7  # (not a power of 2: rounding noise in s'' then does not scale as _SCALE**2)
+
+
+def second_order_tangents(op: str, pairs: list, sp: Tensor, picked: Tensor) -> tuple[Tensor | None, Any]:
+    """d^T (Hessian of sp) d at the flat indices ``picked`` of ``sp`` for the (leaf, d) ``pairs``, with rounding
+    noise set to 0 (computed along d and 0.7 d, see `_second_order_key`), and whether a backward on the way builds
+    no graph (`_second_orders`: False, True or the custom Function's class). None: 0 everywhere."""
     with torch._C.DisableTorchFunction(), torch.enable_grad():  # (gradwise's own graph work: not f's ops)
         second, opaque = _second_orders(op, pairs, sp, picked)
         if second is not None and mask_any(second != 0):
@@ -196,29 +220,23 @@ def _second_order_key(run: _Run, op: str, sp: Tensor, rows: Tensor, ds: Tensor, 
             rtol = torch.finfo(second.dtype).eps ** 0.5 if second.is_floating_point() else 0.0
             second = torch.where((second - scaled).abs() <= rtol * torch.maximum(second.abs(), scaled.abs()),
                                  second, 0.0)
-    out = ds.clone()
-    if second is not None:
-        out[zero] = second.to(out.dtype)
-    if opaque and mask_any(out[zero] == 0):
-        _refuse_opaque(op, sp)
-    return out
+    return second, opaque
 
 
-_SCALE = 0.7  # (not a power of 2: rounding noise in s'' then does not scale as _SCALE**2)
-
-
-def _second_orders(op: str, pairs: list, sp: Tensor, picked: Tensor) -> tuple[Tensor | None, bool]:
+def _second_orders(op: str, pairs: list, sp: Tensor, picked: Tensor) -> tuple[Tensor | None, Any]:
     """d^T (Hessian of sp) d at the flat indices ``picked`` of ``sp``, detached (None: sp's first derivative along
-    the directions is constant, so they are 0), and whether a backward on the way is a custom Function's
-    ``once_differentiable`` one: its derivative would read 0 (one run under no_grad is not told apart). Three
-    reverse passes for all together; two each where an op has no third derivative."""
+    the directions is constant, so they are 0), and whether a custom Function's backward on the way builds no
+    graph (``once_differentiable``, or run under no_grad / outside autograd): its derivative would read 0, so
+    the s'' found would miss its part (`_cut_backwards`: then that Function's class, else True). Three reverse
+    passes for all together; two each where an op has no third derivative."""
     try:  # all elements at once: s''_i = d/dw_i of sum_i w_i s_i''
         w = sp.new_zeros(len(picked), requires_grad=True)
         y = (sp.reshape(-1)[picked] * w).sum()
-        grads = torch.autograd.grad(y, [p for p, _ in pairs], create_graph=True, allow_unused=True)
-        # (a gradient cut from w is no evidence: floor, sign and casts have constant-zero backwards)
-        if any(g is not None and g.requires_grad and _delayed_error(g) for g in grads):
-            return None, True
+        with _cut_backwards(sp) as cut:
+            grads = torch.autograd.grad(y, [p for p, _ in pairs], create_graph=True, allow_unused=True)
+        # (a gradient cut from w in an aten op is no evidence: floor, sign and casts have constant-zero backwards)
+        if cut or any(g is not None and g.requires_grad and _delayed_error(g) for g in grads):
+            return None, cut[0] if cut else True
         first = _along(pairs, y, create_graph=True)
         second = _along(pairs, first, create_graph=True)
         second = None if second is None or not second.requires_grad else \
@@ -245,6 +263,32 @@ def _second_orders(op: str, pairs: list, sp: Tensor, picked: Tensor) -> tuple[Te
     return (None if second is None else _split(second)[0].detach()), False
 
 
+@contextlib.contextmanager
+def _cut_backwards(sp: Tensor) -> Iterator[list]:
+    """While a reverse pass from ``sp`` runs with create_graph: a list that gets an entry for each custom
+    autograd.Function whose backward, given an incoming gradient that is part of the graph, returns a gradient
+    that is not (computed under no_grad, with NumPy, detached, or a constant zero). A backward written with torch
+    ops under autograd returns gradients linear in the incoming one, so part of the graph: its derivative is
+    read; one that is cut reads 0 and hides the second-order part through it (a constant-zero custom backward,
+    a custom floor, is refused with it: not told apart)."""
+    cut: list = []
+
+    def check(node):
+        def hook(grad_inputs, grad_outputs):
+            if any(g is not None and g.requires_grad for g in grad_outputs) and \
+                    any(g is not None and not g.requires_grad for g in grad_inputs):
+                cut.append(node._forward_cls)
+        return hook
+
+    handles = [node.register_hook(check(node)) for node in _graph_nodes(sp.grad_fn)
+               if getattr(node, "_forward_cls", None) is not None]
+    try:
+        yield cut
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _delayed_error(g: Tensor) -> bool:
     """Whether the graph of gradient ``g`` holds the node a ``once_differentiable`` backward puts on its outputs
     (it raises when differentiated, and is connected to the incoming gradient only: no derivative reaches x)."""
@@ -263,19 +307,22 @@ def _graph_nodes(root: Any) -> Iterator[Any]:
         stack.extend(n for n, _ in node.next_functions)
 
 
-def _refuse_opaque(op: str, sp: Tensor) -> None:
+def _refuse_opaque(op: str, sp: Tensor, found: Any = True) -> None:
     """An s'' of 0 through a backward that builds no graph is not evidence that s is constant (its derivative
-    reads 0): NonsmoothError, naming the custom autograd.Function on the way (a module's backward hook excepted)."""
+    reads 0): NonsmoothError, naming the custom autograd.Function on the way (``found``, the class whose backward
+    was seen to build none, else the first on the way; a module's backward hook excepted)."""
     from torch.nn.modules._functions import BackwardHookFunction
-    for node in _graph_nodes(sp.grad_fn):
-        cls = getattr(node, "_forward_cls", None)
+    classes = [found] if isinstance(found, type) else \
+        [getattr(node, "_forward_cls", None) for node in _graph_nodes(sp.grad_fn)]
+    for cls in classes:
         if cls is not None and cls is not BackwardHookFunction:
             raise NonsmoothError(f"{op} at {_user_line()}: its argument has tangent 0 along the direction, and its "
-                                 f"second-order tangent, taken through the custom autograd.Function "
-                                 f"{cls.__qualname__}'s backward, is 0; a backward that is not differentiable "
-                                 "(once_differentiable, or computed outside autograd) reads as 0 too, so which "
-                                 "side of the jump it goes to is unknown. Keep the comparison's argument off its "
-                                 "jump, or write the Function with torch ops")
+                                 f"second-order tangent is taken through the custom autograd.Function "
+                                 f"{cls.__qualname__}'s backward, whose own derivative reads as 0 where it is not "
+                                 "differentiable (once_differentiable, computed under no_grad, detached or in "
+                                 "NumPy, a constant zero), so which side of the jump it goes to is unknown. Keep "
+                                 "the comparison's argument off its jump, or write the Function's backward with "
+                                 "torch ops under autograd")
     raise NonsmoothError(f"{op} at {_user_line()}: its argument has tangent 0 along the direction, and a backward "
                          "on the way to it builds no graph, so its second-order tangent cannot be read: which side "
                          "of the jump it goes to is unknown. Keep the comparison's argument off its jump")

@@ -71,7 +71,7 @@ def vector_norm(run, func, x, ord=2, dim=None, keepdim=False, *, dtype=None):
             return a.sum(dim=dims, keepdim=keepdim)
         return _reduce_select(run, "aten.linalg_vector_norm", a, dims, keepdim, ord > 0)[0]
     if 0 < ord < 1:
-        _singular("aten.linalg_vector_norm", x, f"the {ord}-norm has an infinite derivative")
+        return _quasi_norm(x, ord, dims, keepdim)
     if ord <= 0:
         _zero_entries(x, ord)
     out = torch.linalg.vector_norm(x, ord, dim, keepdim)
@@ -95,6 +95,46 @@ def vector_norm(run, func, x, ord=2, dim=None, keepdim=False, *, dtype=None):
     # <u, x> - <u, x's value>: the value stays PyTorch's 0, the tangent is <u, x'>
     return torch.where(zero, (u * x).sum(dim=dims, keepdim=keepdim) - (u * xp.detach()).sum(dim=dims, keepdim=keepdim),
                        out)
+
+
+def _quasi_norm(x: Tensor, ord: float, dims: tuple[int, ...], keepdim: bool) -> Tensor:
+    """The p-norm with 0 < p < 1. Where a slice is entirely 0: value 0 and tangent ||x'||_p, f'(x; d) exactly (the
+    quasi-norm is continuous and positively homogeneous: ||t x' + o(t)||_p / t -> ||x'||_p), but no Clarke gradient
+    (the slope of |x_i|^p is unbounded near 0, f is not Lipschitz there): a reverse pass that reaches such a slice
+    raises. Where some entries of a slice are 0 and others not, the slope in those entries is infinite along a
+    direction that moves them (and one whose tangent there is 0 may move them at second order): an error.
+    Elsewhere PyTorch's value and derivatives."""
+    xp, xt = _split(x)
+    zeros = xp.detach() == 0
+    whole, some = zeros.all(dim=dims, keepdim=True), zeros.any(dim=dims, keepdim=True)
+    line = _user_line()
+    if mask_any(some & ~whole):
+        n = int((zeros & ~whole).sum())
+        raise NonsmoothError(f"linalg.vector_norm at {line} with ord {ord} < 1 is evaluated where {n} "
+                             f"entr{'y is' if n == 1 else 'ies are'} 0 and others of the slice are not: its slope in "
+                             f"such an entry (|x_i|^{ord}) is infinite, so f'(x; d) is infinite along a direction that "
+                             "moves it, and f has no generalized gradient. Keep the entries away from 0 (or use ord "
+                             ">= 1)")
+    if not mask_any(whole):
+        return torch.linalg.vector_norm(x, ord, dims, keepdim)
+    out = torch.linalg.vector_norm(torch.where(whole, 1.0, x), ord, dims, keepdim)  # (no NaN from 0 ** (p - 1))
+    at0 = whole if keepdim else whole.reshape(out.shape)
+    zero = torch.zeros_like(_split(out)[0])
+    if xt is not None:  # (a plain tensor: the tangent's own norm, without autograd)
+        with torch.no_grad():
+            zero = fwAD.make_dual(zero, torch.linalg.vector_norm(xt.detach(), ord, dims, keepdim))
+    out = torch.where(at0, zero, out)
+    if out.requires_grad:
+        def refuse(g: Tensor) -> None:
+            if mask_any(g[at0] != 0):
+                raise NonsmoothError(f"linalg.vector_norm at {line} with ord {ord} < 1 is evaluated at a slice "
+                                     "that is 0: its one-sided derivative there is ||d||_p (gw.directional_derivative"
+                                     f"), but the slope of |x_i|^{ord} is unbounded near 0, so f is not Lipschitz "
+                                     "there and has no generalized gradient. Use ord >= 1, or keep the slice away "
+                                     "from 0")
+
+        out.register_hook(refuse)
+    return out
 
 
 def _zero_entries(x: Tensor, ord: float) -> None:

@@ -13,9 +13,9 @@ min_{mu >= 0} ||G^T mu||^2 + (1 - 1^T mu)^2 has solution mu = lambda / (1 + r^2)
 weights and r the least norm, so lambda = mu / sum(mu) exactly. The result is checked against the optimality
 condition (`_least_norm_optimal`) and solved again by BVLS (``lsq_linear``) where NNLS stopped short of it.
 
-May import: torch, numpy, scipy, gradwise._modes, ``_contexts``, ``_records``, ``_engine``, ``_bound``. scipy is
-imported where it is first used, not with gradwise: it costs ~0.4 s, and with scipy loaded a 2-rank gloo FSDP2 run
-aborts at exit ("terminate called without an active exception") about 1 time in 12 on torch 2.13 CPU (without
+May import: torch, numpy, scipy, gradwise._modes, ``_contexts``, ``_records``, ``_rules``, ``_engine``, ``_bound``.
+scipy is imported where it is first used, not with gradwise: it costs ~0.4 s, and with scipy loaded a 2-rank gloo
+FSDP2 run aborts at exit ("terminate called without an active exception") about 1 time in 12 on torch 2.13 CPU (without
 gradwise too).
 """
 from __future__ import annotations
@@ -36,11 +36,13 @@ from gradwise._nonsmooth._engine import (
     _check_no_jump,
     _grad_or_zero,
     _locked_grad,
+    _probe,
     _random_direction,
     _run,
     _scalar,
 )
 from gradwise._nonsmooth._records import Kink, NearKink, _Run
+from gradwise._nonsmooth._rules import _cut_backwards, _delayed_error
 
 __all__ = ["Stationarity", "Subdifferential", "stationarity", "subdifferential"]
 
@@ -189,8 +191,9 @@ def _jacobian(values: torch.Tensor, cand: torch.Tensor, leaves) -> np.ndarray:
     return jac
 
 
-def _options(rec: Kink, jac: np.ndarray, tol: float):
-    """For each tied group of a kink: the (constraint rows, forced key row) of each distinct branch."""
+def _options(rec: Kink, jac: np.ndarray, tol: float, sides: dict[int, int]):
+    """For each tied group of a kink: the (constraint rows, forced key row) of each distinct branch (``sides``:
+    groups where one branch alone is active, `_second_order_sides`)."""
     g_count, m = rec.cand.shape
     sign = 1.0 if rec.descending else -1.0
     per_group = []
@@ -198,7 +201,11 @@ def _options(rec: Kink, jac: np.ndarray, tol: float):
         tied = rec.cand[g].nonzero().flatten().tolist()
         same = lambda i, k: np.linalg.norm(jac[g, i] - jac[g, k]) <= tol  # noqa: B023
         opts = []
-        if rec.kind == "select":
+        if g in sides:
+            key = torch.zeros(m, dtype=torch.float64)
+            key[sides[g]] = sign
+            opts.append(([], key))
+        elif rec.kind == "select":
             for i in tied:
                 if any(same(i, k) for k in tied if k < i):
                     continue  # same gradient as an earlier candidate: the same piece to first order
@@ -249,7 +256,8 @@ def _enumerate(f, xs, single, tie_tol: float, tol: float = 1e-9) -> list[tuple[t
         rec = run.kinks[c]
         if rec.continuum or rec.values is None:
             raise _Budget
-        options = _options(rec, _jacobian(rec.values, rec.cand, leaves), tol)
+        jac = _jacobian(rec.values, rec.cand, leaves)
+        options = _options(rec, jac, tol, _second_order_sides(rec, jac, leaves, tol) if rec.comparison else {})
 
         def choose(g: int, acc_rows: list, keys: list, d: np.ndarray):
             if g == len(options):
@@ -265,6 +273,61 @@ def _enumerate(f, xs, single, tie_tol: float, tol: float = 1e-9) -> list[tuple[t
 
     explore(0, {}, [], np.zeros(n))
     return found
+
+
+def _second_order_sides(rec: Kink, jac: np.ndarray, leaves, tol: float) -> dict[int, int]:
+    """The tied groups of a comparison whose argument s has gradient 0 (its candidates s and 0 have the same row):
+    which side alone is active near x (0: s > 0, 1: s < 0), where the Hessian of s is definite (x*x + y*y > 0 at 0:
+    s > 0 in a punctured neighbourhood). Elsewhere, or where it cannot be told, `_Budget`: sides on the cones
+    {d: dᵀ(∇²s)d > 0} and {< 0} (indefinite: `where(x*x > y*y, |x|, |y|)` at 0 has four active pieces, of which
+    the LP's half-spaces kept two), or decided at third order and beyond (semidefinite or 0: x³ > y³ is x > y) are
+    not half-spaces, which the linear feasibility checks cannot enumerate; sampled generalized gradients rank them
+    by s'' (`_rules._second_order_key`). The Hessian takes one reverse pass per input entry (at most
+    `MAX_HESSIAN`)."""
+    flat = [g for g in range(rec.cand.shape[0]) if rec.cand[g, 0] and rec.cand[g, 1]
+            and np.linalg.norm(jac[g, 0] - jac[g, 1]) <= tol]
+    if not flat:
+        return {}
+    if not rec.values.requires_grad or sum(x.numel() for x in leaves) > MAX_HESSIAN:
+        raise _Budget
+    s = rec.values[:, 0] - rec.values[:, 1]
+    sides = {}
+    for g in flat:
+        h = _hessian(s[g], leaves)
+        if h is None:
+            raise _Budget
+        eig = np.linalg.eigvalsh((h + h.T) / 2)
+        margin = np.sqrt(np.finfo(np.float64).eps) * np.abs(eig).max()
+        if eig.min() > margin:
+            sides[g] = 0
+        elif eig.max() < -margin:
+            sides[g] = 1
+        else:
+            raise _Budget
+    return sides
+
+
+MAX_HESSIAN = 64  # input entries up to which a comparison's Hessian is formed (one reverse pass each)
+
+
+def _hessian(y: torch.Tensor, leaves) -> np.ndarray | None:
+    """The Hessian of scalar y w.r.t. the leaves (flattened), or None where a backward on the way builds no graph
+    for it (a custom Function's: `_rules._cut_backwards`; its rows would read 0)."""
+    with torch._C.DisableTorchFunction(), torch.enable_grad(), _cut_backwards(y) as cut:
+        grads = torch.autograd.grad(y, leaves, create_graph=True, allow_unused=True)
+    g = torch.cat([(torch.zeros_like(x) if d is None else d).reshape(-1) for x, d in zip(leaves, grads, strict=True)])
+    if cut or any(d is not None and d.requires_grad and _delayed_error(d) for d in grads):
+        return None
+    n = g.numel()
+    if not g.requires_grad:
+        return np.zeros((n, n))
+    rows = []
+    with torch._C.DisableTorchFunction():
+        for i in range(n):
+            r = torch.autograd.grad(g[i], leaves, retain_graph=True, allow_unused=True) if g[i].requires_grad \
+                else (None,) * len(leaves)
+            rows.append(_flat([torch.zeros_like(x) if d is None else d for x, d in zip(leaves, r, strict=True)]))
+    return torch.stack(rows).numpy()
 
 
 def _dtype_of(rec: Kink) -> torch.dtype:
@@ -303,8 +366,7 @@ def subdifferential(f: Callable, inputs, *, samples: int | None = None, seed: in
     _ctx.check_real("near_tol", near_tol, low=0.0, allow_none=True)
     xs, single = _as_inputs(inputs)
     d, _ = _random_direction(xs, 0 if seed is None else seed)
-    probe = _Run(tie_tol=tie_tol, near_tol=near_tol)
-    mode = _run(f, xs, single, d, probe, False)[3]
+    probe, mode = _probe(f, xs, single, d, tie_tol=tie_tol, near_tol=near_tol)
     kinks = probe.kinks
     fixed = tuple(i for i in range(len(xs)) if i not in mode.used_at_tie)
     tied = sum(k.count for k in kinks)
