@@ -23,7 +23,7 @@ module makes the usual wrappers exact and detects the rest:
   ``torch.autograd.functional.jacobian`` ...) after a kink was hit: `NonsmoothError`; gradwise inside a
   ``torch.func`` transform: `NonsmoothError`.
 
-May import: torch, gradwise._masks, gradwise._modes, ``_errors`` (lazily, for the error it raises).
+May import: torch, gradwise._graph, gradwise._masks, gradwise._modes, ``_errors`` (lazily, for the error it raises).
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.nn.modules._functions import BackwardHookFunction
 from torch.utils._pytree import tree_leaves
 
+from gradwise import _graph
 from gradwise._masks import all_finite
 from gradwise._modes import PASSES, LeanDispatchMode, dynamo_off
 
@@ -366,15 +367,7 @@ def check_custom_op(func, name: str, where: str, args: tuple, kwargs: dict, out,
 def check_functions(y: torch.Tensor, where: str) -> None:
     """Walk y's graph; a custom ``autograd.Function`` node without ``jvp`` is a part of f whose kinks gradwise
     cannot see (its forward runs without gradients) nor follow with a tangent: NonsmoothError naming it."""
-    fn = y.grad_fn
-    if fn is None:
-        return
-    seen, stack = set(), [fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
+    for node in _graph.nodes((y.grad_fn,)):
         cls = getattr(node, "_forward_cls", None)
         if cls is not None and cls is not BackwardHookFunction and cls is not _Plain and \
                 getattr(cls, "jvp", torch.autograd.Function.jvp) is torch.autograd.Function.jvp:
@@ -382,7 +375,6 @@ def check_functions(y: torch.Tensor, where: str) -> None:
                             "defines no jvp: gradwise cannot see a kink inside its forward nor follow a direction "
                             "through it. Define its forward-mode derivative (a jvp staticmethod), or write it with "
                             "torch ops")
-        stack.extend(n for n, _ in node.next_functions)
 
 
 # ------------------------------------------------------------------------------------------------ opaque ops

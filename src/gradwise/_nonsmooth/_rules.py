@@ -2,7 +2,7 @@
 registrar ``kink_rule`` / ``_registrar``, ``rule_for``, and the helpers rules share (``_split``, ``_switch``,
 ``_resolve_sign``, ``_finish``, ``_is_dual``, ``_needs_grad`` ...).
 
-May import: torch, gradwise._masks, ``_errors``, ``_records``.
+May import: torch, gradwise._graph, gradwise._masks, ``_errors``, ``_records``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from gradwise import _graph
 from gradwise._masks import mask_all, mask_any
 from gradwise._nonsmooth._errors import NonsmoothError
 from gradwise._nonsmooth._records import _Run, _user_line
@@ -280,7 +281,7 @@ def _cut_backwards(sp: Tensor) -> Iterator[list]:
                 cut.append(node._forward_cls)
         return hook
 
-    handles = [node.register_hook(check(node)) for node in _graph_nodes(sp.grad_fn)
+    handles = [node.register_hook(check(node)) for node in _graph.nodes((sp.grad_fn,))
                if getattr(node, "_forward_cls", None) is not None]
     try:
         yield cut
@@ -292,19 +293,7 @@ def _cut_backwards(sp: Tensor) -> Iterator[list]:
 def _delayed_error(g: Tensor) -> bool:
     """Whether the graph of gradient ``g`` holds the node a ``once_differentiable`` backward puts on its outputs
     (it raises when differentiated, and is connected to the incoming gradient only: no derivative reaches x)."""
-    return any(node.name() == "torch::autograd::Error" for node in _graph_nodes(g.grad_fn))
-
-
-def _graph_nodes(root: Any) -> Iterator[Any]:
-    """Each autograd node reachable from ``root`` once (none for None)."""
-    seen, stack = set(), [root]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        yield node
-        stack.extend(n for n, _ in node.next_functions)
+    return any(node.name() == "torch::autograd::Error" for node in _graph.nodes((g.grad_fn,)))
 
 
 def _refuse_opaque(op: str, sp: Tensor, found: Any = True) -> None:
@@ -313,7 +302,7 @@ def _refuse_opaque(op: str, sp: Tensor, found: Any = True) -> None:
     was seen to build none, else the first on the way; a module's backward hook excepted)."""
     from torch.nn.modules._functions import BackwardHookFunction
     classes = [found] if isinstance(found, type) else \
-        [getattr(node, "_forward_cls", None) for node in _graph_nodes(sp.grad_fn)]
+        [getattr(node, "_forward_cls", None) for node in _graph.nodes((sp.grad_fn,))]
     for cls in classes:
         if cls is not None and cls is not BackwardHookFunction:
             raise NonsmoothError(f"{op} at {_user_line()}: its argument has tangent 0 along the direction, and its "

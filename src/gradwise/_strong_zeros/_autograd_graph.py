@@ -1,31 +1,20 @@
 """Walking an autograd graph: its nodes (``_walk``), root nodes, leaves, and freeing a retained graph's saved
 tensors (``_release``, of the nodes a backward toward some inputs ran: ``_saved_toward``).
 
-May import: torch, _node_facts.
+May import: torch, gradwise._graph, _node_facts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from gradwise._graph import nodes as _walk
 from gradwise._strong_zeros._node_facts import _NODE_TYPES, _node_type, _raw_saved
 
 _ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad
-
-
-def _walk(roots: Sequence[Any]) -> Iterator[Any]:
-    seen: set[Any] = set()
-    stack = [r for r in roots if r is not None]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        yield node
-        stack.extend(n for n, _ in node.next_functions if n is not None)
 
 
 def _root_nodes(t_outputs: Sequence[Any]) -> list[Any]:
