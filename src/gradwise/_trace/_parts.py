@@ -229,6 +229,8 @@ class _Parts:
         pooling; ``how`` says which dims a row spans) over ``t``, whose parts hold different births: each part's
         rows, where ``o`` is non-finite. The op took every part's births: the padding rows' NaN was named at the
         used rows (a "genuine" finding for padding the loss never reads). None where the rows are not known."""
+        if func.overloadpacket is torch.ops.aten.nll_loss_forward and not o.dim():
+            return self._loss_rows_parts(t, func, args)
         dims = _row_dims(func, args, t.dim(), how)
         if dims is None:
             return None
@@ -247,6 +249,37 @@ class _Parts:
                 kept.append((r & bad, births))
         self._keep(o, _united(kept, o.shape))
         return frozenset().union(*(births for _, births in kept)) if kept else None
+
+    def _loss_rows_parts(self, t: torch.Tensor, func, args) -> frozenset | None:
+        """The births of nll_loss's mean or sum over ``t``'s rows: the parts in rows whose target is not
+        ``ignore_index`` (the loss skips those rows, and its backward sends them zeros). Every part's births named
+        the padding rows' NaN (ignored targets, their rows NaN) a genuine finding of the NaN loss a used row made.
+        None where the rows are not known."""
+        target = _schema_arg(func, args, "target", None)
+        if t.dim() != 2 or not isinstance(target, torch.Tensor) or tuple(target.shape) != tuple(t.shape[:1]):
+            return None
+        used = target != _schema_arg(func, args, "ignore_index", -100)
+        got = [births for m, births in self.parts[t] if bool(mask_any(m.broadcast_to(t.shape).any(1) & used))]
+        return frozenset().union(*got) if got else None
+
+    def _row_births(self, ts: list, loc, where: torch.Tensor, dims: tuple) -> frozenset | None:
+        """The births of the NaN/Inf of ``ts`` (the saved values of a row-wise op or a scan, whose rows span
+        ``dims``) in the rows of the elements ``where`` of its backward's output: a row's gradient reads that row
+        alone. Every part's births named the used row's NaN after the padding rows' too (softmax, log_softmax,
+        layer norm under a loss linear in them): a "genuine" padding finding, and the used NaN "reaching no
+        gradient". None where a shape does not line up."""
+        got = []
+        for t in ts:
+            if t.dim() != where.dim() or max(dims) >= t.dim():
+                return None
+            for m, births in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]:
+                try:
+                    r = m.broadcast_to(t.shape).any(dims, keepdim=True).broadcast_to(where.shape)
+                except RuntimeError:
+                    return None
+                if bool(mask_any(r & where)):
+                    got.append(births)
+        return frozenset().union(*got) if got else None
 
     def _births_apart(self, ts: list, loc, where: torch.Tensor, births: frozenset) -> list:
         """The elements ``where`` of an elementwise op's output grouped by the births of the NaN/Inf of ``ts``

@@ -35,7 +35,7 @@ from gradwise._trace._common import (
 )
 from gradwise._trace._facts import _ACCUMULATES, _BILINEAR, _LITERALS, _ROWWISE, _SELECTED_WRITES, _TIES_COUNTED
 from gradwise._trace._incidents import _in_base
-from gradwise._trace._parts import _Parts, _schema_arg, _written_by
+from gradwise._trace._parts import _Parts, _row_dims, _schema_arg, _written_by
 from gradwise._trace._store import KEEP as _KEEP
 from gradwise._trace._store import Birth as _Birth
 from gradwise._trace._store import Incident as _Incident
@@ -236,7 +236,8 @@ class _Provenance(_Parts):
                 self._value(func, loc, o, mask, nf, prior, nd, ins,
                             base=o._base if info.mutable and o._base is not None else None, args=args, made=made)
                 if isinstance(seq, tuple) and nd is not None and nd.op in _TIES_COUNTED:
-                    nd.read = nd.read | self.prov.get(o, frozenset())  # (amax's saved NaN result, for _classify)
+                    # (amax's saved NaN result, per element: _classify names each row's births)
+                    nd.read = (*nd.read, *(self.parts.get(o) or [(~torch.isfinite(o), self.prov.get(o, frozenset()))]))
                 # an in-place write made it non-finite (a .grad scaled by NaN: clip_grad_norm_'s _foreach_mul_)
                 if o not in self.written and not any(isinstance(p, _Incident) for p in prior or ()) and any(
                         o is t for t in ins):
@@ -277,6 +278,9 @@ class _Provenance(_Parts):
             births = self._scanned_parts(o, nf[0], func, args) or births
         elif len(nf) == 1 and nf[0] in self.parts and func.overloadpacket in _ROWWISE and args and args[0] is nf[0]:
             births = self._rowwise_parts(o, nf[0], func, args, _ROWWISE[func.overloadpacket]) or births
+        if made is not None and (func.overloadpacket in _ROWWISE or func.overloadpacket in _SCANS) and args and \
+                isinstance(args[0], torch.Tensor):  # (its backward names each row's births: _Incidents._classify)
+            made.rows = _row_dims(func, args, args[0].dim(), _ROWWISE.get(func.overloadpacket, "dim")) or ()
         if births and func.overloadpacket in _MASKING_SOFTMAX and args is not None and len(args) > 1:
             births = _without_mask_infs(births, args[0], args[1], func.overloadpacket is torch.ops.aten._softmax)
         if prior:
