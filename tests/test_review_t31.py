@@ -115,3 +115,82 @@ def test_an_inf_in_a_row_already_nan_is_named_too():
     with gw.trace() as report:
         program(True, True)
     assert len({f.born_location for f in _genuine(report)}) == 2, str(report)
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_padding_keys_masked_in_attention_are_no_genuine_finding(in_place):
+    """Before: attention whose padding keys (k[1, 3:]) are NaN and masked to -inf, beside a used NaN query
+    element (q[0, 2, 1]): `q @ w @ k^T` (bmm of two non-finite operands, then matmul's _unsafe_view, no view by
+    schema) took both births for every element, so the used row's softmax NaN named the padding keys too: a
+    genuine finding for padding that strong zeros remove (alone, the gradient is finite), and the used NaN
+    "reaches: no gradient"."""
+    def program(pad: bool, nan: bool):
+        torch.manual_seed(0)
+        q, k = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+        w = torch.randn(4, 4, requires_grad=True)
+        if pad:
+            k[1, 3:] = float("nan")
+        if nan:
+            q[0, 2, 1] = float("nan")
+        s = (q @ w) @ k.transpose(1, 2)
+        m = torch.zeros(2, 5, 5, dtype=torch.bool)
+        m[1, :, 3:] = True
+        s = s.masked_fill_(m, float("-inf")) if in_place else s.masked_fill(m, float("-inf"))
+        (s.softmax(-1) @ (k.nan_to_num() @ w))[:, :4].sum().backward()
+        return w
+
+    with gw.strong_zeros():
+        assert bool(program(True, False).grad.isfinite().all())
+        assert not bool(program(False, True).grad.isfinite().all())
+    with gw.trace() as report:
+        program(True, True)
+    assert [(f.born_op, f.reaches) for f in _genuine(report)] == [("aten.copy_", ["w"])], str(report)
+
+
+_PAD = (torch.arange(6) >= 4)[:, None].expand(6, 4)
+_ZEROED = {
+    "s[pad] = 0": lambda s: s.__setitem__(_PAD, 0.0),
+    "index_fill_(0, pad rows, 0)": lambda s: s.index_fill_(0, torch.tensor([4, 5]), 0.0),
+    "masked_fill_(pad, 0)": lambda s: s.masked_fill_(_PAD, 0.0),
+}
+
+
+@pytest.mark.parametrize("write", list(_ZEROED))
+def test_padding_zeroed_in_place_is_no_genuine_finding(write):
+    """Before (s[pad] = 0, index_fill_): `s = x * w; s[pad] = 0; s.sum()` with the padding rows 4: NaN beside a
+    used NaN at x[0, 1]: an in-place selected write is no elementwise op, so s's parts were dropped and the NaN
+    loss named the padding it had zeroed a genuine finding (masked_fill_, elementwise, kept them)."""
+    def zeroed(y):
+        s = y + 0
+        _ZEROED[write](s)
+        return s
+
+    _told_as_strong_zeros_tell(zeroed)
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+def test_a_fully_masked_row_beside_padding_keeps_the_rows_births(op):
+    """Before: scores with padding rows 4: NaN, a used NaN at x[0, 1] and row 1 fully masked in place (-inf), then
+    softmax(1)[:4]: the fully masked row was born at softmax (right), but the other NaN rows took every birth, so
+    the padding, sliced away, was a genuine finding at row 0's elements reaching w and the used NaN "reaches: no
+    gradient". Reference: strong zeros with the padding write alone leave the gradient finite."""
+    def program(pad: bool, nan: bool):
+        torch.manual_seed(0)
+        w = torch.randn(6, 4, requires_grad=True)
+        x = torch.randn(6, 4)
+        if pad:
+            x[4:] = float("nan")
+        if nan:
+            x[0, 1] = float("nan")
+        s = x.clone() * w
+        s[1] = float("-inf")
+        getattr(s, op)(1)[:4].pow(2).sum().backward()
+        return w
+
+    with gw.strong_zeros():
+        assert bool(program(True, False).grad.isfinite().all())
+        assert not bool(program(False, True).grad.isfinite().all())
+    with gw.trace() as report:
+        program(True, True)
+    assert {(f.born_op, tuple(f.reaches)) for f in _genuine(report)} == {
+        ("aten.copy_", ("w",)), (f"aten._{op}", ("w",))}, str(report)
