@@ -383,7 +383,8 @@ class _Node:
     loc: tuple
     kinks: list = field(default_factory=list)  # (key, mask or None) to check the sensitivity against
     born: list = field(default_factory=list)  # (birth, mask) made at its output: the sensitivity says which are used
-    read: frozenset = frozenset()  # births of the NaN/Inf its backward formula read in its saved values (_TIES_COUNTED)
+    read: tuple = ()  # (mask, births) of the NaN/Inf its backward formula read in its saved values (_TIES_COUNTED)
+    rows: tuple = ()  # the dims a row spans, of a row-wise op or a scan: its backward reads a row's saved values
 
 
 @dataclass

@@ -147,6 +147,8 @@ class _Incidents:
                 if aligned else nf
             births = frozenset().union(*(self._origin_at(t, loc, kind_mask) if aligned else self._origin(t, loc)
                                          for t in there)) if there else frozenset()
+            if not aligned and nd is not None and nd.rows and any(t in self.parts for t in there):
+                births = self._row_births(there, loc, kind_mask, nd.rows) or births
             # elementwise, a genuine meeting of NaN/Inf of several births (parts): an incident per births, each
             # named (one incident named its earliest birth only: a -inf written in row 5 beside an Inf in row 2,
             # both used through tanh's 0 x inf, left the row 5 write in no finding)
@@ -156,7 +158,7 @@ class _Incidents:
                 count, idx = _positions(at)
                 ties = not births and nd is not None and nd.op in _TIES_COUNTED and bool(nd.read)
                 if ties:  # g / count of ties, 0 where amax's result is NaN: that NaN made it, no infinite derivative
-                    births = nd.read
+                    births = _tied(nd.read, at)
                 if not aligned and len(there) == 1 and there[0] in self.parts and args is not None and \
                         func.overloadpacket in _BILINEAR:
                     births = self._parts_met(func, args, there[0], at, contaminated, o, out) or births
@@ -295,6 +297,15 @@ def _elementwise(func, ins, o) -> bool:
     pointwise and its inputs broadcast onto ``o``. Equal shapes alone say nothing (bmm of square matrices, layer
     norm's backward): an untagged op goes to the indicators or the strong-zero rerun instead."""
     return torch.Tag.pointwise in func.tags and _aligned(ins, o.shape)
+
+
+def _tied(read: tuple, at: torch.Tensor) -> frozenset:
+    """The births of amax's NaN results (``read``: its output's (mask, births)) at the elements ``at`` of its
+    backward's g / count, which is the result with the reduced dims restored (the same elements, in order). All of
+    them named every row's NaN after each birth: a padding row's NaN, sliced away, was a genuine finding reaching
+    the gradient, and the used row's "reached no gradient". Every birth where the shapes do not line up."""
+    got = [b for m, b in read if m.numel() == at.numel() and bool(mask_any(m.reshape(at.shape) & at))]
+    return frozenset().union(*(got or [b for _, b in read]))
 
 
 def _undecidable(func, ins, o) -> bool:

@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from gradwise._masks import mask_any
 from gradwise._trace._advice import _explain
 from gradwise._trace._common import _aligned, _inexact, _nonfinite_mask, _op_name, pointwise
+from gradwise._trace._facts import _SELECTED_WRITES
 from gradwise._trace._incidents import _in_base
 from gradwise._trace._store import Birth as _Birth
 
@@ -55,20 +56,24 @@ class _Parts:
         self.prov[base] = frozenset().union(*parts)
         self._keep(base, parts)
 
-    def _kept_parts(self, func, o: torch.Tensor, old: list, nf: list, loc) -> None:
-        """The parts ``old`` of ``o`` after an in-place op on it: an elementwise one keeps them, joined by its
-        other inputs' (``x.mul_(c)``), where they cover every NaN/Inf of ``o``; else ``o`` has none (its whole
-        provenance is told). Kept as they were, a column of NaN multiplied in, or padding rows an in-place copy_
-        of a flip moved into the used rows, were at no part's elements: a selection of the used rows named the
-        padding's births only, the NaN the output uses in no finding."""
-        if not pointwise(func) or not _aligned(nf, o.shape):
-            return
+    def _kept_parts(self, func, o: torch.Tensor, old: list, nf: list, loc) -> frozenset | None:
+        """The parts ``old`` of ``o`` after an in-place op on it: an elementwise one, or a write of a finite value
+        into selected elements (``s[m] = 0``, index_fill_), keeps them, joined by its other inputs' (``x.mul_(c)``),
+        at the elements still non-finite, where they cover every NaN/Inf of ``o``; and the births there (None:
+        ``o`` has no parts, its whole provenance is told). Kept as they were, a column of NaN multiplied in, or
+        padding rows an in-place copy_ of a flip moved into the used rows, were at no part's elements: a selection
+        of the used rows named the padding's births only, the NaN the output uses in no finding. Dropped by a
+        selected write (not elementwise), the padding rows it zeroed were named at the used NaN."""
+        if not (pointwise(func) or func.overloadpacket in _SELECTED_WRITES) or not _aligned(nf, o.shape):
+            return None
         for t in nf:
             old = [*old, *(self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))])]
-        parts = _united(old, o.shape)
-        covered = torch.stack(list(parts.values())).any(0)
-        if not bool(mask_any(~torch.isfinite(o) & ~covered)):
-            self._keep(o, parts)
+        bad = ~torch.isfinite(o)
+        parts = {births: m & bad for births, m in _united(old, o.shape).items() if bool(mask_any(m & bad))}
+        if not parts or bool(mask_any(bad & ~torch.stack(list(parts.values())).any(0))):
+            return None
+        self._keep(o, parts)
+        return frozenset().union(*parts)
 
     def _fresh_parts(self, o: torch.Tensor, fresh: torch.Tensor, b: _Birth, nf: list, loc) -> frozenset:
         """``o``'s births where an elementwise op made the NaN/Inf ``fresh`` (birth ``b``) beside its inputs'
@@ -102,8 +107,15 @@ class _Parts:
         op, parents = _op_name(func), self._origin_at(x, loc, fresh)
         b = self._birth(op, loc, True, None, fresh, lambda idx: _Birth(
             op, loc, _explain(func, [x], o, fresh, None), 0, idx, True), parents)
-        self.prov[o] = births | {b}
-        self.parts[o] = [(fresh, frozenset([b])), (~torch.isfinite(o) & ~fresh, births)]
+        rest = ~torch.isfinite(o) & ~fresh
+        # (the other rows keep their parts, _rowwise_parts': one part of every birth named the used row's NaN
+        # after the padding rows' too; a NaN row's -inf explain none of its NaN, as in _without_mask_infs)
+        nan_only = not bool((x == float("inf")).any())
+        old = [(m.broadcast_to(o.shape) & rest, frozenset(c for c in got if not nan_only or c.nan) or got)
+               for m, got in self.parts.get(o) or [(rest, births)]]
+        parts = _united([(fresh, frozenset([b])), *((m, got) for m, got in old if bool(mask_any(m)))], o.shape)
+        self.prov[o] = frozenset().union(*parts)
+        self.parts[o] = [(m, got) for got, m in parts.items()]
         return True
 
     def _record_parts(self, o: torch.Tensor, nf: list, loc) -> frozenset | None:
@@ -143,31 +155,42 @@ class _Parts:
                 pairs.append((placed, births))
         self._keep(o, _united(pairs, o.shape))
 
-    def _bilinear_parts(self, func, o: torch.Tensor, t: torch.Tensor, args) -> None:
-        """A bilinear op (a linear layer's addmm) on ``t``, whose parts hold different births: the elements of
-        ``o`` each part's NaN/Inf reaches (the op on the part's indicator, every other operand 1, less the op on
-        none: additive terms cancel), so a padding row's NaN stays in its rows through a model's layers."""
-        def on(values):
-            return [[on_one(x, values) for x in a] if isinstance(a, (list, tuple)) else on_one(a, values)
+    def _bilinear_parts(self, func, o: torch.Tensor, nf: list, args, loc) -> frozenset | None:
+        """A bilinear op (a linear layer's addmm, attention's bmm) on non-finite operands ``nf`` of different
+        births (parts, or several operands): the elements of ``o`` each part's NaN/Inf reaches (the op on the
+        part's indicator, every other operand 1, less the op on none: additive terms cancel), so a padding row's
+        NaN stays in its rows through a model's layers; and the births of ``o``'s NaN/Inf (None: every operand's).
+        Two operands each told whole named a used query row's NaN after the padding keys' too (q @ k^T)."""
+        def on(t, values):
+            return [[on_one(t, x, values) for x in a] if isinstance(a, (list, tuple)) else on_one(t, a, values)
                     for a in args]
 
-        def on_one(a, values):
+        def on_one(t, a, values):
             if a is t:
                 return values
             return torch.ones_like(a) if isinstance(a, torch.Tensor) and _inexact(a) else a
 
+        parts = []
         try:
             # the trace's own ops, not the program's: a strong-zero pass below the trace (a reentrant checkpoint
             # recomputing its forward inside the backward) took zeros_like for structural zeros, and named the op
             # in an OpaqueBackwardWarning ("structural zeros reached aten.addmm.default") about a genuine NaN
             with torch.no_grad(), _disable_current_modes():
-                none = func(*on(torch.zeros_like(t)))
-                parts = [((func(*on((~torch.isfinite(t) & m.broadcast_to(t.shape)).to(t.dtype))) - none) != 0,
-                          births) for m, births in self.parts[t]]
+                for t in nf:
+                    none = func(*on(t, torch.zeros_like(t)))
+                    pairs = self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]
+                    parts += [((func(*on(t, (~torch.isfinite(t) & m.broadcast_to(t.shape)).to(t.dtype))) - none) != 0,
+                               births) for m, births in pairs]
         except Exception:  # an explanation must never break the program it explains
-            return
-        if all(isinstance(m, torch.Tensor) and m.shape == o.shape for m, _ in parts):
-            self.parts[o] = parts
+            return None
+        if not all(isinstance(m, torch.Tensor) and m.shape == o.shape for m, _ in parts):
+            return None
+        self.parts[o] = parts
+        bad = ~torch.isfinite(o)
+        met = [(m & bad, births) for m, births in parts if bool(mask_any(m & bad))]
+        if not met or bool(mask_any(bad & ~torch.stack([m for m, _ in met]).any(0))):
+            return None  # (a NaN/Inf no part reaches: every operand's births)
+        return frozenset().union(*(births for _, births in met))
 
     def _selected_parts(self, func, o: torch.Tensor, t: torch.Tensor, args) -> frozenset | None:
         """The births of the elements a selection (``loss[mask]``) kept of an elementwise result with parts: the
@@ -229,6 +252,8 @@ class _Parts:
         pooling; ``how`` says which dims a row spans) over ``t``, whose parts hold different births: each part's
         rows, where ``o`` is non-finite. The op took every part's births: the padding rows' NaN was named at the
         used rows (a "genuine" finding for padding the loss never reads). None where the rows are not known."""
+        if func.overloadpacket is torch.ops.aten.nll_loss_forward and not o.dim():
+            return self._loss_rows_parts(t, func, args)
         dims = _row_dims(func, args, t.dim(), how)
         if dims is None:
             return None
@@ -247,6 +272,37 @@ class _Parts:
                 kept.append((r & bad, births))
         self._keep(o, _united(kept, o.shape))
         return frozenset().union(*(births for _, births in kept)) if kept else None
+
+    def _loss_rows_parts(self, t: torch.Tensor, func, args) -> frozenset | None:
+        """The births of nll_loss's mean or sum over ``t``'s rows: the parts in rows whose target is not
+        ``ignore_index`` (the loss skips those rows, and its backward sends them zeros). Every part's births named
+        the padding rows' NaN (ignored targets, their rows NaN) a genuine finding of the NaN loss a used row made.
+        None where the rows are not known."""
+        target = _schema_arg(func, args, "target", None)
+        if t.dim() != 2 or not isinstance(target, torch.Tensor) or tuple(target.shape) != tuple(t.shape[:1]):
+            return None
+        used = target != _schema_arg(func, args, "ignore_index", -100)
+        got = [births for m, births in self.parts[t] if bool(mask_any(m.broadcast_to(t.shape).any(1) & used))]
+        return frozenset().union(*got) if got else None
+
+    def _row_births(self, ts: list, loc, where: torch.Tensor, dims: tuple) -> frozenset | None:
+        """The births of the NaN/Inf of ``ts`` (the saved values of a row-wise op or a scan, whose rows span
+        ``dims``) in the rows of the elements ``where`` of its backward's output: a row's gradient reads that row
+        alone. Every part's births named the used row's NaN after the padding rows' too (softmax, log_softmax,
+        layer norm under a loss linear in them): a "genuine" padding finding, and the used NaN "reaching no
+        gradient". None where a shape does not line up."""
+        got = []
+        for t in ts:
+            if t.dim() != where.dim() or max(dims) >= t.dim():
+                return None
+            for m, births in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]:
+                try:
+                    r = m.broadcast_to(t.shape).any(dims, keepdim=True).broadcast_to(where.shape)
+                except RuntimeError:
+                    return None
+                if bool(mask_any(r & where)):
+                    got.append(births)
+        return frozenset().union(*got) if got else None
 
     def _births_apart(self, ts: list, loc, where: torch.Tensor, births: frozenset) -> list:
         """The elements ``where`` of an elementwise op's output grouped by the births of the NaN/Inf of ``ts``

@@ -35,7 +35,7 @@ from gradwise._trace._common import (
 )
 from gradwise._trace._facts import _ACCUMULATES, _BILINEAR, _LITERALS, _ROWWISE, _SELECTED_WRITES, _TIES_COUNTED
 from gradwise._trace._incidents import _in_base
-from gradwise._trace._parts import _Parts, _schema_arg, _written_by
+from gradwise._trace._parts import _Parts, _row_dims, _schema_arg, _united, _written_by
 from gradwise._trace._store import KEEP as _KEEP
 from gradwise._trace._store import Birth as _Birth
 from gradwise._trace._store import Incident as _Incident
@@ -46,7 +46,8 @@ from gradwise._trace._store import first as _first
 # provenance of their output
 _SELECTS = {torch.ops.aten.index, torch.ops.aten.index_select, torch.ops.aten.masked_select, torch.ops.aten.gather,
             torch.ops.aten.take, torch.ops.aten.slice, torch.ops.aten.select, torch.ops.aten.narrow,
-            torch.ops.aten.roll, torch.ops.aten.flip, torch.ops.aten.repeat}
+            torch.ops.aten.roll, torch.ops.aten.flip, torch.ops.aten.repeat,
+            torch.ops.aten._unsafe_view}  # (matmul's reshape of its bmm/mm output: no view by schema)
 _BORN_PER_NODE = 4  # births per node whose used elements its backward tells (the outputs of one op)
 # scans: an output element reads the input's elements up to it along the dim
 _SCANS = {torch.ops.aten.cumsum, torch.ops.aten.cumprod, torch.ops.aten.logcumsumexp, torch.ops.aten.cummax,
@@ -236,7 +237,8 @@ class _Provenance(_Parts):
                 self._value(func, loc, o, mask, nf, prior, nd, ins,
                             base=o._base if info.mutable and o._base is not None else None, args=args, made=made)
                 if isinstance(seq, tuple) and nd is not None and nd.op in _TIES_COUNTED:
-                    nd.read = nd.read | self.prov.get(o, frozenset())  # (amax's saved NaN result, for _classify)
+                    # (amax's saved NaN result, per element: _classify names each row's births)
+                    nd.read = (*nd.read, *(self.parts.get(o) or [(~torch.isfinite(o), self.prov.get(o, frozenset()))]))
                 # an in-place write made it non-finite (a .grad scaled by NaN: clip_grad_norm_'s _foreach_mul_)
                 if o not in self.written and not any(isinstance(p, _Incident) for p in prior or ()) and any(
                         o is t for t in ins):
@@ -277,8 +279,14 @@ class _Provenance(_Parts):
             births = self._scanned_parts(o, nf[0], func, args) or births
         elif len(nf) == 1 and nf[0] in self.parts and func.overloadpacket in _ROWWISE and args and args[0] is nf[0]:
             births = self._rowwise_parts(o, nf[0], func, args, _ROWWISE[func.overloadpacket]) or births
+        if made is not None and (func.overloadpacket in _ROWWISE or func.overloadpacket in _SCANS) and args and \
+                isinstance(args[0], torch.Tensor):  # (its backward names each row's births: _Incidents._classify)
+            made.rows = _row_dims(func, args, args[0].dim(), _ROWWISE.get(func.overloadpacket, "dim")) or ()
         if births and func.overloadpacket in _MASKING_SOFTMAX and args is not None and len(args) > 1:
+            told = births
             births = _without_mask_infs(births, args[0], args[1], func.overloadpacket is torch.ops.aten._softmax)
+            if births != told and o in self.parts:  # (so do its parts, _rowwise_parts': a row's -inf beside its NaN)
+                self._keep(o, _united([(m, b & births) for m, b in self.parts[o] if b & births], o.shape))
         if prior:
             births |= prior
         has_nan = _nan_in(o, mask)  # no masked copy of o
@@ -324,13 +332,13 @@ class _Provenance(_Parts):
         elif not prior and func.overloadpacket in _JOINS and args and isinstance(args[0], (list, tuple)) and \
                 (len(nf) > 1 or any(t in self.parts for t in nf)):
             self._joined_parts(func, o, args, loc)
-        elif not prior and len(nf) == 1 and nf[0] in self.parts and args and func.overloadpacket in _BILINEAR:
-            self._bilinear_parts(func, o, nf[0], args)
+        elif not prior and nf and (len(nf) > 1 or nf[0] in self.parts) and args and func.overloadpacket in _BILINEAR:
+            births = self._bilinear_parts(func, o, nf, args, loc) or births
         elif not prior and len(nf) == 1 and nf[0] in self.parts and func.overloadpacket in _SAME_ELEMENTS \
                 and o.shape == nf[0].shape:
             self.parts[o] = self.parts[nf[0]]  # (autograd saves a detached output: the backward reads it)
         if stale is not None and prior and len(births) > 1:
-            self._kept_parts(func, o, stale, nf, loc)
+            births = self._kept_parts(func, o, stale, nf, loc) or births
         self.prov[o] = births
         for r in stats:  # (what it wrote there descends from the batch, as its outputs do)
             if _nonfinite(r):
