@@ -78,7 +78,7 @@ from gradwise._strong_zeros._traced import compiling, recording
 from gradwise._trace import _common, _fsdp_watching, _kinds, _session
 from gradwise._trace._report import Report
 from gradwise._trace._tracer import _Tracer
-from gradwise._trace._watch_explain import Hooked, _StepExplainer
+from gradwise._trace._watch_explain import Hooked, Unreplayed, _StepExplainer
 
 
 class _Watcher(_StepExplainer):
@@ -257,6 +257,8 @@ class _Watcher(_StepExplainer):
             after = ", and the following steps were traced in full"
         elif isinstance(self.unexplained, Hooked):
             how = f"could not be explained ({self.unexplained}: the gradients are told as they are)"
+        elif isinstance(self.unexplained, Unreplayed):
+            how = f"could not be explained ({self.unexplained})"
         else:
             how = (f"could not be explained (its backward could not run again: {self.unexplained}" +
                    ("" if "use_reentrant=True" in self.unexplained else
