@@ -97,3 +97,34 @@ def test_watched_step_with_donated_buffers_says_why_and_how(monkeypatch):
     explained = _training("aot_eager", gw.watch)
     roots = [f for f in explained.findings if not f.downstream]
     assert [(f.kind, f.step) for f in roots] == [("nan", 1)] and roots[0].op != "backward", str(explained)
+
+
+def test_watch_checks_the_parameters_of_a_reentrant_checkpoints_inner_backward():
+    """SILENT: a reentrant checkpoint runs its block's backward as a second torch.autograd.backward inside the
+    step's; the block's parameters are no leaves of the outer graph, so the watch checked only the outer leaves.
+    Padding rows made NaN before the block and sliced away after it: block.weight.grad is NaN (0 x NaN) while
+    every outer gradient is finite, and the watch said "No NaN/Inf gradients" (gw.trace(): contamination reaching
+    block.weight). The watch cannot replay a reentrant checkpoint (documented): it now says the step's gradient is
+    not explained, reaching block.weight, and how to have it explained."""
+    import torch.utils.checkpoint as cp
+
+    torch.manual_seed(0)
+    lin2, block, scale = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3), torch.nn.Parameter(torch.ones(()))
+    x = torch.randn(4, 3)
+    pad = torch.tensor([False, False, True, True])[:, None]
+
+    def step():
+        h = torch.where(pad, nan, lin2(x))  # padding rows
+        return (cp.checkpoint(block, h, use_reentrant=True)[:2] * scale).sum()
+
+    with gw.trace() as traced:
+        step().backward()
+    assert [(f.kind, f.reaches) for f in traced.findings] == [("contamination", ["block.weight"])]
+    for p in (*lin2.parameters(), *block.parameters(), scale):
+        p.grad = None
+    with gw.watch() as report:
+        step().backward()
+    assert not block.weight.grad.isfinite().all() and lin2.weight.grad.isfinite().all()
+    assert [(f.kind, f.born_op, f.reaches) for f in report.findings] == [("nan", "backward", ["block.weight"])]
+    assert "use_reentrant=True" in report.notes[0] and "gw.trace() has it explained" in report.notes[0]
+    assert "1 not explained" in report.summary()

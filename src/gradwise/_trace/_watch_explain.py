@@ -246,7 +246,8 @@ def _unreplayed_because(exc: RuntimeError, roots) -> tuple[str, ...]:
     checkpoint refuses .grad() before it runs the user's forward again; a compiled backward with donated buffers
     (the watch then ran the step without keeping its graph: `_watching._donating`) freed the saved tensors."""
     if "use_reentrant=True" in str(exc):
-        return ("torch.utils.checkpoint(use_reentrant=True) refuses torch.autograd.grad, which a replay uses",)
+        return (Unreplayed("torch.utils.checkpoint(use_reentrant=True) refuses torch.autograd.grad, which a replay "
+                           "uses; gw.trace() has it explained"),)
     from gradwise._trace._watching import _donating
 
     if _donating(roots):
