@@ -94,12 +94,16 @@ class Report:
         if not self.findings:
             return (f"No NaN/Inf gradients and no kinks found in what was traced ({self.forward_ops} forward and "
                     f"{self.backward_ops} backward ops), but {self._untraced()}.")
-        n = {k: sum(1 for f in self.findings if f.kind == k and not f.downstream) for k in KINDS}
+        # a gradient gw.watch() could not replay (born at its backward call) is neither genuine nor contamination
+        unknown = sum(1 for f in self.findings if f.born_op == "backward" and not f.downstream)
+        n = {k: sum(1 for f in self.findings if f.kind == k and not f.downstream and f.born_op != "backward")
+             for k in KINDS}
         s = lambda k, word: f"{n[k]} {word}{'' if n[k] == 1 else 's'}"
         down = sum(1 for f in self.findings if f.downstream)
         causes = len(self.causes)
         return (f"{s('contamination', 'contamination finding')}, {n['nan']} genuine NaN, {n['inf']} genuine Inf, "
                 f"{s('kink', 'kink')}, {s('singular', 'singular point')}"
+                + (f", {unknown} not explained (contamination or genuine)" if unknown else "")
                 + (f"; {down} downstream finding{'' if down == 1 else 's'} of {causes} root "
                    f"cause{'' if causes == 1 else 's'}" if down else "")
                 + (f"; {self._untraced()}" if self.untraced_backwards else ""))

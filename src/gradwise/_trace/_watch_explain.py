@@ -4,7 +4,7 @@ the replay of the kept graph under a fresh trace (``_explain``), the step under 
 forward ops of the autograd nodes met (``_node_op``), which the untraced forward never recorded.
 
 May import: torch, gradwise._strong_zeros (its graph walk), gradwise._trace._common, _fsdp_watching, _kinds,
-_replay, _backward_ops, _tracer.
+_replay, _backward_ops, _tracer; lazily _watching (its `_donating`, on a step that could not run again).
 """
 from __future__ import annotations
 
@@ -63,12 +63,23 @@ class _StepExplainer:
             self._unexplained_gradients(tracer, leaves, returned, at, "a hook of yours would run a second time")
             return
         except RuntimeError as exc:  # a graph that cannot be replayed (a compiled backward with donated buffers)
-            self.unexplained = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            why = _unreplayed_because(exc, roots)
+            self.unexplained = why[0] if isinstance(why[0], Unreplayed) else \
+                (str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__)
             _forget_partial_replay(tracer)
-            self._unexplained_gradients(tracer, leaves, returned, at, *_unreplayed_because(exc))
+            self._unexplained_gradients(tracer, leaves, returned, at, *why)
             return
         finally:
             tracer.replayed = {}  # (storages are reused once the graph is freed)
+        if tracer.store.orphans and _compiled_nodes(roots):
+            # a gradient of the replay holds NaN/Inf that no seen op made: it came out of a compiled backward's
+            # generated kernels. What the replay recorded is a part only (the saved values' births, "reaches: no
+            # gradient"; each such gradient "birth not observed"): the step is told as not explained, its
+            # gradients one finding whose provenance the later steps inherit
+            self.unexplained = Unreplayed(_OPAQUE_REPLAY)
+            _forget_partial_replay(tracer)
+            self._unexplained_gradients(tracer, leaves, returned, at, _OPAQUE_REPLAY)
+            return
         given = {id(leaf): r for leaf, r in zip(leaves, returned, strict=False)} if returned is not None else {}
         compiled = None  # whether the graph holds a compiled backward (read once, where needed)
         for leaf, g in zip(wanted, again, strict=True):
@@ -167,6 +178,11 @@ class Hooked(str):
     """Why the step was not replayed: a hook of the user's in its graph (``_no_user_hooks``)."""
 
 
+class Unreplayed(str):
+    """Why the step was not explained, in the report's words, where gradwise knows it: a compiled backward that
+    donated its saved buffers (``_DONATED``), or one whose generated kernels the replay does not see."""
+
+
 class _HookReplayed(Exception):
     """Raised as the replay calls a hook of the user's, before its body runs (``_no_user_hooks``)."""
 
@@ -225,13 +241,24 @@ def _no_user_hooks():
             put(None)
 
 
-def _unreplayed_because(exc: RuntimeError) -> tuple[str, ...]:
-    """Why the replay's torch.autograd.grad refused the step, in the report's words (none: the default, a
-    compiled backward with donated buffers). A reentrant checkpoint refuses .grad() before it runs the user's
-    forward again."""
+def _unreplayed_because(exc: RuntimeError, roots) -> tuple[str, ...]:
+    """Why the replay's torch.autograd.grad refused the step, in the report's words (none: not known). A reentrant
+    checkpoint refuses .grad() before it runs the user's forward again; a compiled backward with donated buffers
+    (the watch then ran the step without keeping its graph: `_watching._donating`) freed the saved tensors."""
     if "use_reentrant=True" in str(exc):
-        return ("torch.utils.checkpoint(use_reentrant=True) refuses torch.autograd.grad, which a replay uses",)
+        return (Unreplayed("torch.utils.checkpoint(use_reentrant=True) refuses torch.autograd.grad, which a replay "
+                           "uses; gw.trace() has it explained"),)
+    from gradwise._trace._watching import _donating
+
+    if _donating(roots):
+        return (Unreplayed(_DONATED),)
     return ()
+
+
+_DONATED = ("its compiled backward donates its saved buffers (torch._functorch.config.donated_buffer, on by "
+            "default), so the step ran without keeping its graph and what a replay needs was freed; set "
+            "torch._functorch.config.donated_buffer = False before the first compile, or run the step under "
+            "gw.trace(), to have it explained")
 
 
 # the function through which torch.utils.checkpoint (use_reentrant=False) runs the user's forward again in a

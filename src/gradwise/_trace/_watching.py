@@ -78,7 +78,7 @@ from gradwise._strong_zeros._traced import compiling, recording
 from gradwise._trace import _common, _fsdp_watching, _kinds, _session
 from gradwise._trace._report import Report
 from gradwise._trace._tracer import _Tracer
-from gradwise._trace._watch_explain import Hooked, _StepExplainer
+from gradwise._trace._watch_explain import Hooked, Unreplayed, _StepExplainer
 
 
 class _Watcher(_StepExplainer):
@@ -100,6 +100,7 @@ class _Watcher(_StepExplainer):
         self._batches: WeakTensorKeyDictionary | None = None  # (made at the first batch: a block per step pays nothing)
         self.untraced = 0  # backward calls run unchecked (a torch.func transform, batched seeds): not known finite
         self.fsdp = _fsdp_watching.FSDPParams()  # the graph leaves that are FSDP2's unsharded parameters
+        self.nested: list[torch.Tensor] | None = None  # the leaves of backwards run inside the running one
 
     @property
     def batches(self) -> WeakTensorKeyDictionary:
@@ -119,6 +120,14 @@ class _Watcher(_StepExplainer):
         if self._recorded():
             return self._untraced_run(orig, tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)
         if self.depth or _compiling(outs):
+            if self.depth and inputs is None and not _compiling(outs):
+                # a backward a backward starts (a reentrant checkpoint's, on its recomputed forward): its leaves
+                # (the checkpointed block's parameters) are no leaves of the outer graph, yet their .grad is this
+                # step's; checked with the outer call's (a NaN only there was no finding at all). Parameters only:
+                # the checkpoint's own leaves (its detached inputs) hand their gradients back to the outer graph
+                self.nested = (self.nested or []) + [
+                    t for t in _strong_zeros._graph_parts(_strong_zeros._root_nodes(outs))[0]
+                    if isinstance(t, torch.nn.Parameter)]
             return self._held(orig, tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)
         keep = create_graph if retain_graph is None else retain_graph
         roots = _strong_zeros._root_nodes(outs)
@@ -142,8 +151,12 @@ class _Watcher(_StepExplainer):
             orig(tensors, grad_tensors, retain, create_graph, grad_variables, inputs)
         finally:
             self.depth -= 1
+            nested, self.nested = self.nested, None
         if inputs is not None:
             leaves = _input_tensors(inputs)
+        elif nested:
+            known = {id(t) for t in leaves}
+            leaves = leaves + [t for t in nested if id(t) not in known]
         grads = [g for t in leaves if (g := t.grad) is not None]
         fsdp = None
         if len(grads) < len(leaves):  # a leaf the backward reached holds no gradient: FSDP2 moved it to its shards
@@ -181,6 +194,7 @@ class _Watcher(_StepExplainer):
                           allow_unused, is_grads_batched, materialize_grads)
         finally:
             self.depth -= 1
+            self.nested = None  # (the .grad of a backward inside it is no result of this call)
         if not _finite([g for g in result if isinstance(g, torch.Tensor)] + _losses(outs)):
             leaves = [t for t in _as_tuple(inputs) if isinstance(t, torch.Tensor)]
             self._explain(outs, grad_outputs, leaves, roots, result)
@@ -257,10 +271,10 @@ class _Watcher(_StepExplainer):
             after = ", and the following steps were traced in full"
         elif isinstance(self.unexplained, Hooked):
             how = f"could not be explained ({self.unexplained}: the gradients are told as they are)"
+        elif isinstance(self.unexplained, Unreplayed):
+            how = f"could not be explained ({self.unexplained})"
         else:
-            how = (f"could not be explained (its backward could not run again: {self.unexplained}" +
-                   ("" if "use_reentrant=True" in self.unexplained else
-                    "; a compiled backward with donated buffers does not keep its graph") + ")")
+            how = f"could not be explained (its backward could not run again: {self.unexplained})"
         unknown = ""
         if self.unexplained is not None and report.unused:
             # that step may have used the NaN/Inf of these same sites: "no gradient used" is not known
