@@ -293,7 +293,8 @@ class _State(threading.local):
     export: _Supports | None = None
     # a backward nested in a 'check' pass (no NaN/Inf where its zeros reach, _engine._nested): 1 while its plan
     # decides whether it runs strong and exports (only where the zeros of dropped or masked padding reach its
-    # results: _planning._results_reach), 2 once it ran plain while a relu's, max's zeros could reach them
+    # results: _planning._results_reach), 3 as 1 where it is not seeded with the custom backward's sensitivity
+    # (it exports nothing), 2 once it ran without exporting while zeros could reach them
     handing = 0
 
     def carried(self) -> Carried:
