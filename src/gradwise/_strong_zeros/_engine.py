@@ -281,8 +281,8 @@ def _handing(plan: str, results: list) -> str:
     where a relu's, clamp's, max's zeros could reach them (a checkpointed Linear+ReLU block: run strong, every such
     block would run op by op) named in the pass's OpaqueBackwardWarning if its gradients end NaN/Inf."""
     reach = results[1] if len(results) > 1 else 0
-    if _STATE.handing == 3:  # not seeded with the pass's sensitivity: nothing exported (_nested)
-        _STATE.handing = 2 if plan != "plain" or reach else 0
+    if _STATE.handing == 3:  # not seeded with the pass's sensitivity: nothing exported (_nested), named where
+        _STATE.handing = 2 if reach else 0  # zeros reach its results (a plan not 'plain' ran as in the base)
         return plan
     if plan != "plain":
         return plan
