@@ -233,7 +233,8 @@ def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
     zeros of dropped or masked padding reaching its results, and runs plain elsewhere (``_handing``). A backward
     of a torch.func transform (``torch.func.grad``/``vjp`` under ``vmap`` in a custom backward) runs strong anyway
     (path 'transform'): it shares the pass's supports, whatever the pass met (``_run_strong``)."""
-    outer, handing = _STATE.carried(), _STATE.handing
+    outer, handing, unnamed = _STATE.carried(), _STATE.handing, _STATE.unnamed
+    _STATE.unnamed = {}
     mode = running_mode()
     _STATE.in_mode, _STATE.transform, _STATE.outputs_batched = False, False, False
     _STATE.export = None if mode is None else mode.supports
@@ -253,6 +254,8 @@ def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
     try:
         with _outside_the_pass():
             result = engine_run(*args)
+        if mode is not None:
+            mode.lost.update(_STATE.unnamed)
         if _STATE.handing == 2 and mode is not None:  # named if the pass's gradients end NaN/Inf
             node = torch._C._current_autograd_node()
             mode.lost[f"the results of a backward nested in {type(node).__name__ if node else 'a backward'} (a "
@@ -264,7 +267,7 @@ def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
         return result
     finally:
         _STATE.adopt(outer)
-        _STATE.handing = handing
+        _STATE.handing, _STATE.unnamed = handing, unnamed
 
 
 def _seeded_by_sensitivity(mode: Any, seeds: Any) -> bool:
@@ -390,6 +393,8 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
                       else _holds_nonfinite(result, _leaves(outputs, inputs))):
         for what, fix in mode.lost.items():
             _contract.warn_opaque(what, fix)
+    elif mode.lost and _STATE.unnamed is not None:  # nested in a pass (_nested): named there if it ends NaN/Inf
+        _STATE.unnamed.update(mode.lost)
     if mode.made and (not transform or _transforms.recorded(mode.made)):
         # the new graph (create_graph) differentiates through the zeros: they stay structural there
         carry(mode.made, mode.supports)

@@ -296,6 +296,10 @@ class _State(threading.local):
     # results: _planning._results_reach), 3 as 1 where it is not seeded with the custom backward's sensitivity
     # (it exports nothing), 2 once it ran without exporting while zeros could reach them
     handing = 0
+    # set while a backward nested in a pass runs (_engine._nested): what its own passes could not follow and did not
+    # name (their results finite), for the pass it is nested in to name if its gradients end NaN/Inf (the NaN may be
+    # made after it: a custom backward's 0/0 at a zero row of a checkpoint in a checkpoint)
+    unnamed: dict[str, str] | None = None
 
     def carried(self) -> Carried:
         """This thread's values of the fields a pass carries to the engine's other threads."""
