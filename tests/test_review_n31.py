@@ -8,6 +8,7 @@ computed before the pass (a constant there: the same values), float64.
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
@@ -166,3 +167,97 @@ def test_a_plain_nested_backward_in_a_nested_one_is_named_when_the_pass_ends_nan
     with pytest.warns(gw.OpaqueBackwardWarning, match=f"nested in {node}"):
         got = _w_grad(block, inp, True)
     torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+
+
+# -- the sensitivity read on the engine's pool thread (reentrant depth > 60) ------------------------------------------
+class _Id(torch.autograd.Function):
+    """x * 1 with a custom backward: each checkpointed level's own graph is a 'check' one."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 1.0
+
+
+def _levels(depth):
+    if depth == 0:
+        return lambda t: 3 * t[:2]
+    inner = _levels(depth - 1)
+    return _reentrant(lambda t: inner(_Id.apply(t)))
+
+
+def _stack_depth() -> int:
+    frame, n = sys._getframe(), 0
+    while frame is not None:
+        frame, n = frame.f_back, n + 1
+    return n
+
+
+@pytest.fixture
+def deep_stack():
+    """Room for 60 reentrant levels on the calling thread (gradwise's hook: ~15 frames a level, PyTorch's ~8)."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(_stack_depth() + 2000)
+    yield
+    sys.setrecursionlimit(limit)
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad=True:UserWarning")
+@pytest.mark.parametrize("depth", [2, 70])
+def test_nested_checkpoints_seeded_by_their_sensitivity_on_the_pool_thread(depth, deep_stack):
+    """Reentrant checkpoints nested 70 deep (PyTorch runs the levels past 60 on a pool thread), each level a 'check'
+    graph seeded by the level above's sensitivity: the padding rows the innermost slice drops stay structural to the
+    outer pass (the program with them deleted), and finite data gives PyTorch's bits."""
+    block = _levels(depth)
+    want = _w_grad(lambda h: 3 * h, _inp()[:2], strong=False)
+    inp = _inp()
+    inp[2:] = 0.0
+    torch.testing.assert_close(_w_grad(block, inp, True), want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(_w_grad(block, _inp(), True), _w_grad(block, _inp(), False))
+
+
+class _Captured(torch.autograd.Function):
+    """3 * x[:2]; its backward differentiates <3 x[:2], g> by a nested grad seeded with ones (g captured, no seed)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return 3 * x[:2]
+
+    @staticmethod
+    def backward(ctx, g):
+        with torch.enable_grad():
+            xd = torch.zeros(ctx.shape, dtype=g.dtype, requires_grad=True)
+            return torch.autograd.grad((3 * xd[:2] * g).sum(), xd)[0]
+
+
+def test_a_nested_grad_with_the_sensitivity_captured_keeps_pytorchs_nan_and_says_so():
+    """Known limit (review_n31): a nested backward not seeded with the sensitivity (here captured in its graph) cannot
+    be told from one of an unrelated function: it hands nothing to a 'check' pass, the padding rows' 0/0 stays
+    PyTorch's NaN (not the deleted program's number), and the OpaqueBackwardWarning names it."""
+    inp = _inp()
+    inp[2:] = 0.0
+    want = _w_grad(_Captured.apply, inp, False)
+    assert bool(want.isnan().all())
+    with pytest.warns(gw.OpaqueBackwardWarning, match="nested in _CapturedBackward"):
+        got = _w_grad(_Captured.apply, inp, True)
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad=True:UserWarning")
+@pytest.mark.xfail(strict=True, raises=RecursionError, reason="pre-existing: each reentrant level's backward runs "
+                   "through gradwise's engine hook (_engine_run, _nested, _run_strong, ...), about 15 Python frames "
+                   "a level where PyTorch takes 8: 59 levels need ~900 frames, PyTorch's run ~500")
+def test_nested_checkpoints_59_deep_need_no_more_stack_than_pytorch():
+    block = _levels(59)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(_stack_depth() + 700)
+    try:
+        want = _w_grad(block, _inp(), False)
+        got = _w_grad(block, _inp(), True)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert torch.equal(got, want)
