@@ -233,13 +233,20 @@ def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
     zeros of dropped or masked padding reaching its results, and runs plain elsewhere (``_handing``). A backward
     of a torch.func transform (``torch.func.grad``/``vjp`` under ``vmap`` in a custom backward) runs strong anyway
     (path 'transform'): it shares the pass's supports, whatever the pass met (``_run_strong``)."""
-    outer, handing = _STATE.carried(), _STATE.handing
+    outer, handing, unnamed = _STATE.carried(), _STATE.handing, _STATE.unnamed
+    _STATE.unnamed = {}
     mode = running_mode()
     _STATE.in_mode, _STATE.transform, _STATE.outputs_batched = False, False, False
     _STATE.export = None if mode is None else mode.supports
     # in a 'check' pass (finite where its zeros reach), only where padding's zeros reach its results (_handing):
-    # forcing every such backward strong would run each reentrant checkpoint's block op by op
-    _STATE.handing = 0 if mode is None or mode.hands_down or peek_interpreter_stack() is not None else 1
+    # forcing every such backward strong would run each reentrant checkpoint's block op by op. And only where it
+    # is seeded with the custom backward's sensitivity (a reentrant checkpoint's, grad(f(x), x, g)): else it may
+    # differentiate a function unrelated to the pass (g * grad(h)(c)), whose zeros are values there (3: it exports
+    # nothing, named if the pass ends NaN/Inf)
+    _STATE.handing = 0 if mode is None or mode.hands_down or peek_interpreter_stack() is not None else \
+        1 if _seeded_by_sensitivity(mode, args[1]) else 3
+    if _STATE.handing == 3:
+        _STATE.export = None
     if _STATE.checkpoint_forward:  # a checkpoint's recomputation of the user's forward: planned as in that
         # forward (where no pass ran), or it saves other tensors than the forward did ('a different number of
         # tensors was saved'): nothing handed down, its outputs' finiteness its own
@@ -247,17 +254,27 @@ def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
     try:
         with _outside_the_pass():
             result = engine_run(*args)
+        if mode is not None:
+            mode.lost.update(_STATE.unnamed)
         if _STATE.handing == 2 and mode is not None:  # named if the pass's gradients end NaN/Inf
             node = torch._C._current_autograd_node()
             mode.lost[f"the results of a backward nested in {type(node).__name__ if node else 'a backward'} (a "
-                      "torch.autograd.grad in it, a reentrant checkpoint's block), which ran plain on finite data: "
-                      "the zeros of a relu, clamp, max or pool there were not handed on"] = (
+                      "torch.autograd.grad in it, a reentrant checkpoint's block), whose results' structural zeros "
+                      "were not handed on (a relu's, clamp's, max's or pool's, or any where it was not seeded with "
+                      "that backward's sensitivity)"] = (
                 "compute that gradient with the backward's own torch ops (no nested torch.autograd.grad), or use "
                 "torch.utils.checkpoint(..., use_reentrant=False)")
         return result
     finally:
         _STATE.adopt(outer)
-        _STATE.handing = handing
+        _STATE.handing, _STATE.unnamed = handing, unnamed
+
+
+def _seeded_by_sensitivity(mode: Any, seeds: Any) -> bool:
+    """Whether ``seeds`` (a nested backward's) hold a sensitivity of the custom backward it runs in
+    (``_mode.watch_functions``), as PyTorch passes it on: a reentrant checkpoint's, ``grad(f(x), x, g)``."""
+    given = mode.sensitivity
+    return bool(given) and bool(seeds) and any(s is g for s in seeds if s is not None for g in given)
 
 
 def _handing(plan: str, results: list) -> str:
@@ -266,9 +283,12 @@ def _handing(plan: str, results: list) -> str:
     padding rows: ``_planning._results_reach``) or where it runs strong anyway; else plain, exporting nothing, and
     where a relu's, clamp's, max's zeros could reach them (a checkpointed Linear+ReLU block: run strong, every such
     block would run op by op) named in the pass's OpaqueBackwardWarning if its gradients end NaN/Inf."""
+    reach = results[1] if len(results) > 1 else 0
+    if _STATE.handing == 3:  # not seeded with the pass's sensitivity: nothing exported (_nested), named where
+        _STATE.handing = 2 if reach else 0  # zeros reach its results (a plan not 'plain' ran as in the base)
+        return plan
     if plan != "plain":
         return plan
-    reach = results[1] if len(results) > 1 else 0
     if reach == 2:
         return "strong"
     _STATE.export = None
@@ -373,6 +393,8 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
                       else _holds_nonfinite(result, _leaves(outputs, inputs))):
         for what, fix in mode.lost.items():
             _contract.warn_opaque(what, fix)
+    elif mode.lost and _STATE.unnamed is not None:  # nested in a pass (_nested): named there if it ends NaN/Inf
+        _STATE.unnamed.update(mode.lost)
     if mode.made and (not transform or _transforms.recorded(mode.made)):
         # the new graph (create_graph) differentiates through the zeros: they stay structural there
         carry(mode.made, mode.supports)
@@ -435,7 +457,7 @@ def _choose(outputs: Sequence[Any], inputs: Sequence[Any], seeds: Sequence[Any],
             return "transform"  # no plan (its reads would meet wrappers): one pass under the mode (_transforms)
     if why is None:
         try:
-            results = [inputs] if _STATE.handing == 1 else None
+            results = [inputs] if _STATE.handing in (1, 3) else None
             if torch._C._len_torch_dispatch_stack():
                 with _disable_current_modes():  # modes around backward (a trace) don't see our checks
                     plan = _plan(outputs, seeds, watched, everyday, results)

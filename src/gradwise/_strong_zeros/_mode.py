@@ -79,6 +79,10 @@ class _StrongZeroMode(LeanDispatchMode):
         # whether a backward nested in this pass (a reentrant checkpoint's) runs strong and hands its results'
         # structural zeros to it: where the pass's plan met NaN/Inf (_engine._nested)
         self.hands_down = True
+        # while a watched custom Function's backward runs: the sensitivities it was given, which a backward nested in
+        # it must be seeded with to hand its zeros to a 'check' pass (_engine._nested: else it may differentiate a
+        # function unrelated to the pass, whose zeros are values there)
+        self.sensitivity: tuple | None = None
         # the pass's state as its thread set it before making the mode, for the engine threads that run its nodes
         # (_supports.Carried). Not at __enter__: PyTorch enters a mode again on whichever thread runs an op under it.
         # None for a mode that runs beside a backward (a trace's shadow, ``of_pass=False``): entered on the thread
@@ -471,13 +475,14 @@ def watch_functions(roots: list, mode: _StrongZeroMode, nodes: list | None = Non
             continue
 
         def before(grad_outputs, cls=cls):
+            mode.sensitivity = grad_outputs
             with _disable_current_modes():
                 reached = any(map(mode.supports.zeroed, grad_outputs))
             if reached:
                 mode.produced = {id(g): g for g in grad_outputs if isinstance(g, torch.Tensor)}
 
         def after(grad_inputs, grad_outputs, cls=cls):
-            produced, mode.produced = mode.produced, None
+            produced, mode.produced, mode.sensitivity = mode.produced, None, None
             if produced is None:
                 return
             if any(isinstance(g, torch.Tensor) and _is_float(g) and id(g) not in produced for g in grad_inputs):

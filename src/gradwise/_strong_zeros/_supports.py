@@ -293,8 +293,13 @@ class _State(threading.local):
     export: _Supports | None = None
     # a backward nested in a 'check' pass (no NaN/Inf where its zeros reach, _engine._nested): 1 while its plan
     # decides whether it runs strong and exports (only where the zeros of dropped or masked padding reach its
-    # results: _planning._results_reach), 2 once it ran plain while a relu's, max's zeros could reach them
+    # results: _planning._results_reach), 3 as 1 where it is not seeded with the custom backward's sensitivity
+    # (it exports nothing), 2 once it ran without exporting while zeros could reach them
     handing = 0
+    # set while a backward nested in a pass runs (_engine._nested): what its own passes could not follow and did not
+    # name (their results finite), for the pass it is nested in to name if its gradients end NaN/Inf (the NaN may be
+    # made after it: a custom backward's 0/0 at a zero row of a checkpoint in a checkpoint)
+    unnamed: dict[str, str] | None = None
 
     def carried(self) -> Carried:
         """This thread's values of the fields a pass carries to the engine's other threads."""
