@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
+from torch._C._dynamo.eval_frame import set_eval_frame
 from torch._C._functorch import (
     is_functorch_wrapped_tensor,
     is_legacy_batchedtensor,
@@ -546,10 +547,15 @@ def _engine_entry(t_outputs, grad_tensors, retain_graph, create_graph, inputs=()
                   accumulate_grad=True):
     """``torch.autograd._engine_run_backward`` from the first block on: ``_engine_run`` while a block is open in some
     thread, else PyTorch's (``_observe``) at the cost of one global read (no dynamo_off: run, never traced, as
-    ``_observe``)."""
+    ``_observe``). ``_engine_run``'s body is called with dynamo's callback off here, as its wrapper would: one
+    Python frame less per backward (a reentrant checkpoint nests one backward per level)."""
     if _installed:
-        return _engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs, allow_unreachable,
-                           accumulate_grad)
+        prior = set_eval_frame(None)
+        try:
+            return _engine_run_body(t_outputs, grad_tensors, retain_graph, create_graph, inputs, allow_unreachable,
+                                    accumulate_grad)
+        finally:
+            set_eval_frame(prior)
     return _original_engine_run(t_outputs, grad_tensors, retain_graph, create_graph, inputs,
                                 allow_unreachable=allow_unreachable, accumulate_grad=accumulate_grad)
 
@@ -592,8 +598,9 @@ def _observe(t_outputs, *args: Any, **kwargs: Any) -> Any:
     return _torch_engine_run(t_outputs, *args, **kwargs)
 
 
-skip_code(_observe.__code__)
-skip_code(_engine_entry.__code__)  # run, never traced (see _engine_run); torch.compiler.disable's wrapper costs ~1 us
+skip_code(_observe.__code__)  # run, never traced (see _engine_run); torch.compiler.disable's wrapper costs ~1 us
+skip_code(_engine_entry.__code__)
+_engine_run_body = _engine_run.__wrapped__
 _torch_engine_run = torch.autograd._engine_run_backward
 torch.autograd._engine_run_backward = _observe
 _DYNAMO_RUN_NODE = torch._dynamo.utils.run_node.__code__
