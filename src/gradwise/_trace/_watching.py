@@ -196,10 +196,15 @@ class _Watcher(_StepExplainer):
                           allow_unused, is_grads_batched, materialize_grads)
         finally:
             self.depth -= 1
-            self.nested = None  # (the .grad of a backward inside it is no result of this call)
-        if not _finite([g for g in result if isinstance(g, torch.Tensor)] + _losses(outs)):
-            leaves = [t for t in _as_tuple(inputs) if isinstance(t, torch.Tensor)]
-            self._explain(outs, grad_outputs, leaves, roots, result)
+            nested, self.nested = self.nested, None
+        inner = []
+        if nested:  # a backward inside it (a custom Function's) wrote the .grad of its own leaves: checked with the
+            # results (it was no finding at all)
+            known = {id(t) for t in _as_tuple(inputs)}
+            inner = [t for r in nested if (t := r()) is not None and t.grad is not None and id(t) not in known]
+        if not _finite([g for g in result if isinstance(g, torch.Tensor)] + [t.grad for t in inner] + _losses(outs)):
+            leaves = [t for t in _as_tuple(inputs) if isinstance(t, torch.Tensor)] + inner
+            self._explain(outs, grad_outputs, leaves, roots, (*result, *(t.grad for t in inner)))
         if not keep:  # as the engine: only the nodes on the way to ``inputs`` ran, and only theirs are freed
             _strong_zeros._release(_strong_zeros._saved_toward(roots, _as_tuple(inputs)))
         self.step += 1
