@@ -57,10 +57,11 @@ class _StepExplainer:
         try:
             with _no_user_hooks():
                 again = torch.autograd.grad(outs, wanted, seeds, retain_graph=True, allow_unused=True)
-        except _HookReplayed as exc:  # the user's hook would run twice: not replayed
+        except _HookReplayed as exc:  # the user's hook (or a backward inside the backward) would run twice
             self.unexplained = Hooked(exc.args[0])
             _forget_partial_replay(tracer)
-            self._unexplained_gradients(tracer, leaves, returned, at, "a hook of yours would run a second time")
+            self._unexplained_gradients(tracer, leaves, returned, at,
+                                        exc.args[1] if len(exc.args) > 1 else "a hook of yours would run a second time")
             return
         except RuntimeError as exc:  # a graph that cannot be replayed (a compiled backward with donated buffers)
             why = _unreplayed_because(exc, roots)
@@ -216,6 +217,12 @@ def _no_user_hooks():
         if code is _RECOMPUTE:
             raise _HookReplayed("its backward recomputes a checkpointed forward (torch.utils.checkpoint), which a "
                                 "replay would run a second time (a BatchNorm's running statistics updated again)")
+        if code is _BACKWARD and torch._C._current_graph_task_id() != -1:
+            # a custom Function's backward that runs torch.autograd.backward of its own: run again, it adds to
+            # the .grad of its leaves a second time (their gradients were doubled, silently)
+            raise _HookReplayed(f"its backward runs a backward of its own (torch.autograd.backward at "
+                                f"{_common._fmt(_common._loc(frame.f_back))}), which a replay would run a second "
+                                "time, adding to .grad again", "a backward inside its backward would run again")
         if core.get(code.co_filename, False):
             return None
         back = frame.f_back
@@ -266,6 +273,8 @@ _DONATED = ("its compiled backward donates its saved buffers (torch._functorch.c
 _RECOMPUTE = next((k for k in getattr(getattr(torch.utils.checkpoint, "_checkpoint_without_reentrant_generator",
                                               None), "__code__", compile("", "", "exec")).co_consts
                    if getattr(k, "co_name", None) == "recompute_fn"), None)
+# torch.autograd.backward as PyTorch defines it (gradwise's wrapper, installed in a block, calls it)
+_BACKWARD = torch.autograd.backward.__code__
 # what torch.autograd.graph._engine_run_backward calls first, outside torch (no hook of the user's)
 _LOG_LEVEL = logging.Logger.getEffectiveLevel.__code__
 _STRIDED = torch.strided

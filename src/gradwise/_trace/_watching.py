@@ -67,6 +67,7 @@ import contextlib
 import functools
 import math
 import threading
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -100,7 +101,7 @@ class _Watcher(_StepExplainer):
         self._batches: WeakTensorKeyDictionary | None = None  # (made at the first batch: a block per step pays nothing)
         self.untraced = 0  # backward calls run unchecked (a torch.func transform, batched seeds): not known finite
         self.fsdp = _fsdp_watching.FSDPParams()  # the graph leaves that are FSDP2's unsharded parameters
-        self.nested: list[torch.Tensor] | None = None  # the leaves of backwards run inside the running one
+        self.nested: list[weakref.ref] | None = None  # the leaves of backwards run inside the running one
 
     @property
     def batches(self) -> WeakTensorKeyDictionary:
@@ -120,14 +121,15 @@ class _Watcher(_StepExplainer):
         if self._recorded():
             return self._untraced_run(orig, tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)
         if self.depth or _compiling(outs):
-            if self.depth and inputs is None and not _compiling(outs):
-                # a backward a backward starts (a reentrant checkpoint's, on its recomputed forward): its leaves
-                # (the checkpointed block's parameters) are no leaves of the outer graph, yet their .grad is this
-                # step's; checked with the outer call's (a NaN only there was no finding at all). Parameters only:
-                # the checkpoint's own leaves (its detached inputs) hand their gradients back to the outer graph
-                self.nested = (self.nested or []) + [
-                    t for t in _strong_zeros._graph_parts(_strong_zeros._root_nodes(outs))[0]
-                    if isinstance(t, torch.nn.Parameter)]
+            if self.depth and not _compiling(outs):
+                # a backward a backward starts (a reentrant checkpoint's, on its recomputed forward; a custom
+                # Function's): its leaves (the block's parameters, a tensor its closure holds) are no leaves of the
+                # outer graph, yet their .grad is this step's; checked with the outer call's (a NaN only there was no
+                # finding at all). Held weakly: those dead when the outer call returns were made inside it (the
+                # checkpoint's detached inputs, whose gradients it hands back to the outer graph)
+                nested = _input_tensors(inputs) if inputs is not None else \
+                    _strong_zeros._graph_parts(_strong_zeros._root_nodes(outs))[0]
+                self.nested = (self.nested or []) + [weakref.ref(t) for t in nested if t.is_leaf]
             return self._held(orig, tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)
         keep = create_graph if retain_graph is None else retain_graph
         roots = _strong_zeros._root_nodes(outs)
@@ -154,9 +156,9 @@ class _Watcher(_StepExplainer):
             nested, self.nested = self.nested, None
         if inputs is not None:
             leaves = _input_tensors(inputs)
-        elif nested:
+        if nested:
             known = {id(t) for t in leaves}
-            leaves = leaves + [t for t in nested if id(t) not in known]
+            leaves = leaves + [t for r in nested if (t := r()) is not None and id(t) not in known]
         grads = [g for t in leaves if (g := t.grad) is not None]
         fsdp = None
         if len(grads) < len(leaves):  # a leaf the backward reached holds no gradient: FSDP2 moved it to its shards
@@ -194,10 +196,15 @@ class _Watcher(_StepExplainer):
                           allow_unused, is_grads_batched, materialize_grads)
         finally:
             self.depth -= 1
-            self.nested = None  # (the .grad of a backward inside it is no result of this call)
-        if not _finite([g for g in result if isinstance(g, torch.Tensor)] + _losses(outs)):
-            leaves = [t for t in _as_tuple(inputs) if isinstance(t, torch.Tensor)]
-            self._explain(outs, grad_outputs, leaves, roots, result)
+            nested, self.nested = self.nested, None
+        inner = []
+        if nested:  # a backward inside it (a custom Function's) wrote the .grad of its own leaves: checked with the
+            # results (it was no finding at all)
+            known = {id(t) for t in _as_tuple(inputs)}
+            inner = [t for r in nested if (t := r()) is not None and t.grad is not None and id(t) not in known]
+        if not _finite([g for g in result if isinstance(g, torch.Tensor)] + [t.grad for t in inner] + _losses(outs)):
+            leaves = [t for t in _as_tuple(inputs) if isinstance(t, torch.Tensor)] + inner
+            self._explain(outs, grad_outputs, leaves, roots, (*result, *(t.grad for t in inner)))
         if not keep:  # as the engine: only the nodes on the way to ``inputs`` ran, and only theirs are freed
             _strong_zeros._release(_strong_zeros._saved_toward(roots, _as_tuple(inputs)))
         self.step += 1
