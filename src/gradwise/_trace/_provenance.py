@@ -1,7 +1,7 @@
 """``_Provenance``: the part of the tracer that records where a NaN/Inf was born (``_Birth``) and carries
 that provenance along forward ops (the leaves it reaches are named by ``_leaf_names``).
 
-May import: torch, gradwise._trace._common, _advice, _facts, _incidents, _kinds, _parts, _store.
+May import: torch, gradwise._trace._common, _advice, _facts, _incidents, _kinds, _parts, _replay, _store.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from gradwise._trace._common import (
 from gradwise._trace._facts import _ACCUMULATES, _BILINEAR, _LITERALS, _ROWWISE, _SELECTED_WRITES, _TIES_COUNTED
 from gradwise._trace._incidents import _in_base
 from gradwise._trace._parts import _Parts, _row_dims, _schema_arg, _united, _written_by
+from gradwise._trace._replay import made_by, untraced
 from gradwise._trace._store import KEEP as _KEEP
 from gradwise._trace._store import Birth as _Birth
 from gradwise._trace._store import Incident as _Incident
@@ -149,6 +150,11 @@ class _Provenance(_Parts):
             src, loc = self._root(t, loc)
             if src is not t and (got := self.prov.get(src)) is not None:
                 self.prov[t] = got
+        if got is None and self.replaying and (node := src.grad_fn or (
+                src._base.grad_fn if src._base is not None else None)) is not None:
+            # gw.watch()'s replay: a value a node made (inside a TorchScript graph) that no node saved is made by
+            # the forward it did not trace, never data that arrived
+            got = self.prov[src] = self.prov[t] = untraced(self, src, made_by(node), loc)
         if got is None:
             name = self.names.get(src) or self._search_name(src, _user_frame())
             b = self._input_birth(src, loc, name, self.batches.get(src if src._base is None else src._base))
