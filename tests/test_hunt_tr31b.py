@@ -80,3 +80,32 @@ def test_an_inf_met_by_a_nan_sensitivity_beside_a_nan_write_is_named(op):
     # each write a genuine finding that reaches w (base named the Inf one "reaches: no gradient")
     reached = {f.born_location: f.reaches for f in _genuine(report)}
     assert len(reached) == 2 and all(r == ["w"] for r in reached.values()), str(report)
+
+
+def test_gru_padding_beside_a_used_inf_is_told_as_strong_zeros_tell_it():
+    """SILENT on base: x[4:] = nan (padding, fill_) and x[2, 2] = inf (used, copy_), fed to a GRU through an expand
+    and read as `o[:, -1].sum(1)[:4]`: the padding was the genuine finding (8 elements reaching weight_ih) and
+    the used Inf got none. Reference: gw.strong_zeros() with each write alone (padding alone: every gradient
+    finite; the Inf alone: weight_ih's not)."""
+    def program(pad: bool, inf: bool):
+        torch.manual_seed(0)
+        gru = torch.nn.GRU(4, 3, batch_first=True)
+        x = torch.randn(6, 4)
+        if pad:
+            x[4:] = float("nan")
+        if inf:
+            x[2, 2] = float("inf")
+        o, _ = gru(x[:, None].expand(6, 3, 4))
+        o[:, -1].sum(1)[:4].pow(2).sum().backward()
+        return gru
+
+    with gw.strong_zeros():
+        assert all(bool(p.grad.isfinite().all()) for p in program(True, False).parameters())
+    with gw.strong_zeros():
+        assert not bool(program(False, True).weight_ih_l0.grad.isfinite().all())
+    with gw.trace() as report:
+        program(True, True)
+    genuine = _genuine(report)
+    assert [f.born_op for f in genuine] == ["aten.copy_"] and genuine[0].indices == [[2, 2]], str(report)
+    assert "weight_ih_l0" in genuine[0].reaches[0], str(report)
+    assert [f.born_op for f in report.findings if f.kind == "contamination"] == ["aten.fill_"], str(report)
