@@ -109,3 +109,43 @@ def test_gru_padding_beside_a_used_inf_is_told_as_strong_zeros_tell_it():
     assert [f.born_op for f in genuine] == ["aten.copy_"] and genuine[0].indices == [[2, 2]], str(report)
     assert "weight_ih_l0" in genuine[0].reaches[0], str(report)
     assert [f.born_op for f in report.findings if f.kind == "contamination"] == ["aten.fill_"], str(report)
+
+
+def _gru_expand(x: torch.Tensor) -> torch.Tensor:
+    torch.manual_seed(1)
+    o, _ = torch.nn.GRU(4, 3, batch_first=True)(x[:, None].expand(6, 3, 4))
+    return o[:, -1].sum(1)[:4].pow(2).sum()
+
+
+_ARRIVED = {
+    "gru over an expand": _gru_expand,
+    "linear tanh": lambda x: torch.tanh(torch.nn.Linear(4, 3)(x)).sum(1)[:4].pow(2).sum(),
+}
+
+
+@pytest.mark.parametrize("op", list(_ARRIVED))
+def test_data_arriving_with_nan_padding_and_a_used_inf_is_told_apart(op):
+    """Before: x arriving (written before the traced block) with NaN padding rows 4: and a used Inf at x[2, 2]:
+    one birth "x arrived with 9 NaN value(s)" (27 through the GRU's expand), whose genuine finding counted the
+    padding's elements beside the Inf (first at (2, 2), (4, 0), ...); strong zeros with the padding alone leave
+    every gradient finite, so the genuine finding is the Inf's alone. Now a NaN and an Inf birth, as parts."""
+    def program(pad: bool, inf: bool, trace: bool = False):
+        torch.manual_seed(0)
+        x = torch.randn(6, 4)
+        if pad:
+            x[4:] = float("nan")
+        if inf:
+            x[2, 2] = float("inf")
+        with gw.trace() if trace else gw.strong_zeros() as report:
+            torch.manual_seed(2)
+            w = torch.ones(4, requires_grad=True)
+            _ARRIVED[op](x * w).backward()
+        return w.grad, report
+
+    assert bool(program(True, False)[0].isfinite().all())
+    assert not bool(program(False, True)[0].isfinite().all())
+    _, report = program(True, True, trace=True)
+    genuine = _genuine(report)
+    assert len(genuine) == 1 and ("1 Inf" in genuine[0].born or "3 Inf" in genuine[0].born), str(report)
+    assert all(i[0] == 2 for i in genuine[0].indices), str(report)
+    assert [f for f in report.findings if f.kind == "contamination" and "NaN" in f.born], str(report)
