@@ -92,12 +92,10 @@ def test_row_wise_births_not_yet_told(fn):
     _told_as_strong_zeros_tell(fn, linear=False)
 
 
-@pytest.mark.xfail(strict=True, reason="the backward's elements already NaN from the NaN write's row (a NaN "
-                   "sensitivity) are carried with that birth alone: the Inf met there is in no incident")
 def test_an_inf_in_a_row_already_nan_is_named_too():
-    """Open (base named it, as "reaches: no gradient", by keeping tanh(inf)'s finite element in the Inf's part):
-    x[0, 0] = inf and x[0, 1] = nan in one row, `tanh(x * w).sum(1).pow(2)`: w's gradient at (0, 0) is NaN
-    with either write alone (0 x inf; NaN x ...), but only the NaN write is named there."""
+    """Before (SILENT; fixed in tests/test_hunt_tr31b.py, which has the sigmoid/prod form): x[0, 0] = inf and
+    x[0, 1] = nan in one row, `tanh(x * w).sum(1).pow(2)`: w's gradient at (0, 0) is NaN with either write alone
+    (0 x inf; NaN x ...), but only the NaN write was named there."""
     def program(inf: bool, nan: bool):
         torch.manual_seed(0)
         w = torch.randn(6, 4, requires_grad=True)

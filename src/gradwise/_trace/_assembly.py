@@ -261,7 +261,9 @@ def _name_arrivals(found: Findings, arrived: dict) -> None:
         f, first = found.by_key.get(key), found.origin.get(key)
         if f is None or not f.born or first is None:
             continue
-        same = [first] + [b for b in births if b is not first and b.name == first.name]
+        # (not the other half of one arrival holding NaN and Inf: a birth of its own, `_input_births`)
+        same = [first] + [b for b in births if b is not first and b.name == first.name and
+                          (b.nan == first.nan or b.batch != first.batch or b.step != first.step)]
         if len(same) > 1:  # the batches that brought it, told as one
             f.born = f.born.replace(first.describe(), describe_arrivals(same), 1)
         also = sorted({b.name for b in births if b.name} - {first.name})

@@ -107,10 +107,11 @@ class _BackwardOps:
         """Contamination gw.strong_zeros()' pass met and that still reached a gradient: strong zeros kept it, so
         the zero there was one the program computed (sigmoid(-inf) beside a slice's zeros: the trace keeps no
         supports and took it for the slice's). Genuine, as gw.grad's gradient says."""
-        nan = any(b.nan for b in inc.births) if inc.births else True
+        # (a zero sensitivity met NaN or Inf: 0 x NaN and 0 x Inf are NaN, whichever birth it met; an Inf birth
+        # of data arriving with NaN and Inf both, `_input_births`, was told "genuine Inf")
         what = (f"{inc.what}; gw.strong_zeros() kept it: the zero sensitivity there is one the program computed "
                 "(no op that discards values made it), 0 x NaN = NaN")
-        new = self.store.incident("nan" if nan else "inf", inc.op, inc.node_op, inc.loc, n, inc.indices,
+        new = self.store.incident("nan", inc.op, inc.node_op, inc.loc, n, inc.indices,
                                   inc.births, what, None, inc.undecided)
         new.reaches |= inc.reaches
         for b in inc.births:

@@ -1,7 +1,7 @@
 """``_Provenance``: the part of the tracer that records where a NaN/Inf was born (``_Birth``) and carries
 that provenance along forward ops (the leaves it reaches are named by ``_leaf_names``).
 
-May import: torch, gradwise._trace._common, _advice, _facts, _incidents, _kinds, _parts, _store.
+May import: torch, gradwise._trace._common, _advice, _facts, _incidents, _kinds, _parts, _replay, _store.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from gradwise._trace._common import (
 from gradwise._trace._facts import _ACCUMULATES, _BILINEAR, _LITERALS, _ROWWISE, _SELECTED_WRITES, _TIES_COUNTED
 from gradwise._trace._incidents import _in_base
 from gradwise._trace._parts import _Parts, _row_dims, _schema_arg, _united, _written_by
+from gradwise._trace._replay import made_by, untraced
 from gradwise._trace._store import KEEP as _KEEP
 from gradwise._trace._store import Birth as _Birth
 from gradwise._trace._store import Incident as _Incident
@@ -149,15 +150,43 @@ class _Provenance(_Parts):
             src, loc = self._root(t, loc)
             if src is not t and (got := self.prov.get(src)) is not None:
                 self.prov[t] = got
+                self._arrived_parts(t, got)
+        if got is None and self.replaying and (node := src.grad_fn or (
+                src._base.grad_fn if src._base is not None else None)) is not None:
+            # gw.watch()'s replay: a value a node made (inside a TorchScript graph) that no node saved is made by
+            # the forward it did not trace, never data that arrived
+            got = self.prov[src] = self.prov[t] = untraced(self, src, made_by(node), loc)
         if got is None:
             name = self.names.get(src) or self._search_name(src, _user_frame())
-            b = self._input_birth(src, loc, name, self.batches.get(src if src._base is None else src._base))
-            got = self.prov[src] = self.prov[t] = frozenset([b])
+            batch = self.batches.get(src if src._base is None else src._base)
+            got = self.prov[src] = self.prov[t] = self._input_births(src, loc, name, batch)
+            self._arrived_parts(src, got)
+            if t is not src:
+                self._arrived_parts(t, got)
         return got
 
-    def _input_birth(self, src: torch.Tensor, loc, name: str | None, batch: int | None) -> _Birth:
-        """The birth of data ``src`` that arrived non-finite (named ``name``; from DataLoader batch ``batch``)."""
+    def _input_births(self, src: torch.Tensor, loc, name: str | None, batch: int | None) -> frozenset:
+        """The births of data ``src`` that arrived non-finite: one, or where it holds NaN and Inf both, a NaN and
+        an Inf birth (told apart as parts by ``_arrived_parts``). One birth "x arrived with 9 NaN value(s)" told
+        NaN padding beside a used Inf as one genuine finding, its elements the padding's too."""
+        if not _has_nan(src) or not bool(mask_any(torch.isinf(src))):
+            return frozenset([self._input_birth(src, loc, name, batch)])
+        return frozenset(self._input_birth(src, loc, name, batch, part) for part in (True, False))
+
+    def _arrived_parts(self, t: torch.Tensor, births: frozenset) -> None:
+        """Parts (``_Parts``) of data ``t`` read as it arrived (or moved by ops nobody read) whose NaN and Inf are
+        births of their own (``_input_births``): its NaN elements the NaN birth's, its Inf ones the Inf birth's."""
+        if len(births) != 2 or any(b.op != "input" for b in births) or len({b.nan for b in births}) != 2:
+            return
+        self._keep(t, {frozenset([b]): torch.isnan(t) if b.nan else torch.isinf(t) for b in births})
+
+    def _input_birth(self, src: torch.Tensor, loc, name: str | None, batch: int | None,
+                     part: bool | None = None) -> _Birth:
+        """The birth of data ``src`` that arrived non-finite (named ``name``; from DataLoader batch ``batch``);
+        of its NaN (``part`` True) or Inf (False) elements alone where given."""
         mask, nan = _nonfinite_mask(src), _has_nan(src)
+        if part is not None:
+            mask, nan = (torch.isnan(src) if part else torch.isinf(src)), part
         b = self._birth("input", loc, nan, name, mask,
                         lambda idx: _Birth("input", loc, "arrived non-finite", 0, idx, nan, name=name, batch=batch),
                         batch=batch)

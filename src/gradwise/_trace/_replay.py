@@ -164,16 +164,10 @@ def forward_origins(tracer, roots, at: tuple, batches: dict, outs: tuple = ()) -
         return got
 
     def inside(v: torch.Tensor, graph: str) -> frozenset:
-        """A non-finite value that an opaque graph's node saved (``graph``: compiled, TorchScript): made inside
-        it or data that arrived so; the replay cannot tell which, and says so (no 'arrived' claim)."""
         k = _storage(v)
         got = data.get(k)
         if got is None:
-            nan, mask = _has_nan(v), _nonfinite_mask(v)
-            got = data[k] = frozenset([tracer._birth(graph, at, nan, None, mask, lambda idx: Birth(
-                graph, at, f"a value {graph} made holds NaN/Inf: made there or data that arrived so (gw.watch() "
-                "did not trace the forward and no autograd node saved it before; gw.trace() names the op)", 0, idx,
-                nan))])
+            got = data[k] = untraced(tracer, v, graph, at)
         return got
 
     def born(node) -> frozenset:
@@ -225,6 +219,22 @@ def forward_origins(tracer, roots, at: tuple, batches: dict, outs: tuple = ()) -
         if out.get(t.grad_fn):
             origins.setdefault(_storage(t), out[t.grad_fn])
     return origins
+
+
+def untraced(tracer, v: torch.Tensor, graph: str, at: tuple) -> frozenset:
+    """The birth of a non-finite value ``v`` made in the forward gw.watch() did not trace (``graph``: a compiled
+    or TorchScript graph, "aten.x or an op before it"): made there or data that arrived so; the replay cannot tell
+    which, and says so (no 'arrived' claim)."""
+    nan, mask = _has_nan(v), _nonfinite_mask(v)
+    return frozenset([tracer._birth(graph, at, nan, None, mask, lambda idx: Birth(
+        graph, at, f"a value {graph} made holds NaN/Inf: made there or data that arrived so (gw.watch() "
+        "did not trace the forward and no autograd node saved it before; gw.trace() names the op)", 0, idx, nan))])
+
+
+def made_by(node) -> str:
+    """What made a value whose node is ``node`` in a forward gw.watch() did not trace: an opaque graph, else "that
+    node's op or an op before it" (ops that save nothing: which one is not known)."""
+    return _opaque(node) or f"{_unwalked_op(node)} or an op before it"
 
 
 def _unwalked_op(node) -> str:

@@ -12,7 +12,7 @@ import torch
 
 from gradwise import _strong_zeros
 from gradwise._masks import mask_any
-from gradwise._trace._common import _fmt, _nan_in, _op_name, _positions, _tensors
+from gradwise._trace._common import _aligned, _fmt, _nan_in, _op_name, _positions, _tensors
 from gradwise._trace._facts import _BILINEAR
 from gradwise._trace._incidents import _elementwise, _nonzero
 from gradwise._trace._store import Incident as _Incident
@@ -43,7 +43,7 @@ class _SavedMeets:
             births = self._parts_met(func, args, saved[0], mask, False, o, out, finite_only) or births
         if not (births - before or (shadowed and finite_only)) or any(b.op == "gradient" for b in before | births):
             return
-        met = None
+        met = kept = groups = None
         if not births - before:
             pass  # (the same births: only what the shadow says is made here)
         elif _elementwise(func, ins, o):
@@ -63,6 +63,8 @@ class _SavedMeets:
                     if not (shadowed and finite_only):
                         return
                     met = None
+                elif len(saved) == 1 and _aligned(saved, o.shape):
+                    groups = self.parts.get(saved[0])
         elif func.overloadpacket in _BILINEAR and args is not None:
             met = self._indicators(func, args, saved, o, out, finite_only=finite_only)
         if shadowed:
@@ -72,10 +74,31 @@ class _SavedMeets:
         if met is None:
             return
         met = met & mask
+        if groups is not None and self._met_apart(func, loc, o, met, groups, before, kept, nd):
+            return
         count, idx = _positions(met)
         if not count:
             return
         self._met_incident(func, loc, o, met, count, idx, births, nd)
+
+    def _met_apart(self, func, loc, o, met, groups, before, kept, nd) -> bool:
+        """``_saved_met`` of an elementwise op whose one saved input holds parts of different births: an incident
+        per part met (with its elements), the parts whose births the upstream NaN/Inf already carries left to it
+        (unless the shadow keeps a NaN/Inf there). One incident for all parts was named after the earliest NaN
+        birth: an Inf met by a NaN sensitivity beside that NaN (x[0, 0] = inf, x[0, 1] = nan in one row of
+        tanh(x * w).sum(1)) was named nowhere, though w's gradient there is NaN with the Inf alone (0 x inf).
+        False where the parts do not cover ``met`` (then one incident, as before)."""
+        pieces = [(met & m.broadcast_to(o.shape), births) for m, births in groups]
+        covered = torch.zeros_like(met)
+        for m, _ in pieces:
+            covered = covered | m
+        if bool(mask_any(met & ~covered)):
+            return False
+        for m, births in pieces:
+            count, idx = _positions(m)
+            if count and (births - before or (kept is not None and bool(mask_any(kept & m)))):
+                self._met_incident(func, loc, o, m, count, idx, births, nd)
+        return True
 
     def _met_incident(self, func, loc, o, met, count, idx, births, nd) -> None:
         """The incident of ``births``' NaN/Inf met by a nonzero sensitivity at ``met`` (``count`` elements, first

@@ -54,6 +54,7 @@ class _StepExplainer:
         self._trace(tracer)
         if not wanted:
             return
+        tracer.replaying = True
         try:
             with _no_user_hooks():
                 again = torch.autograd.grad(outs, wanted, seeds, retain_graph=True, allow_unused=True)
@@ -72,6 +73,7 @@ class _StepExplainer:
             return
         finally:
             tracer.replayed = {}  # (storages are reused once the graph is freed)
+            tracer.replaying = False
         if tracer.store.orphans and _compiled_nodes(roots):
             # a gradient of the replay holds NaN/Inf that no seen op made: it came out of a compiled backward's
             # generated kernels. What the replay recorded is a part only (the saved values' births, "reaches: no
