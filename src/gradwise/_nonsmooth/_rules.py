@@ -276,8 +276,8 @@ def _cut_backwards(sp: Tensor) -> Iterator[list]:
 
     def check(node):
         def hook(grad_inputs, grad_outputs):
-            if any(g is not None and g.requires_grad for g in grad_outputs) and \
-                    any(g is not None and not g.requires_grad for g in grad_inputs):
+            incoming = [g for g in grad_outputs if g is not None and g.requires_grad]
+            if incoming and any(g is not None and not _reaches(g, incoming) for g in grad_inputs):
                 cut.append(node._forward_cls)
         return hook
 
@@ -288,6 +288,16 @@ def _cut_backwards(sp: Tensor) -> Iterator[list]:
     finally:
         for h in handles:
             h.remove()
+
+
+def _reaches(g: Tensor, incoming: list[Tensor]) -> bool:
+    """Whether gradient ``g`` is part of the graph of an ``incoming`` gradient: ``2 * a * grad.detach()`` requires
+    grad through the saved ``a`` but not through the incoming gradient, so its derivative misses that part. An
+    incoming gradient without a node (a leaf) cannot be looked for: taken as reached."""
+    if not g.requires_grad:
+        return False
+    nodes = {t.grad_fn for t in incoming}
+    return None in nodes or any(node in nodes for node in _graph_nodes(g.grad_fn))
 
 
 def _delayed_error(g: Tensor) -> bool:

@@ -71,7 +71,7 @@ def vector_norm(run, func, x, ord=2, dim=None, keepdim=False, *, dtype=None):
             return a.sum(dim=dims, keepdim=keepdim)
         return _reduce_select(run, "aten.linalg_vector_norm", a, dims, keepdim, ord > 0)[0]
     if 0 < ord < 1:
-        return _quasi_norm(x, ord, dims, keepdim)
+        return _quasi_norm(run, x, ord, dims, keepdim)
     if ord <= 0:
         _zero_entries(x, ord)
     out = torch.linalg.vector_norm(x, ord, dim, keepdim)
@@ -97,13 +97,15 @@ def vector_norm(run, func, x, ord=2, dim=None, keepdim=False, *, dtype=None):
                        out)
 
 
-def _quasi_norm(x: Tensor, ord: float, dims: tuple[int, ...], keepdim: bool) -> Tensor:
+def _quasi_norm(run, x: Tensor, ord: float, dims: tuple[int, ...], keepdim: bool) -> Tensor:
     """The p-norm with 0 < p < 1. Where a slice is entirely 0: value 0 and tangent ||x'||_p, f'(x; d) exactly (the
     quasi-norm is continuous and positively homogeneous: ||t x' + o(t)||_p / t -> ||x'||_p), but no Clarke gradient
     (the slope of |x_i|^p is unbounded near 0, f is not Lipschitz there): a reverse pass that reaches such a slice
     raises. Where some entries of a slice are 0 and others not, the slope in those entries is infinite along a
     direction that moves them (and one whose tangent there is 0 may move them at second order): an error.
-    Elsewhere PyTorch's value and derivatives."""
+    Elsewhere PyTorch's value and derivatives. A zero slice is recorded as a kink, as the norm's at 0: a tie
+    downstream (max(q, sum(x)) at 0) is then ranked by a pass that carries this tangent, not by a lazy pass whose
+    tangent of q would read 0."""
     xp, xt = _split(x)
     zeros = xp.detach() == 0
     whole, some = zeros.all(dim=dims, keepdim=True), zeros.any(dim=dims, keepdim=True)
@@ -119,6 +121,8 @@ def _quasi_norm(x: Tensor, ord: float, dims: tuple[int, ...], keepdim: bool) -> 
         return torch.linalg.vector_norm(x, ord, dims, keepdim)
     out = torch.linalg.vector_norm(torch.where(whole, 1.0, x), ord, dims, keepdim)  # (no NaN from 0 ** (p - 1))
     at0 = whole if keepdim else whole.reshape(out.shape)
+    run.kinks.append(Kink("aten.linalg_vector_norm", line, "select", torch.ones(int(at0.sum()), 1, dtype=torch.bool),
+                          continuum=True))
     zero = torch.zeros_like(_split(out)[0])
     if xt is not None:  # (a plain tensor: the tangent's own norm, without autograd)
         with torch.no_grad():
