@@ -297,7 +297,7 @@ def _reaches(g: Tensor, incoming: list[Tensor]) -> bool:
     if not g.requires_grad:
         return False
     nodes = {t.grad_fn for t in incoming}
-    return None in nodes or any(node in nodes for node in _graph_nodes(g.grad_fn))
+    return None in nodes or any(node in nodes for node in _graph.nodes((g.grad_fn,)))
 
 
 def _delayed_error(g: Tensor) -> bool:
