@@ -70,7 +70,7 @@ class _Parts:
             old = [*old, *(self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))])]
         bad = ~torch.isfinite(o)
         parts = {births: m & bad for births, m in _united(old, o.shape).items() if bool(mask_any(m & bad))}
-        if not parts or bool(mask_any(bad & ~torch.stack(list(parts.values())).any(0))):
+        if not parts or bool(mask_any(bad & ~mask_any(torch.stack(list(parts.values())), 0))):
             return None
         self._keep(o, parts)
         return frozenset().union(*parts)
@@ -123,11 +123,15 @@ class _Parts:
         the births of its NaN/Inf (None: every input's). Only where ``o`` is non-finite: torch.where(keep, h, 0)
         of rows holding padding NaN beside a used NaN took the padding's births too, and the NaN loss named the
         padding a genuine finding (the where had replaced it by 0)."""
-        pairs = [p for t in nf for p in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]]
-        parts = _united(pairs, o.shape)
-        bad = ~torch.isfinite(o)
-        kept = {births: m & bad for births, m in parts.items() if bool(mask_any(m & bad))}
-        if not kept or bool(mask_any(bad & ~torch.stack(list(kept.values())).any(0))):
+        # the trace's own ops: a strong-zero pass below the trace (a reentrant checkpoint's recomputation) would
+        # meet them, and name them in an OpaqueBackwardWarning about a genuine NaN (as _joined_parts' below)
+        with torch.no_grad(), _disable_current_modes():
+            pairs = [p for t in nf for p in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]]
+            parts = _united(pairs, o.shape)
+            bad = ~torch.isfinite(o)
+            kept = {births: m & bad for births, m in parts.items() if bool(mask_any(m & bad))}
+            held = not kept or bool(mask_any(bad & ~mask_any(torch.stack(list(kept.values())), 0)))
+        if held:
             self._keep(o, parts)  # (a NaN/Inf no part holds: every input's births)
             return None
         self._keep(o, kept)
@@ -186,9 +190,11 @@ class _Parts:
         if not all(isinstance(m, torch.Tensor) and m.shape == o.shape for m, _ in parts):
             return None
         self.parts[o] = parts
-        bad = ~torch.isfinite(o)
-        met = [(m & bad, births) for m, births in parts if bool(mask_any(m & bad))]
-        if not met or bool(mask_any(bad & ~torch.stack([m for m, _ in met]).any(0))):
+        with torch.no_grad(), _disable_current_modes():  # (the trace's own ops: as above)
+            bad = ~torch.isfinite(o)
+            met = [(m & bad, births) for m, births in parts if bool(mask_any(m & bad))]
+            held = not met or bool(mask_any(bad & ~mask_any(torch.stack([m for m, _ in met]), 0)))
+        if held:
             return None  # (a NaN/Inf no part reaches: every operand's births)
         return frozenset().union(*(births for _, births in met))
 
@@ -219,7 +225,7 @@ class _Parts:
         bad = ~torch.isfinite(o)
         kept = []
         for m, births in self.parts[t]:
-            r = m.broadcast_to(t.shape).any(dims, keepdim=keep) if dims else m.broadcast_to(t.shape)
+            r = mask_any(m.broadcast_to(t.shape), dims, keepdim=keep) if dims else m.broadcast_to(t.shape)
             if r.shape != o.shape:
                 return None
             if bool(mask_any(r & bad)):
@@ -261,11 +267,11 @@ class _Parts:
         kept = []
         for m, births in self.parts[t]:
             m = m.broadcast_to(t.shape)
-            r = m.any(dims, keepdim=True)
+            r = mask_any(m, dims, keepdim=True)
             try:
                 r = r.broadcast_to(o.shape)
             except RuntimeError:  # (the op dropped the dims: median(1))
-                r = m.any(dims)
+                r = mask_any(m, dims)
             if r.shape != o.shape:
                 return None
             if bool(mask_any(r & bad)):
@@ -282,7 +288,7 @@ class _Parts:
         if t.dim() != 2 or not isinstance(target, torch.Tensor) or tuple(target.shape) != tuple(t.shape[:1]):
             return None
         used = target != _schema_arg(func, args, "ignore_index", -100)
-        got = [births for m, births in self.parts[t] if bool(mask_any(m.broadcast_to(t.shape).any(1) & used))]
+        got = [births for m, births in self.parts[t] if bool(mask_any(mask_any(m.broadcast_to(t.shape), 1) & used))]
         return frozenset().union(*got) if got else None
 
     def _row_births(self, ts: list, loc, where: torch.Tensor, dims: tuple) -> frozenset | None:
@@ -297,7 +303,7 @@ class _Parts:
                 return None
             for m, births in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]:
                 try:
-                    r = m.broadcast_to(t.shape).any(dims, keepdim=True).broadcast_to(where.shape)
+                    r = mask_any(m.broadcast_to(t.shape), dims, keepdim=True).broadcast_to(where.shape)
                 except RuntimeError:
                     return None
                 if bool(mask_any(r & where)):
