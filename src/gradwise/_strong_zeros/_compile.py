@@ -684,10 +684,12 @@ def compiled_step(roots: Sequence[Any]) -> list[Any] | None:
     fed by two edges, each with its variants (a whole training step compiled): what ``_plan`` ('compiled') and
     ``compiled_run`` (``hybrid``, ``compiled_only``) find, in one walk that stops at the first other node. None
     for every other graph (the general path). It runs before every backward of such a step under strong zeros."""
+    stack = [r for r in roots if r is not None and type(r) is not _ACCUMULATE_GRAD]
+    if not all(map(_is_compiled, stack)):  # an eager node on top (the everyday graph): before anything is built
+        return None
     seen: set[Any] = set()
     fed: set[tuple[Any, int]] = set()  # (compiled node, slot) that an edge leads to
     nodes: list[Any] = []
-    stack = [r for r in roots if r is not None and type(r) is not _ACCUMULATE_GRAD]
     while stack:
         node = stack.pop()
         if node in seen:
