@@ -43,7 +43,15 @@ from gradwise._strong_zeros._compile import (
 )
 from gradwise._strong_zeros._mode import _StrongZeroMode, carried_state, running_mode, watch_functions
 from gradwise._strong_zeros._planning import _plan
-from gradwise._strong_zeros._supports import _STATE, _Layered, _Supports
+from gradwise._strong_zeros._supports import (
+    _STATE,
+    NAMED_IF_NONFINITE,
+    NOT_HANDING,
+    SEEDED,
+    UNSEEDED,
+    _Layered,
+    _Supports,
+)
 from gradwise._strong_zeros._traced import graph_recording, recording
 
 # ---------------------------------------------------------------------------------------------------------
@@ -147,19 +155,13 @@ def _compiled_step(t_outputs: Sequence[Any], inputs: Sequence[Any], seeds: Seque
     carried zeros, nothing to run plain or traced (``_compile.compiled_step``). None otherwise: the general
     path then decides, warnings included. The walk goes first: it reads no tensor, and on any other graph it
     stops at its first node (an eager backward pays one type test)."""
-    roots = _root_nodes(t_outputs)
-    for root in roots:  # an eager node on top (the everyday graph): one type test
-        if root is not None and root.__class__ is not _ACCUMULATE_GRAD and \
-                root.__class__.__name__ != "CompiledFunctionBackward":
-            return None
-    step = compiled_step(roots)
+    step = compiled_step(_root_nodes(t_outputs))
     if step is None or torch._C._len_torch_dispatch_stack() or _carry.CARRIED or _carry.CARRIED_VALUES:
         return None
     return step if _everyday(t_outputs, seeds, inputs) else None
 
 
 _PLAIN_CLASSES = (torch.Tensor, torch.nn.Parameter)
-_ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad
 _compiler = torch.compiler
 
 
@@ -244,20 +246,20 @@ def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
     # is seeded with the custom backward's sensitivity (a reentrant checkpoint's, grad(f(x), x, g)): else it may
     # differentiate a function unrelated to the pass (g * grad(h)(c)), whose zeros are values there (3: it exports
     # nothing, named if the pass ends NaN/Inf)
-    _STATE.handing = 0 if mode is None or mode.hands_down or peek_interpreter_stack() is not None else \
-        1 if _seeded_by_sensitivity(mode, args[1]) else 3
-    if _STATE.handing == 3:
+    _STATE.handing = NOT_HANDING if mode is None or mode.hands_down or peek_interpreter_stack() is not None else \
+        SEEDED if _seeded_by_sensitivity(mode, args[1]) else UNSEEDED
+    if _STATE.handing == UNSEEDED:
         _STATE.export = None
     if _STATE.checkpoint_forward:  # a checkpoint's recomputation of the user's forward: planned as in that
         # forward (where no pass ran), or it saves other tensors than the forward did ('a different number of
         # tensors was saved'): nothing handed down, its outputs' finiteness its own
-        _STATE.export, _STATE.outputs_finite, _STATE.handing = None, True, 0
+        _STATE.export, _STATE.outputs_finite, _STATE.handing = None, True, NOT_HANDING
     try:
         with _outside_the_pass():
             result = engine_run(*args)
         if mode is not None:
             mode.lost.update(_STATE.unnamed)
-        if _STATE.handing == 2 and mode is not None:  # named if the pass's gradients end NaN/Inf
+        if _STATE.handing == NAMED_IF_NONFINITE and mode is not None:  # named if the pass's gradients end NaN/Inf
             node = torch._C._current_autograd_node()
             mode.lost[f"the results of a backward nested in {type(node).__name__ if node else 'a backward'} (a "
                       "torch.autograd.grad in it, a reentrant checkpoint's block), whose results' structural zeros "
@@ -285,15 +287,15 @@ def _handing(plan: str, results: list) -> str:
     where a relu's, clamp's, max's zeros could reach them (a checkpointed Linear+ReLU block: run strong, every such
     block would run op by op) named in the pass's OpaqueBackwardWarning if its gradients end NaN/Inf."""
     reach = results[1] if len(results) > 1 else 0
-    if _STATE.handing == 3:  # not seeded with the pass's sensitivity: nothing exported (_nested), named where
-        _STATE.handing = 2 if reach else 0  # zeros reach its results (a plan not 'plain' ran as in the base)
+    if _STATE.handing == UNSEEDED:  # nothing exported (_nested), named where zeros reach its results (a plan not
+        _STATE.handing = NAMED_IF_NONFINITE if reach else NOT_HANDING  # 'plain' ran as in the base)
         return plan
     if plan != "plain":
         return plan
     if reach == 2:
         return "strong"
     _STATE.export = None
-    _STATE.handing = 2 if reach else 0  # (a backward nested in this plain one is planned as any other)
+    _STATE.handing = NAMED_IF_NONFINITE if reach else NOT_HANDING  # (one nested in it is planned as any other)
     return plan
 
 
@@ -356,7 +358,7 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
                                                if isinstance(t, torch.Tensor) and t.is_floating_point())
     mode = _StrongZeroMode(carry=create_graph)
     # (a nested pass: its own pass needs the zeros; in a 'check' pass, only those of padding reaching its results)
-    mode.hands_down = nonfinite or (export is not None and _STATE.handing != 1)
+    mode.hands_down = nonfinite or (export is not None and _STATE.handing != SEEDED)
     if supports is not None:
         mode.supports = supports
     elif transform and export is not None:
@@ -458,7 +460,7 @@ def _choose(outputs: Sequence[Any], inputs: Sequence[Any], seeds: Sequence[Any],
             return "transform"  # no plan (its reads would meet wrappers): one pass under the mode (_transforms)
     if why is None:
         try:
-            results = [inputs] if _STATE.handing in (1, 3) else None
+            results = [inputs] if _STATE.handing in (SEEDED, UNSEEDED) else None
             if torch._C._len_torch_dispatch_stack():
                 with _disable_current_modes():  # modes around backward (a trace) don't see our checks
                     plan = _plan(outputs, seeds, watched, everyday, results)

@@ -260,6 +260,13 @@ class _Layered(_Supports):
             self.outer._shared.update(self._masks)
 
 
+# _State.handing: how a backward nested in a 'check' pass hands its results' structural zeros to it (_engine._nested)
+NOT_HANDING = 0  # not nested in a 'check' pass (or decided: nothing to hand, nothing to name)
+SEEDED = 1  # seeded with the custom backward's sensitivity: its plan decides whether it runs strong and exports
+NAMED_IF_NONFINITE = 2  # ran without exporting while zeros could reach its results: named if the pass ends NaN/Inf
+UNSEEDED = 3  # as SEEDED, not seeded with that sensitivity: it exports nothing
+
+
 class _State(threading.local):
     depth = 0
     create_graph = False
@@ -291,11 +298,11 @@ class _State(threading.local):
     # calling torch.autograd.grad), set while that backward runs: its results' structural zeros go there
     # (_engine._export), as they go on into the outer pass's ops
     export: _Supports | None = None
-    # a backward nested in a 'check' pass (no NaN/Inf where its zeros reach, _engine._nested): 1 while its plan
+    # a backward nested in a 'check' pass (no NaN/Inf where its zeros reach, _engine._nested): SEEDED while its plan
     # decides whether it runs strong and exports (only where the zeros of dropped or masked padding reach its
-    # results: _planning._results_reach), 3 as 1 where it is not seeded with the custom backward's sensitivity
-    # (it exports nothing), 2 once it ran without exporting while zeros could reach them
-    handing = 0
+    # results: _planning._results_reach), UNSEEDED likewise where it exports nothing, NAMED_IF_NONFINITE once it
+    # ran without exporting while zeros could reach them
+    handing = NOT_HANDING
     # set while a backward nested in a pass runs (_engine._nested): what its own passes could not follow and did not
     # name (their results finite), for the pass it is nested in to name if its gradients end NaN/Inf (the NaN may be
     # made after it: a custom backward's 0/0 at a zero row of a checkpoint in a checkpoint)
