@@ -464,18 +464,31 @@ def _kernel_skips_product(node: Any, grad: torch.Tensor) -> bool:
     saved = [getattr(node, n) for n in names]
     if all(s is None for s in saved):
         return False
-    layouts = tuple((tuple(grad.shape), None, grad.dtype, grad.device) if s is None else
-                    (tuple(s.shape), s.stride(), s.dtype, s.device) for s in saved)
-    key = (op, layouts, node._saved_beta, torch.get_num_threads(), torch._C._get_mkldnn_enabled())
-    skips = _SKIPS.get(key)
-    if skips is None:
+    layouts = tuple((tuple(grad.shape), None, grad.dtype, grad.device) if s is None else _layout(s) for s in saved)
+    beta = node._saved_beta
+    return _cached((op, layouts, beta), lambda: bool(_rerun_skips(op, layouts, out_shape, beta)))
+
+
+# the re-runs' answers per (op, layouts, beta or what else decides them), plus the thread count and oneDNN's switch
+# (kernels differ by both)
+_SKIPS: dict[tuple, bool | None] = {}
+
+
+def _cached(key: tuple, rerun: Callable[[], bool | None]) -> bool | None:
+    """``rerun()``'s answer for ``key`` (one re-run per layout, not one per backward and operand); the table starts
+    over past 256 entries."""
+    key = (*key, torch.get_num_threads(), torch._C._get_mkldnn_enabled())
+    got = _SKIPS.get(key)
+    if got is None:
         if len(_SKIPS) >= 256:
             _SKIPS.clear()
-        skips = _SKIPS[key] = bool(_rerun_skips(op, layouts, out_shape, node._saved_beta))
-    return skips
+        got = _SKIPS[key] = rerun()
+    return got
 
 
-_SKIPS: dict[tuple, bool] = {}  # _kernel_skips_product's answers per (op, layouts, beta, threads, oneDNN on)
+def _layout(t: torch.Tensor) -> tuple:
+    """What a kernel's choice depends on in an operand: (shape, strides, dtype, device)."""
+    return tuple(t.shape), t.stride(), t.dtype, t.device
 
 
 def _rerun_skips(op, layouts: tuple, out_shape: Callable[[tuple, tuple], tuple], beta) -> bool | None:
@@ -507,19 +520,13 @@ def _graph_skips_product(name: str, saved: tuple | None, grad: torch.Tensor) -> 
         return False
     op, _, out_shape = ZERO_ALPHA_PRODUCTS[name]
     # (the partitioner may save an operand transposed, as the formula reads it: each as it is or as its .mT)
-    lay = [{(tuple(t.shape), t.stride(), t.dtype, t.device) for t in ((s, s.mT) if s.dim() > 1 else (s,))}
-           for s in saved]
+    lay = [{_layout(t) for t in ((s, s.mT) if s.dim() > 1 else (s,))} for s in saved]
     if len(lay) == 1:
         lay.append({(tuple(grad.shape), None, grad.dtype, grad.device)})
     fits = False
     for layouts in {(a, b) for a in lay[0] for b in lay[1]} | {(b, a) for a in lay[0] for b in lay[1]}:
         for beta in (0, 1):
-            key = (op, layouts, beta, torch.get_num_threads(), torch._C._get_mkldnn_enabled())
-            skips = _SKIPS.get(key)
-            if skips is None:
-                if len(_SKIPS) >= 256:
-                    _SKIPS.clear()
-                skips = _SKIPS[key] = _rerun_skips(op, layouts, out_shape, beta)
+            skips = _cached((op, layouts, beta), lambda: _rerun_skips(op, layouts, out_shape, beta))  # noqa: B023
             if skips is False:
                 return False
             fits |= skips is True
@@ -569,15 +576,9 @@ def _kernel_skips_input(node: Any, grad: torch.Tensor) -> bool:
             shape = _UNSAVED_SHAPE[name][i](() if other is None else tuple(other.shape), y)
             layouts.append((shape, None, grad.dtype, grad.device))
         else:
-            layouts.append((tuple(s.shape), s.stride(), s.dtype, s.device))
-    key = ("input", op, tuple(layouts), y, node._saved_alpha, torch.get_num_threads(),
-           torch._C._get_mkldnn_enabled())
-    skips = _SKIPS.get(key)
-    if skips is None:
-        if len(_SKIPS) >= 256:
-            _SKIPS.clear()
-        skips = _SKIPS[key] = _rerun_skips_input(op, layouts, y, node._saved_alpha)
-    return skips
+            layouts.append(_layout(s))
+    alpha = node._saved_alpha
+    return bool(_cached(("input", op, tuple(layouts), y, alpha), lambda: _rerun_skips_input(op, layouts, y, alpha)))
 
 
 def _rerun_skips_input(op: Any, layouts: list, out_shape: tuple, alpha: Any) -> bool:
