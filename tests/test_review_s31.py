@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import gradwise as gw
+from _fresh_warnings import fresh_warnings  # noqa: F401 (an autouse fixture: every test here)
 from gradwise._strong_zeros._rules_bilinear import ZERO_ALPHA_PRODUCTS
 
 D = torch.float64
