@@ -8,11 +8,7 @@ import pytest
 import torch
 
 import gradwise as gw
-
-
-def _genuine(report) -> list:
-    return [f for f in report.findings if f.kind in ("nan", "inf")]
-
+from _explaining import genuine_findings, traced_and_strong
 
 _REDUCTIONS = {
     "vector_norm": lambda y: torch.linalg.vector_norm(y, dim=1),
@@ -45,14 +41,8 @@ def test_padding_reduced_beside_a_used_inf_is_told_as_strong_zeros_tell_it(op, k
         _REDUCTIONS[op](x.clone() * w)[:keep].pow(2).sum().backward()
         return w
 
-    genuine = set()
-    for name, writes in (("aten.fill_", (True, False)), ("aten.copy_", (False, True))):
-        with gw.strong_zeros():
-            if not bool(program(*writes).grad.isfinite().all()):
-                genuine.add(name)
-    with gw.trace() as report:
-        program(True, True)
-    assert {f.born_op for f in _genuine(report)} == genuine
+    report, genuine = traced_and_strong(program)
+    assert {f.born_op for f in genuine_findings(report)} == genuine
 
 
 @pytest.mark.parametrize("op", ["amax", "amin"])
@@ -75,10 +65,10 @@ def test_amax_of_a_nan_row_is_that_rows_nan(op, keep):
         strong = program().grad
     with gw.trace() as report:
         program()
-    assert [(f.kind, f.born_op) for f in _genuine(report)] == ([("nan", "aten.fill_")] if keep == 4 else [])
+    assert [(f.kind, f.born_op) for f in genuine_findings(report)] == ([("nan", "aten.fill_")] if keep == 4 else [])
     assert [f.born_op for f in report.findings] == ["aten.fill_"]
     if keep == 4:
-        assert _genuine(report)[0].count == int((~strong.isfinite()).sum())
+        assert genuine_findings(report)[0].count == int((~strong.isfinite()).sum())
     else:
         assert bool(strong.isfinite().all())
         assert (report.findings[0].kind, report.findings[0].discarded_op) == ("contamination", "aten.slice")
@@ -118,7 +108,7 @@ def test_an_in_place_minus_inf_mask_write_is_a_birth(write):
     assert bool(program(False).isnan())  # the fully masked row makes the loss NaN, without the padding too
     with gw.trace() as report:
         program(True)
-    genuine = _genuine(report)
+    genuine = genuine_findings(report)
     assert [(f.kind, f.born_op) for f in genuine] == [("nan", "aten._softmax")]
     text = str(report)
     written = [line for line in text.splitlines() if "root cause" in line and "-inf: a mask value" in line]
@@ -153,7 +143,7 @@ def test_a_backward_born_inf_through_expand_counts_the_gradient_elements(case):
         kept = int((~program().grad.isfinite()).sum())
     with gw.trace() as report:
         program()
-    assert [(f.kind, f.count) for f in _genuine(report)] == [("inf", kept)]
+    assert [(f.kind, f.count) for f in genuine_findings(report)] == [("inf", kept)]
 
 
 def test_batch_norm_running_stats_a_nan_batch_wrote_are_no_arrival():
@@ -173,12 +163,12 @@ def test_batch_norm_running_stats_a_nan_batch_wrote_are_no_arrival():
     assert all(bool(p.grad.isfinite().all()) for p in program(False).parameters())
     with gw.trace() as report:
         bn = program(True)
-    assert [(f.kind, f.born_op) for f in _genuine(report)] == [("nan", "aten.fill_")]
+    assert [(f.kind, f.born_op) for f in genuine_findings(report)] == [("nan", "aten.fill_")]
     with gw.trace() as report:  # the NaN running stats, read in eval mode, are the padding's
         bn.eval()
         x = torch.randn(3, 4, requires_grad=True)
         bn(x).sum().backward()
-    assert {f.born_op for f in _genuine(report)} == {"input"}
+    assert {f.born_op for f in genuine_findings(report)} == {"input"}
 
 
 _COMPUTED_ZEROS = {"tanh": lambda y: y.tanh().sum(1), "sigmoid prod": lambda y: y.sigmoid().prod(1)}
@@ -206,8 +196,8 @@ def test_two_used_infinities_of_two_writes_are_both_named(op):
             assert not bool(program(*writes).grad.isfinite().all())
     with gw.trace() as report:
         program(True, True)
-    assert len({f.born_location for f in _genuine(report)}) == 2
-    assert {f.born_op for f in _genuine(report)} == {"aten.copy_"}
+    assert len({f.born_location for f in genuine_findings(report)}) == 2
+    assert {f.born_op for f in genuine_findings(report)} == {"aten.copy_"}
 
 
 _ROWWISE = {
@@ -241,14 +231,8 @@ def test_padding_through_a_row_wise_op_keeps_its_rows(op, keep):
         _ROWWISE[op](x.clone() * w)[:keep].pow(2).sum().backward()
         return w
 
-    genuine = set()
-    for name, writes in (("aten.fill_", (True, False)), ("aten.copy_", (False, True))):
-        with gw.strong_zeros():
-            if not bool(program(*writes).grad.isfinite().all()):
-                genuine.add(name)
-    with gw.trace() as report:
-        program(True, True)
-    assert {f.born_op for f in _genuine(report)} == genuine
+    report, genuine = traced_and_strong(program)
+    assert {f.born_op for f in genuine_findings(report)} == genuine
 
 
 _WHERE_OPS = {"tanh": lambda y: y.tanh().sum(1), "logsumexp": lambda y: y.logsumexp(1),
@@ -275,11 +259,5 @@ def test_padding_a_where_replaces_is_no_genuine_finding(op):
         torch.where(keep, _WHERE_OPS[op](x.clone() * w), 0.0).pow(2).sum().backward()
         return w
 
-    genuine = set()
-    for name, writes in (("aten.fill_", (True, False)), ("aten.copy_", (False, True))):
-        with gw.strong_zeros():
-            if not bool(program(*writes).grad.isfinite().all()):
-                genuine.add(name)
-    with gw.trace() as report:
-        program(True, True)
-    assert {f.born_op for f in _genuine(report)} == genuine == {"aten.copy_"}
+    report, genuine = traced_and_strong(program)
+    assert {f.born_op for f in genuine_findings(report)} == genuine == {"aten.copy_"}

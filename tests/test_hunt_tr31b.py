@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import gradwise as gw
+from _explaining import genuine_findings
 
 _PROGRAMS = pathlib.Path(__file__).with_name("_explain_programs.py")
 
@@ -40,10 +41,6 @@ def test_watch_replay_never_calls_a_torchscript_value_data_that_arrived(tmp_path
     assert any(f.kind == "nan" for f in rep.findings), str(rep)
     assert "arrived with" not in str(rep), str(rep)
     assert all(f.get("born_op") != "input" for f in data["findings"]), str(rep)
-
-
-def _genuine(report) -> list:
-    return [f for f in report.findings if f.kind in ("nan", "inf")]
 
 
 _ROWS = {
@@ -78,7 +75,7 @@ def test_an_inf_met_by_a_nan_sensitivity_beside_a_nan_write_is_named(op):
         program(True, True)
     assert not [f for f in report.findings if f.kind == "contamination"], str(report)
     # each write a genuine finding that reaches w (base named the Inf one "reaches: no gradient")
-    reached = {f.born_location: f.reaches for f in _genuine(report)}
+    reached = {f.born_location: f.reaches for f in genuine_findings(report)}
     assert len(reached) == 2 and all(r == ["w"] for r in reached.values()), str(report)
 
 
@@ -105,7 +102,7 @@ def test_gru_padding_beside_a_used_inf_is_told_as_strong_zeros_tell_it():
         assert not bool(program(False, True).weight_ih_l0.grad.isfinite().all())
     with gw.trace() as report:
         program(True, True)
-    genuine = _genuine(report)
+    genuine = genuine_findings(report)
     assert [f.born_op for f in genuine] == ["aten.copy_"] and genuine[0].indices == [[2, 2]], str(report)
     assert "weight_ih_l0" in genuine[0].reaches[0], str(report)
     assert [f.born_op for f in report.findings if f.kind == "contamination"] == ["aten.fill_"], str(report)
@@ -145,7 +142,7 @@ def test_data_arriving_with_nan_padding_and_a_used_inf_is_told_apart(op):
     assert bool(program(True, False)[0].isfinite().all())
     assert not bool(program(False, True)[0].isfinite().all())
     _, report = program(True, True, trace=True)
-    genuine = _genuine(report)
+    genuine = genuine_findings(report)
     assert len(genuine) == 1 and ("1 Inf" in genuine[0].born or "3 Inf" in genuine[0].born), str(report)
     assert all(i[0] == 2 for i in genuine[0].indices), str(report)
     assert [f for f in report.findings if f.kind == "contamination" and "NaN" in f.born], str(report)

@@ -11,10 +11,7 @@ import torch
 from torch import nn
 
 import gradwise as gw
-
-
-def _genuine(report) -> list:
-    return [f for f in report.findings if f.kind in ("nan", "inf")]
+from _explaining import genuine_findings, traced_and_strong
 
 
 def _tanh_mlp():
@@ -47,7 +44,7 @@ def test_padding_beside_a_genuine_nan_is_no_genuine_finding(loss, strong):
     report, finite = step(True)
     _, without_padding = step(False)
     assert all(torch.equal(finite[n], without_padding[n]) for n in finite)  # the padding changes no gradient
-    assert [(f.born_op, f.count) for f in _genuine(report)] == [("aten.copy_", 1)]
+    assert [(f.born_op, f.count) for f in genuine_findings(report)] == [("aten.copy_", 1)]
 
 
 @pytest.mark.parametrize("written", [(float("nan"), float("inf")), (float("inf"), float("nan")),
@@ -73,8 +70,8 @@ def test_a_nan_and_an_inf_one_line_writes_are_both_counted(written):
     assert all(bool(kept[i, i % 4]) for i in range(len(written)))  # every write reaches the strong gradient
     with gw.trace() as report:
         program()
-    assert {f.born_op for f in _genuine(report)} == {"aten.copy_"}
-    assert sum(f.count for f in _genuine(report)) == len(written)
+    assert {f.born_op for f in genuine_findings(report)} == {"aten.copy_"}
+    assert sum(f.count for f in genuine_findings(report)) == len(written)
 
 
 @pytest.mark.parametrize("mix", ["mask_mul", "relu"])
@@ -102,7 +99,7 @@ def test_a_nan_a_computed_zero_sensitivity_meets_is_still_used(mix):
         x[i] = -1.0
     with gw.trace() as report:
         program(x, w).backward()
-    assert [(f.born_op, f.count) for f in _genuine(report)] == [("aten.log", used)]
+    assert [(f.born_op, f.count) for f in genuine_findings(report)] == [("aten.log", used)]
 
 
 _PIECES = {"split": lambda y: y.split(4)[0], "unbind": lambda y: y.unbind(0)[0], "chunk": lambda y: y.chunk(3)[0],
@@ -127,11 +124,5 @@ def test_a_piece_of_a_split_keeps_only_its_own_births(case):
         _PIECES[case](x.clone() * w).pow(2).sum().backward()
         return w
 
-    genuine = set()
-    for name, writes in (("aten.fill_", (True, False)), ("aten.copy_", (False, True))):
-        with gw.strong_zeros():
-            if not bool(program(*writes).grad.isfinite().all()):
-                genuine.add(name)
-    with gw.trace() as report:
-        program(True, True)
-    assert {f.born_op for f in _genuine(report)} == genuine
+    report, genuine = traced_and_strong(program)
+    assert {f.born_op for f in genuine_findings(report)} == genuine

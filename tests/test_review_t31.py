@@ -9,10 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import gradwise as gw
-
-
-def _genuine(report) -> list:
-    return [f for f in report.findings if f.kind in ("nan", "inf")]
+from _explaining import genuine_findings, traced_and_strong
 
 
 def _told_as_strong_zeros_tell(loss_of, linear: bool = True) -> None:
@@ -30,15 +27,9 @@ def _told_as_strong_zeros_tell(loss_of, linear: bool = True) -> None:
         (out.sum() if linear else out.pow(2).sum()).backward()
         return w
 
-    genuine = set()
-    for name, writes in (("aten.fill_", (True, False)), ("aten.copy_", (False, True))):
-        with gw.strong_zeros():
-            if not bool(program(*writes).grad.isfinite().all()):
-                genuine.add(name)
-    with gw.trace() as report:
-        program(True, True)
-    assert {f.born_op for f in _genuine(report)} == genuine, str(report)
-    assert all(f.reaches == ["w"] for f in _genuine(report)), str(report)
+    report, genuine = traced_and_strong(program)
+    assert {f.born_op for f in genuine_findings(report)} == genuine, str(report)
+    assert all(f.reaches == ["w"] for f in genuine_findings(report)), str(report)
 
 
 _ROW_BACKWARDS = {
@@ -112,7 +103,7 @@ def test_an_inf_in_a_row_already_nan_is_named_too():
             assert not bool(program(*writes).grad[0].isfinite().all())
     with gw.trace() as report:
         program(True, True)
-    assert len({f.born_location for f in _genuine(report)}) == 2, str(report)
+    assert len({f.born_location for f in genuine_findings(report)}) == 2, str(report)
 
 
 @pytest.mark.parametrize("in_place", [True, False])
@@ -142,7 +133,7 @@ def test_padding_keys_masked_in_attention_are_no_genuine_finding(in_place):
         assert not bool(program(False, True).grad.isfinite().all())
     with gw.trace() as report:
         program(True, True)
-    assert [(f.born_op, f.reaches) for f in _genuine(report)] == [("aten.copy_", ["w"])], str(report)
+    assert [(f.born_op, f.reaches) for f in genuine_findings(report)] == [("aten.copy_", ["w"])], str(report)
 
 
 _PAD = (torch.arange(6) >= 4)[:, None].expand(6, 4)
@@ -190,5 +181,5 @@ def test_a_fully_masked_row_beside_padding_keeps_the_rows_births(op):
         assert not bool(program(False, True).grad.isfinite().all())
     with gw.trace() as report:
         program(True, True)
-    assert {(f.born_op, tuple(f.reaches)) for f in _genuine(report)} == {
+    assert {(f.born_op, tuple(f.reaches)) for f in genuine_findings(report)} == {
         ("aten.copy_", ("w",)), (f"aten._{op}", ("w",))}, str(report)
