@@ -16,23 +16,9 @@ import torch
 
 import gradwise as gw
 from _fresh_warnings import fresh_warnings  # noqa: F401 (an autouse fixture: every test here)
+from test_hunt_nest31 import _Sqrt  # sqrt with a hand-written backward g / (2 sqrt(x))
 
 D = torch.float64
-
-
-class _Sqrt(torch.autograd.Function):
-    """sqrt with a hand-written backward g / (2 sqrt(x)): 0/0 where x = 0 and g = 0, finite saved data."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = x.sqrt()
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        (y,) = ctx.saved_tensors
-        return g / (2 * y)
 
 
 _C = [1.0, -1.0, 4.0]

@@ -16,6 +16,7 @@ import torch
 import gradwise as gw
 from _fresh_warnings import fresh_warnings  # noqa: F401 (an autouse fixture: every test here)
 from gradwise._strong_zeros._rules_bilinear import ZERO_ALPHA_PRODUCTS
+from test_hunt_sz31 import _AliasWritten as _Written  # its mask written by the test's write
 
 D = torch.float64
 U8 = torch.uint8
@@ -55,21 +56,6 @@ MEMORY_ALIAS_WRITES = {
     "_foreach_mul_([m.view(uint8)], [user])": lambda m, u: torch._foreach_mul_([m.view(U8)], [u.view(U8)]),
     "_foreach_zero_([m[1:2]])": lambda m, u: torch._foreach_zero_([m[1:2]]),
 }
-
-
-class _Written(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, write):
-        ctx.save_for_backward(x, torch.tensor([True, False, True]))
-        ctx.write = write
-        return x * 1.0
-
-    @staticmethod
-    def backward(ctx, g):
-        x, user = ctx.saved_tensors
-        m = x > -100.0
-        ctx.write(m, user)
-        return g * m, None
 
 
 def _selection_case(write):
