@@ -186,6 +186,13 @@ def sweep_op(op, *, limit: int | None = 2, grids=GRIDS, n_gauss: int = 3, n_int:
                     or not torch.equal(y0, y1):
                 r.counts["sample left out"] += 1
                 continue
+            if not all(bool(torch.isfinite(x).all()) for x in xs):  # (nanmean's NaN samples): no derivative there
+                r.counts["sample with NaN/Inf input"] += 1
+                outcome, msg = _refuses_non_finite(f, xs)
+                r.counts[outcome] += 1
+                if outcome in FAILURES:
+                    r.failures.append(f"{op_id(op)} sample {si}, grid {grid}: {outcome}: {msg}")
+                continue
             r.counts["samples"] += 1
             for di, ds in enumerate(_directions(xs, n_gauss, n_int, 7 * si + int(10 * grid))):
                 where = f"sample {si}, grid {grid}, direction {di}"
@@ -205,6 +212,21 @@ def sweep_op(op, *, limit: int | None = 2, grids=GRIDS, n_gauss: int = 3, n_int:
             if si < gradcheck and grid == grids[0]:
                 _gradcheck(op, f, xs, y0, r, f"sample {si}, grid {grid}")
     return r
+
+
+def _refuses_non_finite(f, xs) -> tuple[str, str]:
+    """gradwise must refuse a NaN/Inf input with its ValueError naming the count (API contract: no derivative at a
+    non-finite point); any other exception is a crash, a number is silent."""
+    ds = tuple(torch.ones_like(x) for x in xs)
+    try:
+        got = gw.directional_derivative(f, xs, ds)
+    except ValueError as e:
+        if "NaN/Inf value(s)" in str(e):
+            return "refused: non-finite input", ""
+        return "crash", f"ValueError: {str(e).splitlines()[0][:160]}"
+    except Exception as e:
+        return "crash", f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    return "wrong", f"a derivative at a non-finite input: {got.reshape(-1)[:4]}"
 
 
 def _check(f, xs, ds, quotients, jump) -> tuple[str, str]:

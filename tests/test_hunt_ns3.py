@@ -300,6 +300,16 @@ def test_kink_sweep_fast(name):
     assert r.counts["directions"] > 0
 
 
+def test_kink_sweep_refuses_nan_inputs():
+    """nanmean's op_db samples with a NaN input: the sweep counted gradwise's refusal ("inputs[0] holds 1 NaN/Inf
+    value(s) ... gradwise does not invent one", the API contract) as a crash, so test_kink_sweep_full failed (since
+    session 30). Each such sample must meet exactly that refusal; a number or another exception fails."""
+    r = ks.sweep_op(ks.kink_ops()["nanmean"], limit=None, grids=(0.5,), n_gauss=1, n_int=0)
+    assert r.counts["sample with NaN/Inf input"] > 0
+    assert r.counts["refused: non-finite input"] == r.counts["sample with NaN/Inf input"]
+    assert not r.failures, r.failures
+
+
 def test_kink_sweep_svd_every_sample():
     """svd's samples read the singular vectors through abs; on quantized matrices entries that are 0 in exact
     arithmetic come out as +-1e-15 and singular values tied in exact arithmetic 1 ulp apart, so the sweep reported
