@@ -1,0 +1,83 @@
+"""The trace's per-op fast paths (session 32, issue #16's cost on 6 x Linear(128)+ReLU) find what the slow paths
+found: the per-op facts read from the op itself, the relu kink test through a temporary below 64 kB, the
+provenance table's empty answer, and ``_safely``'s grad-mode switch without a context manager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradwise as gw
+from gradwise._trace import _tracer
+from gradwise._trace._backward_ops import _FORMULA_FIRST
+from gradwise._trace._common import _ByIdentity
+from gradwise._trace._facts import _ACCUMULATES
+from gradwise._trace._tracer import _INFO_ATTR, _op_info
+
+aten = torch.ops.aten
+
+
+@pytest.mark.parametrize("func", sorted(_ACCUMULATES | _FORMULA_FIRST | {aten.mm.default, aten.relu.default,
+                                                                          aten.t.default}, key=str), ids=str)
+def test_op_info_flags_match_the_sets(func):
+    """The flags the handler reads instead of a set lookup (a Python-level OpOverload hash per op) say what the
+    sets say, and the op carries the same facts the table holds."""
+    info = _op_info(func)
+    assert info.accumulates == (func in _ACCUMULATES)
+    assert info.formula_first == (func in _FORMULA_FIRST)
+    assert getattr(func, _INFO_ATTR) is info is _tracer._INFO[func]
+
+
+def _kinks(x: torch.Tensor) -> list[tuple[str, int]]:
+    x = x.clone().requires_grad_()
+    with gw.trace() as report:
+        torch.relu(x).sum().backward()
+    return [(f.kind, f.count) for f in report.findings]
+
+
+# (elements, where the zeros go): 128 x 128 float32 is exactly the 64 kB the temporary takes; 256 x 256 uses the
+# per-thread buffer
+@pytest.mark.parametrize("n", [5, 128, 256], ids=["tiny", "64kB-temporary", "256kB-buffer"])
+@pytest.mark.parametrize("zero", [0.0, -0.0], ids=["+0", "-0"])
+def test_relu_kink_found_in_either_path(n, zero):
+    x = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).abs() + 0.5
+    assert _kinks(x) == []
+    x[n // 2, 1] = zero
+    x[n - 1, n - 1] = zero
+    assert _kinks(x) == [("kink", 2)]
+
+
+def test_relu_kink_beside_a_nan_still_found():
+    """A NaN makes min |x| NaN: the mask is made and the zero found (the NaN is its own finding)."""
+    x = torch.ones(128, 128)
+    x[0, 0] = float("nan")
+    x[3, 3] = 0.0
+    kinds = dict(_kinks(x))
+    assert kinds.get("kink") == 1
+
+
+def test_by_identity_truth():
+    table = _ByIdentity()
+    assert not table
+    t = torch.ones(1)
+    table[t] = 1
+    assert table and t in table
+
+
+def test_safely_restores_grad_mode_after_a_failure():
+    """An internal failure is a note, and grad mode is on again after it (the C switch's finally)."""
+    tracer = _tracer._Tracer(256)
+
+    def boom():
+        assert not torch.is_grad_enabled()
+        raise ValueError("inside")
+
+    assert torch.is_grad_enabled()
+    assert tracer._safely("a value", boom) is None
+    assert torch.is_grad_enabled()
+    assert any("ValueError: inside" in kind for kind in tracer.passed)
+    with torch.no_grad():
+        assert tracer._safely("a value", lambda: torch.is_grad_enabled()) is False
+        assert not torch.is_grad_enabled()
+    assert tracer._safely("a value", lambda: torch.is_grad_enabled()) is False
+    assert torch.is_grad_enabled()
