@@ -81,3 +81,27 @@ def test_safely_restores_grad_mode_after_a_failure():
         assert not torch.is_grad_enabled()
     assert tracer._safely("a value", lambda: torch.is_grad_enabled()) is False
     assert torch.is_grad_enabled()
+
+
+
+def _reaches(leaf: torch.Tensor) -> set[str]:
+    with gw.trace() as report:
+        torch.sqrt(leaf).sum().backward()  # sqrt(-1): a genuine NaN that reaches the leaf
+    return {name for f in report.findings for name in f.reaches}
+
+
+def _new_leaf() -> torch.Tensor:
+    return torch.full((3,), -1.0, requires_grad=True)
+
+
+def test_leaf_names_kept_across_traces_by_identity():
+    """The names kept across traces (one trace per step) are found again for the same leaf, and a new leaf (in
+    CPython often at a dead one's address) gets its own name, not the dead one's."""
+    first = _new_leaf()
+    assert _reaches(first) == {"first"}
+    assert _reaches(first) == {"first"}
+    first = None
+    for _ in range(3):
+        second = _new_leaf()
+        assert _reaches(second) == {"second"}
+        second = None
