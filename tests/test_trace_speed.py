@@ -4,11 +4,15 @@ provenance table's empty answer, and ``_safely``'s grad-mode switch without a co
 
 from __future__ import annotations
 
+import collections
+import gc
+import weakref
+
 import pytest
 import torch
 
 import gradwise as gw
-from gradwise._trace import _tracer
+from gradwise._trace import _leaf_names, _tracer
 from gradwise._trace._backward_ops import _FORMULA_FIRST
 from gradwise._trace._common import _ByIdentity
 from gradwise._trace._facts import _ACCUMULATES
@@ -83,7 +87,6 @@ def test_safely_restores_grad_mode_after_a_failure():
     assert torch.is_grad_enabled()
 
 
-
 def _reaches(leaf: torch.Tensor) -> set[str]:
     with gw.trace() as report:
         torch.sqrt(leaf).sum().backward()  # sqrt(-1): a genuine NaN that reaches the leaf
@@ -105,3 +108,54 @@ def test_leaf_names_kept_across_traces_by_identity():
         second = _new_leaf()
         assert _reaches(second) == {"second"}
         second = None
+
+
+def _dead_ref() -> weakref.ref:
+    t = torch.ones(1)
+    ref = weakref.ref(t)
+    del t
+    gc.collect()
+    assert ref() is None
+    return ref
+
+
+def test_by_identity_ignores_a_dead_entry_at_a_live_tensors_id():
+    """A dead key's entry left at the id a new tensor now has (CPython reuses the address) is never the new one's:
+    planted, since whether the allocator reuses an address in a test is up to it."""
+    table, t = _ByIdentity(), torch.ones(1)
+    table._d[id(t)] = (_dead_ref(), "the dead one's")
+    assert t not in table and table.get(t, "none") == "none" and table.found([t]) == [] and table.items() == []
+    with pytest.raises(KeyError):
+        table[t]
+
+
+def test_leaf_names_kept_across_traces_never_a_dead_leafs():
+    """The leaf-name cache across traces: a dead leaf's names left at the id a new leaf has, for the same
+    location, are not the new leaf's (planted: the allocator decides whether the address is reused)."""
+    second = _new_leaf()
+    assert _reaches(second) == {"second"}
+    kept = _leaf_names._LEAF_NAMES.get(second)
+    assert kept and set(kept.values()) == {"second"}
+    _leaf_names._LEAF_NAMES._d[id(second)] = (_dead_ref(), dict.fromkeys(kept, "first"))
+    assert _reaches(second) == {"second"}
+
+
+def test_leaf_names_hold_no_leaf_and_stay_bounded():
+    """The cache across traces holds its leaves weakly (a dead one is freed at once), and over 1,000 traced steps
+    with 8 new leaves each (the last steps' kept alive, so addresses differ) it never holds more than its purge
+    limit (1024 while few leaves live) plus the entry that triggers the purge."""
+    kept: collections.deque = collections.deque(maxlen=3)
+    refs, most = [], 0
+    for step in range(1000):
+        leaves = [torch.full((2,), 1.0, requires_grad=True) for _ in range(8)]
+        kept.append(leaves)
+        with gw.trace():
+            sum(torch.sqrt(leaf).sum() for leaf in leaves).backward()
+        if step < 5:
+            refs += [weakref.ref(leaf) for leaf in leaves]
+        leaves = None
+        most = max(most, len(_leaf_names._LEAF_NAMES._d))
+    kept.clear()
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert most <= 1024 + 1
