@@ -145,12 +145,16 @@ def _where_zero(c: OpCall) -> Site:
 
 _SCRATCH = threading.local()
 _SCRATCH_SIZE = 1 << 20  # elements
+_FRESH_BYTES = 1 << 16  # a temporary this small comes from the heap's free blocks: cheaper than the buffer's views
 
 
 def _least_magnitude(x: Tensor) -> Tensor:
     """min |x| (NaN if x holds one) of a contiguous CPU tensor, through a reused per-thread buffer of at most
     2**20 elements: a temporary as large as x would cost fresh pages on every call (the allocator hands large
-    blocks back to the OS), and counting nonzeros instead is ~2x slower."""
+    blocks back to the OS), and counting nonzeros instead is ~2x slower. One of at most 64 kB (a 128 x 128
+    activation) goes through a temporary: the heap reuses its freed block, and the buffer's views cost more."""
+    if x.numel() * x.element_size() <= _FRESH_BYTES:  # (below malloc's mmap threshold: no fresh pages)
+        return x.abs().amin()
     flat = x.view(-1)
     buf = getattr(_SCRATCH, "buf", None)
     if buf is None or buf.dtype != x.dtype or buf.numel() < min(flat.numel(), _SCRATCH_SIZE):

@@ -43,7 +43,7 @@ class _BackwardOps:
         ins = _tensors(args)
         found = self.sens.found(ins)  # (input, seq of the node that made it) for the sensitivities among ins
         every = _floats(out, empty=True)  # (an empty one too carries the flow: the expand of a sum over no element)
-        outs = every if all(o.numel() for o in every) else [o for o in every if o.numel()]
+        outs = every if len(every) == 1 and every[0].numel() else [o for o in every if o.numel()]
         if info.mutable and not outs:
             outs = _floats(args[0])
         if node is None or found:  # outside any node (root grads, accumulation) every tensor is a sensitivity
@@ -52,7 +52,7 @@ class _BackwardOps:
                 self.sens[o] = made
                 if info.mutable and o._base is not None:  # a formula writing g into a view of a buffer it made
                     self.sens[o._base] = made  # (pack_padded_sequence's backward: zeros, then copy_ per step)
-            if func in _FORMULA_FIRST and seq is not None:  # a whole formula's g, for its last op (_Incidents)
+            if info.formula_first and seq is not None:  # a whole formula's g, for its last op (_Incidents)
                 whole = _strong_zeros.WHOLE_FORMULAS.get(getattr(self.nodes.get(seq), "op", None))
                 if whole is not None and func is whole.first and args[0].is_floating_point():
                     self.formula_g[seq] = args[0]
@@ -95,8 +95,9 @@ class _BackwardOps:
             self.strong_ran = True
             if seq is not None and _strong_zeros.lookup(func) is not None:
                 self._strong_read(seq, ins, func, args, kwargs, out)
-        if not outs or info.uninitialised or ((info.keeps or (info.cast and info.widens(args, kwargs)))
-                                               and not self.pending and not any(t in self.prov for t in ins)):
+        if not outs or info.uninitialised or (
+                (info.keeps or (info.cast and info.widens(args, kwargs))) and not self.pending
+                and not (self.prov and any(t in self.prov for t in ins))):
             return
         self._check(outs, lambda bad: self._dig(func, None, ins, bad, seq if sens else (seq, "value"), info,
                                                 args=args, out=out, kwargs=kwargs))

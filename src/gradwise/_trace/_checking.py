@@ -115,10 +115,10 @@ class _Checks:
 
     def _safely(self, func, fn, *args):
         """``fn(*args)``, or None with a note: an explanation must never break the program it explains."""
+        mode = torch.is_grad_enabled()
         try:
-            if torch.is_grad_enabled():  # the trace's own ops build no autograd graph (see _check)
-                with torch.no_grad():
-                    return fn(*args)
+            if mode:  # the trace's own ops build no autograd graph (the C switch, as in _check: no context manager)
+                _set_grad_enabled(False)
             return fn(*args)
         except _StopRecomputationError:  # checkpoint's early stop: control flow of the program, not a failure
             raise
@@ -126,6 +126,9 @@ class _Checks:
             first = next(iter(str(exc).splitlines()), "")  # some exceptions carry no message
             self._pass_over(f"not explained ({type(exc).__name__}: {first[:120]})", func)
             return None
+        finally:
+            if mode:
+                _set_grad_enabled(True)
 
     def _below_a_pass(self) -> bool:
         """Whether a strong-zero pass's mode runs below this trace: the trace's own reads of an op's outputs (a sum,

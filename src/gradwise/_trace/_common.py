@@ -345,6 +345,11 @@ class _ByIdentity:
         e = self._d.get(id(t))
         return e is not None and e[0]() is t
 
+    def __bool__(self) -> bool:
+        """Whether any entry may be live (dead ones count until the next purge): an empty table answers every
+        lookup of an op's inputs at once (the trace's provenance table holds nothing until a NaN/Inf appears)."""
+        return bool(self._d)
+
     def found(self, ts) -> list[tuple]:
         """(t, value) for each of ``ts`` in the table (one call for an op's inputs: it runs on every op)."""
         d = self._d

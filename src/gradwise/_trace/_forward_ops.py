@@ -26,6 +26,7 @@ from gradwise._trace._common import run_op as _run
 from gradwise._trace._kinks import _Call
 
 _CLONE = torch.ops.aten.clone.default
+_OVERLOAD = torch._ops.OpOverload
 
 
 class _ForwardOps:
@@ -56,7 +57,7 @@ class _ForwardOps:
         keeps = (info.keeps and nonfinite_number(args) is None) or (info.cast and info.widens(args, kwargs))
         ins = _tensors(args)
         if not creates_node and keeps and not info.mutable and not self.pending \
-                and not any(t in self.prov for t in ins):
+                and not (self.prov and any(t in self.prov for t in ins)):
             out = _run(func, args, kwargs)  # undifferentiated, finite in and out (detach, ones_like): no record
             if ins and any(map(self._from_data, ins)):
                 self._derive(out, ins, _loc(_user_frame()))
@@ -80,7 +81,9 @@ class _ForwardOps:
                 self._name_leaves(new, frame, loc)
             if det is not None and not det.needs_out:
                 hit = self._safely(func, det.fn, _Call(args, kwargs, None, info.packet_name, self.ties))
-        out = _run(func, args, kwargs)
+        # (run_op inlined, and OpOverload.__call__ skipped: two Python calls less on every recorded op)
+        out = func._op(*args, **kwargs) if type(func) is _OVERLOAD and not _common._QUIET.on \
+            else _run(func, args, kwargs)
         if inplace and cloned == (seq, id(args[0])) and seq - 2 not in self.nodes:
             creates_node, seq = True, seq - 1  # (its node is seq - 2; the clone's, seq - 1)
         elif creates_node and func is _CLONE and ins:
@@ -99,7 +102,8 @@ class _ForwardOps:
         outs = _floats(out)
         if info.mutable and not outs:
             outs = _floats(args[0])
-        if not outs or info.uninitialised or (keeps and not self.pending and not any(t in self.prov for t in ins)):
+        if not outs or info.uninitialised or (keeps and not self.pending
+                                              and not (self.prov and any(t in self.prov for t in ins))):
             if outs and ins and not info.uninitialised and any(map(self._from_data, ins)):
                 self._derive(outs, ins, loc)
             return out  # finite in, finite out: nothing to check (provenance is up to date when nothing is pending)

@@ -23,7 +23,7 @@ from gradwise._ops._zeros import ops_of_kind
 from gradwise._strong_zeros._traced import recording
 from gradwise._trace import _common, _kinds
 from gradwise._trace._assembly import _Assembly
-from gradwise._trace._backward_ops import _BackwardOps
+from gradwise._trace._backward_ops import _FORMULA_FIRST, _BackwardOps
 from gradwise._trace._checking import _Checks
 from gradwise._trace._common import (
     _ByIdentity,
@@ -75,6 +75,8 @@ class _OpInfo:
     keeps: bool = False  # a view, or an op whose output is finite whenever its inputs are (casts: `widens` says)
     mask: bool = False  # a comparison: in a backward formula, a selection mask (amax's `self == result`)
     foreach: bool = False  # torch._foreach_*: one op per list position (`_Tracer._dig_foreach`)
+    accumulates: bool = False  # in _ACCUMULATES: the add_ that accumulates into a leaf's .grad in a backward
+    formula_first: bool = False  # the first op of a whole backward formula (_BackwardOps: its g is kept)
 
     def widens(self, args: tuple, kwargs: dict) -> bool:
         """A cast that cannot overflow: not to a dtype with a smaller range (float32 -> float16 overflows above
@@ -86,6 +88,9 @@ class _OpInfo:
 
 _INFO: dict = {}
 _MASKS = set(ops_of_kind("compares"))  # (the shared facts: what makes a selection mask in a backward formula)
+# the attribute of an OpOverload that holds its _OpInfo: read on every op, where a dict keyed by the op costs a
+# Python-level OpOverload.__hash__ (~0.3 us; a lookup or two per op, ~1% of a small model's traced step)
+_INFO_ATTR = "_gradwise_trace_info"
 
 
 def _op_info(func) -> _OpInfo:
@@ -100,7 +105,10 @@ def _op_info(func) -> _OpInfo:
             collective=func.namespace in _COLLECTIVE_NAMESPACES, op_name=_op_name(func),
             uninitialised=_op_name(func) in _UNINITIALISED or func in _ARRIVALS, composite=_composite(func),
             cast=cast, keeps=view or (packet in _FINITE_PRESERVING and not cast), mask=packet in _MASKS,
-            foreach=packet.__name__.startswith("_foreach_"))
+            foreach=packet.__name__.startswith("_foreach_"), accumulates=func in _ACCUMULATES,
+            formula_first=func in _FORMULA_FIRST)
+        if type(func) is _OVERLOAD:  # (the fast path's: `_Tracer.__torch_dispatch__`)
+            setattr(func, _INFO_ATTR, info)
     return info
 
 
@@ -150,6 +158,8 @@ UNSEEN = ("started where the trace could not see the call (TorchScript's builtin
 
 
 _DETACH = torch.ops.aten.detach.default
+_OVERLOAD = torch._ops.OpOverload
+_FORWARD_AD = torch.autograd.forward_ad
 
 
 class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance, _GradientBirths, _LeafNames,
@@ -239,13 +249,17 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
     # -- dispatch --------------------------------------------------------------------------------------------
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return self._handle(func, types, args, kwargs or {})
+        # (the common case in this frame: a Python call per op is ~1% of a small model's traced step)
+        try:
+            info = func._gradwise_trace_info  # (_INFO_ATTR)
+        except AttributeError:
+            info = _op_info(func)
+        if not (info.composite and torch.is_inference_mode_enabled()) and not _common._profiler_on():
+            return self._dispatch(func, info, types, args, kwargs or {})
+        return self._handle(func, info, types, args, kwargs or {})
 
-    def _handle(self, func, types, args, kwargs):
-        info = _INFO.get(func) or _op_info(func)
+    def _handle(self, func, info, types, args, kwargs):
         composite = info.composite and torch.is_inference_mode_enabled()
-        if not composite and not _common._profiler_on():
-            return self._dispatch(func, info, types, args, kwargs)
         with contextlib.ExitStack() as stack:
             if _common._profiler_on():  # the trace's own ops stay out of the profiler's output
                 stack.enter_context(_common.unprofiled())
@@ -275,7 +289,7 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
         # reductions of duals would build tangents. The level is one for the process: one that another thread's
         # nonsmooth passes opened makes none of this thread's tensors duals (all passed over: a trace left blind
         # while another thread differentiated, its NaN unexplained)
-        if _kinds.forward_ad_active() and (PASSES.depth or not PASSES.anywhere.is_set()):
+        if _FORWARD_AD._current_level >= 0 and (PASSES.depth or not PASSES.anywhere.is_set()):  # (forward_ad_active)
             self._pass_over("forward-AD dual", func)
             return _run(func, args, kwargs)
         if torch._C._are_functorch_transforms_active():  # vmap/grad (batched gradients): values are batched
@@ -293,10 +307,11 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
             self.shadow.before(func, args, kwargs)
         # a leaf's .grad that a backward adds to: read before add_ overwrites it (_Roots.stale_gradient); one the
         # trace made (or read once) is a sensitivity already: its NaN/Inf would have provenance
-        if func in _ACCUMULATES and node is not None and args[0] not in self.sens \
+        if info.accumulates and node is not None and args[0] not in self.sens \
                 and node._sequence_nr() == _common._ACCUMULATE_SEQ:
             self._safely(func, self.stale_gradient, node.variable, args[0])
-        out = _run(func, args, kwargs)
+        out = func._op(*args, **kwargs) if type(func) is _OVERLOAD and not _common._QUIET.on \
+            else _run(func, args, kwargs)
         if func is _DETACH and node is not None and node.name() == "CheckpointFunctionBackward":
             # a reentrant checkpoint's detach_variable: the inputs its recomputation reads (no leaves of the
             # user's, whichever op reads them first: a nested checkpoint's forward reads them under no_grad)
