@@ -54,6 +54,7 @@ from gradwise._trace._store import Birth
 _ACCUMULATE_GRAD = _strong_zeros._autograd_graph._ACCUMULATE_GRAD
 _KEEPS_FINITE = {f"aten.{op.__name__}" for op in _FINITE_PRESERVING}  # as node records name their op
 _RAW = "_raw_saved_"
+_OFF_GRAPH = "an op outside the autograd graph"
 _RAW_NAMES: dict[type, tuple] = {}  # node type -> ((its _raw_saved_* attribute, whether it is an output), ...)
 
 
@@ -160,6 +161,11 @@ def forward_origins(tracer, roots, at: tuple, batches: dict, outs: tuple = ()) -
             name = tracer.names.get(src) or tracer._search_name(src, frame)
             if key and name.startswith("tensor["):  # no variable holds it (a Trainer's inputs dict): its key
                 name = key
+            elif hit is None and name.startswith("tensor[") and not src.requires_grad:
+                # no batch, no variable, no parameter: log(x) of an x that needs no gradient makes a value no node
+                # records, as data would be: which it was is not known (it was told as data that arrived so)
+                got = data[k] = untraced(tracer, v, _OFF_GRAPH, at)
+                return got
             got = data[k] = frozenset([tracer._input_birth(src, at, name, batch)])
         return got
 

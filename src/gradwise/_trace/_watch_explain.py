@@ -39,6 +39,7 @@ class _StepExplainer:
         # below a slice was taken for the slice's)
         tracer.dirty = True
         at = _common._loc(_common._user_frame())  # the user's backward call: the forward's own lines were not seen
+        tracer.replay_at = (at, self.step)
         for node in _strong_zeros._walk(roots):  # what each node's forward op was
             seq = node._sequence_nr()
             if seq != _common._ACCUMULATE_SEQ:
@@ -173,6 +174,12 @@ class _StepExplainer:
             for leaf, g in zip(leaves, grads, strict=False):
                 if isinstance(g, torch.Tensor) and _common._inexact(g) and _kinds.readable(g) and \
                         g.layout is torch.strided and _common._nonfinite(g):
+                    if returned is None and g is leaf.grad and self.stale_counts.get(id(leaf)) == \
+                            _common._count(_common._nonfinite_mask(g)):
+                        # its NaN/Inf are the ones it held before the block (accumulating keeps them, so no
+                        # more elements: none new), as gw.trace() tells them (was "not explained")
+                        tracer._safely("a gradient accumulated into", tracer.stale_gradient, leaf, g, at, self.step)
+                        continue
                     tracer._safely("unexplained gradients", tracer.unexplained_gradient, g, leaf, at, self.step,
                                    *why)
 

@@ -97,6 +97,7 @@ class _Watcher(_StepExplainer):
         self.fsdp_found: list[tuple[str, str, int, bool]] = []
         self.joined_at: int | None = None  # the step where a gw.trace() block inside started the full trace
         self.stale: set[int] = set()  # ids of the leaves whose .grad held NaN/Inf before a backward first added to it
+        self.stale_counts: dict[int, int] = {}  # ... how many elements (NaN stays NaN, Inf stays NaN/Inf: never fewer)
         self.seen: set[int] = set()  # ids of the leaves a backward of the block reached (their .grad checked once)
         self._batches: WeakTensorKeyDictionary | None = None  # (made at the first batch: a block per step pays nothing)
         self.untraced = 0  # backward calls run unchecked (a torch.func transform, batched seeds): not known finite
@@ -110,6 +111,21 @@ class _Watcher(_StepExplainer):
         if self._batches is None:
             self._batches = WeakTensorKeyDictionary()
         return self._batches
+
+    def _note_stale(self, leaves, fsdp: bool = False) -> None:
+        """The .grad a backward adds to, once per leaf and block (a later step may reach a parameter the first one
+        did not: its NaN .grad from before the block was told as no NaN at all; a nested backward's leaves too)."""
+        new = [t for t in leaves if id(t) not in self.seen]
+        if not new:
+            return
+        counts = _nonfinite_grads(new)
+        self.stale |= counts.keys()
+        self.stale_counts.update(counts)
+        if fsdp and _fsdp_watching.loaded():  # FSDP2's sharded gradients, which the leaves' .grad do not show
+            self.stale |= _fsdp_watching.stale(self.fsdp.of(new))
+        if len(self.seen) > _SEEN_MAX:  # fresh leaves every step (inputs with requires_grad): bounded
+            self.seen = set()
+        self.seen.update(id(t) for t in new)
 
     # -- the wrapped autograd entry points (called by _trace's wrappers for a watching thread) ------------
 
@@ -130,6 +146,8 @@ class _Watcher(_StepExplainer):
                 nested = _input_tensors(inputs) if inputs is not None else \
                     _strong_zeros._graph_parts(_strong_zeros._root_nodes(outs))[0]
                 self.nested = (self.nested or []) + [weakref.ref(t) for t in nested if t.is_leaf]
+                if self.tracer is None:  # (their .grad before this inner backward adds to it: held before?)
+                    self._note_stale([t for t in nested if t.is_leaf])
             return self._held(orig, tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)
         keep = create_graph if retain_graph is None else retain_graph
         roots = _strong_zeros._root_nodes(outs)
@@ -138,16 +156,8 @@ class _Watcher(_StepExplainer):
         compiled = [] if _aot_compiles().get("total") else None
         leaves, saved = _strong_zeros._graph_parts(roots, compiled)
         retain = keep or not _donating_any(compiled)
-        if self.tracer is None:  # the .grad a backward adds to, once per leaf and block (a later step may reach
-            # a parameter the first one did not: its NaN .grad from before the block was told as no NaN at all)
-            new = [t for t in leaves if id(t) not in self.seen]
-            if new:
-                self.stale |= _nonfinite_grads(new)
-                if _fsdp_watching.loaded():  # FSDP2's sharded gradients, which the leaves' .grad do not show
-                    self.stale |= _fsdp_watching.stale(self.fsdp.of(new))
-                if len(self.seen) > _SEEN_MAX:  # fresh leaves every step (inputs with requires_grad): bounded
-                    self.seen = set()
-                self.seen.update(id(t) for t in new)
+        if self.tracer is None:
+            self._note_stale(leaves, fsdp=True)
         self.depth += 1
         try:
             orig(tensors, grad_tensors, retain, create_graph, grad_variables, inputs)
@@ -303,12 +313,13 @@ def _losses(outs: tuple) -> list[torch.Tensor]:
             and t.layout is _STRIDED]
 
 
-def _nonfinite_grads(leaves) -> set[int]:
-    """The ids of the leaves whose .grad holds NaN/Inf (one check of them all, then each where it fails)."""
+def _nonfinite_grads(leaves) -> dict[int, int]:
+    """The ids of the leaves whose .grad holds NaN/Inf, each with how many elements (one check of them all, then
+    each where it fails)."""
     held = [(t, g) for t in leaves if (g := t.grad) is not None]
     if not held or _finite([g for _, g in held]):
-        return set()
-    return {id(t) for t, g in held if not _finite([g])}
+        return {}
+    return {id(t): _common._count(_common._nonfinite_mask(g)) for t, g in held if not _finite([g])}
 
 
 def _as_tuple(ts) -> tuple:
