@@ -270,11 +270,11 @@ def _fold_replayed_step(found: Findings, at: tuple, step: int) -> None:
         if f.step != step or f.location != loc or f.born_op == "backward":
             continue
         op = f.op.removesuffix(_REPLAY_BEFORE)
-        same = [(k, g) for k, g in found.by_key.items() if g is not f and g.kind == f.kind and g.op == op and
+        same = [g for g in found.by_key.values() if g is not f and g.kind == f.kind and g.op == op and
                 g.step is not None and g.step > step and g.born_op != "backward"]
         if len(same) != 1:
             continue
-        k, g = same[0]
+        g = same[0]
         g.count += f.count
         g.occurrences += f.occurrences
         g.reaches = sorted(set(g.reaches) | set(f.reaches))
