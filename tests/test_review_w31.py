@@ -123,14 +123,12 @@ def test_watch_ignores_a_reentrant_checkpoints_detached_inputs():
 
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap (lead, merge of tr31b after review_w31): the watch's replay now names the input's NaN read inside the "
-    "custom backward's nested autograd.grad (hd = h.detach()) a second birth, 'aten.tanh or an op before it' "
-    "(tr31b: a value no node saved is born in the untraced forward); the trace names only the input"))
 def test_watch_still_replays_a_custom_backward_that_calls_autograd_grad():
     """The replay stops at a nested torch.autograd.backward only: a custom Function's backward that runs
     torch.autograd.grad (create_graph, no .grad written) is replayed and explained as gw.trace() explains it (a
-    NaN input, genuine), not told as not explained."""
+    NaN input, genuine), not told as not explained. (Fixed in wc32: the replay passed over the custom backward's
+    ``h.detach()`` of the saved NaN, whose provenance it knew by storage only, and told the NaN its nested
+    autograd.grad read as a second birth, "aten.tanh or an op before it".)"""
     torch.manual_seed(0)
     lin2, scale = torch.nn.Linear(3, 3), torch.nn.Parameter(torch.ones(()))
     x = torch.randn(4, 3)

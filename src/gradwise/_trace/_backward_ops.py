@@ -96,7 +96,7 @@ class _BackwardOps:
             if seq is not None and _strong_zeros.lookup(func) is not None:
                 self._strong_read(seq, ins, func, args, kwargs, out)
         if not outs or info.uninitialised or ((info.keeps or (info.cast and info.widens(args, kwargs)))
-                                               and not self.pending and not any(t in self.prov for t in ins)):
+                                               and not self.pending and not self._known(ins)):
             return
         self._check(outs, lambda bad: self._dig(func, None, ins, bad, seq if sens else (seq, "value"), info,
                                                 args=args, out=out, kwargs=kwargs))
