@@ -13,6 +13,7 @@ import functools
 import logging
 import re
 import sys
+import threading
 
 import torch
 import torch.utils.checkpoint
@@ -226,6 +227,12 @@ def _no_user_hooks():
         if code is _RECOMPUTE:
             raise _HookReplayed("its backward recomputes a checkpointed forward (torch.utils.checkpoint), which a "
                                 "replay would run a second time (a BatchNorm's running statistics updated again)")
+        if code is _THREAD_START and torch._C._current_graph_task_id() != -1:
+            # a custom backward that starts a thread (which may run a backward of its own, not seen here): run
+            # again, its work would run a second time
+            raise _HookReplayed(f"its backward starts a thread (threading.Thread.start at "
+                                f"{_common._fmt(_common._loc(frame.f_back))}), whose work a replay would run a "
+                                "second time", "a thread its backward starts would run again")
         if code is _BACKWARD and torch._C._current_graph_task_id() != -1:
             # a custom Function's backward that runs torch.autograd.backward of its own: run again, it adds to
             # the .grad of its leaves a second time (their gradients were doubled, silently)
@@ -284,6 +291,7 @@ _RECOMPUTE = next((k for k in getattr(getattr(torch.utils.checkpoint, "_checkpoi
                    if getattr(k, "co_name", None) == "recompute_fn"), None)
 # torch.autograd.backward as PyTorch defines it (gradwise's wrapper, installed in a block, calls it)
 _BACKWARD = torch.autograd.backward.__code__
+_THREAD_START = threading.Thread.start.__code__
 # what torch.autograd.graph._engine_run_backward calls first, outside torch (no hook of the user's)
 _LOG_LEVEL = logging.Logger.getEffectiveLevel.__code__
 _STRIDED = torch.strided

@@ -112,6 +112,16 @@ class _Watcher(_StepExplainer):
             self._batches = WeakTensorKeyDictionary()
         return self._batches
 
+    def note_nested(self, outs, inputs) -> None:
+        """The leaves of a backward run inside the running one (this thread's, or one its backward started on
+        another thread), checked with it; their .grad before the inner backward adds to it (held before?)."""
+        nested = _input_tensors(inputs) if inputs is not None else \
+            _strong_zeros._graph_parts(_strong_zeros._root_nodes(_as_tuple(outs)))[0]
+        nested = [t for t in nested if t.is_leaf]
+        self.nested = (self.nested or []) + [weakref.ref(t) for t in nested]  # (one rebinding: another thread's)
+        if self.tracer is None:
+            self._note_stale(nested)
+
     def _note_stale(self, leaves, fsdp: bool = False) -> None:
         """The .grad a backward adds to, once per leaf and block (a later step may reach a parameter the first one
         did not: its NaN .grad from before the block was told as no NaN at all; a nested backward's leaves too)."""
@@ -143,11 +153,7 @@ class _Watcher(_StepExplainer):
                 # outer graph, yet their .grad is this step's; checked with the outer call's (a NaN only there was no
                 # finding at all). Held weakly: those dead when the outer call returns were made inside it (the
                 # checkpoint's detached inputs, whose gradients it hands back to the outer graph)
-                nested = _input_tensors(inputs) if inputs is not None else \
-                    _strong_zeros._graph_parts(_strong_zeros._root_nodes(outs))[0]
-                self.nested = (self.nested or []) + [weakref.ref(t) for t in nested if t.is_leaf]
-                if self.tracer is None:  # (their .grad before this inner backward adds to it: held before?)
-                    self._note_stale([t for t in nested if t.is_leaf])
+                self.note_nested(outs, inputs)
             return self._held(orig, tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)
         keep = create_graph if retain_graph is None else retain_graph
         roots = _strong_zeros._root_nodes(outs)
