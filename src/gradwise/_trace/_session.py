@@ -93,10 +93,13 @@ def _inside_another_threads_backward(tensors, inputs) -> None:
     is then told too (not explained), never hidden."""
     watching = [w for w in list(_WATCHERS.values()) if w.depth and w.tracer is None]
     tracing = [t for t in list(_TRACERS.values()) if t.depth]
-    for w in watching:
-        w.note_nested(tensors, inputs)
-    for t in tracing:
-        t._pass_over_backward("torch.autograd.backward", _OTHER_THREAD)
+    try:
+        for w in watching:
+            w.note_nested(tensors, inputs)
+        for t in tracing:
+            t._pass_over_backward("torch.autograd.backward", _OTHER_THREAD)
+    except Exception:  # (a graph walk the other thread's backward must not fail on: it runs as it would)
+        pass
 
 
 @contextlib.contextmanager
