@@ -264,11 +264,12 @@ def _fold_replayed_step(found: Findings, at: tuple, step: int) -> None:
     ``at``, a value no node saved born at "aten.mean or an op before it") and traced the later steps in full: the
     same NaN/Inf was then two findings and two root causes (step 0's, and the traced steps' with its real line).
     A finding of that step folds into the one later finding of its kind and op (the replay's "X or an op before
-    it" read as X); one not explained (classified by neither) or with no unique match stays its own."""
+    it" read as X); one not explained (classified by neither), of data that arrived, or with no unique match stays
+    its own."""
     loc = _fmt(at)
     for key, f in list(found.by_key.items()):
-        if f.step != step or f.location != loc or f.born_op == "backward":
-            continue
+        if f.step != step or f.location != loc or f.born_op in ("backward", "input"):
+            continue  # (data that arrived: the replay names it, as the trace does)
         op = f.op.removesuffix(_REPLAY_BEFORE)
         same = [g for g in found.by_key.values() if g is not f and g.kind == f.kind and g.op == op and
                 g.step is not None and g.step > step and g.born_op != "backward"]
