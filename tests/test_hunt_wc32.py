@@ -37,6 +37,19 @@ def test_watch_does_not_call_a_value_made_off_the_graph_data_that_arrived():
     assert "data arrived non-finite" in str(report) or "arrived with" in str(report), str(report)
 
 
+def test_watch_names_a_nan_buffer_as_data_the_module_holds():
+    """The other side of the above: BatchNorm's running_var (eval mode) saved NaN by its node is no value made off
+    the graph: the watch names it as the module's buffer that arrived so (gw.trace(): "tensor[3] arrived")."""
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm1d(3).eval()
+    bn.running_var[1] = nan
+    x = torch.randn(4, 3)
+    with gw.watch() as report:
+        bn(x).sum().backward()
+    assert _found(report) == [("nan", "input", ["bn.weight"])], str(report)
+    assert report.findings[0].born.startswith("bn.running_var arrived"), report.findings[0].born
+
+
 def test_watch_tells_one_root_cause_for_a_division_by_zero_over_steps():
     """SILENT-adjacent (a wrong count): ``(m(x).sum(1) / n).mean()`` with n = 0 for 3 steps: gw.trace() tells one
     root cause (aten.div's Inf, then mean's inf - inf), 1 genuine NaN and 1 genuine Inf. The watch told 2 root

@@ -44,6 +44,7 @@ from gradwise._trace._common import (
     TORCHSCRIPT,
     _has_nan,
     _inexact,
+    _is_internal,
     _nonfinite,
     _nonfinite_mask,
     _user_frame,
@@ -161,6 +162,8 @@ def forward_origins(tracer, roots, at: tuple, batches: dict, outs: tuple = ()) -
             name = tracer.names.get(src) or tracer._search_name(src, frame)
             if key and name.startswith("tensor["):  # no variable holds it (a Trainer's inputs dict): its key
                 name = key
+            elif hit is None and name.startswith("tensor[") and (buffer := _buffer_name(src, frame)) is not None:
+                name = buffer  # a module's buffer (BatchNorm's running_var): data the module holds
             elif hit is None and name.startswith("tensor[") and not src.requires_grad:
                 # no batch, no variable, no parameter: log(x) of an x that needs no gradient makes a value no node
                 # records, as data would be: which it was is not known (it was told as data that arrived so)
@@ -225,6 +228,22 @@ def forward_origins(tracer, roots, at: tuple, batches: dict, outs: tuple = ()) -
         if out.get(t.grad_fn):
             origins.setdefault(_storage(t), out[t.grad_fn])
     return origins
+
+
+def _buffer_name(t: torch.Tensor, frame) -> str | None:
+    """``module.path`` of the buffer ``t`` is, of a module a user frame holds (the outermost such frame wins), else
+    None: a value no node made that is a buffer is data that arrived (not made off the graph)."""
+    found = None
+    while frame is not None:
+        if not _is_internal(frame.f_code):
+            for k, v in list(frame.f_locals.items()):
+                if isinstance(v, torch.nn.Module):
+                    got = next((n for n, b in v.named_buffers() if b is t), None)
+                    if got is not None:
+                        found = f"{k}.{got}"
+                        break
+        frame = frame.f_back
+    return found
 
 
 def untraced(tracer, v: torch.Tensor, graph: str, at: tuple) -> frozenset:
