@@ -98,6 +98,10 @@ class _Watcher(_StepExplainer):
         self.joined_at: int | None = None  # the step where a gw.trace() block inside started the full trace
         self.stale: set[int] = set()  # ids of the leaves whose .grad held NaN/Inf before a backward first added to it
         self.stale_counts: dict[int, int] = {}  # ... how many elements (NaN stays NaN, Inf stays NaN/Inf: never fewer)
+        # ... those a backward of the block brought a NaN/Inf gradient (a new NaN where the old one was: not stale),
+        # seen by a hook of the watch's on them for that backward only (`_incoming`)
+        self.stale_fresh: set[int] = set()
+        self._stale_hooks: list = []
         self.seen: set[int] = set()  # ids of the leaves a backward of the block reached (their .grad checked once)
         self._batches: WeakTensorKeyDictionary | None = None  # (made at the first batch: a block per step pays nothing)
         self.untraced = 0  # backward calls run unchecked (a torch.func transform, batched seeds): not known finite
@@ -131,11 +135,28 @@ class _Watcher(_StepExplainer):
         counts = _nonfinite_grads(new)
         self.stale |= counts.keys()
         self.stale_counts.update(counts)
+        for t in new:
+            if id(t) in counts:  # (rare: a .grad not zeroed): what this backward adds to it, read as it comes
+                try:
+                    self._stale_hooks.append(t.register_hook(functools.partial(self._incoming, id(t))))
+                except RuntimeError:  # (no hook on it: what it adds is not known, so not told as only stale)
+                    self.stale_fresh.add(id(t))
         if fsdp and _fsdp_watching.loaded():  # FSDP2's sharded gradients, which the leaves' .grad do not show
             self.stale |= _fsdp_watching.stale(self.fsdp.of(new))
         if len(self.seen) > _SEEN_MAX:  # fresh leaves every step (inputs with requires_grad): bounded
             self.seen = set()
         self.seen.update(id(t) for t in new)
+
+    def _incoming(self, key: int, g) -> None:
+        """A stale leaf's gradient as the backward brings it (before it is added to the .grad): a NaN/Inf in it is
+        this step's, which the .grad's count of NaN/Inf elements cannot tell where it lands on an old one."""
+        if not (isinstance(g, torch.Tensor) and g.layout is _STRIDED and _kinds.readable(g) and _finite([g])):
+            self.stale_fresh.add(key)
+
+    def _unhook_stale(self) -> None:
+        hooks, self._stale_hooks = self._stale_hooks, []
+        for h in hooks:
+            h.remove()
 
     # -- the wrapped autograd entry points (called by _trace's wrappers for a watching thread) ------------
 
@@ -170,6 +191,7 @@ class _Watcher(_StepExplainer):
         finally:
             self.depth -= 1
             nested, self.nested = self.nested, None
+            self._unhook_stale()  # (before a replay: what it brings is not this step's addition)
         if inputs is not None:
             leaves = _input_tensors(inputs)
         if nested:
@@ -213,6 +235,7 @@ class _Watcher(_StepExplainer):
         finally:
             self.depth -= 1
             nested, self.nested = self.nested, None
+            self._unhook_stale()
         inner = []
         if nested:  # a backward inside it (a custom Function's) wrote the .grad of its own leaves: checked with the
             # results (it was no finding at all)
