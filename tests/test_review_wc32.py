@@ -153,3 +153,25 @@ def test_watch_does_not_fold_two_sites_of_the_same_op():
         got.append((len(report.findings), len(report.causes)))
     assert got[0] == (2, 2), got
     assert got[1] == (2, 2), got
+
+
+def test_watch_tells_data_a_list_holds_as_arrived():
+    """wc32 told a value no variable, batch, parameter or buffer holds as born at "an op outside the autograd
+    graph": the program's own batches in a list (no DataLoader), ``(data[0] * w)``, were no longer data that
+    arrived (gw.trace(): "tensor[3] arrived"). An item of a small list or tuple a frame holds is data again; the
+    value nothing holds (log(x) inline) stays off the graph."""
+    w = torch.nn.Parameter(torch.ones(3))
+    data = [torch.tensor([1.0, nan, 2.0])]
+    found = []
+    for block_ in (gw.trace, gw.watch):
+        w.grad = None
+        with block_() as report:
+            (data[0] * w).sum().backward()
+        found.append([f.born_op for f in report.findings])
+    assert found == [["input"], ["input"]], found
+    assert report.findings[0].born.startswith("data[0] arrived"), report.findings[0].born
+    w.grad = None
+    x = torch.tensor([1.0, 0.0, 2.0])
+    with gw.watch() as report:
+        (torch.log(x) * w).sum().backward()
+    assert [f.born_op for f in report.findings] == ["an op outside the autograd graph"], str(report)

@@ -162,8 +162,8 @@ def forward_origins(tracer, roots, at: tuple, batches: dict, outs: tuple = ()) -
             name = tracer.names.get(src) or tracer._search_name(src, frame)
             if key and name.startswith("tensor["):  # no variable holds it (a Trainer's inputs dict): its key
                 name = key
-            elif hit is None and name.startswith("tensor[") and (buffer := _buffer_name(src, frame)) is not None:
-                name = buffer  # a module's buffer (BatchNorm's running_var): data the module holds
+            elif hit is None and name.startswith("tensor[") and (held := _held_name(src, frame)) is not None:
+                name = held  # a module's buffer (BatchNorm's running_var), a list's item: data held
             elif hit is None and name.startswith("tensor[") and not src.requires_grad:
                 # no batch, no variable, no parameter: log(x) of an x that needs no gradient makes a value no node
                 # records, as data would be: which it was is not known (it was told as data that arrived so)
@@ -230,9 +230,11 @@ def forward_origins(tracer, roots, at: tuple, batches: dict, outs: tuple = ()) -
     return origins
 
 
-def _buffer_name(t: torch.Tensor, frame) -> str | None:
-    """``module.path`` of the buffer ``t`` is, of a module a user frame holds (the outermost such frame wins), else
-    None: a value no node made that is a buffer is data that arrived (not made off the graph)."""
+def _held_name(t: torch.Tensor, frame) -> str | None:
+    """``module.path`` of the buffer ``t`` is, of a module a user frame holds, or ``batch[0]`` of the (small) list
+    or tuple a user frame holds it in (the outermost such frame wins), else None: a value no node made that is a
+    buffer or an item of the program's own batches (``model(batch[0])``, no DataLoader) is data that arrived (not
+    made off the graph: "an op outside the autograd graph" where gw.trace() said "tensor[3] arrived")."""
     found = None
     while frame is not None:
         if not _is_internal(frame.f_code):
@@ -242,8 +244,16 @@ def _buffer_name(t: torch.Tensor, frame) -> str | None:
                     if got is not None:
                         found = f"{k}.{got}"
                         break
+                elif isinstance(v, (list, tuple)) and len(v) <= _ITEMS:
+                    got = next((i for i, b in enumerate(v) if b is t), None)
+                    if got is not None:
+                        found = f"{k}[{got}]"
+                        break
         frame = frame.f_back
     return found
+
+
+_ITEMS = 16  # (a list that long is read item by item: a batch's (x, y), not a dataset)
 
 
 def untraced(tracer, v: torch.Tensor, graph: str, at: tuple) -> frozenset:

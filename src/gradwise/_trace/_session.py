@@ -95,7 +95,7 @@ def _inside_another_threads_backward(tensors, inputs) -> None:
     tracing = [t for t in list(_TRACERS.values()) if t.depth]
     try:
         for w in watching:
-            w.note_nested(tensors, inputs)
+            w.note_nested(tensors, inputs, here=False)
         for t in tracing:
             t._pass_over_backward("torch.autograd.backward", _OTHER_THREAD)
     except Exception:  # (a graph walk the other thread's backward must not fail on: it runs as it would)

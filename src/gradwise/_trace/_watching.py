@@ -116,17 +116,18 @@ class _Watcher(_StepExplainer):
             self._batches = WeakTensorKeyDictionary()
         return self._batches
 
-    def note_nested(self, outs, inputs) -> None:
+    def note_nested(self, outs, inputs, here: bool = True) -> None:
         """The leaves of a backward run inside the running one (this thread's, or one its backward started on
-        another thread), checked with it; their .grad before the inner backward adds to it (held before?)."""
+        another thread: ``here`` False), checked with it; their .grad before the inner backward adds to it (held
+        before?)."""
         nested = _input_tensors(inputs) if inputs is not None else \
             _strong_zeros._graph_parts(_strong_zeros._root_nodes(_as_tuple(outs)))[0]
         nested = [t for t in nested if t.is_leaf]
         self.nested = (self.nested or []) + [weakref.ref(t) for t in nested]  # (one rebinding: another thread's)
         if self.tracer is None:
-            self._note_stale(nested)
+            self._note_stale(nested, hook=here)
 
-    def _note_stale(self, leaves, fsdp: bool = False) -> None:
+    def _note_stale(self, leaves, fsdp: bool = False, hook: bool = True) -> None:
         """The .grad a backward adds to, once per leaf and block (a later step may reach a parameter the first one
         did not: its NaN .grad from before the block was told as no NaN at all; a nested backward's leaves too)."""
         new = [t for t in leaves if id(t) not in self.seen]
@@ -137,7 +138,9 @@ class _Watcher(_StepExplainer):
         self.stale_counts.update(counts)
         for t in new:
             if id(t) in counts:  # (rare: a .grad not zeroed): what this backward adds to it, read as it comes
-                try:
+                try:  # (not on another thread's leaves: removed from here while that thread's backward may run)
+                    if not hook:
+                        raise RuntimeError
                     self._stale_hooks.append(t.register_hook(functools.partial(self._incoming, id(t))))
                 except RuntimeError:  # (no hook on it: what it adds is not known, so not told as only stale)
                     self.stale_fresh.add(id(t))
