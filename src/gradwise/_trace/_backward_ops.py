@@ -97,7 +97,7 @@ class _BackwardOps:
                 self._strong_read(seq, ins, func, args, kwargs, out)
         if not outs or info.uninitialised or (
                 (info.keeps or (info.cast and info.widens(args, kwargs))) and not self.pending
-                and not (self.prov and any(t in self.prov for t in ins))):
+                and not ((self.prov or self.replayed) and self._known(ins))):
             return
         self._check(outs, lambda bad: self._dig(func, None, ins, bad, seq if sens else (seq, "value"), info,
                                                 args=args, out=out, kwargs=kwargs))

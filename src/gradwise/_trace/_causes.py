@@ -62,10 +62,12 @@ def group(findings: list[Finding], origin: dict[int, Birth], fmt, last_step: int
     for r, numbers in sorted(by_root.values(), key=lambda e: e[0].order):
         own = [n for n in numbers if not findings[n - 1].downstream]
         down = [n for n in numbers if findings[n - 1].downstream]
-        parts = [f"root cause at step {r.step}: {r.describe()}"]
+        # (a step gw.watch() explained from its backward, folded into the later traced steps' finding, came first)
+        first = min([r.step, *(findings[n - 1].step for n in own if findings[n - 1].step is not None)])
+        parts = [f"root cause at step {first}: {r.describe()}"]
         for n in own:
             f = findings[n - 1]
-            when = f" at step {f.step}" if f.step is not None and f.step != r.step else ""
+            when = f" at step {f.step}" if f.step is not None and f.step != first else ""
             if f.kind == "contamination":
                 where = f" by {f.discarded_op} at {f.discarded_location}" if f.discarded_op else ""
                 parts.append(f"discarded{where}, it reached the gradients{when} as contamination (finding {n})")

@@ -57,7 +57,7 @@ class _ForwardOps:
         keeps = (info.keeps and nonfinite_number(args) is None) or (info.cast and info.widens(args, kwargs))
         ins = _tensors(args)
         if not creates_node and keeps and not info.mutable and not self.pending \
-                and not (self.prov and any(t in self.prov for t in ins)):
+                and not ((self.prov or self.replayed) and self._known(ins)):
             out = _run(func, args, kwargs)  # undifferentiated, finite in and out (detach, ones_like): no record
             if ins and any(map(self._from_data, ins)):
                 self._derive(out, ins, _loc(_user_frame()))
@@ -103,7 +103,7 @@ class _ForwardOps:
         if info.mutable and not outs:
             outs = _floats(args[0])
         if not outs or info.uninitialised or (keeps and not self.pending
-                                              and not (self.prov and any(t in self.prov for t in ins))):
+                                              and not ((self.prov or self.replayed) and self._known(ins))):
             if outs and ins and not info.uninitialised and any(map(self._from_data, ins)):
                 self._derive(outs, ins, loc)
             return out  # finite in, finite out: nothing to check (provenance is up to date when nothing is pending)

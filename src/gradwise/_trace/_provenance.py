@@ -35,6 +35,7 @@ from gradwise._trace._common import (
 )
 from gradwise._trace._facts import _ACCUMULATES, _BILINEAR, _LITERALS, _ROWWISE, _SELECTED_WRITES, _TIES_COUNTED
 from gradwise._trace._incidents import _in_base
+from gradwise._trace._kinds import readable
 from gradwise._trace._parts import _Parts, _row_dims, _schema_arg, _united, _written_by
 from gradwise._trace._replay import made_by, untraced
 from gradwise._trace._store import KEEP as _KEEP
@@ -129,6 +130,15 @@ def _without_mask_infs(births: frozenset, x: torch.Tensor, dim: int, full_rows_n
 
 class _Provenance(_Parts):
     """Births of NaN/Inf and their provenance; names of the leaves gradients reach (a part of _Tracer)."""
+
+    def _known(self, ins) -> bool:
+        """Whether an input has a provenance: one recorded, or in gw.watch()'s replay one the untraced forward's
+        values have by storage (a custom backward's ``h.detach()`` of a saved NaN, read by its own autograd.grad:
+        passed over, the NaN was a second birth, "aten.tanh or an op before it")."""
+        if any(t in self.prov for t in ins):
+            return True
+        return bool(self.replayed) and any(t.layout is torch.strided and readable(t) and
+                                           t.untyped_storage().data_ptr() in self.replayed for t in ins)
 
     def _origin(self, t: torch.Tensor, loc) -> frozenset:
         """The provenance of a non-finite tensor; data that arrived non-finite becomes an "input" birth."""

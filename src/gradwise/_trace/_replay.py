@@ -44,6 +44,7 @@ from gradwise._trace._common import (
     TORCHSCRIPT,
     _has_nan,
     _inexact,
+    _is_internal,
     _nonfinite,
     _nonfinite_mask,
     _user_frame,
@@ -54,6 +55,7 @@ from gradwise._trace._store import Birth
 _ACCUMULATE_GRAD = _strong_zeros._autograd_graph._ACCUMULATE_GRAD
 _KEEPS_FINITE = {f"aten.{op.__name__}" for op in _FINITE_PRESERVING}  # as node records name their op
 _RAW = "_raw_saved_"
+_OFF_GRAPH = "an op outside the autograd graph"
 _RAW_NAMES: dict[type, tuple] = {}  # node type -> ((its _raw_saved_* attribute, whether it is an output), ...)
 
 
@@ -160,6 +162,13 @@ def forward_origins(tracer, roots, at: tuple, batches: dict, outs: tuple = ()) -
             name = tracer.names.get(src) or tracer._search_name(src, frame)
             if key and name.startswith("tensor["):  # no variable holds it (a Trainer's inputs dict): its key
                 name = key
+            elif hit is None and name.startswith("tensor[") and (held := _held_name(src, frame)) is not None:
+                name = held  # a module's buffer (BatchNorm's running_var), a list's item: data held
+            elif hit is None and name.startswith("tensor[") and not src.requires_grad:
+                # no batch, no variable, no parameter: log(x) of an x that needs no gradient makes a value no node
+                # records, as data would be: which it was is not known (it was told as data that arrived so)
+                got = data[k] = untraced(tracer, v, _OFF_GRAPH, at)
+                return got
             got = data[k] = frozenset([tracer._input_birth(src, at, name, batch)])
         return got
 
@@ -219,6 +228,32 @@ def forward_origins(tracer, roots, at: tuple, batches: dict, outs: tuple = ()) -
         if out.get(t.grad_fn):
             origins.setdefault(_storage(t), out[t.grad_fn])
     return origins
+
+
+def _held_name(t: torch.Tensor, frame) -> str | None:
+    """``module.path`` of the buffer ``t`` is, of a module a user frame holds, or ``batch[0]`` of the (small) list
+    or tuple a user frame holds it in (the outermost such frame wins), else None: a value no node made that is a
+    buffer or an item of the program's own batches (``model(batch[0])``, no DataLoader) is data that arrived (not
+    made off the graph: "an op outside the autograd graph" where gw.trace() said "tensor[3] arrived")."""
+    found = None
+    while frame is not None:
+        if not _is_internal(frame.f_code):
+            for k, v in list(frame.f_locals.items()):
+                if isinstance(v, torch.nn.Module):
+                    got = next((n for n, b in v.named_buffers() if b is t), None)
+                    if got is not None:
+                        found = f"{k}.{got}"
+                        break
+                elif isinstance(v, (list, tuple)) and len(v) <= _ITEMS:
+                    got = next((i for i, b in enumerate(v) if b is t), None)
+                    if got is not None:
+                        found = f"{k}[{got}]"
+                        break
+        frame = frame.f_back
+    return found
+
+
+_ITEMS = 16  # (a list that long is read item by item: a batch's (x, y), not a dataset)
 
 
 def untraced(tracer, v: torch.Tensor, graph: str, at: tuple) -> frozenset:

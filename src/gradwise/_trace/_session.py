@@ -81,6 +81,27 @@ def _untraced_call() -> None:
         got[name] = got.get(name, 0) + 1
 
 
+_OTHER_THREAD = "not explained (run on another thread inside a traced backward; the trace is per thread)"
+
+
+def _inside_another_threads_backward(tensors, inputs) -> None:
+    """A backward in a thread that neither traces nor watches, while a watched or traced thread is inside a backward
+    (a custom backward that runs one on a thread of its own and joins it): the watch and the trace are per thread,
+    and its NaN .grad was told by neither ("No NaN/Inf gradients"). Its leaves are checked with the running watched
+    backward's (as a nested backward's on the same thread), and a trace counts it as a backward run untraced. A
+    thread of the program's own that runs backwards beside a watched one meanwhile is included: a NaN .grad it makes
+    is then told too (not explained), never hidden."""
+    watching = [w for w in list(_WATCHERS.values()) if w.depth and w.tracer is None]
+    tracing = [t for t in list(_TRACERS.values()) if t.depth]
+    try:
+        for w in watching:
+            w.note_nested(tensors, inputs, here=False)
+        for t in tracing:
+            t._pass_over_backward("torch.autograd.backward", _OTHER_THREAD)
+    except Exception:  # (a graph walk the other thread's backward must not fail on: it runs as it would)
+        pass
+
+
 @contextlib.contextmanager
 def _backward_call(tracer: _Tracer) -> Iterator[None]:
     """Around one backward/grad call. Under gw.strong_zeros() the engine hook may run a plain pass, then redo
@@ -142,6 +163,8 @@ def _traced_backward(tensors, grad_tensors=None, *args, **kwargs):
             return watcher.backward(_ORIGINAL[0], tensors, grad_tensors, *args, **kwargs)
         if _UNTRACED:
             _untraced_call()
+        if _WATCHERS or _TRACERS:
+            _inside_another_threads_backward(tensors, kwargs.get("inputs", args[3] if len(args) > 3 else None))
         return _ORIGINAL[0](tensors, grad_tensors, *args, **kwargs)
     tensors, grad_tensors = tracer.roots(tensors, grad_tensors)
     with _backward_call(tracer):

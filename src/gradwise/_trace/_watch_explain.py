@@ -8,11 +8,15 @@ _replay, _backward_ops, _tracer; lazily _watching (its `_donating`, on a step th
 """
 from __future__ import annotations
 
+import concurrent.futures
+import concurrent.futures.thread
 import contextlib
 import functools
 import logging
+import os
 import re
 import sys
+import threading
 
 import torch
 import torch.utils.checkpoint
@@ -39,6 +43,7 @@ class _StepExplainer:
         # below a slice was taken for the slice's)
         tracer.dirty = True
         at = _common._loc(_common._user_frame())  # the user's backward call: the forward's own lines were not seen
+        tracer.replay_at = (at, self.step)
         for node in _strong_zeros._walk(roots):  # what each node's forward op was
             seq = node._sequence_nr()
             if seq != _common._ACCUMULATE_SEQ:
@@ -173,6 +178,14 @@ class _StepExplainer:
             for leaf, g in zip(leaves, grads, strict=False):
                 if isinstance(g, torch.Tensor) and _common._inexact(g) and _kinds.readable(g) and \
                         g.layout is torch.strided and _common._nonfinite(g):
+                    if returned is None and g is leaf.grad and id(leaf) not in self.stale_fresh and \
+                            self.stale_counts.get(id(leaf)) == _common._count(_common._nonfinite_mask(g)):
+                        # its NaN/Inf are the ones it held before the block: what the backward added was finite
+                        # (a NaN of this step landing on an old one keeps the count: not this) and no element
+                        # more is NaN/Inf (finite + finite overflowing to Inf), as gw.trace() tells them (was
+                        # "not explained")
+                        tracer._safely("a gradient accumulated into", tracer.stale_gradient, leaf, g, at, self.step)
+                        continue
                     tracer._safely("unexplained gradients", tracer.unexplained_gradient, g, leaf, at, self.step,
                                    *why)
 
@@ -219,6 +232,13 @@ def _no_user_hooks():
         if code is _RECOMPUTE:
             raise _HookReplayed("its backward recomputes a checkpointed forward (torch.utils.checkpoint), which a "
                                 "replay would run a second time (a BatchNorm's running statistics updated again)")
+        if code in _HANDOFF and torch._C._current_graph_task_id() != -1 and (caller := _handing_off(frame)):
+            # a custom backward that starts a thread or hands work to a pool's running thread (which may run a
+            # backward of its own, not seen here): run again, its work would run a second time (a pool's thread
+            # already started: its backward added to .grad twice, silently). gradwise's own helper thread is not
+            raise _HookReplayed(f"its backward starts a thread or hands it work ({_HANDOFF[code]} at "
+                                f"{_common._fmt(_common._loc(caller))}), which a replay would run a "
+                                "second time", "a thread its backward starts would run again")
         if code is _BACKWARD and torch._C._current_graph_task_id() != -1:
             # a custom Function's backward that runs torch.autograd.backward of its own: run again, it adds to
             # the .grad of its leaves a second time (their gradients were doubled, silently)
@@ -277,6 +297,23 @@ _RECOMPUTE = next((k for k in getattr(getattr(torch.utils.checkpoint, "_checkpoi
                    if getattr(k, "co_name", None) == "recompute_fn"), None)
 # torch.autograd.backward as PyTorch defines it (gradwise's wrapper, installed in a block, calls it)
 _BACKWARD = torch.autograd.backward.__code__
+# where a backward hands work to another thread: one it starts, a pool's (whose thread may already run)
+_HANDOFF = {threading.Thread.start.__code__: "threading.Thread.start",
+            concurrent.futures.ThreadPoolExecutor.submit.__code__: "ThreadPoolExecutor.submit"}
+_GRADWISE_DIR = os.path.dirname(os.path.dirname(_common.__file__)) + os.sep
+
+
+def _handing_off(frame):
+    """The frame that called into ``threading`` / ``concurrent.futures`` (the hand-off ``frame`` runs), or None
+    where that is gradwise's own (its helper thread for a complex pinv: no work of the program's)."""
+    f = frame.f_back
+    while f is not None and f.f_code.co_filename in _THREADING_FILES:
+        f = f.f_back
+    return None if f is None or f.f_code.co_filename.startswith(_GRADWISE_DIR) else f
+
+
+_THREADING_FILES = frozenset({threading.__file__, concurrent.futures.thread.__file__,
+                              concurrent.futures._base.__file__})
 # what torch.autograd.graph._engine_run_backward calls first, outside torch (no hook of the user's)
 _LOG_LEVEL = logging.Logger.getEffectiveLevel.__code__
 _STRIDED = torch.strided

@@ -97,6 +97,11 @@ class _Watcher(_StepExplainer):
         self.fsdp_found: list[tuple[str, str, int, bool]] = []
         self.joined_at: int | None = None  # the step where a gw.trace() block inside started the full trace
         self.stale: set[int] = set()  # ids of the leaves whose .grad held NaN/Inf before a backward first added to it
+        self.stale_counts: dict[int, int] = {}  # ... how many elements (NaN stays NaN, Inf stays NaN/Inf: never fewer)
+        # ... those a backward of the block brought a NaN/Inf gradient (a new NaN where the old one was: not stale),
+        # seen by a hook of the watch's on them for that backward only (`_incoming`)
+        self.stale_fresh: set[int] = set()
+        self._stale_hooks: list = []
         self.seen: set[int] = set()  # ids of the leaves a backward of the block reached (their .grad checked once)
         self._batches: WeakTensorKeyDictionary | None = None  # (made at the first batch: a block per step pays nothing)
         self.untraced = 0  # backward calls run unchecked (a torch.func transform, batched seeds): not known finite
@@ -110,6 +115,51 @@ class _Watcher(_StepExplainer):
         if self._batches is None:
             self._batches = WeakTensorKeyDictionary()
         return self._batches
+
+    def note_nested(self, outs, inputs, here: bool = True) -> None:
+        """The leaves of a backward run inside the running one (this thread's, or one its backward started on
+        another thread: ``here`` False), checked with it; their .grad before the inner backward adds to it (held
+        before?)."""
+        nested = _input_tensors(inputs) if inputs is not None else \
+            _strong_zeros._graph_parts(_strong_zeros._root_nodes(_as_tuple(outs)))[0]
+        nested = [t for t in nested if t.is_leaf]
+        self.nested = (self.nested or []) + [weakref.ref(t) for t in nested]  # (one rebinding: another thread's)
+        if self.tracer is None:
+            self._note_stale(nested, hook=here)
+
+    def _note_stale(self, leaves, fsdp: bool = False, hook: bool = True) -> None:
+        """The .grad a backward adds to, once per leaf and block (a later step may reach a parameter the first one
+        did not: its NaN .grad from before the block was told as no NaN at all; a nested backward's leaves too)."""
+        new = [t for t in leaves if id(t) not in self.seen]
+        if not new:
+            return
+        counts = _nonfinite_grads(new)
+        self.stale |= counts.keys()
+        self.stale_counts.update(counts)
+        for t in new:
+            if id(t) in counts:  # (rare: a .grad not zeroed): what this backward adds to it, read as it comes
+                try:  # (not on another thread's leaves: removed from here while that thread's backward may run)
+                    if not hook:
+                        raise RuntimeError
+                    self._stale_hooks.append(t.register_hook(functools.partial(self._incoming, id(t))))
+                except RuntimeError:  # (no hook on it: what it adds is not known, so not told as only stale)
+                    self.stale_fresh.add(id(t))
+        if fsdp and _fsdp_watching.loaded():  # FSDP2's sharded gradients, which the leaves' .grad do not show
+            self.stale |= _fsdp_watching.stale(self.fsdp.of(new))
+        if len(self.seen) > _SEEN_MAX:  # fresh leaves every step (inputs with requires_grad): bounded
+            self.seen = set()
+        self.seen.update(id(t) for t in new)
+
+    def _incoming(self, key: int, g) -> None:
+        """A stale leaf's gradient as the backward brings it (before it is added to the .grad): a NaN/Inf in it is
+        this step's, which the .grad's count of NaN/Inf elements cannot tell where it lands on an old one."""
+        if not (isinstance(g, torch.Tensor) and g.layout is _STRIDED and _kinds.readable(g) and _finite([g])):
+            self.stale_fresh.add(key)
+
+    def _unhook_stale(self) -> None:
+        hooks, self._stale_hooks = self._stale_hooks, []
+        for h in hooks:
+            h.remove()
 
     # -- the wrapped autograd entry points (called by _trace's wrappers for a watching thread) ------------
 
@@ -127,9 +177,7 @@ class _Watcher(_StepExplainer):
                 # outer graph, yet their .grad is this step's; checked with the outer call's (a NaN only there was no
                 # finding at all). Held weakly: those dead when the outer call returns were made inside it (the
                 # checkpoint's detached inputs, whose gradients it hands back to the outer graph)
-                nested = _input_tensors(inputs) if inputs is not None else \
-                    _strong_zeros._graph_parts(_strong_zeros._root_nodes(outs))[0]
-                self.nested = (self.nested or []) + [weakref.ref(t) for t in nested if t.is_leaf]
+                self.note_nested(outs, inputs)
             return self._held(orig, tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)
         keep = create_graph if retain_graph is None else retain_graph
         roots = _strong_zeros._root_nodes(outs)
@@ -138,22 +186,15 @@ class _Watcher(_StepExplainer):
         compiled = [] if _aot_compiles().get("total") else None
         leaves, saved = _strong_zeros._graph_parts(roots, compiled)
         retain = keep or not _donating_any(compiled)
-        if self.tracer is None:  # the .grad a backward adds to, once per leaf and block (a later step may reach
-            # a parameter the first one did not: its NaN .grad from before the block was told as no NaN at all)
-            new = [t for t in leaves if id(t) not in self.seen]
-            if new:
-                self.stale |= _nonfinite_grads(new)
-                if _fsdp_watching.loaded():  # FSDP2's sharded gradients, which the leaves' .grad do not show
-                    self.stale |= _fsdp_watching.stale(self.fsdp.of(new))
-                if len(self.seen) > _SEEN_MAX:  # fresh leaves every step (inputs with requires_grad): bounded
-                    self.seen = set()
-                self.seen.update(id(t) for t in new)
+        if self.tracer is None:
+            self._note_stale(leaves, fsdp=True)
         self.depth += 1
         try:
             orig(tensors, grad_tensors, retain, create_graph, grad_variables, inputs)
         finally:
             self.depth -= 1
             nested, self.nested = self.nested, None
+            self._unhook_stale()  # (before a replay: what it brings is not this step's addition)
         if inputs is not None:
             leaves = _input_tensors(inputs)
         if nested:
@@ -197,6 +238,7 @@ class _Watcher(_StepExplainer):
         finally:
             self.depth -= 1
             nested, self.nested = self.nested, None
+            self._unhook_stale()
         inner = []
         if nested:  # a backward inside it (a custom Function's) wrote the .grad of its own leaves: checked with the
             # results (it was no finding at all)
@@ -303,12 +345,13 @@ def _losses(outs: tuple) -> list[torch.Tensor]:
             and t.layout is _STRIDED]
 
 
-def _nonfinite_grads(leaves) -> set[int]:
-    """The ids of the leaves whose .grad holds NaN/Inf (one check of them all, then each where it fails)."""
+def _nonfinite_grads(leaves) -> dict[int, int]:
+    """The ids of the leaves whose .grad holds NaN/Inf, each with how many elements (one check of them all, then
+    each where it fails)."""
     held = [(t, g) for t in leaves if (g := t.grad) is not None]
     if not held or _finite([g for _, g in held]):
-        return set()
-    return {id(t) for t, g in held if not _finite([g])}
+        return {}
+    return {id(t): _common._count(_common._nonfinite_mask(g)) for t, g in held if not _finite([g])}
 
 
 def _as_tuple(ts) -> tuple:
