@@ -130,12 +130,10 @@ print([(f.born_op, f.reaches) for f in r.findings], 'explained from its backward
     assert out.stdout.strip() == "[('input', ['A'])] True", out.stdout + out.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap (review_wc32): _fold_replayed_step folds the replayed step's finding into the one later finding of "
-    "the same kind and op with no evidence that it is the same site: step 0's sqrt at one line and steps 1-2's "
-    "sqrt at another are told as one finding at the later line, first at step 0 (the trace: two findings, two "
-    "root causes; the base watch: two). Which site the replayed node was is not known to the replay"))
 def test_watch_does_not_fold_two_sites_of_the_same_op():
+    """SILENT-adjacent (review_wc32): wc32's fold of the replayed step told step 0's sqrt (one line) and steps 1-2's
+    sqrt (another line) as one finding at the later line, first at step 0; the step-0 line was never named. The
+    replay cannot tell sites apart, so nothing is folded (as gw.trace(): two findings, two root causes)."""
     torch.manual_seed(0)
     m = torch.nn.Linear(3, 2)
     x = torch.randn(4, 3)

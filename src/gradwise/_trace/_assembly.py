@@ -59,8 +59,6 @@ class _Assembly:
                 source=_source(g.loc), indices=g.indices, convention=g.convention, reached_gradient=g.reached,
                 reaches=g.reaches,
                 occurrences=g.occurrences, step=g.step)
-        if self.replay_at is not None:
-            _fold_replayed_step(found, *self.replay_at)
         self._finish(report, found, unreached, uses)
 
     def _incident_findings(self, found: Findings, since: int) -> tuple[dict, dict, set]:
@@ -257,31 +255,6 @@ class _Assembly:
 
 def _values(groups: dict) -> str:
     return "; ".join(f"{op} at {loc} ({n} value{'s' if n != 1 else ''})" for (op, loc), n in groups.items())
-
-
-def _fold_replayed_step(found: Findings, at: tuple, step: int) -> None:
-    """gw.watch() explained its first non-finite step from the backward (every op placed at the backward call
-    ``at``, a value no node saved born at "aten.mean or an op before it") and traced the later steps in full: the
-    same NaN/Inf was then two findings and two root causes (step 0's, and the traced steps' with its real line).
-    A finding of that step folds into the one later finding of its kind and op (the replay's "X or an op before
-    it" read as X); one not explained (classified by neither), of data that arrived, or with no unique match stays
-    its own."""
-    loc = _fmt(at)
-    for key, f in list(found.by_key.items()):
-        if f.step != step or f.location != loc or f.born_op in ("backward", "input"):
-            continue  # (data that arrived: the replay names it, as the trace does)
-        op = f.op.removesuffix(_REPLAY_BEFORE)
-        same = [g for g in found.by_key.values() if g is not f and g.kind == f.kind and g.op == op and
-                g.step is not None and g.step > step and g.born_op != "backward"]
-        if len(same) != 1:
-            continue
-        g = same[0]
-        g.count += f.count
-        g.occurrences += f.occurrences
-        g.reaches = sorted(set(g.reaches) | set(f.reaches))
-        g.step = step
-        del found.by_key[key]
-        found.origin.pop(key, None)
 
 
 def _name_arrivals(found: Findings, arrived: dict) -> None:

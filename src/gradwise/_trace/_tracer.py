@@ -203,7 +203,6 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
         # saved -> its births, found in the forward's order (_replay.forward_origins); empty otherwise
         self.replayed: dict[int, frozenset] = {}
         self.replaying = False  # during that replay (a value of no known origin was made by the untraced forward)
-        self.replay_at: tuple | None = None  # (the backward call, its step) of the step gw.watch() replayed
         self.module_names = _ByIdentity()  # module -> {id(param): name}
         self.nodes: dict[int, _Node] = {}
         self.parents: dict = {}  # node seq -> seqs of the nodes whose sensitivities it consumed

@@ -43,7 +43,6 @@ class _StepExplainer:
         # below a slice was taken for the slice's)
         tracer.dirty = True
         at = _common._loc(_common._user_frame())  # the user's backward call: the forward's own lines were not seen
-        tracer.replay_at = (at, self.step)
         for node in _strong_zeros._walk(roots):  # what each node's forward op was
             seq = node._sequence_nr()
             if seq != _common._ACCUMULATE_SEQ:
