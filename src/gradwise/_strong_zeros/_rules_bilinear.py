@@ -545,6 +545,14 @@ def _zero_beta(node: Any, grad: torch.Tensor) -> bool:
     return node._saved_beta == 0 and node._saved_alpha != 0 and _kernel_skips_input(node, grad)
 
 
+def _zero_beta_of_a_read_product(node: Any, grad: torch.Tensor) -> bool:
+    """With alpha = beta = 0 where the kernel read the product (CPU's small and float16/bfloat16 addr, baddbmm,
+    addmm compute 0 x NaN: ``_kernel_skips_product`` False), whether this mul by 0 is beta's (``_beta_mul``) and
+    the kernel left the input unread (``_kernel_skips_input``): that 0 is the deleted input term's, structural, while
+    the operands' muls keep PyTorch's 0 x NaN (the output used the product's NaN)."""
+    return node._saved_beta == 0 and _beta_mul(node, grad) and _kernel_skips_input(node, grad)
+
+
 # The shape of an operand the node did not save, from the other's (o) and the output's (y): (first's, second's)
 _UNSAVED_SHAPE: dict[str, tuple[Callable[[tuple, tuple], tuple], Callable[[tuple, tuple], tuple]]] = {
     "AddmmBackward0": (lambda o, y: (y[0], o[0]), lambda o, y: (o[1], y[1])),
@@ -579,6 +587,25 @@ def _kernel_skips_input(node: Any, grad: torch.Tensor) -> bool:
             layouts.append(_layout(s))
     alpha = node._saved_alpha
     return bool(_cached(("input", op, tuple(layouts), y, alpha), lambda: _rerun_skips_input(op, layouts, y, alpha)))
+
+
+def _beta_mul(node: Any, t: torch.Tensor) -> bool:
+    """Whether a mul by 0 of ``t`` in ``node``'s formula (alpha = beta = 0: every one of its muls is by 0) is beta's,
+    ``maybe_multiply(grad, beta)``, rather than an operand's ``(grad @ other) * alpha``: ``t`` has the output's
+    shape (the one the operands' shapes give), which no operand's gradient has. An operand whose shape is not
+    saved gets no mul at all (its gradient needs the other saved) or has its shape from the other's and ``t``'s.
+    Where an operand's gradient could have the output's shape too (square addmm, baddbmm with k = m) it is not told
+    apart: False, PyTorch's 0 x NaN kept."""
+    name = type(node).__name__
+    _, names, out_shape = ZERO_ALPHA_PRODUCTS[name]
+    saved = [getattr(node, n) for n in names]
+    if all(s is None for s in saved):  # (no operand gets a gradient: the only mul is beta's)
+        return True
+    y = tuple(t.shape)
+    shapes = [tuple(s.shape) if s is not None else _UNSAVED_SHAPE[name][i](tuple(saved[1 - i].shape), y)
+              for i, s in enumerate(saved)]
+    graded = [shapes[i] for i in (0, 1) if saved[1 - i] is not None]  # (the operands whose gradient has a mul)
+    return tuple(out_shape(*shapes)) == y and y not in graded
 
 
 def _rerun_skips_input(op: Any, layouts: list, out_shape: tuple, alpha: Any) -> bool:
@@ -617,8 +644,8 @@ def _zero_alpha_mul(func, args, kwargs, sup):
     if scale.__class__ in (int, float) and scale == 0 and _in_formula() and _reads_nodes():
         node = torch._C._current_autograd_node()
         name = type(node).__name__
-        if name in ZERO_ALPHA_PRODUCTS and (_zero_beta(node, args[0]) or (node._saved_alpha == 0 and
-                                            _kernel_skips_product(node, args[0]))):
+        if name in ZERO_ALPHA_PRODUCTS and (_zero_beta(node, args[0]) or (node._saved_alpha == 0 and (
+                _kernel_skips_product(node, args[0]) or _zero_beta_of_a_read_product(node, args[0])))):
             out = func(*args, **kwargs)
             structural = torch.zeros((), dtype=torch.bool, device=out.device)
             _annihilate(out, structural)
