@@ -246,7 +246,14 @@ def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
     # is seeded with the custom backward's sensitivity (a reentrant checkpoint's, grad(f(x), x, g)): else it may
     # differentiate a function unrelated to the pass (g * grad(h)(c)), whose zeros are values there (3: it exports
     # nothing, named if the pass ends NaN/Inf)
-    _STATE.handing = NOT_HANDING if mode is None or mode.hands_down or peek_interpreter_stack() is not None else \
+    # In a strong pass (hands_down) likewise: inside a custom backward (its sensitivity known) a backward neither
+    # seeded with that sensitivity or the pass's zeros nor differentiating at a tensor of the custom node
+    # (``_tied``) exports nothing (3)
+    transform, basis = peek_interpreter_stack() is not None, _STATE.basis_hands_up
+    related = mode is None or mode.sensitivity is None or _seeded_by_sensitivity(mode, args[1]) or \
+        _tied(args[4] if len(args) > 4 else ()) or (not transform and _seeded_with_zeros(args[1]))
+    _STATE.basis_hands_up = related
+    _STATE.handing = NOT_HANDING if mode is None or transform or (mode.hands_down and related) else \
         SEEDED if _seeded_by_sensitivity(mode, args[1]) else UNSEEDED
     if _STATE.handing == UNSEEDED:
         _STATE.export = None
@@ -270,7 +277,27 @@ def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
         return result
     finally:
         _STATE.adopt(outer)
-        _STATE.handing, _STATE.unnamed = handing, unnamed
+        _STATE.handing, _STATE.unnamed, _STATE.basis_hands_up = handing, unnamed, basis
+
+
+def _tied(inputs: Sequence[Any]) -> bool:
+    """Whether a backward nested in a custom backward differentiates with respect to a tensor over the memory of one
+    its node holds (saved, or an attribute of its ctx; under functorch's wrappers): at the custom Function's input,
+    as its backward's contract is (a reentrant checkpoint's detached inputs, ``jacrev(f)(x)`` of a saved x), rather
+    than at a constant made in the backward (``torch.func.grad(h)(torch.tensor(c))``: a function unrelated to the
+    pass, whose structural zeros are values to it)."""
+    node = torch._C._current_autograd_node()
+    if node is None or getattr(node, "_forward_cls", None) is None:
+        return True  # (no custom backward: nothing to tell)
+    held = set()
+    with contextlib.suppress(RuntimeError):  # (freed, or unpacked through a hook that raised: nothing to read)
+        held.update(t.untyped_storage()._cdata for t in node.saved_tensors if isinstance(t, torch.Tensor))
+    for v in vars(node).values():
+        for t in v if isinstance(v, (tuple, list)) else (v,):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                held.add(_transforms._plain(t).untyped_storage()._cdata)
+    return any(isinstance(t, torch.Tensor) and t.layout == torch.strided
+               and _transforms._plain(t).untyped_storage()._cdata in held for t in inputs)
 
 
 def _seeded_by_sensitivity(mode: Any, seeds: Any) -> bool:
@@ -369,9 +396,10 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
         mode.supports = _Layered(export)
     if transform:  # PyTorch's standard basis (a Jacobian's rows): the outputs a row does not select are unused there
         for seed, support in _transforms.selecting_seeds(seeds):
-            mode.supports.record(seed, support)
-            if isinstance(mode.supports, _Layered):  # (a Jacobian in a custom backward: its zeros handed up, as
-                mode.supports.met_outer = True  # its basis's were by the outer's entries with jacrev)
+            mode.supports.record(seed, support)  # (the basis may be in the outer table too: met there or not)
+            if isinstance(mode.supports, _Layered):  # a Jacobian in a custom backward at its input: its zeros
+                mode.supports.met_outer = _STATE.basis_hands_up  # handed up, as its basis's were by the outer's
+                # entries with jacrev; at a constant of the backward, none (_nested)
     if _carry.CARRIED_VALUES:  # a create_graph pass's values with structural zeros, saved by this graph
         _carry.seed(mode.supports)
     handles = watch_functions([r for r in _root_nodes(outputs) if r is not None], mode, watched) if functions else []
