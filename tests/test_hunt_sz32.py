@@ -76,3 +76,128 @@ def test_alpha_and_beta_zero_in_a_square_addmm_keeps_pytorchs_nan(dtype):
             assert _same(g, p)
     else:  # (BLAS skipped the product: every term's 0 is structural)
         assert all(torch.equal(g, torch.zeros_like(g)) for g in got)
+
+
+# -- relu's whole structural rows reaching a nested backward's results (_flat_rows) -----------------------------------
+# A nested backward in a 'check' pass (a reentrant checkpoint's block, a custom backward's torch.autograd.grad) whose
+# results only relu's zeros reach ran plain: at a zero row of its input (relu(0 @ w) flat in the whole row) the row of
+# its result was an ordinary 0, and _Sqrt's hand-written g / (2 sqrt(x)) after it made 0/0: w.grad all NaN, with an
+# OpaqueBackwardWarning. Reference: the same program with those rows deleted (rows 2: of the input).
+W2 = torch.linspace(0.5, 1.5, 9, dtype=D).reshape(3, 3)
+
+
+class _Sqrt(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = x.sqrt()
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g / (2 * y)
+
+
+class _ReluByGrad(torch.autograd.Function):
+    """relu(x @ w), its backward by a nested torch.autograd.grad seeded with the sensitivity."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return torch.relu(x @ w)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        with torch.enable_grad():
+            xd = x.detach().requires_grad_()
+            (out,) = torch.autograd.grad(torch.relu(xd @ w), xd, g)
+        return out, None
+
+
+def _reentrant(f):
+    return lambda h: torch.utils.checkpoint.checkpoint(f, h, use_reentrant=True)
+
+
+def _mlp(bias: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 3, bias=bias).double()
+    if bias:  # (a bias <= 0: relu(0 @ w + b) flat in the whole row too)
+        torch.nn.init.constant_(lin.bias, -0.25)
+    return torch.nn.Sequential(lin, torch.nn.ReLU(), torch.nn.Linear(3, 2).double(), torch.nn.ReLU())
+
+
+RELU_ROWS = {
+    "custom backward, nested grad of relu(x @ w)": lambda h: _ReluByGrad.apply(h, W2),
+    "reentrant checkpoint of relu(x @ w)": _reentrant(lambda t: torch.relu(t @ W2)),
+    "reentrant checkpoint of Linear-ReLU-Linear-ReLU, no bias": _reentrant(_mlp(False)),
+    "reentrant checkpoint of Linear-ReLU-Linear-ReLU, bias -0.25": _reentrant(_mlp(True)),
+    "reentrant checkpoint of a relu first": _reentrant(lambda t: torch.relu(t) @ W2),
+    "reentrant checkpoint in one": _reentrant(lambda t: _reentrant(lambda u: torch.relu(u @ W2))(t) * 2),
+    "nested grad in a reentrant checkpoint": _reentrant(lambda t: _ReluByGrad.apply(t, W2) * 2),
+    "reentrant checkpoint, 3-d input through a Linear": lambda h: _reentrant(_mlp(False))(h.unsqueeze(0)),
+}
+
+
+def _relu_w_grad(block, inp: torch.Tensor, strong: bool) -> torch.Tensor:
+    w = (torch.rand(3, 3, dtype=D, generator=torch.Generator().manual_seed(0)) + 0.5).requires_grad_()
+    loss = block(_Sqrt.apply(inp @ w)).sum()
+    gw.backward(loss) if strong else loss.backward()
+    return w.grad
+
+
+def _relu_inp() -> torch.Tensor:
+    return torch.rand(4, 3, dtype=D, generator=torch.Generator().manual_seed(1)) + 0.5
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad=True:UserWarning")
+@pytest.mark.parametrize("name", RELU_ROWS)
+def test_relus_whole_structural_rows_reaching_a_nested_backward_match_the_deleted_program(name):
+    block = RELU_ROWS[name]
+    want = _relu_w_grad(block, _relu_inp()[:2], strong=False)  # the program with the zero rows deleted
+    inp = _relu_inp()
+    inp[2:] = 0.0
+    assert bool(_relu_w_grad(block, inp, strong=False).isnan().all()), "premise: PyTorch's 0/0"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gw.OpaqueBackwardWarning)
+        got = _relu_w_grad(block, inp, strong=True)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad=True:UserWarning")
+@pytest.mark.parametrize("name", RELU_ROWS)
+def test_relu_rows_controls_finite_bits_and_a_genuine_nan(name):
+    """Finite data: PyTorch's bits (the backward runs plain: no whole flat row). A NaN in row 0, which the block
+    keeps: the loss uses it, and w.grad is NaN as in PyTorch, the zero rows aside."""
+    block = RELU_ROWS[name]
+    assert torch.equal(_relu_w_grad(block, _relu_inp(), True), _relu_w_grad(block, _relu_inp(), False))
+    inp = _relu_inp()
+    inp[2:] = 0.0
+    inp[0, 1] = nan
+    assert bool(_relu_w_grad(block, inp, strong=False).isnan().all())
+    assert bool(_relu_w_grad(block, inp, strong=True).isnan().all())
+
+
+def test_a_chain_of_checkpointed_relu_blocks_reads_no_relu_rows(monkeypatch):
+    """Cost: where the pass's graph holds only reentrant checkpoints (no node that can make NaN/Inf from finite
+    values after them), the nested backwards look for no whole flat rows (benchmarks/bench_nested.py's workload);
+    with a custom Function in the graph they do."""
+    from gradwise._strong_zeros import _engine
+
+    calls = []
+    real = _engine.flat_rows_reach
+    monkeypatch.setattr(_engine, "flat_rows_reach", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    blocks = [_reentrant(_mlp(True)) for _ in range(3)]
+    x = torch.randn(4, 3, dtype=D, requires_grad=True)
+    h = x
+    for b in blocks:
+        h = b(h[:, :3] if h.shape[-1] == 3 else torch.nn.functional.pad(h, (0, 1)))
+    gw.backward(h.pow(2).sum())
+    assert calls == []
+    h = x
+    for b in blocks:
+        h = b(h[:, :3] if h.shape[-1] == 3 else torch.nn.functional.pad(h, (0, 1)))
+    gw.backward(_Sqrt.apply(h.pow(2) + 1.0).sum())
+    assert calls

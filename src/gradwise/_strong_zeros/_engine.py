@@ -4,7 +4,7 @@ pass (``_run_strong``, ``_nested``, ``grad_in_pass``), and the public ``strong_z
 read them as ``_engine.<name>``.
 
 May import: torch, gradwise._checks, gradwise._masks, gradwise._modes, _contract, _script, _carry, _compile,
-_supports, _mode, _autograd_graph, _planning, _traced;
+_supports, _mode, _autograd_graph, _planning, _flat_rows, _traced;
 and lazily (inside ``_under_traces``) gradwise._trace._tracer's ``_Tracer``, to keep a trace's recorders
 above the strong-zero mode.
 """
@@ -41,6 +41,7 @@ from gradwise._strong_zeros._compile import (
     hybrid_run,
     without_compiled_autograd,
 )
+from gradwise._strong_zeros._flat_rows import flat_rows_reach
 from gradwise._strong_zeros._mode import _StrongZeroMode, carried_state, running_mode, watch_functions
 from gradwise._strong_zeros._planning import _plan
 from gradwise._strong_zeros._supports import (
@@ -252,7 +253,8 @@ def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
     transform, basis = peek_interpreter_stack() is not None, _STATE.basis_hands_up
     related = mode is None or mode.sensitivity is None or _seeded_by_sensitivity(mode, args[1]) or \
         _tied(args[4] if len(args) > 4 else ()) or (not transform and _seeded_with_zeros(args[1]))
-    _STATE.basis_hands_up = related
+    _STATE.basis_hands_up, rows = related, _STATE.rows_matter
+    _STATE.rows_matter = mode is None or mode.makes_nonfinite
     _STATE.handing = NOT_HANDING if mode is None or transform or (mode.hands_down and related) else \
         SEEDED if _seeded_by_sensitivity(mode, args[1]) else UNSEEDED
     if _STATE.handing == UNSEEDED:
@@ -277,7 +279,7 @@ def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
         return result
     finally:
         _STATE.adopt(outer)
-        _STATE.handing, _STATE.unnamed, _STATE.basis_hands_up = handing, unnamed, basis
+        _STATE.handing, _STATE.unnamed, _STATE.basis_hands_up, _STATE.rows_matter = handing, unnamed, basis, rows
 
 
 def _tied(inputs: Sequence[Any]) -> bool:
@@ -307,7 +309,8 @@ def _seeded_by_sensitivity(mode: Any, seeds: Any) -> bool:
     return bool(given) and bool(seeds) and any(s is g for s in seeds if s is not None for g in given)
 
 
-def _handing(plan: str, results: list) -> str:
+def _handing(plan: str, results: list, outputs: Sequence[Any] = (), inputs: Sequence[Any] = (),
+             seeds: Sequence[Any] = ()) -> str:
     """The path of a backward nested in a 'check' pass (``_nested``): strong, its results' structural zeros
     exported to the pass, where the zeros of dropped or masked padding reach them (a slice in the block that drops
     padding rows: ``_planning._results_reach``) or where it runs strong anyway; else plain, exporting nothing, and
@@ -319,8 +322,9 @@ def _handing(plan: str, results: list) -> str:
         return plan
     if plan != "plain":
         return plan
-    if reach == 2:
-        return "strong"
+    if reach == 2 or (reach == 1 and _STATE.rows_matter and not _seeded_with_zeros(seeds)
+                      and flat_rows_reach(outputs, inputs)):
+        return "strong"  # (relu's whole structural rows reach its results too: _flat_rows)
     _STATE.export = None
     _STATE.handing = NAMED_IF_NONFINITE if reach else NOT_HANDING  # (one nested in it is planned as any other)
     return plan
@@ -384,6 +388,8 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
         _STATE.outputs_finite = within and all(bool(t.isfinite().all()) for t in outputs
                                                if isinstance(t, torch.Tensor) and t.is_floating_point())
     mode = _StrongZeroMode(carry=create_graph)
+    mode.makes_nonfinite = _STATE.rows_matter or watched is None or any(
+        type(n).__name__ != "CheckpointFunctionBackward" for n in watched)  # (or an enclosing pass's graph)
     # (a nested pass: its own pass needs the zeros; in a 'check' pass, only those of padding reaching its results)
     mode.hands_down = nonfinite or (export is not None and _STATE.handing != SEEDED)
     if supports is not None:
@@ -495,7 +501,7 @@ def _choose(outputs: Sequence[Any], inputs: Sequence[Any], seeds: Sequence[Any],
             else:
                 plan = _plan(outputs, seeds, watched, everyday, results)
             if results is not None:  # nested in a 'check' pass
-                return _handing(plan, results)
+                return _handing(plan, results, outputs, inputs, seeds)
             # a backward nested in a strong pass hands its structural zeros on (_nested): even on finite data,
             # where the pass's own NaN/Inf lie beyond it
             return "strong" if plan == "plain" and _STATE.export is not None else plan
