@@ -5,6 +5,7 @@ deleted (float64 where the kernel allows), or plain PyTorch where the value is t
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -201,3 +202,93 @@ def test_a_chain_of_checkpointed_relu_blocks_reads_no_relu_rows(monkeypatch):
         h = b(h[:, :3] if h.shape[-1] == 3 else torch.nn.functional.pad(h, (0, 1)))
     gw.backward(_Sqrt.apply(h.pow(2) + 1.0).sum())
     assert calls
+
+
+# -- attention weights from a masked softmax, multiplied by the values in a bmm/mm ------------------------------------
+# nn.MultiheadAttention with need_weights=True (its default) and a key_padding_mask, and hand-written attention
+# (softmax(q k^T + mask) @ v), compute v's gradient as a^T @ g with the masked keys' weights exactly 0 (exp(-inf)):
+# an ordinary 0 there met the padded values' infinite slope (sqrt of a zero padding row): w.grad NaN, silently, where
+# the program with the padded keys deleted is finite. Reference: that program (each sequence on its own rows).
+def _padded(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (x @ w).pow(2).sqrt()  # (an infinite slope at a zero padding row)
+
+
+def _mha_loss(mha, w, x, lens, need_weights, average):
+    keep = torch.arange(x.shape[1])[None, :] < lens[:, None]
+    h = _padded(x, w)
+    out, att = mha(h, h, h, key_padding_mask=~keep, need_weights=need_weights, average_attn_weights=average)
+    loss = torch.where(keep[..., None], out, 0.0).pow(2).sum()
+    if need_weights:  # (the weights of the kept queries on the first key)
+        kept_queries = keep[:, :, None] if average else keep[:, None, :, None]
+        loss = loss + torch.where(kept_queries, att, 0.0)[..., :1].pow(2).sum()
+    return loss
+
+
+def _hand_attention_loss(q_w, w, x, lens, batched):
+    keep = torch.arange(x.shape[1])[None, :] < lens[:, None]
+    h = _padded(x, w)
+    q = h @ q_w
+    bias = torch.zeros(keep.shape, dtype=D).masked_fill(~keep, -math.inf)
+    if batched:
+        a = (q @ h.transpose(1, 2) + bias[:, None, :]).softmax(-1)
+        out = torch.bmm(a, h)
+    else:  # one sequence, 2-d: mm
+        a = (q[0] @ h[0].t() + bias[0]).softmax(-1)
+        out = torch.mm(a, h[0])[None]
+    return torch.where(keep[..., None], out, 0.0).pow(2).sum()
+
+
+def _attention_case(name):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 4, dtype=D)
+    w = torch.randn(4, 4, dtype=D, requires_grad=True)
+    if name.startswith("MultiheadAttention"):
+        mha = torch.nn.MultiheadAttention(4, 2, batch_first=True).double()
+        need, avg = "need_weights=True" in name, "average" in name
+        return x, [w, *mha.parameters()], lambda x, lens: _mha_loss(mha, w, x, lens, need, avg)
+    q_w = torch.randn(4, 4, dtype=D, requires_grad=True)
+    batched = "bmm" in name
+    if not batched:
+        x = x[1:]
+    return x, [w, q_w], lambda x, lens: _hand_attention_loss(q_w, w, x, lens, batched)
+
+
+ATTENTION = ["MultiheadAttention need_weights=True average", "MultiheadAttention need_weights=True per head",
+             "MultiheadAttention need_weights=False", "softmax then bmm", "softmax then mm (2-d)"]
+
+
+@pytest.mark.parametrize("name", ATTENTION)
+def test_masked_attention_weights_give_padded_values_the_deleted_keys_zero(name):
+    x, params, loss_of = _attention_case(name)
+    lens = torch.tensor([5, 3])[-x.shape[0]:]
+    x[-1, 3:] = 0.0  # padding of the last sequence
+    assert not all(bool(g.isfinite().all()) for g in torch.autograd.grad(loss_of(x, lens), params)), \
+        "premise: PyTorch's 0 x inf"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gw.OpaqueBackwardWarning)
+        got = gw.grad(loss_of(x, lens), params)
+    want = [torch.zeros_like(p) for p in params]
+    for b in range(x.shape[0]):
+        n = int(lens[b])
+        for acc, g in zip(want, torch.autograd.grad(loss_of(x[b:b + 1, :n], lens[b:b + 1]), params), strict=True):
+            acc += g
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ATTENTION)
+def test_masked_attention_weights_controls(name):
+    """Finite data (no padding): PyTorch's bits. A zero row at a kept key (its value's slope infinite, its weight
+    not 0): PyTorch's NaN/Inf stays, bit for bit."""
+    x, params, loss_of = _attention_case(name)
+    lens = torch.tensor([5, 3])[-x.shape[0]:]
+    for g, p in zip(gw.grad(loss_of(x, lens), params), torch.autograd.grad(loss_of(x, lens), params), strict=True):
+        assert torch.equal(g, p)
+    x[-1, 3:] = 0.0
+    x[-1, 1] = 0.0  # a kept key
+    plain = torch.autograd.grad(loss_of(x, lens), params)
+    assert not bool(plain[0].isfinite().all())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gw.OpaqueBackwardWarning)
+        got = gw.grad(loss_of(x, lens), params)
+    assert _same(got[0], plain[0])

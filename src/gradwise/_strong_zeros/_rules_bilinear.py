@@ -262,8 +262,13 @@ def _both_tracked_mm(func, args, kwargs, sup):
     with structural zeros, carried as such): out[i, j] = sum_k a[i, k] b[k, j] over the terms where both are
     supported. Their NaN/Inf are replaced by 0 and, where a term with both supported meets one, the output is the
     plain product there (the NaN/Inf stays); out[i, j] is a structural zero where no term has both supported."""
+    return _supported_mm(func, args, kwargs, sup, sup.of(args[0]), sup.of(args[1]))
+
+
+def _supported_mm(func, args, kwargs, sup, sa, sb):
+    """``_both_tracked_mm`` with the operands' supports given (``_masked_weights_mm``: one of them read from the
+    operand's values)."""
     a, b = args[0], args[1]
-    sa, sb = sup.of(a), sup.of(b)
     if sa is None and sb is None:  # nothing structural to drop: PyTorch's own
         out = func(*args, **kwargs)
         sup.record(out, None)
@@ -355,7 +360,49 @@ def _conv_channel_supports(args: tuple, s: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 _MM = _bilinear(_mm_support, _mm_nonfinite_k, restrict=_mm_supported_k, finite_k=_mm_finite_k)
-_register(aten.mm, aten.bmm)(_MM)
+_MASKED_WEIGHTS_NODES = ("BmmBackward0", "MmBackward0")
+
+
+def _softmax_weights(args: tuple) -> int | None:
+    """In the backward of ``bmm(a, v)`` (or mm) whose ``a`` is a softmax's output (attention weights: the node's
+    first edge a SoftmaxBackward0), the position of the operand that is ``a`` (v's gradient ``a^T @ g``), where
+    ``a`` holds an exact 0 and every output being differentiated is finite; else None."""
+    if not (_STATE.outputs_finite and _in_formula() and _reads_nodes()):
+        return None
+    node = torch._C._current_autograd_node()
+    if node is None or node.name() not in _MASKED_WEIGHTS_NODES or _hooked(node, "_raw_saved_self"):
+        return None
+    producer = node.next_functions[0][0]
+    if producer is None or producer.name() != "SoftmaxBackward0":
+        return None
+    weights = node._saved_self
+    if weights is None or not _is_float(weights):
+        return None
+    cdata = weights.untyped_storage()._cdata
+    for i, t in enumerate(args[:2]):
+        if _is_float(t) and t.untyped_storage()._cdata == cdata:
+            return i if bool(mask_any(weights == 0)) else None
+    return None
+
+
+def _masked_weights_mm(func, args, kwargs, sup):
+    """mm/bmm's rule (``_MM``), with a softmax's exact-0 weights as structural zeros where they multiply in the
+    backward of ``bmm(softmax(s), v)`` (``_softmax_weights``): a masked key's weight (exp(-inf) = 0: a -inf mask,
+    ``key_padding_mask``) is 0 whatever the value holds, as in softmax's own backward (``_softmax_backward``), so
+    v's gradient at a masked key is the deleted key's 0, also where its formula is singular (sqrt at a zero padding
+    row: PyTorch's 0 x inf = NaN). nn.MultiheadAttention with need_weights=True (its default) runs this way; SDPA has
+    its own rule (``_rules_attention``). Elsewhere, and where the outputs are not finite (an underflow's 0 then keeps
+    PyTorch's NaN, as softmax's does), ``_MM``."""
+    slot = _softmax_weights(args) if func.overloadpacket in (aten.mm, aten.bmm) else None
+    if slot is None:
+        return _MM(func, args, kwargs, sup)
+    supports = [sup.of(args[0]), sup.of(args[1])]
+    zero = args[slot] == 0
+    supports[slot] = ~zero if supports[slot] is None else supports[slot] & ~zero
+    return _supported_mm(func, args, kwargs, sup, *supports)
+
+
+_register(aten.mm, aten.bmm)(_masked_weights_mm)
 _register(aten.mv)(_bilinear(_mv_support))
 
 
