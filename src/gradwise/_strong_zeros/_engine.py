@@ -291,12 +291,15 @@ def _tied(inputs: Sequence[Any]) -> bool:
     node = torch._C._current_autograd_node()
     if node is None or getattr(node, "_forward_cls", None) is None:
         return True  # (no custom backward: nothing to tell)
+    # only tensors differentiable in the forward (a checkpoint's inputs, a saved x that requires grad): a constant
+    # the node holds (a mask, a buffer; saved or on ctx) is no input of the pass, a function of it unrelated to it
     held = set()
     with contextlib.suppress(RuntimeError):  # (freed, or unpacked through a hook that raised: nothing to read)
-        held.update(t.untyped_storage()._cdata for t in node.saved_tensors if isinstance(t, torch.Tensor))
+        held.update(t.untyped_storage()._cdata for t in node.saved_tensors
+                    if isinstance(t, torch.Tensor) and t.requires_grad)
     for v in vars(node).values():
         for t in v if isinstance(v, (tuple, list)) else (v,):
-            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided and t.requires_grad:
                 held.add(_transforms._plain(t).untyped_storage()._cdata)
     return any(isinstance(t, torch.Tensor) and t.layout == torch.strided
                and _transforms._plain(t).untyped_storage()._cdata in held for t in inputs)
