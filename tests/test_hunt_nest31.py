@@ -245,33 +245,34 @@ def test_parameters_are_no_results_of_a_checkpoints_backward():
 
 
 class _ByRows(torch.autograd.Function):
-    """A nested torch.autograd.grad of relu(x @ w) (a matmul, then relu): at a zero row of x, relu'(0) = 0 makes the
-    whole row of the sensitivity a structural zero, kept as x's gradient row, which the plan cannot tell."""
+    """A nested torch.autograd.grad of clamp(x @ w, min=0) (a matmul, then a clamp): at a zero row of x, its 0 slope
+    makes the whole row of the sensitivity a structural zero, kept as x's gradient row, which the plan cannot tell
+    (relu's whole rows it can: _flat_rows, tests/test_hunt_sz32.py)."""
 
     @staticmethod
     def forward(ctx, x, w):
         ctx.save_for_backward(x, w)
-        return torch.relu(x @ w)
+        return torch.clamp(x @ w, min=0.0)  # (clamp's flat rows are not followed: _flat_rows)
 
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         with torch.enable_grad():
             xd = x.detach().requires_grad_()
-            (out,) = torch.autograd.grad(torch.relu(xd @ w), xd, g)
+            (out,) = torch.autograd.grad(torch.clamp(xd @ w, min=0.0), xd, g)
         return out, None
 
 
 BY_ROWS = {
     "_ByRowsBackward": lambda h: _ByRows.apply(h, W2),
-    "CheckpointFunctionBackward": _reentrant(lambda t: torch.relu(t @ W2)),
+    "CheckpointFunctionBackward": _reentrant(lambda t: torch.clamp(t @ W2, min=0.0)),
 }
 
 
 @pytest.mark.parametrize("node", BY_ROWS)
 def test_a_nested_backward_run_plain_is_named_when_the_pass_ends_nan(node):
-    """The nested backward ran plain (relu's zeros reach its result: a flat region's, no padding's): at the zero
-    rows of its input (relu'(0) = 0 in the whole row) its result's zeros met _Sqrt's 0/0. gradwise changes no number
+    """The nested backward ran plain (clamp's zeros reach its result: a flat region's, no padding's): at the zero
+    rows of its input (a 0 slope in the whole row) its result's zeros met _Sqrt's 0/0. gradwise changes no number
     there (PyTorch's NaN) and says so, naming the nested backward; on finite data it says nothing, with PyTorch's
     bits. (Known limit: a plain run cannot tell those rows' zeros: the warning stands for them.)"""
     block = BY_ROWS[node]

@@ -93,20 +93,20 @@ def test_the_unseeded_nested_backward_is_named_only_when_the_gradients_end_nonfi
 
 # -- a plain nested backward inside another nested backward: named by the outermost pass -----------------------------
 class _ByRows(torch.autograd.Function):
-    """relu(x @ w), its backward by a nested torch.autograd.grad: relu'(0) = 0 in a zero row of x (a flat region's
+    """clamp(x @ w, min=0), its backward by a nested torch.autograd.grad: a 0 slope in a zero row of x (a flat region's
     zeros: the nested backward runs plain, and is named if the pass ends NaN/Inf)."""
 
     @staticmethod
     def forward(ctx, x, w):
         ctx.save_for_backward(x, w)
-        return torch.relu(x @ w)
+        return torch.clamp(x @ w, min=0.0)  # (clamp's flat rows are not followed: _flat_rows)
 
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         with torch.enable_grad():
             xd = x.detach().requires_grad_()
-            (out,) = torch.autograd.grad(torch.relu(xd @ w), xd, g)
+            (out,) = torch.autograd.grad(torch.clamp(xd @ w, min=0.0), xd, g)
         return out, None
 
 
@@ -118,7 +118,7 @@ def _reentrant(f):
 
 
 NESTED_TWICE = {  # (block, the node the warning names)
-    "a reentrant checkpoint in one": (_reentrant(lambda t: _reentrant(lambda u: torch.relu(u @ _W2))(t) * 2),
+    "a reentrant checkpoint in one": (_reentrant(lambda t: _reentrant(lambda u: torch.clamp(u @ _W2, min=0.0))(t) * 2),
                                       "CheckpointFunctionBackward"),
     "a nested grad in a reentrant checkpoint": (_reentrant(lambda t: _ByRows.apply(t, _W2) * 2), "_ByRowsBackward"),
 }

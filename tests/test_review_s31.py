@@ -284,17 +284,8 @@ def _unrelated_case(aux):
     return run(_scaled_by(aux)), run(_scaled_by(lambda: value))
 
 
-_STILL_HANDED = {
-    "torch.func.jacrev": "a nested pass seeded with PyTorch's standard basis hands its zeros up whatever function it "
-    "differentiates (a Jacobian of the outer forward needs them: test_hunt_sz31's 'jacrev(f) contracted with g')",
-    "torch.autograd.grad": "pre-existing (_engine._nested/_export): a nested torch.autograd.grad's result zeros are "
-    "handed to the outer pass whatever function it differentiated",
-}
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=_STILL_HANDED[n])) if n in _STILL_HANDED else n
-    for n in AUX])
+# (until sz32 jacrev and torch.autograd.grad handed their zeros up whatever they differentiated: _engine._tied)
+@pytest.mark.parametrize("name", list(AUX))
 def test_a_nested_backward_of_an_unrelated_function_hands_no_zeros_to_the_pass(name):
     got, ref = _unrelated_case(AUX[name])
     assert bool(ref[1].isnan()), "premise: the auxiliary 0 as a value keeps PyTorch's 0 x inf"

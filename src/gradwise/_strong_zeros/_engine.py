@@ -4,7 +4,7 @@ pass (``_run_strong``, ``_nested``, ``grad_in_pass``), and the public ``strong_z
 read them as ``_engine.<name>``.
 
 May import: torch, gradwise._checks, gradwise._masks, gradwise._modes, _contract, _script, _carry, _compile,
-_supports, _mode, _autograd_graph, _planning, _traced;
+_supports, _mode, _autograd_graph, _planning, _flat_rows, _traced;
 and lazily (inside ``_under_traces``) gradwise._trace._tracer's ``_Tracer``, to keep a trace's recorders
 above the strong-zero mode.
 """
@@ -41,6 +41,7 @@ from gradwise._strong_zeros._compile import (
     hybrid_run,
     without_compiled_autograd,
 )
+from gradwise._strong_zeros._flat_rows import flat_rows_reach
 from gradwise._strong_zeros._mode import _StrongZeroMode, carried_state, running_mode, watch_functions
 from gradwise._strong_zeros._planning import _plan
 from gradwise._strong_zeros._supports import (
@@ -246,7 +247,15 @@ def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
     # is seeded with the custom backward's sensitivity (a reentrant checkpoint's, grad(f(x), x, g)): else it may
     # differentiate a function unrelated to the pass (g * grad(h)(c)), whose zeros are values there (3: it exports
     # nothing, named if the pass ends NaN/Inf)
-    _STATE.handing = NOT_HANDING if mode is None or mode.hands_down or peek_interpreter_stack() is not None else \
+    # In a strong pass (hands_down) likewise: inside a custom backward (its sensitivity known) a backward neither
+    # seeded with that sensitivity or the pass's zeros nor differentiating at a tensor of the custom node
+    # (``_tied``) exports nothing (3)
+    transform, basis = peek_interpreter_stack() is not None, _STATE.basis_hands_up
+    related = mode is None or mode.sensitivity is None or _seeded_by_sensitivity(mode, args[1]) or \
+        _tied(args[4] if len(args) > 4 else ()) or (not transform and _seeded_with_zeros(args[1]))
+    _STATE.basis_hands_up, rows = related, _STATE.rows_matter
+    _STATE.rows_matter = mode is None or mode.makes_nonfinite
+    _STATE.handing = NOT_HANDING if mode is None or transform or (mode.hands_down and related) else \
         SEEDED if _seeded_by_sensitivity(mode, args[1]) else UNSEEDED
     if _STATE.handing == UNSEEDED:
         _STATE.export = None
@@ -270,7 +279,30 @@ def _nested(engine_run: Callable[..., Any], *args: Any) -> Any:
         return result
     finally:
         _STATE.adopt(outer)
-        _STATE.handing, _STATE.unnamed = handing, unnamed
+        _STATE.handing, _STATE.unnamed, _STATE.basis_hands_up, _STATE.rows_matter = handing, unnamed, basis, rows
+
+
+def _tied(inputs: Sequence[Any]) -> bool:
+    """Whether a backward nested in a custom backward differentiates with respect to a tensor over the memory of one
+    its node holds (saved, or an attribute of its ctx; under functorch's wrappers): at the custom Function's input,
+    as its backward's contract is (a reentrant checkpoint's detached inputs, ``jacrev(f)(x)`` of a saved x), rather
+    than at a constant made in the backward (``torch.func.grad(h)(torch.tensor(c))``: a function unrelated to the
+    pass, whose structural zeros are values to it)."""
+    node = torch._C._current_autograd_node()
+    if node is None or getattr(node, "_forward_cls", None) is None:
+        return True  # (no custom backward: nothing to tell)
+    # only tensors differentiable in the forward (a checkpoint's inputs, a saved x that requires grad): a constant
+    # the node holds (a mask, a buffer; saved or on ctx) is no input of the pass, a function of it unrelated to it
+    held = set()
+    with contextlib.suppress(RuntimeError):  # (freed, or unpacked through a hook that raised: nothing to read)
+        held.update(t.untyped_storage()._cdata for t in node.saved_tensors
+                    if isinstance(t, torch.Tensor) and t.requires_grad)
+    for v in vars(node).values():
+        for t in v if isinstance(v, (tuple, list)) else (v,):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided and t.requires_grad:
+                held.add(_transforms._plain(t).untyped_storage()._cdata)
+    return any(isinstance(t, torch.Tensor) and t.layout == torch.strided
+               and _transforms._plain(t).untyped_storage()._cdata in held for t in inputs)
 
 
 def _seeded_by_sensitivity(mode: Any, seeds: Any) -> bool:
@@ -280,7 +312,8 @@ def _seeded_by_sensitivity(mode: Any, seeds: Any) -> bool:
     return bool(given) and bool(seeds) and any(s is g for s in seeds if s is not None for g in given)
 
 
-def _handing(plan: str, results: list) -> str:
+def _handing(plan: str, results: list, outputs: Sequence[Any] = (), inputs: Sequence[Any] = (),
+             seeds: Sequence[Any] = ()) -> str:
     """The path of a backward nested in a 'check' pass (``_nested``): strong, its results' structural zeros
     exported to the pass, where the zeros of dropped or masked padding reach them (a slice in the block that drops
     padding rows: ``_planning._results_reach``) or where it runs strong anyway; else plain, exporting nothing, and
@@ -292,8 +325,9 @@ def _handing(plan: str, results: list) -> str:
         return plan
     if plan != "plain":
         return plan
-    if reach == 2:
-        return "strong"
+    if reach == 2 or (reach == 1 and _STATE.rows_matter and not _seeded_with_zeros(seeds)
+                      and flat_rows_reach(outputs, inputs)):
+        return "strong"  # (relu's whole structural rows reach its results too: _flat_rows)
     _STATE.export = None
     _STATE.handing = NAMED_IF_NONFINITE if reach else NOT_HANDING  # (one nested in it is planned as any other)
     return plan
@@ -357,6 +391,8 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
         _STATE.outputs_finite = within and all(bool(t.isfinite().all()) for t in outputs
                                                if isinstance(t, torch.Tensor) and t.is_floating_point())
     mode = _StrongZeroMode(carry=create_graph)
+    mode.makes_nonfinite = _STATE.rows_matter or watched is None or any(
+        type(n).__name__ != "CheckpointFunctionBackward" for n in watched)  # (or an enclosing pass's graph)
     # (a nested pass: its own pass needs the zeros; in a 'check' pass, only those of padding reaching its results)
     mode.hands_down = nonfinite or (export is not None and _STATE.handing != SEEDED)
     if supports is not None:
@@ -369,9 +405,10 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
         mode.supports = _Layered(export)
     if transform:  # PyTorch's standard basis (a Jacobian's rows): the outputs a row does not select are unused there
         for seed, support in _transforms.selecting_seeds(seeds):
-            mode.supports.record(seed, support)
-            if isinstance(mode.supports, _Layered):  # (a Jacobian in a custom backward: its zeros handed up, as
-                mode.supports.met_outer = True  # its basis's were by the outer's entries with jacrev)
+            mode.supports.record(seed, support)  # (the basis may be in the outer table too: met there or not)
+            if isinstance(mode.supports, _Layered):  # a Jacobian in a custom backward at its input: its zeros
+                mode.supports.met_outer = _STATE.basis_hands_up  # handed up, as its basis's were by the outer's
+                # entries with jacrev; at a constant of the backward, none (_nested)
     if _carry.CARRIED_VALUES:  # a create_graph pass's values with structural zeros, saved by this graph
         _carry.seed(mode.supports)
     handles = watch_functions([r for r in _root_nodes(outputs) if r is not None], mode, watched) if functions else []
@@ -467,7 +504,7 @@ def _choose(outputs: Sequence[Any], inputs: Sequence[Any], seeds: Sequence[Any],
             else:
                 plan = _plan(outputs, seeds, watched, everyday, results)
             if results is not None:  # nested in a 'check' pass
-                return _handing(plan, results)
+                return _handing(plan, results, outputs, inputs, seeds)
             # a backward nested in a strong pass hands its structural zeros on (_nested): even on finite data,
             # where the pass's own NaN/Inf lie beyond it
             return "strong" if plan == "plain" and _STATE.export is not None else plan

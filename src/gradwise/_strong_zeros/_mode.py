@@ -79,6 +79,10 @@ class _StrongZeroMode(LeanDispatchMode):
         # whether a backward nested in this pass (a reentrant checkpoint's) runs strong and hands its results'
         # structural zeros to it: where the pass's plan met NaN/Inf (_engine._nested)
         self.hands_down = True
+        # whether the pass's graph holds a node that can make NaN/Inf from finite values where a 'check' plan cannot
+        # see (a custom backward other than a reentrant checkpoint's, a compiled one): only then do relu's whole
+        # structural rows in a nested backward's results matter to it (_engine._handing, _flat_rows)
+        self.makes_nonfinite = True
         # while a watched custom Function's backward runs: the sensitivities it was given, which a backward nested in
         # it must be seeded with to hand its zeros to a 'check' pass (_engine._nested: else it may differentiate a
         # function unrelated to the pass, whose zeros are values there)

@@ -223,7 +223,7 @@ MAKES_NO_ZEROS = frozenset((
     "DivBackward0 DivBackward1 SumBackward0 SumBackward1 MeanBackward0 MeanBackward1 TBackward0 ViewBackward0 "
     "UnsafeViewBackward0 ExpandBackward0 PermuteBackward0 TransposeBackward0 "
     "SqueezeBackward0 SqueezeBackward1 SqueezeBackward2 UnsqueezeBackward0 CloneBackward0 "
-    "ToCopyBackward0 AliasBackward0 MmBackward0 BmmBackward0 MvBackward0 "
+    "ToCopyBackward0 AliasBackward0 MvBackward0 "
     "GeluBackward0 SigmoidBackward0 TanhBackward0 SiluBackward0 SoftplusBackward0 ExpBackward0 "
     "MseLossBackward0 SqrtBackward0 LogBackward0 NativeLayerNormBackward0 NativeGroupNormBackward0 "
     "NativeBatchNormBackward0 RsqrtBackward0 FusedRmsNormBackward0 "
@@ -320,7 +320,25 @@ def _selects_all(selected: Callable[[Any], tuple[int, int, range]]) -> Callable[
     return lambda node: covers([selected(node)])
 
 
+def _no_masked_weights(node: Any) -> bool:
+    """mm/bmm make no structural zero unless their first operand is a softmax's output holding an exact 0 (masked
+    attention weights: v's gradient at a masked key is the deleted key's 0, ``_rules_bilinear._masked_weights_mm``);
+    one a hook packed (a checkpoint's) is not read: it makes zeros, as far as the plan knows."""
+    producer = node.next_functions[0][0]
+    if producer is None or producer.name() != "SoftmaxBackward0":
+        return True
+    if _hooked(node, "_raw_saved_self"):
+        return False
+    weights = node._saved_self
+    if weights is None or weights.numel() == 0:
+        return True
+    # (one vectorised min, not a comparison's bool tensor: ~60x cheaper on MHA's weights, read on every backward of
+    # need_weights=True; a NaN min (a fully masked query's row) compares False: counted as making zeros)
+    return bool(weights.amin() > 0)
+
+
 _MAKES_NO_ZEROS_IF: dict[str, Callable[[Any], bool]] = {
+    **dict.fromkeys(("MmBackward0", "BmmBackward0"), _no_masked_weights),
     "PowBackward0": lambda node: _saved(node, "_saved_exponent") != 0,  # x ** 0 backward is zeros_like(x)
     # addmm & co. with alpha = 0 (beta = 0): the operands' (input's) gradients are the deleted term's (_zero_alpha_mul)
     **dict.fromkeys(("AddmmBackward0", "AddmvBackward0", "AddbmmBackward0", "BaddbmmBackward0"), _alpha_nonzero),

@@ -262,8 +262,13 @@ def _both_tracked_mm(func, args, kwargs, sup):
     with structural zeros, carried as such): out[i, j] = sum_k a[i, k] b[k, j] over the terms where both are
     supported. Their NaN/Inf are replaced by 0 and, where a term with both supported meets one, the output is the
     plain product there (the NaN/Inf stays); out[i, j] is a structural zero where no term has both supported."""
+    return _supported_mm(func, args, kwargs, sup, sup.of(args[0]), sup.of(args[1]))
+
+
+def _supported_mm(func, args, kwargs, sup, sa, sb):
+    """``_both_tracked_mm`` with the operands' supports given (``_masked_weights_mm``: one of them read from the
+    operand's values)."""
     a, b = args[0], args[1]
-    sa, sb = sup.of(a), sup.of(b)
     if sa is None and sb is None:  # nothing structural to drop: PyTorch's own
         out = func(*args, **kwargs)
         sup.record(out, None)
@@ -355,7 +360,49 @@ def _conv_channel_supports(args: tuple, s: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 _MM = _bilinear(_mm_support, _mm_nonfinite_k, restrict=_mm_supported_k, finite_k=_mm_finite_k)
-_register(aten.mm, aten.bmm)(_MM)
+_MASKED_WEIGHTS_NODES = ("BmmBackward0", "MmBackward0")
+
+
+def _softmax_weights(args: tuple) -> int | None:
+    """In the backward of ``bmm(a, v)`` (or mm) whose ``a`` is a softmax's output (attention weights: the node's
+    first edge a SoftmaxBackward0), the position of the operand that is ``a`` (v's gradient ``a^T @ g``), where
+    ``a`` holds an exact 0 and every output being differentiated is finite; else None."""
+    if not (_STATE.outputs_finite and _in_formula() and _reads_nodes()):
+        return None
+    node = torch._C._current_autograd_node()
+    if node is None or node.name() not in _MASKED_WEIGHTS_NODES or _hooked(node, "_raw_saved_self"):
+        return None
+    producer = node.next_functions[0][0]
+    if producer is None or producer.name() != "SoftmaxBackward0":
+        return None
+    weights = node._saved_self
+    if weights is None or not _is_float(weights):
+        return None
+    cdata = weights.untyped_storage()._cdata
+    for i, t in enumerate(args[:2]):
+        if _is_float(t) and t.untyped_storage()._cdata == cdata:
+            return i if bool(mask_any(weights == 0)) else None
+    return None
+
+
+def _masked_weights_mm(func, args, kwargs, sup):
+    """mm/bmm's rule (``_MM``), with a softmax's exact-0 weights as structural zeros where they multiply in the
+    backward of ``bmm(softmax(s), v)`` (``_softmax_weights``): a masked key's weight (exp(-inf) = 0: a -inf mask,
+    ``key_padding_mask``) is 0 whatever the value holds, as in softmax's own backward (``_softmax_backward``), so
+    v's gradient at a masked key is the deleted key's 0, also where its formula is singular (sqrt at a zero padding
+    row: PyTorch's 0 x inf = NaN). nn.MultiheadAttention with need_weights=True (its default) runs this way; SDPA has
+    its own rule (``_rules_attention``). Elsewhere, and where the outputs are not finite (an underflow's 0 then keeps
+    PyTorch's NaN, as softmax's does), ``_MM``."""
+    slot = _softmax_weights(args) if func.overloadpacket in (aten.mm, aten.bmm) else None
+    if slot is None:
+        return _MM(func, args, kwargs, sup)
+    supports = [sup.of(args[0]), sup.of(args[1])]
+    zero = args[slot] == 0
+    supports[slot] = ~zero if supports[slot] is None else supports[slot] & ~zero
+    return _supported_mm(func, args, kwargs, sup, *supports)
+
+
+_register(aten.mm, aten.bmm)(_masked_weights_mm)
 _register(aten.mv)(_bilinear(_mv_support))
 
 
@@ -545,6 +592,14 @@ def _zero_beta(node: Any, grad: torch.Tensor) -> bool:
     return node._saved_beta == 0 and node._saved_alpha != 0 and _kernel_skips_input(node, grad)
 
 
+def _zero_beta_of_a_read_product(node: Any, grad: torch.Tensor) -> bool:
+    """With alpha = beta = 0 where the kernel read the product (CPU's small and float16/bfloat16 addr, baddbmm,
+    addmm compute 0 x NaN: ``_kernel_skips_product`` False), whether this mul by 0 is beta's (``_beta_mul``) and
+    the kernel left the input unread (``_kernel_skips_input``): that 0 is the deleted input term's, structural, while
+    the operands' muls keep PyTorch's 0 x NaN (the output used the product's NaN)."""
+    return node._saved_beta == 0 and _beta_mul(node, grad) and _kernel_skips_input(node, grad)
+
+
 # The shape of an operand the node did not save, from the other's (o) and the output's (y): (first's, second's)
 _UNSAVED_SHAPE: dict[str, tuple[Callable[[tuple, tuple], tuple], Callable[[tuple, tuple], tuple]]] = {
     "AddmmBackward0": (lambda o, y: (y[0], o[0]), lambda o, y: (o[1], y[1])),
@@ -579,6 +634,25 @@ def _kernel_skips_input(node: Any, grad: torch.Tensor) -> bool:
             layouts.append(_layout(s))
     alpha = node._saved_alpha
     return bool(_cached(("input", op, tuple(layouts), y, alpha), lambda: _rerun_skips_input(op, layouts, y, alpha)))
+
+
+def _beta_mul(node: Any, t: torch.Tensor) -> bool:
+    """Whether a mul by 0 of ``t`` in ``node``'s formula (alpha = beta = 0: every one of its muls is by 0) is beta's,
+    ``maybe_multiply(grad, beta)``, rather than an operand's ``(grad @ other) * alpha``: ``t`` has the output's
+    shape (the one the operands' shapes give), which no operand's gradient has. An operand whose shape is not
+    saved gets no mul at all (its gradient needs the other saved) or has its shape from the other's and ``t``'s.
+    Where an operand's gradient could have the output's shape too (square addmm, baddbmm with k = m) it is not told
+    apart: False, PyTorch's 0 x NaN kept."""
+    name = type(node).__name__
+    _, names, out_shape = ZERO_ALPHA_PRODUCTS[name]
+    saved = [getattr(node, n) for n in names]
+    if all(s is None for s in saved):  # (no operand gets a gradient: the only mul is beta's)
+        return True
+    y = tuple(t.shape)
+    shapes = [tuple(s.shape) if s is not None else _UNSAVED_SHAPE[name][i](tuple(saved[1 - i].shape), y)
+              for i, s in enumerate(saved)]
+    graded = [shapes[i] for i in (0, 1) if saved[1 - i] is not None]  # (the operands whose gradient has a mul)
+    return tuple(out_shape(*shapes)) == y and y not in graded
 
 
 def _rerun_skips_input(op: Any, layouts: list, out_shape: tuple, alpha: Any) -> bool:
@@ -617,8 +691,8 @@ def _zero_alpha_mul(func, args, kwargs, sup):
     if scale.__class__ in (int, float) and scale == 0 and _in_formula() and _reads_nodes():
         node = torch._C._current_autograd_node()
         name = type(node).__name__
-        if name in ZERO_ALPHA_PRODUCTS and (_zero_beta(node, args[0]) or (node._saved_alpha == 0 and
-                                            _kernel_skips_product(node, args[0]))):
+        if name in ZERO_ALPHA_PRODUCTS and (_zero_beta(node, args[0]) or (node._saved_alpha == 0 and (
+                _kernel_skips_product(node, args[0]) or _zero_beta_of_a_read_product(node, args[0])))):
             out = func(*args, **kwargs)
             structural = torch.zeros((), dtype=torch.bool, device=out.device)
             _annihilate(out, structural)

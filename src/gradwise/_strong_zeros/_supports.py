@@ -303,6 +303,14 @@ class _State(threading.local):
     # results: _planning._results_reach), UNSEEDED likewise where it exports nothing, NAMED_IF_NONFINITE once it
     # ran without exporting while zeros could reach them
     handing = NOT_HANDING
+    # a torch.func backward nested in a pass: whether the structural zeros of PyTorch's standard basis it is seeded
+    # with (jacrev's) go up to the pass; not where it differentiates at no tensor of the custom backward's node
+    # (_engine._tied: a function unrelated to the pass, at a constant made in the backward)
+    basis_hands_up = True
+    # a backward nested in a pass whose graph, or an enclosing pass's, may make NaN/Inf from finite values
+    # (_mode.makes_nonfinite): where only relu's zeros reach its results, it looks for their whole rows
+    # (_engine._handing)
+    rows_matter = False
     # set while a backward nested in a pass runs (_engine._nested): what its own passes could not follow and did not
     # name (their results finite), for the pass it is nested in to name if its gradients end NaN/Inf (the NaN may be
     # made after it: a custom backward's 0/0 at a zero row of a checkpoint in a checkpoint)
