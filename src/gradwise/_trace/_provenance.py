@@ -1,7 +1,8 @@
 """``_Provenance``: the part of the tracer that records where a NaN/Inf was born (``_Birth``) and carries
 that provenance along forward ops (the leaves it reaches are named by ``_leaf_names``).
 
-May import: torch, gradwise._trace._common, _advice, _facts, _incidents, _kinds, _parts, _replay, _store.
+May import: torch, gradwise._trace._common, _advice, _facts, _incidents, _kinds, _parts, _replay, _row_parts,
+_store.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from gradwise._trace._common import (
 )
 from gradwise._trace._facts import _ACCUMULATES, _BILINEAR, _LITERALS, _ROWWISE, _SELECTED_WRITES, _TIES_COUNTED
 from gradwise._trace._incidents import _in_base
-from gradwise._trace._parts import _Parts, _row_dims, _schema_arg, _united, _written_by
+from gradwise._trace._parts import _Parts, _written_by
 from gradwise._trace._replay import made_by, untraced
+from gradwise._trace._row_parts import _row_dims, _schema_arg, _united
 from gradwise._trace._store import KEEP as _KEEP
 from gradwise._trace._store import Birth as _Birth
 from gradwise._trace._store import Incident as _Incident
