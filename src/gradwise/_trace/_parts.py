@@ -60,6 +60,18 @@ class _Parts(_RowParts):
         self._keep(o, parts)
         return frozenset().union(*parts)
 
+    def _moved_parts(self, func, o: torch.Tensor, old: list, args) -> None:
+        """The parts ``old`` of ``o`` after an in-place view op (transpose_, squeeze_, as a GRU's stacked output
+        is transposed): the op run on each part's mask. Dropped, every birth was named at every element: the
+        padding rows' NaN a genuine finding of a used row's NaN loss."""
+        try:
+            with torch.no_grad(), _disable_current_modes():
+                moved = [(func(m.clone(), *args[1:]), births) for m, births in old]
+        except Exception:  # an explanation must never break the program it explains
+            return
+        if all(isinstance(m, torch.Tensor) and m.shape == o.shape for m, _ in moved):
+            self._keep(o, _united(moved, o.shape))
+
     def _fresh_parts(self, o: torch.Tensor, fresh: torch.Tensor, b: _Birth, nf: list, loc) -> frozenset:
         """``o``'s births where an elementwise op made the NaN/Inf ``fresh`` (birth ``b``) beside its inputs'
         NaN/Inf: the made elements are ``b``'s part, the others keep their inputs' births."""

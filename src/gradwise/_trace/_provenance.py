@@ -50,11 +50,14 @@ from gradwise._trace._store import first as _first
 _SELECTS = {torch.ops.aten.index, torch.ops.aten.index_select, torch.ops.aten.masked_select, torch.ops.aten.gather,
             torch.ops.aten.take, torch.ops.aten.slice, torch.ops.aten.select, torch.ops.aten.narrow,
             torch.ops.aten.roll, torch.ops.aten.flip, torch.ops.aten.repeat,
-            torch.ops.aten._unsafe_view}  # (matmul's reshape of its bmm/mm output: no view by schema)
+            torch.ops.aten._unsafe_view,  # (matmul's reshape of its bmm/mm output: no view by schema)
+            torch.ops.aten.unsafe_split, torch.ops.aten.unsafe_split_with_sizes,  # (a GRU's gates: views as well)
+            torch.ops.aten.unsafe_chunk}
 _BORN_PER_NODE = 4  # births per node whose used elements its backward tells (the outputs of one op)
 # scans: an output element reads the input's elements up to it along the dim
 _SCANS = {torch.ops.aten.cumsum, torch.ops.aten.cumprod, torch.ops.aten.logcumsumexp, torch.ops.aten.cummax,
           torch.ops.aten.cummin}
+_SCANS_IN_PLACE = {torch.ops.aten.cumsum_, torch.ops.aten.cumprod_}  # (their parts: the scan of the parts they had)
 # ops that place whole inputs side by side: each input's parts go where the op puts that input
 _JOINS = {torch.ops.aten.cat, torch.ops.aten.stack}
 # ops whose output holds the input's elements where they were: its parts stay (autograd's detach of a saved output)
@@ -117,15 +120,24 @@ def _overwritten(func, o: torch.Tensor, mask: torch.Tensor, nf: list, prior, arg
     return written if written is not None and bool(mask_any(written & mask)) else None
 
 
-def _without_mask_infs(births: frozenset, x: torch.Tensor, dim: int, full_rows_nan: bool) -> frozenset:
+def _without_mask_infs(births: frozenset, x: torch.Tensor, dim: int, full_rows_nan: bool,
+                       parts: list | None) -> frozenset:
     """The births that explain the NaN of softmax(x): softmax makes 0 of a -inf in a slice that keeps another
     value (an attention mask), so where x's NaN is all that makes its output NaN, births of infinities alone
     explain none of it (they were reported as a second, genuine root cause of a NaN that another birth made,
-    whenever anything made an attention's scores NaN)."""
+    whenever anything made an attention's scores NaN). An infinity's birth whose elements of x (its part) are NaN
+    already (inf - inf in q @ k^T) that no NaN birth's part holds explains a NaN: dropped, the used Inf's NaN
+    scores were told as the padding's NaN (a genuine padding finding, the Inf "reaching no gradient")."""
     if not _has_nan(x) or bool((x == float("inf")).any()) or (
             full_rows_nan and bool((x == float("-inf")).all(dim).any())):
         return births
-    kept = frozenset(b for b in births if getattr(b, "nan", True))
+    # (the NaN no NaN birth's part holds: a NaN score beside a mask's -inf, NaN + -inf, is the NaN's alone)
+    nan = torch.isnan(x)
+    for m, got in parts or ():
+        if any(getattr(b, "nan", True) for b in got):
+            nan = nan & ~m.broadcast_to(x.shape)
+    made_nan = frozenset().union(*(got for m, got in parts or () if bool(mask_any(m.broadcast_to(x.shape) & nan))))
+    kept = frozenset(b for b in births if getattr(b, "nan", True) or b in made_nan)
     return kept or births
 
 
@@ -315,7 +327,8 @@ class _Provenance(_Parts):
             made.rows = _row_dims(func, args, args[0].dim(), _ROWWISE.get(func.overloadpacket, "dim")) or ()
         if births and func.overloadpacket in _MASKING_SOFTMAX and args is not None and len(args) > 1:
             told = births
-            births = _without_mask_infs(births, args[0], args[1], func.overloadpacket is torch.ops.aten._softmax)
+            births = _without_mask_infs(births, args[0], args[1], func.overloadpacket is torch.ops.aten._softmax,
+                                        self.parts.get(args[0]))
             if births != told and o in self.parts:  # (so do its parts, _rowwise_parts': a row's -inf beside its NaN)
                 self._keep(o, _united([(m, b & births) for m, b in self.parts[o] if b & births], o.shape))
         if prior:
@@ -368,7 +381,13 @@ class _Provenance(_Parts):
         elif not prior and len(nf) == 1 and nf[0] in self.parts and func.overloadpacket in _SAME_ELEMENTS \
                 and o.shape == nf[0].shape:
             self.parts[o] = self.parts[nf[0]]  # (autograd saves a detached output: the backward reads it)
-        if stale is not None and prior and len(births) > 1:
+        if stale is not None and prior and torch.Tag.inplace_view in func.tags:
+            self._moved_parts(func, o, stale, args)
+        elif stale is not None and prior and func.overloadpacket in _SCANS_IN_PLACE:
+            # (else every birth at every element: a padding row's NaN named at the used rows, genuine)
+            self.parts[o] = stale
+            births = self._scanned_parts(o, o, func, args) or births
+        elif stale is not None and prior and len(births) > 1:
             births = self._kept_parts(func, o, stale, nf, loc) or births
         self.prov[o] = births
         for r in stats:  # (what it wrote there descends from the batch, as its outputs do)

@@ -42,7 +42,11 @@ class _RowParts:
         reached the output)."""
         kept = []
         for m, births in self.parts[t]:
-            sel = func(m, *args[1:])
+            m = _laid_out_like(m, t)
+            try:
+                sel = func(m, *args[1:])
+            except RuntimeError:  # an explanation must never break the program it explains
+                return None
             if isinstance(sel, (list, tuple)):  # split, unbind, chunk: the piece that is ``o``
                 sel = _piece(sel, o, t, m)
             if isinstance(sel, torch.Tensor) and sel.shape == o.shape and bool(mask_any(sel)):
@@ -185,6 +189,18 @@ def _piece(pieces, o: torch.Tensor, t: torch.Tensor, m: torch.Tensor) -> torch.T
     got = [p for p in pieces if isinstance(p, torch.Tensor) and p.shape == o.shape and
            p.storage_offset() - m.storage_offset() == at]
     return got[0] if len(got) == 1 else None
+
+
+def _laid_out_like(m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A part's mask ``m`` of ``t`` (broadcast to its shape) laid out as ``t`` is, so that a view op runs on it
+    as on ``t``: ``view`` of a contiguous mask of a transposed ``t`` (multi-head attention's q.view(...) after a
+    transpose) raised, the view lost its parts (every birth named at every row: the padding rows' NaN a genuine
+    finding) and the report said "not explained". ``m`` as it is where ``t`` overlaps itself (expanded)."""
+    m = m.broadcast_to(t.shape)
+    if m.stride() == t.stride() or torch._debug_has_internal_overlap(t) != 0:
+        return m
+    out = torch.empty_strided(t.shape, t.stride(), dtype=torch.bool, device=t.device)
+    return out.copy_(m)
 
 
 def _schema_arg(func, args, name: str, default):

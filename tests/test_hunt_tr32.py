@@ -1,0 +1,105 @@
+"""Hunt tr32: per-element births through modules and in-place ops. Ground truth: plain torch under
+gw.strong_zeros() with each write alone (which writes leave w's gradient non-finite), never the trace itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from _explaining import genuine_findings, traced_and_strong
+
+
+def _told_as_strong_zeros_tell(loss_of, other: float = float("nan"), at: tuple = (0, 1)) -> None:
+    """`loss_of(x * w).pow(2).sum()` with x's rows 4: NaN padding (fill_) and x[at] = other (copy_): the genuine
+    findings' births are the writes that, alone, leave strong-zero gradients non-finite, each named reaching w."""
+    def program(pad: bool, used: bool):
+        torch.manual_seed(0)
+        w = torch.randn(6, 4, requires_grad=True)
+        x = torch.randn(6, 4)
+        if pad:
+            x[4:] = float("nan")
+        if used:
+            x[at] = other
+        torch.manual_seed(1)
+        loss_of(x.clone() * w).pow(2).sum().backward()
+        return w
+
+    report, genuine = traced_and_strong(program)
+    assert {f.born_op for f in genuine_findings(report)} == genuine, str(report)
+    assert all(any("w" in f.reaches for f in genuine_findings(report) if f.born_op == op) for op in genuine), \
+        str(report)
+    assert not report.notes, str(report)
+
+
+def _conv(y):
+    return nn.Conv1d(1, 2, 3, padding=1)(y[:, None]).sum((1, 2))[:4]
+
+
+def _attention(y):
+    q = y[:, None]  # 6 sequences of one token
+    return nn.MultiheadAttention(4, 2, batch_first=True)(q, q, q)[0].sum((1, 2))[:4]
+
+
+def _gru(y):
+    return nn.GRU(4, 3, batch_first=True)(y[:, None].expand(6, 3, 4))[0][:, -1].sum(1)[:4]
+
+
+@pytest.mark.parametrize("other,at", [(float("nan"), (0, 1)), (float("inf"), (2, 2))], ids=["nan", "inf"])
+@pytest.mark.parametrize("module", [_conv, _attention, _gru], ids=["conv1d", "multihead_attention", "gru"])
+def test_padding_beside_a_used_nonfinite_through_a_module(module, other, at):
+    """SILENT before: padding rows 4: NaN (sliced away, removed by strong zeros) beside a used NaN/Inf, through a
+    Conv1d or a multi-head attention: the padding was a second genuine finding. Conv1d: the shadow strong pass
+    built the part's operands inside the strong mode, where the where() that zeroes the other parts made
+    structural zeros, two tracked operands the rule runs plainly (0 x NaN). Attention: q.view(...) of a
+    transposed tensor failed on a contiguous mask ("not explained"), the view lost its parts; and with an Inf,
+    softmax dropped the Inf's birth though its scores were NaN (inf - inf): "reaches: no gradient". GRU: its gates'
+    unsafe_split and its output's transpose_ (an in-place view op) dropped the parts."""
+    _told_as_strong_zeros_tell(module, other, at)
+
+
+_IN_PLACE = {
+    "cumsum_": lambda y: y.cumsum_(1)[:4],
+    "t().cumsum_": lambda y: y.t().cumsum_(0).t()[:4],
+    "t().cumprod_": lambda y: y.t().cumprod_(0).t()[:4],
+    "transpose_": lambda y: y.transpose_(0, 1).cumsum(0)[:, :4],
+}
+
+
+@pytest.mark.parametrize("op", list(_IN_PLACE))
+def test_padding_beside_a_used_nan_through_an_in_place_op(op):
+    """SILENT before: an in-place scan (cumsum_, cumprod_, on a transposed view too) or in-place view op
+    (transpose_) of x * w with padding rows 4: NaN beside a used NaN at x[0, 1]: the in-place op dropped the
+    parts (redone only for elementwise ops), so the padding, sliced away, was a genuine finding."""
+    _told_as_strong_zeros_tell(_IN_PLACE[op])
+
+
+_ROW_MIXING = {
+    "sum(1)": lambda y: y.sum(1),
+    "mm": lambda y: y @ torch.ones(4, 3),
+    "softmax": lambda y: y.softmax(1),
+    "layer_norm": lambda y: F.layer_norm(y, (4,)),
+    "norm": lambda y: y.norm(dim=1),
+}
+
+
+@pytest.mark.parametrize("op", list(_ROW_MIXING))
+def test_two_used_nan_writes_in_one_row_each_reach_w(op):
+    """Before: x[0, 2:3] = NaN (fill_) and x[0, 1] = NaN (copy_), both used, in one row that `op` mixes: the NaN
+    sensitivity carries both births into w's gradient (either write alone leaves it NaN under strong zeros), but
+    the incident was named after the earliest birth only: the other write was a finding "reaches: no gradient"."""
+    def program(first: bool, second: bool):
+        torch.manual_seed(0)
+        w = torch.randn(6, 4, requires_grad=True)
+        x = torch.randn(6, 4)
+        if first:
+            x[0, 2:3] = float("nan")
+        if second:
+            x[0, 1] = float("nan")
+        _ROW_MIXING[op](x.clone() * w).pow(2).sum().backward()
+        return w
+
+    report, genuine = traced_and_strong(program)
+    assert genuine == {"aten.fill_", "aten.copy_"}
+    assert {f.born_op for f in genuine_findings(report) if "w" in f.reaches} == genuine, str(report)
