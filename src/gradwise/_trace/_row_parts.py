@@ -109,11 +109,13 @@ class _RowParts:
         kept = []
         for m, births in self.parts[t]:
             m = m.broadcast_to(t.shape)
-            r = mask_any(m, dims, keepdim=True)
-            try:
-                r = r.broadcast_to(o.shape)
-            except RuntimeError:  # (the op dropped the dims: median(1))
-                r = mask_any(m, dims)
+            r = _windows(func, m, args)
+            if r is None:
+                r = mask_any(m, dims, keepdim=True)
+                try:
+                    r = r.broadcast_to(o.shape)
+                except RuntimeError:  # (the op dropped the dims: median(1))
+                    r = mask_any(m, dims)
             if r.shape != o.shape:
                 return None
             if bool(mask_any(r & bad)):
@@ -189,6 +191,24 @@ def _piece(pieces, o: torch.Tensor, t: torch.Tensor, m: torch.Tensor) -> torch.T
     got = [p for p in pieces if isinstance(p, torch.Tensor) and p.shape == o.shape and
            p.storage_offset() - m.storage_offset() == at]
     return got[0] if len(got) == 1 else None
+
+
+_POOLS = {torch.ops.aten.max_pool2d_with_indices, torch.ops.aten.max_pool3d_with_indices, torch.ops.aten.avg_pool2d,
+          torch.ops.aten.avg_pool3d}
+
+
+def _windows(func, m: torch.Tensor, args) -> torch.Tensor | None:
+    """Of a pooling: the output elements whose window holds an element of the mask ``m`` (the pooling run on it:
+    a max or mean of 0/1 is nonzero exactly there); None for other ops. Its plane as the row named the padding
+    rows' NaN at the used windows: a genuine padding finding."""
+    if func.overloadpacket not in _POOLS:
+        return None
+    try:
+        with torch.no_grad():
+            got = func(m.to(torch.float32), *args[1:])
+    except RuntimeError:  # an explanation must never break the program it explains
+        return None
+    return (got[0] if isinstance(got, (list, tuple)) else got) != 0
 
 
 def _laid_out_like(m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
