@@ -42,12 +42,18 @@ def _attention(y):
     return nn.MultiheadAttention(4, 2, batch_first=True)(q, q, q)[0].sum((1, 2))[:4]
 
 
+def _attention_over_tokens(y):
+    """One sequence of 6 tokens, the padding ones unmasked (so strong zeros keep them genuine too)."""
+    return nn.MultiheadAttention(4, 1, batch_first=True)(y[None], y[None], y[None])[0][0, :4].sum(1)
+
+
 def _gru(y):
     return nn.GRU(4, 3, batch_first=True)(y[:, None].expand(6, 3, 4))[0][:, -1].sum(1)[:4]
 
 
 @pytest.mark.parametrize("other,at", [(float("nan"), (0, 1)), (float("inf"), (2, 2))], ids=["nan", "inf"])
-@pytest.mark.parametrize("module", [_conv, _attention, _gru], ids=["conv1d", "multihead_attention", "gru"])
+@pytest.mark.parametrize("module", [_conv, _attention, _attention_over_tokens, _gru],
+                         ids=["conv1d", "multihead_attention", "attention_over_tokens", "gru"])
 def test_padding_beside_a_used_nonfinite_through_a_module(module, other, at):
     """SILENT before: padding rows 4: NaN (sliced away, removed by strong zeros) beside a used NaN/Inf, through a
     Conv1d or a multi-head attention: the padding was a second genuine finding. Conv1d: the shadow strong pass
@@ -55,7 +61,9 @@ def test_padding_beside_a_used_nonfinite_through_a_module(module, other, at):
     structural zeros, two tracked operands the rule runs plainly (0 x NaN). Attention: q.view(...) of a
     transposed tensor failed on a contiguous mask ("not explained"), the view lost its parts; and with an Inf,
     softmax dropped the Inf's birth though its scores were NaN (inf - inf): "reaches: no gradient". GRU: its gates'
-    unsafe_split and its output's transpose_ (an in-place view op) dropped the parts."""
+    unsafe_split and its output's transpose_ (an in-place view op) dropped the parts. Attention over tokens: the
+    used Inf made NaN scores (inf - inf), its NaN incident was named after the padding's NaN birth only, and the
+    Inf's own finding said "reaches: no gradient"."""
     _told_as_strong_zeros_tell(module, other, at)
 
 

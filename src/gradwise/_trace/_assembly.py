@@ -329,15 +329,16 @@ def _used_elements(incidents, since: int) -> dict[int, tuple[int, list]]:
 
 
 def _named(inc, via: _Birth, birth: _Birth) -> list:
-    """The (via, root) births a genuine incident names: its explaining birth's, and every other birth of the same
-    kind it met (two used NaN writes in one row, carried together by a NaN sensitivity after a row sum, each
-    alone leaving the gradient NaN: the later one was a finding "reaching no gradient"). Only the first where a
-    gradient from an earlier backward explains them all, and never a mask's -inf (``earliest``'s rules)."""
+    """The (via, root) births a genuine incident names: its explaining birth's, and every other birth of its kind
+    it met, and of a NaN incident an infinity's too (inf - inf in attention scores): two used NaN writes in one
+    row, carried together by a NaN sensitivity after a row sum, each alone leaving the gradient NaN, named the
+    later one "reaching no gradient". Only the first where a gradient from an earlier backward explains them all,
+    and never a mask's -inf (``earliest``'s rules)."""
     named = [(via, birth)]
     if via is None or via.op == "gradient":
         return named
     for b in sorted(inc.births, key=_order):
-        if b is not via and b.nan == via.nan and b.op not in ("gradient", "input") and \
+        if b is not via and (b.nan == via.nan or inc.kind == "nan") and b.op not in ("gradient", "input") and \
                 (b.nan or b.parents or b.what != WRITTEN_MASK):
             named.append((b, overflow_root(b)))
     return named
