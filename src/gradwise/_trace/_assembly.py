@@ -333,9 +333,11 @@ def _named(inc, via: _Birth, birth: _Birth) -> list:
     it met, and of a NaN incident an infinity's too (inf - inf in attention scores): two used NaN writes in one
     row, carried together by a NaN sensitivity after a row sum, each alone leaving the gradient NaN, named the
     later one "reaching no gradient". Only the first where a gradient from an earlier backward explains them all,
-    and never a mask's -inf (``earliest``'s rules)."""
+    or where the births are a saved value's whole provenance, its parts lost (``Incident.vague``: a NaN that
+    ``x.copy_(x.flip(0))`` moved into a row the output drops was a genuine finding reaching every parameter), and
+    never a mask's -inf (``earliest``'s rules)."""
     named = [(via, birth)]
-    if via is None or via.op == "gradient":
+    if via is None or via.op == "gradient" or inc.vague:
         return named
     for b in sorted(inc.births, key=_order):
         if b is not via and (b.nan == via.nan or inc.kind == "nan") and b.op not in ("gradient", "input") and \

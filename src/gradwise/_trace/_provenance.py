@@ -144,6 +144,12 @@ def _without_mask_infs(births: frozenset, x: torch.Tensor, dim: int, full_rows_n
 class _Provenance(_Parts):
     """Births of NaN/Inf and their provenance; names of the leaves gradients reach (a part of _Tracer)."""
 
+    def _vague(self, t: torch.Tensor) -> bool:
+        """Whether ``t``'s births (several) are not told apart: an op lost its parts (``x.copy_(x.flip(0))``), so an
+        incident meeting it met its whole provenance, not each birth at its elements (``Incident.vague``)."""
+        return t not in self.parts and t not in self.exact and \
+            sum(isinstance(b, _Birth) and b.op != "gradient" for b in self.prov.get(t, ())) > 1
+
     def _origin(self, t: torch.Tensor, loc) -> frozenset:
         """The provenance of a non-finite tensor; data that arrived non-finite becomes an "input" birth."""
         got = self.prov.get(t)
@@ -309,6 +315,7 @@ class _Provenance(_Parts):
         if literal and o.numel() <= 1:
             return  # a lifted scalar (x[2] = nan): the op that writes it is where it is born
         stale = self.parts.pop(o, None)  # an in-place op moved or wrote elements: its parts are redone (_kept_parts)
+        self.exact.pop(o, None)
         stats = _running_stats(func, args)
         nf = [t for t in nf if (t in self.prov or ((t.dim() or t.requires_grad) and not literal))
               and not any(t is r for r in stats)]
@@ -389,6 +396,8 @@ class _Provenance(_Parts):
             births = self._scanned_parts(o, o, func, args) or births
         elif stale is not None and prior and len(births) > 1:
             births = self._kept_parts(func, o, stale, nf, loc) or births
+        if o in self.exact and any(self._vague(t) for t in nf):
+            self.exact.pop(o)  # (one part made of an input whose parts were lost: its births, not each one's)
         self.prov[o] = births
         for r in stats:  # (what it wrote there descends from the batch, as its outputs do)
             if _nonfinite(r):

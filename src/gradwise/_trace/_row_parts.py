@@ -34,6 +34,10 @@ class _RowParts:
             self.parts[t] = [(m, births) for births, m in parts.items()]
         else:
             self.parts.pop(t, None)
+        if len(parts) == 1:  # (every non-finite element has all its births: _Tracer.exact)
+            self.exact[t] = True
+        else:
+            self.exact.pop(t, None)
 
 
     def _selected_parts(self, func, o: torch.Tensor, t: torch.Tensor, args) -> frozenset | None:
