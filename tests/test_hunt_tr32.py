@@ -140,3 +140,39 @@ def test_a_write_strong_zeros_drop_reaches_no_gradient_where_parts_were_lost(op)
     report, genuine = traced_and_strong(program)
     assert genuine == {"aten.copy_"}
     assert {f.born_op for f in genuine_findings(report) if "w" in f.reaches} == genuine, str(report)
+
+
+def _transpose_a_view(h):
+    h[:, :].transpose_(0, 1)  # (a view of h, transposed in place: h's elements stay where they were)
+    return h[:4].sum(1)
+
+
+def _scan_a_view(h):
+    h.t().cumsum_(1)  # (rows 0, 1's NaN carried down h's columns: into the used rows 2:)
+    return h[2:].sum(1)
+
+
+@pytest.mark.parametrize(("op", "pad", "used"), [
+    (_transpose_a_view, (slice(4, None),), (0, 1)), (_scan_a_view, (slice(0, 2),), (3, 1))],
+    ids=["transpose_ of a view", "cumsum_ of a transposed view"])
+def test_an_in_place_op_on_a_view_keeps_its_base_parts(op, pad, used):
+    """SILENT before (a review of tr32): padding rows NaN (fill_) and a used NaN (copy_) in h = x * w, then an
+    in-place op on a view of h, then h read. transpose_ of a view was a write of every element of h with the
+    view's whole provenance: the padding was a genuine finding reaching w (before tr32: the used NaN "reaching no
+    gradient"). An in-place scan of h.t() wrote h with the view's whole provenance: both births, genuine, were
+    named by the earliest only (the used write "reaching no gradient"). An in-place view op writes nothing into
+    its base; an in-place op on a view writes the view's parts into its base."""
+    def program(pad_: bool, used_: bool):
+        torch.manual_seed(0)
+        w = torch.randn(6, 4, requires_grad=True)
+        x = torch.randn(6, 4)
+        if pad_:
+            x[pad] = float("nan")
+        if used_:
+            x[used] = float("nan")
+        op(x.clone() * w).pow(2).sum().backward()
+        return w
+
+    report, genuine = traced_and_strong(program)
+    assert {f.born_op for f in genuine_findings(report)} == genuine, str(report)
+    assert {f.born_op for f in genuine_findings(report) if "w" in f.reaches} == genuine, str(report)

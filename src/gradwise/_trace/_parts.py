@@ -37,7 +37,10 @@ class _Parts(_RowParts):
         if old is None and self.prov.get(base):
             old = [(~torch.isfinite(base) & ~written, self.prov[base])]
         kept = [(m & ~written, births) for m, births in old or () if bool(mask_any(m & ~written))]
-        parts = _united([*kept, (_in_base(_nonfinite_mask(view), view, base), self.prov[view])], base.shape)
+        # (the view's own parts where it has them: an in-place scan of h.t() named every birth at h's elements)
+        new = [(_in_base(m.broadcast_to(view.shape) & _nonfinite_mask(view), view, base), births)
+               for m, births in self.parts.get(view) or [(_nonfinite_mask(view), self.prov[view])]]
+        parts = _united([*kept, *new], base.shape)
         self.prov[base] = frozenset().union(*parts)
         self._keep(base, parts)
 

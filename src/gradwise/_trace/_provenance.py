@@ -302,7 +302,7 @@ class _Provenance(_Parts):
                 # step into it); a forward write replaces the written elements' births only (_written_parts)
                 if seq is not None and not isinstance(seq, tuple):
                     self.prov[o._base] = self.prov.get(o._base, frozenset()) | self.prov[o]
-                else:
+                elif torch.Tag.inplace_view not in func.tags:  # (v.transpose_ writes nothing into v's base)
                     self._written_parts(o, o._base)
 
     def _value(self, func, loc, o, mask, nf, prior, nd, ins=(), base=None, args=None, made=None) -> None:
