@@ -398,6 +398,8 @@ class _Provenance(_Parts):
             births = self._kept_parts(func, o, stale, nf, loc) or births
         if o in self.exact and any(self._vague(t) for t in nf):
             self.exact.pop(o)  # (one part made of an input whose parts were lost: its births, not each one's)
+        elif o not in self.parts and len(nf) == 1 and nf[0] in self.exact and births == self.prov.get(nf[0]):
+            self.exact[o] = True  # (any of its elements holds every birth: so do those an op keeps, s * ones(4))
         self.prov[o] = births
         for r in stats:  # (what it wrote there descends from the batch, as its outputs do)
             if _nonfinite(r):

@@ -66,6 +66,8 @@ class _RowParts:
         named the used row's NaN after the padding (the earliest birth). None where the dims are not known."""
         dims = _reduced_dims(func, args, t.dim())
         if dims is None:
+            if o.numel() == 1:  # (of every element: each part's births at its one element, _Tracer.exact)
+                self.exact[o] = True
             return None
         keep = _keepdim(func, args)
         bad = ~torch.isfinite(o)
