@@ -74,12 +74,13 @@ def _open(reason: str):
     pytest.param(lambda y: y.logcumsumexp(1)[:4, -1], id="logcumsumexp", marks=_open(
         "logcumsumexp's backward is composite (log of the sensitivity, exp of saved values): the padding rows' "
         "NaN it carries is a genuine finding of 8 elements reaching w")),
-    pytest.param(lambda y: F.max_pool2d(y[None, None], 2)[0, 0, :2], id="max_pool2d windows over rows", marks=_open(
-        "a pooling's row is its whole last two dims (the plane), not its windows: the padding rows' NaN is named "
-        "at the used windows")),
+    pytest.param(lambda y: F.max_pool2d(y[None, None], 2)[0, 0, :2], id="max_pool2d windows over rows"),
+    pytest.param(lambda y: F.avg_pool2d(y[None, None], 2, 1)[0, 0, :3], id="avg_pool2d windows over rows"),
+    pytest.param(lambda y: F.max_pool1d(y.t()[None], 2)[0, :, :2], id="max_pool1d windows over columns"),
 ])
 def test_row_wise_births_not_yet_told(fn):
-    """Open: the padding rows 4: (NaN), dropped, beside a used NaN at x[0, 1], are a genuine finding."""
+    """The padding rows 4: (NaN), dropped, beside a used NaN at x[0, 1], were a genuine finding (logcumsumexp:
+    open). A pooling's row was its whole plane, not its windows (tr32: the pooling run on each part's mask)."""
     _told_as_strong_zeros_tell(fn, linear=False)
 
 

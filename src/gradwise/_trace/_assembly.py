@@ -15,7 +15,7 @@ from gradwise._masks import all_finite
 from gradwise._trace import _causes, _kinds
 from gradwise._trace._advice import kink_fix
 from gradwise._trace._common import _dist_rank, _fmt, _grad, _held, _inexact, _nonfinite, _positions, _source
-from gradwise._trace._facts import _NOT_DATA
+from gradwise._trace._facts import _NOT_DATA, WRITTEN_MASK
 from gradwise._trace._findings import (
     Findings,
     _line_order,
@@ -92,28 +92,29 @@ class _Assembly:
                 if birth is not None and birth.op == "input":
                     arrived.setdefault(key, {})[birth] = None
             elif birth is not None:  # named by where it was born
-                key = _site(inc.kind, birth)
-                # each birth counted once (the DataLoader batches arriving at one line are births of their own, so
-                # are a NaN and an Inf one line writes: the Inf's 0 x inf was counted 0 beside the NaN)
-                seen = counted.setdefault(key, set())
-                new = birth not in arrived.get(key, ()) if birth.op == "input" else id(birth) not in seen
-                seen.add(id(birth))
-                if birth.op == "input":  # every input that arrived non-finite at that line, named below
-                    arrived.setdefault(key, {}).update(
-                        (b, None) for b in sorted(inc.births, key=_order) if b.op == "input" and b.loc == birth.loc)
-                # its elements: the born tensor's, but where every backward op that used it lines up with it
-                # (sqrt's own backward): there only those a nonzero sensitivity met, as strong zeros leave them
-                # (the born elements a slice further on drops are the contamination finding's)
-                used = aligned.get(id(birth))
-                count, indices = (birth.count, birth.indices) if used is None else used
-                if birth.formula and 0 < inc.reached_elements < count:  # (as one born in the backward, below)
-                    count, indices = inc.reached_elements, inc.reached_indices
-                found.add(key, lambda inc=inc, birth=birth, via=via: genuine(inc.kind, inc, birth, via),
-                          count if new else 0, inc.reaches, indices, birth.occurrences if new else 0,
-                          # where it reached a gradient (the cause names where it was born); a gradient used as a
-                          # value from where the line used it (the cause's 'wrote it at step 150', not the next
-                          # backward's 151)
-                          min(inc.step, birth.step) if birth.op == "gradient" else inc.step, birth)
+                for via, birth in _named(inc, via, birth):  # noqa: B020 (each birth it names, the first these)
+                    key = _site(inc.kind, birth)
+                    # each birth counted once (the DataLoader batches arriving at one line are births of their own, so
+                    # are a NaN and an Inf one line writes: the Inf's 0 x inf was counted 0 beside the NaN)
+                    seen = counted.setdefault(key, set())
+                    new = birth not in arrived.get(key, ()) if birth.op == "input" else id(birth) not in seen
+                    seen.add(id(birth))
+                    if birth.op == "input":  # every input that arrived non-finite at that line, named below
+                        arrived.setdefault(key, {}).update(
+                            (b, None) for b in sorted(inc.births, key=_order) if b.op == "input" and b.loc == birth.loc)
+                    # its elements: the born tensor's, but where every backward op that used it lines up with it
+                    # (sqrt's own backward): there only those a nonzero sensitivity met, as strong zeros leave them
+                    # (the born elements a slice further on drops are the contamination finding's)
+                    used = aligned.get(id(birth))
+                    count, indices = (birth.count, birth.indices) if used is None else used
+                    if birth.formula and 0 < inc.reached_elements < count:  # (as one born in the backward, below)
+                        count, indices = inc.reached_elements, inc.reached_indices
+                    found.add(key, lambda inc=inc, birth=birth, via=via: genuine(inc.kind, inc, birth, via),
+                              count if new else 0, inc.reaches, indices, birth.occurrences if new else 0,
+                              # where it reached a gradient (the cause names where it was born); a gradient used as a
+                              # value from where the line used it (the cause's 'wrote it at step 150', not the next
+                              # backward's 151)
+                              min(inc.step, birth.step) if birth.op == "gradient" else inc.step, birth)
             else:
                 key = (inc.kind, inc.node_op, inc.loc)
                 # born in the backward: its elements that reached a gradient (pad's backward crops the border)
@@ -327,3 +328,21 @@ def _used_elements(incidents, since: int) -> dict[int, tuple[int, list]]:
         if id(birth) not in used and birth.sensed:
             used[id(birth)] = (min(birth.count, birth.sensed), birth.sensed_indices)
     return used
+
+
+def _named(inc, via: _Birth, birth: _Birth) -> list:
+    """The (via, root) births a genuine incident names: its explaining birth's, and every other birth of its kind
+    it met, and of a NaN incident an infinity's too (inf - inf in attention scores): two used NaN writes in one
+    row, carried together by a NaN sensitivity after a row sum, each alone leaving the gradient NaN, named the
+    later one "reaching no gradient". Only the first where a gradient from an earlier backward explains them all,
+    or where the births are a saved value's whole provenance, its parts lost (``Incident.vague``: a NaN that
+    ``x.copy_(x.flip(0))`` moved into a row the output drops was a genuine finding reaching every parameter), and
+    never a mask's -inf (``earliest``'s rules)."""
+    named = [(via, birth)]
+    if via is None or via.op == "gradient" or inc.vague:
+        return named
+    for b in sorted(inc.births, key=_order):
+        if b is not via and (b.nan == via.nan or inc.kind == "nan") and b.op not in ("gradient", "input") and \
+                (b.nan or b.parents or b.what != WRITTEN_MASK):
+            named.append((b, overflow_root(b)))
+    return named

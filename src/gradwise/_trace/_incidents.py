@@ -194,6 +194,7 @@ class _Incidents:
                 inc = self.store.incident(kind, op, node_op, loc, count, idx, births, what,
                                           (unread or discarded) if contaminated else None, undecided)
                 inc.shape = tuple(o.shape)
+                inc.vague = inc.vague or any(self._vague(t) for t in there)  # (_assembly._named)
                 if contaminated and any(t.layout != torch.strided for t in ins):
                     inc.unfollowed = True
                 incidents.append(inc)

@@ -1,7 +1,8 @@
 """``_Provenance``: the part of the tracer that records where a NaN/Inf was born (``_Birth``) and carries
 that provenance along forward ops (the leaves it reaches are named by ``_leaf_names``).
 
-May import: torch, gradwise._trace._common, _advice, _facts, _incidents, _kinds, _parts, _replay, _store.
+May import: torch, gradwise._trace._common, _advice, _facts, _incidents, _kinds, _parts, _replay, _row_parts,
+_store.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from gradwise._trace._common import (
 from gradwise._trace._facts import _ACCUMULATES, _BILINEAR, _LITERALS, _ROWWISE, _SELECTED_WRITES, _TIES_COUNTED
 from gradwise._trace._incidents import _in_base
 from gradwise._trace._kinds import readable
-from gradwise._trace._parts import _Parts, _row_dims, _schema_arg, _united, _written_by
+from gradwise._trace._parts import _Parts, _written_by
 from gradwise._trace._replay import made_by, untraced
+from gradwise._trace._row_parts import _row_dims, _schema_arg, _united
 from gradwise._trace._store import KEEP as _KEEP
 from gradwise._trace._store import Birth as _Birth
 from gradwise._trace._store import Incident as _Incident
@@ -49,11 +51,14 @@ from gradwise._trace._store import first as _first
 _SELECTS = {torch.ops.aten.index, torch.ops.aten.index_select, torch.ops.aten.masked_select, torch.ops.aten.gather,
             torch.ops.aten.take, torch.ops.aten.slice, torch.ops.aten.select, torch.ops.aten.narrow,
             torch.ops.aten.roll, torch.ops.aten.flip, torch.ops.aten.repeat,
-            torch.ops.aten._unsafe_view}  # (matmul's reshape of its bmm/mm output: no view by schema)
+            torch.ops.aten._unsafe_view,  # (matmul's reshape of its bmm/mm output: no view by schema)
+            torch.ops.aten.unsafe_split, torch.ops.aten.unsafe_split_with_sizes,  # (a GRU's gates: views as well)
+            torch.ops.aten.unsafe_chunk}
 _BORN_PER_NODE = 4  # births per node whose used elements its backward tells (the outputs of one op)
 # scans: an output element reads the input's elements up to it along the dim
 _SCANS = {torch.ops.aten.cumsum, torch.ops.aten.cumprod, torch.ops.aten.logcumsumexp, torch.ops.aten.cummax,
           torch.ops.aten.cummin}
+_SCANS_IN_PLACE = {torch.ops.aten.cumsum_, torch.ops.aten.cumprod_}  # (their parts: the scan of the parts they had)
 # ops that place whole inputs side by side: each input's parts go where the op puts that input
 _JOINS = {torch.ops.aten.cat, torch.ops.aten.stack}
 # ops whose output holds the input's elements where they were: its parts stay (autograd's detach of a saved output)
@@ -116,15 +121,24 @@ def _overwritten(func, o: torch.Tensor, mask: torch.Tensor, nf: list, prior, arg
     return written if written is not None and bool(mask_any(written & mask)) else None
 
 
-def _without_mask_infs(births: frozenset, x: torch.Tensor, dim: int, full_rows_nan: bool) -> frozenset:
+def _without_mask_infs(births: frozenset, x: torch.Tensor, dim: int, full_rows_nan: bool,
+                       parts: list | None) -> frozenset:
     """The births that explain the NaN of softmax(x): softmax makes 0 of a -inf in a slice that keeps another
     value (an attention mask), so where x's NaN is all that makes its output NaN, births of infinities alone
     explain none of it (they were reported as a second, genuine root cause of a NaN that another birth made,
-    whenever anything made an attention's scores NaN)."""
+    whenever anything made an attention's scores NaN). An infinity's birth whose elements of x (its part) are NaN
+    already (inf - inf in q @ k^T) that no NaN birth's part holds explains a NaN: dropped, the used Inf's NaN
+    scores were told as the padding's NaN (a genuine padding finding, the Inf "reaching no gradient")."""
     if not _has_nan(x) or bool((x == float("inf")).any()) or (
             full_rows_nan and bool((x == float("-inf")).all(dim).any())):
         return births
-    kept = frozenset(b for b in births if getattr(b, "nan", True))
+    # (the NaN no NaN birth's part holds: a NaN score beside a mask's -inf, NaN + -inf, is the NaN's alone)
+    nan = torch.isnan(x)
+    for m, got in parts or ():
+        if any(getattr(b, "nan", True) for b in got):
+            nan = nan & ~m.broadcast_to(x.shape)
+    made_nan = frozenset().union(*(got for m, got in parts or () if bool(mask_any(m.broadcast_to(x.shape) & nan))))
+    kept = frozenset(b for b in births if getattr(b, "nan", True) or b in made_nan)
     return kept or births
 
 
@@ -139,6 +153,12 @@ class _Provenance(_Parts):
             return True
         return bool(self.replayed) and any(t.layout is torch.strided and readable(t) and
                                            t.untyped_storage().data_ptr() in self.replayed for t in ins)
+
+    def _vague(self, t: torch.Tensor) -> bool:
+        """Whether ``t``'s births (several) are not told apart: an op lost its parts (``x.copy_(x.flip(0))``), so an
+        incident meeting it met its whole provenance, not each birth at its elements (``Incident.vague``)."""
+        return t not in self.parts and t not in self.exact and \
+            sum(isinstance(b, _Birth) and b.op != "gradient" for b in self.prov.get(t, ())) > 1
 
     def _origin(self, t: torch.Tensor, loc) -> frozenset:
         """The provenance of a non-finite tensor; data that arrived non-finite becomes an "input" birth."""
@@ -292,7 +312,7 @@ class _Provenance(_Parts):
                 # step into it); a forward write replaces the written elements' births only (_written_parts)
                 if seq is not None and not isinstance(seq, tuple):
                     self.prov[o._base] = self.prov.get(o._base, frozenset()) | self.prov[o]
-                else:
+                elif torch.Tag.inplace_view not in func.tags:  # (v.transpose_ writes nothing into v's base)
                     self._written_parts(o, o._base)
 
     def _value(self, func, loc, o, mask, nf, prior, nd, ins=(), base=None, args=None, made=None) -> None:
@@ -305,6 +325,7 @@ class _Provenance(_Parts):
         if literal and o.numel() <= 1:
             return  # a lifted scalar (x[2] = nan): the op that writes it is where it is born
         stale = self.parts.pop(o, None)  # an in-place op moved or wrote elements: its parts are redone (_kept_parts)
+        self.exact.pop(o, None)
         stats = _running_stats(func, args)
         nf = [t for t in nf if (t in self.prov or ((t.dim() or t.requires_grad) and not literal))
               and not any(t is r for r in stats)]
@@ -323,7 +344,8 @@ class _Provenance(_Parts):
             made.rows = _row_dims(func, args, args[0].dim(), _ROWWISE.get(func.overloadpacket, "dim")) or ()
         if births and func.overloadpacket in _MASKING_SOFTMAX and args is not None and len(args) > 1:
             told = births
-            births = _without_mask_infs(births, args[0], args[1], func.overloadpacket is torch.ops.aten._softmax)
+            births = _without_mask_infs(births, args[0], args[1], func.overloadpacket is torch.ops.aten._softmax,
+                                        self.parts.get(args[0]))
             if births != told and o in self.parts:  # (so do its parts, _rowwise_parts': a row's -inf beside its NaN)
                 self._keep(o, _united([(m, b & births) for m, b in self.parts[o] if b & births], o.shape))
         if prior:
@@ -376,8 +398,18 @@ class _Provenance(_Parts):
         elif not prior and len(nf) == 1 and nf[0] in self.parts and func.overloadpacket in _SAME_ELEMENTS \
                 and o.shape == nf[0].shape:
             self.parts[o] = self.parts[nf[0]]  # (autograd saves a detached output: the backward reads it)
-        if stale is not None and prior and len(births) > 1:
+        if stale is not None and prior and torch.Tag.inplace_view in func.tags:
+            self._moved_parts(func, o, stale, args)
+        elif stale is not None and prior and func.overloadpacket in _SCANS_IN_PLACE:
+            # (else every birth at every element: a padding row's NaN named at the used rows, genuine)
+            self.parts[o] = stale
+            births = self._scanned_parts(o, o, func, args) or births
+        elif stale is not None and prior and len(births) > 1:
             births = self._kept_parts(func, o, stale, nf, loc) or births
+        if o in self.exact and any(self._vague(t) for t in nf):
+            self.exact.pop(o)  # (one part made of an input whose parts were lost: its births, not each one's)
+        elif o not in self.parts and len(nf) == 1 and nf[0] in self.exact and births == self.prov.get(nf[0]):
+            self.exact[o] = True  # (any of its elements holds every birth: so do those an op keeps, s * ones(4))
         self.prov[o] = births
         for r in stats:  # (what it wrote there descends from the batch, as its outputs do)
             if _nonfinite(r):

@@ -79,7 +79,9 @@ class _SavedMeets:
         count, idx = _positions(met)
         if not count:
             return
-        self._met_incident(func, loc, o, met, count, idx, births, nd)
+        # (births of a saved value whose parts an op lost, every one at every element: one is named, as before)
+        vague = any(self._vague(t) for t in saved)
+        self._met_incident(func, loc, o, met, count, idx, births, nd, vague)
 
     def _met_apart(self, func, loc, o, met, groups, before, kept, nd) -> bool:
         """``_saved_met`` of an elementwise op whose one saved input holds parts of different births: an incident
@@ -100,7 +102,7 @@ class _SavedMeets:
                 self._met_incident(func, loc, o, m, count, idx, births, nd)
         return True
 
-    def _met_incident(self, func, loc, o, met, count, idx, births, nd) -> None:
+    def _met_incident(self, func, loc, o, met, count, idx, births, nd, vague: bool = False) -> None:
         """The incident of ``births``' NaN/Inf met by a nonzero sensitivity at ``met`` (``count`` elements, first
         ``idx``) in ``func``'s output ``o``: its births used, provisional under gw.strong_zeros(), carried by ``o``."""
         op, node_op = _op_name(func), nd.op if nd is not None else "?"
@@ -109,6 +111,7 @@ class _SavedMeets:
         inc = self.store.incident("nan" if _nan_in(o, met) else "inf", op, node_op, loc, count, idx, births,
                                   f"a nonzero sensitivity met NaN/Inf in {op} (the backward of {node_op})", None,
                                   False)
+        inc.vague = inc.vague or vague
         if self.provisional is not None:
             self.provisional.append((inc, count, nd, _strong_zeros.in_pass()))
         self.prov[o] = self.prov[o] | {inc}

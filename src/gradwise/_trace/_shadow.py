@@ -233,8 +233,13 @@ class _Shadow:
 
         at = next((i for i, r in enumerate(tree_flatten(out)[0]) if r is o), None)
         try:
+            # (the arguments made outside the strong mode: there the where's zeros at the other parts were
+            # structural zeros of ``t``, two tracked operands the bilinear rule runs plainly, 0 x NaN at a padding
+            # part a structural zero meets: a Conv1d's padding batch elements "kept by strong zeros", genuine)
+            with torch.no_grad():
+                new_args, new_kwargs = tree_map(arg, args), tree_map(arg, kwargs)
             with torch.no_grad(), self.mode:
-                res = func(*tree_map(arg, args), **tree_map(arg, kwargs))
+                res = func(*new_args, **new_kwargs)
         except Exception:  # an explanation must never break the program it explains
             return None
         flat = tree_flatten(res)[0]

@@ -89,6 +89,7 @@ class Incident:
     discarded: tuple | None = None  # (op, loc) of the forward op whose backward made the zero sensitivity
     reaches: set = field(default_factory=set)
     undecided: bool = False  # met in a backward op the trace cannot split (no strong-zero rule)
+    vague: bool = False  # its births are a saved value's whole provenance, its parts lost: not each one used
     unfollowed: bool = False  # a sparse/mkldnn/nested operand took part: strong zeros run that backward plain
     annihilated: bool = False  # a structural zero downstream annihilated (some of) it (see _SavedMeets._annihilated)
     # a genuine NaN/Inf covered every element it reached in an op that mixes (_Flow._mixed): it stopped there,

@@ -192,6 +192,9 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
         # elementwise result of inputs with different provenance -> [(mask, births)]: which births are where
         # (pred - y: x's NaN row used, y's NaN padding discarded), so a finding names only the births of its elements
         self.parts = WeakTensorKeyDictionary()
+        # a tensor whose births (several) are at every non-finite element alike (its parts became one: a row sum
+        # of two NaN writes in a row): an incident meeting it names them all (_assembly._named)
+        self.exact = WeakTensorKeyDictionary()
         self.formula_masks = WeakTensorKeyDictionary()  # comparison in a backward formula -> (op, args, kwargs)
         self.formula_g: dict[int, torch.Tensor] = {}  # node seq -> g, at a whole formula's first op
         self.names = _ByIdentity()
