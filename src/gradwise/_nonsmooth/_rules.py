@@ -8,6 +8,8 @@ May import: torch, gradwise._graph, gradwise._masks, ``_errors``, ``_records``.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -72,6 +74,76 @@ def rule_for(op) -> Callable:
     except KeyError:
         raise NonsmoothError(f"gradwise has no kink rule for {op}; the ops with rules are: "
                              f"{', '.join(sorted(str(k) for k in KINK_RULES))}") from None
+
+
+def call_rule(rule: Callable, run: _Run, func, args: tuple, kwargs: dict):
+    """``rule(run, func, *args, **kwargs)``, with the arguments the caller named as torch does (``input=``,
+    ``other=``) moved to their positions (a rule names its parameters its own way: ``torch.gt(x, other=y)``
+    crashed it). A TypeError the rule still raises where PyTorch's own call does not is gradwise's: it becomes
+    a NonsmoothError naming the op (raised through an operator, ``x > y``, a TypeError read "'>' not supported")."""
+    args, kwargs = _positional(rule, func, args, kwargs)
+    try:
+        return rule(run, func, *args, **kwargs)
+    except TypeError as e:
+        try:  # (on copies: the call may write in place)
+            func(*_copies(args), **dict(zip(kwargs, _copies(tuple(kwargs.values())), strict=True)))
+        except TypeError:
+            raise e from None  # the call is PyTorch's error too
+        except Exception:  # (PyTorch raises otherwise: the rule's TypeError is still gradwise's)
+            pass
+        name = getattr(func, "__name__", str(func))
+        raise NonsmoothError(f"gradwise's kink rule for {name} (called at {_user_line()}) failed on these "
+                             f"arguments ({type(e).__name__}: {e}); PyTorch accepts them. Please report this; "
+                             "passing the arguments by position may avoid it") from e
+
+
+def _copies(args: tuple) -> tuple:
+    return tuple(a.detach().clone() if isinstance(a, Tensor) else type(a)(_copies(tuple(a)))
+                 if type(a) in (list, tuple) else a for a in args)
+
+
+@functools.cache
+def _binder(rule: Callable) -> inspect.Signature | None:
+    try:
+        return inspect.signature(rule)
+    except (TypeError, ValueError):
+        return None
+
+
+@functools.cache
+def _rule_ops() -> dict[int, Any]:
+    return {id(r): op for op, r in KINK_RULES.items()}
+
+
+def _binds(sig: inspect.Signature, args: tuple, kwargs: dict) -> bool:
+    try:
+        sig.bind(None, None, *args, **kwargs)
+        return True
+    except TypeError:
+        return False
+
+
+def _positional(rule: Callable, func, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``args, kwargs`` with the keywords the rule does not take moved to their positions in the op's aten schema
+    (the first overload whose positional names cover them; torch's ``input`` is the schema's ``self``)."""
+    sig = _binder(rule)
+    if not kwargs or sig is None or _binds(sig, args, kwargs):
+        return args, kwargs
+    op = func if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) else _rule_ops().get(id(rule))
+    if op is None:
+        return args, kwargs
+    packet = op.overloadpacket if isinstance(op, torch._ops.OpOverload) else op
+    for name in packet.overloads():
+        schema = getattr(packet, name)._schema
+        moved, rest = list(args), dict(kwargs)
+        for a in [a for a in schema.arguments if not a.kwarg_only][len(args):]:
+            key = a.name if a.name in rest else "input" if a.name == "self" and "input" in rest else None
+            if key is None:
+                break
+            moved.append(rest.pop(key))
+        if _binds(sig, tuple(moved), rest):
+            return tuple(moved), rest
+    return args, kwargs
 
 
 _UNPACK_DUAL = torch._C._VariableFunctions._unpack_dual  # torch._VF's, without its module __getattr__
