@@ -105,3 +105,75 @@ def test_a_type_error_inside_a_rule_names_the_op(monkeypatch):
     f = lambda v: torch.where(v > 0, v, -v).sum()
     with pytest.raises(NonsmoothError, match=r"rule for gt \(called at .*test_hunt_ns32.py:\d+\) failed.*internal"):
         gw.directional_derivative(f, X, DIRS[0])
+
+
+def _nearby_least_norm(f, xs, n: int = 3000, r: float = 1e-7) -> float:
+    """The least norm of the hull of f's gradients at random points within ~r of xs (differentiable almost surely):
+    the Clarke subdifferential's least norm, approached from above."""
+    from scipy.optimize import nnls
+
+    gen, rows = torch.Generator().manual_seed(3), []
+    for _ in range(n):
+        ps = [(x + r * torch.randn(x.shape, generator=gen, dtype=D)).requires_grad_(True) for x in xs]
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(f(*ps), ps)]).numpy())
+    g = np.array(rows)
+    mu = nnls(np.vstack([g.T, np.ones(len(g))]), np.r_[np.zeros(g.shape[1]), 1.0], maxiter=20_000)[0]
+    return float(np.linalg.norm(mu / mu.sum() @ g))
+
+
+_A = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.8, -1.0]], dtype=D)
+_W = torch.tensor([0.4, -0.9, 1.3], dtype=D)
+_B = torch.cat([_A, torch.tensor([[0.2, 0.1, 0.9]], dtype=D)])
+# One Euclidean norm at 0 (a round subdifferential: sampled pieces never reach a boundary point, and no interval
+# bound covers the norm): ||x|| + x0 at 0 is stationary (0 on the unit ball's boundary shifted by e0) and
+# ||x|| + 1.5 x0 is not (least norm 0.5); both said None
+BALLS = {
+    "||x|| + x0": ((torch.zeros(2, dtype=D),), lambda x: torch.linalg.vector_norm(x) + x[0], True),
+    "||x|| + x0 (3-d)": ((torch.zeros(3, dtype=D),), lambda x: torch.linalg.vector_norm(x) + x[0], True),
+    "||x|| + 1.5 x0": ((torch.zeros(2, dtype=D),), lambda x: torch.linalg.vector_norm(x) + 1.5 * x[0], False),
+    "exp(||Ax||) + w.x": ((torch.zeros(3, dtype=D),), lambda x: torch.exp(torch.linalg.vector_norm(_A @ x)) + _W @ x,
+                          False),
+    "torch.norm(x) + 0.9 sum x": ((torch.zeros(3, dtype=D),), lambda x: torch.norm(x) + 0.9 * x.sum(), False),
+    "||x - y|| at x = y": ((torch.ones(2, dtype=D), torch.ones(2, dtype=D)),
+                           lambda x, y: (x - y).norm() + 0.7 * x[0] + 0.6 * y[1], False),
+    # (A is 2 x 3: e0 / 10 is 0.066 off the plane A^T B spans)
+    "-||Ax|| + 0.1 x0": ((torch.zeros(3, dtype=D),), lambda x: -torch.linalg.vector_norm(_A @ x) + 0.1 * x[0],
+                         False),
+    "-||Bx|| + 0.1 x0": ((torch.zeros(3, dtype=D),), lambda x: -torch.linalg.vector_norm(_B @ x) + 0.1 * x[0], True),
+}
+
+
+@pytest.mark.parametrize("xs, f, stationary", BALLS.values(), ids=BALLS.keys())
+def test_stationarity_of_one_norm_at_zero(xs, f, stationary):
+    cert = gw.stationarity(f, xs if len(xs) > 1 else xs[0])
+    ref = _nearby_least_norm(f, xs)  # (an upper bound, within ~1e-3 in 3-d)
+    assert cert.stationary is stationary
+    assert ref - 2e-3 <= cert.lower_bound <= cert.min_norm <= ref + 1e-9
+    if not stationary:
+        assert cert.min_norm - cert.lower_bound < 1e-6
+
+
+# A comparison whose argument moves at order 3 to 6 along d kept the tie's value (a documented limit): |x| written
+# as where(x ** k > 0, x, -x) got slope -1 along +1 (SILENT, f continuous)
+HIGHER = {
+    "x^3": lambda v: torch.where(v[0] ** 3 > 0, v[0], -v[0]),
+    "x^4 (even)": lambda v: torch.where(v[0] ** 4 > 0, v[0], -v[0]),
+    "x^5 - y^5 vs 0": lambda v: torch.where(v[0] ** 5 - v[1] ** 5 > 0, v[0], v[1]),
+    "max of x^3 switch": lambda v: torch.maximum(torch.where(v[0] ** 3 > 0, v[0], -v[0]), v[1]),
+    "sum x^3 > 0": lambda v: torch.where((v ** 3).sum() > 0, v.sum(), -v.sum()),
+    "sin(x)^3 > 0": lambda v: torch.where(torch.sin(v[0]) ** 3 > 0, v[0], -v[0]),
+    "sign(x^3) * x": lambda v: torch.sign(v[0] ** 3) * v[0],
+    "saturated clamp keeps": lambda v: torch.where(torch.clamp(v[0] - 1, min=0) > 0, v[1], -v[1]),
+}
+
+
+@pytest.mark.parametrize("d", DIRS, ids=["d0", "d1", "d2"])
+@pytest.mark.parametrize("f", HIGHER.values(), ids=HIGHER.keys())
+def test_comparison_moving_at_higher_order(f, d):
+    assert float(gw.directional_derivative(f, X, d)) == pytest.approx(one_sided(f, X, d), abs=1e-6)
+
+
+def test_step_of_a_cube_jumps():
+    """sign(x ** 3) jumps at 0: it said 0 (the tie kept sign(0) = 0)."""
+    with pytest.raises(NonsmoothError, match="jumps"):
+        gw.directional_derivative(lambda v: torch.sign(v[0] ** 3), X, DIRS[0])

@@ -255,7 +255,8 @@ def _second_order_key(run: _Run, op: str, sp: Tensor, rows: Tensor, ds: Tensor, 
     goes to (x * x > 0 at 0: True), which further directions cannot tell (their tangents are of other rays).
     s'' is 0 where s is locally constant (a relu-dead unit, a saturated clamp, floor(x) == 2: PyTorch's derivative
     formulas there are constant zeros); it is also 0 for an s that moves at third order or higher (x ** 3 > 0 at
-    0), which keeps its value (docs/nonsmooth.md).
+    0): there the tangents of order 3 to HIGHEST_ORDER decide (the first nonzero one), and where all are 0 the
+    element keeps its value (docs/nonsmooth.md).
 
     Computed by reverse passes through the pass's graph (the primal graph, which is f's locked piece, not the
     tangents: PyTorch's double-backward formulas), twice: along d and along 0.7 d, whose s'' is 0.49 times d's. An
@@ -286,19 +287,31 @@ def second_order_tangents(op: str, pairs: list, sp: Tensor, picked: Tensor) -> t
     noise set to 0 (computed along d and 0.7 d, see `_second_order_key`), and whether a backward on the way builds
     no graph (`_second_orders`: False, True or the custom Function's class). None: 0 everywhere."""
     with torch._C.DisableTorchFunction(), torch.enable_grad():  # (gradwise's own graph work: not f's ops)
-        second, opaque = _second_orders(op, pairs, sp, picked)
-        if second is not None and mask_any(second != 0):
+        orders, opaque = _second_orders(op, pairs, sp, picked)
+        if any(t is not None and mask_any(t != 0) for t in orders):
             scaled, _ = _second_orders(op, [(p, d * _SCALE) for p, d in pairs], sp, picked)
-            scaled = second.new_zeros(()) if scaled is None else scaled / _SCALE**2
-            rtol = torch.finfo(second.dtype).eps ** 0.5 if second.is_floating_point() else 0.0
-            second = torch.where((second - scaled).abs() <= rtol * torch.maximum(second.abs(), scaled.abs()),
-                                 second, 0.0)
+            orders = [_signal(t, u, _SCALE ** (k + 2)) for k, (t, u) in enumerate(zip(orders, scaled, strict=False))]
+        # where s' = s'' = 0, the first nonzero higher-order tangent decides (x ** 3 > 0 at 0: True along +1)
+        second = None
+        for t in orders:
+            if t is not None:
+                second = t if second is None else torch.where(second != 0, second, t)
     return second, opaque
 
 
-def _second_orders(op: str, pairs: list, sp: Tensor, picked: Tensor) -> tuple[Tensor | None, Any]:
-    """d^T (Hessian of sp) d at the flat indices ``picked`` of ``sp``, detached (None: sp's first derivative along
-    the directions is constant, so they are 0), and whether a custom Function's backward on the way builds no
+def _signal(value: Tensor | None, scaled: Tensor | None, factor: float) -> Tensor | None:
+    """``value`` where ``scaled`` (the same along 0.7 d) is ``factor`` times it, else 0 (rounding noise)."""
+    if value is None:
+        return None
+    scaled = value.new_zeros(()) if scaled is None else scaled / factor
+    rtol = torch.finfo(value.dtype).eps ** 0.5 if value.is_floating_point() else 0.0
+    return torch.where((value - scaled).abs() <= rtol * torch.maximum(value.abs(), scaled.abs()), value, 0.0)
+
+
+def _second_orders(op: str, pairs: list, sp: Tensor, picked: Tensor) -> tuple[list, Any]:
+    """[s'', then higher orders] at the flat indices ``picked`` of ``sp``: d^T (Hessian of sp) d, detached (None:
+    sp's first derivative along the directions is constant, so they are 0), then where some is 0 the tangents of
+    order 3 and up (`_higher_orders`); and whether a custom Function's backward on the way builds no
     graph (``once_differentiable``, or run under no_grad / outside autograd): its derivative would read 0, so
     the s'' found would miss its part (`_cut_backwards`: then that Function's class, else True). Three reverse
     passes for all together; two each where an op has no third derivative."""
@@ -309,14 +322,15 @@ def _second_orders(op: str, pairs: list, sp: Tensor, picked: Tensor) -> tuple[Te
             grads = torch.autograd.grad(y, [p for p, _ in pairs], create_graph=True, allow_unused=True)
         # (a gradient cut from w in an aten op is no evidence: floor, sign and casts have constant-zero backwards)
         if cut or any(g is not None and g.requires_grad and _delayed_error(g) for g in grads):
-            return None, cut[0] if cut else True
+            return [None], cut[0] if cut else True
         first = _along(pairs, y, create_graph=True)
-        second = _along(pairs, first, create_graph=True)
-        second = None if second is None or not second.requires_grad else \
-            torch.autograd.grad(second, w, allow_unused=True, retain_graph=True)[0]
+        along2 = _along(pairs, first, create_graph=True)
+        second = None if along2 is None or not along2.requires_grad else \
+            torch.autograd.grad(along2, w, allow_unused=True, retain_graph=True)[0]
+        higher = _higher_orders(pairs, along2, w, second)
     except RuntimeError as e:  # an op whose double backward has no derivative: one element at a time
         if "once_differentiable" in str(e):
-            return None, True
+            return [None], True
         if len(picked) > SECOND_ORDER_ROWS:
             raise NonsmoothError(f"{op} at {_user_line()}: {len(picked)} tied elements whose argument has tangent "
                                  "0 along the direction; which side of the jump each goes to is a second-order "
@@ -324,6 +338,7 @@ def _second_orders(op: str, pairs: list, sp: Tensor, picked: Tensor) -> tuple[Te
                                  f"then computes them one by one, at most {SECOND_ORDER_ROWS}). Keep the "
                                  "comparison's argument off its jump, or compare a quantity that moves at first "
                                  "order") from None
+        higher = []  # (one by one: not asked further)
         try:
             second = torch.stack([_along(pairs, _along(pairs, sp.reshape(-1)[r], create_graph=True))
                                   for r in picked.tolist()])
@@ -333,7 +348,33 @@ def _second_orders(op: str, pairs: list, sp: Tensor, picked: Tensor) -> tuple[Te
                                  f"the way has no second derivative in PyTorch ({str(e).splitlines()[0]}). Keep "
                                  "the comparison's argument off its jump, or compare a quantity that moves at "
                                  "first order") from None
-    return (None if second is None else _split(second)[0].detach()), False
+    return [None if second is None else _split(second)[0].detach(), *higher], False
+
+
+HIGHEST_ORDER = 6  # tangents up to this order decide a comparison whose argument's lower ones are 0
+
+
+def _higher_orders(pairs: list, along2: Tensor | None, w: Tensor, second: Tensor | None) -> list:
+    """The tangents of order 3 .. HIGHEST_ORDER of the elements whose lower ones are all 0 (``along2`` is
+    sum_i w_i s_i''), detached, one reverse pass each; None for an order whose tangents are all 0. Stops where
+    PyTorch has no derivative on the way: those elements keep their value, as a constant argument's does (a
+    saturated clamp: every order 0)."""
+    out, along, found = [], along2, None if second is None else second != 0
+    for _ in range(3, HIGHEST_ORDER + 1):
+        if along is None or not along.requires_grad or (found is not None and mask_all(found)):
+            break
+        try:
+            along = _along(pairs, along, create_graph=True)
+            if along is None or not along.requires_grad:
+                break
+            value = torch.autograd.grad(along, w, allow_unused=True, retain_graph=True)[0]
+        except (RuntimeError, NotImplementedError):
+            break
+        value = None if value is None else _split(value)[0].detach()
+        out.append(value)
+        if value is not None:
+            found = value != 0 if found is None else found | (value != 0)
+    return out
 
 
 @contextlib.contextmanager
