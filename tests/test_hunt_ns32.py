@@ -177,3 +177,39 @@ def test_step_of_a_cube_jumps():
     """sign(x ** 3) jumps at 0: it said 0 (the tie kept sign(0) = 0)."""
     with pytest.raises(NonsmoothError, match="jumps"):
         gw.directional_derivative(lambda v: torch.sign(v[0] ** 3), X, DIRS[0])
+
+
+class _MaxSplit(torch.autograd.Function):
+    """max(x) with 1/2 to each tied element (no jvp): at a 3-way tie (1/2, 1/2, 1/2) sums to 1.5, outside the
+    Clarke subdifferential (the simplex), yet it equals the central differences."""
+
+    @staticmethod
+    def forward(ctx, x):
+        m = x.max()
+        ctx.save_for_backward(x, m)
+        return m
+
+    @staticmethod
+    def backward(ctx, g):
+        x, m = ctx.saved_tensors
+        tied = (x == m).to(x.dtype)
+        return g * tied / 2 if tied.sum() > 1 else g * tied
+
+
+@pytest.mark.parametrize("f, x, passes", [
+    (lambda v: _MaxSplit.apply(v), torch.zeros(3, dtype=D), False),  # was: passed (SILENT)
+    (lambda v: _MaxSplit.apply(v), torch.tensor([0.0, 1.0, 2.0], dtype=D), True),
+    (lambda v: 2000 * (v ** 2).sum() + torch.sin(v).sum(), torch.zeros(3, dtype=D), True),  # curvature, no kink
+], ids=["hidden-3-tie", "hidden-no-tie", "high-curvature"])
+def test_gradcheck_at_a_kink_it_cannot_see(f, x, passes):
+    """Where PyTorch's gradcheck passed (central differences) gw.gradcheck passed, even at a kink hidden in a
+    custom Function where the backward is no generalized gradient. One-sided differences (confirmed at a 10x
+    smaller step) now show the kink: not shown to be a generalized gradient, no pass."""
+    with torch.no_grad():
+        right = [float(f(x + 1e-7 * e) - f(x)) / 1e-7 for e in torch.eye(3, dtype=D)]
+        left = [float(f(x) - f(x - 1e-7 * e)) / 1e-7 for e in torch.eye(3, dtype=D)]
+    assert (max(abs(r - l_) for r, l_ in zip(right, left, strict=True)) < 1e-3) is passes  # the reference
+    result = gw.gradcheck(f, x, raise_exception=False)
+    assert result.passed is passes
+    if not passes:
+        assert "cannot see" in str(result)

@@ -69,6 +69,8 @@ def ball_pieces(f, xs, single, like, seed: int) -> tuple[list, float] | None:
 
     plus = [piece(dirs[i], 2 * i) for i in range(n)]
     minus = [piece(-dirs[i], 2 * i + 1) for i in range(n)]
+    if not all(bool(torch.isfinite(g).all()) for g in plus + minus):
+        return None
     mids = torch.stack([(p + m) / 2 for p, m in zip(plus, minus, strict=True)])
     a = mids.mean(0)
     scale = max(float(torch.stack(plus + minus).abs().max()), 1e-300)
@@ -92,6 +94,7 @@ def ball_pieces(f, xs, single, like, seed: int) -> tuple[list, float] | None:
     d_star = torch.from_numpy(u_ @ (pinv * w)) * sign
     target = a + torch.from_numpy(u_ @ (lam * w)) / norm_w  # the boundary point a + Q w / |w|
     found = [piece(d_star, 2 * n), piece(-d_star, 2 * n + 1)]
-    if float((found[0] - target).abs().max()) > max(tol, 1e-9 * float(target.abs().max())):
+    off = float((found[0] - target).abs().max()) > max(tol, 1e-9 * float(target.abs().max()))
+    if off or not all(bool(torch.isfinite(g).all()) for g in found):
         return None
     return [_unflat(g, like) for g in found], least
