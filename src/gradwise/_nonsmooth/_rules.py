@@ -103,11 +103,16 @@ def _copies(args: tuple) -> tuple:
 
 
 @functools.cache
-def _binder(rule: Callable) -> inspect.Signature | None:
+def _binder(rule: Callable) -> tuple[inspect.Signature | None, frozenset | None]:
+    """The rule's signature, and the keywords it takes by name (None: it has ``**kwargs``, binding decides)."""
     try:
-        return inspect.signature(rule)
+        sig = inspect.signature(rule)
     except (TypeError, ValueError):
-        return None
+        return None, None
+    params = sig.parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return sig, None
+    return sig, frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
 @functools.cache
@@ -126,9 +131,11 @@ def _binds(sig: inspect.Signature, args: tuple, kwargs: dict) -> bool:
 def _positional(rule: Callable, func, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """``args, kwargs`` with the keywords the rule does not take moved to their positions in the op's aten schema
     (the first overload whose positional names cover them; torch's ``input`` is the schema's ``self``)."""
-    sig = _binder(rule)
-    if not kwargs or sig is None or _binds(sig, args, kwargs):
+    if not kwargs:
         return args, kwargs
+    sig, names = _binder(rule)
+    if sig is None or (names is not None and names.issuperset(kwargs)) or _binds(sig, args, kwargs):
+        return args, kwargs  # (the everyday call, clamp(x, min=0), takes the set test only)
     op = func if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) else _rule_ops().get(id(rule))
     if op is None:
         return args, kwargs
