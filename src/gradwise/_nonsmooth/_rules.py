@@ -620,6 +620,20 @@ _STEP_NODES = frozenset(("FloorBackward0", "CeilBackward0", "RoundBackward0", "R
                          "SignBackward0", "SgnBackward0", "DivBackward2", "DivBackward3"))  # div: rounding modes
 
 
+def result_type_of(a: Tensor, b) -> torch.dtype:
+    """``torch.result_type`` for an operand it does not take (a NumPy array), converted as torch's ops do."""
+    return torch.result_type(a, torch.as_tensor(b, device=a.device))
+
+
+def promoted(v, dtype: torch.dtype, device: torch.device):
+    """A bool operand as a number of the comparison's dtype, a NumPy one as a tensor; anything else as it is."""
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, Tensor):
+        return v.to(dtype) if v.dtype == torch.bool else v
+    return v if isinstance(v, (int, float)) else torch.as_tensor(v, dtype=dtype, device=device)
+
+
 def _stepped(a) -> bool:
     return isinstance(a, Tensor) and a.grad_fn is not None and type(a.grad_fn).__name__ in _STEP_NODES
 

@@ -31,6 +31,8 @@ from gradwise._nonsmooth._rules import (
     _stepped,
     _switch,
     kink_rule,
+    promoted,
+    result_type_of,
 )
 from gradwise._ops._discrete import trunc_rounds_off
 
@@ -357,20 +359,6 @@ _CMP = {"gt": (True, False), "ge": (True, True), "lt": (False, False), "le": (Fa
         "ne": (None, False)}
 
 
-def _result_type_of(a: Tensor, b) -> torch.dtype:
-    """``torch.result_type`` for an operand it does not take (a NumPy array), converted as torch's ops do."""
-    return torch.result_type(a, torch.as_tensor(b, device=a.device))
-
-
-def _promoted(v, dtype: torch.dtype, device: torch.device):
-    """A bool operand as a number of the comparison's dtype, a NumPy one as a tensor; anything else as it is."""
-    if isinstance(v, bool):
-        return float(v)
-    if isinstance(v, Tensor):
-        return v.to(dtype) if v.dtype == torch.bool else v
-    return v if isinstance(v, (int, float)) else torch.as_tensor(v, dtype=dtype, device=device)
-
-
 def _comparison(name: str, op: str | None = None):
     above, at_tie = _CMP[name]
     op = op or f"aten.{name}"
@@ -383,7 +371,7 @@ def _comparison(name: str, op: str | None = None):
         try:
             dtype = torch.result_type(ap, bp)
         except TypeError:  # (a NumPy array: converted as the comparison converts it)
-            dtype = _result_type_of(ap, bp)
+            dtype = result_type_of(ap, bp)
         # x == x (a NaN test) ties everywhere: never a kink. An integer tensor compared with a float one ties too
         # (`torch.tensor(0) < x` took the integer's side as exact: |x| written so got slope -1 at 0)
         if not (dtype.is_floating_point or dtype.is_complex) or a is b:
@@ -394,7 +382,7 @@ def _comparison(name: str, op: str | None = None):
                                      "gradwise follows the sign of a - b, which a complex difference does not have. "
                                      "Compare real tensors (the real and imaginary parts)")
             return result
-        s = _promoted(a, dtype, ap.device) - _promoted(b, dtype, ap.device)  # (bools: `x > False`, which `-` refuses)
+        s = promoted(a, dtype, ap.device) - promoted(b, dtype, ap.device)  # (bools: `x > False`, which `-` refuses)
         sp = _split(s)[0]
         tie = sp.abs() <= run.tie_tol
         run.note_near(op, sp.abs())
