@@ -213,3 +213,25 @@ def test_gradcheck_at_a_kink_it_cannot_see(f, x, passes):
     assert result.passed is passes
     if not passes:
         assert "cannot see" in str(result)
+
+
+def test_setitem_remembered_smooth_only_for_its_signature():
+    """A float `b[idx] = x` reaches index_put_ (no kink op), so Tensor.__setitem__ was remembered smooth for every
+    call: a later `b[:] = x` into an int32 b (a cast, jumping at -3) gave slope 1 where f jumps (SILENT, order-
+    dependent: test_nonsmooth's 'setitem int' failed after other tests in one process)."""
+    def scatter(x):
+        b = torch.zeros(2, dtype=D)
+        b[torch.tensor([0, 1])] = x
+        return b.sum()
+
+    def into_int(x):
+        b = torch.zeros(x.shape, dtype=torch.int32)
+        b[:] = x
+        return b.double().sum() + x.sum()
+
+    assert float(gw.directional_derivative(scatter, torch.ones(2, dtype=D), torch.ones(2, dtype=D))) == 2.0
+    x, d = torch.tensor([-3.0], dtype=D), torch.ones(1, dtype=D)
+    with torch.no_grad():  # the reference: f jumps (int32(-3 + t) = -2)
+        assert float(into_int(x + 1e-9 * d) - into_int(x)) > 0.5
+    with pytest.raises(NonsmoothError):
+        gw.directional_derivative(into_int, x, d)
