@@ -235,3 +235,24 @@ def test_setitem_remembered_smooth_only_for_its_signature():
         assert float(into_int(x + 1e-9 * d) - into_int(x)) > 0.5
     with pytest.raises(NonsmoothError):
         gw.directional_derivative(into_int, x, d)
+
+
+@pytest.mark.parametrize("f, x, passes", [
+    # a visible kink 1e-8 from x, on both sides: f is flat on [-1e-8, 1e-8], PyTorch's 0 is its gradient
+    (lambda v: (v - 1e-8).abs().sum() + (v + 1e-8).abs().sum(), torch.zeros(2, dtype=D), True),
+    (lambda v: torch.sqrt(v ** 2 + 1e-16).sum(), torch.zeros(2, dtype=D), True),  # smooth, curved at scale 1e-8
+    (lambda v: 1e3 + _MaxSplit.apply(v), torch.ones(3, dtype=D), False),  # the hidden 3-way tie, off 0
+], ids=["kinks-1e-8-away", "smooth-abs-1e-8", "hidden-3-tie-at-1"])
+def test_gradcheck_tells_a_kink_at_x_from_one_within_the_step(f, x, passes):
+    """The hidden-kink check compared one-sided differences at eps and eps / 10 only: a feature within 1e-7 of x
+    (a visible kink 1e-8 away, a smooth |x| of width 1e-8) kept its gap there, so gw.gradcheck failed where
+    PyTorch's check and the base passed, saying "no kink op gradwise sees" of a visible abs. A kink at x keeps its
+    gap at every smaller step; these lose it below 1e-8. Reference: one-sided differences at steps 1e-10 and
+    1e-11, far under the features' scale."""
+    with torch.no_grad():
+        gaps = [max(abs(float(f(x + h * e) - 2 * f(x) + f(x - h * e))) / h for e in torch.eye(3 if x.numel() == 3
+                    else 2, dtype=D)) for h in (1e-10, 1e-11)]
+    assert (max(gaps) < 1e-2) is passes, gaps
+    assert torch.autograd.gradcheck(lambda v: f(v), (x.clone().requires_grad_(True),))  # central differences pass
+    result = gw.gradcheck(f, x, raise_exception=False)
+    assert result.passed is passes, str(result)
