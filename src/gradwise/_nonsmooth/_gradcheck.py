@@ -218,15 +218,17 @@ def _unseen_kink(f, xs, single, eps: float, atol: float, rtol: float, confirm: b
 
 def _persists(gap_at: Callable, base: torch.Tensor, gap: torch.Tensor, kinked: torch.Tensor,
               eps: float) -> torch.Tensor:
-    """``kinked`` where the one-sided gap stays above half its size at ``eps`` at the steps eps/10, eps/100 ...
-    (``gap_at(h)``): a kink at x keeps its gap as the step shrinks, curvature's shrinks with the step, and a kink
-    a distance r from x leaves once the step is below r (|x - 1e-8| + |x + 1e-8| at 0 is flat there: PyTorch's 0
-    is its gradient; sqrt(x² + 1e-16) is smooth). eps/10 always; smaller steps down to eps * 1e-4, while
-    rounding in f's values (~1e3 ulps of its size over the step) stays well under the gap."""
+    """``kinked`` where the one-sided gap (``gap_at(h)``) stays above half its size at ``eps`` and at the step
+    before, at the steps eps/10, eps/100 ...: a kink at x keeps its gap as the step shrinks; curvature's shrinks
+    with the step (10x at each, once the step is below its scale: cos(1e8 x) at 0), and a kink a distance r from x
+    leaves once the step is below r (|x - 1e-8| + |x + 1e-8| at 0 is flat there, PyTorch's 0 is its gradient;
+    sqrt(x² + 1e-16) is smooth). eps/10 always; smaller steps down to eps * 1e-4, while rounding in f's values
+    (~1e3 ulps of its size over the step) stays well under the gap."""
     h, ulp = eps / 10, torch.finfo(base.dtype).eps if base.is_floating_point() else 0.0
-    size = float(base.abs().max()) if base.numel() else 0.0
+    size, last = float(base.abs().max()) if base.numel() else 0.0, gap
     while True:
-        kinked = kinked & (gap_at(h) > gap / 2)
+        now = gap_at(h)
+        kinked, last = kinked & (now > gap / 2) & (now > last / 2), now  # (curvature: 10x less each step)
         h /= 10
         if not bool(kinked.any()) or h < eps * 1e-4 or h < 1e3 * ulp * size / float(gap[kinked].min()):
             return kinked
