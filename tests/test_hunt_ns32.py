@@ -258,3 +258,21 @@ def test_gradcheck_tells_a_kink_at_x_from_one_within_the_step(f, x, passes):
     assert torch.autograd.gradcheck(lambda v: f(v), (x.clone().requires_grad_(True),))  # central differences pass
     result = gw.gradcheck(f, x, raise_exception=False, nearby=0)  # (cos(1e8 x) fails PyTorch's check nearby)
     assert result.passed is passes, str(result)
+
+
+@pytest.mark.parametrize("k", [0.3, 0.7, 1.1, 0.13])
+def test_higher_orders_after_a_rounding_noise_second_order(k):
+    """s = variance(v) + (v0 - 1)³ at v = (1, 1, 1) along the constant shift k (1, 1, 1): the variance is 0 along
+    it, so s moves at third order (0.027 t³ for k = 0.3) and where(s > 0, A, B) takes A. The variance's s'' is
+    rounding noise in one of the two runs (along d and 0.7 d); counted as found, it stopped the higher orders there,
+    the third order was dropped, and the tie kept its value: slope -0.9 where f's is 0.9 (SILENT)."""
+    x, d = torch.ones(3, dtype=D), torch.full((3,), k, dtype=D)
+
+    def f(v):
+        s = (v * v).mean() - v.mean() ** 2 + (v[0] - 1) ** 3
+        return torch.where(s > 0, v.sum(), -v.sum() + 6)
+
+    with torch.no_grad():  # (f is B at the tie, A just past it: continuous, slope of A)
+        slopes = [float(f(x + h * d) - f(x)) / h for h in (1e-2, 1e-3)]
+    assert slopes == pytest.approx([3 * k] * 2, abs=1e-9)
+    assert float(gw.directional_derivative(f, x, d)) == pytest.approx(slopes[-1], abs=1e-9)
