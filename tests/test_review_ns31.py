@@ -90,22 +90,20 @@ def test_quasi_norm_at_zero_under_a_max_tie_refuses(seed):
         gw.generalized_grad(f, torch.zeros(3, dtype=D), seed=seed)
 
 
-@pytest.mark.xfail(strict=True, reason="known limit (docs: third order keeps the tie's value): a comparison whose "
-                   "argument moves at third order along d keeps its value, so a continuous f gets a wrong slope")
 @pytest.mark.parametrize("f", [
     lambda v: torch.where(v[0] ** 3 > 0, v[0], -v[0]),
     lambda v: torch.maximum(torch.where(v[0] ** 3 > 0, v[0], -v[0]), v[1]),
 ], ids=["abs-by-cube", "max-of-it"])
 def test_third_order_comparison_continuous_f(f):
+    """Was a known limit (the tie kept its value: slope -1); session 32 decides it by the third-order tangent."""
     d = torch.tensor([1.0, 0.5], dtype=D)
     with torch.no_grad():
         ref = float(f(X0 + 1e-7 * d) - f(X0)) / 1e-7  # 1.0
     assert float(gw.directional_derivative(f, X0, d)) == pytest.approx(ref, abs=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed (also on the base): a comparison's argument with a gradient "
-                   "below the enumeration's tol (1e-9) is taken as flat, so exact=True keeps one side only")
 def test_stationarity_tiny_gradient_comparison():
+    """Fixed in session 32: a gradient in (0, 1e-9] is no longer taken as flat (the pieces are sampled)."""
     # s = 1e-12 x + x² + y²: s < 0 on a disk touching 0, so both y and -y are active pieces: 0 is in their hull
     f = lambda v: torch.where(1e-12 * v[0] + v[0] ** 2 + v[1] ** 2 > 0, v[1], -v[1])
     cert = gw.stationarity(f, torch.zeros(2, dtype=D))

@@ -33,7 +33,7 @@ from gradwise._nonsmooth._kink_watch import (
 )
 from gradwise._nonsmooth._ports import PORTS
 from gradwise._nonsmooth._records import _Run, _user_line
-from gradwise._nonsmooth._rules import CASTS, UNRULED, _is_dual, _unpack, route
+from gradwise._nonsmooth._rules import CASTS, UNRULED, _is_dual, _unpack, call_rule, route
 from gradwise._nonsmooth._rules_aten import _aten_rule
 from gradwise._nonsmooth._rules_jvp import _JVP_ROUTES
 
@@ -291,7 +291,7 @@ class _KinkMode(_KinkReads, TorchFunctionMode):
         before, self.run.call = len(self.run.kinks), self.count
         hooks = _pop_saved_tensor_hooks()
         try:
-            out = rule(self.run, func, *args, **kwargs)
+            out = call_rule(rule, self.run, func, args, kwargs)
         finally:
             for pair in reversed(hooks):
                 torch._C._autograd._push_saved_tensors_default_hooks(*pair)

@@ -88,8 +88,14 @@ def _known_smooth(func, args: tuple, kwargs: dict) -> bool:
     return seen is not None and _signature(args, kwargs, seen[0]) in seen[1]
 
 
+# Callables whose aten ops depend on their arguments' kinds, not only their values: `b[idx] = x` reaches
+# index_put_ (no kink op), `b[:] = x` into an integer b a cast (a jump). Remembered smooth by signature only: once
+# a float `b[idx] = x` had run, every later __setitem__ ran unwatched (an int32 `b[:] = x` at a jump: slope 1)
+_BY_SIGNATURE = {Tensor.__setitem__}
+
+
 def _remember_smooth(func, args: tuple, kwargs: dict, watch: _KinkWatch) -> None:
-    if not watch.conditional:
+    if not watch.conditional and func not in _BY_SIGNATURE:
         _SMOOTH_CALLS.add(func)
         return
     seen = _SMOOTH_FOR.get(func)

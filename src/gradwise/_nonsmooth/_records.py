@@ -46,6 +46,7 @@ class Kink:
     unresolved: int = 0
     comparison: bool = False
     continuum: bool = False  # norm at 0: infinitely many pieces
+    ball: bool = False  # a Euclidean norm of one slice at 0: its pieces are a + M u over unit vectors u
     call: tuple[int, int] = (0, 0)  # (mode call count, kink index within the call): the same on every pass
     choice: Tensor | None = None
     write: Callable | None = None  # writes another choice into this pass's lock tensors (graph reuse)

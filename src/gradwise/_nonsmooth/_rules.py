@@ -8,6 +8,8 @@ May import: torch, gradwise._graph, gradwise._masks, ``_errors``, ``_records``.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -72,6 +74,83 @@ def rule_for(op) -> Callable:
     except KeyError:
         raise NonsmoothError(f"gradwise has no kink rule for {op}; the ops with rules are: "
                              f"{', '.join(sorted(str(k) for k in KINK_RULES))}") from None
+
+
+def call_rule(rule: Callable, run: _Run, func, args: tuple, kwargs: dict):
+    """``rule(run, func, *args, **kwargs)``, with the arguments the caller named as torch does (``input=``,
+    ``other=``) moved to their positions (a rule names its parameters its own way: ``torch.gt(x, other=y)``
+    crashed it). A TypeError the rule still raises where PyTorch's own call does not is gradwise's: it becomes
+    a NonsmoothError naming the op (raised through an operator, ``x > y``, a TypeError read "'>' not supported")."""
+    args, kwargs = _positional(rule, func, args, kwargs)
+    try:
+        return rule(run, func, *args, **kwargs)
+    except TypeError as e:
+        try:  # (on copies: the call may write in place)
+            func(*_copies(args), **dict(zip(kwargs, _copies(tuple(kwargs.values())), strict=True)))
+        except TypeError:
+            raise e from None  # the call is PyTorch's error too
+        except Exception:  # (PyTorch raises otherwise: the rule's TypeError is still gradwise's)
+            pass
+        name = getattr(func, "__name__", str(func))
+        raise NonsmoothError(f"gradwise's kink rule for {name} (called at {_user_line()}) failed on these "
+                             f"arguments ({type(e).__name__}: {e}); PyTorch accepts them. Please report this; "
+                             "passing the arguments by position may avoid it") from e
+
+
+def _copies(args: tuple) -> tuple:
+    return tuple(a.detach().clone() if isinstance(a, Tensor) else type(a)(_copies(tuple(a)))
+                 if type(a) in (list, tuple) else a for a in args)
+
+
+@functools.cache
+def _binder(rule: Callable) -> tuple[inspect.Signature | None, frozenset | None]:
+    """The rule's signature, and the keywords it takes by name (None: it has ``**kwargs``, binding decides)."""
+    try:
+        sig = inspect.signature(rule)
+    except (TypeError, ValueError):
+        return None, None
+    params = sig.parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return sig, None
+    return sig, frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+@functools.cache
+def _rule_ops() -> dict[int, Any]:
+    return {id(r): op for op, r in KINK_RULES.items()}
+
+
+def _binds(sig: inspect.Signature, args: tuple, kwargs: dict) -> bool:
+    try:
+        sig.bind(None, None, *args, **kwargs)
+        return True
+    except TypeError:
+        return False
+
+
+def _positional(rule: Callable, func, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``args, kwargs`` with the keywords the rule does not take moved to their positions in the op's aten schema
+    (the first overload whose positional names cover them; torch's ``input`` is the schema's ``self``)."""
+    if not kwargs:
+        return args, kwargs
+    sig, names = _binder(rule)
+    if sig is None or (names is not None and names.issuperset(kwargs)) or _binds(sig, args, kwargs):
+        return args, kwargs  # (the everyday call, clamp(x, min=0), takes the set test only)
+    op = func if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) else _rule_ops().get(id(rule))
+    if op is None:
+        return args, kwargs
+    packet = op.overloadpacket if isinstance(op, torch._ops.OpOverload) else op
+    for name in packet.overloads():
+        schema = getattr(packet, name)._schema
+        moved, rest = list(args), dict(kwargs)
+        for a in [a for a in schema.arguments if not a.kwarg_only][len(args):]:
+            key = a.name if a.name in rest else "input" if a.name == "self" and "input" in rest else None
+            if key is None:
+                break
+            moved.append(rest.pop(key))
+        if _binds(sig, tuple(moved), rest):
+            return tuple(moved), rest
+    return args, kwargs
 
 
 _UNPACK_DUAL = torch._C._VariableFunctions._unpack_dual  # torch._VF's, without its module __getattr__
@@ -183,7 +262,8 @@ def _second_order_key(run: _Run, op: str, sp: Tensor, rows: Tensor, ds: Tensor, 
     goes to (x * x > 0 at 0: True), which further directions cannot tell (their tangents are of other rays).
     s'' is 0 where s is locally constant (a relu-dead unit, a saturated clamp, floor(x) == 2: PyTorch's derivative
     formulas there are constant zeros); it is also 0 for an s that moves at third order or higher (x ** 3 > 0 at
-    0), which keeps its value (docs/nonsmooth.md).
+    0): there the tangents of order 3 to HIGHEST_ORDER decide (the first nonzero one), and where all are 0 the
+    element keeps its value (docs/nonsmooth.md).
 
     Computed by reverse passes through the pass's graph (the primal graph, which is f's locked piece, not the
     tangents: PyTorch's double-backward formulas), twice: along d and along 0.7 d, whose s'' is 0.49 times d's. An
@@ -214,19 +294,58 @@ def second_order_tangents(op: str, pairs: list, sp: Tensor, picked: Tensor) -> t
     noise set to 0 (computed along d and 0.7 d, see `_second_order_key`), and whether a backward on the way builds
     no graph (`_second_orders`: False, True or the custom Function's class). None: 0 everywhere."""
     with torch._C.DisableTorchFunction(), torch.enable_grad():  # (gradwise's own graph work: not f's ops)
-        second, opaque = _second_orders(op, pairs, sp, picked)
-        if second is not None and mask_any(second != 0):
+        orders, opaque = _second_orders(op, pairs, sp, picked)
+        if any(t is not None and mask_any(t != 0) for t in orders):
             scaled, _ = _second_orders(op, [(p, d * _SCALE) for p, d in pairs], sp, picked)
-            scaled = second.new_zeros(()) if scaled is None else scaled / _SCALE**2
-            rtol = torch.finfo(second.dtype).eps ** 0.5 if second.is_floating_point() else 0.0
-            second = torch.where((second - scaled).abs() <= rtol * torch.maximum(second.abs(), scaled.abs()),
-                                 second, 0.0)
+            kept = _signals(orders, scaled)
+            if _noise_stopped(orders, scaled, kept):  # (once, with every order asked in both runs)
+                orders, _ = _second_orders(op, pairs, sp, picked, every=True)
+                scaled, _ = _second_orders(op, [(p, d * _SCALE) for p, d in pairs], sp, picked, every=True)
+                kept = _signals(orders, scaled)
+            orders = kept
+        # where s' = s'' = 0, the first nonzero higher-order tangent decides (x ** 3 > 0 at 0: True along +1)
+        second = None
+        for t in orders:
+            if t is not None:
+                second = t if second is None else torch.where(second != 0, second, t)
     return second, opaque
 
 
-def _second_orders(op: str, pairs: list, sp: Tensor, picked: Tensor) -> tuple[Tensor | None, Any]:
-    """d^T (Hessian of sp) d at the flat indices ``picked`` of ``sp``, detached (None: sp's first derivative along
-    the directions is constant, so they are 0), and whether a custom Function's backward on the way builds no
+def _signals(orders: list, scaled: list) -> list:
+    """Each order's tangents where they scale as tangents do between d and 0.7 d (`_signal`); an order one run did
+    not reach counts as 0 there."""
+    scaled = [*scaled, *[None] * (len(orders) - len(scaled))]
+    return [_signal(t, u, _SCALE ** (k + 2)) for k, (t, u) in enumerate(zip(orders, scaled, strict=False))]
+
+
+def _noise_stopped(orders: list, scaled: list, kept: list) -> bool:
+    """Whether an element whose kept tangents are all 0 had a nonzero one in either run that stopped short of
+    HIGHEST_ORDER: a rounding-noise s'' (a variance mean(x²) - mean(x)² along a constant shift) counted as found,
+    so its higher orders were not asked (+ (x0 - 1)³ then kept the tie's value: slope -0.9 where f's is 0.9)."""
+    if max(len(orders), len(scaled)) >= HIGHEST_ORDER - 1 or not any(t is not None for t in kept):
+        return False
+    zero = None
+    for t in kept:
+        if t is not None:
+            zero = (t == 0) if zero is None else zero & (t == 0)
+    raw = [t != 0 for t in [*orders, *scaled] if t is not None]
+    return bool(raw) and mask_any(zero & torch.stack(raw).any(0))
+
+
+def _signal(value: Tensor | None, scaled: Tensor | None, factor: float) -> Tensor | None:
+    """``value`` where ``scaled`` (the same along 0.7 d) is ``factor`` times it, else 0 (rounding noise)."""
+    if value is None:
+        return None
+    scaled = value.new_zeros(()) if scaled is None else scaled / factor
+    rtol = torch.finfo(value.dtype).eps ** 0.5 if value.is_floating_point() else 0.0
+    return torch.where((value - scaled).abs() <= rtol * torch.maximum(value.abs(), scaled.abs()), value, 0.0)
+
+
+def _second_orders(op: str, pairs: list, sp: Tensor, picked: Tensor, every: bool = False) -> tuple[list, Any]:
+    """[s'', then higher orders] at the flat indices ``picked`` of ``sp``: d^T (Hessian of sp) d, detached (None:
+    sp's first derivative along the directions is constant, so they are 0), then where some is 0 the tangents of
+    order 3 and up (`_higher_orders`; ``every``: for every element, not only those whose s'' is 0); and whether
+    a custom Function's backward on the way builds no
     graph (``once_differentiable``, or run under no_grad / outside autograd): its derivative would read 0, so
     the s'' found would miss its part (`_cut_backwards`: then that Function's class, else True). Three reverse
     passes for all together; two each where an op has no third derivative."""
@@ -237,14 +356,15 @@ def _second_orders(op: str, pairs: list, sp: Tensor, picked: Tensor) -> tuple[Te
             grads = torch.autograd.grad(y, [p for p, _ in pairs], create_graph=True, allow_unused=True)
         # (a gradient cut from w in an aten op is no evidence: floor, sign and casts have constant-zero backwards)
         if cut or any(g is not None and g.requires_grad and _delayed_error(g) for g in grads):
-            return None, cut[0] if cut else True
+            return [None], cut[0] if cut else True
         first = _along(pairs, y, create_graph=True)
-        second = _along(pairs, first, create_graph=True)
-        second = None if second is None or not second.requires_grad else \
-            torch.autograd.grad(second, w, allow_unused=True, retain_graph=True)[0]
+        along2 = _along(pairs, first, create_graph=True)
+        second = None if along2 is None or not along2.requires_grad else \
+            torch.autograd.grad(along2, w, allow_unused=True, retain_graph=True)[0]
+        higher = _higher_orders(pairs, along2, w, None if every else second)
     except RuntimeError as e:  # an op whose double backward has no derivative: one element at a time
         if "once_differentiable" in str(e):
-            return None, True
+            return [None], True
         if len(picked) > SECOND_ORDER_ROWS:
             raise NonsmoothError(f"{op} at {_user_line()}: {len(picked)} tied elements whose argument has tangent "
                                  "0 along the direction; which side of the jump each goes to is a second-order "
@@ -252,6 +372,7 @@ def _second_orders(op: str, pairs: list, sp: Tensor, picked: Tensor) -> tuple[Te
                                  f"then computes them one by one, at most {SECOND_ORDER_ROWS}). Keep the "
                                  "comparison's argument off its jump, or compare a quantity that moves at first "
                                  "order") from None
+        higher = []  # (one by one: not asked further)
         try:
             second = torch.stack([_along(pairs, _along(pairs, sp.reshape(-1)[r], create_graph=True))
                                   for r in picked.tolist()])
@@ -261,7 +382,33 @@ def _second_orders(op: str, pairs: list, sp: Tensor, picked: Tensor) -> tuple[Te
                                  f"the way has no second derivative in PyTorch ({str(e).splitlines()[0]}). Keep "
                                  "the comparison's argument off its jump, or compare a quantity that moves at "
                                  "first order") from None
-    return (None if second is None else _split(second)[0].detach()), False
+    return [None if second is None else _split(second)[0].detach(), *higher], False
+
+
+HIGHEST_ORDER = 6  # tangents up to this order decide a comparison whose argument's lower ones are 0
+
+
+def _higher_orders(pairs: list, along2: Tensor | None, w: Tensor, second: Tensor | None) -> list:
+    """The tangents of order 3 .. HIGHEST_ORDER of the elements whose lower ones are all 0 (``along2`` is
+    sum_i w_i s_i''), detached, one reverse pass each; None for an order whose tangents are all 0. Stops where
+    PyTorch has no derivative on the way: those elements keep their value, as a constant argument's does (a
+    saturated clamp: every order 0)."""
+    out, along, found = [], along2, None if second is None else second != 0
+    for _ in range(3, HIGHEST_ORDER + 1):
+        if along is None or not along.requires_grad or (found is not None and mask_all(found)):
+            break
+        try:
+            along = _along(pairs, along, create_graph=True)
+            if along is None or not along.requires_grad:
+                break
+            value = torch.autograd.grad(along, w, allow_unused=True, retain_graph=True)[0]
+        except (RuntimeError, NotImplementedError):
+            break
+        value = None if value is None else _split(value)[0].detach()
+        out.append(value)
+        if value is not None:
+            found = value != 0 if found is None else found | (value != 0)
+    return out
 
 
 @contextlib.contextmanager
@@ -498,6 +645,20 @@ def _finish(func, x: Tensor, out: Tensor, inplace: bool) -> Tensor:
 # jumps are their rules' concern), so an op reading it does not move
 _STEP_NODES = frozenset(("FloorBackward0", "CeilBackward0", "RoundBackward0", "RoundBackward1", "TruncBackward0",
                          "SignBackward0", "SgnBackward0", "DivBackward2", "DivBackward3"))  # div: rounding modes
+
+
+def result_type_of(a: Tensor, b) -> torch.dtype:
+    """``torch.result_type`` for an operand it does not take (a NumPy array), converted as torch's ops do."""
+    return torch.result_type(a, torch.as_tensor(b, device=a.device))
+
+
+def promoted(v, dtype: torch.dtype, device: torch.device):
+    """A bool operand as a number of the comparison's dtype, a NumPy one as a tensor; anything else as it is."""
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, Tensor):
+        return v.to(dtype) if v.dtype == torch.bool else v
+    return v if isinstance(v, (int, float)) else torch.as_tensor(v, dtype=dtype, device=device)
 
 
 def _stepped(a) -> bool:

@@ -91,7 +91,7 @@ def vector_norm(run, func, x, ord=2, dim=None, keepdim=False, *, dtype=None):
     at0 = zero & ~(under if keepdim else under.reshape(zero.shape)) if xp.numel() else zero
     if at0.any():
         run.kinks.append(Kink("aten.linalg_vector_norm", _user_line(), "select",
-                              torch.ones(int(at0.sum()), 1, dtype=torch.bool), continuum=True))
+                              torch.ones(int(at0.sum()), 1, dtype=torch.bool), continuum=True, ball=ord == 2))
     # <u, x> - <u, x's value>: the value stays PyTorch's 0, the tangent is <u, x'>
     return torch.where(zero, (u * x).sum(dim=dims, keepdim=keepdim) - (u * xp.detach()).sum(dim=dims, keepdim=keepdim),
                        out)

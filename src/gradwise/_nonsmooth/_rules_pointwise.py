@@ -31,6 +31,8 @@ from gradwise._nonsmooth._rules import (
     _stepped,
     _switch,
     kink_rule,
+    promoted,
+    result_type_of,
 )
 from gradwise._ops._discrete import trunc_rounds_off
 
@@ -364,9 +366,23 @@ def _comparison(name: str, op: str | None = None):
     def rule(run, func, a, b):
         ap, bp = _split(a)[0], _split(b)[0] if isinstance(b, Tensor) else b
         result = func(ap, bp)
-        if not torch.is_floating_point(ap) or a is b:  # x == x (a NaN test) ties everywhere: never a kink
+        if result is NotImplemented:  # (`x == None` through Tensor.__eq__: Python's fallback decides)
             return result
-        s = a - b
+        try:
+            dtype = torch.result_type(ap, bp)
+        except TypeError:  # (a NumPy array: converted as the comparison converts it)
+            dtype = result_type_of(ap, bp)
+        # x == x (a NaN test) ties everywhere: never a kink. An integer tensor compared with a float one ties too
+        # (`torch.tensor(0) < x` took the integer's side as exact: |x| written so got slope -1 at 0)
+        if not (dtype.is_floating_point or dtype.is_complex) or a is b:
+            return result
+        if dtype.is_complex:  # (eq, ne of a complex value: no sign to follow; off its ties, exact)
+            if mask_any(ap == bp):
+                raise NonsmoothError(f"aten.{name} at {_user_line()} compares a complex value with an equal one: "
+                                     "gradwise follows the sign of a - b, which a complex difference does not have. "
+                                     "Compare real tensors (the real and imaginary parts)")
+            return result
+        s = promoted(a, dtype, ap.device) - promoted(b, dtype, ap.device)  # (bools: `x > False`, which `-` refuses)
         sp = _split(s)[0]
         tie = sp.abs() <= run.tie_tol
         run.note_near(op, sp.abs())

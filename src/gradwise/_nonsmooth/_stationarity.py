@@ -41,6 +41,7 @@ from gradwise._nonsmooth._engine import (
     _run,
     _scalar,
 )
+from gradwise._nonsmooth._norm_ball import ball_pieces
 from gradwise._nonsmooth._records import Kink, NearKink, _Run
 from gradwise._nonsmooth._rules import _cut_backwards, _delayed_error
 
@@ -284,8 +285,14 @@ def _second_order_sides(rec: Kink, jac: np.ndarray, leaves, tol: float) -> dict[
     not half-spaces, which the linear feasibility checks cannot enumerate; sampled generalized gradients rank them
     by s'' (`_rules._second_order_key`). The Hessian takes one reverse pass per input entry (at most
     `MAX_HESSIAN`)."""
-    flat = [g for g in range(rec.cand.shape[0]) if rec.cand[g, 0] and rec.cand[g, 1]
-            and np.linalg.norm(jac[g, 0] - jac[g, 1]) <= tol]
+    norms = [np.linalg.norm(jac[g, 0] - jac[g, 1]) if rec.cand[g, 0] and rec.cand[g, 1] else np.inf
+             for g in range(rec.cand.shape[0])]
+    if any(0 < v <= tol for v in norms):
+        # a gradient below tol but not 0 (1e-12 x + x² + y² > 0 at 0): both half-spaces are active, not the side
+        # the Hessian picks (exact=True kept one, stationary=False where both make 0); rounding noise or a real
+        # slope, it cannot be told: sampled
+        raise _Budget
+    flat = [g for g, v in enumerate(norms) if v == 0]
     if not flat:
         return {}
     if not rec.values.requires_grad or sum(x.numel() for x in leaves) > MAX_HESSIAN:
@@ -411,6 +418,8 @@ def stationarity(f: Callable, inputs, *, atol: float = 1e-6, samples: int | None
     norm = float(_flat(element).norm())
     asked, atol = atol, max(atol, _rounding(sd))
     bound = norm if sd.exact else _fixed_part_norm(sd)
+    if not sd.exact and tie_tol == 0 and bound <= atol < norm < math.inf and _one_ball(sd):
+        sd, element, norm, bound = _ball(f, inputs, sd, element, norm, bound, seed)
     if not sd.exact and tie_tol == 0 and bound <= atol < norm < math.inf:
         bound = max(bound, _box_bound(f, inputs, sd, norm))  # (one pass, none where the pieces' box holds 0)
         if bound <= atol:
@@ -426,6 +435,23 @@ def stationarity(f: Callable, inputs, *, atol: float = 1e-6, samples: int | None
     else:
         verdict = False if sd.exact or bound > atol else None
     return Stationarity(verdict, norm, sd.kinks, sd.near_kinks, sd.exact, element, sd, bound)
+
+
+def _one_ball(sd: Subdifferential) -> bool:
+    """Whether the only kink is one Euclidean norm of one slice at 0 (`_norm_ball`)."""
+    return len(sd.kinks) == 1 and sd.kinks[0].ball and sd.kinks[0].count == 1
+
+
+def _ball(f, inputs, sd: Subdifferential, element, norm: float, bound: float, seed):
+    """The ellipsoid's least-norm pieces joined to the hull, and its least norm as the bound (`_norm_ball`).
+    Returns (subdifferential, element, least norm found, lower bound)."""
+    xs, single = _as_inputs(inputs)
+    got = ball_pieces(f, xs, single, sd.elements[0], 0 if seed is None else seed)
+    if got is None:
+        return sd, element, norm, bound
+    pieces, least = got
+    sd, element, norm = _with(sd, [*sd.elements, *pieces], element, norm)
+    return sd, element, norm, max(bound, min(norm, least * (1 - 1e-9)))
 
 
 def _rounding(sd: Subdifferential) -> float:
