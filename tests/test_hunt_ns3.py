@@ -272,6 +272,10 @@ STEEP = {
     "nn.functional.binary_cross_entropy": "log clamped at -100: at x = 0 a moving target's slope is 100 y' "
                                           "(x' t < e^-100), the differences see y' log(x' t)",
     "nn.functional.normalize": "x / max(||x||, eps) at x = 0: the slope d / eps (1e12 d) holds for t < eps",
+    "nn.functional.poisson_nll_loss": "log(x + eps), eps = 1e-8, at x = 0 (log_input=False): the slope 1 - t / eps "
+                                      "(1e8) holds for steps below eps, the differences see log's curve",
+    "nn.functional.gaussian_nll_loss": "var clamped at eps = 1e-6 (in place, under no_grad): at var = 0 the loss is "
+                                       "(x - t)^2 / eps for steps below eps, the differences see 1 / var unclamped",
 }
 # a fast subset for CI, one op per rule family
 FAST = ["abs", "clamp", "clamp_min", "maximum", "fmax", "max.reduction_with_dim", "amax", "cummax", "sort", "topk",

@@ -70,16 +70,7 @@ class _RowParts:
                 self.exact[o] = True
             return None
         keep = _keepdim(func, args)
-        bad = ~torch.isfinite(o)
-        kept = []
-        for m, births in self.parts[t]:
-            r = mask_any(m.broadcast_to(t.shape), dims, keepdim=keep) if dims else m.broadcast_to(t.shape)
-            if r.shape != o.shape:
-                return None
-            if bool(mask_any(r & bad)):
-                kept.append((r & bad, births))
-        self._keep(o, _united(kept, o.shape))
-        return frozenset().union(*(births for _, births in kept)) if kept else None
+        return self._spread_parts(o, t, lambda m: mask_any(m, dims, keepdim=keep) if dims else m)
 
     def _scanned_parts(self, o: torch.Tensor, t: torch.Tensor, func, args) -> frozenset | None:
         """The births of a scan's output (``h.cumsum(1)``, cumprod, logcumsumexp, cummax) over ``t``, whose parts
@@ -90,16 +81,7 @@ class _RowParts:
         dim = _schema_arg(func, args, "dim", None)
         if not isinstance(dim, int) or not t.dim():
             return None
-        bad = ~torch.isfinite(o)
-        kept = []
-        for m, births in self.parts[t]:
-            r = m.broadcast_to(t.shape).to(torch.int32).cumsum(dim) > 0
-            if r.shape != o.shape:
-                return None
-            if bool(mask_any(r & bad)):
-                kept.append((r & bad, births))
-        self._keep(o, _united(kept, o.shape))
-        return frozenset().union(*(births for _, births in kept)) if kept else None
+        return self._spread_parts(o, t, lambda m: m.to(torch.int32).cumsum(dim) > 0)
 
     def _rowwise_parts(self, o: torch.Tensor, t: torch.Tensor, func, args, how) -> frozenset | None:
         """The births of a row-wise op's output (``_ROWWISE``: sort, topk, median(dim), softmax, layer norm,
@@ -111,10 +93,8 @@ class _RowParts:
         dims = _row_dims(func, args, t.dim(), how)
         if dims is None:
             return None
-        bad = ~torch.isfinite(o)
-        kept = []
-        for m, births in self.parts[t]:
-            m = m.broadcast_to(t.shape)
+
+        def rows(m: torch.Tensor) -> torch.Tensor:
             r = _windows(func, m, args)
             if r is None:
                 r = mask_any(m, dims, keepdim=True)
@@ -122,6 +102,18 @@ class _RowParts:
                     r = r.broadcast_to(o.shape)
                 except RuntimeError:  # (the op dropped the dims: median(1))
                     r = mask_any(m, dims)
+            return r
+
+        return self._spread_parts(o, t, rows)
+
+    def _spread_parts(self, o: torch.Tensor, t: torch.Tensor, spread) -> frozenset | None:
+        """The births of ``o`` made from ``t``'s parts: each part's mask (broadcast to ``t``) spread as the op
+        spreads it (``spread``: reduced, scanned, row-wise), kept where ``o`` is non-finite; None where a spread
+        mask does not have ``o``'s shape."""
+        bad = ~torch.isfinite(o)
+        kept = []
+        for m, births in self.parts[t]:
+            r = spread(m.broadcast_to(t.shape))
             if r.shape != o.shape:
                 return None
             if bool(mask_any(r & bad)):
