@@ -146,13 +146,47 @@ def _bart():
     return model, ids, loss, reference
 
 
+def _causal_or_masked_lm(name: str):
+    """One of three more families, each with the plain loss and the per-sequence reference of _llama: BERT
+    (bidirectional, absolute positions, token types), GPT-2 (causal, learned positions, Conv1D projections),
+    Qwen2 (grouped-query heads, rotary positions, biased q/k/v)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=VOCAB, num_hidden_layers=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if name == "bert":
+        cfg = T.BertConfig(hidden_size=16, intermediate_size=32, num_attention_heads=4, max_position_embeddings=32,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **small)
+        cls = T.BertForMaskedLM
+    elif name == "gpt2":
+        cfg = T.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=4, n_positions=32, resid_pdrop=0.0,
+                           embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+        cls = T.GPT2LMHeadModel
+    else:
+        cfg = T.Qwen2Config(hidden_size=16, intermediate_size=32, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=32, **small)
+        cls = T.Qwen2ForCausalLM
+    model = cls._from_config(cfg, attn_implementation="sdpa", dtype=f64).eval()
+    ids = _ids(7)
+
+    def loss(embeds, mask, labels):
+        return _ce(model(inputs_embeds=embeds, attention_mask=mask).logits, labels)
+
+    def reference():
+        embed = model.get_input_embeddings()
+        return sum(loss(embed(ids[b : b + 1, :n]), None, ids[b : b + 1, :n]) for b, n in enumerate(LENGTHS) if n)
+
+    return model, ids, loss, reference
+
+
 def _nan_padding_sequence(model, ids: torch.Tensor) -> torch.Tensor:
     """The token embeddings, with sequence 1 (the batch's padding sequence) filled with NaN."""
     padding = torch.tensor([n == 0 for n in LENGTHS])[:, None, None]
     return model.get_input_embeddings()(ids).masked_fill(padding, nan)
 
 
-MODELS = {"llama-gqa": _llama, "t5": _t5, "mistral-sliding-window": _mistral, "bart": _bart}
+MODELS = {"llama-gqa": _llama, "t5": _t5, "mistral-sliding-window": _mistral, "bart": _bart,
+          **{name: (lambda name=name: _causal_or_masked_lm(name)) for name in ("bert", "gpt2", "qwen2-gqa")}}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
