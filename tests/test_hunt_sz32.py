@@ -13,6 +13,7 @@ import torch
 
 import gradwise as gw
 from _fresh_warnings import fresh_warnings  # noqa: F401 (an autouse fixture: every test here)
+from test_hunt_nest31 import _Sqrt
 
 D = torch.float64
 nan = float("nan")
@@ -85,19 +86,6 @@ def test_alpha_and_beta_zero_in_a_square_addmm_keeps_pytorchs_nan(dtype):
 # its result was an ordinary 0, and _Sqrt's hand-written g / (2 sqrt(x)) after it made 0/0: w.grad all NaN, with an
 # OpaqueBackwardWarning. Reference: the same program with those rows deleted (rows 2: of the input).
 W2 = torch.linspace(0.5, 1.5, 9, dtype=D).reshape(3, 3)
-
-
-class _Sqrt(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        y = x.sqrt()
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        (y,) = ctx.saved_tensors
-        return g / (2 * y)
 
 
 class _ReluByGrad(torch.autograd.Function):

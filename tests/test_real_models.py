@@ -47,6 +47,20 @@ def _ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
 
 
+def _lm(model, ids: torch.Tensor):
+    """A language model's case: the token loss over the padded batch, and the reference summed over each real
+    sequence alone, without padding."""
+
+    def loss(embeds, mask, labels):
+        return _ce(model(inputs_embeds=embeds, attention_mask=mask).logits, labels)
+
+    def reference():
+        embed = model.get_input_embeddings()
+        return sum(loss(embed(ids[b : b + 1, :n]), None, ids[b : b + 1, :n]) for b, n in enumerate(LENGTHS) if n)
+
+    return model, ids, loss, reference
+
+
 def _llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -57,14 +71,7 @@ def _llama():
     model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", torch_dtype=f64)
     ids = _ids(1)
 
-    def loss(embeds, mask, labels):
-        return _ce(model(inputs_embeds=embeds, attention_mask=mask).logits, labels)
-
-    def reference():
-        embed = model.get_input_embeddings()
-        return sum(loss(embed(ids[b : b + 1, :n]), None, ids[b : b + 1, :n]) for b, n in enumerate(LENGTHS) if n)
-
-    return model, ids, loss, reference
+    return _lm(model, ids)
 
 
 def _t5():
@@ -106,14 +113,7 @@ def _mistral():
     model = MistralForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=f64)
     ids = _ids(4)
 
-    def loss(embeds, mask, labels):
-        return _ce(model(inputs_embeds=embeds, attention_mask=mask).logits, labels)
-
-    def reference():
-        embed = model.get_input_embeddings()
-        return sum(loss(embed(ids[b : b + 1, :n]), None, ids[b : b + 1, :n]) for b, n in enumerate(LENGTHS) if n)
-
-    return model, ids, loss, reference
+    return _lm(model, ids)
 
 
 def _bart():
@@ -169,14 +169,7 @@ def _causal_or_masked_lm(name: str):
     model = cls._from_config(cfg, attn_implementation="sdpa", dtype=f64).eval()
     ids = _ids(7)
 
-    def loss(embeds, mask, labels):
-        return _ce(model(inputs_embeds=embeds, attention_mask=mask).logits, labels)
-
-    def reference():
-        embed = model.get_input_embeddings()
-        return sum(loss(embed(ids[b : b + 1, :n]), None, ids[b : b + 1, :n]) for b, n in enumerate(LENGTHS) if n)
-
-    return model, ids, loss, reference
+    return _lm(model, ids)
 
 
 def _nan_padding_sequence(model, ids: torch.Tensor) -> torch.Tensor:
