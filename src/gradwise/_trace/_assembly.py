@@ -29,8 +29,6 @@ from gradwise._trace._report import Finding, Report
 from gradwise._trace._store import Birth as _Birth
 from gradwise._trace._store import _order, describe_arrivals, earliest, root
 
-_REPLAY_BEFORE = " or an op before it"  # (_replay.made_by's "aten.mean or an op before it")
-
 
 class _Assembly:
     """The report from what the tracer recorded (a part of _Tracer)."""
