@@ -3,6 +3,8 @@ two writes (``program(pad, other)``: NaN padding by ``fill_``, a NaN/Inf by ``co
 with each write alone (a write is genuine where its NaN/Inf stays in the gradient), and under gw.trace() with
 both."""
 
+import torch
+
 import gradwise as gw
 
 WRITES = (("aten.fill_", (True, False)), ("aten.copy_", (False, True)))
@@ -24,3 +26,23 @@ def traced_and_strong(program) -> tuple:
     with gw.trace() as report:
         program(True, True)
     return report, genuine
+
+
+def padded_program(loss_of, at: tuple = (0, 1), value: float = float("nan"), seed: int | None = None):
+    """The usual ``program(pad, used)`` of `traced_and_strong`: w = randn(6, 4) requiring grad, x = randn(6, 4)
+    whose rows 4: are NaN padding (fill_) and x[at] = value (copy_), then ``loss_of(x.clone() * w).backward()``
+    (``loss_of`` returns the loss). ``seed``: set again after the data (ops that draw random numbers)."""
+    def program(pad: bool, used: bool):
+        torch.manual_seed(0)
+        w = torch.randn(6, 4, requires_grad=True)
+        x = torch.randn(6, 4)
+        if pad:
+            x[4:] = float("nan")
+        if used:
+            x[at] = value
+        if seed is not None:
+            torch.manual_seed(seed)
+        loss_of(x.clone() * w).backward()
+        return w
+
+    return program

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gradwise as gw
-from _explaining import genuine_findings, traced_and_strong
+from _explaining import genuine_findings, padded_program, traced_and_strong
 
 _REDUCTIONS = {
     "vector_norm": lambda y: torch.linalg.vector_norm(y, dim=1),
@@ -30,18 +30,8 @@ def test_padding_reduced_beside_a_used_inf_is_told_as_strong_zeros_tell_it(op, k
     backward divides x by the norm, then masked_fill_s it in place, which dropped the per-element births (an
     in-place op is tagged no pointwise); prod's backward (an Inf input: cumprods of the others) and cumsum took
     every part's births (a scan is no reduction). The reference: strong-zero gradients with each write alone."""
-    def program(pad: bool, inf: bool):
-        torch.manual_seed(0)
-        w = torch.randn(6, 4, requires_grad=True)
-        x = torch.randn(6, 4)
-        if pad:
-            x[4:] = float("nan")
-        if inf:
-            x[0, 0] = float("inf")
-        _REDUCTIONS[op](x.clone() * w)[:keep].pow(2).sum().backward()
-        return w
-
-    report, genuine = traced_and_strong(program)
+    report, genuine = traced_and_strong(padded_program(lambda y: _REDUCTIONS[op](y)[:keep].pow(2).sum(), (0, 0),
+                                                       float("inf")))
     assert {f.born_op for f in genuine_findings(report)} == genuine
 
 
@@ -220,18 +210,7 @@ def test_padding_through_a_row_wise_op_keeps_its_rows(op, keep):
     births, so the padding sliced away was a "genuine NaN" finding. Fix: the parts of a row-wise op are its
     input's parts per row (and repeat is run on the masks). The reference: strong-zero gradients with each write
     alone."""
-    def program(pad: bool, nan: bool):
-        torch.manual_seed(0)
-        w = torch.randn(6, 4, requires_grad=True)
-        x = torch.randn(6, 4)
-        if pad:
-            x[4:] = float("nan")
-        if nan:
-            x[0, 1] = float("nan")
-        _ROWWISE[op](x.clone() * w)[:keep].pow(2).sum().backward()
-        return w
-
-    report, genuine = traced_and_strong(program)
+    report, genuine = traced_and_strong(padded_program(lambda y: _ROWWISE[op](y)[:keep].pow(2).sum()))
     assert {f.born_op for f in genuine_findings(report)} == genuine
 
 
@@ -248,16 +227,8 @@ def test_padding_a_where_replaces_is_no_genuine_finding(op):
     The reference: strong-zero gradients with each write alone."""
     keep = torch.arange(6) < 4
 
-    def program(pad: bool, nan: bool):
-        torch.manual_seed(0)
-        w = torch.randn(6, 4, requires_grad=True)
-        x = torch.randn(6, 4)
-        if pad:
-            x[4:] = float("nan")
-        if nan:
-            x[0, 1] = float("nan")
-        torch.where(keep, _WHERE_OPS[op](x.clone() * w), 0.0).pow(2).sum().backward()
-        return w
+    def loss(y):
+        return torch.where(keep, _WHERE_OPS[op](y), 0.0).pow(2).sum()
 
-    report, genuine = traced_and_strong(program)
+    report, genuine = traced_and_strong(padded_program(loss))
     assert {f.born_op for f in genuine_findings(report)} == genuine == {"aten.copy_"}

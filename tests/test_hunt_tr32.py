@@ -8,25 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _explaining import genuine_findings, traced_and_strong
+from _explaining import genuine_findings, padded_program, traced_and_strong
 
 
 def _told_as_strong_zeros_tell(loss_of, other: float = float("nan"), at: tuple = (0, 1)) -> None:
     """`loss_of(x * w).pow(2).sum()` with x's rows 4: NaN padding (fill_) and x[at] = other (copy_): the genuine
     findings' births are the writes that, alone, leave strong-zero gradients non-finite, each named reaching w."""
-    def program(pad: bool, used: bool):
-        torch.manual_seed(0)
-        w = torch.randn(6, 4, requires_grad=True)
-        x = torch.randn(6, 4)
-        if pad:
-            x[4:] = float("nan")
-        if used:
-            x[at] = other
-        torch.manual_seed(1)
-        loss_of(x.clone() * w).pow(2).sum().backward()
-        return w
-
-    report, genuine = traced_and_strong(program)
+    report, genuine = traced_and_strong(padded_program(lambda y: loss_of(y).pow(2).sum(), at, other, seed=1))
     assert {f.born_op for f in genuine_findings(report)} == genuine, str(report)
     assert all(any("w" in f.reaches for f in genuine_findings(report) if f.born_op == op) for op in genuine), \
         str(report)

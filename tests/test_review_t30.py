@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import gradwise as gw
-from _explaining import genuine_findings, traced_and_strong
+from _explaining import genuine_findings, padded_program, traced_and_strong
 
 
 def _tanh_mlp():
@@ -113,16 +113,5 @@ def test_a_piece_of_a_split_keeps_only_its_own_births(case):
     Inf: the piece took every part's births (a view op returning several pieces was run on each part's mask, and a
     list was no piece), so the padding split away was a "genuine NaN" finding. The reference: strong-zero
     gradients with each write alone (the padding's piece, split(4)[1], uses it)."""
-    def program(pad: bool, inf: bool):
-        torch.manual_seed(0)
-        w = torch.randn(6, 4, requires_grad=True)
-        x = torch.randn(6, 4)
-        if pad:
-            x[4:] = float("nan")
-        if inf:
-            x[0, 0] = float("inf")
-        _PIECES[case](x.clone() * w).pow(2).sum().backward()
-        return w
-
-    report, genuine = traced_and_strong(program)
+    report, genuine = traced_and_strong(padded_program(lambda y: _PIECES[case](y).pow(2).sum(), (0, 0), float("inf")))
     assert {f.born_op for f in genuine_findings(report)} == genuine

@@ -9,25 +9,16 @@ import torch
 import torch.nn.functional as F
 
 import gradwise as gw
-from _explaining import genuine_findings, traced_and_strong
+from _explaining import genuine_findings, padded_program, traced_and_strong
 
 
 def _told_as_strong_zeros_tell(loss_of, linear: bool = True) -> None:
     """`loss_of(x * w)` with x's rows 4: NaN padding (fill_) and x[0, 1] = NaN (copy_): the genuine findings'
     births are the writes that, alone, leave strong-zero gradients non-finite, and each reaches w."""
-    def program(pad: bool, nan: bool):
-        torch.manual_seed(0)
-        w = torch.randn(6, 4, requires_grad=True)
-        x = torch.randn(6, 4)
-        if pad:
-            x[4:] = float("nan")
-        if nan:
-            x[0, 1] = float("nan")
-        out = loss_of(x.clone() * w)
-        (out.sum() if linear else out.pow(2).sum()).backward()
-        return w
+    def loss(y):
+        return loss_of(y).sum() if linear else loss_of(y).pow(2).sum()
 
-    report, genuine = traced_and_strong(program)
+    report, genuine = traced_and_strong(padded_program(loss))
     assert {f.born_op for f in genuine_findings(report)} == genuine, str(report)
     assert all(f.reaches == ["w"] for f in genuine_findings(report)), str(report)
 
