@@ -42,6 +42,37 @@ step (a slot saved as None, ~29 us for its C++ backtrace) cost another 4% there.
 parameters known and nothing else, is 1.05-1.09 of that step: the floor of any watch that checks every gradient
 of every step, so 1.05 cannot be met on steps that small; on 4-20 ms steps watch / plain is 1.00-1.06 (1.00-1.05
 over training steps).
+Measured again 2026-12-07 (session 33, issue 16 asks 1.05 on every row; benchmarks/watch_breakdown.py: the watch
+with its parts removed, same process, median of per-sample ratios, CPU time, one thread, three runs on a loaded
+two-core machine where the small MLP's training step takes 1.6-1.7 ms): watch / plain training 1.15-1.18 there (1.14
+quiet, bench_trace at 13:08; 1.07, 1.03, 1.00, 1.02 on the other rows). Entering the watch and its block 1.01-1.03,
++ keeping the graph 1.02-1.04, + the watch's own Python per backward (root nodes, readability tests, the leaves'
+.grad, the loss; no walk, check or release) 1.07: the budget is spent before the work the watch exists for. On top,
+the check +3.8-4.8% and the walk with the release +4.3-6.3%. On the 4 ms MLP the same parts are 1.00-1.01,
+1.014-1.016, 1.027-1.028, check +0.9-1.3%, walk and release +1.0-2.1% (1.05-1.06 loaded, 1.07 quiet). The floor is
+set by what must run per step, not by how it is written: every step's graph is new (new nodes, new SavedTensor
+objects to free), so a walk cached from the previous step still has to touch each node and slot once, and a check
+that the structure is unchanged is that walk (a second walk of a graph already walked, its Python objects made: ~10
+us); nor can the walk and the release be one pass: the release waits for the check, the check for the leaves the
+walk finds, and the walk cannot move after the backward (a leaf seen for the first time has its .grad read before
+the backward adds to it: a stale NaN). PyTorch 2.13 offers no C-level release (Node: name, next_functions, metadata,
+hooks, _raw_saved_*; SavedTensor: data, unpack, register_hooks; ``retain_graph`` is one flag for the whole graph
+task; ``_current_graph_task_execution_order`` refuses a multithreaded engine). The check's alternatives on the small
+MLP's 12 gradients (warm, interleaved, us): the watch's 28 (its tests of what can be read: ~9 of them), a sum each
+with the small vectors joined 19, the sums stacked and read once 27, one torch.cat 29, ``_foreach_norm`` 32 (ord 1:
+103), ``_foreach_max`` 26 (and it misses -Inf), ``_foreach_powsum`` 35: no fused read-only reduction is cheaper on
+the CPU (each is a per-tensor loop in C++ over the same kernels). ``_amp_foreach_non_finite_check_and_unscale_``
+(19; 57 against 34 on the 4 ms MLP's 1.5 MB) writes every gradient back: the same bits when inv_scale is 1 and no
+version bump, yet a concurrent accumulation by another thread's backward would be lost (a silent wrong gradient).
+Checking each gradient as it is made (a post-accumulate hook that records, one check at the end) measured within
+noise of the check after the backward on both MLPs (a Python call per gradient instead of one cold read), besides
+the DDP objection below. Checking once per optimizer step instead of per backward (gradient accumulation) would keep
+every micro-batch's graph until the step (k x activation memory) or free it unchecked (its first non-finite
+micro-batch unexplained). Detaching the loss in place (``detach_``) to free the graph in C++ frees only what no
+other tensor holds (a user's ``out`` keeps its subgraph, saved tensors included) and changes the user's tensor. So
+on a 0.7 ms step of 32 nodes, 19 saved tensors and 12 gradients, 1.05 is out of reach for a watch that checks every
+gradient of every step and can explain the first non-finite one; on the 4 ms MLP it is at the edge (1.05-1.07), on
+the Transformer and the CNNs within it.
 Measured and rejected (tests/test_watch.py keeps the graph's lifetime): not keeping the graph (the first
 non-finite step could not be explained, only a later one; checking only the loss misses contamination, a finite
 loss with NaN gradients); leaving a kept graph to die with its tensors (the user's ``loss``/``out`` hold it
