@@ -3,6 +3,11 @@
 Every benchmark in this folder compares gradwise against plain PyTorch *in the same process*, running the
 candidates round-robin (A, B, A, B, ...) so that drift in clock speed or cache state hits all of them alike,
 and reports the median time of each and the ratio to the baseline.
+
+The ratio of two medians still lets drift land on one candidate: on a shared machine a slow stretch of a few
+repeats moves one candidate's median and not the other's (the SDPA block's plain backward moved 6.13 -> 6.95 ms
+between two runs, its ratio 1.03 -> 1.10). ``paired_ratios`` divides the candidates' times within each repeat
+(run back to back, so drift slower than a repeat cancels) and takes the median of those per-repeat ratios.
 """
 from __future__ import annotations
 
@@ -44,11 +49,11 @@ def keep_freed_memory() -> str:
     return "glibc malloc defaults (mallopt refused)"
 
 
-def median_times(fns: dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 3,
-                 clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
-    """Median time in seconds of each callable, measured interleaved round-robin: wall time by default;
-    ``clock=time.process_time`` measures this process's CPU time (on a machine shared with other jobs, wall time
-    mostly measures them; use it with one thread)."""
+def times(fns: dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 3,
+          clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Each callable's time in seconds per repeat, measured interleaved round-robin (the candidates of repeat i
+    run back to back): wall time by default; ``clock=time.process_time`` measures this process's CPU time (on a
+    machine shared with other jobs, wall time mostly measures them; use it with one thread)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -62,7 +67,26 @@ def median_times(fns: dict[str, Callable[[], object]], repeats: int = 15, warmup
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             samples[name].append(clock() - t0)
+    return samples
+
+
+def median_times(fns: dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 3,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median time in seconds of each callable (``times``)."""
+    return medians(times(fns, repeats, warmup, clock))
+
+
+def medians(samples: dict[str, list[float]]) -> dict[str, float]:
+    """The median of each candidate's times."""
     return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
+def paired_ratios(samples: dict[str, list[float]], baseline: str) -> dict[str, float]:
+    """Each candidate's time over ``baseline``'s, as the median over repeats of the ratio within a repeat (the
+    candidates ran back to back there): drift between repeats cancels, where the ratio of two medians lets a slow
+    stretch of repeats land on one candidate."""
+    base = samples[baseline]
+    return {name: statistics.median(t / b for t, b in zip(ts, base, strict=True)) for name, ts in samples.items()}
 
 
 def free_port() -> int:
@@ -82,14 +106,13 @@ def print_table(title: str, columns: list[str], rows: list[list[object]]) -> Non
     Console(width=140).print(table)
 
 
-def median_times_after(
+def times_after(
     cases: dict[str, tuple[Callable[[], object], Callable[[object], object]]],
     repeats: int = 15,
     warmup: int = 3,
     clock: Callable[[], float] = time.perf_counter,
-) -> dict[str, float]:
-    """Like `median_times` (``clock`` too), but each candidate is ``(setup, fn)`` and only ``fn(setup())`` is
-    timed.
+) -> dict[str, list[float]]:
+    """Like `times` (``clock`` too), but each candidate is ``(setup, fn)`` and only ``fn(setup())`` is timed.
 
     Use it to time a backward alone: ``setup`` runs the forward (untimed) and returns the loss.
     """
@@ -107,7 +130,17 @@ def median_times_after(
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             samples[name].append(clock() - t0)
-    return {name: statistics.median(ts) for name, ts in samples.items()}
+    return samples
+
+
+def median_times_after(
+    cases: dict[str, tuple[Callable[[], object], Callable[[object], object]]],
+    repeats: int = 15,
+    warmup: int = 3,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
+    """Median time in seconds of each candidate (``times_after``)."""
+    return medians(times_after(cases, repeats, warmup, clock))
 
 
 def peak_memory_bytes(fn: Callable[[], object], region: str | None = None) -> tuple[int, int]:

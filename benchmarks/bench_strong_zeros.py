@@ -5,7 +5,9 @@ plain `loss.backward()`, same process, same data.
     python benchmarks/bench_strong_zeros.py --cpu-time --threads 1   # on a machine shared with other jobs
 
 Times the backward pass alone: every repeat runs a fresh forward (untimed), then the timed backward, the
-candidates interleaved (`_harness.median_times_after`). Memory is the peak of the CPU allocations held during
+candidates interleaved (`_harness.times_after`). The ms columns are each candidate's median; the ratios ("time x",
+"block x") the median over repeats of the ratio within a repeat (`_harness.paired_ratios`: drift between repeats
+cancels; the JSON also holds the ratio of the medians). Memory is the peak of the CPU allocations held during
 the backward, over what was live just before it (the parameters and the forward's activations; the input
 batch is not counted; `_harness.peak_memory_bytes`); on a CUDA device, the caching allocator's peak of
 allocated bytes during the backward over those allocated just before it.
@@ -33,7 +35,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gradwise as gw
-from _harness import keep_freed_memory, median_times_after, peak_memory_bytes, print_table
+from _harness import keep_freed_memory, medians, paired_ratios, peak_memory_bytes, print_table, times_after
 
 nan = float("nan")
 FINITE, DISCARDED = 1.05, 2.0  # time targets (issue #15)
@@ -171,12 +173,13 @@ def measure(case: Case, repeats: int, cpu_time: bool = False) -> dict[str, objec
 
     candidates = {"torch": (fresh_loss, torch.Tensor.backward), "gradwise": (fresh_loss, gw.backward),
                   "block": (fresh_loss, _block_backward)}
-    times = median_times_after(candidates, repeats=repeats, clock=time.process_time if cpu_time else time.perf_counter)
+    samples = times_after(candidates, repeats=repeats, clock=time.process_time if cpu_time else time.perf_counter)
+    times, ratios = medians(samples), paired_ratios(samples, "torch")
     plain_peak, before = backward_peak(case, torch.Tensor.backward)
     gw_peak, gw_before = backward_peak(case, gw.backward)
     assert gw_before == before, "the two forwards should hold the same memory"
-    time_ratio, memory_ratio = times["gradwise"] / times["torch"], gw_peak / plain_peak
-    block_ratio = times["block"] / times["torch"]
+    time_ratio, memory_ratio = ratios["gradwise"], gw_peak / plain_peak
+    block_ratio = ratios["block"]
     memory_target = 1.25 if case.clean is None else None
     met = max(time_ratio, block_ratio) <= case.time_target and (memory_target is None or memory_ratio <= memory_target)
     return {
@@ -186,6 +189,8 @@ def measure(case: Case, repeats: int, cpu_time: bool = False) -> dict[str, objec
         "gradwise_backward_ms": times["gradwise"] * 1e3,
         "time_ratio": time_ratio,
         "block_time_ratio": block_ratio,
+        "time_ratio_of_medians": times["gradwise"] / times["torch"],
+        "block_time_ratio_of_medians": times["block"] / times["torch"],
         "time_target": case.time_target,
         "live_before_backward_mb": before / 2**20,
         "torch_peak_over_live": plain_peak / before,
@@ -194,6 +199,7 @@ def measure(case: Case, repeats: int, cpu_time: bool = False) -> dict[str, objec
         "memory_target": memory_target,
         "gradients": check_gradients(case),
         "targets_met": met,
+        "samples_ms": {name: [t * 1e3 for t in ts] for name, ts in samples.items()},  # per repeat, in run order
     }
 
 
@@ -213,9 +219,9 @@ def main() -> int:
         workloads = [case for case in cases() if args.only in case.name]
     rows = [measure(case, args.repeats, args.cpu_time) for case in workloads]
     print_table(
-        f"gw.backward and a strong_zeros() block vs loss.backward: backward only, {args.device}, median of "
-        f"{args.repeats} interleaved "
-        f"repeats, {'CPU' if args.cpu_time else 'wall'} time, {torch.get_num_threads()} threads; peaks during "
+        f"gw.backward and a strong_zeros() block vs loss.backward: backward only, {args.device}, medians of "
+        f"{args.repeats} interleaved repeats (ratios: of the ratios within a repeat), "
+        f"{'CPU' if args.cpu_time else 'wall'} time, {torch.get_num_threads()} threads; peaks during "
         "backward / memory live before it",
         ["case", "torch ms", "gw ms", "time x", "block x", "target", "live MB", "torch peak", "gw peak", "memory x",
          "grads", "met"],

@@ -33,7 +33,7 @@ def replica(shaped: Any, walk: bool = True, facts: bool = True, shape: bool = Tr
     """A stand-in for ``_planning._plan`` doing only the parts asked for (``shaped``: the cached plan to use where
     the shape key is not built)."""
 
-    def plan(t_outputs: Any, seeds: Any, watched: Any = None, everyday: bool = False) -> str:
+    def plan(t_outputs: Any, seeds: Any, watched: Any = None, everyday: bool = False, results: Any = None) -> str:
         if not walk:
             return "plain"
         nodes: dict[Any, int] = {}
