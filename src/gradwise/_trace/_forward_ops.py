@@ -94,7 +94,7 @@ class _ForwardOps:
                 self._forget_oldest_nodes()
             if det is not None and det.needs_out:
                 hit = self._safely(func, det.fn, _Call(args, kwargs, out, info.packet_name, self.ties))
-            if hit is not None:
+            if hit is not None and hit.found is not False:  # (False: decided on the host, no kink here)
                 self._safely(func, self._schedule_kink, hit, func, loc, nd)
         elif info.compare and len(ins) and any(t.requires_grad for t in ins):
             a, b = args[0], args[1]

@@ -22,6 +22,12 @@ class _KinkChecks:
     """Kink checks of forward ops and the sensitivities that reach them (a part of _Tracer)."""
 
     def _schedule_kink(self, hit: _Hit, func, loc, nd: _Node) -> None:
+        mask = hit.mask
+        found = hit.found if hit.found is not None else mask_any(mask)  # cheaper than counting
+        decided = isinstance(found, bool)  # on the host already
+        now = decided or (found.device.type == "cpu" and not _common._DEFER_ON_CPU) or self.sync_every <= 1
+        if now and not (found if decided else found.item()):
+            return  # (the everyday answer, before anything else is built: a relu with no exact 0)
         key = (hit.kind, _op_name(func), loc)
 
         def settle(mask):
@@ -39,12 +45,6 @@ class _KinkChecks:
             reads = hit.reads() if callable(hit.reads) else hit.reads
             nd.kinks.append((key, mask if hit.aligned else reads))
 
-        mask = hit.mask
-        found = hit.found if hit.found is not None else mask_any(mask)  # cheaper than counting
-        decided = isinstance(found, bool)  # on the host already
-        now = decided or (found.device.type == "cpu" and not _common._DEFER_ON_CPU) or self.sync_every <= 1
-        if now and not (found if decided else found.item()):
-            return
         if callable(mask):
             mask = mask()  # made only when it may hold a kink; deferred: now, before x can change
         if now:
