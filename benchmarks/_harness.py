@@ -53,13 +53,20 @@ def times(fns: dict[str, Callable[[], object]], repeats: int = 15, warmup: int =
           clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Each callable's time in seconds per repeat, measured interleaved round-robin (the candidates of repeat i
     run back to back): wall time by default; ``clock=time.process_time`` measures this process's CPU time (on a
-    machine shared with other jobs, wall time mostly measures them; use it with one thread)."""
+    machine shared with other jobs, wall time mostly measures them; use it with one thread).
+
+    The order rotates from one repeat to the next (repeat i starts with candidate i mod n), so each candidate
+    follows each other one equally often: a candidate that leaves the caches cold (detect_anomaly's stack
+    captures) would otherwise always slow the one after it (7-9% on bench_trace's small MLP, 2026-12-07)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            fn = fns[name]
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             t0 = clock()
