@@ -21,7 +21,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from gradwise._masks import EagerMasks
 from gradwise._ops import _contractions
 from gradwise._ops._zeros import KINDS, ZERO_FACTS, multiplying_args, zero_fact
-from gradwise._strong_zeros import _compile_pass
+from gradwise._strong_zeros import _compile_pass, _compile_rules
 from gradwise._strong_zeros._rules import lookup
 
 aten = torch.ops.aten
@@ -232,7 +232,7 @@ def test_contraction_formulas_agree_in_both_algebras(name):
         nodes.append(node)
     rw = _compile_pass._Rewriter(graph)
     rw.mode, rw.cursor = mode, nodes[-1]
-    graph.output(formula(_compile_pass._GraphMasks(rw), *nodes))
+    graph.output(formula(_compile_rules._GraphMasks(rw), *nodes))
     got = fx.GraphModule(torch.nn.Module(), graph)(*inputs)
     assert got.dtype == eager.dtype == torch.bool
     assert torch.equal(got, eager), name

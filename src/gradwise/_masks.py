@@ -103,7 +103,7 @@ def _sums(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
 
 class EagerMasks:
     """The mask algebra the shared op facts are written in (``gradwise._ops._zeros``' ``passes``,
-    ``gradwise._ops._contractions``' support formulas), on tensors; ``_compile_pass._GraphMasks`` is the same
+    ``gradwise._ops._contractions``' support formulas), on tensors; ``_compile_rules._GraphMasks`` is the same
     algebra on graph nodes. The first operand of not_/and_/or_ is always a fresh mask, so they work in place (one
     allocation per predicate); ``both`` is the out-of-place and."""
 

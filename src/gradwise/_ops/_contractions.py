@@ -27,7 +27,7 @@ like the ``passes`` predicates of ``_zeros.py``. Besides ``o.gt`` they use:
 ==================================  ===================================================================
 
 The eager algebra is ``_strong_zeros._rules_pointwise._EagerMasks`` (tensors), the graph one
-``_strong_zeros._compile_pass._GraphMasks`` (nodes of the backward graph). Supports are supersets where a formula
+``_strong_zeros._compile_rules._GraphMasks`` (nodes of the backward graph). Supports are supersets where a formula
 says so: sound (a NaN the superset keeps stays, and the runtime checks re-run that op under the eager rules).
 
 May import: torch only.

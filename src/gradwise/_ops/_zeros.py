@@ -44,7 +44,7 @@ fma            ``a * b + c`` (prims.fma, inductor's decomposed softmax backward)
 recomputed forward zeros).
 
 Readers: strong zeros' eager rules (``_strong_zeros/_rules_pointwise.py`` registers one rule per kind, and the
-bilinear rules per op) and the compiled-graph pass (``_strong_zeros/_compile_pass.py``, one graph rule per kind)
+bilinear rules per op) and the compiled-graph pass (``_strong_zeros/_compile_rules.py``, one graph rule per kind)
 build their tables from this one, so an op's kind is written once; ops whose rule needs more than its kind (the
 attention backwards, CTC's, a refinement such as exp's in softmax's backward) keep their own rule in the engine
 that can run it, with a docstring saying why. The trace reads ``multiplies`` (``_trace/_facts.py``).

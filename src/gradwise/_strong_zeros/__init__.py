@@ -32,7 +32,8 @@ Modules (each imports only those above it in this list, plus torch and gradwise.
                      ``_release``, ``_saved_toward``.
 ``_planning``        the pre-backward plan: ``_plan``, ``_zero_reach``; saved tensors are checked by
                      ``gradwise._masks.all_finite``.
-``_compile_pass``    one graph rule per kind of the same facts, over AOTAutograd's backward graphs.
+``_compile_rules``   one graph rule per kind of the same facts, over AOTAutograd's backward graphs.
+``_compile_pass``    the engine applying them to a backward graph (``rewrite_backward``).
 ``_graph_forms``     those graphs put back into the forms the eager rules know, for their op-by-op run.
 ``_compile``         compiled backwards under strong zeros: the pass, the runtime check, ``compile_stats``.
 ``_compile_recompute`` a non-reentrant checkpoint's recomputation (a forward) run outside the strong-zero mode.

@@ -39,7 +39,7 @@ before every backward under strong zeros (``_engine._engine_run``):
 
 One table, two consumers: which ops make, move, add, multiply or select structural zeros is written once, in
 ``gradwise._ops._zeros``; the eager rules (on tensors, ``_rules_pointwise``) and the pass (on graph nodes,
-``_compile_pass``) each implement every kind they can, and keep rules of their own only for ops whose rule
+``_compile_rules``) each implement every kind they can, and keep rules of their own only for ops whose rule
 needs more than a kind (attention, CTC, the bilinear ops' contractions). The op-by-op run reads the graph
 through ``_graph_forms.for_eager``, which puts back what a compiled graph hides
 from the eager rules (a formula's zeros, a decomposed fused op, which formula an op belongs to), so that one
@@ -49,7 +49,7 @@ Traced backwards (AOTAutograd tracing the joint graph on fake tensors) are never
 aside for them (``_traced``).
 
 May import: torch, gradwise._masks, _contract, _autograd_graph, and (inside functions, at call time)
-_compile_pass, _pass_windows, _graph_forms, _supports, _rules, _planning.
+_compile_pass, _compile_rules, _pass_windows, _graph_forms, _supports, _rules, _planning.
 """
 
 from __future__ import annotations
@@ -99,11 +99,11 @@ def strong_zero_pass() -> Any:
     global _PASS
     if _PASS is None:
         from gradwise._ops import _zeros
-        from gradwise._strong_zeros import _compile_pass, _pass_windows
+        from gradwise._strong_zeros import _compile_pass, _compile_rules, _pass_windows
 
-        # inductor's cache key: the pass (and its windows) and the shared facts it builds its rules from
+        # inductor's cache key: the pass (its rules and windows) and the shared facts it builds its rules from
         digest = hashlib.sha256(b"".join(Path(m.__file__).read_bytes()
-                                         for m in (_compile_pass, _pass_windows, _zeros))).hexdigest()
+                                         for m in (_compile_pass, _compile_rules, _pass_windows, _zeros))).hexdigest()
 
         class StrongZeroPass(_pass_base()):  # type: ignore[misc]
             """Strong zeros over AOTAutograd's backward graph (see gradwise._strong_zeros._compile_pass)."""

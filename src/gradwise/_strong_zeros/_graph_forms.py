@@ -263,7 +263,7 @@ def _mask_again(mask: torch.Tensor) -> torch.Tensor:
     which annihilates it either way). Otherwise it is meaningful where it is True only: a formula's mask is an
     and/or of orderings and equalities, which are False at a NaN, so a True was decided and a False may be a NaN's
     (a where then unites both branches there; a product takes no structural zero from it). The pass reads a saved
-    mask the same way (``_compile_pass._undecided``)."""
+    mask the same way (``_compile_rules._undecided``)."""
     from gradwise._strong_zeros._mode import outputs_finite, running_mode
 
     out = aten.eq.Scalar(mask, True)
@@ -422,7 +422,7 @@ def _forward_comparison(graph: fx.Graph, module: fx.GraphModule, node: fx.Node) 
     """A forward comparison the partitioner recomputes in the backward (``partitioner_tag == 'is_forward'``: the
     condition of a user's ``where(x > 0, sqrt(x), 0)``) selected in the forward, NaN or not: it runs as a forward
     op (``_as_forward``), not as a formula's selection, which decides nothing at a NaN (``_rules_pointwise.
-    _comparison``), as the pass reads it (``_compile_pass._undecided``)."""
+    _comparison``), as the pass reads it (``_compile_rules._undecided``)."""
     from gradwise._ops._zeros import zero_fact
 
     fact = zero_fact(node.target) if node.op == "call_function" else None

@@ -1,6 +1,6 @@
 """The positions a slice_scatter/select_scatter writes, as index comparisons (for the compiled-graph pass).
 
-The pass (``_compile_pass._placed``) builds a placement's support as ``where(window, src, base)`` rather than a
+The pass (``_compile_rules._placed``) builds a placement's support as ``where(window, src, base)`` rather than a
 bool ``slice_scatter``: inductor's CPU vectorizer does not vectorize a kernel that reads a bool ``slice_scatter``
 (torch 2.13), and the scalar kernel's transcendental functions (``tanh``, ``exp``) round otherwise than the
 vectorized ones PyTorch's own compile runs, so finite gradients would differ from compiled PyTorch's by an ulp.
