@@ -1,7 +1,8 @@
 """``_Roots``: the part of the tracer that makes the gradients a backward starts from (``roots``: the seeds, checked
 for NaN/Inf), and the finding of a gradient whose NaN/Inf no recorded op explains.
 
-May import: torch, gradwise._masks, gradwise._strong_zeros, gradwise._trace._common, _facts, _kinds, _store, _shadow.
+May import: torch, gradwise._masks, gradwise._strong_zeros, gradwise._trace._common, _facts, _kinds, _store, _shadow,
+_replay_sites.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import weakref
 
 import torch
 
-from gradwise._trace import _common
+from gradwise import _strong_zeros
+from gradwise._trace import _common, _replay_sites
 from gradwise._trace._common import _inexact, _loc, _nonfinite, _user_frame
 from gradwise._trace._facts import STALE, WRITTEN_MASK
 from gradwise._trace._shadow import _Shadow
@@ -26,6 +28,11 @@ class _Roots:
         if self.depth == 0:  # the user's line that called backward: ops under a node from any other user line
             frame = _user_frame()  # are the user's own code in the backward (a hook), see `_dig`
             self.backward_site = None if frame is None else (frame.f_code, frame.f_lineno)
+            if self.replayed_graph is not None and self.replayed_graph.sites is None and not self.replaying:
+                # a traced step after gw.watch()'s replayed one: the same graph tells that step's lines
+                self._safely("the replayed step's lines", _replay_sites.match, self, _strong_zeros._root_nodes(
+                    (outputs,) if isinstance(outputs, (torch.Tensor, torch.autograd.graph.GradientEdge))
+                    else tuple(outputs)))
         single = isinstance(outputs, (torch.Tensor, torch.autograd.graph.GradientEdge))
         outputs = (outputs,) if single else tuple(outputs)
         if grads is None or isinstance(grads, torch.Tensor):

@@ -1,0 +1,127 @@
+"""Hunt (session 33) of gw.watch() (wc33): the replayed step's findings at the lines of the later traced steps
+(``_replay_sites``), and another thread's backward beside a watched one. The reference is gw.trace() of the same
+block."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+import gradwise as gw
+from gradwise._trace import _session
+
+nan = float("nan")
+
+
+def _told(report) -> tuple:
+    return (report.summary(), [(f.kind, f.op, f.location, f.count, f.born_op, f.step) for f in report.findings],
+            len(report.causes))
+
+
+def _both(run) -> list[tuple]:
+    """``run(block)`` under gw.trace() then gw.watch(): what each told."""
+    return [_told(run(block)) for block in (gw.trace, gw.watch)]
+
+
+def test_watch_tells_a_write_repeated_over_steps_as_the_trace_does():
+    """``x[0, 0] = nan`` before every step: gw.trace() tells one genuine NaN born at aten.copy_ (3 elements, one
+    root cause). The watch's replayed step 0 said "x arrived with 1 NaN" and the traced steps "aten.copy_": two
+    findings, two root causes for one bug. The same graph at step 1 saves the same tensor, which the trace saw
+    written at that line: the replayed arrival is that write's."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 1)
+    x = torch.randn(4, 3)
+
+    def run(block):
+        with block() as report:
+            for _ in range(3):
+                m.zero_grad()
+                x[0, 0] = nan
+                m(x).sum().backward()
+        return report
+
+    trace, watch = _both(run)
+    assert watch == trace, (trace, watch)
+    assert trace[1][0][1:5] == ("aten.copy_", trace[1][0][2], 3, "aten.copy_") and trace[2] == 1, trace
+
+
+def test_watch_keeps_an_arrival_apart_from_another_tensors_write():
+    """The replayed step reads x's NaN (it arrived so); the later steps read z, written NaN each step at another
+    line, at the same place of the same graph: another tensor, so two findings stay (as gw.trace(): x arrived,
+    then z's aten.copy_)."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 1)
+
+    def run(block):
+        x, z = torch.randn(4, 3), torch.randn(4, 3)
+        x[0, 0] = nan
+        with block() as report:
+            for step in range(3):
+                m.zero_grad()
+                if step:
+                    z[1, 1] = nan
+                m(z if step else x).sum().backward()
+        return report
+
+    trace, watch = _both(run)
+    assert [f[4] for f in watch[1]] == [f[4] for f in trace[1]] and watch[2] == trace[2] == 2, (trace, watch)
+
+
+def test_watch_does_not_fold_two_sites_of_one_op_in_one_graph():
+    """Two divisions by n = 0 at two lines of one graph: the replay places both at the backward call, one finding
+    of both sites' elements (4 + 4), which no single line is: it stays its own (folded into one line, that line
+    would count the other's elements). Each line's traced finding keeps its own count, first at step 1 (gw.trace():
+    12 each from step 0; known limit, told as two root causes where the trace tells one per line)."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    n = 0
+    with gw.watch() as report:
+        for _ in range(3):
+            m.zero_grad()
+            y = m(x)
+            a = y[:, 0] / n
+            b = y[:, 1] * 2 / n
+            (a.sum() + b.sum()).backward()
+    divs = [(f.location, f.count, f.step) for f in report.findings if f.op == "aten.div"]
+    assert sorted((c, s) for _, c, s in divs) == [(8, 0), (8, 1), (8, 1)], divs  # (the step-0 one: both sites')
+    assert len({loc for loc, _, _ in divs}) == 3, divs
+
+
+def test_watch_does_not_check_another_threads_backward_beside_it():
+    """A thread of the program's own runs a backward (a NaN .grad of its own model) while the watched thread's
+    backward runs in the engine (no custom backward handed it over): gw.trace() of the watched thread tells
+    nothing; the watch told that thread's NaN as this step's ("written between backwards", not explained).
+    A backward a custom backward hands to a thread stays checked (test_review_wc32's pool)."""
+    torch.manual_seed(0)
+    big = [torch.nn.Linear(256, 256) for _ in range(40)]
+    other = torch.nn.Linear(3, 1)
+    xo = torch.tensor([[1.0, nan, 2.0]])
+    xb = torch.randn(512, 256)
+    for _ in range(5):  # until the other backward starts inside the watched one (a loaded machine)
+        other.zero_grad()
+        go, beside = threading.Event(), []
+
+        def worker(go=go, beside=beside):
+            go.wait()
+            time.sleep(0.005)
+            beside.append(any(w.depth for w in list(_session._WATCHERS.values())))
+            other(xo).sum().backward()
+
+        t = threading.Thread(target=worker)
+        t.start()
+        with gw.watch() as report:
+            h = xb
+            for lin in big:
+                h = torch.tanh(lin(h))
+            loss = h.sum()
+            go.set()
+            loss.backward()
+        t.join()
+        if beside[0]:
+            break
+    assert beside[0], "the other thread's backward never ran beside the watched one"
+    assert not report.findings, str(report)
+    assert not torch.isfinite(other.weight.grad).all()  # (its NaN is there: not the watched step's)
