@@ -1,15 +1,17 @@
 """Hunt (session 33) of gw.watch() (wc33): the replayed step's findings at the lines of the later traced steps
-(``_replay_sites``), and another thread's backward beside a watched one. The reference is gw.trace() of the same
-block."""
+(``_replay_sites``), another thread's backward beside a watched one, NaN padding beside a used Inf. The reference
+is gw.trace() of the same block."""
 
 from __future__ import annotations
 
 import threading
 import time
 
+import pytest
 import torch
 
 import gradwise as gw
+from _explaining import padded_program
 from gradwise._trace import _session
 
 nan = float("nan")
@@ -125,3 +127,30 @@ def test_watch_does_not_check_another_threads_backward_beside_it():
     assert beside[0], "the other thread's backward never ran beside the watched one"
     assert not report.findings, str(report)
     assert not torch.isfinite(other.weight.grad).all()  # (its NaN is there: not the watched step's)
+
+
+_PADDED_LOSSES = [  # (the rows 4: of x are NaN padding, x[0, 1] = inf is used)
+    pytest.param(lambda y: y[:4].sum(), id="slice"),
+    pytest.param(lambda y: (y @ torch.ones(4, 3))[:4].sum(), id="matmul then slice"),
+    pytest.param(lambda y: y.cumsum(0)[:4].sum(), id="cumsum then slice"),
+    pytest.param(lambda y: (y * torch.tensor([1.0, 1, 1, 1, 0, 0])[:, None]).sum(), id="zero weights"),
+    pytest.param(lambda y: y[:4].pow(2).sum(), id="square then slice"),
+]
+
+
+@pytest.mark.parametrize("loss_of", _PADDED_LOSSES)
+def test_watch_tells_nan_padding_beside_a_used_inf_as_the_trace_does(loss_of):
+    """x with NaN padding rows and a used Inf, read by ``x.clone() * w`` (x needs no gradient: the replay's value
+    "made outside the graph"): gw.trace() tells the padding's contamination (8) and the Inf's genuine finding (1).
+    The replay made one NaN birth of all 9 elements: the Inf loss carried it, a genuine NaN "reaching no gradient"
+    of 9 elements beside them (with zero weights one genuine NaN of 9 where the trace tells the Inf's 1 and the
+    padding's 0 x NaN 8; squared, a genuine Inf of 8). Now a value holding both is a NaN and an Inf birth, as data
+    that arrived is, each its elements (parts, as the trace's), and a replayed output that holds no NaN is explained
+    by no NaN birth."""
+    found = []
+    for block in (gw.trace, gw.watch):
+        program = padded_program(loss_of, value=float("inf"))
+        with block() as report:
+            program(True, True)
+        found.append(sorted((f.kind, f.count, tuple(f.reaches)) for f in report.findings))
+    assert found[0] == found[1], found

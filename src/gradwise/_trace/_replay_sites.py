@@ -11,9 +11,11 @@ findings of the replayed step are that line's (a graph made of the same ops by o
 the one case folded wrongly; any other difference, a graph of another shape, leaves two findings as before).
 Nothing here runs on a finite step: the replay's walk runs once, the match in traced backwards only.
 
-May import: gradwise._strong_zeros, gradwise._trace._common, _findings, _replay, _store.
+May import: torch, gradwise._strong_zeros, gradwise._trace._common, _findings, _replay, _store.
 """
 from __future__ import annotations
+
+import torch
 
 from gradwise._strong_zeros._planning import _walked
 from gradwise._trace._common import _ACCUMULATE_SEQ, _fmt
@@ -66,11 +68,12 @@ def match(tracer, roots) -> None:
         now = tracer.nodes.get(seq)
         lines.setdefault(was, set()).add((now.op, now.loc) if now is not None and now.op == was else None)
     nodes = list(walk.nodes) if graph.arrived else ()
-    for i, storages in graph.arrived:  # data the replay tells as arrived: the trace's births of the same value
-        got = _saved_births(nodes[i], graph.ops[i], lambda k: None, tracer.prov.get)
-        sites = {(b.op, b.loc) for k, births in got for b in births}
-        same = {k for k, _ in got} == storages
-        lines.setdefault(_INPUT, set()).add(next(iter(sites)) if same and len(sites) == 1 else None)
+    with torch.utils._python_dispatch._disable_current_modes():  # (the trace's own reads of the saved values)
+        for i, storages in graph.arrived:  # data the replay tells as arrived: the trace's births of the same value
+            got = _saved_births(nodes[i], graph.ops[i], lambda k: None, tracer.prov.get)
+            sites = {(b.op, b.loc) for k, births in got for b in births}
+            same = {k for k, _ in got} == storages
+            lines.setdefault(_INPUT, set()).add(next(iter(sites)) if same and len(sites) == 1 else None)
     graph.sites = {op: next(iter(got)) for op, got in lines.items() if len(got) == 1 and None not in got}
     graph.tries = _TRIES  # (matched: no further walk)
 

@@ -48,9 +48,15 @@ class _Roots:
             self.shadow = _Shadow() if self.dirty else None
         for i, (o, g) in enumerate(zip(outputs, grads, strict=False)):
             made = self.prov.get(o)
-            if made is None and self.replayed and isinstance(o, torch.Tensor) and o.layout is torch.strided:
+            replayed = made is None and self.replayed and isinstance(o, torch.Tensor) and o.layout is torch.strided
+            if replayed:
                 made = self.replayed.get(o.untyped_storage().data_ptr())  # (gw.watch()'s replay: a NaN loss)
             births = [] if reentrant else [b for b in made or () if isinstance(b, _Birth)]
+            if replayed and len(births) > 1 and any(b.nan for b in births) and not _holds_nan(o):
+                # the replay carries every birth of a node's inputs on (no slice is followed): a NaN, which stays
+                # NaN, explains no output that holds none (NaN padding sliced away beside a used Inf: it was a
+                # genuine NaN finding "reaching no gradient")
+                births = [b for b in births if not b.nan] or births
             if len(births) > 1 and any(b.nan for b in births) and not _holds_inf(o):
                 # an infinity written on purpose (an attention mask's -inf) in an output that holds none, only
                 # the NaN another birth made of it: no use of its own (_store.earliest)
@@ -139,6 +145,14 @@ class _Roots:
                                   birth.what, None, False)
         inc.reaches.add(self.leaf_name(leaf))
         self.prov[g] = frozenset([inc])
+
+
+def _holds_nan(o: torch.Tensor) -> bool:
+    """Whether the output ``o`` holds a NaN (read outside the trace's mode)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        return bool(torch.isnan(o).any())
 
 
 def _holds_inf(o: torch.Tensor) -> bool:
