@@ -30,9 +30,10 @@ class _Roots:
             self.backward_site = None if frame is None else (frame.f_code, frame.f_lineno)
             if self.replayed_graph is not None and self.replayed_graph.sites is None and not self.replaying:
                 # a traced step after gw.watch()'s replayed one: the same graph tells that step's lines
-                self._safely("the replayed step's lines", _replay_sites.match, self, _strong_zeros._root_nodes(
-                    (outputs,) if isinstance(outputs, (torch.Tensor, torch.autograd.graph.GradientEdge))
-                    else tuple(outputs)))
+                outs = (outputs,) if isinstance(outputs, (torch.Tensor, torch.autograd.graph.GradientEdge)) \
+                    else tuple(outputs)
+                self._safely("the replayed step's lines", _replay_sites.match, self, _strong_zeros._root_nodes(outs),
+                             outs)
         single = isinstance(outputs, (torch.Tensor, torch.autograd.graph.GradientEdge))
         outputs = (outputs,) if single else tuple(outputs)
         if grads is None or isinstance(grads, torch.Tensor):

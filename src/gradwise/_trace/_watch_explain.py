@@ -56,7 +56,7 @@ class _StepExplainer:
             tracer.replayed = tracer._safely("the untraced forward", _replay.forward_origins, tracer, roots, at,
                                              batches, outs) or {}
             tracer.replayed_graph = tracer._safely("the replayed step's graph", _replay_sites.ReplayedGraph, roots,
-                                                   tracer, at, self.step)
+                                                   outs, tracer, at, self.step)
         self._trace(tracer)
         if not wanted:
             return
