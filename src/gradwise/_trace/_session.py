@@ -11,8 +11,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import runpy
-import sys
 import threading
 from collections.abc import Callable, Iterator
 
@@ -90,11 +88,10 @@ def _inside_another_threads_backward(tensors, inputs) -> None:
     """A backward in a thread that neither traces nor watches, while a watched or traced thread is inside a backward
     (a custom backward that runs one on a thread of its own and joins it): the watch and the trace are per thread,
     and its NaN .grad was told by neither ("No NaN/Inf gradients"). Its leaves are checked with the running watched
-    backward's (as a nested backward's on the same thread), and a trace counts it as a backward run untraced. Only
-    while the watched backward runs Python that may have handed it this backward (`_in_callback`): a backward of a
-    thread of the program's own beside a watched one whose engine runs C++ alone is not that step's (its NaN .grad was
-    told in the watched report, as written "between backwards": wc33)."""
-    watching = [w for ident, w in list(_WATCHERS.items()) if w.depth and w.tracer is None and _in_callback(ident)]
+    backward's (as a nested backward's on the same thread), and a trace counts it as a backward run untraced. A
+    thread of the program's own that runs backwards beside a watched one meanwhile is included: a NaN .grad it makes
+    is then told too (not explained), never hidden."""
+    watching = [w for w in list(_WATCHERS.values()) if w.depth and w.tracer is None]
     tracing = [t for t in list(_TRACERS.values()) if t.depth]
     try:
         for w in watching:
@@ -103,30 +100,6 @@ def _inside_another_threads_backward(tensors, inputs) -> None:
             t._pass_over_backward("torch.autograd.backward", _OTHER_THREAD)
     except Exception:  # (a graph walk the other thread's backward must not fail on: it runs as it would)
         pass
-
-
-_STARTERS = frozenset({threading.__file__, runpy.__file__})  # where a thread Python started has its first frame
-
-
-def _in_callback(ident: int) -> bool:
-    """Whether a backward starting on this thread may be one the watched thread ``ident``'s backward handed off: that
-    thread runs Python inside its backward (a custom backward or a hook, above the engine's ``_engine_run_backward``),
-    or another thread runs Python the engine called with no Python below (a device thread's custom backward). Runs
-    only when another thread's backward starts while a watched one runs (``sys._current_frames``: every thread's
-    top frame)."""
-    frames = sys._current_frames()
-    me = threading.get_ident()
-    top = frames.get(ident)
-    if top is None or top.f_code.co_name != "_engine_run_backward":
-        return True
-    for other, f in frames.items():
-        if other in (me, ident):
-            continue
-        while f.f_back is not None:
-            f = f.f_back
-        if f.f_code.co_filename not in _STARTERS and f.f_code.co_name != "<module>":
-            return True  # (a thread that no Python started: one of the engine's, in a callback)
-    return False
 
 
 @contextlib.contextmanager
