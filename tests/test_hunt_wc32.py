@@ -53,7 +53,9 @@ def test_watch_names_a_nan_buffer_as_data_the_module_holds():
 @pytest.mark.xfail(strict=True, reason=(
     "known gap: the replayed step's ops sit at the backward call, so its finding cannot be matched to a later "
     "traced one; wc32 folded by kind and op, which merged two sites of one op (test_review_wc32::"
-    "test_watch_does_not_fold_two_sites_of_the_same_op): the fold was taken out, two root causes stay"))
+    "test_watch_does_not_fold_two_sites_of_the_same_op): the fold was taken out, two root causes stay; wc33 "
+    "named the replayed 'aten.mean or an op before it' by the later step's birth of the same value, which folded "
+    "two different bugs (test_review_wc33): not folded, two root causes stay"))
 def test_watch_tells_one_root_cause_for_a_division_by_zero_over_steps():
     """SILENT-adjacent (a wrong count): ``(m(x).sum(1) / n).mean()`` with n = 0 for 3 steps: gw.trace() tells one
     root cause (aten.div's Inf, then mean's inf - inf), 1 genuine NaN and 1 genuine Inf. The watch told 2 root

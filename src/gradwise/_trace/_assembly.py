@@ -2,7 +2,7 @@
 what strong zeros would remove, unused NaN/Inf).
 
 May import: torch, gradwise._masks, gradwise._trace._common, _advice, _facts, _findings, _causes, _kinds,
-_report, _store.
+_replay_sites, _report, _store.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from gradwise._masks import all_finite
-from gradwise._trace import _causes, _kinds
+from gradwise._trace import _causes, _kinds, _replay_sites
 from gradwise._trace._advice import kink_fix
 from gradwise._trace._common import _dist_rank, _fmt, _grad, _held, _inexact, _nonfinite, _positions, _source
 from gradwise._trace._facts import _NOT_DATA, WRITTEN_MASK
@@ -57,6 +57,8 @@ class _Assembly:
                 source=_source(g.loc), indices=g.indices, convention=g.convention, reached_gradient=g.reached,
                 reaches=g.reaches,
                 occurrences=g.occurrences, step=g.step)
+        if self.replayed_graph is not None:  # gw.watch()'s replayed step, at the lines a later traced step told
+            _replay_sites.fold(found, self.replayed_graph)
         self._finish(report, found, unreached, uses)
 
     def _incident_findings(self, found: Findings, since: int) -> tuple[dict, dict, set]:

@@ -169,6 +169,7 @@ class _Provenance(_Parts):
             got = self.replayed.get(t.untyped_storage().data_ptr())
             if got is not None:
                 self.prov[t] = got
+                self._arrived_parts(t, got, replayed=True)
         if got is None and t._base is not None and _nonfinite(t._base):
             got = self.prov[t] = self._origin(t._base, loc)
         if got is None and (via := self._received_through(t)) is not None:
@@ -203,10 +204,13 @@ class _Provenance(_Parts):
             return frozenset([self._input_birth(src, loc, name, batch)])
         return frozenset(self._input_birth(src, loc, name, batch, part) for part in (True, False))
 
-    def _arrived_parts(self, t: torch.Tensor, births: frozenset) -> None:
+    def _arrived_parts(self, t: torch.Tensor, births: frozenset, replayed: bool = False) -> None:
         """Parts (``_Parts``) of data ``t`` read as it arrived (or moved by ops nobody read) whose NaN and Inf are
-        births of their own (``_input_births``): its NaN elements the NaN birth's, its Inf ones the Inf birth's."""
-        if len(births) != 2 or any(b.op != "input" for b in births) or len({b.nan for b in births}) != 2:
+        births of their own (``_input_births``): its NaN elements the NaN birth's, its Inf ones the Inf birth's.
+        ``replayed``: a value gw.watch()'s replay read, whose two births of one site (`_replay.untraced`) are
+        parts as well (one NaN-kind incident of both was the Inf's too: "reaches: no gradient" for a used Inf)."""
+        if len(births) != 2 or len({b.nan for b in births}) != 2 or (
+                any(b.op != "input" for b in births) if not replayed else len({(b.op, b.loc) for b in births}) != 1):
             return
         self._keep(t, {frozenset([b]): torch.isnan(t) if b.nan else torch.isinf(t) for b in births})
 

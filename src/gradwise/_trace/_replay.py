@@ -169,7 +169,7 @@ def forward_origins(tracer, roots, at: tuple, batches: dict, outs: tuple = ()) -
                 # records, as data would be: which it was is not known (it was told as data that arrived so)
                 got = data[k] = untraced(tracer, v, _OFF_GRAPH, at)
                 return got
-            got = data[k] = frozenset([tracer._input_birth(src, at, name, batch)])
+            got = data[k] = tracer._input_births(src, at, name, batch)  # (NaN and Inf both: a birth each)
         return got
 
     def inside(v: torch.Tensor, graph: str) -> frozenset:
@@ -259,11 +259,16 @@ _ITEMS = 16  # (a list that long is read item by item: a batch's (x, y), not a d
 def untraced(tracer, v: torch.Tensor, graph: str, at: tuple) -> frozenset:
     """The birth of a non-finite value ``v`` made in the forward gw.watch() did not trace (``graph``: a compiled
     or TorchScript graph, "aten.x or an op before it"): made there or data that arrived so; the replay cannot tell
-    which, and says so (no 'arrived' claim)."""
-    nan, mask = _has_nan(v), _nonfinite_mask(v)
-    return frozenset([tracer._birth(graph, at, nan, None, mask, lambda idx: Birth(
+    which, and says so (no 'arrived' claim). A value holding NaN and Inf both is a NaN and an Inf birth, as data
+    that arrived is (`_input_births`): one NaN birth of NaN padding and a used Inf was a genuine NaN finding
+    "reaching no gradient" of every element, beside the Inf's (wc33)."""
+    nan = _has_nan(v)
+    parts = [(nan, _nonfinite_mask(v))] if not nan or not bool(torch.isinf(v).any()) else \
+        [(True, torch.isnan(v)), (False, torch.isinf(v))]
+    return frozenset(tracer._birth(graph, at, nan, None, mask, lambda idx, nan=nan: Birth(
         graph, at, f"a value {graph} made holds NaN/Inf: made there or data that arrived so (gw.watch() "
-        "did not trace the forward and no autograd node saved it before; gw.trace() names the op)", 0, idx, nan))])
+        "did not trace the forward and no autograd node saved it before; gw.trace() names the op)", 0, idx, nan))
+        for nan, mask in parts)
 
 
 def made_by(node) -> str:

@@ -1,7 +1,8 @@
 """``_Roots``: the part of the tracer that makes the gradients a backward starts from (``roots``: the seeds, checked
 for NaN/Inf), and the finding of a gradient whose NaN/Inf no recorded op explains.
 
-May import: torch, gradwise._masks, gradwise._strong_zeros, gradwise._trace._common, _facts, _kinds, _store, _shadow.
+May import: torch, gradwise._masks, gradwise._strong_zeros, gradwise._trace._common, _facts, _kinds, _store, _shadow,
+_replay_sites.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import weakref
 
 import torch
 
-from gradwise._trace import _common
+from gradwise import _strong_zeros
+from gradwise._trace import _common, _replay_sites
 from gradwise._trace._common import _inexact, _loc, _nonfinite, _user_frame
 from gradwise._trace._facts import STALE, WRITTEN_MASK
 from gradwise._trace._shadow import _Shadow
@@ -26,6 +28,12 @@ class _Roots:
         if self.depth == 0:  # the user's line that called backward: ops under a node from any other user line
             frame = _user_frame()  # are the user's own code in the backward (a hook), see `_dig`
             self.backward_site = None if frame is None else (frame.f_code, frame.f_lineno)
+            if self.replayed_graph is not None and self.replayed_graph.sites is None and not self.replaying:
+                # a traced step after gw.watch()'s replayed one: the same graph tells that step's lines
+                outs = (outputs,) if isinstance(outputs, (torch.Tensor, torch.autograd.graph.GradientEdge)) \
+                    else tuple(outputs)
+                self._safely("the replayed step's lines", _replay_sites.match, self, _strong_zeros._root_nodes(outs),
+                             outs)
         single = isinstance(outputs, (torch.Tensor, torch.autograd.graph.GradientEdge))
         outputs = (outputs,) if single else tuple(outputs)
         if grads is None or isinstance(grads, torch.Tensor):
@@ -41,9 +49,15 @@ class _Roots:
             self.shadow = _Shadow() if self.dirty else None
         for i, (o, g) in enumerate(zip(outputs, grads, strict=False)):
             made = self.prov.get(o)
-            if made is None and self.replayed and isinstance(o, torch.Tensor) and o.layout is torch.strided:
+            replayed = made is None and self.replayed and isinstance(o, torch.Tensor) and o.layout is torch.strided
+            if replayed:
                 made = self.replayed.get(o.untyped_storage().data_ptr())  # (gw.watch()'s replay: a NaN loss)
             births = [] if reentrant else [b for b in made or () if isinstance(b, _Birth)]
+            if replayed and len(births) > 1 and any(b.nan for b in births) and not _holds_nan(o):
+                # the replay carries every birth of a node's inputs on (no slice is followed): a NaN, which stays
+                # NaN, explains no output that holds none (NaN padding sliced away beside a used Inf: it was a
+                # genuine NaN finding "reaching no gradient")
+                births = [b for b in births if not b.nan] or births
             if len(births) > 1 and any(b.nan for b in births) and not _holds_inf(o):
                 # an infinity written on purpose (an attention mask's -inf) in an output that holds none, only
                 # the NaN another birth made of it: no use of its own (_store.earliest)
@@ -132,6 +146,14 @@ class _Roots:
                                   birth.what, None, False)
         inc.reaches.add(self.leaf_name(leaf))
         self.prov[g] = frozenset([inc])
+
+
+def _holds_nan(o: torch.Tensor) -> bool:
+    """Whether the output ``o`` holds a NaN (read outside the trace's mode)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        return bool(torch.isnan(o).any())
 
 
 def _holds_inf(o: torch.Tensor) -> bool:

@@ -205,6 +205,7 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
         # gw.watch()'s replay of a backward whose forward it did not trace: storage of a non-finite value the graph
         # saved -> its births, found in the forward's order (_replay.forward_origins); empty otherwise
         self.replayed: dict[int, frozenset] = {}
+        self.replayed_graph = None  # that step's graph, matched to a later traced one for its lines (_replay_sites)
         self.replaying = False  # during that replay (a value of no known origin was made by the untraced forward)
         self.module_names = _ByIdentity()  # module -> {id(param): name}
         self.nodes: dict[int, _Node] = {}

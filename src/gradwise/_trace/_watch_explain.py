@@ -4,7 +4,7 @@ the replay of the kept graph under a fresh trace (``_explain``), the step under 
 forward ops of the autograd nodes met (``_node_op``), which the untraced forward never recorded.
 
 May import: torch, gradwise._strong_zeros (its graph walk), gradwise._trace._common, _fsdp_watching, _kinds,
-_replay, _backward_ops, _tracer; lazily _watching (its `_donating`, on a step that could not run again).
+_replay, _replay_sites, _backward_ops, _tracer; lazily _watching (its `_donating`, on a step that could not run again).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 import torch.utils.checkpoint
 
 from gradwise import _strong_zeros
-from gradwise._trace import _common, _fsdp_watching, _kinds, _replay
+from gradwise._trace import _common, _fsdp_watching, _kinds, _replay, _replay_sites
 from gradwise._trace._backward_ops import _declared_node
 from gradwise._trace._tracer import _Tracer
 
@@ -55,6 +55,8 @@ class _StepExplainer:
             # the births of the values the graph saved, in the forward's order (the replay meets them backwards)
             tracer.replayed = tracer._safely("the untraced forward", _replay.forward_origins, tracer, roots, at,
                                              batches, outs) or {}
+            tracer.replayed_graph = tracer._safely("the replayed step's graph", _replay_sites.ReplayedGraph, roots,
+                                                   outs, tracer, at, self.step)
         self._trace(tracer)
         if not wanted:
             return
