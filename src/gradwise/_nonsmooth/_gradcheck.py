@@ -252,7 +252,7 @@ def _one_sided(fk, xs, sd: Subdifferential | None = None) -> str:
     clamp's three 5x10x5 operands took 20 s for the message alone."""
     parts = []
     same = None
-    if sd is not None and sd.exact and len(sd.elements) > 1:
+    if sd is not None and sd.exact and sd.elements:
         flat = torch.stack([_flat(e) for e in sd.elements])
         same = (flat == flat[:1]).all(0).tolist()
     at = 0
