@@ -101,8 +101,9 @@ def _quasi_norm(run, x: Tensor, ord: float, dims: tuple[int, ...], keepdim: bool
     """The p-norm with 0 < p < 1. Where a slice is entirely 0: value 0 and tangent ||x'||_p, f'(x; d) exactly (the
     quasi-norm is continuous and positively homogeneous: ||t x' + o(t)||_p / t -> ||x'||_p), but no Clarke gradient
     (the slope of |x_i|^p is unbounded near 0, f is not Lipschitz there): a reverse pass that reaches such a slice
-    raises. Where some entries of a slice are 0 and others not, the slope in those entries is infinite along a
-    direction that moves them (and one whose tangent there is 0 may move them at second order): an error.
+    raises, with any incoming gradient (||x||_p ** 2 gives it 0 at 0, and is still not Lipschitz near 0). Where
+    some entries of a slice are 0 and others not, the slope in those entries is infinite along a direction that
+    moves them (and one whose tangent there is 0 may move them at second order): an error.
     Elsewhere PyTorch's value and derivatives. A zero slice is recorded as a kink, as the norm's at 0: a tie
     downstream (max(q, sum(x)) at 0) is then ranked by a pass that carries this tangent, not by a lazy pass whose
     tangent of q would read 0."""
@@ -130,7 +131,9 @@ def _quasi_norm(run, x: Tensor, ord: float, dims: tuple[int, ...], keepdim: bool
     out = torch.where(at0, zero, out)
     if out.requires_grad:
         def refuse(g: Tensor) -> None:
-            if mask_any(g[at0] != 0):
+            # a 0 reaching the slice refuses too: ||x||_p ** 2 has slope 2 q grad(q) near 0, unbounded along the
+            # axes at every scale (q's gradient blows up where an entry is 0), although its incoming 0 at 0 hid it
+            if mask_any(at0):
                 raise NonsmoothError(f"linalg.vector_norm at {line} with ord {ord} < 1 is evaluated at a slice "
                                      "that is 0: its one-sided derivative there is ||d||_p (gw.directional_derivative"
                                      f"), but the slope of |x_i|^{ord} is unbounded near 0, so f is not Lipschitz "
