@@ -106,6 +106,7 @@ def test_trace_runs_torch_cond(value):
     with gw.trace() as report:
         _cond(x).sum().backward()
     assert torch.equal(x.grad, want)
+    assert ("genuine NaN" in str(report)) is bool(torch.isnan(want).any())
 
 
 def test_trace_torch_cond_nan_in_branch_is_named():
