@@ -575,7 +575,7 @@ def svdvals(run, func, a, *, driver=None, summed=False):
     k = s.shape[-1]
     gap = (s[..., :-1] - s[..., 1:]).abs()
     run.note_near("aten.linalg_svdvals", torch.cat([gap, s[..., -1:]], -1))
-    if k > 1 and not summed and not ap.is_complex():  # (positive values only: near 0, see docs/nonsmooth.md "Near a kink")
+    if k > 1 and not summed and not ap.is_complex():  # (positive values: near 0, docs "Near a kink")
         big = 4 * max(ap.shape[-2:]) * torch.finfo(s.dtype).eps * s[..., :1]
         _rounding_tie(run, "aten.linalg_svdvals", torch.where(s[..., 1:] > big, gap, 0), s[..., 0],
                       max(ap.shape[-2:]), "singular values")
