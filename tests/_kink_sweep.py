@@ -57,10 +57,14 @@ class _Reached(TorchDispatchMode):
 # abs's kink: gradwise differentiates the float piece (-u' for -3e-15, docs/nonsmooth.md "Near a kink"), the
 # differences at steps >= 5e-7 see |u'|. Squaring keeps the gauge invariance and makes that slope 2|u| u' ~ 0 on
 # both sides, while the entries away from 0 are still checked.
+# linalg.eigh's samples read eigenvectors the same way (``out_fn``: values, abs(vectors)), with the same entries
+# 1e-16 off 0 (eigenvectors of integer matrices at eigenvalues +-1 have exact zeros): squared too.
 _SQUARED_ABS = {"svd", "linalg.svd"}
 
 
 def _gauge_free(op, process):
+    if op.name == "linalg.eigh" and process.__name__ == "out_fn":
+        return lambda out: (lambda o: (o[0], o[1].square()) if isinstance(o, tuple) else o)(process(out))
     if op.name not in _SQUARED_ABS or process.__name__ not in ("fn_U", "fn_Vh"):
         return process
     return lambda out: tuple(o.square() for o in process(out)) if process.__name__ == "fn_Vh" \
@@ -236,10 +240,14 @@ def _check(f, xs, ds, quotients, jump) -> tuple[str, str]:
         return ("refused at a jump" if bool(jump.any()) else "refused"), str(e).splitlines()[0][:160]
     except Exception as e:  # (what the sweep looks for)
         return "crash", f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-    if bool(jump.any()):
-        return "silent at a jump", f"{int(jump.sum())} element(s) jump, gradwise gave {got.reshape(-1)[jump][:4]}"
     got = got.reshape(-1).to(D)
     bad = torch.ones_like(got, dtype=torch.bool)
+    if bool(jump.any()):
+        narrow = _narrow_smooth(f, xs, ds, got)
+        if bool((jump & ~narrow).any()):
+            jump &= ~narrow
+            return "silent at a jump", f"{int(jump.sum())} element(s) jump, gradwise gave {got[jump][:4]}"
+        bad &= ~narrow  # (the steps of the other quotients leave the piece too)
     for est in quotients:
         bad &= ~((got - est).abs() <= 1e-5 * (1 + est.abs()))
     # a Hölder term (|x|^1.5 at 0: the quotients' error shrinks like t^0.5) converges too slowly for that: the
@@ -252,6 +260,31 @@ def _check(f, xs, ds, quotients, jump) -> tuple[str, str]:
         return "wrong", f"element {i}: gradwise {float(got[i]):.6g}, differences " \
                         f"{[round(float(v[i]), 6) for v in quotients[:4]]}"
     return "ok", ""
+
+
+TINY = (1e-7, 1e-8, 1e-9, 1e-10, 1e-11, 1e-12, 1e-13, 1e-14)  # (not below: 1e-16 off a tie is no piece)
+
+
+def _narrow_smooth(f, xs, ds, got):
+    """Elements whose smooth piece at x is narrower than the steps (f changes piece within 5e-6: a p = -1
+    pairwise distance's eps 1e-6 moves past 0; normalize's clamp_min(eps = 1e-12) of a norm at 0, slope d / eps,
+    or 0 where the norm is a min over a 0 entry), where the jump test's steps see a jump that is not at x. Such an
+    element has two consecutive tiny steps whose quotients agree with gradwise's value, up to f(x)'s rounding
+    (4 eps |f(x)| / t: f(x) = 9e12 there, its change at 1e-14 is lost), one of them informative (a nonzero change,
+    or every input moved). A true jump J > 1e-9 (1 + |f(x)|) cannot: J / t changes tenfold per step, and a change
+    lost to rounding next to J / t bounds J by 44 eps |f(x)|. Only for the jump test: a number no step supports
+    stays wrong."""
+    eps = torch.finfo(D).eps
+    with torch.no_grad():
+        f0 = f(*xs)
+        agree = []
+        for t in TINY:
+            moved = [x + t * d for x, d in zip(xs, ds, strict=True)]
+            c = f(*moved) - f0
+            all_moved = all(bool(((m != x) | (d == 0)).all()) for m, x, d in zip(moved, xs, ds, strict=True))
+            close = (got - c / t).abs() <= 1e-5 * (1 + got.abs()) + 4 * eps * f0.abs() / t
+            agree.append((close, (c != 0) | all_moved))
+    return torch.stack([a & b & (i | j) for (a, i), (b, j) in itertools.pairwise(agree)]).any(0)
 
 
 def _gradcheck(op, f, xs, y0, r: SweepResult, where: str) -> None:

@@ -110,8 +110,8 @@ def test_stationarity_tiny_gradient_comparison():
     assert cert.stationary or not cert.exact
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: the quasi-norm's refusal fires only where the incoming gradient "
-                   "is nonzero; ||x||_0.5 ** 2 at 0 is not Lipschitz (slope 1 + sqrt(x_j / x_i)) yet gets (0, 0, 0)")
 def test_quasi_norm_squared_at_zero_refuses():
+    """Fixed in session 33: the refusal fires whenever a reverse pass reaches the zero slice (its incoming 0 at 0
+    hid a slope 2 q grad(q) that is unbounded near 0 along the axes)."""
     with pytest.raises(NonsmoothError):
         gw.generalized_grad(lambda x: torch.linalg.vector_norm(x, 0.5) ** 2, torch.zeros(3, dtype=D), seed=0)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -148,6 +149,47 @@ class LeanDispatchMode(TorchDispatchMode):
         raw = cls.__dict__.get("__torch_dispatch__")
         if raw is not None and not isinstance(raw, classmethod):
             cls.__torch_dispatch__ = _lean(raw)
+
+
+def subgraphs_under(mode: TorchDispatchMode, func: Any, args: tuple, kwargs: dict) -> Any:
+    """A higher-order op (``torch.cond``, ``map``, ``while_loop``; their backwards are higher-order ops too) that
+    reached ``mode``'s handler: it has no aten kernel, and PyTorch raises NotImplementedError for a mode without
+    higher-order support. It runs as PyTorch's own kernel (the mode is off in the handler), each subgraph it calls
+    (a branch, a body: a GraphModule or a Python function) run under ``mode``, so that their ops are seen as in
+    eager code."""
+    import types
+
+    def under_mode(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*a: Any, **k: Any) -> Any:
+            with mode:
+                return fn(*a, **k)
+        return run
+
+    # (subgraphs, not ops passed as arguments: with_effects' OpOverload)
+    wrapped = tuple(under_mode(a) if isinstance(a, (torch.nn.Module, types.FunctionType)) else a for a in args)
+    out = func(*wrapped, **kwargs)
+    if func is torch.ops.higher_order.cond and not isinstance(out, (tuple, list)) and _in_cond_forward():
+        # eager torch.cond compiles its call, and dynamo skips the frame under a non-infra dispatch mode: the branch
+        # runs as the user's function, and the backward PyTorch built from it fails ("object of type 'bool' has no
+        # len()") when it returns a bare tensor (any dispatch mode, gradwise's or not)
+        raise RuntimeError("gradwise: torch.cond under a gradwise mode (gw.trace()) with a branch that returns a "
+                           "bare tensor: PyTorch's backward of torch.cond fails under any dispatch mode then. "
+                           "Return a tuple from each branch and index the result (torch.cond(p, lambda x: "
+                           "(x.sin(),), lambda x: (x.cos(),), (x,))[0]), or run torch.cond outside the mode")
+    return out
+
+
+def _in_cond_forward() -> bool:
+    """Whether this call runs inside torch.cond's autograd Function forward: a backward will be built from the
+    branches."""
+    from torch._higher_order_ops.cond import CondAutogradOp
+
+    code, frame = CondAutogradOp.forward.__code__, sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 _KEYS = ("CompositeImplicitAutograd", "ADInplaceOrView", "CPU", "CUDA")

@@ -76,6 +76,10 @@ _PYTHON_READS = {Tensor.item, Tensor.tolist, Tensor.__bool__, Tensor.__float__, 
 # the tensor f holds, never a stripped tangent's primal: that is a new view with a node of its own, which the
 # backward through the tensor never reaches (a hook on it was silently dropped, a full backward hook's set-up
 # crashed). Attribute reads and writes arrive as descriptor ``__get__``/``__set__`` calls.
+# writes of a value into a tensor: PyTorch's forward AD asserts (internally) on a 0-d float dual value written into
+# an integer or bool tensor (``b[:] = x[0]``, ``b.fill_(x)``: its formula gives the integer result a tangent)
+_FILLS = {Tensor.__setitem__, Tensor.fill_, torch.fill, Tensor.masked_fill_, Tensor.masked_fill, torch.masked_fill,
+          Tensor.index_fill_, Tensor.index_fill, torch.index_fill}
 _OBJECT_CALLS = {Tensor.register_hook, Tensor.register_post_accumulate_grad_hook, Tensor.retain_grad,
                  Tensor.requires_grad_, Tensor.detach_, Tensor._is_view}
 # attributes that compute a view of the values (their tangent follows, or is stripped, as an op's)
@@ -140,6 +144,18 @@ class _KinkMode(_KinkReads, TorchFunctionMode):
         # f ran a reverse pass (torch.autograd.grad, .backward ...): a pass of f that builds no graph cannot
         self.reverses = False
 
+    def _cast_fill_value(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """A float value depending on the inputs, written into an integer or bool tensor: cast first, through the
+        mode (the cast rule: trunc's or != 0's jump, one-sided at a tie), as the write casts it; the write then
+        moves no tangent (PyTorch's forward AD asserted on a 0-d dual value there)."""
+        def cast(v):
+            if isinstance(v, Tensor) and (v.is_floating_point() or v.is_complex()) and self.involved(v):
+                return self._dispatch(Tensor.to, (v, args[0].dtype), {})  # (as part of this call)
+            return v
+        if "value" in kwargs:
+            return args, {**kwargs, "value": cast(kwargs["value"])}
+        return (*args[:-1], cast(args[-1])) if len(args) > 1 else args, kwargs
+
     def _sub(self, a, stop: bool = False, keep: bool = False):
         """``a`` as the call sees it: the dual for a closure-captured input, its primal where tangents are
         stripped (past ``strip_after``, or ``stop``) unless ``keep`` (a call on the object: `_on_object`)."""
@@ -197,6 +213,9 @@ class _KinkMode(_KinkReads, TorchFunctionMode):
                 _push_dispatch_mode(watch)
 
     def _dispatch(self, func, args, kwargs):
+        if func in _FILLS and args and isinstance(args[0], Tensor) and not (
+                args[0].is_floating_point() or args[0].is_complex()):
+            args, kwargs = self._cast_fill_value(args, kwargs)
         if func in _PYTHON_READS and args and isinstance(args[0], Tensor):
             if self.involved(args[0]):
                 self._python_read(args[0], func)

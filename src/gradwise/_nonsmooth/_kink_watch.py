@@ -126,7 +126,20 @@ def _composite(func) -> bool:
     return isinstance(func, types.FunctionType) and func.__module__ == "torch.nn.functional"
 
 
+def refuse_higher_order(func) -> None:
+    """A higher-order op (``torch.cond``, ``map``, ``while_loop``) in f: PyTorch runs its branches as subgraphs
+    below the modes gradwise follows f with, so their kinks would go unseen and cond's predicate is read in C++.
+    NonsmoothError naming it and what to write instead (PyTorch raised NotImplementedError in gradwise's mode)."""
+    name = "torch.cond" if func.name() == "cond" else f"the higher-order op {func.name()}"
+    raise NonsmoothError(f"{name} (called at {_user_line()}) runs its branches as subgraphs that gradwise's "
+                         "nonsmooth passes cannot follow (their kinks, and the predicate's side at a tie, would go "
+                         "unseen). Inside f, choose the branch in Python (true_fn(x) if bool(pred) else "
+                         "false_fn(x)) or with torch.where")
+
+
 class _KinkWatch(LeanDispatchMode):
+    supports_higher_order_operators = True  # (refused: `refuse_higher_order`)
+
     def __init__(self) -> None:
         super().__init__()
         self.kinky, self.hit, self.jump = False, None, False  # jump: the hit is a jump of `_JUMPS`
@@ -139,6 +152,8 @@ class _KinkWatch(LeanDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            refuse_higher_order(func)
         name = func.overloadpacket.__name__
         base = name[:-1] if name.endswith("_") else name
         if base.startswith("_foreach_"):  # a list of the op's calls: each element is tested as one

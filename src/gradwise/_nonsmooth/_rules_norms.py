@@ -101,8 +101,9 @@ def _quasi_norm(run, x: Tensor, ord: float, dims: tuple[int, ...], keepdim: bool
     """The p-norm with 0 < p < 1. Where a slice is entirely 0: value 0 and tangent ||x'||_p, f'(x; d) exactly (the
     quasi-norm is continuous and positively homogeneous: ||t x' + o(t)||_p / t -> ||x'||_p), but no Clarke gradient
     (the slope of |x_i|^p is unbounded near 0, f is not Lipschitz there): a reverse pass that reaches such a slice
-    raises. Where some entries of a slice are 0 and others not, the slope in those entries is infinite along a
-    direction that moves them (and one whose tangent there is 0 may move them at second order): an error.
+    raises, with any incoming gradient (||x||_p ** 2 gives it 0 at 0, and is still not Lipschitz near 0). Where
+    some entries of a slice are 0 and others not, the slope in those entries is infinite along a direction that
+    moves them (and one whose tangent there is 0 may move them at second order): an error.
     Elsewhere PyTorch's value and derivatives. A zero slice is recorded as a kink, as the norm's at 0: a tie
     downstream (max(q, sum(x)) at 0) is then ranked by a pass that carries this tangent, not by a lazy pass whose
     tangent of q would read 0."""
@@ -130,7 +131,9 @@ def _quasi_norm(run, x: Tensor, ord: float, dims: tuple[int, ...], keepdim: bool
     out = torch.where(at0, zero, out)
     if out.requires_grad:
         def refuse(g: Tensor) -> None:
-            if mask_any(g[at0] != 0):
+            # a 0 reaching the slice refuses too: ||x||_p ** 2 has slope 2 q grad(q) near 0, unbounded along the
+            # axes at every scale (q's gradient blows up where an entry is 0), although its incoming 0 at 0 hid it
+            if mask_any(at0):
                 raise NonsmoothError(f"linalg.vector_norm at {line} with ord {ord} < 1 is evaluated at a slice "
                                      "that is 0: its one-sided derivative there is ||d||_p (gw.directional_derivative"
                                      f"), but the slope of |x_i|^{ord} is unbounded near 0, so f is not Lipschitz "
@@ -182,7 +185,7 @@ def matrix_norm(run, func, x, ord="fro", dim=(-2, -1), keepdim=False, *, dtype=N
     if ord in ("fro", None):
         return vector_norm(run, torch.linalg.vector_norm, x, 2, (d0, d1), keepdim)
     if ord in (2, -2, "nuc"):
-        s = svdvals(run, torch.linalg.svdvals, x.movedim((d0, d1), (-2, -1)))
+        s = svdvals(run, torch.linalg.svdvals, x.movedim((d0, d1), (-2, -1)), summed=ord == "nuc")
         out = s.sum(-1) if ord == "nuc" else s[..., 0] if ord == 2 else s[..., -1]  # s is descending
         return out.unsqueeze(-1).unsqueeze(-1).movedim((-2, -1), (d0, d1)) if keepdim else out
     if ord not in (1, -1, math.inf, -math.inf):
@@ -473,6 +476,22 @@ class _PieceLock(torch.autograd.Function):
         return (left.mT @ a_t @ right).diagonal(dim1=-2, dim2=-1)
 
 
+def _rounding_tie(run, op: str, gap: Tensor, scale: Tensor, n: int, kind: str) -> None:
+    """Refuse where two computed eigen/singular values differ by less than LAPACK's rounding (gap > tie_tol but
+    <= 4 n eps max|value|, per matrix): LAPACK's values are exact for a matrix within n eps |A| of the input, so
+    such a gap cannot tell an exact tie of the input's values (a scaled rotation [[3, 2], [-2, 3]]: singular
+    values sqrt(13) 1 ulp apart; ones(3, 3): eigenvalues -3e-16 and 0) from distinct ones, and the two answers
+    differ (the distinct pieces' gradient where the tie's cluster rule holds: -1.74 for 0.18). Exact ties are
+    the cluster rule's; stationarity(tie_tol=...) treats such gaps as ties."""
+    bound = 4 * n * torch.finfo(gap.dtype).eps * scale.unsqueeze(-1)
+    near = (gap > run.tie_tol) & (gap <= bound)
+    if mask_any(near):
+        raise NonsmoothError(f"{op} at {_user_line()}: {int(near.sum())} pair(s) of {kind} differ by "
+                             f"{float(gap[near].min()):.3g}, within LAPACK's rounding of an exact tie (where the "
+                             "one-sided derivatives differ); gradwise cannot tell which; stationarity(tie_tol=...) "
+                             "treats them as tied")
+
+
 def _symmetric(a: Tensor, uplo: str) -> Tensor:
     """The symmetric matrix eigvalsh reads from a's ``uplo`` triangle."""
     t = a.tril() if uplo.upper() == "L" else a.triu()
@@ -490,6 +509,8 @@ def eigvalsh(run, func, a, UPLO="L"):
     values, vecs = torch.linalg.eigh(ap.detach(), UPLO=UPLO)
     gap = (values[..., 1:] - values[..., :-1]).abs()
     run.note_near("aten.linalg_eigvalsh", gap)
+    if values.shape[-1] > 1 and not ap.is_complex():
+        _rounding_tie(run, "aten.linalg_eigvalsh", gap, values.abs().amax(-1), values.shape[-1], "eigenvalues")
     links = gap <= run.tie_tol
     if not mask_any(links):
         return func(a, UPLO)
@@ -541,17 +562,23 @@ def _singular_groups(s: list[float], tol: float) -> list[tuple[int, int]]:
 
 
 @kink_rule(aten.linalg_svdvals, torch.linalg.svdvals)
-def svdvals(run, func, a, *, driver=None):
+def svdvals(run, func, a, *, driver=None, summed=False):
     """Singular values, descending. Where some are repeated exactly or 0 (a cluster with singular vector bases
     U, V), the cluster's one-sided derivatives are, for a value > 0, the eigenvalues of sym(Uᵀ A' V), descending;
     at 0 (U, V spanning the left and right complements), the singular values of Uᵀ A' V. Each is locked to
     u_iᵀ A v_i for the matching unit pair, so the reverse pass gives u_i v_iᵀ; a continuum of pieces (as a norm at
-    0): stationarity samples. Spectral and nuclear norms go through this rule; complex input: an error there."""
+    0): stationarity samples. Spectral and nuclear norms go through this rule; complex input: an error there.
+    Positive values tied within LAPACK's rounding: an error (``_rounding_tie``), but for the nuclear norm
+    (``summed``), whose sum over a positive cluster is smooth (the trace of Uᵀ A' V in any basis)."""
     ap, at = _split(a)
     u, s, vh = torch.linalg.svd(ap.detach(), full_matrices=True)
     k = s.shape[-1]
     gap = (s[..., :-1] - s[..., 1:]).abs()
     run.note_near("aten.linalg_svdvals", torch.cat([gap, s[..., -1:]], -1))
+    if k > 1 and not summed and not ap.is_complex():  # (positive values: near 0, docs "Near a kink")
+        big = 4 * max(ap.shape[-2:]) * torch.finfo(s.dtype).eps * s[..., :1]
+        _rounding_tie(run, "aten.linalg_svdvals", torch.where(s[..., 1:] > big, gap, 0), s[..., 0],
+                      max(ap.shape[-2:]), "singular values")
     if k == 0 or not (mask_any(gap <= run.tie_tol) or mask_any(s[..., -1] <= run.tie_tol)):
         return func(a, driver=driver)
     if ap.is_complex():

@@ -166,14 +166,24 @@ class _Budget(Exception):
     """Too many pieces to enumerate: fall back to sampling."""
 
 
-def _feasible(rows: list[np.ndarray], n: int, counter: list[int]) -> np.ndarray | None:
-    """A direction d with r . d > 0 for every row r (scaled: r . d >= 1), or None where there is none."""
+def _feasible(rows: list[np.ndarray], n: int, counter: list[int], start: np.ndarray | None = None,
+              new: int = 0) -> np.ndarray | None:
+    """A direction d with r . d > 0 for every row r (scaled: r . d >= 1), or None where there is none. ``start``:
+    a point that satisfies all rows but the last ``new``; where it plus the sum of the new (normalized) rows, or
+    the sum of all rows, satisfies every row, that point is the answer without an LP (independent ties, sum|x_i|
+    at 0: each choice adds rows on coordinates of its own, and 2^k choices asked HiGHS 2^k times). Either way it
+    counts as one check against `MAX_LPS`, so the budget and what is enumerated do not change."""
     if not rows:
         return np.zeros(n)
     counter[0] += 1
     if counter[0] > MAX_LPS:
         raise _Budget
     a = np.stack([r / np.linalg.norm(r) for r in rows])
+    tries = [a.sum(0)] if start is None or not new else [start + a[len(a) - new :].sum(0), a.sum(0)]
+    for p in tries:
+        lowest = float((a @ p).min())
+        if lowest > 1e-9 * (1.0 + float(np.abs(p).sum())):  # (far above the rounding of a @ p)
+            return p / lowest
     from scipy.optimize import linprog  # on first use: see the module docstring
 
     res = linprog(np.zeros(n), A_ub=-a, b_ub=-np.ones(len(a)), bounds=[(None, None)] * n, method="highs")
@@ -266,7 +276,7 @@ def _enumerate(f, xs, single, tie_tol: float, tol: float = 1e-9) -> list[tuple[t
                 return
             for opt_rows, key in options[g]:
                 new = acc_rows + opt_rows
-                point = d if not opt_rows else _feasible(new, n, counter)
+                point = d if not opt_rows else _feasible(new, n, counter, d if acc_rows else None, len(opt_rows))
                 if point is not None:
                     choose(g + 1, new, [*keys, key.to(_dtype_of(rec))], point)
 
@@ -342,13 +352,33 @@ def _dtype_of(rec: Kink) -> torch.dtype:
 
 
 def _distinct(elements: list[tuple[torch.Tensor, ...]], tol: float = 1e-12) -> list[tuple[torch.Tensor, ...]]:
-    out, seen = [], []
-    for e in elements:
-        v = _flat(e)
-        if all((v - s).abs().max() > tol * (1 + v.abs().max()) for s in seen):
-            out.append(e)
-            seen.append(v)
-    return out
+    """``elements`` without those within ``tol`` (relative to their own max norm) of an earlier kept one. Pairs
+    are compared only where their projections on one fixed vector w are that close (|w.(u - v)| <= sum(w) max|u -
+    v|): 2^11 distinct pieces of sum|x_i| took a minute compared pairwise."""
+    if len(elements) < 2:
+        return list(elements)
+    v = torch.stack([_flat(e).to(torch.float64) for e in elements]).cpu().numpy()
+    if not np.isfinite(v).all():  # (NaN compares as no duplicate nor distinct: pairwise, as written)
+        out, seen = [], []
+        for e, u in zip(elements, v, strict=True):
+            if all(np.abs(u - s).max() > tol * (1 + np.abs(u).max()) for s in seen):
+                out.append(e)
+                seen.append(u)
+        return out
+    scale = tol * (1 + np.abs(v).max(1))
+    w = 1.0 + np.arange(v.shape[1]) % 7 / 7.0
+    proj = v @ w
+    order = np.argsort(proj, kind="stable")
+    ordered = proj[order]
+    # the window: the bound, plus the rounding of the projections (n terms, each within eps of w_k |v_k|)
+    reach = w.sum() * scale + 4 * v.shape[1] * np.finfo(np.float64).eps * (np.abs(v) @ w).max()
+    keep = np.ones(len(v), dtype=bool)
+    for i in range(1, len(v)):
+        near = order[np.searchsorted(ordered, proj[i] - reach[i], "left"):
+                     np.searchsorted(ordered, proj[i] + reach[i], "right")]
+        near = near[(near < i) & keep[near]]
+        keep[i] = not near.size or bool((np.abs(v[near] - v[i]).max(1) > scale[i]).all())
+    return [e for e, k in zip(elements, keep, strict=True) if k]
 
 
 @_ctx.same_state

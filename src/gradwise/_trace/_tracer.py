@@ -18,7 +18,7 @@ import torch
 from torch._C._autograd import _get_sequence_nr
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from gradwise._modes import PASSES, LeanDispatchMode, kernels
+from gradwise._modes import PASSES, LeanDispatchMode, kernels, subgraphs_under
 from gradwise._ops._zeros import ops_of_kind
 from gradwise._strong_zeros._traced import recording
 from gradwise._trace import _common, _kinds
@@ -166,6 +166,8 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
               _Incidents, _SavedMeets, _Flow, _KinkChecks, _Assembly, LeanDispatchMode):
     """The dispatch-mode recorder: sees every aten op and hands it to its parts (the bases before TorchDispatchMode)."""
 
+    supports_higher_order_operators = True  # (torch.cond: its branches run under the trace, `subgraphs_under`)
+
     def __init__(self, sync_every: int):
         super().__init__()
         self.sync_every = sync_every
@@ -257,6 +259,8 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
         try:
             info = func._gradwise_trace_info  # (_INFO_ATTR)
         except AttributeError:
+            if isinstance(func, torch._ops.HigherOrderOperator):
+                return subgraphs_under(self, func, args, kwargs or {})
             info = _op_info(func)
         if not (info.composite and torch.is_inference_mode_enabled()) and not _common._profiler_on():
             return self._dispatch(func, info, types, args, kwargs or {})
