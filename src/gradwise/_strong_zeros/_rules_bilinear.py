@@ -363,17 +363,60 @@ _MM = _bilinear(_mm_support, _mm_nonfinite_k, restrict=_mm_supported_k, finite_k
 _MASKED_WEIGHTS_NODES = ("BmmBackward0", "MmBackward0")
 
 
-def _softmax_weights(args: tuple) -> int | None:
+# nodes between a softmax and the bmm that reads its weights which keep each weight's position and a 0 weight 0:
+# dropout (CPU's eager one is a mul by its noise, a constant; its dropped weights are values, not structural: only
+# the softmax's own zeros are read), a scaling, views that keep the elements' order (a[None], view, reshape, clone)
+# (matmul of 4-d weights: expand then reshape; an expand that repeats weights changes the count, and is not read)
+_WEIGHT_PATH = frozenset(("NativeDropoutBackward0", "MulBackward0", "MulBackward1", "DivBackward0", "DivBackward1",
+                          "UnsqueezeBackward0",
+                          "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0",
+                          "ToCopyBackward0", "ExpandBackward0"))
+
+
+def softmax_of_weights(node: Any) -> Any:
+    """The SoftmaxBackward0 whose output is the first operand of the mm/bmm ``node`` (its first edge, through the
+    nodes of ``_WEIGHT_PATH`` whose other edges need no gradient: a mul by a constant), or None."""
+    producer = node.next_functions[0][0]
+    for _ in range(8):
+        if producer is None:
+            return None
+        name = producer.name()
+        if name == "SoftmaxBackward0":
+            return producer
+        edges = producer.next_functions
+        if name not in _WEIGHT_PATH or not edges or any(e[0] is not None for e in edges[1:]):
+            return None
+        producer = edges[0][0]
+    return None
+
+
+def masked_weights(node: Any, weights: torch.Tensor) -> torch.Tensor | None:
+    """Where the mm/bmm ``node``'s first operand ``weights`` (its saved self) is a softmax's exact 0 (bool, shaped
+    like ``weights``), or None where it is no softmax's output (``softmax_of_weights``) or its softmax's result
+    cannot be read without a hook. A dropout's or a scaling's zeros on the way are not among them, nor a weight
+    that a factor on the way made other than 0."""
+    softmax = softmax_of_weights(node)
+    if softmax is None:
+        return None
+    if softmax is node.next_functions[0][0]:
+        return weights == 0
+    if _hooked(softmax, "_raw_saved_result"):
+        return None
+    result = softmax._saved_result
+    if result is None or result.numel() != weights.numel():
+        return None
+    return (result == 0).reshape(weights.shape) & (weights == 0)  # (a factor's NaN on the way: no zero)
+
+
+def _softmax_weights(args: tuple) -> tuple[int, torch.Tensor] | None:
     """In the backward of ``bmm(a, v)`` (or mm) whose ``a`` is a softmax's output (attention weights: the node's
-    first edge a SoftmaxBackward0), the position of the operand that is ``a`` (v's gradient ``a^T @ g``), where
-    ``a`` holds an exact 0 and every output being differentiated is finite; else None."""
+    first edge a SoftmaxBackward0, or one through dropout and views: ``masked_weights``), the position of the
+    operand that is ``a`` (v's gradient ``a^T @ g``) and where the softmax's weights are 0, where they hold an
+    exact 0 and every output being differentiated is finite; else None."""
     if not (_STATE.outputs_finite and _in_formula() and _reads_nodes()):
         return None
     node = torch._C._current_autograd_node()
     if node is None or node.name() not in _MASKED_WEIGHTS_NODES or _hooked(node, "_raw_saved_self"):
-        return None
-    producer = node.next_functions[0][0]
-    if producer is None or producer.name() != "SoftmaxBackward0":
         return None
     weights = node._saved_self
     if weights is None or not _is_float(weights):
@@ -381,7 +424,13 @@ def _softmax_weights(args: tuple) -> int | None:
     cdata = weights.untyped_storage()._cdata
     for i, t in enumerate(args[:2]):
         if _is_float(t) and t.untyped_storage()._cdata == cdata:
-            return i if bool(mask_any(weights == 0)) else None
+            zero = masked_weights(node, weights)
+            if zero is None or not bool(mask_any(zero)):
+                return None
+            for view in (zero, zero.mT):  # (v's gradient reads the weights transposed)
+                if view.shape == t.shape and t.stride() == (weights if view is zero else weights.mT).stride():
+                    return i, view
+            return None
     return None
 
 
@@ -393,11 +442,11 @@ def _masked_weights_mm(func, args, kwargs, sup):
     row: PyTorch's 0 x inf = NaN). nn.MultiheadAttention with need_weights=True (its default) runs this way; SDPA has
     its own rule (``_rules_attention``). Elsewhere, and where the outputs are not finite (an underflow's 0 then keeps
     PyTorch's NaN, as softmax's does), ``_MM``."""
-    slot = _softmax_weights(args) if func.overloadpacket in (aten.mm, aten.bmm) else None
-    if slot is None:
+    found = _softmax_weights(args) if func.overloadpacket in (aten.mm, aten.bmm) else None
+    if found is None:
         return _MM(func, args, kwargs, sup)
+    slot, zero = found
     supports = [sup.of(args[0]), sup.of(args[1])]
-    zero = args[slot] == 0
     supports[slot] = ~zero if supports[slot] is None else supports[slot] & ~zero
     return _supported_mm(func, args, kwargs, sup, *supports)
 
