@@ -246,3 +246,199 @@ def test_masked_weights_through_dropout_and_views_give_padded_values_the_deleted
     x[-1, 3:] = 1.0
     for g, p in zip(gw.grad(loss_of(x, lens), params), torch.autograd.grad(loss_of(x, lens), params), strict=True):
         assert torch.equal(g, p)
+
+
+# -- flat rows of clamp, hardtanh, threshold, max pooling and maxout reaching a nested backward ---------------------
+# As relu's whole rows (tests/test_hunt_sz32.py): a reentrant checkpoint's block whose zero padding rows fall in a
+# flat region ran plain, its results' rows ordinary zeros, and _Sqrt's g / (2 sqrt(x)) after it made 0/0: w.grad all
+# NaN. Reference: the program with those rows deleted.
+from test_hunt_nest31 import _Sqrt  # noqa: E402
+from test_hunt_sz32 import W2, _reentrant  # noqa: E402
+
+W6 = torch.linspace(0.5, 1.5, 18, dtype=D).reshape(3, 6)
+F = torch.nn.functional
+
+
+class _ClampByGrad(torch.autograd.Function):
+    """clamp(x @ w, min=0.1), its backward by a nested torch.autograd.grad seeded with the sensitivity."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return (x @ w).clamp(min=0.1)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        with torch.enable_grad():
+            xd = x.detach().requires_grad_()
+            (out,) = torch.autograd.grad((xd @ w).clamp(min=0.1), xd, g)
+        return out, None
+
+
+FLAT_ROWS = {
+    "clamp(min=0.1)": _reentrant(lambda t: (t @ W2).clamp(min=0.1)),
+    "clamp_min(0.1)": _reentrant(lambda t: (t @ W2).clamp_min(0.1)),
+    "clamp(0.1, 6)": _reentrant(lambda t: (t @ W2).clamp(0.1, 6)),
+    "clamp, tensor min": _reentrant(lambda t: (t @ W2).clamp(min=torch.full((3,), 0.1, dtype=D))),
+    "clamp(max=-0.1)": _reentrant(lambda t: (t @ W2).clamp(max=-0.1) * -1),
+    "hardtanh(0, 1)": _reentrant(lambda t: F.hardtanh(t @ W2, 0.0, 1.0)),
+    "relu6": _reentrant(lambda t: F.relu6(t @ W2)),
+    "threshold(0.1)": _reentrant(lambda t: F.threshold(t @ W2, 0.1, 0.0)),
+    "max_pool1d then relu": _reentrant(lambda t: F.relu(F.max_pool1d((t @ W2)[:, None], 1)[:, 0])),
+    "max_pool2d then relu": _reentrant(lambda t: F.relu(F.max_pool2d((t @ W2)[:, None, None], (1, 1))[:, 0, 0])),
+    "maxout (amax) then relu": _reentrant(lambda t: F.relu((t @ W6).view(-1, 3, 2).amax(-1))),
+    "max(dim) then relu": _reentrant(lambda t: F.relu((t @ W6).view(-1, 2, 3).max(1)[0])),
+    "custom backward, nested grad of clamp": lambda h: _ClampByGrad.apply(h, W2),
+}
+
+
+def _flat_w_grad(block, inp: torch.Tensor, strong: bool) -> torch.Tensor:
+    w = (torch.rand(3, 3, dtype=D, generator=torch.Generator().manual_seed(0)) + 0.5).requires_grad_()
+    loss = block(_Sqrt.apply(inp @ w)).sum()
+    gw.backward(loss) if strong else loss.backward()
+    return w.grad
+
+
+def _flat_inp() -> torch.Tensor:
+    return torch.rand(4, 3, dtype=D, generator=torch.Generator().manual_seed(1)) + 0.5
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad=True:UserWarning")
+@pytest.mark.parametrize("name", FLAT_ROWS)
+def test_flat_rows_of_clamp_and_pooling_reaching_a_nested_backward_match_the_deleted_program(name):
+    block = FLAT_ROWS[name]
+    want = _flat_w_grad(block, _flat_inp()[:2], strong=False)
+    inp = _flat_inp()
+    inp[2:] = 0.0
+    assert bool(_flat_w_grad(block, inp, strong=False).isnan().all()), "premise: PyTorch's 0/0"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gw.OpaqueBackwardWarning)
+        got = _flat_w_grad(block, inp, strong=True)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad=True:UserWarning")
+@pytest.mark.parametrize("name", FLAT_ROWS)
+def test_flat_rows_controls_finite_bits_and_a_genuine_nan(name):
+    block = FLAT_ROWS[name]
+    assert torch.equal(_flat_w_grad(block, _flat_inp(), True), _flat_w_grad(block, _flat_inp(), False))
+    inp = _flat_inp()
+    inp[2:] = 0.0
+    inp[0, 1] = nan
+    assert bool(_flat_w_grad(block, inp, strong=False).isnan().all())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gw.OpaqueBackwardWarning)
+        assert bool(_flat_w_grad(block, inp, strong=True).isnan().all())
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad=True:UserWarning")
+@pytest.mark.parametrize("block", [_reentrant(lambda t: (t @ W2).clamp(min=0.0)),
+                                   _reentrant(lambda t: (t @ W2).clamp(0.0, 6.0))], ids=["clamp(min=0)", "clamp(0, 6)"])
+def test_clamp_at_its_bound_passes_the_gradient_and_keeps_pytorchs_nan(block):
+    """clamp's gradient passes at the bound (x >= min): a zero row at min=0 is used, its 0/0 the program's own."""
+    inp = _flat_inp()
+    inp[2:] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gw.OpaqueBackwardWarning)
+        got = _flat_w_grad(block, inp, strong=True)
+    assert bool(got.isnan().all())
+
+
+# -- attention pooling: softmax weights times values outside a bmm ----------------------------------------------------
+# (softmax(s)[..., None] * h).sum(1) and einsum("bt,btd->bd", a, h) (a bmm behind permutes): h's gradient g * a met
+# a masked entry's exact 0 weight with sqrt's infinite slope at a zero padding row: w.grad NaN, silently.
+def _pooling(how: str, r: torch.Tensor, lens: torch.Tensor, q_w, h_w, scores_from_h: bool) -> torch.Tensor:
+    keep = torch.arange(r.shape[1])[None] < lens[:, None]
+    h = (r @ h_w).pow(2).sqrt()
+    s = ((torch.tanh(h) if scores_from_h else r) @ q_w)[..., 0]
+    s = s.masked_fill(~keep, float("-inf")) if scores_from_h else \
+        s + torch.zeros(keep.shape, dtype=D).masked_fill(~keep, float("-inf"))  # (an additive bias: no maker)
+    a = s.softmax(-1)
+    if how == "mul then sum":
+        p = (a[..., None] * h).sum(1)
+    elif how == "einsum":
+        p = torch.einsum("bt,btd->bd", a, h)
+    else:
+        p = (a[:, None] @ h)[:, 0]
+    return p.pow(2).sum()
+
+
+@pytest.mark.parametrize("scores_from_h", [True, False], ids=["scores from h, masked_fill", "additive bias"])
+@pytest.mark.parametrize("how", ["mul then sum", "einsum", "a[:, None] @ h"])
+def test_attention_pooling_gives_padded_values_the_deleted_entries_zero(how, scores_from_h):
+    gen = torch.Generator().manual_seed(7)
+    r = torch.randn(2, 5, 4, dtype=D, generator=gen)
+    q_w = torch.randn(4, 1, dtype=D, generator=gen, requires_grad=True)
+    h_w = torch.randn(4, 4, dtype=D, generator=gen, requires_grad=True)
+    lens = torch.tensor([5, 3])
+    params = [q_w, h_w]
+    rp = r.clone()
+    rp[1, 3:] = 0.0  # padding: sqrt's infinite slope there
+
+    def loss_of(x, ls):
+        return _pooling(how, x, ls, q_w, h_w, scores_from_h)
+
+    assert not bool(torch.autograd.grad(loss_of(rp, lens), params)[1].isfinite().all()), "premise: 0 x inf"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gw.OpaqueBackwardWarning)
+        got = gw.grad(loss_of(rp, lens), params)
+    want = [torch.zeros_like(p) for p in params]
+    for b in range(2):
+        n = int(lens[b])
+        for acc, g in zip(want, torch.autograd.grad(loss_of(r[b:b + 1, :n], lens[b:b + 1]), params), strict=True):
+            acc += g
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    for g, p in zip(gw.grad(loss_of(r, lens), params), torch.autograd.grad(loss_of(r, lens), params), strict=True):
+        assert torch.equal(g, p)  # finite data: PyTorch's bits
+    rp[1, 1] = 0.0  # a kept entry's zero row: its infinite slope is used (PyTorch's NaN/Inf stays)
+    plain = torch.autograd.grad(loss_of(rp, lens), params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gw.OpaqueBackwardWarning)
+        got = gw.grad(loss_of(rp, lens), params)
+    assert torch.equal(got[1].nan_to_num(7.0, 8.0, 9.0), plain[1].nan_to_num(7.0, 8.0, 9.0))
+
+
+def test_a_tensor_hook_that_makes_nan_from_the_paddings_zeros_is_followed_on_finite_data():
+    """g / g.norm(dim=-1) at a row the slice dropped is 0/0 in the hook, met by x's row in w's gradient: the data
+    finite, the plan was 'plain' (it cannot see tensor hooks) and w.grad NaN, silently. A graph holding a user's
+    hook on a non-leaf tensor now runs under the mode, where the division of a structural zero is one."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(5, 3, dtype=D, generator=gen)
+    w0 = torch.randn(3, 4, dtype=D, generator=gen)
+    v = torch.randn(4, 2, dtype=D, generator=gen)
+
+    def w_grad(x, strong, kept=3):
+        w = w0.clone().requires_grad_()
+        h = x @ w
+        h.register_hook(lambda g: g / g.norm(dim=-1, keepdim=True))
+        loss = torch.tanh(h @ v)[:kept].sum()
+        gw.backward(loss) if strong else loss.backward()
+        return w.grad
+
+    assert torch.equal(w_grad(x, True, kept=5), w_grad(x, False, kept=5))  # no zero: PyTorch's bits
+    assert bool(w_grad(x, strong=False).isnan().all()), "premise: the hook's 0/0"
+    torch.testing.assert_close(w_grad(x, strong=True), w_grad(x[:3], strong=False), rtol=1e-12, atol=1e-12)
+
+
+def test_a_module_backward_pre_hook_outside_torch_ops_keeps_the_paddings_zeros():
+    """register_full_backward_pre_hook's grad_output through NumPy (the output side's BackwardHookFunctionBackward)."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(5, 3, dtype=D, generator=gen)
+    w0 = torch.randn(3, 3, dtype=D, generator=gen)
+
+    def grads(x, strong):
+        torch.manual_seed(1)
+        lin = torch.nn.Linear(3, 4, dtype=D)
+        lin.register_full_backward_pre_hook(lambda m, go: (torch.from_numpy(go[0].numpy() * 3),))
+        w = w0.clone().requires_grad_()
+        loss = lin(x @ w)[:3].tanh().sum()
+        gw.backward(loss) if strong else loss.backward()
+        return w.grad, lin.weight.grad, lin.bias.grad
+
+    want = grads(x[:3], strong=False)
+    x[3:] = nan
+    assert bool(grads(x, strong=False)[0].isnan().all()), "premise: 0 x NaN in w's gradient"
+    for g, r in zip(grads(x, strong=True), want, strict=True):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-12)

@@ -13,17 +13,22 @@ value at such an element (``g + 1``), the hook made that value itself: it is a v
 and the pass names the hook in its ``OpaqueBackwardWarning`` if the gradients end up NaN/Inf.
 
 Tensor hooks are not listed by autograd's nodes, so ``Tensor.register_hook`` is wrapped from gradwise's import on
-(hooks registered before that are not seen); the wrapper passes straight through outside a strong-zero pass (one
-read of the dispatch stack's length). Module hooks run inside the ``BackwardHookFunctionBackward`` node, which
-``_mode.watch_functions`` hooks for the pass (``module_hook_watch``).
+(hooks registered before that are not seen; gradwise's and torch's own are left unwrapped); the wrapper passes
+straight through outside a strong-zero pass (one read of the dispatch stack's length). A hook on a non-leaf tensor
+may also make NaN/Inf from the zeros it is given (``g / g.norm(dim=-1, keepdim=True)`` at a padding row: 0/0),
+which no plan can see: a backward whose graph holds one runs under the mode (the 'check' path, ``USERS`` and
+``reaches``), where its torch ops meet their rules (the division of a structural zero is one). Module hooks run
+inside the ``BackwardHookFunctionBackward`` node, which ``_mode.watch_functions`` hooks for the pass
+(``_mode.module_hook_watch``), and which the plan sends to the 'check' path already (a custom Function's node).
 
-May import: torch, _mode, _rules, _supports.
+May import: torch, _rules (and _mode, at call time).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -65,12 +70,13 @@ def hook_result(mode: Any, given: torch.Tensor, result: Any, produced: dict, wha
 
 
 class _Followed:
-    """A tensor hook, followed by the pass where it returns a tensor made outside torch ops."""
+    """A tensor hook, followed by the pass where it returns a tensor made outside torch ops. ``key``: its tensor's
+    node (as ``_carry._key``), for a hook on a non-leaf tensor."""
 
-    __slots__ = ("__weakref__", "hook")
+    __slots__ = ("__weakref__", "hook", "key")
 
-    def __init__(self, hook: Callable[..., Any]) -> None:
-        self.hook = hook
+    def __init__(self, hook: Callable[..., Any], key: tuple[str, int] | None) -> None:
+        self.hook, self.key = hook, key
 
     def __call__(self, grad: torch.Tensor) -> Any:
         if not torch._C._len_torch_dispatch_stack():
@@ -105,10 +111,29 @@ def _name(hook: Any) -> str:
 
 _ORIGINAL = torch.Tensor.register_hook
 
+# the user's hooks on non-leaf tensors, alive (a hook lives as long as its tensor's node holds it): a computation
+# between two nodes that the plan cannot see, which may make NaN/Inf from the zeros it is given (g / g.norm() at a
+# padding row: 0/0). A backward whose graph holds one takes the 'check' path (``reaches``, read by _planning).
+USERS: weakref.WeakSet[_Followed] = weakref.WeakSet()
+
 
 @functools.wraps(_ORIGINAL)
 def register_hook(self: torch.Tensor, hook: Callable[..., Any]) -> Any:
-    return _ORIGINAL(self, _Followed(hook) if callable(hook) and not isinstance(hook, _Followed) else hook)
+    if not callable(hook) or isinstance(hook, _Followed) or \
+            str(getattr(hook, "__module__", None) or "").startswith(("gradwise.", "torch.")):
+        return _ORIGINAL(self, hook)  # (gradwise's own hooks, and torch's: FSDP's, register_multi_grad_hook's)
+    node = self.grad_fn
+    followed = _Followed(hook, None if node is None else (type(node).__name__, node._sequence_nr()))
+    handle = _ORIGINAL(self, followed)
+    if followed.key is not None:
+        USERS.add(followed)
+    return handle
+
+
+def reaches(nodes: Iterable[Any]) -> bool:
+    """Whether a graph (its nodes) holds the node of a tensor with a hook of the user's (``USERS``)."""
+    keys = {f.key for f in list(USERS)}
+    return bool(keys) and any((type(n).__name__, n._sequence_nr()) in keys for n in nodes)
 
 
 def install() -> None:

@@ -373,9 +373,15 @@ _WEIGHT_PATH = frozenset(("NativeDropoutBackward0", "MulBackward0", "MulBackward
                           "ToCopyBackward0", "ExpandBackward0"))
 
 
+# views between a softmax and a mul by its weights, which keep its storage (its exact zeros where they were)
+_SAME_STORAGE = frozenset(("UnsqueezeBackward0", "ViewBackward0", "ExpandBackward0", "PermuteBackward0",
+                           "TransposeBackward0", "SqueezeBackward0", "SqueezeBackward1", "AliasBackward0"))
+
+
 def softmax_of_weights(node: Any) -> Any:
     """The SoftmaxBackward0 whose output is the first operand of the mm/bmm ``node`` (its first edge, through the
-    nodes of ``_WEIGHT_PATH`` whose other edges need no gradient: a mul by a constant), or None."""
+    nodes of ``_WEIGHT_PATH`` whose other edges need no gradient: a mul by a constant, and through views that keep
+    the storage, ``_SAME_STORAGE``: an einsum's permutes), or None."""
     producer = node.next_functions[0][0]
     for _ in range(8):
         if producer is None:
@@ -384,7 +390,8 @@ def softmax_of_weights(node: Any) -> Any:
         if name == "SoftmaxBackward0":
             return producer
         edges = producer.next_functions
-        if name not in _WEIGHT_PATH or not edges or any(e[0] is not None for e in edges[1:]):
+        if (name not in _WEIGHT_PATH and name not in _SAME_STORAGE) or not edges \
+                or any(e[0] is not None for e in edges[1:]):
             return None
         producer = edges[0][0]
     return None
@@ -393,8 +400,10 @@ def softmax_of_weights(node: Any) -> Any:
 def masked_weights(node: Any, weights: torch.Tensor) -> torch.Tensor | None:
     """Where the mm/bmm ``node``'s first operand ``weights`` (its saved self) is a softmax's exact 0 (bool, shaped
     like ``weights``), or None where it is no softmax's output (``softmax_of_weights``) or its softmax's result
-    cannot be read without a hook. A dropout's or a scaling's zeros on the way are not among them, nor a weight
-    that a factor on the way made other than 0."""
+    cannot be read without a hook. Weights that share the softmax result's storage (views of it) hold its zeros
+    where they are; others are mapped by the elements' order, which only dropout, scalings and order-keeping views
+    between keep (a dropout's or a scaling's zeros on the way are not among them, nor a weight that a factor on the
+    way made other than 0)."""
     softmax = softmax_of_weights(node)
     if softmax is None:
         return None
@@ -403,9 +412,23 @@ def masked_weights(node: Any, weights: torch.Tensor) -> torch.Tensor | None:
     if _hooked(softmax, "_raw_saved_result"):
         return None
     result = softmax._saved_result
-    if result is None or result.numel() != weights.numel():
+    if result is None:
+        return None
+    if result.untyped_storage()._cdata == weights.untyped_storage()._cdata and result.dtype == weights.dtype:
+        return weights == 0
+    if result.numel() != weights.numel() or _reorders(node):
         return None
     return (result == 0).reshape(weights.shape) & (weights == 0)  # (a factor's NaN on the way: no zero)
+
+
+def _reorders(node: Any) -> bool:
+    """Whether a node between the softmax and the mm/bmm ``node`` changes the elements' order (a permute)."""
+    producer = node.next_functions[0][0]
+    while producer is not None and producer.name() != "SoftmaxBackward0":
+        if producer.name() not in _WEIGHT_PATH:
+            return True
+        producer = producer.next_functions[0][0]
+    return False
 
 
 def _softmax_weights(args: tuple) -> tuple[int, torch.Tensor] | None:
@@ -431,6 +454,33 @@ def _softmax_weights(args: tuple) -> tuple[int, torch.Tensor] | None:
                 if view.shape == t.shape and t.stride() == (weights if view is zero else weights.mT).stride():
                     return i, view
             return None
+    return None
+
+
+def _softmax_factor(args: tuple) -> tuple[int, torch.Tensor] | None:
+    """In MulBackward0's formula (``g * other``, ``g * self``) of a product with a softmax's weights (attention
+    pooling: ``(softmax(s)[..., None] * h).sum(1)``), the position of the factor that is those weights (the softmax's
+    saved result or a view of it: the same storage, so its exact zeros are the softmax's) and its zeros, while
+    every output being differentiated is finite; else None."""
+    if not (_STATE.outputs_finite and _in_formula() and _reads_nodes()):
+        return None
+    node = torch._C._current_autograd_node()
+    if node is None or node.name() != "MulBackward0":
+        return None
+    for producer, _ in node.next_functions:
+        for _ in range(6):
+            if producer is None or producer.name() not in _SAME_STORAGE:
+                break
+            producer = producer.next_functions[0][0]
+        if producer is None or producer.name() != "SoftmaxBackward0" or _hooked(producer, "_raw_saved_result"):
+            continue
+        result = producer._saved_result
+        cdata = result.untyped_storage()._cdata
+        for i, t in enumerate(args[:2]):
+            if isinstance(t, torch.Tensor) and _is_float(t) and t.dtype == result.dtype \
+                    and t.untyped_storage()._cdata == cdata:
+                zero = t == 0
+                return (i, zero) if bool(mask_any(zero)) else None
     return None
 
 
@@ -759,7 +809,21 @@ def _zero_alpha_mul(func, args, kwargs, sup):
                     "call the op out of place (y[:2] = torch.addmm(y[:2], a, b, alpha=0)), whose node strong "
                     "zeros can read, or leave the term out"))
             return out
+    if func.overloadpacket is aten.mul and (found := _softmax_factor(args)) is not None:
+        return _softmax_weights_mul(func, args, kwargs, sup, *found)
     return _exp_result_mul(func, args, kwargs, sup)
+
+
+def _softmax_weights_mul(func, args, kwargs, sup, slot: int, zero: torch.Tensor):
+    """mul's rule in the backward of a product with a softmax's weights (``_softmax_factor``): a weight of exactly 0
+    (a masked entry's exp(-inf)) is a structural zero of the other operand's gradient, as in ``_masked_weights_mm``:
+    the masked entry's value gets the deleted entry's 0, also where its formula is singular (sqrt at a zero
+    padding row: PyTorch's 0 x inf = NaN)."""
+    out = _exp_result_mul(func, args, kwargs, sup)
+    support = sup.of(out)
+    kept = ~zero.expand(out.shape) if support is None else support & ~zero
+    sup.record(_annihilate(out, kept), kept)
+    return out
 
 
 _register(aten.mul, aten.mul_)(_zero_alpha_mul)  # mul's one rule (_rules_pointwise registers none for it)
