@@ -450,6 +450,8 @@ def _softmax_weights(args: tuple) -> tuple[int, torch.Tensor] | None:
             zero = masked_weights(node, weights)
             if zero is None or not bool(mask_any(zero)):
                 return None
+            if torch.equal(zero, weights == 0):  # every zero of the weights is the softmax's: read them in t's layout
+                return i, t == 0
             for view in (zero, zero.mT):  # (v's gradient reads the weights transposed)
                 if view.shape == t.shape and t.stride() == (weights if view is zero else weights.mT).stride():
                     return i, view
