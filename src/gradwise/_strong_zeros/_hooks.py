@@ -13,8 +13,10 @@ value at such an element (``g + 1``), the hook made that value itself: it is a v
 and the pass names the hook in its ``OpaqueBackwardWarning`` if the gradients end up NaN/Inf.
 
 Tensor hooks are not listed by autograd's nodes, so ``Tensor.register_hook`` is wrapped from gradwise's import on
-(hooks registered before that are not seen; gradwise's and torch's own are left unwrapped); the wrapper passes
-straight through outside a strong-zero pass (one read of the dispatch stack's length). A hook on a non-leaf tensor
+(hooks registered before that are not seen; gradwise's and torch's own, and hooks on leaves, are left alone): a
+user's hook on a non-leaf tensor is registered as it is, between two hooks of gradwise's (``_Before``, ``_After``:
+the engine runs a tensor's hooks in order, each on the last one's result), which outside a strong-zero pass return
+at once (one read of the dispatch stack's length, one of an empty list). A hook on a non-leaf tensor
 may also make NaN/Inf from the zeros it is given (``g / g.norm(dim=-1, keepdim=True)`` at a padding row: 0/0),
 which no plan can see: a backward whose graph holds one runs under the mode (the 'check' path, ``USERS`` and
 ``reaches``), where its torch ops meet their rules (the division of a structural zero is one). Module hooks run
@@ -69,40 +71,52 @@ def hook_result(mode: Any, given: torch.Tensor, result: Any, produced: dict, wha
     return result
 
 
-class _Followed:
-    """A tensor hook, followed by the pass where it returns a tensor made outside torch ops. ``key``: its tensor's
-    node (as ``_carry._key``), for a hook on a non-leaf tensor."""
+class _Before:
+    """Registered right before a user's tensor hook: where the pass gives it structural zeros, notes what it was
+    given and starts noting what ops under the mode make (``mode.produced``). Returns None (the gradient as is).
+    The user's hook itself stays in the tensor's hooks as the user registered it, called by the engine (a trace
+    knows a hook by that: ``gradwise._trace._common.engine_hook``)."""
 
-    __slots__ = ("__weakref__", "hook", "key")
+    __slots__ = ("__weakref__", "shared")
 
-    def __init__(self, hook: Callable[..., Any], key: tuple[str, int] | None) -> None:
-        self.hook, self.key = hook, key
+    def __init__(self, shared: list) -> None:
+        self.shared = shared
 
-    def __call__(self, grad: torch.Tensor) -> Any:
-        if not torch._C._len_torch_dispatch_stack():
-            return self.hook(grad)
+    def __call__(self, grad: torch.Tensor) -> None:
+        if not torch._C._len_torch_dispatch_stack() or not isinstance(grad, torch.Tensor):
+            return
         from gradwise._strong_zeros._mode import running_mode
 
         mode = running_mode()
-        if mode is None or not isinstance(grad, torch.Tensor) or torch._C._functorch.is_functorch_wrapped_tensor(grad):
-            return self.hook(grad)
+        if mode is None or torch._C._functorch.is_functorch_wrapped_tensor(grad):
+            return
         with _disable_current_modes():
             zeroed = mode.supports.zeroed(grad)
-        if not zeroed:
-            return self.hook(grad)
-        prior, mode.produced = mode.produced, {}
-        try:
-            result = self.hook(grad)
-        finally:
-            produced, mode.produced = mode.produced, prior
+        if zeroed:
+            self.shared[:] = [mode, grad, mode.produced]
+            mode.produced = {}
+
+
+class _After:
+    """Registered right after a user's tensor hook: records the support of what it returned (``hook_result``).
+    ``key``: its tensor's node (as ``_carry._key``), for ``reaches``."""
+
+    __slots__ = ("__weakref__", "key", "name", "shared")
+
+    def __init__(self, shared: list, key: tuple[str, int], name: str) -> None:
+        self.shared, self.key, self.name = shared, key, name
+
+    def __call__(self, grad: Any) -> Any:
+        if not self.shared:
+            return None
+        (mode, given, prior), self.shared[:] = self.shared, []
+        produced, mode.produced = mode.produced, prior
         if prior is not None:
             prior.update(produced)
         with _disable_current_modes():
-            return hook_result(mode, grad, result, produced, f"the tensor hook {_name(self.hook)}, which computes "
-                               "outside torch ops and returned nonzero values where its gradient held structural zeros")
-
-    def __repr__(self) -> str:
-        return f"_Followed({self.hook!r})"
+            out = hook_result(mode, given, grad, produced, f"the tensor hook {self.name}, which computes outside "
+                              "torch ops and returned nonzero values where its gradient held structural zeros")
+        return None if out is grad else out
 
 
 def _name(hook: Any) -> str:
@@ -111,28 +125,40 @@ def _name(hook: Any) -> str:
 
 _ORIGINAL = torch.Tensor.register_hook
 
-# the user's hooks on non-leaf tensors, alive (a hook lives as long as its tensor's node holds it): a computation
-# between two nodes that the plan cannot see, which may make NaN/Inf from the zeros it is given (g / g.norm() at a
-# padding row: 0/0). A backward whose graph holds one takes the 'check' path (``reaches``, read by _planning).
-USERS: weakref.WeakSet[_Followed] = weakref.WeakSet()
+# the user's hooks on non-leaf tensors, alive (their _After, which lives as long as its tensor's node holds it): a
+# computation between two nodes that the plan cannot see, which may make NaN/Inf from the zeros it is given
+# (g / g.norm() at a padding row: 0/0). A backward whose graph holds one takes the 'check' path (``reaches``, read
+# by _planning).
+USERS: weakref.WeakSet[_After] = weakref.WeakSet()
 
 
 @functools.wraps(_ORIGINAL)
 def register_hook(self: torch.Tensor, hook: Callable[..., Any]) -> Any:
-    if not callable(hook) or isinstance(hook, _Followed) or \
-            str(getattr(hook, "__module__", None) or "").startswith(("gradwise.", "torch.")):
-        return _ORIGINAL(self, hook)  # (gradwise's own hooks, and torch's: FSDP's, register_multi_grad_hook's)
     node = self.grad_fn
-    followed = _Followed(hook, None if node is None else (type(node).__name__, node._sequence_nr()))
-    handle = _ORIGINAL(self, followed)
-    if followed.key is not None:
-        USERS.add(followed)
+    if node is None or not callable(hook) or isinstance(hook, (_Before, _After)) or \
+            str(getattr(hook, "__module__", None) or "").startswith(("gradwise.", "torch.")):
+        # (a leaf's hook feeds its .grad alone; gradwise's own hooks, and torch's: FSDP's, register_multi_grad_hook's)
+        return _ORIGINAL(self, hook)
+    shared: list = []
+    after = _After(shared, (type(node).__name__, node._sequence_nr()), _name(hook))
+    before = _ORIGINAL(self, _Before(shared))
+    handle = _ORIGINAL(self, hook)
+    behind = _ORIGINAL(self, after)
+    USERS.add(after)
+    remove = handle.remove
+
+    def remove_all() -> None:  # (the hook's handle removes the pair around it too)
+        before.remove()
+        remove()
+        behind.remove()
+
+    handle.remove = remove_all
     return handle
 
 
 def reaches(nodes: Iterable[Any]) -> bool:
     """Whether a graph (its nodes) holds the node of a tensor with a hook of the user's (``USERS``)."""
-    keys = {f.key for f in list(USERS)}
+    keys = {a.key for a in list(USERS)}
     return bool(keys) and any((type(n).__name__, n._sequence_nr()) in keys for n in nodes)
 
 
