@@ -134,6 +134,12 @@ USERS: weakref.WeakSet[_After] = weakref.WeakSet()
 
 @functools.wraps(_ORIGINAL)
 def register_hook(self: torch.Tensor, hook: Callable[..., Any]) -> Any:
+    if torch._C._has_torch_function_unary(self):
+        # (a tensor subclass's or a TorchFunctionMode's __torch_function__ gets this call once, with the user's hook,
+        # as without gradwise; where it registers the hook it calls this function again, with torch functions off,
+        # which registers the pair around it. Wrapping here first registered each of the three through it, and the
+        # hook a second time wrapped: five hooks and three calls seen.)
+        return _ORIGINAL(self, hook)
     node = self.grad_fn
     if node is None or not callable(hook) or isinstance(hook, (_Before, _After)) or \
             str(getattr(hook, "__module__", None) or "").startswith(("gradwise.", "torch.")):
