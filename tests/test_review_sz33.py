@@ -5,6 +5,8 @@ put back for the reference run), and the program with the padding rows deleted.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import pytest
 import torch
@@ -32,7 +34,7 @@ class _Counting(TorchFunctionMode):
 
 
 class _Sub(torch.Tensor):
-    hooks: list = []
+    hooks: ClassVar[list] = []
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
