@@ -208,3 +208,50 @@ def test_a_hook_error_reads_as_torchs():
     with pytest.raises(RuntimeError, match="has changed the type of value"):
         y.sum().backward()
     assert np.isfinite(x.detach().numpy()).all()
+
+
+# -- a hook that writes through NumPy in place: g.numpy()[3:] = 5 put the hook's values at the padding rows' structural
+# zeros past the mode; the support still said structural, the 5s never met the padding's NaN, and w.grad was finite
+# where the same hook returning NumPy's copy keeps PyTorch's NaN and names the hook. SILENT on sz33 (and the base).
+def _writes_padding(g):
+    g.numpy()[3:] = 5.0
+
+
+def _scales_rows_in_place(g):
+    g.numpy()[:3] *= 2.0  # (the kept rows only: the padding's zeros stay)
+
+
+def _padded_program(x, w0, hook, rows=3):
+    w = w0.clone().requires_grad_()
+    h = x @ w
+    h.register_hook(hook)
+    h[:rows].tanh().sum().backward()
+    return w.grad
+
+
+def _padded_data():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 3, dtype=D, generator=gen)
+    w0 = torch.randn(3, 4, dtype=D, generator=gen)
+    xn = x.clone()
+    xn[3:] = float("nan")
+    return x, xn, w0
+
+
+def test_a_hook_writing_the_paddings_zeros_through_numpy_in_place_keeps_torchs_nan():
+    _, xn, w0 = _padded_data()
+    ref = _padded_program(xn, w0, _writes_padding)
+    assert ref.isnan().all()
+    with pytest.warns(gw.OpaqueBackwardWarning, match="_writes_padding"), gw.strong_zeros():
+        got = _padded_program(xn, w0, _writes_padding)
+    assert torch.equal(got.isnan(), ref.isnan())
+
+
+def test_a_hook_scaling_the_kept_rows_through_numpy_in_place_keeps_the_paddings_zeros():
+    x, xn, w0 = _padded_data()
+    with gw.strong_zeros():
+        got = _padded_program(xn, w0, _scales_rows_in_place)
+    torch.testing.assert_close(got, _padded_program(x[:3], w0, _scales_rows_in_place, rows=3), rtol=0, atol=1e-12)
+    with gw.strong_zeros():
+        finite = _padded_program(x, w0, _scales_rows_in_place)
+    assert torch.equal(finite, _padded_program(x, w0, _scales_rows_in_place))

@@ -49,11 +49,21 @@ def hook_result(mode: Any, given: torch.Tensor, result: Any, produced: dict, wha
     or a tensor the hook holds) is copied first (its storage may be the caller's); where it holds nonzero values
     there, ``what`` is named in ``mode.lost``. Called with the modes off."""
     if not isinstance(result, torch.Tensor) or not _is_float(result) or result.layout != torch.strided \
-            or result.shape != given.shape or result.untyped_storage()._cdata == given.untyped_storage()._cdata:
-        return result  # (given back, or a view of it: the storage's mask holds)
+            or result.shape != given.shape:
+        return result
     sup = mode.supports
     s_in = sup.of(given)
     if s_in is None:
+        return result
+    if result.untyped_storage()._cdata == given.untyped_storage()._cdata:
+        # given back, or a view of it: the storage's mask holds, unless the hook wrote there past the mode (NumPy in
+        # place, g.numpy()[pad] = 5): those values are the hook's, as they are when it returns NumPy's copy
+        if result.stride() != given.stride() or result.storage_offset() != given.storage_offset():
+            return result  # (another layout of the same storage: its positions are not given's)
+        written = ~s_in & (result != 0)
+        if bool(written.any()):
+            mode.lost[what] = _FIX
+            sup.record(result, s_in | written)
         return result
     used = result != 0  # (NaN: used)
     keep = s_in | used
