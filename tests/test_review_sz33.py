@@ -255,3 +255,25 @@ def test_a_hook_scaling_the_kept_rows_through_numpy_in_place_keeps_the_paddings_
     with gw.strong_zeros():
         finite = _padded_program(x, w0, _scales_rows_in_place)
     assert torch.equal(finite, _padded_program(x, w0, _scales_rows_in_place))
+
+
+def _module_writes_padding(module, grad_input, grad_output):
+    grad_input[0].numpy()[3:] = 5.0
+
+
+def test_a_module_hook_writing_the_paddings_zeros_through_numpy_in_place_keeps_torchs_nan():
+    _, xn, _ = _padded_data()
+
+    def run():
+        torch.manual_seed(1)
+        lin = torch.nn.Linear(3, 4, dtype=D)
+        act = torch.nn.Tanh()
+        act.register_full_backward_hook(_module_writes_padding)
+        act(lin(xn))[:3].sum().backward()
+        return lin.weight.grad
+
+    ref = run()
+    assert ref.isnan().any()
+    with pytest.warns(gw.OpaqueBackwardWarning, match="module's full backward hook"), gw.strong_zeros():
+        got = run()
+    assert torch.equal(got.isnan(), ref.isnan())
