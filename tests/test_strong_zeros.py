@@ -1245,8 +1245,9 @@ def test_a_custom_backward_outside_torch_ops_is_named(fn):
 
 
 def test_an_op_without_a_rule_that_loses_zeros_is_named():
-    """A hook whose op has no rule (a torch.library op of a test namespace) hides the zeros from the rules below:
-    the NaN comes back in the matmul's backward, and the warning names the op."""
+    """A custom backward whose op has no rule (a torch.library op of a test namespace) hides the zeros from the rules
+    below: the NaN comes back in the matmul's backward, and the warning names the op. (In a tensor hook the same op
+    no longer does: a hook's result is structural where it was given a structural zero and returned 0, _hooks.)"""
     lib = torch.library.Library("gwtest_opaque", "DEF")
     lib.define("twice(Tensor x) -> Tensor")
     lib.impl("twice", lambda t: t * 2, "CompositeExplicitAutograd")
@@ -1254,13 +1255,26 @@ def test_an_op_without_a_rule_that_loses_zeros_is_named():
     x = torch.randn(6, 5, dtype=torch.float64)
     x[4:] = math.nan
     w = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
-    h = x @ w
-    h.register_hook(lambda g: torch.ops.gwtest_opaque.twice(g))
+    class Twice(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return torch.ops.gwtest_opaque.twice(g)
+
+    h = Twice.apply(x @ w)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         (got,) = gw.grad(torch.tanh(h)[:4].sum(), w)
     named = [w for w in caught if issubclass(w.category, gw.OpaqueBackwardWarning)]
     assert got.isnan().any() and named and "gwtest_opaque.twice" in str(named[0].message)
+    h = x @ w
+    h.register_hook(lambda g: torch.ops.gwtest_opaque.twice(g))
+    (got,) = gw.grad(torch.tanh(h)[:4].sum(), w)
+    (want,) = torch.autograd.grad(torch.tanh(x[:4] @ w).sum() * 2, w)  # (the hook doubles; padding deleted)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("op", ["sqrt_", "rsqrt_", "acos_"])

@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from gradwise._checks import as_tensors, check_differentiable, check_scalar_or_seeded
 from gradwise._masks import mask_all
 from gradwise._modes import dynamo_off
-from gradwise._strong_zeros import _carry, _contract, _script, _transforms
+from gradwise._strong_zeros import _carry, _contract, _hooks, _script, _transforms
 from gradwise._strong_zeros._autograd_graph import _leaves, _root_nodes
 from gradwise._strong_zeros._carry import carry
 from gradwise._strong_zeros._compile import (
@@ -642,6 +642,7 @@ skip_code(_engine_entry.__code__)
 _engine_run_body = _engine_run.__wrapped__
 _torch_engine_run = torch.autograd._engine_run_backward
 torch.autograd._engine_run_backward = _observe
+_hooks.install()  # tensor hooks that compute outside torch ops (_hooks): wrapped from the import on, as _observe
 _DYNAMO_RUN_NODE = torch._dynamo.utils.run_node.__code__
 
 

@@ -1,7 +1,7 @@
 """The TorchDispatchMode that applies the rule table during a backward (``_StrongZeroMode``), and the fused
 backwards that run as their decomposition when a structural zero reaches them (``DECOMPOSED``).
 
-May import: torch, gradwise._modes, gradwise._ops, _contract, _supports, _rules, _triangles, _autograd_graph.
+May import: torch, gradwise._modes, gradwise._ops, _contract, _supports, _rules, _hooks, _triangles, _autograd_graph.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_flatten
 from gradwise._modes import LeanDispatchMode, kernels
 from gradwise._ops._overloads import functional_of, out_names
 from gradwise._strong_zeros import _contract
+from gradwise._strong_zeros._hooks import hook_result
 from gradwise._strong_zeros._rules import _UNRULED, _is_float, lookup
 from gradwise._strong_zeros._supports import _STATE, Carried, _Supports
 from gradwise._strong_zeros._triangles import TRIANGLE_READERS, triangle_hooks
@@ -458,6 +459,39 @@ def running_mode() -> _StrongZeroMode | None:
     return None
 
 
+def module_hook_watch(node: Any, mode: _StrongZeroMode) -> list:
+    """Hooks on a ``BackwardHookFunctionBackward`` node (an ``nn.Module``'s full backward hooks run in its post
+    hook, which returns their ``grad_input``; this one, registered after it, sees what they returned): where one
+    computed outside torch ops, ``_hooks.hook_result`` records the support of its result."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    given: list = []
+
+    def before(grad_outputs):
+        with _disable_current_modes():
+            reached = any(map(mode.supports.zeroed, grad_outputs))
+        if reached:
+            given[:] = [grad_outputs, mode.produced]
+            mode.produced = {}
+
+    def after(grad_inputs, grad_outputs):
+        if not given:
+            return
+        (sensitivities, prior), given[:] = given, []
+        produced, mode.produced = mode.produced, prior
+        if prior is not None:
+            prior.update(produced)
+        with _disable_current_modes():
+            results = tuple(r if not isinstance(g, torch.Tensor) else hook_result(
+                mode, g, r, produced, "a module's full backward hook that computes outside torch ops and returned "
+                "nonzero values where its grad_input held structural zeros")
+                for g, r in zip(sensitivities, grad_inputs, strict=True))
+        if any(a is not b for a, b in zip(results, grad_inputs, strict=True)):
+            return results
+
+    return [node.register_prehook(before), node.register_hook(after)]
+
+
 def watch_functions(roots: list, mode: _StrongZeroMode, nodes: list | None = None) -> list:
     """Hooks on the custom ``autograd.Function`` nodes of a graph for one strong pass (their handles, to remove):
     where structural zeros reach one and its backward returns a tensor no op under ``mode`` made (NumPy, a C++
@@ -475,7 +509,10 @@ def watch_functions(roots: list, mode: _StrongZeroMode, nodes: list | None = Non
             handles += triangle_hooks(node)
             continue
         cls = getattr(node, "_forward_cls", None)
-        if cls is None or cls.__name__ == "BackwardHookFunction":
+        if cls is None:
+            continue
+        if cls.__name__ == "BackwardHookFunction":  # a module's backward hooks run in its post hook
+            handles += module_hook_watch(node, mode)
             continue
 
         def before(grad_outputs, cls=cls):

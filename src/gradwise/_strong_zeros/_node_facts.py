@@ -22,7 +22,7 @@ import torch
 
 from gradwise._masks import mask_all
 from gradwise._strong_zeros._rules import _hooked, lookup
-from gradwise._strong_zeros._rules_bilinear import ZERO_ALPHA_PRODUCTS, _reads_every_position
+from gradwise._strong_zeros._rules_bilinear import ZERO_ALPHA_PRODUCTS, _reads_every_position, softmax_of_weights
 from gradwise._strong_zeros._triangles import TRIANGLE_READERS
 
 aten = torch.ops.aten
@@ -324,12 +324,17 @@ def _no_masked_weights(node: Any) -> bool:
     """mm/bmm make no structural zero unless their first operand is a softmax's output holding an exact 0 (masked
     attention weights: v's gradient at a masked key is the deleted key's 0, ``_rules_bilinear._masked_weights_mm``);
     one a hook packed (a checkpoint's) is not read: it makes zeros, as far as the plan knows."""
-    producer = node.next_functions[0][0]
-    if producer is None or producer.name() != "SoftmaxBackward0":
+    softmax = softmax_of_weights(node)  # (through dropout and views: a[None], reshape)
+    if softmax is None:
         return True
-    if _hooked(node, "_raw_saved_self"):
+    if softmax is not node.next_functions[0][0]:  # the softmax's own result: a dropout's zeros are values
+        if _hooked(softmax, "_raw_saved_result"):
+            return False
+        weights = softmax._saved_result
+    elif _hooked(node, "_raw_saved_self"):
         return False
-    weights = node._saved_self
+    else:
+        weights = node._saved_self
     if weights is None or weights.numel() == 0:
         return True
     # (one vectorised min, not a comparison's bool tensor: ~60x cheaper on MHA's weights, read on every backward of

@@ -1,7 +1,7 @@
 """The plan before backward: ``_plan`` chooses plain, check or strong from the graph (which nodes can make a
 structural zero, ``_zero_reach``) and the finiteness of what those nodes saved (``_all_finite``).
 
-May import: torch, gradwise._masks, _contract, _traced, _autograd_graph, _node_facts.
+May import: torch, gradwise._masks, _carry, _contract, _hooks, _traced, _autograd_graph, _node_facts.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from gradwise._masks import all_finite as _all_finite
 from gradwise._masks import inexact
-from gradwise._strong_zeros import _carry, _contract
+from gradwise._strong_zeros import _carry, _contract, _hooks
 from gradwise._strong_zeros._autograd_graph import _root_nodes
 from gradwise._strong_zeros._node_facts import (
     _NODE_TYPES,
@@ -277,6 +277,8 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any], watched: list | None =
         return "strong"
     if _carry.CARRIED_VALUES and _carry.values_reached(w.nodes):  # ... or that saved its structural zeros
         return "strong"
+    if _hooks.USERS and _hooks.reaches(w.nodes):  # a tensor hook of the user's: what it computes is not seen here
+        return "check"
     shaped = _SHAPED.get(w.shape)
     if shaped is None or (results is not None and shaped.results is None):  # (see _Shaped.results)
         shaped = _shaped(roots, _resolved(_derived(w)), results is not None)

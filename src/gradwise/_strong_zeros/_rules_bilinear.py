@@ -363,17 +363,83 @@ _MM = _bilinear(_mm_support, _mm_nonfinite_k, restrict=_mm_supported_k, finite_k
 _MASKED_WEIGHTS_NODES = ("BmmBackward0", "MmBackward0")
 
 
-def _softmax_weights(args: tuple) -> int | None:
+# nodes between a softmax and the bmm that reads its weights which keep each weight's position and a 0 weight 0:
+# dropout (CPU's eager one is a mul by its noise, a constant; its dropped weights are values, not structural: only
+# the softmax's own zeros are read), a scaling, views that keep the elements' order (a[None], view, reshape, clone)
+# (matmul of 4-d weights: expand then reshape; an expand that repeats weights changes the count, and is not read)
+_WEIGHT_PATH = frozenset(("NativeDropoutBackward0", "MulBackward0", "MulBackward1", "DivBackward0", "DivBackward1",
+                          "UnsqueezeBackward0",
+                          "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0",
+                          "ToCopyBackward0", "ExpandBackward0"))
+
+
+# views between a softmax and a mul by its weights, which keep its storage (its exact zeros where they were)
+_SAME_STORAGE = frozenset(("UnsqueezeBackward0", "ViewBackward0", "ExpandBackward0", "PermuteBackward0",
+                           "TransposeBackward0", "SqueezeBackward0", "SqueezeBackward1", "AliasBackward0"))
+
+
+def softmax_of_weights(node: Any) -> Any:
+    """The SoftmaxBackward0 whose output is the first operand of the mm/bmm ``node`` (its first edge, through the
+    nodes of ``_WEIGHT_PATH`` whose other edges need no gradient: a mul by a constant, and through views that keep
+    the storage, ``_SAME_STORAGE``: an einsum's permutes), or None."""
+    producer = node.next_functions[0][0]
+    for _ in range(8):
+        if producer is None:
+            return None
+        name = producer.name()
+        if name == "SoftmaxBackward0":
+            return producer
+        edges = producer.next_functions
+        if (name not in _WEIGHT_PATH and name not in _SAME_STORAGE) or not edges \
+                or any(e[0] is not None for e in edges[1:]):
+            return None
+        producer = edges[0][0]
+    return None
+
+
+def masked_weights(node: Any, weights: torch.Tensor) -> torch.Tensor | None:
+    """Where the mm/bmm ``node``'s first operand ``weights`` (its saved self) is a softmax's exact 0 (bool, shaped
+    like ``weights``), or None where it is no softmax's output (``softmax_of_weights``) or its softmax's result
+    cannot be read without a hook. Weights that share the softmax result's storage (views of it) hold its zeros
+    where they are; others are mapped by the elements' order, which only dropout, scalings and order-keeping views
+    between keep (a dropout's or a scaling's zeros on the way are not among them, nor a weight that a factor on the
+    way made other than 0)."""
+    softmax = softmax_of_weights(node)
+    if softmax is None:
+        return None
+    if softmax is node.next_functions[0][0]:
+        return weights == 0
+    if _hooked(softmax, "_raw_saved_result"):
+        return None
+    result = softmax._saved_result
+    if result is None:
+        return None
+    if result.untyped_storage()._cdata == weights.untyped_storage()._cdata and result.dtype == weights.dtype:
+        return weights == 0
+    if result.numel() != weights.numel() or _reorders(node):
+        return None
+    return (result == 0).reshape(weights.shape) & (weights == 0)  # (a factor's NaN on the way: no zero)
+
+
+def _reorders(node: Any) -> bool:
+    """Whether a node between the softmax and the mm/bmm ``node`` changes the elements' order (a permute)."""
+    producer = node.next_functions[0][0]
+    while producer is not None and producer.name() != "SoftmaxBackward0":
+        if producer.name() not in _WEIGHT_PATH:
+            return True
+        producer = producer.next_functions[0][0]
+    return False
+
+
+def _softmax_weights(args: tuple) -> tuple[int, torch.Tensor] | None:
     """In the backward of ``bmm(a, v)`` (or mm) whose ``a`` is a softmax's output (attention weights: the node's
-    first edge a SoftmaxBackward0), the position of the operand that is ``a`` (v's gradient ``a^T @ g``), where
-    ``a`` holds an exact 0 and every output being differentiated is finite; else None."""
+    first edge a SoftmaxBackward0, or one through dropout and views: ``masked_weights``), the position of the
+    operand that is ``a`` (v's gradient ``a^T @ g``) and where the softmax's weights are 0, where they hold an
+    exact 0 and every output being differentiated is finite; else None."""
     if not (_STATE.outputs_finite and _in_formula() and _reads_nodes()):
         return None
     node = torch._C._current_autograd_node()
     if node is None or node.name() not in _MASKED_WEIGHTS_NODES or _hooked(node, "_raw_saved_self"):
-        return None
-    producer = node.next_functions[0][0]
-    if producer is None or producer.name() != "SoftmaxBackward0":
         return None
     weights = node._saved_self
     if weights is None or not _is_float(weights):
@@ -381,7 +447,42 @@ def _softmax_weights(args: tuple) -> int | None:
     cdata = weights.untyped_storage()._cdata
     for i, t in enumerate(args[:2]):
         if _is_float(t) and t.untyped_storage()._cdata == cdata:
-            return i if bool(mask_any(weights == 0)) else None
+            zero = masked_weights(node, weights)
+            if zero is None or not bool(mask_any(zero)):
+                return None
+            if torch.equal(zero, weights == 0):  # every zero of the weights is the softmax's: read them in t's layout
+                return i, t == 0
+            for view in (zero, zero.mT):  # (v's gradient reads the weights transposed)
+                if view.shape == t.shape and t.stride() == (weights if view is zero else weights.mT).stride():
+                    return i, view
+            return None
+    return None
+
+
+def _softmax_factor(args: tuple) -> tuple[int, torch.Tensor] | None:
+    """In MulBackward0's formula (``g * other``, ``g * self``) of a product with a softmax's weights (attention
+    pooling: ``(softmax(s)[..., None] * h).sum(1)``), the position of the factor that is those weights (the softmax's
+    saved result or a view of it: the same storage, so its exact zeros are the softmax's) and its zeros, while
+    every output being differentiated is finite; else None."""
+    if not (_STATE.outputs_finite and _in_formula() and _reads_nodes()):
+        return None
+    node = torch._C._current_autograd_node()
+    if node is None or node.name() != "MulBackward0":
+        return None
+    for producer, _ in node.next_functions:
+        for _ in range(6):
+            if producer is None or producer.name() not in _SAME_STORAGE:
+                break
+            producer = producer.next_functions[0][0]
+        if producer is None or producer.name() != "SoftmaxBackward0" or _hooked(producer, "_raw_saved_result"):
+            continue
+        result = producer._saved_result
+        cdata = result.untyped_storage()._cdata
+        for i, t in enumerate(args[:2]):
+            if isinstance(t, torch.Tensor) and _is_float(t) and t.dtype == result.dtype \
+                    and t.untyped_storage()._cdata == cdata:
+                zero = t == 0
+                return (i, zero) if bool(mask_any(zero)) else None
     return None
 
 
@@ -393,11 +494,11 @@ def _masked_weights_mm(func, args, kwargs, sup):
     row: PyTorch's 0 x inf = NaN). nn.MultiheadAttention with need_weights=True (its default) runs this way; SDPA has
     its own rule (``_rules_attention``). Elsewhere, and where the outputs are not finite (an underflow's 0 then keeps
     PyTorch's NaN, as softmax's does), ``_MM``."""
-    slot = _softmax_weights(args) if func.overloadpacket in (aten.mm, aten.bmm) else None
-    if slot is None:
+    found = _softmax_weights(args) if func.overloadpacket in (aten.mm, aten.bmm) else None
+    if found is None:
         return _MM(func, args, kwargs, sup)
+    slot, zero = found
     supports = [sup.of(args[0]), sup.of(args[1])]
-    zero = args[slot] == 0
     supports[slot] = ~zero if supports[slot] is None else supports[slot] & ~zero
     return _supported_mm(func, args, kwargs, sup, *supports)
 
@@ -710,7 +811,21 @@ def _zero_alpha_mul(func, args, kwargs, sup):
                     "call the op out of place (y[:2] = torch.addmm(y[:2], a, b, alpha=0)), whose node strong "
                     "zeros can read, or leave the term out"))
             return out
+    if func.overloadpacket is aten.mul and (found := _softmax_factor(args)) is not None:
+        return _softmax_weights_mul(func, args, kwargs, sup, *found)
     return _exp_result_mul(func, args, kwargs, sup)
+
+
+def _softmax_weights_mul(func, args, kwargs, sup, slot: int, zero: torch.Tensor):
+    """mul's rule in the backward of a product with a softmax's weights (``_softmax_factor``): a weight of exactly 0
+    (a masked entry's exp(-inf)) is a structural zero of the other operand's gradient, as in ``_masked_weights_mm``:
+    the masked entry's value gets the deleted entry's 0, also where its formula is singular (sqrt at a zero
+    padding row: PyTorch's 0 x inf = NaN)."""
+    out = _exp_result_mul(func, args, kwargs, sup)
+    support = sup.of(out)
+    kept = ~zero.expand(out.shape) if support is None else support & ~zero
+    sup.record(_annihilate(out, kept), kept)
+    return out
 
 
 _register(aten.mul, aten.mul_)(_zero_alpha_mul)  # mul's one rule (_rules_pointwise registers none for it)
