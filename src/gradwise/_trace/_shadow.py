@@ -18,7 +18,7 @@ tensors (its schema may not declare its writes: ``rerunnable``) or whose rerun f
 shadow (``valid``): the trace then decides by its value heuristics, as for a NaN/Inf made in a backward whose
 forward was finite (an overflow).
 
-May import: torch, gradwise._strong_zeros.
+May import: torch, gradwise._strong_zeros, gradwise._trace._facts.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from gradwise import _strong_zeros
 from gradwise._strong_zeros import _contract
 from gradwise._strong_zeros._triangles import TRIANGLE_READERS
+from gradwise._trace._facts import WORKSPACE_READERS
 
 
 class _Shadow:
@@ -278,7 +279,16 @@ def carried(func, args, kwargs, upstream, o, out) -> torch.Tensor | None:
         return torch.nan_to_num(a, 0.0, 0.0, 0.0)
 
     try:
-        res = func(*tree_map(arg, args), **tree_map(arg, kwargs))
+        if func.overloadpacket in WORKSPACE_READERS:
+            # (its workspace holds the forward's NaN/Inf, which no 0 replaces: the rule recomputes the layer from its
+            # inputs; the sensitivities' zeros taken as structural, their NaN/Inf reach what they reach)
+            mode = _strong_zeros._StrongZeroMode(of_pass=False)
+            for u in upstream:
+                mode.supports.record(u, u != 0)
+            with torch.no_grad(), mode:
+                res = func(*tree_map(arg, args), **tree_map(arg, kwargs))
+        else:
+            res = func(*tree_map(arg, args), **tree_map(arg, kwargs))
     except Exception:  # an explanation must never break the program it explains
         return None
     at = next((i for i, t in enumerate(tree_flatten(out)[0]) if t is o), None)

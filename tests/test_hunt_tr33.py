@@ -1,0 +1,146 @@
+"""Hunt tr33: the trace's births per element (parts) through ops no table describes, told by running the op again
+with one part's NaN/Inf alone (``_trace/_probes.py``). Ground truth: plain torch under gw.strong_zeros() with
+each write alone (which writes leave w's gradient non-finite), never the trace itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from _explaining import genuine_findings, traced_and_strong
+
+
+def _program(loss_of, other: float, at: tuple, linear: bool, used_first: bool = False):
+    """x * w with x's rows 4: NaN padding (fill_) and x[at] = other (copy_), through ``loss_of``, its result
+    summed (``linear``) or squared then summed."""
+    def program(pad: bool, used: bool):
+        torch.manual_seed(0)
+        w = torch.randn(6, 4, requires_grad=True)
+        x = torch.randn(6, 4)
+        for write in (("used", "pad") if used_first else ("pad", "used")):
+            if write == "pad" and pad:
+                x[4:] = float("nan")
+            if write == "used" and used:
+                x[at] = other
+        torch.manual_seed(1)
+        out = loss_of(x.clone() * w)
+        (out.sum() if linear else out.pow(2).sum()).backward()
+        return w
+
+    return program
+
+
+def _told_as_strong_zeros_tell(program) -> None:
+    """The genuine findings' births are the writes that, alone, leave strong-zero gradients non-finite, each
+    named reaching w; no note."""
+    report, genuine = traced_and_strong(program)
+    assert {f.born_op for f in genuine_findings(report)} == genuine, str(report)
+    assert all(any("w" in f.reaches for f in genuine_findings(report) if f.born_op == op) for op in genuine), \
+        str(report)
+    assert not report.notes, str(report)
+
+
+def _lstm(y):
+    return nn.LSTM(4, 3, batch_first=True)(y[:, None].expand(6, 3, 4))[0][:, -1].sum(1)[:4]
+
+
+def _encoder(y):
+    layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)
+    return layer(y[:, None].expand(6, 2, 4).contiguous())[:4].sum((1, 2))
+
+
+_UNDESCRIBED = {  # ops whose parts no table of _Parts describes (each sequence/sample a row of x)
+    "group_norm": lambda y: F.group_norm(y[:, :, None], 2)[:4].sum((1, 2)),
+    "interpolate": lambda y: F.interpolate(y[None], scale_factor=2)[0, :4].sum(1),
+    "adaptive_avg_pool1d": lambda y: F.adaptive_avg_pool1d(y[None], 3)[0, :4].sum(1),
+    "index_add": lambda y: torch.zeros(6, 4).index_add(0, torch.arange(6), y)[:4].sum(1),
+    "scatter_add": lambda y: torch.zeros(6, 4).scatter_add(0, torch.arange(6)[:, None].expand(6, 4), y)[:4].sum(1),
+    "copy_ of a flip": lambda y: y.copy_(y.flip(1))[:4].sum(1),
+    "lstm": _lstm,
+    "transformer_encoder_layer": _encoder,
+}
+_USED = {"nan": (float("nan"), (0, 1)), "inf": (float("inf"), (2, 2)), "-inf": (float("-inf"), (1, 3))}
+
+
+@pytest.mark.parametrize("used", list(_USED))
+@pytest.mark.parametrize("op", list(_UNDESCRIBED))
+def test_padding_beside_a_used_nonfinite_through_an_undescribed_op(op, used):
+    """Before: padding rows 4: NaN (fill_, sliced away: strong zeros remove it) beside a used NaN/Inf (copy_),
+    through an op whose output lost the parts (every birth at every element): the padding, the earliest birth,
+    was a genuine finding reaching w, and the used write "reaches: no gradient" (-inf: SILENT through
+    group_norm and the encoder layer, the used write was in no finding at all, its -inf taken for a mask's).
+    The op run again with each part's NaN/Inf alone tells which elements each birth makes non-finite (forward),
+    and in the backward which parts strong zeros keep (the shadow pass). LSTM: oneDNN's layer backward reads a
+    workspace holding the padding's NaN, so where the used NaN reaches is read under its strong-zero rule."""
+    other, at = _USED[used]
+    _told_as_strong_zeros_tell(_program(_UNDESCRIBED[op], other, at, linear=False))
+
+
+@pytest.mark.parametrize("op", ["group_norm", "index_add", "lstm", "transformer_encoder_layer"])
+@pytest.mark.parametrize("used_first", [False, True], ids=["padding first", "used first"])
+def test_a_loss_linear_in_an_undescribed_op_names_each_birth(op, used_first):
+    """`op(x * w)[:4].sum()`: the sensitivity reaching op's backward is finite, so the NaN first meets it there
+    (a backward no table describes). Before: the genuine incident named every birth of the saved input (the
+    padding's too), or only the earliest where the parts were lost."""
+    _told_as_strong_zeros_tell(_program(_UNDESCRIBED[op], float("nan"), (0, 1), linear=True, used_first=used_first))
+
+
+def test_more_births_than_parts_kept_are_told_together_not_all_at_every_element():
+    """Before: padding rows 10: NaN (fill_) beside nine used NaN writes (nine births, one a line): past 8 parts the
+    tensor kept none, every birth was named at every element, and the padding (sliced away, removed by strong
+    zeros) was a genuine finding reaching w. Now the smallest parts are told together, and a note says so."""
+    def program(pad: bool, used: bool):
+        torch.manual_seed(0)
+        w = torch.randn(12, 4, requires_grad=True)
+        x = torch.randn(12, 4)
+        if pad:
+            x[10:] = float("nan")
+        if used:
+            x[0, 0] = float("nan")
+            x[1, 0] = float("nan")
+            x[2, 0] = float("nan")
+            x[3, 0] = float("nan")
+            x[4, 0] = float("nan")
+            x[5, 0] = float("nan")
+            x[6, 0] = float("nan")
+            x[7, 0] = float("nan")
+            x[8, 0] = float("nan")
+        (x.clone() * w).sum(1)[:10].pow(2).sum().backward()
+        return w
+
+    report, genuine = traced_and_strong(program)
+    assert genuine == {"aten.copy_"}
+    told = genuine_findings(report)
+    assert {f.born_op for f in told} == genuine and len(told) == 9, str(report)
+    assert all(f.reaches == ["w"] for f in told), str(report)
+    assert any(n.startswith("births told together") for n in report.notes), report.notes
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["squared", "linear"])
+def test_a_minus_inf_copied_in_is_data_not_a_mask(linear):
+    """SILENT before: x[1, 3] = -inf (copy_: data, made +inf by a negative w) beside NaN padding rows, through
+    softmax(0) (each column reads the padding: both writes used). The write was told "(-inf: a mask value)",
+    which explains no NaN: it was in no finding though strong zeros keep it alone."""
+    _told_as_strong_zeros_tell(_program(lambda y: y.softmax(0)[:4], float("-inf"), (1, 3), linear=linear))
+
+
+def test_an_inf_and_a_copied_minus_inf_summed_in_a_used_row_each_reach_w():
+    """Before: x[0, 0:1] = inf (fill_) and x[0, 1] = -inf (copy_) in one row, summed (inf - inf = NaN), the loss
+    squared: either write alone leaves w's gradient non-finite, but the -inf, taken for a mask's, "reaches: no
+    gradient"."""
+    def program(first: bool, second: bool):
+        torch.manual_seed(0)
+        w = torch.randn(6, 4, requires_grad=True)
+        x = torch.randn(6, 4)
+        if first:
+            x[0, 0:1] = float("inf")
+        if second:
+            x[0, 1] = float("-inf")
+        (x.clone() * w).sum(1).pow(2).sum().backward()
+        return w
+
+    report, genuine = traced_and_strong(program)
+    assert genuine == {"aten.fill_", "aten.copy_"}
+    assert {f.born_op for f in genuine_findings(report) if "w" in f.reaches} == genuine, str(report)
