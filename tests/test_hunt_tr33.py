@@ -144,3 +144,21 @@ def test_an_inf_and_a_copied_minus_inf_summed_in_a_used_row_each_reach_w():
     report, genuine = traced_and_strong(program)
     assert genuine == {"aten.fill_", "aten.copy_"}
     assert {f.born_op for f in genuine_findings(report) if "w" in f.reaches} == genuine, str(report)
+
+
+_SAVED_TOGETHER = {  # backwards whose NaN needs one birth's NaN/Inf in several operands at once
+    "cdist": lambda y: torch.cdist(y[:, None], torch.ones(6, 2, 4))[:4].flatten(1),
+    "lstm of 2 layers": lambda y: nn.LSTM(4, 3, 2, batch_first=True)(y[:, None].expand(6, 3, 4))[0][:4, -1],
+}
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["squared", "linear"])
+@pytest.mark.parametrize("op", list(_SAVED_TOGETHER))
+def test_one_births_nonfinite_in_several_operands_is_probed_together(op, linear):
+    """Before: a used Inf at x[2, 2] beside NaN padding rows. cdist's backward makes NaN of the upstream Inf and
+    the saved inf distance together (inf / inf), neither alone: each part probed by itself made nothing, and every
+    birth (the padding's too) was named (the base too). A 2-layer LSTM (a regression of the first probes, not the
+    base's): the first layer's weight gradient met the used Inf through a nonzero sensitivity (no classified
+    incident), named with every birth of the saved input. Each birth is now probed with its NaN/Inf in every
+    operand (the saved ones' parts, a sensitivity whose genuine NaN/Inf descends from it)."""
+    _told_as_strong_zeros_tell(_program(_SAVED_TOGETHER[op], float("inf"), (2, 2), linear=linear))

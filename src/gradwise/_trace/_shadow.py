@@ -216,17 +216,27 @@ class _Shadow:
         made 0, their supports kept): the elements that part alone makes non-finite under the rules. A part met
         by a zero the program computed (tanh'(inf) = 0 x inf) is kept, one met by a structural zero (a padding
         row below a slice) is not, whatever NaN of another part covers the same elements. None where not known."""
+        return self.kept_of_parts(func, args, kwargs, {id(t): part}, o, out, plain=t)
+
+    def kept_of_parts(self, func, args, kwargs, keep: dict, o, out, plain=None) -> torch.Tensor | None:
+        """``kept_of_part`` with several kept at once: ``keep`` maps an argument's id to the elements whose NaN/Inf
+        stay (of its shadow: a sensitivity's NaN/Inf that strong zeros hold), every other NaN/Inf made 0 (``plain``:
+        an argument kept as it is, not its shadow). One birth's NaN/Inf can sit in several operands (a saved input,
+        the saved output made of it, the sensitivity it made upstream: cdist's backward, inf / inf), none of which
+        makes NaN by itself."""
         if self.strong(o) is None or not rerunnable(func) or func._schema.is_mutable:
             return None
         supports = self.mode.supports
 
         def arg(a):
-            if a is t:
-                return torch.where(part.broadcast_to(t.shape) | torch.isfinite(t), t, 0.0)
+            if plain is not None and a is plain:
+                return torch.where(keep[id(a)].broadcast_to(a.shape) | torch.isfinite(a), a, 0.0)
             s = self.get(a)
             if not isinstance(s, torch.Tensor) or not _inexact(s) or bool(torch.isfinite(s).all()):
                 return s
-            z = torch.nan_to_num(s, 0.0, 0.0, 0.0)
+            part = keep.get(id(a)) if isinstance(a, torch.Tensor) else None
+            z = torch.nan_to_num(s, 0.0, 0.0, 0.0) if part is None else \
+                torch.where(part.broadcast_to(s.shape) | torch.isfinite(s), s, 0.0)
             support = supports.of(s)
             if support is not None:
                 supports.record(z, support.clone(), fresh=True)
