@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import gradwise as gw
 from _explaining import genuine_findings, traced_and_strong
 
 
@@ -162,3 +163,39 @@ def test_one_births_nonfinite_in_several_operands_is_probed_together(op, linear)
     incident), named with every birth of the saved input. Each birth is now probed with its NaN/Inf in every
     operand (the saved ones' parts, a sensitivity whose genuine NaN/Inf descends from it)."""
     _told_as_strong_zeros_tell(_program(_SAVED_TOGETHER[op], float("inf"), (2, 2), linear=linear))
+
+
+@pytest.mark.parametrize("module", ["BatchNorm1d", "_batch_norm_impl_index"])
+def test_a_probe_never_moves_a_batch_norms_running_statistics(module):
+    """SILENT on tr33 (not the base): a training BatchNorm1d on x * w whose channel 0 holds NaN padding rows
+    beside a used Inf (two births). The probes ran native_batch_norm again once per part, whose schema writes
+    nothing though it updates running_mean/var in place: under the trace the module's running statistics moved
+    several times (running_mean[1] 0.0222 -> 0.1159), a silent change of the model. The probe now gives a
+    training batch norm fresh running statistics (``UNDECLARED_WRITES``)."""
+    def run(traced: bool):
+        torch.manual_seed(0)
+        bn = nn.BatchNorm1d(4)
+        w = torch.randn(6, 4, requires_grad=True)
+        x = torch.randn(6, 4)
+        x[4:, 0] = float("nan")
+        x[1, 0] = float("inf")
+
+        def program():
+            y = x.clone() * w
+            if module == "BatchNorm1d":
+                out = bn(y)
+            else:  # (the composite the module's batch_norm dispatches through)
+                out = torch.ops.aten._batch_norm_impl_index(y, bn.weight, bn.bias, bn.running_mean,
+                                                            bn.running_var, True, 0.1, 1e-5, False)[0]
+            out[:4].pow(2).sum().backward()
+
+        if traced:
+            with gw.trace():
+                program()
+        else:
+            program()
+        return bn.running_mean, bn.running_var, torch.get_rng_state()
+
+    for plain, traced in zip(run(False), run(True), strict=True):
+        assert torch.equal(plain, traced) or torch.equal(plain.nan_to_num(7.0), traced.nan_to_num(7.0)), \
+            (plain, traced)

@@ -162,3 +162,10 @@ _ROWWISE: dict = {aten.sort: "dim", aten.topk: "dim", aten.kthvalue: "dim", aten
 # plainly, a used row's NaN reached the padding rows too, and their NaN, met by zero sensitivities, was carried as
 # the used one's: the padding a genuine finding further on
 WORKSPACE_READERS = {aten.mkldnn_rnn_layer_backward}
+
+# ops that write arguments their schema does not declare written, by argument names, where their ``training``
+# argument is true: a batch norm's running statistics (updated in place, momentum-weighted). An op rerun for an
+# explanation (``_probes``) gets fresh tensors there, or it moves the program's statistics once more each run
+UNDECLARED_WRITES = {op: ("running_mean", "running_var") for op in (
+    aten.native_batch_norm, aten._batch_norm_impl_index, aten.batch_norm, aten.cudnn_batch_norm,
+    aten.miopen_batch_norm)}

@@ -9,7 +9,7 @@ Run only where an op reads NaN/Inf of several births (never on a finite program)
 an op; ops that draw random numbers (they would move the program's generator) and ops of namespaces whose
 schemas may not declare their writes are never run again (``probes``).
 
-May import: torch, gradwise._masks, gradwise._trace._shadow.
+May import: torch, gradwise._masks, gradwise._trace._facts, _shadow.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map
 
 from gradwise._masks import inexact
+from gradwise._trace._facts import UNDECLARED_WRITES
 from gradwise._trace._shadow import rerunnable
 
 MAX_PROBES = 16  # reruns of one op per explanation (parts x non-finite inputs): past it, every birth is named
@@ -86,8 +87,26 @@ def instead_of(nf: list, t: torch.Tensor, part: torch.Tensor) -> dict:
 
 
 def _written(func, args, kwargs):
-    """The tensors the op's schema says it writes."""
+    """The tensors the op writes: those its schema says it writes, and a training batch norm's running statistics
+    (``UNDECLARED_WRITES``: native_batch_norm updates them under a schema that writes nothing; a probe run on the
+    program's own moved BatchNorm's running_mean once more per part, a silent change of the model's state)."""
     for i, a in enumerate(func._schema.arguments):
         if a.alias_info is not None and a.alias_info.is_write:
-            got = args[i] if i < len(args) and not a.kwarg_only else (kwargs or {}).get(a.name)
-            yield from (x for x in tree_flatten(got)[0] if isinstance(x, torch.Tensor))
+            yield from _tensors(_arg(func, args, kwargs, i))
+    names = UNDECLARED_WRITES.get(func.overloadpacket)
+    if names is not None and _arg(func, args, kwargs, _index(func, "training")):
+        for name in names:
+            yield from _tensors(_arg(func, args, kwargs, _index(func, name)))
+
+
+def _index(func, name: str) -> int:
+    return next(i for i, a in enumerate(func._schema.arguments) if a.name == name)
+
+
+def _arg(func, args, kwargs, i: int):
+    a = func._schema.arguments[i]
+    return args[i] if i < len(args) and not a.kwarg_only else (kwargs or {}).get(a.name, a.default_value)
+
+
+def _tensors(got):
+    return (x for x in tree_flatten(got)[0] if isinstance(x, torch.Tensor))
