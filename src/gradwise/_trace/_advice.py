@@ -162,12 +162,20 @@ def _inverse_trig_domain(ins, out, mask) -> str:
 
 
 @_explains(aten.full, aten.fill, aten.fill_, aten.masked_fill, aten.masked_fill_, aten.lift_fresh, aten.scalar_tensor,
-           aten.full_like, aten.copy_, aten.index_put_, aten.index_put, aten.index_fill, aten.index_fill_,
-           aten.constant_pad_nd)
+           aten.full_like, aten.index_put_, aten.index_put, aten.index_fill, aten.index_fill_, aten.constant_pad_nd)
 def _written(ins, out, mask) -> str:
-    """A NaN/Inf constant written into a tensor (data, padding, a mask value)."""
+    """A NaN/Inf constant written into a tensor (data, padding, a mask value: -inf written by a masking op)."""
     mask_value = out.shape == mask.shape and bool((out[mask] == float("-inf")).all())
     return WRITTEN_MASK if mask_value else WRITTEN
+
+
+@_explains(aten.copy_)
+def _copied(ins, out, mask) -> str:
+    """A NaN/Inf value copied into a tensor: ``x[1, 3] = -inf`` (an element's select, then copy_ of the number)
+    or ``x.copy_(data)`` write data, not a mask (masks are written by masked_fill, index_put, a slice's fill_).
+    Told as a mask's, its -inf explained no NaN: the used write was in no finding beside NaN padding, or "reaches:
+    no gradient" where the -inf met a used +inf (sum of a row holding both)."""
+    return WRITTEN
 
 
 

@@ -2,7 +2,7 @@
 what strong zeros would remove, unused NaN/Inf).
 
 May import: torch, gradwise._masks, gradwise._trace._common, _advice, _facts, _findings, _causes, _kinds,
-_replay_sites, _report, _store.
+_replay_sites, _report, _row_parts, _store.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from gradwise._trace._findings import (
     sparse_gradient,
 )
 from gradwise._trace._report import Finding, Report
+from gradwise._trace._row_parts import _MAX_PARTS, MERGED
 from gradwise._trace._store import Birth as _Birth
 from gradwise._trace._store import _order, describe_arrivals, earliest, root
 
@@ -158,7 +159,8 @@ class _Assembly:
         report.causes = _causes.group(report.findings, {id(f): origin[k] for k, f in findings.items()
                                                               if k in origin}, _fmt, self.store.step,
                                      self.param_writes, self.value_writes, uses)
-        report.notes = [f"{kind} tensors: {n} op(s) or value(s) passed over" + (f" (first: {op})" if op else "")
+        report.notes = [_merged_note(n) if kind == MERGED else
+                        f"{kind} tensors: {n} op(s) or value(s) passed over" + (f" (first: {op})" if op else "")
                         if not kind.startswith("not explained") else f"{op or 'a value'}: {kind} ({n}x)"
                         for kind, (n, op) in self.passed.items()]
         report.removed = _causes.removed(self.strong_reads, self.store.incidents.values(), _fmt,
@@ -252,6 +254,13 @@ class _Assembly:
         return [_values({key: n}) for key, n in groups.items()]
 
 
+
+
+def _merged_note(n: int) -> str:
+    """The note of tensors whose NaN/Inf came from more births than the trace tells apart (``_RowParts._merged``)."""
+    return (f"{MERGED}: a tensor held NaN/Inf of more than {_MAX_PARTS} births ({n}x); the births of its smallest "
+            "parts are named together wherever one of them is, so a finding may name a birth the output does not "
+            "use (never one less): check it with that write alone under gw.strong_zeros()")
 
 
 def _values(groups: dict) -> str:

@@ -155,3 +155,17 @@ _ROWWISE: dict = {aten.sort: "dim", aten.topk: "dim", aten.kthvalue: "dim", aten
                   aten._safe_softmax: "dim", aten.native_layer_norm: "normalized_shape",
                   aten.max_pool2d_with_indices: 2, aten.max_pool3d_with_indices: 3, aten.avg_pool2d: 2,
                   aten.avg_pool3d: 3, aten.nll_loss_forward: 1}
+
+# backward ops that read a workspace their forward filled with its intermediate values (oneDNN's LSTM layer: the
+# gates), where a padding row's NaN stays though a rerun makes the saved input's NaN 0: where a sensitivity's NaN/Inf
+# reaches is read under the strong-zero rule, which recomputes the layer from its inputs (``_shadow.carried``). Read
+# plainly, a used row's NaN reached the padding rows too, and their NaN, met by zero sensitivities, was carried as
+# the used one's: the padding a genuine finding further on
+WORKSPACE_READERS = {aten.mkldnn_rnn_layer_backward}
+
+# ops that write arguments their schema does not declare written, by argument names, where their ``training``
+# argument is true: a batch norm's running statistics (updated in place, momentum-weighted). An op rerun for an
+# explanation (``_probes``) gets fresh tensors there, or it moves the program's statistics once more each run
+UNDECLARED_WRITES = {op: ("running_mean", "running_var") for op in (
+    aten.native_batch_norm, aten._batch_norm_impl_index, aten.batch_norm, aten.cudnn_batch_norm,
+    aten.miopen_batch_norm)}

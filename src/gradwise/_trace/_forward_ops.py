@@ -111,7 +111,8 @@ class _ForwardOps:
             self._check(outs, lambda bad: self._dig_foreach(func, loc, args, out, bad, info))
         else:
             made = nd if creates_node else None
-            self._check(outs, lambda bad: self._dig(func, loc, ins, bad, None, info, args=args, made=made))
+            self._check(outs, lambda bad: self._dig(func, loc, ins, bad, None, info, args=args, made=made,
+                                                         kwargs=kwargs, out=out))
         return out
 
     def _recomputed_inputs(self, node, new) -> None:

@@ -5,7 +5,7 @@ strong-zero rules' supports; elsewhere value heuristics do, rerunning an op unde
 cannot tell otherwise (``_Flow._strong_rerun``).
 
 May import: torch, gradwise._strong_zeros, gradwise._masks, gradwise._trace._common, _advice, _facts, _flow,
-_shadow.
+_probes, _shadow.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from gradwise._trace._advice import number_passed
 from gradwise._trace._common import _aligned, _inexact, _nan_in, _op_name, _positions, aten, nonfinite_number
 from gradwise._trace._facts import _BILINEAR, _OVERFLOWS, _TIES_COUNTED, BACKWARD_OVERFLOW
 from gradwise._trace._flow import _pairs, _reruns
+from gradwise._trace._probes import MAX_PROBES, only, probe, probes
 from gradwise._trace._store import Incident as _Incident
 
 
@@ -162,6 +163,9 @@ class _Incidents:
                 if not aligned and len(there) == 1 and there[0] in self.parts and args is not None and \
                         func.overloadpacket in _BILINEAR:
                     births = self._parts_met(func, args, there[0], at, contaminated, o, out) or births
+                elif not aligned and not ties and len(births) > 1 and args is not None and out is not None:
+                    births = self._probed_births(func, args, kwargs, out, o, ins, there, at, contaminated, loc) \
+                        or births
                 # (g / 0 is Inf where g is not 0, made NaN by the mask after it: the NaN result's, a NaN finding)
                 has_nan = _nan_in(o, at) or (ties and any(getattr(b, "nan", True) for b in births))
                 if contaminated and unread is not None:  # no zero involved: the formula read what its forward did not
@@ -223,6 +227,43 @@ class _Incidents:
             if got:
                 return got
         return None
+
+    def _probed_births(self, func, args, kwargs, out, o, ins, there, where, zero, loc) -> frozenset | None:
+        """Of a backward op no other rule describes (group_norm's, an LSTM layer's, cdist's) meeting the NaN/Inf
+        of saved values ``there`` of several births: the births that make the elements ``where`` of ``o``
+        non-finite by themselves (``_probes``): each birth's NaN/Inf kept wherever it is (its parts of every saved
+        operand, a sensitivity whose NaN/Inf descends from it), every other NaN/Inf made 0. Genuine elements (not
+        ``zero``): what strong zeros keep so (the shadow pass, ``_Shadow.kept_of_parts``: a zero sensitivity
+        meeting a padding row annihilates it), else the op run plainly. None where not known. Every birth named
+        the padding rows' NaN in the used rows' genuine finding (and the used NaN, ordered after it, was "reaching
+        no gradient" where the births were not told apart)."""
+        pairs = [(t, m, births) for t in there for m, births in
+                 self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]]
+        candidates = frozenset().union(*(births for _, _, births in pairs))
+        if not 1 < len(candidates) <= MAX_PROBES or not probes(func, args, kwargs):
+            return None
+        shadowed = not zero and self.shadow is not None and self.shadow.valid
+        nf = [t for t in ins if t is not o and _inexact(t) and not bool(torch.isfinite(t).all())]
+        got = frozenset()
+        for b in candidates:
+            keep = {}
+            for t, m, births in pairs:
+                if b in births:
+                    part = m.broadcast_to(t.shape) & ~torch.isfinite(t)
+                    keep[id(t)] = keep[id(t)] | part if id(t) in keep else part
+            for u in nf:  # (a sensitivity's genuine NaN/Inf: contamination is what strong zeros make 0 upstream)
+                if u in self.sens and any(b in i.births for i in self.prov.get(u, ())
+                                          if isinstance(i, _Incident) and i.kind != "contamination"):
+                    keep[id(u)] = ~torch.isfinite(self.shadow.get(u) if shadowed else u)
+            met = self.shadow.kept_of_parts(func, args, kwargs or {}, keep, o, out) if shadowed else None
+            if met is None:
+                none = torch.zeros((), dtype=torch.bool)
+                met = probe(func, args, kwargs, out, o, {id(u): only(u, keep.get(id(u), none)) for u in nf})
+            if met is None:
+                return None
+            if bool(mask_any(met & where)):
+                got |= {b}
+        return got or None
 
     def _nonzero_sensitivity_met(self, func, o, mask, ins, sens_ins, nf, args, out, kwargs=None) -> torch.Tensor:
         """Bool mask over `o`: where a nonzero sensitivity met a non-finite value (genuine), else contamination."""

@@ -38,6 +38,7 @@ from gradwise._trace._facts import _ACCUMULATES, _BILINEAR, _LITERALS, _ROWWISE,
 from gradwise._trace._incidents import _in_base
 from gradwise._trace._kinds import readable
 from gradwise._trace._parts import _Parts, _written_by
+from gradwise._trace._probes import probes
 from gradwise._trace._replay import made_by, untraced
 from gradwise._trace._row_parts import _row_dims, _schema_arg, _united
 from gradwise._trace._store import KEEP as _KEEP
@@ -298,7 +299,8 @@ class _Provenance(_Parts):
                 if func.overloadpacket in _OVERWRITES:  # (x[3:5] = inf over a NaN row: inf is born here)
                     prior = None
                 self._value(func, loc, o, mask, nf, prior, nd, ins,
-                            base=o._base if info.mutable and o._base is not None else None, args=args, made=made)
+                            base=o._base if info.mutable and o._base is not None else None, args=args, made=made,
+                            kwargs=kwargs, out=out)
                 if isinstance(seq, tuple) and nd is not None and nd.op in _TIES_COUNTED:
                     # (amax's saved NaN result, per element: _classify names each row's births)
                     nd.read = (*nd.read, *(self.parts.get(o) or [(~torch.isfinite(o), self.prov.get(o, frozenset()))]))
@@ -319,7 +321,8 @@ class _Provenance(_Parts):
                 elif torch.Tag.inplace_view not in func.tags:  # (v.transpose_ writes nothing into v's base)
                     self._written_parts(o, o._base)
 
-    def _value(self, func, loc, o, mask, nf, prior, nd, ins=(), base=None, args=None, made=None) -> None:
+    def _value(self, func, loc, o, mask, nf, prior, nd, ins=(), base=None, args=None, made=None, kwargs=None,
+               out=None) -> None:
         """A forward value (or one a backward formula made from saved values): propagate or record a birth.
         ``made``: the node record of the forward op that made ``o``, where a birth keeps its mask until the
         backward of that node says which of its elements the output uses (``_born_reached``)."""
@@ -402,6 +405,9 @@ class _Provenance(_Parts):
         elif not prior and len(nf) == 1 and nf[0] in self.parts and func.overloadpacket in _SAME_ELEMENTS \
                 and o.shape == nf[0].shape:
             self.parts[o] = self.parts[nf[0]]  # (autograd saves a detached output: the backward reads it)
+        elif not prior and len(births) > 1 and o not in self.parts and o not in self.exact and args is not None \
+                and probes(func, args, kwargs):
+            births = self._probed_parts(func, o, nf, args, kwargs, out, loc) or births
         if stale is not None and prior and torch.Tag.inplace_view in func.tags:
             self._moved_parts(func, o, stale, args)
         elif stale is not None and prior and func.overloadpacket in _SCANS_IN_PLACE:

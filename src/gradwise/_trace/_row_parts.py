@@ -13,7 +13,9 @@ import torch
 from gradwise._masks import mask_any
 from gradwise._trace._common import _aligned
 
-_MAX_PARTS = 8  # provenance parts kept per tensor (more: the tensor's whole provenance is told everywhere)
+_MAX_PARTS = 8  # provenance parts kept per tensor (more: the smallest are told together, ``_merged``)
+# the report's note where a tensor held more parts than that (``_Assembly._finish`` words it)
+MERGED = "births told together"
 
 
 def _united(pairs, shape) -> dict[frozenset, torch.Tensor]:
@@ -29,8 +31,10 @@ class _RowParts:
     """Provenance per element through selections, reductions, scans and row-wise ops (the base of _Parts)."""
 
     def _keep(self, t: torch.Tensor, parts: dict[frozenset, torch.Tensor]) -> None:
-        """``t``'s parts, where there are several and not too many (else its whole provenance is told)."""
-        if 1 < len(parts) <= _MAX_PARTS:
+        """``t``'s parts, where there are several (past ``_MAX_PARTS``, the smallest told together: ``_merged``)."""
+        if len(parts) > _MAX_PARTS:
+            parts = self._merged(parts)
+        if len(parts) > 1:
             self.parts[t] = [(m, births) for births, m in parts.items()]
         else:
             self.parts.pop(t, None)
@@ -39,6 +43,21 @@ class _RowParts:
         else:
             self.exact.pop(t, None)
 
+    def _merged(self, parts: dict[frozenset, torch.Tensor]) -> dict[frozenset, torch.Tensor]:
+        """``parts`` cut to ``_MAX_PARTS``: the smallest (fewest elements) made one part of all their births, and
+        the report says so (``MERGED``). Where that part's elements go, each of its births is named: a finding may
+        name a birth the output does not use (never one less). Dropped altogether, every birth was named at every
+        element: the padding rows' NaN beside nine used writes was a genuine finding reaching w."""
+        by_size = sorted(parts.items(), key=lambda p: int(p[1].sum()))
+        cut = len(parts) - _MAX_PARTS + 1
+        small, kept = by_size[:cut], dict(by_size[cut:])
+        births = frozenset().union(*(b for b, _ in small))
+        mask = small[0][1]
+        for _, m in small[1:]:
+            mask = mask | m
+        kept[births] = kept[births] | mask if births in kept else mask
+        self._pass_over(MERGED, "a tensor")
+        return kept
 
     def _selected_parts(self, func, o: torch.Tensor, t: torch.Tensor, args) -> frozenset | None:
         """The births of the elements a selection (``loss[mask]``) kept of an elementwise result with parts: the

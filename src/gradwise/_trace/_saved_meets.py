@@ -79,6 +79,9 @@ class _SavedMeets:
         count, idx = _positions(met)
         if not count:
             return
+        if len(births) > 1 and args is not None and out is not None and not _elementwise(func, ins, o) and \
+                func.overloadpacket not in _BILINEAR:  # (an LSTM layer's weights: the births met there, by probes)
+            births = self._probed_births(func, args, kwargs, out, o, ins, saved, met, False, loc) or births
         # (births of a saved value whose parts an op lost, every one at every element: one is named, as before)
         vague = any(self._vague(t) for t in saved)
         self._met_incident(func, loc, o, met, count, idx, births, nd, vague)

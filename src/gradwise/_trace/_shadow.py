@@ -18,7 +18,7 @@ tensors (its schema may not declare its writes: ``rerunnable``) or whose rerun f
 shadow (``valid``): the trace then decides by its value heuristics, as for a NaN/Inf made in a backward whose
 forward was finite (an overflow).
 
-May import: torch, gradwise._strong_zeros.
+May import: torch, gradwise._strong_zeros, gradwise._trace._facts.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from gradwise import _strong_zeros
 from gradwise._strong_zeros import _contract
 from gradwise._strong_zeros._triangles import TRIANGLE_READERS
+from gradwise._trace._facts import WORKSPACE_READERS
 
 
 class _Shadow:
@@ -215,17 +216,27 @@ class _Shadow:
         made 0, their supports kept): the elements that part alone makes non-finite under the rules. A part met
         by a zero the program computed (tanh'(inf) = 0 x inf) is kept, one met by a structural zero (a padding
         row below a slice) is not, whatever NaN of another part covers the same elements. None where not known."""
+        return self.kept_of_parts(func, args, kwargs, {id(t): part}, o, out, plain=t)
+
+    def kept_of_parts(self, func, args, kwargs, keep: dict, o, out, plain=None) -> torch.Tensor | None:
+        """``kept_of_part`` with several kept at once: ``keep`` maps an argument's id to the elements whose NaN/Inf
+        stay (of its shadow: a sensitivity's NaN/Inf that strong zeros hold), every other NaN/Inf made 0 (``plain``:
+        an argument kept as it is, not its shadow). One birth's NaN/Inf can sit in several operands (a saved input,
+        the saved output made of it, the sensitivity it made upstream: cdist's backward, inf / inf), none of which
+        makes NaN by itself."""
         if self.strong(o) is None or not rerunnable(func) or func._schema.is_mutable:
             return None
         supports = self.mode.supports
 
         def arg(a):
-            if a is t:
-                return torch.where(part.broadcast_to(t.shape) | torch.isfinite(t), t, 0.0)
+            if plain is not None and a is plain:
+                return torch.where(keep[id(a)].broadcast_to(a.shape) | torch.isfinite(a), a, 0.0)
             s = self.get(a)
             if not isinstance(s, torch.Tensor) or not _inexact(s) or bool(torch.isfinite(s).all()):
                 return s
-            z = torch.nan_to_num(s, 0.0, 0.0, 0.0)
+            part = keep.get(id(a)) if isinstance(a, torch.Tensor) else None
+            z = torch.nan_to_num(s, 0.0, 0.0, 0.0) if part is None else \
+                torch.where(part.broadcast_to(s.shape) | torch.isfinite(s), s, 0.0)
             support = supports.of(s)
             if support is not None:
                 supports.record(z, support.clone(), fresh=True)
@@ -278,7 +289,16 @@ def carried(func, args, kwargs, upstream, o, out) -> torch.Tensor | None:
         return torch.nan_to_num(a, 0.0, 0.0, 0.0)
 
     try:
-        res = func(*tree_map(arg, args), **tree_map(arg, kwargs))
+        if func.overloadpacket in WORKSPACE_READERS:
+            # (its workspace holds the forward's NaN/Inf, which no 0 replaces: the rule recomputes the layer from its
+            # inputs; the sensitivities' zeros taken as structural, their NaN/Inf reach what they reach)
+            mode = _strong_zeros._StrongZeroMode(of_pass=False)
+            for u in upstream:
+                mode.supports.record(u, u != 0)
+            with torch.no_grad(), mode:
+                res = func(*tree_map(arg, args), **tree_map(arg, kwargs))
+        else:
+            res = func(*tree_map(arg, args), **tree_map(arg, kwargs))
     except Exception:  # an explanation must never break the program it explains
         return None
     at = next((i for i, t in enumerate(tree_flatten(out)[0]) if t is o), None)
