@@ -115,3 +115,19 @@ def test_quasi_norm_zero_slice_unused_is_not_refused(f):
     (g,) = gw.generalized_grad(f, X)
     assert torch.equal(g[0], torch.zeros(2, dtype=D))
     torch.testing.assert_close(g[1], want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("value", [[4.0, 1.0], [-4.0, -1.0]])
+def test_trace_torch_cond_branch_not_taken_is_not_reported(value):
+    """Only the chosen branch runs under the trace: the other (log of a negative here, sqrt of one) makes no
+    NaN finding, and the gradient is the chosen branch's, bitwise."""
+    x = torch.tensor(value, requires_grad=True)
+    chosen = x.sin() if value[0] > 0 else x.cos()
+    (want,) = torch.autograd.grad(chosen.sum(), x)
+    with gw.trace() as report:
+        # the branch not taken: log of a negative (true taken), sqrt of a negative (false taken)
+        out = torch.cond(x.sum() > 0, lambda x: ((x.sin(),) if value[0] > 0 else ((x.sqrt(),))),
+                         lambda x: ((x - 10).log(),) if value[0] > 0 else (x.cos(),), (x,))[0]
+        (got,) = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(got, want)
+    assert "genuine NaN" not in str(report)
