@@ -163,6 +163,11 @@ _ROWWISE: dict = {aten.sort: "dim", aten.topk: "dim", aten.kthvalue: "dim", aten
 # the used one's: the padding a genuine finding further on
 WORKSPACE_READERS = {aten.mkldnn_rnn_layer_backward}
 
+# ops the trace never runs again per part (``_probes``): oneDNN's LSTM layer, whose forward fills a workspace its
+# backward reads with every part's NaN/Inf. Probed, the layer named the birth the workspace kept and dropped the
+# others: a used NaN beside padding was in no finding (review_tr33, SILENT); unprobed, every birth is named
+UNPROBED = {aten.mkldnn_rnn_layer, aten.mkldnn_rnn_layer_backward}
+
 # ops that write arguments their schema does not declare written, by argument names, where their ``training``
 # argument is true: a batch norm's running statistics (updated in place, momentum-weighted). An op rerun for an
 # explanation (``_probes``) gets fresh tensors there, or it moves the program's statistics once more each run

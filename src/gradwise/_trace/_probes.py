@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map
 
 from gradwise._masks import inexact
-from gradwise._trace._facts import UNDECLARED_WRITES, WORKSPACE_READERS
+from gradwise._trace._facts import UNDECLARED_WRITES, UNPROBED
 from gradwise._trace._shadow import rerunnable
 
 MAX_PROBES = 16  # reruns of one op per explanation (parts x non-finite inputs): past it, every birth is named
@@ -29,9 +29,7 @@ def probes(func, args=(), kwargs=None) -> bool:
     """Whether ``func`` may run again to tell its parts apart: a trusted namespace's op (its schema declares its
     writes) that draws no random numbers (fused attention draws them for its dropout only: none at
     ``dropout_p`` 0, as in evaluation or a layer built with dropout=0.0)."""
-    if not rerunnable(func) or func.overloadpacket in WORKSPACE_READERS:
-        # (a workspace its forward filled holds every part's NaN/Inf, which no probe zeroes: a probe would name the
-        # birth the workspace happens to keep and drop the others, a used NaN among them; every birth is named)
+    if not rerunnable(func) or func.overloadpacket in UNPROBED:
         return False
     if torch.Tag.nondeterministic_seeded not in func.tags:
         return True
