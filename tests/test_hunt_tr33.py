@@ -232,19 +232,6 @@ def test_an_lstm_on_a_constant_input_names_its_used_nan():
 @pytest.mark.xfail(strict=True, reason=_LSTM_OVER)
 def test_an_lstm_on_a_constant_input_names_its_used_nan_not_its_padding():
     """Truth (gw.strong_zeros, each write alone): the used NaN x[0, 3, 0] (copy_) leaves every weight gradient
-    NaN, the padding rows 4: (fill_) none. tr33: one genuine finding, the padding's, reaching every weight."""
-    def program(pad: bool, used: bool):
-        torch.manual_seed(0)
-        lstm = nn.LSTM(4, 4, batch_first=True)
-        x = torch.randn(8, 5, 4)
-        if pad:
-            x[4:] = float("nan")
-        if used:
-            x[0, 3, 0] = float("nan")
-        lstm(x)[0][:4].pow(2).sum().backward()
-        return lstm.weight_ih_l0
-
-    report, genuine = traced_and_strong(program)
-    assert genuine == {"aten.copy_"}
-    assert "aten.copy_" in {f.born_op for f in report.findings}, str(report)  # (the base: yes; tr33: no)
+    NaN, the padding rows 4: (fill_) none; the trace names both (the padding over-reported)."""
+    report, genuine = traced_and_strong(_lstm_on_a_constant_input)
     assert {f.born_op for f in genuine_findings(report)} == genuine, str(report)
