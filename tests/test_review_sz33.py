@@ -277,3 +277,16 @@ def test_a_module_hook_writing_the_paddings_zeros_through_numpy_in_place_keeps_t
     with pytest.warns(gw.OpaqueBackwardWarning, match="module's full backward hook"), gw.strong_zeros():
         got = run()
     assert torch.equal(got.isnan(), ref.isnan())
+
+
+def test_a_hook_reached_by_a_batched_seed_is_passed_over():
+    """Before: a user's tensor hook reached by a batched seed (``torch.autograd.grad(..., is_grads_batched=True)``,
+    gradcheck's batched check: a legacy vmap BatchedTensor) made gradwise's hook before it read the seed's storage:
+    NotImplementedError from gradwise internals (peer test_autograd's test_gradcheck_undefined_grad and
+    test_gradcheck_backward_mul_by_grad_output under strong zeros)."""
+    x = torch.randn(3, dtype=torch.double, requires_grad=True)
+    with gw.strong_zeros():
+        y = x.clone()
+        y.register_hook(lambda g: g * 2)
+        (g,) = torch.autograd.grad(y, x, torch.eye(3, dtype=torch.double), is_grads_batched=True)
+    assert torch.equal(g, 2 * torch.eye(3, dtype=torch.double))

@@ -98,8 +98,9 @@ class _Before:
         from gradwise._strong_zeros._mode import running_mode
 
         mode = running_mode()
-        if mode is None or torch._C._functorch.is_functorch_wrapped_tensor(grad):
-            return
+        if mode is None or torch._C._functorch.is_functorch_wrapped_tensor(grad) or \
+                torch._C._functorch.is_legacy_batchedtensor(grad):  # (a batched seed's: gradcheck's batched
+            return  # check, is_grads_batched; no storage to read, no support of its own)
         with _disable_current_modes():
             zeroed = mode.supports.zeroed(grad)
         if zeroed:
