@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 import gradwise as gw
 from _fresh_warnings import fresh_warnings  # noqa: F401 (an autouse fixture: every test here)
-from gradwise._strong_zeros import _rules_bilinear
+from gradwise._strong_zeros import _kernel_reads
 
 nan = float("nan")
 f64 = torch.float64
@@ -63,16 +63,16 @@ def test_zero_alpha_probe_runs_once_per_layout(monkeypatch):
     """The NaN re-run of the forward op ran on every backward, once per operand (2 per addmm node: 0.16 s of a
     0.40 s backward for a 1024 x 1024 float32 addmm). Its answer depends on the layouts only: one re-run in all."""
     calls = []
-    original = _rules_bilinear.aten.addmm.default
+    original = _kernel_reads.aten.addmm.default
 
     class Counting:
         def __call__(self, *args, **kwargs):
             calls.append(1)
             return original(*args, **kwargs)
 
-    monkeypatch.setattr(_rules_bilinear, "_SKIPS", {}, raising=False)
-    entry = _rules_bilinear.ZERO_ALPHA_PRODUCTS["AddmmBackward0"]
-    monkeypatch.setitem(_rules_bilinear.ZERO_ALPHA_PRODUCTS, "AddmmBackward0", (Counting(), *entry[1:]))
+    monkeypatch.setattr(_kernel_reads, "_SKIPS", {})
+    entry = _kernel_reads.ZERO_ALPHA_PRODUCTS["AddmmBackward0"]
+    monkeypatch.setitem(_kernel_reads.ZERO_ALPHA_PRODUCTS, "AddmmBackward0", (Counting(), *entry[1:]))
     i, a, b = _operands("addmm", 2)
     loss = torch.addmm(i, a, b, alpha=0).sum()
     for _ in range(3):

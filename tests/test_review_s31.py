@@ -15,7 +15,7 @@ import torch
 
 import gradwise as gw
 from _fresh_warnings import fresh_warnings  # noqa: F401 (an autouse fixture: every test here)
-from gradwise._strong_zeros._rules_bilinear import ZERO_ALPHA_PRODUCTS
+from gradwise._strong_zeros._kernel_reads import ZERO_ALPHA_PRODUCTS
 from test_hunt_sz31 import _AliasWritten as _Written  # its mask written by the test's write
 
 D = torch.float64
@@ -105,7 +105,7 @@ def test_a_write_into_another_buffer_leaves_the_selection():
     assert torch.equal(got, torch.stack([ref[0], torch.zeros((), dtype=D), ref[1]]))
 
 
-# -- beta = 0: every CPU kernel leaves the input unread (the premise of _rules_bilinear._zero_beta) ----------------
+# -- beta = 0: every CPU kernel leaves the input unread (the premise of _kernel_reads._zero_beta) ----------------
 BETA_OPS = {  # name: (op, shapes of input, operand 1, operand 2 from (n, k, m))
     "addmm": (torch.addmm, lambda n, k, m: ((n, m), (n, k), (k, m))),
     "addmv": (torch.addmv, lambda n, k, m: ((n,), (n, k), (k,))),

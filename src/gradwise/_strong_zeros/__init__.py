@@ -25,6 +25,7 @@ Modules (each imports only those above it in this list, plus torch and gradwise.
 ``_rules_pointwise`` one rule per kind of the shared facts (``gradwise._ops._zeros``: creation, masks,
                     products, sums, where, placement), registered from that table; copy, exp, glu.
 ``_rules_bilinear``  rules for mm/bmm, mv and convolution_backward.
+``_kernel_reads``    whether addmm-family kernels read the product at alpha = 0 / the input at beta = 0.
 ``_rules_backward``  rules for single fused backwards (softmax, nll, solves, cdist, grid_sampler, CTC, ...).
 ``_hooks``           user gradient hooks that compute outside torch ops (their results' supports), ``USERS``.
 ``_mode``            ``_StrongZeroMode``, the TorchDispatchMode that applies the rules; ``DECOMPOSED``.

@@ -9,7 +9,7 @@ overflow). They are not the forward-op facts of ``gradwise._ops`` (where an op k
 arguments) nor the trace's ``_trace/_facts.py`` (which forward ops discard values, with fix texts): a singular
 point of asin is |x| = 1 there, and |x| >= 1 here, where the formula gives NaN too.
 
-May import: torch, gradwise._masks, _rules, _rules_bilinear, _triangles.
+May import: torch, gradwise._masks, _rules, _kernel_reads, _rules_bilinear, _triangles.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from gradwise._masks import mask_all
+from gradwise._strong_zeros._kernel_reads import ZERO_ALPHA_PRODUCTS
 from gradwise._strong_zeros._rules import _hooked, lookup
-from gradwise._strong_zeros._rules_bilinear import ZERO_ALPHA_PRODUCTS, _reads_every_position, softmax_of_weights
+from gradwise._strong_zeros._rules_bilinear import _reads_every_position, softmax_of_weights
 from gradwise._strong_zeros._triangles import TRIANGLE_READERS
 
 aten = torch.ops.aten
@@ -311,7 +312,7 @@ def _size_along(node: Any) -> object:
 
 def _alpha_nonzero(node: Any) -> bool:
     """beta * input + alpha * (a @ b) with alpha != 0 and beta != 0: its backward makes no structural zero (with
-    beta = 0 the input's gradient is the deleted input term's: ``_rules_bilinear._zero_beta``)."""
+    beta = 0 the input's gradient is the deleted input term's: ``_kernel_reads._zero_beta``)."""
     return node._saved_alpha != 0 and node._saved_beta != 0
 
 

@@ -27,7 +27,7 @@ A backward recorded by PyTorch's own autograd below the transforms (a parameter 
 transformed function) is the eager ``create_graph`` case: ``_carry`` carries its structural zeros, as there.
 
 May import: torch, _contract, _traced, _autograd_graph, _triangles; lazily (the node-reading rules' facts), _node_facts,
-_rules_bilinear, _rules_opdb, _rules_pointwise.
+_kernel_reads, _rules_bilinear, _rules_opdb, _rules_pointwise.
 """
 
 from __future__ import annotations
@@ -276,8 +276,8 @@ def recorded(made: Iterable[Any]) -> bool:
 def _node_readers() -> dict[str, Callable[[Any], bool]]:
     """Node type -> whether its rule would act on this node, for the rules that read the running node's saved
     tensors (``_rules._reads_nodes`` is False under transforms, so they run op by op there)."""
+    from gradwise._strong_zeros._kernel_reads import ZERO_ALPHA_PRODUCTS
     from gradwise._strong_zeros._node_facts import _alpha_nonzero
-    from gradwise._strong_zeros._rules_bilinear import ZERO_ALPHA_PRODUCTS
     from gradwise._strong_zeros._rules_opdb import _LCSE
     from gradwise._strong_zeros._rules_pointwise import LOGADDEXP_NODES
 
