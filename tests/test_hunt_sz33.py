@@ -165,6 +165,16 @@ def _keys_padded(x, w):
     return (x @ w).pow(2).sqrt()
 
 
+def _per_sequence(params, lens, loss_of_sequence) -> list:
+    """The reference: each sequence's gradients with its padding deleted (``loss_of_sequence(b, its length)``),
+    summed over the batch."""
+    want = [torch.zeros_like(p) for p in params]
+    for b in range(len(lens)):
+        for acc, g in zip(want, torch.autograd.grad(loss_of_sequence(b, int(lens[b])), params), strict=True):
+            acc += g
+    return want
+
+
 def _hand_attention(q_w, w, x, lens, drop, how):
     keep = torch.arange(x.shape[1])[None, :] < lens[:, None]
     h = _keys_padded(x, w)
@@ -234,12 +244,7 @@ def test_masked_weights_through_dropout_and_views_give_padded_values_the_deleted
     with warnings.catch_warnings():
         warnings.simplefilter("error", gw.OpaqueBackwardWarning)
         got = gw.grad(loss_of(x, lens), params)
-    want = [torch.zeros_like(p) for p in params]
-    for b in range(2):
-        n = int(lens[b])
-        for acc, g in zip(want, torch.autograd.grad(loss_of(x[b:b + 1, :n], lens[b:b + 1], slice(b, b + 1)), params),
-                          strict=True):
-            acc += g
+    want = _per_sequence(params, lens, lambda b, n: loss_of(x[b:b + 1, :n], lens[b:b + 1], slice(b, b + 1)))
     for g, r in zip(got, want, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
     # controls: finite data is PyTorch's bits; a dropped weight of a kept key is a value (its NaN stays)
@@ -252,8 +257,9 @@ def test_masked_weights_through_dropout_and_views_give_padded_values_the_deleted
 # As relu's whole rows (tests/test_hunt_sz32.py): a reentrant checkpoint's block whose zero padding rows fall in a
 # flat region ran plain, its results' rows ordinary zeros, and _Sqrt's g / (2 sqrt(x)) after it made 0/0: w.grad all
 # NaN. Reference: the program with those rows deleted.
-from test_hunt_nest31 import _Sqrt  # noqa: E402
 from test_hunt_sz32 import W2, _reentrant  # noqa: E402
+from test_hunt_sz32 import _relu_inp as _flat_inp  # noqa: E402 (w's gradient through a block, 0/0 below it)
+from test_hunt_sz32 import _relu_w_grad as _flat_w_grad  # noqa: E402
 
 W6 = torch.linspace(0.5, 1.5, 18, dtype=D).reshape(3, 6)
 F = torch.nn.functional
@@ -291,17 +297,6 @@ FLAT_ROWS = {
     "max(dim) then relu": _reentrant(lambda t: F.relu((t @ W6).view(-1, 2, 3).max(1)[0])),
     "custom backward, nested grad of clamp": lambda h: _ClampByGrad.apply(h, W2),
 }
-
-
-def _flat_w_grad(block, inp: torch.Tensor, strong: bool) -> torch.Tensor:
-    w = (torch.rand(3, 3, dtype=D, generator=torch.Generator().manual_seed(0)) + 0.5).requires_grad_()
-    loss = block(_Sqrt.apply(inp @ w)).sum()
-    gw.backward(loss) if strong else loss.backward()
-    return w.grad
-
-
-def _flat_inp() -> torch.Tensor:
-    return torch.rand(4, 3, dtype=D, generator=torch.Generator().manual_seed(1)) + 0.5
 
 
 @pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad=True:UserWarning")
@@ -383,11 +378,7 @@ def test_attention_pooling_gives_padded_values_the_deleted_entries_zero(how, sco
     with warnings.catch_warnings():
         warnings.simplefilter("error", gw.OpaqueBackwardWarning)
         got = gw.grad(loss_of(rp, lens), params)
-    want = [torch.zeros_like(p) for p in params]
-    for b in range(2):
-        n = int(lens[b])
-        for acc, g in zip(want, torch.autograd.grad(loss_of(r[b:b + 1, :n], lens[b:b + 1]), params), strict=True):
-            acc += g
+    want = _per_sequence(params, lens, lambda b, n: loss_of(r[b:b + 1, :n], lens[b:b + 1]))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
     for g, p in zip(gw.grad(loss_of(r, lens), params), torch.autograd.grad(loss_of(r, lens), params), strict=True):
