@@ -28,17 +28,21 @@ def traced_and_strong(program) -> tuple:
     return report, genuine
 
 
-def padded_program(loss_of, at: tuple = (0, 1), value: float = float("nan"), seed: int | None = None):
+def padded_program(loss_of, at: tuple = (0, 1), value: float = float("nan"), seed: int | None = None,
+                   used_first: bool = False):
     """The usual ``program(pad, used)`` of `traced_and_strong`: w = randn(6, 4) requiring grad, x = randn(6, 4)
     whose rows 4: are NaN padding (fill_) and x[at] = value (copy_), then ``loss_of(x.clone() * w).backward()``
-    (``loss_of`` returns the loss). ``seed``: set again after the data (ops that draw random numbers)."""
+    (``loss_of`` returns the loss). ``seed``: set again after the data (ops that draw random numbers);
+    ``used_first``: the used write before the padding's."""
     def program(pad: bool, used: bool):
         torch.manual_seed(0)
         w = torch.randn(6, 4, requires_grad=True)
         x = torch.randn(6, 4)
+        if used and used_first:
+            x[at] = value
         if pad:
             x[4:] = float("nan")
-        if used:
+        if used and not used_first:
             x[at] = value
         if seed is not None:
             torch.manual_seed(seed)

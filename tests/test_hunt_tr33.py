@@ -10,27 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradwise as gw
-from _explaining import genuine_findings, traced_and_strong
+from _explaining import genuine_findings, padded_program, traced_and_strong
 
 
 def _program(loss_of, other: float, at: tuple, linear: bool, used_first: bool = False):
     """x * w with x's rows 4: NaN padding (fill_) and x[at] = other (copy_), through ``loss_of``, its result
     summed (``linear``) or squared then summed."""
-    def program(pad: bool, used: bool):
-        torch.manual_seed(0)
-        w = torch.randn(6, 4, requires_grad=True)
-        x = torch.randn(6, 4)
-        for write in (("used", "pad") if used_first else ("pad", "used")):
-            if write == "pad" and pad:
-                x[4:] = float("nan")
-            if write == "used" and used:
-                x[at] = other
-        torch.manual_seed(1)
-        out = loss_of(x.clone() * w)
-        (out.sum() if linear else out.pow(2).sum()).backward()
-        return w
+    def loss(y):
+        return loss_of(y).sum() if linear else loss_of(y).pow(2).sum()
 
-    return program
+    return padded_program(loss, at, other, seed=1, used_first=used_first)
 
 
 def _told_as_strong_zeros_tell(program) -> None:
