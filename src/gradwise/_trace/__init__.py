@@ -40,6 +40,7 @@ Modules (each imports only those above it, plus torch, gradwise._masks, gradwise
 ``_flow``         ``_Flow``: the backward's flow around a meeting: which node made a zero, split provenance
                   through views and mixing ops, an op rerun under the strong-zero rules, leaves reached.
 ``_incidents``    ``_Incidents``: where a sensitivity meets a NaN/Inf; contamination or genuine.
+``_met``          ``_Met``: which elements a nonzero sensitivity meets there, and whose births (indicators, probes).
 ``_saved_meets``  ``_SavedMeets``: a NaN/Inf sensitivity meeting a saved value, or annihilated by a structural zero.
 ``_leaf_names``   ``_LeafNames``: the names of the leaves a gradient reaches; which findings reach a gradient.
 ``_provenance``   ``_Provenance``: births of NaN/Inf, provenance along forward ops.

@@ -14,7 +14,7 @@ from gradwise import _strong_zeros
 from gradwise._masks import mask_any
 from gradwise._trace._common import _aligned, _fmt, _nan_in, _op_name, _positions, _tensors
 from gradwise._trace._facts import _BILINEAR
-from gradwise._trace._incidents import _elementwise, _nonzero
+from gradwise._trace._met import _elementwise, _nonzero
 from gradwise._trace._store import Incident as _Incident
 
 

@@ -1,6 +1,7 @@
 """``_Tracer``, the TorchDispatchMode that sees every aten op of a forward and backward pass and hands it to
 its parts (``_ForwardOps``, ``_BackwardOps``, ``_Checks``, ``_Roots``, ``_Received``, ``_Provenance``,
-``_GradientBirths``, ``_LeafNames``, ``_Incidents``, ``_SavedMeets``, ``_Flow``, ``_KinkChecks``, ``_Assembly``), and
+``_GradientBirths``, ``_LeafNames``, ``_Incidents``, ``_Met``, ``_SavedMeets``, ``_Flow``, ``_KinkChecks``,
+``_Assembly``), and
 ``_op_info``, the per-op facts it caches.
 
 May import: torch, gradwise._modes, gradwise._ops, gradwise._strong_zeros, every module of gradwise._trace above
@@ -49,6 +50,7 @@ from gradwise._trace._incidents import _Incidents
 from gradwise._trace._kink_checks import _KinkChecks
 from gradwise._trace._kinks import _Detector, kink_detector
 from gradwise._trace._leaf_names import _LeafNames
+from gradwise._trace._met import _Met
 from gradwise._trace._provenance import _Provenance
 from gradwise._trace._received import _Received
 from gradwise._trace._roots import _Roots
@@ -163,7 +165,7 @@ _FORWARD_AD = torch.autograd.forward_ad
 
 
 class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance, _GradientBirths, _LeafNames,
-              _Incidents, _SavedMeets, _Flow, _KinkChecks, _Assembly, LeanDispatchMode):
+              _Incidents, _Met, _SavedMeets, _Flow, _KinkChecks, _Assembly, LeanDispatchMode):
     """The dispatch-mode recorder: sees every aten op and hands it to its parts (the bases before TorchDispatchMode)."""
 
     supports_higher_order_operators = True  # (torch.cond: its branches run under the trace, `subgraphs_under`)
