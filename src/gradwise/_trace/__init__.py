@@ -56,6 +56,7 @@ Modules (each imports only those above it, plus torch, gradwise._masks, gradwise
 ``_session``      ``trace``, ``snapshot``, ``explain``; per-thread tracers and the wrapped autograd entry points
                   (the rebound ``_installed`` and the tables ``_TRACERS`` / ``_WATCHERS``: read as ``_session.<name>``).
 ``_watching``     ``watch``: near-zero cost until the first non-finite gradient, then the full trace.
+``_watch_leaves`` the watch's check of a backward's gradients, and the leaves' .grad from before (``_StaleGrads``).
 
 Other concerns import from here (gradwise._distributed: ``_report``; gradwise._strong_zeros._engine:
 ``_tracer._Tracer``, lazily); the trace imports strong zeros as ``from gradwise import _strong_zeros`` and
