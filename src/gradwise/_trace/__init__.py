@@ -36,6 +36,7 @@ Modules (each imports only those above it, plus torch, gradwise._masks, gradwise
 ``_checking``     ``_Checks``: output checks (immediate or batched), what the strong-zero mode ran.
 ``_received``     ``_Received``: collectives, and the NaN/Inf a gradient received from another rank (its finding).
 ``_shadow``       ``_Shadow``: gw.strong_zeros()' pass beside a backward that may meet NaN/Inf (supports, not values).
+``_shadow_reads`` ``_ShadowReads``: what the trace asks of that pass (annihilated, kept here, kept of a part).
 ``_roots``        ``_Roots``: the gradients a backward starts from; a gradient's NaN/Inf no recorded op explains.
 ``_flow``         ``_Flow``: the backward's flow around a meeting: which node made a zero, split provenance
                   through views and mixing ops, an op rerun under the strong-zero rules, leaves reached.

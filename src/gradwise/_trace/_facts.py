@@ -158,9 +158,9 @@ _ROWWISE: dict = {aten.sort: "dim", aten.topk: "dim", aten.kthvalue: "dim", aten
 
 # backward ops that read a workspace their forward filled with its intermediate values (oneDNN's LSTM layer: the
 # gates), where a padding row's NaN stays though a rerun makes the saved input's NaN 0: where a sensitivity's NaN/Inf
-# reaches is read under the strong-zero rule, which recomputes the layer from its inputs (``_shadow.carried``). Read
-# plainly, a used row's NaN reached the padding rows too, and their NaN, met by zero sensitivities, was carried as
-# the used one's: the padding a genuine finding further on
+# reaches is read under the strong-zero rule, which recomputes the layer from its inputs
+# (``_shadow_reads.carried``). Read plainly, a used row's NaN reached the padding rows too, and their NaN, met by
+# zero sensitivities, was carried as the used one's: the padding a genuine finding further on
 WORKSPACE_READERS = {aten.mkldnn_rnn_layer_backward}
 
 # ops the trace never runs again per part (``_probes``): oneDNN's LSTM layer, whose forward fills a workspace its

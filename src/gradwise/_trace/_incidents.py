@@ -5,7 +5,7 @@ strong-zero rules' supports; elsewhere value heuristics do, rerunning an op unde
 cannot tell otherwise (``_Flow._strong_rerun``).
 
 May import: torch, gradwise._strong_zeros, gradwise._masks, gradwise._trace._common, _advice, _facts, _flow,
-_met, _shadow, _store.
+_met, _shadow_reads, _store.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from gradwise import _strong_zeros
 from gradwise._masks import mask_any
-from gradwise._trace import _shadow
+from gradwise._trace import _shadow_reads
 from gradwise._trace._advice import number_passed
 from gradwise._trace._common import _nan_in, _op_name, _positions, aten, nonfinite_number
 from gradwise._trace._facts import _BILINEAR, _OVERFLOWS, _TIES_COUNTED, BACKWARD_OVERFLOW
@@ -57,7 +57,7 @@ class _Incidents:
             # (not a parameter an earlier backward made NaN, used as a value: it explains the whole step, the
             # elements its NaN meets a zero sensitivity at included, as in _saved_met)
             covered = None if any(b.op == "gradient" for t in saved for b in self._origin(t, loc)) else \
-                _shadow.carried(func, args, kwargs or {}, upstream, o, out)
+                _shadow_reads.carried(func, args, kwargs or {}, upstream, o, out)
             if covered is not None and bool(mask_any(mask & ~covered)):
                 fresh_mask, mask = mask & ~covered, mask & covered
                 fresh = self._classify(func, loc, o, fresh_mask, ins, sens_ins, saved, nd, args, out, kwargs)

@@ -9,7 +9,7 @@ Run only where an op reads NaN/Inf of several births (never on a finite program)
 an op; ops that draw random numbers (they would move the program's generator) and ops of namespaces whose
 schemas may not declare their writes are never run again (``probes``).
 
-May import: torch, gradwise._masks, gradwise._trace._facts, _shadow.
+May import: torch, gradwise._masks, gradwise._trace._facts, _shadow_reads.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from gradwise._masks import inexact
 from gradwise._trace._facts import UNDECLARED_WRITES, UNPROBED
-from gradwise._trace._shadow import rerunnable
+from gradwise._trace._shadow_reads import rerunnable
 
 MAX_PROBES = 16  # reruns of one op per explanation (parts x non-finite inputs): past it, every birth is named
 

@@ -90,7 +90,8 @@ never goes non-finite gets an empty report. ``step`` counts backward calls from 
 
 May import: torch, gradwise._strong_zeros (its _traced; and, lazily, its _compile), gradwise._trace._fsdp_watching,
 _kinds, _report, _tracer, _watch_explain (the first non-finite step explained: ``_StepExplainer``), _watch_leaves
-(the check, and the leaves' .grad from before: ``_StaleGrads``), _session (whose per-thread tables it reads and writes as ``_session.<name>``).
+(the check, and the leaves' .grad from before: ``_StaleGrads``), _session (whose per-thread tables it reads and
+writes as ``_session.<name>``).
 """
 from __future__ import annotations
 
