@@ -385,23 +385,50 @@ _SAME_STORAGE = frozenset(("UnsqueezeBackward0", "ViewBackward0", "ExpandBackwar
                            "TransposeBackward0", "SqueezeBackward0", "SqueezeBackward1", "AliasBackward0"))
 
 
-def softmax_of_weights(node: Any) -> Any:
-    """The SoftmaxBackward0 whose output is the first operand of the mm/bmm ``node`` (its first edge, through the
-    nodes of ``_WEIGHT_PATH`` whose other edges need no gradient: a mul by a constant, and through views that keep
-    the storage, ``_SAME_STORAGE``: an einsum's permutes), or None."""
-    producer = node.next_functions[0][0]
-    for _ in range(8):
-        if producer is None:
-            return None
+# elementwise nodes between a softmax and the bmm whose other operand may need a gradient (or hold a tensor), and the
+# edges the weights may come through: a gate (p * g, g * p), a renormalisation (p / p.sum(-1)), the usual repairs of
+# a fully masked row (p.nan_to_num(0), p.masked_fill(key_mask, 0), where(key_mask, 0, p)). Each keeps the weights'
+# order; where the softmax's result is 0 (a masked key) a weight of 0 is that key's (its value is unused: the program
+# with the padded key deleted has no such weight), and a weight the other operand made other than 0 there is read as
+# a value (``masked_weights`` maps the result's zeros and the weights' together). Until 2026-12-07 only constant
+# factors were followed: these kept PyTorch's 0 x inf = NaN at a padded value's infinite slope, silently.
+_GATED_PATH = {"MulBackward0": (0, 1), "DivBackward0": (0,), "NanToNumBackward0": (0,), "MaskedFillBackward0": (0,),
+               "MaskedFillBackward1": (0,), "WhereBackward0": (0, 1)}
+
+
+def _weights_path(node: Any) -> list[Any] | None:
+    """The nodes from the mm/bmm ``node``'s first edge to the SoftmaxBackward0 whose output its first operand is (the
+    last one), through the nodes of ``_WEIGHT_PATH`` whose other edges need no gradient (a mul by a constant), through
+    views that keep the storage (``_SAME_STORAGE``: an einsum's permutes), and through ``_GATED_PATH``'s; or None."""
+    return _path_from(node.next_functions[0][0], 8)
+
+
+def _path_from(producer: Any, budget: int) -> list[Any] | None:
+    """``_weights_path`` from ``producer`` on, at most ``budget`` nodes."""
+    path: list[Any] = []
+    while producer is not None and len(path) < budget:
+        path.append(producer)
         name = producer.name()
         if name == "SoftmaxBackward0":
-            return producer
+            return path
         edges = producer.next_functions
+        if name in _GATED_PATH:  # (two tracked factors: the first that leads to a softmax)
+            for i in _GATED_PATH[name]:
+                tail = _path_from(edges[i][0], budget - len(path)) if i < len(edges) else None
+                if tail is not None:
+                    return path + tail
+            return None
         if (name not in _WEIGHT_PATH and name not in _SAME_STORAGE) or not edges \
                 or any(e[0] is not None for e in edges[1:]):
             return None
         producer = edges[0][0]
     return None
+
+
+def softmax_of_weights(node: Any) -> Any:
+    """The SoftmaxBackward0 whose output is the first operand of the mm/bmm ``node`` (``_weights_path``), or None."""
+    path = _weights_path(node)
+    return None if path is None else path[-1]
 
 
 def masked_weights(node: Any, weights: torch.Tensor) -> torch.Tensor | None:
@@ -430,12 +457,8 @@ def masked_weights(node: Any, weights: torch.Tensor) -> torch.Tensor | None:
 
 def _reorders(node: Any) -> bool:
     """Whether a node between the softmax and the mm/bmm ``node`` changes the elements' order (a permute)."""
-    producer = node.next_functions[0][0]
-    while producer is not None and producer.name() != "SoftmaxBackward0":
-        if producer.name() not in _WEIGHT_PATH:
-            return True
-        producer = producer.next_functions[0][0]
-    return False
+    path = _weights_path(node)
+    return path is None or any(p.name() not in _WEIGHT_PATH and p.name() not in _GATED_PATH for p in path[:-1])
 
 
 def _softmax_weights(args: tuple) -> tuple[int, torch.Tensor] | None:

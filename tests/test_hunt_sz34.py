@@ -1,0 +1,94 @@
+"""Hunt (session 34, sz34): strong zeros where attention weights reach the values' product through a gate, a
+renormalisation or the usual repair of fully masked rows. References are independent of gradwise: the same program
+with the padded keys deleted (each sequence on its own rows, float64), or plain PyTorch where the value is the user's.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import gradwise as gw
+from _fresh_warnings import fresh_warnings  # noqa: F401 (an autouse fixture: every test here)
+
+D = torch.float64
+
+
+# -- masked attention weights on their way to the values' bmm --------------------------------------------------------
+# softmax(q k^T + mask) gives a padded key the weight exp(-inf) = 0, and v's gradient a^T @ g is then the deleted key's
+# 0 (_rules_bilinear._masked_weights_mm), also where the padded value's formula is singular (sqrt of a zero padding
+# row: PyTorch's 0 x inf = NaN). Only constant factors, dropout and views were followed between the softmax and the
+# bmm: a gate that needs a gradient, a renormalisation p / p.sum(-1) and the repairs of a fully masked row
+# (nan_to_num, masked_fill or where of the key mask) kept PyTorch's NaN in the projection's gradient, silently.
+WEIGHTS = {
+    "gate (a * g)": lambda a, gate, pad: a * gate,
+    "gate first (g * a)": lambda a, gate, pad: gate * a,
+    "renormalised": lambda a, gate, pad: a / a.sum(-1, keepdim=True),
+    "nan_to_num": lambda a, gate, pad: a.nan_to_num(0.0),
+    "masked_fill of the key mask": lambda a, gate, pad: a.masked_fill(pad, 0.0),
+    "masked_fill with a tensor value": lambda a, gate, pad: a.masked_fill(pad, torch.zeros((), dtype=D)),
+    "where of the key mask": lambda a, gate, pad: torch.where(pad, 0.0, a),
+    "gate, then matmul of 4-d weights": lambda a, gate, pad: a * gate,
+}
+
+
+def _loss(name, params, x, lens):
+    w, q_w, g_w = (*params, None)[:3]
+    keep = torch.arange(x.shape[1])[None, :] < lens[:, None]
+    h = (x @ w).pow(2).sqrt()  # (an infinite slope at a zero padding row)
+    bias = torch.zeros(keep.shape, dtype=D).masked_fill(~keep, -math.inf)
+    a = (h @ q_w @ h.transpose(1, 2) + bias[:, None, :]).softmax(-1)
+    a = WEIGHTS[name](a, None if g_w is None else torch.sigmoid(h @ g_w), ~keep[:, None, :])
+    out = (a[:, None] @ h[:, None])[:, 0] if "4-d" in name else torch.bmm(a, h)
+    return torch.where(keep[..., None], out, 0.0).pow(2).sum()
+
+
+def _case(name, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 5, 4, dtype=D, generator=gen)
+    params = [torch.randn(4, 4, dtype=D, generator=gen).requires_grad_(),
+              torch.randn(4, 4, dtype=D, generator=gen).requires_grad_(),
+              torch.randn(4, 1, dtype=D, generator=gen).requires_grad_()]
+    return x, params if "gate" in name else params[:2]  # (the gate's projection)
+
+
+@pytest.mark.parametrize("name", list(WEIGHTS))
+def test_masked_weights_through_a_gate_or_a_repair_give_padded_values_the_deleted_keys_zero(name):
+    x, params = _case(name)
+    lens = torch.tensor([5, 3])
+    x[-1, 3:] = 0.0  # padding of the last sequence
+    assert not all(bool(g.isfinite().all()) for g in torch.autograd.grad(_loss(name, params, x, lens), params)), \
+        "premise: PyTorch's 0 x inf"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gw.OpaqueBackwardWarning)
+        got = gw.grad(_loss(name, params, x, lens), params)
+    want = [torch.zeros_like(p) for p in params]
+    for b in range(x.shape[0]):  # the padded keys deleted: each sequence on its own rows
+        n = int(lens[b])
+        for acc, g in zip(want, torch.autograd.grad(_loss(name, params, x[b:b + 1, :n], lens[b:b + 1]), params),
+                          strict=True):
+            acc += g
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(WEIGHTS))
+def test_masked_weights_through_a_gate_or_a_repair_controls(name):
+    """Finite data: PyTorch's bits. A zero row at a kept key (its weight not 0, its value's slope infinite): PyTorch's
+    NaN stays, bit for bit."""
+    x, params = _case(name, 1)
+    lens = torch.tensor([5, 3])
+    for g, p in zip(gw.grad(_loss(name, params, x, lens), params),
+                    torch.autograd.grad(_loss(name, params, x, lens), params), strict=True):
+        assert torch.equal(g, p)
+    x[-1, 3:] = 0.0
+    x[-1, 1] = 0.0  # a kept key
+    plain = torch.autograd.grad(_loss(name, params, x, lens), params)
+    assert not bool(plain[0].isfinite().all())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gw.OpaqueBackwardWarning)
+        got = gw.grad(_loss(name, params, x, lens), params)
+    assert torch.equal(got[0].isnan(), plain[0].isnan())
