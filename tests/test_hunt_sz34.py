@@ -92,3 +92,69 @@ def test_masked_weights_through_a_gate_or_a_repair_controls(name):
         warnings.simplefilter("ignore", gw.OpaqueBackwardWarning)
         got = gw.grad(_loss(name, params, x, lens), params)
     assert torch.equal(got[0].isnan(), plain[0].isnan())
+
+
+# -- the same weights multiplied elementwise (attention pooling) -------------------------------------------------------
+# (softmax(s)[..., None] * h).sum(1): mul's rule took the weights' exact 0 as structural only where the factor was the
+# softmax's result or a view of it; a constant scaling, a clone, a renormalisation or a repair of fully masked rows on
+# the way kept PyTorch's 0 x inf = NaN at a padded value's infinite slope, silently.
+POOLED = {
+    "scaled": lambda a, pad: a * 2.0,
+    "cloned": lambda a, pad: a.clone(),
+    "renormalised": lambda a, pad: a / a.sum(1, keepdim=True),
+    "nan_to_num": lambda a, pad: a.nan_to_num(0.0),
+    "masked_fill of the mask": lambda a, pad: a.masked_fill(pad, 0.0),
+    "where of the mask": lambda a, pad: torch.where(pad, 0.0, a),
+}
+
+
+def _pooled_loss(name, params, x, lens):
+    w, u = params
+    keep = torch.arange(x.shape[1])[None, :] < lens[:, None]
+    h = (x @ w).pow(2).sqrt()  # (an infinite slope at a zero padding row)
+    a = POOLED[name]((h @ u).squeeze(-1).masked_fill(~keep, -math.inf).softmax(-1), ~keep)
+    return (a[..., None] * h).sum(1).pow(2).sum()
+
+
+def _pooled_case(seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 5, 4, dtype=D, generator=gen)
+    return x, [torch.randn(4, 4, dtype=D, generator=gen).requires_grad_(),
+               torch.randn(4, 1, dtype=D, generator=gen).requires_grad_()]
+
+
+@pytest.mark.parametrize("name", list(POOLED))
+def test_pooling_weights_through_a_scaling_or_a_repair_give_padded_values_the_deleted_entries_zero(name):
+    x, params = _pooled_case(2)
+    lens = torch.tensor([5, 3])
+    x[-1, 3:] = 0.0
+    assert not all(bool(g.isfinite().all()) for g in torch.autograd.grad(_pooled_loss(name, params, x, lens), params))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gw.OpaqueBackwardWarning)
+        got = gw.grad(_pooled_loss(name, params, x, lens), params)
+    want = [torch.zeros_like(p) for p in params]
+    for b in range(x.shape[0]):  # the padded entries deleted
+        n = int(lens[b])
+        for acc, g in zip(want, torch.autograd.grad(_pooled_loss(name, params, x[b:b + 1, :n], lens[b:b + 1]),
+                                                    params), strict=True):
+            acc += g
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(POOLED))
+def test_pooling_weights_through_a_scaling_or_a_repair_controls(name):
+    """Finite data: PyTorch's bits. A zero row at a kept entry: PyTorch's NaN stays."""
+    x, params = _pooled_case(3)
+    lens = torch.tensor([5, 3])
+    for g, p in zip(gw.grad(_pooled_loss(name, params, x, lens), params),
+                    torch.autograd.grad(_pooled_loss(name, params, x, lens), params), strict=True):
+        assert torch.equal(g, p)
+    x[-1, 3:] = 0.0
+    x[-1, 1] = 0.0  # a kept entry
+    plain = torch.autograd.grad(_pooled_loss(name, params, x, lens), params)
+    assert not bool(plain[0].isfinite().all())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gw.OpaqueBackwardWarning)
+        got = gw.grad(_pooled_loss(name, params, x, lens), params)
+    assert torch.equal(got[0].isnan(), plain[0].isnan())

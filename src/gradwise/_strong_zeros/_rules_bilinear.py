@@ -491,27 +491,40 @@ def _softmax_weights(args: tuple) -> tuple[int, torch.Tensor] | None:
 
 def _softmax_factor(args: tuple) -> tuple[int, torch.Tensor] | None:
     """In MulBackward0's formula (``g * other``, ``g * self``) of a product with a softmax's weights (attention
-    pooling: ``(softmax(s)[..., None] * h).sum(1)``), the position of the factor that is those weights (the softmax's
-    saved result or a view of it: the same storage, so its exact zeros are the softmax's) and its zeros, while
-    every output being differentiated is finite; else None."""
+    pooling: ``(softmax(s)[..., None] * h).sum(1)``), the position of the factor that is those weights and its zeros
+    that are the softmax's, while every output being differentiated is finite; else None. The weights are the
+    softmax's saved result or a view of it (the same storage: its exact zeros are the softmax's), or reach the
+    product through the nodes ``_weights_path`` follows to an mm/bmm (a scaling, a gate, a renormalisation, the
+    repairs of fully masked rows), mapped by the elements' order as ``masked_weights`` maps them (until 2026-12-07
+    only views were seen, and the others kept PyTorch's 0 x inf = NaN at a padded value's infinite slope, silently)."""
     if not (_STATE.outputs_finite and _in_formula() and _reads_nodes()):
         return None
     node = torch._C._current_autograd_node()
     if node is None or node.name() != "MulBackward0":
         return None
-    for producer, _ in node.next_functions:
-        for _ in range(6):
-            if producer is None or producer.name() not in _SAME_STORAGE:
-                break
-            producer = producer.next_functions[0][0]
-        if producer is None or producer.name() != "SoftmaxBackward0" or _hooked(producer, "_raw_saved_result"):
+    for edge, (producer, _) in enumerate(node.next_functions[:2]):
+        path = _path_from(producer, 8)
+        if path is None or _hooked(path[-1], "_raw_saved_result"):
             continue
-        result = producer._saved_result
-        cdata = result.untyped_storage()._cdata
+        result = path[-1]._saved_result
+        if all(p.name() in _SAME_STORAGE for p in path[:-1]):
+            factor = result  # (a view of the result: the same storage)
+        elif not _hooked(node, ("_raw_saved_self", "_raw_saved_other")[edge]) \
+                and not any(p.name() not in _WEIGHT_PATH and p.name() not in _GATED_PATH for p in path[:-1]):
+            factor = (node._saved_self, node._saved_other)[edge]  # (the product's own operand)
+        else:
+            continue
+        if not isinstance(factor, torch.Tensor):
+            continue
+        cdata = factor.untyped_storage()._cdata
         for i, t in enumerate(args[:2]):
-            if isinstance(t, torch.Tensor) and _is_float(t) and t.dtype == result.dtype \
+            if isinstance(t, torch.Tensor) and _is_float(t) and t.dtype == factor.dtype \
                     and t.untyped_storage()._cdata == cdata:
                 zero = t == 0
+                if factor is not result:  # the softmax's zeros among the factor's, by the elements' order
+                    if result.numel() != t.numel():
+                        return None
+                    zero = zero & (result == 0).reshape(t.shape)
                 return (i, zero) if bool(mask_any(zero)) else None
     return None
 
