@@ -6,13 +6,12 @@ with the padded keys deleted (each sequence on its own rows, float64), or plain 
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
 
-import gradwise as gw
 from _fresh_warnings import fresh_warnings  # noqa: F401 (an autouse fixture: every test here)
+from test_hunt_sz32 import keeps_the_controls, matches_the_deleted_program
 
 D = torch.float64
 
@@ -58,40 +57,13 @@ def _case(name, seed=0):
 @pytest.mark.parametrize("name", list(WEIGHTS))
 def test_masked_weights_through_a_gate_or_a_repair_give_padded_values_the_deleted_keys_zero(name):
     x, params = _case(name)
-    lens = torch.tensor([5, 3])
-    x[-1, 3:] = 0.0  # padding of the last sequence
-    assert not all(bool(g.isfinite().all()) for g in torch.autograd.grad(_loss(name, params, x, lens), params)), \
-        "premise: PyTorch's 0 x inf"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", gw.OpaqueBackwardWarning)
-        got = gw.grad(_loss(name, params, x, lens), params)
-    want = [torch.zeros_like(p) for p in params]
-    for b in range(x.shape[0]):  # the padded keys deleted: each sequence on its own rows
-        n = int(lens[b])
-        for acc, g in zip(want, torch.autograd.grad(_loss(name, params, x[b:b + 1, :n], lens[b:b + 1]), params),
-                          strict=True):
-            acc += g
-    for g, r in zip(got, want, strict=True):
-        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+    matches_the_deleted_program(lambda x, lens: _loss(name, params, x, lens), params, x, torch.tensor([5, 3]))
 
 
 @pytest.mark.parametrize("name", list(WEIGHTS))
 def test_masked_weights_through_a_gate_or_a_repair_controls(name):
-    """Finite data: PyTorch's bits. A zero row at a kept key (its weight not 0, its value's slope infinite): PyTorch's
-    NaN stays, bit for bit."""
     x, params = _case(name, 1)
-    lens = torch.tensor([5, 3])
-    for g, p in zip(gw.grad(_loss(name, params, x, lens), params),
-                    torch.autograd.grad(_loss(name, params, x, lens), params), strict=True):
-        assert torch.equal(g, p)
-    x[-1, 3:] = 0.0
-    x[-1, 1] = 0.0  # a kept key
-    plain = torch.autograd.grad(_loss(name, params, x, lens), params)
-    assert not bool(plain[0].isfinite().all())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", gw.OpaqueBackwardWarning)
-        got = gw.grad(_loss(name, params, x, lens), params)
-    assert torch.equal(got[0].isnan(), plain[0].isnan())
+    keeps_the_controls(lambda x, lens: _loss(name, params, x, lens), params, x, torch.tensor([5, 3]))
 
 
 # -- the same weights multiplied elementwise (attention pooling) -------------------------------------------------------
@@ -126,35 +98,10 @@ def _pooled_case(seed):
 @pytest.mark.parametrize("name", list(POOLED))
 def test_pooling_weights_through_a_scaling_or_a_repair_give_padded_values_the_deleted_entries_zero(name):
     x, params = _pooled_case(2)
-    lens = torch.tensor([5, 3])
-    x[-1, 3:] = 0.0
-    assert not all(bool(g.isfinite().all()) for g in torch.autograd.grad(_pooled_loss(name, params, x, lens), params))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", gw.OpaqueBackwardWarning)
-        got = gw.grad(_pooled_loss(name, params, x, lens), params)
-    want = [torch.zeros_like(p) for p in params]
-    for b in range(x.shape[0]):  # the padded entries deleted
-        n = int(lens[b])
-        for acc, g in zip(want, torch.autograd.grad(_pooled_loss(name, params, x[b:b + 1, :n], lens[b:b + 1]),
-                                                    params), strict=True):
-            acc += g
-    for g, r in zip(got, want, strict=True):
-        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+    matches_the_deleted_program(lambda x, lens: _pooled_loss(name, params, x, lens), params, x, torch.tensor([5, 3]))
 
 
 @pytest.mark.parametrize("name", list(POOLED))
 def test_pooling_weights_through_a_scaling_or_a_repair_controls(name):
-    """Finite data: PyTorch's bits. A zero row at a kept entry: PyTorch's NaN stays."""
     x, params = _pooled_case(3)
-    lens = torch.tensor([5, 3])
-    for g, p in zip(gw.grad(_pooled_loss(name, params, x, lens), params),
-                    torch.autograd.grad(_pooled_loss(name, params, x, lens), params), strict=True):
-        assert torch.equal(g, p)
-    x[-1, 3:] = 0.0
-    x[-1, 1] = 0.0  # a kept entry
-    plain = torch.autograd.grad(_pooled_loss(name, params, x, lens), params)
-    assert not bool(plain[0].isfinite().all())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", gw.OpaqueBackwardWarning)
-        got = gw.grad(_pooled_loss(name, params, x, lens), params)
-    assert torch.equal(got[0].isnan(), plain[0].isnan())
+    keeps_the_controls(lambda x, lens: _pooled_loss(name, params, x, lens), params, x, torch.tensor([5, 3]))
