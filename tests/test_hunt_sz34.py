@@ -88,11 +88,11 @@ def _pooled_loss(name, params, x, lens):
     return (a[..., None] * h).sum(1).pow(2).sum()
 
 
-def _pooled_case(seed):
+def _pooled_case(seed, cols=1):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 5, 4, dtype=D, generator=gen)
     return x, [torch.randn(4, 4, dtype=D, generator=gen).requires_grad_(),
-               torch.randn(4, 1, dtype=D, generator=gen).requires_grad_()]
+               torch.randn(4, cols, dtype=D, generator=gen).requires_grad_()]
 
 
 @pytest.mark.parametrize("name", list(POOLED))
@@ -105,3 +105,33 @@ def test_pooling_weights_through_a_scaling_or_a_repair_give_padded_values_the_de
 def test_pooling_weights_through_a_scaling_or_a_repair_controls(name):
     x, params = _pooled_case(3)
     keeps_the_controls(lambda x, lens: _pooled_loss(name, params, x, lens), params, x, torch.tensor([5, 3]))
+
+
+# -- SDPA's math backend: _safe_softmax --------------------------------------------------------------------------------
+# The math backend (torch.nn.attention.sdpa_kernel(SDPBackend.MATH); the one with a double backward, for gradient
+# penalties) computes the weights with _safe_softmax, whose node is SafeSoftmaxBackward0: the bmm with v did not know
+# them for a softmax's, and a padded value's infinite slope made the projection's gradient NaN, silently.
+def _math_sdpa_loss(mask, params, x, lens):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    w, q_w = params
+    keep = torch.arange(x.shape[1])[None, :] < lens[:, None]
+    h = (x @ w).pow(2).sqrt()  # (an infinite slope at a zero padding row)
+    m = keep[:, None, None, :] if mask == "bool" else \
+        torch.zeros(keep.shape, dtype=D).masked_fill(~keep, -math.inf)[:, None, None, :]
+    with sdpa_kernel(SDPBackend.MATH):
+        out = torch.nn.functional.scaled_dot_product_attention((h @ q_w)[:, None], h[:, None], h[:, None], m)[:, 0]
+    return torch.where(keep[..., None], out, 0.0).pow(2).sum()
+
+
+@pytest.mark.parametrize("mask", ["bool", "float"])
+def test_sdpa_math_backend_gives_padded_values_the_deleted_keys_zero(mask):
+    x, params = _pooled_case(4, cols=4)
+    matches_the_deleted_program(lambda x, lens: _math_sdpa_loss(mask, params, x, lens), params, x,
+                                torch.tensor([5, 3]))
+
+
+@pytest.mark.parametrize("mask", ["bool", "float"])
+def test_sdpa_math_backend_controls(mask):
+    x, params = _pooled_case(5, cols=4)
+    keeps_the_controls(lambda x, lens: _math_sdpa_loss(mask, params, x, lens), params, x, torch.tensor([5, 3]))

@@ -396,6 +396,11 @@ _GATED_PATH = {"MulBackward0": (0, 1), "DivBackward0": (0,), "NanToNumBackward0"
                "MaskedFillBackward1": (0,), "WhereBackward0": (0, 1)}
 
 
+# the softmaxes whose exact 0 is a masked entry's: softmax's, and _safe_softmax's (SDPA's math backend: a fully
+# masked row is 0 there rather than NaN); until 2026-12-07 the math backend's weights were values in v's gradient
+_SOFTMAXES = frozenset(("SoftmaxBackward0", "SafeSoftmaxBackward0"))
+
+
 def _weights_path(node: Any) -> list[Any] | None:
     """The nodes from the mm/bmm ``node``'s first edge to the SoftmaxBackward0 whose output its first operand is (the
     last one), through the nodes of ``_WEIGHT_PATH`` whose other edges need no gradient (a mul by a constant), through
@@ -409,7 +414,7 @@ def _path_from(producer: Any, budget: int) -> list[Any] | None:
     while producer is not None and len(path) < budget:
         path.append(producer)
         name = producer.name()
-        if name == "SoftmaxBackward0":
+        if name in _SOFTMAXES:
             return path
         edges = producer.next_functions
         if name in _GATED_PATH:  # (two tracked factors: the first that leads to a softmax)
