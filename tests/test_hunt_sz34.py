@@ -21,7 +21,8 @@ D = torch.float64
 # 0 (_rules_bilinear._masked_weights_mm), also where the padded value's formula is singular (sqrt of a zero padding
 # row: PyTorch's 0 x inf = NaN). Only constant factors, dropout and views were followed between the softmax and the
 # bmm: a gate that needs a gradient, a renormalisation p / p.sum(-1) and the repairs of a fully masked row
-# (nan_to_num, masked_fill or where of the key mask) kept PyTorch's NaN in the projection's gradient, silently.
+# (nan_to_num, masked_fill or where of the key mask) kept PyTorch's NaN in the projection's gradient, silently, and so
+# did a softmax written as exp(log_softmax(s)).
 WEIGHTS = {
     "gate (a * g)": lambda a, gate, pad: a * gate,
     "gate first (g * a)": lambda a, gate, pad: gate * a,
@@ -31,6 +32,8 @@ WEIGHTS = {
     "masked_fill with a tensor value": lambda a, gate, pad: a.masked_fill(pad, torch.zeros((), dtype=D)),
     "where of the key mask": lambda a, gate, pad: torch.where(pad, 0.0, a),
     "gate, then matmul of 4-d weights": lambda a, gate, pad: a * gate,
+    "exp of log_softmax": lambda a, gate, pad: a,
+    "exp of log_softmax, masked_fill": lambda a, gate, pad: a.masked_fill(pad, 0.0),
 }
 
 
@@ -39,7 +42,8 @@ def _loss(name, params, x, lens):
     keep = torch.arange(x.shape[1])[None, :] < lens[:, None]
     h = (x @ w).pow(2).sqrt()  # (an infinite slope at a zero padding row)
     bias = torch.zeros(keep.shape, dtype=D).masked_fill(~keep, -math.inf)
-    a = (h @ q_w @ h.transpose(1, 2) + bias[:, None, :]).softmax(-1)
+    s = h @ q_w @ h.transpose(1, 2) + bias[:, None, :]
+    a = s.log_softmax(-1).exp() if "log_softmax" in name else s.softmax(-1)
     a = WEIGHTS[name](a, None if g_w is None else torch.sigmoid(h @ g_w), ~keep[:, None, :])
     out = (a[:, None] @ h[:, None])[:, 0] if "4-d" in name else torch.bmm(a, h)
     return torch.where(keep[..., None], out, 0.0).pow(2).sum()

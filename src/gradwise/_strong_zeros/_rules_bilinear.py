@@ -398,7 +398,14 @@ _GATED_PATH = {"MulBackward0": (0, 1), "DivBackward0": (0,), "NanToNumBackward0"
 
 # the softmaxes whose exact 0 is a masked entry's: softmax's, and _safe_softmax's (SDPA's math backend: a fully
 # masked row is 0 there rather than NaN); until 2026-12-07 the math backend's weights were values in v's gradient
-_SOFTMAXES = frozenset(("SoftmaxBackward0", "SafeSoftmaxBackward0"))
+_SOFTMAXES = frozenset(("SoftmaxBackward0", "SafeSoftmaxBackward0"))  # (and exp(log_softmax(s)): _of_log_softmax)
+
+
+def _of_log_softmax(node: Any) -> bool:
+    """Whether the ExpBackward0 ``node`` is exp(log_softmax(s)): a softmax written through its log (its saved result
+    the weights, whose exact 0 is a masked entry's exp(-inf) as softmax's is)."""
+    edge = node.next_functions[0][0]
+    return edge is not None and edge.name() == "LogSoftmaxBackward0"
 
 
 def _weights_path(node: Any) -> list[Any] | None:
@@ -414,7 +421,7 @@ def _path_from(producer: Any, budget: int) -> list[Any] | None:
     while producer is not None and len(path) < budget:
         path.append(producer)
         name = producer.name()
-        if name in _SOFTMAXES:
+        if name in _SOFTMAXES or (name == "ExpBackward0" and _of_log_softmax(producer)):
             return path
         edges = producer.next_functions
         if name in _GATED_PATH:  # (two tracked factors: the first that leads to a softmax)
