@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+import gradwise as gw
 from _fresh_warnings import fresh_warnings  # noqa: F401 (an autouse fixture: every test here)
 from test_hunt_sz32 import keeps_the_controls, matches_the_deleted_program
 
@@ -139,3 +140,37 @@ def test_sdpa_math_backend_gives_padded_values_the_deleted_keys_zero(mask):
 def test_sdpa_math_backend_controls(mask):
     x, params = _pooled_case(5, cols=4)
     keeps_the_controls(lambda x, lens: _math_sdpa_loss(mask, params, x, lens), params, x, torch.tensor([5, 3]))
+
+
+# -- under torch.func transforms ---------------------------------------------------------------------------------------
+# The masked-weights rules read the running node's saved tensors, which are the transform's wrappers under torch.func:
+# they stand aside there (PyTorch's values), and the rules that do so are named by an OpaqueBackwardWarning when the
+# gradients end up non-finite (_transforms._node_readers). mm/bmm's and mul's were not named: per-sample gradients
+# (vmap(grad)) of masked attention over a padded batch kept the padded value's 0 x inf = NaN without a word.
+def _one_sequence_attention(pooled):
+    def loss(w, q_w, x, keep):
+        h = (x @ w).pow(2).sqrt()  # (an infinite slope at a zero padding row)
+        s = (h @ q_w) @ h.T + torch.zeros(keep.shape, dtype=D).masked_fill(~keep, -math.inf)
+        out = (s.softmax(-1)[..., None] * h).sum(1) if pooled else s.softmax(-1) @ h
+        return torch.where(keep[:, None], out, 0.0).pow(2).sum()
+    return loss
+
+
+@pytest.mark.parametrize("how", ["grad", "vmap(grad)"])
+@pytest.mark.parametrize("pooled", [False, True], ids=["bmm", "pooled"])
+def test_masked_weights_under_a_transform_keep_pytorchs_gradient_and_are_named(how, pooled):
+    x, params = _pooled_case(6, cols=4)
+    w, q_w = (p.detach() for p in params)
+    x[1, 3:] = 0.0
+    keep = torch.arange(5)[None, :] < torch.tensor([5, 3])[:, None]
+    per_sample = torch.func.grad(_one_sequence_attention(pooled), argnums=(0, 1))
+    if how == "grad":
+        call = lambda: per_sample(w, q_w, x[1], keep[1])
+    else:
+        call = lambda: torch.func.vmap(per_sample, in_dims=(None, None, 0, 0))(w, q_w, x, keep)
+    expected = call()
+    assert not bool(expected[0].isfinite().all())
+    with pytest.warns(gw.OpaqueBackwardWarning, match="under a torch.func transform"), gw.strong_zeros():
+        got = call()
+    for g, e in zip(got, expected, strict=True):
+        assert torch.equal(g.nan_to_num(7.0), e.nan_to_num(7.0))

@@ -443,6 +443,18 @@ def softmax_of_weights(node: Any) -> Any:
     return None if path is None else path[-1]
 
 
+def reads_softmax_weights(node: Any) -> bool:
+    """Whether the rules of an MmBackward0/BmmBackward0 or MulBackward0 ``node`` would read a softmax's weights from
+    the graph (``_masked_weights_mm``, ``_softmax_factor``): node types and the pass's state only, no value
+    (``_transforms._node_readers``). They act only while the outputs are finite (a used NaN's gradient is PyTorch's
+    there anyway; a vmap batch where one sample's output is not finite is not named either, as it is read whole)."""
+    if not _STATE.outputs_finite:
+        return False
+    if node.name() == "MulBackward0":
+        return any(_path_from(producer, 8) is not None for producer, _ in node.next_functions[:2])
+    return _weights_path(node) is not None
+
+
 def masked_weights(node: Any, weights: torch.Tensor) -> torch.Tensor | None:
     """Where the mm/bmm ``node``'s first operand ``weights`` (its saved self) is a softmax's exact 0 (bool, shaped
     like ``weights``), or None where it is no softmax's output (``softmax_of_weights``) or its softmax's result
