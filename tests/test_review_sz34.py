@@ -1,0 +1,61 @@
+"""Review of sz34 (session 34): breaks of the masked-weights paths through a gate or a repair. References are
+plain PyTorch where the padded key's value is used (its NaN is genuine), independent of gradwise."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import gradwise as gw
+from _fresh_warnings import fresh_warnings  # noqa: F401 (an autouse fixture: every test here)
+from test_hunt_sz32 import _same
+
+D = torch.float64
+
+
+# -- a replacement that needs a gradient ------------------------------------------------------------------------------
+# where(keep, a, other) and a.masked_fill(pad, value) put the replacement's value at the padded keys, not the softmax's
+# 0: where that replacement is a tensor that needs a gradient (a learned prior, a learned fill) its 0 is a value, and
+# the padded key's value is used (other's gradient there is g . v_k): the program with the padded key deleted is a
+# different program, and PyTorch's 0 x inf = NaN at the padded value's infinite slope is genuine. sz34 took the weight
+# 0 there for the masked key's (the softmax's result 0 there) and gave a finite gradient, silently.
+REPLACED = {
+    "where(keep, a, other)": lambda a, keep, other: torch.where(keep, a, other),
+    "where(pad, other, a)": lambda a, keep, other: torch.where(~keep, other, a),
+    "masked_fill(pad, value)": lambda a, keep, other: a.masked_fill(~keep, other.flatten()[0]),
+}
+
+
+def _replaced_loss(name, params, x, lens, pooled):
+    w, q_w, other = params
+    keep = torch.arange(x.shape[1])[None, :] < lens[:, None]
+    h = (x @ w).pow(2).sqrt()  # (an infinite slope at a zero padding row)
+    bias = torch.zeros(keep.shape, dtype=D).masked_fill(~keep, -math.inf)
+    if pooled:  # attention pooling: (a[..., None] * h).sum(1)
+        a = REPLACED[name]((h @ q_w[:, 0] + bias).softmax(-1), keep, other[:, 0])
+        return (a[..., None] * h).sum(1).pow(2).sum()
+    a = REPLACED[name]((h @ q_w @ h.transpose(1, 2) + bias[:, None, :]).softmax(-1), keep[:, None, :], other)
+    return torch.where(keep[..., None], torch.bmm(a, h), 0.0).pow(2).sum()
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["bmm", "pooled"])
+@pytest.mark.parametrize("name", list(REPLACED))
+def test_a_replacement_that_needs_a_gradient_keeps_pytorchs_nan(name, pooled):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 5, 4, dtype=D, generator=gen)
+    params = [torch.randn(4, 4, dtype=D, generator=gen).requires_grad_(),
+              torch.randn(4, 4, dtype=D, generator=gen).requires_grad_(),
+              torch.zeros(2, 5, 5, dtype=D).requires_grad_()]  # (a learned prior / fill: its value 0)
+    lens = torch.tensor([5, 3])
+    x[-1, 3:] = 0.0  # the padded keys' values: sqrt's infinite slope
+    plain = torch.autograd.grad(_replaced_loss(name, params, x, lens, pooled), params)
+    assert not bool(plain[0].isfinite().all()), "premise: the used padded value's 0 x inf"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gw.OpaqueBackwardWarning)
+        got = gw.grad(_replaced_loss(name, params, x, lens, pooled), params)
+    for g, p in zip(got, plain, strict=True):
+        assert _same(g, p)
+
