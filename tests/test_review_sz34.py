@@ -59,3 +59,35 @@ def test_a_replacement_that_needs_a_gradient_keeps_pytorchs_nan(name, pooled):
     for g, p in zip(got, plain, strict=True):
         assert _same(g, p)
 
+
+# -- exp(log_softmax(s)) of a finite score: an underflow, the key used -----------------------------------------------
+# sz34 reads exp(log_softmax(s)) as a softmax and took every exact 0 of it for a masked key's. A key with a finite bias
+# (-1000 here; HF-style finfo.min masks are finite too) has log weight -1000 - lse, finite, and exp's 0 of a finite
+# input is a value (exp's own rule: only exp(-inf) is structural); unlike softmax's result the log tells the two
+# apart. The key's value is used (its weight is a value that underflowed): PyTorch's 0 x inf at its infinite slope
+# must stay. Keys and queries are linear in x, so the value's slope is the only singular one.
+def _underflow_loss(pooled, params, x):
+    w, q_w = params
+    v = (x @ w).pow(2).sqrt()  # (an infinite slope at the zero row)
+    bias = torch.zeros(x.shape[:2], dtype=D)
+    bias[1, 3] = -1000.0  # finite: exp(-1000 - lse) underflows to 0 in float64
+    if pooled:
+        return ((x @ q_w[:, 0] + bias).log_softmax(-1).exp()[..., None] * v).sum(1).pow(2).sum()
+    s = (x @ q_w) @ x.transpose(1, 2) + bias[:, None, :]
+    return torch.bmm(s.log_softmax(-1).exp(), v).pow(2).sum()
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["bmm", "pooled"])
+def test_exp_of_log_softmax_underflow_of_a_finite_score_keeps_pytorchs_nan(pooled):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 4, dtype=D, generator=gen)
+    params = [torch.randn(4, 4, dtype=D, generator=gen).requires_grad_(),
+              torch.randn(4, 4, dtype=D, generator=gen).requires_grad_()]
+    x[1, 3] = 0.0  # the used key whose weight underflowed
+    plain = torch.autograd.grad(_underflow_loss(pooled, params, x), params)
+    assert not bool(plain[0].isfinite().all()), "premise: the used value's 0 x inf"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gw.OpaqueBackwardWarning)
+        got = gw.grad(_underflow_loss(pooled, params, x), params)
+    for g, p in zip(got, plain, strict=True):
+        assert _same(g, p)

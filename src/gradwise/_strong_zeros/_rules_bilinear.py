@@ -462,6 +462,17 @@ def reads_softmax_weights(node: Any) -> bool:
     return _weights_path(node) is not None
 
 
+def _masked_entries(end: Any) -> torch.Tensor | None:
+    """Where the softmax ``end`` of a weights path (``_path_from``'s last node) masked an entry (bool, shaped like its
+    result), or None where a hook packed what that takes. A softmax's exact 0 (an underflow's looks the same: see the
+    known limits); for exp(log_softmax(s)) the log's -inf, since an exp of a finite log that underflowed (a key with a
+    finite -1000 or finfo.min bias) is a value, as exp's own rule takes it: the key is used, and until 2026-12-07 its
+    value's 0 x inf = NaN was hidden there (test_review_sz34)."""
+    mask_of = end.name() == "ExpBackward0" and end.next_functions[0][0]
+    result = None if _hooked(mask_of or end, "_raw_saved_result") else (mask_of or end)._saved_result
+    return None if result is None else result == (-math.inf if mask_of else 0)
+
+
 def masked_weights(node: Any, weights: torch.Tensor) -> torch.Tensor | None:
     """Where the mm/bmm ``node``'s first operand ``weights`` (its saved self) is a softmax's exact 0 (bool, shaped
     like ``weights``), or None where it is no softmax's output (``softmax_of_weights``) or its softmax's result
@@ -472,18 +483,19 @@ def masked_weights(node: Any, weights: torch.Tensor) -> torch.Tensor | None:
     softmax = softmax_of_weights(node)
     if softmax is None:
         return None
-    if softmax is node.next_functions[0][0]:
+    exact = softmax.name() != "ExpBackward0"  # (whose own zeros may be a finite log's underflow: _masked_entries)
+    if exact and softmax is node.next_functions[0][0]:
         return weights == 0
-    if _hooked(softmax, "_raw_saved_result"):
+    masked = _masked_entries(softmax)
+    if masked is None:
         return None
-    result = softmax._saved_result
-    if result is None:
-        return None
-    if result.untyped_storage()._cdata == weights.untyped_storage()._cdata and result.dtype == weights.dtype:
+    result = softmax._saved_result if exact else None
+    if result is not None and result.untyped_storage()._cdata == weights.untyped_storage()._cdata \
+            and result.dtype == weights.dtype:
         return weights == 0
-    if result.numel() != weights.numel() or _reorders(node):
+    if masked.numel() != weights.numel() or _reorders(node):
         return None
-    return (result == 0).reshape(weights.shape) & (weights == 0)  # (a factor's NaN on the way: no zero)
+    return masked.reshape(weights.shape) & (weights == 0)  # (a factor's NaN on the way: no zero)
 
 
 def _reorders(node: Any) -> bool:
@@ -535,11 +547,12 @@ def _softmax_factor(args: tuple) -> tuple[int, torch.Tensor] | None:
         return None
     for edge, (producer, _) in enumerate(node.next_functions[:2]):
         path = _path_from(producer, 8)
-        if path is None or _hooked(path[-1], "_raw_saved_result"):
+        masked = None if path is None else _masked_entries(path[-1])
+        if masked is None:
             continue
-        result = path[-1]._saved_result
-        if all(p.name() in _SAME_STORAGE for p in path[:-1]):
-            factor = result  # (a view of the result: the same storage)
+        viewed = all(p.name() in _SAME_STORAGE for p in path[:-1]) and path[-1].name() != "ExpBackward0"
+        if viewed:
+            factor = path[-1]._saved_result  # (a view of the result: the same storage, its exact zeros the softmax's)
         elif not _hooked(node, ("_raw_saved_self", "_raw_saved_other")[edge]) \
                 and not any(p.name() not in _WEIGHT_PATH and p.name() not in _GATED_PATH for p in path[:-1]):
             factor = (node._saved_self, node._saved_other)[edge]  # (the product's own operand)
@@ -552,10 +565,10 @@ def _softmax_factor(args: tuple) -> tuple[int, torch.Tensor] | None:
             if isinstance(t, torch.Tensor) and _is_float(t) and t.dtype == factor.dtype \
                     and t.untyped_storage()._cdata == cdata:
                 zero = t == 0
-                if factor is not result:  # the softmax's zeros among the factor's, by the elements' order
-                    if result.numel() != t.numel():
+                if not viewed:  # the masked entries among the factor's zeros, by the elements' order
+                    if masked.numel() != t.numel():
                         return None
-                    zero = zero & (result == 0).reshape(t.shape)
+                    zero = zero & masked.reshape(t.shape)
                 return (i, zero) if bool(mask_any(zero)) else None
     return None
 
