@@ -413,11 +413,14 @@ def _of_log_softmax(node: Any) -> bool:
     return edge is not None and edge.name() == "LogSoftmaxBackward0"
 
 
+_PATH_BUDGET = 8  # nodes a weights path may hold (a gated node tries two factors: under 2**9 nodes visited)
+
+
 def _weights_path(node: Any) -> list[Any] | None:
     """The nodes from the mm/bmm ``node``'s first edge to the SoftmaxBackward0 whose output its first operand is (the
     last one), through the nodes of ``_WEIGHT_PATH`` whose other edges need no gradient (a mul by a constant), through
     views that keep the storage (``_SAME_STORAGE``: an einsum's permutes), and through ``_GATED_PATH``'s; or None."""
-    return _path_from(node.next_functions[0][0], 8)
+    return _path_from(node.next_functions[0][0], _PATH_BUDGET)
 
 
 def _path_from(producer: Any, budget: int) -> list[Any] | None:
@@ -458,7 +461,7 @@ def reads_softmax_weights(node: Any) -> bool:
     if not _STATE.outputs_finite:
         return False
     if node.name() == "MulBackward0":
-        return any(_path_from(producer, 8) is not None for producer, _ in node.next_functions[:2])
+        return any(_path_from(producer, _PATH_BUDGET) is not None for producer, _ in node.next_functions[:2])
     return _weights_path(node) is not None
 
 
@@ -501,7 +504,12 @@ def masked_weights(node: Any, weights: torch.Tensor) -> torch.Tensor | None:
 def _reorders(node: Any) -> bool:
     """Whether a node between the softmax and the mm/bmm ``node`` changes the elements' order (a permute)."""
     path = _weights_path(node)
-    return path is None or any(p.name() not in _WEIGHT_PATH and p.name() not in _GATED_PATH for p in path[:-1])
+    return path is None or not _keeps_order(path)
+
+
+def _keeps_order(path: list[Any]) -> bool:
+    """Whether every node of a weights path before its softmax keeps the elements' order (no permute, transpose)."""
+    return all(p.name() in _WEIGHT_PATH or p.name() in _GATED_PATH for p in path[:-1])
 
 
 def _softmax_weights(args: tuple) -> tuple[int, torch.Tensor] | None:
@@ -546,7 +554,7 @@ def _softmax_factor(args: tuple) -> tuple[int, torch.Tensor] | None:
     if node is None or node.name() != "MulBackward0":
         return None
     for edge, (producer, _) in enumerate(node.next_functions[:2]):
-        path = _path_from(producer, 8)
+        path = _path_from(producer, _PATH_BUDGET)
         masked = None if path is None else _masked_entries(path[-1])
         if masked is None:
             continue
@@ -554,7 +562,7 @@ def _softmax_factor(args: tuple) -> tuple[int, torch.Tensor] | None:
         if viewed:
             factor = path[-1]._saved_result  # (a view of the result: the same storage, its exact zeros the softmax's)
         elif not _hooked(node, ("_raw_saved_self", "_raw_saved_other")[edge]) \
-                and not any(p.name() not in _WEIGHT_PATH and p.name() not in _GATED_PATH for p in path[:-1]):
+                and _keeps_order(path):
             factor = (node._saved_self, node._saved_other)[edge]  # (the product's own operand)
         else:
             continue
