@@ -555,14 +555,12 @@ def _softmax_factor(args: tuple) -> tuple[int, torch.Tensor] | None:
         return None
     for edge, (producer, _) in enumerate(node.next_functions[:2]):
         path = _path_from(producer, _PATH_BUDGET)
-        masked = None if path is None else _masked_entries(path[-1])
-        if masked is None:
+        if path is None or _hooked(path[-1], "_raw_saved_result"):
             continue
         viewed = all(p.name() in _SAME_STORAGE for p in path[:-1]) and path[-1].name() != "ExpBackward0"
         if viewed:
             factor = path[-1]._saved_result  # (a view of the result: the same storage, its exact zeros the softmax's)
-        elif not _hooked(node, ("_raw_saved_self", "_raw_saved_other")[edge]) \
-                and _keeps_order(path):
+        elif not _hooked(node, ("_raw_saved_self", "_raw_saved_other")[edge]) and _keeps_order(path):
             factor = (node._saved_self, node._saved_other)[edge]  # (the product's own operand)
         else:
             continue
@@ -574,7 +572,8 @@ def _softmax_factor(args: tuple) -> tuple[int, torch.Tensor] | None:
                     and t.untyped_storage()._cdata == cdata:
                 zero = t == 0
                 if not viewed:  # the masked entries among the factor's zeros, by the elements' order
-                    if masked.numel() != t.numel():
+                    masked = _masked_entries(path[-1])
+                    if masked is None or masked.numel() != t.numel():
                         return None
                     zero = zero & masked.reshape(t.shape)
                 return (i, zero) if bool(mask_any(zero)) else None
