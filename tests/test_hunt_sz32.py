@@ -245,11 +245,10 @@ ATTENTION = ["MultiheadAttention need_weights=True average", "MultiheadAttention
              "MultiheadAttention need_weights=False", "softmax then bmm", "softmax then mm (2-d)"]
 
 
-@pytest.mark.parametrize("name", ATTENTION)
-def test_masked_attention_weights_give_padded_values_the_deleted_keys_zero(name):
-    x, params, loss_of = _attention_case(name)
-    lens = torch.tensor([5, 3])[-x.shape[0]:]
-    x[-1, 3:] = 0.0  # padding of the last sequence
+def matches_the_deleted_program(loss_of, params, x, lens):
+    """gw.grad of the padded batch (the last sequence's padding a zero row: PyTorch's 0 x inf) against the sum of
+    each sequence's plain gradients with its padding deleted (also test_hunt_sz34's)."""
+    x[-1, int(lens[-1]):] = 0.0  # padding of the last sequence
     assert not all(bool(g.isfinite().all()) for g in torch.autograd.grad(loss_of(x, lens), params)), \
         "premise: PyTorch's 0 x inf"
     with warnings.catch_warnings():
@@ -264,15 +263,12 @@ def test_masked_attention_weights_give_padded_values_the_deleted_keys_zero(name)
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ATTENTION)
-def test_masked_attention_weights_controls(name):
+def keeps_the_controls(loss_of, params, x, lens):
     """Finite data (no padding): PyTorch's bits. A zero row at a kept key (its value's slope infinite, its weight
-    not 0): PyTorch's NaN/Inf stays, bit for bit."""
-    x, params, loss_of = _attention_case(name)
-    lens = torch.tensor([5, 3])[-x.shape[0]:]
+    not 0): PyTorch's NaN/Inf stays, bit for bit (also test_hunt_sz34's)."""
     for g, p in zip(gw.grad(loss_of(x, lens), params), torch.autograd.grad(loss_of(x, lens), params), strict=True):
         assert torch.equal(g, p)
-    x[-1, 3:] = 0.0
+    x[-1, int(lens[-1]):] = 0.0
     x[-1, 1] = 0.0  # a kept key
     plain = torch.autograd.grad(loss_of(x, lens), params)
     assert not bool(plain[0].isfinite().all())
@@ -280,3 +276,15 @@ def test_masked_attention_weights_controls(name):
         warnings.simplefilter("ignore", gw.OpaqueBackwardWarning)
         got = gw.grad(loss_of(x, lens), params)
     assert _same(got[0], plain[0])
+
+
+@pytest.mark.parametrize("name", ATTENTION)
+def test_masked_attention_weights_give_padded_values_the_deleted_keys_zero(name):
+    x, params, loss_of = _attention_case(name)
+    matches_the_deleted_program(loss_of, params, x, torch.tensor([5, 3])[-x.shape[0]:])
+
+
+@pytest.mark.parametrize("name", ATTENTION)
+def test_masked_attention_weights_controls(name):
+    x, params, loss_of = _attention_case(name)
+    keeps_the_controls(loss_of, params, x, torch.tensor([5, 3])[-x.shape[0]:])

@@ -55,11 +55,23 @@ _register(aten._softmax_backward_data)(_softmax_backward)
 
 def _log_softmax_backward(func, args, kwargs, sup):
     """_log_softmax_backward_data(g, y, dim): out = g - exp(y) * sum(g). A row of g that is all structural
-    zeros (an ignored target, a discarded row) gives a structurally zero row whatever y holds."""
-    g, dim = args[0], args[2]
+    zeros (an ignored target, a discarded row) gives a structurally zero row whatever y holds. A y of -inf (a masked
+    position: exp(y) = 0, softmax's structural 0) takes no part in the row's sum term, so where g is a structural zero
+    there the output is one too (until 2026-12-07 it was a computed 0: exp(log_softmax(s + mask)) as attention
+    weights sent the masked keys' scores 0, and a padded key's infinite slope below met it as 0 x inf = NaN). Where
+    the output being differentiated is not finite and an infinite g is in the row, PyTorch's row stays, as in
+    softmax's rule."""
+    g, y, dim = args[0], args[1], args[2]
     out = func(*args, **kwargs)
     s = sup.of(g)
-    support = None if s is None else mask_any(s, dim, keepdim=True).expand(out.shape)
+    if s is None:
+        sup.record(out, None)
+        return out
+    row = mask_any(s, dim, keepdim=True)
+    masked = y == float("-inf")
+    if not _STATE.outputs_finite:
+        masked = masked & ~mask_any(~torch.isfinite(g) & s, dim, keepdim=True)
+    support = (s | (row & ~masked)).expand(out.shape)
     sup.record(_annihilate(out, support), support)
     return out
 

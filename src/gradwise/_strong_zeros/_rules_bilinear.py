@@ -385,23 +385,95 @@ _SAME_STORAGE = frozenset(("UnsqueezeBackward0", "ViewBackward0", "ExpandBackwar
                            "TransposeBackward0", "SqueezeBackward0", "SqueezeBackward1", "AliasBackward0"))
 
 
-def softmax_of_weights(node: Any) -> Any:
-    """The SoftmaxBackward0 whose output is the first operand of the mm/bmm ``node`` (its first edge, through the
-    nodes of ``_WEIGHT_PATH`` whose other edges need no gradient: a mul by a constant, and through views that keep
-    the storage, ``_SAME_STORAGE``: an einsum's permutes), or None."""
-    producer = node.next_functions[0][0]
-    for _ in range(8):
-        if producer is None:
-            return None
+# elementwise nodes between a softmax and the bmm whose other operand may need a gradient (or hold a tensor), and the
+# edges the weights may come through: a gate (p * g, g * p), a renormalisation (p / p.sum(-1)), the usual repairs of
+# a fully masked row (p.nan_to_num(0), p.masked_fill(key_mask, 0), where(key_mask, 0, p)). Each keeps the weights'
+# order; where the softmax's result is 0 (a masked key) a weight of 0 is that key's (its value is unused: the program
+# with the padded key deleted has no such weight), and a weight the other operand made other than 0 there is read as
+# a value (``masked_weights`` maps the result's zeros and the weights' together). Until 2026-12-07 only constant
+# factors were followed: these kept PyTorch's 0 x inf = NaN at a padded value's infinite slope, silently.
+_GATED_PATH = {"MulBackward0": (0, 1), "DivBackward0": (0,), "NanToNumBackward0": (0,), "MaskedFillBackward0": (0,),
+               "MaskedFillBackward1": (0,), "WhereBackward0": (0, 1)}
+# of those, the ones whose other edge replaces weights rather than scales them: followed only where that edge needs no
+# gradient (a constant fill). A fill that needs one (a learned prior in where(keep, a, prior), a learned masked_fill
+# value) puts its own value at the masked key, whose 0 is a value: the key's value is read (the fill's gradient is
+# g . v there) and PyTorch's 0 x inf at its infinite slope is genuine; until 2026-12-07 it was hidden (test_review_sz34)
+_REPLACED_BY_OTHER = frozenset(("MaskedFillBackward1", "WhereBackward0"))
+
+
+# the softmaxes whose exact 0 is a masked entry's: softmax's, and _safe_softmax's (SDPA's math backend: a fully
+# masked row is 0 there rather than NaN); until 2026-12-07 the math backend's weights were values in v's gradient
+_SOFTMAXES = frozenset(("SoftmaxBackward0", "SafeSoftmaxBackward0"))  # (and exp(log_softmax(s)): _of_log_softmax)
+
+
+def _of_log_softmax(node: Any) -> bool:
+    """Whether the ExpBackward0 ``node`` is exp(log_softmax(s)): a softmax written through its log (its saved result
+    the weights, whose exact 0 is a masked entry's exp(-inf) as softmax's is)."""
+    edge = node.next_functions[0][0]
+    return edge is not None and edge.name() == "LogSoftmaxBackward0"
+
+
+_PATH_BUDGET = 8  # nodes a weights path may hold (a gated node tries two factors: under 2**9 nodes visited)
+
+
+def _weights_path(node: Any) -> list[Any] | None:
+    """The nodes from the mm/bmm ``node``'s first edge to the SoftmaxBackward0 whose output its first operand is (the
+    last one), through the nodes of ``_WEIGHT_PATH`` whose other edges need no gradient (a mul by a constant), through
+    views that keep the storage (``_SAME_STORAGE``: an einsum's permutes), and through ``_GATED_PATH``'s; or None."""
+    return _path_from(node.next_functions[0][0], _PATH_BUDGET)
+
+
+def _path_from(producer: Any, budget: int) -> list[Any] | None:
+    """``_weights_path`` from ``producer`` on, at most ``budget`` nodes."""
+    path: list[Any] = []
+    while producer is not None and len(path) < budget:
+        path.append(producer)
         name = producer.name()
-        if name == "SoftmaxBackward0":
-            return producer
+        if name in _SOFTMAXES or (name == "ExpBackward0" and _of_log_softmax(producer)):
+            return path
         edges = producer.next_functions
+        if name in _GATED_PATH:  # (two tracked factors: the first that leads to a softmax)
+            for i in _GATED_PATH[name]:
+                if name in _REPLACED_BY_OTHER and any(e[0] is not None for j, e in enumerate(edges) if j != i):
+                    continue
+                tail = _path_from(edges[i][0], budget - len(path)) if i < len(edges) else None
+                if tail is not None:
+                    return path + tail
+            return None
         if (name not in _WEIGHT_PATH and name not in _SAME_STORAGE) or not edges \
                 or any(e[0] is not None for e in edges[1:]):
             return None
         producer = edges[0][0]
     return None
+
+
+def softmax_of_weights(node: Any) -> Any:
+    """The SoftmaxBackward0 whose output is the first operand of the mm/bmm ``node`` (``_weights_path``), or None."""
+    path = _weights_path(node)
+    return None if path is None else path[-1]
+
+
+def reads_softmax_weights(node: Any) -> bool:
+    """Whether the rules of an MmBackward0/BmmBackward0 or MulBackward0 ``node`` would read a softmax's weights from
+    the graph (``_masked_weights_mm``, ``_softmax_factor``): node types and the pass's state only, no value
+    (``_transforms._node_readers``). They act only while the outputs are finite (a used NaN's gradient is PyTorch's
+    there anyway; a vmap batch where one sample's output is not finite is not named either, as it is read whole)."""
+    if not _STATE.outputs_finite:
+        return False
+    if node.name() == "MulBackward0":
+        return any(_path_from(producer, _PATH_BUDGET) is not None for producer, _ in node.next_functions[:2])
+    return _weights_path(node) is not None
+
+
+def _masked_entries(end: Any) -> torch.Tensor | None:
+    """Where the softmax ``end`` of a weights path (``_path_from``'s last node) masked an entry (bool, shaped like its
+    result), or None where a hook packed what that takes. A softmax's exact 0 (an underflow's looks the same: see the
+    known limits); for exp(log_softmax(s)) the log's -inf, since an exp of a finite log that underflowed (a key with a
+    finite -1000 or finfo.min bias) is a value, as exp's own rule takes it: the key is used, and until 2026-12-07 its
+    value's 0 x inf = NaN was hidden there (test_review_sz34)."""
+    mask_of = end.name() == "ExpBackward0" and end.next_functions[0][0]
+    result = None if _hooked(mask_of or end, "_raw_saved_result") else (mask_of or end)._saved_result
+    return None if result is None else result == (-math.inf if mask_of else 0)
 
 
 def masked_weights(node: Any, weights: torch.Tensor) -> torch.Tensor | None:
@@ -414,28 +486,30 @@ def masked_weights(node: Any, weights: torch.Tensor) -> torch.Tensor | None:
     softmax = softmax_of_weights(node)
     if softmax is None:
         return None
-    if softmax is node.next_functions[0][0]:
+    exact = softmax.name() != "ExpBackward0"  # (whose own zeros may be a finite log's underflow: _masked_entries)
+    if exact and softmax is node.next_functions[0][0]:
         return weights == 0
-    if _hooked(softmax, "_raw_saved_result"):
+    masked = _masked_entries(softmax)
+    if masked is None:
         return None
-    result = softmax._saved_result
-    if result is None:
-        return None
-    if result.untyped_storage()._cdata == weights.untyped_storage()._cdata and result.dtype == weights.dtype:
+    result = softmax._saved_result if exact else None
+    if result is not None and result.untyped_storage()._cdata == weights.untyped_storage()._cdata \
+            and result.dtype == weights.dtype:
         return weights == 0
-    if result.numel() != weights.numel() or _reorders(node):
+    if masked.numel() != weights.numel() or _reorders(node):
         return None
-    return (result == 0).reshape(weights.shape) & (weights == 0)  # (a factor's NaN on the way: no zero)
+    return masked.reshape(weights.shape) & (weights == 0)  # (a factor's NaN on the way: no zero)
 
 
 def _reorders(node: Any) -> bool:
     """Whether a node between the softmax and the mm/bmm ``node`` changes the elements' order (a permute)."""
-    producer = node.next_functions[0][0]
-    while producer is not None and producer.name() != "SoftmaxBackward0":
-        if producer.name() not in _WEIGHT_PATH:
-            return True
-        producer = producer.next_functions[0][0]
-    return False
+    path = _weights_path(node)
+    return path is None or not _keeps_order(path)
+
+
+def _keeps_order(path: list[Any]) -> bool:
+    """Whether every node of a weights path before its softmax keeps the elements' order (no permute, transpose)."""
+    return all(p.name() in _WEIGHT_PATH or p.name() in _GATED_PATH for p in path[:-1])
 
 
 def _softmax_weights(args: tuple) -> tuple[int, torch.Tensor] | None:
@@ -468,27 +542,40 @@ def _softmax_weights(args: tuple) -> tuple[int, torch.Tensor] | None:
 
 def _softmax_factor(args: tuple) -> tuple[int, torch.Tensor] | None:
     """In MulBackward0's formula (``g * other``, ``g * self``) of a product with a softmax's weights (attention
-    pooling: ``(softmax(s)[..., None] * h).sum(1)``), the position of the factor that is those weights (the softmax's
-    saved result or a view of it: the same storage, so its exact zeros are the softmax's) and its zeros, while
-    every output being differentiated is finite; else None."""
+    pooling: ``(softmax(s)[..., None] * h).sum(1)``), the position of the factor that is those weights and its zeros
+    that are the softmax's, while every output being differentiated is finite; else None. The weights are the
+    softmax's saved result or a view of it (the same storage: its exact zeros are the softmax's), or reach the
+    product through the nodes ``_weights_path`` follows to an mm/bmm (a scaling, a gate, a renormalisation, the
+    repairs of fully masked rows), mapped by the elements' order as ``masked_weights`` maps them (until 2026-12-07
+    only views were seen, and the others kept PyTorch's 0 x inf = NaN at a padded value's infinite slope, silently)."""
     if not (_STATE.outputs_finite and _in_formula() and _reads_nodes()):
         return None
     node = torch._C._current_autograd_node()
     if node is None or node.name() != "MulBackward0":
         return None
-    for producer, _ in node.next_functions:
-        for _ in range(6):
-            if producer is None or producer.name() not in _SAME_STORAGE:
-                break
-            producer = producer.next_functions[0][0]
-        if producer is None or producer.name() != "SoftmaxBackward0" or _hooked(producer, "_raw_saved_result"):
+    for edge, (producer, _) in enumerate(node.next_functions[:2]):
+        path = _path_from(producer, _PATH_BUDGET)
+        if path is None or _hooked(path[-1], "_raw_saved_result"):
             continue
-        result = producer._saved_result
-        cdata = result.untyped_storage()._cdata
+        viewed = all(p.name() in _SAME_STORAGE for p in path[:-1]) and path[-1].name() != "ExpBackward0"
+        if viewed:
+            factor = path[-1]._saved_result  # (a view of the result: the same storage, its exact zeros the softmax's)
+        elif not _hooked(node, ("_raw_saved_self", "_raw_saved_other")[edge]) and _keeps_order(path):
+            factor = (node._saved_self, node._saved_other)[edge]  # (the product's own operand)
+        else:
+            continue
+        if not isinstance(factor, torch.Tensor):
+            continue
+        cdata = factor.untyped_storage()._cdata
         for i, t in enumerate(args[:2]):
-            if isinstance(t, torch.Tensor) and _is_float(t) and t.dtype == result.dtype \
+            if isinstance(t, torch.Tensor) and _is_float(t) and t.dtype == factor.dtype \
                     and t.untyped_storage()._cdata == cdata:
                 zero = t == 0
+                if not viewed:  # the masked entries among the factor's zeros, by the elements' order
+                    masked = _masked_entries(path[-1])
+                    if masked is None or masked.numel() != t.numel():
+                        return None
+                    zero = zero & masked.reshape(t.shape)
                 return (i, zero) if bool(mask_any(zero)) else None
     return None
 
