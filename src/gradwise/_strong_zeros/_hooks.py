@@ -193,20 +193,28 @@ def register_hook(self: torch.Tensor, hook: Callable[..., Any]) -> Any:
 
 def _prune() -> None:
     global _limit
-    for k, (ref, _) in list(HOOKED.items()):
-        if ref() is None:
-            HOOKED.pop(k, None)
+    for k, entry in list(HOOKED.items()):
+        if entry[0]() is None:
+            _drop(k, entry)
     _limit = max(256, 2 * len(HOOKED))
+
+
+def _drop(k: int, entry: tuple) -> None:
+    """Drop a dead dict's entry, unless another thread has just noted a new dict at its address (then put back)."""
+    now = HOOKED.pop(k, None)
+    if now is not None and now is not entry:
+        HOOKED[k] = now
 
 
 def _live() -> list[tuple[dict, int]]:
     """The hooks dicts in HOOKED that hold a user's hook, with their nodes' sequence numbers (dead entries
     dropped)."""
     out = []
-    for k, (ref, key) in list(HOOKED.items()):
+    for k, entry in list(HOOKED.items()):
+        ref, key = entry
         hooks = ref()
         if hooks is None:
-            HOOKED.pop(k, None)
+            _drop(k, entry)
         elif any(_users(h) or isinstance(h, _Wrapped) for h in list(hooks.values())):
             out.append((hooks, key))
     return out
