@@ -223,3 +223,58 @@ def test_the_plan_of_a_hooked_graph_runs_under_the_mode_only_where_zeros_reach_t
     below = (h @ w0.T).tanh()  # (w0.T: 4 x 3)
     assert _choose([below.sum()], (), ()) == "plain"
     assert _choose([below[:3].sum()], (), ()) == "check"  # (the slice's zeros reach h)
+
+
+def test_gradwise_holds_no_hook_and_no_dict_past_its_graph():
+    """HOOKED notes a dict weakly: a hooked graph freed frees its hooks (and what they hold), after a pass too."""
+    import gc
+    import weakref
+
+    class Hook:
+        def __call__(self, g):
+            return g * 2
+
+    refs = []
+    for block in (False, True):
+        x = torch.arange(4.0, dtype=D, requires_grad=True)
+        y = x * 2
+        hook = Hook()
+        y.register_hook(hook)
+        refs += [weakref.ref(hook), weakref.ref(y._backward_hooks)]
+        if block:
+            with gw.strong_zeros():
+                y[:2].sum().backward()
+        else:
+            y[:2].sum().backward()
+        del y, hook
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")  # (dynamo's)
+@pytest.mark.parametrize("whole", [False, True], ids=["eager and compiled", "compiled only"])
+def test_a_hook_that_makes_nan_from_zeros_made_inside_a_compiled_function_is_followed(whole):
+    """The zeros come from a slice inside a torch.compile'd function, which the plan's zero reach does not see
+    into: a graph with such a node and a user's hook still runs under the mode (g / g.norm at a dropped row: 0/0)."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 3, dtype=D, generator=gen)
+    w0 = torch.randn(3, 4, dtype=D, generator=gen)
+    v = torch.randn(4, 2, dtype=D, generator=gen)
+    first = torch.compile(lambda x, w: x @ w, backend="aot_eager", fullgraph=True)
+    below = torch.compile(lambda h, kept: torch.tanh(h @ v)[:kept].sum(), backend="aot_eager", fullgraph=True)
+
+    def w_grad(x, strong, kept=3):
+        w = w0.clone().requires_grad_()
+        h = first(x, w) if whole else x @ w
+        h.register_hook(lambda g: g / g.norm(dim=-1, keepdim=True))
+        loss = below(h, kept)
+        if strong:
+            with gw.strong_zeros():
+                loss.backward()
+        else:
+            loss.backward()
+        return w.grad
+
+    assert bool(w_grad(x, strong=False).isnan().all()), "premise: the hook's 0/0"
+    torch.testing.assert_close(w_grad(x, strong=True), w_grad(x[:3], strong=False), rtol=1e-12, atol=1e-12)

@@ -252,12 +252,10 @@ def opened() -> Iterator[None]:
                     _unwrap(hooks)
 
 
-def hooked(nodes: Iterable[Any]) -> list:
-    """The nodes of a graph whose tensors hold a hook of the user's (``HOOKED``)."""
+def hooked(nodes: Iterable[Any]) -> bool:
+    """Whether one of ``nodes`` is the node of a tensor that holds a hook of the user's (``HOOKED``)."""
     keys = {key for _, key in _live()}
-    if not keys:
-        return []
-    return [n for n in nodes if n._sequence_nr() in keys]
+    return bool(keys) and any(n._sequence_nr() in keys for n in nodes)
 
 
 def install() -> None:

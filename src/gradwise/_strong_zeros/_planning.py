@@ -281,7 +281,7 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any], watched: list | None =
     if shaped is None or (results is not None and shaped.results is None):  # (see _Shaped.results)
         shaped = _shaped(roots, _resolved(_derived(w)), results is not None)
         _keep(w.shape, shaped)
-    if _hooks.HOOKED and any(w.nodes[n] in shaped.above for n in _hooks.hooked(w.nodes)):
+    if _hooks.HOOKED and _hooks_given_zeros(w, shaped):
         return "check"  # a tensor hook of the user's that structural zeros reach: what it computes is not seen here
     if shaped.compiled_only:  # a whole step compiled: nothing outside its graphs to read, and zeros made inside
         return "compiled"  # them are the pass's (one check per node's result)
@@ -318,6 +318,19 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any], watched: list | None =
 
 
 _PARAMETER = torch.nn.Parameter  # (issubclass: its metaclass's isinstance test costs ~0.5 us a leaf)
+
+
+def _hooks_given_zeros(w: _Walk, shaped: _Shaped) -> bool:
+    """Whether a tensor hook of the user's (``_hooks``) may be given structural zeros: its tensor's node is one they
+    reach from above (``_Shaped.above``); in a graph with a node gradwise does not know (a torch.compile'd backward,
+    a custom Function: zeros made inside it are not in ``above``), any hooked node counts. No zero reaching any
+    node: none is looked for."""
+    if shaped.known_all and not shaped.compiled_only:
+        if not shaped.above:
+            return False
+        order = list(w.nodes)
+        return _hooks.hooked([order[i] for i in shaped.above])
+    return _hooks.hooked(w.nodes)
 
 
 def _results_reach(shaped: _Shaped, at: dict[Any, int], order: list, inputs: Sequence[Any]) -> int:
