@@ -181,18 +181,21 @@ def register_hook(self: torch.Tensor, hook: Callable[..., Any]) -> Any:
         # as without gradwise; where it registers the hook it calls this function again, with torch functions off)
         return _ORIGINAL(self, hook)
     handle = _ORIGINAL(self, hook)
-    node = self.grad_fn
-    if node is not None:  # (a leaf's hook feeds its .grad alone)
-        hooks = self._backward_hooks
-        entry = HOOKED.get(id(hooks))
-        if entry is None or entry[0]() is not hooks:  # (a new dict, or one at a dead one's address)
-            HOOKED[id(hooks)] = (_ref(hooks), node._sequence_nr())
-            if len(HOOKED) > _limit:
-                _prune()
-        if _open:  # registered while a pass runs (a checkpoint's recomputation): wrapped now
-            with _LOCK:
-                if _open:
-                    _wrap(hooks)
+    # (the dict the hook went into: a view whose base was modified in place keeps its old dict, which holds the hook,
+    # until its grad_fn is read, which regenerates the node and resets the tensor's dict to None)
+    hooks = handle.hooks_dict_ref()
+    entry = HOOKED.get(id(hooks))
+    if entry is None or entry[0]() is not hooks:  # (a new dict, or one at a dead one's address)
+        node = self.grad_fn
+        if node is None:  # (a leaf's hook feeds its .grad alone)
+            return handle
+        HOOKED[id(hooks)] = (_ref(hooks), node._sequence_nr())
+        if len(HOOKED) > _limit:
+            _prune()
+    if _open:  # registered while a pass runs (a checkpoint's recomputation): wrapped now
+        with _LOCK:
+            if _open:
+                _wrap(hooks)
     return handle
 
 
