@@ -153,11 +153,17 @@ def _name(hook: Any) -> str:
     return getattr(hook, "__qualname__", None) or type(hook).__qualname__
 
 
+# torch's closures that run a user's hook (not torch's own): dynamo's RegisterHookOp calls the hook's traced body
+# (a torch.compile'd function that registers a hook on an intermediate, with a backend that leaves it eager)
+_CARRIERS = frozenset({"RegisterHookOp.__call__.<locals>.hook"})
+
+
 def _users(hook: Any) -> bool:
     """Whether a hook in a tensor's dict is the user's (gradwise's and torch's own are left alone: FSDP's,
-    register_multi_grad_hook's)."""
+    register_multi_grad_hook's; a torch closure of _CARRIERS runs a user's)."""
     return callable(hook) and not isinstance(hook, _Wrapped) and \
-        not str(getattr(hook, "__module__", None) or "").startswith(("gradwise.", "torch."))
+        (not str(getattr(hook, "__module__", None) or "").startswith(("gradwise.", "torch."))
+         or getattr(hook, "__qualname__", None) in _CARRIERS)
 
 
 _ORIGINAL = torch.Tensor.register_hook
