@@ -323,13 +323,18 @@ _PARAMETER = torch.nn.Parameter  # (issubclass: its metaclass's isinstance test 
 def _hooks_given_zeros(w: _Walk, shaped: _Shaped) -> bool:
     """Whether a tensor hook of the user's (``_hooks``) may be given structural zeros: its tensor's node is one they
     reach from above (``_Shaped.above``); in a graph with a node gradwise does not know (a torch.compile'd backward,
-    a custom Function: zeros made inside it are not in ``above``), any hooked node counts. No zero reaching any
+    a custom Function: zeros made inside it are not in ``above``), any hooked node counts. A softmax's or exp's output
+    of exactly 0 (``_Shaped.zero_outputs``) is a structural zero that ``above`` (node types alone) does not hold:
+    where one holds it (read eagerly, as the plan reads saved tensors) any hooked node counts. No zero reaching any
     node: none is looked for."""
     if shaped.known_all and not shaped.compiled_only:
-        if not shaped.above:
+        if not shaped.above and not shaped.zero_outputs:
             return False
         order = list(w.nodes)
-        return _hooks.hooked([order[i] for i in shaped.above])
+        if shaped.above and _hooks.hooked([order[i] for i in shaped.above]):
+            return True
+        return bool(shaped.zero_outputs) and _hooks.hooked(w.nodes) and \
+            any(not _readable(n) or test(n) for n, test in ((order[i], t) for i, t in shaped.zero_outputs))
     return _hooks.hooked(w.nodes)
 
 
