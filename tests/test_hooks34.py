@@ -211,9 +211,10 @@ def test_gradcheck_with_its_batched_check_through_a_hooked_tensor(where):
         assert torch.autograd.gradcheck(f, (x,), check_batched_grad=True)
 
 
-def test_the_plan_of_a_hooked_graph_runs_under_the_mode_only_where_zeros_reach_the_hook():
-    """A hooked tensor that no structural zero reaches is given values only: its graph is planned as without the hook
-    (every hooked graph ran under the mode until hooks34: +51% on a hooked TransformerEncoder step)."""
+def test_the_plan_of_a_hooked_graph_runs_under_the_mode_whether_or_not_zeros_reach_the_hook():
+    """A hook's torch ops are followed by the rules wherever zeros come from (its own where's 0 is structural:
+    test_review_hooks34), so a graph holding a user's hook takes 'check' with or without a slice's zeros reaching it;
+    the same graph without the hook is 'plain'."""
     from gradwise._strong_zeros._engine import _choose
 
     x, _, w0 = _padded()
@@ -221,8 +222,10 @@ def test_the_plan_of_a_hooked_graph_runs_under_the_mode_only_where_zeros_reach_t
     h = x @ w
     h.register_hook(_numpy_double)
     below = (h @ w0.T).tanh()  # (w0.T: 4 x 3)
-    assert _choose([below.sum()], (), ()) == "plain"
+    assert _choose([below.sum()], (), ()) == "check"
     assert _choose([below[:3].sum()], (), ()) == "check"  # (the slice's zeros reach h)
+    unhooked = (x @ w0.clone().requires_grad_()) @ w0.T
+    assert _choose([unhooked.tanh().sum()], (), ()) == "plain"
 
 
 def test_gradwise_holds_no_hook_and_no_dict_past_its_graph():

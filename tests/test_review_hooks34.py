@@ -35,13 +35,7 @@ def test_a_second_hook_on_a_view_whose_base_was_modified_in_place_goes_where_pyt
     assert calls[torch.Tensor.register_hook] == calls[_hooks._ORIGINAL]
 
 
-_OWN_ZEROS = pytest.mark.xfail(strict=True, reason="SILENT: hooks34 plans a hooked graph 'plain' unless structural "
-                                "zeros reach the hook, so zeros the hook makes itself with torch ops (where) are plain "
-                                "zeros and the padding's NaN stays; a column slice elsewhere gives 'check', "
-                                "a finite grad")
-
-
-@pytest.mark.parametrize("loss", [pytest.param("sum", marks=_OWN_ZEROS), "column slice"])
+@pytest.mark.parametrize("loss", ["sum", "column slice"])
 def test_a_hooks_own_where_zeros_do_not_depend_on_zeros_elsewhere(loss):
     """The hook zeroes the NaN rows of x's gradient with ``torch.where`` (a torch op the rules follow: under the
     mode its 0 branch is structural, as the base's 'check' path for every hooked graph gave). The reference is the

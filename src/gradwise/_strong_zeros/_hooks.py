@@ -32,17 +32,18 @@ open would miss the hooks registered before it (a model hooked at construction),
 one hook registered in front instead of two would still cost a registration per call outside any block.
 
 A hook on a non-leaf tensor may also make NaN/Inf from the zeros it is given (``g / g.norm(dim=-1,
-keepdim=True)`` at a padding row: 0/0), which no plan can see: a backward whose graph holds one that structural
-zeros reach (``_planning._zero_reach``: the hooked tensor's node among the nodes they reach from above, where the
-hook is given them; in a graph with a node gradwise does not know, a compiled backward or a custom Function whose
-zeros the reach does not see, any hooked node: ``_planning._hooks_given_zeros``) runs under the mode (the 'check'
-path, ``hooked``), where its torch ops meet their rules (the
-division of a structural zero is one). A hook that no structural zero reaches is given values only: what it makes
-from them is the program's (PyTorch's NaN is kept), and the plan goes on as without it (until hooks34 every graph
-holding a user's hook ran under the mode: +51% on a hooked TransformerEncoder step). Where zeros do reach a hook
-the whole backward runs under the mode (bench_hooks' 'zeros reach': ~6x on a small MLP, ~1.8x on the encoder); a
-pass with only the hooked region under the mode would cost less, but no eager pass switches the mode per node and
-carries supports across that border: not done. Module hooks run inside the
+keepdim=True)`` at a padding row: 0/0), or make structural zeros of its own (``torch.where(keep, g, 0)``), which no
+plan can see: a backward whose graph holds a user's hook runs under the mode (the 'check' path, ``hooked``), where
+its torch ops meet their rules (the division of a structural zero is one; the where's 0 branch is structural), as
+gw.strong_zeros() follows any op of the program. hooks34 planned a hooked graph as without its hook where no
+structural zero reached the hook (the hook given values only): the same hook's where then kept PyTorch's NaN or
+removed it depending on zeros elsewhere in the graph (a column slice of the loss), which the review of hooks34 found
+(test_review_hooks34): every hooked graph takes 'check', as before hooks34. What hooks34 keeps: registering costs
+~0.5 us more than PyTorch's (the sz33 wrapper ~7 us: +17% on a step hooking every activation with gradwise merely
+imported), and a graph without a user's hook pays one test of the noted hooks' nodes. The whole backward of a hooked
+graph runs under the mode (bench_hooks' block columns: ~2.5-2.9x on a small MLP hooking every activation, ~1.4x on
+the encoder); a pass with only the hooked region under the mode would cost less, but no eager pass switches the mode
+per node and carries supports across that border: not done. Module hooks run inside the
 ``BackwardHookFunctionBackward`` node, which ``_mode.watch_functions`` hooks for the pass
 (``_mode.module_hook_watch``), and which the plan sends to the 'check' path already (a custom Function's node).
 

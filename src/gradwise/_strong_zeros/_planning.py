@@ -281,8 +281,8 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any], watched: list | None =
     if shaped is None or (results is not None and shaped.results is None):  # (see _Shaped.results)
         shaped = _shaped(roots, _resolved(_derived(w)), results is not None)
         _keep(w.shape, shaped)
-    if _hooks.HOOKED and _hooks_given_zeros(w, shaped):
-        return "check"  # a tensor hook of the user's that structural zeros reach: what it computes is not seen here
+    if _hooks.HOOKED and _hooks.hooked(w.nodes):
+        return "check"  # a tensor hook of the user's: its torch ops are followed by the rules (see _hooks)
     if shaped.compiled_only:  # a whole step compiled: nothing outside its graphs to read, and zeros made inside
         return "compiled"  # them are the pass's (one check per node's result)
     order = list(w.nodes)
@@ -318,24 +318,6 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any], watched: list | None =
 
 
 _PARAMETER = torch.nn.Parameter  # (issubclass: its metaclass's isinstance test costs ~0.5 us a leaf)
-
-
-def _hooks_given_zeros(w: _Walk, shaped: _Shaped) -> bool:
-    """Whether a tensor hook of the user's (``_hooks``) may be given structural zeros: its tensor's node is one they
-    reach from above (``_Shaped.above``); in a graph with a node gradwise does not know (a torch.compile'd backward,
-    a custom Function: zeros made inside it are not in ``above``), any hooked node counts. A softmax's or exp's output
-    of exactly 0 (``_Shaped.zero_outputs``) is a structural zero that ``above`` (node types alone) does not hold:
-    where one holds it (read eagerly, as the plan reads saved tensors) any hooked node counts. No zero reaching any
-    node: none is looked for."""
-    if shaped.known_all and not shaped.compiled_only:
-        if not shaped.above and not shaped.zero_outputs:
-            return False
-        order = list(w.nodes)
-        if shaped.above and _hooks.hooked([order[i] for i in shaped.above]):
-            return True
-        return bool(shaped.zero_outputs) and _hooks.hooked(w.nodes) and \
-            any(not _readable(n) or test(n) for n, test in ((order[i], t) for i, t in shaped.zero_outputs))
-    return _hooks.hooked(w.nodes)
 
 
 def _results_reach(shaped: _Shaped, at: dict[Any, int], order: list, inputs: Sequence[Any]) -> int:
