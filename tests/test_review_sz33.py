@@ -58,7 +58,7 @@ def test_a_torch_function_mode_sees_the_users_one_register_hook_call():
         handle = y.register_hook(_triple)
         y.sum().backward()
     assert mode.hooks == [_triple]
-    assert len(y._backward_hooks) == 3  # (the user's, between gradwise's two)
+    assert list(y._backward_hooks.values()) == [_triple]  # (gradwise's wrapper only during a strong pass: hooks34)
     assert x.grad.tolist() == [6.0, 6.0, 6.0]
     handle.remove()
     assert not y._backward_hooks
@@ -71,7 +71,7 @@ def test_a_tensor_subclass_sees_the_users_one_register_hook_call():
     handle = y.register_hook(_triple)
     y.sum().backward()
     assert _Sub.hooks == [_triple]
-    assert len(y._backward_hooks) == 3
+    assert list(y._backward_hooks.values()) == [_triple]
     handle.remove()
     assert not y._backward_hooks
 

@@ -27,7 +27,7 @@ Modules (each imports only those above it in this list, plus torch and gradwise.
 ``_rules_bilinear``  rules for mm/bmm, mv and convolution_backward.
 ``_kernel_reads``    whether addmm-family kernels read the product at alpha = 0 / the input at beta = 0.
 ``_rules_backward``  rules for single fused backwards (softmax, nll, solves, cdist, grid_sampler, CTC, ...).
-``_hooks``           user gradient hooks that compute outside torch ops (their results' supports), ``USERS``.
+``_hooks``           user gradient hooks that compute outside torch ops (their results' supports), ``HOOKED``.
 ``_mode``            ``_StrongZeroMode``, the TorchDispatchMode that applies the rules; ``DECOMPOSED``.
 ``_node_facts``      facts per autograd node name (``NODE_FACTS``, ``MAKES_NO_ZEROS``, ``FUSED_BACKWARDS``, ...).
 ``_autograd_graph``  walking an autograd graph: ``_walk``, ``_root_nodes``, ``_leaves``, ``_graph_parts``,

@@ -416,7 +416,7 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
         mode.lost.update(_transforms.unhooked(outputs))
     dual = torch.autograd.forward_ad._current_level >= 0  # (a tangent through the formulas: not followed)
     try:
-        with _under_traces(mode):
+        with _under_traces(mode), _hooks.opened():  # (the users' tensor hooks wrapped for the pass: _hooks)
             result = run(retain_graph)
     finally:
         (_STATE.create_graph, _STATE.outputs_finite, _STATE.transform, _STATE.outputs_batched, _STATE.export), \

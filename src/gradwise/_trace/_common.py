@@ -154,10 +154,12 @@ def torchscript_node(node) -> bool:
 
 # the torch files through which the engine runs a hook of the user's: module backward hooks (utils/hooks.py), the
 # deprecated Module.register_backward_hook (_WrappedHook, nn/modules/module.py), register_multi_grad_hook
-# (autograd/graph.py). Any other torch file between the user's code and the engine runs it as the backward does:
-# a custom Function's backward (autograd/function.py), a checkpoint's recomputation (utils/checkpoint.py).
-_HOOK_RUNNERS = tuple(os.path.join("torch", *p) for p in (("utils", "hooks.py"), ("nn", "modules", "module.py"),
-                                                          ("autograd", "graph.py")))
+# (autograd/graph.py), and gradwise's wrapper of a tensor hook during a strong-zero pass (_strong_zeros/_hooks.py).
+# Any other torch file between the user's code and the engine runs it as the backward does: a custom Function's
+# backward (autograd/function.py), a checkpoint's recomputation (utils/checkpoint.py).
+_HOOK_RUNNERS = (*(os.path.join("torch", *p) for p in (("utils", "hooks.py"), ("nn", "modules", "module.py"),
+                                                        ("autograd", "graph.py"))),
+                 os.path.join("gradwise", "_strong_zeros", "_hooks.py"))
 _core_file: dict[str, bool] = {}
 
 
