@@ -153,9 +153,11 @@ def _check_kink(f, xs, single, kinks, eps, atol, result: GradcheckResult) -> Non
         dist = float(_flat(gap.min_norm_element()).norm())
         inside = dist <= atol * (1 + float(_flat(row).norm()))
         verdict = True if inside else (False if sd.exact else _shifted_verdict(fk, xs, row, atol))
-        if verdict is True and (disagree := _reverse_against_forward(fk, xs, k, atol)) is not None:
-            verdict = False  # the subdifferential came through the backward under test: checked against the jvp
-            result.messages.append(f"kink at x ({ops}): {disagree}")
+        if verdict is True and (disagree := _reverse_against_forward(fk, xs, k, eps, atol)) is not None:
+            # the subdifferential came through the backward under test: checked against the forward mode, and
+            # that against f's values (a custom Function's kink, unseen, whose backward and jvp agree but lie)
+            verdict, found = disagree
+            result.messages.append(f"kink at x ({ops}): {found}")
             verdicts.append(verdict)
             continue
         verdicts.append(verdict)
@@ -174,11 +176,15 @@ def _check_kink(f, xs, single, kinks, eps, atol, result: GradcheckResult) -> Non
         result.messages.append(f"kink at x ({ops}): PyTorch's value is a generalized gradient")
 
 
-def _reverse_against_forward(fk, xs, k: int, atol: float, directions: int = 2) -> str | None:
+def _reverse_against_forward(fk, xs, k: int, eps: float, atol: float,
+                             directions: int = 2) -> tuple[bool | None, str] | None:
     """The subdifferential above is made of reverse passes through f's backward, the one under test. Along a
     direction d, the generalized gradient g_d (the piece active along d, through that backward) and the one-sided
     derivative f'(x; d) (forward mode, no backward involved) must agree: <g_d, d> = f'(x; d). A backward that is
-    wrong only at x (where the nearby points cannot see it) fails here; None when they agree."""
+    wrong only at x (where the nearby points cannot see it) fails here: (False, why). Forward mode takes a custom
+    Function's jvp as its derivative, so f'(x; d) is also held against f's one-sided differences along d: a kink
+    inside such a Function (unseen, its backward and jvp agreeing on a value no side has) makes them disagree at
+    every step: (None, why), nothing can be shown at x. None when all agree."""
     gen = torch.Generator().manual_seed(k)
     for _ in range(directions):
         d = tuple(torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype) for x in xs)
@@ -186,10 +192,32 @@ def _reverse_against_forward(fk, xs, k: int, atol: float, directions: int = 2) -
         reverse = float(sum((gi * di).sum() for gi, di in zip(g, d, strict=True)))
         forward = float(directional_derivative(fk, xs, d))
         if abs(reverse - forward) > atol * (1 + abs(forward)):
-            return (f"the backward's generalized gradient along a random direction d gives <g, d> = {reverse:.6g}, "
-                    f"but f'(x; d) = {forward:.6g} (forward mode): the backward (or a custom jvp) is wrong at x "
-                    f"for output {k}")
+            return False, (f"the backward's generalized gradient along a random direction d gives <g, d> = "
+                           f"{reverse:.6g}, but f'(x; d) = {forward:.6g} (forward mode): the backward (or a custom "
+                           f"jvp) is wrong at x for output {k}")
+        if (differences := _unseen_slope(fk, xs, d, forward, eps, atol)) is not None:
+            return None, (f"along a random direction d, f'(x; d) = {forward:.6g} (forward mode: gradwise's rules and "
+                          f"any custom Function's jvp) but f's one-sided differences give {differences:.6g} at every "
+                          f"step down to eps * 1e-4: f has a kink at x that gradwise cannot see (a custom "
+                          f"autograd.Function's forward, an extension) or a wrong jvp, so PyTorch's value for output "
+                          f"{k} cannot be shown to be a generalized gradient; check the backward at a point nearby")
     return None
+
+
+def _unseen_slope(fk, xs, d, forward: float, eps: float, atol: float) -> float | None:
+    """f's one-sided difference quotient along d where it stays away from ``forward`` (the gap holds as the step
+    shrinks, `_persists`), else None."""
+    with torch.no_grad():
+        base = fk(*(x.detach() for x in xs)).reshape(1)
+
+        def quotient(h: float) -> torch.Tensor:
+            return (fk(*(x.detach() + h * di for x, di in zip(xs, d, strict=True))).reshape(1) - base) / h
+
+        gap = (quotient(eps) - forward).abs()
+        kinked = gap > 10 * atol * (1 + abs(forward))
+        if bool(kinked.any()):
+            kinked = _persists(lambda h: (quotient(h) - forward).abs(), base, gap, kinked, eps)
+        return float(quotient(eps)) if bool(kinked.any()) else None
 
 
 def _unseen_kink(f, xs, single, eps: float, atol: float, rtol: float, confirm: bool = False) -> str | None:
