@@ -2,6 +2,7 @@
 one-sided differences, the pieces of relu enumerated by hand (slopes 0 and 1)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import gradwise as gw
@@ -46,3 +47,29 @@ def test_gradcheck_fails_a_hidden_kink_beside_a_visible_one():
         assert "cannot see" in str(res)
     ok = gw.gradcheck(lambda x, y: bad.apply(x).sum() + torch.relu(y).sum(), (x + 1, y), raise_exception=False)
     assert ok.passed and ok.generalized, str(ok)
+
+
+def _complex_parts(op):
+    return lambda y, x: op(torch.complex(x, y)).imag
+
+
+def test_complex_log_and_sqrt_refuse_on_their_branch_cut():
+    """SILENT: imag(log(z)) (the angle) and imag(sqrt(z)) of z = x + iy made inside f, at z = -1 along -y: f
+    jumps (pi to -pi, 1 to -1: one-sided differences blow up as the step shrinks), yet directional_derivative
+    returned PyTorch's formula (1 and -0). log had no fact, sqrt's fact and rule saw only 0. Now both refuse on
+    the cut (angle already did); off it they are PyTorch's."""
+    y, x = torch.tensor(0.0, dtype=D), torch.tensor(-1.0, dtype=D)
+    d = (torch.tensor(-1.0, dtype=D), torch.tensor(0.0, dtype=D))
+    for op in (torch.log, torch.sqrt, torch.log10, lambda z: torch.log1p(z - 1)):
+        f = _complex_parts(op)
+        with torch.no_grad():
+            quotients = [float((f(y - h, x) - f(y, x)) / h) for h in (1e-6, 1e-8)]
+        assert abs(quotients[1]) > 50 * abs(quotients[0]) > 1e5, quotients  # a jump: no one-sided derivative
+        with pytest.raises(gw.NonsmoothError):
+            gw.directional_derivative(f, (y, x), d)
+        away = (torch.tensor(0.5, dtype=D), x)
+        h = 1e-7
+        with torch.no_grad():
+            reference = float((f(away[0] - h, x) - f(*away)) / h)
+        assert abs(float(gw.directional_derivative(f, away, d)) - reference) < 1e-5
+    assert gw.directional_derivative(torch.log, torch.tensor(0.5, dtype=D), torch.tensor(1.0, dtype=D)) == 2.0

@@ -21,6 +21,7 @@ from gradwise._nonsmooth._records import Kink, _user_line
 from gradwise._nonsmooth._rules import _finish, _is_dual, _split, _switch, kink_rule
 from gradwise._nonsmooth._rules_pointwise import _clamp, _hinge, _pair, _reduce, abs, l1_loss, leaky_relu
 from gradwise._nonsmooth._rules_select import _reduce_select, sort
+from gradwise._ops._discrete import on_complex_cut
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -40,7 +41,13 @@ def _singular(op: str, x: Tensor, why: str):
 
 @kink_rule(aten.sqrt, torch.sqrt, Tensor.sqrt)
 def sqrt(run, func, x):
-    """sqrt(x): singular at 0 (infinite slope): an error naming the line instead of inf/NaN."""
+    """sqrt(x): singular at 0 (infinite slope): an error naming the line instead of inf/NaN. A complex x on the
+    negative real axis: an error too (the imaginary part of the result changes sign across it: a jump)."""
+    cut = on_complex_cut(_split(x)[0])
+    if cut is not None and bool(cut.any()):
+        raise NonsmoothError(f"aten.sqrt at {_user_line()} is evaluated on its branch cut (a complex value on the "
+                             f"negative real axis, or 0) for {int(cut.sum())} element(s), where the imaginary part "
+                             "of the result jumps (changes sign): f'(x; d) does not exist there")
     _singular("aten.sqrt", x, "its derivative is infinite")
     return func(x)
 

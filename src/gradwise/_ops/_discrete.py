@@ -76,6 +76,28 @@ def _angle_at_its_cut(c: OpCall):
     return _where_zero(c) if _float(x) else None
 
 
+def on_complex_cut(x, below: float = 0.0) -> Tensor | None:
+    """Where a complex x sits on the branch cut of log / sqrt (the real axis at and below ``below``: their imaginary
+    part jumps by 2 pi / changes sign across it; ``log1p``: below -1), or None for a real x (no cut)."""
+    if not (isinstance(x, Tensor) and x.is_complex()):
+        return None
+    return (x.imag == 0) & (x.real <= below)
+
+
+def _complex_input(c: OpCall) -> bool:
+    """A complex first argument (a dtype, no data read): real log / sqrt have no cut."""
+    return isinstance(c.args[0], Tensor) and c.args[0].is_complex()
+
+
+@_kink(aten.log, aten.log2, aten.log10, aten.log1p, kind="jump", possible=_complex_input,
+       convention="PyTorch's formula (1 / z) on the cut")
+def _complex_log_on_its_cut(c: OpCall):
+    """A complex log jumps across the negative real axis (its imaginary part, the angle, from pi to -pi) and is
+    singular at 0; log1p at and below -1. A real log has neither (log(0) = -inf is no kink)."""
+    at = on_complex_cut(c.args[0], -1.0 if c.packet.startswith("log1p") else 0.0)
+    return None if at is None else Site(at)
+
+
 @_kink(aten.atan2, kind="jump", convention="PyTorch's formula (0 at the origin)")
 def _atan2_on_its_cut(c: OpCall):
     """atan2(y, x) jumps across y = 0 for x < 0 (pi to -pi) and is undefined at the origin."""

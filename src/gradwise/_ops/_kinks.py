@@ -459,7 +459,11 @@ def _fractional_power_at_zero(c):
 @_kink(aten.sqrt, aten.rsqrt, kind="singular", convention="Inf (1 / (2 sqrt(0)); -Inf for rsqrt)")
 def _sqrt_at_zero(c):
     """sqrt/rsqrt at 0: an infinite derivative; the backward divides by 2 sqrt(0) (Inf, NaN under a zero
-    sensitivity)."""
+    sensitivity). A complex z also on the negative real axis, where the result's imaginary part changes sign (a
+    jump: `_discrete.on_complex_cut`)."""
+    x = c.args[0]
+    if isinstance(x, Tensor) and x.is_complex():
+        return Site((x.imag == 0) & (x.real <= 0), kind="jump")
     return _where_zero(c)
 
 
