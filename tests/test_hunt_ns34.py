@@ -53,14 +53,17 @@ def _complex_parts(op):
     return lambda y, x: op(torch.complex(x, y)).imag
 
 
-def test_complex_log_and_sqrt_refuse_on_their_branch_cut():
+def test_complex_functions_refuse_on_their_branch_cut():
     """SILENT: imag(log(z)) (the angle) and imag(sqrt(z)) of z = x + iy made inside f, at z = -1 along -y: f
     jumps (pi to -pi, 1 to -1: one-sided differences blow up as the step shrinks), yet directional_derivative
-    returned PyTorch's formula (1 and -0). log had no fact, sqrt's fact and rule saw only 0. Now both refuse on
-    the cut (angle already did); off it they are PyTorch's."""
+    returned PyTorch's formula (1 and -0). log had no fact, sqrt's fact and rule saw only 0; so z ** 1.5, asin,
+    acos, atanh on theirs (the real axis beyond ±1). Now all refuse on the cut (angle already did); off it they
+    are PyTorch's."""
     y, x = torch.tensor(0.0, dtype=D), torch.tensor(-1.0, dtype=D)
     d = (torch.tensor(-1.0, dtype=D), torch.tensor(0.0, dtype=D))
-    for op in (torch.log, torch.sqrt, torch.log10, lambda z: torch.log1p(z - 1)):
+    ops = (torch.log, torch.sqrt, torch.log10, lambda z: torch.log1p(z - 1), lambda z: z**0.5, lambda z: z**1.5,
+           lambda z: torch.asin(z - 1), lambda z: torch.acos(z - 1), lambda z: torch.atanh(z - 1))
+    for op in ops:
         f = _complex_parts(op)
         with torch.no_grad():
             quotients = [float((f(y - h, x) - f(y, x)) / h) for h in (1e-6, 1e-8)]

@@ -98,6 +98,21 @@ def _complex_log_on_its_cut(c: OpCall):
     return None if at is None else Site(at)
 
 
+@_kink(aten.atanh, aten.acosh, aten.asinh, aten.atan, kind="jump", possible=_complex_input,
+       convention="PyTorch's formula on the cut")
+def _complex_inverse_on_its_cut(c: OpCall):
+    """Complex atanh jumps across the real axis beyond ±1, acosh below 1, asinh and atan across the imaginary
+    axis beyond ±i. Real ones have no cut."""
+    z = c.args[0]
+    if not (isinstance(z, Tensor) and z.is_complex()):
+        return None
+    if c.packet.startswith("atanh"):
+        return Site((z.imag == 0) & (z.real.abs() >= 1))
+    if c.packet.startswith("acosh"):
+        return Site((z.imag == 0) & (z.real <= 1))
+    return Site((z.real == 0) & (z.imag.abs() >= 1))  # asinh, atan
+
+
 @_kink(aten.atan2, kind="jump", convention="PyTorch's formula (0 at the origin)")
 def _atan2_on_its_cut(c: OpCall):
     """atan2(y, x) jumps across y = 0 for x < 0 (pi to -pi) and is undefined at the origin."""

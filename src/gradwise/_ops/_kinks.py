@@ -431,6 +431,8 @@ def _fractional_exponent(c: OpCall) -> bool:
     x, p = c.args[0], c.arg(1, "exponent")
     if not isinstance(x, Tensor):
         return x == 0
+    if x.is_complex() and isinstance(p, (int, float)) and p != int(p):  # z ** 1.5: a branch cut
+        return True
     return isinstance(p, Tensor) or (isinstance(p, (int, float)) and 0 < p < 1)
 
 
@@ -441,6 +443,8 @@ def _fractional_power_at_zero(c):
     (x a tensor or a number, ``0.0 ** p``), 0 ** p jumps at p = 0 (1 there, 0 above, Inf below); PyTorch's
     derivative in p is 0 there."""
     x, p = c.args[0], c.arg(1, "exponent")
+    if isinstance(x, Tensor) and x.is_complex() and isinstance(p, (int, float)) and p != int(p):
+        return Site((x.imag == 0) & (x.real <= 0), kind="jump", convention="PyTorch's formula on the branch cut")
     if isinstance(p, Tensor) and _float(p) and (_float(x) or (not isinstance(x, Tensor) and x == 0)):
         zero = x == 0 if isinstance(x, Tensor) else torch.ones((), dtype=torch.bool, device=p.device)
         shape = torch.broadcast_shapes(p.shape, *((x.shape,) if isinstance(x, Tensor) else ()))
@@ -487,8 +491,12 @@ def _entr_at_zero(c):
 
 @_kink(aten.asin, aten.acos, kind="singular", convention="Inf (1 / sqrt(1 - x^2) at ±1)")
 def _arcsin_at_one(c):
-    """asin/acos at ±1: an infinite derivative (Inf from the backward)."""
-    return Site(c.args[0].abs() == 1)
+    """asin/acos at ±1: an infinite derivative (Inf from the backward). A complex z: their branch cuts, the real
+    axis beyond ±1, where the result jumps."""
+    x = c.args[0]
+    if isinstance(x, Tensor) and x.is_complex():
+        return Site((x.imag == 0) & (x.real.abs() >= 1), kind="jump")
+    return Site(x.abs() == 1)
 
 
 # -- steps (jumps) --------------------------------------------------------------------------------------------
