@@ -206,7 +206,8 @@ def _reverse_against_forward(fk, xs, k: int, eps: float, atol: float,
 
 def _unseen_slope(fk, xs, d, forward: float, eps: float, atol: float) -> float | None:
     """f's one-sided difference quotient along d where it stays away from ``forward`` (the gap holds as the step
-    shrinks, `_persists`), else None."""
+    shrinks, `_persists`, and is above the quotient's rounding, ~1e3 ulps of f over the step: none in float32 at
+    eps = 1e-6), else None."""
     with torch.no_grad():
         base = fk(*(x.detach() for x in xs)).reshape(1)
 
@@ -214,7 +215,8 @@ def _unseen_slope(fk, xs, d, forward: float, eps: float, atol: float) -> float |
             return (fk(*(x.detach() + h * di for x, di in zip(xs, d, strict=True))).reshape(1) - base) / h
 
         gap = (quotient(eps) - forward).abs()
-        kinked = gap > 10 * atol * (1 + abs(forward))
+        rounding = 1e3 * torch.finfo(base.dtype).eps * float(base.abs().max()) / eps if base.is_floating_point() else 0
+        kinked = (gap > 10 * atol * (1 + abs(forward))) & (gap > rounding)
         if bool(kinked.any()):
             kinked = _persists(lambda h: (quotient(h) - forward).abs(), base, gap, kinked, eps)
         return float(quotient(eps)) if bool(kinked.any()) else None
