@@ -208,11 +208,15 @@ def _unseen_slope(fk, xs, d, forward: float, eps: float, atol: float) -> float |
     """f's one-sided difference quotient along d where it stays away from ``forward`` (the gap holds as the step
     shrinks, `_persists`, and is above the quotient's rounding, ~1e3 ulps of f over the step: none in float32 at
     eps = 1e-6), else None."""
+    def at(*a) -> torch.Tensor:
+        _ctx.restore_state()  # each pass from the call's random state: one dropout mask, and one run's state after
+        return fk(*a).reshape(1)
+
     with torch.no_grad():
-        base = fk(*(x.detach() for x in xs)).reshape(1)
+        base = at(*(x.detach() for x in xs))
 
         def quotient(h: float) -> torch.Tensor:
-            return (fk(*(x.detach() + h * di for x, di in zip(xs, d, strict=True))).reshape(1) - base) / h
+            return (at(*(x.detach() + h * di for x, di in zip(xs, d, strict=True))) - base) / h
 
         gap = (quotient(eps) - forward).abs()
         rounding = 1e3 * torch.finfo(base.dtype).eps * float(base.abs().max()) / eps if base.is_floating_point() else 0
