@@ -22,6 +22,7 @@ from gradwise._nonsmooth._rules import _finish, _is_dual, _split, _switch, kink_
 from gradwise._nonsmooth._rules_pointwise import _clamp, _hinge, _pair, _reduce, abs, l1_loss, leaky_relu
 from gradwise._nonsmooth._rules_select import _reduce_select, sort
 from gradwise._ops._discrete import on_complex_cut
+from gradwise._ops._kinks import branch_cut_power
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -59,7 +60,7 @@ def sqrt(run, func, x):
 def pow(run, func, x, exponent):
     """x ** p with 0 < p < 1 (or non-integer p < 1): singular at 0, an error there. 0 ** p (a tensor p that
     depends on the inputs) jumps at p = 0 (1 there, 0 above, inf below): an error there."""
-    if isinstance(x, Tensor) and isinstance(exponent, (int, float)) and exponent != int(exponent):
+    if branch_cut_power(x, exponent):
         _on_cut("aten.pow", on_complex_cut(_split(x)[0]))
     if isinstance(x, Tensor) and isinstance(exponent, (int, float)) and 0 < exponent < 1:
         _singular("aten.pow", x, f"x ** {exponent} has an infinite derivative")

@@ -425,13 +425,19 @@ def _hypot_at_origin(c):
     return Site(torch.broadcast_to((x == 0) & (y == 0), torch.broadcast_shapes(x.shape, y.shape)))
 
 
+def branch_cut_power(x, p) -> bool:
+    """z ** p for a complex tensor z and a number p that is not an integer (its cut: z on the negative real axis);
+    an infinite or NaN p too (``float.is_integer``: ``int(p)`` would raise)."""
+    return isinstance(x, Tensor) and x.is_complex() and isinstance(p, float) and not p.is_integer()
+
+
 def _fractional_exponent(c: OpCall) -> bool:
     """A tensor exponent, or a scalar one in (0, 1): x ** 2, x ** 0.5 ... are told apart without reading data; a
     number base only where it is 0 (0 ** p jumps, 2 ** p is smooth)."""
     x, p = c.args[0], c.arg(1, "exponent")
     if not isinstance(x, Tensor):
         return x == 0
-    if x.is_complex() and isinstance(p, (int, float)) and p != int(p):  # z ** 1.5: a branch cut
+    if branch_cut_power(x, p):  # z ** 1.5
         return True
     return isinstance(p, Tensor) or (isinstance(p, (int, float)) and 0 < p < 1)
 
@@ -443,7 +449,7 @@ def _fractional_power_at_zero(c):
     (x a tensor or a number, ``0.0 ** p``), 0 ** p jumps at p = 0 (1 there, 0 above, Inf below); PyTorch's
     derivative in p is 0 there."""
     x, p = c.args[0], c.arg(1, "exponent")
-    if isinstance(x, Tensor) and x.is_complex() and isinstance(p, (int, float)) and p != int(p):
+    if branch_cut_power(x, p):
         return Site((x.imag == 0) & (x.real <= 0), kind="jump", convention="PyTorch's formula on the branch cut")
     if isinstance(p, Tensor) and _float(p) and (_float(x) or (not isinstance(x, Tensor) and x == 0)):
         zero = x == 0 if isinstance(x, Tensor) else torch.ones((), dtype=torch.bool, device=p.device)
