@@ -82,11 +82,14 @@ def test_complex_powers_refuse_on_their_branch_cut(name):
 
 @pytest.mark.xfail(strict=True, reason="needless refusal, left: a real x cast to complex never leaves the real "
                    "axis (its imaginary part is 0 for every x), so it never crosses the cut; ns34 refuses by value")
-@pytest.mark.parametrize("op", [torch.log, torch.sqrt, lambda z: z**1.5], ids=["log", "sqrt", "pow"])
-def test_a_real_input_cast_to_complex_is_smooth_on_the_negative_axis(op):
-    """log / sqrt / z ** 1.5 of x.to(complex) at x < 0: smooth along every real direction (one-sided differences
-    agree); the base returned PyTorch's gradient, ns34 raises NonsmoothError."""
-    x = torch.tensor([-1.0, -2.0], dtype=D)
+@pytest.mark.parametrize("op, at", [(torch.log, (-1.0, -2.0)), (torch.sqrt, (-1.0, -2.0)),
+                                     (lambda z: z**1.5, (-1.0, -2.0)), (torch.acosh, (-2.0, 0.5)),
+                                     (torch.atanh, (-2.0, 1.5))],
+                         ids=["log", "sqrt", "pow", "acosh", "atanh"])
+def test_a_real_input_cast_to_complex_is_smooth_on_its_cut(op, at):
+    """log / sqrt / z ** 1.5 / acosh / atanh of x.to(complex) on their cuts: smooth along every real direction
+    (one-sided differences agree); the base returned PyTorch's gradient, ns34 raises NonsmoothError."""
+    x = torch.tensor(at, dtype=D)
 
     def f(x):
         w = op(x.to(torch.complex128))
