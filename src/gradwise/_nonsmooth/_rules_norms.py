@@ -21,8 +21,7 @@ from gradwise._nonsmooth._records import Kink, _user_line
 from gradwise._nonsmooth._rules import _finish, _is_dual, _split, _switch, kink_rule
 from gradwise._nonsmooth._rules_pointwise import _clamp, _hinge, _pair, _reduce, abs, l1_loss, leaky_relu
 from gradwise._nonsmooth._rules_select import _reduce_select, sort
-from gradwise._ops._discrete import on_complex_cut
-from gradwise._ops._kinks import branch_cut_power
+from gradwise._ops._cuts import branch_cut_power, on_complex_cut
 
 aten = torch.ops.aten
 Tensor = torch.Tensor

@@ -5,7 +5,7 @@ the kinks of continuous ops. Their outputs carry no derivative, so a rule-less
 call at such a point would give f a derivative of 0 across a jump: nonsmooth calculus refuses there
 (``_nonsmooth/_kink_watch.py``).
 
-May import: torch, ``_kinks``.
+May import: torch, ``_kinks``, ``_cuts``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import dataclasses
 
 import torch
 
+from gradwise._ops._cuts import on_complex_cut
 from gradwise._ops._kinks import KINKS, OpCall, Site, _float, _integral, _kink, _where_zero
 
 aten = torch.ops.aten
@@ -74,14 +75,6 @@ def _angle_at_its_cut(c: OpCall):
     if isinstance(x, Tensor) and x.is_complex():
         return Site((x == 0) | ((x.imag == 0) & (x.real < 0)))
     return _where_zero(c) if _float(x) else None
-
-
-def on_complex_cut(x, below: float = 0.0) -> Tensor | None:
-    """Where a complex x sits on the branch cut of log / sqrt (the real axis at and below ``below``: their imaginary
-    part jumps by 2 pi / changes sign across it; ``log1p``: below -1), or None for a real x (no cut)."""
-    if not (isinstance(x, Tensor) and x.is_complex()):
-        return None
-    return (x.imag == 0) & (x.real <= below)
 
 
 def _complex_input(c: OpCall) -> bool:

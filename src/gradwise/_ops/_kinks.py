@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gradwise._ops._cuts import branch_cut_power, on_complex_cut
+
 aten = torch.ops.aten
 Tensor = torch.Tensor
 
@@ -425,12 +427,6 @@ def _hypot_at_origin(c):
     return Site(torch.broadcast_to((x == 0) & (y == 0), torch.broadcast_shapes(x.shape, y.shape)))
 
 
-def branch_cut_power(x, p) -> bool:
-    """z ** p for a complex tensor z and a number p that is not an integer (its cut: z on the negative real axis);
-    an infinite or NaN p too (``float.is_integer``: ``int(p)`` would raise)."""
-    return isinstance(x, Tensor) and x.is_complex() and isinstance(p, float) and not p.is_integer()
-
-
 def _fractional_exponent(c: OpCall) -> bool:
     """A tensor exponent, or a scalar one in (0, 1): x ** 2, x ** 0.5 ... are told apart without reading data; a
     number base only where it is 0 (0 ** p jumps, 2 ** p is smooth)."""
@@ -450,7 +446,7 @@ def _fractional_power_at_zero(c):
     derivative in p is 0 there."""
     x, p = c.args[0], c.arg(1, "exponent")
     if branch_cut_power(x, p):
-        return Site((x.imag == 0) & (x.real <= 0), kind="jump", convention="PyTorch's formula on the branch cut")
+        return Site(on_complex_cut(x), kind="jump", convention="PyTorch's formula on the branch cut")
     if isinstance(p, Tensor) and _float(p) and (_float(x) or (not isinstance(x, Tensor) and x == 0)):
         zero = x == 0 if isinstance(x, Tensor) else torch.ones((), dtype=torch.bool, device=p.device)
         shape = torch.broadcast_shapes(p.shape, *((x.shape,) if isinstance(x, Tensor) else ()))
@@ -472,8 +468,8 @@ def _sqrt_at_zero(c):
     sensitivity). A complex z also on the negative real axis, where the result's imaginary part changes sign (a
     jump: `_discrete.on_complex_cut`)."""
     x = c.args[0]
-    if isinstance(x, Tensor) and x.is_complex():
-        return Site((x.imag == 0) & (x.real <= 0), kind="jump")
+    if (cut := on_complex_cut(x)) is not None:
+        return Site(cut, kind="jump")
     return _where_zero(c)
 
 
