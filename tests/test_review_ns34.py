@@ -118,3 +118,21 @@ def test_gradcheck_passes_a_slowly_vanishing_smooth_term_beside_a_kink():
         assert abs(float((smooth(h) - smooth(x)) / 1e-300)) < 1e-12  # its one-sided slopes at 0 are 0
     assert gw.gradcheck(lambda x: torch.relu(x).sum(), x, raise_exception=False).passed  # the kink alone passes
     assert gw.gradcheck(lambda x: torch.relu(x).sum() + smooth(x), x, raise_exception=False).passed
+
+
+@pytest.mark.parametrize("op, at, d", [(torch.asinh, (0.0, 2.0), (-1.0, 0.0)), (torch.atan, (0.0, 2.0), (-1.0, 0.0)),
+                                       (torch.acosh, (-2.0, 0.0), (0.0, -1.0)), (torch.acosh, (0.5, 0.0), (0.0, -1.0))],
+                         ids=["asinh", "atan", "acosh", "acosh-inside"])
+def test_the_other_inverse_functions_refuse_on_their_cut(op, at, d):
+    """ns34's facts for asinh / atan (imaginary axis beyond ±i) and acosh (real axis below 1) had no test: at a
+    point of each cut along a direction across it, f jumps (the quotients grow as 1 / h), and gradwise refuses."""
+    def f(x, y):
+        w = op(torch.complex(x, y))
+        return w.real + w.imag
+
+    xs, ds = tuple(torch.tensor(v, dtype=D) for v in at), tuple(torch.tensor(v, dtype=D) for v in d)
+    with torch.no_grad():
+        q = [float((f(*(a + h * b for a, b in zip(xs, ds, strict=True))) - f(*xs)) / h) for h in (1e-6, 1e-8)]
+    assert abs(q[1]) > 50 * abs(q[0]) > 1e5, q
+    with pytest.raises(gw.NonsmoothError):
+        gw.directional_derivative(f, xs, ds)
