@@ -52,10 +52,34 @@ def test_gradcheck_fails_a_small_wrong_slope_in_a_large_f():
         return 1e5 + 1e-3 * bad.apply(x).sum() + torch.relu(y).sum()
 
     h, e = 1e-7, torch.tensor([1.0, 0.0], dtype=D)
-    with torch.no_grad():
-        left, right = float((f(x, y) - f(x - h * e, y)) / h), float((f(x + h * e, y) - f(x, y)) / h)
-    assert abs(left) < 1e-6 and abs(right - 1e-3) < 1e-6  # PyTorch's 2e-3 is no generalized gradient
+    with torch.no_grad():  # (f less its constant, which would round the differences)
+        g = lambda x: 1e-3 * bad.apply(x).sum()
+        left, right = float((g(x) - g(x - h * e)) / h), float((g(x + h * e) - g(x)) / h)
+    assert abs(left) < 1e-9 and abs(right - 1e-3) < 1e-9  # PyTorch's 2e-3 is no generalized gradient
     assert not gw.gradcheck(f, (x, y), raise_exception=False).passed
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT, left: in float32 the rounding bound (1e3 ulps of f over the step) is "
+                   "0.12 |f| at eps = 1e-3: at |f| = 100 no gap counts, the real rounding being ulp(100) / 1e-3 ~ 8e-3")
+@pytest.mark.filterwarnings("ignore:Input #:UserWarning")
+def test_gradcheck_fails_a_wrong_slope_in_float32():
+    """The hidden relu of test_hunt_ns34 (backward and jvp 2 at 0, one-sided slopes 0 and 1) plus torch.relu at
+    its own kink and a constant 100, in float32 with the tolerances float32 needs (eps 1e-3, atol 1e-2, points
+    nearby 0.1 away): a slope error of 1 passes gw.gradcheck."""
+    bad = _relu_with_jvp(2.0)
+    x, y = torch.zeros(2), torch.zeros(2)
+
+    def f(x, y):
+        return 100 + bad.apply(x).sum() + torch.relu(y).sum()
+
+    h, e = 1e-7, torch.tensor([1.0, 0.0], dtype=D)
+    with torch.no_grad():
+        x64, y64 = x.double(), y.double()
+        left = float((f(x64, y64) - f(x64 - h * e, y64)) / h)
+        right = float((f(x64 + h * e, y64) - f(x64, y64)) / h)
+    assert abs(left) < 1e-6 and abs(right - 1) < 1e-6  # PyTorch's 2 is no generalized gradient
+    res = gw.gradcheck(f, (x, y), eps=1e-3, atol=1e-2, nearby_radius=0.1, raise_exception=False)
+    assert not res.passed
 
 
 _POWERS = {"tensor exponent": lambda z: z ** torch.tensor(0.5, dtype=D),
