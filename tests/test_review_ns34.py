@@ -160,3 +160,17 @@ def test_the_other_inverse_functions_refuse_on_their_cut(op, at, d):
     assert abs(q[1]) > 50 * abs(q[0]) > 1e5, q
     with pytest.raises(gw.NonsmoothError):
         gw.directional_derivative(f, xs, ds)
+
+
+@pytest.mark.parametrize("p", [float("inf"), float("nan")])
+def test_strong_zeros_pow_with_a_non_finite_exponent(p):
+    """crash (the base too): strong zeros' pow fact tested ``p != int(p)``, OverflowError / ValueError for x ** inf
+    and x ** nan. Reference: the same program with the unused value deleted (its genuine Inf / NaN kept)."""
+    x = torch.tensor([0.5, 2.0], dtype=D, requires_grad=True)
+    with gw.strong_zeros():
+        torch.where(x > 1, x**p, 0.0).sum().backward()
+    kept = x.detach()[1:].requires_grad_()
+    (kept**p).sum().backward()
+    assert x.grad[0] == 0
+    assert torch.equal(x.grad[1:].isnan(), kept.grad.isnan()) and torch.equal(x.grad[1:].nan_to_num(),
+                                                                               kept.grad.nan_to_num())
