@@ -128,10 +128,6 @@ def test_a_real_input_cast_to_complex_is_smooth_on_its_cut(op, at):
     assert max(abs(float(g) - r) for g, r in zip(got, right, strict=True)) < 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason="needless refusal, left: _unseen_slope runs for every f at a kink, and a "
-                   "smooth term whose differences vanish slowly (|x|^1.05: h^0.05, 1.6x over the four steps) reads "
-                   "as a persistent gap; fix: hold f'(x; d) against differences only where a pass of f crosses code "
-                   "gradwise cannot see (a custom Function's jvp, an extension: the opaque watch's depth)")
 def test_gradcheck_passes_a_slowly_vanishing_smooth_term_beside_a_kink():
     """relu(x) + |x|^1.05 at 0: every op is one gradwise sees, |x|^1.05 is C1 with slope 0 there, PyTorch's value
     0 is in relu's [0, 1]. The base passed; ns34 says f has a kink it cannot see."""
