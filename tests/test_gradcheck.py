@@ -20,19 +20,22 @@ class BadSquare(torch.autograd.Function):
         return 3 * x * g  # wrong: should be 2 x g
 
 
-def _relu_function(backward) -> type[torch.autograd.Function]:
-    """relu as a custom Function (no jvp) whose backward is ``backward(x, g)``."""
+def _relu_function(backward, jvp=None) -> type[torch.autograd.Function]:
+    """relu as a custom Function whose backward is ``backward(x, g)`` (and jvp ``jvp(x, t)``, if given)."""
 
     class Relu(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x):
             ctx.save_for_backward(x)
+            ctx.save_for_forward(x)
             return x.clamp_min(0)
 
         @staticmethod
         def backward(ctx, g):
             return backward(ctx.saved_tensors[0], g)
 
+    if jvp is not None:
+        Relu.jvp = staticmethod(lambda ctx, t: jvp(ctx.saved_tensors[0], t))
     return Relu
 
 

@@ -364,13 +364,18 @@ def check_custom_op(func, name: str, where: str, args: tuple, kwargs: dict, out,
 # ------------------------------------------------------------------------------------------------ custom Functions
 
 
+def custom_functions(ys) -> list[type]:
+    """The custom ``autograd.Function`` classes in the graph of the tensors ``ys`` (a module's backward hook and
+    gradwise's own checkpoint stand-in excepted): code whose derivatives are the class's, not gradwise's."""
+    found = (getattr(node, "_forward_cls", None) for node in _graph.nodes(y.grad_fn for y in ys))
+    return [cls for cls in found if cls is not None and cls is not BackwardHookFunction and cls is not _Plain]
+
+
 def check_functions(y: torch.Tensor, where: str) -> None:
     """Walk y's graph; a custom ``autograd.Function`` node without ``jvp`` is a part of f whose kinks gradwise
     cannot see (its forward runs without gradients) nor follow with a tangent: NonsmoothError naming it."""
-    for node in _graph.nodes((y.grad_fn,)):
-        cls = getattr(node, "_forward_cls", None)
-        if cls is not None and cls is not BackwardHookFunction and cls is not _Plain and \
-                getattr(cls, "jvp", torch.autograd.Function.jvp) is torch.autograd.Function.jvp:
+    for cls in custom_functions((y,)):
+        if getattr(cls, "jvp", torch.autograd.Function.jvp) is torch.autograd.Function.jvp:
             raise_nonsmooth(f"f (called at {where}) applies the custom autograd.Function {cls.__qualname__}, which "
                             "defines no jvp: gradwise cannot see a kink inside its forward nor follow a direction "
                             "through it. Define its forward-mode derivative (a jvp staticmethod), or write it with "
@@ -398,6 +403,9 @@ class _OpaqueWatch(LeanDispatchMode):
         self._taint: dict[tuple, str] = {}  # `_key` -> the first hit it depends on
         self._alive: list[torch.Tensor] = []  # keeps the tainted tensors (and so their ids) alive for the pass
         self.escaped: str | None = None
+        # the pass ran code whose derivatives are not gradwise's: an op outside every call the function mode saw
+        # (TorchScript, an extension), or a custom op (set by the mode)
+        self.opaque = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -412,6 +420,7 @@ class _OpaqueWatch(LeanDispatchMode):
         return out
 
     def _unseen(self, func, args, kwargs):
+        self.opaque = True
         out = func(*_tensor_args(func, args), **kwargs)
         name = func.overloadpacket.__name__
         test = self.kinky.get(name[:-1] if name.endswith("_") else name)

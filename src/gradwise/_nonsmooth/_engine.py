@@ -516,6 +516,16 @@ def kinks_hit(f: Callable, inputs, *, seed: int | None = 0, tie_tol: float = 0.0
     return run.kinks, run.near
 
 
+def kinks_and_opaque(f: Callable, inputs) -> tuple[list[Kink], bool]:
+    """The kinks f hits at ``inputs`` (tangent-free: any tie on a tensor that requires grad), and whether the pass
+    ran code whose derivatives are not gradwise's: a custom autograd.Function in f's graph, a custom op, an op
+    outside every call gradwise sees (TorchScript, an extension). Only there can a kink hide from it."""
+    xs, single = _as_inputs(inputs)
+    run = _Run()
+    out, _, _, mode = _run(f, xs, single, None, run, True)
+    return run.kinks, mode.watch.opaque or bool(_ctx.custom_functions(_outputs(out)))
+
+
 def _probe(f, xs, single, d, **run_kw) -> tuple[_Run, _KinkMode]:
     """One pass along ``d`` that records the kinks (no gradient wanted): where a comparison's argument has tangent 0
     it runs again with a graph, so that the tie takes the side of its s'' as in directional_derivative (which kinks

@@ -259,6 +259,8 @@ class _KinkMode(_KinkReads, TorchFunctionMode):
                                      "gradient with gw.generalized_grad, or compute the inner derivative with "
                                      "torch.func.jvp / a formula") from None
         if _ctx.is_custom_op(func) and any(map(self.involved, everything)):
+            if self.watch is not None:
+                self.watch.opaque = True
             out = func(*args, **kwargs)
             _ctx.check_custom_op(func, _callable_name(func), _user_line(), args, kwargs, out, self.dual)
             return out

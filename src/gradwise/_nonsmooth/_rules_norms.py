@@ -21,6 +21,7 @@ from gradwise._nonsmooth._records import Kink, _user_line
 from gradwise._nonsmooth._rules import _finish, _is_dual, _split, _switch, kink_rule
 from gradwise._nonsmooth._rules_pointwise import _clamp, _hinge, _pair, _reduce, abs, l1_loss, leaky_relu
 from gradwise._nonsmooth._rules_select import _reduce_select, sort
+from gradwise._ops._cuts import branch_cut_power, on_complex_cut
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -38,9 +39,18 @@ def _singular(op: str, x: Tensor, why: str):
                              "torch.linalg.vector_norm (exact at 0) or keep the argument away from 0.")
 
 
+def _on_cut(op: str, cut: Tensor | None):
+    if cut is not None and bool(cut.any()):
+        raise NonsmoothError(f"{op} at {_user_line()} is evaluated on its branch cut (a complex value on the "
+                             f"negative real axis, or 0) for {int(cut.sum())} element(s), where the result jumps "
+                             "(its imaginary part changes sign): f'(x; d) does not exist there")
+
+
 @kink_rule(aten.sqrt, torch.sqrt, Tensor.sqrt)
 def sqrt(run, func, x):
-    """sqrt(x): singular at 0 (infinite slope): an error naming the line instead of inf/NaN."""
+    """sqrt(x): singular at 0 (infinite slope): an error naming the line instead of inf/NaN. A complex x on the
+    negative real axis: an error too (the imaginary part of the result changes sign across it: a jump)."""
+    _on_cut("aten.sqrt", on_complex_cut(_split(x)[0]))
     _singular("aten.sqrt", x, "its derivative is infinite")
     return func(x)
 
@@ -49,6 +59,8 @@ def sqrt(run, func, x):
 def pow(run, func, x, exponent):
     """x ** p with 0 < p < 1 (or non-integer p < 1): singular at 0, an error there. 0 ** p (a tensor p that
     depends on the inputs) jumps at p = 0 (1 there, 0 above, inf below): an error there."""
+    if branch_cut_power(x, exponent):
+        _on_cut("aten.pow", on_complex_cut(_split(x)[0]))
     if isinstance(x, Tensor) and isinstance(exponent, (int, float)) and 0 < exponent < 1:
         _singular("aten.pow", x, f"x ** {exponent} has an infinite derivative")
     if isinstance(exponent, Tensor) and (_is_dual(exponent) or exponent.requires_grad):

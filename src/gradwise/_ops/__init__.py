@@ -6,6 +6,7 @@ Modules:
 ``_kinks``      where each aten op kinks (or is singular, or jumps), and PyTorch's convention there: ``KINKS``.
 ``_discrete``   the jumps of ops that read floats into integers or bools (bucketize, casts, nonzero ...), added
                 to ``KINKS``.
+``_cuts``       where complex functions meet their branch cuts (log, sqrt, z ** p), read by the facts and rules.
 ``_linalg``     the kinks of matrix factorisations (eigh, eig, svd, LU's pivots, QR's reflections), added to
                 ``KINKS``.
 ``_pool_kinks`` the ties of max-pooling ops (max-pool, adaptive and fractional max-pool, embedding_bag max), added

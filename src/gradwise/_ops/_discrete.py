@@ -5,7 +5,7 @@ the kinks of continuous ops. Their outputs carry no derivative, so a rule-less
 call at such a point would give f a derivative of 0 across a jump: nonsmooth calculus refuses there
 (``_nonsmooth/_kink_watch.py``).
 
-May import: torch, ``_kinks``.
+May import: torch, ``_kinks``, ``_cuts``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import dataclasses
 
 import torch
 
+from gradwise._ops._cuts import on_complex_cut
 from gradwise._ops._kinks import KINKS, OpCall, Site, _float, _integral, _kink, _where_zero
 
 aten = torch.ops.aten
@@ -74,6 +75,35 @@ def _angle_at_its_cut(c: OpCall):
     if isinstance(x, Tensor) and x.is_complex():
         return Site((x == 0) | ((x.imag == 0) & (x.real < 0)))
     return _where_zero(c) if _float(x) else None
+
+
+def _complex_input(c: OpCall) -> bool:
+    """A complex first argument (a dtype, no data read): real log / sqrt have no cut."""
+    return isinstance(c.args[0], Tensor) and c.args[0].is_complex()
+
+
+@_kink(aten.log, aten.log2, aten.log10, aten.log1p, kind="jump", possible=_complex_input,
+       convention="PyTorch's formula (1 / z) on the cut")
+def _complex_log_on_its_cut(c: OpCall):
+    """A complex log jumps across the negative real axis (its imaginary part, the angle, from pi to -pi) and is
+    singular at 0; log1p at and below -1. A real log has neither (log(0) = -inf is no kink)."""
+    at = on_complex_cut(c.args[0], -1.0 if c.packet.startswith("log1p") else 0.0)
+    return None if at is None else Site(at)
+
+
+@_kink(aten.atanh, aten.acosh, aten.asinh, aten.atan, kind="jump", possible=_complex_input,
+       convention="PyTorch's formula on the cut")
+def _complex_inverse_on_its_cut(c: OpCall):
+    """Complex atanh jumps across the real axis beyond ±1, acosh below 1, asinh and atan across the imaginary
+    axis beyond ±i. Real ones have no cut."""
+    z = c.args[0]
+    if not (isinstance(z, Tensor) and z.is_complex()):
+        return None
+    if c.packet.startswith("atanh"):
+        return Site((z.imag == 0) & (z.real.abs() >= 1))
+    if c.packet.startswith("acosh"):
+        return Site((z.imag == 0) & (z.real <= 1))
+    return Site((z.real == 0) & (z.imag.abs() >= 1))  # asinh, atan
 
 
 @_kink(aten.atan2, kind="jump", convention="PyTorch's formula (0 at the origin)")

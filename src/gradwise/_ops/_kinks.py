@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gradwise._ops._cuts import branch_cut_power, on_complex_cut
+
 aten = torch.ops.aten
 Tensor = torch.Tensor
 
@@ -431,6 +433,8 @@ def _fractional_exponent(c: OpCall) -> bool:
     x, p = c.args[0], c.arg(1, "exponent")
     if not isinstance(x, Tensor):
         return x == 0
+    if branch_cut_power(x, p):  # z ** 1.5
+        return True
     return isinstance(p, Tensor) or (isinstance(p, (int, float)) and 0 < p < 1)
 
 
@@ -441,6 +445,8 @@ def _fractional_power_at_zero(c):
     (x a tensor or a number, ``0.0 ** p``), 0 ** p jumps at p = 0 (1 there, 0 above, Inf below); PyTorch's
     derivative in p is 0 there."""
     x, p = c.args[0], c.arg(1, "exponent")
+    if branch_cut_power(x, p):
+        return Site(on_complex_cut(x), kind="jump", convention="PyTorch's formula on the branch cut")
     if isinstance(p, Tensor) and _float(p) and (_float(x) or (not isinstance(x, Tensor) and x == 0)):
         zero = x == 0 if isinstance(x, Tensor) else torch.ones((), dtype=torch.bool, device=p.device)
         shape = torch.broadcast_shapes(p.shape, *((x.shape,) if isinstance(x, Tensor) else ()))
@@ -459,7 +465,11 @@ def _fractional_power_at_zero(c):
 @_kink(aten.sqrt, aten.rsqrt, kind="singular", convention="Inf (1 / (2 sqrt(0)); -Inf for rsqrt)")
 def _sqrt_at_zero(c):
     """sqrt/rsqrt at 0: an infinite derivative; the backward divides by 2 sqrt(0) (Inf, NaN under a zero
-    sensitivity)."""
+    sensitivity). A complex z also on the negative real axis, where the result's imaginary part changes sign (a
+    jump: `_discrete.on_complex_cut`)."""
+    x = c.args[0]
+    if (cut := on_complex_cut(x)) is not None:
+        return Site(cut, kind="jump")
     return _where_zero(c)
 
 
@@ -483,8 +493,12 @@ def _entr_at_zero(c):
 
 @_kink(aten.asin, aten.acos, kind="singular", convention="Inf (1 / sqrt(1 - x^2) at ±1)")
 def _arcsin_at_one(c):
-    """asin/acos at ±1: an infinite derivative (Inf from the backward)."""
-    return Site(c.args[0].abs() == 1)
+    """asin/acos at ±1: an infinite derivative (Inf from the backward). A complex z: their branch cuts, the real
+    axis beyond ±1, where the result jumps."""
+    x = c.args[0]
+    if isinstance(x, Tensor) and x.is_complex():
+        return Site((x.imag == 0) & (x.real.abs() >= 1), kind="jump")
+    return Site(x.abs() == 1)
 
 
 # -- steps (jumps) --------------------------------------------------------------------------------------------

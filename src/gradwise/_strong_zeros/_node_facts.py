@@ -98,7 +98,7 @@ def _pow_singular(node: Any) -> bool:
     x = node._saved_self
     if x.is_complex():
         return False
-    if p != int(p) and _any(x < 0):
+    if isinstance(p, float) and not p.is_integer() and _any(x < 0):  # (int(p) raises for inf, NaN)
         return True
     return _overflows(x, p, p - 1, at_max=p > 1)
 
