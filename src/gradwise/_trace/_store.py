@@ -142,19 +142,24 @@ def _order(b: Birth) -> int:
     return b.order
 
 
+def descended(births) -> frozenset:
+    """``births`` and every birth they descend from (through ``parents``): a NaN/Inf carried from upstream whose
+    births descend from a saved value's (the NaN that inf + -inf made, meeting that Inf again in the backward of
+    the product that made it) is that value's already."""
+    seen: dict[int, Birth] = {}
+    stack = list(births)
+    while stack:
+        b = stack.pop()
+        if id(b) not in seen:
+            seen[id(b)] = b
+            stack.extend(getattr(b, "parents", ()))
+    return frozenset(seen.values())
+
+
 def root(birth: Birth) -> Birth:
     """The earliest birth ``birth`` descends from (through ``parents``; interning can close cycles, so the walk
     marks what it has seen)."""
-    best, seen, stack = birth, set(), [birth]
-    while stack:
-        b = stack.pop()
-        if id(b) in seen:
-            continue
-        seen.add(id(b))
-        if b.order < best.order:
-            best = b
-        stack.extend(b.parents)
-    return best
+    return min(descended((birth,)), key=lambda b: (b.order, b is not birth))  # (itself at a tie)
 
 
 class Store:
