@@ -131,3 +131,22 @@ def test_inf_plus_minus_inf_squared_is_a_finding_per_write(how):
     assert {int(f.born_location.rpartition(":")[2]) for f in report.findings} == lines, str(report)
     assert all(f"then {made}" in f.born for f in report.findings), str(report)
 
+
+def test_a_nan_born_in_a_mapped_body_is_named_where_it_was_born():
+    """Before: torch's map HOP calls its body as a functools.partial, which the trace did not run under itself
+    (only functions and modules): the NaN sqrt made inside the body was never observed, and the stacked output
+    (made outside the mode) was told as data arriving non-finite. Reference: the same body run eagerly makes the
+    NaN at its sqrt (the program's own rows 0 and 2 are negative there)."""
+    from torch._higher_order_ops.map import map as hop_map
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(3, 4)
+    assert torch.sqrt(lin(x)).isnan().any()
+    with gw.trace() as report:
+        ys = hop_map(lambda r: (torch.sqrt(r) * 2,), lin(x))  # (the sqrt)
+        ys[0].sum().backward()
+    births = [(f.kind, f.born_op, f.born_location) for f in genuine_findings(report)]
+    assert [(kind, op, loc.rpartition(":")[2]) for kind, op, loc in births] == [
+        ("nan", "aten.sqrt", str(_line("# (the sqrt)")))], str(report)
+    assert not any(f.born_op == "input" for f in report.findings), str(report)

@@ -165,8 +165,10 @@ def subgraphs_under(mode: TorchDispatchMode, func: Any, args: tuple, kwargs: dic
                 return fn(*a, **k)
         return run
 
-    # (subgraphs, not ops passed as arguments: with_effects' OpOverload)
-    wrapped = tuple(under_mode(a) if isinstance(a, (torch.nn.Module, types.FunctionType)) else a for a in args)
+    # (subgraphs, not ops passed as arguments: with_effects' OpOverload; map's body is a functools.partial, run
+    # outside the mode before: a NaN born in it was data arriving non-finite)
+    wrapped = tuple(under_mode(a) if isinstance(a, (torch.nn.Module, types.FunctionType, functools.partial)) else a
+                    for a in args)
     out = func(*wrapped, **kwargs)
     if func is torch.ops.higher_order.cond and not isinstance(out, (tuple, list)) and _in_cond_forward():
         # eager torch.cond compiles its call, and dynamo skips the frame under a non-infra dispatch mode: the branch
