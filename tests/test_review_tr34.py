@@ -79,13 +79,11 @@ def test_a_fully_masked_rows_nan_beside_an_unused_inf_row_is_not_the_infs():
     assert any(f.kind == "nan" and f.born_op in ("aten.masked_fill", "aten._softmax") for f in got), str(report)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_Tracer._higher_order gives the stacked output every birth seen during the call, also those of body values "
-    "the body discards: fix by recording the births of the tensors the body returns (subgraphs_under's run "
-    "wrapper, per call) instead of all births seen"))
 def test_a_nan_a_mapped_body_discards_is_no_finding_of_its_output():
-    """tr34: a map body that computes a NaN it discards (log(r - 100)) and returns r * 2, over data holding an Inf:
-    the output holds the Inf only, yet the log's NaN was a genuine NaN finding ("the output depends on it")."""
+    """tr34 (a false genuine finding): a map body that computes a NaN it discards (log(r - 100)) and returns
+    r * 2, over data holding an Inf: the output holds the Inf only, yet the log's NaN was a genuine NaN finding
+    ("the output depends on it"): every birth seen during the call was given to the stacked output; now the
+    births of what the body returned."""
     from torch._higher_order_ops.map import map as hop_map
 
     def body(r):

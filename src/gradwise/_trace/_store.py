@@ -54,7 +54,6 @@ class Birth:
     sensed: int | None = None
     sensed_indices: list = field(default_factory=list)
     formula: bool = False  # made by a backward formula from saved values (pow's self ** -0.5 at 0)
-    seen: int = 0  # the store's serial at its latest occurrence (the births made during a higher-order op's call)
 
     def describe(self) -> str:
         from gradwise._trace._common import _fmt  # the trace's path formatting (relative to the working directory)
@@ -208,9 +207,8 @@ class Store:
             b = self.births[key] = make()
             b.order, b.step, b.steps, b.count, b.first_count = len(self.births), self.step, [self.step], count, count
             b.parents = {p for p in parents if p is not b}
-            b.last, b.seen = self.step, self.serial
+            b.last = self.step
             return b
-        b.seen = self.serial
         b.in_steps += b.last != self.step
         b.last = self.step
         b.count += count

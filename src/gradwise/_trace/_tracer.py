@@ -333,10 +333,11 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
     def _higher_order(self, func, args, kwargs):
         """A higher-order op (cond, map, while_loop) run with its subgraphs under the trace (`subgraphs_under`).
         Its forward outputs that no op under the trace made (map stacks its body's results outside the mode) hold
-        what its subgraphs made: their births are those made during the call, with its inputs'. A NaN born in
-        map's body was told as data arriving non-finite (its birth not observed)."""
-        before = self.store.serial
-        out = subgraphs_under(self, func, args, kwargs)
+        what its subgraphs returned: their births, with its inputs'. A NaN born in map's body was told as data
+        arriving non-finite (its birth not observed); every birth seen during the call named a NaN the body
+        computed and discarded (review_tr34)."""
+        returned: list = []
+        out = subgraphs_under(self, func, args, kwargs, returned.append)
         if self.depth or (torch._C._len_torch_dispatch_stack() and recording()):
             return out
         made = None
@@ -344,8 +345,9 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
             if o in self.prov or not _kinds.readable(o) or not _nonfinite(o):
                 continue
             if made is None:
-                made = frozenset(b for b in self.store.births.values() if b.seen > before).union(
-                    *(self.prov.get(t, frozenset()) for t in _tensors(args)))
+                made = frozenset().union(*(self.prov.get(t, frozenset()) for r in returned
+                                           for t in _tensors(r if isinstance(r, (list, tuple)) else (r,))),
+                                         *(self.prov.get(t, frozenset()) for t in _tensors(args)))
             if made:
                 self.prov[o] = made
         return out
