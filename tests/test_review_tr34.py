@@ -4,18 +4,10 @@ in the gradient), and the values the program computes (what is NaN, what is Inf)
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import gradwise as gw
 from _explaining import genuine_findings
-
-_WHY_INFINITIES = (
-    "infinities_of takes a NaN birth's parents (every birth of its inputs, not those at its NaN elements) as the "
-    "infinities it was made of: a NaN an op made of finite values (0/0, a fully masked row) beside an unrelated "
-    "Inf is renamed after that Inf's write. Fix: record at the birth (_provenance, eager) whether each NaN element "
-    "had a non-finite input at it (pointwise: aligned inputs; row-wise: the row holds +inf), and only then name "
-    "the infinities")
 
 
 def _div_program(inf_write: bool, zero: bool):
@@ -34,10 +26,11 @@ def _div_program(inf_write: bool, zero: bool):
     return w
 
 
-@pytest.mark.xfail(strict=True, reason=_WHY_INFINITIES)
 def test_a_nan_made_of_finite_values_beside_an_unused_inf_keeps_its_birth():
     """tr34 (SILENT): the used 0/0 NaN born at the div was told as the unused +inf write ("then aten.div made NaN
-    of it", genuine) -- the write the output never reads told genuine, the div's NaN no longer named there."""
+    of it", genuine) -- the write the output never reads told genuine, the div's NaN no longer named there:
+    infinities_of took the NaN birth's parents (every birth of its inputs) as what it was made of. Now only a NaN
+    each of whose elements had a non-finite input is (Birth.of_infinities)."""
     with gw.strong_zeros():
         assert bool(_div_program(True, False).grad.isfinite().all())  # the +inf write alone: not genuine
         assert not bool(_div_program(False, True).grad.isfinite().all())  # the 0/0 alone: genuine
@@ -65,11 +58,11 @@ def _masked_program(inf_write: bool, masked: bool):
     return out
 
 
-@pytest.mark.xfail(strict=True, reason=_WHY_INFINITIES)
 def test_a_fully_masked_rows_nan_beside_an_unused_inf_row_is_not_the_infs():
     """tr34 (SILENT): softmax's one NaN birth (row 0: inf - inf, row 1: fully masked) was replaced by the +inf
     write of row 0, which the output never reads: the used fully masked row's NaN (the genuine one) vanished and
-    the unused write was told genuine. Base named the masked row's write."""
+    the unused write was told genuine. Base named the masked row's write. Now row 1 (no +inf) keeps the NaN
+    softmax's own (Birth.of_infinities False)."""
     assert bool(_masked_program(False, True).isnan().any())  # the masked row alone: the output NaN
     assert not bool(_masked_program(True, False).isnan().any())  # the +inf row alone: the output finite
     with gw.trace() as report:

@@ -150,6 +150,9 @@ _SELECTED_WRITES = {aten.masked_fill_, aten.index_put_, aten._index_put_impl_, a
 # their out-of-place forms: the output holds the constant at the selected elements, whatever the input held there
 _SELECTED_COPIES = {aten.masked_fill, aten.index_put, aten.index_fill}
 
+# softmaxes that make NaN of a slice all -inf (a fully masked row: 0/0)
+_NAN_OF_FULL_ROWS = {aten._softmax, aten._log_softmax}
+
 # ops whose output element reads the input's elements along some dims at its other indices (a row): the named
 # argument ("dim", or layer norm's "normalized_shape": the last dims) or the last n dims (pooling windows)
 _ROWWISE: dict = {aten.sort: "dim", aten.topk: "dim", aten.kthvalue: "dim", aten.median: "dim",

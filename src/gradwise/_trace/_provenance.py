@@ -38,6 +38,7 @@ from gradwise._trace._facts import (
     _ACCUMULATES,
     _BILINEAR,
     _LITERALS,
+    _NAN_OF_FULL_ROWS,
     _ROWWISE,
     _SELECTED_COPIES,
     _SELECTED_WRITES,
@@ -48,7 +49,7 @@ from gradwise._trace._kinds import readable
 from gradwise._trace._parts import _Parts, _written_by
 from gradwise._trace._probes import probes
 from gradwise._trace._replay import made_by, untraced
-from gradwise._trace._row_parts import _row_dims, _schema_arg, _united
+from gradwise._trace._row_parts import _of_infinities, _row_dims, _schema_arg, _united
 from gradwise._trace._store import KEEP as _KEEP
 from gradwise._trace._store import Birth as _Birth
 from gradwise._trace._store import Incident as _Incident
@@ -78,8 +79,6 @@ _OVERWRITES = {torch.ops.aten.fill_, torch.ops.aten.copy_}
 # softmaxes that make 0 of a -inf input (scaled_dot_product_attention's math path uses _safe_softmax, which makes
 # 0 of a fully masked row too; log_softmax keeps -inf, and its births with it)
 _MASKING_SOFTMAX = {torch.ops.aten._softmax, torch.ops.aten._safe_softmax}
-# softmaxes that make NaN of a slice all -inf (a fully masked row: 0/0)
-_NAN_OF_FULL_ROWS = {torch.ops.aten._softmax, torch.ops.aten._log_softmax}
 
 
 def _is_view(func) -> bool:
@@ -395,7 +394,9 @@ class _Provenance(_Parts):
                     what += SCRIPTED
                 if nd is not None and nd.op != op and (not nf or new_nan or fresh is not None) and loc == nd.loc:
                     what = f"{what} (in the backward formula of {nd.op})"
-                return _Birth(op, loc, what, 0, idx, has_nan, formula=bool(self.depth))
+                return _Birth(op, loc, what, 0, idx, has_nan, formula=bool(self.depth),
+                              of_infinities=has_nan and fresh is None and bool(nf) and
+                              _of_infinities(func, o, born, nf, args))
 
             born = _nan_mask(o) if new_nan and (nf or prior) else mask
             b = self._birth(op, loc, has_nan, None, _in_base(born, o, base), make,

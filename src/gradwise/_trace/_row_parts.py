@@ -12,6 +12,7 @@ import torch
 
 from gradwise._masks import mask_any
 from gradwise._trace._common import _aligned
+from gradwise._trace._facts import _NAN_OF_FULL_ROWS, _ROWWISE
 
 _MAX_PARTS = 8  # provenance parts kept per tensor (more: the smallest are told together, ``_merged``)
 # the report's note where a tensor held more parts than that (``_Assembly._finish`` words it)
@@ -278,3 +279,34 @@ def _row_dims(func, args, ndim: int, how) -> tuple | None:
 
 def _keepdim(func, args) -> bool:
     return bool(_schema_arg(func, args, "keepdim", False))
+
+
+def _of_infinities(func, o: torch.Tensor, born: torch.Tensor, nf: list, args) -> bool:
+    """Whether every NaN element ``born`` at ``func`` had a non-finite input at it (an elementwise op's aligned
+    inputs; a reduction's or a row-wise op's row, +inf for a softmax): only then is the NaN made of those
+    infinities (``_findings.infinities_of``). A birth's parents are every birth of its inputs: a 0/0 beside an
+    unused written Inf, or a fully masked row beside a row holding +inf, was renamed after that Inf (genuine, the
+    op's own NaN gone). False where the op's element map is not known (the NaN its own root, as before)."""
+    x = nf[0] if nf else None
+    if torch.Tag.pointwise in func.tags and _aligned(nf, o.shape):
+        at = torch.zeros(o.shape, dtype=torch.bool, device=o.device)
+        for t in nf:
+            at |= ~torch.isfinite(t).broadcast_to(o.shape)
+    elif len(nf) != 1 or not args or args[0] is not x or not x.dim():
+        return False
+    elif func.overloadpacket in _ROWWISE and o.shape == x.shape:
+        dims = _row_dims(func, args, x.dim(), _ROWWISE[func.overloadpacket])
+        if dims is None:
+            return False
+        inf = x == float("inf") if func.overloadpacket in _NAN_OF_FULL_ROWS else ~torch.isfinite(x)
+        at = mask_any(inf, dims, keepdim=True).broadcast_to(o.shape)
+    elif torch.Tag.reduction in func.tags:
+        dims = _reduced_dims(func, args, x.dim())
+        if dims is None:
+            return o.numel() == 1
+        at = mask_any(~torch.isfinite(x), dims, keepdim=_keepdim(func, args))
+        if at.shape != o.shape:
+            return False
+    else:
+        return False
+    return not bool((born & ~at).any())
