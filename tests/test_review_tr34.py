@@ -4,6 +4,10 @@ in the gradient), and the values the program computes (what is NaN, what is Inf)
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
+import pytest
 import torch
 
 import gradwise as gw
@@ -92,3 +96,41 @@ def test_a_nan_a_mapped_body_discards_is_no_finding_of_its_output():
         ys[0].sum().backward()
     assert not bool(ys[0].isnan().any())
     assert not any(f.kind == "nan" for f in genuine_findings(report)), str(report)
+
+
+def _sum_program(a: bool, b: bool, c: bool, product: bool = False):
+    """z = x * w + x2 * w (or x * x2 * w): x[0] = +inf (a), x2[0] = -inf (b; or 0 for the product), and x[3] = +inf
+    (c, z[3] unused, or x2[3] for the product); the output reads z[:3]."""
+    torch.manual_seed(0)
+    w = torch.randn(4).abs().requires_grad_()
+    x, x2 = torch.randn(4), torch.randn(4)
+    if a:
+        x[0] = float("inf")
+    if b:
+        x2[0] = 0.0 if product else float("-inf")
+    if c and product:
+        x2[3] = float("inf")
+    elif c:
+        x[3] = float("inf")
+    z = x.clone() * x2.clone() * w if product else x.clone() * w + x2.clone() * w
+    z[:3].pow(2).sum().backward()
+    return w
+
+
+@pytest.mark.parametrize("product", [False, True])
+def test_an_unused_inf_in_an_operand_is_not_what_its_nan_was_made_of(product):
+    """tr34 (a false genuine finding): inf + -inf (or inf * 0) at z[0] beside an unused +inf at z[3] in an operand:
+    infinities_of named every birth of the operands (the NaN birth's parents), so the unused write was a genuine
+    NaN finding reaching w beside its contamination. Reference: strong zeros with that write alone keep w's
+    gradient finite; now only the births at the NaN's elements (Birth.made_of) are named."""
+    program = functools.partial(_sum_program, product=product)
+    with gw.strong_zeros():
+        assert bool(program(False, False, True).grad.isfinite().all())
+        assert not bool(program(True, False, False).grad.isfinite().all())
+    with gw.trace() as report:
+        program(True, True, True)
+    lines = {int(f.born_location.rpartition(":")[2]) for f in genuine_findings(report)}
+    c_lines = {i for i, s in enumerate(Path(__file__).read_text().splitlines(), 1)
+               if s.strip() in ('x2[3] = float("inf")', 'x[3] = float("inf")')}
+    assert not lines & c_lines, str(report)
+    assert lines, str(report)

@@ -196,13 +196,13 @@ def infinities_of(b: _Birth) -> list:
     +inf), each a root of its own that the NaN's finding names (then that op made NaN of it): [] where the NaN
     is its own root (made of NaN, of a mask's -inf alone: a fully masked row; of overflows: ``overflow_root``).
     Named as a finding of its own, the NaN was a second (or third) finding of each used Inf, "genuine" twice."""
-    if not (b.nan and b.parents and b.of_infinities) or b.op in _NOT_DATA or b.op == "input" or b.formula or \
+    if not (b.nan and b.made_of) or b.op in _NOT_DATA or b.op == "input" or b.formula or \
             b.what.startswith(FULLY_MASKED) or any(p.nan or p.op in _NOT_DATA or p.op in ("seed", "input") or
                                                    p.formula for p in b.parents):
         # (of a gradient used as a value, a backward's: downstream of that story, _causes.group; of data that
         # arrived Inf: born at the op, its cause the arrival, as before)
         return []
-    return sorted((p for p in b.parents if p.what != WRITTEN_MASK), key=_order)
+    return sorted((p for p in b.made_of if p.what != WRITTEN_MASK), key=_order)
 
 
 def _line_order(location: str) -> tuple[str, int, str]:

@@ -17,7 +17,7 @@ from gradwise._trace._common import _aligned, _inexact, _nonfinite_mask, _op_nam
 from gradwise._trace._facts import _SELECTED_WRITES
 from gradwise._trace._incidents import _in_base
 from gradwise._trace._probes import MAX_PROBES, instead_of, probe
-from gradwise._trace._row_parts import _of_infinities, _RowParts, _schema_arg, _united
+from gradwise._trace._row_parts import _RowParts, _schema_arg, _united
 from gradwise._trace._store import Birth as _Birth
 
 
@@ -108,7 +108,7 @@ class _Parts(_RowParts):
         op, parents = _op_name(func), self._origin_at(x, loc, fresh)
         b = self._birth(op, loc, True, None, fresh, lambda idx: _Birth(
             op, loc, _explain(func, [x], o, fresh, None), 0, idx, True,
-            of_infinities=_of_infinities(func, o, fresh, [x], (x, dim))), parents)
+            made_of=self._made_of(func, o, fresh, [x], (x, dim), loc)), parents)
         rest = ~torch.isfinite(o) & ~fresh
         # (the other rows keep their parts, _rowwise_parts': one part of every birth named the used row's NaN
         # after the padding rows' too; a NaN row's -inf explain none of its NaN, as in _without_mask_infs)

@@ -49,7 +49,7 @@ from gradwise._trace._kinds import readable
 from gradwise._trace._parts import _Parts, _written_by
 from gradwise._trace._probes import probes
 from gradwise._trace._replay import made_by, untraced
-from gradwise._trace._row_parts import _of_infinities, _row_dims, _schema_arg, _united
+from gradwise._trace._row_parts import _row_dims, _schema_arg, _united
 from gradwise._trace._store import KEEP as _KEEP
 from gradwise._trace._store import Birth as _Birth
 from gradwise._trace._store import Incident as _Incident
@@ -395,8 +395,8 @@ class _Provenance(_Parts):
                 if nd is not None and nd.op != op and (not nf or new_nan or fresh is not None) and loc == nd.loc:
                     what = f"{what} (in the backward formula of {nd.op})"
                 return _Birth(op, loc, what, 0, idx, has_nan, formula=bool(self.depth),
-                              of_infinities=has_nan and fresh is None and bool(nf) and
-                              _of_infinities(func, o, born, nf, args))
+                              made_of=self._made_of(func, o, born, nf, args, loc)
+                              if has_nan and fresh is None and nf else frozenset())
 
             born = _nan_mask(o) if new_nan and (nf or prior) else mask
             b = self._birth(op, loc, has_nan, None, _in_base(born, o, base), make,

@@ -54,7 +54,7 @@ class Birth:
     sensed: int | None = None
     sensed_indices: list = field(default_factory=list)
     formula: bool = False  # made by a backward formula from saved values (pow's self ** -0.5 at 0)
-    of_infinities: bool = False  # a NaN each of whose elements had a non-finite input (_provenance._of_infinities)
+    made_of: frozenset = frozenset()  # a NaN's: the births of the infinities at its elements (_infinities_at)
 
     def describe(self) -> str:
         from gradwise._trace._common import _fmt  # the trace's path formatting (relative to the working directory)
