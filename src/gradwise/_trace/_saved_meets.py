@@ -32,8 +32,10 @@ class _SavedMeets:
         NaN/Inf here that the upstream one does not explain (a zero the program computed, 1/inf, meeting an
         Inf the contamination upstream hides), also from the births of that contamination."""
         births = frozenset().union(*(self._origin(t, loc) for t in saved))
-        # (and what they descend from: inf + -inf's NaN meeting one of those Infs again was a second finding)
-        before = descended(frozenset().union(*(i.births if isinstance(i, _Incident) else (i,) for i in carried)))
+        # (and the infinities they were made of: inf + -inf's NaN meeting one of those Infs again was a second
+        # finding; not every parent: log's NaN of x * w beside x's used +inf hid that +inf, review_tr34)
+        before = descended(frozenset().union(*(i.births if isinstance(i, _Incident) else (i,) for i in carried)),
+                           "made_of")
         # a NaN/Inf sensitivity counts as nonzero only when it is genuine: contamination is what strong zeros
         # make a zero upstream, and a zero annihilates the saved NaN/Inf
         finite_only = all(isinstance(i, _Incident) and i.kind == "contamination" for i in carried)
@@ -134,7 +136,8 @@ class _SavedMeets:
         if any(k is None for k, _ in kept):
             return False
         before = descended(frozenset().union(*(i.births if isinstance(i, _Incident) else (i,) for i in carried
-                                               if not (isinstance(i, _Incident) and i.kind == "contamination"))))
+                                               if not (isinstance(i, _Incident) and i.kind == "contamination"))),
+                           "made_of")
         for met, births in kept:
             met = met & mask
             count, idx = _positions(met)

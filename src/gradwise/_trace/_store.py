@@ -143,17 +143,16 @@ def _order(b: Birth) -> int:
     return b.order
 
 
-def descended(births) -> frozenset:
-    """``births`` and every birth they descend from (through ``parents``): a NaN/Inf carried from upstream whose
-    births descend from a saved value's (the NaN that inf + -inf made, meeting that Inf again in the backward of
-    the product that made it) is that value's already."""
+def descended(births, through: str = "parents") -> frozenset:
+    """``births`` and every birth they descend from (through ``parents``, or ``made_of``: the infinities a NaN
+    was made of at its elements)."""
     seen: dict[int, Birth] = {}
     stack = list(births)
     while stack:
         b = stack.pop()
         if id(b) not in seen:
             seen[id(b)] = b
-            stack.extend(getattr(b, "parents", ()))
+            stack.extend(getattr(b, through, ()))
     return frozenset(seen.values())
 
 
