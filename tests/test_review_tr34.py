@@ -163,3 +163,29 @@ def test_a_nan_an_op_made_beside_a_used_inf_in_its_row_names_both_causes():
     want = {i for i, s in enumerate(text, 1) if s.endswith(("# (the +inf write)", "# (the log)"))}
     got = {int(f.born_location.rpartition(":")[2]) for f in genuine_findings(report)}
     assert got == want, str(report)
+
+
+def _two_steps(w: torch.Tensor, i: int) -> None:
+    """Step 0: inf / inf at the div (a written +inf over a written +inf); step 1: 0 / 0 there (finite data)."""
+    x, b = torch.randn(4), torch.randn(4)
+    a = x.clone() * w
+    if i == 0:
+        x2 = torch.zeros(4)
+        x2[1] = float("inf")
+        a, b[1] = a + x2.clone(), float("inf")
+    else:
+        a, b[1] = a * torch.tensor([1.0, 0.0, 1.0, 1.0]), 0.0
+    (a / b)[1:].sum().backward()  # (the div)
+
+
+def test_a_later_steps_nan_of_finite_values_at_a_site_keeps_its_birth():
+    """Step 0's NaN at the div is made of two written +inf (named after them); step 1's, at the same div, is 0/0:
+    the div must still be named for it (the program with the step-0 writes deleted: a NaN born at the div).
+    Birth.made_of was set at the first occurrence only (interned per op and line); now each occurrence records
+    its own, one made of none marking the birth ``own`` (named itself beside its infinities)."""
+    torch.manual_seed(0)
+    w = torch.randn(4, requires_grad=True)
+    with gw.trace() as report:
+        for i in range(2):
+            _two_steps(w, i)
+    assert any(f.kind == "nan" and f.born_op == "aten.div" for f in genuine_findings(report)), str(report)

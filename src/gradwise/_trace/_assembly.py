@@ -361,12 +361,13 @@ def _named(inc, via: _Birth, birth: _Birth) -> list:
 
 def _by_infinities(named: list) -> list:
     """``named`` (via, root) pairs with a NaN root made of used infinities (``infinities_of``: inf - inf of a
-    written +inf and -inf) replaced by each of those, the NaN their via (each once)."""
+    written +inf and -inf) replaced by each of those, the NaN their via (each once); kept too where an
+    occurrence of it was made of none (``own``)."""
     got, seen = [], set()
     for v, r in named:
         infinities = infinities_of(r) if r is not None else []
         got.extend((r, p) for p in infinities if id(p) not in seen)
         seen.update(map(id, infinities))
-        if not infinities:
+        if not infinities or r.own:
             got.append((v, r))
     return got

@@ -394,13 +394,13 @@ class _Provenance(_Parts):
                     what += SCRIPTED
                 if nd is not None and nd.op != op and (not nf or new_nan or fresh is not None) and loc == nd.loc:
                     what = f"{what} (in the backward formula of {nd.op})"
-                return _Birth(op, loc, what, 0, idx, has_nan, formula=bool(self.depth),
-                              made_of=self._made_of(func, o, born, nf, args, loc)
-                              if has_nan and fresh is None and nf else frozenset())
+                return _Birth(op, loc, what, 0, idx, has_nan, formula=bool(self.depth))
 
             born = _nan_mask(o) if new_nan and (nf or prior) else mask
             b = self._birth(op, loc, has_nan, None, _in_base(born, o, base), make,
                             frozenset() if fresh is not None else births)
+            if has_nan and fresh is None:  # (of finite inputs: made of no infinity, own)
+                self._made(b, self._made_of(func, o, born, nf, args, loc) if nf else frozenset())
             if made is not None and base is None and len(made.born) < _BORN_PER_NODE:
                 made.born.append((b, born))
             if fresh is None:  # (born here as a whole: the parts a row-wise op took of its input are not its

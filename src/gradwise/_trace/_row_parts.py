@@ -198,6 +198,16 @@ class _RowParts:
         got = [(t, at & ~torch.isfinite(t).broadcast_to(at.shape)) for t in nf]
         return frozenset().union(*(self._origin_at(t, loc, w) for t, w in got if bool(w.any())))
 
+    @staticmethod
+    def _made(b, made: frozenset) -> None:
+        """Record at the NaN birth ``b`` (interned per op and line) what this occurrence was made of: its
+        infinities, else ``own`` (a later step's 0/0 at a site whose first NaN was inf / inf was told as those
+        infinities, the div's own NaN gone)."""
+        if made:
+            b.made_of = b.made_of | made
+        else:
+            b.own = True
+
     def _origin_at(self, t: torch.Tensor, loc, where: torch.Tensor) -> frozenset:
         """The births of ``t``'s NaN/Inf at the elements ``where`` (``t`` broadcast to its shape): those of the
         parts there where an elementwise op recorded them, else all of ``t``'s."""

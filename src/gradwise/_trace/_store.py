@@ -55,6 +55,7 @@ class Birth:
     sensed_indices: list = field(default_factory=list)
     formula: bool = False  # made by a backward formula from saved values (pow's self ** -0.5 at 0)
     made_of: frozenset = frozenset()  # a NaN's: the births of the infinities at its elements (_infinities_at)
+    own: bool = False  # a NaN with an occurrence made of no infinity (0/0): its own root beside made_of's
 
     def describe(self) -> str:
         from gradwise._trace._common import _fmt  # the trace's path formatting (relative to the working directory)
