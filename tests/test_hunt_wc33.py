@@ -117,7 +117,8 @@ def test_watch_does_not_fold_two_sites_of_one_op_in_one_graph():
             a = y[:, 0] / n
             b = y[:, 1] * 2 / n
             (a.sum() + b.sum()).backward()
-    divs = [(f.location, f.count, f.step) for f in report.findings if f.op == "aten.div"]
+    # (the Infs: line 10's Inf that a.sum() made NaN of, once a finding born at the sum, is named at the div, tr34)
+    divs = [(f.location, f.count, f.step) for f in report.findings if f.op == "aten.div" and f.kind == "inf"]
     assert sorted((c, s) for _, c, s in divs) == [(8, 0), (8, 1), (8, 1)], divs  # (the step-0 one: both sites')
     assert len({loc for loc, _, _ in divs}) == 3, divs
 

@@ -151,22 +151,29 @@ class LeanDispatchMode(TorchDispatchMode):
             cls.__torch_dispatch__ = _lean(raw)
 
 
-def subgraphs_under(mode: TorchDispatchMode, func: Any, args: tuple, kwargs: dict) -> Any:
+def subgraphs_under(mode: TorchDispatchMode, func: Any, args: tuple, kwargs: dict,
+                    returned: Callable[[Any], Any] | None = None) -> Any:
     """A higher-order op (``torch.cond``, ``map``, ``while_loop``; their backwards are higher-order ops too) that
     reached ``mode``'s handler: it has no aten kernel, and PyTorch raises NotImplementedError for a mode without
     higher-order support. It runs as PyTorch's own kernel (the mode is off in the handler), each subgraph it calls
     (a branch, a body: a GraphModule or a Python function) run under ``mode``, so that their ops are seen as in
-    eager code."""
+    eager code. ``returned`` is called with what each subgraph call returns (map stacks its body's results
+    outside the mode: the trace takes their births from there)."""
     import types
 
     def under_mode(fn: Callable[..., Any]) -> Callable[..., Any]:
         def run(*a: Any, **k: Any) -> Any:
             with mode:
-                return fn(*a, **k)
+                got = fn(*a, **k)
+            if returned is not None:
+                returned(got)
+            return got
         return run
 
-    # (subgraphs, not ops passed as arguments: with_effects' OpOverload)
-    wrapped = tuple(under_mode(a) if isinstance(a, (torch.nn.Module, types.FunctionType)) else a for a in args)
+    # (subgraphs, not ops passed as arguments: with_effects' OpOverload; map's body is a functools.partial, run
+    # outside the mode before: a NaN born in it was data arriving non-finite)
+    wrapped = tuple(under_mode(a) if isinstance(a, (torch.nn.Module, types.FunctionType, functools.partial)) else a
+                    for a in args)
     out = func(*wrapped, **kwargs)
     if func is torch.ops.higher_order.cond and not isinstance(out, (tuple, list)) and _in_cond_forward():
         # eager torch.cond compiles its call, and dynamo skips the frame under a non-infra dispatch mode: the branch

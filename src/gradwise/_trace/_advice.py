@@ -143,6 +143,7 @@ def _overflow(ins, out, mask) -> str:
 
 
 _SOFTMAX_INF = "softmax over a slice holding +inf"
+FULLY_MASKED = "softmax over a slice that is entirely -inf"  # (a mask's NaN: its own root, _findings.infinities_of)
 
 
 @_explains(aten._softmax, aten._log_softmax)
@@ -152,7 +153,7 @@ def _softmax_nan(ins, out, mask) -> str:
     x = _inputs_at(ins, mask)
     if x is not None and bool((x == float("inf")).any()):
         return f"{_SOFTMAX_INF} (exp(inf - inf) = NaN): an overflow (or a +inf written) before the softmax"
-    return "softmax over a slice that is entirely -inf (0/0 = NaN): a fully masked row"
+    return f"{FULLY_MASKED} (0/0 = NaN): a fully masked row"
 
 
 @_explains(aten.acos, aten.asin, aten.atanh, aten.acosh)

@@ -22,6 +22,7 @@ from gradwise._trace._findings import (
     _site,
     contamination,
     genuine,
+    infinities_of,
     overflow_root,
     sparse_gradient,
 )
@@ -134,8 +135,9 @@ class _Assembly:
         told = {id(root(b)) for b in found.origin.values() if b.op == "gradient"}
         uses: list[_Birth] = []
         findings, origin = found.by_key, found.origin
-        for via in sorted(self.output_births, key=lambda b: b.order):
-            kind, birth = "nan" if via.nan else "inf", overflow_root(via)
+        pairs = _by_infinities([(via, overflow_root(via)) for via in sorted(self.output_births, key=lambda b: b.order)])
+        for via, birth in pairs:
+            kind = "nan" if via.nan else "inf"
             key = _site(kind, birth)
             if key not in findings and birth.op == "gradient" and id(root(birth)) in told:
                 uses.append(birth)
@@ -354,4 +356,18 @@ def _named(inc, via: _Birth, birth: _Birth) -> list:
         if b is not via and (b.nan == via.nan or inc.kind == "nan") and b.op not in ("gradient", "input") and \
                 (b.nan or b.parents or b.what != WRITTEN_MASK):
             named.append((b, overflow_root(b)))
-    return named
+    return _by_infinities(named)
+
+
+def _by_infinities(named: list) -> list:
+    """``named`` (via, root) pairs with a NaN root made of used infinities (``infinities_of``: inf - inf of a
+    written +inf and -inf) replaced by each of those, the NaN their via (each once); kept too where an
+    occurrence of it was made of none (``own``)."""
+    got, seen = [], set()
+    for v, r in named:
+        infinities = infinities_of(r) if r is not None else []
+        got.extend((r, p) for p in infinities if id(p) not in seen)
+        seen.update(map(id, infinities))
+        if not infinities or r.own:
+            got.append((v, r))
+    return got

@@ -147,6 +147,11 @@ _TIES_COUNTED = {"aten.amax", "aten.amin"}
 # in-place ops that write a value into the elements a mask or an index selects (``s.masked_fill_(m, -inf)``,
 # ``s[m] = -inf``): a NaN/Inf constant written there is born there, the other elements keep what they held
 _SELECTED_WRITES = {aten.masked_fill_, aten.index_put_, aten._index_put_impl_, aten.index_fill_}
+# their out-of-place forms: the output holds the constant at the selected elements, whatever the input held there
+_SELECTED_COPIES = {aten.masked_fill, aten.index_put, aten.index_fill}
+
+# softmaxes that make NaN of a slice all -inf (a fully masked row: 0/0)
+_NAN_OF_FULL_ROWS = {aten._softmax, aten._log_softmax}
 
 # ops whose output element reads the input's elements along some dims at its other indices (a row): the named
 # argument ("dim", or layer norm's "normalized_shape": the last dims) or the last n dims (pooling windows)

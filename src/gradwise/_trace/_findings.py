@@ -23,6 +23,7 @@ from gradwise._trace._advice import (
     _STALE_GRADIENT_FIX,
     _UNDECIDED,
     _UNEXPLAINED_FIX,
+    FULLY_MASKED,
     NUMBER,
     OVERFLOW,
 )
@@ -34,6 +35,7 @@ from gradwise._trace._facts import (
     _ZERO_OUTPUTS,
     BACKWARD_OVERFLOW,
     STALE,
+    WRITTEN_MASK,
     _discard_key,
     aten_packet,
 )
@@ -130,10 +132,13 @@ def genuine(kind: str, inc: _Incident | None, birth: _Birth | None, via: _Birth 
     if birth is not None:
         op, loc = birth.op, birth.loc
         arrived = _STALE_GRADIENT_FIX if birth.what == STALE else _INPUT_FIX
+        # (an infinity that an op made NaN of, named for that NaN: infinities_of; what the op made is told too)
+        made = via if via is not None and via is not birth and birth in infinities_of(via) else None
         fix = arrived if birth.op == "input" else _GRADIENT_FIX if birth.op == "gradient" else \
             _SEED_FIX if birth.op == "seed" else _UNEXPLAINED_FIX if birth.op == "backward" else \
-            _SOFTMAX_INF_FIX if birth.what.startswith(_SOFTMAX_INF) else _genuine_fix(birth)
-        message = f"{birth.what}; " + (_UNDECIDED.format(op=inc.op) if inc is not None and inc.undecided
+            _SOFTMAX_INF_FIX if (made or birth).what.startswith(_SOFTMAX_INF) else _genuine_fix(birth)
+        what = birth.what if made is None else f"{birth.what}, then {made.op} made NaN of it: {made.what}"
+        message = f"{what}; " + (_UNDECIDED.format(op=inc.op) if inc is not None and inc.undecided
                                        else "every gradient it reaches uses it" if birth.op == "seed"
                                        else "every backward adds to it" if birth.what == STALE
                                        else "whether the output used it (genuine) or not (contamination) is "
@@ -184,6 +189,20 @@ def overflow_root(b: _Birth | None) -> _Birth | None:
             and all(not p.nan and p.op in _OVERFLOW_NAMES for p in b.parents):
         b = min(b.parents, key=_order)
     return b
+
+
+def infinities_of(b: _Birth) -> list:
+    """The infinities a NaN birth was made of (inf - inf of a written +inf and -inf, softmax over a row holding
+    +inf), each a root of its own that the NaN's finding names (then that op made NaN of it): [] where the NaN
+    is its own root (made of NaN, of a mask's -inf alone: a fully masked row; of overflows: ``overflow_root``).
+    Named as a finding of its own, the NaN was a second (or third) finding of each used Inf, "genuine" twice."""
+    if not (b.nan and b.made_of) or b.op in _NOT_DATA or b.op == "input" or b.formula or \
+            b.what.startswith(FULLY_MASKED) or any(p.nan or p.op in _NOT_DATA or p.op in ("seed", "input") or
+                                                   p.formula for p in b.parents):
+        # (of a gradient used as a value, a backward's: downstream of that story, _causes.group; of data that
+        # arrived Inf: born at the op, its cause the arrival, as before)
+        return []
+    return sorted((p for p in b.made_of if p.what != WRITTEN_MASK), key=_order)
 
 
 def _line_order(location: str) -> tuple[str, int, str]:

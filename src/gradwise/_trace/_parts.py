@@ -108,6 +108,7 @@ class _Parts(_RowParts):
         op, parents = _op_name(func), self._origin_at(x, loc, fresh)
         b = self._birth(op, loc, True, None, fresh, lambda idx: _Birth(
             op, loc, _explain(func, [x], o, fresh, None), 0, idx, True), parents)
+        self._made(b, self._made_of(func, o, fresh, [x], (x, dim), loc))
         rest = ~torch.isfinite(o) & ~fresh
         # (the other rows keep their parts, _rowwise_parts': one part of every birth named the used row's NaN
         # after the padding rows' too; a NaN row's -inf explain none of its NaN, as in _without_mask_infs)

@@ -34,7 +34,16 @@ from gradwise._trace._common import (
     nonfinite_number,
     torchscript_node,
 )
-from gradwise._trace._facts import _ACCUMULATES, _BILINEAR, _LITERALS, _ROWWISE, _SELECTED_WRITES, _TIES_COUNTED
+from gradwise._trace._facts import (
+    _ACCUMULATES,
+    _BILINEAR,
+    _LITERALS,
+    _NAN_OF_FULL_ROWS,
+    _ROWWISE,
+    _SELECTED_COPIES,
+    _SELECTED_WRITES,
+    _TIES_COUNTED,
+)
 from gradwise._trace._incidents import _in_base
 from gradwise._trace._kinds import readable
 from gradwise._trace._parts import _Parts, _written_by
@@ -70,8 +79,6 @@ _OVERWRITES = {torch.ops.aten.fill_, torch.ops.aten.copy_}
 # softmaxes that make 0 of a -inf input (scaled_dot_product_attention's math path uses _safe_softmax, which makes
 # 0 of a fully masked row too; log_softmax keeps -inf, and its births with it)
 _MASKING_SOFTMAX = {torch.ops.aten._softmax, torch.ops.aten._safe_softmax}
-# softmaxes that make NaN of a slice all -inf (a fully masked row: 0/0)
-_NAN_OF_FULL_ROWS = {torch.ops.aten._softmax, torch.ops.aten._log_softmax}
 
 
 def _is_view(func) -> bool:
@@ -109,11 +116,14 @@ def _running_stats(func, args) -> tuple:
 
 
 def _overwritten(func, o: torch.Tensor, mask: torch.Tensor, nf: list, prior, args, ins) -> torch.Tensor | None:
-    """Of an in-place selected write (``_SELECTED_WRITES``) of a NaN/Inf constant (a number, a 0-dim constant)
-    into a tensor already non-finite (``prior``): the elements it wrote, where it wrote a NaN/Inf (born there),
-    else None. Without it ``s.masked_fill_(m, -inf)`` on scores holding a padding NaN made no birth: a fully
-    masked row's NaN was named after that padding NaN (the out-of-place masked_fill made one)."""
-    if not prior or nf or func.overloadpacket not in _SELECTED_WRITES or not args:
+    """Of a selected write (``_SELECTED_WRITES``, in place into a tensor already non-finite, ``prior``; or
+    ``_SELECTED_COPIES``, out of place from non-finite inputs ``nf``) of a NaN/Inf constant (a number, a 0-dim
+    constant): the elements it wrote, where it wrote a NaN/Inf (born there, whatever was there before), else None.
+    Without it ``s.masked_fill_(m, -inf)`` on scores holding a padding NaN made no birth: a fully masked row's NaN
+    was named after that padding NaN; and out of place the -inf written over a masked key's padding NaN kept that
+    padding's birth, so a row another (used) NaN made NaN named the padding a genuine finding."""
+    in_place = bool(prior) and not nf and func.overloadpacket in _SELECTED_WRITES
+    if not args or not (in_place or (nf and not prior and func.overloadpacket in _SELECTED_COPIES)):
         return None
     if nonfinite_number(args) is None and not any(
             t.dim() == 0 and t is not o and _nonfinite(t) for t in ins):
@@ -389,10 +399,16 @@ class _Provenance(_Parts):
             born = _nan_mask(o) if new_nan and (nf or prior) else mask
             b = self._birth(op, loc, has_nan, None, _in_base(born, o, base), make,
                             frozenset() if fresh is not None else births)
+            if has_nan and fresh is None:  # (of finite inputs: made of no infinity, own)
+                self._made(b, self._made_of(func, o, born, nf, args, loc) if nf else frozenset())
             if made is not None and base is None and len(made.born) < _BORN_PER_NODE:
                 made.born.append((b, born))
+            if fresh is None:  # (born here as a whole: the parts a row-wise op took of its input are not its
+                # births: softmax's NaN of a row's -inf and +inf named those writes, each a genuine finding)
+                self.parts.pop(o, None)
             births = frozenset([b]) if fresh is None else self._fresh_parts(o, fresh, b, nf, loc) \
-                if written is None else self._overwritten_parts(o, fresh, written, b, stale, prior)
+                if written is None else self._overwritten_parts(o, fresh, written, b, stale if prior else [
+                    p for t in nf for p in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]], prior)
             stale = None
         elif not prior and (len(nf) > 1 or any(t in self.parts for t in nf)) and torch.Tag.pointwise in func.tags \
                 and _aligned(nf, o.shape):

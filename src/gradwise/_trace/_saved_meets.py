@@ -16,6 +16,7 @@ from gradwise._trace._common import _aligned, _fmt, _nan_in, _op_name, _position
 from gradwise._trace._facts import _BILINEAR
 from gradwise._trace._met import _elementwise, _nonzero
 from gradwise._trace._store import Incident as _Incident
+from gradwise._trace._store import descended
 
 
 class _SavedMeets:
@@ -31,7 +32,10 @@ class _SavedMeets:
         NaN/Inf here that the upstream one does not explain (a zero the program computed, 1/inf, meeting an
         Inf the contamination upstream hides), also from the births of that contamination."""
         births = frozenset().union(*(self._origin(t, loc) for t in saved))
-        before = frozenset().union(*(i.births if isinstance(i, _Incident) else (i,) for i in carried))
+        # (and the infinities they were made of: inf + -inf's NaN meeting one of those Infs again was a second
+        # finding; not every parent: log's NaN of x * w beside x's used +inf hid that +inf, review_tr34)
+        before = descended(frozenset().union(*(i.births if isinstance(i, _Incident) else (i,) for i in carried)),
+                           "made_of")
         # a NaN/Inf sensitivity counts as nonzero only when it is genuine: contamination is what strong zeros
         # make a zero upstream, and a zero annihilates the saved NaN/Inf
         finite_only = all(isinstance(i, _Incident) and i.kind == "contamination" for i in carried)
@@ -131,8 +135,9 @@ class _SavedMeets:
                 for m, births in self.parts[t]]
         if any(k is None for k, _ in kept):
             return False
-        before = frozenset().union(*(i.births if isinstance(i, _Incident) else (i,) for i in carried
-                                     if not (isinstance(i, _Incident) and i.kind == "contamination")))
+        before = descended(frozenset().union(*(i.births if isinstance(i, _Incident) else (i,) for i in carried
+                                               if not (isinstance(i, _Incident) and i.kind == "contamination"))),
+                           "made_of")
         for met, births in kept:
             met = met & mask
             count, idx = _positions(met)

@@ -54,6 +54,8 @@ class Birth:
     sensed: int | None = None
     sensed_indices: list = field(default_factory=list)
     formula: bool = False  # made by a backward formula from saved values (pow's self ** -0.5 at 0)
+    made_of: frozenset = frozenset()  # a NaN's: the births of the infinities at its elements (_infinities_at)
+    own: bool = False  # a NaN with an occurrence made of no infinity (0/0): its own root beside made_of's
 
     def describe(self) -> str:
         from gradwise._trace._common import _fmt  # the trace's path formatting (relative to the working directory)
@@ -142,19 +144,23 @@ def _order(b: Birth) -> int:
     return b.order
 
 
+def descended(births, through: str = "parents") -> frozenset:
+    """``births`` and every birth they descend from (through ``parents``, or ``made_of``: the infinities a NaN
+    was made of at its elements)."""
+    seen: dict[int, Birth] = {}
+    stack = list(births)
+    while stack:
+        b = stack.pop()
+        if id(b) not in seen:
+            seen[id(b)] = b
+            stack.extend(getattr(b, through, ()))
+    return frozenset(seen.values())
+
+
 def root(birth: Birth) -> Birth:
     """The earliest birth ``birth`` descends from (through ``parents``; interning can close cycles, so the walk
     marks what it has seen)."""
-    best, seen, stack = birth, set(), [birth]
-    while stack:
-        b = stack.pop()
-        if id(b) in seen:
-            continue
-        seen.add(id(b))
-        if b.order < best.order:
-            best = b
-        stack.extend(b.parents)
-    return best
+    return min(descended((birth,)), key=lambda b: (b.order, b is not birth))  # (itself at a tie)
 
 
 class Store:

@@ -28,10 +28,13 @@ from gradwise._trace._backward_ops import _FORMULA_FIRST, _BackwardOps
 from gradwise._trace._checking import _Checks
 from gradwise._trace._common import (
     _ByIdentity,
+    _floats,
     _KinkGroup,
     _Node,
+    _nonfinite,
     _op_name,
     _recomputing,
+    _tensors,
 )
 from gradwise._trace._common import run_op as _run
 from gradwise._trace._facts import (
@@ -262,7 +265,7 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
             info = func._gradwise_trace_info  # (_INFO_ATTR)
         except AttributeError:
             if isinstance(func, torch._ops.HigherOrderOperator):
-                return subgraphs_under(self, func, args, kwargs or {})
+                return self._higher_order(func, args, kwargs or {})
             info = _op_info(func)
         if not (info.composite and torch.is_inference_mode_enabled()) and not _common._profiler_on():
             return self._dispatch(func, info, types, args, kwargs or {})
@@ -327,6 +330,28 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
             # user's, whichever op reads them first: a nested checkpoint's forward reads them under no_grad)
             self.recomputed_inputs[out] = node
         self._backward(func, info, node, args, out, kwargs)
+        return out
+
+    def _higher_order(self, func, args, kwargs):
+        """A higher-order op (cond, map, while_loop) run with its subgraphs under the trace (`subgraphs_under`).
+        Its forward outputs that no op under the trace made (map stacks its body's results outside the mode) hold
+        what its subgraphs returned: their births, with its inputs'. A NaN born in map's body was told as data
+        arriving non-finite (its birth not observed); every birth seen during the call named a NaN the body
+        computed and discarded (review_tr34)."""
+        returned: list = []
+        out = subgraphs_under(self, func, args, kwargs, returned.append)
+        if self.depth or (torch._C._len_torch_dispatch_stack() and recording()):
+            return out
+        made = None
+        for o in _floats(out):
+            if o in self.prov or not _kinds.readable(o) or not _nonfinite(o):
+                continue
+            if made is None:
+                made = frozenset().union(*(self.prov.get(t, frozenset()) for r in returned
+                                           for t in _tensors(r if isinstance(r, (list, tuple)) else (r,))),
+                                         *(self.prov.get(t, frozenset()) for t in _tensors(args)))
+            if made:
+                self.prov[o] = made
         return out
 
     def _subclass_op(self, func, types, args, kwargs):
