@@ -28,10 +28,14 @@ Tensor = torch.Tensor
 def _ranks_in_double() -> bool:
     """Whether PyTorch's quantile computes the ranks q * (n - 1) of a float input in double (torch 2.14: q rounded
     to the input's dtype first, the lerp's weight rounded back) or in the input's dtype (up to 2.13). Read from
-    PyTorch itself, once, where the two differ: 0.7 * 3 of [-2, -1, 0, 2]."""
-    x, q = torch.tensor([-2.0, -1.0, 0.0, 2.0]), torch.tensor(0.7)
-    ranks = q.double() * 3
-    return torch.equal(torch.quantile(x, q), x[2].lerp(x[3], (ranks - 2).float()))
+    PyTorch itself, once, where the two differ: 0.7 * 3 of [-2, -1, 0, 2]. Real float32 CPU tensors whatever the
+    importer's defaults and modes (a float64 default dtype read double ranks as float32's; a meta device or a fake
+    mode had no values to compare)."""
+    with torch.utils._python_dispatch._disable_current_modes():
+        x = torch.tensor([-2.0, -1.0, 0.0, 2.0], dtype=torch.float32, device="cpu")
+        q = torch.tensor(0.7, dtype=torch.float32, device="cpu")
+        ranks = q.double() * 3
+        return torch.equal(torch.quantile(x, q), x[2].lerp(x[3], (ranks - 2).float()))
 
 
 _RANKS_IN_DOUBLE = _ranks_in_double()
