@@ -27,6 +27,7 @@ applies), ``_bound_split`` (elements that read one input element: exact, not hul
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Callable
@@ -199,7 +200,12 @@ def _forward_codes() -> frozenset:
             while fn is not None:
                 if hasattr(fn, "__code__"):
                     codes.add(fn.__code__)
-                fn = getattr(fn, "__wrapped__", None)
+                    fn = getattr(fn, "__wrapped__", None)
+                elif isinstance(fn, functools.partial):
+                    fn = fn.func
+                else:  # an object with a Python __call__ (its frame runs the body), else nothing more to read
+                    fn = type(fn).__call__ if callable(fn) and not isinstance(fn, type) else None
+                    fn = fn if hasattr(fn, "__code__") else None
         _forwards = (key, frozenset(codes))
     return _forwards[1]
 
