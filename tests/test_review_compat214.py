@@ -76,3 +76,36 @@ def test_a_custom_forward_without_code_of_its_own_proves_nothing(forward):
     f = lambda x: (double.apply(x) - 2 * x + torch.relu(x)).sum()
     x = torch.zeros(40, dtype=torch.float64)
     assert lower_bound(f, (x,), True, (torch.ones(40, dtype=torch.float64),)) is None
+
+
+class _NoGradForward(torch.autograd.Function):
+    """A Function whose forward is behind ``torch.no_grad()``: that decorator's wrapper code is shared by every
+    no_grad-decorated function, f's own helpers included."""
+
+    @staticmethod
+    @torch.no_grad()
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+@torch.no_grad()
+def _scale(x):
+    return x.abs().max() + 1
+
+
+@pytest.mark.skipif(not hasattr(torch.autograd.Function.apply, "__func__"),
+                    reason="torch >= 2.14: no apply frame marks a forward; the forward codes (wrappers too) must")
+def test_a_no_grad_helper_stays_a_constant_where_apply_marks_forwards():
+    """Up to torch 2.13 ``Function.apply``'s frame marks every custom forward; compat214 also matched the forward
+    codes there, with their wrappers, so once any Function had a ``@torch.no_grad()`` forward, f's own
+    no_grad-decorated helper (a constant in every pass) was taken for a custom forward and the bound refused:
+    x + 0.5|x| at 0 has least norm 0.5 sqrt(40), as without the unrelated Function."""
+    from gradwise._nonsmooth._bound import lower_bound
+
+    x = torch.zeros(40, dtype=torch.float64)
+    f = lambda x: (x + 0.5 * x.abs()).sum() + _scale(x)
+    assert lower_bound(f, (x,), True, (torch.ones(40, dtype=torch.float64),)) == pytest.approx(0.5 * 40**0.5)

@@ -215,7 +215,9 @@ def _in_custom_function() -> bool:
     `_NoGraph`): its output's derivative is its ``jvp``/``backward``, not its ops, and without a graph nothing
     marks that output, so treating those ops as constants would bound another function. Read only for ops on
     carried tensors under no_grad."""
-    forwards = _forward_codes()
+    # up to 2.13 apply's frame marks every forward: the codes would only add false marks there (a wrapper such as
+    # torch.no_grad()'s, shared with f's own no_grad helpers, refused them)
+    forwards = _forward_codes() if _APPLY is None else ()
     frame = sys._getframe(2)
     while frame is not None:
         if frame.f_code is _APPLY or frame.f_code in forwards:
