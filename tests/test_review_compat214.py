@@ -97,8 +97,9 @@ def _scale(x):
     return x.abs().max() + 1
 
 
-@pytest.mark.skipif(not hasattr(torch.autograd.Function.apply, "__func__"),
-                    reason="torch >= 2.14: no apply frame marks a forward; the forward codes (wrappers too) must")
+@pytest.mark.xfail(not hasattr(torch.autograd.Function.apply, "__func__"), strict=True,
+                   reason="torch >= 2.14: no apply frame marks a forward, the forward codes do, and a wrapper's code "
+                          "(torch.no_grad()'s decorate_context) is shared with f's helpers: needless refusal left")
 def test_a_no_grad_helper_stays_a_constant_where_apply_marks_forwards():
     """Up to torch 2.13 ``Function.apply``'s frame marks every custom forward; compat214 also matched the forward
     codes there, with their wrappers, so once any Function had a ``@torch.no_grad()`` forward, f's own
