@@ -48,7 +48,27 @@ def _mask(kind: str | None, pad: torch.Tensor, dtype=f64) -> torch.Tensor | None
     return bias.masked_fill(pad[:, None, None, :], -inf)  # ALiBi-like slope plus -inf padding
 
 
+def _takes_a_mask_with_causal() -> bool:
+    """Whether F.scaled_dot_product_attention takes attn_mask with is_causal=True (torch 2.13 does; 2.14 refuses
+    it: "Explicit attn_mask should not be set when is_causal=True")."""
+    q = torch.zeros(1, 1, 2, 2)
+    try:
+        F.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(2, 2, dtype=torch.bool), is_causal=True)
+    except RuntimeError:
+        return False
+    return True
+
+
+_MASK_WITH_CAUSAL = _takes_a_mask_with_causal()
+
+
 def _sdpa(q, k, v, mask, causal, gqa):
+    """A mask and causal masking at once: passed as they are where PyTorch takes both, else the causal mask
+    folded into the mask (the same attention: what a model does where PyTorch refuses both)."""
+    if mask is not None and causal and not _MASK_WITH_CAUSAL:
+        above = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).triu(1)  # top-left aligned, as is_causal
+        mask = mask & ~above if mask.dtype == torch.bool else mask.masked_fill(above, -inf)
+        causal = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
 

@@ -286,3 +286,45 @@ def test_a_custom_function_proves_nothing():
     assert lower_bound(f, (x,), True, (torch.ones(40, dtype=f64),)) is None
     assert gw.stationarity(f, x).stationary is not False
     assert gw.stationarity(lambda x: torch.relu(x).sum(), x).stationary is not False
+
+
+class _DoubleSetup(_Double):
+    """2x with a separate ``setup_context``: its forward takes no ctx."""
+
+    @staticmethod
+    def forward(x):
+        return 2 * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+
+class _DoubleAmp(_Double):
+    """2x with its forward behind ``torch.amp.custom_fwd`` (a wrapper: the class's forward is not its body)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, x):
+        return 2 * x
+
+
+def _double_defined_late():
+    """A Function class made after a bound pass has already run (its forward must still be found)."""
+    lower_bound(lambda x: x.abs().sum(), (torch.zeros(2, dtype=f64),), True, (torch.ones(2, dtype=f64),))
+    return type("Late", (torch.autograd.Function,), {"forward": staticmethod(lambda ctx, x: 2 * x),
+                                                      "backward": staticmethod(lambda ctx, g: 2 * g),
+                                                      "jvp": staticmethod(lambda ctx, t: 2 * t)})
+
+
+@pytest.mark.parametrize("function", [_DoubleSetup, _DoubleAmp, "late"], ids=["setup_context", "custom_fwd", "late"])
+def test_every_kind_of_custom_function_proves_nothing(function):
+    """From torch 2.14 ``Function.apply`` is a builtin: no frame of it marks a custom forward (the import
+    crashed reading its ``__func__``). The forward's own frame marks it now, whatever its form: a forward with
+    ``setup_context``, one behind a decorator, a class defined after the first bound. Each is Double(x) - 2x +
+    relu(x), relu(x) with its minimum 0 at 0: never a positive bound."""
+    function = _double_defined_late() if function == "late" else function
+    f = lambda x: (function.apply(x) - 2 * x + torch.relu(x)).sum()
+    x = torch.zeros(40, dtype=f64)
+    assert lower_bound(f, (x,), True, (torch.ones(40, dtype=f64),)) is None
+    assert gw.stationarity(f, x).stationary is not False

@@ -227,7 +227,8 @@ def test_register_rule_refuses_bad_input():
 
 # ---------------------------------------------------------------------------------------------------------
 # torchvision's ROI align, reimplemented in PyTorch under torchvision's own op names and schemas (torchvision
-# does not load beside this torch), so gradwise's built-in name-keyed rule for it is the one that runs.
+# does not load beside torch 2.13), so gradwise's built-in name-keyed rule for it is the one that runs; where
+# torchvision loads (0.29 beside torch 2.14) the same tests run its own kernel, and those of its other ROI ops.
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -279,8 +280,11 @@ def _roi_align_backward(grad, rois, scale, ph, pw, batch, channels, height, widt
 
 @pytest.fixture(scope="module")
 def torchvision_roi_align():
-    if importlib.util.find_spec("torchvision") is not None:
-        pytest.skip("torchvision is installed: its own ops are defined, the stand-in would clash")
+    if importlib.util.find_spec("torchvision") is not None:  # its own kernel (the stand-in would clash)
+        import torchvision  # noqa: F401 (defines torch.ops.torchvision)
+
+        yield torch.ops.torchvision.roi_align
+        return
     lib = torch.library.Library("torchvision", "FRAGMENT")
     lib.define("roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
                "SymInt pooled_width, int sampling_ratio, bool aligned) -> Tensor")
@@ -306,17 +310,17 @@ def torchvision_roi_align():
 
 
 def test_roi_align_stand_in_matches_its_gradient(torchvision_roi_align):
-    """The stand-in's backward is the derivative of its forward (float64 gradcheck)."""
+    """The stand-in's backward (or torchvision's) is the derivative of its forward (float64 gradcheck)."""
     x = torch.randn(2, 2, 7, 8, dtype=f64, requires_grad=True)
     rois = torch.tensor([[0, 1.2, 0.7, 5.1, 4.3], [1, 0.0, 2.0, 6.5, 6.0]], dtype=f64)
     assert torch.autograd.gradcheck(lambda t: torchvision_roi_align(t, rois, 1.0, 2, 3, 2, True), (x,))
 
 
-def _box_head(roi_align, fill: float):
+def _box_head(roi_align, fill: float, channels: int = 4):
     """A Faster R-CNN-style box head: conv backbone, ROI align of the boxes, a linear head. The image's border
     (rows 12.., columns 14..) is NaN padding (a batch padded to a common size) that no box samples."""
     torch.manual_seed(0)
-    backbone = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 1)).double()
+    backbone = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU(), nn.Conv2d(channels, channels, 1)).double()
     head = nn.Linear(4 * 2 * 2, 5).double()
     img = torch.randn(2, 3, 16, 18, dtype=f64)
     img[:, :, 12:] = fill
@@ -332,14 +336,36 @@ def _box_head(roi_align, fill: float):
 
 
 def test_roi_align_box_head_with_a_nan_border(torchvision_roi_align):
-    modules, loss = _box_head(torchvision_roi_align, nan)
+    _check_box_head_with_a_nan_border(torchvision_roi_align)
+
+
+_TORCHVISION_ROI_OPS = {  # each pooled to 2 x 2 bins of 4 channels (position-sensitive ones from 16)
+    "roi_pool": (lambda x, rois, *_: torch.ops.torchvision.roi_pool(x, rois, 1.0, 2, 2)[0], 4),
+    "ps_roi_align": (lambda x, rois, *_: torch.ops.torchvision.ps_roi_align(x, rois, 1.0, 2, 2, 2)[0], 16),
+    "ps_roi_pool": (lambda x, rois, *_: torch.ops.torchvision.ps_roi_pool(x, rois, 1.0, 2, 2)[0], 16),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_TORCHVISION_ROI_OPS))
+def test_torchvision_roi_op_box_head_with_a_nan_border(name):
+    """gradwise's name-keyed placement rules for torchvision's other ROI backwards, on its own kernels."""
+    if importlib.util.find_spec("torchvision") is None:
+        pytest.skip("torchvision is not installed (it does not load beside torch 2.13): no kernel to run")
+    import torchvision  # noqa: F401 (defines torch.ops.torchvision)
+
+    _check_box_head_with_a_nan_border(*_TORCHVISION_ROI_OPS[name])
+
+
+def _check_box_head_with_a_nan_border(roi_align, channels: int = 4):
+    """The NaN border no box samples: the gradients equal those of the same image with a finite border."""
+    modules, loss = _box_head(roi_align, nan, channels)
     params = list(modules.parameters())
     value = loss()
     assert value.isfinite()
     assert not all(g.isfinite().all() for g in torch.autograd.grad(value, params, retain_graph=True))
     got = gw.grad(value, params)
     for fill in (0.0, -3.0):
-        modules2, loss2 = _box_head(torchvision_roi_align, fill)
+        modules2, loss2 = _box_head(roi_align, fill, channels)
         exp = torch.autograd.grad(loss2(), list(modules2.parameters()))
         for g, e in zip(got, exp, strict=True):
             torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)

@@ -432,6 +432,22 @@ def test_ports_give_pytorch_values_bit_for_bit(seed, dtype, nan):
                 assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), (native, args, kwargs)
 
 
+@pytest.mark.parametrize("interpolation", ["linear", "higher", "midpoint"])
+def test_quantile_port_rounds_its_ranks_as_pytorch_does(interpolation):
+    """torch 2.14 computes quantile's ranks q * (n - 1) of a float32 input in double (2.13: in float32): the port
+    still computed them in float32 and differed from PyTorch in the last bit (0.7 * 3 of [-2, -1, 0, 2]: 0.2 - 1
+    ulp), and, where one rounding lands on an integer rank and the other does not, in which order statistics it
+    interpolates. Qs where the two roundings differ, every form of the call."""
+    from gradwise._nonsmooth._ports import PORTS
+
+    x = torch.tensor([[-2.0, -1.0, 0.0, 2.0], [0.5, -1.5, 3.0, 1.0]])
+    q = torch.tensor([0.7, 0.9, 0.45, 0.55, 1 / 3])
+    for native in (torch.quantile, torch.nanquantile):
+        for args in ((q, 1), (q, None), (0.7, 1), (torch.tensor(0.9), None)):
+            want = native(x, *args, interpolation=interpolation)
+            assert torch.equal(PORTS[native](x, *args, interpolation=interpolation), want), (native, args)
+
+
 @pytest.mark.parametrize("name", sorted(RULE_SAMPLES))
 def test_rule_one_sided_derivatives(name):
     """Along +-e_i and random directions, at kinks too: f'(x; d) equals the one-sided difference."""

@@ -1088,6 +1088,30 @@ def test_a_gradient_hook_keeps_structural_zeros(hook):
     assert grad(x, torch.autograd.grad).isnan().any()  # plain PyTorch keeps the padding's NaN
 
 
+@pytest.mark.parametrize("form", ["addcmul", "addcmul value", "addcmul_"])
+def test_a_multiply_add_annihilates_a_product_with_a_structural_zero(form):
+    """addcmul(c, a, b) = c + a * b with a a sensitivity's structural zero and b NaN there: the product is a
+    structural zero, the output c's. addcmul had no eager rule (only the compiled pass's fma kind): from torch
+    2.14 group norm's decomposed backward runs ``addcmul(-ds, db, mean)``, and a sample dropped from the loss
+    with NaN data kept its NaN in the norm's weight gradient, with an OpaqueBackwardWarning. Here the same op in a
+    hook: h is NaN on the padding rows, the gradient a structural zero there."""
+    fn = {"addcmul": lambda g, h: torch.addcmul(g, g, h), "addcmul value": lambda g, h: g.addcmul(g, h, value=0.5),
+          "addcmul_": lambda g, h: g.clone().addcmul_(g, h)}[form]
+    x, clean, w0 = _padded_rows()
+
+    def grad(data, backward, op):
+        w = w0.clone().requires_grad_()
+        h = data @ w
+        h.register_hook(lambda g: op(g, h.detach()))
+        return backward(torch.tanh(h)[:4].sum(), w)[0]
+
+    expected = grad(clean, torch.autograd.grad, fn)
+    assert grad(x, torch.autograd.grad, fn).isnan().any()  # plain PyTorch keeps the padding's NaN
+    assert torch.equal(grad(x, gw.grad, fn), expected)
+    # the control: a product of values (ones * h) uses the padding's NaN, which stays
+    assert grad(x, gw.grad, lambda g, h: torch.addcmul(g, torch.ones_like(g), h)).isnan().any()
+
+
 def test_an_elementwise_op_that_moves_zero_makes_values():
     """clamp(g, 0.5, 1) maps a structural zero to 0.5: a value the program uses, supported from then on."""
     from gradwise._strong_zeros._mode import _zero_preserved

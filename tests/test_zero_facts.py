@@ -48,14 +48,14 @@ def test_every_fact_names_an_op_and_a_kind():
 
 def test_eager_rules_come_from_the_table():
     """An op of the table takes its kind's eager rule; the only exceptions are named refinements (a rule that
-    reads more than the kind) and the per-op kinds (bilinear, fma)."""
+    reads more than the kind) and the per-op kind (bilinear)."""
     from gradwise._strong_zeros import _rules_pointwise as rp
 
     refined = rp._REGISTERED_ELSEWHERE  # mul: exp's result and alpha = 0 products (_rules_bilinear._zero_alpha_mul)
     for op in refined:  # registered once, by their refinement, not first by the kind and then over it
         assert lookup(op.Tensor).__name__ == "_zero_alpha_mul", op
     for op, fact in ZERO_FACTS.items():
-        if fact.kind in ("bilinear", "fma") or op in refined or isinstance(op, str):
+        if fact.kind == "bilinear" or op in refined or isinstance(op, str):
             continue
         overloads = [getattr(op, n) for n in op.overloads()] if hasattr(op, "overloads") else [op]
         for overload in overloads:

@@ -27,6 +27,7 @@ applies), ``_bound_split`` (elements that read one input element: exact, not hul
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Callable
@@ -177,7 +178,36 @@ class _NoGraph(TorchFunctionMode):
             self.intervals.graph_off = outer
 
 
-_APPLY = torch.autograd.Function.apply.__func__.__code__
+# ``Function.apply`` is Python up to torch 2.13 (its frame marks a forward of any kind, a builtin one included)
+# and a builtin from 2.14 (no frame): there the frame of the forward itself marks it
+_APPLY = getattr(getattr(torch.autograd.Function.apply, "__func__", None), "__code__", None)
+_forwards: tuple[str | None, frozenset] = ("", frozenset())  # (classes' counter when read, forwards' codes)
+
+
+def _forward_codes() -> frozenset:
+    """The code of every custom ``autograd.Function``'s forward (and of what it wraps: ``custom_fwd``), read
+    again only when a class was defined since (PyTorch counts them; without the counter, on every call)."""
+    global _forwards
+    counter = getattr(torch.autograd.function, "AUTOGRAD_FUNCTION_COUNTER", None)
+    key = None if counter is None else repr(counter)
+    if key is None or key != _forwards[0]:
+        codes, todo = set(), [torch.autograd.function._SingleLevelFunction]
+        while todo:
+            cls = todo.pop()
+            todo.extend(type.__subclasses__(cls))
+            fn = cls.__dict__.get("forward")
+            fn = getattr(fn, "__func__", fn)
+            while fn is not None:
+                if hasattr(fn, "__code__"):
+                    codes.add(fn.__code__)
+                    fn = getattr(fn, "__wrapped__", None)
+                elif isinstance(fn, functools.partial):
+                    fn = fn.func
+                else:  # an object with a Python __call__ (its frame runs the body), else nothing more to read
+                    fn = type(fn).__call__ if callable(fn) and not isinstance(fn, type) else None
+                    fn = fn if hasattr(fn, "__code__") else None
+        _forwards = (key, frozenset(codes))
+    return _forwards[1]
 
 
 def _in_custom_function() -> bool:
@@ -185,9 +215,12 @@ def _in_custom_function() -> bool:
     `_NoGraph`): its output's derivative is its ``jvp``/``backward``, not its ops, and without a graph nothing
     marks that output, so treating those ops as constants would bound another function. Read only for ops on
     carried tensors under no_grad."""
+    # up to 2.13 apply's frame marks every forward: the codes would only add false marks there (a wrapper such as
+    # torch.no_grad()'s, shared with f's own no_grad helpers, refused them)
+    forwards = _forward_codes() if _APPLY is None else ()
     frame = sys._getframe(2)
     while frame is not None:
-        if frame.f_code is _APPLY:
+        if frame.f_code is _APPLY or frame.f_code in forwards:
             return True
         frame = frame.f_back
     return False

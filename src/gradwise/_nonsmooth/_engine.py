@@ -25,9 +25,10 @@ from gradwise._nonsmooth._rules import _is_dual, _needs_grad
 aten = torch.ops.aten
 Tensor = torch.Tensor
 
-# Forward AD imports this on first use; it warns about torch.jit.script, which pytest would turn into an error.
+# Forward AD imports this on first use; it warns about torch.jit.script, which pytest would turn into an error
+# (a DeprecationWarning up to torch 2.13, a FutureWarning from 2.14: matched by its text).
 with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated")
     import torch._decomp.decompositions_for_jvp
 
 # ------------------------------------------------------------------------------------------------ driver

@@ -25,12 +25,29 @@ from torch.nn.modules.utils import _pair
 Tensor = torch.Tensor
 
 
+def _ranks_in_double() -> bool:
+    """Whether PyTorch's quantile computes the ranks q * (n - 1) of a float input in double (torch 2.14: q rounded
+    to the input's dtype first, the lerp's weight rounded back) or in the input's dtype (up to 2.13). Read from
+    PyTorch itself, once, where the two differ: 0.7 * 3 of [-2, -1, 0, 2]. Real float32 CPU tensors whatever the
+    importer's defaults and modes (a float64 default dtype read double ranks as float32's; a meta device or a fake
+    mode had no values to compare)."""
+    with torch.utils._python_dispatch._disable_current_modes():
+        x = torch.tensor([-2.0, -1.0, 0.0, 2.0], dtype=torch.float32, device="cpu")
+        q = torch.tensor(0.7, dtype=torch.float32, device="cpu")
+        ranks = q.double() * 3
+        return torch.equal(torch.quantile(x, q), x[2].lerp(x[3], (ranks - 2).float()))
+
+
+_RANKS_IN_DOUBLE = _ranks_in_double()
+
+
 def _quantile(native: Callable, ignore_nan: bool):
     def port(input: Tensor, q, dim: int | None = None, keepdim: bool = False, *,
              interpolation: str = "linear") -> Tensor:
         """``torch.quantile`` / ``nanquantile`` as ATen's ``quantile_compute``: sort (ascending, NaN last), ranks
-        q * (n - 1) (quantile: the last rank in a row holding a NaN; nanquantile: over the non-NaN count), the
-        ranks rounded as ``interpolation`` says, then a lerp of the two neighbouring order statistics.
+        q * (n - 1) (quantile: the last rank in a row holding a NaN; nanquantile: over the non-NaN count; in double
+        where PyTorch computes them so, `_RANKS_IN_DOUBLE`), the ranks rounded as ``interpolation`` says, then a
+        lerp of the two neighbouring order statistics.
 
         At tied order statistics the sort's rule ranks the ties along the direction: the quantile's one-sided
         derivative is that of the order statistics it interpolates."""
@@ -38,6 +55,7 @@ def _quantile(native: Callable, ignore_nan: bool):
                interpolation=interpolation)  # PyTorch's own argument checks and messages
         scalar_q = not isinstance(q, Tensor) or q.dim() == 0
         qs = torch.as_tensor(q, dtype=input.dtype, device=input.device).reshape(-1)
+        qs = qs.double() if _RANKS_IN_DOUBLE else qs
         x = input.reshape(-1) if dim is None or input.dim() == 0 else input.movedim(dim, -1)
         values = torch.sort(x, dim=-1).values
         if ignore_nan:

@@ -358,9 +358,10 @@ def _max_min_tie(c):
     return _equal(c.args[0], c.args[1])
 
 
-@_kink(aten.fmax, aten.fmin, convention="all to the first argument")
+@_kink(aten.fmax, aten.fmin, convention="all to the first argument (torch 2.13; split 1/2 in 2.14)")
 def _fmax_fmin_tie(c):
-    """fmax/fmin with equal arguments: the backward gives all of the gradient to the first argument."""
+    """fmax/fmin with equal arguments: the backward gives all of the gradient to the first argument in torch 2.13,
+    half to each in 2.14 (as maximum/minimum)."""
     return _equal(c.args[0], c.args[1])
 
 

@@ -380,6 +380,38 @@ def _sum(func, args, kwargs, sup):
 
 
 
+def _multiply_add(fact: ZeroFact) -> Rule:
+    """Rule factory for ``a * b + c`` ops (``addcmul(c, a, b, value=v)``; the factors at ``fact.args``): where a
+    factor is a structural zero the product is one, so the output is ``c`` there even if the other factor is
+    NaN/Inf (group norm's decomposed backward from torch 2.14: ``addcmul(-ds, db, mean)``, db a zero where a
+    sample is unused, mean NaN); c itself, not ``c + 0``, so a -0.0 there stays -0.0. Elsewhere the op's own
+    result, bitwise; a structural zero only where c is one too."""
+    factors = fact.args
+
+    def multiply_add(func, args, kwargs, sup):
+        c = next(a for i, a in enumerate(args[:3]) if i not in factors)
+        product = None
+        for i in factors:
+            s = sup.of(args[i], broadcast=True)
+            if s is not None:
+                product = s if product is None else _dense(product) & _dense(s)
+        if product is None:
+            return _run_unruled(func, args, kwargs, sup, None)
+        mutates = func._schema.is_mutable  # addcmul_ writes c: its old values are what the zeros keep
+        addend = c.clone() if mutates else c
+        out = func(*args, **kwargs)
+        if out.requires_grad and torch.is_grad_enabled():  # create_graph: out= cannot be differentiated
+            kept = torch.where(product, out, addend.to(out.dtype))
+            out = out.copy_(kept) if mutates else kept
+        else:
+            torch.where(product, out, addend.to(out.dtype), out=out)
+        sc = sup.of(c)
+        sup.record(out, None if sc is None else (_dense(product) | sc).expand(out.shape))
+        return out
+
+    return multiply_add
+
+
 def _full_support(t: object, sup: _Supports, device: torch.device | None = None) -> torch.Tensor:
     """``t``'s support, all True where it has none recorded; a Python number (where.ScalarSelf/ScalarOther,
     met in decompositions) is a value: fully supported."""
@@ -610,8 +642,9 @@ def _passes(fact: ZeroFact) -> Callable[[tuple], torch.Tensor] | None:
     return None if fact.passes is None else lambda args: fact.passes(EagerMasks, args)
 
 
-# One eager rule per kind of the shared table (gradwise._ops._zeros), where each op's kind is written once. Kinds
-# left out: "bilinear" (one rule per op, _rules_bilinear), "fma" (prims.fma, registered with the graph forms).
+# One eager rule per kind of the shared table (gradwise._ops._zeros), where each op's kind is written once. Kind
+# left out: "bilinear" (one rule per op, _rules_bilinear); op left out: prims.fma, named by a string (inductor
+# registers it), whose rule the graph forms register with inductor's other ops (`_graph_forms.register_graph_ops`).
 _KIND_RULES: dict[str, Callable[[ZeroFact], Rule]] = {
     "makes": lambda f: _creates_zeros, "values": lambda f: _creates_values,
     "uninitialised": lambda f: _uninitialised, "compares": lambda f: _comparison,
@@ -621,13 +654,13 @@ _KIND_RULES: dict[str, Callable[[ZeroFact], Rule]] = {
     "product": lambda f: _mul if f.args == (0, 1) else _linear if f.args == (0,) else _product(f.args),
     "linear": lambda f: _linear if f.args == (0,) and f.passes is None else _product(f.args, flat=_passes(f)),
     "gates": lambda f: _selecting(_passes(f)), "where": lambda f: _where, "masked_fill": lambda f: _masked_fill,
-    "index_fill": lambda f: _index_fill,
+    "index_fill": lambda f: _index_fill, "fma": _multiply_add,
 }
 # mul's one rule is _rules_bilinear._zero_alpha_mul: its kind's product refined by exp's result in exp's backward
 # (_exp_result_mul, here) and by the literal 0 of an alpha = 0 product's backward (a fact of those nodes, there)
 _REGISTERED_ELSEWHERE = frozenset((aten.mul, aten.mul_))
 for _op, _fact in ZERO_FACTS.items():
-    if _fact.kind in _KIND_RULES and _op not in _REGISTERED_ELSEWHERE:
+    if _fact.kind in _KIND_RULES and _op not in _REGISTERED_ELSEWHERE and not isinstance(_op, str):
         _register(_op)(_KIND_RULES[_fact.kind](_fact))
 # A refinement of div's kind rule (the overload is looked up before the packet): logaddexp's weights.
 _register(aten.div.Tensor)(_logaddexp_weight_div)

@@ -392,8 +392,8 @@ def register_rule(op: Any, rule: str | RuleFunction, *, replace: bool = False,
 # Library ops whose backward is a placement of the sensitivity (their packages are optional): ROI pooling and
 # align move each output bin's gradient onto the input pixels it sampled, with non-negative bilinear (or max)
 # weights, so an input pixel no kept box samples gets a structural zero and the backbone's NaN there never meets
-# it. Not tested against the real kernels here: torchvision does not load beside this torch (see
-# tests/test_custom_rules.py, which runs the same rule on a pure-PyTorch op with torchvision's schema).
+# it. tests/test_custom_rules.py runs them on torchvision's kernels where it loads (0.29 beside torch 2.14), and
+# the roi_align rule on a pure-PyTorch op with torchvision's schema where it does not (torch 2.13).
 for _name in ("torchvision::_roi_align_backward", "torchvision::_roi_pool_backward",
               "torchvision::_ps_roi_align_backward", "torchvision::_ps_roi_pool_backward"):
     RULES.setdefault(_name, _placement)  # weights computed inside the kernel from the boxes: weights=()

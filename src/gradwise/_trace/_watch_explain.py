@@ -230,7 +230,7 @@ def _no_user_hooks():
         if event != "call":
             return None
         code = frame.f_code
-        if code is _RECOMPUTE:
+        if code.co_name == _RECOMPUTE[0] and code.co_filename == _RECOMPUTE[1]:
             raise _HookReplayed("its backward recomputes a checkpointed forward (torch.utils.checkpoint), which a "
                                 "replay would run a second time (a BatchNorm's running statistics updated again)")
         if code in _HANDOFF and torch._C._current_graph_task_id() != -1 and (caller := _handing_off(frame)):
@@ -292,10 +292,10 @@ _DONATED = ("its compiled backward donates its saved buffers (torch._functorch.c
 
 
 # the function through which torch.utils.checkpoint (use_reentrant=False) runs the user's forward again in a
-# backward: a replay would run it once more, with its effects (a BatchNorm's running statistics, a counter)
-_RECOMPUTE = next((k for k in getattr(getattr(torch.utils.checkpoint, "_checkpoint_without_reentrant_generator",
-                                              None), "__code__", compile("", "", "exec")).co_consts
-                   if getattr(k, "co_name", None) == "recompute_fn"), None)
+# backward: a replay would run it once more, with its effects (a BatchNorm's running statistics, a counter). Known
+# by its name and file: it is nested in _checkpoint_without_reentrant_generator up to torch 2.13 and in its
+# _impl from 2.14 (read from the first, it was no code at all there, and the replay recomputed the forward)
+_RECOMPUTE = ("recompute_fn", torch.utils.checkpoint.__file__)
 # torch.autograd.backward as PyTorch defines it (gradwise's wrapper, installed in a block, calls it)
 _BACKWARD = torch.autograd.backward.__code__
 # where a backward hands work to another thread: one it starts, a pool's (whose thread may already run)
