@@ -45,6 +45,7 @@ Modules (each imports only those above it, plus torch, gradwise._masks, gradwise
 ``_saved_meets``  ``_SavedMeets``: a NaN/Inf sensitivity meeting a saved value, or annihilated by a structural zero.
 ``_leaf_names``   ``_LeafNames``: the names of the leaves a gradient reaches; which findings reach a gradient.
 ``_provenance``   ``_Provenance``: births of NaN/Inf, provenance along forward ops.
+``_origins``      ``_Origins``: births no recorded op made (data that arrived non-finite, values moved unread).
 ``_gradient_births`` ``_GradientBirths``: a NaN/Inf gradient used as a forward value (an optimizer step) born again.
 ``_kink_checks``  ``_KinkChecks``: kink checks of forward ops and the sensitivities that reach them.
 ``_findings``     ``Findings``: a report's findings by key with the births explaining them; each kind's wording.
