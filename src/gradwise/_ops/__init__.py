@@ -24,4 +24,4 @@ autograd node types do with saved tensors (``_strong_zeros/_node_facts.py``); th
 May import: torch, math only (no other gradwise module).
 """
 
-from gradwise._ops import _discrete, _linalg, _pool_kinks  # noqa: F401  (register their facts in KINKS)
+from gradwise._ops import _discrete, _linalg, _norm_kinks, _pool_kinks  # noqa: F401  (register their facts in KINKS)
