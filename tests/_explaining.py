@@ -50,3 +50,24 @@ def padded_program(loss_of, at: tuple = (0, 1), value: float = float("nan"), see
         return w
 
     return program
+
+
+def masked_key_attention(pad: bool, key: bool, query: bool, in_place: bool) -> torch.Tensor:
+    """Attention over two sequences of 5 whose keys 3.. of the second are masked with ``masked_fill(m, -inf)`` (in
+    place or not), run forward and backward; returns the projection ``w`` (its .grad filled). ``pad``: those masked
+    keys are NaN; ``key``: a used key element k[1, 1, 0] is NaN; ``query``: a used query element q[0, 2, 1] is."""
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    w = torch.randn(4, 4, requires_grad=True)
+    if pad:
+        k[1, 3:] = float("nan")
+    if key:
+        k[1, 1, 0] = float("nan")
+    if query:
+        q[0, 2, 1] = float("nan")
+    s = (q @ w) @ k.transpose(1, 2)
+    m = torch.zeros(2, 5, 5, dtype=torch.bool)
+    m[1, :, 3:] = True
+    s = s.masked_fill_(m, float("-inf")) if in_place else s.masked_fill(m, float("-inf"))
+    (s.softmax(-1) @ (k.nan_to_num() @ w))[:, :4].sum().backward()
+    return w

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import gradwise as gw
-from _explaining import genuine_findings, padded_program, traced_and_strong
+from _explaining import genuine_findings, masked_key_attention, padded_program, traced_and_strong
 
 
 @pytest.mark.parametrize("in_place", [False, True])
@@ -22,21 +22,7 @@ def test_masked_key_padding_beside_a_used_nan_key_is_no_genuine_finding(in_place
     batch 1 (NaN through k[1, 1, 0]) named the padding a genuine finding reaching w (three genuine findings).
     Strong zeros with the padding write alone leave w's gradient finite: two genuine findings, the used writes."""
     def program(pad: bool, key: bool, query: bool):
-        torch.manual_seed(0)
-        q, k = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
-        w = torch.randn(4, 4, requires_grad=True)
-        if pad:
-            k[1, 3:] = float("nan")
-        if key:
-            k[1, 1, 0] = float("nan")
-        if query:
-            q[0, 2, 1] = float("nan")
-        s = (q @ w) @ k.transpose(1, 2)
-        m = torch.zeros(2, 5, 5, dtype=torch.bool)
-        m[1, :, 3:] = True
-        s = s.masked_fill_(m, float("-inf")) if in_place else s.masked_fill(m, float("-inf"))
-        (s.softmax(-1) @ (k.nan_to_num() @ w))[:, :4].sum().backward()
-        return w
+        return masked_key_attention(pad, key, query, in_place)
 
     with gw.strong_zeros():
         kept = [not bool(program(*(i == j for j in range(3))).grad.isfinite().all()) for i in range(3)]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import gradwise as gw
-from _explaining import genuine_findings, padded_program, traced_and_strong
+from _explaining import genuine_findings, masked_key_attention, padded_program, traced_and_strong
 
 
 def _told_as_strong_zeros_tell(loss_of, linear: bool = True) -> None:
@@ -106,19 +106,7 @@ def test_padding_keys_masked_in_attention_are_no_genuine_finding(in_place):
     genuine finding for padding that strong zeros remove (alone, the gradient is finite), and the used NaN
     "reaches: no gradient"."""
     def program(pad: bool, nan: bool):
-        torch.manual_seed(0)
-        q, k = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
-        w = torch.randn(4, 4, requires_grad=True)
-        if pad:
-            k[1, 3:] = float("nan")
-        if nan:
-            q[0, 2, 1] = float("nan")
-        s = (q @ w) @ k.transpose(1, 2)
-        m = torch.zeros(2, 5, 5, dtype=torch.bool)
-        m[1, :, 3:] = True
-        s = s.masked_fill_(m, float("-inf")) if in_place else s.masked_fill(m, float("-inf"))
-        (s.softmax(-1) @ (k.nan_to_num() @ w))[:, :4].sum().backward()
-        return w
+        return masked_key_attention(pad, False, nan, in_place)
 
     with gw.strong_zeros():
         assert bool(program(True, False).grad.isfinite().all())
