@@ -57,6 +57,10 @@ SINGULAR: dict[str, tuple[Callable[[torch.Tensor, bool], torch.Tensor], list[flo
     "rsqrt_overflows": (lambda x, c: torch.where(x > 1e-12, _fed(x > 1e-12, x, c).rsqrt(), 0.0).sum(),
                         [1e-30, 4.0], torch.float32, "RsqrtBackward0"),
     "div_by_tiny_overflows": (_quotient, [2.0, 1e-25, 3.0], torch.float32, "DivBackward0"),
+    # the node is Log1PBackward0: NODE_FACTS keyed "Log1pBackward0" (no such node), so log1p was an unknown node
+    # and every backward through it ran the 'check' pass under the mode
+    "log1p_at_minus_one": (lambda x, c: torch.where(x > -1, _fed(x > -1, x, c).log1p(), 0.0).sum(), [-1.0, 3.0],
+                           torch.float64, "Log1PBackward0"),
 }
 
 
@@ -103,3 +107,14 @@ def test_a_loss_whose_total_weight_is_zero_and_is_discarded(reduction):
         assert torch.equal(got, torch.autograd.grad(F.cross_entropy(z, torch.tensor([2, 2]),
                                                                     weight=torch.tensor([1.0, 1.0, 0.0]),
                                                                     reduction="sum"), z)[0])
+
+
+def test_every_node_name_the_node_facts_key_is_a_node_of_torch():
+    """A fact keyed by a name no node has never applies ("Log1pBackward0" for Log1PBackward0, "DetachBackward0",
+    which no graph holds): autograd's generated nodes are the classes of ``torch._C._functions``."""
+    from gradwise._strong_zeros import _node_facts as nf
+
+    names = {*nf.NODE_FACTS, *nf.MAKES_NO_ZEROS, *nf.COMPARES_SAVED_ONLY, *nf.SCALES_BY_ITS_ZEROS, *nf.FLAT_ZEROS,
+             *nf.FUSED_BACKWARDS}
+    generated = {n for n in names if n[-1].isdigit() and n[:-1].endswith("Backward")}
+    assert generated - set(dir(torch._C._functions)) == set()

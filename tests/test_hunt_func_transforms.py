@@ -26,6 +26,8 @@ from _fresh_warnings import fresh_warnings  # noqa: F401 (an autouse fixture: ev
 from gradwise._strong_zeros import _contract
 
 nan, inf = float("nan"), float("inf")
+# functorch's fallback for a batching rule it lacks: torch 2.14 runs sdpa on CPU as its flash kernel, which has none
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 D = torch.float64
 B = 3  # samples: 0 clean, 1 with bad values in discarded places, 2 the same plus a used NaN (controls only)
 

@@ -1112,6 +1112,30 @@ def test_a_multiply_add_annihilates_a_product_with_a_structural_zero(form):
     assert grad(x, gw.grad, lambda g, h: torch.addcmul(g, torch.ones_like(g), h)).isnan().any()
 
 
+@pytest.mark.parametrize("op", [torch.fmax, torch.fmin])
+@pytest.mark.parametrize("shapes", ["elementwise", "broadcast"])
+def test_fmax_and_fmin_leave_a_nan_operand_they_ignore_without_gradient(op, shapes):
+    """fmax(NaN, b) = b (numpy's NaN-ignoring max): the NaN operand is unused, its gradient a structural zero.
+    torch 2.13's formula fills it (``other.isnan()``); 2.14's ``masked_fill(self < other, 0)`` passes it the whole
+    gradient, so the NaN of log(-1)/sqrt(-1) below stayed in the strong-zero pass, silently. Reference: plain
+    PyTorch on the program with those NaN operands' inputs detached (deleted)."""
+    f64 = torch.float64
+    if shapes == "elementwise":  # a lone NaN on either side, never both at one element (a used NaN)
+        u0, x0 = torch.tensor([-1., 2., .5, 3., 1.5], dtype=f64), torch.tensor([4., -1., .25, 9., -2.], dtype=f64)
+    else:  # a's NaN row meets every column of b
+        u0, x0 = torch.tensor([[-1.], [2.], [.5]], dtype=f64), torch.tensor([[4., .25, 9., 1.]], dtype=f64)
+
+    def grads(backward, delete):
+        leaves = u, x = u0.clone().requires_grad_(), x0.clone().requires_grad_()
+        if delete:
+            u, x = (torch.where(t0 < 0, t.detach(), t) for t0, t in ((u0, u), (x0, x)))
+        return backward((op(u.log(), x.sqrt()) * torch.arange(1., 6., dtype=f64)[:x0.shape[-1]]).sum(), leaves)
+
+    expected = grads(torch.autograd.grad, True)
+    got = grads(gw.grad, False)
+    assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True)), (got, expected)
+
+
 def test_an_elementwise_op_that_moves_zero_makes_values():
     """clamp(g, 0.5, 1) maps a structural zero to 0.5: a value the program uses, supported from then on."""
     from gradwise._strong_zeros._mode import _zero_preserved

@@ -83,11 +83,25 @@ class _CheckpointSwitch:
         return target.apply(function, preserve_rng_state, *args)  # type: ignore[attr-defined]
 
 
-def _generator_switch(*args, **kwargs) -> Iterator[None]:
-    if _IN_PASS.depth:
-        yield
-    else:
-        yield from _ORIGINAL["generator"](*args, **kwargs)  # type: ignore[operator]
+# The non-reentrant checkpoint's generator, by the names checkpoint() calls it: the first up to torch 2.13; 2.14's
+# _checkpoint_impl calls the second (fn, args, kwargs: another signature) and keeps the first as a shim over it.
+# With the first alone switched, 2.14 recomputed the function in backward outside the mode (topk's int64 indices
+# where the pass had saved floats: CheckpointError).
+_GENERATORS = tuple(name for name in ("_checkpoint_without_reentrant_generator",
+                                      "_checkpoint_without_reentrant_generator_impl") if hasattr(_checkpoint, name))
+
+
+def _generator_switch(name: str) -> Callable[..., Iterator[None]]:
+    def switch(*args, **kwargs) -> Iterator[None]:
+        if _IN_PASS.depth:
+            yield
+        else:
+            yield from _ORIGINAL[name](*args, **kwargs)  # type: ignore[operator]
+
+    return switch
+
+
+_GENERATOR_SWITCHES = {name: _generator_switch(name) for name in _GENERATORS}
 
 
 def _jvp_switch(ctx, *tangents):
@@ -117,17 +131,19 @@ class _StanceSwitch:
 
 def _install() -> None:
     _ORIGINAL.update(CheckpointFunction=_checkpoint.CheckpointFunction,
-                     generator=_checkpoint._checkpoint_without_reentrant_generator,
                      jvp=BackwardHookFunction.__dict__.get("jvp"))
     _checkpoint.CheckpointFunction = _CheckpointSwitch
-    _checkpoint._checkpoint_without_reentrant_generator = _generator_switch
+    for name, switch in _GENERATOR_SWITCHES.items():
+        _ORIGINAL[name] = getattr(_checkpoint, name)
+        setattr(_checkpoint, name, switch)
     BackwardHookFunction.jvp = staticmethod(_jvp_switch)
     _ORIGINAL["stance"] = _eval_frame._set_stance(_StanceSwitch(_eval_frame._stance))
 
 
 def _uninstall() -> None:
     _checkpoint.CheckpointFunction = _ORIGINAL["CheckpointFunction"]
-    _checkpoint._checkpoint_without_reentrant_generator = _ORIGINAL["generator"]
+    for name in _GENERATOR_SWITCHES:
+        setattr(_checkpoint, name, _ORIGINAL[name])
     if _ORIGINAL["jvp"] is None:
         del BackwardHookFunction.jvp
     else:

@@ -63,7 +63,7 @@ import torch
 aten = torch.ops.aten
 prims = torch.ops.prims
 
-__all__ = ["KINDS", "ZERO_FACTS", "ZeroFact", "multiplying_args", "ops_of_kind", "zero_fact"]
+__all__ = ["KINDS", "NAN_DISCARDS", "ZERO_FACTS", "ZeroFact", "multiplying_args", "ops_of_kind", "zero_fact"]
 
 KINDS = ("makes", "values", "uninitialised", "compares", "logic", "views", "keeps", "moves", "adds", "signed",
          "union", "reduces", "product", "linear", "gates", "where", "masked_fill", "index_fill", "bilinear", "fma")
@@ -231,3 +231,11 @@ _facts("fma", aten.addcmul, aten.addcmul_, args=(1, 2), multiplies=(1, 2))
 # discarded a value, ``_trace/_facts.py``), so both classify such a zero alike.
 LOG_SPACE_SUMS: dict[Any, str] = {aten.logsumexp: "LogsumexpBackward0", aten.logaddexp: "LogaddexpBackward0",
                                   aten.logaddexp2: "Logaddexp2Backward0"}
+
+# NaN-discarding selections: fmax/fmin return the other operand where exactly one is NaN (fmax(NaN, 1) = 1), so that
+# NaN operand is unused and its gradient a structural zero, as in the program without it. Their formulas pick the
+# winner by ordering comparisons of the two operands, where a lone NaN loses: it orders below every number in fmax's
+# (True: the op keeps the larger), above in fmin's. torch 2.13's formula fills it already (``other.isnan()``); 2.14's
+# (``masked_fill(self < other, 0)``) passes it the whole gradient. Forward op -> (its autograd node, keeps the larger).
+# Strong zeros read the node names (``_comparison`` in ``_strong_zeros/_rules_pointwise.py``).
+NAN_DISCARDS: dict[Any, tuple[str, bool]] = {aten.fmax: ("FmaxBackward0", True), aten.fmin: ("FminBackward0", False)}

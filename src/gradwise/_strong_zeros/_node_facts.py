@@ -160,7 +160,7 @@ _SAFE_NODES = (
     "ReshapeAliasBackward0 ExpandBackward0 PermuteBackward0 TransposeBackward0 TransposeBackward1 "
     "SqueezeBackward0 SqueezeBackward1 SqueezeBackward2 UnsqueezeBackward0 SliceBackward0 SelectBackward0 "
     "IndexBackward0 CatBackward0 StackBackward0 SplitBackward0 SplitWithSizesBackward0 UnbindBackward0 "
-    "CloneBackward0 ToCopyBackward0 AliasBackward0 DetachBackward0 AddmmBackward0 MmBackward0 BmmBackward0 "
+    "CloneBackward0 ToCopyBackward0 AliasBackward0 AddmmBackward0 MmBackward0 BmmBackward0 "
     "BaddbmmBackward0 AddmvBackward0 AddbmmBackward0 MvBackward0 DotBackward0 GeluBackward0 ReluBackward0 "
     "ThresholdBackward0 "
     "SigmoidBackward0 TanhBackward0 SiluBackward0 EluBackward0 LeakyReluBackward0 HardtanhBackward0 "
@@ -198,7 +198,7 @@ NODE_FACTS: dict[str, Callable[[Any], bool] | None] = {
     "LogBackward0": _zero_in("_saved_self"),
     "Log2Backward0": _zero_in("_saved_self"),
     "Log10Backward0": _zero_in("_saved_self"),
-    "Log1pBackward0": lambda node: _any(_saved(node, "_saved_self") == -1),
+    "Log1PBackward0": lambda node: _any(_saved(node, "_saved_self") == -1),
     "PowBackward0": _pow_singular,
     "AsinBackward0": _outside_unit("_saved_self"),
     "AcosBackward0": _outside_unit("_saved_self"),

@@ -14,7 +14,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from gradwise._masks import EagerMasks, mask_any
-from gradwise._ops._zeros import LOG_SPACE_SUMS, ZERO_FACTS, ZeroFact, zero_fact
+from gradwise._ops._zeros import LOG_SPACE_SUMS, NAN_DISCARDS, ZERO_FACTS, ZeroFact, zero_fact
 from gradwise._strong_zeros._rules import (
     Rule,
     _annihilate,
@@ -111,9 +111,32 @@ def _comparison(func, args, kwargs, sup):
         else:
             operands = tuple(t if _is_float(t) else torch.tensor(float(t) if isinstance(t, float) else 0.0,
                                                                  device=out.device) for t in (a, b))
-            undecided = zero_fact(func).undecided(_PlainMasks, operands)
+            # a lone NaN decided in fmax's/fmin's formula: undecided where both are NaN (both used), as eq's
+            fact = zero_fact(aten.eq if _lone_nan_loses(func, a, b, out) else func)
+            undecided = fact.undecided(_PlainMasks, operands)
             sup.selections[out] = (~undecided).expand(out.shape) if bool(undecided.any()) else None
     return out
+
+
+_ORDERINGS = {aten.lt: True, aten.le: True, aten.gt: False, aten.ge: False}  # True: "a is below b"
+_NAN_DISCARD_NODES = dict(NAN_DISCARDS.values())  # node name -> the op keeps the larger operand
+
+
+def _lone_nan_loses(func, a: object, b: object, out: torch.Tensor) -> bool:
+    """In fmax's/fmin's formula (``NAN_DISCARDS``), an ordering of the two operands where exactly one is NaN: that
+    NaN loses (below every number in fmax's, above in fmin's), so ``out`` is made True where the NaN is the side it
+    says is below (above) and the formula fills that operand's gradient with a structural zero: fmax ignored the NaN.
+    torch 2.14's ``masked_fill(self < other, 0)`` otherwise passed it the whole gradient, and a NaN made below it
+    (sqrt(-1)) stayed. Finite operands are untouched (bitwise PyTorch's formula). Whether it applied."""
+    below = _ORDERINGS.get(func.overloadpacket)
+    if below is None or not (_is_float(a) and _is_float(b)):
+        return False
+    larger = next((keeps for name, keeps in _NAN_DISCARD_NODES.items() if _in_node(name)), None)
+    if larger is None:
+        return False
+    nan, other = (a, b) if below == larger else (b, a)  # the operand that loses this comparison when it is NaN
+    out.logical_or_(nan.isnan() & ~other.isnan())
+    return True
 
 
 _comparison.makes_selections = True  # (in place: the mask written is decided again, _mode._overwritten)
