@@ -190,9 +190,9 @@ def test_cholesky_solve_unused_triangle_op_by_op(upper):
                    "vector tile (6 here; 16 and 32 are bitwise), the strong variant's fused tanh-backward kernel "
                    "runs its tail as a scalar loop (std::tanh; its bool mask ops), where compiled PyTorch's runs "
                    "a masked vector tail (Sleef's tanh): finite gradients an ulp off")
-def test_finite_masked_mean_pool_bitwise_under_inductor(monkeypatch):
+def test_finite_masked_mean_pool_bitwise_under_inductor(monkeypatch, functorch_config):
     """Finite data: the same compiled program with and without gw.strong_zeros() should agree bit for bit."""
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    functorch_config(enable_autograd_cache=False)
     monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
     torch.manual_seed(7)
     enc, cls = nn.Linear(4, 6).double(), nn.Linear(6, 2).double()

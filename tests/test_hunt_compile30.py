@@ -212,11 +212,11 @@ def _padded_from_step_2(step: int) -> torch.Tensor:
     return x
 
 
-def test_watch_names_the_users_line_in_a_replayed_compiled_backward(monkeypatch):
+def test_watch_names_the_users_line_in_a_replayed_compiled_backward(functorch_config):
     """A compiled backward that keeps its graph (``donated_buffer=False``; AOTAutograd donates by default, and the
     watch then cannot replay the step) is replayed op by op, in torch.fx's generated code: the contamination was
     located at ``<eval_with_key>.5:12``, no file a user can open. It is named at the line that ran the backward."""
-    monkeypatch.setattr(torch._functorch.config, "donated_buffer", False)
+    functorch_config(donated_buffer=False)
     report = _watched_training(_padded_from_step_2)
     roots = [f for f in report.findings if f.kind == "contamination"]
     assert len(roots) == 1 and roots[0].op == "aten.tanh_backward" and roots[0].step == 2
@@ -230,12 +230,12 @@ def _line_of(text: str) -> int:
 
 
 @pytest.mark.slow(reason="compiles with inductor (~40 s on a 2-core machine)")
-def test_watch_does_not_blame_the_program_for_an_inductor_backwards_nan(monkeypatch):
+def test_watch_does_not_blame_the_program_for_an_inductor_backwards_nan(functorch_config):
     """Inductor's backward keeping its graph (``donated_buffer=False``): the watch's replay ran it again (under the
     shadow pass, whose strong variant is finite here) and saw none of its kernels' ops, so lin.bias's NaN .grad
     was told as "the program wrote it between backwards" (it did not: the slice's zeros met the NaN padding inside
     the compiled backward). It is now one finding not explained, saying why."""
-    monkeypatch.setattr(torch._functorch.config, "donated_buffer", False)
+    functorch_config(donated_buffer=False)
     torch.manual_seed(0)
     lin = torch.nn.Linear(4, 3)
     opt = torch.optim.SGD(lin.parameters(), lr=0.01)

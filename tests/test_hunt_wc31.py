@@ -44,11 +44,11 @@ def _unobserved(report) -> list:
 
 
 @pytest.mark.parametrize("backend", [None, "aot_eager", "inductor"])
-def test_traced_training_after_a_nan_step_is_downstream(backend, monkeypatch):
+def test_traced_training_after_a_nan_step_is_downstream(backend, functorch_config):
     """The reference (eager), aot_eager and inductor (compiled before the block) under gw.trace(): one root cause
     (the NaN batch, named as the eager trace names it: dynamo runs the compiled frame eagerly under the trace's
     dispatch mode), the later steps downstream of it. (Passes on the base too: pins what docs/compile.md says.)"""
-    monkeypatch.setattr(torch._functorch.config, "donated_buffer", False)
+    functorch_config(donated_buffer=False)
     report = _training(backend, gw.trace)
     assert not _unobserved(report), str(report)
     roots = [f for f in report.findings if not f.downstream]
@@ -56,14 +56,14 @@ def test_traced_training_after_a_nan_step_is_downstream(backend, monkeypatch):
     assert all(f.step == 1 for f in report.findings)
 
 
-def test_watched_inductor_nan_step_is_not_explained_and_later_steps_are_downstream(monkeypatch):
+def test_watched_inductor_nan_step_is_not_explained_and_later_steps_are_downstream(functorch_config):
     """Inductor's backward keeping its graph (``donated_buffer=False``): the watch's replay ran its generated
     kernels, whose ops it does not see. The replay's gradients held NaN no seen op made: each parameter got a
     finding "genuine NaN ... its birth was not observed (made outside the traced block?)", beside a "compiled
     graph made NaN" birth reaching no gradient and a part explained for the biases only. Now the step is one
     finding not explained (saying why and how to have it explained), whose provenance the optimizer's write
     and every later step inherit, as in the eager reference."""
-    monkeypatch.setattr(torch._functorch.config, "donated_buffer", False)
+    functorch_config(donated_buffer=False)
     report = _training("inductor", gw.watch)
     text = str(report)
     assert not _unobserved(report), text
@@ -76,13 +76,13 @@ def test_watched_inductor_nan_step_is_not_explained_and_later_steps_are_downstre
     assert [f.step for f in report.findings if f.downstream] == [1], text  # the optimizer's write, then inherited
 
 
-def test_watched_step_with_donated_buffers_says_why_and_how(monkeypatch):
+def test_watched_step_with_donated_buffers_says_why_and_how(functorch_config):
     """AOTAutograd donates a compiled backward's saved buffers by default: the watch runs that step without
     keeping its graph, and a non-finite step cannot be replayed. The finding and the note quoted PyTorch's
     "Trying to backward through the graph a second time (or directly access saved tensors after they have
     already been freed). Saved intermediate values of the graph" cut short; they now say that the buffers were
     donated and how to have the step explained, and claim no classification."""
-    monkeypatch.setattr(torch._functorch.config, "donated_buffer", True)
+    functorch_config(donated_buffer=True)
     report = _training("aot_eager", gw.watch)
     text = str(report)
     roots = [f for f in report.findings if not f.downstream]
@@ -93,7 +93,7 @@ def test_watched_step_with_donated_buffers_says_why_and_how(monkeypatch):
     assert "contamination or genuine" in text and not _unobserved(report), text
     assert ", 0 genuine NaN," in report.summary() and "1 not explained" in report.summary(), text
     # the remedy it names: the same loop with donated_buffer False is explained (the NaN batch)
-    monkeypatch.setattr(torch._functorch.config, "donated_buffer", False)
+    functorch_config(donated_buffer=False)
     torch._dynamo.reset()
     explained = _training("aot_eager", gw.watch)
     roots = [f for f in explained.findings if not f.downstream]

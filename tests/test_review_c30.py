@@ -158,12 +158,12 @@ def test_a_recomputed_forward_op_reads_forward_zeros_as_values(xlog, zeros, back
         torch.testing.assert_close(g, w_, equal_nan=True)
 
 
-def test_watch_tells_a_write_between_backwards_under_aot_eager(monkeypatch):
+def test_watch_tells_a_write_between_backwards_under_aot_eager(functorch_config):
     """compile30 told every NaN .grad that a replay found finite, in a graph with any compiled backward, as "its
     compiled backward runs in generated kernels ... run with backend='aot_eager'", also under aot_eager, whose
     replay runs the graph's ops as they are (and sees them): a program that wrote NaN into .grad between two
     backwards of a step was told to use the backend it used. Only an opaque compiled backward (inductor's) is."""
-    monkeypatch.setattr(torch._functorch.config, "donated_buffer", False)
+    functorch_config(donated_buffer=False)
     torch.manual_seed(0)
     lin = torch.nn.Linear(4, 3)
     opt = torch.optim.SGD(lin.parameters(), lr=0.01)
