@@ -400,6 +400,8 @@ UNCHECKED_SHAPES = {
     "grid_sampler_3d",
     "nn.functional.grid_sample",
 }
+# entries of UNCHECKED_SHAPES that op_db has from this torch release on (older ones have no such entry)
+UNCHECKED_SINCE = {"torch.ops.aten._scaled_dot_product_flash_attention_for_cpu": (2, 14)}
 
 
 @dataclass

@@ -6,6 +6,7 @@ References are independent of gradwise: the same program with the padding rows d
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import pytest
@@ -281,3 +282,29 @@ def test_a_hook_that_makes_nan_from_zeros_made_inside_a_compiled_function_is_fol
 
     assert bool(w_grad(x, strong=False).isnan().all()), "premise: the hook's 0/0"
     torch.testing.assert_close(w_grad(x, strong=True), w_grad(x[:3], strong=False), rtol=1e-12, atol=1e-12)
+
+
+def test_a_finite_step_beside_a_live_hooked_tensor_raises_nothing_inside_gradwise():
+    """A user's hook alive elsewhere (another model's tensor) makes the plan look up the hooked nodes on every
+    backward; ``any`` over a generator there closed it unfinished, a GeneratorExit raised inside gradwise per
+    backward (test_watch's no-error test failed after the hooks tests in CI)."""
+    keep = torch.ones(2, requires_grad=True) * 2
+    keep.register_hook(lambda g: g)
+    lin = torch.nn.Linear(4, 4)
+    raised = []
+
+    def tracer(frame, event, arg):
+        if event == "exception" and "gradwise" in frame.f_code.co_filename:
+            raised.append((frame.f_code.co_name, arg[0].__name__))
+        return tracer
+
+    x = torch.randn(3, 4)
+    with gw.strong_zeros():
+        lin(x).sum().backward()  # (the graph's shape planned once: test_watch's finite step, warm)
+        loss = lin(x).sum()
+        sys.settrace(tracer)
+        try:
+            loss.backward()
+        finally:
+            sys.settrace(None)
+    assert not raised, raised

@@ -230,9 +230,18 @@ def _live() -> list[tuple[dict, int]]:
         hooks = ref()
         if hooks is None:
             _drop(k, entry)
-        elif any(_users(h) or isinstance(h, _Wrapped) for h in list(hooks.values())):
+        elif _holds_users(hooks):
             out.append((hooks, key))
     return out
+
+
+def _holds_users(hooks: dict) -> bool:
+    """Whether a hooks dict holds a hook of the user's (a loop, not ``any`` over a generator: one left unfinished
+    is closed with a GeneratorExit, an exception raised inside gradwise on every backward, test_watch)."""
+    for h in list(hooks.values()):
+        if _users(h) or isinstance(h, _Wrapped):
+            return True
+    return False
 
 
 def _wrap(hooks: dict) -> None:
@@ -270,7 +279,11 @@ def opened() -> Iterator[None]:
 def hooked(nodes: Iterable[Any]) -> bool:
     """Whether one of ``nodes`` is the node of a tensor that holds a hook of the user's (``HOOKED``)."""
     keys = {key for _, key in _live()}
-    return bool(keys) and any(n._sequence_nr() in keys for n in nodes)
+    if keys:
+        for n in nodes:  # (a loop, as in _holds_users)
+            if n._sequence_nr() in keys:
+                return True
+    return False
 
 
 def install() -> None:
