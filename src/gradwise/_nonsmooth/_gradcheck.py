@@ -225,14 +225,15 @@ def _unseen_slope(fk, xs, d, g, forward: float, eps: float, atol: float) -> floa
         def quotient(h: float) -> torch.Tensor:
             return (at(*(x.detach() + h * di for x, di in zip(xs, d, strict=True))) - base) / h
 
-        gap = (quotient(eps) - forward).abs()
+        at_eps = quotient(eps)
+        gap = (at_eps - forward).abs()
         rounding = (_ROUNDING_ULPS * _ulp(base) * float(base.abs().max()) + sum(
             float((gi.abs() * _ulp(x) * (x.abs() + eps * di.abs())).sum())
             for x, di, gi in zip(xs, d, g, strict=True))) / eps
         kinked = (gap > 10 * atol * (1 + abs(forward))) & (gap > rounding)
         if bool(kinked.any()):
             kinked = _persists(lambda h: (quotient(h) - forward).abs(), base, gap, kinked, eps)
-        return float(quotient(eps)) if bool(kinked.any()) else None
+        return float(at_eps) if bool(kinked.any()) else None
 
 
 def _ulp(t: torch.Tensor) -> float:

@@ -277,12 +277,12 @@ def _plan(t_outputs: Sequence[Any], seeds: Sequence[Any], watched: list | None =
         return "strong"
     if _carry.CARRIED_VALUES and _carry.values_reached(w.nodes):  # ... or that saved its structural zeros
         return "strong"
+    if _hooks.HOOKED and _hooks.hooked(w.nodes):
+        return "check"  # a tensor hook of the user's: its torch ops are followed by the rules (see _hooks)
     shaped = _SHAPED.get(w.shape)
     if shaped is None or (results is not None and shaped.results is None):  # (see _Shaped.results)
         shaped = _shaped(roots, _resolved(_derived(w)), results is not None)
         _keep(w.shape, shaped)
-    if _hooks.HOOKED and _hooks.hooked(w.nodes):
-        return "check"  # a tensor hook of the user's: its torch ops are followed by the rules (see _hooks)
     if shaped.compiled_only:  # a whole step compiled: nothing outside its graphs to read, and zeros made inside
         return "compiled"  # them are the pass's (one check per node's result)
     order = list(w.nodes)
@@ -350,8 +350,6 @@ class _Shaped(NamedTuple):
     zero_outputs: tuple  # (index, zero-output test) (_ZERO_OUTPUT_TESTS)
     scaling: bool  # a node of SCALES_BY_ITS_ZEROS makes zeros
     above_scaling: tuple  # the indices of the nodes above those (_sensitivity_finite reads them)
-    above: frozenset  # the indices of the nodes a structural zero reaches from above (a user's tensor hook there
-    # is given zeros: the pass runs under the mode, _hooks)
     # for a backward nested in a 'check' pass (_results_reach), None until one is planned (a graph whose shape changes
     # every step pays nothing for it): the indices of the nodes a structural zero reaches from above (_zero_reach),
     # of those the zeros of dropped or masked padding reach (_handed), and of the AccumulateGrad nodes among the first
@@ -378,7 +376,7 @@ def _shaped(roots: Sequence[Any], g: _Graph, nested: bool = False) -> _Shaped:
     node facts), never a value. ``nested``: with ``results`` (a backward nested in a 'check' pass)."""
     index = {n: i for i, n in enumerate(g.nodes)}
     if all(type(n).__name__ in _COMPILED_ONLY for n in g.nodes):
-        return _Shaped(True, True, True, (), (), (), False, (), frozenset(), (frozenset(), frozenset(), ()))
+        return _Shaped(True, True, True, (), (), (), False, (), (frozenset(), frozenset(), ()))
     above = _zero_reach(roots, g)
     known_all = True
     only_compiled = True  # every node gradwise knows nothing about is a torch.compile'd backward
@@ -405,7 +403,6 @@ def _shaped(roots: Sequence[Any], g: _Graph, nested: bool = False) -> _Shaped:
     scaling = [n for n in g.makers if type(n).__name__ in SCALES_BY_ITS_ZEROS]
     return _Shaped(False, known_all, only_compiled, tuple(reads), tuple(deferred), tuple(zero_outputs),
                    bool(scaling), tuple(sorted(index[n] for n in _above(scaling, g.nodes))) if scaling else (),
-                   frozenset(index[n] for n in above),
                    ((frozenset(index[n] for n in above), frozenset(index[n] for n in _handed(roots, g)) if above
                      else frozenset(), tuple(index[n] for n in above if n.__class__ is _ACCUMULATE_GRAD))
                     if nested else None))
