@@ -71,3 +71,14 @@ def masked_key_attention(pad: bool, key: bool, query: bool, in_place: bool) -> t
     s = s.masked_fill_(m, float("-inf")) if in_place else s.masked_fill(m, float("-inf"))
     (s.softmax(-1) @ (k.nan_to_num() @ w))[:, :4].sum().backward()
     return w
+
+
+def traced_with_each_write_kept(program) -> object:
+    """The trace's report of ``program(True, True)`` (two writes of NaN/Inf), having checked the reference: with
+    each write alone, strong zeros keep w's gradient non-finite (two root causes, each genuine)."""
+    for writes in ((True, False), (False, True)):
+        with gw.strong_zeros():
+            assert not bool(program(*writes).grad.isfinite().all())
+    with gw.trace() as report:
+        program(True, True)
+    return report
