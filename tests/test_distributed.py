@@ -608,6 +608,13 @@ def _worker(rank: int, world: int, store: str, scenario: str, out: str, module: 
             dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Every result is on disk and the group is gone: leave without the interpreter's finalization, where PyTorch's
+    # autograd engine and gloo threads can race the GIL's teardown and abort a rank that finished (SIGABRT, exit
+    # -6; pytorch/pytorch#190489): seen once in CI with both ranks' results complete. An error before this point
+    # (init, a check's crash of the process) still exits non-zero.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _run_group(scenario: str, world: int, tmp: Path, timeout: float = GROUP_TIMEOUT_S,
