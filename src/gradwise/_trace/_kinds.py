@@ -17,7 +17,6 @@ import torch
 
 PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-_is_batched = torch._C._functorch.is_batchedtensor
 
 
 # subclass -> whether it overrides neither dispatch nor torch_function; weak: a class made per step (a closure's)
@@ -50,7 +49,7 @@ def kind(t: torch.Tensor) -> str | None:
         return "meta"
     if t._is_zerotensor():
         return "ZeroTensor"
-    if _is_wrapped(t) or _is_batched(t):
+    if _is_wrapped(t):  # (batched too: functorch's maybe_get_level, which it reads, checks them first)
         return "functorch-wrapped (vmap/grad transform)"
     return None
 

@@ -106,7 +106,8 @@ def _input_tensors(inputs) -> list[torch.Tensor]:
     return out
 
 
-_STRIDED = torch.strided
+_STRIDED, _TENSOR = torch.strided, torch.Tensor
+_is_wrapped, _isfinite = _kinds._is_wrapped, math.isfinite
 _F32, _F64, _WIDENED = torch.float32, torch.float64, (torch.float16, torch.bfloat16)
 _SMALL_VECTOR = 1 << 12  # elements: a float32 vector this small is cheaper copied into one sum than summed alone
 
@@ -135,17 +136,20 @@ def _all_finite(grads: list[torch.Tensor]) -> bool:
     rest, vectors = [], []
     transformed = torch._C._are_functorch_transforms_active()  # (the rest: `_kinds`' rules for what is read)
     for g in grads:
-        if transformed or g.__class__ is not torch.Tensor or g.layout is not _STRIDED or not g.is_cpu or \
-                g.is_nested or _kinds._is_wrapped(g) or _kinds._is_batched(g):
+        # (`_is_wrapped` answers for batched tensors too: functorch's maybe_get_level, which it reads, checks them
+        # first. Per gradient, after a backward: each C call here costs ~0.3-0.5 us with the caches cold)
+        if transformed or g.__class__ is not _TENSOR or g.layout is not _STRIDED or not g.is_cpu or g.is_nested \
+                or _is_wrapped(g):
             rest.append(g)
             continue
-        dtype = g.dtype
-        if dtype is _F32 and g.dim() == 1 and g.shape[0] <= _SMALL_VECTOR:
-            vectors.append(g)
-            continue
-        if dtype is _F32 and g.dim() == 0:  # (a loss, `_losses`)
-            vectors.append(g.reshape(1))
-            continue
+        dtype, dim = g.dtype, g.dim()
+        if dtype is _F32 and dim < 2:
+            if dim == 0:  # (a loss, `_losses`)
+                vectors.append(g.reshape(1))
+                continue
+            if g.shape[0] <= _SMALL_VECTOR:
+                vectors.append(g)
+                continue
         if dtype is _F32 or dtype is _F64:
             total = g.sum()
         elif dtype in _WIDENED:
@@ -153,11 +157,11 @@ def _all_finite(grads: list[torch.Tensor]) -> bool:
         else:
             rest.append(g)
             continue
-        if not math.isfinite(total.item()) and not bool(torch.isfinite(g).all()):  # (rare: a sum overflowed)
+        if not _isfinite(total.item()) and not bool(torch.isfinite(g).all()):  # (rare: a sum overflowed)
             return False
     if vectors:
         total = (torch.cat(vectors) if len(vectors) > 1 else vectors[0]).sum()
-        if not math.isfinite(total.item()) and not all(bool(torch.isfinite(v).all()) for v in vectors):
+        if not _isfinite(total.item()) and not all(bool(torch.isfinite(v).all()) for v in vectors):
             return False
     if not rest:
         return True
