@@ -73,6 +73,30 @@ other tensor holds (a user's ``out`` keeps its subgraph, saved tensors included)
 on a 0.7 ms step of 32 nodes, 19 saved tensors and 12 gradients, 1.05 is out of reach for a watch that checks every
 gradient of every step and can explain the first non-finite one; on the 4 ms MLP it is at the edge (1.05-1.07), on
 the Transformer and the CNNs within it.
+Measured again 2026-12-07 (session 35; `python benchmarks/bench_trace.py --threads 1 --cpu-time` and
+`python benchmarks/watch_breakdown.py`, two runs each of 83c7a5b and of this code, interleaved, two cores at load 8-11;
+1.108 quiet at 19:14): watch / plain training on the ReLU MLP (0.97-1.09 ms step) 1.115, 1.175 (83c7a5b), 1.160,
+1.087 (this code): a spread of 9% at that load, wider than any change tried; the other rows 1.01-1.05 (one
+Transformer run 1.097). The breakdown, four runs: entry and block 0.999-1.040, + graph kept 0.990-1.018, + glue
+1.028-1.050, + check 1.067-1.093, + walk and release without the check 1.089-1.137, all 1.137-1.166; its slots are
+not biased (ABBA order, the kept-graph variant again in the last slot: 1.020 and 1.019, 1.015 and 1.019). In situ
+(perf_counter around each part of this backward on training steps, median of 300, ~1 ms step, load ~4.6): entry
+tests 6 us, root nodes 1.5, walk 24, stale-leaf bookkeeping 2.3, .grad reads 2.4, loss 1.6, check 36, release 19 (per
+slot: unpack_hook 0.2, data 0.2, register_hooks 1.1 with the tensor's free); the engine runs as fast with the glue
+on (612 against 614 us). Each Python-level read after a backward costs 0.3-1 us with the caches cold (0.04-0.07
+warm), so this code costs 2-3x its warm figure (the walk: 9.4 us on a graph already walked, 17.6 on a fresh one,
+24-36 in a training loop; the check 19 warm, 28-41 in situ), and no one piece of the glue dominates (adding its
+pieces one at a time: entry tests 5-13 us, root nodes 3-14, stale-leaf bookkeeping 11, gradients and loss 3-4).
+Tried and not faster: one functorch C call per gradient in the check instead of two (``is_functorch_wrapped_tensor``
+answers for batched tensors too; kept as the simpler test, tests/test_watch35.py) and ``dim()`` read once: within
+0.2% in an in-process A/B (both loaded by importlib, ABBA, 301 samples; a copy loaded so reads 1.2% slower than the
+imported module: such an A/B needs an A/A copy); in situ after a real backward, the sums stacked with one read
++0.5-1% over a read each, ``_foreach_norm(inf)`` of the large gradients +25% (the CPU's per-tensor slow path); the
+walk marking a node seen when pushed, with a table of names only: 37.3 against 39.6 us, 36.2 against 35.8 (noise).
+PyTorch 2.13 and 2.14.1 still have no C-level release (Node: name, next_functions, metadata, hooks, _raw_saved_*,
+_input_metadata, _sequence_nr; SavedTensor: data, unpack, unpack_hook, register_hooks; torch._C._autograd: a getter
+of the graph task's keep flag). The floor stands: 1.05 on this step leaves ~50 us, which the walk, check and release
+alone exceed (~80 us in situ) before the entry and glue (~30-50).
 Measured and rejected (tests/test_watch.py keeps the graph's lifetime): not keeping the graph (the first
 non-finite step could not be explained, only a later one; checking only the loss misses contamination, a finite
 loss with NaN gradients); leaving a kept graph to die with its tensors (the user's ``loss``/``out`` hold it
