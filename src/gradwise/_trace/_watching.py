@@ -78,21 +78,28 @@ Measured again 2026-12-07 (session 35; `python benchmarks/bench_trace.py --threa
 1.108 quiet at 19:14): watch / plain training on the ReLU MLP (0.97-1.09 ms step) 1.115, 1.175 (83c7a5b), 1.160,
 1.087 (this code): a spread of 9% at that load, wider than any change tried; the other rows 1.01-1.05 (one
 Transformer run 1.097). The breakdown, four runs: entry and block 0.999-1.040, + graph kept 0.990-1.018, + glue
-1.028-1.050, + check 1.067-1.093, + walk and release without the check 1.089-1.137, all 1.137-1.166; its slots are
-not biased (ABBA order, the kept-graph variant again in the last slot: 1.020 and 1.019, 1.015 and 1.019). In situ
+1.028-1.050, + check 1.067-1.093, + walk and release without the check 1.089-1.137, all 1.137-1.166; the
+kept-graph variant run again in the last slot reads the same (1.020 and 1.019, 1.015 and 1.019). In situ
 (perf_counter around each part of this backward on training steps, median of 300, ~1 ms step, load ~4.6): entry
 tests 6 us, root nodes 1.5, walk 24, stale-leaf bookkeeping 2.3, .grad reads 2.4, loss 1.6, check 36, release 19 (per
 slot: unpack_hook 0.2, data 0.2, register_hooks 1.1 with the tensor's free); the engine runs as fast with the glue
 on (612 against 614 us). Each Python-level read after a backward costs 0.3-1 us with the caches cold (0.04-0.07
 warm), so this code costs 2-3x its warm figure (the walk: 9.4 us on a graph already walked, 17.6 on a fresh one,
-24-36 in a training loop; the check 19 warm, 28-41 in situ), and no one piece of the glue dominates (adding its
+24-37 between backwards; the check 19 warm, 28-41 in situ), and no one piece of the glue dominates (adding its
 pieces one at a time: entry tests 5-13 us, root nodes 3-14, stale-leaf bookkeeping 11, gradients and loss 3-4).
 Tried and not faster: one functorch C call per gradient in the check instead of two (``is_functorch_wrapped_tensor``
-answers for batched tensors too; kept as the simpler test, tests/test_watch35.py) and ``dim()`` read once: within
-0.2% in an in-process A/B (both loaded by importlib, ABBA, 301 samples; a copy loaded so reads 1.2% slower than the
-imported module: such an A/B needs an A/A copy); in situ after a real backward, the sums stacked with one read
+answers for batched tensors too; kept as the simpler test, tests/test_watch35.py) and ``dim()`` read once: 83c7a5b's
+check 1.1415 and 1.1320, this one 1.1444 and 1.1354, an importlib copy of it 1.1451 and 1.1251 (in-process, 300
+blocks, the order rotated; in ABBA order the variant in the middle slot read 0.8-1.2% faster with identical code,
+which benchmarks/watch_ab.py, rotating, avoids); in situ after a real backward, the sums stacked with one read
 +0.5-1% over a read each, ``_foreach_norm(inf)`` of the large gradients +25% (the CPU's per-tensor slow path); the
-walk marking a node seen when pushed, with a table of names only: 37.3 against 39.6 us, 36.2 against 35.8 (noise).
+walk marking a node seen when pushed, with a table of names only: 37.3 against 39.6 us, 36.2 against 35.8 (noise);
+the glue with the calls that do nothing on a finite step skipped inline (``_note_stale`` when every leaf is in
+``seen``: ``seen.issuperset(map(id, leaves))``; ``_unhook_stale`` with no hooks; ``_recorded`` and ``_as_tuple``
+inlined), by `python benchmarks/watch_ab.py <83c7a5b's src>` (150 blocks, three runs, load 7-9; 83c7a5b, then it
+and its A/A copy): the backward call 707.0 / 706.2 / 705.0 us, 764.0 / 759.5 / 758.6, 747.8 / 745.2 / 744.1, the
+blocks over plain 1.1168 / 1.1155 / 1.1144, 1.1435 / 1.1331 / 1.1274, 1.1341 / 1.1310 / 1.1346: 1-5 us (~0.3%),
+not kept for four inlined copies of helpers.
 PyTorch 2.13 and 2.14.1 still have no C-level release (Node: name, next_functions, metadata, hooks, _raw_saved_*,
 _input_metadata, _sequence_nr; SavedTensor: data, unpack, unpack_hook, register_hooks; torch._C._autograd: a getter
 of the graph task's keep flag). The floor stands: 1.05 on this step leaves ~50 us, which the walk, check and release
