@@ -9,7 +9,7 @@ overflow). They are not the forward-op facts of ``gradwise._ops`` (where an op k
 arguments) nor the trace's ``_trace/_facts.py`` (which forward ops discard values, with fix texts): a singular
 point of asin is |x| = 1 there, and |x| >= 1 here, where the formula gives NaN too.
 
-May import: torch, gradwise._masks, _rules, _kernel_reads, _rules_bilinear, _triangles.
+May import: torch, gradwise._masks, _rules, _kernel_reads, _rules_bilinear, _triangles, _weights_layout.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from gradwise._strong_zeros._kernel_reads import ZERO_ALPHA_PRODUCTS
 from gradwise._strong_zeros._rules import _hooked, lookup
 from gradwise._strong_zeros._rules_bilinear import _reads_every_position, softmax_of_weights
 from gradwise._strong_zeros._triangles import TRIANGLE_READERS
+from gradwise._strong_zeros._weights_layout import as_signed as _as_signed
 
 aten = torch.ops.aten
 
@@ -404,10 +405,6 @@ _OUTPUT_COUNTS: dict[str, Callable[[Any], int]] = {
     "SplitWithSizesBackward0": _outputs_by_split_sizes,
     "UnsafeSplitWithSizesBackward0": _outputs_by_split_sizes,
 }
-
-
-def _as_signed(value: int) -> int:
-    return value - (1 << 64) if value >= 1 << 63 else value  # a negative index is saved as its uint64
 
 
 _HALF, _WRAP = 1 << 63, 1 << 64  # (the two below read one node each per select/slice per backward: no calls)

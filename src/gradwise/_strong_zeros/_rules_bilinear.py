@@ -3,7 +3,7 @@
 is the shared fact (``gradwise._ops._contractions``, which the compiled pass reads too); how NaN/Inf are counted
 and restricted on eager values is this module's.
 
-May import: torch, gradwise._masks, gradwise._ops, _supports, _rules, _rules_pointwise.
+May import: torch, gradwise._masks, gradwise._ops, _supports, _rules, _rules_pointwise, _weights_layout.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from gradwise._strong_zeros._rules import (
 )
 from gradwise._strong_zeros._rules_pointwise import _exp_result_mul
 from gradwise._strong_zeros._supports import _STATE
+from gradwise._strong_zeros._weights_layout import mapped_mask
 
 aten = torch.ops.aten
 
@@ -373,16 +374,20 @@ _MASKED_WEIGHTS_NODES = ("BmmBackward0", "MmBackward0")
 # nodes between a softmax and the bmm that reads its weights which keep each weight's position and a 0 weight 0:
 # dropout (CPU's eager one is a mul by its noise, a constant; its dropped weights are values, not structural: only
 # the softmax's own zeros are read), a scaling, views that keep the elements' order (a[None], view, reshape, clone)
-# (matmul of 4-d weights: expand then reshape; an expand that repeats weights changes the count, and is not read)
+# (matmul of 4-d weights: expand then reshape; each copy an expand makes is mapped to its weight: _weights_layout)
 _WEIGHT_PATH = frozenset(("NativeDropoutBackward0", "MulBackward0", "MulBackward1", "DivBackward0", "DivBackward1",
                           "UnsqueezeBackward0",
                           "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0",
-                          "ToCopyBackward0", "ExpandBackward0"))
+                          "ToCopyBackward0", "ExpandBackward0",
+                          # (a sum over heads, einsum's bhqk,bkd->bqd: 0 where every term is a masked entry's)
+                          "SumBackward0", "SumBackward1"))
 
 
-# views between a softmax and a mul by its weights, which keep its storage (its exact zeros where they were)
+# views between a softmax and a mul by its weights, which keep its storage (its exact zeros where they were); where a
+# copy or a factor comes between, the softmax's zeros are mapped through them (``_weights_layout``)
 _SAME_STORAGE = frozenset(("UnsqueezeBackward0", "ViewBackward0", "ExpandBackward0", "PermuteBackward0",
-                           "TransposeBackward0", "SqueezeBackward0", "SqueezeBackward1", "AliasBackward0"))
+                           "TransposeBackward0", "TBackward0", "SliceBackward0", "SelectBackward0",
+                           "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "AliasBackward0"))
 
 
 # elementwise nodes between a softmax and the bmm whose other operand may need a gradient (or hold a tensor), and the
@@ -478,14 +483,15 @@ def _masked_entries(end: Any) -> torch.Tensor | None:
 
 def masked_weights(node: Any, weights: torch.Tensor) -> torch.Tensor | None:
     """Where the mm/bmm ``node``'s first operand ``weights`` (its saved self) is a softmax's exact 0 (bool, shaped
-    like ``weights``), or None where it is no softmax's output (``softmax_of_weights``) or its softmax's result
-    cannot be read without a hook. Weights that share the softmax result's storage (views of it) hold its zeros
-    where they are; others are mapped by the elements' order, which only dropout, scalings and order-keeping views
-    between keep (a dropout's or a scaling's zeros on the way are not among them, nor a weight that a factor on the
-    way made other than 0)."""
-    softmax = softmax_of_weights(node)
-    if softmax is None:
+    like ``weights``), or None where it is no softmax's output (``_weights_path``) or its softmax's result cannot be
+    read without a hook. Weights that share the softmax result's storage (views of it) hold its zeros where they are;
+    others are mapped through the layout nodes on the way (``_weights_layout.mapped_mask``: permutes, transposes,
+    slices, expands, views, copies; dropout, scalings and gates keep each weight where it was; a dropout's or a
+    scaling's zeros on the way are not among them, nor a weight that a factor on the way made other than 0)."""
+    path = _weights_path(node)
+    if path is None:
         return None
+    softmax = path[-1]
     exact = softmax.name() != "ExpBackward0"  # (whose own zeros may be a finite log's underflow: _masked_entries)
     if exact and softmax is node.next_functions[0][0]:
         return weights == 0
@@ -496,20 +502,10 @@ def masked_weights(node: Any, weights: torch.Tensor) -> torch.Tensor | None:
     if result is not None and result.untyped_storage()._cdata == weights.untyped_storage()._cdata \
             and result.dtype == weights.dtype:
         return weights == 0
-    if masked.numel() != weights.numel() or _reorders(node):
+    masked = mapped_mask(path, masked)
+    if masked is None or masked.shape != weights.shape:
         return None
-    return masked.reshape(weights.shape) & (weights == 0)  # (a factor's NaN on the way: no zero)
-
-
-def _reorders(node: Any) -> bool:
-    """Whether a node between the softmax and the mm/bmm ``node`` changes the elements' order (a permute)."""
-    path = _weights_path(node)
-    return path is None or not _keeps_order(path)
-
-
-def _keeps_order(path: list[Any]) -> bool:
-    """Whether every node of a weights path before its softmax keeps the elements' order (no permute, transpose)."""
-    return all(p.name() in _WEIGHT_PATH or p.name() in _GATED_PATH for p in path[:-1])
+    return masked & (weights == 0)  # (a factor's NaN on the way: no zero)
 
 
 def _softmax_weights(args: tuple) -> tuple[int, torch.Tensor] | None:
@@ -560,22 +556,27 @@ def _softmax_factor(args: tuple) -> tuple[int, torch.Tensor] | None:
         viewed = all(p.name() in _SAME_STORAGE for p in path[:-1]) and path[-1].name() != "ExpBackward0"
         if viewed:
             factor = path[-1]._saved_result  # (a view of the result: the same storage, its exact zeros the softmax's)
-        elif not _hooked(node, ("_raw_saved_self", "_raw_saved_other")[edge]) and _keeps_order(path):
+        elif not _hooked(node, ("_raw_saved_self", "_raw_saved_other")[edge]):
             factor = (node._saved_self, node._saved_other)[edge]  # (the product's own operand)
         else:
             continue
         if not isinstance(factor, torch.Tensor):
             continue
+        masked = None
+        if not viewed:  # the masked entries among the factor's zeros, mapped through the path's layout nodes
+            masked = _masked_entries(path[-1])
+            masked = None if masked is None else mapped_mask(path, masked)
+            if masked is None:
+                continue
         cdata = factor.untyped_storage()._cdata
         for i, t in enumerate(args[:2]):
             if isinstance(t, torch.Tensor) and _is_float(t) and t.dtype == factor.dtype \
                     and t.untyped_storage()._cdata == cdata:
                 zero = t == 0
-                if not viewed:  # the masked entries among the factor's zeros, by the elements' order
-                    masked = _masked_entries(path[-1])
-                    if masked is None or masked.numel() != t.numel():
+                if masked is not None:
+                    if masked.shape != t.shape:
                         return None
-                    zero = zero & masked.reshape(t.shape)
+                    zero = zero & masked
                 return (i, zero) if bool(mask_any(zero)) else None
     return None
 
