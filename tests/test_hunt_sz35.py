@@ -41,6 +41,13 @@ LAYOUTS = {
     "heads merged by a reshape": lambda a, a4, h: a4.transpose(1, 2).reshape(a.shape[0], a.shape[1], -1)
     @ torch.cat([h, 2 * h], 1),
     "t() of a scaled t()": lambda a, a4, h: torch.stack([(a[i].t() * 0.5).t() @ h[i] for i in range(a.shape[0])]),
+    # the values' product inside an op with a bias: its node (BaddbmmBackward0, AddmmBackward0) saves the weights as
+    # batch1/mat1, its formula scales a^T @ g by alpha; until sz35 only MmBackward0/BmmBackward0 were read
+    "baddbmm": lambda a, a4, h: torch.baddbmm(torch.ones(*a.shape[:2], h.shape[-1], dtype=D), a, h),
+    "baddbmm, alpha 0.5": lambda a, a4, h: torch.baddbmm(torch.ones(*a.shape[:2], h.shape[-1], dtype=D), a, h,
+                                                         alpha=0.5),
+    "addmm per sequence": lambda a, a4, h: torch.stack([torch.addmm(torch.ones(h.shape[-1], dtype=D), a[i], h[i],
+                                                                    alpha=0.5) for i in range(a.shape[0])]),
 }
 
 

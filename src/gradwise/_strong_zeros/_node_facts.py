@@ -23,7 +23,7 @@ import torch
 from gradwise._masks import mask_all
 from gradwise._strong_zeros._kernel_reads import ZERO_ALPHA_PRODUCTS
 from gradwise._strong_zeros._rules import _hooked, lookup
-from gradwise._strong_zeros._rules_bilinear import _reads_every_position, softmax_of_weights
+from gradwise._strong_zeros._rules_bilinear import _reads_every_position, softmax_of_weights, weights_operand
 from gradwise._strong_zeros._triangles import TRIANGLE_READERS
 from gradwise._strong_zeros._weights_layout import as_signed as _as_signed
 
@@ -329,14 +329,15 @@ def _no_masked_weights(node: Any) -> bool:
     softmax = softmax_of_weights(node)  # (through dropout and views: a[None], reshape)
     if softmax is None:
         return True
-    if softmax is not node.next_functions[0][0]:  # the softmax's own result: a dropout's zeros are values
+    producer, saved = weights_operand(node)
+    if softmax is not producer:  # the softmax's own result: a dropout's zeros are values
         if _hooked(softmax, "_raw_saved_result"):
             return False
         weights = softmax._saved_result
-    elif _hooked(node, "_raw_saved_self"):
+    elif _hooked(node, "_raw" + saved):
         return False
     else:
-        weights = node._saved_self
+        weights = getattr(node, saved)
     if weights is None or weights.numel() == 0:
         return True
     # (one vectorised min, not a comparison's bool tensor: ~60x cheaper on MHA's weights, read on every backward of
@@ -348,7 +349,10 @@ _MAKES_NO_ZEROS_IF: dict[str, Callable[[Any], bool]] = {
     **dict.fromkeys(("MmBackward0", "BmmBackward0"), _no_masked_weights),
     "PowBackward0": lambda node: _saved(node, "_saved_exponent") != 0,  # x ** 0 backward is zeros_like(x)
     # addmm & co. with alpha = 0 (beta = 0): the operands' (input's) gradients are the deleted term's (_zero_alpha_mul)
-    **dict.fromkeys(("AddmmBackward0", "AddmvBackward0", "AddbmmBackward0", "BaddbmmBackward0"), _alpha_nonzero),
+    **dict.fromkeys(("AddmvBackward0", "AddbmmBackward0"), _alpha_nonzero),
+    # (addmm/baddbmm of a softmax's weights: the values' gradient's structural zeros, as mm/bmm's)
+    **dict.fromkeys(("AddmmBackward0", "BaddbmmBackward0"), lambda node: _alpha_nonzero(node) and
+                    _no_masked_weights(node)),
     # a selection that reads every position (an index holding each row, a full slice) drops nothing: its
     # backward writes every position of its input, as strong zeros' own rules find (the support is all True)
     # (indices a checkpoint recomputes are not read: it makes zeros, as far as the plan knows)

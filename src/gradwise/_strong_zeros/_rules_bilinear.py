@@ -368,7 +368,11 @@ def _conv_channel_supports(args: tuple, s: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 _MM = _bilinear(_mm_support, _mm_nonfinite_k, restrict=_mm_supported_k, finite_k=_mm_finite_k)
-_MASKED_WEIGHTS_NODES = ("BmmBackward0", "MmBackward0")
+# the nodes whose formula multiplies a saved operand that may be a softmax's weights into the values' gradient (an
+# mm/bmm there): that operand's edge and saved name. addmm/baddbmm(bias, a, v, alpha=c): v's gradient (a^T @ g) * c;
+# until 2026-12-07 (sz35) their weights were values, and a padded value's 0 x inf stayed NaN, silently
+_MASKED_WEIGHTS_NODES = {"BmmBackward0": (0, "_saved_self"), "MmBackward0": (0, "_saved_self"),
+                         "BaddbmmBackward0": (1, "_saved_batch1"), "AddmmBackward0": (1, "_saved_mat1")}
 
 
 # nodes between a softmax and the bmm that reads its weights which keep each weight's position and a 0 weight 0:
@@ -425,7 +429,14 @@ def _weights_path(node: Any) -> list[Any] | None:
     """The nodes from the mm/bmm ``node``'s first edge to the SoftmaxBackward0 whose output its first operand is (the
     last one), through the nodes of ``_WEIGHT_PATH`` whose other edges need no gradient (a mul by a constant), through
     views that keep the storage (``_SAME_STORAGE``: an einsum's permutes), and through ``_GATED_PATH``'s; or None."""
-    return _path_from(node.next_functions[0][0], _PATH_BUDGET)
+    edge = _MASKED_WEIGHTS_NODES.get(node.name(), (0,))[0]
+    return _path_from(node.next_functions[edge][0], _PATH_BUDGET) if edge < len(node.next_functions) else None
+
+
+def weights_operand(node: Any) -> tuple[Any, str]:
+    """The producer of the mm/bmm/addmm/baddbmm ``node``'s weights operand and that operand's saved name."""
+    edge, saved = _MASKED_WEIGHTS_NODES.get(node.name(), (0, "_saved_self"))
+    return node.next_functions[edge][0], saved
 
 
 def _path_from(producer: Any, budget: int) -> list[Any] | None:
@@ -493,7 +504,7 @@ def masked_weights(node: Any, weights: torch.Tensor) -> torch.Tensor | None:
         return None
     softmax = path[-1]
     exact = softmax.name() != "ExpBackward0"  # (whose own zeros may be a finite log's underflow: _masked_entries)
-    if exact and softmax is node.next_functions[0][0]:
+    if exact and softmax is weights_operand(node)[0]:
         return weights == 0
     masked = _masked_entries(softmax)
     if masked is None:
@@ -516,9 +527,12 @@ def _softmax_weights(args: tuple) -> tuple[int, torch.Tensor] | None:
     if not (_STATE.outputs_finite and _in_formula() and _reads_nodes()):
         return None
     node = torch._C._current_autograd_node()
-    if node is None or node.name() not in _MASKED_WEIGHTS_NODES or _hooked(node, "_raw_saved_self"):
+    if node is None or node.name() not in _MASKED_WEIGHTS_NODES:
         return None
-    weights = node._saved_self
+    saved = _MASKED_WEIGHTS_NODES[node.name()][1]
+    if _hooked(node, "_raw" + saved):
+        return None
+    weights = getattr(node, saved)
     if weights is None or not _is_float(weights):
         return None
     cdata = weights.untyped_storage()._cdata
