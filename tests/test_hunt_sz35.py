@@ -41,6 +41,10 @@ LAYOUTS = {
     "heads merged by a reshape": lambda a, a4, h: a4.transpose(1, 2).reshape(a.shape[0], a.shape[1], -1)
     @ torch.cat([h, 2 * h], 1),
     "t() of a scaled t()": lambda a, a4, h: torch.stack([(a[i].t() * 0.5).t() @ h[i] for i in range(a.shape[0])]),
+    # the weights as the product's second operand (SAGAN's and non-local blocks' bmm(v, attention.permute(0, 2, 1)))
+    "weights second: (v^T @ a^T)^T": lambda a, a4, h: torch.bmm(h.transpose(1, 2), a.permute(0, 2, 1)).transpose(1, 2),
+    "weights second, scaled, mm": lambda a, a4, h: torch.stack([(h[i].t() @ (a[i] * 0.5).t()).t()
+                                                                for i in range(a.shape[0])]),
     # the values' product inside an op with a bias: its node (BaddbmmBackward0, AddmmBackward0) saves the weights as
     # batch1/mat1, its formula scales a^T @ g by alpha; until sz35 only MmBackward0/BmmBackward0 were read
     "baddbmm": lambda a, a4, h: torch.baddbmm(torch.ones(*a.shape[:2], h.shape[-1], dtype=D), a, h),

@@ -23,7 +23,7 @@ import torch
 from gradwise._masks import mask_all
 from gradwise._strong_zeros._kernel_reads import ZERO_ALPHA_PRODUCTS
 from gradwise._strong_zeros._rules import _hooked, lookup
-from gradwise._strong_zeros._rules_bilinear import _reads_every_position, softmax_of_weights, weights_operand
+from gradwise._strong_zeros._rules_bilinear import _reads_every_position, weights_paths
 from gradwise._strong_zeros._triangles import TRIANGLE_READERS
 from gradwise._strong_zeros._weights_layout import as_signed as _as_signed
 
@@ -323,26 +323,25 @@ def _selects_all(selected: Callable[[Any], tuple[int, int, range]]) -> Callable[
 
 
 def _no_masked_weights(node: Any) -> bool:
-    """mm/bmm make no structural zero unless their first operand is a softmax's output holding an exact 0 (masked
-    attention weights: v's gradient at a masked key is the deleted key's 0, ``_rules_bilinear._masked_weights_mm``);
-    one a hook packed (a checkpoint's) is not read: it makes zeros, as far as the plan knows."""
-    softmax = softmax_of_weights(node)  # (through dropout and views: a[None], reshape)
-    if softmax is None:
-        return True
-    producer, saved = weights_operand(node)
-    if softmax is not producer:  # the softmax's own result: a dropout's zeros are values
-        if _hooked(softmax, "_raw_saved_result"):
+    """mm/bmm (addmm, baddbmm) make no structural zero unless an operand is a softmax's output holding an exact 0
+    (masked attention weights: v's gradient at a masked key is the deleted key's 0,
+    ``_rules_bilinear._masked_weights_mm``); one a hook packed (a checkpoint's) is not read: it makes zeros, as far as
+    the plan knows."""
+    for path, saved in weights_paths(node):  # (through dropout and views: a[None], reshape)
+        softmax = path[-1]
+        if len(path) > 1:  # the softmax's own result: a dropout's zeros are values
+            if _hooked(softmax, "_raw_saved_result"):
+                return False
+            weights = softmax._saved_result
+        elif _hooked(node, "_raw" + saved):
             return False
-        weights = softmax._saved_result
-    elif _hooked(node, "_raw" + saved):
-        return False
-    else:
-        weights = getattr(node, saved)
-    if weights is None or weights.numel() == 0:
-        return True
-    # (one vectorised min, not a comparison's bool tensor: ~60x cheaper on MHA's weights, read on every backward of
-    # need_weights=True; a NaN min (a fully masked query's row) compares False: counted as making zeros)
-    return bool(weights.amin() > 0)
+        else:
+            weights = getattr(node, saved)
+        # (one vectorised min, not a comparison's bool tensor: ~60x cheaper on MHA's weights, read on every backward
+        # of need_weights=True; a NaN min (a fully masked query's row) compares False: counted as making zeros)
+        if weights is not None and weights.numel() and not bool(weights.amin() > 0):
+            return False
+    return True
 
 
 _MAKES_NO_ZEROS_IF: dict[str, Callable[[Any], bool]] = {

@@ -368,11 +368,15 @@ def _conv_channel_supports(args: tuple, s: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 _MM = _bilinear(_mm_support, _mm_nonfinite_k, restrict=_mm_supported_k, finite_k=_mm_finite_k)
-# the nodes whose formula multiplies a saved operand that may be a softmax's weights into the values' gradient (an
-# mm/bmm there): that operand's edge and saved name. addmm/baddbmm(bias, a, v, alpha=c): v's gradient (a^T @ g) * c;
-# until 2026-12-07 (sz35) their weights were values, and a padded value's 0 x inf stayed NaN, silently
-_MASKED_WEIGHTS_NODES = {"BmmBackward0": (0, "_saved_self"), "MmBackward0": (0, "_saved_self"),
-                         "BaddbmmBackward0": (1, "_saved_batch1"), "AddmmBackward0": (1, "_saved_mat1")}
+# the nodes whose formula multiplies a saved operand that may be a softmax's weights into the other operand's gradient
+# (an mm/bmm there): each such operand's edge and saved name. The weights first (a @ v: v's gradient a^T @ g) or second
+# (v @ a^T, SAGAN's and non-local blocks' bmm(v, attention.permute(0, 2, 1)): v's gradient g @ a); addmm/baddbmm(bias,
+# a, v, alpha=c): (a^T @ g) * c. Until 2026-12-07 (sz35) only mm/bmm's first operand was read: the others kept a padded
+# value's 0 x inf = NaN, silently
+_MM_OPERANDS = ((0, "_saved_self"), (1, "_saved_mat2"))
+_MASKED_WEIGHTS_NODES = {"BmmBackward0": _MM_OPERANDS, "MmBackward0": _MM_OPERANDS,
+                         "BaddbmmBackward0": ((1, "_saved_batch1"), (2, "_saved_batch2")),
+                         "AddmmBackward0": ((1, "_saved_mat1"), (2, "_saved_mat2"))}
 
 
 # nodes between a softmax and the bmm that reads its weights which keep each weight's position and a 0 weight 0:
@@ -422,31 +426,34 @@ def _of_log_softmax(node: Any) -> bool:
     return edge is not None and edge.name() == "LogSoftmaxBackward0"
 
 
+_FOLLOWED = _WEIGHT_PATH | _SAME_STORAGE | frozenset(_GATED_PATH)
 _PATH_BUDGET = 8  # nodes a weights path may hold (a gated node tries two factors: under 2**9 nodes visited)
 
 
-def _weights_path(node: Any) -> list[Any] | None:
-    """The nodes from the mm/bmm ``node``'s first edge to the SoftmaxBackward0 whose output its first operand is (the
-    last one), through the nodes of ``_WEIGHT_PATH`` whose other edges need no gradient (a mul by a constant), through
-    views that keep the storage (``_SAME_STORAGE``: an einsum's permutes), and through ``_GATED_PATH``'s; or None."""
-    edge = _MASKED_WEIGHTS_NODES.get(node.name(), (0,))[0]
-    return _path_from(node.next_functions[edge][0], _PATH_BUDGET) if edge < len(node.next_functions) else None
-
-
-def weights_operand(node: Any) -> tuple[Any, str]:
-    """The producer of the mm/bmm/addmm/baddbmm ``node``'s weights operand and that operand's saved name."""
-    edge, saved = _MASKED_WEIGHTS_NODES.get(node.name(), (0, "_saved_self"))
-    return node.next_functions[edge][0], saved
+def weights_paths(node: Any) -> list[tuple[list[Any], str]]:
+    """For each operand of the mm/bmm/addmm/baddbmm ``node`` (``_MASKED_WEIGHTS_NODES``) that is a softmax's output,
+    the nodes from its edge to that SoftmaxBackward0 (the last one) and the operand's saved name. A path goes through
+    the nodes of ``_WEIGHT_PATH`` whose other edges need no gradient (a mul by a constant), through views that keep
+    the storage (``_SAME_STORAGE``: an einsum's permutes), and through ``_GATED_PATH``'s."""
+    edges = node.next_functions
+    found = []
+    for edge, saved in _MASKED_WEIGHTS_NODES.get(node.name(), ()):
+        path = _path_from(edges[edge][0], _PATH_BUDGET) if edge < len(edges) else None
+        if path is not None:
+            found.append((path, saved))
+    return found
 
 
 def _path_from(producer: Any, budget: int) -> list[Any] | None:
-    """``_weights_path`` from ``producer`` on, at most ``budget`` nodes."""
+    """A weights path (``weights_paths``) from ``producer`` on, at most ``budget`` nodes."""
     path: list[Any] = []
     while producer is not None and len(path) < budget:
         path.append(producer)
         name = producer.name()
         if name in _SOFTMAXES or (name == "ExpBackward0" and _of_log_softmax(producer)):
             return path
+        if name not in _FOLLOWED:  # (before the edges: most mm/addmm operands end here, a Linear's on every backward)
+            return None
         edges = producer.next_functions
         if name in _GATED_PATH:  # (two tracked factors: the first that leads to a softmax)
             for i in _GATED_PATH[name]:
@@ -456,17 +463,10 @@ def _path_from(producer: Any, budget: int) -> list[Any] | None:
                 if tail is not None:
                     return path + tail
             return None
-        if (name not in _WEIGHT_PATH and name not in _SAME_STORAGE) or not edges \
-                or any(e[0] is not None for e in edges[1:]):
+        if not edges or any(e[0] is not None for e in edges[1:]):
             return None
         producer = edges[0][0]
     return None
-
-
-def softmax_of_weights(node: Any) -> Any:
-    """The SoftmaxBackward0 whose output is the first operand of the mm/bmm ``node`` (``_weights_path``), or None."""
-    path = _weights_path(node)
-    return None if path is None else path[-1]
 
 
 def reads_softmax_weights(node: Any) -> bool:
@@ -478,7 +478,7 @@ def reads_softmax_weights(node: Any) -> bool:
         return False
     if node.name() == "MulBackward0":
         return any(_path_from(producer, _PATH_BUDGET) is not None for producer, _ in node.next_functions[:2])
-    return _weights_path(node) is not None
+    return bool(weights_paths(node))
 
 
 def _masked_entries(end: Any) -> torch.Tensor | None:
@@ -492,19 +492,16 @@ def _masked_entries(end: Any) -> torch.Tensor | None:
     return None if result is None else result == (-math.inf if mask_of else 0)
 
 
-def masked_weights(node: Any, weights: torch.Tensor) -> torch.Tensor | None:
-    """Where the mm/bmm ``node``'s first operand ``weights`` (its saved self) is a softmax's exact 0 (bool, shaped
-    like ``weights``), or None where it is no softmax's output (``_weights_path``) or its softmax's result cannot be
-    read without a hook. Weights that share the softmax result's storage (views of it) hold its zeros where they are;
-    others are mapped through the layout nodes on the way (``_weights_layout.mapped_mask``: permutes, transposes,
-    slices, expands, views, copies; dropout, scalings and gates keep each weight where it was; a dropout's or a
-    scaling's zeros on the way are not among them, nor a weight that a factor on the way made other than 0)."""
-    path = _weights_path(node)
-    if path is None:
-        return None
+def masked_weights(path: list[Any], weights: torch.Tensor) -> torch.Tensor | None:
+    """Where the mm/bmm's operand ``weights`` (saved), the output of the softmax ``path[-1]`` through ``path``
+    (``weights_paths``), is that softmax's exact 0 (bool, shaped like ``weights``), or None where the softmax's result
+    cannot be read without a hook. Weights that share the softmax result's storage (views of it) hold its zeros where
+    they are; others are mapped through the layout nodes on the way (``_weights_layout.mapped_mask``: permutes,
+    transposes, slices, expands, views, copies; dropout, scalings and gates keep each weight where it was; a dropout's
+    or a scaling's zeros on the way are not among them, nor a weight that a factor on the way made other than 0)."""
     softmax = path[-1]
     exact = softmax.name() != "ExpBackward0"  # (whose own zeros may be a finite log's underflow: _masked_entries)
-    if exact and softmax is weights_operand(node)[0]:
+    if exact and len(path) == 1:  # (the softmax's own output)
         return weights == 0
     masked = _masked_entries(softmax)
     if masked is None:
@@ -520,16 +517,24 @@ def masked_weights(node: Any, weights: torch.Tensor) -> torch.Tensor | None:
 
 
 def _softmax_weights(args: tuple) -> tuple[int, torch.Tensor] | None:
-    """In the backward of ``bmm(a, v)`` (or mm) whose ``a`` is a softmax's output (attention weights: the node's
-    first edge a SoftmaxBackward0, or one through dropout and views: ``masked_weights``), the position of the
-    operand that is ``a`` (v's gradient ``a^T @ g``) and where the softmax's weights are 0, where they hold an
-    exact 0 and every output being differentiated is finite; else None."""
+    """In the backward of ``bmm(a, v)`` (or mm, ``bmm(v, a)``, addmm, baddbmm: ``_MASKED_WEIGHTS_NODES``) whose ``a``
+    is a softmax's output (attention weights: the node's edge a SoftmaxBackward0, or one through dropout and views:
+    ``masked_weights``), the position of the formula's operand that is ``a`` (v's gradient ``a^T @ g``) and where the
+    softmax's weights are 0, where they hold an exact 0 and every output being differentiated is finite; else None."""
     if not (_STATE.outputs_finite and _in_formula() and _reads_nodes()):
         return None
     node = torch._C._current_autograd_node()
     if node is None or node.name() not in _MASKED_WEIGHTS_NODES:
         return None
-    saved = _MASKED_WEIGHTS_NODES[node.name()][1]
+    for path, saved in weights_paths(node):
+        found = _weights_in_args(args, node, path, saved)
+        if found is not None:
+            return found
+    return None
+
+
+def _weights_in_args(args: tuple, node: Any, path: list[Any], saved: str) -> tuple[int, torch.Tensor] | None:
+    """``_softmax_weights`` for one operand of ``node``: the saved ``saved``, the output of ``path``."""
     if _hooked(node, "_raw" + saved):
         return None
     weights = getattr(node, saved)
@@ -538,7 +543,7 @@ def _softmax_weights(args: tuple) -> tuple[int, torch.Tensor] | None:
     cdata = weights.untyped_storage()._cdata
     for i, t in enumerate(args[:2]):
         if _is_float(t) and t.untyped_storage()._cdata == cdata:
-            zero = masked_weights(node, weights)
+            zero = masked_weights(path, weights)
             if zero is None or not bool(mask_any(zero)):
                 return None
             if torch.equal(zero, weights == 0):  # every zero of the weights is the softmax's: read them in t's layout
@@ -555,7 +560,7 @@ def _softmax_factor(args: tuple) -> tuple[int, torch.Tensor] | None:
     pooling: ``(softmax(s)[..., None] * h).sum(1)``), the position of the factor that is those weights and its zeros
     that are the softmax's, while every output being differentiated is finite; else None. The weights are the
     softmax's saved result or a view of it (the same storage: its exact zeros are the softmax's), or reach the
-    product through the nodes ``_weights_path`` follows to an mm/bmm (a scaling, a gate, a renormalisation, the
+    product through the nodes ``weights_paths`` follows to an mm/bmm (a scaling, a gate, a renormalisation, the
     repairs of fully masked rows), mapped by the elements' order as ``masked_weights`` maps them (until 2026-12-07
     only views were seen, and the others kept PyTorch's 0 x inf = NaN at a padded value's infinite slope, silently)."""
     if not (_STATE.outputs_finite and _in_formula() and _reads_nodes()):

@@ -1,4 +1,4 @@
-"""Where a softmax's elements land in the weights an mm/bmm or a mul reads (``_rules_bilinear._weights_path``): each
+"""Where a softmax's elements land in the weights an mm/bmm or a mul reads (``_rules_bilinear.weights_paths``): each
 layout node between them (permute, transpose, slice, select, expand, views, a broadcasting elementwise op) replayed on
 a bool mask shaped like the softmax's result, from the node's saved dims and its output's shape (``_input_metadata``):
 metadata, never values. Until 2026-12-07 only paths that keep the elements' order were mapped (a reshape of the
