@@ -1,6 +1,7 @@
 """Hunt (session 35, sz35): strong zeros where masked attention weights reach the values' product through layout ops
 that reorder, copy, cut or repeat them (einsum's permutes, a copy between two transposes, mT, swapaxes, movedim, a
-4-d matmul's broadcast, a head's select or slice, a reshape that merges heads, einsum's sum over heads). References
+4-d matmul's broadcast, a head's select or slice, a reshape that merges heads, einsum's sum over heads), as the
+product's second operand, inside addmm/baddbmm, and in attention pooling's elementwise product. References
 are independent of gradwise: the same program with the padded keys deleted (each sequence on its own rows, float64),
 or plain PyTorch where the NaN is genuine.
 """
@@ -45,6 +46,13 @@ LAYOUTS = {
     "weights second: (v^T @ a^T)^T": lambda a, a4, h: torch.bmm(h.transpose(1, 2), a.permute(0, 2, 1)).transpose(1, 2),
     "weights second, scaled, mm": lambda a, a4, h: torch.stack([(h[i].t() @ (a[i] * 0.5).t()).t()
                                                                 for i in range(a.shape[0])]),
+    # attention pooling: the weights times the values elementwise (MulBackward0's g * a: _softmax_factor), the factor
+    # reached through the same layout ops (base: only views of the softmax's result, or order-keeping nodes)
+    "pooling, copy between two transposes": lambda a, a4, h: (a.transpose(1, 2).contiguous().transpose(1, 2)[..., None]
+                                                              * h[:, None]).sum(2),
+    "pooling, mT, scaled, mT": lambda a, a4, h: ((a.mT * 0.5).mT[..., None] * h[:, None]).sum(2),
+    "pooling, einsum of scaled weights": lambda a, a4, h: torch.einsum("bqk,bkd->bqkd", a * 0.5, h).sum(2),
+    "pooling, keys first": lambda a, a4, h: ((a * 0.5).permute(0, 2, 1)[..., None] * h[:, :, None]).sum(1),
     # the values' product inside an op with a bias: its node (BaddbmmBackward0, AddmmBackward0) saves the weights as
     # batch1/mat1, its formula scales a^T @ g by alpha; until sz35 only MmBackward0/BmmBackward0 were read
     "baddbmm": lambda a, a4, h: torch.baddbmm(torch.ones(*a.shape[:2], h.shape[-1], dtype=D), a, h),
