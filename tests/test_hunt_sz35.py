@@ -42,6 +42,9 @@ LAYOUTS = {
     "heads merged by a reshape": lambda a, a4, h: a4.transpose(1, 2).reshape(a.shape[0], a.shape[1], -1)
     @ torch.cat([h, 2 * h], 1),
     "t() of a scaled t()": lambda a, a4, h: torch.stack([(a[i].t() * 0.5).t() @ h[i] for i in range(a.shape[0])]),
+    "heads chunked": lambda a, a4, h: sum(c.squeeze(1) @ h for c in a4.chunk(2, 1)),
+    "heads unbound": lambda a, a4, h: sum(c @ h for c in a4.unbind(1)),
+    "repeated": lambda a, a4, h: (a.repeat(2, 1, 1) @ torch.cat([h, 2 * h])).view(2, *a.shape[:2], -1).sum(0),
     # the weights as the product's second operand (SAGAN's and non-local blocks' bmm(v, attention.permute(0, 2, 1)))
     "weights second: (v^T @ a^T)^T": lambda a, a4, h: torch.bmm(h.transpose(1, 2), a.permute(0, 2, 1)).transpose(1, 2),
     "weights second, scaled, mm": lambda a, a4, h: torch.stack([(h[i].t() @ (a[i] * 0.5).t()).t()

@@ -388,13 +388,14 @@ _WEIGHT_PATH = frozenset(("NativeDropoutBackward0", "MulBackward0", "MulBackward
                           "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0",
                           "ToCopyBackward0", "ExpandBackward0",
                           # (a sum over heads, einsum's bhqk,bkd->bqd: 0 where every term is a masked entry's)
-                          "SumBackward0", "SumBackward1"))
+                          "SumBackward0", "SumBackward1", "RepeatBackward0"))
 
 
 # views between a softmax and a mul by its weights, which keep its storage (its exact zeros where they were); where a
 # copy or a factor comes between, the softmax's zeros are mapped through them (``_weights_layout``)
 _SAME_STORAGE = frozenset(("UnsqueezeBackward0", "ViewBackward0", "ExpandBackward0", "PermuteBackward0",
                            "TransposeBackward0", "TBackward0", "SliceBackward0", "SelectBackward0",
+                           "SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0",
                            "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "AliasBackward0"))
 
 
@@ -492,8 +493,8 @@ def _masked_entries(end: Any) -> torch.Tensor | None:
     return None if result is None else result == (-math.inf if mask_of else 0)
 
 
-def masked_weights(path: list[Any], weights: torch.Tensor) -> torch.Tensor | None:
-    """Where the mm/bmm's operand ``weights`` (saved), the output of the softmax ``path[-1]`` through ``path``
+def masked_weights(node: Any, path: list[Any], weights: torch.Tensor) -> torch.Tensor | None:
+    """Where the mm/bmm ``node``'s operand ``weights`` (saved), the output of the softmax ``path[-1]`` through ``path``
     (``weights_paths``), is that softmax's exact 0 (bool, shaped like ``weights``), or None where the softmax's result
     cannot be read without a hook. Weights that share the softmax result's storage (views of it) hold its zeros where
     they are; others are mapped through the layout nodes on the way (``_weights_layout.mapped_mask``: permutes,
@@ -510,7 +511,7 @@ def masked_weights(path: list[Any], weights: torch.Tensor) -> torch.Tensor | Non
     if result is not None and result.untyped_storage()._cdata == weights.untyped_storage()._cdata \
             and result.dtype == weights.dtype:
         return weights == 0
-    masked = mapped_mask(path, masked)
+    masked = mapped_mask(node, path, masked)
     if masked is None or masked.shape != weights.shape:
         return None
     return masked & (weights == 0)  # (a factor's NaN on the way: no zero)
@@ -543,7 +544,7 @@ def _weights_in_args(args: tuple, node: Any, path: list[Any], saved: str) -> tup
     cdata = weights.untyped_storage()._cdata
     for i, t in enumerate(args[:2]):
         if _is_float(t) and t.untyped_storage()._cdata == cdata:
-            zero = masked_weights(path, weights)
+            zero = masked_weights(node, path, weights)
             if zero is None or not bool(mask_any(zero)):
                 return None
             if torch.equal(zero, weights == 0):  # every zero of the weights is the softmax's: read them in t's layout
@@ -584,7 +585,7 @@ def _softmax_factor(args: tuple) -> tuple[int, torch.Tensor] | None:
         masked = None
         if not viewed:  # the masked entries among the factor's zeros, mapped through the path's layout nodes
             masked = _masked_entries(path[-1])
-            masked = None if masked is None else mapped_mask(path, masked)
+            masked = None if masked is None else mapped_mask(node, path, masked)
             if masked is None:
                 continue
         cdata = factor.untyped_storage()._cdata
