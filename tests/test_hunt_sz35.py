@@ -156,3 +156,33 @@ def test_weights_computed_without_grad_are_a_constant_whose_zeros_are_values():
 def test_constant_weights_over_masked_values_give_the_deleted_keys_zero():
     x, params, loss_of = _constant_weights_case(mask_values=True)
     matches_the_deleted_program(loss_of, params, x, torch.tensor([5, 3]))
+
+
+# -- the layout map itself -------------------------------------------------------------------------------------------
+CHAINS = {
+    "negative slice, step": lambda a: a[:, -3:, ::2] * 1.0,
+    "negative select": lambda a: a.select(-1, -2).unsqueeze(0).expand(3, -1, -1),
+    "movedim, reshape": lambda a: (a.movedim(-1, 0) * 1.0).reshape(-1, 2),
+    "permute, mT, contiguous": lambda a: a.permute(2, 0, 1).mT.contiguous().view(-1),
+    "chunk piece 1": lambda a: a.chunk(2, 1)[1].transpose(0, 2),
+    "unbind piece 2": lambda a: a.unbind(-1)[2].t(),
+    "split with sizes": lambda a: a.split([1, 3], 1)[1].flatten(),
+    "repeat, squeeze": lambda a: a[:, :1].repeat(2, 1, 2).squeeze(1),
+    "broadcast by a product": lambda a: a * torch.ones(2, 1, 1, 1, dtype=D),
+}
+
+
+@pytest.mark.parametrize("chain", CHAINS)
+def test_the_layout_map_is_the_forward_layout(chain):
+    """mapped_mask replays a weights path's layout nodes on a tensor shaped like the softmax's result: on the elements'
+    ids it gives what the forward gave (each weight the id of the softmax element it is a copy of)."""
+    from gradwise._strong_zeros._rules_bilinear import _PATH_BUDGET, _path_from
+    from gradwise._strong_zeros._weights_layout import mapped_mask
+
+    s = torch.randn(2, 4, 5, dtype=D, requires_grad=True)
+    a = s.softmax(-1)
+    consumer = (CHAINS[chain](a) * 0.5).grad_fn
+    path = _path_from(consumer.next_functions[0][0], _PATH_BUDGET)
+    assert path is not None and path[-1].name() == "SoftmaxBackward0"
+    ids = torch.arange(a.numel(), dtype=D).view(a.shape)
+    assert torch.equal(mapped_mask(consumer, path, ids), CHAINS[chain](ids))
