@@ -543,7 +543,10 @@ def _weights_in_args(args: tuple, node: Any, path: list[Any], saved: str) -> tup
         return None
     cdata = weights.untyped_storage()._cdata
     for i, t in enumerate(args[:2]):
-        if _is_float(t) and t.untyped_storage()._cdata == cdata:
+        # (the operand itself or its transpose: another view of its storage, bmm(buf[:, 0], buf[:, 1]), is other
+        # weights, whose zeros sz35 took for these ones', silently)
+        if _is_float(t) and t.untyped_storage()._cdata == cdata and t.storage_offset() == weights.storage_offset() \
+                and any(t.shape == w.shape and t.stride() == w.stride() for w in (weights, weights.mT)):
             zero = masked_weights(node, path, weights)
             if zero is None or not bool(mask_any(zero)):
                 return None

@@ -1,0 +1,40 @@
+"""Review of sz35 (session 35): breaks of the masked attention weights' map (_weights_layout, _rules_bilinear's
+weights paths). References are independent of gradwise: plain PyTorch where the NaN is genuine.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+import gradwise as gw
+from _fresh_warnings import fresh_warnings  # noqa: F401 (an autouse fixture: every test here)
+
+D = torch.float64
+
+
+def test_two_heads_of_one_weights_buffer_keep_the_other_heads_value_zero():
+    """bmm(buf[:, 0], buf[:, 1]): both operands are views of one buffer of weights (buf = softmax(s) * c). Head 1's
+    weight at key 1 is a constant's 0 (a value) and meets sqrt's infinite slope: head 0's gradient g @ head1^T holds
+    PyTorch's genuine 0 x inf = NaN at every kept entry. sz35 followed the select to the softmax and took head 1 (the
+    formula's other operand, sharing head 0's storage) for head 0, whose zeros are all masked: every zero of head 1
+    was structural, head 0's gradient finite (SILENT)."""
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(1, 2, 4, 4, dtype=D, generator=gen)
+    s[..., 3] = -math.inf  # key 3 masked in both heads
+    s.requires_grad_(True)
+    c = torch.ones(1, 2, 1, 4, dtype=D)
+    c[0, 1, 0, 1] = 0.0  # head 1: key 1 (kept) zeroed by a constant
+
+    def loss() -> torch.Tensor:
+        buf = s.softmax(-1) * c
+        return torch.bmm(buf[:, 0], buf[:, 1]).sqrt().sum()  # columns 1 and 3 of the product are 0: slope inf
+
+    plain = torch.autograd.grad(loss(), [s])[0]
+    assert bool(plain[0, 0, :, :3].isnan().all()), "premise: head 1's value zero x inf"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gw.OpaqueBackwardWarning)
+        got = gw.grad(loss(), [s])[0]
+    assert bool(got[0, 0, :, :3].isnan().all())
