@@ -38,3 +38,30 @@ def test_two_heads_of_one_weights_buffer_keep_the_other_heads_value_zero():
         warnings.simplefilter("ignore", gw.OpaqueBackwardWarning)
         got = gw.grad(loss(), [s])[0]
     assert bool(got[0, 0, :, :3].isnan().all())
+
+
+def test_weights_scaled_by_their_sum_over_every_dim_do_not_crash_the_backward():
+    """a.sum(dim=None, keepdim=True) * a on the way to the values: SumBackward1 saves dim None, which sz35's layout map
+    iterated (TypeError from gradwise's rule, crash). The kept keys' gradients are the deleted program's; a padded
+    key's value may keep PyTorch's 0 x inf (the gated mul follows its first edge, the sum, whose map marks nothing:
+    a needless refusal, not a silent number) or get the deleted key's 0."""
+    s = torch.randn(2, 5, 5, dtype=D, generator=torch.Generator().manual_seed(1))
+    s[..., 3:] = -math.inf  # keys 3 and 4 masked
+    s.requires_grad_(True)
+    x = torch.rand(2, 5, 4, dtype=D, generator=torch.Generator().manual_seed(2)) + 0.5
+    x[:, 3:] = 0.0
+    x.requires_grad_(True)
+
+    def loss(keys: int) -> torch.Tensor:
+        a = s[:, :, :keys].softmax(-1)
+        return ((a.sum(dim=None, keepdim=True) * a) @ x[:, :keys].sqrt()).sum()
+
+    plain_x = torch.autograd.grad(loss(5), [x])[0]
+    assert not bool(plain_x.isfinite().all()), "premise: PyTorch's 0 x inf"
+    got_s, got_x = gw.grad(loss(5), [s, x])
+    want_s, want_x = torch.autograd.grad(loss(3), [s, x])  # the program with the padded keys deleted
+    torch.testing.assert_close(got_x[:, :3], want_x[:, :3], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got_s[..., :3], want_s[..., :3], rtol=1e-12, atol=1e-14)
+    padded = got_x[:, 3:]
+    assert torch.equal(padded, torch.zeros_like(padded)) \
+        or torch.equal(padded.nan_to_num(7.0), plain_x[:, 3:].nan_to_num(7.0))

@@ -70,7 +70,8 @@ def _reshape(node: Any, mask: torch.Tensor, shape: tuple[int, ...], out: int) ->
 def _summed(node: Any, mask: torch.Tensor, shape: tuple[int, ...], out: int) -> torch.Tensor:
     """a sum over dims (einsum's over heads, ``bhqk,bkd->bqd``): a sum of a softmax's weights (none negative) is a
     masked entry's 0 where every term is one, as a sum of strong zeros is a strong zero."""
-    dims = [as_signed(d) for d in node._saved_dim] or list(range(mask.dim()))  # (sum(dim=[]): all of them)
+    # (sum(dim=[]) and sum(dim=None): all of them; None crashed the backward in sz35)
+    dims = [as_signed(d) for d in node._saved_dim or ()] or list(range(mask.dim()))
     return mask.amin(dims, keepdim=node._saved_keepdim) if dims else mask
 
 
