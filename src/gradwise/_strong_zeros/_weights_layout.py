@@ -72,6 +72,8 @@ def _summed(node: Any, mask: torch.Tensor, shape: tuple[int, ...], out: int) -> 
     masked entry's 0 where every term is one, as a sum of strong zeros is a strong zero."""
     # (sum(dim=[]) and sum(dim=None): all of them; None crashed the backward in sz35)
     dims = [as_signed(d) for d in node._saved_dim or ()] or list(range(mask.dim()))
+    if any(mask.shape[d] == 0 for d in dims):  # (a sum of no terms: a 0 no softmax masked, a value; amin raised)
+        return torch.zeros(shape, dtype=torch.bool, device=mask.device)
     return mask.amin(dims, keepdim=node._saved_keepdim) if dims else mask
 
 
