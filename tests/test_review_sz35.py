@@ -87,3 +87,24 @@ def test_a_sum_over_no_heads_is_a_value_zero_and_does_not_crash_the_backward():
     plain = torch.autograd.grad(loss(), [x])[0]
     assert bool(plain[:, 3:].isnan().all()), "premise: PyTorch's 0 x inf"
     assert torch.equal(gw.grad(loss(), [x])[0].nan_to_num(7.0), plain.nan_to_num(7.0))
+
+
+def test_a_total_of_no_weights_is_a_value_zero():
+    """softmax(s).sum() of an empty s (no heads), expanded into weights, is a 0 no softmax masked: a value. sz35's
+    layout map gave SumBackward0 mask.all(), True for no terms: every weight 'masked', a zero value row's genuine
+    0 x inf = NaN hidden (SILENT)."""
+    s = torch.randn(2, 0, 5, 5, dtype=D, requires_grad=True)
+    masked = torch.randn(2, 5, 5, dtype=D, generator=torch.Generator().manual_seed(4))
+    masked[..., 3:] = -math.inf
+    masked.requires_grad_(True)
+    x = torch.rand(2, 5, 4, dtype=D, generator=torch.Generator().manual_seed(3)) + 0.5
+    x[:, 3:] = 0.0
+    x.requires_grad_(True)
+
+    def loss() -> torch.Tensor:
+        v = x.sqrt()
+        return ((s.softmax(-1).sum().expand(2, 5, 5) * 0.5) @ v).sum() + (masked.softmax(-1) @ v).sum()
+
+    plain = torch.autograd.grad(loss(), [x])[0]
+    assert bool(plain[:, 3:].isnan().all()), "premise: PyTorch's 0 x inf"
+    assert torch.equal(gw.grad(loss(), [x])[0].nan_to_num(7.0), plain.nan_to_num(7.0))

@@ -77,6 +77,12 @@ def _summed(node: Any, mask: torch.Tensor, shape: tuple[int, ...], out: int) -> 
     return mask.amin(dims, keepdim=node._saved_keepdim) if dims else mask
 
 
+def _summed_all(node: Any, mask: torch.Tensor, shape: tuple[int, ...], out: int) -> torch.Tensor:
+    """a sum of every weight: masked where every term is, as ``_summed``; a sum of none is a value's 0 (sz35's
+    ``mask.all()`` took it for masked: its 0 x inf = NaN hidden)."""
+    return mask.all() if mask.numel() else torch.zeros((), dtype=torch.bool, device=mask.device)
+
+
 def _split(node: Any, mask: torch.Tensor, shape: tuple[int, ...], out: int) -> torch.Tensor:
     """split, chunk (heads split off): the piece ``out`` along the same dim."""
     sizes = node._saved_split_sizes if hasattr(node, "_saved_split_sizes") else node._saved_split_size
@@ -91,7 +97,7 @@ def _unbind(node: Any, mask: torch.Tensor, shape: tuple[int, ...], out: int) -> 
 _MOVES: dict[str, Move] = {
     "PermuteBackward0": _permute, "TransposeBackward0": _transpose, "TBackward0": _t, "SliceBackward0": _slice,
     "SelectBackward0": _select, "ExpandBackward0": _expand, "SumBackward1": _summed,
-    "SumBackward0": lambda node, mask, shape, out: mask.all(), "SplitBackward0": _split,
+    "SumBackward0": _summed_all, "SplitBackward0": _split,
     "SplitWithSizesBackward0": _split, "UnbindBackward0": _unbind,
     "RepeatBackward0": lambda node, mask, shape, out: mask.repeat(node._saved_repeats),  # (each copy a weight)
     **dict.fromkeys(("UnsqueezeBackward0", "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
