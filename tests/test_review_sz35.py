@@ -67,11 +67,10 @@ def test_weights_scaled_by_their_sum_over_every_dim_do_not_crash_the_backward():
         or torch.equal(padded.nan_to_num(7.0), plain_x[:, 3:].nan_to_num(7.0))
 
 
-def test_a_sum_over_no_heads_is_a_value_zero_and_does_not_crash_the_backward():
-    """softmax(s).sum(1) over a heads dim of size 0 (a configuration with no heads of a kind) gives weights that are
-    all 0, a sum of no terms: sz35's layout map took amin over the empty dim (IndexError from gradwise's rule, crash;
-    beside a masked attention, which makes the plan run the rules). No softmax masked that 0: it is a value, and a
-    zero value row's 0 x inf stays PyTorch's NaN."""
+def _no_heads_beside_a_masked_attention(weights_of):
+    """``weights_of(s)`` (s has no heads: 0-size dim 1) multiplies the values (sqrt of rows, zero at keys 3 and 4),
+    beside a masked attention over the same values (whose padded keys make the plan run the rules). Returns
+    PyTorch's gradient of the values, which must hold the premise's 0 x inf, and gw's."""
     s = torch.randn(2, 0, 5, 5, dtype=D, requires_grad=True)
     masked = torch.randn(2, 5, 5, dtype=D, generator=torch.Generator().manual_seed(4))
     masked[..., 3:] = -math.inf
@@ -82,29 +81,24 @@ def test_a_sum_over_no_heads_is_a_value_zero_and_does_not_crash_the_backward():
 
     def loss() -> torch.Tensor:
         v = x.sqrt()
-        return ((s.softmax(-1).sum(1) * 0.5) @ v).sum() + (masked.softmax(-1) @ v).sum()
+        return ((weights_of(s) * 0.5) @ v).sum() + (masked.softmax(-1) @ v).sum()
 
     plain = torch.autograd.grad(loss(), [x])[0]
     assert bool(plain[:, 3:].isnan().all()), "premise: PyTorch's 0 x inf"
-    assert torch.equal(gw.grad(loss(), [x])[0].nan_to_num(7.0), plain.nan_to_num(7.0))
+    return plain, gw.grad(loss(), [x])[0]
+
+
+def test_a_sum_over_no_heads_is_a_value_zero_and_does_not_crash_the_backward():
+    """softmax(s).sum(1) over a heads dim of size 0 (a configuration with no heads of a kind) gives weights that are
+    all 0, a sum of no terms: sz35's layout map took amin over the empty dim (IndexError from gradwise's rule, crash).
+    No softmax masked that 0: it is a value, and a zero value row's 0 x inf stays PyTorch's NaN."""
+    plain, got = _no_heads_beside_a_masked_attention(lambda s: s.softmax(-1).sum(1))
+    assert torch.equal(got.nan_to_num(7.0), plain.nan_to_num(7.0))
 
 
 def test_a_total_of_no_weights_is_a_value_zero():
     """softmax(s).sum() of an empty s (no heads), expanded into weights, is a 0 no softmax masked: a value. sz35's
     layout map gave SumBackward0 mask.all(), True for no terms: every weight 'masked', a zero value row's genuine
     0 x inf = NaN hidden (SILENT)."""
-    s = torch.randn(2, 0, 5, 5, dtype=D, requires_grad=True)
-    masked = torch.randn(2, 5, 5, dtype=D, generator=torch.Generator().manual_seed(4))
-    masked[..., 3:] = -math.inf
-    masked.requires_grad_(True)
-    x = torch.rand(2, 5, 4, dtype=D, generator=torch.Generator().manual_seed(3)) + 0.5
-    x[:, 3:] = 0.0
-    x.requires_grad_(True)
-
-    def loss() -> torch.Tensor:
-        v = x.sqrt()
-        return ((s.softmax(-1).sum().expand(2, 5, 5) * 0.5) @ v).sum() + (masked.softmax(-1) @ v).sum()
-
-    plain = torch.autograd.grad(loss(), [x])[0]
-    assert bool(plain[:, 3:].isnan().all()), "premise: PyTorch's 0 x inf"
-    assert torch.equal(gw.grad(loss(), [x])[0].nan_to_num(7.0), plain.nan_to_num(7.0))
+    plain, got = _no_heads_beside_a_masked_attention(lambda s: s.softmax(-1).sum().expand(2, 5, 5))
+    assert torch.equal(got.nan_to_num(7.0), plain.nan_to_num(7.0))
