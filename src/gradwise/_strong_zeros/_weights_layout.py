@@ -67,7 +67,7 @@ def _reshape(node: Any, mask: torch.Tensor, shape: tuple[int, ...], out: int) ->
     return mask.reshape(shape) if mask.numel() == shape.numel() else None
 
 
-def _summed(node: Any, mask: torch.Tensor, shape: tuple[int, ...], out: int) -> torch.Tensor:
+def _sum_over(node: Any, mask: torch.Tensor, shape: tuple[int, ...], out: int) -> torch.Tensor:
     """a sum over dims (einsum's over heads, ``bhqk,bkd->bqd``): a sum of a softmax's weights (none negative) is a
     masked entry's 0 where every term is one, as a sum of strong zeros is a strong zero."""
     # (sum(dim=[]) and sum(dim=None): all of them; None crashed the backward in sz35)
@@ -77,8 +77,8 @@ def _summed(node: Any, mask: torch.Tensor, shape: tuple[int, ...], out: int) -> 
     return mask.amin(dims, keepdim=node._saved_keepdim) if dims else mask
 
 
-def _summed_all(node: Any, mask: torch.Tensor, shape: tuple[int, ...], out: int) -> torch.Tensor:
-    """a sum of every weight: masked where every term is, as ``_summed``; a sum of none is a value's 0 (sz35's
+def _sum_of_all(node: Any, mask: torch.Tensor, shape: tuple[int, ...], out: int) -> torch.Tensor:
+    """a sum of every weight: masked where every term is, as ``_sum_over``; a sum of none is a value's 0 (sz35's
     ``mask.all()`` took it for masked: its 0 x inf = NaN hidden)."""
     return mask.all() if mask.numel() else torch.zeros((), dtype=torch.bool, device=mask.device)
 
@@ -96,8 +96,8 @@ def _unbind(node: Any, mask: torch.Tensor, shape: tuple[int, ...], out: int) -> 
 
 _MOVES: dict[str, Move] = {
     "PermuteBackward0": _permute, "TransposeBackward0": _transpose, "TBackward0": _t, "SliceBackward0": _slice,
-    "SelectBackward0": _select, "ExpandBackward0": _expand, "SumBackward1": _summed,
-    "SumBackward0": _summed_all, "SplitBackward0": _split,
+    "SelectBackward0": _select, "ExpandBackward0": _expand, "SumBackward1": _sum_over,
+    "SumBackward0": _sum_of_all, "SplitBackward0": _split,
     "SplitWithSizesBackward0": _split, "UnbindBackward0": _unbind,
     "RepeatBackward0": lambda node, mask, shape, out: mask.repeat(node._saved_repeats),  # (each copy a weight)
     **dict.fromkeys(("UnsqueezeBackward0", "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
