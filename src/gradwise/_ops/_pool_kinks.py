@@ -34,13 +34,14 @@ def _max_pool_window_tie(c):
     k = geometry[0]
     tiles = geometry[1] == k and not any(geometry[2]) and all(d == 1 for d in geometry[3])
     n = math.prod(k)
-    if x.device.type == "cpu" and math.isfinite(values.sum().item()):
-        # On CPU float arithmetic vectorises and a compare into bool does not (~5x slower). Maxima that are all
-        # finite keep NaN out (max - x is finite or +inf, padding is -inf); else the compares below.
-        gap = _second_below_max_2x2(x, values) if tiles and k == [2, 2] else None
-        if gap is not None:  # second largest - max: 0 exactly at a tie, < 0 elsewhere
-            return Site(functools.cache(lambda: gap.sign_().add_(1)), found=gap.amax() == 0)
-        # x <= max, so sign(max - x) is 0 where x ties the maximum and 1 elsewhere: fewer than n - 1 ones is a tie
+    # On CPU float arithmetic vectorises and a compare into bool does not (~5x slower)
+    gap = _second_below_max_2x2(x, values) if x.device.type == "cpu" and tiles and k == [2, 2] else None
+    top = math.nan if gap is None else gap.amax().item()
+    if top == top:  # second largest - max is 0 exactly at a tie, < 0 elsewhere; NaN: the compares below
+        return Site(functools.cache(lambda: gap.sign_().add_(1)), found=top == 0)
+    if gap is None and x.device.type == "cpu" and math.isfinite(values.sum().item()):
+        # Maxima that are all finite keep NaN out (max - x is finite or +inf, padding is -inf). x <= max, so
+        # sign(max - x) is 0 where x ties the maximum and 1 elsewhere: fewer than n - 1 ones is a tie
         ones = None
         for at in _window_views(x, values.shape[-spatial:], *geometry, fill=-math.inf):
             d = torch.sub(values, at).sign_()
@@ -96,13 +97,15 @@ def _window_views(x: Tensor, out_sizes, kernel, stride, padding, dilation, fill:
 
 
 def _second_below_max_2x2(x: Tensor, values: Tensor) -> Tensor | None:
-    """For 2x2 windows that tile x (maxima ``values``, all finite): each window's second largest element minus its
-    maximum (0 exactly where the maximum is tied, < 0 or -inf elsewhere), or None for a dtype or layout this route
-    does not take. Each window is two columns of a (top, bottom) pair: the row pairs' elementwise max and min read
-    x in contiguous runs, and only the half-size results are read two columns apart (a strided read does not
-    vectorise). The second largest is the smaller column maximum or the larger column minimum, whichever is
-    larger (the losing column's minimum lies below its maximum, so taking both minima changes nothing). ~2x fewer
-    bytes moved than counting the four positions by subtraction (benchmarks/bench_trace.py's max-pool CNN)."""
+    """For 2x2 windows that tile x (maxima ``values``): each window's second largest element minus its maximum (0
+    exactly where the maximum is tied, < 0 or -inf elsewhere; NaN in a window holding NaN, two +inf or only -inf,
+    where the caller counts by compares), or None for a dtype or layout this route does not take. A window is two
+    columns of a (top, bottom) pair: the row pairs' elementwise max and min read x in contiguous runs, and only
+    the half-size results are read two columns apart (a strided read does not vectorise). The second largest is
+    the smaller column maximum or the larger column minimum, whichever is larger (the losing column's minimum
+    lies below its maximum, so taking both minima changes nothing). Against counting the four positions by
+    subtraction from the maxima duplicated pairwise: 1.5 ms instead of 1.9 per step of bench_trace.py's max-pool
+    CNN (its two pools, inside the trace; memory-bound, so the whole step barely moves)."""
     rows, cols = 2 * values.shape[-2], 2 * values.shape[-1]
     if x.dtype not in (torch.float32, torch.float64) or x.shape[-2] < rows or x.shape[-1] < cols:
         return None  # (ceil_mode's partial windows: the general route pads them)
