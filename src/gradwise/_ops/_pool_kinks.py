@@ -99,9 +99,10 @@ def _window_views(x: Tensor, out_sizes, kernel, stride, padding, dilation, fill:
 def _second_below_max_2x2(x: Tensor, values: Tensor) -> Tensor | None:
     """For 2x2 windows that tile x (maxima ``values``): each window's second largest element minus its maximum (0
     exactly where the maximum is tied, < 0 or -inf elsewhere; NaN in a window holding NaN, two +inf or only -inf,
-    where the caller counts by compares), or None for a dtype or layout this route does not take. A window is two
-    columns of a (top, bottom) pair: the row pairs' elementwise max and min read x in contiguous runs, and only
-    the half-size results are read two columns apart (a strided read does not vectorise). The second largest is
+    where the caller counts by compares), or None for a dtype it does not take or ceil_mode's partial windows
+    (any layout is taken). A window is two columns of a (top, bottom) pair: the row pairs' elementwise max and
+    min read x in contiguous runs (where rows are contiguous), and only the half-size results are read two
+    columns apart (a strided read does not vectorise). The second largest is
     the smaller column maximum or the larger column minimum, whichever is larger (the losing column's minimum
     lies below its maximum, so taking both minima changes nothing). Against counting the four positions by
     subtraction from the maxima duplicated pairwise: 1.5 ms instead of 1.9 per step of bench_trace.py's max-pool
