@@ -25,7 +25,8 @@ Tensor = torch.Tensor
 def _max_pool_window_tie(c):
     """max-pool windows whose maximum is not unique: all of the gradient goes to the returned (first) index.
     Counted exactly: for each position in the kernel, the strided view of the input the windows read there is
-    compared with the maxima (one pass over the input in all when windows tile it; on CPU by subtraction)."""
+    compared with the maxima (one pass over the input in all when windows tile it; on CPU by subtraction, and 2x2
+    windows that tile it by their second largest element)."""
     x, values = c.args[0].detach(), c.out[0]
     if not _float(x) or not values.numel():
         return None
@@ -33,15 +34,18 @@ def _max_pool_window_tie(c):
     k = geometry[0]
     tiles = geometry[1] == k and not any(geometry[2]) and all(d == 1 for d in geometry[3])
     n = math.prod(k)
-    if x.device.type == "cpu" and math.isfinite(values.sum().item()):
-        # On CPU float arithmetic vectorises and a compare into bool does not (~5x slower). x <= max, so
-        # sign(max - x) is 0 where x ties the maximum and 1 elsewhere: fewer than n - 1 ones is a tie. Maxima
-        # that are all finite keep NaN out (max - x is finite or +inf, padding is -inf); else the compares below.
-        ones = _below_max_2x2(x, values) if tiles and k == [2, 2] else None
-        if ones is None:
-            for at in _window_views(x, values.shape[-spatial:], *geometry, fill=-math.inf):
-                d = torch.sub(values, at).sign_()
-                ones = d if ones is None else ones.add_(d)
+    # On CPU float arithmetic vectorises and a compare into bool does not (~5x slower)
+    gap = _second_below_max_2x2(x, values) if x.device.type == "cpu" and tiles and k == [2, 2] else None
+    top = math.nan if gap is None else gap.amax().item()
+    if top == top:  # second largest - max is 0 exactly at a tie, < 0 elsewhere; NaN: the compares below
+        return Site(functools.cache(lambda: gap.sign_().add_(1)), found=top == 0)
+    if gap is None and x.device.type == "cpu" and math.isfinite(values.sum().item()):
+        # Maxima that are all finite keep NaN out (max - x is finite or +inf, padding is -inf). x <= max, so
+        # sign(max - x) is 0 where x ties the maximum and 1 elsewhere: fewer than n - 1 ones is a tie
+        ones = None
+        for at in _window_views(x, values.shape[-spatial:], *geometry, fill=-math.inf):
+            d = torch.sub(values, at).sign_()
+            ones = d if ones is None else ones.add_(d)
         found = ones.amin() < n - 1.5
         # the mask as 0./1. in place (a compare into bool costs ~5x): 1 where at most n - 2 are below max
         return Site(functools.cache(lambda: ones.neg_().add_(n - 1).clamp_(0, 1)), found=found)
@@ -92,20 +96,25 @@ def _window_views(x: Tensor, out_sizes, kernel, stride, padding, dilation, fill:
             for offset in itertools.product(*(range(k) for k in kernel))]
 
 
-def _below_max_2x2(x: Tensor, values: Tensor) -> Tensor | None:
-    """For 2x2 windows that tile x: how many of each window's 4 elements lie below its maximum, or None where the
-    layout does not allow this route. Each row of a window is read as one (left, right) pair, so the four strided
-    reads (2-element stride: not vectorised) become two contiguous subtractions, ~1.5x faster. The maxima are
-    duplicated pairwise by viewing a complex tensor as real (complex arithmetic itself would mix in 0 x inf)."""
-    if x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous() or x.shape[-1] % 2 \
-            or x.shape[-2] < 2 * values.shape[-2] or x.shape[-1] < 2 * values.shape[-1]:  # ceil_mode's partial windows
-        return None
-    pairs = x.view(*x.shape[:-1], x.shape[-1] // 2, 2)
-    both = torch.view_as_real(torch.complex(values, values))
-    rows = 2 * values.shape[-2]
-    e = torch.sub(both, pairs[..., 0:rows:2, :, :]).sign_()
-    e.add_(torch.sub(both, pairs[..., 1:rows:2, :, :]).sign_())
-    return e[..., 0] + e[..., 1]
+def _second_below_max_2x2(x: Tensor, values: Tensor) -> Tensor | None:
+    """For 2x2 windows that tile x (maxima ``values``): each window's second largest element minus its maximum (0
+    exactly where the maximum is tied, < 0 or -inf elsewhere; NaN in a window holding NaN, two +inf or only -inf,
+    where the caller counts by compares), or None for a dtype it does not take or ceil_mode's partial windows
+    (any layout is taken). A window is two columns of a (top, bottom) pair: the row pairs' elementwise max and
+    min read x in contiguous runs (where rows are contiguous), and only the half-size results are read two
+    columns apart (a strided read does not vectorise). The second largest is
+    the smaller column maximum or the larger column minimum, whichever is larger (the losing column's minimum
+    lies below its maximum, so taking both minima changes nothing). Against counting the four positions by
+    subtraction from the maxima duplicated pairwise: 1.5 ms instead of 1.9 per step of bench_trace.py's max-pool
+    CNN (its two pools, inside the trace; memory-bound, so the whole step barely moves)."""
+    rows, cols = 2 * values.shape[-2], 2 * values.shape[-1]
+    if x.dtype not in (torch.float32, torch.float64) or x.shape[-2] < rows or x.shape[-1] < cols:
+        return None  # (ceil_mode's partial windows: the general route pads them)
+    top, bottom = x[..., 0:rows:2, :cols], x[..., 1:rows:2, :cols]
+    high, low = torch.maximum(top, bottom), torch.minimum(top, bottom)
+    second = torch.minimum(high[..., 0::2], high[..., 1::2])
+    torch.maximum(second, torch.maximum(low[..., 0::2], low[..., 1::2]), out=second)
+    return second.sub_(values)
 
 
 @_kink(aten.adaptive_max_pool2d, aten.adaptive_max_pool3d, needs_out=True,
