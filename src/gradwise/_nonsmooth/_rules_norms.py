@@ -21,7 +21,7 @@ from gradwise._nonsmooth._records import Kink, _user_line
 from gradwise._nonsmooth._rules import _finish, _is_dual, _split, _switch, kink_rule
 from gradwise._nonsmooth._rules_pointwise import _clamp, _hinge, _pair, _reduce, abs, l1_loss, leaky_relu
 from gradwise._nonsmooth._rules_select import _reduce_select, sort
-from gradwise._ops._cuts import branch_cut_power, on_complex_cut
+from gradwise._ops._cuts import on_branch_cut, on_real_axis, power_cut
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -50,7 +50,7 @@ def _on_cut(op: str, cut: Tensor | None):
 def sqrt(run, func, x):
     """sqrt(x): singular at 0 (infinite slope): an error naming the line instead of inf/NaN. A complex x on the
     negative real axis: an error too (the imaginary part of the result changes sign across it: a jump)."""
-    _on_cut("aten.sqrt", on_complex_cut(_split(x)[0]))
+    _on_cut("aten.sqrt", on_branch_cut("sqrt", _split(x)[0], on_real_axis(x)))
     _singular("aten.sqrt", x, "its derivative is infinite")
     return func(x)
 
@@ -58,9 +58,13 @@ def sqrt(run, func, x):
 @kink_rule(aten.pow, torch.pow, Tensor.pow, Tensor.__pow__)
 def pow(run, func, x, exponent):
     """x ** p with 0 < p < 1 (or non-integer p < 1): singular at 0, an error there. 0 ** p (a tensor p that
-    depends on the inputs) jumps at p = 0 (1 there, 0 above, inf below): an error there."""
-    if branch_cut_power(x, exponent):
-        _on_cut("aten.pow", on_complex_cut(_split(x)[0]))
+    depends on the inputs) jumps at p = 0 (1 there, 0 above, inf below): an error there. A complex power on its
+    branch cut (`_cuts.power_cut`: a number, complex or tensor p; a p that moves even where it is an integer, as
+    d/dp z ** p = z ** p log z jumps there): an error."""
+    if isinstance(x, Tensor):
+        moves = isinstance(exponent, Tensor) and (_is_dual(exponent) or exponent.requires_grad)
+        _on_cut("aten.pow", power_cut(_split(x)[0], _split(exponent)[0] if isinstance(exponent, Tensor) else
+                                      exponent, moves, on_real_axis(x)))
     if isinstance(x, Tensor) and isinstance(exponent, (int, float)) and 0 < exponent < 1:
         _singular("aten.pow", x, f"x ** {exponent} has an infinite derivative")
     if isinstance(exponent, Tensor) and (_is_dual(exponent) or exponent.requires_grad):

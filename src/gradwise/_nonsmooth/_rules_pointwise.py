@@ -2,7 +2,7 @@
 the hinge-type losses, comparisons (``_CMP``), piecewise-constant ops (``_STEPS``: sign, floor, ceil, round,
 trunc; frac; integer casts; rounded division: div with a rounding mode, floor_divide) and logit with eps.
 
-May import: torch, gradwise._masks, ``_errors``, ``_lazy``, ``_records``, ``_rules``.
+May import: torch, gradwise._masks, gradwise._ops, ``_errors``, ``_lazy``, ``_records``, ``_rules``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from gradwise._nonsmooth._rules import (
     _ROUTES,
     CASTS,
     _constant_where,
+    _copies,
     _finish,
     _is_dual,
     _near_zero,
@@ -34,6 +35,7 @@ from gradwise._nonsmooth._rules import (
     promoted,
     result_type_of,
 )
+from gradwise._ops._cuts import same_axis
 from gradwise._ops._discrete import trunc_rounds_off
 
 aten = torch.ops.aten
@@ -504,7 +506,7 @@ def integer_cast(run, func, x, *args, **kwargs):
     True wherever x moves), which is checked like a comparison: where f stays continuous (``x.long() + frac(x)``
     is x) the locked piece is exact, a jump of f is an error. Values that do not move are constants: a step op's
     output (``x.floor().long()``), relu-dead zeros. Any other call (float dtypes, devices, integer inputs) is
-    PyTorch's own."""
+    PyTorch's own (one to a complex dtype is marked as lying on the real axis: `_kink_mode._ONTO_AXIS`)."""
     out = func(x, *args, **kwargs)
     if not isinstance(x, Tensor) or not isinstance(out, Tensor) or out.is_floating_point() or out.is_complex() \
             or _stepped(x) or not _split(x)[0].is_floating_point():
@@ -768,13 +770,19 @@ def i0e(run, func, x):
 def _in_place(rule: Callable, out_of_place: Callable, name: str) -> Callable:
     """``x.op_(...)`` as ``x.copy_(op(x.clone(), ...))`` through the out-of-place rule: its one-sided derivative
     at the kink, and fmod_'s divisor slope of the real quotient (PyTorch's in-place fmod_ takes -10 at 1.0 and
-    float 0.1, where it is -9). The copy keeps what the rule's graph saves from being overwritten; a
-    non-float x runs PyTorch's own."""
+    float 0.1, where it is -9). The copy keeps what the rule's graph saves from being overwritten; an integer
+    or bool x runs PyTorch's own. A complex x goes through the rule too (its branch cut: ``z.sqrt_()``, ``pow_``
+    ran PyTorch's formula there); where the rule's result has another dtype than x, PyTorch's own call on copies
+    says whether the in-place op accepts it (``abs_`` of a complex x raises; a real x's ``pow_(0.5j)`` too)."""
 
     def route(run, func, x, *args, **kwargs):
-        if not _split(x)[0].is_floating_point():
+        xp = _split(x)[0]
+        if not (xp.is_floating_point() or xp.is_complex()):
             return func(x, *args, **kwargs)
-        return _finish(func, x, rule(run, out_of_place, x.clone(), *args, **kwargs), True)
+        out = rule(run, out_of_place, same_axis(x, x.clone()), *args, **kwargs)
+        if isinstance(out, Tensor) and out.dtype != xp.dtype:
+            func(*_copies((x, *args)), **dict(zip(kwargs, _copies(tuple(kwargs.values())), strict=True)))
+        return _finish(func, x, out, True)
 
     route.__name__ = name
     route.__doc__ = f"{name}: " + (_in_place.__doc__ or "")
