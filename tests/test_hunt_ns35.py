@@ -200,3 +200,49 @@ def test_a_write_that_moves_a_cast_off_the_axis_refuses():
     with pytest.raises(gw.NonsmoothError):
         gw.directional_derivative(f, xs, d)
 
+
+def test_a_root_selected_on_the_side_where_it_is_singular_refuses():
+    """where(x > 0, sqrt(x), 0) at x = 0: for d > 0 the root is selected and (sqrt(h) - 0) / h grows as h^-1/2,
+    f'(0; 1) = +inf (no Clarke gradient: f is not Lipschitz near 0), though f'(0; -1) = 0. The refusal is right
+    (no needless one), for generalized_grad and along d > 0; along d < 0 the derivative is 0."""
+    f = lambda x: torch.where(x > 0, x.sqrt(), 0.0).sum()
+    x = torch.tensor([0.0, 1.0], dtype=D)
+    e = torch.tensor([1.0, 0.0], dtype=D)
+    with torch.no_grad():
+        right = [float((f(x + h * e) - f(x)) / h) for h in (1e-6, 1e-10)]
+        left = float((f(x) - f(x - 1e-8 * e)) / 1e-8)
+    assert right[1] > 50 * right[0] > 1e3 and left == 0.0, (right, left)
+    with pytest.raises(gw.NonsmoothError):
+        gw.generalized_grad(f, x)
+    with pytest.raises(gw.NonsmoothError):
+        gw.directional_derivative(f, x, e)
+
+
+def test_heaviside_is_a_step_with_one_sided_limits():
+    """crash (the base): PyTorch has no derivative for heaviside at all ("derivative for aten::heaviside is not
+    implemented" from generalized_grad, no forward mode for directional_derivative). heaviside(x, v) * x is relu
+    (pieces of slope 0 and 1 at 0, one-sided differences); away from 0 its slope is heaviside's value."""
+    v = torch.tensor(0.5, dtype=D)
+    f = lambda x: (torch.heaviside(x, v) * x).sum()
+    x = torch.tensor([0.0, 1.5, -2.0], dtype=D)
+    h = 1e-7
+    for d in (torch.tensor([1.0, 0.0, 0.0], dtype=D), torch.tensor([-1.0, 0.0, 0.0], dtype=D),
+              torch.tensor([0.0, 1.0, -1.0], dtype=D)):
+        with torch.no_grad():
+            right = float((f(x + h * d) - f(x)) / h)
+        assert abs(float(gw.directional_derivative(f, x, d)) - right) < 1e-6
+    g = gw.generalized_grad(f, x)[0]
+    assert float(g[0]) in (0.0, 1.0) and g[1:].tolist() == [1.0, 0.0]  # a piece's slope at 0; 1 and 0 away
+    with pytest.raises(gw.NonsmoothError, match="heaviside"):  # heaviside alone jumps at 0
+        gw.generalized_grad(lambda x: torch.heaviside(x, v).sum(), x)
+
+
+def test_an_in_place_write_into_an_input_names_the_op_and_the_fix():
+    """crash (the base): generalized_grad of ``x.abs_()`` surfaced PyTorch's "a leaf Variable that requires grad is
+    being used in an in-place operation". Now a NonsmoothError naming the op and the fix; with the fix
+    (``x.clone().abs_()``) the gradient at x = (0, -2) is abs's, as one-sided differences say (0 in [-1, 1])."""
+    x = torch.tensor([0.0, -2.0], dtype=D)
+    with pytest.raises(gw.NonsmoothError, match=r"Tensor.abs_ .*x = x.clone\(\)"):
+        gw.generalized_grad(lambda x: x.abs_().sum(), x.clone())
+    g = gw.generalized_grad(lambda x: x.clone().abs_().sum(), x)[0]
+    assert -1 <= float(g[0]) <= 1 and float(g[1]) == -1.0

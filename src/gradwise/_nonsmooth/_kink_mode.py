@@ -212,7 +212,16 @@ class _KinkMode(_KinkReads, TorchFunctionMode):
                 kwargs = {k: self._sub(v, stop, keep) for k, v in kwargs.items()}
             if self.exposed:
                 self._read_indices(args, kwargs)
-            out = self._dispatch(func, args, kwargs)
+            try:
+                out = self._dispatch(func, args, kwargs)
+            except RuntimeError as e:
+                if self.depth > 1 or "leaf Variable that requires grad is being used in an in-place" not in str(e):
+                    raise
+                raise NonsmoothError(f"{_callable_name(func)} (called at {_user_line()}) writes in place into a leaf "
+                                     "tensor that requires grad (gradwise's reverse passes give f its inputs as "
+                                     "such leaves), where PyTorch forbids in-place writes. "
+                                     "Inside f write x = x.clone() before writing into an input, or use the "
+                                     f"out-of-place op. PyTorch said: {str(e).splitlines()[0]}") from None
             if func in _ONTO_AXIS and args:
                 onto_axis(args[0], out)
             return out

@@ -488,6 +488,24 @@ def copysign(run, func, x, y):
     return abs(run, torch.abs, x) * sign
 
 
+@kink_rule(aten.heaviside, torch.heaviside, Tensor.heaviside)
+def heaviside(run, func, x, values):
+    """heaviside(x, v): 0 below 0, 1 above, v at 0, piecewise constant; PyTorch has no derivative for it at all
+    (generalized_grad crashed: "derivative for aten::heaviside is not implemented"). The kernel's value, constant
+    in x; at x = 0 the sign rule's one-sided limit along the direction, (±1 + 1) / 2 (a jump of f is an error;
+    ``heaviside(x, v) * x`` is relu), and v where x does not move, with v's derivative there (1)."""
+    xp, vp = _split(x)[0], _split(values)[0]
+    if not (isinstance(xp, Tensor) and xp.is_floating_point()):
+        return func(x, values)
+    out = func(xp.detach(), vp.detach() if isinstance(vp, Tensor) else vp)
+    zero = xp.detach() == 0
+    if mask_any(zero):
+        s = _split(_step("sign", op="aten.heaviside")(run, torch.sign, x))[0].detach()  # at 0: ±1 along d, 0 if still
+        out = torch.where(zero & (s != 0), (s + 1) / 2, out)
+        zero = zero & (s == 0)
+    return torch.where(zero, values, out) if isinstance(values, Tensor) else out
+
+
 def _sign_bit(y: Tensor) -> Tensor:
     return torch.copysign(torch.ones_like(y), y)
 

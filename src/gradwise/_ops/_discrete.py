@@ -1,5 +1,5 @@
 """Jumps of the ops that read a float tensor into integers or bools (bucketize, searchsorted, histc, counts,
-nonzero, signbit, angle, unique, integer and bool casts, copies into integer tensors) and of rounded division
+nonzero, signbit, heaviside, angle, unique, integer and bool casts, copies into integer tensors) and of rounded division
 (div with a rounding mode, floor_divide, remainder, fmod): added to ``_kinks.KINKS`` (kind ``"jump"``), apart from
 the kinks of continuous ops. Their outputs carry no derivative, so a rule-less
 call at such a point would give f a derivative of 0 across a jump: nonsmooth calculus refuses there
@@ -65,6 +65,12 @@ def _histc_on_an_edge(c: OpCall):
 def _reads_zero(c: OpCall):
     """count_nonzero / nonzero / argwhere / signbit jump where an element is 0 (signbit: -0.0 and 0.0 differ)."""
     return _where_zero(c) if _inexact(c.args[0]) else None
+
+
+@_kink(aten.heaviside, kind="jump", convention="none (PyTorch has no derivative for heaviside)")
+def _heaviside_at_zero(c: OpCall):
+    """heaviside(x, v) jumps at x = 0 (0 below, v at 0, 1 above)."""
+    return _where_zero(c) if _float(c.args[0]) else None
 
 
 @_kink(aten.angle, kind="jump", convention="0")
