@@ -174,7 +174,7 @@ class _KinkWatch(LeanDispatchMode):
         if self.hit is not None or not any(isinstance(a, Tensor) and a.requires_grad for a in args):
             return func(*args, **kwargs)
         if name.endswith("_"):  # in place: test the arguments before the op overwrites them
-            before = tuple(same_axis(a, a.clone()) if isinstance(a, Tensor) else a for a in args)
+            before = tuple(_before(a) if isinstance(a, Tensor) else a for a in args)
             out = func(*args, **kwargs)
             args = before
         else:
@@ -207,7 +207,7 @@ class _KinkWatch(LeanDispatchMode):
         lists = [a for a in args if isinstance(a, (list, tuple))]
         if self.hit is not None or not any(isinstance(t, Tensor) and t.requires_grad for ts in lists for t in ts):
             return func(*args, **kwargs)
-        before = [[same_axis(t, t.clone()) if isinstance(t, Tensor) else t for t in a]
+        before = [[_before(t) if isinstance(t, Tensor) else t for t in a]
                   if isinstance(a, (list, tuple)) else a for a in args] if inplace else args
         out = func(*args, **kwargs)
         outs = args[0] if inplace else out
@@ -242,6 +242,13 @@ def _kink_free_call(func, args: tuple, kwargs: dict) -> tuple | None:
     with watch:
         out = func(*args, **kwargs)
     return None if watch.kinky else (out,)
+
+
+def _before(a: Tensor) -> Tensor:
+    """A copy of an in-place op's argument to test its kink on, as the argument is: marked as it is, and requiring
+    grad where it does (a clone below autograd would not: the facts read that as "does not move", so
+    ``_foreach_pow_([z], [p])`` took a moving integer p for a constant one and z ** p as entire on its cut)."""
+    return same_axis(a, a.clone().requires_grad_(a.requires_grad))
 
 
 def _no_forward_ad_is_an_error(func, args: tuple, kwargs: dict):

@@ -63,8 +63,9 @@ def pow(run, func, x, exponent):
     d/dp z ** p = z ** p log z jumps there): an error."""
     if isinstance(x, Tensor):
         moves = isinstance(exponent, Tensor) and (_is_dual(exponent) or exponent.requires_grad)
+        still = on_real_axis(x) or not (_is_dual(x) or x.requires_grad)  # (c ** p: entire in p, off c = 0)
         _on_cut("aten.pow", power_cut(_split(x)[0], _split(exponent)[0] if isinstance(exponent, Tensor) else
-                                      exponent, moves, on_real_axis(x)))
+                                      exponent, moves, still))
     if isinstance(x, Tensor) and isinstance(exponent, (int, float)) and 0 < exponent < 1:
         _singular("aten.pow", x, f"x ** {exponent} has an infinite derivative")
     if isinstance(exponent, Tensor) and (_is_dual(exponent) or exponent.requires_grad):

@@ -68,13 +68,16 @@ _BELOW_0 = _real_axis_below(0.0)
 _BEYOND_1 = (lambda z: (z.imag == 0) & (z.real.abs() >= 1)), (lambda z: (z.imag == 0) & (z.real.abs() == 1))
 # asin / acos of x + 0j, x > 1: the value is the upper side's, PyTorch's derivative the lower side's (the sign of
 # 1 - z ** 2's zero imaginary part): its whole cut stays refused
-_IMAGINARY_BEYOND_I = (lambda z: (z.real == 0) & (z.imag.abs() >= 1)), None  # (no point of it on the real axis)
+# asinh / atan: their cut, the imaginary axis beyond ±i, has no point on the real axis, so a marked z is never on
+# it, unless a write the version counter misses (``z.data``, NumPy) moved it there: refused as any z is
+_IMAGINARY_BEYOND_I = ((lambda z: (z.real == 0) & (z.imag.abs() >= 1)),) * 2
 
-# aten op name -> (where z sits on the op's branch cut, where on a branch point (None: none on the real axis)).
+# aten op name -> (where z sits on the op's branch cut, where a marked z (`on_real_axis`) is refused: the branch
+# points on the real axis).
 # log / sqrt / z ** p: the real axis at and below 0 (their imaginary part jumps by 2 pi / changes sign across it);
 # log1p: below -1; asin, acos, atanh: beyond ±1; acosh: below 1 (its branch points ±1); asinh, atan: the
 # imaginary axis beyond ±i; angle: the negative real axis and 0 (it jumps there, from pi to -pi).
-CUTS: dict[str, tuple[Callable, Callable | None]] = {
+CUTS: dict[str, tuple[Callable, Callable]] = {
     **dict.fromkeys(("log", "log2", "log10", "sqrt", "rsqrt", "pow", "float_power"), _BELOW_0),
     "log1p": _real_axis_below(-1.0),
     **dict.fromkeys(("asin", "acos"), (_BEYOND_1[0], _BEYOND_1[0])),
@@ -95,7 +98,7 @@ def on_branch_cut(op: str, z, real_axis: bool | None = None) -> Tensor | None:
     if cut is None:
         return None
     if on_real_axis(z) if real_axis is None else real_axis:
-        return points(z) if points is not None else torch.zeros(z.shape, dtype=torch.bool, device=z.device)
+        return points(z)
     return cut(z)
 
 
@@ -121,10 +124,12 @@ def entire_power(p, moves: bool | None = None) -> bool | None:
 def power_cut(x, p, moves: bool | None = None, real_axis: bool | None = None) -> Tensor | None:
     """Where x ** p (the principal branch, exp(p log x)) sits on its cut: a complex x on the negative real axis
     or at 0 for a p that is not an integer (`entire_power`); a complex x on the real axis by construction, or a
-    real x with a complex p (a complex result, x + 0j), only at 0, the branch point. None where x ** p has no cut
-    (a real x with a real p: `_kinks` locates its singular 0; a number x: c ** p is entire in p). Broadcast to the
-    result's shape. Reads a tensor p's values. ``moves``, ``real_axis``: as `entire_power`, `on_branch_cut` take
-    them (a rule reading a dual's primal)."""
+    real x with a complex p (a complex result, x + 0j), or an x that does not move (c ** p = exp(p log c) is
+    entire in p, log c a constant), only at 0, the branch point. None where x ** p has no cut (a real x with a
+    real p: `_kinks` locates its singular 0; a number x: as a constant x). Broadcast to the result's shape. Reads a
+    tensor p's values. ``moves``: as `entire_power` takes it; ``real_axis``: whether x lies on the real axis by
+    construction or does not move (None: `on_real_axis` of x, or x does not require grad; a rule reading a dual's
+    primal passes both)."""
     if not isinstance(x, Tensor) or not (x.is_complex() or _complex(p)):
         return None
     entire = entire_power(p, moves)
@@ -135,7 +140,7 @@ def power_cut(x, p, moves: bool | None = None, real_axis: bool | None = None) ->
     if entire:
         return None
     if real_axis is None:
-        real_axis = on_real_axis(x)
+        real_axis = on_real_axis(x) or not x.requires_grad
     at = x == 0 if real_axis or not x.is_complex() else on_branch_cut("pow", x, False)
     return torch.broadcast_to(at, torch.broadcast_shapes(x.shape, p.shape)) if isinstance(p, Tensor) else at
 
