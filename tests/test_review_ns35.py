@@ -66,6 +66,23 @@ def test_a_moving_base_on_the_cut_still_refuses_with_a_moving_integer_exponent()
         gw.generalized_grad(f, (torch.zeros(1, dtype=D), torch.tensor(2.0, dtype=D)))
 
 
+def test_an_in_place_write_into_fs_own_leaf_keeps_pytorchs_error():
+    """ns35 turned PyTorch's in-place-on-a-leaf RuntimeError into a NonsmoothError (a ValueError) telling the user
+    to clone "an input" for any leaf, also f's own parameter (``w.clamp_(0, 1)`` without ``no_grad``), where that
+    advice is wrong and the exception type changed from plain PyTorch's. Only gradwise's input leaves (and their
+    views) get the new message now."""
+    w = torch.nn.Parameter(torch.tensor([1.0, -1.0], dtype=D))
+
+    def f(x):
+        w.clamp_(0, 1)
+        return (w * x).sum()
+
+    with pytest.raises(RuntimeError, match="leaf Variable"):
+        gw.generalized_grad(f, torch.ones(2, dtype=D))
+    with pytest.raises(gw.NonsmoothError, match="clone"):  # a view of an input: still gradwise's message
+        gw.generalized_grad(lambda x: x[0:1].abs_().sum(), torch.tensor([0.0, -2.0], dtype=D))
+
+
 @pytest.mark.xfail(strict=True, reason="PyTorch's forward-mode formula for pow(complex tensor, real tensor) keeps "
                    "only the real part of the exponent's tangent term (pow_backward_exponent's handle_r_to_c, meant "
                    "for the backward, reused by the jvp): directional_derivative returns -pi sqrt(2) where f' is "

@@ -215,8 +215,9 @@ class _KinkMode(_KinkReads, TorchFunctionMode):
             try:
                 out = self._dispatch(func, args, kwargs)
             except RuntimeError as e:
-                if self.depth > 1 or "leaf Variable that requires grad is being used in an in-place" not in str(e):
-                    raise
+                if self.depth > 1 or "leaf Variable that requires grad is being used in an in-place" not in str(e) \
+                        or not (args and self.positions.keys() & {id(args[0]), id(getattr(args[0], "_base", None))}):
+                    raise  # (f's own leaf, a parameter: PyTorch's error stands, gradwise's advice would not apply)
                 raise NonsmoothError(f"{_callable_name(func)} (called at {_user_line()}) writes in place into a leaf "
                                      "tensor that requires grad (gradwise's reverse passes give f its inputs as "
                                      "such leaves), where PyTorch forbids in-place writes. "
