@@ -21,7 +21,7 @@ from gradwise._nonsmooth._records import Kink, _user_line
 from gradwise._nonsmooth._rules import _finish, _is_dual, _split, _switch, kink_rule
 from gradwise._nonsmooth._rules_pointwise import _clamp, _hinge, _pair, _reduce, abs, l1_loss, leaky_relu
 from gradwise._nonsmooth._rules_select import _reduce_select, sort
-from gradwise._ops._cuts import on_branch_cut, on_real_axis, power_cut
+from gradwise._ops._cuts import maybe_power_cut, on_branch_cut, on_real_axis, power_cut
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -61,11 +61,11 @@ def pow(run, func, x, exponent):
     depends on the inputs) jumps at p = 0 (1 there, 0 above, inf below): an error there. A complex power on its
     branch cut (`_cuts.power_cut`: a number, complex or tensor p; a p that moves even where it is an integer, as
     d/dp z ** p = z ** p log z jumps there): an error."""
-    if isinstance(x, Tensor):
+    p = _split(exponent)[0] if isinstance(exponent, Tensor) else exponent
+    if maybe_power_cut(_split(x)[0], p):  # (from dtypes alone: a real x ** 2 reads no mark)
         moves = isinstance(exponent, Tensor) and (_is_dual(exponent) or exponent.requires_grad)
         still = on_real_axis(x) or not (_is_dual(x) or x.requires_grad)  # (c ** p: entire in p, off c = 0)
-        _on_cut("aten.pow", power_cut(_split(x)[0], _split(exponent)[0] if isinstance(exponent, Tensor) else
-                                      exponent, moves, still))
+        _on_cut("aten.pow", power_cut(_split(x)[0], p, moves, still))
     if isinstance(x, Tensor) and isinstance(exponent, (int, float)) and 0 < exponent < 1:
         _singular("aten.pow", x, f"x ** {exponent} has an infinite derivative")
     if isinstance(exponent, Tensor) and (_is_dual(exponent) or exponent.requires_grad):
