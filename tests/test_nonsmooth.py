@@ -249,6 +249,7 @@ RULE_SAMPLES = {
     "ne": (lambda x: torch.where(x != 1.0, x, 2 * x - 1.0), [_X]),
     # piecewise constant: compositions that stay continuous (f jumps otherwise: an error, tested below)
     "sign": (lambda x: x * torch.sign(x), [_X]),
+    "heaviside": (lambda x: torch.heaviside(x, torch.tensor(0.5, dtype=x.dtype)) * x, [_X]),  # relu
     "floor": (lambda x: torch.floor(x) + torch.ceil(-x) + x, [_X]),
     "ceil": (lambda x: torch.ceil(x) + torch.floor(-x) - x, [_X]),
     "round": (lambda x: torch.round(x / 2) + torch.round(-x / 2) + x, [_X]),
@@ -333,7 +334,8 @@ RULE_SAMPLES = {
 }
 # PyTorch has no backward for floor_divide, and a wrong one for binary_cross_entropy at 1e-14: the nearby gradients
 # are those of the same function written with div (log, log1p)
-NEARBY_REFERENCES = {"binary_cross_entropy": lambda x: -(_BCE_Y * _bce_p(x).log()
+NEARBY_REFERENCES = {"heaviside": lambda x: (x > 0).to(x.dtype) * x,  # (PyTorch has no derivative for heaviside)
+                     "binary_cross_entropy": lambda x: -(_BCE_Y * _bce_p(x).log()
                                                          + (1 - _BCE_Y) * (-_bce_p(x)).log1p()),
                      # the documented x1 / max(||x1||, eps) . x2 / max(||x2||, eps), the clamp differentiated:
                      # PyTorch's gradient goes straight through its clamp (the ports' docstrings)

@@ -109,12 +109,10 @@ _POWERS = {"tensor exponent": lambda z: z ** torch.tensor(0.5, dtype=D),
            "sqrt_": lambda z: z.clone().sqrt_()}
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT, left: the cut facts see only aten.pow with a Python float exponent "
-                   "and the out-of-place sqrt rule; a tensor or complex exponent (float_power passes 0.5 + 0j) and "
-                   "pow_ / sqrt_ give PyTorch's formula on the cut")
 @pytest.mark.parametrize("name", list(_POWERS))
 def test_complex_powers_refuse_on_their_branch_cut(name):
-    """imag(z ** 0.5) at z = -1 along -imag: f jumps (the one-sided quotients grow as 1 / h)."""
+    """SILENT (fixed in ns35): imag(z ** 0.5) at z = -1 along -imag: f jumps (the one-sided quotients grow as
+    1 / h), and a tensor or complex exponent (float_power passes 0.5 + 0j), pow_ and sqrt_ gave PyTorch's formula."""
     f = _complex_parts(_POWERS[name])
     y, x = torch.tensor(0.0, dtype=D), torch.tensor(-1.0, dtype=D)
     with torch.no_grad():
@@ -124,15 +122,14 @@ def test_complex_powers_refuse_on_their_branch_cut(name):
         gw.directional_derivative(f, (y, x), (torch.tensor(-1.0, dtype=D), torch.tensor(0.0, dtype=D)))
 
 
-@pytest.mark.xfail(strict=True, reason="needless refusal, left: a real x cast to complex never leaves the real "
-                   "axis (its imaginary part is 0 for every x), so it never crosses the cut; ns34 refuses by value")
 @pytest.mark.parametrize("op, at", [(torch.log, (-1.0, -2.0)), (torch.sqrt, (-1.0, -2.0)),
                                      (lambda z: z**1.5, (-1.0, -2.0)), (torch.acosh, (-2.0, 0.5)),
                                      (torch.atanh, (-2.0, 1.5))],
                          ids=["log", "sqrt", "pow", "acosh", "atanh"])
 def test_a_real_input_cast_to_complex_is_smooth_on_its_cut(op, at):
     """log / sqrt / z ** 1.5 / acosh / atanh of x.to(complex) on their cuts: smooth along every real direction
-    (one-sided differences agree); the base returned PyTorch's gradient, ns34 raises NonsmoothError."""
+    (one-sided differences agree); the base returned PyTorch's gradient, ns34 raised NonsmoothError (a needless
+    refusal, fixed in ns35: the cast is marked as lying on the real axis)."""
     x = torch.tensor(at, dtype=D)
 
     def f(x):

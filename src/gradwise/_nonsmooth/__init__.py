@@ -21,6 +21,7 @@ Modules (each imports only those above it in this list, plus torch, gradwise._ma
 ``_records``          ``Kink``, ``NearKink``, the per-pass state ``_Run``, lexicographic ranking, ``_user_line``.
 ``_rules``            the rule table ``KINK_RULES`` (``kink_rule``, ``rule_for``, ``UNRULED``), helpers rules share.
 ``_rules_pointwise``  rules for elementwise switches, hinge losses, comparisons, piecewise-constant ops.
+``_rules_division``   rules for rounded division and modulo (div with a rounding mode, floor_divide, fmod ...).
 ``_rules_select``     rules for max/min reductions, max-pool, sort/topk/kthvalue/median/mode, cummax/cummin.
 ``_rules_norms``      rules at singular points and for norms and distances (sqrt, pow, norms, cdist, std, ...).
 ``_rules_jvp``        ``JVP_RULES``: forward-mode rules for smooth ops with a slow PyTorch formula.
@@ -48,7 +49,8 @@ gradwise._ops).
 
 # Importing the rule modules registers their rules in KINK_RULES / JVP_RULES, in this order (as before the split).
 # isort: off
-from gradwise._nonsmooth import _rules_pointwise, _rules_select, _rules_norms, _rules_jvp, _rules_grid  # noqa: F401
+from gradwise._nonsmooth import _rules_pointwise, _rules_division, _rules_select, _rules_norms, _rules_jvp  # noqa: F401
+from gradwise._nonsmooth import _rules_grid  # noqa: F401
 from gradwise._nonsmooth import _rules_aten, _scatter  # noqa: F401
 
 # isort: on

@@ -2,7 +2,7 @@
 ``_keep_flat``, ``_RESHAPES``).
 
 May import: torch, gradwise._masks, ``_contexts``, ``_errors``, ``_records``, ``_rules``, ``_rules_jvp``,
-``_rules_aten``, ``_kink_watch``, ``_kink_reads``.
+``_rules_aten``, ``_kink_watch``, ``_kink_reads``, ``gradwise._ops``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from gradwise._nonsmooth._records import _Run, _user_line
 from gradwise._nonsmooth._rules import CASTS, UNRULED, _is_dual, _unpack, call_rule, route
 from gradwise._nonsmooth._rules_aten import _aten_rule
 from gradwise._nonsmooth._rules_jvp import _JVP_ROUTES
+from gradwise._ops._cuts import onto_axis
 
 Tensor = torch.Tensor
 
@@ -48,6 +49,13 @@ _RESHAPES = {Tensor.reshape, Tensor.view, torch.reshape, Tensor.flatten, torch.f
              torch.unsqueeze, Tensor.squeeze, torch.squeeze, Tensor.permute, torch.permute, Tensor.transpose,
              torch.transpose, Tensor.contiguous, Tensor.view_as, Tensor.reshape_as, Tensor.unflatten, Tensor.movedim,
              torch.movedim, Tensor.flip, torch.flip, Tensor.roll, torch.roll, Tensor.fliplr, Tensor.flipud}
+
+
+# Casts, copies and views: their complex output lies on the real axis for every input value where their input is
+# real or does (`_cuts.onto_axis`; x.to(torch.complex128) never crosses the cut of log / sqrt ...). Not conj or
+# arithmetic: they may flip the sign of the zero imaginary part, the side of the cut PyTorch's formulas take.
+_ONTO_AXIS = frozenset((*CASTS, *_RESHAPES, Tensor.cfloat, Tensor.cdouble, Tensor.chalf, Tensor.clone, torch.clone,
+                        Tensor.__getitem__, Tensor.expand, Tensor.expand_as))
 
 
 def _keep_flat(run: _Run, func, args, kwargs, out) -> None:
@@ -204,7 +212,20 @@ class _KinkMode(_KinkReads, TorchFunctionMode):
                 kwargs = {k: self._sub(v, stop, keep) for k, v in kwargs.items()}
             if self.exposed:
                 self._read_indices(args, kwargs)
-            return self._dispatch(func, args, kwargs)
+            try:
+                out = self._dispatch(func, args, kwargs)
+            except RuntimeError as e:
+                if self.depth > 1 or "leaf Variable that requires grad is being used in an in-place" not in str(e) \
+                        or not (args and self.positions.keys() & {id(args[0]), id(getattr(args[0], "_base", None))}):
+                    raise  # (f's own leaf, a parameter: PyTorch's error stands, gradwise's advice would not apply)
+                raise NonsmoothError(f"{_callable_name(func)} (called at {_user_line()}) writes in place into a leaf "
+                                     "tensor that requires grad (gradwise's reverse passes give f its inputs as "
+                                     "such leaves), where PyTorch forbids in-place writes. "
+                                     "Inside f write x = x.clone() before writing into an input, or use the "
+                                     f"out-of-place op. PyTorch said: {str(e).splitlines()[0]}") from None
+            if func in _ONTO_AXIS and args:
+                onto_axis(args[0], out)
+            return out
         finally:
             if graph_off:
                 torch._C._set_grad_enabled(True)

@@ -18,6 +18,7 @@ from gradwise._modes import LeanDispatchMode
 from gradwise._nonsmooth._errors import NonsmoothError
 from gradwise._nonsmooth._records import _user_line
 from gradwise._nonsmooth._rules import _is_dual, _split, _stepped
+from gradwise._ops._cuts import onto_axis, same_axis
 from gradwise._ops._kinks import KINKS, OpCall, at_kink
 
 Tensor = torch.Tensor
@@ -165,12 +166,15 @@ class _KinkWatch(LeanDispatchMode):
         if possible is not None and not possible(OpCall(args, kwargs, None, name)):
             self.conditional = True
             self.numbers = self.numbers or base in _READS_NUMBERS
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            if base == "_to_copy":  # (float_power's cast of its base to complex128)
+                onto_axis(args[0], out)
+            return out
         self.kinky = True
         if self.hit is not None or not any(isinstance(a, Tensor) and a.requires_grad for a in args):
             return func(*args, **kwargs)
         if name.endswith("_"):  # in place: test the arguments before the op overwrites them
-            before = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
+            before = tuple(_before(a) if isinstance(a, Tensor) else a for a in args)
             out = func(*args, **kwargs)
             args = before
         else:
@@ -203,8 +207,8 @@ class _KinkWatch(LeanDispatchMode):
         lists = [a for a in args if isinstance(a, (list, tuple))]
         if self.hit is not None or not any(isinstance(t, Tensor) and t.requires_grad for ts in lists for t in ts):
             return func(*args, **kwargs)
-        before = [[t.clone() if isinstance(t, Tensor) else t for t in a] if isinstance(a, (list, tuple)) else a
-                  for a in args] if inplace else args
+        before = [[_before(t) if isinstance(t, Tensor) else t for t in a]
+                  if isinstance(a, (list, tuple)) else a for a in args] if inplace else args
         out = func(*args, **kwargs)
         outs = args[0] if inplace else out
         for i, o in enumerate(outs):
@@ -238,6 +242,13 @@ def _kink_free_call(func, args: tuple, kwargs: dict) -> tuple | None:
     with watch:
         out = func(*args, **kwargs)
     return None if watch.kinky else (out,)
+
+
+def _before(a: Tensor) -> Tensor:
+    """A copy of an in-place op's argument to test its kink on, as the argument is: marked as it is, and requiring
+    grad where it does (a clone below autograd would not: the facts read that as "does not move", so
+    ``_foreach_pow_([z], [p])`` took a moving integer p for a constant one and z ** p as entire on its cut)."""
+    return same_axis(a, a.clone().requires_grad_(a.requires_grad))
 
 
 def _no_forward_ad_is_an_error(func, args: tuple, kwargs: dict):
@@ -277,8 +288,8 @@ def _watched(func, args: tuple, kwargs: dict, involved: Callable):
             p = p.detach()
             moves = involved(a) and (t is None or bool(t.any()))  # (a zero tangent: a constant along d)
             if not moves:
-                return p.clone()
-            c = p.requires_grad_(True).clone()
+                return same_axis(a, p.clone())
+            c = same_axis(a, p.requires_grad_(True).clone())
             if t is not None:
                 watch.moving[id(c)] = (c, t != 0)
             return c

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from gradwise._masks import mask_all, mask_any
 from gradwise._nonsmooth._errors import NonsmoothError
 from gradwise._nonsmooth._records import Kink, _user_line
-from gradwise._nonsmooth._rules import _finish, _is_dual, _split, _switch, kink_rule
+from gradwise._nonsmooth._rules import _ROUTES, _finish, _is_dual, _split, _switch, kink_rule
 from gradwise._nonsmooth._rules_pointwise import _clamp, _hinge, _pair, _reduce, abs, l1_loss, leaky_relu
 from gradwise._nonsmooth._rules_select import _reduce_select, sort
-from gradwise._ops._cuts import branch_cut_power, on_complex_cut
+from gradwise._ops._cuts import maybe_power_cut, on_branch_cut, on_real_axis, power_cut
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -50,7 +50,7 @@ def _on_cut(op: str, cut: Tensor | None):
 def sqrt(run, func, x):
     """sqrt(x): singular at 0 (infinite slope): an error naming the line instead of inf/NaN. A complex x on the
     negative real axis: an error too (the imaginary part of the result changes sign across it: a jump)."""
-    _on_cut("aten.sqrt", on_complex_cut(_split(x)[0]))
+    _on_cut("aten.sqrt", on_branch_cut("sqrt", _split(x)[0], on_real_axis(x)))
     _singular("aten.sqrt", x, "its derivative is infinite")
     return func(x)
 
@@ -58,9 +58,14 @@ def sqrt(run, func, x):
 @kink_rule(aten.pow, torch.pow, Tensor.pow, Tensor.__pow__)
 def pow(run, func, x, exponent):
     """x ** p with 0 < p < 1 (or non-integer p < 1): singular at 0, an error there. 0 ** p (a tensor p that
-    depends on the inputs) jumps at p = 0 (1 there, 0 above, inf below): an error there."""
-    if branch_cut_power(x, exponent):
-        _on_cut("aten.pow", on_complex_cut(_split(x)[0]))
+    depends on the inputs) jumps at p = 0 (1 there, 0 above, inf below): an error there. A complex power on its
+    branch cut (`_cuts.power_cut`: a number, complex or tensor p; a p that moves even where it is an integer, as
+    d/dp z ** p = z ** p log z jumps there): an error."""
+    p = _split(exponent)[0] if isinstance(exponent, Tensor) else exponent
+    if maybe_power_cut(_split(x)[0], p):  # (from dtypes alone: a real x ** 2 reads no mark)
+        moves = isinstance(exponent, Tensor) and (_is_dual(exponent) or exponent.requires_grad)
+        still = on_real_axis(x) or not (_is_dual(x) or x.requires_grad)  # (c ** p: entire in p, off c = 0)
+        _on_cut("aten.pow", power_cut(_split(x)[0], p, moves, still))
     if isinstance(x, Tensor) and isinstance(exponent, (int, float)) and 0 < exponent < 1:
         _singular("aten.pow", x, f"x ** {exponent} has an infinite derivative")
     if isinstance(exponent, Tensor) and (_is_dual(exponent) or exponent.requires_grad):
@@ -68,7 +73,31 @@ def pow(run, func, x, exponent):
         if bool(((base == 0) & (_split(exponent)[0] == 0)).any()):
             raise NonsmoothError(f"aten.pow at {_user_line()} computes 0 ** p at p = 0, where it jumps (1 at 0, 0 "
                                  "above, inf below): f'(x; d) does not exist there")
-    return func(x, exponent)
+    return func(*_complex_duals(x, exponent))
+
+
+def rpow(run, func, x, other):
+    """``other ** x`` for a Python number ``other`` (PyTorch's own: ``torch.pow(other, x)``): the pow rule,
+    operands in order (a complex ``(-2 + 0j) ** y``'s tangent too); anything else PyTorch's own call."""
+    if type(other) not in (int, float, complex):
+        return func(x, other)
+    return pow(run, torch.pow, other, x)
+
+
+_ROUTES[Tensor.__rpow__] = rpow
+
+
+def _complex_duals(x, p) -> tuple:
+    """x, p for a complex x ** p, a real dual among them cast to the result's complex dtype: PyTorch's forward-mode
+    formula takes the real operand's term through its backward's real part (``handle_r_to_c``), so the tangent of
+    (-2 + 0j) ** y or y ** (0.5 + 0.3j) lost its imaginary part. The kernel computes in that dtype anyway: the
+    same values."""
+    if not any(isinstance(a, complex) or (isinstance(a, Tensor) and a.is_complex()) for a in (x, p)):
+        return x, p
+    if not any(isinstance(a, Tensor) and not a.is_complex() and _is_dual(a) for a in (x, p)):
+        return x, p
+    dtype = torch.result_type(x, p)
+    return tuple(a.to(dtype) if isinstance(a, Tensor) and not a.is_complex() else a for a in (x, p))
 
 
 @kink_rule(aten.linalg_vector_norm, torch.linalg.vector_norm)

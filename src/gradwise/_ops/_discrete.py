@@ -1,5 +1,5 @@
 """Jumps of the ops that read a float tensor into integers or bools (bucketize, searchsorted, histc, counts,
-nonzero, signbit, angle, unique, integer and bool casts, copies into integer tensors) and of rounded division
+nonzero, signbit, heaviside, angle, unique, integer and bool casts, copies into integer tensors) and of rounded division
 (div with a rounding mode, floor_divide, remainder, fmod): added to ``_kinks.KINKS`` (kind ``"jump"``), apart from
 the kinks of continuous ops. Their outputs carry no derivative, so a rule-less
 call at such a point would give f a derivative of 0 across a jump: nonsmooth calculus refuses there
@@ -14,7 +14,7 @@ import dataclasses
 
 import torch
 
-from gradwise._ops._cuts import on_complex_cut
+from gradwise._ops._cuts import on_branch_cut
 from gradwise._ops._kinks import KINKS, OpCall, Site, _float, _integral, _kink, _where_zero
 
 aten = torch.ops.aten
@@ -67,13 +67,19 @@ def _reads_zero(c: OpCall):
     return _where_zero(c) if _inexact(c.args[0]) else None
 
 
+@_kink(aten.heaviside, kind="jump", convention="none (PyTorch has no derivative for heaviside)")
+def _heaviside_at_zero(c: OpCall):
+    """heaviside(x, v) jumps at x = 0 (0 below, v at 0, 1 above)."""
+    return _where_zero(c) if _float(c.args[0]) else None
+
+
 @_kink(aten.angle, kind="jump", convention="0")
 def _angle_at_its_cut(c: OpCall):
     """angle jumps at 0 for a real x (0 for x >= 0, pi below); for a complex z at 0 (undefined) and across the
     negative real axis (pi to -pi), where it also jumps."""
     x = c.args[0]
-    if isinstance(x, Tensor) and x.is_complex():
-        return Site((x == 0) | ((x.imag == 0) & (x.real < 0)))
+    if (cut := on_branch_cut("angle", x)) is not None:
+        return Site(cut)
     return _where_zero(c) if _float(x) else None
 
 
@@ -87,7 +93,7 @@ def _complex_input(c: OpCall) -> bool:
 def _complex_log_on_its_cut(c: OpCall):
     """A complex log jumps across the negative real axis (its imaginary part, the angle, from pi to -pi) and is
     singular at 0; log1p at and below -1. A real log has neither (log(0) = -inf is no kink)."""
-    at = on_complex_cut(c.args[0], -1.0 if c.packet.startswith("log1p") else 0.0)
+    at = on_branch_cut("log1p" if c.packet.startswith("log1p") else "log", c.args[0])
     return None if at is None else Site(at)
 
 
@@ -96,14 +102,9 @@ def _complex_log_on_its_cut(c: OpCall):
 def _complex_inverse_on_its_cut(c: OpCall):
     """Complex atanh jumps across the real axis beyond ±1, acosh below 1, asinh and atan across the imaginary
     axis beyond ±i. Real ones have no cut."""
-    z = c.args[0]
-    if not (isinstance(z, Tensor) and z.is_complex()):
-        return None
-    if c.packet.startswith("atanh"):
-        return Site((z.imag == 0) & (z.real.abs() >= 1))
-    if c.packet.startswith("acosh"):
-        return Site((z.imag == 0) & (z.real <= 1))
-    return Site((z.real == 0) & (z.imag.abs() >= 1))  # asinh, atan
+    op = next((op for op in ("atanh", "acosh", "asinh") if c.packet.startswith(op)), "atan")
+    at = on_branch_cut(op, c.args[0])
+    return None if at is None else Site(at)
 
 
 @_kink(aten.atan2, kind="jump", convention="PyTorch's formula (0 at the origin)")

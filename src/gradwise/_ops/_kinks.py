@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gradwise._ops._cuts import branch_cut_power, on_complex_cut
+from gradwise._ops._cuts import maybe_power_cut, on_branch_cut, power_cut
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -434,27 +434,28 @@ def _fractional_exponent(c: OpCall) -> bool:
     x, p = c.args[0], c.arg(1, "exponent")
     if not isinstance(x, Tensor):
         return x == 0
-    if branch_cut_power(x, p):  # z ** 1.5
+    if maybe_power_cut(x, p):  # z ** 1.5, z ** (0.5 + 0j) (float_power), x ** 0.5j
         return True
     return isinstance(p, Tensor) or (isinstance(p, (int, float)) and 0 < p < 1)
 
 
-@_kink(aten.pow, kind="singular", convention="Inf (p x^(p-1) at 0)", possible=_fractional_exponent,
-       reads_numbers=True)
+@_kink(aten.pow, aten.float_power, kind="singular", convention="Inf (p x^(p-1) at 0)",
+       possible=_fractional_exponent, reads_numbers=True)
 def _fractional_power_at_zero(c):
     """x ** p with 0 < p < 1 at x = 0: an infinite derivative (Inf from the backward). With a tensor exponent
     (x a tensor or a number, ``0.0 ** p``), 0 ** p jumps at p = 0 (1 there, 0 above, Inf below); PyTorch's
-    derivative in p is 0 there."""
+    derivative in p is 0 there. A complex power on its branch cut (`_cuts.power_cut`: any overload, float_power's
+    complex exponent too) jumps."""
     x, p = c.args[0], c.arg(1, "exponent")
-    if branch_cut_power(x, p):
-        return Site(on_complex_cut(x), kind="jump", convention="PyTorch's formula on the branch cut")
+    if (cut := power_cut(x, p)) is not None:
+        return Site(cut, kind="jump", convention="PyTorch's formula on the branch cut")
     if isinstance(p, Tensor) and _float(p) and (_float(x) or (not isinstance(x, Tensor) and x == 0)):
         zero = x == 0 if isinstance(x, Tensor) else torch.ones((), dtype=torch.bool, device=p.device)
         shape = torch.broadcast_shapes(p.shape, *((x.shape,) if isinstance(x, Tensor) else ()))
         if bool((zero & (p == 0)).any()):
             return Site(torch.broadcast_to(zero & (p == 0), shape), kind="jump",
                         convention="0 to p (0 ** p jumps at p = 0)")
-    if not _float(x):
+    if not _float(x) or (isinstance(p, Tensor) and p.is_complex()):  # (x ** p with a complex p: its cut, above)
         return None
     if isinstance(p, Tensor):
         return Site(torch.broadcast_to((x == 0) & (p > 0) & (p < 1), torch.broadcast_shapes(x.shape, p.shape)))
@@ -467,9 +468,9 @@ def _fractional_power_at_zero(c):
 def _sqrt_at_zero(c):
     """sqrt/rsqrt at 0: an infinite derivative; the backward divides by 2 sqrt(0) (Inf, NaN under a zero
     sensitivity). A complex z also on the negative real axis, where the result's imaginary part changes sign (a
-    jump: `_discrete.on_complex_cut`)."""
+    jump: `_cuts.on_branch_cut`)."""
     x = c.args[0]
-    if (cut := on_complex_cut(x)) is not None:
+    if (cut := on_branch_cut("sqrt", x)) is not None:
         return Site(cut, kind="jump")
     return _where_zero(c)
 
@@ -497,8 +498,8 @@ def _arcsin_at_one(c):
     """asin/acos at ±1: an infinite derivative (Inf from the backward). A complex z: their branch cuts, the real
     axis beyond ±1, where the result jumps."""
     x = c.args[0]
-    if isinstance(x, Tensor) and x.is_complex():
-        return Site((x.imag == 0) & (x.real.abs() >= 1), kind="jump")
+    if (cut := on_branch_cut("asin", x)) is not None:
+        return Site(cut, kind="jump")
     return Site(x.abs() == 1)
 
 
