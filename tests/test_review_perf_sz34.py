@@ -85,13 +85,11 @@ def test_a_graph_with_a_softmaxs_weights_is_planned_once_within_the_shapes_budge
     assert len(calls) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap (SILENT, in base too): einsum('bqk,bkd->bqd', softmax(s) * 0.7, v) reaches the bmm through "
-    "unsqueeze, two permutes (0, 1, 3, 2) and a view; _rules_bilinear._reorders counts any permute as reordering "
-    "(the two compose to the identity), and the mul's result shares no storage with the softmax's, so masked_weights "
-    "maps no zero: w.grad NaN. Fix: compose the PermuteBackward0s' _saved_dims on the path (metadata, not values) "
-    "and map the softmax's zeros through them (or accept the identity)"))
 def test_scaled_masked_weights_through_einsum_give_padded_values_the_deleted_keys_zero():
+    """einsum('bqk,bkd->bqd', softmax(s) * 0.7, v) reaches the bmm through unsqueeze, two permutes (0, 1, 3, 2) and a
+    view; _rules_bilinear._reorders counted any permute as reordering (the two compose to the identity), and the
+    mul's result shares no storage with the softmax's, so masked_weights mapped no zero: w.grad NaN, silently (in
+    base). The path's layout nodes are now replayed on the softmax's mask (_weights_layout)."""
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(2, 5, 4, dtype=D, generator=gen)
     w = torch.randn(4, 4, dtype=D, generator=gen, requires_grad=True)

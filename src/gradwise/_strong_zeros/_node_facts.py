@@ -9,7 +9,7 @@ overflow). They are not the forward-op facts of ``gradwise._ops`` (where an op k
 arguments) nor the trace's ``_trace/_facts.py`` (which forward ops discard values, with fix texts): a singular
 point of asin is |x| = 1 there, and |x| >= 1 here, where the formula gives NaN too.
 
-May import: torch, gradwise._masks, _rules, _kernel_reads, _rules_bilinear, _triangles.
+May import: torch, gradwise._masks, _rules, _kernel_reads, _rules_bilinear, _triangles, _weights_layout.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import torch
 from gradwise._masks import mask_all
 from gradwise._strong_zeros._kernel_reads import ZERO_ALPHA_PRODUCTS
 from gradwise._strong_zeros._rules import _hooked, lookup
-from gradwise._strong_zeros._rules_bilinear import _reads_every_position, softmax_of_weights
+from gradwise._strong_zeros._rules_bilinear import _reads_every_position, weights_paths
 from gradwise._strong_zeros._triangles import TRIANGLE_READERS
+from gradwise._strong_zeros._weights_layout import as_signed as _as_signed
 
 aten = torch.ops.aten
 
@@ -322,32 +323,35 @@ def _selects_all(selected: Callable[[Any], tuple[int, int, range]]) -> Callable[
 
 
 def _no_masked_weights(node: Any) -> bool:
-    """mm/bmm make no structural zero unless their first operand is a softmax's output holding an exact 0 (masked
-    attention weights: v's gradient at a masked key is the deleted key's 0, ``_rules_bilinear._masked_weights_mm``);
-    one a hook packed (a checkpoint's) is not read: it makes zeros, as far as the plan knows."""
-    softmax = softmax_of_weights(node)  # (through dropout and views: a[None], reshape)
-    if softmax is None:
-        return True
-    if softmax is not node.next_functions[0][0]:  # the softmax's own result: a dropout's zeros are values
-        if _hooked(softmax, "_raw_saved_result"):
+    """mm/bmm (addmm, baddbmm) make no structural zero unless an operand is a softmax's output holding an exact 0
+    (masked attention weights: v's gradient at a masked key is the deleted key's 0,
+    ``_rules_bilinear._masked_weights_mm``); one a hook packed (a checkpoint's) is not read: it makes zeros, as far as
+    the plan knows."""
+    for path, saved in weights_paths(node):  # (through dropout and views: a[None], reshape)
+        softmax = path[-1]
+        if len(path) > 1:  # the softmax's own result: a dropout's zeros are values
+            if _hooked(softmax, "_raw_saved_result"):
+                return False
+            weights = softmax._saved_result
+        elif _hooked(node, "_raw" + saved):
             return False
-        weights = softmax._saved_result
-    elif _hooked(node, "_raw_saved_self"):
-        return False
-    else:
-        weights = node._saved_self
-    if weights is None or weights.numel() == 0:
-        return True
-    # (one vectorised min, not a comparison's bool tensor: ~60x cheaper on MHA's weights, read on every backward of
-    # need_weights=True; a NaN min (a fully masked query's row) compares False: counted as making zeros)
-    return bool(weights.amin() > 0)
+        else:
+            weights = getattr(node, saved)
+        # (one vectorised min, not a comparison's bool tensor: ~60x cheaper on MHA's weights, read on every backward
+        # of need_weights=True; a NaN min (a fully masked query's row) compares False: counted as making zeros)
+        if weights is not None and weights.numel() and not bool(weights.amin() > 0):
+            return False
+    return True
 
 
 _MAKES_NO_ZEROS_IF: dict[str, Callable[[Any], bool]] = {
     **dict.fromkeys(("MmBackward0", "BmmBackward0"), _no_masked_weights),
     "PowBackward0": lambda node: _saved(node, "_saved_exponent") != 0,  # x ** 0 backward is zeros_like(x)
     # addmm & co. with alpha = 0 (beta = 0): the operands' (input's) gradients are the deleted term's (_zero_alpha_mul)
-    **dict.fromkeys(("AddmmBackward0", "AddmvBackward0", "AddbmmBackward0", "BaddbmmBackward0"), _alpha_nonzero),
+    **dict.fromkeys(("AddmvBackward0", "AddbmmBackward0"), _alpha_nonzero),
+    # (addmm/baddbmm of a softmax's weights: the values' gradient's structural zeros, as mm/bmm's)
+    **dict.fromkeys(("AddmmBackward0", "BaddbmmBackward0"), lambda node: _alpha_nonzero(node) and
+                    _no_masked_weights(node)),
     # a selection that reads every position (an index holding each row, a full slice) drops nothing: its
     # backward writes every position of its input, as strong zeros' own rules find (the support is all True)
     # (indices a checkpoint recomputes are not read: it makes zeros, as far as the plan knows)
@@ -404,10 +408,6 @@ _OUTPUT_COUNTS: dict[str, Callable[[Any], int]] = {
     "SplitWithSizesBackward0": _outputs_by_split_sizes,
     "UnsafeSplitWithSizesBackward0": _outputs_by_split_sizes,
 }
-
-
-def _as_signed(value: int) -> int:
-    return value - (1 << 64) if value >= 1 << 63 else value  # a negative index is saved as its uint64
 
 
 _HALF, _WRAP = 1 << 63, 1 << 64  # (the two below read one node each per select/slice per backward: no calls)

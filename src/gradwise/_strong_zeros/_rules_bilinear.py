@@ -3,7 +3,7 @@
 is the shared fact (``gradwise._ops._contractions``, which the compiled pass reads too); how NaN/Inf are counted
 and restricted on eager values is this module's.
 
-May import: torch, gradwise._masks, gradwise._ops, _supports, _rules, _rules_pointwise.
+May import: torch, gradwise._masks, gradwise._ops, _supports, _rules, _rules_pointwise, _weights_layout.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from gradwise._strong_zeros._rules import (
 )
 from gradwise._strong_zeros._rules_pointwise import _exp_result_mul
 from gradwise._strong_zeros._supports import _STATE
+from gradwise._strong_zeros._weights_layout import mapped_mask
 
 aten = torch.ops.aten
 
@@ -367,22 +368,35 @@ def _conv_channel_supports(args: tuple, s: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 _MM = _bilinear(_mm_support, _mm_nonfinite_k, restrict=_mm_supported_k, finite_k=_mm_finite_k)
-_MASKED_WEIGHTS_NODES = ("BmmBackward0", "MmBackward0")
+# the nodes whose formula multiplies a saved operand that may be a softmax's weights into the other operand's gradient
+# (an mm/bmm there): each such operand's edge and saved name. The weights first (a @ v: v's gradient a^T @ g) or second
+# (v @ a^T, SAGAN's and non-local blocks' bmm(v, attention.permute(0, 2, 1)): v's gradient g @ a); addmm/baddbmm(bias,
+# a, v, alpha=c): (a^T @ g) * c. Until 2026-12-07 (sz35) only mm/bmm's first operand was read: the others kept a padded
+# value's 0 x inf = NaN, silently
+_MM_OPERANDS = ((0, "_saved_self"), (1, "_saved_mat2"))
+_MASKED_WEIGHTS_NODES = {"BmmBackward0": _MM_OPERANDS, "MmBackward0": _MM_OPERANDS,
+                         "BaddbmmBackward0": ((1, "_saved_batch1"), (2, "_saved_batch2")),
+                         "AddmmBackward0": ((1, "_saved_mat1"), (2, "_saved_mat2"))}
 
 
 # nodes between a softmax and the bmm that reads its weights which keep each weight's position and a 0 weight 0:
 # dropout (CPU's eager one is a mul by its noise, a constant; its dropped weights are values, not structural: only
 # the softmax's own zeros are read), a scaling, views that keep the elements' order (a[None], view, reshape, clone)
-# (matmul of 4-d weights: expand then reshape; an expand that repeats weights changes the count, and is not read)
+# (matmul of 4-d weights: expand then reshape; each copy an expand makes is mapped to its weight: _weights_layout)
 _WEIGHT_PATH = frozenset(("NativeDropoutBackward0", "MulBackward0", "MulBackward1", "DivBackward0", "DivBackward1",
                           "UnsqueezeBackward0",
                           "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0",
-                          "ToCopyBackward0", "ExpandBackward0"))
+                          "ToCopyBackward0", "ExpandBackward0",
+                          # (a sum over heads, einsum's bhqk,bkd->bqd: 0 where every term is a masked entry's)
+                          "SumBackward0", "SumBackward1", "RepeatBackward0"))
 
 
-# views between a softmax and a mul by its weights, which keep its storage (its exact zeros where they were)
+# views between a softmax and a mul by its weights, which keep its storage (its exact zeros where they were); where a
+# copy or a factor comes between, the softmax's zeros are mapped through them (``_weights_layout``)
 _SAME_STORAGE = frozenset(("UnsqueezeBackward0", "ViewBackward0", "ExpandBackward0", "PermuteBackward0",
-                           "TransposeBackward0", "SqueezeBackward0", "SqueezeBackward1", "AliasBackward0"))
+                           "TransposeBackward0", "TBackward0", "SliceBackward0", "SelectBackward0",
+                           "SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0",
+                           "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "AliasBackward0"))
 
 
 # elementwise nodes between a softmax and the bmm whose other operand may need a gradient (or hold a tensor), and the
@@ -413,24 +427,34 @@ def _of_log_softmax(node: Any) -> bool:
     return edge is not None and edge.name() == "LogSoftmaxBackward0"
 
 
+_FOLLOWED = _WEIGHT_PATH | _SAME_STORAGE | frozenset(_GATED_PATH)
 _PATH_BUDGET = 8  # nodes a weights path may hold (a gated node tries two factors: under 2**9 nodes visited)
 
 
-def _weights_path(node: Any) -> list[Any] | None:
-    """The nodes from the mm/bmm ``node``'s first edge to the SoftmaxBackward0 whose output its first operand is (the
-    last one), through the nodes of ``_WEIGHT_PATH`` whose other edges need no gradient (a mul by a constant), through
-    views that keep the storage (``_SAME_STORAGE``: an einsum's permutes), and through ``_GATED_PATH``'s; or None."""
-    return _path_from(node.next_functions[0][0], _PATH_BUDGET)
+def weights_paths(node: Any) -> list[tuple[list[Any], str]]:
+    """For each operand of the mm/bmm/addmm/baddbmm ``node`` (``_MASKED_WEIGHTS_NODES``) that is a softmax's output,
+    the nodes from its edge to that SoftmaxBackward0 (the last one) and the operand's saved name. A path goes through
+    the nodes of ``_WEIGHT_PATH`` whose other edges need no gradient (a mul by a constant), through views that keep
+    the storage (``_SAME_STORAGE``: an einsum's permutes), and through ``_GATED_PATH``'s."""
+    edges = node.next_functions
+    found = []
+    for edge, saved in _MASKED_WEIGHTS_NODES.get(node.name(), ()):
+        path = _path_from(edges[edge][0], _PATH_BUDGET) if edge < len(edges) else None
+        if path is not None:
+            found.append((path, saved))
+    return found
 
 
 def _path_from(producer: Any, budget: int) -> list[Any] | None:
-    """``_weights_path`` from ``producer`` on, at most ``budget`` nodes."""
+    """A weights path (``weights_paths``) from ``producer`` on, at most ``budget`` nodes."""
     path: list[Any] = []
     while producer is not None and len(path) < budget:
         path.append(producer)
         name = producer.name()
         if name in _SOFTMAXES or (name == "ExpBackward0" and _of_log_softmax(producer)):
             return path
+        if name not in _FOLLOWED:  # (before the edges: most mm/addmm operands end here, a Linear's on every backward)
+            return None
         edges = producer.next_functions
         if name in _GATED_PATH:  # (two tracked factors: the first that leads to a softmax)
             for i in _GATED_PATH[name]:
@@ -440,17 +464,10 @@ def _path_from(producer: Any, budget: int) -> list[Any] | None:
                 if tail is not None:
                     return path + tail
             return None
-        if (name not in _WEIGHT_PATH and name not in _SAME_STORAGE) or not edges \
-                or any(e[0] is not None for e in edges[1:]):
+        if not edges or any(e[0] is not None for e in edges[1:]):
             return None
         producer = edges[0][0]
     return None
-
-
-def softmax_of_weights(node: Any) -> Any:
-    """The SoftmaxBackward0 whose output is the first operand of the mm/bmm ``node`` (``_weights_path``), or None."""
-    path = _weights_path(node)
-    return None if path is None else path[-1]
 
 
 def reads_softmax_weights(node: Any) -> bool:
@@ -462,7 +479,7 @@ def reads_softmax_weights(node: Any) -> bool:
         return False
     if node.name() == "MulBackward0":
         return any(_path_from(producer, _PATH_BUDGET) is not None for producer, _ in node.next_functions[:2])
-    return _weights_path(node) is not None
+    return bool(weights_paths(node))
 
 
 def _masked_entries(end: Any) -> torch.Tensor | None:
@@ -476,18 +493,16 @@ def _masked_entries(end: Any) -> torch.Tensor | None:
     return None if result is None else result == (-math.inf if mask_of else 0)
 
 
-def masked_weights(node: Any, weights: torch.Tensor) -> torch.Tensor | None:
-    """Where the mm/bmm ``node``'s first operand ``weights`` (its saved self) is a softmax's exact 0 (bool, shaped
-    like ``weights``), or None where it is no softmax's output (``softmax_of_weights``) or its softmax's result
-    cannot be read without a hook. Weights that share the softmax result's storage (views of it) hold its zeros
-    where they are; others are mapped by the elements' order, which only dropout, scalings and order-keeping views
-    between keep (a dropout's or a scaling's zeros on the way are not among them, nor a weight that a factor on the
-    way made other than 0)."""
-    softmax = softmax_of_weights(node)
-    if softmax is None:
-        return None
+def masked_weights(node: Any, path: list[Any], weights: torch.Tensor) -> torch.Tensor | None:
+    """Where the mm/bmm ``node``'s operand ``weights`` (saved), the output of the softmax ``path[-1]`` through ``path``
+    (``weights_paths``), is that softmax's exact 0 (bool, shaped like ``weights``), or None where the softmax's result
+    cannot be read without a hook. Weights that share the softmax result's storage (views of it) hold its zeros where
+    they are; others are mapped through the layout nodes on the way (``_weights_layout.mapped_mask``: permutes,
+    transposes, slices, expands, views, copies; dropout, scalings and gates keep each weight where it was; a dropout's
+    or a scaling's zeros on the way are not among them, nor a weight that a factor on the way made other than 0)."""
+    softmax = path[-1]
     exact = softmax.name() != "ExpBackward0"  # (whose own zeros may be a finite log's underflow: _masked_entries)
-    if exact and softmax is node.next_functions[0][0]:
+    if exact and len(path) == 1:  # (the softmax's own output)
         return weights == 0
     masked = _masked_entries(softmax)
     if masked is None:
@@ -496,39 +511,40 @@ def masked_weights(node: Any, weights: torch.Tensor) -> torch.Tensor | None:
     if result is not None and result.untyped_storage()._cdata == weights.untyped_storage()._cdata \
             and result.dtype == weights.dtype:
         return weights == 0
-    if masked.numel() != weights.numel() or _reorders(node):
+    masked = mapped_mask(node, path, masked)
+    if masked is None or masked.shape != weights.shape:
         return None
-    return masked.reshape(weights.shape) & (weights == 0)  # (a factor's NaN on the way: no zero)
-
-
-def _reorders(node: Any) -> bool:
-    """Whether a node between the softmax and the mm/bmm ``node`` changes the elements' order (a permute)."""
-    path = _weights_path(node)
-    return path is None or not _keeps_order(path)
-
-
-def _keeps_order(path: list[Any]) -> bool:
-    """Whether every node of a weights path before its softmax keeps the elements' order (no permute, transpose)."""
-    return all(p.name() in _WEIGHT_PATH or p.name() in _GATED_PATH for p in path[:-1])
+    return masked & (weights == 0)  # (a factor's NaN on the way: no zero)
 
 
 def _softmax_weights(args: tuple) -> tuple[int, torch.Tensor] | None:
-    """In the backward of ``bmm(a, v)`` (or mm) whose ``a`` is a softmax's output (attention weights: the node's
-    first edge a SoftmaxBackward0, or one through dropout and views: ``masked_weights``), the position of the
-    operand that is ``a`` (v's gradient ``a^T @ g``) and where the softmax's weights are 0, where they hold an
-    exact 0 and every output being differentiated is finite; else None."""
+    """In the backward of ``bmm(a, v)`` (or mm, ``bmm(v, a)``, addmm, baddbmm: ``_MASKED_WEIGHTS_NODES``) whose ``a``
+    is a softmax's output (attention weights: the node's edge a SoftmaxBackward0, or one through dropout and views:
+    ``masked_weights``), the position of the formula's operand that is ``a`` (v's gradient ``a^T @ g``) and where the
+    softmax's weights are 0, where they hold an exact 0 and every output being differentiated is finite; else None."""
     if not (_STATE.outputs_finite and _in_formula() and _reads_nodes()):
         return None
     node = torch._C._current_autograd_node()
-    if node is None or node.name() not in _MASKED_WEIGHTS_NODES or _hooked(node, "_raw_saved_self"):
+    if node is None or node.name() not in _MASKED_WEIGHTS_NODES:
         return None
-    weights = node._saved_self
+    for path, saved in weights_paths(node):
+        found = _weights_in_args(args, node, path, saved)
+        if found is not None:
+            return found
+    return None
+
+
+def _weights_in_args(args: tuple, node: Any, path: list[Any], saved: str) -> tuple[int, torch.Tensor] | None:
+    """``_softmax_weights`` for one operand of ``node``: the saved ``saved``, the output of ``path``."""
+    if _hooked(node, "_raw" + saved):
+        return None
+    weights = getattr(node, saved)
     if weights is None or not _is_float(weights):
         return None
     cdata = weights.untyped_storage()._cdata
     for i, t in enumerate(args[:2]):
         if _is_float(t) and t.untyped_storage()._cdata == cdata:
-            zero = masked_weights(node, weights)
+            zero = masked_weights(node, path, weights)
             if zero is None or not bool(mask_any(zero)):
                 return None
             if torch.equal(zero, weights == 0):  # every zero of the weights is the softmax's: read them in t's layout
@@ -545,7 +561,7 @@ def _softmax_factor(args: tuple) -> tuple[int, torch.Tensor] | None:
     pooling: ``(softmax(s)[..., None] * h).sum(1)``), the position of the factor that is those weights and its zeros
     that are the softmax's, while every output being differentiated is finite; else None. The weights are the
     softmax's saved result or a view of it (the same storage: its exact zeros are the softmax's), or reach the
-    product through the nodes ``_weights_path`` follows to an mm/bmm (a scaling, a gate, a renormalisation, the
+    product through the nodes ``weights_paths`` follows to an mm/bmm (a scaling, a gate, a renormalisation, the
     repairs of fully masked rows), mapped by the elements' order as ``masked_weights`` maps them (until 2026-12-07
     only views were seen, and the others kept PyTorch's 0 x inf = NaN at a padded value's infinite slope, silently)."""
     if not (_STATE.outputs_finite and _in_formula() and _reads_nodes()):
@@ -560,22 +576,27 @@ def _softmax_factor(args: tuple) -> tuple[int, torch.Tensor] | None:
         viewed = all(p.name() in _SAME_STORAGE for p in path[:-1]) and path[-1].name() != "ExpBackward0"
         if viewed:
             factor = path[-1]._saved_result  # (a view of the result: the same storage, its exact zeros the softmax's)
-        elif not _hooked(node, ("_raw_saved_self", "_raw_saved_other")[edge]) and _keeps_order(path):
+        elif not _hooked(node, ("_raw_saved_self", "_raw_saved_other")[edge]):
             factor = (node._saved_self, node._saved_other)[edge]  # (the product's own operand)
         else:
             continue
         if not isinstance(factor, torch.Tensor):
             continue
+        masked = None
+        if not viewed:  # the masked entries among the factor's zeros, mapped through the path's layout nodes
+            masked = _masked_entries(path[-1])
+            masked = None if masked is None else mapped_mask(node, path, masked)
+            if masked is None:
+                continue
         cdata = factor.untyped_storage()._cdata
         for i, t in enumerate(args[:2]):
             if isinstance(t, torch.Tensor) and _is_float(t) and t.dtype == factor.dtype \
                     and t.untyped_storage()._cdata == cdata:
                 zero = t == 0
-                if not viewed:  # the masked entries among the factor's zeros, by the elements' order
-                    masked = _masked_entries(path[-1])
-                    if masked is None or masked.numel() != t.numel():
+                if masked is not None:
+                    if masked.shape != t.shape:
                         return None
-                    zero = zero & masked.reshape(t.shape)
+                    zero = zero & masked
                 return (i, zero) if bool(mask_any(zero)) else None
     return None
 

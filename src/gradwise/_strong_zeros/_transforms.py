@@ -287,6 +287,8 @@ def _node_readers() -> dict[str, Callable[[Any], bool]]:
     # a masked softmax's weights times the values (attention, attention pooling): until 2026-12-07 not named, so a
     # padded value's 0 x inf stayed NaN under vmap(grad) without a word
     readers.update(dict.fromkeys(("MmBackward0", "BmmBackward0", "MulBackward0"), reads_softmax_weights))
+    for name in ("AddmmBackward0", "BaddbmmBackward0"):  # (alpha = 0, or a softmax's weights)
+        readers[name] = lambda node, zero_alpha=readers[name]: zero_alpha(node) or reads_softmax_weights(node)
     return readers
 
 
