@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import gradwise as gw
+from gradwise._masks import all_finite
 from gradwise._strong_zeros import _planning
 from gradwise._strong_zeros._node_facts import WEIGHTS_END, WEIGHTS_READER, node_info
 
@@ -130,3 +131,27 @@ def test_finite_attention_gradients_are_torchs_bit_for_bit():
             got = gw.grad(_loss(kind, x, w, q_w, n, pad=False), [w, q_w])
             for g, r in zip(got, want, strict=True):
                 assert torch.equal(g, r), kind
+
+
+# -- one-element tensors in all_finite (a loss's seed) -----------------------------------------------------------------
+# all_finite reads a one-element CPU tensor's value instead of summing it (the engine's seed in a strong_zeros() block):
+# a NaN/Inf seed must still send the backward to the strong pass where a structural zero can meet it.
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64])
+@pytest.mark.parametrize("value", [0.5, math.nan, math.inf, -math.inf])
+def test_all_finite_reads_a_one_element_tensor_exactly(dtype, value):
+    t = torch.tensor([value], dtype=dtype)
+    assert all_finite([t]) == bool(t.isfinite().all())
+    assert all_finite([torch.ones(5000), t.reshape(())]) == bool(t.isfinite().all())
+    assert all_finite([torch.tensor([1e300], dtype=D)])  # (finite: a float32 sum took it for Inf)
+
+
+@pytest.mark.parametrize("seed", [1.0, math.nan, math.inf])
+def test_a_scalar_seeds_nan_or_inf_chooses_the_strong_pass(seed):
+    """x[:2] makes structural zeros that reach the mm, whose saved tensors are read: the seed is read with them."""
+    w = torch.randn(3, 3, dtype=D, requires_grad=True)
+    loss = (torch.randn(3, 3, dtype=D) @ w)[:2].sum()
+    want = "plain" if math.isfinite(seed) else "strong"
+    assert _planning._plan([loss], (torch.tensor(seed, dtype=D),)) == want
+    with gw.strong_zeros():
+        loss.backward(torch.tensor(seed, dtype=D))
+    assert w.grad.isfinite().all() == math.isfinite(seed)
