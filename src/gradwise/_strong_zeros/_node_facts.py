@@ -23,7 +23,7 @@ import torch
 from gradwise._masks import mask_all
 from gradwise._strong_zeros._kernel_reads import ZERO_ALPHA_PRODUCTS
 from gradwise._strong_zeros._rules import _hooked, lookup
-from gradwise._strong_zeros._rules_bilinear import _reads_every_position, weights_paths
+from gradwise._strong_zeros._rules_bilinear import WEIGHTS_ENDS, _reads_every_position, weights_paths
 from gradwise._strong_zeros._triangles import TRIANGLE_READERS
 from gradwise._strong_zeros._weights_layout import as_signed as _as_signed
 
@@ -512,6 +512,13 @@ def _fact_reader(name: str, makes: Any, inside: Any, select: Any) -> Callable[[A
 _NODE_TYPES: dict[type, tuple] = {}
 _PYTHON_NODE = torch.autograd.function.BackwardCFunction
 
+# A node type's part in the weights facts of mm/bmm (``_node_type``'s last entry, else None): its makes-zeros test
+# is _no_masked_weights, which finds no softmax's weights (True, no saved tensor read) unless a node of WEIGHTS_ENDS
+# is among its producers; or its nodes may be such an end (their ``name()`` is in WEIGHTS_ENDS, or is not their
+# class's name, qualified or not: a C++ node shown through a Python type it shares, whose name the type does not
+# tell). The plan's walk reads the first kind's fact only in a graph that holds the second (``_planning._walked``).
+WEIGHTS_READER, WEIGHTS_END = "weights reader", "weights end"
+
 
 def per_type(table: dict, cls: type, attr: str) -> Any:
     """What ``keep_per_type`` kept for node type ``cls`` (None where nothing was)."""
@@ -541,8 +548,9 @@ def _node_type(node: Any) -> tuple:
     reads, whether NODE_FACTS knows it, its singular-point test, whether it makes structural zeros (a bool, or a
     test of the node where that depends on what it saved), its zero-output test (_ZERO_OUTPUT_TESTS), its
     selection (_SELECTED), whether the plan has nothing to do there, whether the strong pass watches it (a custom
-    Function's, a compiled backward, a TRIANGLE_READERS node: ``_planning._walked`` lists them for it), and what
-    the plan's walk reads from it (``_fact_reader``)."""
+    Function's, a compiled backward, a TRIANGLE_READERS node: ``_planning._walked`` lists them for it), what
+    the plan's walk reads from it (``_fact_reader``), and its part in mm/bmm's weights facts (WEIGHTS_READER,
+    WEIGHTS_END or None)."""
     info = per_type(_NODE_TYPES, type(node), "_gradwise_node_type")
     if info is None:
         name = type(node).__name__
@@ -559,9 +567,12 @@ def _node_type(node: Any) -> tuple:
         watched = name == "CompiledFunctionBackward" or getattr(type(node), "_forward_cls", None) is not None or \
             name in TRIANGLE_READERS
         inside, select = _OWN_ZEROS_INSIDE.get(name), _SELECTED.get(name)
+        called = node.name()
+        weights = WEIGHTS_READER if test is _no_masked_weights else \
+            WEIGHTS_END if called in WEIGHTS_ENDS or not (called == name or called.endswith("::" + name)) else None
         info = keep_per_type(_NODE_TYPES, type(node), "_gradwise_node_type", (
-            names, read, known, singular, makes, zero_output, inside, select, nothing and not watched, watched,
-            _fact_reader(name, makes, inside, select)))
+            names, read, known, singular, makes, zero_output, inside, select,
+            nothing and not watched and weights is None, watched, _fact_reader(name, makes, inside, select), weights))
     return info
 
 

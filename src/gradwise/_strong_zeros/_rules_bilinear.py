@@ -418,6 +418,9 @@ _REPLACED_BY_OTHER = frozenset(("MaskedFillBackward1", "WhereBackward0"))
 # the softmaxes whose exact 0 is a masked entry's: softmax's, and _safe_softmax's (SDPA's math backend: a fully
 # masked row is 0 there rather than NaN); until 2026-12-07 the math backend's weights were values in v's gradient
 _SOFTMAXES = frozenset(("SoftmaxBackward0", "SafeSoftmaxBackward0"))  # (and exp(log_softmax(s)): _of_log_softmax)
+# the node names (``name()``) at which ``_path_from`` can end a weights path: a graph with no node so named has no
+# softmax's weights in any mm/bmm (the plan's walk then reads no mm/bmm's weights fact: ``_planning._walked``)
+WEIGHTS_ENDS = _SOFTMAXES | {"ExpBackward0"}
 
 
 def _of_log_softmax(node: Any) -> bool:
