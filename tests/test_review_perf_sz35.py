@@ -223,3 +223,45 @@ def test_all_finite_one_element_under_vmap_reads_no_value_silently():
 
     with pytest.raises(RuntimeError):
         torch.vmap(f)(torch.tensor([1.0, math.nan]))
+
+
+# -- addmm/baddbmm (sz35's weights readers) under the same gate -------------------------------------------------------
+def _addmm_graph(weights, alpha, beta):
+    """addmm and baddbmm of ``weights(s)`` (masked keys 3, 4) with values, beside a Linear's addmm of the input."""
+    x, _, s = _data()
+    lin = torch.nn.Linear(4, 4, dtype=D)
+    h = lin(_padded(x, 3)).pow(2).sqrt()
+    a = weights(s + _bias(5, 3))
+    bias = torch.randn(3, 4, dtype=D, requires_grad=True)
+    out = torch.addmm(bias, a, h, alpha=alpha, beta=beta).sum()
+    return out + torch.baddbmm(bias[None], a[None], h[None], alpha=alpha, beta=beta).sum()
+
+
+@pytest.mark.parametrize("weights", ["softmax", "sigmoid"])
+@pytest.mark.parametrize(("alpha", "beta"), [(1.0, 1.0), (0.5, 1.0), (0.0, 1.0), (1.0, 0.0)])
+def test_addmm_walk_facts_are_each_nodes_own(weights, alpha, beta):
+    """addmm/baddbmm make zeros where alpha or beta is 0 (the deleted term's gradient) whether or not a softmax is in
+    the graph, and where their weights are a softmax's masked ones: the walk's facts (read, or the alpha/beta part
+    alone where no softmax can feed them) are each node's reader's."""
+    f = {"softmax": lambda t: t.softmax(-1), "sigmoid": torch.sigmoid}[weights]
+    walk = _planning._walked([_addmm_graph(f, alpha, beta).grad_fn])
+    mm = [(n, fact) for n, fact in walk.facts if node_info(n)[11] is WEIGHTS_READER]
+    assert {type(n).__name__ for n, _ in mm} == {"AddmmBackward0", "BaddbmmBackward0"}
+    for node, fact in mm:
+        assert fact == node_info(node)[10](node), type(node).__name__
+    attention = [fact[0] for n, fact in mm if n.name() == "BaddbmmBackward0" or n._saved_mat1.shape[0] == 3]
+    assert len(attention) == 2
+    assert all(attention) == (weights == "softmax" or alpha == 0 or beta == 0), attention
+
+
+def test_without_a_weights_end_the_walk_follows_no_weights_path(monkeypatch):
+    """In a graph with no softmax/exp (a Linear's addmm, an mm, a bmm), the walk reads no mm/addmm's weights path: the
+    producers' walk that cost ~3 us per Linear per backward (the facts stay the readers', above)."""
+    def refuse(node):
+        raise AssertionError(f"weights path read for {node.name()}")
+
+    loss = _addmm_graph(torch.sigmoid, 1.0, 1.0)
+    monkeypatch.setattr(_node_facts, "weights_paths", refuse)
+    _planning._walked([loss.grad_fn])
+    with pytest.raises(AssertionError, match="weights path read"):
+        _planning._walked([_addmm_graph(lambda t: t.softmax(-1), 1.0, 1.0).grad_fn])

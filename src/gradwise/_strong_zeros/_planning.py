@@ -83,7 +83,7 @@ def _walked(roots: Sequence[Any]) -> _Walk:
     watched: list = []
     shape: list = [len(roots)]
     add = shape.append
-    later: list = []  # (mm/bmm node, its fact's place in shape): read at the end (WEIGHTS_READER)
+    later: list = []  # (mm/bmm/addmm/baddbmm node, its fact's place in shape, its type's info): WEIGHTS_READER
     ends = False  # whether a node that may end a weights path is in the graph (WEIGHTS_END)
     types = _NODE_TYPES
     stack = list(roots)
@@ -105,7 +105,7 @@ def _walked(roots: Sequence[Any]) -> _Walk:
         edges_of.append(edges)
         if not info[8]:
             if info[11] is WEIGHTS_READER:  # an mm/bmm: its fact once the walk knows whether a softmax may feed it
-                later.append((node, len(shape)))
+                later.append((node, len(shape), info))
                 add(None)
             else:
                 if info[11] is WEIGHTS_END:
@@ -120,20 +120,18 @@ def _walked(roots: Sequence[Any]) -> _Walk:
             if n is not None:
                 push(n)
                 add(~slot)  # negative: never taken for an index
-    for node, at in later:
+    for node, at, info in later:
         # Sound without a WEIGHTS_END node: _no_masked_weights follows the mm/bmm's producers (its edges, theirs, ...:
         # nodes of this graph, each popped above; AccumulateGrad, never an end, unread) to a node whose name() is in
         # WEIGHTS_ENDS, finds none, and answers True (makes no zeros) before reading any value: the reader's fact is
-        # then _NO_WEIGHTS_FACT (test_perf_sz35 holds the walk's facts equal to each node's reader). That walk of
+        # then the rest of its test's (info[12]: mm/bmm's (False, False), addmm/baddbmm's of alpha and beta;
+        # test_perf_sz35, test_review_perf_sz35 hold the walk's facts equal to each node's reader). That walk of
         # the producers cost ~12 us an mm cold after a forward (name() and next_functions per hop): ~45 us of the
-        # SDPA block's plan.
-        fact = (types.get(node.__class__) or _node_type(node))[10](node) if ends else _NO_WEIGHTS_FACT
+        # SDPA block's plan; ~3 us each Linear's addmm warm.
+        fact = info[10](node) if ends else info[12](node)
         facts.append((node, fact))
         shape[at] = fact
     return _Walk(nodes, edges_of, facts, watched, tuple(shape))
-
-
-_NO_WEIGHTS_FACT = (False, False)  # an mm/bmm's fact where no softmax's weights feed it: it makes no zeros
 
 
 def _derived(w: _Walk) -> _Graph:
@@ -408,7 +406,7 @@ def _shaped(roots: Sequence[Any], g: _Graph, nested: bool = False) -> _Shaped:
     deferred: list = []  # singular-point tests of nodes no structural zero reaches from above
     zero_outputs: list = []  # nodes whose backward multiplies by their own output (softmax, exp)
     for node in g.special:
-        _, _, known, singular, _, zero_output, _, _, _, _, _, _ = node_info(node)
+        _, _, known, singular, _, zero_output, _, _, _, _, _, _, _ = node_info(node)
         if not known:
             known_all = False
             only_compiled = only_compiled and type(node).__name__ == "CompiledFunctionBackward"
