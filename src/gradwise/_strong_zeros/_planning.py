@@ -104,7 +104,7 @@ def _walked(roots: Sequence[Any]) -> _Walk:
         edges = node.next_functions
         edges_of.append(edges)
         if not info[8]:
-            if info[11] is WEIGHTS_READER:  # an mm/bmm: its fact once the walk knows whether a softmax may feed it
+            if info[11] is WEIGHTS_READER:  # an mm-like node: its fact once the walk knows if a softmax may feed it
                 later.append((node, len(shape), info))
                 add(None)
             else:
