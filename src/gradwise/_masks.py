@@ -92,6 +92,13 @@ def _sums(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
     for t in tensors:
         if t.is_complex():
             t = _real(t)
+        elif t.numel() == 1 and t.is_cpu and t.layout == torch.strided:
+            # a one-element tensor (a loss's seed, a saved scalar) is its value: read as it is, exactly (a sum in
+            # float32 takes a float64 above 3.4e38 for Inf), without a reduction's dispatch (~2 us of a block's
+            # backward, where the engine's seed is checked)
+            if not math.isfinite(t.item()):
+                return None
+            continue
         total = t.sum(dtype=torch.float32) if t.dtype != torch.float32 else t.sum()
         if total.is_cpu:
             if not math.isfinite(total.item()):

@@ -23,7 +23,7 @@ import torch
 from gradwise._masks import mask_all
 from gradwise._strong_zeros._kernel_reads import ZERO_ALPHA_PRODUCTS
 from gradwise._strong_zeros._rules import _hooked, lookup
-from gradwise._strong_zeros._rules_bilinear import _reads_every_position, weights_paths
+from gradwise._strong_zeros._rules_bilinear import WEIGHTS_ENDS, _reads_every_position, weights_paths
 from gradwise._strong_zeros._triangles import TRIANGLE_READERS
 from gradwise._strong_zeros._weights_layout import as_signed as _as_signed
 
@@ -344,14 +344,25 @@ def _no_masked_weights(node: Any) -> bool:
     return True
 
 
+def _own_and_weights(own: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """The makes-no-zeros test of a node whose own test is ``own``, that may also multiply masked weights."""
+    return lambda node: own(node) and _no_masked_weights(node)
+
+
+# the nodes whose makes-no-zeros test reads _no_masked_weights, each with the rest of its test (None: nothing else):
+# in a graph with no node that may end a weights path the plan's walk reads that rest alone (WEIGHTS_READER). Until
+# the review of perf_sz35 only mm/bmm's were skipped: every Linear's addmm walked its operands' producers on every
+# backward (~3 us each, 17 us of a 2-layer Transformer encoder's 60 us walk)
+_WEIGHTS_READERS: dict[str, Callable[[Any], bool] | None] = {
+    "MmBackward0": None, "BmmBackward0": None,
+    # (addmm/baddbmm of a softmax's weights: the values' gradient's structural zeros, as mm/bmm's)
+    "AddmmBackward0": _alpha_nonzero, "BaddbmmBackward0": _alpha_nonzero}
+
 _MAKES_NO_ZEROS_IF: dict[str, Callable[[Any], bool]] = {
-    **dict.fromkeys(("MmBackward0", "BmmBackward0"), _no_masked_weights),
+    **{name: _no_masked_weights if own is None else _own_and_weights(own) for name, own in _WEIGHTS_READERS.items()},
     "PowBackward0": lambda node: _saved(node, "_saved_exponent") != 0,  # x ** 0 backward is zeros_like(x)
     # addmm & co. with alpha = 0 (beta = 0): the operands' (input's) gradients are the deleted term's (_zero_alpha_mul)
     **dict.fromkeys(("AddmvBackward0", "AddbmmBackward0"), _alpha_nonzero),
-    # (addmm/baddbmm of a softmax's weights: the values' gradient's structural zeros, as mm/bmm's)
-    **dict.fromkeys(("AddmmBackward0", "BaddbmmBackward0"), lambda node: _alpha_nonzero(node) and
-                    _no_masked_weights(node)),
     # a selection that reads every position (an index holding each row, a full slice) drops nothing: its
     # backward writes every position of its input, as strong zeros' own rules find (the support is all True)
     # (indices a checkpoint recomputes are not read: it makes zeros, as far as the plan knows)
@@ -494,23 +505,46 @@ def _fact_reader(name: str, makes: Any, inside: Any, select: Any) -> Callable[[A
             return lambda node: (outputs(node), False)
         return lambda node: (outputs(node), _holds(inside, node, False))
     if makes.__class__ is not bool:
-        test = _MAKES_NO_ZEROS_IF[name]
-
-        def read(node: Any) -> tuple[bool, bool]:
-            try:
-                made = not test(node)
-            except RuntimeError:  # a saved tensor an earlier backward freed: the worst (as _holds)
-                made = True
-            return (made, made and inside is not None and _holds(inside, node, False))
-
-        return read
+        return _test_reader(_MAKES_NO_ZEROS_IF[name], inside)
     if makes and inside is not None:
         return lambda node: (True, _holds(inside, node, False))
     return None
 
 
+def _test_reader(test: Callable[[Any], bool], inside: Any) -> Callable[[Any], tuple[bool, bool]]:
+    """``_fact_reader`` of a node whose makes-no-zeros test is ``test``: whether it makes zeros, and whether they
+    stay inside it."""
+
+    def read(node: Any) -> tuple[bool, bool]:
+        try:
+            made = not test(node)
+        except RuntimeError:  # a saved tensor an earlier backward freed: the worst (as _holds)
+            made = True
+        return (made, made and inside is not None and _holds(inside, node, False))
+
+    return read
+
+
+def _unweighted_reader(name: str, inside: Any) -> Callable[[Any], tuple[bool, bool]] | None:
+    """A WEIGHTS_READER's fact where no softmax's weights can feed it: its test without _no_masked_weights (which
+    holds there without a read); None for other types."""
+    if name not in _WEIGHTS_READERS:
+        return None
+    own = _WEIGHTS_READERS[name]
+    return _test_reader(own, inside) if own is not None else lambda node: _NO_WEIGHTS_FACT
+
+
+_NO_WEIGHTS_FACT = (False, False)  # an mm/bmm's fact where no softmax's weights feed it: it makes no zeros
 _NODE_TYPES: dict[type, tuple] = {}
 _PYTHON_NODE = torch.autograd.function.BackwardCFunction
+
+# A node type's part in the weights facts of mm/bmm (``_node_type``'s entry 11, else None): its makes-zeros test
+# reads _no_masked_weights (_WEIGHTS_READERS; entry 12 reads the rest of it), which finds no softmax's weights (True,
+# no saved tensor read) unless a node of WEIGHTS_ENDS is among its producers; or its nodes may be such an end (their
+# ``name()`` is in WEIGHTS_ENDS, or is not their class's name, qualified or not: a C++ node shown through a Python
+# type it shares, whose name the type does not tell). The plan's walk reads the first kind's weights only in a graph
+# that holds the second (``_planning._walked``).
+WEIGHTS_READER, WEIGHTS_END = "weights reader", "weights end"
 
 
 def per_type(table: dict, cls: type, attr: str) -> Any:
@@ -541,8 +575,9 @@ def _node_type(node: Any) -> tuple:
     reads, whether NODE_FACTS knows it, its singular-point test, whether it makes structural zeros (a bool, or a
     test of the node where that depends on what it saved), its zero-output test (_ZERO_OUTPUT_TESTS), its
     selection (_SELECTED), whether the plan has nothing to do there, whether the strong pass watches it (a custom
-    Function's, a compiled backward, a TRIANGLE_READERS node: ``_planning._walked`` lists them for it), and what
-    the plan's walk reads from it (``_fact_reader``)."""
+    Function's, a compiled backward, a TRIANGLE_READERS node: ``_planning._walked`` lists them for it), what
+    the plan's walk reads from it (``_fact_reader``), its part in mm/bmm's weights facts (WEIGHTS_READER,
+    WEIGHTS_END or None), and a WEIGHTS_READER's fact reader where no weights can feed it (``_unweighted_reader``)."""
     info = per_type(_NODE_TYPES, type(node), "_gradwise_node_type")
     if info is None:
         name = type(node).__name__
@@ -559,9 +594,13 @@ def _node_type(node: Any) -> tuple:
         watched = name == "CompiledFunctionBackward" or getattr(type(node), "_forward_cls", None) is not None or \
             name in TRIANGLE_READERS
         inside, select = _OWN_ZEROS_INSIDE.get(name), _SELECTED.get(name)
+        called = node.name()
+        weights = WEIGHTS_READER if name in _WEIGHTS_READERS else \
+            WEIGHTS_END if called in WEIGHTS_ENDS or not (called == name or called.endswith("::" + name)) else None
         info = keep_per_type(_NODE_TYPES, type(node), "_gradwise_node_type", (
-            names, read, known, singular, makes, zero_output, inside, select, nothing and not watched, watched,
-            _fact_reader(name, makes, inside, select)))
+            names, read, known, singular, makes, zero_output, inside, select,
+            nothing and not watched and weights is None, watched, _fact_reader(name, makes, inside, select), weights,
+            _unweighted_reader(name, inside)))
     return info
 
 

@@ -23,6 +23,8 @@ from gradwise._strong_zeros._node_facts import (
     HIDES_ITS_FORMULA,
     SCALES_BY_ITS_ZEROS,
     UNUSED_OUTPUTS,
+    WEIGHTS_END,
+    WEIGHTS_READER,
     _node_type,
     _readable,
     covers,
@@ -72,13 +74,17 @@ def _walked(roots: Sequence[Any]) -> _Walk:
     does not decide where zeros start and spread, what its fact reader read, ``_node_facts._fact_reader``; and the
     output slot of each edge it pushes) or its index among the nodes met so far (a node met again). The stack replays
     from that sequence alone, so two graphs with equal shapes are the same graph up to the node objects, with the
-    same facts: ``_Shaped`` is a function of the shape, never of values (those are read per backward)."""
+    same facts: ``_Shaped`` is a function of the shape, never of values (those are read per backward). An mm/bmm's
+    fact (WEIGHTS_READER) is read at the end, and only where the graph holds a node that may end a weights path
+    (WEIGHTS_END); elsewhere it is the one its reader would give without a read."""
     nodes: dict[Any, int] = {}
     edges_of: list[tuple] = []
     facts: list = []
     watched: list = []
     shape: list = [len(roots)]
     add = shape.append
+    later: list = []  # (mm/bmm/addmm/baddbmm node, its fact's place in shape, its type's info): WEIGHTS_READER
+    ends = False  # whether a node that may end a weights path is in the graph (WEIGHTS_END)
     types = _NODE_TYPES
     stack = list(roots)
     pop, push = stack.pop, stack.append
@@ -98,16 +104,33 @@ def _walked(roots: Sequence[Any]) -> _Walk:
         edges = node.next_functions
         edges_of.append(edges)
         if not info[8]:
-            if info[10] is not None:
-                fact = info[10](node)
-                facts.append((node, fact))
-                add(fact)  # (a tuple: never taken for a type or an index)
+            if info[11] is WEIGHTS_READER:  # an mm-like node: its fact once the walk knows if a softmax may feed it
+                later.append((node, len(shape), info))
+                add(None)
+            else:
+                if info[11] is WEIGHTS_END:
+                    ends = True
+                if info[10] is not None:
+                    fact = info[10](node)
+                    facts.append((node, fact))
+                    add(fact)  # (a tuple: never taken for a type or an index)
             if info[9]:
                 watched.append(node)
         for n, slot in edges:
             if n is not None:
                 push(n)
                 add(~slot)  # negative: never taken for an index
+    for node, at, info in later:
+        # Sound without a WEIGHTS_END node: _no_masked_weights follows the mm/bmm's producers (its edges, theirs, ...:
+        # nodes of this graph, each popped above; AccumulateGrad, never an end, unread) to a node whose name() is in
+        # WEIGHTS_ENDS, finds none, and answers True (makes no zeros) before reading any value: the reader's fact is
+        # then the rest of its test's (info[12]: mm/bmm's (False, False), addmm/baddbmm's of alpha and beta;
+        # test_perf_sz35, test_review_perf_sz35 hold the walk's facts equal to each node's reader). That walk of
+        # the producers cost ~12 us an mm cold after a forward (name() and next_functions per hop): ~45 us of the
+        # SDPA block's plan; ~3 us each Linear's addmm warm.
+        fact = info[10](node) if ends else info[12](node)
+        facts.append((node, fact))
+        shape[at] = fact
     return _Walk(nodes, edges_of, facts, watched, tuple(shape))
 
 
@@ -383,7 +406,7 @@ def _shaped(roots: Sequence[Any], g: _Graph, nested: bool = False) -> _Shaped:
     deferred: list = []  # singular-point tests of nodes no structural zero reaches from above
     zero_outputs: list = []  # nodes whose backward multiplies by their own output (softmax, exp)
     for node in g.special:
-        _, _, known, singular, _, zero_output, _, _, _, _, _ = node_info(node)
+        _, _, known, singular, _, zero_output, _, _, _, _, _, _, _ = node_info(node)
         if not known:
             known_all = False
             only_compiled = only_compiled and type(node).__name__ == "CompiledFunctionBackward"

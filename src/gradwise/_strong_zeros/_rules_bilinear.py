@@ -427,6 +427,15 @@ def _of_log_softmax(node: Any) -> bool:
     return edge is not None and edge.name() == "LogSoftmaxBackward0"
 
 
+# the node names (``name()``) at which ``_path_from`` ends a weights path, each with its test that the node is one.
+# The one table both read: a graph with no node so named has no softmax's weights in any mm/bmm, and the plan's walk
+# then reads no mm/bmm's weights fact (``_planning._walked``); an end added to one list only (its names were two
+# lists) would be followed by the rules and skipped by the plan, silently (test_review_perf_sz35)
+_WEIGHTS_END_TESTS: dict[str, Callable[[Any], bool]] = {
+    **dict.fromkeys(_SOFTMAXES, lambda node: True), "ExpBackward0": _of_log_softmax}
+WEIGHTS_ENDS = _WEIGHTS_END_TESTS.keys()  # (a view: it follows the table)
+
+
 _FOLLOWED = _WEIGHT_PATH | _SAME_STORAGE | frozenset(_GATED_PATH)
 _PATH_BUDGET = 8  # nodes a weights path may hold (a gated node tries two factors: under 2**9 nodes visited)
 
@@ -451,7 +460,8 @@ def _path_from(producer: Any, budget: int) -> list[Any] | None:
     while producer is not None and len(path) < budget:
         path.append(producer)
         name = producer.name()
-        if name in _SOFTMAXES or (name == "ExpBackward0" and _of_log_softmax(producer)):
+        end = _WEIGHTS_END_TESTS.get(name)
+        if end is not None and end(producer):
             return path
         if name not in _FOLLOWED:  # (before the edges: most mm/addmm operands end here, a Linear's on every backward)
             return None
