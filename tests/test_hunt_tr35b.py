@@ -1,0 +1,61 @@
+"""Hunt tr35b (session 35): the trace's reports where a NaN is made beside an Inf, a composite row-wise backward,
+padding dropped beside a used NaN under gw.watch(), and the discarding op a contamination finding names. References
+are plain PyTorch under gw.strong_zeros() with each write alone, never the trace itself."""
+
+from __future__ import annotations
+
+import torch
+
+import gradwise as gw
+from _explaining import genuine_findings, traced_with_each_write_kept
+
+
+def _zero_over_zero_beside_an_inf(zero: bool, inf: bool) -> torch.Tensor:
+    """``a / b * w`` with a 0/0 at element 0 (``zero``) and a[1] = inf written (``inf``); returns w."""
+    torch.manual_seed(0)
+    w = torch.randn(4, requires_grad=True)
+    a, b = torch.tensor([1.0, 1.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, 1.0, 2.0])
+    if zero:
+        a[0], b[0] = 0.0, 0.0
+    if inf:
+        a[1] = float("inf")
+    (a / b * w).sum().backward()
+    return w
+
+
+def test_a_zero_over_zero_beside_an_inf_is_told_as_a_division_by_zero_and_the_inf_is_named():
+    """SILENT before: a / b with 0/0 at element 0 and a's Inf at element 1 (inf / 1 = inf, carried). The NaN is
+    new (a holds no NaN), so the div's birth took the whole output: the Inf's own birth (the write a[1] = inf)
+    was dropped, the gradient's Inf told as the div's NaN finding ("elements: 1, first at 0, 1") and no finding
+    named the write, though alone it leaves w's gradient Inf. And the div explainer, reading the operands
+    whole, said "inf / inf (both operands overflowed upstream)" for the 0/0."""
+    report = traced_with_each_write_kept(_zero_over_zero_beside_an_inf)
+    found = {f.born_op: f for f in genuine_findings(report)}
+    assert set(found) == {"aten.div", "aten.copy_"}, str(report)
+    assert all(f.reaches == ["w"] for f in found.values()), str(report)
+    assert (found["aten.div"].kind, found["aten.div"].count, found["aten.copy_"].kind) == ("nan", 1, "inf")
+    assert "division by zero" in found["aten.div"].born and "inf / inf" not in found["aten.div"].born, str(report)
+    assert len(report.causes) == 2, str(report)  # (the 0/0 is no descendant of the Inf beside it)
+
+
+def test_inf_over_inf_is_still_told_so():
+    """The explainer's other case, judged at the NaN's elements: inf / inf there."""
+    w = torch.ones(3, requires_grad=True)
+    a, b = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 3.0])
+    with gw.trace() as report:
+        a[0], b[0] = float("inf"), float("inf")
+        (a / b * w).sum().backward()
+    nan = [f for f in genuine_findings(report) if f.kind == "nan"]
+    assert nan and all("inf / inf" in f.born for f in nan), str(report)
+
+
+def test_the_div_explainer_reads_the_operands_at_the_nan():
+    """Before: the 0/0 of a / b beside an Inf elsewhere in a (sliced away) was told "inf / inf (both operands
+    overflowed upstream)": the explainer read whether an operand held an Inf anywhere."""
+    w = torch.ones(2, requires_grad=True)
+    with gw.trace() as report:
+        a, b = torch.tensor([0.0, 1.0, float("inf")]), torch.tensor([0.0, 1.0, 1.0])
+        ((a / b)[:2] * w).sum().backward()
+    nan = [f for f in genuine_findings(report) if f.kind == "nan"]
+    assert [f.born_op for f in nan] == ["aten.div"], str(report)
+    assert "division by zero" in nan[0].born, str(report)
