@@ -59,3 +59,33 @@ def test_the_div_explainer_reads_the_operands_at_the_nan():
     nan = [f for f in genuine_findings(report) if f.kind == "nan"]
     assert [f.born_op for f in nan] == ["aten.div"], str(report)
     assert "division by zero" in nan[0].born, str(report)
+
+
+def _masked_then_sliced():
+    """``tanh(x * w).masked_fill(m, 0)[:4]`` with x's rows 4: NaN padding and m column 0 (its padding elements
+    replaced by masked_fill, the rest dropped by the slice alone); returns the report."""
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, requires_grad=True)
+    x = torch.randn(6, 4)
+    x[4:] = float("nan")
+    m = torch.zeros(6, 4, dtype=torch.bool)
+    m[:, 0] = True
+    with gw.trace() as report:
+        (x * w).tanh().masked_fill(m, 0.0)[:4].pow(2).sum().backward()
+    w.grad = None
+    with gw.strong_zeros():
+        (x * w).tanh().masked_fill(m, 0.0)[:4].pow(2).sum().backward()
+    assert bool(w.grad.isfinite().all()), "premise: the padding is unused (contamination alone)"
+    return report
+
+
+def test_unused_since_names_the_op_that_dropped_each_element():
+    """Before: "unused since: aten.masked_fill" for all 8 padding elements, though the slice alone dropped the 6
+    outside the masked column: only the nearest discarding op upstream of the meeting was named (its backward's
+    zeros include the slice's, passed through). Now each element is named after the op that zeroed it: the
+    masked_fill's column (the first to replace them), the slice's other rows."""
+    report = _masked_then_sliced()
+    assert not genuine_findings(report), str(report)
+    told = {(f.discarded_op, f.count, tuple(map(tuple, f.indices))[:2]) for f in report.findings}
+    assert told == {("aten.masked_fill", 2, ((4, 0), (5, 0))), ("aten.slice", 6, ((4, 1), (4, 2)))}, str(report)
+    assert all(f.reaches == ["w"] for f in report.findings), str(report)
