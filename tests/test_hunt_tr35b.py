@@ -89,3 +89,49 @@ def test_unused_since_names_the_op_that_dropped_each_element():
     told = {(f.discarded_op, f.count, tuple(map(tuple, f.indices))[:2]) for f in report.findings}
     assert told == {("aten.masked_fill", 2, ((4, 0), (5, 0))), ("aten.slice", 6, ((4, 1), (4, 2)))}, str(report)
     assert all(f.reaches == ["w"] for f in report.findings), str(report)
+
+
+def _padding_beside_a_used_nan(pad: bool, used: bool, also_padding: bool = False) -> tuple:
+    """``tanh(x * w)[:4].pow(2).sum()`` with x's rows 4: NaN (``pad``) and x[0, 1] NaN (``used``), written before
+    the loss; ``also_padding``: plus ``(x[4:] * v).sum()``, which uses the padding rows. Returns (w, v)."""
+    torch.manual_seed(0)
+    w, v = torch.randn(6, 4, requires_grad=True), torch.randn(2, 4, requires_grad=True)
+    x = torch.randn(6, 4)
+    if pad:
+        x[4:] = float("nan")
+    if used:
+        x[0, 1] = float("nan")
+    loss = (x * w).tanh()[:4].pow(2).sum()
+    if also_padding:
+        loss = loss + (x[4:] * v).sum()
+    loss.backward()
+    return w, v
+
+
+def test_the_watch_counts_the_used_element_apart_from_the_dropped_padding():
+    """Before: under gw.watch() (the forward untraced, so x "arrived with 9 NaN value(s)", one birth) the genuine
+    finding counted all 9 elements, the padding's too, though only x[0, 1] is used (strong zeros: the padding
+    alone leaves w's gradient finite, the used NaN alone does not) and the contamination finding told the 8
+    padding elements. gw.trace() of the same program tells the writes apart: 1 genuine element, 8 contaminated."""
+    with gw.strong_zeros():
+        assert bool(_padding_beside_a_used_nan(True, False)[0].grad.isfinite().all())
+        assert not bool(_padding_beside_a_used_nan(False, True)[0].grad.isfinite().all())
+    for block in (gw.trace, gw.watch):
+        with block() as report:
+            _padding_beside_a_used_nan(True, True)
+        [g] = genuine_findings(report)
+        [c] = [f for f in report.findings if f.kind == "contamination"]
+        assert (g.count, g.indices, g.reaches) == (1, [[0, 1]], ["w"]), str(report)
+        assert (c.count, c.reaches, c.discarded_op) == (8, ["w"], "aten.slice"), str(report)
+
+
+def test_the_watch_counts_padding_another_use_reads():
+    """The padding rows dropped by the slice but read by ``x[4:] * v`` beside it are used (v's gradient is NaN
+    there): the genuine finding keeps the born tensor's 9 elements."""
+    with gw.strong_zeros():
+        _, v = _padding_beside_a_used_nan(True, False, also_padding=True)
+    assert bool(v.grad.isnan().all()), "premise: the padding alone leaves v's gradient NaN"
+    with gw.watch() as report:
+        _padding_beside_a_used_nan(True, True, also_padding=True)
+    [g] = genuine_findings(report)
+    assert g.count == 9 and set(g.reaches) == {"v", "w"}, str(report)
