@@ -4,6 +4,7 @@ are plain PyTorch under gw.strong_zeros() with each write alone, never the trace
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import gradwise as gw
@@ -108,6 +109,11 @@ def _padding_beside_a_used_nan(pad: bool, used: bool, also_padding: bool = False
     return w, v
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "b51d7aa's count of used data elements (`_data_used`) reverted by review_tr35b: it read contamination met in "
+    "any tensor of x's shape as x's coordinates (x.t(): a used NaN called padding) and missed uses explained by "
+    "another birth (an under-count); a data birth needs its elements followed through views to count them exactly "
+    "(tests/test_review_tr35b.py)"))
 def test_the_watch_counts_the_used_element_apart_from_the_dropped_padding():
     """Before: under gw.watch() (the forward untraced, so x "arrived with 9 NaN value(s)", one birth) the genuine
     finding counted all 9 elements, the padding's too, though only x[0, 1] is used (strong zeros: the padding

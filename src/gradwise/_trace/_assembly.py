@@ -337,38 +337,12 @@ def _used_elements(incidents, since: int) -> dict[int, tuple[int, list]]:
                 best[id(birth)] = (n, inc.indices)
     whole = {k for k, (genuine, contaminated, birth) in own.items() if genuine + contaminated >= birth.count}
     used = {k: v for k, v in best.items() if k not in mixed or k in whole}
-    used.update(_data_used(incidents, since, used))
     # elsewhere, the elements the sensitivity reached at the node that made it (a GRU mixing a packed sequence: not
     # the padded step pack_padded_sequence never read)
     for birth in sensed.values():
         if id(birth) not in used and birth.sensed:
             used[id(birth)] = (min(birth.count, birth.sensed), birth.sensed_indices)
     return used
-
-
-def _data_used(incidents, since: int, known: dict) -> dict[int, tuple[int, list]]:
-    """Per data birth (``Birth.mask``: arrived non-finite, once) whose genuine incidents all lie in tensors of
-    other shapes (a slice of it: ``x[:4]``'s pow met its used NaN), the elements the output uses: those no
-    contamination incident of its shape met (``Birth.unused``: the padding rows a slice dropped). Only where the
-    genuine incidents count no more elements than that (an element both dropped by one use and used by another,
-    ``x[4:] * v`` beside it, leaves the born tensor's count). Every element was counted used: the padding beside a
-    used NaN, in one tensor, was a genuine finding of 9 elements under gw.watch() (the forward's writes unseen)."""
-    genuine: dict[int, list] = {}
-    for inc in incidents:
-        if inc.serial <= since or not inc.births or inc.kind == "contamination":
-            continue
-        birth = overflow_root(earliest(inc.births, inc.kind))
-        if birth.mask is not None and birth.unused is not None and id(birth) not in known:
-            genuine.setdefault(id(birth), [0, birth])[0] += inc.count
-    got = {}
-    for k, (n_genuine, birth) in genuine.items():
-        if birth.occurrences != 1 or birth.mask.shape != birth.unused.shape:
-            continue
-        rest = birth.mask & ~birth.unused
-        n, idx = _positions(rest)
-        if 0 < n_genuine <= n < birth.count:
-            got[k] = (n, idx)
-    return got
 
 
 def _named(inc, via: _Birth, birth: _Birth) -> list:

@@ -202,8 +202,6 @@ class _Incidents:
                         b.used = True
                 inc = self.store.incident(kind, op, node_op, loc, count, idx, births, what,
                                           (unread or discarded_at) if contaminated else None, undecided)
-                if contaminated:
-                    _unused_data(births, at)
                 inc.shape = tuple(o.shape)
                 inc.vague = inc.vague or any(self._vague(t) for t in there)  # (_assembly._named)
                 if contaminated and any(t.layout != torch.strided for t in ins):
@@ -230,14 +228,6 @@ class _Incidents:
         None where the trace runs none."""
         strong = self.shadow.strong(o) if self.shadow is not None else None
         return self.triangles.strong(o) if strong is None and self.triangles is not None else strong
-
-def _unused_data(births, at: torch.Tensor) -> None:
-    """Record at each data birth (``Birth.mask``) of its shape the elements ``at`` a zero sensitivity met."""
-    for b in births:
-        if b.mask is not None and b.mask.shape == at.shape:
-            met = at & b.mask
-            b.unused = met if b.unused is None else b.unused | met
-
 
 def _contaminations(incidents: list) -> int:
     """How many of ``incidents`` (contamination first, one per discarding op: ``_Flow._discarders``) are

@@ -89,8 +89,6 @@ class _Origins:
                         batch=batch)
         if batch is not None and batch not in b.batches and len(b.batches) < _KEEP:
             b.batches.append(batch)
-        if b.occurrences == 1 and b.mask is None:  # (its elements: which the output uses, _used_elements)
-            b.mask = mask
         return b
 
     def _derive(self, out, ins: list, loc) -> None:

@@ -56,11 +56,6 @@ class Birth:
     formula: bool = False  # made by a backward formula from saved values (pow's self ** -0.5 at 0)
     made_of: frozenset = frozenset()  # a NaN's: the births of the infinities at its elements (_infinities_at)
     own: bool = False  # a NaN with an occurrence made of no infinity (0/0): its own root beside made_of's
-    # data that arrived non-finite: its elements (the first occurrence's), and those a contamination incident in a
-    # tensor of its shape met (a zero sensitivity there): which ones the output uses, where the backward mixes them
-    # (``_assembly._used_elements``)
-    mask: torch.Tensor | None = None
-    unused: torch.Tensor | None = None
 
     def describe(self) -> str:
         from gradwise._trace._common import _fmt  # the trace's path formatting (relative to the working directory)

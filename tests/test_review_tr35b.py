@@ -1,0 +1,82 @@
+"""Review of tr35b (session 35): breaks of its changes, each checked against plain PyTorch under
+gw.strong_zeros() with each NaN write alone (which writes leave a gradient non-finite), never the trace itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradwise as gw
+from _explaining import genuine_findings
+
+
+def _transposed(pad: bool, used: bool):
+    """x (4, 4) read as ``x.t()``, whose rows 3: a slice drops: x's column 3 is NaN padding (``pad``), x[3, 0] a
+    used NaN (``used``, x.t()[0, 3]). Returns (w, x) with x made before any block (data that arrived)."""
+    torch.manual_seed(0)
+    w, x = torch.randn(4, 4, requires_grad=True), torch.randn(4, 4)
+    if pad:
+        x[:, 3] = float("nan")
+    if used:
+        x[3, 0] = float("nan")
+    return w, x
+
+
+def _transposed_loss(w, x) -> None:
+    (x.t() * w).tanh()[:3].pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("block", [gw.trace, gw.watch], ids=["trace", "watch"])
+def test_a_used_element_read_through_a_transpose_is_named(block):
+    """SILENT on tr35b (b51d7aa): the contamination met in x.t()'s coordinates (its row 3) was taken as x's own
+    elements (x's row 3), so the used NaN x[3, 0] was called padding and the padding x[0:3, 3] told as the used
+    elements: 'nan, elements 3, at [0, 3], [1, 3], [2, 3]'. The used element must be named."""
+    with gw.strong_zeros():
+        w, x = _transposed(True, False)
+        _transposed_loss(w, x)
+        assert bool(w.grad.isfinite().all()), "premise: the padding alone is unused"
+        w, x = _transposed(False, True)
+        _transposed_loss(w, x)
+        assert not bool(w.grad.isfinite().all()), "premise: x[3, 0] is used"
+    w, x = _transposed(True, True)
+    with block() as report:
+        _transposed_loss(w, x)
+    [g] = genuine_findings(report)
+    assert [3, 0] in g.indices and g.reaches == ["w"], str(report)
+
+
+def _padding_read_beside_another_nan(pad: bool, used: bool, other: bool):
+    """x (6, 4) whose rows 4: are NaN padding (``pad``) and x[0, 1] a used NaN (``used``), y a NaN (``other``);
+    returns (w, v, x, y), made before any block."""
+    torch.manual_seed(0)
+    w, v = torch.randn(6, 4, requires_grad=True), torch.randn((), requires_grad=True)
+    y, x = torch.randn(3), torch.randn(6, 4)
+    if other:
+        y[0] = float("nan")
+    if pad:
+        x[4:] = float("nan")
+    if used:
+        x[0, 1] = float("nan")
+    return w, v, x, y
+
+
+def _padding_read_loss(w, v, x, y) -> None:
+    """The slice drops x's padding rows from w's use, ``(y.sum() + x[4:].sum()) * v`` reads them."""
+    ((y.sum() + x[4:].sum()) * v + (x * w).tanh()[:4].pow(2).sum()).backward()
+
+
+@pytest.mark.parametrize("block", [gw.trace, gw.watch], ids=["trace", "watch"])
+def test_padding_another_use_reads_beside_an_earlier_nan_is_counted(block):
+    """SILENT on tr35b (b51d7aa): the genuine incident of v's gradient (x's padding with y's NaN) was explained by
+    y's birth (the earliest), so x's genuine count left it out, the guard 'genuine incidents count no more' held,
+    and x's finding said 'elements: 2, at [0, 1]' (x's one used element and y's), though x's 8 padding elements
+    alone leave v's gradient NaN: an under-count hiding a genuine use (on the base: 10, x's 9 and y's 1)."""
+    with gw.strong_zeros():
+        w, v, x, y = _padding_read_beside_another_nan(True, False, False)
+        _padding_read_loss(w, v, x, y)
+        assert bool(w.grad.isfinite().all()) and not bool(v.grad.isfinite().all()), "premise: padding reaches v"
+    w, v, x, y = _padding_read_beside_another_nan(True, True, True)
+    with block() as report:
+        _padding_read_loss(w, v, x, y)
+    told = sum(f.count for f in genuine_findings(report))
+    assert told >= 9 + 1 and any([4, 0] in f.indices for f in genuine_findings(report)), str(report)
