@@ -80,3 +80,30 @@ def test_padding_another_use_reads_beside_an_earlier_nan_is_counted(block):
         _padding_read_loss(w, v, x, y)
     told = sum(f.count for f in genuine_findings(report))
     assert told >= 9 + 1 and any([4, 0] in f.indices for f in genuine_findings(report)), str(report)
+
+
+def _scan_with_an_infinite_seed(pad: bool, seed: bool) -> torch.Tensor:
+    """``(x * w).logcumsumexp(1)[:4, -1]`` differentiated with an Inf in its sensitivity's row 2 (``seed``, a
+    copy_) beside x's NaN padding rows 4: (``pad``, a fill_) the slice drops; returns w's gradient."""
+    torch.manual_seed(0)
+    w, x = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4)
+    if pad:
+        x[4:] = float("nan")
+    grad_out = torch.ones(4)
+    if seed:
+        grad_out[2] = float("inf")
+    return torch.autograd.grad((x.clone() * w).logcumsumexp(1)[:4, -1], w, grad_outputs=grad_out)[0]
+
+
+def test_a_scans_padding_is_no_genuine_finding_beside_an_infinite_seed():
+    """Over-report on tr35b (and the base): the padding rows' NaN met by log|0| in logcumsumexp's composite backward
+    is annihilated at its last op; the elements left non-finite there (row 2, the seed's Inf) carried the padding's
+    incident too, as x had no parts (one write) so the rows were "not known": 'nan, elements 8, born aten.fill_'
+    reaching w, though strong zeros leave the padding alone unused."""
+    with gw.strong_zeros():
+        assert bool(_scan_with_an_infinite_seed(True, False).isfinite().all()), "premise: the padding is unused"
+        assert not bool(_scan_with_an_infinite_seed(False, True).isfinite().all()), "premise: the seed is used"
+    with gw.trace() as report:
+        _scan_with_an_infinite_seed(True, True)
+    assert {f.born_op for f in genuine_findings(report)} == {"aten.copy_"}, str(report)
+    assert {f.born_op for f in report.findings if f.kind == "contamination"} == {"aten.fill_"}, str(report)

@@ -218,7 +218,8 @@ class _SavedMeets:
         ``carried``: what came with its sensitivity ``g``, and the incidents its own ops made (the formula's
         intermediates meet the saved NaN/Inf with log|g|, no zero) only where their births lie in the kept
         elements' rows (``nd.rows``: a scan's backward reads a row's saved values alone; of the saved values with
-        parts: another's provenance would be a new birth, data arrived). All of them there:
+        parts or a provenance the forward recorded: reading another's would make a birth, data arrived). All of
+        them there, or where those rows hold no saved NaN/Inf (an Inf seed's row beside NaN padding):
         logcumsumexp's padding rows' NaN, met by log|0| in its first sub and annihilated at its last, reached w
         through the used row's elements, a genuine finding of 8 elements. ``carried`` where the rows are not
         known."""
@@ -226,11 +227,18 @@ class _SavedMeets:
         if not nd.rows or node is None:
             return carried
         saved = [t for name in dir(node) if name.startswith("_saved_")
-                 and isinstance(t := getattr(node, name), torch.Tensor) and t.shape == kept.shape and t in self.parts]
-        rows = self._row_births(saved, loc, kept, nd.rows) if saved else None
+                 and isinstance(t := getattr(node, name), torch.Tensor) and t.shape == kept.shape and (
+                     t in self.parts or _forward_made(self.prov.get(t)))]
+        # (rows holding no saved NaN/Inf: the kept elements' came with g alone, the Inf of an infinite seed)
+        rows = self._row_births(saved, loc, kept, nd.rows, frozenset()) if saved else None
         if rows is None:
             return carried
         upstream = self.prov.get(g, frozenset())
         return frozenset(i for i in carried if i in upstream or not isinstance(i, _Incident) or not i.births
                          or i.births & rows)
 
+
+def _forward_made(prov) -> bool:
+    """Whether ``prov`` is a saved value's provenance the forward recorded (births, no backward incident): its
+    rows' births are read without making one (``_formula_kept``)."""
+    return bool(prov) and not any(isinstance(i, _Incident) for i in prov)
