@@ -107,3 +107,44 @@ def test_a_scans_padding_is_no_genuine_finding_beside_an_infinite_seed():
         _scan_with_an_infinite_seed(True, True)
     assert {f.born_op for f in genuine_findings(report)} == {"aten.copy_"}, str(report)
     assert {f.born_op for f in report.findings if f.kind == "contamination"} == {"aten.fill_"}, str(report)
+
+
+def _division(zero: bool, inf: bool, by_zero: bool) -> torch.Tensor:
+    """``(a / b * w).sum()`` with a 0/0 at element 0 (``zero``), a[1] = inf written (``inf``) and 1/0 at element 2
+    (``by_zero``); returns w."""
+    w = torch.ones(4, requires_grad=True)
+    a, b = torch.tensor([1.0, 1.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, 1.0, 2.0])
+    if zero:
+        a[0], b[0] = 0.0, 0.0
+    if inf:
+        a[1] = float("inf")
+    if by_zero:
+        b[2] = 0.0
+    (a / b * w).sum().backward()
+    return w
+
+
+def test_an_inf_the_division_makes_beside_its_nan_and_an_input_inf_is_its_own():
+    """Wrong element on tr35b (fcb7fbe): a / b with 0/0 at 0, a's written Inf at 1 and 1/0 at 2. The Inf
+    elements were all taken as the inputs' (``beside``), so the div's own 1/0 got no part: the write's finding
+    said 'elements: 1, first at 2' (the 1/0) and no finding named element 1, the write's own Inf."""
+    with gw.strong_zeros():
+        assert not bool(_division(False, True, False).grad.isfinite().all()), "premise: the write is used"
+    with gw.trace() as report:
+        _division(True, True, True)
+    found = {f.born_op: f for f in genuine_findings(report)}
+    assert set(found) == {"aten.div", "aten.copy_"}, str(report)
+    assert found["aten.copy_"].indices == [[1]] and [2] in found["aten.div"].indices, str(report)
+
+
+def test_an_inf_the_division_makes_beside_inf_over_inf_reaches_its_gradient():
+    """tr35b (fcb7fbe): a = [1, 1, inf], b = [0, 1, inf]: 1/0 at 0 beside inf/inf at 2 was told as two genuine Inf
+    findings of the writes 'reaching no gradient' (the div's own Inf given the writes' births), though w's
+    gradient is Inf there."""
+    w = torch.ones(3, requires_grad=True)
+    with gw.trace() as report:
+        a, b = torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0.0, 1.0, 1.0])
+        a[2] = float("inf")
+        b[2] = float("inf")
+        (a / b * w).sum().backward()
+    assert genuine_findings(report) and all(f.reaches == ["w"] for f in genuine_findings(report)), str(report)

@@ -7,6 +7,7 @@ _row_parts, _store.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -300,6 +301,11 @@ class _Provenance(_Origins, _Parts):
             # parents are the births of its own elements' infinities (none for a 0/0: it was told as that Inf's)
             beside = mask & ~born if fresh is None and new_nan and nf and torch.Tag.pointwise in func.tags and \
                 _aligned(nf, o.shape) else None
+            own = born
+            if beside is not None:  # (an Inf where every input is finite, x/0 beside that 0/0, is this op's own:
+                # it was told as the input Inf's, at that Inf's element)
+                carried = functools.reduce(torch.logical_or, [~torch.isfinite(t).broadcast_to(o.shape) for t in nf])
+                own, beside = born | (beside & ~carried), beside & carried
             if beside is not None and bool(beside.any()):
                 births = frozenset().union(*(self._origin_at(t, loc, at) for t in nf if bool(
                     (at := born & ~torch.isfinite(t).broadcast_to(o.shape)).any())))
@@ -314,7 +320,7 @@ class _Provenance(_Origins, _Parts):
             if fresh is None:  # (born here as a whole: the parts a row-wise op took of its input are not its
                 # births: softmax's NaN of a row's -inf and +inf named those writes, each a genuine finding)
                 self.parts.pop(o, None)
-            births = self._fresh_parts(o, born, b, nf, loc, beside) if beside is not None \
+            births = self._fresh_parts(o, own, b, nf, loc, beside) if beside is not None \
                 else frozenset([b]) if fresh is None else self._fresh_parts(o, fresh, b, nf, loc) \
                 if written is None else self._overwritten_parts(o, fresh, written, b, stale if prior else [
                     p for t in nf for p in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]], prior)
