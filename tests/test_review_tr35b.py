@@ -109,18 +109,19 @@ def test_a_scans_padding_is_no_genuine_finding_beside_an_infinite_seed():
     assert {f.born_op for f in report.findings if f.kind == "contamination"} == {"aten.fill_"}, str(report)
 
 
-def _division(zero: bool, inf: bool, by_zero: bool) -> torch.Tensor:
-    """``(a / b * w).sum()`` with a 0/0 at element 0 (``zero``), a[1] = inf written (``inf``) and 1/0 at element 2
-    (``by_zero``); returns w."""
+INF = float("inf")
+
+
+def _division(a_at: dict, b_at: dict, in_place: bool = False) -> torch.Tensor:
+    """``(a / b * w).sum()`` (``a.div_(b)`` where ``in_place``) of a = [1, 1, 1, 2], b = [1, 1, 1, 2] with the
+    writes ``a[i] = v`` of ``a_at`` and ``b[i] = v`` of ``b_at`` (one write a line); returns w."""
     w = torch.ones(4, requires_grad=True)
     a, b = torch.tensor([1.0, 1.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, 1.0, 2.0])
-    if zero:
-        a[0], b[0] = 0.0, 0.0
-    if inf:
-        a[1] = float("inf")
-    if by_zero:
-        b[2] = 0.0
-    (a / b * w).sum().backward()
+    for i, v in a_at.items():
+        a[i] = v
+    for i, v in b_at.items():
+        b[i] = v
+    ((a.div_(b) if in_place else a / b) * w).sum().backward()
     return w
 
 
@@ -129,9 +130,9 @@ def test_an_inf_the_division_makes_beside_its_nan_and_an_input_inf_is_its_own():
     elements were all taken as the inputs' (``beside``), so the div's own 1/0 got no part: the write's finding
     said 'elements: 1, first at 2' (the 1/0) and no finding named element 1, the write's own Inf."""
     with gw.strong_zeros():
-        assert not bool(_division(False, True, False).grad.isfinite().all()), "premise: the write is used"
+        assert not bool(_division({1: INF}, {}).grad.isfinite().all()), "premise: the write is used"
     with gw.trace() as report:
-        _division(True, True, True)
+        _division({0: 0.0, 1: INF}, {0: 0.0, 2: 0.0})
     found = {f.born_op: f for f in genuine_findings(report)}
     assert set(found) == {"aten.div", "aten.copy_"}, str(report)
     assert found["aten.copy_"].indices == [[1]] and [2] in found["aten.div"].indices, str(report)
@@ -157,20 +158,10 @@ def test_an_inf_the_division_makes_beside_inf_over_inf_reaches_its_gradient():
     "in no finding. Needs a's non-finite mask from before the op (its parts, or a mask kept per birth)"))
 def test_an_in_place_division_names_the_inf_its_input_held():
     """a.div_(b) with 0/0 at element 0 beside a's written Inf at 1: the write alone leaves w's gradient Inf."""
-    def program(zero: bool, inf: bool) -> torch.Tensor:
-        w = torch.ones(4, requires_grad=True)
-        a, b = torch.tensor([1.0, 1.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, 1.0, 2.0])
-        if zero:
-            a[0], b[0] = 0.0, 0.0
-        if inf:
-            a[1] = float("inf")
-        (a.div_(b) * w).sum().backward()
-        return w
-
     with gw.strong_zeros():
-        assert not bool(program(False, True).grad.isfinite().all()), "premise: the write is used"
+        assert not bool(_division({1: INF}, {}, in_place=True).grad.isfinite().all()), "premise: the write is used"
     with gw.trace() as report:
-        program(True, True)
+        _division({0: 0.0, 1: INF}, {0: 0.0}, in_place=True)
     assert {f.born_op for f in genuine_findings(report)} == {"aten.div_", "aten.copy_"}, str(report)
 
 
