@@ -301,11 +301,7 @@ class _Provenance(_Origins, _Parts):
             # parents are the births of its own elements' infinities (none for a 0/0: it was told as that Inf's)
             beside = mask & ~born if fresh is None and new_nan and nf and torch.Tag.pointwise in func.tags and \
                 _aligned(nf, o.shape) else None
-            own = born
-            if beside is not None:  # (an Inf where every input is finite, x/0 beside that 0/0, is this op's own:
-                # it was told as the input Inf's, at that Inf's element)
-                carried = functools.reduce(torch.logical_or, [~torch.isfinite(t).broadcast_to(o.shape) for t in nf])
-                own, beside = born | (beside & ~carried), beside & carried
+            own, beside = _own_infinities(o, born, beside, nf)
             if beside is not None and bool(beside.any()):
                 births = frozenset().union(*(self._origin_at(t, loc, at) for t in nf if bool(
                     (at := born & ~torch.isfinite(t).broadcast_to(o.shape)).any())))
@@ -355,3 +351,13 @@ class _Provenance(_Origins, _Parts):
         for r in stats:  # (what it wrote there descends from the batch, as its outputs do)
             if _nonfinite(r):
                 self.prov[r] = births
+
+
+def _own_infinities(o: torch.Tensor, born: torch.Tensor, beside: torch.Tensor | None, nf: list) -> tuple:
+    """(the elements an elementwise op's birth owns: its NaN ``born`` and the Inf it made where every input is
+    finite, the Inf elements ``beside`` them that an input's non-finite value made). A 1/0 beside a 0/0 and an
+    input's Inf was told as that Inf's, at that Inf's element."""
+    if beside is None:
+        return born, None
+    carried = functools.reduce(torch.logical_or, [~torch.isfinite(t).broadcast_to(o.shape) for t in nf])
+    return born | (beside & ~carried), beside & carried
