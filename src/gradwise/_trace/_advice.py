@@ -39,6 +39,14 @@ def _inputs_at(ins, mask):
     return None
 
 
+def _infinite_at(ins, mask) -> bool:
+    """Whether a floating input is non-finite at the elements ``mask`` (anywhere, where positions do not line up)."""
+    tensors = [t for t in ins if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if mask is not None and tensors and _aligned(tensors, mask.shape):
+        return any(bool((~torch.isfinite(t)).broadcast_to(mask.shape)[mask].any()) for t in tensors)
+    return any(_nonfinite(t) for t in tensors)
+
+
 def _log_counts(ins, mask, edge: float, name: str) -> str:
     x = _inputs_at(ins, mask)
     if x is not None and x.numel():
@@ -113,8 +121,9 @@ def _exponential(ins, out, mask) -> str:
 
 @_explains(aten.div, aten.reciprocal)
 def _division(ins, out, mask) -> str:
-    """x/0 is ±inf and 0/0 is NaN; inf/inf is NaN (an overflow upstream)."""
-    if any(isinstance(t, torch.Tensor) and _nonfinite(t) for t in ins):
+    """x/0 is ±inf and 0/0 is NaN; inf/inf is NaN (an overflow upstream). Judged at the elements ``mask`` where the
+    positions line up: a 0/0 beside an Inf elsewhere in the same operand was told "inf / inf"."""
+    if _infinite_at(ins, mask):
         return "inf / inf (both operands overflowed upstream)"
     return "division by zero (x/0 = ±inf, 0/0 = NaN)"
 
@@ -194,7 +203,7 @@ def _explain(func, ins, out, mask, number: float | None = None) -> str:
         return number_passed(_op_name(func), number)
     if fn is not None:
         return fn(ins, out, mask)
-    if any(isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in ins):
+    if _infinite_at(ins, mask):
         return f"{_op_name(func)} made NaN from infinite inputs (inf - inf, inf / inf or 0 x inf)"
     return f"{_op_name(func)} made NaN/Inf from finite inputs"
 

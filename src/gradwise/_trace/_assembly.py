@@ -24,6 +24,7 @@ from gradwise._trace._findings import (
     genuine,
     infinities_of,
     overflow_root,
+    rewrite_of,
     sparse_gradient,
 )
 from gradwise._trace._report import Finding, Report
@@ -88,7 +89,10 @@ class _Assembly:
             birth = overflow_root(via)
             stand_in = self.backward_births.get(id(inc), (None, None))[1]  # born in the backward, used later
             if inc.kind == "contamination":
-                key = ("contamination", inc.op, inc.loc, birth.op if birth else None, birth.loc if birth else None)
+                # (and by the rewrite of the op that discarded it: a slice's rows and a masked_fill's column are two
+                # fixes, each "unused since" its op)
+                key = ("contamination", inc.op, inc.loc, birth.op if birth else None, birth.loc if birth else None,
+                       rewrite_of(inc))
                 found.add(key, lambda inc=inc, birth=birth, via=via: contamination(inc, birth, via), inc.count,
                           inc.reaches, inc.indices, inc.occurrences, inc.step, birth or stand_in)
                 if birth is not None and birth.op == "input":

@@ -15,7 +15,7 @@ from gradwise import _strong_zeros
 from gradwise._strong_zeros import _unused
 from gradwise._strong_zeros._triangles import TRIANGLE_READERS
 from gradwise._trace._common import _ACCUMULATE_SEQ, _floats, _Node, _tensors
-from gradwise._trace._facts import DECLARED
+from gradwise._trace._facts import _DISCARDS, _ELEMENTWISE_DISCARDS, DECLARED, _discard_key
 from gradwise._trace._shadow import _Shadow
 
 _FORMULA_FIRST = {w.first for w in _strong_zeros.WHOLE_FORMULAS.values()}
@@ -79,6 +79,8 @@ class _BackwardOps:
                         self._kink_reached(nd, seq, [t for t, _ in found], node)
                     if nd is not None and nd.born:
                         self._born_reached(nd, seq, [t for t, _ in found])
+            if seq is not None and self.shadow is not None and self.shadow.valid and seq in self.makers:
+                self._own_zeros(func, info, seq, found, args, kwargs, every)
             sens = True
         else:
             sens = False
@@ -103,6 +105,27 @@ class _BackwardOps:
                                                 args=args, out=out, kwargs=kwargs))
         if seq == _ACCUMULATE_SEQ and found and info.mutable:  # a post-accumulate-grad hook wrote the .grad in
             self._accumulate(node, outs)  # place after the accumulation: what it made reaches that leaf too
+
+    def _own_zeros(self, func, info, seq, found, args, kwargs, every) -> None:
+        """Where the backward op of a selecting node (``_DISCARDS``: masked_fill, where, index...; not the elementwise
+        ones) zeroes its output whatever sensitivity it is given: the op run once more with ones for the incoming
+        sensitivity of its output's shape (``own_zeros``). Only the nearest discarding op upstream was named: a
+        slice's dropped rows were "unused since" a masked_fill after it in the backward that zeroed one column."""
+        nd = self.nodes.get(seq)
+        key = _discard_key(nd.op) if nd is not None else None
+        if key not in _DISCARDS or key in _ELEMENTWISE_DISCARDS or info.mutable or len(every) != 1:
+            return
+        o = every[0]
+        src = next((t for t, p in found if p != seq and t.shape == o.shape and t.dtype == o.dtype), None)
+        if src is None or not any(a is src for a in args):
+            return
+        try:
+            with torch.no_grad():
+                ones = func(*[torch.ones_like(src) if a is src else a for a in args], **(kwargs or {}))
+        except Exception:  # an explanation must never break the program it explains
+            return
+        if isinstance(ones, torch.Tensor) and ones.shape == o.shape:
+            self.own_zeros[o] = ones == 0
 
     def _kept_by_strong_zeros(self, inc, n) -> None:
         """Contamination gw.strong_zeros()' pass met and that still reached a gradient: strong zeros kept it, so

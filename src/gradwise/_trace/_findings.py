@@ -74,12 +74,17 @@ def _site(kind: str, birth: _Birth) -> tuple:
     return (kind, birth.op, birth.loc) + ((birth.order,) if birth.op == "gradient" else ())
 
 
+def rewrite_of(inc: _Incident) -> str:
+    """The local rewrite for contamination ``inc``: its discarding op's (a slice's, a masked_fill's), else the
+    general one. A contamination finding is one per rewrite (``_Assembly``): what the user fixes once."""
+    key = _discard_key(inc.discarded[0]) if inc.discarded else None
+    return _DISCARDS.get(key) or _ZERO_OUTPUTS.get(key) or \
+        "mask the value before the op that makes NaN/Inf (e.g. before the division)"
+
+
 def contamination(inc: _Incident, birth: _Birth | None, via: _Birth | None = None) -> Finding:
     disc_op, disc_loc = inc.discarded if inc.discarded else (None, None)
-    key = _discard_key(disc_op) if disc_op else None
-    rewrite = _DISCARDS.get(key) or _ZERO_OUTPUTS.get(key)
-    if rewrite is None:
-        rewrite = "mask the value before the op that makes NaN/Inf (e.g. before the division)"
+    rewrite = rewrite_of(inc)
     if disc_op is None:  # no op upstream discards values: the zero may be one the program computes
         return Finding(
             "contamination", inc.op, _fmt(inc.loc), inc.count,

@@ -57,15 +57,33 @@ class _Flow:
         none, a zero sensitivity is one the program computed (1 - 6/6 when centring), as gw.grad takes it."""
         return any(seq < 0 or seq in self.makers for seq in self._upstream(sens_ins, seqs))
 
-    def _discarded_by(self, sens_ins, skip: int | None = None) -> tuple | None:
+    def _discarders(self, sens_ins, at: torch.Tensor, nearest: tuple | None, skip: int | None = None) -> list:
+        """The contaminated elements ``at`` by the discarding op that made their zero sensitivity: [(mask, (op,
+        loc))]. Where the nearest one (``nearest``, ``_discarded_by``'s) made a sensitivity met here and where it
+        zeroes is known (``own_zeros``), the elements it does not zero are the next one's upstream: a slice's
+        padding rows were "unused since" the masked_fill of one column after it in the backward."""
+        for s in sens_ins:
+            seq, own = self.sens.get(s), self.own_zeros.get(s)
+            nd = self.nodes.get(seq) if seq is not None else None
+            if own is None or nd is None or (nd.op, nd.loc) != nearest or own.shape != at.shape:
+                continue
+            rest = at & ~own
+            above = self._discarded_by((), skip, self.parents.get(seq, ())) if bool(mask_any(rest)) else None
+            if above is None:
+                break
+            mine = at & own
+            return [(mine, nearest), (rest, above)] if bool(mask_any(mine)) else [(at, above)]
+        return [(at, nearest)]
+
+    def _discarded_by(self, sens_ins, skip: int | None = None, seqs=()) -> tuple | None:
         """The discarding op upstream in the sensitivity flow (slice, where, ...) whose backward made the zero
         sensitivity: the nearest one that selects (slice, index, where, masks, ignored targets, overwrites) if
         any, else the nearest elementwise one (relu, clamp, max: their zeros are spread through the tensor and
         rarely line up with discarded rows). One whose backward makes no structural zero (an index that reads
         every row, a full slice: strong zeros' fact) discards nothing. ``skip``: the node running now, where its
-        own zeros come after the meeting (amax's mask multiplies g / count)."""
+        own zeros come after the meeting (amax's mask multiplies g / count). ``seqs``: from these nodes instead."""
         fallback = None
-        for seq in self._upstream(sens_ins):
+        for seq in self._upstream(sens_ins, seqs):
             if seq not in self.makers or seq == skip:
                 continue
             nd = self.nodes.get(seq)

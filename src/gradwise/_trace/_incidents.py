@@ -33,9 +33,9 @@ class _Incidents:
         if not upstream:
             incidents, contaminated = self._classify(func, loc, o, mask, ins, sens_ins, nf, nd, args, out, kwargs)
             self.prov[o] = frozenset(incidents)
-            if len(incidents) > 1 and incidents[0].kind == "contamination":  # the genuine elements' mask follows
-                # them, as an annihilation's (`split`)
-                self.split[o] = (mask & ~contaminated, frozenset(incidents[:1]), frozenset(incidents[1:]))
+            n = _contaminations(incidents)
+            if n and len(incidents) > n:  # the genuine elements' mask follows them, as an annihilation's (`split`)
+                self.split[o] = (mask & ~contaminated, frozenset(incidents[:n]), frozenset(incidents[n:]))
             return
         # already non-finite upstream: carry it along, unless a structural zero annihilates it here. Elementwise,
         # the other elements are born here (a zero sensitivity from a slice meets a saved NaN beside an upstream
@@ -95,11 +95,11 @@ class _Incidents:
                                  rest | (frozenset(incidents) - fresh_contamination))
             else:
                 self.split[o] = (kept | fresh_mask, apart, rest | frozenset(incidents))
-        elif len(incidents) == 1 or incidents[0].kind != "contamination":  # (genuine, of one birth or more)
+        elif not (n := _contaminations(incidents)) or n == len(incidents):  # (of one kind, of one birth or more)
             self.split[o] = (carried_mask, frozenset(incidents), self.prov[o])
         else:  # contamination first, then genuine
-            self.split[o] = (carried_mask | (fresh_mask & ~contaminated), frozenset(incidents[:1]),
-                             self.prov[o] | frozenset(incidents[1:]))
+            self.split[o] = (carried_mask | (fresh_mask & ~contaminated), frozenset(incidents[:n]),
+                             self.prov[o] | frozenset(incidents[n:]))
         self.prov[o] = self.prov[o] | frozenset(incidents)
 
     def _classify(self, func, loc, o, mask, ins, sens_ins, nf, nd, args, out, kwargs) -> tuple[list, torch.Tensor]:
@@ -107,7 +107,8 @@ class _Incidents:
         contamination where that sensitivity is a structural zero, else genuine (contamination first); and the
         mask of the contaminated elements."""
         running = torch._C._current_autograd_node() if nd is not None and nd.op in _TIES_COUNTED else None
-        discarded = self._discarded_by(sens_ins, running._sequence_nr() if running is not None else None)
+        skip = running._sequence_nr() if running is not None else None
+        discarded = self._discarded_by(sens_ins, skip)
         unread = self._unread_triangle()
         # (an op on a sparse/mkldnn operand: strong zeros run it as PyTorch does, and keep its NaN; the trace tells
         # that contamination apart, as one they cannot remove)
@@ -155,7 +156,11 @@ class _Incidents:
             # both used through tanh's 0 x inf, left the row 5 write in no finding)
             groups = self._births_apart(there, loc, kind_mask, births) if aligned and not contaminated and \
                 len(births) > 1 else [(kind_mask, births)]
-            for at, births in groups:
+            # contamination: an incident per discarding op that zeroed its elements' sensitivity (``_discarders``)
+            split_by = [(at, births, d) for at, d in self._discarders(sens_ins, kind_mask, discarded, skip)] \
+                if contaminated and unread is None and discarded is not None else \
+                [(at, births, discarded) for at, births in groups]
+            for at, births, discarded_at in split_by:
                 count, idx = _positions(at)
                 ties = not births and nd is not None and nd.op in _TIES_COUNTED and bool(nd.read)
                 if ties:  # g / count of ties, 0 where amax's result is NaN: that NaN made it, no infinite derivative
@@ -196,7 +201,7 @@ class _Incidents:
                     for b in births:
                         b.used = True
                 inc = self.store.incident(kind, op, node_op, loc, count, idx, births, what,
-                                          (unread or discarded) if contaminated else None, undecided)
+                                          (unread or discarded_at) if contaminated else None, undecided)
                 inc.shape = tuple(o.shape)
                 inc.vague = inc.vague or any(self._vague(t) for t in there)  # (_assembly._named)
                 if contaminated and any(t.layout != torch.strided for t in ins):
@@ -223,6 +228,12 @@ class _Incidents:
         None where the trace runs none."""
         strong = self.shadow.strong(o) if self.shadow is not None else None
         return self.triangles.strong(o) if strong is None and self.triangles is not None else strong
+
+def _contaminations(incidents: list) -> int:
+    """How many of ``incidents`` (contamination first, one per discarding op: ``_Flow._discarders``) are
+    contamination."""
+    return sum(1 for i in incidents if i.kind == "contamination")
+
 
 def _tied(read: tuple, at: torch.Tensor) -> frozenset:
     """The births of amax's NaN results (``read``: its output's (mask, births)) at the elements ``at`` of its

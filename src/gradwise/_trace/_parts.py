@@ -76,11 +76,14 @@ class _Parts(_RowParts):
         if all(isinstance(m, torch.Tensor) and m.shape == o.shape for m, _ in moved):
             self._keep(o, _united(moved, o.shape))
 
-    def _fresh_parts(self, o: torch.Tensor, fresh: torch.Tensor, b: _Birth, nf: list, loc) -> frozenset:
+    def _fresh_parts(self, o: torch.Tensor, fresh: torch.Tensor, b: _Birth, nf: list, loc,
+                     beside: torch.Tensor | None = None) -> frozenset:
         """``o``'s births where an elementwise op made the NaN/Inf ``fresh`` (birth ``b``) beside its inputs'
-        NaN/Inf: the made elements are ``b``'s part, the others keep their inputs' births."""
+        NaN/Inf: the made elements are ``b``'s part, the others keep their inputs' births (``beside``: only there,
+        the inputs' NaN/Inf at ``fresh`` being what ``b`` was made of: inf / inf)."""
         pairs = [(fresh, frozenset([b])),
-                 *(p for t in nf for p in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))])]
+                 *((m if beside is None else m.broadcast_to(o.shape) & beside, births) for t in nf
+                   for m, births in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))])]
         parts = _united(pairs, o.shape)
         self._keep(o, parts)
         return frozenset().union(*parts)

@@ -7,6 +7,7 @@ _row_parts, _store.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -284,18 +285,28 @@ class _Provenance(_Origins, _Parts):
             mask, has_nan = fresh, _nan_in(o, fresh)
         if (not nf and not prior) or new_nan or fresh is not None:
             op = _op_name(func)
+            born = _nan_mask(o) if new_nan and (nf or prior) else mask
 
             def make(idx):
                 # x * float("nan"), masked_fill(m, -inf): the number made it, not a non-finite tensor
                 number = None if nf and fresh is None else nonfinite_number(args or ())
-                what = _explain(func, nf or [t for t in ins if t is not o], o, mask, number)  # why, from its inputs
+                what = _explain(func, nf or [t for t in ins if t is not o], o, born, number)  # why, from its inputs
                 if nd is None and in_torchscript():
                     what += SCRIPTED
                 if nd is not None and nd.op != op and (not nf or new_nan or fresh is not None) and loc == nd.loc:
                     what = f"{what} (in the backward formula of {nd.op})"
                 return _Birth(op, loc, what, 0, idx, has_nan, formula=bool(self.depth))
 
-            born = _nan_mask(o) if new_nan and (nf or prior) else mask
+            # elementwise, a NaN made beside the inputs' Inf (0/0 beside x's Inf): those keep their births, the NaN's
+            # parents are the births of its own elements' infinities (none for a 0/0: it was told as that Inf's)
+            beside = mask & ~born if fresh is None and new_nan and nf and torch.Tag.pointwise in func.tags and \
+                _aligned(nf, o.shape) else None
+            own, beside = _own_infinities(o, born, beside, nf)
+            if beside is not None and bool(beside.any()):
+                births = frozenset().union(*(self._origin_at(t, loc, at) for t in nf if bool(
+                    (at := born & ~torch.isfinite(t).broadcast_to(o.shape)).any())))
+            else:
+                beside = None
             b = self._birth(op, loc, has_nan, None, _in_base(born, o, base), make,
                             frozenset() if fresh is not None else births)
             if has_nan and fresh is None:  # (of finite inputs: made of no infinity, own)
@@ -305,7 +316,8 @@ class _Provenance(_Origins, _Parts):
             if fresh is None:  # (born here as a whole: the parts a row-wise op took of its input are not its
                 # births: softmax's NaN of a row's -inf and +inf named those writes, each a genuine finding)
                 self.parts.pop(o, None)
-            births = frozenset([b]) if fresh is None else self._fresh_parts(o, fresh, b, nf, loc) \
+            births = self._fresh_parts(o, own, b, nf, loc, beside) if beside is not None \
+                else frozenset([b]) if fresh is None else self._fresh_parts(o, fresh, b, nf, loc) \
                 if written is None else self._overwritten_parts(o, fresh, written, b, stale if prior else [
                     p for t in nf for p in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]], prior)
             stale = None
@@ -339,3 +351,13 @@ class _Provenance(_Origins, _Parts):
         for r in stats:  # (what it wrote there descends from the batch, as its outputs do)
             if _nonfinite(r):
                 self.prov[r] = births
+
+
+def _own_infinities(o: torch.Tensor, born: torch.Tensor, beside: torch.Tensor | None, nf: list) -> tuple:
+    """(the elements an elementwise op's birth owns: its NaN ``born`` and the Inf it made where every input is
+    finite, the Inf elements ``beside`` them that an input's non-finite value made). A 1/0 beside a 0/0 and an
+    input's Inf was told as that Inf's, at that Inf's element."""
+    if beside is None:
+        return born, None
+    carried = functools.reduce(torch.logical_or, [~torch.isfinite(t).broadcast_to(o.shape) for t in nf])
+    return born | (beside & ~carried), beside & carried

@@ -153,7 +153,8 @@ class _RowParts:
         got = [births for m, births in self.parts[t] if bool(mask_any(mask_any(m.broadcast_to(t.shape), 1) & used))]
         return frozenset().union(*got) if got else None
 
-    def _row_births(self, ts: list, loc, where: torch.Tensor, dims: tuple) -> frozenset | None:
+    def _row_births(self, ts: list, loc, where: torch.Tensor, dims: tuple,
+                    none: frozenset | None = None) -> frozenset | None:
         """The births of the NaN/Inf of ``ts`` (the saved values of a row-wise op or a scan, whose rows span
         ``dims``) in the rows of the elements ``where`` of its backward's output: a row's gradient reads that row
         alone. Every part's births named the used row's NaN after the padding rows' too (softmax, log_softmax,
@@ -170,7 +171,7 @@ class _RowParts:
                     return None
                 if bool(mask_any(r & where)):
                     got.append(births)
-        return frozenset().union(*got) if got else None
+        return frozenset().union(*got) if got else none
 
     def _births_apart(self, ts: list, loc, where: torch.Tensor, births: frozenset) -> list:
         """The elements ``where`` of an elementwise op's output grouped by the births of the NaN/Inf of ``ts``

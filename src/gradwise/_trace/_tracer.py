@@ -196,6 +196,9 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
         # backward tensor -> (mask of its NaN/Inf still from upstream, the incident a structural zero made of the
         # rest, the upstream provenance) where strong zeros annihilated part of it (_SavedMeets._annihilated)
         self.split = WeakTensorKeyDictionary()
+        # the sensitivity a selecting op's backward made (masked_fill's) -> where that op zeroes, whatever it was
+        # given (``_BackwardOps._own_zeros``): which contaminated elements it discarded, and which an op before it
+        self.own_zeros = WeakTensorKeyDictionary()
         # elementwise result of inputs with different provenance -> [(mask, births)]: which births are where
         # (pred - y: x's NaN row used, y's NaN padding discarded), so a finding names only the births of its elements
         self.parts = WeakTensorKeyDictionary()
