@@ -46,7 +46,7 @@ class _Assembly:
         unreached, arrived, birthless = self._incident_findings(found, since)
         uses = self._output_findings(found, birthless)
         _name_arrivals(found, arrived)
-        self._grads_made_nonfinite_after_backward(found.by_key, found.add)
+        _grads_made_nonfinite_after_backward(self, found.by_key, found.add)
         for name, (count, occurrences, serial) in self.store.orphans.items():
             if serial > since:
                 found.add(("nan", "unknown", name), lambda name=name: _unobserved(name, followed=False), count,
@@ -181,56 +181,6 @@ class _Assembly:
         for f in report.findings:
             f.rank = rank
 
-    def _grads_made_nonfinite_after_backward(self, findings: dict, add: Callable) -> None:
-        """A parameter's .grad that is not finite at the end of the block although no backward finding reaches
-        it: something after the backward wrote NaN/Inf into it (clip_grad_norm_ with a NaN total norm scales
-        every gradient by NaN). Reported with the op that did it, from the gradient's provenance."""
-        reached = {r for f in findings.values() for r in f.reaches}
-        grads = []
-        for leaf, name in self.names.items():
-            g = _grad(leaf)
-            if name not in reached and isinstance(g, torch.Tensor) and _inexact(g) and _kinds.readable(g):
-                grads.append((g, name))
-            elif name not in reached and isinstance(g, torch.Tensor) and g.layout is torch.sparse_coo and _inexact(g):
-                sparse_gradient(g, name, add)
-        if all_finite([_held(g) for g, _ in grads]):  # the usual end of a step: no per-gradient test
-            return
-        # one finding per op and line (and kind): clip_grad_norm_'s one _foreach_mul_ writes into every gradient
-        written: dict[tuple, list] = {}
-        for g, name in grads:
-            if not _nonfinite(g):
-                continue
-            births = [b for b in self.prov.get(g, ()) if isinstance(b, _Birth)]
-            if births and all(b.received for b in births):
-                continue  # a collective's write (DDP copying the averaged bucket back): _add_received says so
-            if not births or g not in self.written:
-                # no finding reaches it (nor one of an enclosing block), and no backward ran unread: never silent
-                if not self.untraced and not any(name in inc.reaches for inc in self.store.incidents.values()):
-                    count, idx = _positions(~torch.isfinite(g))
-                    b = min(births, key=_order) if births else None  # (a .grad assigned: its value's birth)
-                    add(("nan", "unknown", name) if b is None else ("nan", b.op, b.loc, "grad"),
-                        lambda name=name, b=b: _unobserved(name, b), count, [name], idx,
-                        **({} if b is None else {"step": b.step, "birth": b}))
-                continue
-            kind = "nan" if bool(torch.isnan(g).any()) else "inf"
-            written.setdefault((kind, *self.written[g]), []).append((g, name, min(births, key=_order)))
-        for (kind, op, loc), hit in written.items():
-            b = hit[0][2]
-            names = [name for _, name, _ in hit]
-            whose = f"the gradient of {names[0]} was" if len(names) == 1 else \
-                f"the gradients of {', '.join(names)} were"
-            into = "it" if len(names) == 1 else "them"
-            for n, (g, name, _) in enumerate(hit):
-                count, idx = _positions(~torch.isfinite(g))
-                add((kind, op, loc, "grad"), lambda b=b, kind=kind, op=op, loc=loc, whose=whose, into=into: Finding(
-                    kind, op, _fmt(loc), 0, source=_source(loc), born_op=b.op, born_location=_fmt(b.loc),
-                    born=b.describe(), message=f"{whose} finite after backward; {op} wrote "
-                    f"{'NaN' if kind == 'nan' else 'Inf'} into {into} afterwards, from {b.describe()}",
-                    fix="a step after backward mixes gradients (clip_grad_norm_'s total norm, a NaN guard): fix the "
-                        "non-finite gradient it read (see the other findings), or skip the step when the total norm "
-                        "is not finite (clip_grad_norm_(..., error_if_nonfinite=True))"), count, [name], idx,
-                    occurrences=int(n == 0), step=b.step, birth=b)
-
     def _unused(self, removed=frozenset(), found=(), notes=None) -> list[str]:
         """Births no finding explains: their NaN/Inf reached no gradient (``found``: the births findings name; what
         they descend from is used too, as an Adam state's Inf that the parameter update read). Those made before
@@ -260,8 +210,6 @@ class _Assembly:
         return [_values({key: n}) for key, n in groups.items()]
 
 
-
-
 def _merged_note(n: int) -> str:
     """The note of tensors whose NaN/Inf came from more births than the trace tells apart (``_RowParts._merged``)."""
     return (f"{MERGED}: a tensor held NaN/Inf of more than {_MAX_PARTS} births ({n}x); the births of its smallest "
@@ -287,6 +235,57 @@ def _name_arrivals(found: Findings, arrived: dict) -> None:
         also = sorted({b.name for b in births if b.name} - {first.name})
         if also:
             f.born += f"; so did {', '.join(also)}"
+
+
+def _grads_made_nonfinite_after_backward(tr: _Assembly, findings: dict, add: Callable) -> None:
+    """A parameter's .grad that is not finite at the end of the block although no backward finding reaches
+    it: something after the backward wrote NaN/Inf into it (clip_grad_norm_ with a NaN total norm scales
+    every gradient by NaN). Reported with the op that did it, from the gradient's provenance."""
+    reached = {r for f in findings.values() for r in f.reaches}
+    grads = []
+    for leaf, name in tr.names.items():
+        g = _grad(leaf)
+        if name not in reached and isinstance(g, torch.Tensor) and _inexact(g) and _kinds.readable(g):
+            grads.append((g, name))
+        elif name not in reached and isinstance(g, torch.Tensor) and g.layout is torch.sparse_coo and _inexact(g):
+            sparse_gradient(g, name, add)
+    if all_finite([_held(g) for g, _ in grads]):  # the usual end of a step: no per-gradient test
+        return
+    # one finding per op and line (and kind): clip_grad_norm_'s one _foreach_mul_ writes into every gradient
+    written: dict[tuple, list] = {}
+    for g, name in grads:
+        if not _nonfinite(g):
+            continue
+        births = [b for b in tr.prov.get(g, ()) if isinstance(b, _Birth)]
+        if births and all(b.received for b in births):
+            continue  # a collective's write (DDP copying the averaged bucket back): _add_received says so
+        if not births or g not in tr.written:
+            # no finding reaches it (nor one of an enclosing block), and no backward ran unread: never silent
+            if not tr.untraced and not any(name in inc.reaches for inc in tr.store.incidents.values()):
+                count, idx = _positions(~torch.isfinite(g))
+                b = min(births, key=_order) if births else None  # (a .grad assigned: its value's birth)
+                add(("nan", "unknown", name) if b is None else ("nan", b.op, b.loc, "grad"),
+                    lambda name=name, b=b: _unobserved(name, b), count, [name], idx,
+                    **({} if b is None else {"step": b.step, "birth": b}))
+            continue
+        kind = "nan" if bool(torch.isnan(g).any()) else "inf"
+        written.setdefault((kind, *tr.written[g]), []).append((g, name, min(births, key=_order)))
+    for (kind, op, loc), hit in written.items():
+        b = hit[0][2]
+        names = [name for _, name, _ in hit]
+        whose = f"the gradient of {names[0]} was" if len(names) == 1 else \
+            f"the gradients of {', '.join(names)} were"
+        into = "it" if len(names) == 1 else "them"
+        for n, (g, name, _) in enumerate(hit):
+            count, idx = _positions(~torch.isfinite(g))
+            add((kind, op, loc, "grad"), lambda b=b, kind=kind, op=op, loc=loc, whose=whose, into=into: Finding(
+                kind, op, _fmt(loc), 0, source=_source(loc), born_op=b.op, born_location=_fmt(b.loc),
+                born=b.describe(), message=f"{whose} finite after backward; {op} wrote "
+                f"{'NaN' if kind == 'nan' else 'Inf'} into {into} afterwards, from {b.describe()}",
+                fix="a step after backward mixes gradients (clip_grad_norm_'s total norm, a NaN guard): fix the "
+                    "non-finite gradient it read (see the other findings), or skip the step when the total norm "
+                    "is not finite (clip_grad_norm_(..., error_if_nonfinite=True))"), count, [name], idx,
+                occurrences=int(n == 0), step=b.step, birth=b)
 
 
 def _unobserved(name: str, birth: _Birth | None = None, followed: bool = True) -> Finding:
