@@ -153,7 +153,7 @@ class _SavedMeets:
         was, and the upstream incidents stop there (the same fate as under gw.strong_zeros()). At the last op of
         a formula whose rule is the whole formula (logcumsumexp's), that rule's result decides. False where
         nothing is annihilated (the provenance is then carried as it is)."""
-        strong, g = self._whole_formula(func, o, sens_ins, nd)
+        strong, g = _whole_formula(self, func, o, sens_ins, nd)
         if strong is None:
             if args is None or out is None or _strong_zeros.in_pass():
                 return False  # (in gw.strong_zeros()' pass the result is the rule's already: what is left stays)
@@ -190,55 +190,57 @@ class _SavedMeets:
         kept = mask & ~gone
         if bool(mask_any(kept)):
             if g is not None:
-                carried = self._formula_kept(carried, g, kept, nd, loc)
+                carried = _formula_kept(self, carried, g, kept, nd, loc)
             self.prov[o] = frozenset([inc]) | carried
             self.split[o] = (kept, frozenset([inc]), carried)
         else:
             self.prov[o] = frozenset([inc])
         return True
 
-    def _whole_formula(self, func, o, sens_ins, nd) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(the strong-zero result of a whole backward formula (``_strong_zeros.WHOLE_FORMULAS``) at its last op,
-        from the sensitivity kept at its first op (``formula_g``), its zeros taken as structural; that g), else
-        (None, None)."""
-        whole = _strong_zeros.WHOLE_FORMULAS.get(nd.op) if nd is not None else None
-        node = torch._C._current_autograd_node()
-        g = self.formula_g.get(node._sequence_nr()) if whole is not None and node is not None else None
-        if g is None or func is not whole.last or len(sens_ins) < 2 or g.shape != o.shape:
-            return None, None
-        del self.formula_g[node._sequence_nr()]
-        try:
-            out = whole.exact(g, g != 0, node)
-        except Exception:  # an explanation must never break the program it explains
-            return None, None
-        return (out, g) if out.shape == o.shape else (None, None)
-
-    def _formula_kept(self, carried: frozenset, g: torch.Tensor, kept: torch.Tensor, nd, loc) -> frozenset:
-        """What the elements ``kept`` (left non-finite by a whole formula's rule, ``_whole_formula``) carry of
-        ``carried``: what came with its sensitivity ``g``, and the incidents its own ops made (the formula's
-        intermediates meet the saved NaN/Inf with log|g|, no zero) only where their births lie in the kept
-        elements' rows (``nd.rows``: a scan's backward reads a row's saved values alone; of the saved values with
-        parts or a provenance the forward recorded: reading another's would make a birth, data arrived). All of
-        them there, or where those rows hold no saved NaN/Inf (an Inf seed's row beside NaN padding):
-        logcumsumexp's padding rows' NaN, met by log|0| in its first sub and annihilated at its last, reached w
-        through the used row's elements, a genuine finding of 8 elements. ``carried`` where the rows are not
-        known."""
-        node = torch._C._current_autograd_node()
-        if not nd.rows or node is None:
-            return carried
-        saved = [t for name in dir(node) if name.startswith("_saved_")
-                 and isinstance(t := getattr(node, name), torch.Tensor) and t.shape == kept.shape and (
-                     t in self.parts or _forward_made(self.prov.get(t)))]
-        # (rows holding no saved NaN/Inf: the kept elements' came with g alone, the Inf of an infinite seed)
-        rows = self._row_births(saved, loc, kept, nd.rows, frozenset()) if saved else None
-        if rows is None:
-            return carried
-        upstream = self.prov.get(g, frozenset())
-        return frozenset(i for i in carried if i in upstream or not isinstance(i, _Incident) or not i.births
-                         or i.births & rows)
-
 
 def _forward_made(prov) -> bool:
     """Whether ``prov`` is a saved value's provenance the forward recorded (births, no backward incident): its
     rows' births are read without making one (``_formula_kept``)."""
     return bool(prov) and not any(isinstance(i, _Incident) for i in prov)
+
+
+def _whole_formula(tr: _SavedMeets, func, o, sens_ins, nd) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(the strong-zero result of a whole backward formula (``_strong_zeros.WHOLE_FORMULAS``) at its last op,
+    from the sensitivity kept at its first op (``formula_g``), its zeros taken as structural; that g), else
+    (None, None)."""
+    whole = _strong_zeros.WHOLE_FORMULAS.get(nd.op) if nd is not None else None
+    node = torch._C._current_autograd_node()
+    g = tr.formula_g.get(node._sequence_nr()) if whole is not None and node is not None else None
+    if g is None or func is not whole.last or len(sens_ins) < 2 or g.shape != o.shape:
+        return None, None
+    del tr.formula_g[node._sequence_nr()]
+    try:
+        out = whole.exact(g, g != 0, node)
+    except Exception:  # an explanation must never break the program it explains
+        return None, None
+    return (out, g) if out.shape == o.shape else (None, None)
+
+
+def _formula_kept(tr: _SavedMeets, carried: frozenset, g: torch.Tensor, kept: torch.Tensor, nd, loc) -> frozenset:
+    """What the elements ``kept`` (left non-finite by a whole formula's rule, ``_whole_formula``) carry of
+    ``carried``: what came with its sensitivity ``g``, and the incidents its own ops made (the formula's
+    intermediates meet the saved NaN/Inf with log|g|, no zero) only where their births lie in the kept
+    elements' rows (``nd.rows``: a scan's backward reads a row's saved values alone; of the saved values with
+    parts or a provenance the forward recorded: reading another's would make a birth, data arrived). All of
+    them there, or where those rows hold no saved NaN/Inf (an Inf seed's row beside NaN padding):
+    logcumsumexp's padding rows' NaN, met by log|0| in its first sub and annihilated at its last, reached w
+    through the used row's elements, a genuine finding of 8 elements. ``carried`` where the rows are not
+    known."""
+    node = torch._C._current_autograd_node()
+    if not nd.rows or node is None:
+        return carried
+    saved = [t for name in dir(node) if name.startswith("_saved_")
+             and isinstance(t := getattr(node, name), torch.Tensor) and t.shape == kept.shape and (
+                 t in tr.parts or _forward_made(tr.prov.get(t)))]
+    # (rows holding no saved NaN/Inf: the kept elements' came with g alone, the Inf of an infinite seed)
+    rows = tr._row_births(saved, loc, kept, nd.rows, frozenset()) if saved else None
+    if rows is None:
+        return carried
+    upstream = tr.prov.get(g, frozenset())
+    return frozenset(i for i in carried if i in upstream or not isinstance(i, _Incident) or not i.births
+                     or i.births & rows)
