@@ -164,13 +164,13 @@ class _Flow:
         t = upstream[0]
         got = self.split.get(t) if len(upstream) == 1 else None
         if got is None:
-            return self._mixed(func, upstream, args, kwargs, o, mask, carried, sens_ins, out) \
+            return _mixed(self, func, upstream, args, kwargs, o, mask, carried, sens_ins, out) \
                 if any(u in self.split for u in upstream) else carried
         kept, apart, rest = got
         if _pairs(func, [t], o) and t.shape == kept.shape:  # elementwise (where's backward): the kept elements' own
             view = kept.broadcast_to(o.shape)
         elif not (args and args[0] is t and (getattr(func, "is_view", False) or func.overloadpacket in _COPIES)):
-            return self._mixed(func, upstream, args, kwargs, o, mask, carried, sens_ins, out)
+            return _mixed(self, func, upstream, args, kwargs, o, mask, carried, sens_ins, out)
         else:
             if func.overloadpacket in _RESHAPES:  # by logical order: a mask laid out otherwise may not view
                 kept = kept.contiguous()
@@ -188,53 +188,54 @@ class _Flow:
         self.split[o] = (view, apart, rest)
         return carried
 
-    def _mixed(self, func, upstream, args, kwargs, o, mask, carried, sens_ins, out) -> frozenset:
-        """An op that mixes sensitivities part of whose NaN/Inf is contamination (``split``: a log_softmax
-        backward's ignored rows beside rows the loss uses), such as the matmul to a weight's gradient or the sum
-        of two branches: run again under the strong-zero rules with those elements zeros, it says where the rest
-        (genuine) reaches the output. Where it reaches every non-finite element, strong zeros leave each of them
-        non-finite and the contamination is no finding there (it reached every gradient beside the genuine NaN,
-        against gw.grad), nor a value that no gradient used (``covered``: it stops here); elsewhere the split
-        follows the output. One set of incidents apart at a time (contamination born at several ops: an ignored
-        row's and a scatter's zeros); ops without a strong-zero rule carry the whole provenance."""
-        if args is None or out is None:
-            return carried
-        splits = [self.split.get(t) for t in upstream]
-        aparts = {got[1] for got in splits if got is not None}
-        if len(aparts) != 1:
-            return carried
-        apart = aparts.pop()
-        strong_of, rest = {}, frozenset()
-        for t, got in zip(upstream, splits, strict=True):
-            if got is not None and got[0].shape == t.shape:
-                strong_of[id(t)] = t.masked_fill(~got[0] & ~torch.isfinite(t), 0)
-                rest |= got[2]
-            elif got is None and self.prov.get(t) and self.prov.get(t) <= apart:  # contamination throughout
-                strong_of[id(t)] = t.masked_fill(~torch.isfinite(t), 0)
-            elif got is None and not apart & self.prov.get(t, frozenset()):
-                rest |= self.prov.get(t, frozenset())
-            else:
-                return carried
 
-        def swap(a):
-            if isinstance(a, (list, tuple)):
-                return type(a)(swap(x) for x in a)
-            return strong_of.get(id(a), a) if isinstance(a, torch.Tensor) else a
-
-        strong = self._strong_of(o)
-        if strong is None:
-            strong = self._strong_rerun(func, swap(list(args)), kwargs or {}, [swap(s) for s in sens_ins], o, out)
-        if strong is None:
-            return carried
-        reached = mask & ~torch.isfinite(strong)
-        if not bool(mask_any(mask & ~reached)):
-            for inc in apart:  # (used there, under the genuine NaN/Inf: no finding, nor a value nothing used)
-                inc.covered = True
-            return rest
-        if not bool(mask_any(reached)):
-            return apart
-        self.split[o] = (reached, apart, rest)
+def _mixed(tr: _Flow, func, upstream, args, kwargs, o, mask, carried, sens_ins, out) -> frozenset:
+    """An op that mixes sensitivities part of whose NaN/Inf is contamination (``split``: a log_softmax
+    backward's ignored rows beside rows the loss uses), such as the matmul to a weight's gradient or the sum
+    of two branches: run again under the strong-zero rules with those elements zeros, it says where the rest
+    (genuine) reaches the output. Where it reaches every non-finite element, strong zeros leave each of them
+    non-finite and the contamination is no finding there (it reached every gradient beside the genuine NaN,
+    against gw.grad), nor a value that no gradient used (``covered``: it stops here); elsewhere the split
+    follows the output. One set of incidents apart at a time (contamination born at several ops: an ignored
+    row's and a scatter's zeros); ops without a strong-zero rule carry the whole provenance."""
+    if args is None or out is None:
         return carried
+    splits = [tr.split.get(t) for t in upstream]
+    aparts = {got[1] for got in splits if got is not None}
+    if len(aparts) != 1:
+        return carried
+    apart = aparts.pop()
+    strong_of, rest = {}, frozenset()
+    for t, got in zip(upstream, splits, strict=True):
+        if got is not None and got[0].shape == t.shape:
+            strong_of[id(t)] = t.masked_fill(~got[0] & ~torch.isfinite(t), 0)
+            rest |= got[2]
+        elif got is None and tr.prov.get(t) and tr.prov.get(t) <= apart:  # contamination throughout
+            strong_of[id(t)] = t.masked_fill(~torch.isfinite(t), 0)
+        elif got is None and not apart & tr.prov.get(t, frozenset()):
+            rest |= tr.prov.get(t, frozenset())
+        else:
+            return carried
+
+    def swap(a):
+        if isinstance(a, (list, tuple)):
+            return type(a)(swap(x) for x in a)
+        return strong_of.get(id(a), a) if isinstance(a, torch.Tensor) else a
+
+    strong = tr._strong_of(o)
+    if strong is None:
+        strong = tr._strong_rerun(func, swap(list(args)), kwargs or {}, [swap(s) for s in sens_ins], o, out)
+    if strong is None:
+        return carried
+    reached = mask & ~torch.isfinite(strong)
+    if not bool(mask_any(mask & ~reached)):
+        for inc in apart:  # (used there, under the genuine NaN/Inf: no finding, nor a value nothing used)
+            inc.covered = True
+        return rest
+    if not bool(mask_any(reached)):
+        return apart
+    tr.split[o] = (reached, apart, rest)
+    return carried
 
 
 def _reruns(func) -> bool:

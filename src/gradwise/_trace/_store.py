@@ -94,7 +94,7 @@ class Incident:
     vague: bool = False  # its births are a saved value's whole provenance, its parts lost: not each one used
     unfollowed: bool = False  # a sparse/mkldnn/nested operand took part: strong zeros run that backward plain
     annihilated: bool = False  # a structural zero downstream annihilated (some of) it (see _SavedMeets._annihilated)
-    # a genuine NaN/Inf covered every element it reached in an op that mixes (_Flow._mixed): it stopped there,
+    # a genuine NaN/Inf covered every element it reached in an op that mixes (_flow._mixed): it stopped there,
     # though the gradient took it in (not a value no gradient used)
     covered: bool = False
     # leaves whose gradient it reached beside a genuine NaN/Inf where no shadow strong pass said whether strong
