@@ -204,36 +204,35 @@ class _Parts(_RowParts):
         return frozenset().union(*(births for _, births in met))
 
 
-    def _probed_parts(self, func, o: torch.Tensor, nf: list, args, kwargs, out, loc) -> frozenset | None:
-        """An op no other rule describes (group_norm, interpolate, index_add, an RNN layer, fused attention) on
-        non-finite inputs ``nf`` of several births: each part's elements of ``o``, where the op run again with that
-        part's NaN/Inf alone makes NaN/Inf (``_probes``); the births of ``o``'s NaN/Inf. Elements no probe makes
-        non-finite (a NaN of the parts together: inf - inf across parts) hold every birth. None where not known.
-        Without it ``o`` held every birth at every element: the padding rows' NaN, sliced away, was named by the
-        used rows' genuine finding, or the used NaN after the padding only."""
-        pairs = [(t, m, births) for t in nf for m, births in
-                 self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]]
-        if len(pairs) > MAX_PROBES:
-            return None
-        with torch.no_grad(), _disable_current_modes():  # (the trace's own ops: as in _record_parts)
-            bad = ~torch.isfinite(o)
-            kept = []
-            for t, m, births in pairs:
-                made = probe(func, args, kwargs, out, o, instead_of(nf, t, m))
-                if made is None:
-                    return None
-                if bool(mask_any(made & bad)):
-                    kept.append((made & bad, births))
-            every = frozenset().union(*(births for _, _, births in pairs))
-            if not kept:
+def _probed_parts(tr: _Parts, func, o: torch.Tensor, nf: list, args, kwargs, out, loc) -> frozenset | None:
+    """An op no other rule describes (group_norm, interpolate, index_add, an RNN layer, fused attention) on
+    non-finite inputs ``nf`` of several births: each part's elements of ``o``, where the op run again with that
+    part's NaN/Inf alone makes NaN/Inf (``_probes``); the births of ``o``'s NaN/Inf. Elements no probe makes
+    non-finite (a NaN of the parts together: inf - inf across parts) hold every birth. None where not known.
+    Without it ``o`` held every birth at every element: the padding rows' NaN, sliced away, was named by the
+    used rows' genuine finding, or the used NaN after the padding only."""
+    pairs = [(t, m, births) for t in nf for m, births in
+             tr.parts.get(t) or [(~torch.isfinite(t), tr._origin(t, loc))]]
+    if len(pairs) > MAX_PROBES:
+        return None
+    with torch.no_grad(), _disable_current_modes():  # (the trace's own ops: as in _record_parts)
+        bad = ~torch.isfinite(o)
+        kept = []
+        for t, m, births in pairs:
+            made = probe(func, args, kwargs, out, o, instead_of(nf, t, m))
+            if made is None:
                 return None
-            rest = bad & ~mask_any(torch.stack([m for m, _ in kept]), 0)
-            if bool(mask_any(rest)):
-                kept.append((rest, every))
-        parts = _united(kept, o.shape)
-        self._keep(o, parts)
-        return frozenset().union(*parts)
-
+            if bool(mask_any(made & bad)):
+                kept.append((made & bad, births))
+        every = frozenset().union(*(births for _, _, births in pairs))
+        if not kept:
+            return None
+        rest = bad & ~mask_any(torch.stack([m for m, _ in kept]), 0)
+        if bool(mask_any(rest)):
+            kept.append((rest, every))
+    parts = _united(kept, o.shape)
+    tr._keep(o, parts)
+    return frozenset().union(*parts)
 
 
 def _written_by(func, o: torch.Tensor, args) -> torch.Tensor | None:

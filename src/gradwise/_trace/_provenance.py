@@ -46,7 +46,7 @@ from gradwise._trace._facts import (
 from gradwise._trace._incidents import _in_base
 from gradwise._trace._kinds import readable
 from gradwise._trace._origins import _Origins
-from gradwise._trace._parts import _Parts, _written_by
+from gradwise._trace._parts import _Parts, _probed_parts, _written_by
 from gradwise._trace._probes import probes
 from gradwise._trace._row_parts import _row_dims, _schema_arg, _united
 from gradwise._trace._store import Birth as _Birth
@@ -334,7 +334,7 @@ class _Provenance(_Origins, _Parts):
             self.parts[o] = self.parts[nf[0]]  # (autograd saves a detached output: the backward reads it)
         elif not prior and len(births) > 1 and o not in self.parts and o not in self.exact and args is not None \
                 and probes(func, args, kwargs):
-            births = self._probed_parts(func, o, nf, args, kwargs, out, loc) or births
+            births = _probed_parts(self, func, o, nf, args, kwargs, out, loc) or births
         if stale is not None and prior and torch.Tag.inplace_view in func.tags:
             self._moved_parts(func, o, stale, args)
         elif stale is not None and prior and func.overloadpacket in _SCANS_IN_PLACE:
