@@ -152,18 +152,6 @@ class _KinkMode(_KinkReads, TorchFunctionMode):
         # f ran a reverse pass (torch.autograd.grad, .backward ...): a pass of f that builds no graph cannot
         self.reverses = False
 
-    def _cast_fill_value(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """A float value depending on the inputs, written into an integer or bool tensor: cast first, through the
-        mode (the cast rule: trunc's or != 0's jump, one-sided at a tie), as the write casts it; the write then
-        moves no tangent (PyTorch's forward AD asserted on a 0-d dual value there)."""
-        def cast(v):
-            if isinstance(v, Tensor) and (v.is_floating_point() or v.is_complex()) and self.involved(v):
-                return self._dispatch(Tensor.to, (v, args[0].dtype), {})  # (as part of this call)
-            return v
-        if "value" in kwargs:
-            return args, {**kwargs, "value": cast(kwargs["value"])}
-        return (*args[:-1], cast(args[-1])) if len(args) > 1 else args, kwargs
-
     def _sub(self, a, stop: bool = False, keep: bool = False):
         """``a`` as the call sees it: the dual for a closure-captured input, its primal where tangents are
         stripped (past ``strip_after``, or ``stop``) unless ``keep`` (a call on the object: `_on_object`)."""
@@ -215,14 +203,10 @@ class _KinkMode(_KinkReads, TorchFunctionMode):
             try:
                 out = self._dispatch(func, args, kwargs)
             except RuntimeError as e:
-                if self.depth > 1 or "leaf Variable that requires grad is being used in an in-place" not in str(e) \
-                        or not (args and self.positions.keys() & {id(args[0]), id(getattr(args[0], "_base", None))}):
+                error = _leaf_write_error(self, func, args, e)
+                if error is None:
                     raise  # (f's own leaf, a parameter: PyTorch's error stands, gradwise's advice would not apply)
-                raise NonsmoothError(f"{_callable_name(func)} (called at {_user_line()}) writes in place into a leaf "
-                                     "tensor that requires grad (gradwise's reverse passes give f its inputs as "
-                                     "such leaves), where PyTorch forbids in-place writes. "
-                                     "Inside f write x = x.clone() before writing into an input, or use the "
-                                     f"out-of-place op. PyTorch said: {str(e).splitlines()[0]}") from None
+                raise error from None
             if func in _ONTO_AXIS and args:
                 onto_axis(args[0], out)
             return out
@@ -236,7 +220,7 @@ class _KinkMode(_KinkReads, TorchFunctionMode):
     def _dispatch(self, func, args, kwargs):
         if func in _FILLS and args and isinstance(args[0], Tensor) and not (
                 args[0].is_floating_point() or args[0].is_complex()):
-            args, kwargs = self._cast_fill_value(args, kwargs)
+            args, kwargs = _cast_fill_value(self, args, kwargs)
         if func in _PYTHON_READS and args and isinstance(args[0], Tensor):
             if self.involved(args[0]):
                 self._python_read(args[0], func)
@@ -257,28 +241,9 @@ class _KinkMode(_KinkReads, TorchFunctionMode):
                                      "transform")
             return out[0]
         if func in _ctx.REVERSE_CALLS:
-            self.reverses = self.run.reverses = True
-        if func in _ctx.REVERSE_CALLS and self.run.kinks:
-            raise NonsmoothError(f"f runs a reverse pass ({_callable_name(func)} at {_user_line()}; "
-                                 "torch.autograd.functional.jacobian/hessian do too) after hitting a kink "
-                                 f"({self.run.kinks[0].describe()}): that derivative is PyTorch's convention at "
-                                 "the kink, so f's value is. Differentiate with gradwise instead (gw.generalized_grad "
-                                 "inside f, or gw.directional_derivative)")
-        if func in _ctx.REVERSE_CALLS and self.dual:
-            # no kink reached so far: its ops are PyTorch's derivative formulas away from their jumps, and forward
-            # AD follows the direction through them (create_graph). Not replayed as other unruled calls are: a
-            # replay on copies of its arguments would differentiate tensors in no graph
-            try:
-                return func(*args, **kwargs)
-            except RuntimeError as e:
-                if self.graph or "does not require grad" not in str(e):
-                    raise
-                raise NonsmoothError(f"f runs a reverse pass ({_callable_name(func)} at {_user_line()}) through "
-                                     "tensors computed from its inputs, and this pass of gradwise follows the "
-                                     "direction with forward-mode AD only, building no graph for it to run on "
-                                     "(gw.directional_derivative, subdifferential's sampled directions). Take f's "
-                                     "gradient with gw.generalized_grad, or compute the inner derivative with "
-                                     "torch.func.jvp / a formula") from None
+            out = _reverse_call(self, func, args, kwargs)
+            if out is not _UNHANDLED:
+                return out
         if _ctx.is_custom_op(func) and any(map(self.involved, everything)):
             if self.watch is not None:
                 self.watch.opaque = True
@@ -346,3 +311,64 @@ class _KinkMode(_KinkReads, TorchFunctionMode):
                 if not (t.is_floating_point() or t.is_complex()):
                     self.exposed[id(t)] = (t, self.run.kinks[before:])
         return out
+
+
+# ------------------------------------------------------------------------------------------------ its rare calls
+# (functions of the mode, out of its class: writes into integer tensors, errors, reverse passes inside f)
+
+
+def _cast_fill_value(mode: _KinkMode, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A float value depending on the inputs, written into an integer or bool tensor: cast first, through the
+    mode (the cast rule: trunc's or != 0's jump, one-sided at a tie), as the write casts it; the write then
+    moves no tangent (PyTorch's forward AD asserted on a 0-d dual value there)."""
+    def cast(v):
+        if isinstance(v, Tensor) and (v.is_floating_point() or v.is_complex()) and mode.involved(v):
+            return mode._dispatch(Tensor.to, (v, args[0].dtype), {})  # (as part of this call)
+        return v
+    if "value" in kwargs:
+        return args, {**kwargs, "value": cast(kwargs["value"])}
+    return (*args[:-1], cast(args[-1])) if len(args) > 1 else args, kwargs
+
+
+def _leaf_write_error(mode: _KinkMode, func, args: tuple, e: RuntimeError) -> NonsmoothError | None:
+    """gradwise's error for PyTorch's ``e`` where f wrote in place into one of the leaves gradwise gave it as its
+    inputs; None where PyTorch's error stands (f's own leaf, a parameter: the advice would not apply)."""
+    if mode.depth > 1 or "leaf Variable that requires grad is being used in an in-place" not in str(e) \
+            or not (args and mode.positions.keys() & {id(args[0]), id(getattr(args[0], "_base", None))}):
+        return None
+    return NonsmoothError(f"{_callable_name(func)} (called at {_user_line()}) writes in place into a leaf "
+                          "tensor that requires grad (gradwise's reverse passes give f its inputs as "
+                          "such leaves), where PyTorch forbids in-place writes. "
+                          "Inside f write x = x.clone() before writing into an input, or use the "
+                          f"out-of-place op. PyTorch said: {str(e).splitlines()[0]}")
+
+
+_UNHANDLED = object()  # (`_reverse_call`: the call goes on as any other)
+
+
+def _reverse_call(mode: _KinkMode, func, args: tuple, kwargs: dict):
+    """A reverse pass f runs (``func`` in ``REVERSE_CALLS``): its result, an error, or ``_UNHANDLED`` where the
+    pass follows no direction (it goes on as any other call)."""
+    mode.reverses = mode.run.reverses = True
+    if mode.run.kinks:
+        raise NonsmoothError(f"f runs a reverse pass ({_callable_name(func)} at {_user_line()}; "
+                             "torch.autograd.functional.jacobian/hessian do too) after hitting a kink "
+                             f"({mode.run.kinks[0].describe()}): that derivative is PyTorch's convention at "
+                             "the kink, so f's value is. Differentiate with gradwise instead (gw.generalized_grad "
+                             "inside f, or gw.directional_derivative)")
+    if not mode.dual:
+        return _UNHANDLED
+    # no kink reached so far: its ops are PyTorch's derivative formulas away from their jumps, and forward
+    # AD follows the direction through them (create_graph). Not replayed as other unruled calls are: a
+    # replay on copies of its arguments would differentiate tensors in no graph
+    try:
+        return func(*args, **kwargs)
+    except RuntimeError as e:
+        if mode.graph or "does not require grad" not in str(e):
+            raise
+        raise NonsmoothError(f"f runs a reverse pass ({_callable_name(func)} at {_user_line()}) through "
+                             "tensors computed from its inputs, and this pass of gradwise follows the "
+                             "direction with forward-mode AD only, building no graph for it to run on "
+                             "(gw.directional_derivative, subdifferential's sampled directions). Take f's "
+                             "gradient with gw.generalized_grad, or compute the inner derivative with "
+                             "torch.func.jvp / a formula") from None
