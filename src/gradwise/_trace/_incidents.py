@@ -68,7 +68,7 @@ class _Incidents:
             if saved:
                 self._saved_met(func, loc, o, mask, ins, saved, carried, nd, args, kwargs, out, upstream)
         if fresh and fresh[0]:
-            self._split_fresh(o, mask, fresh_mask, *fresh)
+            _split_fresh(self, o, mask, fresh_mask, *fresh)
         strong = self._strong_of(o)
         if strong is not None and any(isinstance(i, _Incident) and i.kind != "contamination" for i in self.prov[o]) \
                 and bool(torch.isfinite(strong).all()):
@@ -78,29 +78,6 @@ class _Incidents:
             if kept:
                 self.prov[o] = kept
                 self.split.pop(o, None)
-
-    def _split_fresh(self, o, carried_mask, fresh_mask, incidents, contaminated) -> None:
-        """Elements of ``o`` born here beside carried ones: which elements hold which incidents (``split``), so
-        that a selection further on that drops some of them (where's or masked_fill's backward) keeps the
-        provenance of the others alone. A split holds a set of incidents apart: the fresh contamination (or the
-        one fresh incident); where ``o`` is split already with contamination apart, fresh contamination joins it
-        (a scatter's zeros meeting sqrt's NaN below an ignored row's: both are what strong zeros remove) and the
-        other fresh elements join the elements of the rest."""
-        got = self.split.get(o)
-        if got is not None:
-            kept, apart, rest = got
-            fresh_contamination = frozenset(i for i in incidents if i.kind == "contamination")
-            if fresh_contamination and all(i.kind == "contamination" for i in apart):
-                self.split[o] = (kept | (fresh_mask & ~contaminated), apart | fresh_contamination,
-                                 rest | (frozenset(incidents) - fresh_contamination))
-            else:
-                self.split[o] = (kept | fresh_mask, apart, rest | frozenset(incidents))
-        elif not (n := _contaminations(incidents)) or n == len(incidents):  # (of one kind, of one birth or more)
-            self.split[o] = (carried_mask, frozenset(incidents), self.prov[o])
-        else:  # contamination first, then genuine
-            self.split[o] = (carried_mask | (fresh_mask & ~contaminated), frozenset(incidents[:n]),
-                             self.prov[o] | frozenset(incidents[n:]))
-        self.prov[o] = self.prov[o] | frozenset(incidents)
 
     def _classify(self, func, loc, o, mask, ins, sens_ins, nf, nd, args, out, kwargs) -> tuple[list, torch.Tensor]:
         """The incidents of the elements ``mask`` of ``o``, where a sensitivity first meets the NaN/Inf of ``nf``:
@@ -228,6 +205,31 @@ class _Incidents:
         None where the trace runs none."""
         strong = self.shadow.strong(o) if self.shadow is not None else None
         return self.triangles.strong(o) if strong is None and self.triangles is not None else strong
+
+
+def _split_fresh(tr: _Incidents, o, carried_mask, fresh_mask, incidents, contaminated) -> None:
+    """Elements of ``o`` born here beside carried ones: which elements hold which incidents (``split``), so
+    that a selection further on that drops some of them (where's or masked_fill's backward) keeps the
+    provenance of the others alone. A split holds a set of incidents apart: the fresh contamination (or the
+    one fresh incident); where ``o`` is split already with contamination apart, fresh contamination joins it
+    (a scatter's zeros meeting sqrt's NaN below an ignored row's: both are what strong zeros remove) and the
+    other fresh elements join the elements of the rest."""
+    got = tr.split.get(o)
+    if got is not None:
+        kept, apart, rest = got
+        fresh_contamination = frozenset(i for i in incidents if i.kind == "contamination")
+        if fresh_contamination and all(i.kind == "contamination" for i in apart):
+            tr.split[o] = (kept | (fresh_mask & ~contaminated), apart | fresh_contamination,
+                           rest | (frozenset(incidents) - fresh_contamination))
+        else:
+            tr.split[o] = (kept | fresh_mask, apart, rest | frozenset(incidents))
+    elif not (n := _contaminations(incidents)) or n == len(incidents):  # (of one kind, of one birth or more)
+        tr.split[o] = (carried_mask, frozenset(incidents), tr.prov[o])
+    else:  # contamination first, then genuine
+        tr.split[o] = (carried_mask | (fresh_mask & ~contaminated), frozenset(incidents[:n]),
+                       tr.prov[o] | frozenset(incidents[n:]))
+    tr.prov[o] = tr.prov[o] | frozenset(incidents)
+
 
 def _contaminations(incidents: list) -> int:
     """How many of ``incidents`` (contamination first, one per discarding op: ``_Flow._discarders``) are
