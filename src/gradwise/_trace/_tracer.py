@@ -268,7 +268,7 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
             info = func._gradwise_trace_info  # (_INFO_ATTR)
         except AttributeError:
             if isinstance(func, torch._ops.HigherOrderOperator):
-                return self._higher_order(func, args, kwargs or {})
+                return _higher_order(self, func, args, kwargs or {})
             info = _op_info(func)
         if not (info.composite and torch.is_inference_mode_enabled()) and not _common._profiler_on():
             return self._dispatch(func, info, types, args, kwargs or {})
@@ -335,28 +335,6 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
         self._backward(func, info, node, args, out, kwargs)
         return out
 
-    def _higher_order(self, func, args, kwargs):
-        """A higher-order op (cond, map, while_loop) run with its subgraphs under the trace (`subgraphs_under`).
-        Its forward outputs that no op under the trace made (map stacks its body's results outside the mode) hold
-        what its subgraphs returned: their births, with its inputs'. A NaN born in map's body was told as data
-        arriving non-finite (its birth not observed); every birth seen during the call named a NaN the body
-        computed and discarded (review_tr34)."""
-        returned: list = []
-        out = subgraphs_under(self, func, args, kwargs, returned.append)
-        if self.depth or (torch._C._len_torch_dispatch_stack() and recording()):
-            return out
-        made = None
-        for o in _floats(out):
-            if o in self.prov or not _kinds.readable(o) or not _nonfinite(o):
-                continue
-            if made is None:
-                made = frozenset().union(*(self.prov.get(t, frozenset()) for r in returned
-                                           for t in _tensors(r if isinstance(r, (list, tuple)) else (r,))),
-                                         *(self.prov.get(t, frozenset()) for t in _tensors(args)))
-            if made:
-                self.prov[o] = made
-        return out
-
     def _subclass_op(self, func, types, args, kwargs):
         """An op on a tensor subclass: run, not read."""
         if any(t.__name__ == "DTensor" for t in types):
@@ -370,3 +348,26 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
             # it); the plain ops it runs inside are traced
             return NotImplemented
         return _run(func, args, kwargs)
+
+
+def _higher_order(tr: _Tracer, func, args, kwargs):
+    """A higher-order op (cond, map, while_loop) run with its subgraphs under the trace (`subgraphs_under`).
+    Its forward outputs that no op under the trace made (map stacks its body's results outside the mode) hold
+    what its subgraphs returned: their births, with its inputs'. A NaN born in map's body was told as data
+    arriving non-finite (its birth not observed); every birth seen during the call named a NaN the body
+    computed and discarded (review_tr34)."""
+    returned: list = []
+    out = subgraphs_under(tr, func, args, kwargs, returned.append)
+    if tr.depth or (torch._C._len_torch_dispatch_stack() and recording()):
+        return out
+    made = None
+    for o in _floats(out):
+        if o in tr.prov or not _kinds.readable(o) or not _nonfinite(o):
+            continue
+        if made is None:
+            made = frozenset().union(*(tr.prov.get(t, frozenset()) for r in returned
+                                       for t in _tensors(r if isinstance(r, (list, tuple)) else (r,))),
+                                     *(tr.prov.get(t, frozenset()) for t in _tensors(args)))
+        if made:
+            tr.prov[o] = made
+    return out
