@@ -18,7 +18,8 @@ tensors (its schema may not declare its writes: ``rerunnable``) or whose rerun f
 shadow (``valid``): the trace then decides by its value heuristics, as for a NaN/Inf made in a backward whose
 forward was finite (an overflow).
 
-May import: torch, gradwise._strong_zeros, gradwise._trace._shadow_reads (the questions the trace asks of it).
+May import: torch, gradwise._masks, gradwise._ops, gradwise._strong_zeros, gradwise._trace._shadow_reads (the
+questions the trace asks of it).
 """
 
 from __future__ import annotations
@@ -28,9 +29,14 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from gradwise import _strong_zeros
+from gradwise._masks import mask_any
+from gradwise._ops._zeros import NAN_DISCARDS
 from gradwise._strong_zeros import _contract
+from gradwise._strong_zeros._rules import _hooked
 from gradwise._strong_zeros._triangles import TRIANGLE_READERS
 from gradwise._trace._shadow_reads import _ShadowReads, rerunnable
+
+_NAN_DISCARD_NODES = {node for node, _ in NAN_DISCARDS.values()}
 
 
 class _Shadow(_ShadowReads):
@@ -41,6 +47,7 @@ class _Shadow(_ShadowReads):
         self.mode = _strong_zeros._StrongZeroMode(of_pass=False)  # (beside: no pass state to carry)
         self.of = WeakTensorKeyDictionary()
         self.valid = True
+        self.discarding = False  # follow_discard met an fmax/fmin that ignored a NaN: it follows what they made
         # (sequence number, saved input, the input the forward read) of the node of TRIANGLE_READERS running now
         # whose unused triangle holds NaN/Inf; its second item None where it holds none
         self.triangle: tuple | None = None
@@ -81,6 +88,32 @@ class _Shadow(_ShadowReads):
             return None
         s = self.of.get(o)
         return s if s is not None and s.shape == o.shape else None
+
+    def follow_discard(self, node, func, args, kwargs, out) -> None:
+        """Without a valid shadow of the whole backward (its forward met no NaN/Inf, a step begun again by an op
+        after an earlier backward, create_graph): the ops of an fmax/fmin node one of whose operands is a lone NaN
+        (``NAN_DISCARDS``: the op ignored it), and every later op on what they made, run beside under the
+        strong-zero rules, so that the sensitivity sent to the ignored NaN is the structural zero it is for gw.grad.
+        torch 2.14's formula passes it the whole gradient, and the trace's value heuristics then called the NaN of
+        sqrt(-1) below fmax(0, .) genuine (2.13's formula fills it with a zero)."""
+        if not self.valid or _strong_zeros.in_pass():
+            return
+        if _ignores_nan(node):
+            self.discarding = True
+        elif not (self.discarding and any(t in self.of for t in _flat_tensors(args))):
+            return
+        if not rerunnable(func) or func._schema.is_mutable or _contract.unfollowed(args):
+            # an in-place write or an op it cannot run again: whatever reads the shadows after it is unknown
+            self.valid = False
+            return
+        try:
+            with torch.no_grad(), self.mode:  # (create_graph: only the values are read)
+                res = func(*tree_map(self.get, args), **tree_map(self.get, kwargs))
+            for r, s in zip(tree_flatten(out)[0], tree_flatten(res)[0], strict=False):
+                if isinstance(r, torch.Tensor) and isinstance(s, torch.Tensor) and r is not s:
+                    self.of[r] = s
+        except Exception:  # an explanation must never break the program it explains: decided by values instead
+            self.valid = False
 
     def before(self, func, args, kwargs) -> None:
         """Ahead of an in-place op: a written argument without a shadow gets a copy of its own, so the rerun
@@ -170,6 +203,20 @@ def _forward_again() -> bool:
         return True
     node = torch._C._current_autograd_node()
     return node is not None and torch.is_grad_enabled() and node.name() == "CheckpointFunctionBackward"
+
+
+def _ignores_nan(node) -> bool:
+    """Is ``node`` the backward of an fmax/fmin one of whose operands is NaN where the other is not (saved tensors
+    that unpack through a hook: assumed so)?"""
+    if node is None or type(node).__name__ not in _NAN_DISCARD_NODES:
+        return False
+    if _hooked(node, "_raw_saved_self", "_raw_saved_other"):
+        return True
+    try:
+        a, b = node._saved_self, node._saved_other
+    except RuntimeError:  # freed by an earlier backward
+        return False
+    return bool(mask_any(a.isnan() ^ b.isnan()))
 
 
 def _flat_tensors(tree) -> list:
