@@ -94,7 +94,7 @@ class _BackwardOps:
             # no valid shadow: fmax/fmin's sensitivity to a NaN operand they ignore (_Shadow.follow_discard)
             if self.triangles is None:
                 self.triangles = _Shadow(triangles_only=True)
-            self.triangles.follow_discard(node, func, args, kwargs, out)
+            self.triangles.follow_discard(node, func, args, kwargs, out, self.outputs_finite)
         # gw.strong_zeros()' pass: a rule that reads a non-finite value handles it
         if _strong_zeros._STATE.in_mode or (self.thread != get_ident() and _strong_zeros.in_pass()):
             self.strong_ran = True

@@ -89,13 +89,14 @@ class _Shadow(_ShadowReads):
         s = self.of.get(o)
         return s if s is not None and s.shape == o.shape else None
 
-    def follow_discard(self, node, func, args, kwargs, out) -> None:
+    def follow_discard(self, node, func, args, kwargs, out, outputs_finite) -> None:
         """Without a valid shadow of the whole backward (its forward met no NaN/Inf, a step begun again by an op
         after an earlier backward, create_graph): the ops of an fmax/fmin node one of whose operands is a lone NaN
         (``NAN_DISCARDS``: the op ignored it), and every later op on what they made, run beside under the
         strong-zero rules, so that the sensitivity sent to the ignored NaN is the structural zero it is for gw.grad.
         torch 2.14's formula passes it the whole gradient, and the trace's value heuristics then called the NaN of
-        sqrt(-1) below fmax(0, .) genuine (2.13's formula fills it with a zero)."""
+        sqrt(-1) below fmax(0, .) genuine (2.13's formula fills it with a zero). ``outputs_finite``: the tracer's
+        (called only where an op is followed)."""
         if not self.valid or _strong_zeros.in_pass():
             return
         if _ignores_nan(node):
@@ -106,7 +107,10 @@ class _Shadow(_ShadowReads):
             # an in-place write or an op it cannot run again: whatever reads the shadows after it is unknown
             self.valid = False
             return
+        state = _strong_zeros._STATE
+        finite = state.outputs_finite
         try:
+            state.outputs_finite = outputs_finite()
             with torch.no_grad(), self.mode:  # (create_graph: only the values are read)
                 res = func(*tree_map(self.get, args), **tree_map(self.get, kwargs))
             for r, s in zip(tree_flatten(out)[0], tree_flatten(res)[0], strict=False):
@@ -114,6 +118,8 @@ class _Shadow(_ShadowReads):
                     self.of[r] = s
         except Exception:  # an explanation must never break the program it explains: decided by values instead
             self.valid = False
+        finally:
+            state.outputs_finite = finite
 
     def before(self, func, args, kwargs) -> None:
         """Ahead of an in-place op: a written argument without a shadow gets a copy of its own, so the rerun
