@@ -97,14 +97,18 @@ class _Shadow(_ShadowReads):
         torch 2.14's formula passes it the whole gradient, and the trace's value heuristics then called the NaN of
         sqrt(-1) below fmax(0, .) genuine (2.13's formula fills it with a zero). ``outputs_finite``: the tracer's
         (called only where an op is followed)."""
-        if not self.valid or _strong_zeros.in_pass():
+        if not self.valid or _strong_zeros.in_pass() or (torch.is_grad_enabled() and _forward_again()):
+            # (a checkpoint's recomputed forward, run while the fmax node unpacks its saved tensors: forward values,
+            # their own shadows; a rerun of its random ops drew again and changed what the recomputation drew)
             return
         if _ignores_nan(node):
             self.discarding = True
         elif not (self.discarding and any(t in self.of for t in _flat_tensors(args))):
             return
-        if not rerunnable(func) or func._schema.is_mutable or _contract.unfollowed(args):
-            # an in-place write or an op it cannot run again: whatever reads the shadows after it is unknown
+        if not rerunnable(func) or func._schema.is_mutable or torch.Tag.nondeterministic_seeded in func.tags \
+                or _contract.unfollowed(args):
+            # an in-place write, an op it cannot run again, or one that draws random numbers (a hook's rand_like:
+            # a rerun draws again, and the program's generator moves): whatever reads the shadows after it is unknown
             self.valid = False
             return
         state = _strong_zeros._STATE
