@@ -117,9 +117,7 @@ class _Shadow(_ShadowReads):
             state.outputs_finite = outputs_finite()
             with torch.no_grad(), self.mode:  # (create_graph: only the values are read)
                 res = func(*tree_map(self.get, args), **tree_map(self.get, kwargs))
-            for r, s in zip(tree_flatten(out)[0], tree_flatten(res)[0], strict=False):
-                if isinstance(r, torch.Tensor) and isinstance(s, torch.Tensor) and r is not s:
-                    self.of[r] = s
+            self._map(out, res)
         except Exception:  # an explanation must never break the program it explains: decided by values instead
             self.valid = False
         finally:
@@ -175,16 +173,17 @@ class _Shadow(_ShadowReads):
             else:
                 with self.mode:
                     res = func(*shadow_args, **shadow_kwargs)
-            real, _ = tree_flatten(out)
-            strong, _ = tree_flatten(res)
-            for r, s in zip(real, strong, strict=False):
-                if isinstance(r, torch.Tensor) and isinstance(s, torch.Tensor) and r is not s:
-                    self.of[r] = s
+            self._map(out, res)
         except Exception:  # an explanation must never break the program it explains: decided by values instead
             self.valid = False
         finally:
             state.outputs_finite = finite
 
+    def _map(self, out, res) -> None:
+        """Each real output of an op to the output of its rerun (its shadow)."""
+        for r, s in zip(tree_flatten(out)[0], tree_flatten(res)[0], strict=False):
+            if isinstance(r, torch.Tensor) and isinstance(s, torch.Tensor) and r is not s:
+                self.of[r] = s
 
     def _copy(self, t: torch.Tensor) -> torch.Tensor:
         """A shadow for ``t`` laid out as ``t``: the same view of its base's shadow (or of a copy of the base), so
