@@ -105,10 +105,12 @@ class _Shadow(_ShadowReads):
             self.discarding = True
         elif not (self.discarding and any(t in self.of for t in _flat_tensors(args))):
             return
-        if not rerunnable(func) or func._schema.is_mutable or torch.Tag.nondeterministic_seeded in func.tags \
-                or _contract.unfollowed(args):
-            # an in-place write, an op it cannot run again, or one that draws random numbers (a hook's rand_like:
-            # a rerun draws again, and the program's generator moves): whatever reads the shadows after it is unknown
+        shadow_args, shadow_kwargs = tree_map(self.get, args), tree_map(self.get, kwargs)
+        if not rerunnable(func) or torch.Tag.nondeterministic_seeded in func.tags or _contract.unfollowed(args) or \
+                (func._schema.is_mutable and _writes_program(func, args, kwargs, shadow_args, shadow_kwargs)):
+            # an op it cannot run again, one that draws random numbers (a hook's rand_like: a rerun draws again, and
+            # the program's generator moves), or an in-place write to a tensor without a shadow of its own (torch
+            # 2.13's formula writes its own mask in place, which has one): what reads the shadows after it is unknown
             self.valid = False
             return
         state = _strong_zeros._STATE
@@ -116,7 +118,7 @@ class _Shadow(_ShadowReads):
         try:
             state.outputs_finite = outputs_finite()
             with torch.no_grad(), self.mode:  # (create_graph: only the values are read)
-                res = func(*tree_map(self.get, args), **tree_map(self.get, kwargs))
+                res = func(*shadow_args, **shadow_kwargs)
             self._map(out, res)
         except Exception:  # an explanation must never break the program it explains: decided by values instead
             self.valid = False
