@@ -24,6 +24,8 @@ questions the trace asks of it).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
@@ -105,25 +107,13 @@ class _Shadow(_ShadowReads):
             self.discarding = True
         elif not (self.discarding and any(t in self.of for t in _flat_tensors(args))):
             return
-        shadow_args, shadow_kwargs = tree_map(self.get, args), tree_map(self.get, kwargs)
-        if not rerunnable(func) or torch.Tag.nondeterministic_seeded in func.tags or _contract.unfollowed(args) or \
-                (func._schema.is_mutable and _writes_program(func, args, kwargs, shadow_args, shadow_kwargs)):
-            # an op it cannot run again, one that draws random numbers (a hook's rand_like: a rerun draws again, and
-            # the program's generator moves), or an in-place write to a tensor without a shadow of its own (torch
-            # 2.13's formula writes its own mask in place, which has one): what reads the shadows after it is unknown
+        if not rerunnable(func) or torch.Tag.nondeterministic_seeded in func.tags or _contract.unfollowed(args):
+            # an op it cannot run again, or one that draws random numbers (a hook's rand_like: a rerun draws again,
+            # and the program's generator moves): what reads the shadows after it is unknown. (An in-place write is
+            # followed on a tensor with a shadow of its own: torch 2.13's formula writes its mask with logical_or_)
             self.valid = False
             return
-        state = _strong_zeros._STATE
-        finite = state.outputs_finite
-        try:
-            state.outputs_finite = outputs_finite()
-            with torch.no_grad(), self.mode:  # (create_graph: only the values are read)
-                res = func(*shadow_args, **shadow_kwargs)
-            self._map(out, res)
-        except Exception:  # an explanation must never break the program it explains: decided by values instead
-            self.valid = False
-        finally:
-            state.outputs_finite = finite
+        self._rerun(func, args, kwargs, out, outputs_finite, strong=True)
 
     def before(self, func, args, kwargs) -> None:
         """Ahead of an in-place op: a written argument without a shadow gets a copy of its own, so the rerun
@@ -156,36 +146,37 @@ class _Shadow(_ShadowReads):
             # it as PyTorch does and drop its supports): not followed, the trace decides by values
             self.valid = False
             return
-        state = _strong_zeros._STATE
         # gw.strong_zeros()' own pass is its own shadow, but where a node's formula reads an unused triangle: its
         # post-hook replaces the node's result, and the ops before it are followed plainly on the input it reads
         triangle = self.unused_triangle(torch._C._current_autograd_node())
         plain = _strong_zeros.in_pass() or self.triangles_only  # (on any engine thread)
         if plain and not triangle:
             return
-        finite, state.outputs_finite = state.outputs_finite, outputs_finite
+        self._rerun(func, args, kwargs, out, lambda: outputs_finite, strong=not plain)
+
+    def _rerun(self, func, args, kwargs, out, outputs_finite, strong: bool) -> None:
+        """Run ``func`` on the shadows of ``args`` (under the strong-zero rules where ``strong``) with strong zeros'
+        ``outputs_finite`` set to the tracer's (``outputs_finite()``), and map each real output to the output of the
+        rerun (its shadow); an in-place write to a tensor of the program (one without a shadow of its own) is not
+        run, and ends the shadow."""
+        state = _strong_zeros._STATE
+        finite = state.outputs_finite
         try:
             shadow_args = tree_map(self.get, args)
             shadow_kwargs = tree_map(self.get, kwargs)
             if func._schema.is_mutable and _writes_program(func, args, kwargs, shadow_args, shadow_kwargs):
                 self.valid = False  # the rerun would write the program's own tensor
                 return
-            if plain:
+            state.outputs_finite = outputs_finite()
+            with torch.no_grad(), self.mode if strong else contextlib.nullcontext():  # (create_graph: values only)
                 res = func(*shadow_args, **shadow_kwargs)
-            else:
-                with self.mode:
-                    res = func(*shadow_args, **shadow_kwargs)
-            self._map(out, res)
+            for r, s in zip(tree_flatten(out)[0], tree_flatten(res)[0], strict=False):
+                if isinstance(r, torch.Tensor) and isinstance(s, torch.Tensor) and r is not s:
+                    self.of[r] = s
         except Exception:  # an explanation must never break the program it explains: decided by values instead
             self.valid = False
         finally:
             state.outputs_finite = finite
-
-    def _map(self, out, res) -> None:
-        """Each real output of an op to the output of its rerun (its shadow)."""
-        for r, s in zip(tree_flatten(out)[0], tree_flatten(res)[0], strict=False):
-            if isinstance(r, torch.Tensor) and isinstance(s, torch.Tensor) and r is not s:
-                self.of[r] = s
 
     def _copy(self, t: torch.Tensor) -> torch.Tensor:
         """A shadow for ``t`` laid out as ``t``: the same view of its base's shadow (or of a copy of the base), so
