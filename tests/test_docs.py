@@ -165,6 +165,12 @@ def _run_python(blocks: list[Block], namespace: dict) -> str:
     return buffer.getvalue()
 
 
+# A CUDA build of torch on a machine with nvcc but no GPU logs this when inductor first looks for a compiler
+# (torch 2.14.1+cu130 here): the machine's, not the page's
+_NO_CUDA_RUNTIME = re.compile(r"^W\d{4} [\d:. ]+\d+ torch/utils/cpp_extension\.py:\d+\] "
+                              r".*No CUDA runtime is found.*\n", re.M)
+
+
 def _run_script(block: Block, tmp: Path) -> str:
     """``script``: the block as a file run by ``python -m gradwise run``; ``file``: run by ``python``."""
     kind, name = block.mark
@@ -172,7 +178,7 @@ def _run_script(block: Block, tmp: Path) -> str:
     runner = ["-m", "gradwise", "run"] if kind == "script" else []
     proc = subprocess.run([sys.executable, *runner, name], cwd=tmp, env=ENV, text=True,
                           capture_output=True, timeout=300)
-    return proc.stdout + proc.stderr
+    return proc.stdout + _NO_CUDA_RUNTIME.sub("", proc.stderr)
 
 
 def _run_command(block: Block) -> str:

@@ -151,6 +151,52 @@ def test_reported_classification_agrees_with_strong_zeros(case):
     assert not any(f.reaches for f in report.of_kind("nan", "inf")), str(report)
 
 
+def _trace_grad(program, x, create_graph, again):
+    """The report of one backward of ``program(x)``; ``again``: after an earlier backward and an op, which begin
+    a new step whose forward met no NaN (the trace then keeps no shadow strong pass)."""
+    with gw.trace() as report:
+        out = program(x)
+        if again:
+            y = x.detach().clamp_min(1.0).requires_grad_()
+            torch.autograd.grad(y.sqrt().sum(), [y])
+            torch.zeros(1)
+        torch.autograd.grad(out, [x], create_graph=create_graph)
+    return report
+
+
+_IGNORED_NAN_PROGRAMS = {
+    "fmax": lambda x: torch.fmax(torch.zeros(3), x.sqrt()).sum(),
+    "fmin-then-ops": lambda x: torch.fmin(torch.ones(3), 2 * x.sqrt() + 1).exp().sum(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_IGNORED_NAN_PROGRAMS))
+@pytest.mark.parametrize(("create_graph", "again"), [(True, False), (False, True)])
+def test_a_nan_that_fmax_ignores_is_contamination_without_a_shadow(name, create_graph, again):
+    """fmax/fmin ignore a lone NaN operand (sqrt(-1) here), whose gradient is then a structural zero (gw.grad
+    gives 0 there). torch 2.14's fmax backward passes it the whole gradient (2.13's fills a zero), and the trace
+    without its shadow strong pass (create_graph; a step begun again after another backward) decided by that
+    value: 'genuine NaN: the output depends on it', against gw.grad."""
+    program = _IGNORED_NAN_PROGRAMS[name]
+    x = torch.tensor([0.5, 3.0, -1.0], requires_grad=True)
+    (g,) = gw.grad(program(x), [x])
+    assert g.isfinite().all() and g[2] == 0
+    report = _trace_grad(program, x, create_graph, again)
+    (f,) = report.of_kind("contamination")
+    assert f.reaches == ["x"] and f.op == "aten.div", str(report)
+    assert not report.of_kind("nan", "inf"), str(report)
+
+
+def test_a_genuine_nan_beside_a_nan_fmax_ignores_stays_genuine():
+    """The same, with a second sqrt(-1) the output uses at the same element: genuine, as gw.grad keeps it."""
+    x = torch.tensor([0.5, 3.0, -1.0], requires_grad=True)
+    program = _IGNORED_NAN_PROGRAMS["fmax"]
+    (g,) = gw.grad(program(x) + x.sqrt().sum(), [x])
+    assert g[2].isnan()
+    report = _trace_grad(lambda x: program(x) + x.sqrt().sum(), x, True, False)
+    assert [f.reaches for f in report.of_kind("nan")] == [["x"]], str(report)
+
+
 def test_square_matmul_is_no_elementwise_op():
     """A matmul whose operands and result share a shape (square matrices) mixes rows all the same: a zero
     sensitivity row meeting a NaN row is contamination, not 'genuine where the sensitivity is nonzero' (the trace

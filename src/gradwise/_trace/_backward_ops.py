@@ -16,7 +16,7 @@ from gradwise._strong_zeros import _unused
 from gradwise._strong_zeros._triangles import TRIANGLE_READERS
 from gradwise._trace._common import _ACCUMULATE_SEQ, _floats, _Node, _tensors
 from gradwise._trace._facts import _DISCARDS, _ELEMENTWISE_DISCARDS, DECLARED, _discard_key
-from gradwise._trace._shadow import _Shadow
+from gradwise._trace._shadow import _NAN_DISCARD_NODES, _Shadow
 
 _FORMULA_FIRST = {w.first for w in _strong_zeros.WHOLE_FORMULAS.values()}
 # zeros the engine makes outside any node (for an unused output's gradient): structural, as strong zeros take them
@@ -92,6 +92,11 @@ class _BackwardOps:
             if self.triangles is None:
                 self.triangles = _Shadow(triangles_only=True)
             self.triangles.run(func, args, kwargs, out, True)
+        elif node is not None and (self.triangles is not None or type(node).__name__ in _NAN_DISCARD_NODES):
+            # no valid shadow: fmax/fmin's sensitivity to a NaN operand they ignore (_Shadow.follow_discard)
+            if self.triangles is None:
+                self.triangles = _Shadow(triangles_only=True)
+            self.triangles.follow_discard(node, func, args, kwargs, out, self.outputs_finite)
         # gw.strong_zeros()' pass: a rule that reads a non-finite value handles it
         if _strong_zeros._STATE.in_mode or (self.thread != get_ident() and _strong_zeros.in_pass()):
             self.strong_ran = True

@@ -45,6 +45,9 @@ class _Incidents:
             covered = torch.zeros(o.shape, dtype=torch.bool, device=o.device)
             for t in upstream:
                 covered = covered | (~torch.isfinite(t)).broadcast_to(o.shape)
+            born = _born_under_carried(self, upstream, o)
+            if born is not None:
+                covered = covered & ~born
             fresh_mask, mask = mask & ~covered, mask & covered
             saved = [t for t in nf if t not in self.sens]
             # (no saved NaN/Inf: made here, 0/0 where where's structural zero meets log's 1/0, beside a carried NaN)
@@ -265,3 +268,19 @@ def _in_base(mask: torch.Tensor, view: torch.Tensor, base: torch.Tensor | None) 
         return mask
 
 
+def _born_under_carried(tr: _Incidents, upstream, o) -> torch.Tensor | None:
+    """Bool over ``o``: where strong zeros hold a NaN/Inf made here that none of the sensitivities ``upstream``
+    carries in their shadows (all finite there), though the real ones carry NaN/Inf: a contamination carried
+    along (torch 2.14's fmax formula passes the NaN it ignored the whole gradient) covers a genuine birth, a
+    nonzero sensitivity meeting a saved NaN (``(fmax(0, s) * s).sum()`` at s = sqrt(-1): gw.grad keeps that
+    NaN). None where the shadow does not know, or holds no NaN/Inf there."""
+    strong = tr._strong_of(o)
+    if strong is None or bool(torch.isfinite(strong).all()):
+        return None
+    born = ~torch.isfinite(strong)
+    for t in upstream:
+        s = tr._strong_of(t)
+        if s is None or not _shadow_reads._broadcasts(s.shape, o.shape):
+            return None
+        born = born & torch.isfinite(s).broadcast_to(o.shape)
+    return born

@@ -18,19 +18,27 @@ tensors (its schema may not declare its writes: ``rerunnable``) or whose rerun f
 shadow (``valid``): the trace then decides by its value heuristics, as for a NaN/Inf made in a backward whose
 forward was finite (an overflow).
 
-May import: torch, gradwise._strong_zeros, gradwise._trace._shadow_reads (the questions the trace asks of it).
+May import: torch, gradwise._masks, gradwise._ops, gradwise._strong_zeros, gradwise._trace._shadow_reads (the
+questions the trace asks of it).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from gradwise import _strong_zeros
+from gradwise._masks import mask_any
+from gradwise._ops._zeros import NAN_DISCARDS
 from gradwise._strong_zeros import _contract
+from gradwise._strong_zeros._rules import _hooked
 from gradwise._strong_zeros._triangles import TRIANGLE_READERS
 from gradwise._trace._shadow_reads import _ShadowReads, rerunnable
+
+_NAN_DISCARD_NODES = {node for node, _ in NAN_DISCARDS.values()}
 
 
 class _Shadow(_ShadowReads):
@@ -41,6 +49,7 @@ class _Shadow(_ShadowReads):
         self.mode = _strong_zeros._StrongZeroMode(of_pass=False)  # (beside: no pass state to carry)
         self.of = WeakTensorKeyDictionary()
         self.valid = True
+        self.discarding = False  # follow_discard met an fmax/fmin that ignored a NaN: it follows what they made
         # (sequence number, saved input, the input the forward read) of the node of TRIANGLE_READERS running now
         # whose unused triangle holds NaN/Inf; its second item None where it holds none
         self.triangle: tuple | None = None
@@ -82,6 +91,30 @@ class _Shadow(_ShadowReads):
         s = self.of.get(o)
         return s if s is not None and s.shape == o.shape else None
 
+    def follow_discard(self, node, func, args, kwargs, out, outputs_finite) -> None:
+        """Without a valid shadow of the whole backward (its forward met no NaN/Inf, a step begun again by an op
+        after an earlier backward, create_graph): the ops of an fmax/fmin node one of whose operands is a lone NaN
+        (``NAN_DISCARDS``: the op ignored it), and every later op on what they made, run beside under the
+        strong-zero rules, so that the sensitivity sent to the ignored NaN is the structural zero it is for gw.grad.
+        torch 2.14's formula passes it the whole gradient, and the trace's value heuristics then called the NaN of
+        sqrt(-1) below fmax(0, .) genuine (2.13's formula fills it with a zero). ``outputs_finite``: the tracer's
+        (called only where an op is followed)."""
+        if not self.valid or _strong_zeros.in_pass() or (torch.is_grad_enabled() and _forward_again()):
+            # (a checkpoint's recomputed forward, run while the fmax node unpacks its saved tensors: forward values,
+            # their own shadows; a rerun of its random ops drew again and changed what the recomputation drew)
+            return
+        if _ignores_nan(node):
+            self.discarding = True
+        elif not (self.discarding and any(t in self.of for t in _flat_tensors(args))):
+            return
+        if not rerunnable(func) or torch.Tag.nondeterministic_seeded in func.tags or _contract.unfollowed(args):
+            # an op it cannot run again, or one that draws random numbers (a hook's rand_like: a rerun draws again,
+            # and the program's generator moves): what reads the shadows after it is unknown. (An in-place write is
+            # followed on a tensor with a shadow of its own: torch 2.13's formula writes its mask with logical_or_)
+            self.valid = False
+            return
+        self._rerun(func, args, kwargs, out, outputs_finite, strong=True)
+
     def before(self, func, args, kwargs) -> None:
         """Ahead of an in-place op: a written argument without a shadow gets a copy of its own, so the rerun
         writes that copy (never the program's tensor) and starts from the value the real op started from."""
@@ -113,35 +146,37 @@ class _Shadow(_ShadowReads):
             # it as PyTorch does and drop its supports): not followed, the trace decides by values
             self.valid = False
             return
-        state = _strong_zeros._STATE
         # gw.strong_zeros()' own pass is its own shadow, but where a node's formula reads an unused triangle: its
         # post-hook replaces the node's result, and the ops before it are followed plainly on the input it reads
         triangle = self.unused_triangle(torch._C._current_autograd_node())
         plain = _strong_zeros.in_pass() or self.triangles_only  # (on any engine thread)
         if plain and not triangle:
             return
-        finite, state.outputs_finite = state.outputs_finite, outputs_finite
+        self._rerun(func, args, kwargs, out, lambda: outputs_finite, strong=not plain)
+
+    def _rerun(self, func, args, kwargs, out, outputs_finite, strong: bool) -> None:
+        """Run ``func`` on the shadows of ``args`` (under the strong-zero rules where ``strong``) with strong zeros'
+        ``outputs_finite`` set to the tracer's (``outputs_finite()``), and map each real output to the output of the
+        rerun (its shadow); an in-place write to a tensor of the program (one without a shadow of its own) is not
+        run, and ends the shadow."""
+        state = _strong_zeros._STATE
+        finite = state.outputs_finite
         try:
             shadow_args = tree_map(self.get, args)
             shadow_kwargs = tree_map(self.get, kwargs)
             if func._schema.is_mutable and _writes_program(func, args, kwargs, shadow_args, shadow_kwargs):
                 self.valid = False  # the rerun would write the program's own tensor
                 return
-            if plain:
+            state.outputs_finite = outputs_finite()
+            with torch.no_grad(), self.mode if strong else contextlib.nullcontext():  # (create_graph: values only)
                 res = func(*shadow_args, **shadow_kwargs)
-            else:
-                with self.mode:
-                    res = func(*shadow_args, **shadow_kwargs)
-            real, _ = tree_flatten(out)
-            strong, _ = tree_flatten(res)
-            for r, s in zip(real, strong, strict=False):
+            for r, s in zip(tree_flatten(out)[0], tree_flatten(res)[0], strict=False):
                 if isinstance(r, torch.Tensor) and isinstance(s, torch.Tensor) and r is not s:
                     self.of[r] = s
         except Exception:  # an explanation must never break the program it explains: decided by values instead
             self.valid = False
         finally:
             state.outputs_finite = finite
-
 
     def _copy(self, t: torch.Tensor) -> torch.Tensor:
         """A shadow for ``t`` laid out as ``t``: the same view of its base's shadow (or of a copy of the base), so
@@ -170,6 +205,20 @@ def _forward_again() -> bool:
         return True
     node = torch._C._current_autograd_node()
     return node is not None and torch.is_grad_enabled() and node.name() == "CheckpointFunctionBackward"
+
+
+def _ignores_nan(node) -> bool:
+    """Is ``node`` the backward of an fmax/fmin one of whose operands is NaN where the other is not (saved tensors
+    that unpack through a hook: assumed so)?"""
+    if node is None or type(node).__name__ not in _NAN_DISCARD_NODES:
+        return False
+    if _hooked(node, "_raw_saved_self", "_raw_saved_other"):
+        return True
+    try:
+        a, b = node._saved_self, node._saved_other
+    except RuntimeError:  # freed by an earlier backward
+        return False
+    return bool(mask_any(a.isnan() ^ b.isnan()))
 
 
 def _flat_tensors(tree) -> list:
