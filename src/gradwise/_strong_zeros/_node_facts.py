@@ -23,7 +23,12 @@ import torch
 from gradwise._masks import mask_all
 from gradwise._strong_zeros._kernel_reads import ZERO_ALPHA_PRODUCTS
 from gradwise._strong_zeros._rules import _hooked, lookup
-from gradwise._strong_zeros._rules_bilinear import WEIGHTS_ENDS, _reads_every_position, weights_paths
+from gradwise._strong_zeros._rules_bilinear import (
+    _MASKED_WEIGHTS_NODES,
+    WEIGHTS_ENDS,
+    _reads_every_position,
+    weights_paths,
+)
 from gradwise._strong_zeros._triangles import TRIANGLE_READERS
 from gradwise._strong_zeros._weights_layout import as_signed as _as_signed
 
@@ -353,10 +358,11 @@ def _own_and_weights(own: Callable[[Any], bool]) -> Callable[[Any], bool]:
 # in a graph with no node that may end a weights path the plan's walk reads that rest alone (WEIGHTS_READER). Until
 # the review of perf_sz35 only mm/bmm's were skipped: every Linear's addmm walked its operands' producers on every
 # backward (~3 us each, 17 us of a 2-layer Transformer encoder's 60 us walk)
+# (the nodes are the rules' own table, _rules_bilinear._MASKED_WEIGHTS_NODES: addmm/baddbmm of a softmax's weights
+# make the values' gradient's structural zeros as mm/bmm's, besides their alpha = 0 test)
 _WEIGHTS_READERS: dict[str, Callable[[Any], bool] | None] = {
-    "MmBackward0": None, "BmmBackward0": None,
-    # (addmm/baddbmm of a softmax's weights: the values' gradient's structural zeros, as mm/bmm's)
-    "AddmmBackward0": _alpha_nonzero, "BaddbmmBackward0": _alpha_nonzero}
+    name: {"AddmmBackward0": _alpha_nonzero, "BaddbmmBackward0": _alpha_nonzero}.get(name)
+    for name in _MASKED_WEIGHTS_NODES}
 
 _MAKES_NO_ZEROS_IF: dict[str, Callable[[Any], bool]] = {
     **{name: _no_masked_weights if own is None else _own_and_weights(own) for name, own in _WEIGHTS_READERS.items()},

@@ -278,7 +278,7 @@ def _node_readers() -> dict[str, Callable[[Any], bool]]:
     tensors (``_rules._reads_nodes`` is False under transforms, so they run op by op there)."""
     from gradwise._strong_zeros._kernel_reads import ZERO_ALPHA_PRODUCTS
     from gradwise._strong_zeros._node_facts import _alpha_nonzero
-    from gradwise._strong_zeros._rules_bilinear import reads_softmax_weights
+    from gradwise._strong_zeros._rules_bilinear import _MASKED_WEIGHTS_NODES, reads_softmax_weights
     from gradwise._strong_zeros._rules_opdb import _LCSE
     from gradwise._strong_zeros._rules_pointwise import LOGADDEXP_NODES
 
@@ -286,9 +286,10 @@ def _node_readers() -> dict[str, Callable[[Any], bool]]:
     readers.update(dict.fromkeys(ZERO_ALPHA_PRODUCTS, lambda node: not _alpha_nonzero(node)))
     # a masked softmax's weights times the values (attention, attention pooling): until 2026-12-07 not named, so a
     # padded value's 0 x inf stayed NaN under vmap(grad) without a word
-    readers.update(dict.fromkeys(("MmBackward0", "BmmBackward0", "MulBackward0"), reads_softmax_weights))
-    for name in ("AddmmBackward0", "BaddbmmBackward0"):  # (alpha = 0, or a softmax's weights)
-        readers[name] = lambda node, zero_alpha=readers[name]: zero_alpha(node) or reads_softmax_weights(node)
+    for name in (*_MASKED_WEIGHTS_NODES, "MulBackward0"):  # (addmm/baddbmm: alpha = 0, or a softmax's weights)
+        other = readers.get(name)
+        readers[name] = reads_softmax_weights if other is None else \
+            lambda node, other=other: other(node) or reads_softmax_weights(node)
     return readers
 
 

@@ -89,6 +89,11 @@ def _split(node: Any, mask: torch.Tensor, shape: tuple[int, ...], out: int) -> t
     return mask.split(sizes, as_signed(node._saved_dim))[out]
 
 
+def _repeat(node: Any, mask: torch.Tensor, shape: tuple[int, ...], out: int) -> torch.Tensor:
+    """repeat (weights tiled): each copy the weight it repeats."""
+    return mask.repeat(node._saved_repeats)
+
+
 def _unbind(node: Any, mask: torch.Tensor, shape: tuple[int, ...], out: int) -> torch.Tensor:
     """unbind (one head of each): the piece ``out``."""
     return mask.select(as_signed(node._saved_dim), out)
@@ -99,7 +104,7 @@ _MOVES: dict[str, Move] = {
     "SelectBackward0": _select, "ExpandBackward0": _expand, "SumBackward1": _sum_over,
     "SumBackward0": _sum_of_all, "SplitBackward0": _split,
     "SplitWithSizesBackward0": _split, "UnbindBackward0": _unbind,
-    "RepeatBackward0": lambda node, mask, shape, out: mask.repeat(node._saved_repeats),  # (each copy a weight)
+    "RepeatBackward0": _repeat,
     **dict.fromkeys(("UnsqueezeBackward0", "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
                      "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "AliasBackward0", "CloneBackward0",
                      "ToCopyBackward0"), _reshape),
