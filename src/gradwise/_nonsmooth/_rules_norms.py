@@ -21,7 +21,7 @@ from gradwise._nonsmooth._records import Kink, _user_line
 from gradwise._nonsmooth._rules import _ROUTES, _finish, _is_dual, _split, _switch, kink_rule
 from gradwise._nonsmooth._rules_pointwise import _clamp, _hinge, _pair, _reduce, abs, l1_loss, leaky_relu
 from gradwise._nonsmooth._rules_select import _reduce_select, sort
-from gradwise._ops._cuts import maybe_power_cut, on_branch_cut, on_real_axis, power_cut
+from gradwise._ops._cuts import _complex, maybe_power_cut, on_branch_cut, on_real_axis, power_cut
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -92,7 +92,7 @@ def _complex_duals(x, p) -> tuple:
     formula takes the real operand's term through its backward's real part (``handle_r_to_c``), so the tangent of
     (-2 + 0j) ** y or y ** (0.5 + 0.3j) lost its imaginary part. The kernel computes in that dtype anyway: the
     same values."""
-    if not any(isinstance(a, complex) or (isinstance(a, Tensor) and a.is_complex()) for a in (x, p)):
+    if not (_complex(x) or _complex(p)):
         return x, p
     if not any(isinstance(a, Tensor) and not a.is_complex() and _is_dual(a) for a in (x, p)):
         return x, p
