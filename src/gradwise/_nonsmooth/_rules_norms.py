@@ -62,13 +62,13 @@ def pow(run, func, x, exponent):
     branch cut (`_cuts.power_cut`: a number, complex or tensor p; a p that moves even where it is an integer, as
     d/dp z ** p = z ** p log z jumps there): an error."""
     p = _split(exponent)[0] if isinstance(exponent, Tensor) else exponent
+    moves = isinstance(exponent, Tensor) and (_is_dual(exponent) or exponent.requires_grad)
     if maybe_power_cut(_split(x)[0], p):  # (from dtypes alone: a real x ** 2 reads no mark)
-        moves = isinstance(exponent, Tensor) and (_is_dual(exponent) or exponent.requires_grad)
         still = on_real_axis(x) or not (_is_dual(x) or x.requires_grad)  # (c ** p: entire in p, off c = 0)
         _on_cut("aten.pow", power_cut(_split(x)[0], p, moves, still))
     if isinstance(x, Tensor) and isinstance(exponent, (int, float)) and 0 < exponent < 1:
         _singular("aten.pow", x, f"x ** {exponent} has an infinite derivative")
-    if isinstance(exponent, Tensor) and (_is_dual(exponent) or exponent.requires_grad):
+    if moves:
         base = _split(x)[0] if isinstance(x, Tensor) else x
         if bool(((base == 0) & (_split(exponent)[0] == 0)).any()):
             raise NonsmoothError(f"aten.pow at {_user_line()} computes 0 ** p at p = 0, where it jumps (1 at 0, 0 "
