@@ -21,7 +21,7 @@ from gradwise._nonsmooth._records import Kink, _user_line
 from gradwise._nonsmooth._rules import _ROUTES, _finish, _is_dual, _split, _switch, kink_rule
 from gradwise._nonsmooth._rules_pointwise import _clamp, _hinge, _pair, _reduce, abs, l1_loss, leaky_relu
 from gradwise._nonsmooth._rules_select import _reduce_select, sort
-from gradwise._ops._cuts import maybe_power_cut, on_branch_cut, on_real_axis, power_cut
+from gradwise._ops._cuts import _complex, maybe_power_cut, on_branch_cut, on_real_axis, power_cut
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -62,13 +62,13 @@ def pow(run, func, x, exponent):
     branch cut (`_cuts.power_cut`: a number, complex or tensor p; a p that moves even where it is an integer, as
     d/dp z ** p = z ** p log z jumps there): an error."""
     p = _split(exponent)[0] if isinstance(exponent, Tensor) else exponent
+    moves = isinstance(exponent, Tensor) and (_is_dual(exponent) or exponent.requires_grad)
     if maybe_power_cut(_split(x)[0], p):  # (from dtypes alone: a real x ** 2 reads no mark)
-        moves = isinstance(exponent, Tensor) and (_is_dual(exponent) or exponent.requires_grad)
         still = on_real_axis(x) or not (_is_dual(x) or x.requires_grad)  # (c ** p: entire in p, off c = 0)
         _on_cut("aten.pow", power_cut(_split(x)[0], p, moves, still))
     if isinstance(x, Tensor) and isinstance(exponent, (int, float)) and 0 < exponent < 1:
         _singular("aten.pow", x, f"x ** {exponent} has an infinite derivative")
-    if isinstance(exponent, Tensor) and (_is_dual(exponent) or exponent.requires_grad):
+    if moves:
         base = _split(x)[0] if isinstance(x, Tensor) else x
         if bool(((base == 0) & (_split(exponent)[0] == 0)).any()):
             raise NonsmoothError(f"aten.pow at {_user_line()} computes 0 ** p at p = 0, where it jumps (1 at 0, 0 "
@@ -92,7 +92,7 @@ def _complex_duals(x, p) -> tuple:
     formula takes the real operand's term through its backward's real part (``handle_r_to_c``), so the tangent of
     (-2 + 0j) ** y or y ** (0.5 + 0.3j) lost its imaginary part. The kernel computes in that dtype anyway: the
     same values."""
-    if not any(isinstance(a, complex) or (isinstance(a, Tensor) and a.is_complex()) for a in (x, p)):
+    if not (_complex(x) or _complex(p)):
         return x, p
     if not any(isinstance(a, Tensor) and not a.is_complex() and _is_dual(a) for a in (x, p)):
         return x, p

@@ -82,7 +82,7 @@ CUTS: dict[str, tuple[Callable, Callable]] = {
     "log1p": _real_axis_below(-1.0),
     **dict.fromkeys(("asin", "acos"), (_BEYOND_1[0], _BEYOND_1[0])),
     "atanh": _BEYOND_1,
-    "acosh": ((lambda z: (z.imag == 0) & (z.real <= 1)), _BEYOND_1[1]),
+    "acosh": (_real_axis_below(1.0)[0], _BEYOND_1[1]),
     **dict.fromkeys(("asinh", "atan"), _IMAGINARY_BEYOND_I),
     "angle": ((lambda z: (z == 0) | ((z.imag == 0) & (z.real < 0))), (lambda z: z == 0)),
 }

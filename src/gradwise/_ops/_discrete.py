@@ -93,8 +93,7 @@ def _complex_input(c: OpCall) -> bool:
 def _complex_log_on_its_cut(c: OpCall):
     """A complex log jumps across the negative real axis (its imaginary part, the angle, from pi to -pi) and is
     singular at 0; log1p at and below -1. A real log has neither (log(0) = -inf is no kink)."""
-    at = on_branch_cut("log1p" if c.packet.startswith("log1p") else "log", c.args[0])
-    return None if at is None else Site(at)
+    return _on_its_cut(c)
 
 
 @_kink(aten.atanh, aten.acosh, aten.asinh, aten.atan, kind="jump", possible=_complex_input,
@@ -102,8 +101,12 @@ def _complex_log_on_its_cut(c: OpCall):
 def _complex_inverse_on_its_cut(c: OpCall):
     """Complex atanh jumps across the real axis beyond ±1, acosh below 1, asinh and atan across the imaginary
     axis beyond ±i. Real ones have no cut."""
-    op = next((op for op in ("atanh", "acosh", "asinh") if c.packet.startswith(op)), "atan")
-    at = on_branch_cut(op, c.args[0])
+    return _on_its_cut(c)
+
+
+def _on_its_cut(c: OpCall):
+    """Where c's complex first argument sits on its op's cut (`_cuts.CUTS`, keyed by the packet's name)."""
+    at = on_branch_cut(c.packet, c.args[0])
     return None if at is None else Site(at)
 
 
