@@ -86,17 +86,16 @@ class _BackwardOps:
             sens = False
         if self.shadow is not None and self.shadow.valid:  # the strong-zero pass beside this one (_shadow): only
             self.shadow.run(func, args, kwargs, out, self._safely(func, self.outputs_finite))  # where a NaN may come
-        elif node is not None and type(node).__name__ in TRIANGLE_READERS and not torch.is_grad_enabled():
-            # no shadow (a forward that met no NaN/Inf but data that arrived so) or gw.strong_zeros()' own pass: the
-            # ops of a node whose formula reads an unused triangle are followed beside it (_Shadow.unused_triangle)
-            if self.triangles is None:
-                self.triangles = _Shadow(triangles_only=True)
-            self.triangles.run(func, args, kwargs, out, True)
-        elif node is not None and (self.triangles is not None or type(node).__name__ in _NAN_DISCARD_NODES):
-            # no valid shadow: fmax/fmin's sensitivity to a NaN operand they ignore (_Shadow.follow_discard)
-            if self.triangles is None:
-                self.triangles = _Shadow(triangles_only=True)
-            self.triangles.follow_discard(node, func, args, kwargs, out, self.outputs_finite)
+        elif node is not None:
+            name = type(node).__name__
+            if name in TRIANGLE_READERS and not torch.is_grad_enabled():
+                # no shadow (a forward that met no NaN/Inf but data that arrived so) or gw.strong_zeros()' own pass:
+                # the ops of a node whose formula reads an unused triangle are followed beside it
+                # (_Shadow.unused_triangle)
+                self._beside().run(func, args, kwargs, out, True)
+            elif self.triangles is not None or name in _NAN_DISCARD_NODES:
+                # no valid shadow: fmax/fmin's sensitivity to a NaN operand they ignore (_Shadow.follow_discard)
+                self._beside().follow_discard(node, func, args, kwargs, out, self.outputs_finite)
         # gw.strong_zeros()' pass: a rule that reads a non-finite value handles it
         if _strong_zeros._STATE.in_mode or (self.thread != get_ident() and _strong_zeros.in_pass()):
             self.strong_ran = True
@@ -110,6 +109,13 @@ class _BackwardOps:
                                                 args=args, out=out, kwargs=kwargs))
         if seq == _ACCUMULATE_SEQ and found and info.mutable:  # a post-accumulate-grad hook wrote the .grad in
             self._accumulate(node, outs)  # place after the accumulation: what it made reaches that leaf too
+
+    def _beside(self) -> _Shadow:
+        """The shadow followed beside a backward without a valid one of its own (``triangles``), made when first
+        needed."""
+        if self.triangles is None:
+            self.triangles = _Shadow(triangles_only=True)
+        return self.triangles
 
     def _own_zeros(self, func, info, seq, found, args, kwargs, every) -> None:
         """Where the backward op of a selecting node (``_DISCARDS``: masked_fill, where, index...; not the elementwise
