@@ -15,7 +15,7 @@ from gradwise import _strong_zeros
 from gradwise._strong_zeros import _unused
 from gradwise._strong_zeros._triangles import TRIANGLE_READERS
 from gradwise._trace._common import _ACCUMULATE_SEQ, _floats, _Node, _tensors
-from gradwise._trace._facts import _DISCARDS, _ELEMENTWISE_DISCARDS, DECLARED, _discard_key
+from gradwise._trace._facts import _SELECTING_DISCARDS, DECLARED, _discard_key
 from gradwise._trace._shadow import _NAN_DISCARD_NODES, _Shadow
 
 _FORMULA_FIRST = {w.first for w in _strong_zeros.WHOLE_FORMULAS.values()}
@@ -124,7 +124,7 @@ class _BackwardOps:
         slice's dropped rows were "unused since" a masked_fill after it in the backward that zeroed one column."""
         nd = self.nodes.get(seq)
         key = _discard_key(nd.op) if nd is not None else None
-        if key not in _DISCARDS or key in _ELEMENTWISE_DISCARDS or info.mutable or len(every) != 1:
+        if key not in _SELECTING_DISCARDS or info.mutable or len(every) != 1:
             return
         o = every[0]
         src = next((t for t, p in found if p != seq and t.shape == o.shape and t.dtype == o.dtype), None)
