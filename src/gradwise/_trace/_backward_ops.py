@@ -15,7 +15,7 @@ from gradwise import _strong_zeros
 from gradwise._strong_zeros import _unused
 from gradwise._strong_zeros._triangles import TRIANGLE_READERS
 from gradwise._trace._common import _ACCUMULATE_SEQ, _floats, _Node, _tensors
-from gradwise._trace._facts import _DISCARDS, _ELEMENTWISE_DISCARDS, DECLARED, _discard_key
+from gradwise._trace._facts import _SELECTING_DISCARDS, DECLARED, _discard_key
 from gradwise._trace._shadow import _NAN_DISCARD_NODES, _Shadow
 
 _FORMULA_FIRST = {w.first for w in _strong_zeros.WHOLE_FORMULAS.values()}
@@ -86,17 +86,16 @@ class _BackwardOps:
             sens = False
         if self.shadow is not None and self.shadow.valid:  # the strong-zero pass beside this one (_shadow): only
             self.shadow.run(func, args, kwargs, out, self._safely(func, self.outputs_finite))  # where a NaN may come
-        elif node is not None and type(node).__name__ in TRIANGLE_READERS and not torch.is_grad_enabled():
-            # no shadow (a forward that met no NaN/Inf but data that arrived so) or gw.strong_zeros()' own pass: the
-            # ops of a node whose formula reads an unused triangle are followed beside it (_Shadow.unused_triangle)
-            if self.triangles is None:
-                self.triangles = _Shadow(triangles_only=True)
-            self.triangles.run(func, args, kwargs, out, True)
-        elif node is not None and (self.triangles is not None or type(node).__name__ in _NAN_DISCARD_NODES):
-            # no valid shadow: fmax/fmin's sensitivity to a NaN operand they ignore (_Shadow.follow_discard)
-            if self.triangles is None:
-                self.triangles = _Shadow(triangles_only=True)
-            self.triangles.follow_discard(node, func, args, kwargs, out, self.outputs_finite)
+        elif node is not None:
+            name = type(node).__name__
+            if name in TRIANGLE_READERS and not torch.is_grad_enabled():
+                # no shadow (a forward that met no NaN/Inf but data that arrived so) or gw.strong_zeros()' own pass:
+                # the ops of a node whose formula reads an unused triangle are followed beside it
+                # (_Shadow.unused_triangle)
+                self._beside().run(func, args, kwargs, out, True)
+            elif self.triangles is not None or name in _NAN_DISCARD_NODES:
+                # no valid shadow: fmax/fmin's sensitivity to a NaN operand they ignore (_Shadow.follow_discard)
+                self._beside().follow_discard(node, func, args, kwargs, out, self.outputs_finite)
         # gw.strong_zeros()' pass: a rule that reads a non-finite value handles it
         if _strong_zeros._STATE.in_mode or (self.thread != get_ident() and _strong_zeros.in_pass()):
             self.strong_ran = True
@@ -111,6 +110,13 @@ class _BackwardOps:
         if seq == _ACCUMULATE_SEQ and found and info.mutable:  # a post-accumulate-grad hook wrote the .grad in
             self._accumulate(node, outs)  # place after the accumulation: what it made reaches that leaf too
 
+    def _beside(self) -> _Shadow:
+        """The shadow followed beside a backward without a valid one of its own (``triangles``), made when first
+        needed."""
+        if self.triangles is None:
+            self.triangles = _Shadow(triangles_only=True)
+        return self.triangles
+
     def _own_zeros(self, func, info, seq, found, args, kwargs, every) -> None:
         """Where the backward op of a selecting node (``_DISCARDS``: masked_fill, where, index...; not the elementwise
         ones) zeroes its output whatever sensitivity it is given: the op run once more with ones for the incoming
@@ -118,7 +124,7 @@ class _BackwardOps:
         slice's dropped rows were "unused since" a masked_fill after it in the backward that zeroed one column."""
         nd = self.nodes.get(seq)
         key = _discard_key(nd.op) if nd is not None else None
-        if key not in _DISCARDS or key in _ELEMENTWISE_DISCARDS or info.mutable or len(every) != 1:
+        if key not in _SELECTING_DISCARDS or info.mutable or len(every) != 1:
             return
         o = every[0]
         src = next((t for t, p in found if p != seq and t.shape == o.shape and t.dtype == o.dtype), None)

@@ -1,9 +1,9 @@
 """What the trace knows about aten ops, as tables apart from the engine: which ops discard or select, with the
-local rewrite that fixes each (``_DISCARDS``,
-``_SELECT_FIX``, ``_ELEMENTWISE_SELECTS``, ``_STEPS``, ``_ELEMENTWISE_DISCARDS``), comparisons (``_COMPARISONS``),
-literals (``_LITERALS``), births that are no data (``_NOT_DATA``), finite-preserving ops (``_FINITE_PRESERVING``),
-zero outputs (``_ZERO_OUTPUTS``), products and bilinear ops (``_PRODUCTS``, ``_BILINEAR``) and the collective
-namespaces (``_COLLECTIVE_NAMESPACES``). Where ops kink is in the shared layer (``gradwise._ops``).
+local rewrite that fixes each (``_DISCARDS``, ``_SELECT_FIX``, ``_ELEMENTWISE_SELECTS``, ``_STEPS``,
+``_ELEMENTWISE_DISCARDS``, ``_SELECTING_DISCARDS``), comparisons (``_COMPARISONS``), literals (``_LITERALS``), births
+that are no data (``_NOT_DATA``), finite-preserving ops (``_FINITE_PRESERVING``), zero outputs (``_ZERO_OUTPUTS``),
+products and bilinear ops (``_PRODUCTS``, ``_BILINEAR``) and the collective namespaces (``_COLLECTIVE_NAMESPACES``).
+Where ops kink is in the shared layer (``gradwise._ops``).
 
 These stay here, not in ``gradwise._ops``: only the trace reads them, they are keyed by forward aten op and
 carry the trace's fix texts. Strong zeros state a different fact in ``_strong_zeros/_node_facts.py``, keyed by
@@ -85,6 +85,8 @@ _DISCARDS: dict = {
 }
 
 _ELEMENTWISE_DISCARDS = {*_ELEMENTWISE_SELECTS, *_STEPS, *LOG_SPACE_SUMS}  # (zeros at -inf arguments)
+# the discards that select (slice, index, where, masks, ignored targets, overwrites): their zeros line up with rows
+_SELECTING_DISCARDS = frozenset(_DISCARDS) - _ELEMENTWISE_DISCARDS
 
 # Ops whose saved output, where exactly 0 (exp of a -inf logit), is a structural zero of their backward: a NaN/Inf
 # sensitivity from upstream meets it there (entr's infinite derivative at p = exp(-inf) = 0), with the local

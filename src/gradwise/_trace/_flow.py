@@ -14,7 +14,7 @@ import torch
 from gradwise import _strong_zeros
 from gradwise._masks import mask_any
 from gradwise._trace._common import _aligned, _nonfinite
-from gradwise._trace._facts import _DISCARDS, _ELEMENTWISE_DISCARDS, _PRODUCTS, _discard_key
+from gradwise._trace._facts import _DISCARDS, _PRODUCTS, _SELECTING_DISCARDS, _discard_key
 from gradwise._trace._store import Incident as _Incident
 
 # copies of their first argument (no product): a mask follows them like a view
@@ -88,9 +88,9 @@ class _Flow:
                 continue
             nd = self.nodes.get(seq)
             op = _discard_key(nd.op) if nd is not None else None
+            if op in _SELECTING_DISCARDS:
+                return nd.op, nd.loc
             if op in _DISCARDS:
-                if op not in _ELEMENTWISE_DISCARDS:
-                    return nd.op, nd.loc
                 fallback = fallback or (nd.op, nd.loc)
         return fallback
 

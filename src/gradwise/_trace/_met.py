@@ -52,8 +52,7 @@ class _Met:
         meeting a padding row annihilates it), else the op run plainly. None where not known. Every birth named
         the padding rows' NaN in the used rows' genuine finding (and the used NaN, ordered after it, was "reaching
         no gradient" where the births were not told apart)."""
-        pairs = [(t, m, births) for t in there for m, births in
-                 self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]]
+        pairs = [(t, m, births) for t in there for m, births in self._parts_of(t, loc)]
         candidates = frozenset().union(*(births for _, _, births in pairs))
         if not 1 < len(candidates) <= MAX_PROBES or not probes(func, args, kwargs):
             return None

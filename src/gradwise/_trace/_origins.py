@@ -23,6 +23,10 @@ from gradwise._trace._store import Incident as _Incident
 class _Origins:
     """Births of NaN/Inf no recorded op made: data, values moved unread, received (a part of ``_Provenance``)."""
 
+    def _parts_of(self, t: torch.Tensor, loc) -> list:
+        """``t``'s NaN/Inf as [(mask, births)]: its parts where recorded, else all of them with its provenance."""
+        return self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]
+
     def _origin(self, t: torch.Tensor, loc) -> frozenset:
         """The provenance of a non-finite tensor; data that arrived non-finite becomes an "input" birth."""
         got = self.prov.get(t)

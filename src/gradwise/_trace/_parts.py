@@ -56,7 +56,7 @@ class _Parts(_RowParts):
         if not (pointwise(func) or func.overloadpacket in _SELECTED_WRITES) or not _aligned(nf, o.shape):
             return None
         for t in nf:
-            old = [*old, *(self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))])]
+            old = [*old, *self._parts_of(t, loc)]
         bad = ~torch.isfinite(o)
         parts = {births: m & bad for births, m in _united(old, o.shape).items() if bool(mask_any(m & bad))}
         if not parts or bool(mask_any(bad & ~mask_any(torch.stack(list(parts.values())), 0))):
@@ -83,7 +83,7 @@ class _Parts(_RowParts):
         the inputs' NaN/Inf at ``fresh`` being what ``b`` was made of: inf / inf)."""
         pairs = [(fresh, frozenset([b])),
                  *((m if beside is None else m.broadcast_to(o.shape) & beside, births) for t in nf
-                   for m, births in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))])]
+                   for m, births in self._parts_of(t, loc))]
         parts = _united(pairs, o.shape)
         self._keep(o, parts)
         return frozenset().union(*parts)
@@ -131,7 +131,7 @@ class _Parts(_RowParts):
         # the trace's own ops: a strong-zero pass below the trace (a reentrant checkpoint's recomputation) would
         # meet them, and name them in an OpaqueBackwardWarning about a genuine NaN (as _joined_parts' below)
         with torch.no_grad(), _disable_current_modes():
-            pairs = [p for t in nf for p in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]]
+            pairs = [p for t in nf for p in self._parts_of(t, loc)]
             parts = _united(pairs, o.shape)
             bad = ~torch.isfinite(o)
             kept = {births: m & bad for births, m in parts.items() if bool(mask_any(m & bad))}
@@ -152,7 +152,7 @@ class _Parts(_RowParts):
         for i, t in enumerate(ts):
             if not isinstance(t, torch.Tensor) or not _inexact(t) or not bool(_nonfinite_mask(t).any()):
                 continue
-            for m, births in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]:
+            for m, births in self._parts_of(t, loc):
                 masks = [m.broadcast_to(t.shape) if j == i else torch.zeros(u.shape, dtype=torch.bool, device=u.device)
                          for j, u in enumerate(ts)]
                 try:
@@ -187,7 +187,7 @@ class _Parts(_RowParts):
             with torch.no_grad(), _disable_current_modes():
                 for t in nf:
                     none = func(*on(t, torch.zeros_like(t)))
-                    pairs = self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]
+                    pairs = self._parts_of(t, loc)
                     parts += [((func(*on(t, (~torch.isfinite(t) & m.broadcast_to(t.shape)).to(t.dtype))) - none) != 0,
                                births) for m, births in pairs]
         except Exception:  # an explanation must never break the program it explains
@@ -211,8 +211,7 @@ def _probed_parts(tr: _Parts, func, o: torch.Tensor, nf: list, args, kwargs, out
     non-finite (a NaN of the parts together: inf - inf across parts) hold every birth. None where not known.
     Without it ``o`` held every birth at every element: the padding rows' NaN, sliced away, was named by the
     used rows' genuine finding, or the used NaN after the padding only."""
-    pairs = [(t, m, births) for t in nf for m, births in
-             tr.parts.get(t) or [(~torch.isfinite(t), tr._origin(t, loc))]]
+    pairs = [(t, m, births) for t in nf for m, births in tr._parts_of(t, loc)]
     if len(pairs) > MAX_PROBES:
         return None
     with torch.no_grad(), _disable_current_modes():  # (the trace's own ops: as in _record_parts)

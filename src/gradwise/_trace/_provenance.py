@@ -319,7 +319,7 @@ class _Provenance(_Origins, _Parts):
             births = self._fresh_parts(o, own, b, nf, loc, beside) if beside is not None \
                 else frozenset([b]) if fresh is None else self._fresh_parts(o, fresh, b, nf, loc) \
                 if written is None else self._overwritten_parts(o, fresh, written, b, stale if prior else [
-                    p for t in nf for p in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]], prior)
+                    p for t in nf for p in self._parts_of(t, loc)], prior)
             stale = None
         elif not prior and (len(nf) > 1 or any(t in self.parts for t in nf)) and torch.Tag.pointwise in func.tags \
                 and _aligned(nf, o.shape):

@@ -164,7 +164,7 @@ class _RowParts:
         for t in ts:
             if t.dim() != where.dim() or max(dims) >= t.dim():
                 return None
-            for m, births in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]:
+            for m, births in self._parts_of(t, loc):
                 try:
                     r = mask_any(m.broadcast_to(t.shape), dims, keepdim=True).broadcast_to(where.shape)
                 except RuntimeError:
@@ -176,8 +176,7 @@ class _RowParts:
     def _births_apart(self, ts: list, loc, where: torch.Tensor, births: frozenset) -> list:
         """The elements ``where`` of an elementwise op's output grouped by the births of the NaN/Inf of ``ts``
         there (their parts, or each tensor's whole provenance): [(mask, births)], one group per births."""
-        pairs = [(m.broadcast_to(where.shape), b) for t in ts
-                 for m, b in self.parts.get(t) or [(~torch.isfinite(t), self._origin(t, loc))]]
+        pairs = [(m.broadcast_to(where.shape), b) for t in ts for m, b in self._parts_of(t, loc)]
         if not 1 < len(pairs) < 63:
             return [(where, births)]
         code = torch.zeros(where.shape, dtype=torch.int64, device=where.device)
