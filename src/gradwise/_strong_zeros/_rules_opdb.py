@@ -27,6 +27,7 @@ from gradwise._strong_zeros._engine import grad_in_pass
 from gradwise._strong_zeros._rules import (
     _UNRULED,
     _annihilate,
+    _hooked,
     _in_formula,
     _is_float,
     _reads_nodes,
@@ -42,7 +43,8 @@ aten = torch.ops.aten
 
 
 class _Stash(threading.local):
-    lcse: list | None = None  # [g, its support, how many subs the formula has run, or "complex"]
+    # [g, its support, how many subs the formula has run or "complex", its saved result, self (real: _saved)]
+    lcse: list | None = None
 
 
 _STASH = _Stash()
@@ -55,7 +57,7 @@ def _abs(func, args, kwargs, sup):
     g = args[0]
     if _in_formula() and _in_node(_LCSE) and _is_float(g) and not g.is_complex() and _reads_nodes():
         s = sup.of(g)
-        _STASH.lcse = None if s is None else [g, s.expand(g.shape), 0]
+        _STASH.lcse = None if s is None else [g, s.expand(g.shape), 0, None, None]  # (result, self: _saved)
         out = func(*args, **kwargs)
         sup.record(out, None)  # the formula's result is recomputed at its end: its steps need no supports
         return out
@@ -88,15 +90,37 @@ def _sub(func, args, kwargs, sup):
     if stash is None or stash[2] == "complex" or not _in_node(_LCSE):
         return _sum(func, args, kwargs, sup)
     stash[2] += 1
+    if stash[2] == 1:  # log|g+| - result: the saved result, as the formula reads it (``_saved``)
+        stash[3] = args[1]
     if stash[2] < 3:  # log|g+| - result, log|g-| - result, then output_pos - output_neg
         return _sum(func, args, kwargs, sup)
     _STASH.lcse = None
-    return _recorded(_logcumsumexp_grad(stash[0], stash[1], *_saved(torch._C._current_autograd_node())),
-                     args[0].dtype, sup)
+    saved = _saved(torch._C._current_autograd_node(), stash)
+    if saved is None:
+        return _sum(func, args, kwargs, sup)
+    return _recorded(_logcumsumexp_grad(stash[0], stash[1], *saved), args[0].dtype, sup)
 
 
-def _saved(node: Any) -> tuple:
-    """(self, result, dim) that a LogcumsumexpBackward0 node saved."""
+def _add(func, args, kwargs, sup):
+    """add, as _sum. In logcumsumexp's backward, ``rlcse(...) + self`` gives the saved self as the formula reads it
+    (``_saved``)."""
+    stash = _STASH.lcse
+    if stash is not None and stash[2] != "complex" and stash[4] is None and _in_node(_LCSE) and \
+            isinstance(args[1], torch.Tensor):
+        stash[4] = args[1]
+    return _sum(func, args, kwargs, sup)
+
+
+def _saved(node: Any, stash: list | None = None) -> tuple | None:
+    """(self, result, dim) that a LogcumsumexpBackward0 node saved: the tensors its formula's ops received
+    (``stash``) where they were seen, else read from the node unless they unpack through a hook (None then).
+    Reading them again ran a user's unpack hook once more (saved_tensors_hooks: its side effects twice), and in a
+    non-reentrant checkpoint raised CheckpointError ("Unpack is being triggered for a tensor that was already
+    unpacked once"): gw.strong_zeros() crashed on logcumsumexp there."""
+    if stash is not None and stash[3] is not None and stash[4] is not None:
+        return stash[4], stash[3], node._saved_dim  # (an int: no hook)
+    if _hooked(node, "_raw_saved_self", "_raw_saved_result"):
+        return None
     return node._saved_self, node._saved_result, node._saved_dim
 
 
@@ -110,6 +134,7 @@ def _recorded(grad_and_support: tuple[torch.Tensor, torch.Tensor], dtype: torch.
 
 _register(aten.abs.default)(_abs)
 _register(aten.sub.Tensor)(_sub)
+_register(aten.add.Tensor)(_add)
 
 
 def _log(func, args, kwargs, sup):
@@ -131,6 +156,8 @@ def _logcumsumexp_exp(func, args, kwargs, sup):
     _STASH.lcse = None
     conj_g, s = stash[0], stash[1]
     node = torch._C._current_autograd_node()
+    if _hooked(node, "_raw_saved_self", "_raw_saved_result"):  # PyTorch's value, its saved values unpacked once
+        return _exp(func, args, kwargs, sup)
     x, result, dim = node._saved_self, node._saved_result, node._saved_dim
     dim = dim % max(conj_g.dim(), 1)
     terms = torch.where(s, conj_g.log() - result, complex(-math.inf, 0.0))  # a structural term is absent
@@ -153,17 +180,22 @@ def logcumsumexp_backward(func, args, kwargs, sup):
 
 class WholeFormula(NamedTuple):
     """A backward formula whose strong-zero rule is the whole formula, recomputed at its last op (``exact(g,
-    support of g, node)`` -> the node's gradient): the trace classifies its NaN/Inf there, as the rule decides."""
+    support of g, node, saved)`` -> the node's gradient): the trace classifies its NaN/Inf there, as the rule
+    decides. ``saved``: the node's saved tensors as its formula's ops received them (``reads``: (op, argument),
+    the first such op of the formula each), never unpacked again (a user's unpack hook ran twice; a checkpoint's
+    raised)."""
 
     first: Any  # the formula's first op, on g
     last: Any  # its last op, which returns the node's gradient
     exact: Callable
+    reads: tuple = ()
 
 
 # keyed by the forward op whose node it is, as the trace names nodes
 WHOLE_FORMULAS = {"aten.logcumsumexp": WholeFormula(
     aten.abs.default, aten.sub.Tensor,
-    lambda g, s, node: _logcumsumexp_grad(g, s, *_saved(node))[0])}
+    lambda g, s, node, saved: _logcumsumexp_grad(g, s, saved[1], saved[0], node._saved_dim)[0],
+    ((aten.sub.Tensor, 1), (aten.add.Tensor, 1)))}  # (log|g+| - result, rlcse(...) + self)
 
 
 _register(aten.log.default)(_log)

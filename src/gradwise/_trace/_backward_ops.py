@@ -19,6 +19,7 @@ from gradwise._trace._facts import _SELECTING_DISCARDS, DECLARED, _discard_key
 from gradwise._trace._shadow import _NAN_DISCARD_NODES, _Shadow
 
 _FORMULA_FIRST = {w.first for w in _strong_zeros.WHOLE_FORMULAS.values()}
+_FORMULA_READS = {op for w in _strong_zeros.WHOLE_FORMULAS.values() for op, _ in w.reads}
 # zeros the engine makes outside any node (for an unused output's gradient): structural, as strong zeros take them
 _ZEROS = {torch.ops.aten.zeros, torch.ops.aten.zeros_like, torch.ops.aten.new_zeros}
 _ENGINE_ZEROS = -1
@@ -55,7 +56,9 @@ class _BackwardOps:
             if info.formula_first and seq is not None:  # a whole formula's g, for its last op (_Incidents)
                 whole = _strong_zeros.WHOLE_FORMULAS.get(getattr(self.nodes.get(seq), "op", None))
                 if whole is not None and func is whole.first and args[0].is_floating_point():
-                    self.formula_g[seq] = args[0]
+                    self.formula_g[seq] = [args[0], [None] * len(whole.reads)]
+            if info.formula_read and seq in self.formula_g:
+                self._formula_read(func, args, seq)
             if seq is not None:
                 ps = self.parents.get(seq)
                 if ps is None:
@@ -109,6 +112,16 @@ class _BackwardOps:
                                                 args=args, out=out, kwargs=kwargs))
         if seq == _ACCUMULATE_SEQ and found and info.mutable:  # a post-accumulate-grad hook wrote the .grad in
             self._accumulate(node, outs)  # place after the accumulation: what it made reaches that leaf too
+
+    def _formula_read(self, func, args, seq) -> None:
+        """Keep the saved value a whole formula's op (``WholeFormula.reads``) receives, for its last op: read from
+        the node again, it ran a user's unpack hook once more (a checkpoint's raised)."""
+        whole = _strong_zeros.WHOLE_FORMULAS[self.nodes[seq].op]
+        saved = self.formula_g[seq][1]
+        for i, (op, at) in enumerate(whole.reads):
+            if func is op and saved[i] is None and len(args) > at and isinstance(args[at], torch.Tensor):
+                saved[i] = args[at]
+                return
 
     def _beside(self) -> _Shadow:
         """The shadow followed beside a backward without a valid one of its own (``triangles``), made when first

@@ -153,7 +153,7 @@ class _SavedMeets:
         was, and the upstream incidents stop there (the same fate as under gw.strong_zeros()). At the last op of
         a formula whose rule is the whole formula (logcumsumexp's), that rule's result decides. False where
         nothing is annihilated (the provenance is then carried as it is)."""
-        strong, g = _whole_formula(self, func, o, sens_ins, nd)
+        strong, formula = _whole_formula(self, func, o, sens_ins, nd)
         if strong is None:
             if args is None or out is None or _strong_zeros.in_pass():
                 return False  # (in gw.strong_zeros()' pass the result is the rule's already: what is left stays)
@@ -189,8 +189,8 @@ class _SavedMeets:
             self.provisional.append((inc, count, nd, _strong_zeros.in_pass()))
         kept = mask & ~gone
         if bool(mask_any(kept)):
-            if g is not None:
-                carried = _formula_kept(self, carried, g, kept, nd, loc)
+            if formula is not None:
+                carried = _formula_kept(self, carried, formula, kept, nd, loc)
             self.prov[o] = frozenset([inc]) | carried
             self.split[o] = (kept, frozenset([inc]), carried)
         else:
@@ -204,24 +204,27 @@ def _forward_made(prov) -> bool:
     return bool(prov) and not any(isinstance(i, _Incident) for i in prov)
 
 
-def _whole_formula(tr: _SavedMeets, func, o, sens_ins, nd) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _whole_formula(tr: _SavedMeets, func, o, sens_ins, nd) -> tuple[torch.Tensor | None, list | None]:
     """(the strong-zero result of a whole backward formula (``_strong_zeros.WHOLE_FORMULAS``) at its last op,
-    from the sensitivity kept at its first op (``formula_g``), its zeros taken as structural; that g), else
-    (None, None)."""
+    from the sensitivity kept at its first op, its zeros taken as structural; [that g, the saved values its ops
+    read] (``formula_g``)), else (None, None)."""
     whole = _strong_zeros.WHOLE_FORMULAS.get(nd.op) if nd is not None else None
     node = torch._C._current_autograd_node()
-    g = tr.formula_g.get(node._sequence_nr()) if whole is not None and node is not None else None
-    if g is None or func is not whole.last or len(sens_ins) < 2 or g.shape != o.shape:
+    kept = tr.formula_g.get(node._sequence_nr()) if whole is not None and node is not None else None
+    if kept is None or func is not whole.last or len(sens_ins) < 2 or kept[0].shape != o.shape:
+        return None, None
+    g, saved = kept
+    if any(t is None for t in saved):
         return None, None
     del tr.formula_g[node._sequence_nr()]
     try:
-        out = whole.exact(g, g != 0, node)
+        out = whole.exact(g, g != 0, node, saved)
     except Exception:  # an explanation must never break the program it explains
         return None, None
-    return (out, g) if out.shape == o.shape else (None, None)
+    return (out, kept) if out.shape == o.shape else (None, None)
 
 
-def _formula_kept(tr: _SavedMeets, carried: frozenset, g: torch.Tensor, kept: torch.Tensor, nd, loc) -> frozenset:
+def _formula_kept(tr: _SavedMeets, carried: frozenset, formula: list, kept: torch.Tensor, nd, loc) -> frozenset:
     """What the elements ``kept`` (left non-finite by a whole formula's rule, ``_whole_formula``) carry of
     ``carried``: what came with its sensitivity ``g``, and the incidents its own ops made (the formula's
     intermediates meet the saved NaN/Inf with log|g|, no zero) only where their births lie in the kept
@@ -230,13 +233,12 @@ def _formula_kept(tr: _SavedMeets, carried: frozenset, g: torch.Tensor, kept: to
     them there, or where those rows hold no saved NaN/Inf (an Inf seed's row beside NaN padding):
     logcumsumexp's padding rows' NaN, met by log|0| in its first sub and annihilated at its last, reached w
     through the used row's elements, a genuine finding of 8 elements. ``carried`` where the rows are not
-    known."""
-    node = torch._C._current_autograd_node()
-    if not nd.rows or node is None:
+    known. The saved values are those the formula's ops received (``formula``: [g, them]): read from the node
+    again, a user's unpack hook ran once more, and a checkpoint's raised (the padding then told genuine)."""
+    g, read = formula
+    if not nd.rows:
         return carried
-    saved = [t for name in dir(node) if name.startswith("_saved_")
-             and isinstance(t := getattr(node, name), torch.Tensor) and t.shape == kept.shape and (
-                 t in tr.parts or _forward_made(tr.prov.get(t)))]
+    saved = [t for t in read if t.shape == kept.shape and (t in tr.parts or _forward_made(tr.prov.get(t)))]
     # (rows holding no saved NaN/Inf: the kept elements' came with g alone, the Inf of an infinite seed)
     rows = tr._row_births(saved, loc, kept, nd.rows, frozenset()) if saved else None
     if rows is None:

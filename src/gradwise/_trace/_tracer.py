@@ -24,7 +24,7 @@ from gradwise._ops._zeros import ops_of_kind
 from gradwise._strong_zeros._traced import recording
 from gradwise._trace import _common, _kinds
 from gradwise._trace._assembly import _Assembly
-from gradwise._trace._backward_ops import _FORMULA_FIRST, _BackwardOps
+from gradwise._trace._backward_ops import _FORMULA_FIRST, _FORMULA_READS, _BackwardOps
 from gradwise._trace._checking import _Checks
 from gradwise._trace._common import (
     _ByIdentity,
@@ -82,6 +82,7 @@ class _OpInfo:
     foreach: bool = False  # torch._foreach_*: one op per list position (`_Tracer._dig_foreach`)
     accumulates: bool = False  # in _ACCUMULATES: the add_ that accumulates into a leaf's .grad in a backward
     formula_first: bool = False  # the first op of a whole backward formula (_BackwardOps: its g is kept)
+    formula_read: bool = False  # an op of a whole formula that receives a saved value (``WholeFormula.reads``)
 
     def widens(self, args: tuple, kwargs: dict) -> bool:
         """A cast that cannot overflow: not to a dtype with a smaller range (float32 -> float16 overflows above
@@ -111,7 +112,7 @@ def _op_info(func) -> _OpInfo:
             uninitialised=_op_name(func) in _UNINITIALISED or func in _ARRIVALS, composite=_composite(func),
             cast=cast, keeps=view or (packet in _FINITE_PRESERVING and not cast), mask=packet in _MASKS,
             foreach=packet.__name__.startswith("_foreach_"), accumulates=func in _ACCUMULATES,
-            formula_first=func in _FORMULA_FIRST)
+            formula_first=func in _FORMULA_FIRST, formula_read=func in _FORMULA_READS)
         if type(func) is _OVERLOAD:  # (the fast path's: `_Tracer.__torch_dispatch__`)
             setattr(func, _INFO_ATTR, info)
     return info
@@ -206,7 +207,8 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
         # of two NaN writes in a row): an incident meeting it names them all (_assembly._named)
         self.exact = WeakTensorKeyDictionary()
         self.formula_masks = WeakTensorKeyDictionary()  # comparison in a backward formula -> (op, args, kwargs)
-        self.formula_g: dict[int, torch.Tensor] = {}  # node seq -> g, at a whole formula's first op
+        # node seq -> [g, the saved values its ops read (WholeFormula.reads)], from a whole formula's first op
+        self.formula_g: dict[int, list] = {}
         self.names = _ByIdentity()
         self.recomputed_inputs = _ByIdentity()  # a reentrant checkpoint's detached inputs: no leaves of the user's
         self.derived = _ByIdentity()  # output of an op passed over unread -> weak references to its inputs
