@@ -73,13 +73,30 @@ def test_strong_zeros_on_logcumsumexp_in_a_checkpoint_do_not_crash():
         assert bool(w.grad.isfinite().all()) == finite, (pad, used)
 
 
-@pytest.mark.parametrize("where", ["saved_tensors_hooks", "checkpoint"])
+def _packing(pack):
+    def loss(y):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return _lcse(y).pow(2).sum()
+    return padded_program(loss)
+
+
+def _save_on_cpu(y):
+    with torch.autograd.graph.save_on_cpu():
+        return _lcse(y).pow(2).sum()
+
+
+@pytest.mark.parametrize("where", ["saved_tensors_hooks", "a copying pack hook", "save_on_cpu", "checkpoint"])
 def test_logcumsumexp_padding_is_no_genuine_finding_behind_hooks(where):
     """The padding rows 4: (NaN), dropped, beside a used NaN at x[0, 1]: not a genuine finding (tr35b's fix),
     also where logcumsumexp's saved values unpack through a hook. Before: a genuine finding of 8 elements
-    reaching w there (its rows were read from the node's saved values, which a hook gives back as another
-    tensor, and which a checkpoint refuses to unpack twice)."""
-    if where == "checkpoint":
+    reaching w there: its rows were read from the node's saved values, which a hook gives back as another
+    tensor, and which a checkpoint refuses to unpack twice; and a pack hook that runs ops (an offload's copy)
+    made the trace take logcumsumexp's node for a custom Function's (no record: "the backward of ?")."""
+    if where == "a copying pack hook":
+        report, genuine = traced_and_strong(_packing(lambda t: t.clone()))
+    elif where == "save_on_cpu":
+        report, genuine = traced_and_strong(padded_program(_save_on_cpu))
+    elif where == "checkpoint":
         genuine = set()
         for name, writes in [("aten.fill_", (True, False)), ("aten.copy_", (False, True))]:
             with gw.strong_zeros():

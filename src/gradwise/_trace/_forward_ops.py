@@ -49,6 +49,16 @@ class _ForwardOps:
         # this op made autograd node seq - 1: it is differentiated. A custom Function takes its number before its
         # forward runs (under no_grad): the first op inside it did not make that node
         creates_node = seq != self.last_seq and torch.is_grad_enabled()
+        if self.packed is not None and seq == self.packed[0] == self.last_seq and torch.is_grad_enabled():
+            if any(id(t) in self.packed[1] for t in _tensors(args)):
+                creates_node, self.packed = True, None  # (the op whose pack hook ran ops: below)
+        elif seq != self.last_seq and not creates_node and \
+                torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+            # a saved_tensors_hooks pack hook (save_on_cpu's copy, an offload's clone) runs its ops under no_grad
+            # after autograd numbered the op's node and before the op, which saves the tensor they read, reaches
+            # here: that op made the node. Taken as a custom Function's number, logcumsumexp's node had no record,
+            # and its padding rows beside a used NaN were a genuine finding of 8 elements
+            self.packed = (seq, {id(t) for t in _tensors(args)})
         self.last_seq = seq
         cloned, self.cloned = self.cloned, None
         if not creates_node and info.uninitialised:

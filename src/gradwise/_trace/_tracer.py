@@ -247,6 +247,7 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
         self.strong_made: dict[tuple, int] = {}
         self.n_fwd = self.n_bwd = 0
         self.last_seq = _get_sequence_nr()
+        self.packed: tuple | None = None  # (number, ids of inputs) a pack hook's op saw (_ForwardOps)
         self.cloned: tuple | None = None  # (seq, id of the input) of the clone the last op made (_ForwardOps)
         self.collective_bufs: dict[int, tuple] = {}  # storage -> (weak ref, op, loc) of collectives' tensors
         self.collective_sites: dict[tuple, None] = {}  # (op, loc) of the collectives seen, in order
