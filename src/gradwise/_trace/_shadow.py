@@ -50,6 +50,7 @@ class _Shadow(_ShadowReads):
         self.of = WeakTensorKeyDictionary()
         self.valid = True
         self.discarding = False  # follow_discard met an fmax/fmin that ignored a NaN: it follows what they made
+        # (not reset per backward, _beside's: a later one follows only ops on live shadowed tensors, a seed or .grad)
         # (sequence number, saved input, the input the forward read) of the node of TRIANGLE_READERS running now
         # whose unused triangle holds NaN/Inf; its second item None where it holds none
         self.triangle: tuple | None = None
