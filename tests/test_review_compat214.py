@@ -97,14 +97,13 @@ def _scale(x):
     return x.abs().max() + 1
 
 
-@pytest.mark.xfail(not hasattr(torch.autograd.Function.apply, "__func__"), strict=True,
-                   reason="torch >= 2.14: no apply frame marks a forward, the forward codes do, and a wrapper's code "
-                          "(torch.no_grad()'s decorate_context) is shared with f's helpers: needless refusal left")
 def test_a_no_grad_helper_stays_a_constant_where_apply_marks_forwards():
     """Up to torch 2.13 ``Function.apply``'s frame marks every custom forward; compat214 also matched the forward
     codes there, with their wrappers, so once any Function had a ``@torch.no_grad()`` forward, f's own
     no_grad-decorated helper (a constant in every pass) was taken for a custom forward and the bound refused:
-    x + 0.5|x| at 0 has least norm 0.5 sqrt(40), as without the unrelated Function."""
+    x + 0.5|x| at 0 has least norm 0.5 sqrt(40), as without the unrelated Function. On torch 2.14 (no apply frame)
+    the same refusal was left (a strict xfail): a wrapper's code (torch.no_grad()'s decorate_context) now marks a
+    forward only in a frame that holds the forward it wraps (misc36)."""
     from gradwise._nonsmooth._bound import lower_bound
 
     x = torch.zeros(40, dtype=torch.float64)

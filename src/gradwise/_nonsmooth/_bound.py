@@ -181,17 +181,23 @@ class _NoGraph(TorchFunctionMode):
 # ``Function.apply`` is Python up to torch 2.13 (its frame marks a forward of any kind, a builtin one included)
 # and a builtin from 2.14 (no frame): there the frame of the forward itself marks it
 _APPLY = getattr(getattr(torch.autograd.Function.apply, "__func__", None), "__code__", None)
-_forwards: tuple[str | None, frozenset] = ("", frozenset())  # (classes' counter when read, forwards' codes)
+# (classes' counter when read, {code of a forward or of what it wraps: the function a wrapper's frame must hold,
+# None for a code of its own})
+_forwards: tuple[str | None, dict] = ("", {})
 
 
-def _forward_codes() -> frozenset:
-    """The code of every custom ``autograd.Function``'s forward (and of what it wraps: ``custom_fwd``), read
-    again only when a class was defined since (PyTorch counts them; without the counter, on every call)."""
+def _forward_codes() -> dict:
+    """The code of every custom ``autograd.Function``'s forward and of what it wraps (``custom_fwd``), read again
+    only when a class was defined since (PyTorch counts them; without the counter, on every call). A wrapper's
+    code maps to the function it wraps: that code may be shared (torch.no_grad()'s ``decorate_context`` wraps f's
+    own no_grad helpers too, which were then taken for a custom forward), so its frame marks a forward only where
+    it holds that function (``_marks``)."""
     global _forwards
     counter = getattr(torch.autograd.function, "AUTOGRAD_FUNCTION_COUNTER", None)
     key = None if counter is None else repr(counter)
     if key is None or key != _forwards[0]:
-        codes, todo = set(), [torch.autograd.function._SingleLevelFunction]
+        codes: dict = {}
+        todo = [torch.autograd.function._SingleLevelFunction]
         while todo:
             cls = todo.pop()
             todo.extend(type.__subclasses__(cls))
@@ -199,15 +205,30 @@ def _forward_codes() -> frozenset:
             fn = getattr(fn, "__func__", fn)
             while fn is not None:
                 if hasattr(fn, "__code__"):
-                    codes.add(fn.__code__)
-                    fn = getattr(fn, "__wrapped__", None)
+                    inner = getattr(fn, "__wrapped__", None)
+                    if inner is None or codes.get(fn.__code__, inner) is None:
+                        codes[fn.__code__] = None
+                    else:
+                        codes.setdefault(fn.__code__, set()).add(id(inner))
+                    fn = inner
                 elif isinstance(fn, functools.partial):
                     fn = fn.func
                 else:  # an object with a Python __call__ (its frame runs the body), else nothing more to read
                     fn = type(fn).__call__ if callable(fn) and not isinstance(fn, type) else None
                     fn = fn if hasattr(fn, "__code__") else None
-        _forwards = (key, frozenset(codes))
+        _forwards = (key, codes)
     return _forwards[1]
+
+
+def _marks(frame, forwards: dict) -> bool:
+    """Whether ``frame`` runs a custom forward: apply's (up to torch 2.13), a forward's own code, or a wrapper's
+    that holds the forward it wraps (a local or free variable: ``functools.wraps`` closures)."""
+    if frame.f_code is _APPLY:
+        return True
+    wrapped = forwards.get(frame.f_code, False)
+    if wrapped is None or wrapped is False:
+        return wrapped is None
+    return any(id(v) in wrapped for v in frame.f_locals.values())
 
 
 def _in_custom_function() -> bool:
@@ -215,12 +236,11 @@ def _in_custom_function() -> bool:
     `_NoGraph`): its output's derivative is its ``jvp``/``backward``, not its ops, and without a graph nothing
     marks that output, so treating those ops as constants would bound another function. Read only for ops on
     carried tensors under no_grad."""
-    # up to 2.13 apply's frame marks every forward: the codes would only add false marks there (a wrapper such as
-    # torch.no_grad()'s, shared with f's own no_grad helpers, refused them)
-    forwards = _forward_codes() if _APPLY is None else ()
+    # up to 2.13 apply's frame marks every forward: the codes would only add false marks there
+    forwards = _forward_codes() if _APPLY is None else {}
     frame = sys._getframe(2)
     while frame is not None:
-        if frame.f_code is _APPLY or frame.f_code in forwards:
+        if _marks(frame, forwards):
             return True
         frame = frame.f_back
     return False
