@@ -4,12 +4,15 @@ with each NaN write alone (which writes leave a non-finite gradient), never the 
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
 import gradwise as gw
 from _explaining import genuine_findings, padded_program, traced_and_strong
+from gradwise._trace._session import _TRACERS
 
 
 def _lcse(y):
@@ -109,3 +112,29 @@ def test_logcumsumexp_padding_is_no_genuine_finding_behind_hooks(where):
     assert genuine == {"aten.copy_"}
     assert {f.born_op for f in genuine_findings(report)} == genuine, str(report)
     assert all(f.reaches == ["w"] for f in genuine_findings(report)), str(report)
+
+
+class _Sqrt(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.sqrt()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g / (2 * x.sqrt())
+
+
+def test_an_op_after_a_custom_function_under_saved_tensors_hooks_keeps_its_node():
+    """The node of a custom Function whose forward ran (under no_grad) inside saved_tensors_hooks is not taken
+    for a pack hook's op's: an op after it that reads its input and makes no node (argmax, a comparison, detach) was
+    given the Function's node record ("the backward of aten.argmax") by a first form of the pack hook's fix (the
+    base gives none: a guard, not a repro)."""
+    x = torch.tensor([1.0, -1.0, 4.0], requires_grad=True)
+    with gw.trace():
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+            y = _Sqrt.apply(x)
+            x.argmax(), x > 0, x.detach()
+        tracer = _TRACERS.get(threading.get_ident())
+        assert getattr(tracer.nodes.get(y.grad_fn._sequence_nr()), "op", None) is None

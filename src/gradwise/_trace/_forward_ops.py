@@ -6,6 +6,7 @@ May import: torch, gradwise._trace._common, _kinds, _kinks.
 
 from __future__ import annotations
 
+import sys
 import weakref
 
 import torch
@@ -49,11 +50,13 @@ class _ForwardOps:
         # this op made autograd node seq - 1: it is differentiated. A custom Function takes its number before its
         # forward runs (under no_grad): the first op inside it did not make that node
         creates_node = seq != self.last_seq and torch.is_grad_enabled()
+        claimed = False
         if self.packed is not None and seq == self.packed[0] == self.last_seq and torch.is_grad_enabled():
             if any(id(t) in self.packed[1] for t in _tensors(args)):
-                creates_node, self.packed = True, None  # (the op whose pack hook ran ops: below)
-        elif seq != self.last_seq and not creates_node and \
-                torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+                creates_node = claimed = True  # (the op whose pack hook ran ops: below)
+        elif seq == self.last_seq and self.packed is not None and seq == self.packed[0]:
+            self.packed[1].update(id(t) for t in _tensors(args))  # (save_on_cpu: empty, then copy_ of the tensor)
+        elif seq != self.last_seq and not creates_node and _in_pack_hook():
             # a saved_tensors_hooks pack hook (save_on_cpu's copy, an offload's clone) runs its ops under no_grad
             # after autograd numbered the op's node and before the op, which saves the tensor they read, reaches
             # here: that op made the node. Taken as a custom Function's number, logcumsumexp's node had no record,
@@ -94,6 +97,9 @@ class _ForwardOps:
         # (run_op inlined, and OpOverload.__call__ skipped: two Python calls less on every recorded op)
         out = func._op(*args, **kwargs) if type(func) is _OVERLOAD and not _common._QUIET.on \
             else _run(func, args, kwargs)
+        if claimed:  # (one with no float output, argmax, x > 0, made no node)
+            creates_node = bool(_floats(out, empty=True))
+            self.packed = None if creates_node else self.packed
         if inplace and cloned == (seq, id(args[0])) and seq - 2 not in self.nodes:
             creates_node, seq = True, seq - 1  # (its node is seq - 2; the clone's, seq - 1)
         elif creates_node and func is _CLONE and ins:
@@ -180,3 +186,19 @@ class _ForwardOps:
         oldest = keep[0] if keep else 0
         self.parents = {k: v for k, v in self.parents.items() if k is None or k >= oldest}
         self.makers = {k for k in self.makers if k >= oldest}
+
+
+def _in_pack_hook() -> bool:
+    """Whether an op runs inside the pack hook of the saved_tensors_hooks active now (its code on the stack; a
+    custom Function's forward, whose ops also see a new node number under no_grad, runs outside it)."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    pack = hooks[0] if hooks is not None else None
+    code = getattr(pack, "__code__", None)
+    if code is None and callable(pack) and not isinstance(pack, type):  # (an object with a Python __call__)
+        code = getattr(type(pack).__call__, "__code__", None)
+    frame = sys._getframe(1) if code is not None else None
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
