@@ -43,7 +43,7 @@ aten = torch.ops.aten
 
 
 class _Stash(threading.local):
-    # [g, its support, how many subs the formula has run or "complex", its saved result, self (real: _saved)]
+    # [g, its support, how many subs the formula has run or "complex", its saved result, self (_saved)]
     lcse: list | None = None
 
 
@@ -87,7 +87,10 @@ def _sub(func, args, kwargs, sup):
     """sub, as _sum. The last op of logcumsumexp's backward (output_pos - output_neg) returns the exact gradient
     computed from the stash (see the module docstring) instead."""
     stash = _STASH.lcse
-    if stash is None or stash[2] == "complex" or not _in_node(_LCSE):
+    if stash is None or not _in_node(_LCSE):
+        return _sum(func, args, kwargs, sup)
+    if stash[2] == "complex":  # log(conj g) - result: the saved result, as the formula reads it (``_saved``)
+        stash[3] = args[1] if stash[3] is None else stash[3]
         return _sum(func, args, kwargs, sup)
     stash[2] += 1
     if stash[2] == 1:  # log|g+| - result: the saved result, as the formula reads it (``_saved``)
@@ -105,7 +108,7 @@ def _add(func, args, kwargs, sup):
     """add, as _sum. In logcumsumexp's backward, ``rlcse(...) + self`` gives the saved self as the formula reads it
     (``_saved``)."""
     stash = _STASH.lcse
-    if stash is not None and stash[2] != "complex" and stash[4] is None and _in_node(_LCSE) and \
+    if stash is not None and stash[4] is None and _in_node(_LCSE) and \
             isinstance(args[1], torch.Tensor):
         stash[4] = args[1]
     return _sum(func, args, kwargs, sup)
@@ -142,7 +145,7 @@ def _log(func, args, kwargs, sup):
     is conj(g), kept with its support for the formula's exp."""
     g = args[0]
     if sup.tracked(g) and _in_formula() and g.is_complex() and _in_node(_LCSE) and _reads_nodes():
-        _STASH.lcse = [g, sup.of(g).expand(g.shape), "complex"]
+        _STASH.lcse = [g, sup.of(g).expand(g.shape), "complex", None, None]  # (result, self: _saved)
         return _run_unruled(func, args, kwargs, sup, None)
     return _run_unruled(func, args, kwargs, sup, "a tracked input" if sup.tracked(g) else None)
 
@@ -156,9 +159,10 @@ def _logcumsumexp_exp(func, args, kwargs, sup):
     _STASH.lcse = None
     conj_g, s = stash[0], stash[1]
     node = torch._C._current_autograd_node()
-    if _hooked(node, "_raw_saved_self", "_raw_saved_result"):  # PyTorch's value, its saved values unpacked once
+    saved = _saved(node, stash)
+    if saved is None:  # (not seen, and a hook's: PyTorch's value, its saved values unpacked once)
         return _exp(func, args, kwargs, sup)
-    x, result, dim = node._saved_self, node._saved_result, node._saved_dim
+    x, result, dim = saved
     dim = dim % max(conj_g.dim(), 1)
     terms = torch.where(s, conj_g.log() - result, complex(-math.inf, 0.0))  # a structural term is absent
     kept = s.to(torch.uint8).flip(dim).cummax(dim).values.flip(dim).bool()
