@@ -4,12 +4,16 @@ values deleted, plain PyTorch's count of a user's unpack hook, and the trace's n
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
 import gradwise as gw
-from test_review_misc36 import _Counting
+from _explaining import genuine_findings, traced_and_strong
+from test_review_misc36 import _Counting, _packing
 
 
 def _complex_lcse_w_grad(where: str, rows: int = 6, hooks: _Counting | None = None) -> torch.Tensor:
@@ -53,3 +57,48 @@ def test_complex_logcumsumexp_unpacks_as_often_as_plain_pytorch():
     with gw.strong_zeros():
         _complex_lcse_w_grad("saved_tensors_hooks", hooks=hooks)
     assert hooks.unpacks == plain.unpacks
+
+
+def _abs_then_sqrt(hooks) -> None:
+    x = torch.tensor([0.0, 1.0, 4.0], requires_grad=True)
+    with hooks():
+        y = x * 1
+        y.abs_()
+        loss = y.sqrt().sum()
+    loss.backward()
+
+
+def _copying_hooks():
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
+
+
+def test_an_in_place_ops_kink_is_reported_under_a_copying_pack_hook():
+    """Finding dropped: abs_ at 0 (a kink) was reported without hooks but not under a pack hook that copies (an
+    offload's clone): the hook's clone of the input autograd saves for the in-place op took the trace's note of
+    autograd's own clone, so abs_ got no node record (the base and misc36; be9e51a covered out-of-place ops)."""
+    with gw.trace() as plain:
+        _abs_then_sqrt(contextlib.nullcontext)
+    with gw.trace() as hooked:
+        _abs_then_sqrt(_copying_hooks)
+    assert "kink" in {f.kind for f in plain.findings}
+    assert sorted(f.kind for f in hooked.findings) == sorted(f.kind for f in plain.findings), str(hooked)
+
+
+def _to(t, device):
+    return t.to(device, copy=True)
+
+
+@pytest.mark.parametrize("pack", [
+    pytest.param(functools.partial(_to, device="cpu"), id="functools.partial"),
+    pytest.param(torch.Tensor.clone, id="builtin", marks=pytest.mark.xfail(strict=True, reason=(
+        "open (the base too): a builtin pack hook has no frame, so _in_pack_hook cannot tell its ops from a custom "
+        "Function's first op under no_grad; logcumsumexp's node then has no record and the padding is told "
+        "genuine (8 elements of aten.fill_)"))),
+])
+def test_logcumsumexp_padding_is_no_genuine_finding_behind_a_wrapped_pack_hook(pack):
+    """Over-report: with a functools.partial pack hook (a device argument bound) _in_pack_hook saw no code (a
+    partial has no frame of its own), logcumsumexp's node had no record and its dropped padding rows were a genuine
+    finding of 8 elements reaching w, as before be9e51a."""
+    report, genuine = traced_and_strong(_packing(pack))
+    assert genuine == {"aten.copy_"}
+    assert {f.born_op for f in genuine_findings(report)} == genuine, str(report)

@@ -6,6 +6,7 @@ May import: torch, gradwise._trace._common, _kinds, _kinks.
 
 from __future__ import annotations
 
+import functools
 import sys
 import weakref
 
@@ -64,6 +65,10 @@ class _ForwardOps:
             self.packed = (seq, {id(t) for t in _tensors(args)})
         self.last_seq = seq
         cloned, self.cloned = self.cloned, None
+        if cloned is not None and not torch.is_grad_enabled() and _in_pack_hook():
+            # a pack hook's copy of the clone autograd saves for an in-place op (abs_, clamp_), which follows: it
+            # then found no clone, had no record, and its kink went unreported
+            self.cloned = cloned
         if not creates_node and info.uninitialised:
             return _run(func, args, kwargs)  # empty & co: no values, nothing to record
         # (a finite-preserving op given a NaN/Inf number, clamp(x, max=nan), makes NaN/Inf: checked)
@@ -193,6 +198,8 @@ def _in_pack_hook() -> bool:
     custom Function's forward, whose ops also see a new node number under no_grad, runs outside it)."""
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
     pack = hooks[0] if hooks is not None else None
+    while isinstance(pack, functools.partial):  # (its frame is the function's: partial itself has none)
+        pack = pack.func
     code = getattr(pack, "__code__", None)
     if code is None and callable(pack) and not isinstance(pack, type):  # (an object with a Python __call__)
         code = getattr(type(pack).__call__, "__code__", None)
