@@ -102,3 +102,42 @@ def test_logcumsumexp_padding_is_no_genuine_finding_behind_a_wrapped_pack_hook(p
     report, genuine = traced_and_strong(_packing(pack))
     assert genuine == {"aten.copy_"}
     assert {f.born_op for f in genuine_findings(report)} == genuine, str(report)
+
+
+def _casting(fn):
+    """A forward's decorator that runs an op on the input first and calls the forward through a partial of it (a
+    bound argument): its frame holds no reference to the forward itself."""
+    call = functools.partial(fn)
+
+    @functools.wraps(fn)
+    def wrapper(ctx, x):
+        return call(ctx, x * 1.0)
+
+    return wrapper
+
+
+class _CastDouble(torch.autograd.Function):
+    @staticmethod
+    @_casting
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+    @staticmethod
+    def jvp(ctx, t):
+        return 2 * t
+
+
+def test_a_wrapped_forward_that_calls_through_a_partial_proves_nothing():
+    """SILENT on torch 2.14 (misc36's dc04bbc; the base and torch 2.13 give None): a wrapper's frame marked a
+    custom forward only where it held the function it wraps; this one holds a partial of it, so its op on x was
+    taken for a constant, the Function's output with it, and CastDouble(x) - 2x + relu(x) (relu(x): least norm 0
+    at 0) got a 'proved' bound of sqrt(40). The wrapper's frame now marks where it runs that wrapper's closure."""
+    from gradwise._nonsmooth._bound import lower_bound
+
+    f64 = torch.float64
+    f = lambda x: (_CastDouble.apply(x) - 2 * x + torch.relu(x)).sum()
+    assert lower_bound(f, (torch.zeros(40, dtype=f64),), True, (torch.ones(40, dtype=f64),)) is None

@@ -181,17 +181,17 @@ class _NoGraph(TorchFunctionMode):
 # ``Function.apply`` is Python up to torch 2.13 (its frame marks a forward of any kind, a builtin one included)
 # and a builtin from 2.14 (no frame): there the frame of the forward itself marks it
 _APPLY = getattr(getattr(torch.autograd.Function.apply, "__func__", None), "__code__", None)
-# (classes' counter when read, {code of a forward or of what it wraps: the function a wrapper's frame must hold,
-# None for a code of its own})
+# (classes' counter when read, {code of a forward or of what it wraps: the closures (``_held``) of the wrappers of
+# that code that wrap a forward, None for a code of its own})
 _forwards: tuple[str | None, dict] = ("", {})
 
 
 def _forward_codes() -> dict:
     """The code of every custom ``autograd.Function``'s forward and of what it wraps (``custom_fwd``), read again
     only when a class was defined since (PyTorch counts them; without the counter, on every call). A wrapper's
-    code maps to the function it wraps: that code may be shared (torch.no_grad()'s ``decorate_context`` wraps f's
-    own no_grad helpers too, which were then taken for a custom forward), so its frame marks a forward only where
-    it holds that function (``_marks``)."""
+    code maps to its closures: that code may be shared (torch.no_grad()'s ``decorate_context`` wraps f's own
+    no_grad helpers too, which were then taken for a custom forward), so its frame marks a forward only where it
+    runs that closure (``_marks``); its ops before the call (custom_fwd's casts) are the forward's."""
     global _forwards
     counter = getattr(torch.autograd.function, "AUTOGRAD_FUNCTION_COUNTER", None)
     key = None if counter is None else repr(counter)
@@ -209,7 +209,8 @@ def _forward_codes() -> dict:
                     if inner is None or codes.get(fn.__code__, inner) is None:
                         codes[fn.__code__] = None
                     else:
-                        codes.setdefault(fn.__code__, set()).add(id(inner))
+                        codes.setdefault(fn.__code__, set()).add(_held(
+                            getattr(c, "cell_contents", None) for c in fn.__closure__ or ()))
                     fn = inner
                 elif isinstance(fn, functools.partial):
                     fn = fn.func
@@ -220,15 +221,23 @@ def _forward_codes() -> dict:
     return _forwards[1]
 
 
+def _held(values) -> tuple:
+    """A closure as the identities of what its cells hold (a wrapper's frame holds them as its free variables)."""
+    return tuple(map(id, values))
+
+
 def _marks(frame, forwards: dict) -> bool:
     """Whether ``frame`` runs a custom forward: apply's (up to torch 2.13), a forward's own code, or a wrapper's
-    that holds the forward it wraps (a local or free variable: ``functools.wraps`` closures)."""
+    closure that wraps one (``functools.wraps``). Not whether it holds the wrapped function: a wrapper that calls
+    it through another object (a partial of it) held none, and its ops, taken for constants, bounded another
+    function."""
     if frame.f_code is _APPLY:
         return True
     wrapped = forwards.get(frame.f_code, False)
     if wrapped is None or wrapped is False:
         return wrapped is None
-    return any(id(v) in wrapped for v in frame.f_locals.values())
+    held = frame.f_locals
+    return _held(held.get(name) for name in frame.f_code.co_freevars) in wrapped
 
 
 def _in_custom_function() -> bool:
