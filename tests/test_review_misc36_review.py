@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 import gradwise as gw
 from _explaining import genuine_findings, traced_and_strong
+from test_bound import _Double
 from test_review_misc36 import _Counting, _packing
 
 
@@ -116,19 +117,11 @@ def _casting(fn):
     return wrapper
 
 
-class _CastDouble(torch.autograd.Function):
+class _CastDouble(_Double):
     @staticmethod
     @_casting
     def forward(ctx, x):
         return 2 * x
-
-    @staticmethod
-    def backward(ctx, g):
-        return 2 * g
-
-    @staticmethod
-    def jvp(ctx, t):
-        return 2 * t
 
 
 def test_a_wrapped_forward_that_calls_through_a_partial_proves_nothing():
