@@ -117,6 +117,19 @@ def _casting(fn):
     return wrapper
 
 
+def _remembering(fn):
+    """A forward's decorator that runs an op on the input first and keeps it (state in its closure)."""
+    last = None
+
+    @functools.wraps(fn)
+    def wrapper(ctx, x):
+        nonlocal last
+        last = x * 1.0
+        return fn(ctx, last)
+
+    return wrapper
+
+
 class _CastDouble(_Double):
     @staticmethod
     @_casting
@@ -124,15 +137,25 @@ class _CastDouble(_Double):
         return 2 * x
 
 
-def test_a_wrapped_forward_that_calls_through_a_partial_proves_nothing():
+class _RememberingDouble(_Double):
+    @staticmethod
+    @_remembering
+    def forward(ctx, x):
+        return 2 * x
+
+
+@pytest.mark.parametrize("function", [_CastDouble, _RememberingDouble], ids=["through a partial", "with state"])
+def test_a_wrapped_forward_that_calls_through_a_partial_proves_nothing(function):
     """SILENT on torch 2.14 (misc36's dc04bbc; the base and torch 2.13 give None): a wrapper's frame marked a
     custom forward only where it held the function it wraps; this one holds a partial of it, so its op on x was
     taken for a constant, the Function's output with it, and CastDouble(x) - 2x + relu(x) (relu(x): least norm 0
-    at 0) got a 'proved' bound of sqrt(40). The wrapper's frame now marks where it runs that wrapper's closure."""
+    at 0) got a 'proved' bound of sqrt(40). The wrapper's frame now also marks where it runs that wrapper's
+    closure (not alone: a wrapper keeping state in it, guarded here, no longer runs the closure found)."""
     from gradwise._nonsmooth._bound import lower_bound
 
     f64 = torch.float64
-    f = lambda x: (_CastDouble.apply(x) - 2 * x + torch.relu(x)).sum()
+    f = lambda x: (function.apply(x) - 2 * x + torch.relu(x)).sum()
+    function.apply(torch.ones(2))  # (a call before: the state changes)
     assert lower_bound(f, (torch.zeros(40, dtype=f64),), True, (torch.ones(40, dtype=f64),)) is None
 
 

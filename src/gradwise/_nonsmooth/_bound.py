@@ -181,8 +181,8 @@ class _NoGraph(TorchFunctionMode):
 # ``Function.apply`` is Python up to torch 2.13 (its frame marks a forward of any kind, a builtin one included)
 # and a builtin from 2.14 (no frame): there the frame of the forward itself marks it
 _APPLY = getattr(getattr(torch.autograd.Function.apply, "__func__", None), "__code__", None)
-# (classes' counter when read, {code of a forward or of what it wraps: the closures (``_held``) of the wrappers of
-# that code that wrap a forward, None for a code of its own})
+# (classes' counter when read, {code of a forward or of what it wraps: for each wrapper of that code that wraps a
+# forward, the id of what it wraps and its closure (``_held``); None for a code of its own})
 _forwards: tuple[str | None, dict] = ("", {})
 
 
@@ -209,8 +209,8 @@ def _forward_codes() -> dict:
                     if inner is None or codes.get(fn.__code__, inner) is None:
                         codes[fn.__code__] = None
                     else:
-                        codes.setdefault(fn.__code__, set()).add(_held(
-                            getattr(c, "cell_contents", None) for c in fn.__closure__ or ()))
+                        codes.setdefault(fn.__code__, set()).update((id(inner), _held(
+                            getattr(c, "cell_contents", None) for c in fn.__closure__ or ())))
                     fn = inner
                 elif isinstance(fn, functools.partial):
                     fn = fn.func
@@ -228,16 +228,17 @@ def _held(values) -> tuple:
 
 def _marks(frame, forwards: dict) -> bool:
     """Whether ``frame`` runs a custom forward: apply's (up to torch 2.13), a forward's own code, or a wrapper's
-    closure that wraps one (``functools.wraps``). Not whether it holds the wrapped function: a wrapper that calls
-    it through another object (a partial of it) held none, and its ops, taken for constants, bounded another
-    function."""
+    (``functools.wraps``) that holds the forward it wraps or runs a closure found wrapping one: one calling it
+    through another object (a partial of it) holds no forward, one keeping state (``nonlocal``) no longer runs the
+    closure found, and either's ops, taken for constants, bounded another function."""
     if frame.f_code is _APPLY:
         return True
     wrapped = forwards.get(frame.f_code, False)
     if wrapped is None or wrapped is False:
         return wrapped is None
     held = frame.f_locals
-    return _held(held.get(name) for name in frame.f_code.co_freevars) in wrapped
+    return _held(held.get(name) for name in frame.f_code.co_freevars) in wrapped or \
+        any(id(v) in wrapped for v in held.values())
 
 
 def _in_custom_function() -> bool:
