@@ -397,6 +397,13 @@ _SAME_STORAGE = frozenset(("UnsqueezeBackward0", "ViewBackward0", "ExpandBackwar
                            "TransposeBackward0", "TBackward0", "SliceBackward0", "SelectBackward0",
                            "SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0",
                            "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "AliasBackward0"))
+# nodes whose every output element is a copy of an input element, bit for bit (views, and copies that keep the dtype):
+# weights reached from a softmax through these alone hold its exact zeros, read from the weights themselves. Until
+# 2026-12-07 they were read through the softmax's saved result, which a checkpoint's hook packs: bmm(a[None], v) of a
+# checkpointed softmax kept a padded value's 0 x inf = NaN (test_review_perf_sz35). (ToCopyBackward0 is not one: a
+# float64 -> float32 copy flushes a used key's tiny weight to 0.)
+_COPIES = _SAME_STORAGE | frozenset(("CloneBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
+                                     "RepeatBackward0"))
 
 
 # elementwise nodes between a softmax and the bmm whose other operand may need a gradient (or hold a tensor), and the
@@ -503,16 +510,23 @@ def _masked_entries(end: Any) -> torch.Tensor | None:
     return None if result is None else result == (-math.inf if mask_of else 0)
 
 
+def copies_only(path: list[Any]) -> bool:
+    """Whether the weights at the start of ``path`` (``weights_paths``) are a softmax's elements, copied through
+    ``_COPIES`` alone (or none: its own output): its exact zeros are theirs (not exp(log_softmax)'s: an underflow)."""
+    return path[-1].name() != "ExpBackward0" and all(p.name() in _COPIES for p in path[:-1])
+
+
 def masked_weights(node: Any, path: list[Any], weights: torch.Tensor) -> torch.Tensor | None:
     """Where the mm/bmm ``node``'s operand ``weights`` (saved), the output of the softmax ``path[-1]`` through ``path``
     (``weights_paths``), is that softmax's exact 0 (bool, shaped like ``weights``), or None where the softmax's result
-    cannot be read without a hook. Weights that share the softmax result's storage (views of it) hold its zeros where
-    they are; others are mapped through the layout nodes on the way (``_weights_layout.mapped_mask``: permutes,
-    transposes, slices, expands, views, copies; dropout, scalings and gates keep each weight where it was; a dropout's
-    or a scaling's zeros on the way are not among them, nor a weight that a factor on the way made other than 0)."""
+    cannot be read without a hook. Weights that are copies of its elements (``copies_only``: views, clones; also
+    where a checkpoint's hook packed the softmax's result) or share its storage hold its zeros where they are; others
+    are mapped through the layout nodes on the way (``_weights_layout.mapped_mask``: permutes, transposes, slices,
+    expands, views, copies; dropout, scalings and gates keep each weight where it was; a dropout's or a scaling's
+    zeros on the way are not among them, nor a weight that a factor on the way made other than 0)."""
     softmax = path[-1]
     exact = softmax.name() != "ExpBackward0"  # (whose own zeros may be a finite log's underflow: _masked_entries)
-    if exact and len(path) == 1:  # (the softmax's own output)
+    if copies_only(path):  # (the softmax's own output, or copies of its elements: its exact zeros)
         return weights == 0
     masked = _masked_entries(softmax)
     if masked is None:
@@ -584,9 +598,15 @@ def _softmax_factor(args: tuple) -> tuple[int, torch.Tensor] | None:
         return None
     for edge, (producer, _) in enumerate(node.next_functions[:2]):
         path = _path_from(producer, _PATH_BUDGET)
-        if path is None or _hooked(path[-1], "_raw_saved_result"):
+        if path is None:
             continue
-        viewed = all(p.name() in _SAME_STORAGE for p in path[:-1]) and path[-1].name() != "ExpBackward0"
+        # (copies of the softmax's elements alone: the factor's zeros are its own, also where a checkpoint's hook
+        # packed the softmax's result; until 2026-12-07 such a factor was not read, its 0 x inf = NaN kept)
+        copies = copies_only(path)
+        hooked = _hooked(path[-1], "_raw_saved_result")
+        if hooked and not copies:
+            continue
+        viewed = not hooked and copies and all(p.name() in _SAME_STORAGE for p in path[:-1])
         if viewed:
             factor = path[-1]._saved_result  # (a view of the result: the same storage, its exact zeros the softmax's)
         elif not _hooked(node, ("_raw_saved_self", "_raw_saved_other")[edge]):
@@ -596,7 +616,7 @@ def _softmax_factor(args: tuple) -> tuple[int, torch.Tensor] | None:
         if not isinstance(factor, torch.Tensor):
             continue
         masked = None
-        if not viewed:  # the masked entries among the factor's zeros, mapped through the path's layout nodes
+        if not copies:  # the masked entries among the factor's zeros, mapped through the path's layout nodes
             masked = _masked_entries(path[-1])
             masked = None if masked is None else mapped_mask(node, path, masked)
             if masked is None:
