@@ -11,6 +11,9 @@ PyTorch where the NaN is genuine (a kept key's zero row; a used key's weight tha
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -90,3 +93,74 @@ def test_checkpointed_unpadded_attention_makes_no_zeros_in_the_plan():
     for node, fact in mm:
         assert fact == node_info(node)[10](node)
     assert not any(f[0] for _, f in mm)
+
+
+# -- under vmap, beside another sample's NaN output ------------------------------------------------------------------
+# Under torch.func the masked-weights rules (which read the node's saved weights) stand aside and are named in an
+# OpaqueBackwardWarning where the gradients end NaN/Inf. They were named only while every output was finite: where
+# another sample's output is NaN (read for the whole batch), a padded sample kept PyTorch's 0 x inf = NaN, which its
+# own gw.grad removes, without a word. They are named for the samples whose own outputs are finite
+# (_transforms.per_sample_lost): a sample whose output is NaN keeps its NaN unnamed, as its own gw.grad keeps it.
+WEIGHTED = {
+    "bmm": lambda a, h: a @ h,
+    "pooling": lambda a, h: (a[..., None] * h[None]).sum(1),
+}
+
+
+def _vmap_case(weighted, lens, nan_at):
+    """Samples of 5 keys, ``lens`` of them kept (the rest zero rows: sqrt's infinite slope), a NaN at sample
+    ``nan_at``'s first key (its output NaN) unless None."""
+    gen = torch.Generator().manual_seed(36)
+    x = torch.randn(len(lens), 5, 4, dtype=D, generator=gen)
+    w, q_w = torch.randn(4, 4, dtype=D, generator=gen), torch.randn(4, 4, dtype=D, generator=gen)
+    keep = torch.arange(5)[None, :] < torch.tensor(lens)[:, None]
+    x[~keep] = 0.0
+    if nan_at is not None:
+        x[nan_at, 0, 0] = math.nan
+
+    def loss(w, x, keep):
+        h = (x @ w).pow(2).sqrt()
+        s = (h @ q_w) @ h.T + torch.zeros(keep.shape, dtype=D).masked_fill(~keep, -math.inf)
+        return torch.where(keep[:, None], WEIGHTED[weighted](s.softmax(-1), h), 0.0).pow(2).sum()
+
+    return loss, w, x, keep
+
+
+def _per_sample(loss, w, x, keep, nested):
+    if nested:  # two vmap levels: samples in a (2, n/2) grid
+        g = torch.func.vmap(torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0)), in_dims=(None, 0, 0))
+        return g(w, x.unflatten(0, (2, -1)), keep.unflatten(0, (2, -1))).flatten(0, 1)
+    return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(w, x, keep)
+
+
+def _opaque(weighted, lens, nan_at, nested):
+    """The per-sample gradients under strong zeros (which must be PyTorch's: the NaN is named, never hidden) and the
+    OpaqueBackwardWarnings given."""
+    loss, w, x, keep = _vmap_case(weighted, lens, nan_at)
+    plain = _per_sample(loss, w, x, keep, nested)
+    with warnings.catch_warnings(record=True) as caught, gw.strong_zeros():
+        warnings.simplefilter("always")
+        got = _per_sample(loss, w, x, keep, nested)
+    assert torch.equal(got.isnan(), plain.isnan()) and torch.equal(got.nan_to_num(), plain.nan_to_num())
+    return got, [str(c.message) for c in caught if issubclass(c.category, gw.OpaqueBackwardWarning)]
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["vmap", "vmap(vmap)"])
+@pytest.mark.parametrize("weighted", WEIGHTED)
+def test_vmap_padded_sample_beside_a_nan_output_is_named(weighted, nested):
+    """Sample 1 padded (its own gw.grad finite: the deleted keys'), sample 2's output NaN: sample 1's NaN is named."""
+    loss, w, x, keep = _vmap_case(weighted, [5, 3, 5, 4], None)
+    assert bool(gw.grad(loss(w.requires_grad_(), x[1], keep[1]), w)[0].isfinite().all()), "premise: its own gw.grad"
+    got, named = _opaque(weighted, [5, 3, 5, 4], 2, nested)
+    assert got[1].isnan().any() and got[2].isnan().any() and bool(got[0].isfinite().all()), "premise"
+    assert any("MmBackward0" in m or "MulBackward0" in m for m in named), named
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["vmap", "vmap(vmap)"])
+@pytest.mark.parametrize("weighted", WEIGHTED)
+def test_vmap_nan_output_beside_unpadded_samples_is_not_named(weighted, nested):
+    """No sample padded, sample 2's output NaN (a used NaN): its gradient's NaN is genuine and the other samples'
+    gradients are finite: no sample whose output is finite ends NaN, nothing is named (the NaN is PyTorch's)."""
+    got, named = _opaque(weighted, [5, 5, 5, 5], 2, nested)
+    assert got[2].isnan().any() and bool(got[[0, 1, 3]].isfinite().all()), "premise"
+    assert not named, named

@@ -491,9 +491,12 @@ def reads_softmax_weights(node: Any) -> bool:
     """Whether the rules of an MmBackward0/BmmBackward0 or MulBackward0 ``node`` would read a softmax's weights from
     the graph (``_masked_weights_mm``, ``_softmax_factor``): node types and the pass's state only, no value
     (``_transforms._node_readers``). They act only while the outputs are finite (a used NaN's gradient is PyTorch's
-    there anyway; a vmap batch where one sample's output is not finite is not named either, as it is read whole)."""
-    if not _STATE.outputs_finite:
-        return False
+    there anyway; a vmap batch where some sample's output is not finite: ``_transforms.per_sample_lost``)."""
+    return _STATE.outputs_finite and follows_softmax_weights(node)
+
+
+def follows_softmax_weights(node: Any) -> bool:
+    """``reads_softmax_weights`` whatever the outputs: whether ``node`` multiplies a softmax's weights (its graph)."""
     if node.name() == "MulBackward0":
         return any(_path_from(producer, _PATH_BUDGET) is not None for producer, _ in node.next_functions[:2])
     return bool(weights_paths(node))
