@@ -164,3 +164,42 @@ def test_vmap_nan_output_beside_unpadded_samples_is_not_named(weighted, nested):
     got, named = _opaque(weighted, [5, 5, 5, 5], 2, nested)
     assert got[2].isnan().any() and bool(got[[0, 1, 3]].isfinite().all()), "premise"
     assert not named, named
+
+
+# -- a checkpoint around the softmax and the values' product -----------------------------------------------------------
+# Both inside one non-reentrant checkpoint: the product's saved weights and the softmax's result unpack once, for the
+# formula, so neither is read; the padded value keeps PyTorch's 0 x inf = NaN. Until sz36 without a word: now an
+# OpaqueBackwardWarning names it where the gradients end NaN/Inf (the gradients stay PyTorch's, bit for bit).
+def _block_case(pooled, pad, n=3):
+    gen = torch.Generator().manual_seed(36)
+    x = torch.randn(5, 4, dtype=D, generator=gen)
+    w = torch.randn(4, 4, dtype=D, generator=gen, requires_grad=True)
+    s = torch.randn(3, 5, dtype=D, generator=gen, requires_grad=True)
+    if pad:
+        x[n:] = 0.0  # (sqrt's infinite slope at the padded keys' values)
+
+    def block(s_, h):
+        a = (s_ + torch.zeros(5, dtype=D).masked_fill(torch.arange(5) >= n, -math.inf)).softmax(-1)
+        return (a[..., None] * h).sum(1) if pooled else torch.bmm(a[None], h[None])
+
+    return lambda: checkpoint(block, s, (x @ w).pow(2).sqrt(), use_reentrant=False).pow(2).sum(), w
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["bmm", "pooling"])
+def test_checkpoint_around_weights_and_product_names_the_kept_nan(pooled):
+    loss, w = _block_case(pooled, pad=True)
+    plain = torch.autograd.grad(loss(), [w])[0]
+    assert plain.isnan().any(), "premise: PyTorch's 0 x inf"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = gw.grad(loss(), [w])[0]
+    assert torch.equal(got.isnan(), plain.isnan()) and torch.equal(got.nan_to_num(), plain.nan_to_num())
+    assert any(issubclass(c.category, gw.OpaqueBackwardWarning) and "saved through a hook" in str(c.message)
+               for c in caught)
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["bmm", "pooling"])
+def test_checkpoint_around_weights_and_product_finite_is_pytorchs(pooled):
+    """Finite data (no padded value at an infinite slope): PyTorch's bits, no warning (warnings are errors)."""
+    loss, w = _block_case(pooled, pad=False)
+    assert torch.equal(gw.grad(loss(), [w])[0], torch.autograd.grad(loss(), [w])[0])

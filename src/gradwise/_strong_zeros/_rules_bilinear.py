@@ -544,7 +544,7 @@ def masked_weights(node: Any, path: list[Any], weights: torch.Tensor) -> torch.T
     return masked & (weights == 0)  # (a factor's NaN on the way: no zero)
 
 
-def _softmax_weights(args: tuple) -> tuple[int, torch.Tensor] | None:
+def _softmax_weights(args: tuple, sup: Any) -> tuple[int, torch.Tensor] | None:
     """In the backward of ``bmm(a, v)`` (or mm, ``bmm(v, a)``, addmm, baddbmm: ``_MASKED_WEIGHTS_NODES``) whose ``a``
     is a softmax's output (attention weights: the node's edge a SoftmaxBackward0, or one through dropout and views:
     ``masked_weights``), the position of the formula's operand that is ``a`` (v's gradient ``a^T @ g``) and where the
@@ -555,16 +555,24 @@ def _softmax_weights(args: tuple) -> tuple[int, torch.Tensor] | None:
     if node is None or node.name() not in _MASKED_WEIGHTS_NODES:
         return None
     for path, saved in weights_paths(node):
+        if _hooked(node, "_raw" + saved):  # (unpacked once, for the formula: unread; until sz36 without a word)
+            sup.unfollowed.append(_HOOKED_WEIGHTS)
+            continue
         found = _weights_in_args(args, node, path, saved)
         if found is not None:
             return found
     return None
 
 
+_HOOKED_WEIGHTS = (
+    "the weights of a softmax multiplied by the values (mm/bmm, addmm/baddbmm, mul) saved through a hook (a "
+    "non-reentrant checkpoint around both: its saved tensors unpack once, for the backward formula), whose masked "
+    "keys' zeros strong zeros cannot read there",
+    "keep the product of the weights and the values outside the checkpoint (the softmax may stay inside)")
+
+
 def _weights_in_args(args: tuple, node: Any, path: list[Any], saved: str) -> tuple[int, torch.Tensor] | None:
-    """``_softmax_weights`` for one operand of ``node``: the saved ``saved``, the output of ``path``."""
-    if _hooked(node, "_raw" + saved):
-        return None
+    """``_softmax_weights`` for one operand of ``node``: the saved ``saved`` (no hook), the output of ``path``."""
     weights = getattr(node, saved)
     if weights is None or not _is_float(weights):
         return None
@@ -586,7 +594,7 @@ def _weights_in_args(args: tuple, node: Any, path: list[Any], saved: str) -> tup
     return None
 
 
-def _softmax_factor(args: tuple) -> tuple[int, torch.Tensor] | None:
+def _softmax_factor(args: tuple, sup: Any) -> tuple[int, torch.Tensor] | None:
     """In MulBackward0's formula (``g * other``, ``g * self``) of a product with a softmax's weights (attention
     pooling: ``(softmax(s)[..., None] * h).sum(1)``), the position of the factor that is those weights and its zeros
     that are the softmax's, while every output being differentiated is finite; else None. The weights are the
@@ -615,6 +623,7 @@ def _softmax_factor(args: tuple) -> tuple[int, torch.Tensor] | None:
         elif not _hooked(node, ("_raw_saved_self", "_raw_saved_other")[edge]):
             factor = (node._saved_self, node._saved_other)[edge]  # (the product's own operand)
         else:
+            sup.unfollowed.append(_HOOKED_WEIGHTS)
             continue
         if not isinstance(factor, torch.Tensor):
             continue
@@ -645,7 +654,7 @@ def _masked_weights_mm(func, args, kwargs, sup):
     row: PyTorch's 0 x inf = NaN). nn.MultiheadAttention with need_weights=True (its default) runs this way; SDPA has
     its own rule (``_rules_attention``). Elsewhere, and where the outputs are not finite (an underflow's 0 then keeps
     PyTorch's NaN, as softmax's does), ``_MM``."""
-    found = _softmax_weights(args) if func.overloadpacket in (aten.mm, aten.bmm) else None
+    found = _softmax_weights(args, sup) if func.overloadpacket in (aten.mm, aten.bmm) else None
     if found is None:
         return _MM(func, args, kwargs, sup)
     slot, zero = found
@@ -775,7 +784,7 @@ def _zero_alpha_mul(func, args, kwargs, sup):
                     "call the op out of place (y[:2] = torch.addmm(y[:2], a, b, alpha=0)), whose node strong "
                     "zeros can read, or leave the term out"))
             return out
-    if func.overloadpacket is aten.mul and (found := _softmax_factor(args)) is not None:
+    if func.overloadpacket is aten.mul and (found := _softmax_factor(args, sup)) is not None:
         return _softmax_weights_mul(func, args, kwargs, sup, *found)
     return _exp_result_mul(func, args, kwargs, sup)
 
