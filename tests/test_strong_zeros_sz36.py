@@ -3,7 +3,7 @@ its saved result packed by a hook) that reach the values' product through views 
 two transposes, a head's select, a 4-d matmul's expand, a reshape that merges heads, repeat). The rules read the
 softmax's zeros from its saved result, which the hook packs: a padded value's 0 x inf = NaN stayed where the program
 with the padded keys deleted is finite. Weights that are copies of the softmax's elements alone hold its zeros
-themselves (``_rules_bilinear.copies_only``): they are read from the product's own operand.
+themselves (``_weights_layout.copies_only``): they are read from the product's own operand.
 
 References: the same program with the padded keys deleted (each sequence on its own rows, float64), and plain
 PyTorch where the NaN is genuine (a kept key's zero row; a used key's weight that a float32 copy flushes to 0).
@@ -78,8 +78,12 @@ def test_a_used_keys_weight_flushed_by_a_float32_copy_keeps_its_nan(checkpointed
     loss, w = _float32_copy_case(checkpointed)
     plain = torch.autograd.grad(loss(), [w])[0]
     assert plain.isnan().any(), "premise: the flushed weight's 0 x inf"
-    got = gw.grad(loss(), [w])[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = gw.grad(loss(), [w])[0]
     assert torch.equal(got.isnan(), plain.isnan()) and torch.equal(got.nan_to_num(), plain.nan_to_num())
+    # (checkpointed, the softmax's result is hidden: which zeros are its own cannot be told, and that is said)
+    assert any("a hook hides" in str(c.message) for c in caught) == checkpointed, [str(c.message) for c in caught]
 
 
 def test_checkpointed_unpadded_attention_makes_no_zeros_in_the_plan():
@@ -166,11 +170,13 @@ def test_vmap_nan_output_beside_unpadded_samples_is_not_named(weighted, nested):
     assert not named, named
 
 
-# -- a checkpoint around the softmax and the values' product -----------------------------------------------------------
-# Both inside one non-reentrant checkpoint: the product's saved weights and the softmax's result unpack once, for the
-# formula, so neither is read; the padded value keeps PyTorch's 0 x inf = NaN. Until sz36 without a word: now an
-# OpaqueBackwardWarning names it where the gradients end NaN/Inf (the gradients stay PyTorch's, bit for bit).
-def _block_case(pooled, pad, n=3):
+# -- a checkpoint that hides what the rules read -----------------------------------------------------------------------
+# "block": the softmax and the values' product inside one non-reentrant checkpoint (the product's saved weights unpack
+# once, for the formula); "scaled": the softmax inside, its weights scaled on the way to the product (only the
+# softmax's saved result tells a masked key's 0 from a scaling's underflow). Neither is read: the padded value keeps
+# PyTorch's 0 x inf = NaN. Until sz36 without a word: now an OpaqueBackwardWarning names it where the gradients end
+# NaN/Inf (the gradients stay PyTorch's, bit for bit).
+def _hidden_case(form, pooled, pad, n=3):
     gen = torch.Generator().manual_seed(36)
     x = torch.randn(5, 4, dtype=D, generator=gen)
     w = torch.randn(4, 4, dtype=D, generator=gen, requires_grad=True)
@@ -178,28 +184,41 @@ def _block_case(pooled, pad, n=3):
     if pad:
         x[n:] = 0.0  # (sqrt's infinite slope at the padded keys' values)
 
-    def block(s_, h):
-        a = (s_ + torch.zeros(5, dtype=D).masked_fill(torch.arange(5) >= n, -math.inf)).softmax(-1)
+    def weights(s_):
+        return (s_ + torch.zeros(5, dtype=D).masked_fill(torch.arange(5) >= n, -math.inf)).softmax(-1)
+
+    def product(a, h):
         return (a[..., None] * h).sum(1) if pooled else torch.bmm(a[None], h[None])
 
-    return lambda: checkpoint(block, s, (x @ w).pow(2).sqrt(), use_reentrant=False).pow(2).sum(), w
+    def loss():
+        h = (x @ w).pow(2).sqrt()
+        if form == "block":
+            out = checkpoint(lambda s_, h_: product(weights(s_), h_), s, h, use_reentrant=False)
+        else:
+            out = product(checkpoint(weights, s, use_reentrant=False) * 0.5, h)
+        return out.pow(2).sum()
+
+    return loss, w
 
 
-@pytest.mark.parametrize("pooled", [False, True], ids=["bmm", "pooling"])
-def test_checkpoint_around_weights_and_product_names_the_kept_nan(pooled):
-    loss, w = _block_case(pooled, pad=True)
+HIDDEN = [(form, pooled) for form in ("block", "scaled") for pooled in (False, True)]
+
+
+@pytest.mark.parametrize(("form", "pooled"), HIDDEN)
+def test_a_hidden_masked_weights_kept_nan_is_named(form, pooled):
+    loss, w = _hidden_case(form, pooled, pad=True)
     plain = torch.autograd.grad(loss(), [w])[0]
     assert plain.isnan().any(), "premise: PyTorch's 0 x inf"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = gw.grad(loss(), [w])[0]
     assert torch.equal(got.isnan(), plain.isnan()) and torch.equal(got.nan_to_num(), plain.nan_to_num())
-    assert any(issubclass(c.category, gw.OpaqueBackwardWarning) and "saved through a hook" in str(c.message)
+    assert any(issubclass(c.category, gw.OpaqueBackwardWarning) and "a hook hides" in str(c.message)
                for c in caught)
 
 
-@pytest.mark.parametrize("pooled", [False, True], ids=["bmm", "pooling"])
-def test_checkpoint_around_weights_and_product_finite_is_pytorchs(pooled):
+@pytest.mark.parametrize(("form", "pooled"), HIDDEN)
+def test_hidden_masked_weights_finite_is_pytorchs(form, pooled):
     """Finite data (no padded value at an infinite slope): PyTorch's bits, no warning (warnings are errors)."""
-    loss, w = _block_case(pooled, pad=False)
+    loss, w = _hidden_case(form, pooled, pad=False)
     assert torch.equal(gw.grad(loss(), [w])[0], torch.autograd.grad(loss(), [w])[0])

@@ -37,7 +37,7 @@ from gradwise._strong_zeros._rules import (
 )
 from gradwise._strong_zeros._rules_pointwise import _exp_result_mul
 from gradwise._strong_zeros._supports import _STATE
-from gradwise._strong_zeros._weights_layout import mapped_mask
+from gradwise._strong_zeros._weights_layout import _SAME_STORAGE, copies_only, mapped_mask
 
 aten = torch.ops.aten
 
@@ -391,21 +391,6 @@ _WEIGHT_PATH = frozenset(("NativeDropoutBackward0", "MulBackward0", "MulBackward
                           "SumBackward0", "SumBackward1", "RepeatBackward0"))
 
 
-# views between a softmax and a mul by its weights, which keep its storage (its exact zeros where they were); where a
-# copy or a factor comes between, the softmax's zeros are mapped through them (``_weights_layout``)
-_SAME_STORAGE = frozenset(("UnsqueezeBackward0", "ViewBackward0", "ExpandBackward0", "PermuteBackward0",
-                           "TransposeBackward0", "TBackward0", "SliceBackward0", "SelectBackward0",
-                           "SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0",
-                           "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "AliasBackward0"))
-# nodes whose every output element is a copy of an input element, bit for bit (views, and copies that keep the dtype):
-# weights reached from a softmax through these alone hold its exact zeros, read from the weights themselves. Until
-# 2026-12-07 they were read through the softmax's saved result, which a checkpoint's hook packs: bmm(a[None], v) of a
-# checkpointed softmax kept a padded value's 0 x inf = NaN (test_review_perf_sz35). (ToCopyBackward0 is not one: a
-# float64 -> float32 copy flushes a used key's tiny weight to 0.)
-_COPIES = _SAME_STORAGE | frozenset(("CloneBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
-                                     "RepeatBackward0"))
-
-
 # elementwise nodes between a softmax and the bmm whose other operand may need a gradient (or hold a tensor), and the
 # edges the weights may come through: a gate (p * g, g * p), a renormalisation (p / p.sum(-1)), the usual repairs of
 # a fully masked row (p.nan_to_num(0), p.masked_fill(key_mask, 0), where(key_mask, 0, p)). Each keeps the weights'
@@ -509,14 +494,13 @@ def _masked_entries(end: Any) -> torch.Tensor | None:
     finite -1000 or finfo.min bias) is a value, as exp's own rule takes it: the key is used, and until 2026-12-07 its
     value's 0 x inf = NaN was hidden there (test_review_sz34)."""
     mask_of = end.name() == "ExpBackward0" and end.next_functions[0][0]
-    result = None if _hooked(mask_of or end, "_raw_saved_result") else (mask_of or end)._saved_result
+    result = None if _result_hooked(end) else (mask_of or end)._saved_result
     return None if result is None else result == (-math.inf if mask_of else 0)
 
 
-def copies_only(path: list[Any]) -> bool:
-    """Whether the weights at the start of ``path`` (``weights_paths``) are a softmax's elements, copied through
-    ``_COPIES`` alone (or none: its own output): its exact zeros are theirs (not exp(log_softmax)'s: an underflow)."""
-    return path[-1].name() != "ExpBackward0" and all(p.name() in _COPIES for p in path[:-1])
+def _result_hooked(end: Any) -> bool:
+    """Whether what ``_masked_entries`` reads of ``end`` (its saved result, exp(log_softmax)'s log's) has a hook."""
+    return _hooked((end.name() == "ExpBackward0" and end.next_functions[0][0]) or end, "_raw_saved_result")
 
 
 def masked_weights(node: Any, path: list[Any], weights: torch.Tensor) -> torch.Tensor | None:
@@ -555,7 +539,8 @@ def _softmax_weights(args: tuple, sup: Any) -> tuple[int, torch.Tensor] | None:
     if node is None or node.name() not in _MASKED_WEIGHTS_NODES:
         return None
     for path, saved in weights_paths(node):
-        if _hooked(node, "_raw" + saved):  # (unpacked once, for the formula: unread; until sz36 without a word)
+        # (a hook's tensors unpack once, for the formula: unread; until sz36 the padded NaN was kept without a word)
+        if _hooked(node, "_raw" + saved) or (not copies_only(path) and _result_hooked(path[-1])):
             sup.unfollowed.append(_HOOKED_WEIGHTS)
             continue
         found = _weights_in_args(args, node, path, saved)
@@ -565,10 +550,12 @@ def _softmax_weights(args: tuple, sup: Any) -> tuple[int, torch.Tensor] | None:
 
 
 _HOOKED_WEIGHTS = (
-    "the weights of a softmax multiplied by the values (mm/bmm, addmm/baddbmm, mul) saved through a hook (a "
-    "non-reentrant checkpoint around both: its saved tensors unpack once, for the backward formula), whose masked "
-    "keys' zeros strong zeros cannot read there",
-    "keep the product of the weights and the values outside the checkpoint (the softmax may stay inside)")
+    "the weights of a softmax multiplied by the values (mm/bmm, addmm/baddbmm, mul), whose masked keys' zeros a hook "
+    "hides (a non-reentrant checkpoint's: its saved tensors unpack once, for the backward formula): the product's "
+    "saved weights (a checkpoint around both), or the softmax's result where more than views and copies (a "
+    "scaling, dropout) come between them",
+    "keep the product of the weights and the values outside the checkpoint, with only views or copies between the "
+    "softmax and it")
 
 
 def _weights_in_args(args: tuple, node: Any, path: list[Any], saved: str) -> tuple[int, torch.Tensor] | None:
@@ -614,8 +601,9 @@ def _softmax_factor(args: tuple, sup: Any) -> tuple[int, torch.Tensor] | None:
         # (copies of the softmax's elements alone: the factor's zeros are its own, also where a checkpoint's hook
         # packed the softmax's result; until 2026-12-07 such a factor was not read, its 0 x inf = NaN kept)
         copies = copies_only(path)
-        hooked = _hooked(path[-1], "_raw_saved_result")
+        hooked = _result_hooked(path[-1])
         if hooked and not copies:
+            sup.unfollowed.append(_HOOKED_WEIGHTS)
             continue
         viewed = not hooked and copies and all(p.name() in _SAME_STORAGE for p in path[:-1])
         if viewed:
