@@ -66,11 +66,11 @@ LAYOUTS = {
 }
 
 
-def _case(layout, factor=None):
+def _case(layout, factor=None, softmax=lambda t: t.softmax(-1), seed=35):
     """Attention over the rows of x: scores from x (q_w), values h = sqrt((x @ w)^2) (an infinite slope at a zero
-    row), the weights through ``layout``; ``factor`` multiplies the weights first (a constant). Padded queries are
-    dropped by a where."""
-    gen = torch.Generator().manual_seed(35)
+    row), the weights ``softmax``'s through ``layout``; ``factor`` multiplies the weights first (a constant). Padded
+    queries are dropped by a where."""
+    gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 5, 4, dtype=D, generator=gen)
     w = torch.randn(4, 4, dtype=D, generator=gen, requires_grad=True)
     q_w = torch.randn(4, 4, dtype=D, generator=gen, requires_grad=True)
@@ -80,7 +80,7 @@ def _case(layout, factor=None):
         h = (xx @ w).pow(2).sqrt()
         bias = torch.zeros(keep.shape, dtype=D).masked_fill(~keep, -math.inf)
         s = (xx @ q_w) @ xx.transpose(1, 2) + bias[:, None, :]
-        a, a4 = s.softmax(-1), (s[:, None] * HEADS).softmax(-1)
+        a, a4 = softmax(s), softmax(s[:, None] * HEADS)
         if factor is not None:
             a = a * factor(a)
         return torch.where(keep[..., None], LAYOUTS[layout](a, a4, h), 0.0).pow(2).sum()

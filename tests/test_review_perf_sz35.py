@@ -133,12 +133,7 @@ def _checkpointed(t):
     return checkpoint(lambda u: u.softmax(-1), t, use_reentrant=False)
 
 
-@pytest.mark.parametrize("which", [
-    "mm", pytest.param("bmm", marks=pytest.mark.xfail(strict=True, reason=(
-        "not perf_sz35's (base 83c7a5b too): bmm(a[None], h[None]) of a checkpointed softmax: the path has a view "
-        "(UnsqueezeBackward0), so masked_weights reads the softmax's saved result, which the checkpoint's hook "
-        "packed (_masked_entries: None): the padded value's 0 x inf stays NaN where the deleted program is finite "
-        "(a missed structural zero; a path of views only could read the bmm's own saved weights' zeros)")))])
+@pytest.mark.parametrize("which", ["mm", "bmm"])  # (bmm(a[None], h[None]) kept the padded NaN until sz36)
 def test_checkpointed_softmax_gives_padded_values_the_deleted_keys_zero(which):
     x, w, s = _data()
     rows, n = x.shape[0], 3

@@ -98,11 +98,8 @@ def test_exp_of_log_softmax_underflow_of_a_finite_score_keeps_pytorchs_nan(poole
 # output is finite (reads_softmax_weights). Under vmap the outputs are read for the whole batch: where another sample's
 # output is NaN, the padded sample keeps PyTorch's 0 x inf = NaN, which its own gw.grad removes, without a word (exp's
 # and softmax's rules say so with _supports._MIXED_OUTPUTS there). Naming them under _STATE.outputs_batched too makes
-# test_hunt_func_transforms' test_a_used_nan_stays[softmax_mask/sdpa_rows-vmap...] warn where no sample is padded: the
-# fix needs a value-free test of "some sample's weights hold a masked 0", or that test's contract changed.
-@pytest.mark.xfail(strict=True, reason="a padded sample's NaN under vmap(grad) beside another sample's NaN output is "
-                   "not named (reads_softmax_weights needs outputs_finite); naming it under outputs_batched warns "
-                   "in test_a_used_nan_stays: left to the lead")
+# test_hunt_func_transforms' test_a_used_nan_stays[softmax_mask/sdpa_rows-vmap...] warn where no sample is padded.
+# sz36: named for the samples whose own outputs are finite (_transforms.per_sample_lost, name_per_sample).
 def test_vmap_batch_with_a_nan_output_names_the_padded_samples_kept_nan():
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(3, 5, 4, dtype=D, generator=gen)

@@ -412,6 +412,7 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
     if _carry.CARRIED_VALUES:  # a create_graph pass's values with structural zeros, saved by this graph
         _carry.seed(mode.supports)
     handles = watch_functions([r for r in _root_nodes(outputs) if r is not None], mode, watched) if functions else []
+    samples = transform and within and _STATE.outputs_batched and _transforms.per_sample_lost(outputs)
     if transform:
         mode.lost.update(_transforms.unhooked(outputs))
     dual = torch.autograd.forward_ad._current_level >= 0  # (a tangent through the formulas: not followed)
@@ -435,6 +436,8 @@ def _run_strong(run: Callable[[bool | None], Any], retain_graph: bool | None, cr
             _contract.warn_opaque(what, fix)
     elif mode.lost and _STATE.unnamed is not None:  # nested in a pass (_nested): named there if it ends NaN/Inf
         _STATE.unnamed.update(mode.lost)
+    if samples:
+        _transforms.name_per_sample(samples, outputs, result or ())
     if mode.made and (not transform or _transforms.recorded(mode.made)):
         # the new graph (create_graph) differentiates through the zeros: they stay structural there
         carry(mode.made, mode.supports)

@@ -27,6 +27,7 @@ from gradwise._strong_zeros._rules_bilinear import (
     _MASKED_WEIGHTS_NODES,
     WEIGHTS_ENDS,
     _reads_every_position,
+    copies_only,
     weights_paths,
 )
 from gradwise._strong_zeros._triangles import TRIANGLE_READERS
@@ -331,13 +332,13 @@ def _no_masked_weights(node: Any) -> bool:
     """mm/bmm (addmm, baddbmm) make no structural zero unless an operand is a softmax's output holding an exact 0
     (masked attention weights: v's gradient at a masked key is the deleted key's 0,
     ``_rules_bilinear._masked_weights_mm``); one a hook packed (a checkpoint's) is not read: it makes zeros, as far as
-    the plan knows."""
+    the plan knows (weights that are copies of its elements alone are read instead: ``masked_weights`` reads them)."""
     for path, saved in weights_paths(node):  # (through dropout and views: a[None], reshape)
         softmax = path[-1]
-        if len(path) > 1:  # the softmax's own result: a dropout's zeros are values
-            if _hooked(softmax, "_raw_saved_result"):
-                return False
-            weights = softmax._saved_result
+        if len(path) > 1 and not _hooked(softmax, "_raw_saved_result"):
+            weights = softmax._saved_result  # (the softmax's own result: a dropout's zeros are values)
+        elif len(path) > 1 and not copies_only(path):
+            return False
         elif _hooked(node, "_raw" + saved):
             return False
         else:

@@ -37,7 +37,7 @@ from gradwise._strong_zeros._rules import (
 )
 from gradwise._strong_zeros._rules_pointwise import _exp_result_mul
 from gradwise._strong_zeros._supports import _STATE
-from gradwise._strong_zeros._weights_layout import mapped_mask
+from gradwise._strong_zeros._weights_layout import _SAME_STORAGE, copies_only, mapped_mask
 
 aten = torch.ops.aten
 
@@ -391,14 +391,6 @@ _WEIGHT_PATH = frozenset(("NativeDropoutBackward0", "MulBackward0", "MulBackward
                           "SumBackward0", "SumBackward1", "RepeatBackward0"))
 
 
-# views between a softmax and a mul by its weights, which keep its storage (its exact zeros where they were); where a
-# copy or a factor comes between, the softmax's zeros are mapped through them (``_weights_layout``)
-_SAME_STORAGE = frozenset(("UnsqueezeBackward0", "ViewBackward0", "ExpandBackward0", "PermuteBackward0",
-                           "TransposeBackward0", "TBackward0", "SliceBackward0", "SelectBackward0",
-                           "SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0",
-                           "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "AliasBackward0"))
-
-
 # elementwise nodes between a softmax and the bmm whose other operand may need a gradient (or hold a tensor), and the
 # edges the weights may come through: a gate (p * g, g * p), a renormalisation (p / p.sum(-1)), the usual repairs of
 # a fully masked row (p.nan_to_num(0), p.masked_fill(key_mask, 0), where(key_mask, 0, p)). Each keeps the weights'
@@ -484,9 +476,12 @@ def reads_softmax_weights(node: Any) -> bool:
     """Whether the rules of an MmBackward0/BmmBackward0 or MulBackward0 ``node`` would read a softmax's weights from
     the graph (``_masked_weights_mm``, ``_softmax_factor``): node types and the pass's state only, no value
     (``_transforms._node_readers``). They act only while the outputs are finite (a used NaN's gradient is PyTorch's
-    there anyway; a vmap batch where one sample's output is not finite is not named either, as it is read whole)."""
-    if not _STATE.outputs_finite:
-        return False
+    there anyway; a vmap batch where some sample's output is not finite: ``_transforms.per_sample_lost``)."""
+    return _STATE.outputs_finite and follows_softmax_weights(node)
+
+
+def follows_softmax_weights(node: Any) -> bool:
+    """``reads_softmax_weights`` whatever the outputs: whether ``node`` multiplies a softmax's weights (its graph)."""
     if node.name() == "MulBackward0":
         return any(_path_from(producer, _PATH_BUDGET) is not None for producer, _ in node.next_functions[:2])
     return bool(weights_paths(node))
@@ -499,20 +494,26 @@ def _masked_entries(end: Any) -> torch.Tensor | None:
     finite -1000 or finfo.min bias) is a value, as exp's own rule takes it: the key is used, and until 2026-12-07 its
     value's 0 x inf = NaN was hidden there (test_review_sz34)."""
     mask_of = end.name() == "ExpBackward0" and end.next_functions[0][0]
-    result = None if _hooked(mask_of or end, "_raw_saved_result") else (mask_of or end)._saved_result
+    result = None if _result_hooked(end) else (mask_of or end)._saved_result
     return None if result is None else result == (-math.inf if mask_of else 0)
+
+
+def _result_hooked(end: Any) -> bool:
+    """Whether what ``_masked_entries`` reads of ``end`` (its saved result, exp(log_softmax)'s log's) has a hook."""
+    return _hooked((end.name() == "ExpBackward0" and end.next_functions[0][0]) or end, "_raw_saved_result")
 
 
 def masked_weights(node: Any, path: list[Any], weights: torch.Tensor) -> torch.Tensor | None:
     """Where the mm/bmm ``node``'s operand ``weights`` (saved), the output of the softmax ``path[-1]`` through ``path``
     (``weights_paths``), is that softmax's exact 0 (bool, shaped like ``weights``), or None where the softmax's result
-    cannot be read without a hook. Weights that share the softmax result's storage (views of it) hold its zeros where
-    they are; others are mapped through the layout nodes on the way (``_weights_layout.mapped_mask``: permutes,
-    transposes, slices, expands, views, copies; dropout, scalings and gates keep each weight where it was; a dropout's
-    or a scaling's zeros on the way are not among them, nor a weight that a factor on the way made other than 0)."""
+    cannot be read without a hook. Weights that are copies of its elements (``copies_only``: views, clones; also
+    where a checkpoint's hook packed the softmax's result) or share its storage hold its zeros where they are; others
+    are mapped through the layout nodes on the way (``_weights_layout.mapped_mask``: permutes, transposes, slices,
+    expands, views, copies; dropout, scalings and gates keep each weight where it was; a dropout's or a scaling's
+    zeros on the way are not among them, nor a weight that a factor on the way made other than 0)."""
     softmax = path[-1]
     exact = softmax.name() != "ExpBackward0"  # (whose own zeros may be a finite log's underflow: _masked_entries)
-    if exact and len(path) == 1:  # (the softmax's own output)
+    if copies_only(path):  # (the softmax's own output, or copies of its elements: its exact zeros)
         return weights == 0
     masked = _masked_entries(softmax)
     if masked is None:
@@ -527,7 +528,7 @@ def masked_weights(node: Any, path: list[Any], weights: torch.Tensor) -> torch.T
     return masked & (weights == 0)  # (a factor's NaN on the way: no zero)
 
 
-def _softmax_weights(args: tuple) -> tuple[int, torch.Tensor] | None:
+def _softmax_weights(args: tuple, sup: Any) -> tuple[int, torch.Tensor] | None:
     """In the backward of ``bmm(a, v)`` (or mm, ``bmm(v, a)``, addmm, baddbmm: ``_MASKED_WEIGHTS_NODES``) whose ``a``
     is a softmax's output (attention weights: the node's edge a SoftmaxBackward0, or one through dropout and views:
     ``masked_weights``), the position of the formula's operand that is ``a`` (v's gradient ``a^T @ g``) and where the
@@ -538,16 +539,27 @@ def _softmax_weights(args: tuple) -> tuple[int, torch.Tensor] | None:
     if node is None or node.name() not in _MASKED_WEIGHTS_NODES:
         return None
     for path, saved in weights_paths(node):
+        # (a hook's tensors unpack once, for the formula: unread; until sz36 the padded NaN was kept without a word)
+        if _hooked(node, "_raw" + saved) or (not copies_only(path) and _result_hooked(path[-1])):
+            sup.unfollowed.append(_HOOKED_WEIGHTS)
+            continue
         found = _weights_in_args(args, node, path, saved)
         if found is not None:
             return found
     return None
 
 
+_HOOKED_WEIGHTS = (
+    "the weights of a softmax multiplied by the values (mm/bmm, addmm/baddbmm, mul), whose masked keys' zeros a hook "
+    "hides (a non-reentrant checkpoint's: its saved tensors unpack once, for the backward formula): the product's "
+    "saved weights (a checkpoint around both), or the softmax's result where more than views and copies (a "
+    "scaling, dropout) come between them",
+    "keep the product of the weights and the values outside the checkpoint, with only views or copies between the "
+    "softmax and it")
+
+
 def _weights_in_args(args: tuple, node: Any, path: list[Any], saved: str) -> tuple[int, torch.Tensor] | None:
-    """``_softmax_weights`` for one operand of ``node``: the saved ``saved``, the output of ``path``."""
-    if _hooked(node, "_raw" + saved):
-        return None
+    """``_softmax_weights`` for one operand of ``node``: the saved ``saved`` (no hook), the output of ``path``."""
     weights = getattr(node, saved)
     if weights is None or not _is_float(weights):
         return None
@@ -569,7 +581,7 @@ def _weights_in_args(args: tuple, node: Any, path: list[Any], saved: str) -> tup
     return None
 
 
-def _softmax_factor(args: tuple) -> tuple[int, torch.Tensor] | None:
+def _softmax_factor(args: tuple, sup: Any) -> tuple[int, torch.Tensor] | None:
     """In MulBackward0's formula (``g * other``, ``g * self``) of a product with a softmax's weights (attention
     pooling: ``(softmax(s)[..., None] * h).sum(1)``), the position of the factor that is those weights and its zeros
     that are the softmax's, while every output being differentiated is finite; else None. The weights are the
@@ -584,19 +596,27 @@ def _softmax_factor(args: tuple) -> tuple[int, torch.Tensor] | None:
         return None
     for edge, (producer, _) in enumerate(node.next_functions[:2]):
         path = _path_from(producer, _PATH_BUDGET)
-        if path is None or _hooked(path[-1], "_raw_saved_result"):
+        if path is None:
             continue
-        viewed = all(p.name() in _SAME_STORAGE for p in path[:-1]) and path[-1].name() != "ExpBackward0"
+        # (copies of the softmax's elements alone: the factor's zeros are its own, also where a checkpoint's hook
+        # packed the softmax's result; until 2026-12-07 such a factor was not read, its 0 x inf = NaN kept)
+        copies = copies_only(path)
+        hooked = _result_hooked(path[-1])
+        if hooked and not copies:
+            sup.unfollowed.append(_HOOKED_WEIGHTS)
+            continue
+        viewed = not hooked and copies and all(p.name() in _SAME_STORAGE for p in path[:-1])
         if viewed:
             factor = path[-1]._saved_result  # (a view of the result: the same storage, its exact zeros the softmax's)
         elif not _hooked(node, ("_raw_saved_self", "_raw_saved_other")[edge]):
             factor = (node._saved_self, node._saved_other)[edge]  # (the product's own operand)
         else:
+            sup.unfollowed.append(_HOOKED_WEIGHTS)
             continue
         if not isinstance(factor, torch.Tensor):
             continue
         masked = None
-        if not viewed:  # the masked entries among the factor's zeros, mapped through the path's layout nodes
+        if not copies:  # the masked entries among the factor's zeros, mapped through the path's layout nodes
             masked = _masked_entries(path[-1])
             masked = None if masked is None else mapped_mask(node, path, masked)
             if masked is None:
@@ -622,7 +642,7 @@ def _masked_weights_mm(func, args, kwargs, sup):
     row: PyTorch's 0 x inf = NaN). nn.MultiheadAttention with need_weights=True (its default) runs this way; SDPA has
     its own rule (``_rules_attention``). Elsewhere, and where the outputs are not finite (an underflow's 0 then keeps
     PyTorch's NaN, as softmax's does), ``_MM``."""
-    found = _softmax_weights(args) if func.overloadpacket in (aten.mm, aten.bmm) else None
+    found = _softmax_weights(args, sup) if func.overloadpacket in (aten.mm, aten.bmm) else None
     if found is None:
         return _MM(func, args, kwargs, sup)
     slot, zero = found
@@ -752,7 +772,7 @@ def _zero_alpha_mul(func, args, kwargs, sup):
                     "call the op out of place (y[:2] = torch.addmm(y[:2], a, b, alpha=0)), whose node strong "
                     "zeros can read, or leave the term out"))
             return out
-    if func.overloadpacket is aten.mul and (found := _softmax_factor(args)) is not None:
+    if func.overloadpacket is aten.mul and (found := _softmax_factor(args, sup)) is not None:
         return _softmax_weights_mul(func, args, kwargs, sup, *found)
     return _exp_result_mul(func, args, kwargs, sup)
 

@@ -304,12 +304,65 @@ def unhooked(outputs: Iterable[Any]) -> dict[str, str]:
     lost = {f"the backward of {name} under a torch.func transform (a node hook cleans its unused triangle, and "
             "cannot run there)": "take this gradient outside the transform (gw.grad)"
             for name in sorted(names)}
-    read = {name for name, n in named if name in readers and readers[name](n)}
-    for name in sorted(read):
-        lost[f"the backward of {name} under a torch.func transform (its rule reads the node's saved tensors, which "
-             "are the transform's wrappers there)"] = "take this gradient outside the transform (gw.grad)"
+    lost.update(_reads_saved(name for name, n in named if name in readers and readers[name](n)))
     if any(name == "CompiledFunctionBackward" for name, _ in named):  # (its strong variant is a node hook)
         lost["a torch.compile'd backward under a torch.func transform or is_grads_batched (its graph runs as "
              "compiled: the masks and zeros it saved from the forward are values to the rules there)"] = \
             "take each gradient apart (gw.grad per seed or sample), or run the model without torch.compile"
     return lost
+
+
+def _reads_saved(names: Iterable[str]) -> dict[str, str]:
+    """(what, fix) for the nodes ``names`` whose rules read their saved tensors (``_node_readers``)."""
+    return {f"the backward of {name} under a torch.func transform (its rule reads the node's saved tensors, which "
+            "are the transform's wrappers there)": "take this gradient outside the transform (gw.grad)"
+            for name in sorted(set(names))}
+
+
+def per_sample_lost(outputs: Iterable[Any]) -> dict[str, str]:
+    """Under vmap where some sample's output is NaN/Inf (read whole, ``_STATE.outputs_batched``: the masked-weights
+    rules, which need finite outputs, are not named by ``unhooked``): the nodes that multiply a softmax's weights
+    (``follows_softmax_weights``), as ``unhooked`` names them, for ``name_per_sample`` to warn of where
+    a sample whose own outputs are finite ends NaN/Inf (its own gw.grad gives a padded key's value the deleted key's
+    0; a sample whose output is NaN keeps its NaN, as its own gw.grad does). Until 2026-12-07 not named: such a
+    sample kept a padded key's 0 x inf = NaN without a word (test_review_sz34). Node types only."""
+    from gradwise._strong_zeros._rules_bilinear import _MASKED_WEIGHTS_NODES, follows_softmax_weights
+
+    outputs = tuple(outputs)
+    if not any(_vmapped(t) for t in outputs):  # (rows of batched seeds, jacrev's: not per sample)
+        return {}
+    names = (*_MASKED_WEIGHTS_NODES, "MulBackward0")
+    return _reads_saved(n.name() for n in _walk(_root_nodes(outputs))
+                        if n.name() in names and follows_softmax_weights(n))
+
+
+def _vmapped(t: Any) -> bool:
+    """Whether ``t`` is batched by torch.func.vmap under its wrappers (not by is_grads_batched's legacy vmap)."""
+    return isinstance(t, torch.Tensor) and not is_legacy_batchedtensor(t) and batched((t,))
+
+
+def name_per_sample(lost: dict[str, str], outputs: Iterable[Any], results: Iterable[Any]) -> None:
+    """An OpaqueBackwardWarning for each of ``lost`` (``per_sample_lost``'s) where some vmap sample whose outputs are
+    all finite ends with NaN/Inf among ``results`` (its gradients)."""
+    if _finite_sample_ends_nonfinite(tuple(outputs), tuple(results)):
+        for what, fix in lost.items():
+            _contract.warn_opaque(what, fix)
+
+
+def _finite_sample_ends_nonfinite(outputs: tuple, results: tuple) -> bool:
+    """Whether some vmap sample whose outputs are all finite has a NaN/Inf among ``results``: per sample, with
+    tensor ops under the transforms (each sample's own reduction), read once at the end on the plain tensor under
+    the wrappers with the transforms set aside, as ``all_finite`` reads (no value decides an op)."""
+    def finite(ts: Iterable[Any]) -> list[torch.Tensor]:  # (each sample's: one bool, on the CPU)
+        return [t.isfinite().all().cpu() for t in ts
+                if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())]
+
+    with torch.no_grad():
+        ok, ends = finite(outputs), finite(results)
+        if not ends:
+            return False
+        flag = ~functools.reduce(torch.logical_and, ends)
+        for o in ok:
+            flag = flag & o
+    with temporarily_clear_interpreter_stack(), torch.no_grad():
+        return bool(_plain(flag).any())

@@ -115,6 +115,28 @@ _MOVES: dict[str, Move] = {
 }
 
 
+# views between a softmax and a mul by its weights, which keep its storage (its exact zeros where they were); where a
+# copy or a factor comes between, the softmax's zeros are mapped through them (``mapped_mask``)
+_SAME_STORAGE = frozenset(("UnsqueezeBackward0", "ViewBackward0", "ExpandBackward0", "PermuteBackward0",
+                           "TransposeBackward0", "TBackward0", "SliceBackward0", "SelectBackward0",
+                           "SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0",
+                           "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "AliasBackward0"))
+# nodes whose every output element is a copy of an input element, bit for bit (views, and copies that keep the dtype):
+# weights reached from a softmax through these alone hold its exact zeros, read from the weights themselves. Until
+# 2026-12-07 they were read through the softmax's saved result, which a checkpoint's hook packs: bmm(a[None], v) of a
+# checkpointed softmax kept a padded value's 0 x inf = NaN (test_review_perf_sz35). (ToCopyBackward0 is not one: a
+# float64 -> float32 copy flushes a used key's tiny weight to 0.)
+_COPIES = _SAME_STORAGE | frozenset(("CloneBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
+                                     "RepeatBackward0"))
+
+
+def copies_only(path: list[Any]) -> bool:
+    """Whether the weights at the start of ``path`` (``_rules_bilinear.weights_paths``) are a softmax's elements,
+    copied through ``_COPIES`` alone (or none: its own output): its exact zeros are theirs (not exp(log_softmax)'s:
+    an underflow)."""
+    return path[-1].name() != "ExpBackward0" and all(p.name() in _COPIES for p in path[:-1])
+
+
 def _output_of(node: Any, consumer: Any) -> int | None:
     """Which output of ``node`` its ``consumer`` reads (a split's piece), or None where it reads two of them."""
     outs = {nr for producer, nr in consumer.next_functions if producer is node}
