@@ -513,7 +513,7 @@ def masked_weights(node: Any, path: list[Any], weights: torch.Tensor) -> torch.T
     zeros on the way are not among them, nor a weight that a factor on the way made other than 0)."""
     softmax = path[-1]
     exact = softmax.name() != "ExpBackward0"  # (whose own zeros may be a finite log's underflow: _masked_entries)
-    if copies_only(path):  # (the softmax's own output, or copies of its elements: its exact zeros)
+    if _bit_copies(path, weights):  # (the softmax's own output, or copies of its elements: its exact zeros)
         return weights == 0
     masked = _masked_entries(softmax)
     if masked is None:
@@ -528,6 +528,14 @@ def masked_weights(node: Any, path: list[Any], weights: torch.Tensor) -> torch.T
     return masked & (weights == 0)  # (a factor's NaN on the way: no zero)
 
 
+def _bit_copies(path: list[Any], weights: Any) -> bool:
+    """``copies_only(path)``, and the weights at its start (the product's saved operand) unchanged in place since the
+    path made them (version 0): a write under no_grad (``b = a.clone()``, then ``b[:, k] = 0`` there) keeps the path's
+    nodes and puts its own zeros at used keys, which are values, as a constant masked_fill's are (until sz36's review
+    they were taken for masked keys: the used key's 0 x inf = NaN hidden, silently: test_review_sz36)."""
+    return copies_only(path) and isinstance(weights, torch.Tensor) and weights._version == 0
+
+
 def _softmax_weights(args: tuple, sup: Any) -> tuple[int, torch.Tensor] | None:
     """In the backward of ``bmm(a, v)`` (or mm, ``bmm(v, a)``, addmm, baddbmm: ``_MASKED_WEIGHTS_NODES``) whose ``a``
     is a softmax's output (attention weights: the node's edge a SoftmaxBackward0, or one through dropout and views:
@@ -540,7 +548,8 @@ def _softmax_weights(args: tuple, sup: Any) -> tuple[int, torch.Tensor] | None:
         return None
     for path, saved in weights_paths(node):
         # (a hook's tensors unpack once, for the formula: unread; until sz36 the padded NaN was kept without a word)
-        if _hooked(node, "_raw" + saved) or (not copies_only(path) and _result_hooked(path[-1])):
+        if _hooked(node, "_raw" + saved) or (not _bit_copies(path, getattr(node, saved))
+                                             and _result_hooked(path[-1])):
             sup.unfollowed.append(_HOOKED_WEIGHTS)
             continue
         found = _weights_in_args(args, node, path, saved)
@@ -602,9 +611,6 @@ def _softmax_factor(args: tuple, sup: Any) -> tuple[int, torch.Tensor] | None:
         # packed the softmax's result; until 2026-12-07 such a factor was not read, its 0 x inf = NaN kept)
         copies = copies_only(path)
         hooked = _result_hooked(path[-1])
-        if hooked and not copies:
-            sup.unfollowed.append(_HOOKED_WEIGHTS)
-            continue
         viewed = not hooked and copies and all(p.name() in _SAME_STORAGE for p in path[:-1])
         if viewed:
             factor = path[-1]._saved_result  # (a view of the result: the same storage, its exact zeros the softmax's)
@@ -614,6 +620,10 @@ def _softmax_factor(args: tuple, sup: Any) -> tuple[int, torch.Tensor] | None:
             sup.unfollowed.append(_HOOKED_WEIGHTS)
             continue
         if not isinstance(factor, torch.Tensor):
+            continue
+        copies = copies and (viewed or _bit_copies(path, factor))
+        if hooked and not copies:
+            sup.unfollowed.append(_HOOKED_WEIGHTS)
             continue
         masked = None
         if not copies:  # the masked entries among the factor's zeros, mapped through the path's layout nodes
