@@ -37,7 +37,7 @@ from gradwise._strong_zeros._rules import (
 )
 from gradwise._strong_zeros._rules_pointwise import _exp_result_mul
 from gradwise._strong_zeros._supports import _STATE
-from gradwise._strong_zeros._weights_layout import _SAME_STORAGE, copies_only, mapped_mask
+from gradwise._strong_zeros._weights_layout import _SAME_STORAGE, bit_copies, copies_only, mapped_mask
 
 aten = torch.ops.aten
 
@@ -513,7 +513,7 @@ def masked_weights(node: Any, path: list[Any], weights: torch.Tensor) -> torch.T
     zeros on the way are not among them, nor a weight that a factor on the way made other than 0)."""
     softmax = path[-1]
     exact = softmax.name() != "ExpBackward0"  # (whose own zeros may be a finite log's underflow: _masked_entries)
-    if _bit_copies(path, weights):  # (the softmax's own output, or copies of its elements: its exact zeros)
+    if bit_copies(path, weights):  # (the softmax's own output, or copies of its elements: its exact zeros)
         return weights == 0
     masked = _masked_entries(softmax)
     if masked is None:
@@ -528,14 +528,6 @@ def masked_weights(node: Any, path: list[Any], weights: torch.Tensor) -> torch.T
     return masked & (weights == 0)  # (a factor's NaN on the way: no zero)
 
 
-def _bit_copies(path: list[Any], weights: Any) -> bool:
-    """``copies_only(path)``, and the weights at its start (the product's saved operand) unchanged in place since the
-    path made them (version 0): a write under no_grad (``b = a.clone()``, then ``b[:, k] = 0`` there) keeps the path's
-    nodes and puts its own zeros at used keys, which are values, as a constant masked_fill's are (until sz36's review
-    they were taken for masked keys: the used key's 0 x inf = NaN hidden, silently: test_review_sz36)."""
-    return copies_only(path) and isinstance(weights, torch.Tensor) and weights._version == 0
-
-
 def _softmax_weights(args: tuple, sup: Any) -> tuple[int, torch.Tensor] | None:
     """In the backward of ``bmm(a, v)`` (or mm, ``bmm(v, a)``, addmm, baddbmm: ``_MASKED_WEIGHTS_NODES``) whose ``a``
     is a softmax's output (attention weights: the node's edge a SoftmaxBackward0, or one through dropout and views:
@@ -548,7 +540,7 @@ def _softmax_weights(args: tuple, sup: Any) -> tuple[int, torch.Tensor] | None:
         return None
     for path, saved in weights_paths(node):
         # (a hook's tensors unpack once, for the formula: unread; until sz36 the padded NaN was kept without a word)
-        if _hooked(node, "_raw" + saved) or (not _bit_copies(path, getattr(node, saved))
+        if _hooked(node, "_raw" + saved) or (not bit_copies(path, getattr(node, saved))
                                              and _result_hooked(path[-1])):
             sup.unfollowed.append(_HOOKED_WEIGHTS)
             continue
@@ -621,7 +613,7 @@ def _softmax_factor(args: tuple, sup: Any) -> tuple[int, torch.Tensor] | None:
             continue
         if not isinstance(factor, torch.Tensor):
             continue
-        copies = copies and (viewed or _bit_copies(path, factor))
+        copies = copies and (viewed or bit_copies(path, factor))
         if hooked and not copies:
             sup.unfollowed.append(_HOOKED_WEIGHTS)
             continue
