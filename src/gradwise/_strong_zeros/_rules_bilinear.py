@@ -539,15 +539,21 @@ def _softmax_weights(args: tuple, sup: Any) -> tuple[int, torch.Tensor] | None:
     if node is None or node.name() not in _MASKED_WEIGHTS_NODES:
         return None
     for path, saved in weights_paths(node):
-        # (a hook's tensors unpack once, for the formula: unread; until sz36 the padded NaN was kept without a word)
-        if _hooked(node, "_raw" + saved) or (not bit_copies(path, getattr(node, saved))
-                                             and _result_hooked(path[-1])):
-            sup.unfollowed.append(_HOOKED_WEIGHTS)
+        hidden = _hooked(node, "_raw" + saved)  # (a hook's tensors unpack once, for the formula: unread)
+        if hidden or (not bit_copies(path, weights := getattr(node, saved)) and _result_hooked(path[-1])):
+            _hidden_weights(sup, None if hidden else weights)
             continue
         found = _weights_in_args(args, node, path, saved)
         if found is not None:
             return found
     return None
+
+
+def _hidden_weights(sup: Any, weights: torch.Tensor | None) -> None:
+    """Names weights whose masked zeros a hook hides (sz36), unless the product's own ``weights`` (readable) hold no 0
+    or NaN: no key is masked (sz36 blamed a genuine NaN on masked keys that were none)."""
+    if not (isinstance(weights, torch.Tensor) and (not weights.numel() or bool(weights.abs().amin() > 0))):
+        sup.unfollowed.append(_HOOKED_WEIGHTS)
 
 
 _HOOKED_WEIGHTS = (
@@ -615,7 +621,7 @@ def _softmax_factor(args: tuple, sup: Any) -> tuple[int, torch.Tensor] | None:
             continue
         copies = copies and (viewed or bit_copies(path, factor))
         if hooked and not copies:
-            sup.unfollowed.append(_HOOKED_WEIGHTS)
+            _hidden_weights(sup, factor)
             continue
         masked = None
         if not copies:  # the masked entries among the factor's zeros, mapped through the path's layout nodes
