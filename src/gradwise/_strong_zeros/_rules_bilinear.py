@@ -37,7 +37,7 @@ from gradwise._strong_zeros._rules import (
 )
 from gradwise._strong_zeros._rules_pointwise import _exp_result_mul
 from gradwise._strong_zeros._supports import _STATE
-from gradwise._strong_zeros._weights_layout import _SAME_STORAGE, copies_only, mapped_mask
+from gradwise._strong_zeros._weights_layout import _SAME_STORAGE, bit_copies, copies_only, mapped_mask
 
 aten = torch.ops.aten
 
@@ -513,7 +513,7 @@ def masked_weights(node: Any, path: list[Any], weights: torch.Tensor) -> torch.T
     zeros on the way are not among them, nor a weight that a factor on the way made other than 0)."""
     softmax = path[-1]
     exact = softmax.name() != "ExpBackward0"  # (whose own zeros may be a finite log's underflow: _masked_entries)
-    if copies_only(path):  # (the softmax's own output, or copies of its elements: its exact zeros)
+    if bit_copies(path, weights):  # (the softmax's own output, or copies of its elements: its exact zeros)
         return weights == 0
     masked = _masked_entries(softmax)
     if masked is None:
@@ -539,14 +539,21 @@ def _softmax_weights(args: tuple, sup: Any) -> tuple[int, torch.Tensor] | None:
     if node is None or node.name() not in _MASKED_WEIGHTS_NODES:
         return None
     for path, saved in weights_paths(node):
-        # (a hook's tensors unpack once, for the formula: unread; until sz36 the padded NaN was kept without a word)
-        if _hooked(node, "_raw" + saved) or (not copies_only(path) and _result_hooked(path[-1])):
-            sup.unfollowed.append(_HOOKED_WEIGHTS)
+        hidden = _hooked(node, "_raw" + saved)  # (a hook's tensors unpack once, for the formula: unread)
+        if hidden or (not bit_copies(path, weights := getattr(node, saved)) and _result_hooked(path[-1])):
+            _hidden_weights(sup, None if hidden else weights)
             continue
         found = _weights_in_args(args, node, path, saved)
         if found is not None:
             return found
     return None
+
+
+def _hidden_weights(sup: Any, weights: torch.Tensor | None) -> None:
+    """Names weights whose masked zeros a hook hides (sz36), unless the product's own ``weights`` (readable) hold no 0
+    or NaN: no key is masked (sz36 blamed a genuine NaN on masked keys that were none)."""
+    if not (isinstance(weights, torch.Tensor) and (not weights.numel() or bool(weights.abs().amin() > 0))):
+        sup.unfollowed.append(_HOOKED_WEIGHTS)
 
 
 _HOOKED_WEIGHTS = (
@@ -602,9 +609,6 @@ def _softmax_factor(args: tuple, sup: Any) -> tuple[int, torch.Tensor] | None:
         # packed the softmax's result; until 2026-12-07 such a factor was not read, its 0 x inf = NaN kept)
         copies = copies_only(path)
         hooked = _result_hooked(path[-1])
-        if hooked and not copies:
-            sup.unfollowed.append(_HOOKED_WEIGHTS)
-            continue
         viewed = not hooked and copies and all(p.name() in _SAME_STORAGE for p in path[:-1])
         if viewed:
             factor = path[-1]._saved_result  # (a view of the result: the same storage, its exact zeros the softmax's)
@@ -614,6 +618,10 @@ def _softmax_factor(args: tuple, sup: Any) -> tuple[int, torch.Tensor] | None:
             sup.unfollowed.append(_HOOKED_WEIGHTS)
             continue
         if not isinstance(factor, torch.Tensor):
+            continue
+        copies = copies and (viewed or bit_copies(path, factor))
+        if hooked and not copies:
+            _hidden_weights(sup, factor)
             continue
         masked = None
         if not copies:  # the masked entries among the factor's zeros, mapped through the path's layout nodes
