@@ -125,9 +125,9 @@ The report (yielded by the ``with``) holds the explained step and everything tra
 never goes non-finite gets an empty report. ``step`` counts backward calls from 0.
 
 May import: torch, gradwise._native, gradwise._strong_zeros (its _traced; and, lazily, its _compile),
-gradwise._trace._fsdp_watching, _kinds, _report, _tracer, _watch_explain (the first non-finite step explained: ``_StepExplainer``), _watch_leaves
-(the check, and the leaves' .grad from before: ``_StaleGrads``), _session (whose per-thread tables it reads and
-writes as ``_session.<name>``).
+gradwise._trace._fsdp_watching, _kinds, _report, _tracer, _watch_explain (the first non-finite step explained:
+``_StepExplainer``), _watch_leaves (the check, and the leaves' .grad from before: ``_StaleGrads``), _session (whose
+per-thread tables it reads and writes as ``_session.<name>``).
 """
 from __future__ import annotations
 
