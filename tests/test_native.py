@@ -193,6 +193,12 @@ def test_scan_agrees_with_isfinite(dtype, shape, layout, finite, special):
         assert finite_all or any(r is t for r in got), "a NaN/Inf passed as finite (SILENT)"
 
 
+def _freed_storage() -> torch.Tensor:
+    t = torch.ones(1 << 16)
+    t.untyped_storage().resize_(0)
+    return t
+
+
 @pytest.mark.parametrize("make", [
     pytest.param(lambda: torch.full((3,), float("nan"), device="meta"), id="meta"),
     pytest.param(lambda: torch.tensor([[0.0, float("nan")]]).to_sparse(), id="sparse"),
@@ -200,6 +206,7 @@ def test_scan_agrees_with_isfinite(dtype, shape, layout, finite, special):
     pytest.param(lambda: torch._efficientzerotensor(3), id="ZeroTensor"),
     pytest.param(lambda: torch.ones(4)[::2], id="strided"),
     pytest.param(lambda: torch.ones(1).expand(4), id="expanded"),
+    pytest.param(lambda: _freed_storage(), id="storage resized to 0 (FSDP's unsharded parameters)"),
 ])
 def test_scan_leaves_what_it_cannot_read_to_python(make):
     t = make()

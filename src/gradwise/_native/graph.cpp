@@ -83,6 +83,9 @@ static int scannable(const at::Tensor& t) {
       keys.has(c10::DispatchKey::BatchedNestedTensor) || t._is_zerotensor() || !t.has_storage() ||
       !t.is_non_overlapping_and_dense())
     return 0;
+  // (a storage smaller than the tensor: FSDP's freed unsharded parameters resize theirs to 0; PyTorch's own ops
+  // raise on those, which the Python check then does)
+  if (static_cast<int64_t>(t.storage().nbytes()) < (t.storage_offset() + t.numel()) * t.element_size()) return 0;
   switch (t.scalar_type()) {
     case at::kFloat: case at::kComplexFloat: return 32;
     case at::kDouble: case at::kComplexDouble: return 64;
