@@ -7,7 +7,8 @@ finding more: Inf, contamination vs genuine, kinks), and gw.watch() / plain <= 1
 is measured twice: over forward+backward (a block per step: the strictest reading), and over training steps
 (zero_grad, forward, backward, an SGD step with momentum, the cheapest common optimizer; lr 0 so that the model
 every column sees stays the same), 8 per sample in one block as a watched run holds it, which is what the
-issue's "plain training" asks.
+issue's "plain training" asks. The watch's C++ helper (`gradwise._native`) is built first if it is not (its
+Python twins with GRADWISE_NATIVE=0): the title says which ran.
 
     python benchmarks/bench_trace.py [--repeats 15] [--device cuda] [--cpu-time --threads 1]
 """
@@ -23,6 +24,7 @@ from torch import nn
 import bench_strong_zeros as strong_zeros_workloads
 import gradwise as gw
 from _harness import keep_freed_memory, median_times, print_table
+from gradwise import _native
 
 TRAINING_STEPS = 8  # per timed sample of the training columns, in one gw.watch() block
 
@@ -77,6 +79,11 @@ def main() -> None:
                         "machine shared with other jobs), not wall time")
     args = parser.parse_args()
     torch.set_num_threads(args.threads or max(1, torch.get_num_threads()))
+    helper = "its Python twins (GRADWISE_NATIVE=0)"
+    if _native.enabled():
+        if _native.module() is None:
+            _native.build()
+        helper = "its C++ helper"
     rows = []
     for name, make in [("MLP 6x Linear(256)+GELU, batch 256", mlp),
                        ("TransformerEncoderLayer d128 h4, seq 64, batch 8", transformer),
@@ -129,7 +136,7 @@ def main() -> None:
                      t["trace"] / t["anomaly"], t["watch"] / t["plain"], t["watch training"] / t["plain training"]])
     print_table(f"gw.trace() vs detect_anomaly(check_nan=True), gw.watch() vs plain, forward+backward, {args.device}, "
                 f"{'CPU' if args.cpu_time else 'wall'} time, {torch.get_num_threads()} threads (same process, "
-                "interleaved, median)",
+                f"interleaved, median); the watch with {helper}",
                 ["workload", "plain ms", "anomaly / plain", "trace / plain", "trace / anomaly", "watch / plain",
                  "watch / plain, training"], rows)
 

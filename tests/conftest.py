@@ -1,6 +1,7 @@
 """Fixtures shared by every test module."""
 
 import contextlib
+import time
 
 import pytest
 import torch
@@ -14,3 +15,18 @@ def functorch_config():
     hiding the option (gradwise's own read of it then raised AttributeError in every later test)."""
     with contextlib.ExitStack() as stack:
         yield lambda **options: stack.enter_context(torch._functorch.config.patch(**options))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def native_helper():
+    """gw.watch()'s C++ helper, built before the first test by the background build its first use starts (so every
+    test of the watch runs the same path, and that build is tested): None where it cannot be built (no compiler,
+    ``GRADWISE_NATIVE=0``), where the watch runs its Python twins (tests/test_native.py says which)."""
+    from gradwise import _native
+
+    if not _native.enabled():
+        return None
+    deadline = time.monotonic() + 600
+    while _native.module() is None and _native._state == "building" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return _native.module()

@@ -15,7 +15,16 @@ import pytest
 import torch
 
 import gradwise as gw
+from gradwise import _native
 from gradwise._trace import _session
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def _watch_path(request, monkeypatch):
+    """Every test of the watch on both of its paths: the C++ helper's walk, check and release (built by conftest's
+    ``native_helper``) and their Python twins (a machine without a compiler, ``GRADWISE_NATIVE=0``)."""
+    if request.param == "python":
+        monkeypatch.setattr(_native, "module", lambda: None)
 
 
 def _model():

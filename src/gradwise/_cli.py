@@ -39,6 +39,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
+def _cmd_build_native(args: argparse.Namespace) -> int:
+    from gradwise import _native
+
+    folder = _native.build_dir()
+    print(f"building gradwise's C++ helper for gw.watch() in {folder} (10-30 s) ...", file=sys.stderr, flush=True)
+    try:
+        _native.build(folder, verbose=args.verbose)
+    except RuntimeError as exc:
+        print(f"gradwise build-native: {exc}", file=sys.stderr)
+        return 1
+    print(f"built: gw.watch() uses it from now on ({folder})")
+    return 0
+
+
 def _check_run_args(args: argparse.Namespace) -> str | None:
     """The problem with `gradwise run`'s arguments, or None."""
     import os
@@ -395,6 +409,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "demo", help="the two seed problems: NaN padding before/after strong zeros, and an IoU loss's gradient at "
         "its minimum (PyTorch's, the subdifferential, the stationarity certificate)")
     demo.set_defaults(func=_cmd_demo)
+    native = sub.add_parser(
+        "build-native", help="build gw.watch()'s C++ helper now (otherwise the first gw.watch() builds it in the "
+        "background; set GRADWISE_NATIVE=0 to run without it)")
+    native.add_argument("-v", "--verbose", action="store_true", help="show the compiler's commands and output")
+    native.set_defaults(func=_cmd_build_native)
     run = sub.add_parser(
         "run", help="run SCRIPT.py under gw.trace() (and/or with --strong-zeros) and explain every NaN/Inf "
         "gradient and every kink",

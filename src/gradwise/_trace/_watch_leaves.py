@@ -2,7 +2,8 @@
 ``.grad`` its leaves held before it first added to them (``_StaleGrads``: a NaN left there from before the block,
 not zeroed, is no NaN of the block's steps, and a backward inside the running one brings leaves of its own).
 
-May import: torch, gradwise._masks, gradwise._strong_zeros, gradwise._trace._common, _fsdp_watching, _kinds.
+May import: torch, gradwise._masks, gradwise._native, gradwise._strong_zeros, gradwise._trace._common,
+_fsdp_watching, _kinds.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import weakref
 
 import torch
 
-from gradwise import _strong_zeros
+from gradwise import _native, _strong_zeros
 from gradwise._masks import all_finite
 from gradwise._trace import _common, _fsdp_watching, _kinds
 
@@ -135,6 +136,11 @@ def _all_finite(grads: list[torch.Tensor]) -> bool:
     values)."""
     rest, vectors = [], []
     transformed = torch._C._are_functorch_transforms_active()  # (the rest: `_kinds`' rules for what is read)
+    native = None if transformed else _native.module()
+    if native is not None:  # the C++ helper scans the plain CPU float tensors' memory; the rest as below
+        grads = native.finite_or_rest(grads)
+        if grads is False:
+            return False
     for g in grads:
         # (`_is_wrapped` answers for batched tensors too: functorch's maybe_get_level, which it reads, checks them
         # first. Per gradient, after a backward: each C call here costs ~0.3-0.5 us with the caches cold)

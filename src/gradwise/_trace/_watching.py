@@ -12,8 +12,13 @@ Design. A long training run pays for `gw.trace()` on every op of every step alth
    ``autograd.grad``) are checked at once (`_finite`: on the CPU a sum per gradient, small float32 vectors
    concatenated into one, each read at once; elsewhere the sums stacked, one host sync). Finite: the saved
    tensors are freed at once, as the engine would have freed them (unless the caller asked to keep the graph),
-   and that is all. None of this is Python per node or per gradient beyond C-level attribute reads and one
-   ``SavedTensor.register_hooks`` per saved tensor.
+   and that is all. The walk, the scan of the CPU gradients and the release are one call each into the C++
+   helper (`gradwise._native`; the release is PyTorch's ``Node::release_variables``, what its engine calls on a
+   graph it does not keep) once it is built; until then, or without a compiler, their Python twins (C-level
+   attribute reads per node, a sum per gradient, one ``SavedTensor.register_hooks`` per saved tensor) give the
+   same leaves and the same answer (tests/test_native.py, test_watch.py on both paths). The twins leave a
+   checkpoint's or save_on_cpu's packed slots to die with the graph (``register_hooks`` refuses them); the helper
+   frees them, as the engine does.
 3. At the first non-finite gradient the step is explained: the kept graph is differentiated again under the
    trace (``torch.autograd.grad`` of the same outputs with respect to the same leaves: no ``.grad`` changes),
    which classifies every NaN/Inf element (contamination or genuine, which parameters it reaches). The forward
@@ -104,6 +109,14 @@ PyTorch 2.13 and 2.14.1 still have no C-level release (Node: name, next_function
 _input_metadata, _sequence_nr; SavedTensor: data, unpack, unpack_hook, register_hooks; torch._C._autograd: a getter
 of the graph task's keep flag). The floor stands: 1.05 on this step leaves ~50 us, which the walk, check and release
 alone exceed (~80 us in situ) before the entry and glue (~30-50).
+Session 36 (2026-12-07): the C++ route the floor above left untried. `gradwise._native` walks the graph, scans
+the CPU gradients' memory and calls ``Node::release_variables`` per node, one call each (no Python object per node
+or saved slot, no kernel per gradient). In situ on the ReLU MLP's training step (perf_counter around each part,
+median of 480 backward calls, two-core machine at load ~5): entry tests 3.4 us, walk 7.0 (was 24), stale-leaf
+bookkeeping 1.4, .grad reads 1.9, check 9.7 (was 36; the scan alone 6.7 us for 12 gradients, AVX2, against 12.5
+with the SSE2 baseline), release 3.4 (was 19). ``benchmarks/watch_native_ab.py`` (one process, interleaved, same
+load): watch / plain training 1.072 on the helper against 1.125 on the Python twins; bench_trace's figures are in
+the README.
 Measured and rejected (tests/test_watch.py keeps the graph's lifetime): not keeping the graph (the first
 non-finite step could not be explained, only a later one; checking only the loss misses contamination, a finite
 loss with NaN gradients); leaving a kept graph to die with its tensors (the user's ``loss``/``out`` hold it
@@ -119,10 +132,10 @@ pass with undefined gradients to free it (it would run user hooks and custom Fun
 The report (yielded by the ``with``) holds the explained step and everything traced after it; a run that
 never goes non-finite gets an empty report. ``step`` counts backward calls from 0.
 
-May import: torch, gradwise._strong_zeros (its _traced; and, lazily, its _compile), gradwise._trace._fsdp_watching,
-_kinds, _report, _tracer, _watch_explain (the first non-finite step explained: ``_StepExplainer``), _watch_leaves
-(the check, and the leaves' .grad from before: ``_StaleGrads``), _session (whose per-thread tables it reads and
-writes as ``_session.<name>``).
+May import: torch, gradwise._native, gradwise._strong_zeros (its _traced; and, lazily, its _compile),
+gradwise._trace._fsdp_watching, _kinds, _report, _tracer, _watch_explain (the first non-finite step explained:
+``_StepExplainer``), _watch_leaves (the check, and the leaves' .grad from before: ``_StaleGrads``), _session (whose
+per-thread tables it reads and writes as ``_session.<name>``).
 """
 from __future__ import annotations
 
@@ -134,7 +147,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from gradwise import _strong_zeros
+from gradwise import _native, _strong_zeros
 from gradwise._strong_zeros._traced import compiling, recording
 from gradwise._trace import _fsdp_watching, _kinds, _session
 from gradwise._trace._report import Report
@@ -188,11 +201,18 @@ class _Watcher(_StaleGrads, _StepExplainer):
                 self.note_nested(outs, inputs)
             return self._held(orig, tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)
         keep = create_graph if retain_graph is None else retain_graph
-        roots = _strong_zeros._root_nodes(outs)
         # one walk, before the backward (the graph it keeps is the same after): what to check, what to free, and
-        # (after an AOTAutograd compile in this process) the compiled backwards that may refuse to be kept
+        # (after an AOTAutograd compile in this process) the compiled backwards that may refuse to be kept; in C++
+        # where the helper is built (`_native`: the same leaves, the nodes freed as the engine frees them)
         compiled = [] if _aot_compiles().get("total") else None
-        leaves, saved = _strong_zeros._graph_parts(roots, compiled)
+        native = _native.module() if compiled is None else None
+        if native is not None and all(isinstance(t, torch.Tensor) for t in outs):
+            roots = None  # (made only to explain a step or to free toward ``inputs``)
+            leaves, walked = native.walk(outs)
+        else:
+            native = None
+            roots = _strong_zeros._root_nodes(outs)
+            leaves, walked = _strong_zeros._graph_parts(roots, compiled)
         retain = keep or not _donating_any(compiled)
         if self.tracer is None:
             self._note_stale(leaves, fsdp=True)
@@ -220,10 +240,16 @@ class _Watcher(_StaleGrads, _StepExplainer):
             if fsdp:
                 self._unreplayable(fsdp, leaves)
             else:
-                self._explain(outs, grad_tensors, leaves, roots)
+                self._explain(outs, grad_tensors, leaves, roots or _strong_zeros._root_nodes(outs))
         if retain and not keep:  # as the engine: only what it ran (toward ``inputs``, if given) is freed
             # (not kept: the engine freed it, and a custom Function's node dropped the SavedTensor objects listed)
-            _strong_zeros._release(saved if inputs is None else _strong_zeros._saved_toward(roots, _as_tuple(inputs)))
+            if inputs is not None:
+                _strong_zeros._release(_strong_zeros._saved_toward(roots or _strong_zeros._root_nodes(outs),
+                                                                   _as_tuple(inputs)))
+            elif native is not None:
+                native.release(walked)
+            else:
+                _strong_zeros._release(walked)
         self.step += 1
 
     def grad(self, orig, outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False,
