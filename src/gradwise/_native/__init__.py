@@ -121,22 +121,30 @@ def _start_build(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         marker = folder / "building"
-        try:
-            if time.time() - marker.stat().st_mtime > _STALE_S:
-                marker.unlink(missing_ok=True)  # (a build that died: started again)
-        except FileNotFoundError:
-            pass
+        _drop_stale(marker)  # (a build that died: started again)
         try:
             with open(marker, "x") as claim:
                 claim.write(f"{os.getpid()}\n")
         except FileExistsError:
             return
+        # (run by its path, not ``-m gradwise._native``: the gradwise on the child's default path may be another
+        # one, which this process's sys.path hid, and would build its graph.cpp into the folder of this one's hash)
         with open(folder / "build.log", "ab") as log:
             _builder = subprocess.Popen(
-                [sys.executable, "-m", "gradwise._native", str(folder)], stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True)
+                [sys.executable, str(_SOURCE.with_name("__main__.py")), str(folder)], stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     except OSError:  # (a read-only home, no fork): the Python path, as without a compiler
         _state = "failed"
+
+
+def _drop_stale(path: Path) -> None:
+    """Remove ``path`` (a ``building`` marker, torch's build lock) when older than ``_STALE_S``: no build takes
+    that long, so its build died."""
+    try:
+        if time.time() - path.stat().st_mtime > _STALE_S:
+            path.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
 
 
 def build(folder: Path | None = None, verbose: bool = False) -> ModuleType:
@@ -148,6 +156,8 @@ def build(folder: Path | None = None, verbose: bool = False) -> ModuleType:
     folder = folder or build_dir()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "failed").unlink(missing_ok=True)
+    # torch's own lock, left by a build that died (killed, a reboot): load() would wait for it forever
+    _drop_stale(folder / "lock")
     path = os.environ.get("PATH", "")
     try:
         # torch runs ``ninja`` by name: the one pip installed (beside this Python, or the ninja package's) first
