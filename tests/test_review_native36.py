@@ -1,5 +1,6 @@
 """Review of native36 (gw.watch()'s C++ helper, `gradwise._native`): its build machinery hung forever on a lock
-left by a build that died, and its background build imported whichever gradwise the child's default path held."""
+left by a build that died, its background build imported whichever gradwise the child's default path held, and
+a process without a home directory crashed in every watched backward."""
 from __future__ import annotations
 
 import os
@@ -9,10 +10,12 @@ import textwrap
 import time
 from pathlib import Path
 
-import gradwise
+import torch
+
+import gradwise as gw
 from gradwise import _native
 
-_SRC = str(Path(gradwise.__file__).parents[1])
+_SRC = str(Path(gw.__file__).parents[1])
 
 
 def _aged(path: Path, seconds: float) -> None:
@@ -86,3 +89,25 @@ def test_the_background_build_builds_this_gradwise(tmp_path, monkeypatch):
     done = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=120,
                           env=kwargs.get("env"), cwd=kwargs.get("cwd"))
     assert done.stdout.startswith("this gradwise " + str(_native._SOURCE)), done.stdout + done.stderr
+
+
+def test_no_home_directory_runs_the_python_path(monkeypatch):
+    """With neither ``$HOME`` nor a passwd entry (a container run as an arbitrary UID) ``Path.home()`` raises
+    RuntimeError: the helper's folder could not be named, and every watched backward raised it from inside
+    gradwise (a crash) instead of running the watch's Python twins."""
+    for name in ("GRADWISE_NATIVE_DIR", "XDG_CACHE_HOME", "GRADWISE_NATIVE"):
+        monkeypatch.delenv(name, raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    for name, value in (("_module", None), ("_state", "unknown"), ("_builder", None), ("_next_look", 0.0)):
+        monkeypatch.setattr(_native, name, value)
+    lin = torch.nn.Linear(3, 1)
+    x = torch.ones(2, 3)
+    x[1, 0] = float("nan")
+    with gw.watch() as report:
+        lin(x[:1]).sum().backward()
+        lin(x).sum().backward()
+    assert [f.step for f in report.findings][:1] == [1] and _native.module() is None

@@ -78,7 +78,11 @@ def module() -> ModuleType | None:
     if not enabled():
         _state = "off"
         return None
-    folder = _folder = build_dir()
+    try:
+        folder = _folder = build_dir()
+    except (OSError, RuntimeError):  # (no HOME and no passwd entry: an arbitrary-UID container) the Python path
+        _state = "failed"
+        return None
     settled = _settle(folder)
     if settled is not None or _state == "failed":
         return settled
