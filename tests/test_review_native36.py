@@ -1,6 +1,6 @@
 """Review of native36 (gw.watch()'s C++ helper, `gradwise._native`): its build machinery hung forever on a lock
-left by a build that died, its background build imported whichever gradwise the child's default path held, and
-a process without a home directory crashed in every watched backward."""
+left by a build that died, its background build imported whichever gradwise the child's default path held, and a
+process without a home directory, or with a helper folder it may not read, crashed in every watched backward."""
 from __future__ import annotations
 
 import os
@@ -16,6 +16,12 @@ import gradwise as gw
 from gradwise import _native
 
 _SRC = str(Path(gw.__file__).parents[1])
+
+
+def _fresh(monkeypatch) -> None:
+    """The helper's per-process state as before the first `module()` (the session's build is loaded already)."""
+    for name, value in (("_module", None), ("_state", "unknown"), ("_builder", None), ("_next_look", 0.0)):
+        monkeypatch.setattr(_native, name, value)
 
 
 def _aged(path: Path, seconds: float) -> None:
@@ -71,8 +77,7 @@ def test_the_background_build_builds_this_gradwise(tmp_path, monkeypatch):
 
     real = subprocess.Popen
     monkeypatch.setattr(subprocess, "Popen", _Popen)
-    monkeypatch.setattr(_native, "_builder", None)
-    monkeypatch.setattr(_native, "_state", "unknown")
+    _fresh(monkeypatch)
     _native._start_build(tmp_path / "native")
     monkeypatch.setattr(subprocess, "Popen", real)
     (args, kwargs), = started
@@ -102,8 +107,7 @@ def test_no_home_directory_runs_the_python_path(monkeypatch):
         raise RuntimeError("Could not determine home directory.")
 
     monkeypatch.setattr(Path, "home", staticmethod(no_home))
-    for name, value in (("_module", None), ("_state", "unknown"), ("_builder", None), ("_next_look", 0.0)):
-        monkeypatch.setattr(_native, name, value)
+    _fresh(monkeypatch)
     lin = torch.nn.Linear(3, 1)
     x = torch.ones(2, 3)
     x[1, 0] = float("nan")
@@ -111,3 +115,24 @@ def test_no_home_directory_runs_the_python_path(monkeypatch):
         lin(x[:1]).sum().backward()
         lin(x).sum().backward()
     assert [f.step for f in report.findings][:1] == [1] and _native.module() is None
+
+
+def test_an_unreadable_cache_folder_runs_the_python_path(monkeypatch, tmp_path):
+    """A helper folder this user may not read (another user's cache, a cluster-wide ``GRADWISE_NATIVE_DIR``): the
+    look for its ``ready`` marker raised PermissionError (``Path.exists`` passes EACCES on), from inside every
+    watched backward (a crash), instead of running the watch's Python twins."""
+    monkeypatch.setenv("GRADWISE_NATIVE_DIR", str(tmp_path))
+    monkeypatch.delenv("GRADWISE_NATIVE", raising=False)
+    real = Path.exists
+
+    def exists(self, *args, **kwargs):
+        if str(self).startswith(str(tmp_path)):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "exists", exists)
+    _fresh(monkeypatch)
+    lin = torch.nn.Linear(3, 1)
+    with gw.watch() as report:
+        lin(torch.ones(2, 3)).sum().backward()
+    assert not report.findings and _native.module() is None

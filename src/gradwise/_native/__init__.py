@@ -93,14 +93,19 @@ def module() -> ModuleType | None:
 def _settle(folder: Path) -> ModuleType | None:
     """Import the build in ``folder`` if it is done; note a failed one."""
     global _module, _state
-    if (folder / "ready").exists():
+    try:
+        ready, failed = (folder / "ready").exists(), (folder / "failed").exists()
+    except OSError:  # (a folder this user may not read: another user's cache, a cluster-wide setting) Python path
+        _state = "failed"
+        return None
+    if ready:
         try:
             _module = _import(folder)
             _state = "ready"
         except Exception:  # (a build of another PyTorch in a shared folder, a truncated file): Python path
             _state = "failed"
         return _module
-    if (folder / "failed").exists():
+    if failed:
         _state = "failed"
     return None
 
