@@ -285,7 +285,8 @@ def test_one_build_per_folder(fresh_state, monkeypatch):
     import os
 
     os.utime(fresh_state / "building", (old, old))
-    assert _native.module() is None and started == [[sys.executable, "-m", "gradwise._native", str(fresh_state)]]
+    assert _native.module() is None and started == [[sys.executable, str(_native._SOURCE.with_name("__main__.py")),
+                                                      str(fresh_state)]]
 
 
 def test_build_native_command():

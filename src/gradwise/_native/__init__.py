@@ -78,7 +78,11 @@ def module() -> ModuleType | None:
     if not enabled():
         _state = "off"
         return None
-    folder = _folder = build_dir()
+    try:
+        folder = _folder = build_dir()
+    except (OSError, RuntimeError):  # (no HOME and no passwd entry: an arbitrary-UID container) the Python path
+        _state = "failed"
+        return None
     settled = _settle(folder)
     if settled is not None or _state == "failed":
         return settled
@@ -89,14 +93,19 @@ def module() -> ModuleType | None:
 def _settle(folder: Path) -> ModuleType | None:
     """Import the build in ``folder`` if it is done; note a failed one."""
     global _module, _state
-    if (folder / "ready").exists():
+    try:
+        ready, failed = (folder / "ready").exists(), (folder / "failed").exists()
+    except OSError:  # (a folder this user may not read: another user's cache, a cluster-wide setting) Python path
+        _state = "failed"
+        return None
+    if ready:
         try:
             _module = _import(folder)
             _state = "ready"
         except Exception:  # (a build of another PyTorch in a shared folder, a truncated file): Python path
             _state = "failed"
         return _module
-    if (folder / "failed").exists():
+    if failed:
         _state = "failed"
     return None
 
@@ -121,22 +130,30 @@ def _start_build(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         marker = folder / "building"
-        try:
-            if time.time() - marker.stat().st_mtime > _STALE_S:
-                marker.unlink(missing_ok=True)  # (a build that died: started again)
-        except FileNotFoundError:
-            pass
+        _drop_stale(marker)  # (a build that died: started again)
         try:
             with open(marker, "x") as claim:
                 claim.write(f"{os.getpid()}\n")
         except FileExistsError:
             return
+        # (run by its path, not ``-m gradwise._native``: the gradwise on the child's default path may be another
+        # one, which this process's sys.path hid, and would build its graph.cpp into the folder of this one's hash)
         with open(folder / "build.log", "ab") as log:
             _builder = subprocess.Popen(
-                [sys.executable, "-m", "gradwise._native", str(folder)], stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True)
+                [sys.executable, str(_SOURCE.with_name("__main__.py")), str(folder)], stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     except OSError:  # (a read-only home, no fork): the Python path, as without a compiler
         _state = "failed"
+
+
+def _drop_stale(path: Path) -> None:
+    """Remove ``path`` (a ``building`` marker, torch's build lock) when older than ``_STALE_S``: no build takes
+    that long, so its build died."""
+    try:
+        if time.time() - path.stat().st_mtime > _STALE_S:
+            path.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
 
 
 def build(folder: Path | None = None, verbose: bool = False) -> ModuleType:
@@ -148,6 +165,8 @@ def build(folder: Path | None = None, verbose: bool = False) -> ModuleType:
     folder = folder or build_dir()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "failed").unlink(missing_ok=True)
+    # torch's own lock, left by a build that died (killed, a reboot): load() would wait for it forever
+    _drop_stale(folder / "lock")
     path = os.environ.get("PATH", "")
     try:
         # torch runs ``ninja`` by name: the one pip installed (beside this Python, or the ninja package's) first
