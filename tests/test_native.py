@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.checkpoint import checkpoint
 
-import gradwise as gw
 from gradwise import _native, _strong_zeros
+from test_contract import _Double  # (a custom Function saving its input)
 
 
 def _helper():
@@ -31,18 +31,6 @@ def _helper():
         pytest.fail(f"the C++ helper did not build (state {_native._state}); "
                     f"{log.read_text()[-3000:] if log.exists() else 'no log'}")
     return mod
-
-
-class _Twice(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * 2
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * 2 + x * 0
 
 
 def _programs():
@@ -66,7 +54,7 @@ def _programs():
 
     def custom():
         a = torch.randn(3, requires_grad=True)
-        return (_Twice.apply(a.exp()).sum(),)
+        return (_Double.apply(a.exp()).sum(),)
 
     def in_place_view():
         a, b = torch.randn(4, requires_grad=True), torch.randn(2, requires_grad=True)
@@ -128,7 +116,7 @@ def test_release_drops_the_saved_intermediates(how):
         h = (w * 3).exp()
         ref = weakref.ref(h)
         if how == "custom Function":
-            out = _Twice.apply(h)
+            out = _Double.apply(h)
         elif how == "checkpoint":
             out = checkpoint(lambda t: t.sin() * t, h, use_reentrant=False)
         elif how == "save_on_cpu":
@@ -223,18 +211,6 @@ def test_scan_leaves_fake_and_functorch_tensors_to_python():
     seen = []
     torch.func.vmap(lambda t: seen.append(mod.finite_or_rest([t])) or t)(torch.ones(2, 3))
     assert len(seen[0]) == 1
-
-
-def test_watch_uses_the_helper_and_explains_a_nan_step():
-    _helper()
-    lin = torch.nn.Linear(3, 1)
-    x = torch.cat((torch.ones(2, 3), torch.full((1, 3), float("nan"))))
-    with gw.watch() as report:
-        for _ in range(3):
-            lin.zero_grad()
-            lin(x[:2]).sum().backward()
-        lin(x)[:2].sum().backward()
-    assert [f.kind for f in report.findings] == ["contamination"] and report.findings[0].step == 3
 
 
 @pytest.fixture

@@ -42,7 +42,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_build_native(args: argparse.Namespace) -> int:
     from gradwise import _native
 
-    folder = _native.build_dir()
+    try:
+        folder = _native.build_dir()
+    except RuntimeError as exc:  # (no home directory: Path.home() raises)
+        print(f"gradwise build-native: {exc}; set GRADWISE_NATIVE_DIR to a writable folder", file=sys.stderr)
+        return 1
     print(f"building gradwise's C++ helper for gw.watch() in {folder} (10-30 s) ...", file=sys.stderr, flush=True)
     try:
         _native.build(folder, verbose=args.verbose)

@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -30,7 +31,8 @@ from types import ModuleType
 import torch
 
 _SOURCE = Path(__file__).with_name("graph.cpp")
-_NAME = "gradwise_native"
+_NAME = "gradwise_native"  # (+ the folder's name: torch.utils.cpp_extension renames a second build of one name
+# in a process to NAME_v1, which another process would not find)
 _RECHECK_S = 2.0  # while a background build runs: how often `module()` looks for its result
 _STALE_S = 600.0  # a ``building`` marker older than this is a build that died
 
@@ -44,9 +46,9 @@ _folder = Path()  # build_dir(), once per process
 def enabled() -> bool:
     """Whether the helper may be used (``GRADWISE_NATIVE`` is not ``0``)."""
     value = os.environ.get("GRADWISE_NATIVE", "1").strip().lower()
-    if value not in ("0", "1", "", "on", "off", "true", "false"):
+    if value not in ("0", "1", "", "on", "off", "true", "false", "yes", "no"):
         raise ValueError(f"GRADWISE_NATIVE must be 0 or 1 (got {value!r}): 0 runs gw.watch() in Python only")
-    return value not in ("0", "off", "false")
+    return value not in ("0", "off", "false", "no")
 
 
 def build_dir() -> Path:
@@ -110,9 +112,13 @@ def _settle(folder: Path) -> ModuleType | None:
     return None
 
 
+def _name(folder: Path) -> str:
+    return f"{_NAME}_{re.sub(r'[^0-9A-Za-z_]', '_', folder.name)}"
+
+
 def _import(folder: Path) -> ModuleType:
     suffix = ".pyd" if sys.platform == "win32" else ".so"  # (torch.utils.cpp_extension's names)
-    spec = importlib.util.spec_from_file_location(_NAME, folder / f"{_NAME}{suffix}")
+    spec = importlib.util.spec_from_file_location(_name(folder), folder / f"{_name(folder)}{suffix}")
     if spec is None or spec.loader is None:
         raise ImportError(f"no built module in {folder}")
     mod = importlib.util.module_from_spec(spec)
@@ -171,7 +177,7 @@ def build(folder: Path | None = None, verbose: bool = False) -> ModuleType:
     try:
         # torch runs ``ninja`` by name: the one pip installed (beside this Python, or the ninja package's) first
         os.environ["PATH"] = os.pathsep.join((*_ninja_dirs(), path))
-        mod = cpp_extension.load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=["-O3"],
+        mod = cpp_extension.load(name=_name(folder), sources=[str(_SOURCE)], extra_cflags=["-O3"],
                                  build_directory=str(folder), verbose=verbose)
     except Exception as exc:
         (folder / "failed").write_text(f"{type(exc).__name__}: {exc}\n")
