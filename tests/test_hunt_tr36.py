@@ -82,3 +82,80 @@ def test_a_log_of_the_zero_an_inf_made_is_no_birth_of_its_own():
         (torch.log(e / e.sum()) * w).sum().backward()
     assert "aten.log" not in {f.born_op for f in genuine_findings(report)}, str(report)
     assert len(report.causes) == 1 and "aten.exp" in report.causes[0], str(report)
+
+
+def _written_into_a_view(zero: bool, inside: bool, outside: bool) -> torch.Tensor:
+    """a[0].div_(b): 0 / 0 at a[0, 0] (``zero``) beside a[0, 2] = inf in the view (``inside``) and a[1, 1] = inf
+    outside it (``outside``)."""
+    w, a, b = torch.ones(2, 3, requires_grad=True), torch.ones(2, 3), torch.ones(3)
+    if outside:
+        a[1, 1] = INF
+    if inside:
+        a[0, 2] = INF  # (the write in the view)
+    if zero:
+        a[0, 0], b[0] = 0.0, 0.0
+    a[0].div_(b)
+    (a * w).sum().backward()
+    return w
+
+
+def test_an_in_place_op_on_a_view_names_the_inf_the_view_held():
+    """SILENT on the base: the view's written Inf was the in-place op's prior provenance, so the 0/0's birth took
+    the view's elements and the write a[0, 2] = inf, which alone leaves w's gradient Inf, was in no finding."""
+    with gw.strong_zeros():
+        for alone in ((True, False, False), (False, True, False), (False, False, True)):
+            assert not bool(_written_into_a_view(*alone).grad.isfinite().all()), f"premise: {alone} is used"
+    with gw.trace() as report:
+        _written_into_a_view(True, True, True)
+    with open(__file__) as source:
+        line = next(n for n, text in enumerate(source, 1) if text.rstrip().endswith("# (the write in the view)"))
+    found = genuine_findings(report)
+    assert {f.born_op for f in found} == {"aten.div_", "aten.copy_"}, str(report)
+    assert any(f"py:{line} " in f.born for f in found), str(report)
+
+
+def _added_in_place(inf: bool, nan: bool) -> torch.Tensor:
+    """a (2, 3) += b (3,): a[1, 1] = inf (``inf``) beside b[2] = nan (``nan``), broadcast over a's rows."""
+    w, a, b = torch.ones(2, 3, requires_grad=True), torch.ones(2, 3), torch.ones(3)
+    if inf:
+        a[1, 1] = INF
+    if nan:
+        b[2] = NAN
+    (a.add_(b) * w).sum().backward()
+    return w
+
+
+def test_an_in_place_sum_of_two_writes_tells_each_reaching_its_gradient():
+    """SILENT on the base: a's Inf (prior provenance, no element mask) beside b's broadcast NaN: the Inf write's
+    finding said 'reaches: no gradient', though alone it leaves w's gradient Inf."""
+    with gw.strong_zeros():
+        assert not bool(_added_in_place(True, False).grad.isfinite().all()), "premise: the Inf is used"
+        assert not bool(_added_in_place(False, True).grad.isfinite().all()), "premise: the NaN is used"
+    with gw.trace() as report:
+        _added_in_place(True, True)
+    found = genuine_findings(report)
+    assert {f.kind for f in found} == {"nan", "inf"} and all(f.reaches == ["w"] for f in found), str(report)
+
+
+def _overflow_beside_padding(pad: bool, large: bool) -> torch.Tensor:
+    """exp(x)[:2]: x's rows 2: NaN padding (``pad``) the slice drops, x[0, 0] = 100 overflowing (``large``)."""
+    w, x = torch.ones(4, 2, requires_grad=True), torch.ones(4, 2)
+    if pad:
+        x[2:] = NAN
+    if large:
+        x[0, 0] = 100.0
+    (x.exp() * w)[:2].sum().backward()
+    return w
+
+
+def test_an_overflow_beside_dropped_padding_is_the_overflows():
+    """SILENT on the base: exp's overflow beside the padding's NaN was told as the padding's ('inf, born
+    aten.fill_'), the exp named nowhere, and the padding a genuine NaN finding, though strong zeros leave the
+    padding alone unused."""
+    with gw.strong_zeros():
+        assert bool(_overflow_beside_padding(True, False).grad.isfinite().all()), "premise: the padding is unused"
+        assert not bool(_overflow_beside_padding(False, True).grad.isfinite().all()), "premise: the overflow is used"
+    with gw.trace() as report:
+        _overflow_beside_padding(True, True)
+    assert {f.born_op for f in genuine_findings(report)} == {"aten.exp"}, str(report)
+    assert {f.born_op for f in report.findings if f.kind == "contamination"} == {"aten.fill_"}, str(report)
