@@ -360,8 +360,13 @@ def _own_infinities(o: torch.Tensor, born: torch.Tensor, beside: torch.Tensor | 
     input's Inf was told as that Inf's, at that Inf's element."""
     if beside is None:
         return born, None
-    carried = functools.reduce(torch.logical_or, [~torch.isfinite(t).broadcast_to(o.shape) for t in nf])
+    carried = _carried(o, nf)
     return born | (beside & ~carried), beside & carried
+
+
+def _carried(o: torch.Tensor, nf: list) -> torch.Tensor:
+    """The elements of ``o`` (an elementwise op's output) where an input in ``nf`` is NaN/Inf."""
+    return functools.reduce(torch.logical_or, [~torch.isfinite(t).broadcast_to(o.shape) for t in nf])
 
 
 def _clean(tr, func, o: torch.Tensor, nf: list, prior, forward: bool) -> bool:
@@ -378,7 +383,6 @@ def _clean(tr, func, o: torch.Tensor, nf: list, prior, forward: bool) -> bool:
     if not all(tr.clean.get(t, False) for t in nf):
         return False
     if pointwise(func) and _aligned(nf, o.shape):
-        fin = torch.isfinite(o)
-        return not any(bool(mask_any(~torch.isfinite(t).broadcast_to(o.shape) & fin)) for t in nf)
+        return not bool(mask_any(_carried(o, nf) & torch.isfinite(o)))
     return func.overloadpacket in _SELECTS or func.overloadpacket in _SAME_ELEMENTS or func.overloadpacket in _JOINS \
         or func.overloadpacket in _BILINEAR or _is_view(func)
