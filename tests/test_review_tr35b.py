@@ -151,11 +151,6 @@ def test_an_inf_the_division_makes_beside_inf_over_inf_reaches_its_gradient():
     assert genuine_findings(report) and all(f.reaches == ["w"] for f in genuine_findings(report)), str(report)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SILENT, open (the base too): fcb7fbe's Inf-keeps-its-births covers out-of-place elementwise ops only; an "
-    "in-place a.div_(b) overwrites a, whose Inf is then prior provenance with no element mask, so the NaN's birth "
-    "takes the whole output ('aten.div_ made NaN/Inf from finite inputs' at 0 and 1) and the write a[1] = inf is "
-    "in no finding. Needs a's non-finite mask from before the op (its parts, or a mask kept per birth)"))
 def test_an_in_place_division_names_the_inf_its_input_held():
     """a.div_(b) with 0/0 at element 0 beside a's written Inf at 1: the write alone leaves w's gradient Inf."""
     with gw.strong_zeros():
@@ -165,10 +160,6 @@ def test_an_in_place_division_names_the_inf_its_input_held():
     assert {f.born_op for f in genuine_findings(report)} == {"aten.div_", "aten.copy_"}, str(report)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SILENT, open (the base too): the NaN of inf / inf at (1, 2) of a (3, 4) / b (4,) (b[2] = inf broadcast, "
-    "a[1, 2] = inf) names as its root cause the earlier write b[2] = inf alone, which alone leaves the gradient "
-    "finite (1 / inf = 0), and not a[1, 2] = inf, which alone leaves it Inf: the later write is in no finding"))
 def test_inf_over_inf_names_the_write_used_alone():
     def program(inf: bool) -> torch.Tensor:
         w = torch.ones(3, 4, requires_grad=True)
@@ -183,17 +174,14 @@ def test_inf_over_inf_names_the_write_used_alone():
     with gw.strong_zeros():
         w = program(True)
     assert not bool(w.grad[1, 2].isfinite()), "premise: the write a[1, 2] = inf is used"
-    line = next(n for n, text in enumerate(open(__file__), 1) if text.rstrip().endswith("# (the write used alone)"))
+    with open(__file__) as source:
+        line = next(n for n, text in enumerate(source, 1) if text.rstrip().endswith("# (the write used alone)"))
     with gw.trace() as report:
         program(True)
     named = [f.born for f in genuine_findings(report)] + [str(c) for c in report.causes]
     assert any(f"py:{line} " in n for n in named), str(report) + str(report.causes)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SILENT, open (the base too): an Inf an elementwise op makes of finite operands (0 ** -1, 1 / 0) beside an Inf "
-    "its input carries, with no NaN made, is told as the input's: 'inf, born aten.copy_, first at 0, 1' and the "
-    "pow named nowhere (fcb7fbe's split runs only where the op made a NaN; _fresh does not cover pow/div)"))
 def test_an_inf_made_beside_an_inf_carried_is_named():
     def program(zero: bool, inf: bool) -> torch.Tensor:
         w = torch.ones(3, requires_grad=True)

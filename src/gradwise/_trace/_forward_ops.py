@@ -1,7 +1,7 @@
 """``_ForwardOps``: the part of the tracer that records a forward op (a new step, the node it made, its leaves'
 names, a kink on its inputs, the NaN/Inf it made and their births), with node records bounded over long runs.
 
-May import: torch, gradwise._trace._common, _kinds, _kinks.
+May import: torch, gradwise._trace._common, _kinds, _kinks, _parts.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from gradwise._trace._common import (
 )
 from gradwise._trace._common import run_op as _run
 from gradwise._trace._kinks import _Call
+from gradwise._trace._parts import held_before
 
 _CLONE = torch.ops.aten.clone.default
 _OVERLOAD = torch._ops.OpOverload
@@ -99,6 +100,8 @@ class _ForwardOps:
                 self._name_leaves(new, frame, loc)
             if det is not None and not det.needs_out:
                 hit = self._safely(func, det.fn, _Call(args, kwargs, None, info.packet_name, self.ties))
+        # (what an in-place elementwise op's input held, where it is non-finite: an input of its NaN/Inf)
+        old = held_before(self, func, args) if info.mutable and self.prov else None
         # (run_op inlined, and OpOverload.__call__ skipped: two Python calls less on every recorded op)
         out = func._op(*args, **kwargs) if type(func) is _OVERLOAD and not _common._QUIET.on \
             else _run(func, args, kwargs)
@@ -133,7 +136,7 @@ class _ForwardOps:
         else:
             made = nd if creates_node else None
             self._check(outs, lambda bad: self._dig(func, loc, ins, bad, None, info, args=args, made=made,
-                                                         kwargs=kwargs, out=out))
+                                                         kwargs=kwargs, out=out, old=old))
         return out
 
     def _recomputed_inputs(self, node, new) -> None:

@@ -39,6 +39,7 @@ class _Origins:
                 self._arrived_parts(t, got, replayed=True)
         if got is None and t._base is not None and _nonfinite(t._base):
             got = self.prov[t] = self._origin(t._base, loc)
+            self.clean[t] = self.clean.get(t._base, False)
         if got is None and (via := self._received_through(t)) is not None:
             mask, nan = _nonfinite_mask(t), _has_nan(t)
             b = self._birth(via[0], via[1], nan, None, mask, lambda idx: _Birth(
@@ -58,6 +59,7 @@ class _Origins:
             name = self.names.get(src) or self._search_name(src, _user_frame())
             batch = self.batches.get(src if src._base is None else src._base)
             got = self.prov[src] = self.prov[t] = self._input_births(src, loc, name, batch)
+            self.clean[src] = self.clean[t] = True  # (data: its finite elements descend from no NaN/Inf here)
             self._arrived_parts(src, got)
             if t is not src:
                 self._arrived_parts(t, got)

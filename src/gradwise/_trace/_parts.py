@@ -8,17 +8,23 @@ May import: torch, gradwise._masks, gradwise._trace._common, _advice, _incidents
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
 from gradwise._masks import mask_any
 from gradwise._trace._advice import _explain
-from gradwise._trace._common import _aligned, _inexact, _nonfinite_mask, _op_name, pointwise
+from gradwise._trace._common import _aligned, _inexact, _nonfinite, _nonfinite_mask, _op_name, pointwise
 from gradwise._trace._facts import _SELECTED_WRITES
 from gradwise._trace._incidents import _in_base
 from gradwise._trace._probes import MAX_PROBES, instead_of, probe
 from gradwise._trace._row_parts import _RowParts, _schema_arg, _united
 from gradwise._trace._store import Birth as _Birth
+from gradwise._trace._store import Incident as _Incident
+
+# in-place ops that write every element of their output: what it held before is no provenance of it
+_OVERWRITES = {torch.ops.aten.fill_, torch.ops.aten.copy_}
 
 
 class _Parts(_RowParts):
@@ -33,6 +39,7 @@ class _Parts(_RowParts):
         written = _in_base(torch.ones(view.shape, dtype=torch.bool, device=view.device), view, base)
         if written.shape != base.shape:  # (a view whose layout does not map onto its base's: as before)
             self.prov[base] = self.prov[view]
+            self.clean[base] = False
             return
         old = self.parts.get(base)
         if old is None and self.prov.get(base):
@@ -42,6 +49,7 @@ class _Parts(_RowParts):
         new = [(_in_base(m.broadcast_to(view.shape) & _nonfinite_mask(view), view, base), births)
                for m, births in self.parts.get(view) or [(_nonfinite_mask(view), self.prov[view])]]
         parts = _united([*kept, *new], base.shape)
+        self.clean[base] = self.clean.get(view, False) and (old is None or self.clean.get(base, False))
         self.prov[base] = frozenset().union(*parts)
         self._keep(base, parts)
 
@@ -111,7 +119,7 @@ class _Parts(_RowParts):
         op, parents = _op_name(func), self._origin_at(x, loc, fresh)
         b = self._birth(op, loc, True, None, fresh, lambda idx: _Birth(
             op, loc, _explain(func, [x], o, fresh, None), 0, idx, True), parents)
-        self._made(b, self._made_of(func, o, fresh, [x], (x, dim), loc))
+        self._made(b, *self._made_of(func, o, fresh, [x], (x, dim), loc))
         rest = ~torch.isfinite(o) & ~fresh
         # (the other rows keep their parts, _rowwise_parts': one part of every birth named the used row's NaN
         # after the padding rows' too; a NaN row's -inf explain none of its NaN, as in _without_mask_infs)
@@ -250,3 +258,42 @@ def _written_by(func, o: torch.Tensor, args) -> torch.Tensor | None:
     except Exception:  # an explanation must never break the program it explains
         return None
     return got if isinstance(got, torch.Tensor) and got.shape == o.shape else None
+
+
+@functools.cache
+def _rewrites_elementwise(func) -> bool:
+    """Whether ``func`` is an in-place elementwise op whose result reads what its first argument held (div_, mul_,
+    clamp_; not a selected write, masked_fill_, whose elements are told by ``_written_by``)."""
+    first = func._schema.arguments[0] if func._schema.arguments else None
+    return pointwise(func) and first is not None and first.alias_info is not None and first.alias_info.is_write \
+        and func.overloadpacket not in _SELECTED_WRITES
+
+
+def held_before(tr, func, args) -> torch.Tensor | None:
+    """What the first argument of an in-place elementwise op (``a.div_(b)``) held before the op, where it is known
+    non-finite: a copy, an input of the op in the trace's reading (``read_inputs``). Without it a's NaN/Inf were
+    the op's prior provenance at no element of their own: a 0/0 beside a's written Inf took the whole output as
+    its birth, and that write was in no finding."""
+    t = args[0] if args and _rewrites_elementwise(func) else None
+    got = tr.prov.get(t) if isinstance(t, torch.Tensor) else None
+    if not got or any(isinstance(p, _Incident) for p in got):
+        return None  # (a gradient's NaN (incidents) scaled in place stays the gradient's: no births to split)
+    with torch.no_grad(), _disable_current_modes():
+        return t.detach().clone() if _nonfinite(t) else None
+
+
+def read_inputs(tr, func, o: torch.Tensor, prior, nf: list, ins: list, old, args) -> tuple:
+    """(the provenance ``o`` held before the op that the op carries on, its non-finite inputs, its inputs): with
+    ``old`` (``held_before``) for ``o`` where the op read it, ``old`` taking ``o``'s births, parts and cleanness;
+    none of ``prior`` where the op wrote over every element (x[3:5] = inf over a NaN row: inf is born here)."""
+    if func.overloadpacket in _OVERWRITES:
+        return None, nf, ins
+    if old is None or not prior or o is not args[0]:
+        return prior, nf, ins
+    tr.prov[old] = prior
+    if (parts := tr.parts.get(o)) is not None:
+        tr.parts[old] = parts
+    if o in tr.exact:
+        tr.exact[old] = True
+    tr.clean[old] = tr.clean.get(o, False)
+    return None, [old, *nf], [old if t is o else t for t in ins]

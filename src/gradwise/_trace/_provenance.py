@@ -31,6 +31,7 @@ from gradwise._trace._common import (
     engine_hook,
     in_torchscript,
     nonfinite_number,
+    pointwise,
     torchscript_node,
 )
 from gradwise._trace._facts import (
@@ -46,7 +47,7 @@ from gradwise._trace._facts import (
 from gradwise._trace._incidents import _in_base
 from gradwise._trace._kinds import readable
 from gradwise._trace._origins import _Origins
-from gradwise._trace._parts import _Parts, _probed_parts, _written_by
+from gradwise._trace._parts import _Parts, _probed_parts, _written_by, read_inputs
 from gradwise._trace._probes import probes
 from gradwise._trace._row_parts import _row_dims, _schema_arg, _united
 from gradwise._trace._store import Birth as _Birth
@@ -71,8 +72,6 @@ _SCANS_IN_PLACE = {torch.ops.aten.cumsum_, torch.ops.aten.cumprod_}  # (their pa
 _JOINS = {torch.ops.aten.cat, torch.ops.aten.stack}
 # ops whose output holds the input's elements where they were: its parts stay (autograd's detach of a saved output)
 _SAME_ELEMENTS = {torch.ops.aten.detach, torch.ops.aten.alias, torch.ops.aten.clone, torch.ops.aten._to_copy}
-# in-place ops that write every element of their output: what it held before is no provenance of it
-_OVERWRITES = {torch.ops.aten.fill_, torch.ops.aten.copy_}
 
 # softmaxes that make 0 of a -inf input (scaled_dot_product_attention's math path uses _safe_softmax, which makes
 # 0 of a fully masked row too; log_softmax keeps -inf, and its births with it)
@@ -86,20 +85,20 @@ def _is_view(func) -> bool:
     return first is not None and first.alias_info is not None and not first.alias_info.is_write
 
 
-def _fresh(func, o: torch.Tensor, mask: torch.Tensor, nf: list, args, ins) -> torch.Tensor | None:
-    """Of an elementwise op with non-finite inputs that writes a non-finite constant (masked_fill(m, -inf), a
-    number, a 0-dim constant): the elements of ``o`` non-finite where every input is finite (written here), or None
-    where there are none. Not other ops: a finite input there may descend from the NaN/Inf (log of the 0 that
-    x / inf made is the overflow's, not a log(0) of its own)."""
-    if torch.Tag.pointwise not in func.tags or not _aligned(nf, o.shape):
-        return None
-    if nonfinite_number(args or ()) is None and not any(
-            t.dim() == 0 and not any(t is u for u in nf) and _nonfinite(t) for t in ins):
-        return None
+def _fresh(func, o: torch.Tensor, mask: torch.Tensor, nf: list, args, ins, clean: bool) -> tuple:
+    """Of an elementwise op with non-finite inputs: (the elements of ``o`` non-finite where every input is finite,
+    made here, or None where there are none; whether the op writes a non-finite constant: a NaN/Inf number, a 0-dim
+    tensor of no known birth). Made here only by such a constant (masked_fill(m, -inf)) or of ``clean`` inputs
+    (``_clean``: 0 ** -1 beside an input's Inf was told as that Inf's, the pow named nowhere): a finite input there
+    may descend from the NaN/Inf (log of the 0 that x / inf made is the overflow's, not a log(0) of its own)."""
+    constant = nonfinite_number(args or ()) is not None or any(
+        t.dim() == 0 and not any(t is u for u in nf) and _nonfinite(t) for t in ins)
+    if not (constant or clean) or not pointwise(func) or not _aligned(nf, o.shape):
+        return None, constant
     fresh = mask.clone()
     for t in nf:
         fresh &= torch.isfinite(t).broadcast_to(o.shape)
-    return fresh if bool(fresh.any()) else None
+    return (fresh if bool(fresh.any()) else None), constant
 
 
 def _running_stats(func, args) -> tuple:
@@ -183,7 +182,7 @@ class _Provenance(_Origins, _Parts):
             birth.shape = tuple(mask.shape)
         return birth
 
-    def _dig(self, func, loc, ins, bad, seq, info, args=None, out=None, kwargs=None, made=None) -> None:
+    def _dig(self, func, loc, ins, bad, seq, info, args=None, out=None, kwargs=None, made=None, old=None) -> None:
         if not self.depth:  # a forward NaN/Inf: this step's backward classifies by a shadow strong pass (_shadow)
             self.dirty = True
         self.hook = None
@@ -206,11 +205,10 @@ class _Provenance(_Origins, _Parts):
                 self.prov.get(ins[0]) if node_seq == _ACCUMULATE_SEQ and func in _ACCUMULATES else None
             nf = [t for t in ins if t is not o and _nonfinite(t)]
             if seq is None or isinstance(seq, tuple):
-                if func.overloadpacket in _OVERWRITES:  # (x[3:5] = inf over a NaN row: inf is born here)
-                    prior = None
-                self._value(func, loc, o, mask, nf, prior, nd, ins,
+                held, nf, read = read_inputs(self, func, o, prior, nf, ins, old, args)  # (a.div_(b): a's NaN/Inf)
+                self._value(func, loc, o, mask, nf, held, nd, read,
                             base=o._base if info.mutable and o._base is not None else None, args=args, made=made,
-                            kwargs=kwargs, out=out)
+                            kwargs=kwargs, out=out, forward=seq is None)
                 if isinstance(seq, tuple) and nd is not None and nd.op in _TIES_COUNTED:
                     # (amax's saved NaN result, per element: _classify names each row's births)
                     nd.read = (*nd.read, *(self.parts.get(o) or [(~torch.isfinite(o), self.prov.get(o, frozenset()))]))
@@ -232,9 +230,9 @@ class _Provenance(_Origins, _Parts):
                     self._written_parts(o, o._base)
 
     def _value(self, func, loc, o, mask, nf, prior, nd, ins=(), base=None, args=None, made=None, kwargs=None,
-               out=None) -> None:
-        """A forward value (or one a backward formula made from saved values): propagate or record a birth.
-        ``made``: the node record of the forward op that made ``o``, where a birth keeps its mask until the
+               out=None, forward=False) -> None:
+        """A forward value (``forward``; or one a backward formula made from saved values): propagate or record a
+        birth. ``made``: the node record of the forward op that made ``o``, where a birth keeps its mask until the
         backward of that node says which of its elements the output uses (``_born_reached``)."""
         # An unknown 0-dim tensor is a wrapped constant (x[2] = nan): the value is born at this op; so is the
         # data of a literal (torch.tensor([..., nan]) reaches the dispatcher as lift_fresh of a fresh tensor).
@@ -277,7 +275,8 @@ class _Provenance(_Origins, _Parts):
             return
         # elementwise, NaN/Inf where every input is finite are born here beside the inputs' (masked_fill(-inf) of
         # a tensor holding NaN elsewhere: the -inf was told as that NaN's, and a fully masked row after it too)
-        fresh = _fresh(func, o, mask, nf, args, ins) if nf and not prior and not new_nan else None
+        fresh, constant = _fresh(func, o, mask, nf, args, ins, forward and all(map(self.clean.get, nf))) \
+            if nf and not prior and not new_nan else (None, False)
         written = _overwritten(func, o, mask, nf, prior, args, ins)
         if written is not None:
             fresh = written & mask
@@ -290,7 +289,8 @@ class _Provenance(_Origins, _Parts):
             def make(idx):
                 # x * float("nan"), masked_fill(m, -inf): the number made it, not a non-finite tensor
                 number = None if nf and fresh is None else nonfinite_number(args or ())
-                what = _explain(func, nf or [t for t in ins if t is not o], o, born, number)  # why, from its inputs
+                what = _explain(func, (nf if fresh is None or constant else []) or [t for t in ins if t is not o],
+                                o, born, number)  # why, from its inputs (all, where it made NaN/Inf of finite ones)
                 if nd is None and in_torchscript():
                     what += SCRIPTED
                 if nd is not None and nd.op != op and (not nf or new_nan or fresh is not None) and loc == nd.loc:
@@ -299,7 +299,7 @@ class _Provenance(_Origins, _Parts):
 
             # elementwise, a NaN made beside the inputs' Inf (0/0 beside x's Inf): those keep their births, the NaN's
             # parents are the births of its own elements' infinities (none for a 0/0: it was told as that Inf's)
-            beside = mask & ~born if fresh is None and new_nan and nf and torch.Tag.pointwise in func.tags and \
+            beside = mask & ~born if fresh is None and new_nan and nf and pointwise(func) and \
                 _aligned(nf, o.shape) else None
             own, beside = _own_infinities(o, born, beside, nf)
             if beside is not None and bool(beside.any()):
@@ -310,7 +310,7 @@ class _Provenance(_Origins, _Parts):
             b = self._birth(op, loc, has_nan, None, _in_base(born, o, base), make,
                             frozenset() if fresh is not None else births)
             if has_nan and fresh is None:  # (of finite inputs: made of no infinity, own)
-                self._made(b, self._made_of(func, o, born, nf, args, loc) if nf else frozenset())
+                self._made(b, *(self._made_of(func, o, born, nf, args, loc) if nf else (frozenset(), True)))
             if made is not None and base is None and len(made.born) < _BORN_PER_NODE:
                 made.born.append((b, born))
             if fresh is None:  # (born here as a whole: the parts a row-wise op took of its input are not its
@@ -321,7 +321,7 @@ class _Provenance(_Origins, _Parts):
                 if written is None else self._overwritten_parts(o, fresh, written, b, stale if prior else [
                     p for t in nf for p in self._parts_of(t, loc)], prior)
             stale = None
-        elif not prior and (len(nf) > 1 or any(t in self.parts for t in nf)) and torch.Tag.pointwise in func.tags \
+        elif not prior and (len(nf) > 1 or any(t in self.parts for t in nf)) and pointwise(func) \
                 and _aligned(nf, o.shape):
             births = self._record_parts(o, nf, loc) or births
         elif not prior and func.overloadpacket in _JOINS and args and isinstance(args[0], (list, tuple)) and \
@@ -348,6 +348,7 @@ class _Provenance(_Origins, _Parts):
         elif o not in self.parts and len(nf) == 1 and nf[0] in self.exact and births == self.prov.get(nf[0]):
             self.exact[o] = True  # (any of its elements holds every birth: so do those an op keeps, s * ones(4))
         self.prov[o] = births
+        self.clean[o] = _clean(self, func, o, nf, prior, forward)
         for r in stats:  # (what it wrote there descends from the batch, as its outputs do)
             if _nonfinite(r):
                 self.prov[r] = births
@@ -359,5 +360,29 @@ def _own_infinities(o: torch.Tensor, born: torch.Tensor, beside: torch.Tensor | 
     input's Inf was told as that Inf's, at that Inf's element."""
     if beside is None:
         return born, None
-    carried = functools.reduce(torch.logical_or, [~torch.isfinite(t).broadcast_to(o.shape) for t in nf])
+    carried = _carried(o, nf)
     return born | (beside & ~carried), beside & carried
+
+
+def _carried(o: torch.Tensor, nf: list) -> torch.Tensor:
+    """The elements of ``o`` (an elementwise op's output) where an input in ``nf`` is NaN/Inf."""
+    return functools.reduce(torch.logical_or, [~torch.isfinite(t).broadcast_to(o.shape) for t in nf])
+
+
+def _clean(tr, func, o: torch.Tensor, nf: list, prior, forward: bool) -> bool:
+    """Whether no finite element of the forward value ``o`` may descend from a NaN/Inf (``clean``): made of
+    clean inputs by an elementwise op that left finite no element where an input is not (1 / inf, exp(-inf),
+    where), or one that moves or multiplies them (a finite matmul reads finite elements only); not known after
+    other ops (a softmax's 0 of -inf), nor after an in-place op on a tensor already non-finite. Only an elementwise
+    op on clean inputs makes a birth of its own where every input is finite (``_fresh``): log of the 0 that x / inf
+    made beside the NaN of inf / inf is the overflow's, not a log(0) of its own."""
+    if not forward or prior:
+        return False
+    if not nf:
+        return True
+    if not all(tr.clean.get(t, False) for t in nf):
+        return False
+    if pointwise(func) and _aligned(nf, o.shape):
+        return not bool(mask_any(_carried(o, nf) & torch.isfinite(o)))
+    return func.overloadpacket in _SELECTS or func.overloadpacket in _SAME_ELEMENTS or func.overloadpacket in _JOINS \
+        or func.overloadpacket in _BILINEAR or _is_view(func)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from gradwise._masks import mask_any
-from gradwise._trace._common import _aligned
+from gradwise._trace._common import _aligned, pointwise
 from gradwise._trace._facts import _NAN_OF_FULL_ROWS, _ROWWISE
 
 _MAX_PARTS = 8  # provenance parts kept per tensor (more: the smallest are told together, ``_merged``)
@@ -189,23 +189,25 @@ class _RowParts:
             groups[got] = groups[got] | at if got in groups else at
         return [(at, got) for got, at in groups.items()]
 
-    def _made_of(self, func, o: torch.Tensor, born: torch.Tensor, nf: list, args, loc) -> frozenset:
-        """The births of the infinities a NaN born at ``func`` was made of (``_infinities_at``), else empty."""
-        at = _infinities_at(func, o, born, nf, args)
+    def _made_of(self, func, o: torch.Tensor, born: torch.Tensor, nf: list, args, loc) -> tuple[frozenset, bool]:
+        """The births of the infinities a NaN born at ``func`` was made of (``_infinities_at``), and whether a NaN
+        element was made of none (own)."""
+        at, own = _infinities_at(func, o, born, nf, args)
         if at is None:
-            return frozenset()
+            return frozenset(), True
         # (each input's own infinities there: one finite there fell back to every birth it holds, _origin_at's)
         got = [(t, at & ~torch.isfinite(t).broadcast_to(at.shape)) for t in nf]
-        return frozenset().union(*(self._origin_at(t, loc, w) for t, w in got if bool(w.any())))
+        made = frozenset().union(*(self._origin_at(t, loc, w) for t, w in got if bool(w.any())))
+        return made, own or not made
 
     @staticmethod
-    def _made(b, made: frozenset) -> None:
+    def _made(b, made: frozenset, own: bool = True) -> None:
         """Record at the NaN birth ``b`` (interned per op and line) what this occurrence was made of: its
-        infinities, else ``own`` (a later step's 0/0 at a site whose first NaN was inf / inf was told as those
-        infinities, the div's own NaN gone)."""
-        if made:
-            b.made_of = b.made_of | made
-        else:
+        infinities, and ``own`` where an element was made of none (a later step's 0/0 at a site whose first NaN
+        was inf / inf was told as those infinities, the div's own NaN gone; a 0/0 beside an inf / inf in one
+        output named the inf / inf's infinities nowhere)."""
+        b.made_of = b.made_of | made
+        if own or not made:
             b.own = True
 
     def _origin_at(self, t: torch.Tensor, loc, where: torch.Tensor) -> frozenset:
@@ -300,36 +302,38 @@ def _keepdim(func, args) -> bool:
     return bool(_schema_arg(func, args, "keepdim", False))
 
 
-def _infinities_at(func, o: torch.Tensor, born: torch.Tensor, nf: list, args) -> torch.Tensor | None:
-    """Where the infinities lie that a NaN born at ``func`` (its elements ``born``) was made of: the inputs'
-    non-finite elements at each NaN element (an elementwise op: in ``o``'s shape, its inputs broadcast), or in
-    the rows it read (a reduction's, a row-wise op's: in the input's shape; +inf for a softmax, whose -inf are a
-    mask's). None where a NaN element had none (0/0, a fully masked row) or the op's element map is not known:
-    the NaN is its own root. A birth's parents are every birth of its inputs: a 0/0 beside an unused written
-    Inf, a fully masked row beside a row holding +inf, were renamed after that Inf (review_tr34)."""
+def _infinities_at(func, o: torch.Tensor, born: torch.Tensor, nf: list, args) -> tuple:
+    """(where the infinities lie that a NaN born at ``func`` (its elements ``born``) was made of, whether a NaN
+    element there was made of none: its own root). Elementwise, the inputs' non-finite elements at each NaN
+    element, in ``o``'s shape (its inputs broadcast), a 0/0 beside them own: one 0/0 made the whole output its
+    own root, and an inf / inf beside it named neither infinity. Else in the rows it read (a reduction's, a
+    row-wise op's: in the input's shape; +inf for a softmax, whose -inf are a mask's); None where a NaN element
+    had none (a fully masked row) or the op's element map is not known: the NaN is its own root. A birth's
+    parents are every birth of its inputs: a 0/0 beside an unused written Inf, a fully masked row beside a row
+    holding +inf, were renamed after that Inf (review_tr34)."""
     x = nf[0] if nf else None
-    if torch.Tag.pointwise in func.tags and _aligned(nf, o.shape):
+    if pointwise(func) and _aligned(nf, o.shape):
         at = torch.zeros(o.shape, dtype=torch.bool, device=o.device)
         for t in nf:
             at |= ~torch.isfinite(t).broadcast_to(o.shape)
-        return None if bool((born & ~at).any()) else born & at
+        return born & at, bool((born & ~at).any())
     if len(nf) != 1 or not args or args[0] is not x or not x.dim():
-        return None
+        return None, True
     if func.overloadpacket in _ROWWISE and o.shape == x.shape:
         dims = _row_dims(func, args, x.dim(), _ROWWISE[func.overloadpacket])
         if dims is None:
-            return None
+            return None, True
         inf = x == float("inf") if func.overloadpacket in _NAN_OF_FULL_ROWS else ~torch.isfinite(x)
         rows = mask_any(born, dims, keepdim=True)
-        return None if bool((rows & ~mask_any(inf, dims, keepdim=True)).any()) else rows & inf
+        return (None, True) if bool((rows & ~mask_any(inf, dims, keepdim=True)).any()) else (rows & inf, False)
     if torch.Tag.reduction not in func.tags:
-        return None
+        return None, True
     dims = _reduced_dims(func, args, x.dim())
     if dims is None:
-        return ~torch.isfinite(x) if o.numel() == 1 else None
+        return (~torch.isfinite(x), False) if o.numel() == 1 else (None, True)
     keep = _keepdim(func, args)
     at = mask_any(~torch.isfinite(x), dims, keepdim=keep)
     if at.shape != born.shape or bool((born & ~at).any()):
-        return None
+        return None, True
     rows = born if keep else born.reshape([1 if d in dims else n for d, n in enumerate(x.shape)])
-    return rows & ~torch.isfinite(x)
+    return rows & ~torch.isfinite(x), False
