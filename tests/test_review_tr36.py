@@ -1,0 +1,48 @@
+"""Review of tr36 (per-element births for elementwise ops; ``clean`` inputs make births of their own): a value
+``clean`` when recorded stops being clean once an op the trace told nothing of this tensor makes one of its NaN/Inf
+finite (an in-place op through another view of its storage, ``x.data``). Each case is checked against plain PyTorch
+under gw.strong_zeros() with each write alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradwise as gw
+from _explaining import genuine_findings
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _reciprocal_elsewhere(inf: bool, nan: bool, how: str) -> torch.Tensor:
+    """v = x[:2] holds x[0] = inf (``inf``) and x[1] = nan (``nan``); then x[0] becomes 1 / inf = 0 by an op that
+    does not name v (``how``), and log(v)[:1] reads that 0: its -inf descends from the Inf write."""
+    w, x = torch.ones(1, requires_grad=True), torch.ones(3)
+    if inf:
+        x[0] = INF
+    if nan:
+        x[1] = NAN
+    v = x[:2]
+    if how == "base":
+        x.reciprocal_()
+    elif how == "sibling view":
+        x[0:1].reciprocal_()
+    else:  # (.data: an alias the dispatcher never sees made, with a version counter of its own)
+        v.data.reciprocal_()
+    (torch.log(v)[:1] * w).sum().backward()
+    return w
+
+
+@pytest.mark.parametrize("how", ["base", "sibling view", "data"])
+def test_a_zero_an_inf_became_through_another_view_is_no_birth_of_its_own(how):
+    """SILENT on tr36 (not the base): v was recorded clean while it held the Inf, which an in-place op through x
+    (or x[0:1], or v.data) then made 0, and log(v)'s -inf there was told as a log(0) of its own: a second root
+    cause 'aten.log ... a domain error' whose fix (clamp the log's input) mends nothing; the Inf write alone
+    leaves w's gradient -inf (strong zeros), so it is the one root cause."""
+    with gw.strong_zeros():
+        assert not bool(_reciprocal_elsewhere(True, False, how).grad.isfinite().all()), "premise: the Inf is used"
+        assert bool(_reciprocal_elsewhere(False, True, how).grad.isfinite().all()), "premise: the NaN is unused"
+    with gw.trace() as report:
+        _reciprocal_elsewhere(True, True, how)
+    assert {f.born_op for f in genuine_findings(report)} == {"aten.copy_"}, str(report)
+    assert len(report.causes) == 1, str(report)
