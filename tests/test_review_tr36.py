@@ -103,3 +103,33 @@ def test_a_used_zero_over_zero_beside_a_dropped_inf_over_inf_is_the_divs_alone()
         _zero_over_zero_beside_inf_over_inf(True, True)
     assert {f.born_op for f in genuine_findings(report)} == {"aten.div"}, str(report)
     assert report.causes and all("aten.div" in c for c in report.causes), str(report.causes)
+
+
+def _log_of_reciprocal_sliced(inf: bool, nan: bool, later: bool) -> torch.Tensor:
+    """log(1 / x)[:1] with x[0] = inf (``inf``, used), x[1] = nan (``nan``) and y[2] = inf after (``later``)."""
+    w, x = torch.ones(1, requires_grad=True), torch.ones(3)
+    if inf:
+        x[0] = INF
+    if nan:
+        x[1] = NAN
+    y = x.reciprocal()
+    if later:
+        y[2] = INF
+    (torch.log(y)[:1] * w).sum().backward()
+    return w
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "SILENT, open (the base too): the -inf of log(1 / inf) reaching w is told as the NaN write's (finding 'genuine "
+    "Inf', born 'made 1 NaN value(s)'), the Inf write listed as used by no gradient, and the NaN write and y[2] = "
+    "inf, which the slice drops (strong zeros: each alone leaves w's gradient finite), genuine findings that say "
+    "'reaches: no gradient'. Same missing part as test_a_log_of_the_zero_an_inf_made_names_that_inf"))
+def test_writes_the_slice_drops_are_no_genuine_findings():
+    with gw.strong_zeros():
+        assert not bool(_log_of_reciprocal_sliced(True, False, False).grad.isfinite().all()), "premise: used"
+        assert bool(_log_of_reciprocal_sliced(False, True, False).grad.isfinite().all()), "premise: dropped"
+        assert bool(_log_of_reciprocal_sliced(False, False, True).grad.isfinite().all()), "premise: dropped"
+    with gw.trace() as report:
+        _log_of_reciprocal_sliced(True, True, True)
+    found = genuine_findings(report)
+    assert found and all(f.reaches == ["w"] for f in found), str(report)
