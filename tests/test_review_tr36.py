@@ -133,3 +133,35 @@ def test_writes_the_slice_drops_are_no_genuine_findings():
         _log_of_reciprocal_sliced(True, True, True)
     found = genuine_findings(report)
     assert found and all(f.reaches == ["w"] for f in found), str(report)
+
+
+def _sqrt_beside_dropped_padding(pad: bool, used: bool) -> torch.Tensor:
+    """(sqrt(x) * w)[:3]: x[1] = -1 (sqrt's own NaN, used) beside x[4:] = inf (``pad``) and x[5] = -inf
+    (``used``: sqrt(-inf) = NaN), both in elements the slice drops."""
+    w = torch.ones(6, requires_grad=True)
+    x = torch.tensor([0.5, -1.0, 2.0, 0.5, -1.0, 0.0])
+    if pad:
+        x[4:] = INF
+    if used:
+        x[5] = -INF
+    (x.sqrt() * w)[:3].sum().backward()
+    return w
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "SILENT, open (tr36; the base told it right): tr36's _infinities_at gives a NaN birth with an element of its "
+    "own (sqrt(-1), used) and one made of an input's infinity (sqrt(-inf) of x[5] = -inf, dropped by the slice) "
+    "made_of that infinity as well as own, and the birth is one per op and line, so the used sqrt(-1) makes the "
+    "write x[5] = -inf a genuine NaN finding ('then aten.sqrt made NaN of it', 'reaches: w') though strong zeros "
+    "leave both writes unused. Returning None there (the base) brings back test_review_tr35b's "
+    "test_inf_over_inf_names_the_write_used_alone; needs made_of per element, resolved in the backward where the "
+    "birth's used elements are known (_born_reached)"))
+def test_a_used_domain_error_beside_a_dropped_written_infinity_names_no_write():
+    with gw.strong_zeros():
+        none = _sqrt_beside_dropped_padding(False, False).grad
+        for writes in ((True, False), (False, True), (True, True)):
+            g = _sqrt_beside_dropped_padding(*writes).grad
+            assert torch.equal(g.isfinite(), none.isfinite()), f"premise: {writes} unused"
+    with gw.trace() as report:
+        _sqrt_beside_dropped_padding(True, True)
+    assert {f.born_op for f in genuine_findings(report)} == {"aten.sqrt"}, str(report)
