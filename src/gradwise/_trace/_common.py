@@ -19,6 +19,7 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from gradwise._masks import inexact as _inexact
 from gradwise._masks import mask_any
@@ -373,6 +374,27 @@ class _ByIdentity:
         return [(t, e[1]) for e in list(self._d.values()) if (t := e[0]()) is not None]
 
 
+class _Cleanness:
+    """Non-finite forward value -> whether it is clean (``_provenance._clean``), kept with where it was NaN/Inf
+    then: an element NaN/Inf then and finite now was written since by an op that told no cleanness of this tensor
+    (``x.reciprocal_()`` after ``v = x[:2]``, ``x.data``'s ops), so it may descend from that NaN/Inf: no longer
+    clean (log(v) was told as a log(0) of its own beside the Inf that made the 0). Its masks go with their tensor
+    (a WeakTensorKeyDictionary: ``_ByIdentity`` keeps a dead key's value until its next purge, up to 1024 masks
+    the size of activations); it is read on the non-finite path only."""
+
+    __slots__ = ("_d",)
+
+    def __init__(self) -> None:
+        self._d = WeakTensorKeyDictionary()
+
+    def __setitem__(self, t, clean: bool) -> None:
+        self._d[t] = _nonfinite_mask(t) if clean else None
+
+    def get(self, t, default=False) -> bool:
+        if t not in self._d:
+            return default
+        was = self._d[t]
+        return was is not None and was.shape == t.shape and not bool((was & torch.isfinite(_held(t))).any())
 
 
 def _dist_rank() -> int | None:

@@ -279,7 +279,11 @@ def held_before(tr, func, args) -> torch.Tensor | None:
     if not got or any(isinstance(p, _Incident) for p in got):
         return None  # (a gradient's NaN (incidents) scaled in place stays the gradient's: no births to split)
     with torch.no_grad(), _disable_current_modes():
-        return t.detach().clone() if _nonfinite(t) else None
+        if not _nonfinite(t):
+            return None
+        held = t.detach().clone()
+        tr.clean[held] = tr.clean.get(t, False)  # (before the op: after it, an Inf it made finite reads as stale)
+        return held
 
 
 def read_inputs(tr, func, o: torch.Tensor, prior, nf: list, ins: list, old, args) -> tuple:
@@ -295,5 +299,4 @@ def read_inputs(tr, func, o: torch.Tensor, prior, nf: list, ins: list, old, args
         tr.parts[old] = parts
     if o in tr.exact:
         tr.exact[old] = True
-    tr.clean[old] = tr.clean.get(o, False)
     return None, [old, *nf], [old if t is o else t for t in ins]

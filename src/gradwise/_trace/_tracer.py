@@ -28,6 +28,7 @@ from gradwise._trace._backward_ops import _FORMULA_FIRST, _FORMULA_READS, _Backw
 from gradwise._trace._checking import _Checks
 from gradwise._trace._common import (
     _ByIdentity,
+    _Cleanness,
     _floats,
     _KinkGroup,
     _Node,
@@ -179,7 +180,7 @@ class _Tracer(_ForwardOps, _BackwardOps, _Checks, _Roots, _Received, _Provenance
         self.sync_every = sync_every
         self.thread = threading.get_ident()  # (an engine thread running its backward's nodes is another: in_pass)
         self.prov = _ByIdentity()  # non-finite tensor -> frozenset of _Birth / _Incident
-        self.clean = _ByIdentity()  # non-finite forward value -> whether its finite elements are of no NaN/Inf
+        self.clean = _Cleanness()  # non-finite forward value -> whether its finite elements are of no NaN/Inf
         self.as_value = _ByIdentity()  # non-finite gradient used as a forward value -> its birth there
         self.backward_site = None  # (code, line) of the user's backward call (`_checking.roots`)
         self.hook: str | None = None  # the user's hook that runs the op being dug (`_Provenance._dig`)

@@ -409,7 +409,7 @@ def _forget_partial_replay(tracer: _Tracer) -> None:
     tracer.store = type(tracer.store)()
     tracer.store.step = step
     tracer.prov = _common._ByIdentity()
-    tracer.clean = _common._ByIdentity()
+    tracer.clean = _common._Cleanness()
     tracer.parts.clear()
     tracer.split.clear()
     tracer.output_births.clear()  # (a NaN loss's, read when the replay began)
