@@ -270,3 +270,19 @@ def test_build_native_command():
     done = subprocess.run([sys.executable, "-m", "gradwise", "build-native"], capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0 and "built" in done.stdout, done.stderr
+
+
+def test_a_build_that_died_unmarked_ends_the_wait(fresh_state, monkeypatch):
+    """Our build process ended (killed) without ``ready`` or ``failed``: the Python path from then on, instead of a
+    file check every 2 s for the rest of the process."""
+    class _Dead:
+        def __init__(self, args, **kwargs):
+            pass
+
+        def poll(self):
+            return -9
+
+    monkeypatch.setattr(subprocess, "Popen", _Dead)
+    assert _native.module() is None and _native._state == "building"
+    monkeypatch.setattr(_native, "_next_look", 0.0)
+    assert _native.module() is None and _native._state == "failed"

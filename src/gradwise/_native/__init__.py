@@ -76,7 +76,10 @@ def module() -> ModuleType | None:
         _next_look = now + _RECHECK_S
         if _builder is not None and _builder.poll() is None:
             return None
-        return _settle(_folder)  # (``building`` by another process: its marker stays until it settles)
+        settled = _settle(_folder)  # (``building`` by another process: its marker stays until it settles)
+        if _state == "building" and _builder is not None:  # ours ended and marked nothing (killed): Python path
+            _state = "failed"
+        return settled
     if not enabled():
         _state = "off"
         return None
