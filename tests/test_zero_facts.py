@@ -61,7 +61,7 @@ def test_eager_rules_come_from_the_table():
         for overload in overloads:
             rule = lookup(overload)
             assert rule is not None, overload
-            if overload in (aten.sub.Tensor, aten.exp.default, aten.abs.default):
+            if overload in (aten.sub.Tensor, aten.add.Tensor, aten.exp.default, aten.abs.default):
                 continue  # refined for one overload in _rules_opdb, with its docstring
             if overload is aten.div.Tensor:
                 continue  # logaddexp's weight of a -inf argument (_logaddexp_weight_div), with its docstring
