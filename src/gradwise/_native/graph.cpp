@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <unordered_map>
 #include <unordered_set>
 #include <vector>
 
@@ -48,6 +49,51 @@ static py::tuple walk(const std::vector<at::Tensor>& outputs) {
     held->nodes.push_back(std::move(node));
   }
   return py::make_tuple(leaves, py::cast(held));
+}
+
+// The nodes a backward restricted to `inputs` runs (backward(inputs=), autograd.grad), as the Python twin
+// `_saved_toward` finds them: those on a path from the outputs' nodes to an input's node (an input's own node
+// only if another input lies below it), for `release`.
+static std::shared_ptr<Nodes> toward(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& inputs) {
+  std::unordered_set<Node*> targets;
+  for (const auto& t : inputs) {
+    if (t.defined() && t.requires_grad()) {
+      auto edge = torch::autograd::impl::gradient_edge(t);
+      if (edge.function) targets.insert(edge.function.get());
+    }
+  }
+  std::unordered_map<Node*, bool> reaches;
+  std::vector<std::pair<NodePtr, bool>> stack;  // (node, its children done): an iterative post-order
+  for (const auto& t : outputs) {
+    if (t.defined() && t.requires_grad()) {
+      auto edge = torch::autograd::impl::gradient_edge(t);
+      if (edge.function) stack.emplace_back(std::move(edge.function), false);
+    }
+  }
+  auto held = std::make_shared<Nodes>();
+  while (!stack.empty()) {
+    auto [node, children_done] = std::move(stack.back());
+    stack.pop_back();
+    Node* raw = node.get();
+    if (children_done) {
+      bool any = false;
+      for (const auto& edge : raw->next_edges()) {
+        Node* child = edge.function.get();
+        if (!child) continue;
+        auto found = reaches.find(child);
+        if (targets.count(child) || (found != reaches.end() && found->second)) any = true;
+      }
+      reaches[raw] = any;
+      if (any && !dynamic_cast<torch::autograd::AccumulateGrad*>(raw)) held->nodes.push_back(node);
+    } else if (!reaches.count(raw)) {
+      reaches[raw] = false;  // (seen; set for real when its children are done)
+      stack.emplace_back(node, true);
+      for (const auto& edge : raw->next_edges()) {
+        if (edge.function && !reaches.count(edge.function.get())) stack.emplace_back(edge.function, false);
+      }
+    }
+  }
+  return held;
 }
 
 // Free the saved tensors of every node the walk found, as the engine does after running a node of a graph it
@@ -124,6 +170,7 @@ static py::object finite_or_rest(const std::vector<at::Tensor>& tensors) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Nodes, std::shared_ptr<Nodes>>(m, "Nodes");
   m.def("walk", &walk, "(leaves, nodes) of the graph below the output tensors");
+  m.def("toward", &toward, "the nodes a backward restricted to the input tensors runs, for release");
   m.def("release", &release, "free the saved tensors of the walked nodes, as the engine does");
   m.def("finite_or_rest", &finite_or_rest, "False at a NaN/Inf, else the tensors not scanned here");
 }

@@ -244,8 +244,7 @@ class _Watcher(_StaleGrads, _StepExplainer):
         if retain and not keep:  # as the engine: only what it ran (toward ``inputs``, if given) is freed
             # (not kept: the engine freed it, and a custom Function's node dropped the SavedTensor objects listed)
             if inputs is not None:
-                _strong_zeros._release(_strong_zeros._saved_toward(roots or _strong_zeros._root_nodes(outs),
-                                                                   _as_tuple(inputs)))
+                _release_toward(outs, _as_tuple(inputs), roots, native)
             elif native is not None:
                 native.release(walked)
             else:
@@ -282,7 +281,7 @@ class _Watcher(_StaleGrads, _StepExplainer):
             leaves = [t for t in _as_tuple(inputs) if isinstance(t, torch.Tensor)] + inner
             self._explain(outs, grad_outputs, leaves, roots, (*result, *(t.grad for t in inner)))
         if not keep:  # as the engine: only the nodes on the way to ``inputs`` ran, and only theirs are freed
-            _strong_zeros._release(_strong_zeros._saved_toward(roots, _as_tuple(inputs)))
+            _release_toward(outs, _as_tuple(inputs), roots, _native.module())
         self.step += 1
         return result
 
@@ -367,6 +366,15 @@ class _Watcher(_StaleGrads, _StepExplainer):
         report.notes.insert(0, f"gw.watch(): the first non-finite gradient came at step {self.found_at}; that step "
                                f"{how}{after}{unknown}")
 
+
+
+def _release_toward(outs: tuple, inputs: tuple, roots, native) -> None:
+    """Free what a backward restricted to ``inputs`` ran, as the engine does: in the C++ helper where every output
+    and input is a tensor (GradientEdge ones: the Python twin)."""
+    if native is not None and all(isinstance(t, torch.Tensor) for t in (*outs, *inputs)):
+        native.release(native.toward(list(outs), list(inputs)))
+    else:
+        _strong_zeros._release(_strong_zeros._saved_toward(roots or _strong_zeros._root_nodes(outs), inputs))
 
 
 def _losses(outs: tuple) -> list[torch.Tensor]:
