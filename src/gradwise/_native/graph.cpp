@@ -53,8 +53,9 @@ static py::tuple walk(const std::vector<at::Tensor>& outputs) {
 
 // The nodes a backward restricted to `inputs` runs (backward(inputs=), autograd.grad), as the Python twin
 // `_saved_toward` finds them: those on a path from the outputs' nodes to an input's node (an input's own node
-// only if another input lies below it), for `release`.
-static std::shared_ptr<Nodes> toward(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& inputs) {
+// only if another input lies below it, or always under backward(inputs=): `inputs_run`), for `release`.
+static std::shared_ptr<Nodes> toward(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& inputs,
+                                     bool inputs_run) {
   std::unordered_set<Node*> targets;
   for (const auto& t : inputs) {
     if (t.defined() && t.requires_grad()) {
@@ -84,7 +85,9 @@ static std::shared_ptr<Nodes> toward(const std::vector<at::Tensor>& outputs, con
         if (targets.count(child) || (found != reaches.end() && found->second)) any = true;
       }
       reaches[raw] = any;
-      if (any && !dynamic_cast<torch::autograd::AccumulateGrad*>(raw)) held->nodes.push_back(node);
+      // (backward(inputs=) runs a non-leaf input's own node, its gradient kept by retain_grad)
+      bool ran = any || (inputs_run && targets.count(raw));
+      if (ran && !dynamic_cast<torch::autograd::AccumulateGrad*>(raw)) held->nodes.push_back(node);
     } else if (!reaches.count(raw)) {
       reaches[raw] = false;  // (seen; set for real when its children are done)
       stack.emplace_back(node, true);
@@ -170,7 +173,8 @@ static py::object finite_or_rest(const std::vector<at::Tensor>& tensors) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Nodes, std::shared_ptr<Nodes>>(m, "Nodes");
   m.def("walk", &walk, "(leaves, nodes) of the graph below the output tensors");
-  m.def("toward", &toward, "the nodes a backward restricted to the input tensors runs, for release");
+  m.def("toward", &toward, "the nodes a backward restricted to the input tensors runs, for release", py::arg("outputs"),
+        py::arg("inputs"), py::arg("inputs_run") = false);
   m.def("release", &release, "free the saved tensors of the walked nodes, as the engine does");
   m.def("finite_or_rest", &finite_or_rest, "False at a NaN/Inf, else the tensors not scanned here");
 }

@@ -41,11 +41,12 @@ def _freed(_: object) -> torch.Tensor:
     )
 
 
-def _saved_toward(roots: Sequence[Any], inputs: Sequence[torch.Tensor]) -> list[Any]:
+def _saved_toward(roots: Sequence[Any], inputs: Sequence[torch.Tensor], inputs_run: bool = False) -> list[Any]:
     """The ``SavedTensor`` objects of the nodes a backward restricted to ``inputs`` runs (``backward(inputs=)``,
     ``autograd.grad``): those on a path from the roots to an input's node. The engine runs no other node, and
     their saved tensors stay for a later backward through them (an input's own node runs only if another input
-    lies below it)."""
+    lies below it, or always, ``inputs_run``, under ``backward(inputs=)``: the engine runs a non-leaf input's node
+    there, its gradient kept by ``retain_grad``)."""
     targets = {torch.autograd.graph.get_gradient_edge(t).node for t in inputs
                if isinstance(t, torch.Tensor) and t.requires_grad}
     reaches: dict[Any, bool] = {}
@@ -58,7 +59,8 @@ def _saved_toward(roots: Sequence[Any], inputs: Sequence[torch.Tensor]) -> list[
             reaches[node] = False  # (seen; set for real when its children are done)
             stack.append((node, True))
             stack.extend((c, False) for c, _ in node.next_functions if c is not None and c not in reaches)
-    return [raw for node, ran in reaches.items() if ran and type(node) is not _ACCUMULATE_GRAD
+    return [raw for node, ran in reaches.items() if (ran or (inputs_run and node in targets))
+            and type(node) is not _ACCUMULATE_GRAD
             for raw in _raw_saved(node)]
 
 

@@ -244,7 +244,7 @@ class _Watcher(_StaleGrads, _StepExplainer):
         if retain and not keep:  # as the engine: only what it ran (toward ``inputs``, if given) is freed
             # (not kept: the engine freed it, and a custom Function's node dropped the SavedTensor objects listed)
             if inputs is not None:
-                _release_toward(outs, _as_tuple(inputs), roots, native)
+                _release_toward(outs, _as_tuple(inputs), roots, native, inputs_run=True)
             elif native is not None:
                 native.release(walked)
             else:
@@ -368,13 +368,15 @@ class _Watcher(_StaleGrads, _StepExplainer):
 
 
 
-def _release_toward(outs: tuple, inputs: tuple, roots, native) -> None:
+def _release_toward(outs: tuple, inputs: tuple, roots, native, inputs_run: bool = False) -> None:
     """Free what a backward restricted to ``inputs`` ran, as the engine does: in the C++ helper where every output
-    and input is a tensor (GradientEdge ones: the Python twin)."""
+    and input is a tensor (GradientEdge ones: the Python twin). ``inputs_run``: backward(inputs=), which runs a
+    non-leaf input's own node too (autograd.grad only captures its gradient)."""
     if native is not None and all(isinstance(t, torch.Tensor) for t in (*outs, *inputs)):
-        native.release(native.toward(list(outs), list(inputs)))
+        native.release(native.toward(list(outs), list(inputs), inputs_run))
     else:
-        _strong_zeros._release(_strong_zeros._saved_toward(roots or _strong_zeros._root_nodes(outs), inputs))
+        _strong_zeros._release(_strong_zeros._saved_toward(roots or _strong_zeros._root_nodes(outs), inputs,
+                                                           inputs_run))
 
 
 def _losses(outs: tuple) -> list[torch.Tensor]:

@@ -1,0 +1,46 @@
+"""gw.watch() frees what a backward(inputs=) ran as the engine does: the engine runs a non-leaf input's own node
+there (its gradient kept by retain_grad) and frees its saved tensors, which autograd.grad toward the same tensor
+does not (it only captures the gradient). The reference: the same calls without the watch."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import gradwise as gw
+from gradwise import _native
+from test_native import _helper
+
+
+def _later(part: torch.Tensor, toward: torch.Tensor) -> str:
+    try:
+        torch.autograd.grad(part, toward, retain_graph=True)
+        return "ok"
+    except RuntimeError as exc:
+        return str(exc)[:40]
+
+
+def _outcomes(watch: bool, wanted: tuple[str, ...]) -> list[str]:
+    torch.manual_seed(0)
+    x, w = (torch.randn(4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    with gw.watch() if watch else contextlib.nullcontext():
+        s = x.exp()
+        t = s.sin()
+        named = {"s": s, "t": t, "w": w}
+        (t * w).sum().backward(inputs=[named[n] for n in wanted])
+        grads = [named[n].grad.tolist() for n in wanted]
+        return [*map(str, grads), _later(s.sum(), x), _later(t.sum(), s), _later((t * w).sum(), w)]
+
+
+@pytest.mark.parametrize("path", ["helper", "Python twin"])
+@pytest.mark.parametrize("wanted", [("s",), ("t",), ("t", "s"), ("s", "w"), ("w",)])
+def test_backward_inputs_frees_a_non_leaf_inputs_own_node(wanted, path, monkeypatch):
+    """Was: the watch kept the saved tensors of a non-leaf input's node after backward(inputs=[it]) (memory
+    PyTorch frees; a later backward through that node ran under the watch where PyTorch raises)."""
+    if path == "helper":
+        _helper()
+    else:
+        monkeypatch.setattr(_native, "module", lambda: None)
+    plain = _outcomes(False, wanted)
+    assert _outcomes(True, wanted) == plain
