@@ -44,3 +44,37 @@ def test_backward_inputs_frees_a_non_leaf_inputs_own_node(wanted, path, monkeypa
         monkeypatch.setattr(_native, "module", lambda: None)
     plain = _outcomes(False, wanted)
     assert _outcomes(True, wanted) == plain
+
+
+def _one_pass_calls(x: torch.Tensor, w: torch.Tensor, seed: float) -> list:
+    """backward / autograd.grad given generators (PyTorch reads them once, with tuple()), then later calls."""
+    s = x.exp()
+    y = s.sin() * w
+    ones = torch.full((4,), seed, dtype=torch.float64)
+    got = list(torch.autograd.grad((t for t in [y]), (t for t in [w]), (g for g in [ones]), retain_graph=True))
+    torch.autograd.backward((t for t in [y]), (g for g in [ones]), retain_graph=True)
+    got.append(w.grad)
+    y.sum().backward(inputs=(t for t in [s]))
+    got += [s.grad, _later(s.sum(), x)]
+    return got
+
+
+@pytest.mark.parametrize("block", ["watch", "trace"])
+@pytest.mark.parametrize("seed", [1.0, float("nan")])
+def test_generator_arguments_are_read_once_by_pytorch(block, seed):
+    """Was: the watch read a generator of outputs / inputs / grad_outputs before PyTorch did, which then met it
+    empty: backward(generator) ran nothing (SILENT: w.grad stayed None), autograd.grad raised 'appears to not have
+    been used', and a NaN seed given as a generator raised IndexError from the explanation."""
+    def run(watch: bool) -> list:
+        torch.manual_seed(0)
+        x, w = (torch.randn(4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        blk = (gw.watch() if block == "watch" else gw.trace()) if watch else contextlib.nullcontext()
+        with blk:
+            return _one_pass_calls(x, w, seed)
+
+    plain, watched = run(False), run(True)
+    for p, q in zip(plain, watched, strict=True):
+        if isinstance(p, torch.Tensor):
+            assert isinstance(q, torch.Tensor) and torch.equal(p.nan_to_num(7.0), q.nan_to_num(7.0))
+        else:
+            assert q == p

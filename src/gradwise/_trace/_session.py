@@ -148,8 +148,22 @@ def _untraceable() -> str | None:
     return RECORDED if recording() else None
 
 
+def _once(arg):
+    """A one-pass iterable of tensors (a generator) as a tuple: PyTorch reads it once (``tuple(...)``) and so may
+    the wrapped call, after the watch or trace has read it (else PyTorch met it empty: a backward that ran nothing,
+    a grad that raised)."""
+    if arg is None or isinstance(arg, (torch.Tensor, torch.autograd.graph.GradientEdge, tuple, list)):
+        return arg
+    return tuple(arg)
+
+
 @dynamo_off
 def _traced_backward(tensors, grad_tensors=None, *args, **kwargs):
+    tensors, grad_tensors = _once(tensors), _once(grad_tensors)
+    if len(args) > 3:  # (retain_graph, create_graph, grad_variables, inputs)
+        args = (*args[:3], _once(args[3]), *args[4:])
+    if "inputs" in kwargs:
+        kwargs["inputs"] = _once(kwargs["inputs"])
     tracer = _current()
     if tracer is not None and tracer.passed_calls:  # inside a call passed over: counted once, there (see _traced_grad)
         return _ORIGINAL[0](tensors, grad_tensors, *args, **kwargs)
@@ -179,6 +193,7 @@ def _traced_backward(tensors, grad_tensors=None, *args, **kwargs):
 
 @dynamo_off
 def _traced_grad(outputs, inputs, grad_outputs=None, *args, **kwargs):
+    outputs, inputs, grad_outputs = _once(outputs), _once(inputs), _once(grad_outputs)
     tracer = _current()
     if tracer is not None and tracer.passed_calls:
         # inside a call passed over, counted once there: make_fx's torch-function mode calls torch.autograd.grad's
