@@ -78,3 +78,24 @@ def test_generator_arguments_are_read_once_by_pytorch(block, seed):
             assert isinstance(q, torch.Tensor) and torch.equal(p.nan_to_num(7.0), q.nan_to_num(7.0))
         else:
             assert q == p
+
+
+@pytest.mark.parametrize("call", ["grad", "backward"])
+@pytest.mark.parametrize("edge_of", ["s", "w"])
+def test_gradient_edge_inputs_free_what_the_engine_ran(call, edge_of):
+    """Was: an input given as a GradientEdge was no target of the release's walk (only tensors were), so nothing
+    the call ran was freed under the watch (memory PyTorch frees; a later backward through it ran)."""
+    def outcomes(watch: bool) -> list[str]:
+        torch.manual_seed(0)
+        x, w = (torch.randn(4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        with gw.watch() if watch else contextlib.nullcontext():
+            s = x.exp()
+            y = (s.sin() * w).sum()
+            edge = torch.autograd.graph.get_gradient_edge(s if edge_of == "s" else w)
+            if call == "grad":
+                torch.autograd.grad(y, [edge])
+            else:
+                y.backward(inputs=[edge])
+            return [_later(y, w), _later(s.sum(), x)]
+
+    assert outcomes(True) == outcomes(False)

@@ -41,14 +41,15 @@ def _freed(_: object) -> torch.Tensor:
     )
 
 
-def _saved_toward(roots: Sequence[Any], inputs: Sequence[torch.Tensor], inputs_run: bool = False) -> list[Any]:
+def _saved_toward(roots: Sequence[Any], inputs: Sequence[Any], inputs_run: bool = False) -> list[Any]:
     """The ``SavedTensor`` objects of the nodes a backward restricted to ``inputs`` runs (``backward(inputs=)``,
     ``autograd.grad``): those on a path from the roots to an input's node. The engine runs no other node, and
     their saved tensors stay for a later backward through them (an input's own node runs only if another input
     lies below it, or always, ``inputs_run``, under ``backward(inputs=)``: the engine runs a non-leaf input's node
     there, its gradient kept by ``retain_grad``)."""
-    targets = {torch.autograd.graph.get_gradient_edge(t).node for t in inputs
-               if isinstance(t, torch.Tensor) and t.requires_grad}
+    edges = torch.autograd.graph.GradientEdge  # (an input given as one: its node is the target)
+    targets = {t.node if isinstance(t, edges) else torch.autograd.graph.get_gradient_edge(t).node for t in inputs
+               if isinstance(t, edges) or (isinstance(t, torch.Tensor) and t.requires_grad)}
     reaches: dict[Any, bool] = {}
     stack = [(r, False) for r in roots if r is not None]
     while stack:  # iterative post-order: a node is finished after all its children (a DAG)
