@@ -99,3 +99,26 @@ def test_gradient_edge_inputs_free_what_the_engine_ran(call, edge_of):
             return [_later(y, w), _later(s.sum(), x)]
 
     assert outcomes(True) == outcomes(False)
+
+
+@pytest.mark.parametrize("second", ["unused leaf", "unused non-leaf", "no grad", "unused, retained"])
+def test_a_refused_grad_frees_what_the_engine_ran_first(second):
+    """Was: autograd.grad refusing an unused input (no allow_unused) raises after the engine ran and freed what it
+    reached; under the watch (graph retained for the check) nothing was freed (memory PyTorch frees; a retry ran
+    where PyTorch raises). A refusal before the run ('does not require grad') frees nothing, as PyTorch."""
+    def outcomes(watch: bool) -> list[str]:
+        torch.manual_seed(0)
+        x, w = (torch.randn(4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        with gw.watch() if watch else contextlib.nullcontext():
+            s = x.exp()
+            y = s.sin().sum()
+            other = {"unused leaf": w, "unused non-leaf": w * 2, "no grad": w.detach()}.get(second, w)
+            retain = second == "unused, retained"
+            try:
+                torch.autograd.grad(y, [s, other], retain_graph=retain)
+                first = "ok"
+            except RuntimeError as exc:
+                first = str(exc)[:40]
+            return [first, _later(y, x), _later(s.sum(), x)]
+
+    assert outcomes(True) == outcomes(False)

@@ -268,6 +268,10 @@ class _Watcher(_StaleGrads, _StepExplainer):
         try:
             result = orig(outputs, inputs, grad_outputs, keep or not _donating(roots), create_graph, only_inputs,
                           allow_unused, is_grads_batched, materialize_grads)
+        except RuntimeError as exc:  # an unused input is refused after the engine ran (and freed) what it reached
+            if not keep and _UNUSED in str(exc):
+                _release_toward(outs, _as_tuple(inputs), roots, _native.module())
+            raise
         finally:
             self.depth -= 1
             nested, self.nested = self.nested, None
@@ -366,6 +370,9 @@ class _Watcher(_StaleGrads, _StepExplainer):
         report.notes.insert(0, f"gw.watch(): the first non-finite gradient came at step {self.found_at}; that step "
                                f"{how}{after}{unknown}")
 
+
+
+_UNUSED = "appears to not have been used in the graph"  # (PyTorch's message; every check before the run differs)
 
 
 def _release_toward(outs: tuple, inputs: tuple, roots, native, inputs_run: bool = False) -> None:
