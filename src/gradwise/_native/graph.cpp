@@ -22,16 +22,23 @@ struct Nodes {
   std::vector<NodePtr> nodes;
 };
 
+// The autograd nodes of the tensors that need a gradient (grad_fn, or a leaf's AccumulateGrad), in order: the
+// roots a backward starts from, or the nodes of its inputs.
+static std::vector<NodePtr> nodes_of(const std::vector<at::Tensor>& tensors) {
+  std::vector<NodePtr> nodes;
+  for (const auto& t : tensors) {
+    if (t.defined() && t.requires_grad()) {
+      auto edge = torch::autograd::impl::gradient_edge(t);
+      if (edge.function) nodes.push_back(std::move(edge.function));
+    }
+  }
+  return nodes;
+}
+
 // One walk of the graph below `outputs` (tensors), in the Python walk's order (`_graph_parts`): its leaves
 // (AccumulateGrad's variables) and its other nodes, for `release`. A tensor that needs no gradient is no root.
 static py::tuple walk(const std::vector<at::Tensor>& outputs) {
-  std::vector<NodePtr> stack;
-  for (const auto& t : outputs) {
-    if (t.defined() && t.requires_grad()) {
-      auto edge = torch::autograd::impl::gradient_edge(t);
-      if (edge.function) stack.push_back(std::move(edge.function));
-    }
-  }
+  std::vector<NodePtr> stack = nodes_of(outputs);
   std::unordered_set<Node*> seen;
   py::list leaves;
   auto held = std::make_shared<Nodes>();
@@ -56,21 +63,12 @@ static py::tuple walk(const std::vector<at::Tensor>& outputs) {
 // only if another input lies below it, or always under backward(inputs=): `inputs_run`), for `release`.
 static std::shared_ptr<Nodes> toward(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& inputs,
                                      bool inputs_run) {
+  const std::vector<NodePtr> input_nodes = nodes_of(inputs);  // (held: a leaf's accumulator made here lives on)
   std::unordered_set<Node*> targets;
-  for (const auto& t : inputs) {
-    if (t.defined() && t.requires_grad()) {
-      auto edge = torch::autograd::impl::gradient_edge(t);
-      if (edge.function) targets.insert(edge.function.get());
-    }
-  }
+  for (const auto& node : input_nodes) targets.insert(node.get());
   std::unordered_map<Node*, bool> reaches;
   std::vector<std::pair<NodePtr, bool>> stack;  // (node, its children done): an iterative post-order
-  for (const auto& t : outputs) {
-    if (t.defined() && t.requires_grad()) {
-      auto edge = torch::autograd::impl::gradient_edge(t);
-      if (edge.function) stack.emplace_back(std::move(edge.function), false);
-    }
-  }
+  for (auto& root : nodes_of(outputs)) stack.emplace_back(std::move(root), false);
   auto held = std::make_shared<Nodes>();
   while (!stack.empty()) {
     auto [node, children_done] = std::move(stack.back());
