@@ -176,12 +176,6 @@ def _complex_padded(pad: bool, used: bool) -> torch.Tensor:
     "first op abs), so the dropped padding rows' NaN, met by log(0) and spread along the row, is told a genuine NaN "
     "born at aten.fill_ reaching w, where strong zeros remove it (tr35b's fix, for complex inputs)"))
 def test_complex_logcumsumexp_padding_is_no_genuine_finding():
-    genuine = set()
-    for name, writes in [("aten.fill_", (True, False)), ("aten.copy_", (False, True))]:
-        with gw.strong_zeros():
-            if not bool(_complex_padded(*writes).grad.isfinite().all()):
-                genuine.add(name)
-    with gw.trace() as report:
-        _complex_padded(True, True)
+    report, genuine = traced_and_strong(_complex_padded)
     assert genuine == {"aten.copy_"}
     assert {f.born_op for f in genuine_findings(report)} == genuine, str(report)
